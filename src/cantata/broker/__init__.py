@@ -1,0 +1,1 @@
+"""Brokers: the :class:`~cantata.broker.base.Broker` protocol and its backends."""

@@ -1,0 +1,106 @@
+"""The delivery seam: the :class:`Broker` protocol every event transport implements.
+
+The store is the source of truth: every event is first committed to the store's
+event log, in the transaction of whatever emitted it, together with one pending
+delivery row per declared group (the inbox). A broker moves events to the
+consumers of each group:
+
+- the embedded broker reads the store's delivery rows directly;
+- an external broker (NATS JetStream) receives events from the outbox relay
+  (``relays_outbox``) and delivers them to one durable consumer per group.
+
+Either way a consumer settles a message through the message itself:
+:meth:`BrokerMessage.complete` marks the (group, event) handled and appends the
+events the handler emitted in one store transaction, then acknowledges it to the
+broker, so a redelivered event changes nothing twice.
+``tests/contract/broker_contract.py`` is the executable definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from cantata.model.event import Event
+from cantata.store.base import Store
+
+
+@runtime_checkable
+class BrokerMessage(Protocol):
+    """One delivery of one event to one group."""
+
+    group: str
+    event: Event[Any] | None  # None when the payload is not a valid event
+    error: str | None  # why the payload is not a valid event
+    raw: bytes
+    attempt: int  # 1 for the first delivery to this group
+
+    async def complete(self, emitted: Sequence[Event[Any]] = ()) -> bool:
+        """Mark handled and append ``emitted`` in one store transaction, then ack.
+
+        Returns ``False`` (and appends nothing) when the (group, event) had already
+        been handled: the caller is looking at a duplicate delivery.
+        """
+
+    async def retry(self, error: str, delay: float) -> None:
+        """Record the failed attempt and have the event redelivered after ``delay`` s."""
+
+    async def dead(self, error: str) -> None:
+        """Move the (group, event) to the dead-letter queue and stop redelivering it."""
+
+    async def extend(self) -> None:
+        """Tell the broker the handler is still working (keeps the delivery claimed)."""
+
+
+Handler = Callable[[BrokerMessage], Awaitable[None]]
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """A running consumer of one group."""
+
+    async def stop(self) -> None:
+        """Stop receiving; in-flight handlers finish first."""
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """Moves committed events to the consumers of each group."""
+
+    url: str
+    relays_outbox: bool  # True: the app must run the outbox relay into publish()
+
+    async def open(self, store: Store) -> None:
+        """Connect (and create streams as needed).
+
+        Raises:
+            BrokerError: the broker cannot be reached; the message names the URL.
+        """
+
+    async def close(self) -> None:
+        """Stop every subscription and disconnect."""
+
+    async def publish(self, app: str, events: Sequence[Event[Any]]) -> None:
+        """Make already-stored events deliverable. Idempotent by event id."""
+
+    async def subscribe(
+        self,
+        app: str,
+        group: str,
+        patterns: Sequence[str],
+        handler: Handler,
+        *,
+        worker_id: str,
+        concurrency: int = 64,
+    ) -> Subscription:
+        """Deliver every event matching ``patterns`` to ``handler``; within a group,
+        competing subscribers (in any process) share the events."""
+
+    async def redeliver(self, app: str, group: str, event: Event[Any]) -> None:
+        """Deliver ``event`` again to ``group`` only (dead-letter replay).
+
+        The store has already made the delivery pending again.
+        """
+
+    def wake(self) -> None:
+        """Hint that new events may be due (in-process notification); may do nothing."""

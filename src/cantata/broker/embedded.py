@@ -1,0 +1,213 @@
+"""The embedded broker: the event log and the inbox live in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cantata.broker.base import Handler
+from cantata.errors import BrokerError
+from cantata.model.codec import new_id
+from cantata.model.event import Event, check_pattern
+from cantata.model.records import Declaration, Delivery
+from cantata.store.base import EVENTS, Settlement, Store
+
+log = logging.getLogger("cantata.broker")
+
+
+@dataclass(slots=True)
+class EmbeddedMessage:
+    """A delivery claimed from the store's delivery rows."""
+
+    store: Store
+    app: str
+    delivery: Delivery
+    group: str = ""
+    raw: bytes = b""
+    error: str | None = None
+    attempt: int = 1
+    event: Event[Any] | None = None
+    settled: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        self.group = self.delivery.group
+        self.event = self.delivery.event
+        self.attempt = self.delivery.attempts
+        self.raw = self.delivery.event.to_json()
+
+    async def complete(self, emitted: Sequence[Event[Any]] = ()) -> bool:
+        self.settled = True
+        return await self.store.settle_delivery(
+            self.app, self.group, self.delivery.event.id,
+            Settlement("done", self.attempt, list(emitted)),
+        )
+
+    async def retry(self, error: str, delay: float) -> None:
+        self.settled = True
+        await self.store.settle_delivery(
+            self.app, self.group, self.delivery.event.id,
+            Settlement("retry", self.attempt, error=error, retry_at=time.time() + delay),
+        )
+
+    async def dead(self, error: str) -> None:
+        self.settled = True
+        await self.store.settle_delivery(
+            self.app, self.group, self.delivery.event.id,
+            Settlement("dead", self.attempt, error=error, dead_letter_id=new_id()),
+        )
+
+    async def extend(self) -> None:
+        """Ownership is kept by the worker's heartbeat; nothing to do."""
+
+
+class _EmbeddedSubscription:
+    def __init__(
+        self,
+        broker: EmbeddedBroker,
+        app: str,
+        group: str,
+        handler: Handler,
+        worker_id: str,
+        concurrency: int,
+    ) -> None:
+        self.broker = broker
+        self.app = app
+        self.group = group
+        self.handler = handler
+        self.worker_id = worker_id
+        self.concurrency = concurrency
+        self.wakeup = asyncio.Event()
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.task = asyncio.create_task(self._loop(), name=f"cantata-consume:{group}")
+
+    async def _loop(self) -> None:
+        store = self.broker.store
+        while True:
+            free = self.concurrency - len(self.inflight)
+            claimed: list[Delivery] = []
+            if free > 0:
+                now = time.time()
+                try:
+                    claimed = await store.claim_deliveries(
+                        self.app, self.worker_id, [self.group], now=now,
+                        stale_before=now - self.broker.lease, limit=free,
+                    )
+                except Exception as exc:  # the store may be restarting: keep going
+                    log.warning("claiming deliveries for group %s failed: %s", self.group, exc)
+                    await asyncio.sleep(self.broker.poll_interval)
+                    continue
+            for delivery in claimed:
+                task = asyncio.create_task(self._handle(delivery))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+            if claimed and len(claimed) == free:
+                await asyncio.sleep(0)
+                continue
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), self.broker.poll_interval)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        msg = EmbeddedMessage(self.broker.store, self.app, delivery)
+        try:
+            await self.handler(msg)
+        except Exception as exc:
+            log.exception("handler of group %s crashed on event %s", self.group, delivery.event.id)
+            if not msg.settled:
+                await msg.retry(f"{type(exc).__name__}: {exc}", 1.0)
+        finally:
+            self.wakeup.set()
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        if self.inflight:
+            await asyncio.gather(*self.inflight, return_exceptions=True)
+
+
+class EmbeddedBroker:
+    """Delivers events from the store itself: no server needed.
+
+    Args:
+        poll_interval: seconds between looks at the store for work committed by other
+            processes (work committed by this process wakes consumers at once).
+        lease: seconds after which a delivery owned by a silent worker is taken over.
+    """
+
+    relays_outbox = False
+
+    def __init__(self, url: str = "embedded", *, poll_interval: float = 0.2,
+                 lease: float = 10.0) -> None:
+        self.url = url
+        self.poll_interval = poll_interval
+        self.lease = lease
+        self._store: Store | None = None
+        self._subs: list[_EmbeddedSubscription] = []
+        self._heartbeats: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise BrokerError("the embedded broker is not open: open the app first")
+        return self._store
+
+    async def open(self, store: Store) -> None:
+        self._store = store
+        store.add_listener(self._on_change)
+
+    def _on_change(self, channel: str) -> None:
+        if channel == EVENTS:
+            self.wake()
+
+    def wake(self) -> None:
+        for sub in self._subs:
+            sub.wakeup.set()
+
+    async def close(self) -> None:
+        for sub in list(self._subs):
+            await sub.stop()
+        self._subs.clear()
+        for task in self._heartbeats.values():
+            task.cancel()
+        self._heartbeats.clear()
+
+    async def publish(self, app: str, events: Sequence[Event[Any]]) -> None:
+        await self.store.append_events(app, events)
+
+    async def subscribe(
+        self,
+        app: str,
+        group: str,
+        patterns: Sequence[str],
+        handler: Handler,
+        *,
+        worker_id: str,
+        concurrency: int = 64,
+    ) -> _EmbeddedSubscription:
+        for p in patterns:
+            check_pattern(p)
+        await self.store.declare(app, [Declaration("handler", group, p) for p in patterns])
+        if (app, worker_id) not in self._heartbeats:
+            await self.store.heartbeat(app, worker_id, time.time(), None)
+            self._heartbeats[(app, worker_id)] = asyncio.create_task(
+                self._heartbeat(app, worker_id)
+            )
+        sub = _EmbeddedSubscription(self, app, group, handler, worker_id, concurrency)
+        self._subs.append(sub)
+        return sub
+
+    async def _heartbeat(self, app: str, worker_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 4)
+            with contextlib.suppress(Exception):
+                await self.store.heartbeat(app, worker_id, time.time(), None)
+
+    async def redeliver(self, app: str, group: str, event: Event[Any]) -> None:
+        """The store's delivery row is pending again; wake the consumers."""
+        self.wake()

@@ -1,0 +1,224 @@
+"""The one exception tree of Cantata.
+
+Every error the library raises subclasses :class:`CantataError`. Each class has a
+stable ``code`` used by the CLI and the HTTP API, and every message says what was
+wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CantataError(Exception):
+    """Root of every error raised by Cantata."""
+
+    code = "cantata_error"
+
+
+# -- configuration and input ------------------------------------------------
+
+
+class ConfigurationError(CantataError):
+    """A URL, option or registration is invalid."""
+
+    code = "configuration"
+
+
+class RegistrationError(ConfigurationError):
+    """Two handlers clash, a name is reused, or a decorator was misused."""
+
+    code = "registration"
+
+
+class SerializationError(CantataError):
+    """A value cannot be turned into JSON (or back into the declared type)."""
+
+    code = "serialization"
+
+
+class UnknownWorkflow(CantataError):
+    """No workflow of that name is registered in the app."""
+
+    code = "unknown_workflow"
+
+
+class UnknownStep(CantataError):
+    """A step was called that is not registered."""
+
+    code = "unknown_step"
+
+
+class RunNotFound(CantataError):
+    """No run with that id exists in this app's namespace."""
+
+    code = "run_not_found"
+
+
+class IdempotencyConflict(CantataError):
+    """The idempotency key was already used with different arguments."""
+
+    code = "idempotency_conflict"
+
+
+class InvalidEvent(CantataError):
+    """An event is malformed (not JSON, not CloudEvents, missing a field)."""
+
+    code = "invalid_event"
+
+
+class DeadLetterNotFound(CantataError):
+    """No dead letter with that id exists."""
+
+    code = "dead_letter_not_found"
+
+
+# -- backends -----------------------------------------------------------------
+
+
+class StoreError(CantataError):
+    """The state store failed or holds something it cannot read."""
+
+    code = "store"
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or opened."""
+
+    code = "store_unavailable"
+
+
+class StoreCorrupt(StoreError):
+    """The store file or database is not a Cantata store, or is damaged."""
+
+    code = "store_corrupt"
+
+
+class LeaseLost(StoreError):
+    """This worker no longer owns the run: another worker took it over."""
+
+    code = "lease_lost"
+
+
+class BrokerError(CantataError):
+    """The broker failed or cannot be reached."""
+
+    code = "broker"
+
+
+# -- workflow outcomes ----------------------------------------------------------
+
+
+class NonDeterminismError(CantataError):
+    """Replaying a run's history met a different call than the one recorded."""
+
+    code = "non_determinism"
+
+    def __init__(self, run_id: str, position: int, recorded: str, new: str) -> None:
+        self.run_id = run_id
+        self.position = position
+        self.recorded = recorded
+        self.new = new
+        super().__init__(
+            f"run {run_id}: replay diverged from history at call {position}: history recorded "
+            f"{recorded!r} but the workflow code now calls {new!r}. Workflow code must be "
+            "deterministic apart from ctx calls; deploy the old code to finish this run, or "
+            "cancel it. Run `cantata check-replay` before deploying."
+        )
+
+
+class StepFailed(CantataError):
+    """A step exhausted its attempts (or failed with a non-retryable error)."""
+
+    code = "step_failed"
+
+    def __init__(self, step: str, error_type: str, error_message: str, attempts: int) -> None:
+        self.step = step
+        self.error_type = error_type
+        self.error_message = error_message
+        self.attempts = attempts
+        super().__init__(
+            f"step {step} failed after {attempts} attempt(s): {error_type}: {error_message}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.step, self.error_type, self.error_message, self.attempts))
+
+
+class StepTimeout(CantataError):
+    """One attempt of a step ran longer than its ``timeout``."""
+
+    code = "step_timeout"
+
+
+class WaitTimeout(CantataError):
+    """``ctx.wait_for_event`` saw no matching event before its timeout."""
+
+    code = "wait_timeout"
+
+
+class DeadlineExceeded(CantataError):
+    """The run passed the ``deadline`` given to ``app.start``."""
+
+    code = "deadline_exceeded"
+
+
+class WorkerLost(CantataError):
+    """An attempt was cut short because its worker stopped (crash, kill -9)."""
+
+    code = "worker_lost"
+
+
+class ResultTimeout(CantataError):
+    """``handle.result(timeout=...)`` gave up waiting; the run itself goes on."""
+
+    code = "result_timeout"
+
+
+class WorkflowError(CantataError):
+    """Base of the errors ``handle.result()`` raises for an unsuccessful run."""
+
+    code = "workflow_error"
+
+    def __init__(self, run_id: str, status: str, error: str | None) -> None:
+        self.run_id = run_id
+        self.status = status
+        self.error = error
+        super().__init__(f"run {run_id} ended {status}: {error or 'no error recorded'}")
+
+
+class WorkflowFailed(WorkflowError):
+    """The run ended ``failed``."""
+
+    code = "workflow_failed"
+
+
+class WorkflowCompensated(WorkflowError):
+    """The run failed and its compensations ran: it ended ``compensated``."""
+
+    code = "workflow_compensated"
+
+
+class WorkflowCancelled(WorkflowError):
+    """The run was cancelled (and compensated): it ended ``cancelled``."""
+
+    code = "workflow_cancelled"
+
+
+class WorkflowCallError(CantataError):
+    """A child workflow did not complete (raised in the parent by ``ctx.call``)."""
+
+    code = "child_failed"
+
+
+class Cancelled(BaseException):
+    """Raised inside workflow code when its run is cancelled.
+
+    A ``BaseException`` (like ``asyncio.CancelledError``) so that a workflow's
+    ``except Exception`` cannot swallow it.
+    """
+
+
+def error_text(exc: BaseException) -> str:
+    """Return the ``"Type: message"`` form used in history, dead letters and traces."""
+    return f"{type(exc).__name__}: {exc}"

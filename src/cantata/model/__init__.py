@@ -1,0 +1,1 @@
+"""Pure data: no I/O. Run and step records, events, retry policy, JSON codec."""

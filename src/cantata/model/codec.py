@@ -1,0 +1,137 @@
+"""JSON encoding of arguments, results and event data.
+
+Values are stored as JSON text. Pydantic models, dataclasses, dates and UUIDs are
+encoded to their JSON form; on the way back a value is restored to the type its
+function declares (a parameter's or a return annotation) when there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import inspect
+import typing
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+import pydantic
+
+from cantata.errors import SerializationError
+
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def dumps(value: Any, what: str = "value") -> str:
+    """Encode ``value`` as JSON text.
+
+    Raises:
+        SerializationError: naming ``what`` and the offending type.
+    """
+    try:
+        data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise SerializationError(
+            f"{what} is not JSON-serialisable ({exc}); pass plain JSON values (dict, list, "
+            "str, int, float, bool, None), pydantic models or dataclasses"
+        ) from None
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise SerializationError(
+            f"{what} is {len(data)} bytes of JSON, over the {MAX_PAYLOAD_BYTES} byte limit; "
+            "store large payloads elsewhere and pass a reference"
+        )
+    return data.decode()
+
+
+def loads(text: str | bytes | None) -> Any:
+    """Decode JSON text (``None`` stays ``None``)."""
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise SerializationError(f"stored value is not valid JSON ({exc})") from None
+
+
+@functools.lru_cache(maxsize=512)
+def _adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(annotation)
+
+
+def _needs_restoring(annotation: Any) -> bool:
+    if annotation in (inspect.Parameter.empty, Any, None, type(None)):
+        return False
+    if annotation in (dict, list, str, int, float, bool):
+        return False
+    origin = typing.get_origin(annotation)
+    if origin in (dict, list) and not any(_needs_restoring(a) for a in typing.get_args(annotation)):
+        return False
+    return True
+
+
+def restore(value: Any, annotation: Any, what: str = "value") -> Any:
+    """Turn decoded JSON back into ``annotation`` (pydantic models, dataclasses, dates)."""
+    if not _needs_restoring(annotation):
+        return value
+    try:
+        return _adapter(annotation).validate_python(value)
+    except pydantic.ValidationError as exc:
+        raise SerializationError(f"{what} does not match its declared type: {exc}") from None
+    except (TypeError, pydantic.PydanticSchemaGenerationError):
+        return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Signature:
+    """The annotations needed to restore a function's arguments and result."""
+
+    params: tuple[Any, ...]
+    result: Any
+    varargs: Any = inspect.Parameter.empty
+
+    def restore_args(self, args: Sequence[Any], what: str) -> list[Any]:
+        out = []
+        for i, value in enumerate(args):
+            ann = self.params[i] if i < len(self.params) else self.varargs
+            out.append(restore(value, ann, f"{what} argument {i + 1}"))
+        return out
+
+
+def signature_of(fn: Callable[..., Any], skip: int = 0) -> Signature:
+    """Read the parameter and return annotations of ``fn``, skipping ``skip`` leading params."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return Signature((), inspect.Parameter.empty)
+    params = []
+    varargs: Any = inspect.Parameter.empty
+    for p in list(sig.parameters.values())[skip:]:
+        if p.kind is p.VAR_POSITIONAL:
+            varargs = hints.get(p.name, inspect.Parameter.empty)
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            params.append(hints.get(p.name, inspect.Parameter.empty))
+    return Signature(tuple(params), hints.get("return", inspect.Parameter.empty), varargs)
+
+
+def now_iso(ts: float) -> str:
+    """RFC 3339 UTC timestamp for a POSIX time."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def new_id() -> str:
+    """A new random id (UUID4 hex)."""
+    return uuid.uuid4().hex

@@ -1,0 +1,151 @@
+"""The event envelope: CloudEvents 1.0, structured JSON mode."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time as _time
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+from cantata.errors import InvalidEvent
+from cantata.model.codec import new_id, now_iso
+
+T = TypeVar("T")
+
+SPECVERSION = "1.0"
+_TYPE_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_PATTERN_RE = re.compile(r"^([A-Za-z0-9_\-]+|\*)(\.([A-Za-z0-9_\-]+|\*))*$")
+
+
+def check_type(event_type: str) -> str:
+    """Validate an event type (dot-separated tokens, no wildcard)."""
+    if not isinstance(event_type, str) or not _TYPE_RE.match(event_type):
+        raise InvalidEvent(
+            f"event type {event_type!r} is invalid: use dot-separated tokens of letters, "
+            "digits, '-' and '_' such as 'order.placed'"
+        )
+    return event_type
+
+
+def check_pattern(pattern: str) -> str:
+    """Validate a subscription pattern: an exact type or one-token wildcards (``order.*``)."""
+    if not isinstance(pattern, str) or not _PATTERN_RE.match(pattern):
+        raise InvalidEvent(
+            f"event pattern {pattern!r} is invalid: use an event type such as 'order.placed' "
+            "or one-token wildcards such as 'order.*'"
+        )
+    return pattern
+
+
+def matches(pattern: str, event_type: str) -> bool:
+    """True if ``event_type`` matches ``pattern`` (``*`` stands for exactly one token)."""
+    if "*" not in pattern:
+        return pattern == event_type
+    p, t = pattern.split("."), event_type.split(".")
+    return len(p) == len(t) and all(a == "*" or a == b for a, b in zip(p, t, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Event(Generic[T]):
+    """One event. ``Event[Model]`` in a handler's signature validates ``data`` as ``Model``.
+
+    Attributes follow CloudEvents: ``id``, ``type``, ``source``, ``subject``, ``time``
+    (RFC 3339 string), ``data``, plus ``correlation_id`` (the business transaction),
+    ``causation_id`` (what directly caused this event) and ``traceparent`` (W3C).
+    """
+
+    type: str
+    data: T
+    id: str = field(default_factory=new_id)
+    source: str = "cantata"
+    subject: str | None = None
+    time: str = field(default_factory=lambda: now_iso(_time.time()))
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    traceparent: str | None = None
+    signature: str | None = None
+
+    def to_cloudevent(self) -> dict[str, Any]:
+        """The CloudEvents 1.0 structured-mode JSON object."""
+        ce: dict[str, Any] = {
+            "specversion": SPECVERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time,
+            "datacontenttype": "application/json",
+            "data": self.data,
+        }
+        if self.subject is not None:
+            ce["subject"] = self.subject
+        if self.correlation_id is not None:
+            ce["correlationid"] = self.correlation_id
+        if self.causation_id is not None:
+            ce["causationid"] = self.causation_id
+        if self.traceparent is not None:
+            ce["traceparent"] = self.traceparent
+        if self.signature is not None:
+            ce["signature"] = self.signature
+        return ce
+
+    def to_json(self) -> bytes:
+        """Serialise as CloudEvents structured JSON."""
+        from cantata.model.codec import _default
+
+        return orjson.dumps(self.to_cloudevent(), default=_default)
+
+    @classmethod
+    def from_cloudevent(cls, ce: Any) -> Event[Any]:
+        """Build an event from a CloudEvents JSON object, validating required attributes."""
+        if not isinstance(ce, dict):
+            raise InvalidEvent(
+                f"not a CloudEvent: expected a JSON object, got {type(ce).__name__}"
+            )
+        missing = [k for k in ("specversion", "id", "source", "type") if not ce.get(k)]
+        if missing:
+            raise InvalidEvent(f"not a CloudEvent: missing attribute(s) {', '.join(missing)}")
+        if ce["specversion"] != SPECVERSION:
+            raise InvalidEvent(
+                f"unsupported CloudEvents specversion {ce['specversion']!r}: only '1.0'"
+            )
+        for key in ("id", "source", "type"):
+            if not isinstance(ce[key], str):
+                raise InvalidEvent(f"CloudEvent attribute {key!r} must be a string")
+        check_type(ce["type"])
+        when = ce.get("time") or now_iso(_time.time())
+        return cls(
+            type=ce["type"],
+            data=ce.get("data"),
+            id=ce["id"],
+            source=ce["source"],
+            subject=ce.get("subject"),
+            time=str(when),
+            correlation_id=ce.get("correlationid"),
+            causation_id=ce.get("causationid"),
+            traceparent=ce.get("traceparent"),
+            signature=ce.get("signature"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Event[Any]:
+        """Parse CloudEvents structured JSON; garbage raises :class:`InvalidEvent`."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent(f"not JSON: {exc}") from None
+        return cls.from_cloudevent(obj)
+
+    def with_data(self, data: Any) -> Event[Any]:
+        """A copy carrying other data (used to hand typed data to a handler)."""
+        return replace(self, data=data)
+
+    @property
+    def timestamp(self) -> float:
+        """``time`` as a POSIX timestamp."""
+        try:
+            return dt.datetime.fromisoformat(self.time.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return 0.0

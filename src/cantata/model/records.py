@@ -1,0 +1,178 @@
+"""Records exchanged between the engine and the stores (pure data, no I/O)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from cantata.model.event import Event
+from cantata.model.status import RunStatus
+
+
+def to_datetime(ts: float | None) -> dt.datetime | None:
+    """POSIX time to an aware UTC datetime (``None`` stays ``None``)."""
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """The stored state of one workflow run."""
+
+    run_id: str
+    app: str
+    workflow: str
+    status: RunStatus
+    args: str  # JSON list
+    created_at: float
+    updated_at: float
+    correlation_id: str
+    causation_id: str | None = None
+    idempotency_key: str | None = None
+    args_hash: str | None = None
+    parent_run_id: str | None = None
+    deadline_at: float | None = None
+    result: str | None = None  # JSON
+    error: str | None = None  # "Type: message"
+    cancel_requested: bool = False
+    owner: str | None = None
+    fence: int = 0
+    flagged: bool = False
+    service: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run as listed by ``app.list_runs``."""
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    error: str | None
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RunInfo:
+        created = to_datetime(run.created_at)
+        updated = to_datetime(run.updated_at)
+        assert created is not None and updated is not None
+        return cls(run.run_id, run.workflow, run.status, created, updated, run.error)
+
+
+# History entry kinds.
+STEP = "step"
+COMPENSATION = "compensation"
+SLEEP = "sleep"
+WAIT = "wait"
+VALUE = "value"  # ctx.now / ctx.random / ctx.uuid
+EMIT = "emit"
+CHILD = "child"
+
+# History entry statuses.
+ENTRY_RUNNING = "running"
+ENTRY_WAITING = "waiting"
+ENTRY_COMPLETED = "completed"
+ENTRY_FAILED = "failed"
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    """One durable call in a run's history, keyed by ``name#occurrence``."""
+
+    key: str
+    kind: str
+    name: str
+    status: str
+    seq: int = 0  # position in history (assigned by the engine, 1-based)
+    result: str | None = None  # JSON
+    error: str | None = None  # "Type: message"
+    error_type: str | None = None
+    attempts: int = 0
+    started_at: float | None = None
+    ended_at: float | None = None
+    wake_at: float | None = None  # sleep end / wait timeout, kept across crashes
+    detail: str | None = None  # JSON: wait pattern and match, compensated step, child run...
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One attempt of a step (or compensation)."""
+
+    key: str
+    attempt: int
+    started_at: float
+    ended_at: float | None = None
+    error_type: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class RunWrite:
+    """Everything one checkpoint of a run changes, committed in one transaction.
+
+    ``status`` / ``result`` / ``error`` change the run; ``entries`` and ``attempts``
+    are upserted by key; ``events`` are appended to the event log (and outbox).
+    """
+
+    entries: list[HistoryEntry] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    events: list[Event[Any]] = field(default_factory=list)
+    status: RunStatus | None = None
+    result: str | None = None
+    error: str | None = None
+    flagged: bool | None = None
+    release: bool = False  # give up ownership (final status, or graceful stop)
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """Something an app declares when it opens: a workflow, a handler group or a trigger."""
+
+    kind: str  # "workflow" | "step" | "handler" | "trigger"
+    name: str  # workflow/step name, or handler group
+    pattern: str = ""  # event pattern for handlers and triggers
+    service: str | None = None
+    detail: str | None = None  # JSON: emitted types, handler function, ...
+
+
+# Delivery statuses (one row per (group, event)).
+DELIVERY_PENDING = "pending"
+DELIVERY_DONE = "done"
+DELIVERY_DEAD = "dead"
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One event addressed to one group."""
+
+    group: str
+    event: Event[Any]
+    status: str = DELIVERY_PENDING
+    attempts: int = 0
+    next_at: float = 0.0
+    error: str | None = None
+    updated_at: float = 0.0
+    fence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A (group, event) that failed for good, as listed by ``app.dead_letters()``."""
+
+    id: str
+    group: str
+    event: Event[Any]
+    error: str
+    attempts: int
+    failed_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker process and its last heartbeat."""
+
+    worker_id: str
+    heartbeat_at: float
+    started_at: float
+    info: str | None = None

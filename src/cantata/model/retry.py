@@ -1,0 +1,58 @@
+"""Retry policy shared by steps and handlers."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from cantata.errors import ConfigurationError
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Exponential backoff with jitter.
+
+    Args:
+        max_attempts: total attempts, counting the first (>= 1).
+        initial_interval: seconds before the second attempt.
+        backoff: multiplier applied after each failed attempt.
+        max_interval: cap on the interval, in seconds.
+        non_retryable: exception types that fail at once, without another attempt.
+        jitter: fraction of the interval randomised (0.1 = +/-10 %).
+    """
+
+    max_attempts: int = 3
+    initial_interval: float = 0.5
+    backoff: float = 2.0
+    max_interval: float = 30.0
+    non_retryable: tuple[type[BaseException], ...] = field(default=())
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigurationError(
+                f"Retry(max_attempts={self.max_attempts}) is invalid: use 1 or more "
+                "(1 means no retry)"
+            )
+        if self.initial_interval < 0 or self.max_interval < 0:
+            raise ConfigurationError("Retry intervals must be >= 0 seconds")
+        if self.backoff < 1:
+            raise ConfigurationError(f"Retry(backoff={self.backoff}) must be >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigurationError(f"Retry(jitter={self.jitter}) must be between 0 and 1")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (counted from 1)."""
+        base = min(self.initial_interval * self.backoff ** (attempt - 1), self.max_interval)
+        if self.jitter and base:
+            spread = base * self.jitter
+            base += (rng or random).uniform(-spread, spread)
+        return max(base, 0.0)
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        """False for exceptions listed in ``non_retryable``."""
+        return not isinstance(exc, self.non_retryable)
+
+
+STEP_RETRY = Retry()
+HANDLER_RETRY = Retry(max_attempts=5)

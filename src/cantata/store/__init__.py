@@ -1,0 +1,1 @@
+"""State stores: the :class:`~cantata.store.base.Store` protocol and its backends."""

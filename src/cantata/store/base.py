@@ -1,0 +1,248 @@
+"""The persistence seam: the :class:`Store` protocol every backend implements.
+
+A store holds, for any number of apps (namespaces), the runs and their history,
+the event log (which doubles as the outbox of external brokers), one delivery row
+per (group, event) (the inbox), dead letters, declarations and worker heartbeats.
+Every method is atomic; :meth:`Store.commit_run` and :meth:`Store.settle_delivery`
+write all their parts in one transaction, so run state, emitted events and the
+flow ledger never disagree. ``tests/contract/store_contract.py`` is the
+executable definition of this protocol; a backend is done when it passes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from cantata.model.event import Event
+from cantata.model.records import (
+    Attempt,
+    DeadLetter,
+    Declaration,
+    Delivery,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+    WorkerInfo,
+)
+from cantata.model.status import RunStatus
+
+# Change channels passed to listeners.
+RUNS = "runs"
+EVENTS = "events"
+CANCEL = "cancel"
+
+ChangeListener = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class Settlement:
+    """The outcome of one handler attempt for (group, event).
+
+    ``done`` marks the delivery handled and appends ``events`` (what the handler
+    emitted) in the same transaction; ``retry_at`` schedules another attempt;
+    ``dead`` moves it to the dead-letter queue with ``error``.
+    """
+
+    outcome: str  # "done" | "retry" | "dead"
+    attempts: int
+    events: list[Event[Any]] = field(default_factory=list)
+    error: str | None = None
+    retry_at: float = 0.0
+    dead_letter_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecords:
+    """Everything the store knows about one correlation id (for ``app.trace``)."""
+
+    runs: list[RunRecord]
+    entries: dict[str, list[HistoryEntry]]  # run_id -> history
+    attempts: dict[str, list[Attempt]]  # run_id -> attempts
+    events: list[tuple[Event[Any], float]]  # (event, stored_at)
+    deliveries: list[Delivery]
+    dead_letters: list[DeadLetter]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Durable state of Cantata apps. All times are POSIX seconds from the app's clock."""
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect and migrate the schema.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached or opened.
+            StoreCorrupt: it exists but is not a (compatible) Cantata store.
+        """
+
+    async def close(self) -> None:
+        """Release connections; pending writes are committed first."""
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener(channel)`` when runs, events or cancellations change.
+
+        Backends call it for their own writes and, where the database can say so
+        (PostgreSQL LISTEN/NOTIFY), for other processes' writes too.
+        """
+
+    # -- declarations and workers ------------------------------------------------
+
+    async def declare(self, app: str, declarations: Sequence[Declaration]) -> None:
+        """Record what an app's process declares (replaces nothing: union by key)."""
+
+    async def declarations(self, app: str) -> list[Declaration]:
+        """Everything declared in ``app`` by any process."""
+
+    async def heartbeat(self, app: str, worker_id: str, now: float, info: str | None) -> None:
+        """Record that ``worker_id`` is alive at ``now``."""
+
+    async def remove_worker(self, app: str, worker_id: str) -> None:
+        """Forget a worker that stopped cleanly and release what it owned."""
+
+    async def workers(self, app: str) -> list[WorkerInfo]:
+        """Workers of ``app`` and their last heartbeat."""
+
+    # -- runs -------------------------------------------------------------------
+
+    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        """Insert ``run`` unless its (app, idempotency_key) exists.
+
+        Returns ``(stored_run, created)``: the existing run and ``False`` when the key
+        was used before with the same ``args_hash``.
+
+        Raises:
+            IdempotencyConflict: the key exists with a different ``args_hash``.
+        """
+
+    async def get_run(self, app: str, run_id: str) -> RunRecord | None:
+        """One run, or ``None``."""
+
+    async def list_runs(
+        self,
+        app: str,
+        *,
+        status: RunStatus | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        """Runs, newest first."""
+
+    async def claim_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        stale_before: float,
+        limit: int,
+    ) -> list[RunRecord]:
+        """Take ownership of live runs of ``workflows`` that nobody owns.
+
+        A run is claimable when it is live and its owner is ``None`` or a worker
+        whose last heartbeat is older than ``stale_before`` (or unknown). Runs
+        already owned by ``worker_id`` are never returned. Each claim increments the
+        run's ``fence``; writes with an older fence fail with ``LeaseLost``.
+        """
+
+    async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        """Apply one checkpoint atomically, if ``fence`` still owns the run.
+
+        Upserts ``write.entries`` (by key) and ``write.attempts`` (by key+attempt),
+        appends ``write.events`` (as :meth:`append_events`), then changes status,
+        result, error and flags; ``release`` clears the owner.
+
+        Raises:
+            LeaseLost: the run's fence is no longer ``fence``.
+        """
+
+    async def request_cancel(self, app: str, run_id: str) -> RunRecord | None:
+        """Flag a live run for cancellation; returns the run (``None`` if unknown)."""
+
+    async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
+        """Those of ``run_ids`` that are flagged for cancellation."""
+
+    async def load_history(self, app: str, run_id: str) -> list[HistoryEntry]:
+        """A run's history, in ``seq`` order."""
+
+    async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
+        """Every attempt of every step of a run, in start order."""
+
+    async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
+        """Runs started by ``parent_run_id``."""
+
+    # -- events and deliveries ----------------------------------------------------
+
+    async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Append events to the log (idempotent by id) and fan out deliveries.
+
+        For each event, one pending delivery row is created per declared handler
+        group whose pattern matches its type. Returns, per event, how many groups
+        it was addressed to (0 for an event already stored).
+        """
+
+    async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
+        """One stored event."""
+
+    async def find_events(
+        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
+    ) -> list[Event[Any]]:
+        """Events of ``event_type`` stored at or after ``since``, oldest first."""
+
+    async def claim_deliveries(
+        self,
+        app: str,
+        worker_id: str,
+        groups: Sequence[str],
+        *,
+        now: float,
+        stale_before: float,
+        limit: int,
+    ) -> list[Delivery]:
+        """Take pending deliveries of ``groups`` that are due and not owned by a live worker.
+
+        Each claim counts one attempt (``attempts`` is incremented before it is
+        returned), so a handler that kills its worker is not retried forever.
+        """
+
+    async def settle_delivery(
+        self, app: str, group: str, event_id: str, settlement: Settlement
+    ) -> bool:
+        """Record the outcome of a handler attempt.
+
+        For ``done`` the delivery is marked handled and ``settlement.events`` are
+        appended in the same transaction, only if it was not handled before; returns
+        ``False`` (and writes nothing) for a delivery already handled.
+        """
+
+    async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
+        """The per-group delivery rows of one event."""
+
+    async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+
+    async def replay_dead_letter(self, app: str, dead_letter_id: str, now: float) -> DeadLetter:
+        """Remove a dead letter and make its delivery pending again (attempts reset).
+
+        Raises:
+            DeadLetterNotFound: no such dead letter in ``app``.
+        """
+
+    async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
+        """Outbox: events not yet handed to an external broker, oldest first."""
+
+    async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
+        """Outbox: these events reached the external broker."""
+
+    # -- observability ------------------------------------------------------------
+
+    async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
+        """Runs, history, events, deliveries and dead letters of one transaction."""
+
+    async def stale_correlations(
+        self, app: str, *, older_than: float, limit: int
+    ) -> list[str]:
+        """Correlation ids with live work (pending runs or deliveries) older than a time."""

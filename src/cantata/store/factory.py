@@ -1,0 +1,63 @@
+"""Open a store by URL: ``sqlite:///path``, ``memory://``, ``postgresql://...``."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from cantata.errors import ConfigurationError
+from cantata.store.base import Store
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def store_from_url(url: str) -> Store:
+    """Build (not open) the store a URL names.
+
+    Raises:
+        ConfigurationError: the URL's scheme is unknown or its form is wrong.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(
+            f"store URL {url!r} is not a URL: use sqlite:///path/to/file.db, memory:// or "
+            "postgresql://user@host:5432/db"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "memory":
+        from cantata.store.sqlite import SQLiteStore
+
+        return SQLiteStore(":memory:", synchronous="OFF", url=url)
+    if scheme == "sqlite":
+        from cantata.store.sqlite import SQLiteStore
+
+        rest = url.split("://", 1)[1]
+        path, _, query = rest.partition("?")
+        if not path.startswith("/"):
+            raise ConfigurationError(
+                f"store URL {url!r} has no path: use sqlite:///relative.db or "
+                "sqlite:////absolute/path.db"
+            )
+        path = path[1:]
+        if not path:
+            raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///cantata.db")
+        opts = parse_qs(query)
+        synchronous = opts.get("synchronous", ["FULL"])[0]
+        return SQLiteStore(path, synchronous=synchronous, url=url)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from cantata.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"the PostgreSQL store needs asyncpg ({exc}): pip install 'cantata[postgres]'"
+            ) from None
+        return PostgresStore(url)
+    raise ConfigurationError(
+        f"unknown store URL scheme {scheme!r} in {mask_url(url)!r}: use sqlite:///file.db, "
+        "memory:// or postgresql://…"
+    )

@@ -1,0 +1,180 @@
+"""One SQLite connection driven by one thread, with group commit.
+
+Every operation is a function of the connection. Writes queued while a commit is
+in flight are applied together in the next transaction (each inside a SAVEPOINT,
+so one failing operation does not undo the others) and share one fsync; their
+futures resolve only after COMMIT returns, so nobody proceeds past a checkpoint
+that is not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+Op = Callable[[sqlite3.Connection], Any]
+MAX_BATCH = 512
+
+
+@dataclass(slots=True)
+class _Item:
+    fn: Op
+    future: asyncio.Future[Any]
+    write: bool
+    channels: tuple[str, ...] = ()
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Stop:
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class ConnectionThread:
+    """Runs operations on one connection in a dedicated thread."""
+
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        on_commit: Callable[[set[str]], None],
+        name: str,
+    ) -> None:
+        self._connect = connect
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Item | _Stop] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    def start(self) -> None:
+        """Open the connection in the thread; re-raise its error here."""
+        self._thread.start()
+        self._ready.wait()
+        if self._open_error is not None:
+            raise self._open_error
+
+    def stop(self) -> None:
+        """Finish queued work, close the connection and end the thread."""
+        if not self._thread.is_alive():
+            return
+        stop = _Stop()
+        self._queue.put(stop)
+        stop.done.wait(timeout=30)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` outside any write transaction."""
+        return await self._submit(fn, write=False, channels=())
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *channels: str) -> T:
+        """Run ``fn`` in the next group-committed transaction."""
+        return await self._submit(fn, write=True, channels=channels)
+
+    def _submit(self, fn: Op, write: bool, channels: tuple[str, ...]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Item(fn, fut, write, channels))
+        return fut
+
+    # -- the thread ----------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._conn = self._connect()
+        except BaseException as exc:
+            self._open_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        conn = self._conn
+        try:
+            while True:
+                first = self._queue.get()
+                if isinstance(first, _Stop):
+                    first.done.set()
+                    return
+                batch: list[_Item] = [first]
+                stop: _Stop | None = None
+                while len(batch) < MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(nxt, _Stop):
+                        stop = nxt
+                        break
+                    batch.append(nxt)
+                self._run_batch(conn, batch)
+                if stop is not None:
+                    stop.done.set()
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+        reads = [i for i in batch if not i.write]
+        writes = [i for i in batch if i.write]
+        for item in reads:
+            try:
+                item.result = item.fn(conn)
+            except BaseException as exc:
+                item.error = exc
+        channels: set[str] = set()
+        if writes:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except BaseException as exc:
+                for item in writes:
+                    item.error = exc
+            else:
+                for item in writes:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        item.result = item.fn(conn)
+                    except BaseException as exc:
+                        item.error = exc
+                        conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    if item.error is None:
+                        channels.update(item.channels)
+                try:
+                    conn.execute("COMMIT")
+                except BaseException as exc:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    channels.clear()
+                    for item in writes:
+                        item.error = exc
+        self._deliver(batch, channels)
+
+    def _deliver(self, batch: list[_Item], channels: set[str]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
+        for item in batch:
+            by_loop.setdefault(item.future.get_loop(), []).append(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items, self._on_commit, channels)
+            except RuntimeError:  # loop closed: nobody is waiting any more
+                pass
+
+
+def _resolve(
+    items: list[_Item], on_commit: Callable[[set[str]], None], channels: set[str]
+) -> None:
+    for item in items:
+        if item.future.done():
+            continue
+        if item.error is not None:
+            item.future.set_exception(item.error)
+        else:
+            item.future.set_result(item.result)
+    if channels:
+        on_commit(channels)
