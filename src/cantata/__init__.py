@@ -1,0 +1,85 @@
+"""Cantata: orchestration and choreography for Python services on one durable log."""
+
+from cantata.app import App
+from cantata.choreography.context import HandlerContext
+from cantata.engine.context import WorkflowContext
+from cantata.engine.handle import RunHandle
+from cantata.engine.registry import Router
+from cantata.engine.stepinfo import StepInfo, step_info
+from cantata.errors import (
+    BrokerError,
+    CantataError,
+    ConfigurationError,
+    DeadLetterNotFound,
+    DeadlineExceeded,
+    IdempotencyConflict,
+    InvalidEvent,
+    LeaseLost,
+    NonDeterminismError,
+    RegistrationError,
+    ResultTimeout,
+    RunNotFound,
+    SerializationError,
+    StepFailed,
+    StepTimeout,
+    StoreCorrupt,
+    StoreError,
+    StoreUnavailable,
+    UnknownStep,
+    UnknownWorkflow,
+    WaitTimeout,
+    WorkerLost,
+    WorkflowCallError,
+    WorkflowCancelled,
+    WorkflowCompensated,
+    WorkflowError,
+    WorkflowFailed,
+)
+from cantata.model.event import Event
+from cantata.model.records import DeadLetter, RunInfo
+from cantata.model.retry import Retry
+from cantata.model.status import RunStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "BrokerError",
+    "CantataError",
+    "ConfigurationError",
+    "DeadLetter",
+    "DeadLetterNotFound",
+    "DeadlineExceeded",
+    "Event",
+    "HandlerContext",
+    "IdempotencyConflict",
+    "InvalidEvent",
+    "LeaseLost",
+    "NonDeterminismError",
+    "RegistrationError",
+    "ResultTimeout",
+    "Retry",
+    "Router",
+    "RunHandle",
+    "RunInfo",
+    "RunNotFound",
+    "RunStatus",
+    "SerializationError",
+    "StepFailed",
+    "StepInfo",
+    "StepTimeout",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreUnavailable",
+    "UnknownStep",
+    "UnknownWorkflow",
+    "WaitTimeout",
+    "WorkerLost",
+    "WorkflowCallError",
+    "WorkflowCancelled",
+    "WorkflowCompensated",
+    "WorkflowContext",
+    "WorkflowError",
+    "WorkflowFailed",
+    "step_info",
+]

@@ -74,8 +74,8 @@ def _needs_restoring(annotation: Any) -> bool:
     if annotation in (dict, list, str, int, float, bool):
         return False
     origin = typing.get_origin(annotation)
-    if origin in (dict, list) and not any(_needs_restoring(a) for a in typing.get_args(annotation)):
-        return False
+    if origin in (dict, list):
+        return any(_needs_restoring(a) for a in typing.get_args(annotation))
     return True
 
 

@@ -116,7 +116,7 @@ class Event(Generic[T]):
                 raise InvalidEvent(f"CloudEvent attribute {key!r} must be a string")
         check_type(ce["type"])
         when = ce.get("time") or now_iso(_time.time())
-        return cls(
+        return Event(
             type=ce["type"],
             data=ce.get("data"),
             id=ce["id"],

@@ -10,6 +10,7 @@ that is not durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -72,11 +73,13 @@ class ConnectionThread:
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` outside any write transaction."""
-        return await self._submit(fn, write=False, channels=())
+        result: T = await self._submit(fn, write=False, channels=())
+        return result
 
     async def write(self, fn: Callable[[sqlite3.Connection], T], *channels: str) -> T:
         """Run ``fn`` in the next group-committed transaction."""
-        return await self._submit(fn, write=True, channels=channels)
+        result: T = await self._submit(fn, write=True, channels=channels)
+        return result
 
     def _submit(self, fn: Op, write: bool, channels: tuple[str, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -160,10 +163,8 @@ class ConnectionThread:
         for item in batch:
             by_loop.setdefault(item.future.get_loop(), []).append(item)
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
                 loop.call_soon_threadsafe(_resolve, items, self._on_commit, channels)
-            except RuntimeError:  # loop closed: nobody is waiting any more
-                pass
 
 
 def _resolve(

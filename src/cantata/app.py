@@ -1,0 +1,343 @@
+"""``App``: the one root object. Declarations, lifecycle and the client API."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from cantata.broker.base import Broker
+from cantata.choreography.consumer import Consumer
+from cantata.engine.clock import Clock, SystemClock
+from cantata.engine.handle import RunHandle
+from cantata.engine.registry import Router, workflow_name
+from cantata.engine.worker import Engine, new_worker_id
+from cantata.errors import ConfigurationError, UnknownWorkflow
+from cantata.model import codec
+from cantata.model.event import Event, check_type
+from cantata.model.records import DeadLetter, Declaration, RunInfo
+from cantata.model.status import RunStatus
+from cantata.store.base import Store
+
+log = logging.getLogger("cantata")
+
+DEFAULT_STORE = "sqlite:///cantata.db"
+DEFAULT_BROKER = "embedded"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+
+class App(Router):
+    """A Cantata application: one namespace of runs, events and dead letters.
+
+    Args:
+        name: the namespace shared by every service of one system.
+        store: a URL (``sqlite:///file.db``, ``memory://``, ``postgresql://…``) or a
+            :class:`~cantata.store.base.Store`; defaults to ``$CANTATA_STORE`` then
+            ``sqlite:///cantata.db``.
+        broker: ``embedded``, ``nats://…`` or a :class:`~cantata.broker.base.Broker`;
+            defaults to ``$CANTATA_BROKER`` then ``embedded``.
+        clock: where timers read time (``cantata.testing`` passes a skipping clock).
+        lease: seconds after which work of a silent worker is taken over.
+        poll_interval: seconds between looks for work committed by other processes.
+        services: serve only these services' workflows, steps and handler groups.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        store: str | Store | None = None,
+        broker: str | Broker | None = None,
+        *,
+        clock: Clock | None = None,
+        lease: float = 10.0,
+        poll_interval: float = 0.2,
+        services: Iterable[str] | None = None,
+        concurrency: int = 256,
+    ) -> None:
+        super().__init__()
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigurationError(
+                f"app name {name!r} is invalid: use 1-100 letters, digits, '.', '-' or '_'"
+            )
+        if lease <= 0 or poll_interval <= 0:
+            raise ConfigurationError("lease and poll_interval must be > 0 seconds")
+        self.name = name
+        self._store_spec = store if store is not None else os.environ.get(
+            "CANTATA_STORE", DEFAULT_STORE
+        )
+        self._broker_spec = broker if broker is not None else os.environ.get(
+            "CANTATA_BROKER", DEFAULT_BROKER
+        )
+        self.clock = clock or SystemClock()
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.services = frozenset(services) if services is not None else None
+        self.concurrency = concurrency
+        self._store: Store | None = None
+        self._broker: Broker | None = None
+        self._engine: Engine | None = None
+        self._consumer: Consumer | None = None
+        self._relay: Any = None
+        self._opened = 0
+        self._subscribed_types: set[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r})"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        """The open store (raises if the app is not open)."""
+        return self.engine.store
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise ConfigurationError(
+                f"app {self.name!r} is not open: use `async with app:` or "
+                "`async with app.client():` first"
+            )
+        return self._engine
+
+    @property
+    def metrics(self) -> Any:
+        """Counters of this process (runs by status, retries, dead letters, orphans)."""
+        return self.engine.metrics
+
+    async def open(self, *, serve: bool = True) -> None:
+        """Open store and broker, record declarations; with ``serve`` run a worker here."""
+        if self._engine is not None:
+            if serve and not self._engine.serving:
+                await self._serve()
+            self._opened += 1
+            return
+        from cantata.broker.factory import broker_from_url
+        from cantata.store.factory import store_from_url
+
+        store = (
+            store_from_url(self._store_spec) if isinstance(self._store_spec, str)
+            else self._store_spec
+        )
+        await store.open()
+        broker = (
+            broker_from_url(self._broker_spec) if isinstance(self._broker_spec, str)
+            else self._broker_spec
+        )
+        try:
+            await broker.open(store)
+        except BaseException:
+            await store.close()
+            raise
+        self._store, self._broker = store, broker
+        self._engine = Engine(
+            self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
+            poll_interval=self.poll_interval, services=self.services,
+        )
+        await store.declare(self.name, self._declarations())
+        if broker.relays_outbox:
+            from cantata.broker.relay import OutboxRelay
+
+            self._relay = OutboxRelay(store, broker, self.name)
+            await self._relay.start()
+        if serve:
+            await self._serve()
+        self._opened = 1
+
+    async def _serve(self) -> None:
+        engine = self.engine
+        await engine.start_serving()
+        assert self._broker is not None
+        self._consumer = Consumer(
+            engine, self._broker, on_emitted=self._emitted, concurrency=self.concurrency
+        )
+        await self._consumer.start()
+
+    async def close(self) -> None:
+        """Stop the worker (unfinished runs stay in the store) and close connections."""
+        if self._engine is None:
+            return
+        self._opened -= 1
+        if self._opened > 0:
+            return
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        await self._engine.stop()
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None
+        assert self._broker is not None and self._store is not None
+        await self._broker.close()
+        await self._store.close()
+        self._engine = self._broker = self._store = None
+
+    async def __aenter__(self) -> App:
+        await self.open(serve=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[App]:
+        """Open the app without executing anything: start, publish and query only."""
+        await self.open(serve=False)
+        try:
+            yield self
+        finally:
+            await self.close()
+
+    async def run_worker(self) -> None:
+        """Serve this app's workflows and handlers until cancelled (``cantata worker``)."""
+        import asyncio
+
+        await self.open(serve=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
+    def _declarations(self) -> list[Declaration]:
+        out = [Declaration("workflow", w.name, "", w.service) for w in self.workflows.values()]
+        out += [Declaration("step", s.name, "", s.service) for s in self.steps.values()]
+        out += [
+            Declaration("handler", h.group, h.pattern, h.service,
+                        codec.dumps({"handler": h.name, "emits": list(h.emits)}))
+            for h in self.handlers
+        ]
+        out += [Declaration("trigger", t.group, t.pattern, None,
+                            codec.dumps({"workflow": t.workflow})) for t in self.triggers]
+        return out
+
+    def _emitted(self, events: list[Event[Any]]) -> None:
+        self.engine.events_appended(events)
+        if self._relay is not None:
+            self._relay.wake()
+
+    # -- orchestration ---------------------------------------------------------------------
+
+    async def start(
+        self,
+        workflow: Callable[..., Any] | str,
+        *args: Any,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        correlation_id: str | None = None,
+    ) -> RunHandle:
+        """Start a run of ``workflow`` (a function or its name) with JSON arguments.
+
+        Args:
+            idempotency_key: the same key returns the same run.
+            deadline: seconds; past it the run fails with ``DeadlineExceeded`` and compensates.
+            correlation_id: join an existing business transaction.
+
+        Raises:
+            UnknownWorkflow: no service of this app declares it.
+            SerializationError: an argument is not JSON-serialisable (nothing is stored).
+            IdempotencyConflict: the key was used with other arguments.
+        """
+        engine = self.engine
+        name = workflow_name(workflow)
+        if not await engine.knows_workflow(name):
+            known = ", ".join(sorted(self.workflows)) or "none"
+            raise UnknownWorkflow(
+                f"no workflow named {name!r} in app {self.name!r} (known here: {known}); "
+                "register it with @app.workflow in a service of this app"
+            )
+        if deadline is not None and deadline <= 0:
+            raise ConfigurationError(f"deadline must be > 0 seconds, got {deadline}")
+        run = await engine.create_run(
+            name, list(args), idempotency_key=idempotency_key, deadline=deadline,
+            correlation_id=correlation_id,
+        )
+        return RunHandle(engine, run.run_id, name)
+
+    def get_handle(self, run_id: str) -> RunHandle:
+        """A handle on an existing run (from any process sharing the store)."""
+        return RunHandle(self.engine, run_id)
+
+    async def list_runs(
+        self,
+        status: RunStatus | str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+    ) -> list[RunInfo]:
+        """Runs of this app, newest first."""
+        st = None
+        if status is not None:
+            try:
+                st = RunStatus(status)
+            except ValueError:
+                raise ConfigurationError(
+                    f"unknown run status {status!r}: use one of "
+                    f"{', '.join(s.value for s in RunStatus)}"
+                ) from None
+        runs = await self.store.list_runs(self.name, status=st, workflow=workflow, limit=limit)
+        return [RunInfo.of(r) for r in runs]
+
+    # -- choreography -------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        subject: str | None = None,
+        correlation_id: str | None = None,
+        source: str | None = None,
+        id: str | None = None,
+    ) -> Event[Any]:
+        """Publish an event (committed to the log, then delivered to every group).
+
+        Its correlation id defaults to its own id (a new business transaction).
+        """
+        check_type(type)
+        extra = {"id": id} if id is not None else {}
+        event = Event(
+            type=type,
+            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            source=source or f"cantata/{self.name}",
+            subject=subject,
+            **extra,
+        )
+        event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
+        counts = await self.store.append_events(self.name, [event])
+        self._emitted([event])
+        if counts and counts[0] == 0:
+            await self._check_orphan(event)
+        return event
+
+    async def _check_orphan(self, event: Event[Any]) -> None:
+        from cantata.model.event import matches
+
+        decls = await self.store.declarations(self.name)
+        if any(d.pattern and matches(d.pattern, event.type) for d in decls):
+            return
+        if await self.store.get_event(self.name, event.id) is None:
+            return
+        counts = self.engine.metrics.orphans
+        counts[event.type] = counts.get(event.type, 0) + 1
+        log.warning(
+            "orphan event: %s (id %s) was published but no handler, workflow trigger or "
+            "wait in app %r listens to it", event.type, event.id, self.name,
+        )
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Deliveries that failed for good, oldest first."""
+        return await self.store.dead_letters(self.name, limit=limit)
+
+    async def replay(self, dead_letter_id: str) -> DeadLetter:
+        """Redeliver a dead letter to its group (keeping the event's correlation id).
+
+        Raises:
+            DeadLetterNotFound: no such dead letter.
+        """
+        dl = await self.store.replay_dead_letter(self.name, dead_letter_id, self.clock.now())
+        assert self._broker is not None
+        await self._broker.redeliver(self.name, dl.group, dl.event)
+        return dl

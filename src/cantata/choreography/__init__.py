@@ -1,0 +1,1 @@
+"""Choreography: handlers reacting to events, the consumer loop, dead letters."""

@@ -1,0 +1,170 @@
+"""Runs handlers for the messages a broker delivers: validation, retries, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from cantata.broker.base import Broker, BrokerMessage, Subscription
+from cantata.errors import WorkerLost, error_text
+from cantata.model.event import Event
+from cantata.model.retry import HANDLER_RETRY
+
+from .context import HandlerContext
+
+if TYPE_CHECKING:
+    from cantata.engine.registry import HandlerDef, TriggerDef
+    from cantata.engine.worker import Engine
+
+log = logging.getLogger("cantata.consumer")
+
+
+def validation_text(exc: pydantic.ValidationError) -> str:
+    """``ValidationError: field 'x': message; ...`` naming every bad field."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(data)"
+        parts.append(f"field {loc!r}: {err['msg']}")
+    return f"ValidationError: {'; '.join(parts)}"
+
+
+class Consumer:
+    """Subscribes each handler group (and each workflow trigger) of this process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        broker: Broker,
+        *,
+        on_emitted: Callable[[list[Event[Any]]], None],
+        concurrency: int = 64,
+    ) -> None:
+        self.engine = engine
+        self.broker = broker
+        self.on_emitted = on_emitted
+        self.concurrency = concurrency
+        self._subs: list[Subscription] = []
+
+    def groups(self) -> dict[str, list[str]]:
+        """group -> patterns, for the handlers and triggers this process serves."""
+        router, services = self.engine.router, self.engine.services
+        out: dict[str, list[str]] = {}
+        for h in router.handlers:
+            if services is None or h.group in services or h.service in (None, *services):
+                out.setdefault(h.group, []).append(h.pattern)
+        for t in router.triggers:
+            if self.engine.serves(t.workflow) or services is None:
+                out.setdefault(t.group, []).append(t.pattern)
+        return out
+
+    async def start(self) -> None:
+        for group, patterns in self.groups().items():
+            sub = await self.broker.subscribe(
+                self.engine.app, group, sorted(set(patterns)), self._handler_for(group),
+                worker_id=self.engine.worker_id, concurrency=self.concurrency,
+            )
+            self._subs.append(sub)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.stop()
+        self._subs.clear()
+
+    def _handler_for(self, group: str) -> Callable[[BrokerMessage], Awaitable[None]]:
+        async def handle(msg: BrokerMessage) -> None:
+            await self.handle(group, msg)
+
+        return handle
+
+    async def handle(self, group: str, msg: BrokerMessage) -> None:
+        """Process one delivery end to end; never raises for a handler's failure."""
+        if msg.event is None:
+            log.warning("group %s got an invalid message: %s", group, msg.error)
+            self.engine.metrics.dead_lettered += 1
+            await msg.dead(f"InvalidEvent: {msg.error}")
+            return
+        event = msg.event
+        trigger = next(
+            (t for t in self.engine.router.triggers
+             if t.group == group and _matches(t.pattern, event.type)),
+            None,
+        )
+        if trigger is not None:
+            await self._start_run(trigger, msg, event)
+            return
+        hdef = self.engine.router.handler_for(group, event.type)
+        if hdef is None:
+            await msg.complete()
+            return
+        await self._run_handler(hdef, msg, event)
+
+    async def _start_run(self, trigger: TriggerDef, msg: BrokerMessage, event: Event[Any]) -> None:
+        try:
+            await self.engine.create_run(
+                trigger.workflow, [event.data], idempotency_key=f"event:{event.id}",
+                correlation_id=event.correlation_id or event.id, causation_id=event.id,
+            )
+        except Exception as exc:
+            await self._failed(msg, HANDLER_RETRY, exc, retryable=True)
+            return
+        await msg.complete()
+
+    async def _run_handler(self, hdef: HandlerDef, msg: BrokerMessage, event: Event[Any]) -> None:
+        retry = hdef.retry
+        if msg.attempt > retry.max_attempts:
+            lost = WorkerLost(
+                f"handler {hdef.name} of group {hdef.group} was cut short {msg.attempt - 1} "
+                "time(s) by a worker crash"
+            )
+            self.engine.metrics.dead_lettered += 1
+            await msg.dead(error_text(lost))
+            return
+        if hdef.model is not None:
+            try:
+                data = pydantic.TypeAdapter(hdef.model).validate_python(event.data)
+            except pydantic.ValidationError as exc:
+                self.engine.metrics.dead_lettered += 1
+                await msg.dead(validation_text(exc))
+                return
+            event = event.with_data(data)
+        ctx = HandlerContext(
+            self.engine.app, hdef.group, event, f"cantata/{self.engine.app}/{hdef.group}"
+        )
+        ctx.attempt = msg.attempt
+        try:
+            if hdef.is_async:
+                await (hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event))
+            else:
+                args = (event, ctx) if hdef.wants_ctx else (event,)
+                await asyncio.to_thread(hdef.fn, *args)
+        except Exception as exc:
+            await self._failed(msg, retry, exc, retryable=retry.is_retryable(exc))
+            return
+        if await msg.complete(ctx.emitted):
+            self.engine.metrics.handled += 1
+            if ctx.emitted:
+                self.on_emitted(ctx.emitted)
+
+    async def _failed(
+        self, msg: BrokerMessage, retry: Any, exc: Exception, *, retryable: bool
+    ) -> None:
+        text = error_text(exc)
+        self.engine.metrics.handler_failures += 1
+        if retryable and msg.attempt < retry.max_attempts:
+            self.engine.metrics.retries += 1
+            await msg.retry(text, retry.delay(msg.attempt))
+        else:
+            log.warning("dead-lettering %s for group %s: %s", msg.event and msg.event.type,
+                        msg.group, text)
+            self.engine.metrics.dead_lettered += 1
+            await msg.dead(text)
+
+
+def _matches(pattern: str, event_type: str) -> bool:
+    from cantata.model.event import matches
+
+    return matches(pattern, event_type)

@@ -1,0 +1,45 @@
+"""``ctx`` of an event handler: emit events in the handler's transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cantata.model import codec
+from cantata.model.event import Event, check_type
+
+
+class HandlerContext:
+    """Passed to ``@app.on`` handlers as ``ctx``.
+
+    Events emitted here are committed together with the handler's completion (the
+    transactional outbox): if the handler fails, none of them is ever delivered; if
+    the event is redelivered after success, none is emitted twice.
+    """
+
+    def __init__(self, app: str, group: str, event: Event[Any], source: str) -> None:
+        self.app = app
+        self.group = group
+        self.event = event
+        self.attempt = 1
+        self._source = source
+        self.emitted: list[Event[Any]] = []
+
+    @property
+    def correlation_id(self) -> str:
+        """The business transaction of the event being handled."""
+        return self.event.correlation_id or self.event.id
+
+    async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> Event[Any]:
+        """Emit an event caused by the one being handled (same correlation id)."""
+        check_type(type)
+        event = Event(
+            type=type,
+            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            source=self._source,
+            subject=subject if subject is not None else self.event.subject,
+            correlation_id=self.correlation_id,
+            causation_id=self.event.id,
+            traceparent=self.event.traceparent,
+        )
+        self.emitted.append(event)
+        return event

@@ -1,0 +1,1 @@
+"""Durable workflows: registry, context, replay, compensation, timers, worker."""

@@ -1,0 +1,352 @@
+"""``ctx``: what a workflow may call. Every call is recorded and replayed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random as _random
+import uuid as _uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from cantata.errors import (
+    ConfigurationError,
+    UnknownStep,
+    UnknownWorkflow,
+    WaitTimeout,
+    WorkflowCallError,
+)
+from cantata.model import codec
+from cantata.model.event import Event, check_type
+from cantata.model.records import (
+    CHILD,
+    EMIT,
+    ENTRY_COMPLETED,
+    ENTRY_FAILED,
+    ENTRY_WAITING,
+    SLEEP,
+    VALUE,
+    WAIT,
+    RunWrite,
+)
+from cantata.model.status import RunStatus
+
+from .registry import STEP_ATTR, StepDef, step_name, workflow_name
+
+if TYPE_CHECKING:
+    from .runner import RunExecution
+
+
+def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
+    """True if every ``key: value`` of ``match`` equals the event data's (dotted keys nest)."""
+    if not match:
+        return True
+    if not isinstance(data, Mapping):
+        return False
+    for key, expected in match.items():
+        value: Any = data
+        for part in key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                return False
+            value = value[part]
+        if value != expected:
+            return False
+    return True
+
+
+class WorkflowContext:
+    """The ``ctx`` passed to a workflow: durable calls, timers, events, recorded values."""
+
+    def __init__(self, execution: RunExecution) -> None:
+        self._x = execution
+
+    @property
+    def run_id(self) -> str:
+        """This run's id."""
+        return self._x.run.run_id
+
+    @property
+    def workflow(self) -> str:
+        """This run's workflow name."""
+        return self._x.wdef.name
+
+    @property
+    def correlation_id(self) -> str:
+        """The business transaction this run belongs to."""
+        return self._x.run.correlation_id
+
+    # -- steps -------------------------------------------------------------------
+
+    def _step_def(self, step: Callable[..., Any] | str, what: str) -> StepDef:
+        engine = self._x.engine
+        if not isinstance(step, str):
+            sdef = getattr(step, STEP_ATTR, None)
+            if sdef is None:
+                step_name(step)  # raises UnknownStep with the hint
+            assert isinstance(sdef, StepDef)
+            return engine.router.steps.get(sdef.name, sdef)
+        found = engine.router.steps.get(step)
+        if found is None:
+            found = engine.remote_step(step)
+        if found is None:
+            raise UnknownStep(
+                f"{what} {step!r} is not a registered step in app {engine.app!r}: register it "
+                f"with @app.step (known steps: {', '.join(sorted(engine.router.steps)) or 'none'})"
+            )
+        return found
+
+    async def run(
+        self,
+        step: Callable[..., Any] | str,
+        *args: Any,
+        compensate: Callable[..., Any] | str | None = None,
+    ) -> Any:
+        """Run a step durably and return its result (replayed after a crash).
+
+        Args:
+            step: a function decorated with ``@app.step`` or a step name.
+            args: JSON-serialisable arguments.
+            compensate: a step that undoes this one; registered once this step succeeds,
+                called with the same arguments if the run later fails or is cancelled.
+
+        Raises:
+            StepFailed: the step exhausted its attempts (the same error on every replay).
+        """
+        sdef = self._step_def(step, "step")
+        comp = self._step_def(compensate, "compensation") if compensate is not None else None
+        plain = codec.loads(codec.dumps(list(args), f"arguments of step {sdef.name}"))
+        x = self._x
+        key = x.next_key(sdef.name)
+        value = await x.call_step(sdef, plain, key)
+        if comp is not None:
+            x.compensations.append((comp, plain))
+        return codec.restore(value, sdef.sig.result, f"result of step {sdef.name}")
+
+    # -- recorded values -------------------------------------------------------------
+
+    def _value(self, name: str, make: Callable[[], Any]) -> Any:
+        x = self._x
+        key = x.next_key(name)
+        entry = x.history.get(key)
+        if entry is not None:
+            x.consumed.add(key)
+            return codec.loads(entry.result)
+        value = make()
+        now = x.engine.clock.now()
+        entry = x.new_entry(key, VALUE, name, ENTRY_COMPLETED, result=codec.dumps(value),
+                            started_at=now, ended_at=now)
+        x.pending.append(entry)
+        return value
+
+    def now(self) -> dt.datetime:
+        """The current time (UTC), recorded: a replay sees the same value."""
+        ts = self._value("now", self._x.engine.clock.now)
+        return dt.datetime.fromtimestamp(float(ts), dt.UTC)
+
+    def random(self) -> float:
+        """A random float in [0, 1), recorded."""
+        return float(self._value("random", _random.random))
+
+    def uuid(self) -> _uuid.UUID:
+        """A random UUID, recorded."""
+        return _uuid.UUID(str(self._value("uuid", lambda: str(_uuid.uuid4()))))
+
+    # -- timers ------------------------------------------------------------------------
+
+    async def sleep(self, seconds: float) -> None:
+        """Durable timer: the wake time is stored, so a crash does not restart the wait."""
+        if seconds < 0:
+            raise ConfigurationError(f"ctx.sleep({seconds}) needs seconds >= 0")
+        x = self._x
+        key = x.next_key("sleep")
+        entry = x.history.get(key)
+        if entry is not None and entry.status == ENTRY_COMPLETED:
+            x.consumed.add(key)
+            return
+        if entry is None:
+            await x.check_new_call(key)
+            now = x.engine.clock.now()
+            entry = x.new_entry(key, SLEEP, "sleep", ENTRY_WAITING, started_at=now,
+                                wake_at=now + seconds, detail=codec.dumps({"seconds": seconds}))
+            await x.commit(RunWrite(entries=[entry]))
+        else:
+            x.consumed.add(key)
+        await x.wait_until(entry.wake_at)
+        entry.status, entry.ended_at = ENTRY_COMPLETED, x.engine.clock.now()
+        x.pending.append(entry)
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> Event[Any]:
+        """Publish an event from the workflow, exactly once (recorded in history)."""
+        check_type(type)
+        x = self._x
+        key = x.next_key(f"emit:{type}")
+        entry = x.history.get(key)
+        if entry is not None:
+            x.consumed.add(key)
+            return Event.from_cloudevent(codec.loads(entry.result))
+        await x.check_new_call(key)
+        event = Event(
+            type=type,
+            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            id=str(_uuid.uuid5(_uuid.NAMESPACE_URL, f"cantata:{x.run.run_id}:{key}")),
+            source=f"cantata/{x.run.app}/{x.wdef.name}",
+            subject=subject,
+            correlation_id=x.run.correlation_id,
+            causation_id=x.run.run_id,
+            traceparent=x.engine.traceparent_for(x.run),
+        )
+        now = x.engine.clock.now()
+        entry = x.new_entry(key, EMIT, type, ENTRY_COMPLETED, result=event.to_json().decode(),
+                            started_at=now, ended_at=now)
+        await x.commit(RunWrite(entries=[entry], events=[event]))
+        return event
+
+    async def wait_for_event(
+        self,
+        type: str,
+        *,
+        match: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Event[Any]:
+        """Wait for the first event of ``type`` whose data matches ``match``.
+
+        Events published since the run started count, even before the wait began; each
+        event is consumed by one wait of this run.
+
+        Raises:
+            WaitTimeout: no matching event within ``timeout`` seconds (recorded, so a
+                replay raises it again).
+        """
+        check_type(type)
+        x = self._x
+        key = x.next_key(f"wait:{type}")
+        entry = x.history.get(key)
+        if entry is not None and entry.status in (ENTRY_COMPLETED, ENTRY_FAILED):
+            x.consumed.add(key)
+            if entry.status == ENTRY_FAILED:
+                raise WaitTimeout(entry.error or f"no {type} event arrived in time")
+            return Event.from_cloudevent(codec.loads(entry.result))
+        engine = x.engine
+        if entry is None:
+            await x.check_new_call(key)
+            now = engine.clock.now()
+            entry = x.new_entry(
+                key, WAIT, type, ENTRY_WAITING, started_at=now,
+                wake_at=None if timeout is None else now + timeout,
+                detail=codec.dumps({"type": type, "match": dict(match or {}), "timeout": timeout}),
+            )
+            await x.commit(RunWrite(entries=[entry]))
+        else:
+            x.consumed.add(key)
+        await engine.declare_wait(x.wdef.name, type)
+        found: list[Event[Any]] = []
+
+        async def look() -> bool:
+            events = await engine.store.find_events(
+                x.run.app, type, since=x.run.created_at, exclude=sorted(x.consumed_events),
+                limit=200,
+            )
+            for ev in events:
+                if match_data(ev.data, match):
+                    found.append(ev)
+                    return True
+            return False
+
+        engine.add_waiter(type, x)
+        try:
+            await x.wait_until(entry.wake_at, look)
+        finally:
+            engine.remove_waiter(type, x)
+        now = engine.clock.now()
+        if not found:
+            entry.status, entry.ended_at = ENTRY_FAILED, now
+            entry.error_type = "WaitTimeout"
+            entry.error = f"no {type} event matching {dict(match or {})} within {timeout} s"
+            await x.commit(RunWrite(entries=[entry]))
+            raise WaitTimeout(entry.error)
+        event = found[0]
+        entry.status, entry.ended_at = ENTRY_COMPLETED, now
+        entry.result = event.to_json().decode()
+        x.consumed_events.add(event.id)
+        await x.commit(RunWrite(entries=[entry]))
+        return event
+
+    # -- child workflows ----------------------------------------------------------------
+
+    async def start_child(self, workflow: Callable[..., Any] | str, *args: Any) -> str:
+        """Start a child workflow (durably, exactly once) without waiting; returns its run id."""
+        run_id, _ = await self._child(workflow, args, wait=False)
+        return run_id
+
+    async def call(self, workflow: Callable[..., Any] | str, *args: Any) -> Any:
+        """Run a child workflow durably and return its result.
+
+        Raises:
+            WorkflowCallError: the child did not complete.
+        """
+        _, value = await self._child(workflow, args, wait=True)
+        return value
+
+    async def _child(
+        self, workflow: Callable[..., Any] | str, args: tuple[Any, ...], wait: bool
+    ) -> tuple[str, Any]:
+        x = self._x
+        engine = x.engine
+        name = workflow_name(workflow)
+        key = x.next_key(f"child:{name}")
+        entry = x.history.get(key)
+        if entry is not None and entry.status in (ENTRY_COMPLETED, ENTRY_FAILED):
+            x.consumed.add(key)
+            info = codec.loads(entry.detail)
+            if entry.status == ENTRY_FAILED:
+                raise WorkflowCallError(entry.error or f"child {name} failed")
+            return str(info["run_id"]), codec.loads(entry.result)
+        if entry is None:
+            await x.check_new_call(key)
+            if not await engine.knows_workflow(name):
+                raise UnknownWorkflow(
+                    f"child workflow {name!r} is not registered in app {engine.app!r}"
+                )
+            child = await engine.create_run(
+                name, list(args), idempotency_key=f"child:{x.run.run_id}:{key}",
+                correlation_id=x.run.correlation_id, causation_id=x.run.run_id,
+                parent_run_id=x.run.run_id,
+            )
+            now = engine.clock.now()
+            entry = x.new_entry(key, CHILD, name, ENTRY_WAITING if wait else ENTRY_COMPLETED,
+                                started_at=now, detail=codec.dumps({"run_id": child.run_id}))
+            if not wait:
+                entry.ended_at = now
+            await x.commit(RunWrite(entries=[entry]))
+        else:
+            x.consumed.add(key)
+        child_id = str(codec.loads(entry.detail)["run_id"])
+        if not wait:
+            return child_id, None
+        final: list[Any] = []
+
+        async def look() -> bool:
+            run = await engine.store.get_run(x.run.app, child_id)
+            if run is not None and run.status.is_final:
+                final.append(run)
+                return True
+            return False
+
+        engine.add_run_waiter(child_id, x)
+        try:
+            await x.wait_until(None, look)
+        finally:
+            engine.remove_run_waiter(child_id, x)
+        run = final[0]
+        entry.ended_at = engine.clock.now()
+        if run.status == RunStatus.COMPLETED:
+            entry.status, entry.result = ENTRY_COMPLETED, run.result
+            await x.commit(RunWrite(entries=[entry]))
+            return child_id, codec.loads(run.result)
+        entry.status = ENTRY_FAILED
+        entry.error = f"child run {child_id} of {name} ended {run.status}: {run.error}"
+        entry.error_type = "WorkflowCallError"
+        await x.commit(RunWrite(entries=[entry]))
+        raise WorkflowCallError(entry.error)
+

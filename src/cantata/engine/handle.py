@@ -1,0 +1,102 @@
+"""``RunHandle``: follow, await and cancel one run from any process sharing the store."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from cantata.errors import (
+    ResultTimeout,
+    RunNotFound,
+    WorkflowCancelled,
+    WorkflowCompensated,
+    WorkflowFailed,
+)
+from cantata.model import codec
+from cantata.model.records import RunRecord
+from cantata.model.status import RunStatus
+
+if TYPE_CHECKING:
+    from .worker import Engine
+
+_ERRORS = {
+    RunStatus.FAILED: WorkflowFailed,
+    RunStatus.COMPENSATED: WorkflowCompensated,
+    RunStatus.CANCELLED: WorkflowCancelled,
+}
+
+
+class RunHandle:
+    """A handle on one run. Obtain it from ``app.start`` or ``app.get_handle``."""
+
+    def __init__(self, engine: Engine, run_id: str, workflow: str | None = None) -> None:
+        self._engine = engine
+        self.run_id = run_id
+        self.workflow = workflow
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id!r}, workflow={self.workflow!r})"
+
+    async def _get(self) -> RunRecord:
+        run = await self._engine.store.get_run(self._engine.app, self.run_id)
+        if run is None:
+            raise RunNotFound(
+                f"no run {self.run_id!r} in app {self._engine.app!r}: check the id, and that "
+                "this process uses the same store URL and app name"
+            )
+        self.workflow = run.workflow
+        return run
+
+    async def status(self) -> RunStatus:
+        """The run's current :class:`RunStatus`."""
+        return (await self._get()).status
+
+    async def info(self) -> RunRecord:
+        """The stored run record."""
+        return await self._get()
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to end and return its result.
+
+        Raises:
+            WorkflowFailed, WorkflowCompensated, WorkflowCancelled: for those endings.
+            ResultTimeout: ``timeout`` seconds passed first (the run goes on).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            run = await self._get()
+            if run.status.is_final:
+                return self._outcome(run)
+            if deadline is not None and loop.time() >= deadline:
+                raise ResultTimeout(
+                    f"run {self.run_id} is still {run.status} after {timeout} s; it goes on — "
+                    "call result() again later or check `cantata run ID`"
+                )
+            wait = self._engine.poll_interval
+            if deadline is not None:
+                wait = min(wait, max(deadline - loop.time(), 0.0))
+            await self._engine.wait_runs_changed(wait)
+
+    def _outcome(self, run: RunRecord) -> Any:
+        if run.status == RunStatus.COMPLETED:
+            value = codec.loads(run.result)
+            wdef = self._engine.router.workflows.get(run.workflow)
+            if wdef is not None:
+                value = codec.restore(value, wdef.sig.result, f"result of {run.workflow}")
+            return value
+        raise _ERRORS[run.status](run.run_id, str(run.status), run.error)
+
+    async def cancel(self) -> None:
+        """Ask the run to stop at its next durable point and compensate.
+
+        A pending ``sleep`` or ``wait_for_event`` is interrupted at once. Cancelling a
+        finished run does nothing.
+        """
+        run = await self._engine.store.request_cancel(self._engine.app, self.run_id)
+        if run is None:
+            raise RunNotFound(f"no run {self.run_id!r} in app {self._engine.app!r}")
+        await self._engine.check_cancellations()
+        for child in await self._engine.store.child_runs(self._engine.app, self.run_id):
+            if not child.status.is_final:
+                await RunHandle(self._engine, child.run_id).cancel()

@@ -1,0 +1,345 @@
+"""Declarations: steps, workflows, handlers and triggers, collected by a Router."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+from cantata.errors import RegistrationError
+from cantata.model.codec import Signature, signature_of
+from cantata.model.event import Event, check_pattern, check_type
+from cantata.model.retry import HANDLER_RETRY, STEP_RETRY, Retry
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STEP_ATTR = "__cantata_step__"
+WORKFLOW_ATTR = "__cantata_workflow__"
+
+
+@dataclass(frozen=True, slots=True)
+class StepDef:
+    """A registered step."""
+
+    name: str  # qualified: "service.name" for a step served by another service
+    fn: Callable[..., Any]
+    retry: Retry
+    timeout: float | None
+    service: str | None
+    is_async: bool
+    sig: Signature
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDef:
+    """A registered workflow."""
+
+    name: str
+    fn: Callable[..., Any]
+    sig: Signature
+    service: str | None = None
+    spec: Any = None  # a Saga's map, when the workflow was generated from one
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerDef:
+    """A registered event handler."""
+
+    pattern: str
+    group: str
+    fn: Callable[..., Any]
+    retry: Retry
+    model: Any  # the T of Event[T], or None
+    is_async: bool
+    wants_ctx: bool
+    emits: tuple[str, ...] = ()
+    service: str | None = None
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerDef:
+    """``app.start_on(pattern, workflow)``: an event starts a workflow run."""
+
+    pattern: str
+    workflow: str
+
+    @property
+    def group(self) -> str:
+        return f"start:{self.workflow}"
+
+
+def patterns_overlap(a: str, b: str) -> bool:
+    """True if some event type matches both patterns."""
+    pa, pb = a.split("."), b.split(".")
+    return len(pa) == len(pb) and all(x == y or "*" in (x, y) for x, y in zip(pa, pb, strict=True))
+
+
+def _event_model(fn: Callable[..., Any]) -> Any:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        return None
+    params = list(inspect.signature(fn).parameters.values())
+    if not params:
+        raise RegistrationError(
+            f"handler {fn.__qualname__} takes no parameter: declare `(event, ctx)` or `(event)`"
+        )
+    ann = hints.get(params[0].name)
+    if typing.get_origin(ann) is Event:
+        args = typing.get_args(ann)
+        if args and args[0] is not Any:
+            return args[0]
+    return None
+
+
+@dataclass
+class Router:
+    """Collects steps, workflows, handlers and triggers; ``app.include(router)`` adds them.
+
+    Args:
+        service: the service these declarations belong to (optional).
+    """
+
+    service: str | None = None
+    steps: dict[str, StepDef] = field(default_factory=dict)
+    workflows: dict[str, WorkflowDef] = field(default_factory=dict)
+    handlers: list[HandlerDef] = field(default_factory=list)
+    triggers: list[TriggerDef] = field(default_factory=list)
+
+    # -- steps -------------------------------------------------------------------
+
+    @overload
+    def step(self, fn: F, /) -> F: ...
+
+    @overload
+    def step(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        service: str | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def step(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        service: str | None = None,
+    ) -> F | Callable[[F], F]:
+        """Register a step (async or sync function). Usable bare or with options.
+
+        Args:
+            name: defaults to the function name.
+            retry: defaults to ``Retry(max_attempts=3, initial_interval=0.5, backoff=2.0,
+                max_interval=30.0)``.
+            timeout: seconds per attempt.
+            service: the service whose workers execute it (defaults to the router's).
+        """
+
+        def register(f: F) -> F:
+            if not callable(f):
+                raise RegistrationError(f"@step needs a function, got {f!r}")
+            if timeout is not None and timeout <= 0:
+                raise RegistrationError(f"step timeout must be > 0 seconds, got {timeout}")
+            svc = service or self.service
+            base = name or f.__name__
+            qualified = f"{service}.{base}" if service and "." not in base else base
+            sdef = StepDef(
+                name=qualified,
+                fn=f,
+                retry=retry or STEP_RETRY,
+                timeout=timeout,
+                service=svc,
+                is_async=inspect.iscoroutinefunction(f),
+                sig=signature_of(f),
+            )
+            self._add_step(sdef)
+            setattr(f, STEP_ATTR, sdef)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def _add_step(self, sdef: StepDef) -> None:
+        old = self.steps.get(sdef.name)
+        if old is not None and old.fn is not sdef.fn:
+            raise RegistrationError(
+                f"two steps are named {sdef.name!r} ({old.fn.__qualname__} and "
+                f"{sdef.fn.__qualname__}): give one of them name=..."
+            )
+        self.steps[sdef.name] = sdef
+
+    # -- workflows ------------------------------------------------------------------
+
+    @overload
+    def workflow(self, fn: F, /) -> F: ...
+
+    @overload
+    def workflow(
+        self, fn: None = None, /, *, name: str | None = None, service: str | None = None
+    ) -> Callable[[F], F]: ...
+
+    def workflow(
+        self, fn: F | None = None, /, *, name: str | None = None, service: str | None = None
+    ) -> F | Callable[[F], F]:
+        """Register a workflow: ``async def wf(ctx, *args)``. Name defaults to the function's."""
+
+        def register(f: F) -> F:
+            if not inspect.iscoroutinefunction(f):
+                raise RegistrationError(
+                    f"workflow {getattr(f, '__qualname__', f)!r} must be an `async def` taking "
+                    "`ctx` first"
+                )
+            wdef = WorkflowDef(name or f.__name__, f, signature_of(f, skip=1),
+                               service or self.service)
+            self._add_workflow(wdef)
+            setattr(f, WORKFLOW_ATTR, wdef)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def _add_workflow(self, wdef: WorkflowDef) -> None:
+        old = self.workflows.get(wdef.name)
+        if old is not None and old.fn is not wdef.fn:
+            raise RegistrationError(
+                f"two workflows are named {wdef.name!r}: give one of them name=..."
+            )
+        self.workflows[wdef.name] = wdef
+
+    # -- handlers -------------------------------------------------------------------
+
+    def on(
+        self,
+        pattern: str,
+        *,
+        group: str,
+        retry: Retry | None = None,
+        emits: Sequence[str] = (),
+    ) -> Callable[[F], F]:
+        """Register an event handler for ``pattern`` in ``group`` (the reacting service).
+
+        Args:
+            pattern: an event type or one-token wildcards (``order.*``).
+            group: every group receives every matching event; handlers of one group
+                compete for them.
+            retry: defaults to ``Retry(max_attempts=5)``.
+            emits: event types the handler may emit (for maps and AsyncAPI).
+        """
+        check_pattern(pattern)
+        if not group or not isinstance(group, str):
+            raise RegistrationError(f"handler for {pattern!r} needs group='service-name'")
+        for t in emits:
+            check_type(t)
+
+        def register(f: F) -> F:
+            if not callable(f):
+                raise RegistrationError(f"@on needs a function, got {f!r}")
+            n_params = len(inspect.signature(f).parameters)
+            hdef = HandlerDef(
+                pattern=pattern,
+                group=group,
+                fn=f,
+                retry=retry or HANDLER_RETRY,
+                model=_event_model(f),
+                is_async=inspect.iscoroutinefunction(f),
+                wants_ctx=n_params >= 2,
+                emits=tuple(emits),
+                service=self.service,
+            )
+            self._add_handler(hdef)
+            return f
+
+        return register
+
+    def _add_handler(self, hdef: HandlerDef) -> None:
+        for other in self.handlers:
+            if other.group != hdef.group or (other.fn is hdef.fn and other.pattern == hdef.pattern):
+                continue
+            exact_a, exact_b = "*" not in hdef.pattern, "*" not in other.pattern
+            clash = (
+                (exact_a and exact_b and hdef.pattern == other.pattern)
+                or (not exact_a and not exact_b and patterns_overlap(hdef.pattern, other.pattern))
+            )
+            if clash:
+                raise RegistrationError(
+                    f"group {hdef.group!r} has two handlers for {hdef.pattern!r} "
+                    f"({other.name} on {other.pattern!r} and {hdef.name}): each event goes to "
+                    "exactly one handler per group; merge them or use another group"
+                )
+        if any(o.fn is hdef.fn and o.pattern == hdef.pattern and o.group == hdef.group
+               for o in self.handlers):
+            return
+        self.handlers.append(hdef)
+
+    def start_on(self, pattern: str, workflow: Callable[..., Any] | str) -> None:
+        """Start one run of ``workflow`` per event matching ``pattern`` (data as argument)."""
+        check_pattern(pattern)
+        name = workflow_name(workflow)
+        trig = TriggerDef(pattern, name)
+        if trig not in self.triggers:
+            self.triggers.append(trig)
+
+    def include(self, router: Router) -> None:
+        """Add every declaration of ``router`` to this one."""
+        for s in router.steps.values():
+            self._add_step(s)
+        for w in router.workflows.values():
+            self._add_workflow(w)
+        for h in router.handlers:
+            self._add_handler(h)
+        for t in router.triggers:
+            if t not in self.triggers:
+                self.triggers.append(t)
+
+    def handler_for(self, group: str, event_type: str) -> HandlerDef | None:
+        """The one handler of ``group`` for ``event_type``: an exact type beats a wildcard."""
+        from cantata.model.event import matches
+
+        wildcard = None
+        for h in self.handlers:
+            if h.group != group or not matches(h.pattern, event_type):
+                continue
+            if "*" not in h.pattern:
+                return h
+            wildcard = wildcard or h
+        return wildcard
+
+
+def workflow_name(workflow: Callable[..., Any] | str) -> str:
+    """The registered name of a workflow function (or the name itself)."""
+    if isinstance(workflow, str):
+        return workflow
+    wdef = getattr(workflow, WORKFLOW_ATTR, None)
+    if wdef is None:
+        raise RegistrationError(
+            f"{getattr(workflow, '__qualname__', workflow)!r} is not a workflow: decorate it "
+            "with @app.workflow"
+        )
+    return str(wdef.name)
+
+
+def step_name(step: Callable[..., Any] | str) -> str:
+    """The registered name of a step function (or the name itself)."""
+    if isinstance(step, str):
+        return step
+    sdef = getattr(step, STEP_ATTR, None)
+    if sdef is None:
+        from cantata.errors import UnknownStep
+
+        raise UnknownStep(
+            f"{getattr(step, '__qualname__', step)!r} is not a registered step: decorate it "
+            "with @app.step (or @router.step and app.include(router))"
+        )
+    return str(sdef.name)

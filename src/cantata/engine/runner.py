@@ -1,0 +1,416 @@
+"""Executing one run: replay of recorded history, checkpoints, retries, compensation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from cantata.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    LeaseLost,
+    NonDeterminismError,
+    SerializationError,
+    StepFailed,
+    StepTimeout,
+    error_text,
+)
+from cantata.model import codec
+from cantata.model.records import (
+    COMPENSATION,
+    ENTRY_COMPLETED,
+    ENTRY_FAILED,
+    ENTRY_RUNNING,
+    SLEEP,
+    VALUE,
+    Attempt,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+)
+from cantata.model.status import RunStatus
+
+from .registry import StepDef, WorkflowDef
+from .stepinfo import StepInfo, reset_step_info, set_step_info
+
+if TYPE_CHECKING:
+    from .worker import Engine
+
+log = logging.getLogger("cantata.engine")
+
+WORKER_LOST = (
+    "WorkerLost",
+    "the worker running this attempt stopped (crash or kill) before the attempt finished",
+)
+
+
+class _DeadlinePassed(BaseException):
+    """Internal: raised at a durable point once the run's deadline has passed."""
+
+
+class _Abandon(BaseException):
+    """Internal: this worker lost the run (lease taken over, or shutting down)."""
+
+
+def _split_error(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, StepFailed):
+        return exc.error_type, exc.error_message
+    return type(exc).__name__, str(exc)
+
+
+class RunExecution:
+    """Drives one run in this worker until it ends or the worker lets it go."""
+
+    def __init__(self, engine: Engine, run: RunRecord, wdef: WorkflowDef) -> None:
+        self.engine = engine
+        self.run = run
+        self.wdef = wdef
+        self.history: dict[str, HistoryEntry] = {}
+        self.attempts: dict[str, list[Attempt]] = {}
+        self.consumed: set[str] = set()
+        self.consumed_events: set[str] = set()
+        self.counters: dict[str, int] = {}
+        self.next_seq = 1
+        self.pending: list[HistoryEntry] = []
+        self.pending_status: RunStatus | None = None
+        self.compensations: list[tuple[StepDef, list[Any]]] = []
+        self.interrupt: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        self.compensating = False
+        self.divergence: NonDeterminismError | None = None
+        self.wakeup = asyncio.Event()
+        self._deadline_handle: asyncio.TimerHandle | None = None
+
+    # -- plumbing -----------------------------------------------------------------
+
+    @property
+    def store_app(self) -> str:
+        return self.run.app
+
+    def next_key(self, base: str) -> str:
+        n = self.counters.get(base, 0) + 1
+        self.counters[base] = n
+        return f"{base}#{n}"
+
+    def new_entry(self, key: str, kind: str, name: str, status: str, **kw: Any) -> HistoryEntry:
+        entry = HistoryEntry(key, kind, name, status, seq=self.next_seq, **kw)
+        self.next_seq += 1
+        self.history[key] = entry
+        self.consumed.add(key)
+        return entry
+
+    async def commit(self, write: RunWrite) -> None:
+        """Flush lazily recorded entries and write one checkpoint (fenced)."""
+        if self.pending:
+            write.entries[:0] = self.pending
+            self.pending = []
+        if self.pending_status is not None and write.status is None:
+            write.status = self.pending_status
+        self.pending_status = None
+        try:
+            await self.engine.store.commit_run(self.run.app, self.run.run_id, self.run.fence, write)
+        except LeaseLost:
+            log.warning("run %s was taken over by another worker; letting it go", self.run.run_id)
+            raise _Abandon() from None
+        if write.status is not None:
+            self.run.status = write.status
+        if write.events:
+            self.engine.events_appended(write.events)
+
+    def request_interrupt(self, exc: BaseException) -> None:
+        if not self.interrupt.done():
+            self.interrupt.set_result(exc)
+        self.wakeup.set()
+
+    def check_interrupt(self) -> None:
+        """Raise the pending cancel / deadline at a durable point (not while compensating)."""
+        if self.compensating or not self.interrupt.done():
+            return
+        raise self.interrupt.result()
+
+    async def check_new_call(self, key: str) -> None:
+        """A call not in history: every recorded result must have been replayed first."""
+        if not self.history or len(self.consumed) >= len(self.history):
+            self.check_interrupt()
+            return
+        await asyncio.sleep(0)  # let sibling tasks (asyncio.gather) replay their calls
+        left = sorted(
+            (e for k, e in self.history.items()
+             if k not in self.consumed and e.status in (ENTRY_COMPLETED, ENTRY_FAILED)
+             and e.kind not in (VALUE, COMPENSATION)),
+            key=lambda e: e.seq,
+        )
+        if left and key not in self.history:
+            err = NonDeterminismError(self.run.run_id, len(self.consumed) + 1, left[0].key, key)
+            self.divergence = err
+            raise err
+        self.check_interrupt()
+
+    async def wait_until(
+        self, wake_at: float | None, wake: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
+        """Sleep until ``wake_at`` (clock time), an interrupt, or ``wake()`` returns True."""
+        clock = self.engine.clock
+        while True:
+            self.check_interrupt()
+            if wake is not None and await wake():
+                return
+            now = clock.now()
+            if wake_at is not None and now >= wake_at:
+                return
+            remaining = None if wake_at is None else wake_at - now
+            if wake is not None:
+                poll = self.engine.wait_poll_interval
+                remaining = poll if remaining is None else min(remaining, poll)
+            self.wakeup.clear()
+            sleeper = None if remaining is None else asyncio.ensure_future(clock.sleep(remaining))
+            waiter = asyncio.ensure_future(self.wakeup.wait())
+            try:
+                await asyncio.wait(
+                    [f for f in (sleeper, waiter, self.interrupt) if f is not None],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for f in (sleeper, waiter):
+                    if f is not None and not f.done():
+                        f.cancel()
+
+    # -- steps ---------------------------------------------------------------------
+
+    async def call_step(
+        self, sdef: StepDef, args: list[Any], key: str, kind: str = "step"
+    ) -> Any:
+        """Run (or replay) one step or compensation and return its decoded JSON result."""
+        entry = self.history.get(key)
+        if entry is not None and entry.status in (ENTRY_COMPLETED, ENTRY_FAILED):
+            self.consumed.add(key)
+            if entry.status == ENTRY_COMPLETED:
+                return codec.loads(entry.result)
+            etype, _, emsg = (entry.error or "Error: ").partition(": ")
+            raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
+        if entry is None:
+            if kind != COMPENSATION:
+                await self.check_new_call(key)
+            entry = self.new_entry(key, kind, sdef.name, ENTRY_RUNNING)
+        else:
+            self.consumed.add(key)
+        clock = self.engine.clock
+        prior = self.attempts.get(key, [])
+        write = RunWrite()
+        last: tuple[str, str] | None = None
+        for a in prior:
+            if a.ended_at is None:
+                a.ended_at, (a.error_type, a.error) = clock.now(), WORKER_LOST
+                write.attempts.append(a)
+            if a.error_type is not None:
+                last = (a.error_type, a.error or "")
+        n = len(prior)
+        retry = sdef.retry
+        while True:
+            if n >= retry.max_attempts and last is not None:
+                return await self._step_failed(entry, write, last, n)
+            if kind != COMPENSATION:
+                self.check_interrupt()
+            n += 1
+            now = clock.now()
+            attempt = Attempt(key, n, now)
+            entry.attempts, entry.status = n, ENTRY_RUNNING
+            entry.started_at = entry.started_at or now
+            write.attempts.append(attempt)
+            write.entries.append(entry)
+            await self.commit(write)
+            write = RunWrite()
+            try:
+                value = await self._execute(sdef, args, key, n)
+                result = codec.dumps(value, f"result of step {sdef.name}")
+            except Exception as exc:
+                attempt.ended_at = clock.now()
+                attempt.error_type, attempt.error = type(exc).__name__, str(exc)
+                last = (attempt.error_type, attempt.error)
+                write.attempts.append(attempt)
+                retryable = retry.is_retryable(exc) and not isinstance(exc, SerializationError)
+                if not retryable or n >= retry.max_attempts:
+                    return await self._step_failed(entry, write, last, n)
+                entry.error, entry.error_type = f"{last[0]}: {last[1]}", last[0]
+                write.entries.append(entry)
+                await self.commit(write)
+                write = RunWrite()
+                delay = retry.delay(n)
+                self.engine.metrics.retries += 1
+                if kind == COMPENSATION:
+                    await clock.sleep(delay)
+                else:
+                    await self.wait_until(clock.now() + delay)
+                continue
+            attempt.ended_at = clock.now()
+            entry.status, entry.result, entry.ended_at = ENTRY_COMPLETED, result, attempt.ended_at
+            entry.error = entry.error_type = None
+            write.attempts.append(attempt)
+            write.entries.append(entry)
+            await self.commit(write)
+            return codec.loads(result)
+
+    async def _step_failed(
+        self, entry: HistoryEntry, write: RunWrite, last: tuple[str, str], n: int
+    ) -> Any:
+        entry.status, entry.ended_at = ENTRY_FAILED, self.engine.clock.now()
+        entry.error, entry.error_type, entry.attempts = f"{last[0]}: {last[1]}", last[0], n
+        write.entries.append(entry)
+        await self.commit(write)
+        raise StepFailed(entry.name, last[0], last[1], n)
+
+    async def _execute(self, sdef: StepDef, args: list[Any], key: str, attempt: int) -> Any:
+        info = StepInfo(self.run.run_id, sdef.name, key, attempt, f"{self.run.run_id}:{key}")
+        token = set_step_info(info)
+        try:
+            call_args = sdef.sig.restore_args(args, f"step {sdef.name}")
+            coro = (
+                sdef.fn(*call_args) if sdef.is_async else asyncio.to_thread(sdef.fn, *call_args)
+            )
+            if sdef.timeout is None:
+                return await coro
+            try:
+                async with asyncio.timeout(sdef.timeout):
+                    return await coro
+            except TimeoutError:
+                raise StepTimeout(
+                    f"step {sdef.name} attempt {attempt} ran longer than its timeout of "
+                    f"{sdef.timeout} s"
+                ) from None
+        finally:
+            reset_step_info(token)
+
+    # -- the run ---------------------------------------------------------------------
+
+    async def load(self) -> None:
+        store, app, run_id = self.engine.store, self.run.app, self.run.run_id
+        entries = await store.load_history(app, run_id)
+        for e in entries:
+            self.history[e.key] = e
+            self.next_seq = max(self.next_seq, e.seq + 1)
+            if e.kind == "wait" and e.status == ENTRY_COMPLETED and e.result:
+                self.consumed_events.add(str(codec.loads(e.result).get("id")))
+        for a in await store.load_attempts(app, run_id):
+            self.attempts.setdefault(a.key, []).append(a)
+
+    async def execute(self) -> None:
+        """Run the workflow to its end (or until this worker lets it go)."""
+        try:
+            await self._execute_run()
+        except _Abandon:
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("run %s: internal error; it will be retried", self.run.run_id)
+        finally:
+            if self._deadline_handle is not None:
+                self._deadline_handle.cancel()
+
+    async def _execute_run(self) -> None:
+        run = self.run
+        await self.load()
+        if run.cancel_requested:
+            self.request_interrupt(Cancelled())
+        if run.deadline_at is not None:
+            delay = run.deadline_at - self.engine.clock.now()
+            if delay <= 0:
+                self.request_interrupt(_DeadlinePassed())
+            else:
+                loop = asyncio.get_running_loop()
+                self._deadline_handle = loop.call_later(
+                    delay, self.request_interrupt, _DeadlinePassed()
+                )
+        if run.status == RunStatus.PENDING:
+            if run.cancel_requested:
+                await self._finish(RunStatus.CANCELLED, error="Cancelled: before it started")
+                return
+            self.pending_status = RunStatus.RUNNING
+            run.status = RunStatus.RUNNING
+        from .context import WorkflowContext
+
+        ctx = WorkflowContext(self)
+        args = self.wdef.sig.restore_args(codec.loads(run.args), f"workflow {self.wdef.name}")
+        try:
+            value = await self.wdef.fn(ctx, *args)
+            if self.divergence is not None:
+                raise self.divergence
+            self._check_all_replayed()
+            result = codec.dumps(value, f"result of workflow {self.wdef.name}")
+        except (_Abandon, asyncio.CancelledError):
+            raise
+        except NonDeterminismError as exc:
+            await self._finish(RunStatus.FAILED, error=error_text(exc), flagged=True)
+            return
+        except Cancelled:
+            await self._unwind(RunStatus.CANCELLED, "Cancelled: the run was cancelled")
+            return
+        except _DeadlinePassed:
+            err = DeadlineExceeded(f"run {run.run_id} passed its deadline")
+            await self._unwind(RunStatus.FAILED, error_text(err))
+            return
+        except Exception as exc:
+            if self.divergence is not None:
+                await self._finish(RunStatus.FAILED, error=error_text(self.divergence),
+                                   flagged=True)
+                return
+            await self._unwind(RunStatus.FAILED, error_text(exc))
+            return
+        await self._finish(RunStatus.COMPLETED, result=result)
+
+    def _check_all_replayed(self) -> None:
+        left = sorted(
+            (e for k, e in self.history.items()
+             if k not in self.consumed and e.status in (ENTRY_COMPLETED, ENTRY_FAILED)
+             and e.kind not in (VALUE, COMPENSATION, SLEEP)),
+            key=lambda e: e.seq,
+        )
+        if left:
+            raise NonDeterminismError(
+                self.run.run_id, len(self.consumed) + 1, left[0].key, "the end of the workflow"
+            )
+
+    async def _unwind(self, final: RunStatus, error: str) -> None:
+        """Run registered compensations in reverse order, then end the run."""
+        if not self.compensations:
+            await self._finish(final, error=error)
+            return
+        self.compensating = True
+        if self.run.status != RunStatus.COMPENSATING:
+            await self.commit(RunWrite(status=RunStatus.COMPENSATING, error=error))
+        failures: list[str] = []
+        counters: dict[str, int] = {}
+        for sdef, args in reversed(self.compensations):
+            n = counters.get(sdef.name, 0) + 1
+            counters[sdef.name] = n
+            key = f"compensate:{sdef.name}#{n}"
+            try:
+                await self.call_step(sdef, args, key, kind=COMPENSATION)
+            except StepFailed as exc:
+                failures.append(str(exc))
+        if failures:
+            await self._finish(
+                RunStatus.FAILED,
+                error=f"{error}; compensation failed: {'; '.join(failures)}",
+                flagged=True,
+            )
+        elif final == RunStatus.CANCELLED:
+            await self._finish(RunStatus.CANCELLED, error=error)
+        else:
+            await self._finish(RunStatus.COMPENSATED, error=error)
+
+    async def _finish(
+        self,
+        status: RunStatus,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        flagged: bool | None = None,
+    ) -> None:
+        await self.commit(
+            RunWrite(status=status, result=result, error=error, flagged=flagged, release=True)
+        )
+        if status != RunStatus.COMPLETED:
+            log.info("run %s of %s ended %s: %s", self.run.run_id, self.wdef.name, status, error)
+        self.engine.metrics.runs[str(status)] = self.engine.metrics.runs.get(str(status), 0) + 1

@@ -1,0 +1,308 @@
+"""The engine of one process: creates runs, claims and executes them, wakes waiters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cantata.errors import Cancelled
+from cantata.model import codec
+from cantata.model.event import Event
+from cantata.model.records import Declaration, RunRecord
+from cantata.model.status import RunStatus
+from cantata.store.base import CANCEL, EVENTS, RUNS, Store
+
+from .clock import Clock
+from .registry import Router, StepDef
+from .runner import RunExecution
+
+log = logging.getLogger("cantata.worker")
+
+
+@dataclass
+class Metrics:
+    """Counters of this process (exported to Prometheus by the metrics extra)."""
+
+    runs: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    handled: int = 0
+    handler_failures: int = 0
+    dead_lettered: int = 0
+    orphans: dict[str, int] = field(default_factory=dict)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{codec.new_id()[:8]}"
+
+
+def args_hash(workflow: str, args_json: str) -> str:
+    return hashlib.sha256(f"{workflow}\0{args_json}".encode()).hexdigest()
+
+
+class Engine:
+    """Runs workflows for one app in this process.
+
+    Args:
+        lease: seconds without a heartbeat after which another worker takes a run over.
+        poll_interval: seconds between looks for work committed by other processes.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        router: Router,
+        store: Store,
+        clock: Clock,
+        *,
+        worker_id: str,
+        lease: float,
+        poll_interval: float,
+        services: frozenset[str] | None = None,
+    ) -> None:
+        self.app = app
+        self.router = router
+        self.store = store
+        self.clock = clock
+        self.worker_id = worker_id
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.wait_poll_interval = max(poll_interval, 0.5)
+        self.services = services
+        self.metrics = Metrics()
+        self.serving = False
+        self.executions: dict[str, RunExecution] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._claim_wakeup = asyncio.Event()
+        self._runs_pulse = asyncio.Event()
+        self._waiters: dict[str, set[RunExecution]] = {}
+        self._run_waiters: dict[str, set[RunExecution]] = {}
+        self._declared_waits: set[tuple[str, str]] = set()
+        self._known_remote: set[str] = set()
+        store.add_listener(self._on_store_change)
+
+    # -- what this worker serves --------------------------------------------------------
+
+    def serves(self, workflow: str) -> bool:
+        wdef = self.router.workflows.get(workflow)
+        if wdef is None:
+            return False
+        return self.services is None or wdef.service is None or wdef.service in self.services
+
+    def served_workflows(self) -> list[str]:
+        return [name for name in self.router.workflows if self.serves(name)]
+
+    async def knows_workflow(self, name: str) -> bool:
+        if name in self.router.workflows or name in self._known_remote:
+            return True
+        decls = await self.store.declarations(self.app)
+        self._known_remote = {d.name for d in decls if d.kind == "workflow"}
+        return name in self._known_remote
+
+    def remote_step(self, name: str) -> StepDef | None:
+        """A step served by another service (cross-service steps are not served yet)."""
+        return None
+
+    def traceparent_for(self, run: RunRecord) -> str | None:
+        """W3C traceparent to stamp on events emitted by ``run`` (OpenTelemetry hook)."""
+        return None
+
+    # -- runs --------------------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        workflow: str,
+        args: Sequence[Any],
+        *,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        parent_run_id: str | None = None,
+        deadline: float | None = None,
+    ) -> RunRecord:
+        """Store a new run (or return the one with that idempotency key) and start it here
+        when this process serves the workflow."""
+        args_json = codec.dumps(list(args), f"arguments of workflow {workflow}")
+        run_id = codec.new_id()
+        now = self.clock.now()
+        local = self.serving and self.serves(workflow)
+        wdef = self.router.workflows.get(workflow)
+        run = RunRecord(
+            run_id=run_id,
+            app=self.app,
+            workflow=workflow,
+            status=RunStatus.PENDING,
+            args=args_json,
+            created_at=now,
+            updated_at=now,
+            correlation_id=correlation_id or run_id,
+            causation_id=causation_id,
+            idempotency_key=idempotency_key,
+            args_hash=args_hash(workflow, args_json),
+            parent_run_id=parent_run_id,
+            deadline_at=None if deadline is None else now + deadline,
+            owner=self.worker_id if local else None,
+            fence=1 if local else 0,
+            service=wdef.service if wdef else None,
+        )
+        stored, created = await self.store.create_run(run)
+        if created and local:
+            self.launch(stored)
+        elif created:
+            self._claim_wakeup.set()
+        return stored
+
+    def launch(self, run: RunRecord) -> None:
+        """Execute ``run`` in this process (it is owned by this worker)."""
+        if run.run_id in self.executions:
+            return
+        wdef = self.router.workflows[run.workflow]
+        execution = RunExecution(self, run, wdef)
+        self.executions[run.run_id] = execution
+        task = asyncio.create_task(execution.execute(), name=f"cantata-run:{run.run_id}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any], run_id: str = run.run_id) -> None:
+            self._tasks.discard(t)
+            self.executions.pop(run_id, None)
+            self._runs_pulse.set()
+            self._claim_wakeup.set()
+
+        task.add_done_callback(done)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def start_serving(self) -> None:
+        """Heartbeat, then claim and execute runs until :meth:`stop`."""
+        if self.serving:
+            return
+        await self.store.heartbeat(self.app, self.worker_id, self.clock.now(), None)
+        self.serving = True
+        self._loops = [
+            asyncio.create_task(self._heartbeat_loop(), name="cantata-heartbeat"),
+            asyncio.create_task(self._claim_loop(), name="cantata-claim"),
+            asyncio.create_task(self._watch_loop(), name="cantata-watch"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop executing; unfinished runs are left for other workers (or the next start)."""
+        self.serving = False
+        for task in self._loops:
+            task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        self._loops = []
+        with contextlib.suppress(Exception):
+            await self.store.remove_worker(self.app, self.worker_id)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 4)
+            try:
+                await self.store.heartbeat(self.app, self.worker_id, self.clock.now(), None)
+            except Exception as exc:
+                log.warning("heartbeat failed (%s); retrying", exc)
+
+    async def _claim_loop(self) -> None:
+        workflows = self.served_workflows()
+        while True:
+            try:
+                claimed = await self.store.claim_runs(
+                    self.app, self.worker_id, workflows,
+                    stale_before=self.clock.now() - self.lease, limit=100,
+                ) if workflows else []
+            except Exception as exc:
+                log.warning("claiming runs failed (%s); retrying", exc)
+                claimed = []
+            for run in claimed:
+                log.info("resuming run %s of %s", run.run_id, run.workflow)
+                self.launch(run)
+            if len(claimed) == 100:
+                continue
+            self._claim_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._claim_wakeup.wait(), self.poll_interval * 5)
+
+    async def _watch_loop(self) -> None:
+        """Notice cancellations requested by other processes."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.check_cancellations()
+            except Exception as exc:
+                log.warning("checking cancellations failed (%s)", exc)
+
+    async def check_cancellations(self) -> None:
+        if not self.executions:
+            return
+        for run_id in await self.store.cancelled_runs(self.app, list(self.executions)):
+            execution = self.executions.get(run_id)
+            if execution is not None:
+                execution.request_interrupt(Cancelled())
+
+    def _on_store_change(self, channel: str) -> None:
+        if channel == RUNS:
+            self._runs_pulse.set()
+            self._claim_wakeup.set()
+            for group in self._run_waiters.values():
+                for execution in group:
+                    execution.wakeup.set()
+        elif channel == CANCEL:
+            self._runs_pulse.set()
+            if self.executions:
+                task = asyncio.ensure_future(self.check_cancellations())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        elif channel == EVENTS:
+            for group in self._waiters.values():
+                for execution in group:
+                    execution.wakeup.set()
+
+    async def wait_runs_changed(self, timeout: float) -> None:
+        """Return when some run changed in this process, or after ``timeout``."""
+        self._runs_pulse.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._runs_pulse.wait(), timeout)
+
+    # -- waiters --------------------------------------------------------------------------
+
+    def add_waiter(self, event_type: str, execution: RunExecution) -> None:
+        self._waiters.setdefault(event_type, set()).add(execution)
+
+    def remove_waiter(self, event_type: str, execution: RunExecution) -> None:
+        group = self._waiters.get(event_type)
+        if group is not None:
+            group.discard(execution)
+            if not group:
+                del self._waiters[event_type]
+
+    def add_run_waiter(self, run_id: str, execution: RunExecution) -> None:
+        self._run_waiters.setdefault(run_id, set()).add(execution)
+
+    def remove_run_waiter(self, run_id: str, execution: RunExecution) -> None:
+        group = self._run_waiters.get(run_id)
+        if group is not None:
+            group.discard(execution)
+            if not group:
+                del self._run_waiters[run_id]
+
+    def events_appended(self, events: Sequence[Event[Any]]) -> None:
+        """Wake the waits of this process that may match ``events``."""
+        for ev in events:
+            for execution in self._waiters.get(ev.type, ()):
+                execution.wakeup.set()
+
+    async def declare_wait(self, workflow: str, event_type: str) -> None:
+        """Record that ``workflow`` waits for ``event_type`` (so it is not an orphan)."""
+        if (workflow, event_type) in self._declared_waits:
+            return
+        self._declared_waits.add((workflow, event_type))
+        await self.store.declare(self.app, [Declaration("wait", workflow, event_type)])

@@ -1,0 +1,680 @@
+"""The executable definition of the :class:`~cantata.store.base.Store` protocol.
+
+``StoreContract`` has no ``Test`` prefix, so pytest collects it only through the
+one small subclass per backend (``tests/store/test_*.py``), which overrides
+:meth:`StoreContract.make_store`. Every test uses a fresh random app name, so
+backends on a shared database (PostgreSQL) do not see each other's leftovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cantata.errors import DeadLetterNotFound, IdempotencyConflict, LeaseLost, StoreUnavailable
+from cantata.model import codec
+from cantata.model.event import Event
+from cantata.model.records import (
+    DELIVERY_DEAD,
+    DELIVERY_DONE,
+    DELIVERY_PENDING,
+    ENTRY_COMPLETED,
+    ENTRY_RUNNING,
+    STEP,
+    Attempt,
+    Declaration,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+)
+from cantata.model.status import RunStatus
+from cantata.store.base import CANCEL, EVENTS, RUNS, Settlement, Store
+
+_clock = itertools.count(1)
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def new_run(app: str, workflow: str = "wf", **kw: Any) -> RunRecord:
+    """A pending run with a unique id and a creation time later than every earlier one."""
+    created = 1_700_000_000.0 + next(_clock)
+    fields: dict[str, Any] = {
+        "run_id": codec.new_id(),
+        "app": app,
+        "workflow": workflow,
+        "status": RunStatus.PENDING,
+        "args": "[1]",
+        "created_at": created,
+        "updated_at": created,
+        "correlation_id": codec.new_id(),
+    }
+    fields.update(kw)
+    return RunRecord(**fields)
+
+
+def ev(event_type: str = "order.placed", data: Any = None, **kw: Any) -> Event[Any]:
+    return Event(type=event_type, data={"n": 1} if data is None else data, **kw)
+
+
+def entry(key: str, seq: int, status: str = ENTRY_COMPLETED, **kw: Any) -> HistoryEntry:
+    return HistoryEntry(key=key, kind=STEP, name=key.split("#")[0], status=status, seq=seq, **kw)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+class StoreContract:
+    """Behaviour every store backend must have. Subclasses override :meth:`make_store`."""
+
+    #: Two stores from :meth:`make_store` in one test share one database (False for
+    #: private in-memory databases: races then run on one instance).
+    shares_database: bool = True
+
+    app: str
+
+    async def make_store(self) -> Store:
+        """A new, unopened store on this test's database."""
+        raise NotImplementedError
+
+    @pytest.fixture(autouse=True)
+    def _app_name(self) -> None:
+        self.app = f"app-{codec.new_id()[:12]}"
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[Store]:
+        s = await self.make_store()
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
+
+    @pytest.fixture
+    async def peer(self, store: Store) -> AsyncIterator[Store]:
+        """A second store instance on the same database (or the same one if private)."""
+        if not self.shares_database:
+            yield store
+            return
+        other = await self.make_store()
+        await other.open()
+        try:
+            yield other
+        finally:
+            await other.close()
+
+    async def live(self, store: Store, *workers: str) -> float:
+        now = time.time()
+        for w in workers:
+            await store.heartbeat(self.app, w, now, None)
+        return now
+
+    async def handlers(self, store: Store, *decls: tuple[str, str]) -> None:
+        await store.declare(self.app, [Declaration("handler", g, p) for g, p in decls])
+
+    async def claim(self, store: Store, worker: str, limit: int = 100) -> list[RunRecord]:
+        return await store.claim_runs(
+            self.app, worker, ["wf"], stale_before=time.time() - 10, limit=limit
+        )
+
+    async def claim_d(
+        self, store: Store, worker: str, groups: list[str], now: float | None = None
+    ) -> list[Any]:
+        now = time.time() if now is None else now
+        return await store.claim_deliveries(
+            self.app, worker, groups, now=now, stale_before=now - 10, limit=100
+        )
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def test_is_a_store_and_reopen_is_harmless(self, store: Store) -> None:
+        assert isinstance(store, Store)
+        await store.open()
+        assert await store.get_run(self.app, "nope") is None
+
+    async def test_unopened_store_raises_unavailable(self) -> None:
+        s = await self.make_store()
+        with pytest.raises(StoreUnavailable):
+            await s.get_run(self.app, "x")
+        await s.close()
+
+    async def test_listeners_hear_own_writes(self, store: Store) -> None:
+        heard: list[str] = []
+        store.add_listener(heard.append)
+        run, _ = await store.create_run(new_run(self.app))
+        await eventually(lambda: RUNS in heard)
+        await store.append_events(self.app, [ev()])
+        await eventually(lambda: EVENTS in heard)
+        await store.request_cancel(self.app, run.run_id)
+        await eventually(lambda: CANCEL in heard)
+
+    # -- declarations and workers ---------------------------------------------------
+
+    async def test_declare_is_a_union_by_key(self, store: Store) -> None:
+        await store.declare(self.app, [Declaration("workflow", "wf"), Declaration("handler", "g", "a.b")])
+        await store.declare(
+            self.app, [Declaration("handler", "g", "a.b", service="svc", detail='{"x":1}'),
+                       Declaration("trigger", "t", "a.*")]
+        )
+        got = sorted(await store.declarations(self.app), key=lambda d: (d.kind, d.name))
+        assert got == [
+            Declaration("handler", "g", "a.b", service="svc", detail='{"x":1}'),
+            Declaration("trigger", "t", "a.*"),
+            Declaration("workflow", "wf"),
+        ]
+
+    async def test_heartbeat_workers_and_remove(self, store: Store) -> None:
+        await store.heartbeat(self.app, "w1", 100.0, "host-a")
+        await store.heartbeat(self.app, "w2", 150.0, None)
+        await store.heartbeat(self.app, "w1", 200.0, "host-b")
+        workers = {w.worker_id: w for w in await store.workers(self.app)}
+        assert set(workers) == {"w1", "w2"}
+        assert (workers["w1"].started_at, workers["w1"].heartbeat_at) == (100.0, 200.0)
+        assert workers["w1"].info == "host-b"
+        await store.remove_worker(self.app, "w1")
+        assert [w.worker_id for w in await store.workers(self.app)] == ["w2"]
+
+    async def test_remove_worker_releases_its_runs_and_deliveries(self, store: Store) -> None:
+        await self.live(store, "w1", "w2")
+        await store.create_run(new_run(self.app))
+        await self.handlers(store, ("g", "order.placed"))
+        await store.append_events(self.app, [ev()])
+        assert len(await self.claim(store, "w1")) == 1
+        assert len(await self.claim_d(store, "w1", ["g"])) == 1
+        assert await self.claim(store, "w2") == []
+        assert await self.claim_d(store, "w2", ["g"]) == []
+        await store.remove_worker(self.app, "w1")
+        [run] = await self.claim(store, "w2")
+        assert run.owner == "w2" and run.fence == 2
+        assert len(await self.claim_d(store, "w2", ["g"])) == 1
+
+    # -- runs -------------------------------------------------------------------------
+
+    async def test_create_and_get_round_trip_every_field(self, store: Store) -> None:
+        run = new_run(
+            self.app, causation_id="cause", idempotency_key="k", args_hash="h",
+            parent_run_id="parent", deadline_at=1_800_000_000.5, result='{"r":1}',
+            error="E: x", cancel_requested=True, owner=None, fence=0, flagged=True,
+            service="svc", status=RunStatus.RUNNING,
+        )
+        stored, created = await store.create_run(run)
+        assert created and stored == run
+        assert await store.get_run(self.app, run.run_id) == run
+        assert await store.get_run(self.app, "missing") is None
+
+    async def test_create_run_is_idempotent_by_key_and_args_hash(self, store: Store) -> None:
+        first, created = await store.create_run(new_run(self.app, idempotency_key="k", args_hash="h"))
+        assert created
+        again, created = await store.create_run(new_run(self.app, idempotency_key="k", args_hash="h"))
+        assert not created and again == first
+        with pytest.raises(IdempotencyConflict):
+            await store.create_run(new_run(self.app, idempotency_key="k", args_hash="other"))
+        assert [r.run_id for r in await store.list_runs(self.app)] == [first.run_id]
+        other_app, created = await store.create_run(
+            new_run(self.app + "-b", idempotency_key="k", args_hash="x")
+        )
+        assert created and other_app.run_id != first.run_id
+
+    async def test_concurrent_creates_with_one_key_make_one_run(
+        self, store: Store, peer: Store
+    ) -> None:
+        a, b = await asyncio.gather(
+            store.create_run(new_run(self.app, idempotency_key="k", args_hash="h")),
+            peer.create_run(new_run(self.app, idempotency_key="k", args_hash="h")),
+        )
+        assert a[0].run_id == b[0].run_id
+        assert sorted([a[1], b[1]]) == [False, True]
+        assert len(await store.list_runs(self.app)) == 1
+
+    async def test_list_runs_filters_newest_first_with_limit(self, store: Store) -> None:
+        r1 = new_run(self.app, "a")
+        r2 = new_run(self.app, "b", status=RunStatus.FAILED)
+        r3 = new_run(self.app, "a", status=RunStatus.FAILED)
+        r4 = new_run(self.app, "a")
+        for r in (r1, r2, r3, r4):
+            await store.create_run(r)
+
+        async def ids(**kw: Any) -> list[str]:
+            return [r.run_id for r in await store.list_runs(self.app, **kw)]
+
+        assert await ids() == [r4.run_id, r3.run_id, r2.run_id, r1.run_id]
+        assert await ids(limit=2) == [r4.run_id, r3.run_id]
+        assert await ids(status=RunStatus.FAILED) == [r3.run_id, r2.run_id]
+        assert await ids(workflow="a") == [r4.run_id, r3.run_id, r1.run_id]
+        assert await ids(workflow="a", status=RunStatus.FAILED) == [r3.run_id]
+        assert await ids(workflow="zzz") == []
+
+    async def test_claim_runs_takes_only_live_runs_of_given_workflows(self, store: Store) -> None:
+        live = [new_run(self.app, status=s) for s in
+                (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPENSATING)]
+        final = [new_run(self.app, status=s) for s in
+                 (RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.FAILED,
+                  RunStatus.CANCELLED)]
+        for r in [*live, *final, new_run(self.app, "other")]:
+            await store.create_run(r)
+        assert await store.claim_runs(self.app, "w1", [], stale_before=0, limit=10) == []
+        claimed = await self.claim(store, "w1")
+        assert {r.run_id for r in claimed} == {r.run_id for r in live}
+        assert all(r.owner == "w1" and r.fence == 1 for r in claimed)
+        stored = await store.get_run(self.app, live[0].run_id)
+        assert stored is not None and (stored.owner, stored.fence) == ("w1", 1)
+        assert await self.claim(store, "w1") == []  # never the claimer's own runs
+
+    async def test_claim_runs_respects_limit(self, store: Store) -> None:
+        await self.live(store, "w1")
+        for _ in range(5):
+            await store.create_run(new_run(self.app))
+        assert len(await self.claim(store, "w1", limit=2)) == 2
+        assert len(await self.claim(store, "w2", limit=10)) == 3
+
+    async def test_claim_runs_takes_over_stale_or_unknown_owners(self, store: Store) -> None:
+        now = await self.live(store, "alive")
+        await store.heartbeat(self.app, "stale", now - 60, None)
+        for owner in ("alive", "stale", "ghost"):
+            await store.create_run(new_run(self.app, owner=owner, fence=3, service=owner))
+        claimed = await store.claim_runs(
+            self.app, "w2", ["wf"], stale_before=now - 10, limit=10
+        )
+        assert sorted(r.service or "" for r in claimed) == ["ghost", "stale"]
+        assert all(r.owner == "w2" and r.fence == 4 for r in claimed)
+
+    async def test_concurrent_claimers_never_share_a_run(self, store: Store, peer: Store) -> None:
+        await self.live(store, "w1", "w2")
+        runs = [new_run(self.app) for _ in range(30)]
+        for r in runs:
+            await store.create_run(r)
+        seen: list[str] = []
+        while True:
+            a, b = await asyncio.gather(self.claim(store, "w1", 4), self.claim(peer, "w2", 4))
+            if not a and not b:
+                break
+            seen += [r.run_id for r in a] + [r.run_id for r in b]
+        assert sorted(seen) == sorted(r.run_id for r in runs)
+
+    async def test_commit_run_applies_a_checkpoint(self, store: Store) -> None:
+        run, _ = await store.create_run(new_run(self.app, correlation_id="c1"))
+        [claimed] = await self.claim(store, "w1")
+        e = ev(correlation_id="c1")
+        await self.handlers(store, ("g", "order.*"))
+        await store.commit_run(self.app, run.run_id, claimed.fence, RunWrite(
+            entries=[entry("b#1", 2, ENTRY_RUNNING), entry("a#1", 1, result="1")],
+            attempts=[Attempt("b#1", 1, 10.0)],
+            events=[e],
+            status=RunStatus.RUNNING,
+        ))
+        assert [h.key for h in await store.load_history(self.app, run.run_id)] == ["a#1", "b#1"]
+        assert await store.get_event(self.app, e.id) == e
+        assert [d.group for d in await store.deliveries(self.app, e.id)] == ["g"]
+        await store.commit_run(self.app, run.run_id, claimed.fence, RunWrite(
+            entries=[entry("b#1", 2, result='"ok"', attempts=2, started_at=10.0, ended_at=12.0,
+                           wake_at=13.0, detail='{"d":1}', error="E: e", error_type="E")],
+            attempts=[Attempt("b#1", 1, 10.0, 11.0, "E", "E: e"), Attempt("b#1", 2, 11.5, 12.0)],
+            status=RunStatus.COMPLETED, result='{"done":true}', error="none", flagged=True,
+            release=True,
+        ))
+        history = await store.load_history(self.app, run.run_id)
+        assert history[1] == entry("b#1", 2, result='"ok"', attempts=2, started_at=10.0,
+                                   ended_at=12.0, wake_at=13.0, detail='{"d":1}', error="E: e",
+                                   error_type="E")
+        assert len(history) == 2
+        assert await store.load_attempts(self.app, run.run_id) == [
+            Attempt("b#1", 1, 10.0, 11.0, "E", "E: e"), Attempt("b#1", 2, 11.5, 12.0)
+        ]
+        stored = await store.get_run(self.app, run.run_id)
+        assert stored is not None
+        assert (stored.status, stored.result, stored.error, stored.flagged, stored.owner) == (
+            RunStatus.COMPLETED, '{"done":true}', "none", True, None
+        )
+        assert stored.updated_at > run.updated_at
+
+    async def test_commit_run_leaves_unset_fields_alone(self, store: Store) -> None:
+        run, _ = await store.create_run(new_run(self.app, status=RunStatus.RUNNING, result="1"))
+        [claimed] = await self.claim(store, "w1")
+        await store.commit_run(self.app, run.run_id, claimed.fence, RunWrite())
+        stored = await store.get_run(self.app, run.run_id)
+        assert stored is not None
+        assert (stored.status, stored.result, stored.owner) == (RunStatus.RUNNING, "1", "w1")
+
+    async def test_stale_fence_raises_lease_lost_and_writes_nothing(self, store: Store) -> None:
+        run, _ = await store.create_run(new_run(self.app))
+        [old] = await self.claim(store, "w1")
+        [new] = await self.claim(store, "w2")  # w1 never heartbeated: unknown, taken over
+        assert new.fence == old.fence + 1
+        await self.handlers(store, ("g", "order.placed"))
+        e = ev()
+        with pytest.raises(LeaseLost):
+            await store.commit_run(self.app, run.run_id, old.fence, RunWrite(
+                entries=[entry("a#1", 1)], attempts=[Attempt("a#1", 1, 1.0)], events=[e],
+                status=RunStatus.COMPLETED, result="1", release=True,
+            ))
+        assert await store.load_history(self.app, run.run_id) == []
+        assert await store.load_attempts(self.app, run.run_id) == []
+        assert await store.get_event(self.app, e.id) is None
+        assert await store.deliveries(self.app, e.id) == []
+        assert await store.unpublished_events(self.app, limit=10) == []
+        stored = await store.get_run(self.app, run.run_id)
+        assert stored is not None and (stored.status, stored.owner, stored.result) == (
+            RunStatus.PENDING, "w2", None
+        )
+        with pytest.raises(LeaseLost):
+            await store.commit_run(self.app, "no-such-run", 0, RunWrite())
+
+    async def test_request_cancel_and_cancelled_runs(self, store: Store) -> None:
+        live, _ = await store.create_run(new_run(self.app))
+        done, _ = await store.create_run(new_run(self.app, status=RunStatus.COMPLETED))
+        flagged = await store.request_cancel(self.app, live.run_id)
+        assert flagged is not None and flagged.cancel_requested
+        final = await store.request_cancel(self.app, done.run_id)
+        assert final is not None and not final.cancel_requested
+        assert await store.request_cancel(self.app, "missing") is None
+        many = [codec.new_id() for _ in range(600)] + [live.run_id, done.run_id]
+        assert await store.cancelled_runs(self.app, many) == [live.run_id]
+        assert await store.cancelled_runs(self.app, []) == []
+        assert await store.cancelled_runs(self.app + "-b", [live.run_id]) == []
+
+    async def test_child_runs(self, store: Store) -> None:
+        parent, _ = await store.create_run(new_run(self.app))
+        c1, _ = await store.create_run(new_run(self.app, parent_run_id=parent.run_id))
+        c2, _ = await store.create_run(new_run(self.app, parent_run_id=parent.run_id))
+        await store.create_run(new_run(self.app))
+        await store.create_run(new_run(self.app + "-b", parent_run_id=parent.run_id))
+        children = await store.child_runs(self.app, parent.run_id)
+        assert [c.run_id for c in children] == [c1.run_id, c2.run_id]
+        assert await store.child_runs(self.app, c1.run_id) == []
+
+    # -- events and deliveries -----------------------------------------------------------
+
+    async def test_append_fans_out_to_matching_handler_and_trigger_groups(
+        self, store: Store
+    ) -> None:
+        await store.declare(self.app, [
+            Declaration("handler", "exact", "order.placed"),
+            Declaration("handler", "wild", "order.*"),
+            Declaration("handler", "wild", "*.placed"),  # one group, two matching patterns
+            Declaration("trigger", "starter", "*.placed"),
+            Declaration("handler", "deep", "order.placed.v2"),
+            Declaration("workflow", "order.placed"),
+            Declaration("step", "order.placed", "order.placed"),
+        ])
+        placed, nested, other = ev("order.placed"), ev("order.placed.v2"), ev("user.created")
+        assert await store.append_events(self.app, [placed, nested, other]) == [3, 1, 0]
+        ds = await store.deliveries(self.app, placed.id)
+        assert [d.group for d in ds] == ["exact", "starter", "wild"]
+        assert all(
+            d.status == DELIVERY_PENDING and d.attempts == 0 and d.event == placed for d in ds
+        )
+        assert [d.group for d in await store.deliveries(self.app, nested.id)] == ["deep"]
+        assert await store.deliveries(self.app, other.id) == []
+
+    async def test_append_is_idempotent_by_event_id(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"))
+        e = ev(subject="s", correlation_id="c", causation_id="x", traceparent="00-ab-cd-01",
+               signature="sig", source="tests")
+        assert await store.append_events(self.app, [e, e]) == [1, 0]
+        await store.declare(self.app, [Declaration("handler", "late", "order.placed")])
+        assert await store.append_events(self.app, [ev(id=e.id, data={"other": True})]) == [0]
+        assert await store.get_event(self.app, e.id) == e
+        assert [d.group for d in await store.deliveries(self.app, e.id)] == ["g"]
+        assert [x.id for x in await store.unpublished_events(self.app, limit=10)] == [e.id]
+        assert await store.get_event(self.app, "missing") is None
+        assert await store.append_events(self.app, []) == []
+
+    async def test_find_events_by_type_since_and_exclude(self, store: Store) -> None:
+        a, b, other = ev("t.a"), ev("t.a"), ev("t.b")
+        await store.append_events(self.app, [a, other, b])
+        await asyncio.sleep(0.02)
+        cut = time.time()
+        await asyncio.sleep(0.02)
+        c = ev("t.a")
+        await store.append_events(self.app, [c])
+
+        async def ids(**kw: Any) -> list[str]:
+            args: dict[str, Any] = {"since": 0.0, "exclude": [], "limit": 100} | kw
+            return [e.id for e in await store.find_events(self.app, "t.a", **args)]
+
+        assert await ids() == [a.id, b.id, c.id]
+        assert await ids(since=cut) == [c.id]
+        assert await ids(exclude=[a.id, c.id]) == [b.id]
+        assert await ids(limit=2) == [a.id, b.id]
+        assert await ids(since=time.time() + 60) == []
+        assert await store.find_events(self.app + "-b", "t.a", since=0, exclude=[], limit=9) == []
+
+    async def test_claim_deliveries_due_only_counting_attempts(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"), ("h", "order.placed"))
+        e = ev()
+        await store.append_events(self.app, [e])
+        assert await store.claim_deliveries(
+            self.app, "w1", [], now=time.time(), stale_before=0, limit=5
+        ) == []
+        [d] = await self.claim_d(store, "w1", ["g"])
+        assert (d.group, d.event, d.attempts, d.status) == ("g", e, 1, DELIVERY_PENDING)
+        assert await self.claim_d(store, "w1", ["g"]) == []  # own delivery: never again
+        now = time.time()
+        assert await store.settle_delivery(
+            self.app, "g", e.id, Settlement("retry", 1, error="E: x", retry_at=now + 100)
+        )
+        [row] = [x for x in await store.deliveries(self.app, e.id) if x.group == "g"]
+        assert (row.status, row.attempts, row.error, row.next_at) == (
+            DELIVERY_PENDING, 1, "E: x", now + 100
+        )
+        assert await self.claim_d(store, "w1", ["g"], now) == []  # not due yet
+        [again] = await self.claim_d(store, "w1", ["g"], now + 100)  # due (next_at <= now)
+        assert again.attempts == 2 and again.fence > d.fence
+
+    async def test_claim_deliveries_skips_live_owners_takes_stale(self, store: Store) -> None:
+        now = await self.live(store, "w1", "w2")
+        await self.handlers(store, ("g", "order.*"))
+        await store.append_events(self.app, [ev(), ev()])
+        assert len(await self.claim_d(store, "w1", ["g"])) == 2
+        assert await self.claim_d(store, "w2", ["g"]) == []
+        await store.heartbeat(self.app, "w1", now - 60, None)
+        taken = await self.claim_d(store, "w2", ["g"])
+        assert len(taken) == 2 and all(d.attempts == 2 for d in taken)
+
+    async def test_competing_delivery_claimers_split_without_overlap(
+        self, store: Store, peer: Store
+    ) -> None:
+        await self.live(store, "w1", "w2")
+        await self.handlers(store, ("g", "order.placed"))
+        events = [ev() for _ in range(30)]
+        await store.append_events(self.app, events)
+        seen: list[str] = []
+        now = time.time()
+        while True:
+            a, b = await asyncio.gather(
+                store.claim_deliveries(self.app, "w1", ["g"], now=now, stale_before=now - 10,
+                                       limit=4),
+                peer.claim_deliveries(self.app, "w2", ["g"], now=now, stale_before=now - 10,
+                                      limit=4),
+            )
+            if not a and not b:
+                break
+            seen += [d.event.id for d in a] + [d.event.id for d in b]
+        assert sorted(seen) == sorted(e.id for e in events)
+
+    async def test_settle_done_appends_emitted_once(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"), ("ship", "order.paid"))
+        e = ev()
+        await store.append_events(self.app, [e])
+        [d] = await self.claim_d(store, "w1", ["g"])
+        paid = ev("order.paid", causation_id=e.id)
+        assert await store.settle_delivery(self.app, "g", e.id, Settlement("done", 1, [paid]))
+        [row] = await store.deliveries(self.app, e.id)
+        assert (row.status, row.attempts) == (DELIVERY_DONE, 1)
+        assert await store.get_event(self.app, paid.id) == paid
+        assert [x.group for x in await store.deliveries(self.app, paid.id)] == ["ship"]
+        dup = ev("order.paid")
+        assert not await store.settle_delivery(self.app, "g", e.id, Settlement("done", 2, [dup]))
+        assert await store.get_event(self.app, dup.id) is None
+        assert not await store.settle_delivery(
+            self.app, "g", e.id, Settlement("dead", 2, error="E: late")
+        )
+        assert await store.dead_letters(self.app) == []
+        assert (await store.deliveries(self.app, e.id))[0].status == DELIVERY_DONE
+        assert await self.claim_d(store, "w2", ["g"]) == []
+
+    async def test_settle_creates_a_missing_delivery_row(self, store: Store) -> None:
+        e = ev()
+        await store.append_events(self.app, [e])
+        assert await store.settle_delivery(self.app, "late", e.id, Settlement("done", 1))
+        [row] = await store.deliveries(self.app, e.id)
+        assert (row.group, row.status) == ("late", DELIVERY_DONE)
+
+    async def test_dead_letters_list_and_replay(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"))
+        e1, e2 = ev(), ev()
+        await store.append_events(self.app, [e1, e2])
+        before = time.time()
+        assert await store.settle_delivery(
+            self.app, "g", e1.id, Settlement("dead", 5, error="ValueError: bad",
+                                             dead_letter_id="dl-1")
+        )
+        await store.settle_delivery(self.app, "g", e2.id, Settlement("dead", 2, error="E: 2"))
+        dls = await store.dead_letters(self.app)
+        assert [(x.id, x.group, x.event, x.error, x.attempts) for x in dls[:1]] == [
+            ("dl-1", "g", e1, "ValueError: bad", 5)
+        ]
+        assert [x.event.id for x in dls] == [e1.id, e2.id]
+        assert dls[0].failed_at.timestamp() >= before - 1
+        assert len(await store.dead_letters(self.app, limit=1)) == 1
+        assert (await store.deliveries(self.app, e1.id))[0].status == DELIVERY_DEAD
+        assert await self.claim_d(store, "w1", ["g"]) == []  # dead: not delivered
+        now = time.time()
+        replayed = await store.replay_dead_letter(self.app, "dl-1", now)
+        assert (replayed.id, replayed.event) == ("dl-1", e1)
+        assert [x.event.id for x in await store.dead_letters(self.app)] == [e2.id]
+        [row] = await store.deliveries(self.app, e1.id)
+        assert (row.status, row.attempts) == (DELIVERY_PENDING, 0)
+        [d] = await self.claim_d(store, "w1", ["g"], now)
+        assert d.event == e1 and d.attempts == 1
+        with pytest.raises(DeadLetterNotFound):
+            await store.replay_dead_letter(self.app, "dl-1", now)
+        with pytest.raises(DeadLetterNotFound):
+            await store.replay_dead_letter(self.app + "-b", dls[1].id, now)
+
+    async def test_outbox_unpublished_and_mark_published(self, store: Store) -> None:
+        events = [ev() for _ in range(4)]
+        await store.append_events(self.app, events)
+        run, _ = await store.create_run(new_run(self.app))
+        emitted = ev("run.did")
+        await store.commit_run(self.app, run.run_id, 0, RunWrite(events=[emitted]))
+        pending = await store.unpublished_events(self.app, limit=10)
+        assert [e.id for e in pending] == [e.id for e in [*events, emitted]]
+        assert [e.id for e in await store.unpublished_events(self.app, limit=2)] == [
+            events[0].id, events[1].id
+        ]
+        await store.mark_published(self.app, [events[0].id, events[2].id])
+        await store.mark_published(self.app, [])
+        assert [e.id for e in await store.unpublished_events(self.app, limit=10)] == [
+            events[1].id, events[3].id, emitted.id
+        ]
+
+    # -- observability --------------------------------------------------------------------
+
+    async def test_trace_records_gather_one_correlation(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"), ("h", "order.placed"))
+        root, _ = await store.create_run(new_run(self.app, correlation_id="c"))
+        child, _ = await store.create_run(
+            new_run(self.app, correlation_id="c", parent_run_id=root.run_id)
+        )
+        await store.create_run(new_run(self.app, correlation_id="other"))
+        mine, theirs = ev(correlation_id="c"), ev(correlation_id="other")
+        await store.commit_run(self.app, root.run_id, 0, RunWrite(
+            entries=[entry("a#1", 1)], attempts=[Attempt("a#1", 1, 5.0, 6.0)], events=[mine],
+        ))
+        await store.append_events(self.app, [theirs])
+        await store.settle_delivery(self.app, "g", mine.id, Settlement("dead", 3, error="E: x"))
+        tr = await store.trace_records(self.app, "c", limit=100)
+        assert [r.run_id for r in tr.runs] == [root.run_id, child.run_id]
+        assert tr.entries[root.run_id] == [entry("a#1", 1)]
+        assert tr.entries[child.run_id] == []
+        assert tr.attempts[root.run_id] == [Attempt("a#1", 1, 5.0, 6.0)]
+        assert [e for e, _ in tr.events] == [mine]
+        assert all(isinstance(at, float) for _, at in tr.events)
+        assert sorted((d.group, d.status) for d in tr.deliveries) == [
+            ("g", DELIVERY_DEAD), ("h", DELIVERY_PENDING)
+        ]
+        assert [(d.group, d.event) for d in tr.dead_letters] == [("g", mine)]
+        empty = await store.trace_records(self.app, "nothing", limit=100)
+        assert (empty.runs, empty.events, empty.deliveries, empty.dead_letters) == ([], [], [], [])
+
+    async def test_stale_correlations(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"))
+        await store.create_run(new_run(self.app, correlation_id="old-live"))
+        await store.create_run(
+            new_run(self.app, correlation_id="old-done", status=RunStatus.COMPLETED)
+        )
+        now = time.time()
+        await store.create_run(
+            new_run(self.app, correlation_id="fresh", created_at=now + 50, updated_at=now + 50)
+        )
+        waiting, handled = ev(correlation_id="stuck-event"), ev(correlation_id="handled")
+        await store.append_events(self.app, [waiting, handled])
+        await store.settle_delivery(self.app, "g", handled.id, Settlement("done", 1))
+        got = await store.stale_correlations(self.app, older_than=now + 10, limit=10)
+        assert set(got) == {"old-live", "stuck-event"}
+        assert len(await store.stale_correlations(self.app, older_than=now + 10, limit=1)) == 1
+        assert await store.stale_correlations(self.app, older_than=0, limit=10) == []
+
+    # -- namespaces -----------------------------------------------------------------------
+
+    async def test_apps_never_see_each_other(self, store: Store) -> None:
+        a, b = self.app, self.app + "-b"
+        for app in (a, b):
+            await store.declare(app, [Declaration("handler", "g", "order.placed")])
+            await store.heartbeat(app, f"w-{app}", time.time(), None)
+        run, _ = await store.create_run(new_run(a))
+        shared = ev()
+        assert await store.append_events(a, [shared]) == [1]
+        assert await store.append_events(b, [shared]) == [1]  # same id, other namespace
+        assert await store.get_run(b, run.run_id) is None
+        assert await store.list_runs(b) == []
+        assert await store.claim_runs(b, "w", ["wf"], stale_before=0, limit=9) == []
+        assert [w.worker_id for w in await store.workers(b)] == [f"w-{b}"]
+        await store.settle_delivery(a, "g", shared.id, Settlement("dead", 1, error="E: a"))
+        assert await store.dead_letters(b) == []
+        [d] = await store.claim_deliveries(b, "w", ["g"], now=time.time(), stale_before=0, limit=9)
+        assert d.event == shared and d.attempts == 1
+        await store.mark_published(a, [shared.id])
+        assert [e.id for e in await store.unpublished_events(b, limit=9)] == [shared.id]
+        assert (await store.trace_records(b, run.correlation_id, limit=9)).runs == []
+
+    # -- JSON round trip ------------------------------------------------------------------
+
+    @settings(
+        max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(value=json_values)
+    async def test_json_values_round_trip(self, store: Store, value: Any) -> None:
+        text = codec.dumps(value)
+        run, _ = await store.create_run(new_run(self.app, args=codec.dumps([value])))
+        e: Event[Any] = Event("value.stored", value)
+        await store.commit_run(self.app, run.run_id, 0, RunWrite(
+            entries=[entry("v#1", 1, result=text, detail=text)], events=[e], result=text,
+            status=RunStatus.COMPLETED,
+        ))
+        stored = await store.get_run(self.app, run.run_id)
+        assert stored is not None and stored.result == text
+        assert codec.loads(stored.args) == [value]
+        [h] = await store.load_history(self.app, run.run_id)
+        assert h.result == text and codec.loads(h.detail) == value
+        got = await store.get_event(self.app, e.id)
+        assert got is not None and got.data == value and got == e

@@ -1,0 +1,134 @@
+"""The store contract on a SQLite file, plus what only a file can get wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata.errors import StoreCorrupt
+from cantata.model.event import Event
+from cantata.model.records import RunWrite
+from cantata.model.status import RunStatus
+from cantata.store.base import Store
+from cantata.store.sqlite import SQLiteStore
+from tests.contract.store_contract import StoreContract, new_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class TestSQLiteStore(StoreContract):
+    path: Path
+
+    @pytest.fixture(autouse=True)
+    def _db_path(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "cantata.db"
+
+    async def make_store(self) -> Store:
+        # NORMAL: the contract is about behaviour, not fsync; it keeps the suite fast.
+        return SQLiteStore(str(self.path), synchronous="NORMAL")
+
+
+async def test_foreign_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO customers (name) VALUES ('ada')")
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreCorrupt, match="another application"):
+        await SQLiteStore(str(path)).open()
+    assert path.read_bytes() == before  # not even switched to WAL
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT name FROM customers").fetchall() == [("ada",)]
+    conn.close()
+
+
+async def test_garbage_file_is_refused_and_left_byte_for_byte(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    garbage = b"this is not a database, just some text\n" * 200
+    path.write_bytes(garbage)
+    with pytest.raises(StoreCorrupt, match="not a usable SQLite database"):
+        await SQLiteStore(str(path)).open()
+    assert path.read_bytes() == garbage
+    assert [p.name for p in tmp_path.iterdir()] == ["garbage.db"]
+
+
+async def test_two_connections_on_one_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    a, b = SQLiteStore(path), SQLiteStore(path)
+    await a.open()
+    await b.open()
+    try:
+        run, _ = await a.create_run(new_run("shop"))
+        assert await b.get_run("shop", run.run_id) == run
+        event: Event[Any] = Event("order.placed", {"n": 1})
+        await b.commit_run("shop", run.run_id, 0, RunWrite(events=[event], status=RunStatus.RUNNING))
+        assert await a.get_event("shop", event.id) == event
+        stored = await a.get_run("shop", run.run_id)
+        assert stored is not None and stored.status == RunStatus.RUNNING
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_reopening_a_file_keeps_its_data(tmp_path: Path) -> None:
+    path = str(tmp_path / "keep.db")
+    first = SQLiteStore(path)
+    await first.open()
+    run, _ = await first.create_run(new_run("shop"))
+    await first.close()
+    second = SQLiteStore(path)
+    await second.open()
+    try:
+        assert await second.get_run("shop", run.run_id) == run
+    finally:
+        await second.close()
+
+
+OPENER = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from cantata.store.sqlite import SQLiteStore
+    from tests.contract.store_contract import new_run
+
+    async def main(path, start_at):
+        time.sleep(max(0.0, start_at - time.time()))
+        store = SQLiteStore(path)
+        await store.open()
+        await store.create_run(new_run("shop"))
+        await store.close()
+
+    asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+    """
+)
+
+
+@pytest.mark.slow
+async def test_processes_opening_one_new_file_at_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "race.db")
+    start_at = time.time() + 1.0  # every process is past its imports by then
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, path, str(start_at)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for _ in range(8)
+    ]
+    for proc in procs:
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 0, err.decode()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert len(await store.list_runs("shop")) == 8
+    finally:
+        await store.close()
