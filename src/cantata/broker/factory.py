@@ -1,4 +1,4 @@
-"""Open a broker by URL: ``embedded`` or ``nats://host:4222``."""
+"""Open a broker by URL: ``embedded`` (the default) or ``nats://host:4222``."""
 
 from __future__ import annotations
 
@@ -6,22 +6,28 @@ from cantata.broker.base import Broker
 from cantata.errors import ConfigurationError
 from cantata.store.factory import mask_url
 
+_FORMS = "use embedded (the event log in the store) or nats://host:4222 (NATS JetStream)"
+
 
 def broker_from_url(url: str) -> Broker:
-    """Build (not open) the broker a URL names."""
-    if url in ("embedded", "embedded://"):
+    """Build (not open) the broker a URL names.
+
+    Raises:
+        ConfigurationError: the URL is not one of the accepted forms, or the backend's
+            optional dependency is not installed.
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"broker URL {url!r} is not a string: {_FORMS}")
+    if url.strip().lower() in ("embedded", "embedded://"):
         from cantata.broker.embedded import EmbeddedBroker
 
         return EmbeddedBroker(url)
-    if isinstance(url, str) and url.startswith("nats://"):
+    if url.lower().startswith("nats://"):
         try:
-            from cantata.broker.nats import NatsBroker  # type: ignore[import-not-found]
+            from cantata.broker.nats import NatsBroker
         except ImportError as exc:
             raise ConfigurationError(
                 f"the NATS broker needs nats-py ({exc}): pip install 'cantata[nats]'"
             ) from None
-        broker: Broker = NatsBroker(url)
-        return broker
-    raise ConfigurationError(
-        f"unknown broker URL {mask_url(str(url))!r}: use 'embedded' or nats://host:4222"
-    )
+        return NatsBroker(url)
+    raise ConfigurationError(f"unknown broker URL {mask_url(url)!r}: {_FORMS}")

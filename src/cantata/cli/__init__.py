@@ -1,0 +1,1 @@
+"""The ``cantata`` command line."""

@@ -1,0 +1,161 @@
+"""``cantata demo``: the order flow in both styles, side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cantata.app import App
+from cantata.errors import WorkflowError
+from cantata.examples.orders.app import make_app
+
+from .common import console, fmt_duration
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("demo")(demo)
+
+
+@dataclass
+class Outcome:
+    """What one style did with the orders."""
+
+    shipped: int = 0
+    compensated: int = 0
+    other: int = 0
+    seconds: float = 0.0
+    examples: list[str] = field(default_factory=list)
+
+
+def demo(
+    orders: Annotated[int, typer.Option("--orders", min=1, max=100_000)] = 20,
+    store: Annotated[
+        str | None, typer.Option("--store", help="Store URL (default: ./cantata-demo.db).")
+    ] = None,
+    broker: Annotated[str | None, typer.Option("--broker", help="Broker URL.")] = None,
+) -> None:
+    """Run the order example orchestrated and choreographed, and compare the outcomes."""
+    if store is None:
+        path = Path.cwd() / "cantata-demo.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        store = f"sqlite:///{path}"
+    app = make_app(store, broker or "embedded", name="orders")
+    console.print(
+        f"[bold]Cantata demo[/]: {orders} orders, reserve → charge → ship; every 5th card is "
+        "declined (compensated), every 7th payment meets a gateway hiccup (retried).\n"
+        f"store {store}, broker {broker or 'embedded'}\n"
+    )
+    orchestrated, choreographed = asyncio.run(_run(app, orders))
+    table = Table(title="outcome, side by side")
+    table.add_column("")
+    table.add_column("orchestrated (saga workflow)", justify="right")
+    table.add_column("choreographed (services + events)", justify="right")
+    table.add_row("orders", str(orders), str(orders))
+    table.add_row("[green]shipped[/]", str(orchestrated.shipped), str(choreographed.shipped))
+    table.add_row(
+        "[yellow]compensated[/]", str(orchestrated.compensated), str(choreographed.compensated)
+    )
+    if orchestrated.other or choreographed.other:
+        table.add_row("[red]other[/]", str(orchestrated.other), str(choreographed.other))
+    table.add_row("wall time", fmt_duration(orchestrated.seconds),
+                  fmt_duration(choreographed.seconds))
+    table.add_row(
+        "orders/s",
+        f"{orders / orchestrated.seconds:,.0f}" if orchestrated.seconds else "-",
+        f"{orders / choreographed.seconds:,.0f}" if choreographed.seconds else "-",
+    )
+    table.add_row("how it rolls back", "compensation steps, in reverse",
+                  "payment.failed → inventory.released → order.cancelled")
+    console.print(table)
+    if orchestrated.examples:
+        console.print(
+            f"\nA compensated saga:  cantata run {orchestrated.examples[0]} "
+            f"--app orders --store {store}"
+        )
+    if choreographed.examples:
+        console.print(
+            f"A compensated event flow (correlation id): {choreographed.examples[0]}"
+        )
+    console.print(f"All runs:            cantata runs --app orders --store {store}")
+
+
+async def _run(app: App, orders: int) -> tuple[Outcome, Outcome]:
+    async with app:
+        with Progress(
+            TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console,
+        ) as progress:
+            orchestrated = await _orchestrated(app, orders, progress)
+            choreographed = await _choreographed(app, orders, progress)
+    return orchestrated, choreographed
+
+
+async def _orchestrated(app: App, orders: int, progress: Progress) -> Outcome:
+    task = progress.add_task("orchestrated", total=orders)
+    out = Outcome()
+    t0 = time.perf_counter()
+    handles = [
+        await app.start("place_order", {"id": i, "items": 2}, idempotency_key=f"order-{i}")
+        for i in range(1, orders + 1)
+    ]
+
+    async def follow(handle: object) -> None:
+        from cantata.engine.handle import RunHandle
+
+        assert isinstance(handle, RunHandle)
+        try:
+            await handle.result(timeout=120)
+            out.shipped += 1
+        except WorkflowError as exc:
+            if exc.status == "compensated":
+                out.compensated += 1
+                out.examples.append(handle.run_id)
+            else:
+                out.other += 1
+        progress.advance(task)
+
+    await asyncio.gather(*(follow(h) for h in handles))
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+async def _choreographed(app: App, orders: int, progress: Progress) -> Outcome:
+    task = progress.add_task("choreographed", total=orders)
+    out = Outcome()
+    t0 = time.perf_counter()
+    since = time.time()
+    placed = {}
+    for i in range(1, orders + 1):
+        ev = await app.publish("order.placed", {"order_id": i}, subject=f"order-{i}")
+        placed[i] = ev.correlation_id
+    done: set[int] = set()
+    deadline = time.monotonic() + 120
+    while len(done) < orders and time.monotonic() < deadline:
+        for kind in ("shipment.created", "order.cancelled"):
+            events = await app.store.find_events(
+                app.name, kind, since=since, exclude=(), limit=orders * 2
+            )
+            for ev in events:
+                oid = ev.data["order_id"]
+                if oid in done:
+                    continue
+                done.add(oid)
+                if kind == "shipment.created":
+                    out.shipped += 1
+                else:
+                    out.compensated += 1
+                    out.examples.append(placed[oid] or "")
+                progress.advance(task)
+        if len(done) < orders:
+            await asyncio.sleep(0.05)
+    out.other = orders - len(done)
+    out.seconds = time.perf_counter() - t0
+    return out

@@ -1,0 +1,69 @@
+"""``cantata``: entry point, error handling and command registration."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import typer
+
+from cantata.errors import CantataError
+
+from . import demo, events, runs, worker
+
+cli = typer.Typer(
+    name="cantata",
+    help="Orchestration and choreography on one durable log, with one trace across both.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+demo.register(cli)
+worker.register(cli)
+runs.register(cli)
+events.register(cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; errors print one line (a traceback only with --debug)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+        logging.basicConfig(level=logging.DEBUG)
+    else:
+        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cli(args=args, prog_name="cantata", standalone_mode=False)
+    except typer.Abort:
+        print("cantata: aborted", file=sys.stderr)
+        return 130
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.TyperException as exc:
+        code = int(getattr(exc, "exit_code", 2))
+        hint = " (try 'cantata --help')" if code == 2 else ""
+        print(f"cantata: error: {exc.format_message()}{hint}", file=sys.stderr)
+        return code
+    except CantataError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"cantata: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"cantata: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

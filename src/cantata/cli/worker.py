@@ -1,0 +1,54 @@
+"""``cantata worker APP``: serve an app's workflows and handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Annotated
+
+import typer
+
+from .common import console, load_app
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("worker")(worker)
+
+
+def worker(
+    app: Annotated[str, typer.Argument(help="The app, as module:attribute.")],
+    store: Annotated[str | None, typer.Option("--store", help="Store URL.")] = None,
+    broker: Annotated[str | None, typer.Option("--broker", help="Broker URL.")] = None,
+    service: Annotated[
+        list[str] | None,
+        typer.Option("--service", help="Serve only this service (repeatable)."),
+    ] = None,
+) -> None:
+    """Run a worker: resume unfinished runs, execute new ones, handle events."""
+    the_app = load_app(app)
+    if store:
+        the_app._store_spec = store
+    if broker:
+        the_app._broker_spec = broker
+    if service:
+        the_app.services = frozenset(service)
+    logging.getLogger("cantata").setLevel(logging.INFO)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        async with the_app:
+            console.print(
+                f"cantata worker {the_app.engine.worker_id} serving app [bold]{the_app.name}[/] "
+                f"({len(the_app.workflows)} workflows, {len(the_app.handlers)} handlers) on "
+                f"{the_app.store.url}"
+            )
+            await stop.wait()
+            console.print("stopping: unfinished runs stay in the store for the next worker")
+
+    asyncio.run(main())

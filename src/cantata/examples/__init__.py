@@ -1,0 +1,1 @@
+"""Runnable example applications (also shown in the repository's ``examples/`` folder)."""
