@@ -269,8 +269,11 @@ class Engine:
     async def wait_runs_changed(self, timeout: float) -> None:
         """Return when some run changed in this process, or after ``timeout``."""
         self._runs_pulse.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._runs_pulse.wait(), timeout)
+        waiter = asyncio.ensure_future(self._runs_pulse.wait())
+        try:
+            await asyncio.wait([waiter], timeout=timeout)
+        finally:
+            waiter.cancel()
 
     # -- waiters --------------------------------------------------------------------------
 

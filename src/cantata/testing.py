@@ -1,0 +1,241 @@
+"""Test support for users' own flows.
+
+- :class:`SkipClock`: virtual time; a one-hour ``ctx.sleep`` passes at once.
+- :func:`environment`: opens an app on an in-memory store with the skipping clock.
+- :func:`crash_test`: runs a workflow with a simulated crash at every checkpoint in
+  turn (before and after the write) and reports whether outcome and side effects
+  match a clean run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cantata.app import App
+from cantata.errors import LeaseLost, WorkflowError
+from cantata.model.records import RunWrite
+from cantata.store.base import Store
+from cantata.store.factory import store_from_url
+
+
+class SkipClock:
+    """A clock whose sleeps complete as soon as nothing else is runnable.
+
+    Virtual time starts at the wall-clock time and jumps straight to the earliest
+    pending wake time whenever the event loop has had a few idle turns.
+    """
+
+    def __init__(self, start: float | None = None, *, idle_turns: int = 5) -> None:
+        self._now = time.time() if start is None else start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._idle_turns = idle_turns
+        self._driver: asyncio.Task[None] | None = None
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Move virtual time forward and wake every sleeper now due."""
+        self._now += seconds
+        self._wake_due()
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive())
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+
+    def _wake_due(self) -> None:
+        while self._sleepers and self._sleepers[0][0] <= self._now:
+            _, _, fut = heapq.heappop(self._sleepers)
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _drive(self) -> None:
+        while self._sleepers:
+            # Give real work (store writes in a thread, other tasks) a moment first.
+            for _ in range(self._idle_turns):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
+            self._sleepers = [s for s in self._sleepers if not s[2].done()]
+            heapq.heapify(self._sleepers)
+            if self._sleepers:
+                self._now = max(self._now, self._sleepers[0][0])
+                self._wake_due()
+
+
+@contextlib.asynccontextmanager
+async def environment(app: App, *, store: str = "memory://") -> AsyncIterator[App]:
+    """Open ``app`` for a test: in-memory store, embedded broker, skipping clock."""
+    app._store_spec = store
+    app._broker_spec = "embedded"
+    app.clock = SkipClock()
+    async with app:
+        yield app
+
+
+# -- crash injection -------------------------------------------------------------------------
+
+
+class _CrashingStore:
+    """Delegates to a real store; the n-th ``commit_run`` "crashes" the worker."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+        self.url = inner.url
+        self.commits = 0
+        self.crash_at: int | None = None
+        self.when = "before"
+        self.crashed = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def close(self) -> None:
+        """Kept open across the simulated restart; :meth:`really_close` ends it."""
+
+    async def really_close(self) -> None:
+        await self._inner.close()
+
+    async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        self.commits += 1
+        if self.crash_at is not None and self.commits == self.crash_at:
+            self.crash_at = None
+            if self.when == "after":
+                await self._inner.commit_run(app, run_id, fence, write)
+            self.crashed.set()
+            raise LeaseLost(f"simulated crash at checkpoint {self.commits} ({self.when} write)")
+        await self._inner.commit_run(app, run_id, fence, write)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended."""
+
+    status: str
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CrashPoint:
+    """One simulated crash and what the recovered run did."""
+
+    checkpoint: int
+    when: str  # "before" or "after" the checkpoint was written
+    outcome: Outcome
+    effects: Any
+    same: bool
+
+
+@dataclass
+class CrashReport:
+    """The clean run and every crash point."""
+
+    clean: Outcome
+    clean_effects: Any
+    points: list[CrashPoint] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[CrashPoint]:
+        return [p for p in self.points if not p.same]
+
+    def assert_ok(self) -> None:
+        """Raise ``AssertionError`` naming every crash point whose result differs."""
+        if self.failures:
+            lines = [
+                f"crash {p.when} checkpoint {p.checkpoint}: outcome {p.outcome} effects "
+                f"{p.effects!r} (clean: {self.clean} effects {self.clean_effects!r})"
+                for p in self.failures
+            ]
+            raise AssertionError("crash safety violated:\n" + "\n".join(lines))
+
+
+def _comparable(outcome: Outcome) -> Outcome:
+    """Attempt counts legitimately differ after a crash (WorkerLost counts as one)."""
+    error = re.sub(r" after \d+ attempt\(s\)", "", outcome.error or "") or None
+    return Outcome(outcome.status, outcome.result, error)
+
+
+async def _outcome(app: App, run_id: str, timeout: float) -> Outcome:
+    handle = app.get_handle(run_id)
+    try:
+        value = await handle.result(timeout=timeout)
+    except WorkflowError as exc:
+        return Outcome(exc.status, None, exc.error)
+    return Outcome("completed", value)
+
+
+async def crash_test(
+    app: App,
+    workflow: Callable[..., Any] | str,
+    *args: Any,
+    effects: Callable[[], Any] | None = None,
+    reset: Callable[[], None] | None = None,
+    timeout: float = 30.0,
+) -> CrashReport:
+    """Run ``workflow`` cleanly, then once per checkpoint with a crash there.
+
+    Args:
+        effects: returns a snapshot of the side effects (compared with the clean run's).
+        reset: clears the side effects before each run.
+        timeout: seconds allowed per run.
+
+    Returns:
+        A :class:`CrashReport`; call ``report.assert_ok()`` in a test.
+    """
+
+    async def one(crash_at: int | None, when: str) -> tuple[Outcome, Any, int]:
+        if reset is not None:
+            reset()
+        store = _CrashingStore(store_from_url("memory://"))
+        store.crash_at, store.when = crash_at, when
+        app._store_spec = store  # type: ignore[assignment]
+        app._broker_spec = "embedded"
+        app.clock = SkipClock()
+        try:
+            async with app:
+                handle = await app.start(workflow, *args)
+                deadline = time.monotonic() + timeout
+                while not store.crashed.is_set():
+                    run = await app.store.get_run(app.name, handle.run_id)
+                    if run is not None and run.status.is_final:
+                        outcome = await _outcome(app, handle.run_id, timeout)
+                        return outcome, effects() if effects else None, store.commits
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"run {handle.run_id} did not end in {timeout} s")
+                    await asyncio.sleep(0.005)
+            # The "process" died; a new worker takes the run over.
+            async with app:
+                outcome = await _outcome(app, handle.run_id, timeout)
+            return outcome, effects() if effects else None, store.commits
+        finally:
+            await store.really_close()
+
+    clean, clean_effects, commits = await one(None, "before")
+    report = CrashReport(clean, clean_effects)
+    for k in range(1, commits + 1):
+        for when in ("before", "after"):
+            outcome, got, _ = await one(k, when)
+            same = _comparable(outcome) == _comparable(clean) and (
+                effects is None or got == clean_effects
+            )
+            report.points.append(CrashPoint(k, when, outcome, got, same))
+    return report
