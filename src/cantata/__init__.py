@@ -5,6 +5,7 @@ from cantata.choreography.context import HandlerContext
 from cantata.engine.context import WorkflowContext
 from cantata.engine.handle import RunHandle
 from cantata.engine.registry import Router
+from cantata.engine.saga import Saga, Step
 from cantata.engine.stepinfo import StepInfo, step_info
 from cantata.errors import (
     BrokerError,
@@ -64,7 +65,9 @@ __all__ = [
     "RunInfo",
     "RunNotFound",
     "RunStatus",
+    "Saga",
     "SerializationError",
+    "Step",
     "StepFailed",
     "StepInfo",
     "StepTimeout",

@@ -291,8 +291,13 @@ class Router:
         if trig not in self.triggers:
             self.triggers.append(trig)
 
-    def include(self, router: Router) -> None:
-        """Add every declaration of ``router`` to this one."""
+    def include(self, router: Router | Any) -> None:
+        """Add every declaration of ``router`` (or a :class:`~cantata.Saga`) to this one."""
+        from .saga import Saga
+
+        if isinstance(router, Saga):
+            router.attach(self)
+            return
         for s in router.steps.values():
             self._add_step(s)
         for w in router.workflows.values():

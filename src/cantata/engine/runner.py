@@ -50,6 +50,10 @@ class _DeadlinePassed(BaseException):
     """Internal: raised at a durable point once the run's deadline has passed."""
 
 
+class CompensatedElsewhere(Exception):  # noqa: N818 - an outcome, not a failure
+    """Raised by a workflow whose compensation already ran outside it (choreographed saga)."""
+
+
 class _Abandon(BaseException):
     """Internal: this worker lost the run (lease taken over, or shutting down)."""
 
@@ -342,6 +346,9 @@ class RunExecution:
             raise
         except NonDeterminismError as exc:
             await self._finish(RunStatus.FAILED, error=error_text(exc), flagged=True)
+            return
+        except CompensatedElsewhere as exc:
+            await self._finish(RunStatus.COMPENSATED, error=str(exc))
             return
         except Cancelled:
             await self._unwind(RunStatus.CANCELLED, "Cancelled: the run was cancelled")
