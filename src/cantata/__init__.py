@@ -4,6 +4,7 @@ from cantata.app import App
 from cantata.choreography.context import HandlerContext
 from cantata.engine.context import WorkflowContext
 from cantata.engine.handle import RunHandle
+from cantata.engine.http import http_step
 from cantata.engine.registry import Router
 from cantata.engine.saga import Saga, Step
 from cantata.engine.stepinfo import StepInfo, step_info
@@ -13,6 +14,8 @@ from cantata.errors import (
     ConfigurationError,
     DeadLetterNotFound,
     DeadlineExceeded,
+    HttpStepError,
+    HttpStepRejected,
     IdempotencyConflict,
     InvalidEvent,
     LeaseLost,
@@ -53,6 +56,8 @@ __all__ = [
     "DeadlineExceeded",
     "Event",
     "HandlerContext",
+    "HttpStepError",
+    "HttpStepRejected",
     "IdempotencyConflict",
     "InvalidEvent",
     "LeaseLost",
@@ -84,5 +89,6 @@ __all__ = [
     "WorkflowContext",
     "WorkflowError",
     "WorkflowFailed",
+    "http_step",
     "step_info",
 ]

@@ -169,6 +169,18 @@ class WorkerLost(CantataError):
     code = "worker_lost"
 
 
+class HttpStepError(CantataError):
+    """An HTTP step got a 5xx, a timeout or a connection error (retried)."""
+
+    code = "http_step"
+
+
+class HttpStepRejected(HttpStepError):
+    """An HTTP step got a 4xx answer or a body that is not JSON (not retried)."""
+
+    code = "http_step_rejected"
+
+
 class ResultTimeout(CantataError):
     """``handle.result(timeout=...)`` gave up waiting; the run itself goes on."""
 

@@ -30,7 +30,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 
-from .registry import STEP_ATTR, StepDef, step_name, workflow_name
+from .registry import STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
 
 if TYPE_CHECKING:
     from .runner import RunExecution
@@ -78,19 +78,19 @@ class WorkflowContext:
 
     def _step_def(self, step: Callable[..., Any] | str, what: str) -> StepDef:
         engine = self._x.engine
-        if not isinstance(step, str):
-            sdef = getattr(step, STEP_ATTR, None)
-            if sdef is None:
-                step_name(step)  # raises UnknownStep with the hint
-            assert isinstance(sdef, StepDef)
-            return engine.router.steps.get(sdef.name, sdef)
-        found = engine.router.steps.get(step)
+        name = step_name(step)  # raises UnknownStep for an undecorated function
+        found = engine.router.steps.get(name)
+        if found is None and getattr(step, STANDALONE_ATTR, False):
+            found = getattr(step, STEP_ATTR)  # e.g. cantata.http_step: needs no registration
         if found is None:
-            found = engine.remote_step(step)
+            found = engine.remote_step(name)
         if found is None:
+            # A function decorated by another app, or by a Router never included, is not
+            # declared in this app: running it anyway would bypass what the app serves.
             raise UnknownStep(
-                f"{what} {step!r} is not a registered step in app {engine.app!r}: register it "
-                f"with @app.step (known steps: {', '.join(sorted(engine.router.steps)) or 'none'})"
+                f"{what} {name!r} is not a registered step in app {engine.app!r}: register it "
+                "with @app.step (or @router.step and app.include(router)) (known steps: "
+                f"{', '.join(sorted(engine.router.steps)) or 'none'})"
             )
         return found
 
@@ -301,7 +301,7 @@ class WorkflowContext:
             info = codec.loads(entry.detail)
             if entry.status == ENTRY_FAILED:
                 raise WorkflowCallError(entry.error or f"child {name} failed")
-            return str(info["run_id"]), codec.loads(entry.result)
+            return str(info["run_id"]), self._child_result(name, entry.result)
         if entry is None:
             await x.check_new_call(key)
             if not await engine.knows_workflow(name):
@@ -343,10 +343,17 @@ class WorkflowContext:
         if run.status == RunStatus.COMPLETED:
             entry.status, entry.result = ENTRY_COMPLETED, run.result
             await x.commit(RunWrite(entries=[entry]))
-            return child_id, codec.loads(run.result)
+            return child_id, self._child_result(name, run.result)
         entry.status = ENTRY_FAILED
         entry.error = f"child run {child_id} of {name} ended {run.status}: {run.error}"
         entry.error_type = "WorkflowCallError"
         await x.commit(RunWrite(entries=[entry]))
         raise WorkflowCallError(entry.error)
 
+    def _child_result(self, name: str, result: str | None) -> Any:
+        """A child's JSON result, restored to its return annotation when declared here."""
+        value = codec.loads(result)
+        wdef = self._x.engine.router.workflows.get(name)
+        if wdef is None:
+            return value
+        return codec.restore(value, wdef.sig.result, f"result of child workflow {name}")

@@ -17,6 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 STEP_ATTR = "__cantata_step__"
 WORKFLOW_ATTR = "__cantata_workflow__"
+STANDALONE_ATTR = "__cantata_standalone__"  # a step usable without registration
 
 
 @dataclass(frozen=True, slots=True)
