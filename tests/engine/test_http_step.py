@@ -93,7 +93,7 @@ async def test_4xx_is_not_retried(server: _Server, monkeypatch: pytest.MonkeyPat
     app, pay = _app(server)
     async with app:
         handle = await app.start(pay, {"amount": 10})
-        with pytest.raises(cantata.WorkflowFailed, match="HttpStepRejected.*422"):
+        with pytest.raises(cantata.WorkflowFailed, match=r"HttpStepRejected.*422"):
             await handle.result(timeout=5)
     assert len(server.requests) == 1
 
