@@ -207,7 +207,7 @@ async def crash_test(
             reset()
         store = _CrashingStore(store_from_url("memory://"))
         store.crash_at, store.when = crash_at, when
-        app._store_spec = store  # type: ignore[assignment]
+        app._store_spec = store
         app._broker_spec = "embedded"
         app.clock = SkipClock()
         try:

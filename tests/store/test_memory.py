@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from cantata.store.base import Store
 from cantata.store.factory import store_from_url
-from tests.contract.store_contract import StoreContract, new_run
+from tests.contract.store_contract import StoreContract
+from tests.contract.store_support import new_run
 
 
 class TestMemoryStore(StoreContract):

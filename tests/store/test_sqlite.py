@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
-import subprocess
 import sys
 import textwrap
 import time
@@ -19,7 +19,8 @@ from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
 from cantata.store.sqlite import SQLiteStore
-from tests.contract.store_contract import StoreContract, new_run
+from tests.contract.store_contract import StoreContract
+from tests.contract.store_support import new_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,8 +33,7 @@ class TestSQLiteStore(StoreContract):
         self.path = tmp_path / "cantata.db"
 
     async def make_store(self) -> Store:
-        # NORMAL: the contract is about behaviour, not fsync; it keeps the suite fast.
-        return SQLiteStore(str(self.path), synchronous="NORMAL")
+        return SQLiteStore(str(self.path))  # the shipped default: synchronous=FULL
 
 
 async def test_foreign_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ async def test_garbage_file_is_refused_and_left_byte_for_byte(tmp_path: Path) ->
     with pytest.raises(StoreCorrupt, match="not a usable SQLite database"):
         await SQLiteStore(str(path)).open()
     assert path.read_bytes() == garbage
-    assert [p.name for p in tmp_path.iterdir()] == ["garbage.db"]
+    assert os.listdir(tmp_path) == ["garbage.db"]  # no -wal / -shm / -journal either
 
 
 async def test_two_connections_on_one_file(tmp_path: Path) -> None:
@@ -71,7 +71,8 @@ async def test_two_connections_on_one_file(tmp_path: Path) -> None:
         run, _ = await a.create_run(new_run("shop"))
         assert await b.get_run("shop", run.run_id) == run
         event: Event[Any] = Event("order.placed", {"n": 1})
-        await b.commit_run("shop", run.run_id, 0, RunWrite(events=[event], status=RunStatus.RUNNING))
+        write = RunWrite(events=[event], status=RunStatus.RUNNING)
+        await b.commit_run("shop", run.run_id, 0, write)
         assert await a.get_event("shop", event.id) == event
         stored = await a.get_run("shop", run.run_id)
         assert stored is not None and stored.status == RunStatus.RUNNING
@@ -98,7 +99,7 @@ OPENER = textwrap.dedent(
     """
     import asyncio, sys, time
     from cantata.store.sqlite import SQLiteStore
-    from tests.contract.store_contract import new_run
+    from tests.contract.store_support import new_run
 
     async def main(path, start_at):
         time.sleep(max(0.0, start_at - time.time()))
@@ -117,14 +118,14 @@ async def test_processes_opening_one_new_file_at_once(tmp_path: Path) -> None:
     path = str(tmp_path / "race.db")
     start_at = time.time() + 1.0  # every process is past its imports by then
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", OPENER, path, str(start_at)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", OPENER, path, str(start_at),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         for _ in range(8)
     ]
     for proc in procs:
-        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
     store = SQLiteStore(path)
     await store.open()

@@ -144,6 +144,8 @@ class SQLiteStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if self.path != ":memory:":
+                # Refuse another application's file before WAL (a persistent change) touches it.
+                self._retry_locked(lambda: self._refuse_foreign(conn))
                 self._retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.execute("PRAGMA foreign_keys = OFF")
@@ -170,18 +172,20 @@ class SQLiteStore:
                     raise
                 time.sleep(0.05)
 
+    def _refuse_foreign(self, conn: sqlite3.Connection) -> set[str]:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "cantata_meta" not in tables and tables - {"sqlite_sequence"}:
+            raise StoreCorrupt(
+                f"{self.url} is a SQLite database of another application (tables: "
+                f"{', '.join(sorted(tables)[:5])}); give Cantata its own file"
+            )
+        return tables
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            tables = {
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
+            tables = self._refuse_foreign(conn)
             if "cantata_meta" not in tables:
-                if tables - {"sqlite_sequence"}:
-                    raise StoreCorrupt(
-                        f"{self.url} is a SQLite database of another application (tables: "
-                        f"{', '.join(sorted(tables)[:5])}); give Cantata its own file"
-                    )
                 conn.execute(
                     "CREATE TABLE cantata_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
                 )

@@ -1,0 +1,305 @@
+"""The connections of a :class:`~cantata.store.postgres.PostgresStore`.
+
+Connecting (retried with backoff, driver errors turned into messages that say
+what to do), versioned migrations under an advisory lock, the connection pool, and
+the one dedicated connection that LISTENs for ``cantata_changes`` notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from typing import Any, TypeAlias
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
+from cantata.store.base import CANCEL, EVENTS, RUNS
+from cantata.store.factory import mask_url
+
+log = logging.getLogger("cantata.store")
+
+SCHEMA_VERSION = 1
+DEFAULT_SCHEMA = "cantata"
+NOTIFY_CHANNEL = "cantata_changes"
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Errors that mean "the server or the connection is gone", not "the SQL is wrong".
+CONN_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,
+    # A backend killed under a pooled connection can leave the protocol mid-operation.
+    asyncpg.InternalClientError,
+)
+
+Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+Row: TypeAlias = "asyncpg.Record | tuple[Any, ...]"
+
+
+class PgPool:
+    """A pool of connections to one schema, plus a listening connection.
+
+    Args:
+        url: ``postgresql://…``; ``?schema=name`` picks the schema (default ``cantata``).
+        pool_size: most connections the pool opens.
+        connect_timeout: seconds :meth:`open` keeps retrying an unreachable server.
+        on_change: called with a channel (``runs``, ``events``, ``cancel``) for every
+            notification, from any process; on the event loop.
+    """
+
+    def __init__(
+        self, url: str, *, pool_size: int, connect_timeout: float,
+        on_change: Callable[[str], None],
+    ) -> None:
+        self.masked_url = mask_url(url)
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        self.schema = next((v for k, v in query if k == "schema"), DEFAULT_SCHEMA)
+        if not _SCHEMA_RE.match(self.schema):
+            raise ConfigurationError(
+                f"schema {self.schema!r} in {self.masked_url} is not a plain lower-case SQL "
+                "name: use letters, digits and '_'"
+            )
+        rest = urlencode([(k, v) for k, v in query if k != "schema"])
+        self._dsn = urlunsplit(parts._replace(query=rest))
+        self._user = unquote(parts.username) if parts.username else None
+        self._database = unquote(parts.path.lstrip("/")) or self._user
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self._on_change = on_change
+        self._settings = {"search_path": f'"{self.schema}"', "application_name": "cantata"}
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._listen_conn: asyncpg.Connection[asyncpg.Record] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    async def connect(self) -> asyncpg.Connection[asyncpg.Record]:
+        """One connection, retried with backoff while the server cannot be reached."""
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.1
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await asyncpg.connect(
+                    self._dsn, timeout=max(0.5, remaining), server_settings=self._settings
+                )
+            except asyncpg.InvalidPasswordError:
+                raise StoreUnavailable(
+                    f"PostgreSQL at {self.masked_url} rejected the password of user "
+                    f"{self._user!r}: fix the password in the store URL"
+                ) from None
+            except asyncpg.InvalidAuthorizationSpecificationError as exc:
+                raise StoreUnavailable(
+                    f"PostgreSQL at {self.masked_url} refused user {self._user!r} ({exc}): fix "
+                    "the user in the store URL, or create that role"
+                ) from None
+            except asyncpg.InvalidCatalogNameError:
+                raise StoreUnavailable(
+                    f"database {self._database!r} does not exist on the PostgreSQL server at "
+                    f"{self.masked_url}: create it (createdb {self._database}) or fix the URL"
+                ) from None
+            except (asyncpg.ClientConfigurationError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"store URL {self.masked_url} is not a valid PostgreSQL URL ({exc}): use "
+                    "postgresql://user:password@host:5432/database"
+                ) from None
+            except (*CONN_ERRORS, asyncpg.TooManyConnectionsError) as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreUnavailable(
+                        f"cannot reach PostgreSQL at {self.masked_url} "
+                        f"({type(exc).__name__}: {exc}); check that the server is running and "
+                        "that host, port and network settings in the store URL are right"
+                    ) from None
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, 1.0)
+            except asyncpg.PostgresError as exc:
+                raise StoreUnavailable(
+                    f"PostgreSQL at {self.masked_url} refused the connection: {exc}"
+                ) from None
+
+    async def _migrate(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        """Bring the schema to SCHEMA_VERSION; concurrent processes wait on one lock."""
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"cantata-migrate:{self.schema}"
+            )
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+            tables = {
+                r[0] for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname=$1", self.schema
+                )
+            }
+            if "schema_version" not in tables:
+                if tables:
+                    raise StoreCorrupt(
+                        f"schema {self.schema!r} of {self.masked_url} holds tables of another "
+                        f"application ({', '.join(sorted(tables)[:5])}); give Cantata its own "
+                        "schema with ?schema=name in the store URL"
+                    )
+                await conn.execute(
+                    "CREATE TABLE schema_version (version integer PRIMARY KEY, "
+                    "applied_at double precision NOT NULL)"
+                )
+            version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            if version > SCHEMA_VERSION:
+                raise StoreCorrupt(
+                    f"the Cantata store in {self.masked_url} has schema version {version}, "
+                    f"newer than this Cantata ({SCHEMA_VERSION}); upgrade cantata"
+                )
+            folder = resources.files("cantata.store").joinpath("migrations/postgres")
+            for n in range(version + 1, SCHEMA_VERSION + 1):
+                script = next(f for f in folder.iterdir() if f.name.startswith(f"{n:04d}_"))
+                await conn.execute(script.read_text())
+                await conn.execute("INSERT INTO schema_version VALUES ($1, $2)", n, time.time())
+
+    async def open(self) -> None:
+        """Connect (retrying briefly), migrate, open the pool and start listening."""
+        if self._pool is not None:
+            return
+        conn = await self.connect()
+        try:
+            await self._migrate(conn)
+        except CONN_ERRORS as exc:
+            raise StoreUnavailable(
+                f"lost PostgreSQL at {self.masked_url} while migrating: {exc}"
+            ) from None
+        except asyncpg.PostgresError as exc:
+            raise StoreCorrupt(
+                f"cannot create Cantata's tables in schema {self.schema!r} of "
+                f"{self.masked_url}: {exc}"
+            ) from None
+        finally:
+            with contextlib.suppress(*CONN_ERRORS):
+                await conn.close()
+        self._closing = False
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self.pool_size, server_settings=self._settings,
+                timeout=max(1.0, self.connect_timeout),
+            )
+            await self._listen()
+        except CONN_ERRORS as exc:
+            await self.close()
+            raise StoreUnavailable(
+                f"cannot connect to PostgreSQL at {self.masked_url}: {exc}"
+            ) from None
+
+    async def _listen(self) -> None:
+        conn = await self.connect()
+        conn.add_termination_listener(self._on_listen_lost)
+        await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        self._listen_conn = conn
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        self._on_change(str(payload).rpartition(":")[2])
+
+    def _on_listen_lost(self, conn: object) -> None:
+        if not self._closing and self._listen_task is None:
+            self._listen_task = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _relisten(self) -> None:
+        """Reconnect the listening connection; wake everyone for what was missed."""
+        try:
+            while not self._closing:
+                try:
+                    await self._listen()
+                except Exception as exc:
+                    log.warning("PostgreSQL listener at %s: %s", self.masked_url, exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for channel in (RUNS, EVENTS, CANCEL):
+                    self._on_change(channel)
+                return
+        finally:
+            self._listen_task = None
+
+    async def close(self) -> None:
+        """Wait for operations in flight, then close the listener and the pool."""
+        self._closing = True
+        if self._inflight:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 30)
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listen_task
+        if self._listen_conn is not None:
+            conn, self._listen_conn = self._listen_conn, None
+            conn.remove_termination_listener(self._on_listen_lost)
+            with contextlib.suppress(*CONN_ERRORS):
+                await conn.close(timeout=5)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except (TimeoutError, *CONN_ERRORS):
+                pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def conn(self) -> AsyncIterator[Conn]:
+        """A pooled connection; a lost server becomes :class:`StoreUnavailable`."""
+        pool = self._pool
+        if pool is None or self._closing:
+            raise StoreUnavailable(
+                f"store {self.masked_url} is not open: use `async with app:` first"
+            )
+        self._inflight += 1
+        try:
+            async with pool.acquire() as conn:
+                yield conn
+        except CONN_ERRORS as exc:
+            raise StoreUnavailable(
+                f"lost the connection to PostgreSQL at {self.masked_url} "
+                f"({type(exc).__name__}: {exc}); the operation may not have been applied"
+            ) from exc
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def tx(self) -> AsyncIterator[Conn]:
+        """A pooled connection inside one transaction."""
+        async with self.conn() as conn, conn.transaction():
+            yield conn
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        """Run one statement on a pooled connection (its own transaction)."""
+        async with self.conn() as c:
+            return await c.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """Rows of one query on a pooled connection."""
+        async with self.conn() as c:
+            return await c.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        """The first row of one query on a pooled connection, or ``None``."""
+        async with self.conn() as c:
+            return await c.fetchrow(sql, *args)
+
+    @staticmethod
+    async def notify(c: Conn, app: str, *channels: str) -> None:
+        """Queue ``<app>:<channel>`` notifications; PostgreSQL sends them at commit."""
+        await c.execute(
+            "SELECT pg_notify($1::text, $2::text || ':' || ch) FROM unnest($3::text[]) AS ch",
+            NOTIFY_CHANNEL, app, list(channels),
+        )

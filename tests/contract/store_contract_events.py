@@ -1,0 +1,228 @@
+"""The store contract, part two: the event log, deliveries, dead letters and outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from cantata.errors import DeadLetterNotFound
+from cantata.model.records import (
+    DELIVERY_DEAD,
+    DELIVERY_DONE,
+    DELIVERY_PENDING,
+    Declaration,
+    RunWrite,
+)
+from cantata.store.base import Settlement, Store
+from tests.contract.store_support import StoreFixtures, ev, new_run
+
+
+class EventsContract(StoreFixtures):
+    """Events and their per-group deliveries (collected through :class:`StoreContract`)."""
+
+    # -- events and deliveries -----------------------------------------------------------
+
+    async def test_append_fans_out_to_matching_handler_and_trigger_groups(
+        self, store: Store
+    ) -> None:
+        await store.declare(self.app, [
+            Declaration("handler", "exact", "order.placed"),
+            Declaration("handler", "wild", "order.*"),
+            Declaration("handler", "wild", "*.placed"),  # one group, two matching patterns
+            Declaration("trigger", "starter", "*.placed"),
+            Declaration("handler", "deep", "order.placed.v2"),
+            Declaration("workflow", "order.placed"),
+            Declaration("step", "order.placed", "order.placed"),
+        ])
+        placed, nested, other = ev("order.placed"), ev("order.placed.v2"), ev("user.created")
+        assert await store.append_events(self.app, [placed, nested, other]) == [3, 1, 0]
+        ds = await store.deliveries(self.app, placed.id)
+        assert [d.group for d in ds] == ["exact", "starter", "wild"]
+        assert all(
+            d.status == DELIVERY_PENDING and d.attempts == 0 and d.event == placed for d in ds
+        )
+        assert [d.group for d in await store.deliveries(self.app, nested.id)] == ["deep"]
+        assert await store.deliveries(self.app, other.id) == []
+
+    async def test_declarations_by_another_instance_route_later_events(
+        self, store: Store, peer: Store
+    ) -> None:
+        before = ev()
+        assert await store.append_events(self.app, [before]) == [0]
+        await peer.declare(self.app, [Declaration("handler", "late", "order.placed")])
+        after = ev()
+        assert await store.append_events(self.app, [after]) == [1]
+        assert [d.group for d in await store.deliveries(self.app, after.id)] == ["late"]
+        assert await store.deliveries(self.app, before.id) == []
+
+    async def test_append_is_idempotent_by_event_id(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"))
+        e = ev(subject="s", correlation_id="c", causation_id="x", traceparent="00-ab-cd-01",
+               signature="sig", source="tests")
+        assert await store.append_events(self.app, [e, e]) == [1, 0]
+        await store.declare(self.app, [Declaration("handler", "late", "order.placed")])
+        assert await store.append_events(self.app, [ev(id=e.id, data={"other": True})]) == [0]
+        assert await store.get_event(self.app, e.id) == e
+        assert [d.group for d in await store.deliveries(self.app, e.id)] == ["g"]
+        assert [x.id for x in await store.unpublished_events(self.app, limit=10)] == [e.id]
+        assert await store.get_event(self.app, "missing") is None
+        assert await store.append_events(self.app, []) == []
+
+    async def test_find_events_by_type_since_and_exclude(self, store: Store) -> None:
+        a, b, other = ev("t.a"), ev("t.a"), ev("t.b")
+        await store.append_events(self.app, [a, other, b])
+        await asyncio.sleep(0.02)
+        cut = time.time()
+        await asyncio.sleep(0.02)
+        c = ev("t.a")
+        await store.append_events(self.app, [c])
+
+        async def ids(**kw: Any) -> list[str]:
+            args: dict[str, Any] = {"since": 0.0, "exclude": [], "limit": 100} | kw
+            return [e.id for e in await store.find_events(self.app, "t.a", **args)]
+
+        assert await ids() == [a.id, b.id, c.id]
+        assert await ids(since=cut) == [c.id]
+        assert await ids(exclude=[a.id, c.id]) == [b.id]
+        assert await ids(limit=2) == [a.id, b.id]
+        assert await ids(since=time.time() + 60) == []
+        assert await store.find_events(self.app + "-b", "t.a", since=0, exclude=[], limit=9) == []
+
+    async def test_claim_deliveries_due_only_counting_attempts(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"), ("h", "order.placed"))
+        e = ev()
+        await store.append_events(self.app, [e])
+        assert await store.claim_deliveries(
+            self.app, "w1", [], now=time.time(), stale_before=0, limit=5
+        ) == []
+        [d] = await self.claim_d(store, "w1", ["g"])
+        assert (d.group, d.event, d.attempts, d.status) == ("g", e, 1, DELIVERY_PENDING)
+        assert await self.claim_d(store, "w1", ["g"]) == []  # own delivery: never again
+        now = time.time()
+        assert await store.settle_delivery(
+            self.app, "g", e.id, Settlement("retry", 1, error="E: x", retry_at=now + 100)
+        )
+        [row] = [x for x in await store.deliveries(self.app, e.id) if x.group == "g"]
+        assert (row.status, row.attempts, row.error, row.next_at) == (
+            DELIVERY_PENDING, 1, "E: x", now + 100
+        )
+        assert await self.claim_d(store, "w1", ["g"], now) == []  # not due yet
+        await store.heartbeat(self.app, "w1", now + 100, None)  # alive at claim time
+        [again] = await self.claim_d(store, "w2", ["g"], now + 100)  # due, and released
+        assert again.attempts == 2 and again.fence > d.fence
+
+    async def test_claim_deliveries_skips_live_owners_takes_stale(self, store: Store) -> None:
+        now = await self.live(store, "w1", "w2")
+        await self.handlers(store, ("g", "order.*"))
+        await store.append_events(self.app, [ev(), ev()])
+        assert len(await self.claim_d(store, "w1", ["g"])) == 2
+        assert await self.claim_d(store, "w2", ["g"]) == []
+        await store.heartbeat(self.app, "w1", now - 60, None)
+        taken = await self.claim_d(store, "w2", ["g"])
+        assert len(taken) == 2 and all(d.attempts == 2 for d in taken)
+
+    async def test_competing_delivery_claimers_split_without_overlap(
+        self, store: Store, peer: Store
+    ) -> None:
+        await self.live(store, "w1", "w2")
+        await self.handlers(store, ("g", "order.placed"))
+        events = [ev() for _ in range(30)]
+        await store.append_events(self.app, events)
+        seen: list[str] = []
+        now = time.time()
+        while True:
+            a, b = await asyncio.gather(
+                store.claim_deliveries(self.app, "w1", ["g"], now=now, stale_before=now - 10,
+                                       limit=4),
+                peer.claim_deliveries(self.app, "w2", ["g"], now=now, stale_before=now - 10,
+                                      limit=4),
+            )
+            if not a and not b:
+                break
+            seen += [d.event.id for d in a] + [d.event.id for d in b]
+        assert sorted(seen) == sorted(e.id for e in events)
+
+    async def test_settle_done_appends_emitted_once(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"), ("ship", "order.paid"))
+        e = ev()
+        await store.append_events(self.app, [e])
+        assert len(await self.claim_d(store, "w1", ["g"])) == 1
+        paid = ev("order.paid", causation_id=e.id)
+        assert await store.settle_delivery(self.app, "g", e.id, Settlement("done", 1, [paid]))
+        [row] = await store.deliveries(self.app, e.id)
+        assert (row.status, row.attempts) == (DELIVERY_DONE, 1)
+        assert await store.get_event(self.app, paid.id) == paid
+        assert [x.group for x in await store.deliveries(self.app, paid.id)] == ["ship"]
+        dup = ev("order.paid")
+        assert not await store.settle_delivery(self.app, "g", e.id, Settlement("done", 2, [dup]))
+        assert await store.get_event(self.app, dup.id) is None
+        assert not await store.settle_delivery(
+            self.app, "g", e.id, Settlement("dead", 2, error="E: late")
+        )
+        assert await store.dead_letters(self.app) == []
+        assert (await store.deliveries(self.app, e.id))[0].status == DELIVERY_DONE
+        assert await self.claim_d(store, "w2", ["g"]) == []
+
+    async def test_settle_creates_a_missing_delivery_row(self, store: Store) -> None:
+        e = ev()
+        await store.append_events(self.app, [e])
+        assert await store.settle_delivery(self.app, "late", e.id, Settlement("done", 1))
+        [row] = await store.deliveries(self.app, e.id)
+        assert (row.group, row.status) == ("late", DELIVERY_DONE)
+
+    async def test_dead_letters_list_and_replay(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"))
+        e1, e2 = ev(), ev()
+        await store.append_events(self.app, [e1, e2])
+        before = time.time()
+        assert await store.settle_delivery(
+            self.app, "g", e1.id, Settlement("dead", 5, error="ValueError: bad",
+                                             dead_letter_id="dl-1")
+        )
+        await store.settle_delivery(self.app, "g", e2.id, Settlement("dead", 2, error="E: 2"))
+        dls = await store.dead_letters(self.app)
+        assert [(x.id, x.group, x.event, x.error, x.attempts) for x in dls[:1]] == [
+            ("dl-1", "g", e1, "ValueError: bad", 5)
+        ]
+        assert [x.event.id for x in dls] == [e1.id, e2.id]
+        assert dls[0].failed_at.timestamp() >= before - 1
+        assert len(await store.dead_letters(self.app, limit=1)) == 1
+        assert (await store.deliveries(self.app, e1.id))[0].status == DELIVERY_DEAD
+        assert await self.claim_d(store, "w1", ["g"]) == []  # dead: not delivered
+        now = time.time()
+        replayed = await store.replay_dead_letter(self.app, "dl-1", now)
+        assert (replayed.id, replayed.event) == ("dl-1", e1)
+        assert [x.event.id for x in await store.dead_letters(self.app)] == [e2.id]
+        [row] = await store.deliveries(self.app, e1.id)
+        assert (row.status, row.attempts) == (DELIVERY_PENDING, 0)
+        [d] = await self.claim_d(store, "w1", ["g"], now)
+        assert d.event == e1 and d.attempts == 1
+        with pytest.raises(DeadLetterNotFound):
+            await store.replay_dead_letter(self.app, "dl-1", now)
+        await store.settle_delivery(self.app, "g", e1.id, Settlement("dead", 1, error="E: again"))
+        assert [(x.event.id, x.error) for x in await store.dead_letters(self.app)] == [
+            (e2.id, "E: 2"), (e1.id, "E: again")
+        ]
+        with pytest.raises(DeadLetterNotFound):
+            await store.replay_dead_letter(self.app + "-b", dls[1].id, now)
+
+    async def test_outbox_unpublished_and_mark_published(self, store: Store) -> None:
+        events = [ev() for _ in range(4)]
+        await store.append_events(self.app, events)
+        run, _ = await store.create_run(new_run(self.app))
+        emitted = ev("run.did")
+        await store.commit_run(self.app, run.run_id, 0, RunWrite(events=[emitted]))
+        pending = await store.unpublished_events(self.app, limit=10)
+        assert [e.id for e in pending] == [e.id for e in [*events, emitted]]
+        assert [e.id for e in await store.unpublished_events(self.app, limit=2)] == [
+            events[0].id, events[1].id
+        ]
+        await store.mark_published(self.app, [events[0].id, events[2].id])
+        await store.mark_published(self.app, [])
+        assert [e.id for e in await store.unpublished_events(self.app, limit=10)] == [
+            events[1].id, events[3].id, emitted.id
+        ]
+

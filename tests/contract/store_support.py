@@ -1,0 +1,135 @@
+"""Helpers and fixtures shared by the store contract (see ``store_contract.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from hypothesis import strategies as st
+
+from cantata.model import codec
+from cantata.model.event import Event
+from cantata.model.records import (
+    ENTRY_COMPLETED,
+    STEP,
+    Declaration,
+    HistoryEntry,
+    RunRecord,
+)
+from cantata.model.status import RunStatus
+from cantata.store.base import Store
+
+_clock = itertools.count(1)
+
+#: Arbitrary JSON values the codec can encode (orjson: 64-bit integers, finite floats).
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def new_run(app: str, workflow: str = "wf", **kw: Any) -> RunRecord:
+    """A pending run with a unique id and a creation time later than every earlier one."""
+    created = 1_700_000_000.0 + next(_clock)
+    fields: dict[str, Any] = {
+        "run_id": codec.new_id(),
+        "app": app,
+        "workflow": workflow,
+        "status": RunStatus.PENDING,
+        "args": "[1]",
+        "created_at": created,
+        "updated_at": created,
+        "correlation_id": codec.new_id(),
+    }
+    fields.update(kw)
+    return RunRecord(**fields)
+
+
+def ev(event_type: str = "order.placed", data: Any = None, **kw: Any) -> Event[Any]:
+    """An event (``data`` defaults to a small object; build ``Event`` for ``None`` data)."""
+    return Event(type=event_type, data={"n": 1} if data is None else data, **kw)
+
+
+def entry(key: str, seq: int, status: str = ENTRY_COMPLETED, **kw: Any) -> HistoryEntry:
+    """A step history entry keyed ``key`` (``name#occurrence``)."""
+    return HistoryEntry(key=key, kind=STEP, name=key.split("#")[0], status=status, seq=seq, **kw)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds (listeners may be called after a round trip)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+class StoreFixtures:
+    """The backend hook, the fixtures and small helpers of the store contract."""
+
+    #: Two stores from :meth:`make_store` in one test share one database (False for
+    #: private in-memory databases: races then run on one instance).
+    shares_database: bool = True
+
+    app: str
+
+    async def make_store(self) -> Store:
+        """A new, unopened store on this test's database."""
+        raise NotImplementedError
+
+    @pytest.fixture(autouse=True)
+    def _app_name(self) -> None:
+        self.app = f"app-{codec.new_id()[:12]}"
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[Store]:
+        s = await self.make_store()
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
+
+    @pytest.fixture
+    async def peer(self, store: Store) -> AsyncIterator[Store]:
+        """A second store instance on the same database (or the same one if private)."""
+        if not self.shares_database:
+            yield store
+            return
+        other = await self.make_store()
+        await other.open()
+        try:
+            yield other
+        finally:
+            await other.close()
+
+    async def live(self, store: Store, *workers: str) -> float:
+        now = time.time()
+        for w in workers:
+            await store.heartbeat(self.app, w, now, None)
+        return now
+
+    async def handlers(self, store: Store, *decls: tuple[str, str]) -> None:
+        await store.declare(self.app, [Declaration("handler", g, p) for g, p in decls])
+
+    async def claim(self, store: Store, worker: str, limit: int = 100) -> list[RunRecord]:
+        return await store.claim_runs(
+            self.app, worker, ["wf"], stale_before=time.time() - 10, limit=limit
+        )
+
+    async def claim_d(
+        self, store: Store, worker: str, groups: list[str], now: float | None = None
+    ) -> list[Any]:
+        now = time.time() if now is None else now
+        return await store.claim_deliveries(
+            self.app, worker, groups, now=now, stale_before=now - 10, limit=100
+        )
