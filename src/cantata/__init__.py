@@ -43,6 +43,8 @@ from cantata.model.event import Event
 from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.retry import Retry
 from cantata.model.status import RunStatus
+from cantata.observability.node import TraceNode, TraceNotFound
+from cantata.observability.stalled import Stall
 
 __version__ = "0.1.0"
 
@@ -72,6 +74,7 @@ __all__ = [
     "RunStatus",
     "Saga",
     "SerializationError",
+    "Stall",
     "Step",
     "StepFailed",
     "StepInfo",
@@ -79,6 +82,8 @@ __all__ = [
     "StoreCorrupt",
     "StoreError",
     "StoreUnavailable",
+    "TraceNode",
+    "TraceNotFound",
     "UnknownStep",
     "UnknownWorkflow",
     "WaitTimeout",

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cantata.broker.base import Broker
 from cantata.choreography.consumer import Consumer
@@ -18,10 +18,14 @@ from cantata.engine.registry import Router, workflow_name
 from cantata.engine.worker import Engine, new_worker_id
 from cantata.errors import ConfigurationError, UnknownWorkflow
 from cantata.model import codec
-from cantata.model.event import Event, check_type
+from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
+
+if TYPE_CHECKING:
+    from cantata.observability.node import TraceNode
+    from cantata.observability.stalled import Stall
 
 log = logging.getLogger("cantata")
 
@@ -156,6 +160,8 @@ class App(Router):
             engine, self._broker, on_emitted=self._emitted, concurrency=self.concurrency
         )
         await self._consumer.start()
+        # Subscribing re-declares the groups bare; record the full declarations last.
+        await engine.store.declare(self.name, self._declarations())
 
     async def close(self) -> None:
         """Stop the worker (unfinished runs stay in the store) and close connections."""
@@ -297,6 +303,9 @@ class App(Router):
         Its correlation id defaults to its own id (a new business transaction).
         """
         check_type(type)
+        for attr, value in (("id", id), ("subject", subject), ("source", source),
+                            ("correlation_id", correlation_id)):
+            check_attribute(attr, value)
         extra = {"id": id} if id is not None else {}
         event = Event(
             type=type,
@@ -313,18 +322,28 @@ class App(Router):
         return event
 
     async def _check_orphan(self, event: Event[Any]) -> None:
-        from cantata.model.event import matches
+        from cantata.choreography.orphans import check_orphans
 
-        decls = await self.store.declarations(self.name)
-        if any(d.pattern and matches(d.pattern, event.type) for d in decls):
-            return
-        if await self.store.get_event(self.name, event.id) is None:
-            return
-        counts = self.engine.metrics.orphans
-        counts[event.type] = counts.get(event.type, 0) + 1
-        log.warning(
-            "orphan event: %s (id %s) was published but no handler, workflow trigger or "
-            "wait in app %r listens to it", event.type, event.id, self.name,
+        await check_orphans(self.engine, [event])
+
+    # -- observability --------------------------------------------------------------------
+
+    async def trace(self, correlation_id: str) -> TraceNode:
+        """The whole business transaction as a tree (root: the run or event that began it).
+
+        Raises:
+            TraceNotFound: nothing in this app carries that id.
+        """
+        from cantata.observability.trace import build_trace
+
+        return await build_trace(self.store, self.name, correlation_id)
+
+    async def stalled(self, older_than: float = 300) -> list[Stall]:
+        """Transactions with no progress for ``older_than`` seconds, each with its reason."""
+        from cantata.observability.stalled import find_stalls
+
+        return await find_stalls(
+            self.store, self.name, older_than=older_than, now=self.clock.now()
         )
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

@@ -10,7 +10,7 @@ import typer
 
 from cantata.errors import CantataError
 
-from . import demo, events, runs, worker
+from . import demo, events, observe, runs, worker
 
 cli = typer.Typer(
     name="cantata",
@@ -23,6 +23,7 @@ demo.register(cli)
 worker.register(cli)
 runs.register(cli)
 events.register(cli)
+observe.register(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,192 @@
+"""``cantata trace | stalled | graph | asyncapi``: seeing business transactions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from cantata.app import App
+from cantata.errors import ConfigurationError
+from cantata.observability.asyncapi import asyncapi_document
+from cantata.observability.eventmap import choreography_mermaid
+from cantata.observability.graph import flow_mermaid, workflow_items, workflow_mermaid
+from cantata.observability.node import node_dict
+from cantata.observability.stalled import Stall, find_stalls
+from cantata.observability.timeline import fmt_seconds, render_timeline
+from cantata.observability.trace import DEFAULT_LIMIT, build_trace
+
+from .common import client_app, console, load_app, parse_duration, run
+from .runs import AppOpt, StoreOpt
+
+AppArg = Annotated[str, typer.Argument(help="The app, as module:attribute.")]
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("trace")(trace)
+    cli.command("stalled")(stalled)
+    cli.command("graph")(graph)
+    cli.command("asyncapi")(asyncapi)
+
+
+def trace(
+    id: Annotated[str, typer.Argument(help="Correlation id (or any run or event id in it).")],
+    app: AppOpt = None,
+    store: StoreOpt = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=30_000, help="Records read per kind.")
+    ] = DEFAULT_LIMIT,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the tree as JSON.")] = False,
+) -> None:
+    """Show a whole business transaction as a timeline, and where it stands."""
+    the_app = client_app(app, store)
+
+    async def go() -> None:
+        async with the_app.client():
+            root = await build_trace(the_app.store, the_app.name, id, limit=limit)
+            now = the_app.clock.now()
+        if as_json:
+            sys.stdout.write(orjson.dumps(node_dict(root), option=orjson.OPT_INDENT_2).decode())
+            sys.stdout.write("\n")
+        else:
+            console.print(render_timeline(root, now=now))
+
+    run(go)
+
+
+def _where(stall: Stall) -> str:
+    n = stall.node
+    if n.kind == "handler":
+        return f"group {n.group} ({n.name})" if n.name != n.group else f"group {n.group}"
+    if n.kind == "dead_letter":
+        return f"group {n.group}"
+    return f"{n.kind} {n.name}"
+
+
+def _detail(stall: Stall) -> str:
+    n = stall.node
+    if n.kind == "wait":
+        return n.detail or ""
+    if n.kind == "dead_letter":
+        return f"{n.error} (replay: cantata dlq replay {n.ref})"
+    return n.error or ""
+
+
+def stalled(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="No progress for this long (90s, 5m, 2h).")
+    ] = "5m",
+    app: AppOpt = None,
+    store: StoreOpt = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 100,
+) -> None:
+    """List business transactions that made no progress for a while, and why."""
+    seconds = parse_duration(older_than)
+    if seconds < 0:
+        raise ConfigurationError(f"--older-than must be >= 0, got {older_than!r}")
+    the_app = client_app(app, store)
+
+    async def go() -> None:
+        async with the_app.client():
+            now = the_app.clock.now()
+            stalls = await find_stalls(
+                the_app.store, the_app.name, older_than=seconds, now=now, limit=limit
+            )
+        if not stalls:
+            console.print(f"no stalled transactions in app {the_app.name} "
+                          f"(no progress for {older_than} or more)")
+            return
+        table = Table(title=f"stalled transactions of {the_app.name} (older than {older_than})")
+        table.add_column("correlation id", no_wrap=True)
+        for col in ("reason", "where", "stuck for"):
+            table.add_column(col)
+        table.add_column("detail", overflow="fold")
+        at = dt.datetime.fromtimestamp(now, dt.UTC)
+        for s in stalls:
+            # Text cells: user data (ids, error messages) is never read as markup.
+            table.add_row(Text(s.correlation_id), s.reason, Text(_where(s)),
+                          fmt_seconds((at - s.since).total_seconds()), Text(_detail(s)[:200]))
+        console.print(table)
+        console.print(Text(f"{len(stalls)} stall(s); see one whole: cantata trace "
+                           f"{stalls[0].correlation_id} --app {the_app.name}"))
+
+    run(go)
+
+
+def _has_store(the_app: App) -> bool:
+    """True unless the app's store is a SQLite file that does not exist (or memory)."""
+    spec = the_app._store_spec
+    if not isinstance(spec, str):
+        return True
+    if spec.startswith("memory://"):
+        return False
+    if spec.startswith("sqlite:///"):
+        path = spec[len("sqlite:///"):].partition("?")[0]
+        return Path(path).exists()
+    return True
+
+
+def graph(
+    app: AppArg,
+    workflow: Annotated[str | None, typer.Argument(help="The workflow to draw.")] = None,
+    events: Annotated[
+        bool, typer.Option("--events", help="Draw the choreography map instead.")
+    ] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Print Mermaid: a workflow's steps and compensations, or (--events) the choreography."""
+    if events == (workflow is not None):
+        raise ConfigurationError(
+            "give either a WORKFLOW to draw or --events for the choreography map"
+        )
+    the_app = load_app(app)
+    if store:
+        the_app._store_spec = store
+    elif os.environ.get("CANTATA_STORE"):
+        the_app._store_spec = os.environ["CANTATA_STORE"]
+    if workflow is not None:
+        known = workflow_items(the_app, workflow)
+        if known is not None:
+            typer.echo(flow_mermaid(workflow, *known), nl=False)
+            return
+    use_store = _has_store(the_app)
+
+    async def go() -> str:
+        if not use_store:
+            if workflow is not None:
+                return await workflow_mermaid(the_app, the_app.name, workflow, None)
+            return await choreography_mermaid(the_app, the_app.name, None)
+        async with the_app.client():
+            if workflow is not None:
+                return await workflow_mermaid(the_app, the_app.name, workflow, the_app.store)
+            return await choreography_mermaid(the_app, the_app.name, the_app.store)
+
+    typer.echo(run(go), nl=False)
+
+
+def asyncapi(
+    app: AppArg,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file (default: stdout).")
+    ] = None,
+    version: Annotated[str, typer.Option("--version", help="info.version of the API.")] = "1.0.0",
+) -> None:
+    """Write the AsyncAPI 3.0 document (JSON) of every event the app publishes and consumes."""
+    doc = asyncapi_document(load_app(app), version=version)
+    text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {output}: {exc.strerror}") from None
+    console.print(f"wrote {output}: {len(doc['channels'])} channels, "
+                  f"{len(doc['operations'])} operations")

@@ -1,0 +1,175 @@
+"""Where business transactions are stuck: ``cantata stalled`` and ``app.stalled()``.
+
+A stall is a node of a trace that has made no progress for ``older_than`` seconds:
+
+- ``pending_step``: a live run whose step (or the run itself, never picked up, or
+  a timer past its wake-up) is not moving — no worker serves it, or it keeps failing;
+- ``waiting_event``: a run waiting in ``ctx.wait_for_event`` for an event that has
+  not come;
+- ``dead_letter``: a group's handler failed for good (the node is the dead letter);
+- ``unhandled_event``: a group declared for the event type has not handled it
+  (``node.group`` names it) — the service is down, or retrying;
+- ``compensation_failed``: a compensation failed for good; the run needs an operator.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cantata.store.base import Store
+
+from .assemble import assemble
+from .node import (
+    COMPENSATION,
+    DEAD,
+    DEAD_LETTER,
+    FAILED,
+    HANDLER,
+    PENDING,
+    RUN,
+    RUNNING,
+    STEP,
+    TIMER,
+    WAIT,
+    WAITING,
+    TraceNode,
+    TraceNotFound,
+)
+
+PENDING_STEP = "pending_step"
+WAITING_EVENT = "waiting_event"
+DEAD_LETTERED = "dead_letter"
+UNHANDLED_EVENT = "unhandled_event"
+COMPENSATION_FAILED = "compensation_failed"
+REASONS = (PENDING_STEP, WAITING_EVENT, DEAD_LETTERED, UNHANDLED_EVENT, COMPENSATION_FAILED)
+
+_LIVE_RUN = frozenset({"pending", "running", "compensating"})
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """One place where a transaction is stuck.
+
+    Attributes:
+        correlation_id: the business transaction (``cantata trace`` it).
+        reason: ``pending_step``, ``waiting_event``, ``dead_letter``,
+            ``unhandled_event`` or ``compensation_failed``.
+        since: when it last made progress (aware UTC datetime).
+        node: the stuck node of the trace (``node.group`` names the group of a
+            handler or dead letter).
+    """
+
+    correlation_id: str
+    reason: str
+    since: dt.datetime
+    node: TraceNode
+
+
+def _nodes(root: TraceNode) -> Iterator[TraceNode]:
+    """Every node, including the open subtrees summary nodes stand for."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(node.hidden))
+        stack.extend(reversed(node.children))
+
+
+def _run_stall(run: TraceNode, now: dt.datetime) -> tuple[str, TraceNode, dt.datetime] | None:
+    """Why a live run is not moving (``None`` while it legitimately sleeps or waits on a child)."""
+    if run.status not in _LIVE_RUN:
+        return None
+    for child in run.children:
+        if child.kind == WAIT and child.status == WAITING:
+            return WAITING_EVENT, child, child.started_at or now
+    for child in run.children:
+        if child.kind == TIMER and child.status == WAITING:
+            if child.due is not None and child.due <= now:
+                return PENDING_STEP, child, child.due
+            return None
+        if child.kind == RUN and child.is_open:
+            return None  # the child run reports its own stall
+    for child in reversed(run.children):
+        if child.kind in (STEP, COMPENSATION) and child.status == RUNNING:
+            return PENDING_STEP, child, child.touched or child.started_at or now
+    return PENDING_STEP, run, run.touched or run.started_at or now
+
+
+def _stall_of(node: TraceNode, now: dt.datetime) -> tuple[str, TraceNode, dt.datetime] | None:
+    if node.kind == RUN:
+        return _run_stall(node, now)
+    if node.kind == HANDLER and node.status == PENDING:
+        return UNHANDLED_EVENT, node, node.touched or node.started_at or now
+    if node.kind == HANDLER and node.status == DEAD:
+        if any(c.kind == DEAD_LETTER for c in node.children):
+            return None  # reported on the dead letter itself
+        return DEAD_LETTERED, node, node.ended_at or node.touched or now
+    if node.kind == DEAD_LETTER:
+        return DEAD_LETTERED, node, node.started_at or now
+    if node.kind == COMPENSATION and node.status == FAILED:
+        return COMPENSATION_FAILED, node, node.ended_at or node.touched or now
+    return None
+
+
+def stalls_of(
+    root: TraceNode,
+    older_than: float,
+    now: float,
+    *,
+    correlation_id: str | None = None,
+) -> list[Stall]:
+    """The stalls of one trace: nodes with no progress for ``older_than`` seconds at ``now``.
+
+    Args:
+        root: a tree from :func:`~cantata.observability.trace.build_trace`.
+        older_than: seconds without progress; ``0`` lists everything still owed.
+        now: POSIX seconds (the app's clock).
+        correlation_id: defaults to the one ``build_trace`` recorded on ``root``.
+
+    Returns:
+        The stalls, oldest first.
+    """
+    cid = correlation_id or root.correlation_id or root.ref or ""
+    at = dt.datetime.fromtimestamp(now, dt.UTC)
+    cutoff = dt.datetime.fromtimestamp(now - older_than, dt.UTC)
+    out = []
+    for node in _nodes(root):
+        found = _stall_of(node, at)
+        if found is not None and found[2] <= cutoff:
+            reason, where, since = found
+            out.append(Stall(cid, reason, since, where))
+    out.sort(key=lambda s: s.since)
+    return out
+
+
+async def find_stalls(
+    store: Store,
+    app: str,
+    *,
+    older_than: float,
+    now: float,
+    limit: int = 100,
+) -> list[Stall]:
+    """Stalls of every transaction of ``app`` with no progress for ``older_than`` seconds.
+
+    Args:
+        older_than: seconds without progress.
+        now: POSIX seconds (``app.clock.now()``).
+        limit: at most this many stalls (and transactions looked at).
+
+    Returns:
+        The stalls, oldest first.
+    """
+    cids = await store.stale_correlations(app, older_than=now - older_than, limit=limit)
+    declarations = await store.declarations(app)
+    out: list[Stall] = []
+    for cid in cids:
+        try:
+            root = await assemble(store, app, cid, declarations)
+        except TraceNotFound:
+            continue  # removed meanwhile
+        out.extend(stalls_of(root, older_than, now, correlation_id=cid))
+    out.sort(key=lambda s: s.since)
+    return out[:limit]

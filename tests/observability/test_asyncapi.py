@@ -1,0 +1,121 @@
+"""The AsyncAPI 3.0 document: channels, operations per group, schemas from pydantic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pydantic
+
+from cantata import Event, HandlerContext
+from cantata.observability.asyncapi import asyncapi_document
+
+from .scenarios import make_app, shop_app
+
+
+class Line(pydantic.BaseModel):
+    sku: str
+    quantity: int
+
+
+class OrderPlaced(pydantic.BaseModel):
+    order_id: int
+    lines: list[Line]
+
+
+def typed_app() -> Any:
+    app = shop_app("memory://")
+
+    @app.on("order.placed", group="billing", emits=["invoice.created"])
+    async def bill(event: Event[OrderPlaced], ctx: HandlerContext) -> None: ...
+
+    @app.on("order.*", group="analytics")
+    async def count(event: Event) -> None: ...
+
+    return app
+
+
+def resolve(doc: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/")
+    node: Any = doc
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def test_document_shape_and_every_ref_resolves() -> None:
+    doc = asyncapi_document(typed_app())
+    assert doc["asyncapi"] == "3.0.0"
+    assert doc["info"]["title"] == "shop events" and doc["info"]["version"]
+    assert doc["defaultContentType"] == "application/cloudevents+json"
+    orjson.dumps(doc)  # JSON-ready
+
+    refs: list[str] = []
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.append(node["$ref"])
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v)
+
+    collect(doc)
+    assert refs
+    for ref in refs:
+        resolve(doc, ref)
+
+
+def test_channels_and_operations_per_group() -> None:
+    doc = asyncapi_document(typed_app())
+    channels, ops = doc["channels"], doc["operations"]
+    assert channels["order.placed"]["address"] == "order.placed"
+    for event_type in ("inventory.reserved", "payment.charged", "order.shipped",
+                       "order.approved", "invoice.requested", "invoice.approved",
+                       "invoice.created"):
+        assert channels[event_type]["address"] == event_type
+
+    wildcard = channels["order._any_"]
+    assert wildcard["address"] == "order.{token2}"
+    assert "token2" in wildcard["parameters"]
+
+    def actors(action: str, channel: str) -> set[str]:
+        return {
+            op["x-cantata-group"] for op in ops.values()
+            if op["action"] == action and op["channel"]["$ref"] == f"#/channels/{channel}"
+        }
+
+    assert actors("receive", "order.placed") == {"inventory", "billing"}
+    assert actors("send", "inventory.reserved") == {"inventory"}
+    assert actors("send", "invoice.created") == {"billing"}
+    assert actors("receive", "order.approved") == {"start:place_order"}
+    assert actors("send", "order.shipped") == {"place_order"}  # ctx.emit in the workflow
+    assert actors("receive", "invoice.approved") == {"invoice_order"}  # wait_for_event
+    assert actors("receive", "order._any_") == {"analytics"}
+    for op_id in ops:
+        assert all(c.isalnum() or c in "._-" for c in op_id), op_id
+
+
+def test_payload_schema_from_the_pydantic_model_and_cloudevents_headers() -> None:
+    doc = asyncapi_document(typed_app())
+    message = resolve(doc, doc["channels"]["order.placed"]["messages"]["order.placed"]["$ref"])
+    assert message["name"] == "order.placed"
+    schema = resolve(doc, message["payload"]["$ref"])
+    assert schema["title"] == "OrderPlaced"
+    assert set(schema["required"]) == {"order_id", "lines"}
+    line = resolve(doc, schema["properties"]["lines"]["items"]["$ref"])
+    assert line["properties"]["sku"]["type"] == "string"
+    headers = resolve(doc, message["headers"]["$ref"])
+    assert {"specversion", "id", "source", "type", "correlationid", "causationid",
+            "traceparent"} <= set(headers["properties"])
+    assert message["correlationId"] == {"$ref": "#/components/correlationIds/correlationid"}
+    # an untyped event still has a message, with an open payload
+    untyped = resolve(doc, "#/components/messages/payment.charged")
+    assert "$ref" not in untyped["payload"]
+
+
+def test_an_app_without_events_gives_an_empty_but_valid_document() -> None:
+    doc = asyncapi_document(make_app("memory://"))
+    assert doc["channels"] == {} and doc["operations"] == {}
