@@ -15,6 +15,7 @@ from cantata.errors import (
     SerializationError,
     StepFailed,
     StepTimeout,
+    StoreError,
     error_text,
 )
 from cantata.model import codec
@@ -50,12 +51,20 @@ class _DeadlinePassed(BaseException):
     """Internal: raised at a durable point once the run's deadline has passed."""
 
 
-class CompensatedElsewhere(Exception):  # noqa: N818 - an outcome, not a failure
+class CompensatedElsewhere(Exception):
     """Raised by a workflow whose compensation already ran outside it (choreographed saga)."""
 
 
 class _Abandon(BaseException):
     """Internal: this worker lost the run (lease taken over, or shutting down)."""
+
+
+class _StoreFailed(BaseException):
+    """Internal: the store failed mid-run; the run is retried from its history.
+
+    A ``BaseException`` so that neither workflow code nor the engine's failure handling
+    turns an infrastructure error into a failed (and compensated) business run.
+    """
 
 
 def _split_error(exc: BaseException) -> tuple[str, str]:
@@ -84,6 +93,7 @@ class RunExecution:
         self.compensating = False
         self.divergence: NonDeterminismError | None = None
         self.wakeup = asyncio.Event()
+        self.retry_later = False  # set when an internal error ended this execution
         self._deadline_handle: asyncio.TimerHandle | None = None
 
     # -- plumbing -----------------------------------------------------------------
@@ -117,6 +127,8 @@ class RunExecution:
         except LeaseLost:
             log.warning("run %s was taken over by another worker; letting it go", self.run.run_id)
             raise _Abandon() from None
+        except StoreError as exc:
+            raise _StoreFailed(exc) from exc
         if write.status is not None:
             self.run.status = write.status
         if write.events:
@@ -306,8 +318,13 @@ class RunExecution:
             pass
         except asyncio.CancelledError:
             raise
+        except _StoreFailed as exc:
+            log.warning("run %s: the store failed (%s); the run will be retried from its "
+                        "history", self.run.run_id, exc.args[0] if exc.args else exc)
+            self.retry_later = True
         except Exception:
             log.exception("run %s: internal error; it will be retried", self.run.run_id)
+            self.retry_later = True
         finally:
             if self._deadline_handle is not None:
                 self._deadline_handle.cancel()
@@ -335,8 +352,10 @@ class RunExecution:
         from .context import WorkflowContext
 
         ctx = WorkflowContext(self)
-        args = self.wdef.sig.restore_args(codec.loads(run.args), f"workflow {self.wdef.name}")
         try:
+            # Inside the try: arguments that do not match the declared types fail the run
+            # (SerializationError) instead of leaving it owned and stuck.
+            args = self.wdef.sig.restore_args(codec.loads(run.args), f"workflow {self.wdef.name}")
             value = await self.wdef.fn(ctx, *args)
             if self.divergence is not None:
                 raise self.divergence
@@ -362,6 +381,8 @@ class RunExecution:
                 await self._finish(RunStatus.FAILED, error=error_text(self.divergence),
                                    flagged=True)
                 return
+            if isinstance(exc, StoreError):  # e.g. a read in wait_for_event / ctx.call
+                raise _StoreFailed(exc) from exc
             await self._unwind(RunStatus.FAILED, error_text(exc))
             return
         await self._finish(RunStatus.COMPLETED, result=result)

@@ -38,6 +38,18 @@ class Metrics:
     orphans: dict[str, int] = field(default_factory=dict)
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` seconds pass.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives
+    just as the event is set, so a loop using it could not be stopped (``Engine.stop``
+    then waited forever).
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{codec.new_id()[:8]}"
 
@@ -174,8 +186,27 @@ class Engine:
             self.executions.pop(run_id, None)
             self._runs_pulse.set()
             self._claim_wakeup.set()
+            if execution.retry_later and self.serving:
+                # This worker still owns the run (and heartbeats), so no other worker
+                # takes it over: execute it again here after a pause.
+                retry = asyncio.ensure_future(self._relaunch_later(run_id))
+                self._tasks.add(retry)
+                retry.add_done_callback(self._tasks.discard)
 
         task.add_done_callback(done)
+
+    async def _relaunch_later(self, run_id: str) -> None:
+        """Execute a run again after an internal error (a store outage, usually)."""
+        while self.serving:
+            await asyncio.sleep(max(self.poll_interval, self.lease / 4))
+            try:
+                run = await self.store.get_run(self.app, run_id)
+            except Exception as exc:
+                log.warning("run %s: cannot reload it (%s); retrying", run_id, exc)
+                continue
+            if run is not None and not run.status.is_final and run.owner == self.worker_id:
+                self.launch(run)
+            return
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -228,8 +259,7 @@ class Engine:
             if len(claimed) == 100:
                 continue
             self._claim_wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._claim_wakeup.wait(), self.poll_interval * 5)
+            await wait_event(self._claim_wakeup, self.poll_interval * 5)
 
     async def _watch_loop(self) -> None:
         """Notice cancellations requested by other processes."""

@@ -1,0 +1,200 @@
+"""Real crashes: a worker process is SIGKILLed mid-step and another one resumes the run.
+
+Also: a store outage in the middle of a run is retried from history, not turned into a
+failed business run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata import App, Retry, RunStatus, StoreUnavailable, WorkflowContext
+from cantata.model.records import Attempt, RunWrite
+from cantata.store.factory import store_from_url
+
+from .crash_app import build
+from .helpers import make_app
+
+CRASH_APP = Path(__file__).with_name("crash_app.py")
+
+pytestmark = pytest.mark.slow
+
+
+class Crashy:
+    """Runs crash_app.py processes on one SQLite file and reads what they left."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.db = str(tmp_path / "crash.db")
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+
+    def args(self, workflow: str, key: str) -> list[str]:
+        return [sys.executable, str(CRASH_APP), self.db, str(self.logs), workflow, key]
+
+    def run(self, workflow: str, key: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.args(workflow, key), capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    def outcome(self, workflow: str, key: str) -> dict[str, Any]:
+        proc = self.run(workflow, key)
+        assert proc.returncode == 0, proc.stderr
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    def executions(self, step: str) -> list[dict[str, Any]]:
+        path = self.logs / f"{step}.log"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def inspect(self, run_id: str) -> tuple[Any, list[Attempt]]:
+        async def read() -> tuple[Any, list[Attempt]]:
+            app = build(self.db, str(self.logs))
+            async with app.client():
+                run = await app.get_handle(run_id).info()
+                return run, await app.store.load_attempts(app.name, run_id)
+
+        return asyncio.run(read())
+
+
+def killed(proc: subprocess.CompletedProcess[str] | subprocess.Popen[str]) -> bool:
+    return proc.returncode == -signal.SIGKILL
+
+
+def test_run_resumes_after_its_worker_is_killed_mid_step(tmp_path: Path) -> None:
+    crashy = Crashy(tmp_path)
+    first = crashy.run("self_kill", "order-1")
+    assert killed(first), first.stderr
+    assert [e["attempt"] for e in crashy.executions("two")] == [1]
+
+    out = crashy.outcome("self_kill", "order-1")  # a fresh process, same idempotency key
+
+    assert out["status"] == "completed"
+    assert out["result"] == [2, 20, 23]
+    # the completed step was not executed again; the in-flight one ran again
+    assert len(crashy.executions("one")) == 1
+    two = crashy.executions("two")
+    assert [e["attempt"] for e in two] == [1, 2]
+    assert two[0]["pid"] != two[1]["pid"]
+    assert two[0]["key"] == two[1]["key"]  # idempotency key stable across the recovery
+    assert len(crashy.executions("three")) == 1
+    assert crashy.executions("undo_one") == []
+
+    run, attempts = crashy.inspect(out["run_id"])
+    assert run.status == RunStatus.COMPLETED
+    by_key = {(a.key, a.attempt): a for a in attempts}
+    assert by_key[("two#1", 1)].error_type == "WorkerLost"
+    assert by_key[("two#1", 1)].ended_at is not None
+    assert by_key[("two#1", 2)].error_type is None
+    assert [a.attempt for a in attempts if a.key == "one#1"] == [1]
+
+
+def test_run_resumes_after_the_test_kills_a_blocked_worker(tmp_path: Path) -> None:
+    crashy = Crashy(tmp_path)
+    proc = subprocess.Popen(crashy.args("killed_while_blocked", "order-2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (crashy.logs / "blocked").exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the step never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert killed(proc)
+
+    out = crashy.outcome("killed_while_blocked", "order-2")
+
+    assert out == {"run_id": out["run_id"], "status": "completed", "result": [2, 200, 203]}
+    assert len(crashy.executions("one")) == 1
+    assert [e["attempt"] for e in crashy.executions("blocking")] == [1, 2]
+    _, attempts = crashy.inspect(out["run_id"])
+    blocking = [a for a in attempts if a.key == "blocking#1"]
+    assert [(a.attempt, a.error_type) for a in blocking] == [(1, "WorkerLost"), (2, None)]
+
+
+def test_step_that_kills_its_worker_every_time_fails_with_worker_lost(tmp_path: Path) -> None:
+    crashy = Crashy(tmp_path)
+    for _ in range(2):  # max_attempts=2: each attempt takes a worker down with it
+        proc = crashy.run("kills_every_time", "order-3")
+        assert killed(proc), proc.stderr
+
+    out = crashy.outcome("kills_every_time", "order-3")  # does not run the step a third time
+
+    assert out["status"] == "compensated"
+    assert "StepFailed" in out["error"] and "WorkerLost" in out["error"]
+    assert [e["attempt"] for e in crashy.executions("doom")] == [1, 2]
+    assert len(crashy.executions("one")) == 1
+    assert len(crashy.executions("undo_one")) == 1
+    run, attempts = crashy.inspect(out["run_id"])
+    assert run.status == RunStatus.COMPENSATED
+    doom = [a for a in attempts if a.key == "doom#1"]
+    assert [(a.attempt, a.error_type) for a in doom] == [(1, "WorkerLost"), (2, "WorkerLost")]
+
+
+class FlakyStore:
+    """A SQLite store whose ``fail_on``-th ``commit_run`` raises, as in a store outage."""
+
+    def __init__(self, url: str, fail_on: int) -> None:
+        self._inner = store_from_url(url)
+        self.url = url
+        self.commits = 0
+        self.fail_on = fail_on
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        self.commits += 1
+        if self.commits == self.fail_on:
+            raise StoreUnavailable("connection reset by peer")
+        await self._inner.commit_run(app, run_id, fence, write)
+
+
+@pytest.mark.parametrize("fail_on", [1, 2, 3, 4, 5])
+async def test_store_outage_mid_run_is_retried_not_failed(sqlite_url: str, fail_on: int) -> None:
+    store = FlakyStore(sqlite_url, fail_on)
+    app: App = make_app(store)  # type: ignore[arg-type]
+    calls: list[str] = []
+
+    # an attempt whose end could not be recorded counts as lost (as after a kill -9),
+    # so the steps need a second attempt
+    @app.step(retry=Retry(max_attempts=2, initial_interval=0.01))
+    async def reserve(n: int) -> int:
+        calls.append("reserve")
+        return n
+
+    @app.step
+    async def release(n: int) -> None:
+        calls.append("release")
+
+    @app.step(retry=Retry(max_attempts=2, initial_interval=0.01))
+    async def charge(n: int) -> int:
+        calls.append("charge")
+        return n * 2
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> int:
+        a = await ctx.run(reserve, n, compensate=release)
+        return a + int(await ctx.run(charge, n))
+
+    async with app:
+        h = await app.start(order, 5)
+        assert await h.result(timeout=5) == 15
+        run = await h.info()
+    assert store.commits > fail_on
+    assert run.status == RunStatus.COMPLETED and run.error is None
+    assert "release" not in calls  # an infrastructure error is not a business failure
+    assert calls.count("charge") >= 1 and calls.count("reserve") >= 1

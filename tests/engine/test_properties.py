@@ -1,0 +1,149 @@
+"""Property tests: JSON values survive a workflow; replay after a restart is equivalent."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cantata
+from cantata import App, RunStatus, WorkflowContext
+
+from .helpers import eventually, make_app
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=5),
+    max_leaves=20,
+)
+
+
+def echo_app(url: str) -> App:
+    app = make_app(url)
+
+    @app.step
+    async def echo(value: Any) -> Any:
+        return value
+
+    @app.workflow
+    async def round_trip(ctx: WorkflowContext, *values: Any) -> Any:
+        back = [await ctx.run(echo, v) for v in values]
+        return {"args": list(values), "from_steps": back}
+
+    return app
+
+
+def test_json_values_round_trip_through_a_workflow(store_url: str) -> None:
+    with asyncio.Runner() as runner:
+        app = echo_app(store_url)
+        runner.run(app.open())
+        try:
+
+            @settings(max_examples=60, deadline=None,
+                      suppress_health_check=[HealthCheck.too_slow])
+            @given(values=st.lists(json_values, min_size=1, max_size=3))
+            def check(values: list[Any]) -> None:
+                async def go() -> Any:
+                    h = await app.start("round_trip", *values)
+                    return await h.result(timeout=5)
+
+                out = runner.run(go())
+                assert out == {"args": values, "from_steps": values}
+                # and type for type (True is not 1, -0.0 stays -0.0)
+                assert orjson.dumps(out) == orjson.dumps({"args": values, "from_steps": values})
+
+            check()
+        finally:
+            runner.run(app.close())
+
+
+STEPS = ("inc", "double", "negate")
+plans = st.lists(st.tuples(st.sampled_from(STEPS), st.integers(-1000, 1000)),
+                 min_size=1, max_size=8)
+
+
+def apply(name: str, x: int) -> int:
+    return {"inc": x + 1, "double": x * 2, "negate": -x}[name]
+
+
+def plan_app(url: str, executed: list[tuple[str, int, str]]) -> App:
+    app = make_app(url)
+
+    def make(name: str) -> None:
+        async def fn(x: int, token: str) -> int:
+            executed.append((cantata.step_info().key, x, token))
+            return apply(name, x)
+
+        fn.__name__ = name
+        app.step(fn)
+
+    for name in STEPS:
+        make(name)
+
+    @app.workflow
+    async def follow(ctx: WorkflowContext, plan: list[list[Any]], pause_at: int) -> list[Any]:
+        token = str(ctx.uuid())  # recorded: the same after the restart
+        out: list[Any] = []
+        for i, (name, x) in enumerate(plan):
+            if i == pause_at:
+                await ctx.wait_for_event("plan.resume", match={"run": ctx.run_id})
+            out.append(await ctx.run(name, x, token))
+        if pause_at >= len(plan):
+            await ctx.wait_for_event("plan.resume", match={"run": ctx.run_id})
+        return [token, out]
+
+    return app
+
+
+def test_replay_after_a_restart_is_equivalent() -> None:
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(plan=plans, data=st.data())
+    def check(plan: list[tuple[str, int]], data: st.DataObject) -> None:
+        pause_at = data.draw(st.integers(0, len(plan)), label="pause_at")
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{Path(tmp) / 'c.db'}"
+            executed: list[tuple[str, int, str]] = []
+
+            async def scenario() -> tuple[Any, list[tuple[str, int, str]]]:
+                first = plan_app(url, executed)
+                async with first:
+                    h = await first.start("follow", [list(p) for p in plan], pause_at)
+
+                    async def paused() -> bool:
+                        history = await first.store.load_history(first.name, h.run_id)
+                        return any(e.kind == "wait" for e in history)
+
+                    await eventually(paused)
+                    assert await h.status() == RunStatus.RUNNING
+                before_restart = list(executed)
+                second = plan_app(url, executed)  # a new process: replays the history
+                async with second:
+                    await second.publish("plan.resume", {"run": h.run_id})
+                    result = await second.get_handle(h.run_id).result(timeout=10)
+                return result, before_restart
+
+            result, before_restart = asyncio.run(scenario())
+
+        token, out = result
+        assert out == [apply(name, x) for name, x in plan]  # same as a clean run
+        assert len(before_restart) == pause_at
+        # every step ran exactly once in all: completed ones were not re-executed
+        keys = [k for k, _, _ in executed]
+        assert len(keys) == len(plan) == len(set(keys))
+        assert [x for _, x, _ in executed] == [x for _, x in plan]
+        assert {t for _, _, t in executed} == {token}  # ctx.uuid() replayed, not redrawn
+
+    check()

@@ -1,0 +1,321 @@
+"""Retries, attempts, backoff, per-step timeouts and sync steps."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+
+import pytest
+
+import cantata
+from cantata import (
+    CantataError,
+    Retry,
+    StepFailed,
+    StepTimeout,
+    WorkflowContext,
+    WorkflowFailed,
+)
+
+from .helpers import make_app
+
+
+async def test_step_is_retried_with_attempts_counted_from_one(store_url: str) -> None:
+    app = make_app(store_url)
+    seen: list[cantata.StepInfo] = []
+
+    @app.step(retry=Retry(max_attempts=3, initial_interval=0.01))
+    async def charge(amount: int) -> str:
+        seen.append(cantata.step_info())
+        if len(seen) < 3:
+            raise ConnectionError(f"gateway busy ({len(seen)})")
+        return f"charged {amount}"
+
+    @app.workflow
+    async def pay(ctx: WorkflowContext, amount: int) -> str:
+        return str(await ctx.run(charge, amount))
+
+    async with app:
+        h = await app.start(pay, 7)
+        assert await h.result(timeout=5) == "charged 7"
+        attempts = await app.store.load_attempts(app.name, h.run_id)
+    assert [s.attempt for s in seen] == [1, 2, 3]
+    assert {s.step for s in seen} == {"charge"}
+    assert {s.run_id for s in seen} == {h.run_id}
+    # every attempt is recorded with its start, end, error type and text
+    assert [(a.attempt, a.error_type) for a in attempts] == [
+        (1, "ConnectionError"), (2, "ConnectionError"), (3, None),
+    ]
+    assert attempts[0].error == "gateway busy (1)"
+    assert all(a.ended_at is not None and a.ended_at >= a.started_at for a in attempts)
+
+
+async def test_exhausted_retries_raise_step_failed_naming_the_original_error(
+    store_url: str,
+) -> None:
+    app = make_app(store_url)
+    count = 0
+
+    @app.step(retry=Retry(max_attempts=3, initial_interval=0.01))
+    async def charge(amount: int) -> None:
+        nonlocal count
+        count += 1
+        raise ConnectionError(f"gateway down for {amount}")
+
+    @app.workflow
+    async def pay(ctx: WorkflowContext, amount: int) -> dict[str, object]:
+        try:
+            await ctx.run(charge, amount)
+        except StepFailed as exc:
+            return {
+                "step": exc.step, "type": exc.error_type, "message": exc.error_message,
+                "attempts": exc.attempts, "text": str(exc),
+                "is_cantata": isinstance(exc, CantataError),
+            }
+        return {}
+
+    async with app:
+        h = await app.start(pay, 12)
+        out = await h.result(timeout=5)
+    assert count == 3
+    assert out["step"] == "charge"
+    assert out["type"] == "ConnectionError"
+    assert out["message"] == "gateway down for 12"
+    assert out["attempts"] == 3
+    assert "ConnectionError" in str(out["text"]) and "gateway down for 12" in str(out["text"])
+    assert out["is_cantata"] is True
+
+
+async def test_uncaught_step_failure_fails_the_run_with_the_original_error(
+    store_url: str,
+) -> None:
+    app = make_app(store_url)
+
+    @app.step(retry=Retry(max_attempts=2, initial_interval=0.01))
+    async def charge(amount: int) -> None:
+        raise KeyError("no such card")
+
+    @app.workflow
+    async def pay(ctx: WorkflowContext, amount: int) -> None:
+        await ctx.run(charge, amount)
+
+    async with app:
+        h = await app.start(pay, 1)
+        with pytest.raises(WorkflowFailed) as info:
+            await h.result(timeout=5)
+    err = info.value.error or ""
+    assert err.startswith("StepFailed")
+    assert "KeyError" in err and "no such card" in err
+
+
+async def test_non_retryable_error_fails_at_once(store_url: str) -> None:
+    app = make_app(store_url)
+    count = 0
+
+    @app.step(retry=Retry(max_attempts=5, initial_interval=0.01, non_retryable=(ValueError,)))
+    async def charge(amount: int) -> None:
+        nonlocal count
+        count += 1
+        raise ValueError(f"amount {amount} is negative")
+
+    @app.workflow
+    async def pay(ctx: WorkflowContext, amount: int) -> str:
+        try:
+            await ctx.run(charge, amount)
+        except StepFailed as exc:
+            return f"{exc.error_type}/{exc.attempts}/{exc.error_message}"
+        return "?"
+
+    async with app:
+        h = await app.start(pay, -3)
+        assert await h.result(timeout=5) == "ValueError/1/amount -3 is negative"
+        attempts = await app.store.load_attempts(app.name, h.run_id)
+    assert count == 1
+    assert len(attempts) == 1
+
+
+async def test_non_retryable_matches_subclasses(store_url: str) -> None:
+    app = make_app(store_url)
+    count = 0
+
+    class CardDeclined(ValueError):
+        pass
+
+    @app.step(retry=Retry(max_attempts=5, initial_interval=0.01, non_retryable=(ValueError,)))
+    async def charge() -> None:
+        nonlocal count
+        count += 1
+        raise CardDeclined("declined")
+
+    @app.workflow
+    async def pay(ctx: WorkflowContext) -> None:
+        await ctx.run(charge)
+
+    async with app:
+        h = await app.start(pay)
+        with pytest.raises(WorkflowFailed, match="CardDeclined"):
+            await h.result(timeout=5)
+    assert count == 1
+
+
+async def test_backoff_is_roughly_exponential() -> None:
+    app = make_app("memory://")
+    starts: list[float] = []
+
+    @app.step(retry=Retry(max_attempts=4, initial_interval=0.05, backoff=3.0, jitter=0.1))
+    async def flaky() -> None:
+        starts.append(time.monotonic())
+        raise ConnectionError("still down")
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext) -> None:
+        await ctx.run(flaky)
+
+    async with app:
+        h = await app.start(wf)
+        with pytest.raises(WorkflowFailed):
+            await h.result(timeout=5)
+    assert len(starts) == 4
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # nominal 0.05, 0.15, 0.45 s (+/- 10 % jitter, plus a little bookkeeping)
+    for gap, nominal in zip(gaps, (0.05, 0.15, 0.45), strict=True):
+        assert nominal * 0.85 <= gap <= nominal * 1.1 + 0.1, gaps
+    assert gaps[2] / gaps[0] >= 3.0, gaps
+    assert gaps[2] / gaps[1] >= 1.8, gaps
+
+
+async def test_backoff_is_capped_by_max_interval() -> None:
+    app = make_app("memory://")
+    starts: list[float] = []
+
+    @app.step(retry=Retry(max_attempts=4, initial_interval=0.05, backoff=10.0,
+                          max_interval=0.06, jitter=0.0))
+    async def flaky() -> None:
+        starts.append(time.monotonic())
+        raise ConnectionError("still down")
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext) -> None:
+        await ctx.run(flaky)
+
+    async with app:
+        h = await app.start(wf)
+        with pytest.raises(WorkflowFailed):
+            await h.result(timeout=5)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps[0] >= 0.045
+    assert all(g < 0.06 + 0.12 for g in gaps), gaps  # capped: never 0.5 or 5 s
+
+
+def test_retry_policy_delays() -> None:
+    r = Retry(max_attempts=5, initial_interval=0.1, backoff=2.0, max_interval=0.5, jitter=0.0)
+    assert [r.delay(n) for n in (1, 2, 3, 4, 5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    jittered = Retry(initial_interval=1.0, jitter=0.1)
+    for _ in range(50):
+        assert 0.9 <= jittered.delay(1) <= 1.1
+    defaults = Retry()
+    assert (defaults.max_attempts, defaults.initial_interval, defaults.backoff,
+            defaults.max_interval) == (3, 0.5, 2.0, 30.0)
+    with pytest.raises(CantataError):
+        Retry(max_attempts=0)
+
+
+async def test_step_timeout_counts_as_a_failed_attempt_and_is_retried(store_url: str) -> None:
+    app = make_app(store_url)
+    attempts_seen: list[int] = []
+
+    @app.step(retry=Retry(max_attempts=3, initial_interval=0.01), timeout=0.1)
+    async def lookup(x: int) -> int:
+        attempt = cantata.step_info().attempt
+        attempts_seen.append(attempt)
+        if attempt == 1:
+            await asyncio.sleep(5)  # hangs: cut short by the timeout
+        return x * 2
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext, x: int) -> int:
+        return int(await ctx.run(lookup, x))
+
+    async with app:
+        t0 = time.monotonic()
+        h = await app.start(wf, 21)
+        assert await h.result(timeout=5) == 42
+        assert time.monotonic() - t0 < 2
+        attempts = await app.store.load_attempts(app.name, h.run_id)
+    assert attempts_seen == [1, 2]
+    assert attempts[0].error_type == "StepTimeout"
+    assert "0.1" in (attempts[0].error or "")
+    assert attempts[1].error_type is None
+
+
+async def test_step_that_always_times_out_fails_with_step_timeout(store_url: str) -> None:
+    app = make_app(store_url)
+
+    @app.step(retry=Retry(max_attempts=2, initial_interval=0.01), timeout=0.05)
+    async def hang() -> None:
+        await asyncio.sleep(5)
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext) -> str:
+        try:
+            await ctx.run(hang)
+        except StepFailed as exc:
+            return f"{exc.error_type}/{exc.attempts}"
+        return "?"
+
+    async with app:
+        h = await app.start(wf)
+        assert await h.result(timeout=5) == "StepTimeout/2"
+    assert issubclass(StepTimeout, CantataError)
+
+
+async def test_sync_steps_run_in_a_thread(store_url: str) -> None:
+    app = make_app(store_url)
+    main_thread = threading.get_ident()
+    seen: list[tuple[int, int, str]] = []
+
+    @app.step(retry=Retry(max_attempts=2, initial_interval=0.01))
+    def blocking(x: int) -> int:
+        info = cantata.step_info()
+        seen.append((threading.get_ident(), info.attempt, info.step))
+        time.sleep(0.05)  # would block the event loop if not in a thread
+        if info.attempt == 1:
+            raise ConnectionError("retry me")
+        return x + 1
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext, x: int) -> int:
+        return int(await ctx.run(blocking, x))
+
+    async with app:
+        h = await app.start(wf, 1)
+        assert await h.result(timeout=5) == 2
+    assert [(a, s) for _, a, s in seen] == [(1, "blocking"), (2, "blocking")]
+    assert all(tid != main_thread for tid, _, _ in seen)
+
+
+async def test_sync_step_timeout(store_url: str) -> None:
+    app = make_app(store_url)
+
+    @app.step(retry=Retry(max_attempts=1), timeout=0.05)
+    def slow() -> None:
+        time.sleep(0.3)
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext) -> str:
+        try:
+            await ctx.run(slow)
+        except StepFailed as exc:
+            return exc.error_type
+        return "?"
+
+    async with app:
+        h = await app.start(wf)
+        assert await h.result(timeout=5) == "StepTimeout"
+
+
+def test_step_info_outside_a_step_raises() -> None:
+    with pytest.raises(CantataError, match="outside a step"):
+        cantata.step_info()
