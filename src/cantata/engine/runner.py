@@ -14,7 +14,6 @@ from cantata.errors import (
     NonDeterminismError,
     SerializationError,
     StepFailed,
-    StepTimeout,
     StoreError,
     error_text,
 )
@@ -33,8 +32,8 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 
+from .invoke import invoke_step
 from .registry import StepDef, WorkflowDef
-from .stepinfo import StepInfo, reset_step_info, set_step_info
 
 if TYPE_CHECKING:
     from .worker import Engine
@@ -94,7 +93,7 @@ class RunExecution:
         self.divergence: NonDeterminismError | None = None
         self.wakeup = asyncio.Event()
         self.retry_later = False  # set when an internal error ended this execution
-        self._deadline_handle: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.Task[None] | None = None
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -277,25 +276,7 @@ class RunExecution:
         raise StepFailed(entry.name, last[0], last[1], n)
 
     async def _execute(self, sdef: StepDef, args: list[Any], key: str, attempt: int) -> Any:
-        info = StepInfo(self.run.run_id, sdef.name, key, attempt, f"{self.run.run_id}:{key}")
-        token = set_step_info(info)
-        try:
-            call_args = sdef.sig.restore_args(args, f"step {sdef.name}")
-            coro = (
-                sdef.fn(*call_args) if sdef.is_async else asyncio.to_thread(sdef.fn, *call_args)
-            )
-            if sdef.timeout is None:
-                return await coro
-            try:
-                async with asyncio.timeout(sdef.timeout):
-                    return await coro
-            except TimeoutError:
-                raise StepTimeout(
-                    f"step {sdef.name} attempt {attempt} ran longer than its timeout of "
-                    f"{sdef.timeout} s"
-                ) from None
-        finally:
-            reset_step_info(token)
+        return await invoke_step(sdef, args, self.run.run_id, key, attempt)
 
     # -- the run ---------------------------------------------------------------------
 
@@ -326,8 +307,12 @@ class RunExecution:
             log.exception("run %s: internal error; it will be retried", self.run.run_id)
             self.retry_later = True
         finally:
-            if self._deadline_handle is not None:
-                self._deadline_handle.cancel()
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+
+    async def _deadline_after(self, delay: float) -> None:
+        await self.engine.clock.sleep(delay)
+        self.request_interrupt(_DeadlinePassed())
 
     async def _execute_run(self) -> None:
         run = self.run
@@ -339,10 +324,7 @@ class RunExecution:
             if delay <= 0:
                 self.request_interrupt(_DeadlinePassed())
             else:
-                loop = asyncio.get_running_loop()
-                self._deadline_handle = loop.call_later(
-                    delay, self.request_interrupt, _DeadlinePassed()
-                )
+                self._deadline_timer = asyncio.create_task(self._deadline_after(delay))
         if run.status == RunStatus.PENDING:
             if run.cancel_requested:
                 await self._finish(RunStatus.CANCELLED, error="Cancelled: before it started")

@@ -16,7 +16,6 @@ in both modes, so flipping the mode does not change what the services see.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,9 +24,9 @@ from cantata.errors import ConfigurationError, StepFailed, UnknownStep, error_te
 from cantata.model import codec
 from cantata.model.event import Event
 
+from .invoke import invoke_step
 from .registry import STEP_ATTR, StepDef, step_name
 from .runner import CompensatedElsewhere
-from .stepinfo import StepInfo, reset_step_info, set_step_info
 
 if TYPE_CHECKING:
     from cantata.choreography.context import HandlerContext
@@ -182,9 +181,10 @@ class Saga:
                     await saga._finish(ctx, data)
                 return
             data["results"] = {**data["results"], sdef.name: result}
-            await ctx.emit(saga.event_type(step.name, "done"), data)
             if last:
                 await ctx.emit(saga.event_type("finished"), {**data, "outcome": "completed"})
+            else:
+                await ctx.emit(saga.event_type(step.name, "done"), data)
 
         forward.__qualname__ = f"{self.name}.{step.name}"
         return forward
@@ -207,9 +207,10 @@ class Saga:
                     )
                 else:
                     data["compensated"] = int(data.get("compensated", 0)) + 1
-            await ctx.emit(saga.event_type(step.name, "compensated"), data)
             if index == 0:
                 await saga._finish(ctx, data)
+            else:
+                await ctx.emit(saga.event_type(step.name, "compensated"), data)
 
         backward.__qualname__ = f"{self.name}.{step.name}.compensate"
         return backward
@@ -231,15 +232,5 @@ def _set_spec(router: Router, saga: Saga) -> None:
 
 async def _call(sdef: StepDef, run_id: str, key: str, attempt: int, data: Any) -> Any:
     """Run a step function as a handler would, with the step's identity and timeout."""
-    token = set_step_info(StepInfo(run_id, sdef.name, key, attempt, f"{run_id}:{key}"))
-    try:
-        args = sdef.sig.restore_args([data], f"step {sdef.name}")
-        coro = sdef.fn(*args) if sdef.is_async else asyncio.to_thread(sdef.fn, *args)
-        if sdef.timeout is not None:
-            async with asyncio.timeout(sdef.timeout):
-                value = await coro
-        else:
-            value = await coro
-        return codec.loads(codec.dumps(value, f"result of step {sdef.name}"))
-    finally:
-        reset_step_info(token)
+    value = await invoke_step(sdef, [data], run_id, key, attempt)
+    return codec.loads(codec.dumps(value, f"result of step {sdef.name}"))
