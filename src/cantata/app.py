@@ -14,6 +14,7 @@ from cantata.broker.base import Broker
 from cantata.choreography.consumer import Consumer
 from cantata.engine.clock import Clock, SystemClock
 from cantata.engine.handle import RunHandle
+from cantata.engine.hooks import Hook, Hooks
 from cantata.engine.registry import Router, workflow_name
 from cantata.engine.worker import Engine, new_worker_id
 from cantata.errors import ConfigurationError, UnknownWorkflow
@@ -88,6 +89,12 @@ class App(Router):
         self._relay: Any = None
         self._opened = 0
         self._subscribed_types: set[str] | None = None
+        self.hooks = Hooks()
+
+    def add_hook(self, hook: Hook) -> None:
+        """Install an extension hook (tracing, metrics, …); see :mod:`cantata.engine.hooks`."""
+        hook.app_name = self.name
+        self.hooks.add(hook)
 
     def __repr__(self) -> str:
         return f"App({self.name!r})"
@@ -140,7 +147,7 @@ class App(Router):
         self._store, self._broker = store, broker
         self._engine = Engine(
             self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
-            poll_interval=self.poll_interval, services=self.services,
+            poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
         )
         await store.declare(self.name, self._declarations())
         if broker.relays_outbox:
@@ -315,7 +322,10 @@ class App(Router):
             **extra,
         )
         event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
-        counts = await self.store.append_events(self.name, [event])
+        with self.hooks.publish(event):
+            if self.hooks:
+                event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
+            counts = await self.store.append_events(self.name, [event])
         self._emitted([event])
         if counts and counts[0] == 0:
             await self._check_orphan(event)

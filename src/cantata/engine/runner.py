@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -237,7 +239,7 @@ class RunExecution:
             await self.commit(write)
             write = RunWrite()
             try:
-                value = await self._execute(sdef, args, key, n)
+                value = await self._execute(sdef, args, key, n, kind)
                 result = codec.dumps(value, f"result of step {sdef.name}")
             except Exception as exc:
                 attempt.ended_at = clock.now()
@@ -275,8 +277,23 @@ class RunExecution:
         await self.commit(write)
         raise StepFailed(entry.name, last[0], last[1], n)
 
-    async def _execute(self, sdef: StepDef, args: list[Any], key: str, attempt: int) -> Any:
-        return await invoke_step(sdef, args, self.run.run_id, key, attempt)
+    async def _execute(
+        self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str = "step"
+    ) -> Any:
+        hooks = self.engine.hooks
+        if not hooks:
+            return await invoke_step(sdef, args, self.run.run_id, key, attempt)
+        started = time.perf_counter()
+        with hooks.step(self.run, sdef.name, key, attempt, kind):
+            try:
+                value = await invoke_step(sdef, args, self.run.run_id, key, attempt)
+            except Exception as exc:
+                hooks.notify("step_finished", self.run, sdef.name, attempt,
+                             time.perf_counter() - started, exc)
+                raise
+        hooks.notify("step_finished", self.run, sdef.name, attempt,
+                     time.perf_counter() - started, None)
+        return value
 
     # -- the run ---------------------------------------------------------------------
 
@@ -294,7 +311,11 @@ class RunExecution:
     async def execute(self) -> None:
         """Run the workflow to its end (or until this worker lets it go)."""
         try:
-            await self._execute_run()
+            if self.engine.hooks:
+                with self.engine.hooks.run(self.run, await self._parent_traceparent()):
+                    await self._execute_run()
+            else:
+                await self._execute_run()
         except _Abandon:
             pass
         except asyncio.CancelledError:
@@ -309,6 +330,15 @@ class RunExecution:
         finally:
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
+
+    async def _parent_traceparent(self) -> str | None:
+        """The traceparent of the event that started this run (to join its trace)."""
+        if self.run.causation_id is None or self.run.parent_run_id is not None:
+            return None
+        with contextlib.suppress(Exception):
+            event = await self.engine.store.get_event(self.run.app, self.run.causation_id)
+            return None if event is None else event.traceparent
+        return None
 
     async def _deadline_after(self, delay: float) -> None:
         await self.engine.clock.sleep(delay)
@@ -424,3 +454,5 @@ class RunExecution:
         if status != RunStatus.COMPLETED:
             log.info("run %s of %s ended %s: %s", self.run.run_id, self.wdef.name, status, error)
         self.engine.metrics.runs[str(status)] = self.engine.metrics.runs.get(str(status), 0) + 1
+        if self.engine.hooks:
+            self.engine.hooks.notify("run_finished", self.run, str(status), error)

@@ -20,6 +20,7 @@ from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, Store
 
 from .clock import Clock
+from .hooks import Hooks
 from .registry import Router, StepDef
 from .runner import RunExecution
 
@@ -77,6 +78,7 @@ class Engine:
         lease: float,
         poll_interval: float,
         services: frozenset[str] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.app = app
         self.router = router
@@ -88,6 +90,7 @@ class Engine:
         self.wait_poll_interval = max(poll_interval, 0.5)
         self.services = services
         self.metrics = Metrics()
+        self.hooks = hooks if hooks is not None else Hooks()
         self.serving = False
         self.executions: dict[str, RunExecution] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -123,8 +126,8 @@ class Engine:
         return None
 
     def traceparent_for(self, run: RunRecord) -> str | None:
-        """W3C traceparent to stamp on events emitted by ``run`` (OpenTelemetry hook)."""
-        return None
+        """W3C traceparent to stamp on events emitted by ``run`` (from the tracing hook)."""
+        return self.hooks.traceparent() if self.hooks else None
 
     # -- runs --------------------------------------------------------------------------------
 

@@ -1,0 +1,131 @@
+"""Small typed extension points; tracing and metrics are built on them.
+
+A hook subclasses :class:`Hook` and overrides what it needs; ``app.add_hook(hook)``
+installs it. Context-manager hooks wrap the work they observe (a run's execution in
+this process, one step attempt, one handler attempt, one publish) so a tracer can
+make the span current for everything inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+from cantata.model.event import Event
+from cantata.model.records import RunRecord
+
+log = logging.getLogger("cantata.hooks")
+
+
+class Hook:
+    """Override any of these; the defaults do nothing."""
+
+    app_name = ""  # set when the hook is installed in an app
+
+    def run(
+        self, run: RunRecord, traceparent: str | None
+    ) -> AbstractContextManager[None] | None:
+        """Wraps one execution of a run in this process (from resume to end or hand-off).
+
+        ``traceparent`` is that of the event that started the run, if any.
+        """
+        return None
+
+    def run_finished(self, run: RunRecord, status: str, error: str | None) -> None:
+        """A run reached a final status."""
+
+    def step(
+        self, run: RunRecord, name: str, key: str, attempt: int, kind: str
+    ) -> AbstractContextManager[None] | None:
+        """Wraps one attempt of a step or compensation."""
+        return None
+
+    def step_finished(
+        self, run: RunRecord, name: str, attempt: int, seconds: float, error: BaseException | None
+    ) -> None:
+        """An attempt ended (``error`` is None on success)."""
+
+    def handler(
+        self, group: str, event: Event[Any], attempt: int
+    ) -> AbstractContextManager[None] | None:
+        """Wraps one attempt of a handler (or a workflow trigger) for an event."""
+        return None
+
+    def handler_finished(
+        self, group: str, event: Event[Any], seconds: float, outcome: str, error: str | None
+    ) -> None:
+        """``outcome`` is ``done``, ``retry`` or ``dead``."""
+
+    def publish(self, event: Event[Any]) -> AbstractContextManager[None] | None:
+        """Wraps ``app.publish`` of one event."""
+        return None
+
+    def traceparent(self) -> str | None:
+        """The W3C traceparent of the current context, stamped on emitted events."""
+        return None
+
+
+class Hooks:
+    """The hooks installed in one app; calls each, isolating their failures."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Hook] = []
+
+    def add(self, hook: Hook) -> None:
+        self.hooks.append(hook)
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    @contextlib.contextmanager
+    def _wrap(self, method: str, *args: Any) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for hook in self.hooks:
+                try:
+                    cm = getattr(hook, method)(*args)
+                    if cm is not None:
+                        stack.enter_context(cm)
+                except Exception:
+                    log.exception("hook %r failed in %s", hook, method)
+            yield
+
+    def run(self, run: RunRecord, traceparent: str | None) -> AbstractContextManager[None]:
+        return self._wrap("run", run, traceparent) if self.hooks else contextlib.nullcontext()
+
+    def step(self, run: RunRecord, name: str, key: str, attempt: int,
+             kind: str) -> AbstractContextManager[None]:
+        return (
+            self._wrap("step", run, name, key, attempt, kind) if self.hooks
+            else contextlib.nullcontext()
+        )
+
+    def handler(self, group: str, event: Event[Any], attempt: int) -> AbstractContextManager[None]:
+        return (
+            self._wrap("handler", group, event, attempt) if self.hooks
+            else contextlib.nullcontext()
+        )
+
+    def publish(self, event: Event[Any]) -> AbstractContextManager[None]:
+        return self._wrap("publish", event) if self.hooks else contextlib.nullcontext()
+
+    def notify(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every hook (for the ``*_finished`` notifications)."""
+        for hook in self.hooks:
+            try:
+                getattr(hook, method)(*args)
+            except Exception:
+                log.exception("hook %r failed in %s", hook, method)
+
+    def traceparent(self) -> str | None:
+        for hook in self.hooks:
+            try:
+                value = hook.traceparent()
+            except Exception:
+                log.exception("hook %r failed in traceparent", hook)
+                continue
+            if value:
+                return value
+        return None

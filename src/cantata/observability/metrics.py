@@ -1,0 +1,105 @@
+"""Prometheus metrics (``pip install 'cantata[metrics]'``).
+
+    from cantata.observability.metrics import PrometheusHook
+    metrics = PrometheusHook()
+    app.add_hook(metrics)
+    await metrics.refresh(app)      # now and then: stalled transactions, outbox lag
+
+Exposes runs by status, step and handler latency histograms, failed attempts,
+dead letters, orphan events, stalled transactions and the outbox lag.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from cantata.engine.hooks import Hook
+from cantata.errors import ConfigurationError
+from cantata.model.event import Event
+from cantata.model.records import RunRecord
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+except ImportError as exc:  # pragma: no cover - depends on the extra
+    raise ConfigurationError(
+        f"prometheus_client is not installed ({exc}): pip install 'cantata[metrics]'"
+    ) from None
+
+if TYPE_CHECKING:
+    from cantata.app import App
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class PrometheusHook(Hook):
+    """Records Cantata's metrics in ``registry`` (default: a new one, see ``.registry``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.runs = Counter("cantata_runs_total", "Runs that ended, by final status",
+                            ["app", "workflow", "status"], registry=r)
+        self.step_seconds = Histogram("cantata_step_duration_seconds",
+                                      "Duration of step attempts", ["app", "step", "outcome"],
+                                      buckets=_BUCKETS, registry=r)
+        self.step_failures = Counter("cantata_step_failed_attempts_total",
+                                     "Step attempts that raised (each is retried or fails the "
+                                     "step)", ["app", "step"], registry=r)
+        self.handler_seconds = Histogram("cantata_handler_duration_seconds",
+                                         "Duration of handler attempts",
+                                         ["app", "group", "outcome"], buckets=_BUCKETS,
+                                         registry=r)
+        self.handler_retries = Counter("cantata_handler_retries_total",
+                                       "Handler attempts that will be retried", ["app", "group"],
+                                       registry=r)
+        self.dead_letters = Counter("cantata_dead_letters_total", "Deliveries dead-lettered",
+                                    ["app", "group"], registry=r)
+        self.published = Counter("cantata_events_published_total", "Events published",
+                                 ["app", "type"], registry=r)
+        self.orphans = Gauge("cantata_orphan_events", "Orphan events seen by this process",
+                             ["app", "type"], registry=r)
+        self.stalled = Gauge("cantata_stalled_transactions",
+                             "Transactions with no progress, by reason", ["app", "reason"],
+                             registry=r)
+        self.outbox_lag = Gauge("cantata_outbox_lag_events",
+                                "Events committed but not yet handed to the external broker",
+                                ["app"], registry=r)
+
+    def run_finished(self, run: RunRecord, status: str, error: str | None) -> None:
+        self.runs.labels(run.app, run.workflow, status).inc()
+
+    def step_finished(self, run: RunRecord, name: str, attempt: int, seconds: float,
+                      error: BaseException | None) -> None:
+        outcome = "ok" if error is None else "error"
+        self.step_seconds.labels(run.app, name, outcome).observe(seconds)
+        if error is not None:
+            self.step_failures.labels(run.app, name).inc()
+
+    def handler_finished(self, group: str, event: Event[Any], seconds: float, outcome: str,
+                         error: str | None) -> None:
+        app = self.app_name
+        self.handler_seconds.labels(app, group, outcome).observe(seconds)
+        if outcome == "retry":
+            self.handler_retries.labels(app, group).inc()
+        elif outcome == "dead":
+            self.dead_letters.labels(app, group).inc()
+
+    def publish(self, event: Event[Any]) -> None:
+        self.published.labels(self.app_name, event.type).inc()
+
+    async def refresh(self, app: App, *, stalled_after: float = 300.0) -> None:
+        """Update the gauges that need the store: stalled transactions, outbox lag, orphans."""
+        counts: dict[str, int] = {}
+        for stall in await app.stalled(older_than=stalled_after):
+            counts[stall.reason] = counts.get(stall.reason, 0) + 1
+        from cantata.observability.stalled import REASONS
+
+        for reason in REASONS:
+            self.stalled.labels(app.name, reason).set(counts.get(reason, 0))
+        lag = len(await app.store.unpublished_events(app.name, limit=100_000))
+        broker = app._broker
+        self.outbox_lag.labels(app.name).set(lag if broker and broker.relays_outbox else 0)
+        for event_type, n in app.metrics.orphans.items():
+            self.orphans.labels(app.name, event_type).set(n)
+        self.refreshed_at = time.time()
