@@ -82,12 +82,15 @@ class _EmbeddedSubscription:
         self.worker_id = worker_id
         self.concurrency = concurrency
         self.wakeup = asyncio.Event()
+        self.stopping = False
         self.inflight: set[asyncio.Task[None]] = set()
         self.task = asyncio.create_task(self._loop(), name=f"cantata-consume:{group}")
 
     async def _loop(self) -> None:
         store = self.broker.store
-        while True:
+        while not self.stopping:
+            # Cleared before claiming: a wake-up during the claim must not be lost.
+            self.wakeup.clear()
             free = self.concurrency - len(self.inflight)
             claimed: list[Delivery] = []
             if free > 0:
@@ -108,25 +111,39 @@ class _EmbeddedSubscription:
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)
                 continue
-            self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), self.broker.poll_interval)
 
     async def _handle(self, delivery: Delivery) -> None:
         msg = EmbeddedMessage(self.broker.store, self.app, delivery)
         try:
-            await self.handler(msg)
-        except Exception as exc:
-            log.exception("handler of group %s crashed on event %s", self.group, delivery.event.id)
-            if not msg.settled:
-                await msg.retry(f"{type(exc).__name__}: {exc}", 1.0)
+            try:
+                await self.handler(msg)
+            except Exception as exc:
+                log.exception(
+                    "handler of group %s crashed on event %s", self.group, delivery.event.id
+                )
+                if not msg.settled:
+                    await msg.retry(f"{type(exc).__name__}: {exc}", 1.0)
+            else:
+                if not msg.settled:
+                    # Left claimed, it would never come back while this worker lives.
+                    log.warning(
+                        "handler of group %s returned without settling event %s; retrying it",
+                        self.group, delivery.event.id,
+                    )
+                    await msg.retry("RuntimeError: the handler did not settle the message", 1.0)
+        except Exception:
+            log.exception("settling event %s for group %s failed", delivery.event.id, self.group)
         finally:
             self.wakeup.set()
 
     async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        # Not cancelled: a claim cancelled while the store commits it would leave
+        # deliveries owned by this (live) worker and handled by nobody.
+        self.stopping = True
+        self.wakeup.set()
+        await self.task
         if self.inflight:
             await asyncio.gather(*self.inflight, return_exceptions=True)
 
@@ -138,18 +155,34 @@ class EmbeddedBroker:
         poll_interval: seconds between looks at the store for work committed by other
             processes (work committed by this process wakes consumers at once).
         lease: seconds after which a delivery owned by a silent worker is taken over.
+
+    Either left out takes the app's value (see :meth:`adopt_timing`), or else 0.2 s
+    and 10 s.
     """
 
     relays_outbox = False
 
-    def __init__(self, url: str = "embedded", *, poll_interval: float = 0.2,
-                 lease: float = 10.0) -> None:
+    def __init__(self, url: str = "embedded", *, poll_interval: float | None = None,
+                 lease: float | None = None) -> None:
         self.url = url
-        self.poll_interval = poll_interval
-        self.lease = lease
+        self._given = (poll_interval is not None, lease is not None)
+        self.poll_interval = 0.2 if poll_interval is None else poll_interval
+        self.lease = 10.0 if lease is None else lease
         self._store: Store | None = None
         self._subs: list[_EmbeddedSubscription] = []
         self._heartbeats: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    def adopt_timing(self, *, lease: float, poll_interval: float) -> None:
+        """Use the app's lease and poll interval, unless this broker was given its own.
+
+        A worker's runs and deliveries are kept by one heartbeat row, so a silent
+        worker's deliveries must be taken over after the same lease as its runs.
+        """
+        given_poll, given_lease = self._given
+        if not given_lease:
+            self.lease = lease
+        if not given_poll:
+            self.poll_interval = poll_interval
 
     @property
     def store(self) -> Store:
@@ -175,6 +208,9 @@ class EmbeddedBroker:
         self._subs.clear()
         for task in self._heartbeats.values():
             task.cancel()
+        for task in self._heartbeats.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._heartbeats.clear()
 
     async def publish(self, app: str, events: Sequence[Event[Any]]) -> None:

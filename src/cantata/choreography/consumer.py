@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription
+from cantata.broker.embedded import EmbeddedBroker
 from cantata.errors import WorkerLost, error_text
 from cantata.model.event import Event
 from cantata.model.retry import HANDLER_RETRY
 
 from .context import HandlerContext
+from .orphans import check_orphans
 
 if TYPE_CHECKING:
     from cantata.engine.registry import HandlerDef, TriggerDef
@@ -45,6 +47,9 @@ class Consumer:
     ) -> None:
         self.engine = engine
         self.broker = broker
+        if isinstance(broker, EmbeddedBroker):
+            # App(lease=..., poll_interval=...) governs deliveries as well as runs.
+            broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval)
         self.on_emitted = on_emitted
         self.concurrency = concurrency
         self._subs: list[Subscription] = []
@@ -148,6 +153,10 @@ class Consumer:
             self.engine.metrics.handled += 1
             if ctx.emitted:
                 self.on_emitted(ctx.emitted)
+                try:
+                    await check_orphans(self.engine, ctx.emitted)
+                except Exception as exc:  # the delivery is settled: only the report failed
+                    log.warning("checking emitted events for orphans failed: %s", exc)
 
     async def _failed(
         self, msg: BrokerMessage, retry: Any, exc: Exception, *, retryable: bool

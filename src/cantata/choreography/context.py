@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cantata.model import codec
-from cantata.model.event import Event, check_type
+from cantata.model.event import Event, check_attribute, check_type
 
 
 class HandlerContext:
@@ -32,6 +32,7 @@ class HandlerContext:
     async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> Event[Any]:
         """Emit an event caused by the one being handled (same correlation id)."""
         check_type(type)
+        check_attribute("subject", subject)
         event = Event(
             type=type,
             data=codec.loads(codec.dumps(data, f"data of event {type}")),

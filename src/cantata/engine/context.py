@@ -8,6 +8,7 @@ import uuid as _uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from cantata.choreography.orphans import check_orphans
 from cantata.errors import (
     ConfigurationError,
     UnknownStep,
@@ -200,6 +201,7 @@ class WorkflowContext:
         entry = x.new_entry(key, EMIT, type, ENTRY_COMPLETED, result=event.to_json().decode(),
                             started_at=now, ended_at=now)
         await x.commit(RunWrite(entries=[entry], events=[event]))
+        await check_orphans(x.engine, [event])
         return event
 
     async def wait_for_event(
@@ -243,15 +245,21 @@ class WorkflowContext:
         found: list[Event[Any]] = []
 
         async def look() -> bool:
-            events = await engine.store.find_events(
-                x.run.app, type, since=x.run.created_at, exclude=sorted(x.consumed_events),
-                limit=200,
-            )
-            for ev in events:
-                if match_data(ev.data, match):
-                    found.append(ev)
-                    return True
-            return False
+            # Page through (doubling) until a match or the end: a match may sit behind
+            # many non-matching events of the same type.
+            limit = 200
+            while True:
+                events = await engine.store.find_events(
+                    x.run.app, type, since=x.run.created_at,
+                    exclude=sorted(x.consumed_events), limit=limit,
+                )
+                for ev in events:
+                    if match_data(ev.data, match):
+                        found.append(ev)
+                        return True
+                if len(events) < limit:
+                    return False
+                limit *= 4
 
         engine.add_waiter(type, x)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import typing
 from collections.abc import Callable, Sequence
@@ -82,21 +83,49 @@ def patterns_overlap(a: str, b: str) -> bool:
 
 
 def _event_model(fn: Callable[..., Any]) -> Any:
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:
-        return None
+    """The ``T`` of a handler's ``event: Event[T]`` parameter (``None`` if untyped).
+
+    Only the event parameter's annotation is resolved, so an annotation elsewhere that
+    cannot be resolved (a ``TYPE_CHECKING`` import for ``ctx``) does not matter; an
+    event annotation that cannot be resolved is a registration error, never silently
+    an untyped handler.
+    """
     params = list(inspect.signature(fn).parameters.values())
     if not params:
         raise RegistrationError(
             f"handler {fn.__qualname__} takes no parameter: declare `(event, ctx)` or `(event)`"
         )
-    ann = hints.get(params[0].name)
+    ann = params[0].annotation
+    if ann is inspect.Parameter.empty:
+        return None
+    if isinstance(ann, str):
+        try:
+            ann = eval(ann, getattr(fn, "__globals__", {}), _closure_names(fn))
+        except Exception as exc:
+            if "Event" not in ann:
+                return None
+            raise RegistrationError(
+                f"cannot resolve the event annotation {params[0].annotation!r} of handler "
+                f"{fn.__qualname__} ({type(exc).__name__}: {exc}); define the model at module "
+                "level so the annotation can be resolved"
+            ) from None
     if typing.get_origin(ann) is Event:
         args = typing.get_args(ann)
         if args and args[0] is not Any:
             return args[0]
     return None
+
+
+def _closure_names(fn: Callable[..., Any]) -> dict[str, Any]:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    out: dict[str, Any] = {}
+    for name, cell in zip(code.co_freevars, cells, strict=False):
+        with contextlib.suppress(ValueError):
+            out[name] = cell.cell_contents
+    return out
 
 
 @dataclass

@@ -18,6 +18,7 @@ T = TypeVar("T")
 SPECVERSION = "1.0"
 _TYPE_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _PATTERN_RE = re.compile(r"^([A-Za-z0-9_\-]+|\*)(\.([A-Za-z0-9_\-]+|\*))*$")
+_OPTIONAL_STRINGS = ("subject", "time", "correlationid", "causationid", "traceparent", "signature")
 
 
 def check_type(event_type: str) -> str:
@@ -38,6 +39,19 @@ def check_pattern(pattern: str) -> str:
             "or one-token wildcards such as 'order.*'"
         )
     return pattern
+
+
+def check_attribute(name: str, value: Any) -> Any:
+    """Validate an optional string attribute given by a caller (``None`` passes).
+
+    CloudEvents requires ``id``, ``source`` and ``subject`` to be non-empty strings;
+    anything else would be stored converted, or break the JSON form on a broker.
+    """
+    if value is not None and (not isinstance(value, str) or not value):
+        raise InvalidEvent(
+            f"event attribute {name!r} must be a non-empty string, got {value!r}"
+        )
+    return value
 
 
 def matches(pattern: str, event_type: str) -> bool:
@@ -114,8 +128,22 @@ class Event(Generic[T]):
         for key in ("id", "source", "type"):
             if not isinstance(ce[key], str):
                 raise InvalidEvent(f"CloudEvent attribute {key!r} must be a string")
+        # Optional attributes end up in store columns and headers: a number or an
+        # object here would fail far from the cause (or be stored as garbage).
+        for key in _OPTIONAL_STRINGS:
+            if ce.get(key) is not None and not isinstance(ce[key], str):
+                raise InvalidEvent(
+                    f"CloudEvent attribute {key!r} must be a string, got "
+                    f"{type(ce[key]).__name__}"
+                )
         check_type(ce["type"])
         when = ce.get("time") or now_iso(_time.time())
+        try:
+            dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidEvent(
+                f"CloudEvent attribute 'time' must be an RFC 3339 timestamp, got {when!r}"
+            ) from None
         return Event(
             type=ce["type"],
             data=ce.get("data"),

@@ -1,0 +1,44 @@
+"""Orphans: events nothing in the app listens to, counted and logged.
+
+An event no handler group, workflow trigger or wait declares is silently never
+delivered — the classic failure of choreography. Whoever emits it (``app.publish``
+or a handler's ``ctx.emit``) reports it here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cantata.model.event import Event, matches
+
+if TYPE_CHECKING:
+    from cantata.engine.worker import Engine
+
+log = logging.getLogger("cantata.orphans")
+
+
+async def check_orphans(engine: Engine, events: Sequence[Event[Any]]) -> list[Event[Any]]:
+    """Count and log each of ``events`` whose type nothing in the app declares.
+
+    This process's handlers and triggers answer most cases without a query; the
+    store's declarations add other services' groups and the waits of running runs.
+
+    Returns:
+        the orphan events.
+    """
+    router = engine.router
+    local = [h.pattern for h in router.handlers] + [t.pattern for t in router.triggers]
+    unknown = [e for e in events if not any(matches(p, e.type) for p in local)]
+    if not unknown:
+        return []
+    declared = [d.pattern for d in await engine.store.declarations(engine.app) if d.pattern]
+    orphans = [e for e in unknown if not any(matches(p, e.type) for p in declared)]
+    for event in orphans:
+        engine.metrics.orphans[event.type] = engine.metrics.orphans.get(event.type, 0) + 1
+        log.warning(
+            "orphan event: %s (id %s) was published but no handler, workflow trigger or "
+            "wait in app %r listens to it", event.type, event.id, engine.app,
+        )
+    return orphans
