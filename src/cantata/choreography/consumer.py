@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -136,20 +137,31 @@ class Consumer:
                 await msg.dead(validation_text(exc))
                 return
             event = event.with_data(data)
+        hooks = self.engine.hooks
         ctx = HandlerContext(
-            self.engine.app, hdef.group, event, f"cantata/{self.engine.app}/{hdef.group}"
+            self.engine.app, hdef.group, event, f"cantata/{self.engine.app}/{hdef.group}",
+            traceparent=hooks.traceparent if hooks else None,
         )
         ctx.attempt = msg.attempt
-        try:
-            if hdef.is_async:
-                await (hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event))
-            else:
-                args = (event, ctx) if hdef.wants_ctx else (event,)
-                await asyncio.to_thread(hdef.fn, *args)
-        except Exception as exc:
-            await self._failed(msg, retry, exc, retryable=retry.is_retryable(exc))
-            return
-        if await msg.complete(ctx.emitted):
+        started = time.perf_counter()
+        with hooks.handler(hdef.group, event, msg.attempt):
+            try:
+                if hdef.is_async:
+                    await (hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event))
+                else:
+                    args = (event, ctx) if hdef.wants_ctx else (event,)
+                    await asyncio.to_thread(hdef.fn, *args)
+            except Exception as exc:
+                outcome = await self._failed(msg, retry, exc, retryable=retry.is_retryable(exc))
+                if hooks:
+                    hooks.notify("handler_finished", hdef.group, event,
+                                 time.perf_counter() - started, outcome, error_text(exc))
+                return
+            completed = await msg.complete(ctx.emitted)
+            if hooks:
+                hooks.notify("handler_finished", hdef.group, event,
+                             time.perf_counter() - started, "done", None)
+        if completed:
             self.engine.metrics.handled += 1
             if ctx.emitted:
                 self.on_emitted(ctx.emitted)
@@ -160,17 +172,20 @@ class Consumer:
 
     async def _failed(
         self, msg: BrokerMessage, retry: Any, exc: Exception, *, retryable: bool
-    ) -> None:
+    ) -> str:
+        """Retry or dead-letter the message; returns which ("retry" or "dead")."""
         text = error_text(exc)
         self.engine.metrics.handler_failures += 1
         if retryable and msg.attempt < retry.max_attempts:
             self.engine.metrics.retries += 1
             await msg.retry(text, retry.delay(msg.attempt))
+            return "retry"
         else:
             log.warning("dead-lettering %s for group %s: %s", msg.event and msg.event.type,
                         msg.group, text)
             self.engine.metrics.dead_lettered += 1
             await msg.dead(text)
+            return "dead"
 
 
 def _matches(pattern: str, event_type: str) -> bool:

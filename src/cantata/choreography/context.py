@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from cantata.model import codec
@@ -16,13 +17,21 @@ class HandlerContext:
     the event is redelivered after success, none is emitted twice.
     """
 
-    def __init__(self, app: str, group: str, event: Event[Any], source: str) -> None:
+    def __init__(
+        self,
+        app: str,
+        group: str,
+        event: Event[Any],
+        source: str,
+        traceparent: Callable[[], str | None] | None = None,
+    ) -> None:
         self.app = app
         self.group = group
         self.event = event
         self.attempt = 1
         self._source = source
         self.emitted: list[Event[Any]] = []
+        self._traceparent = traceparent
 
     @property
     def correlation_id(self) -> str:
@@ -40,7 +49,7 @@ class HandlerContext:
             subject=subject if subject is not None else self.event.subject,
             correlation_id=self.correlation_id,
             causation_id=self.event.id,
-            traceparent=self.event.traceparent,
+            traceparent=(self._traceparent and self._traceparent()) or self.event.traceparent,
         )
         self.emitted.append(event)
         return event

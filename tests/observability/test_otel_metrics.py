@@ -1,0 +1,116 @@
+"""OpenTelemetry spans and Prometheus metrics built on the hooks."""
+
+from __future__ import annotations
+
+import asyncio
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client import generate_latest
+
+import cantata
+from cantata import App, Event, Retry
+from cantata.observability.metrics import PrometheusHook
+from cantata.observability.otel import OpenTelemetryHook
+
+
+def build(hook: cantata.engine.hooks.Hook) -> tuple[App, list[str]]:
+    app = App("traced", store="memory://", poll_interval=0.05)
+    app.add_hook(hook)
+    seen: list[str] = []
+
+    @app.step
+    async def reserve(order: dict) -> str:
+        return "ok"
+
+    @app.step(retry=Retry(max_attempts=2, initial_interval=0.01))
+    async def flaky(order: dict) -> str:
+        if cantata.step_info().attempt == 1:
+            raise ConnectionError("blip")
+        return "ok"
+
+    @app.workflow
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> str:
+        await ctx.run(reserve, order)
+        await ctx.run(flaky, order)
+        await ctx.emit("order.placed", order)
+        return "done"
+
+    @app.on("order.placed", group="shipping")
+    async def ship(event: Event, ctx: cantata.HandlerContext) -> None:
+        seen.append(event.id)
+        await ctx.emit("shipment.created", event.data)
+
+    @app.on("shipment.created", group="notifications")
+    async def notify(event: Event) -> None:
+        seen.append(event.id)
+
+    return app, seen
+
+
+async def wait_for(check: object, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def test_one_trace_spans_workflow_event_and_handlers_of_other_groups() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app, seen = build(OpenTelemetryHook(tracer_provider=provider))
+    async with app:
+        handle = await app.start("place_order", {"id": 1})
+        assert await handle.result(timeout=5) == "done"
+        await wait_for(lambda: len(seen) == 2)
+        await wait_for(lambda: len([s for s in exporter.get_finished_spans()
+                                    if s.name.startswith("process")]) == 2)
+    spans = exporter.get_finished_spans()
+    by_name = {s.name: s for s in spans}
+    assert {"workflow place_order", "step reserve", "step flaky", "process order.placed",
+            "process shipment.created"} <= set(by_name)
+    assert len({s.context.trace_id for s in spans}) == 1, [s.name for s in spans]
+    run_span = by_name["workflow place_order"]
+    assert by_name["step reserve"].parent.span_id == run_span.context.span_id
+    handler = by_name["process order.placed"]
+    assert handler.kind == SpanKind.CONSUMER
+    assert handler.attributes["messaging.consumer.group.name"] == "shipping"
+    assert handler.attributes["messaging.destination.name"] == "order.placed"
+    assert by_name["process shipment.created"].parent.span_id == handler.context.span_id
+    assert len([s for s in spans if s.name == "step flaky"]) == 2  # one span per attempt
+
+
+async def test_publish_span_is_the_parent_of_the_handler() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app, seen = build(OpenTelemetryHook(tracer_provider=provider))
+    async with app:
+        event = await app.publish("order.placed", {"id": 2})
+        assert event.traceparent is not None
+        await wait_for(lambda: len(seen) == 2)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    publish = spans["publish order.placed"]
+    assert publish.kind == SpanKind.PRODUCER
+    assert spans["process order.placed"].parent.span_id == publish.context.span_id
+
+
+async def test_prometheus_metrics() -> None:
+    hook = PrometheusHook()
+    app, seen = build(hook)
+    async with app:
+        await (await app.start("place_order", {"id": 3})).result(timeout=5)
+        await wait_for(lambda: len(seen) == 2)
+        await app.publish("nobody.listens", {})
+        await hook.refresh(app)
+    text = generate_latest(hook.registry).decode()
+    assert 'cantata_runs_total{app="traced",status="completed",workflow="place_order"} 1.0' in text
+    assert 'cantata_step_failed_attempts_total{app="traced",step="flaky"} 1.0' in text
+    assert 'cantata_handler_duration_seconds_count{app="traced",group="shipping",outcome="done"}' \
+        in text
+    assert 'cantata_orphan_events{app="traced",type="nobody.listens"} 1.0' in text
+    assert "cantata_stalled_transactions" in text and "cantata_outbox_lag_events" in text
