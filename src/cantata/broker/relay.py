@@ -1,0 +1,126 @@
+"""The outbox relay: hands events committed to the store to an external broker.
+
+At-least-once: events are marked published only after the broker accepted them,
+so a crash in between republishes them; the broker drops ids it has seen
+(JetStream ``Nats-Msg-Id``) and the store's inbox makes a late duplicate harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from cantata.broker.base import Broker
+from cantata.errors import error_text
+from cantata.store.base import EVENTS, Store
+
+log = logging.getLogger("cantata.broker")
+
+
+async def relay_once(store: Store, broker: Broker, app: str, limit: int = 500) -> int:
+    """Publish up to ``limit`` unpublished events of ``app``, oldest first.
+
+    Returns:
+        How many events were published (and marked so).
+    """
+    events = await store.unpublished_events(app, limit=limit)
+    if not events:
+        return 0
+    await broker.publish(app, events)
+    await store.mark_published(app, [e.id for e in events])
+    return len(events)
+
+
+class OutboxRelay:
+    """Runs :func:`relay_once` for one app until stopped.
+
+    It runs at once when the store reports new events in this process and polls
+    every ``poll_interval`` seconds for events committed by other processes. When
+    the broker is unreachable it logs once and keeps trying.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        app: str,
+        *,
+        poll_interval: float = 0.2,
+        batch: int = 500,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.app = app
+        self.poll_interval = poll_interval
+        self.batch = batch
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listening = False
+
+    async def start(self) -> None:
+        """Start relaying in a background task (call from a running event loop)."""
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        if not self._listening:  # the store cannot drop listeners: add ours once
+            self.store.add_listener(self._on_change)
+            self._listening = True
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name=f"cantata-relay:{self.app}")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop relaying; a batch being published is finished (and marked) first,
+        unless it takes longer than ``timeout`` seconds."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(task, timeout)
+        except TimeoutError:
+            log.warning("outbox relay of app %s did not stop in %ss", self.app, timeout)
+
+    def wake(self) -> None:
+        """Relay now rather than at the next poll (safe from any thread)."""
+        loop = self._loop
+        if loop is None or self._task is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wakeup.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # loop closed
+                loop.call_soon_threadsafe(self._wakeup.set)
+
+    def _on_change(self, channel: str) -> None:
+        if channel == EVENTS:
+            self.wake()
+
+    async def _run(self) -> None:
+        failing = False
+        while not self._stopping.is_set():
+            self._wakeup.clear()
+            try:
+                count = await relay_once(self.store, self.broker, self.app, self.batch)
+            except Exception as exc:
+                if not failing:
+                    log.warning(
+                        "outbox relay of app %s failed (%s); retrying", self.app, error_text(exc)
+                    )
+                failing = True
+                count = 0
+            else:
+                if failing:
+                    log.info("outbox relay of app %s works again", self.app)
+                failing = False
+            if count >= self.batch:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)

@@ -1,0 +1,252 @@
+"""The broker contract on NATS JetStream, plus what only a server can get wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats.js.errors
+import pytest
+
+from cantata.broker.base import Broker, BrokerMessage
+from cantata.broker.factory import broker_from_url
+from cantata.broker.nats import (
+    NatsBroker,
+    consumer_name,
+    event_subject,
+    replay_subject,
+    stream_name,
+    token,
+)
+from cantata.errors import BrokerError, ConfigurationError
+from cantata.model.event import Event
+from cantata.store.factory import store_from_url
+from tests.contract.broker_contract import BrokerContract, Env
+
+
+def nats_broker(url: str) -> NatsBroker:
+    # Short pulls and ack wait keep the suite fast; reconnects are quick on localhost.
+    return NatsBroker(url, fetch_timeout=0.25, ack_wait=2.0, reconnect_time_wait=0.2)
+
+
+@pytest.mark.nats
+class TestNatsBroker(BrokerContract):
+    external = True
+    timeout = 8.0
+    quiet_time = 0.5
+    url: str
+
+    @pytest.fixture(autouse=True)
+    def _url(self, nats_url: str) -> None:
+        self.url = nats_url
+
+    def create_broker(self) -> Broker:
+        return nats_broker(self.url)
+
+    async def publish_raw(self, env: Env, event_type: str, payload: bytes) -> None:
+        assert isinstance(env.broker, NatsBroker)
+        await env.broker.js.publish(
+            event_subject(env.app, event_type), payload, stream=stream_name(env.app)
+        )
+
+    async def dispose(self, env: Env) -> None:
+        assert isinstance(env.broker, NatsBroker)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await env.broker.js.delete_stream(stream_name(env.app))
+
+
+# -- names ------------------------------------------------------------------------------
+
+
+def test_names_are_valid_nats_tokens_and_never_shared() -> None:
+    valid = r"^[A-Za-z0-9_-]+$"
+    assert token("shop") == "shop"
+    assert stream_name("shop") == "CANTATA_shop"
+    assert event_subject("shop", "order.placed") == "cantata.shop.order.placed"
+    assert replay_subject("shop", "billing") == "cantata.shop._replay.billing"
+    odd = ["my shop.eu", "my_shop_eu", "a>b", "a*b", "ünï"]
+    tokens = [token(n) for n in odd]
+    assert len(set(tokens)) == len(odd)
+    assert all(re.match(valid, t) for t in tokens), tokens
+    names = {
+        consumer_name("billing", "order.placed"),
+        consumer_name("billing", "order.*"),
+        consumer_name("billing", None),
+        consumer_name("shipping", "order.placed"),
+        consumer_name("billing.eu", "order.placed"),
+    }
+    assert len(names) == 5
+    assert all(re.match(valid, n) for n in names)
+
+
+# -- the factory --------------------------------------------------------------------------
+
+
+def test_factory_builds_a_nats_broker() -> None:
+    broker = broker_from_url("nats://user:pw@127.0.0.1:4222")
+    assert isinstance(broker, NatsBroker)
+    assert broker.url == "nats://user:pw@127.0.0.1:4222"
+    assert broker.relays_outbox is True
+
+
+def test_factory_without_nats_py_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cantata.broker.nats", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'cantata\[nats\]'"):
+        broker_from_url("nats://127.0.0.1:4222")
+
+
+# -- connecting ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_unreachable_server_raises_broker_error_naming_the_masked_url() -> None:
+    port = free_port()
+    broker = NatsBroker(
+        f"nats://alice:s3cret@127.0.0.1:{port}", connect_attempts=2, reconnect_time_wait=0.05
+    )
+    store = store_from_url("memory://")
+    await store.open()
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerError) as info:
+            await broker.open(store)
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert f"nats://alice:***@127.0.0.1:{port}" in message
+    assert "s3cret" not in message
+    await broker.close()
+
+
+class Server:
+    """A nats-server of this test's own, which it may stop and start again."""
+
+    def __init__(self, binary: str, store_dir: Path, jetstream: bool) -> None:
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.args = [binary, "-a", "127.0.0.1", "-p", str(self.port)]
+        if jetstream:
+            self.args += ["-js", "-sd", str(store_dir)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    binary = shutil.which("nats-server")
+    if binary is None:
+        message = "nats-server is not on PATH"
+        if os.environ.get("CANTATA_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{message} and CANTATA_REQUIRE_SERVICES=1")
+        pytest.skip(f"{message}; install it to run this test")
+    servers: list[Server] = []
+
+    def make(jetstream: bool = True) -> Server:
+        server = Server(binary, tmp_path / f"js{len(servers)}", jetstream)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.nats
+async def test_server_without_jetstream_is_a_clear_broker_error(
+    own_server: Callable[..., Server],
+) -> None:
+    server = own_server(jetstream=False)
+    store = store_from_url("memory://")
+    await store.open()
+    try:
+        with pytest.raises(BrokerError, match="JetStream") as info:
+            await nats_broker(server.url).open(store)
+    finally:
+        await store.close()
+    assert server.url in str(info.value) and "-js" in str(info.value)
+
+
+@pytest.mark.nats
+async def test_pull_loops_survive_a_server_restart(own_server: Callable[..., Server]) -> None:
+    server = own_server()
+    store = store_from_url("memory://")
+    await store.open()
+    broker = nats_broker(server.url)
+    await broker.open(store)
+    handled: list[str] = []
+
+    async def handle(msg: BrokerMessage) -> None:
+        assert msg.event is not None
+        if await msg.complete():
+            handled.append(msg.event.id)
+
+    async def publish(event: Event[Any]) -> None:
+        await store.append_events("shop", [event])
+        deadline = time.monotonic() + 10
+        while True:  # the client may still be reconnecting
+            try:
+                await broker.publish("shop", [event])
+                return
+            except BrokerError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def until_handled(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(handled) < n:
+            assert time.monotonic() < deadline, f"only {len(handled)} of {n} handled"
+            await asyncio.sleep(0.02)
+
+    try:
+        await broker.subscribe("shop", "billing", ["order.*"], handle, worker_id="w1")
+        first = Event(type="order.placed", data={"n": 1})
+        await publish(first)
+        await until_handled(1)
+        server.stop()
+        await asyncio.sleep(0.5)  # the pull loops fail meanwhile
+        server.start()
+        second = Event(type="order.placed", data={"n": 2})
+        await publish(second)
+        await until_handled(2)
+        assert handled == [first.id, second.id]
+    finally:
+        await broker.close()
+        await store.close()

@@ -1,0 +1,217 @@
+"""The outbox relay: committed events reach an external broker, at least once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats
+import nats.js.errors
+import pytest
+
+from cantata.broker.base import BrokerMessage
+from cantata.broker.nats import NatsBroker, stream_name
+from cantata.broker.relay import OutboxRelay, relay_once
+from cantata.errors import BrokerError
+from cantata.model.codec import new_id
+from cantata.model.event import Event
+from cantata.store.base import Store
+from cantata.store.factory import store_from_url
+
+APP = "shop"
+
+
+def events(n: int, event_type: str = "order.placed") -> list[Event[Any]]:
+    return [Event(type=event_type, data={"n": i}) for i in range(n)]
+
+
+class RecordingBroker:
+    """An external broker that only records what it is given (and can be down)."""
+
+    url = "recording://"
+    relays_outbox = True
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+        self.down = False
+
+    async def publish(self, app: str, evs: Sequence[Event[Any]]) -> None:
+        if self.down:
+            raise BrokerError("recording broker is down")
+        self.published.extend(e.id for e in evs)
+
+
+class CrashBeforeMark:
+    """A store whose process "dies" between publishing and marking published."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
+        raise RuntimeError("killed before marking")
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Store]:
+    s = store_from_url("memory://")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def eventually(what: str, check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+# -- without a server -----------------------------------------------------------------
+
+
+async def test_relay_once_publishes_in_order_and_marks(store: Store) -> None:
+    broker = RecordingBroker()
+    sent = events(5)
+    await store.append_events(APP, sent)
+    assert await relay_once(store, broker, APP, limit=3) == 3  # type: ignore[arg-type]
+    assert await relay_once(store, broker, APP, limit=3) == 2  # type: ignore[arg-type]
+    assert await relay_once(store, broker, APP, limit=3) == 0  # type: ignore[arg-type]
+    assert broker.published == [e.id for e in sent]
+    assert await store.unpublished_events(APP, limit=10) == []
+
+
+async def test_relay_once_marks_nothing_when_the_broker_fails(store: Store) -> None:
+    broker = RecordingBroker()
+    broker.down = True
+    await store.append_events(APP, events(2))
+    with pytest.raises(BrokerError):
+        await relay_once(store, broker, APP)  # type: ignore[arg-type]
+    assert len(await store.unpublished_events(APP, limit=10)) == 2
+
+
+async def test_relay_is_woken_by_new_events_and_survives_an_outage(store: Store) -> None:
+    broker = RecordingBroker()
+    relay = OutboxRelay(store, broker, APP, poll_interval=30)  # type: ignore[arg-type]
+    await relay.start()
+    try:
+        [first] = events(1)
+        await store.append_events(APP, [first])
+        await eventually("the store's notification", lambda: broker.published == [first.id])
+        broker.down = True
+        [second] = events(1)
+        await store.append_events(APP, [second])
+        await asyncio.sleep(0.1)
+        broker.down = False
+        relay.wake()
+        await eventually("the retry", lambda: broker.published == [first.id, second.id])
+    finally:
+        await relay.stop()
+    assert await store.unpublished_events(APP, limit=10) == []
+
+
+async def test_relay_polls_for_events_of_other_processes(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'cantata.db'}"
+    mine, theirs = store_from_url(url), store_from_url(url)
+    await mine.open()
+    await theirs.open()
+    broker = RecordingBroker()
+    relay = OutboxRelay(mine, broker, APP, poll_interval=0.05)  # type: ignore[arg-type]
+    await relay.start()
+    try:
+        [event] = events(1)
+        await theirs.append_events(APP, [event])  # no notification reaches `mine`
+        await eventually("the poll", lambda: broker.published == [event.id])
+    finally:
+        await relay.stop()
+        await mine.close()
+        await theirs.close()
+
+
+# -- with NATS ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def nats_broker(nats_url: str, store: Store) -> AsyncIterator[tuple[NatsBroker, str]]:
+    broker = NatsBroker(nats_url, fetch_timeout=0.25)
+    await broker.open(store)
+    app = f"relay{new_id()[:10]}"
+    try:
+        yield broker, app
+    finally:
+        await broker.close()  # stops the pull loops first: they would recreate the stream
+        nc = await nats.connect(nats_url)
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await nc.jetstream().delete_stream(stream_name(app))
+        finally:
+            await nc.close()
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.handled: list[str] = []
+
+    async def __call__(self, msg: BrokerMessage) -> None:
+        assert msg.event is not None
+        self.calls.append(msg.event.id)
+        if await msg.complete():
+            self.handled.append(msg.event.id)
+
+
+@pytest.mark.nats
+async def test_committed_events_reach_nats_subscribers_through_the_relay(
+    store: Store, nats_broker: tuple[NatsBroker, str]
+) -> None:
+    broker, app = nats_broker
+    billing, shipping = Counter(), Counter()
+    await broker.subscribe(app, "billing", ["order.placed"], billing, worker_id="w1")
+    await broker.subscribe(app, "shipping", ["order.*"], shipping, worker_id="w1")
+    relay = OutboxRelay(store, broker, app, poll_interval=0.05)
+    await relay.start()
+    try:
+        sent = events(4)
+        await store.append_events(app, sent)  # committed only: the relay does the rest
+        ids = [e.id for e in sent]
+        await eventually("billing", lambda: sorted(billing.handled) == sorted(ids))
+        await eventually("shipping", lambda: sorted(shipping.handled) == sorted(ids))
+    finally:
+        await relay.stop()
+    assert await store.unpublished_events(app, limit=10) == []
+
+
+@pytest.mark.nats
+async def test_relay_restarted_after_a_crash_before_marking_does_not_double_handle(
+    store: Store, nats_broker: tuple[NatsBroker, str]
+) -> None:
+    broker, app = nats_broker
+    billing = Counter()
+    await broker.subscribe(app, "billing", ["order.placed"], billing, worker_id="w1")
+    sent = events(3)
+    ids = [e.id for e in sent]
+    await store.append_events(app, sent)
+    with pytest.raises(RuntimeError, match="killed"):
+        await relay_once(CrashBeforeMark(store), broker, app)
+    await eventually("the first publication", lambda: sorted(billing.handled) == sorted(ids))
+    assert len(await store.unpublished_events(app, limit=10)) == 3  # never marked
+    relay = OutboxRelay(store, broker, app, poll_interval=0.05)  # the restarted process
+    await relay.start()
+    try:
+        async def all_marked() -> bool:
+            return await store.unpublished_events(app, limit=10) == []
+
+        deadline = time.monotonic() + 5
+        while not await all_marked():
+            assert time.monotonic() < deadline, "the restarted relay did not republish"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # a duplicate would arrive now
+    finally:
+        await relay.stop()
+    assert sorted(billing.handled) == sorted(ids)
+    assert sorted(billing.calls) == sorted(ids), "JetStream should drop the republished ids"
