@@ -4,8 +4,10 @@
 one small subclass per backend (``tests/store/test_*.py``), which overrides
 :meth:`StoreContract.make_store`. Every test uses a fresh random app name, so
 backends on a shared database (PostgreSQL) do not see each other's leftovers.
-The event-log half of the contract is in ``store_contract_events.py``; fixtures
-and helpers are in ``store_support.py``.
+The event log is in ``store_contract_events.py``, tasks in
+``store_contract_tasks.py``, the audit log in ``store_contract_audit.py`` (whose
+tampering tests need each backend's :meth:`StoreFixtures.tamper`); fixtures and
+helpers are in ``store_support.py``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, Settlement, Store
+from tests.contract.store_contract_audit import AuditContract
 from tests.contract.store_contract_events import EventsContract
+from tests.contract.store_contract_tasks import TasksContract
 from tests.contract.store_support import entry, ev, eventually, json_values, new_run
 
 
-class StoreContract(EventsContract):
-    """Behaviour every store backend must have. Subclasses override :meth:`make_store`."""
+class StoreContract(EventsContract, TasksContract, AuditContract):
+    """Behaviour every store backend must have.
+
+    Subclasses override :meth:`make_store` and :meth:`tamper`.
+    """
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -405,6 +412,19 @@ class StoreContract(EventsContract):
         await store.mark_published(a, [shared.id])
         assert [e.id for e in await store.unpublished_events(b, limit=9)] == [shared.id]
         assert (await store.trace_records(b, run.correlation_id, limit=9)).runs == []
+
+    async def test_apps_lists_every_app_with_anything_stored(self, store: Store) -> None:
+        names = [f"{self.app}-{x}" for x in ("runs", "decl", "events", "workers")]
+        await store.create_run(new_run(names[0]))
+        await store.declare(names[1], [Declaration("workflow", "wf")])
+        await store.append_events(names[2], [ev()])
+        await store.heartbeat(names[3], "w", time.time(), None)
+        got = await store.apps()
+        assert got == sorted(got) and len(got) == len(set(got))
+        assert set(names) <= set(got)
+        assert self.app not in got  # nothing stored under the bare name
+        if not self.shares_database:
+            assert got == sorted(names)
 
     # -- JSON round trip ------------------------------------------------------------------
 

@@ -16,11 +16,13 @@ from cantata.model.event import Event
 from cantata.model.records import (
     ENTRY_COMPLETED,
     STEP,
+    AuditRecord,
     Declaration,
     HistoryEntry,
     RunRecord,
 )
 from cantata.model.status import RunStatus
+from cantata.store import audit
 from cantata.store.base import Store
 
 _clock = itertools.count(1)
@@ -73,6 +75,31 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         await asyncio.sleep(0.01)
 
 
+#: The ways :meth:`StoreFixtures.tamper` changes an audit record.
+TAMPERINGS = ("data", "hash", "prev_hash", "rehash", "delete")
+
+
+def tampered(rec: AuditRecord, how: str) -> dict[str, Any] | None:
+    """The columns of ``rec`` to overwrite for ``how`` (``None``: delete the row).
+
+    ``data`` falsifies the data; ``hash`` and ``prev_hash`` overwrite a hash;
+    ``rehash`` falsifies the data and recomputes the record's own hash, as an
+    attacker who knows the algorithm would.
+    """
+    if how == "delete":
+        return None
+    forged = '{"forged":true,"status":"completed"}'
+    if how == "data":
+        return {"data": forged}
+    if how == "hash":
+        return {"hash": "0" * 64}
+    if how == "prev_hash":
+        return {"prev_hash": "f" * 64}
+    assert how == "rehash", how
+    rest = audit.tail(rec.time, rec.actor, rec.action, rec.target, forged)
+    return {"data": forged, "hash": audit.chain_hash(rec.prev_hash, rec.seq, rest)}
+
+
 class StoreFixtures:
     """The backend hook, the fixtures and small helpers of the store contract."""
 
@@ -111,6 +138,15 @@ class StoreFixtures:
             yield other
         finally:
             await other.close()
+
+    async def tamper(self, store: Store, app: str, seq: int, how: str = "data") -> None:
+        """Change audit record ``seq`` of ``app`` behind the store's back, with raw SQL.
+
+        ``how`` is one of :data:`TAMPERINGS` (see :func:`tampered`); the backend's
+        append-only guard (trigger) is bypassed as an attacker with database access
+        would. Every backend's test class implements it.
+        """
+        raise NotImplementedError
 
     async def live(self, store: Store, *workers: str) -> float:
         now = time.time()

@@ -116,7 +116,7 @@ def test_graph_of_a_workflow_needs_no_store(capsys: pytest.CaptureFixture[str]) 
     assert 'n2 -.->|"fails"| c1' in out
     code, out, err = cli(capsys, "graph", "cantata.examples.orders.app:app", "place_order")
     assert code == 0, err
-    assert 'n2["charge_payment"]' in out and 'c1[/"↩ release_inventory"/]' in out
+    assert 'n2["payments.charge"]' in out and 'c1[/"↩ inventory.release"/]' in out
 
 
 def test_graph_of_the_choreography_with_traffic(

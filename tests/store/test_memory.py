@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from cantata.store.base import Store
 from cantata.store.factory import store_from_url
+from cantata.store.sqlite import SQLiteStore
 from tests.contract.store_contract import StoreContract
 from tests.contract.store_support import new_run
+from tests.store.tamper import record, sqlite_tamper
 
 
 class TestMemoryStore(StoreContract):
@@ -13,6 +15,12 @@ class TestMemoryStore(StoreContract):
 
     async def make_store(self) -> Store:
         return store_from_url("memory://")
+
+    async def tamper(self, store: Store, app: str, seq: int, how: str = "data") -> None:
+        # The private database is reachable only through the store's own connection.
+        assert isinstance(store, SQLiteStore)
+        rec = await record(store, app, seq)
+        await store._t.write(lambda c: sqlite_tamper(c, app, rec, how))
 
 
 async def test_memory_stores_are_private() -> None:

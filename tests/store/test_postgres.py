@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,11 +22,14 @@ import pytest
 
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.model.codec import new_id
+from cantata.model.records import AuditReport, RunWrite, TaskRecord
+from cantata.model.status import RunStatus
 from cantata.store.base import RUNS, Store
 from cantata.store.factory import store_from_url
 from cantata.store.postgres import PostgresStore
 from tests.contract.store_contract import StoreContract
 from tests.contract.store_support import eventually, new_run
+from tests.store.tamper import pg_tamper, record
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +72,11 @@ class TestPostgresStore(StoreContract):
 
     async def make_store(self) -> Store:
         return PostgresStore(self.url)
+
+    async def tamper(self, store: Store, app: str, seq: int, how: str = "data") -> None:
+        assert isinstance(store, PostgresStore)
+        rec = await record(store, app, seq)
+        await pg_tamper(self.url.split("?")[0], store._db.schema, app, rec, how)
 
 
 async def test_factory_maps_postgres_urls(postgres_url: str) -> None:
@@ -124,7 +133,7 @@ async def test_concurrent_migrations_of_a_fresh_schema(
         types = {r[0]: r[1] for r in columns}
     finally:
         await conn.close()
-    assert [v[0] for v in versions] == [1]
+    assert [v[0] for v in versions] == [1, 2]
     assert types["created_at"] == "double precision" and types["fence"] == "bigint"
     assert types["cancel_requested"] == "boolean"
 
@@ -148,6 +157,63 @@ async def test_newer_schema_or_foreign_tables_are_corrupt(
             await PostgresStore(url).open()
     finally:
         await conn.close()
+
+
+async def test_a_version_1_schema_is_upgraded_in_place(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    script = resources.files("cantata.store").joinpath("migrations/postgres/0001_initial.sql")
+    old = new_run("shop")
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{fresh_schema}"')
+        await conn.execute(f'SET search_path TO "{fresh_schema}"')
+        await conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, "
+            "applied_at double precision NOT NULL)"
+        )
+        await conn.execute(script.read_text())
+        await conn.execute("INSERT INTO schema_version VALUES (1, 0)")
+        await conn.execute(
+            "INSERT INTO runs (app, run_id, workflow, status, args, correlation_id, created_at, "
+            "updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+            old.app, old.run_id, old.workflow, str(old.status), old.args, old.correlation_id,
+            old.created_at, old.updated_at,
+        )
+    finally:
+        await conn.close()
+    store = PostgresStore(with_schema(postgres_url, fresh_schema))
+    await store.open()
+    try:
+        assert await store.get_run("shop", old.run_id) == old
+        assert await store.verify_audit("shop") == AuditReport(True, 0)
+        await store.commit_run("shop", old.run_id, 0, RunWrite(
+            tasks=[TaskRecord(f"{old.run_id}:inv.reserve#1", old.run_id, "inv.reserve#1",
+                              "inv.reserve", "inventory", "[]")],
+            status=RunStatus.RUNNING,
+        ))
+        assert len(await store.tasks_of_run("shop", old.run_id)) == 1
+        assert [r.seq for r in await store.audit_records("shop")] == [1]
+        assert (await store.verify_audit("shop")).ok
+        assert await store.apps() == ["shop"]
+    finally:
+        await store.close()
+
+
+async def test_the_audit_log_refuses_updates_and_deletes(pg_session_url: str) -> None:
+    store = PostgresStore(pg_session_url)
+    await store.open()
+    app = f"app-{new_id()[:8]}"
+    try:
+        await store.create_run(new_run(app))
+        for sql in ("UPDATE audit SET actor='mallory' WHERE app=$1",
+                    "DELETE FROM audit WHERE app=$1"):
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                async with store._db.conn() as c:
+                    await c.execute(sql, app)
+        assert await store.verify_audit(app) == AuditReport(True, 1)
+    finally:
+        await store.close()
 
 
 async def test_notify_wakes_a_listener_on_another_instance(pg_session_url: str) -> None:

@@ -8,6 +8,7 @@ import sqlite3
 import sys
 import textwrap
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ import pytest
 
 from cantata.errors import StoreCorrupt
 from cantata.model.event import Event
-from cantata.model.records import RunWrite
+from cantata.model.records import AuditReport, RunRecord, RunWrite, TaskRecord
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
 from cantata.store.sqlite import SQLiteStore
+from cantata.store.sqlite_open import STORE_MARK, script_statements
 from tests.contract.store_contract import StoreContract
 from tests.contract.store_support import new_run
+from tests.store.tamper import record, sqlite_tamper
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +37,14 @@ class TestSQLiteStore(StoreContract):
 
     async def make_store(self) -> Store:
         return SQLiteStore(str(self.path))  # the shipped default: synchronous=FULL
+
+    async def tamper(self, store: Store, app: str, seq: int, how: str = "data") -> None:
+        rec = await record(store, app, seq)
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            sqlite_tamper(conn, app, rec, how)
+        finally:
+            conn.close()
 
 
 async def test_foreign_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -93,6 +104,69 @@ async def test_reopening_a_file_keeps_its_data(tmp_path: Path) -> None:
         assert await second.get_run("shop", run.run_id) == run
     finally:
         await second.close()
+
+
+def make_v1_store(path: Path, run: RunRecord) -> None:
+    """A store file as Cantata with schema version 1 left it, holding ``run``."""
+    script = resources.files("cantata.store").joinpath("migrations/sqlite/0001_initial.sql")
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("CREATE TABLE cantata_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute(
+            "INSERT INTO cantata_meta VALUES ('mark', ?), ('schema_version', '1')", (STORE_MARK,)
+        )
+        for statement in script_statements(script.read_text()):
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO runs (app, run_id, workflow, status, args, correlation_id, created_at, "
+            "updated_at) VALUES (?,?,?,?,?,?,?,?)",
+            (run.app, run.run_id, run.workflow, str(run.status), run.args, run.correlation_id,
+             run.created_at, run.updated_at),
+        )
+    finally:
+        conn.close()
+
+
+async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = new_run("shop")
+    make_v1_store(path, old)
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        assert await store.get_run("shop", old.run_id) == old
+        assert await store.verify_audit("shop") == AuditReport(True, 0)  # no history before v2
+        await store.commit_run("shop", old.run_id, 0, RunWrite(
+            tasks=[TaskRecord(f"{old.run_id}:inv.reserve#1", old.run_id, "inv.reserve#1",
+                              "inv.reserve", "inventory", "[]")],
+            status=RunStatus.RUNNING,
+        ))
+        assert len(await store.tasks_of_run("shop", old.run_id)) == 1
+        [rec] = await store.audit_records("shop")
+        assert (rec.seq, rec.action) == (1, "run.status")
+        assert (await store.verify_audit("shop")).ok
+        assert await store.apps() == ["shop"]
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        version = conn.execute("SELECT value FROM cantata_meta WHERE key='schema_version'")
+        assert version.fetchone()[0] == "2"
+    finally:
+        conn.close()
+
+
+async def test_the_audit_log_refuses_updates_and_deletes(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    await store.open()
+    try:
+        await store.create_run(new_run("shop"))
+        for sql in ("UPDATE audit SET actor='mallory'", "DELETE FROM audit"):
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                await store._t.write(lambda c, sql=sql: c.execute(sql))  # type: ignore[misc]
+        assert (await store.verify_audit("shop")) == AuditReport(True, 1)
+    finally:
+        await store.close()
 
 
 OPENER = textwrap.dedent(

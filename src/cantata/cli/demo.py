@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ from rich.table import Table
 
 from cantata.app import App
 from cantata.errors import WorkflowError
-from cantata.examples.orders.app import make_app
+from cantata.examples.orders.app import SERVICES, make_app
 
 from .common import console, fmt_duration
 
@@ -40,6 +42,11 @@ def demo(
         str | None, typer.Option("--store", help="Store URL (default: ./cantata-demo.db).")
     ] = None,
     broker: Annotated[str | None, typer.Option("--broker", help="Broker URL.")] = None,
+    processes: Annotated[
+        bool,
+        typer.Option("--processes", help="Run each service (orders, inventory, payments, "
+                     "shipping) as its own worker process."),
+    ] = False,
 ) -> None:
     """Run the order example orchestrated and choreographed, and compare the outcomes."""
     if store is None:
@@ -51,9 +58,18 @@ def demo(
     console.print(
         f"[bold]Cantata demo[/]: {orders} orders, reserve → charge → ship; every 5th card is "
         "declined (compensated), every 7th payment meets a gateway hiccup (retried).\n"
-        f"store {store}, broker {broker or 'embedded'}\n"
+        f"store {store}, broker {broker or 'embedded'}"
+        + (f"; one worker process per service: {', '.join(SERVICES)}" if processes else "")
+        + "\n"
     )
-    orchestrated, choreographed = asyncio.run(_run(app, orders))
+    workers = _spawn_workers(store, broker or "embedded") if processes else []
+    try:
+        orchestrated, choreographed = asyncio.run(_run(app, orders, serve=not processes))
+    finally:
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            proc.wait(timeout=10)
     table = Table(title="outcome, side by side")
     table.add_column("")
     table.add_column("orchestrated (saga workflow)", justify="right")
@@ -77,7 +93,7 @@ def demo(
     console.print(table)
     if orchestrated.examples:
         console.print(
-            f"\nA compensated saga:  cantata run {orchestrated.examples[0]} "
+            f"\nA compensated saga:  cantata trace {orchestrated.examples[0]} "
             f"--app orders --store {store}"
         )
     if choreographed.examples:
@@ -87,14 +103,29 @@ def demo(
     console.print(f"All runs:            cantata runs --app orders --store {store}")
 
 
-async def _run(app: App, orders: int) -> tuple[Outcome, Outcome]:
-    async with app:
+def _spawn_workers(store: str, broker: str) -> list[subprocess.Popen[bytes]]:
+    """One ``cantata worker --service S`` process per service of the example."""
+    procs = []
+    for service in SERVICES:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cantata", "worker", "cantata.examples.orders.app:app",
+             "--service", service, "--store", store, "--broker", broker],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+    return procs
+
+
+async def _run(app: App, orders: int, *, serve: bool) -> tuple[Outcome, Outcome]:
+    await app.open(serve=serve)
+    try:
         with Progress(
             TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console,
         ) as progress:
             orchestrated = await _orchestrated(app, orders, progress)
             choreographed = await _choreographed(app, orders, progress)
+    finally:
+        await app.close()
     return orchestrated, choreographed
 
 

@@ -10,7 +10,7 @@ import typer
 
 from cantata.errors import CantataError
 
-from . import demo, events, observe, runs, worker
+from . import audit, demo, events, observe, replay, runs, worker
 
 cli = typer.Typer(
     name="cantata",
@@ -22,8 +22,10 @@ cli = typer.Typer(
 demo.register(cli)
 worker.register(cli)
 runs.register(cli)
+replay.register(cli)
 events.register(cli)
 observe.register(cli)
+audit.register(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 
-from .registry import STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
+from .registry import DECLARED_ATTR, STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
 
 if TYPE_CHECKING:
     from .runner import RunExecution
@@ -77,14 +77,19 @@ class WorkflowContext:
 
     # -- steps -------------------------------------------------------------------
 
-    def _step_def(self, step: Callable[..., Any] | str, what: str) -> StepDef:
+    async def _step_def(self, step: Callable[..., Any] | str, what: str) -> StepDef:
         engine = self._x.engine
         name = step_name(step)  # raises UnknownStep for an undecorated function
         found = engine.router.steps.get(name)
         if found is None and getattr(step, STANDALONE_ATTR, False):
             found = getattr(step, STEP_ATTR)  # e.g. cantata.http_step: needs no registration
+            if getattr(step, DECLARED_ATTR, False) and await engine.remote_step(name) is None:
+                raise UnknownStep(
+                    f"{what} {name!r}: no service of app {engine.app!r} has declared it; start "
+                    "that service once, or use app.remote_step(name, wait_for_service=True)"
+                )
         if found is None:
-            found = engine.remote_step(name)
+            found = await engine.remote_step(name)
         if found is None:
             # A function decorated by another app, or by a Router never included, is not
             # declared in this app: running it anyway would bypass what the app serves.
@@ -112,8 +117,10 @@ class WorkflowContext:
         Raises:
             StepFailed: the step exhausted its attempts (the same error on every replay).
         """
-        sdef = self._step_def(step, "step")
-        comp = self._step_def(compensate, "compensation") if compensate is not None else None
+        sdef = await self._step_def(step, "step")
+        comp = (
+            await self._step_def(compensate, "compensation") if compensate is not None else None
+        )
         plain = codec.loads(codec.dumps(list(args), f"arguments of step {sdef.name}"))
         x = self._x
         key = x.next_key(sdef.name)

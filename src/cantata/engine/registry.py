@@ -19,6 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 STEP_ATTR = "__cantata_step__"
 WORKFLOW_ATTR = "__cantata_workflow__"
 STANDALONE_ATTR = "__cantata_standalone__"  # a step usable without registration
+DECLARED_ATTR = "__cantata_must_be_declared__"  # a remote stub whose service must exist
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,7 @@ class Router:
                 raise RegistrationError(f"step timeout must be > 0 seconds, got {timeout}")
             svc = service or self.service
             base = name or f.__name__
-            qualified = f"{service}.{base}" if service and "." not in base else base
+            qualified = f"{svc}.{base}" if svc and "." not in base else base
             sdef = StepDef(
                 name=qualified,
                 fn=f,
@@ -321,6 +322,33 @@ class Router:
         if trig not in self.triggers:
             self.triggers.append(trig)
 
+    def remote_step(
+        self,
+        name: str,
+        *,
+        service: str | None = None,
+        wait_for_service: bool = False,
+    ) -> Callable[..., Any]:
+        """A typed stand-in for a step served by another service: ``ctx.run(stub, ...)``.
+
+        Args:
+            name: the step's qualified name, e.g. ``"inventory.reserve"``.
+            service: defaults to the part of ``name`` before the first dot.
+            wait_for_service: call it even if no service has declared it yet (the task
+                waits, visible as a stall, until one does); otherwise such a call is an
+                ``UnknownStep`` error.
+        """
+        svc = service or name.split(".", 1)[0]
+
+        async def stub(*args: Any) -> Any:
+            raise RegistrationError(f"{name} runs in service {svc!r}: call it with ctx.run")
+
+        stub.__name__ = stub.__qualname__ = name
+        setattr(stub, STEP_ATTR, remote_step_def(name, svc))
+        setattr(stub, STANDALONE_ATTR, True)
+        setattr(stub, DECLARED_ATTR, not wait_for_service)
+        return stub
+
     def include(self, router: Router | Any) -> None:
         """Add every declaration of ``router`` (or a :class:`~cantata.Saga`) to this one."""
         from .saga import Saga
@@ -350,6 +378,18 @@ class Router:
                 return h
             wildcard = wildcard or h
         return wildcard
+
+
+def _runs_elsewhere(*args: Any) -> Any:
+    raise RuntimeError("a remote step runs in its own service's workers, not here")
+
+
+def remote_step_def(
+    name: str, service: str, *, retry: Retry | None = None, timeout: float | None = None
+) -> StepDef:
+    """A stand-in for a step that another service's workers execute."""
+    return StepDef(name, _runs_elsewhere, retry or STEP_RETRY, timeout, service, True,
+                   Signature((), inspect.Parameter.empty, Any))
 
 
 def workflow_name(workflow: Callable[..., Any] | str) -> str:

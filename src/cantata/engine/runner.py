@@ -26,11 +26,14 @@ from cantata.model.records import (
     ENTRY_FAILED,
     ENTRY_RUNNING,
     SLEEP,
+    TASK_DONE,
+    TASK_FAILED,
     VALUE,
     Attempt,
     HistoryEntry,
     RunRecord,
     RunWrite,
+    TaskRecord,
 )
 from cantata.model.status import RunStatus
 
@@ -212,6 +215,8 @@ class RunExecution:
             entry = self.new_entry(key, kind, sdef.name, ENTRY_RUNNING)
         else:
             self.consumed.add(key)
+        if self.engine.is_remote(sdef):
+            return await self._call_remote(sdef, args, entry)
         clock = self.engine.clock
         prior = self.attempts.get(key, [])
         write = RunWrite()
@@ -267,6 +272,48 @@ class RunExecution:
             write.entries.append(entry)
             await self.commit(write)
             return codec.loads(result)
+
+    async def _call_remote(self, sdef: StepDef, args: list[Any], entry: HistoryEntry) -> Any:
+        """A step of another service: a task in the store, executed by that service's workers
+        (with their retries and timeout); this run waits for its result."""
+        engine, run = self.engine, self.run
+        task_id = f"{run.run_id}:{entry.key}"
+        service = sdef.service or ""
+        if entry.detail is None:
+            now = engine.clock.now()
+            entry.started_at = now
+            entry.detail = codec.dumps({"service": service, "task": task_id})
+            task = TaskRecord(
+                task_id, run.run_id, entry.key, sdef.name, service,
+                codec.dumps(args, f"arguments of step {sdef.name}"), created_at=now,
+                updated_at=now, correlation_id=run.correlation_id,
+            )
+            await self.commit(RunWrite(entries=[entry], tasks=[task]))
+        found: list[TaskRecord] = []
+
+        async def look() -> bool:
+            rec = await engine.store.get_task(run.app, task_id)
+            if rec is not None and rec.status in (TASK_DONE, TASK_FAILED):
+                found.append(rec)
+                return True
+            return False
+
+        engine.add_run_waiter(task_id, self)
+        try:
+            await self.wait_until(None, look)
+        finally:
+            engine.remove_run_waiter(task_id, self)
+        rec = found[0]
+        entry.attempts, entry.ended_at = rec.attempts, engine.clock.now()
+        if rec.status == TASK_DONE:
+            entry.status, entry.result = ENTRY_COMPLETED, rec.result
+            await self.commit(RunWrite(entries=[entry]))
+            return codec.loads(rec.result)
+        etype = rec.error_type or "Error"
+        emsg = (rec.error or "").removeprefix(f"{etype}: ")
+        entry.status, entry.error, entry.error_type = ENTRY_FAILED, f"{etype}: {emsg}", etype
+        await self.commit(RunWrite(entries=[entry]))
+        raise StepFailed(sdef.name, etype, emsg, rec.attempts)
 
     async def _step_failed(
         self, entry: HistoryEntry, write: RunWrite, last: tuple[str, str], n: int

@@ -10,19 +10,22 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import Declaration, RunRecord
 from cantata.model.status import RunStatus
-from cantata.store.base import CANCEL, EVENTS, RUNS, Store
+from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
 from .clock import Clock
 from .hooks import Hooks
-from .registry import Router, StepDef
+from .registry import Router, StepDef, remote_step_def
 from .runner import RunExecution
+
+if TYPE_CHECKING:
+    from .tasks import TaskServer
 
 log = logging.getLogger("cantata.worker")
 
@@ -101,6 +104,8 @@ class Engine:
         self._run_waiters: dict[str, set[RunExecution]] = {}
         self._declared_waits: set[tuple[str, str]] = set()
         self._known_remote: set[str] = set()
+        self._remote_steps: dict[str, StepDef] = {}
+        self.task_server: TaskServer | None = None
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -121,9 +126,30 @@ class Engine:
         self._known_remote = {d.name for d in decls if d.kind == "workflow"}
         return name in self._known_remote
 
-    def remote_step(self, name: str) -> StepDef | None:
-        """A step served by another service (cross-service steps are not served yet)."""
-        return None
+    async def remote_step(self, name: str) -> StepDef | None:
+        """A step another service of this app declared (``None`` if nobody did)."""
+        found = self._remote_steps.get(name)
+        if found is not None:
+            return found
+        for d in await self.store.declarations(self.app):
+            if d.kind == "step" and d.service and d.name not in self._remote_steps:
+                self._remote_steps[d.name] = remote_step_def(d.name, d.service)
+        return self._remote_steps.get(name)
+
+    def is_remote(self, sdef: StepDef) -> bool:
+        """True when ``sdef`` must run as a task for another service's workers."""
+        if sdef.service is None:
+            return False
+        local = self.router.steps.get(sdef.name)
+        if local is None or local.fn is not sdef.fn:
+            return True
+        return self.services is not None and sdef.service not in self.services
+
+    def served_services(self) -> list[str]:
+        """Services whose step tasks this worker executes."""
+        if self.services is not None:
+            return sorted(self.services)
+        return sorted({s.service for s in self.router.steps.values() if s.service})
 
     def traceparent_for(self, run: RunRecord) -> str | None:
         """W3C traceparent to stamp on events emitted by ``run`` (from the tracing hook)."""
@@ -224,10 +250,17 @@ class Engine:
             asyncio.create_task(self._claim_loop(), name="cantata-claim"),
             asyncio.create_task(self._watch_loop(), name="cantata-watch"),
         ]
+        from .tasks import TaskServer
+
+        self.task_server = TaskServer(self, self.served_services())
+        self.task_server.start()
 
     async def stop(self) -> None:
         """Stop executing; unfinished runs are left for other workers (or the next start)."""
         self.serving = False
+        if self.task_server is not None:
+            await self.task_server.stop()
+            self.task_server = None
         for task in self._loops:
             task.cancel()
         for task in list(self._tasks):
@@ -294,6 +327,10 @@ class Engine:
                 task = asyncio.ensure_future(self.check_cancellations())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+        elif channel == TASKS:
+            for group in self._run_waiters.values():
+                for execution in group:
+                    execution.wakeup.set()
         elif channel == EVENTS:
             for group in self._waiters.values():
                 for execution in group:

@@ -107,17 +107,52 @@ class Attempt:
     error: str | None = None
 
 
+# Task statuses (one row per remote step call).
+TASK_PENDING = "pending"
+TASK_DONE = "done"
+TASK_FAILED = "failed"
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """A step call addressed to the workers of another service (DESIGN.md §3).
+
+    Created by the calling run's checkpoint, claimed and finished by a worker of
+    ``service``; fenced like deliveries so a worker that lost it cannot finish it.
+    """
+
+    task_id: str  # f"{run_id}:{key}", unique per app
+    run_id: str
+    key: str  # the step's place in the run's history, e.g. "inventory.reserve#1"
+    step: str  # qualified step name, e.g. "inventory.reserve"
+    service: str  # the service whose workers execute it
+    args: str  # JSON list
+    status: str = TASK_PENDING  # pending | done | failed
+    attempts: int = 0
+    next_at: float = 0.0
+    owner: str | None = None
+    fence: int = 0
+    result: str | None = None  # JSON
+    error: str | None = None  # "Type: message"
+    error_type: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    correlation_id: str | None = None
+
+
 @dataclass(slots=True)
 class RunWrite:
     """Everything one checkpoint of a run changes, committed in one transaction.
 
     ``status`` / ``result`` / ``error`` change the run; ``entries`` and ``attempts``
-    are upserted by key; ``events`` are appended to the event log (and outbox).
+    are upserted by key; ``events`` are appended to the event log (and outbox);
+    ``tasks`` are created (once per ``task_id``) for workers of other services.
     """
 
     entries: list[HistoryEntry] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     events: list[Event[Any]] = field(default_factory=list)
+    tasks: list[TaskRecord] = field(default_factory=list)  # remote step calls to create
     status: RunStatus | None = None
     result: str | None = None
     error: str | None = None
@@ -176,3 +211,35 @@ class WorkerInfo:
     heartbeat_at: float
     started_at: float
     info: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One link of an app's hash-chained audit log (DESIGN.md §6).
+
+    ``hash`` is ``sha256(prev_hash + canonical JSON of [seq, time, actor, action,
+    target, data])`` (see :mod:`cantata.store.audit`); ``seq`` is contiguous per app.
+    """
+
+    seq: int
+    time: float
+    actor: str  # "system", "worker:<id>", or the operator passed in
+    action: str  # e.g. "run.created", "run.status", "delivery.dead"
+    target: str  # run id, task id, or "group:event_id"
+    data: str  # JSON object (canonical text)
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReport:
+    """The outcome of verifying an app's audit log.
+
+    ``first_bad_seq`` names the first record that was changed, deleted or wrongly
+    linked (``None`` when the log is intact, or when only the chain head is gone).
+    """
+
+    ok: bool
+    records: int
+    first_bad_seq: int | None = None
+    reason: str | None = None

@@ -319,6 +319,10 @@ class Builder:
         times = [t for a in attempts for t in (a.started_at, a.ended_at) if t is not None]
         node.touched = stamp(max(times)) if times else node.started_at
         info = codec.loads(entry.detail) if entry.detail else None
+        if kind in (STEP, COMPENSATION) and isinstance(info, dict) and info.get("service"):
+            # a step served by another service: the service is the group to name
+            node.group = str(info["service"])
+            node.detail = f"task for service {info['service']}"
         if kind == TIMER and isinstance(info, dict):
             node.detail = f"{info.get('seconds')} s"
         elif kind == WAIT and isinstance(info, dict):

@@ -2,11 +2,21 @@
 
 A store holds, for any number of apps (namespaces), the runs and their history,
 the event log (which doubles as the outbox of external brokers), one delivery row
-per (group, event) (the inbox), dead letters, declarations and worker heartbeats.
-Every method is atomic; :meth:`Store.commit_run` and :meth:`Store.settle_delivery`
-write all their parts in one transaction, so run state, emitted events and the
-flow ledger never disagree. ``tests/contract/store_contract.py`` is the
-executable definition of this protocol; a backend is done when it passes it.
+per (group, event) (the inbox), dead letters, tasks (step calls served by another
+service's workers), declarations, worker heartbeats and a hash-chained audit log.
+Every method is atomic; :meth:`Store.commit_run`, :meth:`Store.settle_delivery`
+and :meth:`Store.finish_task` write all their parts in one transaction, so run
+state, emitted events, the flow ledger and the audit log never disagree.
+
+Audit: the store itself appends one :class:`~cantata.model.records.AuditRecord`,
+in the transaction of the change, for every run created, every checkpoint that
+changes a run's status, completes or fails history entries, creates tasks or
+emits events (not for attempt starts), every cancel request, every delivery
+settled ``done`` or ``dead``, every dead letter replayed and every task finished
+``done`` or ``failed``. Records are chained per app (see :mod:`cantata.store.audit`).
+
+``tests/contract/store_contract.py`` is the executable definition of this
+protocol; a backend is done when it passes it.
 """
 
 from __future__ import annotations
@@ -18,12 +28,15 @@ from typing import Any, Protocol, runtime_checkable
 from cantata.model.event import Event
 from cantata.model.records import (
     Attempt,
+    AuditRecord,
+    AuditReport,
     DeadLetter,
     Declaration,
     Delivery,
     HistoryEntry,
     RunRecord,
     RunWrite,
+    TaskRecord,
     WorkerInfo,
 )
 from cantata.model.status import RunStatus
@@ -32,6 +45,7 @@ from cantata.model.status import RunStatus
 RUNS = "runs"
 EVENTS = "events"
 CANCEL = "cancel"
+TASKS = "tasks"
 
 ChangeListener = Callable[[str], None]
 
@@ -63,6 +77,7 @@ class TraceRecords:
     events: list[tuple[Event[Any], float]]  # (event, stored_at)
     deliveries: list[Delivery]
     dead_letters: list[DeadLetter]
+    tasks: list[TaskRecord] = field(default_factory=list)  # remote step calls of the runs
 
 
 @runtime_checkable
@@ -83,7 +98,7 @@ class Store(Protocol):
         """Release connections; pending writes are committed first."""
 
     def add_listener(self, listener: ChangeListener) -> None:
-        """Call ``listener(channel)`` when runs, events or cancellations change.
+        """Call ``listener(channel)`` when runs, events, cancellations or tasks change.
 
         Backends call it for their own writes and, where the database can say so
         (PostgreSQL LISTEN/NOTIFY), for other processes' writes too.
@@ -101,7 +116,11 @@ class Store(Protocol):
         """Record that ``worker_id`` is alive at ``now``."""
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
-        """Forget a worker that stopped cleanly and release what it owned."""
+        """Forget a worker that stopped cleanly and release what it owned.
+
+        Its runs, and its pending deliveries and tasks, lose their owner, so other
+        workers can claim them at once instead of waiting for the lease to expire.
+        """
 
     async def workers(self, app: str) -> list[WorkerInfo]:
         """Workers of ``app`` and their last heartbeat."""
@@ -152,15 +171,25 @@ class Store(Protocol):
         """Apply one checkpoint atomically, if ``fence`` still owns the run.
 
         Upserts ``write.entries`` (by key) and ``write.attempts`` (by key+attempt),
-        appends ``write.events`` (as :meth:`append_events`), then changes status,
-        result, error and flags; ``release`` clears the owner.
+        appends ``write.events`` (as :meth:`append_events`), creates
+        ``write.tasks`` (a ``task_id`` that exists is left alone; a task without a
+        correlation id gets the run's), then changes status, result, error and
+        flags; ``release`` clears the owner. Writes one audit record when the
+        checkpoint is a state change (see the module docstring); listeners hear
+        ``runs``, plus ``events`` and ``tasks`` when there were any.
 
         Raises:
             LeaseLost: the run's fence is no longer ``fence``.
         """
 
-    async def request_cancel(self, app: str, run_id: str) -> RunRecord | None:
-        """Flag a live run for cancellation; returns the run (``None`` if unknown)."""
+    async def request_cancel(
+        self, app: str, run_id: str, *, actor: str = "system"
+    ) -> RunRecord | None:
+        """Flag a live run for cancellation; returns the run (``None`` if unknown).
+
+        The request is audited (``run.cancel_requested`` by ``actor``) whenever the
+        run exists, with ``applied`` false when it had already ended.
+        """
 
     async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
         """Those of ``run_ids`` that are flagged for cancellation."""
@@ -224,8 +253,12 @@ class Store(Protocol):
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""
 
-    async def replay_dead_letter(self, app: str, dead_letter_id: str, now: float) -> DeadLetter:
+    async def replay_dead_letter(
+        self, app: str, dead_letter_id: str, now: float, *, actor: str = "system"
+    ) -> DeadLetter:
         """Remove a dead letter and make its delivery pending again (attempts reset).
+
+        Audited as ``dead_letter.replayed`` by ``actor``.
 
         Raises:
             DeadLetterNotFound: no such dead letter in ``app``.
@@ -237,12 +270,87 @@ class Store(Protocol):
     async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
         """Outbox: these events reached the external broker."""
 
-    # -- observability ------------------------------------------------------------
+    # -- tasks (steps served by another service) -----------------------------------
+
+    async def claim_tasks(
+        self,
+        app: str,
+        worker_id: str,
+        services: Sequence[str],
+        *,
+        now: float,
+        stale_before: float,
+        limit: int,
+    ) -> list[TaskRecord]:
+        """Take pending tasks of ``services`` that are due and not owned by a live worker.
+
+        Exactly like :meth:`claim_deliveries`: a task is claimable when
+        ``next_at <= now`` and its owner is ``None`` or another worker whose last
+        heartbeat is older than ``stale_before`` (or unknown). Each claim sets the
+        owner and increments ``attempts`` and ``fence``; the updated records are
+        returned, due first.
+        """
+
+    async def finish_task(
+        self,
+        app: str,
+        task_id: str,
+        fence: int,
+        *,
+        outcome: str,
+        attempts: Sequence[Attempt],
+        result: str | None = None,
+        error: str | None = None,
+        error_type: str | None = None,
+        next_at: float = 0.0,
+    ) -> bool:
+        """Record the outcome of a task attempt, if ``fence`` still owns the pending task.
+
+        In one transaction: upserts ``attempts`` under the task's run (as
+        :meth:`commit_run` does), then ``outcome`` ``"done"`` stores ``result``;
+        ``"failed"`` stores ``error`` and ``error_type`` for good; ``"retry"`` keeps
+        the task pending, unowned and due at ``next_at``, with the error recorded.
+        ``done`` and ``failed`` are audited. Returns ``False`` and writes nothing
+        when the task is unknown, finished, or claimed since with a newer fence.
+
+        Raises:
+            ValueError: ``outcome`` is none of ``done``, ``failed``, ``retry``.
+        """
+
+    async def get_task(self, app: str, task_id: str) -> TaskRecord | None:
+        """One task, or ``None``."""
+
+    async def tasks_of_run(self, app: str, run_id: str) -> list[TaskRecord]:
+        """The tasks a run created, oldest first."""
+
+    # -- audit ----------------------------------------------------------------------
+
+    async def audit_records(
+        self, app: str, *, after_seq: int = 0, limit: int = 1000
+    ) -> list[AuditRecord]:
+        """Audit records of ``app`` with ``seq > after_seq``, in ``seq`` order."""
+
+    async def verify_audit(self, app: str) -> AuditReport:
+        """Recompute ``app``'s hash chain, page by page, up to its recorded head.
+
+        Names the first record whose content no longer matches its hash, whose
+        link to the previous record is broken, or that is missing (a gap in
+        ``seq``, or records gone from the end of the chain).
+        """
+
+    # -- apps and observability ------------------------------------------------------
+
+    async def apps(self) -> list[str]:
+        """The names of the apps that have anything in this store, sorted."""
 
     async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
-        """Runs, history, events, deliveries and dead letters of one transaction."""
+        """Runs, history, tasks, events, deliveries and dead letters of one transaction."""
 
     async def stale_correlations(
         self, app: str, *, older_than: float, limit: int
     ) -> list[str]:
-        """Correlation ids with live work (pending runs or deliveries) older than a time."""
+        """Correlation ids with live work older than a time.
+
+        Live work: live runs, flagged runs, pending or dead deliveries, pending tasks
+        (a service whose workers are down leaves its tasks pending).
+        """

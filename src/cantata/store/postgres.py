@@ -6,6 +6,8 @@ so a database that other applications use is fine. Work is claimed with
 ``NOTIFY cantata_changes, '<app>:<channel>'`` in its transaction, and one dedicated
 listening connection (see :mod:`cantata.store.postgres_pool`) turns those
 notifications, from any process including this one, into calls of the listeners.
+Audited writes append to the app's audit chain as their last statement (see
+:mod:`cantata.store.postgres_ops`, which also holds the task, trace and row code).
 """
 
 from __future__ import annotations
@@ -21,61 +23,49 @@ from cantata.model.event import Event, matches
 from cantata.model.records import (
     DELIVERY_PENDING,
     Attempt,
+    AuditRecord,
+    AuditReport,
     DeadLetter,
     Declaration,
     Delivery,
     HistoryEntry,
     RunRecord,
     RunWrite,
+    TaskRecord,
     WorkerInfo,
-    to_datetime,
 )
 from cantata.model.status import RunStatus
-from cantata.store.base import CANCEL, EVENTS, RUNS, ChangeListener, Settlement, TraceRecords
-from cantata.store.postgres_pool import Conn, PgPool, Row
+from cantata.store import audit
+from cantata.store import postgres_ops as ops
+from cantata.store.base import (
+    CANCEL,
+    EVENTS,
+    RUNS,
+    TASKS,
+    ChangeListener,
+    Settlement,
+    TraceRecords,
+)
+from cantata.store.postgres_ops import (
+    ATTEMPT_COLS,
+    D_DELIVERY_COLS,
+    E_EVENT_COLS,
+    EVENT_COLS,
+    HISTORY_COLS,
+    LIVE_SQL,
+    RUN_COLS,
+    TASK_COLS,
+    U_EVENT_COLS,
+    dead_letter_row,
+    delivery_row,
+    event_row,
+    run_row,
+)
+from cantata.store.postgres_pool import Conn, PgPool
 
 log = logging.getLogger("cantata.store")
 
-_LIVE_SQL = "('pending', 'running', 'compensating')"
-
-# Column lists in the field order of the records they make (rows unpack into them).
-RUN_COLS = (
-    "run_id, app, workflow, status, args, created_at, updated_at, correlation_id, "
-    "causation_id, idempotency_key, args_hash, parent_run_id, deadline_at, result, error, "
-    "cancel_requested, owner, fence, flagged, service"
-)
-HISTORY_COLS = (
-    "key, kind, name, status, seq, result, error, error_type, attempts, started_at, "
-    "ended_at, wake_at, detail"
-)
-EVENT_COLS = (
-    "type, data, id, source, subject, time, correlation_id, causation_id, traceparent, signature"
-)
-E_EVENT_COLS = ", ".join("e." + col.strip() for col in EVENT_COLS.split(","))
-U_EVENT_COLS = ", ".join("u." + col.strip() for col in EVENT_COLS.split(","))
-ATTEMPT_COLS = "key, attempt, started_at, ended_at, error_type, error"
-DELIVERY_COLS = "grp, event_id, status, attempts, next_at, error, updated_at, fence"
-D_DELIVERY_COLS = ", ".join("d." + col.strip() for col in DELIVERY_COLS.split(","))
-
-
-def _run(row: Row) -> RunRecord:
-    return RunRecord(row[0], row[1], row[2], RunStatus(row[3]), *row[4:20])
-
-
-def _event(row: Row) -> Event[Any]:
-    return Event(row[0], codec.loads(row[1]), *row[2:10])
-
-
-def _dead_letter(row: Row, event: Event[Any]) -> DeadLetter:
-    """``row`` is (id, grp, event_id, error, attempts, failed_at)."""
-    failed = to_datetime(row[5])
-    assert failed is not None
-    return DeadLetter(row[0], row[1], event, row[3], row[4], failed)
-
-
-def _delivery(row: Row, event: Event[Any]) -> Delivery:
-    """``row`` is DELIVERY_COLS."""
-    return Delivery(row[0], event, row[2], row[3], row[4], row[5], row[6], row[7])
+TASK_OUTCOMES = ("done", "failed", "retry")
 
 
 class PostgresStore:
@@ -145,11 +135,13 @@ class PostgresStore:
         async with self._db.tx() as c:
             await c.execute("DELETE FROM workers WHERE app=$1 AND worker_id=$2", app, worker_id)
             await c.execute("UPDATE runs SET owner=NULL WHERE app=$1 AND owner=$2", app, worker_id)
-            await c.execute(
-                "UPDATE deliveries SET owner=NULL WHERE app=$1 AND owner=$2 AND status='pending'",
-                app, worker_id,
-            )
-            await self._db.notify(c, app, RUNS, EVENTS)
+            for table in ("deliveries", "tasks"):
+                await c.execute(
+                    f"UPDATE {table} SET owner=NULL WHERE app=$1 AND owner=$2 "
+                    "AND status='pending'",
+                    app, worker_id,
+                )
+            await self._db.notify(c, app, RUNS, EVENTS, TASKS)
 
     async def workers(self, app: str) -> list[WorkerInfo]:
         rows = await self._db.fetch(
@@ -174,13 +166,16 @@ class PostgresStore:
             )
             if inserted is not None:
                 await self._db.notify(c, run.app, RUNS)
+                await ops.audit_append(c, run.app, audit.run_created_entry(
+                    run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+                ))
                 return run, True
             row = await c.fetchrow(
                 f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND idempotency_key=$2",
                 run.app, run.idempotency_key,
             )
         assert row is not None
-        existing = _run(row)
+        existing = run_row(row)
         if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
             raise IdempotencyConflict(
                 f"idempotency key {run.idempotency_key!r} was already used for run "
@@ -193,7 +188,7 @@ class PostgresStore:
         row = await self._db.fetchrow(
             f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND run_id=$2", app, run_id
         )
-        return None if row is None else _run(row)
+        return None if row is None else run_row(row)
 
     async def list_runs(
         self,
@@ -209,7 +204,7 @@ class PostgresStore:
             'ORDER BY created_at DESC, run_id COLLATE "C" LIMIT $4',
             app, None if status is None else str(status), workflow, limit,
         )
-        return [_run(r) for r in rows]
+        return [run_row(r) for r in rows]
 
     async def claim_runs(
         self,
@@ -229,7 +224,7 @@ class PostgresStore:
         async with self._db.tx() as c:
             rows = await c.fetch(
                 f"WITH pick AS MATERIALIZED ("
-                f" SELECT run_id FROM runs c WHERE c.app=$1 AND c.status IN {_LIVE_SQL}"
+                f" SELECT run_id FROM runs c WHERE c.app=$1 AND c.status IN {LIVE_SQL}"
                 f"  AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR (c.owner<>$3 AND"
                 f"  NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app"
                 f"   AND w.worker_id=c.owner AND w.heartbeat_at >= $4)))"
@@ -239,14 +234,16 @@ class PostgresStore:
                 f" RETURNING {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))}",
                 app, list(workflows), worker_id, stale_before, limit,
             )
-        return [_run(r) for r in rows]
+        return [run_row(r) for r in rows]
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         async with self._db.tx() as c:
-            current = await c.fetchval(
-                "SELECT fence FROM runs WHERE app=$1 AND run_id=$2 FOR UPDATE", app, run_id
+            current = await c.fetchrow(
+                "SELECT fence, owner, status, correlation_id FROM runs WHERE app=$1 "
+                "AND run_id=$2 FOR UPDATE",
+                app, run_id,
             )
-            if current is None or current != fence:
+            if current is None or current[0] != fence:
                 raise LeaseLost(
                     f"run {run_id} was taken over by another worker (fence {fence} is stale); "
                     "this worker stops executing it"
@@ -266,20 +263,11 @@ class PostgresStore:
                         for e in write.entries
                     ],
                 )
-            if write.attempts:
-                await c.executemany(
-                    f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) VALUES "
-                    "($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, run_id, key, attempt) DO UPDATE "
-                    "SET ended_at=excluded.ended_at, error_type=excluded.error_type, "
-                    "error=excluded.error",
-                    [
-                        (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type,
-                         a.error)
-                        for a in write.attempts
-                    ],
-                )
+            await ops.upsert_attempts(c, app, run_id, write.attempts)
             if write.events:
                 await self._append(c, app, write.events)
+            if write.tasks:
+                await ops.insert_tasks(c, app, current[3], write.tasks)
             await c.execute(
                 "UPDATE runs SET updated_at=$3, status=coalesce($4, status), "
                 "result=coalesce($5, result), error=coalesce($6, error), "
@@ -288,20 +276,36 @@ class PostgresStore:
                 app, run_id, time.time(), None if write.status is None else str(write.status),
                 write.result, write.error, write.flagged, write.release,
             )
-            await self._db.notify(c, app, *((RUNS, EVENTS) if write.events else (RUNS,)))
+            channels = [RUNS]
+            if write.events:
+                channels.append(EVENTS)
+            if write.tasks:
+                channels.append(TASKS)
+            await self._db.notify(c, app, *channels)
+            entry = audit.checkpoint_entry(run_id, current[1], current[2], write)
+            if entry is not None:
+                await ops.audit_append(c, app, entry)  # last: holds the chain head briefly
 
-    async def request_cancel(self, app: str, run_id: str) -> RunRecord | None:
+    async def request_cancel(
+        self, app: str, run_id: str, *, actor: str = audit.SYSTEM
+    ) -> RunRecord | None:
         async with self._db.tx() as c:
-            await c.execute(
+            status = await c.execute(
                 f"UPDATE runs SET cancel_requested=true, updated_at=$3 WHERE app=$1 "
-                f"AND run_id=$2 AND status IN {_LIVE_SQL}",
+                f"AND run_id=$2 AND status IN {LIVE_SQL}",
                 app, run_id, time.time(),
             )
             row = await c.fetchrow(
                 f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND run_id=$2", app, run_id
             )
+            if row is None:
+                return None
+            run = run_row(row)
             await self._db.notify(c, app, CANCEL)
-        return None if row is None else _run(row)
+            await ops.audit_append(c, app, audit.cancel_entry(
+                run_id, actor, str(run.status), status != "UPDATE 0"
+            ))
+        return run
 
     async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
         if not run_ids:
@@ -334,7 +338,7 @@ class PostgresStore:
             "ORDER BY created_at",
             app, parent_run_id,
         )
-        return [_run(r) for r in rows]
+        return [run_row(r) for r in rows]
 
     # -- events and deliveries --------------------------------------------------------
 
@@ -397,7 +401,7 @@ class PostgresStore:
         row = await self._db.fetchrow(
             f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND id=$2", app, event_id
         )
-        return None if row is None else _event(row)
+        return None if row is None else event_row(row)
 
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
@@ -407,7 +411,7 @@ class PostgresStore:
             "AND NOT (id = ANY($4::text[])) ORDER BY seq LIMIT $5",
             app, event_type, since, list(exclude), limit,
         )
-        return [_event(r) for r in rows]
+        return [event_row(r) for r in rows]
 
     async def claim_deliveries(
         self,
@@ -440,7 +444,7 @@ class PostgresStore:
                 app, list(groups), now, worker_id, stale_before, limit,
             )
         return [
-            Delivery(r[0], _event(r[5:]), DELIVERY_PENDING, r[1], r[2], r[3], now, r[4])
+            Delivery(r[0], event_row(r[5:]), DELIVERY_PENDING, r[1], r[2], r[3], now, r[4])
             for r in rows
         ]
 
@@ -452,17 +456,19 @@ class PostgresStore:
         where = "WHERE app=$1 AND grp=$2 AND event_id=$3"
         async with self._db.tx() as c:
             now = time.time()
-            lock = f"SELECT status FROM deliveries {where} FOR UPDATE"
-            status = await c.fetchval(lock, *key)
-            if status is None:
+            lock = f"SELECT status, owner FROM deliveries {where} FOR UPDATE"
+            row = await c.fetchrow(lock, *key)
+            if row is None:
                 await c.execute(
                     "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
                     "VALUES ($1,$2,$3,'pending',$4) ON CONFLICT DO NOTHING",
                     *key, now,
                 )
-                status = await c.fetchval(lock, *key)
-            if status == "done":
+                row = await c.fetchrow(lock, *key)
+            assert row is not None
+            if row[0] == "done":
                 return False
+            entry: audit.Entry | None = None
             if s.outcome == "done":
                 await c.execute(
                     f"UPDATE deliveries SET status='done', attempts=$4, owner=NULL, error=NULL, "
@@ -471,6 +477,9 @@ class PostgresStore:
                 )
                 if s.events:
                     await self._append(c, app, s.events)
+                entry = audit.delivery_entry(
+                    group, event_id, row[1], "done", s.attempts, emitted=[e.id for e in s.events]
+                )
             elif s.outcome == "retry":
                 await c.execute(
                     f"UPDATE deliveries SET status='pending', attempts=$4, owner=NULL, error=$5, "
@@ -483,12 +492,19 @@ class PostgresStore:
                     f"updated_at=$6 {where}",
                     *key, s.attempts, s.error, now,
                 )
+                dead_letter_id = s.dead_letter_id or codec.new_id()
                 await c.execute(
                     "INSERT INTO dead_letters VALUES ($1,$2,$3,$4,$5,$6,$7)",
-                    app, s.dead_letter_id or codec.new_id(), group, event_id,
-                    s.error or "unknown error", s.attempts, now,
+                    app, dead_letter_id, group, event_id, s.error or "unknown error",
+                    s.attempts, now,
+                )
+                entry = audit.delivery_entry(
+                    group, event_id, row[1], "dead", s.attempts, error=s.error,
+                    dead_letter_id=dead_letter_id,
                 )
             await self._db.notify(c, app, EVENTS)
+            if entry is not None:
+                await ops.audit_append(c, app, entry)
         return True
 
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
@@ -498,7 +514,7 @@ class PostgresStore:
             'ORDER BY d.grp COLLATE "C"',
             app, event_id,
         )
-        return [_delivery(r, _event(r[8:])) for r in rows]
+        return [delivery_row(r, event_row(r[8:])) for r in rows]
 
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         rows = await self._db.fetch(
@@ -507,19 +523,21 @@ class PostgresStore:
             "AND e.id=d.event_id WHERE d.app=$1 ORDER BY d.failed_at LIMIT $2",
             app, limit,
         )
-        return [_dead_letter(r, _event(r[6:])) for r in rows]
+        return [dead_letter_row(r, event_row(r[6:])) for r in rows]
 
-    async def replay_dead_letter(self, app: str, dead_letter_id: str, now: float) -> DeadLetter:
+    async def replay_dead_letter(
+        self, app: str, dead_letter_id: str, now: float, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
         async with self._db.tx() as c:
             row = await c.fetchrow(
                 "DELETE FROM dead_letters WHERE app=$1 AND id=$2 "
                 "RETURNING id, grp, event_id, error, attempts, failed_at",
                 app, dead_letter_id,
             )
-            event_row = None if row is None else await c.fetchrow(
+            ev_row = None if row is None else await c.fetchrow(
                 f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND id=$2", app, row[2]
             )
-            if row is None or event_row is None:
+            if row is None or ev_row is None:
                 raise DeadLetterNotFound(
                     f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
                     "`cantata dlq list`"
@@ -530,7 +548,10 @@ class PostgresStore:
                 app, row[1], row[2], now,
             )
             await self._db.notify(c, app, EVENTS)
-        return _dead_letter(row, _event(event_row))
+            await ops.audit_append(
+                c, app, audit.replay_entry(row[1], row[2], dead_letter_id, actor)
+            )
+        return dead_letter_row(row, event_row(ev_row))
 
     async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
         rows = await self._db.fetch(
@@ -538,7 +559,7 @@ class PostgresStore:
             "LIMIT $2",
             app, limit,
         )
-        return [_event(r) for r in rows]
+        return [event_row(r) for r in rows]
 
     async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
         if not event_ids:
@@ -548,73 +569,91 @@ class PostgresStore:
             app, list(event_ids),
         )
 
-    # -- observability ------------------------------------------------------------------
+    # -- tasks ------------------------------------------------------------------------
+
+    async def claim_tasks(
+        self,
+        app: str,
+        worker_id: str,
+        services: Sequence[str],
+        *,
+        now: float,
+        stale_before: float,
+        limit: int,
+    ) -> list[TaskRecord]:
+        if not services:
+            return []
+        async with self._db.tx() as c:
+            return await ops.claim_tasks(c, app, worker_id, services, now, stale_before, limit)
+
+    async def finish_task(
+        self,
+        app: str,
+        task_id: str,
+        fence: int,
+        *,
+        outcome: str,
+        attempts: Sequence[Attempt],
+        result: str | None = None,
+        error: str | None = None,
+        error_type: str | None = None,
+        next_at: float = 0.0,
+    ) -> bool:
+        if outcome not in TASK_OUTCOMES:
+            raise ValueError(f"task outcome {outcome!r} is none of {', '.join(TASK_OUTCOMES)}")
+        async with self._db.tx() as c:
+            done, entry = await ops.finish_task(
+                c, app, task_id, fence, outcome, attempts, result, error, error_type, next_at
+            )
+            if done:
+                await self._db.notify(c, app, TASKS)
+            if entry is not None:
+                await ops.audit_append(c, app, entry)
+        return done
+
+    async def get_task(self, app: str, task_id: str) -> TaskRecord | None:
+        row = await self._db.fetchrow(
+            f"SELECT {TASK_COLS} FROM tasks WHERE app=$1 AND task_id=$2", app, task_id
+        )
+        return None if row is None else ops.task_row(row)
+
+    async def tasks_of_run(self, app: str, run_id: str) -> list[TaskRecord]:
+        rows = await self._db.fetch(
+            f"SELECT {TASK_COLS} FROM tasks WHERE app=$1 AND run_id=$2 "
+            'ORDER BY created_at, task_id COLLATE "C"',
+            app, run_id,
+        )
+        return [ops.task_row(r) for r in rows]
+
+    # -- audit --------------------------------------------------------------------------
+
+    async def audit_records(
+        self, app: str, *, after_seq: int = 0, limit: int = 1000
+    ) -> list[AuditRecord]:
+        async with self._db.conn() as c:
+            return await ops.audit_records(c, app, after_seq, limit)
+
+    async def verify_audit(self, app: str) -> AuditReport:
+        async with self._db.conn() as c:
+            head = await ops.audit_head(c, app)
+
+        async def fetch(after: int) -> list[AuditRecord]:
+            return await self.audit_records(app, after_seq=after, limit=audit.PAGE)
+
+        return await audit.verify_chain(fetch, head, subject=f"app {app!r}")
+
+    # -- apps and observability ---------------------------------------------------------
+
+    async def apps(self) -> list[str]:
+        async with self._db.conn() as c:
+            return await ops.apps(c)
 
     async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
         async with self._db.conn() as c, c.transaction(isolation="repeatable_read", readonly=True):
-            runs = [
-                _run(r) for r in await c.fetch(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
-                    "ORDER BY created_at LIMIT $3",
-                    app, correlation_id, limit,
-                )
-            ]
-            ids = [r.run_id for r in runs]
-            entries: dict[str, list[HistoryEntry]] = {i: [] for i in ids}
-            attempts: dict[str, list[Attempt]] = {i: [] for i in ids}
-            for r in await c.fetch(
-                f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=$1 "
-                "AND run_id = ANY($2::text[]) ORDER BY seq",
-                app, ids,
-            ):
-                if len(entries[r[0]]) < limit:
-                    entries[r[0]].append(HistoryEntry(*r[1:]))
-            for r in await c.fetch(
-                f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=$1 "
-                "AND run_id = ANY($2::text[]) ORDER BY started_at, attempt",
-                app, ids,
-            ):
-                if len(attempts[r[0]]) < limit:
-                    attempts[r[0]].append(Attempt(*r[1:]))
-            events = [
-                (_event(r), r[10]) for r in await c.fetch(
-                    f"SELECT {EVENT_COLS}, stored_at FROM events WHERE app=$1 "
-                    "AND correlation_id=$2 ORDER BY seq LIMIT $3",
-                    app, correlation_id, limit,
-                )
-            ]
-            by_id = {e.id: e for e, _ in events}
-            deliveries = [
-                _delivery(r, by_id[r[1]]) for r in await c.fetch(
-                    f"SELECT {DELIVERY_COLS} FROM deliveries WHERE app=$1 "
-                    "AND event_id = ANY($2::text[]) ORDER BY updated_at",
-                    app, list(by_id),
-                )
-            ]
-            dead = [
-                _dead_letter(r, by_id[r[2]]) for r in await c.fetch(
-                    "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
-                    "WHERE app=$1 AND event_id = ANY($2::text[]) ORDER BY failed_at",
-                    app, list(by_id),
-                )
-            ]
-        return TraceRecords(runs, entries, attempts, events, deliveries, dead)
+            return await ops.trace_records(c, app, correlation_id, limit)
 
     async def stale_correlations(
         self, app: str, *, older_than: float, limit: int
     ) -> list[str]:
-        rows = await self._db.fetch(
-            f"SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
-            f"{_LIVE_SQL} AND updated_at < $2 "
-            "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
-            "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
-            "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
-            "('pending','dead') AND d.updated_at < $2 "
-            "ORDER BY 2 LIMIT $3",
-            app, older_than, limit * 4,
-        )
-        seen: dict[str, None] = {}
-        for r in rows:
-            if r[0] is not None:
-                seen.setdefault(r[0])
-        return list(seen)[:limit]
+        async with self._db.conn() as c:
+            return await ops.stale_correlations(c, app, older_than, limit)

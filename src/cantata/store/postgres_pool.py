@@ -21,12 +21,12 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
-from cantata.store.base import CANCEL, EVENTS, RUNS
+from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS
 from cantata.store.factory import mask_url
 
 log = logging.getLogger("cantata.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "cantata"
 NOTIFY_CHANNEL = "cantata_changes"
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -52,8 +52,8 @@ class PgPool:
         url: ``postgresql://…``; ``?schema=name`` picks the schema (default ``cantata``).
         pool_size: most connections the pool opens.
         connect_timeout: seconds :meth:`open` keeps retrying an unreachable server.
-        on_change: called with a channel (``runs``, ``events``, ``cancel``) for every
-            notification, from any process; on the event loop.
+        on_change: called with a channel (``runs``, ``events``, ``cancel``, ``tasks``)
+            for every notification, from any process; on the event loop.
     """
 
     def __init__(
@@ -224,7 +224,7 @@ class PgPool:
                     log.warning("PostgreSQL listener at %s: %s", self.masked_url, exc)
                     await asyncio.sleep(1.0)
                     continue
-                for channel in (RUNS, EVENTS, CANCEL):
+                for channel in (RUNS, EVENTS, CANCEL, TASKS):
                     self._on_change(channel)
                 return
         finally:

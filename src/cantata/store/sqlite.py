@@ -1,109 +1,66 @@
-"""SQLite store: one file in WAL mode, safe for several processes; ``memory://`` too."""
+"""SQLite store: one file in WAL mode, safe for several processes; ``memory://`` too.
+
+Opening and migrating is in :mod:`cantata.store.sqlite_open`; rows, settling
+deliveries, tasks, the audit log and trace queries in :mod:`cantata.store.sqlite_ops`;
+the connection thread with group commit in :mod:`cantata.store.sqlite_thread`.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import (
-    DeadLetterNotFound,
     IdempotencyConflict,
     LeaseLost,
-    StoreCorrupt,
     StoreUnavailable,
 )
 from cantata.model import codec
 from cantata.model.event import Event, matches
 from cantata.model.records import (
-    DELIVERY_DONE,
     DELIVERY_PENDING,
     Attempt,
+    AuditRecord,
+    AuditReport,
     DeadLetter,
     Declaration,
     Delivery,
     HistoryEntry,
     RunRecord,
     RunWrite,
+    TaskRecord,
     WorkerInfo,
-    to_datetime,
 )
 from cantata.model.status import RunStatus
-from cantata.store.base import CANCEL, EVENTS, RUNS, ChangeListener, Settlement, TraceRecords
+from cantata.store import audit
+from cantata.store import sqlite_ops as ops
+from cantata.store.base import (
+    CANCEL,
+    EVENTS,
+    RUNS,
+    TASKS,
+    ChangeListener,
+    Settlement,
+    TraceRecords,
+)
+from cantata.store.sqlite_open import connect
+from cantata.store.sqlite_ops import (
+    E_EVENT_COLS,
+    EVENT_COLS,
+    HISTORY_COLS,
+    LIVE_SQL,
+    RUN_COLS,
+    TASK_COLS,
+    dead_letter_row,
+    entry_row,
+    event_row,
+    run_row,
+)
 from cantata.store.sqlite_thread import ConnectionThread
 
-SCHEMA_VERSION = 1
-STORE_MARK = "cantata-store"
-BUSY_TIMEOUT_MS = 30_000
-_LIVE_SQL = "('pending', 'running', 'compensating')"
-
-RUN_COLS = (
-    "app, run_id, workflow, status, args, result, error, idempotency_key, args_hash, "
-    "correlation_id, causation_id, parent_run_id, service, created_at, updated_at, "
-    "deadline_at, cancel_requested, owner, fence, flagged"
-)
-HISTORY_COLS = (
-    "key, kind, name, status, seq, result, error, error_type, attempts, started_at, "
-    "ended_at, wake_at, detail"
-)
-EVENT_COLS = (
-    "id, type, source, subject, time, data, correlation_id, causation_id, traceparent, signature"
-)
-
-
-def _run(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
-    return RunRecord(
-        app=row[0],
-        run_id=row[1],
-        workflow=row[2],
-        status=RunStatus(row[3]),
-        args=row[4],
-        result=row[5],
-        error=row[6],
-        idempotency_key=row[7],
-        args_hash=row[8],
-        correlation_id=row[9],
-        causation_id=row[10],
-        parent_run_id=row[11],
-        service=row[12],
-        created_at=row[13],
-        updated_at=row[14],
-        deadline_at=row[15],
-        cancel_requested=bool(row[16]),
-        owner=row[17],
-        fence=row[18],
-        flagged=bool(row[19]),
-    )
-
-
-def _entry(row: tuple[Any, ...]) -> HistoryEntry:
-    return HistoryEntry(*row)
-
-
-def _event(row: tuple[Any, ...]) -> Event[Any]:
-    return Event(
-        id=row[0],
-        type=row[1],
-        source=row[2],
-        subject=row[3],
-        time=row[4],
-        data=codec.loads(row[5]),
-        correlation_id=row[6],
-        causation_id=row[7],
-        traceparent=row[8],
-        signature=row[9],
-    )
-
-
-def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
-    failed = to_datetime(row[5])
-    assert failed is not None
-    return DeadLetter(
-        id=row[0], group=row[1], event=_event(row[6:]), error=row[3], attempts=row[4],
-        failed_at=failed,
-    )
+TASK_OUTCOMES = ("done", "failed", "retry")
 
 
 class SQLiteStore:
@@ -130,101 +87,14 @@ class SQLiteStore:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(
-                f"cannot open SQLite store {self.url}: {exc}; check that the folder exists and "
-                "is writable"
-            ) from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if self.path != ":memory:":
-                # Refuse another application's file before WAL (a persistent change) touches it.
-                self._retry_locked(lambda: self._refuse_foreign(conn))
-                self._retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            conn.execute("PRAGMA foreign_keys = OFF")
-            self._retry_locked(lambda: self._migrate(conn))
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise StoreCorrupt(
-                f"{self.url} is not a usable SQLite database ({exc}); point CANTATA_STORE at "
-                "another file, or move this one aside if it is damaged"
-            ) from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    @staticmethod
-    def _retry_locked(fn: Callable[[], Any]) -> Any:
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                return fn()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def _refuse_foreign(self, conn: sqlite3.Connection) -> set[str]:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "cantata_meta" not in tables and tables - {"sqlite_sequence"}:
-            raise StoreCorrupt(
-                f"{self.url} is a SQLite database of another application (tables: "
-                f"{', '.join(sorted(tables)[:5])}); give Cantata its own file"
-            )
-        return tables
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            tables = self._refuse_foreign(conn)
-            if "cantata_meta" not in tables:
-                conn.execute(
-                    "CREATE TABLE cantata_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-                )
-                conn.execute(
-                    "INSERT INTO cantata_meta VALUES ('mark', ?), ('schema_version', '0')",
-                    (STORE_MARK,),
-                )
-            row = conn.execute("SELECT value FROM cantata_meta WHERE key='mark'").fetchone()
-            if row is None or row[0] != STORE_MARK:
-                raise StoreCorrupt(f"{self.url} is not a Cantata store (its marker is missing)")
-            version = int(
-                conn.execute("SELECT value FROM cantata_meta WHERE key='schema_version'")
-                .fetchone()[0]
-            )
-            if version > SCHEMA_VERSION:
-                raise StoreCorrupt(
-                    f"{self.url} has schema version {version}, newer than this Cantata "
-                    f"({SCHEMA_VERSION}); upgrade cantata"
-                )
-            folder = resources.files("cantata.store").joinpath("migrations/sqlite")
-            for n in range(version + 1, SCHEMA_VERSION + 1):
-                script = next(f for f in folder.iterdir() if f.name.startswith(f"{n:04d}_"))
-                for statement in script.read_text().split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(
-                    "UPDATE cantata_meta SET value=? WHERE key='schema_version'", (str(n),)
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
     async def open(self) -> None:
         """Open the file (creating it), switch to WAL and migrate."""
         if self._thread is not None:
             return
-        thread = ConnectionThread(self._connect, self._notify, name=f"cantata-sqlite:{self.path}")
+        thread = ConnectionThread(
+            lambda: connect(self.path, self.url, self.synchronous), self._notify,
+            name=f"cantata-sqlite:{self.path}",
+        )
         thread.start()
         self._thread = thread
 
@@ -287,12 +157,13 @@ class SQLiteStore:
         def op(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM workers WHERE app=? AND worker_id=?", (app, worker_id))
             c.execute("UPDATE runs SET owner=NULL WHERE app=? AND owner=?", (app, worker_id))
-            c.execute(
-                "UPDATE deliveries SET owner=NULL WHERE app=? AND owner=? AND status='pending'",
-                (app, worker_id),
-            )
+            for table in ("deliveries", "tasks"):
+                c.execute(
+                    f"UPDATE {table} SET owner=NULL WHERE app=? AND owner=? AND status='pending'",
+                    (app, worker_id),
+                )
 
-        await self._t.write(op, RUNS, EVENTS)
+        await self._t.write(op, RUNS, EVENTS, TASKS)
 
     async def workers(self, app: str) -> list[WorkerInfo]:
         rows = await self._t.read(
@@ -314,7 +185,7 @@ class SQLiteStore:
                     (run.app, run.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    existing = _run(row)
+                    existing = run_row(row)
                     if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
                         raise IdempotencyConflict(
                             f"idempotency key {run.idempotency_key!r} was already used for run "
@@ -332,6 +203,9 @@ class SQLiteStore:
                     run.fence, int(run.flagged),
                 ),
             )
+            ops.audit_append(c, run.app, audit.run_created_entry(
+                run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+            ))
             return run, True
 
         return await self._t.write(op, RUNS)
@@ -342,7 +216,7 @@ class SQLiteStore:
                 f"SELECT {RUN_COLS} FROM runs WHERE app=? AND run_id=?", (app, run_id)
             ).fetchone()
         )
-        return None if row is None else _run(row)
+        return None if row is None else run_row(row)
 
     async def list_runs(
         self,
@@ -363,7 +237,7 @@ class SQLiteStore:
         sql += " ORDER BY created_at DESC, run_id LIMIT ?"
         params.append(limit)
         rows = await self._t.read(lambda c: c.execute(sql, params).fetchall())
-        return [_run(r) for r in rows]
+        return [run_row(r) for r in rows]
 
     async def claim_runs(
         self,
@@ -383,20 +257,21 @@ class SQLiteStore:
                 f"UPDATE runs SET owner=?, fence=fence+1 WHERE app=? AND rowid IN ("
                 f" SELECT r.rowid FROM runs r LEFT JOIN workers w"
                 f"  ON w.app=r.app AND w.worker_id=r.owner"
-                f" WHERE r.app=? AND r.status IN {_LIVE_SQL} AND r.workflow IN ({marks})"
+                f" WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.heartbeat_at < ?)))"
                 f" ORDER BY r.created_at LIMIT ?) RETURNING {RUN_COLS}",
                 (worker_id, app, app, *workflows, worker_id, stale_before, limit),
             ).fetchall()
-            return [_run(r) for r in rows]
+            return [run_row(r) for r in rows]
 
         return await self._t.write(op)
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         def op(c: sqlite3.Connection) -> None:
             row = c.execute(
-                "SELECT fence FROM runs WHERE app=? AND run_id=?", (app, run_id)
+                "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",
+                (app, run_id),
             ).fetchone()
             if row is None or row[0] != fence:
                 raise LeaseLost(
@@ -417,19 +292,11 @@ class SQLiteStore:
                         for e in write.entries
                     ],
                 )
-            if write.attempts:
-                c.executemany(
-                    "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-                    "ended_at=excluded.ended_at, error_type=excluded.error_type, "
-                    "error=excluded.error",
-                    [
-                        (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type,
-                         a.error)
-                        for a in write.attempts
-                    ],
-                )
+            ops.upsert_attempts(c, app, run_id, write.attempts)
             if write.events:
                 self._append(c, app, write.events)
+            if write.tasks:
+                ops.insert_tasks(c, app, row[3], write.tasks)
             sets = ["updated_at=?"]
             params: list[Any] = [time.time()]
             if write.status is not None:
@@ -450,21 +317,36 @@ class SQLiteStore:
                 f"UPDATE runs SET {', '.join(sets)} WHERE app=? AND run_id=?",
                 (*params, app, run_id),
             )
+            entry = audit.checkpoint_entry(run_id, row[1], row[2], write)
+            if entry is not None:
+                ops.audit_append(c, app, entry)
 
-        channels = (RUNS, EVENTS) if write.events else (RUNS,)
+        channels = [RUNS]
+        if write.events:
+            channels.append(EVENTS)
+        if write.tasks:
+            channels.append(TASKS)
         await self._t.write(op, *channels)
 
-    async def request_cancel(self, app: str, run_id: str) -> RunRecord | None:
+    async def request_cancel(
+        self, app: str, run_id: str, *, actor: str = audit.SYSTEM
+    ) -> RunRecord | None:
         def op(c: sqlite3.Connection) -> RunRecord | None:
-            c.execute(
+            applied = c.execute(
                 f"UPDATE runs SET cancel_requested=1, updated_at=? WHERE app=? AND run_id=? "
-                f"AND status IN {_LIVE_SQL}",
+                f"AND status IN {LIVE_SQL}",
                 (time.time(), app, run_id),
-            )
+            ).rowcount
             row = c.execute(
                 f"SELECT {RUN_COLS} FROM runs WHERE app=? AND run_id=?", (app, run_id)
             ).fetchone()
-            return None if row is None else _run(row)
+            if row is None:
+                return None
+            run = run_row(row)
+            ops.audit_append(
+                c, app, audit.cancel_entry(run_id, actor, str(run.status), applied > 0)
+            )
+            return run
 
         return await self._t.write(op, CANCEL)
 
@@ -490,7 +372,7 @@ class SQLiteStore:
                 (app, run_id),
             ).fetchall()
         )
-        return [_entry(r) for r in rows]
+        return [entry_row(r) for r in rows]
 
     async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
         rows = await self._t.read(
@@ -509,7 +391,7 @@ class SQLiteStore:
                 (app, parent_run_id),
             ).fetchall()
         )
-        return [_run(r) for r in rows]
+        return [run_row(r) for r in rows]
 
     # -- events and deliveries --------------------------------------------------------
 
@@ -563,7 +445,7 @@ class SQLiteStore:
                 f"SELECT {EVENT_COLS} FROM events WHERE app=? AND id=?", (app, event_id)
             ).fetchone()
         )
-        return None if row is None else _event(row)
+        return None if row is None else event_row(row)
 
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
@@ -577,7 +459,7 @@ class SQLiteStore:
         rows = await self._t.read(
             lambda c: c.execute(sql, (app, event_type, since, *skip, limit)).fetchall()
         )
-        return [_event(r) for r in rows]
+        return [event_row(r) for r in rows]
 
     async def claim_deliveries(
         self,
@@ -614,7 +496,7 @@ class SQLiteStore:
                 if row is None:
                     continue
                 out.append(
-                    Delivery(grp, _event(row), DELIVERY_PENDING, attempts, next_at, error, now,
+                    Delivery(grp, event_row(row), DELIVERY_PENDING, attempts, next_at, error, now,
                              fence)
                 )
             return out
@@ -624,50 +506,10 @@ class SQLiteStore:
     async def settle_delivery(
         self, app: str, group: str, event_id: str, settlement: Settlement
     ) -> bool:
-        s = settlement
-
-        def op(c: sqlite3.Connection) -> bool:
-            now = time.time()
-            row = c.execute(
-                "SELECT status FROM deliveries WHERE app=? AND grp=? AND event_id=?",
-                (app, group, event_id),
-            ).fetchone()
-            if row is not None and row[0] == DELIVERY_DONE:
-                return False
-            if row is None:
-                c.execute(
-                    "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
-                    "VALUES (?,?,?,'pending',?)",
-                    (app, group, event_id, now),
-                )
-            if s.outcome == "done":
-                c.execute(
-                    "UPDATE deliveries SET status='done', attempts=?, owner=NULL, error=NULL, "
-                    "updated_at=? WHERE app=? AND grp=? AND event_id=?",
-                    (s.attempts, now, app, group, event_id),
-                )
-                if s.events:
-                    self._append(c, app, s.events)
-            elif s.outcome == "retry":
-                c.execute(
-                    "UPDATE deliveries SET status='pending', attempts=?, owner=NULL, error=?, "
-                    "next_at=?, updated_at=? WHERE app=? AND grp=? AND event_id=?",
-                    (s.attempts, s.error, s.retry_at, now, app, group, event_id),
-                )
-            else:
-                c.execute(
-                    "UPDATE deliveries SET status='dead', attempts=?, owner=NULL, error=?, "
-                    "updated_at=? WHERE app=? AND grp=? AND event_id=?",
-                    (s.attempts, s.error, now, app, group, event_id),
-                )
-                c.execute(
-                    "INSERT INTO dead_letters VALUES (?,?,?,?,?,?,?)",
-                    (app, s.dead_letter_id or codec.new_id(), group, event_id,
-                     s.error or "unknown error", s.attempts, now),
-                )
-            return True
-
-        return await self._t.write(op, EVENTS)
+        return await self._t.write(
+            lambda c: ops.settle_delivery(c, app, group, event_id, settlement, self._append),
+            EVENTS,
+        )
 
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
         rows = await self._t.read(
@@ -687,38 +529,20 @@ class SQLiteStore:
         rows = await self._t.read(
             lambda c: c.execute(
                 f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
-                f"{', '.join('e.' + col.strip() for col in EVENT_COLS.split(','))} "
+                f"{E_EVENT_COLS} "
                 "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
                 "WHERE d.app=? ORDER BY d.failed_at LIMIT ?",
                 (app, limit),
             ).fetchall()
         )
-        return [_dead_letter(r) for r in rows]
+        return [dead_letter_row(r) for r in rows]
 
-    async def replay_dead_letter(self, app: str, dead_letter_id: str, now: float) -> DeadLetter:
-        def op(c: sqlite3.Connection) -> DeadLetter:
-            row = c.execute(
-                f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
-                f"{', '.join('e.' + col.strip() for col in EVENT_COLS.split(','))} "
-                "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
-                "WHERE d.app=? AND d.id=?",
-                (app, dead_letter_id),
-            ).fetchone()
-            if row is None:
-                raise DeadLetterNotFound(
-                    f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
-                    "`cantata dlq list`"
-                )
-            dl = _dead_letter(row)
-            c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
-            c.execute(
-                "UPDATE deliveries SET status='pending', attempts=0, next_at=?, owner=NULL, "
-                "error=NULL, updated_at=? WHERE app=? AND grp=? AND event_id=?",
-                (now, now, app, dl.group, dl.event.id),
-            )
-            return dl
-
-        return await self._t.write(op, EVENTS)
+    async def replay_dead_letter(
+        self, app: str, dead_letter_id: str, now: float, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        return await self._t.write(
+            lambda c: ops.replay_dead_letter(c, app, dead_letter_id, now, actor), EVENTS
+        )
 
     async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
         rows = await self._t.read(
@@ -728,7 +552,7 @@ class SQLiteStore:
                 (app, limit),
             ).fetchall()
         )
-        return [_event(r) for r in rows]
+        return [event_row(r) for r in rows]
 
     async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
         ids = list(event_ids)
@@ -740,87 +564,88 @@ class SQLiteStore:
             )
         )
 
-    # -- observability ------------------------------------------------------------------
+    # -- tasks ------------------------------------------------------------------------
+
+    async def claim_tasks(
+        self,
+        app: str,
+        worker_id: str,
+        services: Sequence[str],
+        *,
+        now: float,
+        stale_before: float,
+        limit: int,
+    ) -> list[TaskRecord]:
+        if not services:
+            return []
+        return await self._t.write(
+            lambda c: ops.claim_tasks(c, app, worker_id, services, now, stale_before, limit)
+        )
+
+    async def finish_task(
+        self,
+        app: str,
+        task_id: str,
+        fence: int,
+        *,
+        outcome: str,
+        attempts: Sequence[Attempt],
+        result: str | None = None,
+        error: str | None = None,
+        error_type: str | None = None,
+        next_at: float = 0.0,
+    ) -> bool:
+        if outcome not in TASK_OUTCOMES:
+            raise ValueError(f"task outcome {outcome!r} is none of {', '.join(TASK_OUTCOMES)}")
+        return await self._t.write(
+            lambda c: ops.finish_task(
+                c, app, task_id, fence, outcome, attempts, result, error, error_type, next_at
+            ),
+            TASKS,
+        )
+
+    async def get_task(self, app: str, task_id: str) -> TaskRecord | None:
+        row = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT {TASK_COLS} FROM tasks WHERE app=? AND task_id=?", (app, task_id)
+            ).fetchone()
+        )
+        return None if row is None else ops.task_row(row)
+
+    async def tasks_of_run(self, app: str, run_id: str) -> list[TaskRecord]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT {TASK_COLS} FROM tasks WHERE app=? AND run_id=? "
+                "ORDER BY created_at, task_id",
+                (app, run_id),
+            ).fetchall()
+        )
+        return [ops.task_row(r) for r in rows]
+
+    # -- audit --------------------------------------------------------------------------
+
+    async def audit_records(
+        self, app: str, *, after_seq: int = 0, limit: int = 1000
+    ) -> list[AuditRecord]:
+        return await self._t.read(lambda c: ops.audit_records(c, app, after_seq, limit))
+
+    async def verify_audit(self, app: str) -> AuditReport:
+        head = await self._t.read(lambda c: ops.audit_head(c, app))
+
+        async def fetch(after: int) -> list[AuditRecord]:
+            return await self.audit_records(app, after_seq=after, limit=audit.PAGE)
+
+        return await audit.verify_chain(fetch, head, subject=f"app {app!r}")
+
+    # -- apps and observability ---------------------------------------------------------
+
+    async def apps(self) -> list[str]:
+        return await self._t.read(ops.apps)
 
     async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
-        def op(c: sqlite3.Connection) -> TraceRecords:
-            runs = [
-                _run(r)
-                for r in c.execute(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=? AND correlation_id=? "
-                    "ORDER BY created_at LIMIT ?",
-                    (app, correlation_id, limit),
-                )
-            ]
-            entries: dict[str, list[HistoryEntry]] = {}
-            attempts: dict[str, list[Attempt]] = {}
-            for run in runs:
-                entries[run.run_id] = [
-                    _entry(r)
-                    for r in c.execute(
-                        f"SELECT {HISTORY_COLS} FROM history WHERE app=? AND run_id=? "
-                        "ORDER BY seq LIMIT ?",
-                        (app, run.run_id, limit),
-                    )
-                ]
-                attempts[run.run_id] = [
-                    Attempt(*r)
-                    for r in c.execute(
-                        "SELECT key, attempt, started_at, ended_at, error_type, error FROM "
-                        "attempts WHERE app=? AND run_id=? ORDER BY started_at LIMIT ?",
-                        (app, run.run_id, limit),
-                    )
-                ]
-            ev_rows = c.execute(
-                f"SELECT {EVENT_COLS}, stored_at FROM events WHERE app=? AND correlation_id=? "
-                "ORDER BY seq LIMIT ?",
-                (app, correlation_id, limit),
-            ).fetchall()
-            events = [(_event(r[:10]), r[10]) for r in ev_rows]
-            by_id = {e.id: e for e, _ in events}
-            deliveries = []
-            dls: list[DeadLetter] = []
-            if by_id:
-                marks = ",".join("?" * len(by_id))
-                for r in c.execute(
-                    "SELECT grp, event_id, status, attempts, next_at, error, updated_at, fence "
-                    f"FROM deliveries WHERE app=? AND event_id IN ({marks}) ORDER BY updated_at",
-                    (app, *by_id),
-                ):
-                    deliveries.append(
-                        Delivery(r[0], by_id[r[1]], r[2], r[3], r[4], r[5], r[6], r[7])
-                    )
-                for r in c.execute(
-                    "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
-                    f"WHERE app=? AND event_id IN ({marks}) ORDER BY failed_at",
-                    (app, *by_id),
-                ):
-                    failed = to_datetime(r[5])
-                    assert failed is not None
-                    dls.append(DeadLetter(r[0], r[1], by_id[r[2]], r[3], r[4], failed))
-            return TraceRecords(runs, entries, attempts, events, deliveries, dls)
-
-        return await self._t.read(op)
+        return await self._t.read(lambda c: ops.trace_records(c, app, correlation_id, limit))
 
     async def stale_correlations(
         self, app: str, *, older_than: float, limit: int
     ) -> list[str]:
-        def op(c: sqlite3.Connection) -> list[str]:
-            rows = c.execute(
-                f"SELECT correlation_id, updated_at FROM runs WHERE app=? AND status IN "
-                f"{_LIVE_SQL} AND updated_at < ? "
-                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=? AND flagged=1 "
-                "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
-                "ON e.app=d.app AND e.id=d.event_id WHERE d.app=? AND d.status IN "
-                "('pending','dead') AND d.updated_at < ? "
-                "ORDER BY 2 LIMIT ?",
-                (app, older_than, app, app, older_than, limit * 4),
-            ).fetchall()
-            seen: dict[str, None] = {}
-            for r in rows:
-                if r[0] is not None:
-                    seen.setdefault(r[0])
-            return list(seen)[:limit]
-
-        return await self._t.read(op)
-
+        return await self._t.read(lambda c: ops.stale_correlations(c, app, older_than, limit))

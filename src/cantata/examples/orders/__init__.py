@@ -1,9 +1,12 @@
 """The order example: reserve stock → charge payment → ship, in both styles.
 
-- :mod:`.orchestrated`: a saga workflow (``place_order``) that calls the steps
-  and compensates on failure.
-- :mod:`.choreographed`: inventory, payment and shipping services reacting to each
-  other's events; a failed payment is answered by compensating events.
-- :mod:`.app`: one ``App`` that includes both routers (``cantata worker
-  cantata.examples.orders.app:app``).
+Four services, each a module with a ``Router``:
+
+- :mod:`.orders` orchestrates the saga (``place_order``) by commanding the others'
+  steps by name, and closes choreographed orders;
+- :mod:`.inventory`, :mod:`.payments`, :mod:`.shipping` serve their steps and react
+  to each other's events (a declined payment is answered by compensating events).
+
+:mod:`.app` puts them in one ``App``; run them together, or one process per service
+with ``cantata worker cantata.examples.orders.app:app --service NAME``.
 """

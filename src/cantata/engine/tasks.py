@@ -1,0 +1,147 @@
+"""Steps in other services: the serving side executes tasks a remote workflow created."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from cantata.errors import SerializationError, UnknownStep
+from cantata.model import codec
+from cantata.model.records import Attempt, TaskRecord
+from cantata.store.base import TASKS
+
+from .invoke import invoke_step
+from .runner import WORKER_LOST
+
+if TYPE_CHECKING:
+    from .worker import Engine
+
+log = logging.getLogger("cantata.tasks")
+
+
+class TaskServer:
+    """Claims tasks addressed to the services this worker serves and runs their steps.
+
+    The result is written in the same transaction that completes the task; the
+    workflow waiting for it (in another process) is woken by the store.
+    """
+
+    def __init__(self, engine: Engine, services: list[str], *, concurrency: int = 64) -> None:
+        self.engine = engine
+        self.services = services
+        self.concurrency = concurrency
+        self.wakeup = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.services and self._loop is None:
+            self.engine.store.add_listener(self._on_change)
+            self._loop = asyncio.create_task(self._run(), name="cantata-tasks")
+
+    def _on_change(self, channel: str) -> None:
+        if channel == TASKS:
+            self.wakeup.set()
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+            self._loop = None
+        for task in list(self._inflight):
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _run(self) -> None:
+        engine = self.engine
+        while True:
+            free = self.concurrency - len(self._inflight)
+            claimed: list[TaskRecord] = []
+            if free > 0:
+                now = engine.clock.now()
+                try:
+                    claimed = await engine.store.claim_tasks(
+                        engine.app, engine.worker_id, self.services, now=now,
+                        stale_before=now - engine.lease, limit=free,
+                    )
+                except Exception as exc:
+                    log.warning("claiming tasks failed (%s); retrying", exc)
+            for rec in claimed:
+                t = asyncio.create_task(self._execute(rec))
+                self._inflight.add(t)
+                t.add_done_callback(self._done)
+            if claimed and len(claimed) == free:
+                await asyncio.sleep(0)
+                continue
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), engine.poll_interval)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self.wakeup.set()
+
+    async def _execute(self, rec: TaskRecord) -> None:
+        engine = self.engine
+        clock = engine.clock
+        sdef = engine.router.steps.get(rec.step)
+        n = rec.attempts
+        lost: list[Attempt] = []
+        if n > 1:  # an attempt that left no record was cut short by a crash
+            recorded = {
+                a.attempt for a in await engine.store.load_attempts(engine.app, rec.run_id)
+                if a.key == rec.key
+            }
+            lost = [Attempt(rec.key, i, clock.now(), clock.now(), *WORKER_LOST)
+                    for i in range(1, n) if i not in recorded]
+        if sdef is None:
+            err = UnknownStep(f"step {rec.step!r} is not registered in worker {engine.worker_id}")
+            await self._finish(rec, "retry", lost, error=err, next_at=clock.now() + 5.0)
+            return
+        if n > sdef.retry.max_attempts:
+            await engine.store.finish_task(
+                engine.app, rec.task_id, rec.fence, outcome="failed", attempts=lost,
+                error=f"{WORKER_LOST[0]}: {WORKER_LOST[1]}", error_type=WORKER_LOST[0],
+            )
+            return
+        started = clock.now()
+        attempt = Attempt(rec.key, n, started)
+        try:
+            value = await invoke_step(
+                sdef, codec.loads(rec.args), rec.run_id, rec.key, n
+            )
+            result = codec.dumps(value, f"result of step {sdef.name}")
+        except Exception as exc:
+            attempt.ended_at = clock.now()
+            attempt.error_type, attempt.error = type(exc).__name__, str(exc)
+            retryable = sdef.retry.is_retryable(exc) and not isinstance(exc, SerializationError)
+            if retryable and n < sdef.retry.max_attempts:
+                engine.metrics.retries += 1
+                await self._finish(rec, "retry", [*lost, attempt], error=exc,
+                                   next_at=clock.now() + sdef.retry.delay(n))
+            else:
+                await self._finish(rec, "failed", [*lost, attempt], error=exc)
+            return
+        attempt.ended_at = clock.now()
+        await engine.store.finish_task(
+            engine.app, rec.task_id, rec.fence, outcome="done", attempts=[*lost, attempt],
+            result=result,
+        )
+
+    async def _finish(
+        self,
+        rec: TaskRecord,
+        outcome: str,
+        attempts: list[Attempt],
+        *,
+        error: BaseException,
+        next_at: float = 0.0,
+    ) -> None:
+        await self.engine.store.finish_task(
+            self.engine.app, rec.task_id, rec.fence, outcome=outcome, attempts=attempts,
+            error=f"{type(error).__name__}: {error}", error_type=type(error).__name__,
+            next_at=next_at,
+        )

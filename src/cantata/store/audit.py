@@ -1,0 +1,238 @@
+"""The hash-chained audit log, independent of the backend (DESIGN.md §6).
+
+Each app has one chain. Record ``seq`` (1, 2, 3, … with no gap) has
+
+    hash = sha256(prev_hash + canonical JSON of [seq, time, actor, action, target, data])
+
+where ``prev_hash`` is the previous record's hash (:data:`GENESIS_HASH` for record 1)
+and canonical JSON is compact, ASCII-only, with sorted keys (``data`` is itself the
+canonical JSON text of a small object). Backends keep the chain head (last seq and
+hash) in a per-app row written in the same transaction as the record, so records
+removed from the end of the chain are noticed too.
+
+This module builds records (:func:`next_record`, :func:`tail`), says what each
+store write records (:func:`checkpoint_entry` and friends) and verifies a chain
+read page by page (:func:`verify_chain`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from cantata.model.records import (
+    ENTRY_COMPLETED,
+    ENTRY_FAILED,
+    AuditRecord,
+    AuditReport,
+    RunWrite,
+)
+
+#: ``prev_hash`` of every app's first record.
+GENESIS_HASH = hashlib.sha256(b"cantata audit log genesis").hexdigest()
+SYSTEM = "system"
+PAGE = 1000
+
+Fetch = Callable[[int], Awaitable[list[AuditRecord]]]
+
+
+def canonical(value: Any) -> str:
+    """Compact, ASCII-only JSON with sorted keys: one text per value."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def tail(time: float, actor: str, action: str, target: str, data: str) -> str:
+    """What follows ``[<seq>,`` in a record's canonical JSON (the part known before
+    the record's place in the chain is; PostgreSQL completes it in SQL)."""
+    return canonical([time, actor, action, target, data])[1:]
+
+
+def chain_hash(prev_hash: str, seq: int, rest: str) -> str:
+    """``sha256(prev_hash + "[" + seq + "," + rest)`` as lower-case hex."""
+    return hashlib.sha256(f"{prev_hash}[{seq},{rest}".encode("ascii")).hexdigest()
+
+
+def record_hash(rec: AuditRecord) -> str:
+    """The hash ``rec`` must carry, recomputed from its content."""
+    return chain_hash(rec.prev_hash, rec.seq, tail(rec.time, rec.actor, rec.action,
+                                                   rec.target, rec.data))
+
+
+def next_record(
+    head: tuple[int, str] | None,
+    time: float,
+    actor: str,
+    action: str,
+    target: str,
+    data: dict[str, Any],
+) -> AuditRecord:
+    """The record that follows ``head`` (``(seq, hash)``, ``None`` for an empty chain)."""
+    seq, prev = (head[0] + 1, head[1]) if head is not None else (1, GENESIS_HASH)
+    text = canonical(data)
+    h = chain_hash(prev, seq, tail(time, actor, action, target, text))
+    return AuditRecord(seq, time, actor, action, target, text, prev, h)
+
+
+def worker_actor(owner: str | None) -> str:
+    """The actor of a change made by the worker owning the row (``system`` if none)."""
+    return SYSTEM if owner is None else f"worker:{owner}"
+
+
+# -- what each store write records --------------------------------------------------
+
+Entry = tuple[str, str, str, dict[str, Any]]  # actor, action, target, data
+
+
+def run_created_entry(
+    run_id: str, workflow: str, correlation_id: str, parent_run_id: str | None
+) -> Entry:
+    data: dict[str, Any] = {"workflow": workflow, "correlation_id": correlation_id}
+    if parent_run_id is not None:
+        data["parent_run_id"] = parent_run_id
+    return SYSTEM, "run.created", run_id, data
+
+
+def checkpoint_entry(
+    run_id: str, owner: str | None, old_status: str, write: RunWrite
+) -> Entry | None:
+    """The record of one checkpoint, or ``None`` when it is not a state change.
+
+    A checkpoint that only starts attempts or marks entries running or waiting
+    (the hot path of every step) writes no record.
+    """
+    data: dict[str, Any] = {}
+    status_changed = write.status is not None and str(write.status) != old_status
+    if status_changed:
+        data["status"] = str(write.status)
+    completed = [e.key for e in write.entries if e.status == ENTRY_COMPLETED]
+    failed = [e.key for e in write.entries if e.status == ENTRY_FAILED]
+    if completed:
+        data["completed"] = completed
+    if failed:
+        data["failed"] = failed
+    if write.tasks:
+        data["tasks"] = [t.key for t in write.tasks]
+    if write.events:
+        data["events"] = [e.id for e in write.events]
+    if write.flagged:
+        data["flagged"] = True
+    if not data:
+        return None
+    action = "run.status" if status_changed else "run.checkpoint"
+    return worker_actor(owner), action, run_id, data
+
+
+def cancel_entry(run_id: str, actor: str, status: str, applied: bool) -> Entry:
+    return actor, "run.cancel_requested", run_id, {"status": status, "applied": applied}
+
+
+def delivery_entry(
+    group: str,
+    event_id: str,
+    owner: str | None,
+    outcome: str,
+    attempts: int,
+    *,
+    error: str | None = None,
+    dead_letter_id: str | None = None,
+    emitted: Sequence[str] = (),
+) -> Entry:
+    data: dict[str, Any] = {"attempts": attempts}
+    if outcome == "dead":
+        data["error"] = error or "unknown error"
+        data["dead_letter_id"] = dead_letter_id
+    if emitted:
+        data["events"] = list(emitted)
+    return worker_actor(owner), f"delivery.{outcome}", f"{group}:{event_id}", data
+
+
+def replay_entry(group: str, event_id: str, dead_letter_id: str, actor: str) -> Entry:
+    return actor, "dead_letter.replayed", f"{group}:{event_id}", {
+        "dead_letter_id": dead_letter_id
+    }
+
+
+def task_entry(
+    task_id: str, owner: str | None, outcome: str, step: str, service: str, attempts: int,
+    error: str | None,
+) -> Entry:
+    data: dict[str, Any] = {"step": step, "service": service, "attempts": attempts}
+    if outcome == "failed":
+        data["error"] = error
+    return worker_actor(owner), f"task.{outcome}", task_id, data
+
+
+# -- verification ---------------------------------------------------------------------
+
+
+async def verify_chain(
+    fetch: Fetch, head: tuple[int, str] | None, *, subject: str = "the audit log"
+) -> AuditReport:
+    """Verify a chain read in pages: ``fetch(after_seq)`` returns the next records.
+
+    ``head`` is the recorded chain head ``(seq, hash)`` (``None`` if there is none);
+    records appended after it was read are not checked. Reports the first record
+    that was changed (its content does not give its hash), rewritten with a
+    recomputed hash (the next record links to another hash), inserted or removed
+    (a gap in ``seq``, a first record that is not #1) or cut from the end (the
+    chain stops before its head).
+    """
+    end = head[0] if head is not None else None
+    prev: AuditRecord | None = None
+    count = 0  # records verified intact so far
+
+    def bad(seq: int | None, reason: str) -> AuditReport:
+        return AuditReport(False, count, seq, reason)
+
+    after = 0
+    while end is None or after < end:
+        page = await fetch(after)
+        if not page:
+            break
+        for rec in page:
+            if end is not None and rec.seq > end:
+                break
+            expected_seq = 1 if prev is None else prev.seq + 1
+            if rec.seq != expected_seq:
+                if rec.seq > expected_seq:
+                    missing = (f"#{expected_seq}" if rec.seq == expected_seq + 1
+                               else f"#{expected_seq} to #{rec.seq - 1}")
+                    return bad(expected_seq, f"record {missing} is missing (deleted); "
+                               f"the chain continues at #{rec.seq}")
+                return bad(rec.seq, f"record #{rec.seq} is out of order or duplicated")
+            expected_prev = GENESIS_HASH if prev is None else prev.hash
+            if record_hash(rec) != rec.hash:
+                if rec.prev_hash != expected_prev:
+                    return bad(rec.seq, f"record #{rec.seq} was changed: its link to the "
+                               "previous record (prev_hash) is not that record's hash")
+                return bad(rec.seq, f"record #{rec.seq} was changed: its content does not "
+                           "match its hash")
+            if rec.prev_hash != expected_prev:
+                if prev is None:
+                    return bad(rec.seq, "record #1 does not start from the genesis hash")
+                count -= 1  # the previous record, counted as intact, is the bad one
+                return bad(prev.seq, f"record #{prev.seq} was rewritten: its hash is not "
+                           f"the one record #{rec.seq} links to")
+            prev = rec
+            count += 1
+        after = page[-1].seq
+        if end is not None and after >= end:
+            break
+    if head is None:
+        if prev is not None:
+            return bad(None, f"the chain head of {subject} is missing, but "
+                       f"{count} records exist")
+        return AuditReport(True, 0)
+    if prev is None or prev.seq < head[0]:
+        first = 1 if prev is None else prev.seq + 1
+        return bad(first, f"records #{first} to #{head[0]} are missing (deleted from the "
+                   f"end of the chain, whose head is #{head[0]})")
+    if prev.hash != head[1]:
+        count -= 1
+        return bad(prev.seq, f"record #{prev.seq} was rewritten: its hash is not the "
+                   "recorded chain head")
+    return AuditReport(True, count)

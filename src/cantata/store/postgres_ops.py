@@ -1,0 +1,329 @@
+"""The PostgreSQL store, part two: rows, tasks, the audit log and observability queries.
+
+Functions of a pooled connection (``c``), called by
+:class:`~cantata.store.postgres.PostgresStore` inside its transactions.
+
+Audit appends are serialized per app by the app's ``audit_head`` row: one
+``INSERT … ON CONFLICT DO UPDATE`` both locks that row and advances it (the new
+seq and hash are computed in SQL from the locked head, over the rest of the record
+that Python already put in canonical form), and the audit record is inserted from
+its ``RETURNING``, in one statement. It must be the last statement of its
+transaction, so the row stays locked only for that statement and the COMMIT.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cantata.model import codec
+from cantata.model.event import Event
+from cantata.model.records import (
+    Attempt,
+    AuditRecord,
+    DeadLetter,
+    Delivery,
+    HistoryEntry,
+    RunRecord,
+    TaskRecord,
+    to_datetime,
+)
+from cantata.model.status import RunStatus
+from cantata.store import audit
+from cantata.store.base import TraceRecords
+from cantata.store.postgres_pool import Conn, Row
+
+LIVE_SQL = "('pending', 'running', 'compensating')"
+
+# Column lists in the field order of the records they make (rows unpack into them).
+RUN_COLS = (
+    "run_id, app, workflow, status, args, created_at, updated_at, correlation_id, "
+    "causation_id, idempotency_key, args_hash, parent_run_id, deadline_at, result, error, "
+    "cancel_requested, owner, fence, flagged, service"
+)
+HISTORY_COLS = (
+    "key, kind, name, status, seq, result, error, error_type, attempts, started_at, "
+    "ended_at, wake_at, detail"
+)
+EVENT_COLS = (
+    "type, data, id, source, subject, time, correlation_id, causation_id, traceparent, signature"
+)
+E_EVENT_COLS = ", ".join("e." + col.strip() for col in EVENT_COLS.split(","))
+U_EVENT_COLS = ", ".join("u." + col.strip() for col in EVENT_COLS.split(","))
+ATTEMPT_COLS = "key, attempt, started_at, ended_at, error_type, error"
+DELIVERY_COLS = "grp, event_id, status, attempts, next_at, error, updated_at, fence"
+D_DELIVERY_COLS = ", ".join("d." + col.strip() for col in DELIVERY_COLS.split(","))
+TASK_COLS = (
+    "task_id, run_id, key, step, service, args, status, attempts, next_at, owner, fence, "
+    "result, error, error_type, created_at, updated_at, correlation_id"
+)
+T_TASK_COLS = ", ".join("t." + col.strip() for col in TASK_COLS.split(","))
+AUDIT_COLS = "seq, time, actor, action, target, data, prev_hash, hash"
+
+
+def run_row(row: Row) -> RunRecord:
+    return RunRecord(row[0], row[1], row[2], RunStatus(row[3]), *row[4:20])
+
+
+def event_row(row: Row) -> Event[Any]:
+    return Event(row[0], codec.loads(row[1]), *row[2:10])
+
+
+def dead_letter_row(row: Row, event: Event[Any]) -> DeadLetter:
+    """``row`` is (id, grp, event_id, error, attempts, failed_at)."""
+    failed = to_datetime(row[5])
+    assert failed is not None
+    return DeadLetter(row[0], row[1], event, row[3], row[4], failed)
+
+
+def delivery_row(row: Row, event: Event[Any]) -> Delivery:
+    """``row`` is DELIVERY_COLS."""
+    return Delivery(row[0], event, row[2], row[3], row[4], row[5], row[6], row[7])
+
+
+def task_row(row: Row) -> TaskRecord:
+    return TaskRecord(*row)
+
+
+async def upsert_attempts(c: Conn, app: str, run_id: str, attempts: Sequence[Attempt]) -> None:
+    if attempts:
+        await c.executemany(
+            f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) VALUES "
+            "($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, run_id, key, attempt) DO UPDATE "
+            "SET ended_at=excluded.ended_at, error_type=excluded.error_type, "
+            "error=excluded.error",
+            [
+                (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
+                for a in attempts
+            ],
+        )
+
+
+async def apps(c: Conn) -> list[str]:
+    """App names in runs, events, declarations, workers and audit heads.
+
+    The big tables are read with a skip scan (one index probe per app).
+    """
+    rows = await c.fetch(
+        "WITH RECURSIVE r(app) AS (SELECT min(app) FROM runs UNION ALL "
+        " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r WHERE r.app IS NOT NULL),"
+        " e(app) AS (SELECT min(app) FROM events UNION ALL "
+        " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e WHERE e.app IS NOT NULL)"
+        " SELECT app FROM r UNION SELECT app FROM e UNION SELECT app FROM declarations "
+        " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
+    )
+    return sorted(r[0] for r in rows if r[0] is not None)
+
+
+# -- the audit log ----------------------------------------------------------------------
+
+_APPEND_SQL = (
+    "WITH h AS ("
+    " INSERT INTO audit_head AS h (app, seq, prev_hash, hash)"
+    " VALUES ($1, 1, $2::text, encode(sha256(convert_to($2::text || '[1,' || $3::text,"
+    "  'UTF8')), 'hex'))"
+    " ON CONFLICT (app) DO UPDATE SET seq = h.seq + 1, prev_hash = h.hash,"
+    "  hash = encode(sha256(convert_to(h.hash || '[' || (h.seq + 1)::text || ',' || $3::text,"
+    "  'UTF8')), 'hex')"
+    " RETURNING seq, prev_hash, hash)"
+    f" INSERT INTO audit (app, {AUDIT_COLS})"
+    " SELECT $1, h.seq, $4, $5, $6, $7, $8, h.prev_hash, h.hash FROM h"
+)
+
+
+async def audit_append(c: Conn, app: str, entry: audit.Entry) -> None:
+    """Append one record to ``app``'s chain: call it last in the transaction."""
+    actor, action, target, data = entry
+    now = time.time()
+    text = audit.canonical(data)
+    await c.execute(
+        _APPEND_SQL, app, audit.GENESIS_HASH, audit.tail(now, actor, action, target, text),
+        now, actor, action, target, text,
+    )
+
+
+async def audit_head(c: Conn, app: str) -> tuple[int, str] | None:
+    row = await c.fetchrow("SELECT seq, hash FROM audit_head WHERE app=$1", app)
+    return None if row is None else (row[0], row[1])
+
+
+async def audit_records(c: Conn, app: str, after_seq: int, limit: int) -> list[AuditRecord]:
+    rows = await c.fetch(
+        f"SELECT {AUDIT_COLS} FROM audit WHERE app=$1 AND seq>$2 ORDER BY seq LIMIT $3",
+        app, after_seq, limit,
+    )
+    return [AuditRecord(*r) for r in rows]
+
+
+# -- tasks ------------------------------------------------------------------------------
+
+
+async def insert_tasks(
+    c: Conn, app: str, correlation_id: str, tasks: Sequence[TaskRecord]
+) -> None:
+    now = time.time()
+    await c.executemany(
+        f"INSERT INTO tasks (app, {TASK_COLS}) VALUES "
+        f"({', '.join(f'${i}' for i in range(1, 19))}) ON CONFLICT (app, task_id) DO NOTHING",
+        [
+            (app, t.task_id, t.run_id, t.key, t.step, t.service, t.args, t.status, t.attempts,
+             t.next_at, t.owner, t.fence, t.result, t.error, t.error_type,
+             t.created_at or now, t.updated_at or now, t.correlation_id or correlation_id)
+            for t in tasks
+        ],
+    )
+
+
+async def claim_tasks(
+    c: Conn,
+    app: str,
+    worker_id: str,
+    services: Sequence[str],
+    now: float,
+    stale_before: float,
+    limit: int,
+) -> list[TaskRecord]:
+    # As claim_deliveries: a MATERIALIZED pick with SKIP LOCKED, liveness as a
+    # correlated subquery so the READ COMMITTED re-check sees a new owner.
+    rows = await c.fetch(
+        f"WITH pick AS MATERIALIZED ("
+        f" SELECT task_id FROM tasks t WHERE t.app=$1 AND t.status='pending'"
+        f"  AND t.service = ANY($2::text[]) AND t.next_at <= $3"
+        f"  AND (t.owner IS NULL OR (t.owner<>$4 AND NOT EXISTS (SELECT 1 FROM workers w"
+        f"   WHERE w.app=t.app AND w.worker_id=t.owner AND w.heartbeat_at >= $5)))"
+        f" ORDER BY t.next_at, t.created_at LIMIT $6 FOR UPDATE SKIP LOCKED)"
+        f" UPDATE tasks t SET owner=$4, fence=t.fence+1, attempts=t.attempts+1, updated_at=$3"
+        f" FROM pick WHERE t.app=$1 AND t.task_id=pick.task_id RETURNING {T_TASK_COLS}",
+        app, list(services), now, worker_id, stale_before, limit,
+    )
+    return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))
+
+
+async def finish_task(
+    c: Conn,
+    app: str,
+    task_id: str,
+    fence: int,
+    outcome: str,
+    attempts: Sequence[Attempt],
+    result: str | None,
+    error: str | None,
+    error_type: str | None,
+    next_at: float,
+) -> tuple[bool, audit.Entry | None]:
+    """:meth:`PostgresStore.finish_task` inside the caller's transaction.
+
+    Returns whether the task was finished, and the audit entry to append (last).
+    """
+    row = await c.fetchrow(
+        "SELECT run_id, fence, status, owner, step, service, attempts FROM tasks "
+        "WHERE app=$1 AND task_id=$2 FOR UPDATE",
+        app, task_id,
+    )
+    if row is None or row[1] != fence or row[2] != "pending":
+        return False, None
+    run_id, _, _, owner, step, service, n = row
+    await upsert_attempts(c, app, run_id, attempts)
+    now = time.time()
+    if outcome == "done":
+        await c.execute(
+            "UPDATE tasks SET status='done', result=$3, error=NULL, error_type=NULL, owner=NULL, "
+            "updated_at=$4 WHERE app=$1 AND task_id=$2",
+            app, task_id, result, now,
+        )
+    elif outcome == "failed":
+        await c.execute(
+            "UPDATE tasks SET status='failed', error=$3, error_type=$4, owner=NULL, "
+            "updated_at=$5 WHERE app=$1 AND task_id=$2",
+            app, task_id, error, error_type, now,
+        )
+    else:
+        await c.execute(
+            "UPDATE tasks SET owner=NULL, next_at=$3, error=$4, error_type=$5, updated_at=$6 "
+            "WHERE app=$1 AND task_id=$2",
+            app, task_id, next_at, error, error_type, now,
+        )
+        return True, None
+    return True, audit.task_entry(task_id, owner, outcome, step, service, n, error)
+
+
+# -- observability ----------------------------------------------------------------------
+
+
+async def trace_records(c: Conn, app: str, correlation_id: str, limit: int) -> TraceRecords:
+    """Everything about one correlation id (call in a repeatable-read transaction)."""
+    runs = [
+        run_row(r) for r in await c.fetch(
+            f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
+            "ORDER BY created_at LIMIT $3",
+            app, correlation_id, limit,
+        )
+    ]
+    ids = [r.run_id for r in runs]
+    entries: dict[str, list[HistoryEntry]] = {i: [] for i in ids}
+    attempts: dict[str, list[Attempt]] = {i: [] for i in ids}
+    for r in await c.fetch(
+        f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=$1 "
+        "AND run_id = ANY($2::text[]) ORDER BY seq",
+        app, ids,
+    ):
+        if len(entries[r[0]]) < limit:
+            entries[r[0]].append(HistoryEntry(*r[1:]))
+    for r in await c.fetch(
+        f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=$1 "
+        "AND run_id = ANY($2::text[]) ORDER BY started_at, attempt",
+        app, ids,
+    ):
+        if len(attempts[r[0]]) < limit:
+            attempts[r[0]].append(Attempt(*r[1:]))
+    tasks = [
+        task_row(r) for r in await c.fetch(
+            f"SELECT {TASK_COLS} FROM tasks WHERE app=$1 AND run_id = ANY($2::text[]) "
+            'ORDER BY created_at, task_id COLLATE "C" LIMIT $3',
+            app, ids, limit,
+        )
+    ]
+    events = [
+        (event_row(r), r[10]) for r in await c.fetch(
+            f"SELECT {EVENT_COLS}, stored_at FROM events WHERE app=$1 "
+            "AND correlation_id=$2 ORDER BY seq LIMIT $3",
+            app, correlation_id, limit,
+        )
+    ]
+    by_id = {e.id: e for e, _ in events}
+    deliveries = [
+        delivery_row(r, by_id[r[1]]) for r in await c.fetch(
+            f"SELECT {DELIVERY_COLS} FROM deliveries WHERE app=$1 "
+            "AND event_id = ANY($2::text[]) ORDER BY updated_at",
+            app, list(by_id),
+        )
+    ]
+    dead = [
+        dead_letter_row(r, by_id[r[2]]) for r in await c.fetch(
+            "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
+            "WHERE app=$1 AND event_id = ANY($2::text[]) ORDER BY failed_at",
+            app, list(by_id),
+        )
+    ]
+    return TraceRecords(runs, entries, attempts, events, deliveries, dead, tasks)
+
+
+async def stale_correlations(c: Conn, app: str, older_than: float, limit: int) -> list[str]:
+    rows = await c.fetch(
+        f"SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
+        f"{LIVE_SQL} AND updated_at < $2 "
+        "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
+        "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
+        "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
+        "('pending','dead') AND d.updated_at < $2 "
+        "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=$1 "
+        "AND status='pending' AND updated_at < $2 "
+        "ORDER BY 2 LIMIT $3",
+        app, older_than, limit * 4,
+    )
+    seen: dict[str, None] = {}
+    for r in rows:
+        if r[0] is not None:
+            seen.setdefault(r[0])
+    return list(seen)[:limit]

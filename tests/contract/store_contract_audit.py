@@ -1,0 +1,228 @@
+"""The store contract, part four: the hash-chained audit log and its verification."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from cantata.errors import DeadLetterNotFound, LeaseLost
+from cantata.model.records import (
+    ENTRY_FAILED,
+    ENTRY_RUNNING,
+    Attempt,
+    AuditRecord,
+    AuditReport,
+    RunWrite,
+    TaskRecord,
+)
+from cantata.model.status import RunStatus
+from cantata.store import audit
+from cantata.store.base import Settlement, Store
+from tests.contract.store_support import StoreFixtures, entry, ev, new_run
+
+
+def remote(run_id: str, key: str) -> TaskRecord:
+    return TaskRecord(f"{run_id}:{key}", run_id, key, key.split("#")[0], "inventory", "[]")
+
+
+def assert_chained(records: list[AuditRecord]) -> None:
+    """Contiguous from #1, each linked to the previous one, each hash recomputable."""
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    prev = audit.GENESIS_HASH
+    for r in records:
+        assert r.prev_hash == prev and audit.record_hash(r) == r.hash
+        assert json.loads(r.data) is not None
+        prev = r.hash
+
+
+class AuditContract(StoreFixtures):
+    """Every state change and operator action, with its actor, in one chain per app."""
+
+    async def log(self, store: Store, app: str | None = None) -> list[AuditRecord]:
+        return await store.audit_records(self.app if app is None else app, limit=100_000)
+
+    async def busy(self, store: Store, runs: int = 4) -> int:
+        """Make some audited history (3 records per run); returns the record count."""
+        for _ in range(runs):
+            run, _ = await store.create_run(new_run(self.app))
+            await store.commit_run(self.app, run.run_id, 0, RunWrite(
+                entries=[entry("a#1", 1)], status=RunStatus.RUNNING
+            ))
+            await store.commit_run(self.app, run.run_id, 0, RunWrite(
+                status=RunStatus.COMPLETED, result="1", release=True
+            ))
+        return 3 * runs
+
+    async def test_state_changes_are_audited_with_their_actor(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.*"))
+        run, _ = await store.create_run(new_run(self.app, correlation_id="c"))
+        [claimed] = await self.claim(store, "w1")
+        rid, f = run.run_id, claimed.fence
+
+        async def commit(**kw: Any) -> None:
+            await store.commit_run(self.app, rid, f, RunWrite(**kw))
+
+        await commit(status=RunStatus.RUNNING)
+        # The hot path (an attempt starts, an entry runs) and no-op status: no record.
+        await commit(entries=[entry("a#1", 1, ENTRY_RUNNING)], attempts=[Attempt("a#1", 1, 1.0)])
+        await commit(status=RunStatus.RUNNING)
+        await commit(entries=[entry("a#1", 1)], attempts=[Attempt("a#1", 1, 1.0, 2.0)])
+        placed, failed = ev("order.placed"), ev("order.failed")
+        await commit(entries=[entry("b#1", 2, ENTRY_FAILED, error="E: x")], events=[placed],
+                     tasks=[remote(rid, "inventory.reserve#1")])
+        other, _ = await store.create_run(new_run(self.app))
+        await store.request_cancel(self.app, other.run_id, actor="cli:alice")
+        await commit(status=RunStatus.COMPLETED, result="1", flagged=True, release=True)
+        await store.request_cancel(self.app, rid)  # ended: recorded, not applied
+        assert await store.request_cancel(self.app, "missing", actor="x") is None
+        [d] = await self.claim_d(store, "w2", ["g"])
+        await store.settle_delivery(self.app, "g", placed.id, Settlement(
+            "retry", 1, error="E: y", retry_at=0.0))
+        [d] = await self.claim_d(store, "w2", ["g"])  # released by the retry: claimed again
+        await store.settle_delivery(self.app, "g", placed.id, Settlement("done", 2, [failed]))
+        await store.settle_delivery(self.app, "g", failed.id, Settlement(
+            "dead", 3, error="E: z", dead_letter_id="dl-1"))
+        await store.replay_dead_letter(self.app, "dl-1", time.time(), actor="api:bob")
+        [t] = await store.claim_tasks(self.app, "inv-w", ["inventory"], now=time.time(),
+                                      stale_before=0, limit=5)
+        await store.finish_task(self.app, t.task_id, t.fence, outcome="retry", error="E: r",
+                                error_type="E", attempts=[])
+        [t] = await store.claim_tasks(self.app, "inv-w", ["inventory"], now=time.time(),
+                                      stale_before=0, limit=5)
+        await store.finish_task(self.app, t.task_id, t.fence, outcome="done", result="7",
+                                attempts=[])
+
+        records = await self.log(store)
+        assert_chained(records)
+        summary = [(r.actor, r.action, r.target, json.loads(r.data)) for r in records]
+        assert summary == [
+            ("system", "run.created", rid, {"workflow": "wf", "correlation_id": "c"}),
+            ("worker:w1", "run.status", rid, {"status": "running"}),
+            ("worker:w1", "run.checkpoint", rid, {"completed": ["a#1"]}),
+            ("worker:w1", "run.checkpoint", rid, {
+                "failed": ["b#1"], "events": [placed.id], "tasks": ["inventory.reserve#1"]}),
+            ("system", "run.created", other.run_id,
+             {"workflow": "wf", "correlation_id": other.correlation_id}),
+            ("cli:alice", "run.cancel_requested", other.run_id,
+             {"status": "pending", "applied": True}),
+            ("worker:w1", "run.status", rid, {"status": "completed", "flagged": True}),
+            ("system", "run.cancel_requested", rid, {"status": "completed", "applied": False}),
+            ("worker:w2", "delivery.done", f"g:{placed.id}",
+             {"attempts": 2, "events": [failed.id]}),
+            ("system", "delivery.dead", f"g:{failed.id}",
+             {"attempts": 3, "error": "E: z", "dead_letter_id": "dl-1"}),
+            ("api:bob", "dead_letter.replayed", f"g:{failed.id}", {"dead_letter_id": "dl-1"}),
+            ("worker:inv-w", "task.done", t.task_id,
+             {"step": "inventory.reserve", "service": "inventory", "attempts": 2}),
+        ]
+        assert d.event == placed
+        assert all(r.time >= records[0].time - 1 for r in records)
+
+    async def test_child_runs_and_failed_tasks_are_audited(self, store: Store) -> None:
+        parent, _ = await store.create_run(new_run(self.app))
+        child, _ = await store.create_run(new_run(self.app, parent_run_id=parent.run_id))
+        await store.commit_run(self.app, parent.run_id, 0, RunWrite(
+            tasks=[remote(parent.run_id, "inventory.reserve#1")]))
+        [t] = await store.claim_tasks(self.app, "inv-w", ["inventory"], now=time.time(),
+                                      stale_before=0, limit=5)
+        await store.finish_task(self.app, t.task_id, t.fence, outcome="failed",
+                                error="KeyError: 'sku'", error_type="KeyError", attempts=[])
+        records = await self.log(store)
+        assert json.loads(records[1].data)["parent_run_id"] == parent.run_id
+        assert (records[-1].actor, records[-1].action, json.loads(records[-1].data)) == (
+            "worker:inv-w", "task.failed", {"step": "inventory.reserve", "service": "inventory",
+                                            "attempts": 1, "error": "KeyError: 'sku'"},
+        )
+        assert child.parent_run_id == parent.run_id
+
+    async def test_writes_that_change_nothing_record_nothing(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.placed"))
+        run, _ = await store.create_run(new_run(self.app, idempotency_key="k", args_hash="h"))
+        e = ev()
+        await store.commit_run(self.app, run.run_id, 0, RunWrite(
+            events=[e], tasks=[remote(run.run_id, "s#1")]))
+        await store.settle_delivery(self.app, "g", e.id, Settlement("done", 1))
+        before = await self.log(store)
+        assert [r.action for r in before] == ["run.created", "run.checkpoint", "delivery.done"]
+        await store.create_run(new_run(self.app, idempotency_key="k", args_hash="h"))
+        with pytest.raises(LeaseLost):
+            await store.commit_run(self.app, run.run_id, 9, RunWrite(
+                status=RunStatus.FAILED, entries=[entry("x#1", 1)]))
+        assert not await store.settle_delivery(self.app, "g", e.id, Settlement("done", 2))
+        with pytest.raises(DeadLetterNotFound):
+            await store.replay_dead_letter(self.app, "nope", time.time(), actor="x")
+        assert not await store.finish_task(self.app, f"{run.run_id}:s#1", 7, outcome="done",
+                                           attempts=[])
+        assert await self.log(store) == before
+
+    async def test_audit_records_page_by_seq(self, store: Store) -> None:
+        n = await self.busy(store, 2)
+        assert [r.seq for r in await store.audit_records(self.app)] == list(range(1, n + 1))
+        page = await store.audit_records(self.app, after_seq=2, limit=2)
+        assert [r.seq for r in page] == [3, 4]
+        assert await store.audit_records(self.app, after_seq=n) == []
+        assert await store.audit_records(self.app + "-b") == []
+
+    async def test_each_app_has_its_own_chain(self, store: Store) -> None:
+        await store.create_run(new_run(self.app))
+        await store.create_run(new_run(self.app + "-b"))
+        await store.create_run(new_run(self.app))
+        a, b = await self.log(store), await self.log(store, self.app + "-b")
+        assert_chained(a)
+        assert_chained(b)
+        assert (len(a), len(b)) == (2, 1)
+        assert (await store.verify_audit(self.app + "-b")).ok
+
+    async def test_concurrent_writers_keep_one_contiguous_chain(
+        self, store: Store, peer: Store
+    ) -> None:
+        async def writer(s: Store, n: int) -> None:
+            for _ in range(n):
+                run, _ = await s.create_run(new_run(self.app))
+                await s.commit_run(self.app, run.run_id, 0, RunWrite(entries=[entry("a#1", 1)]))
+
+        await asyncio.gather(*(writer(store if i % 2 else peer, 6) for i in range(8)))
+        records = await self.log(store)
+        assert len(records) == 8 * 6 * 2
+        assert_chained(records)
+        assert await store.verify_audit(self.app) == AuditReport(True, len(records))
+
+    async def test_untouched_log_verifies(self, store: Store) -> None:
+        assert await store.verify_audit(self.app) == AuditReport(True, 0, None, None)
+        n = await self.busy(store)
+        assert await store.verify_audit(self.app) == AuditReport(True, n, None, None)
+
+    @pytest.mark.parametrize("how", ["data", "hash", "prev_hash", "rehash", "delete"])
+    async def test_tampering_in_the_middle_is_detected_and_named(
+        self, store: Store, how: str
+    ) -> None:
+        n = await self.busy(store)
+        await self.tamper(store, self.app, 5, how)
+        report = await store.verify_audit(self.app)
+        assert not report.ok and report.first_bad_seq == 5, report
+        assert report.records == 4  # verified before the bad one
+        expected = {"data": "changed", "hash": "changed", "prev_hash": "link",
+                    "rehash": "rewritten", "delete": "missing"}[how]
+        assert report.reason is not None and expected in report.reason
+        assert "#5" in report.reason
+        assert n > 5
+
+    @pytest.mark.parametrize("how", ["data", "rehash", "delete"])
+    async def test_tampering_with_the_last_record_is_detected(
+        self, store: Store, how: str
+    ) -> None:
+        n = await self.busy(store, 2)
+        await self.tamper(store, self.app, n, how)
+        report = await store.verify_audit(self.app)
+        assert not report.ok and report.first_bad_seq == n, report
+        assert (await store.verify_audit(self.app + "-b")).ok
+
+    async def test_tampering_with_the_first_record_is_detected(self, store: Store) -> None:
+        await self.busy(store, 1)
+        await self.tamper(store, self.app, 1, "rehash")
+        report = await store.verify_audit(self.app)
+        assert (report.ok, report.first_bad_seq, report.records) == (False, 1, 0)

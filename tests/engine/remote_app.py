@@ -1,0 +1,40 @@
+"""Four-process test app: orders orchestrates payments and shipping by step name."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import cantata
+from cantata import App, Retry
+
+app = App("remote", lease=1.0, poll_interval=0.05)
+MARKS = Path(os.environ.get("CANTATA_TEST_MARKS", "/tmp"))
+
+
+@app.workflow(service="orders")
+async def checkout(ctx: cantata.WorkflowContext, order: dict) -> dict:
+    charge = await ctx.run("payments.charge", order, compensate="payments.refund")
+    shipment = await ctx.run("shipping.ship", order)
+    return {"charge": charge, "shipment": shipment}
+
+
+@app.step(service="payments", retry=Retry(max_attempts=3, initial_interval=0.05))
+def charge(order: dict) -> str:
+    info = cantata.step_info()
+    (MARKS / f"charge-{info.attempt}").write_text(info.idempotency_key)
+    if order.get("hang_first") and info.attempt == 1:
+        time.sleep(60)  # the test kills this worker with SIGKILL meanwhile
+    return f"charged:{info.idempotency_key}"
+
+
+@app.step(service="payments")
+def refund(order: dict) -> None:
+    (MARKS / "refund").write_text("1")
+
+
+@app.step(service="shipping")
+def ship(order: dict) -> str:
+    (MARKS / "ship").write_text("1")
+    return "shipped"

@@ -1,0 +1,78 @@
+"""Four processes: a payments worker killed mid-step, a shipping service that is down."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import eventually
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).parent
+
+
+def worker(service: str, store: str, marks: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CANTATA_TEST_MARKS": str(marks), "PYTHONPATH": str(HERE)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cantata", "worker", "remote_app:app", "--service", service,
+         "--store", store],
+        env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_killed_payments_worker_and_stopped_shipping_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = f"sqlite:///{tmp_path}/shop.db"
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
+    import remote_app
+
+    app = remote_app.app
+    app._store_spec = store
+    app.services = frozenset({"orders"})
+    procs = [worker("payments", store, tmp_path)]
+    try:
+        async with app:
+            handle = await app.start("checkout", {"id": 1, "hang_first": True})
+            await eventually(lambda: (tmp_path / "charge-1").exists(), timeout=20)
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait()
+            procs.append(worker("payments", store, tmp_path))  # a fresh payments worker
+            await eventually(lambda: (tmp_path / "charge-2").exists(), timeout=20)
+            # shipping is down: the run waits on its task, reported as a stall
+            await asyncio.sleep(1.0)
+            assert await handle.status() == "running"
+            stalls = await app.stalled(older_than=0.5)
+            assert [(s.reason, s.node.group) for s in stalls] == [("pending_step", "shipping")]
+            procs.append(worker("shipping", store, tmp_path))
+            result = await handle.result(timeout=30)
+            attempts = await app.store.load_attempts(app.name, handle.run_id)
+        key = (tmp_path / "charge-1").read_text()
+        assert result == {"charge": f"charged:{key}", "shipment": "shipped"}
+        assert (tmp_path / "charge-2").read_text() == key  # same idempotency key
+        charge = [(a.attempt, a.error_type) for a in attempts if a.key == "payments.charge#1"]
+        assert charge == [(1, "WorkerLost"), (2, None)]
+        assert not (tmp_path / "refund").exists()
+    finally:
+        for proc in procs:
+            stop(proc)
+        sys.modules.pop("remote_app", None)
+
