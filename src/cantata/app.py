@@ -360,13 +360,18 @@ class App(Router):
         """Deliveries that failed for good, oldest first."""
         return await self.store.dead_letters(self.name, limit=limit)
 
-    async def replay(self, dead_letter_id: str) -> DeadLetter:
+    async def replay(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
         """Redeliver a dead letter to its group (keeping the event's correlation id).
+
+        ``actor`` is recorded in the audit log (default: this process).
 
         Raises:
             DeadLetterNotFound: no such dead letter.
         """
-        dl = await self.store.replay_dead_letter(self.name, dead_letter_id, self.clock.now())
+        dl = await self.store.replay_dead_letter(
+            self.name, dead_letter_id, self.clock.now(),
+            actor=actor or f"process:{self.engine.worker_id}",
+        )
         assert self._broker is not None
         await self._broker.redeliver(self.name, dl.group, dl.event)
         return dl

@@ -128,3 +128,15 @@ def fmt_duration(seconds: float | None) -> str:
 
 def demo_db_path() -> Path:
     return Path.cwd() / "cantata-demo.db"
+
+
+def operator() -> str:
+    """Who is acting, for the audit log: ``cli:user@host``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import client_app, console, parse_json, run
+from .common import client_app, console, operator, parse_json, run
 from .runs import AppOpt, StoreOpt
 
 
@@ -75,7 +75,7 @@ def dlq_replay(
 
     async def go() -> None:
         async with the_app.client():
-            dl = await the_app.replay(dead_letter_id)
+            dl = await the_app.replay(dead_letter_id, actor=operator())
             console.print(f"redelivering {dl.event.type} {dl.event.id} to group {dl.group}")
 
     run(go)

@@ -18,6 +18,7 @@ from .common import (
     fmt_duration,
     fmt_time,
     load_app,
+    operator,
     parse_json,
     run,
 )
@@ -194,7 +195,7 @@ def cancel(
     async def go() -> None:
         async with the_app.client():
             handle = the_app.get_handle(run_id)
-            await handle.cancel()
+            await handle.cancel(actor=operator())
             console.print(f"cancel requested for run {run_id} (now {await handle.status()})")
 
     run(go)

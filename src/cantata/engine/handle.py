@@ -87,16 +87,18 @@ class RunHandle:
             return value
         raise _ERRORS[run.status](run.run_id, str(run.status), run.error)
 
-    async def cancel(self) -> None:
+    async def cancel(self, *, actor: str | None = None) -> None:
         """Ask the run to stop at its next durable point and compensate.
 
         A pending ``sleep`` or ``wait_for_event`` is interrupted at once. Cancelling a
-        finished run does nothing.
+        finished run does nothing. ``actor`` is recorded in the audit log (default: this
+        process).
         """
-        run = await self._engine.store.request_cancel(self._engine.app, self.run_id)
+        who = actor or f"process:{self._engine.worker_id}"
+        run = await self._engine.store.request_cancel(self._engine.app, self.run_id, actor=who)
         if run is None:
             raise RunNotFound(f"no run {self.run_id!r} in app {self._engine.app!r}")
         await self._engine.check_cancellations()
         for child in await self._engine.store.child_runs(self._engine.app, self.run_id):
             if not child.status.is_final:
-                await RunHandle(self._engine, child.run_id).cancel()
+                await RunHandle(self._engine, child.run_id).cancel(actor=who)
