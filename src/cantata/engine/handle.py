@@ -73,6 +73,11 @@ class RunHandle:
                     f"run {self.run_id} is still {run.status} after {timeout} s; it goes on — "
                     "call result() again later or check `cantata run ID`"
                 )
+            local = self._engine.completion(self.run_id)
+            if local is not None:  # executing in this process: wait for it, no polling
+                remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+                await asyncio.wait([local], timeout=remaining)
+                continue
             wait = self._engine.poll_interval
             if deadline is not None:
                 wait = min(wait, max(deadline - loop.time(), 0.0))

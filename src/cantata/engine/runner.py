@@ -98,6 +98,7 @@ class RunExecution:
         self.divergence: NonDeterminismError | None = None
         self.wakeup = asyncio.Event()
         self.retry_later = False  # set when an internal error ended this execution
+        self.fresh = False  # created by this process just now: no history to load
         self._deadline_timer: asyncio.Task[None] | None = None
 
     # -- plumbing -----------------------------------------------------------------
@@ -345,6 +346,8 @@ class RunExecution:
     # -- the run ---------------------------------------------------------------------
 
     async def load(self) -> None:
+        if self.fresh:
+            return
         store, app, run_id = self.engine.store, self.run.app, self.run.run_id
         entries = await store.load_history(app, run_id)
         for e in entries:

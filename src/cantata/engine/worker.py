@@ -99,6 +99,7 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._claim_wakeup = asyncio.Event()
+        self._completions: dict[str, asyncio.Future[None]] = {}
         self._runs_pulse = asyncio.Event()
         self._waiters: dict[str, set[RunExecution]] = {}
         self._run_waiters: dict[str, set[RunExecution]] = {}
@@ -195,17 +196,31 @@ class Engine:
         )
         stored, created = await self.store.create_run(run)
         if created and local:
-            self.launch(stored)
+            self.launch(stored, fresh=True)
         elif created:
             self._claim_wakeup.set()
         return stored
 
-    def launch(self, run: RunRecord) -> None:
-        """Execute ``run`` in this process (it is owned by this worker)."""
+    def completion(self, run_id: str) -> asyncio.Future[None] | None:
+        """A future resolved when this process stops executing ``run_id`` (``None`` if it
+        does not execute it): lets a local ``handle.result()`` wait without polling."""
+        if run_id not in self.executions:
+            return None
+        fut = self._completions.get(run_id)
+        if fut is None:
+            fut = self._completions[run_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def launch(self, run: RunRecord, *, fresh: bool = False) -> None:
+        """Execute ``run`` in this process (it is owned by this worker).
+
+        ``fresh``: the run was just created here, so it has no history to load.
+        """
         if run.run_id in self.executions:
             return
         wdef = self.router.workflows[run.workflow]
         execution = RunExecution(self, run, wdef)
+        execution.fresh = fresh
         self.executions[run.run_id] = execution
         task = asyncio.create_task(execution.execute(), name=f"cantata-run:{run.run_id}")
         self._tasks.add(task)
@@ -214,7 +229,9 @@ class Engine:
             self._tasks.discard(t)
             self.executions.pop(run_id, None)
             self._runs_pulse.set()
-            self._claim_wakeup.set()
+            waiter = self._completions.pop(run_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
             if execution.retry_later and self.serving:
                 # This worker still owns the run (and heartbeats), so no other worker
                 # takes it over: execute it again here after a pause.
@@ -296,6 +313,10 @@ class Engine:
                 continue
             self._claim_wakeup.clear()
             await wait_event(self._claim_wakeup, self.poll_interval * 5)
+            if self._claim_wakeup.is_set():
+                # Woken by a change notification: let a burst of them coalesce, so a
+                # busy store is not asked to claim once per commit.
+                await asyncio.sleep(min(0.05, self.poll_interval))
 
     async def _watch_loop(self) -> None:
         """Notice cancellations requested by other processes."""
