@@ -25,7 +25,7 @@ async def test_an_event_nobody_consumes_is_counted_and_logged(
         assert app.metrics.orphans == {"order.refunded": 2}
 
     messages = [r.getMessage() for r in caplog.records if "orphan" in r.getMessage()]
-    assert len(messages) == 2
+    assert len(messages) == 1  # loud once per type; the count keeps the tally
     assert "order.refunded" in messages[0] and ev.id in messages[0]
 
 

@@ -8,6 +8,7 @@ or a handler's ``ctx.emit``) reports it here.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +34,30 @@ async def check_orphans(engine: Engine, events: Sequence[Event[Any]]) -> list[Ev
     unknown = [e for e in events if not any(matches(p, e.type) for p in local)]
     if not unknown:
         return []
-    declared = [d.pattern for d in await engine.store.declarations(engine.app) if d.pattern]
+    declared = await _declared_patterns(engine)
     orphans = [e for e in unknown if not any(matches(p, e.type) for p in declared)]
     for event in orphans:
-        engine.metrics.orphans[event.type] = engine.metrics.orphans.get(event.type, 0) + 1
-        log.warning(
+        seen = engine.metrics.orphans.get(event.type, 0)
+        engine.metrics.orphans[event.type] = seen + 1
+        # Loud the first time per type, then quiet: the count keeps the tally.
+        log.log(
+            logging.WARNING if seen == 0 else logging.DEBUG,
             "orphan event: %s (id %s) was published but no handler, workflow trigger or "
-            "wait in app %r listens to it", event.type, event.id, engine.app,
+            "wait in app %r listens to it (further ones are counted in app.metrics.orphans)",
+            event.type, event.id, engine.app,
         )
     return orphans
+
+
+_CACHE_SECONDS = 2.0
+
+
+async def _declared_patterns(engine: Engine) -> list[str]:
+    """Patterns every service of the app declared, cached briefly (one read per burst)."""
+    cached = getattr(engine, "_orphan_patterns", None)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < _CACHE_SECONDS:
+        return list(cached[1])
+    patterns = [d.pattern for d in await engine.store.declarations(engine.app) if d.pattern]
+    engine._orphan_patterns = (now, patterns)  # type: ignore[attr-defined]
+    return patterns

@@ -46,7 +46,9 @@ class _DryRun(RunExecution):
     async def commit(self, write: RunWrite) -> None:
         raise _Frontier()
 
-    async def wait_until(self, wake_at: float | None, wake: Any = None) -> None:
+    async def wait_until(
+        self, wake_at: float | None, wake: Any = None, *, poll: bool = True
+    ) -> None:
         raise _Frontier()
 
     async def _unwind(self, final: RunStatus, error: str) -> None:

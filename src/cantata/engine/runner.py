@@ -169,9 +169,17 @@ class RunExecution:
         self.check_interrupt()
 
     async def wait_until(
-        self, wake_at: float | None, wake: Callable[[], Awaitable[bool]] | None = None
+        self,
+        wake_at: float | None,
+        wake: Callable[[], Awaitable[bool]] | None = None,
+        *,
+        poll: bool = True,
     ) -> None:
-        """Sleep until ``wake_at`` (clock time), an interrupt, or ``wake()`` returns True."""
+        """Sleep until ``wake_at`` (clock time), an interrupt, or ``wake()`` returns True.
+
+        ``wake()`` is tried again whenever this execution is woken, and, with ``poll``,
+        every ``wait_poll_interval`` too (without it the engine wakes it on news).
+        """
         clock = self.engine.clock
         while True:
             self.check_interrupt()
@@ -181,9 +189,9 @@ class RunExecution:
             if wake_at is not None and now >= wake_at:
                 return
             remaining = None if wake_at is None else wake_at - now
-            if wake is not None:
-                poll = self.engine.wait_poll_interval
-                remaining = poll if remaining is None else min(remaining, poll)
+            if wake is not None and poll:
+                every = self.engine.wait_poll_interval
+                remaining = every if remaining is None else min(remaining, every)
             self.wakeup.clear()
             sleeper = None if remaining is None else asyncio.ensure_future(clock.sleep(remaining))
             waiter = asyncio.ensure_future(self.wakeup.wait())

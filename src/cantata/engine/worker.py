@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,8 @@ class Engine:
         self._loops: list[asyncio.Task[Any]] = []
         self._claim_wakeup = asyncio.Event()
         self._completions: dict[str, asyncio.Future[None]] = {}
+        self._type_checked: dict[str, float] = {}
+        self._type_seen: dict[str, set[str]] = {}
         self._runs_pulse = asyncio.Event()
         self._waiters: dict[str, set[RunExecution]] = {}
         self._run_waiters: dict[str, set[RunExecution]] = {}
@@ -319,13 +322,38 @@ class Engine:
                 await asyncio.sleep(min(0.05, self.poll_interval))
 
     async def _watch_loop(self) -> None:
-        """Notice cancellations requested by other processes."""
+        """Notice what other processes did: cancellations, and events runs here wait for."""
+        last_cancel_check = 0.0
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
-                await self.check_cancellations()
+                await self._poll_waited_types()
             except Exception as exc:
-                log.warning("checking cancellations failed (%s)", exc)
+                log.warning("looking for awaited events failed (%s)", exc)
+            # With many runs in flight, look for cancellations less often (in-process and
+            # PostgreSQL cancellations arrive by notification at once anyway).
+            every = self.poll_interval * max(1.0, len(self.executions) / 500)
+            if time.monotonic() - last_cancel_check >= every:
+                last_cancel_check = time.monotonic()
+                try:
+                    await self.check_cancellations()
+                except Exception as exc:
+                    log.warning("checking cancellations failed (%s)", exc)
+
+    async def _poll_waited_types(self) -> None:
+        """One query per awaited event type: wake that type's waits if something arrived."""
+        now = time.time()
+        for event_type, group in list(self._waiters.items()):
+            since = self._type_checked.get(event_type, now) - 1.0  # margin: late commits
+            events = await self.store.find_events(
+                self.app, event_type, since=since,
+                exclude=sorted(self._type_seen.get(event_type, ())), limit=100,
+            )
+            self._type_checked[event_type] = now
+            if events:
+                self._type_seen[event_type] = {e.id for e in events}
+                for execution in list(group):
+                    execution.wakeup.set()
 
     async def check_cancellations(self) -> None:
         if not self.executions:

@@ -53,6 +53,8 @@ def store_from_url(url: str) -> Store:
         try:
             from cantata.store.postgres import PostgresStore
         except ImportError as exc:
+            if exc.name != "asyncpg":
+                raise
             raise ConfigurationError(
                 f"the PostgreSQL store needs asyncpg ({exc}): pip install 'cantata[postgres]'"
             ) from None
