@@ -1,0 +1,243 @@
+"""One Cantata scenario in this process (the runner starts one process per scenario).
+
+    python -m bench.cantata_scenario saga|chain throughput|latency \
+        --store sqlite|postgres --broker embedded|nats [--n N]
+
+- saga throughput: ``app.start`` N runs in a loop, then await every result.
+- saga latency: N runs one after another, each awaited (after 20 warm-up runs).
+- chain throughput: publish N ``order.placed``, then wait until the handlers of this
+  process have completed 3 N deliveries (each completion commits before it counts), and
+  check in the store that N terminal events (``shipment.created`` or
+  ``inventory.released``) are there with the right split.
+- chain latency: publish one ``order.placed``, wait until its terminal event is in the
+  store (woken by the store's commit notifications, looked up with ``find_events``).
+
+Fresh state every time: a new SQLite file in a temporary folder, or a new random app
+name on PostgreSQL (its rows stay in the database; the NATS stream is deleted at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from bench.common import (
+    LATENCY_N,
+    NATS_URL,
+    PG_DURABILITY,
+    PG_URL,
+    SQLITE_DURABILITY,
+    THROUGHPUT_N,
+    WARMUP,
+    count_outcomes,
+    cpu_seconds,
+    emit,
+    expected_outcomes,
+    latency_summary,
+    max_rss_mb,
+    now,
+    throughput_summary,
+    unavailable,
+)
+
+RESULT_TIMEOUT = 300.0
+
+
+def _durability(store: str, broker: str) -> str:
+    d = SQLITE_DURABILITY if store == "sqlite" else PG_DURABILITY
+    if broker == "nats":
+        d += "; NATS JetStream file store (server default sync: every 2 min)"
+    return d
+
+
+async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
+    from bench.cantata_app import order_saga
+    from cantata import WorkflowCompensated
+
+    async def outcome(handle: Any) -> str:
+        try:
+            value = await handle.result(timeout=RESULT_TIMEOUT)
+        except WorkflowCompensated:
+            return "compensated"
+        return str(value)
+
+    for o in WARMUP:
+        await outcome(await app.start(order_saga, o))
+    orders = list(range(1, a.n + 1))
+    if a.workload == "throughput":
+        cpu0, t0 = cpu_seconds(), now()
+        handles = [await app.start(order_saga, o) for o in orders]
+        t_sub = now() - t0
+        outs = [await outcome(h) for h in handles]
+        wall = now() - t0
+        cpu = cpu_seconds() - cpu0
+        return {**throughput_summary(a.n, wall), "submit_s": round(t_sub, 3),
+                "cpu_s": round(cpu, 3), "cpu_util": round(cpu / wall, 3),
+                "outcomes": count_outcomes(outs), "expected": expected_outcomes(orders)}
+    lat, outs = [], []
+    cpu0, t_all = cpu_seconds(), now()
+    for o in orders:
+        t0 = now()
+        outs.append(await outcome(await app.start(order_saga, o)))
+        lat.append(now() - t0)
+    wall = now() - t_all
+    cpu = cpu_seconds() - cpu0
+    return {**latency_summary(lat), "cpu_util": round(cpu / wall, 3),
+            "outcomes": count_outcomes(outs), "expected": expected_outcomes(orders)}
+
+
+async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
+    from bench.cantata_app import HANDLERS_PER_ORDER, TERMINAL, terminal_type
+
+    store = app.store
+    woke = asyncio.Event()
+    store.add_listener(lambda channel: woke.set())
+
+    async def terminal_of(order: int, since: float) -> bool:
+        evs = await store.find_events(app.name, terminal_type(order), since=since, exclude=[],
+                                      limit=50)
+        return any(e.data.get("order") == order for e in evs)
+
+    async def one(order: int) -> None:
+        since = time.time()
+        await app.publish("order.placed", {"order": order})
+        deadline = now() + RESULT_TIMEOUT
+        while True:
+            woke.clear()
+            if await terminal_of(order, since):
+                return
+            if now() > deadline:
+                raise TimeoutError(f"order {order}: no terminal event in {RESULT_TIMEOUT} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woke.wait(), 0.05)
+
+    async def outcomes_since(since: float, orders: list[int]) -> dict[str, Any]:
+        got: dict[str, int] = {}
+        wanted = set(orders)
+        for t in TERMINAL:
+            evs = await store.find_events(app.name, t, since=since, exclude=[],
+                                          limit=10 * len(orders) + 100)
+            got[t] = len({e.data["order"] for e in evs if e.data.get("order") in wanted})
+        return {"completed": got["shipment.created"], "compensated": got["inventory.released"]}
+
+    for o in WARMUP:
+        await one(o)
+    orders = list(range(1, a.n + 1))
+    if a.workload == "throughput":
+        base = app.metrics.handled
+        target = base + HANDLERS_PER_ORDER * a.n
+        since = time.time()
+        cpu0, t0 = cpu_seconds(), now()
+        for o in orders:
+            await app.publish("order.placed", {"order": o})
+        t_sub = now() - t0
+        deadline = t0 + RESULT_TIMEOUT
+        while app.metrics.handled < target:
+            if now() > deadline:
+                raise TimeoutError(
+                    f"only {app.metrics.handled - base} of {target - base} handler completions "
+                    f"after {RESULT_TIMEOUT} s"
+                )
+            woke.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woke.wait(), 0.005)
+        wall = now() - t0
+        cpu = cpu_seconds() - cpu0
+        res = {**throughput_summary(a.n, wall), "events_per_s": round(4 * a.n / wall, 2),
+               "submit_s": round(t_sub, 3), "cpu_s": round(cpu, 3),
+               "cpu_util": round(cpu / wall, 3)}
+    else:
+        lat = []
+        since = time.time()
+        cpu0, t_all = cpu_seconds(), now()
+        for o in orders:
+            t0 = now()
+            await one(o)
+            lat.append(now() - t0)
+        cpu = cpu_seconds() - cpu0
+        res = {**latency_summary(lat), "cpu_util": round(cpu / (now() - t_all), 3)}
+    res["outcomes"] = await outcomes_since(since, orders)
+    res["expected"] = expected_outcomes(orders)
+    return res
+
+
+async def _drop_stream(app_name: str) -> None:
+    import nats
+
+    from cantata.broker.nats import stream_name
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(stream_name(app_name))
+    finally:
+        await nc.close()
+
+
+async def main_async(a: argparse.Namespace) -> None:
+    from bench.cantata_app import make_app
+
+    tmp = tempfile.mkdtemp(prefix="cantata-bench-")
+    name = f"bench_{a.kind}_{uuid.uuid4().hex[:10]}"
+    store = f"sqlite:///{tmp}/bench.db" if a.store == "sqlite" else PG_URL
+    broker = "embedded" if a.broker == "embedded" else NATS_URL
+    app = make_app(a.kind, store, broker, name)
+    try:
+        try:
+            await app.open(serve=True)
+        except Exception as exc:
+            unavailable(f"cannot open {a.store} store + {a.broker} broker: "
+                        f"{type(exc).__name__}: {exc}")
+        try:
+            res = await (_saga(app, a) if a.kind == "saga" else _chain(app, a))
+            res["orphans"] = sum(app.metrics.orphans.values())
+        finally:
+            await app.close()
+        extra: dict[str, Any] = {}
+        if a.store == "sqlite":
+            c = sqlite3.connect(f"{tmp}/bench.db")
+            extra["sqlite_journal_mode"] = c.execute("PRAGMA journal_mode").fetchone()[0]
+            c.close()
+        ok = res["outcomes"] == res["expected"]
+        emit(system="cantata", scenario=a.kind, variant=f"{a.store}+{a.broker}",
+             workload=a.workload, ok=ok, durability=_durability(a.store, a.broker),
+             app=name, max_rss_mb=round(max_rss_mb(), 1), **res, **extra)
+        if not ok:
+            raise SystemExit(f"wrong outcomes: {res['outcomes']} != {res['expected']}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if a.broker == "nats":
+            with contextlib.suppress(Exception):
+                await _drop_stream(name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=["saga", "chain"])
+    ap.add_argument("workload", choices=["throughput", "latency"])
+    ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    ap.add_argument("--broker", choices=["embedded", "nats"], default="embedded")
+    ap.add_argument("--n", type=int, default=None)
+    a = ap.parse_args()
+    a.n = a.n or (THROUGHPUT_N if a.workload == "throughput" else LATENCY_N)
+    logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"))
+    # Compensated runs log at INFO; keep the run quiet unless asked.
+    logging.getLogger("cantata").setLevel(os.environ.get("BENCH_LOG", "WARNING"))
+    # Nothing consumes the chain's terminal events, so Cantata warns once per event
+    # ("orphan event"); they are counted in the result (``orphans``) instead.
+    logging.getLogger("cantata.orphans").setLevel(logging.ERROR)
+    asyncio.run(main_async(a))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""What every benchmark script shares (stdlib only: the peers' venv imports it too).
+
+The scenario, identical for every system: an order is reserve -> charge -> ship with
+trivial pure-Python bodies; every 10th order (``order % 10 == 0``) has its payment fail
+for good, and the reservation is released (compensation), so the order ends
+*compensated*. A script prints one ``BENCH-RESULT {json}`` line per measurement; the
+runner (``python -m bench``) collects them. Exit code 3 with a ``BENCH-UNAVAILABLE
+reason`` line means the system could not be installed, reached or started here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn
+
+THROUGHPUT_N = 2000
+LATENCY_N = 200
+WARMUP = list(range(100001, 100021))  # 20 warm-up orders (2 of them fail), not measured
+RESULT_PREFIX = "BENCH-RESULT "
+UNAVAILABLE_PREFIX = "BENCH-UNAVAILABLE "
+UNAVAILABLE_EXIT = 3
+
+PG_URL = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+NATS_URL = os.environ.get("BENCH_NATS", "nats://127.0.0.1:4222")
+REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/9")  # db 9: ours alone
+
+SQLITE_DURABILITY = "SQLite WAL, synchronous=FULL (fsync per commit)"
+PG_DURABILITY = "PostgreSQL defaults (fsync=on, synchronous_commit=on)"
+
+
+class PaymentError(Exception):
+    """The card was declined: not retryable."""
+
+
+def fails(order: int) -> bool:
+    """Every 10th order's payment fails (orders are numbered from 1)."""
+    return order % 10 == 0
+
+
+def expected_outcomes(orders: Iterable[int]) -> dict[str, int]:
+    orders = list(orders)
+    comp = sum(1 for o in orders if fails(o))
+    return {"completed": len(orders) - comp, "compensated": comp}
+
+
+def count_outcomes(outcomes: Sequence[str]) -> dict[str, int]:
+    return {"completed": outcomes.count("completed"), "compensated": outcomes.count("compensated")}
+
+
+# The four business functions: trivial on purpose (no I/O, no sleep).
+def reserve_inventory_fn(order: int) -> dict[str, Any]:
+    return {"order": order, "reserved": True}
+
+
+def charge_payment_fn(order: int) -> dict[str, Any]:
+    if fails(order):
+        raise PaymentError(f"card declined for order {order}")
+    return {"order": order, "charged": 100 + order % 7}
+
+
+def create_shipment_fn(order: int) -> dict[str, Any]:
+    return {"order": order, "shipment": f"S{order}"}
+
+
+def release_inventory_fn(order: int) -> dict[str, Any]:
+    return {"order": order, "released": True}
+
+
+# -- statistics -----------------------------------------------------------------------
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = max(0, min(len(s) - 1, round(p / 100.0 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+def latency_summary(lat_s: Sequence[float]) -> dict[str, Any]:
+    ms = [x * 1000.0 for x in lat_s]
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 3),
+        "p99_ms": round(pct(ms, 99), 3),
+        "mean_ms": round(statistics.mean(ms), 3),
+        "max_ms": round(max(ms), 3),
+    }
+
+
+def throughput_summary(n: int, wall_s: float) -> dict[str, Any]:
+    return {
+        "n": n,
+        "wall_s": round(wall_s, 4),
+        "workflows_per_s": round(n / wall_s, 2),
+        "steps_per_s": round(3 * n / wall_s, 2),
+    }
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def rss_mb() -> float:
+    """Current resident set size (VmRSS) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- reporting ------------------------------------------------------------------------
+
+
+def emit(**row: Any) -> dict[str, Any]:
+    """Print one result line for the runner (and a readable echo on stderr)."""
+    row.setdefault("ts", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    print(RESULT_PREFIX + json.dumps(row), flush=True)
+    return row
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Report that the system cannot run here, and exit."""
+    print(UNAVAILABLE_PREFIX + " ".join(reason.split()), flush=True)
+    sys.exit(UNAVAILABLE_EXIT)
