@@ -138,16 +138,25 @@ class ConnectionThread:
                 for item in writes:
                     item.error = exc
             else:
+                alone = len(writes) == 1  # nothing to protect: skip the savepoint
                 for item in writes:
-                    conn.execute("SAVEPOINT op")
+                    if not alone:
+                        conn.execute("SAVEPOINT op")
                     try:
                         item.result = item.fn(conn)
                     except BaseException as exc:
                         item.error = exc
-                        conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
+                        if not alone:
+                            conn.execute("ROLLBACK TO op")
+                    if not alone:
+                        conn.execute("RELEASE op")
                     if item.error is None:
                         channels.update(item.channels)
+                if alone and writes[0].error is not None:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    self._deliver(batch, set())
+                    return
                 try:
                     conn.execute("COMMIT")
                 except BaseException as exc:
