@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl
+
 from cantata.broker.base import Broker
 from cantata.errors import ConfigurationError
 from cantata.store.factory import mask_url
@@ -29,5 +31,18 @@ def broker_from_url(url: str) -> Broker:
             raise ConfigurationError(
                 f"the NATS broker needs nats-py ({exc}): pip install 'cantata[nats]'"
             ) from None
-        return NatsBroker(url)
+        base, _, query = url.partition("?")
+        options = dict(parse_qsl(query))
+        try:
+            replicas = int(options.pop("replicas", "1"))
+        except ValueError:
+            raise ConfigurationError(
+                f"broker URL {mask_url(url)!r}: replicas must be a whole number"
+            ) from None
+        if options:
+            raise ConfigurationError(
+                f"broker URL {mask_url(url)!r} has unknown option(s) {sorted(options)}: "
+                "only ?replicas=N is understood"
+            )
+        return NatsBroker(base, replicas=replicas)
     raise ConfigurationError(f"unknown broker URL {mask_url(url)!r}: {_FORMS}")

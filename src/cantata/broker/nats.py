@@ -298,6 +298,7 @@ class _NatsSubscription:
                 await psub.unsubscribe()
 
     async def _handle(self, m: Msg, replay: bool) -> None:
+        key: tuple[str, str, str] | None = None  # set while this call holds the event
         try:
             if not replay and m.subject.startswith(f"{subject_prefix(self.app)}.{REPLAY}."):
                 # A wildcard such as ``*.billing`` also matches another group's replays.
@@ -308,9 +309,19 @@ class _NatsSubscription:
                 m, self.broker.store, self.app, self.group, meta.num_delivered,
                 f"{meta.stream}:{meta.sequence.stream}",
             )
-            if msg.event is not None and not await self._addressed(msg, msg.event):
-                await m.ack()
-                return
+            if msg.event is not None:
+                if (self.app, self.group, msg.event.id) in self.broker._handling:
+                    # A second copy (e.g. an outside event re-sent by the outbox relay) of
+                    # one this process is handling right now: the first settles it.
+                    await m.ack()
+                    return
+                # Claimed before the store is read, so a copy arriving meanwhile is skipped
+                # above, and one arriving after sees the first one's settlement.
+                key = (self.app, self.group, msg.event.id)
+                self.broker._handling.add(key)
+                if not await self._addressed(msg, msg.event):
+                    await m.ack()
+                    return
             try:
                 await self.handler(msg)
             except Exception as exc:
@@ -320,6 +331,8 @@ class _NatsSubscription:
         except Exception:
             log.exception("settling a message of group %s failed", self.group)
         finally:
+            if key is not None:
+                self.broker._handling.discard(key)
             self._busy -= 1
             self._capacity.set()
 
@@ -378,8 +391,11 @@ class NatsBroker:
         reconnect_time_wait: float = 1.0,
         max_age: float | None = None,
         duplicate_window: float = 120.0,
+        replicas: int = 1,
     ) -> None:
         self.url = url
+        self.replicas = max(1, replicas)
+        self._handling: set[tuple[str, str, str]] = set()  # (app, group, event id) in hand
         self.masked_url = mask_url(url)
         self.ack_wait = ack_wait
         self.fetch_timeout = fetch_timeout
@@ -511,6 +527,7 @@ class NatsBroker:
                 name=name, subjects=[f"{subject_prefix(app)}.>"],
                 retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
                 duplicate_window=self.duplicate_window, max_age=self.max_age,
+                num_replicas=self.replicas,
             )
             try:
                 await self.js.add_stream(config)
