@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
 
-POSTGRES_URL = os.environ.get("CANTATA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "CANTATA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 NATS_URL = os.environ.get("CANTATA_TEST_NATS", "nats://127.0.0.1:4222")
 
 
 def _reachable(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 1):
+        address = (parts.hostname or "127.0.0.1", parts.port or default_port)
+        with socket.create_connection(address, 1):
             return True
     except OSError:
         return False
@@ -39,3 +43,46 @@ def postgres_url() -> str:
 @pytest.fixture(scope="session")
 def nats_url() -> str:
     return require_service("nats", NATS_URL, 4222)
+
+
+async def _purge_nats_streams(url: str) -> None:
+    """Delete Cantata's JetStream streams so a test starts from an empty broker."""
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if info.config.name and info.config.name.startswith("CANTATA_"):
+                await js.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
+async def _drop_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def distributed_url(
+    postgres_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema as the store, with ``CANTATA_BROKER`` set to NATS.
+
+    Apps built without an explicit broker then run on PostgreSQL + NATS JetStream: the
+    same behaviour tests run on the distributed backends.
+    """
+    import uuid
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    await _purge_nats_streams(nats_url)
+    monkeypatch.setenv("CANTATA_BROKER", nats_url)
+    yield f"{postgres_url}?schema={schema}"
+    await _drop_schema(postgres_url, schema)
+    await _purge_nats_streams(nats_url)

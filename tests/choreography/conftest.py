@@ -7,11 +7,18 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(
+    params=["memory", "sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
+                                                                    pytest.mark.nats])]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using it runs on ``memory://``, a SQLite file, and PostgreSQL + NATS."""
     if request.param == "memory":
         return "memory://"
-    return f"sqlite:///{tmp_path}/c.db"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/c.db"
+    url: str = request.getfixturevalue("distributed_url")
+    return url
 
 
 @pytest.fixture
