@@ -10,7 +10,7 @@ import typer
 
 from cantata.errors import CantataError
 
-from . import audit, demo, events, observe, replay, runs, worker
+from . import audit, bench, demo, events, observe, replay, runs, worker
 
 cli = typer.Typer(
     name="cantata",
@@ -26,6 +26,7 @@ replay.register(cli)
 events.register(cli)
 observe.register(cli)
 audit.register(cli)
+bench.register(cli)
 
 
 def main(argv: list[str] | None = None) -> int:
