@@ -36,7 +36,7 @@ from tests.contract.broker_contract import BrokerContract, Env
 
 def nats_broker(url: str) -> NatsBroker:
     # Short pulls and ack wait keep the suite fast; reconnects are quick on localhost.
-    return NatsBroker(url, fetch_timeout=0.25, ack_wait=2.0, reconnect_time_wait=0.2)
+    return NatsBroker(url, fetch_timeout=0.25, ack_wait=5.0, reconnect_time_wait=0.2)
 
 
 @pytest.mark.nats

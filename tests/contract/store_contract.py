@@ -27,6 +27,7 @@ from cantata.model.records import (
     DELIVERY_PENDING,
     ENTRY_RUNNING,
     Attempt,
+    AuditReport,
     Declaration,
     RunWrite,
 )
@@ -100,6 +101,31 @@ class StoreContract(EventsContract, TasksContract, AuditContract):
         assert stored_b is not None and stored_b.status == RunStatus.COMPLETED
         assert await store.get_event(self.app, emitted.id) == emitted
         assert await store.get_event(self.app, published.id) == published
+
+    async def test_many_concurrent_writes_all_land(self, store: Store) -> None:
+        """Writes from many tasks at once (group-committed where the backend does)."""
+        await self.handlers(store, ("g", "order.*"))
+        runs = [(await store.create_run(new_run(self.app)))[0] for _ in range(30)]
+        events = [ev() for _ in range(10)]
+        results = await asyncio.gather(
+            *(store.commit_run(self.app, r.run_id, 0, RunWrite(
+                entries=[entry("a#1", 1)], attempts=[Attempt("a#1", 1, 1.0, 2.0)],
+                status=RunStatus.COMPLETED, release=True,
+            )) for r in runs),
+            *(store.append_events(self.app, [e]) for e in events),
+            *(store.create_run(new_run(self.app)) for _ in range(10)),
+        )
+        assert results[:40] == [None] * 30 + [[1]] * 10
+        assert all(created for _, created in results[40:])
+        for r in runs:
+            stored = await store.get_run(self.app, r.run_id)
+            assert stored is not None and stored.status == RunStatus.COMPLETED
+            assert [h.key for h in await store.load_history(self.app, r.run_id)] == ["a#1"]
+            assert len(await store.load_attempts(self.app, r.run_id)) == 1
+        for e in events:
+            assert [d.group for d in await store.deliveries(self.app, e.id)] == ["g"]
+        assert len(await store.list_runs(self.app, limit=100)) == 40
+        assert await store.verify_audit(self.app) == AuditReport(True, 30 + 30 + 10)
 
     # -- declarations and workers ---------------------------------------------------
 

@@ -15,20 +15,35 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
+from cantata.errors import (
+    ConfigurationError,
+    LeaseLost,
+    SerializationError,
+    StoreCorrupt,
+    StoreUnavailable,
+)
 from cantata.model.codec import new_id
-from cantata.model.records import AuditReport, RunWrite, TaskRecord
+from cantata.model.records import (
+    ENTRY_COMPLETED,
+    ENTRY_RUNNING,
+    Attempt,
+    AuditReport,
+    Declaration,
+    RunWrite,
+    TaskRecord,
+)
 from cantata.model.status import RunStatus
 from cantata.store.base import RUNS, Store
 from cantata.store.factory import store_from_url
 from cantata.store.postgres import PostgresStore
 from tests.contract.store_contract import StoreContract
-from tests.contract.store_support import eventually, new_run
+from tests.contract.store_support import entry, ev, eventually, new_run
 from tests.store.tamper import pg_tamper, record
 
 pytestmark = pytest.mark.postgres
@@ -257,6 +272,196 @@ async def test_listener_and_pool_survive_killed_connections(pg_session_url: str)
         await admin.close()
         await store.close()
         await other.close()
+
+
+# -- group commit (cantata.store.postgres_batch) ------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, **kw: Any) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(url, **kw)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def count_transactions(store: PostgresStore) -> list[int]:
+    """Sizes of the write transactions the store's writer runs from now on."""
+    sizes: list[int] = []
+    writer = store._w
+    run = writer._transaction
+
+    async def counted(c: Any, todo: list[Any], grouped: bool) -> Any:
+        sizes.append(len(todo))
+        return await run(c, todo, grouped)
+
+    writer._transaction = counted  # type: ignore[method-assign]
+    return sizes
+
+
+@pytest.mark.parametrize("writers", [1, 2])
+async def test_writes_one_after_another_never_wait_for_a_writer(
+    pg_session_url: str, writers: int
+) -> None:
+    """A caller answered by a batch that emptied the queue writes again at once."""
+    app = f"app-{new_id()[:8]}"
+    async with opened(pg_session_url, writers=writers) as store:
+
+        async def chain() -> None:
+            for _ in range(15):
+                run, _ = await store.create_run(new_run(app))
+                await store.commit_run(app, run.run_id, 0, RunWrite(
+                    entries=[entry("a#1", 1)], status=RunStatus.COMPLETED, release=True,
+                ))
+                await store.append_events(app, [ev()])
+
+        await asyncio.wait_for(asyncio.gather(*(chain() for _ in range(writers))), 30)
+        assert len(await store.list_runs(app, status=RunStatus.COMPLETED, limit=100)) == (
+            15 * writers
+        )
+
+
+async def test_concurrent_writes_share_transactions_and_all_land(pg_session_url: str) -> None:
+    app = f"app-{new_id()[:8]}"
+    async with opened(pg_session_url) as store:
+        await store.declare(app, [Declaration("handler", "g", "order.*")])
+        runs = [(await store.create_run(new_run(app)))[0] for _ in range(60)]
+        sizes = count_transactions(store)
+        events = [ev() for _ in range(20)]
+        results = await asyncio.gather(
+            *(store.commit_run(app, r.run_id, 0, RunWrite(
+                entries=[entry("a#1", 1), entry("b#1", 2, ENTRY_RUNNING)],
+                attempts=[Attempt("a#1", 1, 1.0, 2.0), Attempt("b#1", 1, 2.0)],
+                status=RunStatus.RUNNING,
+            )) for r in runs),
+            *(store.append_events(app, [e]) for e in events),
+            *(store.create_run(new_run(app)) for _ in range(20)),
+        )
+        assert results[:60] == [None] * 60 and results[60:80] == [[1]] * 20
+        assert sum(sizes) == 100 and len(sizes) < 10  # a handful of COMMITs for 100 writes
+        for r in runs:
+            assert [h.key for h in await store.load_history(app, r.run_id)] == ["a#1", "b#1"]
+            assert len(await store.load_attempts(app, r.run_id)) == 2
+        for e in events:
+            assert [d.group for d in await store.deliveries(app, e.id)] == ["g"]
+        assert await store.verify_audit(app) == AuditReport(True, 60 + 60 + 20)
+
+
+async def test_an_sql_error_fails_only_its_own_call(pg_session_url: str) -> None:
+    """Not a refusal: the transaction is rolled back and the others run again without it."""
+    app = f"app-{new_id()[:8]}"
+    async with opened(pg_session_url) as store:
+        taken, _ = await store.create_run(new_run(app))
+        a, _ = await store.create_run(new_run(app))
+        b, _ = await store.create_run(new_run(app))
+        sizes = count_transactions(store)
+        done = ev()
+        results = await asyncio.gather(
+            store.commit_run(app, a.run_id, 0, RunWrite(status=RunStatus.COMPLETED)),
+            store.create_run(new_run(app, run_id=taken.run_id)),  # primary key violation
+            store.commit_run(app, b.run_id, 0, RunWrite(  # in the same grouped statement
+                events=[ev(data={"not json": object()})], status=RunStatus.COMPLETED)),
+            store.append_events(app, [done]),
+            store.commit_run(app, a.run_id, 5, RunWrite(status=RunStatus.FAILED)),  # refused
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[3] == [0]
+        assert isinstance(results[1], asyncpg.UniqueViolationError)
+        assert isinstance(results[2], SerializationError)
+        assert isinstance(results[4], LeaseLost)
+        assert sizes[0] == 5 and len(sizes) > 1
+        got_a, got_b = [await store.get_run(app, r.run_id) for r in (a, b)]
+        assert got_a is not None and got_a.status == RunStatus.COMPLETED
+        assert got_b is not None and got_b.status == RunStatus.PENDING
+        assert await store.get_event(app, done.id) == done
+        assert (await store.verify_audit(app)).ok
+
+
+async def test_keys_named_twice_end_as_if_written_in_turn(pg_session_url: str) -> None:
+    """A key twice in one write, and one run twice in one transaction."""
+    app = f"app-{new_id()[:8]}"
+    async with opened(pg_session_url, writers=1) as store:
+        run, _ = await store.create_run(new_run(app))
+        await store.commit_run(app, run.run_id, 0, RunWrite(
+            entries=[entry("a#1", 1, ENTRY_RUNNING), entry("a#1", 9, result='"x"')],
+            attempts=[Attempt("a#1", 1, 1.0), Attempt("a#1", 1, 5.0, 2.0, "E", "E: e")],
+        ))
+        [h] = await store.load_history(app, run.run_id)
+        assert (h.seq, h.status, h.result) == (1, ENTRY_COMPLETED, '"x"')  # seq kept
+        assert await store.load_attempts(app, run.run_id) == [
+            Attempt("a#1", 1, 1.0, 2.0, "E", "E: e")  # started_at kept
+        ]
+        sizes = count_transactions(store)
+        await asyncio.gather(
+            store.commit_run(app, run.run_id, 0, RunWrite(
+                entries=[entry("b#1", 2, ENTRY_RUNNING)], status=RunStatus.RUNNING)),
+            store.commit_run(app, run.run_id, 0, RunWrite(
+                entries=[entry("b#1", 7, result='"y"')], status=RunStatus.COMPLETED,
+                release=True)),
+        )
+        assert sizes == [2]
+        history = await store.load_history(app, run.run_id)
+        assert [(e.key, e.seq, e.status) for e in history] == [
+            ("a#1", 1, ENTRY_COMPLETED), ("b#1", 2, ENTRY_COMPLETED)
+        ]
+        stored = await store.get_run(app, run.run_id)
+        assert stored is not None and stored.status == RunStatus.COMPLETED
+        statuses = [json.loads(r.data).get("status") for r in await store.audit_records(app)]
+        assert statuses[-2:] == ["running", "completed"]  # in turn: from pending, then running
+
+
+async def test_a_writer_connection_killed_mid_batch(pg_session_url: str) -> None:
+    """Its callers hear StoreUnavailable; the connection is never used again."""
+    app = f"app-{new_id()[:8]}"
+    admin = await asyncpg.connect(pg_session_url.split("?")[0])
+    async with opened(pg_session_url) as store:
+        run, _ = await store.create_run(new_run(app))
+        lock = admin.transaction()
+        await lock.start()
+        try:
+            await admin.execute(
+                f'SELECT 1 FROM "{store._db.schema}".runs WHERE app=$1 FOR UPDATE', app
+            )
+            blocked = asyncio.ensure_future(store.commit_run(app, run.run_id, 0, RunWrite(
+                status=RunStatus.COMPLETED)))
+
+            async def writer_pid() -> int | None:
+                pid: int | None = await admin.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name='cantata' "
+                    "AND wait_event_type='Lock'"
+                )
+                return pid
+
+            deadline = time.monotonic() + 5
+            while (pid := await writer_pid()) is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(StoreUnavailable, match="may not have been applied"):
+                await blocked
+        finally:
+            await lock.rollback()
+            await admin.close()
+        for _ in range(12):  # every pooled connection in turn: none is broken
+            await store.commit_run(app, run.run_id, 0, RunWrite(entries=[entry("a#1", 1)]))
+            assert await store.get_run(app, run.run_id) is not None
+
+
+async def test_notifications_carry_any_app_name(pg_session_url: str) -> None:
+    """The batch's NOTIFY is sent as SQL text: quotes and backslashes stay themselves."""
+    app = f"it's \\ a\'pp-{new_id()[:6]}"
+    listener = await asyncpg.connect(pg_session_url.split("?")[0])
+    heard: list[str] = []
+    await listener.add_listener("cantata_changes", lambda *a: heard.append(str(a[3])))
+    try:
+        async with opened(pg_session_url) as store:
+            run, _ = await store.create_run(new_run(app))
+            assert await store.get_run(app, run.run_id) == run
+            await eventually(lambda: f"{app}:{RUNS}" in heard)
+    finally:
+        await listener.close()
 
 
 CLAIMER = textwrap.dedent(

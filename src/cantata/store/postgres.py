@@ -8,6 +8,13 @@ listening connection (see :mod:`cantata.store.postgres_pool`) turns those
 notifications, from any process including this one, into calls of the listeners.
 Audited writes append to the app's audit chain as their last statement (see
 :mod:`cantata.store.postgres_ops`, which also holds the task, trace and row code).
+
+The hot writes (creating, claiming and committing runs, appending events, claiming
+and settling deliveries, claiming and finishing tasks, marking events published)
+are group-committed: operations that arrive while a transaction is in flight run
+together in the next one, with one COMMIT (see :mod:`cantata.store.postgres_batch`;
+the operations are in :mod:`cantata.store.postgres_writes`). Reads and rare writes
+use pooled connections directly.
 """
 
 from __future__ import annotations
@@ -17,11 +24,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from cantata.errors import DeadLetterNotFound, IdempotencyConflict, LeaseLost
-from cantata.model import codec
-from cantata.model.event import Event, matches
+from cantata.errors import DeadLetterNotFound
+from cantata.model.event import Event
 from cantata.model.records import (
-    DELIVERY_PENDING,
     Attempt,
     AuditRecord,
     AuditReport,
@@ -37,6 +42,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
+from cantata.store import postgres_writes as writes
 from cantata.store.base import (
     CANCEL,
     EVENTS,
@@ -46,6 +52,7 @@ from cantata.store.base import (
     Settlement,
     TraceRecords,
 )
+from cantata.store.postgres_batch import BatchWriter
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
     D_DELIVERY_COLS,
@@ -55,13 +62,12 @@ from cantata.store.postgres_ops import (
     LIVE_SQL,
     RUN_COLS,
     TASK_COLS,
-    U_EVENT_COLS,
     dead_letter_row,
     delivery_row,
     event_row,
     run_row,
 )
-from cantata.store.postgres_pool import Conn, PgPool
+from cantata.store.postgres_pool import PgPool
 
 log = logging.getLogger("cantata.store")
 
@@ -76,21 +82,28 @@ class PostgresStore:
             the schema holding Cantata's tables (default ``cantata``).
         pool_size: most connections the pool opens.
         connect_timeout: seconds :meth:`open` keeps retrying an unreachable server.
+        writers: most group-committed write transactions in flight at once (each
+            holds one of the pool's connections while it runs).
     """
 
-    def __init__(self, url: str, *, pool_size: int = 10, connect_timeout: float = 3.0) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, connect_timeout: float = 3.0, writers: int = 2
+    ) -> None:
         self.url = url
         self._listeners: list[ChangeListener] = []
         self._db = PgPool(
             url, pool_size=pool_size, connect_timeout=connect_timeout, on_change=self._emit
         )
+        self._w = BatchWriter(self._db, writers=writers)
 
     async def open(self) -> None:
         """Connect (retrying briefly), migrate the schema, open the pool and LISTEN."""
         await self._db.open()
+        self._w.reopen()
 
     async def close(self) -> None:
-        """Let operations in flight finish, then close every connection."""
+        """Commit queued writes, let operations in flight finish, close every connection."""
+        await self._w.close()
         await self._db.close()
 
     def add_listener(self, listener: ChangeListener) -> None:
@@ -154,35 +167,7 @@ class PostgresStore:
     # -- runs -------------------------------------------------------------------------
 
     async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
-        async with self._db.tx() as c:
-            inserted = await c.fetchval(
-                f"INSERT INTO runs ({RUN_COLS}) VALUES ({', '.join(f'${i}' for i in range(1, 21))})"
-                " ON CONFLICT (app, idempotency_key) WHERE idempotency_key IS NOT NULL "
-                "DO NOTHING RETURNING run_id",
-                run.run_id, run.app, run.workflow, str(run.status), run.args, run.created_at,
-                run.updated_at, run.correlation_id, run.causation_id, run.idempotency_key,
-                run.args_hash, run.parent_run_id, run.deadline_at, run.result, run.error,
-                run.cancel_requested, run.owner, run.fence, run.flagged, run.service,
-            )
-            if inserted is not None:
-                await self._db.notify(c, run.app, RUNS)
-                await ops.audit_append(c, run.app, audit.run_created_entry(
-                    run.run_id, run.workflow, run.correlation_id, run.parent_run_id
-                ))
-                return run, True
-            row = await c.fetchrow(
-                f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND idempotency_key=$2",
-                run.app, run.idempotency_key,
-            )
-        assert row is not None
-        existing = run_row(row)
-        if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
-            raise IdempotencyConflict(
-                f"idempotency key {run.idempotency_key!r} was already used for run "
-                f"{existing.run_id} of {existing.workflow} with different arguments; use a "
-                "new key for a new request"
-            )
-        return existing, False
+        return await self._w.run(lambda c, b: writes.create_run(c, b, run))
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
         row = await self._db.fetchrow(
@@ -217,74 +202,12 @@ class PostgresStore:
     ) -> list[RunRecord]:
         if not workflows:
             return []
-        # MATERIALIZED: the pick runs once (a rescanned LIMIT ... SKIP LOCKED subquery
-        # yields more rows). The owner's liveness is a correlated subquery, not a join,
-        # so that when a locked row was claimed meanwhile, the READ COMMITTED re-check
-        # sees the new owner's heartbeat.
-        async with self._db.tx() as c:
-            rows = await c.fetch(
-                f"WITH pick AS MATERIALIZED ("
-                f" SELECT run_id FROM runs c WHERE c.app=$1 AND c.status IN {LIVE_SQL}"
-                f"  AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR (c.owner<>$3 AND"
-                f"  NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app"
-                f"   AND w.worker_id=c.owner AND w.heartbeat_at >= $4)))"
-                f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED)"
-                f" UPDATE runs r SET owner=$3, fence=r.fence+1 FROM pick"
-                f" WHERE r.app=$1 AND r.run_id=pick.run_id"
-                f" RETURNING {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))}",
-                app, list(workflows), worker_id, stale_before, limit,
-            )
-        return [run_row(r) for r in rows]
+        return await self._w.run(
+            lambda c, b: writes.claim_runs(c, b, app, worker_id, workflows, stale_before, limit)
+        )
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
-        async with self._db.tx() as c:
-            current = await c.fetchrow(
-                "SELECT fence, owner, status, correlation_id FROM runs WHERE app=$1 "
-                "AND run_id=$2 FOR UPDATE",
-                app, run_id,
-            )
-            if current is None or current[0] != fence:
-                raise LeaseLost(
-                    f"run {run_id} was taken over by another worker (fence {fence} is stale); "
-                    "this worker stops executing it"
-                )
-            if write.entries:
-                await c.executemany(
-                    f"INSERT INTO history (app, run_id, {HISTORY_COLS}) VALUES "
-                    f"({', '.join(f'${i}' for i in range(1, 16))}) "
-                    "ON CONFLICT (app, run_id, key) DO UPDATE SET "
-                    "status=excluded.status, result=excluded.result, error=excluded.error, "
-                    "error_type=excluded.error_type, attempts=excluded.attempts, "
-                    "started_at=excluded.started_at, ended_at=excluded.ended_at, "
-                    "wake_at=excluded.wake_at, detail=excluded.detail",
-                    [
-                        (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error,
-                         e.error_type, e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
-                        for e in write.entries
-                    ],
-                )
-            await ops.upsert_attempts(c, app, run_id, write.attempts)
-            if write.events:
-                await self._append(c, app, write.events)
-            if write.tasks:
-                await ops.insert_tasks(c, app, current[3], write.tasks)
-            await c.execute(
-                "UPDATE runs SET updated_at=$3, status=coalesce($4, status), "
-                "result=coalesce($5, result), error=coalesce($6, error), "
-                "flagged=coalesce($7, flagged), owner=CASE WHEN $8 THEN NULL ELSE owner END "
-                "WHERE app=$1 AND run_id=$2",
-                app, run_id, time.time(), None if write.status is None else str(write.status),
-                write.result, write.error, write.flagged, write.release,
-            )
-            channels = [RUNS]
-            if write.events:
-                channels.append(EVENTS)
-            if write.tasks:
-                channels.append(TASKS)
-            await self._db.notify(c, app, *channels)
-            entry = audit.checkpoint_entry(run_id, current[1], current[2], write)
-            if entry is not None:
-                await ops.audit_append(c, app, entry)  # last: holds the chain head briefly
+        await self._w.run_many(writes.commit_runs, (app, run_id, fence, write))
 
     async def request_cancel(
         self, app: str, run_id: str, *, actor: str = audit.SYSTEM
@@ -342,60 +265,12 @@ class PostgresStore:
 
     # -- events and deliveries --------------------------------------------------------
 
-    async def _append(self, c: Conn, app: str, events: Sequence[Event[Any]]) -> list[int]:
-        if not events:
-            return []
-        now = time.time()
-        values = [
-            (ev.type, codec.dumps(ev.data, f"data of event {ev.type}"), ev.id, ev.source,
-             ev.subject, ev.time, ev.correlation_id, ev.causation_id, ev.traceparent,
-             ev.signature)
-            for ev in events
-        ]
-        columns = [list(column) for column in zip(*values, strict=True)]
-        inserted = {
-            r[0] for r in await c.fetch(
-                f"INSERT INTO events (app, {EVENT_COLS}, stored_at) "
-                f"SELECT $1::text, {U_EVENT_COLS}, $12::float8 FROM unnest("
-                f"{', '.join(f'${i}::text[]' for i in range(2, 12))}) WITH ORDINALITY "
-                f"AS u({EVENT_COLS}, ord) ORDER BY ord ON CONFLICT (app, id) DO NOTHING "
-                "RETURNING id",
-                app, *columns, now,
-            )
-        }
-        if not inserted:
-            return [0] * len(events)
-        subs = await c.fetch(
-            "SELECT name, pattern FROM declarations WHERE app=$1 AND kind IN ('handler','trigger')",
-            app,
-        )
-        counts: list[int] = []
-        rows: list[tuple[str, str]] = []
-        for ev in events:
-            if ev.id not in inserted:
-                counts.append(0)
-                continue
-            inserted.discard(ev.id)  # a repeated id in one batch counts once
-            groups = sorted({s[0] for s in subs if matches(s[1], ev.type)})
-            rows += [(g, ev.id) for g in groups]
-            counts.append(len(groups))
-        if rows:
-            await c.execute(
-                "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
-                "SELECT $1::text, g, e, 'pending', $4::float8 "
-                "FROM unnest($2::text[], $3::text[]) AS u(g, e) "
-                "ON CONFLICT DO NOTHING",
-                app, [r[0] for r in rows], [r[1] for r in rows], now,
-            )
-        return counts
+
 
     async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
         if not events:
             return []
-        async with self._db.tx() as c:
-            counts = await self._append(c, app, events)
-            await self._db.notify(c, app, EVENTS)
-        return counts
+        return await self._w.run_many(writes.append_many, (app, events))
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         row = await self._db.fetchrow(
@@ -425,87 +300,16 @@ class PostgresStore:
     ) -> list[Delivery]:
         if not groups:
             return []
-        async with self._db.tx() as c:
-            rows = await c.fetch(
-                f"WITH pick AS MATERIALIZED ("
-                f" SELECT grp, event_id FROM deliveries d WHERE d.app=$1 AND d.status='pending'"
-                f"  AND d.grp = ANY($2::text[]) AND d.next_at <= $3"
-                f"  AND (d.owner IS NULL OR (d.owner<>$4 AND NOT EXISTS (SELECT 1 FROM workers w"
-                f"   WHERE w.app=d.app AND w.worker_id=d.owner AND w.heartbeat_at >= $5)))"
-                f" ORDER BY d.next_at LIMIT $6 FOR UPDATE SKIP LOCKED"
-                f"), upd AS ("
-                f" UPDATE deliveries d SET owner=$4, fence=d.fence+1, attempts=d.attempts+1,"
-                f"  updated_at=$3 FROM pick WHERE d.app=$1 AND d.grp=pick.grp"
-                f"  AND d.event_id=pick.event_id"
-                f" RETURNING d.grp, d.attempts, d.next_at, d.error, d.fence, d.event_id"
-                f") SELECT upd.grp, upd.attempts, upd.next_at, upd.error, upd.fence, "
-                f"{E_EVENT_COLS} FROM upd JOIN events e ON e.app=$1 AND e.id=upd.event_id "
-                f"ORDER BY upd.next_at, e.seq",
-                app, list(groups), now, worker_id, stale_before, limit,
-            )
-        return [
-            Delivery(r[0], event_row(r[5:]), DELIVERY_PENDING, r[1], r[2], r[3], now, r[4])
-            for r in rows
-        ]
+        return await self._w.run_many(
+            writes.claim_deliveries_many, (app, worker_id, groups, now, stale_before, limit)
+        )
 
     async def settle_delivery(
         self, app: str, group: str, event_id: str, settlement: Settlement
     ) -> bool:
-        s = settlement
-        key = (app, group, event_id)
-        where = "WHERE app=$1 AND grp=$2 AND event_id=$3"
-        async with self._db.tx() as c:
-            now = time.time()
-            lock = f"SELECT status, owner FROM deliveries {where} FOR UPDATE"
-            row = await c.fetchrow(lock, *key)
-            if row is None:
-                await c.execute(
-                    "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
-                    "VALUES ($1,$2,$3,'pending',$4) ON CONFLICT DO NOTHING",
-                    *key, now,
-                )
-                row = await c.fetchrow(lock, *key)
-            assert row is not None
-            if row[0] == "done":
-                return False
-            entry: audit.Entry | None = None
-            if s.outcome == "done":
-                await c.execute(
-                    f"UPDATE deliveries SET status='done', attempts=$4, owner=NULL, error=NULL, "
-                    f"updated_at=$5 {where}",
-                    *key, s.attempts, now,
-                )
-                if s.events:
-                    await self._append(c, app, s.events)
-                entry = audit.delivery_entry(
-                    group, event_id, row[1], "done", s.attempts, emitted=[e.id for e in s.events]
-                )
-            elif s.outcome == "retry":
-                await c.execute(
-                    f"UPDATE deliveries SET status='pending', attempts=$4, owner=NULL, error=$5, "
-                    f"next_at=$6, updated_at=$7 {where}",
-                    *key, s.attempts, s.error, s.retry_at, now,
-                )
-            else:
-                await c.execute(
-                    f"UPDATE deliveries SET status='dead', attempts=$4, owner=NULL, error=$5, "
-                    f"updated_at=$6 {where}",
-                    *key, s.attempts, s.error, now,
-                )
-                dead_letter_id = s.dead_letter_id or codec.new_id()
-                await c.execute(
-                    "INSERT INTO dead_letters VALUES ($1,$2,$3,$4,$5,$6,$7)",
-                    app, dead_letter_id, group, event_id, s.error or "unknown error",
-                    s.attempts, now,
-                )
-                entry = audit.delivery_entry(
-                    group, event_id, row[1], "dead", s.attempts, error=s.error,
-                    dead_letter_id=dead_letter_id,
-                )
-            await self._db.notify(c, app, EVENTS)
-            if entry is not None:
-                await ops.audit_append(c, app, entry)
-        return True
+        return await self._w.run_many(
+            writes.settle_many, (app, group, event_id, settlement)
+        )
 
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
         rows = await self._db.fetch(
@@ -564,10 +368,7 @@ class PostgresStore:
     async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
         if not event_ids:
             return
-        await self._db.execute(
-            "UPDATE events SET published=true WHERE app=$1 AND id = ANY($2::text[])",
-            app, list(event_ids),
-        )
+        await self._w.run(lambda c, b: writes.mark_published(c, b, app, event_ids))
 
     # -- tasks ------------------------------------------------------------------------
 
@@ -583,8 +384,9 @@ class PostgresStore:
     ) -> list[TaskRecord]:
         if not services:
             return []
-        async with self._db.tx() as c:
-            return await ops.claim_tasks(c, app, worker_id, services, now, stale_before, limit)
+        return await self._w.run(lambda c, b: writes.claim_tasks(
+            c, b, app, worker_id, services, now, stale_before, limit
+        ))
 
     async def finish_task(
         self,
@@ -601,15 +403,9 @@ class PostgresStore:
     ) -> bool:
         if outcome not in TASK_OUTCOMES:
             raise ValueError(f"task outcome {outcome!r} is none of {', '.join(TASK_OUTCOMES)}")
-        async with self._db.tx() as c:
-            done, entry = await ops.finish_task(
-                c, app, task_id, fence, outcome, attempts, result, error, error_type, next_at
-            )
-            if done:
-                await self._db.notify(c, app, TASKS)
-            if entry is not None:
-                await ops.audit_append(c, app, entry)
-        return done
+        return await self._w.run(lambda c, b: writes.finish_task(
+            c, b, app, task_id, fence, outcome, attempts, result, error, error_type, next_at
+        ))
 
     async def get_task(self, app: str, task_id: str) -> TaskRecord | None:
         row = await self._db.fetchrow(

@@ -8,7 +8,9 @@ Audit appends are serialized per app by the app's ``audit_head`` row: one
 seq and hash are computed in SQL from the locked head, over the rest of the record
 that Python already put in canonical form), and the audit record is inserted from
 its ``RETURNING``, in one statement. It must be the last statement of its
-transaction, so the row stays locked only for that statement and the COMMIT.
+transaction, so the row stays locked only for that statement and the COMMIT
+(group-committed transactions append all their records at their end, see
+:mod:`cantata.store.postgres_batch`).
 """
 
 from __future__ import annotations
@@ -86,18 +88,19 @@ def task_row(row: Row) -> TaskRecord:
     return TaskRecord(*row)
 
 
+UPSERT_ATTEMPTS = (
+    f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) VALUES "
+    "($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, run_id, key, attempt) DO UPDATE "
+    "SET ended_at=excluded.ended_at, error_type=excluded.error_type, error=excluded.error"
+)
+
+
 async def upsert_attempts(c: Conn, app: str, run_id: str, attempts: Sequence[Attempt]) -> None:
     if attempts:
-        await c.executemany(
-            f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) VALUES "
-            "($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, run_id, key, attempt) DO UPDATE "
-            "SET ended_at=excluded.ended_at, error_type=excluded.error_type, "
-            "error=excluded.error",
-            [
-                (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
-                for a in attempts
-            ],
-        )
+        await c.executemany(UPSERT_ATTEMPTS, [
+            (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
+            for a in attempts
+        ])
 
 
 async def apps(c: Conn) -> list[str]:
@@ -141,6 +144,23 @@ async def audit_append(c: Conn, app: str, entry: audit.Entry) -> None:
         _APPEND_SQL, app, audit.GENESIS_HASH, audit.tail(now, actor, action, target, text),
         now, actor, action, target, text,
     )
+
+
+async def audit_append_many(c: Conn, entries: Sequence[tuple[str, audit.Entry]]) -> None:
+    """Append records to their apps' chains, in one round trip: call it last.
+
+    Apps in name order, so that every writer locks the chain heads it needs in
+    the same order; each app's records in the order given.
+    """
+    rows = []
+    for app, (actor, action, target, data) in sorted(entries, key=lambda e: e[0]):
+        now = time.time()
+        text = audit.canonical(data)
+        rows.append((
+            app, audit.GENESIS_HASH, audit.tail(now, actor, action, target, text),
+            now, actor, action, target, text,
+        ))
+    await c.executemany(_APPEND_SQL, rows)
 
 
 async def audit_head(c: Conn, app: str) -> tuple[int, str] | None:
@@ -198,54 +218,6 @@ async def claim_tasks(
         app, list(services), now, worker_id, stale_before, limit,
     )
     return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))
-
-
-async def finish_task(
-    c: Conn,
-    app: str,
-    task_id: str,
-    fence: int,
-    outcome: str,
-    attempts: Sequence[Attempt],
-    result: str | None,
-    error: str | None,
-    error_type: str | None,
-    next_at: float,
-) -> tuple[bool, audit.Entry | None]:
-    """:meth:`PostgresStore.finish_task` inside the caller's transaction.
-
-    Returns whether the task was finished, and the audit entry to append (last).
-    """
-    row = await c.fetchrow(
-        "SELECT run_id, fence, status, owner, step, service, attempts FROM tasks "
-        "WHERE app=$1 AND task_id=$2 FOR UPDATE",
-        app, task_id,
-    )
-    if row is None or row[1] != fence or row[2] != "pending":
-        return False, None
-    run_id, _, _, owner, step, service, n = row
-    await upsert_attempts(c, app, run_id, attempts)
-    now = time.time()
-    if outcome == "done":
-        await c.execute(
-            "UPDATE tasks SET status='done', result=$3, error=NULL, error_type=NULL, owner=NULL, "
-            "updated_at=$4 WHERE app=$1 AND task_id=$2",
-            app, task_id, result, now,
-        )
-    elif outcome == "failed":
-        await c.execute(
-            "UPDATE tasks SET status='failed', error=$3, error_type=$4, owner=NULL, "
-            "updated_at=$5 WHERE app=$1 AND task_id=$2",
-            app, task_id, error, error_type, now,
-        )
-    else:
-        await c.execute(
-            "UPDATE tasks SET owner=NULL, next_at=$3, error=$4, error_type=$5, updated_at=$6 "
-            "WHERE app=$1 AND task_id=$2",
-            app, task_id, next_at, error, error_type, now,
-        )
-        return True, None
-    return True, audit.task_entry(task_id, owner, outcome, step, service, n, error)
 
 
 # -- observability ----------------------------------------------------------------------

@@ -45,6 +45,18 @@ Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Row: TypeAlias = "asyncpg.Record | tuple[Any, ...]"
 
 
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Release a pooled connection without asyncpg's reset query (a round trip).
+
+    asyncpg still rolls back a transaction left open. The reset query
+    (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``) would undo
+    session state that this store never leaves on pooled connections: no ``SET``
+    (only ``SET LOCAL``), no session advisory locks, no cursors, no ``LISTEN`` (the
+    listener has a connection of its own). A connection that failed is terminated
+    rather than released (see :meth:`PgPool.conn`).
+    """
+
+
 class PgPool:
     """A pool of connections to one schema, plus a listening connection.
 
@@ -192,7 +204,7 @@ class PgPool:
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self.pool_size, server_settings=self._settings,
-                timeout=max(1.0, self.connect_timeout),
+                timeout=max(1.0, self.connect_timeout), reset=_keep_session,
             )
             await self._listen()
         except CONN_ERRORS as exc:
@@ -264,7 +276,14 @@ class PgPool:
         self._inflight += 1
         try:
             async with pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except CONN_ERRORS:
+                    # Its protocol state is unknown (a query may be half done): never
+                    # hand it out again. (The pool runs no reset query that would
+                    # notice, see _keep_session.)
+                    conn.terminate()
+                    raise
         except CONN_ERRORS as exc:
             raise StoreUnavailable(
                 f"lost the connection to PostgreSQL at {self.masked_url} "

@@ -1,0 +1,347 @@
+"""Group commit for the PostgreSQL store: many write operations, one transaction.
+
+A hot write of :class:`~cantata.store.postgres.PostgresStore` is an *operation*: a
+coroutine function of a connection and the :class:`Batch` it runs in, or a share
+of a grouped one (checkpoints, event appends, settlements and delivery claims of a
+transaction run as one call, their statements pipelined). The
+:class:`BatchWriter` runs every operation queued while its transactions are in
+flight (two at most, by default) together in the next one, on one pooled
+connection, then COMMITs once: one round trip and one WAL flush for all of them
+(``synchronous_commit`` stays as the server has it). Each caller's future resolves
+only after that COMMIT succeeded; a failed COMMIT fails them all, and a lost
+connection fails them with :class:`~cantata.errors.StoreUnavailable`.
+
+One failing operation never undoes or fails the others, without SAVEPOINTs:
+
+- An operation that refuses (``LeaseLost``, ``IdempotencyConflict``) raises
+  :class:`Refused` *before its first write*, so the transaction is as it was and
+  the others go on in it.
+- Any other error (an SQL error aborts the whole transaction): ROLLBACK, that
+  operation fails, and the rest run again from the start in a fresh transaction.
+  Operations are functions of their arguments and the database, so running one
+  again after a rollback is safe. A deadlock or serialization failure fails
+  nobody: the whole set runs again (a few times at most).
+
+That saves a round trip per operation, and keeps batches free of
+subtransactions (more than 64 in one transaction overflow PostgreSQL's
+per-backend cache of subtransaction ids and slow down every snapshot taken on
+the server while it runs).
+
+Notifications and audit records are collected in the :class:`Batch` and written
+at its end, in the same transaction: the audit records of one app in operation
+order, apps in name order (so writers of two processes never lock audit heads in
+opposite orders), and every chain head stays locked only from that statement to
+the COMMIT. NOTIFY goes in the COMMIT's round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+
+from cantata.errors import StoreUnavailable
+from cantata.store import audit
+from cantata.store import postgres_ops as ops
+from cantata.store.postgres_pool import CONN_ERRORS, NOTIFY_CHANNEL, Conn, PgPool
+
+log = logging.getLogger("cantata.store")
+
+T = TypeVar("T")
+A = TypeVar("A")
+
+MAX_BATCH = 256  # operations in one transaction
+WRITERS = 2  # transactions in flight at once
+MAX_RETRIES = 3  # whole-batch reruns after a deadlock or serialization failure
+_RETRY_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# Generic plans for the writer's prepared statements: they find their rows by key
+# (pipelined over many keys) or through the claim indexes, and planning the CTE
+# statements anew each time (the custom plans PostgreSQL may keep choosing for
+# them) would cost about as much as running them.
+_BEGIN = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"
+
+
+class Refused(Exception):
+    """An operation declines, having written nothing: its caller gets ``error``.
+
+    Raise it only before the operation's first write (and not after an SQL
+    error), so that the transaction it leaves is the one it was given.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Batch:
+    """One transaction of the writer, as its operations see it."""
+
+    __slots__ = ("_subs", "audits", "notices")
+
+    def __init__(self) -> None:
+        self.notices: set[tuple[str, str]] = set()
+        self.audits: list[tuple[str, audit.Entry]] = []
+        self._subs: dict[str, list[tuple[str, str]]] = {}
+
+    def notify(self, app: str, *channels: str) -> None:
+        """``NOTIFY cantata_changes, '<app>:<channel>'`` at COMMIT."""
+        self.notices.update((app, ch) for ch in channels)
+
+    def audit(self, app: str, entry: audit.Entry | None) -> None:
+        """Append ``entry`` to ``app``'s audit chain at the end of this transaction."""
+        if entry is not None:
+            self.audits.append((app, entry))
+
+    async def subscriptions(self, c: Conn, app: str) -> list[tuple[str, str]]:
+        """(group, pattern) of ``app``'s handlers and triggers, read once per transaction.
+
+        Operations in a transaction were all submitted before it began, so a
+        declaration committed before any of them was called is seen.
+        """
+        subs = self._subs.get(app)
+        if subs is None:
+            rows = await c.fetch(
+                "SELECT name, pattern FROM declarations WHERE app=$1 "
+                "AND kind IN ('handler','trigger')",
+                app,
+            )
+            subs = self._subs[app] = [(r[0], r[1]) for r in rows]
+        return subs
+
+
+Op = Callable[[Conn, Batch], Awaitable[T]]
+# An operation that runs for many callers at once: one result (or Refused) per argument.
+Many = Callable[[Conn, Batch, list[A]], Awaitable[list[T | Refused]]]
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    op: Op[Any] | None  # one operation...
+    many: Many[Any, Any] | None  # ...or its share (``arg``) of a grouped one
+    arg: Any
+    future: asyncio.Future[Any]
+    result: Any = None
+    refusal: Exception | None = None
+    error: BaseException | None = None
+
+
+class BatchWriter:
+    """Runs write operations of one store in group-committed transactions.
+
+    Up to ``writers`` transactions are in flight at once, each on its own pooled
+    connection: an operation that arrives while all are busy waits for the next
+    one to finish, and goes with everything else that waited, up to
+    ``max_batch``. Several writers are safe because nothing relies on the order
+    of operations whose callers did not wait for each other: audit appends are
+    serialized by their chain heads' row locks (taken in app order, at the end),
+    claims skip rows locked by another writer, and a deadlock runs the batch again.
+
+    :meth:`run_many` operations of one kind in a transaction run as one call (one
+    statement for all, say). Everything in a transaction was submitted before it
+    began, none of it answered, so any order of execution is one its callers
+    could have seen. Should a grouped call fail, the transaction runs again with
+    each operation on its own, which names the one that fails.
+
+    Args:
+        db: the store's pool.
+        writers: most transactions in flight at once.
+        max_batch: most operations in one transaction.
+    """
+
+    def __init__(self, db: PgPool, *, writers: int = WRITERS, max_batch: int = MAX_BATCH) -> None:
+        self._db = db
+        self.writers = writers
+        self.max_batch = max_batch
+        self._queue: list[_Item] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = 0  # writer tasks that will still look at the queue
+        self._closed = False
+
+    def reopen(self) -> None:
+        self._closed = False
+
+    async def run(self, op: Op[T]) -> T:
+        """Run ``op`` in the next transaction; its result once that has committed."""
+        result: T = await self._submit(op, None, None)
+        return result
+
+    async def run_many(self, many: Many[A, T], arg: A) -> T:
+        """Run ``many`` for ``arg``, with the other arguments of ``many`` queued with it."""
+        result: T = await self._submit(None, many, arg)
+        return result
+
+    def _submit(
+        self, op: Op[Any] | None, many: Many[Any, Any] | None, arg: Any
+    ) -> asyncio.Future[Any]:
+        if self._closed or not self._db.is_open:
+            raise StoreUnavailable(
+                f"store {self._db.masked_url} is not open: use `async with app:` first"
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append(_Item(op, many, arg, future))
+        if self._draining < self.writers:
+            self._draining += 1
+            task = loop.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return future
+
+    async def close(self) -> None:
+        """Refuse new operations; commit those queued or in flight."""
+        self._closed = True
+        while self._tasks:
+            await asyncio.gather(*[asyncio.shield(t) for t in self._tasks])
+
+    # -- the writer tasks -------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        # A writer stops counting the moment it finds the queue empty (no await in
+        # between), not when its task is done: callers it just answered run before
+        # that, and what they submit must find a writer.
+        try:
+            while self._queue:
+                items = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                await self._apply([i for i in items if not i.future.done()])
+        finally:
+            self._draining -= 1
+
+    async def _apply(self, items: list[_Item]) -> None:
+        """Commit ``items`` (dropping those that fail), then resolve every future."""
+        todo, retries, grouped = items, 0, True
+        try:
+            while todo:
+                async with self._db.conn() as c:
+                    failed = await self._transaction(c, todo, grouped)
+                if failed is None:
+                    break
+                bad, exc = failed
+                if isinstance(exc, _RETRY_ERRORS) and retries < MAX_RETRIES:
+                    retries += 1
+                    log.info("store write batch: %s; running it again", exc)
+                elif bad is None:  # a grouped call failed: find out whose share did it
+                    grouped = False
+                else:
+                    bad.error = exc
+                    todo = [i for i in todo if i is not bad]
+        except Exception as exc:  # a lost connection (StoreUnavailable), a failed COMMIT
+            for i in todo:
+                i.error = exc
+        except BaseException:  # cancelled: tell the callers, then stop
+            for i in todo:
+                i.error = StoreUnavailable(
+                    f"the writer of store {self._db.masked_url} was stopped; the operation "
+                    "may not have been applied"
+                )
+            _resolve(items)
+            raise
+        _resolve(items)
+
+    async def _transaction(
+        self, c: Conn, todo: list[_Item], grouped: bool
+    ) -> tuple[_Item | None, Exception] | None:
+        """Run ``todo`` in one transaction and COMMIT it.
+
+        Returns ``None`` once committed; after rolling everything back, the
+        operation that failed (``None`` for a grouped call) and its error. A lost
+        connection or a failed COMMIT raises.
+        """
+        batch = Batch()
+        await c.execute(_BEGIN)
+        try:
+            for group in _groups(todo, grouped):
+                failed = await _run_group(c, batch, group)
+                if failed is not None:
+                    await c.execute("ROLLBACK")
+                    return failed
+            if batch.audits:
+                await ops.audit_append_many(c, batch.audits)
+            await c.execute(_commit_sql(batch.notices))
+        except BaseException:
+            if not c.is_closed() and c.is_in_transaction():
+                try:
+                    await c.execute("ROLLBACK")
+                except Exception:
+                    log.debug("rollback after a failed write batch failed", exc_info=True)
+            raise
+        return None
+
+
+def _groups(todo: list[_Item], grouped: bool) -> list[list[_Item]]:
+    """The calls of a transaction: each grouped kind once (where its first item was)."""
+    groups: list[list[_Item]] = []
+    kinds: dict[Any, list[_Item]] = {}
+    for item in todo:
+        if item.many is None or not grouped:
+            groups.append([item])
+        elif (same := kinds.get(item.many)) is not None:
+            same.append(item)
+        else:
+            kinds[item.many] = same = [item]
+            groups.append(same)
+    return groups
+
+
+async def _run_group(
+    c: Conn, batch: Batch, group: list[_Item]
+) -> tuple[_Item | None, Exception] | None:
+    """Run one call; on an error that undoes the transaction, who failed and why."""
+    first = group[0]
+    try:
+        if first.many is not None:  # refusals come back in ``outs``, never raised
+            outs = await first.many(c, batch, [i.arg for i in group])
+            for item, out in zip(group, outs, strict=True):
+                item.result, item.refusal = (
+                    (None, out.error) if isinstance(out, Refused) else (out, None)
+                )
+        else:
+            assert first.op is not None
+            marks = len(batch.notices), len(batch.audits)
+            first.refusal = None
+            try:
+                first.result = await first.op(c, batch)
+            except Refused as r:
+                if (len(batch.notices), len(batch.audits)) != marks:  # it wrote after all
+                    return first, r.error
+                first.result, first.refusal = None, r.error
+    except CONN_ERRORS:
+        raise
+    except Exception as exc:
+        return (first if len(group) == 1 else None), exc
+    return None
+
+
+def _resolve(items: list[_Item]) -> None:
+    for item in items:
+        if item.future.done():  # the caller was cancelled: the write stands (or not)
+            continue
+        if item.error is not None:
+            item.future.set_exception(item.error)
+        elif item.refusal is not None:
+            item.future.set_exception(item.refusal)
+        else:
+            item.future.set_result(item.result)
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (an ``E''`` string: the same whatever
+    ``standard_conforming_strings`` says)."""
+    if "\x00" in text:
+        raise ValueError("PostgreSQL text cannot hold NUL characters")
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _commit_sql(notices: set[tuple[str, str]]) -> str:
+    """COMMIT, preceded in the same round trip by the batch's notifications."""
+    if not notices:
+        return "COMMIT"
+    calls = ", ".join(
+        f"pg_notify('{NOTIFY_CHANNEL}', {_literal(f'{app}:{ch}')})"
+        for app, ch in sorted(notices)
+    )
+    return f"SELECT {calls}; COMMIT"
