@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -86,3 +87,23 @@ async def distributed_url(
     yield f"{postgres_url}?schema={schema}"
     await _drop_schema(postgres_url, schema)
     await _purge_nats_streams(nats_url)
+
+
+@pytest.fixture(
+    params=["memory", "sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
+                                                                    pytest.mark.nats])]
+)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Behaviour tests using it run on ``memory://``, a SQLite file, and PostgreSQL + NATS."""
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/cantata.db"
+    url: str = request.getfixturevalue("distributed_url")
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite file shared by the apps of one test (restarts, several processes)."""
+    return f"sqlite:///{tmp_path}/cantata.db"
