@@ -88,8 +88,22 @@ class App(Router):
         self._consumer: Consumer | None = None
         self._relay: Any = None
         self._opened = 0
-        self._subscribed_types: set[str] | None = None
         self.hooks = Hooks()
+
+    def configure(
+        self, *, store: str | Store | None = None, broker: str | Broker | None = None
+    ) -> None:
+        """Point a not-yet-open app at another store or broker (the CLI's ``--store``).
+
+        Raises:
+            ConfigurationError: the app is open.
+        """
+        if self._engine is not None:
+            raise ConfigurationError(f"app {self.name!r} is open: configure it before opening")
+        if store is not None:
+            self._store_spec = store
+        if broker is not None:
+            self._broker_spec = broker
 
     def add_hook(self, hook: Hook) -> None:
         """Install an extension hook (tracing, metrics, …); see :mod:`cantata.engine.hooks`."""

@@ -84,8 +84,7 @@ class SkipClock:
 @contextlib.asynccontextmanager
 async def environment(app: App, *, store: str = "memory://") -> AsyncIterator[App]:
     """Open ``app`` for a test: in-memory store, embedded broker, skipping clock."""
-    app._store_spec = store
-    app._broker_spec = "embedded"
+    app.configure(store=store, broker="embedded")
     app.clock = SkipClock()
     async with app:
         yield app
@@ -207,8 +206,7 @@ async def crash_test(
             reset()
         store = _CrashingStore(store_from_url("memory://"))
         store.crash_at, store.when = crash_at, when
-        app._store_spec = store
-        app._broker_spec = "embedded"
+        app.configure(store=store, broker="embedded")
         app.clock = SkipClock()
         try:
             async with app:

@@ -54,10 +54,10 @@ _CACHE_SECONDS = 2.0
 
 async def _declared_patterns(engine: Engine) -> list[str]:
     """Patterns every service of the app declared, cached briefly (one read per burst)."""
-    cached = getattr(engine, "_orphan_patterns", None)
+    cached = engine.declared_patterns
     now = time.monotonic()
     if cached is not None and now - cached[0] < _CACHE_SECONDS:
         return list(cached[1])
     patterns = [d.pattern for d in await engine.store.declarations(engine.app) if d.pattern]
-    engine._orphan_patterns = (now, patterns)  # type: ignore[attr-defined]
+    engine.declared_patterns = (now, patterns)
     return patterns

@@ -72,7 +72,7 @@ def client_app(app: str | None, store: str | None) -> App:
     if ":" in spec:
         loaded = load_app(spec)
         if store:
-            loaded._store_spec = store
+            loaded.configure(store=store)
         return loaded
     return App(spec, store=store or os.environ.get("CANTATA_STORE", DEFAULT_STORE))
 

@@ -148,9 +148,9 @@ def graph(
         )
     the_app = load_app(app)
     if store:
-        the_app._store_spec = store
+        the_app.configure(store=store)
     elif os.environ.get("CANTATA_STORE"):
-        the_app._store_spec = os.environ["CANTATA_STORE"]
+        the_app.configure(store=os.environ["CANTATA_STORE"])
     if workflow is not None:
         known = workflow_items(the_app, workflow)
         if known is not None:

@@ -34,7 +34,7 @@ def check(
     """Replay stored histories against the current code; list every run it would break."""
     the_app = load_app(app)
     if store:
-        the_app._store_spec = store
+        the_app.configure(store=store)
 
     async def go() -> None:
         async with the_app.client():

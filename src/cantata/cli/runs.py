@@ -70,7 +70,7 @@ def start(
     """Start a workflow run (a worker must be running to execute it)."""
     the_app = load_app(app)
     if store:
-        the_app._store_spec = store
+        the_app.configure(store=store)
     if input is not None and args is not None:
         raise ConfigurationError("give either --input JSON or --args JSON-LIST, not both")
     values: list[Any] = []

@@ -29,9 +29,9 @@ def worker(
     """Run a worker: resume unfinished runs, execute new ones, handle events."""
     the_app = load_app(app)
     if store:
-        the_app._store_spec = store
+        the_app.configure(store=store)
     if broker:
-        the_app._broker_spec = broker
+        the_app.configure(broker=broker)
     if service:
         the_app.services = frozenset(service)
     logging.getLogger("cantata").setLevel(logging.INFO)

@@ -109,6 +109,8 @@ class Engine:
         self._declared_waits: set[tuple[str, str]] = set()
         self._known_remote: set[str] = set()
         self._remote_steps: dict[str, StepDef] = {}
+        # (monotonic time, patterns every service declared): the orphan check's cache
+        self.declared_patterns: tuple[float, list[str]] | None = None
         self.task_server: TaskServer | None = None
         store.add_listener(self._on_store_change)
 

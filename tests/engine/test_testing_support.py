@@ -1,0 +1,71 @@
+"""cantata.testing: the skipping clock and crash injection at every checkpoint."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import cantata
+from cantata import App, Retry, testing
+
+
+def build(ledger: list[str], idempotent_release: bool) -> App:
+    app = App("t")
+
+    @app.step
+    async def reserve(order: dict) -> str:
+        key = cantata.step_info().idempotency_key.split(":", 1)[1]  # run id varies per run
+        if key not in ledger:  # idempotent: keyed by the step's idempotency key
+            ledger.append(key)
+        return "r"
+
+    @app.step
+    async def release(order: dict) -> None:
+        if not idempotent_release or "release" not in ledger:
+            ledger.append("release")
+
+    @app.step(retry=Retry(max_attempts=2, initial_interval=1, non_retryable=(ValueError,)))
+    async def charge(order: dict) -> str:
+        if order["fail"]:
+            raise ValueError("declined")
+        return "c"
+
+    @app.workflow
+    async def place(ctx: cantata.WorkflowContext, order: dict) -> dict:
+        await ctx.run(reserve, order, compensate=release)
+        await ctx.sleep(3600)
+        await ctx.run(charge, order)
+        return {"ok": True}
+
+    return app
+
+
+async def test_an_hour_of_sleep_passes_at_once() -> None:
+    app = build([], True)
+    started = time.monotonic()
+    async with testing.environment(app):
+        handle = await app.start("place", {"fail": False})
+        assert await handle.result(timeout=10) == {"ok": True}
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_idempotent_flows_survive_a_crash_at_every_checkpoint(fail: bool) -> None:
+    ledger: list[str] = []
+    app = build(ledger, idempotent_release=True)
+    report = await testing.crash_test(app, "place", {"fail": fail},
+                                      effects=lambda: sorted(ledger), reset=ledger.clear)
+    assert report.clean.status == ("compensated" if fail else "completed")
+    assert len(report.points) >= 8  # before and after each of several checkpoints
+    report.assert_ok()
+
+
+async def test_a_compensation_that_is_not_idempotent_is_reported() -> None:
+    ledger: list[str] = []
+    app = build(ledger, idempotent_release=False)
+    report = await testing.crash_test(app, "place", {"fail": True},
+                                      effects=lambda: sorted(ledger), reset=ledger.clear)
+    assert report.failures
+    with pytest.raises(AssertionError, match="crash safety violated"):
+        report.assert_ok()
