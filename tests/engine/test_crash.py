@@ -22,7 +22,7 @@ from cantata.model.records import Attempt, RunWrite
 from cantata.store.factory import store_from_url
 
 from .crash_app import build
-from .helpers import make_app
+from .helpers import eventually, make_app
 
 CRASH_APP = Path(__file__).with_name("crash_app.py")
 
@@ -163,7 +163,9 @@ class FlakyStore:
         await self._inner.commit_run(app, run_id, fence, write)
 
 
-@pytest.mark.parametrize("fail_on", [1, 2, 3, 4, 5])
+# The run commits three times: start of reserve; reserve's result with the start of
+# charge; charge's result with the run's end.
+@pytest.mark.parametrize("fail_on", [1, 2, 3])
 async def test_store_outage_mid_run_is_retried_not_failed(sqlite_url: str, fail_on: int) -> None:
     store = FlakyStore(sqlite_url, fail_on)
     app: App = make_app(store)  # type: ignore[arg-type]
@@ -198,3 +200,41 @@ async def test_store_outage_mid_run_is_retried_not_failed(sqlite_url: str, fail_
     assert run.status == RunStatus.COMPLETED and run.error is None
     assert "release" not in calls  # an infrastructure error is not a business failure
     assert calls.count("charge") >= 1 and calls.count("reserve") >= 1
+
+
+async def test_a_finished_step_is_durable_while_a_parallel_step_still_runs(
+    store_url: str,
+) -> None:
+    """A step's result may share a commit with the next step's start, but it is never
+    held back behind a step that is still running: a crash then would repeat it."""
+    app = make_app(store_url)
+    release = asyncio.Event()
+
+    @app.step
+    async def quick(n: int) -> int:
+        await asyncio.sleep(0.1)  # ends after the start of slow is committed
+        return n + 1
+
+    @app.step
+    async def slow(n: int) -> int:
+        await release.wait()
+        return n * 10
+
+    @app.workflow
+    async def both(ctx: WorkflowContext, n: int) -> int:
+        a, b = await asyncio.gather(ctx.run(quick, n), ctx.run(slow, n))
+        return int(a) + int(b)
+
+    async with app:
+        h = await app.start(both, 4)
+        store = app.store
+
+        async def quick_recorded() -> bool:
+            history = await store.load_history(app.name, h.run_id)
+            return any(e.name == "quick" and e.status == "completed" for e in history)
+
+        try:
+            await eventually(quick_recorded, timeout=5)
+        finally:
+            release.set()
+        assert await h.result(timeout=5) == 45

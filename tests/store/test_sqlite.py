@@ -7,6 +7,7 @@ import os
 import sqlite3
 import sys
 import textwrap
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -207,3 +208,57 @@ async def test_processes_opening_one_new_file_at_once(tmp_path: Path) -> None:
         assert len(await store.list_runs("shop")) == 8
     finally:
         await store.close()
+
+
+async def test_a_failing_write_in_a_group_commit_undoes_only_itself(tmp_path: Path) -> None:
+    """Writes queued together share one transaction; one that fails (after writing) is
+    undone alone, the others commit, and the audit chain they extend stays whole."""
+    from cantata.store import audit, sqlite_ops
+    from cantata.store.sqlite_open import connect
+    from cantata.store.sqlite_thread import ConnectionThread
+
+    path = tmp_path / "batch.db"
+    commits: list[set[str]] = []
+    thread = ConnectionThread(lambda: connect(str(path), "sqlite://batch", "FULL"),
+                              commits.append, "test-batch")
+    thread.start()
+    gate = threading.Event()
+
+    def blocker(c: sqlite3.Connection) -> None:
+        gate.wait(5)
+
+    def good(n: int) -> Any:
+        def op(c: sqlite3.Connection) -> int:
+            c.execute("INSERT INTO cantata_meta VALUES (?, 'x')", (f"good{n}",))
+            sqlite_ops.audit_append(c, "a", ("t", "test.good", str(n), {}))
+            return n
+        return op
+
+    def bad(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO cantata_meta VALUES ('bad', 'x')")
+        sqlite_ops.audit_append(c, "a", ("t", "test.bad", "-", {}))
+        raise ValueError("this operation fails after writing")
+
+    try:
+        first = asyncio.ensure_future(thread.write(blocker, "x"))
+        await asyncio.sleep(0.05)  # the thread is now inside the blocker's batch
+        queued = [asyncio.ensure_future(thread.write(op, "c")) for op in (good(1), bad, good(2))]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert results[0] == 1 and results[2] == 2
+        assert isinstance(results[1], ValueError)
+        keys = await thread.read(
+            lambda c: [r[0] for r in c.execute("SELECT key FROM cantata_meta").fetchall()]
+        )
+        assert "good1" in keys and "good2" in keys and "bad" not in keys
+        records = await thread.read(lambda c: sqlite_ops.audit_records(c, "a", 0, 100))
+        assert [r.action for r in records] == ["test.good", "test.good"]
+        head = await thread.read(lambda c: sqlite_ops.audit_head(c, "a"))
+        assert head == (2, records[-1].hash)
+        assert audit.record_hash(records[1]) == records[1].hash
+        assert records[1].prev_hash == records[0].hash
+    finally:
+        gate.set()
+        thread.stop()

@@ -91,7 +91,11 @@ class RunExecution:
         self.counters: dict[str, int] = {}
         self.next_seq = 1
         self.pending: list[HistoryEntry] = []
+        self.pending_attempts: list[Attempt] = []
         self.pending_status: RunStatus | None = None
+        self._commit_lock = asyncio.Lock()
+        self._flush_failed: BaseException | None = None
+        self._flush_scheduled = False
         self.compensations: list[tuple[StepDef, list[Any]]] = []
         self.interrupt: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self.compensating = False
@@ -121,23 +125,64 @@ class RunExecution:
 
     async def commit(self, write: RunWrite) -> None:
         """Flush lazily recorded entries and write one checkpoint (fenced)."""
-        if self.pending:
-            write.entries[:0] = self.pending
-            self.pending = []
-        if self.pending_status is not None and write.status is None:
-            write.status = self.pending_status
-        self.pending_status = None
-        try:
-            await self.engine.store.commit_run(self.run.app, self.run.run_id, self.run.fence, write)
-        except LeaseLost:
-            log.warning("run %s was taken over by another worker; letting it go", self.run.run_id)
-            raise _Abandon() from None
-        except StoreError as exc:
-            raise _StoreFailed(exc) from exc
+        async with self._commit_lock:
+            if self._flush_failed is not None:
+                raise self._flush_failed
+            if self.pending:
+                write.entries[:0] = self.pending
+                self.pending = []
+            if self.pending_attempts:
+                write.attempts[:0] = self.pending_attempts
+                self.pending_attempts = []
+            if self.pending_status is not None and write.status is None:
+                write.status = self.pending_status
+            self.pending_status = None
+            try:
+                await self.engine.store.commit_run(
+                    self.run.app, self.run.run_id, self.run.fence, write
+                )
+            except LeaseLost:
+                log.warning(
+                    "run %s was taken over by another worker; letting it go", self.run.run_id
+                )
+                raise _Abandon() from None
+            except StoreError as exc:
+                raise _StoreFailed(exc) from exc
         if write.status is not None:
             self.run.status = write.status
         if write.events:
             self.engine.events_appended(write.events)
+
+    def defer(self, write: RunWrite) -> None:
+        """Hold a finished step's checkpoint to commit it with the run's next write.
+
+        The workflow code between two steps is deterministic and has no effects, so the
+        result of step *n* can share one transaction (and one fsync) with the start of
+        step *n+1*: that step's body only runs once both are durable, and a crash before
+        then only repeats step *n*, as a crash before its own commit would. If the
+        workflow does not reach another write by the time it yields to the event loop
+        (parallel steps, a plain ``await``), the held checkpoint is committed on its own.
+        """
+        self.pending.extend(write.entries)
+        self.pending_attempts.extend(write.attempts)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        if self.pending or self.pending_attempts:
+            self.engine.track(asyncio.create_task(self._flush()))
+
+    async def _flush(self) -> None:
+        if not (self.pending or self.pending_attempts):
+            return
+        try:
+            await self.commit(RunWrite())
+        except (_Abandon, _StoreFailed) as exc:
+            # The run's next write raises it, and the run goes on from its history.
+            self._flush_failed = exc
+            self.request_interrupt(exc)
 
     def request_interrupt(self, exc: BaseException) -> None:
         if not self.interrupt.done():
@@ -279,7 +324,7 @@ class RunExecution:
             entry.error = entry.error_type = None
             write.attempts.append(attempt)
             write.entries.append(entry)
-            await self.commit(write)
+            self.defer(write)
             return codec.loads(result)
 
     async def _call_remote(self, sdef: StepDef, args: list[Any], entry: HistoryEntry) -> Any:

@@ -216,6 +216,11 @@ class Engine:
             fut = self._completions[run_id] = asyncio.get_running_loop().create_future()
         return fut
 
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task of this engine alive until it ends (cancelled on stop)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def launch(self, run: RunRecord, *, fresh: bool = False) -> None:
         """Execute ``run`` in this process (it is owned by this worker).
 

@@ -14,13 +14,14 @@ from importlib import resources
 from typing import Any
 
 from cantata.errors import StoreCorrupt, StoreUnavailable
+from cantata.store.sqlite_thread import TxConnection
 
 SCHEMA_VERSION = 2
 STORE_MARK = "cantata-store"
 BUSY_TIMEOUT_MS = 30_000
 
 
-def connect(path: str, url: str, synchronous: str) -> sqlite3.Connection:
+def connect(path: str, url: str, synchronous: str) -> TxConnection:
     """Open ``path`` (creating it), refuse foreign files, switch to WAL and migrate.
 
     Raises:
@@ -30,7 +31,7 @@ def connect(path: str, url: str, synchronous: str) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False,
-            timeout=BUSY_TIMEOUT_MS / 1000,
+            timeout=BUSY_TIMEOUT_MS / 1000, factory=TxConnection,
         )
     except sqlite3.Error as exc:
         raise StoreUnavailable(

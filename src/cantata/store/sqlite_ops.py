@@ -31,6 +31,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store.base import Settlement, TraceRecords
+from cantata.store.sqlite_thread import TxConnection
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
 
@@ -243,17 +244,28 @@ def replay_dead_letter(
 
 
 def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
-    """Append one record to ``app``'s chain (the caller's transaction is the only writer)."""
+    """Append one record to ``app``'s chain (the caller's transaction is the only writer).
+
+    On a :class:`TxConnection` the chain head advances in the transaction's state and
+    its row is written once before COMMIT; on a plain connection, here.
+    """
     actor, action, target, data = entry
-    head = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
-    rec = audit.next_record(
-        None if head is None else (head[0], head[1]), time.time(), actor, action, target, data
-    )
+    heads = c.audit_heads if isinstance(c, TxConnection) else None
+    cached = None if heads is None else heads.get(app)
+    if cached is not None:
+        head: tuple[int, str] | None = (cached[0], cached[2])
+    else:
+        row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
+        head = None if row is None else (row[0], row[1])
+    rec = audit.next_record(head, time.time(), actor, action, target, data)
     c.execute(
         f"INSERT INTO audit (app, {AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
         (app, rec.seq, rec.time, rec.actor, rec.action, rec.target, rec.data, rec.prev_hash,
          rec.hash),
     )
+    if heads is not None:
+        heads[app] = (rec.seq, rec.prev_hash, rec.hash)
+        return
     c.execute(
         "INSERT INTO audit_head VALUES (?,?,?,?) ON CONFLICT (app) DO UPDATE SET "
         "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",

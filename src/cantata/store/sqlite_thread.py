@@ -1,10 +1,11 @@
 """One SQLite connection driven by one thread, with group commit.
 
 Every operation is a function of the connection. Writes queued while a commit is
-in flight are applied together in the next transaction (each inside a SAVEPOINT,
-so one failing operation does not undo the others) and share one fsync; their
+in flight are applied together in the next transaction and share one fsync; their
 futures resolve only after COMMIT returns, so nobody proceeds past a checkpoint
-that is not durable.
+that is not durable. One failing operation does not undo the others: the batch
+runs straight through, and only if one of its operations fails is it rolled back
+and run again with each operation inside a SAVEPOINT.
 """
 
 from __future__ import annotations
@@ -22,6 +23,32 @@ T = TypeVar("T")
 
 Op = Callable[[sqlite3.Connection], Any]
 MAX_BATCH = 512
+
+
+class TxConnection(sqlite3.Connection):
+    """A connection with state that lives as long as one write transaction.
+
+    ``audit_heads`` holds the head of each app's audit chain as appended in this
+    transaction (``app -> (seq, prev_hash, hash)``): operations read and advance it
+    instead of the ``audit_head`` row, which is written once, just before COMMIT.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.audit_heads: dict[str, tuple[int, str, str]] = {}
+
+    def begin_write(self) -> None:
+        self.audit_heads = {}
+        self.execute("BEGIN IMMEDIATE")
+
+    def before_commit(self) -> None:
+        if self.audit_heads:
+            self.executemany(
+                "INSERT INTO audit_head VALUES (?,?,?,?) ON CONFLICT (app) DO UPDATE SET "
+                "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
+                [(app, *head) for app, head in self.audit_heads.items()],
+            )
+            self.audit_heads = {}
 
 
 @dataclass(slots=True)
@@ -44,7 +71,7 @@ class ConnectionThread:
 
     def __init__(
         self,
-        connect: Callable[[], sqlite3.Connection],
+        connect: Callable[[], TxConnection],
         on_commit: Callable[[set[str]], None],
         name: str,
     ) -> None:
@@ -54,7 +81,7 @@ class ConnectionThread:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._conn: TxConnection | None = None
 
     def start(self) -> None:
         """Open the connection in the thread; re-raise its error here."""
@@ -122,7 +149,7 @@ class ConnectionThread:
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+    def _run_batch(self, conn: TxConnection, batch: list[_Item]) -> None:
         reads = [i for i in batch if not i.write]
         writes = [i for i in batch if i.write]
         for item in reads:
@@ -133,39 +160,56 @@ class ConnectionThread:
         channels: set[str] = set()
         if writes:
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.begin_write()
+                if not self._run_straight(conn, writes):
+                    conn.execute("ROLLBACK")
+                    if len(writes) == 1:  # nothing else to keep: its error is the outcome
+                        self._deliver(batch, set())
+                        return
+                    conn.begin_write()
+                    self._run_isolated(conn, writes)
+                conn.before_commit()
+                conn.execute("COMMIT")
             except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 for item in writes:
                     item.error = exc
             else:
-                alone = len(writes) == 1  # nothing to protect: skip the savepoint
                 for item in writes:
-                    if not alone:
-                        conn.execute("SAVEPOINT op")
-                    try:
-                        item.result = item.fn(conn)
-                    except BaseException as exc:
-                        item.error = exc
-                        if not alone:
-                            conn.execute("ROLLBACK TO op")
-                    if not alone:
-                        conn.execute("RELEASE op")
                     if item.error is None:
                         channels.update(item.channels)
-                if alone and writes[0].error is not None:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    self._deliver(batch, set())
-                    return
-                try:
-                    conn.execute("COMMIT")
-                except BaseException as exc:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    channels.clear()
-                    for item in writes:
-                        item.error = exc
         self._deliver(batch, channels)
+
+    @staticmethod
+    def _run_straight(conn: TxConnection, writes: list[_Item]) -> bool:
+        """Run every write in the open transaction; False (with the error of the one that
+        failed recorded) as soon as one fails."""
+        for item in writes:
+            try:
+                item.result = item.fn(conn)
+            except BaseException as exc:
+                item.error = exc
+                for other in writes:
+                    if other is not item:
+                        other.result = other.error = None
+                return False
+        return True
+
+    @staticmethod
+    def _run_isolated(conn: TxConnection, writes: list[_Item]) -> None:
+        """Run every write in its own SAVEPOINT, so that one failing undoes only itself."""
+        for item in writes:
+            conn.execute("SAVEPOINT op")
+            saved = dict(conn.audit_heads)
+            try:
+                item.result = item.fn(conn)
+                item.error = None
+            except BaseException as exc:
+                item.error = exc
+                conn.execute("ROLLBACK TO op")
+                conn.audit_heads = saved
+            conn.execute("RELEASE op")
 
     def _deliver(self, batch: list[_Item], channels: set[str]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
