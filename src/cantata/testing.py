@@ -21,7 +21,7 @@ from typing import Any
 
 from cantata.app import App
 from cantata.errors import LeaseLost, WorkflowError
-from cantata.model.records import RunWrite
+from cantata.model.records import RunRecord, RunWrite
 from cantata.store.base import Store
 from cantata.store.factory import store_from_url
 
@@ -103,6 +103,8 @@ class _CrashingStore:
         self.crash_at: int | None = None
         self.when = "before"
         self.crashed = asyncio.Event()
+        self.creations: set[int] = set()  # checkpoints that stored a new run
+        self.crashed_run: str | None = None  # crashed while its start was being stored
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -112,6 +114,23 @@ class _CrashingStore:
 
     async def really_close(self) -> None:
         await self._inner.close()
+
+    async def create_run(
+        self, run: RunRecord, first: RunWrite | None = None
+    ) -> tuple[RunRecord, bool]:
+        """A run stored with its first checkpoint: that checkpoint can crash too (after
+        it is written; before, it is a start that failed, which its caller sees)."""
+        if first is None:
+            return await self._inner.create_run(run)
+        self.commits += 1
+        self.creations.add(self.commits)
+        stored = await self._inner.create_run(run, first)
+        if self.crash_at is not None and self.commits == self.crash_at:
+            self.crash_at = None
+            self.crashed_run = run.run_id
+            self.crashed.set()
+            raise LeaseLost(f"simulated crash at checkpoint {self.commits} (after write)")
+        return stored
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         self.commits += 1
@@ -201,7 +220,7 @@ async def crash_test(
         A :class:`CrashReport`; call ``report.assert_ok()`` in a test.
     """
 
-    async def one(crash_at: int | None, when: str) -> tuple[Outcome, Any, int]:
+    async def one(crash_at: int | None, when: str) -> tuple[Outcome, Any, int, set[int]]:
         if reset is not None:
             reset()
         store = _CrashingStore(store_from_url("memory://"))
@@ -210,28 +229,35 @@ async def crash_test(
         app.clock = SkipClock()
         try:
             async with app:
-                handle = await app.start(workflow, *args)
+                try:
+                    run_id = (await app.start(workflow, *args)).run_id
+                except LeaseLost:
+                    if store.crashed_run is None:
+                        raise
+                    run_id = store.crashed_run
+                handle = app.get_handle(run_id)
                 deadline = time.monotonic() + timeout
                 while not store.crashed.is_set():
                     run = await app.store.get_run(app.name, handle.run_id)
                     if run is not None and run.status.is_final:
                         outcome = await _outcome(app, handle.run_id, timeout)
-                        return outcome, effects() if effects else None, store.commits
+                        return (outcome, effects() if effects else None, store.commits,
+                                store.creations)
                     if time.monotonic() > deadline:
                         raise AssertionError(f"run {handle.run_id} did not end in {timeout} s")
                     await asyncio.sleep(0.005)
             # The "process" died; a new worker takes the run over.
             async with app:
                 outcome = await _outcome(app, handle.run_id, timeout)
-            return outcome, effects() if effects else None, store.commits
+            return outcome, effects() if effects else None, store.commits, store.creations
         finally:
             await store.really_close()
 
-    clean, clean_effects, commits = await one(None, "before")
+    clean, clean_effects, commits, creations = await one(None, "before")
     report = CrashReport(clean, clean_effects)
     for k in range(1, commits + 1):
-        for when in ("before", "after"):
-            outcome, got, _ = await one(k, when)
+        for when in ("after",) if k in creations else ("before", "after"):
+            outcome, got, _, _ = await one(k, when)
             same = _comparable(outcome) == _comparable(clean) and (
                 effects is None or got == clean_effects
             )

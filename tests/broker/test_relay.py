@@ -140,7 +140,7 @@ async def test_relay_polls_for_events_of_other_processes(tmp_path: Any) -> None:
 async def nats_broker(nats_url: str, store: Store) -> AsyncIterator[tuple[NatsBroker, str]]:
     broker = NatsBroker(nats_url, fetch_timeout=0.25)
     await broker.open(store)
-    app = f"relay{new_id()[:10]}"
+    app = f"relay{new_id()[-10:]}"
     try:
         yield broker, app
     finally:

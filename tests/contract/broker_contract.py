@@ -160,7 +160,7 @@ class BrokerContract:
         await store.open()
         broker = self.create_broker()
         await broker.open(store)
-        env = Env(store, broker, f"t{new_id()[:12]}", self.timeout, self.quiet_time)
+        env = Env(store, broker, f"t{new_id()[-12:]}", self.timeout, self.quiet_time)
         relay = OutboxRelay(store, broker, env.app, poll_interval=0.05)
         if broker.relays_outbox:
             await relay.start()

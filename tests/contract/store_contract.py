@@ -202,6 +202,36 @@ class StoreContract(EventsContract, TasksContract, AuditContract):
         )
         assert created and other_app.run_id != first.run_id
 
+    async def test_create_run_with_its_first_checkpoint(self, store: Store) -> None:
+        """The first checkpoint commits with the run when it is created, and is dropped
+        when the idempotency key names an existing run."""
+        first = RunWrite(
+            entries=[entry("a#1", 1)], attempts=[Attempt("a#1", 1, 1.0)],
+            events=[ev("order.placed")], status=RunStatus.RUNNING,
+        )
+        run = new_run(self.app, idempotency_key="k", args_hash="h", owner="w1", fence=1)
+        stored, created = await store.create_run(run, first)
+        assert created and stored.run_id == run.run_id
+        got = await store.get_run(self.app, run.run_id)
+        assert got is not None and got.status == RunStatus.RUNNING and got.owner == "w1"
+        assert [e.key for e in await store.load_history(self.app, run.run_id)] == ["a#1"]
+        assert [a.key for a in await store.load_attempts(self.app, run.run_id)] == ["a#1"]
+        assert await store.get_event(self.app, first.events[0].id) is not None
+        await store.commit_run(self.app, run.run_id, 1, RunWrite(status=RunStatus.COMPLETED))
+
+        dup = new_run(self.app, idempotency_key="k", args_hash="h", owner="w2", fence=1)
+        other = RunWrite(entries=[entry("b#1", 1)], events=[ev("order.placed")],
+                         status=RunStatus.FAILED)
+        again, created = await store.create_run(dup, other)
+        assert not created and again.run_id == run.run_id
+        assert await store.load_history(self.app, dup.run_id) == []
+        assert [e.key for e in await store.load_history(self.app, run.run_id)] == ["a#1"]
+        assert await store.get_event(self.app, other.events[0].id) is None
+        got = await store.get_run(self.app, run.run_id)
+        assert got is not None and got.status == RunStatus.COMPLETED
+        report = await store.verify_audit(self.app)
+        assert report.ok
+
     async def test_concurrent_creates_with_one_key_make_one_run(
         self, store: Store, peer: Store
     ) -> None:

@@ -115,7 +115,7 @@ class StoreFixtures:
 
     @pytest.fixture(autouse=True)
     def _app_name(self) -> None:
-        self.app = f"app-{codec.new_id()[:12]}"
+        self.app = f"app-{codec.new_id()[-12:]}"
 
     @pytest.fixture
     async def store(self) -> AsyncIterator[Store]:

@@ -156,6 +156,12 @@ class FlakyStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    async def create_run(self, run: Any, first: RunWrite | None = None) -> Any:
+        if self.fail_on == 0:
+            self.fail_on = -1
+            raise StoreUnavailable("connection refused")
+        return await self._inner.create_run(run, first)
+
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         self.commits += 1
         if self.commits == self.fail_on:
@@ -163,9 +169,9 @@ class FlakyStore:
         await self._inner.commit_run(app, run_id, fence, write)
 
 
-# The run commits three times: start of reserve; reserve's result with the start of
-# charge; charge's result with the run's end.
-@pytest.mark.parametrize("fail_on", [1, 2, 3])
+# The run is stored with the start of reserve (create_run), then commits twice:
+# reserve's result with the start of charge; charge's result with the run's end.
+@pytest.mark.parametrize("fail_on", [1, 2])
 async def test_store_outage_mid_run_is_retried_not_failed(sqlite_url: str, fail_on: int) -> None:
     store = FlakyStore(sqlite_url, fail_on)
     app: App = make_app(store)  # type: ignore[arg-type]
@@ -238,3 +244,28 @@ async def test_a_finished_step_is_durable_while_a_parallel_step_still_runs(
         finally:
             release.set()
         assert await h.result(timeout=5) == 45
+
+
+async def test_a_store_outage_while_starting_reaches_the_caller(sqlite_url: str) -> None:
+    """The run is stored with its first checkpoint; if that fails, ``start`` raises and
+    nothing ran or stays behind."""
+    store = FlakyStore(sqlite_url, 0)
+    app: App = make_app(store)  # type: ignore[arg-type]
+    calls: list[int] = []
+
+    @app.step
+    async def reserve(n: int) -> int:
+        calls.append(n)
+        return n
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> int:
+        return int(await ctx.run(reserve, n))
+
+    async with app:
+        with pytest.raises(StoreUnavailable, match="connection refused"):
+            await app.start(order, 1)
+        assert calls == [] and await app.list_runs() == []
+        h = await app.start(order, 2)
+        assert await h.result(timeout=5) == 2
+    assert calls == [2]

@@ -29,7 +29,7 @@ from tests.contract.store_support import entry, new_run
 
 async def burst(store: Store, commits: int, tasks: int, spread: bool = False) -> float:
     """``spread``: every task in an app of its own (no chain shared between tasks)."""
-    apps = [f"cost-{new_id()[:8]}" for _ in range(tasks if spread else 1)]
+    apps = [f"cost-{new_id()[-8:]}" for _ in range(tasks if spread else 1)]
     runs = [(await store.create_run(new_run(apps[i % len(apps)])))[0] for i in range(tasks)]
     per_task = commits // tasks
 

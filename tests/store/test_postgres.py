@@ -65,7 +65,7 @@ async def drop_schema(url: str, schema: str) -> None:
 @pytest.fixture(scope="session")
 def pg_session_url(postgres_url: str) -> Iterator[str]:
     """The server URL with a schema of this test session's own."""
-    schema = f"cantata_test_{new_id()[:10]}"
+    schema = f"cantata_test_{new_id()[-10:]}"
     yield with_schema(postgres_url, schema)
     asyncio.run(drop_schema(postgres_url, schema))
 
@@ -73,7 +73,7 @@ def pg_session_url(postgres_url: str) -> Iterator[str]:
 @pytest.fixture
 async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
     """A schema name nobody has used yet (dropped after the test)."""
-    schema = f"cantata_fresh_{new_id()[:10]}"
+    schema = f"cantata_fresh_{new_id()[-10:]}"
     yield schema
     await drop_schema(postgres_url, schema)
 
@@ -115,7 +115,7 @@ async def test_unreachable_server_is_unavailable_with_masked_password() -> None:
 
 
 async def test_missing_database_is_named(postgres_url: str) -> None:
-    name = f"cantata_missing_{new_id()[:8]}"
+    name = f"cantata_missing_{new_id()[-8:]}"
     url = urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
     with pytest.raises(StoreUnavailable, match=f"database '{name}' does not exist"):
         await PostgresStore(url).open()
@@ -123,7 +123,7 @@ async def test_missing_database_is_named(postgres_url: str) -> None:
 
 async def test_unknown_user_is_named(postgres_url: str) -> None:
     parts = urlsplit(postgres_url)
-    url = parts._replace(netloc=f"nobody_{new_id()[:6]}@{parts.hostname}:{parts.port}").geturl()
+    url = parts._replace(netloc=f"nobody_{new_id()[-6:]}@{parts.hostname}:{parts.port}").geturl()
     with pytest.raises(StoreUnavailable, match="refused user 'nobody_"):
         await PostgresStore(url).open()
 
@@ -218,7 +218,7 @@ async def test_a_version_1_schema_is_upgraded_in_place(
 async def test_the_audit_log_refuses_updates_and_deletes(pg_session_url: str) -> None:
     store = PostgresStore(pg_session_url)
     await store.open()
-    app = f"app-{new_id()[:8]}"
+    app = f"app-{new_id()[-8:]}"
     try:
         await store.create_run(new_run(app))
         for sql in ("UPDATE audit SET actor='mallory' WHERE app=$1",
@@ -238,7 +238,7 @@ async def test_notify_wakes_a_listener_on_another_instance(pg_session_url: str) 
     try:
         heard: list[str] = []
         a.add_listener(heard.append)
-        await b.create_run(new_run(f"app-{new_id()[:8]}"))
+        await b.create_run(new_run(f"app-{new_id()[-8:]}"))
         await eventually(lambda: RUNS in heard)
     finally:
         await a.close()
@@ -260,7 +260,7 @@ async def test_listener_and_pool_survive_killed_connections(pg_session_url: str)
             pool_pid = await c.fetchval("SELECT pg_backend_pid()")
         await admin.execute("SELECT pg_terminate_backend($1)", listen_pid)
         await admin.execute("SELECT pg_terminate_backend($1)", pool_pid)
-        app = f"app-{new_id()[:8]}"
+        app = f"app-{new_id()[-8:]}"
         with contextlib.suppress(StoreUnavailable):  # reported as such, never a driver error
             await store.get_run(app, "x")
         assert await store.get_run(app, "x") is None
@@ -306,7 +306,7 @@ async def test_writes_one_after_another_never_wait_for_a_writer(
     pg_session_url: str, writers: int
 ) -> None:
     """A caller answered by a batch that emptied the queue writes again at once."""
-    app = f"app-{new_id()[:8]}"
+    app = f"app-{new_id()[-8:]}"
     async with opened(pg_session_url, writers=writers) as store:
 
         async def chain() -> None:
@@ -324,7 +324,7 @@ async def test_writes_one_after_another_never_wait_for_a_writer(
 
 
 async def test_concurrent_writes_share_transactions_and_all_land(pg_session_url: str) -> None:
-    app = f"app-{new_id()[:8]}"
+    app = f"app-{new_id()[-8:]}"
     async with opened(pg_session_url) as store:
         await store.declare(app, [Declaration("handler", "g", "order.*")])
         runs = [(await store.create_run(new_run(app)))[0] for _ in range(60)]
@@ -351,7 +351,7 @@ async def test_concurrent_writes_share_transactions_and_all_land(pg_session_url:
 
 async def test_an_sql_error_fails_only_its_own_call(pg_session_url: str) -> None:
     """Not a refusal: the transaction is rolled back and the others run again without it."""
-    app = f"app-{new_id()[:8]}"
+    app = f"app-{new_id()[-8:]}"
     async with opened(pg_session_url) as store:
         taken, _ = await store.create_run(new_run(app))
         a, _ = await store.create_run(new_run(app))
@@ -381,7 +381,7 @@ async def test_an_sql_error_fails_only_its_own_call(pg_session_url: str) -> None
 
 async def test_keys_named_twice_end_as_if_written_in_turn(pg_session_url: str) -> None:
     """A key twice in one write, and one run twice in one transaction."""
-    app = f"app-{new_id()[:8]}"
+    app = f"app-{new_id()[-8:]}"
     async with opened(pg_session_url, writers=1) as store:
         run, _ = await store.create_run(new_run(app))
         await store.commit_run(app, run.run_id, 0, RunWrite(
@@ -414,7 +414,7 @@ async def test_keys_named_twice_end_as_if_written_in_turn(pg_session_url: str) -
 
 async def test_a_writer_connection_killed_mid_batch(pg_session_url: str) -> None:
     """Its callers hear StoreUnavailable; the connection is never used again."""
-    app = f"app-{new_id()[:8]}"
+    app = f"app-{new_id()[-8:]}"
     admin = await asyncpg.connect(pg_session_url.split("?")[0])
     async with opened(pg_session_url) as store:
         run, _ = await store.create_run(new_run(app))
@@ -451,7 +451,7 @@ async def test_a_writer_connection_killed_mid_batch(pg_session_url: str) -> None
 
 async def test_notifications_carry_any_app_name(pg_session_url: str) -> None:
     """The batch's NOTIFY is sent as SQL text: quotes and backslashes stay themselves."""
-    app = f"it's \\ a\'pp-{new_id()[:6]}"
+    app = f"it's \\ a\'pp-{new_id()[-6:]}"
     listener = await asyncpg.connect(pg_session_url.split("?")[0])
     heard: list[str] = []
     await listener.add_listener("cantata_changes", lambda *a: heard.append(str(a[3])))
@@ -492,7 +492,7 @@ CLAIMER = textwrap.dedent(
 
 @pytest.mark.slow
 async def test_two_processes_never_claim_the_same_run(pg_session_url: str) -> None:
-    app = f"app-{new_id()[:8]}"
+    app = f"app-{new_id()[-8:]}"
     store = PostgresStore(pg_session_url)
     await store.open()
     try:

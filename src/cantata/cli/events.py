@@ -57,7 +57,7 @@ def dlq_list(
             table.add_column(col)
         for d in letters:
             table.add_row(
-                d.id, d.group, f"{d.event.type} {d.event.id[:8]}", str(d.attempts),
+                d.id, d.group, f"{d.event.type} {d.event.id}", str(d.attempts),
                 d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), d.error[:100],
             )
         console.print(table)

@@ -65,6 +65,13 @@ class RunHandle:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            local = self._engine.completion(self.run_id)
+            if local is not None:  # executing in this process: wait for it, no polling
+                remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+                await asyncio.wait([local], timeout=remaining)
+                ended = local.result() if local.done() else None
+                if ended is not None:  # the run as its final commit stored it
+                    return self._outcome(ended)
             run = await self._get()
             if run.status.is_final:
                 return self._outcome(run)
@@ -73,11 +80,8 @@ class RunHandle:
                     f"run {self.run_id} is still {run.status} after {timeout} s; it goes on — "
                     "call result() again later or check `cantata run ID`"
                 )
-            local = self._engine.completion(self.run_id)
-            if local is not None:  # executing in this process: wait for it, no polling
-                remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
-                await asyncio.wait([local], timeout=remaining)
-                continue
+            if self._engine.completion(self.run_id) is not None:
+                continue  # it came back to this process meanwhile
             wait = self._engine.poll_interval
             if deadline is not None:
                 wait = min(wait, max(deadline - loop.time(), 0.0))

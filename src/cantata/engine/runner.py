@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.errors import (
     Cancelled,
+    CantataError,
     DeadlineExceeded,
     LeaseLost,
     NonDeterminismError,
@@ -96,6 +97,10 @@ class RunExecution:
         self._commit_lock = asyncio.Lock()
         self._flush_failed: BaseException | None = None
         self._flush_scheduled = False
+        # Set when the run is not stored yet: its first commit creates it (and resolves
+        # this future with the stored run), see :meth:`expect_creation`.
+        self.created: asyncio.Future[tuple[RunRecord, bool]] | None = None
+        self._create_pending = False
         self.compensations: list[tuple[StepDef, list[Any]]] = []
         self.interrupt: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self.compensating = False
@@ -137,21 +142,54 @@ class RunExecution:
             if self.pending_status is not None and write.status is None:
                 write.status = self.pending_status
             self.pending_status = None
-            try:
-                await self.engine.store.commit_run(
-                    self.run.app, self.run.run_id, self.run.fence, write
-                )
-            except LeaseLost:
-                log.warning(
-                    "run %s was taken over by another worker; letting it go", self.run.run_id
-                )
-                raise _Abandon() from None
-            except StoreError as exc:
-                raise _StoreFailed(exc) from exc
+            if self._create_pending:
+                self._create_pending = False
+                await self._create(write)
+            else:
+                await self._commit_run(write)
         if write.status is not None:
             self.run.status = write.status
         if write.events:
             self.engine.events_appended(write.events)
+
+    async def _commit_run(self, write: RunWrite) -> None:
+        try:
+            await self.engine.store.commit_run(
+                self.run.app, self.run.run_id, self.run.fence, write
+            )
+        except LeaseLost:
+            log.warning(
+                "run %s was taken over by another worker; letting it go", self.run.run_id
+            )
+            raise _Abandon() from None
+        except StoreError as exc:
+            raise _StoreFailed(exc) from exc
+
+    def expect_creation(self) -> None:
+        """This run is not stored yet: store it with its first checkpoint.
+
+        :attr:`created` resolves once it is durable (or fails with the store's error, and
+        the execution ends). If the workflow yields to the event loop before its first
+        write, the run is stored on its own then.
+        """
+        loop = asyncio.get_running_loop()
+        self.created = loop.create_future()
+        self._create_pending = True
+        self._flush_scheduled = True
+        loop.call_soon(self._flush_soon)
+
+    async def _create(self, write: RunWrite) -> None:
+        assert self.created is not None
+        try:
+            stored, created = await self.engine.store.create_run(self.run, write)
+        except BaseException as exc:
+            if not self.created.done():
+                self.created.set_exception(exc)
+            raise _Abandon() from exc
+        if not self.created.done():
+            self.created.set_result((stored, created))
+        if not created:  # only without an idempotency key, so never: be safe anyway
+            raise _Abandon()
 
     def defer(self, write: RunWrite) -> None:
         """Hold a finished step's checkpoint to commit it with the run's next write.
@@ -171,11 +209,11 @@ class RunExecution:
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False
-        if self.pending or self.pending_attempts:
+        if self.pending or self.pending_attempts or self._create_pending:
             self.engine.track(asyncio.create_task(self._flush()))
 
     async def _flush(self) -> None:
-        if not (self.pending or self.pending_attempts):
+        if not (self.pending or self.pending_attempts or self._create_pending):
             return
         try:
             await self.commit(RunWrite())
@@ -433,6 +471,13 @@ class RunExecution:
         finally:
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
+            if self.created is not None and not self.created.done():
+                # Ended (the app stopping, or an internal error) before the run was stored.
+                self.retry_later = False
+                self.created.set_exception(CantataError(
+                    f"run {self.run.run_id} of {self.wdef.name} was not stored: the worker "
+                    "stopped executing it first; start it again"
+                ))
 
     async def _parent_traceparent(self) -> str | None:
         """The traceparent of the event that started this run (to join its trace)."""
@@ -554,6 +599,10 @@ class RunExecution:
         await self.commit(
             RunWrite(status=status, result=result, error=error, flagged=flagged, release=True)
         )
+        run = self.run
+        run.result, run.error, run.owner = result, error, None
+        if flagged is not None:
+            run.flagged = flagged
         if status != RunStatus.COMPLETED:
             log.info("run %s of %s ended %s: %s", self.run.run_id, self.wdef.name, status, error)
         self.engine.metrics.runs[str(status)] = self.engine.metrics.runs.get(str(status), 0) + 1

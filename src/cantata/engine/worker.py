@@ -56,7 +56,7 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
 
 
 def new_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{codec.new_id()[:8]}"
+    return f"{socket.gethostname()}:{os.getpid()}:{codec.new_id()[-8:]}"
 
 
 def args_hash(workflow: str, args_json: str) -> str:
@@ -100,7 +100,7 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._claim_wakeup = asyncio.Event()
-        self._completions: dict[str, asyncio.Future[None]] = {}
+        self._completions: dict[str, asyncio.Future[RunRecord | None]] = {}
         self._type_checked: dict[str, float] = {}
         self._type_seen: dict[str, set[str]] = {}
         self._runs_pulse = asyncio.Event()
@@ -199,6 +199,13 @@ class Engine:
             fence=1 if local else 0,
             service=wdef.service if wdef else None,
         )
+        if local and idempotency_key is None:
+            # Executed here at once, and new for sure: the run is stored with its first
+            # checkpoint, in one transaction, when its workflow reaches it.
+            execution = self.launch(run, fresh=True, create=True)
+            assert execution.created is not None
+            stored, _ = await asyncio.shield(execution.created)
+            return stored
         stored, created = await self.store.create_run(run)
         if created and local:
             self.launch(stored, fresh=True)
@@ -206,9 +213,13 @@ class Engine:
             self._claim_wakeup.set()
         return stored
 
-    def completion(self, run_id: str) -> asyncio.Future[None] | None:
+    def completion(self, run_id: str) -> asyncio.Future[RunRecord | None] | None:
         """A future resolved when this process stops executing ``run_id`` (``None`` if it
-        does not execute it): lets a local ``handle.result()`` wait without polling."""
+        does not execute it): lets a local ``handle.result()`` wait without polling.
+
+        Its result is the run as its final checkpoint stored it, or ``None`` when this
+        process let the run go before it ended.
+        """
         if run_id not in self.executions:
             return None
         fut = self._completions.get(run_id)
@@ -221,16 +232,23 @@ class Engine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def launch(self, run: RunRecord, *, fresh: bool = False) -> None:
+    def launch(
+        self, run: RunRecord, *, fresh: bool = False, create: bool = False
+    ) -> RunExecution:
         """Execute ``run`` in this process (it is owned by this worker).
 
         ``fresh``: the run was just created here, so it has no history to load.
+        ``create``: it is not stored yet; its first write stores it (see
+        :attr:`RunExecution.created`).
         """
-        if run.run_id in self.executions:
-            return
+        current = self.executions.get(run.run_id)
+        if current is not None:
+            return current
         wdef = self.router.workflows[run.workflow]
         execution = RunExecution(self, run, wdef)
-        execution.fresh = fresh
+        execution.fresh = fresh or create
+        if create:
+            execution.expect_creation()
         self.executions[run.run_id] = execution
         task = asyncio.create_task(execution.execute(), name=f"cantata-run:{run.run_id}")
         self._tasks.add(task)
@@ -241,7 +259,7 @@ class Engine:
             self._runs_pulse.set()
             waiter = self._completions.pop(run_id, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(execution.run if execution.run.status.is_final else None)
             if execution.retry_later and self.serving:
                 # This worker still owns the run (and heartbeats), so no other worker
                 # takes it over: execute it again here after a pause.
@@ -250,6 +268,7 @@ class Engine:
                 retry.add_done_callback(self._tasks.discard)
 
         task.add_done_callback(done)
+        return execution
 
     async def _relaunch_later(self, run_id: str) -> None:
         """Execute a run again after an internal error (a store outage, usually)."""

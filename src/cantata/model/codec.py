@@ -11,8 +11,9 @@ import dataclasses
 import datetime as dt
 import functools
 import inspect
+import os
+import time
 import typing
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -133,5 +134,14 @@ def now_iso(ts: float) -> str:
 
 
 def new_id() -> str:
-    """A new random id (UUID4 hex)."""
-    return uuid.uuid4().hex
+    """A new id: a UUID version 7 (RFC 9562) as 32 hex digits.
+
+    Its first 48 bits are the Unix time in milliseconds and the other 74 are random, so
+    ids made close in time sort close together: the rows of the runs in flight share a
+    few index pages, and each group commit writes (and fsyncs) fewer pages.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & 0x3FFF_FFFF_FFFF_FFFF
+    return f"{value:032x}"

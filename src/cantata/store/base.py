@@ -127,11 +127,15 @@ class Store(Protocol):
 
     # -- runs -------------------------------------------------------------------
 
-    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
+    async def create_run(
+        self, run: RunRecord, first: RunWrite | None = None
+    ) -> tuple[RunRecord, bool]:
         """Insert ``run`` unless its (app, idempotency_key) exists.
 
         Returns ``(stored_run, created)``: the existing run and ``False`` when the key
-        was used before with the same ``args_hash``.
+        was used before with the same ``args_hash``. ``first``, the run's first
+        checkpoint (by its owner, ``run.owner``), is committed in the same transaction
+        when the run is created, and not at all when it is not.
 
         Raises:
             IdempotencyConflict: the key exists with a different ``args_hash``.

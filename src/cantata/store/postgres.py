@@ -166,8 +166,10 @@ class PostgresStore:
 
     # -- runs -------------------------------------------------------------------------
 
-    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
-        return await self._w.run(lambda c, b: writes.create_run(c, b, run))
+    async def create_run(
+        self, run: RunRecord, first: RunWrite | None = None
+    ) -> tuple[RunRecord, bool]:
+        return await self._w.run(lambda c, b: writes.create_run(c, b, run, first))
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
         row = await self._db.fetchrow(

@@ -52,7 +52,9 @@ _CREATE_RUN = (
 )
 
 
-async def create_run(c: Conn, b: Batch, run: RunRecord) -> tuple[RunRecord, bool]:
+async def create_run(
+    c: Conn, b: Batch, run: RunRecord, first: RunWrite | None = None
+) -> tuple[RunRecord, bool]:
     inserted = await c.fetchval(
         _CREATE_RUN,
         run.run_id, run.app, run.workflow, str(run.status), run.args, run.created_at,
@@ -65,6 +67,9 @@ async def create_run(c: Conn, b: Batch, run: RunRecord) -> tuple[RunRecord, bool
         b.audit(run.app, audit.run_created_entry(
             run.run_id, run.workflow, run.correlation_id, run.parent_run_id
         ))
+        if first is not None:
+            (refused,) = await commit_runs(c, b, [(run.app, run.run_id, run.fence, first)])
+            assert refused is None  # the row was inserted just now with this fence
         return run, True
     row = await c.fetchrow(
         f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND idempotency_key=$2",

@@ -63,6 +63,16 @@ from cantata.store.sqlite_thread import ConnectionThread
 TASK_OUTCOMES = ("done", "failed", "retry")
 
 
+def _channels(write: RunWrite | None) -> tuple[str, ...]:
+    """What a committed checkpoint changed, for the store's listeners."""
+    channels = [RUNS]
+    if write is not None and write.events:
+        channels.append(EVENTS)
+    if write is not None and write.tasks:
+        channels.append(TASKS)
+    return tuple(channels)
+
+
 class SQLiteStore:
     """A :class:`~cantata.store.base.Store` on one SQLite file (or in memory).
 
@@ -177,7 +187,9 @@ class SQLiteStore:
 
     # -- runs -------------------------------------------------------------------------
 
-    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
+    async def create_run(
+        self, run: RunRecord, first: RunWrite | None = None
+    ) -> tuple[RunRecord, bool]:
         def op(c: sqlite3.Connection) -> tuple[RunRecord, bool]:
             if run.idempotency_key is not None:
                 row = c.execute(
@@ -206,9 +218,12 @@ class SQLiteStore:
             ops.audit_append(c, run.app, audit.run_created_entry(
                 run.run_id, run.workflow, run.correlation_id, run.parent_run_id
             ))
+            if first is not None:
+                self._apply(c, run.app, run.run_id, first, run.owner, str(run.status),
+                            run.correlation_id)
             return run, True
 
-        return await self._t.write(op, RUNS)
+        return await self._t.write(op, *_channels(first))
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
         row = await self._t.read(
@@ -278,55 +293,63 @@ class SQLiteStore:
                     f"run {run_id} was taken over by another worker (fence {fence} is stale); "
                     "this worker stops executing it"
                 )
-            if write.entries:
-                c.executemany(
-                    f"INSERT INTO history (app, run_id, {HISTORY_COLS}) "
-                    f"VALUES (?,?,{','.join('?' * 13)}) ON CONFLICT DO UPDATE SET "
-                    "status=excluded.status, result=excluded.result, error=excluded.error, "
-                    "error_type=excluded.error_type, attempts=excluded.attempts, "
-                    "started_at=excluded.started_at, ended_at=excluded.ended_at, "
-                    "wake_at=excluded.wake_at, detail=excluded.detail",
-                    [
-                        (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error,
-                         e.error_type, e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
-                        for e in write.entries
-                    ],
-                )
-            ops.upsert_attempts(c, app, run_id, write.attempts)
-            if write.events:
-                self._append(c, app, write.events)
-            if write.tasks:
-                ops.insert_tasks(c, app, row[3], write.tasks)
-            sets = ["updated_at=?"]
-            params: list[Any] = [time.time()]
-            if write.status is not None:
-                sets.append("status=?")
-                params.append(str(write.status))
-            if write.result is not None:
-                sets.append("result=?")
-                params.append(write.result)
-            if write.error is not None:
-                sets.append("error=?")
-                params.append(write.error)
-            if write.flagged is not None:
-                sets.append("flagged=?")
-                params.append(int(write.flagged))
-            if write.release:
-                sets.append("owner=NULL")
-            c.execute(
-                f"UPDATE runs SET {', '.join(sets)} WHERE app=? AND run_id=?",
-                (*params, app, run_id),
-            )
-            entry = audit.checkpoint_entry(run_id, row[1], row[2], write)
-            if entry is not None:
-                ops.audit_append(c, app, entry)
+            self._apply(c, app, run_id, write, row[1], row[2], row[3])
 
-        channels = [RUNS]
+        await self._t.write(op, *_channels(write))
+
+    def _apply(
+        self,
+        c: sqlite3.Connection,
+        app: str,
+        run_id: str,
+        write: RunWrite,
+        owner: str | None,
+        old_status: str,
+        correlation_id: str,
+    ) -> None:
+        """One checkpoint of a run whose fence was checked, in the caller's transaction."""
+        if write.entries:
+            c.executemany(
+                f"INSERT INTO history (app, run_id, {HISTORY_COLS}) "
+                f"VALUES (?,?,{','.join('?' * 13)}) ON CONFLICT DO UPDATE SET "
+                "status=excluded.status, result=excluded.result, error=excluded.error, "
+                "error_type=excluded.error_type, attempts=excluded.attempts, "
+                "started_at=excluded.started_at, ended_at=excluded.ended_at, "
+                "wake_at=excluded.wake_at, detail=excluded.detail",
+                [
+                    (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error,
+                     e.error_type, e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
+                    for e in write.entries
+                ],
+            )
+        ops.upsert_attempts(c, app, run_id, write.attempts)
         if write.events:
-            channels.append(EVENTS)
+            self._append(c, app, write.events)
         if write.tasks:
-            channels.append(TASKS)
-        await self._t.write(op, *channels)
+            ops.insert_tasks(c, app, correlation_id, write.tasks)
+        sets = ["updated_at=?"]
+        params: list[Any] = [time.time()]
+        if write.status is not None:
+            sets.append("status=?")
+            params.append(str(write.status))
+        if write.result is not None:
+            sets.append("result=?")
+            params.append(write.result)
+        if write.error is not None:
+            sets.append("error=?")
+            params.append(write.error)
+        if write.flagged is not None:
+            sets.append("flagged=?")
+            params.append(int(write.flagged))
+        if write.release:
+            sets.append("owner=NULL")
+        c.execute(
+            f"UPDATE runs SET {', '.join(sets)} WHERE app=? AND run_id=?",
+            (*params, app, run_id),
+        )
+        entry = audit.checkpoint_entry(run_id, owner, old_status, write)
+        if entry is not None:
+            ops.audit_append(c, app, entry)
 
     async def request_cancel(
         self, app: str, run_id: str, *, actor: str = audit.SYSTEM
