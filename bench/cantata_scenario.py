@@ -3,9 +3,14 @@
     python -m bench.cantata_scenario saga|chain throughput|latency \
         --store sqlite|postgres --broker embedded|nats [--n N]
 
-- saga throughput: ``app.start`` N runs in a loop, then await every result.
+- saga throughput: ``app.start`` N runs at once (``asyncio.gather``: the caller does not
+  wait for one start before the next, which is how an asyncio service submits work),
+  then await every result. ``--submit loop`` awaits each ``app.start`` before the next
+  instead, as the DBOS peer's loop of ``DBOS.start_workflow`` does (a start returns once
+  the run is durably stored, so that loop is bound by one commit round trip per start).
 - saga latency: N runs one after another, each awaited (after 20 warm-up runs).
-- chain throughput: publish N ``order.placed``, then wait until the handlers of this
+- chain throughput: publish N ``order.placed`` at once (``--submit loop``: one after
+  another), then wait until the handlers of this
   process have completed 3 N deliveries (each completion commits before it counts), and
   check in the store that N terminal events (``shipment.created`` or
   ``inventory.released``) are there with the right split.
@@ -75,7 +80,10 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
     orders = list(range(1, a.n + 1))
     if a.workload == "throughput":
         cpu0, t0 = cpu_seconds(), now()
-        handles = [await app.start(order_saga, o) for o in orders]
+        if a.submit == "loop":
+            handles = [await app.start(order_saga, o) for o in orders]
+        else:
+            handles = await asyncio.gather(*(app.start(order_saga, o) for o in orders))
         t_sub = now() - t0
         outs = [await outcome(h) for h in handles]
         wall = now() - t0
@@ -137,8 +145,11 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
         target = base + HANDLERS_PER_ORDER * a.n
         since = time.time()
         cpu0, t0 = cpu_seconds(), now()
-        for o in orders:
-            await app.publish("order.placed", {"order": o})
+        if a.submit == "loop":
+            for o in orders:
+                await app.publish("order.placed", {"order": o})
+        else:  # at once, as the FastStream peer's driver does
+            await asyncio.gather(*(app.publish("order.placed", {"order": o}) for o in orders))
         t_sub = now() - t0
         deadline = t0 + RESULT_TIMEOUT
         while app.metrics.handled < target:
@@ -228,6 +239,9 @@ def main() -> None:
     ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     ap.add_argument("--broker", choices=["embedded", "nats"], default="embedded")
     ap.add_argument("--n", type=int, default=None)
+    ap.add_argument("--submit", choices=["at-once", "loop"], default="at-once",
+                    help="throughput: start all runs (publish all orders) at once, or one "
+                         "after another")
     a = ap.parse_args()
     a.n = a.n or (THROUGHPUT_N if a.workload == "throughput" else LATENCY_N)
     logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"))
