@@ -270,7 +270,7 @@ class SQLiteStore:
         def op(c: sqlite3.Connection) -> list[RunRecord]:
             rows = c.execute(
                 f"UPDATE runs SET owner=?, fence=fence+1 WHERE app=? AND rowid IN ("
-                f" SELECT r.rowid FROM runs r LEFT JOIN workers w"
+                f" SELECT r.rowid FROM runs r INDEXED BY runs_live LEFT JOIN workers w"
                 f"  ON w.app=r.app AND w.worker_id=r.owner"
                 f" WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
@@ -502,7 +502,8 @@ class SQLiteStore:
             claimed = c.execute(
                 f"UPDATE deliveries SET owner=?, fence=fence+1, attempts=attempts+1, "
                 f"updated_at=? WHERE (app, grp, event_id) IN ("
-                f" SELECT d.app, d.grp, d.event_id FROM deliveries d LEFT JOIN workers w"
+                f" SELECT d.app, d.grp, d.event_id FROM deliveries d INDEXED BY deliveries_due"
+                f"  LEFT JOIN workers w"
                 f"  ON w.app=d.app AND w.worker_id=d.owner"
                 f" WHERE d.app=? AND d.status='pending' AND d.grp IN ({marks}) AND d.next_at<=?"
                 f"  AND (d.owner IS NULL OR (d.owner<>? AND"
@@ -538,7 +539,7 @@ class SQLiteStore:
         rows = await self._t.read(
             lambda c: c.execute(
                 "SELECT grp, status, attempts, next_at, error, updated_at, fence FROM deliveries "
-                "WHERE app=? AND event_id=? ORDER BY grp",
+                "INDEXED BY deliveries_event WHERE app=? AND event_id=? ORDER BY grp",
                 (app, event_id),
             ).fetchall()
         )

@@ -320,7 +320,7 @@ def claim_tasks(
     rows = c.execute(
         f"UPDATE tasks SET owner=?, fence=fence+1, attempts=attempts+1, updated_at=? "
         f"WHERE app=? AND task_id IN ("
-        f" SELECT t.task_id FROM tasks t LEFT JOIN workers w"
+        f" SELECT t.task_id FROM tasks t INDEXED BY tasks_due LEFT JOIN workers w"
         f"  ON w.app=t.app AND w.worker_id=t.owner"
         f" WHERE t.app=? AND t.status='pending' AND t.service IN ({marks}) AND t.next_at<=?"
         f"  AND (t.owner IS NULL OR (t.owner<>? AND"
@@ -432,7 +432,8 @@ def trace_records(
         marks = ",".join("?" * len(by_id))
         for r in c.execute(
             "SELECT grp, event_id, status, attempts, next_at, error, updated_at, fence "
-            f"FROM deliveries WHERE app=? AND event_id IN ({marks}) ORDER BY updated_at",
+            f"FROM deliveries INDEXED BY deliveries_event WHERE app=? AND event_id IN ({marks}) "
+            "ORDER BY updated_at",
             (app, *by_id),
         ):
             deliveries.append(Delivery(r[0], by_id[r[1]], r[2], r[3], r[4], r[5], r[6], r[7]))
