@@ -17,8 +17,8 @@
 - chain latency: publish one ``order.placed``, wait until its terminal event is in the
   store (woken by the store's commit notifications, looked up with ``find_events``).
 
-Fresh state every time: a new SQLite file in a temporary folder, or a new random app
-name on PostgreSQL (its rows stay in the database; the NATS stream is deleted at the end).
+Fresh state every time: a new SQLite file in a temporary folder, or a new PostgreSQL
+schema (dropped at the end, as is the NATS stream).
 """
 
 from __future__ import annotations
@@ -194,12 +194,24 @@ async def _drop_stream(app_name: str) -> None:
         await nc.close()
 
 
+async def _drop_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 async def main_async(a: argparse.Namespace) -> None:
     from bench.cantata_app import make_app
 
     tmp = tempfile.mkdtemp(prefix="cantata-bench-")
     name = f"bench_{a.kind}_{uuid.uuid4().hex[:10]}"
-    store = f"sqlite:///{tmp}/bench.db" if a.store == "sqlite" else PG_URL
+    schema = name  # PostgreSQL: a schema of its own, dropped at the end (a fresh database)
+    sep = "&" if "?" in PG_URL else "?"
+    store = f"sqlite:///{tmp}/bench.db" if a.store == "sqlite" else f"{PG_URL}{sep}schema={schema}"
     broker = "embedded" if a.broker == "embedded" else NATS_URL
     app = make_app(a.kind, store, broker, name)
     try:
@@ -226,6 +238,9 @@ async def main_async(a: argparse.Namespace) -> None:
             raise SystemExit(f"wrong outcomes: {res['outcomes']} != {res['expected']}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if a.store == "postgres":
+            with contextlib.suppress(Exception):
+                await _drop_schema(schema)
         if a.broker == "nats":
             with contextlib.suppress(Exception):
                 await _drop_stream(name)

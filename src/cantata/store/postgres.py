@@ -169,7 +169,7 @@ class PostgresStore:
     async def create_run(
         self, run: RunRecord, first: RunWrite | None = None
     ) -> tuple[RunRecord, bool]:
-        return await self._w.run(lambda c, b: writes.create_run(c, b, run, first))
+        return await self._w.run_many(writes.create_runs, (run, first))
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
         row = await self._db.fetchrow(

@@ -45,6 +45,10 @@ Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Row: TypeAlias = "asyncpg.Record | tuple[Any, ...]"
 
 
+_REPLAN_FIRST = 0.5  # seconds after a connection's first use that its plans are redone
+_REPLAN_MAX = 300.0
+
+
 async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Release a pooled connection without asyncpg's reset query (a round trip).
 
@@ -94,6 +98,8 @@ class PgPool:
         self._listen_task: asyncio.Task[None] | None = None
         self._closing = False
         self._inflight = 0
+        # server pid -> (when its plans are next dropped, the interval that led there)
+        self._replan_at: dict[int, tuple[float, float]] = {}
         self._idle = asyncio.Event()
 
     @property
@@ -277,6 +283,7 @@ class PgPool:
         try:
             async with pool.acquire() as conn:
                 try:
+                    await self._replan_as_tables_grow(conn)
                     yield conn
                 except CONN_ERRORS:
                     # Its protocol state is unknown (a query may be half done): never
@@ -293,6 +300,26 @@ class PgPool:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+
+    async def _replan_as_tables_grow(self, conn: Conn) -> None:
+        """Drop a connection's cached query plans 0.5 s after it opened, then after 1 s,
+        2 s, 4 s, ... and every 5 minutes.
+
+        A prepared statement's generic plan is made once, from the table sizes of that
+        moment: made while a new store's tables are empty, it scans them, and every
+        lookup by key then reads more of the table as it grows (until autovacuum's next
+        ANALYZE, a minute or more later). Planning again as time passes keeps the plans
+        in step with the tables, for one round trip now and then.
+        """
+        pid = conn.get_server_pid()
+        now = time.monotonic()
+        due = self._replan_at.get(pid)
+        if due is None:
+            self._replan_at[pid] = (now + _REPLAN_FIRST, _REPLAN_FIRST)
+        elif now >= due[0]:
+            every = min(due[1] * 2, _REPLAN_MAX)
+            self._replan_at[pid] = (now + every, every)
+            await conn.execute("DISCARD PLANS")
 
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[Conn]:

@@ -52,38 +52,53 @@ _CREATE_RUN = (
 )
 
 
-async def create_run(
-    c: Conn, b: Batch, run: RunRecord, first: RunWrite | None = None
-) -> tuple[RunRecord, bool]:
-    inserted = await c.fetchval(
-        _CREATE_RUN,
-        run.run_id, run.app, run.workflow, str(run.status), run.args, run.created_at,
-        run.updated_at, run.correlation_id, run.causation_id, run.idempotency_key,
-        run.args_hash, run.parent_run_id, run.deadline_at, run.result, run.error,
-        run.cancel_requested, run.owner, run.fence, run.flagged, run.service,
-    )
-    if inserted is not None:
-        b.notify(run.app, RUNS)
-        b.audit(run.app, audit.run_created_entry(
-            run.run_id, run.workflow, run.correlation_id, run.parent_run_id
-        ))
-        if first is not None:
-            (refused,) = await commit_runs(c, b, [(run.app, run.run_id, run.fence, first)])
-            assert refused is None  # the row was inserted just now with this fence
-        return run, True
-    row = await c.fetchrow(
-        f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND idempotency_key=$2",
-        run.app, run.idempotency_key,
-    )
-    assert row is not None
-    existing = run_row(row)
-    if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
-        raise Refused(IdempotencyConflict(
-            f"idempotency key {run.idempotency_key!r} was already used for run "
-            f"{existing.run_id} of {existing.workflow} with different arguments; use a "
-            "new key for a new request"
-        ))
-    return existing, False
+NewRun = tuple[RunRecord, RunWrite | None]  # a run, and its first checkpoint
+
+
+async def create_runs(
+    c: Conn, b: Batch, calls: list[NewRun]
+) -> list[tuple[RunRecord, bool] | Refused]:
+    """:meth:`PostgresStore.create_run` for many runs: one pipelined INSERT for all, the
+    first checkpoints of those inserted as one :func:`commit_runs`, and a lookup only
+    for a run whose idempotency key was taken."""
+    rows = await c.fetchmany(_CREATE_RUN, [
+        (run.run_id, run.app, run.workflow, str(run.status), run.args, run.created_at,
+         run.updated_at, run.correlation_id, run.causation_id, run.idempotency_key,
+         run.args_hash, run.parent_run_id, run.deadline_at, run.result, run.error,
+         run.cancel_requested, run.owner, run.fence, run.flagged, run.service)
+        for run, _ in calls
+    ])
+    inserted = {r[0] for r in rows}
+    firsts: list[Checkpoint] = []
+    out: list[tuple[RunRecord, bool] | Refused] = []
+    for run, first in calls:
+        if run.run_id in inserted:
+            b.notify(run.app, RUNS)
+            b.audit(run.app, audit.run_created_entry(
+                run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+            ))
+            if first is not None:
+                firsts.append((run.app, run.run_id, run.fence, first))
+            out.append((run, True))
+            continue
+        row = await c.fetchrow(
+            f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND idempotency_key=$2",
+            run.app, run.idempotency_key,
+        )
+        assert row is not None
+        existing = run_row(row)
+        if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
+            out.append(Refused(IdempotencyConflict(
+                f"idempotency key {run.idempotency_key!r} was already used for run "
+                f"{existing.run_id} of {existing.workflow} with different arguments; use a "
+                "new key for a new request"
+            )))
+        else:
+            out.append((existing, False))
+    if firsts:
+        refused = await commit_runs(c, b, firsts)
+        assert not any(refused)  # inserted just now, with these fences
+    return out
 
 
 async def claim_runs(
