@@ -13,6 +13,7 @@ import pydantic
 from cantata.broker.base import Broker, BrokerMessage, Subscription
 from cantata.broker.embedded import EmbeddedBroker
 from cantata.errors import WorkerLost, error_text
+from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.retry import HANDLER_RETRY
 
@@ -131,7 +132,7 @@ class Consumer:
             return
         if hdef.model is not None:
             try:
-                data = pydantic.TypeAdapter(hdef.model).validate_python(event.data)
+                data = codec.adapter(hdef.model).validate_python(event.data)
             except pydantic.ValidationError as exc:
                 self.engine.metrics.dead_lettered += 1
                 await msg.dead(validation_text(exc))

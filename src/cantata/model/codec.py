@@ -65,7 +65,9 @@ def loads(text: str | bytes | None) -> Any:
 
 
 @functools.lru_cache(maxsize=512)
-def _adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
+def adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
+    """The pydantic adapter of a type, built once (building one costs far more than
+    validating a value with it)."""
     return pydantic.TypeAdapter(annotation)
 
 
@@ -85,7 +87,7 @@ def restore(value: Any, annotation: Any, what: str = "value") -> Any:
     if not _needs_restoring(annotation):
         return value
     try:
-        return _adapter(annotation).validate_python(value)
+        return adapter(annotation).validate_python(value)
     except pydantic.ValidationError as exc:
         raise SerializationError(f"{what} does not match its declared type: {exc}") from None
     except (TypeError, pydantic.PydanticSchemaGenerationError):

@@ -147,46 +147,89 @@ _UPSERT_HISTORY = (
     "wake_at=excluded.wake_at, detail=excluded.detail"
 )
 
+# Every checkpoint of a batch in one statement (one round trip), when each names a
+# different run: the calls as arrays, unnested; the runs whose fence holds locked in
+# key order (so writers lock runs in one order), updated, and only theirs history
+# entries and attempts upserted. History and attempts come merged per key (see
+# _merged), since one statement cannot change a row twice.
+_COMMIT_ALL = (
+    "WITH c AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], "
+    "$5::text[], $6::text[], $7::bool[], $8::bool[], $9::int4[]) "
+    "AS c(app, run_id, fence, status, result, error, flagged, release, i)), "
+    "old AS MATERIALIZED (SELECT r.app, r.run_id, r.owner, r.status, c.i FROM runs r "
+    "JOIN c ON r.app=c.app AND r.run_id=c.run_id AND r.fence=c.fence "
+    "ORDER BY r.app, r.run_id FOR UPDATE OF r), "
+    "upd AS (UPDATE runs r SET updated_at=$10, status=coalesce(c.status, r.status), "
+    "result=coalesce(c.result, r.result), error=coalesce(c.error, r.error), "
+    "flagged=coalesce(c.flagged, r.flagged), "
+    "owner=CASE WHEN c.release THEN NULL ELSE r.owner END "
+    "FROM old JOIN c ON c.i=old.i WHERE r.app=old.app AND r.run_id=old.run_id "
+    "RETURNING old.i, old.owner, old.status, r.correlation_id), "
+    f"h AS (INSERT INTO history (app, run_id, {HISTORY_COLS}) SELECT u.* FROM unnest("
+    "$11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], "
+    "$17::int4[], $18::text[], $19::text[], $20::text[], $21::int4[], $22::float8[], "
+    "$23::float8[], $24::float8[], $25::text[]) AS u(app, run_id, key, kind, name, status, "
+    "seq, result, error, error_type, attempts, started_at, ended_at, wake_at, detail) "
+    "WHERE (u.app, u.run_id) IN (SELECT app, run_id FROM old) "
+    "ON CONFLICT (app, run_id, key) DO UPDATE SET "
+    "status=excluded.status, result=excluded.result, error=excluded.error, "
+    "error_type=excluded.error_type, attempts=excluded.attempts, "
+    "started_at=excluded.started_at, ended_at=excluded.ended_at, "
+    "wake_at=excluded.wake_at, detail=excluded.detail), "
+    "a AS (INSERT INTO attempts (app, run_id, key, attempt, started_at, ended_at, "
+    "error_type, error) SELECT u.* FROM unnest($26::text[], $27::text[], $28::text[], "
+    "$29::int4[], $30::float8[], $31::float8[], $32::text[], $33::text[]) "
+    "AS u(app, run_id, key, attempt, started_at, ended_at, error_type, error) "
+    "WHERE (u.app, u.run_id) IN (SELECT app, run_id FROM old) "
+    "ON CONFLICT (app, run_id, key, attempt) DO UPDATE SET ended_at=excluded.ended_at, "
+    "error_type=excluded.error_type, error=excluded.error) "
+    "SELECT * FROM upd"
+)
+
+
+def _merged(
+    rows: list[tuple[Any, ...]], width: int, kept: frozenset[int], key: int
+) -> list[list[Any]]:
+    """``rows`` as ``width`` columns, one row per key (its first ``key`` values): as if
+    upserted one after another, the first row of a key gives the ``kept`` columns
+    (those an upsert never changes) and the last one the others."""
+    by_key: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for row in rows:
+        k = row[:key]
+        first = by_key.get(k)
+        by_key[k] = row if first is None else tuple(
+            first[j] if j in kept else row[j] for j in range(width)
+        )
+    cols: list[list[Any]] = [[] for _ in range(width)]
+    for row in by_key.values():
+        for col, value in zip(cols, row, strict=True):
+            col.append(value)
+    return cols
+
+
+# Columns an upsert keeps as first written: history's key, kind, name and seq;
+# attempts' key and started_at.
+_HISTORY_KEPT = frozenset({0, 1, 2, 3, 4, 6})
+_ATTEMPT_KEPT = frozenset({0, 1, 2, 3, 4})
+
+
 Checkpoint = tuple[str, str, int, RunWrite]  # app, run_id, fence, write
 
 
 async def commit_runs(c: Conn, b: Batch, calls: list[Checkpoint]) -> list[Refused | None]:
-    """:meth:`PostgresStore.commit_run` for many checkpoints: three round trips, and
-    more only for events and tasks.
+    """:meth:`PostgresStore.commit_run` for many checkpoints: one round trip (three
+    when a run comes twice), and more only for events and tasks.
 
-    Each statement runs once per checkpoint (or entry, or attempt), pipelined
-    (``fetchmany`` / ``executemany``), one after another: first the runs (in key
-    order, so writers lock runs in one order; a run named twice in call order),
-    then all history, then all attempts, only of the runs whose fence held. The
-    result is that of applying the checkpoints one after another.
+    First the runs (in key order, so writers lock runs in one order), then their
+    history, then their attempts, only of the runs whose fence held. The result is
+    that of applying the checkpoints one after another.
     """
     now = time.time()
     order = sorted(range(len(calls)), key=lambda i: (calls[i][0], calls[i][1]))
-    rows = await c.fetchmany(_COMMIT_RUN, [
-        (app, run_id, fence, now, None if w.status is None else str(w.status), w.result,
-         w.error, w.flagged, w.release, i)
-        for i in order
-        for app, run_id, fence, w in (calls[i],)
-    ])
-    applied = {r[0]: r for r in rows}
-    done = [i for i in order if i in applied]
-    history = [
-        (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error, e.error_type,
-         e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
-        for i in done
-        for app, run_id, _, w in (calls[i],)
-        for e in w.entries
-    ]
-    if history:
-        await c.executemany(_UPSERT_HISTORY, history)
-    attempts = [
-        (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
-        for i in done
-        for app, run_id, _, w in (calls[i],)
-        for a in w.attempts
-    ]
-    if attempts:
-        await c.executemany(ops.UPSERT_ATTEMPTS, attempts)
+    if len({(app, run_id) for app, run_id, _, _ in calls}) == len(calls):
+        applied = await _commit_all(c, calls, now)
+    else:
+        applied = await _commit_in_turn(c, calls, order, now)
     out: list[Refused | None] = [None] * len(calls)
     for i in order:
         app, run_id, fence, w = calls[i]
@@ -206,6 +249,67 @@ async def commit_runs(c: Conn, b: Batch, calls: list[Checkpoint]) -> list[Refuse
             b.notify(app, TASKS)
         b.audit(app, audit.checkpoint_entry(run_id, row[1], row[2], w))
     return out
+
+
+async def _commit_all(c: Conn, calls: list[Checkpoint], now: float) -> dict[int, Row]:
+    """The checkpoints of different runs, in one statement (:data:`_COMMIT_ALL`)."""
+    history = [
+        (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error, e.error_type,
+         e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
+        for app, run_id, _, w in calls
+        for e in w.entries
+    ]
+    attempts = [
+        (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
+        for app, run_id, _, w in calls
+        for a in w.attempts
+    ]
+    runs: list[list[Any]] = [[] for _ in range(9)]
+    for i, (app, run_id, fence, w) in enumerate(calls):
+        for col, value in zip(runs, (
+            app, run_id, fence, None if w.status is None else str(w.status), w.result,
+            w.error, w.flagged, w.release, i,
+        ), strict=True):
+            col.append(value)
+    rows = await c.fetch(
+        _COMMIT_ALL, *runs, now,
+        *_merged(history, 15, _HISTORY_KEPT, key=3),
+        *_merged(attempts, 8, _ATTEMPT_KEPT, key=4),
+    )
+    return {r[0]: r for r in rows}
+
+
+async def _commit_in_turn(
+    c: Conn, calls: list[Checkpoint], order: list[int], now: float
+) -> dict[int, Row]:
+    """Checkpoints among which a run comes twice: each statement once per checkpoint
+    (or entry, or attempt), pipelined, in call order."""
+    rows = await c.fetchmany(_COMMIT_RUN, [
+        (app, run_id, fence, now, None if w.status is None else str(w.status), w.result,
+         w.error, w.flagged, w.release, i)
+        for i in order
+        for app, run_id, fence, w in (calls[i],)
+    ])
+    applied: dict[int, Row] = {r[0]: r for r in rows}
+    done = [i for i in order if i in applied]
+    history = [
+        (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error, e.error_type,
+         e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
+        for i in done
+        for app, run_id, _, w in (calls[i],)
+        for e in w.entries
+    ]
+    if history:
+        await c.executemany(_UPSERT_HISTORY, history)
+    attempts = [
+        (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
+        for i in done
+        for app, run_id, _, w in (calls[i],)
+        for a in w.attempts
+    ]
+    if attempts:
+        await c.executemany(ops.UPSERT_ATTEMPTS, attempts)
+    return applied
 
 
 # -- events and deliveries --------------------------------------------------------------

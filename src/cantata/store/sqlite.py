@@ -538,15 +538,16 @@ class SQLiteStore:
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
         rows = await self._t.read(
             lambda c: c.execute(
-                "SELECT grp, status, attempts, next_at, error, updated_at, fence FROM deliveries "
-                "INDEXED BY deliveries_event WHERE app=? AND event_id=? ORDER BY grp",
+                f"SELECT d.grp, d.status, d.attempts, d.next_at, d.error, d.updated_at, "
+                f"d.fence, {E_EVENT_COLS} FROM deliveries d INDEXED BY deliveries_event "
+                "JOIN events e ON e.app=d.app AND e.id=d.event_id "
+                "WHERE d.app=? AND d.event_id=? ORDER BY d.grp",
                 (app, event_id),
             ).fetchall()
         )
         if not rows:
             return []
-        event = await self.get_event(app, event_id)
-        assert event is not None
+        event = event_row(rows[0][7:])
         return [Delivery(r[0], event, r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
