@@ -517,3 +517,34 @@ async def test_two_processes_never_claim_the_same_run(pg_session_url: str) -> No
         assert owners <= {"w0", "w1"}
     finally:
         await store.close()
+
+
+async def test_checkpoints_of_many_runs_in_one_statement(pg_session_url: str) -> None:
+    """Checkpoints of different runs share one statement; a stale fence refuses only
+    its own, and writes none of its history or attempts."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(pg_session_url, writers=1) as store:
+        runs = [(await store.create_run(new_run(app)))[0] for _ in range(4)]
+        sizes = count_transactions(store)
+        results = await asyncio.gather(
+            *(store.commit_run(app, r.run_id, 5 if n == 2 else 0, RunWrite(
+                entries=[entry("a#1", 1, ENTRY_RUNNING), entry("a#1", 9, result=f'"{n}"')],
+                attempts=[Attempt("a#1", 1, 1.0), Attempt("a#1", 1, 7.0, 2.0)],
+                status=RunStatus.RUNNING,
+            )) for n, r in enumerate(runs)),
+            return_exceptions=True,
+        )
+        assert sizes[0] == 4
+        assert [type(x).__name__ for x in results] == ["NoneType"] * 2 + ["LeaseLost", "NoneType"]
+        for n, r in enumerate(runs):
+            got = await store.get_run(app, r.run_id)
+            history = await store.load_history(app, r.run_id)
+            attempts = await store.load_attempts(app, r.run_id)
+            assert got is not None
+            if n == 2:
+                assert got.status == RunStatus.PENDING and history == [] and attempts == []
+                continue
+            assert got.status == RunStatus.RUNNING
+            assert [(h.key, h.seq, h.result) for h in history] == [("a#1", 1, f'"{n}"')]
+            assert attempts == [Attempt("a#1", 1, 1.0, 2.0)]
+        assert (await store.verify_audit(app)).ok
