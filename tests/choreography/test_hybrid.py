@@ -246,7 +246,7 @@ async def test_a_match_behind_many_other_events_of_the_type_is_found(store_url: 
 
     @app.workflow
     async def approve(ctx: WorkflowContext, invoice: str) -> str:
-        ev = await ctx.wait_for_event("invoice.approved", match={"invoice": invoice}, timeout=1)
+        ev = await ctx.wait_for_event("invoice.approved", match={"invoice": invoice}, timeout=10)
         return str(ev.data["by"])
 
     async with app:

@@ -91,6 +91,29 @@ class EventsContract(StoreFixtures):
         assert await ids(since=time.time() + 60) == []
         assert await store.find_events(self.app + "-b", "t.a", since=0, exclude=[], limit=9) == []
 
+    async def test_delivery_states_of_a_group_for_many_events(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.*"), ("h", "order.placed"))
+        placed, paid, other = ev("order.placed"), ev("order.paid"), ev("user.created")
+        await store.append_events(self.app, [placed, paid, other])
+        assert await store.settle_delivery(
+            self.app, "g", paid.id, Settlement("retry", 1, error="E: x", retry_at=1.0)
+        )
+        ids = [placed.id, paid.id, other.id, "never-stored", placed.id]
+        assert await store.delivery_states(self.app, "g", ids) == {
+            placed.id: (DELIVERY_PENDING, 0), paid.id: (DELIVERY_PENDING, 1),
+        }
+        assert await store.delivery_states(self.app, "h", ids) == {
+            placed.id: (DELIVERY_PENDING, 0)
+        }
+        assert await store.settle_delivery(self.app, "h", placed.id, Settlement("done", 1))
+        [(status, _)] = (await store.delivery_states(self.app, "h", [placed.id])).values()
+        assert status == DELIVERY_DONE
+        assert await store.delivery_states(self.app, "g", []) == {}
+        many = [ev("order.placed") for _ in range(600)]  # more than one chunk of ids
+        await store.append_events(self.app, many)
+        got = await store.delivery_states(self.app, "g", [e.id for e in many])
+        assert len(got) == 600
+
     async def test_claim_deliveries_due_only_counting_attempts(self, store: Store) -> None:
         await self.handlers(store, ("g", "order.placed"), ("h", "order.placed"))
         e = ev()

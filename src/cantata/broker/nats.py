@@ -239,6 +239,8 @@ class _NatsSubscription:
         self._capacity = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        # event id -> callers waiting for the group's delivery state (see _delivery_state)
+        self._lookups: dict[str, list[asyncio.Future[tuple[str, int] | None]]] = {}
         self._loops = [
             asyncio.create_task(self._pull(*c), name=f"cantata-nats:{group}:{c[0]}")
             for c in consumers
@@ -339,18 +341,50 @@ class _NatsSubscription:
 
     async def _addressed(self, msg: NatsMessage, event: Event[Any]) -> bool:
         """Whether the store addressed ``event`` to this group; sets ``msg.attempt``."""
-        store = self.broker.store
-        rows = [r for r in await store.deliveries(self.app, event.id) if r.group == self.group]
-        if not rows:
+        state = await self._delivery_state(event.id)
+        if state is None:
             # Stored before the group was declared: the store did not address it here
             # (as with the embedded broker). Not stored at all: it comes from outside.
-            return await store.get_event(self.app, event.id) is None
-        if rows[0].status != DELIVERY_PENDING:
+            return await self.broker.store.get_event(self.app, event.id) is None
+        status, attempts = state
+        if status != DELIVERY_PENDING:
             return False  # handled or dead-lettered: a duplicate (say, a second pattern)
         # nats-server 2.9 sometimes redelivers a nak'ed message with a delivery count
         # of 1: the attempts the store recorded are the floor.
-        msg.attempt = max(msg.attempt, rows[0].attempts + 1)
+        msg.attempt = max(msg.attempt, attempts + 1)
         return True
+
+    def _delivery_state(self, event_id: str) -> asyncio.Future[tuple[str, int] | None]:
+        """This group's delivery of ``event_id`` in the store, looked up together with
+        those of the other messages of the same fetch (one read for the batch)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[str, int] | None] = loop.create_future()
+        if not self._lookups:
+            loop.call_soon(self._look_up)
+        self._lookups.setdefault(event_id, []).append(fut)
+        return fut
+
+    def _look_up(self) -> None:
+        lookups, self._lookups = self._lookups, {}
+        task = asyncio.ensure_future(self._look_up_now(lookups))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _look_up_now(
+        self, lookups: dict[str, list[asyncio.Future[tuple[str, int] | None]]]
+    ) -> None:
+        try:
+            states = await self.broker.store.delivery_states(self.app, self.group, list(lookups))
+        except Exception as exc:
+            for futs in lookups.values():
+                for f in futs:
+                    if not f.done():
+                        f.set_exception(exc)
+            return
+        for event_id, futs in lookups.items():
+            for f in futs:
+                if not f.done():
+                    f.set_result(states.get(event_id))
 
     async def stop(self) -> None:
         """Stop pulling (a fetch under way ends within ``fetch_timeout``), then wait for

@@ -254,6 +254,13 @@ class Store(Protocol):
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
         """The per-group delivery rows of one event."""
 
+    async def delivery_states(
+        self, app: str, group: str, event_ids: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
+        """``event id -> (status, attempts)`` of ``group``'s deliveries of these events;
+        an event not addressed to the group (or not stored) is absent. One read for
+        many events: a broker checks a whole fetched batch at once."""
+
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""
 

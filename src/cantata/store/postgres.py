@@ -322,6 +322,18 @@ class PostgresStore:
         )
         return [delivery_row(r, event_row(r[8:])) for r in rows]
 
+    async def delivery_states(
+        self, app: str, group: str, event_ids: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
+        if not event_ids:
+            return {}
+        rows = await self._db.fetch(
+            "SELECT event_id, status, attempts FROM deliveries WHERE app=$1 AND grp=$2 "
+            "AND event_id = ANY($3::text[])",
+            app, group, list(event_ids),
+        )
+        return {r[0]: (r[1], r[2]) for r in rows}
+
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         rows = await self._db.fetch(
             f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "

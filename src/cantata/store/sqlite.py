@@ -550,6 +550,25 @@ class SQLiteStore:
         event = event_row(rows[0][7:])
         return [Delivery(r[0], event, r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
+    async def delivery_states(
+        self, app: str, group: str, event_ids: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
+        ids = list(dict.fromkeys(event_ids))
+
+        def op(c: sqlite3.Connection) -> dict[str, tuple[str, int]]:
+            out: dict[str, tuple[str, int]] = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                for event_id, status, attempts in c.execute(
+                    "SELECT event_id, status, attempts FROM deliveries WHERE app=? AND grp=? "
+                    f"AND event_id IN ({','.join('?' * len(chunk))})",
+                    (app, group, *chunk),
+                ):
+                    out[event_id] = (status, attempts)
+            return out
+
+        return await self._t.read(op) if ids else {}
+
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         rows = await self._t.read(
             lambda c: c.execute(
