@@ -19,12 +19,14 @@ _LINE = re.compile(r":\d+\)$")
 
 def parse(path: str, exclude: list[str], lines: bool) -> list[tuple[list[str], int]]:
     stacks = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # frames may hold bytes of any encoding
         for raw in f:
             raw = raw.rstrip("\n")
             if not raw:
                 continue
             stack, _, count = raw.rpartition(" ")
+            if not count.isdigit():  # the rest of a frame name that held a line break
+                continue
             if any(x in stack for x in exclude):
                 continue
             frames = stack.split(";")

@@ -101,7 +101,9 @@ class Store(Protocol):
         """Call ``listener(channel)`` when runs, events, cancellations or tasks change.
 
         Backends call it for their own writes and, where the database can say so
-        (PostgreSQL LISTEN/NOTIFY), for other processes' writes too.
+        (PostgreSQL LISTEN/NOTIFY), for other processes' writes too. ``runs`` is
+        called at least when a run nobody owns is created, when a run ends and when
+        its owner lets it go; a backend may leave out the checkpoints in between.
         """
 
     # -- declarations and workers ------------------------------------------------
