@@ -269,3 +269,28 @@ async def test_a_store_outage_while_starting_reaches_the_caller(sqlite_url: str)
         h = await app.start(order, 2)
         assert await h.result(timeout=5) == 2
     assert calls == [2]
+
+
+async def test_a_workflow_that_awaits_before_its_first_step_is_stored_at_once(
+    sqlite_url: str,
+) -> None:
+    """A run is stored with its first checkpoint; a workflow that awaits something else
+    first does not hold ``start`` back: the run is stored on its own then."""
+    app = make_app(sqlite_url)
+    release = asyncio.Event()
+
+    @app.step
+    async def reserve(n: int) -> int:
+        return n
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> int:
+        await release.wait()  # not durable: the run must already be stored
+        return int(await ctx.run(reserve, n))
+
+    async with app:
+        h = await asyncio.wait_for(app.start(order, 3), 2)
+        run = await app.store.get_run(app.name, h.run_id)
+        assert run is not None and run.status in (RunStatus.PENDING, RunStatus.RUNNING)
+        release.set()
+        assert await h.result(timeout=5) == 3

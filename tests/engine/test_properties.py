@@ -147,3 +147,25 @@ def test_replay_after_a_restart_is_equivalent() -> None:
         assert {t for _, _, t in executed} == {token}  # ctx.uuid() replayed, not redrawn
 
     check()
+
+
+def test_ids_are_uuid7_and_sort_by_their_time() -> None:
+    """Ids made later never sort before ids made earlier (by their millisecond), so the
+    rows of runs in flight stay close together in the store's indexes."""
+    import time
+    import uuid
+
+    from cantata.model.codec import new_id
+
+    ids = []
+    for _ in range(2000):
+        ids.append(new_id())
+        if len(ids) % 500 == 0:
+            time.sleep(0.002)
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        u = uuid.UUID(text)
+        assert u.version == 7 and u.variant == uuid.RFC_4122 and u.hex == text
+    stamps = [int(text[:12], 16) for text in ids]
+    assert stamps == sorted(stamps)
+    assert abs(stamps[-1] / 1000 - time.time()) < 5
