@@ -94,7 +94,11 @@ def fmt_seconds(seconds: float) -> str:
 
 
 def _short(ref: str | None) -> str:
-    return "" if not ref else ref[:8]
+    """The end of an id: ids begin with their time (UUIDv7), so it is the part that
+    tells one from its neighbours."""
+    if not ref:
+        return ""
+    return ref if len(ref) <= 9 else f"…{ref[-8:]}"
 
 
 def _clock(at: dt.datetime, now: dt.datetime | None = None) -> str:
