@@ -182,7 +182,7 @@ class RunExecution:
         assert self.created is not None
         try:
             stored, created = await self.engine.store.create_run(self.run, write)
-        except BaseException as exc:
+        except Exception as exc:  # the caller of start() gets it (cancelled: see execute)
             if not self.created.done():
                 self.created.set_exception(exc)
             raise _Abandon() from exc

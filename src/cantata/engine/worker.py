@@ -263,9 +263,7 @@ class Engine:
             if execution.retry_later and self.serving:
                 # This worker still owns the run (and heartbeats), so no other worker
                 # takes it over: execute it again here after a pause.
-                retry = asyncio.ensure_future(self._relaunch_later(run_id))
-                self._tasks.add(retry)
-                retry.add_done_callback(self._tasks.discard)
+                self.track(asyncio.create_task(self._relaunch_later(run_id)))
 
         task.add_done_callback(done)
         return execution
@@ -399,9 +397,7 @@ class Engine:
         elif channel == CANCEL:
             self._runs_pulse.set()
             if self.executions:
-                task = asyncio.ensure_future(self.check_cancellations())
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self.track(asyncio.create_task(self.check_cancellations()))
         elif channel == TASKS:
             for group in self._run_waiters.values():
                 for execution in group:
