@@ -315,6 +315,8 @@ class PgPool:
         now = time.monotonic()
         due = self._replan_at.get(pid)
         if due is None:
+            if len(self._replan_at) > 256:  # connections replaced over time: forget them
+                self._replan_at.clear()
             self._replan_at[pid] = (now + _REPLAN_FIRST, _REPLAN_FIRST)
         elif now >= due[0]:
             every = min(due[1] * 2, _REPLAN_MAX)
