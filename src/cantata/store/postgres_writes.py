@@ -201,8 +201,13 @@ def _merged(
         by_key[k] = row if first is None else tuple(
             first[j] if j in kept else row[j] for j in range(width)
         )
+    return _columns(list(by_key.values()), width)
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column lists (the arrays a statement unnests)."""
     cols: list[list[Any]] = [[] for _ in range(width)]
-    for row in by_key.values():
+    for row in rows:
         for col, value in zip(cols, row, strict=True):
             col.append(value)
     return cols
@@ -260,30 +265,35 @@ async def commit_runs(c: Conn, b: Batch, calls: list[Checkpoint]) -> list[Refuse
     return out
 
 
-async def _commit_all(c: Conn, calls: list[Checkpoint], now: float) -> dict[int, Row]:
-    """The checkpoints of different runs, in one statement (:data:`_COMMIT_ALL`)."""
-    history = [
+def _run_row(i: int, call: Checkpoint) -> tuple[Any, ...]:
+    app, run_id, fence, w = call
+    return (app, run_id, fence, None if w.status is None else str(w.status), w.result,
+            w.error, w.flagged, w.release, i)
+
+
+def _history_rows(calls: list[Checkpoint]) -> list[tuple[Any, ...]]:
+    return [
         (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error, e.error_type,
          e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
         for app, run_id, _, w in calls
         for e in w.entries
     ]
-    attempts = [
+
+
+def _attempt_rows(calls: list[Checkpoint]) -> list[tuple[Any, ...]]:
+    return [
         (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
         for app, run_id, _, w in calls
         for a in w.attempts
     ]
-    runs: list[list[Any]] = [[] for _ in range(9)]
-    for i, (app, run_id, fence, w) in enumerate(calls):
-        for col, value in zip(runs, (
-            app, run_id, fence, None if w.status is None else str(w.status), w.result,
-            w.error, w.flagged, w.release, i,
-        ), strict=True):
-            col.append(value)
+
+
+async def _commit_all(c: Conn, calls: list[Checkpoint], now: float) -> dict[int, Row]:
+    """The checkpoints of different runs, in one statement (:data:`_COMMIT_ALL`)."""
     rows = await c.fetch(
-        _COMMIT_ALL, *runs, now,
-        *_merged(history, 15, _HISTORY_KEPT, key=3),
-        *_merged(attempts, 8, _ATTEMPT_KEPT, key=4),
+        _COMMIT_ALL, *_columns([_run_row(i, call) for i, call in enumerate(calls)], 9), now,
+        *_merged(_history_rows(calls), 15, _HISTORY_KEPT, key=3),
+        *_merged(_attempt_rows(calls), 8, _ATTEMPT_KEPT, key=4),
     )
     return {r[0]: r for r in rows}
 
@@ -294,29 +304,13 @@ async def _commit_in_turn(
     """Checkpoints among which a run comes twice: each statement once per checkpoint
     (or entry, or attempt), pipelined, in call order."""
     rows = await c.fetchmany(_COMMIT_RUN, [
-        (app, run_id, fence, now, None if w.status is None else str(w.status), w.result,
-         w.error, w.flagged, w.release, i)
-        for i in order
-        for app, run_id, fence, w in (calls[i],)
+        (*row[:3], now, *row[3:]) for i in order for row in (_run_row(i, calls[i]),)
     ])
     applied: dict[int, Row] = {r[0]: r for r in rows}
-    done = [i for i in order if i in applied]
-    history = [
-        (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error, e.error_type,
-         e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
-        for i in done
-        for app, run_id, _, w in (calls[i],)
-        for e in w.entries
-    ]
-    if history:
+    done = [calls[i] for i in order if i in applied]
+    if history := _history_rows(done):
         await c.executemany(_UPSERT_HISTORY, history)
-    attempts = [
-        (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
-        for i in done
-        for app, run_id, _, w in (calls[i],)
-        for a in w.attempts
-    ]
-    if attempts:
+    if attempts := _attempt_rows(done):
         await c.executemany(ops.UPSERT_ATTEMPTS, attempts)
     return applied
 
