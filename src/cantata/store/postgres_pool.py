@@ -13,7 +13,6 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from importlib import resources
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -21,12 +20,13 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
+from cantata.store import migrations
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS
 from cantata.store.factory import mask_url
 
 log = logging.getLogger("cantata.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = migrations.latest("postgres")
 DEFAULT_SCHEMA = "cantata"
 NOTIFY_CHANNEL = "cantata_changes"
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -181,9 +181,9 @@ class PgPool:
                     f"the Cantata store in {self.masked_url} has schema version {version}, "
                     f"newer than this Cantata ({SCHEMA_VERSION}); upgrade cantata"
                 )
-            folder = resources.files("cantata.store").joinpath("migrations/postgres")
-            for n in range(version + 1, SCHEMA_VERSION + 1):
-                script = next(f for f in folder.iterdir() if f.name.startswith(f"{n:04d}_"))
+            for n, script in sorted(migrations.scripts("postgres").items()):
+                if n <= version:
+                    continue
                 await conn.execute(script.read_text())
                 await conn.execute("INSERT INTO schema_version VALUES ($1, $2)", n, time.time())
 

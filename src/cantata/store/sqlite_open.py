@@ -10,13 +10,13 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from importlib import resources
 from typing import Any
 
 from cantata.errors import StoreCorrupt, StoreUnavailable
+from cantata.store import migrations
 from cantata.store.sqlite_thread import TxConnection
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = migrations.latest("sqlite")
 STORE_MARK = "cantata-store"
 BUSY_TIMEOUT_MS = 30_000
 
@@ -107,9 +107,9 @@ def migrate(url: str, conn: sqlite3.Connection) -> None:
                 f"{url} has schema version {version}, newer than this Cantata "
                 f"({SCHEMA_VERSION}); upgrade cantata"
             )
-        folder = resources.files("cantata.store").joinpath("migrations/sqlite")
-        for n in range(version + 1, SCHEMA_VERSION + 1):
-            script = next(f for f in folder.iterdir() if f.name.startswith(f"{n:04d}_"))
+        for n, script in sorted(migrations.scripts("sqlite").items()):
+            if n <= version:
+                continue
             for statement in script_statements(script.read_text()):
                 conn.execute(statement)
             conn.execute(
