@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -155,6 +156,11 @@ class App(Router):
         )
         try:
             await broker.open(store)
+            try:
+                await broker.attach(self.name)
+            except BaseException:
+                await broker.close()
+                raise
         except BaseException:
             await store.close()
             raise
@@ -163,6 +169,7 @@ class App(Router):
             self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
             poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
         )
+        self._engine.check_event = functools.partial(broker.check_event, self.name)
         await store.declare(self.name, self._declarations())
         if broker.relays_outbox:
             from cantata.broker.relay import OutboxRelay
@@ -339,6 +346,7 @@ class App(Router):
         with self.hooks.publish(event):
             if self.hooks:
                 event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
+            self.engine.check_event(event)
             counts = await self.store.append_events(self.name, [event])
         self._emitted([event])
         if counts and counts[0] == 0:

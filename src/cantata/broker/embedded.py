@@ -198,6 +198,12 @@ class EmbeddedBroker:
         if channel == EVENTS:
             self.wake()
 
+    async def attach(self, app: str) -> None:
+        """Nothing to prepare: the app's events are in its store."""
+
+    def check_event(self, app: str, event: Event[Any]) -> None:
+        """Nothing to check: the store holds any event it can encode."""
+
     def wake(self) -> None:
         for sub in self._subs:
             sub.wakeup.set()

@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from cantata.broker.base import Broker
-from cantata.errors import error_text
-from cantata.store.base import EVENTS, Store
+from cantata.errors import EventsRefused, error_text
+from cantata.model.codec import new_id
+from cantata.model.event import Event
+from cantata.model.records import DELIVERY_PENDING
+from cantata.store.base import EVENTS, Settlement, Store
 
 log = logging.getLogger("cantata.broker")
 
@@ -21,15 +25,43 @@ log = logging.getLogger("cantata.broker")
 async def relay_once(store: Store, broker: Broker, app: str, limit: int = 500) -> int:
     """Publish up to ``limit`` unpublished events of ``app``, oldest first.
 
+    An event the broker refuses for good (too large, a type it cannot carry) never
+    blocks the others: its pending deliveries are dead-lettered with the broker's
+    reason and it leaves the outbox.
+
     Returns:
-        How many events were published (and marked so).
+        How many events left the outbox (published, or refused and dead-lettered).
     """
     events = await store.unpublished_events(app, limit=limit)
     if not events:
         return 0
-    await broker.publish(app, events)
+    try:
+        await broker.publish(app, events)
+    except EventsRefused as exc:
+        for event in events:
+            if event.id in exc.refused:
+                await dead_letter_refused(store, app, event, exc.refused[event.id])
     await store.mark_published(app, [e.id for e in events])
     return len(events)
+
+
+async def dead_letter_refused(store: Store, app: str, event: Event[Any], reason: str) -> None:
+    """Dead-letter every pending delivery of an event the broker refused."""
+    groups = []
+    for d in await store.deliveries(app, event.id):
+        if d.status != DELIVERY_PENDING:
+            continue
+        settled = await store.settle_delivery(
+            app, d.group, event.id,
+            Settlement("dead", d.attempts, error=reason, dead_letter_id=new_id()),
+        )
+        if settled:
+            groups.append(d.group)
+    log.warning(
+        "the broker refused event %s of type %.80s (%s); dead-lettered for %s",
+        event.id, event.type, reason,
+        f"group(s) {', '.join(groups)}" if groups else "no group (none had it pending)",
+    )
 
 
 class OutboxRelay:

@@ -567,3 +567,29 @@ async def mark_published(c: Conn, b: Batch, app: str, event_ids: Sequence[str]) 
         "UPDATE events SET published=true WHERE app=$1 AND id = ANY($2::text[])",
         app, list(event_ids),
     )
+
+
+async def append_external(
+    c: Conn, b: Batch, app: str, events: Sequence[Event[Any]]
+) -> list[int]:
+    """Store events that came from the broker, marked published and external."""
+    counts = await append(c, b, app, events)
+    await c.execute(
+        "UPDATE events SET published=true, external=true "
+        "WHERE app=$1 AND id = ANY($2::text[]) AND NOT published",
+        app, [e.id for e in events],
+    )
+    return counts
+
+
+async def redrive_events(c: Conn, b: Batch, app: str, stored_before: float, limit: int) -> int:
+    """Hand published events some group still has pending back to the outbox."""
+    status = await c.execute(
+        "UPDATE events SET published=false WHERE app=$1 AND id IN ("
+        " SELECT e.id FROM deliveries d JOIN events e ON e.app=d.app AND e.id=d.event_id"
+        " WHERE d.app=$1 AND d.status='pending' AND e.published AND NOT e.external"
+        " AND e.stored_at < $2 GROUP BY e.id LIMIT $3)",
+        app, stored_before, limit,
+    )
+    b.notify(app, EVENTS)
+    return int(status.split()[-1])

@@ -608,6 +608,36 @@ class SQLiteStore:
             )
         )
 
+    async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        def write(c: sqlite3.Connection) -> list[int]:
+            counts = self._append(c, app, events)
+            c.executemany(
+                "UPDATE events SET published=1, external=1 WHERE app=? AND id=? AND published=0",
+                [(app, e.id) for e in events],
+            )
+            return counts
+
+        return await self._t.write(write, EVENTS)
+
+    async def redrive_events(self, app: str, *, stored_before: float, limit: int) -> int:
+        def write(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "UPDATE events SET published=0 WHERE app=? AND id IN ("
+                " SELECT e.id FROM deliveries d JOIN events e ON e.app=d.app AND e.id=d.event_id"
+                " WHERE d.app=? AND d.status='pending' AND e.published=1 AND e.external=0"
+                " AND e.stored_at < ? GROUP BY e.id LIMIT ?)",
+                (app, app, stored_before, limit),
+            )
+            return cur.rowcount
+
+        return await self._t.write(write, EVENTS)
+
+    async def identity(self) -> str:
+        row = await self._t.read(
+            lambda c: c.execute("SELECT id FROM store_identity").fetchone()
+        )
+        return str(row[0])
+
     # -- tasks ------------------------------------------------------------------------
 
     async def claim_tasks(
