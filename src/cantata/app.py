@@ -382,6 +382,31 @@ class App(Router):
         """Deliveries that failed for good, oldest first."""
         return await self.store.dead_letters(self.name, limit=limit)
 
+    async def redrive(self, older_than: float = 60.0) -> int:
+        """Publish again the events a group has had pending for over ``older_than``
+        seconds (the broker lost them, or they are stuck): the outbox relay sends them
+        to the broker once more; groups that handled them are not bothered.
+
+        Returns:
+            How many events go out again (0 with the embedded broker, which reads
+            pending deliveries straight from the store).
+        """
+        import time
+
+        assert self._broker is not None
+        if not self._broker.relays_outbox:
+            return 0
+        total, batch = 0, 10_000
+        before = time.time() - older_than  # stored_at is wall-clock time
+        while True:
+            n = await self.store.redrive_events(self.name, stored_before=before, limit=batch)
+            total += n
+            if n < batch:
+                break
+        if total and self._relay is not None:
+            self._relay.wake()
+        return total
+
     async def replay(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
         """Redeliver a dead letter to its group (keeping the event's correlation id).
 

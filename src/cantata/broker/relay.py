@@ -91,6 +91,7 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listening = False
+        self._failing = False
 
     async def start(self) -> None:
         """Start relaying in a background task (call from a running event loop)."""
@@ -104,8 +105,9 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name=f"cantata-relay:{self.app}")
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop relaying; a batch being published is finished (and marked) first,
-        unless it takes longer than ``timeout`` seconds."""
+        """Stop relaying; a batch being published is finished (and marked) first and,
+        unless the broker was failing, what the outbox holds then is sent too (so a
+        client that publishes and exits delivers), within ``timeout`` seconds."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -113,8 +115,17 @@ class OutboxRelay:
         self._wakeup.set()
         try:
             await asyncio.wait_for(task, timeout)
+            if not self._failing:
+                await asyncio.wait_for(self._drain(), timeout)
         except TimeoutError:
             log.warning("outbox relay of app %s did not stop in %ss", self.app, timeout)
+        except Exception as exc:  # the events stay in the outbox for the next relay
+            log.warning("outbox relay of app %s: last publish failed (%s)", self.app,
+                        error_text(exc))
+
+    async def _drain(self) -> None:
+        while await relay_once(self.store, self.broker, self.app, self.batch) >= self.batch:
+            pass
 
     def wake(self) -> None:
         """Relay now rather than at the next poll (safe from any thread)."""
@@ -136,7 +147,7 @@ class OutboxRelay:
             self.wake()
 
     async def _run(self) -> None:
-        failing = False
+        failing = self._failing = False
         while not self._stopping.is_set():
             self._wakeup.clear()
             try:
@@ -146,12 +157,12 @@ class OutboxRelay:
                     log.warning(
                         "outbox relay of app %s failed (%s); retrying", self.app, error_text(exc)
                     )
-                failing = True
+                failing = self._failing = True
                 count = 0
             else:
                 if failing:
                     log.info("outbox relay of app %s works again", self.app)
-                failing = False
+                failing = self._failing = False
             if count >= self.batch:
                 continue
             with contextlib.suppress(TimeoutError):
