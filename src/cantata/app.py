@@ -384,28 +384,34 @@ class App(Router):
 
     async def redrive(self, older_than: float = 60.0) -> int:
         """Publish again the events a group has had pending for over ``older_than``
-        seconds (the broker lost them, or they are stuck): the outbox relay sends them
-        to the broker once more; groups that handled them are not bothered.
+        seconds (the broker lost them, or they are stuck); groups that handled them
+        already are not bothered. The broker takes them even if it saw their ids
+        within its duplicate window.
 
         Returns:
-            How many events go out again (0 with the embedded broker, which reads
+            How many events went out again (0 with the embedded broker, which reads
             pending deliveries straight from the store).
         """
         import time
 
-        assert self._broker is not None
-        if not self._broker.relays_outbox:
+        broker = self._broker
+        assert broker is not None
+        if not broker.relays_outbox:
             return 0
-        total, batch = 0, 10_000
+        total, batch = 0, 1000
         before = time.time() - older_than  # stored_at is wall-clock time
         while True:
-            n = await self.store.redrive_events(self.name, stored_before=before, limit=batch)
-            total += n
-            if n < batch:
-                break
-        if total and self._relay is not None:
-            self._relay.wake()
-        return total
+            events = await self.store.redrive_events(
+                self.name, stored_before=before, limit=batch
+            )
+            if events:
+                # Straight to the broker, as new messages; if this fails the outbox
+                # relay publishes them (they are unpublished again).
+                await broker.publish(self.name, events, again=True)
+                await self.store.mark_published(self.name, [e.id for e in events])
+            total += len(events)
+            if len(events) < batch:
+                return total
 
     async def replay(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
         """Redeliver a dead letter to its group (keeping the event's correlation id).

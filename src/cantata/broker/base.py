@@ -97,8 +97,11 @@ class Broker(Protocol):
             PayloadTooLarge: it is larger than the broker carries.
         """
 
-    async def publish(self, app: str, events: Sequence[Event[Any]]) -> None:
-        """Make already-stored events deliverable. Idempotent by event id.
+    async def publish(
+        self, app: str, events: Sequence[Event[Any]], *, again: bool = False
+    ) -> None:
+        """Make already-stored events deliverable. Idempotent by event id, unless
+        ``again`` (a re-drive: send them even if the broker saw their ids before).
 
         Raises:
             EventsRefused: some events can never be carried (the others were

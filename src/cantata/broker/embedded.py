@@ -219,7 +219,9 @@ class EmbeddedBroker:
                 await task
         self._heartbeats.clear()
 
-    async def publish(self, app: str, events: Sequence[Event[Any]]) -> None:
+    async def publish(
+        self, app: str, events: Sequence[Event[Any]], *, again: bool = False
+    ) -> None:
         await self.store.append_events(app, events)
 
     async def subscribe(

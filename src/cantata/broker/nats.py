@@ -89,6 +89,9 @@ class NatsBroker:
             names, so two stores can use one app name on one server.
         max_control_line: the server's ``max_control_line`` if configured other than
             its default (4096 bytes); subjects are checked against it.
+        check_interval: seconds between checks that an app's stream is still the one
+            its consumers were made on (a server that lost its data gets it re-made,
+            and the events the store has pending published again).
     """
 
     relays_outbox = True
@@ -106,6 +109,7 @@ class NatsBroker:
         replicas: int = 1,
         prefix: str = "",
         max_control_line: int = DEFAULT_MAX_CONTROL_LINE,
+        check_interval: float = 5.0,
     ) -> None:
         self.url = url
         self.replicas = max(1, replicas)
@@ -127,6 +131,8 @@ class NatsBroker:
             replicas=self.replicas,
         )
         self._subs: list[NatsSubscription] = []
+        self.check_interval = check_interval
+        self._watches: dict[str, asyncio.Task[None]] = {}
 
     def names(self, app: str) -> Names:
         """Where ``app``'s stream, subjects and consumers are on the server."""
@@ -220,6 +226,10 @@ class NatsBroker:
 
     async def close(self) -> None:
         """Stop every subscription, then disconnect."""
+        watches, self._watches = list(self._watches.values()), {}
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
         subs = list(self._subs)
         if subs:
             await asyncio.gather(*(s.stop() for s in subs), return_exceptions=True)
@@ -251,6 +261,32 @@ class NatsBroker:
 
     def _forget_stream(self, app: str) -> None:
         self._streams.forget(self.names(app))
+
+    def generation(self, app: str) -> int:
+        """How many times ``app``'s stream was found re-made (its consumers with it)."""
+        return self._streams.generations.get(self.names(app).stream, 0)
+
+    def _watch(self, app: str) -> None:
+        if app not in self._watches:
+            self._watches[app] = asyncio.create_task(
+                self._watch_stream(app), name=f"cantata-nats-watch:{app}"
+            )
+
+    async def _watch_stream(self, app: str) -> None:
+        """Notice a stream deleted or re-made (the server lost its data) while the pull
+        loops wait: a pull on a consumer that no longer exists just times out."""
+        names = self.names(app)
+        while True:
+            await asyncio.sleep(self.check_interval)
+            try:
+                if not await self._streams.replaced(self.js, names):
+                    continue
+                log.warning("NATS stream %s at %s is gone or new: re-making it and its "
+                            "consumers", names.stream, self.masked_url)
+                self._forget_stream(app)
+                await self._stream(app)
+            except Exception as exc:  # disconnected, ...: the pull loops report it
+                log.debug("checking stream %s failed: %s", names.stream, error_text(exc))
 
     async def _bind(
         self, app: str, durable: str, subject: str
@@ -302,9 +338,12 @@ class NatsBroker:
         """
         self.limits.check_event(self.names(app), event)
 
-    async def publish(self, app: str, events: Sequence[Event[Any]]) -> None:
+    async def publish(
+        self, app: str, events: Sequence[Event[Any]], *, again: bool = False
+    ) -> None:
         """Publish stored events; the server drops an event id seen in its duplicate
-        window, and the store makes a later duplicate harmless.
+        window (unless ``again``: a re-drive), and the store makes a later duplicate
+        harmless.
 
         Raises:
             EventsRefused: the server refuses some events for good (too large, subject
@@ -327,7 +366,7 @@ class NatsBroker:
         with self._translate(f"publishing {len(events)} event(s) of app {app!r}"):
             stream = await self._stream(app)
             try:
-                await self._send(names, stream, sendable)
+                await self._send(names, stream, sendable, again)
             except Exception as exc:
                 if refusal(exc) is None:
                     self._forget_stream(app)  # it may be gone: look at it again next time
@@ -335,7 +374,7 @@ class NatsBroker:
                 # One of them is refused: send them one by one to learn which.
                 for event, payload in sendable:
                     try:
-                        await self._send(names, stream, [(event, payload)])
+                        await self._send(names, stream, [(event, payload)], again)
                     except Exception as one:
                         reason = refusal(one)
                         if reason is None:
@@ -345,17 +384,19 @@ class NatsBroker:
             raise EventsRefused(refused)
 
     async def _send(
-        self, names: Names, stream: str, batch: Sequence[tuple[Event[Any], bytes]]
+        self, names: Names, stream: str, batch: Sequence[tuple[Event[Any], bytes]],
+        again: bool = False,
     ) -> None:
         # Pipelined: the messages leave in order on the one connection (so the stream
         # keeps that order) and their acks are awaited together, not one round trip
         # per event. If one fails, the caller publishes them all again; the server
         # drops the ids it has already stored.
         js = self.js
+        tail = f":again-{new_id()}" if again else ""
         for i in range(0, len(batch), _PUBLISH_WINDOW):
             await asyncio.gather(*(
                 js.publish(names.event(event.type), payload, stream=stream,
-                           headers={"Nats-Msg-Id": event.id})
+                           headers={"Nats-Msg-Id": event.id + tail})
                 for event, payload in batch[i : i + _PUBLISH_WINDOW]
             ))
 
@@ -388,6 +429,7 @@ class NatsBroker:
                 await self._consumer(app, durable, subject)
         sub = NatsSubscription(self, app, group, handler, concurrency, consumers)
         self._subs.append(sub)
+        self._watch(app)
         return sub
 
     async def redeliver(self, app: str, group: str, event: Event[Any]) -> None:

@@ -179,6 +179,7 @@ class NatsSubscription:
 
     async def _pull(self, durable: str, subject: str, replay: bool) -> None:
         psub: JetStreamContext.PullSubscription | None = None
+        bound = 0  # the broker's generation of the stream psub was bound on
         failures = 0
         try:
             while not self._stopping.is_set():
@@ -190,8 +191,13 @@ class NatsSubscription:
                 self._busy += want
                 msgs: list[Msg] = []
                 try:
+                    generation = self.broker.generation(self.app)
+                    if psub is not None and generation != bound:  # the stream was re-made
+                        await self._unbind(psub)
+                        psub = None
                     if psub is None:
                         psub = await self.broker._bind(self.app, durable, subject)
+                        bound = generation
                     msgs = await psub.fetch(want, timeout=self.broker.fetch_timeout)
                     failures = 0
                 except TimeoutError:  # no message in time (or a reconnect under way)

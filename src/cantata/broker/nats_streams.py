@@ -88,6 +88,9 @@ class Streams:
         self.max_age = max_age
         self.replicas = replicas
         self._known: set[str] = set()
+        self._created: dict[str, object] = {}  # stream -> its creation time (incarnation)
+        # stream -> how many times it was found re-made: consumers bound before are gone
+        self.generations: dict[str, int] = {}
         self._identity: str | None = None
 
     def forget(self, names: Names) -> None:
@@ -96,6 +99,14 @@ class Streams:
 
     def clear(self) -> None:
         self._known.clear()
+
+    async def replaced(self, js: JetStreamContext, names: Names) -> bool:
+        """Whether the stream is gone or another one (created since) took its name."""
+        try:
+            info = await js.stream_info(names.stream)
+        except nats.js.errors.NotFoundError:
+            return True
+        return self._created.get(names.stream, info.created) != info.created
 
     async def ensure(self, js: JetStreamContext, store: Store, names: Names) -> str:
         """The app's stream, created (and its lost events re-driven) if missing.
@@ -119,6 +130,9 @@ class Streams:
         self._check(names, owner, me)
         if not owner.complete:
             await self._redrive(js, store, names, info, me)
+        if self._created.setdefault(names.stream, info.created) != info.created:
+            self._created[names.stream] = info.created
+            self.generations[names.stream] = self.generations.get(names.stream, 0) + 1
         self._known.add(names.stream)
         return names.stream
 
@@ -165,7 +179,9 @@ class Streams:
         total = 0
         before = time.time() + _CLOCK_MARGIN
         while True:
-            n = await store.redrive_events(names.app, stored_before=before, limit=_REDRIVE_BATCH)
+            n = len(await store.redrive_events(
+                names.app, stored_before=before, limit=_REDRIVE_BATCH
+            ))
             total += n
             if n < _REDRIVE_BATCH:
                 break

@@ -96,7 +96,6 @@ def dlq_redrive(
 
     async def go() -> None:
         async with the_app.client():
-            # Closing the client sends what the outbox holds (see OutboxRelay.stop).
             n = await the_app.redrive(older_than=seconds)
         if n:
             console.print(f"re-drove {n} event(s) pending for over {older_than}")

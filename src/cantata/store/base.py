@@ -288,13 +288,15 @@ class Store(Protocol):
         published and external in the same transaction: the outbox relay never sends
         them back and :meth:`redrive_events` leaves them alone."""
 
-    async def redrive_events(self, app: str, *, stored_before: float, limit: int) -> int:
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
         """Outbox: hand back to the outbox (unpublished) up to ``limit`` published events
         stored before ``stored_before`` that some group has still pending (the broker
         lost them, or an operator re-drives them); never external events.
 
         Returns:
-            How many events the outbox relay will publish again.
+            The events the outbox relay will publish again, oldest first.
         """
 
     async def identity(self) -> str:

@@ -389,7 +389,9 @@ class PostgresStore:
             return []
         return await self._w.run(lambda c, b: writes.append_external(c, b, app, events))
 
-    async def redrive_events(self, app: str, *, stored_before: float, limit: int) -> int:
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
         return await self._w.run(
             lambda c, b: writes.redrive_events(c, b, app, stored_before, limit)
         )

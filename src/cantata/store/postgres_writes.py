@@ -582,14 +582,17 @@ async def append_external(
     return counts
 
 
-async def redrive_events(c: Conn, b: Batch, app: str, stored_before: float, limit: int) -> int:
+async def redrive_events(
+    c: Conn, b: Batch, app: str, stored_before: float, limit: int
+) -> list[Event[Any]]:
     """Hand published events some group still has pending back to the outbox."""
-    status = await c.execute(
-        "UPDATE events SET published=false WHERE app=$1 AND id IN ("
-        " SELECT e.id FROM deliveries d JOIN events e ON e.app=d.app AND e.id=d.event_id"
-        " WHERE d.app=$1 AND d.status='pending' AND e.published AND NOT e.external"
-        " AND e.stored_at < $2 GROUP BY e.id LIMIT $3)",
+    rows = await c.fetch(
+        "UPDATE events SET published=false WHERE app=$1 AND seq IN ("
+        " SELECT seq FROM events WHERE app=$1 AND published AND NOT external"
+        " AND stored_at < $2 AND id IN (SELECT event_id FROM deliveries"
+        " WHERE app=$1 AND status='pending') ORDER BY seq LIMIT $3)"
+        f" RETURNING seq, {EVENT_COLS}",
         app, stored_before, limit,
     )
     b.notify(app, EVENTS)
-    return int(status.split()[-1])
+    return [ops.event_row(tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]

@@ -619,16 +619,20 @@ class SQLiteStore:
 
         return await self._t.write(write, EVENTS)
 
-    async def redrive_events(self, app: str, *, stored_before: float, limit: int) -> int:
-        def write(c: sqlite3.Connection) -> int:
-            cur = c.execute(
-                "UPDATE events SET published=0 WHERE app=? AND id IN ("
-                " SELECT e.id FROM deliveries d JOIN events e ON e.app=d.app AND e.id=d.event_id"
-                " WHERE d.app=? AND d.status='pending' AND e.published=1 AND e.external=0"
-                " AND e.stored_at < ? GROUP BY e.id LIMIT ?)",
-                (app, app, stored_before, limit),
-            )
-            return cur.rowcount
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
+        def write(c: sqlite3.Connection) -> list[Event[Any]]:
+            rows = c.execute(
+                f"SELECT {EVENT_COLS} FROM events WHERE app=? AND published=1 AND external=0"
+                " AND stored_at < ? AND id IN (SELECT event_id FROM deliveries"
+                " WHERE app=? AND status='pending') ORDER BY seq LIMIT ?",
+                (app, stored_before, app, limit),
+            ).fetchall()
+            events = [event_row(r) for r in rows]
+            c.executemany("UPDATE events SET published=0 WHERE app=? AND id=?",
+                          [(app, e.id) for e in events])
+            return events
 
         return await self._t.write(write, EVENTS)
 
