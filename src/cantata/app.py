@@ -18,7 +18,7 @@ from cantata.engine.handle import RunHandle
 from cantata.engine.hooks import Hook, Hooks
 from cantata.engine.registry import Router, workflow_name
 from cantata.engine.worker import Engine, new_worker_id
-from cantata.errors import ConfigurationError, UnknownWorkflow
+from cantata.errors import ConfigurationError, StoreReadOnly, UnknownWorkflow
 from cantata.model import codec
 from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
@@ -170,7 +170,14 @@ class App(Router):
             poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
         )
         self._engine.check_event = functools.partial(broker.check_event, self.name)
-        await store.declare(self.name, self._declarations())
+        declarations = self._declarations()
+        if declarations:
+            try:
+                await store.declare(self.name, declarations)
+            except StoreReadOnly:
+                if serve:
+                    raise
+                # A client of a read-only store can still read (runs, trace, dlq list).
         if broker.relays_outbox:
             from cantata.broker.relay import OutboxRelay
 

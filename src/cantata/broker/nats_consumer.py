@@ -23,16 +23,18 @@ from nats.js import JetStreamContext
 
 from cantata.broker.base import Handler
 from cantata.broker.nats_names import digest
-from cantata.errors import InvalidEvent, error_text
+from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING
 from cantata.store.base import Settlement, Store
+from cantata.store.faults import RateLimitedLog
 
 if TYPE_CHECKING:
     from cantata.broker.nats import NatsBroker
 
 log = logging.getLogger("cantata.broker")
+quiet = RateLimitedLog(log)  # storage faults: one line now and then, no tracebacks
 
 INVALID_TYPE = "cantata.broker.invalid-payload"  # type of the stand-in for a garbage payload
 _MAX_INVALID_TEXT = 64 * 1024
@@ -265,11 +267,20 @@ class NatsSubscription:
             try:
                 await self.handler(msg)
             except Exception as exc:
-                log.exception("handler of group %s crashed on a message", self.group)
+                if isinstance(exc, StoreError):  # a storage fault: one line, not a flood
+                    quiet.warning(f"settle:{self.group}", "group %s could not record a "
+                                  "message (%s); NATS redelivers it", self.group,
+                                  error_text(exc))
+                else:
+                    log.exception("handler of group %s crashed on a message", self.group)
                 if not msg.settled:
                     await msg.retry(error_text(exc), 1.0)
-        except Exception:
-            log.exception("settling a message of group %s failed", self.group)
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                quiet.warning(f"settle:{self.group}", "settling a message of group %s failed "
+                              "(%s); NATS redelivers it", self.group, error_text(exc))
+            else:
+                log.exception("settling a message of group %s failed", self.group)
         finally:
             if key is not None:
                 self.broker._handling.discard(key)

@@ -23,6 +23,7 @@ from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.store import migrations
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS
 from cantata.store.factory import mask_url
+from cantata.store.faults import postgres_fault
 
 log = logging.getLogger("cantata.store")
 
@@ -296,6 +297,11 @@ class PgPool:
                 f"lost the connection to PostgreSQL at {self.masked_url} "
                 f"({type(exc).__name__}: {exc}); the operation may not have been applied"
             ) from exc
+        except asyncpg.PostgresError as exc:
+            fault = postgres_fault(exc, self.masked_url)  # disk full, read-only, damaged
+            if fault is None:
+                raise
+            raise fault from None
         finally:
             self._inflight -= 1
             if self._inflight == 0:
