@@ -96,7 +96,7 @@ async def _read_then_write(path: Path) -> None:
     try:
         assert await store.apps() == ["shop"]
         assert len(await store.unpublished_events("shop", limit=10)) == 1
-        with pytest.raises(StoreReadOnly, match="read-only.*reading works"):
+        with pytest.raises(StoreReadOnly, match=r"read-only.*reading works"):
             await store.append_events("shop", [Event("order.placed", {"n": 2})])
     finally:
         await store.close()
@@ -131,10 +131,7 @@ async def test_a_store_truncated_to_zero_bytes_is_refused_not_set_up_again(
 ) -> None:
     path = tmp_path / "shop.db"
     await _store_with_data(path)
-    for side in (f"{path}-wal", f"{path}-shm"):
-        if os.path.exists(side):
-            os.remove(side)
-    os.truncate(path, 0)
+    _truncate(path)
     app = App("shop", store=f"sqlite:///{path}")
     with pytest.raises(StoreCorrupt, match=r"is empty \(0 bytes\).*truncated"):
         async with app:
@@ -145,16 +142,27 @@ async def test_a_store_truncated_to_zero_bytes_is_refused_not_set_up_again(
 async def test_a_damaged_store_is_store_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "shop.db"
     await _store_with_data(path)
-    with open(path, "r+b") as f:  # overwrite everything after the header page
-        f.seek(4096)
-        f.write(os.urandom(max(0, path.stat().st_size - 4096)) or b"\xff" * 4096)
+    _damage(path)
     store = SQLiteStore(str(path))
-    with pytest.raises(StoreCorrupt, match="damaged|not a usable"):
+    with pytest.raises(StoreCorrupt, match=r"damaged|not a usable"):
         await store.open()
         try:
             await store.unpublished_events("shop", limit=10)
         finally:
             await store.close()
+
+
+def _truncate(path: Path) -> None:
+    for side in (f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(side):
+            os.remove(side)
+    os.truncate(path, 0)
+
+
+def _damage(path: Path) -> None:
+    with open(path, "r+b") as f:  # overwrite everything after the header page
+        f.seek(4096)
+        f.write(os.urandom(max(0, path.stat().st_size - 4096)) or b"\xff" * 4096)
 
 
 def test_store_errors_are_logged_without_tracebacks(

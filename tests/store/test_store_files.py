@@ -46,7 +46,7 @@ def test_query_commands_never_create_a_store(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, command: tuple[str, ...]
 ) -> None:
     path = tmp_path / "typo.db"
-    code, out, err = cli(capsys, *command, "--app", "shop", "--store", f"sqlite:///{path}")
+    code, _, err = cli(capsys, *command, "--app", "shop", "--store", f"sqlite:///{path}")
     assert code == 1
     assert err.startswith(f"cantata: error: store file {path} does not exist")
     assert "cantata worker" in err and "\n" not in err.strip()
