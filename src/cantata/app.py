@@ -18,7 +18,12 @@ from cantata.engine.handle import RunHandle
 from cantata.engine.hooks import Hook, Hooks
 from cantata.engine.registry import Router, workflow_name
 from cantata.engine.worker import Engine, new_worker_id
-from cantata.errors import ConfigurationError, StoreReadOnly, UnknownWorkflow
+from cantata.errors import (
+    ConfigurationError,
+    EventsRefused,
+    StoreReadOnly,
+    UnknownWorkflow,
+)
 from cantata.model import codec
 from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
@@ -414,7 +419,16 @@ class App(Router):
             if events:
                 # Straight to the broker, as new messages; if this fails the outbox
                 # relay publishes them (they are unpublished again).
-                await broker.publish(self.name, events, again=True)
+                try:
+                    await broker.publish(self.name, events, again=True)
+                except EventsRefused as exc:
+                    from cantata.broker.relay import dead_letter_refused
+
+                    for event in events:
+                        if event.id in exc.refused:
+                            await dead_letter_refused(
+                                self.store, self.name, event, exc.refused[event.id]
+                            )
                 await self.store.mark_published(self.name, [e.id for e in events])
             total += len(events)
             if len(events) < batch:

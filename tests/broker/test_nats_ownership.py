@@ -112,3 +112,28 @@ def test_prefix_changes_stream_subject_and_consumer_names() -> None:
 def test_bad_prefixes_are_configuration_errors(url: str) -> None:
     with pytest.raises(ConfigurationError, match="prefix"):
         broker_from_url(url)
+
+
+async def test_a_stream_made_before_owners_were_recorded_is_adopted(
+    nats_url: str, tmp_path: Path
+) -> None:
+    from nats.js.api import StreamConfig
+
+    name = app_name("legacy")
+    names = Names(name)
+    handled: list[str] = []
+    async with streams_removed(nats_url, name):
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(name=names.stream, subjects=[f"{names.subjects}.>"]))
+            app = shop(name, f"sqlite:///{tmp_path}/prod.db", nats_url, handled)
+            async with app:
+                event = await app.publish("order.placed", {"n": 1})
+                await eventually(lambda: handled == [event.id], what="the event handled")
+                store_id = await app.store.identity()
+            info = await js.stream_info(names.stream)
+        finally:
+            await nc.close()
+    assert info.config.description is not None
+    assert store_id in info.config.description and '"complete": true' in info.config.description
