@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -17,7 +18,12 @@ from cantata.engine.handle import RunHandle
 from cantata.engine.hooks import Hook, Hooks
 from cantata.engine.registry import Router, workflow_name
 from cantata.engine.worker import Engine, new_worker_id
-from cantata.errors import ConfigurationError, UnknownWorkflow
+from cantata.errors import (
+    ConfigurationError,
+    EventsRefused,
+    StoreReadOnly,
+    UnknownWorkflow,
+)
 from cantata.model import codec
 from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
@@ -155,6 +161,11 @@ class App(Router):
         )
         try:
             await broker.open(store)
+            try:
+                await broker.attach(self.name)
+            except BaseException:
+                await broker.close()
+                raise
         except BaseException:
             await store.close()
             raise
@@ -163,7 +174,15 @@ class App(Router):
             self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
             poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
         )
-        await store.declare(self.name, self._declarations())
+        self._engine.check_event = functools.partial(broker.check_event, self.name)
+        declarations = self._declarations()
+        if declarations:
+            try:
+                await store.declare(self.name, declarations)
+            except StoreReadOnly:
+                if serve:
+                    raise
+                # A client of a read-only store can still read (runs, trace, dlq list).
         if broker.relays_outbox:
             from cantata.broker.relay import OutboxRelay
 
@@ -339,6 +358,7 @@ class App(Router):
         with self.hooks.publish(event):
             if self.hooks:
                 event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
+            self.engine.check_event(event)
             counts = await self.store.append_events(self.name, [event])
         self._emitted([event])
         if counts and counts[0] == 0:
@@ -373,6 +393,46 @@ class App(Router):
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Deliveries that failed for good, oldest first."""
         return await self.store.dead_letters(self.name, limit=limit)
+
+    async def redrive(self, older_than: float = 60.0) -> int:
+        """Publish again the events a group has had pending for over ``older_than``
+        seconds (the broker lost them, or they are stuck); groups that handled them
+        already are not bothered. The broker takes them even if it saw their ids
+        within its duplicate window.
+
+        Returns:
+            How many events went out again (0 with the embedded broker, which reads
+            pending deliveries straight from the store).
+        """
+        import time
+
+        broker = self._broker
+        assert broker is not None
+        if not broker.relays_outbox:
+            return 0
+        total, batch = 0, 1000
+        before = time.time() - older_than  # stored_at is wall-clock time
+        while True:
+            events = await self.store.redrive_events(
+                self.name, stored_before=before, limit=batch
+            )
+            if events:
+                # Straight to the broker, as new messages; if this fails the outbox
+                # relay publishes them (they are unpublished again).
+                try:
+                    await broker.publish(self.name, events, again=True)
+                except EventsRefused as exc:
+                    from cantata.broker.relay import dead_letter_refused
+
+                    for event in events:
+                        if event.id in exc.refused:
+                            await dead_letter_refused(
+                                self.store, self.name, event, exc.refused[event.id]
+                            )
+                await self.store.mark_published(self.name, [e.id for e in events])
+            total += len(events)
+            if len(events) < batch:
+                return total
 
     async def replay(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
         """Redeliver a dead letter to its group (keeping the event's correlation id).

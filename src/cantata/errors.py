@@ -106,6 +106,36 @@ class BrokerError(CantataError):
     code = "broker"
 
 
+class StoreFull(StoreError):
+    """The store's disk (or database quota) is full: free space and retry."""
+
+    code = "store_full"
+
+
+class StoreReadOnly(StoreError):
+    """The store can be read but not written (read-only file, folder or database)."""
+
+    code = "store_read_only"
+
+
+class PayloadTooLarge(CantataError):
+    """An event (or argument, result) is larger than the limit that applies to it."""
+
+    code = "payload_too_large"
+
+
+class EventsRefused(BrokerError):
+    """The broker refused some events of a publish for good (size, subject): the
+    others were published. ``refused`` maps each refused event id to the reason."""
+
+    code = "events_refused"
+
+    def __init__(self, refused: dict[str, str]) -> None:
+        self.refused = refused
+        first = next(iter(refused.values()), "")
+        super().__init__(f"the broker refused {len(refused)} event(s): {first}")
+
+
 # -- workflow outcomes ----------------------------------------------------------
 
 

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import shutil
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import nats.js.errors
@@ -31,6 +26,7 @@ from cantata.broker.nats import (
 from cantata.errors import BrokerError, ConfigurationError
 from cantata.model.event import Event
 from cantata.store.factory import store_from_url
+from tests.broker.nats_support import Server, free_port
 from tests.contract.broker_contract import BrokerContract, Env
 
 
@@ -108,13 +104,6 @@ def test_factory_without_nats_py_says_what_to_install(monkeypatch: pytest.Monkey
 # -- connecting ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def test_unreachable_server_raises_broker_error_naming_the_masked_url() -> None:
     port = free_port()
     broker = NatsBroker(
@@ -133,59 +122,6 @@ async def test_unreachable_server_raises_broker_error_naming_the_masked_url() ->
     assert f"nats://alice:***@127.0.0.1:{port}" in message
     assert "s3cret" not in message
     await broker.close()
-
-
-class Server:
-    """A nats-server of this test's own, which it may stop and start again."""
-
-    def __init__(self, binary: str, store_dir: Path, jetstream: bool) -> None:
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.args = [binary, "-a", "127.0.0.1", "-p", str(self.port)]
-        if jetstream:
-            self.args += ["-js", "-sd", str(store_dir)]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    binary = shutil.which("nats-server")
-    if binary is None:
-        message = "nats-server is not on PATH"
-        if os.environ.get("CANTATA_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{message} and CANTATA_REQUIRE_SERVICES=1")
-        pytest.skip(f"{message}; install it to run this test")
-    servers: list[Server] = []
-
-    def make(jetstream: bool = True) -> Server:
-        server = Server(binary, tmp_path / f"js{len(servers)}", jetstream)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 @pytest.mark.nats

@@ -526,3 +526,62 @@ class BrokerContract:
         )
         await env.quiet()
         assert len(env.got("billing")) == 1
+        # Stored to list its dead letter, as an event from outside: never sent back.
+        assert await env.store.unpublished_events(env.app, limit=10) == []
+        assert await env.store.redrive_events(
+            env.app, stored_before=time.time() + 60, limit=10
+        ) == []
+
+    # -- what the broker refuses, re-drives ---------------------------------------------
+
+    async def test_attach_is_repeatable_and_accepted_events_are_delivered(
+        self, env: Env
+    ) -> None:
+        await env.broker.attach(env.app)
+        await env.broker.attach(env.app)
+        await env.subscribe("billing", ["order.placed"])
+        event = ev("order.placed", subject="order-1")
+        env.broker.check_event(env.app, event)  # a plain event is always accepted
+        await env.publish(event)
+        await env.until("the delivery", lambda: env.handled("billing") == [event.id])
+
+    async def test_what_check_event_refuses_is_a_cantata_error(self, env: Env) -> None:
+        from cantata.errors import CantataError
+
+        huge = ev("order." + "x" * 10_000)
+        try:
+            env.broker.check_event(env.app, huge)
+        except CantataError as exc:
+            assert "10006" in str(exc) or "bytes" in str(exc)
+        else:  # accepted: then it must travel like any other
+            await env.subscribe("billing", ["order.*"])
+            await env.publish(huge)
+            await env.until("the long type", lambda: env.handled("billing") == [huge.id])
+
+    async def test_publishing_again_does_not_handle_a_settled_delivery_twice(
+        self, env: Env
+    ) -> None:
+        await env.subscribe("billing", ["order.placed"])
+        [event] = await env.publish(ev("order.placed"))
+        await env.until("the delivery", lambda: env.handled("billing") == [event.id])
+        await env.broker.publish(env.app, [event], again=True)
+        await env.quiet()
+        assert env.handled("billing") == [event.id]
+
+    async def test_publishing_again_delivers_a_pending_delivery(self, env: Env) -> None:
+        calls: list[int] = []
+
+        async def fail_first(msg: BrokerMessage) -> Any:
+            calls.append(msg.attempt)
+            if len(calls) == 1:
+                await msg.retry("ValueError: later", 3600)  # parked for an hour
+                return None
+            return await msg.complete()
+
+        await env.subscribe("billing", ["order.placed"], fail_first)
+        [event] = await env.publish(ev("order.placed"))
+        await env.until("the first attempt", lambda: len(calls) == 1)
+        if not env.broker.relays_outbox:
+            return  # the store holds the schedule: nothing to re-drive
+        await env.broker.publish(env.app, [event], again=True)
+        await env.until("the re-driven delivery", lambda: env.handled("billing") == [event.id])

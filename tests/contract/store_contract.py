@@ -35,11 +35,12 @@ from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, Settlement, Store
 from tests.contract.store_contract_audit import AuditContract
 from tests.contract.store_contract_events import EventsContract
+from tests.contract.store_contract_outbox import OutboxContract
 from tests.contract.store_contract_tasks import TasksContract
 from tests.contract.store_support import entry, ev, eventually, json_values, new_run
 
 
-class StoreContract(EventsContract, TasksContract, AuditContract):
+class StoreContract(EventsContract, TasksContract, AuditContract, OutboxContract):
     """Behaviour every store backend must have.
 
     Subclasses override :meth:`make_store` and :meth:`tamper`.

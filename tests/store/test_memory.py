@@ -33,3 +33,14 @@ async def test_memory_stores_are_private() -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_every_store_has_its_own_identity() -> None:
+    a, b = store_from_url("memory://"), store_from_url("memory://")
+    await a.open()
+    await b.open()
+    try:
+        assert await a.identity() != await b.identity()
+    finally:
+        await a.close()
+        await b.close()

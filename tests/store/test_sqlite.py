@@ -19,6 +19,7 @@ from cantata.errors import StoreCorrupt
 from cantata.model.event import Event
 from cantata.model.records import AuditReport, RunRecord, RunWrite, TaskRecord
 from cantata.model.status import RunStatus
+from cantata.store import migrations
 from cantata.store.base import Store
 from cantata.store.sqlite import SQLiteStore
 from cantata.store.sqlite_open import STORE_MARK, script_statements
@@ -152,7 +153,7 @@ async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         version = conn.execute("SELECT value FROM cantata_meta WHERE key='schema_version'")
-        assert version.fetchone()[0] == "2"
+        assert version.fetchone()[0] == str(migrations.latest("sqlite"))
     finally:
         conn.close()
 

@@ -80,8 +80,33 @@ class Broker(Protocol):
     async def close(self) -> None:
         """Stop every subscription and disconnect."""
 
-    async def publish(self, app: str, events: Sequence[Event[Any]]) -> None:
-        """Make already-stored events deliverable. Idempotent by event id."""
+    async def attach(self, app: str) -> None:
+        """Prepare what ``app`` needs on the broker (a stream), once opened.
+
+        Raises:
+            BrokerError: it belongs to another store (two environments sharing one app
+                name on one server); the message names both.
+        """
+
+    def check_event(self, app: str, event: Event[Any]) -> None:
+        """Raise if the broker would refuse ``event`` (its size or type), so it is
+        refused where it is made, before it is stored.
+
+        Raises:
+            InvalidEvent: the broker cannot carry its type.
+            PayloadTooLarge: it is larger than the broker carries.
+        """
+
+    async def publish(
+        self, app: str, events: Sequence[Event[Any]], *, again: bool = False
+    ) -> None:
+        """Make already-stored events deliverable. Idempotent by event id, unless
+        ``again`` (a re-drive: send them even if the broker saw their ids before).
+
+        Raises:
+            EventsRefused: some events can never be carried (the others were
+                published); the outbox relay dead-letters them with the reason.
+        """
 
     async def subscribe(
         self,

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cantata.broker.base import Handler
-from cantata.errors import BrokerError
+from cantata.errors import BrokerError, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, check_pattern
 from cantata.model.records import Declaration, Delivery
 from cantata.store.base import EVENTS, Settlement, Store
+from cantata.store.faults import RateLimitedLog
 
 log = logging.getLogger("cantata.broker")
+quiet = RateLimitedLog(log)  # storage faults: one line now and then, no tracebacks
 
 
 @dataclass(slots=True)
@@ -101,7 +103,8 @@ class _EmbeddedSubscription:
                         stale_before=now - self.broker.lease, limit=free,
                     )
                 except Exception as exc:  # the store may be restarting: keep going
-                    log.warning("claiming deliveries for group %s failed: %s", self.group, exc)
+                    quiet.warning(f"claim:{self.group}", "claiming deliveries for group %s "
+                                  "failed (%s); retrying", self.group, error_text(exc))
                     await asyncio.sleep(self.broker.poll_interval)
                     continue
             for delivery in claimed:
@@ -120,9 +123,15 @@ class _EmbeddedSubscription:
             try:
                 await self.handler(msg)
             except Exception as exc:
-                log.exception(
-                    "handler of group %s crashed on event %s", self.group, delivery.event.id
-                )
+                if isinstance(exc, StoreError):  # a storage fault: one line, not a flood
+                    quiet.warning(f"settle:{self.group}", "group %s could not record event "
+                                  "%s (%s); it is retried", self.group, delivery.event.id,
+                                  error_text(exc))
+                else:
+                    log.exception(
+                        "handler of group %s crashed on event %s", self.group,
+                        delivery.event.id,
+                    )
                 if not msg.settled:
                     await msg.retry(f"{type(exc).__name__}: {exc}", 1.0)
             else:
@@ -133,8 +142,13 @@ class _EmbeddedSubscription:
                         self.group, delivery.event.id,
                     )
                     await msg.retry("RuntimeError: the handler did not settle the message", 1.0)
-        except Exception:
-            log.exception("settling event %s for group %s failed", delivery.event.id, self.group)
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                quiet.warning(f"settle:{self.group}", "settling event %s for group %s failed "
+                              "(%s)", delivery.event.id, self.group, error_text(exc))
+            else:
+                log.exception("settling event %s for group %s failed", delivery.event.id,
+                              self.group)
         finally:
             self.wakeup.set()
 
@@ -198,6 +212,12 @@ class EmbeddedBroker:
         if channel == EVENTS:
             self.wake()
 
+    async def attach(self, app: str) -> None:
+        """Nothing to prepare: the app's events are in its store."""
+
+    def check_event(self, app: str, event: Event[Any]) -> None:
+        """Nothing to check: the store holds any event it can encode."""
+
     def wake(self) -> None:
         for sub in self._subs:
             sub.wakeup.set()
@@ -213,7 +233,9 @@ class EmbeddedBroker:
                 await task
         self._heartbeats.clear()
 
-    async def publish(self, app: str, events: Sequence[Event[Any]]) -> None:
+    async def publish(
+        self, app: str, events: Sequence[Event[Any]], *, again: bool = False
+    ) -> None:
         await self.store.append_events(app, events)
 
     async def subscribe(

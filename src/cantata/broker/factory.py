@@ -1,4 +1,4 @@
-"""Open a broker by URL: ``embedded`` (the default) or ``nats://host:4222``."""
+"""Open a broker by URL: ``embedded`` (the default) or ``nats://host:4222[?prefix=NAME]``."""
 
 from __future__ import annotations
 
@@ -39,10 +39,15 @@ def broker_from_url(url: str) -> Broker:
             raise ConfigurationError(
                 f"broker URL {mask_url(url)!r}: replicas must be a whole number"
             ) from None
+        prefix = options.pop("prefix", "")
         if options:
             raise ConfigurationError(
                 f"broker URL {mask_url(url)!r} has unknown option(s) {sorted(options)}: "
-                "only ?replicas=N is understood"
+                "only ?replicas=N and ?prefix=NAME are understood"
             )
-        return NatsBroker(base, replicas=replicas)
+        if not prefix and "prefix=" in query:
+            raise ConfigurationError(
+                f"broker URL {mask_url(url)!r}: prefix is empty; use ?prefix=NAME"
+            )
+        return NatsBroker(base, replicas=replicas, prefix=prefix)
     raise ConfigurationError(f"unknown broker URL {mask_url(url)!r}: {_FORMS}")

@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from cantata.broker.base import Broker
-from cantata.errors import error_text
-from cantata.store.base import EVENTS, Store
+from cantata.errors import EventsRefused, error_text
+from cantata.model.codec import new_id
+from cantata.model.event import Event
+from cantata.model.records import DELIVERY_PENDING
+from cantata.store.base import EVENTS, Settlement, Store
 
 log = logging.getLogger("cantata.broker")
 
@@ -21,15 +25,43 @@ log = logging.getLogger("cantata.broker")
 async def relay_once(store: Store, broker: Broker, app: str, limit: int = 500) -> int:
     """Publish up to ``limit`` unpublished events of ``app``, oldest first.
 
+    An event the broker refuses for good (too large, a type it cannot carry) never
+    blocks the others: its pending deliveries are dead-lettered with the broker's
+    reason and it leaves the outbox.
+
     Returns:
-        How many events were published (and marked so).
+        How many events left the outbox (published, or refused and dead-lettered).
     """
     events = await store.unpublished_events(app, limit=limit)
     if not events:
         return 0
-    await broker.publish(app, events)
+    try:
+        await broker.publish(app, events)
+    except EventsRefused as exc:
+        for event in events:
+            if event.id in exc.refused:
+                await dead_letter_refused(store, app, event, exc.refused[event.id])
     await store.mark_published(app, [e.id for e in events])
     return len(events)
+
+
+async def dead_letter_refused(store: Store, app: str, event: Event[Any], reason: str) -> None:
+    """Dead-letter every pending delivery of an event the broker refused."""
+    groups = []
+    for d in await store.deliveries(app, event.id):
+        if d.status != DELIVERY_PENDING:
+            continue
+        settled = await store.settle_delivery(
+            app, d.group, event.id,
+            Settlement("dead", d.attempts, error=reason, dead_letter_id=new_id()),
+        )
+        if settled:
+            groups.append(d.group)
+    log.warning(
+        "the broker refused event %s of type %.80s (%s); dead-lettered for %s",
+        event.id, event.type, reason,
+        f"group(s) {', '.join(groups)}" if groups else "no group (none had it pending)",
+    )
 
 
 class OutboxRelay:
@@ -59,6 +91,7 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listening = False
+        self._failing = False
 
     async def start(self) -> None:
         """Start relaying in a background task (call from a running event loop)."""
@@ -72,8 +105,9 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name=f"cantata-relay:{self.app}")
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop relaying; a batch being published is finished (and marked) first,
-        unless it takes longer than ``timeout`` seconds."""
+        """Stop relaying; a batch being published is finished (and marked) first and,
+        unless the broker was failing, what the outbox holds then is sent too (so a
+        client that publishes and exits delivers), within ``timeout`` seconds."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -81,8 +115,17 @@ class OutboxRelay:
         self._wakeup.set()
         try:
             await asyncio.wait_for(task, timeout)
+            if not self._failing:
+                await asyncio.wait_for(self._drain(), timeout)
         except TimeoutError:
             log.warning("outbox relay of app %s did not stop in %ss", self.app, timeout)
+        except Exception as exc:  # the events stay in the outbox for the next relay
+            log.warning("outbox relay of app %s: last publish failed (%s)", self.app,
+                        error_text(exc))
+
+    async def _drain(self) -> None:
+        while await relay_once(self.store, self.broker, self.app, self.batch) >= self.batch:
+            pass
 
     def wake(self) -> None:
         """Relay now rather than at the next poll (safe from any thread)."""
@@ -104,7 +147,7 @@ class OutboxRelay:
             self.wake()
 
     async def _run(self) -> None:
-        failing = False
+        failing = self._failing = False
         while not self._stopping.is_set():
             self._wakeup.clear()
             try:
@@ -114,12 +157,12 @@ class OutboxRelay:
                     log.warning(
                         "outbox relay of app %s failed (%s); retrying", self.app, error_text(exc)
                     )
-                failing = True
+                failing = self._failing = True
                 count = 0
             else:
                 if failing:
                     log.info("outbox relay of app %s works again", self.app)
-                failing = False
+                failing = self._failing = False
             if count >= self.batch:
                 continue
             with contextlib.suppress(TimeoutError):

@@ -141,7 +141,7 @@ class Consumer:
         hooks = self.engine.hooks
         ctx = HandlerContext(
             self.engine.app, hdef.group, event, f"cantata/{self.engine.app}/{hdef.group}",
-            traceparent=hooks.traceparent if hooks else None,
+            traceparent=hooks.traceparent if hooks else None, check=self.engine.check_event,
         )
         ctx.attempt = msg.attempt
         started = time.perf_counter()

@@ -24,6 +24,7 @@ class HandlerContext:
         event: Event[Any],
         source: str,
         traceparent: Callable[[], str | None] | None = None,
+        check: Callable[[Event[Any]], None] | None = None,
     ) -> None:
         self.app = app
         self.group = group
@@ -32,6 +33,7 @@ class HandlerContext:
         self._source = source
         self.emitted: list[Event[Any]] = []
         self._traceparent = traceparent
+        self._check = check
 
     @property
     def correlation_id(self) -> str:
@@ -51,5 +53,7 @@ class HandlerContext:
             causation_id=self.event.id,
             traceparent=(self._traceparent and self._traceparent()) or self.event.traceparent,
         )
+        if self._check is not None:
+            self._check(event)  # what the broker would refuse fails the handler here
         self.emitted.append(event)
         return event

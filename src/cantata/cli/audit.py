@@ -6,12 +6,11 @@ import os
 
 import typer
 
-from cantata.app import DEFAULT_STORE
 from cantata.errors import CantataError, ConfigurationError
 from cantata.model.records import AuditReport
-from cantata.store.factory import mask_url, store_from_url
+from cantata.store.factory import mask_url
 
-from .common import client_app, console, run
+from .common import client_app, console, existing_store, run, store_url
 from .runs import AppOpt, StoreOpt
 
 
@@ -36,8 +35,8 @@ def verify(app: AppOpt = None, store: StoreOpt = None) -> None:
             the_app = client_app(app, store)
             async with the_app.client():
                 return the_app.name, await the_app.store.verify_audit(the_app.name)
-        url = store or os.environ.get("CANTATA_STORE", DEFAULT_STORE)
-        s = store_from_url(url)
+        url = store_url(store)
+        s = existing_store(url)
         await s.open()
         try:
             names = await s.apps()

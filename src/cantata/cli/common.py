@@ -15,6 +15,8 @@ from rich.console import Console
 
 from cantata.app import DEFAULT_STORE, App
 from cantata.errors import ConfigurationError
+from cantata.store.base import Store
+from cantata.store.factory import store_from_url
 
 T = TypeVar("T")
 
@@ -58,11 +60,41 @@ def load_app(spec: str) -> App:
     return obj
 
 
+def store_url(store: str | None) -> str:
+    """The store URL a command uses: ``--store``, else ``$CANTATA_STORE``, else the
+    default; an empty one is an error, not the default.
+
+    Raises:
+        ConfigurationError: ``--store`` or ``$CANTATA_STORE`` is empty.
+    """
+    if store is not None:
+        if not store.strip():
+            raise ConfigurationError(
+                "--store is empty: give a store URL such as sqlite:///cantata.db or "
+                "postgresql://user@host/db"
+            )
+        return store
+    env = os.environ.get("CANTATA_STORE")
+    if env is not None and not env.strip():
+        raise ConfigurationError(
+            "CANTATA_STORE is set but empty: unset it or give a store URL such as "
+            "sqlite:///cantata.db"
+        )
+    return env or DEFAULT_STORE
+
+
+def existing_store(url: str) -> Store:
+    """The store a query command reads: a SQLite file must exist already (a typo in a
+    path must not create a new, empty store)."""
+    return store_from_url(url, create=False)
+
+
 def client_app(app: str | None, store: str | None) -> App:
     """The app a query command works on.
 
     ``app`` is either ``module:attribute`` (the user's App is imported) or just the
     app's name (a bare App is enough to read the store); ``store`` overrides the URL.
+    The store must exist (see :func:`existing_store`).
     """
     spec = app or os.environ.get("CANTATA_APP")
     if not spec:
@@ -71,10 +103,12 @@ def client_app(app: str | None, store: str | None) -> App:
         )
     if ":" in spec:
         loaded = load_app(spec)
-        if store:
-            loaded.configure(store=store)
+        if store is not None:
+            loaded.configure(store=existing_store(store_url(store)))
+        elif isinstance(loaded._store_spec, str):
+            loaded.configure(store=existing_store(loaded._store_spec))
         return loaded
-    return App(spec, store=store or os.environ.get("CANTATA_STORE", DEFAULT_STORE))
+    return App(spec, store=existing_store(store_url(store)))
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import client_app, console, operator, parse_json, run
+from .common import client_app, console, operator, parse_duration, parse_json, run
 from .runs import AppOpt, StoreOpt
 
 
@@ -16,6 +16,7 @@ def register(cli: typer.Typer) -> None:
     dlq = typer.Typer(help="Dead letters: list and replay.", no_args_is_help=True)
     dlq.command("list")(dlq_list)
     dlq.command("replay")(dlq_replay)
+    dlq.command("redrive")(dlq_redrive)
     cli.add_typer(dlq, name="dlq")
 
 
@@ -77,5 +78,29 @@ def dlq_replay(
         async with the_app.client():
             dl = await the_app.replay(dead_letter_id, actor=operator())
             console.print(f"redelivering {dl.event.type} {dl.event.id} to group {dl.group}")
+
+    run(go)
+
+
+def dlq_redrive(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Only deliveries pending this long (90s, 5m).")
+    ] = "60s",
+    app: AppOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Publish again the events a group has had pending too long (after the broker lost
+    its data); groups that handled them already are not bothered."""
+    the_app = client_app(app, store)
+    seconds = parse_duration(older_than)
+
+    async def go() -> None:
+        async with the_app.client():
+            n = await the_app.redrive(older_than=seconds)
+        if n:
+            console.print(f"re-drove {n} event(s) pending for over {older_than}")
+        else:
+            console.print(f"nothing to re-drive: no event pending for over {older_than} "
+                          "(or the broker reads the store directly)")
 
     run(go)

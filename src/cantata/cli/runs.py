@@ -21,6 +21,7 @@ from .common import (
     operator,
     parse_json,
     run,
+    store_url,
 )
 
 AppOpt = Annotated[
@@ -69,8 +70,8 @@ def start(
 ) -> None:
     """Start a workflow run (a worker must be running to execute it)."""
     the_app = load_app(app)
-    if store:
-        the_app.configure(store=store)
+    if store is not None:
+        the_app.configure(store=store_url(store))
     if input is not None and args is not None:
         raise ConfigurationError("give either --input JSON or --args JSON-LIST, not both")
     values: list[Any] = []

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .common import console, load_app
+from .common import console, load_app, store_url
 
 
 def register(cli: typer.Typer) -> None:
@@ -28,8 +28,8 @@ def worker(
 ) -> None:
     """Run a worker: resume unfinished runs, execute new ones, handle events."""
     the_app = load_app(app)
-    if store:
-        the_app.configure(store=store)
+    if store is not None:
+        the_app.configure(store=store_url(store))
     if broker:
         the_app.configure(broker=broker)
     if service:

@@ -204,6 +204,7 @@ class WorkflowContext:
             causation_id=x.run.run_id,
             traceparent=x.engine.traceparent_for(x.run),
         )
+        x.engine.check_event(event)
         now = x.engine.clock.now()
         entry = x.new_entry(key, EMIT, type, ENTRY_COMPLETED, result=event.to_json().decode(),
                             started_at=now, ended_at=now)

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +112,8 @@ class Engine:
         # (monotonic time, patterns every service declared): the orphan check's cache
         self.declared_patterns: tuple[float, list[str]] | None = None
         self.task_server: TaskServer | None = None
+        # Raises if the broker would refuse an event (the App sets the broker's check).
+        self.check_event: Callable[[Event[Any]], None] = lambda event: None
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------

@@ -283,6 +283,26 @@ class Store(Protocol):
     async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
         """Outbox: these events reached the external broker."""
 
+    async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Store events that came from the broker, as :meth:`append_events` does, marked
+        published and external in the same transaction: the outbox relay never sends
+        them back and :meth:`redrive_events` leaves them alone."""
+
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
+        """Outbox: hand back to the outbox (unpublished) up to ``limit`` published events
+        stored before ``stored_before`` that some group has still pending (the broker
+        lost them, or an operator re-drives them); never external events.
+
+        Returns:
+            The events the outbox relay will publish again, oldest first.
+        """
+
+    async def identity(self) -> str:
+        """This store's id, made once when the store was created (a broker records it
+        on what it creates for an app, to tell two stores of one app name apart)."""
+
     # -- tasks (steps served by another service) -----------------------------------
 
     async def claim_tasks(

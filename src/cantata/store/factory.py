@@ -10,15 +10,24 @@ from cantata.store.base import Store
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not parseable (postgresql://[bad): hide whatever is after '//'
+        head, sep, rest = url.partition("://")
+        return f"{head}{sep}{'***' if '@' in rest else rest}"
+    if password:
+        netloc = parts.netloc.replace(f":{password}@", ":***@")
         return parts._replace(netloc=netloc).geturl()
     return url
 
 
-def store_from_url(url: str) -> Store:
+def store_from_url(url: str, *, create: bool = True) -> Store:
     """Build (not open) the store a URL names.
+
+    Args:
+        create: a SQLite file that does not exist is created on open (``False``:
+            opening it fails, naming the path; for commands that only query a store).
 
     Raises:
         ConfigurationError: the URL's scheme is unknown or its form is wrong.
@@ -48,8 +57,16 @@ def store_from_url(url: str) -> Store:
             raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///cantata.db")
         opts = parse_qs(query)
         synchronous = opts.get("synchronous", ["FULL"])[0]
-        return SQLiteStore(path, synchronous=synchronous, url=url)
+        return SQLiteStore(path, synchronous=synchronous, url=url, create=create)
     if scheme in ("postgresql", "postgres"):
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises for a port that is not a number
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"store URL {mask_url(url)!r} is malformed ({exc}): use "
+                "postgresql://user:password@host:5432/database"
+            ) from None
         try:
             from cantata.store.postgres import PostgresStore
         except ImportError as exc:

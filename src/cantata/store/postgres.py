@@ -384,6 +384,23 @@ class PostgresStore:
             return
         await self._w.run(lambda c, b: writes.mark_published(c, b, app, event_ids))
 
+    async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        if not events:
+            return []
+        return await self._w.run(lambda c, b: writes.append_external(c, b, app, events))
+
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
+        return await self._w.run(
+            lambda c, b: writes.redrive_events(c, b, app, stored_before, limit)
+        )
+
+    async def identity(self) -> str:
+        row = await self._db.fetchrow("SELECT id FROM store_identity")
+        assert row is not None  # made by the migration that created the table
+        return str(row[0])
+
     # -- tasks ------------------------------------------------------------------------
 
     async def claim_tasks(

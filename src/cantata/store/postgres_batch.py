@@ -47,6 +47,7 @@ import asyncpg
 from cantata.errors import StoreUnavailable
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
+from cantata.store.faults import postgres_fault
 from cantata.store.postgres_pool import CONN_ERRORS, NOTIFY_CHANNEL, Conn, PgPool
 
 log = logging.getLogger("cantata.store")
@@ -224,6 +225,10 @@ class BatchWriter:
                 if isinstance(exc, _RETRY_ERRORS) and retries < MAX_RETRIES:
                     retries += 1
                     log.info("store write batch: %s; running it again", exc)
+                elif (fault := postgres_fault(exc, self._db.masked_url)) is not None:
+                    for i in todo:  # disk full, read-only: every write fails alike
+                        i.error = fault
+                    todo = []
                 elif bad is None:  # a grouped call failed: find out whose share did it
                     grouped = False
                 else:

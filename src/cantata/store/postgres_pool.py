@@ -23,6 +23,7 @@ from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.store import migrations
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS
 from cantata.store.factory import mask_url
+from cantata.store.faults import postgres_fault
 
 log = logging.getLogger("cantata.store")
 
@@ -152,7 +153,15 @@ class PgPool:
                 ) from None
 
     async def _migrate(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
-        """Bring the schema to SCHEMA_VERSION; concurrent processes wait on one lock."""
+        """Bring the schema to SCHEMA_VERSION; concurrent processes wait on one lock.
+
+        A current schema is only read, so a read-only server (a standby) opens.
+        """
+        table = f'"{self.schema}".schema_version'
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            current = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")
+            if current == SCHEMA_VERSION:
+                return
         async with conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))", f"cantata-migrate:{self.schema}"
@@ -199,6 +208,9 @@ class PgPool:
                 f"lost PostgreSQL at {self.masked_url} while migrating: {exc}"
             ) from None
         except asyncpg.PostgresError as exc:
+            fault = postgres_fault(exc, self.masked_url)  # disk full, read-only server
+            if fault is not None:
+                raise fault from None
             raise StoreCorrupt(
                 f"cannot create Cantata's tables in schema {self.schema!r} of "
                 f"{self.masked_url}: {exc}"
@@ -296,6 +308,11 @@ class PgPool:
                 f"lost the connection to PostgreSQL at {self.masked_url} "
                 f"({type(exc).__name__}: {exc}); the operation may not have been applied"
             ) from exc
+        except asyncpg.PostgresError as exc:
+            fault = postgres_fault(exc, self.masked_url)  # disk full, read-only, damaged
+            if fault is None:
+                raise
+            raise fault from None
         finally:
             self._inflight -= 1
             if self._inflight == 0:

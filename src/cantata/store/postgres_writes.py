@@ -567,3 +567,32 @@ async def mark_published(c: Conn, b: Batch, app: str, event_ids: Sequence[str]) 
         "UPDATE events SET published=true WHERE app=$1 AND id = ANY($2::text[])",
         app, list(event_ids),
     )
+
+
+async def append_external(
+    c: Conn, b: Batch, app: str, events: Sequence[Event[Any]]
+) -> list[int]:
+    """Store events that came from the broker, marked published and external."""
+    counts = await append(c, b, app, events)
+    await c.execute(
+        "UPDATE events SET published=true, external=true "
+        "WHERE app=$1 AND id = ANY($2::text[]) AND NOT published",
+        app, [e.id for e in events],
+    )
+    return counts
+
+
+async def redrive_events(
+    c: Conn, b: Batch, app: str, stored_before: float, limit: int
+) -> list[Event[Any]]:
+    """Hand published events some group still has pending back to the outbox."""
+    rows = await c.fetch(
+        "UPDATE events SET published=false WHERE app=$1 AND seq IN ("
+        " SELECT seq FROM events WHERE app=$1 AND published AND NOT external"
+        " AND stored_at < $2 AND id IN (SELECT event_id FROM deliveries"
+        " WHERE app=$1 AND status='pending') ORDER BY seq LIMIT $3)"
+        f" RETURNING seq, {EVENT_COLS}",
+        app, stored_before, limit,
+    )
+    b.notify(app, EVENTS)
+    return [ops.event_row(tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]

@@ -45,6 +45,7 @@ from cantata.store.base import (
     Settlement,
     TraceRecords,
 )
+from cantata.store.faults import sqlite_fault
 from cantata.store.sqlite_open import connect
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
@@ -80,10 +81,16 @@ class SQLiteStore:
         path: file path, or ``":memory:"`` for a private in-memory database.
         synchronous: SQLite ``synchronous`` setting; ``FULL`` (the default) fsyncs
             every commit, so a committed checkpoint survives power loss.
+        create: make the file if it does not exist (``False``: opening a missing file
+            is an error, as for the CLI's query commands).
     """
 
-    def __init__(self, path: str, *, synchronous: str = "FULL", url: str | None = None) -> None:
+    def __init__(
+        self, path: str, *, synchronous: str = "FULL", url: str | None = None,
+        create: bool = True,
+    ) -> None:
         self.path = path
+        self.create = create
         self.url = url or f"sqlite:///{path}"
         self.synchronous = synchronous.upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -98,12 +105,14 @@ class SQLiteStore:
     # -- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the file (creating it), switch to WAL and migrate."""
+        """Open the file (creating it if allowed), switch to WAL and migrate; a file
+        that cannot be written is opened read-only (writes then raise StoreReadOnly)."""
         if self._thread is not None:
             return
         thread = ConnectionThread(
-            lambda: connect(self.path, self.url, self.synchronous), self._notify,
-            name=f"cantata-sqlite:{self.path}",
+            lambda: connect(self.path, self.url, self.synchronous, create=self.create),
+            self._notify, name=f"cantata-sqlite:{self.path}",
+            translate=lambda exc: sqlite_fault(exc, self.path),
         )
         thread.start()
         self._thread = thread
@@ -607,6 +616,40 @@ class SQLiteStore:
                 "UPDATE events SET published=1 WHERE app=? AND id=?", [(app, i) for i in ids]
             )
         )
+
+    async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        def write(c: sqlite3.Connection) -> list[int]:
+            counts = self._append(c, app, events)
+            c.executemany(
+                "UPDATE events SET published=1, external=1 WHERE app=? AND id=? AND published=0",
+                [(app, e.id) for e in events],
+            )
+            return counts
+
+        return await self._t.write(write, EVENTS)
+
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
+        def write(c: sqlite3.Connection) -> list[Event[Any]]:
+            rows = c.execute(
+                f"SELECT {EVENT_COLS} FROM events WHERE app=? AND published=1 AND external=0"
+                " AND stored_at < ? AND id IN (SELECT event_id FROM deliveries"
+                " WHERE app=? AND status='pending') ORDER BY seq LIMIT ?",
+                (app, stored_before, app, limit),
+            ).fetchall()
+            events = [event_row(r) for r in rows]
+            c.executemany("UPDATE events SET published=0 WHERE app=? AND id=?",
+                          [(app, e.id) for e in events])
+            return events
+
+        return await self._t.write(write, EVENTS)
+
+    async def identity(self) -> str:
+        row = await self._t.read(
+            lambda c: c.execute("SELECT id FROM store_identity").fetchone()
+        )
+        return str(row[0])
 
     # -- tasks ------------------------------------------------------------------------
 

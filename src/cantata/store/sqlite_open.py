@@ -7,27 +7,50 @@ them once), with the version kept in ``cantata_meta``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cantata.errors import StoreCorrupt, StoreUnavailable
+from cantata.errors import StoreCorrupt, StoreFull, StoreReadOnly, StoreUnavailable
 from cantata.store import migrations
+from cantata.store.faults import sqlite_fault
 from cantata.store.sqlite_thread import TxConnection
 
 SCHEMA_VERSION = migrations.latest("sqlite")
 STORE_MARK = "cantata-store"
 BUSY_TIMEOUT_MS = 30_000
+_EMPTY_GRACE = 1.0  # seconds an empty file may take to get its header (a concurrent open)
 
 
-def connect(path: str, url: str, synchronous: str) -> TxConnection:
-    """Open ``path`` (creating it), refuse foreign files, switch to WAL and migrate.
+def connect(path: str, url: str, synchronous: str, *, create: bool = True) -> TxConnection:
+    """Open ``path``, refuse foreign or emptied files, switch to WAL and migrate.
+
+    A file that cannot be written (read-only file, folder or file system) is opened
+    read-only when its schema is current: reading works, writes raise StoreReadOnly.
 
     Raises:
-        StoreUnavailable: the file cannot be opened.
-        StoreCorrupt: it is not a (compatible) Cantata store.
+        StoreUnavailable: the file cannot be opened (or is missing and ``create`` is
+            false).
+        StoreCorrupt: it is not a (compatible) Cantata store, or it is empty.
+        StoreFull: the disk is full.
+        StoreReadOnly: it needs a migration but cannot be written.
     """
+    if path != ":memory:":
+        check_file(path, url, create)
+    new = path != ":memory:" and not os.path.exists(path)
+    try:
+        return _connect(path, url, synchronous)
+    except BaseException:
+        if new:
+            _remove_empty(path)  # a failed creation must not leave an "emptied" store
+        raise
+
+
+def _connect(path: str, url: str, synchronous: str) -> TxConnection:
     try:
         conn = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False,
@@ -39,16 +62,20 @@ def connect(path: str, url: str, synchronous: str) -> TxConnection:
             "is writable"
         ) from None
     try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if path != ":memory:":
-            # Refuse another application's file before WAL (a persistent change) touches it.
-            retry_locked(lambda: refuse_foreign(url, conn))
-            retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
-        conn.execute(f"PRAGMA synchronous = {synchronous}")
-        conn.execute("PRAGMA foreign_keys = OFF")
-        retry_locked(lambda: migrate(url, conn))
-    except sqlite3.DatabaseError as exc:
+        try:
+            _set_up(conn, path, url, synchronous)
+        except sqlite3.Error as exc:
+            fault = sqlite_fault(exc, path)
+            if path == ":memory:" or not isinstance(fault, (StoreReadOnly, StoreUnavailable)):
+                raise
+            # A read-only folder or file system: SQLite cannot make the WAL's side files.
+            conn.close()
+            conn = _open_read_only(path, url)
+    except sqlite3.Error as exc:
         conn.close()
+        fault = sqlite_fault(exc, path)
+        if isinstance(fault, (StoreFull, StoreReadOnly, StoreUnavailable)):
+            raise fault from None
         raise StoreCorrupt(
             f"{url} is not a usable SQLite database ({exc}); point CANTATA_STORE at "
             "another file, or move this one aside if it is damaged"
@@ -57,6 +84,83 @@ def connect(path: str, url: str, synchronous: str) -> TxConnection:
         conn.close()
         raise
     return conn
+
+
+def _remove_empty(path: str) -> None:
+    try:
+        if os.path.getsize(path) != 0:
+            return  # it holds something: leave it alone
+    except OSError:
+        return
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(OSError):
+            os.remove(name)
+
+
+def check_file(path: str, url: str, create: bool) -> None:
+    """Refuse a missing file (unless creating) and an empty one (a truncated store
+    must not silently become a new, empty store)."""
+    if not os.path.exists(path):
+        if not create:
+            raise StoreUnavailable(
+                f"store file {os.path.abspath(path)} does not exist ({url}): check --store "
+                "or CANTATA_STORE; a worker (cantata worker, App(...)) or cantata demo "
+                "creates a new store"
+            )
+        return
+    # A process creating the file right now leaves it empty for a moment.
+    deadline = time.monotonic() + _EMPTY_GRACE
+    while os.path.getsize(path) == 0:
+        wal = f"{path}-wal"
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            return  # its content is still in the write-ahead log
+        if time.monotonic() > deadline:
+            raise StoreCorrupt(
+                f"store file {os.path.abspath(path)} is empty (0 bytes): it is not a Cantata "
+                "store, or it was truncated. Restore it from a backup, or delete it to "
+                "start a new, empty store"
+            )
+        time.sleep(0.05)
+
+
+def _set_up(conn: TxConnection, path: str, url: str, synchronous: str) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if path != ":memory:":
+        # Refuse another application's file before WAL (a persistent change) touches it.
+        retry_locked(lambda: refuse_foreign(url, conn))
+        retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA foreign_keys = OFF")
+    retry_locked(lambda: migrate(url, conn))
+
+
+def _open_read_only(path: str, url: str) -> TxConnection:
+    """Open an existing store for reading only; its schema must be current."""
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+    last: sqlite3.Error | None = None
+    # immutable=1: no side files at all (read-only media; nobody may write meanwhile).
+    for suffix in ("", "&immutable=1"):
+        conn = sqlite3.connect(
+            uri + suffix, uri=True, isolation_level=None, check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000, factory=TxConnection,
+        )
+        try:
+            refuse_foreign(url, conn)
+            version = _version(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            last = exc
+            continue
+        if version is None or version < SCHEMA_VERSION:
+            conn.close()
+            raise StoreReadOnly(
+                f"store {url} needs its schema brought to version {SCHEMA_VERSION} but "
+                "it is read-only: make the file and its folder writable"
+            )
+        _check_version(url, version)
+        return conn
+    assert last is not None
+    raise last
 
 
 def retry_locked(fn: Callable[[], Any]) -> Any:
@@ -82,8 +186,33 @@ def refuse_foreign(url: str, conn: sqlite3.Connection) -> set[str]:
     return tables
 
 
+def _version(conn: sqlite3.Connection) -> int | None:
+    """The schema version of an opened file (``None``: not set up yet)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "cantata_meta" not in tables:
+        return None
+    row = conn.execute("SELECT value FROM cantata_meta WHERE key='schema_version'").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _check_version(url: str, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreCorrupt(
+            f"{url} has schema version {version}, newer than this Cantata "
+            f"({SCHEMA_VERSION}); upgrade cantata"
+        )
+
+
 def migrate(url: str, conn: sqlite3.Connection) -> None:
-    """Create or upgrade the schema to :data:`SCHEMA_VERSION` in one transaction."""
+    """Create or upgrade the schema to :data:`SCHEMA_VERSION` in one transaction.
+
+    A current schema is only read (so a read-only file opens).
+    """
+    current = _version(conn)
+    if current is not None:
+        _check_version(url, current)
+        if current == SCHEMA_VERSION:
+            return
     conn.execute("BEGIN IMMEDIATE")
     try:
         tables = refuse_foreign(url, conn)
@@ -102,11 +231,7 @@ def migrate(url: str, conn: sqlite3.Connection) -> None:
             conn.execute("SELECT value FROM cantata_meta WHERE key='schema_version'")
             .fetchone()[0]
         )
-        if version > SCHEMA_VERSION:
-            raise StoreCorrupt(
-                f"{url} has schema version {version}, newer than this Cantata "
-                f"({SCHEMA_VERSION}); upgrade cantata"
-            )
+        _check_version(url, version)
         for n, script in sorted(migrations.scripts("sqlite").items()):
             if n <= version:
                 continue

@@ -74,9 +74,11 @@ class ConnectionThread:
         connect: Callable[[], TxConnection],
         on_commit: Callable[[set[str]], None],
         name: str,
+        translate: Callable[[BaseException], BaseException | None] = lambda exc: None,
     ) -> None:
         self._connect = connect
         self._on_commit = on_commit
+        self._translate = translate  # storage faults -> Cantata errors (see store.faults)
         self._queue: queue.SimpleQueue[_Item | _Stop] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._ready = threading.Event()
@@ -97,16 +99,26 @@ class ConnectionThread:
         stop = _Stop()
         self._queue.put(stop)
         stop.done.wait(timeout=30)
+        self._thread.join(timeout=30)  # the file is closed once close() returns
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` outside any write transaction."""
-        result: T = await self._submit(fn, write=False, channels=())
+        try:
+            result: T = await self._submit(fn, write=False, channels=())
+        except sqlite3.Error as exc:
+            raise self._fault(exc) from None
         return result
 
     async def write(self, fn: Callable[[sqlite3.Connection], T], *channels: str) -> T:
         """Run ``fn`` in the next group-committed transaction."""
-        result: T = await self._submit(fn, write=True, channels=channels)
+        try:
+            result: T = await self._submit(fn, write=True, channels=channels)
+        except sqlite3.Error as exc:
+            raise self._fault(exc) from None
         return result
+
+    def _fault(self, exc: sqlite3.Error) -> BaseException:
+        return self._translate(exc) or exc
 
     def _submit(self, fn: Op, write: bool, channels: tuple[str, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,346 @@
+"""The consuming side of the NATS broker: one delivery, and one group's pull loops.
+
+The store stays the source of truth: a stored event is handed to a group only while
+the store has it pending for that group (a delivery row), as with the embedded
+broker; an event from outside (not in the store) is handed over as it is, and stored
+if it is dead-lettered. Settling writes the store first, then acks, so a lost ack
+only causes a redelivery the store recognises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from cantata.broker.base import Handler
+from cantata.broker.nats_names import digest
+from cantata.errors import InvalidEvent, StoreError, error_text
+from cantata.model.codec import new_id
+from cantata.model.event import Event
+from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING
+from cantata.store.base import Settlement, Store
+from cantata.store.faults import RateLimitedLog
+
+if TYPE_CHECKING:
+    from cantata.broker.nats import NatsBroker
+
+log = logging.getLogger("cantata.broker")
+quiet = RateLimitedLog(log)  # storage faults: one line now and then, no tracebacks
+
+INVALID_TYPE = "cantata.broker.invalid-payload"  # type of the stand-in for a garbage payload
+_MAX_INVALID_TEXT = 64 * 1024
+
+
+class NatsMessage:
+    """One JetStream delivery of one event to one group."""
+
+    def __init__(
+        self, msg: Msg, store: Store, app: str, group: str, attempt: int, where: str
+    ) -> None:
+        self.group = group
+        self.raw: bytes = msg.data
+        self.attempt = attempt
+        self.settled = False
+        self._msg = msg
+        self._store = store
+        self._app = app
+        self._where = where  # "stream:sequence", names the stand-in of a garbage payload
+        self.event: Event[Any] | None
+        self.error: str | None
+        try:
+            self.event, self.error = Event.from_json(msg.data), None
+        except InvalidEvent as exc:  # "not JSON: ...", "not a CloudEvent: missing ..."
+            self.event, self.error = None, str(exc)
+        except Exception as exc:  # anything odd inside the JSON
+            self.event, self.error = None, f"not a valid event: {error_text(exc)}"
+
+    async def complete(self, emitted: Sequence[Event[Any]] = ()) -> bool:
+        """Mark handled and append ``emitted`` in the store, then ack.
+
+        An invalid payload cannot be handled: it is dead-lettered and ``False`` returned.
+        """
+        if self.event is None:
+            await self.dead(f"InvalidEvent: {self.error}")
+            return False
+        self.settled = True
+        done = await self._store.settle_delivery(
+            self._app, self.group, self.event.id,
+            Settlement("done", self.attempt, list(emitted)),
+        )
+        await self._ack("ack")
+        return done
+
+    async def retry(self, error: str, delay: float) -> None:
+        self.settled = True
+        if self.event is not None:
+            recorded = await self._store.settle_delivery(
+                self._app, self.group, self.event.id,
+                Settlement("retry", self.attempt, error=error, retry_at=time.time() + delay),
+            )
+            if not recorded:  # handled meanwhile by another delivery: nothing to retry
+                await self._ack("ack")
+                return
+        await self._ack("nak", delay)
+
+    async def dead(self, error: str) -> None:
+        self.settled = True
+        event = await self._stored(self.event or self._stand_in())
+        rows = await self._store.deliveries(self._app, event.id)
+        if any(r.group == self.group and r.status == DELIVERY_DEAD for r in rows):
+            await self._ack("term")  # dead-lettered before, but the ack was lost
+            return
+        recorded = await self._store.settle_delivery(
+            self._app, self.group, event.id,
+            Settlement("dead", self.attempt, error=error, dead_letter_id=new_id()),
+        )
+        await self._ack("term" if recorded else "ack")
+
+    async def extend(self) -> None:
+        await self._ack("wip")
+
+    def _stand_in(self) -> Event[Any]:
+        """An event carrying a garbage payload, so its dead letter can be listed."""
+        return Event(
+            type=INVALID_TYPE,
+            id=f"invalid-{digest(self._where, n=24)}",
+            source="cantata.broker.nats",
+            data={
+                "subject": self._msg.subject,
+                "position": self._where,
+                "error": self.error,
+                "payload": self.raw[:_MAX_INVALID_TEXT].decode("utf-8", "replace"),
+            },
+        )
+
+    async def _stored(self, event: Event[Any]) -> Event[Any]:
+        """Store an event that came from outside, so its dead letter can be listed."""
+        if await self._store.get_event(self._app, event.id) is None:
+            # It came from the broker: stored as external (in one transaction), so the
+            # outbox relay never sends it back there, nor a re-drive.
+            await self._store.append_external(self._app, [event])
+        return event
+
+    async def _ack(self, kind: str, delay: float | None = None) -> None:
+        try:
+            if kind == "ack":
+                await self._msg.ack()
+            elif kind == "nak":
+                await self._msg.nak(delay=delay)
+            elif kind == "term":
+                await self._msg.term()
+            else:
+                await self._msg.in_progress()
+        except nats.errors.MsgAlreadyAckdError:
+            pass
+        except Exception as exc:  # the store holds the outcome; a redelivery is harmless
+            log.warning(
+                "%s of a message of group %s failed (%s); NATS redelivers it after its "
+                "ack wait and the store recognises it", kind, self.group, error_text(exc),
+            )
+
+
+class NatsSubscription:
+    """The pull loops of one subscriber: one per consumer of the group."""
+
+    def __init__(
+        self,
+        broker: NatsBroker,
+        app: str,
+        group: str,
+        handler: Handler,
+        concurrency: int,
+        consumers: list[tuple[str, str, bool]],  # (durable, filter subject, is_replay)
+    ) -> None:
+        self.broker = broker
+        self.app = app
+        self.names = broker.names(app)
+        self.group = group
+        self.handler = handler
+        self.concurrency = max(1, concurrency)
+        # Each loop fetches at most its share, so no loop can starve the others.
+        self._share = max(1, self.concurrency // len(consumers))
+        self._busy = 0  # handlers running plus messages being fetched
+        self._capacity = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        # event id -> callers waiting for the group's delivery state (see _delivery_state)
+        self._lookups: dict[str, list[asyncio.Future[tuple[str, int] | None]]] = {}
+        self._loops = [
+            asyncio.create_task(self._pull(*c), name=f"cantata-nats:{group}:{c[0]}")
+            for c in consumers
+        ]
+
+    async def _pull(self, durable: str, subject: str, replay: bool) -> None:
+        psub: JetStreamContext.PullSubscription | None = None
+        bound = 0  # the broker's generation of the stream psub was bound on
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                want = min(self._share, self.concurrency - self._busy)
+                if want <= 0:
+                    self._capacity.clear()
+                    await self._capacity.wait()
+                    continue
+                self._busy += want
+                msgs: list[Msg] = []
+                try:
+                    generation = self.broker.generation(self.app)
+                    if psub is not None and generation != bound:  # the stream was re-made
+                        await self._unbind(psub)
+                        psub = None
+                    if psub is None:
+                        psub = await self.broker._bind(self.app, durable, subject)
+                        bound = generation
+                    msgs = await psub.fetch(want, timeout=self.broker.fetch_timeout)
+                    failures = 0
+                except TimeoutError:  # no message in time (or a reconnect under way)
+                    pass
+                except Exception as exc:  # server restarting, consumer lost, ...
+                    failures += 1
+                    if failures == 1 or failures % 50 == 0:
+                        log.warning(
+                            "pulling for group %s from NATS at %s failed (%s); retrying",
+                            self.group, self.broker.masked_url, error_text(exc),
+                        )
+                    if isinstance(exc, nats.js.errors.APIError):
+                        await self._unbind(psub)  # bind again, recreating what is gone
+                        psub = None
+                        self.broker._forget_stream(self.app)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), min(2.0, 0.1 * failures))
+                finally:
+                    self._busy -= want - len(msgs)
+                for m in msgs:
+                    if self._stopping.is_set():  # hand it straight back to the others
+                        self._busy -= 1
+                        with contextlib.suppress(Exception):
+                            await m.nak()
+                        continue
+                    task = asyncio.create_task(self._handle(m, replay))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+                if not msgs:
+                    await asyncio.sleep(0)  # let a loop waiting for capacity go first
+        finally:
+            await self._unbind(psub)
+
+    @staticmethod
+    async def _unbind(psub: JetStreamContext.PullSubscription | None) -> None:
+        if psub is not None:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+    async def _handle(self, m: Msg, replay: bool) -> None:
+        key: tuple[str, str, str] | None = None  # set while this call holds the event
+        try:
+            if not replay and self.names.is_replay(m.subject):
+                # A wildcard such as ``*.billing`` also matches another group's replays.
+                await m.ack()
+                return
+            meta = m.metadata
+            msg = NatsMessage(
+                m, self.broker.store, self.app, self.group, meta.num_delivered,
+                f"{meta.stream}:{meta.sequence.stream}",
+            )
+            if msg.event is not None:
+                if (self.app, self.group, msg.event.id) in self.broker._handling:
+                    # A second copy (e.g. an outside event re-sent by the outbox relay) of
+                    # one this process is handling right now: the first settles it.
+                    await m.ack()
+                    return
+                # Claimed before the store is read, so a copy arriving meanwhile is skipped
+                # above, and one arriving after sees the first one's settlement.
+                key = (self.app, self.group, msg.event.id)
+                self.broker._handling.add(key)
+                if not await self._addressed(msg, msg.event):
+                    await m.ack()
+                    return
+            try:
+                await self.handler(msg)
+            except Exception as exc:
+                if isinstance(exc, StoreError):  # a storage fault: one line, not a flood
+                    quiet.warning(f"settle:{self.group}", "group %s could not record a "
+                                  "message (%s); NATS redelivers it", self.group,
+                                  error_text(exc))
+                else:
+                    log.exception("handler of group %s crashed on a message", self.group)
+                if not msg.settled:
+                    await msg.retry(error_text(exc), 1.0)
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                quiet.warning(f"settle:{self.group}", "settling a message of group %s failed "
+                              "(%s); NATS redelivers it", self.group, error_text(exc))
+            else:
+                log.exception("settling a message of group %s failed", self.group)
+        finally:
+            if key is not None:
+                self.broker._handling.discard(key)
+            self._busy -= 1
+            self._capacity.set()
+
+    async def _addressed(self, msg: NatsMessage, event: Event[Any]) -> bool:
+        """Whether the store addressed ``event`` to this group; sets ``msg.attempt``."""
+        state = await self._delivery_state(event.id)
+        if state is None:
+            # Stored before the group was declared: the store did not address it here
+            # (as with the embedded broker). Not stored at all: it comes from outside.
+            return await self.broker.store.get_event(self.app, event.id) is None
+        status, attempts = state
+        if status != DELIVERY_PENDING:
+            return False  # handled or dead-lettered: a duplicate (say, a second pattern)
+        # nats-server 2.9 sometimes redelivers a nak'ed message with a delivery count
+        # of 1: the attempts the store recorded are the floor.
+        msg.attempt = max(msg.attempt, attempts + 1)
+        return True
+
+    def _delivery_state(self, event_id: str) -> asyncio.Future[tuple[str, int] | None]:
+        """This group's delivery of ``event_id`` in the store, looked up together with
+        those of the other messages of the same fetch (one read for the batch)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[str, int] | None] = loop.create_future()
+        if not self._lookups:
+            loop.call_soon(self._look_up)
+        self._lookups.setdefault(event_id, []).append(fut)
+        return fut
+
+    def _look_up(self) -> None:
+        lookups, self._lookups = self._lookups, {}
+        task = asyncio.ensure_future(self._look_up_now(lookups))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _look_up_now(
+        self, lookups: dict[str, list[asyncio.Future[tuple[str, int] | None]]]
+    ) -> None:
+        try:
+            states = await self.broker.store.delivery_states(self.app, self.group, list(lookups))
+        except Exception as exc:
+            for futs in lookups.values():
+                for f in futs:
+                    if not f.done():
+                        f.set_exception(exc)
+            return
+        for event_id, futs in lookups.items():
+            for f in futs:
+                if not f.done():
+                    f.set_result(states.get(event_id))
+
+    async def stop(self) -> None:
+        """Stop pulling (a fetch under way ends within ``fetch_timeout``), then wait for
+        the handlers that are running."""
+        self._stopping.set()
+        self._capacity.set()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        with contextlib.suppress(ValueError):
+            self.broker._subs.remove(self)

@@ -1,0 +1,121 @@
+"""Names on a NATS server: streams, subjects and consumers of one app.
+
+For an app ``shop`` (and no prefix):
+
+- stream ``CANTATA_shop`` holding subjects ``cantata.shop.>``;
+- an event of type ``order.placed`` goes to ``cantata.shop.order.placed``;
+- dead-letter replays to a group go to ``cantata.shop._replay.<group>``;
+- durable consumers are named ``<group>-<digest of group and pattern>``.
+
+A broker URL with ``?prefix=staging`` gives every name its own space, so two
+environments can use one server: stream ``CANTATA-staging_shop``, subjects
+``staging.cantata.shop.>``, consumers ``staging_<group>-<digest>``. The prefix may
+hold letters, digits and ``-`` only, so a prefixed stream name can never be an
+unprefixed one (``CANTATA_`` + app) nor another prefix's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from cantata.errors import ConfigurationError
+
+REPLAY = "_replay"
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9-]{1,32}$")
+# Longer names are shortened with a hash: JetStream names are at most 255 characters,
+# and every subject must fit the server's control line.
+_MAX_TOKEN = 128
+
+
+def digest(*parts: str, n: int = 10) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:n]
+
+
+def token(name: str) -> str:
+    """``name`` as one NATS subject token, also valid in stream and consumer names.
+
+    Names that need changing (odd characters, or longer than 128 characters) get a
+    hash suffix, so two names never share a token.
+    """
+    if _TOKEN_RE.match(name) and len(name) <= _MAX_TOKEN:
+        return name
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)[:48]}_{digest(name, n=8)}"
+
+
+def check_prefix(prefix: str) -> str:
+    """Validate a ``?prefix=`` of a broker URL (``""``: no prefix)."""
+    if prefix and (not _PREFIX_RE.match(prefix) or prefix.lower() == "cantata"):
+        raise ConfigurationError(
+            f"broker prefix {prefix!r} is invalid: use 1-32 letters, digits or '-' "
+            "(not 'cantata'), such as ?prefix=staging"
+        )
+    return prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Where one app's events live on the server, under an optional prefix."""
+
+    app: str
+    prefix: str = ""
+
+    @property
+    def stream(self) -> str:
+        """The JetStream stream that holds the app's events."""
+        if self.prefix:
+            return f"CANTATA-{self.prefix}_{token(self.app)}"
+        return f"CANTATA_{token(self.app)}"
+
+    @property
+    def subjects(self) -> str:
+        """Every subject of the app starts with this."""
+        base = f"cantata.{token(self.app)}"
+        return f"{self.prefix}.{base}" if self.prefix else base
+
+    def event(self, event_type: str) -> str:
+        """Where an event of ``event_type`` is published."""
+        return f"{self.subjects}.{event_type}"
+
+    def replay(self, group: str) -> str:
+        """Where dead-letter replays to ``group`` are published."""
+        return f"{self.subjects}.{REPLAY}.{token(group)}"
+
+    def is_replay(self, subject: str) -> bool:
+        return subject.startswith(f"{self.subjects}.{REPLAY}.")
+
+    def consumer(self, group: str, pattern: str | None) -> str:
+        """The durable consumer of ``group`` for ``pattern`` (``None``: its replays)."""
+        tail = "replay" if pattern is None else digest(group, pattern)
+        name = f"{token(group)}-{tail}"
+        return f"{self.prefix}_{name}" if self.prefix else name
+
+
+# The unprefixed names, as functions (what tests and tools outside a broker use).
+
+
+def stream_name(app: str) -> str:
+    """The JetStream stream that holds ``app``'s events (no prefix)."""
+    return Names(app).stream
+
+
+def subject_prefix(app: str) -> str:
+    """Every subject of ``app`` starts with this (``cantata.<app>``)."""
+    return Names(app).subjects
+
+
+def event_subject(app: str, event_type: str) -> str:
+    """Where an event of ``event_type`` is published (no prefix)."""
+    return Names(app).event(event_type)
+
+
+def replay_subject(app: str, group: str) -> str:
+    """Where dead-letter replays to ``group`` are published (no prefix)."""
+    return Names(app).replay(group)
+
+
+def consumer_name(group: str, pattern: str | None) -> str:
+    """The durable consumer of ``group`` for ``pattern`` (``None``: its replay consumer)."""
+    return Names("-").consumer(group, pattern)

@@ -1,0 +1,105 @@
+"""Storage faults as Cantata errors: one clear line instead of a driver's exception.
+
+A full disk, a read-only file or database and a damaged file are faults of the
+machine, not of the code: callers get :class:`~cantata.errors.StoreFull`,
+:class:`~cantata.errors.StoreReadOnly` or :class:`~cantata.errors.StoreCorrupt`
+naming the store and what to do, translated here at the backend's edge. Other
+driver errors (constraint violations the store handles itself) pass unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from typing import Any
+
+from cantata.errors import StoreCorrupt, StoreError, StoreFull, StoreReadOnly, StoreUnavailable
+
+# SQLite's primary result codes (https://www.sqlite.org/rescode.html).
+_SQLITE_BUSY = 5
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_NOTADB = 26
+
+
+def sqlite_fault(exc: BaseException, where: str) -> StoreError | None:
+    """The Cantata error for a SQLite fault of the file at ``where``; ``None`` when
+    ``exc`` is not a storage fault (the caller re-raises it as it is)."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    text = str(exc)
+    if primary == _SQLITE_FULL or "disk is full" in text:
+        return StoreFull(f"disk full at {where}: free space and retry (SQLite: {text})")
+    if primary == _SQLITE_READONLY or "readonly database" in text:
+        return StoreReadOnly(
+            f"store {where} is read-only ({text}): writes are refused, reading works; make "
+            "the file and its folder writable to change anything"
+        )
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return StoreCorrupt(
+            f"store {where} is damaged ({text}): restore it from a backup, or move it aside "
+            "and start a new store"
+        )
+    if primary == _SQLITE_IOERR:
+        return StoreUnavailable(
+            f"I/O error on store {where} ({text}): check the disk (full, failing or gone) "
+            "and retry"
+        )
+    if primary == _SQLITE_CANTOPEN:
+        return StoreUnavailable(
+            f"cannot open store {where} ({text}): check that the file and its folder exist "
+            "and are readable"
+        )
+    if primary == _SQLITE_BUSY:
+        return StoreUnavailable(
+            f"store {where} stayed locked by another process ({text}); retry"
+        )
+    return None
+
+
+def postgres_fault(exc: BaseException, where: str) -> StoreError | None:
+    """The Cantata error for a PostgreSQL storage fault; ``None`` for other errors."""
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover - only called by the PostgreSQL store
+        return None
+    if isinstance(exc, (asyncpg.DiskFullError, asyncpg.InsufficientResourcesError)):
+        return StoreFull(
+            f"PostgreSQL at {where} is out of space ({exc}): free disk space on the "
+            "database server and retry"
+        )
+    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+        return StoreReadOnly(
+            f"PostgreSQL at {where} is read-only ({exc}): writes are refused, reading "
+            "works; point the store at the primary server"
+        )
+    if isinstance(exc, (asyncpg.DataCorruptedError, asyncpg.IndexCorruptedError)):
+        return StoreCorrupt(f"PostgreSQL at {where} reports damaged data ({exc})")
+    return None
+
+
+class RateLimitedLog:
+    """One-line warnings, at most one per ``every`` seconds for each key, saying how
+    many were held back: a store outage must not flood the logs with tracebacks."""
+
+    def __init__(self, logger: logging.Logger, every: float = 30.0) -> None:
+        self.logger = logger
+        self.every = every
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last logged, held back)
+
+    def warning(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        last, held = self._last.get(key, (float("-inf"), 0))
+        if now - last < self.every:
+            self._last[key] = (last, held + 1)
+            return
+        self._last[key] = (now, 0)
+        if held:
+            message += f" ({held} more like it in the last {self.every:.0f} s)"
+        self.logger.warning(message, *args)
