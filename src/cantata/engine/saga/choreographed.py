@@ -97,11 +97,15 @@ async def fail_stage(
     saga: Saga, ctx: HandlerContext, stage: Stage, state: dict[str, Any],
     finished: list[str], cause: Event[Any] | None = None,
 ) -> None:
-    """Say ``stage`` failed, with the undo plan; end the run if nothing is to undo."""
+    """Say ``stage`` failed, with the undo plan; end the run if nothing is to undo.
+
+    An event that nobody would react to is not emitted: ``finished`` says it all.
+    """
     plan = saga.undo_plan(stage, finished)
     state = {**state, "undo": plan, "undone": [], "failures": []}
-    await emit(ctx, saga.failed_event(stage), state, cause)
-    if not plan:
+    if plan:
+        await emit(ctx, saga.failed_event(stage), state, cause)
+    else:
         await emit(ctx, saga.event_type("finished"), end_of(state), cause)
 
 
@@ -188,8 +192,9 @@ def undo_handler(saga: Saga, router: Router, step: Step) -> Any:
                 failures.append(str(StepFailed(cdef.name, type(exc).__name__, str(exc),
                                                ctx.attempt)))
         state = {**data, "undo": plan[1:], "undone": [*undone, step.name], "failures": failures}
-        await emit(ctx, saga.event_type(step.name, "compensated"), state)
-        if not plan[1:]:
+        if plan[1:]:
+            await emit(ctx, saga.event_type(step.name, "compensated"), state)
+        else:
             await emit(ctx, saga.event_type("finished"), end_of(state))
 
     undo.__name__ = undo.__qualname__ = f"{saga.event_type(step.name)}.compensate"
