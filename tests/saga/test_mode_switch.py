@@ -1,0 +1,125 @@
+"""Redeploying a saga in the other mode: runs in flight finish in the mode they
+started in, new runs take the new mode. Two processes: one deployed in one mode
+parks runs mid-way and is killed; one deployed in the other mode finishes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cantata import App
+
+from .switch_worker import build_app
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")]
+
+
+class Worker:
+    """A worker subprocess (killed at the end of the test whatever happens)."""
+
+    def __init__(self, store: str, mode: str, markers: Path, crash: str | None = None) -> None:
+        args = [sys.executable, "-m", "tests.saga.switch_worker", store, mode, str(markers)]
+        self.log = (markers / f"worker-{mode}-{crash}.log").open("wb")
+        self.proc = subprocess.Popen([*args, *([crash] if crash else [])],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).parents[2])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[list[Worker]]:
+    workers: list[Worker] = []
+    yield workers
+    for w in workers:
+        w.kill()
+
+
+async def wait_for(check: object, what: str, timeout: float = 30.0) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check():  # type: ignore[operator]
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def mode_of(app: App, run_id: str) -> str:
+    """The mode recorded on a run when it started."""
+    entries = await app.store.load_history(app.name, run_id)
+    [value] = [e for e in entries if e.name == "saga.mode"]
+    return str(json.loads(value.result or "null"))
+
+
+@pytest.mark.parametrize(("before", "after"), [("orchestrated", "choreographed"),
+                                               ("choreographed", "orchestrated")])
+async def test_runs_in_flight_finish_in_the_mode_they_started_in(
+    tmp_path: Path, spawn: list[Worker], before: str, after: str
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    store = f"sqlite:///{tmp_path}/shop.db"
+    old = Worker(store, before, markers)
+    spawn.append(old)
+    await wait_for(lambda: list(markers.glob("ready-*")), "the first worker")
+    client = build_app(store, before, markers)
+    async with client.client():
+        parked = [await client.start("order", {"id": i, "fail": "fraud" if i == 2 else None})
+                  for i in range(3)]
+    await wait_for(lambda: len(list(markers.glob("at-gate-*"))) == 3, "runs parked at the gate")
+    old.kill()  # SIGKILL while three runs wait mid-way
+    (markers / "open").write_text("")
+
+    new = build_app(store, after, markers)  # the redeploy, in the other mode
+    async with new:
+        fresh = [await new.start("order", {"id": i, "fail": "fraud" if i == 4 else None})
+                 for i in (3, 4)]
+        outcomes = {}
+        for h in [*parked, *fresh]:
+            try:
+                outcomes[h.run_id] = ("completed", await new.get_handle(h.run_id).result(30))
+            except Exception as exc:
+                outcomes[h.run_id] = (type(exc).__name__, getattr(exc, "error", None))
+        modes = {h.run_id: await mode_of(new, h.run_id) for h in [*parked, *fresh]}
+        history = {h.run_id: [e.name for e in await new.store.load_history(new.name, h.run_id)]
+                   for h in [*parked, *fresh]}
+
+    assert [modes[h.run_id] for h in parked] == [before] * 3
+    assert [modes[h.run_id] for h in fresh] == [after] * 2
+    for h in [*parked, *fresh]:
+        steps_in_run = "reserve" in history[h.run_id]
+        # orchestrated runs call their steps themselves; choreographed ones only wait
+        assert steps_in_run == (modes[h.run_id] == "orchestrated"), history[h.run_id]
+    done = {"reserve": "reserve-0", "gate": "gate-0", "stock": "stock-0", "fraud": "fraud-0",
+            "charge": "charge-0"}
+    assert outcomes[parked[0].run_id] == ("completed", done)
+    assert outcomes[parked[1].run_id][0] == "completed"
+    assert outcomes[fresh[0].run_id][0] == "completed"
+    for run in (parked[2], fresh[1]):
+        assert outcomes[run.run_id] == (
+            "WorkflowCompensated", "StepFailed: step fraud failed after 1 attempt(s): "
+                                   "ValueError: fraud refused")
+    effects = [json.loads(line) for line in (markers / "effects.jsonl").read_text().splitlines()]
+    undone = [(e["step"], e["result"]) for e in effects if e["step"].startswith("undo")]
+    assert sorted(undone) == sorted([("undo stock", "stock-2"), ("undo reserve", "reserve-2"),
+                                     ("undo stock", "stock-4"), ("undo reserve", "reserve-4")])
+    # the killed worker's gate calls were repeated by the new one (at least once), the
+    # other steps ran once per run
+    per_key: dict[str, int] = {}
+    for e in effects:
+        per_key[e["key"]] = per_key.get(e["key"], 0) + 1
+    assert all(n == 1 for k, n in per_key.items() if "gate" not in k), per_key
