@@ -44,7 +44,7 @@ def build_app(store: str | Store, mode: str, markers: Path, *, gate: bool = True
                              "results": sorted(results), "pid": os.getpid()})
             if name == "gate":
                 (markers / f"at-gate-{order['id']}-{os.getpid()}").write_text(info.run_id)
-                while not (markers / "open").exists():
+                while not (markers / "open").exists():  # noqa: ASYNC110 (another process)
                     await asyncio.sleep(0.02)
             if order.get("fail") == name:
                 raise ValueError(f"{name} refused")

@@ -33,7 +33,7 @@ def steps(app: App) -> dict[str, Any]:
 def test_a_function_that_is_not_a_step_is_refused_at_declaration() -> None:
     async def not_a_step(order: dict[str, Any]) -> None: ...
 
-    with pytest.raises(cantata.UnknownStep, match="not_a_step.*@app.step"):
+    with pytest.raises(cantata.UnknownStep, match=r"not_a_step.*@app\.step"):
         Step(not_a_step)
     app = App("x", store="memory://")
     s = steps(app)
@@ -72,7 +72,7 @@ def test_unknown_mode_reused_step_and_bad_options_are_refused() -> None:
         Saga("order", Step(s["reserve"]), Parallel(Step(s["reserve"]), Step(s["check"])))
     with pytest.raises(cantata.ConfigurationError, match="timeout=0"):
         Step(s["reserve"], timeout=0)
-    with pytest.raises(cantata.ConfigurationError, match="needs a cantata.Retry"):
+    with pytest.raises(cantata.ConfigurationError, match=r"needs a cantata\.Retry"):
         Step(s["reserve"], retry=3)  # type: ignore[arg-type]
     with pytest.raises(cantata.ConfigurationError, match="max_state"):
         Saga("order", Step(s["reserve"]), max_state=10)

@@ -68,7 +68,7 @@ async def one(tmp: Path, mode: str, crash: str) -> tuple[Any, list[str], set[Any
 @pytest.mark.parametrize("mode", ["choreographed"])
 async def test_a_worker_killed_at_every_hop_changes_nothing(tmp_path: Path, mode: str) -> None:
     clean = await one(tmp_path / "clean", mode, "100000:before")
-    outcome, undo, effects, hops = clean
+    outcome, undo, _, hops = clean
     assert outcome == ("compensated", "StepFailed: step fraud failed: ValueError: fraud refused")
     assert undo == ["undo stock", "undo reserve"]
     assert hops >= 8

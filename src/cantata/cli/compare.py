@@ -81,6 +81,6 @@ def table(saga: str, figures: list[ModeFigures]) -> Table:
     row("outcomes", lambda f: ", ".join(f"{k} {v}" for k, v in sorted(f.statuses.items())))
     row("compensations run", lambda f: str(f.compensations))
     row("rolled back as", lambda f: "\n".join(
-        f"{' → '.join(k)} ×{v}" for k, v in sorted(f.orders.items())) or "-")
+        f"{' → '.join(k)}: {v}" for k, v in sorted(f.orders.items())) or "-")
     row("one service down", lambda f: "\n".join(f.stall))
     return t

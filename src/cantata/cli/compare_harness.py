@@ -91,7 +91,7 @@ class ModeFigures:
 
     def percentile(self, p: float) -> float:
         xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else 0.0
+        return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] if xs else 0.0
 
     @property
     def writes_per_saga(self) -> float:
