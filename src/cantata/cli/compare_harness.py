@@ -230,7 +230,7 @@ async def run_mode(
     """Run the saga ``len(fails)`` times in ``mode`` on a fresh namespace and store."""
     saga.mode = mode  # type: ignore[assignment]  # new runs take it (see Saga.mode)
     store = CountingStore(store_from_url(store_url))
-    app.configure(store=store, broker=broker)  # type: ignore[arg-type]
+    app.configure(store=store, broker=broker)
     injector = Injector(app, saga)
     injector.install()
     latencies: list[float] = []
