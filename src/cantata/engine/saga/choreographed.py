@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import StepFailed, UnknownStep, error_text
 from cantata.model import codec
 from cantata.model.event import Event
+from cantata.model.records import ENTRY_COMPLETED, ENTRY_WAITING, WAIT, RunWrite
 from cantata.model.status import RunStatus
 
 from ..invoke import invoke_step
@@ -45,12 +46,56 @@ async def run_choreographed(saga: Saga, ctx: WorkflowContext, data: Any) -> dict
     """Start the chain of handlers and wait for ``<saga>.finished``."""
     await ctx.emit(saga.event_type("started"), {"run_id": ctx.run_id, "input": data,
                                                 "results": {}})
-    ev = await ctx.wait_for_event(saga.event_type("finished"), match={"run_id": ctx.run_id})
-    end = ev.data
+    end = await wait_finished(saga, ctx)
     if end["outcome"] == "completed":
         return dict(end["results"])
     raise CompensatedElsewhere(end["error"], status=RunStatus(end["outcome"]),
                                flagged=bool(end.get("flagged")))
+
+
+async def wait_finished(saga: Saga, ctx: WorkflowContext) -> dict[str, Any]:
+    """Wait durably for this run's ``<saga>.finished`` event, recorded like a
+    ``ctx.wait_for_event`` (a ``wait`` in history and in the trace).
+
+    The event's id is known (:func:`event_id`), so each look is one read by id, not
+    a scan of every run's ``finished`` events as a match on the data would be.
+    """
+    x = ctx._x
+    engine = x.engine
+    finished = saga.event_type("finished")
+    key = x.next_key(f"wait:{finished}")
+    entry = x.history.get(key)
+    if entry is not None and entry.status == ENTRY_COMPLETED:
+        x.consumed.add(key)
+        return dict(Event.from_cloudevent(codec.loads(entry.result)).data)
+    if entry is None:
+        await x.check_new_call(key)
+        entry = x.new_entry(key, WAIT, finished, ENTRY_WAITING, started_at=engine.clock.now(),
+                            detail=codec.dumps({"type": finished,
+                                                "match": {"run_id": ctx.run_id}}))
+        await x.commit(RunWrite(entries=[entry]))
+    else:
+        x.consumed.add(key)
+    await engine.declare_wait(x.wdef.name, finished)
+    wanted = event_id(x.run.app, ctx.run_id, finished)
+    found: list[Event[Any]] = []
+
+    async def look() -> bool:
+        ev = await engine.store.get_event(x.run.app, wanted)
+        if ev is not None:
+            found.append(ev)
+        return ev is not None
+
+    engine.add_waiter(finished, x)
+    try:
+        await x.wait_until(None, look, poll=False)
+    finally:
+        engine.remove_waiter(finished, x)
+    entry.status, entry.ended_at = ENTRY_COMPLETED, engine.clock.now()
+    entry.result = found[0].to_json().decode()
+    x.consumed_events.add(wanted)
+    await x.commit(RunWrite(entries=[entry]))
+    return dict(found[0].data)
 
 
 # -- events -----------------------------------------------------------------------------
