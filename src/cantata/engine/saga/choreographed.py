@@ -24,14 +24,14 @@ import dataclasses
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from cantata.errors import StepFailed, UnknownStep, error_text
+from cantata.errors import Cancelled, DeadlineExceeded, StepFailed, UnknownStep, error_text
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import ENTRY_COMPLETED, ENTRY_WAITING, WAIT, RunWrite
 from cantata.model.status import RunStatus
 
 from ..invoke import invoke_step
-from ..runner import WORKER_LOST, CompensatedElsewhere
+from ..runner import WORKER_LOST, CompensatedElsewhere, _DeadlinePassed
 from .calls import is_final_error, saga_step_def, step_args, undo_args
 from .declaration import Saga, Stage, Step
 
@@ -46,11 +46,43 @@ async def run_choreographed(saga: Saga, ctx: WorkflowContext, data: Any) -> dict
     """Start the chain of handlers and wait for ``<saga>.finished``."""
     await ctx.emit(saga.event_type("started"), {"run_id": ctx.run_id, "input": data,
                                                 "results": {}})
-    end = await wait_finished(saga, ctx)
+    try:
+        end = await wait_finished(saga, ctx)
+    except (Cancelled, _DeadlinePassed) as exc:
+        return await _stop(saga, ctx, exc)
     if end["outcome"] == "completed":
         return dict(end["results"])
     raise CompensatedElsewhere(end["error"], status=RunStatus(end["outcome"]),
                                flagged=bool(end.get("flagged")))
+
+
+async def _stop(saga: Saga, ctx: WorkflowContext, exc: BaseException) -> dict[str, Any]:
+    """A cancel or the deadline stops a choreographed run as it stops an orchestrated
+    one: the step in flight finishes, no later step starts, what finished is undone.
+
+    The run's cancel flag is what the services see (each forward handler reads it
+    before its step); the reason is recorded, so a replay ends the run the same way.
+    """
+    x = ctx._x
+    if isinstance(exc, Cancelled):
+        reason = "Cancelled: the run was cancelled"
+    else:
+        reason = error_text(DeadlineExceeded(f"run {ctx.run_id} passed its deadline"))
+    reason = str(ctx._value("saga.stop", lambda: reason))
+    status = RunStatus.CANCELLED if reason.startswith("Cancelled") else RunStatus.FAILED
+    x.compensating = True  # from here on, only the undoing goes on
+    if status == RunStatus.FAILED:  # a cancel has set the run's flag already
+        await x.engine.store.request_cancel(x.run.app, ctx.run_id, actor="deadline")
+    end = await wait_finished(saga, ctx)
+    if end["outcome"] == "completed":
+        return dict(end["results"])  # the last step had finished: as orchestrated
+    failures = list(end.get("failures") or [])
+    if failures:
+        raise CompensatedElsewhere(f"{reason}; compensation failed: {'; '.join(failures)}",
+                                   status=RunStatus.FAILED, flagged=True)
+    if status == RunStatus.FAILED and end.get("undone"):
+        status = RunStatus.COMPENSATED
+    raise CompensatedElsewhere(reason, status=status)
 
 
 async def wait_finished(saga: Saga, ctx: WorkflowContext) -> dict[str, Any]:
@@ -178,7 +210,10 @@ def forward_handler(saga: Saga, router: Router, stage: Stage, step: Step) -> Any
         call_def = saga_step_def(saga, step, sdef, given, results)
         retry = call_def.retry
         failure: dict[str, Any] | None = None
-        if ctx.attempt > retry.max_attempts:
+        if await _stopping(ctx, run_id):
+            failure = {"step": sdef.name, "type": "Cancelled",
+                       "message": "the run was stopped before this step", "attempts": 0}
+        elif ctx.attempt > retry.max_attempts:
             failure = {"step": sdef.name, "type": WORKER_LOST[0], "message": WORKER_LOST[1],
                        "attempts": ctx.attempt - 1}
         else:
@@ -206,6 +241,15 @@ def forward_handler(saga: Saga, router: Router, stage: Stage, step: Step) -> Any
 
     forward.__name__ = forward.__qualname__ = saga.event_type(step.name)
     return forward
+
+
+async def _stopping(ctx: HandlerContext, run_id: str) -> bool:
+    """True if the run was cancelled (or passed its deadline): start no more steps."""
+    store = ctx._store
+    if store is None:
+        return False
+    run = await store.get_run(ctx.app, run_id)
+    return run is not None and (run.cancel_requested or run.status.is_final)
 
 
 def undo_handler(saga: Saga, router: Router, step: Step) -> Any:
