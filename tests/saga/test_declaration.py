@@ -78,6 +78,8 @@ def test_unknown_mode_reused_step_and_bad_options_are_refused() -> None:
         Saga("order", Step(s["reserve"]), max_state=10)
     with pytest.raises(cantata.ConfigurationError, match="cannot prefix event types"):
         Saga("order placed", Step(s["reserve"]))
+    with pytest.raises(cantata.ConfigurationError, match="stage name 'all checks'"):
+        Saga("order", Parallel(Step(s["reserve"]), Step(s["check"]), name="all checks"))
 
 
 def saga_with(mode: str, result: Any, max_state: int = 4096) -> App:

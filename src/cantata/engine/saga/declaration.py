@@ -165,6 +165,14 @@ class Saga:
                 raise ConfigurationError(
                     f"Saga {name!r}: {item!r} is neither a Step nor a Parallel"
                 )
+        for st in stages:
+            try:
+                check_type(f"{name}.{st.name.replace('.', '_')}.done")
+            except Exception:
+                raise ConfigurationError(
+                    f"Saga {name!r}: stage name {st.name!r} cannot be part of an event type: "
+                    "use letters, digits, '-' and '_'"
+                ) from None
         flat = [s for st in stages for s in st.steps]
         names = [s.name for s in flat]
         tokens = [*names, *(st.name for st in stages if st.parallel)]
