@@ -62,7 +62,7 @@ def test_compare_prints_both_modes_with_the_same_rollbacks(
     assert chor["broker_deliveries"] > 0 and orch["broker_deliveries"] == 0
     assert orch["store_writes_per_saga"] > 0 and chor["store_writes_per_saga"] > 0
     assert orch["service_down"] == ["pending_step: step charge"]
-    assert "unhandled_event: handler order.charge (group order.charge)" in chor["service_down"]
+    assert "unhandled_event: handler charge (group order.charge)" in chor["service_down"]
     # fresh stores: nothing was written to the app's own store
     assert not (tmp_path / "never-used.db").exists() and not (tmp_path / "x.db").exists()
 

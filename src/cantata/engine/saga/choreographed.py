@@ -239,7 +239,8 @@ def forward_handler(saga: Saga, router: Router, stage: Stage, step: Step) -> Any
         else:
             await emit(ctx, saga.event_type(step.name, "done"), state)
 
-    forward.__name__ = forward.__qualname__ = saga.event_type(step.name)
+    # Named as the step it runs, so a trace reads the same in both modes.
+    forward.__name__ = forward.__qualname__ = step.name
     return forward
 
 
@@ -286,5 +287,5 @@ def undo_handler(saga: Saga, router: Router, step: Step) -> Any:
         else:
             await emit(ctx, saga.event_type("finished"), end_of(state))
 
-    undo.__name__ = undo.__qualname__ = f"{saga.event_type(step.name)}.compensate"
+    undo.__name__ = undo.__qualname__ = comp_name
     return undo

@@ -61,5 +61,5 @@ def join_handler(saga: Saga, stage: Stage) -> Any:
         else:
             await emit(ctx, saga.event_type(stage.name, "done"), state, cause)
 
-    join.__name__ = join.__qualname__ = f"{saga.event_type(stage.name)}.join"
+    join.__name__ = join.__qualname__ = f"join {stage.name}"
     return join
