@@ -65,14 +65,24 @@ async def mode_of(app: App, run_id: str) -> str:
     return str(json.loads(value.result or "null"))
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
+                                                                      pytest.mark.nats])])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store both processes share (with PostgreSQL, NATS as the broker of both)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shop.db"
+    url: str = request.getfixturevalue("distributed_url")
+    return url
+
+
 @pytest.mark.parametrize(("before", "after"), [("orchestrated", "choreographed"),
                                                ("choreographed", "orchestrated")])
 async def test_runs_in_flight_finish_in_the_mode_they_started_in(
-    tmp_path: Path, spawn: list[Worker], before: str, after: str
+    tmp_path: Path, spawn: list[Worker], before: str, after: str, shared_store: str
 ) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
-    store = f"sqlite:///{tmp_path}/shop.db"
+    store = shared_store
     old = Worker(store, before, markers)
     spawn.append(old)
     await wait_for(lambda: list(markers.glob("ready-*")), "the first worker")
