@@ -40,8 +40,25 @@ async def run_all(store_url: str, shape: str, mode: str) -> dict[str, Any]:
                 "outcome": outcome, "status": str(info.status), "flagged": info.flagged,
                 "calls": calls, "undo": ledger.get(f"order:{i}", []),
                 "trace": (root.kind, root.name, str(root.status)),
+                "trace_steps": trace_steps(root),
             }
     return seen
+
+
+def trace_steps(root: Any) -> list[str]:
+    """The steps and compensations a trace shows: nodes of the run's own steps when
+    orchestrated, the services' handlers (named as the steps they run) when
+    choreographed; a parallel stage's join is the choreography's own."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if node.kind in ("step", "compensation", "handler") and not node.name.startswith("join"):
+            names.add(node.name)
+        for child in node.children:
+            walk(child)
+
+    walk(root)
+    return sorted(names)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -74,6 +91,11 @@ async def test_both_modes_do_the_same_at_every_failure_position(
                                           f"ValueError: {fail} refused order {i}")
         assert got["status"] == status and not got["flagged"]
         assert got["undo"] == undo
+        # the trace shows the steps that ran and the compensations that ran, no other
+        ran = names[: names.index(fail) + 1]
+        if fail in ("stock", "fraud"):
+            ran = names[:3]  # the other branch ran too
+        assert got["trace_steps"] == sorted([*ran, *(f"undo_{n}" for n in undo)])
         # each compensation got the result of the step it undoes
         undone = {name.removeprefix("undo "): result for name, _, result in got["calls"]
                   if name.startswith("undo ")}

@@ -180,10 +180,12 @@ async def fail_stage(
     """
     plan = saga.undo_plan(stage, finished)
     state = {**state, "undo": plan, "undone": [], "failures": []}
-    if plan:
-        await emit(ctx, saga.failed_event(stage), state, cause)
-    else:
+    if not plan:
         await emit(ctx, saga.event_type("finished"), end_of(state), cause)
+    elif stage.parallel:  # which branch is undone first depends on which finished
+        await emit(ctx, saga.compensate_event(plan[0]), state, cause)
+    else:
+        await emit(ctx, saga.failed_event(stage), state, cause)
 
 
 def resolve(saga: Saga, router: Router, name: str) -> StepDef:
@@ -262,7 +264,7 @@ def undo_handler(saga: Saga, router: Router, step: Step) -> Any:
         data = dict(event.data)
         plan = list(data.get("undo") or [])
         if not plan or plan[0] != step.name:
-            return  # another step's turn (this event can precede either)
+            return  # not this step's turn (never sent so; kept as a guard)
         undone = list(data.get("undone") or [])
         failures = list(data.get("failures") or [])
         cdef = resolve(saga, router, comp_name)
@@ -283,7 +285,8 @@ def undo_handler(saga: Saga, router: Router, step: Step) -> Any:
                                                ctx.attempt)))
         state = {**data, "undo": plan[1:], "undone": [*undone, step.name], "failures": failures}
         if plan[1:]:
-            await emit(ctx, saga.event_type(step.name, "compensated"), state)
+            failed = data["failure"]["step"]
+            await emit(ctx, saga.next_undo_event(step.name, failed, plan[1:]), state)
         else:
             await emit(ctx, saga.event_type("finished"), end_of(state))
 

@@ -234,34 +234,35 @@ class Saga:
                if s.name in finished and s.compensation is not None]
         return own + self.undo_before(stage)
 
+    def compensate_event(self, step: str) -> str:
+        """The event asking ``step``'s service to undo it (after a failed parallel stage)."""
+        return self.event_type(step, "compensate")
+
     def undo_triggers(self) -> dict[str, list[str]]:
-        """step -> every event type after which it can be the next to undo.
+        """step -> the event types after which it is the next to undo.
 
-        The first undo follows the failure event of the failing stage; each later one
-        follows the previous step's ``compensated`` event. In a failed parallel stage
-        any subset of branches may have finished, so a branch (and the step undone
-        after the stage) may follow the ``compensated`` of any later branch.
+        Each is meant for that step alone, so no service receives an event that is
+        not its turn: the failure of a single step goes to the step undone first
+        (fixed by the declaration); each ``<step>.compensated`` goes to the step
+        before it in undo order. After a failed parallel stage the order depends on
+        which branches finished, so there the join and the branches address the next
+        step by its ``<step>.compensate`` event instead.
         """
-        out: dict[str, list[str]] = {s.name: [] for s in self.steps}
-
-        def add(step: str, event: str) -> None:
-            if event not in out[step]:
-                out[step].append(event)
-
+        out: dict[str, list[str]] = {
+            s.name: [self.compensate_event(s.name)] for s in self.steps
+            if s.compensation is not None
+        }
         for stage in self.stages:
-            start = self.failed_event(stage)
             tail = self.undo_before(stage)
-            own = [s.name for s in reversed(stage.steps) if s.compensation is not None]
-            if stage.parallel:
-                for j, b in enumerate(own):
-                    add(b, start)
-                    for earlier in own[:j]:
-                        add(b, self.event_type(earlier, "compensated"))
-            if tail:
-                add(tail[0], start)
-                if stage.parallel:
-                    for b in own:
-                        add(tail[0], self.event_type(b, "compensated"))
-            for prev, nxt in itertools.pairwise(tail):
-                add(nxt, self.event_type(prev, "compensated"))
+            if tail and not stage.parallel:
+                out[tail[0]].append(self.failed_event(stage))
+        order = self.undo_before(Stage(len(self.stages), "", ()))
+        for prev, nxt in itertools.pairwise(order):
+            out[nxt].append(self.event_type(prev, "compensated"))
         return out
+
+    def next_undo_event(self, step: str, failed_step: str, rest: Sequence[str]) -> str:
+        """The event an undone ``step`` emits so that ``rest[0]`` is undone next."""
+        if self.stage_of(step) is self.stage_of(failed_step):
+            return self.compensate_event(rest[0])  # within a failed parallel stage
+        return self.event_type(step, "compensated")

@@ -100,16 +100,22 @@ def _attach_handlers(saga: Saga, router: Router) -> None:
                 continue
             undo = undo_handler(saga, router, step)
             retry = _with_lost_attempt(_step_retry(router, step, step.compensation))
+            emits = (saga.event_type(step.name, "compensated"),
+                     *(saga.compensate_event(b.name) for b in stage.steps
+                       if b.compensation is not None and b is not step),
+                     *(saga.compensate_event(t) for t in saga.undo_before(stage)[:1]),
+                     finished)
             for pattern in triggers[step.name]:
-                _add(router, pattern, group, undo, service, retry,
-                     (saga.event_type(step.name, "compensated"), finished))
+                _add(router, pattern, group, undo, service, retry, emits)
         if stage.parallel:
             _attach_join(saga, router, stage, after)
 
 
 def _attach_join(saga: Saga, router: Router, stage: Stage, after: str) -> None:
     join = join_handler(saga, stage)
-    emits = (after, saga.failed_event(stage), saga.event_type("finished"))
+    firsts = [*(b.name for b in stage.steps if b.compensation is not None),
+              *saga.undo_before(stage)[:1]]
+    emits = (after, *(saga.compensate_event(n) for n in firsts), saga.event_type("finished"))
     for step in stage.steps:
         for outcome in ("done", "failed"):
             _add(router, saga.event_type(step.name, outcome), saga.group(stage.name), join,
