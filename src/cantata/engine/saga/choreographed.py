@@ -7,10 +7,10 @@ has the same run id, statuses and result as an orchestrated one::
     <stepN>.failed → <undo of stepN-1>.compensated → … → <saga>.finished
 
 The saga's state (its input and the results so far) travels in the events; a
-failure event also carries the undo plan (which steps to undo, in order), so each
-service undoes its step when the plan names it next, and ignores the event
-otherwise. Every event of a run has an id derived from the run and its type: a hop
-repeated after a crash emits the same event again, which the log keeps once.
+failure also carries the undo plan (which steps to undo, in order). Each undo event
+is meant for the one service whose turn it is (see ``Saga.undo_triggers``). Every
+event of a run has an id derived from the run and its type: a hop repeated after a
+crash emits the same event again, which the log keeps once.
 
 A handler that keeps killing its worker is charged like an orchestrated step: its
 handler allows one attempt more than the step's retry policy, and that extra
