@@ -137,3 +137,51 @@ async def test_runs_in_flight_finish_in_the_mode_they_started_in(
     for e in effects:
         per_key[e["key"]] = per_key.get(e["key"], 0) + 1
     assert all(n == 1 for k, n in per_key.items() if "gate" not in k), per_key
+
+
+async def test_a_run_begun_before_modes_were_recorded_finishes_as_it_began(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from cantata import Saga, Step, WorkflowContext
+
+    store = f"sqlite:///{tmp_path}/old.db"
+    calls: list[str] = []
+    gate = asyncio.Event()
+
+    def shop() -> App:
+        app = App("shop", store=store, lease=1.0, poll_interval=0.05)
+
+        @app.step
+        async def reserve(order: dict[str, int]) -> str:
+            calls.append("reserve")
+            return "r"
+
+        @app.step
+        async def hold(order: dict[str, int]) -> str:
+            calls.append("hold")
+            await gate.wait()
+            return "h"
+
+        return app
+
+    old = shop()
+
+    @old.workflow(name="order")
+    async def generated(ctx: WorkflowContext, data: dict[str, int]) -> None:
+        # what the generated workflow of an orchestrated saga recorded before
+        await ctx.run("reserve", data)
+        await ctx.run("hold", data)
+
+    async with old:
+        handle = await old.start("order", {"id": 1})
+        await wait_for(lambda: "hold" in calls, "the old run to reach hold")
+    gate.set()
+    new = shop()
+    new.include(Saga("order", Step("reserve"), Step("hold"), mode="choreographed"))
+    async with new:
+        result = await new.get_handle(handle.run_id).result(timeout=20)
+        assert await mode_of(new, handle.run_id) == "orchestrated"
+    assert result == {"reserve": "r", "hold": "h"}
+    assert calls == ["reserve", "hold", "hold"]  # reserve replayed, hold run again

@@ -50,7 +50,7 @@ def attach(saga: Saga, router: Router) -> None:
 
     async def saga_workflow(ctx: WorkflowContext, data: Any) -> dict[str, Any]:
         check_input(saga, ctx.run_id, data)
-        mode = ctx._value(MODE_VALUE, lambda: saga.mode)
+        mode = ctx._value(MODE_VALUE, lambda: _started_as(saga, ctx) or saga.mode)
         if mode == "choreographed":
             return await run_choreographed(saga, ctx, data)
         return await run_orchestrated(saga, ctx, data)
@@ -59,6 +59,17 @@ def attach(saga: Saga, router: Router) -> None:
     router.workflow(name=saga.name)(saga_workflow)
     router.workflows[saga.name] = replace(router.workflows[saga.name], spec=saga)
     _attach_handlers(saga, router)
+
+
+def _started_as(saga: Saga, ctx: WorkflowContext) -> str | None:
+    """The mode of a run that began before modes were recorded, read from its history
+    (``None`` for a new run): it must finish as it began."""
+    keys = ctx._x.history
+    if any(k.startswith(f"emit:{saga.event_type('started')}#") for k in keys):
+        return "choreographed"
+    if any(k.partition("#")[0] in {s.name for s in saga.steps} for k in keys):
+        return "orchestrated"
+    return None
 
 
 def _with_lost_attempt(retry: Retry) -> Retry:
