@@ -57,7 +57,7 @@ def as_dict(f: ModeFigures) -> dict[str, Any]:
         "compensation_orders": {" → ".join(k): v for k, v in f.orders.items()},
         "events_published": f.events, "store_writes": dict(f.writes),
         "store_writes_per_saga": round(f.writes_per_saga, 2),
-        "broker_deliveries": f.deliveries, "broker_published": f.published,
+        "broker_messages": f.deliveries, "broker_published": f.published,
         "service_down": f.stall,
     }
 
@@ -73,14 +73,14 @@ def table(saga: str, figures: list[ModeFigures]) -> Table:
         t.add_row(label, *(fn(f) for f in figures))
 
     row("throughput", lambda f: f"{f.throughput:.1f} sagas/s")
-    row("latency p50", lambda f: f"{f.percentile(50) * 1000:.1f} ms")
-    row("latency p99", lambda f: f"{f.percentile(99) * 1000:.1f} ms")
+    row("p50 latency", lambda f: f"{f.percentile(50) * 1000:.1f} ms")
+    row("p99 latency", lambda f: f"{f.percentile(99) * 1000:.1f} ms")
     row("events published", lambda f: f"{f.events} ({f.events / f.runs:.1f}/saga)")
-    row("store writes", lambda f: f"{f.writes_per_saga:.1f}/saga")
-    row("broker deliveries", lambda f: f"{f.deliveries} ({f.deliveries / f.runs:.1f}/saga)")
+    row("store writes per saga", lambda f: f"{f.writes_per_saga:.1f}")
+    row("messages on the broker", lambda f: f"{f.deliveries} ({f.deliveries / f.runs:.1f}/saga)")
     row("outcomes", lambda f: ", ".join(f"{k} {v}" for k, v in sorted(f.statuses.items())))
     row("compensations run", lambda f: str(f.compensations))
-    row("rolled back as", lambda f: "\n".join(
+    row("failures rolled back", lambda f: "\n".join(
         f"{' → '.join(k)}: {v}" for k, v in sorted(f.orders.items())) or "-")
     row("one service down", lambda f: "\n".join(f.stall))
     return t
