@@ -80,3 +80,36 @@ def test_compare_table_and_a_clear_error_for_a_workflow_that_is_not_a_saga(
                   "compensations run", "failures rolled back", "one service down",
                   "pending_step", "unhandled_event"):
         assert label in out, label
+
+
+@pytest.mark.postgres
+@pytest.mark.nats
+async def test_compare_on_postgres_and_nats_leaves_no_schema_or_stream_behind(
+    shop_module: str, postgres_url: str, nats_url: str,
+) -> None:
+    import asyncio
+
+    import asyncpg
+    import nats
+
+    async def schemas() -> set[str]:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            rows = await conn.fetch("SELECT nspname FROM pg_namespace "
+                                    "WHERE nspname LIKE 'cantata_compare_%'")
+        finally:
+            await conn.close()
+        return {r["nspname"] for r in rows}
+
+    before = await schemas()
+    code = await asyncio.to_thread(main, [
+        "compare", shop_module, "order", "--runs", "4", "--fail-rate", "0.5",
+        "--store", postgres_url, "--broker", nats_url, "--json"])
+    assert code == 0
+    assert await schemas() == before
+    nc = await nats.connect(nats_url)
+    try:
+        streams = [s.config.name for s in await nc.jetstream().streams_info()]
+    finally:
+        await nc.close()
+    assert not [s for s in streams if s and "compare" in s], streams
