@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from cantata.errors import ConfigurationError
+from cantata.errors import RegistrationError
 from cantata.model.event import check_type
 from cantata.model.retry import Retry
 
@@ -40,7 +40,7 @@ class Step:
 
     Raises:
         UnknownStep: ``action`` or ``compensate`` is a function that is not a step.
-        ConfigurationError: ``retry`` is not a :class:`~cantata.Retry` or ``timeout``
+        RegistrationError: ``retry`` is not a :class:`~cantata.Retry` or ``timeout``
             is not positive.
     """
 
@@ -56,11 +56,11 @@ class Step:
         comp = None if self.compensate is None else step_name(self.compensate)
         object.__setattr__(self, "compensation", comp)
         if self.retry is not None and not isinstance(self.retry, Retry):
-            raise ConfigurationError(
+            raise RegistrationError(
                 f"Step({self.name}, retry={self.retry!r}) needs a cantata.Retry"
             )
         if self.timeout is not None and not self.timeout > 0:
-            raise ConfigurationError(
+            raise RegistrationError(
                 f"Step({self.name}, timeout={self.timeout}) must be > 0 seconds"
             )
 
@@ -77,7 +77,7 @@ class Parallel:
         name: names the stage in events and maps (default ``parallel<position>``).
 
     Raises:
-        ConfigurationError: fewer than two branches, or a branch that is not a ``Step``.
+        RegistrationError: fewer than two branches, or a branch that is not a ``Step``.
     """
 
     branches: tuple[Step, ...]
@@ -85,13 +85,13 @@ class Parallel:
 
     def __init__(self, *branches: Step, name: str | None = None) -> None:
         if len(branches) < 2:
-            raise ConfigurationError(
+            raise RegistrationError(
                 f"Parallel needs at least two branches, got {len(branches)}: put a single "
                 "step in the saga directly"
             )
         for b in branches:
             if not isinstance(b, Step):
-                raise ConfigurationError(
+                raise RegistrationError(
                     f"a Parallel branch must be a Step, got {b!r}: wrap the step function "
                     "in Step(...) (a Parallel cannot contain another Parallel)"
                 )
@@ -126,7 +126,7 @@ class Saga:
             whose result would pass it fails with ``SagaStateTooLarge``, in both modes.
 
     Raises:
-        ConfigurationError: no step, a step used twice, an unknown mode, a name that
+        RegistrationError: no step, a step used twice, an unknown mode, a name that
             cannot prefix event types.
     """
 
@@ -138,20 +138,20 @@ class Saga:
         max_state: int = DEFAULT_MAX_STATE,
     ) -> None:
         if not steps:
-            raise ConfigurationError(f"Saga {name!r} needs at least one Step")
+            raise RegistrationError(f"Saga {name!r} needs at least one Step")
         if mode not in MODES:
-            raise ConfigurationError(
+            raise RegistrationError(
                 f"Saga {name!r}: mode {mode!r} is unknown: use 'orchestrated' or "
                 "'choreographed'"
             )
         if not isinstance(max_state, int) or max_state < 1024:
-            raise ConfigurationError(
+            raise RegistrationError(
                 f"Saga {name!r}: max_state={max_state!r} must be an int of at least 1024 bytes"
             )
         try:
             check_type(f"{name}.started")
         except Exception:
-            raise ConfigurationError(
+            raise RegistrationError(
                 f"Saga name {name!r} cannot prefix event types: use letters, digits, '-', "
                 "'_' and dots"
             ) from None
@@ -162,14 +162,14 @@ class Saga:
             elif isinstance(item, Step):
                 stages.append(Stage(i - 1, item.name, (item,)))
             else:
-                raise ConfigurationError(
+                raise RegistrationError(
                     f"Saga {name!r}: {item!r} is neither a Step nor a Parallel"
                 )
         for st in stages:
             try:
                 check_type(f"{name}.{st.name.replace('.', '_')}.done")
             except Exception:
-                raise ConfigurationError(
+                raise RegistrationError(
                     f"Saga {name!r}: stage name {st.name!r} cannot be part of an event type: "
                     "use letters, digits, '-' and '_'"
                 ) from None
@@ -177,7 +177,7 @@ class Saga:
         names = [s.name for s in flat]
         tokens = [*names, *(st.name for st in stages if st.parallel)]
         if len(set(tokens)) != len(tokens):
-            raise ConfigurationError(f"Saga {name!r} uses a step (or stage name) twice: {names}")
+            raise RegistrationError(f"Saga {name!r} uses a step (or stage name) twice: {names}")
         self.name = name
         self.mode: Mode = mode
         self.max_state = max_state
