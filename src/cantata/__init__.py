@@ -6,7 +6,7 @@ from cantata.engine.context import WorkflowContext
 from cantata.engine.handle import RunHandle
 from cantata.engine.http import http_step
 from cantata.engine.registry import Router
-from cantata.engine.saga import Saga, Step
+from cantata.engine.saga import Parallel, Saga, Step
 from cantata.engine.stepinfo import StepInfo, step_info
 from cantata.errors import (
     BrokerError,
@@ -25,6 +25,7 @@ from cantata.errors import (
     RegistrationError,
     ResultTimeout,
     RunNotFound,
+    SagaStateTooLarge,
     SerializationError,
     StepFailed,
     StepTimeout,
@@ -69,6 +70,7 @@ __all__ = [
     "InvalidEvent",
     "LeaseLost",
     "NonDeterminismError",
+    "Parallel",
     "PayloadTooLarge",
     "RegistrationError",
     "ResultTimeout",
@@ -79,6 +81,7 @@ __all__ = [
     "RunNotFound",
     "RunStatus",
     "Saga",
+    "SagaStateTooLarge",
     "SerializationError",
     "Stall",
     "Step",

@@ -37,6 +37,12 @@ class SerializationError(CantataError):
     code = "serialization"
 
 
+class SagaStateTooLarge(SerializationError):
+    """A saga's state (its input and the results so far) passed its ``max_state``."""
+
+    code = "saga_state_too_large"
+
+
 class UnknownWorkflow(CantataError):
     """No workflow of that name is registered in the app."""
 

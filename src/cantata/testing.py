@@ -2,9 +2,10 @@
 
 - :class:`SkipClock`: virtual time; a one-hour ``ctx.sleep`` passes at once.
 - :func:`environment`: opens an app on an in-memory store with the skipping clock.
-- :func:`crash_test`: runs a workflow with a simulated crash at every checkpoint in
-  turn (before and after the write) and reports whether outcome and side effects
-  match a clean run.
+- :func:`crash_test`: runs a workflow (or a saga, in either mode) with a simulated
+  crash at every checkpoint in turn — each run checkpoint and each handler's
+  completion, before and after the write — and reports whether outcome and side
+  effects match a clean run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +24,7 @@ from typing import Any
 from cantata.app import App
 from cantata.errors import LeaseLost, WorkflowError
 from cantata.model.records import RunRecord, RunWrite
-from cantata.store.base import Store
+from cantata.store.base import Settlement, Store
 from cantata.store.factory import store_from_url
 
 
@@ -94,7 +96,14 @@ async def environment(app: App, *, store: str = "memory://") -> AsyncIterator[Ap
 
 
 class _CrashingStore:
-    """Delegates to a real store; the n-th ``commit_run`` "crashes" the worker."""
+    """Delegates to a real store; the n-th checkpoint "crashes" the worker.
+
+    Checkpoints are the writes a worker's progress hangs on: a run's checkpoint
+    (``commit_run``, or ``create_run`` with its first one) and a handler's completion
+    (``settle_delivery`` done: the hop of a choreography, with the events it emits).
+    After the crash the worker is dead: every later write of it fails, so it makes no
+    more progress, until :meth:`revive` (a new worker process on the same store).
+    """
 
     def __init__(self, inner: Store) -> None:
         self._inner = inner
@@ -103,11 +112,37 @@ class _CrashingStore:
         self.crash_at: int | None = None
         self.when = "before"
         self.crashed = asyncio.Event()
+        self.dead = False
         self.creations: set[int] = set()  # checkpoints that stored a new run
         self.crashed_run: str | None = None  # crashed while its start was being stored
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        attr = getattr(self._inner, name)
+        if name.startswith("claim_"):
+            async def claim(*args: Any, **kw: Any) -> Any:
+                return [] if self.dead else await attr(*args, **kw)  # a dead worker takes nothing
+
+            return claim
+        if name.startswith(("finish_", "append_", "replay_")):
+            async def refused(*args: Any, **kw: Any) -> Any:
+                self._refuse()
+                return await attr(*args, **kw)
+
+            return refused
+        return attr
+
+    def _refuse(self) -> None:
+        if self.dead:
+            raise LeaseLost("simulated crash: this worker is dead")
+
+    def _crash(self) -> None:
+        self.crash_at = None
+        self.dead = True
+        self.crashed.set()
+
+    def revive(self) -> None:
+        """A new worker starts on the same store."""
+        self.dead = False
 
     async def close(self) -> None:
         """Kept open across the simulated restart; :meth:`really_close` ends it."""
@@ -115,32 +150,46 @@ class _CrashingStore:
     async def really_close(self) -> None:
         await self._inner.close()
 
+    def _due(self) -> bool:
+        self.commits += 1
+        return self.crash_at is not None and self.commits == self.crash_at
+
     async def create_run(
         self, run: RunRecord, first: RunWrite | None = None
     ) -> tuple[RunRecord, bool]:
         """A run stored with its first checkpoint: that checkpoint can crash too (after
         it is written; before, it is a start that failed, which its caller sees)."""
+        self._refuse()
         if first is None:
             return await self._inner.create_run(run)
-        self.commits += 1
+        due = self._due()
         self.creations.add(self.commits)
         stored = await self._inner.create_run(run, first)
-        if self.crash_at is not None and self.commits == self.crash_at:
-            self.crash_at = None
+        if due:
+            self._crash()
             self.crashed_run = run.run_id
-            self.crashed.set()
             raise LeaseLost(f"simulated crash at checkpoint {self.commits} (after write)")
         return stored
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
-        self.commits += 1
-        if self.crash_at is not None and self.commits == self.crash_at:
-            self.crash_at = None
+        self._refuse()
+        if self._due():
             if self.when == "after":
                 await self._inner.commit_run(app, run_id, fence, write)
-            self.crashed.set()
+            self._crash()
             raise LeaseLost(f"simulated crash at checkpoint {self.commits} ({self.when} write)")
         await self._inner.commit_run(app, run_id, fence, write)
+
+    async def settle_delivery(
+        self, app: str, group: str, event_id: str, settlement: Settlement
+    ) -> bool:
+        self._refuse()
+        if settlement.outcome == "done" and self._due():
+            if self.when == "after":
+                await self._inner.settle_delivery(app, group, event_id, settlement)
+            self._crash()
+            raise LeaseLost(f"simulated crash at checkpoint {self.commits} ({self.when} write)")
+        return await self._inner.settle_delivery(app, group, event_id, settlement)
 
 
 @dataclass(frozen=True)
@@ -211,6 +260,11 @@ async def crash_test(
 ) -> CrashReport:
     """Run ``workflow`` cleanly, then once per checkpoint with a crash there.
 
+    A checkpoint is a run's commit or, for a choreography (a saga deployed
+    ``choreographed``, or handlers reacting to the run's events), the completion of a
+    handler with the events it emits: each hop. The crashed worker stops there; a
+    new one on the same store takes its runs and deliveries over.
+
     Args:
         effects: returns a snapshot of the side effects (compared with the clean run's).
         reset: clears the side effects before each run.
@@ -246,18 +300,29 @@ async def crash_test(
                     if time.monotonic() > deadline:
                         raise AssertionError(f"run {handle.run_id} did not end in {timeout} s")
                     await asyncio.sleep(0.005)
-            # The "process" died; a new worker takes the run over.
+            # The "process" died; a new worker takes its work over.
+            store.revive()
             async with app:
                 outcome = await _outcome(app, handle.run_id, timeout)
             return outcome, effects() if effects else None, store.commits, store.creations
         finally:
             await store.really_close()
 
+    async def quiet(crash_at: int, when: str) -> tuple[Outcome, Any, int, set[int]]:
+        # The dying worker's failed writes are the point of the test, not news.
+        logger = logging.getLogger("cantata")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        try:
+            return await one(crash_at, when)
+        finally:
+            logger.setLevel(level)
+
     clean, clean_effects, commits, creations = await one(None, "before")
     report = CrashReport(clean, clean_effects)
     for k in range(1, commits + 1):
         for when in ("after",) if k in creations else ("before", "after"):
-            outcome, got, _, _ = await one(k, when)
+            outcome, got, _, _ = await quiet(k, when)
             same = _comparable(outcome) == _comparable(clean) and (
                 effects is None or got == clean_effects
             )

@@ -142,6 +142,7 @@ class Consumer:
         ctx = HandlerContext(
             self.engine.app, hdef.group, event, f"cantata/{self.engine.app}/{hdef.group}",
             traceparent=hooks.traceparent if hooks else None, check=self.engine.check_event,
+            store=self.engine.store,
         )
         ctx.attempt = msg.attempt
         started = time.perf_counter()

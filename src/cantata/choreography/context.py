@@ -25,6 +25,7 @@ class HandlerContext:
         source: str,
         traceparent: Callable[[], str | None] | None = None,
         check: Callable[[Event[Any]], None] | None = None,
+        store: Any = None,
     ) -> None:
         self.app = app
         self.group = group
@@ -34,6 +35,7 @@ class HandlerContext:
         self.emitted: list[Event[Any]] = []
         self._traceparent = traceparent
         self._check = check
+        self._store = store  # read by the library's own handlers (a saga's join)
 
     @property
     def correlation_id(self) -> str:

@@ -10,7 +10,7 @@ import typer
 
 from cantata.errors import CantataError
 
-from . import audit, bench, demo, events, observe, replay, runs, worker
+from . import audit, bench, compare, demo, events, observe, replay, runs, worker
 
 cli = typer.Typer(
     name="cantata",
@@ -27,6 +27,7 @@ events.register(cli)
 observe.register(cli)
 audit.register(cli)
 bench.register(cli)
+compare.register(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

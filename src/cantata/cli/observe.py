@@ -17,7 +17,7 @@ from cantata.app import App
 from cantata.errors import ConfigurationError
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
-from cantata.observability.graph import flow_mermaid, workflow_items, workflow_mermaid
+from cantata.observability.graph import code_mermaid, workflow_mermaid
 from cantata.observability.node import node_dict
 from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import fmt_seconds, render_timeline
@@ -152,9 +152,9 @@ def graph(
     elif os.environ.get("CANTATA_STORE"):
         the_app.configure(store=os.environ["CANTATA_STORE"])
     if workflow is not None:
-        known = workflow_items(the_app, workflow)
-        if known is not None:
-            typer.echo(flow_mermaid(workflow, *known), nl=False)
+        drawn = code_mermaid(the_app, workflow)
+        if drawn is not None:
+            typer.echo(drawn, nl=False)
             return
     use_store = _has_store(the_app)
 

@@ -57,7 +57,17 @@ class _DeadlinePassed(BaseException):
 
 
 class CompensatedElsewhere(Exception):
-    """Raised by a workflow whose compensation already ran outside it (choreographed saga)."""
+    """Raised by a workflow whose compensation already ran outside it (choreographed saga).
+
+    The run ends with ``status`` and the message as its error, as if it had unwound here.
+    """
+
+    def __init__(
+        self, error: str, status: RunStatus = RunStatus.COMPENSATED, flagged: bool = False
+    ) -> None:
+        super().__init__(error)
+        self.status = status
+        self.flagged = flagged
 
 
 class _Abandon(BaseException):
@@ -527,7 +537,7 @@ class RunExecution:
             await self._finish(RunStatus.FAILED, error=error_text(exc), flagged=True)
             return
         except CompensatedElsewhere as exc:
-            await self._finish(RunStatus.COMPENSATED, error=str(exc))
+            await self._finish(exc.status, error=str(exc), flagged=exc.flagged or None)
             return
         except Cancelled:
             await self._unwind(RunStatus.CANCELLED, "Cancelled: the run was cancelled")

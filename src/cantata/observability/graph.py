@@ -297,12 +297,26 @@ def workflow_items(router: Router, workflow: str) -> tuple[list[FlowItem], str] 
         return None
     spec = wdef.spec if wdef.spec is not None else getattr(wdef.fn, "__cantata_saga__", None)
     if spec is not None:
-        items = items_from_spec(spec)
+        from .sagamap import is_saga, saga_items
+
+        items = saga_items(spec) if is_saga(spec) else items_from_spec(spec)
         if items:
-            mode = getattr(spec, "mode", "")
-            return items, f"declared saga{f' ({mode})' if mode else ''}"
+            return items, "declared saga"
     items = items_from_code(wdef.fn)
     return (items, "from code (static analysis)") if items else None
+
+
+def code_mermaid(router: Router, workflow: str) -> str | None:
+    """Mermaid for ``workflow`` when its code tells its map (a saga's declaration, or
+    the ``ctx`` calls read from its source); ``None`` otherwise."""
+    wdef = router.workflows.get(workflow)
+    if wdef is not None:
+        from .sagamap import is_saga, saga_mermaid
+
+        if is_saga(wdef.spec):
+            return saga_mermaid(wdef.spec)
+    known = workflow_items(router, workflow)
+    return flow_mermaid(workflow, *known) if known is not None else None
 
 
 async def workflow_mermaid(router: Router, app: str, workflow: str, store: Store | None) -> str:
@@ -313,9 +327,9 @@ async def workflow_mermaid(router: Router, app: str, workflow: str, store: Store
         GraphUnavailable: it is known but its map can be read neither from code nor
             from a recorded run.
     """
-    known = workflow_items(router, workflow)
-    if known is not None:
-        return flow_mermaid(workflow, *known)
+    drawn = code_mermaid(router, workflow)
+    if drawn is not None:
+        return drawn
     if store is not None:
         runs = await store.list_runs(app, workflow=workflow, limit=1)
         if runs:

@@ -1,0 +1,80 @@
+"""A saga run orchestrated: the generated workflow calls the steps, stage by stage.
+
+Steps are durable calls of the run (``name#1``, as ``ctx.run`` records them), so a
+crash replays finished steps. A parallel stage runs its branches as concurrent calls
+of one run; their keys are their names, so replay does not depend on which branch
+finished first. Once every branch has ended, the compensations of those that
+finished are registered in declaration order, and the first failure in declaration
+order fails the run: the runner then undoes in reverse — the finished branches,
+then the steps before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from .calls import saga_step_def, step_args, undo_args
+from .declaration import Saga, Step
+
+if TYPE_CHECKING:
+    from ..context import WorkflowContext
+    from ..registry import StepDef
+
+
+async def run_orchestrated(saga: Saga, ctx: WorkflowContext, data: Any) -> dict[str, Any]:
+    """Run every stage in order; returns ``{step name: result}`` in declaration order."""
+    results: dict[str, Any] = {}
+    for stage in saga.stages:
+        before = dict(results)
+        calls = [_call(saga, ctx, step, data, before) for step in stage.steps]
+        if not stage.parallel:
+            value, comp = await calls[0]
+            results[stage.steps[0].name] = value
+            _register(ctx, comp, data, value)
+            continue
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for step, outcome in zip(stage.steps, outcomes, strict=True):
+            if not isinstance(outcome, BaseException):
+                value, comp = outcome
+                results[step.name] = value
+                _register(ctx, comp, data, value)
+        failure = _first_failure(outcomes)
+        if failure is not None:
+            raise failure
+    return results
+
+
+def _first_failure(outcomes: list[Any]) -> BaseException | None:
+    """The error a parallel stage ends with: an interruption (cancel, deadline, the
+    worker letting go) first, else the first failed branch in declaration order."""
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    for e in errors:
+        if not isinstance(e, Exception):
+            return e
+    return errors[0] if errors else None
+
+
+async def _call(
+    saga: Saga, ctx: WorkflowContext, step: Step, data: Any, results: dict[str, Any]
+) -> tuple[Any, StepDef | None]:
+    """Run one step durably; returns its result and its resolved compensation."""
+    sdef = await ctx._step_def(step.action, "step")
+    comp = (
+        await ctx._step_def(step.compensate, "compensation")
+        if step.compensate is not None else None
+    )
+    x = ctx._x
+    args = step_args(sdef, data, results)
+    key = x.next_key(sdef.name)
+    if x.engine.is_remote(sdef):
+        # Served by another service's workers with their own options and checks.
+        value = await x.call_step(sdef, args, key)
+    else:
+        value = await x.call_step(saga_step_def(saga, step, sdef, data, results), args, key)
+    return value, comp
+
+
+def _register(ctx: WorkflowContext, comp: StepDef | None, data: Any, value: Any) -> None:
+    if comp is not None:
+        ctx._x.compensations.append((comp, undo_args(comp, data, value)))

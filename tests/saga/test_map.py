@@ -1,0 +1,75 @@
+"""The saga's map shows its branches, its join and its compensations, the same in
+both modes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cantata import App, Parallel, Saga, Step
+from cantata.cli.main import main
+from cantata.observability.graph import workflow_mermaid
+
+from .test_modes import MODES
+
+
+def shop(mode: str) -> App:
+    app = App("shop", store="memory://")
+
+    @app.step
+    async def reserve(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def release(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def stock(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def unstock(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def fraud(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def charge(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def refund(o: dict[str, Any]) -> None: ...
+
+    app.include(Saga("order", Step(reserve, compensate=release),
+                     Parallel(Step(stock, compensate=unstock), Step(fraud), name="checks"),
+                     Step(charge, compensate=refund), mode=mode))  # type: ignore[arg-type]
+    return app
+
+
+ORCHESTRATED = shop("orchestrated")
+CHOREOGRAPHED = shop("choreographed")
+
+
+async def test_the_map_is_the_same_in_both_modes_with_branches_and_compensations() -> None:
+    maps = [await workflow_mermaid(app, "shop", "order", None)
+            for app in (ORCHESTRATED, CHOREOGRAPHED)]
+    assert maps[0] == maps[1]
+    text = maps[0]
+    for line in (
+        'n1["reserve"]', 'n2["stock"]', 'n3["fraud"]', 'n4["charge"]',
+        "start --> n1", "n1 --> n2", "n1 --> n3",  # the fork
+        'j2(("all of checks"))', "n2 --> j2", "n3 --> j2", "j2 --> n4",  # the join
+        'n4 --> finish(["completed"])',
+        'c1[/"↩ release"/]', 'c2[/"↩ unstock"/]', 'c4[/"↩ refund"/]',
+        'n2 -.->|"fails"| j2', 'n3 -.->|"fails"| j2',
+        'j2 -.->|"a branch failed"| c2', "c2 -.-> c1", 'n4 -.->|"fails"| c2',
+        "c1 -.-> undone",
+    ):
+        assert f"    {line}\n" in text, line
+    assert "c3" not in text  # fraud has no compensation
+
+
+def test_cantata_graph_prints_it(capsys: Any) -> None:
+    assert main(["graph", "tests.saga.test_map:CHOREOGRAPHED", "order"]) == 0
+    out = capsys.readouterr().out
+    assert "j2((" in out and "↩ unstock" in out
+
+
+def test_modes_are_the_two_known() -> None:
+    assert MODES == ("orchestrated", "choreographed")

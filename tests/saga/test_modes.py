@@ -1,0 +1,111 @@
+"""The same sagas in both modes, on every backend: same results passed forward, same
+statuses, same compensation order, same side effects, and a trace rooted at the run."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import cantata
+from cantata import App, RunStatus
+from tests.engine.helpers import make_app
+
+from .flows import SHAPES, build, expected_undo, step_names
+
+MODES = ("orchestrated", "choreographed")
+
+
+async def run_all(store_url: str, shape: str, mode: str) -> dict[str, Any]:
+    """Run the saga once per failure position (and once without); what each run did."""
+    ledger: dict[str, Any] = {}
+    app = make_app(store_url, name=f"saga-{shape}-{mode}")
+    build(app, shape, mode, ledger)
+    cases: list[str | None] = [None, *step_names(shape)]
+    seen: dict[str, Any] = {}
+    async with app:
+        handles = [await app.start("order", {"id": i, "fail": fail})
+                   for i, fail in enumerate(cases)]
+        for i, (fail, handle) in enumerate(zip(cases, handles, strict=True)):
+            try:
+                outcome: Any = ("completed", await handle.result(timeout=30))
+            except cantata.WorkflowError as exc:
+                outcome = (exc.status, exc.error)
+            info = await handle.info()
+            root = await app.trace(handle.run_id)
+            calls = sorted((v for k, v in ledger.items()
+                            if k.startswith(handle.run_id)), key=repr)
+            seen[str(fail)] = {
+                "outcome": outcome, "status": str(info.status), "flagged": info.flagged,
+                "calls": calls, "undo": ledger.get(f"order:{i}", []),
+                "trace": (root.kind, root.name, str(root.status)),
+                "trace_steps": trace_steps(root),
+            }
+    return seen
+
+
+def trace_steps(root: Any) -> list[str]:
+    """The steps and compensations a trace shows: nodes of the run's own steps when
+    orchestrated, the services' handlers (named as the steps they run) when
+    choreographed; a parallel stage's join is the choreography's own."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if node.kind in ("step", "compensation", "handler") and not node.name.startswith("join"):
+            names.add(node.name)
+        for child in node.children:
+            walk(child)
+
+    walk(root)
+    return sorted(names)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_both_modes_do_the_same_at_every_failure_position(
+    store_url: str, shape: str
+) -> None:
+    orchestrated, choreographed = await asyncio.gather(
+        *(run_all(store_url, shape, mode) for mode in MODES)
+    )
+    assert orchestrated == choreographed
+    names = step_names(shape)
+    ok = orchestrated["None"]
+    assert ok["outcome"] == ("completed", {n: {"id": f"{n}-0"} for n in names})
+    assert ok["status"] == RunStatus.COMPLETED and ok["trace"] == ("run", "order", "completed")
+    # results flow forward: each step got the results of the steps before it (only)
+    given = {name: dict(results) for name, _, results in ok["calls"]}
+    if shape == "sequential":
+        assert given == {"reserve": {}, "charge": {"reserve": {"id": "reserve-0"}},
+                         "ship": {"reserve": {"id": "reserve-0"}, "charge": {"id": "charge-0"}}}
+    else:
+        before_checks = {"reserve": {"id": "reserve-0"}}
+        assert given["stock"] == given["fraud"] == before_checks
+        assert given["charge"] == {**before_checks, "stock": {"id": "stock-0"},
+                                   "fraud": {"id": "fraud-0"}}
+    for i, fail in enumerate(names, 1):
+        got = orchestrated[fail]
+        undo = expected_undo(shape, fail)
+        status = "compensated" if undo else "failed"
+        assert got["outcome"] == (status, f"StepFailed: step {fail} failed after 1 attempt(s): "
+                                          f"ValueError: {fail} refused order {i}")
+        assert got["status"] == status and not got["flagged"]
+        assert got["undo"] == undo
+        # the trace shows the steps that ran and the compensations that ran, no other
+        ran = names[: names.index(fail) + 1]
+        if fail in ("stock", "fraud"):
+            ran = names[:3]  # the other branch ran too
+        assert got["trace_steps"] == sorted([*ran, *(f"undo_{n}" for n in undo)])
+        # each compensation got the result of the step it undoes
+        undone = {name.removeprefix("undo "): result for name, _, result in got["calls"]
+                  if name.startswith("undo ")}
+        assert undone == {n: {"id": f"{n}-{i}"} for n in undo}
+
+
+async def run_one(app: App, data: dict[str, Any]) -> tuple[str, Any]:
+    async with app:
+        handle = await app.start("order", data)
+        try:
+            return "completed", await handle.result(timeout=30)
+        except cantata.WorkflowError as exc:
+            return exc.status, exc.error
