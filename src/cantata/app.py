@@ -24,7 +24,7 @@ from cantata.errors import (
     StoreReadOnly,
     UnknownWorkflow,
 )
-from cantata.model import codec
+from cantata.model import codec, secrets
 from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
 from cantata.model.status import RunStatus
@@ -83,6 +83,9 @@ class App(Router):
         self._broker_spec = broker if broker is not None else os.environ.get(
             "CANTATA_BROKER", DEFAULT_BROKER
         )
+        for spec in (self._store_spec, self._broker_spec):
+            if isinstance(spec, str):
+                secrets.remember(spec)
         self.clock = clock or SystemClock()
         self.lease = lease
         self.poll_interval = poll_interval

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from cantata.model import secrets
+
 
 class CantataError(Exception):
-    """Root of every error raised by Cantata."""
+    """Root of every error raised by Cantata.
+
+    Its text never shows a password: URLs and known secrets are masked.
+    """
 
     code = "cantata_error"
+
+    def __str__(self) -> str:
+        return secrets.mask(super().__str__())
 
 
 # -- configuration and input ------------------------------------------------

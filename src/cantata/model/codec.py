@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import functools
 import inspect
+import math
 import os
 import time
 import typing
@@ -33,11 +34,36 @@ def _default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+def _nonfinite_path(value: Any, path: str = "") -> str | None:
+    """Where ``value`` holds a NaN or an infinity (``None`` if nowhere).
+
+    orjson writes both as ``null``: the value would come back changed, silently.
+    """
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path or "the value")
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = enumerate(value)
+    elif isinstance(value, pydantic.BaseModel):
+        items = value.model_dump().items()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    else:
+        return None
+    for key, item in items:
+        found = _nonfinite_path(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 def dumps(value: Any, what: str = "value") -> str:
     """Encode ``value`` as JSON text.
 
     Raises:
-        SerializationError: naming ``what`` and the offending type.
+        SerializationError: naming ``what`` and the offending type, or where it holds
+            a NaN or an infinity (JSON has neither).
     """
     try:
         data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
@@ -46,6 +72,14 @@ def dumps(value: Any, what: str = "value") -> str:
             f"{what} is not JSON-serialisable ({exc}); pass plain JSON values (dict, list, "
             "str, int, float, bool, None), pydantic models or dataclasses"
         ) from None
+    # NaN and infinities come out as null: look for them only when a null was written.
+    if b"null" in data:
+        where = _nonfinite_path(value)
+        if where is not None:
+            raise SerializationError(
+                f"{what} holds a NaN or infinite number at {where}; JSON has neither: "
+                "send None or a string such as 'NaN' instead"
+            )
     if len(data) > MAX_PAYLOAD_BYTES:
         raise SerializationError(
             f"{what} is {len(data)} bytes of JSON, over the {MAX_PAYLOAD_BYTES} byte limit; "
