@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from cantata import App, SerializationError
 from cantata.model import codec
 
-json_leaf = st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text() | st.floats()
+json_leaf = (
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.text() | st.floats()
+)
 json_values = st.recursive(
     json_leaf,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
