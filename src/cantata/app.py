@@ -8,7 +8,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cantata.broker.base import Broker
@@ -20,6 +20,7 @@ from cantata.engine.registry import Router, workflow_name
 from cantata.engine.worker import Engine, new_worker_id
 from cantata.errors import (
     ConfigurationError,
+    DuplicateEventId,
     EventsRefused,
     StoreReadOnly,
     UnknownWorkflow,
@@ -27,6 +28,7 @@ from cantata.errors import (
 from cantata.model import codec, secrets
 from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
+from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
 
@@ -55,6 +57,11 @@ class App(Router):
         lease: seconds after which work of a silent worker is taken over.
         poll_interval: seconds between looks for work committed by other processes.
         services: serve only these services' workflows, steps and handler groups.
+        signing_keys: key id -> secret; events this app publishes or emits are signed
+            (HMAC-SHA256) with ``signing_key_id`` and verified with any listed key.
+        signing_key_id: the key that signs (default: the first of ``signing_keys``).
+        require_signatures: dead-letter unsigned or forged events before any handler,
+            trigger or wait sees them.
     """
 
     def __init__(
@@ -68,6 +75,9 @@ class App(Router):
         poll_interval: float = 0.2,
         services: Iterable[str] | None = None,
         concurrency: int = 256,
+        signing_keys: Mapping[str, str | bytes] | None = None,
+        signing_key_id: str | None = None,
+        require_signatures: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -91,6 +101,7 @@ class App(Router):
         self.poll_interval = poll_interval
         self.services = frozenset(services) if services is not None else None
         self.concurrency = concurrency
+        self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._engine: Engine | None = None
@@ -176,6 +187,7 @@ class App(Router):
         self._engine = Engine(
             self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
             poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
+            signer=self.signer,
         )
         self._engine.check_event = functools.partial(broker.check_event, self.name)
         declarations = self._declarations()
@@ -197,6 +209,13 @@ class App(Router):
 
     async def _serve(self) -> None:
         engine = self.engine
+        unverifiable = [h.name for h in self.handlers if h.require_signature]
+        if unverifiable and not self.signer:
+            raise ConfigurationError(
+                f"handler(s) {', '.join(unverifiable)} require signed events but app "
+                f"{self.name!r} has no signing_keys to verify them: "
+                "App(signing_keys={'k1': secret})"
+            )
         await engine.start_serving()
         assert self._broker is not None
         self._consumer = Consumer(
@@ -343,21 +362,32 @@ class App(Router):
     ) -> Event[Any]:
         """Publish an event (committed to the log, then delivered to every group).
 
-        Its correlation id defaults to its own id (a new business transaction).
+        Its correlation id defaults to its own id (a new business transaction). An
+        ``id`` already used by an event with the same content is a duplicate: nothing
+        is published again and the stored event comes back with ``duplicate=True``.
+
+        Raises:
+            DuplicateEventId: ``id`` was used by an event with different content.
+            SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
         """
         check_type(type)
         for attr, value in (("id", id), ("subject", subject), ("source", source),
                             ("correlation_id", correlation_id)):
             check_attribute(attr, value)
-        extra = {"id": id} if id is not None else {}
         event = Event(
             type=type,
             data=codec.loads(codec.dumps(data, f"data of event {type}")),
             source=source or f"cantata/{self.name}",
             subject=subject,
-            **extra,
         )
+        if id is not None:
+            event = dataclasses.replace(event, id=id)
         event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
+        if id is not None:
+            earlier = await self.store.get_event(self.name, id)
+            if earlier is not None:
+                return self._duplicate(earlier, event)
+        event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
                 event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
@@ -367,6 +397,19 @@ class App(Router):
         if counts and counts[0] == 0:
             await self._check_orphan(event)
         return event
+
+    def _duplicate(self, earlier: Event[Any], event: Event[Any]) -> Event[Any]:
+        """The stored event when ``event`` repeats it, or :class:`DuplicateEventId`."""
+        def content(e: Event[Any]) -> tuple[Any, ...]:
+            return (e.type, e.source, e.subject, e.data, e.correlation_id)
+
+        if content(earlier) != content(event):
+            raise DuplicateEventId(
+                f"event id {event.id!r} was already used by a {earlier.type} event "
+                f"published at {earlier.time} with other content (data {earlier.data!r}); "
+                f"this {event.type} event (data {event.data!r}) was refused: use a new id"
+            )
+        return dataclasses.replace(earlier, duplicate=True)
 
     async def _check_orphan(self, event: Event[Any]) -> None:
         from cantata.choreography.orphans import check_orphans

@@ -75,6 +75,30 @@ class InvalidEvent(CantataError):
     code = "invalid_event"
 
 
+class SignatureMissing(InvalidEvent):
+    """Signatures are required and the event carries none."""
+
+    code = "signature_missing"
+
+
+class SignatureInvalid(InvalidEvent):
+    """An event's signature does not verify with any of the app's keys (forged)."""
+
+    code = "signature_invalid"
+
+
+class DuplicateEventId(InvalidEvent):
+    """An event id already used by an event with different content."""
+
+    code = "duplicate_event_id"
+
+
+class PayloadTooLarge(SerializationError):
+    """An argument, result or event is larger than the app's ``max_payload``."""
+
+    code = "payload_too_large"
+
+
 class DeadLetterNotFound(CantataError):
     """No dead letter with that id exists."""
 

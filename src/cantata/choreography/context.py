@@ -25,6 +25,7 @@ class HandlerContext:
         source: str,
         traceparent: Callable[[], str | None] | None = None,
         check: Callable[[Event[Any]], None] | None = None,
+        sign: Callable[[Event[Any]], Event[Any]] | None = None,
     ) -> None:
         self.app = app
         self.group = group
@@ -34,6 +35,7 @@ class HandlerContext:
         self.emitted: list[Event[Any]] = []
         self._traceparent = traceparent
         self._check = check
+        self._sign = sign
 
     @property
     def correlation_id(self) -> str:
@@ -53,6 +55,8 @@ class HandlerContext:
             causation_id=self.event.id,
             traceparent=(self._traceparent and self._traceparent()) or self.event.traceparent,
         )
+        if self._sign is not None:
+            event = self._sign(event)
         if self._check is not None:
             self._check(event)  # what the broker would refuse fails the handler here
         self.emitted.append(event)

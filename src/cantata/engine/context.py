@@ -204,6 +204,7 @@ class WorkflowContext:
             causation_id=x.run.run_id,
             traceparent=x.engine.traceparent_for(x.run),
         )
+        event = x.engine.signer.sign(event)
         x.engine.check_event(event)
         now = x.engine.clock.now()
         entry = x.new_entry(key, EMIT, type, ENTRY_COMPLETED, result=event.to_json().decode(),
@@ -262,7 +263,7 @@ class WorkflowContext:
                     exclude=sorted(x.consumed_events), limit=limit,
                 )
                 for ev in events:
-                    if match_data(ev.data, match):
+                    if match_data(ev.data, match) and engine.signer.accepts(ev):
                         found.append(ev)
                         return True
                 if len(events) < limit:

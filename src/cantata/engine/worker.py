@@ -17,6 +17,7 @@ from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import Declaration, RunRecord
+from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
@@ -83,6 +84,7 @@ class Engine:
         poll_interval: float,
         services: frozenset[str] | None = None,
         hooks: Hooks | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.app = app
         self.router = router
@@ -95,6 +97,7 @@ class Engine:
         self.services = services
         self.metrics = Metrics()
         self.hooks = hooks if hooks is not None else Hooks()
+        self.signer = signer if signer is not None else Signer(None)
         self.serving = False
         self.executions: dict[str, RunExecution] = {}
         self._tasks: set[asyncio.Task[Any]] = set()

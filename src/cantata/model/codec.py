@@ -7,6 +7,7 @@ function declares (a parameter's or a return annotation) when there is one.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import functools
@@ -31,6 +32,9 @@ def _default(value: Any) -> Any:
         return value.model_dump(mode="json")
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=repr)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        # binary event data (CloudEvents data_base64) is kept as its base64 text
+        return base64.b64encode(bytes(value)).decode("ascii")
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
