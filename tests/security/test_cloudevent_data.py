@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 
 import orjson
 import pytest
@@ -71,10 +72,8 @@ def test_data_and_data_base64_agree(data: object) -> None:
 
 @given(st.binary(max_size=300))
 def test_garbage_never_escapes_as_another_error(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(InvalidEvent):
         Event.from_json(raw)
-    except InvalidEvent:
-        pass
 
 
 @given(st.dictionaries(st.sampled_from(

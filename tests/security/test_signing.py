@@ -139,7 +139,7 @@ async def test_a_used_id_is_a_duplicate_or_refused(store_url: str) -> None:
         again = await app.publish("payment.charged", {"amount": 99}, id="pay-1")
         assert again.duplicate and not first.duplicate
         assert again.id == first.id and again.data == first.data
-        with pytest.raises(DuplicateEventId, match="pay-1.*other content"):
+        with pytest.raises(DuplicateEventId, match=r"pay-1.*other content"):
             await app.publish("payment.charged", {"amount": 0}, id="pay-1")
         await eventually(lambda: seen, what="handled")
         assert seen == [{"amount": 99}]
