@@ -30,6 +30,7 @@ from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
+from cantata.store.audit import AuditKey
 from cantata.store.base import Store
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class App(Router):
         signing_key_id: the key that signs (default: the first of ``signing_keys``).
         require_signatures: dead-letter unsigned or forged events before any handler,
             trigger or wait sees them.
+        audit_key: keys the audit chain (HMAC-SHA256) so that it cannot be rewritten
+            without the key; defaults to ``$CANTATA_AUDIT_KEY``. Keep it outside the store.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class App(Router):
         signing_keys: Mapping[str, str | bytes] | None = None,
         signing_key_id: str | None = None,
         require_signatures: bool = False,
+        audit_key: str | bytes | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -102,6 +106,8 @@ class App(Router):
         self.services = frozenset(services) if services is not None else None
         self.concurrency = concurrency
         self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
+        key = audit_key if audit_key is not None else os.environ.get("CANTATA_AUDIT_KEY")
+        self.audit_key = AuditKey(key) if key else None
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._engine: Engine | None = None
@@ -169,6 +175,7 @@ class App(Router):
             else self._store_spec
         )
         await store.open()
+        store.set_audit_key(self.name, self.audit_key)
         broker = (
             broker_from_url(self._broker_spec) if isinstance(self._broker_spec, str)
             else self._broker_spec

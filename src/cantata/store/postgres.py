@@ -229,7 +229,7 @@ class PostgresStore:
             await self._db.notify(c, app, CANCEL)
             await ops.audit_append(c, app, audit.cancel_entry(
                 run_id, actor, str(run.status), status != "UPDATE 0"
-            ))
+            ), self._w.audit_keys.get(app))
         return run
 
     async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
@@ -367,7 +367,8 @@ class PostgresStore:
             )
             await self._db.notify(c, app, EVENTS)
             await ops.audit_append(
-                c, app, audit.replay_entry(row[1], row[2], dead_letter_id, actor)
+                c, app, audit.replay_entry(row[1], row[2], dead_letter_id, actor),
+                self._w.audit_keys.get(app),
             )
         return dead_letter_row(row, event_row(ev_row))
 
@@ -460,14 +461,33 @@ class PostgresStore:
         async with self._db.conn() as c:
             return await ops.audit_records(c, app, after_seq, limit)
 
-    async def verify_audit(self, app: str) -> AuditReport:
+    def set_audit_key(self, app: str, key: audit.AuditKey | None) -> None:
+        if key is None:
+            self._w.audit_keys.pop(app, None)
+        else:
+            self._w.audit_keys[app] = key
+
+    async def audit_head(self, app: str) -> tuple[int, str] | None:
         async with self._db.conn() as c:
-            head = await ops.audit_head(c, app)
+            return await ops.audit_head(c, app)
+
+    async def verify_audit(
+        self, app: str, *, key: audit.AuditKey | None = None,
+        head: tuple[int, str] | None = None,
+    ) -> AuditReport:
+        recorded = await self.audit_head(app)
 
         async def fetch(after: int) -> list[AuditRecord]:
             return await self.audit_records(app, after_seq=after, limit=audit.PAGE)
 
-        return await audit.verify_chain(fetch, head, subject=f"app {app!r}")
+        async def unaudited() -> tuple[list[str], list[str]]:
+            async with self._db.conn() as c:
+                return await ops.unaudited_runs(c, app, key is not None)
+
+        return await audit.verify_all(
+            fetch, recorded, subject=f"app {app!r}", key=key, exported=head,
+            unaudited=unaudited,
+        )
 
     # -- apps and observability ---------------------------------------------------------
 

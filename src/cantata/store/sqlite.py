@@ -59,7 +59,7 @@ from cantata.store.sqlite_ops import (
     event_row,
     run_row,
 )
-from cantata.store.sqlite_thread import ConnectionThread
+from cantata.store.sqlite_thread import ConnectionThread, TxConnection
 
 TASK_OUTCOMES = ("done", "failed", "retry")
 
@@ -101,6 +101,7 @@ class SQLiteStore:
         self._listeners: list[ChangeListener] = []
         self._thread: ConnectionThread | None = None
         self._subs_cache: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+        self._audit_keys: dict[str, audit.AuditKey] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -109,9 +110,13 @@ class SQLiteStore:
         that cannot be written is opened read-only (writes then raise StoreReadOnly)."""
         if self._thread is not None:
             return
+        def keyed_connect() -> TxConnection:
+            conn = connect(self.path, self.url, self.synchronous, create=self.create)
+            conn.audit_keys = self._audit_keys
+            return conn
+
         thread = ConnectionThread(
-            lambda: connect(self.path, self.url, self.synchronous, create=self.create),
-            self._notify, name=f"cantata-sqlite:{self.path}",
+            keyed_connect, self._notify, name=f"cantata-sqlite:{self.path}",
             translate=lambda exc: sqlite_fault(exc, self.path),
         )
         thread.start()
@@ -716,13 +721,28 @@ class SQLiteStore:
     ) -> list[AuditRecord]:
         return await self._t.read(lambda c: ops.audit_records(c, app, after_seq, limit))
 
-    async def verify_audit(self, app: str) -> AuditReport:
-        head = await self._t.read(lambda c: ops.audit_head(c, app))
+    def set_audit_key(self, app: str, key: audit.AuditKey | None) -> None:
+        if key is None:
+            self._audit_keys.pop(app, None)
+        else:
+            self._audit_keys[app] = key
+
+    async def audit_head(self, app: str) -> tuple[int, str] | None:
+        return await self._t.read(lambda c: ops.audit_head(c, app))
+
+    async def verify_audit(
+        self, app: str, *, key: audit.AuditKey | None = None,
+        head: tuple[int, str] | None = None,
+    ) -> AuditReport:
+        recorded = await self.audit_head(app)
 
         async def fetch(after: int) -> list[AuditRecord]:
             return await self.audit_records(app, after_seq=after, limit=audit.PAGE)
 
-        return await audit.verify_chain(fetch, head, subject=f"app {app!r}")
+        return await audit.verify_all(
+            fetch, recorded, subject=f"app {app!r}", key=key, exported=head,
+            unaudited=lambda: self._t.read(lambda c: ops.unaudited_runs(c, app, key is not None)),
+        )
 
     # -- apps and observability ---------------------------------------------------------
 
