@@ -63,6 +63,11 @@ class App(Router):
         signing_key_id: the key that signs (default: the first of ``signing_keys``).
         require_signatures: dead-letter unsigned or forged events before any handler,
             trigger or wait sees them.
+        max_payload: the most bytes of JSON one argument, result or event may take;
+            larger ones are refused with ``PayloadTooLarge`` naming both sizes.
+        offload_above: events larger than this many bytes travel on the broker as a
+            reference to their copy in the store (claim check), and ``max_payload`` no
+            longer bounds what the store keeps.
         audit_key: keys the audit chain (HMAC-SHA256) so that it cannot be rewritten
             without the key; defaults to ``$CANTATA_AUDIT_KEY``. Keep it outside the store.
     """
@@ -82,6 +87,8 @@ class App(Router):
         signing_key_id: str | None = None,
         require_signatures: bool = False,
         audit_key: str | bytes | None = None,
+        max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
+        offload_above: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -108,6 +115,13 @@ class App(Router):
         self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
         key = audit_key if audit_key is not None else os.environ.get("CANTATA_AUDIT_KEY")
         self.audit_key = AuditKey(key) if key else None
+        for what, limit in (("max_payload", max_payload), ("offload_above", offload_above)):
+            if limit is not None and (not isinstance(limit, int) or limit < 1024):
+                raise ConfigurationError(
+                    f"{what} must be a whole number of bytes >= 1024, got {limit!r}"
+                )
+        self.max_payload = max_payload
+        self.offload_above = offload_above
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._engine: Engine | None = None
@@ -195,6 +209,7 @@ class App(Router):
             self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
             poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
             signer=self.signer,
+            max_payload=self.max_payload if self.offload_above is None else None,
         )
         self._engine.check_event = functools.partial(broker.check_event, self.name)
         declarations = self._declarations()
@@ -383,7 +398,9 @@ class App(Router):
             check_attribute(attr, value)
         event = Event(
             type=type,
-            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            data=codec.loads(
+                codec.dumps(data, f"data of event {type}", limit=self.engine.max_payload)
+            ),
             source=source or f"cantata/{self.name}",
             subject=subject,
         )

@@ -152,6 +152,7 @@ class Consumer:
             self.engine.app, hdef.group, event, f"cantata/{self.engine.app}/{hdef.group}",
             traceparent=hooks.traceparent if hooks else None, check=self.engine.check_event,
             sign=self.engine.signer.sign if self.engine.signer else None,
+            max_payload=self.engine.max_payload,
         )
         ctx.attempt = msg.attempt
         started = time.perf_counter()

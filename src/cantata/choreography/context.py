@@ -26,6 +26,7 @@ class HandlerContext:
         traceparent: Callable[[], str | None] | None = None,
         check: Callable[[Event[Any]], None] | None = None,
         sign: Callable[[Event[Any]], Event[Any]] | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self.app = app
         self.group = group
@@ -36,6 +37,7 @@ class HandlerContext:
         self._traceparent = traceparent
         self._check = check
         self._sign = sign
+        self._max_payload = max_payload
 
     @property
     def correlation_id(self) -> str:
@@ -48,7 +50,9 @@ class HandlerContext:
         check_attribute("subject", subject)
         event = Event(
             type=type,
-            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            data=codec.loads(
+                codec.dumps(data, f"data of event {type}", limit=self._max_payload)
+            ),
             source=self._source,
             subject=subject if subject is not None else self.event.subject,
             correlation_id=self.correlation_id,

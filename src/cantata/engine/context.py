@@ -121,7 +121,9 @@ class WorkflowContext:
         comp = (
             await self._step_def(compensate, "compensation") if compensate is not None else None
         )
-        plain = codec.loads(codec.dumps(list(args), f"arguments of step {sdef.name}"))
+        plain = codec.loads(codec.dumps(
+            list(args), f"arguments of step {sdef.name}", limit=self._x.engine.max_payload
+        ))
         x = self._x
         key = x.next_key(sdef.name)
         value = await x.call_step(sdef, plain, key)
@@ -196,7 +198,9 @@ class WorkflowContext:
         await x.check_new_call(key)
         event = Event(
             type=type,
-            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            data=codec.loads(
+                codec.dumps(data, f"data of event {type}", limit=x.engine.max_payload)
+            ),
             id=str(_uuid.uuid5(_uuid.NAMESPACE_URL, f"cantata:{x.run.run_id}:{key}")),
             source=f"cantata/{x.run.app}/{x.wdef.name}",
             subject=subject,

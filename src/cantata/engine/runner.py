@@ -337,7 +337,9 @@ class RunExecution:
             write = RunWrite()
             try:
                 value = await self._execute(sdef, args, key, n, kind)
-                result = codec.dumps(value, f"result of step {sdef.name}")
+                result = codec.dumps(
+                    value, f"result of step {sdef.name}", limit=self.engine.max_payload
+                )
             except Exception as exc:
                 attempt.ended_at = clock.now()
                 attempt.error_type, attempt.error = type(exc).__name__, str(exc)
@@ -520,7 +522,9 @@ class RunExecution:
             if self.divergence is not None:
                 raise self.divergence
             self._check_all_replayed()
-            result = codec.dumps(value, f"result of workflow {self.wdef.name}")
+            result = codec.dumps(
+                value, f"result of workflow {self.wdef.name}", limit=self.engine.max_payload
+            )
         except (_Abandon, asyncio.CancelledError):
             raise
         except NonDeterminismError as exc:

@@ -113,7 +113,7 @@ class TaskServer:
             value = await invoke_step(
                 sdef, codec.loads(rec.args), rec.run_id, rec.key, n
             )
-            result = codec.dumps(value, f"result of step {sdef.name}")
+            result = codec.dumps(value, f"result of step {sdef.name}", limit=engine.max_payload)
         except Exception as exc:
             attempt.ended_at = clock.now()
             attempt.error_type, attempt.error = type(exc).__name__, str(exc)

@@ -85,6 +85,7 @@ class Engine:
         services: frozenset[str] | None = None,
         hooks: Hooks | None = None,
         signer: Signer | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self.app = app
         self.router = router
@@ -98,6 +99,8 @@ class Engine:
         self.metrics = Metrics()
         self.hooks = hooks if hooks is not None else Hooks()
         self.signer = signer if signer is not None else Signer(None)
+        # bytes of JSON one argument, result or event may take (None: the store's bound)
+        self.max_payload = max_payload
         self.serving = False
         self.executions: dict[str, RunExecution] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -181,7 +184,9 @@ class Engine:
     ) -> RunRecord:
         """Store a new run (or return the one with that idempotency key) and start it here
         when this process serves the workflow."""
-        args_json = codec.dumps(list(args), f"arguments of workflow {workflow}")
+        args_json = codec.dumps(
+            list(args), f"arguments of workflow {workflow}", limit=self.max_payload
+        )
         run_id = codec.new_id()
         now = self.clock.now()
         local = self.serving and self.serves(workflow)

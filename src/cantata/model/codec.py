@@ -22,9 +22,12 @@ from typing import Any
 import orjson
 import pydantic
 
-from cantata.errors import SerializationError
+from cantata.errors import PayloadTooLarge, SerializationError
 
+#: The most JSON one value may take in any store (SQLite's practical bound).
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+#: ``App(max_payload=...)``'s default: what NATS accepts in one message by default.
+DEFAULT_MAX_PAYLOAD = 1_048_576
 
 
 def _default(value: Any) -> Any:
@@ -62,12 +65,16 @@ def _nonfinite_path(value: Any, path: str = "") -> str | None:
     return None
 
 
-def dumps(value: Any, what: str = "value") -> str:
+def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
     """Encode ``value`` as JSON text.
+
+    Args:
+        limit: the app's ``max_payload`` in bytes (``None``: only the store's bound).
 
     Raises:
         SerializationError: naming ``what`` and the offending type, or where it holds
             a NaN or an infinity (JSON has neither).
+        PayloadTooLarge: the JSON is over ``limit`` (or the store's bound).
     """
     try:
         data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
@@ -84,10 +91,16 @@ def dumps(value: Any, what: str = "value") -> str:
                 f"{what} holds a NaN or infinite number at {where}; JSON has neither: "
                 "send None or a string such as 'NaN' instead"
             )
+    if limit is not None and len(data) > limit:
+        raise PayloadTooLarge(
+            f"{what} is {len(data)} bytes of JSON, over the app's max_payload of {limit} "
+            "bytes: pass a reference to data stored elsewhere, raise App(max_payload=...), "
+            "or set App(offload_above=...) to keep large payloads in the store"
+        )
     if len(data) > MAX_PAYLOAD_BYTES:
-        raise SerializationError(
-            f"{what} is {len(data)} bytes of JSON, over the {MAX_PAYLOAD_BYTES} byte limit; "
-            "store large payloads elsewhere and pass a reference"
+        raise PayloadTooLarge(
+            f"{what} is {len(data)} bytes of JSON, over the store's {MAX_PAYLOAD_BYTES} byte "
+            "limit: store large payloads elsewhere and pass a reference"
         )
     return data.decode()
 
