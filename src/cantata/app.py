@@ -223,7 +223,10 @@ class App(Router):
         if broker.relays_outbox:
             from cantata.broker.relay import OutboxRelay
 
-            self._relay = OutboxRelay(store, broker, self.name)
+            self._relay = OutboxRelay(
+                store, broker, self.name,
+                on_relayed=lambda events: self.hooks.notify("relayed", events),
+            )
             await self._relay.start()
         if serve:
             await self._serve()

@@ -177,6 +177,8 @@ class Consumer:
             self.engine.metrics.handled += 1
             if ctx.emitted:
                 self.on_emitted(ctx.emitted)
+                if hooks:
+                    hooks.notify("emitted", ctx.emitted, "handler")
                 try:
                     await check_orphans(self.engine, ctx.emitted)
                 except Exception as exc:  # the delivery is settled: only the report failed

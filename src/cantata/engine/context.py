@@ -214,6 +214,8 @@ class WorkflowContext:
         entry = x.new_entry(key, EMIT, type, ENTRY_COMPLETED, result=event.to_json().decode(),
                             started_at=now, ended_at=now)
         await x.commit(RunWrite(entries=[entry], events=[event]))
+        if x.engine.hooks:
+            x.engine.hooks.notify("emitted", [event], "workflow")
         await check_orphans(x.engine, [event])
         return event
 

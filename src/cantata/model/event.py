@@ -99,6 +99,13 @@ def _data_of(ce: dict[str, Any]) -> Any:
     return raw
 
 
+def like_pattern(pattern: str) -> str:
+    """A SQL ``LIKE`` pattern (escape ``\\``) that every type ``pattern`` matches satisfies;
+    rows it finds must still be checked with :func:`matches` (``%`` spans dots)."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%")
+
+
 def matches(pattern: str, event_type: str) -> bool:
     """True if ``event_type`` matches ``pattern`` (``*`` stands for exactly one token)."""
     if "*" not in pattern:

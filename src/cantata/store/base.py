@@ -228,7 +228,10 @@ class Store(Protocol):
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
     ) -> list[Event[Any]]:
-        """Events of ``event_type`` stored at or after ``since``, oldest first."""
+        """Events of ``event_type`` stored at or after ``since``, oldest first.
+
+        ``event_type`` may be a pattern with one-token wildcards (``order.*``).
+        """
 
     async def claim_deliveries(
         self,

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
-from cantata.model.event import Event
+from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
     Attempt,
     AuditRecord,
@@ -283,12 +283,16 @@ class PostgresStore:
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
     ) -> list[Event[Any]]:
+        wildcard = "*" in event_type
         rows = await self._db.fetch(
-            f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND type=$2 AND stored_at>=$3 "
-            "AND NOT (id = ANY($4::text[])) ORDER BY seq LIMIT $5",
-            app, event_type, since, list(exclude), limit,
+            f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND "
+            + ("type LIKE $2 ESCAPE '\\'" if wildcard else "type=$2")
+            + " AND stored_at>=$3 AND NOT (id = ANY($4::text[])) ORDER BY seq LIMIT $5",
+            app, like_pattern(event_type) if wildcard else event_type, since, list(exclude),
+            limit,
         )
-        return [event_row(r) for r in rows]
+        found = [event_row(r) for r in rows]
+        return [e for e in found if matches(event_type, e.type)] if wildcard else found
 
     async def claim_deliveries(
         self,

@@ -18,7 +18,7 @@ from cantata.errors import (
     StoreUnavailable,
 )
 from cantata.model import codec
-from cantata.model.event import Event, matches
+from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
     DELIVERY_PENDING,
     Attempt,
@@ -488,15 +488,20 @@ class SQLiteStore:
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
     ) -> list[Event[Any]]:
         skip = list(exclude)
+        wildcard = "*" in event_type
         sql = (
-            f"SELECT {EVENT_COLS} FROM events WHERE app=? AND type=? AND stored_at>=?"
+            f"SELECT {EVENT_COLS} FROM events WHERE app=? AND "
+            + ("type LIKE ? ESCAPE '\\'" if wildcard else "type=?")
+            + " AND stored_at>=?"
             + (f" AND id NOT IN ({','.join('?' * len(skip))})" if skip else "")
             + " ORDER BY seq LIMIT ?"
         )
+        wanted = like_pattern(event_type) if wildcard else event_type
         rows = await self._t.read(
-            lambda c: c.execute(sql, (app, event_type, since, *skip, limit)).fetchall()
+            lambda c: c.execute(sql, (app, wanted, since, *skip, limit)).fetchall()
         )
-        return [event_row(r) for r in rows]
+        found = [event_row(r) for r in rows]
+        return [e for e in found if matches(event_type, e.type)] if wildcard else found
 
     async def claim_deliveries(
         self,
