@@ -150,12 +150,6 @@ class StoreReadOnly(StoreError):
     code = "store_read_only"
 
 
-class PayloadTooLarge(CantataError):
-    """An event (or argument, result) is larger than the limit that applies to it."""
-
-    code = "payload_too_large"
-
-
 class EventsRefused(BrokerError):
     """The broker refused some events of a publish for good (size, subject): the
     others were published. ``refused`` maps each refused event id to the reason."""

@@ -76,7 +76,7 @@ def test_cli_errors_hide_the_password(capsys: pytest.CaptureFixture[str]) -> Non
                  ["trace", "abc", "--app", "shop", "--store", url],
                  ["run", "abc", "--app", "shop", "--store", url],
                  ["runs", "--app", "shop", "--store", url + "?password=" + SECRET],
-                 ["runs", "--app", "shop", "--store", "postgresql://[bad:" + SECRET]):
+                 ["runs", "--app", "shop", "--store", f"postgresql://u:{SECRET}@[bad"]):
         code = main(args)
         out, err = capsys.readouterr()
         assert code != 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from cantata.errors import ConfigurationError
 from cantata.model import secrets
@@ -15,8 +15,8 @@ def mask_url(url: str) -> str:
     try:
         urlsplit(url).port  # noqa: B018 - parses host and port, as a driver would
     except ValueError:  # not parseable (postgresql://[bad): hide whatever is after '//'
-        head, sep, _ = url.partition("://")
-        return f"{head}{sep}***" if sep else "***"
+        head, sep, rest = url.partition("://")
+        return f"{head}{sep}{'***' if '@' in rest else rest}"
     return secrets.mask(url)
 
 
