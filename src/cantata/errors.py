@@ -39,6 +39,13 @@ class RegistrationError(ConfigurationError):
     code = "registration"
 
 
+class NonRetryable(CantataError):
+    """Raise it from a step or handler when another attempt cannot help (a declined
+    card, a malformed order): the failure is final at once, whatever the Retry says."""
+
+    code = "non_retryable"
+
+
 class SerializationError(CantataError):
     """A value cannot be turned into JSON (or back into the declared type)."""
 

@@ -15,7 +15,6 @@ from cantata.errors import (
     DeadlineExceeded,
     LeaseLost,
     NonDeterminismError,
-    SerializationError,
     StepFailed,
     StoreError,
     error_text,
@@ -345,7 +344,7 @@ class RunExecution:
                 attempt.error_type, attempt.error = type(exc).__name__, str(exc)
                 last = (attempt.error_type, attempt.error)
                 write.attempts.append(attempt)
-                retryable = retry.is_retryable(exc) and not isinstance(exc, SerializationError)
+                retryable = retry.is_retryable(exc)
                 if not retryable or n >= retry.max_attempts:
                     return await self._step_failed(entry, write, last, n)
                 entry.error, entry.error_type = f"{last[0]}: {last[1]}", last[0]

@@ -1,4 +1,4 @@
-"""The event envelope: CloudEvents 1.0, structured JSON mode."""
+"""The event envelope: CloudEvents 1.0, structured JSON mode (binary mode accepted)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from cantata.model.codec import new_id, now_iso
 T = TypeVar("T")
 
 SPECVERSION = "1.0"
+#: The ``Content-Type`` of a CloudEvent in structured JSON mode.
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 _TYPE_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _PATTERN_RE = re.compile(r"^([A-Za-z0-9_\-]+|\*)(\.([A-Za-z0-9_\-]+|\*))*$")
 _OPTIONAL_STRINGS = ("subject", "time", "correlationid", "causationid", "traceparent", "signature")
@@ -219,6 +221,26 @@ class Event(Generic[T]):
             traceparent=ce.get("traceparent"),
             signature=signature,
         )
+
+    @classmethod
+    def from_binary(cls, attributes: dict[str, str], body: bytes) -> Event[Any]:
+        """Build an event from CloudEvents *binary* mode: the attributes come as
+        ``ce-`` headers (``ce-id``, ``ce-type``, ...), the data is the body, and the
+        ``Content-Type`` header is its ``datacontenttype``.
+        """
+        ce: dict[str, Any] = {}
+        content_type = None
+        for name, value in attributes.items():
+            key = name.lower()
+            if key.startswith("ce-"):
+                ce[key[3:]] = value
+            elif key == "content-type":
+                content_type = value
+        if content_type is not None:
+            ce["datacontenttype"] = content_type
+        if body:
+            ce["data_base64"] = base64.b64encode(body).decode("ascii")
+        return cls.from_cloudevent(ce)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event[Any]:
