@@ -33,7 +33,8 @@ def parser() -> Path:
             pytest.fail("node and npm are needed for the AsyncAPI parser check")
         pytest.skip("node and npm are not installed: the AsyncAPI parser check needs them")
     lock = (HERE / "package-lock.json").read_bytes()
-    target = Path.home() / ".cache" / "cantata" / f"asyncapi-{hashlib.sha256(lock).hexdigest()[:12]}"
+    digest = hashlib.sha256(lock).hexdigest()[:12]
+    target = Path.home() / ".cache" / "cantata" / f"asyncapi-{digest}"
     if not (target / "node_modules" / "@asyncapi" / "parser").exists():
         target.mkdir(parents=True, exist_ok=True)
         for name in ("package.json", "package-lock.json", "validate.mjs"):
