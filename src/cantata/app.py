@@ -8,7 +8,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cantata.broker.base import Broker
@@ -20,14 +20,17 @@ from cantata.engine.registry import Router, workflow_name
 from cantata.engine.worker import Engine, new_worker_id
 from cantata.errors import (
     ConfigurationError,
+    DuplicateEventId,
     EventsRefused,
     StoreReadOnly,
     UnknownWorkflow,
 )
-from cantata.model import codec
+from cantata.model import codec, secrets
 from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
+from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
+from cantata.store.audit import AuditKey
 from cantata.store.base import Store
 
 if TYPE_CHECKING:
@@ -55,6 +58,18 @@ class App(Router):
         lease: seconds after which work of a silent worker is taken over.
         poll_interval: seconds between looks for work committed by other processes.
         services: serve only these services' workflows, steps and handler groups.
+        signing_keys: key id -> secret; events this app publishes or emits are signed
+            (HMAC-SHA256) with ``signing_key_id`` and verified with any listed key.
+        signing_key_id: the key that signs (default: the first of ``signing_keys``).
+        require_signatures: dead-letter unsigned or forged events before any handler,
+            trigger or wait sees them.
+        max_payload: the most bytes of JSON one argument, result or event may take;
+            larger ones are refused with ``PayloadTooLarge`` naming both sizes.
+        offload_above: events larger than this many bytes travel on the broker as a
+            reference to their copy in the store (claim check), and ``max_payload`` no
+            longer bounds what the store keeps.
+        audit_key: keys the audit chain (HMAC-SHA256) so that it cannot be rewritten
+            without the key; defaults to ``$CANTATA_AUDIT_KEY``. Keep it outside the store.
     """
 
     def __init__(
@@ -68,6 +83,12 @@ class App(Router):
         poll_interval: float = 0.2,
         services: Iterable[str] | None = None,
         concurrency: int = 256,
+        signing_keys: Mapping[str, str | bytes] | None = None,
+        signing_key_id: str | None = None,
+        require_signatures: bool = False,
+        audit_key: str | bytes | None = None,
+        max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
+        offload_above: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -83,11 +104,24 @@ class App(Router):
         self._broker_spec = broker if broker is not None else os.environ.get(
             "CANTATA_BROKER", DEFAULT_BROKER
         )
+        for spec in (self._store_spec, self._broker_spec):
+            if isinstance(spec, str):
+                secrets.remember(spec)
         self.clock = clock or SystemClock()
         self.lease = lease
         self.poll_interval = poll_interval
         self.services = frozenset(services) if services is not None else None
         self.concurrency = concurrency
+        self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
+        key = audit_key if audit_key is not None else os.environ.get("CANTATA_AUDIT_KEY")
+        self.audit_key = AuditKey(key) if key else None
+        for what, limit in (("max_payload", max_payload), ("offload_above", offload_above)):
+            if limit is not None and (not isinstance(limit, int) or limit < 1024):
+                raise ConfigurationError(
+                    f"{what} must be a whole number of bytes >= 1024, got {limit!r}"
+                )
+        self.max_payload = max_payload
+        self.offload_above = offload_above
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._engine: Engine | None = None
@@ -155,6 +189,7 @@ class App(Router):
             else self._store_spec
         )
         await store.open()
+        store.set_audit_key(self.name, self.audit_key)
         broker = (
             broker_from_url(self._broker_spec) if isinstance(self._broker_spec, str)
             else self._broker_spec
@@ -173,6 +208,8 @@ class App(Router):
         self._engine = Engine(
             self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
             poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
+            signer=self.signer,
+            max_payload=self.max_payload if self.offload_above is None else None,
         )
         self._engine.check_event = functools.partial(broker.check_event, self.name)
         declarations = self._declarations()
@@ -186,7 +223,10 @@ class App(Router):
         if broker.relays_outbox:
             from cantata.broker.relay import OutboxRelay
 
-            self._relay = OutboxRelay(store, broker, self.name)
+            self._relay = OutboxRelay(
+                store, broker, self.name,
+                on_relayed=lambda events: self.hooks.notify("relayed", events),
+            )
             await self._relay.start()
         if serve:
             await self._serve()
@@ -194,6 +234,13 @@ class App(Router):
 
     async def _serve(self) -> None:
         engine = self.engine
+        unverifiable = [h.name for h in self.handlers if h.require_signature]
+        if unverifiable and not self.signer:
+            raise ConfigurationError(
+                f"handler(s) {', '.join(unverifiable)} require signed events but app "
+                f"{self.name!r} has no signing_keys to verify them: "
+                "App(signing_keys={'k1': secret})"
+            )
         await engine.start_serving()
         assert self._broker is not None
         self._consumer = Consumer(
@@ -340,21 +387,34 @@ class App(Router):
     ) -> Event[Any]:
         """Publish an event (committed to the log, then delivered to every group).
 
-        Its correlation id defaults to its own id (a new business transaction).
+        Its correlation id defaults to its own id (a new business transaction). An
+        ``id`` already used by an event with the same content is a duplicate: nothing
+        is published again and the stored event comes back with ``duplicate=True``.
+
+        Raises:
+            DuplicateEventId: ``id`` was used by an event with different content.
+            SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
         """
         check_type(type)
         for attr, value in (("id", id), ("subject", subject), ("source", source),
                             ("correlation_id", correlation_id)):
             check_attribute(attr, value)
-        extra = {"id": id} if id is not None else {}
         event = Event(
             type=type,
-            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            data=codec.loads(
+                codec.dumps(data, f"data of event {type}", limit=self.engine.max_payload)
+            ),
             source=source or f"cantata/{self.name}",
             subject=subject,
-            **extra,
         )
+        if id is not None:
+            event = dataclasses.replace(event, id=id)
         event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
+        if id is not None:
+            earlier = await self.store.get_event(self.name, id)
+            if earlier is not None:
+                return self._duplicate(earlier, event)
+        event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
                 event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
@@ -364,6 +424,19 @@ class App(Router):
         if counts and counts[0] == 0:
             await self._check_orphan(event)
         return event
+
+    def _duplicate(self, earlier: Event[Any], event: Event[Any]) -> Event[Any]:
+        """The stored event when ``event`` repeats it, or :class:`DuplicateEventId`."""
+        def content(e: Event[Any]) -> tuple[Any, ...]:
+            return (e.type, e.source, e.subject, e.data, e.correlation_id)
+
+        if content(earlier) != content(event):
+            raise DuplicateEventId(
+                f"event id {event.id!r} was already used by a {earlier.type} event "
+                f"published at {earlier.time} with other content (data {earlier.data!r}); "
+                f"this {event.type} event (data {event.data!r}) was refused: use a new id"
+            )
+        return dataclasses.replace(earlier, duplicate=True)
 
     async def _check_orphan(self, event: Event[Any]) -> None:
         from cantata.choreography.orphans import check_orphans

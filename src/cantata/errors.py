@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from cantata.model import secrets
+
 
 class CantataError(Exception):
-    """Root of every error raised by Cantata."""
+    """Root of every error raised by Cantata.
+
+    Its text never shows a password: URLs and known secrets are masked.
+    """
 
     code = "cantata_error"
+
+    def __str__(self) -> str:
+        return secrets.mask(super().__str__())
 
 
 # -- configuration and input ------------------------------------------------
@@ -29,6 +37,13 @@ class RegistrationError(ConfigurationError):
     """Two handlers clash, a name is reused, or a decorator was misused."""
 
     code = "registration"
+
+
+class NonRetryable(CantataError):
+    """Raise it from a step or handler when another attempt cannot help (a declined
+    card, a malformed order): the failure is final at once, whatever the Retry says."""
+
+    code = "non_retryable"
 
 
 class SerializationError(CantataError):
@@ -71,6 +86,30 @@ class InvalidEvent(CantataError):
     """An event is malformed (not JSON, not CloudEvents, missing a field)."""
 
     code = "invalid_event"
+
+
+class SignatureMissing(InvalidEvent):
+    """Signatures are required and the event carries none."""
+
+    code = "signature_missing"
+
+
+class SignatureInvalid(InvalidEvent):
+    """An event's signature does not verify with any of the app's keys (forged)."""
+
+    code = "signature_invalid"
+
+
+class DuplicateEventId(InvalidEvent):
+    """An event id already used by an event with different content."""
+
+    code = "duplicate_event_id"
+
+
+class PayloadTooLarge(SerializationError):
+    """An argument, result or event is larger than the app's ``max_payload``."""
+
+    code = "payload_too_large"
 
 
 class DeadLetterNotFound(CantataError):
@@ -122,12 +161,6 @@ class StoreReadOnly(StoreError):
     """The store can be read but not written (read-only file, folder or database)."""
 
     code = "store_read_only"
-
-
-class PayloadTooLarge(CantataError):
-    """An event (or argument, result) is larger than the limit that applies to it."""
-
-    code = "payload_too_large"
 
 
 class EventsRefused(BrokerError):

@@ -71,14 +71,15 @@ def test_document_shape_and_every_ref_resolves() -> None:
 def test_channels_and_operations_per_group() -> None:
     doc = asyncapi_document(typed_app())
     channels, ops = doc["channels"], doc["operations"]
-    assert channels["order.placed"]["address"] == "order.placed"
+    # addresses are the subjects on the wire: cantata.<app>.<type>
+    assert channels["order.placed"]["address"] == "cantata.shop.order.placed"
     for event_type in ("inventory.reserved", "payment.charged", "order.shipped",
                        "order.approved", "invoice.requested", "invoice.approved",
                        "invoice.created"):
-        assert channels[event_type]["address"] == event_type
+        assert channels[event_type]["address"] == f"cantata.shop.{event_type}"
 
     wildcard = channels["order._any_"]
-    assert wildcard["address"] == "order.{token2}"
+    assert wildcard["address"] == "cantata.shop.order.{token2}"
     assert "token2" in wildcard["parameters"]
 
     def actors(action: str, channel: str) -> set[str]:
@@ -102,18 +103,26 @@ def test_payload_schema_from_the_pydantic_model_and_cloudevents_headers() -> Non
     doc = asyncapi_document(typed_app())
     message = resolve(doc, doc["channels"]["order.placed"]["messages"]["order.placed"]["$ref"])
     assert message["name"] == "order.placed"
-    schema = resolve(doc, message["payload"]["$ref"])
+    envelope, own = message["payload"]["allOf"]
+    assert resolve(doc, envelope["$ref"])["required"] == ["specversion", "id", "source", "type"]
+    assert own["properties"]["type"] == {"type": "string", "const": "order.placed"}
+    schema = resolve(doc, own["properties"]["data"]["$ref"])
     assert schema["title"] == "OrderPlaced"
     assert set(schema["required"]) == {"order_id", "lines"}
     line = resolve(doc, schema["properties"]["lines"]["items"]["$ref"])
     assert line["properties"]["sku"]["type"] == "string"
-    headers = resolve(doc, message["headers"]["$ref"])
+    # CloudEvents attributes travel in the body (structured mode), not as headers
+    attributes = resolve(doc, envelope["$ref"])["properties"]
     assert {"specversion", "id", "source", "type", "correlationid", "causationid",
-            "traceparent"} <= set(headers["properties"])
+            "traceparent", "signature", "data"} <= set(attributes)
+    headers = resolve(doc, message["headers"]["$ref"])
+    assert set(headers["properties"]) == {"Content-Type", "Nats-Msg-Id"}
     assert message["correlationId"] == {"$ref": "#/components/correlationIds/correlationid"}
-    # an untyped event still has a message, with an open payload
+    assert resolve(doc, message["correlationId"]["$ref"])["location"] == (
+        "$message.payload#/correlationid")
+    # an untyped event still has a message, with an open data schema
     untyped = resolve(doc, "#/components/messages/payment.charged")
-    assert "$ref" not in untyped["payload"]
+    assert "$ref" not in untyped["payload"]["allOf"][1]["properties"]["data"]
 
 
 def test_an_app_without_events_gives_an_empty_but_valid_document() -> None:

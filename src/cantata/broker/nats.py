@@ -6,8 +6,10 @@ stream ownership and lost-data recovery in :mod:`cantata.broker.nats_streams`, a
 consuming side in :mod:`cantata.broker.nats_consumer`.
 
 - each event is published (by the outbox relay) to ``cantata.<app>.<event type>`` as
-  CloudEvents structured JSON, with ``Nats-Msg-Id: <event id>`` so the server drops
-  a republished event inside its duplicate window;
+  CloudEvents structured JSON (``Content-Type: application/cloudevents+json``, the
+  NATS protocol binding; binary mode is accepted on input), with
+  ``Nats-Msg-Id: <event id>`` so the server drops a republished event inside its
+  duplicate window;
 - one durable pull consumer per (group, pattern): NATS 2.9 has no consumers with
   several filter subjects. NATS ``*`` is one token, like Cantata's. An event that
   matches two patterns of one group is received twice; the store makes the second
@@ -50,7 +52,7 @@ from cantata.broker.nats_names import (
 from cantata.broker.nats_streams import Streams
 from cantata.errors import BrokerError, EventsRefused, error_text
 from cantata.model.codec import new_id
-from cantata.model.event import Event, check_pattern
+from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event, check_pattern
 from cantata.model.records import Declaration
 from cantata.store.base import Store
 from cantata.store.factory import mask_url
@@ -396,7 +398,8 @@ class NatsBroker:
         for i in range(0, len(batch), _PUBLISH_WINDOW):
             await asyncio.gather(*(
                 js.publish(names.event(event.type), payload, stream=stream,
-                           headers={"Nats-Msg-Id": event.id + tail})
+                           headers={"Nats-Msg-Id": event.id + tail,
+                                    "Content-Type": STRUCTURED_CONTENT_TYPE})
                 for event, payload in batch[i : i + _PUBLISH_WINDOW]
             ))
 
@@ -439,5 +442,6 @@ class NatsBroker:
             stream = await self._stream(app)
             await self.js.publish(
                 self.names(app).replay(group), event.to_json(), stream=stream,
-                headers={"Nats-Msg-Id": f"replay-{new_id()}"},
+                headers={"Nats-Msg-Id": f"replay-{new_id()}",
+                         "Content-Type": STRUCTURED_CONTENT_TYPE},
             )

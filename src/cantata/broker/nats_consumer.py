@@ -40,6 +40,15 @@ INVALID_TYPE = "cantata.broker.invalid-payload"  # type of the stand-in for a ga
 _MAX_INVALID_TEXT = 64 * 1024
 
 
+def decode(msg: Msg) -> Event[Any]:
+    """The event a message carries: CloudEvents binary mode when its headers hold the
+    ``ce-`` attributes (the NATS protocol binding), structured JSON mode otherwise."""
+    headers = msg.headers or {}
+    if any(k.lower() == "ce-specversion" for k in headers):
+        return Event.from_binary(headers, msg.data)
+    return Event.from_json(msg.data)
+
+
 class NatsMessage:
     """One JetStream delivery of one event to one group."""
 
@@ -57,7 +66,7 @@ class NatsMessage:
         self.event: Event[Any] | None
         self.error: str | None
         try:
-            self.event, self.error = Event.from_json(msg.data), None
+            self.event, self.error = decode(msg), None
         except InvalidEvent as exc:  # "not JSON: ...", "not a CloudEvent: missing ..."
             self.event, self.error = None, str(exc)
         except Exception as exc:  # anything odd inside the JSON

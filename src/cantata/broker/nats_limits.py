@@ -20,7 +20,7 @@ import nats.js.errors
 
 from cantata.broker.nats_names import Names
 from cantata.errors import ConfigurationError, InvalidEvent, PayloadTooLarge
-from cantata.model.event import Event, check_pattern
+from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event, check_pattern
 
 # nats-server's default max_control_line; it is not announced in INFO.
 DEFAULT_MAX_CONTROL_LINE = 4096
@@ -94,8 +94,12 @@ class Limits:
 
 
 def header_size(event_id: str) -> int:
-    """Bytes of the ``Nats-Msg-Id`` header block nats-py adds to a published event."""
-    return len(f"NATS/1.0\r\nNats-Msg-Id: {event_id}\r\n\r\n".encode())
+    """Bytes of the header block nats-py adds to a published event (its message id,
+    with room for a re-drive's suffix, and the CloudEvents content type)."""
+    return len(
+        f"NATS/1.0\r\nNats-Msg-Id: {event_id}:again-{'0' * 32}\r\n"
+        f"Content-Type: {STRUCTURED_CONTENT_TYPE}\r\n\r\n".encode()
+    )
 
 
 def refusal(exc: BaseException) -> str | None:

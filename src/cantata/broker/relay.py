@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cantata.broker.base import Broker
@@ -22,7 +23,13 @@ from cantata.store.base import EVENTS, Settlement, Store
 log = logging.getLogger("cantata.broker")
 
 
-async def relay_once(store: Store, broker: Broker, app: str, limit: int = 500) -> int:
+async def relay_once(
+    store: Store,
+    broker: Broker,
+    app: str,
+    limit: int = 500,
+    on_relayed: Callable[[Sequence[Event[Any]]], None] | None = None,
+) -> int:
     """Publish up to ``limit`` unpublished events of ``app``, oldest first.
 
     An event the broker refuses for good (too large, a type it cannot carry) never
@@ -35,13 +42,17 @@ async def relay_once(store: Store, broker: Broker, app: str, limit: int = 500) -
     events = await store.unpublished_events(app, limit=limit)
     if not events:
         return 0
+    refused: dict[str, str] = {}
     try:
         await broker.publish(app, events)
     except EventsRefused as exc:
+        refused = exc.refused
         for event in events:
-            if event.id in exc.refused:
-                await dead_letter_refused(store, app, event, exc.refused[event.id])
+            if event.id in refused:
+                await dead_letter_refused(store, app, event, refused[event.id])
     await store.mark_published(app, [e.id for e in events])
+    if on_relayed is not None:
+        on_relayed([e for e in events if e.id not in refused])
     return len(events)
 
 
@@ -80,12 +91,14 @@ class OutboxRelay:
         *,
         poll_interval: float = 0.2,
         batch: int = 500,
+        on_relayed: Callable[[Sequence[Event[Any]]], None] | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
         self.app = app
         self.poll_interval = poll_interval
         self.batch = batch
+        self.on_relayed = on_relayed
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -151,7 +164,9 @@ class OutboxRelay:
         while not self._stopping.is_set():
             self._wakeup.clear()
             try:
-                count = await relay_once(self.store, self.broker, self.app, self.batch)
+                count = await relay_once(
+                    self.store, self.broker, self.app, self.batch, self.on_relayed
+                )
             except Exception as exc:
                 if not failing:
                     log.warning(

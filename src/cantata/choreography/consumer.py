@@ -100,13 +100,22 @@ class Consumer:
              if t.group == group and _matches(t.pattern, event.type)),
             None,
         )
+        hdef = None if trigger is not None else self.engine.router.handler_for(group, event.type)
+        if trigger is None and hdef is None:
+            await msg.complete()
+            return
+        refused = self.engine.signer.problem(
+            event, required=hdef is not None and hdef.require_signature
+        )
+        if refused is not None:
+            log.warning("dead-lettering event %s for group %s: %s", event.id, group, refused)
+            self.engine.metrics.dead_lettered += 1
+            await msg.dead(error_text(refused))
+            return
         if trigger is not None:
             await self._start_run(trigger, msg, event)
             return
-        hdef = self.engine.router.handler_for(group, event.type)
-        if hdef is None:
-            await msg.complete()
-            return
+        assert hdef is not None
         await self._run_handler(hdef, msg, event)
 
     async def _start_run(self, trigger: TriggerDef, msg: BrokerMessage, event: Event[Any]) -> None:
@@ -143,6 +152,8 @@ class Consumer:
             self.engine.app, hdef.group, event, f"cantata/{self.engine.app}/{hdef.group}",
             traceparent=hooks.traceparent if hooks else None, check=self.engine.check_event,
             store=self.engine.store,
+            sign=self.engine.signer.sign if self.engine.signer else None,
+            max_payload=self.engine.max_payload,
         )
         ctx.attempt = msg.attempt
         started = time.perf_counter()
@@ -167,6 +178,8 @@ class Consumer:
             self.engine.metrics.handled += 1
             if ctx.emitted:
                 self.on_emitted(ctx.emitted)
+                if hooks:
+                    hooks.notify("emitted", ctx.emitted, "handler")
                 try:
                     await check_orphans(self.engine, ctx.emitted)
                 except Exception as exc:  # the delivery is settled: only the report failed

@@ -26,6 +26,8 @@ class HandlerContext:
         traceparent: Callable[[], str | None] | None = None,
         check: Callable[[Event[Any]], None] | None = None,
         store: Any = None,
+        sign: Callable[[Event[Any]], Event[Any]] | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self.app = app
         self.group = group
@@ -36,6 +38,8 @@ class HandlerContext:
         self._traceparent = traceparent
         self._check = check
         self._store = store  # read by the library's own handlers (a saga's join)
+        self._sign = sign
+        self._max_payload = max_payload
 
     @property
     def correlation_id(self) -> str:
@@ -48,13 +52,17 @@ class HandlerContext:
         check_attribute("subject", subject)
         event = Event(
             type=type,
-            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            data=codec.loads(
+                codec.dumps(data, f"data of event {type}", limit=self._max_payload)
+            ),
             source=self._source,
             subject=subject if subject is not None else self.event.subject,
             correlation_id=self.correlation_id,
             causation_id=self.event.id,
             traceparent=(self._traceparent and self._traceparent()) or self.event.traceparent,
         )
+        if self._sign is not None:
+            event = self._sign(event)
         if self._check is not None:
             self._check(event)  # what the broker would refuse fails the handler here
         self.emitted.append(event)

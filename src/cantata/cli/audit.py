@@ -1,17 +1,30 @@
-"""``cantata audit verify``: check an app's hash-chained audit log for tampering."""
+"""``cantata audit verify|head``: check an app's audit log, export its signed head."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
 
+import orjson
 import typer
 
 from cantata.errors import CantataError, ConfigurationError
 from cantata.model.records import AuditReport
+from cantata.store import audit as chain
+from cantata.store.base import Store
 from cantata.store.factory import mask_url
 
 from .common import client_app, console, existing_store, run, store_url
 from .runs import AppOpt, StoreOpt
+
+T = TypeVar("T")
+
+HeadOpt = Annotated[
+    Path | None,
+    typer.Option("--head", help="An exported head (cantata audit head) the log must still hold."),
+]
 
 
 class AuditTampered(CantataError):
@@ -19,41 +32,101 @@ class AuditTampered(CantataError):
 
 
 def register(cli: typer.Typer) -> None:
-    audit = typer.Typer(help="The audit log: verify its hash chain.", no_args_is_help=True)
+    audit = typer.Typer(
+        help="The audit log: verify its hash chain, export its signed head.",
+        no_args_is_help=True,
+    )
     audit.command("verify")(verify)
+    audit.command("head")(head)
     cli.add_typer(audit, name="audit")
 
 
-def verify(app: AppOpt = None, store: StoreOpt = None) -> None:
+def _key(required: bool) -> chain.AuditKey | None:
+    secret = os.environ.get("CANTATA_AUDIT_KEY")
+    if not secret:
+        if required:
+            raise ConfigurationError(
+                "an exported head is signed with the audit key: set CANTATA_AUDIT_KEY to the "
+                "key the app uses (App(audit_key=...))"
+            )
+        return None
+    return chain.AuditKey(secret)
+
+
+async def _with_store(
+    app: str | None, store: str | None, use: Callable[[str, Store], Awaitable[T]]
+) -> T:
+    """Open the store and call ``use(app name, store)``; the app is the store's only one
+    when neither --app nor $CANTATA_APP names it."""
+    if app or os.environ.get("CANTATA_APP"):
+        the_app = client_app(app, store)
+        async with the_app.client():
+            return await use(the_app.name, the_app.store)
+    url = store_url(store)
+    s = existing_store(url)
+    await s.open()
+    try:
+        names = await s.apps()
+        if len(names) != 1:
+            held = f"apps {', '.join(names)}" if names else "no app"
+            raise ConfigurationError(
+                f"store {mask_url(url)} holds {held}: pass --app NAME (or set CANTATA_APP)"
+            )
+        return await use(names[0], s)
+    finally:
+        await s.close()
+
+
+def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None) -> None:
     """Recompute the audit log's hash chain; exit 1 if a record was tampered with.
 
-    Without --app (and $CANTATA_APP), the store's only app is verified.
+    With $CANTATA_AUDIT_KEY the chain must be keyed with it; with --head FILE the
+    record that head names must still be there. Without --app (and $CANTATA_APP),
+    the store's only app is verified.
     """
-
-    async def go() -> tuple[str, AuditReport]:
-        if app or os.environ.get("CANTATA_APP"):
-            the_app = client_app(app, store)
-            async with the_app.client():
-                return the_app.name, await the_app.store.verify_audit(the_app.name)
-        url = store_url(store)
-        s = existing_store(url)
-        await s.open()
+    key = _key(required=head_file is not None)
+    doc = None
+    if head_file is not None:
         try:
-            names = await s.apps()
-            if len(names) != 1:
-                held = f"apps {', '.join(names)}" if names else "no app"
-                raise ConfigurationError(
-                    f"store {mask_url(url)} holds {held}: pass --app NAME (or set CANTATA_APP)"
-                )
-            return names[0], await s.verify_audit(names[0])
-        finally:
-            await s.close()
+            doc = orjson.loads(head_file.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise ConfigurationError(f"cannot read the head file {head_file}: {exc}") from None
 
-    name, report = run(go)
+    async def go(name: str, s: Store) -> tuple[str, AuditReport]:
+        exported = None
+        if doc is not None:
+            assert key is not None
+            exported = chain.check_signed_head(doc, name, key)
+        return name, await s.verify_audit(name, key=key, head=exported)
+
+    name, report = run(lambda: _with_store(app, store, go))
     if not report.ok:
         where = "" if report.first_bad_seq is None else f" at record #{report.first_bad_seq}"
         raise AuditTampered(
             f"audit log of app {name}: TAMPERED{where}: {report.reason} "
             f"({report.records} records verified before it)"
         )
-    console.print(f"audit log of app {name}: {report.records} records, chain intact")
+    keyed = " (keyed)" if key is not None else ""
+    anchored = f", holds the head exported in {head_file}" if head_file is not None else ""
+    console.print(
+        f"audit log of app {name}: {report.records} records, chain intact{keyed}{anchored}"
+    )
+
+
+def head(app: AppOpt = None, store: StoreOpt = None) -> None:
+    """Print the chain head, signed with $CANTATA_AUDIT_KEY, as JSON: keep it outside the
+    store, then `cantata audit verify --head FILE` detects a cut or rewritten tail."""
+    key = _key(required=True)
+    assert key is not None
+
+    async def go(name: str, s: Store) -> dict[str, object]:
+        report = await s.verify_audit(name, key=key)
+        if not report.ok:
+            raise AuditTampered(
+                f"audit log of app {name} is already TAMPERED ({report.reason}): "
+                "no head exported"
+            )
+        return chain.signed_head(name, await s.audit_head(name), key)
+
+    doc = run(lambda: _with_store(app, store, go))
+    print(orjson.dumps(doc).decode())

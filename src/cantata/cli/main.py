@@ -9,6 +9,7 @@ import traceback
 import typer
 
 from cantata.errors import CantataError
+from cantata.model import secrets
 
 from . import audit, bench, compare, demo, events, observe, replay, runs, worker
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG)
     else:
         logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    secrets.install_log_masking()
     try:
         cli(args=args, prog_name="cantata", standalone_mode=False)
     except typer.Abort:
@@ -53,17 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except CantataError as exc:
         if debug:
-            traceback.print_exc()
+            print(secrets.mask(traceback.format_exc()), file=sys.stderr, end="")
         print(f"cantata: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         if debug:
-            traceback.print_exc()
+            print(secrets.mask(traceback.format_exc()), file=sys.stderr, end="")
         print(
-            f"cantata: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the "
-            "traceback)",
+            f"cantata: unexpected error: {type(exc).__name__}: {secrets.mask(str(exc))} (rerun "
+            "with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from cantata.store.factory import mask_url
+
 from .common import console, load_app, store_url
 
 
@@ -46,7 +48,7 @@ def worker(
             console.print(
                 f"cantata worker {the_app.engine.worker_id} serving app [bold]{the_app.name}[/] "
                 f"({len(the_app.workflows)} workflows, {len(the_app.handlers)} handlers) on "
-                f"{the_app.store.url}"
+                f"{mask_url(the_app.store.url)}"
             )
             await stop.wait()
             console.print("stopping: unfinished runs stay in the store for the next worker")

@@ -121,7 +121,9 @@ class WorkflowContext:
         comp = (
             await self._step_def(compensate, "compensation") if compensate is not None else None
         )
-        plain = codec.loads(codec.dumps(list(args), f"arguments of step {sdef.name}"))
+        plain = codec.loads(codec.dumps(
+            list(args), f"arguments of step {sdef.name}", limit=self._x.engine.max_payload
+        ))
         x = self._x
         key = x.next_key(sdef.name)
         value = await x.call_step(sdef, plain, key)
@@ -196,7 +198,9 @@ class WorkflowContext:
         await x.check_new_call(key)
         event = Event(
             type=type,
-            data=codec.loads(codec.dumps(data, f"data of event {type}")),
+            data=codec.loads(
+                codec.dumps(data, f"data of event {type}", limit=x.engine.max_payload)
+            ),
             id=str(_uuid.uuid5(_uuid.NAMESPACE_URL, f"cantata:{x.run.run_id}:{key}")),
             source=f"cantata/{x.run.app}/{x.wdef.name}",
             subject=subject,
@@ -204,11 +208,14 @@ class WorkflowContext:
             causation_id=x.run.run_id,
             traceparent=x.engine.traceparent_for(x.run),
         )
+        event = x.engine.signer.sign(event)
         x.engine.check_event(event)
         now = x.engine.clock.now()
         entry = x.new_entry(key, EMIT, type, ENTRY_COMPLETED, result=event.to_json().decode(),
                             started_at=now, ended_at=now)
         await x.commit(RunWrite(entries=[entry], events=[event]))
+        if x.engine.hooks:
+            x.engine.hooks.notify("emitted", [event], "workflow")
         await check_orphans(x.engine, [event])
         return event
 
@@ -262,7 +269,7 @@ class WorkflowContext:
                     exclude=sorted(x.consumed_events), limit=limit,
                 )
                 for ev in events:
-                    if match_data(ev.data, match):
+                    if match_data(ev.data, match) and engine.signer.accepts(ev):
                         found.append(ev)
                         return True
                 if len(events) < limit:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -62,6 +62,13 @@ class Hook:
     def publish(self, event: Event[Any]) -> AbstractContextManager[None] | None:
         """Wraps ``app.publish`` of one event."""
         return None
+
+    def emitted(self, events: Sequence[Event[Any]], origin: str) -> None:
+        """Events committed by a workflow (``origin`` ``workflow``) or a handler
+        (``handler``); ``app.publish`` is seen by :meth:`publish`."""
+
+    def relayed(self, events: Sequence[Event[Any]]) -> None:
+        """Events the outbox relay handed to an external broker."""
 
     def traceparent(self) -> str | None:
         """The W3C traceparent of the current context, stamped on emitted events."""

@@ -59,6 +59,7 @@ class HandlerDef:
     wants_ctx: bool
     emits: tuple[str, ...] = ()
     service: str | None = None
+    require_signature: bool = False
 
     @property
     def name(self) -> str:
@@ -258,6 +259,7 @@ class Router:
         group: str,
         retry: Retry | None = None,
         emits: Sequence[str] = (),
+        require_signature: bool = False,
     ) -> Callable[[F], F]:
         """Register an event handler for ``pattern`` in ``group`` (the reacting service).
 
@@ -267,6 +269,8 @@ class Router:
                 compete for them.
             retry: defaults to ``Retry(max_attempts=5)``.
             emits: event types the handler may emit (for maps and AsyncAPI).
+            require_signature: dead-letter events that are not signed with one of the
+                app's ``signing_keys`` before this handler sees them.
         """
         check_pattern(pattern)
         if not group or not isinstance(group, str):
@@ -288,6 +292,7 @@ class Router:
                 wants_ctx=n_params >= 2,
                 emits=tuple(emits),
                 service=self.service,
+                require_signature=require_signature,
             )
             self._add_handler(hdef)
             return f

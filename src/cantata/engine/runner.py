@@ -15,7 +15,6 @@ from cantata.errors import (
     DeadlineExceeded,
     LeaseLost,
     NonDeterminismError,
-    SerializationError,
     StepFailed,
     StoreError,
     error_text,
@@ -347,13 +346,15 @@ class RunExecution:
             write = RunWrite()
             try:
                 value = await self._execute(sdef, args, key, n, kind)
-                result = codec.dumps(value, f"result of step {sdef.name}")
+                result = codec.dumps(
+                    value, f"result of step {sdef.name}", limit=self.engine.max_payload
+                )
             except Exception as exc:
                 attempt.ended_at = clock.now()
                 attempt.error_type, attempt.error = type(exc).__name__, str(exc)
                 last = (attempt.error_type, attempt.error)
                 write.attempts.append(attempt)
-                retryable = retry.is_retryable(exc) and not isinstance(exc, SerializationError)
+                retryable = retry.is_retryable(exc)
                 if not retryable or n >= retry.max_attempts:
                     return await self._step_failed(entry, write, last, n)
                 entry.error, entry.error_type = f"{last[0]}: {last[1]}", last[0]
@@ -530,7 +531,9 @@ class RunExecution:
             if self.divergence is not None:
                 raise self.divergence
             self._check_all_replayed()
-            result = codec.dumps(value, f"result of workflow {self.wdef.name}")
+            result = codec.dumps(
+                value, f"result of workflow {self.wdef.name}", limit=self.engine.max_payload
+            )
         except (_Abandon, asyncio.CancelledError):
             raise
         except NonDeterminismError as exc:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from cantata.errors import SerializationError, UnknownStep
+from cantata.errors import UnknownStep
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
 from cantata.store.base import TASKS
@@ -113,11 +113,11 @@ class TaskServer:
             value = await invoke_step(
                 sdef, codec.loads(rec.args), rec.run_id, rec.key, n
             )
-            result = codec.dumps(value, f"result of step {sdef.name}")
+            result = codec.dumps(value, f"result of step {sdef.name}", limit=engine.max_payload)
         except Exception as exc:
             attempt.ended_at = clock.now()
             attempt.error_type, attempt.error = type(exc).__name__, str(exc)
-            retryable = sdef.retry.is_retryable(exc) and not isinstance(exc, SerializationError)
+            retryable = sdef.retry.is_retryable(exc)
             if retryable and n < sdef.retry.max_attempts:
                 engine.metrics.retries += 1
                 await self._finish(rec, "retry", [*lost, attempt], error=exc,

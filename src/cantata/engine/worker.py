@@ -17,6 +17,7 @@ from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import Declaration, RunRecord
+from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
@@ -83,6 +84,8 @@ class Engine:
         poll_interval: float,
         services: frozenset[str] | None = None,
         hooks: Hooks | None = None,
+        signer: Signer | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self.app = app
         self.router = router
@@ -95,6 +98,9 @@ class Engine:
         self.services = services
         self.metrics = Metrics()
         self.hooks = hooks if hooks is not None else Hooks()
+        self.signer = signer if signer is not None else Signer(None)
+        # bytes of JSON one argument, result or event may take (None: the store's bound)
+        self.max_payload = max_payload
         self.serving = False
         self.executions: dict[str, RunExecution] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -178,7 +184,9 @@ class Engine:
     ) -> RunRecord:
         """Store a new run (or return the one with that idempotency key) and start it here
         when this process serves the workflow."""
-        args_json = codec.dumps(list(args), f"arguments of workflow {workflow}")
+        args_json = codec.dumps(
+            list(args), f"arguments of workflow {workflow}", limit=self.max_payload
+        )
         run_id = codec.new_id()
         now = self.clock.now()
         local = self.serving and self.serves(workflow)

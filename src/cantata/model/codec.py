@@ -7,10 +7,12 @@ function declares (a parameter's or a return annotation) when there is one.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import functools
 import inspect
+import math
 import os
 import time
 import typing
@@ -20,9 +22,12 @@ from typing import Any
 import orjson
 import pydantic
 
-from cantata.errors import SerializationError
+from cantata.errors import PayloadTooLarge, SerializationError
 
+#: The most JSON one value may take in any store (SQLite's practical bound).
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+#: ``App(max_payload=...)``'s default: what NATS accepts in one message by default.
+DEFAULT_MAX_PAYLOAD = 1_048_576
 
 
 def _default(value: Any) -> Any:
@@ -30,14 +35,46 @@ def _default(value: Any) -> Any:
         return value.model_dump(mode="json")
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=repr)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        # binary event data (CloudEvents data_base64) is kept as its base64 text
+        return base64.b64encode(bytes(value)).decode("ascii")
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def dumps(value: Any, what: str = "value") -> str:
+def _nonfinite_path(value: Any, path: str = "") -> str | None:
+    """Where ``value`` holds a NaN or an infinity (``None`` if nowhere).
+
+    orjson writes both as ``null``: the value would come back changed, silently.
+    """
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path or "the value")
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = enumerate(value)
+    elif isinstance(value, pydantic.BaseModel):
+        items = value.model_dump().items()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    else:
+        return None
+    for key, item in items:
+        found = _nonfinite_path(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
     """Encode ``value`` as JSON text.
 
+    Args:
+        limit: the app's ``max_payload`` in bytes (``None``: only the store's bound).
+
     Raises:
-        SerializationError: naming ``what`` and the offending type.
+        SerializationError: naming ``what`` and the offending type, or where it holds
+            a NaN or an infinity (JSON has neither).
+        PayloadTooLarge: the JSON is over ``limit`` (or the store's bound).
     """
     try:
         data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
@@ -46,10 +83,24 @@ def dumps(value: Any, what: str = "value") -> str:
             f"{what} is not JSON-serialisable ({exc}); pass plain JSON values (dict, list, "
             "str, int, float, bool, None), pydantic models or dataclasses"
         ) from None
+    # NaN and infinities come out as null: look for them only when a null was written.
+    if b"null" in data:
+        where = _nonfinite_path(value)
+        if where is not None:
+            raise SerializationError(
+                f"{what} holds a NaN or infinite number at {where}; JSON has neither: "
+                "send None or a string such as 'NaN' instead"
+            )
+    if limit is not None and len(data) > limit:
+        raise PayloadTooLarge(
+            f"{what} is {len(data)} bytes of JSON, over the app's max_payload of {limit} "
+            "bytes: pass a reference to data stored elsewhere, raise App(max_payload=...), "
+            "or set App(offload_above=...) to keep large payloads in the store"
+        )
     if len(data) > MAX_PAYLOAD_BYTES:
-        raise SerializationError(
-            f"{what} is {len(data)} bytes of JSON, over the {MAX_PAYLOAD_BYTES} byte limit; "
-            "store large payloads elsewhere and pass a reference"
+        raise PayloadTooLarge(
+            f"{what} is {len(data)} bytes of JSON, over the store's {MAX_PAYLOAD_BYTES} byte "
+            "limit: store large payloads elsewhere and pass a reference"
         )
     return data.decode()
 

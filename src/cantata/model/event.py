@@ -1,7 +1,9 @@
-"""The event envelope: CloudEvents 1.0, structured JSON mode."""
+"""The event envelope: CloudEvents 1.0, structured JSON mode (binary mode accepted)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import re
 import time as _time
@@ -16,6 +18,8 @@ from cantata.model.codec import new_id, now_iso
 T = TypeVar("T")
 
 SPECVERSION = "1.0"
+#: The ``Content-Type`` of a CloudEvent in structured JSON mode.
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 _TYPE_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _PATTERN_RE = re.compile(r"^([A-Za-z0-9_\-]+|\*)(\.([A-Za-z0-9_\-]+|\*))*$")
 _OPTIONAL_STRINGS = ("subject", "time", "correlationid", "causationid", "traceparent", "signature")
@@ -54,6 +58,56 @@ def check_attribute(name: str, value: Any) -> Any:
     return value
 
 
+def _is_json_type(content_type: Any) -> bool:
+    if content_type is None:
+        return True
+    if not isinstance(content_type, str):
+        raise InvalidEvent("CloudEvent attribute 'datacontenttype' must be a string")
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in ("application/json", "text/json") or media.endswith("+json")
+
+
+def _data_of(ce: dict[str, Any]) -> Any:
+    """``data``, or ``data_base64`` decoded: parsed when its content type is JSON,
+    text for ``text/*``, bytes otherwise."""
+    if "data_base64" not in ce:
+        return ce.get("data")
+    if "data" in ce:
+        raise InvalidEvent("a CloudEvent carries 'data' or 'data_base64', not both")
+    encoded = ce["data_base64"]
+    if not isinstance(encoded, str):
+        raise InvalidEvent("CloudEvent attribute 'data_base64' must be a base64 string")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidEvent(f"CloudEvent 'data_base64' is not valid base64 ({exc})") from None
+    content_type = ce.get("datacontenttype")
+    if _is_json_type(content_type):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent(
+                f"CloudEvent 'data_base64' decodes to bytes that are not the JSON its "
+                f"content type {content_type or 'application/json'!r} says ({exc})"
+            ) from None
+    if str(content_type).lower().startswith("text/"):
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise InvalidEvent(
+                f"CloudEvent 'data_base64' is not UTF-8 text although its content type is "
+                f"{content_type!r}"
+            ) from None
+    return raw
+
+
+def like_pattern(pattern: str) -> str:
+    """A SQL ``LIKE`` pattern (escape ``\\``) that every type ``pattern`` matches satisfies;
+    rows it finds must still be checked with :func:`matches` (``%`` spans dots)."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%")
+
+
 def matches(pattern: str, event_type: str) -> bool:
     """True if ``event_type`` matches ``pattern`` (``*`` stands for exactly one token)."""
     if "*" not in pattern:
@@ -81,6 +135,8 @@ class Event(Generic[T]):
     causation_id: str | None = None
     traceparent: str | None = None
     signature: str | None = None
+    #: True on the event :meth:`App.publish` returns for a repeated id (nothing was sent).
+    duplicate: bool = field(default=False, compare=False, repr=False)
 
     def to_cloudevent(self) -> dict[str, Any]:
         """The CloudEvents 1.0 structured-mode JSON object."""
@@ -102,7 +158,10 @@ class Event(Generic[T]):
         if self.traceparent is not None:
             ce["traceparent"] = self.traceparent
         if self.signature is not None:
-            ce["signature"] = self.signature
+            kid, sep, digest = self.signature.rpartition(":")
+            ce["signature"] = digest
+            if sep and kid:
+                ce["signaturekeyid"] = kid
         return ce
 
     def to_json(self) -> bytes:
@@ -137,6 +196,9 @@ class Event(Generic[T]):
                     f"{type(ce[key]).__name__}"
                 )
         check_type(ce["type"])
+        if ce.get("signaturekeyid") is not None and not isinstance(ce["signaturekeyid"], str):
+            raise InvalidEvent("CloudEvent attribute 'signaturekeyid' must be a string")
+        data = _data_of(ce)
         when = ce.get("time") or now_iso(_time.time())
         try:
             dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
@@ -144,9 +206,12 @@ class Event(Generic[T]):
             raise InvalidEvent(
                 f"CloudEvent attribute 'time' must be an RFC 3339 timestamp, got {when!r}"
             ) from None
+        signature = ce.get("signature")
+        if signature is not None and ce.get("signaturekeyid"):
+            signature = f"{ce['signaturekeyid']}:{signature}"
         return Event(
             type=ce["type"],
-            data=ce.get("data"),
+            data=data,
             id=ce["id"],
             source=ce["source"],
             subject=ce.get("subject"),
@@ -154,8 +219,28 @@ class Event(Generic[T]):
             correlation_id=ce.get("correlationid"),
             causation_id=ce.get("causationid"),
             traceparent=ce.get("traceparent"),
-            signature=ce.get("signature"),
+            signature=signature,
         )
+
+    @classmethod
+    def from_binary(cls, attributes: dict[str, str], body: bytes) -> Event[Any]:
+        """Build an event from CloudEvents *binary* mode: the attributes come as
+        ``ce-`` headers (``ce-id``, ``ce-type``, ...), the data is the body, and the
+        ``Content-Type`` header is its ``datacontenttype``.
+        """
+        ce: dict[str, Any] = {}
+        content_type = None
+        for name, value in attributes.items():
+            key = name.lower()
+            if key.startswith("ce-"):
+                ce[key[3:]] = value
+            elif key == "content-type":
+                content_type = value
+        if content_type is not None:
+            ce["datacontenttype"] = content_type
+        if body:
+            ce["data_base64"] = base64.b64encode(body).decode("ascii")
+        return cls.from_cloudevent(ce)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event[Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from cantata.errors import ConfigurationError
+from cantata.errors import ConfigurationError, NonRetryable, SerializationError
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,14 @@ class Retry:
         return max(base, 0.0)
 
     def is_retryable(self, exc: BaseException) -> bool:
-        """False for exceptions listed in ``non_retryable``."""
+        """False for exceptions listed in ``non_retryable``, for :class:`NonRetryable`
+        (raised by user code that knows another attempt cannot help) and for values
+        that cannot be serialised or are too large (they would fail the same way).
+
+        Steps, remote tasks, handlers and sagas all decide here.
+        """
+        if isinstance(exc, (NonRetryable, SerializationError)):
+            return False
         return not isinstance(exc, self.non_retryable)
 
 

@@ -1,12 +1,15 @@
-"""``cantata asyncapi APP``: an AsyncAPI 3.0 document of every event an app publishes
-and consumes, generated from code.
+"""``cantata asyncapi APP``: an AsyncAPI 3.0 document of the wire an app's events
+travel on, generated from code.
 
-One channel per event type (or wildcard pattern, with a parameter per ``*``); a
-``receive`` operation per handler group, workflow trigger and ``wait_for_event``;
-a ``send`` operation per declared ``emits`` and per ``ctx.emit`` found in a
-workflow's source. Messages are CloudEvents 1.0 in structured JSON mode: the
-envelope attributes are described as headers, and the payload is the ``data``
-schema of the pydantic model a handler declares (``Event[OrderPlaced]``).
+It describes what a NATS client sees: the server (from the app's broker URL), one
+channel per event type whose address is the real subject
+(``[<prefix>.]cantata.<app>.<type>``, a parameter per ``*`` of a wildcard pattern),
+a ``receive`` operation per handler group, workflow trigger and
+``wait_for_event``, a ``send`` operation per declared ``emits`` and per
+``ctx.emit`` found in a workflow's source. A message is the CloudEvents 1.0
+envelope in structured JSON mode (the payload: every attribute and ``data``, whose
+schema is the pydantic model a handler declares, ``Event[OrderPlaced]``); the NATS
+headers are ``Content-Type`` and ``Nats-Msg-Id``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import pydantic
 
+from cantata.broker.nats_names import Names
 from cantata.model.event import matches
+from cantata.store.factory import mask_url
 
 from .graph import EMIT, WAIT, items_from_code
 
@@ -28,10 +34,23 @@ ASYNCAPI_VERSION = "3.0.0"
 CONTENT_TYPE = "application/cloudevents+json"
 _ID_RE = re.compile(r"[^A-Za-z0-9._\-]")
 
-CLOUDEVENT_HEADERS: dict[str, Any] = {
+NATS_HEADERS: dict[str, Any] = {
     "type": "object",
-    "description": "CloudEvents 1.0 attributes, carried in the structured JSON envelope next "
-                   "to `data`.",
+    "description": "The NATS message headers.",
+    "required": ["Content-Type", "Nats-Msg-Id"],
+    "properties": {
+        "Content-Type": {"type": "string", "const": CONTENT_TYPE,
+                         "description": "CloudEvents structured mode (the NATS binding)."},
+        "Nats-Msg-Id": {"type": "string",
+                        "description": "The event id: JetStream drops a repeat within its "
+                                       "duplicate window."},
+    },
+}
+
+CLOUDEVENT_ENVELOPE: dict[str, Any] = {
+    "type": "object",
+    "description": "A CloudEvents 1.0 event in structured JSON mode (the message body). "
+                   "Consumers also accept binary mode: ce- headers, data as the body.",
     "required": ["specversion", "id", "source", "type"],
     "properties": {
         "specversion": {"type": "string", "const": "1.0"},
@@ -46,7 +65,10 @@ CLOUDEVENT_HEADERS: dict[str, Any] = {
                                          "extension)."},
         "causationid": {"type": "string", "description": "What directly caused this event."},
         "traceparent": {"type": "string", "description": "W3C trace context."},
-        "signature": {"type": "string", "description": "HMAC-SHA256 signature, when signed."},
+        "signature": {"type": "string",
+                      "description": "HMAC-SHA256 of the event's content (hex), when signed."},
+        "signaturekeyid": {"type": "string", "description": "Which signing key signed it."},
+        "data": {"description": "The event's data (see each message's payload)."},
     },
 }
 
@@ -67,7 +89,9 @@ class _Channel:
 class _Builder:
     def __init__(self) -> None:
         self.channels: dict[str, _Channel] = {}
-        self.schemas: dict[str, Any] = {"CloudEventAttributes": CLOUDEVENT_HEADERS}
+        self.schemas: dict[str, Any] = {
+            "CloudEvent": CLOUDEVENT_ENVELOPE, "NatsHeaders": NATS_HEADERS,
+        }
 
     def channel(self, pattern: str) -> _Channel:
         return self.channels.setdefault(pattern, _Channel(pattern))
@@ -85,15 +109,43 @@ class _Builder:
         return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _address(pattern: str) -> tuple[str, dict[str, Any]]:
+def _address(names: Names, pattern: str) -> tuple[str, dict[str, Any]]:
     parts, params = [], {}
     for i, token in enumerate(pattern.split("."), 1):
         if token == "*":
             parts.append(f"{{token{i}}}")
-            params[f"token{i}"] = {"description": f"any one token at position {i}"}
+            params[f"token{i}"] = {"description": f"any one token at position {i} of the "
+                                                  "event type"}
         else:
             parts.append(token)
-    return ".".join(parts), params
+    return names.event(".".join(parts)), params
+
+
+def _server(app: App, names: Names) -> dict[str, Any]:
+    """The NATS server of the app's broker URL (the default address when embedded)."""
+    spec = app._broker_spec if isinstance(app._broker_spec, str) else ""
+    if spec.startswith(("nats://", "tls://")):
+        parts = urlsplit(mask_url(spec))
+        host = parts.hostname or "localhost"
+        return {
+            "host": f"{host}:{parts.port or 4222}",
+            "protocol": "nats",
+            "description": f"NATS JetStream; stream {names.stream} holds subjects "
+                           f"{names.subjects}.>",
+        }
+    return {
+        "host": "localhost:4222",
+        "protocol": "nats",
+        "description": "Where the events travel when the app runs with "
+                       f"--broker nats://HOST:4222 (it now runs embedded: its events stay in "
+                       f"the store); stream {names.stream} holds subjects {names.subjects}.>",
+    }
+
+
+def _names(app: App) -> Names:
+    spec = app._broker_spec if isinstance(app._broker_spec, str) else ""
+    prefix = parse_qs(urlsplit(spec).query).get("prefix", [""])[0] if "?" in spec else ""
+    return Names(app.name, prefix)
 
 
 def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
@@ -103,6 +155,7 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
         version: the ``info.version`` of the document (the app's API version).
     """
     b = _Builder()
+    names = _names(app)
     for h in app.handlers:
         ch = b.channel(h.pattern)
         ch.receivers[h.group] = f"{h.group} handles it ({h.name})"
@@ -134,14 +187,24 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
     for pattern in sorted(b.channels):
         ch = b.channels[pattern]
         cid = _id(pattern)
-        address, params = _address(pattern)
+        address, params = _address(names, pattern)
+        data = ch.schema or {"description": "any JSON value (no handler declares a model "
+                                            "for it)"}
         message: dict[str, Any] = {
             "name": pattern,
             "title": pattern,
             "contentType": CONTENT_TYPE,
-            "headers": {"$ref": "#/components/schemas/CloudEventAttributes"},
-            "payload": ch.schema or {"description": "any JSON value (no handler declares a "
-                                                    "model for it)"},
+            "headers": {"$ref": "#/components/schemas/NatsHeaders"},
+            "payload": {
+                "allOf": [
+                    {"$ref": "#/components/schemas/CloudEvent"},
+                    {"type": "object", "properties": {
+                        "type": {"type": "string", "const": pattern} if "*" not in pattern
+                        else {"type": "string", "description": f"matches {pattern}"},
+                        "data": data,
+                    }},
+                ],
+            },
             "correlationId": {"$ref": "#/components/correlationIds/correlationid"},
         }
         if ch.schema_from:
@@ -150,6 +213,7 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
         channel: dict[str, Any] = {
             "address": address,
             "title": pattern,
+            "servers": [{"$ref": "#/servers/nats"}],
             "messages": {cid: {"$ref": f"#/components/messages/{cid}"}},
         }
         if params:
@@ -169,10 +233,12 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
         "info": {
             "title": f"{app.name} events",
             "version": version,
-            "description": f"Every event app {app.name!r} publishes and consumes, as "
-                           "CloudEvents 1.0 (structured JSON). Generated by cantata asyncapi.",
+            "description": f"Every event app {app.name!r} publishes and consumes, on the "
+                           "subjects NATS carries them on, as CloudEvents 1.0 (structured "
+                           "JSON). Generated by cantata asyncapi.",
         },
         "defaultContentType": CONTENT_TYPE,
+        "servers": {"nats": _server(app, names)},
         "channels": channels,
         "operations": operations,
         "components": {
@@ -181,7 +247,7 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
             "correlationIds": {
                 "correlationid": {
                     "description": "The business transaction the event belongs to.",
-                    "location": "$message.header#/correlationid",
+                    "location": "$message.payload#/correlationid",
                 }
             },
         },

@@ -12,6 +12,7 @@ dead letters, orphan events, stalled transactions and the outbox lag.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.engine.hooks import Hook
@@ -55,8 +56,13 @@ class PrometheusHook(Hook):
                                        registry=r)
         self.dead_letters = Counter("cantata_dead_letters_total", "Deliveries dead-lettered",
                                     ["app", "group"], registry=r)
-        self.published = Counter("cantata_events_published_total", "Events published",
-                                 ["app", "type"], registry=r)
+        self.published = Counter("cantata_events_published_total",
+                                 "Events committed to the log, by origin: publish (app.publish), "
+                                 "workflow (ctx.emit) or handler (a handler's ctx.emit)",
+                                 ["app", "type", "origin"], registry=r)
+        self.relayed_total = Counter("cantata_events_relayed_total",
+                               "Events the outbox relay handed to the external broker",
+                               ["app", "type"], registry=r)
         self.orphans = Gauge("cantata_orphan_events", "Orphan events seen by this process",
                              ["app", "type"], registry=r)
         self.stalled = Gauge("cantata_stalled_transactions",
@@ -86,7 +92,15 @@ class PrometheusHook(Hook):
             self.dead_letters.labels(app, group).inc()
 
     def publish(self, event: Event[Any]) -> None:
-        self.published.labels(self.app_name, event.type).inc()
+        self.published.labels(self.app_name, event.type, "publish").inc()
+
+    def emitted(self, events: Sequence[Event[Any]], origin: str) -> None:
+        for event in events:
+            self.published.labels(self.app_name, event.type, origin).inc()
+
+    def relayed(self, events: Sequence[Event[Any]]) -> None:
+        for event in events:
+            self.relayed_total.labels(self.app_name, event.type).inc()
 
     async def refresh(self, app: App, *, stalled_after: float = 300.0) -> None:
         """Update the gauges that need the store: stalled transactions, outbox lag, orphans."""

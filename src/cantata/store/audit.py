@@ -10,6 +10,13 @@ canonical JSON text of a small object). Backends keep the chain head (last seq a
 hash) in a per-app row written in the same transaction as the record, so records
 removed from the end of the chain are noticed too.
 
+With an audit key (``App(audit_key=...)``, kept outside the store) the chain is
+keyed: ``hash = HMAC-SHA256(key, prev_hash + ...)``, so someone who can write the
+store cannot recompute it after a change. A keyed chain may begin with plain
+records written before the key was set; after its first keyed record every record
+must be keyed. An exported head (:func:`signed_head`) anchors the end of the chain
+outside the store, so a tail deleted together with the head row is noticed too.
+
 This module builds records (:func:`next_record`, :func:`tail`), says what each
 store write records (:func:`checkpoint_entry` and friends) and verifies a chain
 read page by page (:func:`verify_chain`).
@@ -18,10 +25,13 @@ read page by page (:func:`verify_chain`).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import time as _time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from cantata.errors import ConfigurationError
 from cantata.model.records import (
     ENTRY_COMPLETED,
     ENTRY_FAILED,
@@ -51,15 +61,49 @@ def tail(time: float, actor: str, action: str, target: str, data: str) -> str:
     return canonical([time, actor, action, target, data])[1:]
 
 
-def chain_hash(prev_hash: str, seq: int, rest: str) -> str:
-    """``sha256(prev_hash + "[" + seq + "," + rest)`` as lower-case hex."""
-    return hashlib.sha256(f"{prev_hash}[{seq},{rest}".encode("ascii")).hexdigest()
+class AuditKey:
+    """The secret that keys an app's audit chain (HMAC-SHA256).
+
+    ``inner`` and ``outer`` are the key XOR-ed with HMAC's pads, so a backend can
+    compute the HMAC in SQL with plain SHA-256:
+    ``sha256(outer || sha256(inner || message))``.
+    """
+
+    __slots__ = ("_raw", "inner", "outer")
+
+    def __init__(self, secret: str | bytes) -> None:
+        raw = secret.encode() if isinstance(secret, str) else secret
+        if not isinstance(raw, bytes) or len(raw) < 16:
+            raise ConfigurationError(
+                "the audit key must be at least 16 bytes of secret (str or bytes); make one "
+                "with `python -c 'import secrets; print(secrets.token_hex(32))'`"
+            )
+        self._raw = raw
+        block = (hashlib.sha256(raw).digest() if len(raw) > 64 else raw).ljust(64, b"\0")
+        self.inner = bytes(b ^ 0x36 for b in block)
+        self.outer = bytes(b ^ 0x5C for b in block)
+
+    def mac(self, text: str) -> str:
+        """HMAC-SHA256 of ``text`` as lower-case hex."""
+        return hmac.new(self._raw, text.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def __repr__(self) -> str:
+        return "AuditKey(***)"
 
 
-def record_hash(rec: AuditRecord) -> str:
+def chain_hash(prev_hash: str, seq: int, rest: str, key: AuditKey | None = None) -> str:
+    """``sha256(prev_hash + "[" + seq + "," + rest)`` as lower-case hex (HMAC-SHA256
+    with ``key`` when the chain is keyed)."""
+    text = f"{prev_hash}[{seq},{rest}"
+    if key is not None:
+        return key.mac(text)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def record_hash(rec: AuditRecord, key: AuditKey | None = None) -> str:
     """The hash ``rec`` must carry, recomputed from its content."""
     return chain_hash(rec.prev_hash, rec.seq, tail(rec.time, rec.actor, rec.action,
-                                                   rec.target, rec.data))
+                                                   rec.target, rec.data), key)
 
 
 def next_record(
@@ -69,11 +113,12 @@ def next_record(
     action: str,
     target: str,
     data: dict[str, Any],
+    key: AuditKey | None = None,
 ) -> AuditRecord:
     """The record that follows ``head`` (``(seq, hash)``, ``None`` for an empty chain)."""
     seq, prev = (head[0] + 1, head[1]) if head is not None else (1, GENESIS_HASH)
     text = canonical(data)
-    h = chain_hash(prev, seq, tail(time, actor, action, target, text))
+    h = chain_hash(prev, seq, tail(time, actor, action, target, text), key)
     return AuditRecord(seq, time, actor, action, target, text, prev, h)
 
 
@@ -170,7 +215,11 @@ def task_entry(
 
 
 async def verify_chain(
-    fetch: Fetch, head: tuple[int, str] | None, *, subject: str = "the audit log"
+    fetch: Fetch,
+    head: tuple[int, str] | None,
+    *,
+    subject: str = "the audit log",
+    key: AuditKey | None = None,
 ) -> AuditReport:
     """Verify a chain read in pages: ``fetch(after_seq)`` returns the next records.
 
@@ -184,6 +233,18 @@ async def verify_chain(
     end = head[0] if head is not None else None
     prev: AuditRecord | None = None
     count = 0  # records verified intact so far
+    keyed_from: int | None = None  # the first keyed record (with a key)
+
+    def intact(rec: AuditRecord) -> bool:
+        nonlocal keyed_from
+        if key is None:
+            return record_hash(rec) == rec.hash
+        if record_hash(rec, key) == rec.hash:
+            if keyed_from is None:
+                keyed_from = rec.seq
+            return True
+        # plain records may only precede the first keyed one
+        return keyed_from is None and record_hash(rec) == rec.hash
 
     def bad(seq: int | None, reason: str) -> AuditReport:
         return AuditReport(False, count, seq, reason)
@@ -205,7 +266,7 @@ async def verify_chain(
                                f"the chain continues at #{rec.seq}")
                 return bad(rec.seq, f"record #{rec.seq} is out of order or duplicated")
             expected_prev = GENESIS_HASH if prev is None else prev.hash
-            if record_hash(rec) != rec.hash:
+            if not intact(rec):
                 if rec.prev_hash != expected_prev:
                     return bad(rec.seq, f"record #{rec.seq} was changed: its link to the "
                                "previous record (prev_hash) is not that record's hash")
@@ -222,6 +283,9 @@ async def verify_chain(
         after = page[-1].seq
         if end is not None and after >= end:
             break
+    if key is not None and prev is not None and keyed_from is None:
+        return bad(None, f"no record of {subject} is keyed with the audit key given: the "
+                   "chain was written without it, or rewritten by someone without it")
     if head is None:
         if prev is not None:
             return bad(None, f"the chain head of {subject} is missing, but "
@@ -236,3 +300,90 @@ async def verify_chain(
         return bad(prev.seq, f"record #{prev.seq} was rewritten: its hash is not the "
                    "recorded chain head")
     return AuditReport(True, count)
+
+
+# -- an exported, signed chain head ------------------------------------------------------
+
+
+def signed_head(app: str, head: tuple[int, str] | None, key: AuditKey) -> dict[str, Any]:
+    """The chain head of ``app`` as a JSON object signed with ``key``, to keep outside
+    the store (``cantata audit head``)."""
+    seq, last = head if head is not None else (0, GENESIS_HASH)
+    body = {"app": app, "seq": seq, "hash": last, "exported_at": round(_time.time(), 3)}
+    return {**body, "signature": key.mac(canonical(body))}
+
+
+def check_signed_head(doc: Any, app: str, key: AuditKey) -> tuple[int, str]:
+    """``(seq, hash)`` of an exported head after checking its signature and app.
+
+    Raises:
+        ConfigurationError: the document is malformed, for another app, or its
+            signature does not verify with ``key``.
+    """
+    fields = ("app", "seq", "hash", "exported_at", "signature")
+    if not isinstance(doc, dict) or any(f not in doc for f in fields):
+        raise ConfigurationError(
+            f"the head file is not an exported audit head (it needs {', '.join(fields)}): "
+            "make one with `cantata audit head`"
+        )
+    body = {f: doc[f] for f in fields[:-1]}
+    if not isinstance(doc["signature"], str) or not hmac.compare_digest(
+        key.mac(canonical(body)), doc["signature"]
+    ):
+        raise ConfigurationError(
+            "the head file's signature does not verify with this audit key: it was changed, "
+            "or exported with another key"
+        )
+    if doc["app"] != app:
+        raise ConfigurationError(f"the head file is for app {doc['app']!r}, not {app!r}")
+    if not isinstance(doc["seq"], int) or not isinstance(doc["hash"], str):
+        raise ConfigurationError("the head file's seq must be an integer and hash a string")
+    return doc["seq"], doc["hash"]
+
+
+async def verify_against_head(
+    fetch: Fetch, exported: tuple[int, str], *, subject: str
+) -> AuditReport | None:
+    """A failure report when the chain no longer holds the exported head's record
+    (tail deleted, chain emptied or re-hashed since the export); ``None`` if it does."""
+    seq, expected = exported
+    if seq == 0:
+        return None
+    page = await fetch(seq - 1)
+    rec = page[0] if page and page[0].seq == seq else None
+    if rec is None:
+        return AuditReport(False, 0, seq, f"record #{seq} of {subject}, the exported head, "
+                           "is gone: the end of the chain was deleted after the export")
+    if rec.hash != expected:
+        return AuditReport(False, 0, seq, f"record #{seq} of {subject} no longer has the "
+                           "exported head's hash: the chain was rewritten after the export")
+    return None
+
+
+async def verify_all(
+    fetch: Fetch,
+    recorded: tuple[int, str] | None,
+    *,
+    subject: str,
+    key: AuditKey | None,
+    exported: tuple[int, str] | None,
+    unaudited: Callable[[], Awaitable[tuple[list[str], list[str]]]],
+) -> AuditReport:
+    """Everything ``cantata audit verify`` checks: the exported head (if given), the
+    chain (keyed if ``key``), and that runs and their ``run.created`` records agree."""
+    if exported is not None:
+        report = await verify_against_head(fetch, exported, subject=subject)
+        if report is not None:
+            return report
+    report = await verify_chain(fetch, recorded, subject=subject, key=key)
+    if not report.ok:
+        return report
+    missing, gone = await unaudited()
+    if gone:
+        return AuditReport(False, report.records, None, f"run(s) {', '.join(gone)} of "
+                           f"{subject} were deleted: their run.created records remain")
+    if missing:
+        return AuditReport(False, report.records, None, f"run(s) {', '.join(missing)} of "
+                           f"{subject} have no run.created audit record (inserted behind "
+                           "the log's back)")
+    return report

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from cantata.model.event import Event
 from cantata.model.records import (
@@ -40,6 +40,9 @@ from cantata.model.records import (
     WorkerInfo,
 )
 from cantata.model.status import RunStatus
+
+if TYPE_CHECKING:
+    from cantata.store.audit import AuditKey
 
 # Change channels passed to listeners.
 RUNS = "runs"
@@ -225,7 +228,10 @@ class Store(Protocol):
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
     ) -> list[Event[Any]]:
-        """Events of ``event_type`` stored at or after ``since``, oldest first."""
+        """Events of ``event_type`` stored at or after ``since``, oldest first.
+
+        ``event_type`` may be a pattern with one-token wildcards (``order.*``).
+        """
 
     async def claim_deliveries(
         self,
@@ -363,12 +369,23 @@ class Store(Protocol):
     ) -> list[AuditRecord]:
         """Audit records of ``app`` with ``seq > after_seq``, in ``seq`` order."""
 
-    async def verify_audit(self, app: str) -> AuditReport:
+    def set_audit_key(self, app: str, key: AuditKey | None) -> None:
+        """Key ``app``'s audit chain from now on (HMAC-SHA256; ``None``: plain)."""
+
+    async def audit_head(self, app: str) -> tuple[int, str] | None:
+        """``(seq, hash)`` of the last record of ``app``'s chain (``None``: empty)."""
+
+    async def verify_audit(
+        self, app: str, *, key: AuditKey | None = None, head: tuple[int, str] | None = None
+    ) -> AuditReport:
         """Recompute ``app``'s hash chain, page by page, up to its recorded head.
 
         Names the first record whose content no longer matches its hash, whose
         link to the previous record is broken, or that is missing (a gap in
-        ``seq``, or records gone from the end of the chain).
+        ``seq``, or records gone from the end of the chain). With ``key`` the chain
+        must be keyed (after a plain prefix); with ``head`` (an exported head) its
+        record must still be there, unchanged. Runs without a ``run.created`` record,
+        and such records whose run is gone, are reported too.
         """
 
     # -- apps and observability ------------------------------------------------------

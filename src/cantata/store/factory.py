@@ -5,21 +5,19 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 from cantata.errors import ConfigurationError
+from cantata.model import secrets
 from cantata.store.base import Store
 
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for messages and logs)."""
+    secrets.remember(url)
     try:
-        parts = urlsplit(url)
-        password = parts.password
+        urlsplit(url).port  # noqa: B018 - parses host and port, as a driver would
     except ValueError:  # not parseable (postgresql://[bad): hide whatever is after '//'
         head, sep, rest = url.partition("://")
         return f"{head}{sep}{'***' if '@' in rest else rest}"
-    if password:
-        netloc = parts.netloc.replace(f":{password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+    return secrets.mask(url)
 
 
 def store_from_url(url: str, *, create: bool = True) -> Store:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
-from cantata.model.event import Event
+from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
     Attempt,
     AuditRecord,
@@ -229,7 +229,7 @@ class PostgresStore:
             await self._db.notify(c, app, CANCEL)
             await ops.audit_append(c, app, audit.cancel_entry(
                 run_id, actor, str(run.status), status != "UPDATE 0"
-            ))
+            ), self._w.audit_keys.get(app))
         return run
 
     async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
@@ -283,12 +283,16 @@ class PostgresStore:
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
     ) -> list[Event[Any]]:
+        wildcard = "*" in event_type
         rows = await self._db.fetch(
-            f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND type=$2 AND stored_at>=$3 "
-            "AND NOT (id = ANY($4::text[])) ORDER BY seq LIMIT $5",
-            app, event_type, since, list(exclude), limit,
+            f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND "
+            + ("type LIKE $2 ESCAPE '\\'" if wildcard else "type=$2")
+            + " AND stored_at>=$3 AND NOT (id = ANY($4::text[])) ORDER BY seq LIMIT $5",
+            app, like_pattern(event_type) if wildcard else event_type, since, list(exclude),
+            limit,
         )
-        return [event_row(r) for r in rows]
+        found = [event_row(r) for r in rows]
+        return [e for e in found if matches(event_type, e.type)] if wildcard else found
 
     async def claim_deliveries(
         self,
@@ -367,7 +371,8 @@ class PostgresStore:
             )
             await self._db.notify(c, app, EVENTS)
             await ops.audit_append(
-                c, app, audit.replay_entry(row[1], row[2], dead_letter_id, actor)
+                c, app, audit.replay_entry(row[1], row[2], dead_letter_id, actor),
+                self._w.audit_keys.get(app),
             )
         return dead_letter_row(row, event_row(ev_row))
 
@@ -460,14 +465,33 @@ class PostgresStore:
         async with self._db.conn() as c:
             return await ops.audit_records(c, app, after_seq, limit)
 
-    async def verify_audit(self, app: str) -> AuditReport:
+    def set_audit_key(self, app: str, key: audit.AuditKey | None) -> None:
+        if key is None:
+            self._w.audit_keys.pop(app, None)
+        else:
+            self._w.audit_keys[app] = key
+
+    async def audit_head(self, app: str) -> tuple[int, str] | None:
         async with self._db.conn() as c:
-            head = await ops.audit_head(c, app)
+            return await ops.audit_head(c, app)
+
+    async def verify_audit(
+        self, app: str, *, key: audit.AuditKey | None = None,
+        head: tuple[int, str] | None = None,
+    ) -> AuditReport:
+        recorded = await self.audit_head(app)
 
         async def fetch(after: int) -> list[AuditRecord]:
             return await self.audit_records(app, after_seq=after, limit=audit.PAGE)
 
-        return await audit.verify_chain(fetch, head, subject=f"app {app!r}")
+        async def unaudited() -> tuple[list[str], list[str]]:
+            async with self._db.conn() as c:
+                return await ops.unaudited_runs(c, app, key is not None)
+
+        return await audit.verify_all(
+            fetch, recorded, subject=f"app {app!r}", key=key, exported=head,
+            unaudited=unaudited,
+        )
 
     # -- apps and observability ---------------------------------------------------------
 

@@ -155,6 +155,8 @@ class BatchWriter:
 
     def __init__(self, db: PgPool, *, writers: int = WRITERS, max_batch: int = MAX_BATCH) -> None:
         self._db = db
+        # app -> the key of its audit chain (the store's, set by PostgresStore)
+        self.audit_keys: dict[str, audit.AuditKey] = {}
         self.writers = writers
         self.max_batch = max_batch
         self._queue: list[_Item] = []
@@ -265,7 +267,7 @@ class BatchWriter:
                     await c.execute("ROLLBACK")
                     return failed
             if batch.audits:
-                await ops.audit_append_many(c, batch.audits)
+                await ops.audit_append_many(c, batch.audits, self.audit_keys)
             await c.execute(_commit_sql(batch.notices))
         except BaseException:
             if not c.is_closed() and c.is_in_transaction():

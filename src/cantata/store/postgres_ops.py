@@ -16,7 +16,7 @@ transaction, so the row stays locked only for that statement and the COMMIT
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.model import codec
@@ -135,32 +135,72 @@ _APPEND_SQL = (
 )
 
 
-async def audit_append(c: Conn, app: str, entry: audit.Entry) -> None:
+# A keyed chain: HMAC-SHA256 as sha256(outer || sha256(inner || message)), the key's
+# pads ($9, $10) passed with the statement and never stored.
+_KEYED_APPEND_SQL = _APPEND_SQL.replace(
+    "encode(sha256(convert_to($2::text || '[1,' || $3::text,  'UTF8')), 'hex')",
+    "encode(sha256($10::bytea || sha256($9::bytea || convert_to($2::text || '[1,' || "
+    "$3::text, 'UTF8'))), 'hex')",
+).replace(
+    "encode(sha256(convert_to(h.hash || '[' || (h.seq + 1)::text || ',' || $3::text,"
+    "  'UTF8')), 'hex')",
+    "encode(sha256($10::bytea || sha256($9::bytea || convert_to(h.hash || '[' || "
+    "(h.seq + 1)::text || ',' || $3::text, 'UTF8'))), 'hex')",
+)
+assert _KEYED_APPEND_SQL.count("$10") == 2
+
+
+async def audit_append(
+    c: Conn, app: str, entry: audit.Entry, key: audit.AuditKey | None = None
+) -> None:
     """Append one record to ``app``'s chain: call it last in the transaction."""
-    actor, action, target, data = entry
-    now = time.time()
-    text = audit.canonical(data)
-    await c.execute(
-        _APPEND_SQL, app, audit.GENESIS_HASH, audit.tail(now, actor, action, target, text),
-        now, actor, action, target, text,
-    )
+    await audit_append_many(c, [(app, entry)], {app: key} if key is not None else None)
 
 
-async def audit_append_many(c: Conn, entries: Sequence[tuple[str, audit.Entry]]) -> None:
-    """Append records to their apps' chains, in one round trip: call it last.
+async def audit_append_many(
+    c: Conn,
+    entries: Sequence[tuple[str, audit.Entry]],
+    keys: Mapping[str, audit.AuditKey] | None = None,
+) -> None:
+    """Append records to their apps' chains, in one round trip each way: call it last.
 
     Apps in name order, so that every writer locks the chain heads it needs in
     the same order; each app's records in the order given.
     """
-    rows = []
+    plain: list[tuple[Any, ...]] = []
+    keyed: list[tuple[Any, ...]] = []
     for app, (actor, action, target, data) in sorted(entries, key=lambda e: e[0]):
         now = time.time()
         text = audit.canonical(data)
-        rows.append((
-            app, audit.GENESIS_HASH, audit.tail(now, actor, action, target, text),
-            now, actor, action, target, text,
-        ))
-    await c.executemany(_APPEND_SQL, rows)
+        row = (app, audit.GENESIS_HASH, audit.tail(now, actor, action, target, text),
+               now, actor, action, target, text)
+        key = keys.get(app) if keys else None
+        if key is None:
+            plain.append(row)
+        else:
+            keyed.append((*row, key.inner, key.outer))
+    if plain:
+        await c.executemany(_APPEND_SQL, plain)
+    if keyed:
+        await c.executemany(_KEYED_APPEND_SQL, keyed)
+
+
+async def unaudited_runs(c: Conn, app: str, strict: bool) -> tuple[list[str], list[str]]:
+    """Runs with no ``run.created`` record, and such records whose run row is gone.
+
+    Runs older than the log's first record predate the audit log (an upgraded store),
+    unless ``strict`` (a keyed chain): then an empty log with runs is reported too.
+    """
+    created = "SELECT target FROM audit WHERE app=$1 AND action='run.created'"
+    missing = await c.fetch(
+        f"SELECT run_id FROM runs WHERE app=$1 AND run_id NOT IN ({created}) AND created_at >= "
+        "coalesce((SELECT min(time) FROM audit WHERE app=$1), $2) LIMIT 5",
+        app, float("-inf") if strict else float("inf"),
+    )
+    gone = await c.fetch(
+        f"{created} AND target NOT IN (SELECT run_id FROM runs WHERE app=$1) LIMIT 5", app
+    )
+    return [r[0] for r in missing], [r[0] for r in gone]
 
 
 async def audit_head(c: Conn, app: str) -> tuple[int, str] | None:

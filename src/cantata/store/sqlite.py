@@ -18,7 +18,7 @@ from cantata.errors import (
     StoreUnavailable,
 )
 from cantata.model import codec
-from cantata.model.event import Event, matches
+from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
     DELIVERY_PENDING,
     Attempt,
@@ -59,7 +59,7 @@ from cantata.store.sqlite_ops import (
     event_row,
     run_row,
 )
-from cantata.store.sqlite_thread import ConnectionThread
+from cantata.store.sqlite_thread import ConnectionThread, TxConnection
 
 TASK_OUTCOMES = ("done", "failed", "retry")
 
@@ -101,6 +101,7 @@ class SQLiteStore:
         self._listeners: list[ChangeListener] = []
         self._thread: ConnectionThread | None = None
         self._subs_cache: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+        self._audit_keys: dict[str, audit.AuditKey] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -109,9 +110,13 @@ class SQLiteStore:
         that cannot be written is opened read-only (writes then raise StoreReadOnly)."""
         if self._thread is not None:
             return
+        def keyed_connect() -> TxConnection:
+            conn = connect(self.path, self.url, self.synchronous, create=self.create)
+            conn.audit_keys = self._audit_keys
+            return conn
+
         thread = ConnectionThread(
-            lambda: connect(self.path, self.url, self.synchronous, create=self.create),
-            self._notify, name=f"cantata-sqlite:{self.path}",
+            keyed_connect, self._notify, name=f"cantata-sqlite:{self.path}",
             translate=lambda exc: sqlite_fault(exc, self.path),
         )
         thread.start()
@@ -483,15 +488,20 @@ class SQLiteStore:
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
     ) -> list[Event[Any]]:
         skip = list(exclude)
+        wildcard = "*" in event_type
         sql = (
-            f"SELECT {EVENT_COLS} FROM events WHERE app=? AND type=? AND stored_at>=?"
+            f"SELECT {EVENT_COLS} FROM events WHERE app=? AND "
+            + ("type LIKE ? ESCAPE '\\'" if wildcard else "type=?")
+            + " AND stored_at>=?"
             + (f" AND id NOT IN ({','.join('?' * len(skip))})" if skip else "")
             + " ORDER BY seq LIMIT ?"
         )
+        wanted = like_pattern(event_type) if wildcard else event_type
         rows = await self._t.read(
-            lambda c: c.execute(sql, (app, event_type, since, *skip, limit)).fetchall()
+            lambda c: c.execute(sql, (app, wanted, since, *skip, limit)).fetchall()
         )
-        return [event_row(r) for r in rows]
+        found = [event_row(r) for r in rows]
+        return [e for e in found if matches(event_type, e.type)] if wildcard else found
 
     async def claim_deliveries(
         self,
@@ -716,13 +726,28 @@ class SQLiteStore:
     ) -> list[AuditRecord]:
         return await self._t.read(lambda c: ops.audit_records(c, app, after_seq, limit))
 
-    async def verify_audit(self, app: str) -> AuditReport:
-        head = await self._t.read(lambda c: ops.audit_head(c, app))
+    def set_audit_key(self, app: str, key: audit.AuditKey | None) -> None:
+        if key is None:
+            self._audit_keys.pop(app, None)
+        else:
+            self._audit_keys[app] = key
+
+    async def audit_head(self, app: str) -> tuple[int, str] | None:
+        return await self._t.read(lambda c: ops.audit_head(c, app))
+
+    async def verify_audit(
+        self, app: str, *, key: audit.AuditKey | None = None,
+        head: tuple[int, str] | None = None,
+    ) -> AuditReport:
+        recorded = await self.audit_head(app)
 
         async def fetch(after: int) -> list[AuditRecord]:
             return await self.audit_records(app, after_seq=after, limit=audit.PAGE)
 
-        return await audit.verify_chain(fetch, head, subject=f"app {app!r}")
+        return await audit.verify_all(
+            fetch, recorded, subject=f"app {app!r}", key=key, exported=head,
+            unaudited=lambda: self._t.read(lambda c: ops.unaudited_runs(c, app, key is not None)),
+        )
 
     # -- apps and observability ---------------------------------------------------------
 

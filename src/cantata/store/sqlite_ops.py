@@ -257,7 +257,8 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     else:
         row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
         head = None if row is None else (row[0], row[1])
-    rec = audit.next_record(head, time.time(), actor, action, target, data)
+    keys = c.audit_keys if isinstance(c, TxConnection) else {}
+    rec = audit.next_record(head, time.time(), actor, action, target, data, keys.get(app))
     c.execute(
         f"INSERT INTO audit (app, {AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
         (app, rec.seq, rec.time, rec.actor, rec.action, rec.target, rec.data, rec.prev_hash,
@@ -271,6 +272,27 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
         "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
         (app, rec.seq, rec.prev_hash, rec.hash),
     )
+
+
+def unaudited_runs(
+    c: sqlite3.Connection, app: str, strict: bool
+) -> tuple[list[str], list[str]]:
+    """Runs with no ``run.created`` record, and such records whose run row is gone.
+
+    Runs older than the log's first record predate the audit log (an upgraded store),
+    unless ``strict`` (a keyed chain): then an empty log with runs is reported too.
+    """
+    created = "SELECT target FROM audit WHERE app=? AND action='run.created'"
+    missing = c.execute(
+        f"SELECT run_id FROM runs WHERE app=? AND run_id NOT IN ({created}) AND created_at >= "
+        "coalesce((SELECT min(time) FROM audit WHERE app=?), ?) LIMIT 5",
+        (app, app, app, float("-inf") if strict else float("inf")),
+    ).fetchall()
+    gone = c.execute(
+        f"{created} AND target NOT IN (SELECT run_id FROM runs WHERE app=?) LIMIT 5",
+        (app, app),
+    ).fetchall()
+    return [r[0] for r in missing], [r[0] for r in gone]
 
 
 def audit_head(c: sqlite3.Connection, app: str) -> tuple[int, str] | None:

@@ -17,12 +17,16 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 T = TypeVar("T")
 
 Op = Callable[[sqlite3.Connection], Any]
 MAX_BATCH = 512
+
+
+if TYPE_CHECKING:
+    from cantata.store.audit import AuditKey
 
 
 class TxConnection(sqlite3.Connection):
@@ -36,6 +40,8 @@ class TxConnection(sqlite3.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.audit_heads: dict[str, tuple[int, str, str]] = {}
+        # app -> the key of its audit chain (shared with the store, which sets them)
+        self.audit_keys: dict[str, AuditKey] = {}
 
     def begin_write(self) -> None:
         self.audit_heads = {}

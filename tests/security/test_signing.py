@@ -1,0 +1,192 @@
+"""Signed events: forged, unsigned, rotated and id-pre-empting events never reach code."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from cantata import (
+    App,
+    ConfigurationError,
+    DuplicateEventId,
+    Event,
+    HandlerContext,
+    WaitTimeout,
+)
+from cantata.model.signing import Signer
+from tests.choreography.helpers import eventually, make_app
+
+K1 = "first-secret-0123456789"
+K2 = "second-secret-0123456789"
+
+
+def shop(store: str, **kw: Any) -> tuple[App, list[Any]]:
+    app = make_app(store, **kw)
+    seen: list[Any] = []
+
+    @app.on("payment.charged", group="shipping")
+    async def ship(event: Event[Any], ctx: HandlerContext) -> None:
+        seen.append(event.data)
+
+    return app, seen
+
+
+async def forge(app: App, data: Any, *, signature: str | None) -> Event[Any]:
+    """Put an event on the log as someone with broker access but without the key."""
+    event = Event("payment.charged", data, signature=signature)
+    await app.store.append_events(app.name, [event])
+    app._emitted([event])
+    return event
+
+
+async def dead_errors(app: App, n: int) -> list[str]:
+    dls = await eventually(
+        lambda: _at_least(app, n), what=f"{n} dead letter(s)", timeout=15
+    )
+    return sorted(d.error for d in dls)
+
+
+async def _at_least(app: App, n: int) -> Any:
+    dls = await app.dead_letters()
+    return dls if len(dls) >= n else None
+
+
+async def test_signed_events_are_handled_and_forged_or_unsigned_dead_lettered(
+    store_url: str,
+) -> None:
+    app, seen = shop(store_url, signing_keys={"k1": K1}, require_signatures=True)
+    async with app:
+        await app.publish("payment.charged", {"amount": 99})
+        await forge(app, {"amount": 1_000_000}, signature="k1:" + "0" * 64)
+        await forge(app, {"amount": 5}, signature=None)
+        await eventually(lambda: seen, what="the signed event handled")
+        errors = await dead_errors(app, 2)
+        assert errors[0].startswith("SignatureInvalid: ") and "forged" in errors[0]
+        assert errors[1].startswith("SignatureMissing: ")
+        assert seen == [{"amount": 99}]
+
+
+async def test_a_handler_can_require_signatures_alone(store_url: str) -> None:
+    app = make_app(store_url, signing_keys={"k1": K1})
+    strict: list[Any] = []
+    lax: list[Any] = []
+
+    @app.on("payment.charged", group="shipping", require_signature=True)
+    async def ship(event: Event[Any]) -> None:
+        strict.append(event.data)
+
+    @app.on("payment.charged", group="mailer")
+    async def mail(event: Event[Any]) -> None:
+        lax.append(event.data)
+
+    async with app:
+        await forge(app, {"amount": 5}, signature=None)
+        await eventually(lambda: lax, what="the lax group handled it")
+        errors = await dead_errors(app, 1)
+        assert errors[0].startswith("SignatureMissing: ")
+        assert strict == []
+
+
+async def test_keys_rotate(store_url: str) -> None:
+    """Events signed with the old key still verify while it is listed."""
+    old = Signer({"k1": K1})
+    app, seen = shop(store_url, signing_keys={"k2": K2, "k1": K1}, require_signatures=True)
+    async with app:
+        signed_old = old.sign(Event("payment.charged", {"n": 1}))
+        await app.store.append_events(app.name, [signed_old])
+        app._emitted([signed_old])
+        await app.publish("payment.charged", {"n": 2})
+        await eventually(lambda: len(seen) == 2, what="both handled")
+        assert await app.dead_letters() == []
+        published = await app.publish("payment.charged", {"n": 3})
+        assert published.signature is not None and published.signature.startswith("k2:")
+        assert published.to_cloudevent()["signaturekeyid"] == "k2"
+
+
+async def test_triggers_and_waits_ignore_forged_events(store_url: str) -> None:
+    app = make_app(store_url, signing_keys={"k1": K1}, require_signatures=True)
+
+    @app.workflow
+    async def refund(ctx: Any, data: Any) -> Any:
+        return data
+
+    @app.workflow
+    async def await_payment(ctx: Any, order: str) -> Any:
+        ev = await ctx.wait_for_event("payment.charged", match={"order": order}, timeout=1.5)
+        return ev.data
+
+    app.start_on("refund.requested", refund)
+    async with app:
+        waiting = await app.start(await_payment, "o-1")
+        forged = Event("refund.requested", {"amount": 10})
+        await app.store.append_events(app.name, [forged])
+        app._emitted([forged])
+        await forge(app, {"order": "o-1"}, signature="k1:" + "1" * 64)
+        errors = await dead_errors(app, 1)
+        assert errors[0].startswith("SignatureMissing: ")
+        with pytest.raises(Exception) as info:
+            await waiting.result(timeout=20)
+        assert "WaitTimeout" in str(info.value) or isinstance(info.value, WaitTimeout)
+        assert [r.workflow for r in await app.list_runs()] == ["await_payment"]
+
+
+async def test_a_used_id_is_a_duplicate_or_refused(store_url: str) -> None:
+    app, seen = shop(store_url)
+    async with app:
+        first = await app.publish("payment.charged", {"amount": 99}, id="pay-1")
+        again = await app.publish("payment.charged", {"amount": 99}, id="pay-1")
+        assert again.duplicate and not first.duplicate
+        assert again.id == first.id and again.data == first.data
+        with pytest.raises(DuplicateEventId, match=r"pay-1.*other content"):
+            await app.publish("payment.charged", {"amount": 0}, id="pay-1")
+        await eventually(lambda: seen, what="handled")
+        assert seen == [{"amount": 99}]
+
+
+async def test_a_forged_event_cannot_pre_empt_the_real_one(store_url: str) -> None:
+    """The forger publishes first with the real id: it is dead-lettered, never handled,
+    and the real publisher is told the id was taken instead of being silently dropped."""
+    app, seen = shop(store_url, signing_keys={"k1": K1}, require_signatures=True)
+    async with app:
+        forged = Event("payment.charged", {"amount": 0}, id="pay-7")
+        await app.store.append_events(app.name, [forged])
+        app._emitted([forged])
+        errors = await dead_errors(app, 1)
+        assert "SignatureMissing" in errors[0]
+        with pytest.raises(DuplicateEventId, match=r"pay-7.*\{'amount': 0\}.*\{'amount': 99\}"):
+            await app.publish("payment.charged", {"amount": 99}, id="pay-7")
+        assert seen == []
+
+
+def test_bad_key_configuration_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="too short"):
+        App("shop", store="memory://", signing_keys={"k1": "short"})
+    with pytest.raises(ConfigurationError, match="signing_key_id 'k3'"):
+        App("shop", store="memory://", signing_keys={"k1": K1}, signing_key_id="k3")
+    with pytest.raises(ConfigurationError, match="needs signing_keys"):
+        App("shop", store="memory://", require_signatures=True)
+
+
+async def test_require_signature_without_keys_fails_at_start() -> None:
+    app = App("shop", store="memory://")
+
+    @app.on("x.y", group="g", require_signature=True)
+    async def h(event: Event[Any]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="no signing_keys"):
+        async with app:
+            pass
+
+
+def test_the_signature_covers_the_content() -> None:
+    signer = Signer({"k1": K1})
+    event = signer.sign(Event("a.b", {"amount": 1}, correlation_id="c"))
+    assert signer.accepts(event, required=True)
+    for change in ({"data": {"amount": 2}}, {"type": "a.c"}, {"correlation_id": "d"},
+                   {"subject": "s"}, {"source": "evil"}, {"id": "other"}):
+        assert not signer.accepts(dataclasses.replace(event, **change)), change
+    round_trip = Event.from_json(event.to_json())
+    assert signer.accepts(round_trip, required=True)
+    assert not Signer({"k1": K2}).accepts(event)
