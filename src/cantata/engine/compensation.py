@@ -1,0 +1,86 @@
+"""Compensation: ``ctx.compensate()`` and the bookkeeping it shares with the unwind.
+
+A compensation is registered once its step succeeds (``ctx.run(..., compensate=)``).
+It runs either when the run fails or is cancelled (the engine's unwind), or when
+the workflow calls ``ctx.compensate()``: the compensations registered so far run
+in reverse, each a durable step (key ``compensate:<name>#n``, numbered across
+both, so a replay finds each recorded), and are then forgotten — a second call
+runs only those registered since. A workflow that returns after compensations
+ran this way ends ``compensated`` with its returned value as the run's result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cantata.errors import StepFailed
+from cantata.model.records import COMPENSATION
+
+if TYPE_CHECKING:
+    from .runner import RunExecution
+
+log = logging.getLogger("cantata.engine")
+
+
+@dataclass
+class ApiState:
+    """What one execution of a run tracks for ``ctx.compensate`` and cancel cleanup."""
+
+    compensation_counters: dict[str, int] = field(default_factory=dict)
+    compensated: int = 0  # compensations ctx.compensate() ran
+    compensate_calls: int = 0
+    failed_steps: int = 0  # StepFailed raised into the workflow (it may catch them)
+    cancel_delivered: bool = False  # Cancelled was raised into the workflow once
+    cleanup_timeout: float | None = None
+
+
+def compensation_key(x: RunExecution, name: str) -> str:
+    """The history key of the next compensation by step ``name`` in this run."""
+    counters = x.api.compensation_counters
+    n = counters.get(name, 0) + 1
+    counters[name] = n
+    return f"compensate:{name}#{n}"
+
+
+async def compensate(x: RunExecution) -> int:
+    """Run the compensations registered so far, newest first; returns how many ran.
+
+    Each runs with its own retries. They are forgotten once run (or failed for
+    good), so neither a later ``compensate()`` nor the unwind runs them again.
+
+    Raises:
+        StepFailed: a compensation failed for good (after the others were tried);
+            the first such failure.
+    """
+    todo = list(reversed(x.compensations))
+    x.compensations.clear()
+    x.api.compensate_calls += 1
+    failures: list[StepFailed] = []
+    for sdef, args in todo:
+        try:
+            await x.call_step(sdef, args, compensation_key(x, sdef.name), kind=COMPENSATION)
+        except StepFailed as exc:
+            failures.append(exc)
+    x.api.compensated += len(todo) - len(failures)
+    if failures:
+        raise failures[0]
+    return len(todo)
+
+
+def warn_unrun(x: RunExecution) -> None:
+    """Log a run that caught a step failure and returned with compensations never run."""
+    if x.api.failed_steps and x.compensations and not x.api.cancel_delivered:
+        names = ", ".join(s.name for s, _ in reversed(x.compensations))
+        log.warning(
+            "run %s of %s caught a step failure and returned normally: its registered "
+            "compensations (%s) were not run; call `await ctx.compensate()` to run them",
+            x.run.run_id, x.wdef.name, names,
+        )
+
+
+def describe(x: RunExecution) -> str:
+    """The error text of a run that compensated on its own and returned."""
+    return (f"Compensated: the workflow ran {x.api.compensated} compensation(s) with "
+            "ctx.compensate() and returned")
