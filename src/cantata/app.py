@@ -234,6 +234,9 @@ class App(Router):
         self._opened = 1
 
     async def _serve(self) -> None:
+        from cantata.observability.logs import install_record_factory
+
+        install_record_factory()  # records logged in steps and handlers carry their ids
         engine = self.engine
         unverifiable = [h.name for h in self.handlers if h.require_signature]
         if unverifiable and not self.signer:
