@@ -31,6 +31,7 @@ class ApiState:
     compensation_counters: dict[str, int] = field(default_factory=dict)
     compensated: int = 0  # compensations ctx.compensate() ran
     compensate_calls: int = 0
+    compensation_failures: list[str] = field(default_factory=list)  # failed for good
     failed_steps: int = 0  # StepFailed raised into the workflow (it may catch them)
     cancel_delivered: bool = False  # Cancelled was raised into the workflow once
     cleanup_timeout: float | None = None
@@ -64,6 +65,7 @@ async def compensate(x: RunExecution) -> int:
         except StepFailed as exc:
             failures.append(exc)
     x.api.compensated += len(todo) - len(failures)
+    x.api.compensation_failures += [str(f) for f in failures]
     if failures:
         raise failures[0]
     return len(todo)
@@ -84,3 +86,9 @@ def describe(x: RunExecution) -> str:
     """The error text of a run that compensated on its own and returned."""
     return (f"Compensated: the workflow ran {x.api.compensated} compensation(s) with "
             "ctx.compensate() and returned")
+
+
+def failed_text(x: RunExecution, error: str | None = None) -> str:
+    """The error text of a run whose ``ctx.compensate()`` had a compensation fail."""
+    head = error or "the workflow returned"
+    return f"{head}; compensation failed: {'; '.join(x.api.compensation_failures)}"

@@ -38,7 +38,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 
 from . import cleanup
-from .compensation import ApiState, compensation_key, describe, warn_unrun
+from .compensation import ApiState, compensation_key, describe, failed_text, warn_unrun
 from .heartbeat import beat_for
 from .invoke import invoke_step
 from .registry import StepDef, WorkflowDef
@@ -591,6 +591,10 @@ class RunExecution:
                 return
             await self._unwind(RunStatus.FAILED, error_text(exc))
             return
+        if self.api.compensation_failures:  # an operator must look, as after an unwind
+            await self._finish(RunStatus.FAILED, result=result, error=failed_text(self),
+                               flagged=True)
+            return
         if self.api.compensated:
             await self._finish(RunStatus.COMPENSATED, result=result, error=describe(self))
             return
@@ -611,6 +615,9 @@ class RunExecution:
 
     async def _unwind(self, final: RunStatus, error: str) -> None:
         """Run registered compensations in reverse order, then end the run."""
+        if not self.compensations and self.api.compensation_failures:
+            await self._finish(RunStatus.FAILED, error=failed_text(self, error), flagged=True)
+            return
         if not self.compensations:
             if final == RunStatus.FAILED and self.api.compensated:
                 final = RunStatus.COMPENSATED  # ctx.compensate() ran them before it failed
