@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 _KEY = "cancelled#1"  # when the cancellation reached the workflow (clock time)
 
 
+class CleanupExpired(Cancelled):
+    """The cancellation again, once the cleanup window has closed."""
+
+
+def accepts(x: RunExecution, exc: BaseException) -> bool:
+    """False for a cancellation requested again while the workflow cleans up (the
+    engine notices the run's cancel flag again and again)."""
+    return not (
+        isinstance(exc, Cancelled) and x.api.cancel_delivered
+        and not isinstance(exc, CleanupExpired)
+    )
+
+
 def deliver(x: RunExecution, exc: BaseException) -> None:
     """Called with the interrupt about to be raised into the workflow.
 
@@ -53,7 +66,7 @@ def deliver(x: RunExecution, exc: BaseException) -> None:
 async def _close_after(x: RunExecution, delay: float) -> None:
     if delay > 0:
         await x.engine.clock.sleep(delay)
-    x.request_interrupt(Cancelled(
+    x.request_interrupt(CleanupExpired(
         f"run {x.run.run_id} was cancelled and its cleanup took longer than its "
         f"cleanup_timeout of {x.wdef.cleanup_timeout} s"
     ))

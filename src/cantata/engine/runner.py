@@ -236,6 +236,8 @@ class RunExecution:
             self.request_interrupt(exc)
 
     def request_interrupt(self, exc: BaseException) -> None:
+        if not cleanup.accepts(self, exc):  # a repeated cancel during cleanup
+            return
         if not self.interrupt.done():
             self.interrupt.set_result(exc)
         self.wakeup.set()
@@ -571,8 +573,9 @@ class RunExecution:
         except CompensatedElsewhere as exc:
             await self._finish(exc.status, error=str(exc), flagged=exc.flagged or None)
             return
-        except Cancelled:
-            await self._unwind(RunStatus.CANCELLED, "Cancelled: the run was cancelled")
+        except Cancelled as exc:
+            await self._unwind(RunStatus.CANCELLED,
+                               f"Cancelled: {str(exc) or 'the run was cancelled'}")
             return
         except _DeadlinePassed:
             err = DeadlineExceeded(f"run {run.run_id} passed its deadline")
