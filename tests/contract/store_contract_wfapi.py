@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from cantata.errors import LeaseLost, TransactionUnsupported
 from cantata.model.records import ENTRY_COMPLETED, Attempt, RunWrite, StepHeartbeat
-from cantata.store.base import Store
+from cantata.store.base import Store, TransactionalStore
 from cantata.store.tx import Tx
 from tests.contract.store_support import StoreFixtures, entry, ev, new_run
+
+
+def _tx_store(store: Store) -> TransactionalStore:
+    assert hasattr(store, "run_transaction")
+    return cast(TransactionalStore, store)
 
 
 class WorkflowApiContract(StoreFixtures):
@@ -74,7 +79,7 @@ class WorkflowApiContract(StoreFixtures):
         async def read(tx: Tx) -> tuple[RunWrite, Any]:
             return RunWrite(), await tx.fetch(f"SELECT count(*) FROM {table}")
 
-        assert await getattr(peer, "run_transaction")(self.app, run.run_id, 1, read) == [(2,)]
+        assert await _tx_store(peer).run_transaction(self.app, run.run_id, 1, read) == [(2,)]
 
     async def test_run_transaction_rolls_back_on_error_and_on_a_stale_fence(
         self, store: Store, peer: Store
@@ -83,7 +88,7 @@ class WorkflowApiContract(StoreFixtures):
             pytest.skip("this store refuses transactions")
         run = await self._owned_run(store)
         table = f"r_{self.app.replace('-', '_')}"
-        runner = getattr(store, "run_transaction")
+        runner = _tx_store(store).run_transaction
 
         async def create(tx: Tx) -> tuple[RunWrite, Any]:
             await tx.execute(f"CREATE TABLE {table} (id INTEGER)")
@@ -108,5 +113,5 @@ class WorkflowApiContract(StoreFixtures):
         async def count(tx: Tx) -> tuple[RunWrite, Any]:
             return RunWrite(), await tx.fetchone(f"SELECT count(*) FROM {table}")
 
-        assert await getattr(peer, "run_transaction")(self.app, run.run_id, 1, count) == (0,)
+        assert await _tx_store(peer).run_transaction(self.app, run.run_id, 1, count) == (0,)
         assert await peer.load_history(self.app, run.run_id) == []

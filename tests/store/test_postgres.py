@@ -29,7 +29,6 @@ from cantata.errors import (
     StoreUnavailable,
 )
 from cantata.model.codec import new_id
-from cantata.store import migrations
 from cantata.model.records import (
     ENTRY_COMPLETED,
     ENTRY_RUNNING,
