@@ -31,7 +31,8 @@ async def test_heartbeat_outside_a_step_is_a_clear_error(store_url: str) -> None
 
     async with app:
         handle = await app.start(wf)
-        assert "outside a step" in await handle.result(timeout=10)
+        text = await handle.result(timeout=10)
+        assert "outside a step" in text and handle.run_id in text and "workflow wf" in text
 
 
 async def test_a_silent_step_is_a_lost_attempt_and_its_retry_gets_the_last_details(

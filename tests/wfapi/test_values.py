@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from cantata import App, RunStatus, SerializationError, WorkflowContext, WorkflowFailed
@@ -140,3 +143,33 @@ async def test_a_value_that_does_not_serialise_fails_naming_the_run_and_the_call
         assert await handle.get_value("later") == "fine"
         with pytest.raises(KeyError):
             await handle.get_value("when")
+
+
+def test_cantata_run_shows_the_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cantata.cli import common
+    from cantata.cli.main import main
+
+    monkeypatch.setattr(common.console, "_width", 200)
+    url = f"sqlite:///{tmp_path}/cantata.db"
+    app = make_app(url)
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext) -> int:
+        await ctx.set_value("progress", {"done": 3, "of": 4})
+        await ctx.set_value("stage", "copying")
+        return 1
+
+    async def go() -> str:
+        async with app:
+            handle = await app.start(wf)
+            await handle.result(timeout=10)
+            return handle.run_id
+
+    run_id = asyncio.run(go())
+    code = main(["run", run_id, "--app", "shop", "--store", url])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert 'progress = {"done":3,"of":4}' in out and 'stage = "copying"' in out
+    assert "set_value:stage#1" in out

@@ -32,6 +32,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 
+from .heartbeat import workflow_run
 from .registry import DECLARED_ATTR, STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ class WorkflowContext:
 
     def __init__(self, execution: RunExecution) -> None:
         self._x = execution
+        # Built in the run's task, before the workflow's code runs in it: errors of
+        # calls made there outside a step (cantata.heartbeat) can name the run.
+        workflow_run.set((execution.wdef.name, execution.run.run_id))
 
     @property
     def run_id(self) -> str:

@@ -113,6 +113,10 @@ class Beat:
 _current: contextvars.ContextVar[Beat | None] = contextvars.ContextVar(
     "cantata_heartbeat", default=None
 )
+# (workflow, run id) of the workflow code running in this task, to name it in errors
+workflow_run: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "cantata_workflow_run", default=None
+)
 
 
 def heartbeat(details: Any = None) -> None:
@@ -128,9 +132,11 @@ def heartbeat(details: Any = None) -> None:
     """
     beat = _current.get()
     if beat is None:
+        where = workflow_run.get()
+        inside = "" if where is None else f" (in the code of workflow {where[0]}, run {where[1]})"
         raise CantataError(
-            "cantata.heartbeat() was called outside a step: call it inside a function "
-            "decorated with @app.step while a workflow runs it"
+            f"cantata.heartbeat() was called outside a step{inside}: call it inside a "
+            "function decorated with @app.step while a workflow runs it"
         )
     beat.beat(details)
 

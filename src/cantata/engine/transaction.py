@@ -54,7 +54,10 @@ async def run_transactional(
         published[:] = tx.events
         return RunWrite(entries=[entry], attempts=[done], events=list(tx.events)), value
 
-    value = await runner(run.app, run.run_id, run.fence, body)
+    try:
+        value = await runner(run.app, run.run_id, run.fence, body)
+    except TransactionUnsupported as exc:
+        raise TransactionUnsupported(f"step {sdef.name}: {exc}") from None
     if published:
         engine.events_appended(published)
         await check_orphans(engine, published)
