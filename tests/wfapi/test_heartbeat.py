@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +15,10 @@ import pytest
 import cantata
 from cantata import CantataError, Retry, WorkflowContext
 
-from .helpers import make_app
+from .beat_app import build
+from .helpers import eventually, make_app
+
+HERE = Path(__file__).parent
 
 FAST = Retry(max_attempts=3, initial_interval=0.01)
 
@@ -142,3 +149,28 @@ async def test_heartbeat_details_must_serialise(store_url: str) -> None:
         with pytest.raises(cantata.WorkflowFailed, match=r"cantata.heartbeat\(details\) in step"
                            r" bad of run"):
             await handle.result(timeout=10)
+
+
+def _spawn(store_url: str, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(HERE / "beat_app.py"), store_url,
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.slow
+async def test_details_reach_the_retry_in_another_worker_after_a_kill(
+    sql_store_url: str, tmp_path: Path
+) -> None:
+    proc = _spawn(sql_store_url, tmp_path)
+    assert proc.stdout is not None
+    run_id = (await asyncio.to_thread(proc.stdout.readline)).strip()
+    await eventually(lambda: (tmp_path / "beating").exists(), timeout=30)
+    proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(proc.communicate)
+    seen: list[object] = []
+    app = build(sql_store_url, str(tmp_path), seen)
+    async with app:  # this worker takes the run over once the dead one's lease expires
+        assert await app.get_handle(run_id).result(timeout=30) == 5
+        attempts = await app.store.load_attempts(app.name, run_id)
+    assert seen == [{"done": 3}]
+    assert [a.error_type for a in attempts] == ["WorkerLost", None]

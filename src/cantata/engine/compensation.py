@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from cantata.errors import StepFailed
 from cantata.model.records import COMPENSATION
+from cantata.model.status import RunStatus
 
 if TYPE_CHECKING:
     from .runner import RunExecution
@@ -71,7 +72,37 @@ async def compensate(x: RunExecution) -> int:
     return len(todo)
 
 
-def warn_unrun(x: RunExecution) -> None:
+def returned_ending(x: RunExecution) -> tuple[RunStatus, str | None, bool | None]:
+    """(status, error, flagged) of a run whose workflow returned."""
+    api = x.api
+    if api.compensation_failures:  # an operator must look, as after an unwind
+        return RunStatus.FAILED, _failed_text(x, "the workflow returned"), True
+    if api.compensated:
+        return RunStatus.COMPENSATED, (
+            f"Compensated: the workflow ran {api.compensated} compensation(s) with "
+            "ctx.compensate() and returned"
+        ), None
+    _warn_unrun(x)
+    return RunStatus.COMPLETED, None, None
+
+
+def unwound_ending(
+    x: RunExecution, final: RunStatus, error: str
+) -> tuple[RunStatus, str, bool | None]:
+    """(status, error, flagged) of a run that failed or was cancelled with no
+    compensation left to run (``ctx.compensate()`` may have run them)."""
+    if x.api.compensation_failures:
+        return RunStatus.FAILED, _failed_text(x, error), True
+    if final == RunStatus.FAILED and x.api.compensated:
+        return RunStatus.COMPENSATED, error, None
+    return final, error, None
+
+
+def _failed_text(x: RunExecution, head: str) -> str:
+    return f"{head}; compensation failed: {'; '.join(x.api.compensation_failures)}"
+
+
+def _warn_unrun(x: RunExecution) -> None:
     """Log a run that caught a step failure and returned with compensations never run."""
     if x.api.failed_steps and x.compensations and not x.api.cancel_delivered:
         names = ", ".join(s.name for s, _ in reversed(x.compensations))
@@ -80,15 +111,3 @@ def warn_unrun(x: RunExecution) -> None:
             "compensations (%s) were not run; call `await ctx.compensate()` to run them",
             x.run.run_id, x.wdef.name, names,
         )
-
-
-def describe(x: RunExecution) -> str:
-    """The error text of a run that compensated on its own and returned."""
-    return (f"Compensated: the workflow ran {x.api.compensated} compensation(s) with "
-            "ctx.compensate() and returned")
-
-
-def failed_text(x: RunExecution, error: str | None = None) -> str:
-    """The error text of a run whose ``ctx.compensate()`` had a compensation fail."""
-    head = error or "the workflow returned"
-    return f"{head}; compensation failed: {'; '.join(x.api.compensation_failures)}"

@@ -38,7 +38,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 
 from . import cleanup
-from .compensation import ApiState, compensation_key, describe, failed_text, warn_unrun
+from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
 from .heartbeat import beat_for
 from .invoke import invoke_step
 from .registry import StepDef, WorkflowDef
@@ -594,15 +594,8 @@ class RunExecution:
                 return
             await self._unwind(RunStatus.FAILED, error_text(exc))
             return
-        if self.api.compensation_failures:  # an operator must look, as after an unwind
-            await self._finish(RunStatus.FAILED, result=result, error=failed_text(self),
-                               flagged=True)
-            return
-        if self.api.compensated:
-            await self._finish(RunStatus.COMPENSATED, result=result, error=describe(self))
-            return
-        warn_unrun(self)
-        await self._finish(RunStatus.COMPLETED, result=result)
+        status, error, flagged = returned_ending(self)  # ctx.compensate() may have run
+        await self._finish(status, result=result, error=error, flagged=flagged)
 
     def _check_all_replayed(self) -> None:
         left = sorted(
@@ -618,13 +611,9 @@ class RunExecution:
 
     async def _unwind(self, final: RunStatus, error: str) -> None:
         """Run registered compensations in reverse order, then end the run."""
-        if not self.compensations and self.api.compensation_failures:
-            await self._finish(RunStatus.FAILED, error=failed_text(self, error), flagged=True)
-            return
         if not self.compensations:
-            if final == RunStatus.FAILED and self.api.compensated:
-                final = RunStatus.COMPENSATED  # ctx.compensate() ran them before it failed
-            await self._finish(final, error=error)
+            final, error, flagged = unwound_ending(self, final, error)
+            await self._finish(final, error=error, flagged=flagged)
             return
         self.compensating = True
         if self.run.status != RunStatus.COMPENSATING:
