@@ -258,7 +258,9 @@ class Router:
                     f"@transaction step {getattr(f, '__qualname__', f)!r} must be an `async "
                     "def` taking a cantata.Tx first"
                 )
-            svc = service or self.service
+            # A transactional step shares the calling run's transaction: it runs in that
+            # run's worker, never as a task for another service's workers.
+            svc = None if transactional else (service or self.service)
             base = name or f.__name__
             qualified = f"{svc}.{base}" if svc and "." not in base else base
             sdef = StepDef(
