@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +83,15 @@ async def test_a_query_that_raises_or_is_unknown_names_the_run_and_the_query(
         with pytest.raises(QueryFailed, match=r"no query named 'nope'.*known: broken, summary"):
             await handle.query("nope")
         await handle.cancel()
+
+
+def test_the_blocking_facade_reads_values_and_queries(tmp_path: Path) -> None:
+    from cantata import sync
+
+    app = make_app(f"sqlite:///{tmp_path}/cantata.db")
+    _declare(app, [])
+    with sync.connect(app, serve=True) as shop:
+        handle = shop.start("place_order", {"id": 3, "qty": 1})
+        assert handle.get_value("stage", wait=10) == "awaiting payment"
+        assert handle.query("summary")["order"] == 3
+        handle.cancel()
