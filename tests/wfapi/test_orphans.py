@@ -72,3 +72,23 @@ async def test_a_choreographed_saga_reports_no_orphans_of_its_own_events(
                     await handle.result(timeout=15)
             assert app.metrics.orphans == {}
     assert not [r.getMessage() for r in caplog.records if "orphan" in r.getMessage()]
+
+
+APPROVED = "invoice.approved"
+
+
+def test_the_waited_types_are_read_from_the_workflow_code() -> None:
+    from cantata.engine.waits import literal_waits
+
+    local = "order.paid"
+
+    async def wf(ctx: WorkflowContext, computed: str) -> None:
+        await ctx.wait_for_event(APPROVED)
+        await ctx.wait_for_event(local, match={"id": 1})
+        await ctx.wait_for_event(type="order.shipped")
+        await ctx.wait_for_event(computed)  # known only at run time: declared then
+
+    assert literal_waits(wf) == {"invoice.approved", "order.paid", "order.shipped"}
+    app = make_app("memory://")
+    app.workflow(wf)
+    assert ("wf", "order.paid") in app.waits
