@@ -27,7 +27,11 @@ def build(store_url: str, marker_dir: str, seen: list[object] | None = None) -> 
         for i in range(start, files):
             cantata.heartbeat({"done": i + 1})
             if info.attempt == 1 and i == 2:
-                await asyncio.sleep(2.5)  # past the throttle: the last beat is written
+                while True:  # until the throttled write of the last beat is in the store
+                    kept = await app.store.last_step_heartbeat(app.name, info.run_id, info.key)
+                    if kept is not None and kept.details == '{"done":3}':
+                        break
+                    await asyncio.sleep(0.1)
                 (Path(marker_dir) / "beating").touch()
                 await asyncio.sleep(60)  # killed here
         return files

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from cantata import App
-from tests.engine.helpers import LEASE, POLL, eventually, history_keys, make_app
+from tests.engine.helpers import LEASE, POLL, history_keys, make_app
+from tests.engine.helpers import eventually as _eventually
 
 __all__ = ["LEASE", "POLL", "eventually", "history_keys", "make_app", "other_process"]
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], timeout: float = 15.0
+) -> None:
+    """``tests.engine.helpers.eventually`` with room for a loaded machine."""
+    await _eventually(check, timeout=timeout)
 
 
 @asynccontextmanager

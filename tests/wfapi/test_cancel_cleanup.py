@@ -54,7 +54,7 @@ async def test_a_cancelled_workflow_runs_its_cleanup_steps_then_ends_cancelled(
         await handle.get_value("stage", wait=10)
         await handle.cancel()
         with pytest.raises(WorkflowCancelled):
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         assert await handle.status() == RunStatus.CANCELLED
         # cleanup ran, then the registered compensation (the unwind) ran
         assert log == ["reserve", "caught", "notify", "finally", "release"]
@@ -87,7 +87,7 @@ async def test_a_workflow_that_returns_after_catching_cancelled_still_ends_cance
         await handle.get_value("stage", wait=10)
         await handle.cancel()
         with pytest.raises(WorkflowCancelled):
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         assert done == ["tidy"]
 
 
@@ -115,7 +115,7 @@ async def test_cleanup_past_its_timeout_is_stopped(store_url: str) -> None:
         await handle.get_value("stage", wait=10)
         await handle.cancel()
         with pytest.raises(WorkflowCancelled, match="cleanup_timeout"):
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         assert done == ["tidy"]
 
 
@@ -156,7 +156,7 @@ async def test_cleanup_after_cancel_is_replay_safe(store_url: str) -> None:
     async with resumed:
         await resumed.publish("cleanup.go", {})
         with pytest.raises(WorkflowCancelled):
-            await resumed.get_handle(handle.run_id).result(timeout=10)
+            await resumed.get_handle(handle.run_id).result(timeout=20)
     assert log == ["first", "second"]
 
 

@@ -69,7 +69,7 @@ async def test_trip_sample_compensates_and_returns(store_url: str) -> None:
     async with app:
         handle = await app.start("book_trip", {"id": "t1"})
         with pytest.raises(WorkflowCompensated) as info:
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         assert info.value.result == "Booking canceled"
         assert await handle.status() == RunStatus.COMPENSATED
         assert booked == {"car": [], "hotel": [], "flight": []}  # the flight is un-booked
@@ -86,7 +86,7 @@ async def test_catching_step_failed_without_compensate_keeps_bookings_and_warns(
     with caplog.at_level(logging.WARNING, logger="cantata"):
         async with app:
             handle = await app.start("book_trip", {"id": "t2"})
-            assert await handle.result(timeout=10) == "Booking canceled"
+            assert await handle.result(timeout=20) == "Booking canceled"
     assert booked == {"car": ["t2"], "hotel": ["t2"], "flight": ["t2"]}
     warned = [r.getMessage() for r in caplog.records if "were not run" in r.getMessage()]
     assert warned and handle.run_id in warned[0]
@@ -118,7 +118,7 @@ async def test_compensate_twice_runs_only_what_was_registered_since(store_url: s
     async with app:
         handle = await app.start(wf)
         with pytest.raises(WorkflowCompensated) as info:
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         assert info.value.result == [2, 1, 0]
         assert undone == ["b", "a", "c"]
         keys = await history_keys(app, handle.run_id)
@@ -155,7 +155,7 @@ async def test_a_workflow_may_go_on_after_compensate_and_a_later_failure_unwinds
     async with app:
         handle = await app.start(wf)
         with pytest.raises(WorkflowCompensated):
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         assert undone == ["a", "b"]
 
 
@@ -185,7 +185,7 @@ async def test_a_failing_compensation_raises_step_failed_after_trying_the_others
     async with app:
         handle = await app.start(wf)
         with pytest.raises(WorkflowFailed) as info:
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         assert "compensation failed" in str(info.value) and "cannot undo b" in str(info.value)
         assert undone == ["a"]
         assert (await handle.info()).flagged
@@ -228,7 +228,7 @@ async def test_compensate_is_replay_safe(store_url: str) -> None:
     async with resumed:
         await resumed.publish("resume", {})
         with pytest.raises(WorkflowCompensated) as info:
-            await resumed.get_handle(handle.run_id).result(timeout=10)
+            await resumed.get_handle(handle.run_id).result(timeout=20)
         assert info.value.result == "done"
     assert undone == ["a", "b"]
 

@@ -38,7 +38,7 @@ async def test_heartbeat_outside_a_step_is_a_clear_error(store_url: str) -> None
 
     async with app:
         handle = await app.start(wf)
-        text = await handle.result(timeout=10)
+        text = await handle.result(timeout=20)
         assert "outside a step" in text and handle.run_id in text and "workflow wf" in text
 
 
@@ -148,7 +148,7 @@ async def test_heartbeat_details_must_serialise(store_url: str) -> None:
         handle = await app.start(wf)
         with pytest.raises(cantata.WorkflowFailed, match=r"cantata.heartbeat\(details\) in step"
                            r" bad of run"):
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
 
 
 def _spawn(store_url: str, tmp_path: Path) -> subprocess.Popen[str]:

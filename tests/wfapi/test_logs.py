@@ -38,8 +38,9 @@ async def test_records_logged_in_a_step_or_handler_carry_their_context(
     with caplog.at_level(logging.INFO):
         async with app:
             handle = await app.start("pay", 7)
-            assert await handle.result(timeout=10) == 7
-            await eventually(lambda: any(r.name == "shop.ledger" for r in caplog.records))
+            assert await handle.result(timeout=20) == 7
+            await eventually(lambda: any(r.name == "shop.ledger" for r in caplog.records),
+                             timeout=20)
     step = [r for r in caplog.records if r.name == "shop.payments"]
     assert [r.getMessage() for r in step] == ["charging 7", "card is about to expire"]
     for record in step:
@@ -51,6 +52,19 @@ async def test_records_logged_in_a_step_or_handler_carry_their_context(
         "shop.payments", logging.INFO, __file__, 1, "outside", (), None
     )
     assert not hasattr(outside, "run_id")
+
+
+async def _ledger_booked(app: App) -> None:
+    async def booked() -> bool:
+        runs = await app.store.list_runs(app.name, limit=1)
+        events = await app.store.find_events(app.name, "payment.charged", since=0,
+                                             exclude=[], limit=10)
+        if not runs or not events:
+            return False
+        states = await app.store.delivery_states(app.name, "ledger", [e.id for e in events])
+        return bool(states) and all(s == "done" for s, _ in states.values())
+
+    await eventually(booked, timeout=20)
 
 
 def _worker(store_url: str, *options: str) -> subprocess.Popen[str]:
@@ -73,7 +87,7 @@ async def _run_once(store_url: str, *options: str) -> tuple[str, str]:
         async with client.client():
             handle = await client.start("pay", 5)
             assert await handle.result(timeout=30) == 5
-            await asyncio.sleep(0.5)  # the ledger handler logs after the run ended
+            await _ledger_booked(client)  # the ledger handler logs after the run ended
     finally:
         worker.send_signal(signal.SIGTERM)
         _, err = await asyncio.to_thread(worker.communicate, timeout=30)

@@ -30,7 +30,7 @@ async def test_an_event_published_before_the_run_reaches_its_wait_is_no_orphan(
         async with app:
             handle = await app.start(approve, 4)
             await app.publish("invoice.approved", {"n": 4})
-            assert await handle.result(timeout=10) == 4
+            assert await handle.result(timeout=20) == 4
             assert app.metrics.orphans == {}
             # a client process that declares nothing of its own agrees
             if not store_url.startswith("memory://"):

@@ -62,7 +62,7 @@ async def test_a_query_answers_from_recorded_state_without_waking_the_run(
         assert await app.store.load_history(app.name, handle.run_id) == history
         assert await handle.status() == RunStatus.RUNNING
         await app.publish("payment.done", {"order": 7})
-        assert await handle.result(timeout=10) == "shipped"
+        assert await handle.result(timeout=20) == "shipped"
         final = await handle.query("summary")
         assert final["stage"] == "paid" and final["status"] == "completed"
 

@@ -68,7 +68,7 @@ async def test_writes_checkpoint_and_event_commit_together(sql_store_url: str) -
     app = orders_app(sql_store_url, received)
     async with app:
         handle = await app.start("place_order", {"id": 1, "customer": "ada", "total": 30})
-        assert await handle.result(timeout=10) == 1
+        assert await handle.result(timeout=20) == 1
         await eventually(lambda: len(received) == 1)
         assert received[0].data == {"order_id": 1}
         assert received[0].correlation_id == handle.run_id  # the run's transaction
@@ -85,7 +85,7 @@ async def test_a_failed_attempt_rolls_back_its_writes_and_events(sql_store_url: 
         handle = await app.start("place_order", {"id": 2, "customer": "bob", "total": 5})
         # attempt 1 inserted and published, then failed: both rolled back, so attempt 2's
         # insert of the same primary key works and the event is delivered once
-        assert await handle.result(timeout=10) == 1
+        assert await handle.result(timeout=20) == 1
         await eventually(lambda: len(received) == 1)
         await asyncio.sleep(0.3)
         assert len(received) == 1
@@ -107,7 +107,7 @@ async def test_a_transaction_step_on_a_memory_store_is_a_clear_error() -> None:
     async with app:
         handle = await app.start(wf)
         with pytest.raises(WorkflowFailed) as info:
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         text = str(info.value)
         assert "TransactionUnsupported" in text and handle.run_id in text and "step save" in text
         assert "memory://" in text

@@ -37,7 +37,7 @@ async def test_values_are_read_while_the_run_waits_and_from_another_process(
                 assert await theirs.get_value("detail") == {"files": 3, "ok": True}
         assert await handle.status() == RunStatus.RUNNING
         await app.publish("transfer.approved", {})
-        assert await handle.result(timeout=10) == "done"
+        assert await handle.result(timeout=20) == "done"
         assert await handle.get_value("progress") == 3  # still there once the run ended
 
 
@@ -66,7 +66,7 @@ async def test_get_value_of_a_key_never_set_raises_key_error(store_url: str) -> 
 
     async with app:
         handle = await app.start(quiet)
-        assert await handle.result(timeout=10) == 1
+        assert await handle.result(timeout=20) == 1
         with pytest.raises(KeyError, match=r"no value 'b'.*values set: a"):
             await handle.get_value("b", wait=5)  # the run ended: no use waiting
 
@@ -102,7 +102,7 @@ async def test_set_value_is_replay_safe_and_recorded_once(store_url: str) -> Non
     resumed = _resumable(store_url, seen)  # a new worker replays the run's history
     async with resumed:
         await resumed.publish("go", {"n": 7})
-        assert await resumed.get_handle(handle.run_id).result(timeout=10) == 7
+        assert await resumed.get_handle(handle.run_id).result(timeout=20) == 7
         entries = await resumed.store.load_history(resumed.name, handle.run_id)
         assert [e.result for e in entries if e.kind == "set_value"] == [
             '"started"', '"waiting"', '"finished"'
@@ -135,7 +135,7 @@ async def test_a_value_that_does_not_serialise_fails_naming_the_run_and_the_call
     async with app:
         handle = await app.start(bad)
         with pytest.raises(WorkflowFailed) as info:
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
         error = await handle.get_value("error")
         assert handle.run_id in error and "ctx.set_value('when')" in error
         assert "not JSON-serialisable" in error
@@ -164,7 +164,7 @@ def test_cantata_run_shows_the_values(
     async def go() -> str:
         async with app:
             handle = await app.start(wf)
-            await handle.result(timeout=10)
+            await handle.result(timeout=20)
             return handle.run_id
 
     run_id = asyncio.run(go())

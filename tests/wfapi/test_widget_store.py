@@ -10,7 +10,11 @@ import pytest
 
 from cantata import App, Retry, StepFailed, WorkflowContext
 
-from .helpers import make_app, other_process
+from .helpers import eventually, make_app, other_process
+
+
+async def _is(handle: Any, key: str, expected: Any) -> bool:
+    return bool(await handle.get_value(key) == expected)
 
 
 def widget_store(store_url: str, stock: dict[str, int]) -> App:
@@ -66,18 +70,18 @@ async def test_widget_store_checkout(store_url: str, status: str) -> None:
             reader = (web or app).get_handle(handle.run_id)
             payment_id = await reader.get_value("payment_id", wait=10)
             assert str(payment_id).startswith("pay-")
-            assert await reader.get_value("progress", wait=10) == "awaiting payment"
+            await eventually(lambda: _is(reader, "progress", "awaiting payment"))
         assert stock["widgets"] == 3
         await app.publish("payment.status", {"payment_id": payment_id, "status": status})
         if status == "paid":
-            assert await handle.result(timeout=10) == "shipped 2"
+            assert await handle.result(timeout=20) == "shipped 2"
             assert await handle.get_value("progress") == "done"
             assert stock["widgets"] == 3
         else:
             from cantata import WorkflowCompensated
 
             with pytest.raises(WorkflowCompensated) as info:
-                await handle.result(timeout=10)
+                await handle.result(timeout=20)
             assert info.value.result == "payment failed"
             assert await handle.get_value("progress") == "cancelled"
             assert stock["widgets"] == 5  # the reservation was undone
@@ -88,4 +92,4 @@ async def test_widget_store_out_of_stock(store_url: str) -> None:
     async with app:
         handle = await app.start("checkout", {"qty": 2})
         assert await handle.get_value("payment_id", wait=10) is None
-        assert await handle.result(timeout=10) == "out of stock"
+        assert await handle.result(timeout=20) == "out of stock"
