@@ -40,7 +40,8 @@ class _Lane:
     async def call(self, fn: Callable[[TxConnection], R]) -> R:
         def go() -> R:
             if self.conn is None:
-                self.conn = connect(self.store.path, self.store.url, self.store.synchronous)
+                self.conn = connect(self.store.path, self.store.url, self.store.synchronous,
+                                    create=False)
             return fn(self.conn)
 
         return await asyncio.get_running_loop().run_in_executor(self.pool, go)
