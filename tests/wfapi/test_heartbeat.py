@@ -162,11 +162,16 @@ async def test_details_reach_the_retry_in_another_worker_after_a_kill(
     sql_store_url: str, tmp_path: Path
 ) -> None:
     proc = _spawn(sql_store_url, tmp_path)
-    assert proc.stdout is not None
-    run_id = (await asyncio.to_thread(proc.stdout.readline)).strip()
-    await eventually(lambda: (tmp_path / "beating").exists(), timeout=30)
-    proc.send_signal(signal.SIGKILL)
-    await asyncio.to_thread(proc.communicate)
+    try:
+        assert proc.stdout is not None
+        run_id = (await asyncio.to_thread(proc.stdout.readline)).strip()
+        await eventually(lambda: (tmp_path / "beating").exists() or proc.poll() is not None,
+                         timeout=60)
+        assert proc.poll() is None, "the worker process ended before it was killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, err = await asyncio.to_thread(proc.communicate)
+    assert proc.returncode == -signal.SIGKILL, err
     seen: list[object] = []
     app = build(sql_store_url, str(tmp_path), seen)
     async with app:  # this worker takes the run over once the dead one's lease expires

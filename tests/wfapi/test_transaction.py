@@ -144,8 +144,8 @@ def _spawn(store_url: str, tmp_path: Path) -> subprocess.Popen[str]:
 
 async def _kill(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGKILL)
-    await asyncio.to_thread(proc.communicate)  # reaps it and closes its pipes
-    assert proc.returncode == -signal.SIGKILL
+    _, err = await asyncio.to_thread(proc.communicate)  # reaps it and closes its pipes
+    assert proc.returncode == -signal.SIGKILL, f"it ended on its own: {err}"
 
 
 @pytest.mark.slow
@@ -154,10 +154,12 @@ async def test_kill_9_inside_a_transactional_step_leaves_both_or_neither(
 ) -> None:
     marker = tmp_path / "inside"
     proc = _spawn(sql_store_url, tmp_path)
-    assert proc.stdout is not None
-    run_id = (await asyncio.to_thread(proc.stdout.readline)).strip()
-    await eventually(marker.exists, timeout=30)
-    await _kill(proc)
+    try:
+        assert proc.stdout is not None
+        run_id = (await asyncio.to_thread(proc.stdout.readline)).strip()
+        await eventually(lambda: marker.exists() or proc.poll() is not None, timeout=60)
+    finally:
+        await _kill(proc)
     rows, done = await _state(sql_store_url, run_id)
     assert 5 not in rows and 5 not in done  # killed mid-transaction: neither is there
     assert rows == done == set(range(5))
@@ -166,8 +168,10 @@ async def test_kill_9_inside_a_transactional_step_leaves_both_or_neither(
     rng = random.Random(7)
     for _ in range(2):
         proc = _spawn(sql_store_url, tmp_path)
-        await asyncio.sleep(rng.uniform(0.3, 0.9))
-        await _kill(proc)
+        try:
+            await asyncio.sleep(rng.uniform(0.3, 0.9))
+        finally:
+            await _kill(proc)
         rows, done = await _state(sql_store_url, run_id)
         assert rows == done
 

@@ -55,6 +55,7 @@ class Beat:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._writes: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def beat(self, details: Any) -> None:
         """Record one heartbeat (any thread)."""
@@ -90,13 +91,18 @@ class Beat:
     def _written(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self._dirty = True  # a failed write: the next beat (or the end) writes again
+            # A failed write (a store hiccup): write the newest details again later,
+            # even if the step sends no further heartbeat.
+            self._dirty = True
+            if self._timer is None and not self._closed:
+                self._timer = self._loop.call_later(self._throttle, self._write)
 
     def _record(self) -> StepHeartbeat:
         return StepHeartbeat(self.key, self.attempt, time.time(), self._details_json)
 
     async def close(self, failed: bool) -> None:
         """End of the attempt: a failed one writes its newest details for the retry."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
