@@ -4,18 +4,22 @@ from cantata.app import App
 from cantata.choreography.context import HandlerContext
 from cantata.engine.context import WorkflowContext
 from cantata.engine.handle import RunHandle
+from cantata.engine.heartbeat import heartbeat
 from cantata.engine.http import http_step
+from cantata.engine.queries import RunState
 from cantata.engine.registry import Router
 from cantata.engine.saga import Parallel, Saga, Step
 from cantata.engine.stepinfo import StepInfo, step_info
 from cantata.errors import (
     BrokerError,
+    Cancelled,
     CantataError,
     ConfigurationError,
     DeadLetterNotFound,
     DeadlineExceeded,
     DuplicateEventId,
     EventsRefused,
+    HeartbeatTimeout,
     HttpStepError,
     HttpStepRejected,
     IdempotencyConflict,
@@ -24,6 +28,7 @@ from cantata.errors import (
     NonDeterminismError,
     NonRetryable,
     PayloadTooLarge,
+    QueryFailed,
     RegistrationError,
     ResultTimeout,
     RunNotFound,
@@ -38,6 +43,7 @@ from cantata.errors import (
     StoreFull,
     StoreReadOnly,
     StoreUnavailable,
+    TransactionUnsupported,
     UnknownStep,
     UnknownWorkflow,
     WaitTimeout,
@@ -54,12 +60,14 @@ from cantata.model.retry import Retry
 from cantata.model.status import RunStatus
 from cantata.observability.node import TraceNode, TraceNotFound
 from cantata.observability.stalled import Stall
+from cantata.store.tx import Tx
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App",
     "BrokerError",
+    "Cancelled",
     "CantataError",
     "ConfigurationError",
     "DeadLetter",
@@ -69,6 +77,7 @@ __all__ = [
     "Event",
     "EventsRefused",
     "HandlerContext",
+    "HeartbeatTimeout",
     "HttpStepError",
     "HttpStepRejected",
     "IdempotencyConflict",
@@ -78,6 +87,7 @@ __all__ = [
     "NonRetryable",
     "Parallel",
     "PayloadTooLarge",
+    "QueryFailed",
     "RegistrationError",
     "ResultTimeout",
     "Retry",
@@ -85,6 +95,7 @@ __all__ = [
     "RunHandle",
     "RunInfo",
     "RunNotFound",
+    "RunState",
     "RunStatus",
     "Saga",
     "SagaStateTooLarge",
@@ -103,6 +114,8 @@ __all__ = [
     "StoreUnavailable",
     "TraceNode",
     "TraceNotFound",
+    "TransactionUnsupported",
+    "Tx",
     "UnknownStep",
     "UnknownWorkflow",
     "WaitTimeout",
@@ -113,6 +126,7 @@ __all__ = [
     "WorkflowContext",
     "WorkflowError",
     "WorkflowFailed",
+    "heartbeat",
     "http_step",
     "step_info",
 ]

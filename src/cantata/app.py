@@ -36,6 +36,7 @@ from cantata.store.base import Store
 if TYPE_CHECKING:
     from cantata.observability.node import TraceNode
     from cantata.observability.stalled import Stall
+    from cantata.store.tx import Tx
 
 log = logging.getLogger("cantata")
 
@@ -233,6 +234,9 @@ class App(Router):
         self._opened = 1
 
     async def _serve(self) -> None:
+        from cantata.observability.logs import install_record_factory
+
+        install_record_factory()  # records logged in steps and handlers carry their ids
         engine = self.engine
         unverifiable = [h.name for h in self.handlers if h.require_signature]
         if unverifiable and not self.signer:
@@ -305,6 +309,7 @@ class App(Router):
         ]
         out += [Declaration("trigger", t.group, t.pattern, None,
                             codec.dumps({"workflow": t.workflow})) for t in self.triggers]
+        out += [Declaration("wait", wf, t) for wf, t in sorted(self.waits)]
         return out
 
     def _emitted(self, events: list[Event[Any]]) -> None:
@@ -384,12 +389,18 @@ class App(Router):
         correlation_id: str | None = None,
         source: str | None = None,
         id: str | None = None,
+        tx: Tx | None = None,
     ) -> Event[Any]:
         """Publish an event (committed to the log, then delivered to every group).
 
         Its correlation id defaults to its own id (a new business transaction). An
         ``id`` already used by an event with the same content is a duplicate: nothing
         is published again and the stored event comes back with ``duplicate=True``.
+
+        Args:
+            tx: the ``cantata.Tx`` of an ``@app.transaction`` step: the event is
+                appended in that step's transaction (the outbox in the service's
+                database), with the run's correlation id unless one is given.
 
         Raises:
             DuplicateEventId: ``id`` was used by an event with different content.
@@ -409,6 +420,15 @@ class App(Router):
         )
         if id is not None:
             event = dataclasses.replace(event, id=id)
+        if tx is not None:
+            event = dataclasses.replace(
+                event, correlation_id=correlation_id or tx.correlation_id or event.id,
+                causation_id=tx.run_id or None,
+            )
+            event = self.signer.sign(event)
+            self.engine.check_event(event)
+            tx.publish(event)  # appended with the step's checkpoint, orphans checked then
+            return event
         event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
         if id is not None:
             earlier = await self.store.get_event(self.name, id)

@@ -265,6 +265,8 @@ class WorkflowError(CantataError):
         self.run_id = run_id
         self.status = status
         self.error = error
+        # What the workflow returned, for a run that called ctx.compensate() and returned.
+        self.result: Any = None
         super().__init__(f"run {run_id} ended {status}: {error or 'no error recorded'}")
 
 
@@ -290,6 +292,24 @@ class WorkflowCallError(CantataError):
     """A child workflow did not complete (raised in the parent by ``ctx.call``)."""
 
     code = "child_failed"
+
+
+class QueryFailed(CantataError):
+    """A query (``handle.query``) is unknown for the run's workflow, or raised."""
+
+    code = "query_failed"
+
+
+class HeartbeatTimeout(CantataError):
+    """A step declared with ``heartbeat_timeout`` was silent for longer (a lost attempt)."""
+
+    code = "heartbeat_timeout"
+
+
+class TransactionUnsupported(ConfigurationError):
+    """An ``@app.transaction`` step ran on a store that cannot share its transaction."""
+
+    code = "transaction_unsupported"
 
 
 class Cancelled(BaseException):

@@ -61,6 +61,14 @@ class SyncHandle:
     def cancel(self) -> None:
         self._runner.call(self._handle.cancel())
 
+    def get_value(self, key: str, wait: float | None = None) -> Any:
+        """Blocking ``RunHandle.get_value``."""
+        return self._runner.call(self._handle.get_value(key, wait=wait))
+
+    def query(self, name: str) -> Any:
+        """Blocking ``RunHandle.query``."""
+        return self._runner.call(self._handle.query(name))
+
 
 class SyncApp:
     """Blocking access to an :class:`~cantata.App`; use as a context manager."""

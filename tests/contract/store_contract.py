@@ -37,10 +37,13 @@ from tests.contract.store_contract_audit import AuditContract
 from tests.contract.store_contract_events import EventsContract
 from tests.contract.store_contract_outbox import OutboxContract
 from tests.contract.store_contract_tasks import TasksContract
+from tests.contract.store_contract_wfapi import WorkflowApiContract
 from tests.contract.store_support import entry, ev, eventually, json_values, new_run
 
 
-class StoreContract(EventsContract, TasksContract, AuditContract, OutboxContract):
+class StoreContract(
+    EventsContract, TasksContract, AuditContract, OutboxContract, WorkflowApiContract
+):
     """Behaviour every store backend must have.
 
     Subclasses override :meth:`make_store` and :meth:`tamper`.

@@ -12,6 +12,7 @@ from tests.store.tamper import record, sqlite_tamper
 
 class TestMemoryStore(StoreContract):
     shares_database = False  # every memory:// store is a private database
+    transactional = False  # nor can it share its transaction with a service's tables
 
     async def make_store(self) -> Store:
         return store_from_url("memory://")

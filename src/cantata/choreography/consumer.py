@@ -16,6 +16,7 @@ from cantata.errors import WorkerLost, error_text
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.retry import HANDLER_RETRY
+from cantata.observability.logs import handler_context
 
 from .context import HandlerContext
 from .orphans import check_orphans
@@ -157,7 +158,8 @@ class Consumer:
         )
         ctx.attempt = msg.attempt
         started = time.perf_counter()
-        with hooks.handler(hdef.group, event, msg.attempt):
+        with hooks.handler(hdef.group, event, msg.attempt), \
+                handler_context(event.id, hdef.group, msg.attempt):
             try:
                 if hdef.is_async:
                     await (hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event))

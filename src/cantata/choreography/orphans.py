@@ -31,6 +31,7 @@ async def check_orphans(engine: Engine, events: Sequence[Event[Any]]) -> list[Ev
     """
     router = engine.router
     local = [h.pattern for h in router.handlers] + [t.pattern for t in router.triggers]
+    local += [t for _, t in router.waits]
     unknown = [e for e in events if not any(matches(p, e.type) for p in local)]
     if not unknown:
         return []

@@ -9,7 +9,9 @@ import typer
 from rich.table import Table
 
 from cantata.app import App
+from cantata.engine.values import SET_VALUE, values_of
 from cantata.errors import ConfigurationError, RunNotFound
+from cantata.model import codec
 from cantata.model.records import ENTRY_FAILED
 
 from .common import (
@@ -154,6 +156,11 @@ async def print_run(app: App, run_id: str) -> None:
         console.print(f"result {rec.result}")
     if rec.error:
         console.print(f"[red]error  {rec.error}[/]")
+    values = values_of(history)
+    if values:
+        console.print("values " + "   ".join(
+            f"{k} = {codec.dumps(v)[:120]}" for k, v in sorted(values.items())
+        ), markup=False)
     table = Table(title="history")
     for col in ("#", "call", "kind", "status", "attempts", "started", "took", "detail"):
         table.add_column(col)
@@ -165,7 +172,7 @@ async def print_run(app: App, run_id: str) -> None:
         if e.started_at is not None and e.ended_at is not None:
             took = e.ended_at - e.started_at
         detail = e.error or ""
-        if not detail and e.result is not None and e.kind in ("step", "value", "child"):
+        if not detail and e.result is not None and e.kind in ("step", "value", "child", SET_VALUE):
             detail = e.result[:60]
         if e.wake_at is not None and e.status == "waiting":
             detail = f"until {fmt_time(e.wake_at)}"

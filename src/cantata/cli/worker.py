@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 from typing import Annotated
 
 import typer
 
+from cantata.errors import ConfigurationError
+from cantata.observability import logs
 from cantata.store.factory import mask_url
 
 from .common import console, load_app, store_url
@@ -27,8 +28,23 @@ def worker(
         list[str] | None,
         typer.Option("--service", help="Serve only this service (repeatable)."),
     ] = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    ] = "INFO",
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="text or json (one object per line).")
+    ] = "text",
 ) -> None:
-    """Run a worker: resume unfinished runs, execute new ones, handle events."""
+    """Run a worker: resume unfinished runs, execute new ones, handle events.
+
+    Every logger's records (the app's own too) go to stderr at ``--log-level``; those
+    logged inside a step or handler carry its run id, step and attempt (or event id
+    and group).
+    """
+    try:
+        logs.configure(log_level, log_format)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     the_app = load_app(app)
     if store is not None:
         the_app.configure(store=store_url(store))
@@ -36,7 +52,6 @@ def worker(
         the_app.configure(broker=broker)
     if service:
         the_app.services = frozenset(service)
-    logging.getLogger("cantata").setLevel(logging.INFO)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.choreography.orphans import check_orphans
 from cantata.errors import (
     ConfigurationError,
+    StepFailed,
     UnknownStep,
     UnknownWorkflow,
     WaitTimeout,
@@ -31,6 +32,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 
+from .heartbeat import workflow_run
 from .registry import DECLARED_ATTR, STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
 
 if TYPE_CHECKING:
@@ -59,6 +61,9 @@ class WorkflowContext:
 
     def __init__(self, execution: RunExecution) -> None:
         self._x = execution
+        # Built in the run's task, before the workflow's code runs in it: errors of
+        # calls made there outside a step (cantata.heartbeat) can name the run.
+        workflow_run.set((execution.wdef.name, execution.run.run_id))
 
     @property
     def run_id(self) -> str:
@@ -126,10 +131,43 @@ class WorkflowContext:
         ))
         x = self._x
         key = x.next_key(sdef.name)
-        value = await x.call_step(sdef, plain, key)
+        try:
+            value = await x.call_step(sdef, plain, key)
+        except StepFailed:
+            x.api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
+            raise
         if comp is not None:
             x.compensations.append((comp, plain))
         return codec.restore(value, sdef.sig.result, f"result of step {sdef.name}")
+
+    async def compensate(self) -> int:
+        """Run the compensations registered so far, newest first, durably; returns how
+        many ran.
+
+        They are then forgotten: a second call runs only those registered since. A
+        workflow that returns after compensations ran this way ends ``compensated``
+        (``handle.result()`` raises ``WorkflowCompensated`` whose ``.result`` is the
+        returned value); it may also go on running steps first.
+
+        Raises:
+            StepFailed: a compensation failed for good (the others were still run).
+        """
+        from .compensation import compensate
+
+        return await compensate(self._x)
+
+    # -- values published to clients ---------------------------------------------------
+
+    async def set_value(self, key: str, value: Any) -> None:
+        """Record ``value`` (JSON) under ``key``, durably, for ``handle.get_value(key)``
+        and queries in any process. Setting a key again replaces its value.
+
+        Raises:
+            SerializationError: ``value`` is not JSON-serialisable (nothing is recorded).
+        """
+        from .values import set_value
+
+        await set_value(self._x, key, value)
 
     # -- recorded values -------------------------------------------------------------
 

@@ -52,8 +52,36 @@ class RunHandle:
         return (await self._get()).status
 
     async def info(self) -> RunRecord:
-        """The stored run record."""
+        """The stored run record (see ``docs/workflow-api.md``): ``run_id``, ``workflow``,
+        ``status``, ``args`` and ``result`` (JSON text), ``error``, ``correlation_id``,
+        ``causation_id``, ``idempotency_key``, ``parent_run_id``, ``created_at`` and
+        ``updated_at`` (POSIX seconds), ``deadline_at``, ``cancel_requested``, ``owner``
+        (the worker executing it) and ``flagged`` (an operator should look)."""
         return await self._get()
+
+    async def get_value(self, key: str, wait: float | None = None) -> Any:
+        """The newest value the run recorded with ``ctx.set_value(key, ...)``.
+
+        Args:
+            wait: seconds to wait for the run to set it (default: do not wait).
+
+        Raises:
+            KeyError: the run has not set ``key`` (within ``wait``, or before it ended).
+        """
+        from .values import get_value
+
+        return await get_value(self._engine, self.run_id, key, wait)
+
+    async def query(self, name: str) -> Any:
+        """Answer the query ``name`` (``@app.query(workflow=...)``) from the run's
+        recorded state, in this process, without waking the run.
+
+        Raises:
+            QueryFailed: the workflow has no such query here, or the query raised.
+        """
+        from .queries import run_query
+
+        return await run_query(self._engine, self.run_id, name)
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the run to end and return its result.
@@ -94,7 +122,10 @@ class RunHandle:
             if wdef is not None:
                 value = codec.restore(value, wdef.sig.result, f"result of {run.workflow}")
             return value
-        raise _ERRORS[run.status](run.run_id, str(run.status), run.error)
+        err = _ERRORS[run.status](run.run_id, str(run.status), run.error)
+        if run.result is not None:  # a run that compensated (ctx.compensate) and returned
+            err.result = codec.loads(run.result)
+        raise err
 
     async def cancel(self, *, actor: str | None = None) -> None:
         """Ask the run to stop at its next durable point and compensate.

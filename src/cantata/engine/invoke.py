@@ -1,4 +1,5 @@
-"""Calling a step's function once: step info, sync functions in a thread, timeout."""
+"""Calling a step's function once: step info, sync functions in a thread, timeout,
+heartbeats."""
 
 from __future__ import annotations
 
@@ -7,20 +8,42 @@ from typing import Any
 
 from cantata.errors import StepTimeout
 
+from .heartbeat import Beat, reset_beat, set_beat, watched
 from .registry import StepDef
 from .stepinfo import StepInfo, reset_step_info, set_step_info
 
 
-async def invoke_step(sdef: StepDef, args: list[Any], run_id: str, key: str, attempt: int) -> Any:
+async def invoke_step(
+    sdef: StepDef,
+    args: list[Any],
+    run_id: str,
+    key: str,
+    attempt: int,
+    *,
+    beat: Beat | None = None,
+    leading: tuple[Any, ...] = (),
+) -> Any:
     """Run one attempt of ``sdef`` with decoded JSON ``args``; returns what it returned.
+
+    Args:
+        beat: the attempt's heartbeat state (one without persistence when not given).
+        leading: arguments before the JSON ones (a transactional step's ``Tx``).
 
     Raises:
         StepTimeout: the attempt ran past the step's ``timeout``.
+        HeartbeatTimeout: it sent no heartbeat for its ``heartbeat_timeout``.
     """
-    token = set_step_info(StepInfo(run_id, sdef.name, key, attempt, f"{run_id}:{key}"))
+    if beat is None:
+        beat = Beat(f"step {sdef.name} of run {run_id}", key, attempt)
+    token = set_step_info(
+        StepInfo(run_id, sdef.name, key, attempt, f"{run_id}:{key}", beat.previous)
+    )
+    beat_token = set_beat(beat)
     try:
-        call_args = sdef.sig.restore_args(args, f"step {sdef.name}")
+        call_args = (*leading, *sdef.sig.restore_args(args, f"step {sdef.name}"))
         coro = sdef.fn(*call_args) if sdef.is_async else asyncio.to_thread(sdef.fn, *call_args)
+        if sdef.heartbeat_timeout is not None:
+            coro = watched(coro, beat, sdef.heartbeat_timeout)
         if sdef.timeout is None:
             return await coro
         try:
@@ -32,4 +55,5 @@ async def invoke_step(sdef: StepDef, args: list[Any], run_id: str, key: str, att
                 f"{sdef.timeout} s"
             ) from None
     finally:
+        reset_beat(beat_token)
         reset_step_info(token)

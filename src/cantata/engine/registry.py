@@ -33,6 +33,8 @@ class StepDef:
     service: str | None
     is_async: bool
     sig: Signature
+    heartbeat_timeout: float | None = None  # seconds of silence that lose an attempt
+    transactional: bool = False  # @app.transaction: called with a cantata.Tx first
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,17 @@ class WorkflowDef:
     sig: Signature
     service: str | None = None
     spec: Any = None  # a Saga's map, when the workflow was generated from one
+    cleanup_timeout: float = 60.0  # seconds a cancelled run may spend cleaning up
+
+
+@dataclass(frozen=True, slots=True)
+class QueryDef:
+    """A read-only query of a workflow's runs, answered from their recorded state."""
+
+    name: str
+    workflow: str
+    fn: Callable[..., Any]
+    is_async: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +156,9 @@ class Router:
     workflows: dict[str, WorkflowDef] = field(default_factory=dict)
     handlers: list[HandlerDef] = field(default_factory=list)
     triggers: list[TriggerDef] = field(default_factory=list)
+    queries: dict[tuple[str, str], QueryDef] = field(default_factory=dict)
+    # (workflow, event type) a workflow waits for: declared so the events are no orphans
+    waits: set[tuple[str, str]] = field(default_factory=set)
 
     # -- steps -------------------------------------------------------------------
 
@@ -159,6 +175,7 @@ class Router:
         retry: Retry | None = None,
         timeout: float | None = None,
         service: str | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> Callable[[F], F]: ...
 
     def step(
@@ -170,6 +187,7 @@ class Router:
         retry: Retry | None = None,
         timeout: float | None = None,
         service: str | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> F | Callable[[F], F]:
         """Register a step (async or sync function). Usable bare or with options.
 
@@ -179,14 +197,70 @@ class Router:
                 max_interval=30.0)``.
             timeout: seconds per attempt.
             service: the service whose workers execute it (defaults to the router's).
+            heartbeat_timeout: seconds; an attempt that calls no ``cantata.heartbeat()``
+                for longer is lost (``HeartbeatTimeout``) and retried.
         """
+        return self._step_decorator(fn, name, retry, timeout, service, heartbeat_timeout)
 
+    @overload
+    def transaction(self, fn: F, /) -> F: ...
+
+    @overload
+    def transaction(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def transaction(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> F | Callable[[F], F]:
+        """Register a transactional step: ``async def step(tx: cantata.Tx, *args)``.
+
+        Its SQL (``tx.execute`` / ``tx.fetch``), its checkpoint and the events it
+        publishes with ``app.publish(..., tx=tx)`` commit in one transaction of the
+        store's database (SQLite or PostgreSQL); see ``docs/workflow-api.md``.
+        """
+        return self._step_decorator(fn, name, retry, timeout, None, None, transactional=True)
+
+    def _step_decorator(
+        self,
+        fn: F | None,
+        name: str | None,
+        retry: Retry | None,
+        timeout: float | None,
+        service: str | None,
+        heartbeat_timeout: float | None,
+        *,
+        transactional: bool = False,
+    ) -> F | Callable[[F], F]:
         def register(f: F) -> F:
             if not callable(f):
                 raise RegistrationError(f"@step needs a function, got {f!r}")
             if timeout is not None and timeout <= 0:
                 raise RegistrationError(f"step timeout must be > 0 seconds, got {timeout}")
-            svc = service or self.service
+            if heartbeat_timeout is not None and heartbeat_timeout <= 0:
+                raise RegistrationError(
+                    f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}"
+                )
+            if transactional and not inspect.iscoroutinefunction(f):
+                raise RegistrationError(
+                    f"@transaction step {getattr(f, '__qualname__', f)!r} must be an `async "
+                    "def` taking a cantata.Tx first"
+                )
+            # A transactional step shares the calling run's transaction: it runs in that
+            # run's worker, never as a task for another service's workers.
+            svc = None if transactional else (service or self.service)
             base = name or f.__name__
             qualified = f"{svc}.{base}" if svc and "." not in base else base
             sdef = StepDef(
@@ -196,7 +270,9 @@ class Router:
                 timeout=timeout,
                 service=svc,
                 is_async=inspect.iscoroutinefunction(f),
-                sig=signature_of(f),
+                sig=signature_of(f, skip=1 if transactional else 0),
+                heartbeat_timeout=heartbeat_timeout,
+                transactional=transactional,
             )
             self._add_step(sdef)
             setattr(f, STEP_ATTR, sdef)
@@ -220,13 +296,32 @@ class Router:
 
     @overload
     def workflow(
-        self, fn: None = None, /, *, name: str | None = None, service: str | None = None
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        service: str | None = None,
+        cleanup_timeout: float = 60.0,
     ) -> Callable[[F], F]: ...
 
     def workflow(
-        self, fn: F | None = None, /, *, name: str | None = None, service: str | None = None
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        service: str | None = None,
+        cleanup_timeout: float = 60.0,
     ) -> F | Callable[[F], F]:
-        """Register a workflow: ``async def wf(ctx, *args)``. Name defaults to the function's."""
+        """Register a workflow: ``async def wf(ctx, *args)``. Name defaults to the function's.
+
+        Args:
+            cleanup_timeout: seconds a cancelled run may spend in its own cleanup (after
+                catching ``cantata.Cancelled``) before it is stopped for good.
+        """
+        if cleanup_timeout <= 0:
+            raise RegistrationError(f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout}")
 
         def register(f: F) -> F:
             if not inspect.iscoroutinefunction(f):
@@ -235,7 +330,10 @@ class Router:
                     "`ctx` first"
                 )
             wdef = WorkflowDef(name or f.__name__, f, signature_of(f, skip=1),
-                               service or self.service)
+                               service or self.service, cleanup_timeout=cleanup_timeout)
+            from .waits import literal_waits
+
+            self.waits.update((wdef.name, t) for t in literal_waits(f))
             self._add_workflow(wdef)
             setattr(f, WORKFLOW_ATTR, wdef)
             return f
@@ -249,6 +347,37 @@ class Router:
                 f"two workflows are named {wdef.name!r}: give one of them name=..."
             )
         self.workflows[wdef.name] = wdef
+
+    # -- queries --------------------------------------------------------------------
+
+    def query(
+        self, *, workflow: Callable[..., Any] | str, name: str | None = None
+    ) -> Callable[[F], F]:
+        """Register a read-only query of ``workflow``'s runs: ``def q(state) -> value``.
+
+        ``state`` is a :class:`~cantata.RunState` built from the run's recorded history
+        (values, step results, status), so any process answers it without waking the
+        run: ``await handle.query(name)``.
+
+        Args:
+            workflow: the workflow (function or name) whose runs it reads.
+            name: defaults to the function name.
+        """
+        wf = workflow_name(workflow)
+
+        def register(f: F) -> F:
+            if not callable(f):
+                raise RegistrationError(f"@query needs a function, got {f!r}")
+            qdef = QueryDef(name or f.__name__, wf, f, inspect.iscoroutinefunction(f))
+            old = self.queries.get((wf, qdef.name))
+            if old is not None and old.fn is not f:
+                raise RegistrationError(
+                    f"workflow {wf!r} has two queries named {qdef.name!r}: give one name=..."
+                )
+            self.queries[(wf, qdef.name)] = qdef
+            return f
+
+        return register
 
     # -- handlers -------------------------------------------------------------------
 
@@ -370,6 +499,8 @@ class Router:
         for t in router.triggers:
             if t not in self.triggers:
                 self.triggers.append(t)
+        self.queries.update(router.queries)
+        self.waits.update(router.waits)
 
     def handler_for(self, group: str, event_type: str) -> HandlerDef | None:
         """The one handler of ``group`` for ``event_type``: an exact type beats a wildcard."""

@@ -37,6 +37,9 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 
+from . import cleanup
+from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
+from .heartbeat import beat_for
 from .invoke import invoke_step
 from .registry import StepDef, WorkflowDef
 
@@ -118,6 +121,7 @@ class RunExecution:
         self.retry_later = False  # set when an internal error ended this execution
         self.fresh = False  # created by this process just now: no history to load
         self._deadline_timer: asyncio.Task[None] | None = None
+        self.api = ApiState()  # ctx.compensate and cleanup after cancel
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -232,6 +236,8 @@ class RunExecution:
             self.request_interrupt(exc)
 
     def request_interrupt(self, exc: BaseException) -> None:
+        if not cleanup.accepts(self, exc):  # a repeated cancel during cleanup
+            return
         if not self.interrupt.done():
             self.interrupt.set_result(exc)
         self.wakeup.set()
@@ -240,10 +246,16 @@ class RunExecution:
         """Raise the pending cancel / deadline at a durable point (not while compensating)."""
         if self.compensating or not self.interrupt.done():
             return
-        raise self.interrupt.result()
+        exc = self.interrupt.result()
+        cleanup.deliver(self, exc)
+        raise exc
 
     async def check_new_call(self, key: str) -> None:
         """A call not in history: every recorded result must have been replayed first."""
+        if self.interrupt.done() and isinstance(self.interrupt.result(), Cancelled):
+            # A replay of a run that was cancelled meets the cancellation where the
+            # first execution did: at its first call not in history (before cleanup).
+            self.check_interrupt()
         if not self.history or len(self.consumed) >= len(self.history):
             self.check_interrupt()
             return
@@ -432,11 +444,11 @@ class RunExecution:
     ) -> Any:
         hooks = self.engine.hooks
         if not hooks:
-            return await invoke_step(sdef, args, self.run.run_id, key, attempt)
+            return await self._invoke(sdef, args, key, attempt)
         started = time.perf_counter()
         with hooks.step(self.run, sdef.name, key, attempt, kind):
             try:
-                value = await invoke_step(sdef, args, self.run.run_id, key, attempt)
+                value = await self._invoke(sdef, args, key, attempt)
             except Exception as exc:
                 hooks.notify("step_finished", self.run, sdef.name, attempt,
                              time.perf_counter() - started, exc)
@@ -444,6 +456,23 @@ class RunExecution:
         hooks.notify("step_finished", self.run, sdef.name, attempt,
                      time.perf_counter() - started, None)
         return value
+
+    async def _invoke(self, sdef: StepDef, args: list[Any], key: str, attempt: int) -> Any:
+        """One attempt: heartbeats kept for the next attempt, transactional or not."""
+        run = self.run
+        beat = await beat_for(self.engine.store, run.app, run.run_id, sdef.name, key, attempt)
+        failed = True
+        try:
+            if sdef.transactional:
+                from .transaction import run_transactional
+
+                value = await run_transactional(self, sdef, args, key, attempt, beat)
+            else:
+                value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat)
+            failed = False
+            return value
+        finally:
+            await beat.close(failed)
 
     # -- the run ---------------------------------------------------------------------
 
@@ -534,6 +563,8 @@ class RunExecution:
             result = codec.dumps(
                 value, f"result of workflow {self.wdef.name}", limit=self.engine.max_payload
             )
+            if self.api.cancel_delivered:  # it caught Cancelled, cleaned up and returned
+                raise Cancelled()
         except (_Abandon, asyncio.CancelledError):
             raise
         except NonDeterminismError as exc:
@@ -542,8 +573,9 @@ class RunExecution:
         except CompensatedElsewhere as exc:
             await self._finish(exc.status, error=str(exc), flagged=exc.flagged or None)
             return
-        except Cancelled:
-            await self._unwind(RunStatus.CANCELLED, "Cancelled: the run was cancelled")
+        except Cancelled as exc:
+            await self._unwind(RunStatus.CANCELLED,
+                               f"Cancelled: {str(exc) or 'the run was cancelled'}")
             return
         except _DeadlinePassed:
             err = DeadlineExceeded(f"run {run.run_id} passed its deadline")
@@ -556,9 +588,14 @@ class RunExecution:
                 return
             if isinstance(exc, StoreError):  # e.g. a read in wait_for_event / ctx.call
                 raise _StoreFailed(exc) from exc
+            if self.api.cancel_delivered:  # its cleanup failed: the run is still cancelled
+                await self._unwind(RunStatus.CANCELLED,
+                                   f"Cancelled: the run was cancelled; {error_text(exc)}")
+                return
             await self._unwind(RunStatus.FAILED, error_text(exc))
             return
-        await self._finish(RunStatus.COMPLETED, result=result)
+        status, error, flagged = returned_ending(self)  # ctx.compensate() may have run
+        await self._finish(status, result=result, error=error, flagged=flagged)
 
     def _check_all_replayed(self) -> None:
         left = sorted(
@@ -575,17 +612,15 @@ class RunExecution:
     async def _unwind(self, final: RunStatus, error: str) -> None:
         """Run registered compensations in reverse order, then end the run."""
         if not self.compensations:
-            await self._finish(final, error=error)
+            final, error, flagged = unwound_ending(self, final, error)
+            await self._finish(final, error=error, flagged=flagged)
             return
         self.compensating = True
         if self.run.status != RunStatus.COMPENSATING:
             await self.commit(RunWrite(status=RunStatus.COMPENSATING, error=error))
         failures: list[str] = []
-        counters: dict[str, int] = {}
         for sdef, args in reversed(self.compensations):
-            n = counters.get(sdef.name, 0) + 1
-            counters[sdef.name] = n
-            key = f"compensate:{sdef.name}#{n}"
+            key = compensation_key(self, sdef.name)
             try:
                 await self.call_step(sdef, args, key, kind=COMPENSATION)
             except StepFailed as exc:

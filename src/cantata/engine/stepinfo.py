@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
+from typing import Any
 
 from cantata.errors import CantataError
 
@@ -18,6 +19,8 @@ class StepInfo:
         key: its place in history (``name#occurrence``).
         attempt: 1 for the first attempt.
         idempotency_key: stable across retries and recoveries; pass it to external APIs.
+        heartbeat_details: the details of the last ``cantata.heartbeat(details)`` of an
+            earlier attempt of this step (``None`` on a first attempt, or if it sent none).
     """
 
     run_id: str
@@ -25,6 +28,7 @@ class StepInfo:
     key: str
     attempt: int
     idempotency_key: str
+    heartbeat_details: Any = None
 
 
 _current: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(

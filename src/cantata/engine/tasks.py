@@ -12,6 +12,7 @@ from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
 from cantata.store.base import TASKS
 
+from .heartbeat import beat_for
 from .invoke import invoke_step
 from .runner import WORKER_LOST
 
@@ -109,12 +110,14 @@ class TaskServer:
             return
         started = clock.now()
         attempt = Attempt(rec.key, n, started)
+        beat = await beat_for(engine.store, engine.app, rec.run_id, sdef.name, rec.key, n)
         try:
             value = await invoke_step(
-                sdef, codec.loads(rec.args), rec.run_id, rec.key, n
+                sdef, codec.loads(rec.args), rec.run_id, rec.key, n, beat=beat
             )
             result = codec.dumps(value, f"result of step {sdef.name}", limit=engine.max_payload)
         except Exception as exc:
+            await beat.close(failed=True)
             attempt.ended_at = clock.now()
             attempt.error_type, attempt.error = type(exc).__name__, str(exc)
             retryable = sdef.retry.is_retryable(exc)

@@ -243,3 +243,13 @@ class AuditReport:
     records: int
     first_bad_seq: int | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepHeartbeat:
+    """The newest heartbeat of a step (``cantata.heartbeat``), kept for its next attempt."""
+
+    key: str  # the step's place in history, e.g. "transfer#1"
+    attempt: int
+    at: float
+    details: str | None  # JSON

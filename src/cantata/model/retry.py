@@ -52,11 +52,13 @@ class Retry:
     def is_retryable(self, exc: BaseException) -> bool:
         """False for exceptions listed in ``non_retryable``, for :class:`NonRetryable`
         (raised by user code that knows another attempt cannot help) and for values
-        that cannot be serialised or are too large (they would fail the same way).
+        that cannot be serialised or are too large, and for configuration errors
+        (a transactional step on a store that cannot run it): they would fail the
+        same way.
 
         Steps, remote tasks, handlers and sagas all decide here.
         """
-        if isinstance(exc, (NonRetryable, SerializationError)):
+        if isinstance(exc, (NonRetryable, SerializationError, ConfigurationError)):
             return False
         return not isinstance(exc, self.non_retryable)
 

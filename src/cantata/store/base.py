@@ -36,10 +36,12 @@ from cantata.model.records import (
     HistoryEntry,
     RunRecord,
     RunWrite,
+    StepHeartbeat,
     TaskRecord,
     WorkerInfo,
 )
 from cantata.model.status import RunStatus
+from cantata.store.tx import T, TxBody
 
 if TYPE_CHECKING:
     from cantata.store.audit import AuditKey
@@ -81,6 +83,28 @@ class TraceRecords:
     deliveries: list[Delivery]
     dead_letters: list[DeadLetter]
     tasks: list[TaskRecord] = field(default_factory=list)  # remote step calls of the runs
+
+
+class TransactionalStore(Protocol):
+    """A store whose database can also hold a service's own tables (SQLite, PostgreSQL).
+
+    ``@app.transaction`` steps use it; a store without it (``memory://``) cannot
+    run them.
+    """
+
+    async def run_transaction(
+        self, app: str, run_id: str, fence: int, body: TxBody[T]
+    ) -> T:
+        """Open a transaction, run ``body(tx)``, then apply the checkpoint it returns
+        (as :meth:`Store.commit_run` does, fenced) and COMMIT; returns ``body``'s value.
+
+        Whatever ``body`` did with the tx, and the checkpoint with its events, commit
+        together or not at all.
+
+        Raises:
+            LeaseLost: the run's fence is no longer ``fence`` (nothing is committed).
+            TransactionUnsupported: this store cannot share its transaction.
+        """
 
 
 @runtime_checkable
@@ -211,6 +235,18 @@ class Store(Protocol):
 
     async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
         """Runs started by ``parent_run_id``."""
+
+    async def record_step_heartbeat(self, app: str, run_id: str, beat: StepHeartbeat) -> None:
+        """Keep ``beat`` as the newest heartbeat of step ``beat.key`` of ``run_id``.
+
+        A beat of an older attempt than the one kept is ignored (a slow write of a
+        lost attempt must not overwrite its retry's details). Not audited.
+        """
+
+    async def last_step_heartbeat(
+        self, app: str, run_id: str, key: str
+    ) -> StepHeartbeat | None:
+        """The newest heartbeat kept for step ``key`` of ``run_id`` (``None`` if none)."""
 
     # -- events and deliveries ----------------------------------------------------
 

@@ -36,6 +36,7 @@ from cantata.model.records import (
     HistoryEntry,
     RunRecord,
     RunWrite,
+    StepHeartbeat,
     TaskRecord,
     WorkerInfo,
 )
@@ -68,6 +69,7 @@ from cantata.store.postgres_ops import (
     run_row,
 )
 from cantata.store.postgres_pool import PgPool
+from cantata.store.tx import T, TxBody
 
 log = logging.getLogger("cantata.store")
 
@@ -264,6 +266,33 @@ class PostgresStore:
             app, parent_run_id,
         )
         return [run_row(r) for r in rows]
+
+    async def record_step_heartbeat(self, app: str, run_id: str, beat: StepHeartbeat) -> None:
+        await self._db.execute(
+            "INSERT INTO step_heartbeats VALUES ($1,$2,$3,$4,$5,$6) "
+            "ON CONFLICT (app, run_id, key) DO UPDATE SET attempt=excluded.attempt, "
+            "at=excluded.at, details=excluded.details "
+            "WHERE excluded.attempt >= step_heartbeats.attempt",
+            app, run_id, beat.key, beat.attempt, beat.at, beat.details,
+        )
+
+    async def last_step_heartbeat(
+        self, app: str, run_id: str, key: str
+    ) -> StepHeartbeat | None:
+        row = await self._db.fetchrow(
+            "SELECT key, attempt, at, details FROM step_heartbeats WHERE app=$1 "
+            "AND run_id=$2 AND key=$3",
+            app, run_id, key,
+        )
+        return None if row is None else StepHeartbeat(*row)
+
+    async def run_transaction(
+        self, app: str, run_id: str, fence: int, body: TxBody[T]
+    ) -> T:
+        """See :class:`~cantata.store.base.TransactionalStore`."""
+        from cantata.store.postgres_tx import run_transaction
+
+        return await run_transaction(self._db, app, run_id, fence, body)
 
     # -- events and deliveries --------------------------------------------------------
 

@@ -30,6 +30,7 @@ from cantata.model.records import (
     HistoryEntry,
     RunRecord,
     RunWrite,
+    StepHeartbeat,
     TaskRecord,
     WorkerInfo,
 )
@@ -60,6 +61,7 @@ from cantata.store.sqlite_ops import (
     run_row,
 )
 from cantata.store.sqlite_thread import ConnectionThread, TxConnection
+from cantata.store.tx import T, TxBody
 
 TASK_OUTCOMES = ("done", "failed", "retry")
 
@@ -102,6 +104,7 @@ class SQLiteStore:
         self._thread: ConnectionThread | None = None
         self._subs_cache: dict[str, tuple[str, list[tuple[str, str]]]] = {}
         self._audit_keys: dict[str, audit.AuditKey] = {}
+        self._tx_lane: Any = None  # transactional steps' connection (sqlite_tx)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -124,6 +127,9 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Commit what is queued and close the connection."""
+        if self._tx_lane is not None:
+            self._tx_lane.close()
+            self._tx_lane = None
         if self._thread is not None:
             self._thread.stop()
             self._thread = None
@@ -429,6 +435,36 @@ class SQLiteStore:
             ).fetchall()
         )
         return [run_row(r) for r in rows]
+
+    async def record_step_heartbeat(self, app: str, run_id: str, beat: StepHeartbeat) -> None:
+        await self._t.write(
+            lambda c: c.execute(
+                "INSERT INTO step_heartbeats VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "attempt=excluded.attempt, at=excluded.at, details=excluded.details "
+                "WHERE excluded.attempt >= step_heartbeats.attempt",
+                (app, run_id, beat.key, beat.attempt, beat.at, beat.details),
+            )
+        )
+
+    async def last_step_heartbeat(
+        self, app: str, run_id: str, key: str
+    ) -> StepHeartbeat | None:
+        row = await self._t.read(
+            lambda c: c.execute(
+                "SELECT key, attempt, at, details FROM step_heartbeats WHERE app=? AND run_id=? "
+                "AND key=?",
+                (app, run_id, key),
+            ).fetchone()
+        )
+        return None if row is None else StepHeartbeat(*row)
+
+    async def run_transaction(
+        self, app: str, run_id: str, fence: int, body: TxBody[T]
+    ) -> T:
+        """See :class:`~cantata.store.base.TransactionalStore`."""
+        from cantata.store.sqlite_tx import run_transaction
+
+        return await run_transaction(self, app, run_id, fence, body)
 
     # -- events and deliveries --------------------------------------------------------
 

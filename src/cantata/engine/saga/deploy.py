@@ -58,6 +58,10 @@ def attach(saga: Saga, router: Router) -> None:
     saga_workflow.__name__ = saga_workflow.__qualname__ = saga.name
     router.workflow(name=saga.name)(saga_workflow)
     router.workflows[saga.name] = replace(router.workflows[saga.name], spec=saga)
+    # A choreographed run waits for its outcome, and the trace shows each step's
+    # failure: neither is an orphan, though no handler may react to a failure.
+    router.waits.add((saga.name, saga.event_type("finished")))
+    router.waits.update((saga.name, saga.event_type(s.name, "failed")) for s in saga.steps)
     _attach_handlers(saga, router)
 
 

@@ -1,0 +1,113 @@
+"""Compensation: ``ctx.compensate()`` and the bookkeeping it shares with the unwind.
+
+A compensation is registered once its step succeeds (``ctx.run(..., compensate=)``).
+It runs either when the run fails or is cancelled (the engine's unwind), or when
+the workflow calls ``ctx.compensate()``: the compensations registered so far run
+in reverse, each a durable step (key ``compensate:<name>#n``, numbered across
+both, so a replay finds each recorded), and are then forgotten — a second call
+runs only those registered since. A workflow that returns after compensations
+ran this way ends ``compensated`` with its returned value as the run's result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cantata.errors import StepFailed
+from cantata.model.records import COMPENSATION
+from cantata.model.status import RunStatus
+
+if TYPE_CHECKING:
+    from .runner import RunExecution
+
+log = logging.getLogger("cantata.engine")
+
+
+@dataclass
+class ApiState:
+    """What one execution of a run tracks for ``ctx.compensate`` and cancel cleanup."""
+
+    compensation_counters: dict[str, int] = field(default_factory=dict)
+    compensated: int = 0  # compensations ctx.compensate() ran
+    compensate_calls: int = 0
+    compensation_failures: list[str] = field(default_factory=list)  # failed for good
+    failed_steps: int = 0  # StepFailed raised into the workflow (it may catch them)
+    cancel_delivered: bool = False  # Cancelled was raised into the workflow once
+    cleanup_timeout: float | None = None
+
+
+def compensation_key(x: RunExecution, name: str) -> str:
+    """The history key of the next compensation by step ``name`` in this run."""
+    counters = x.api.compensation_counters
+    n = counters.get(name, 0) + 1
+    counters[name] = n
+    return f"compensate:{name}#{n}"
+
+
+async def compensate(x: RunExecution) -> int:
+    """Run the compensations registered so far, newest first; returns how many ran.
+
+    Each runs with its own retries. They are forgotten once run (or failed for
+    good), so neither a later ``compensate()`` nor the unwind runs them again.
+
+    Raises:
+        StepFailed: a compensation failed for good (after the others were tried);
+            the first such failure.
+    """
+    todo = list(reversed(x.compensations))
+    x.compensations.clear()
+    x.api.compensate_calls += 1
+    failures: list[StepFailed] = []
+    for sdef, args in todo:
+        try:
+            await x.call_step(sdef, args, compensation_key(x, sdef.name), kind=COMPENSATION)
+        except StepFailed as exc:
+            failures.append(exc)
+    x.api.compensated += len(todo) - len(failures)
+    x.api.compensation_failures += [str(f) for f in failures]
+    if failures:
+        raise failures[0]
+    return len(todo)
+
+
+def returned_ending(x: RunExecution) -> tuple[RunStatus, str | None, bool | None]:
+    """(status, error, flagged) of a run whose workflow returned."""
+    api = x.api
+    if api.compensation_failures:  # an operator must look, as after an unwind
+        return RunStatus.FAILED, _failed_text(x, "the workflow returned"), True
+    if api.compensated:
+        return RunStatus.COMPENSATED, (
+            f"Compensated: the workflow ran {api.compensated} compensation(s) with "
+            "ctx.compensate() and returned"
+        ), None
+    _warn_unrun(x)
+    return RunStatus.COMPLETED, None, None
+
+
+def unwound_ending(
+    x: RunExecution, final: RunStatus, error: str
+) -> tuple[RunStatus, str, bool | None]:
+    """(status, error, flagged) of a run that failed or was cancelled with no
+    compensation left to run (``ctx.compensate()`` may have run them)."""
+    if x.api.compensation_failures:
+        return RunStatus.FAILED, _failed_text(x, error), True
+    if final == RunStatus.FAILED and x.api.compensated:
+        return RunStatus.COMPENSATED, error, None
+    return final, error, None
+
+
+def _failed_text(x: RunExecution, head: str) -> str:
+    return f"{head}; compensation failed: {'; '.join(x.api.compensation_failures)}"
+
+
+def _warn_unrun(x: RunExecution) -> None:
+    """Log a run that caught a step failure and returned with compensations never run."""
+    if x.api.failed_steps and x.compensations and not x.api.cancel_delivered:
+        names = ", ".join(s.name for s, _ in reversed(x.compensations))
+        log.warning(
+            "run %s of %s caught a step failure and returned normally: its registered "
+            "compensations (%s) were not run; call `await ctx.compensate()` to run them",
+            x.run.run_id, x.wdef.name, names,
+        )

@@ -1,0 +1,64 @@
+"""``@app.transaction`` steps: the step's SQL, its checkpoint and its events in one
+transaction of the store's database (see docs/workflow-api.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from cantata.choreography.orphans import check_orphans
+from cantata.errors import TransactionUnsupported
+from cantata.model import codec
+from cantata.model.records import ENTRY_COMPLETED, Attempt, RunWrite
+from cantata.store.tx import Tx
+
+from .heartbeat import Beat
+from .invoke import invoke_step
+from .registry import StepDef
+
+if TYPE_CHECKING:
+    from .runner import RunExecution
+
+
+async def run_transactional(
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, beat: Beat
+) -> Any:
+    """Run one attempt of a transactional step; on success its completion is committed
+    (with the step's writes) before this returns.
+
+    Raises:
+        TransactionUnsupported: the store cannot share its transaction (``memory://``).
+    """
+    engine, run = x.engine, x.run
+    runner = getattr(engine.store, "run_transaction", None)
+    if runner is None:
+        raise TransactionUnsupported(
+            f"step {sdef.name} of run {run.run_id} is an @app.transaction step, but store "
+            f"{engine.store.url} cannot share its transaction: use sqlite:///file.db or "
+            "postgresql://... (see docs/workflow-api.md)"
+        )
+
+    published: list[Any] = []
+
+    async def body(tx: Tx) -> tuple[RunWrite, Any]:
+        tx.run_id, tx.step, tx.correlation_id = run.run_id, sdef.name, run.correlation_id
+        value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
+                                  leading=(tx,))
+        result = codec.dumps(value, f"result of step {sdef.name}")
+        now = engine.clock.now()
+        entry = dataclasses.replace(
+            x.history[key], status=ENTRY_COMPLETED, result=result, ended_at=now,
+            error=None, error_type=None, attempts=attempt,
+        )
+        done = Attempt(key, attempt, now, ended_at=now)  # started_at: kept as recorded
+        published[:] = tx.events
+        return RunWrite(entries=[entry], attempts=[done], events=list(tx.events)), value
+
+    try:
+        value = await runner(run.app, run.run_id, run.fence, body)
+    except TransactionUnsupported as exc:
+        raise TransactionUnsupported(f"step {sdef.name}: {exc}") from None
+    if published:
+        engine.events_appended(published)
+        await check_orphans(engine, published)
+    return value

@@ -1,0 +1,100 @@
+"""``cantata.Tx``: SQL in the store's transaction that also commits a step's checkpoint.
+
+An ``@app.transaction`` step is called with a :class:`Tx` first. Its statements run
+in one transaction of the store's database together with the step's checkpoint
+(its completed history entry and attempt) and the events it publishes with
+``app.publish(..., tx=tx)``: after a crash all of them are there, or none is
+(docs/workflow-api.md). Placeholders may be written ``?`` or ``$1`` on both
+backends; they are rewritten to the database's own style.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from cantata.model.event import Event
+from cantata.model.records import RunWrite
+
+T = TypeVar("T")
+
+# A transaction's body: runs the step with the Tx, returns its checkpoint and result.
+TxBody = Callable[["Tx"], Awaitable[tuple[RunWrite, T]]]
+
+# A quoted string, a quoted identifier, or a placeholder (outside both).
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\d+)|\?(\d*)")
+
+
+def to_numbered(sql: str, style: str) -> str:
+    """Rewrite ``?`` / ``$n`` placeholders outside quotes to ``$n`` (``style="$"``,
+    PostgreSQL) or ``?n`` (``style="?"``, SQLite)."""
+    count = 0
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal count
+        text = m.group(0)
+        if text[0] in "'\"":
+            return text
+        number = m.group(1) or m.group(2)
+        if not number:
+            count += 1
+            number = str(count)
+        return f"{style}{number}"
+
+    return _TOKENS.sub(sub, sql)
+
+
+class Tx:
+    """The transaction of an ``@app.transaction`` step (the step's first argument).
+
+    Attributes:
+        dialect: ``"sqlite"`` or ``"postgresql"``.
+        run_id: the run whose step this is.
+        step: the step's name.
+    """
+
+    dialect = ""
+
+    def __init__(self) -> None:
+        self.run_id = ""
+        self.step = ""
+        self.correlation_id: str | None = None
+        self.events: list[Event[Any]] = []
+        self._open = True
+
+    def _check(self, call: str) -> None:
+        if not self._open:
+            raise RuntimeError(
+                f"tx.{call}() after step {self.step} of run {self.run_id} returned: its "
+                "transaction is committed; use the tx only inside the step"
+            )
+
+    async def execute(self, sql: str, *params: Any) -> int:
+        """Run one statement; returns the number of rows it changed (where known)."""
+        self._check("execute")
+        return await self._execute(sql, params)
+
+    async def fetch(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Run a query; returns its rows as tuples."""
+        self._check("fetch")
+        return await self._fetch(sql, params)
+
+    async def fetchone(self, sql: str, *params: Any) -> tuple[Any, ...] | None:
+        """The first row of a query, or ``None``."""
+        rows = await self.fetch(sql, *params)
+        return rows[0] if rows else None
+
+    def publish(self, event: Event[Any]) -> None:
+        """Append ``event`` to the store's log in this transaction (``app.publish(tx=)``)."""
+        self._check("publish")
+        self.events.append(event)
+
+    def close(self) -> None:
+        self._open = False
+
+    async def _execute(self, sql: str, params: Sequence[Any]) -> int:
+        raise NotImplementedError
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
