@@ -110,7 +110,9 @@ class ConsoleContract(StoreFixtures):
         assert await store.count_runs(self.app) == {"pending": 10, "failed": 2}
 
     async def test_operator_actions_are_chained_into_the_audit_log(self, store: Store) -> None:
+        assert await store.audit_head_seq(self.app) == 0
         run, _ = await store.create_run(new_run(self.app))
+        assert await store.audit_head_seq(self.app) == 1
         await store.record_action(self.app, "token:alice", "run.started", run.run_id,
                                   {"workflow": "wf"})
         records = await store.audit_records(self.app)
@@ -118,6 +120,7 @@ class ConsoleContract(StoreFixtures):
             "token:alice", "run.started", run.run_id)
         assert json.loads(records[-1].data) == {"workflow": "wf"}
         assert (await store.verify_audit(self.app)).ok
+        assert await store.audit_head_seq(self.app) == records[-1].seq == 2
 
     async def test_tokens_keep_only_a_hash_and_can_be_revoked(self, store: Store) -> None:
         name = f"ops-{codec.new_id()[-8:]}"  # tokens are store-wide: a name of this test's own

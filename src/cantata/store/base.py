@@ -456,6 +456,10 @@ class Store(Protocol):
     ) -> None:
         """Append an operator action (``actor`` did ``action`` to ``target``) to the audit log."""
 
+    async def audit_head_seq(self, app: str) -> int:
+        """The ``seq`` of ``app``'s last audit record (0 for none): where a change feed
+        that follows the audit log starts."""
+
     async def create_token(self, token: TokenRecord) -> None:
         """Store an API token (its hash), replacing a revoked token of the same name.
 

@@ -556,6 +556,11 @@ class PostgresStore:
         async with self._db.tx() as c:
             await console.record_action(c, app, actor, action, target, data)
 
+    async def audit_head_seq(self, app: str) -> int:
+        async with self._db.conn() as c:
+            head = await ops.audit_head(c, app)
+        return 0 if head is None else head[0]
+
     async def create_token(self, token: TokenRecord) -> None:
         async with self._db.tx() as c:
             await console.create_token(c, token)

@@ -813,6 +813,10 @@ class SQLiteStore:
     ) -> None:
         await self._t.write(lambda c: console.record_action(c, app, actor, action, target, data))
 
+    async def audit_head_seq(self, app: str) -> int:
+        head = await self._t.read(lambda c: ops.audit_head(c, app))
+        return 0 if head is None else head[0]
+
     async def create_token(self, token: TokenRecord) -> None:
         await self._t.write(lambda c: console.create_token(c, token))
 
