@@ -16,7 +16,6 @@ from cantata.model.records import COMPENSATION as ENTRY_COMPENSATION
 from cantata.model.records import HistoryEntry, RunRecord
 from cantata.observability.eventmap import (
     EVENT,
-    Edge,
     Handlers,
     _covers,
     declared_edges,
@@ -70,9 +69,13 @@ async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut
                 "with the app's code (cantata serve module:app), or run the workflow once")
         assert source is not None
         origin = f"from the history of run {source.run_id}"
+    comp_states: dict[str, str] = {}
     if run is not None:
         items = _with_states(items, history)
-    return _flow(workflow, items, origin, run)
+        for e in sorted(history, key=lambda e: e.seq):
+            if e.kind == ENTRY_COMPENSATION:
+                comp_states[e.name] = e.status
+    return _flow(workflow, items, origin, run, comp_states)
 
 
 def _with_states(items: Sequence[FlowItem], history: Sequence[HistoryEntry]) -> list[FlowItem]:
@@ -97,8 +100,10 @@ def _with_states(items: Sequence[FlowItem], history: Sequence[HistoryEntry]) -> 
     return out
 
 
-def _flow(workflow: str, items: Sequence[FlowItem], origin: str, run: RunRecord | None) -> MapOut:
-    """Nodes and edges laid out exactly as :func:`flow_mermaid` draws them."""
+def _flow(workflow: str, items: Sequence[FlowItem], origin: str, run: RunRecord | None,
+          comp_states: dict[str, str]) -> MapOut:
+    """Nodes and edges laid out exactly as :func:`flow_mermaid` draws them; a declared
+    compensation takes the state its recorded run (by name) has in ``comp_states``."""
     mermaid = flow_mermaid(workflow, items, origin)
     final = str(run.status) if run is not None else None
     nodes = [MapNode(id="start", kind="start", name=workflow,
@@ -118,8 +123,6 @@ def _flow(workflow: str, items: Sequence[FlowItem], origin: str, run: RunRecord 
     nodes.append(MapNode(id="finish", kind="end", name="completed",
                          status="completed" if final == "completed" else None))
     edges.append(MapEdge(source=prev, target="finish", kind="next"))
-    # Compensations declared with their steps: by name, states from the recorded ones.
-    comp_states = {i.name: i.status for i in recorded}
     comp_of: dict[int, str] = {}
     for n, item in enumerate(forward):
         if item.compensate:
@@ -199,5 +202,3 @@ async def events_map(app: App) -> MapOut:
                                  label="undeclared"))
     return MapOut(mermaid=mermaid, nodes=nodes, edges=edges)
 
-
-__all__ = ["Edge", "events_map", "workflow_map"]

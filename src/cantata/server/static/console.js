@@ -180,11 +180,11 @@
         h("span", { class: "n" }, String(o.counts[st] || 0)), h("span", { class: "l" }, st))),
       h("a", { class: "card s-dead", href: "/dead-letters" },
         h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "dead letters")));
-    const left = h("section", { class: "panel" }, h("h2", {}, "Recent failures"),
+    const failures = h("section", { class: "panel" }, h("h2", {}, "Recent failures"),
       table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
-    const right = h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"),
+    const stuck = h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"),
       table(STALL_HEADERS, stallRows(o.stalled), "Nothing is stuck."));
-    show(cards, h("div", { class: "grid" }, left, right), canOperate ? startForm(o.workflows) : null);
+    show(cards, failures, stuck, canOperate ? startForm(o.workflows) : null);
   };
 
   pages.runs = async () => {

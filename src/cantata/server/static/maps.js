@@ -59,7 +59,7 @@
 
   function path(g, d, klass, marker, label, lx, ly) {
     g.append(s("path", { d, class: klass, "marker-end": marker ? `url(#${marker})` : null }));
-    if (label) g.append(s("text", { x: lx, y: ly, class: "edge-label " + klass }, label));
+    if (label) g.append(s("text", { x: lx, y: ly, class: "edge-label " + klass.replace(/\bedge\b/, "") }, label));
   }
 
   /* A workflow map: forward steps down the left, compensations to their right. */
@@ -82,7 +82,7 @@
     }
     const undone = map.nodes.find((n) => n.id === "undone");
     if (undone) pos.undone = { x: COMP_X, y: PAD };
-    const width = (comps.length ? COMP_X + W : W) + PAD * 2;
+    const width = (comps.length ? COMP_X + W : W) + PAD * 3;
     const height = Math.max(y, cy) + PAD;
     const svg = s("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img",
                            "aria-label": "workflow map", class: "flow-map" });
@@ -103,7 +103,7 @@
         const mx = (x1 + x2) / 2;
         path(edges, `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`, k,
              e.kind === "fails" || e.kind === "undo" ? "arrow-comp" : "arrow",
-             e.label, mx, (y1 + y2) / 2 - 6);
+             e.label, x1 + 22, y1 + 14);
       }
     }
     for (const n of map.nodes) {
