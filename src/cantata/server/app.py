@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cantata.app import App
-from cantata.server import errors, observe, pages, routes_admin, routes_runs
+from cantata.server import deps, errors, observe, pages, routes_admin, routes_runs
 from cantata.server.state import Console
 
 STATIC = Path(__file__).parent / "static"
@@ -93,7 +93,7 @@ def create_app(app: App, *, stream_interval: float = 0.5) -> FastAPI:
         lifespan=lifespan,
     )
     api.state.console = console
-    errors.install(api, console.redact)
+    errors.install(api, console.redact, deps.gate)
     api.include_router(routes_runs.router)
     api.include_router(observe.router)
     api.include_router(routes_admin.router)

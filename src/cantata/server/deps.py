@@ -43,3 +43,24 @@ def needs(role: Role) -> Callable[..., Awaitable[Principal]]:
 viewer = needs(Role.VIEWER)
 operator = needs(Role.OPERATOR)
 admin = needs(Role.ADMIN)
+
+
+def route_role(request: Request) -> Role | None:
+    """The role the matched route needs (``None``: the route is open to anyone)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    for dep in getattr(dependant, "dependencies", ()):
+        role = _ROLES.get(dep.call)
+        if role is not None:
+            return role
+    return None
+
+
+_ROLES = {viewer: Role.VIEWER, operator: Role.OPERATOR, admin: Role.ADMIN}
+
+
+async def gate(request: Request) -> None:
+    """401/403 for a caller the matched route would refuse (see ``errors.install``)."""
+    role = route_role(request)
+    if role is not None:
+        await console_of(request).principal(request, role)

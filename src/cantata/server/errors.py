@@ -4,6 +4,7 @@ from Cantata's errors to HTTP statuses. No stack trace ever reaches a client."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -70,8 +71,14 @@ class Redactor:
         return text
 
 
-def install(app: Any, redact: Redactor) -> None:
-    """Register the handlers that turn every failure into the error shape."""
+def install(app: Any, redact: Redactor,
+            gate: Callable[[Request], Awaitable[None]] | None = None) -> None:
+    """Register the handlers that turn every failure into the error shape.
+
+    ``gate`` runs before a request validation error is answered: FastAPI decodes a
+    JSON body before it checks the caller, and a caller without the right token
+    must get 401/403 whatever the body holds.
+    """
 
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -85,6 +92,11 @@ def install(app: Any, redact: Redactor) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        if gate is not None:
+            try:
+                await gate(request)
+            except ApiError as denied:
+                return await api_error(request, denied)
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
