@@ -96,3 +96,71 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+class ServerThread:
+    """The app (serving its workflows, or just open as a client) and its console on a
+    real uvicorn server, in a thread with its own event loop: for browsers, streams
+    and schemathesis, which talk HTTP over TCP.
+
+    ``setup`` runs in the server's loop once the app is open (seed data, tokens).
+    """
+
+    def __init__(self, app: App, *, serve: bool = True,
+                 setup: Callable[[App], Awaitable[Any]] | None = None) -> None:
+        self.app = app
+        self.serve = serve
+        self.setup = setup
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.result: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: Any = None
+        self._error: BaseException | None = None
+        self._thread: Any = None
+
+    def __enter__(self) -> ServerThread:
+        import threading
+        import time
+
+        self._thread = threading.Thread(target=self._main, name="console-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not (self._server is not None and self._server.started):
+            if self._error is not None:
+                raise self._error
+            assert time.monotonic() < deadline, "the console server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        self._thread.join(30)
+
+    def run(self, coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``coro_fn()`` in the server's loop and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self.loop).result(30)
+
+    def _main(self) -> None:
+        import uvicorn
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.app.open(serve=self.serve)
+            try:
+                if self.setup is not None:
+                    self.result = await self.setup(self.app)
+                config = uvicorn.Config(self.app.asgi(stream_interval=0.05), host="127.0.0.1",
+                                        port=self.port, log_level="warning", lifespan="on")
+                server = uvicorn.Server(config)
+                self._server = server
+                await server.serve()
+            finally:
+                await self.app.close()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported to the test thread by __enter__
+            self._error = exc

@@ -24,6 +24,9 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.observability.node import TraceNode
 
+ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # as cantata.server.params
+TYPE_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"  # as cantata.model.event
+
 
 def utc(ts: float | None) -> dt.datetime | None:
     return to_datetime(ts)
@@ -114,8 +117,8 @@ class StartIn(BaseModel):
 
     input: Any = None
     args: list[Any] | None = None
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
-    correlation_id: str | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: str | None = Field(default=None, pattern=ID_PATTERN)
+    correlation_id: str | None = Field(default=None, pattern=ID_PATTERN)
 
 
 class StartOut(BaseModel):
@@ -123,11 +126,12 @@ class StartOut(BaseModel):
 
 
 class PublishIn(BaseModel):
-    type: str = Field(min_length=1, max_length=200)
+    type: str = Field(pattern=TYPE_PATTERN, max_length=200,
+                      description="Dot-separated tokens, e.g. `order.placed`.")
     data: Any = None
-    correlation_id: str | None = Field(default=None, min_length=1, max_length=200)
-    subject: str | None = Field(default=None, min_length=1, max_length=200)
-    id: str | None = Field(default=None, min_length=1, max_length=200)
+    correlation_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    subject: str | None = Field(default=None, pattern=ID_PATTERN)
+    id: str | None = Field(default=None, pattern=ID_PATTERN)
 
 
 class PublishOut(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from cantata.errors import DeadLetterNotFound, RunNotFound
 from cantata.observability.stalled import Stall, find_stalls
@@ -33,6 +33,8 @@ router = APIRouter(prefix="/api", responses=ERRORS)
 Viewer = Annotated[Principal, Depends(viewer)]
 Operator = Annotated[Principal, Depends(operator)]
 MAX_DEAD_LETTERS = 1000
+AnId = Annotated[str, Path(pattern=params.ID_PATTERN)]
+AName = Annotated[str, Path(pattern=params.NAME_PATTERN)]
 
 
 def stall_where(stall: Stall) -> str:
@@ -50,7 +52,7 @@ def stall_out(stall: Stall) -> StallOut:
 
 @router.get("/trace/{correlation_id}", response_model=TraceOut, tags=["observe"],
             summary="A business transaction as a tree")
-async def trace(request: Request, correlation_id: str, _: Viewer) -> TraceOut:
+async def trace(request: Request, correlation_id: AnId, _: Viewer) -> TraceOut:
     """Runs, steps, events, handlers and dead letters of one transaction, and where it
     stands. Any run or event id of the transaction finds it too."""
     console = console_of(request)
@@ -68,7 +70,8 @@ async def stalled(
     request: Request,
     _: Viewer,
     older_than: Annotated[float | None, Query(description="Seconds without progress "
-                                                          "(default 300)")] = None,
+                                                          "(default 300)", ge=0,
+                                              le=10 * 365 * 86400)] = None,
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 100,
 ) -> list[StallOut]:
     console = console_of(request)
@@ -84,8 +87,8 @@ async def stalled(
 async def dead_letters(
     request: Request,
     _: Viewer,
-    group: str | None = None,
-    type: str | None = None,
+    group: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
+    type: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
 ) -> list[DeadLetterOut]:
     console = console_of(request)
     params.name("group", group)
@@ -100,7 +103,7 @@ async def dead_letters(
 
 @router.post("/dead-letters/{dead_letter_id}/replay", response_model=DeadLetterOut,
              tags=["events"], summary="Redeliver a dead letter to its group")
-async def replay(request: Request, dead_letter_id: str, who: Operator) -> DeadLetterOut:
+async def replay(request: Request, dead_letter_id: AnId, who: Operator) -> DeadLetterOut:
     """Takes it off the list and delivers its event to its group again (it comes back if
     the handler fails again)."""
     console = console_of(request)
@@ -131,10 +134,10 @@ async def publish(request: Request, body: PublishIn, who: Operator) -> PublishOu
             summary="A workflow's map")
 async def map_workflow(
     request: Request,
-    name: str,
+    name: AName,
     _: Viewer,
     run_id: Annotated[str | None, Query(description="Colour the steps by this run's "
-                                                    "states")] = None,
+                                                    "states", pattern=params.ID_PATTERN)] = None,
 ) -> MapOut:
     """Steps and compensations, from the code when the console has it, else from history."""
     console = console_of(request)

@@ -15,8 +15,10 @@ from cantata.model.status import RunStatus
 from cantata.server.errors import bad_input
 
 # Ids, correlation ids, idempotency keys, names: printable, no spaces, bounded.
-_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+ID_PATTERN = r"^[\x21-\x7e]{1,200}$"
+NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
+_ID_RE = re.compile(ID_PATTERN)
+_NAME_RE = re.compile(NAME_PATTERN)
 MAX_LIMIT = 500
 
 

@@ -46,7 +46,7 @@ async def audit(
     request: Request,
     _: Admin,
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 100,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=600)] = None,
 ) -> AuditPage:
     """Every state change and operator action with its actor (operators: `token:NAME`)."""
     console = console_of(request)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 
 from cantata.errors import RunNotFound
 from cantata.model.access import RunQuery
+from cantata.model.status import RunStatus
 from cantata.server import params
 from cantata.server.auth import Principal
 from cantata.server.deps import ERRORS, operator, viewer
@@ -31,28 +32,31 @@ router = APIRouter(prefix="/api", tags=["runs"], responses=ERRORS)
 
 Viewer = Annotated[Principal, Depends(viewer)]
 Operator = Annotated[Principal, Depends(operator)]
+RunId = Annotated[str, Path(pattern=params.ID_PATTERN, description="A run id")]
+IdFilter = Annotated[str | None, Query(pattern=params.ID_PATTERN)]
 
 
 @router.get("/runs", response_model=RunsPage, summary="Runs, newest first")
 async def list_runs(
     request: Request,
     _: Viewer,
-    workflow: str | None = None,
-    status: str | None = None,
+    workflow: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
+    status: RunStatus | None = None,
     since: Annotated[str | None, Query(description="RFC 3339 time (or POSIX seconds): "
                                                    "created at or after")] = None,
     until: Annotated[str | None, Query(description="RFC 3339 time (or POSIX seconds): "
                                                    "created before")] = None,
-    idempotency_key: str | None = None,
-    correlation_id: str | None = None,
+    idempotency_key: IdFilter = None,
+    correlation_id: IdFilter = None,
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page",
+                                        max_length=600)] = None,
 ) -> RunsPage:
     """One page of runs matching every filter given, newest first; follow `next_cursor`."""
     console = console_of(request)
     q = RunQuery(
         workflow=params.name("workflow", workflow),
-        status=params.status(status),
+        status=status,
         since=params.timestamp("since", since),
         until=params.timestamp("until", until),
         idempotency_key=params.ident("idempotency_key", idempotency_key),
@@ -70,7 +74,7 @@ async def list_runs(
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail, summary="One run with its steps")
-async def get_run(request: Request, run_id: str, _: Viewer) -> RunDetail:
+async def get_run(request: Request, run_id: RunId, _: Viewer) -> RunDetail:
     """The run, each step with its attempts and errors, compensations flagged."""
     console = console_of(request)
     params.required_ident("run_id", run_id)
@@ -84,7 +88,7 @@ async def get_run(request: Request, run_id: str, _: Viewer) -> RunDetail:
 
 
 @router.post("/runs/{run_id}/cancel", response_model=CancelOut, summary="Cancel a run")
-async def cancel_run(request: Request, run_id: str, who: Operator) -> CancelOut:
+async def cancel_run(request: Request, run_id: RunId, who: Operator) -> CancelOut:
     """Stops the run at its next durable point; it compensates. 409 if it already ended."""
     console = console_of(request)
     params.required_ident("run_id", run_id)
@@ -105,7 +109,7 @@ async def cancel_run(request: Request, run_id: str, who: Operator) -> CancelOut:
              summary="Start a workflow by name")
 async def start_run(
     request: Request,
-    name: str,
+    name: Annotated[str, Path(pattern=params.NAME_PATTERN, description="A workflow name")],
     who: Operator,
     body: Annotated[StartIn, Body(openapi_examples={
         "input": {"value": {"input": {"order_id": 42}, "idempotency_key": "order-42"}},
