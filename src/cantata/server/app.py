@@ -91,6 +91,7 @@ def create_app(app: App, *, stream_interval: float = 0.5) -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json",
         lifespan=lifespan,
+        redirect_slashes=False,
     )
     api.state.console = console
     errors.install(api, console.redact, deps.gate)
