@@ -25,6 +25,8 @@ from cantata.observability.eventmap import (
 from cantata.observability.graph import (
     CHILD,
     COMPENSATION,
+    EMIT,
+    SLEEP,
     STEP,
     WAIT,
     FlowItem,
@@ -78,6 +80,15 @@ async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut
     return _flow(workflow, items, origin, run, comp_states)
 
 
+def _key_base(item: FlowItem) -> str:
+    """The base of an item's history key (``ctx.wait_for_event("t")`` is ``wait:t#n``)."""
+    if item.kind == SLEEP:
+        return "sleep"
+    if item.kind in (WAIT, EMIT, CHILD):
+        return f"{item.kind}:{item.name}"
+    return item.name
+
+
 def _with_states(items: Sequence[FlowItem], history: Sequence[HistoryEntry]) -> list[FlowItem]:
     """Each item with the status of its occurrence in the run (``""``: not reached)."""
     seen: dict[tuple[bool, str], int] = {}
@@ -89,13 +100,14 @@ def _with_states(items: Sequence[FlowItem], history: Sequence[HistoryEntry]) -> 
     out = []
     for item in items:
         comp = item.kind == COMPENSATION
-        n = seen.get((comp, item.name), 0) + 1
-        seen[(comp, item.name)] = n
+        base = item.name if comp else _key_base(item)
+        n = seen.get((comp, base), 0) + 1
+        seen[(comp, base)] = n
         if comp:
             found = comp_entries.get(item.name, [])
             entry = found[n - 1] if len(found) >= n else None
         else:
-            entry = by_key.get(f"{item.name}#{n}")
+            entry = by_key.get(f"{base}#{n}")
         out.append(replace(item, status=entry.status if entry is not None else ""))
     return out
 
@@ -132,7 +144,8 @@ def _flow(workflow: str, items: Sequence[FlowItem], origin: str, run: RunRecord 
                                  status=(status or "not_reached") if run is not None else None,
                                  note=item.note or None))
     if comp_of:
-        nodes.append(MapNode(id="undone", kind="end", name="compensated",
+        nodes.append(MapNode(id="undone", kind="end",
+                             name="cancelled" if final == "cancelled" else "compensated",
                              status=final if final in ("compensated", "cancelled") else None))
         latest: str | None = None
         for n, item in enumerate(forward):
@@ -155,6 +168,9 @@ def _flow(workflow: str, items: Sequence[FlowItem], origin: str, run: RunRecord 
 def _state(item: FlowItem, run: RunRecord | None) -> str | None:
     if run is None:
         return None
+    if run.status.is_final and item.status in ("running", "waiting"):
+        # the run ended while this call was open: it was cut short, not still going
+        return "cancelled" if str(run.status) == "cancelled" else "interrupted"
     return item.status or "not_reached"
 
 

@@ -81,7 +81,7 @@
     if (!text.trim()) return undefined;
     try { return JSON.parse(text); } catch (e) { throw new Error(`${what} is not valid JSON: ${e.message}`); }
   }
-  function show(...nodes) { content.replaceChildren(...nodes); }
+  function show(...nodes) { content.replaceChildren(...nodes.filter((n) => n !== null && n !== undefined)); }
   function fail(err) { show(notice(err.message, "error")); }
 
   /* -- live updates ---------------------------------------------------------------- */
@@ -179,7 +179,7 @@
       h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
         h("span", { class: "n" }, String(o.counts[st] || 0)), h("span", { class: "l" }, st))),
       h("a", { class: "card s-dead", href: "/dead-letters" },
-        h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "dead letters")));
+        h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "dead letter(s)")));
     const failures = h("section", { class: "panel" }, h("h2", {}, "Recent failures"),
       table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
     const stuck = h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"),

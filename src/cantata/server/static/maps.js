@@ -29,8 +29,9 @@
     const defs = s("defs", {});
     for (const [id, color] of [["arrow", "#8c959f"], ["arrow-comp", "#bc4c00"],
                                ["arrow-dead", "#cf222e"], ["arrow-dark", "#57606a"]]) {
-      const m = s("marker", { id, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7,
-                              markerHeight: 7, orient: "auto-start-reverse" });
+      const m = s("marker", { id, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 9,
+                              markerHeight: 9, markerUnits: "userSpaceOnUse",
+                              orient: "auto-start-reverse" });
       m.append(s("path", { d: "M0,0 L10,5 L0,10 z", style: null, fill: color }));
       defs.append(m);
     }
