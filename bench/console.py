@@ -235,7 +235,7 @@ class Served:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def measure(client: httpx.Client, paths: list[str]) -> tuple[float, float]:
@@ -294,7 +294,8 @@ async def sse_capacity(url: str, base: str, token: str, sizes: list[int]) -> lis
             limits = httpx.Limits(max_connections=size + 10, max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=None, limits=limits) as client:
 
-                async def listen(i: int) -> None:
+                async def listen(i: int, ready: list[asyncio.Event] = ready,
+                                 got: list[list[float]] = got) -> None:
                     h = {"Authorization": f"Bearer {token}"}
                     async with client.stream("GET", f"{base}/api/stream", headers=h) as r:
                         async for line in r.aiter_lines():
@@ -318,7 +319,7 @@ async def sse_capacity(url: str, base: str, token: str, sizes: list[int]) -> lis
                                               {"status": "running"})
                     await asyncio.sleep(0.1)
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and min(len(g) for g in got) < 20:
+                while time.monotonic() < deadline and min(len(g) for g in got) < 20:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
                 lags = [g[k] - sent[k] for g in got for k in range(min(len(g), 20))]
                 complete = sum(1 for g in got if len(g) >= 20)
@@ -342,7 +343,7 @@ async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path) -
     if kind == "sqlite":
         path = workdir / "console-bench.db"
         for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+            Path(f"{path}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240
         url = await build_sqlite(path, n)
         plans = sqlite_plans(path)
     else:
@@ -353,7 +354,6 @@ async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path) -
     await store.open()
     token = await create_token(store, f"bench-{int(time.time())}", Role.ADMIN)
     sample = [r.run_id for r in await store.query_runs(APP, RunQuery(limit=500))]
-    sample = [s for i, s in enumerate(sample)]  # newest 500 (detail of any run)
     await store.close()
     print(f"\n## {kind}: {n:,} runs (built in {built:.0f} s)\n")
     print("query plans:")

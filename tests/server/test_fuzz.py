@@ -4,9 +4,9 @@ never a stack trace."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
-from urllib.parse import quote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

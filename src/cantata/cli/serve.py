@@ -14,7 +14,7 @@ from rich.text import Text
 
 from cantata.app import DEFAULT_STORE, App
 from cantata.errors import ConfigurationError, TokenNotFound
-from cantata.model.access import Role
+from cantata.model.access import Role, TokenRecord
 from cantata.store.base import Store
 from cantata.store.factory import mask_url, store_from_url
 
@@ -153,10 +153,10 @@ def token_list(store: StoreOpt = None, app: AppOpt = None) -> None:
     """List tokens: name, role, created, revoked (never the tokens themselves)."""
     the_store = _token_store(store, app)
 
-    async def go() -> list[object]:
+    async def go() -> list[TokenRecord]:
         await the_store.open()
         try:
-            return list(await the_store.tokens())
+            return await the_store.tokens()
         finally:
             await the_store.close()
 
@@ -169,7 +169,6 @@ def token_list(store: StoreOpt = None, app: AppOpt = None) -> None:
         return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     for t in tokens:
-        assert hasattr(t, "name")
         status = "active" if t.revoked_at is None else f"revoked {when(t.revoked_at)}"
         table.add_row(Text(t.name), str(t.role), when(t.created_at), status)
     console.print(table)

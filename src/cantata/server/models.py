@@ -261,9 +261,11 @@ class Overview(BaseModel):
 
 
 def run_out(r: RunRecord) -> RunOut:
+    created, updated = utc(r.created_at), utc(r.updated_at)
+    assert created is not None and updated is not None
     return RunOut(
-        run_id=r.run_id, workflow=r.workflow, status=r.status, created_at=r.created_at,
-        updated_at=r.updated_at, idempotency_key=r.idempotency_key,
+        run_id=r.run_id, workflow=r.workflow, status=r.status, created_at=created,
+        updated_at=updated, idempotency_key=r.idempotency_key,
         correlation_id=r.correlation_id, error=r.error, result=_json(r.result),
     )
 

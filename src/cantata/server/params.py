@@ -115,8 +115,12 @@ def run_cursor(value: str | None) -> tuple[float, str] | None:
     if value is None:
         return None
     try:
-        at, run_id = _decode(value)  # type: ignore[misc]
-        if not isinstance(at, (int, float)) or not isinstance(run_id, str):
+        pair = _decode(value)
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ValueError("not a pair")
+        at, run_id = pair
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not isinstance(
+                run_id, str):
             raise ValueError("wrong types")
         if not math.isfinite(at) or not _ID_RE.match(run_id):
             raise ValueError("wrong values")

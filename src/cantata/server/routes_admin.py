@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from cantata.model.access import Role
 from cantata.model.status import RunStatus
 from cantata.server import params
-from cantata.server.auth import CSRF_HEADER, MAX_TOKEN, SESSION_COOKIE, Principal
+from cantata.server.auth import CSRF_HEADER, SESSION_COOKIE, Principal, authenticate_token
 from cantata.server.deps import ERRORS, admin, viewer
 from cantata.server.errors import ApiError
 from cantata.server.models import (
@@ -124,8 +124,6 @@ async def metrics(request: Request, _: Viewer) -> PlainTextResponse:
 async def login(request: Request, body: SessionIn, response: Response) -> SessionOut:
     """Checks the token and keeps it in an HttpOnly, SameSite=Strict cookie."""
     console = console_of(request)
-    from cantata.server.auth import authenticate_token
-
     who = await authenticate_token(await console.store(), body.token)
     response.set_cookie(SESSION_COOKIE, body.token, max_age=SESSION_MAX_AGE, httponly=True,
                         samesite="strict", secure=request.url.scheme == "https", path="/")
@@ -150,5 +148,3 @@ async def logout(request: Request) -> Response:
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
-
-__all__ = ["MAX_TOKEN", "router"]

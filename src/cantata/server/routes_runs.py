@@ -113,7 +113,7 @@ async def start_run(
     who: Operator,
     body: Annotated[StartIn, Body(openapi_examples={
         "input": {"value": {"input": {"order_id": 42}, "idempotency_key": "order-42"}},
-    })] = StartIn(),  # noqa: B008 - an empty body starts a workflow without arguments
+    })] = StartIn(),
 ) -> StartOut:
     """Writes the run for the workers of the workflow's service to take (201)."""
     console = console_of(request)

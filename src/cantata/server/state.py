@@ -8,6 +8,8 @@ import asyncio
 import time
 from urllib.parse import urlsplit
 
+from fastapi import Request
+
 from cantata.app import App
 from cantata.model.access import Role
 from cantata.server.auth import Principal, authenticate, authorize
@@ -15,8 +17,6 @@ from cantata.server.errors import Redactor
 from cantata.server.stream import ChangeFeed
 from cantata.store.base import Store
 from cantata.store.factory import mask_url
-
-from fastapi import Request
 
 COUNTS_TTL = 2.0  # seconds a count of runs by status is reused (a scan on big stores)
 

@@ -9,7 +9,8 @@ from cantata.errors import TokenExists
 from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.records import RunRecord
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
-from cantata.store.postgres_ops import RUN_COLS, Conn, audit_append, run_row
+from cantata.store.postgres_ops import RUN_COLS, audit_append, run_row
+from cantata.store.postgres_pool import Conn
 
 
 def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
