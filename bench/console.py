@@ -1,7 +1,7 @@
 """``python -m bench.console``: the console's latency on a big store, and its SSE fan-out.
 
     python -m bench.console [--runs 1000000] [--store sqlite|postgres|both]
-                            [--requests 300] [--sse 100,500,1000,2000]
+                            [--requests 300] [--sse 100,500,1000,2000] [--reuse]
 
 Builds a store of ``--runs`` runs with SQL (bulk inserts / COPY, not ``app.start``):
 five workflows, 90 % completed, 5 % compensated, 3 % failed, 2 % running, spread over 30
@@ -338,16 +338,34 @@ async def sse_capacity(url: str, base: str, token: str, sizes: list[int]) -> lis
     return lines
 
 
-async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path) -> None:
+async def existing(url: str, n: int) -> bool:
+    """True when the store at ``url`` already holds the ``n`` runs of a previous build."""
+    store = store_from_url(url)
+    try:
+        await store.open()
+    except Exception:
+        return False
+    try:
+        return sum((await store.count_runs(APP)).values()) == n
+    finally:
+        await store.close()
+
+
+async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path,
+              reuse: bool) -> None:
     t = time.perf_counter()
     if kind == "sqlite":
         path = workdir / "console-bench.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240
-        url = await build_sqlite(path, n)
+        url = f"sqlite:///{path}"
+        if not (reuse and path.exists() and await existing(url, n)):
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240
+            url = await build_sqlite(path, n)
         plans = sqlite_plans(path)
     else:
-        url = await build_postgres(n)
+        url = f"{PG}{'&' if '?' in PG else '?'}schema=bench_console"
+        if not (reuse and await existing(url, n)):
+            url = await build_postgres(n)
         plans = await postgres_plans(url)
     built = time.perf_counter() - t
     store = store_from_url(url)
@@ -361,7 +379,9 @@ async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path) -
         print(f"  {label:16} {plan}")
     with Served(url) as served:
         results = await asyncio.to_thread(latencies, served.base, token, requests, sample)
-        print(f"\nlatency over HTTP ({requests} requests each; target p50 < 20 ms, p99 < 100 ms):")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"\nlatency over HTTP ({requests} requests each; target p50 < 20 ms, p99 < 100 ms;"
+              f" load average before: {load} on {os.cpu_count()} cores):")
         print("| request | p50 ms | p99 ms |\n|---|---:|---:|")
         for label, (p50, p99) in results.items():
             print(f"| {label} | {p50:.1f} | {p99:.1f} |")
@@ -379,11 +399,13 @@ def main() -> None:
     parser.add_argument("--sse", default="100,500,1000,2000",
                         help="client counts to try, comma-separated ('' to skip)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a store of the same size built by an earlier run")
     args = parser.parse_args()
     sse = [int(x) for x in args.sse.split(",") if x.strip()]
     kinds = ["sqlite", "postgres"] if args.store == "both" else [args.store]
     for kind in kinds:
-        asyncio.run(one(kind, args.runs, args.requests, sse, args.dir))
+        asyncio.run(one(kind, args.runs, args.requests, sse, args.dir, args.reuse))
 
 
 if __name__ == "__main__":
