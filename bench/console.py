@@ -219,14 +219,16 @@ class Served:
             [sys.executable, "-m", "cantata", "serve", "--store", self.url, "--app", APP,
              "--port", str(self.port), "--stream-interval", "0.2"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 300  # a loaded machine, a big store to open
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(f"{self.base}/api/health", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError(f"cantata serve did not start: {self.proc.stderr}")
+                time.sleep(0.2)
+        self.proc.terminate()
+        _, err = self.proc.communicate(30)
+        raise RuntimeError(f"cantata serve did not start: {err[-2000:]}")
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()

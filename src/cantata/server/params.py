@@ -20,6 +20,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 _ID_RE = re.compile(ID_PATTERN)
 _NAME_RE = re.compile(NAME_PATTERN)
 MAX_LIMIT = 500
+HALF_MICROSECOND = 5e-7
 
 
 def ident(field: str, value: str | None) -> str | None:
@@ -85,7 +86,10 @@ def timestamp(field: str, value: str | None) -> float | None:
         ) from None
     if when.tzinfo is None:
         raise bad_input(field, f"{field} needs a time zone (for example a trailing Z)")
-    return when.timestamp()
+    # Stored times are float seconds; the API shows them rounded to the microsecond. A
+    # bound given as a shown time means every run shown at that microsecond or later
+    # (since) / before it (until), so the bound sits half a microsecond earlier.
+    return when.timestamp() - HALF_MICROSECOND
 
 
 def seconds(field: str, value: float | None, default: float) -> float:
