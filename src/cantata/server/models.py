@@ -261,6 +261,7 @@ class Overview(BaseModel):
 
 
 def run_out(r: RunRecord) -> RunOut:
+    """A run as listed."""
     created, updated = utc(r.created_at), utc(r.updated_at)
     assert created is not None and updated is not None
     return RunOut(
@@ -271,6 +272,7 @@ def run_out(r: RunRecord) -> RunOut:
 
 
 def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt]) -> RunDetail:
+    """A run with its steps (``ctx.now()`` and other recorded values left out)."""
     by_key: dict[str, list[Attempt]] = {}
     for a in attempts:
         by_key.setdefault(a.key, []).append(a)
@@ -320,16 +322,19 @@ def node_out(node: TraceNode, *, depth: int | None = None) -> TraceNodeOut:
 
 
 def event_out(e: Event[Any]) -> EventOut:
+    """An event as JSON."""
     return EventOut(id=e.id, type=e.type, source=e.source, subject=e.subject, time=e.time,
                     data=e.data, correlation_id=e.correlation_id, causation_id=e.causation_id)
 
 
 def dead_letter_out(d: DeadLetter) -> DeadLetterOut:
+    """A dead letter as JSON."""
     return DeadLetterOut(id=d.id, group=d.group, event=event_out(d.event), error=d.error,
                          attempts=d.attempts, failed_at=d.failed_at)
 
 
 def audit_out(r: AuditRecord) -> AuditOut:
+    """An audit record as JSON (its data parsed)."""
     stamp = utc(r.time)
     assert stamp is not None
     return AuditOut(seq=r.seq, time=stamp, actor=r.actor, action=r.action, target=r.target,
@@ -337,4 +342,5 @@ def audit_out(r: AuditRecord) -> AuditOut:
 
 
 def verify_out(r: AuditReport) -> VerifyOut:
+    """A verification report as JSON."""
     return VerifyOut(ok=r.ok, records=r.records, first_bad_seq=r.first_bad_seq, reason=r.reason)

@@ -38,6 +38,7 @@ AName = Annotated[str, Path(pattern=params.NAME_PATTERN)]
 
 
 def stall_where(stall: Stall) -> str:
+    """Where a stall is, in a few words (`group emails`, `step charge`)."""
     n = stall.node
     if n.kind in ("handler", "dead_letter"):
         return f"group {n.group}" + (f" ({n.name})" if n.kind == "handler" and
@@ -46,6 +47,7 @@ def stall_where(stall: Stall) -> str:
 
 
 def stall_out(stall: Stall) -> StallOut:
+    """A stall as JSON (its node without children)."""
     return StallOut(correlation_id=stall.correlation_id, reason=stall.reason, since=stall.since,
                     where=stall_where(stall), node=node_out(stall.node, depth=0))
 
@@ -74,6 +76,7 @@ async def stalled(
                                               le=10 * 365 * 86400)] = None,
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 100,
 ) -> list[StallOut]:
+    """Stalls of transactions with no progress for `older_than` seconds, and why."""
     console = console_of(request)
     seconds = params.seconds("older_than", older_than, 300.0)
     app = await console.open()
@@ -90,6 +93,7 @@ async def dead_letters(
     group: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
     type: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
 ) -> list[DeadLetterOut]:
+    """Dead letters (deliveries that failed for good), by group and event type."""
     console = console_of(request)
     params.name("group", group)
     params.ident("type", type)
@@ -121,6 +125,7 @@ async def replay(request: Request, dead_letter_id: AnId, who: Operator) -> DeadL
 @router.post("/events", status_code=201, response_model=PublishOut, tags=["events"],
              summary="Publish an event")
 async def publish(request: Request, body: PublishIn, who: Operator) -> PublishOut:
+    """Publishes an event into the app (201); its correlation id defaults to its id."""
     console = console_of(request)
     app = await console.open()
     event = await app.publish(body.type, body.data, subject=body.subject,

@@ -84,39 +84,46 @@ async def _page(request: Request, title: str, heading: str, page: str, *, arg: s
 
 @router.get("/")
 async def overview(request: Request) -> Response:
+    """Runs by status, recent failures, stalls; Start."""
     return await _page(request, "Overview", "Overview", "overview", active="/")
 
 
 @router.get("/runs")
 async def runs(request: Request) -> Response:
+    """The runs table with filters."""
     return await _page(request, "Runs", "Runs", "runs", active="/runs")
 
 
 @router.get("/runs/{run_id}")
 async def run(request: Request, run_id: str) -> Response:
+    """One run: details, map, steps; Cancel."""
     params.required_ident("run_id", run_id)
     return await _page(request, f"Run {run_id}", "Run", "run", arg=run_id, active="/runs")
 
 
 @router.get("/trace/{correlation_id}")
 async def trace(request: Request, correlation_id: str) -> Response:
+    """A business transaction as a timeline."""
     params.required_ident("correlation_id", correlation_id)
     return await _page(request, "Trace", "Trace", "trace", arg=correlation_id)
 
 
 @router.get("/events")
 async def events(request: Request) -> Response:
+    """The choreography map; Publish."""
     return await _page(request, "Events", "Choreography map", "events", active="/events")
 
 
 @router.get("/dead-letters")
 async def dead_letters(request: Request) -> Response:
+    """Dead letters; Replay."""
     return await _page(request, "Dead letters", "Dead letters", "dead-letters",
                        active="/dead-letters")
 
 
 @router.get("/stalled")
 async def stalled(request: Request) -> Response:
+    """Stalled transactions."""
     return await _page(request, "Stalled", "Stalled transactions", "stalled",
                        active="/stalled")
 
@@ -162,12 +169,14 @@ def _login_form(next_path: str, error: str = "") -> str:
 
 @router.get("/login")
 async def login_page(request: Request) -> Response:
+    """The login form."""
     nxt = _safe_next(request.query_params.get("next"))
     return HTMLResponse(_login_form(nxt), headers={"Cache-Control": "no-store"})
 
 
 @router.post("/login")
 async def login(request: Request) -> Response:
+    """Checks the posted token, sets the session cookie and goes on to `next`."""
     raw = await request.body()
     if len(raw) > MAX_FORM:
         return HTMLResponse(_login_form("/", "That is too long to be a token."), 400)

@@ -62,6 +62,7 @@ async def audit(
 @router.get("/api/audit/verify", response_model=VerifyOut, tags=["admin"],
             summary="Verify the audit log's hash chain")
 async def verify(request: Request, _: Admin) -> VerifyOut:
+    """Recomputes the app's audit hash chain and names the first bad record."""
     console = console_of(request)
     store = await console.store()
     return verify_out(await store.verify_audit(console.app.name))
@@ -134,6 +135,7 @@ async def login(request: Request, body: SessionIn, response: Response) -> Sessio
 @router.get("/api/session", response_model=SessionOut, tags=["session"],
             summary="Who is logged in")
 async def session(request: Request, who: Viewer) -> SessionOut:
+    """The token's name and role, the app, the store (password masked)."""
     console = console_of(request)
     return SessionOut(name=who.name, role=str(who.role), app=console.app.name,
                       store=console.store_url)
@@ -142,6 +144,7 @@ async def session(request: Request, who: Viewer) -> SessionOut:
 @router.delete("/api/session", status_code=204, tags=["session"], summary="Log out",
                response_class=Response, responses={})
 async def logout(request: Request) -> Response:
+    """Clears the session cookie."""
     if request.cookies.get(SESSION_COOKIE) and request.headers.get(CSRF_HEADER) != "1":
         raise ApiError(403, "forbidden", f"logging out needs the {CSRF_HEADER} header")
     response = Response(status_code=204)

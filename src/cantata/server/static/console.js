@@ -157,10 +157,11 @@
     return h("tr", { "data-run-id": r.run_id },
       h("td", {}, runLink(r.run_id)), h("td", {}, r.workflow),
       h("td", { class: "status" }, badge(r.status)),
+      h("td", { class: "mono" }, r.idempotency_key || ""),
       h("td", {}, when(r.created_at)), h("td", {}, when(r.updated_at)),
       h("td", { class: "err" }, r.error || ""));
   }
-  const RUN_HEADERS = ["Run", "Workflow", "Status", "Created", "Updated", "Error"];
+  const RUN_HEADERS = ["Run", "Workflow", "Status", "Key", "Created", "Updated", "Error"];
 
   function stallRows(stalls) {
     return stalls.map((st) => h("tr", {},

@@ -122,7 +122,7 @@
 
   /* The choreography: layers from left to right by longest path from the sources. */
   function graph(container, map) {
-    const W = 200, H = 40, XGAP = 90, YGAP = 18, PAD = 20;
+    const W = 178, H = 40, XGAP = 54, YGAP = 16, PAD = 16;
     const incoming = {}, out = {};
     for (const n of map.nodes) { incoming[n.id] = []; out[n.id] = []; }
     for (const e of map.edges) {
@@ -174,7 +174,7 @@
     for (const n of map.nodes) {
       const p = pos[n.id];
       const word = n.kind === "event" ? "event" : n.kind === "workflow" ? "workflow" : "handler";
-      nodeBox(nodes, p.x, p.y, W, H, n, clip(n.name, 28), word);
+      nodeBox(nodes, p.x, p.y, W, H, n, clip(n.name, 25), word);
     }
     svg.append(edges, nodes);
     container.replaceChildren(svg);
