@@ -5,5 +5,6 @@ application. See docs/console.md.
 """
 
 from cantata.server.app import create_app
+from cantata.server.auth import create_token
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "create_token"]

@@ -178,9 +178,10 @@
     const o = await api("/api/overview");
     const cards = h("div", { class: "cards" }, STATUSES.map((st) =>
       h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
-        h("span", { class: "n" }, String(o.counts[st] || 0)), h("span", { class: "l" }, st))),
+        h("span", { class: "n" }, String(o.counts[st] || 0)),
+        h("span", { class: "l" }, st[0].toUpperCase() + st.slice(1)))),
       h("a", { class: "card s-dead", href: "/dead-letters" },
-        h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "dead letter(s)")));
+        h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "Dead-lettered")));
     const failures = h("section", { class: "panel" }, h("h2", {}, "Recent failures"),
       table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
     const stuck = h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"),
