@@ -21,7 +21,7 @@ from tests.server.shop import make_shop
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
 OPERATOR_BUTTONS = ("Cancel", "Replay", "Start", "Publish")
 
@@ -39,8 +39,10 @@ pytestmark = pytest.mark.slow
 async def seed(app: App) -> dict[str, Any]:
     tokens, names = await make_tokens(app)
     for i in range(4):
-        await (await app.start("place_order", {"id": f"A-{i}", "total": 20 + i})).result(10)
-    declined = await app.start("place_order", {"id": "B-7", "card": "declined", "note": XSS})
+        await (await app.start("place_order", {"id": f"A-{i}", "total": 20 + i},
+                               idempotency_key=f"order-A-{i}")).result(10)
+    declined = await app.start("place_order", {"id": "B-7", "card": "declined", "note": XSS},
+                               idempotency_key="order-B-7")
     with contextlib.suppress(Exception):  # it compensates: the point
         await declined.result(10)
     return {"tokens": tokens, "names": names, "declined": declined.run_id}
@@ -64,8 +66,9 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
-def login(browser: Browser, server: ServerThread, role: str) -> Page:
+def login(browser: Browser, server: ServerThread, role: str, img: Path) -> Page:
     page = browser.new_page(viewport={"width": 1360, "height": 860})
+    page.img = img  # type: ignore[attr-defined]
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -80,15 +83,25 @@ def login(browser: Browser, server: ServerThread, role: str) -> Page:
     return page
 
 
+@pytest.fixture(scope="module")
+def img(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: docs/img/ with CANTATA_SCREENSHOTS=1 (to refresh
+    docs/console.md), else a temporary folder (a test run leaves the checkout alone)."""
+    if os.environ.get("CANTATA_SCREENSHOTS") == "1":
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        return DOCS_IMG
+    return tmp_path_factory.mktemp("screenshots")
+
+
 def shot(page: Page, name: str) -> None:
-    IMG.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(IMG / name), full_page=True)
+    folder: Path = page.img  # type: ignore[attr-defined]
+    page.screenshot(path=str(folder / name), full_page=True)
 
 
 def test_find_a_compensated_order_and_its_compensation_on_the_map(
-    browser: Browser, server: ServerThread
+    browser: Browser, server: ServerThread, img: Path
 ) -> None:
-    page = login(browser, server, "operator")
+    page = login(browser, server, "operator", img)
     expect(page.locator(".card.s-compensated .n")).to_have_text("1")
     shot(page, "overview.png")
     page.get_by_role("link", name="Runs", exact=True).click()
@@ -125,11 +138,11 @@ def test_find_a_compensated_order_and_its_compensation_on_the_map(
 
 
 def test_replay_a_dead_letter_after_fixing_the_handler(
-    browser: Browser, server: ServerThread
+    browser: Browser, server: ServerThread, img: Path
 ) -> None:
     state = server.state  # type: ignore[attr-defined]
     state["emails_broken"] = True
-    page = login(browser, server, "operator")
+    page = login(browser, server, "operator", img)
     page.get_by_role("link", name="Dead letters").click()
     expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
     event = server.run(lambda: server.app.publish("order.placed", {"order_id": "E-1"},
@@ -151,9 +164,9 @@ def test_replay_a_dead_letter_after_fixing_the_handler(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
-def test_cancel_a_run(browser: Browser, server: ServerThread) -> None:
+def test_cancel_a_run(browser: Browser, server: ServerThread, img: Path) -> None:
     handle = server.run(lambda: server.app.start("await_approval", {"id": "C-1"}))
-    page = login(browser, server, "operator")
+    page = login(browser, server, "operator", img)
     page.goto(f"{server.url}/runs/{handle.run_id}")
     expect(page.get_by_role("heading", name="Run")).to_be_visible()
     wait = page.locator('svg.flow-map g.node[data-kind="wait"]')
@@ -167,11 +180,13 @@ def test_cancel_a_run(browser: Browser, server: ServerThread) -> None:
     assert page.errors == []  # type: ignore[attr-defined]
 
 
-def test_a_viewer_sees_no_operator_buttons(browser: Browser, server: ServerThread) -> None:
+def test_a_viewer_sees_no_operator_buttons(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
     live = server.run(lambda: server.app.start("await_approval", {"id": "V-1"}))
     server.state["emails_broken"] = True  # type: ignore[attr-defined]
     server.run(lambda: server.app.publish("order.placed", {"order_id": "V-1"}))
-    page = login(browser, server, "viewer")
+    page = login(browser, server, "viewer", img)
     for path, heading in [("/", "Overview"), (f"/runs/{live.run_id}", "Run"),
                           ("/dead-letters", "Dead letters"), ("/events", "Choreography map"),
                           ("/runs", "Runs"), ("/stalled", "Stalled transactions")]:
@@ -187,7 +202,7 @@ def test_a_viewer_sees_no_operator_buttons(browser: Browser, server: ServerThrea
     expect(page.locator("svg.event-map")).to_be_visible()
     shot(page, "events.png")
     # the operator sees them where they apply
-    op = login(browser, server, "operator")
+    op = login(browser, server, "operator", img)
     op.goto(f"{server.url}/runs/{live.run_id}")
     expect(op.get_by_role("button", name="Cancel")).to_be_visible()
     op.goto(f"{server.url}/")

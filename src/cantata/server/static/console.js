@@ -158,7 +158,7 @@
       h("td", {}, runLink(r.run_id)), h("td", {}, r.workflow),
       h("td", { class: "status" }, badge(r.status)),
       h("td", { class: "mono" }, r.idempotency_key || ""),
-      h("td", {}, when(r.created_at)), h("td", {}, when(r.updated_at)),
+      h("td", { class: "when" }, when(r.created_at)), h("td", { class: "when" }, when(r.updated_at)),
       h("td", { class: "err" }, r.error || ""));
   }
   const RUN_HEADERS = ["Run", "Workflow", "Status", "Key", "Created", "Updated", "Error"];
