@@ -153,7 +153,8 @@ class ServerThread:
                 if self.setup is not None:
                     self.result = await self.setup(self.app)
                 config = uvicorn.Config(self.app.asgi(stream_interval=0.05), host="127.0.0.1",
-                                        port=self.port, log_level="warning", lifespan="on")
+                                        port=self.port, log_level="warning", lifespan="on",
+                                        timeout_graceful_shutdown=1)
                 server = uvicorn.Server(config)
                 self._server = server
                 await server.serve()

@@ -89,8 +89,10 @@ def serve(
     shown = mask_url(spec) if isinstance(spec, str) else type(spec).__name__
     console.print(Text(f"cantata console of app {the_app.name} on http://{host}:{port}/ "
                        f"(store {shown}); create a token with `cantata token create`"))
+    # Open dashboards hold their event streams: stop waiting for them after a few seconds.
     config = uvicorn.Config(api, host=host, port=port, log_level="warning",
-                            server_header=False, proxy_headers=False)
+                            server_header=False, proxy_headers=False,
+                            timeout_graceful_shutdown=3)
     uvicorn.Server(config).run()
 
 
