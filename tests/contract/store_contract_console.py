@@ -14,6 +14,7 @@ from cantata.model import codec
 from cantata.model.access import Role, RunQuery, TokenRecord, hash_token, new_token
 from cantata.model.records import RunRecord, RunWrite
 from cantata.model.status import RunStatus
+from cantata.store.audit import AuditKey
 from cantata.store.base import Store
 from tests.contract.store_support import StoreFixtures, new_run
 
@@ -121,6 +122,15 @@ class ConsoleContract(StoreFixtures):
         assert json.loads(records[-1].data) == {"workflow": "wf"}
         assert (await store.verify_audit(self.app)).ok
         assert await store.audit_head_seq(self.app) == records[-1].seq == 2
+
+    async def test_operator_actions_keep_a_keyed_chain_verifiable(self, store: Store) -> None:
+        key = AuditKey("console-contract-key-0123456789")
+        store.set_audit_key(self.app, key)
+        run, _ = await store.create_run(new_run(self.app))
+        await store.record_action(self.app, "token:bob", "run.started", run.run_id, {})
+        await store.request_cancel(self.app, run.run_id, actor="token:bob")
+        assert (await store.verify_audit(self.app, key=key)).ok
+        assert not (await store.verify_audit(self.app, key=AuditKey("another-key-0123456789"))).ok
 
     async def test_tokens_keep_only_a_hash_and_can_be_revoked(self, store: Store) -> None:
         name = f"ops-{codec.new_id()[-8:]}"  # tokens are store-wide: a name of this test's own

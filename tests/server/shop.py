@@ -9,10 +9,12 @@ from typing import Any
 from cantata import App, Event, Retry
 
 
-def make_shop(store: str, *, name: str = "shop", state: dict[str, Any] | None = None) -> App:
+def make_shop(store: str, *, name: str = "shop", state: dict[str, Any] | None = None,
+              audit_key: str | None = None) -> App:
     """A shop app on ``store``; ``state["emails_broken"]`` makes the email handler fail."""
     flags = state if state is not None else {"emails_broken": False}
-    app = App(name, store=store, broker="embedded", poll_interval=0.05, lease=5.0)
+    app = App(name, store=store, broker="embedded", poll_interval=0.05, lease=5.0,
+              audit_key=audit_key)
 
     @app.step
     async def reserve(order: dict[str, Any]) -> dict[str, Any]:

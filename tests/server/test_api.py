@@ -273,3 +273,22 @@ async def test_the_console_works_from_the_store_alone(shop: Shop, store_url: str
         assert (await client.get("/api/workflows", headers=h)).json() == [
             "await_approval", "place_order"]
     await bare.close()
+
+
+async def test_a_keyed_audit_chain_verifies_with_the_apps_key(store_url: str) -> None:
+    import httpx
+
+    from tests.server.conftest import make_tokens
+    from tests.server.shop import make_shop
+
+    app = make_shop(store_url, audit_key="console-test-audit-key-0123456789")
+    async with app:
+        tokens, _ = await make_tokens(app)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.asgi()),
+                                     base_url="http://c") as c:
+            h = {"Authorization": f"Bearer {tokens['admin']}"}
+            r = await c.post("/api/workflows/place_order/runs", headers=h,
+                             json={"input": {"id": "K-1"}})
+            assert r.status_code == 201
+            report = (await c.get("/api/audit/verify", headers=h)).json()
+    assert report["ok"] is True, report

@@ -64,8 +64,9 @@ async def audit(
 async def verify(request: Request, _: Admin) -> VerifyOut:
     """Recomputes the app's audit hash chain and names the first bad record."""
     console = console_of(request)
-    store = await console.store()
-    return verify_out(await store.verify_audit(console.app.name))
+    app = await console.open()
+    # a keyed chain (App(audit_key=...) or $CANTATA_AUDIT_KEY) is verified with its key
+    return verify_out(await app.store.verify_audit(app.name, key=app.audit_key))
 
 
 @router.get("/api/stream", tags=["observe"], summary="Live changes (server-sent events)",

@@ -554,7 +554,8 @@ class PostgresStore:
         self, app: str, actor: str, action: str, target: str, data: dict[str, Any]
     ) -> None:
         async with self._db.tx() as c:
-            await console.record_action(c, app, actor, action, target, data)
+            await console.record_action(c, app, actor, action, target, data,
+                                        self._w.audit_keys.get(app))
 
     async def audit_head_seq(self, app: str) -> int:
         async with self._db.conn() as c:

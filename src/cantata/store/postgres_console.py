@@ -8,6 +8,7 @@ from typing import Any
 from cantata.errors import TokenExists
 from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.records import RunRecord
+from cantata.store.audit import AuditKey
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
 from cantata.store.postgres_ops import RUN_COLS, audit_append, run_row
 from cantata.store.postgres_pool import Conn
@@ -65,6 +66,7 @@ async def revoke_token(c: Conn, name: str, now: float) -> bool:
 
 
 async def record_action(
-    c: Conn, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+    c: Conn, app: str, actor: str, action: str, target: str, data: dict[str, Any],
+    key: AuditKey | None = None,
 ) -> None:
-    await audit_append(c, app, (actor, action, target, data))
+    await audit_append(c, app, (actor, action, target, data), key)
