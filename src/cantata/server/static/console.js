@@ -48,14 +48,16 @@
   }
 
   const badge = (status) => h("span", { class: "badge s-" + String(status || "none").replace(/[^a-z_]/g, "_") }, String(status || "—").replace(/_/g, " "));
-  const runLink = (id) => h("a", { href: "/runs/" + encodeURIComponent(id), class: "mono" }, short(id));
-  const traceLink = (id, text) => h("a", { href: "/trace/" + encodeURIComponent(id), class: "mono" }, text || short(id));
-  function short(id) { id = String(id); return id.length > 14 ? "…" + id.slice(-12) : id; }
+  // Ids are shown whole: operators copy them into the CLI and into tickets.
+  const runLink = (id) => h("a", { href: "/runs/" + encodeURIComponent(id), class: "mono" }, String(id));
+  const traceLink = (id, text) => h("a", { href: "/trace/" + encodeURIComponent(id), class: "mono" }, text || String(id));
   function when(iso) {
     if (!iso) return "—";
     const d = new Date(iso);
-    return d.toLocaleString(undefined, { year: "numeric", month: "short", day: "2-digit",
-      hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    const opts = { month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit",
+                   second: "2-digit", hourCycle: "h23" };
+    if (d.getFullYear() !== new Date().getFullYear()) opts.year = "numeric";
+    return d.toLocaleString(undefined, opts);
   }
   function ago(iso) {
     const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
