@@ -355,6 +355,18 @@ class App(Router):
         )
         return RunHandle(engine, run.run_id, name)
 
+    def asgi(self, *, stream_interval: float = 0.5) -> Any:
+        """The operator console (HTTP API and dashboard) as an ASGI application, to mount
+        in your own (docs/console.md). It opens this app as a client on first use.
+
+        Args:
+            stream_interval: seconds between looks for changes made by other processes
+                (the dashboard's live updates).
+        """
+        from cantata.server.app import create_app
+
+        return create_app(self, stream_interval=stream_interval)
+
     def get_handle(self, run_id: str) -> RunHandle:
         """A handle on an existing run (from any process sharing the store)."""
         return RunHandle(self.engine, run_id)

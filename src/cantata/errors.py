@@ -118,6 +118,18 @@ class DeadLetterNotFound(CantataError):
     code = "dead_letter_not_found"
 
 
+class TokenExists(ConfigurationError):
+    """An active API token already has that name (revoke it first)."""
+
+    code = "token_exists"
+
+
+class TokenNotFound(CantataError):
+    """No active API token has that name."""
+
+    code = "token_not_found"
+
+
 # -- backends -----------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, Settlement, Store
 from tests.contract.store_contract_audit import AuditContract
+from tests.contract.store_contract_console import ConsoleContract
 from tests.contract.store_contract_events import EventsContract
 from tests.contract.store_contract_outbox import OutboxContract
 from tests.contract.store_contract_tasks import TasksContract
@@ -42,7 +43,12 @@ from tests.contract.store_support import entry, ev, eventually, json_values, new
 
 
 class StoreContract(
-    EventsContract, TasksContract, AuditContract, OutboxContract, WorkflowApiContract
+    EventsContract,
+    TasksContract,
+    AuditContract,
+    OutboxContract,
+    WorkflowApiContract,
+    ConsoleContract,
 ):
     """Behaviour every store backend must have.
 

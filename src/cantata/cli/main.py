@@ -11,7 +11,7 @@ import typer
 from cantata.errors import CantataError
 from cantata.model import secrets
 
-from . import audit, bench, compare, demo, events, observe, replay, runs, worker
+from . import audit, bench, compare, demo, events, observe, replay, runs, serve, worker
 
 cli = typer.Typer(
     name="cantata",
@@ -29,6 +29,7 @@ observe.register(cli)
 audit.register(cli)
 bench.register(cli)
 compare.register(cli)
+serve.register(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

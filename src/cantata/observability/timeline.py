@@ -341,3 +341,15 @@ def render_timeline(root: TraceNode, *, now: float | None = None) -> RenderableT
     """
     r = _Renderer(root, time.time() if now is None else now)
     return Group(r.tree(), Text(""), r.standing())
+
+
+def where_it_stands(root: TraceNode, *, now: float | None = None) -> str:
+    """One line: where the transaction stands (its outcome, or its oldest open item)."""
+    r = _Renderer(root, time.time() if now is None else now)
+    stalls = stalls_of(root, 0.0, r.now.timestamp())
+    if not stalls or (root.kind == RUN and not root.is_open):
+        return r.outcome().plain.removeprefix("where it stands: ")
+    state = "in progress" if r.moving(stalls) else "stalled"
+    first = min(stalls, key=lambda s: s.since)
+    detail = r.describe(first).plain.strip().split("\n")[0]
+    return f"{state}, {count(len(stalls))} item(s) not done; {detail}"

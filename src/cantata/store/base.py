@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.event import Event
 from cantata.model.records import (
     Attempt,
@@ -440,3 +441,37 @@ class Store(Protocol):
         Live work: live runs, flagged runs, pending or dead deliveries, pending tasks
         (a service whose workers are down leaves its tasks pending).
         """
+
+    # -- the console (docs/console.md) ------------------------------------------------------
+
+    async def query_runs(self, app: str, query: RunQuery) -> list[RunRecord]:
+        """One page of runs matching ``query``, newest first: ordered by ``created_at``
+        then ``run_id``, both descending, starting after ``query.after``."""
+
+    async def count_runs(self, app: str) -> dict[str, int]:
+        """How many runs of ``app`` have each status (statuses with none are absent)."""
+
+    async def record_action(
+        self, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+    ) -> None:
+        """Append an operator action (``actor`` did ``action`` to ``target``) to the audit log."""
+
+    async def audit_head_seq(self, app: str) -> int:
+        """The ``seq`` of ``app``'s last audit record (0 for none): where a change feed
+        that follows the audit log starts."""
+
+    async def create_token(self, token: TokenRecord) -> None:
+        """Store an API token (its hash), replacing a revoked token of the same name.
+
+        Raises:
+            TokenExists: an active token has that name.
+        """
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        """The token (active or revoked) whose secret hashes to ``token_hash``."""
+
+    async def tokens(self) -> list[TokenRecord]:
+        """Every token, active and revoked, by name."""
+
+    async def revoke_token(self, name: str, now: float) -> bool:
+        """Revoke the active token ``name``; ``False`` when there is none."""

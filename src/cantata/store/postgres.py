@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
+from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
     Attempt,
@@ -42,6 +43,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store import audit
+from cantata.store import postgres_console as console
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
 from cantata.store.base import (
@@ -537,3 +539,41 @@ class PostgresStore:
     ) -> list[str]:
         async with self._db.conn() as c:
             return await ops.stale_correlations(c, app, older_than, limit)
+
+    # -- the console ----------------------------------------------------------------------
+
+    async def query_runs(self, app: str, query: RunQuery) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            return await console.query_runs(c, app, query)
+
+    async def count_runs(self, app: str) -> dict[str, int]:
+        async with self._db.conn() as c:
+            return await console.count_runs(c, app)
+
+    async def record_action(
+        self, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+    ) -> None:
+        async with self._db.tx() as c:
+            await console.record_action(c, app, actor, action, target, data,
+                                        self._w.audit_keys.get(app))
+
+    async def audit_head_seq(self, app: str) -> int:
+        async with self._db.conn() as c:
+            head = await ops.audit_head(c, app)
+        return 0 if head is None else head[0]
+
+    async def create_token(self, token: TokenRecord) -> None:
+        async with self._db.tx() as c:
+            await console.create_token(c, token)
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        async with self._db.conn() as c:
+            return await console.token_by_hash(c, token_hash)
+
+    async def tokens(self) -> list[TokenRecord]:
+        async with self._db.conn() as c:
+            return await console.tokens(c)
+
+    async def revoke_token(self, name: str, now: float) -> bool:
+        async with self._db.tx() as c:
+            return await console.revoke_token(c, name, now)

@@ -18,6 +18,7 @@ from cantata.errors import (
     StoreUnavailable,
 )
 from cantata.model import codec
+from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
     DELIVERY_PENDING,
@@ -36,6 +37,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store import audit
+from cantata.store import sqlite_console as console
 from cantata.store import sqlite_ops as ops
 from cantata.store.base import (
     CANCEL,
@@ -797,3 +799,32 @@ class SQLiteStore:
         self, app: str, *, older_than: float, limit: int
     ) -> list[str]:
         return await self._t.read(lambda c: ops.stale_correlations(c, app, older_than, limit))
+
+    # -- the console ----------------------------------------------------------------------
+
+    async def query_runs(self, app: str, query: RunQuery) -> list[RunRecord]:
+        return await self._t.read(lambda c: console.query_runs(c, app, query))
+
+    async def count_runs(self, app: str) -> dict[str, int]:
+        return await self._t.read(lambda c: console.count_runs(c, app))
+
+    async def record_action(
+        self, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+    ) -> None:
+        await self._t.write(lambda c: console.record_action(c, app, actor, action, target, data))
+
+    async def audit_head_seq(self, app: str) -> int:
+        head = await self._t.read(lambda c: ops.audit_head(c, app))
+        return 0 if head is None else head[0]
+
+    async def create_token(self, token: TokenRecord) -> None:
+        await self._t.write(lambda c: console.create_token(c, token))
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        return await self._t.read(lambda c: console.token_by_hash(c, token_hash))
+
+    async def tokens(self) -> list[TokenRecord]:
+        return await self._t.read(console.tokens)
+
+    async def revoke_token(self, name: str, now: float) -> bool:
+        return await self._t.write(lambda c: console.revoke_token(c, name, now))

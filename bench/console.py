@@ -1,0 +1,414 @@
+"""``python -m bench.console``: the console's latency on a big store, and its SSE fan-out.
+
+    python -m bench.console [--runs 1000000] [--store sqlite|postgres|both]
+                            [--requests 300] [--sse 100,500,1000,2000] [--reuse]
+
+Builds a store of ``--runs`` runs with SQL (bulk inserts / COPY, not ``app.start``):
+five workflows, 90 % completed, 5 % compensated, 3 % failed, 2 % running, spread over 30
+days, one run in ten with a 3-step history and attempts. Then serves it with
+``cantata serve`` (a separate process) and measures, over HTTP with a bearer token, the
+p50/p99 of pages of runs (first page, deep pages by cursor, each filter) and of the run
+detail; prints the query plans the pages use; and counts how many server-sent-event
+clients one server feeds with every change arriving within 2 s. Reports; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cantata.model.access import Role, RunQuery
+from cantata.server.auth import create_token
+from cantata.store.factory import store_from_url
+
+APP = "bench"
+WORKFLOWS = ["place_order", "refund_order", "ship_order", "sync_stock", "send_invoice"]
+DAYS = 30
+PG = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(n: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
+    """``runs`` rows in creation order (ids begin with their time, as real ids do)."""
+    rnd = random.Random(seed)
+    start = time.time() - DAYS * 86400
+    step = DAYS * 86400 / n
+    for i in range(n):
+        at = start + i * step
+        ms = int(at * 1000)
+        run_id = f"{(ms & 0xFFFF_FFFF_FFFF) << 80 | rnd.getrandbits(80):032x}"
+        r = rnd.random()
+        status = ("completed" if r < 0.90 else "compensated" if r < 0.95
+                  else "failed" if r < 0.98 else "running")
+        error = None if status in ("completed", "running") else "ValueError: card declined"
+        result = '{"status": "shipped"}' if status == "completed" else None
+        key = f"order-{i}" if i % 2 == 0 else None
+        yield (APP, run_id, WORKFLOWS[i % len(WORKFLOWS)], status, f'[{{"id": {i}}}]', result,
+               error, key, None, run_id if i % 5 else f"corr-{i // 5}", None, None, None, at,
+               at + 1.5, None, False, None, 0, False)
+
+
+def history_of(run: tuple[Any, ...]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    run_id, at = run[1], run[13]
+    entries, attempts = [], []
+    for seq, name in enumerate(("reserve", "charge", "ship"), 1):
+        key = f"{name}#1"
+        entries.append((APP, run_id, key, seq, "step", name, "completed", '{"ok": true}', None,
+                        None, 1, at + seq * 0.1, at + seq * 0.1 + 0.05, None, None))
+        attempts.append((APP, run_id, key, 1, at + seq * 0.1, at + seq * 0.1 + 0.05, None, None))
+    return entries, attempts
+
+
+RUN_MARKS = ",".join("?" * 20)
+
+
+async def build_sqlite(path: Path, n: int) -> str:
+    url = f"sqlite:///{path}"
+    store = store_from_url(url)
+    await store.open()  # creates and migrates
+    await store.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("BEGIN")
+    batch: list[tuple[Any, ...]] = []
+    hist: list[tuple[Any, ...]] = []
+    atts: list[tuple[Any, ...]] = []
+    for i, row in enumerate(rows(n)):
+        batch.append(row)
+        if i % 10 == 0:
+            e, a = history_of(row)
+            hist += e
+            atts += a
+        if len(batch) == 50_000:
+            _flush_sqlite(conn, batch, hist, atts)
+    _flush_sqlite(conn, batch, hist, atts)
+    conn.execute("COMMIT")
+    conn.close()
+    return url
+
+
+def _flush_sqlite(conn: sqlite3.Connection, batch: list[Any], hist: list[Any],
+                  atts: list[Any]) -> None:
+    conn.executemany(f"INSERT INTO runs VALUES ({RUN_MARKS})", batch)
+    conn.executemany(f"INSERT INTO history VALUES ({','.join('?' * 15)})", hist)
+    conn.executemany(f"INSERT INTO attempts VALUES ({','.join('?' * 8)})", atts)
+    batch.clear()
+    hist.clear()
+    atts.clear()
+
+
+async def build_postgres(n: int) -> str:
+    import asyncpg
+
+    schema = "bench_console"
+    admin = await asyncpg.connect(PG)
+    await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    await admin.close()
+    url = f"{PG}{'&' if '?' in PG else '?'}schema={schema}"
+    store = store_from_url(url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(PG, server_settings={"search_path": schema})
+    try:
+        batch: list[tuple[Any, ...]] = []
+        hist: list[tuple[Any, ...]] = []
+        atts: list[tuple[Any, ...]] = []
+        for i, row in enumerate(rows(n)):
+            batch.append(row)
+            if i % 10 == 0:
+                e, a = history_of(row)
+                hist += e
+                atts += a
+            if len(batch) == 100_000:
+                await _copy(conn, batch, hist, atts)
+        await _copy(conn, batch, hist, atts)
+        await conn.execute("ANALYZE runs; ANALYZE history; ANALYZE attempts")
+    finally:
+        await conn.close()
+    return url
+
+
+async def _copy(conn: Any, batch: list[Any], hist: list[Any], atts: list[Any]) -> None:
+    await conn.copy_records_to_table("runs", records=batch)
+    await conn.copy_records_to_table("history", records=hist)
+    await conn.copy_records_to_table("attempts", records=atts)
+    batch.clear()
+    hist.clear()
+    atts.clear()
+
+
+# -- plans ------------------------------------------------------------------------------------
+
+QUERIES = {
+    "first page": RunQuery(limit=51),
+    "deep page": RunQuery(after=(time.time() - 15 * 86400, "f" * 32), limit=51),
+    "status=failed": RunQuery(status=None, limit=51),
+    "workflow": RunQuery(workflow="ship_order", limit=51),
+    "idempotency_key": RunQuery(idempotency_key="order-500000", limit=51),
+    "correlation_id": RunQuery(correlation_id="corr-12345", limit=51),
+}
+
+
+def sqlite_plans(path: Path) -> dict[str, str]:
+    from cantata.model.status import RunStatus
+    from cantata.store.sqlite_console import runs_sql
+
+    conn = sqlite3.connect(path)
+    out = {}
+    for label, q in QUERIES.items():
+        if label == "status=failed":
+            q = RunQuery(status=RunStatus.FAILED, limit=51)
+        sql, params = runs_sql(APP, q)
+        plan = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+        out[label] = "; ".join(str(r[-1]) for r in plan)
+    conn.close()
+    return out
+
+
+async def postgres_plans(url: str) -> dict[str, str]:
+    import asyncpg
+
+    from cantata.model.status import RunStatus
+    from cantata.store.postgres_console import runs_sql
+
+    conn = await asyncpg.connect(PG, server_settings={"search_path": "bench_console"})
+    out = {}
+    try:
+        for label, q in QUERIES.items():
+            if label == "status=failed":
+                q = RunQuery(status=RunStatus.FAILED, limit=51)
+            sql, params = runs_sql(APP, q)
+            plan = await conn.fetch("EXPLAIN " + sql, *params)
+            out[label] = " / ".join(r[0].strip() for r in plan[:3])
+    finally:
+        await conn.close()
+    return out
+
+
+# -- the server and its clients -----------------------------------------------------------------
+
+
+class Served:
+    """``cantata serve`` on the store, in its own process."""
+
+    def __init__(self, url: str) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = url
+
+    def __enter__(self) -> Served:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cantata", "serve", "--store", self.url, "--app", APP,
+             "--port", str(self.port), "--stream-interval", "0.2"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300  # a loaded machine, a big store to open
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(f"{self.base}/api/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.proc.terminate()
+        _, err = self.proc.communicate(30)
+        raise RuntimeError(f"cantata serve did not start: {err[-2000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def measure(client: httpx.Client, paths: list[str]) -> tuple[float, float]:
+    took = []
+    for path in paths:
+        t = time.perf_counter()
+        r = client.get(path)
+        took.append((time.perf_counter() - t) * 1000)
+        assert r.status_code == 200, (path, r.status_code, r.text[:200])
+    return percentile(took, 50), percentile(took, 99)
+
+
+def latencies(base: str, token: str, n: int, sample_ids: list[str]) -> dict[str, tuple[float,
+                                                                                      float]]:
+    h = {"Authorization": f"Bearer {token}"}
+    out: dict[str, tuple[float, float]] = {}
+    with httpx.Client(base_url=base, headers=h, timeout=30) as c:
+        for _ in range(20):  # warm up connections and caches
+            c.get("/api/runs")
+        out["first page (50)"] = measure(c, ["/api/runs?limit=50"] * n)
+        cursors: list[str] = []
+        page = c.get("/api/runs?limit=50").json()
+        while len(cursors) < n and page["next_cursor"]:
+            cursors.append(page["next_cursor"])
+            page = c.get(f"/api/runs?limit=50&cursor={page['next_cursor']}").json()
+        out["next pages by cursor"] = measure(c, [f"/api/runs?limit=50&cursor={x}"
+                                                  for x in cursors])
+        deep = c.get(f"/api/runs?limit=50&until={time.time() - 15 * 86400}").json()
+        out["page 15 days back (until=)"] = measure(
+            c, [f"/api/runs?limit=50&until={time.time() - 15 * 86400}"] * n)
+        cursor = deep["next_cursor"]
+        out["deep page by cursor"] = measure(c, [f"/api/runs?limit=50&cursor={cursor}"] * n)
+        out["status=failed"] = measure(c, ["/api/runs?limit=50&status=failed"] * n)
+        out["workflow=ship_order"] = measure(c, ["/api/runs?limit=50&workflow=ship_order"] * n)
+        out["workflow+status=compensated"] = measure(
+            c, ["/api/runs?limit=50&workflow=ship_order&status=compensated"] * n)
+        out["idempotency_key"] = measure(
+            c, [f"/api/runs?idempotency_key=order-{2 * random.randrange(400_000)}"
+                for _ in range(n)])
+        out["correlation_id"] = measure(
+            c, [f"/api/runs?correlation_id=corr-{random.randrange(150_000)}" for _ in range(n)])
+        out["run detail"] = measure(c, [f"/api/runs/{random.choice(sample_ids)}"
+                                        for _ in range(n)])
+    return out
+
+
+async def sse_capacity(url: str, base: str, token: str, sizes: list[int]) -> list[str]:
+    """For each client count: do all clients get 20 changes, each within 2 s?"""
+    store = store_from_url(url)
+    await store.open()
+    lines = []
+    try:
+        for size in sizes:
+            got: list[list[float]] = [[] for _ in range(size)]
+            ready = [asyncio.Event() for _ in range(size)]
+            limits = httpx.Limits(max_connections=size + 10, max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+
+                async def listen(i: int, ready: list[asyncio.Event] = ready,
+                                 got: list[list[float]] = got) -> None:
+                    h = {"Authorization": f"Bearer {token}"}
+                    async with client.stream("GET", f"{base}/api/stream", headers=h) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith(": connected"):
+                                ready[i].set()
+                            elif line.startswith("data: "):
+                                got[i].append(time.monotonic())
+
+                tasks = [asyncio.create_task(listen(i)) for i in range(size)]
+                try:
+                    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 120)
+                except TimeoutError:
+                    lines.append(f"{size} clients: could not all connect within 120 s")
+                    for t in tasks:
+                        t.cancel()
+                    break
+                sent = []
+                for k in range(20):
+                    sent.append(time.monotonic())
+                    await store.record_action(APP, "bench", "run.status", f"run-{k}",
+                                              {"status": "running"})
+                    await asyncio.sleep(0.1)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and min(len(g) for g in got) < 20:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                lags = [g[k] - sent[k] for g in got for k in range(min(len(g), 20))]
+                complete = sum(1 for g in got if len(g) >= 20)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            p99 = percentile(lags, 99) if lags else float("nan")
+            ok = complete == size and p99 < 2.0
+            lines.append(f"{size} clients: {complete}/{size} got all 20 changes, lag p50 "
+                         f"{statistics.median(lags) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
+                         f" -> {'fed' if ok else 'NOT fed'}")
+            if not ok:
+                break
+    finally:
+        await store.close()
+    return lines
+
+
+async def existing(url: str, n: int) -> bool:
+    """True when the store at ``url`` already holds the ``n`` runs of a previous build."""
+    store = store_from_url(url)
+    try:
+        await store.open()
+    except Exception:
+        return False
+    try:
+        return sum((await store.count_runs(APP)).values()) == n
+    finally:
+        await store.close()
+
+
+async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path,
+              reuse: bool) -> None:
+    t = time.perf_counter()
+    if kind == "sqlite":
+        path = workdir / "console-bench.db"
+        url = f"sqlite:///{path}"
+        if not (reuse and path.exists() and await existing(url, n)):
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240
+            url = await build_sqlite(path, n)
+        plans = sqlite_plans(path)
+    else:
+        url = f"{PG}{'&' if '?' in PG else '?'}schema=bench_console"
+        if not (reuse and await existing(url, n)):
+            url = await build_postgres(n)
+        plans = await postgres_plans(url)
+    built = time.perf_counter() - t
+    store = store_from_url(url)
+    await store.open()
+    token = await create_token(store, f"bench-{int(time.time())}", Role.ADMIN)
+    sample = [r.run_id for r in await store.query_runs(APP, RunQuery(limit=500))]
+    await store.close()
+    print(f"\n## {kind}: {n:,} runs (built in {built:.0f} s)\n")
+    print("query plans:")
+    for label, plan in plans.items():
+        print(f"  {label:16} {plan}")
+    with Served(url) as served:
+        results = await asyncio.to_thread(latencies, served.base, token, requests, sample)
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"\nlatency over HTTP ({requests} requests each; target p50 < 20 ms, p99 < 100 ms;"
+              f" load average before: {load} on {os.cpu_count()} cores):")
+        print("| request | p50 ms | p99 ms |\n|---|---:|---:|")
+        for label, (p50, p99) in results.items():
+            print(f"| {label} | {p50:.1f} | {p99:.1f} |")
+        if sse:
+            print("\nserver-sent events (one server, 20 changes 100 ms apart):")
+            for line in await sse_capacity(url, served.base, token, sse):
+                print(f"  {line}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=1_000_000)
+    parser.add_argument("--store", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--sse", default="100,500,1000,2000",
+                        help="client counts to try, comma-separated ('' to skip)")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a store of the same size built by an earlier run")
+    args = parser.parse_args()
+    sse = [int(x) for x in args.sse.split(",") if x.strip()]
+    kinds = ["sqlite", "postgres"] if args.store == "both" else [args.store]
+    for kind in kinds:
+        asyncio.run(one(kind, args.runs, args.requests, sse, args.dir, args.reuse))
+
+
+if __name__ == "__main__":
+    main()

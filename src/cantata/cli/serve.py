@@ -1,0 +1,199 @@
+"""``cantata serve`` (the operator console) and ``cantata token create|list|revoke``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from cantata.app import DEFAULT_STORE, App
+from cantata.errors import ConfigurationError, TokenNotFound
+from cantata.model.access import Role, TokenRecord
+from cantata.store.base import Store
+from cantata.store.factory import mask_url, store_from_url
+
+from .common import console, err_console, load_app, run
+
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
+
+StoreOpt = Annotated[
+    str | None, typer.Option("--store", help="Store URL (default: $CANTATA_STORE).")
+]
+token_cli = typer.Typer(help="API tokens of the console (cantata serve).",
+                        no_args_is_help=True)
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("serve")(serve)
+    cli.add_typer(token_cli, name="token")
+
+
+def _serve_app(spec: str | None, app_name: str | None, store: str | None) -> App:
+    """The app to serve: its code (``module:attribute``) or just its name and store."""
+    spec = spec or app_name or os.environ.get("CANTATA_APP")
+    if spec and ":" in spec:
+        loaded = load_app(spec)
+        if store:
+            loaded.configure(store=store)
+        return loaded
+    url = store or os.environ.get("CANTATA_STORE", DEFAULT_STORE)
+    if spec:
+        return App(spec, store=url)
+    names = run(lambda: _apps(url))
+    if len(names) == 1:
+        return App(names[0], store=url)
+    found = f"it holds {', '.join(names)}" if names else "it holds no app yet"
+    raise ConfigurationError(
+        f"which app? pass module:attribute or --app NAME ({found} in {mask_url(url)})"
+    )
+
+
+async def _apps(url: str) -> list[str]:
+    store = store_from_url(url)
+    await store.open()
+    try:
+        return await store.apps()
+    finally:
+        await store.close()
+
+
+def serve(
+    app: Annotated[
+        str | None, typer.Argument(help="The app as module:attribute (optional: --app NAME "
+                                        "serves it from the store alone).")
+    ] = None,
+    store: StoreOpt = None,
+    app_name: Annotated[
+        str | None, typer.Option("--app", help="App name (default: $CANTATA_APP, or the "
+                                               "store's only app).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+    stream_interval: Annotated[
+        float, typer.Option("--stream-interval", min=0.05, max=60,
+                            help="Seconds between looks for other processes' changes.")
+    ] = 0.5,
+) -> None:
+    """Serve the HTTP API and the dashboard of one app (needs only its store)."""
+    import uvicorn
+
+    the_app = _serve_app(app, app_name, store)
+    api = the_app.asgi(stream_interval=stream_interval)
+    spec = the_app._store_spec
+    shown = mask_url(spec) if isinstance(spec, str) else type(spec).__name__
+    console.print(Text(f"cantata console of app {the_app.name} on http://{host}:{port}/ "
+                       f"(store {shown}); create a token with `cantata token create`"))
+    # Open dashboards hold their event streams: stop waiting for them after a few seconds.
+    config = uvicorn.Config(api, host=host, port=port, log_level="warning",
+                            server_header=False, proxy_headers=False,
+                            timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run()
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+def _token_store(store: str | None, app: str | None) -> Store:
+    if store:
+        return store_from_url(store)
+    if app and ":" in app:
+        spec = load_app(app)._store_spec
+        if not isinstance(spec, str):
+            return spec
+        return store_from_url(spec)
+    return store_from_url(os.environ.get("CANTATA_STORE", DEFAULT_STORE))
+
+
+AppOpt = Annotated[
+    str | None, typer.Option("--app", help="module:attribute whose store to use (tokens "
+                                           "belong to the store: they open each of its apps).")
+]
+
+
+@token_cli.command("create")
+def token_create(
+    name: Annotated[str, typer.Option("--name", help="Who or what uses it (audited as "
+                                                     "token:NAME).")],
+    role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")],
+    store: StoreOpt = None,
+    app: AppOpt = None,
+) -> None:
+    """Create a token and print it once (the store keeps only its hash)."""
+    from cantata.server.auth import create_token
+
+    if not _TOKEN_NAME.match(name):
+        raise ConfigurationError(
+            f"token name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '@' or '-'")
+    try:
+        the_role = Role(role)
+    except ValueError:
+        raise ConfigurationError(
+            f"role {role!r} is unknown: use {', '.join(r.value for r in Role)}") from None
+    the_store = _token_store(store, app)
+
+    async def go() -> str:
+        await the_store.open()
+        try:
+            return await create_token(the_store, name, the_role)
+        finally:
+            await the_store.close()
+
+    secret = run(go)
+    sys.stdout.write(secret + "\n")
+    err_console.print(Text(f"token {name} ({the_role}) created; it is shown this once, keep it "
+                           "in a secret store"))
+
+
+@token_cli.command("list")
+def token_list(store: StoreOpt = None, app: AppOpt = None) -> None:
+    """List tokens: name, role, created, revoked (never the tokens themselves)."""
+    the_store = _token_store(store, app)
+
+    async def go() -> list[TokenRecord]:
+        await the_store.open()
+        try:
+            return await the_store.tokens()
+        finally:
+            await the_store.close()
+
+    tokens = run(go)
+    table = Table(title="API tokens")
+    for col in ("name", "role", "created", "status"):
+        table.add_column(col)
+
+    def when(ts: float) -> str:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    for t in tokens:
+        status = "active" if t.revoked_at is None else f"revoked {when(t.revoked_at)}"
+        table.add_row(Text(t.name), str(t.role), when(t.created_at), status)
+    console.print(table)
+
+
+@token_cli.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.")],
+    store: StoreOpt = None,
+    app: AppOpt = None,
+) -> None:
+    """Revoke a token: requests carrying it get 401 from now on."""
+    import time
+
+    the_store = _token_store(store, app)
+
+    async def go() -> bool:
+        await the_store.open()
+        try:
+            return await the_store.revoke_token(name, time.time())
+        finally:
+            await the_store.close()
+
+    if not run(go):
+        raise TokenNotFound(f"no active token named {name!r} (see `cantata token list`)")
+    console.print(Text(f"token {name} revoked"))

@@ -1,0 +1,66 @@
+"""FastAPI dependencies: the caller with the role a route needs."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from cantata.model.access import Role
+from cantata.server.auth import Principal
+from cantata.server.models import ErrorOut
+from cantata.server.state import console_of
+
+# Declares the scheme in the OpenAPI document; the check itself is the console's.
+bearer = HTTPBearer(auto_error=False, description="A token from `cantata token create`.")
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in (
+        (400, "Malformed input (the error names the field)"),
+        (401, "No, unknown or revoked token"),
+        (403, "The token's role is too low"),
+        (404, "Not found"),
+        (409, "Conflict"),
+        (503, "The store cannot be reached"),
+    )
+}
+
+
+def needs(role: Role) -> Callable[..., Awaitable[Principal]]:
+    """The caller, if their token's role is at least ``role`` (401/403 otherwise)."""
+
+    async def dependency(
+        request: Request,
+        _: HTTPAuthorizationCredentials | None = Security(bearer),
+    ) -> Principal:
+        return await console_of(request).principal(request, role)
+
+    return dependency
+
+
+viewer = needs(Role.VIEWER)
+operator = needs(Role.OPERATOR)
+admin = needs(Role.ADMIN)
+
+
+def route_role(request: Request) -> Role | None:
+    """The role the matched route needs (``None``: the route is open to anyone)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    for dep in getattr(dependant, "dependencies", ()):
+        role = _ROLES.get(dep.call)
+        if role is not None:
+            return role
+    return None
+
+
+_ROLES = {viewer: Role.VIEWER, operator: Role.OPERATOR, admin: Role.ADMIN}
+
+
+async def gate(request: Request) -> None:
+    """401/403 for a caller the matched route would refuse (see ``errors.install``)."""
+    role = route_role(request)
+    if role is not None:
+        await console_of(request).principal(request, role)

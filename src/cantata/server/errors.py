@@ -1,0 +1,124 @@
+"""The API's one error shape, ``{"error": {"code", "message", "field"}}``, and the map
+from Cantata's errors to HTTP statuses. No stack trace ever reaches a client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cantata.errors import CantataError
+
+log = logging.getLogger("cantata.server")
+
+# Status of each Cantata error code met by the API (the rest are 400: bad input).
+_STATUS = {
+    "run_not_found": 404,
+    "dead_letter_not_found": 404,
+    "unknown_workflow": 404,
+    "trace_not_found": 404,
+    "graph_unavailable": 404,
+    "token_not_found": 404,
+    "idempotency_conflict": 409,
+    "token_exists": 409,
+    "payload_too_large": 413,
+    "store": 503,
+    "store_unavailable": 503,
+    "store_corrupt": 503,
+    "broker": 503,
+}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def bad_input(field: str, message: str) -> ApiError:
+    """A 400 naming the field that was wrong."""
+    return ApiError(400, "invalid_input", message, field)
+
+
+def body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
+def respond(status: int, code: str, message: str, field: str | None = None,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body(code, message, field), status_code=status, headers=headers)
+
+
+class Redactor:
+    """Takes the store URL's password out of any message shown to a client."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        self.secrets = [s for s in secrets if s]
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def install(app: Any, redact: Redactor,
+            gate: Callable[[Request], Awaitable[None]] | None = None) -> None:
+    """Register the handlers that turn every failure into the error shape.
+
+    ``gate`` runs before a request validation error is answered: FastAPI decodes a
+    JSON body before it checks the caller, and a caller without the right token
+    must get 401/403 whatever the body holds.
+    """
+
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return respond(exc.status, exc.code, redact(exc.message), exc.field, headers)
+
+    async def cantata_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, CantataError)
+        status = _STATUS.get(exc.code, 400)
+        return respond(status, exc.code, redact(str(exc)))
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        if gate is not None:
+            try:
+                await gate(request)
+            except ApiError as denied:
+                return await api_error(request, denied)
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or ("body" if first.get("loc", ("",))[0] == "body" else None)
+        message = str(first.get("msg", "invalid request"))
+        if field:
+            message = f"{field}: {message}"
+        return respond(400, "invalid_input", redact(message), field)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return respond(exc.status_code, code, str(exc.detail), None,
+                       dict(exc.headers) if exc.headers else None)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("console: %s %s failed: %s: %s", request.method, request.url.path,
+                  type(exc).__name__, redact(str(exc)))
+        return respond(500, "internal", "the console met an unexpected error; see its log")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(CantataError, cantata_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,346 @@
+"""The JSON the API answers, as pydantic models (they make the OpenAPI document), and
+the functions that build them from Cantata's records. Times are RFC 3339 UTC."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from cantata.model import codec
+from cantata.model.event import Event
+from cantata.model.records import (
+    COMPENSATION,
+    VALUE,
+    Attempt,
+    AuditRecord,
+    AuditReport,
+    DeadLetter,
+    HistoryEntry,
+    RunRecord,
+    to_datetime,
+)
+from cantata.model.status import RunStatus
+from cantata.observability.node import TraceNode
+
+ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # as cantata.server.params
+TYPE_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"  # as cantata.model.event
+
+
+def utc(ts: float | None) -> dt.datetime | None:
+    return to_datetime(ts)
+
+
+def _json(text: str | None) -> Any:
+    return None if text is None else codec.loads(text)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="A stable code, e.g. `run_not_found`, `invalid_input`.")
+    message: str = Field(description="What was wrong and what to do.")
+    field: str | None = Field(description="The request field that was wrong, if one was.")
+
+
+class ErrorOut(BaseModel):
+    """Every error response."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class RunOut(BaseModel):
+    """A run as listed."""
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    idempotency_key: str | None
+    correlation_id: str
+    error: str | None = Field(description="`Type: message` of a failed, compensated or "
+                                          "cancelled run.")
+    result: Any = Field(description="The run's JSON result, once completed.")
+
+
+class RunsPage(BaseModel):
+    runs: list[RunOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; "
+                                                "null on the last page.")
+
+
+class AttemptOut(BaseModel):
+    attempt: int
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    error: str | None
+
+
+class StepOut(BaseModel):
+    """One durable call of a run: a step, a compensation, a sleep, a wait, an emit, a child."""
+
+    name: str
+    key: str = Field(description="The call's place in history: `name#occurrence`.")
+    kind: str
+    status: str
+    compensation: bool = Field(description="True for a compensation (a step undoing another).")
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    error: str | None
+    attempts: list[AttemptOut]
+
+
+class RunDetail(RunOut):
+    """One run with its steps, attempts and errors."""
+
+    args: list[Any]
+    causation_id: str | None
+    parent_run_id: str | None
+    cancel_requested: bool
+    flagged: bool = Field(description="Needs an operator (a compensation failed for good).")
+    compensated: bool = Field(description="At least one compensation ran.")
+    steps: list[StepOut]
+
+
+class CancelOut(BaseModel):
+    run_id: str
+    status: RunStatus
+    cancel_requested: bool
+
+
+class StartIn(BaseModel):
+    """Start a workflow: `input` is its single argument, or `args` the list of them."""
+
+    input: Any = None
+    args: list[Any] | None = None
+    idempotency_key: str | None = Field(default=None, pattern=ID_PATTERN)
+    correlation_id: str | None = Field(default=None, pattern=ID_PATTERN)
+
+
+class StartOut(BaseModel):
+    run_id: str
+
+
+class PublishIn(BaseModel):
+    type: str = Field(pattern=TYPE_PATTERN, max_length=200,
+                      description="Dot-separated tokens, e.g. `order.placed`.")
+    data: Any = None
+    correlation_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    subject: str | None = Field(default=None, pattern=ID_PATTERN)
+    id: str | None = Field(default=None, pattern=ID_PATTERN)
+
+
+class PublishOut(BaseModel):
+    id: str
+
+
+class TraceNodeOut(BaseModel):
+    kind: str = Field(description="run, step, compensation, event, handler, timer, wait or "
+                                  "dead_letter")
+    name: str
+    status: str
+    group: str | None
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    attempts: int
+    error: str | None
+    ref: str | None = Field(description="Run id, event id, dead-letter id or history key.")
+    children: list[TraceNodeOut]
+
+
+class TraceOut(TraceNodeOut):
+    """The root of a business transaction's tree, and where it stands."""
+
+    correlation_id: str
+    where: str = Field(description="One line: where the transaction stands.")
+
+
+class StallOut(BaseModel):
+    correlation_id: str
+    reason: str = Field(description="pending_step, waiting_event, dead_letter, "
+                                    "unhandled_event or compensation_failed")
+    since: dt.datetime
+    where: str
+    node: TraceNodeOut
+
+
+class EventOut(BaseModel):
+    id: str
+    type: str
+    source: str
+    subject: str | None
+    time: str
+    data: Any
+    correlation_id: str | None
+    causation_id: str | None
+
+
+class DeadLetterOut(BaseModel):
+    id: str
+    group: str
+    event: EventOut
+    error: str
+    attempts: int
+    failed_at: dt.datetime
+
+
+class MapNode(BaseModel):
+    id: str
+    kind: str = Field(description="Workflow maps: start, step, compensation, sleep, wait, "
+                                  "emit, child, end. Event maps: event, handler, workflow.")
+    name: str
+    status: str | None = Field(default=None, description="The state in the run asked for.")
+    note: str | None = None
+
+
+class MapEdge(BaseModel):
+    source: str
+    target: str
+    kind: str = Field(description="Workflow maps: next, maybe, fails, undo. Event maps: "
+                                  "flow.")
+    state: str | None = Field(default=None, description="Event maps: active (declared and "
+                              "seen), dead (declared, no event ever reached the handler), "
+                              "silent (declared, never emitted), undeclared (seen only).")
+    label: str | None = None
+
+
+class MapOut(BaseModel):
+    mermaid: str
+    nodes: list[MapNode]
+    edges: list[MapEdge]
+
+
+class AuditOut(BaseModel):
+    seq: int
+    time: dt.datetime
+    actor: str
+    action: str
+    target: str
+    data: Any
+    prev_hash: str
+    hash: str
+
+
+class AuditPage(BaseModel):
+    records: list[AuditOut]
+    next_cursor: str | None
+
+
+class VerifyOut(BaseModel):
+    ok: bool
+    records: int
+    first_bad_seq: int | None
+    reason: str | None
+
+
+class SessionIn(BaseModel):
+    token: str = Field(min_length=1, max_length=500)
+
+
+class SessionOut(BaseModel):
+    name: str
+    role: str
+    app: str
+    store: str = Field(description="The store URL, its password masked.")
+
+
+class Overview(BaseModel):
+    app: str
+    counts: dict[str, int]
+    recent_failures: list[RunOut]
+    stalled: list[StallOut]
+    dead_letters: int
+    workflows: list[str]
+
+
+# -- builders ------------------------------------------------------------------------
+
+
+def run_out(r: RunRecord) -> RunOut:
+    """A run as listed."""
+    created, updated = utc(r.created_at), utc(r.updated_at)
+    assert created is not None and updated is not None
+    return RunOut(
+        run_id=r.run_id, workflow=r.workflow, status=r.status, created_at=created,
+        updated_at=updated, idempotency_key=r.idempotency_key,
+        correlation_id=r.correlation_id, error=r.error, result=_json(r.result),
+    )
+
+
+def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt]) -> RunDetail:
+    """A run with its steps (``ctx.now()`` and other recorded values left out)."""
+    by_key: dict[str, list[Attempt]] = {}
+    for a in attempts:
+        by_key.setdefault(a.key, []).append(a)
+    steps = [
+        StepOut(
+            name=e.name, key=e.key, kind=e.kind, status=e.status,
+            compensation=e.kind == COMPENSATION, started_at=utc(e.started_at),
+            ended_at=utc(e.ended_at), error=e.error,
+            attempts=[
+                AttemptOut(attempt=a.attempt, started_at=utc(a.started_at),
+                           ended_at=utc(a.ended_at),
+                           error=f"{a.error_type}: {a.error}" if a.error_type else a.error)
+                for a in by_key.get(e.key, [])
+            ],
+        )
+        for e in sorted(history, key=lambda e: e.seq) if e.kind != VALUE
+    ]
+    args = _json(r.args)
+    return RunDetail(
+        **run_out(r).model_dump(), args=args if isinstance(args, list) else [args],
+        causation_id=r.causation_id, parent_run_id=r.parent_run_id,
+        cancel_requested=r.cancel_requested, flagged=r.flagged,
+        compensated=any(s.compensation for s in steps), steps=steps,
+    )
+
+
+def node_out(node: TraceNode, *, depth: int | None = None) -> TraceNodeOut:
+    """The tree under ``node`` (to ``depth`` levels; ``0``: the node alone), built without
+    recursion so a deep trace cannot exhaust the stack."""
+
+    def one(n: TraceNode) -> TraceNodeOut:
+        return TraceNodeOut(kind=n.kind, name=n.name, status=n.status, group=n.group,
+                            started_at=n.started_at, ended_at=n.ended_at, attempts=n.attempts,
+                            error=n.error, ref=n.ref, children=[])
+
+    root = one(node)
+    stack = [(node, root, 0)]
+    while stack:
+        n, out, level = stack.pop()
+        if depth is not None and level >= depth:
+            continue
+        for child in n.children:
+            c = one(child)
+            out.children.append(c)
+            stack.append((child, c, level + 1))
+    return root
+
+
+def event_out(e: Event[Any]) -> EventOut:
+    """An event as JSON."""
+    return EventOut(id=e.id, type=e.type, source=e.source, subject=e.subject, time=e.time,
+                    data=e.data, correlation_id=e.correlation_id, causation_id=e.causation_id)
+
+
+def dead_letter_out(d: DeadLetter) -> DeadLetterOut:
+    """A dead letter as JSON."""
+    return DeadLetterOut(id=d.id, group=d.group, event=event_out(d.event), error=d.error,
+                         attempts=d.attempts, failed_at=d.failed_at)
+
+
+def audit_out(r: AuditRecord) -> AuditOut:
+    """An audit record as JSON (its data parsed)."""
+    stamp = utc(r.time)
+    assert stamp is not None
+    return AuditOut(seq=r.seq, time=stamp, actor=r.actor, action=r.action, target=r.target,
+                    data=codec.loads(r.data), prev_hash=r.prev_hash, hash=r.hash)
+
+
+def verify_out(r: AuditReport) -> VerifyOut:
+    """A verification report as JSON."""
+    return VerifyOut(ok=r.ok, records=r.records, first_bad_seq=r.first_bad_seq, reason=r.reason)

@@ -1,0 +1,165 @@
+"""``/api/trace``, ``/api/stalled``, ``/api/dead-letters``, ``/api/events``,
+``/api/maps``: seeing business transactions and acting on their dead letters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+
+from cantata.errors import DeadLetterNotFound, RunNotFound
+from cantata.observability.stalled import Stall, find_stalls
+from cantata.observability.timeline import where_it_stands
+from cantata.observability.trace import build_trace
+from cantata.server import params
+from cantata.server.auth import Principal
+from cantata.server.deps import ERRORS, operator, viewer
+from cantata.server.maps import events_map, workflow_map
+from cantata.server.models import (
+    DeadLetterOut,
+    MapOut,
+    PublishIn,
+    PublishOut,
+    StallOut,
+    TraceNodeOut,
+    TraceOut,
+    dead_letter_out,
+    node_out,
+)
+from cantata.server.state import console_of
+
+router = APIRouter(prefix="/api", responses=ERRORS)
+
+Viewer = Annotated[Principal, Depends(viewer)]
+Operator = Annotated[Principal, Depends(operator)]
+MAX_DEAD_LETTERS = 1000
+AnId = Annotated[str, Path(pattern=params.ID_PATTERN)]
+AName = Annotated[str, Path(pattern=params.NAME_PATTERN)]
+
+
+def stall_where(stall: Stall) -> str:
+    """Where a stall is, in a few words (`group emails`, `step charge`)."""
+    n = stall.node
+    if n.kind in ("handler", "dead_letter"):
+        return f"group {n.group}" + (f" ({n.name})" if n.kind == "handler" and
+                                     n.name != n.group else "")
+    return f"{n.kind} {n.name}"
+
+
+def stall_out(stall: Stall) -> StallOut:
+    """A stall as JSON (its node without children)."""
+    return StallOut(correlation_id=stall.correlation_id, reason=stall.reason, since=stall.since,
+                    where=stall_where(stall), node=node_out(stall.node, depth=0))
+
+
+@router.get("/trace/{correlation_id}", response_model=TraceOut, tags=["observe"],
+            summary="A business transaction as a tree")
+async def trace(request: Request, correlation_id: AnId, _: Viewer) -> TraceOut:
+    """Runs, steps, events, handlers and dead letters of one transaction, and where it
+    stands. Any run or event id of the transaction finds it too."""
+    console = console_of(request)
+    params.required_ident("correlation_id", correlation_id)
+    app = await console.open()
+    root = await build_trace(app.store, app.name, correlation_id)
+    tree: TraceNodeOut = node_out(root)
+    return TraceOut(**tree.model_dump(), correlation_id=root.correlation_id or correlation_id,
+                    where=where_it_stands(root, now=app.clock.now()))
+
+
+@router.get("/stalled", response_model=list[StallOut], tags=["observe"],
+            summary="Transactions with no progress")
+async def stalled(
+    request: Request,
+    _: Viewer,
+    older_than: Annotated[float | None, Query(description="Seconds without progress "
+                                                          "(default 300)", ge=0,
+                                              le=10 * 365 * 86400)] = None,
+    limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 100,
+) -> list[StallOut]:
+    """Stalls of transactions with no progress for `older_than` seconds, and why."""
+    console = console_of(request)
+    seconds = params.seconds("older_than", older_than, 300.0)
+    app = await console.open()
+    stalls = await find_stalls(app.store, app.name, older_than=seconds, now=app.clock.now(),
+                               limit=limit)
+    return [stall_out(s) for s in stalls]
+
+
+@router.get("/dead-letters", response_model=list[DeadLetterOut], tags=["events"],
+            summary="Dead letters, oldest first")
+async def dead_letters(
+    request: Request,
+    _: Viewer,
+    group: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
+    type: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
+) -> list[DeadLetterOut]:
+    """Dead letters (deliveries that failed for good), by group and event type."""
+    console = console_of(request)
+    params.name("group", group)
+    params.ident("type", type)
+    app = await console.open()
+    found = await app.store.dead_letters(app.name, limit=MAX_DEAD_LETTERS)
+    return [
+        dead_letter_out(d) for d in found
+        if (group is None or d.group == group) and (type is None or d.event.type == type)
+    ]
+
+
+@router.post("/dead-letters/{dead_letter_id}/replay", response_model=DeadLetterOut,
+             tags=["events"], summary="Redeliver a dead letter to its group")
+async def replay(request: Request, dead_letter_id: AnId, who: Operator) -> DeadLetterOut:
+    """Takes it off the list and delivers its event to its group again (it comes back if
+    the handler fails again)."""
+    console = console_of(request)
+    params.required_ident("dead_letter_id", dead_letter_id)
+    app = await console.open()
+    try:
+        dl = await app.replay(dead_letter_id, actor=who.actor)
+    except DeadLetterNotFound:
+        raise DeadLetterNotFound(
+            f"no dead letter {dead_letter_id!r} in app {app.name!r} (replayed already?)"
+        ) from None
+    return dead_letter_out(dl)
+
+
+@router.post("/events", status_code=201, response_model=PublishOut, tags=["events"],
+             summary="Publish an event")
+async def publish(request: Request, body: PublishIn, who: Operator) -> PublishOut:
+    """Publishes an event into the app (201); its correlation id defaults to its id."""
+    console = console_of(request)
+    app = await console.open()
+    event = await app.publish(body.type, body.data, subject=body.subject,
+                              correlation_id=body.correlation_id, id=body.id)
+    await app.store.record_action(app.name, who.actor, "event.published", event.id,
+                                  {"type": event.type})
+    return PublishOut(id=event.id)
+
+
+@router.get("/maps/workflows/{name}", response_model=MapOut, tags=["maps"],
+            summary="A workflow's map")
+async def map_workflow(
+    request: Request,
+    name: AName,
+    _: Viewer,
+    run_id: Annotated[str | None, Query(description="Colour the steps by this run's "
+                                                    "states", pattern=params.ID_PATTERN)] = None,
+) -> MapOut:
+    """Steps and compensations, from the code when the console has it, else from history."""
+    console = console_of(request)
+    params.name("name", name)
+    params.ident("run_id", run_id)
+    app = await console.open()
+    run = None
+    if run_id is not None:
+        run = await app.store.get_run(app.name, run_id)
+        if run is None or run.workflow != name:
+            raise RunNotFound(f"no run {run_id!r} of workflow {name!r} in app {app.name!r}")
+    return await workflow_map(app, name, run)
+
+
+@router.get("/maps/events", response_model=MapOut, tags=["maps"],
+            summary="The choreography map")
+async def map_events(request: Request, _: Viewer) -> MapOut:
+    """Event types → handlers (groups) → emitted types; declared vs observed."""
+    app = await console_of(request).open()
+    return await events_map(app)

@@ -1,0 +1,148 @@
+"""Checking what a client sends: ids, times, cursors. A bad value is a 400 naming its
+field, never a 500."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import math
+import re
+
+import orjson
+
+from cantata.model.status import RunStatus
+from cantata.server.errors import bad_input
+
+# Ids, correlation ids, idempotency keys, names: printable, no spaces, bounded.
+ID_PATTERN = r"^[\x21-\x7e]{1,200}$"
+NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
+_ID_RE = re.compile(ID_PATTERN)
+_NAME_RE = re.compile(NAME_PATTERN)
+MAX_LIMIT = 500
+HALF_MICROSECOND = 5e-7
+
+
+def ident(field: str, value: str | None) -> str | None:
+    """An id-like value (run id, event id, correlation id, idempotency key)."""
+    if value is None:
+        return None
+    if not _ID_RE.match(value):
+        raise bad_input(field, f"{field} must be 1-200 printable characters without spaces")
+    return value
+
+
+def required_ident(field: str, value: str) -> str:
+    out = ident(field, value)
+    assert out is not None
+    return out
+
+
+def name(field: str, value: str | None) -> str | None:
+    """A workflow, group or step name."""
+    if value is None:
+        return None
+    if not _NAME_RE.match(value):
+        raise bad_input(field, f"{field} must be 1-200 letters, digits, '_', '.', ':' or '-'")
+    return value
+
+
+def status(value: str | None) -> RunStatus | None:
+    if value is None:
+        return None
+    try:
+        return RunStatus(value)
+    except ValueError:
+        raise bad_input(
+            "status", f"status must be one of {', '.join(s.value for s in RunStatus)}"
+        ) from None
+
+
+def limit(value: int | None, default: int = 50) -> int:
+    if value is None:
+        return default
+    if not 1 <= value <= MAX_LIMIT:
+        raise bad_input("limit", f"limit must be between 1 and {MAX_LIMIT}")
+    return value
+
+
+def timestamp(field: str, value: str | None) -> float | None:
+    """An RFC 3339 time (a zone is required: ``Z`` or ``+02:00``), or POSIX seconds."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds) or abs(seconds) > 1e11:
+            raise bad_input(field, f"{field} is out of range")
+        return seconds
+    try:
+        when = dt.datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_input(
+            field, f"{field} must be an RFC 3339 time such as 2026-01-31T12:00:00Z"
+        ) from None
+    if when.tzinfo is None:
+        raise bad_input(field, f"{field} needs a time zone (for example a trailing Z)")
+    # Stored times are float seconds; the API shows them rounded to the microsecond. A
+    # bound given as a shown time means every run shown at that microsecond or later
+    # (since) / before it (until), so the bound sits half a microsecond earlier.
+    return when.timestamp() - HALF_MICROSECOND
+
+
+def seconds(field: str, value: float | None, default: float) -> float:
+    if value is None:
+        return default
+    if not math.isfinite(value) or not 0 <= value <= 10 * 365 * 86400:
+        raise bad_input(field, f"{field} must be a number of seconds >= 0")
+    return value
+
+
+# -- cursors: opaque to clients, base64url of a small JSON value ---------------------------
+
+
+def encode_cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
+def _decode(text: str) -> object:
+    if len(text) > 600:
+        raise ValueError("too long")
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return orjson.loads(raw)
+
+
+def run_cursor(value: str | None) -> tuple[float, str] | None:
+    """The ``(created_at, run_id)`` a runs cursor stands for."""
+    if value is None:
+        return None
+    try:
+        pair = _decode(value)
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ValueError("not a pair")
+        at, run_id = pair
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not isinstance(
+                run_id, str):
+            raise ValueError("wrong types")
+        if not math.isfinite(at) or not _ID_RE.match(run_id):
+            raise ValueError("wrong values")
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise bad_input("cursor", "cursor is not one this API gave out: "
+                        "pass back next_cursor unchanged") from None
+    return float(at), run_id
+
+
+def audit_cursor(value: str | None) -> int:
+    """The last ``seq`` an audit page ended at (0: from the start)."""
+    if value is None:
+        return 0
+    try:
+        seq = _decode(value)
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**62:
+            raise ValueError("wrong value")
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise bad_input("cursor", "cursor is not one this API gave out: "
+                        "pass back next_cursor unchanged") from None
+    return seq

@@ -1,0 +1,154 @@
+"""``/api/audit``, ``/api/stream``, ``/metrics``, ``/api/health``, ``/api/session``: the
+audit log, live changes, Prometheus, liveness and the dashboard's session cookie."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from cantata.model.access import Role
+from cantata.model.status import RunStatus
+from cantata.server import params
+from cantata.server.auth import CSRF_HEADER, SESSION_COOKIE, Principal, authenticate_token
+from cantata.server.deps import ERRORS, admin, viewer
+from cantata.server.errors import ApiError
+from cantata.server.models import (
+    AuditPage,
+    Health,
+    SessionIn,
+    SessionOut,
+    VerifyOut,
+    audit_out,
+    verify_out,
+)
+from cantata.server.state import console_of
+from cantata.server.stream import frames
+
+router = APIRouter(responses=ERRORS)
+
+Viewer = Annotated[Principal, Depends(viewer)]
+Admin = Annotated[Principal, Depends(admin)]
+SESSION_MAX_AGE = 8 * 3600
+
+
+@router.get("/api/health", response_model=Health, tags=["admin"], summary="Liveness",
+            responses={})
+async def health() -> Health:
+    """`{"status": "ok"}`; needs no token."""
+    return Health()
+
+
+@router.get("/api/audit", response_model=AuditPage, tags=["admin"],
+            summary="The audit log, oldest first")
+async def audit(
+    request: Request,
+    _: Admin,
+    limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 100,
+    cursor: Annotated[str | None, Query(max_length=600)] = None,
+) -> AuditPage:
+    """Every state change and operator action with its actor (operators: `token:NAME`)."""
+    console = console_of(request)
+    after = params.audit_cursor(cursor)
+    store = await console.store()
+    records = await store.audit_records(console.app.name, after_seq=after, limit=limit + 1)
+    more = len(records) > limit
+    records = records[:limit]
+    next_cursor = params.encode_cursor(records[-1].seq) if more else None
+    return AuditPage(records=[audit_out(r) for r in records], next_cursor=next_cursor)
+
+
+@router.get("/api/audit/verify", response_model=VerifyOut, tags=["admin"],
+            summary="Verify the audit log's hash chain")
+async def verify(request: Request, _: Admin) -> VerifyOut:
+    """Recomputes the app's audit hash chain and names the first bad record."""
+    console = console_of(request)
+    app = await console.open()
+    # a keyed chain (App(audit_key=...) or $CANTATA_AUDIT_KEY) is verified with its key
+    return verify_out(await app.store.verify_audit(app.name, key=app.audit_key))
+
+
+@router.get("/api/stream", tags=["observe"], summary="Live changes (server-sent events)",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "`event: run` (run_id, status) and "
+                                            "`event: dead_letter` (id, group, state)"}})
+async def stream(request: Request, who: Viewer) -> StreamingResponse:
+    """Run status changes and dead letters as they happen, from any process."""
+    console = console_of(request)
+
+    async def still_allowed() -> bool:
+        try:
+            await console.principal(request, Role.VIEWER)
+        except ApiError:
+            return False
+        return True
+
+    return StreamingResponse(
+        frames(console.feed, still_allowed), media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+@router.get("/metrics", tags=["admin"], summary="Prometheus metrics",
+            response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format 0.0.4"}})
+async def metrics(request: Request, _: Viewer) -> PlainTextResponse:
+    """Runs by status, dead letters waiting and live-stream clients, read from the store."""
+    console = console_of(request)
+    app = await console.open()
+    counts = await console.counts()
+    dead = len(await app.store.dead_letters(app.name, limit=100_000))
+    a = _label(app.name)
+    lines = ["# HELP cantata_runs Runs of the app by status.", "# TYPE cantata_runs gauge"]
+    for status in RunStatus:
+        lines.append(f'cantata_runs{{app="{a}",status="{status}"}} {counts.get(status, 0)}')
+    lines += ["# HELP cantata_dead_letters Dead letters waiting for an operator.",
+              "# TYPE cantata_dead_letters gauge", f'cantata_dead_letters{{app="{a}"}} {dead}',
+              "# HELP cantata_console_stream_clients Clients of /api/stream on this server.",
+              "# TYPE cantata_console_stream_clients gauge",
+              f'cantata_console_stream_clients{{app="{a}"}} {console.feed.clients}']
+    return PlainTextResponse("\n".join(lines) + "\n",
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# -- the dashboard's session: the token in an HttpOnly cookie, never in a URL ----------------
+
+
+@router.post("/api/session", response_model=SessionOut, tags=["session"],
+             summary="Log in: set the session cookie")
+async def login(request: Request, body: SessionIn, response: Response) -> SessionOut:
+    """Checks the token and keeps it in an HttpOnly, SameSite=Strict cookie."""
+    console = console_of(request)
+    who = await authenticate_token(await console.store(), body.token)
+    response.set_cookie(SESSION_COOKIE, body.token, max_age=SESSION_MAX_AGE, httponly=True,
+                        samesite="strict", secure=request.url.scheme == "https", path="/")
+    return SessionOut(name=who.name, role=str(who.role), app=console.app.name,
+                      store=console.store_url)
+
+
+@router.get("/api/session", response_model=SessionOut, tags=["session"],
+            summary="Who is logged in")
+async def session(request: Request, who: Viewer) -> SessionOut:
+    """The token's name and role, the app, the store (password masked)."""
+    console = console_of(request)
+    return SessionOut(name=who.name, role=str(who.role), app=console.app.name,
+                      store=console.store_url)
+
+
+@router.delete("/api/session", status_code=204, tags=["session"], summary="Log out",
+               response_class=Response, responses={})
+async def logout(request: Request) -> Response:
+    """Clears the session cookie."""
+    if request.cookies.get(SESSION_COOKIE) and request.headers.get(CSRF_HEADER) != "1":
+        raise ApiError(403, "forbidden", f"logging out needs the {CSRF_HEADER} header")
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+

@@ -1,0 +1,397 @@
+/* Cantata console: the dashboard's pages, filled from the JSON API.
+   All data is written with text nodes (h() below), never as HTML. */
+"use strict";
+(() => {
+  const body = document.body;
+  const page = body.dataset.page;
+  const arg = body.dataset.arg || "";
+  const role = body.dataset.role || "";
+  const canOperate = role === "operator" || role === "admin";
+  const content = document.getElementById("content");
+  const STATUSES = ["pending", "running", "compensating", "completed", "compensated", "failed", "cancelled"];
+  const LIVE = new Set(["pending", "running", "compensating"]);
+
+  function h(tag, attrs, ...kids) {
+    const el = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") el.className = v;
+      else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+      else el.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const kid of kids.flat(Infinity)) {
+      if (kid === null || kid === undefined || kid === false) continue;
+      el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+    }
+    return el;
+  }
+
+  async function api(path, options = {}) {
+    const init = { method: options.method || "GET", credentials: "same-origin",
+                   headers: { Accept: "application/json", "X-Cantata-CSRF": "1" } };
+    if (options.body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(options.body);
+    }
+    const res = await fetch(path, init);
+    if (res.status === 401) {
+      location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
+      throw new Error("not logged in");
+    }
+    const data = res.status === 204 ? null : await res.json().catch(() => null);
+    if (!res.ok) {
+      const err = new Error((data && data.error && data.error.message) || `HTTP ${res.status}`);
+      err.status = res.status;
+      throw err;
+    }
+    return data;
+  }
+
+  const badge = (status) => h("span", { class: "badge s-" + String(status || "none").replace(/[^a-z_]/g, "_") }, String(status || "—").replace(/_/g, " "));
+  // Ids are shown whole: operators copy them into the CLI and into tickets.
+  const runLink = (id) => h("a", { href: "/runs/" + encodeURIComponent(id), class: "mono" }, String(id));
+  const traceLink = (id, text) => h("a", { href: "/trace/" + encodeURIComponent(id), class: "mono" }, text || String(id));
+  function when(iso) {
+    if (!iso) return "—";
+    const d = new Date(iso);
+    const opts = { month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit",
+                   second: "2-digit", hourCycle: "h23" };
+    if (d.getFullYear() !== new Date().getFullYear()) opts.year = "numeric";
+    return d.toLocaleString(undefined, opts);
+  }
+  function ago(iso) {
+    const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+    if (s < 60) return `${Math.round(s)} s`;
+    if (s < 3600) return `${Math.round(s / 60)} min`;
+    if (s < 86400) return `${(s / 3600).toFixed(1)} h`;
+    return `${(s / 86400).toFixed(1)} d`;
+  }
+  function took(a, b) {
+    if (!a || !b) return "—";
+    const ms = Date.parse(b) - Date.parse(a);
+    return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(2)} s`;
+  }
+  function notice(text, kind) { return h("div", { class: "notice " + (kind || ""), role: kind === "error" ? "alert" : "status" }, text); }
+  function table(headers, rows, empty) {
+    if (!rows.length) return h("div", { class: "table-wrap" }, h("div", { class: "empty" }, empty || "Nothing here."));
+    return h("div", { class: "table-wrap" }, h("table", {},
+      h("thead", {}, h("tr", {}, headers.map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, rows)));
+  }
+  function json(value) { return h("pre", { class: "json mono" }, JSON.stringify(value, null, 2)); }
+  function parseJson(text, what) {
+    if (!text.trim()) return undefined;
+    try { return JSON.parse(text); } catch (e) { throw new Error(`${what} is not valid JSON: ${e.message}`); }
+  }
+  function show(...nodes) { content.replaceChildren(...nodes.filter((n) => n !== null && n !== undefined)); }
+  function fail(err) { show(notice(err.message, "error")); }
+
+  /* -- live updates ---------------------------------------------------------------- */
+  const liveHandlers = [];
+  function onLive(fn) { liveHandlers.push(fn); }
+  function connectLive() {
+    if (!window.EventSource) return;
+    const es = new EventSource("/api/stream");
+    const mark = document.getElementById("live");
+    es.onopen = () => { if (mark) mark.hidden = false; };
+    es.onerror = () => { if (mark) mark.hidden = true; };
+    for (const kind of ["run", "dead_letter"]) {
+      es.addEventListener(kind, (ev) => {
+        let data; try { data = JSON.parse(ev.data); } catch (e) { return; }
+        for (const fn of liveHandlers) fn(kind, data);
+      });
+    }
+  }
+  function debounce(fn, ms) { let t = null; return () => { clearTimeout(t); t = setTimeout(fn, ms); }; }
+
+  /* -- forms shared by pages ------------------------------------------------------- */
+  function startForm(workflows) {
+    const out = h("div", {});
+    const wf = h("select", { id: "start-workflow", name: "workflow", required: true },
+      workflows.map((w) => h("option", { value: w }, w)));
+    const input = h("textarea", { id: "start-input", name: "input", placeholder: '{"order_id": 42}' });
+    const key = h("input", { id: "start-key", name: "idempotency_key", placeholder: "optional" });
+    const form = h("form", { class: "stack", onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        const payload = {};
+        const value = parseJson(input.value, "Input");
+        if (value !== undefined) payload.input = value;
+        if (key.value.trim()) payload.idempotency_key = key.value.trim();
+        const r = await api("/api/workflows/" + encodeURIComponent(wf.value) + "/runs", { method: "POST", body: payload });
+        out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Started run ", runLink(r.run_id)));
+      } catch (e) { out.replaceChildren(notice(e.message, "error")); }
+    } },
+      h("label", { for: "start-workflow" }, "Workflow", wf),
+      h("label", { for: "start-input" }, "Input (JSON, the single argument)", input),
+      h("label", { for: "start-key" }, "Idempotency key", key),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Start")),
+      out);
+    return h("section", { class: "panel" }, h("h2", {}, "Start a workflow"),
+      workflows.length ? form : h("p", { class: "muted" }, "No workflow is declared in this app yet."));
+  }
+
+  function publishForm() {
+    const out = h("div", {});
+    const type = h("input", { id: "pub-type", name: "type", required: true, placeholder: "order.placed" });
+    const data = h("textarea", { id: "pub-data", name: "data", placeholder: '{"order_id": 42}' });
+    const corr = h("input", { id: "pub-corr", name: "correlation_id", placeholder: "optional" });
+    return h("section", { class: "panel" }, h("h2", {}, "Publish an event"),
+      h("form", { class: "stack", onsubmit: async (ev) => {
+        ev.preventDefault();
+        try {
+          const payload = { type: type.value.trim() };
+          const value = parseJson(data.value, "Data");
+          if (value !== undefined) payload.data = value;
+          if (corr.value.trim()) payload.correlation_id = corr.value.trim();
+          const r = await api("/api/events", { method: "POST", body: payload });
+          out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Published event ", traceLink(r.id, r.id)));
+        } catch (e) { out.replaceChildren(notice(e.message, "error")); }
+      } },
+        h("label", { for: "pub-type" }, "Type", type),
+        h("label", { for: "pub-data" }, "Data (JSON)", data),
+        h("label", { for: "pub-corr" }, "Correlation id", corr),
+        h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Publish")),
+        out));
+  }
+
+  function runRow(r) {
+    return h("tr", { "data-run-id": r.run_id },
+      h("td", {}, runLink(r.run_id)), h("td", {}, r.workflow),
+      h("td", { class: "status" }, badge(r.status)),
+      h("td", { class: "mono" }, r.idempotency_key || ""),
+      h("td", { class: "when" }, when(r.created_at)), h("td", { class: "when" }, when(r.updated_at)),
+      h("td", { class: "err" }, r.error || ""));
+  }
+  const RUN_HEADERS = ["Run", "Workflow", "Status", "Key", "Created", "Updated", "Error"];
+
+  function stallRows(stalls) {
+    return stalls.map((st) => h("tr", {},
+      h("td", {}, traceLink(st.correlation_id)), h("td", {}, badge(st.reason)),
+      h("td", {}, st.where), h("td", {}, ago(st.since)),
+      h("td", { class: "err" }, st.node.error || "")));
+  }
+  const STALL_HEADERS = ["Transaction", "Reason", "Where", "Stuck for", "Last error"];
+
+  /* -- pages ------------------------------------------------------------------------- */
+  const pages = {};
+
+  pages.overview = async () => {
+    const o = await api("/api/overview");
+    const cards = h("div", { class: "cards" }, STATUSES.map((st) =>
+      h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
+        h("span", { class: "n" }, String(o.counts[st] || 0)),
+        h("span", { class: "l" }, st[0].toUpperCase() + st.slice(1)))),
+      h("a", { class: "card s-dead", href: "/dead-letters" },
+        h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "Dead-lettered")));
+    const failures = h("section", { class: "panel" }, h("h2", {}, "Recent failures"),
+      table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
+    const stuck = h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"),
+      table(STALL_HEADERS, stallRows(o.stalled), "Nothing is stuck."));
+    show(cards, failures, stuck, canOperate ? startForm(o.workflows) : null);
+  };
+
+  pages.runs = async () => {
+    const q = new URLSearchParams(location.search);
+    const names = await api("/api/workflows");
+    const field = (name, label, attrs) => h("label", {}, label,
+      h("input", Object.assign({ name, value: q.get(name) || "" }, attrs || {})));
+    const filters = h("form", { class: "filters", method: "get", action: "/runs" },
+      h("label", {}, "Workflow", h("input", { name: "workflow", list: "workflow-names", value: q.get("workflow") || "" }),
+        h("datalist", { id: "workflow-names" }, names.map((n) => h("option", { value: n })))),
+      h("label", {}, "Status", h("select", { name: "status" }, h("option", { value: "" }, "any"),
+        STATUSES.map((st) => h("option", { value: st, selected: q.get("status") === st }, st)))),
+      field("since", "Since", { placeholder: "2026-01-31T00:00:00Z" }),
+      field("until", "Until", { placeholder: "2026-02-01T00:00:00Z" }),
+      field("idempotency_key", "Idempotency key"),
+      field("correlation_id", "Correlation id"),
+      h("button", { type: "submit", class: "primary" }, "Filter"),
+      h("a", { href: "/runs" }, "Clear"));
+    const params = new URLSearchParams();
+    for (const k of ["workflow", "status", "since", "until", "idempotency_key", "correlation_id"]) {
+      const v = (q.get(k) || "").trim();
+      if (v) params.set(k, v);
+    }
+    params.set("limit", "50");
+    const tbody = h("tbody", {});
+    const more = h("div", { class: "actions" });
+    const wrap = h("div", { class: "table-wrap" }, h("table", {},
+      h("thead", {}, h("tr", {}, RUN_HEADERS.map((t) => h("th", { scope: "col" }, t)))), tbody));
+    const status = h("div", {});
+    show(filters, status, wrap, more);
+    async function load(cursor) {
+      const p = new URLSearchParams(params);
+      if (cursor) p.set("cursor", cursor);
+      try {
+        const page = await api("/api/runs?" + p.toString());
+        tbody.append(...page.runs.map(runRow));
+        if (!tbody.children.length) status.replaceChildren(notice("No runs match these filters."));
+        more.replaceChildren(page.next_cursor
+          ? h("button", { type: "button", onclick: () => load(page.next_cursor) }, "Load more") : "");
+      } catch (e) { status.replaceChildren(notice(e.message, "error")); }
+    }
+    await load(null);
+    onLive((kind, d) => {
+      if (kind !== "run") return;
+      const row = tbody.querySelector(`tr[data-run-id="${CSS.escape(d.run_id)}"]`);
+      if (row && d.status) row.querySelector("td.status").replaceChildren(badge(d.status));
+    });
+  };
+
+  pages.run = async () => {
+    const id = arg;
+    async function render() {
+      const r = await api("/api/runs/" + encodeURIComponent(id));
+      const head = h("div", { class: "headline" },
+        h("span", { class: "title" }, r.workflow), badge(r.status),
+        r.flagged ? h("span", { class: "badge s-failed" }, "needs an operator") : null,
+        r.compensated ? h("span", { class: "badge s-compensated" }, "compensation ran") : null,
+        canOperate && LIVE.has(r.status) && !r.cancel_requested
+          ? h("button", { type: "button", class: "danger", onclick: async (ev) => {
+              ev.target.disabled = true;
+              try { await api(`/api/runs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); await render(); }
+              catch (e) { head.append(notice(e.message, "error")); ev.target.disabled = false; }
+            } }, "Cancel") : null,
+        r.cancel_requested && LIVE.has(r.status) ? h("span", { class: "badge s-cancelled" }, "cancelling") : null);
+      const facts = h("dl", { class: "facts" },
+        h("dt", {}, "Run id"), h("dd", { class: "mono" }, r.run_id),
+        h("dt", {}, "Transaction"), h("dd", {}, traceLink(r.correlation_id, r.correlation_id)),
+        h("dt", {}, "Idempotency key"), h("dd", { class: "mono" }, r.idempotency_key || "—"),
+        r.parent_run_id ? [h("dt", {}, "Parent run"), h("dd", {}, runLink(r.parent_run_id))] : null,
+        h("dt", {}, "Created"), h("dd", {}, when(r.created_at)),
+        h("dt", {}, "Updated"), h("dd", {}, when(r.updated_at)),
+        h("dt", {}, "Arguments"), h("dd", {}, json(r.args)),
+        r.error ? [h("dt", {}, "Error"), h("dd", { class: "err" }, r.error)] : null,
+        r.status === "completed" ? [h("dt", {}, "Result"), h("dd", {}, json(r.result))] : null);
+      const mapBox = h("div", { class: "map", id: "run-map" }, h("span", { class: "muted" }, "Drawing the map…"));
+      const legend = h("div", { class: "legend" }, ["completed", "running", "waiting", "failed", "compensation", "not_reached"]
+        .map((k) => h("span", { class: "l-" + k }, k === "compensation" ? "compensation ran" : k.replace("_", " "))));
+      const rows = [];
+      for (const st of r.steps) {
+        const last = st.attempts.length ? st.attempts[st.attempts.length - 1] : null;
+        rows.push(h("tr", { "data-key": st.key, class: st.compensation ? "compensation" : "" },
+          h("td", {}, st.compensation ? "↩ " : "", st.name, " ", h("span", { class: "muted mono" }, st.key)),
+          h("td", {}, st.compensation ? "compensation" : st.kind), h("td", {}, badge(st.status)),
+          h("td", {}, String(st.attempts.length || "")), h("td", {}, when(st.started_at)),
+          h("td", {}, took(st.started_at, st.ended_at)), h("td", { class: "err" }, st.error || "")));
+        for (const a of st.attempts) {
+          if (!a.error || (last === a && st.error === a.error)) continue;
+          rows.push(h("tr", {}, h("td", { class: "sub", colspan: 4 }, `attempt ${a.attempt} failed`),
+            h("td", { class: "sub" }, when(a.started_at)), h("td", { class: "sub" }, took(a.started_at, a.ended_at)),
+            h("td", { class: "err" }, a.error)));
+        }
+      }
+      show(head, h("div", { class: "grid" },
+        h("section", { class: "panel" }, h("h2", {}, "Details"), facts),
+        h("section", { class: "panel" }, h("h2", {}, "Map"), mapBox, legend)),
+        h("h2", {}, "Steps"),
+        table(["Step", "Kind", "Status", "Attempts", "Started", "Took", "Error"], rows, "No steps yet."));
+      try {
+        const map = await api(`/api/maps/workflows/${encodeURIComponent(r.workflow)}?run_id=${encodeURIComponent(id)}`);
+        window.CantataMaps.flow(mapBox, map);
+      } catch (e) { mapBox.replaceChildren(h("span", { class: "muted" }, e.message)); }
+    }
+    await render();
+    const again = debounce(() => render().catch(fail), 250);
+    onLive((kind, d) => { if (kind === "run" && d.run_id === id) again(); });
+  };
+
+  pages.trace = async () => {
+    async function render() {
+      const t = await api("/api/trace/" + encodeURIComponent(arg));
+      const box = h("div", { class: "map" });
+      show(h("div", { class: "where", role: "status" }, h("strong", {}, "Where it stands: "), t.where),
+        h("div", { class: "headline" }, h("span", { class: "muted" }, "Transaction "),
+          h("span", { class: "mono" }, t.correlation_id), badge(t.status)),
+        box);
+      window.CantataMaps.timeline(box, t, (g, n) => {
+        if (n.kind === "run" && n.ref) {
+          g.addEventListener("click", () => location.assign("/runs/" + encodeURIComponent(n.ref)));
+          g.setAttribute("cursor", "pointer");
+        }
+      });
+    }
+    await render();
+    onLive(debounce(() => render().catch(fail), 400));
+  };
+
+  pages.events = async () => {
+    const box = h("div", { class: "map" }, h("span", { class: "muted" }, "Reading declarations and traffic…"));
+    const legend = h("div", { class: "legend" },
+      h("span", { class: "e-active" }, "declared and seen"),
+      h("span", { class: "e-dead" }, "dead: declared, no event reached it"),
+      h("span", { class: "e-silent" }, "silent: declared, never emitted"),
+      h("span", { class: "e-undeclared" }, "seen, not declared"));
+    show(h("section", { class: "panel" }, h("p", { class: "muted" },
+      "Event types → handlers (groups) and workflows → the events they emit."), box, legend),
+      canOperate ? publishForm() : null);
+    const map = await api("/api/maps/events");
+    if (!map.nodes.length) box.replaceChildren(h("span", { class: "muted" }, "No handler, trigger or event is known yet."));
+    else window.CantataMaps.graph(box, map);
+  };
+
+  pages["dead-letters"] = async () => {
+    const q = new URLSearchParams(location.search);
+    const filters = h("form", { class: "filters", method: "get", action: "/dead-letters" },
+      h("label", {}, "Group", h("input", { name: "group", value: q.get("group") || "" })),
+      h("label", {}, "Event type", h("input", { name: "type", value: q.get("type") || "" })),
+      h("button", { type: "submit", class: "primary" }, "Filter"), h("a", { href: "/dead-letters" }, "Clear"));
+    const msg = h("div", {});
+    const holder = h("div", {});
+    show(filters, msg, holder);
+    async function render() {
+      const p = new URLSearchParams();
+      for (const k of ["group", "type"]) if ((q.get(k) || "").trim()) p.set(k, q.get(k).trim());
+      const list = await api("/api/dead-letters" + (p.toString() ? "?" + p : ""));
+      const rows = list.map((d) => h("tr", { "data-dead-letter-id": d.id },
+        h("td", {}, when(d.failed_at)), h("td", {}, d.group), h("td", {}, d.event.type),
+        h("td", {}, traceLink(d.event.correlation_id || d.event.id)),
+        h("td", {}, String(d.attempts)), h("td", { class: "err" }, d.error),
+        h("td", {}, canOperate ? h("button", { type: "button", onclick: async (ev) => {
+          ev.target.disabled = true;
+          try {
+            await api(`/api/dead-letters/${encodeURIComponent(d.id)}/replay`, { method: "POST" });
+            msg.replaceChildren(h("div", { class: "notice ok", role: "status" },
+              `Replayed ${d.event.type} to ${d.group}. `,
+              traceLink(d.event.correlation_id || d.event.id, "Follow it in its trace")));
+            await render();
+          } catch (e) { msg.replaceChildren(notice(e.message, "error")); ev.target.disabled = false; }
+        } }, "Replay") : null)));
+      holder.replaceChildren(table(["Failed", "Group", "Event", "Transaction", "Attempts", "Error", ""],
+        rows, "No dead letters. Every delivery was handled."));
+    }
+    await render();
+    onLive(debounce(() => { render().catch(fail); }, 300));
+  };
+
+  pages.stalled = async () => {
+    const q = new URLSearchParams(location.search);
+    const older = q.get("older_than") || "300";
+    const filters = h("form", { class: "filters", method: "get", action: "/stalled" },
+      h("label", {}, "No progress for", h("select", { name: "older_than" },
+        [["0", "any time"], ["60", "1 minute"], ["300", "5 minutes"], ["3600", "1 hour"], ["86400", "1 day"]]
+          .map(([v, t]) => h("option", { value: v, selected: v === older }, t)))),
+      h("button", { type: "submit", class: "primary" }, "Show"));
+    const holder = h("div", {});
+    show(filters, holder);
+    async function render() {
+      const stalls = await api("/api/stalled?older_than=" + encodeURIComponent(older));
+      holder.replaceChildren(table(STALL_HEADERS, stallRows(stalls), "Nothing is stuck."));
+    }
+    await render();
+    onLive(debounce(() => render().catch(fail), 1000));
+  };
+
+  pages.overviewLive = () => onLive(debounce(() => pages.overview().catch(fail), 1000));
+
+  /* -- start ------------------------------------------------------------------------- */
+  const logout = document.getElementById("logout");
+  if (logout) logout.addEventListener("click", async () => {
+    await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: { "X-Cantata-CSRF": "1" } });
+    location.assign("/login");
+  });
+  const run = pages[page];
+  if (run) {
+    run().then(() => { if (page === "overview") pages.overviewLive(); connectLive(); }).catch(fail);
+  }
+})();

@@ -1,0 +1,167 @@
+"""Live changes for ``GET /api/stream``: one feed per server follows the app's audit log
+(every run status change and dead letter is recorded there, by whichever process made
+it) and fans each change out to every connected client.
+
+The feed reads new audit records when the store says something changed (its change
+listeners) and otherwise every ``interval`` seconds, so changes made by other
+processes arrive even where the database cannot notify (SQLite). A client that does
+not keep up is disconnected rather than allowed to hold memory (it reconnects, and
+EventSource does that by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from cantata.model import codec
+from cantata.model.records import AuditRecord, to_datetime
+from cantata.store.base import Store
+
+log = logging.getLogger("cantata.server")
+
+QUEUE = 1000  # changes a client may lag behind before it is dropped
+PAGE = 500
+KEEPALIVE = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One server-sent event: ``kind`` is ``run`` or ``dead_letter``."""
+
+    seq: int
+    kind: str
+    data: dict[str, Any]
+
+    def frame(self) -> bytes:
+        return (f"id: {self.seq}\nevent: {self.kind}\ndata: ".encode()
+                + orjson.dumps(self.data) + b"\n\n")
+
+
+def change_of(rec: AuditRecord) -> Change | None:
+    """The client-facing change an audit record stands for (``None``: not streamed)."""
+    try:
+        data = codec.loads(rec.data)
+    except Exception:  # a record is canonical JSON; never let one stop the feed
+        return None
+    if not isinstance(data, dict):
+        return None
+    at = to_datetime(rec.time)
+    when = at.isoformat().replace("+00:00", "Z") if at is not None else None
+    if rec.action == "run.created":
+        return Change(rec.seq, "run", {"run_id": rec.target, "status": "pending",
+                                       "workflow": data.get("workflow"), "time": when})
+    if rec.action == "run.status" and "status" in data:
+        return Change(rec.seq, "run", {"run_id": rec.target, "status": data["status"],
+                                       "time": when})
+    if rec.action == "run.cancel_requested" and data.get("applied"):
+        return Change(rec.seq, "run", {"run_id": rec.target, "status": data.get("status"),
+                                       "cancel_requested": True, "time": when})
+    if rec.action in ("delivery.dead", "dead_letter.replayed"):
+        group, _, event_id = rec.target.partition(":")
+        return Change(rec.seq, "dead_letter", {
+            "id": data.get("dead_letter_id"), "group": group, "event_id": event_id,
+            "state": "dead" if rec.action == "delivery.dead" else "replayed",
+            "error": data.get("error"), "time": when,
+        })
+    return None
+
+
+class ChangeFeed:
+    """Follows one app's audit log while at least one client listens."""
+
+    def __init__(self, store_of: Callable[[], Awaitable[Store]], app: str,
+                 *, interval: float = 0.5) -> None:
+        self._store_of = store_of
+        self.app = app
+        self.interval = interval
+        self._clients: set[asyncio.Queue[Change | None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._listening: Store | None = None
+        self._starting = asyncio.Lock()
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def _changed(self, channel: str) -> None:
+        self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Change | None]]:
+        """A queue of changes from now on (``None`` means: you fell behind, reconnect)."""
+        queue: asyncio.Queue[Change | None] = asyncio.Queue(QUEUE)
+        async with self._starting:
+            if self._task is None or self._task.done():
+                store = await self._store_of()
+                if self._listening is not store:
+                    store.add_listener(self._changed)
+                    self._listening = store
+                start = await store.audit_head_seq(self.app)
+                self._task = asyncio.create_task(self._follow(store, start),
+                                                 name=f"cantata-console-feed:{self.app}")
+            self._clients.add(queue)
+        try:
+            yield queue
+        finally:
+            self._clients.discard(queue)
+            if not self._clients and self._task is not None and not self._starting.locked():
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._task
+                self._task = None
+
+    async def _follow(self, store: Store, after: int) -> None:
+        while True:
+            try:
+                records = await store.audit_records(self.app, after_seq=after, limit=PAGE)
+            except Exception as exc:  # the store is down: say so once per try, keep going
+                log.warning("console: change feed cannot read the store (%s); retrying",
+                            type(exc).__name__)
+                records = []
+            for rec in records:
+                after = rec.seq
+                change = change_of(rec)
+                if change is not None:
+                    self._publish(change)
+            if len(records) == PAGE:
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    def _publish(self, change: Change) -> None:
+        for queue in list(self._clients):
+            try:
+                queue.put_nowait(change)
+            except asyncio.QueueFull:
+                self._clients.discard(queue)
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.get_nowait()
+                    queue.put_nowait(None)
+
+
+async def frames(
+    feed: ChangeFeed, still_allowed: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[bytes]:
+    """The SSE byte stream of one client; ends when its token stops being valid."""
+    async with feed.subscribe() as queue:
+        yield b"retry: 2000\n: connected\n\n"
+        while True:
+            try:
+                change = await asyncio.wait_for(queue.get(), KEEPALIVE)
+            except TimeoutError:
+                if not await still_allowed():
+                    return
+                yield b": keepalive\n\n"
+                continue
+            if change is None:
+                return
+            yield change.frame()

@@ -1,0 +1,78 @@
+"""The SQLite store's console operations: pages of runs, counts, API tokens and
+operator actions in the audit log (see :mod:`cantata.store.console_sql`)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from cantata.errors import TokenExists
+from cantata.model.access import RunQuery, TokenRecord
+from cantata.model.records import RunRecord
+from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
+from cantata.store.sqlite_ops import RUN_COLS, audit_append, run_row
+
+
+def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
+    """The query of one page of runs (``bench/console.py`` EXPLAINs it too).
+
+    Without statistics SQLite prefers the index that yields the order (runs_newest)
+    and filters a transaction's few runs out of all of them; a correlation id names a
+    handful of runs, so its own index is the one to read (then sort those few).
+    """
+    sql, params = runs_page(app, q, RUN_COLS, lambda _: "?")
+    if q.correlation_id is not None and q.idempotency_key is None:
+        sql = sql.replace("FROM runs WHERE", "FROM runs INDEXED BY runs_correlation WHERE", 1)
+    return sql, params
+
+
+def query_runs(c: sqlite3.Connection, app: str, q: RunQuery) -> list[RunRecord]:
+    sql, params = runs_sql(app, q)
+    return [run_row(r) for r in c.execute(sql, params).fetchall()]
+
+
+def count_runs(c: sqlite3.Connection, app: str) -> dict[str, int]:
+    rows = c.execute(
+        "SELECT status, count(*) FROM runs WHERE app=? GROUP BY status", (app,)
+    ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def create_token(c: sqlite3.Connection, token: TokenRecord) -> None:
+    row = c.execute("SELECT revoked_at FROM tokens WHERE name=?", (token.name,)).fetchone()
+    if row is not None and row[0] is None:
+        raise TokenExists(
+            f"an active token is already named {token.name!r}: revoke it first "
+            f"(cantata token revoke {token.name}) or choose another name"
+        )
+    c.execute(
+        f"INSERT INTO tokens ({TOKEN_COLS}) VALUES (?,?,?,?,NULL) ON CONFLICT (name) DO UPDATE "
+        "SET role=excluded.role, token_hash=excluded.token_hash, "
+        "created_at=excluded.created_at, revoked_at=NULL",
+        (token.name, str(token.role), token.token_hash, token.created_at),
+    )
+
+
+def token_by_hash(c: sqlite3.Connection, token_hash: str) -> TokenRecord | None:
+    row = c.execute(
+        f"SELECT {TOKEN_COLS} FROM tokens WHERE token_hash=?", (token_hash,)
+    ).fetchone()
+    return None if row is None else token_row(row)
+
+
+def tokens(c: sqlite3.Connection) -> list[TokenRecord]:
+    rows = c.execute(f"SELECT {TOKEN_COLS} FROM tokens ORDER BY name").fetchall()
+    return [token_row(r) for r in rows]
+
+
+def revoke_token(c: sqlite3.Connection, name: str, now: float) -> bool:
+    return c.execute(
+        "UPDATE tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL", (now, name)
+    ).rowcount > 0
+
+
+def record_action(
+    c: sqlite3.Connection, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+) -> None:
+    audit_append(c, app, (actor, action, target, data))
+

@@ -1,0 +1,167 @@
+"""Fixtures of the console tests: the shop app on SQLite and on PostgreSQL, a client of
+its console (httpx over ASGI, or a real uvicorn server for streams and browsers), and
+one token per role."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cantata import App
+from cantata.model.access import Role
+from cantata.server.auth import create_token
+from tests.server.shop import make_shop
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh store: a SQLite file, or a PostgreSQL schema of this test's own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/shop.db"
+        return
+    base: str = request.getfixturevalue("postgres_url")
+    schema = f"console_{uuid.uuid4().hex[:10]}"
+    yield f"{base}{'&' if '?' in base else '?'}schema={schema}"
+    import asyncpg
+
+    conn = await asyncpg.connect(base)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Shop:
+    """The running shop app, its console client and a token per role."""
+
+    app: App
+    state: dict[str, Any]
+    client: httpx.AsyncClient
+    tokens: dict[str, str]
+    names: dict[str, str]
+
+    def auth(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+    async def get(self, path: str, role: str = "viewer", **kw: Any) -> httpx.Response:
+        return await self.client.get(path, headers=self.auth(role), **kw)
+
+    async def post(self, path: str, role: str = "operator", **kw: Any) -> httpx.Response:
+        return await self.client.post(path, headers=self.auth(role), **kw)
+
+
+async def make_tokens(app: App) -> tuple[dict[str, str], dict[str, str]]:
+    """One token per role, with names unique to the test (tokens are store-wide)."""
+    tokens, names = {}, {}
+    suffix = uuid.uuid4().hex[:6]
+    for role in Role:
+        names[role.value] = f"{role.value}-{suffix}"
+        tokens[role.value] = await create_token(app.store, names[role.value], role)
+    return tokens, names
+
+
+@pytest.fixture
+async def shop(store_url: str) -> AsyncIterator[Shop]:
+    """The shop serving its workflows and handlers, and an httpx client of its console."""
+    state: dict[str, Any] = {"emails_broken": False}
+    app = make_shop(store_url, state=state)
+    async with app:
+        tokens, names = await make_tokens(app)
+        api = app.asgi(stream_interval=0.05)
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            yield Shop(app, state, client, tokens, names)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Wait until ``await check()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServerThread:
+    """The app (serving its workflows, or just open as a client) and its console on a
+    real uvicorn server, in a thread with its own event loop: for browsers, streams
+    and schemathesis, which talk HTTP over TCP.
+
+    ``setup`` runs in the server's loop once the app is open (seed data, tokens).
+    """
+
+    def __init__(self, app: App, *, serve: bool = True,
+                 setup: Callable[[App], Awaitable[Any]] | None = None) -> None:
+        self.app = app
+        self.serve = serve
+        self.setup = setup
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.result: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: Any = None
+        self._error: BaseException | None = None
+        self._thread: Any = None
+
+    def __enter__(self) -> ServerThread:
+        import threading
+        import time
+
+        self._thread = threading.Thread(target=self._main, name="console-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not (self._server is not None and self._server.started):
+            if self._error is not None:
+                raise self._error
+            assert time.monotonic() < deadline, "the console server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        self._thread.join(30)
+
+    def run(self, coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``coro_fn()`` in the server's loop and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self.loop).result(30)
+
+    def _main(self) -> None:
+        import uvicorn
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.app.open(serve=self.serve)
+            try:
+                if self.setup is not None:
+                    self.result = await self.setup(self.app)
+                config = uvicorn.Config(self.app.asgi(stream_interval=0.05), host="127.0.0.1",
+                                        port=self.port, log_level="warning", lifespan="on",
+                                        timeout_graceful_shutdown=1)
+                server = uvicorn.Server(config)
+                self._server = server
+                await server.serve()
+            finally:
+                await self.app.close()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported to the test thread by __enter__
+            self._error = exc

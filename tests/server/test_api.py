@@ -1,0 +1,294 @@
+"""The JSON API against the shop app, on SQLite and on PostgreSQL (docs/console.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from cantata import App
+from tests.server.conftest import Shop, eventually
+
+
+async def finished(shop: Shop, run_id: str) -> dict[str, Any]:
+    """The run once it has ended."""
+    out: dict[str, Any] = {}
+
+    async def done() -> bool:
+        r = await shop.get(f"/api/runs/{run_id}")
+        out.update(r.json())
+        return out["status"] in ("completed", "compensated", "failed", "cancelled")
+
+    await eventually(done)
+    return out
+
+
+async def start(shop: Shop, workflow: str, order: dict[str, Any], **kw: Any) -> str:
+    r = await shop.post(f"/api/workflows/{workflow}/runs", json={"input": order, **kw})
+    assert r.status_code == 201, r.text
+    run_id: str = r.json()["run_id"]
+    return run_id
+
+
+async def test_health_needs_no_token(shop: Shop) -> None:
+    r = await shop.client.get("/api/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+async def test_a_compensated_order_shows_its_steps_attempts_and_compensation(shop: Shop) -> None:
+    run_id = await start(shop, "place_order", {"id": "B-7", "card": "declined"},
+                         idempotency_key="order-B-7")
+    run = await finished(shop, run_id)
+    assert run["status"] == "compensated" and run["compensated"] is True
+    assert run["idempotency_key"] == "order-B-7" and run["correlation_id"] == run_id
+    assert "card declined for order B-7" in run["error"] and run["result"] is None
+    assert run["args"] == [{"id": "B-7", "card": "declined"}]
+    for stamp in (run["created_at"], run["updated_at"]):
+        assert stamp.endswith("Z") and dt.datetime.fromisoformat(stamp).tzinfo is not None
+    steps = {s["key"]: s for s in run["steps"]}
+    assert [s["name"] for s in run["steps"]] == ["reserve", "charge", "release"]
+    charge = steps["charge#1"]
+    assert charge["status"] == "failed" and not charge["compensation"]
+    assert [a["attempt"] for a in charge["attempts"]] == [1, 2]
+    assert all(a["error"].startswith("ValueError: card declined") for a in charge["attempts"])
+    assert all(a["started_at"] and a["ended_at"] for a in charge["attempts"])
+    release = steps["compensate:release#1"]
+    assert release["compensation"] and release["status"] == "completed"
+    assert release["kind"] == "compensation"
+
+
+async def test_runs_filter_and_page_newest_first(shop: Shop) -> None:
+    ids = [await start(shop, "place_order", {"id": f"A-{i}"}, idempotency_key=f"k-{i}")
+           for i in range(5)]
+    declined = await start(shop, "place_order", {"id": "D-1", "card": "declined"})
+    for run_id in [*ids, declined]:
+        await finished(shop, run_id)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, "workflow": "place_order"}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await shop.get("/api/runs", params=params)).json()
+        seen += [r["run_id"] for r in page["runs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [declined, *reversed(ids)]
+    comp = (await shop.get("/api/runs", params={"status": "compensated"})).json()
+    assert [r["run_id"] for r in comp["runs"]] == [declined]
+    assert comp["next_cursor"] is None
+    by_key = (await shop.get("/api/runs", params={"idempotency_key": "k-3"})).json()
+    assert [r["run_id"] for r in by_key["runs"]] == [ids[3]]
+    by_corr = (await shop.get("/api/runs", params={"correlation_id": ids[1]})).json()
+    assert [r["run_id"] for r in by_corr["runs"]] == [ids[1]]
+    first = (await shop.get(f"/api/runs/{ids[0]}")).json()["created_at"]
+    last = (await shop.get(f"/api/runs/{declined}")).json()["created_at"]
+    window = (await shop.get("/api/runs", params={"since": first, "until": last})).json()
+    assert [r["run_id"] for r in window["runs"]] == list(reversed(ids))
+    future = (await shop.get("/api/runs", params={"since": "2999-01-01T00:00:00Z"})).json()
+    assert future == {"runs": [], "next_cursor": None}
+    keys = set(window["runs"][0])
+    assert keys == {"run_id", "workflow", "status", "created_at", "updated_at",
+                    "idempotency_key", "correlation_id", "error", "result"}
+    assert window["runs"][0]["result"] == {"status": "shipped", "order": "A-4"}
+
+
+async def test_cancel_a_waiting_run_then_409_once_it_ended(shop: Shop) -> None:
+    run_id = await start(shop, "await_approval", {"id": "W-1"})
+
+    async def waiting() -> bool:
+        run = (await shop.get(f"/api/runs/{run_id}")).json()
+        return any(s["kind"] == "wait" for s in run["steps"])
+
+    await eventually(waiting)
+    r = await shop.post(f"/api/runs/{run_id}/cancel")
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    run = await finished(shop, run_id)
+    assert run["status"] == "cancelled"
+    assert any(s["compensation"] and s["name"] == "release" for s in run["steps"])
+    again = await shop.post(f"/api/runs/{run_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "run_final"
+    missing = await shop.post("/api/runs/0123456789abcdef0123456789abcdef/cancel")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "run_not_found"
+
+
+async def test_start_by_name_idempotency_and_unknown_workflow(shop: Shop) -> None:
+    a = await start(shop, "place_order", {"id": "I-1"}, idempotency_key="same")
+    b = await start(shop, "place_order", {"id": "I-1"}, idempotency_key="same")
+    assert a == b
+    clash = await shop.post("/api/workflows/place_order/runs",
+                            json={"input": {"id": "I-2"}, "idempotency_key": "same"})
+    assert clash.status_code == 409 and clash.json()["error"]["code"] == "idempotency_conflict"
+    unknown = await shop.post("/api/workflows/nope/runs", json={"input": 1})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_workflow"
+    both = await shop.post("/api/workflows/place_order/runs", json={"input": 1, "args": [1]})
+    assert both.status_code == 400 and both.json()["error"]["field"] == "args"
+    by_args = await shop.post("/api/workflows/place_order/runs",
+                              json={"args": [{"id": "I-3"}], "correlation_id": "tx-9"})
+    assert by_args.status_code == 201
+    run = await finished(shop, by_args.json()["run_id"])
+    assert run["status"] == "completed" and run["correlation_id"] == "tx-9"
+
+
+async def test_dead_letter_replayed_after_the_handler_is_fixed(shop: Shop) -> None:
+    shop.state["emails_broken"] = True
+    r = await shop.post("/api/events", json={"type": "order.placed", "data": {"order_id": "E-1"},
+                                             "correlation_id": "order-E-1"})
+    assert r.status_code == 201
+    event_id = r.json()["id"]
+    letters: list[dict[str, Any]] = []
+
+    async def dead() -> bool:
+        letters[:] = (await shop.get("/api/dead-letters", params={"group": "emails"})).json()
+        return bool(letters)
+
+    await eventually(dead)
+    [letter] = letters
+    assert letter["event"]["id"] == event_id and letter["group"] == "emails"
+    assert letter["event"]["correlation_id"] == "order-E-1"
+    assert letter["error"] == "RuntimeError: SMTP server refused the connection"
+    assert (await shop.get("/api/dead-letters", params={"type": "other.type"})).json() == []
+    shop.state["emails_broken"] = False
+    replay = await shop.post(f"/api/dead-letters/{letter['id']}/replay")
+    assert replay.status_code == 200 and replay.json()["id"] == letter["id"]
+
+    async def handled() -> bool:
+        trace = (await shop.get("/api/trace/order-E-1")).json()
+        handlers = [n for n in trace["children"] if n["kind"] == "handler"]
+        return bool(handlers) and handlers[0]["status"] == "completed"
+
+    await eventually(handled)
+    assert (await shop.get("/api/dead-letters")).json() == []
+    again = await shop.post(f"/api/dead-letters/{letter['id']}/replay")
+    assert again.status_code == 404
+
+
+async def test_trace_where_and_stalled(shop: Shop) -> None:
+    run_id = await start(shop, "place_order", {"id": "T-1", "card": "declined"})
+    await finished(shop, run_id)
+    trace = (await shop.get(f"/api/trace/{run_id}")).json()
+    assert trace["kind"] == "run" and trace["name"] == "place_order"
+    assert trace["status"] == "compensated" and trace["correlation_id"] == run_id
+    assert trace["where"].startswith("compensated") and "\n" not in trace["where"]
+    kinds = [(c["kind"], c["name"]) for c in trace["children"]]
+    assert ("compensation", "release") in kinds
+    waiting = await start(shop, "await_approval", {"id": "T-2"})
+
+    async def stalled() -> bool:
+        found = (await shop.get("/api/stalled", params={"older_than": 0})).json()
+        return any(s["correlation_id"] == waiting for s in found)
+
+    await eventually(stalled)
+    found = (await shop.get("/api/stalled", params={"older_than": 0})).json()
+    stall = next(s for s in found if s["correlation_id"] == waiting)
+    assert stall["reason"] == "waiting_event" and stall["node"]["kind"] == "wait"
+    assert (await shop.get("/api/stalled")).json() == []  # default: 5 minutes
+    assert "waiting" in (await shop.get(f"/api/trace/{waiting}")).json()["where"]
+    missing = await shop.get("/api/trace/no-such-transaction")
+    assert missing.status_code == 404
+
+
+async def test_maps(shop: Shop) -> None:
+    run_id = await start(shop, "place_order", {"id": "M-1", "card": "declined"})
+    await finished(shop, run_id)
+    plain = (await shop.get("/api/maps/workflows/place_order")).json()
+    assert plain["mermaid"].startswith("flowchart TD")
+    names = {n["name"]: n for n in plain["nodes"]}
+    assert names["refund"]["kind"] == "compensation" and names["charge"]["kind"] == "step"
+    ids = {n["id"] for n in plain["nodes"]}
+    assert all(e["source"] in ids and e["target"] in ids for e in plain["edges"])
+    coloured = (await shop.get("/api/maps/workflows/place_order",
+                               params={"run_id": run_id})).json()
+    state = {n["name"]: n["status"] for n in coloured["nodes"]}
+    assert state["reserve"] == "completed" and state["charge"] == "failed"
+    assert state["ship"] == "not_reached" and state["release"] == "completed"
+    assert state["refund"] == "not_reached"
+    events = (await shop.get("/api/maps/events")).json()
+    assert events["mermaid"].startswith("flowchart LR")
+    by_id = {n["id"]: n for n in events["nodes"]}
+    flows = {(by_id[e["source"]]["name"], by_id[e["target"]]["name"]): e["state"]
+             for e in events["edges"]}
+    assert flows[("invoice.approved", "await_approval")] == "dead"
+    assert flows[("order.placed", "emails: send_email")] == "dead"
+    assert (await shop.get("/api/maps/workflows/nope")).status_code == 404
+
+
+async def test_operator_actions_are_audited_with_the_token_name(shop: Shop) -> None:
+    run_id = await start(shop, "await_approval", {"id": "AU-1"})
+    await shop.post(f"/api/runs/{run_id}/cancel")
+    await shop.post("/api/events", json={"type": "invoice.approved", "data": {}})
+    records: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await shop.get("/api/audit", "admin", params=params)).json()
+        records += page["records"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    actor = f"token:{shop.names['operator']}"
+    mine = {(r["action"], r["target"]) for r in records if r["actor"] == actor}
+    assert ("run.started", run_id) in mine and ("run.cancel_requested", run_id) in mine
+    assert any(a == "event.published" for a, _ in mine)
+    text = str(records)
+    assert all(token not in text for token in shop.tokens.values())
+    report = (await shop.get("/api/audit/verify", "admin")).json()
+    assert report["ok"] is True and report["records"] >= len(records)
+
+
+async def test_metrics_count_runs_by_status(shop: Shop) -> None:
+    run_id = await start(shop, "place_order", {"id": "P-1"})
+    await finished(shop, run_id)
+    r = await shop.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert 'cantata_runs{app="shop",status="completed"} 1' in r.text
+    assert 'cantata_dead_letters{app="shop"} 0' in r.text
+
+
+async def test_the_console_works_from_the_store_alone(shop: Shop, store_url: str) -> None:
+    """No code: a bare App(name, store) lists, shows, maps from history and starts by name
+    (the run waits in the store for the shop's workers, which take it)."""
+    import httpx
+
+    done = await start(shop, "place_order", {"id": "S-1", "card": "declined"})
+    await finished(shop, done)
+    bare = App("shop", store=store_url)
+    api = bare.asgi()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api),
+                                 base_url="http://bare") as client:
+        h = shop.auth("operator")
+        listed = (await client.get("/api/runs", headers=h)).json()["runs"]
+        assert done in [r["run_id"] for r in listed]
+        m = (await client.get("/api/maps/workflows/place_order", headers=h,
+                              params={"run_id": done})).json()
+        assert {n["name"]: n["status"] for n in m["nodes"]}["release"] == "completed"
+        r = await client.post("/api/workflows/place_order/runs", headers=h,
+                              json={"input": {"id": "S-2"}})
+        assert r.status_code == 201
+        run = await finished(shop, r.json()["run_id"])  # executed by the shop's worker
+        assert run["status"] == "completed"
+        assert (await client.get("/api/workflows", headers=h)).json() == [
+            "await_approval", "place_order"]
+    await bare.close()
+
+
+async def test_a_keyed_audit_chain_verifies_with_the_apps_key(store_url: str) -> None:
+    import httpx
+
+    from tests.server.conftest import make_tokens
+    from tests.server.shop import make_shop
+
+    app = make_shop(store_url, audit_key="console-test-audit-key-0123456789")
+    async with app:
+        tokens, _ = await make_tokens(app)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.asgi()),
+                                     base_url="http://c") as c:
+            h = {"Authorization": f"Bearer {tokens['admin']}"}
+            r = await c.post("/api/workflows/place_order/runs", headers=h,
+                             json={"input": {"id": "K-1"}})
+            assert r.status_code == 201
+            report = (await c.get("/api/audit/verify", headers=h)).json()
+    assert report["ok"] is True, report

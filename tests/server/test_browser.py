@@ -1,0 +1,214 @@
+"""The dashboard in a real browser (Debian's chromium, headless, driven by Playwright):
+log in, find a compensated order and its compensation on the map, replay a dead letter
+once the handler is fixed and watch it succeed, cancel a run, and a viewer sees no
+operator button. Screenshots go to docs/img/ for docs/console.md."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata import App
+from tests.server.conftest import ServerThread, make_tokens
+from tests.server.shop import make_shop
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
+OPERATOR_BUTTONS = ("Cancel", "Replay", "Start", "Publish")
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CANTATA_REQUIRE_SERVICES") == "1":
+        raise RuntimeError(f"{CHROMIUM} is missing and CANTATA_REQUIRE_SERVICES=1 (see .ci/run)")
+    pytest.skip(f"chromium is not installed at {CHROMIUM} (apt-get install -y chromium)",
+                allow_module_level=True)
+
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+async def seed(app: App) -> dict[str, Any]:
+    tokens, names = await make_tokens(app)
+    for i in range(4):
+        await (await app.start("place_order", {"id": f"A-{i}", "total": 20 + i},
+                               idempotency_key=f"order-A-{i}")).result(10)
+    declined = await app.start("place_order", {"id": "B-7", "card": "declined", "note": XSS},
+                               idempotency_key="order-B-7")
+    with contextlib.suppress(Exception):  # it compensates: the point
+        await declined.result(10)
+    return {"tokens": tokens, "names": names, "declined": declined.run_id}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    path = tmp_path_factory.mktemp("browser") / "shop.db"
+    state = {"emails_broken": False}
+    app = make_shop(f"sqlite:///{path}", state=state)
+    with ServerThread(app, setup=seed) as srv:
+        srv.state = state  # type: ignore[attr-defined]
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def login(browser: Browser, server: ServerThread, role: str, img: Path) -> Page:
+    page = browser.new_page(viewport={"width": 1360, "height": 860})
+    page.img = img  # type: ignore[attr-defined]
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.errors = errors  # type: ignore[attr-defined]
+    page.goto(f"{server.url}/")
+    expect(page).to_have_url(re.compile(r"/login\?next=/$"))
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    page.get_by_label("Token").fill(server.result["tokens"][role])
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    assert server.result["tokens"][role] not in page.url
+    return page
+
+
+@pytest.fixture(scope="module")
+def img(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: docs/img/ with CANTATA_SCREENSHOTS=1 (to refresh
+    docs/console.md), else a temporary folder (a test run leaves the checkout alone)."""
+    if os.environ.get("CANTATA_SCREENSHOTS") == "1":
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        return DOCS_IMG
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def shot(page: Page, name: str) -> None:
+    folder: Path = page.img  # type: ignore[attr-defined]
+    page.screenshot(path=str(folder / name), full_page=True)
+
+
+def test_find_a_compensated_order_and_its_compensation_on_the_map(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    page = login(browser, server, "operator", img)
+    expect(page.locator(".card.s-compensated .n")).to_have_text("1")
+    shot(page, "overview.png")
+    page.get_by_role("link", name="Runs", exact=True).click()
+    expect(page.get_by_role("heading", name="Runs")).to_be_visible()
+    page.get_by_label("Status").select_option("compensated")
+    page.get_by_role("button", name="Filter").click()
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("compensated")
+    shot(page, "runs.png")
+    rows.first.get_by_role("link").first.click()
+    expect(page.get_by_role("heading", name="Run")).to_be_visible()
+    expect(page).to_have_url(re.compile(server.result["declined"]))
+    release = page.locator('svg.flow-map g.node[data-name="release"]')
+    expect(release).to_have_attribute("data-kind", "compensation")
+    expect(release).to_have_attribute("data-status", "completed")
+    expect(page.locator('svg.flow-map g.node[data-name="charge"]')).to_have_attribute(
+        "data-status", "failed")
+    expect(page.locator('svg.flow-map g.node[data-name="ship"]')).to_have_attribute(
+        "data-status", "not_reached")
+    expect(page.get_by_role("cell", name=re.compile("release"))).to_be_visible()
+    # the order's note is data: shown as text, never run
+    expect(page.get_by_text("<script>window.__xss = 1</script>").first).to_be_visible()
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("main script, main img").count() == 0
+    shot(page, "run-compensated.png")
+    page.get_by_role("link", name=server.result["declined"]).click()
+    expect(page.get_by_role("heading", name="Trace")).to_be_visible()
+    expect(page.locator(".where")).to_contain_text("compensated")
+    expect(page.locator('svg.timeline g.tl-row[data-kind="compensation"]')).to_have_count(1)
+    assert page.evaluate("window.__xss") is None
+    shot(page, "trace.png")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_replay_a_dead_letter_after_fixing_the_handler(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    state = server.state  # type: ignore[attr-defined]
+    state["emails_broken"] = True
+    page = login(browser, server, "operator", img)
+    page.get_by_role("link", name="Dead letters").click()
+    expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
+    event = server.run(lambda: server.app.publish("order.placed", {"order_id": "E-1"},
+                                                  correlation_id="order-E-1"))
+    row = page.locator('tr:has-text("order.placed")')
+    expect(row).to_have_count(1, timeout=15_000)  # arrives live (server-sent events)
+    expect(row).to_contain_text("SMTP server refused the connection")
+    shot(page, "dead-letters.png")
+    state["emails_broken"] = False  # the fix is deployed
+    row.get_by_role("button", name="Replay").click()
+    expect(page.get_by_role("status")).to_contain_text("Replayed order.placed to emails")
+    expect(page.locator('tr:has-text("order.placed")')).to_have_count(0)
+    page.get_by_role("link", name="Follow it in its trace").click()
+    expect(page.get_by_role("heading", name="Trace")).to_be_visible()
+    handler = page.locator('svg.timeline g.tl-row[data-kind="handler"]')
+    expect(handler).to_have_attribute("data-status", "completed", timeout=15_000)
+    expect(page.locator(".where")).to_contain_text("completed")
+    assert event.correlation_id == "order-E-1"
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_cancel_a_run(browser: Browser, server: ServerThread, img: Path) -> None:
+    handle = server.run(lambda: server.app.start("await_approval", {"id": "C-1"}))
+    page = login(browser, server, "operator", img)
+    page.goto(f"{server.url}/runs/{handle.run_id}")
+    expect(page.get_by_role("heading", name="Run")).to_be_visible()
+    wait = page.locator('svg.flow-map g.node[data-kind="wait"]')
+    expect(wait).to_have_attribute("data-status", "waiting", timeout=15_000)
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator(".headline .badge").first).to_have_text("cancelled", timeout=15_000)
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    expect(page.locator('svg.flow-map g.node[data-name="release"]')).to_have_attribute(
+        "data-status", "completed")
+    shot(page, "run-cancelled.png")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_viewer_sees_no_operator_buttons(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    live = server.run(lambda: server.app.start("await_approval", {"id": "V-1"}))
+    server.state["emails_broken"] = True  # type: ignore[attr-defined]
+    server.run(lambda: server.app.publish("order.placed", {"order_id": "V-1"}))
+    page = login(browser, server, "viewer", img)
+    for path, heading in [("/", "Overview"), (f"/runs/{live.run_id}", "Run"),
+                          ("/dead-letters", "Dead letters"), ("/events", "Choreography map"),
+                          ("/runs", "Runs"), ("/stalled", "Stalled transactions")]:
+        page.goto(f"{server.url}{path}")
+        expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        for name in OPERATOR_BUTTONS:
+            expect(page.get_by_role("button", name=name, exact=True)).to_have_count(0)
+    page.goto(f"{server.url}/dead-letters")
+    expect(page.locator('tr:has-text("order.placed")').first).to_be_visible(timeout=15_000)
+    expect(page.get_by_role("button", name="Replay")).to_have_count(0)
+    page.goto(f"{server.url}/events")
+    expect(page.locator("svg.event-map")).to_be_visible()
+    shot(page, "events.png")
+    # the operator sees them where they apply
+    op = login(browser, server, "operator", img)
+    op.goto(f"{server.url}/runs/{live.run_id}")
+    expect(op.get_by_role("button", name="Cancel")).to_be_visible()
+    op.goto(f"{server.url}/")
+    expect(op.get_by_role("button", name="Start")).to_be_visible()
+    op.goto(f"{server.url}/events")
+    expect(op.get_by_role("button", name="Publish")).to_be_visible()
+    op.goto(f"{server.url}/dead-letters")
+    expect(op.get_by_role("button", name="Replay").first).to_be_visible()
+    assert page.errors == [] and op.errors == []  # type: ignore[attr-defined]

@@ -1,0 +1,80 @@
+"""``cantata token create|list|revoke`` and ``cantata serve`` as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.server.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cantata(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cantata", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def test_tokens_are_printed_once_listed_by_name_and_revoked(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/t.db"
+    made = cantata("token", "create", "--name", "alice", "--role", "operator", "--store", store)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("cantata_") and len(token) > 40 and "\n" not in token
+    assert "shown this once" in made.stderr
+    listed = cantata("token", "list", "--store", store)
+    assert "alice" in listed.stdout and "operator" in listed.stdout
+    assert token not in listed.stdout and token[8:20] not in listed.stdout
+    assert token.encode() not in Path(f"{tmp_path}/t.db").read_bytes()  # only its hash
+    twice = cantata("token", "create", "--name", "alice", "--role", "viewer", "--store", store)
+    assert twice.returncode == 1 and "already named 'alice'" in twice.stderr
+    assert "Traceback" not in twice.stderr and len(twice.stderr.strip().splitlines()) == 1
+    bad = cantata("token", "create", "--name", "bob", "--role", "root", "--store", store)
+    assert bad.returncode == 1 and "viewer, operator, admin" in bad.stderr
+    assert cantata("token", "revoke", "alice", "--store", store).returncode == 0
+    assert "revoked" in cantata("token", "list", "--store", store).stdout
+    again = cantata("token", "revoke", "alice", "--store", store)
+    assert again.returncode == 1 and "no active token named 'alice'" in again.stderr
+
+
+def _serving(args: list[str], env: dict[str, str], port: int, token: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "cantata", "serve", *args, "--port",
+                             str(port)], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "cantata serve did not answer"
+            time.sleep(0.1)
+        h = {"Authorization": f"Bearer {token}"}
+        runs = httpx.get(f"http://127.0.0.1:{port}/api/runs", headers=h, timeout=5)
+        assert runs.status_code == 200 and runs.json()["next_cursor"] is None
+        assert httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=5).status_code == 401
+        page = httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
+        assert "Log in" in page.text and "server" not in page.headers
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert token not in out + err
+
+
+def test_serve_from_the_store_alone_and_from_the_code(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/s.db"
+    token = cantata("token", "create", "--name", "ops", "--role", "admin",
+                    "--store", store).stdout.strip()
+    _serving(["--store", store, "--app", "shop"], {}, free_port(), token)
+    _serving(["tests.server.served_app:app"], {"SHOP_STORE": store}, free_port(), token)
+    nothing = cantata("serve", "--store", f"sqlite:///{tmp_path}/empty.db")
+    assert nothing.returncode == 1 and "which app?" in nothing.stderr

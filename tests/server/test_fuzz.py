@@ -1,0 +1,108 @@
+"""Bad input anywhere gets a 4xx with the error shape naming the field: never a 500,
+never a stack trace."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.server.conftest import Shop
+
+FUZZ = settings(max_examples=40, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+text = st.text(max_size=300) | st.sampled_from(
+    ["", " ", "%00", "\x00", "'; DROP TABLE runs;--", "<script>alert(1)</script>", "../../etc",
+     "9" * 400, "∞", "NaN", "-1", "1e309", "2026-13-45T99:99:99Z", "null", "[]", "{}"])
+
+
+def assert_error(r: httpx.Response, field: str | None = None) -> None:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    if field is not None:
+        assert body["error"]["field"] == field, body
+
+
+@FUZZ
+@given(name=st.sampled_from(["workflow", "status", "since", "until", "idempotency_key",
+                             "correlation_id", "limit", "cursor"]), value=text)
+async def test_runs_filters(shop: Shop, name: str, value: str) -> None:
+    r = await shop.get("/api/runs", params={name: value})
+    if r.status_code == 200:
+        assert set(r.json()) == {"runs", "next_cursor"}
+    else:
+        assert_error(r, name)
+
+
+async def test_named_fields_of_known_bad_values(shop: Shop) -> None:
+    for params, field in [({"status": "done"}, "status"), ({"limit": "0"}, "limit"),
+                          ({"limit": "many"}, "limit"), ({"limit": "501"}, "limit"),
+                          ({"since": "yesterday"}, "since"), ({"until": "2026-01-01"}, "until"),
+                          ({"cursor": "not-a-cursor"}, "cursor"), ({"cursor": "W10"}, "cursor"),
+                          ({"cursor": "WzEsMl0"}, "cursor"),
+                          ({"correlation_id": "a b"}, "correlation_id"),
+                          ({"workflow": "x" * 201}, "workflow")]:
+        assert_error(await shop.get("/api/runs", params=params), field)
+    assert_error(await shop.get("/api/stalled", params={"older_than": "-5"}), "older_than")
+    assert_error(await shop.get("/api/stalled", params={"older_than": "soon"}), "older_than")
+    assert_error(await shop.get("/api/audit", "admin", params={"cursor": "!!"}), "cursor")
+    assert_error(await shop.get("/api/audit", "admin", params={"limit": "-1"}), "limit")
+
+
+@FUZZ
+@given(value=text)
+async def test_ids_and_names_in_paths(shop: Shop, value: str) -> None:
+    v = quote(value, safe="")
+    for r in (await shop.get(f"/api/runs/{v}"), await shop.get(f"/api/trace/{v}"),
+              await shop.get(f"/api/maps/workflows/{v}"),
+              await shop.post(f"/api/runs/{v}/cancel"),
+              await shop.post(f"/api/dead-letters/{v}/replay"),
+              await shop.post(f"/api/workflows/{v}/runs", json={})):
+        if r.status_code not in (200, 201):
+            assert_error(r)
+
+
+@FUZZ
+@given(body=st.one_of(
+    st.binary(max_size=200),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                 lambda inner: st.lists(inner, max_size=3)
+                 | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+                 max_leaves=8).map(lambda v: __import__("json").dumps(v).encode()),
+))
+async def test_bodies(shop: Shop, body: bytes) -> None:
+    headers = {**shop.auth("operator"), "Content-Type": "application/json"}
+    for path in ("/api/events", "/api/workflows/place_order/runs", "/api/session"):
+        r = await shop.client.post(path, headers=headers, content=body)
+        if r.status_code in (200, 201):
+            continue
+        assert_error(r)
+
+
+async def test_known_bad_bodies_name_their_field(shop: Shop) -> None:
+    cases: list[tuple[str, Any, str]] = [
+        ("/api/events", {"data": {}}, "type"),
+        ("/api/events", {"type": "not a type"}, "type"),
+        ("/api/events", {"type": "order.placed", "correlation_id": ""}, "correlation_id"),
+        ("/api/events", {"type": "order.placed", "id": 5}, "id"),
+        ("/api/workflows/place_order/runs", {"args": "one"}, "args"),
+        ("/api/workflows/place_order/runs", {"idempotency_key": "has space"}, "idempotency_key"),
+        ("/api/workflows/place_order/runs", [1, 2], "body"),
+    ]
+    for path, body, field in cases:
+        assert_error(await shop.post(path, json=body), field)
+    r = await shop.client.post("/api/events", content=b"{oops", headers={
+        **shop.auth("operator"), "Content-Type": "application/json"})
+    assert_error(r)
+    huge = await shop.post("/api/events", json={"type": "order.placed", "data": "x" * 2_000_000})
+    assert huge.status_code < 500
+    big_int = await shop.post("/api/workflows/place_order/runs", json={"input": 2**70})
+    assert_error(big_int)
+    bad_name = await shop.post("/api/workflows/bad%20name/runs", json={})
+    assert_error(bad_name, "name")

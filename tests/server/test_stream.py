@@ -1,0 +1,89 @@
+"""``/api/stream``: run status changes and dead letters reach every client, including
+changes made by another process (another store connection), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import httpx
+
+from cantata import App
+from cantata.model.access import Role
+from cantata.server.auth import create_token
+from tests.server.conftest import ServerThread, eventually
+from tests.server.shop import make_shop
+
+
+async def listen(url: str, token: str, into: list[tuple[str, dict[str, Any]]],
+                 ready: asyncio.Event) -> None:
+    headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+    async with httpx.AsyncClient(timeout=None) as client, \
+            client.stream("GET", f"{url}/api/stream", headers=headers) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        async for line in r.aiter_lines():
+            if line.startswith(": connected"):
+                ready.set()
+            elif line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind:
+                into.append((kind, json.loads(line[6:])))
+                kind = None
+
+
+async def test_changes_of_another_process_reach_every_client(store_url: str) -> None:
+    console_app = App("shop", store=store_url)  # the console: no code, its own connection
+    with ServerThread(console_app, serve=False) as server:
+        state = {"emails_broken": True}
+        shop = make_shop(store_url, state=state)
+        async with shop:
+            token = await create_token(shop.store, "stream-viewer", Role.VIEWER)
+            seen: list[list[tuple[str, dict[str, Any]]]] = [[], [], []]
+            readies = [asyncio.Event() for _ in seen]
+            tasks = [asyncio.create_task(listen(server.url, token, s, e))
+                     for s, e in zip(seen, readies, strict=True)]
+            try:
+                for ready in readies:
+                    await asyncio.wait_for(ready.wait(), 10)
+                handle = await shop.start("place_order", {"id": "L-1", "card": "declined"})
+                await shop.publish("order.placed", {"order_id": "L-1"})
+
+                async def all_seen() -> bool:
+                    for events in seen:
+                        statuses = [d["status"] for k, d in events
+                                    if k == "run" and d["run_id"] == handle.run_id]
+                        if "compensated" not in statuses:
+                            return False
+                        if not any(k == "dead_letter" and d["group"] == "emails"
+                                   for k, d in events):
+                            return False
+                    return True
+
+                await eventually(all_seen, timeout=15)
+                statuses = [d["status"] for k, d in seen[0]
+                            if k == "run" and d["run_id"] == handle.run_id]
+                assert statuses[0] == "pending" and statuses[-1] == "compensated"
+                assert "compensating" in statuses
+                dead = next(d for k, d in seen[0] if k == "dead_letter")
+                assert dead["state"] == "dead" and dead["id"]
+                assert "SMTP" in dead["error"]
+            finally:
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
+
+async def test_the_stream_needs_a_token(store_url: str) -> None:
+    app = App("shop", store=store_url)
+    with ServerThread(app, serve=False) as server:
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"{server.url}/api/stream")
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+            r = await client.get(f"{server.url}/api/stream",
+                                 headers={"Authorization": "Bearer nope"})
+            assert r.status_code == 401
