@@ -6,7 +6,7 @@ Prints a table (throughput, p50/p99, ratios against DBOS on SQLite and PostgreSQ
 FastStream on NATS), writes every raw figure to ``bench/results/run-<time>.json`` (and
 ``latest.json``) and the table to ``bench/results/latest.md``. Peers run from
 ``bench/.venv-peers`` (``bash bench/peers/setup.sh``); a peer that cannot run here is
-reported with the reference figure of ``../shared/bench/peers/RESULTS.md``, marked as
+reported with the reference figure of ``bench/peers/REFERENCE.md``, marked as
 such. Benchmarks report; they assert nothing about timings.
 """
 

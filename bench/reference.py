@@ -1,12 +1,12 @@
 """Peer figures measured earlier on this machine kind (medians of 3 interleaved rounds).
 
-Source: ../shared/bench/peers/RESULTS.md (2026-11-28). Used only when a peer cannot be
+Source: bench/peers/REFERENCE.md (2026-11-28). Used only when a peer cannot be
 installed or started in this run, and then marked "reference, not measured in this run".
 """
 
 from __future__ import annotations
 
-SOURCE = "/work/shared/bench/peers/RESULTS.md"
+SOURCE = "bench/peers/REFERENCE.md"
 
 # key -> workload -> figures
 REFERENCE: dict[str, dict[str, dict[str, float]]] = {

@@ -115,7 +115,7 @@ TASK_FAILED = "failed"
 
 @dataclass(slots=True)
 class TaskRecord:
-    """A step call addressed to the workers of another service (DESIGN.md §3).
+    """A step call addressed to the workers of another service (docs/guide.md, "Steps in other services").
 
     Created by the calling run's checkpoint, claimed and finished by a worker of
     ``service``; fenced like deliveries so a worker that lost it cannot finish it.
@@ -215,7 +215,7 @@ class WorkerInfo:
 
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
-    """One link of an app's hash-chained audit log (DESIGN.md §6).
+    """One link of an app's hash-chained audit log (docs/security.md).
 
     ``hash`` is ``sha256(prev_hash + canonical JSON of [seq, time, actor, action,
     target, data])`` (see :mod:`cantata.store.audit`); ``seq`` is contiguous per app.

@@ -1,4 +1,4 @@
-"""The hash-chained audit log, independent of the backend (DESIGN.md §6).
+"""The hash-chained audit log, independent of the backend (docs/security.md).
 
 Each app has one chain. Record ``seq`` (1, 2, 3, … with no gap) has
 

@@ -1,6 +1,6 @@
 -- Cantata store, PostgreSQL schema version 2: remote step tasks and the audit log.
 
--- One row per step call addressed to another service's workers (DESIGN.md §3).
+-- One row per step call addressed to another service's workers (docs/guide.md, "Steps in other services").
 CREATE TABLE tasks (
     app text NOT NULL,
     task_id text NOT NULL,
@@ -27,7 +27,7 @@ CREATE INDEX tasks_run ON tasks (app, run_id);
 CREATE INDEX tasks_correlation ON tasks (app, correlation_id);
 CREATE INDEX tasks_owner ON tasks (app, owner) WHERE owner IS NOT NULL;
 
--- The hash-chained audit log (DESIGN.md §6; see cantata/store/audit.py), one
+-- The hash-chained audit log (docs/security.md; see cantata/store/audit.py), one
 -- chain per app. audit_head holds each chain's last record; appending locks that
 -- row (the last statement of the writing transaction), which serializes appends
 -- per app and lets verification notice records cut from the end.

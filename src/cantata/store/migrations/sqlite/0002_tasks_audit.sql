@@ -1,6 +1,6 @@
 -- Cantata store, SQLite schema version 2: remote step tasks and the audit log.
 
--- One row per step call addressed to another service's workers (DESIGN.md §3).
+-- One row per step call addressed to another service's workers (docs/guide.md, "Steps in other services").
 CREATE TABLE IF NOT EXISTS tasks (
     app TEXT NOT NULL,
     task_id TEXT NOT NULL,
@@ -28,7 +28,7 @@ CREATE INDEX IF NOT EXISTS tasks_run ON tasks (app, run_id);
 CREATE INDEX IF NOT EXISTS tasks_correlation ON tasks (app, correlation_id);
 CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (app, owner) WHERE owner IS NOT NULL;
 
--- The hash-chained audit log (DESIGN.md §6; see cantata/store/audit.py), one
+-- The hash-chained audit log (docs/security.md; see cantata/store/audit.py), one
 -- chain per app, and the head of each chain (written in the same transaction).
 CREATE TABLE IF NOT EXISTS audit (
     app TEXT NOT NULL,
