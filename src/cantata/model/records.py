@@ -115,7 +115,7 @@ TASK_FAILED = "failed"
 
 @dataclass(slots=True)
 class TaskRecord:
-    """A step call addressed to the workers of another service (docs/guide.md, "Steps in other services").
+    """A step call addressed to the workers of another service (see docs/guide.md).
 
     Created by the calling run's checkpoint, claimed and finished by a worker of
     ``service``; fenced like deliveries so a worker that lost it cannot finish it.
