@@ -80,6 +80,11 @@ class Broker(Protocol):
     async def close(self) -> None:
         """Stop every subscription and disconnect."""
 
+    def adopt_timing(self, *, lease: float, poll_interval: float) -> None:
+        """Take the app's lease (and poll interval) for deliveries, unless the broker
+        was given its own: a dead worker's deliveries are taken over after the same
+        time as its runs."""
+
     async def attach(self, app: str) -> None:
         """Prepare what ``app`` needs on the broker (a stream), once opened.
 

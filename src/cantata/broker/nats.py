@@ -77,7 +77,9 @@ class NatsBroker:
     Args:
         url: ``nats://[user:password@]host:port``.
         ack_wait: seconds a delivered message may stay unsettled before NATS redelivers
-            it (a handler keeps it longer with ``extend()``).
+            it: a message whose worker died is handled elsewhere after this long. A
+            live worker tells NATS it is still working every third of it, however
+            long its handler runs. Default: the app's lease (see :meth:`adopt_timing`).
         fetch_timeout: seconds each pull waits for messages; also bounds how long
             ``stop()`` takes.
         connect_attempts: attempts of the first connection before ``open()`` gives up;
@@ -102,7 +104,7 @@ class NatsBroker:
         self,
         url: str = "nats://127.0.0.1:4222",
         *,
-        ack_wait: float = 30.0,
+        ack_wait: float | None = None,
         fetch_timeout: float = 1.0,
         connect_attempts: int = 3,
         reconnect_time_wait: float = 1.0,
@@ -119,7 +121,8 @@ class NatsBroker:
         self.max_control_line = max_control_line
         self._handling: set[tuple[str, str, str]] = set()  # (app, group, event id) in hand
         self.masked_url = mask_url(url)
-        self.ack_wait = ack_wait
+        self._ack_wait_given = ack_wait is not None
+        self.ack_wait = 10.0 if ack_wait is None else ack_wait
         self.fetch_timeout = fetch_timeout
         self.connect_attempts = max(1, connect_attempts)
         self.reconnect_time_wait = reconnect_time_wait
@@ -317,6 +320,13 @@ class NatsBroker:
                 ),
             )
         return stream
+
+    def adopt_timing(self, *, lease: float, poll_interval: float) -> None:
+        """Take the app's lease as ``ack_wait`` unless this broker was given one, so a
+        dead worker's messages are handled elsewhere after the same time as its runs
+        (consumers made before keep theirs)."""
+        if not self._ack_wait_given:
+            self.ack_wait = max(1.0, lease)
 
     # -- the Broker protocol --------------------------------------------------------------
 

@@ -181,6 +181,9 @@ class NatsSubscription:
         self._capacity = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        # messages whose handler is running: told "in progress" every third of ack_wait
+        self._held: dict[int, Msg] = {}
+        self._keeper = asyncio.create_task(self._keep_alive(), name=f"cantata-nats:{group}:wip")
         # event id -> callers waiting for the group's delivery state (see _delivery_state)
         self._lookups: dict[str, list[asyncio.Future[tuple[str, int] | None]]] = {}
         self._loops = [
@@ -273,6 +276,7 @@ class NatsSubscription:
                 if not await self._addressed(msg, msg.event):
                     await m.ack()
                     return
+            self._held[id(m)] = m
             try:
                 await self.handler(msg)
             except Exception as exc:
@@ -291,10 +295,21 @@ class NatsSubscription:
             else:
                 log.exception("settling a message of group %s failed", self.group)
         finally:
+            self._held.pop(id(m), None)
             if key is not None:
                 self.broker._handling.discard(key)
             self._busy -= 1
             self._capacity.set()
+
+    async def _keep_alive(self) -> None:
+        """Tell NATS the handlers still running are working, so a handler longer than
+        ``ack_wait`` is not delivered again elsewhere while it runs (only a dead
+        worker's messages are)."""
+        while True:
+            await asyncio.sleep(max(0.2, self.broker.ack_wait / 3))
+            for m in list(self._held.values()):
+                with contextlib.suppress(Exception):  # settled meanwhile, or reconnecting
+                    await m.in_progress()
 
     async def _addressed(self, msg: NatsMessage, event: Event[Any]) -> bool:
         """Whether the store addressed ``event`` to this group; sets ``msg.attempt``."""
@@ -351,5 +366,8 @@ class NatsSubscription:
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._keeper
         with contextlib.suppress(ValueError):
             self.broker._subs.remove(self)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription
-from cantata.broker.embedded import EmbeddedBroker
 from cantata.errors import WorkerLost, error_text
 from cantata.model import codec
 from cantata.model.event import Event
@@ -50,9 +49,8 @@ class Consumer:
     ) -> None:
         self.engine = engine
         self.broker = broker
-        if isinstance(broker, EmbeddedBroker):
-            # App(lease=..., poll_interval=...) governs deliveries as well as runs.
-            broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval)
+        # App(lease=..., poll_interval=...) governs deliveries as well as runs.
+        broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval)
         self.on_emitted = on_emitted
         self.concurrency = concurrency
         self._subs: list[Subscription] = []
