@@ -14,7 +14,9 @@ from cantata.store.base import TASKS
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
+from .quietlog import reason
 from .runner import WORKER_LOST
+from .shutdown import wait_or_force
 
 if TYPE_CHECKING:
     from .worker import Engine
@@ -46,12 +48,21 @@ class TaskServer:
         if channel == TASKS:
             self.wakeup.set()
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None, force: asyncio.Event | None = None) -> None:
+        """Claim nothing more; let the steps in progress finish until ``deadline`` (loop
+        time; default: now) or ``force``, then cancel what is left (its task goes back
+        to the other workers when this one is removed)."""
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
             self._loop = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() if deadline is None else deadline
+        force = force or asyncio.Event()
+        while self._inflight and not force.is_set() and loop.time() < deadline:
+            self.wakeup.clear()
+            await wait_or_force(self.wakeup, deadline, force)
         for task in list(self._inflight):
             task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -69,7 +80,8 @@ class TaskServer:
                         stale_before=now - engine.lease, limit=free,
                     )
                 except Exception as exc:
-                    log.warning("claiming tasks failed (%s); retrying", exc)
+                    engine.quiet.warning("tasks", "claiming step tasks failed (%s); retrying",
+                                         reason(exc))
             for rec in claimed:
                 t = asyncio.create_task(self._execute(rec))
                 self._inflight.add(t)
