@@ -6,9 +6,10 @@ The rules, with the reasons (docs/leases.md):
   of a run increments the run's fence, and every checkpoint is written only if its
   fence still holds (a worker that lost a run cannot commit anything for it).
 - A worker that could not heartbeat for ``FENCE_AT`` of the lease (cut off from the
-  store) stops its own executions before another worker may take them over, so two
-  live workers never run one step at once. It resumes the runs it still owns, with
-  fresh executions, once the store answers again.
+  store) stops its step bodies before another worker may take the runs over, so two
+  live workers never run one step at once. Its executions keep their state and wait;
+  once the store answers, each stopped attempt starts again (not counted) if a fenced
+  checkpoint proves the run is still its own.
 - A worker that was paused (SIGSTOP, a VM stall: its own loop woke far too late)
   checks at once, after its first heartbeat, which runs it still owns, and stops the
   executions of the others.
@@ -60,6 +61,8 @@ class Ownership:
         self.beat_at = time.monotonic()  # when the last successful heartbeat was sent
         self.regained_at = float("-inf")  # when the store answered after a lapse
         self.lapsed = False
+        self._healthy = asyncio.Event()  # cleared while lapsed
+        self._healthy.set()
         self.claim_wakeup = asyncio.Event()
         self._repair_wakeup = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -102,6 +105,10 @@ class Ownership:
             await asyncio.gather(self._heartbeat, return_exceptions=True)
             self._heartbeat = None
 
+    async def regained(self) -> None:
+        """Return once this worker's heartbeat gets through (at once unless lapsed)."""
+        await self._healthy.wait()
+
     def repair_soon(self) -> None:
         """Reconcile with the store soon (a run was let go, or an answer was lost)."""
         self._repair_wakeup.set()
@@ -114,6 +121,7 @@ class Ownership:
         await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(), None)
         if self.lapsed or sent - self.beat_at > engine.lease:
             self.lapsed = False
+            self._healthy.set()
             self.regained_at = time.monotonic()
             log.warning(
                 "worker %s reaches the store again: resuming the runs it still owns, and "
@@ -136,9 +144,10 @@ class Ownership:
             if failing and not self.lapsed and self.expired():
                 # Cut off from the store: stop before another worker may take over.
                 self.lapsed = True
+                self._healthy.clear()
                 log.warning(
                     "worker %s could not heartbeat for %.1f s (lease %.1f s): stopping its "
-                    "executions until the store answers; another worker may take its runs",
+                    "step bodies until the store answers; another worker may take its runs",
                     engine.worker_id, time.monotonic() - self.beat_at, engine.lease,
                 )
                 engine.fence_self()

@@ -91,6 +91,10 @@ class _StoreFailed(BaseException):
     """
 
 
+class _Fenced(BaseException):
+    """Internal: the step body was stopped because this worker's hold lapsed."""
+
+
 def _split_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, StepFailed):
         return exc.error_type, exc.error_message
@@ -128,6 +132,7 @@ class RunExecution:
         self.fresh = False  # created by this process just now: no history to load
         self.task: asyncio.Task[None] | None = None
         self.inflight: dict[str, Attempt] = {}  # step key -> attempt whose body runs
+        self.bodies: set[asyncio.Task[Any]] = set()  # the step bodies running
         self.parked = False  # waiting, during a graceful stop, to be released
         self._deadline_timer: asyncio.Task[None] | None = None
         self.api = ApiState()  # ctx.compensate and cleanup after cancel
@@ -403,10 +408,18 @@ class RunExecution:
             write = RunWrite()
             self.inflight[key] = attempt
             try:
-                value = await self._execute(sdef, args, key, n, kind)
+                value = await self._execute_fenced(sdef, args, key, n, kind)
                 result = codec.dumps(
                     value, f"result of step {sdef.name}", limit=self.engine.max_payload
                 )
+            except _Fenced:
+                # Stopped because this worker's hold lapsed (a store outage): not an
+                # attempt. Once the store answers, the same attempt starts again, after
+                # its fenced start checkpoint proves the run is still ours.
+                del self.inflight[key]
+                await self.engine.ownership.regained()
+                n -= 1
+                continue
             except Exception as exc:
                 del self.inflight[key]
                 attempt.ended_at = clock.now()
@@ -512,6 +525,23 @@ class RunExecution:
         write.entries.append(entry)
         await self.commit(write)
         raise StepFailed(entry.name, last[0], last[1], n)
+
+    async def _execute_fenced(
+        self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
+    ) -> Any:
+        """Run the step body in its own task, which the engine cancels when this
+        worker's hold lapses (see :meth:`Engine.fence_self`): raises ``_Fenced`` then."""
+        body = asyncio.ensure_future(self._execute(sdef, args, key, attempt, kind))
+        self.bodies.add(body)
+        try:
+            return await body
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if body.cancelled() and me is not None and me.cancelling() == 0:
+                raise _Fenced() from None
+            raise
+        finally:
+            self.bodies.discard(body)
 
     async def _execute(
         self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str = "step"

@@ -304,16 +304,17 @@ class Engine:
         return (key, attempt) in self._cut_short.get(run_id, ())
 
     def fence_self(self) -> None:
-        """Stop every execution here: this worker's hold on its runs is in doubt.
+        """Stop every step body running here: this worker's hold on its runs is in doubt.
 
-        Their checkpoints could not be committed anyway (fenced); stopping them stops
-        their steps' side effects too. Runs still owned here are resumed, fresh, when
-        the store answers again (see :mod:`cantata.engine.ownership`).
+        Their checkpoints could not be committed anyway (fenced); stopping the bodies
+        stops their side effects too, before another worker may take the runs over.
+        Each execution keeps its state and waits for the store: the stopped attempts
+        start again (not counted) once a fenced checkpoint proves the run is still
+        owned here (see :mod:`cantata.engine.ownership`).
         """
         for execution in list(self.executions.values()):
-            # A run not stored yet cannot have been taken over: it goes on.
-            if execution.task is not None and execution.stored:
-                execution.task.cancel()
+            for body in list(execution.bodies):
+                body.cancel()
 
     def drop(self, execution: RunExecution) -> None:
         """Stop one execution whose run this worker no longer owns."""
