@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -92,13 +93,14 @@ class PrivatePostgres:
     """A PostgreSQL server of the test's own (initdb in a temporary folder), so the
     test can stop and start it without touching the shared server."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self) -> None:
         binaries = pg_bin()
         if binaries is None:
             raise RuntimeError("no PostgreSQL binaries under /usr/lib/postgresql")
         self.bin = binaries
-        self.folder = folder
-        self.data = folder / "data"
+        # Not under pytest's tmp_path: the server's user must be able to reach it.
+        self.folder = Path(tempfile.mkdtemp(prefix="cantata-pg-"))
+        self.data = self.folder / "data"
         self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -107,7 +109,6 @@ class PrivatePostgres:
         subprocess.run([*self._user, *args], check=True, capture_output=True, timeout=60)
 
     def init(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         if self._user:
             shutil.chown(self.folder, "postgres", "postgres")
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
@@ -122,6 +123,9 @@ class PrivatePostgres:
     def stop(self) -> None:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
                   "stop")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def wait_ready(self, timeout: float = 30) -> None:
         end = time.monotonic() + timeout
