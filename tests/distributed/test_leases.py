@@ -56,42 +56,51 @@ async def workers_up(app: App, n: int, timeout: float = 30) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_a_worker_paused_past_its_lease_leaves_no_run_stuck(
+async def test_workers_paused_past_their_lease_leave_no_run_stuck(
     lease_app: App, backend: tuple[str, str], tmp_path: Path
 ) -> None:
+    """One worker is paused past its lease (the other takes its runs), then, once it
+    runs again, the other one is (the first takes them back while its own stale
+    executions of some of them are still in their 6 s step: the reported cause of runs
+    stuck under a live owner): every run ends, and no step is completed twice by
+    workers that were running."""
     store, broker = backend
     lease_app.configure(store=store, broker=broker)
     log = tmp_path / "workers.log"
-    paused, other = (start_worker(store, tmp_path, log, broker=broker, lease=1.0)
-                     for _ in range(2))
+    workers = [start_worker(store, tmp_path, log, broker=broker, lease=1.0) for _ in range(2)]
+    resumed: dict[int, float] = {}
     try:
         async with lease_app.client():
             await workers_up(lease_app, 2)
-            handles = [await lease_app.start("chain", {"id": i, "seconds": 0.4})
-                       for i in range(16)]
+            handles = []
+            for i in range(12):  # a few at a time, so that both workers claim some
+                handles.append(
+                    await lease_app.start("chain", {"id": i, "seconds": 6.0, "steps": "ab"})
+                )
+                await asyncio.sleep(0.15)
             end = time.monotonic() + 20
-            while not any(m.pid == paused.pid for m in marks(tmp_path, "start")):
-                assert time.monotonic() < end, "the worker to pause never ran a step"
+            while {m.pid for m in marks(tmp_path, "start")} != {w.pid for w in workers}:
+                assert time.monotonic() < end, "both workers should be running steps"
                 await asyncio.sleep(0.05)
-            paused.send_signal(signal.SIGSTOP)
-            await asyncio.sleep(3.5)  # three leases: the other worker takes its runs
-            paused.send_signal(signal.SIGCONT)
-            resumed_at = time.time()
-            results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+            await asyncio.sleep(0.5)
+            for worker in workers:
+                worker.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(2.5)  # past the lease: the other one takes its runs
+                resumed[worker.pid] = time.time()  # before: it may run at once
+                worker.send_signal(signal.SIGCONT)
+            results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
             stuck = await lease_app.list_runs(status="running", limit=100)
     finally:
-        stop(paused)
-        stop(other)
-    assert results == [[f"{s}:{i}" for s in "abc"] for i in range(16)]
+        for worker in workers:
+            stop(worker)
+    assert results == [[f"{s}:{i}" for s in "ab"] for i in range(12)]
     assert stuck == []
-    # The paused worker may finish the one body it was running when paused (it cannot
-    # be stopped before it resumes; its result is never recorded). Nothing else runs
-    # twice: no step completed twice by workers that were running.
+    # A paused worker may finish a body it was running when paused (nothing stops it
+    # before it runs again; its result is never recorded). Nothing else runs twice.
     ends = marks(tmp_path, "end")
-    late = [m for m in ends if m.pid == paused.pid and m.at >= resumed_at - 0.01]
+    late = [m for m in ends if resumed[m.pid] <= m.at <= resumed[m.pid] + 0.5]
     twice = Counter(m.key for m in ends if m not in late)
     assert {k: n for k, n in twice.items() if n > 1} == {}
-    assert len({m.key for m in late}) == len(late)
     assert "Traceback" not in log.read_text()
 
 
