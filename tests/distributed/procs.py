@@ -35,7 +35,11 @@ def start_worker(
         **os.environ,
         "CANTATA_TEST_MARKS": str(marks),
         "CANTATA_TEST_LEASE": str(lease),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+        # CANTATA_TEST_WORKER_SRC runs the workers on another checkout's code (to see
+        # these tests fail against an older engine).
+        "PYTHONPATH": os.pathsep.join(filter(None, [
+            str(HERE), os.environ.get("CANTATA_TEST_WORKER_SRC"), os.environ.get("PYTHONPATH"),
+        ])),
     }
     args = [sys.executable, "-m", "cantata", "worker", "lease_app:app", "--store", store,
             "--broker", broker]
