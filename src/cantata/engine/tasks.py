@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cantata.errors import UnknownStep
+from cantata.errors import StoreUnavailable, UnknownStep
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
 from cantata.store.base import TASKS
@@ -97,7 +97,34 @@ class TaskServer:
         self._inflight.discard(task)
         self.wakeup.set()
 
+    async def _settle(self, app: str, task_id: str, fence: int, **outcome: Any) -> None:
+        """Record a task's outcome; a store outage is waited out, not dropped (a task
+        left claimed by this live worker would be taken by nobody)."""
+        delay = 0.05
+        while True:
+            try:
+                await self.engine.store.finish_task(app, task_id, fence, **outcome)
+                return
+            except StoreUnavailable as exc:
+                if self._loop is None:  # stopping: the task goes back on removal
+                    raise
+                self.engine.quiet.warning(
+                    "task-settle", "recording step task outcomes failed (%s); retrying",
+                    reason(exc),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max(self.engine.lease / 4, 0.05))
+
     async def _execute(self, rec: TaskRecord) -> None:
+        try:
+            await self._execute_task(rec)
+        except Exception as exc:
+            self.engine.quiet.warning(
+                "task", "step task %s: %s; it is retried once this worker stops or its "
+                "lease lapses", rec.task_id, reason(exc),
+            )
+
+    async def _execute_task(self, rec: TaskRecord) -> None:
         engine = self.engine
         clock = engine.clock
         sdef = engine.router.steps.get(rec.step)
@@ -115,7 +142,7 @@ class TaskServer:
             await self._finish(rec, "retry", lost, error=err, next_at=clock.now() + 5.0)
             return
         if n > sdef.retry.max_attempts:
-            await engine.store.finish_task(
+            await self._settle(
                 engine.app, rec.task_id, rec.fence, outcome="failed", attempts=lost,
                 error=f"{WORKER_LOST[0]}: {WORKER_LOST[1]}", error_type=WORKER_LOST[0],
             )
@@ -141,7 +168,7 @@ class TaskServer:
                 await self._finish(rec, "failed", [*lost, attempt], error=exc)
             return
         attempt.ended_at = clock.now()
-        await engine.store.finish_task(
+        await self._settle(
             engine.app, rec.task_id, rec.fence, outcome="done", attempts=[*lost, attempt],
             result=result,
         )
@@ -155,7 +182,7 @@ class TaskServer:
         error: BaseException,
         next_at: float = 0.0,
     ) -> None:
-        await self.engine.store.finish_task(
+        await self._settle(
             self.engine.app, rec.task_id, rec.fence, outcome=outcome, attempts=attempts,
             error=f"{type(error).__name__}: {error}", error_type=type(error).__name__,
             next_at=next_at,
