@@ -37,6 +37,20 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[App]:
     sys.modules.pop("lease_app", None)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
+                                                                       pytest.mark.nats])])
+def any_client(request: pytest.FixtureRequest, client: App) -> App:
+    """The client app on SQLite (embedded broker), then on PostgreSQL + NATS."""
+    if request.param != "sqlite":
+        client.configure(store=request.getfixturevalue("distributed_url"),
+                         broker=request.getfixturevalue("nats_url"))
+    return client
+
+
+def broker_of(app: App) -> str:
+    return app._broker_spec if isinstance(app._broker_spec, str) else "embedded"
+
+
 async def exited(proc: subprocess.Popen[bytes], within: float) -> int | None:
     """The exit code, if ``proc`` ends within ``within`` seconds."""
     end = time.monotonic() + within
@@ -60,11 +74,12 @@ async def attempts_of(app: App, run_id: str) -> list[tuple[str, int, str | None]
 
 
 async def test_sigterm_lets_the_step_in_progress_finish_and_records_it_once(
-    client: App, tmp_path: Path
+    any_client: App, tmp_path: Path
 ) -> None:
-    store, log = client._store_spec, tmp_path / "workers.log"
+    client = any_client
+    store, broker, log = client._store_spec, broker_of(client), tmp_path / "workers.log"
     assert isinstance(store, str)
-    first = start_worker(store, tmp_path, log, grace=10, grace_flag=True)
+    first = start_worker(store, tmp_path, log, broker=broker, grace=10, grace_flag=True)
     procs = [first]
     try:
         async with client.client():
@@ -74,7 +89,7 @@ async def test_sigterm_lets_the_step_in_progress_finish_and_records_it_once(
             assert await exited(first, 10) == 0
             run = await client.store.get_run(client.name, h.run_id)
             assert run is not None and run.owner is None  # released, not left to the lease
-            procs.append(start_worker(store, tmp_path, log, grace=10))
+            procs.append(start_worker(store, tmp_path, log, broker=broker, grace=10))
             assert await h.result(timeout=20) == ["a:1", "b:1"]
             tried = await attempts_of(client, h.run_id)
     finally:
@@ -118,6 +133,7 @@ async def test_past_the_grace_a_step_is_released_at_once_and_not_counted(
 
 
 async def test_a_second_signal_stops_at_once(client: App, tmp_path: Path) -> None:
+    """SIGINT, then SIGTERM: either signal stops gracefully, a second one at once."""
     store, log = client._store_spec, tmp_path / "workers.log"
     assert isinstance(store, str)
     worker = start_worker(store, tmp_path, log, lease=60, grace=30)
@@ -125,7 +141,7 @@ async def test_a_second_signal_stops_at_once(client: App, tmp_path: Path) -> Non
         async with client.client():
             h = await client.start("chain", {"id": 3, "seconds": 60, "steps": "a"})
             await until(lambda: marks(tmp_path, "start"), 20, "the step start")
-            worker.send_signal(signal.SIGTERM)
+            worker.send_signal(signal.SIGINT)
             assert await exited(worker, 1.0) is None  # draining: the step has 30 s
             worker.send_signal(signal.SIGTERM)
             assert await exited(worker, 5) == 0
@@ -137,10 +153,11 @@ async def test_a_second_signal_stops_at_once(client: App, tmp_path: Path) -> Non
     assert tried == [("work#1", 1, "Interrupted")]  # recorded, never a WorkerLost
 
 
-async def test_a_handler_is_bounded_by_the_grace(client: App, tmp_path: Path) -> None:
-    store, log = client._store_spec, tmp_path / "workers.log"
+async def test_a_handler_is_bounded_by_the_grace(any_client: App, tmp_path: Path) -> None:
+    client = any_client
+    store, broker, log = client._store_spec, broker_of(client), tmp_path / "workers.log"
     assert isinstance(store, str)
-    worker = start_worker(store, tmp_path, log, grace=1.0)
+    worker = start_worker(store, tmp_path, log, broker=broker, grace=1.0)
     try:
         async with client.client():
             await client.publish("job.requested", {"id": 1, "seconds": 600})
