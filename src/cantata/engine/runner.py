@@ -611,10 +611,12 @@ class RunExecution:
             pass
         except asyncio.CancelledError:
             raise
-        except _StoreFailed as exc:
+        except (_StoreFailed, StoreError) as exc:
+            # Loading the history (a StoreError) or a checkpoint (_StoreFailed) failed.
+            cause = exc.args[0] if isinstance(exc, _StoreFailed) and exc.args else exc
             self.engine.quiet.warning(
                 "run-store", "run %s: the store failed (%s); the run will be resumed from "
-                "its history", self.run.run_id, exc.args[0] if exc.args else exc,
+                "its history", self.run.run_id, cause,
             )
         except Exception:
             log.exception("run %s: internal error; it will be retried", self.run.run_id)
