@@ -67,6 +67,9 @@ class Ownership:
         self._repair_wakeup = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[Any]] = []
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_every = 0.05
+        self._watch_due = 0.0
 
     # -- state ----------------------------------------------------------------------------
 
@@ -85,6 +88,8 @@ class Ownership:
 
     async def start(self) -> None:
         await self.beat()
+        self._watch_every = min(0.05, self.engine.lease / 20)
+        self._watchdog = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="cantata-heartbeat")
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="cantata-claim"),
@@ -99,6 +104,9 @@ class Ownership:
         self._loops = []
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         await self.stop_claiming()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
@@ -131,6 +139,23 @@ class Ownership:
             self.repair_soon()
         self.beat_at = sent
         self.quiet.recovered("heartbeat", "worker %s: heartbeat works again", engine.worker_id)
+
+    def _watch(self) -> None:
+        """A timer every few milliseconds: after a pause of the whole process it is due
+        at once, and runs in the loop's first pass, before any task resumes. If the
+        hold may have lapsed meanwhile, the step bodies are cancelled right there, so a
+        body that was waiting does not go on to its side effect in a run another
+        worker may own by now. Each starts again only once its fenced start checkpoint
+        proves the run is still this worker's (not counted as an attempt)."""
+        loop = asyncio.get_running_loop()
+        late = loop.time() - self._watch_due if self._watch_due else 0.0
+        if late > self.engine.lease / 4 and self.expired():
+            log.warning("worker %s was paused for %.1f s, past its lease: stopping its step "
+                        "bodies until it knows which runs it still owns",
+                        self.engine.worker_id, late)
+            self.engine.fence_self()
+        self._watch_due = loop.time() + self._watch_every
+        self._watchdog = loop.call_later(self._watch_every, self._watch)
 
     async def _heartbeat_loop(self) -> None:
         engine = self.engine
