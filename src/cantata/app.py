@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -71,6 +72,8 @@ class App(Router):
             longer bounds what the store keeps.
         audit_key: keys the audit chain (HMAC-SHA256) so that it cannot be rewritten
             without the key; defaults to ``$CANTATA_AUDIT_KEY``. Keep it outside the store.
+        shutdown_grace: seconds a stop (:meth:`close`, SIGTERM) lets steps and handlers
+            in progress finish before releasing what is left (docs/leases.md).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class App(Router):
         audit_key: str | bytes | None = None,
         max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
         offload_above: int | None = None,
+        shutdown_grace: float = 30.0,
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -98,6 +102,10 @@ class App(Router):
             )
         if lease <= 0 or poll_interval <= 0:
             raise ConfigurationError("lease and poll_interval must be > 0 seconds")
+        if shutdown_grace < 0:
+            raise ConfigurationError(
+                f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}"
+            )
         self.name = name
         self._store_spec = store if store is not None else os.environ.get(
             "CANTATA_STORE", DEFAULT_STORE
@@ -123,6 +131,8 @@ class App(Router):
                 )
         self.max_payload = max_payload
         self.offload_above = offload_above
+        self.shutdown_grace = shutdown_grace
+        self._force_stop: asyncio.Event | None = None
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._engine: Engine | None = None
@@ -255,16 +265,25 @@ class App(Router):
         await engine.store.declare(self.name, self._declarations())
 
     async def close(self) -> None:
-        """Stop the worker (unfinished runs stay in the store) and close connections."""
+        """Stop gracefully and close connections.
+
+        Claims nothing more; steps and handlers in progress finish for up to
+        ``shutdown_grace`` seconds (or until :meth:`force_stop`); what is left is
+        released at once for other workers. A stop never counts as an attempt.
+        """
         if self._engine is None:
             return
         self._opened -= 1
         if self._opened > 0:
             return
+        force = self._force_stop = asyncio.Event()
+        deadline = asyncio.get_running_loop().time() + self.shutdown_grace
+        stops = [self._engine.stop(self.shutdown_grace, force)]
         if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
-        await self._engine.stop()
+            stops.append(self._consumer.stop(deadline, force))
+        await asyncio.gather(*stops)
+        self._consumer = None
+        self._force_stop = None
         if self._relay is not None:
             await self._relay.stop()
             self._relay = None
@@ -272,6 +291,12 @@ class App(Router):
         await self._broker.close()
         await self._store.close()
         self._engine = self._broker = self._store = None
+
+    def force_stop(self) -> None:
+        """End a graceful stop in progress at once (a second SIGTERM or SIGINT): what
+        still runs is released now. Does nothing when no stop is under way."""
+        if self._force_stop is not None:
+            self._force_stop.set()
 
     async def __aenter__(self) -> App:
         await self.open(serve=True)
@@ -291,8 +316,6 @@ class App(Router):
 
     async def run_worker(self) -> None:
         """Serve this app's workflows and handlers until cancelled (``cantata worker``)."""
-        import asyncio
-
         await self.open(serve=True)
         try:
             await asyncio.Event().wait()

@@ -305,6 +305,22 @@ class StoreContract(
         assert sorted(r.service or "" for r in claimed) == ["ghost", "stale"]
         assert all(r.owner == "w2" and r.fence == 4 for r in claimed)
 
+    async def test_owned_runs_lists_live_runs_of_one_owner_with_their_fence(
+        self, store: Store
+    ) -> None:
+        await self.live(store, "w1", "w2")
+        mine = new_run(self.app)
+        await store.create_run(mine)
+        await store.create_run(new_run(self.app, owner="w2", fence=5))
+        await store.create_run(new_run(self.app, owner="w1", fence=2,
+                                       status=RunStatus.COMPLETED))
+        assert await store.owned_runs(self.app, "w1") == {}
+        [claimed] = await self.claim(store, "w1")
+        assert await store.owned_runs(self.app, "w1") == {mine.run_id: claimed.fence}
+        assert await store.owned_runs("other-app", "w1") == {}
+        await store.commit_run(self.app, mine.run_id, claimed.fence, RunWrite(release=True))
+        assert await store.owned_runs(self.app, "w1") == {}
+
     async def test_concurrent_claimers_never_share_a_run(self, store: Store, peer: Store) -> None:
         await self.live(store, "w1", "w2")
         runs = [new_run(self.app) for _ in range(30)]

@@ -14,9 +14,11 @@ POLL = 0.05
 
 
 def make_app(store: str, name: str = "shop", **kw: Any) -> App:
-    """An app with a short lease and poll interval."""
+    """An app with a short lease, poll interval and stop grace (tests that leave a step
+    running when they close the app do not wait 30 s for it)."""
     kw.setdefault("lease", LEASE)
     kw.setdefault("poll_interval", POLL)
+    kw.setdefault("shutdown_grace", 0.2)
     return App(name, store=store, **kw)
 
 

@@ -19,7 +19,8 @@ HERE = Path(__file__).parent
 
 
 def worker(service: str, store: str, marks: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CANTATA_TEST_MARKS": str(marks), "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "CANTATA_TEST_MARKS": str(marks),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(
         [sys.executable, "-m", "cantata", "worker", "remote_app:app", "--service", service,
          "--store", store],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription
+from cantata.engine.shutdown import wait_or_force
 from cantata.errors import WorkerLost, error_text
 from cantata.model import codec
 from cantata.model.event import Event
@@ -54,6 +56,8 @@ class Consumer:
         self.on_emitted = on_emitted
         self.concurrency = concurrency
         self._subs: list[Subscription] = []
+        self._active: set[asyncio.Task[Any]] = set()  # tasks running a delivery here
+        self._cutting = False  # a stop past its grace is cancelling handlers
 
     def groups(self) -> dict[str, list[str]]:
         """group -> patterns, for the handlers and triggers this process serves."""
@@ -75,9 +79,27 @@ class Consumer:
             )
             self._subs.append(sub)
 
-    async def stop(self) -> None:
-        for sub in self._subs:
-            await sub.stop()
+    async def stop(
+        self, deadline: float | None = None, force: asyncio.Event | None = None
+    ) -> None:
+        """Stop receiving; handlers in progress finish until ``deadline`` (loop time;
+        ``None``: without limit) or ``force``, then are cancelled and their messages
+        handed back at once (docs/leases.md)."""
+        stopping = asyncio.ensure_future(
+            asyncio.gather(*(sub.stop() for sub in self._subs), return_exceptions=True)
+        )
+        if deadline is not None:
+            stopped = asyncio.Event()
+            stopping.add_done_callback(lambda _: stopped.set())
+            await wait_or_force(stopped, deadline, force or asyncio.Event())
+            if not stopping.done() and self._active:
+                log.warning("stopping: %d handler(s) still running after the grace; "
+                            "cancelling them and handing their events back",
+                            len(self._active))
+                self._cutting = True
+                for task in list(self._active):
+                    task.cancel()
+        await stopping
         self._subs.clear()
 
     def _handler_for(self, group: str) -> Callable[[BrokerMessage], Awaitable[None]]:
@@ -88,6 +110,25 @@ class Consumer:
 
     async def handle(self, group: str, msg: BrokerMessage) -> None:
         """Process one delivery end to end; never raises for a handler's failure."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._active.add(task)
+        try:
+            await self._handle(group, msg)
+        except asyncio.CancelledError:
+            if self._cutting and not getattr(msg, "settled", False):
+                # Cut short by a stop: hand the event back now rather than after the
+                # broker's redelivery timeout.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2.0):
+                        await msg.retry("Interrupted: the worker stopped before the handler "
+                                        "finished", 0.0)
+            raise
+        finally:
+            if task is not None:
+                self._active.discard(task)
+
+    async def _handle(self, group: str, msg: BrokerMessage) -> None:
         if msg.event is None:
             log.warning("group %s got an invalid message: %s", group, msg.error)
             self.engine.metrics.dead_lettered += 1

@@ -34,6 +34,14 @@ def worker(
     log_format: Annotated[
         str, typer.Option("--log-format", help="text or json (one object per line).")
     ] = "text",
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            "--grace", min=0.0,
+            help="Seconds a stop lets steps and handlers in progress finish before "
+            "releasing them (default: the app's shutdown_grace, 30).",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker: resume unfinished runs, execute new ones, handle events.
 
@@ -52,13 +60,23 @@ def worker(
         the_app.configure(broker=broker)
     if service:
         the_app.services = frozenset(service)
+    if grace is not None:
+        the_app.shutdown_grace = grace
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            # The first signal stops gracefully; a second one releases everything now.
+            if stop.is_set():
+                console.print("second signal: releasing what still runs now")
+                the_app.force_stop()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
         async with the_app:
             console.print(
                 f"cantata worker {the_app.engine.worker_id} serving app [bold]{the_app.name}[/] "
@@ -66,6 +84,10 @@ def worker(
                 f"{mask_url(the_app.store.url)}"
             )
             await stop.wait()
-            console.print("stopping: unfinished runs stay in the store for the next worker")
+            console.print(
+                f"stopping: steps and handlers in progress get up to "
+                f"{the_app.shutdown_grace:g} s to finish (a second signal stops at once); "
+                "what is left is released to the other workers"
+            )
 
     asyncio.run(main())

@@ -17,6 +17,7 @@ from cantata.errors import (
     NonDeterminismError,
     StepFailed,
     StoreError,
+    StoreUnavailable,
     error_text,
 )
 from cantata.model import codec
@@ -52,6 +53,12 @@ WORKER_LOST = (
     "WorkerLost",
     "the worker running this attempt stopped (crash or kill) before the attempt finished",
 )
+# An attempt a live worker cut short itself (a graceful stop past its grace): recorded,
+# but not counted as an attempt; the next attempt takes its number (docs/leases.md).
+INTERRUPTED = (
+    "Interrupted",
+    "the worker stopped gracefully before the attempt finished; not counted as an attempt",
+)
 
 
 class _DeadlinePassed(BaseException):
@@ -82,6 +89,10 @@ class _StoreFailed(BaseException):
     A ``BaseException`` so that neither workflow code nor the engine's failure handling
     turns an infrastructure error into a failed (and compensated) business run.
     """
+
+
+class _Fenced(BaseException):
+    """Internal: the step body was stopped because this worker's hold lapsed."""
 
 
 def _split_error(exc: BaseException) -> tuple[str, str]:
@@ -118,8 +129,11 @@ class RunExecution:
         self.compensating = False
         self.divergence: NonDeterminismError | None = None
         self.wakeup = asyncio.Event()
-        self.retry_later = False  # set when an internal error ended this execution
         self.fresh = False  # created by this process just now: no history to load
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: dict[str, Attempt] = {}  # step key -> attempt whose body runs
+        self.bodies: set[asyncio.Task[Any]] = set()  # the step bodies running
+        self.parked = False  # waiting, during a graceful stop, to be released
         self._deadline_timer: asyncio.Task[None] | None = None
         self.api = ApiState()  # ctx.compensate and cleanup after cancel
 
@@ -128,6 +142,35 @@ class RunExecution:
     @property
     def store_app(self) -> str:
         return self.run.app
+
+    @property
+    def stored(self) -> bool:
+        """False while the run waits for its first commit to be stored."""
+        return self.created is None or self.created.done()
+
+    async def park_if_stopping(self) -> None:
+        """During a graceful stop, start nothing new: wait here to be released."""
+        if not self.engine.draining:
+            return
+        self.parked = True
+        self.engine.quiesce.set()
+        await asyncio.get_running_loop().create_future()  # cancelled by the release
+
+    async def release(self) -> None:
+        """Give the run up after a graceful stop: commit what is held, mark the attempts
+        cut short ``Interrupted`` (not attempts), clear the owner (docs/leases.md)."""
+        if not self.stored or self.run.status.is_final:
+            return
+        now = self.engine.clock.now()
+        cut = [Attempt(a.key, a.attempt, a.started_at, now, *INTERRUPTED)
+               for a in self.inflight.values()]
+        self.inflight.clear()
+        self._flush_failed = None
+        try:
+            await self.commit(RunWrite(attempts=cut, release=True))
+        except (_Abandon, _StoreFailed, Exception) as exc:
+            log.warning("run %s: could not release it (%s); another worker takes it over "
+                        "after the lease", self.run.run_id, type(exc).__name__)
 
     def next_key(self, base: str) -> str:
         n = self.counters.get(base, 0) + 1
@@ -166,17 +209,31 @@ class RunExecution:
             self.engine.events_appended(write.events)
 
     async def _commit_run(self, write: RunWrite) -> None:
-        try:
-            await self.engine.store.commit_run(
-                self.run.app, self.run.run_id, self.run.fence, write
-            )
-        except LeaseLost:
-            log.warning(
-                "run %s was taken over by another worker; letting it go", self.run.run_id
-            )
-            raise _Abandon() from None
-        except StoreError as exc:
-            raise _StoreFailed(exc) from exc
+        engine = self.engine
+        delay = 0.05
+        while True:
+            try:
+                await engine.store.commit_run(self.run.app, self.run.run_id, self.run.fence, write)
+                return
+            except LeaseLost:
+                log.warning(
+                    "run %s was taken over by another worker; letting it go", self.run.run_id
+                )
+                raise _Abandon() from None
+            except StoreUnavailable as exc:
+                if not engine.serving:
+                    raise _StoreFailed(exc) from exc
+                # An outage is not the run's failure: keep the checkpoint and retry it
+                # (fenced, so it is refused if another worker took the run meanwhile).
+                # A long outage ends this execution through the engine's self-fencing.
+                engine.quiet.warning(
+                    "commit", "the store is unavailable (%s); checkpoints wait and retry",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max(engine.lease / 4, 0.05))
+            except StoreError as exc:
+                raise _StoreFailed(exc) from exc
 
     def expect_creation(self) -> None:
         """This run is not stored yet: store it with its first checkpoint.
@@ -286,6 +343,7 @@ class RunExecution:
         """
         clock = self.engine.clock
         while True:
+            await self.park_if_stopping()
             self.check_interrupt()
             if wake is not None and await wake():
                 return
@@ -331,20 +389,12 @@ class RunExecution:
         if self.engine.is_remote(sdef):
             return await self._call_remote(sdef, args, entry)
         clock = self.engine.clock
-        prior = self.attempts.get(key, [])
-        write = RunWrite()
-        last: tuple[str, str] | None = None
-        for a in prior:
-            if a.ended_at is None:
-                a.ended_at, (a.error_type, a.error) = clock.now(), WORKER_LOST
-                write.attempts.append(a)
-            if a.error_type is not None:
-                last = (a.error_type, a.error or "")
-        n = len(prior)
+        write, last, n = self._prior_attempts(key)
         retry = sdef.retry
         while True:
             if n >= retry.max_attempts and last is not None:
                 return await self._step_failed(entry, write, last, n)
+            await self.park_if_stopping()
             if kind != COMPENSATION:
                 self.check_interrupt()
             n += 1
@@ -356,12 +406,22 @@ class RunExecution:
             write.entries.append(entry)
             await self.commit(write)
             write = RunWrite()
+            self.inflight[key] = attempt
             try:
-                value = await self._execute(sdef, args, key, n, kind)
+                value = await self._execute_fenced(sdef, args, key, n, kind)
                 result = codec.dumps(
                     value, f"result of step {sdef.name}", limit=self.engine.max_payload
                 )
+            except _Fenced:
+                # Stopped because this worker's hold lapsed (a store outage): not an
+                # attempt. Once the store answers, the same attempt starts again, after
+                # its fenced start checkpoint proves the run is still ours.
+                del self.inflight[key]
+                await self.engine.ownership.regained()
+                n -= 1
+                continue
             except Exception as exc:
+                del self.inflight[key]
                 attempt.ended_at = clock.now()
                 attempt.error_type, attempt.error = type(exc).__name__, str(exc)
                 last = (attempt.error_type, attempt.error)
@@ -380,6 +440,7 @@ class RunExecution:
                 else:
                     await self.wait_until(clock.now() + delay)
                 continue
+            del self.inflight[key]
             attempt.ended_at = clock.now()
             entry.status, entry.result, entry.ended_at = ENTRY_COMPLETED, result, attempt.ended_at
             entry.error = entry.error_type = None
@@ -387,6 +448,32 @@ class RunExecution:
             write.entries.append(entry)
             self.defer(write)
             return codec.loads(result)
+
+    def _prior_attempts(self, key: str) -> tuple[RunWrite, tuple[str, str] | None, int]:
+        """The attempts of ``key`` that count, as (write closing the lost ones, last
+        error, count).
+
+        The rule (docs/leases.md): an attempt left unfinished counts as ``WorkerLost``
+        (so a step that kills its worker cannot loop forever) unless this live worker
+        cut it short itself (it re-took the run, its hold lapsed in a pause or an
+        outage); an ``Interrupted`` attempt (a graceful stop) never counts. An attempt
+        that does not count is replaced by the next one, which takes its number.
+        """
+        write = RunWrite()
+        last: tuple[str, str] | None = None
+        n = 0
+        for a in self.attempts.get(key, []):
+            if a.error_type == INTERRUPTED[0]:
+                continue
+            if a.ended_at is None:
+                if self.engine.cut_short_here(self.run.run_id, key, a.attempt):
+                    continue
+                a.ended_at, (a.error_type, a.error) = self.engine.clock.now(), WORKER_LOST
+                write.attempts.append(a)
+            n += 1
+            if a.error_type is not None:
+                last = (a.error_type, a.error or "")
+        return write, last, n
 
     async def _call_remote(self, sdef: StepDef, args: list[Any], entry: HistoryEntry) -> Any:
         """A step of another service: a task in the store, executed by that service's workers
@@ -439,6 +526,23 @@ class RunExecution:
         await self.commit(write)
         raise StepFailed(entry.name, last[0], last[1], n)
 
+    async def _execute_fenced(
+        self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
+    ) -> Any:
+        """Run the step body in its own task, which the engine cancels when this
+        worker's hold lapses (see :meth:`Engine.fence_self`): raises ``_Fenced`` then."""
+        body = asyncio.ensure_future(self._execute(sdef, args, key, attempt, kind))
+        self.bodies.add(body)
+        try:
+            return await body
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if body.cancelled() and me is not None and me.cancelling() == 0:
+                raise _Fenced() from None
+            raise
+        finally:
+            self.bodies.discard(body)
+
     async def _execute(
         self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str = "step"
     ) -> Any:
@@ -489,8 +593,14 @@ class RunExecution:
         for a in await store.load_attempts(app, run_id):
             self.attempts.setdefault(a.key, []).append(a)
 
-    async def execute(self) -> None:
-        """Run the workflow to its end (or until this worker lets it go)."""
+    async def execute(self, after: asyncio.Task[Any] | None = None) -> None:
+        """Run the workflow to its end (or until this worker lets it go).
+
+        ``after``: a stale execution of the same run, cancelled; this one starts once
+        it has stopped, so one worker never runs a run's step twice at once.
+        """
+        if after is not None:
+            await asyncio.wait([after])
         try:
             if self.engine.hooks:
                 with self.engine.hooks.run(self.run, await self._parent_traceparent()):
@@ -501,19 +611,25 @@ class RunExecution:
             pass
         except asyncio.CancelledError:
             raise
-        except _StoreFailed as exc:
-            log.warning("run %s: the store failed (%s); the run will be retried from its "
-                        "history", self.run.run_id, exc.args[0] if exc.args else exc)
-            self.retry_later = True
+        except (_StoreFailed, StoreError) as exc:
+            # Loading the history (a StoreError) or a checkpoint (_StoreFailed) failed.
+            cause = exc.args[0] if isinstance(exc, _StoreFailed) and exc.args else exc
+            self.engine.quiet.warning(
+                "run-store", "run %s: the store failed (%s); the run will be resumed from "
+                "its history", self.run.run_id, cause,
+            )
         except Exception:
             log.exception("run %s: internal error; it will be retried", self.run.run_id)
-            self.retry_later = True
         finally:
+            # Steps cut short here by this live worker do not count as attempts when
+            # it resumes the run (see _prior_attempts).
+            self.engine.note_cut_short(
+                self.run.run_id, {(a.key, a.attempt) for a in self.inflight.values()}
+            )
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
             if self.created is not None and not self.created.done():
                 # Ended (the app stopping, or an internal error) before the run was stored.
-                self.retry_later = False
                 self.created.set_exception(CantataError(
                     f"run {self.run.run_id} of {self.wdef.name} was not stored: the worker "
                     "stopped executing it first; start it again"

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cantata.errors import UnknownStep
+from cantata.errors import StoreUnavailable, UnknownStep
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
 from cantata.store.base import TASKS
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
+from .quietlog import reason
 from .runner import WORKER_LOST
+from .shutdown import wait_or_force
 
 if TYPE_CHECKING:
     from .worker import Engine
@@ -46,12 +48,21 @@ class TaskServer:
         if channel == TASKS:
             self.wakeup.set()
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None, force: asyncio.Event | None = None) -> None:
+        """Claim nothing more; let the steps in progress finish until ``deadline`` (loop
+        time; default: now) or ``force``, then cancel what is left (its task goes back
+        to the other workers when this one is removed)."""
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
             self._loop = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() if deadline is None else deadline
+        force = force or asyncio.Event()
+        while self._inflight and not force.is_set() and loop.time() < deadline:
+            self.wakeup.clear()
+            await wait_or_force(self.wakeup, deadline, force)
         for task in list(self._inflight):
             task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -69,7 +80,8 @@ class TaskServer:
                         stale_before=now - engine.lease, limit=free,
                     )
                 except Exception as exc:
-                    log.warning("claiming tasks failed (%s); retrying", exc)
+                    engine.quiet.warning("tasks", "claiming step tasks failed (%s); retrying",
+                                         reason(exc))
             for rec in claimed:
                 t = asyncio.create_task(self._execute(rec))
                 self._inflight.add(t)
@@ -85,7 +97,34 @@ class TaskServer:
         self._inflight.discard(task)
         self.wakeup.set()
 
+    async def _settle(self, app: str, task_id: str, fence: int, **outcome: Any) -> None:
+        """Record a task's outcome; a store outage is waited out, not dropped (a task
+        left claimed by this live worker would be taken by nobody)."""
+        delay = 0.05
+        while True:
+            try:
+                await self.engine.store.finish_task(app, task_id, fence, **outcome)
+                return
+            except StoreUnavailable as exc:
+                if self._loop is None:  # stopping: the task goes back on removal
+                    raise
+                self.engine.quiet.warning(
+                    "task-settle", "recording step task outcomes failed (%s); retrying",
+                    reason(exc),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max(self.engine.lease / 4, 0.05))
+
     async def _execute(self, rec: TaskRecord) -> None:
+        try:
+            await self._execute_task(rec)
+        except Exception as exc:
+            self.engine.quiet.warning(
+                "task", "step task %s: %s; it is retried once this worker stops or its "
+                "lease lapses", rec.task_id, reason(exc),
+            )
+
+    async def _execute_task(self, rec: TaskRecord) -> None:
         engine = self.engine
         clock = engine.clock
         sdef = engine.router.steps.get(rec.step)
@@ -103,7 +142,7 @@ class TaskServer:
             await self._finish(rec, "retry", lost, error=err, next_at=clock.now() + 5.0)
             return
         if n > sdef.retry.max_attempts:
-            await engine.store.finish_task(
+            await self._settle(
                 engine.app, rec.task_id, rec.fence, outcome="failed", attempts=lost,
                 error=f"{WORKER_LOST[0]}: {WORKER_LOST[1]}", error_type=WORKER_LOST[0],
             )
@@ -129,7 +168,7 @@ class TaskServer:
                 await self._finish(rec, "failed", [*lost, attempt], error=exc)
             return
         attempt.ended_at = clock.now()
-        await engine.store.finish_task(
+        await self._settle(
             engine.app, rec.task_id, rec.fence, outcome="done", attempts=[*lost, attempt],
             result=result,
         )
@@ -143,7 +182,7 @@ class TaskServer:
         error: BaseException,
         next_at: float = 0.0,
     ) -> None:
-        await self.engine.store.finish_task(
+        await self._settle(
             self.engine.app, rec.task_id, rec.fence, outcome=outcome, attempts=attempts,
             error=f"{type(error).__name__}: {error}", error_type=type(error).__name__,
             next_at=next_at,

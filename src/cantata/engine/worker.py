@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -23,8 +22,11 @@ from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
 from .clock import Clock
 from .hooks import Hooks
+from .ownership import Ownership
+from .quietlog import QuietLog, reason
 from .registry import Router, StepDef, remote_step_def
 from .runner import RunExecution
+from .shutdown import drain
 
 if TYPE_CHECKING:
     from .tasks import TaskServer
@@ -42,18 +44,6 @@ class Metrics:
     handler_failures: int = 0
     dead_lettered: int = 0
     orphans: dict[str, int] = field(default_factory=dict)
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Wait until ``event`` is set or ``timeout`` seconds pass.
-
-    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives
-    just as the event is set, so a loop using it could not be stopped (``Engine.stop``
-    then waited forever).
-    """
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            await event.wait()
 
 
 def new_worker_id() -> str:
@@ -105,7 +95,15 @@ class Engine:
         self.executions: dict[str, RunExecution] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
-        self._claim_wakeup = asyncio.Event()
+        self.ownership = Ownership(self)
+        self.quiet = QuietLog(log, every=max(10.0, lease))
+        # A graceful stop is under way: runs park at their next durable point, and
+        # ``quiesce`` is set whenever one parks or ends (see shutdown.drain).
+        self.draining = False
+        self.quiesce = asyncio.Event()
+        # run id -> (step key, attempt) this worker started but cut short itself (a
+        # re-take, an outage, a self-fence): not attempts, this worker is alive.
+        self._cut_short: dict[str, set[tuple[str, int]]] = {}
         self._completions: dict[str, asyncio.Future[RunRecord | None]] = {}
         self._type_checked: dict[str, float] = {}
         self._type_seen: dict[str, set[str]] = {}
@@ -220,7 +218,7 @@ class Engine:
         if created and local:
             self.launch(stored, fresh=True)
         elif created:
-            self._claim_wakeup.set()
+            self.ownership.claim_wakeup.set()
         return stored
 
     def completion(self, run_id: str) -> asyncio.Future[RunRecord | None] | None:
@@ -252,44 +250,80 @@ class Engine:
         :attr:`RunExecution.created`).
         """
         current = self.executions.get(run.run_id)
+        previous: asyncio.Task[Any] | None = None
         if current is not None:
-            return current
+            if run.fence <= current.run.fence:
+                return current
+            # Re-taken (after a pause or an outage, this worker claimed the run again):
+            # the execution here holds a stale fence and can commit nothing. A fresh
+            # execution replaces it, once the stale one has stopped (never both at once).
+            log.info("run %s: re-taken with fence %d; a fresh execution replaces the stale "
+                     "one (fence %d)", run.run_id, run.fence, current.run.fence)
+            previous = current.task
+            if previous is not None:
+                previous.cancel()
         wdef = self.router.workflows[run.workflow]
         execution = RunExecution(self, run, wdef)
         execution.fresh = fresh or create
         if create:
             execution.expect_creation()
         self.executions[run.run_id] = execution
-        task = asyncio.create_task(execution.execute(), name=f"cantata-run:{run.run_id}")
+        task = asyncio.create_task(
+            execution.execute(after=previous), name=f"cantata-run:{run.run_id}"
+        )
+        execution.task = task
         self._tasks.add(task)
 
         def done(t: asyncio.Task[Any], run_id: str = run.run_id) -> None:
             self._tasks.discard(t)
-            self.executions.pop(run_id, None)
+            self.quiesce.set()
+            if self.executions.get(run_id) is not execution:
+                return  # superseded: the fresh execution answers for the run
+            del self.executions[run_id]
             self._runs_pulse.set()
             waiter = self._completions.pop(run_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(execution.run if execution.run.status.is_final else None)
-            if execution.retry_later and self.serving:
-                # This worker still owns the run (and heartbeats), so no other worker
-                # takes it over: execute it again here after a pause.
-                self.track(asyncio.create_task(self._relaunch_later(run_id)))
+            if execution.run.status.is_final:
+                self._cut_short.pop(run_id, None)
+            elif self.serving:
+                # Let go while this worker lives (lease lost, store failure, internal
+                # error): the store decides whether it is still ours to resume.
+                self.ownership.repair_soon()
 
         task.add_done_callback(done)
         return execution
 
-    async def _relaunch_later(self, run_id: str) -> None:
-        """Execute a run again after an internal error (a store outage, usually)."""
-        while self.serving:
-            await asyncio.sleep(max(self.poll_interval, self.lease / 4))
-            try:
-                run = await self.store.get_run(self.app, run_id)
-            except Exception as exc:
-                log.warning("run %s: cannot reload it (%s); retrying", run_id, exc)
-                continue
-            if run is not None and not run.status.is_final and run.owner == self.worker_id:
-                self.launch(run)
-            return
+    def note_cut_short(self, run_id: str, attempts: set[tuple[str, int]]) -> None:
+        """Remember attempts this worker cut short itself (not charged when resumed)."""
+        if attempts:
+            self._cut_short.setdefault(run_id, set()).update(attempts)
+
+    def cut_short_here(self, run_id: str, key: str, attempt: int) -> bool:
+        """True when this (live) worker started that attempt and cut it short itself."""
+        return (key, attempt) in self._cut_short.get(run_id, ())
+
+    def fence_self(self) -> None:
+        """Stop every step body running here: this worker's hold on its runs is in doubt.
+
+        Their checkpoints could not be committed anyway (fenced); stopping the bodies
+        stops their side effects too, before another worker may take the runs over.
+        Each execution keeps its state and waits for the store: the stopped attempts
+        start again (not counted) once a fenced checkpoint proves the run is still
+        owned here (see :mod:`cantata.engine.ownership`).
+        """
+        for execution in list(self.executions.values()):
+            for body in list(execution.bodies):
+                body.cancel()
+
+    def drop(self, execution: RunExecution) -> None:
+        """Stop one execution whose run this worker no longer owns."""
+        if execution.task is not None:
+            execution.task.cancel()
+
+    def background(self) -> list[asyncio.Task[Any]]:
+        """Every task of this engine still alive (executions, flushes, checks)."""
+        return list(self._tasks)
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -297,63 +331,36 @@ class Engine:
         """Heartbeat, then claim and execute runs until :meth:`stop`."""
         if self.serving:
             return
-        await self.store.heartbeat(self.app, self.worker_id, self.clock.now(), None)
+        self.draining = False
+        self.ownership = Ownership(self)
+        await self.ownership.start()
         self.serving = True
-        self._loops = [
-            asyncio.create_task(self._heartbeat_loop(), name="cantata-heartbeat"),
-            asyncio.create_task(self._claim_loop(), name="cantata-claim"),
-            asyncio.create_task(self._watch_loop(), name="cantata-watch"),
-        ]
+        self._loops = [asyncio.create_task(self._watch_loop(), name="cantata-watch")]
         from .tasks import TaskServer
 
         self.task_server = TaskServer(self, self.served_services())
         self.task_server.start()
 
-    async def stop(self) -> None:
-        """Stop executing; unfinished runs are left for other workers (or the next start)."""
-        self.serving = False
-        if self.task_server is not None:
-            await self.task_server.stop()
-            self.task_server = None
+    async def stop(self, grace: float = 0.0, force: asyncio.Event | None = None) -> None:
+        """Stop executing: claim nothing more, let steps in progress finish for up to
+        ``grace`` seconds (or until ``force`` is set), then release what is left so
+        other workers resume it at once (see :mod:`cantata.engine.shutdown`)."""
+        loop = asyncio.get_running_loop()
         for task in self._loops:
             task.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
-        with contextlib.suppress(Exception):
+        if self.serving or self.executions:
+            await drain(self, loop.time() + grace, force or asyncio.Event())
+        self.serving = False
+        await self.ownership.stop()
+        self.task_server = None
+        try:
             await self.store.remove_worker(self.app, self.worker_id)
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 4)
-            try:
-                await self.store.heartbeat(self.app, self.worker_id, self.clock.now(), None)
-            except Exception as exc:
-                log.warning("heartbeat failed (%s); retrying", exc)
-
-    async def _claim_loop(self) -> None:
-        workflows = self.served_workflows()
-        while True:
-            try:
-                claimed = await self.store.claim_runs(
-                    self.app, self.worker_id, workflows,
-                    stale_before=self.clock.now() - self.lease, limit=100,
-                ) if workflows else []
-            except Exception as exc:
-                log.warning("claiming runs failed (%s); retrying", exc)
-                claimed = []
-            for run in claimed:
-                log.info("resuming run %s of %s", run.run_id, run.workflow)
-                self.launch(run)
-            if len(claimed) == 100:
-                continue
-            self._claim_wakeup.clear()
-            await wait_event(self._claim_wakeup, self.poll_interval * 5)
-            if self._claim_wakeup.is_set():
-                # Woken by a change notification: let a burst of them coalesce, so a
-                # busy store is not asked to claim once per commit.
-                await asyncio.sleep(min(0.05, self.poll_interval))
+        except Exception as exc:
+            log.warning("worker %s: could not release its work on stop (%s); other workers "
+                        "take it over after the lease", self.worker_id, reason(exc))
+        self.draining = False
 
     async def _watch_loop(self) -> None:
         """Notice what other processes did: cancellations, and events runs here wait for."""
@@ -363,7 +370,8 @@ class Engine:
             try:
                 await self._poll_waited_types()
             except Exception as exc:
-                log.warning("looking for awaited events failed (%s)", exc)
+                self.quiet.warning("events", "looking for awaited events failed (%s); "
+                                   "retrying", reason(exc))
             # With many runs in flight, look for cancellations less often (in-process and
             # PostgreSQL cancellations arrive by notification at once anyway).
             every = self.poll_interval * max(1.0, len(self.executions) / 500)
@@ -372,7 +380,8 @@ class Engine:
                 try:
                     await self.check_cancellations()
                 except Exception as exc:
-                    log.warning("checking cancellations failed (%s)", exc)
+                    self.quiet.warning("cancellations", "checking cancellations failed "
+                                       "(%s); retrying", reason(exc))
 
     async def _poll_waited_types(self) -> None:
         """One query per awaited event type: wake that type's waits if something arrived."""
@@ -400,7 +409,7 @@ class Engine:
     def _on_store_change(self, channel: str) -> None:
         if channel == RUNS:
             self._runs_pulse.set()
-            self._claim_wakeup.set()
+            self.ownership.claim_wakeup.set()
             for group in self._run_waiters.values():
                 for execution in group:
                     execution.wakeup.set()

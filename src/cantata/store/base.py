@@ -201,6 +201,14 @@ class Store(Protocol):
         run's ``fence``; writes with an older fence fail with ``LeaseLost``.
         """
 
+    async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:
+        """Live runs owned by ``worker_id``: run id -> fence.
+
+        Lets a worker check its hold on its runs (docs/leases.md): a run it owns but
+        does not execute (a claim whose answer was lost in an outage) is resumed, and
+        an execution whose run it no longer owns (taken over) is stopped.
+        """
+
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         """Apply one checkpoint atomically, if ``fence`` still owns the run.
 

@@ -236,6 +236,13 @@ class PostgresStore:
             ), self._w.audit_keys.get(app))
         return run
 
+    async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:
+        rows = await self._db.fetch(
+            f"SELECT run_id, fence FROM runs WHERE app=$1 AND owner=$2 AND status IN {LIVE_SQL}",
+            app, worker_id,
+        )
+        return {r[0]: r[1] for r in rows}
+
     async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
         if not run_ids:
             return []

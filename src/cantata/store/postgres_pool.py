@@ -27,6 +27,34 @@ from cantata.store.faults import postgres_fault
 
 log = logging.getLogger("cantata.store")
 
+
+class _QuietDriverLog(logging.Filter):
+    """asyncpg's pool logs a full traceback each time it cannot restore its connection
+    floor; during an outage that is a flood restating what Cantata already reports in
+    one line. Keep one line (no traceback) per 10 s."""
+
+    every = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        record.exc_info, record.exc_text = None, None
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return False
+        self._last = now
+        return True
+
+
+def _quiet_driver_log() -> None:
+    driver = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, _QuietDriverLog) for f in driver.filters):
+        driver.addFilter(_QuietDriverLog())
+
 SCHEMA_VERSION = migrations.latest("postgres")
 DEFAULT_SCHEMA = "cantata"
 NOTIFY_CHANNEL = "cantata_changes"
@@ -219,6 +247,7 @@ class PgPool:
             with contextlib.suppress(*CONN_ERRORS):
                 await conn.close()
         self._closing = False
+        _quiet_driver_log()
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self.pool_size, server_settings=self._settings,

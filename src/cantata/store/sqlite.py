@@ -304,6 +304,16 @@ class SQLiteStore:
 
         return await self._t.write(op)
 
+    async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT run_id, fence FROM runs WHERE app=? AND owner=? "
+                f"AND status IN {LIVE_SQL}",
+                (app, worker_id),
+            ).fetchall()
+        )
+        return {r[0]: r[1] for r in rows}
+
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         def op(c: sqlite3.Connection) -> None:
             row = c.execute(

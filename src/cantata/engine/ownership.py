@@ -1,0 +1,286 @@
+"""A worker's hold on its runs: heartbeats, self-fencing, careful takeovers, repair.
+
+The rules, with the reasons (docs/leases.md):
+
+- A worker holds its runs while its heartbeat is younger than the lease; each claim
+  of a run increments the run's fence, and every checkpoint is written only if its
+  fence still holds (a worker that lost a run cannot commit anything for it).
+- A worker that could not heartbeat for ``FENCE_AT`` of the lease (cut off from the
+  store) stops its step bodies before another worker may take the runs over, so two
+  live workers never run one step at once. Its executions keep their state and wait;
+  once the store answers, each stopped attempt starts again (not counted) if a fenced
+  checkpoint proves the run is still its own.
+- A worker that was paused (SIGSTOP, a VM stall: its own loop woke far too late)
+  checks at once, after its first heartbeat, which runs it still owns, and stops the
+  executions of the others.
+- A worker whose heartbeat lapsed takes no other worker's runs for one lease after
+  it reaches the store again: in a store outage every worker lapsed at once, and the
+  live ones need that long to heartbeat again. Only a worker that stays silent is
+  dead, so a store outage moves no run between live workers.
+- Every lease, and after any doubt (a claim whose answer was lost, a run let go), a
+  worker reconciles with the store: a run it owns but does not execute is resumed
+  (so no run is stranded under a live owner); an execution of a run it no longer
+  owns is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .quietlog import QuietLog, reason
+
+if TYPE_CHECKING:
+    from .worker import Engine
+
+log = logging.getLogger("cantata.worker")
+
+FENCE_AT = 0.75  # of the lease: silent this long, a worker stops its own executions
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` seconds pass.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives
+    just as the event is set, so a loop using it could not be stopped.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
+class Ownership:
+    """Heartbeat, claim and reconcile loops of one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.quiet = QuietLog(log, every=max(10.0, engine.lease))
+        self.beat_at = time.monotonic()  # when the last successful heartbeat was sent
+        self.regained_at = float("-inf")  # when the store answered after a lapse
+        self.lapsed = False
+        self._healthy = asyncio.Event()  # cleared while lapsed
+        self._healthy.set()
+        self.claim_wakeup = asyncio.Event()
+        self._repair_wakeup = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[Any]] = []
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_every = 0.05
+        self._watch_due = 0.0
+
+    # -- state ----------------------------------------------------------------------------
+
+    def expired(self) -> bool:
+        """True when this worker may have lost its runs (no heartbeat for a while)."""
+        return time.monotonic() - self.beat_at > self.engine.lease * FENCE_AT
+
+    def may_take_over(self) -> bool:
+        """True when silent workers' runs may be claimed (see the module docstring)."""
+        return (
+            not self.lapsed and not self.expired()
+            and time.monotonic() - self.regained_at >= self.engine.lease
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.beat()
+        self._watch_every = min(0.05, self.engine.lease / 20)
+        self._watchdog = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="cantata-heartbeat")
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="cantata-claim"),
+            asyncio.create_task(self._repair_loop(), name="cantata-reconcile"),
+        ]
+
+    async def stop_claiming(self) -> None:
+        """Claim and resume nothing more; the heartbeat goes on (a stop is draining)."""
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        await self.stop_claiming()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
+
+    async def regained(self) -> None:
+        """Return once this worker's heartbeat gets through (at once unless lapsed)."""
+        await self._healthy.wait()
+
+    def repair_soon(self) -> None:
+        """Reconcile with the store soon (a run was let go, or an answer was lost)."""
+        self._repair_wakeup.set()
+
+    # -- heartbeat ------------------------------------------------------------------------
+
+    async def beat(self) -> None:
+        engine = self.engine
+        sent = time.monotonic()
+        await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(), None)
+        if self.lapsed or sent - self.beat_at > engine.lease:
+            self.lapsed = False
+            self._healthy.set()
+            self.regained_at = time.monotonic()
+            log.warning(
+                "worker %s reaches the store again: resuming the runs it still owns, and "
+                "taking over silent workers' runs only after one lease (%.1f s)",
+                engine.worker_id, engine.lease,
+            )
+            self.repair_soon()
+        self.beat_at = sent
+        self.quiet.recovered("heartbeat", "worker %s: heartbeat works again", engine.worker_id)
+
+    def _watch(self) -> None:
+        """A timer every few milliseconds: after a pause of the whole process it is due
+        at once, and runs in the loop's first pass, before any task resumes. If the
+        hold may have lapsed meanwhile, the step bodies are cancelled right there, so a
+        body that was waiting does not go on to its side effect in a run another
+        worker may own by now. Each starts again only once its fenced start checkpoint
+        proves the run is still this worker's (not counted as an attempt)."""
+        loop = asyncio.get_running_loop()
+        late = loop.time() - self._watch_due if self._watch_due else 0.0
+        if late > self.engine.lease / 4 and self.expired():
+            log.warning("worker %s was paused for %.1f s, past its lease: stopping its step "
+                        "bodies until it knows which runs it still owns",
+                        self.engine.worker_id, late)
+            self.engine.fence_self()
+        self._watch_due = loop.time() + self._watch_every
+        self._watchdog = loop.call_later(self._watch_every, self._watch)
+
+    async def _heartbeat_loop(self) -> None:
+        engine = self.engine
+        failing = False
+        while True:
+            due = time.monotonic() + engine.lease / 4
+            await asyncio.sleep(engine.lease / 4)
+            # Woken far too late: this process did not run (SIGSTOP, a VM or GC stall),
+            # so its runs may belong to another worker by now.
+            stalled = time.monotonic() - due > engine.lease / 2
+            if failing and not self.lapsed and self.expired():
+                # Cut off from the store: stop before another worker may take over.
+                self.lapsed = True
+                self._healthy.clear()
+                log.warning(
+                    "worker %s could not heartbeat for %.1f s (lease %.1f s): stopping its "
+                    "step bodies until the store answers; another worker may take its runs",
+                    engine.worker_id, time.monotonic() - self.beat_at, engine.lease,
+                )
+                engine.fence_self()
+            try:
+                async with asyncio.timeout(max(engine.lease / 2, 1.0)):
+                    await self.beat()
+            except Exception as exc:
+                failing = True
+                self.quiet.warning(
+                    "heartbeat", "worker %s: heartbeat failed (%s); retrying",
+                    engine.worker_id, reason(exc) if str(exc) else "timed out",
+                )
+                continue
+            failing = False
+            if stalled:
+                log.warning("worker %s was paused for %.1f s: checking which runs it still "
+                            "owns", engine.worker_id, time.monotonic() - due)
+                try:
+                    await self.reconcile()
+                except Exception as exc:
+                    self.quiet.warning("reconcile", "worker %s: checking its runs failed "
+                                       "(%s); retrying", engine.worker_id, reason(exc))
+                    self.repair_soon()
+
+    # -- claims ---------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        engine = self.engine
+        workflows = engine.served_workflows()
+        while True:
+            claimed = []
+            if workflows and not self.expired():
+                # While this worker's own hold is in doubt, only runs nobody owns.
+                stale_before = (
+                    engine.clock.now() - engine.lease if self.may_take_over() else 0.0
+                )
+                try:
+                    claimed = await engine.store.claim_runs(
+                        engine.app, engine.worker_id, workflows,
+                        stale_before=stale_before, limit=100,
+                    )
+                except Exception as exc:
+                    self.quiet.warning(
+                        "claim", "worker %s: claiming runs failed (%s); retrying",
+                        engine.worker_id, reason(exc),
+                    )
+                    self.repair_soon()  # the claim may have been applied, its answer lost
+                else:
+                    self.quiet.recovered("claim", "worker %s: claiming runs works again",
+                                         engine.worker_id)
+            for run in claimed:
+                log.info("resuming run %s of %s", run.run_id, run.workflow)
+                engine.launch(run)
+            if len(claimed) == 100:
+                continue
+            self.claim_wakeup.clear()
+            await wait_event(self.claim_wakeup, engine.poll_interval * 5)
+            if self.claim_wakeup.is_set():
+                # Woken by a change notification: let a burst of them coalesce, so a
+                # busy store is not asked to claim once per commit.
+                await asyncio.sleep(min(0.05, engine.poll_interval))
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    async def _repair_loop(self) -> None:
+        engine = self.engine
+        while True:
+            await wait_event(self._repair_wakeup, engine.lease)
+            self._repair_wakeup.clear()
+            if self.expired():
+                continue  # resumed once a heartbeat gets through (it wakes this loop)
+            # Not at once: a burst of let-go runs is reconciled in one pass, and a run
+            # that keeps failing internally is not relaunched in a tight loop.
+            await asyncio.sleep(max(engine.poll_interval, min(engine.lease / 4, 1.0)))
+            try:
+                await self.reconcile()
+            except Exception as exc:
+                self.quiet.warning(
+                    "reconcile", "worker %s: checking its runs against the store failed "
+                    "(%s); retrying", engine.worker_id, reason(exc),
+                )
+                self._repair_wakeup.set()
+
+    async def reconcile(self) -> None:
+        """Resume runs owned here but not executed; stop executions of runs lost."""
+        engine = self.engine
+        store, app = engine.store, engine.app
+        before = dict(engine.executions)
+        owned = await store.owned_runs(app, engine.worker_id)
+        for run_id, fence in owned.items():
+            current = engine.executions.get(run_id)
+            if current is not None and current.run.fence >= fence:
+                continue
+            run = await store.get_run(app, run_id)
+            if (run is not None and not run.status.is_final and run.owner == engine.worker_id
+                    and engine.serving and not self.expired()):
+                log.info("run %s: owned by this worker but not executed here; resuming it",
+                         run_id)
+                engine.launch(run)
+        for run_id, execution in before.items():
+            if run_id in owned or engine.executions.get(run_id) is not execution:
+                continue
+            if not execution.stored:
+                continue
+            run = await store.get_run(app, run_id)
+            if run is None or run.status.is_final:
+                continue  # ending here right now
+            if run.owner != engine.worker_id or run.fence != execution.run.fence:
+                log.warning("run %s was taken over by %s: stopping its execution here",
+                            run_id, run.owner or "nobody")
+                engine.drop(execution)

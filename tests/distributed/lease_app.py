@@ -1,0 +1,48 @@
+"""The app the lease and graceful-stop tests run in worker processes.
+
+Every step and handler body leaves marks (``start``/``end`` files named with the
+step key and the process id) so a test can count what ran, where, and how often.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import cantata
+from cantata import App, Event, Retry
+
+app = App(
+    "leases",
+    lease=float(os.environ.get("CANTATA_TEST_LEASE", "1.0")),
+    poll_interval=0.05,
+)
+app.shutdown_grace = float(os.environ.get("CANTATA_TEST_GRACE", "30"))
+MARKS = Path(os.environ.get("CANTATA_TEST_MARKS", "/tmp"))
+
+
+def mark(kind: str, key: str) -> None:
+    (MARKS / f"{kind}~{key}~{os.getpid()}~{time.time():.6f}").touch()
+
+
+@app.step(retry=Retry(max_attempts=3, initial_interval=0.05))
+async def work(order: dict, step: str) -> str:
+    key = f"{order['id']}.{step}"
+    mark("start", key)
+    await asyncio.sleep(order.get("seconds", 0.3))
+    mark("end", key)
+    return f"{step}:{order['id']}"
+
+
+@app.workflow
+async def chain(ctx: cantata.WorkflowContext, order: dict) -> list[str]:
+    return [await ctx.run(work, order, step) for step in order.get("steps", "abc")]
+
+
+@app.on("job.requested", group="jobs")
+async def job(event: Event) -> None:
+    mark("hstart", str(event.data["id"]))
+    await asyncio.sleep(event.data["seconds"])
+    mark("hend", str(event.data["id"]))

@@ -1,0 +1,228 @@
+"""Graceful stop of real worker processes (SQLite): drain, release, force, handlers.
+
+A stop is never an attempt (docs/leases.md): a step in progress finishes within the
+grace and is recorded once; past the grace it is released at once to another worker
+(well before the lease) without a ``WorkerLost`` attempt; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata import App
+
+from .procs import HERE, marks, run_twice, start_worker, stop
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[App]:
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
+    import lease_app
+
+    app: App = lease_app.app
+    app.configure(store=f"sqlite:///{tmp_path}/leases.db", broker="embedded")
+    yield app
+    sys.modules.pop("lease_app", None)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
+                                                                       pytest.mark.nats])])
+def any_client(request: pytest.FixtureRequest, client: App) -> App:
+    """The client app on SQLite (embedded broker), then on PostgreSQL + NATS."""
+    if request.param != "sqlite":
+        client.configure(store=request.getfixturevalue("distributed_url"),
+                         broker=request.getfixturevalue("nats_url"))
+    return client
+
+
+def broker_of(app: App) -> str:
+    return app._broker_spec if isinstance(app._broker_spec, str) else "embedded"
+
+
+async def exited(proc: subprocess.Popen[bytes], within: float) -> int | None:
+    """The exit code, if ``proc`` ends within ``within`` seconds."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            return proc.returncode
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def until(check: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"{what} did not happen within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+async def attempts_of(app: App, run_id: str) -> list[tuple[str, int, str | None]]:
+    return sorted((a.key, a.attempt, a.error_type)
+                  for a in await app.store.load_attempts(app.name, run_id))
+
+
+async def test_sigterm_lets_the_step_in_progress_finish_and_records_it_once(
+    any_client: App, tmp_path: Path
+) -> None:
+    client = any_client
+    store, broker, log = client._store_spec, broker_of(client), tmp_path / "workers.log"
+    assert isinstance(store, str)
+    first = start_worker(store, tmp_path, log, broker=broker, grace=10, grace_flag=True)
+    procs = [first]
+    try:
+        async with client.client():
+            h = await client.start("chain", {"id": 1, "seconds": 1.5, "steps": "ab"})
+            await until(lambda: marks(tmp_path, "start"), 20, "the first step start")
+            first.send_signal(signal.SIGTERM)
+            assert await exited(first, 10) == 0
+            run = await client.store.get_run(client.name, h.run_id)
+            assert run is not None and run.owner is None  # released, not left to the lease
+            procs.append(start_worker(store, tmp_path, log, broker=broker, grace=10))
+            assert await h.result(timeout=20) == ["a:1", "b:1"]
+            tried = await attempts_of(client, h.run_id)
+    finally:
+        for p in procs:
+            stop(p)
+    ends = {m.key: m.pid for m in marks(tmp_path, "end")}
+    assert ends == {"1.a": first.pid, "1.b": procs[1].pid}  # the drained step ran once
+    assert tried == [("work#1", 1, None), ("work#2", 1, None)]
+    assert "Traceback" not in log.read_text()
+
+
+async def test_past_the_grace_a_step_is_released_at_once_and_not_counted(
+    client: App, tmp_path: Path
+) -> None:
+    store, log = client._store_spec, tmp_path / "workers.log"
+    assert isinstance(store, str)
+    # A lease of 60 s: only the release can move the step this fast.
+    procs = [start_worker(store, tmp_path, log, lease=60, grace=0.5) for _ in range(2)]
+    try:
+        async with client.client():
+            await until(lambda: len(log.read_text().splitlines()) >= 2, 20, "workers up")
+            h = await client.start("chain", {"id": 7, "seconds": 3.0, "steps": "a"})
+            await until(lambda: marks(tmp_path, "start"), 20, "the step start")
+            [started] = marks(tmp_path, "start")
+            owner = next(p for p in procs if p.pid == started.pid)
+            other = next(p for p in procs if p is not owner)
+            owner.send_signal(signal.SIGTERM)
+            stopped_at = time.monotonic()
+            assert await exited(owner, 5) == 0
+            await until(lambda: any(m.pid == other.pid for m in marks(tmp_path, "start")),
+                        10, "the takeover")
+            taken_over_in = time.monotonic() - stopped_at
+            assert await h.result(timeout=20) == ["a:7"]
+            tried = await attempts_of(client, h.run_id)
+    finally:
+        for p in procs:
+            stop(p)
+    assert taken_over_in < 3.0  # the grace (0.5 s) and a poll, not the lease (60 s)
+    assert tried == [("work#1", 1, None)]  # the released attempt is not counted
+    assert [m.pid for m in marks(tmp_path, "end")] == [other.pid]
+
+
+async def test_a_second_signal_stops_at_once(client: App, tmp_path: Path) -> None:
+    """SIGINT, then SIGTERM: either signal stops gracefully, a second one at once."""
+    store, log = client._store_spec, tmp_path / "workers.log"
+    assert isinstance(store, str)
+    worker = start_worker(store, tmp_path, log, lease=60, grace=30)
+    try:
+        async with client.client():
+            h = await client.start("chain", {"id": 3, "seconds": 60, "steps": "a"})
+            await until(lambda: marks(tmp_path, "start"), 20, "the step start")
+            worker.send_signal(signal.SIGINT)
+            assert await exited(worker, 1.0) is None  # draining: the step has 30 s
+            worker.send_signal(signal.SIGTERM)
+            assert await exited(worker, 5) == 0
+            run = await client.store.get_run(client.name, h.run_id)
+            tried = await attempts_of(client, h.run_id)
+    finally:
+        stop(worker)
+    assert run is not None and run.owner is None and str(run.status) == "running"
+    assert tried == [("work#1", 1, "Interrupted")]  # recorded, never a WorkerLost
+
+
+async def test_a_handler_is_bounded_by_the_grace(any_client: App, tmp_path: Path) -> None:
+    client = any_client
+    store, broker, log = client._store_spec, broker_of(client), tmp_path / "workers.log"
+    assert isinstance(store, str)
+    worker = start_worker(store, tmp_path, log, broker=broker, grace=1.0)
+    try:
+        async with client.client():
+            await client.publish("job.requested", {"id": 1, "seconds": 600})
+            await until(lambda: marks(tmp_path, "hstart"), 20, "the handler start")
+            worker.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            code = await exited(worker, 10)
+            took = time.monotonic() - started
+    finally:
+        stop(worker)
+    assert code == 0 and took < 5.0
+
+
+async def test_three_rolling_restarts_during_one_long_step_do_not_fail_the_run(
+    client: App, tmp_path: Path
+) -> None:
+    store, log = client._store_spec, tmp_path / "workers.log"
+    assert isinstance(store, str)
+    procs = [start_worker(store, tmp_path, log, lease=60, grace=0.2)]
+    try:
+        async with client.client():
+            h = await client.start("chain", {"id": 5, "seconds": 2.0, "steps": "a"})
+            for n in range(1, 4):
+                await until(lambda n=n: len(marks(tmp_path, "start")) >= n, 20, f"start {n}")
+                procs.append(start_worker(store, tmp_path, log, lease=60, grace=0.2))
+                procs[-2].send_signal(signal.SIGTERM)
+                assert await exited(procs[-2], 5) == 0
+            assert await h.result(timeout=30) == ["a:5"]
+            tried = await attempts_of(client, h.run_id)
+    finally:
+        for p in procs:
+            stop(p)
+    assert tried == [("work#1", 1, None)]
+    assert run_twice(tmp_path) == {}
+    assert len(marks(tmp_path, "start")) == 4  # three restarts cut it short, one finished
+
+
+async def test_a_client_that_exits_runs_no_step_twice(tmp_path: Path) -> None:
+    """Runs started by a process that then leaves (``async with app:`` exits) are
+    drained and released: the worker that resumes them runs no step again."""
+    ran: dict[str, int] = {}
+
+    def build() -> App:
+        app = App("drain", store=f"sqlite:///{tmp_path}/drain.db", broker="embedded",
+                  lease=60, poll_interval=0.05)
+
+        @app.step
+        async def slow(i: int, step: str) -> str:
+            ran[f"{i}.{step}"] = ran.get(f"{i}.{step}", 0) + 1  # the side effect, first
+            await asyncio.sleep(0.2)
+            return step
+
+        @app.workflow
+        async def two(ctx: Any, i: int) -> list[str]:
+            return [await ctx.run(slow, i, "a"), await ctx.run(slow, i, "b")]
+
+        return app
+
+    client = build()
+    async with client:
+        ids = [(await client.start("two", i)).run_id for i in range(60)]
+        await asyncio.sleep(0.05)  # every run is in its first step
+    worker = build()
+    async with worker:
+        for run_id in ids:
+            assert await worker.get_handle(run_id).result(timeout=30) == ["a", "b"]
+    assert sorted(ran) == sorted(f"{i}.{s}" for i in range(60) for s in "ab")
+    assert {k: n for k, n in ran.items() if n > 1} == {}

@@ -1,0 +1,141 @@
+"""Leases in one process: re-taken runs, lost runs, stops, and quiet outage warnings.
+
+The multi-process versions (pauses, a store outage, signals) are in
+tests/distributed/test_leases.py and test_graceful_stop.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+import cantata
+from cantata import App, ConfigurationError
+from cantata.engine.quietlog import QuietLog
+
+from .helpers import eventually, make_app
+
+
+def blocking_app(store_url: str, **kw: object) -> tuple[App, list[int], asyncio.Event]:
+    app = make_app(store_url, **kw)  # type: ignore[arg-type]
+    calls: list[int] = []
+    go = asyncio.Event()
+
+    @app.step
+    async def slow() -> str:
+        calls.append(cantata.step_info().attempt)
+        await go.wait()
+        return "done"
+
+    @app.workflow
+    async def one(ctx: cantata.WorkflowContext) -> str:
+        return str(await ctx.run(slow))
+
+    return app, calls, go
+
+
+async def test_a_run_re_taken_by_its_worker_gets_a_fresh_execution(store_url: str) -> None:
+    """The reported cause of runs stuck under a live owner: a worker claims again a
+    run it still has an (older, fenced-out) execution of."""
+    app, calls, go = blocking_app(store_url)
+    async with app:
+        h = await app.start(one := "one")
+        await eventually(lambda: calls == [1])
+        # Another worker (silent since, so claimable again) takes the run over...
+        [taken] = await app.store.claim_runs(
+            app.name, "ghost", [one], stale_before=app.clock.now() + 60, limit=1
+        )
+        # ...and this worker claims it back, while its stale execution is in the step.
+        await eventually(lambda: len(calls) == 2, timeout=10)
+        go.set()
+        assert await h.result(timeout=10) == "done"
+        run = await app.store.get_run(app.name, h.run_id)
+        tried = await app.store.load_attempts(app.name, h.run_id)
+    assert run is not None and run.fence > taken.fence
+    # The attempt the re-take cut short is this live worker's own: not counted.
+    assert [(a.attempt, a.error_type) for a in tried] == [(1, None)]
+
+
+async def test_an_execution_whose_run_was_taken_over_stops(store_url: str) -> None:
+    app, calls, go = blocking_app(store_url)
+    async with app:
+        h = await app.start("one")
+        await eventually(lambda: calls == [1])
+        await app.engine.store.heartbeat(app.name, "other", app.clock.now() + 3600, None)
+        await app.store.claim_runs(app.name, "other", ["one"],
+                                   stale_before=app.clock.now() + 60, limit=1)
+        # The worker notices (its periodic check with the store) and stops its execution.
+        await eventually(lambda: h.run_id not in app.engine.executions, timeout=10)
+        go.set()
+        await asyncio.sleep(0.2)
+        run = await app.store.get_run(app.name, h.run_id)
+    assert run is not None and run.owner == "other" and str(run.status) == "running"
+    assert calls == [1]
+
+
+async def test_a_stop_releases_what_it_cannot_finish_and_counts_no_attempt(
+    sqlite_url: str,
+) -> None:
+    app, calls, _ = blocking_app(sqlite_url, shutdown_grace=0.1)
+    async with app:
+        h = await app.start("one")
+        await eventually(lambda: calls == [1])
+    async with make_app(sqlite_url).client() as reader:
+        run = await reader.store.get_run(reader.name, h.run_id)
+        interrupted = await reader.store.load_attempts(reader.name, h.run_id)
+    assert run is not None and run.owner is None  # released at once, not left to a lease
+    assert [(a.attempt, a.error_type) for a in interrupted] == [(1, "Interrupted")]
+    app2, calls2, go2 = blocking_app(sqlite_url)
+    go2.set()
+    async with app2:
+        assert await app2.get_handle(h.run_id).result(timeout=10) == "done"
+        tried = await app2.store.load_attempts(app2.name, h.run_id)
+    assert calls2 == [1]  # the interrupted attempt was not counted
+    assert [(a.attempt, a.error_type) for a in tried] == [(1, None)]
+
+
+async def test_a_stop_waits_for_the_step_in_progress(sqlite_url: str) -> None:
+    app, calls, go = blocking_app(sqlite_url, shutdown_grace=10)
+    async with app:
+        h = await app.start("one")
+        await eventually(lambda: calls == [1])
+        asyncio.get_running_loop().call_later(0.3, go.set)
+    run = None
+    async with make_app(sqlite_url) as reader:
+        run = await reader.store.get_run(reader.name, h.run_id)
+    assert run is not None and str(run.status) == "completed" and calls == [1]
+
+
+async def test_force_stop_ends_the_grace_at_once(sqlite_url: str) -> None:
+    app, calls, _ = blocking_app(sqlite_url, shutdown_grace=30)
+    await app.open()
+    await app.start("one")
+    await eventually(lambda: calls == [1])
+    closing = asyncio.ensure_future(app.close())
+    await asyncio.sleep(0.2)
+    assert not closing.done()
+    app.force_stop()
+    await asyncio.wait_for(closing, 5)
+
+
+def test_shutdown_grace_must_not_be_negative() -> None:
+    with pytest.raises(ConfigurationError, match="shutdown_grace"):
+        App("x", store="memory://", shutdown_grace=-1)
+
+
+def test_quiet_log_says_one_line_per_cause_and_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    quiet = QuietLog(logging.getLogger("cantata.test"), every=60)
+    with caplog.at_level(logging.WARNING, "cantata.test"):
+        for n in range(50):
+            quiet.warning("store", "store down (%d)", n)
+        quiet.warning("other", "something else")
+        quiet.recovered("store", "store back")
+        quiet.recovered("store", "store back")  # said once
+        quiet.warning("store", "store down again")
+    assert [r.getMessage() for r in caplog.records] == [
+        "store down (0)", "something else", "store back", "store down again",
+    ]
