@@ -227,4 +227,4 @@ async def count_events(
                     counts.details.append(f"event {i}: no {effect_type}")
             elif n > 1:
                 counts.duplicate_effects += n - 1
-                counts.details.append(f"event {i}: {n} × {effect_type}")
+                counts.details.append(f"event {i}: {n} x {effect_type}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .counters import Execution
-from .harness import Cluster, assert_zero, scaled
+from .harness import ROOT, Cluster, assert_zero, scaled
 from .servers import PrivateNats
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -159,7 +159,7 @@ async def test_a_client_leaving_async_with_app_drains(
     n = scaled(10)
     done = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-c", CLIENT, c.store, str(n)],
-        env=c.process_env(), cwd=Path(__file__).resolve().parents[2], capture_output=True,
+        env=c.process_env(), cwd=ROOT, capture_output=True,
         text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
