@@ -9,9 +9,11 @@ environment, so workers and the test's client build the same app:
 - ``FAULT_LEASE``, ``FAULT_POLL``: the lease and poll interval (seconds);
 - ``FAULT_STEP_SECONDS``: how long each saga step works; ``FAULT_LONG_SECONDS``: the
   long step of ``long_run``; ``FAULT_HANDLER_SECONDS``: how long a handler works;
+- ``FAULT_PATIENT``: ``1`` for 50 attempts per step and handler (else the defaults);
 - ``FAULT_GRACE``: ``App(shutdown_grace=...)`` when set (default: the App's own);
 - ``FAULT_BROKEN``: a defect on purpose, to prove a counter catches it
-  (``effect-per-attempt``, ``emit-outside``, ``blocking-step``).
+  (comma-separated: ``effect-per-attempt``, ``emit-outside``, ``blocking-step``,
+  ``handler-fails``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import cantata
 from cantata import App, Event, HandlerContext, Retry, WorkflowContext
 
 STEPS = ("reserve", "charge", "ship")
-# A worker killed in the middle of the same step many times must not fail the run.
+# With FAULT_PATIENT=1 (the SIGKILL storm), a step whose worker is killed in its middle
+# again and again does not fail its run (a kill is an attempt). Otherwise the library's
+# defaults apply: a fault that is not a death (a pause, an outage, a stop, a full disk)
+# must not use attempts up, and with defaults it would show.
 PATIENT = Retry(max_attempts=50, initial_interval=0.05, max_interval=0.5)
 
 
@@ -61,7 +66,9 @@ def build(env: Mapping[str, str] | None = None) -> App:
     if env.get("FAULT_GRACE"):
         options["shutdown_grace"] = float(env["FAULT_GRACE"])
     app = App(env.get("FAULT_NAME", "faults"), **options)
-    broken = env.get("FAULT_BROKEN", "")
+    broken = set(env.get("FAULT_BROKEN", "").split(","))
+    retry = PATIENT if env.get("FAULT_PATIENT") == "1" else None
+    handler_retry = Retry(max_attempts=1) if "handler-fails" in broken else retry
     step_seconds = env_float("FAULT_STEP_SECONDS", 0.05)
     long_seconds = env_float("FAULT_LONG_SECONDS", 2.0)
     handler_seconds = env_float("FAULT_HANDLER_SECONDS", 0.02)
@@ -74,10 +81,10 @@ def build(env: Mapping[str, str] | None = None) -> App:
             await asyncio.sleep(seconds)
             # The effect a real step has on the outside world, under the key it would give
             # a payment API: stable across retries and recoveries, so one effect per step.
-            effect = (uuid.uuid4().hex if broken == "effect-per-attempt"
+            effect = (uuid.uuid4().hex if "effect-per-attempt" in broken
                       else info.idempotency_key)
             record(k="effect", effect=effect, **where)
-            if broken == "effect-per-attempt" and info.attempt == 1:
+            if "effect-per-attempt" in broken and info.attempt == 1:
                 raise RuntimeError("a step that fails after its effect, on purpose")
         except Exception:
             record(k="fail", **where)
@@ -88,25 +95,25 @@ def build(env: Mapping[str, str] | None = None) -> App:
         record(k="end", **where)
         return f"{step}:{order['id']}"
 
-    @app.step(retry=PATIENT)
+    @app.step(retry=retry)
     async def reserve(order: dict[str, Any]) -> str:
         return await work("reserve", order, step_seconds)
 
-    @app.step(retry=PATIENT)
+    @app.step(retry=retry)
     async def release(order: dict[str, Any]) -> str:
         return await work("release", order, step_seconds)
 
-    @app.step(retry=PATIENT)
+    @app.step(retry=retry)
     async def charge(order: dict[str, Any]) -> str:
         return await work("charge", order, step_seconds)
 
-    @app.step(retry=PATIENT)
+    @app.step(retry=retry)
     async def refund(order: dict[str, Any]) -> str:
         return await work("refund", order, step_seconds)
 
-    @app.step(retry=PATIENT)
+    @app.step(retry=retry)
     async def ship(order: dict[str, Any]) -> str:
-        if broken == "blocking-step":
+        if "blocking-step" in broken:
             # Blocks the event loop (and so the heartbeat) past the lease: another worker
             # takes the run over while this one still lives and finishes the step.
             info = cantata.step_info()
@@ -119,7 +126,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
             return f"ship:{order['id']}"
         return await work("ship", order, step_seconds)
 
-    @app.step(retry=PATIENT)
+    @app.step(retry=retry)
     async def slow(order: dict[str, Any]) -> str:
         return await work("slow", order, long_seconds)
 
@@ -147,12 +154,14 @@ def build(env: Mapping[str, str] | None = None) -> App:
         try:
             await asyncio.sleep(handler_seconds)
             record(k="effect", effect=f"{ctx.group}:{event.id}", **where)
-            if broken == "emit-outside":
+            if "emit-outside" in broken:
                 # The effect published outside the handler's transaction, then a failure:
                 # the retry publishes it again (what the transactional outbox prevents).
                 await app.publish(emits, event.data, correlation_id=ctx.correlation_id)
                 if ctx.attempt == 1:
                     raise RuntimeError("a handler that fails after its effect, on purpose")
+            elif "handler-fails" in broken:
+                raise ValueError("a handler that always fails, on purpose")
             else:
                 await ctx.emit(emits, event.data)
         except Exception:
@@ -163,11 +172,11 @@ def build(env: Mapping[str, str] | None = None) -> App:
             raise
         record(k="end", **where)
 
-    @app.on("order.placed", group="inventory", retry=PATIENT)
+    @app.on("order.placed", group="inventory", retry=handler_retry)
     async def on_placed(event: Event, ctx: HandlerContext) -> None:
         await handle(event, ctx, "stock.reserved")
 
-    @app.on("stock.reserved", group="shipping", retry=PATIENT)
+    @app.on("stock.reserved", group="shipping", retry=handler_retry)
     async def on_reserved(event: Event, ctx: HandlerContext) -> None:
         await handle(event, ctx, "order.shipped")
 

@@ -140,6 +140,15 @@ class Cluster:
             await asyncio.sleep(0.05)
         raise AssertionError(f"the ledger never showed the awaited executions in {timeout} s")
 
+    async def ready(self, timeout: float = 60) -> None:
+        """Wait until every worker serves (has opened the store and the broker)."""
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            while "serving app" not in worker.log.read_text(errors="replace"):
+                if worker.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"worker {worker.pid} did not start: {self.logs()}")
+                await asyncio.sleep(0.05)
+
     async def busy_worker(self, what: str = "step", timeout: float = 30) -> Worker:
         """A worker with a step (or handler) in progress, once there is one."""
         deadline = time.monotonic() + timeout

@@ -195,18 +195,11 @@ class Tmpfs:
         """Write a filler file until the disk is full; returns it (delete it to free)."""
         filler = self.dir / "filler"
         chunk = b"\0" * 65536
-        with filler.open("ab") as f:
-            while True:
-                try:
-                    f.write(chunk)
-                    f.flush()
-                except OSError:
-                    break
-            # Byte by byte: no free block is left for a page of the store either.
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0")
-                    f.flush()
+        with filler.open("ab", buffering=0) as f:
+            for size in (65536, 4096, 1):  # down to the last byte: no page is left
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(chunk[:size])
         return filler
 
     def free(self) -> None:

@@ -40,10 +40,12 @@ async def storm(c: Cluster) -> None:
 
 
 async def test_sigkill_storm_sqlite(cluster: Callable[..., Cluster], tmp_path: Path) -> None:
-    await storm(cluster(f"sqlite:///{tmp_path}/store.db", FAULT_STEP_SECONDS=0.1))
+    await storm(cluster(f"sqlite:///{tmp_path}/store.db", FAULT_STEP_SECONDS=0.1,
+                        FAULT_PATIENT=1))
 
 
 async def test_sigkill_storm_postgres_nats(
     cluster: Callable[..., Cluster], postgres_store: str, private_nats: PrivateNats
 ) -> None:
-    await storm(cluster(postgres_store, private_nats.url, FAULT_STEP_SECONDS=0.1))
+    await storm(cluster(postgres_store, private_nats.url, FAULT_STEP_SECONDS=0.1,
+                        FAULT_PATIENT=1))
