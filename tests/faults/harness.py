@@ -36,7 +36,13 @@ def scale() -> float:
 
 
 def scaled(n: float) -> int:
+    """A count of runs or events, grown with the scale."""
     return max(1, round(n * scale()))
+
+
+def within(seconds: float) -> float:
+    """A recovery budget, grown with the scale (more work in flight to finish)."""
+    return seconds * max(1.0, scale() / 2)
 
 
 @dataclass

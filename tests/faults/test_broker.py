@@ -18,7 +18,7 @@ import pytest
 
 from cantata import App, CantataError, Event, HandlerContext
 
-from .harness import Cluster, assert_zero, scaled
+from .harness import Cluster, assert_zero, scaled, within
 from .servers import PrivateNats
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -38,7 +38,7 @@ async def test_broker_restart(
         private_nats.start()
         back = time.monotonic()
         await submit
-        counts = await c.recover(back, budget=40)
+        counts = await c.recover(back, budget=within(20))
     print(f"\nbroker restart: {counts}")
     assert_zero(counts)
 
@@ -55,7 +55,7 @@ async def test_broker_that_lost_its_data(
         private_nats.lose_data()
         c.start_workers(2)
         await c.submit(0, n, first=n)  # and events after the loss
-        counts = await c.recover(time.monotonic(), budget=30)
+        counts = await c.recover(time.monotonic(), budget=within(20))
     print(f"\nbroker lost its data: {counts}")
     assert_zero(counts)
 
@@ -92,7 +92,7 @@ async def test_poison_events_do_not_block_the_others(
                 if event_type == "order.placed":
                     oversize = event.id
             await c.submit(scaled(10), scaled(20))
-            counts = await c.recover(time.monotonic(), budget=30)
+            counts = await c.recover(time.monotonic(), budget=within(20))
             dead = {d.event.id: d.error for d in await c.app.dead_letters()}
             states = ({r.status for r in await c.app.store.deliveries(c.app.name, oversize)}
                       if oversize else set())
@@ -140,7 +140,7 @@ async def test_a_second_store_with_the_same_app_name_on_one_nats_is_refused(
     a.start_workers(1)
     async with a.client():
         await a.submit(0, 2)
-        await a.recover(time.monotonic(), budget=20)
+        await a.recover(time.monotonic(), budget=within(20))
     intruder = b.start_worker()
     with contextlib.suppress(subprocess.TimeoutExpired):
         await asyncio.to_thread(intruder.proc.wait, 20)
@@ -167,8 +167,8 @@ async def test_two_stores_with_their_own_prefix_on_one_nats(
     async with a2.client(), b2.client():
         await a2.submit(0, 6)
         await b2.submit(0, 6, first=100)
-        counts_a = await a2.recover(time.monotonic(), budget=30)
-        counts_b = await b2.recover(time.monotonic(), budget=30)
+        counts_a = await a2.recover(time.monotonic(), budget=within(20))
+        counts_b = await b2.recover(time.monotonic(), budget=within(20))
         stalled = [*await a2.app.stalled(older_than=0), *await b2.app.stalled(older_than=0)]
         foreign_a = [e for e in await a2.app.store.find_events(
             "faults", "stock.reserved", since=0, exclude=(), limit=100) if e.data["id"] >= 100]

@@ -22,7 +22,7 @@ import pytest
 
 from cantata import CantataError
 
-from .harness import ROOT, Cluster, assert_zero, scaled
+from .harness import ROOT, Cluster, assert_zero, scaled, within
 from .servers import Tmpfs
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -75,7 +75,7 @@ async def test_full_disk_then_freed(cluster: Callable[..., Cluster], tmpfs: Tmpf
         tmpfs.free()
         freed = time.monotonic()
         await c.submit(scaled(10), scaled(10), first=2000)
-        counts = await c.recover(freed, budget=40)
+        counts = await c.recover(freed, budget=within(20))
     print(f"\nfull disk for {full_for:.1f} s: {counts}; callers: {refused[:2]}; worker log "
           f"lines while full: {lines_during}; tracebacks: {c.tracebacks()}; `cantata runs`: "
           f"rc={reading.returncode} {(reading.stdout + reading.stderr).strip()[-200:]!r}")
@@ -99,7 +99,7 @@ async def test_read_only_store(cluster: Callable[..., Cluster], tmpfs: Tmpfs) ->
     c.start_workers(1)
     async with c.client():
         await c.submit(3, 3)
-        first = await c.recover(time.monotonic(), budget=30)
+        first = await c.recover(time.monotonic(), budget=within(20))
     assert_zero(first)
     await c.terminate(c.workers[0])
     run_id = next(iter(c.runs))
@@ -132,7 +132,7 @@ async def test_read_only_store(cluster: Callable[..., Cluster], tmpfs: Tmpfs) ->
     c.start_workers(1)
     async with c.client():
         await c.submit(3, 3, first=100)
-        counts = await c.recover(time.monotonic(), budget=30)
+        counts = await c.recover(time.monotonic(), budget=within(20))
     assert_zero(counts)
 
 

@@ -32,7 +32,7 @@ async def storm(c: Cluster) -> None:
         kills = await c.storm(seconds, every=(0.5, 2.0) if scale() <= 1 else (2.0, 6.0))
         await submit
         ended = time.monotonic()
-        counts = await c.recover(ended, budget=c.lease * 3 + 30 * scale())
+        counts = await c.recover(ended, budget=c.lease * 3 + 15 * scale())
     print(f"\nSIGKILL storm on {c.store.split(':')[0]}: {kills} kills, "
           f"{len(c.runs)} sagas, {len(c.event_ids)} events: {counts}")
     assert kills > 0

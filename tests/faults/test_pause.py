@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .counters import Execution
-from .harness import Cluster, assert_zero, scaled
+from .harness import Cluster, assert_zero, scaled, within
 from .servers import PrivateNats
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -34,7 +34,7 @@ async def pause_past_lease(c: Cluster) -> None:
         await c.pause(victim, seconds=3 * c.lease)
         resumed = time.monotonic()
         await submit
-        counts = await c.recover(resumed, budget=4 * c.lease + 20)
+        counts = await c.recover(resumed, budget=within(4 * c.lease + 10))
     print(f"\npause past the lease on {c.store.split(':')[0]}: {counts}")
     assert victim.proc.poll() is None, "the paused worker died"
     assert_zero(counts, worker_lost=False)
@@ -47,8 +47,8 @@ async def test_pause_of_every_worker_past_lease_sqlite(
     c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=1.5, FAULT_STEP_SECONDS=0.3)
     c.start_workers(3)
 
-    def all_busy(executions: list[Execution]) -> bool:
-        return {w.pid for w in c.workers} <= {e.pid for e in executions if e.ended is None}
+    def all_busy(executions: list[Execution]) -> bool:  # (at least two of the three)
+        return len({e.pid for e in executions if e.ended is None}) >= 2
 
     async with c.client():
         submit = asyncio.ensure_future(c.submit(scaled(30), scaled(30), over=4 * c.lease))
@@ -56,7 +56,7 @@ async def test_pause_of_every_worker_past_lease_sqlite(
         await asyncio.gather(*(c.pause(w, seconds=3 * c.lease) for w in c.workers))
         resumed = time.monotonic()
         await submit
-        counts = await c.recover(resumed, budget=4 * c.lease + 20)
+        counts = await c.recover(resumed, budget=within(4 * c.lease + 10))
     print(f"\npause of every worker past the lease: {counts}")
     assert all(w.proc.poll() is None for w in c.workers), c.logs()
     assert_zero(counts, worker_lost=False)

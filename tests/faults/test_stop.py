@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .counters import Execution
-from .harness import ROOT, Cluster, assert_zero, scaled
+from .harness import ROOT, Cluster, assert_zero, scaled, within
 from .servers import PrivateNats
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -40,7 +40,7 @@ async def test_sigterm_lets_steps_in_progress_finish(
         await c.submit(scaled(8), 0, workflow="long_run")
         victim = await c.busy_worker("step")
         took = await c.terminate(victim)
-        counts = await c.recover(time.monotonic(), budget=30)
+        counts = await c.recover(time.monotonic(), budget=within(20))
     print(f"\nSIGTERM drain: exit after {took:.1f} s: {counts}")
     assert victim.proc.returncode == 0, c.logs()
     assert took < 2.0 + 5, f"the worker took {took:.1f} s to finish 2 s steps and stop"
@@ -68,7 +68,7 @@ async def test_rolling_restarts_during_long_steps(
         for _ in range(3):
             await c.terminate(c.workers[0])
             c.start_worker()
-        counts = await c.recover(time.monotonic(), budget=40)
+        counts = await c.recover(time.monotonic(), budget=within(20))
     print(f"\nrolling restarts: {counts}")
     assert all(w.proc.returncode == 0 for w in c.exited), c.logs()
     assert_zero(counts)
@@ -83,7 +83,7 @@ async def test_sigterm_lets_handlers_in_progress_finish(
         await c.submit(0, scaled(6))
         victim = await c.busy_worker("handler")
         took = await c.terminate(victim)
-        counts = await c.recover(time.monotonic(), budget=40)
+        counts = await c.recover(time.monotonic(), budget=within(20))
     print(f"\nSIGTERM drain of handlers: exit after {took:.1f} s: {counts}")
     assert victim.proc.returncode == 0, c.logs()
     assert_zero(counts)
@@ -168,7 +168,7 @@ async def test_a_client_leaving_async_with_app_drains(
         for r in runs:
             i = int(r.idempotency_key.split("-")[-1]) if r.idempotency_key else -1
             c.runs[r.run_id] = [f"slow:{i}", f"ship:{i}"]
-        counts = await c.recover(time.monotonic(), budget=30)
+        counts = await c.recover(time.monotonic(), budget=within(20))
     print(f"\nclient exit: {counts}")
     assert len(c.runs) == n
     assert_zero(counts)
