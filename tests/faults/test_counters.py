@@ -98,7 +98,7 @@ async def test_counts_catch_lost_events_dead_letters_and_worker_lost_attempts(
         await c.submit(1, 0, workflow="long_run")
         c.kill(await c.busy_worker())
         c.start_workers(1)
-        counts = await c.recover(time.monotonic(), budget=10)
+        counts = await c.recover(time.monotonic(), budget=4)
     print(f"\nunserved events: {unserved}\nfailing handlers and a kill: {counts}")
     assert unserved.events_lost == 4, unserved  # 2 events x 2 groups' effects
     assert counts.dead_letters == 2, counts

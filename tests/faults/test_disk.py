@@ -111,7 +111,7 @@ async def test_read_only_store(cluster: Callable[..., Cluster], tmpfs: Tmpfs) ->
             ("publish", "order.placed", "--data", '{"id": 99}'), ("cancel", run_id))}
         worker = c.start_worker()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(worker.proc.wait, 30)
+            await asyncio.to_thread(worker.proc.wait, 15)
         refused = worker.proc.poll()
         c.stop_all()
     finally:
@@ -145,7 +145,7 @@ async def test_an_empty_file_is_not_a_store(cluster: Callable[..., Cluster],
     reading = await asyncio.to_thread(cli, c, "runs")
     worker = c.start_worker()
     with contextlib.suppress(subprocess.TimeoutExpired):
-        await asyncio.to_thread(worker.proc.wait, 30)
+        await asyncio.to_thread(worker.proc.wait, 15)
     refused = worker.proc.poll()
     c.stop_all()
     print(f"\nempty store file: `cantata runs` rc={reading.returncode} "

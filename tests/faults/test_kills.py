@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
 
 async def storm(c: Cluster) -> None:
     sagas = scaled(50)
-    seconds = 12 * scale()
+    # Bounded: 6 s of kills; scaled: 12 s per unit of scale (two minutes at 10).
+    seconds = 6.0 if scale() <= 1 else 12.0 * scale()
     c.start_workers(3)
     async with c.client():
         # Work arrives all through the storm, so kills land in the middle of steps and
@@ -41,11 +42,11 @@ async def storm(c: Cluster) -> None:
 
 async def test_sigkill_storm_sqlite(cluster: Callable[..., Cluster], tmp_path: Path) -> None:
     await storm(cluster(f"sqlite:///{tmp_path}/store.db", FAULT_STEP_SECONDS=0.1,
-                        FAULT_PATIENT=1))
+                        FAULT_PATIENT=1, FAULT_LEASE=3.0))
 
 
 async def test_sigkill_storm_postgres_nats(
     cluster: Callable[..., Cluster], postgres_store: str, private_nats: PrivateNats
 ) -> None:
     await storm(cluster(postgres_store, private_nats.url, FAULT_STEP_SECONDS=0.1,
-                        FAULT_PATIENT=1))
+                        FAULT_PATIENT=1, FAULT_LEASE=3.0))

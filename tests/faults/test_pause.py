@@ -29,7 +29,7 @@ async def pause_past_lease(c: Cluster) -> None:
         return any(e.pid == victim.pid and e.ended is None for e in executions)
 
     async with c.client():
-        submit = asyncio.ensure_future(c.submit(scaled(30), scaled(30), over=4 * c.lease))
+        submit = asyncio.ensure_future(c.submit(scaled(30), scaled(30), over=2 * c.lease))
         await c.wait_ledger(victim_busy, timeout=30)
         await c.pause(victim, seconds=3 * c.lease)
         resumed = time.monotonic()
@@ -51,7 +51,7 @@ async def test_pause_of_every_worker_past_lease_sqlite(
         return len({e.pid for e in executions if e.ended is None}) >= 2
 
     async with c.client():
-        submit = asyncio.ensure_future(c.submit(scaled(30), scaled(30), over=4 * c.lease))
+        submit = asyncio.ensure_future(c.submit(scaled(30), scaled(30), over=2 * c.lease))
         await c.wait_ledger(all_busy, timeout=30)
         await asyncio.gather(*(c.pause(w, seconds=3 * c.lease) for w in c.workers))
         resumed = time.monotonic()
