@@ -16,7 +16,9 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
 - ``events_lost``: a published event whose chain of handlers did not complete;
 - ``dead_letters``: deliveries dead-lettered (no handler of the fault app fails);
 - ``worker_lost_attempts``: attempts recorded as ``WorkerLost`` (zero is required
-  only where no worker died).
+  only where no worker died);
+- ``workers_crashed``: worker processes that exited by themselves (neither killed nor
+  asked to stop): a fault must not make a worker give up.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ class FaultLog:
 
     killed: dict[int, float] = field(default_factory=dict)  # pid -> SIGKILL time
     paused: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    stopped: set[int] = field(default_factory=set)  # asked to stop (SIGTERM), or to refuse
+    exited: dict[int, float] = field(default_factory=dict)  # pid -> when it was seen gone
     lease: float = 2.0
+
+    def crashed(self) -> dict[int, float]:
+        """Workers that exited by themselves: neither killed nor asked to stop."""
+        return {pid: t for pid, t in self.exited.items()
+                if pid not in self.killed and pid not in self.stopped}
 
     def presumed_dead_before(self, pid: int, t: float) -> bool:
         """True if ``pid`` was killed, or paused past its lease, before time ``t``.
@@ -49,6 +58,8 @@ class FaultLog:
         takeover from half a lease into a pause on is the pause's, not a live double.
         """
         if pid in self.killed and self.killed[pid] <= t:
+            return True
+        if self.crashed().get(pid, t + 1) <= t:  # dead all the same (and counted apart)
             return True
         return any(stop + self.lease / 2 <= t and stop + self.lease <= cont
                    for stop, cont in self.paused.get(pid, ()))
@@ -115,6 +126,7 @@ class Counts:
     events_lost: int = 0
     dead_letters: int = 0
     worker_lost_attempts: int = 0
+    workers_crashed: int = 0
     recover_seconds: float | None = None
     details: list[str] = field(default_factory=list)
     info: dict[str, int] = field(default_factory=dict)  # figures that may be non-zero

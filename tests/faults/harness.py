@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -82,6 +83,17 @@ class Cluster:
         self.poison: frozenset[str] = frozenset()  # ids of events sent to be refused
         self.app = fault_app.build(self.env)
         self.app.configure(store=store, broker=broker)
+        self._watching = True
+        self._watcher = threading.Thread(target=self._watch_exits, daemon=True)
+        self._watcher.start()
+
+    def _watch_exits(self) -> None:
+        """Note when each worker process is seen gone (a crash is told from a kill)."""
+        while self._watching:
+            for worker in [*self.workers, *self.exited]:
+                if worker.pid not in self.faults.exited and worker.proc.poll() is not None:
+                    self.faults.exited[worker.pid] = time.time()
+            time.sleep(0.05)
 
     # -- processes --------------------------------------------------------------------
 
@@ -101,6 +113,10 @@ class Cluster:
             )
         worker = Worker(proc, log)
         self.workers.append(worker)
+        if not self._watcher.is_alive():
+            self._watching = True
+            self._watcher = threading.Thread(target=self._watch_exits, daemon=True)
+            self._watcher.start()
         return worker
 
     def start_workers(self, n: int) -> None:
@@ -132,6 +148,7 @@ class Cluster:
     async def terminate(self, worker: Worker, *, timeout: float = 60.0) -> float:
         """SIGTERM and wait for the process to exit; returns how long it took."""
         began = time.monotonic()
+        self.faults.stopped.add(worker.pid)
         worker.proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(worker.proc.wait, timeout)
         self._gone(worker)
@@ -166,13 +183,20 @@ class Cluster:
             await asyncio.sleep(0.05)
         raise AssertionError(f"no worker had a {what} in progress within {timeout} s")
 
+    def expect_exit(self, worker: Worker) -> None:
+        """This worker is meant to refuse to start: its exit is not a crash."""
+        self.faults.stopped.add(worker.pid)
+
     def stop_all(self) -> None:
+        """Kill what is left (the end of a test: not counted as a fault)."""
         for worker in list(self.workers):
+            self.faults.stopped.add(worker.pid)
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGCONT)
                 worker.proc.kill()
                 worker.proc.wait()
             self._gone(worker)
+        self._watching = False
 
     def tracebacks(self) -> int:
         """How many tracebacks the workers printed (a flood is a defect of its own)."""
@@ -218,15 +242,29 @@ class Cluster:
             if over:
                 await asyncio.sleep(over / n)
 
+    def serving(self) -> list[Worker]:
+        """The workers that have started serving."""
+        return [w for w in self.workers
+                if "serving app" in w.log.read_text(errors="replace")]
+
     async def storm(self, seconds: float, every: tuple[float, float], respawn: bool = True,
                     ) -> int:
-        """SIGKILL a random worker every ``every`` seconds for ``seconds``; start another."""
+        """SIGKILL a worker every ``every`` seconds for ``seconds``, and start another.
+
+        The victim is a serving worker (one still starting would die before it did
+        anything), most often one with a step or handler in progress at that moment.
+        """
         kills = 0
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             await asyncio.sleep(random.uniform(*every))
-            if self.workers:
-                self.kill(random.choice(self.workers))
+            candidates = self.serving()
+            busy_pids = {e.pid for e in read_ledger(self.ledger) if e.ended is None}
+            busy = [w for w in candidates if w.pid in busy_pids]
+            if busy and random.random() < 0.7:
+                candidates = busy
+            if candidates:
+                self.kill(random.choice(candidates))
                 kills += 1
                 if respawn:
                     self.start_worker()
@@ -239,6 +277,9 @@ class Cluster:
         counts.steps_twice_live, reruns, details = twice_live(executions, self.faults)
         counts.info["reruns"] = reruns
         counts.info["kills"] = len(self.faults.killed)
+        crashed = self.faults.crashed()
+        counts.workers_crashed = len(crashed)
+        counts.details.extend(f"worker {pid} exited by itself" for pid in crashed)
         counts.details.extend(details)
         await count_runs(self.app, self.runs, executions, self.faults, counts)
         if self.event_ids:

@@ -142,6 +142,7 @@ async def test_a_second_store_with_the_same_app_name_on_one_nats_is_refused(
         await a.submit(0, 2)
         await a.recover(time.monotonic(), budget=within(20))
     intruder = b.start_worker()
+    b.expect_exit(intruder)
     with contextlib.suppress(subprocess.TimeoutExpired):
         await asyncio.to_thread(intruder.proc.wait, 20)
     refused = intruder.proc.poll()

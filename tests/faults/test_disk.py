@@ -110,6 +110,7 @@ async def test_read_only_store(cluster: Callable[..., Cluster], tmpfs: Tmpfs) ->
         writes = {args: await asyncio.to_thread(cli, c, *args) for args in (
             ("publish", "order.placed", "--data", '{"id": 99}'), ("cancel", run_id))}
         worker = c.start_worker()
+        c.expect_exit(worker)
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(worker.proc.wait, 15)
         refused = worker.proc.poll()
@@ -144,6 +145,7 @@ async def test_an_empty_file_is_not_a_store(cluster: Callable[..., Cluster],
     c = cluster(f"sqlite:///{path}")
     reading = await asyncio.to_thread(cli, c, "runs")
     worker = c.start_worker()
+    c.expect_exit(worker)
     with contextlib.suppress(subprocess.TimeoutExpired):
         await asyncio.to_thread(worker.proc.wait, 15)
     refused = worker.proc.poll()

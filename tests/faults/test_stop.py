@@ -120,6 +120,7 @@ async def test_a_second_signal_stops_at_once(
         await c.wait_ledger(running_in(victim.pid), timeout=30)
         c.start_worker(env={"FAULT_LONG_SECONDS": "0.2"})
         began = time.monotonic()
+        c.faults.stopped.add(victim.pid)
         victim.proc.send_signal(15)
         await asyncio.sleep(0.5)
         victim.proc.send_signal(15)
