@@ -148,7 +148,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
                                          timeout=3600)
         return str(event.id)
 
-    async def handle(event: Event, ctx: HandlerContext, emits: str) -> None:
+    async def handle(event: Event[Any], ctx: HandlerContext, emits: str) -> None:
         where = {"what": "handler", "run": event.id, "key": ctx.group, "attempt": ctx.attempt}
         record(k="begin", **where)
         try:
@@ -173,11 +173,11 @@ def build(env: Mapping[str, str] | None = None) -> App:
         record(k="end", **where)
 
     @app.on("order.placed", group="inventory", retry=handler_retry)
-    async def on_placed(event: Event, ctx: HandlerContext) -> None:
+    async def on_placed(event: Event[Any], ctx: HandlerContext) -> None:
         await handle(event, ctx, "stock.reserved")
 
     @app.on("stock.reserved", group="shipping", retry=handler_retry)
-    async def on_reserved(event: Event, ctx: HandlerContext) -> None:
+    async def on_reserved(event: Event[Any], ctx: HandlerContext) -> None:
         await handle(event, ctx, "order.shipped")
 
     return app

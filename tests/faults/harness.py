@@ -222,8 +222,9 @@ class Cluster:
         handle = await retrying(lambda: self.app.start(workflow, order,
                                                        idempotency_key=f"{workflow}-{i}"))
         steps = fault_app.STEPS if workflow == "saga" else ("slow", "ship")
-        self.runs[handle.run_id] = [f"{s}:{i}" for s in steps]
-        return handle.run_id
+        run_id: str = handle.run_id
+        self.runs[run_id] = [f"{s}:{i}" for s in steps]
+        return run_id
 
     async def publish(self, i: int) -> None:
         await retrying(lambda: self.app.publish("order.placed", {"id": i},

@@ -13,6 +13,7 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -113,7 +114,7 @@ async def test_a_group_name_too_long_for_the_broker_is_refused_clearly(
     never a worker that hangs or dies at start-up."""
     app = App("faults", store=postgres_store, broker=private_nats.url)
 
-    async def noop(event: Event, ctx: HandlerContext) -> None:
+    async def noop(event: Event[Any], ctx: HandlerContext) -> None:
         return None
 
     try:

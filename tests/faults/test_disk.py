@@ -119,7 +119,7 @@ async def test_read_only_store(cluster: Callable[..., Cluster], tmpfs: Tmpfs) ->
         tmpfs.remount("rw")
     print("\nread-only store: " + "; ".join(
         f"{' '.join(a)}: rc={d.returncode} {(d.stdout + d.stderr).strip()[-150:]!r}"
-        for a, d in {**reads, **writes}.items()) + f"; worker rc={refused}")
+        for a, d in [*reads.items(), *writes.items()]) + f"; worker rc={refused}")
     for args, done in reads.items():
         out = one_clear_line(done) if done.returncode else ""
         assert done.returncode == 0, f"`cantata {' '.join(args)}` on a read-only store: {out}"

@@ -7,6 +7,7 @@ recorded; no run is lost or stuck; every event's chain of handlers completes onc
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +28,6 @@ async def storm(c: Cluster) -> None:
     async with c.client():
         # Work arrives all through the storm, so kills land in the middle of steps and
         # handlers, between them, and in the middle of commits.
-        import asyncio
-
         submit = asyncio.ensure_future(c.submit(sagas, sagas, over=seconds * 0.8))
         kills = await c.storm(seconds, every=(0.5, 2.0) if scale() <= 1 else (2.0, 6.0))
         await submit

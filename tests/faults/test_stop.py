@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .counters import Execution
+from .counters import Execution, read_ledger
 from .harness import ROOT, Cluster, assert_zero, scaled, within
 from .servers import PrivateNats
 
@@ -45,13 +45,8 @@ async def test_sigterm_lets_steps_in_progress_finish(
     assert victim.proc.returncode == 0, c.logs()
     assert took < 2.0 + 5, f"the worker took {took:.1f} s to finish 2 s steps and stop"
     assert_zero(counts)
-    finished = [e for e in await asyncio.to_thread(_ledger, c) if e.pid == victim.pid]
-    assert finished and all(e.ended is not None for e in finished), "a step was cut short"
-
-
-def _ledger(c: Cluster) -> list[Execution]:
-    from .counters import read_ledger
-    return read_ledger(c.ledger)
+    mine = [e for e in await asyncio.to_thread(read_ledger, c.ledger) if e.pid == victim.pid]
+    assert mine and all(e.ended is not None and not e.cut for e in mine), "a step was cut"
 
 
 async def test_rolling_restarts_during_long_steps(
