@@ -25,6 +25,7 @@ async def storm(c: Cluster) -> None:
     # Bounded: 8 s of kills; scaled: 12 s per unit of scale (two minutes at 10).
     seconds = 8.0 if scale() <= 1 else 12.0 * scale()
     c.start_workers(3)
+    await c.ready()
     async with c.client():
         # Work arrives all through the storm, so kills land in the middle of steps and
         # handlers, between them, and in the middle of commits.
