@@ -41,6 +41,11 @@ def scaled(n: float) -> int:
     return max(1, round(n * scale()))
 
 
+def time_limit(seconds: int) -> int:
+    """A test's timeout (pytest-timeout), grown with the scale."""
+    return int(seconds * max(1.0, scale()))
+
+
 def within(seconds: float) -> float:
     """A recovery budget, grown with the scale (more work in flight to finish)."""
     return seconds * max(1.0, scale() / 2)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -37,8 +38,8 @@ def answers(port: int) -> bool:
         return False
 
 
-def wait_until(check: object, timeout: float, what: str) -> None:
-    assert callable(check)
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` until it is true; raise :class:`ServerError` naming ``what`` if not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():

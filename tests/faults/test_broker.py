@@ -19,10 +19,10 @@ import pytest
 
 from cantata import App, CantataError, Event, HandlerContext
 
-from .harness import Cluster, assert_zero, scaled, within
+from .harness import Cluster, assert_zero, scaled, time_limit, within
 from .servers import PrivateNats
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(300))]
 
 
 async def test_broker_restart(

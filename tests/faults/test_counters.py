@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Cluster, assert_zero
+from .harness import Cluster, assert_zero, time_limit
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(120))]
 
 
 async def test_counts_catch_lost_stuck_failed_runs_and_a_step_after_its_result(

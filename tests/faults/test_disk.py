@@ -22,10 +22,10 @@ import pytest
 
 from cantata import CantataError
 
-from .harness import ROOT, Cluster, assert_zero, scaled, within
+from .harness import ROOT, Cluster, assert_zero, scaled, time_limit, within
 from .servers import Tmpfs
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(300))]
 
 
 def cli(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

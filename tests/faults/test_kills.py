@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Cluster, assert_zero, scale, scaled
+from .harness import Cluster, assert_zero, scale, scaled, time_limit
 from .servers import PrivateNats
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(600))]
 
 
 async def storm(c: Cluster) -> None:

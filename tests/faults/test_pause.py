@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from .counters import Execution
-from .harness import Cluster, assert_zero, scaled, within
+from .harness import Cluster, assert_zero, scaled, time_limit, within
 from .servers import PrivateNats
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(300))]
 
 
 async def pause_past_lease(c: Cluster) -> None:

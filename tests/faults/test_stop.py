@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from .counters import Execution, read_ledger
-from .harness import ROOT, Cluster, assert_zero, scaled, within
+from .harness import ROOT, Cluster, assert_zero, scaled, time_limit, within
 from .servers import PrivateNats
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(300))]
 
 
 def running_in(pid: int, what: str = "step") -> Callable[[list[Execution]], bool]:

@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pytest
 
 from .counters import Execution
-from .harness import Cluster, assert_zero, scaled, within
+from .harness import Cluster, assert_zero, scaled, time_limit, within
 from .servers import PrivateNats, PrivatePostgres
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(300))]
 
 
 async def test_store_outage_longer_than_the_lease(
