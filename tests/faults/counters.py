@@ -45,6 +45,14 @@ class FaultLog:
     exited: dict[int, float] = field(default_factory=dict)  # pid -> when it was seen gone
     lease: float = 2.0
 
+    def about(self, pid: int, t: float) -> str:
+        """What the harness had done to ``pid`` by time ``t`` (for failure messages)."""
+        notes = [f"paused {t - stop:.2f} s before (for {cont - stop:.2f} s)"
+                 for stop, cont in self.paused.get(pid, ()) if stop <= t]
+        if pid in self.stopped:
+            notes.append("asked to stop")
+        return f" [pid {pid}: {'; '.join(notes)}]" if notes else ""
+
     def crashed(self) -> dict[int, float]:
         """Workers that exited by themselves: neither killed nor asked to stop."""
         return {pid: t for pid, t in self.exited.items()
@@ -167,7 +175,7 @@ def twice_live(executions: list[Execution], log: FaultLog) -> tuple[int, int, li
                 how = " (at once)" if overlap else " (cut short by a stop)" if first.cut else ""
                 details.append(
                     f"{call[0]} {call[2]} of {call[1][-8:]} ran in pid {later.pid} after "
-                    f"pid {first.pid}{how}, neither killed"
+                    f"pid {first.pid}{how}, neither killed{log.about(first.pid, later.began)}"
                 )
     return count, reruns, details
 

@@ -110,8 +110,8 @@ async def test_poison_events_do_not_block_the_others(
 async def test_a_group_name_too_long_for_the_broker_is_refused_clearly(
     postgres_store: str, private_nats: PrivateNats
 ) -> None:
-    """A 10,000-character group: refused at declaration or at open with a clear error,
-    never a worker that hangs or dies at start-up."""
+    """A 10,000-character group: refused at declaration or at open with a clear error
+    (and nothing left open), never a worker that hangs at start-up."""
     app = App("faults", store=postgres_store, broker=private_nats.url)
 
     async def noop(event: Event[Any], ctx: HandlerContext) -> None:
@@ -122,12 +122,16 @@ async def test_a_group_name_too_long_for_the_broker_is_refused_clearly(
     except CantataError as exc:
         assert len(str(exc)) < 2000
         return
+    before = await connections(postgres_store)
     try:
         async with asyncio.timeout(20):
             async with app:
                 await app.publish("order.placed", {"id": 1})
     except CantataError as exc:
         assert len(str(exc)) < 2000, "the error repeats the whole name"
+        # An app that failed to open holds no connection to its store.
+        await asyncio.sleep(0.5)
+        assert await connections(postgres_store) == before, "the failed open left connections"
     # Accepted: it must then work (covered by the delivery tests); reaching here in time
     # shows the worker did not hang at start-up.
 
@@ -154,6 +158,20 @@ async def test_a_second_store_with_the_same_app_name_on_one_nats_is_refused(
         "a second store started a worker for app 'faults' on the NATS stream of another: "
         + out[-1500:])
     assert "Traceback" not in out and "prefix" in out, out[-1500:]
+
+
+async def connections(url: str) -> int:
+    """Client connections to the (private) PostgreSQL server, other than this one."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url.split("?")[0])
+    try:
+        n: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid()")
+        return n
+    finally:
+        await conn.close()
 
 
 async def test_two_stores_with_their_own_prefix_on_one_nats(
