@@ -51,6 +51,9 @@ class FaultLog:
                  for stop, cont in self.paused.get(pid, ()) if stop <= t]
         if pid in self.stopped:
             notes.append("asked to stop")
+        notes += [f"pid {other} was paused {t - stop:.2f} s before"
+                  for other, spans in self.paused.items() if other != pid
+                  for stop, cont in spans if stop <= t <= cont + self.lease]
         return f" [pid {pid}: {'; '.join(notes)}]" if notes else ""
 
     def crashed(self) -> dict[int, float]:
