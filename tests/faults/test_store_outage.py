@@ -27,6 +27,7 @@ async def test_store_outage_longer_than_the_lease(
     c = cluster(postgres_store, private_nats.url, FAULT_LEASE=2.0, FAULT_STEP_SECONDS=0.5,
                 FAULT_HANDLER_SECONDS=0.3)
     c.start_workers(3)
+    await c.ready()  # (an outage during a worker's start-up is another story)
 
     def busy(executions: list[Execution]) -> bool:
         return sum(e.ended is None for e in executions) >= 3
