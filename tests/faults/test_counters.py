@@ -4,14 +4,17 @@ defect it names would prove nothing when it reads zero.
 The defects are real (a run deleted from the store, a run that never ends, a step that
 blocks its worker past the lease, a step that makes its effect under a fresh key per
 attempt, a handler that publishes outside its transaction, a handler that always
-fails, a worker killed mid-step), except one: a step run after its result was recorded
-is a forged ledger line, since no working Cantata can be made to do it.
+fails, a worker killed mid-step, a worker killed behind the harness's back), except
+one: a step run after its result was recorded is a forged ledger line, since no
+working Cantata can be made to do it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -86,7 +89,7 @@ async def test_counts_catch_duplicate_effects(
     assert counts.steps_twice_live == 0, "a retry after a failure is not a live double"
 
 
-async def test_counts_catch_lost_events_dead_letters_and_worker_lost_attempts(
+async def test_counts_catch_lost_events_dead_letters_worker_lost_attempts_and_a_crash(
     cluster: Callable[..., Cluster], tmp_path: Path
 ) -> None:
     c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=1.0, FAULT_LONG_SECONDS=1.0,
@@ -98,9 +101,14 @@ async def test_counts_catch_lost_events_dead_letters_and_worker_lost_attempts(
         await c.submit(1, 0, workflow="long_run")
         c.kill(await c.busy_worker())
         c.start_workers(1)
+        await c.ready()
+        spare = c.start_worker()
+        await c.ready()
+        os.kill(spare.pid, signal.SIGKILL)  # behind the harness's back: a crash
         counts = await c.recover(time.monotonic(), budget=4)
     print(f"\nunserved events: {unserved}\nfailing handlers and a kill: {counts}")
     assert unserved.events_lost == 4, unserved  # 2 events x 2 groups' effects
     assert counts.dead_letters == 2, counts
     assert counts.worker_lost_attempts >= 1, counts
+    assert counts.workers_crashed == 1, counts
     assert "worker_lost_attempts" not in counts.zeros(worker_lost=False)
