@@ -192,6 +192,11 @@ class Cluster:
         """This worker is meant to refuse to start: its exit is not a crash."""
         self.faults.stopped.add(worker.pid)
 
+    def busiest(self) -> Worker:
+        """The serving worker with the most steps and handlers in progress right now."""
+        open_ = [e.pid for e in read_ledger(self.ledger) if e.ended is None]
+        return max(self.workers, key=lambda w: open_.count(w.pid))
+
     def stop_all(self) -> None:
         """Kill what is left (the end of a test: not counted as a fault)."""
         for worker in list(self.workers):

@@ -61,7 +61,7 @@ async def test_rolling_restarts_during_long_steps(
         await c.submit(scaled(9), scaled(9), workflow="long_run")
         await c.wait_ledger(lambda ex: sum(e.ended is None for e in ex) >= 3, timeout=30)
         for _ in range(3):
-            await c.terminate(c.workers[0])
+            await c.terminate(c.busiest())
             c.start_worker()
         counts = await c.recover(time.monotonic(), budget=within(20))
     print(f"\nrolling restarts: {counts}")
