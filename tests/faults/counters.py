@@ -1,0 +1,253 @@
+"""The counts every fault scenario must bring back at zero, from the store and the ledger.
+
+The ledger (written by ``fault_app``) holds what really ran; the store holds what
+Cantata recorded; the :class:`FaultLog` holds what the harness did to the workers
+(which process was killed or paused past its lease, and when). From the three:
+
+- ``runs_lost``: runs the client started that the store does not have;
+- ``runs_stuck``: runs not final when the recovery time is up;
+- ``runs_failed``: runs that ended other than ``completed`` or with a wrong result;
+- ``steps_twice_live``: a step (or handler) executed again although an earlier
+  execution's process was neither killed nor paused past the lease before it began,
+  and did not fail: two live workers ran it (at once or one after the other);
+- ``steps_after_result``: a step executed again after its result was recorded;
+- ``duplicate_effects``: a step's effect made under two idempotency keys, or a
+  handler's emitted event stored twice for one event;
+- ``events_lost``: a published event whose chain of handlers did not complete;
+- ``dead_letters``: deliveries dead-lettered (no handler of the fault app fails);
+- ``worker_lost_attempts``: attempts recorded as ``WorkerLost`` (zero is required
+  only where no worker died);
+- ``workers_crashed``: worker processes that exited by themselves (neither killed nor
+  asked to stop): a fault must not make a worker give up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cantata import App
+
+FINAL = {"completed", "compensated", "failed", "cancelled"}
+
+
+@dataclass
+class FaultLog:
+    """What the harness did to worker processes, in wall-clock time."""
+
+    killed: dict[int, float] = field(default_factory=dict)  # pid -> SIGKILL time
+    paused: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    stopped: set[int] = field(default_factory=set)  # asked to stop (SIGTERM), or to refuse
+    exited: dict[int, float] = field(default_factory=dict)  # pid -> when it was seen gone
+    lease: float = 2.0
+
+    def about(self, pid: int, t: float) -> str:
+        """What the harness had done to ``pid`` by time ``t`` (for failure messages)."""
+        notes = [f"paused {t - stop:.2f} s before (for {cont - stop:.2f} s)"
+                 for stop, cont in self.paused.get(pid, ()) if stop <= t]
+        if pid in self.stopped:
+            notes.append("asked to stop")
+        notes += [f"pid {other} was paused {t - stop:.2f} s before"
+                  for other, spans in self.paused.items() if other != pid
+                  for stop, cont in spans if stop <= t <= cont + self.lease]
+        return f" [pid {pid}: {'; '.join(notes)}]" if notes else ""
+
+    def crashed(self) -> dict[int, float]:
+        """Workers that exited by themselves: neither killed nor asked to stop."""
+        return {pid: t for pid, t in self.exited.items()
+                if pid not in self.killed and pid not in self.stopped}
+
+    def presumed_dead_before(self, pid: int, t: float) -> bool:
+        """True if ``pid`` was killed, or paused past its lease, before time ``t``.
+
+        A paused worker's last heartbeat may be up to a heartbeat period (a quarter of
+        the lease) older than the pause, so a takeover may come that much sooner: any
+        takeover from half a lease into a pause on is the pause's, not a live double.
+        """
+        if pid in self.killed and self.killed[pid] <= t:
+            return True
+        if self.crashed().get(pid, t + 1) <= t:  # dead all the same (and counted apart)
+            return True
+        return any(stop + self.lease / 2 <= t and stop + self.lease <= cont
+                   for stop, cont in self.paused.get(pid, ()))
+
+
+@dataclass
+class Execution:
+    what: str
+    run: str
+    key: str
+    pid: int
+    attempt: int
+    began: float
+    ended: float | None = None
+    failed: bool = False  # the step or handler raised: a retry is its due
+    cut: bool = False  # cancelled in the middle (a stop): not a death, not a failure
+    effect: str | None = None
+
+
+def read_ledger(path: Path) -> list[Execution]:
+    """Executions in the order they began (a begin line opens one, end/fail/effect close)."""
+    executions: list[Execution] = []
+    open_: dict[tuple[str, str, str, int, int], Execution] = {}
+    if not path.exists():
+        return executions
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        ident = (rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"])
+        if rec["k"] == "begin":
+            ex = Execution(rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"],
+                           rec["t"])
+            open_[ident] = ex
+            executions.append(ex)
+            continue
+        ex_found = open_.get(ident)
+        if ex_found is None:
+            continue
+        if rec["k"] == "effect":
+            ex_found.effect = rec["effect"]
+        elif rec["k"] == "end":
+            ex_found.ended = rec["t"]
+        elif rec["k"] == "fail":
+            ex_found.failed = True
+            ex_found.ended = rec["t"]
+        elif rec["k"] == "cut":
+            ex_found.cut = True
+            ex_found.ended = rec["t"]
+    executions.sort(key=lambda e: e.began)
+    return executions
+
+
+@dataclass
+class Counts:
+    """The zero-counts of one scenario, plus what explains a non-zero one."""
+
+    runs_lost: int = 0
+    runs_stuck: int = 0
+    runs_failed: int = 0
+    steps_twice_live: int = 0
+    steps_after_result: int = 0
+    duplicate_effects: int = 0
+    events_lost: int = 0
+    dead_letters: int = 0
+    worker_lost_attempts: int = 0
+    workers_crashed: int = 0
+    recover_seconds: float | None = None
+    details: list[str] = field(default_factory=list)
+    info: dict[str, int] = field(default_factory=dict)  # figures that may be non-zero
+
+    def zeros(self, *, worker_lost: bool = True) -> dict[str, int]:
+        """The counts that must be zero (``worker_lost`` where no worker died)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items()
+               if isinstance(v, int) and not isinstance(v, bool)}
+        if not worker_lost:
+            out.pop("worker_lost_attempts")
+        return out
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in [*self.zeros().items(), *self.info.items()])
+        more = "; ".join(self.details[:12])
+        return f"{shown}, recover_seconds={self.recover_seconds}" + (f"; {more}" if more else "")
+
+
+def twice_live(executions: list[Execution], log: FaultLog) -> tuple[int, int, list[str]]:
+    """Executions of one step or (group, event) that a live earlier execution did not allow.
+
+    Returns that count, the count of all executions after a call's first (a re-run after
+    a kill is allowed: it shows the suite did kill work in progress), and details.
+    """
+    by_call: dict[tuple[str, str, str], list[Execution]] = defaultdict(list)
+    for ex in executions:
+        by_call[(ex.what, ex.run, ex.key)].append(ex)
+    count, reruns, details = 0, 0, []
+    for call, group in by_call.items():
+        reruns += len(group) - 1
+        for i, later in enumerate(group[1:], start=1):
+            live = [e for e in group[:i]
+                    if not e.failed and not log.presumed_dead_before(e.pid, later.began)]
+            if live:
+                count += 1
+                first = live[0]
+                overlap = first.ended is None or first.ended > later.began
+                how = " (at once)" if overlap else " (cut short by a stop)" if first.cut else ""
+                details.append(
+                    f"{call[0]} {call[2]} of {call[1][-8:]} ran in pid {later.pid} after "
+                    f"pid {first.pid}{how}, neither killed{log.about(first.pid, later.began)}"
+                )
+    return count, reruns, details
+
+
+async def count_runs(
+    app: App,
+    run_ids: dict[str, Any],
+    executions: list[Execution],
+    log: FaultLog,
+    counts: Counts,
+) -> None:
+    """Fill the run counts: ``run_ids`` maps each run the client started to its result."""
+    store = app.store
+    steps = [e for e in executions if e.what == "step"]
+    effects: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for ex in steps:
+        if ex.effect is not None:
+            effects[(ex.run, ex.key)].add(ex.effect)
+    counts.duplicate_effects += sum(len(v) - 1 for v in effects.values())
+    for run_id, expected in run_ids.items():
+        run = await store.get_run(app.name, run_id)
+        if run is None:
+            counts.runs_lost += 1
+            counts.details.append(f"run {run_id[-8:]} lost")
+            continue
+        if str(run.status) not in FINAL:
+            counts.runs_stuck += 1
+            counts.details.append(f"run {run_id[-8:]} stuck {run.status} owner={run.owner}")
+            continue
+        result = json.loads(run.result) if run.result else None
+        if str(run.status) != "completed" or result != expected:
+            counts.runs_failed += 1
+            counts.details.append(f"run {run_id[-8:]} {run.status}: {run.error or result}")
+        attempts = await store.load_attempts(app.name, run_id)
+        lost = [a for a in attempts if a.error_type == "WorkerLost"]
+        counts.worker_lost_attempts += len(lost)
+        done_at: dict[str, float] = {}
+        for a in attempts:  # the first attempt that recorded a result
+            if a.error_type is None and a.ended_at is not None and a.key not in done_at:
+                done_at[a.key] = a.ended_at
+        for ex in steps:
+            if ex.run == run_id and ex.key in done_at and ex.began > done_at[ex.key] + 0.001:
+                counts.steps_after_result += 1
+                counts.details.append(f"step {ex.key} of {run_id[-8:]} ran after its result")
+
+
+async def count_events(
+    app: App, ids: list[int], counts: Counts, *, poison: frozenset[str] = frozenset()
+) -> None:
+    """Fill the event counts: each ``order.placed`` id must lead to one ``stock.reserved``
+    and one ``order.shipped`` (the two handler groups' effects), no more. Dead letters of
+    the ``poison`` event ids are expected (a scenario sent them on purpose)."""
+    store = app.store
+    dead = [d for d in await store.dead_letters(app.name, limit=100_000)
+            if d.event.id not in poison]
+    counts.dead_letters += len(dead)
+    counts.details.extend(f"dead letter {d.group} {d.event.type}: {d.error}" for d in dead[:5])
+    for effect_type in ("stock.reserved", "order.shipped"):
+        events = await store.find_events(app.name, effect_type, since=0, exclude=(),
+                                         limit=1_000_000)
+        seen: dict[Any, int] = defaultdict(int)
+        for ev in events:
+            seen[(ev.data or {}).get("id")] += 1
+        for i in ids:
+            n = seen.get(i, 0)
+            if n == 0:
+                counts.events_lost += 1
+                if counts.events_lost <= 5:
+                    counts.details.append(f"event {i}: no {effect_type}")
+            elif n > 1:
+                counts.duplicate_effects += n - 1
+                counts.details.append(f"event {i}: {n} x {effect_type}")

@@ -1,0 +1,186 @@
+"""The app the fault suite runs in its worker processes (``cantata worker fault_app:app``).
+
+Every step and handler execution is written to an effects ledger outside Cantata (an
+append-only file, one JSON line per write, fsynced), so the suite can count what
+really ran, by which process, against what the store recorded. Configured by the
+environment, so workers and the test's client build the same app:
+
+- ``FAULT_LEDGER``: the ledger file; ``FAULT_NAME``: the app name (``faults``);
+- ``FAULT_LEASE``, ``FAULT_POLL``: the lease and poll interval (seconds);
+- ``FAULT_STEP_SECONDS``: how long each saga step works; ``FAULT_LONG_SECONDS``: the
+  long step of ``long_run``; ``FAULT_HANDLER_SECONDS``: how long a handler works;
+- ``FAULT_PATIENT``: ``1`` for 50 attempts per step and handler (else the defaults);
+- ``FAULT_GRACE``: ``App(shutdown_grace=...)`` when set (default: the App's own);
+- ``FAULT_BROKEN``: a defect on purpose, to prove a counter catches it
+  (comma-separated: ``effect-per-attempt``, ``emit-outside``, ``blocking-step``,
+  ``handler-fails``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import cantata
+from cantata import App, Event, HandlerContext, Retry, WorkflowContext
+
+STEPS = ("reserve", "charge", "ship")
+# With FAULT_PATIENT=1 (the SIGKILL storm), a step whose worker is killed in its middle
+# again and again does not fail its run (a kill is an attempt). Otherwise the library's
+# defaults apply: a fault that is not a death (a pause, an outage, a stop, a full disk)
+# must not use attempts up, and with defaults it would show.
+PATIENT = Retry(max_attempts=50, initial_interval=0.05, max_interval=0.5)
+
+
+def record(**fields: Any) -> None:
+    """Append one line to the ledger: a single ``write`` on an O_APPEND file, fsynced."""
+    path = os.environ.get("FAULT_LEDGER")
+    if not path:
+        return
+    line = json.dumps({**fields, "pid": os.getpid(), "t": time.time()}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build(env: Mapping[str, str] | None = None) -> App:
+    """The fault app, as ``env`` (default: the environment) describes it."""
+    env = os.environ if env is None else env
+
+    def env_float(name: str, default: float) -> float:
+        value = env.get(name)
+        return float(value) if value else default
+
+    options: dict[str, Any] = {
+        "lease": env_float("FAULT_LEASE", 2.0),
+        "poll_interval": env_float("FAULT_POLL", 0.1),
+    }
+    if env.get("FAULT_GRACE"):
+        options["shutdown_grace"] = float(env["FAULT_GRACE"])
+    app = App(env.get("FAULT_NAME", "faults"), **options)
+    broken = set(env.get("FAULT_BROKEN", "").split(","))
+    retry = PATIENT if env.get("FAULT_PATIENT") == "1" else None
+    handler_retry = Retry(max_attempts=1) if "handler-fails" in broken else retry
+    step_seconds = env_float("FAULT_STEP_SECONDS", 0.05)
+    long_seconds = env_float("FAULT_LONG_SECONDS", 2.0)
+    handler_seconds = env_float("FAULT_HANDLER_SECONDS", 0.02)
+
+    async def work(step: str, order: dict[str, Any], seconds: float) -> str:
+        info = cantata.step_info()
+        where = {"what": "step", "run": info.run_id, "key": info.key, "attempt": info.attempt}
+        record(k="begin", **where)
+        try:
+            await asyncio.sleep(seconds)
+            # The effect a real step has on the outside world, under the key it would give
+            # a payment API: stable across retries and recoveries, so one effect per step.
+            effect = (uuid.uuid4().hex if "effect-per-attempt" in broken
+                      else info.idempotency_key)
+            record(k="effect", effect=effect, **where)
+            if "effect-per-attempt" in broken and info.attempt == 1:
+                raise RuntimeError("a step that fails after its effect, on purpose")
+        except Exception:
+            record(k="fail", **where)
+            raise
+        except BaseException:
+            record(k="cut", **where)  # cancelled: the worker stopped in the middle
+            raise
+        record(k="end", **where)
+        return f"{step}:{order['id']}"
+
+    @app.step(retry=retry)
+    async def reserve(order: dict[str, Any]) -> str:
+        return await work("reserve", order, step_seconds)
+
+    @app.step(retry=retry)
+    async def release(order: dict[str, Any]) -> str:
+        return await work("release", order, step_seconds)
+
+    @app.step(retry=retry)
+    async def charge(order: dict[str, Any]) -> str:
+        return await work("charge", order, step_seconds)
+
+    @app.step(retry=retry)
+    async def refund(order: dict[str, Any]) -> str:
+        return await work("refund", order, step_seconds)
+
+    @app.step(retry=retry)
+    async def ship(order: dict[str, Any]) -> str:
+        if "blocking-step" in broken:
+            # Blocks the event loop (and so the heartbeat) past the lease: another worker
+            # takes the run over while this one still lives and finishes the step.
+            info = cantata.step_info()
+            where = {"what": "step", "run": info.run_id, "key": info.key,
+                     "attempt": info.attempt}
+            record(k="begin", **where)
+            time.sleep(app.lease * 3)  # noqa: ASYNC251 - the defect on purpose
+            record(k="effect", effect=info.idempotency_key, **where)
+            record(k="end", **where)
+            return f"ship:{order['id']}"
+        return await work("ship", order, step_seconds)
+
+    @app.step(retry=retry)
+    async def slow(order: dict[str, Any]) -> str:
+        return await work("slow", order, long_seconds)
+
+    @app.workflow
+    async def saga(ctx: WorkflowContext, order: dict[str, Any]) -> list[str]:
+        return [
+            await ctx.run(reserve, order, compensate=release),
+            await ctx.run(charge, order, compensate=refund),
+            await ctx.run(ship, order),
+        ]
+
+    @app.workflow
+    async def long_run(ctx: WorkflowContext, order: dict[str, Any]) -> list[str]:
+        return [await ctx.run(slow, order), await ctx.run(ship, order)]
+
+    @app.workflow
+    async def waits_forever(ctx: WorkflowContext, order: dict[str, Any]) -> str:
+        event = await ctx.wait_for_event("never.happens", match={"id": order["id"]},
+                                         timeout=3600)
+        return str(event.id)
+
+    async def handle(event: Event[Any], ctx: HandlerContext, emits: str) -> None:
+        where = {"what": "handler", "run": event.id, "key": ctx.group, "attempt": ctx.attempt}
+        record(k="begin", **where)
+        try:
+            await asyncio.sleep(handler_seconds)
+            record(k="effect", effect=f"{ctx.group}:{event.id}", **where)
+            if "emit-outside" in broken:
+                # The effect published outside the handler's transaction, then a failure:
+                # the retry publishes it again (what the transactional outbox prevents).
+                await app.publish(emits, event.data, correlation_id=ctx.correlation_id)
+                if ctx.attempt == 1:
+                    raise RuntimeError("a handler that fails after its effect, on purpose")
+            elif "handler-fails" in broken:
+                raise ValueError("a handler that always fails, on purpose")
+            else:
+                await ctx.emit(emits, event.data)
+        except Exception:
+            record(k="fail", **where)
+            raise
+        except BaseException:
+            record(k="cut", **where)
+            raise
+        record(k="end", **where)
+
+    @app.on("order.placed", group="inventory", retry=handler_retry)
+    async def on_placed(event: Event[Any], ctx: HandlerContext) -> None:
+        await handle(event, ctx, "stock.reserved")
+
+    @app.on("stock.reserved", group="shipping", retry=handler_retry)
+    async def on_reserved(event: Event[Any], ctx: HandlerContext) -> None:
+        await handle(event, ctx, "order.shipped")
+
+    return app
+
+
+app = build()

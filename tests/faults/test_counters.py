@@ -1,0 +1,114 @@
+"""Each count of the fault suite fails once on purpose: a count that cannot catch the
+defect it names would prove nothing when it reads zero.
+
+The defects are real (a run deleted from the store, a run that never ends, a step that
+blocks its worker past the lease, a step that makes its effect under a fresh key per
+attempt, a handler that publishes outside its transaction, a handler that always
+fails, a worker killed mid-step, a worker killed behind the harness's back), except
+one: a step run after its result was recorded is a forged ledger line, since no
+working Cantata can be made to do it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .harness import Cluster, assert_zero, time_limit
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(120))]
+
+
+async def test_counts_catch_lost_stuck_failed_runs_and_a_step_after_its_result(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    db = tmp_path / "store.db"
+    c = cluster(f"sqlite:///{db}", FAULT_LEASE=1.0)
+    c.start_workers(1)
+    async with c.client():
+        await c.submit(3, 0)
+        clean = await c.recover(time.monotonic(), budget=20)
+        assert_zero(clean)
+        lost, done = list(c.runs)[:2]
+        with sqlite3.connect(db) as conn:  # the store loses a run
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (lost,))
+        await c.start_saga(10, "waits_forever")
+        cancelled = await c.start_saga(11, "waits_forever")
+        await c.app.get_handle(cancelled).cancel()
+        # A step of a finished run begins again.
+        forged = {"k": "begin", "what": "step", "run": done, "key": "reserve#1",
+                  "attempt": 9, "pid": 1, "t": time.time()}
+        with c.ledger.open("a") as f:
+            f.write(json.dumps(forged) + "\n")
+        counts = await c.recover(time.monotonic(), budget=3)
+    print(f"\ndefects on purpose: {counts}")
+    assert (counts.runs_lost, counts.runs_stuck, counts.runs_failed) == (1, 1, 1), counts
+    assert counts.steps_after_result == 1, counts
+    with pytest.raises(AssertionError):
+        assert_zero(counts)
+
+
+async def test_counts_catch_a_step_run_twice_by_live_workers(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A step that blocks its worker's event loop past the lease: the other worker takes
+    the run over while the first one lives and finishes the step too."""
+    c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=1.0, FAULT_BROKEN="blocking-step")
+    c.start_workers(2)
+    async with c.client():
+        await c.submit(1, 0)
+        counts = await c.recover(time.monotonic(), budget=15)
+        await asyncio.sleep(c.lease * 3)  # the blocked worker's execution ends too
+        counts = await c.counts()
+    print(f"\nblocking step: {counts}")
+    assert counts.steps_twice_live >= 1, counts
+    assert counts.info["kills"] == 0
+
+
+async def test_counts_catch_duplicate_effects(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """Steps that make their effect under a new key per attempt, handlers that publish
+    their effect outside their transaction: each fails its first attempt after it."""
+    c = cluster(f"sqlite:///{tmp_path}/store.db",
+                FAULT_BROKEN="effect-per-attempt,emit-outside")
+    c.start_workers(1)
+    async with c.client():
+        await c.submit(1, 1)
+        counts = await c.recover(time.monotonic(), budget=20)
+    print(f"\nnon-idempotent effects: {counts}")
+    assert counts.duplicate_effects >= 3 + 2, counts  # 3 steps, 2 handler groups
+    assert counts.steps_twice_live == 0, "a retry after a failure is not a live double"
+
+
+async def test_counts_catch_lost_events_dead_letters_worker_lost_attempts_and_a_crash(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=1.0, FAULT_LONG_SECONDS=1.0,
+                FAULT_BROKEN="handler-fails")
+    async with c.client():
+        await c.submit(0, 2)  # nobody serves the groups
+        unserved = await c.recover(time.monotonic(), budget=1)
+        c.start_workers(1)
+        await c.submit(1, 0, workflow="long_run")
+        c.kill(await c.busy_worker())
+        c.start_workers(1)
+        await c.ready()
+        spare = c.start_worker()
+        await c.ready()
+        os.kill(spare.pid, signal.SIGKILL)  # behind the harness's back: a crash
+        counts = await c.recover(time.monotonic(), budget=4)
+    print(f"\nunserved events: {unserved}\nfailing handlers and a kill: {counts}")
+    assert unserved.events_lost == 4, unserved  # 2 events x 2 groups' effects
+    assert counts.dead_letters == 2, counts
+    assert counts.worker_lost_attempts >= 1, counts
+    assert counts.workers_crashed == 1, counts
+    assert "worker_lost_attempts" not in counts.zeros(worker_lost=False)
