@@ -216,6 +216,25 @@ class App(Router):
             await store.close()
             raise
         self._store, self._broker = store, broker
+        self._opened = 1
+        try:
+            await self._start(store, broker, serve)
+        except BaseException:
+            # Nothing half-open is left behind: pools, connections, loops.
+            with contextlib.suppress(Exception):
+                if self._engine is not None:
+                    await self.close()
+                else:
+                    await broker.close()
+                    await store.close()
+            self._engine = self._broker = self._store = None
+            self._consumer = self._relay = None
+            self._opened = 0
+            raise
+
+    async def _start(self, store: Store, broker: Broker, serve: bool) -> None:
+        """The engine, declarations, relay and (with ``serve``) the worker of an app
+        whose store and broker are open."""
         self._engine = Engine(
             self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
             poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
@@ -241,7 +260,6 @@ class App(Router):
             await self._relay.start()
         if serve:
             await self._serve()
-        self._opened = 1
 
     async def _serve(self) -> None:
         from cantata.observability.logs import install_record_factory
@@ -278,10 +296,12 @@ class App(Router):
             return
         force = self._force_stop = asyncio.Event()
         deadline = asyncio.get_running_loop().time() + self.shutdown_grace
-        stops = [self._engine.stop(self.shutdown_grace, force)]
+        stops = [self._engine.stop(self.shutdown_grace, force, keep_worker=True)]
         if self._consumer is not None:
             stops.append(self._consumer.stop(deadline, force))
         await asyncio.gather(*stops)
+        # Only now: while handlers drain, the worker's row keeps their deliveries its own.
+        await self._engine.forget_worker()
         self._consumer = None
         self._force_stop = None
         if self._relay is not None:

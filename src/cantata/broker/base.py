@@ -80,10 +80,14 @@ class Broker(Protocol):
     async def close(self) -> None:
         """Stop every subscription and disconnect."""
 
-    def adopt_timing(self, *, lease: float, poll_interval: float) -> None:
+    def adopt_timing(
+        self, *, lease: float, poll_interval: float,
+        may_take_over: Callable[[], bool] | None = None,
+    ) -> None:
         """Take the app's lease (and poll interval) for deliveries, unless the broker
         was given its own: a dead worker's deliveries are taken over after the same
-        time as its runs."""
+        time as its runs, and only when ``may_take_over()`` says this worker's own
+        hold is sound (see docs/leases.md)."""
 
     async def attach(self, app: str) -> None:
         """Prepare what ``app`` needs on the broker (a stream), once opened.

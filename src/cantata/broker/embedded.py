@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,10 +97,14 @@ class _EmbeddedSubscription:
             claimed: list[Delivery] = []
             if free > 0:
                 now = time.time()
+                careful = self.broker.may_take_over
+                stale_before = (
+                    now - self.broker.lease if careful is None or careful() else float("-inf")
+                )
                 try:
                     claimed = await store.claim_deliveries(
                         self.app, self.worker_id, [self.group], now=now,
-                        stale_before=now - self.broker.lease, limit=free,
+                        stale_before=stale_before, limit=free,
                     )
                 except Exception as exc:  # the store may be restarting: keep going
                     quiet.warning(f"claim:{self.group}", "claiming deliveries for group %s "
@@ -182,16 +186,24 @@ class EmbeddedBroker:
         self._given = (poll_interval is not None, lease is not None)
         self.poll_interval = 0.2 if poll_interval is None else poll_interval
         self.lease = 10.0 if lease is None else lease
+        self.may_take_over: Callable[[], bool] | None = None
         self._store: Store | None = None
         self._subs: list[_EmbeddedSubscription] = []
         self._heartbeats: dict[tuple[str, str], asyncio.Task[None]] = {}
 
-    def adopt_timing(self, *, lease: float, poll_interval: float) -> None:
+    def adopt_timing(
+        self, *, lease: float, poll_interval: float,
+        may_take_over: Callable[[], bool] | None = None,
+    ) -> None:
         """Use the app's lease and poll interval, unless this broker was given its own.
 
         A worker's runs and deliveries are kept by one heartbeat row, so a silent
-        worker's deliveries must be taken over after the same lease as its runs.
+        worker's deliveries must be taken over after the same lease as its runs, and
+        under the same rule: ``may_take_over()`` false (this worker's own hold lapsed
+        in a store outage or a pause, see docs/leases.md) claims only deliveries that
+        nobody holds.
         """
+        self.may_take_over = may_take_over
         given_poll, given_lease = self._given
         if not given_lease:
             self.lease = lease

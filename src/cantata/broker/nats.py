@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import nats.errors
@@ -321,7 +321,10 @@ class NatsBroker:
             )
         return stream
 
-    def adopt_timing(self, *, lease: float, poll_interval: float) -> None:
+    def adopt_timing(
+        self, *, lease: float, poll_interval: float,
+        may_take_over: Callable[[], bool] | None = None,
+    ) -> None:
         """Take the app's lease as ``ack_wait`` unless this broker was given one, so a
         dead worker's messages are handled elsewhere after the same time as its runs
         (consumers made before keep theirs)."""

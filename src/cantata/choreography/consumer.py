@@ -7,13 +7,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription
 from cantata.engine.shutdown import wait_or_force
-from cantata.errors import WorkerLost, error_text
+from cantata.errors import StoreFull, StoreUnavailable, WorkerLost, error_text
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.retry import HANDLER_RETRY
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from cantata.engine.worker import Engine
 
 log = logging.getLogger("cantata.consumer")
+T = TypeVar("T")
 
 
 def validation_text(exc: pydantic.ValidationError) -> str:
@@ -52,7 +53,8 @@ class Consumer:
         self.engine = engine
         self.broker = broker
         # App(lease=..., poll_interval=...) governs deliveries as well as runs.
-        broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval)
+        broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval,
+                            may_take_over=engine.ownership.may_take_over)
         self.on_emitted = on_emitted
         self.concurrency = concurrency
         self._subs: list[Subscription] = []
@@ -211,7 +213,7 @@ class Consumer:
                     hooks.notify("handler_finished", hdef.group, event,
                                  time.perf_counter() - started, outcome, error_text(exc))
                 return
-            completed = await msg.complete(ctx.emitted)
+            completed = await self._settle(lambda: msg.complete(ctx.emitted))
             if hooks:
                 hooks.notify("handler_finished", hdef.group, event,
                              time.perf_counter() - started, "done", None)
@@ -234,14 +236,32 @@ class Consumer:
         self.engine.metrics.handler_failures += 1
         if retryable and msg.attempt < retry.max_attempts:
             self.engine.metrics.retries += 1
-            await msg.retry(text, retry.delay(msg.attempt))
+            await self._settle(lambda: msg.retry(text, retry.delay(msg.attempt)))
             return "retry"
         else:
             log.warning("dead-lettering %s for group %s: %s", msg.event and msg.event.type,
                         msg.group, text)
             self.engine.metrics.dead_lettered += 1
-            await msg.dead(text)
+            await self._settle(lambda: msg.dead(text))
             return "dead"
+
+    async def _settle(self, record: Callable[[], Awaitable[T]]) -> T:
+        """Record a handler's outcome, waiting out a store outage or a full disk: the
+        handler ran, and running it again because its commit failed would repeat its
+        side effects (the delivery stays this live worker's meanwhile)."""
+        delay = 0.05
+        while True:
+            try:
+                return await record()
+            except (StoreUnavailable, StoreFull) as exc:
+                if self._cutting:  # a stop past its grace: hand it back instead
+                    raise
+                self.engine.quiet.warning(
+                    "handler-settle", "recording handler outcomes failed (%s); retrying",
+                    error_text(exc),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max(self.engine.lease / 4, 0.05))
 
 
 def _matches(pattern: str, event_type: str) -> bool:

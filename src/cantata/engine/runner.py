@@ -17,6 +17,7 @@ from cantata.errors import (
     NonDeterminismError,
     StepFailed,
     StoreError,
+    StoreFull,
     StoreUnavailable,
     error_text,
 )
@@ -220,7 +221,7 @@ class RunExecution:
                     "run %s was taken over by another worker; letting it go", self.run.run_id
                 )
                 raise _Abandon() from None
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreFull) as exc:
                 if not engine.serving:
                     raise _StoreFailed(exc) from exc
                 # An outage is not the run's failure: keep the checkpoint and retry it

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from cantata.errors import StoreUnavailable, UnknownStep
+from cantata.errors import StoreFull, StoreUnavailable, UnknownStep
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
 from cantata.store.base import TASKS
@@ -105,7 +105,7 @@ class TaskServer:
             try:
                 await self.engine.store.finish_task(app, task_id, fence, **outcome)
                 return
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreFull) as exc:
                 if self._loop is None:  # stopping: the task goes back on removal
                     raise
                 self.engine.quiet.warning(

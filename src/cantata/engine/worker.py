@@ -341,10 +341,18 @@ class Engine:
         self.task_server = TaskServer(self, self.served_services())
         self.task_server.start()
 
-    async def stop(self, grace: float = 0.0, force: asyncio.Event | None = None) -> None:
+    async def stop(
+        self, grace: float = 0.0, force: asyncio.Event | None = None, *,
+        keep_worker: bool = False,
+    ) -> None:
         """Stop executing: claim nothing more, let steps in progress finish for up to
         ``grace`` seconds (or until ``force`` is set), then release what is left so
-        other workers resume it at once (see :mod:`cantata.engine.shutdown`)."""
+        other workers resume it at once (see :mod:`cantata.engine.shutdown`).
+
+        ``keep_worker``: leave this worker's row (its handlers may still be draining:
+        without the row other workers would take their deliveries); call
+        :meth:`forget_worker` once they are done.
+        """
         loop = asyncio.get_running_loop()
         for task in self._loops:
             task.cancel()
@@ -355,12 +363,17 @@ class Engine:
         self.serving = False
         await self.ownership.stop()
         self.task_server = None
+        if not keep_worker:
+            await self.forget_worker()
+        self.draining = False
+
+    async def forget_worker(self) -> None:
+        """Remove this worker's row: what it still held is free for others at once."""
         try:
             await self.store.remove_worker(self.app, self.worker_id)
         except Exception as exc:
             log.warning("worker %s: could not release its work on stop (%s); other workers "
                         "take it over after the lease", self.worker_id, reason(exc))
-        self.draining = False
 
     async def _watch_loop(self) -> None:
         """Notice what other processes did: cancellations, and events runs here wait for."""
