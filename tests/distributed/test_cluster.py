@@ -1,4 +1,8 @@
-"""Several worker processes on PostgreSQL + NATS: SIGKILL one, restart the database."""
+"""Several worker processes on PostgreSQL + NATS: SIGKILL one, restart the database.
+
+The database restarted is a private PostgreSQL the test starts on a port of its own
+(never the shared server other tests use).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,15 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
 
 import cantata
+from tests.conftest import _purge_nats_streams
+from tests.faults.servers import PrivatePostgres, ServerError
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.nats]
 HERE = Path(__file__).parent
@@ -39,26 +46,37 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-HAS_CLUSTER = Path("/etc/postgresql").is_dir()
-
-
 def marks_in(folder: Path) -> list[Path]:
     return list(folder.glob("step-*"))
 
 
-def restart_postgres() -> None:
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-        check=True, capture_output=True, timeout=60,
-    )
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    try:
+        pg = PrivatePostgres()
+    except ServerError as exc:
+        if os.environ.get("CANTATA_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"cannot make a private PostgreSQL: {exc}")
+        pytest.skip(f"cannot make a private PostgreSQL: {exc}")
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.destroy()
+
+
+def restart(pg: PrivatePostgres) -> None:
+    pg.stop("fast")
+    pg.start()
 
 
 async def test_cluster_survives_sigkill_of_a_worker_and_a_database_restart(
-    distributed_url: str, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    private_postgres: PrivatePostgres, nats_url: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if not HAS_CLUSTER:
-        pytest.skip("needs a local Debian PostgreSQL cluster to restart")
+    distributed_url = f"{private_postgres.url}?schema=cluster"
+    await _purge_nats_streams(nats_url)  # a new store each time: its app's stream too
+    monkeypatch.setenv("CANTATA_BROKER", nats_url)
     monkeypatch.syspath_prepend(str(HERE))
     import cluster_app
 
@@ -77,7 +95,7 @@ async def test_cluster_survives_sigkill_of_a_worker_and_a_database_restart(
             workers[0].send_signal(signal.SIGKILL)
             workers[0].wait()
             await asyncio.sleep(0.3)
-            await asyncio.to_thread(restart_postgres)
+            await asyncio.to_thread(restart, private_postgres)
             workers.append(start_worker(distributed_url, nats_url, tmp_path, log))
             results = []
             for h in handles:
