@@ -20,6 +20,7 @@ from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
+from . import versioning
 from .clock import Clock
 from .hooks import Hooks
 from .ownership import Ownership
@@ -76,6 +77,8 @@ class Engine:
         hooks: Hooks | None = None,
         signer: Signer | None = None,
         max_payload: int | None = None,
+        version: str | None = None,
+        any_version: bool = False,
     ) -> None:
         self.app = app
         self.router = router
@@ -118,6 +121,11 @@ class Engine:
         self.task_server: TaskServer | None = None
         # Raises if the broker would refuse an event (the App sets the broker's check).
         self.check_event: Callable[[Event[Any]], None] = lambda event: None
+        # Code version (docs/operating.md): recorded on runs started here; claims are
+        # limited to it and to runs this code replays, unless any_version.
+        self.version = version
+        self.any_version = any_version
+        self.replay_verdicts: dict[str, tuple[float, bool]] = {}  # run id -> (updated, ok)
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -206,6 +214,7 @@ class Engine:
             owner=self.worker_id if local else None,
             fence=1 if local else 0,
             service=wdef.service if wdef else None,
+            version=self.version if wdef else None,
         )
         if local and idempotency_key is None:
             # Executed here at once, and new for sure: the run is stored with its first
