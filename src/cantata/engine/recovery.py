@@ -67,7 +67,13 @@ async def fork(
     )
 
 
-async def find_runs(
+async def find_runs(engine: Engine, **filters: Any) -> list[RunInfo]:
+    """Runs matching every filter, newest first, each with its search attributes
+    (the filters of :func:`find_records`)."""
+    return [RunInfo.of(r, attrs) for r, attrs in await find_records(engine, **filters)]
+
+
+async def find_records(
     engine: Engine,
     *,
     idempotency_key: str | None = None,
@@ -75,8 +81,13 @@ async def find_runs(
     workflow: str | None = None,
     status: RunStatus | str | None = None,
     limit: int = 100,
-) -> list[RunInfo]:
-    """Runs matching every filter, newest first, each with its search attributes."""
+) -> list[tuple[RunRecord, dict[str, str]]]:
+    """Stored runs matching every filter, newest first, with their search attributes.
+
+    Raises:
+        ConfigurationError: an unknown status or a limit below 1.
+        UnknownAttribute: an attribute name no run of the app has set, or malformed.
+    """
     st = None
     if status is not None:
         try:
@@ -104,4 +115,4 @@ async def find_runs(
         workflow=workflow, status=st, limit=limit,
     )
     attrs = await engine.store.run_attributes(engine.app, [r.run_id for r in runs])
-    return [RunInfo.of(r, attrs.get(r.run_id)) for r in runs]
+    return [(r, attrs.get(r.run_id, {})) for r in runs]

@@ -40,7 +40,7 @@ def _source(fn: Any) -> bytes:
         code = getattr(fn, "__code__", None)
         if code is None:
             return repr(fn).encode()
-        return code.co_code + repr(code.co_consts).encode() + repr(code.co_names).encode()
+        return bytes(code.co_code) + repr((code.co_consts, code.co_names)).encode()
 
 
 def code_version(router: Router) -> str:

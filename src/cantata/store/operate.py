@@ -20,7 +20,9 @@ from cantata.store import audit
 Row = tuple[str, int, str, str]
 
 
-def check_retryable(app: str, run_id: str, run: RunRecord | None, include_compensated: bool) -> RunRecord:
+def check_retryable(
+    app: str, run_id: str, run: RunRecord | None, include_compensated: bool
+) -> RunRecord:
     """The run, if a retry applies to it.
 
     Raises:
