@@ -292,6 +292,9 @@ class App(Router):
         await self._consumer.start()
         # Subscribing re-declares the groups bare; record the full declarations last.
         await engine.store.declare(self.name, self._declarations())
+        from cantata.engine.versioning import declare_version
+
+        await declare_version(engine)
 
     async def close(self) -> None:
         """Stop gracefully and close connections.

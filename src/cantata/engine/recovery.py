@@ -19,14 +19,19 @@ from cantata.model.attributes import check_name, index_value
 from cantata.model.records import RunInfo, RunRecord
 from cantata.model.status import RunStatus
 
+from .versioning import current_version
+
 if TYPE_CHECKING:
     from .worker import Engine
 
 
-def _version_for(engine: Engine, workflow: str) -> str | None:
+async def _version_for(engine: Engine, workflow: str) -> str | None:
     """The version a retried or forked run is pinned to: this process's, when it has the
-    workflow's code; otherwise none, so any worker that can replay it takes it."""
-    return engine.version if workflow in engine.router.workflows else None
+    workflow's code; otherwise (the command line) the newest version that has served
+    the app — the deployed fix."""
+    if workflow in engine.router.workflows:
+        return engine.version
+    return await current_version(engine.store, engine.app)
 
 
 async def retry(
@@ -38,7 +43,7 @@ async def retry(
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
     return await engine.store.retry_run(
         engine.app, run_id, include_compensated=include_compensated,
-        version=_version_for(engine, run.workflow),
+        version=await _version_for(engine, run.workflow),
         actor=actor or f"process:{engine.worker_id}", now=engine.clock.now(),
     )
 
@@ -60,7 +65,7 @@ async def fork(
         run_id=new_id, app=engine.app, workflow=source.workflow, status=RunStatus.PENDING,
         args=source.args, created_at=now, updated_at=now, correlation_id=new_id,
         causation_id=source.run_id, args_hash=source.args_hash, service=source.service,
-        version=_version_for(engine, source.workflow),
+        version=await _version_for(engine, source.workflow),
     )
     return await engine.store.fork_run(
         engine.app, run_id, run, before_key=key, actor=actor or f"process:{engine.worker_id}"

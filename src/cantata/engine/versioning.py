@@ -5,8 +5,10 @@
 - :func:`patched`: ``ctx.patched("change-id")``, a marker in history so runs that
   passed the change under the old code keep replaying the old path.
 - :func:`claim`: what a worker takes: runs of its own version (or of none), and runs
-  of other versions whose recorded history its code replays call for call (the
-  check of :mod:`cantata.engine.replaycheck`), unless told to take any version.
+  of older versions (versions that served the app before this one first did) whose
+  recorded history its code replays call for call (the check of
+  :mod:`cantata.engine.replaycheck`); with ``any_version``, every run. Older code
+  never takes a newer version's runs, so a run retried for a fix stays with the fix.
 - :func:`args_shape`: the shape of a call's arguments, recorded with each step so a
   replay check notices arguments that changed structure.
 """
@@ -16,13 +18,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import ConfigurationError
-from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, PATCH, RunRecord
+from cantata.model import codec
+from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, PATCH, Declaration, RunRecord
 
 if TYPE_CHECKING:
+    from cantata.store.base import Store
+
     from .registry import Router
     from .runner import RunExecution
     from .worker import Engine
@@ -114,6 +120,38 @@ def patched(x: RunExecution, change_id: str) -> bool:
     return answer
 
 
+VERSION = "version"  # the kind of the declaration a serving worker makes of its version
+
+
+async def declare_version(engine: Engine) -> None:
+    """Record, once, when this code version first served the app (its place in the
+    order of deploys: newer code may adopt older code's runs, never the reverse)."""
+    version = engine.version
+    if version is None:
+        return
+    if version not in await versions(engine.store, engine.app):
+        await engine.store.declare(engine.app, [Declaration(
+            VERSION, version, detail=codec.dumps({"first_served": engine.clock.now()})
+        )])
+
+
+async def versions(store: Store, app: str) -> dict[str, float]:
+    """``version -> when it first served`` for every version that served ``app``."""
+    out: dict[str, float] = {}
+    for d in await store.declarations(app):
+        if d.kind == VERSION:
+            info = codec.loads(d.detail) if d.detail else {}
+            out[d.name] = float(info.get("first_served", 0.0))
+    return out
+
+
+async def current_version(store: Store, app: str) -> str | None:
+    """The newest version that served ``app`` (``None`` if none did): the code an
+    operator's retry or fork from the command line continues with."""
+    known = await versions(store, app)
+    return max(known, key=lambda v: (known[v], v)) if known else None
+
+
 async def claim(
     engine: Engine, workflows: Sequence[str], *, stale_before: float, limit: int
 ) -> list[RunRecord]:
@@ -135,6 +173,15 @@ async def claim(
     return claimed
 
 
+async def _order(engine: Engine) -> dict[str, float]:
+    """:func:`versions`, read again at most every lease (deploys are rare)."""
+    now = time.monotonic()
+    cached = engine.version_order
+    if cached is None or now - cached[0] > engine.lease:
+        cached = engine.version_order = (now, await versions(engine.store, engine.app))
+    return cached[1]
+
+
 async def _replayable(
     engine: Engine, workflows: Sequence[str], stale: float, limit: int
 ) -> list[str]:
@@ -143,10 +190,18 @@ async def _replayable(
 
     version = engine.version
     assert version is not None
+    order = await _order(engine)
+    mine = order.get(version)
+    if mine is None:
+        return []
+    older = [v for v, t in order.items() if t < mine]
+    if not older:
+        return []
     found = await engine.store.foreign_runs(
         engine.app, engine.worker_id, workflows, versions=[version], stale_before=stale,
         limit=limit,
     )
+    found = [r for r in found if r.version in older]
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:
         verdicts.clear()

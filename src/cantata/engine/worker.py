@@ -126,6 +126,7 @@ class Engine:
         self.version = version
         self.any_version = any_version
         self.replay_verdicts: dict[str, tuple[float, bool]] = {}  # run id -> (updated, ok)
+        self.version_order: tuple[float, dict[str, float]] | None = None  # (read at, order)
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
