@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cantata.app import DEFAULT_STORE, App
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
@@ -268,9 +269,21 @@ def print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-def table(title: str, *columns: str) -> Table:
-    """A table whose cells fold instead of being cut: ids always print whole."""
+def table(title: str, *columns: str, ids: tuple[str, ...] = ("run id", "id")) -> Table:
+    """A table whose cells fold instead of being cut; the ``ids`` columns never wrap
+    (see :func:`show`), so an id prints whole, ready to copy."""
     t = Table(title=title)
     for col in columns:
-        t.add_column(col, overflow="fold")
+        t.add_column(col, overflow="fold", no_wrap=col in ids)
     return t
+
+
+def show(t: Table) -> None:
+    """Print a :func:`table`: its id columns as wide as their longest id, the other
+    columns folded into what is left of the terminal."""
+    for col in t.columns:
+        if col.no_wrap:
+            widths = [Text.from_markup(c).cell_len if isinstance(c, str) else
+                      c.cell_len if isinstance(c, Text) else 0 for c in col.cells]
+            col.min_width = max([len(str(col.header)), *widths])
+    console.print(t)

@@ -18,6 +18,7 @@ from .common import (
     parse_json,
     print_json,
     run,
+    show,
     table,
 )
 from .runs import AppOpt, JsonOpt, StoreOpt
@@ -85,7 +86,7 @@ def dlq_list(
                 Text(d.id), Text(d.group), Text(f"{d.event.type} {d.event.id}"),
                 str(d.attempts), d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), Text(d.error),
             )
-        console.print(out)
+        show(out)
 
     run(go)
 

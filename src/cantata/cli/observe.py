@@ -23,7 +23,16 @@ from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import fmt_seconds, render_timeline
 from cantata.observability.trace import DEFAULT_LIMIT, build_trace
 
-from .common import client_app, console, load_app, parse_duration, print_json, resolve_run, run
+from .common import (
+    client_app,
+    console,
+    load_app,
+    parse_duration,
+    print_json,
+    resolve_run,
+    run,
+    show,
+)
 from .runs import AppOpt, JsonOpt, KeyOpt, StoreOpt
 
 AppArg = Annotated[str, typer.Argument(help="The app, as module:attribute.")]
@@ -133,7 +142,7 @@ def stalled(
                           f"(no progress for {older_than} or more)")
             return
         table = Table(title=f"stalled transactions of {the_app.name} (older than {older_than})")
-        table.add_column("correlation id", overflow="fold")
+        table.add_column("correlation id", no_wrap=True)
         for col in ("reason", "where", "stuck for"):
             table.add_column(col)
         table.add_column("detail", overflow="fold")
@@ -142,7 +151,7 @@ def stalled(
             # Text cells: user data (ids, error messages) is never read as markup.
             table.add_row(Text(s.correlation_id), s.reason, Text(_where(s)),
                           fmt_seconds((at - s.since).total_seconds()), Text(_detail(s)[:200]))
-        console.print(table)
+        show(table)
         console.print(Text(f"{len(stalls)} stall(s); see one whole: cantata trace "
                            f"{stalls[0].correlation_id} --app {the_app.name}"))
 

@@ -11,7 +11,7 @@ from rich.text import Text
 from cantata.engine.replaycheck import replay_report
 from cantata.errors import CantataError
 
-from .common import console, load_app, print_json, run, table
+from .common import console, load_app, print_json, run, show, table
 from .runs import JsonOpt
 
 
@@ -68,7 +68,7 @@ def check(
             for p in report.problems:
                 out.add_row(Text(p.run_id), Text(p.workflow), Text(p.version or "-"),
                             p.status, p.problem, Text(p.detail))
-            console.print(out)
+            show(out)
         if report.problems:
             raise ReplayCheckFailed(
                 f"{len(report.problems)} run(s) would break: deploy the old code until they "

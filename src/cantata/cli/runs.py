@@ -29,6 +29,7 @@ from .common import (
     resolve_run,
     run,
     run_dict,
+    show,
     store_url,
     table,
 )
@@ -152,7 +153,7 @@ def list_runs(
                 fmt_date(r.created_at), fmt_time(r.updated_at), Text(r.idempotency_key or ""),
                 Text(r.error or ""),
             )
-        console.print(out)
+        show(out)
 
     run(go)
 
@@ -267,7 +268,7 @@ async def print_run(app: App, run_id: str) -> None:
         out.add_row("", Text(e.key), e.kind, f"superseded by retry {epoch}",
                     str(e.attempts or ""), fmt_time(e.started_at), "",
                     Text(e.error or "", style="red"))
-    console.print(out)
+    show(out)
 
 
 def cancel(
