@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,8 +60,8 @@ def code_version(router: Router) -> str:
         wdef = router.workflows[name]
         h.update(f"workflow {name}\0".encode())
         h.update(_source(wdef.fn))
-        if wdef.spec is not None:  # a Saga: its map is the code
-            h.update(repr(wdef.spec).encode())
+        if wdef.spec is not None:  # a Saga: its map is the code (never an address)
+            h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(wdef.spec)).encode())
     for name in sorted(router.steps):
         h.update(f"step {name}\0".encode())
         h.update(_source(router.steps[name].fn))
