@@ -273,6 +273,7 @@ class App(Router):
             await self._serve()
 
     async def _serve(self) -> None:
+        from cantata.engine.versioning import declare_version
         from cantata.observability.logs import install_record_factory
 
         install_record_factory()  # records logged in steps and handlers carry their ids
@@ -284,6 +285,7 @@ class App(Router):
                 f"{self.name!r} has no signing_keys to verify them: "
                 "App(signing_keys={'k1': secret})"
             )
+        await declare_version(engine)  # before claiming: its place among deployed versions
         await engine.start_serving()
         assert self._broker is not None
         self._consumer = Consumer(
@@ -292,9 +294,6 @@ class App(Router):
         await self._consumer.start()
         # Subscribing re-declares the groups bare; record the full declarations last.
         await engine.store.declare(self.name, self._declarations())
-        from cantata.engine.versioning import declare_version
-
-        await declare_version(engine)
 
     async def close(self) -> None:
         """Stop gracefully and close connections.

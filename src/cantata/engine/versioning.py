@@ -165,7 +165,13 @@ async def claim(
     claimed = await store.claim_runs(
         app, me, workflows, stale_before=stale, limit=limit, versions=[engine.version]
     )
-    if len(claimed) < limit:
+    # Runs of older versions are looked for at most once a second or so: they are
+    # few (deploys are rare), and the hot claim path stays one statement.
+    now = time.monotonic()
+    if len(claimed) < limit and now - engine.foreign_checked_at >= max(
+        1.0, engine.poll_interval * 5
+    ):
+        engine.foreign_checked_at = now
         ok = await _replayable(engine, workflows, stale, limit - len(claimed))
         if ok:
             claimed += await store.claim_runs(
@@ -178,7 +184,7 @@ async def _order(engine: Engine) -> dict[str, float]:
     """:func:`versions`, read again at most every lease (deploys are rare)."""
     now = time.monotonic()
     cached = engine.version_order
-    if cached is None or now - cached[0] > engine.lease:
+    if cached is None or now - cached[0] > engine.lease or engine.version not in cached[1]:
         cached = engine.version_order = (now, await versions(engine.store, engine.app))
     return cached[1]
 

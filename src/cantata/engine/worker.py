@@ -127,6 +127,7 @@ class Engine:
         self.any_version = any_version
         self.replay_verdicts: dict[str, tuple[float, bool]] = {}  # run id -> (updated, ok)
         self.version_order: tuple[float, dict[str, float]] | None = None  # (read at, order)
+        self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
