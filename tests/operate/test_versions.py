@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -174,3 +177,79 @@ async def test_versions_are_recorded_on_runs(sqlite_url: str) -> None:
     async def extra() -> None: ...
 
     assert other.version != same.version
+
+
+V1 = """
+import cantata
+app = cantata.App("shop", lease=1.0, poll_interval=0.05)
+
+@app.step
+async def reserve(order_id: int) -> str:
+    return "reserved"
+
+@app.step
+async def fraud_check(order_id: int) -> bool:
+    return True
+
+@app.step
+async def ship(order_id: int) -> str:
+    return "shipped"
+
+@app.workflow
+async def order(ctx, order_id: int) -> list:
+    out = [await ctx.run(reserve, order_id)]
+    PATCH
+    await ctx.wait_for_event("paid", match={"order_id": order_id})
+    out.append(await ctx.run(ship, order_id))
+    return out
+"""
+PATCHED = """if ctx.patched("fraud-check"):
+        out.append(f"checked={await ctx.run(fraud_check, order_id)}")"""
+
+
+def _worker(spec: str, url: str, folder: Path) -> subprocess.Popen[bytes]:
+    """``cantata worker SPEC`` in its own process (it inherits PYTHONPATH)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cantata", "worker", spec, "--store", url],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.slow
+async def test_old_worker_process_parks_runs_and_new_code_finishes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    (tmp_path / "shop_v1.py").write_text(V1.replace("PATCH", "pass"))
+    (tmp_path / "shop_v2.py").write_text(V1.replace("PATCH", PATCHED))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = f"sqlite:///{tmp_path}/shop.db"
+    old = _worker("shop_v1:app", url, tmp_path)
+    try:
+        v1 = importlib.import_module("shop_v1").app
+        v1.configure(store=url)
+        async with v1.client():  # the old service starts orders; its worker parks them
+            handles = [await v1.start("order", i) for i in (1, 2)]
+            for h in handles:
+                await eventually(lambda h=h: _waiting(v1, h.run_id), timeout=30)
+    finally:
+        old.terminate()
+        _, err = old.communicate(timeout=20)
+        assert old.returncode == 0, err.decode()
+    v2 = importlib.import_module("shop_v2").app
+    v2.configure(store=url)
+    try:
+        async with v2:  # the new code: old runs in flight, and a new one
+            new = await v2.start("order", 3)
+            await eventually(lambda: _waiting(v2, new.run_id), timeout=10)
+            for i in (1, 2, 3):
+                await v2.publish("paid", {"order_id": i})
+            for h in handles:
+                assert await v2.get_handle(h.run_id).result(timeout=10) == [
+                    "reserved", "shipped"
+                ]
+            assert await new.result(timeout=10) == ["reserved", "checked=True", "shipped"]
+    finally:
+        sys.modules.pop("shop_v1", None)
+        sys.modules.pop("shop_v2", None)
