@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections import Counter
@@ -253,3 +254,27 @@ async def test_old_worker_process_parks_runs_and_new_code_finishes_them(
     finally:
         sys.modules.pop("shop_v1", None)
         sys.modules.pop("shop_v2", None)
+
+
+async def test_runs_of_a_served_newer_version_stay_with_it(sqlite_url: str) -> None:
+    calls: Counter[str] = Counter()
+    old = shop(sqlite_url, calls, patched=False, version="v1")
+    new = shop(sqlite_url, calls, patched=True, version="v2")
+    async with old:  # v1 serves first
+        pass
+    client = shop(sqlite_url, calls, patched=True, version="v3-client")
+    async with client.client():  # a version that never served: any worker may replay it
+        by_client = await client.start("order", 9)
+    async with old:
+        await eventually(lambda: _waiting(old, by_client.run_id), timeout=10)
+        async with new:  # v2 serves after v1: its runs are not v1's to take
+            h = await new.start("order", 1)
+            await eventually(lambda: _waiting(new, h.run_id), timeout=10)
+        old.engine.foreign_checked_at = -1e9
+        await old.publish("paid", {"order_id": 9})
+        assert await old.get_handle(by_client.run_id).result(timeout=10) == [
+            "reserved", "shipped"
+        ]
+        await asyncio.sleep(0.5)  # v1 looks for runs it may take: not v2's
+        run = await old.get_handle(h.run_id).info()
+        assert (run.owner, run.version, run.status) == (None, "v2", RunStatus.RUNNING)

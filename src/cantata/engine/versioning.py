@@ -5,10 +5,11 @@
 - :func:`patched`: ``ctx.patched("change-id")``, a marker in history so runs that
   passed the change under the old code keep replaying the old path.
 - :func:`claim`: what a worker takes: runs of its own version (or of none), and runs
-  of older versions (versions that served the app before this one first did) whose
-  recorded history its code replays call for call (the check of
-  :mod:`cantata.engine.replaycheck`); with ``any_version``, every run. Older code
-  never takes a newer version's runs, so a run retried for a fix stays with the fix.
+  of older versions (versions that served the app before this one first did) or of
+  versions that never served, whose recorded history its code replays call for call
+  (the check of :mod:`cantata.engine.replaycheck`); with ``any_version``, every run.
+  Older code never takes the runs of a newer version that has served, so a run
+  retried for a fix stays with the fix.
 - :func:`args_shape`: the shape of a call's arguments, recorded with each step so a
   replay check notices arguments that changed structure.
 """
@@ -201,14 +202,13 @@ async def _replayable(
     mine = order.get(version)
     if mine is None:
         return []
-    older = [v for v, t in order.items() if t < mine]
-    if not older:
-        return []
+    # Newer versions that have served keep their runs; a version that never served
+    # (a client's, whose workers are not deployed) has nobody else to take them.
+    newer = {v for v, t in order.items() if t >= mine}
     found = await engine.store.foreign_runs(
-        engine.app, engine.worker_id, workflows, versions=[version], stale_before=stale,
+        engine.app, engine.worker_id, workflows, versions=sorted(newer), stale_before=stale,
         limit=limit,
     )
-    found = [r for r in found if r.version in older]
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:
         verdicts.clear()
