@@ -104,20 +104,19 @@ async def find_records(
             ) from None
     if limit < 1:
         raise ConfigurationError(f"limit must be >= 1, got {limit}")
-    wanted: dict[str, str] = {}
-    if attributes:
+    wanted = {check_name(name): index_value(name, value)
+              for name, value in (attributes or {}).items()}
+    runs = await engine.store.find_runs(
+        engine.app, idempotency_key=idempotency_key, attributes=wanted or None,
+        workflow=workflow, status=st, limit=limit,
+    )
+    if wanted and not runs:  # nothing found: say so if a name is unknown (a typo)
         known = set(await engine.store.attribute_names(engine.app))
-        for name, value in attributes.items():
-            check_name(name)
+        for name in wanted:
             if name not in known:
                 raise UnknownAttribute(
                     f"no run of app {engine.app!r} has set attribute {name!r} (known: "
                     f"{', '.join(sorted(known)) or 'none'}); set it with ctx.set_attributes"
                 )
-            wanted[name] = index_value(name, value)
-    runs = await engine.store.find_runs(
-        engine.app, idempotency_key=idempotency_key, attributes=wanted or None,
-        workflow=workflow, status=st, limit=limit,
-    )
     attrs = await engine.store.run_attributes(engine.app, [r.run_id for r in runs])
     return [(r, attrs.get(r.run_id, {})) for r in runs]

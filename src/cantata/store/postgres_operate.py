@@ -73,8 +73,12 @@ async def run_attributes(c: Conn, app: str, run_ids: Sequence[str]) -> dict[str,
 
 
 async def attribute_names(c: Conn, app: str) -> list[str]:
+    # A skip scan: one index probe per name, however many runs set it.
     rows = await c.fetch(
-        "SELECT DISTINCT name FROM run_attributes WHERE app=$1 ORDER BY name", app
+        "WITH RECURSIVE n(name) AS (SELECT min(name) FROM run_attributes WHERE app=$1 "
+        "UNION ALL SELECT (SELECT min(name) FROM run_attributes WHERE app=$1 "
+        "AND name > n.name) FROM n WHERE n.name IS NOT NULL) "
+        'SELECT name FROM n WHERE name IS NOT NULL ORDER BY name COLLATE "C"', app
     )
     return [r[0] for r in rows]
 

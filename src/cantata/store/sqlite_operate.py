@@ -73,9 +73,12 @@ def run_attributes(
 
 
 def attribute_names(c: sqlite3.Connection, app: str) -> list[str]:
+    # A skip scan: one index probe per name, however many runs set it.
     rows = c.execute(
-        "SELECT DISTINCT name FROM run_attributes INDEXED BY run_attributes_value "
-        "WHERE app=? ORDER BY name", (app,)
+        "WITH RECURSIVE n(name) AS (SELECT min(name) FROM run_attributes WHERE app=?1 "
+        "UNION ALL SELECT (SELECT min(name) FROM run_attributes WHERE app=?1 "
+        "AND name > n.name) FROM n WHERE n.name IS NOT NULL) "
+        "SELECT name FROM n WHERE name IS NOT NULL", (app,)
     ).fetchall()
     return [r[0] for r in rows]
 
