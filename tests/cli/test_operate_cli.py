@@ -40,7 +40,7 @@ async def order(ctx, order: dict) -> int:
     await ctx.run(reserve, order)
     return await ctx.run(charge, order)
 
-@app.on("order.placed", group="mailer")
+@app.on("order.placed", group="mailer", retry=cantata.Retry(max_attempts=1))
 async def mail(event) -> None:
     if not Path("fixed").exists():
         raise ValueError("no template")

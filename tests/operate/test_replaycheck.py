@@ -191,7 +191,7 @@ def test_every_edit_that_breaks_replay_is_reported(tmp_path: Path) -> None:
     app = programs_app(f"sqlite:///{tmp_path}/prop.db", programs)
     rng = random.Random(15)
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(case=edits())
     def check(case: tuple[list[Op], int, str, list[Op]]) -> None:
         program, k, how, edited = case
