@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -250,3 +251,19 @@ async def _status(url: str, run_id: str) -> RunStatus:
     app = make_app(url)
     async with app.client():
         return await app.get_handle(run_id).status()
+
+
+async def test_the_runtime_refuses_to_rerun_a_step_whose_earlier_calls_are_gone(
+    sqlite_url: str,
+) -> None:
+    """Even taken unchecked (--any-version), the retried step is not run again on a
+    history its code no longer matches: the run fails NonDeterminism at once."""
+    run_id = await _retrying_hotel(sqlite_url)
+    calls: Counter[str] = Counter()
+    new = trip(sqlite_url, calls, book_flight_first=False)
+    new.any_version = True
+    async with new:
+        with pytest.raises(WorkflowFailed, match="NonDeterminismError") as info:
+            await new.get_handle(run_id).result(timeout=10)
+    assert "'book_flight#1'" in (info.value.error or "")
+    assert calls == Counter()  # neither step ran under the diverged code

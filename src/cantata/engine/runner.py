@@ -334,6 +334,26 @@ class RunExecution:
             raise err
         self.check_interrupt()
 
+    async def check_replayed_before(self, entry: HistoryEntry) -> None:
+        """A step in flight is about to run again: every call recorded before it must
+        have been replayed first, or the code changed under it (a call before it was
+        deleted or moved) and running it again would act on a diverged history."""
+        def missed() -> list[HistoryEntry]:
+            return sorted(
+                (e for k, e in self.history.items()
+                 if e.seq < entry.seq and k not in self.consumed
+                 and e.kind not in (VALUE, COMPENSATION, PATCH, ATTRS)),
+                key=lambda e: e.seq,
+            )
+
+        if missed():
+            await asyncio.sleep(0)  # let sibling tasks (asyncio.gather) replay their calls
+            left = missed()
+            if left:
+                err = NonDeterminismError(self.run.run_id, left[0].seq, left[0].key, entry.key)
+                self.divergence = err
+                raise err
+
     async def wait_until(
         self,
         wake_at: float | None,
@@ -393,6 +413,8 @@ class RunExecution:
             entry = self.new_entry(key, kind, sdef.name, ENTRY_RUNNING, detail=shape)
         else:
             self.consumed.add(key)
+            if kind != COMPENSATION:
+                await self.check_replayed_before(entry)
         if self.engine.is_remote(sdef):
             return await self._call_remote(sdef, args, entry)
         clock = self.engine.clock
