@@ -36,8 +36,8 @@ from cantata.store.base import CANCEL, EVENTS, RUNS, Settlement, Store
 from tests.contract.store_contract_audit import AuditContract
 from tests.contract.store_contract_console import ConsoleContract
 from tests.contract.store_contract_events import EventsContract
-from tests.contract.store_contract_outbox import OutboxContract
 from tests.contract.store_contract_operate import OperateContract
+from tests.contract.store_contract_outbox import OutboxContract
 from tests.contract.store_contract_tasks import TasksContract
 from tests.contract.store_contract_wfapi import WorkflowApiContract
 from tests.contract.store_support import entry, ev, eventually, json_values, new_run
