@@ -224,7 +224,10 @@ def test_every_edit_that_breaks_replay_is_reported(tmp_path: Path) -> None:
 
         reported, outcome = asyncio.run(go())
         recorded = keys(program)[: k + 1]
-        breaks = keys(edited)[: k + 1] != recorded
+        known = {key for key, _ in recorded}
+        # a ctx.now() the code makes anew (no such key recorded) is no difference
+        made = [c for c in keys(edited) if c[0] in known or not c[0].startswith("now#")]
+        breaks = made[: k + 1] != recorded
         assert reported == breaks, (how, program, edited)
         if not reported:  # sound: what the check lets through replays
             assert outcome == "completed", (how, program, edited, outcome)

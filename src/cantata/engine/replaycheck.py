@@ -16,7 +16,9 @@ reported when that sequence differs from its recorded history, in order:
 - the code fails where history explains no failure.
 
 Compensations and ``ctx.patched`` markers are not compared: they are not calls of
-the workflow's code path. See docs/operating.md.
+the workflow's code path. Nor are recorded values the code makes anew (a ``ctx.now()``
+added where history has none): they have no effect and nothing recorded to differ
+from. See docs/operating.md.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.model import codec
 from cantata.model.records import (
+    ATTRS,
     COMPENSATION,
     ENTRY_COMPLETED,
     ENTRY_FAILED,
     PATCH,
+    VALUE,
     HistoryEntry,
     RunRecord,
     RunWrite,
@@ -98,8 +102,22 @@ class _DryRun(RunExecution):
         ), wdef)
         self.calls: list[str] = []
         self.shapes: dict[str, str] = {}
+        self.recorded: list[HistoryEntry] = []  # the stored history, as loaded
         self.ended = False  # the code ran to its end (returned or raised)
         self.failure: str | None = None
+
+    async def load(self) -> None:
+        await super().load()
+        self.recorded = list(self.history.values())
+
+    def new_calls(self) -> list[str]:
+        """The code's durable calls, less the recorded values (``ctx.now``, ``random``,
+        ``uuid``, ``set_attributes``...) it makes anew: they have no effect and no
+        recorded counterpart, so inserting one breaks nothing."""
+        known = {e.key for e in self.recorded}
+        fresh = {k for k, e in self.history.items()
+                 if k not in known and e.kind in (VALUE, ATTRS)}
+        return [k for k in self.calls if k not in fresh]
 
     def next_key(self, base: str) -> str:
         key = super().next_key(base)
@@ -184,7 +202,7 @@ async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> Replay
         await dry._execute_run()
     for _ in range(3):  # let parallel branches (asyncio.gather) note their calls too
         await asyncio.sleep(0)
-    found = compare(run, list(dry.history.values()), dry.calls, dry.shapes, dry.ended)
+    found = compare(run, dry.recorded, dry.new_calls(), dry.shapes, dry.ended)
     if found is None and dry.failure is not None:
         found = ReplayProblem(run.run_id, run.workflow, str(run.status), "would_fail",
                               dry.failure, run.version)
