@@ -204,6 +204,22 @@ class OperateContract(StoreFixtures):
         assert [(epoch, e.key) for epoch, e in
                 await store.superseded_history(self.app, run.run_id)][-1] == (2, "b#1")
 
+    async def test_retry_keeps_compensations_run_before_the_failed_step(
+        self, store: Store
+    ) -> None:
+        run = await self._run(
+            store, entry("a#1", 1),
+            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", "completed", seq=2),
+            entry("b#1", 3, status=ENTRY_FAILED, error="E: x"),
+            HistoryEntry("compensate:undo#2", COMPENSATION, "undo", "completed", seq=4),
+            status=RunStatus.FAILED,
+        )
+        await store.retry_run(self.app, run.run_id, include_compensated=False, version=None,
+                              actor="ops", now=time.time())
+        assert [e.key for e in await store.load_history(self.app, run.run_id)] == [
+            "a#1", "compensate:undo#1"  # the workflow's own ctx.compensate stays done
+        ]
+
     async def test_retry_without_a_failed_step_replays_all_but_compensations(
         self, store: Store
     ) -> None:

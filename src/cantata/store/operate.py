@@ -49,13 +49,15 @@ def check_retryable(
 
 def superseded_keys(rows: Sequence[Row]) -> list[str]:
     """The entries a retry supersedes: the first failed one (not a compensation) and
-    every later entry, plus every compensation. With no failed entry (the workflow's
-    own code failed), only the compensations: the whole history replays."""
+    every entry after it — the compensations the failure ran among them. With no failed
+    entry (the workflow's own code failed), the compensations after its last call: the
+    whole history replays. Compensations the workflow ran itself before that point
+    (``ctx.compensate``) stay done."""
     failed = [seq for _, seq, kind, status in rows
               if status == ENTRY_FAILED and kind != COMPENSATION]
-    cut = min(failed) if failed else None
-    return [key for key, seq, kind, _ in rows
-            if kind == COMPENSATION or (cut is not None and seq >= cut)]
+    calls = [seq for _, seq, kind, _ in rows if kind != COMPENSATION]
+    cut = min(failed) if failed else (max(calls) + 1 if calls else 0)
+    return [key for key, seq, _, _ in rows if seq >= cut]
 
 
 def check_fork(
