@@ -20,7 +20,6 @@ from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
-from . import versioning
 from .clock import Clock
 from .hooks import Hooks
 from .ownership import Ownership
