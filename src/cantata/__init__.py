@@ -11,6 +11,7 @@ from cantata.engine.registry import Router
 from cantata.engine.saga import Parallel, Saga, Step
 from cantata.engine.stepinfo import StepInfo, step_info
 from cantata.errors import (
+    AmbiguousRunId,
     BrokerError,
     Cancelled,
     CantataError,
@@ -31,12 +32,15 @@ from cantata.errors import (
     QueryFailed,
     RegistrationError,
     ResultTimeout,
+    RunInProgress,
     RunNotFound,
+    RunNotRetryable,
     SagaStateTooLarge,
     SerializationError,
     SignatureInvalid,
     SignatureMissing,
     StepFailed,
+    StepNotInHistory,
     StepTimeout,
     StoreCorrupt,
     StoreError,
@@ -44,6 +48,7 @@ from cantata.errors import (
     StoreReadOnly,
     StoreUnavailable,
     TransactionUnsupported,
+    UnknownAttribute,
     UnknownStep,
     UnknownWorkflow,
     WaitTimeout,
@@ -65,6 +70,7 @@ from cantata.store.tx import Tx
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmbiguousRunId",
     "App",
     "BrokerError",
     "Cancelled",
@@ -93,8 +99,10 @@ __all__ = [
     "Retry",
     "Router",
     "RunHandle",
+    "RunInProgress",
     "RunInfo",
     "RunNotFound",
+    "RunNotRetryable",
     "RunState",
     "RunStatus",
     "Saga",
@@ -106,6 +114,7 @@ __all__ = [
     "Step",
     "StepFailed",
     "StepInfo",
+    "StepNotInHistory",
     "StepTimeout",
     "StoreCorrupt",
     "StoreError",
@@ -116,6 +125,7 @@ __all__ = [
     "TraceNotFound",
     "TransactionUnsupported",
     "Tx",
+    "UnknownAttribute",
     "UnknownStep",
     "UnknownWorkflow",
     "WaitTimeout",

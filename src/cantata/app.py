@@ -74,6 +74,10 @@ class App(Router):
             without the key; defaults to ``$CANTATA_AUDIT_KEY``. Keep it outside the store.
         shutdown_grace: seconds a stop (:meth:`close`, SIGTERM) lets steps and handlers
             in progress finish before releasing what is left (docs/leases.md).
+        version: the code version recorded on each run this app starts (default: a
+            hash of its workflows' and steps' code); its workers take runs of this
+            version and runs of others whose history this code replays.
+        any_version: its workers take runs of every version, unchecked.
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class App(Router):
         max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
         offload_above: int | None = None,
         shutdown_grace: float = 30.0,
+        version: str | None = None,
+        any_version: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -133,6 +139,10 @@ class App(Router):
         self.offload_above = offload_above
         self.shutdown_grace = shutdown_grace
         self._force_stop: asyncio.Event | None = None
+        if version is not None and (not isinstance(version, str) or not version.strip()):
+            raise ConfigurationError(f"version must be a non-empty string, got {version!r}")
+        self._version = version
+        self.any_version = any_version
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._engine: Engine | None = None
@@ -240,6 +250,7 @@ class App(Router):
             poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
             signer=self.signer,
             max_payload=self.max_payload if self.offload_above is None else None,
+            version=self.version, any_version=self.any_version,
         )
         self._engine.check_event = functools.partial(broker.check_event, self.name)
         declarations = self._declarations()
@@ -262,6 +273,7 @@ class App(Router):
             await self._serve()
 
     async def _serve(self) -> None:
+        from cantata.engine.versioning import declare_version
         from cantata.observability.logs import install_record_factory
 
         install_record_factory()  # records logged in steps and handlers carry their ids
@@ -273,6 +285,7 @@ class App(Router):
                 f"{self.name!r} has no signing_keys to verify them: "
                 "App(signing_keys={'k1': secret})"
             )
+        await declare_version(engine)  # before claiming: its place among deployed versions
         await engine.start_serving()
         assert self._broker is not None
         self._consumer = Consumer(
@@ -409,6 +422,55 @@ class App(Router):
         from cantata.server.app import create_app
 
         return create_app(self, stream_interval=stream_interval)
+
+    @property
+    def version(self) -> str:
+        """The code version of this app: ``App(version=...)`` or a hash of its code."""
+        if self._version is not None:
+            return self._version
+        from cantata.engine.versioning import code_version
+
+        return code_version(self)
+
+    async def find_runs(
+        self,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 100,
+    ) -> list[RunInfo]:
+        """Runs matching every given filter, newest first, with their attributes.
+
+        ``attributes`` are search attributes set by ``ctx.set_attributes``; a run must
+        hold all of them (numbers and strings match by text: 42 finds "42").
+
+        Raises:
+            UnknownAttribute: a name no run of this app has set, or malformed.
+        """
+        from cantata.engine.recovery import find_runs
+
+        return await find_runs(
+            self.engine, idempotency_key=idempotency_key, attributes=attributes,
+            workflow=workflow, status=status, limit=limit,
+        )
+
+    async def fork(
+        self, run_id: str, from_step: str, *, actor: str | None = None
+    ) -> RunHandle:
+        """A new run of ``run_id``'s workflow and arguments that reuses its recorded
+        results before ``from_step`` (a history key, ``"name#n"``) and runs the rest
+        with the current code. ``actor`` is audited (default: this process).
+
+        Raises:
+            RunNotFound: no such run.
+            RunInProgress: the run has not ended.
+            StepNotInHistory: the run never reached ``from_step``.
+        """
+        from cantata.engine.recovery import fork
+
+        run = await fork(self.engine, run_id, from_step=from_step, actor=actor)
+        return RunHandle(self.engine, run.run_id, run.workflow)
 
     def get_handle(self, run_id: str) -> RunHandle:
         """A handle on an existing run (from any process sharing the store)."""
@@ -597,3 +659,13 @@ class App(Router):
         assert self._broker is not None
         await self._broker.redeliver(self.name, dl.group, dl.event)
         return dl
+
+    async def discard(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
+        """Remove a dead letter for good (it is not redelivered); audited with ``actor``.
+
+        Raises:
+            DeadLetterNotFound: no such dead letter.
+        """
+        return await self.store.discard_dead_letter(
+            self.name, dead_letter_id, actor=actor or f"process:{self.engine.worker_id}"
+        )

@@ -76,6 +76,36 @@ class RunNotFound(CantataError):
     code = "run_not_found"
 
 
+class AmbiguousRunId(RunNotFound):
+    """An id prefix matches more than one run (the message lists them)."""
+
+    code = "ambiguous_run_id"
+
+
+class RunInProgress(CantataError):
+    """The run is still live: it cannot be retried or forked until it ends."""
+
+    code = "run_in_progress"
+
+
+class RunNotRetryable(CantataError):
+    """The run ended in a status a retry does not apply to (completed, cancelled...)."""
+
+    code = "run_not_retryable"
+
+
+class StepNotInHistory(CantataError):
+    """A fork named a step the run never reached (the message lists those it did)."""
+
+    code = "step_not_in_history"
+
+
+class UnknownAttribute(ConfigurationError):
+    """A search attribute name is malformed, or no run of the app ever set it."""
+
+    code = "unknown_attribute"
+
+
 class IdempotencyConflict(CantataError):
     """The idempotency key was already used with different arguments."""
 

@@ -12,9 +12,12 @@ from typing import Any, TypeVar
 
 import orjson
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from cantata.app import DEFAULT_STORE, App
-from cantata.errors import ConfigurationError
+from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
+from cantata.model.records import RunRecord
 from cantata.store.base import Store
 from cantata.store.factory import store_from_url
 
@@ -94,13 +97,13 @@ def client_app(app: str | None, store: str | None) -> App:
 
     ``app`` is either ``module:attribute`` (the user's App is imported) or just the
     app's name (a bare App is enough to read the store); ``store`` overrides the URL.
-    The store must exist (see :func:`existing_store`).
+    The store must exist (see :func:`existing_store`). Without an app (nor
+    ``$CANTATA_APP``), the store's only app.
     """
     spec = app or os.environ.get("CANTATA_APP")
     if not spec:
-        raise ConfigurationError(
-            "which app? pass --app NAME (or module:attribute), or set CANTATA_APP"
-        )
+        url = store_url(store)
+        spec = run(lambda: only_app(url))
     if ":" in spec:
         loaded = load_app(spec)
         if store is not None:
@@ -174,3 +177,113 @@ def operator() -> str:
     except Exception:
         user = "unknown"
     return f"cli:{user}@{socket.gethostname()}"
+
+
+async def only_app(url: str) -> str:
+    """The name of the one app a store holds.
+
+    Raises:
+        ConfigurationError: it holds none or several (named), so --app is needed.
+    """
+    from cantata.store.factory import mask_url
+
+    s = existing_store(url)
+    await s.open()
+    try:
+        names = await s.apps()
+    finally:
+        await s.close()
+    if len(names) != 1:
+        held = f"apps {', '.join(names)}" if names else "no app"
+        raise ConfigurationError(
+            f"which app? store {mask_url(url)} holds {held}: pass --app NAME (or set "
+            "CANTATA_APP)"
+        )
+    return names[0]
+
+
+async def resolve_run(app: App, ref: str | None, key: str | None = None) -> RunRecord:
+    """The run a CLI argument names: a full id, a unique id prefix, or ``--key``.
+
+    Raises:
+        ConfigurationError: neither or both given.
+        RunNotFound: nothing matches.
+        AmbiguousRunId: the prefix matches several runs (they are listed).
+    """
+    store, name = app.store, app.name
+    if key is not None:
+        if ref:
+            raise ConfigurationError("give a run id or --key KEY, not both")
+        found = await store.find_runs(name, idempotency_key=key, limit=1)
+        if not found:
+            raise RunNotFound(f"no run with idempotency key {key!r} in app {name!r}")
+        return found[0]
+    if not ref:
+        raise ConfigurationError("which run? give its id (or a unique start of it) or --key KEY")
+    run_rec = await store.get_run(name, ref)
+    if run_rec is not None:
+        return run_rec
+    found = await store.runs_by_prefix(name, ref, limit=MAX_CANDIDATES + 1)
+    if not found:
+        raise RunNotFound(
+            f"no run {ref!r} in app {name!r} (neither an id nor the start of one); list them "
+            "with `cantata runs`"
+        )
+    if len(found) > 1:
+        more = len(found) > MAX_CANDIDATES
+        shown = ", ".join(f"{r.run_id} ({r.workflow}, {r.status})" for r in found[:MAX_CANDIDATES])
+        raise AmbiguousRunId(
+            f"id prefix {ref!r} matches {'more than ' if more else ''}"
+            f"{min(len(found), MAX_CANDIDATES)} runs of app {name!r}: {shown}"
+            f"{', ...' if more else ''}; give more of the id"
+        )
+    return found[0]
+
+
+MAX_CANDIDATES = 10
+
+
+def iso(ts: float | None) -> str | None:
+    """POSIX seconds as RFC 3339 UTC (``None`` stays ``None``)."""
+    import datetime as dt
+
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def run_dict(rec: RunRecord, attributes: dict[str, str] | None = None) -> dict[str, Any]:
+    """A run as ``--json`` prints it (the HTTP API's run, plus version and attributes)."""
+    return {
+        "run_id": rec.run_id, "workflow": rec.workflow, "status": str(rec.status),
+        "created_at": iso(rec.created_at), "updated_at": iso(rec.updated_at),
+        "idempotency_key": rec.idempotency_key, "correlation_id": rec.correlation_id,
+        "error": rec.error, "result": None if rec.result is None else orjson.loads(rec.result),
+        "version": rec.version, "epoch": rec.epoch, "flagged": rec.flagged,
+        "attributes": attributes or {},
+    }
+
+
+def print_json(value: Any) -> None:
+    """Write ``value`` as indented JSON to stdout (no markup, no wrapping)."""
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def table(title: str, *columns: str, ids: tuple[str, ...] = ("run id", "id")) -> Table:
+    """A table whose cells fold instead of being cut; the ``ids`` columns never wrap
+    (see :func:`show`), so an id prints whole, ready to copy."""
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, overflow="fold", no_wrap=col in ids)
+    return t
+
+
+def show(t: Table) -> None:
+    """Print a :func:`table`: its id columns as wide as their longest id, the other
+    columns folded into what is left of the terminal."""
+    for col in t.columns:
+        if col.no_wrap:
+            widths = [Text.from_markup(c).cell_len if isinstance(c, str) else
+                      c.cell_len if isinstance(c, Text) else 0 for c in col.cells]
+            col.min_width = max([len(str(col.header)), *widths])
+    console.print(t)

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
-from .common import client_app, console, operator, parse_duration, parse_json, run
-from .runs import AppOpt, StoreOpt
+from cantata.errors import ConfigurationError
+from cantata.model.records import DeadLetter
+
+from .common import (
+    client_app,
+    console,
+    operator,
+    parse_duration,
+    parse_json,
+    print_json,
+    run,
+    show,
+    table,
+)
+from .runs import AppOpt, JsonOpt, StoreOpt
 
 
 def register(cli: typer.Typer) -> None:
     cli.command("publish")(publish)
-    dlq = typer.Typer(help="Dead letters: list and replay.", no_args_is_help=True)
+    dlq = typer.Typer(help="Dead letters: list, replay, discard.", no_args_is_help=True)
     dlq.command("list")(dlq_list)
     dlq.command("replay")(dlq_replay)
     dlq.command("redrive")(dlq_redrive)
+    dlq.command("discard")(dlq_discard)
     cli.add_typer(dlq, name="dlq")
 
 
@@ -42,42 +56,103 @@ def publish(
     run(go)
 
 
+def _letter(d: DeadLetter) -> dict[str, Any]:
+    return {"id": d.id, "group": d.group, "event_type": d.event.type, "event_id": d.event.id,
+            "correlation_id": d.event.correlation_id, "attempts": d.attempts,
+            "failed_at": d.failed_at.isoformat().replace("+00:00", "Z"), "error": d.error}
+
+
 def dlq_list(
     app: AppOpt = None,
     store: StoreOpt = None,
+    group: Annotated[str | None, typer.Option("--group", help="Only this group's.")] = None,
+    type: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
+    as_json: JsonOpt = False,
 ) -> None:
     """List dead letters, oldest first."""
     the_app = client_app(app, store)
 
     async def go() -> None:
         async with the_app.client():
-            letters = await the_app.dead_letters(limit=limit)
-        table = Table(title=f"dead letters of {the_app.name}")
-        for col in ("id", "group", "event", "attempts", "failed at", "error"):
-            table.add_column(col)
+            letters = _matching(await the_app.dead_letters(limit=limit), group, type)
+        if as_json:
+            print_json([_letter(d) for d in letters])
+            return
+        out = table(f"dead letters of {the_app.name}", "id", "group", "event", "attempts",
+                    "failed at", "error")
         for d in letters:
-            table.add_row(
-                d.id, d.group, f"{d.event.type} {d.event.id}", str(d.attempts),
-                d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), d.error[:100],
+            out.add_row(
+                Text(d.id), Text(d.group), Text(f"{d.event.type} {d.event.id}"),
+                str(d.attempts), d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), Text(d.error),
             )
-        console.print(table)
+        show(out)
 
     run(go)
 
 
+def _matching(letters: list[DeadLetter], group: str | None, type: str | None) -> list[DeadLetter]:
+    return [d for d in letters
+            if (group is None or d.group == group) and (type is None or d.event.type == type)]
+
+
 def dlq_replay(
-    dead_letter_id: Annotated[str, typer.Argument(help="Dead letter id (see dlq list).")],
+    dead_letter_id: Annotated[
+        str | None, typer.Argument(help="Dead letter id (see dlq list).", show_default=False)
+    ] = None,
+    all_letters: Annotated[
+        bool, typer.Option("--all", help="Replay every dead letter (of --group / --type).")
+    ] = False,
+    group: Annotated[str | None, typer.Option("--group", help="With --all: only this group's.")
+                     ] = None,
+    type: Annotated[str | None, typer.Option("--type", help="With --all: only this type.")
+                    ] = None,
     app: AppOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Redeliver a dead letter to its group."""
+    """Redeliver a dead letter (or, with --all, every matching one) to its group."""
+    if all_letters == (dead_letter_id is not None):
+        raise ConfigurationError("give either a dead letter ID or --all (with --group/--type)")
+    if dead_letter_id is not None and (group or type):
+        raise ConfigurationError("--group and --type go with --all")
     the_app = client_app(app, store)
 
     async def go() -> None:
         async with the_app.client():
-            dl = await the_app.replay(dead_letter_id, actor=operator())
-            console.print(f"redelivering {dl.event.type} {dl.event.id} to group {dl.group}")
+            if dead_letter_id is not None:
+                dl = await the_app.replay(dead_letter_id, actor=operator())
+                console.print(Text(f"redelivering {dl.event.type} {dl.event.id} to group "
+                                   f"{dl.group}"))
+                return
+            who, seen = operator(), set()
+            while True:  # page: each replay takes its letter off the list
+                page = await the_app.dead_letters(limit=1000)
+                # once per (group, event): one that fails again at once is not looped on
+                batch = [d for d in _matching(page, group, type)
+                         if (d.group, d.event.id) not in seen]
+                for dl in batch:
+                    await the_app.replay(dl.id, actor=who)
+                    seen.add((dl.group, dl.event.id))
+                if not batch or len(page) < 1000:
+                    break
+            console.print(f"redelivering {len(seen)} dead letter(s)")
+
+    run(go)
+
+
+def dlq_discard(
+    dead_letter_id: Annotated[str, typer.Argument(help="Dead letter id (see dlq list).")],
+    app: AppOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Remove a dead letter for good (it is not redelivered; the audit log keeps it)."""
+    the_app = client_app(app, store)
+
+    async def go() -> None:
+        async with the_app.client():
+            dl = await the_app.discard(dead_letter_id, actor=operator())
+            console.print(Text(f"discarded {dl.id}: {dl.event.type} {dl.event.id} of group "
+                               f"{dl.group}"))
 
     run(go)
 

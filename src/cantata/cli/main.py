@@ -11,7 +11,7 @@ import typer
 from cantata.errors import CantataError
 from cantata.model import secrets
 
-from . import audit, bench, compare, demo, events, observe, replay, runs, serve, worker
+from . import audit, bench, compare, demo, events, observe, recover, replay, runs, serve, worker
 
 cli = typer.Typer(
     name="cantata",
@@ -23,6 +23,7 @@ cli = typer.Typer(
 demo.register(cli)
 worker.register(cli)
 runs.register(cli)
+recover.register(cli)
 replay.register(cli)
 events.register(cli)
 observe.register(cli)

@@ -14,17 +14,26 @@ from rich.table import Table
 from rich.text import Text
 
 from cantata.app import App
-from cantata.errors import ConfigurationError
+from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
 from cantata.observability.graph import code_mermaid, workflow_mermaid
-from cantata.observability.node import node_dict
+from cantata.observability.node import TraceNode, TraceNotFound, node_dict
 from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import fmt_seconds, render_timeline
 from cantata.observability.trace import DEFAULT_LIMIT, build_trace
 
-from .common import client_app, console, load_app, parse_duration, run
-from .runs import AppOpt, StoreOpt
+from .common import (
+    client_app,
+    console,
+    load_app,
+    parse_duration,
+    print_json,
+    resolve_run,
+    run,
+    show,
+)
+from .runs import AppOpt, JsonOpt, KeyOpt, StoreOpt
 
 AppArg = Annotated[str, typer.Argument(help="The app, as module:attribute.")]
 
@@ -37,9 +46,14 @@ def register(cli: typer.Typer) -> None:
 
 
 def trace(
-    id: Annotated[str, typer.Argument(help="Correlation id (or any run or event id in it).")],
+    id: Annotated[
+        str | None,
+        typer.Argument(help="Correlation id, or any run or event id in it, or a unique start "
+                       "of a run id.", show_default=False),
+    ] = None,
     app: AppOpt = None,
     store: StoreOpt = None,
+    key: KeyOpt = None,
     limit: Annotated[
         int, typer.Option("--limit", min=1, max=30_000, help="Records read per kind.")
     ] = DEFAULT_LIMIT,
@@ -50,7 +64,7 @@ def trace(
 
     async def go() -> None:
         async with the_app.client():
-            root = await build_trace(the_app.store, the_app.name, id, limit=limit)
+            root = await _trace_of(the_app, id, key, limit)
             now = the_app.clock.now()
         if as_json:
             sys.stdout.write(orjson.dumps(node_dict(root), option=orjson.OPT_INDENT_2).decode())
@@ -59,6 +73,23 @@ def trace(
             console.print(render_timeline(root, now=now))
 
     run(go)
+
+
+async def _trace_of(app: App, ref: str | None, key: str | None, limit: int) -> TraceNode:
+    """The trace an id names; a run named by key or id prefix gives its transaction's."""
+    if key is None and ref:
+        try:
+            return await build_trace(app.store, app.name, ref, limit=limit)
+        except TraceNotFound as exc:
+            try:  # perhaps the start of a run id
+                rec = await resolve_run(app, ref)
+            except AmbiguousRunId:
+                raise
+            except RunNotFound:
+                raise exc from None
+    else:
+        rec = await resolve_run(app, ref, key)
+    return await build_trace(app.store, app.name, rec.correlation_id, limit=limit)
 
 
 def _where(stall: Stall) -> str:
@@ -86,6 +117,7 @@ def stalled(
     app: AppOpt = None,
     store: StoreOpt = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 100,
+    as_json: JsonOpt = False,
 ) -> None:
     """List business transactions that made no progress for a while, and why."""
     seconds = parse_duration(older_than)
@@ -99,6 +131,12 @@ def stalled(
             stalls = await find_stalls(
                 the_app.store, the_app.name, older_than=seconds, now=now, limit=limit
             )
+        if as_json:
+            print_json([{"correlation_id": s.correlation_id, "reason": s.reason,
+                         "since": s.since.isoformat().replace("+00:00", "Z"),
+                         "where": _where(s), "detail": _detail(s),
+                         "node": node_dict(s.node)} for s in stalls])
+            return
         if not stalls:
             console.print(f"no stalled transactions in app {the_app.name} "
                           f"(no progress for {older_than} or more)")
@@ -113,7 +151,7 @@ def stalled(
             # Text cells: user data (ids, error messages) is never read as markup.
             table.add_row(Text(s.correlation_id), s.reason, Text(_where(s)),
                           fmt_seconds((at - s.since).total_seconds()), Text(_detail(s)[:200]))
-        console.print(table)
+        show(table)
         console.print(Text(f"{len(stalls)} stall(s); see one whole: cantata trace "
                            f"{stalls[0].correlation_id} --app {the_app.name}"))
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
-from cantata.engine.replaycheck import check_replay
+from cantata.engine.replaycheck import replay_report
 from cantata.errors import CantataError
 
-from .common import console, load_app, run
+from .common import console, load_app, print_json, run, show, table
+from .runs import JsonOpt
 
 
 class ReplayCheckFailed(CantataError):
@@ -30,30 +32,47 @@ def check(
         bool, typer.Option("--all", help="Also replay finished runs, not only live ones.")
     ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Replay stored histories against the current code; list every run it would break."""
+    """Replay stored histories against the current code, call for call; list every run
+    it would break, with the first call that differs, per recorded code version."""
     the_app = load_app(app)
     if store:
         the_app.configure(store=store)
 
     async def go() -> None:
         async with the_app.client():
-            problems = await check_replay(the_app, all_runs=all_runs, limit=limit)
-            checked = len(await the_app.store.list_runs(the_app.name, limit=limit))
-        if not problems:
-            console.print(f"[green]ok[/]: the current code replays every checked run "
-                          f"({'all' if all_runs else 'live'} runs of {the_app.name}, "
-                          f"{checked} stored)")
-            return
-        table = Table(title="runs the current code would break")
-        for col in ("run id", "workflow", "status", "problem", "detail"):
-            table.add_column(col)
-        for p in problems:
-            table.add_row(p.run_id, p.workflow, p.status, p.problem, p.detail[:160])
-        console.print(table)
-        raise ReplayCheckFailed(
-            f"{len(problems)} run(s) would break: deploy the old code until they finish, or "
-            "cancel them"
-        )
+            report = await replay_report(the_app, all_runs=all_runs, limit=limit)
+            version = the_app.version
+        which = "all" if all_runs else "live"
+        if as_json:
+            print_json({
+                "app": the_app.name, "version": version, "runs": which,
+                "versions": {v: {"checked": n, "broken": report.broken(v)}
+                             for v, n in sorted(report.checked.items())},
+                "problems": [dataclasses.asdict(p) for p in report.problems],
+            })
+        else:
+            for v, n in sorted(report.checked.items()):
+                mark = "this code" if v == version else ("no version" if v == "-" else "")
+                console.print(Text(f"version {v}{f' ({mark})' if mark else ''}: {n} {which} "
+                                   f"run(s) checked, {report.broken(v)} would break"))
+            if not report.problems:
+                console.print(Text.assemble(("ok", "green"), (
+                    f": the current code (version {version}) replays every checked run "
+                    f"({which} runs of {the_app.name}, {sum(report.checked.values())} checked)"
+                )))
+                return
+            out = table("runs the current code would break", "run id", "workflow", "version",
+                        "status", "problem", "first difference")
+            for p in report.problems:
+                out.add_row(Text(p.run_id), Text(p.workflow), Text(p.version or "-"),
+                            p.status, p.problem, Text(p.detail))
+            show(out)
+        if report.problems:
+            raise ReplayCheckFailed(
+                f"{len(report.problems)} run(s) would break: deploy the old code until they "
+                "finish, guard the change with ctx.patched, or cancel them"
+            )
 
     run(go)

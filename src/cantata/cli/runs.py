@@ -6,24 +6,32 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from cantata.app import App
+from cantata.engine.recovery import find_records
 from cantata.engine.values import SET_VALUE, values_of
 from cantata.errors import ConfigurationError, RunNotFound
 from cantata.model import codec
-from cantata.model.records import ENTRY_FAILED
+from cantata.model.attributes import parse_attr
+from cantata.model.records import ENTRY_FAILED, HistoryEntry, RunRecord
 
 from .common import (
     client_app,
     console,
     fmt_duration,
     fmt_time,
+    iso,
     load_app,
     operator,
     parse_json,
+    print_json,
+    resolve_run,
     run,
+    run_dict,
+    show,
     store_url,
+    table,
 )
 
 AppOpt = Annotated[
@@ -96,46 +104,106 @@ def start(
     run(go)
 
 
+KeyOpt = Annotated[
+    str | None, typer.Option("--key", help="Find the run by its idempotency key instead.")
+]
+RunArg = Annotated[
+    str | None, typer.Argument(help="The run id, or a unique start of it.", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def fmt_date(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def list_runs(
     app: AppOpt = None,
     store: StoreOpt = None,
     status: Annotated[str | None, typer.Option("--status")] = None,
     workflow: Annotated[str | None, typer.Option("--workflow")] = None,
+    attr: Annotated[
+        list[str] | None,
+        typer.Option("--attr", help="NAME=VALUE: runs with this search attribute (repeatable)."),
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
+    as_json: JsonOpt = False,
 ) -> None:
-    """List runs, newest first."""
+    """List runs, newest first (filtered by status, workflow, attributes, key)."""
+    wanted = dict(parse_attr(a) for a in attr or [])
     the_app = client_app(app, store)
 
     async def go() -> None:
         async with the_app.client():
-            infos = await the_app.list_runs(status=status, workflow=workflow, limit=limit)
-        table = Table(title=f"runs of {the_app.name}")
-        for col in ("run id", "workflow", "status", "created", "updated", "error"):
-            table.add_column(col)
-        for i in infos:
-            table.add_row(
-                i.run_id, i.workflow, styled(str(i.status)),
-                i.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                i.updated_at.strftime("%H:%M:%S"), (i.error or "")[:80],
+            found = await find_records(
+                the_app.engine, idempotency_key=key, attributes=wanted or None,
+                workflow=workflow, status=status, limit=limit,
             )
-        console.print(table)
+        if as_json:
+            print_json([run_dict(r, attrs) for r, attrs in found])
+            return
+        out = table(f"runs of {the_app.name}", "run id", "workflow", "status", "created",
+                    "updated", "key", "error")
+        for r, _ in found:
+            out.add_row(
+                Text(r.run_id), Text(r.workflow), styled(str(r.status)),
+                fmt_date(r.created_at), fmt_time(r.updated_at), Text(r.idempotency_key or ""),
+                Text(r.error or ""),
+            )
+        show(out)
 
     run(go)
 
 
 def show_run(
-    run_id: Annotated[str, typer.Argument(help="The run id.")],
+    run_id: RunArg = None,
     app: AppOpt = None,
     store: StoreOpt = None,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Show one run: status, result or error, and its step history with attempts."""
     the_app = client_app(app, store)
 
     async def go() -> None:
         async with the_app.client():
-            await print_run(the_app, run_id)
+            rec = await resolve_run(the_app, run_id, key)
+            if as_json:
+                print_json(await run_details(the_app, rec))
+            else:
+                await print_run(the_app, rec.run_id)
 
     run(go)
+
+
+async def run_details(app: App, rec: RunRecord) -> dict[str, Any]:
+    """``cantata run --json``: the run, its history with attempts, and superseded entries."""
+    store = app.store
+    attrs = (await store.run_attributes(app.name, [rec.run_id])).get(rec.run_id, {})
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for a in await store.load_attempts(app.name, rec.run_id):
+        attempts.setdefault(a.key, []).append({
+            "attempt": a.attempt, "started_at": iso(a.started_at), "ended_at": iso(a.ended_at),
+            "error": None if a.error_type is None else f"{a.error_type}: {a.error}",
+        })
+
+    def entry(e: HistoryEntry) -> dict[str, Any]:
+        return {"key": e.key, "kind": e.kind, "name": e.name, "status": e.status,
+                "seq": e.seq, "attempts": attempts.get(e.key, []), "error": e.error,
+                "started_at": iso(e.started_at), "ended_at": iso(e.ended_at),
+                "compensation": e.kind == "compensation"}
+
+    out = run_dict(rec, attrs)
+    out["args"] = orjson.loads(rec.args)
+    out["steps"] = [entry(e) for e in await store.load_history(app.name, rec.run_id)]
+    out["superseded"] = [
+        {"epoch": epoch, **entry(e)} | {"attempts": []}
+        for epoch, e in await store.superseded_history(app.name, rec.run_id)
+    ]
+    return out
 
 
 async def print_run(app: App, run_id: str) -> None:
@@ -145,25 +213,32 @@ async def print_run(app: App, run_id: str) -> None:
         raise RunNotFound(f"no run {run_id!r} in app {app.name!r} (store {store.url})")
     history = await store.load_history(app.name, run_id)
     attempts = await store.load_attempts(app.name, run_id)
+    attrs = (await store.run_attributes(app.name, [run_id])).get(run_id, {})
+    superseded = await store.superseded_history(app.name, run_id)
     console.print(
-        f"[bold]run {rec.run_id}[/]  workflow [bold]{rec.workflow}[/]  {styled(str(rec.status))}"
-        + ("  [red]flagged for an operator[/]" if rec.flagged else "")
+        Text.assemble(("run ", "bold"), (rec.run_id, "bold"), "  workflow ",
+                      (rec.workflow, "bold"), "  ", Text.from_markup(styled(str(rec.status))),
+                      ("  flagged for an operator" if rec.flagged else "", "red"))
     )
-    console.print(f"correlation {rec.correlation_id}   created {fmt_time(rec.created_at)}   "
-                  f"updated {fmt_time(rec.updated_at)}")
-    console.print(f"args   {rec.args}")
+    console.print(Text(f"correlation {rec.correlation_id}   created {fmt_time(rec.created_at)}"
+                       f"   updated {fmt_time(rec.updated_at)}"))
+    if rec.idempotency_key is not None or rec.version is not None or rec.epoch:
+        console.print(Text(f"key {rec.idempotency_key or '-'}   version {rec.version or 'any'}"
+                           + (f"   retried {rec.epoch} time(s)" if rec.epoch else "")))
+    if attrs:
+        console.print(Text("attributes " + "  ".join(f"{k}={v}" for k, v in attrs.items())))
+    console.print(Text(f"args   {rec.args}"))
     if rec.result is not None:
-        console.print(f"result {rec.result}")
+        console.print(Text(f"result {rec.result}"))
     if rec.error:
-        console.print(f"[red]error  {rec.error}[/]")
+        console.print(Text(f"error  {rec.error}", style="red"))
     values = values_of(history)
     if values:
         console.print("values " + "   ".join(
             f"{k} = {codec.dumps(v)[:120]}" for k, v in sorted(values.items())
         ), markup=False)
-    table = Table(title="history")
-    for col in ("#", "call", "kind", "status", "attempts", "started", "took", "detail"):
-        table.add_column(col)
+    out = table("history", "#", "call", "kind", "status", "attempts", "started", "took",
+                "detail")
     by_key: dict[str, list[Any]] = {}
     for a in attempts:
         by_key.setdefault(a.key, []).append(a)
@@ -176,34 +251,41 @@ async def print_run(app: App, run_id: str) -> None:
             detail = e.result[:60]
         if e.wake_at is not None and e.status == "waiting":
             detail = f"until {fmt_time(e.wake_at)}"
-        table.add_row(
-            str(e.seq), e.key, e.kind, styled(e.status), str(e.attempts or ""),
+        out.add_row(
+            str(e.seq), Text(e.key), e.kind, styled(e.status), str(e.attempts or ""),
             fmt_time(e.started_at), fmt_duration(took),
-            f"[red]{detail}[/]" if e.status == ENTRY_FAILED else detail,
+            Text(detail, style="red" if e.status == ENTRY_FAILED else ""),
         )
         for a in by_key.get(e.key, []):
             if a.error_type:
-                table.add_row(
+                out.add_row(
                     "", f"  attempt {a.attempt}", "", "[red]failed[/]", "",
                     fmt_time(a.started_at),
                     fmt_duration(None if a.ended_at is None else a.ended_at - a.started_at),
-                    f"[red]{a.error_type}: {a.error}[/]",
+                    Text(f"{a.error_type}: {a.error}", style="red"),
                 )
-    console.print(table)
+    for epoch, e in superseded:
+        out.add_row("", Text(e.key), e.kind, f"superseded by retry {epoch}",
+                    str(e.attempts or ""), fmt_time(e.started_at), "",
+                    Text(e.error or "", style="red"))
+    show(out)
 
 
 def cancel(
-    run_id: Annotated[str, typer.Argument(help="The run id.")],
+    run_id: RunArg = None,
     app: AppOpt = None,
     store: StoreOpt = None,
+    key: KeyOpt = None,
 ) -> None:
     """Cancel a run: it stops at its next durable point and compensates."""
     the_app = client_app(app, store)
 
     async def go() -> None:
         async with the_app.client():
-            handle = the_app.get_handle(run_id)
+            rec = await resolve_run(the_app, run_id, key)
+            handle = the_app.get_handle(rec.run_id)
             await handle.cancel(actor=operator())
-            console.print(f"cancel requested for run {run_id} (now {await handle.status()})")
+            console.print(Text(f"cancel requested for run {rec.run_id} "
+                               f"(now {await handle.status()})"))
 
     run(go)

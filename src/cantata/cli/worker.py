@@ -42,6 +42,11 @@ def worker(
             "releasing them (default: the app's shutdown_grace, 30).",
         ),
     ] = None,
+    any_version: Annotated[
+        bool,
+        typer.Option("--any-version", help="Take runs of every code version, unchecked "
+                     "(default: this version's, and others' this code replays)."),
+    ] = False,
 ) -> None:
     """Run a worker: resume unfinished runs, execute new ones, handle events.
 
@@ -62,6 +67,8 @@ def worker(
         the_app.services = frozenset(service)
     if grace is not None:
         the_app.shutdown_grace = grace
+    if any_version:
+        the_app.any_version = True
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -80,8 +87,8 @@ def worker(
         async with the_app:
             console.print(
                 f"cantata worker {the_app.engine.worker_id} serving app [bold]{the_app.name}[/] "
-                f"({len(the_app.workflows)} workflows, {len(the_app.handlers)} handlers) on "
-                f"{mask_url(the_app.store.url)}"
+                f"({len(the_app.workflows)} workflows, {len(the_app.handlers)} handlers, version "
+                f"{the_app.version}) on {mask_url(the_app.store.url)}"
             )
             await stop.wait()
             console.print(

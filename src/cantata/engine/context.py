@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random as _random
 import uuid as _uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cantata.choreography.orphans import check_orphans
@@ -18,8 +18,10 @@ from cantata.errors import (
     WorkflowCallError,
 )
 from cantata.model import codec
+from cantata.model.attributes import index_attributes
 from cantata.model.event import Event, check_type
 from cantata.model.records import (
+    ATTRS,
     CHILD,
     EMIT,
     ENTRY_COMPLETED,
@@ -32,6 +34,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 
+from . import versioning
 from .heartbeat import workflow_run
 from .registry import DECLARED_ATTR, STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
 
@@ -54,6 +57,18 @@ def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
         if value != expected:
             return False
     return True
+
+
+class _Recorded:
+    """What ``ctx.set_attributes`` returns: awaiting it commits the recorded call now."""
+
+    def __init__(self, execution: RunExecution | None) -> None:
+        self._x = execution
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self._x is None:
+            return None
+        return (yield from self._x.commit(RunWrite()).__await__())
 
 
 class WorkflowContext:
@@ -197,6 +212,43 @@ class WorkflowContext:
     def uuid(self) -> _uuid.UUID:
         """A random UUID, recorded."""
         return _uuid.UUID(str(self._value("uuid", lambda: str(_uuid.uuid4()))))
+
+    def set_attributes(self, **attributes: Any) -> _Recorded:
+        """Set search attributes of this run (``customer_id=42``), recorded like a step.
+
+        Values are str, int, float or bool; ``app.find_runs(attributes=...)`` and
+        ``cantata runs --attr NAME=VALUE`` find the run by them. The call is recorded in
+        history and committed with the run's next write (``await`` it to commit now);
+        a replay does not set them again. See docs/operating.md.
+
+        Raises:
+            UnknownAttribute: a name or value that cannot be indexed.
+        """
+        indexed = index_attributes(attributes)
+        x = self._x
+        key = x.next_key("set_attributes")
+        if key in x.history:
+            x.consumed.add(key)
+            return _Recorded(None)
+        now = x.engine.clock.now()
+        entry = x.new_entry(
+            key, ATTRS, "set_attributes", ENTRY_COMPLETED, started_at=now, ended_at=now,
+            result=codec.dumps(attributes, "search attributes"), detail=codec.dumps(indexed),
+        )
+        x.defer(RunWrite(entries=[entry]))
+        return _Recorded(x)
+
+    def patched(self, change_id: str) -> bool:
+        """``True`` if this run takes the code path of change ``change_id``.
+
+        A run that reaches this call for the first time under code containing it gets
+        ``True`` (and a marker in its history, so every replay gets ``True`` again); a
+        run replaying a history recorded by older code past this point gets ``False``
+        and keeps the old path. The answer is fixed for the whole run. Once no run
+        older than the change is live, drop the old branch (keeping the call is
+        harmless). See docs/operating.md.
+        """
+        return versioning.patched(self._x, change_id)
 
     # -- timers ------------------------------------------------------------------------
 
@@ -372,7 +424,9 @@ class WorkflowContext:
                     f"child workflow {name!r} is not registered in app {engine.app!r}"
                 )
             child = await engine.create_run(
-                name, list(args), idempotency_key=f"child:{x.run.run_id}:{key}",
+                # A retried run's new call is a new child (the old one ended for good).
+                name, list(args), idempotency_key=f"child:{x.run.run_id}:{key}"
+                + (f"@{x.run.epoch}" if x.run.epoch else ""),
                 correlation_id=x.run.correlation_id, causation_id=x.run.run_id,
                 parent_run_id=x.run.run_id,
             )

@@ -142,3 +142,26 @@ class RunHandle:
         for child in await self._engine.store.child_runs(self._engine.app, self.run_id):
             if not child.status.is_final:
                 await RunHandle(self._engine, child.run_id).cancel(actor=who)
+
+    async def retry(self, actor: str | None = None, include_compensated: bool = False) -> None:
+        """Continue a failed run with the current code from its failed step.
+
+        Completed steps are not run again (their recorded results replay); the failed
+        step and what followed it are kept apart as superseded history. With
+        ``include_compensated`` a compensated run is retried too (its compensations are
+        superseded; the steps they undid are not redone). ``actor`` is audited
+        (default: this process). See docs/operating.md.
+
+        Raises:
+            RunNotFound: no such run.
+            RunInProgress: the run has not ended.
+            RunNotRetryable: it ended completed, cancelled, or compensated without
+                ``include_compensated``.
+        """
+        from .recovery import retry
+
+        run = await retry(
+            self._engine, self.run_id, include_compensated=include_compensated, actor=actor
+        )
+        self.workflow = run.workflow
+

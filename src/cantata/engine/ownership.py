@@ -31,6 +31,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import versioning
 from .quietlog import QuietLog, reason
 
 if TYPE_CHECKING:
@@ -210,9 +211,8 @@ class Ownership:
                     engine.clock.now() - engine.lease if self.may_take_over() else 0.0
                 )
                 try:
-                    claimed = await engine.store.claim_runs(
-                        engine.app, engine.worker_id, workflows,
-                        stale_before=stale_before, limit=100,
+                    claimed = await versioning.claim(
+                        engine, workflows, stale_before=stale_before, limit=100
                     )
                 except Exception as exc:
                     self.quiet.warning(

@@ -1,25 +1,57 @@
-"""``cantata check-replay``: replay stored histories against the current code.
+"""``cantata check-replay``: stored histories against the current code, call for call.
 
-Each live run (or every run, with ``all_runs``) is re-executed in a dry mode that
-replays recorded results and stops at the first call that would do new work; no
-step runs and nothing is written. A run whose replay diverges from its history
-(``NonDeterminismError``), or whose code now fails in a way history does not
-explain, is reported — before a deploy breaks it.
+Each checked run is re-executed in a dry mode: recorded results are replayed, and
+the execution stops at the first call history has no result for (the run's
+frontier: a step in flight, a timer, a wait, or a new call); no step runs and
+nothing is written. Every durable call the code makes on the way (steps, timers,
+waits, emits, children, ``ctx.now``/``random``/``uuid``, ``set_attributes``) is
+noted with its key and, for steps, the shape of its arguments. The run is then
+reported when that sequence differs from its recorded history, in order:
+
+- the i-th call of the code is not the i-th recorded call (a call inserted,
+  deleted, renamed or moved before the frontier — including calls *before* a step
+  that is being retried, which a lenient replay would not notice until later);
+- the arguments of a recorded step now have another shape (types or keys);
+- the code ends while history holds further completed calls;
+- the code fails where history explains no failure.
+
+Compensations and ``ctx.patched`` markers are not compared: they are not calls of
+the workflow's code path. Nor are recorded values the code makes anew (a ``ctx.now()``
+added where history has none): they have no effect and nothing recorded to differ
+from. See docs/operating.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cantata.model.records import RunWrite
+from cantata.model import codec
+from cantata.model.records import (
+    ATTRS,
+    COMPENSATION,
+    ENTRY_COMPLETED,
+    ENTRY_FAILED,
+    PATCH,
+    VALUE,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+)
 from cantata.model.status import LIVE_STATUSES, RunStatus
 
+from .registry import StepDef, WorkflowDef
 from .runner import RunExecution
+from .versioning import args_shape
 
 if TYPE_CHECKING:
     from cantata.app import App
+
+    from .worker import Engine
 
 # Failures a replay may legitimately re-raise: they are recorded in history.
 _RECORDED = ("StepFailed", "Cancelled", "DeadlineExceeded", "WaitTimeout", "WorkflowCallError")
@@ -27,13 +59,33 @@ _RECORDED = ("StepFailed", "Cancelled", "DeadlineExceeded", "WaitTimeout", "Work
 
 @dataclass(frozen=True, slots=True)
 class ReplayProblem:
-    """A stored run the current code would break."""
+    """A stored run the current code would break.
+
+    ``problem`` is ``non_determinism`` (the calls differ: ``call`` is the 1-based
+    position of the first difference, ``recorded`` and ``current`` the two calls),
+    ``would_fail`` or ``unknown_workflow``.
+    """
 
     run_id: str
     workflow: str
     status: str
-    problem: str  # "non_determinism", "would_fail" or "unknown_workflow"
+    problem: str
     detail: str
+    version: str | None = None
+    call: int | None = None
+    recorded: str | None = None
+    current: str | None = None
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What ``check-replay`` checked, per recorded version, and what it found."""
+
+    checked: dict[str, int] = field(default_factory=dict)  # version ("-": none) -> runs
+    problems: list[ReplayProblem] = field(default_factory=list)
+
+    def broken(self, version: str) -> int:
+        return sum(1 for p in self.problems if (p.version or "-") == version)
 
 
 class _Frontier(BaseException):
@@ -41,7 +93,50 @@ class _Frontier(BaseException):
 
 
 class _DryRun(RunExecution):
-    problem: tuple[str, str] | None = None
+    """A run executed without effects, noting every durable call its code makes."""
+
+    def __init__(self, engine: Engine, run: RunRecord, wdef: WorkflowDef) -> None:
+        # No cancel request or deadline: they would stop the replay before its frontier.
+        super().__init__(engine, dataclasses.replace(
+            run, cancel_requested=False, deadline_at=None
+        ), wdef)
+        self.calls: list[str] = []
+        self.shapes: dict[str, str] = {}
+        self.recorded: list[HistoryEntry] = []  # the stored history, as loaded
+        self.ended = False  # the code ran to its end (returned or raised)
+        self.failure: str | None = None
+
+    async def load(self) -> None:
+        await super().load()
+        self.recorded = list(self.history.values())
+
+    def new_calls(self) -> list[str]:
+        """The code's durable calls, less the recorded values (``ctx.now``, ``random``,
+        ``uuid``, ``set_attributes``...) it makes anew: they have no effect and no
+        recorded counterpart, so inserting one breaks nothing."""
+        known = {e.key for e in self.recorded}
+        fresh = {k for k, e in self.history.items()
+                 if k not in known and e.kind in (VALUE, ATTRS)}
+        return [k for k in self.calls if k not in fresh]
+
+    def next_key(self, base: str) -> str:
+        key = super().next_key(base)
+        self.calls.append(key)
+        return key
+
+    async def call_step(
+        self, sdef: StepDef, args: list[Any], key: str, kind: str = "step"
+    ) -> Any:
+        if kind != COMPENSATION:
+            self.shapes[key] = args_shape(args)
+        return await super().call_step(sdef, args, key, kind)
+
+    async def check_new_call(self, key: str) -> None:
+        await super().check_new_call(key)
+        raise _Frontier()  # a call history has no record of: new work, stop before it
+
+    def defer(self, write: RunWrite) -> None:
+        self.pending.extend(write.entries)
 
     async def commit(self, write: RunWrite) -> None:
         raise _Frontier()
@@ -52,39 +147,99 @@ class _DryRun(RunExecution):
         raise _Frontier()
 
     async def _unwind(self, final: RunStatus, error: str) -> None:
+        self.ended = True
         if not error.startswith(_RECORDED):
-            self.problem = ("would_fail", error)
+            self.failure = error
         raise _Frontier()
 
     async def _finish(self, status: RunStatus, **kw: Any) -> None:
-        error = kw.get("error") or ""
-        if error.startswith("NonDeterminismError"):
-            self.problem = ("non_determinism", error)
+        self.ended = True
         raise _Frontier()
+
+
+def _recorded_shape(entry: HistoryEntry) -> str | None:
+    if not entry.detail:
+        return None
+    info = codec.loads(entry.detail)
+    return info.get("shape") if isinstance(info, dict) else None
+
+
+def compare(
+    run: RunRecord, history: Sequence[HistoryEntry], calls: Sequence[str],
+    shapes: dict[str, str], ended: bool,
+) -> ReplayProblem | None:
+    """The first difference between a run's recorded calls and the code's, if any."""
+    recorded = [e for e in sorted(history, key=lambda e: e.seq)
+                if e.kind not in (COMPENSATION, PATCH)]
+
+    def problem(i: int, entry: HistoryEntry, current: str | None, detail: str) -> ReplayProblem:
+        return ReplayProblem(run.run_id, run.workflow, str(run.status), "non_determinism",
+                             f"call {i + 1}: {detail}", run.version, i + 1, entry.key, current)
+
+    for i, entry in enumerate(recorded):
+        if i >= len(calls):
+            if entry.status not in (ENTRY_COMPLETED, ENTRY_FAILED) and not ended:
+                continue  # a call in flight beside the frontier (parallel branches)
+            where = "the code now ends there" if ended else (
+                f"the code stops at {calls[-1]!r} before making it" if calls
+                else "the code makes no call"
+            )
+            return problem(i, entry, None, f"history recorded {entry.key!r} but {where}")
+        if calls[i] != entry.key:
+            return problem(i, entry, calls[i], f"history recorded {entry.key!r} but the code "
+                           f"now calls {calls[i]!r}")
+        old, new = _recorded_shape(entry), shapes.get(entry.key)
+        if old is not None and new is not None and old != new:
+            return problem(i, entry, calls[i], f"{entry.key!r} was called with arguments "
+                           f"shaped {old} and is now called with {new}")
+    return None
+
+
+async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> ReplayProblem | None:
+    """Dry-replay one stored run with ``engine``'s code; the problem found, if any."""
+    dry = _DryRun(engine, run, wdef)
+    with contextlib.suppress(_Frontier):
+        await dry._execute_run()
+    for _ in range(3):  # let parallel branches (asyncio.gather) note their calls too
+        await asyncio.sleep(0)
+    found = compare(run, dry.recorded, dry.new_calls(), dry.shapes, dry.ended)
+    if found is None and dry.failure is not None:
+        found = ReplayProblem(run.run_id, run.workflow, str(run.status), "would_fail",
+                              dry.failure, run.version)
+    return found
+
+
+async def _runs_to_check(app: App, all_runs: bool, limit: int) -> list[RunRecord]:
+    store = app.store
+    if all_runs:
+        return await store.list_runs(app.name, limit=limit)
+    runs: list[RunRecord] = []
+    for status in LIVE_STATUSES:
+        runs += await store.find_runs(app.name, status=status, limit=limit)
+    return sorted(runs, key=lambda r: r.created_at, reverse=True)[:limit]
+
+
+async def replay_report(app: App, *, all_runs: bool = False, limit: int = 1000) -> ReplayReport:
+    """Dry-replay stored runs of ``app`` (live ones unless ``all_runs``) with its code."""
+    report = ReplayReport()
+    for run in await _runs_to_check(app, all_runs, limit):
+        version = run.version or "-"
+        report.checked[version] = report.checked.get(version, 0) + 1
+        wdef = app.workflows.get(run.workflow)
+        if wdef is None:
+            report.problems.append(ReplayProblem(
+                run.run_id, run.workflow, str(run.status), "unknown_workflow",
+                f"workflow {run.workflow!r} is not registered in this code", run.version,
+            ))
+            continue
+        found = await check_run(app.engine, run, wdef)
+        if found is not None:
+            report.problems.append(found)
+    return report
 
 
 async def check_replay(
     app: App, *, all_runs: bool = False, limit: int = 1000
 ) -> list[ReplayProblem]:
-    """Dry-replay stored runs of ``app`` (live ones unless ``all_runs``) with its code."""
-    engine = app.engine
-    problems: list[ReplayProblem] = []
-    runs = await app.store.list_runs(app.name, limit=limit)
-    for run in runs:
-        if not all_runs and run.status not in LIVE_STATUSES:
-            continue
-        wdef = app.workflows.get(run.workflow)
-        if wdef is None:
-            problems.append(ReplayProblem(
-                run.run_id, run.workflow, str(run.status), "unknown_workflow",
-                f"workflow {run.workflow!r} is not registered in this code",
-            ))
-            continue
-        dry = _DryRun(engine, run, wdef)
-        with contextlib.suppress(_Frontier):
-            await dry.execute()
-        if dry.problem is not None:
-            problems.append(
-                ReplayProblem(run.run_id, run.workflow, str(run.status), *dry.problem)
-            )
-    return problems
+    """The runs of ``app`` its current code would break (see :func:`replay_report`)."""
+    return (await replay_report(app, all_runs=all_runs, limit=limit)).problems

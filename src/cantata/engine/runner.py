@@ -23,10 +23,12 @@ from cantata.errors import (
 )
 from cantata.model import codec
 from cantata.model.records import (
+    ATTRS,
     COMPENSATION,
     ENTRY_COMPLETED,
     ENTRY_FAILED,
     ENTRY_RUNNING,
+    PATCH,
     SLEEP,
     TASK_DONE,
     TASK_FAILED,
@@ -44,6 +46,7 @@ from .compensation import ApiState, compensation_key, returned_ending, unwound_e
 from .heartbeat import beat_for
 from .invoke import invoke_step
 from .registry import StepDef, WorkflowDef
+from .versioning import args_shape
 
 if TYPE_CHECKING:
     from .worker import Engine
@@ -135,6 +138,7 @@ class RunExecution:
         self.inflight: dict[str, Attempt] = {}  # step key -> attempt whose body runs
         self.bodies: set[asyncio.Task[Any]] = set()  # the step bodies running
         self.parked = False  # waiting, during a graceful stop, to be released
+        self.patches: dict[str, bool] = {}  # ctx.patched answers, fixed for the whole run
         self._deadline_timer: asyncio.Task[None] | None = None
         self.api = ApiState()  # ctx.compensate and cleanup after cancel
 
@@ -321,7 +325,7 @@ class RunExecution:
         left = sorted(
             (e for k, e in self.history.items()
              if k not in self.consumed and e.status in (ENTRY_COMPLETED, ENTRY_FAILED)
-             and e.kind not in (VALUE, COMPENSATION)),
+             and e.kind not in (VALUE, COMPENSATION, PATCH, ATTRS)),
             key=lambda e: e.seq,
         )
         if left and key not in self.history:
@@ -329,6 +333,26 @@ class RunExecution:
             self.divergence = err
             raise err
         self.check_interrupt()
+
+    async def check_replayed_before(self, entry: HistoryEntry) -> None:
+        """A step in flight is about to run again: every call recorded before it must
+        have been replayed first, or the code changed under it (a call before it was
+        deleted or moved) and running it again would act on a diverged history."""
+        def missed() -> list[HistoryEntry]:
+            return sorted(
+                (e for k, e in self.history.items()
+                 if e.seq < entry.seq and k not in self.consumed
+                 and e.kind not in (VALUE, COMPENSATION, PATCH, ATTRS)),
+                key=lambda e: e.seq,
+            )
+
+        if missed():
+            await asyncio.sleep(0)  # let sibling tasks (asyncio.gather) replay their calls
+            left = missed()
+            if left:
+                err = NonDeterminismError(self.run.run_id, left[0].seq, left[0].key, entry.key)
+                self.divergence = err
+                raise err
 
     async def wait_until(
         self,
@@ -382,11 +406,15 @@ class RunExecution:
             etype, _, emsg = (entry.error or "Error: ").partition(": ")
             raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
         if entry is None:
+            shape = None
             if kind != COMPENSATION:
                 await self.check_new_call(key)
-            entry = self.new_entry(key, kind, sdef.name, ENTRY_RUNNING)
+                shape = codec.dumps({"shape": args_shape(args)})
+            entry = self.new_entry(key, kind, sdef.name, ENTRY_RUNNING, detail=shape)
         else:
             self.consumed.add(key)
+            if kind != COMPENSATION:
+                await self.check_replayed_before(entry)
         if self.engine.is_remote(sdef):
             return await self._call_remote(sdef, args, entry)
         clock = self.engine.clock
@@ -480,12 +508,14 @@ class RunExecution:
         """A step of another service: a task in the store, executed by that service's workers
         (with their retries and timeout); this run waits for its result."""
         engine, run = self.engine, self.run
-        task_id = f"{run.run_id}:{entry.key}"
+        # A retried run's new call of a step is a new task (the old one ended for good).
+        task_id = f"{run.run_id}:{entry.key}" + (f"@{run.epoch}" if run.epoch else "")
         service = sdef.service or ""
-        if entry.detail is None:
+        info = codec.loads(entry.detail) if entry.detail else {}
+        if "task" not in info:
             now = engine.clock.now()
             entry.started_at = now
-            entry.detail = codec.dumps({"service": service, "task": task_id})
+            entry.detail = codec.dumps({**info, "service": service, "task": task_id})
             task = TaskRecord(
                 task_id, run.run_id, entry.key, sdef.name, service,
                 codec.dumps(args, f"arguments of step {sdef.name}"), created_at=now,
@@ -718,7 +748,7 @@ class RunExecution:
         left = sorted(
             (e for k, e in self.history.items()
              if k not in self.consumed and e.status in (ENTRY_COMPLETED, ENTRY_FAILED)
-             and e.kind not in (VALUE, COMPENSATION, SLEEP)),
+             and e.kind not in (VALUE, COMPENSATION, SLEEP, PATCH, ATTRS)),
             key=lambda e: e.seq,
         )
         if left:

@@ -76,6 +76,8 @@ class Engine:
         hooks: Hooks | None = None,
         signer: Signer | None = None,
         max_payload: int | None = None,
+        version: str | None = None,
+        any_version: bool = False,
     ) -> None:
         self.app = app
         self.router = router
@@ -118,6 +120,13 @@ class Engine:
         self.task_server: TaskServer | None = None
         # Raises if the broker would refuse an event (the App sets the broker's check).
         self.check_event: Callable[[Event[Any]], None] = lambda event: None
+        # Code version (docs/operating.md): recorded on runs started here; claims are
+        # limited to it and to runs this code replays, unless any_version.
+        self.version = version
+        self.any_version = any_version
+        self.replay_verdicts: dict[str, tuple[float, bool]] = {}  # run id -> (updated, ok)
+        self.version_order: tuple[float, dict[str, float]] | None = None  # (read at, order)
+        self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -206,6 +215,7 @@ class Engine:
             owner=self.worker_id if local else None,
             fence=1 if local else 0,
             service=wdef.service if wdef else None,
+            version=self.version if wdef else None,
         )
         if local and idempotency_key is None:
             # Executed here at once, and new for sure: the run is stored with its first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +40,17 @@ class RunRecord:
     fence: int = 0
     flagged: bool = False
     service: str | None = None
+    version: str | None = None  # code version it is pinned to (None: any worker)
+    epoch: int = 0  # operator retries so far (the generation of its live history)
 
 
 @dataclass(frozen=True, slots=True)
 class RunInfo:
-    """A run as listed by ``app.list_runs``."""
+    """A run as listed by ``app.list_runs`` and ``app.find_runs``.
+
+    ``attributes`` holds the run's search attributes (``ctx.set_attributes``) in
+    their indexed text form; ``list_runs`` leaves it empty.
+    """
 
     run_id: str
     workflow: str
@@ -51,13 +58,19 @@ class RunInfo:
     created_at: dt.datetime
     updated_at: dt.datetime
     error: str | None
+    idempotency_key: str | None = None
+    correlation_id: str | None = None
+    version: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, run: RunRecord) -> RunInfo:
+    def of(cls, run: RunRecord, attributes: Mapping[str, str] | None = None) -> RunInfo:
         created = to_datetime(run.created_at)
         updated = to_datetime(run.updated_at)
         assert created is not None and updated is not None
-        return cls(run.run_id, run.workflow, run.status, created, updated, run.error)
+        return cls(run.run_id, run.workflow, run.status, created, updated, run.error,
+                   run.idempotency_key, run.correlation_id, run.version,
+                   dict(attributes or {}))
 
 
 # History entry kinds.
@@ -68,6 +81,8 @@ WAIT = "wait"
 VALUE = "value"  # ctx.now / ctx.random / ctx.uuid
 EMIT = "emit"
 CHILD = "child"
+ATTRS = "attrs"  # ctx.set_attributes
+PATCH = "patch"  # ctx.patched: the marker of a run that took the patched path
 
 # History entry statuses.
 ENTRY_RUNNING = "running"

@@ -94,11 +94,9 @@ def fmt_seconds(seconds: float) -> str:
 
 
 def _short(ref: str | None) -> str:
-    """The end of an id: ids begin with their time (UUIDv7), so it is the part that
-    tells one from its neighbours."""
-    if not ref:
-        return ""
-    return ref if len(ref) <= 9 else f"…{ref[-8:]}"
+    """An id as the timeline prints it: whole, never cut (an operator copies it into
+    ``cantata run``; a long line folds instead)."""
+    return ref or ""
 
 
 def _clock(at: dt.datetime, now: dt.datetime | None = None) -> str:

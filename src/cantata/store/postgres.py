@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
@@ -44,6 +44,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import postgres_console as console
+from cantata.store import postgres_operate as operate
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
 from cantata.store.base import (
@@ -205,11 +206,14 @@ class PostgresStore:
         *,
         stale_before: float,
         limit: int,
+        versions: Sequence[str] | None = None,
+        run_ids: Sequence[str] | None = None,
     ) -> list[RunRecord]:
-        if not workflows:
+        if not workflows or (run_ids is not None and not run_ids):
             return []
         return await self._w.run(
-            lambda c, b: writes.claim_runs(c, b, app, worker_id, workflows, stale_before, limit)
+            lambda c, b: writes.claim_runs(c, b, app, worker_id, workflows, stale_before, limit,
+                                           versions, run_ids)
         )
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
@@ -302,6 +306,86 @@ class PostgresStore:
         from cantata.store.postgres_tx import run_transaction
 
         return await run_transaction(self._db, app, run_id, fence, body)
+    # -- operating runs ----------------------------------------------------------------
+
+    async def find_runs(
+        self,
+        app: str,
+        *,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            return await operate.find_runs(
+                c, app, idempotency_key, attributes, workflow, status, limit
+            )
+
+    async def run_attributes(
+        self, app: str, run_ids: Sequence[str]
+    ) -> dict[str, dict[str, str]]:
+        async with self._db.conn() as c:
+            return await operate.run_attributes(c, app, run_ids)
+
+    async def attribute_names(self, app: str) -> list[str]:
+        async with self._db.conn() as c:
+            return await operate.attribute_names(c, app)
+
+    async def runs_by_prefix(self, app: str, prefix: str, *, limit: int) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            return await operate.runs_by_prefix(c, app, prefix, limit)
+
+    async def foreign_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        versions: Sequence[str],
+        stale_before: float,
+        limit: int,
+    ) -> list[RunRecord]:
+        if not workflows:
+            return []
+        async with self._db.conn() as c:
+            return await operate.foreign_runs(
+                c, app, worker_id, workflows, versions, stale_before, limit
+            )
+
+    async def retry_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        include_compensated: bool,
+        version: str | None,
+        actor: str,
+        now: float,
+    ) -> RunRecord:
+        async with self._db.tx() as c:
+            return await operate.retry_run(
+                c, app, run_id, include_compensated, version, actor, now
+            )
+
+    async def fork_run(
+        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+    ) -> RunRecord:
+        async with self._db.tx() as c:
+            return await operate.fork_run(c, app, source_run_id, run, before_key, actor)
+
+    async def superseded_history(
+        self, app: str, run_id: str
+    ) -> list[tuple[int, HistoryEntry]]:
+        async with self._db.conn() as c:
+            return await operate.superseded_history(c, app, run_id)
+
+    async def discard_dead_letter(
+        self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        async with self._db.tx() as c:
+            return await operate.discard_dead_letter(c, app, dead_letter_id, actor)
 
     # -- events and deliveries --------------------------------------------------------
 

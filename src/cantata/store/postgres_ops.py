@@ -42,7 +42,7 @@ LIVE_SQL = "('pending', 'running', 'compensating')"
 RUN_COLS = (
     "run_id, app, workflow, status, args, created_at, updated_at, correlation_id, "
     "causation_id, idempotency_key, args_hash, parent_run_id, deadline_at, result, error, "
-    "cancel_requested, owner, fence, flagged, service"
+    "cancel_requested, owner, fence, flagged, service, version, epoch"
 )
 HISTORY_COLS = (
     "key, kind, name, status, seq, result, error, error_type, attempts, started_at, "
@@ -65,7 +65,7 @@ AUDIT_COLS = "seq, time, actor, action, target, data, prev_hash, hash"
 
 
 def run_row(row: Row) -> RunRecord:
-    return RunRecord(row[0], row[1], row[2], RunStatus(row[3]), *row[4:20])
+    return RunRecord(row[0], row[1], row[2], RunStatus(row[3]), *row[4:22])
 
 
 def event_row(row: Row) -> Event[Any]:

@@ -46,7 +46,7 @@ from cantata.store.postgres_pool import Conn, Row
 # -- runs -------------------------------------------------------------------------------
 
 _CREATE_RUN = (
-    f"INSERT INTO runs ({RUN_COLS}) VALUES ({', '.join(f'${i}' for i in range(1, 21))})"
+    f"INSERT INTO runs ({RUN_COLS}) VALUES ({', '.join(f'${i}' for i in range(1, 23))})"
     " ON CONFLICT (app, idempotency_key) WHERE idempotency_key IS NOT NULL "
     "DO NOTHING RETURNING run_id"
 )
@@ -65,7 +65,8 @@ async def create_runs(
         (run.run_id, run.app, run.workflow, str(run.status), run.args, run.created_at,
          run.updated_at, run.correlation_id, run.causation_id, run.idempotency_key,
          run.args_hash, run.parent_run_id, run.deadline_at, run.result, run.error,
-         run.cancel_requested, run.owner, run.fence, run.flagged, run.service)
+         run.cancel_requested, run.owner, run.fence, run.flagged, run.service, run.version,
+         run.epoch)
         for run, _ in calls
     ])
     inserted = {r[0] for r in rows}
@@ -104,7 +105,8 @@ async def create_runs(
 
 async def claim_runs(
     c: Conn, b: Batch, app: str, worker_id: str, workflows: Sequence[str],
-    stale_before: float, limit: int,
+    stale_before: float, limit: int, versions: Sequence[str] | None = None,
+    run_ids: Sequence[str] | None = None,
 ) -> list[RunRecord]:
     # MATERIALIZED: the pick runs once (a rescanned LIMIT ... SKIP LOCKED subquery
     # yields more rows). The owner's liveness is a correlated subquery, not a join,
@@ -116,11 +118,14 @@ async def claim_runs(
         f"  AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR (c.owner<>$3 AND"
         f"  NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app"
         f"   AND w.worker_id=c.owner AND w.heartbeat_at >= $4)))"
+        f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[]))"
+        f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
         f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED)"
         f" UPDATE runs r SET owner=$3, fence=r.fence+1 FROM pick"
         f" WHERE r.app=$1 AND r.run_id=pick.run_id"
         f" RETURNING {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))}",
         app, list(workflows), worker_id, stale_before, limit,
+        None if versions is None else list(versions), None if run_ids is None else list(run_ids),
     )
     return [run_row(r) for r in rows]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import (
@@ -38,6 +38,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import sqlite_console as console
+from cantata.store import sqlite_operate as operate
 from cantata.store import sqlite_ops as ops
 from cantata.store.base import (
     CANCEL,
@@ -228,13 +229,13 @@ class SQLiteStore:
                         )
                     return existing, False
             c.execute(
-                f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 20)})",
+                f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
                 (
                     run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
                     run.error, run.idempotency_key, run.args_hash, run.correlation_id,
                     run.causation_id, run.parent_run_id, run.service, run.created_at,
                     run.updated_at, run.deadline_at, int(run.cancel_requested), run.owner,
-                    run.fence, int(run.flagged),
+                    run.fence, int(run.flagged), run.version, run.epoch,
                 ),
             )
             ops.audit_append(c, run.app, audit.run_created_entry(
@@ -284,10 +285,19 @@ class SQLiteStore:
         *,
         stale_before: float,
         limit: int,
+        versions: Sequence[str] | None = None,
+        run_ids: Sequence[str] | None = None,
     ) -> list[RunRecord]:
-        if not workflows:
+        if not workflows or (run_ids is not None and not run_ids):
             return []
         marks = ",".join("?" * len(workflows))
+        extra, more = "", []
+        if versions is not None:
+            extra += f" AND (r.version IS NULL OR r.version IN ({','.join('?' * len(versions))}))"
+            more += list(versions)
+        if run_ids is not None:
+            extra += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"
+            more += list(run_ids)
 
         def op(c: sqlite3.Connection) -> list[RunRecord]:
             rows = c.execute(
@@ -296,9 +306,9 @@ class SQLiteStore:
                 f"  ON w.app=r.app AND w.worker_id=r.owner"
                 f" WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
-                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?)))"
+                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))){extra}"
                 f" ORDER BY r.created_at LIMIT ?) RETURNING {RUN_COLS}",
-                (worker_id, app, app, *workflows, worker_id, stale_before, limit),
+                (worker_id, app, app, *workflows, worker_id, stale_before, *more, limit),
             ).fetchall()
             return [run_row(r) for r in rows]
 
@@ -477,6 +487,82 @@ class SQLiteStore:
         from cantata.store.sqlite_tx import run_transaction
 
         return await run_transaction(self, app, run_id, fence, body)
+
+    # -- operating runs ----------------------------------------------------------------
+
+    async def find_runs(
+        self,
+        app: str,
+        *,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        return await self._t.read(lambda c: operate.find_runs(
+            c, app, idempotency_key, attributes, workflow, status, limit
+        ))
+
+    async def run_attributes(
+        self, app: str, run_ids: Sequence[str]
+    ) -> dict[str, dict[str, str]]:
+        return await self._t.read(lambda c: operate.run_attributes(c, app, run_ids))
+
+    async def attribute_names(self, app: str) -> list[str]:
+        return await self._t.read(lambda c: operate.attribute_names(c, app))
+
+    async def runs_by_prefix(self, app: str, prefix: str, *, limit: int) -> list[RunRecord]:
+        return await self._t.read(lambda c: operate.runs_by_prefix(c, app, prefix, limit))
+
+    async def foreign_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        versions: Sequence[str],
+        stale_before: float,
+        limit: int,
+    ) -> list[RunRecord]:
+        if not workflows:
+            return []
+        return await self._t.read(lambda c: operate.foreign_runs(
+            c, app, worker_id, workflows, versions or [""], stale_before, limit
+        ))
+
+    async def retry_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        include_compensated: bool,
+        version: str | None,
+        actor: str,
+        now: float,
+    ) -> RunRecord:
+        return await self._t.write(lambda c: operate.retry_run(
+            c, app, run_id, include_compensated, version, actor, now
+        ), RUNS)
+
+    async def fork_run(
+        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+    ) -> RunRecord:
+        return await self._t.write(lambda c: operate.fork_run(
+            c, app, source_run_id, run, before_key, actor
+        ), RUNS)
+
+    async def superseded_history(
+        self, app: str, run_id: str
+    ) -> list[tuple[int, HistoryEntry]]:
+        return await self._t.read(lambda c: operate.superseded_history(c, app, run_id))
+
+    async def discard_dead_letter(
+        self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        return await self._t.write(
+            lambda c: operate.discard_dead_letter(c, app, dead_letter_id, actor)
+        )
 
     # -- events and deliveries --------------------------------------------------------
 

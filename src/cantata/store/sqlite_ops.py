@@ -38,7 +38,7 @@ LIVE_SQL = "('pending', 'running', 'compensating')"
 RUN_COLS = (
     "app, run_id, workflow, status, args, result, error, idempotency_key, args_hash, "
     "correlation_id, causation_id, parent_run_id, service, created_at, updated_at, "
-    "deadline_at, cancel_requested, owner, fence, flagged"
+    "deadline_at, cancel_requested, owner, fence, flagged, version, epoch"
 )
 HISTORY_COLS = (
     "key, kind, name, status, seq, result, error, error_type, attempts, started_at, "
@@ -83,6 +83,8 @@ def run_row(row: Row) -> RunRecord:
         owner=row[17],
         fence=row[18],
         flagged=bool(row[19]),
+        version=row[20],
+        epoch=row[21],
     )
 
 

@@ -1,0 +1,122 @@
+"""Recovering runs after the fact: retry a failed run, fork a run from a step, and
+find runs by key or search attribute (docs/operating.md).
+
+Retry keeps the run and its history: the failed step and what came after it are
+superseded (kept apart under the run's next epoch, see
+:meth:`cantata.store.base.Store.retry_run`), so the run replays its completed steps
+and executes the failed one again with the current code. Fork makes a new run that
+starts with the source run's recorded results before a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from cantata.errors import ConfigurationError, RunNotFound, UnknownAttribute
+from cantata.model import codec
+from cantata.model.attributes import check_name, index_value
+from cantata.model.records import RunInfo, RunRecord
+from cantata.model.status import RunStatus
+
+from .versioning import current_version
+
+if TYPE_CHECKING:
+    from .worker import Engine
+
+
+async def _version_for(engine: Engine, workflow: str) -> str | None:
+    """The version a retried or forked run is pinned to: this process's, when it has the
+    workflow's code; otherwise (the command line) the newest version that has served
+    the app — the deployed fix."""
+    if workflow in engine.router.workflows:
+        return engine.version
+    return await current_version(engine.store, engine.app)
+
+
+async def retry(
+    engine: Engine, run_id: str, *, include_compensated: bool = False, actor: str | None = None
+) -> RunRecord:
+    """Make a failed run live again from its failed step (see the module docstring)."""
+    run = await engine.store.get_run(engine.app, run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
+    return await engine.store.retry_run(
+        engine.app, run_id, include_compensated=include_compensated,
+        version=await _version_for(engine, run.workflow),
+        actor=actor or f"process:{engine.worker_id}", now=engine.clock.now(),
+    )
+
+
+async def fork(
+    engine: Engine, run_id: str, *, from_step: str, actor: str | None = None
+) -> RunRecord:
+    """A new run of ``run_id``'s workflow and arguments, with its recorded results
+    before ``from_step`` (``name#n``; a bare name means its first call)."""
+    if not isinstance(from_step, str) or not from_step.strip():
+        raise ConfigurationError("fork needs from_step, the history key of a call: 'name#n'")
+    key = from_step if "#" in from_step else f"{from_step}#1"
+    source = await engine.store.get_run(engine.app, run_id)
+    if source is None:
+        raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
+    now = engine.clock.now()
+    new_id = codec.new_id()
+    run = RunRecord(
+        run_id=new_id, app=engine.app, workflow=source.workflow, status=RunStatus.PENDING,
+        args=source.args, created_at=now, updated_at=now, correlation_id=new_id,
+        causation_id=source.run_id, args_hash=source.args_hash, service=source.service,
+        version=await _version_for(engine, source.workflow),
+    )
+    return await engine.store.fork_run(
+        engine.app, run_id, run, before_key=key, actor=actor or f"process:{engine.worker_id}"
+    )
+
+
+async def find_runs(engine: Engine, **filters: Any) -> list[RunInfo]:
+    """Runs matching every filter, newest first, each with its search attributes
+    (the filters of :func:`find_records`)."""
+    return [RunInfo.of(r, attrs) for r, attrs in await find_records(engine, **filters)]
+
+
+async def find_records(
+    engine: Engine,
+    *,
+    idempotency_key: str | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    workflow: str | None = None,
+    status: RunStatus | str | None = None,
+    limit: int = 100,
+) -> list[tuple[RunRecord, dict[str, str]]]:
+    """Stored runs matching every filter, newest first, with their search attributes.
+
+    Raises:
+        ConfigurationError: an unknown status or a limit below 1.
+        UnknownAttribute: an attribute name no run of the app has set, or malformed.
+    """
+    st = None
+    if status is not None:
+        try:
+            st = RunStatus(status)
+        except ValueError:
+            raise ConfigurationError(
+                f"unknown run status {status!r}: use one of "
+                f"{', '.join(s.value for s in RunStatus)}"
+            ) from None
+    if limit < 1:
+        raise ConfigurationError(f"limit must be >= 1, got {limit}")
+    wanted = {check_name(name): index_value(name, value)
+              for name, value in (attributes or {}).items()}
+    runs = await engine.store.find_runs(
+        engine.app, idempotency_key=idempotency_key, attributes=wanted or None,
+        workflow=workflow, status=st, limit=limit,
+    )
+    if wanted and not runs:  # nothing found: say so if a name is unknown (a typo)
+        known = set(await engine.store.attribute_names(engine.app))
+        for name in wanted:
+            if name not in known:
+                raise UnknownAttribute(
+                    f"no run of app {engine.app!r} has set attribute {name!r} (known: "
+                    f"{', '.join(sorted(known)) or 'none'}); set it with ctx.set_attributes"
+                )
+    attrs = await engine.store.run_attributes(engine.app, [r.run_id for r in runs])
+    return [(r, attrs.get(r.run_id, {})) for r in runs]

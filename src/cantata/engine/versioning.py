@@ -1,0 +1,234 @@
+"""Evolving workflow code under runs in flight (docs/operating.md, versions).
+
+- :func:`code_version`: the default ``App(version=...)``, a hash of the code of the
+  app's workflows and steps, recorded on each run it starts.
+- :func:`patched`: ``ctx.patched("change-id")``, a marker in history so runs that
+  passed the change under the old code keep replaying the old path.
+- :func:`claim`: what a worker takes: runs of its own version (or of none), and runs
+  of older versions (versions that served the app before this one first did) or of
+  versions that never served, whose recorded history its code replays call for call
+  (the check of :mod:`cantata.engine.replaycheck`); with ``any_version``, every run.
+  Older code never takes the runs of a newer version that has served, so a run
+  retried for a fix stays with the fix.
+- :func:`args_shape`: the shape of a call's arguments, recorded with each step so a
+  replay check notices arguments that changed structure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cantata.errors import ConfigurationError
+from cantata.model import codec
+from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, PATCH, Declaration, RunRecord
+
+if TYPE_CHECKING:
+    from cantata.store.base import Store
+
+    from .registry import Router
+    from .runner import RunExecution
+    from .worker import Engine
+
+log = logging.getLogger("cantata.worker")
+
+_SHAPE_TEXT_MAX = 200  # longer shapes are recorded as a hash
+
+
+def _source(fn: Any) -> bytes:
+    fn = inspect.unwrap(fn)
+    try:
+        return inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return repr(fn).encode()
+        return bytes(code.co_code) + repr((code.co_consts, code.co_names)).encode()
+
+
+def code_version(router: Router) -> str:
+    """A hash of the source of every workflow and step of ``router`` (12 hex digits).
+
+    Any edit to that code gives a new version; edits elsewhere do not.
+    """
+    h = hashlib.sha256()
+    for name in sorted(router.workflows):
+        wdef = router.workflows[name]
+        h.update(f"workflow {name}\0".encode())
+        h.update(_source(wdef.fn))
+        if wdef.spec is not None:  # a Saga: its map is the code (never an address)
+            h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(wdef.spec)).encode())
+    for name in sorted(router.steps):
+        h.update(f"step {name}\0".encode())
+        h.update(_source(router.steps[name].fn))
+    return h.hexdigest()[:12]
+
+
+def shape(value: Any) -> str:
+    """The structure of a JSON value: types and keys, not the values themselves."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list | tuple):
+        return "[" + "|".join(sorted({shape(v) for v in value})) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{shape(value[k])}" for k in sorted(value)) + "}"
+    return type(value).__name__
+
+
+def args_shape(args: Sequence[Any]) -> str:
+    """:func:`shape` of a call's argument list (a hash when long)."""
+    text = shape(list(args))
+    if len(text) <= _SHAPE_TEXT_MAX:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def patched(x: RunExecution, change_id: str) -> bool:
+    """``ctx.patched(change_id)``: see :meth:`WorkflowContext.patched`."""
+    if not isinstance(change_id, str) or not change_id or len(change_id) > 200:
+        raise ConfigurationError(
+            f"ctx.patched needs a change id of 1-200 characters, got {change_id!r}"
+        )
+    known = x.patches.get(change_id)
+    if known is not None:
+        return known
+    key = f"patch:{change_id}#1"
+    if key in x.history:
+        x.consumed.add(key)
+        answer = True
+    elif any(k not in x.consumed and e.kind not in (COMPENSATION, PATCH)
+             for k, e in x.history.items()):
+        # History holds calls this point has not replayed yet: the old code recorded
+        # them after passing here, so this run went the old way.
+        answer = False
+    else:
+        now = x.engine.clock.now()
+        entry = x.new_entry(key, PATCH, change_id, ENTRY_COMPLETED, result="true",
+                            started_at=now, ended_at=now)
+        x.pending.append(entry)  # committed with the run's next write, as ctx.now()
+        answer = True
+    x.patches[change_id] = answer
+    return answer
+
+
+VERSION = "version"  # the kind of the declaration a serving worker makes of its version
+
+
+async def declare_version(engine: Engine) -> None:
+    """Record, once, when this code version first served the app (its place in the
+    order of deploys: newer code may adopt older code's runs, never the reverse)."""
+    version = engine.version
+    if version is None:
+        return
+    if version not in await versions(engine.store, engine.app):
+        await engine.store.declare(engine.app, [Declaration(
+            VERSION, version, detail=codec.dumps({"first_served": engine.clock.now()})
+        )])
+
+
+async def versions(store: Store, app: str) -> dict[str, float]:
+    """``version -> when it first served`` for every version that served ``app``."""
+    out: dict[str, float] = {}
+    for d in await store.declarations(app):
+        if d.kind == VERSION:
+            info = codec.loads(d.detail) if d.detail else {}
+            out[d.name] = float(info.get("first_served", 0.0))
+    return out
+
+
+async def current_version(store: Store, app: str) -> str | None:
+    """The newest version that served ``app`` (``None`` if none did): the code an
+    operator's retry or fork from the command line continues with."""
+    known = await versions(store, app)
+    return max(known, key=lambda v: (known[v], v)) if known else None
+
+
+async def claim(
+    engine: Engine, workflows: Sequence[str], *, stale_before: float, limit: int
+) -> list[RunRecord]:
+    """Claim the runs this worker may execute (see the module docstring); owners silent
+    since before ``stale_before`` count as gone."""
+    store, app, me = engine.store, engine.app, engine.worker_id
+    stale = stale_before
+    if engine.any_version or engine.version is None:
+        return await store.claim_runs(app, me, workflows, stale_before=stale, limit=limit)
+    claimed = await store.claim_runs(
+        app, me, workflows, stale_before=stale, limit=limit, versions=[engine.version]
+    )
+    # Runs of older versions are looked for at most once a second or so: they are
+    # few (deploys are rare), and the hot claim path stays one statement.
+    now = time.monotonic()
+    if len(claimed) < limit and now - engine.foreign_checked_at >= max(
+        1.0, engine.poll_interval * 5
+    ):
+        engine.foreign_checked_at = now
+        ok = await _replayable(engine, workflows, stale, limit - len(claimed))
+        if ok:
+            claimed += await store.claim_runs(
+                app, me, workflows, stale_before=stale, limit=len(ok), run_ids=ok
+            )
+    return claimed
+
+
+async def _order(engine: Engine) -> dict[str, float]:
+    """:func:`versions`, read again at most every lease (deploys are rare)."""
+    now = time.monotonic()
+    cached = engine.version_order
+    if cached is None or now - cached[0] > engine.lease or engine.version not in cached[1]:
+        cached = engine.version_order = (now, await versions(engine.store, engine.app))
+    return cached[1]
+
+
+async def _replayable(
+    engine: Engine, workflows: Sequence[str], stale: float, limit: int
+) -> list[str]:
+    """Ids of claimable runs of other versions whose history this code replays."""
+    from .replaycheck import check_run
+
+    version = engine.version
+    assert version is not None
+    order = await _order(engine)
+    mine = order.get(version)
+    if mine is None:
+        return []
+    # Newer versions that have served keep their runs; a version that never served
+    # (a client's, whose workers are not deployed) has nobody else to take them.
+    newer = {v for v, t in order.items() if t >= mine}
+    found = await engine.store.foreign_runs(
+        engine.app, engine.worker_id, workflows, versions=sorted(newer), stale_before=stale,
+        limit=limit,
+    )
+    verdicts = engine.replay_verdicts
+    if len(verdicts) > 10_000:
+        verdicts.clear()
+    ok: list[str] = []
+    for run in found:
+        seen = verdicts.get(run.run_id)
+        if seen is not None and seen[0] == run.updated_at:
+            if seen[1]:
+                ok.append(run.run_id)
+            continue
+        wdef = engine.router.workflows.get(run.workflow)
+        problem = None if wdef is None else await check_run(engine, run, wdef)
+        good = wdef is not None and problem is None
+        verdicts[run.run_id] = (run.updated_at, good)
+        if good:
+            ok.append(run.run_id)
+        elif problem is not None:
+            log.warning(
+                "run %s of %s (version %s) is left for a worker of its version: this worker "
+                "(version %s) cannot replay it: %s", run.run_id, run.workflow, run.version,
+                version, problem.detail,
+            )
+    return ok

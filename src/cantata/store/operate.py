@@ -1,0 +1,110 @@
+"""What every backend shares for operating runs: the rules of retry and fork, their
+errors and their audit records (docs/operating.md).
+
+The backends (:mod:`cantata.store.sqlite_operate`, :mod:`cantata.store.postgres_operate`)
+read the rows, ask these functions what to do, and write the result in one
+transaction, so a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cantata.errors import RunInProgress, RunNotFound, RunNotRetryable, StepNotInHistory
+from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, ENTRY_FAILED, RunRecord
+from cantata.model.status import RunStatus
+from cantata.store import audit
+
+# (key, seq, kind, status) of one history row: all the rules need.
+Row = tuple[str, int, str, str]
+
+
+def check_retryable(
+    app: str, run_id: str, run: RunRecord | None, include_compensated: bool
+) -> RunRecord:
+    """The run, if a retry applies to it.
+
+    Raises:
+        RunNotFound, RunInProgress, RunNotRetryable: see :meth:`Store.retry_run`.
+    """
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in app {app!r}: check the id (`cantata runs`)")
+    if not run.status.is_final:
+        raise RunInProgress(
+            f"run {run_id} is still {run.status}: only a run that ended can be retried; wait "
+            "for it to end, or cancel it first"
+        )
+    allowed = {RunStatus.FAILED} | ({RunStatus.COMPENSATED} if include_compensated else set())
+    if run.status not in allowed:
+        hint = (
+            "; pass include_compensated=True (--include-compensated) to retry it anyway"
+            if run.status == RunStatus.COMPENSATED else ""
+        )
+        raise RunNotRetryable(
+            f"run {run_id} ended {run.status}: only failed runs can be retried{hint}"
+        )
+    return run
+
+
+def superseded_keys(rows: Sequence[Row]) -> list[str]:
+    """The entries a retry supersedes: the first failed one (not a compensation) and
+    every entry after it — the compensations the failure ran among them. With no failed
+    entry (the workflow's own code failed), the compensations after its last call: the
+    whole history replays. Compensations the workflow ran itself before that point
+    (``ctx.compensate``) stay done."""
+    failed = [seq for _, seq, kind, status in rows
+              if status == ENTRY_FAILED and kind != COMPENSATION]
+    calls = [seq for _, seq, kind, _ in rows if kind != COMPENSATION]
+    cut = min(failed) if failed else (max(calls) + 1 if calls else 0)
+    return [key for key, seq, _, _ in rows if seq >= cut]
+
+
+def check_fork(
+    app: str, source_run_id: str, source: RunRecord | None, rows: Sequence[Row], before_key: str
+) -> list[str]:
+    """The keys a fork copies (entries before ``before_key`` that ended).
+
+    Raises:
+        RunNotFound, RunInProgress, StepNotInHistory: see :meth:`Store.fork_run`.
+    """
+    if source is None:
+        raise RunNotFound(
+            f"no run {source_run_id!r} in app {app!r}: check the id (`cantata runs`)"
+        )
+    if not source.status.is_final:
+        raise RunInProgress(
+            f"run {source_run_id} is still {source.status}: fork a run once it has ended "
+            "(or cancel it first)"
+        )
+    by_key = {key: (seq, kind) for key, seq, kind, _ in rows if kind != COMPENSATION}
+    if before_key not in by_key:
+        known = ", ".join(k for k, _, kind, _ in rows if kind != COMPENSATION) or "none"
+        raise StepNotInHistory(
+            f"run {source_run_id} never reached {before_key!r}: fork from one of the calls "
+            f"in its history ({known})"
+        )
+    cut = by_key[before_key][0]
+    return [key for key, seq, kind, status in rows
+            if seq < cut and kind != COMPENSATION and status in (ENTRY_COMPLETED, ENTRY_FAILED)]
+
+
+def retry_entry(
+    run_id: str, actor: str, old_status: str, epoch: int, keys: Sequence[str],
+    version: str | None,
+) -> audit.Entry:
+    data: dict[str, Any] = {"from_status": old_status, "epoch": epoch,
+                            "superseded": list(keys)}
+    if version is not None:
+        data["version"] = version
+    return actor, "run.retried", run_id, data
+
+
+def fork_entry(run_id: str, actor: str, source_run_id: str, before_key: str) -> audit.Entry:
+    return actor, "run.forked", run_id, {"from_run": source_run_id, "from_step": before_key}
+
+
+def discard_entry(group: str, event_id: str, dead_letter_id: str, actor: str) -> audit.Entry:
+    return actor, "dead_letter.discarded", f"{group}:{event_id}", {
+        "dead_letter_id": dead_letter_id
+    }

@@ -1,0 +1,235 @@
+"""The CLI of operating runs: ids by prefix or key, --attr, --json, the store's only
+app, retry, fork, dead letters discarded or replayed in bulk, folded ids."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata.cli import common
+from cantata.cli.main import main
+
+APP = """
+import os
+from pathlib import Path
+import cantata
+
+app = cantata.App("shop", lease=1.0, poll_interval=0.05)
+
+@app.step(retry=cantata.Retry(max_attempts=1))
+async def reserve(order: dict) -> str:
+    return "r"
+
+@app.step(retry=cantata.Retry(max_attempts=1))
+async def charge(order: dict) -> int:
+    if not Path("fixed").exists():
+        raise KeyError("total")
+    return order["total"]
+
+@app.workflow
+async def order(ctx, order: dict) -> int:
+    ctx.set_attributes(customer_id=order["customer"])
+    await ctx.run(reserve, order)
+    return await ctx.run(charge, order)
+
+@app.on("order.placed", group="mailer", retry=cantata.Retry(max_attempts=1))
+async def mail(event) -> None:
+    if not Path("fixed").exists():
+        raise ValueError("no template")
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("CANTATA_APP", raising=False)
+    monkeypatch.setenv("CANTATA_STORE", f"sqlite:///{tmp_path}/c.db")
+    monkeypatch.setattr(common.console, "_width", 200)
+    (tmp_path / "shopmod.py").write_text(textwrap.dedent(APP))
+    yield tmp_path
+    sys.modules.pop("shopmod", None)
+
+
+async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = await asyncio.get_running_loop().run_in_executor(None, main, list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def shop() -> Any:
+    import importlib
+
+    return importlib.import_module("shopmod").app
+
+
+async def failed_runs(n: int) -> list[str]:
+    app = shop()
+    ids = []
+    async with app:
+        for i in range(n):
+            h = await app.start("order", {"customer": 40 + i, "total": i},
+                                idempotency_key=f"order-{i}")
+            with pytest.raises(Exception, match="KeyError"):
+                await h.result(timeout=10)
+            ids.append(h.run_id)
+    return ids
+
+
+async def test_runs_by_attribute_and_key_as_json_without_app(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await failed_runs(2)
+    code, out, err = await cli(capsys, "runs", "--attr", "customer_id=41", "--json")
+    assert code == 0, err
+    [run] = json.loads(out)
+    assert (run["run_id"], run["idempotency_key"], run["status"]) == (ids[1], "order-1",
+                                                                      "failed")
+    assert run["attributes"] == {"customer_id": "41"} and run["created_at"].endswith("Z")
+    code, out, _ = await cli(capsys, "runs", "--key", "order-0", "--json")
+    assert [r["run_id"] for r in json.loads(out)] == [ids[0]]
+    code, out, _ = await cli(capsys, "run", "--key", "order-0", "--json")
+    detail = json.loads(out)
+    assert detail["run_id"] == ids[0]
+    assert [s["key"] for s in detail["steps"]] == ["set_attributes#1", "reserve#1", "charge#1"]
+    for bad, message in (("customer_id", "--attr 'customer_id' is malformed: use NAME=VALUE"),
+                         ("tier=gold", "no run of app 'shop' has set attribute 'tier'")):
+        code, out, err = await cli(capsys, "runs", "--attr", bad)
+        assert code == 1 and out == ""
+        assert err.startswith(f"cantata: error: {message}") and err.count("\n") == 1
+
+
+async def test_run_ids_by_prefix_ambiguous_prefixes_list_the_candidates(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await failed_runs(2)
+    code, out, err = await cli(capsys, "run", ids[0][:-3])
+    assert code == 0, err and ids[0] in out
+    common_prefix = ""
+    for a, b in zip(*ids, strict=True):
+        if a != b:
+            break
+        common_prefix += a
+    code, out, err = await cli(capsys, "run", common_prefix)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert f"id prefix {common_prefix!r} matches 2 runs of app 'shop'" in err
+    assert ids[0] in err and ids[1] in err
+    code, _, err = await cli(capsys, "cancel", "zzz")
+    assert code == 1 and "no run 'zzz' in app 'shop'" in err
+    code, out, err = await cli(capsys, "trace", "--key", "order-1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["ref"] == ids[1]
+
+
+async def test_retry_and_fork_from_the_cli(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id, _ = await failed_runs(2)
+    code, _, err = await cli(capsys, "fork", run_id, "--from-step", "ship#1")
+    assert code == 1 and "never reached 'ship#1'" in err and err.count("\n") == 1
+    (project / "fixed").write_text("")  # the fix is deployed
+    code, out, err = await cli(capsys, "retry", run_id[:-2])
+    assert code == 0, err
+    assert f"run {run_id} (order) is pending again (retry 1)" in out
+    code, _, err = await cli(capsys, "fork", run_id, "--from-step", "charge#1")
+    assert code == 1 and f"run {run_id} is still pending" in err  # retried: live again
+    code, out, err = await cli(capsys, "fork", "--key", "order-1", "--from-step", "charge#1")
+    assert code == 0, err
+    fork_id = out.strip()
+    app = shop()
+    async with app:
+        assert await app.get_handle(run_id).result(timeout=10) == 0
+        assert await app.get_handle(fork_id).result(timeout=10) == 1
+    code, out, err = await cli(capsys, "retry", run_id)
+    assert code == 1 and "ended completed: only failed runs can be retried" in err
+    code, out, _ = await cli(capsys, "run", run_id)
+    assert "superseded by retry 1" in out and "retried 1 time(s)" in out
+    code, out, _ = await cli(capsys, "audit", "verify")
+    assert code == 0 and "chain intact" in out
+
+
+async def test_dead_letters_discarded_and_replayed_in_bulk(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = shop()
+    async with app:
+        for i in range(3):
+            await app.publish("order.placed", {"n": i})
+
+        async def dead() -> bool:
+            return len(await app.dead_letters()) == 3
+
+        from tests.engine.helpers import eventually
+
+        await eventually(dead, timeout=20)
+        letters = await app.dead_letters()
+    code, out, err = await cli(capsys, "dlq", "list", "--json")
+    assert code == 0, err
+    assert sorted(d["id"] for d in json.loads(out)) == sorted(d.id for d in letters)
+    code, out, err = await cli(capsys, "dlq", "discard", letters[0].id)
+    assert code == 0 and "discarded" in out, err
+    code, _, err = await cli(capsys, "dlq", "discard", letters[0].id)
+    assert code == 1 and "no dead letter" in err
+    code, _, err = await cli(capsys, "dlq", "replay")
+    assert code == 1 and "either a dead letter ID or --all" in err
+    code, out, err = await cli(capsys, "dlq", "replay", "--all", "--group", "nobody")
+    assert code == 0 and "redelivering 0" in out
+    (project / "fixed").write_text("")
+    code, out, err = await cli(capsys, "dlq", "replay", "--all", "--type", "order.placed")
+    assert code == 0 and "redelivering 2 dead letter(s)" in out, err
+    async with app:
+        async def none_left() -> bool:
+            return not await app.dead_letters()
+
+        await eventually(none_left, timeout=20)
+        actions = [r.action for r in await app.store.audit_records(app.name)]
+    assert actions.count("dead_letter.discarded") == 1
+    assert actions.count("dead_letter.replayed") == 2
+
+
+async def test_ids_fold_instead_of_being_cut_at_80_columns(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = await failed_runs(1)
+    monkeypatch.setattr(common.console, "_width", 80)
+    code, out, _ = await cli(capsys, "runs")
+    assert code == 0 and "…" not in out
+    assert ids[0] in re.sub(r"[\s│┃|]", "", out)
+    code, out, _ = await cli(capsys, "runs", "--app", "nope")
+    assert code == 0  # an app with no runs is an empty list, not an error
+
+
+async def test_the_app_must_be_named_when_the_store_holds_several(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await failed_runs(1)
+    import cantata
+
+    other = cantata.App("other", store=f"sqlite:///{project}/c.db")
+
+    @other.workflow
+    async def w(ctx: Any) -> None: ...
+
+    async with other:
+        await (await other.start(w)).result(timeout=5)
+    code, out, err = await cli(capsys, "runs")
+    assert code == 1 and "holds apps other, shop: pass --app NAME" in err
+    code, out, err = await cli(capsys, "runs", "--app", "other", "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+
+
+async def test_check_replay_as_json(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    await failed_runs(1)
+    code, out, err = await cli(capsys, "check-replay", "shopmod:app", "--all", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["problems"] == [] and report["app"] == "shop"
+    assert report["versions"] == {report["version"]: {"checked": 1, "broken": 0}}

@@ -1,0 +1,280 @@
+"""Versions and patches: old and new runs in flight both finish under new code."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata import App, RunStatus, WorkflowContext, WorkflowFailed
+from tests.engine.helpers import eventually, make_app
+
+
+def shop(url: str, calls: Counter[str], *, patched: bool, **kw: Any) -> App:
+    """v1: reserve, wait for payment, ship. v2 adds a fraud check behind a patch."""
+    app = make_app(url, **kw)
+
+    @app.step
+    async def reserve(order_id: int) -> str:
+        calls[f"reserve:{order_id}"] += 1
+        return "reserved"
+
+    @app.step
+    async def fraud_check(order_id: int) -> bool:
+        calls[f"fraud:{order_id}"] += 1
+        return True
+
+    @app.step
+    async def ship(order_id: int) -> str:
+        calls[f"ship:{order_id}"] += 1
+        return "shipped"
+
+    if patched:
+        @app.workflow
+        async def order(ctx: WorkflowContext, order_id: int) -> list[str]:
+            out = [await ctx.run(reserve, order_id)]
+            if ctx.patched("fraud-check"):
+                out.append(f"checked={await ctx.run(fraud_check, order_id)}")
+            await ctx.wait_for_event("paid", match={"order_id": order_id})
+            out.append(await ctx.run(ship, order_id))
+            return out
+    else:
+        @app.workflow
+        async def order(ctx: WorkflowContext, order_id: int) -> list[str]:
+            out = [await ctx.run(reserve, order_id)]
+            await ctx.wait_for_event("paid", match={"order_id": order_id})
+            out.append(await ctx.run(ship, order_id))
+            return out
+
+    return app
+
+
+async def _waiting(app: App, run_id: str) -> bool:
+    return any(e.kind == "wait" for e in await app.store.load_history(app.name, run_id))
+
+
+async def test_patched_old_and_new_runs_in_flight_both_finish(shared_url: str) -> None:
+    calls: Counter[str] = Counter()
+    old = shop(shared_url, calls, patched=False)
+    async with old:  # the old code parks a run at its wait, then is replaced
+        first = await old.start("order", 1)
+        await eventually(lambda: _waiting(old, first.run_id), timeout=10)
+    new = shop(shared_url, calls, patched=True)
+    assert new.version != old.version
+    async with new:
+        second = await new.start("order", 2)
+        await eventually(lambda: _waiting(new, second.run_id), timeout=10)
+        await new.publish("paid", {"order_id": 1})
+        await new.publish("paid", {"order_id": 2})
+        assert await new.get_handle(first.run_id).result(timeout=10) == [
+            "reserved", "shipped"  # recorded before the patch: the old path
+        ]
+        assert await second.result(timeout=10) == ["reserved", "checked=True", "shipped"]
+        assert calls == Counter({"reserve:1": 1, "ship:1": 1, "reserve:2": 1, "fraud:2": 1,
+                                 "ship:2": 1})
+        first_run, second_run = await new.get_handle(first.run_id).info(), await second.info()
+        assert (first_run.version, second_run.version) == (old.version, new.version)
+        keys = [e.key for e in await new.store.load_history(new.name, second.run_id)]
+        assert "patch:fraud-check#1" in keys
+        # replayed again (as after a crash), each run keeps its answer
+        from cantata.engine.replaycheck import check_replay
+
+        assert await check_replay(new, all_runs=True) == []
+
+
+async def test_a_patch_reached_after_the_old_frontier_is_taken(sqlite_url: str) -> None:
+    """A run parked before the patch point takes the new path when it gets there."""
+    calls: Counter[str] = Counter()
+    old = make_app(sqlite_url)
+
+    @old.workflow(name="flow")
+    async def v1(ctx: WorkflowContext) -> str:
+        await ctx.wait_for_event("go")
+        return "old"
+
+    async with old:
+        h = await old.start("flow")
+        await eventually(lambda: _waiting(old, h.run_id))
+    new = make_app(sqlite_url)
+
+    @new.workflow(name="flow")
+    async def v2(ctx: WorkflowContext) -> str:
+        await ctx.wait_for_event("go")
+        calls["after"] += 1
+        return "new" if ctx.patched("after-wait") else "old"
+
+    async with new:
+        await new.publish("go", {})
+        assert await new.get_handle(h.run_id).result(timeout=10) == "new"
+
+
+async def test_a_worker_leaves_runs_it_cannot_replay_unless_told(sqlite_url: str) -> None:
+    calls: Counter[str] = Counter()
+    old = shop(sqlite_url, calls, patched=False)
+    async with old:
+        h = await old.start("order", 1)
+        await eventually(lambda: _waiting(old, h.run_id), timeout=10)
+
+    # New code that inserts a step without a patch: it cannot replay the old run.
+    new = make_app(sqlite_url)
+
+    @new.step(name="reserve")
+    async def reserve(order_id: int) -> str:
+        return "reserved"
+
+    @new.step
+    async def fraud_check(order_id: int) -> bool:
+        return True
+
+    @new.workflow(name="order")
+    async def order(ctx: WorkflowContext, order_id: int) -> str:
+        await ctx.run(fraud_check, order_id)
+        await ctx.run(reserve, order_id)
+        await ctx.wait_for_event("paid")
+        return "done"
+
+    async with new:
+        fresh = await new.start("order", 2)  # its own version: taken
+        await eventually(lambda: _waiting(new, fresh.run_id), timeout=10)
+        await eventually(lambda: _verdict(new, h.run_id), timeout=10)
+        run = await new.get_handle(h.run_id).info()
+        assert (run.status, run.owner, run.version) == (RunStatus.RUNNING, None, old.version)
+    forced = make_app(sqlite_url, any_version=True)
+    forced.include(new)
+    async with forced:
+        with pytest.raises(WorkflowFailed, match="NonDeterminismError"):
+            await forced.get_handle(h.run_id).result(timeout=10)
+
+
+def _verdict(app: App, run_id: str) -> bool:
+    seen = app.engine.replay_verdicts.get(run_id)
+    return seen is not None and seen[1] is False
+
+
+async def test_versions_are_recorded_on_runs(sqlite_url: str) -> None:
+    app = make_app(sqlite_url, version="2026-12-01.1")
+
+    @app.workflow
+    async def noop(ctx: WorkflowContext) -> int:
+        return 1
+
+    async with app:
+        h = await app.start(noop)
+        await h.result(timeout=5)
+        assert (await h.info()).version == "2026-12-01.1"
+        [info] = await app.find_runs()
+        assert info.version == "2026-12-01.1"
+    same, other = make_app(sqlite_url), make_app(sqlite_url)
+    same.include(app)
+    other.include(app)
+    assert same.version == other.version and len(same.version) == 12  # a hash of the code
+
+    @other.step
+    async def extra() -> None: ...
+
+    assert other.version != same.version
+
+
+V1 = """
+import cantata
+app = cantata.App("shop", lease=1.0, poll_interval=0.05)
+
+@app.step
+async def reserve(order_id: int) -> str:
+    return "reserved"
+
+@app.step
+async def fraud_check(order_id: int) -> bool:
+    return True
+
+@app.step
+async def ship(order_id: int) -> str:
+    return "shipped"
+
+@app.workflow
+async def order(ctx, order_id: int) -> list:
+    out = [await ctx.run(reserve, order_id)]
+    PATCH
+    await ctx.wait_for_event("paid", match={"order_id": order_id})
+    out.append(await ctx.run(ship, order_id))
+    return out
+"""
+PATCHED = """if ctx.patched("fraud-check"):
+        out.append(f"checked={await ctx.run(fraud_check, order_id)}")"""
+
+
+def _worker(spec: str, url: str, folder: Path) -> subprocess.Popen[bytes]:
+    """``cantata worker SPEC`` in its own process (it inherits PYTHONPATH)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cantata", "worker", spec, "--store", url],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.slow
+async def test_old_worker_process_parks_runs_and_new_code_finishes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    (tmp_path / "shop_v1.py").write_text(V1.replace("PATCH", "pass"))
+    (tmp_path / "shop_v2.py").write_text(V1.replace("PATCH", PATCHED))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = f"sqlite:///{tmp_path}/shop.db"
+    old = _worker("shop_v1:app", url, tmp_path)
+    try:
+        v1 = importlib.import_module("shop_v1").app
+        v1.configure(store=url)
+        async with v1.client():  # the old service starts orders; its worker parks them
+            handles = [await v1.start("order", i) for i in (1, 2)]
+            for h in handles:
+                await eventually(lambda h=h: _waiting(v1, h.run_id), timeout=30)
+    finally:
+        old.terminate()
+        _, err = old.communicate(timeout=20)
+        assert old.returncode == 0, err.decode()
+    v2 = importlib.import_module("shop_v2").app
+    v2.configure(store=url)
+    try:
+        async with v2:  # the new code: old runs in flight, and a new one
+            new = await v2.start("order", 3)
+            await eventually(lambda: _waiting(v2, new.run_id), timeout=10)
+            for i in (1, 2, 3):
+                await v2.publish("paid", {"order_id": i})
+            for h in handles:
+                assert await v2.get_handle(h.run_id).result(timeout=10) == [
+                    "reserved", "shipped"
+                ]
+            assert await new.result(timeout=10) == ["reserved", "checked=True", "shipped"]
+    finally:
+        sys.modules.pop("shop_v1", None)
+        sys.modules.pop("shop_v2", None)
+
+
+async def test_runs_of_a_served_newer_version_stay_with_it(sqlite_url: str) -> None:
+    calls: Counter[str] = Counter()
+    old = shop(sqlite_url, calls, patched=False, version="v1")
+    new = shop(sqlite_url, calls, patched=True, version="v2")
+    async with old:  # v1 serves first
+        pass
+    client = shop(sqlite_url, calls, patched=True, version="v3-client")
+    async with client.client():  # a version that never served: any worker may replay it
+        by_client = await client.start("order", 9)
+    async with old:
+        await eventually(lambda: _waiting(old, by_client.run_id), timeout=10)
+        async with new:  # v2 serves after v1: its runs are not v1's to take
+            h = await new.start("order", 1)
+            await eventually(lambda: _waiting(new, h.run_id), timeout=10)
+        old.engine.foreign_checked_at = -1e9
+        await old.publish("paid", {"order_id": 9})
+        assert await old.get_handle(by_client.run_id).result(timeout=10) == [
+            "reserved", "shipped"
+        ]
+        await asyncio.sleep(0.5)  # v1 looks for runs it may take: not v2's
+        run = await old.get_handle(h.run_id).info()
+        assert (run.owner, run.version, run.status) == (None, "v2", RunStatus.RUNNING)
