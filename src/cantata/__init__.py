@@ -1,10 +1,12 @@
 """Cantata: orchestration and choreography for Python services on one durable log."""
 
 from cantata.app import App
+from cantata.broker.base import Broker
 from cantata.choreography.context import HandlerContext
 from cantata.engine.context import WorkflowContext
 from cantata.engine.handle import RunHandle
 from cantata.engine.heartbeat import heartbeat
+from cantata.engine.hooks import Hook
 from cantata.engine.http import http_step
 from cantata.engine.queries import RunState
 from cantata.engine.registry import Router
@@ -65,6 +67,7 @@ from cantata.model.retry import Retry
 from cantata.model.status import RunStatus
 from cantata.observability.node import TraceNode, TraceNotFound
 from cantata.observability.stalled import Stall
+from cantata.store.base import Store
 from cantata.store.tx import Tx
 
 __version__ = "0.1.0"
@@ -72,6 +75,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmbiguousRunId",
     "App",
+    "Broker",
     "BrokerError",
     "Cancelled",
     "CantataError",
@@ -84,6 +88,7 @@ __all__ = [
     "EventsRefused",
     "HandlerContext",
     "HeartbeatTimeout",
+    "Hook",
     "HttpStepError",
     "HttpStepRejected",
     "IdempotencyConflict",
@@ -116,6 +121,7 @@ __all__ = [
     "StepInfo",
     "StepNotInHistory",
     "StepTimeout",
+    "Store",
     "StoreCorrupt",
     "StoreError",
     "StoreFull",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+from cantata import plugins
 from cantata.broker.base import Broker
 from cantata.errors import ConfigurationError
 from cantata.store.factory import mask_url
@@ -50,4 +51,14 @@ def broker_from_url(url: str) -> Broker:
                 f"broker URL {mask_url(url)!r}: prefix is empty; use ?prefix=NAME"
             )
         return NatsBroker(base, replicas=replicas, prefix=prefix)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    made = plugins.factory(plugins.BROKERS, scheme) if scheme else None
+    if made is not None:
+        broker = made(url)
+        if not isinstance(broker, Broker):
+            raise ConfigurationError(
+                f"the backend for {mask_url(url)!r} made a {type(broker).__name__}, which is "
+                "not a cantata.Broker: check its package"
+            )
+        return broker
     raise ConfigurationError(f"unknown broker URL {mask_url(url)!r}: {_FORMS}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from cantata import plugins
 from cantata.errors import ConfigurationError
 from cantata.model import secrets
 from cantata.store.base import Store
@@ -74,7 +76,21 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
                 f"the PostgreSQL store needs asyncpg ({exc}): pip install 'cantata[postgres]'"
             ) from None
         return PostgresStore(url)
+    made = plugins.factory(plugins.STORES, scheme)
+    if made is not None:
+        store: Store = _checked(made(url), Store, url)
+        return store
+    others = "".join(f", {s}://…" for s in plugins.schemes(plugins.STORES))
     raise ConfigurationError(
         f"unknown store URL scheme {scheme!r} in {mask_url(url)!r}: use sqlite:///file.db, "
-        "memory:// or postgresql://…"
+        f"memory:// or postgresql://…{others} (or install the package of that backend)"
     )
+
+
+def _checked(made: object, protocol: type, url: str) -> Any:
+    if not isinstance(made, protocol):
+        raise ConfigurationError(
+            f"the backend for {mask_url(url)!r} made a {type(made).__name__}, which is not "
+            f"a cantata.{protocol.__name__}: check its package"
+        )
+    return made
