@@ -175,8 +175,11 @@ async def test_trace_where_and_stalled(shop: Shop) -> None:
     waiting = await start(shop, "await_approval", {"id": "T-2"})
 
     async def stalled() -> bool:
+        # older_than=0: the run is stalled from the start, first on its step (pending_step)
+        # then on its wait; what is checked here is the wait
         found = (await shop.get("/api/stalled", params={"older_than": 0})).json()
-        return any(s["correlation_id"] == waiting for s in found)
+        return any(s["correlation_id"] == waiting and s["reason"] == "waiting_event"
+                   for s in found)
 
     await eventually(stalled)
     found = (await shop.get("/api/stalled", params={"older_than": 0})).json()
