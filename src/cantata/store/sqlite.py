@@ -50,6 +50,7 @@ from cantata.store.base import (
     TraceRecords,
 )
 from cantata.store.faults import sqlite_fault
+from cantata.store.sqlite_flow import SQLiteFlow
 from cantata.store.sqlite_open import connect
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
@@ -58,6 +59,7 @@ from cantata.store.sqlite_ops import (
     LIVE_SQL,
     RUN_COLS,
     TASK_COLS,
+    WAITING_IN_QUEUE,
     dead_letter_row,
     entry_row,
     event_row,
@@ -79,7 +81,7 @@ def _channels(write: RunWrite | None) -> tuple[str, ...]:
     return tuple(channels)
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteFlow):
     """A :class:`~cantata.store.base.Store` on one SQLite file (or in memory).
 
     Args:
@@ -306,7 +308,7 @@ class SQLiteStore:
                 f"  ON w.app=r.app AND w.worker_id=r.owner"
                 f" WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
-                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))){extra}"
+                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
                 f" ORDER BY r.created_at LIMIT ?) RETURNING {RUN_COLS}",
                 (worker_id, app, app, *workflows, worker_id, stale_before, *more, limit),
             ).fetchall()
