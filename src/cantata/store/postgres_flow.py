@@ -175,7 +175,8 @@ class PostgresFlow:
                     "AND began_at > $3 ORDER BY began_at", app, queue, now - spec.rate.window,
                 ):
                     begins.setdefault(r[0], []).append(r[1])
-            order = "q.priority, q.seq" if spec.priorities else "q.seq"
+            order = ("q.priority, q.seq, q.run_id COLLATE \"C\"" if spec.priorities
+                     else "q.seq, q.run_id COLLATE \"C\"")
             candidates = await c.fetch(
                 f"SELECT q.run_id, q.partition_key {_WAITING} AND r.workflow = ANY($3::text[]) "
                 f"ORDER BY {order} LIMIT 1000", app, queue, workflows,
@@ -232,11 +233,12 @@ class PostgresFlow:
             if row is None:
                 return None
             queue, part, prio, seq, priorities = row
-            before = ("(q.priority < $4 OR (q.priority = $4 AND q.seq < $5))" if priorities
-                      else "q.seq < $5 AND $4::bigint IS NOT NULL")
+            older = '(q.seq < $5 OR (q.seq = $5 AND q.run_id COLLATE "C" < $6))'
+            before = (f"(q.priority < $4 OR (q.priority = $4 AND {older}))" if priorities
+                      else f"{older} AND $4::bigint IS NOT NULL")
             ahead = await c.fetchval(
                 f"SELECT count(*) {_WAITING} AND q.partition_key=$3 AND {before}",
-                app, queue, part, prio, seq,
+                app, queue, part, prio, seq, run_id,
             )
         return QueuePosition(queue, ahead, part)
 

@@ -194,7 +194,7 @@ class SQLiteFlow:
                     "AND began_at > ? ORDER BY began_at", (app, queue, now - spec.rate.window),
                 ):
                     begins.setdefault(part, []).append(at)
-            order = "q.priority, q.seq" if spec.priorities else "q.seq"
+            order = "q.priority, q.seq, q.run_id" if spec.priorities else "q.seq, q.run_id"
             candidates = c.execute(
                 f"SELECT q.run_id, q.partition_key {_WAITING} AND r.workflow IN ({marks}) "
                 f"ORDER BY {order} LIMIT 1000", (app, queue, *workflows),
@@ -252,9 +252,11 @@ class SQLiteFlow:
             if row is None:
                 return None
             queue, part, prio, seq, priorities = row
+            older = "(q.seq < ? OR (q.seq = ? AND q.run_id < ?))"
             before: tuple[str, tuple[object, ...]] = (
-                ("(q.priority < ? OR (q.priority = ? AND q.seq < ?))", (prio, prio, seq))
-                if priorities else ("q.seq < ?", (seq,))
+                (f"(q.priority < ? OR (q.priority = ? AND {older}))",
+                 (prio, prio, seq, seq, run_id))
+                if priorities else (older, (seq, seq, run_id))
             )
             ahead = c.execute(
                 f"SELECT count(*) {_WAITING} AND q.partition_key=? AND {before[0]}",
