@@ -96,8 +96,8 @@ class FlowStore(Protocol):
     ) -> SlotGrant:
         """Take a slot of ``scope`` for ``holder`` if ``concurrency`` and ``rate`` allow.
 
-        Slots of workers whose heartbeat is older than ``stale_before`` (or that
-        are gone) are freed first. A holder that already has a slot keeps it
+        Slots of other workers whose heartbeat is older than ``stale_before`` (or
+        that are gone) are freed first. A holder that already has a slot keeps it
         (granted again, nothing counted twice). A grant records a begin for the rate.
         """
 

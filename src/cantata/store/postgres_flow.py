@@ -259,9 +259,10 @@ class PostgresFlow:
         async with self._db.tx() as c:
             await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"slot:{app}:{scope}")
             await c.execute(
-                "DELETE FROM flow_slots s WHERE s.app=$1 AND s.scope=$2 AND NOT EXISTS "
-                "(SELECT 1 FROM workers w WHERE w.app=s.app AND w.worker_id=s.worker_id "
-                "AND w.heartbeat_at>=$3)", app, scope, stale_before,
+                "DELETE FROM flow_slots s WHERE s.app=$1 AND s.scope=$2 AND s.worker_id<>$4 "
+                "AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=s.app AND "
+                "w.worker_id=s.worker_id AND w.heartbeat_at>=$3)",
+                app, scope, stale_before, worker_id,
             )
             if await c.fetchval(
                 "UPDATE flow_slots SET worker_id=$4 WHERE app=$1 AND scope=$2 AND holder=$3 "

@@ -282,9 +282,9 @@ class SQLiteFlow:
     ) -> SlotGrant:
         def op(c: sqlite3.Connection) -> SlotGrant:
             c.execute(
-                "DELETE FROM flow_slots WHERE app=? AND scope=? AND worker_id NOT IN "
-                "(SELECT worker_id FROM workers WHERE app=? AND heartbeat_at>=?)",
-                (app, scope, app, stale_before),
+                "DELETE FROM flow_slots WHERE app=? AND scope=? AND worker_id<>? AND worker_id "
+                "NOT IN (SELECT worker_id FROM workers WHERE app=? AND heartbeat_at>=?)",
+                (app, scope, worker_id, app, stale_before),
             )
             if c.execute(
                 "SELECT 1 FROM flow_slots WHERE app=? AND scope=? AND holder=?",
