@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 
@@ -24,3 +25,30 @@ def max_in_window(begins: Sequence[float], per: float) -> int:
             j += 1
         best = max(best, i - j + 1)
     return best
+
+
+class ManualClock:
+    """A clock that moves only when the test calls :meth:`advance` (sleeps wait for it)."""
+
+    def __init__(self, start: float) -> None:
+        self._now = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self._now + seconds, fut))
+        await fut
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+        due = [s for s in self._sleepers if s[0] <= self._now]
+        self._sleepers = [s for s in self._sleepers if s[0] > self._now]
+        for _, fut in due:
+            if not fut.done():
+                fut.set_result(None)
