@@ -75,7 +75,7 @@ def _bind(router: Router, wdef: WorkflowDef, name: str | None,
         raise RegistrationError(f"two schedules are named {spec.name!r}: give one name=...")
     router.schedule_specs[spec.name] = spec
     params = wdef.sig.params
-    if params and params[0] is inspect.Parameter.empty:
+    if params and params[0] in (inspect.Parameter.empty, Any, object, "object", "Any"):
         # The tick arrives as JSON text; an unannotated parameter still gets a datetime.
         sig = dataclasses.replace(wdef.sig, params=(dt.datetime, *params[1:]))
         wdef = dataclasses.replace(wdef, sig=sig)
