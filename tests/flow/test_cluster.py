@@ -211,7 +211,7 @@ async def test_each_tick_runs_once_with_three_workers(cluster_factory: object) -
     assert seconds == list(range(seconds[0], seconds[-1] + 1))  # none left out
 
 
-@pytest.mark.parametrize("catch_up", ["skip", "last", "all"])
+@pytest.mark.parametrize("catch_up", ["skip", "all"])  # "last": tests/flow/test_schedules.py
 async def test_missed_ticks_after_a_stop(cluster_factory: object, catch_up: str) -> None:
     cluster: Cluster = cluster_factory(catch_up)  # type: ignore[operator]
     cluster.start(2)
