@@ -81,7 +81,8 @@ async def test_priorities_lower_first_then_oldest() -> None:
     app, _, order = queue_app(hold=True, concurrency=1, priorities=True)
     async with environment(app):
         first = await app.start("job", 0)  # begins at once and holds the slot
-        await asyncio.sleep(0.05)
+        while not order:
+            await asyncio.sleep(0.01)
         handles = [await app.start("job", i, queue="q", priority=p)
                    for i, p in ((1, 5), (2, 1), (3, 5), (4, 0))]
         app.gate.set()  # type: ignore[attr-defined]
@@ -102,10 +103,11 @@ async def test_partitions_apply_limits_per_key() -> None:
 
 
 async def test_waiting_run_is_pending_and_trace_and_stalled_say_queued() -> None:
-    app, _, _ = queue_app(hold=True, concurrency=1)
+    app, _, order = queue_app(hold=True, concurrency=1)
     async with environment(app):
         first = await app.start("job", 0)
-        await asyncio.sleep(0.05)
+        while not order:  # job 0 began and holds the one slot
+            await asyncio.sleep(0.01)
         second = await app.start("job", 1)
         third = await app.start("job", 2)
         assert await third.status() == RunStatus.PENDING
@@ -125,7 +127,8 @@ async def test_cancelling_a_waiting_run_ends_it() -> None:
     app, _, order = queue_app(hold=True, concurrency=1)
     async with environment(app):
         first = await app.start("job", 0)
-        await asyncio.sleep(0.05)
+        while not order:
+            await asyncio.sleep(0.01)
         waiting = await app.start("job", 1)
         await waiting.cancel()
         app.gate.set()  # type: ignore[attr-defined]

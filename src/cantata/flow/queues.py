@@ -138,7 +138,7 @@ class QueueLoop:
                     limit=CLAIM_LIMIT,
                 )
                 for run in claim.runs:
-                    engine.launch(run)
+                    engine.launch(run, fresh=True)  # it never began: no history to load
                 if claim.retry_at is not None:
                     retry_at = claim.retry_at if retry_at is None else min(retry_at,
                                                                            claim.retry_at)

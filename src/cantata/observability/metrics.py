@@ -120,9 +120,9 @@ class PrometheusHook(Hook):
         counts: dict[str, int] = {}
         for stall in await app.stalled(older_than=stalled_after):
             counts[stall.reason] = counts.get(stall.reason, 0) + 1
-        from cantata.observability.stalled import REASONS
+        from cantata.observability.stalled import QUEUED, REASONS
 
-        for reason in REASONS:
+        for reason in (*REASONS, QUEUED):
             self.stalled.labels(app.name, reason).set(counts.get(reason, 0))
         lag = len(await app.store.unpublished_events(app.name, limit=100_000))
         broker = app._broker

@@ -39,12 +39,13 @@ from .node import (
 )
 
 PENDING_STEP = "pending_step"
-QUEUED = "queued"  # a run waiting in a queue (node.detail: which, behind how many)
+QUEUED = "queued"  # a run waiting in a queue (node.detail: which, behind how many);
+# not in REASONS, which are the stalls of every app (a queue is declared by some)
 WAITING_EVENT = "waiting_event"
 DEAD_LETTERED = "dead_letter"
 UNHANDLED_EVENT = "unhandled_event"
 COMPENSATION_FAILED = "compensation_failed"
-REASONS = (QUEUED, PENDING_STEP, WAITING_EVENT, DEAD_LETTERED, UNHANDLED_EVENT, COMPENSATION_FAILED)
+REASONS = (PENDING_STEP, WAITING_EVENT, DEAD_LETTERED, UNHANDLED_EVENT, COMPENSATION_FAILED)
 
 _LIVE_RUN = frozenset({"pending", "running", "compensating"})
 

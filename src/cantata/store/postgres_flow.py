@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cantata.errors import IdempotencyConflict, QueueConflict
+from cantata.errors import QueueConflict
 from cantata.model.flow import (
     QueueClaim,
     QueueEntry,
@@ -25,15 +25,16 @@ from cantata.model.flow import (
     plan_slot,
 )
 from cantata.model.records import RunRecord
-from cantata.store import audit
-from cantata.store import postgres_ops as ops
 from cantata.store.base import RUNS
+from cantata.store.postgres_batch import Batch, BatchWriter, Refused
 from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, run_row
-from cantata.store.postgres_writes import CREATE_RUN_SQL
+from cantata.store.postgres_writes import create_runs
 
 if TYPE_CHECKING:
-    from cantata.store.postgres_pool import PgPool, Row
+    from cantata.store.postgres_pool import Conn, PgPool, Row
 
+# Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
+CANDIDATES = 500
 _Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
 _R_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
 _WAITING = (
@@ -56,10 +57,29 @@ def _conflict(app: str, mine: QueueSpec, theirs: QueueSpec, by: str) -> QueueCon
     )
 
 
+async def _create_queued(
+    c: Conn, b: Batch, calls: list[tuple[RunRecord, QueueEntry]]
+) -> list[tuple[RunRecord, bool] | Refused]:
+    """New runs and their queue rows, for many callers in one transaction."""
+    out = await create_runs(c, b, [(run, None) for run, _ in calls])
+    rows = [
+        (run.app, run.run_id, e.queue, e.partition, e.priority, int(run.created_at * 1e6))
+        for (run, e), res in zip(calls, out, strict=True)
+        if not isinstance(res, Refused) and res[1]
+    ]
+    if rows:
+        await c.executemany(
+            "INSERT INTO queue_runs (app, run_id, queue, partition_key, priority, seq) "
+            "VALUES ($1,$2,$3,$4,$5,$6)", rows,
+        )
+    return out
+
+
 class PostgresFlow:
     """Flow-control operations of :class:`~cantata.store.postgres.PostgresStore`."""
 
     _db: PgPool  # provided by PostgresStore
+    _w: BatchWriter
 
     # -- queues ---------------------------------------------------------------------
 
@@ -101,39 +121,8 @@ class PostgresFlow:
     async def create_queued_run(
         self, run: RunRecord, entry: QueueEntry
     ) -> tuple[RunRecord, bool]:
-        async with self._db.tx() as c:
-            inserted = await c.fetchval(
-                CREATE_RUN_SQL,
-                run.run_id, run.app, run.workflow, str(run.status), run.args, run.created_at,
-                run.updated_at, run.correlation_id, run.causation_id, run.idempotency_key,
-                run.args_hash, run.parent_run_id, run.deadline_at, run.result, run.error,
-                run.cancel_requested, None, 0, run.flagged, run.service,
-            )
-            if inserted is None:
-                row = await c.fetchrow(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND idempotency_key=$2",
-                    run.app, run.idempotency_key,
-                )
-                assert row is not None
-                existing = run_row(row)
-                if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
-                    raise IdempotencyConflict(
-                        f"idempotency key {run.idempotency_key!r} was already used for run "
-                        f"{existing.run_id} of {existing.workflow} with different arguments; "
-                        "use a new key for a new request"
-                    )
-                return existing, False
-            await c.execute(
-                "INSERT INTO queue_runs (app, run_id, queue, partition_key, priority, seq) "
-                "VALUES ($1,$2,$3,$4,$5,$6)",
-                run.app, run.run_id, entry.queue, entry.partition, entry.priority,
-                int(run.created_at * 1e6),
-            )
-            await self._db.notify(c, run.app, RUNS)
-            await ops.audit_append(c, run.app, audit.run_created_entry(
-                run.run_id, run.workflow, run.correlation_id, run.parent_run_id
-            ))
-        return run, True
+        # Group-committed with the other new runs (see postgres_writes.create_runs).
+        return await self._w.run_many(_create_queued, (run, entry))
 
     async def claim_queued_runs(
         self,
@@ -163,7 +152,7 @@ class PostgresFlow:
                 "SELECT partition_key, count(*) FROM queue_runs WHERE app=$1 AND queue=$2 "
                 "AND began_at IS NOT NULL AND NOT done GROUP BY partition_key", app, queue,
             )}
-            mine = await c.fetchval(
+            mine = 0 if spec.per_worker is None else await c.fetchval(
                 "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
                 "r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NOT NULL "
                 "AND NOT q.done AND r.owner=$3", app, queue, worker_id,
@@ -179,7 +168,7 @@ class PostgresFlow:
                      else "q.seq, q.run_id COLLATE \"C\"")
             candidates = await c.fetch(
                 f"SELECT q.run_id, q.partition_key {_WAITING} AND r.workflow = ANY($3::text[]) "
-                f"ORDER BY {order} LIMIT 1000", app, queue, workflows,
+                f"ORDER BY {order} LIMIT {CANDIDATES}", app, queue, workflows,
             )
             admit, retry_at = plan_admissions(
                 spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit

@@ -52,8 +52,6 @@ _CREATE_RUN = (
 )
 
 
-CREATE_RUN_SQL = _CREATE_RUN  # for the queued runs of cantata.store.postgres_flow
-
 NewRun = tuple[RunRecord, RunWrite | None]  # a run, and its first checkpoint
 
 

@@ -32,6 +32,8 @@ from cantata.store.sqlite_ops import LIVE_SQL, RUN_COLS, run_row
 if TYPE_CHECKING:
     from cantata.store.sqlite_thread import ConnectionThread
 
+# Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
+CANDIDATES = 500
 _Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
 # Waiting rows whose run is still pending and not asked to cancel, best first.
 _WAITING = (
@@ -182,7 +184,7 @@ class SQLiteFlow:
                 "SELECT partition_key, count(*) FROM queue_runs WHERE app=? AND queue=? "
                 "AND began_at IS NOT NULL AND done=0 GROUP BY partition_key", (app, queue),
             ).fetchall())
-            mine = c.execute(
+            mine = 0 if spec.per_worker is None else c.execute(
                 "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
                 "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
                 "AND q.done=0 AND r.owner=?", (app, queue, worker_id),
@@ -197,7 +199,7 @@ class SQLiteFlow:
             order = "q.priority, q.seq, q.run_id" if spec.priorities else "q.seq, q.run_id"
             candidates = c.execute(
                 f"SELECT q.run_id, q.partition_key {_WAITING} AND r.workflow IN ({marks}) "
-                f"ORDER BY {order} LIMIT 1000", (app, queue, *workflows),
+                f"ORDER BY {order} LIMIT {CANDIDATES}", (app, queue, *workflows),
             ).fetchall()
             admit, retry_at = plan_admissions(
                 spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
