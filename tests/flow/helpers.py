@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def max_overlap(spans: Sequence[tuple[float, float]]) -> int:
@@ -52,3 +54,25 @@ class ManualClock:
         for _, fut in due:
             if not fut.done():
                 fut.set_result(None)
+
+
+async def until(predicate: Callable[[], object], timeout: float = 60.0) -> None:
+    """Wait until ``predicate()`` (or the awaitable it returns) is true."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        ok = predicate()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:
+            return
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def touch(path: str) -> None:
+    Path(path).touch()
+
+
+def remove(path: str) -> None:
+    Path(path).unlink()

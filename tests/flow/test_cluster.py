@@ -18,7 +18,7 @@ from typing import IO
 
 import pytest
 
-from tests.flow.helpers import max_in_window, max_overlap
+from tests.flow.helpers import max_in_window, max_overlap, remove, touch, until
 
 pytestmark = [pytest.mark.slow]
 HERE = Path(__file__).parent
@@ -158,13 +158,12 @@ async def test_priorities_across_workers(cluster_factory: object, client: object
     cluster.start(2)
     await cluster.ready()
     app = client
-    Path(f"{cluster.ledger}.hold-blocker").touch()
+    touch(f"{cluster.ledger}.hold-blocker")
     first = await app.start("job", "prio", "blocker", 0.0, queue="prio")  # type: ignore[attr-defined]
-    while not cluster.lines("prio"):
-        await asyncio.sleep(0.05)
+    await until(lambda: cluster.lines("prio"))
     handles = [await app.start("job", "prio", f"n{p}-{i}", 0.0, queue="prio", priority=p)  # type: ignore[attr-defined]
                for i, p in enumerate([5, 3, 9, 1, 3, 0])]
-    Path(f"{cluster.ledger}.hold-blocker").unlink()
+    remove(f"{cluster.ledger}.hold-blocker")
     for h in [first, *handles]:
         await h.result(timeout=60)
     order = [key for _, key, what, _, _ in cluster.lines("prio") if what == "begin"]
@@ -178,10 +177,9 @@ async def test_worker_killed_holding_a_step_slot_frees_it_within_the_lease(
     cluster.start(2)
     await cluster.ready()
     app = client
-    Path(f"{cluster.ledger}.once-stuck").touch()
+    touch(f"{cluster.ledger}.once-stuck")
     stuck = await app.start("limited", "stuck", 60.0)  # type: ignore[attr-defined]
-    while not cluster.lines("fragile"):
-        await asyncio.sleep(0.05)
+    await until(lambda: cluster.lines("fragile"))
     holder = int(cluster.lines("fragile")[0][4])
     waiting = await app.start("limited", "next", 0.0)  # type: ignore[attr-defined]
     await asyncio.sleep(1.0)

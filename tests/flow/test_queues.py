@@ -10,7 +10,7 @@ import pytest
 from cantata import App, Rate, RunStatus
 from cantata.errors import ConfigurationError, QueueConflict, UnknownQueue
 from cantata.testing import environment
-from tests.flow.helpers import max_in_window, max_overlap
+from tests.flow.helpers import max_in_window, max_overlap, until
 
 
 def queue_app(
@@ -81,8 +81,7 @@ async def test_priorities_lower_first_then_oldest() -> None:
     app, _, order = queue_app(hold=True, concurrency=1, priorities=True)
     async with environment(app):
         first = await app.start("job", 0)  # begins at once and holds the slot
-        while not order:
-            await asyncio.sleep(0.01)
+        await until(lambda: order)
         handles = [await app.start("job", i, queue="q", priority=p)
                    for i, p in ((1, 5), (2, 1), (3, 5), (4, 0))]
         app.gate.set()  # type: ignore[attr-defined]
@@ -106,8 +105,7 @@ async def test_waiting_run_is_pending_and_trace_and_stalled_say_queued() -> None
     app, _, order = queue_app(hold=True, concurrency=1)
     async with environment(app):
         first = await app.start("job", 0)
-        while not order:  # job 0 began and holds the one slot
-            await asyncio.sleep(0.01)
+        await until(lambda: order)  # job 0 began and holds the one slot
         second = await app.start("job", 1)
         third = await app.start("job", 2)
         assert await third.status() == RunStatus.PENDING
@@ -127,8 +125,7 @@ async def test_cancelling_a_waiting_run_ends_it() -> None:
     app, _, order = queue_app(hold=True, concurrency=1)
     async with environment(app):
         first = await app.start("job", 0)
-        while not order:
-            await asyncio.sleep(0.01)
+        await until(lambda: order)
         waiting = await app.start("job", 1)
         await waiting.cancel()
         app.gate.set()  # type: ignore[attr-defined]

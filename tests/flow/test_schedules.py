@@ -12,7 +12,7 @@ from cantata import App
 from cantata.errors import ConfigurationError, UnknownSchedule
 from cantata.flow.schedules import ScheduleSpec, tick_key
 from cantata.testing import SkipClock, environment
-from tests.flow.helpers import ManualClock
+from tests.flow.helpers import ManualClock, until
 
 T0 = 1_800_000_000.0  # a whole minute (and hour)
 
@@ -21,14 +21,6 @@ async def runs_of(app: App, workflow: str) -> list[tuple[str, str]]:
     """(idempotency key, status) of the runs of ``workflow``, oldest first."""
     runs = await app.store.list_runs(app.name, workflow=workflow, limit=10_000)
     return sorted((r.idempotency_key or "", str(r.status)) for r in runs)
-
-
-async def until(predicate: object, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not await predicate():  # type: ignore[operator]
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_every_tick_starts_one_run_with_the_tick_as_argument() -> None:
