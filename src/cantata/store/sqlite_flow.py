@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING
 
-from cantata.errors import IdempotencyConflict, QueueConflict
+from cantata.errors import QueueConflict
 from cantata.model.flow import (
     QueueClaim,
     QueueEntry,
@@ -23,9 +23,7 @@ from cantata.model.flow import (
     plan_admissions,
     plan_slot,
 )
-from cantata.model.records import RunRecord
-from cantata.store import audit
-from cantata.store import sqlite_ops as ops
+from cantata.model.records import RunRecord, RunWrite
 from cantata.store.base import RUNS
 from cantata.store.sqlite_ops import LIVE_SQL, RUN_COLS, run_row
 
@@ -81,6 +79,11 @@ class SQLiteFlow:
     def _t(self) -> ConnectionThread:  # provided by SQLiteStore
         raise NotImplementedError
 
+    def _create(
+        self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None
+    ) -> tuple[RunRecord, bool]:  # provided by SQLiteStore
+        raise NotImplementedError
+
     # -- queues ---------------------------------------------------------------------
 
     async def declare_queue(
@@ -121,40 +124,15 @@ class SQLiteFlow:
         self, run: RunRecord, entry: QueueEntry
     ) -> tuple[RunRecord, bool]:
         def op(c: sqlite3.Connection) -> tuple[RunRecord, bool]:
-            if run.idempotency_key is not None:
-                row = c.execute(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=? AND idempotency_key=?",
-                    (run.app, run.idempotency_key),
-                ).fetchone()
-                if row is not None:
-                    existing = run_row(row)
-                    if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
-                        raise IdempotencyConflict(
-                            f"idempotency key {run.idempotency_key!r} was already used for run "
-                            f"{existing.run_id} of {existing.workflow} with different "
-                            "arguments; use a new key for a new request"
-                        )
-                    return existing, False
-            c.execute(
-                f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 20)})",
-                (
-                    run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
-                    run.error, run.idempotency_key, run.args_hash, run.correlation_id,
-                    run.causation_id, run.parent_run_id, run.service, run.created_at,
-                    run.updated_at, run.deadline_at, int(run.cancel_requested), None, 0,
-                    int(run.flagged),
-                ),
-            )
-            c.execute(
-                "INSERT INTO queue_runs (app, run_id, queue, partition_key, priority, seq) "
-                "VALUES (?,?,?,?,?,?)",
-                (run.app, run.run_id, entry.queue, entry.partition, entry.priority,
-                 int(run.created_at * 1e6)),
-            )
-            ops.audit_append(c, run.app, audit.run_created_entry(
-                run.run_id, run.workflow, run.correlation_id, run.parent_run_id
-            ))
-            return run, True
+            stored, created = self._create(c, run, None)
+            if created:
+                c.execute(
+                    "INSERT INTO queue_runs (app, run_id, queue, partition_key, priority, seq) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (run.app, run.run_id, entry.queue, entry.partition, entry.priority,
+                     int(run.created_at * 1e6)),
+                )
+            return stored, created
 
         return await self._t.write(op, RUNS)
 
