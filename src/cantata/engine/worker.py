@@ -131,6 +131,7 @@ class Engine:
         self.version_order: tuple[float, dict[str, float]] | None = None  # (read at, order)
         self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
         self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
+        self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -288,6 +289,9 @@ class Engine:
         if create:
             execution.expect_creation()
         self.executions[run.run_id] = execution
+        launched = self._launched.pop(run.run_id, None)
+        if launched is not None and not launched.done():
+            launched.set_result(None)
         task = asyncio.create_task(
             execution.execute(after=previous), name=f"cantata-run:{run.run_id}"
         )
@@ -465,6 +469,17 @@ class Engine:
             for group in self._waiters.values():
                 for execution in group:
                     execution.wakeup.set()
+
+    async def wait_launched(self, run_id: str, timeout: float) -> None:
+        """Return when this process begins executing ``run_id`` (a run waiting in a
+        queue), or after ``timeout``: a waiting caller is not woken by every other run's
+        change."""
+        fut = self._launched.get(run_id)
+        if fut is None:
+            fut = self._launched[run_id] = asyncio.get_running_loop().create_future()
+        await asyncio.wait([fut], timeout=timeout)
+        if not fut.done():
+            self._launched.pop(run_id, None)
 
     async def wait_runs_changed(self, timeout: float) -> None:
         """Return when some run changed in this process, or after ``timeout``."""

@@ -93,7 +93,9 @@ class QueueLoop:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.wakeup = asyncio.Event()
+        self.wakeup = asyncio.Event()  # a run ended or was queued somewhere
+        self.queued = asyncio.Event()  # a run was queued by this process
+        self._waiting = True  # some run waits behind a limit (so a run's end matters)
         self._queues: list[str] = []
         self._listed_at = -1.0
 
@@ -101,25 +103,32 @@ class QueueLoop:
         engine = self.engine
         while True:
             self.wakeup.clear()
+            self.queued.clear()
             retry_at = None
             try:
                 retry_at = await self.claim_all()
             except Exception as exc:
                 log.warning("claiming queued runs failed (%s); retrying", exc)
-            wait = engine.poll_interval * 5
-            if retry_at is not None:
-                wait = min(wait, max(retry_at - engine.clock.now(), 0.005))
-            await self._wait(wait)
+            if self._waiting:
+                wait = engine.poll_interval * 5
+                if retry_at is not None:
+                    wait = min(wait, max(retry_at - engine.clock.now(), 0.005))
+                await self._wait(wait, self.wakeup)
+            else:
+                # Nothing waits: the end of a run frees nothing anyone waits for, so only
+                # a run queued here wakes the loop, and runs queued by other processes
+                # are looked for every poll interval.
+                await self._wait(engine.poll_interval, self.queued)
 
-    async def _wait(self, seconds: float) -> None:
+    async def _wait(self, seconds: float, event: asyncio.Event) -> None:
         sleeper = asyncio.ensure_future(self.engine.clock.sleep(seconds))
-        waiter = asyncio.ensure_future(self.wakeup.wait())
+        waiter = asyncio.ensure_future(event.wait())
         try:
             await asyncio.wait([sleeper, waiter], return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
             waiter.cancel()
-        if self.wakeup.is_set():  # let a burst of notifications coalesce
+        if event.is_set():  # let a burst of notifications coalesce
             await asyncio.sleep(min(0.02, self.engine.poll_interval))
 
     async def claim_all(self) -> float | None:
@@ -131,6 +140,7 @@ class QueueLoop:
             self._listed_at = now
         workflows = engine.served_workflows()
         retry_at: float | None = None
+        self._waiting = False
         for name in self._queues:
             while True:
                 claim = await engine.store.claim_queued_runs(
@@ -139,6 +149,7 @@ class QueueLoop:
                 )
                 for run in claim.runs:
                     engine.launch(run, fresh=True)  # it never began: no history to load
+                self._waiting = self._waiting or claim.waiting
                 if claim.retry_at is not None:
                     retry_at = claim.retry_at if retry_at is None else min(retry_at,
                                                                            claim.retry_at)

@@ -60,6 +60,7 @@ class FlowService:
 
     def wake(self) -> None:
         """A run was queued here: look for runs to begin now."""
+        self.queues.queued.set()
         self.queues.wakeup.set()
 
     def _on_change(self, channel: str) -> None:

@@ -97,6 +97,7 @@ class QueueClaim:
 
     runs: list[RunRecord] = field(default_factory=list)
     retry_at: float | None = None
+    waiting: bool = False  # runs of the claimed workflows still wait (held back by a limit)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,11 +37,10 @@ if TYPE_CHECKING:
 CANDIDATES = 500
 _Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
 _R_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
-_WAITING = (
-    "FROM queue_runs q JOIN runs r ON r.app=q.app AND r.run_id=q.run_id "
-    "WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NULL AND r.status='pending' "
-    "AND NOT r.cancel_requested"
-)
+# Rows waiting to begin (one whose run was cancelled meanwhile is dropped by the claim
+# that meets it). Rows of queue_runs only: a join with runs, planned on a new store's
+# empty tables, scanned every live run once per waiting row.
+_WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NULL"
 
 
 def queue_spec(row: Row) -> QueueSpec:
@@ -63,14 +62,15 @@ async def _create_queued(
     """New runs and their queue rows, for many callers in one transaction."""
     out = await create_runs(c, b, [(run, None) for run, _ in calls])
     rows = [
-        (run.app, run.run_id, e.queue, e.partition, e.priority, int(run.created_at * 1e6))
+        (run.app, run.run_id, e.queue, run.workflow, e.partition, e.priority,
+         int(run.created_at * 1e6))
         for (run, e), res in zip(calls, out, strict=True)
         if not isinstance(res, Refused) and res[1]
     ]
     if rows:
         await c.executemany(
-            "INSERT INTO queue_runs (app, run_id, queue, partition_key, priority, seq) "
-            "VALUES ($1,$2,$3,$4,$5,$6)", rows,
+            "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, priority, "
+            "seq) VALUES ($1,$2,$3,$4,$5,$6,$7)", rows,
         )
     return out
 
@@ -167,24 +167,30 @@ class PostgresFlow:
             order = ("q.priority, q.seq, q.run_id COLLATE \"C\"" if spec.priorities
                      else "q.seq, q.run_id COLLATE \"C\"")
             candidates = await c.fetch(
-                f"SELECT q.run_id, q.partition_key {_WAITING} AND r.workflow = ANY($3::text[]) "
+                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = ANY($3::text[]) "
                 f"ORDER BY {order} LIMIT {CANDIDATES}", app, queue, workflows,
             )
             admit, retry_at = plan_admissions(
                 spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
             )
+            waiting = len(candidates) > len(admit)
             if not admit:
-                return QueueClaim([], retry_at)
-            await c.execute(
-                "UPDATE queue_runs SET began_at=$2 WHERE app=$1 AND run_id = ANY($3::text[])",
-                app, now, admit,
-            )
+                return QueueClaim([], retry_at, waiting)
             rows = await c.fetch(
                 f"UPDATE runs r SET owner=$2, fence=r.fence+1 WHERE r.app=$1 "
-                f"AND r.run_id = ANY($3::text[]) RETURNING {_R_COLS}", app, worker_id, admit,
+                f"AND r.run_id = ANY($3::text[]) AND r.status='pending' "
+                f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
+                app, worker_id, admit,
+            )
+            began = [r[0] for r in rows]
+            # A run cancelled while it waited (ended by claim_runs) never begins.
+            await c.execute(
+                "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
+                "THEN $2 ELSE 0 END, done = NOT (run_id = ANY($3::text[])) "
+                "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
             )
         by_id = {r[0]: run_row(r) for r in rows}
-        return QueueClaim([by_id[i] for i in admit if i in by_id], retry_at)
+        return QueueClaim([by_id[i] for i in admit if i in by_id], retry_at, waiting)
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:
         out = []
@@ -194,7 +200,7 @@ class PostgresFlow:
             ):
                 spec = queue_spec(row)
                 waiting = await c.fetchrow(
-                    f"SELECT count(*), min(r.created_at) {_WAITING}", app, spec.name
+                    f"SELECT count(*), min(q.seq) / 1e6 {_WAITING}", app, spec.name
                 )
                 assert waiting is not None
                 active = await c.fetchval(

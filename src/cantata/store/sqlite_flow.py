@@ -33,12 +33,9 @@ if TYPE_CHECKING:
 # Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
 CANDIDATES = 500
 _Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
-# Waiting rows whose run is still pending and not asked to cancel, best first.
-_WAITING = (
-    "FROM queue_runs q JOIN runs r ON r.app=q.app AND r.run_id=q.run_id "
-    "WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND r.status='pending' "
-    "AND r.cancel_requested=0"
-)
+# Rows waiting to begin (one whose run was cancelled meanwhile is dropped by the claim
+# that meets it, see _admit).
+_WAITING = "FROM queue_runs q WHERE q.app=? AND q.queue=? AND q.began_at IS NULL"
 
 
 def queue_spec(row: tuple[object, ...]) -> QueueSpec:
@@ -127,10 +124,10 @@ class SQLiteFlow:
             stored, created = self._create(c, run, None)
             if created:
                 c.execute(
-                    "INSERT INTO queue_runs (app, run_id, queue, partition_key, priority, seq) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (run.app, run.run_id, entry.queue, entry.partition, entry.priority,
-                     int(run.created_at * 1e6)),
+                    "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, "
+                    "priority, seq) VALUES (?,?,?,?,?,?,?)",
+                    (run.app, run.run_id, entry.queue, run.workflow, entry.partition,
+                     entry.priority, int(run.created_at * 1e6)),
                 )
             return stored, created
 
@@ -176,7 +173,7 @@ class SQLiteFlow:
                     begins.setdefault(part, []).append(at)
             order = "q.priority, q.seq, q.run_id" if spec.priorities else "q.seq, q.run_id"
             candidates = c.execute(
-                f"SELECT q.run_id, q.partition_key {_WAITING} AND r.workflow IN ({marks}) "
+                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow IN ({marks}) "
                 f"ORDER BY {order} LIMIT {CANDIDATES}", (app, queue, *workflows),
             ).fetchall()
             admit, retry_at = plan_admissions(
@@ -184,14 +181,17 @@ class SQLiteFlow:
             )
             runs: list[RunRecord] = []
             for run_id in admit:
-                c.execute("UPDATE queue_runs SET began_at=? WHERE app=? AND run_id=?",
-                          (now, app, run_id))
                 got = c.execute(
                     f"UPDATE runs SET owner=?, fence=fence+1 WHERE app=? AND run_id=? "
+                    f"AND status='pending' AND cancel_requested=0 AND owner IS NULL "
                     f"RETURNING {RUN_COLS}", (worker_id, app, run_id),
                 ).fetchone()
-                runs.append(run_row(got))
-            return QueueClaim(runs, retry_at)
+                # A run cancelled while it waited (ended by claim_runs) never begins.
+                c.execute("UPDATE queue_runs SET began_at=?, done=? WHERE app=? AND run_id=?",
+                          (now, 0, app, run_id) if got else (0.0, 1, app, run_id))
+                if got:
+                    runs.append(run_row(got))
+            return QueueClaim(runs, retry_at, waiting=len(candidates) > len(admit))
 
         return await self._t.write(op)
 
@@ -203,7 +203,7 @@ class SQLiteFlow:
             ).fetchall():
                 spec = queue_spec(row)
                 waiting, oldest = c.execute(
-                    f"SELECT count(*), min(r.created_at) {_WAITING}", (app, spec.name)
+                    f"SELECT count(*), min(q.seq) / 1e6 {_WAITING}", (app, spec.name)
                 ).fetchone()
                 active = c.execute(
                     "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "

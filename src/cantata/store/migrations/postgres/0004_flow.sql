@@ -14,11 +14,13 @@ CREATE TABLE queues (
 );
 
 -- One row per run started in a queue: waiting until began_at is set, in
--- progress until done (its run ended); began_at is also the rate log.
+-- progress until done (its run ended); began_at is also the rate log. A row whose
+-- run ended without beginning (cancelled) gets began_at 0 and done when a claim meets it.
 CREATE TABLE queue_runs (
     app text NOT NULL,
     run_id text NOT NULL,
     queue text NOT NULL,
+    workflow text NOT NULL,
     partition_key text NOT NULL DEFAULT '',
     priority bigint NOT NULL DEFAULT 0,
     seq bigint NOT NULL,

@@ -14,11 +14,13 @@ CREATE TABLE IF NOT EXISTS queues (
 );
 
 -- One row per run started in a queue: waiting until began_at is set, in
--- progress until done (its run ended); began_at is also the rate log.
+-- progress until done (its run ended); began_at is also the rate log. A row whose
+-- run ended without beginning (cancelled) gets began_at 0 and done when a claim meets it.
 CREATE TABLE IF NOT EXISTS queue_runs (
     app TEXT NOT NULL,
     run_id TEXT NOT NULL,
     queue TEXT NOT NULL,
+    workflow TEXT NOT NULL,
     partition_key TEXT NOT NULL DEFAULT '',
     priority INTEGER NOT NULL DEFAULT 0,
     seq INTEGER NOT NULL,
