@@ -102,7 +102,7 @@ class FlowContract(StoreFixtures):
         await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",
                                   stale_before=0)
         ids = await self.queued(store, 5)
-        t0 = 1_000.0
+        t0 = 1_000.25  # not a whole second: begin times are kept exactly
         assert await self.claim_q(store, "w", now=t0) == ids[:2]
         claim = await store.claim_queued_runs(self.app, "w", "q", ["wf"], now=t0 + 5, limit=9)
         assert claim.runs == [] and claim.retry_at == pytest.approx(t0 + rate.window)

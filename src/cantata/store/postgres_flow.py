@@ -185,8 +185,10 @@ class PostgresFlow:
             began = [r[0] for r in rows]
             # A run cancelled while it waited (ended by claim_runs) never begins.
             await c.execute(
+                # ($2 typed: next to an integer 0, PostgreSQL would make it one, truncating)
                 "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
-                "THEN $2 ELSE 0 END, done = NOT (run_id = ANY($3::text[])) "
+                "THEN $2::double precision ELSE 0.0 END, "
+                "done = NOT (run_id = ANY($3::text[])) "
                 "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
             )
         by_id = {r[0]: run_row(r) for r in rows}
