@@ -50,7 +50,7 @@ def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False)
     table = Table("queue", "waiting", "in progress", "rate", "oldest waiting", "limits")
     for q in stats:
         spec = q.spec
-        rate = f"{q.began_last_window}/{spec.rate}" if spec.rate else (
+        rate = f"{q.began_last_window} of {spec.rate}" if spec.rate else (
             f"{q.began_last_window} in 60s")
         limits = ", ".join(
             f"{k}={v}" for k, v in (("concurrency", spec.concurrency),
