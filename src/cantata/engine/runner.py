@@ -584,12 +584,12 @@ class RunExecution:
     ) -> Any:
         if sdef.concurrency is not None or sdef.rate is not None:
             try:
-                return await self._invoke(sdef, args, key, attempt, kind)
+                return await self._with_hooks(sdef, args, key, attempt, kind)
             finally:
                 await release_step_slot(self, sdef, key)
-        return await self._invoke(sdef, args, key, attempt, kind)
+        return await self._with_hooks(sdef, args, key, attempt, kind)
 
-    async def _invoke(
+    async def _with_hooks(
         self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
     ) -> Any:
         hooks = self.engine.hooks
