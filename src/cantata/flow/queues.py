@@ -134,6 +134,9 @@ class QueueLoop:
     async def claim_all(self) -> float | None:
         """One claim per queue; returns when a rate limit lets the next run begin."""
         engine = self.engine
+        ownership = getattr(engine, "ownership", None)
+        if ownership is not None and ownership.expired():
+            return None  # this worker's hold is in doubt: it takes on nothing new
         now = engine.clock.now()
         if now - self._listed_at > engine.poll_interval * 5 or not self._queues:
             self._queues = [q.name for q in await engine.store.queues(engine.app)]
