@@ -266,14 +266,10 @@ class App(Router):
         from cantata.flow.service import declare as declare_flow
 
         try:
-            await declare_flow(self._engine, self)
+            await declare_flow(self._engine, self)  # queues and schedules
         except StoreReadOnly:
             if serve:
-                await self._abandon_open(store, broker)
                 raise
-        except BaseException:
-            await self._abandon_open(store, broker)
-            raise
         if broker.relays_outbox:
             from cantata.broker.relay import OutboxRelay
 
@@ -284,12 +280,6 @@ class App(Router):
             await self._relay.start()
         if serve:
             await self._serve()
-
-    async def _abandon_open(self, store: Store, broker: Broker) -> None:
-        """Undo a half-done :meth:`open` (its declarations were refused)."""
-        await broker.close()
-        await store.close()
-        self._engine = self._store = self._broker = None
 
     async def _serve(self) -> None:
         from cantata.engine.versioning import declare_version
