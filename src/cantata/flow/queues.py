@@ -110,18 +110,22 @@ class QueueLoop:
             except Exception as exc:
                 log.warning("claiming queued runs failed (%s); retrying", exc)
             if self._waiting:
-                wait = engine.poll_interval * 5
-                if retry_at is not None:
-                    wait = min(wait, max(retry_at - engine.clock.now(), 0.005))
-                await self._wait(wait, self.wakeup)
+                wait, timed = engine.poll_interval * 5, False
+                if retry_at is not None and retry_at - engine.clock.now() < wait:
+                    wait, timed = max(retry_at - engine.clock.now(), 0.005), True
+                await self._wait(wait, self.wakeup, timed)
             else:
                 # Nothing waits: the end of a run frees nothing anyone waits for, so only
                 # a run queued here wakes the loop, and runs queued by other processes
                 # are looked for every poll interval.
                 await self._wait(engine.poll_interval, self.queued)
 
-    async def _wait(self, seconds: float, event: asyncio.Event) -> None:
-        sleeper = asyncio.ensure_future(self.engine.clock.sleep(seconds))
+    async def _wait(self, seconds: float, event: asyncio.Event, timed: bool = False) -> None:
+        # Polling for other processes' changes waits in real time; only a rate limit's
+        # next free begin (``timed``) is a time of the app's clock (which tests skip).
+        sleeper = asyncio.ensure_future(
+            self.engine.clock.sleep(seconds) if timed else asyncio.sleep(seconds)
+        )
         waiter = asyncio.ensure_future(event.wait())
         try:
             await asyncio.wait([sleeper, waiter], return_when=asyncio.FIRST_COMPLETED)

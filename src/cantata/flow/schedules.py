@@ -10,6 +10,7 @@ See docs/flow-control.md.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -205,29 +206,47 @@ class Scheduler:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.started_at = engine.clock.now()
+        self.run_ended = asyncio.Event()  # set by the store's notifications
+        self._backlog = False  # a tick waits for a run in progress to end
 
     async def run(self) -> None:
+        """Passes until cancelled: at the next tick (the app's clock, so a skipping
+        clock jumps to it) or after ``MAX_PASS`` real seconds (schedules created,
+        paused or changed by other processes, runs that ended), whichever is first."""
         clock = self.engine.clock
         while True:
+            due: float | None = None
             try:
-                wait = await self.pass_once()
+                due = await self.pass_once()
             except Exception as exc:
                 log.warning("schedules: a pass failed (%s); retrying", exc)
-                wait = MAX_PASS
-            await clock.sleep(wait)
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.sleep(MAX_PASS))]
+            self.run_ended.clear()
+            if self._backlog:  # the end of the run in progress lets the next tick start
+                waits.append(asyncio.ensure_future(self.run_ended.wait()))
+            if due is not None:
+                waits.append(asyncio.ensure_future(
+                    clock.sleep(max(due - clock.now(), 0.01))
+                ))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
 
-    async def pass_once(self) -> float:
-        """Decide and start due ticks; returns seconds until the next pass."""
+    async def pass_once(self) -> float | None:
+        """Decide and start due ticks; returns when the next one is due (clock time)."""
         engine = self.engine
-        wait = MAX_PASS
+        due: float | None = None
+        self._backlog = False
         for row in await engine.store.schedules(engine.app):
             spec = ScheduleSpec.from_json(row.spec)
             if row.paused or not engine.serves(spec.workflow):
                 continue
             nxt = await self._advance(spec, row)
             if nxt is not None:
-                wait = min(wait, max(nxt - engine.clock.now(), 0.01))
-        return wait
+                due = nxt if due is None else min(due, nxt)
+        return due
 
     async def _advance(self, spec: ScheduleSpec, row: ScheduleRow) -> float | None:
         engine, now = self.engine, self.engine.clock.now()
@@ -270,6 +289,7 @@ class Scheduler:
             if start:
                 await self._start(spec, new, version + 1)
             state = new
+        self._backlog = self._backlog or bool(state.backlog)
         return spec.next_tick(max(state.last_tick, now))
 
     async def _live(self, run_id: str | None) -> bool:

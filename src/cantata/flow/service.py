@@ -70,5 +70,6 @@ class FlowService:
             return
         self.queues.wakeup.set()
         self.released.set()
+        self.scheduler.run_ended.set()
         for execution in self.slot_waiters:
             execution.wakeup.set()
