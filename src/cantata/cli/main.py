@@ -12,7 +12,18 @@ from cantata.errors import CantataError
 from cantata.model import secrets
 
 from . import (
-    audit, bench, compare, demo, events, flow, observe, recover, replay, runs, serve, worker,
+    audit,
+    bench,
+    compare,
+    demo,
+    events,
+    flow,
+    observe,
+    recover,
+    replay,
+    runs,
+    serve,
+    worker,
 )
 
 cli = typer.Typer(
