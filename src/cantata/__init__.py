@@ -32,6 +32,7 @@ from cantata.errors import (
     NonRetryable,
     PayloadTooLarge,
     QueryFailed,
+    QueueConflict,
     RegistrationError,
     ResultTimeout,
     RunInProgress,
@@ -51,6 +52,8 @@ from cantata.errors import (
     StoreUnavailable,
     TransactionUnsupported,
     UnknownAttribute,
+    UnknownQueue,
+    UnknownSchedule,
     UnknownStep,
     UnknownWorkflow,
     WaitTimeout,
@@ -61,7 +64,9 @@ from cantata.errors import (
     WorkflowError,
     WorkflowFailed,
 )
+from cantata.flow.schedules import ScheduleInfo
 from cantata.model.event import Event
+from cantata.model.flow import QueueStats, Rate
 from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.retry import Retry
 from cantata.model.status import RunStatus
@@ -99,6 +104,9 @@ __all__ = [
     "Parallel",
     "PayloadTooLarge",
     "QueryFailed",
+    "QueueConflict",
+    "QueueStats",
+    "Rate",
     "RegistrationError",
     "ResultTimeout",
     "Retry",
@@ -112,6 +120,7 @@ __all__ = [
     "RunStatus",
     "Saga",
     "SagaStateTooLarge",
+    "ScheduleInfo",
     "SerializationError",
     "SignatureInvalid",
     "SignatureMissing",
@@ -132,6 +141,8 @@ __all__ = [
     "TransactionUnsupported",
     "Tx",
     "UnknownAttribute",
+    "UnknownQueue",
+    "UnknownSchedule",
     "UnknownStep",
     "UnknownWorkflow",
     "WaitTimeout",

@@ -35,6 +35,8 @@ from cantata.store.audit import AuditKey
 from cantata.store.base import Store
 
 if TYPE_CHECKING:
+    from cantata.flow.schedules import Schedules
+    from cantata.model.flow import QueueStats
     from cantata.observability.node import TraceNode
     from cantata.observability.stalled import Stall
     from cantata.store.tx import Tx
@@ -261,6 +263,13 @@ class App(Router):
                 if serve:
                     raise
                 # A client of a read-only store can still read (runs, trace, dlq list).
+        from cantata.flow.service import declare as declare_flow
+
+        try:
+            await declare_flow(self._engine, self)  # queues and schedules
+        except StoreReadOnly:
+            if serve:
+                raise
         if broker.relays_outbox:
             from cantata.broker.relay import OutboxRelay
 
@@ -382,6 +391,9 @@ class App(Router):
         idempotency_key: str | None = None,
         deadline: float | None = None,
         correlation_id: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        partition: str | None = None,
     ) -> RunHandle:
         """Start a run of ``workflow`` (a function or its name) with JSON arguments.
 
@@ -389,9 +401,15 @@ class App(Router):
             idempotency_key: the same key returns the same run.
             deadline: seconds; past it the run fails with ``DeadlineExceeded`` and compensates.
             correlation_id: join an existing business transaction.
+            queue: wait in this queue (declared with ``app.queue``) before beginning;
+                defaults to the workflow's ``@app.workflow(queue=...)``.
+            priority: with a queue of ``priorities=True``, lower numbers begin first.
+            partition: with a queue, its limits apply per partition key.
 
         Raises:
             UnknownWorkflow: no service of this app declares it.
+            UnknownQueue: no process of this app declares ``queue``.
+            ConfigurationError: ``priority`` is not an int, ``partition`` not a string.
             SerializationError: an argument is not JSON-serialisable (nothing is stored).
             IdempotencyConflict: the key was used with other arguments.
         """
@@ -405,9 +423,12 @@ class App(Router):
             )
         if deadline is not None and deadline <= 0:
             raise ConfigurationError(f"deadline must be > 0 seconds, got {deadline}")
+        from cantata.flow.queues import entry_for
+
         run = await engine.create_run(
             name, list(args), idempotency_key=idempotency_key, deadline=deadline,
             correlation_id=correlation_id,
+            queue=await entry_for(engine, name, queue, priority, partition),
         )
         return RunHandle(engine, run.run_id, name)
 
@@ -471,6 +492,18 @@ class App(Router):
 
         run = await fork(self.engine, run_id, from_step=from_step, actor=actor)
         return RunHandle(self.engine, run.run_id, run.workflow)
+
+    @property
+    def schedules(self) -> Schedules:
+        """Schedules at run time: ``create``, ``list``, ``pause``, ``resume``, ``trigger``,
+        ``delete`` (the app must be open)."""
+        from cantata.flow.schedules import Schedules
+
+        return Schedules(lambda: self.engine)
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Per queue: runs waiting, in progress, begun in the rate window, oldest waiting."""
+        return await self.store.queue_stats(self.name, now=self.clock.now())
 
     def get_handle(self, run_id: str) -> RunHandle:
         """A handle on an existing run (from any process sharing the store)."""

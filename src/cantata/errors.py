@@ -46,6 +46,24 @@ class NonRetryable(CantataError):
     code = "non_retryable"
 
 
+class UnknownQueue(ConfigurationError):
+    """A run was started in (or a workflow bound to) a queue no process declared."""
+
+    code = "unknown_queue"
+
+
+class QueueConflict(ConfigurationError):
+    """Two live processes declare one queue with different limits."""
+
+    code = "queue_conflict"
+
+
+class UnknownSchedule(CantataError):
+    """No schedule of that name in the app."""
+
+    code = "unknown_schedule"
+
+
 class SerializationError(CantataError):
     """A value cannot be turned into JSON (or back into the declared type)."""
 

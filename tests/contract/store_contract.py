@@ -36,6 +36,7 @@ from cantata.store.base import CANCEL, EVENTS, RUNS, Settlement, Store
 from tests.contract.store_contract_audit import AuditContract
 from tests.contract.store_contract_console import ConsoleContract
 from tests.contract.store_contract_events import EventsContract
+from tests.contract.store_contract_flow import FlowContract
 from tests.contract.store_contract_operate import OperateContract
 from tests.contract.store_contract_outbox import OutboxContract
 from tests.contract.store_contract_tasks import TasksContract
@@ -51,6 +52,7 @@ class StoreContract(
     WorkflowApiContract,
     ConsoleContract,
     OperateContract,
+    FlowContract,
 ):
     """Behaviour every store backend must have.
 

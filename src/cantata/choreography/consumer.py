@@ -14,6 +14,7 @@ import pydantic
 from cantata.broker.base import Broker, BrokerMessage, Subscription
 from cantata.engine.shutdown import wait_or_force
 from cantata.errors import StoreFull, StoreUnavailable, WorkerLost, error_text
+from cantata.flow.limits import release_handler_slot, take_handler_slot
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.retry import HANDLER_RETRY
@@ -198,6 +199,18 @@ class Consumer:
             max_payload=self.engine.max_payload,
         )
         ctx.attempt = msg.attempt
+        slot = await take_handler_slot(self.engine, hdef, event.id, msg.extend)
+        try:
+            await self._invoke(hdef, msg, event, ctx, retry)
+        finally:
+            if slot is not None:
+                await release_handler_slot(self.engine, hdef, slot)
+
+    async def _invoke(
+        self, hdef: HandlerDef, msg: BrokerMessage, event: Event[Any], ctx: HandlerContext,
+        retry: Any,
+    ) -> None:
+        hooks = self.engine.hooks
         started = time.perf_counter()
         with hooks.handler(hdef.group, event, msg.attempt), \
                 handler_context(event.id, hdef.group, msg.attempt):

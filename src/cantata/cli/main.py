@@ -11,7 +11,20 @@ import typer
 from cantata.errors import CantataError
 from cantata.model import secrets
 
-from . import audit, bench, compare, demo, events, observe, recover, replay, runs, serve, worker
+from . import (
+    audit,
+    bench,
+    compare,
+    demo,
+    events,
+    flow,
+    observe,
+    recover,
+    replay,
+    runs,
+    serve,
+    worker,
+)
 
 cli = typer.Typer(
     name="cantata",
@@ -31,6 +44,7 @@ audit.register(cli)
 bench.register(cli)
 compare.register(cli)
 serve.register(cli)
+flow.register(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

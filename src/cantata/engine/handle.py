@@ -110,10 +110,16 @@ class RunHandle:
                 )
             if self._engine.completion(self.run_id) is not None:
                 continue  # it came back to this process meanwhile
-            wait = self._engine.poll_interval
+            engine = self._engine
+            queued_here = (run.status == RunStatus.PENDING and run.owner is None
+                           and engine.serving and engine.serves(run.workflow))
+            wait = engine.poll_interval * (5 if queued_here else 1)
             if deadline is not None:
                 wait = min(wait, max(deadline - loop.time(), 0.0))
-            await self._engine.wait_runs_changed(wait)
+            if queued_here:  # waits for a queue: woken when it begins here
+                await engine.wait_launched(self.run_id, wait)
+            else:
+                await engine.wait_runs_changed(wait)
 
     def _outcome(self, run: RunRecord) -> Any:
         if run.status == RunStatus.COMPLETED:

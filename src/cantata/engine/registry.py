@@ -12,6 +12,7 @@ from typing import Any, TypeVar, overload
 from cantata.errors import RegistrationError
 from cantata.model.codec import Signature, signature_of
 from cantata.model.event import Event, check_pattern, check_type
+from cantata.model.flow import QueueSpec, Rate, check_limit
 from cantata.model.retry import HANDLER_RETRY, STEP_RETRY, Retry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,6 +36,8 @@ class StepDef:
     sig: Signature
     heartbeat_timeout: float | None = None  # seconds of silence that lose an attempt
     transactional: bool = False  # @app.transaction: called with a cantata.Tx first
+    concurrency: int | None = None  # calls in progress across the cluster at most
+    rate: Rate | None = None  # calls begun per window across the cluster at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class WorkflowDef:
     service: str | None = None
     spec: Any = None  # a Saga's map, when the workflow was generated from one
     cleanup_timeout: float = 60.0  # seconds a cancelled run may spend cleaning up
+    queue: str | None = None  # runs wait in this queue (@app.workflow(queue=...))
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class HandlerDef:
     emits: tuple[str, ...] = ()
     service: str | None = None
     require_signature: bool = False
+    concurrency: int | None = None  # the group's handlers in progress across the cluster
 
     @property
     def name(self) -> str:
@@ -159,6 +164,8 @@ class Router:
     queries: dict[tuple[str, str], QueryDef] = field(default_factory=dict)
     # (workflow, event type) a workflow waits for: declared so the events are no orphans
     waits: set[tuple[str, str]] = field(default_factory=set)
+    queues: dict[str, QueueSpec] = field(default_factory=dict)
+    schedule_specs: dict[str, Any] = field(default_factory=dict)  # name -> ScheduleSpec
 
     # -- steps -------------------------------------------------------------------
 
@@ -176,6 +183,8 @@ class Router:
         timeout: float | None = None,
         service: str | None = None,
         heartbeat_timeout: float | None = None,
+        concurrency: int | None = None,
+        rate: Rate | None = None,
     ) -> Callable[[F], F]: ...
 
     def step(
@@ -188,6 +197,8 @@ class Router:
         timeout: float | None = None,
         service: str | None = None,
         heartbeat_timeout: float | None = None,
+        concurrency: int | None = None,
+        rate: Rate | None = None,
     ) -> F | Callable[[F], F]:
         """Register a step (async or sync function). Usable bare or with options.
 
@@ -199,8 +210,15 @@ class Router:
             service: the service whose workers execute it (defaults to the router's).
             heartbeat_timeout: seconds; an attempt that calls no ``cantata.heartbeat()``
                 for longer is lost (``HeartbeatTimeout``) and retried.
+            concurrency: most calls in progress at once across all workers.
+            rate: ``cantata.Rate(limit, per=seconds)``: most calls begun in any window
+                across all workers (waiting for either is not an attempt).
         """
-        return self._step_decorator(fn, name, retry, timeout, service, heartbeat_timeout)
+        check_limit("step concurrency", concurrency)
+        if rate is not None and not isinstance(rate, Rate):
+            raise RegistrationError(f"step rate must be cantata.Rate(...), got {rate!r}")
+        return self._step_decorator(fn, name, retry, timeout, service, heartbeat_timeout,
+                                    concurrency=concurrency, rate=rate)
 
     @overload
     def transaction(self, fn: F, /) -> F: ...
@@ -243,6 +261,8 @@ class Router:
         heartbeat_timeout: float | None,
         *,
         transactional: bool = False,
+        concurrency: int | None = None,
+        rate: Rate | None = None,
     ) -> F | Callable[[F], F]:
         def register(f: F) -> F:
             if not callable(f):
@@ -273,6 +293,8 @@ class Router:
                 sig=signature_of(f, skip=1 if transactional else 0),
                 heartbeat_timeout=heartbeat_timeout,
                 transactional=transactional,
+                concurrency=concurrency,
+                rate=rate,
             )
             self._add_step(sdef)
             setattr(f, STEP_ATTR, sdef)
@@ -303,6 +325,7 @@ class Router:
         name: str | None = None,
         service: str | None = None,
         cleanup_timeout: float = 60.0,
+        queue: str | None = None,
     ) -> Callable[[F], F]: ...
 
     def workflow(
@@ -313,15 +336,20 @@ class Router:
         name: str | None = None,
         service: str | None = None,
         cleanup_timeout: float = 60.0,
+        queue: str | None = None,
     ) -> F | Callable[[F], F]:
         """Register a workflow: ``async def wf(ctx, *args)``. Name defaults to the function's.
 
         Args:
             cleanup_timeout: seconds a cancelled run may spend in its own cleanup (after
                 catching ``cantata.Cancelled``) before it is stopped for good.
+            queue: its runs wait in this queue (declared with ``app.queue``) unless
+                ``app.start`` names another.
         """
         if cleanup_timeout <= 0:
             raise RegistrationError(f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout}")
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise RegistrationError(f"workflow queue must be a queue's name, got {queue!r}")
 
         def register(f: F) -> F:
             if not inspect.iscoroutinefunction(f):
@@ -330,12 +358,16 @@ class Router:
                     "`ctx` first"
                 )
             wdef = WorkflowDef(name or f.__name__, f, signature_of(f, skip=1),
-                               service or self.service, cleanup_timeout=cleanup_timeout)
+                               service or self.service, cleanup_timeout=cleanup_timeout,
+                               queue=queue)
             from .waits import literal_waits
 
             self.waits.update((wdef.name, t) for t in literal_waits(f))
             self._add_workflow(wdef)
             setattr(f, WORKFLOW_ATTR, wdef)
+            from cantata.flow.declare import bind_pending_schedules
+
+            bind_pending_schedules(self, f)
             return f
 
         return register(fn) if fn is not None else register
@@ -389,6 +421,7 @@ class Router:
         retry: Retry | None = None,
         emits: Sequence[str] = (),
         require_signature: bool = False,
+        concurrency: int | None = None,
     ) -> Callable[[F], F]:
         """Register an event handler for ``pattern`` in ``group`` (the reacting service).
 
@@ -400,7 +433,10 @@ class Router:
             emits: event types the handler may emit (for maps and AsyncAPI).
             require_signature: dead-letter events that are not signed with one of the
                 app's ``signing_keys`` before this handler sees them.
+            concurrency: most handlers of ``group`` in progress at once across all
+                workers (waiting for a slot is not an attempt).
         """
+        check_limit(f"handler group {group!r} concurrency", concurrency)
         check_pattern(pattern)
         if not group or not isinstance(group, str):
             raise RegistrationError(f"handler for {pattern!r} needs group='service-name'")
@@ -422,6 +458,7 @@ class Router:
                 emits=tuple(emits),
                 service=self.service,
                 require_signature=require_signature,
+                concurrency=concurrency,
             )
             self._add_handler(hdef)
             return f
@@ -501,6 +538,82 @@ class Router:
                 self.triggers.append(t)
         self.queries.update(router.queries)
         self.waits.update(router.waits)
+        for q in router.queues.values():
+            self._add_queue(q)
+        for sched in router.schedule_specs.values():
+            self.schedule_specs[sched.name] = sched
+
+    # -- flow control (see cantata.flow and docs/flow-control.md) ---------------------
+
+    def queue(
+        self,
+        name: str,
+        concurrency: int | None = None,
+        per_worker: int | None = None,
+        rate: Rate | None = None,
+        priorities: bool = False,
+    ) -> str:
+        """Declare a queue; returns its name (for ``queue=`` on start or workflow).
+
+        Args:
+            concurrency: runs of the queue in progress across all workers at most
+                (per partition key when runs are started with ``partition=``).
+            per_worker: runs of the queue in progress in one worker at most.
+            rate: ``cantata.Rate(limit, per=seconds)``: at most ``limit`` runs begin in
+                any window of ``per`` seconds (per partition key).
+            priorities: lower ``priority=`` numbers begin first (else oldest first).
+
+        Raises:
+            ConfigurationError: a limit is not a whole number > 0.
+        """
+        from cantata.flow.queues import make_spec
+
+        self._add_queue(make_spec(name, concurrency, per_worker, rate, priorities))
+        return name
+
+    def _add_queue(self, spec: QueueSpec) -> None:
+        old = self.queues.get(spec.name)
+        if old is not None and old != spec:
+            raise RegistrationError(
+                f"queue {spec.name!r} is declared twice with different limits "
+                f"({'; '.join(spec.differences(old))})"
+            )
+        self.queues[spec.name] = spec
+
+    def schedule(
+        self,
+        cron: str | None = None,
+        *,
+        every: float | None = None,
+        timezone: str = "UTC",
+        overlap: str = "skip",
+        catch_up: str = "skip",
+        catch_up_limit: int | None = None,
+        name: str | None = None,
+    ) -> Callable[[F], F]:
+        """Start the decorated workflow on a schedule (above or below ``@app.workflow``).
+
+        The workflow's one argument is the tick's time (an aware UTC datetime).
+
+        Args:
+            cron: a five-field cron expression, e.g. ``"*/5 * * * *"``.
+            every: or a fixed interval in seconds.
+            timezone: the IANA zone the cron expression reads in (daylight saving
+                handled as cron does).
+            overlap: when a tick comes while the previous run is still in progress:
+                ``skip`` it, ``buffer_one`` (start it once that run ends) or ``allow``.
+            catch_up: ticks missed while no worker ran: ``skip``, ``last`` or ``all``.
+            catch_up_limit: with ``all``, at most this many (the latest).
+            name: defaults to the workflow's name.
+
+        Raises:
+            ConfigurationError: naming an invalid cron, time zone, policy or limit.
+        """
+        from cantata.flow.declare import schedule_decorator
+
+        return schedule_decorator(self, cron, every, timezone, overlap, catch_up,
+                                  catch_up_limit, name)
+
 
     def handler_for(self, group: str, event_type: str) -> HandlerDef | None:
         """The one handler of ``group`` for ``event_type``: an exact type beats a wildcard."""

@@ -21,6 +21,7 @@ from cantata.errors import (
     StoreUnavailable,
     error_text,
 )
+from cantata.flow.limits import release_step_slot, take_step_slot
 from cantata.model import codec
 from cantata.model.records import (
     ATTRS,
@@ -426,6 +427,10 @@ class RunExecution:
             await self.park_if_stopping()
             if kind != COMPENSATION:
                 self.check_interrupt()
+            # A limited step waits for its slot here, before the attempt is recorded
+            # (released when _execute ends; a slot left by a lost commit is this
+            # holder's again when the run goes on, or lapses with this worker).
+            await take_step_slot(self, sdef, key)
             n += 1
             now = clock.now()
             attempt = Attempt(key, n, now)
@@ -576,6 +581,16 @@ class RunExecution:
 
     async def _execute(
         self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str = "step"
+    ) -> Any:
+        if sdef.concurrency is not None or sdef.rate is not None:
+            try:
+                return await self._with_hooks(sdef, args, key, attempt, kind)
+            finally:
+                await release_step_slot(self, sdef, key)
+        return await self._with_hooks(sdef, args, key, attempt, kind)
+
+    async def _with_hooks(
+        self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
     ) -> Any:
         hooks = self.engine.hooks
         if not hooks:

@@ -29,6 +29,9 @@ from .runner import RunExecution
 from .shutdown import drain
 
 if TYPE_CHECKING:
+    from cantata.flow.service import FlowService
+    from cantata.model.flow import QueueEntry
+
     from .tasks import TaskServer
 
 log = logging.getLogger("cantata.worker")
@@ -127,6 +130,8 @@ class Engine:
         self.replay_verdicts: dict[str, tuple[float, bool]] = {}  # run id -> (updated, ok)
         self.version_order: tuple[float, dict[str, float]] | None = None  # (read at, order)
         self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
+        self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
+        self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -188,15 +193,16 @@ class Engine:
         causation_id: str | None = None,
         parent_run_id: str | None = None,
         deadline: float | None = None,
+        queue: QueueEntry | None = None,
     ) -> RunRecord:
         """Store a new run (or return the one with that idempotency key) and start it here
-        when this process serves the workflow."""
+        when this process serves the workflow; with ``queue``, it waits there to begin."""
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )
         run_id = codec.new_id()
         now = self.clock.now()
-        local = self.serving and self.serves(workflow)
+        local = self.serving and self.serves(workflow) and queue is None
         wdef = self.router.workflows.get(workflow)
         run = RunRecord(
             run_id=run_id,
@@ -217,6 +223,11 @@ class Engine:
             service=wdef.service if wdef else None,
             version=self.version if wdef else None,
         )
+        if queue is not None:
+            stored, created = await self.store.create_queued_run(run, queue)
+            if created and self.flow is not None:
+                self.flow.wake()
+            return stored
         if local and idempotency_key is None:
             # Executed here at once, and new for sure: the run is stored with its first
             # checkpoint, in one transaction, when its workflow reaches it.
@@ -278,6 +289,9 @@ class Engine:
         if create:
             execution.expect_creation()
         self.executions[run.run_id] = execution
+        launched = self._launched.pop(run.run_id, None)
+        if launched is not None and not launched.done():
+            launched.set_result(None)
         task = asyncio.create_task(
             execution.execute(after=previous), name=f"cantata-run:{run.run_id}"
         )
@@ -350,6 +364,10 @@ class Engine:
 
         self.task_server = TaskServer(self, self.served_services())
         self.task_server.start()
+        from cantata.flow.service import FlowService
+
+        self.flow = FlowService(self)
+        self.flow.start()
 
     async def stop(
         self, grace: float = 0.0, force: asyncio.Event | None = None, *,
@@ -364,6 +382,9 @@ class Engine:
         :meth:`forget_worker` once they are done.
         """
         loop = asyncio.get_running_loop()
+        if self.flow is not None:  # admit no more queued runs, start no more ticks
+            await self.flow.stop()
+            self.flow = None
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -448,6 +469,17 @@ class Engine:
             for group in self._waiters.values():
                 for execution in group:
                     execution.wakeup.set()
+
+    async def wait_launched(self, run_id: str, timeout: float) -> None:
+        """Return when this process begins executing ``run_id`` (a run waiting in a
+        queue), or after ``timeout``: a waiting caller is not woken by every other run's
+        change."""
+        fut = self._launched.get(run_id)
+        if fut is None:
+            fut = self._launched[run_id] = asyncio.get_running_loop().create_future()
+        await asyncio.wait([fut], timeout=timeout)
+        if not fut.done():
+            self._launched.pop(run_id, None)
 
     async def wait_runs_changed(self, timeout: float) -> None:
         """Return when some run changed in this process, or after ``timeout``."""

@@ -104,10 +104,21 @@ async def assemble(
     """:func:`build_trace` with the app's declarations already loaded."""
     cid, records = await load_records(store, app, correlation_id, limit)
     root = Builder(app, records, declarations).build(cid)
+    await note_queued(store, app, root)
     if records_truncated(records, limit):
         root.children.append(truncation_notice(limit))
     root.correlation_id = cid
     return bound(root, max_nodes)
+
+
+async def note_queued(store: Store, app: str, root: TraceNode) -> None:
+    """Say on each run that waits in a queue where it waits and behind how many runs."""
+    for node in root.walk():
+        if node.kind == RUN and node.status == "pending" and node.ref is not None:
+            pos = await store.queue_position(app, node.ref)
+            if pos is not None:
+                part = f" (partition {pos.partition!r})" if pos.partition else ""
+                node.detail = f"queued in {pos.queue!r}{part} behind {pos.ahead} run(s)"
 
 
 async def load_records(

@@ -6,7 +6,9 @@
     await metrics.refresh(app)      # now and then: stalled transactions, outbox lag
 
 Exposes runs by status, step and handler latency histograms, failed attempts,
-dead letters, orphan events, stalled transactions and the outbox lag.
+dead letters, orphan events, stalled transactions, the outbox lag and, per queue,
+runs waiting, in progress, begun in the rate window and the age of the oldest
+waiting (the figures of ``cantata queues``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ class PrometheusHook(Hook):
         self.outbox_lag = Gauge("cantata_outbox_lag_events",
                                 "Events committed but not yet handed to the external broker",
                                 ["app"], registry=r)
+        self.queue_waiting = Gauge("cantata_queue_waiting_runs", "Runs waiting in a queue",
+                                   ["app", "queue"], registry=r)
+        self.queue_in_progress = Gauge("cantata_queue_in_progress_runs",
+                                       "Runs of a queue begun and not ended",
+                                       ["app", "queue"], registry=r)
+        self.queue_rate = Gauge("cantata_queue_recent_begins",
+                                "Runs of a queue begun in its rate window (60 s without a "
+                                "rate)", ["app", "queue"], registry=r)
+        self.queue_oldest = Gauge("cantata_queue_oldest_waiting_seconds",
+                                  "Age of the oldest run waiting in a queue (0: none)",
+                                  ["app", "queue"], registry=r)
 
     def run_finished(self, run: RunRecord, status: str, error: str | None) -> None:
         self.runs.labels(run.app, run.workflow, status).inc()
@@ -107,13 +120,20 @@ class PrometheusHook(Hook):
         counts: dict[str, int] = {}
         for stall in await app.stalled(older_than=stalled_after):
             counts[stall.reason] = counts.get(stall.reason, 0) + 1
-        from cantata.observability.stalled import REASONS
+        from cantata.observability.stalled import QUEUED, REASONS
 
-        for reason in REASONS:
+        for reason in (*REASONS, QUEUED):
             self.stalled.labels(app.name, reason).set(counts.get(reason, 0))
         lag = len(await app.store.unpublished_events(app.name, limit=100_000))
         broker = app._broker
         self.outbox_lag.labels(app.name).set(lag if broker and broker.relays_outbox else 0)
         for event_type, n in app.metrics.orphans.items():
             self.orphans.labels(app.name, event_type).set(n)
+        now = app.clock.now()
+        for q in await app.queue_stats():
+            self.queue_waiting.labels(app.name, q.name).set(q.waiting)
+            self.queue_in_progress.labels(app.name, q.name).set(q.in_progress)
+            self.queue_rate.labels(app.name, q.name).set(q.began_last_window)
+            oldest = 0.0 if q.oldest_waiting_at is None else max(now - q.oldest_waiting_at, 0.0)
+            self.queue_oldest.labels(app.name, q.name).set(oldest)
         self.refreshed_at = time.time()

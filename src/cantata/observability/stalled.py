@@ -39,6 +39,8 @@ from .node import (
 )
 
 PENDING_STEP = "pending_step"
+QUEUED = "queued"  # a run waiting in a queue (node.detail: which, behind how many);
+# not in REASONS, which are the stalls of every app (a queue is declared by some)
 WAITING_EVENT = "waiting_event"
 DEAD_LETTERED = "dead_letter"
 UNHANDLED_EVENT = "unhandled_event"
@@ -54,7 +56,8 @@ class Stall:
 
     Attributes:
         correlation_id: the business transaction (``cantata trace`` it).
-        reason: ``pending_step``, ``waiting_event``, ``dead_letter``,
+        reason: ``queued`` (the node's ``detail`` says in which queue and behind how
+            many runs), ``pending_step``, ``waiting_event``, ``dead_letter``,
             ``unhandled_event`` or ``compensation_failed``.
         since: when it last made progress (aware UTC datetime).
         node: the stuck node of the trace (``node.group`` names the group of a
@@ -81,6 +84,8 @@ def _run_stall(run: TraceNode, now: dt.datetime) -> tuple[str, TraceNode, dt.dat
     """Why a live run is not moving (``None`` while it legitimately sleeps or waits on a child)."""
     if run.status not in _LIVE_RUN:
         return None
+    if run.status == "pending" and run.detail and run.detail.startswith("queued"):
+        return QUEUED, run, run.started_at or now
     for child in run.children:
         if child.kind == WAIT and child.status == WAITING:
             return WAITING_EVENT, child, child.started_at or now

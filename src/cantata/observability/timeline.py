@@ -26,6 +26,7 @@ from .stalled import (
     COMPENSATION_FAILED,
     DEAD_LETTERED,
     PENDING_STEP,
+    QUEUED,
     UNHANDLED_EVENT,
     WAITING_EVENT,
     Stall,
@@ -242,6 +243,10 @@ class _Renderer:
             if n.detail:
                 line.append(f" {n.detail}")
             line.append(f" since {_clock(stall.since, self.now)} ({self.ago(stall.since)})")
+        elif stall.reason == QUEUED:
+            line.append("… queued: ", style="bold blue")
+            line.append(f"run {n.name} ({_short(n.ref)}) is {n.detail}, waiting for "
+                        f"{self.ago(stall.since)}")
         elif stall.reason == PENDING_STEP:
             line.append("… pending: ", style="bold blue")
             if n.kind == RUN:

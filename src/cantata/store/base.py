@@ -42,6 +42,7 @@ from cantata.model.records import (
     WorkerInfo,
 )
 from cantata.model.status import RunStatus
+from cantata.store.flow import FlowStore
 from cantata.store.tx import T, TxBody
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class TransactionalStore(Protocol):
 
 
 @runtime_checkable
-class Store(Protocol):
+class Store(FlowStore, Protocol):
     """Durable state of Cantata apps. All times are POSIX seconds from the app's clock."""
 
     url: str

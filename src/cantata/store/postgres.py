@@ -57,6 +57,7 @@ from cantata.store.base import (
     TraceRecords,
 )
 from cantata.store.postgres_batch import BatchWriter
+from cantata.store.postgres_flow import PostgresFlow
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
     D_DELIVERY_COLS,
@@ -79,7 +80,7 @@ log = logging.getLogger("cantata.store")
 TASK_OUTCOMES = ("done", "failed", "retry")
 
 
-class PostgresStore:
+class PostgresStore(PostgresFlow):
     """A :class:`~cantata.store.base.Store` on PostgreSQL.
 
     Args:

@@ -120,6 +120,9 @@ async def claim_runs(
         f"   AND w.worker_id=c.owner AND w.heartbeat_at >= $4)))"
         f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[]))"
         f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
+        # a run waiting in a queue begins through claim_queued_runs (or is cancelled)
+        f"  AND (c.cancel_requested OR NOT EXISTS (SELECT 1 FROM queue_runs q"
+        f"   WHERE q.app=c.app AND q.run_id=c.run_id AND q.began_at IS NULL))"
         f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED)"
         f" UPDATE runs r SET owner=$3, fence=r.fence+1 FROM pick"
         f" WHERE r.app=$1 AND r.run_id=pick.run_id"

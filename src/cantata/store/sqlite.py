@@ -50,6 +50,7 @@ from cantata.store.base import (
     TraceRecords,
 )
 from cantata.store.faults import sqlite_fault
+from cantata.store.sqlite_flow import SQLiteFlow
 from cantata.store.sqlite_open import connect
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
@@ -58,6 +59,7 @@ from cantata.store.sqlite_ops import (
     LIVE_SQL,
     RUN_COLS,
     TASK_COLS,
+    WAITING_IN_QUEUE,
     dead_letter_row,
     entry_row,
     event_row,
@@ -79,7 +81,7 @@ def _channels(write: RunWrite | None) -> tuple[str, ...]:
     return tuple(channels)
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteFlow):
     """A :class:`~cantata.store.base.Store` on one SQLite file (or in memory).
 
     Args:
@@ -213,40 +215,43 @@ class SQLiteStore:
     async def create_run(
         self, run: RunRecord, first: RunWrite | None = None
     ) -> tuple[RunRecord, bool]:
-        def op(c: sqlite3.Connection) -> tuple[RunRecord, bool]:
-            if run.idempotency_key is not None:
-                row = c.execute(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=? AND idempotency_key=?",
-                    (run.app, run.idempotency_key),
-                ).fetchone()
-                if row is not None:
-                    existing = run_row(row)
-                    if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
-                        raise IdempotencyConflict(
-                            f"idempotency key {run.idempotency_key!r} was already used for run "
-                            f"{existing.run_id} of {existing.workflow} with different "
-                            "arguments; use a new key for a new request"
-                        )
-                    return existing, False
-            c.execute(
-                f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
-                (
-                    run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
-                    run.error, run.idempotency_key, run.args_hash, run.correlation_id,
-                    run.causation_id, run.parent_run_id, run.service, run.created_at,
-                    run.updated_at, run.deadline_at, int(run.cancel_requested), run.owner,
-                    run.fence, int(run.flagged), run.version, run.epoch,
-                ),
-            )
-            ops.audit_append(c, run.app, audit.run_created_entry(
-                run.run_id, run.workflow, run.correlation_id, run.parent_run_id
-            ))
-            if first is not None:
-                self._apply(c, run.app, run.run_id, first, run.owner, str(run.status),
-                            run.correlation_id)
-            return run, True
+        return await self._t.write(lambda c: self._create(c, run, first), *_channels(first))
 
-        return await self._t.write(op, *_channels(first))
+    def _create(
+        self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None
+    ) -> tuple[RunRecord, bool]:
+        """:meth:`create_run` in the caller's transaction (queued runs use it too)."""
+        if run.idempotency_key is not None:
+            row = c.execute(
+                f"SELECT {RUN_COLS} FROM runs WHERE app=? AND idempotency_key=?",
+                (run.app, run.idempotency_key),
+            ).fetchone()
+            if row is not None:
+                existing = run_row(row)
+                if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
+                    raise IdempotencyConflict(
+                        f"idempotency key {run.idempotency_key!r} was already used for run "
+                        f"{existing.run_id} of {existing.workflow} with different "
+                        "arguments; use a new key for a new request"
+                    )
+                return existing, False
+        c.execute(
+            f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
+            (
+                run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
+                run.error, run.idempotency_key, run.args_hash, run.correlation_id,
+                run.causation_id, run.parent_run_id, run.service, run.created_at,
+                run.updated_at, run.deadline_at, int(run.cancel_requested), run.owner,
+                run.fence, int(run.flagged), run.version, run.epoch,
+            ),
+        )
+        ops.audit_append(c, run.app, audit.run_created_entry(
+            run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+        ))
+        if first is not None:
+            self._apply(c, run.app, run.run_id, first, run.owner, str(run.status),
+                        run.correlation_id)
+        return run, True
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
         row = await self._t.read(
@@ -306,7 +311,7 @@ class SQLiteStore:
                 f"  ON w.app=r.app AND w.worker_id=r.owner"
                 f" WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
-                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))){extra}"
+                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
                 f" ORDER BY r.created_at LIMIT ?) RETURNING {RUN_COLS}",
                 (worker_id, app, app, *workflows, worker_id, stale_before, *more, limit),
             ).fetchall()

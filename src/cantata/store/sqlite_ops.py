@@ -34,6 +34,12 @@ from cantata.store.base import Settlement, TraceRecords
 from cantata.store.sqlite_thread import TxConnection
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
+# A run waiting in a queue begins through claim_queued_runs, not claim_runs (unless
+# it is to be cancelled: then any worker may take it and end it).
+WAITING_IN_QUEUE = (
+    "(r.cancel_requested=1 OR NOT EXISTS (SELECT 1 FROM queue_runs q WHERE q.app=r.app "
+    "AND q.run_id=r.run_id AND q.began_at IS NULL))"
+)
 
 RUN_COLS = (
     "app, run_id, workflow, status, args, result, error, idempotency_key, args_hash, "

@@ -1,0 +1,131 @@
+"""``cantata queues`` and ``cantata schedules list|pause|resume|trigger|delete``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cantata.flow.schedules import ScheduleInfo
+from cantata.model.flow import QueueStats
+
+from .common import client_app, console, fmt_duration, run
+from .runs import AppOpt, StoreOpt
+
+NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("queues")(queues)
+    schedules = typer.Typer(help="Durable schedules: list, pause, resume, trigger, delete.",
+                            no_args_is_help=True)
+    schedules.command("list")(list_schedules)
+    schedules.command("pause")(pause)
+    schedules.command("resume")(resume)
+    schedules.command("trigger")(trigger)
+    schedules.command("delete")(delete)
+    cli.add_typer(schedules, name="schedules")
+
+
+def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Queues: runs waiting (depth), in progress, begun in the rate window, oldest waiting."""
+    the_app = client_app(app, store)
+
+    async def go() -> tuple[float, list[QueueStats]]:
+        async with the_app.client():
+            return the_app.clock.now(), list(await the_app.queue_stats())
+
+    now, stats = run(go)
+    if as_json:
+        print(json.dumps([{
+            "queue": q.name, "waiting": q.waiting, "in_progress": q.in_progress,
+            "recent_begins": q.began_last_window,
+            "oldest_waiting_seconds": None if q.oldest_waiting_at is None
+            else round(now - q.oldest_waiting_at, 3),
+        } for q in stats]))
+        return
+    table = Table("queue", "waiting", "in progress", "rate", "oldest waiting", "limits")
+    for q in stats:
+        spec = q.spec
+        rate = f"{q.began_last_window} of {spec.rate}" if spec.rate else (
+            f"{q.began_last_window} in 60s")
+        limits = ", ".join(
+            f"{k}={v}" for k, v in (("concurrency", spec.concurrency),
+                                    ("per_worker", spec.per_worker),
+                                    ("priorities", spec.priorities or None)) if v is not None
+        ) or "-"
+        oldest = None if q.oldest_waiting_at is None else now - q.oldest_waiting_at
+        table.add_row(q.name, str(q.waiting), str(q.in_progress), rate,
+                      fmt_duration(oldest), limits)
+    console.print(table if stats else "no queues")
+
+
+def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Every schedule: when it ticks, its policies, whether paused, its next tick."""
+    the_app = client_app(app, store)
+
+    async def go() -> list[ScheduleInfo]:
+        async with the_app.client():
+            return list(await the_app.schedules.list())
+
+    rows = run(go)
+    if as_json:
+        print(json.dumps([{
+            "name": s.name, "workflow": s.workflow, "when": s.when,
+            "timezone": s.timezone, "overlap": s.overlap,
+            "catch_up": s.catch_up, "paused": s.paused,
+            "source": s.source, "last_run_id": s.last_run_id,
+            "next_tick": None if s.next_tick is None else s.next_tick.isoformat(),
+        } for s in rows]))
+        return
+    table = Table("schedule", "workflow", "when", "zone", "overlap", "catch-up", "state",
+                  "next tick (UTC)")
+    for s in rows:
+        table.add_row(
+            s.name, s.workflow, s.when, s.timezone, s.overlap, s.catch_up,
+            "paused" if s.paused else "active",
+            "-" if s.next_tick is None else s.next_tick.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table if rows else "no schedules")
+
+
+def pause(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
+    """Stop starting runs of a schedule until it is resumed."""
+    _act(app, store, name, "pause")
+    console.print(f"schedule {name}: paused")
+
+
+def resume(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
+    """Start runs of a schedule again, from its next tick."""
+    _act(app, store, name, "resume")
+    console.print(f"schedule {name}: resumed")
+
+
+def delete(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
+    """Remove a schedule (one declared in code returns when its app opens again)."""
+    _act(app, store, name, "delete")
+    console.print(f"schedule {name}: deleted")
+
+
+def trigger(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
+    """Start one run of a schedule now."""
+    the_app = client_app(app, store)
+
+    async def go() -> str:
+        async with the_app.client():
+            return (await the_app.schedules.trigger(name)).run_id
+
+    console.print(f"schedule {name}: started run {run(go)}")
+
+
+def _act(app: str | None, store: str | None, name: str, action: str) -> None:
+    the_app = client_app(app, store)
+
+    async def go() -> None:
+        async with the_app.client():
+            await getattr(the_app.schedules, action)(name)
+
+    run(go)

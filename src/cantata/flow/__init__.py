@@ -1,0 +1,1 @@
+"""Flow control: queues, cluster-wide step and handler limits, durable schedules."""

@@ -1,0 +1,83 @@
+"""``@app.schedule``: binding a schedule to a workflow, whichever decorator comes first."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cantata.errors import RegistrationError
+
+from .schedules import ScheduleSpec
+
+if TYPE_CHECKING:
+    from cantata.engine.registry import Router, WorkflowDef
+
+F = TypeVar("F", bound=Callable[..., Any])
+PENDING_ATTR = "__cantata_pending_schedules__"
+
+
+def schedule_decorator(
+    router: Router,
+    cron: str | None,
+    every: float | None,
+    timezone: str,
+    overlap: str,
+    catch_up: str,
+    catch_up_limit: int | None,
+    name: str | None,
+) -> Callable[[F], F]:
+    """The decorator of ``Router.schedule``; the options are checked at once."""
+    options: dict[str, Any] = {
+        "cron": cron, "every": every, "timezone": timezone, "overlap": overlap,
+        "catch_up": catch_up, "catch_up_limit": catch_up_limit,
+    }
+    ScheduleSpec(name or "(schedule)", "(workflow)", **options)  # validate now
+
+    def register(f: F) -> F:
+        from cantata.engine.registry import WORKFLOW_ATTR
+
+        wdef = getattr(f, WORKFLOW_ATTR, None)
+        if wdef is not None:
+            _bind(router, wdef, name, options)
+        else:  # below @app.workflow: bound when that registers the function
+            pending = getattr(f, PENDING_ATTR, None)
+            if pending is None:
+                pending = []
+                setattr(f, PENDING_ATTR, pending)
+            pending.append((router, name, options))
+        return f
+
+    return register
+
+
+def bind_pending_schedules(router: Router, fn: Callable[..., Any]) -> None:
+    """Called by ``@app.workflow``: attach schedules declared below it."""
+    from cantata.engine.registry import WORKFLOW_ATTR
+
+    for target, name, options in getattr(fn, PENDING_ATTR, ()):
+        if target is not router:
+            raise RegistrationError(
+                f"@schedule and @workflow on {fn.__qualname__} belong to different routers"
+            )
+        _bind(router, getattr(fn, WORKFLOW_ATTR), name, options)
+
+
+def _bind(router: Router, wdef: WorkflowDef, name: str | None,
+          options: dict[str, Any]) -> None:
+    from cantata.engine.registry import WORKFLOW_ATTR
+
+    spec = ScheduleSpec(name or wdef.name, wdef.name, **options)
+    old = router.schedule_specs.get(spec.name)
+    if old is not None and old != spec:
+        raise RegistrationError(f"two schedules are named {spec.name!r}: give one name=...")
+    router.schedule_specs[spec.name] = spec
+    params = wdef.sig.params
+    if params and params[0] in (inspect.Parameter.empty, Any, object, "object", "Any"):
+        # The tick arrives as JSON text; an unannotated parameter still gets a datetime.
+        sig = dataclasses.replace(wdef.sig, params=(dt.datetime, *params[1:]))
+        wdef = dataclasses.replace(wdef, sig=sig)
+        router.workflows[wdef.name] = wdef
+        setattr(wdef.fn, WORKFLOW_ATTR, wdef)

@@ -1,0 +1,120 @@
+"""Cluster-wide limits on one step (``@app.step(concurrency=, rate=)``) or one handler
+group (``@app.on(..., concurrency=)``).
+
+A slot is a row in the store held by this worker (so it is lost with the worker's
+lease if the worker dies) and released when the attempt ends, however it ends.
+Waiting for a slot comes before the attempt is recorded: it is neither an attempt
+nor a failure. See docs/flow-control.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from cantata.model.flow import Rate
+
+if TYPE_CHECKING:
+    from cantata.engine.registry import HandlerDef, StepDef
+    from cantata.engine.runner import RunExecution
+    from cantata.engine.worker import Engine
+
+log = logging.getLogger("cantata.limits")
+
+
+def step_scope(name: str) -> str:
+    return f"step:{name}"
+
+
+def handler_scope(group: str) -> str:
+    return f"handler:{group}"
+
+
+async def acquire(
+    engine: Engine,
+    scope: str,
+    holder: str,
+    concurrency: int | None,
+    rate: Rate | None,
+    wait: Any,
+) -> None:
+    """Take a slot of ``scope``, waiting with ``wait(seconds)`` while none is free.
+
+    ``wait`` returns early when something may have freed a slot (a store
+    notification); it may raise (a cancelled run), and then nothing is held.
+    """
+    store, clock = engine.store, engine.clock
+    while True:
+        now = clock.now()
+        grant = await store.acquire_slot(
+            engine.app, scope, holder, engine.worker_id, concurrency=concurrency, rate=rate,
+            now=now, stale_before=now - engine.lease,
+        )
+        if grant.granted:
+            return
+        pause = engine.poll_interval * 5
+        if grant.retry_at is not None:
+            pause = min(pause, max(grant.retry_at - now, 0.005))
+        await wait(pause)
+
+
+async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> bool:
+    """Wait for a slot of a limited step (True if one was taken, False: no limit)."""
+    if sdef.concurrency is None and sdef.rate is None:
+        return False
+    engine = execution.engine
+    waiting = engine.flow.slot_waiters if engine.flow is not None else set()
+
+    async def wait(seconds: float) -> None:
+        waiting.add(execution)
+        try:
+            await execution.wait_until(engine.clock.now() + seconds)
+        finally:
+            waiting.discard(execution)
+
+    await acquire(engine, step_scope(sdef.name), f"{execution.run.run_id}:{key}",
+                  sdef.concurrency, sdef.rate, wait)
+    return True
+
+
+async def release_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> None:
+    """Free the slot of a finished attempt (a store error only delays it: the slot is
+    this holder's again on its next attempt, or lapses with this worker's lease)."""
+    try:
+        await execution.engine.store.release_slot(
+            execution.run.app, step_scope(sdef.name), f"{execution.run.run_id}:{key}"
+        )
+    except Exception as exc:
+        log.warning("releasing the slot of step %s failed (%s)", sdef.name, exc)
+
+
+async def take_handler_slot(engine: Engine, hdef: HandlerDef, event_id: str,
+                            extend: Any) -> str | None:
+    """Wait for a slot of a limited handler group; the holder to release (or ``None``)."""
+    if hdef.concurrency is None:
+        return None
+    holder = f"{hdef.group}:{event_id}"
+    news = engine.flow.released if engine.flow is not None else asyncio.Event()
+
+    async def wait(seconds: float) -> None:
+        await extend()  # a broker message stays ours while it waits
+        news.clear()
+        sleeper = asyncio.ensure_future(engine.clock.sleep(seconds))
+        waiter = asyncio.ensure_future(news.wait())
+        try:
+            await asyncio.wait([sleeper, waiter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waiter.cancel()
+
+    await acquire(engine, handler_scope(hdef.group), holder, hdef.concurrency, None, wait)
+    return holder
+
+
+async def release_handler_slot(engine: Engine, hdef: HandlerDef, holder: str) -> None:
+    """Free a handler's slot (on a store error it lapses with this worker's lease)."""
+    try:
+        await engine.store.release_slot(engine.app, handler_scope(hdef.group), holder)
+    except Exception as exc:
+        log.warning("releasing the slot of group %s failed (%s)", hdef.group, exc)

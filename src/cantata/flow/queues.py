@@ -1,0 +1,165 @@
+"""Queues, engine side: where a started run waits, and the loop that lets runs begin.
+
+The limits are enforced by the store (:meth:`~cantata.store.flow.FlowStore.
+claim_queued_runs`); this loop only asks it, for every queue, to admit what fits,
+whenever a run ended or was queued (a store notification), when a rate window
+frees a begin, and every few poll intervals. See docs/flow-control.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from cantata.errors import ConfigurationError, UnknownQueue
+from cantata.model.flow import QueueEntry, QueueSpec, Rate, check_limit
+
+if TYPE_CHECKING:
+    from cantata.engine.worker import Engine
+
+log = logging.getLogger("cantata.queues")
+
+CLAIM_LIMIT = 50  # runs one claim admits at most
+
+
+def make_spec(
+    name: str,
+    concurrency: int | None,
+    per_worker: int | None,
+    rate: Rate | None,
+    priorities: bool,
+) -> QueueSpec:
+    """A validated :class:`QueueSpec`.
+
+    Raises:
+        ConfigurationError: a limit is not a whole number > 0, ``rate`` is not a
+            :class:`~cantata.Rate`, or the name is empty.
+    """
+    if not isinstance(name, str) or not name or len(name) > 100:
+        raise ConfigurationError(f"queue name {name!r} must be 1-100 characters")
+    check_limit(f"queue {name!r} concurrency", concurrency)
+    check_limit(f"queue {name!r} per_worker", per_worker)
+    if rate is not None and not isinstance(rate, Rate):
+        raise ConfigurationError(
+            f"queue {name!r} rate must be cantata.Rate(limit, per=seconds), got {rate!r}"
+        )
+    return QueueSpec(name, concurrency, per_worker, rate, bool(priorities))
+
+
+async def entry_for(
+    engine: Engine,
+    workflow: str,
+    queue: str | None,
+    priority: object,
+    partition: object,
+) -> QueueEntry | None:
+    """Where a new run of ``workflow`` waits (``None``: it begins at once).
+
+    ``queue`` defaults to the workflow's ``@app.workflow(queue=...)``.
+
+    Raises:
+        UnknownQueue: no process of the app declared the queue.
+        ConfigurationError: ``priority`` is not an int or ``partition`` not a string,
+            or either is given without a queue.
+    """
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigurationError(f"priority must be an integer, got {priority!r}")
+    if partition is not None and (not isinstance(partition, str) or not partition):
+        raise ConfigurationError(f"partition must be a non-empty string, got {partition!r}")
+    if queue is None:
+        wdef = engine.router.workflows.get(workflow)
+        queue = wdef.queue if wdef is not None else None
+    if queue is None:
+        if priority != 0 or partition is not None:
+            raise ConfigurationError(
+                f"priority={priority!r} / partition={partition!r} need a queue: pass queue=NAME"
+            )
+        return None
+    if not isinstance(queue, str):
+        raise UnknownQueue(f"queue must be a queue's name, got {queue!r}")
+    if queue not in engine.router.queues:
+        known = {q.name for q in await engine.store.queues(engine.app)}
+        if queue not in known:
+            raise UnknownQueue(
+                f"no queue named {queue!r} in app {engine.app!r} (known: "
+                f"{', '.join(sorted(known)) or 'none'}); declare it with app.queue({queue!r})"
+            )
+    return QueueEntry(queue, partition or "", priority)
+
+
+class QueueLoop:
+    """Lets waiting runs of the workflows this worker serves begin, queue by queue."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.wakeup = asyncio.Event()  # a run ended or was queued somewhere
+        self.queued = asyncio.Event()  # a run was queued by this process
+        self._waiting = True  # some run waits behind a limit (so a run's end matters)
+        self._queues: list[str] = []
+        self._listed_at = -1.0
+
+    async def run(self) -> None:
+        engine = self.engine
+        while True:
+            self.wakeup.clear()
+            self.queued.clear()
+            retry_at = None
+            try:
+                retry_at = await self.claim_all()
+            except Exception as exc:
+                log.warning("claiming queued runs failed (%s); retrying", exc)
+            if self._waiting:
+                wait, timed = engine.poll_interval * 5, False
+                if retry_at is not None and retry_at - engine.clock.now() < wait:
+                    wait, timed = max(retry_at - engine.clock.now(), 0.005), True
+                await self._wait(wait, self.wakeup, timed)
+            else:
+                # Nothing waits: the end of a run frees nothing anyone waits for, so only
+                # a run queued here wakes the loop, and runs queued by other processes
+                # are looked for every poll interval.
+                await self._wait(engine.poll_interval, self.queued)
+
+    async def _wait(self, seconds: float, event: asyncio.Event, timed: bool = False) -> None:
+        # Polling for other processes' changes waits in real time; only a rate limit's
+        # next free begin (``timed``) is a time of the app's clock (which tests skip).
+        sleeper = asyncio.ensure_future(
+            self.engine.clock.sleep(seconds) if timed else asyncio.sleep(seconds)
+        )
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait([sleeper, waiter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waiter.cancel()
+        if event.is_set():  # let a burst of notifications coalesce
+            await asyncio.sleep(min(0.02, self.engine.poll_interval))
+
+    async def claim_all(self) -> float | None:
+        """One claim per queue; returns when a rate limit lets the next run begin."""
+        engine = self.engine
+        ownership = getattr(engine, "ownership", None)
+        if ownership is not None and ownership.expired():
+            return None  # this worker's hold is in doubt: it takes on nothing new
+        now = engine.clock.now()
+        if now - self._listed_at > engine.poll_interval * 5 or not self._queues:
+            self._queues = [q.name for q in await engine.store.queues(engine.app)]
+            self._listed_at = now
+        workflows = engine.served_workflows()
+        retry_at: float | None = None
+        self._waiting = False
+        for name in self._queues:
+            while True:
+                claim = await engine.store.claim_queued_runs(
+                    engine.app, engine.worker_id, name, workflows, now=engine.clock.now(),
+                    limit=CLAIM_LIMIT,
+                )
+                for run in claim.runs:
+                    engine.launch(run, fresh=True)  # it never began: no history to load
+                self._waiting = self._waiting or claim.waiting
+                if claim.retry_at is not None:
+                    retry_at = claim.retry_at if retry_at is None else min(retry_at,
+                                                                           claim.retry_at)
+                if len(claim.runs) < CLAIM_LIMIT:
+                    break
+        return retry_at

@@ -1,0 +1,458 @@
+"""Durable schedules: cron or fixed-interval ticks, each starting exactly one run.
+
+Declared with ``@app.schedule`` or ``app.schedules.create``; recorded in the store
+(spec and state as JSON, updated compare-and-set). Every worker runs a
+:class:`Scheduler`; whichever wins the compare-and-set of a schedule's state
+decides its ticks, and every run is started with the idempotency key
+``schedule:NAME:TICK``, so a tick starts one run however many workers race.
+See docs/flow-control.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import zoneinfo
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import cronsim
+
+from cantata.errors import ConfigurationError, IdempotencyConflict, UnknownSchedule
+from cantata.model import codec
+from cantata.model.flow import ScheduleRow
+
+if TYPE_CHECKING:
+    from cantata.engine.handle import RunHandle
+    from cantata.engine.worker import Engine
+
+log = logging.getLogger("cantata.schedules")
+
+OVERLAP = ("skip", "buffer_one", "allow")
+CATCH_UP = ("skip", "last", "all")
+# Seconds of silence after which ticks nobody looked at count as missed (catch-up
+# policy) rather than late (started as usual): longer than a busy worker's pass.
+WATCH_GAP = 3.0
+MAX_PASS = 1.0  # seconds between passes at most
+MAX_TICKS = 100_000  # ticks computed per pass at most (a long downtime of every=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSpec:
+    """What a schedule starts and when (validated on construction).
+
+    Raises:
+        ConfigurationError: naming the bad value (cron, time zone, policy, limit).
+    """
+
+    name: str
+    workflow: str
+    cron: str | None = None
+    every: float | None = None
+    timezone: str = "UTC"
+    overlap: str = "skip"
+    catch_up: str = "skip"
+    catch_up_limit: int | None = None
+    input: Any = None
+    has_input: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.cron is None) == (self.every is None):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: give a cron expression or every=SECONDS (one of them)"
+            )
+        if self.cron is not None:
+            if not isinstance(self.cron, str):
+                raise ConfigurationError(f"schedule {self.name!r}: cron {self.cron!r} is not text")
+            try:
+                cronsim.CronSim(self.cron, dt.datetime(2000, 1, 1))
+            except cronsim.CronSimError as exc:
+                raise ConfigurationError(
+                    f"schedule {self.name!r}: invalid cron expression {self.cron!r} ({exc}); "
+                    "use five fields, e.g. '*/5 * * * *'"
+                ) from None
+        if self.every is not None and (
+            isinstance(self.every, bool) or not isinstance(self.every, int | float)
+            or not math.isfinite(self.every) or self.every <= 0
+        ):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: every={self.every!r} must be seconds > 0"
+            )
+        zone(self.timezone, self.name)
+        if self.overlap not in OVERLAP:
+            raise ConfigurationError(
+                f"schedule {self.name!r}: overlap={self.overlap!r} is none of {', '.join(OVERLAP)}"
+            )
+        if self.catch_up not in CATCH_UP:
+            raise ConfigurationError(
+                f"schedule {self.name!r}: catch_up={self.catch_up!r} is none of "
+                f"{', '.join(CATCH_UP)}"
+            )
+        limit = self.catch_up_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit <= 0):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: catch_up_limit={limit!r} must be a whole number > 0"
+            )
+        if self.has_input:
+            codec.dumps(self.input, f"input of schedule {self.name}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ScheduleSpec:
+        return cls(**json.loads(text))
+
+    def ticks(self, after: float, until: float, cap: int = MAX_TICKS) -> list[float]:
+        """Tick times (POSIX) in ``(after, until]``, oldest first, at most ``cap`` (the newest)."""
+        if self.every is not None:
+            first = (math.floor(after / self.every) + 1) * self.every
+            if first > until:
+                return []
+            count = math.floor((until - first) / self.every) + 1
+            start = max(0, count - cap)
+            return [first + i * self.every for i in range(start, count)]
+        assert self.cron is not None
+        out: list[float] = []
+        begin = dt.datetime.fromtimestamp(after, zone(self.timezone, self.name))
+        for when in cronsim.CronSim(self.cron, begin):
+            ts = when.timestamp()
+            if ts > until:
+                break
+            if ts > after:
+                out.append(ts)
+                if len(out) > cap:
+                    del out[0]
+        return out
+
+    def next_tick(self, after: float) -> float | None:
+        """The first tick after ``after`` (``None`` if the cron never matches again)."""
+        if self.every is not None:
+            return (math.floor(after / self.every) + 1) * self.every
+        assert self.cron is not None
+        start = dt.datetime.fromtimestamp(after, zone(self.timezone, self.name))
+        for when in cronsim.CronSim(self.cron, start):
+            if when.timestamp() > after:
+                return when.timestamp()
+        return None
+
+    def args(self, tick: float) -> list[Any]:
+        """The run's arguments: the tick (and the input, when there is one)."""
+        when = tick_iso(tick)
+        return [when, self.input] if self.has_input else [when]
+
+
+def zone(name: str, schedule: str = "") -> zoneinfo.ZoneInfo:
+    """The IANA time zone ``name``.
+
+    Raises:
+        ConfigurationError: it is not a known time zone.
+    """
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ConfigurationError(
+            f"schedule {schedule!r}: unknown time zone {name!r}; use an IANA name such as "
+            "'UTC' or 'Europe/Berlin'"
+        ) from None
+
+
+def tick_iso(tick: float) -> str:
+    """A tick as ISO 8601 UTC text (its part of the run's idempotency key)."""
+    return dt.datetime.fromtimestamp(tick, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def tick_key(name: str, tick: float) -> str:
+    return f"schedule:{name}:{tick_iso(tick)}"
+
+
+@dataclass
+class ScheduleState:
+    """A schedule's progress, stored as JSON next to its spec."""
+
+    last_tick: float  # every tick up to here has been decided
+    checked_at: float  # when a scheduler last looked at it
+    backlog: list[tuple[float, str]] = field(default_factory=list)  # (tick, "catch"|"now")
+    starting: list[float] = field(default_factory=list)  # decided, runs not yet created
+    last_run_id: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ScheduleState:
+        raw = json.loads(text)
+        raw["backlog"] = [(float(t), str(k)) for t, k in raw.get("backlog", [])]
+        return cls(**raw)
+
+
+def _trim(remaining: list[tuple[float, str]], overlap: str) -> list[tuple[float, str]]:
+    """What waits for the run in progress: caught-up ticks, plus one current tick with
+    ``buffer_one``; other current ticks that overlap are skipped."""
+    kept = [x for x in remaining if x[1] == "catch"]
+    if overlap == "buffer_one":
+        kept += [x for x in remaining if x[1] == "now"][:1]
+    return kept
+
+
+class Scheduler:
+    """Decides the ticks of every schedule whose workflow this worker serves."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.started_at = engine.clock.now()
+        self.run_ended = asyncio.Event()  # set by the store's notifications
+        self._backlog = False  # a tick waits for a run in progress to end
+
+    async def run(self) -> None:
+        """Passes until cancelled: at the next tick (the app's clock, so a skipping
+        clock jumps to it) or after ``MAX_PASS`` real seconds (schedules created,
+        paused or changed by other processes, runs that ended), whichever is first."""
+        clock = self.engine.clock
+        while True:
+            due: float | None = None
+            try:
+                due = await self.pass_once()
+            except Exception as exc:
+                log.warning("schedules: a pass failed (%s); retrying", exc)
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.sleep(MAX_PASS))]
+            self.run_ended.clear()
+            if self._backlog:  # the end of the run in progress lets the next tick start
+                waits.append(asyncio.ensure_future(self.run_ended.wait()))
+            if due is not None:
+                waits.append(asyncio.ensure_future(
+                    clock.sleep(max(due - clock.now(), 0.01))
+                ))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    async def pass_once(self) -> float | None:
+        """Decide and start due ticks; returns when the next one is due (clock time)."""
+        engine = self.engine
+        due: float | None = None
+        self._backlog = False
+        for row in await engine.store.schedules(engine.app):
+            spec = ScheduleSpec.from_json(row.spec)
+            if row.paused or not engine.serves(spec.workflow):
+                continue
+            nxt = await self._advance(spec, row)
+            if nxt is not None:
+                due = nxt if due is None else min(due, nxt)
+        return due
+
+    async def _advance(self, spec: ScheduleSpec, row: ScheduleRow) -> float | None:
+        engine, now = self.engine, self.engine.clock.now()
+        state = ScheduleState.from_json(row.state)
+        version = row.version
+        if state.starting:  # a decision whose runs may not all exist yet: finish it
+            if not await self._start(spec, state, version):
+                return None
+            version += 1
+        due = spec.ticks(state.last_tick, now)
+        unwatched = state.checked_at < self.started_at - WATCH_GAP
+        missed = [t for t in due if unwatched and t <= self.started_at]
+        current = [t for t in due if t not in missed]
+        if spec.catch_up == "skip":
+            missed = []
+        elif spec.catch_up == "last":
+            missed = missed[-1:]
+        elif spec.catch_up_limit is not None:
+            missed = missed[-spec.catch_up_limit:]
+        queue = state.backlog + [(t, "catch") for t in missed] + [(t, "now") for t in current]
+        live = await self._live(state.last_run_id)
+        start: list[float] = []
+        remaining: list[tuple[float, str]] = []
+        for tick, kind in queue:
+            if spec.overlap == "allow" or not live:
+                start.append(tick)
+                live = True
+            else:
+                remaining.append((tick, kind))
+        changed = bool(due or start or remaining != state.backlog)
+        if changed or now - state.checked_at >= MAX_PASS:
+            new = dataclasses.replace(
+                state, last_tick=due[-1] if due else state.last_tick, checked_at=now,
+                backlog=_trim(remaining, spec.overlap), starting=start,
+            )
+            if not await engine.store.update_schedule(
+                engine.app, spec.name, version, state=new.to_json()
+            ):
+                return now + 0.05  # another worker decided first: look again soon
+            if start:
+                await self._start(spec, new, version + 1)
+            state = new
+        self._backlog = self._backlog or bool(state.backlog)
+        return spec.next_tick(max(state.last_tick, now))
+
+    async def _live(self, run_id: str | None) -> bool:
+        if run_id is None:
+            return False
+        run = await self.engine.store.get_run(self.engine.app, run_id)
+        return run is not None and not run.status.is_final
+
+    async def _start(self, spec: ScheduleSpec, state: ScheduleState, version: int) -> bool:
+        """Create the runs of ``state.starting`` (idempotent by key), then record them."""
+        run_id = state.last_run_id
+        for tick in state.starting:
+            run_id = await start_tick(self.engine, spec, tick) or run_id
+        done = dataclasses.replace(state, starting=[], last_run_id=run_id)
+        return await self.engine.store.update_schedule(
+            self.engine.app, spec.name, version, state=done.to_json()
+        )
+
+
+async def start_tick(engine: Engine, spec: ScheduleSpec, tick: float) -> str | None:
+    """Start the one run of ``tick`` (or find it); its run id (``None`` if refused)."""
+    from cantata.flow.queues import entry_for
+
+    try:
+        run = await engine.create_run(
+            spec.workflow, spec.args(tick), idempotency_key=tick_key(spec.name, tick),
+            queue=await entry_for(engine, spec.workflow, None, 0, None),
+        )
+    except IdempotencyConflict as exc:  # the key was used by a run with other input
+        log.warning("schedule %s: tick %s not started: %s", spec.name, tick_iso(tick), exc)
+        return None
+    return run.run_id
+
+
+def new_row(spec: ScheduleSpec, source: str, now: float) -> ScheduleRow:
+    """A schedule's first row: no tick before ``now`` is due."""
+    return ScheduleRow(spec.name, spec.to_json(), source, False,
+                       ScheduleState(last_tick=now, checked_at=now).to_json())
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleInfo:
+    """A schedule as ``app.schedules.list()`` and ``cantata schedules list`` show it."""
+
+    name: str
+    workflow: str
+    when: str  # the cron expression, or "every Ns"
+    timezone: str
+    overlap: str
+    catch_up: str
+    paused: bool
+    source: str
+    next_tick: dt.datetime | None
+    last_run_id: str | None
+
+
+class Schedules:
+    """``app.schedules``: create, list, pause, resume, trigger and delete schedules."""
+
+    def __init__(self, engine_of: Any) -> None:
+        self._engine_of = engine_of  # () -> Engine (the app must be open)
+
+    @property
+    def _engine(self) -> Engine:
+        engine: Engine = self._engine_of()
+        return engine
+
+    async def create(
+        self,
+        name: str,
+        cron: str | None,
+        workflow: Any,
+        *,
+        input: Any = None,
+        every: float | None = None,
+        timezone: str = "UTC",
+        overlap: str = "skip",
+        catch_up: str = "skip",
+        catch_up_limit: int | None = None,
+    ) -> None:
+        """Create (or replace the spec of) a schedule at run time; it survives restarts.
+
+        Raises:
+            ConfigurationError: a bad cron, time zone, policy or limit (named).
+            UnknownWorkflow: no service of this app declares ``workflow``.
+        """
+        from cantata.engine.registry import workflow_name
+        from cantata.errors import UnknownWorkflow
+
+        engine = self._engine
+        wf = workflow_name(workflow)
+        if not await engine.knows_workflow(wf):
+            raise UnknownWorkflow(f"schedule {name!r}: no workflow named {wf!r} in app "
+                                  f"{engine.app!r}")
+        spec = ScheduleSpec(name, wf, cron, every, timezone, overlap, catch_up, catch_up_limit,
+                            input, input is not None)
+        await engine.store.put_schedule(engine.app, new_row(spec, "api", engine.clock.now()))
+
+    async def list(self) -> list[ScheduleInfo]:
+        """Every schedule of the app, by name."""
+        engine = self._engine
+        out = []
+        for row in await engine.store.schedules(engine.app):
+            spec, state = ScheduleSpec.from_json(row.spec), ScheduleState.from_json(row.state)
+            nxt = None if row.paused else spec.next_tick(max(state.last_tick,
+                                                             engine.clock.now()))
+            out.append(ScheduleInfo(
+                row.name, spec.workflow, spec.cron or f"every {spec.every:g}s", spec.timezone,
+                spec.overlap, spec.catch_up, row.paused, row.source,
+                None if nxt is None else dt.datetime.fromtimestamp(nxt, dt.UTC),
+                state.last_run_id,
+            ))
+        return out
+
+    async def _row(self, name: str) -> ScheduleRow:
+        engine = self._engine
+        for row in await engine.store.schedules(engine.app):
+            if row.name == name:
+                return row
+        raise UnknownSchedule(
+            f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
+        )
+
+    async def pause(self, name: str) -> None:
+        """Stop starting runs of ``name`` until :meth:`resume`."""
+        await self._set_paused(name, True)
+
+    async def resume(self, name: str) -> None:
+        """Start runs of ``name`` again from now (ticks while paused are skipped)."""
+        await self._set_paused(name, False)
+
+    async def _set_paused(self, name: str, paused: bool) -> None:
+        engine = self._engine
+        while True:
+            row = await self._row(name)
+            state = ScheduleState.from_json(row.state)
+            if not paused and row.paused:
+                now = engine.clock.now()
+                state = dataclasses.replace(state, last_tick=max(state.last_tick, now),
+                                            checked_at=now, backlog=[])
+            if await engine.store.update_schedule(engine.app, name, row.version,
+                                                  state=state.to_json(), paused=paused):
+                return
+
+    async def trigger(self, name: str) -> RunHandle:
+        """Start one run of ``name`` now (its tick: the current time), whatever its policy."""
+        from cantata.engine.handle import RunHandle
+
+        engine = self._engine
+        spec = ScheduleSpec.from_json((await self._row(name)).spec)
+        run_id = await start_tick(engine, spec, engine.clock.now())
+        if run_id is None:
+            raise ConfigurationError(f"schedule {name!r}: the triggered run was refused")
+        return RunHandle(engine, run_id, spec.workflow)
+
+    async def delete(self, name: str) -> None:
+        """Remove a schedule (one declared in code comes back when its app opens again).
+
+        Raises:
+            UnknownSchedule: no schedule of that name.
+        """
+        engine = self._engine
+        if not await engine.store.delete_schedule(engine.app, name):
+            raise UnknownSchedule(
+                f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
+            )

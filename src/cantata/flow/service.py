@@ -1,0 +1,75 @@
+"""The flow-control part of a worker: queue loop, scheduler, slot wake-ups, declarations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from cantata.store.base import RUNS
+
+from .queues import QueueLoop
+from .schedules import Scheduler, new_row
+
+if TYPE_CHECKING:
+    from cantata.engine.registry import Router
+    from cantata.engine.runner import RunExecution
+    from cantata.engine.worker import Engine
+
+
+async def declare(engine: Engine, router: Router) -> None:
+    """Record the router's queues and schedules in the store (when the app opens).
+
+    Raises:
+        QueueConflict: a live worker declared one of the queues with other limits.
+    """
+    now = engine.clock.now()
+    for spec in router.queues.values():
+        await engine.store.declare_queue(
+            engine.app, spec, worker_id=engine.worker_id, stale_before=now - engine.lease
+        )
+    for sched in router.schedule_specs.values():
+        await engine.store.put_schedule(engine.app, new_row(sched, "code", now))
+
+
+class FlowService:
+    """Runs the queue loop and the scheduler of one serving engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.queues = QueueLoop(engine)
+        self.scheduler = Scheduler(engine)
+        self.slot_waiters: set[RunExecution] = set()
+        self.released = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        engine.store.add_listener(self._on_change)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.queues.run(), name="cantata-queues"),
+            asyncio.create_task(self.scheduler.run(), name="cantata-schedules"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    def wake(self) -> None:
+        """A run was queued here: look for runs to begin now."""
+        self.queues.queued.set()
+        self.queues.wakeup.set()
+
+    def _on_change(self, channel: str) -> None:
+        # A run ended, a slot was freed or a run was queued (here or, with
+        # PostgreSQL, anywhere): a waiting run or step may fit now.
+        if channel != RUNS or not self._tasks:
+            return
+        self.queues.wakeup.set()
+        self.released.set()
+        self.scheduler.run_ended.set()
+        for execution in self.slot_waiters:
+            execution.wakeup.set()

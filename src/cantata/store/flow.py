@@ -1,0 +1,133 @@
+"""The flow-control part of the store protocol: queues, slots and schedules.
+
+:class:`~cantata.store.base.Store` includes :class:`FlowStore`. Every claim is
+decided inside one transaction that serializes the claimers of the same queue or
+slot scope (SQLite: the write lock; PostgreSQL: the row of the queue, or an
+advisory lock for a slot scope), with the rules of :mod:`cantata.model.flow`, so
+no number of processes can exceed a limit. ``tests/contract/store_contract_flow.py``
+is the executable definition.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cantata.model.flow import (
+    QueueClaim,
+    QueueEntry,
+    QueuePosition,
+    QueueSpec,
+    QueueStats,
+    Rate,
+    ScheduleRow,
+    SlotGrant,
+)
+from cantata.model.records import RunRecord
+
+
+class FlowStore(Protocol):
+    """Queues, cluster-wide slots and schedules (times are POSIX seconds)."""
+
+    # -- queues -------------------------------------------------------------------
+
+    async def declare_queue(
+        self, app: str, spec: QueueSpec, *, worker_id: str, stale_before: float
+    ) -> None:
+        """Record ``spec``; replaces a definition whose declarer is gone or is ``worker_id``.
+
+        Raises:
+            QueueConflict: a live worker (heartbeat at or after ``stale_before``)
+                declared the queue with other limits; the message names each one.
+        """
+
+    async def queues(self, app: str) -> list[QueueSpec]:
+        """The queues of ``app``, by name."""
+
+    async def create_queued_run(
+        self, run: RunRecord, entry: QueueEntry
+    ) -> tuple[RunRecord, bool]:
+        """:meth:`Store.create_run` for a run that waits in ``entry.queue``.
+
+        The run is stored ``pending`` and unowned with its queue row, in one
+        transaction; :meth:`Store.claim_runs` leaves it alone until
+        :meth:`claim_queued_runs` lets it begin (or its cancellation is requested).
+        """
+
+    async def claim_queued_runs(
+        self,
+        app: str,
+        worker_id: str,
+        queue: str,
+        workflows: list[str],
+        *,
+        now: float,
+        limit: int,
+    ) -> QueueClaim:
+        """Let waiting runs of ``workflows`` in ``queue`` begin on ``worker_id``.
+
+        Within the recorded limits of the queue, per partition: in progress
+        (begun, run still live) below ``concurrency``, begins in the last
+        ``rate.window`` seconds below ``rate.limit``; in progress on this worker
+        below ``per_worker``. With ``priorities``, lower numbers first; then
+        oldest first. Admitted runs are owned by ``worker_id`` (fence + 1), with
+        their begin time recorded.
+        """
+
+    async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:
+        """Depth, in progress, begins in the rate window and oldest waiting, per queue."""
+
+    async def queue_position(self, app: str, run_id: str) -> QueuePosition | None:
+        """Where a run waits, and how many waiting runs of its partition go first
+        (``None`` if it does not wait in a queue)."""
+
+    # -- slots of limited steps and handler groups -----------------------------------
+
+    async def acquire_slot(
+        self,
+        app: str,
+        scope: str,
+        holder: str,
+        worker_id: str,
+        *,
+        concurrency: int | None,
+        rate: Rate | None,
+        now: float,
+        stale_before: float,
+    ) -> SlotGrant:
+        """Take a slot of ``scope`` for ``holder`` if ``concurrency`` and ``rate`` allow.
+
+        Slots of other workers whose heartbeat is older than ``stale_before`` (or
+        that are gone) are freed first. A holder that already has a slot keeps it
+        (granted again, nothing counted twice). A grant records a begin for the rate.
+        """
+
+    async def release_slot(self, app: str, scope: str, holder: str) -> None:
+        """Free ``holder``'s slot of ``scope`` (nothing if it holds none)."""
+
+    async def slots_held(self, app: str, scope: str) -> int:
+        """How many slots of ``scope`` are held (by live or not-yet-expired workers)."""
+
+    # -- schedules ------------------------------------------------------------------------
+
+    async def put_schedule(self, app: str, row: ScheduleRow) -> bool:
+        """Insert ``row``, or replace the spec and source of the schedule of that name
+        (keeping its state and pause). Returns True when it was new."""
+
+    async def schedules(self, app: str) -> list[ScheduleRow]:
+        """Every schedule of ``app``, by name."""
+
+    async def update_schedule(
+        self,
+        app: str,
+        name: str,
+        version: int,
+        *,
+        state: str | None = None,
+        paused: bool | None = None,
+    ) -> bool:
+        """Compare-and-set: apply if the schedule's version is still ``version`` (then
+        version + 1). False if it changed meanwhile or is gone."""
+
+    async def delete_schedule(self, app: str, name: str) -> bool:
+        """Remove a schedule; False if there was none."""
+

@@ -1,0 +1,343 @@
+"""The PostgreSQL store, flow control: queues, slots and schedules (see
+:mod:`cantata.store.flow`).
+
+A queue claim locks the queue's row (``FOR UPDATE``) first and a slot request
+takes a transaction-scoped advisory lock on its scope: claimers of one queue or
+scope take turns, and each counts, under READ COMMITTED, what the previous one
+committed. Claimers of different queues do not wait for each other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cantata.errors import QueueConflict
+from cantata.model.flow import (
+    QueueClaim,
+    QueueEntry,
+    QueuePosition,
+    QueueSpec,
+    QueueStats,
+    Rate,
+    ScheduleRow,
+    SlotGrant,
+    plan_admissions,
+    plan_slot,
+)
+from cantata.model.records import RunRecord
+from cantata.store.base import RUNS
+from cantata.store.postgres_batch import Batch, BatchWriter, Refused
+from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, run_row
+from cantata.store.postgres_writes import create_runs
+
+if TYPE_CHECKING:
+    from cantata.store.postgres_pool import Conn, PgPool, Row
+
+# Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
+CANDIDATES = 500
+_Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
+_R_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
+# Rows waiting to begin (one whose run was cancelled meanwhile is dropped by the claim
+# that meets it). Rows of queue_runs only: a join with runs, planned on a new store's
+# empty tables, scanned every live run once per waiting row.
+_WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NULL"
+
+
+def queue_spec(row: Row) -> QueueSpec:
+    rate = None if row[3] is None else Rate(int(row[3]), float(row[4]))
+    return QueueSpec(row[0], row[1], row[2], rate, bool(row[5]))
+
+
+def _conflict(app: str, mine: QueueSpec, theirs: QueueSpec, by: str) -> QueueConflict:
+    return QueueConflict(
+        f"queue {mine.name!r} of app {app!r} is declared with other limits by live worker "
+        f"{by} ({'; '.join(mine.differences(theirs))}, this process vs that one): "
+        "declare it the same way in every process, or stop the old ones first"
+    )
+
+
+async def _create_queued(
+    c: Conn, b: Batch, calls: list[tuple[RunRecord, QueueEntry]]
+) -> list[tuple[RunRecord, bool] | Refused]:
+    """New runs and their queue rows, for many callers in one transaction."""
+    out = await create_runs(c, b, [(run, None) for run, _ in calls])
+    rows = [
+        (run.app, run.run_id, e.queue, run.workflow, e.partition, e.priority,
+         int(run.created_at * 1e6))
+        for (run, e), res in zip(calls, out, strict=True)
+        if not isinstance(res, Refused) and res[1]
+    ]
+    if rows:
+        await c.executemany(
+            "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, priority, "
+            "seq) VALUES ($1,$2,$3,$4,$5,$6,$7)", rows,
+        )
+    return out
+
+
+class PostgresFlow:
+    """Flow-control operations of :class:`~cantata.store.postgres.PostgresStore`."""
+
+    _db: PgPool  # provided by PostgresStore
+    _w: BatchWriter
+
+    # -- queues ---------------------------------------------------------------------
+
+    async def declare_queue(
+        self, app: str, spec: QueueSpec, *, worker_id: str, stale_before: float
+    ) -> None:
+        rate = spec.rate
+        async with self._db.tx() as c:
+            await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"queue:{app}")
+            row = await c.fetchrow(
+                f"SELECT {_Q_COLS}, declared_by FROM queues WHERE app=$1 AND name=$2",
+                app, spec.name,
+            )
+            if row is not None:
+                theirs, by = queue_spec(row), row[6]
+                if theirs == spec:
+                    return
+                if by != worker_id and await c.fetchval(
+                    "SELECT 1 FROM workers WHERE app=$1 AND worker_id=$2 AND heartbeat_at>=$3",
+                    app, by, stale_before,
+                ):
+                    raise _conflict(app, spec, theirs, by)
+            await c.execute(
+                "INSERT INTO queues VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, name) "
+                "DO UPDATE SET concurrency=excluded.concurrency, per_worker=excluded.per_worker,"
+                " rate_limit=excluded.rate_limit, rate_per=excluded.rate_per, "
+                "priorities=excluded.priorities, declared_by=excluded.declared_by",
+                app, spec.name, spec.concurrency, spec.per_worker,
+                rate.limit if rate else None, rate.per if rate else None, spec.priorities,
+                worker_id,
+            )
+
+    async def queues(self, app: str) -> list[QueueSpec]:
+        rows = await self._db.fetch(
+            f'SELECT {_Q_COLS} FROM queues WHERE app=$1 ORDER BY name COLLATE "C"', app
+        )
+        return [queue_spec(r) for r in rows]
+
+    async def create_queued_run(
+        self, run: RunRecord, entry: QueueEntry
+    ) -> tuple[RunRecord, bool]:
+        # Group-committed with the other new runs (see postgres_writes.create_runs).
+        return await self._w.run_many(_create_queued, (run, entry))
+
+    async def claim_queued_runs(
+        self,
+        app: str,
+        worker_id: str,
+        queue: str,
+        workflows: list[str],
+        *,
+        now: float,
+        limit: int,
+    ) -> QueueClaim:
+        if not workflows:
+            return QueueClaim()
+        async with self._db.tx() as c:
+            row = await c.fetchrow(
+                f"SELECT {_Q_COLS} FROM queues WHERE app=$1 AND name=$2 FOR UPDATE", app, queue
+            )
+            if row is None:
+                return QueueClaim()
+            spec = queue_spec(row)
+            await c.execute(
+                "UPDATE queue_runs q SET done=true FROM runs r WHERE q.app=$1 AND q.queue=$2 "
+                "AND q.began_at IS NOT NULL AND NOT q.done AND r.app=q.app "
+                f"AND r.run_id=q.run_id AND r.status NOT IN {LIVE_SQL}", app, queue,
+            )
+            running = {r[0]: r[1] for r in await c.fetch(
+                "SELECT partition_key, count(*) FROM queue_runs WHERE app=$1 AND queue=$2 "
+                "AND began_at IS NOT NULL AND NOT done GROUP BY partition_key", app, queue,
+            )}
+            mine = 0 if spec.per_worker is None else await c.fetchval(
+                "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
+                "r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NOT NULL "
+                "AND NOT q.done AND r.owner=$3", app, queue, worker_id,
+            )
+            begins: dict[str, list[float]] = {}
+            if spec.rate is not None:
+                for r in await c.fetch(
+                    "SELECT partition_key, began_at FROM queue_runs WHERE app=$1 AND queue=$2 "
+                    "AND began_at > $3 ORDER BY began_at", app, queue, now - spec.rate.window,
+                ):
+                    begins.setdefault(r[0], []).append(r[1])
+            order = ("q.priority, q.seq, q.run_id COLLATE \"C\"" if spec.priorities
+                     else "q.seq, q.run_id COLLATE \"C\"")
+            candidates = await c.fetch(
+                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = ANY($3::text[]) "
+                f"ORDER BY {order} LIMIT {CANDIDATES}", app, queue, workflows,
+            )
+            admit, retry_at = plan_admissions(
+                spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
+            )
+            waiting = len(candidates) > len(admit)
+            if not admit:
+                return QueueClaim([], retry_at, waiting)
+            rows = await c.fetch(
+                f"UPDATE runs r SET owner=$2, fence=r.fence+1 WHERE r.app=$1 "
+                f"AND r.run_id = ANY($3::text[]) AND r.status='pending' "
+                f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
+                app, worker_id, admit,
+            )
+            began = [r[0] for r in rows]
+            # A run cancelled while it waited (ended by claim_runs) never begins.
+            await c.execute(
+                # ($2 typed: next to an integer 0, PostgreSQL would make it one, truncating)
+                "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
+                "THEN $2::double precision ELSE 0.0 END, "
+                "done = NOT (run_id = ANY($3::text[])) "
+                "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
+            )
+        by_id = {r[0]: run_row(r) for r in rows}
+        return QueueClaim([by_id[i] for i in admit if i in by_id], retry_at, waiting)
+
+    async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:
+        out = []
+        async with self._db.conn() as c:
+            for row in await c.fetch(
+                f'SELECT {_Q_COLS} FROM queues WHERE app=$1 ORDER BY name COLLATE "C"', app
+            ):
+                spec = queue_spec(row)
+                waiting = await c.fetchrow(
+                    f"SELECT count(*), min(q.seq) / 1e6 {_WAITING}", app, spec.name
+                )
+                assert waiting is not None
+                active = await c.fetchval(
+                    "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
+                    "r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NOT "
+                    f"NULL AND NOT q.done AND r.status IN {LIVE_SQL}", app, spec.name,
+                )
+                window = spec.rate.window if spec.rate else 60.0
+                began = await c.fetchval(
+                    "SELECT count(*) FROM queue_runs WHERE app=$1 AND queue=$2 AND began_at > $3",
+                    app, spec.name, now - window,
+                )
+                out.append(QueueStats(spec.name, waiting[0], active, began, waiting[1], spec))
+        return out
+
+    async def queue_position(self, app: str, run_id: str) -> QueuePosition | None:
+        async with self._db.conn() as c:
+            row = await c.fetchrow(
+                "SELECT q.queue, q.partition_key, q.priority, q.seq, coalesce(u.priorities, "
+                "false) FROM queue_runs q JOIN runs r ON r.app=q.app AND r.run_id=q.run_id "
+                "LEFT JOIN queues u ON u.app=q.app AND u.name=q.queue "
+                "WHERE q.app=$1 AND q.run_id=$2 AND q.began_at IS NULL AND r.status='pending'",
+                app, run_id,
+            )
+            if row is None:
+                return None
+            queue, part, prio, seq, priorities = row
+            older = '(q.seq < $5 OR (q.seq = $5 AND q.run_id COLLATE "C" < $6))'
+            before = (f"(q.priority < $4 OR (q.priority = $4 AND {older}))" if priorities
+                      else f"{older} AND $4::bigint IS NOT NULL")
+            ahead = await c.fetchval(
+                f"SELECT count(*) {_WAITING} AND q.partition_key=$3 AND {before}",
+                app, queue, part, prio, seq, run_id,
+            )
+        return QueuePosition(queue, ahead, part)
+
+    # -- slots --------------------------------------------------------------------------
+
+    async def acquire_slot(
+        self,
+        app: str,
+        scope: str,
+        holder: str,
+        worker_id: str,
+        *,
+        concurrency: int | None,
+        rate: Rate | None,
+        now: float,
+        stale_before: float,
+    ) -> SlotGrant:
+        async with self._db.tx() as c:
+            await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"slot:{app}:{scope}")
+            await c.execute(
+                "DELETE FROM flow_slots s WHERE s.app=$1 AND s.scope=$2 AND s.worker_id<>$4 "
+                "AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=s.app AND "
+                "w.worker_id=s.worker_id AND w.heartbeat_at>=$3)",
+                app, scope, stale_before, worker_id,
+            )
+            if await c.fetchval(
+                "UPDATE flow_slots SET worker_id=$4 WHERE app=$1 AND scope=$2 AND holder=$3 "
+                "RETURNING 1", app, scope, holder, worker_id,
+            ):
+                return SlotGrant(True)
+            held = await c.fetchval(
+                "SELECT count(*) FROM flow_slots WHERE app=$1 AND scope=$2", app, scope
+            )
+            begins: list[float] = []
+            if rate is not None:
+                await c.execute("DELETE FROM flow_begins WHERE app=$1 AND scope=$2 AND at <= $3",
+                                app, scope, now - rate.window)
+                begins = [r[0] for r in await c.fetch(
+                    "SELECT at FROM flow_begins WHERE app=$1 AND scope=$2 ORDER BY at",
+                    app, scope,
+                )]
+            grant = plan_slot(held, begins, concurrency, rate)
+            if grant.granted:
+                await c.execute("INSERT INTO flow_slots VALUES ($1,$2,$3,$4,$5)",
+                                app, scope, holder, worker_id, now)
+                if rate is not None:
+                    await c.execute("INSERT INTO flow_begins VALUES ($1,$2,$3,$4)",
+                                    app, scope, now, holder)
+            return grant
+
+    async def release_slot(self, app: str, scope: str, holder: str) -> None:
+        async with self._db.tx() as c:
+            await c.execute("DELETE FROM flow_slots WHERE app=$1 AND scope=$2 AND holder=$3",
+                            app, scope, holder)
+            await self._db.notify(c, app, RUNS)
+
+    async def slots_held(self, app: str, scope: str) -> int:
+        row = await self._db.fetchrow(
+            "SELECT count(*) FROM flow_slots WHERE app=$1 AND scope=$2", app, scope
+        )
+        assert row is not None
+        return int(row[0])
+
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, app: str, row: ScheduleRow) -> bool:
+        async with self._db.tx() as c:
+            if await c.fetchval(
+                "INSERT INTO schedules VALUES ($1,$2,$3,$4,$5,$6,1) ON CONFLICT (app, name) "
+                "DO NOTHING RETURNING 1", app, row.name, row.spec, row.source, row.paused,
+                row.state,
+            ):
+                return True
+            await c.execute("UPDATE schedules SET spec=$3, source=$4, version=version+1 "
+                            "WHERE app=$1 AND name=$2", app, row.name, row.spec, row.source)
+            return False
+
+    async def schedules(self, app: str) -> list[ScheduleRow]:
+        rows = await self._db.fetch(
+            "SELECT name, spec, source, paused, state, version FROM schedules WHERE app=$1 "
+            'ORDER BY name COLLATE "C"', app,
+        )
+        return [ScheduleRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    async def update_schedule(
+        self,
+        app: str,
+        name: str,
+        version: int,
+        *,
+        state: str | None = None,
+        paused: bool | None = None,
+    ) -> bool:
+        row = await self._db.fetchrow(
+            "UPDATE schedules SET state=coalesce($4, state), paused=coalesce($5, paused), "
+            "version=version+1 WHERE app=$1 AND name=$2 AND version=$3 RETURNING 1",
+            app, name, version, state, paused,
+        )
+        return row is not None
+
+    async def delete_schedule(self, app: str, name: str) -> bool:
+        row = await self._db.fetchrow(
+            "DELETE FROM schedules WHERE app=$1 AND name=$2 RETURNING 1", app, name
+        )
+        return row is not None

@@ -1,0 +1,352 @@
+"""The SQLite store, flow control: queues, slots and schedules (see :mod:`cantata.store.flow`).
+
+Every claim runs in the connection thread's write transaction (``BEGIN IMMEDIATE``),
+which SQLite serializes across processes: counting and admitting happen under one
+lock, so two claimers never exceed a limit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING
+
+from cantata.errors import QueueConflict
+from cantata.model.flow import (
+    QueueClaim,
+    QueueEntry,
+    QueuePosition,
+    QueueSpec,
+    QueueStats,
+    Rate,
+    ScheduleRow,
+    SlotGrant,
+    plan_admissions,
+    plan_slot,
+)
+from cantata.model.records import RunRecord, RunWrite
+from cantata.store.base import RUNS
+from cantata.store.sqlite_ops import LIVE_SQL, RUN_COLS, run_row
+
+if TYPE_CHECKING:
+    from cantata.store.sqlite_thread import ConnectionThread
+
+# Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
+CANDIDATES = 500
+_Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
+# Rows waiting to begin (one whose run was cancelled meanwhile is dropped by the claim
+# that meets it, see _admit).
+_WAITING = "FROM queue_runs q WHERE q.app=? AND q.queue=? AND q.began_at IS NULL"
+
+
+def queue_spec(row: tuple[object, ...]) -> QueueSpec:
+    name, conc, per_worker, rate_limit, rate_per, prio = row
+    rate = None if rate_limit is None else Rate(int(rate_limit), float(rate_per))  # type: ignore[call-overload, arg-type]
+    return QueueSpec(str(name), conc, per_worker, rate, bool(prio))  # type: ignore[arg-type]
+
+
+def _spec_params(spec: QueueSpec) -> tuple[object, ...]:
+    rate = spec.rate
+    return (spec.concurrency, spec.per_worker, rate.limit if rate else None,
+            rate.per if rate else None, int(spec.priorities))
+
+
+def _conflict(app: str, mine: QueueSpec, theirs: QueueSpec, by: str) -> QueueConflict:
+    return QueueConflict(
+        f"queue {mine.name!r} of app {app!r} is declared with other limits by live worker "
+        f"{by} ({'; '.join(mine.differences(theirs))}, this process vs that one): "
+        "declare it the same way in every process, or stop the old ones first"
+    )
+
+
+def _close_ended(c: sqlite3.Connection, app: str, queue: str) -> None:
+    """Mark done the begun rows whose run has ended (their slot is free)."""
+    c.execute(
+        "UPDATE queue_runs SET done=1 WHERE app=? AND queue=? AND began_at IS NOT NULL "
+        "AND done=0 AND run_id IN (SELECT q.run_id FROM queue_runs q JOIN runs r "
+        f" ON r.app=q.app AND r.run_id=q.run_id WHERE q.app=? AND q.queue=? "
+        f" AND q.began_at IS NOT NULL AND q.done=0 AND r.status NOT IN {LIVE_SQL})",
+        (app, queue, app, queue),
+    )
+
+
+class SQLiteFlow:
+    """Flow-control operations of :class:`~cantata.store.sqlite.SQLiteStore`."""
+
+    @property
+    def _t(self) -> ConnectionThread:  # provided by SQLiteStore
+        raise NotImplementedError
+
+    def _create(
+        self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None
+    ) -> tuple[RunRecord, bool]:  # provided by SQLiteStore
+        raise NotImplementedError
+
+    # -- queues ---------------------------------------------------------------------
+
+    async def declare_queue(
+        self, app: str, spec: QueueSpec, *, worker_id: str, stale_before: float
+    ) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            row = c.execute(
+                f"SELECT {_Q_COLS}, declared_by FROM queues WHERE app=? AND name=?",
+                (app, spec.name),
+            ).fetchone()
+            if row is not None:
+                theirs, by = queue_spec(row[:6]), row[6]
+                if theirs == spec:
+                    return
+                alive = by != worker_id and c.execute(
+                    "SELECT 1 FROM workers WHERE app=? AND worker_id=? AND heartbeat_at>=?",
+                    (app, by, stale_before),
+                ).fetchone()
+                if alive:
+                    raise _conflict(app, spec, theirs, by)
+            c.execute(
+                "INSERT INTO queues VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "concurrency=excluded.concurrency, per_worker=excluded.per_worker, "
+                "rate_limit=excluded.rate_limit, rate_per=excluded.rate_per, "
+                "priorities=excluded.priorities, declared_by=excluded.declared_by",
+                (app, spec.name, *_spec_params(spec), worker_id),
+            )
+
+        await self._t.write(op)
+
+    async def queues(self, app: str) -> list[QueueSpec]:
+        rows = await self._t.read(lambda c: c.execute(
+            f"SELECT {_Q_COLS} FROM queues WHERE app=? ORDER BY name", (app,)
+        ).fetchall())
+        return [queue_spec(r) for r in rows]
+
+    async def create_queued_run(
+        self, run: RunRecord, entry: QueueEntry
+    ) -> tuple[RunRecord, bool]:
+        def op(c: sqlite3.Connection) -> tuple[RunRecord, bool]:
+            stored, created = self._create(c, run, None)
+            if created:
+                c.execute(
+                    "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, "
+                    "priority, seq) VALUES (?,?,?,?,?,?,?)",
+                    (run.app, run.run_id, entry.queue, run.workflow, entry.partition,
+                     entry.priority, int(run.created_at * 1e6)),
+                )
+            return stored, created
+
+        return await self._t.write(op, RUNS)
+
+    async def claim_queued_runs(
+        self,
+        app: str,
+        worker_id: str,
+        queue: str,
+        workflows: list[str],
+        *,
+        now: float,
+        limit: int,
+    ) -> QueueClaim:
+        if not workflows:
+            return QueueClaim()
+        marks = ",".join("?" * len(workflows))
+
+        def op(c: sqlite3.Connection) -> QueueClaim:
+            row = c.execute(
+                f"SELECT {_Q_COLS} FROM queues WHERE app=? AND name=?", (app, queue)
+            ).fetchone()
+            if row is None:
+                return QueueClaim()
+            spec = queue_spec(row)
+            _close_ended(c, app, queue)
+            running = dict(c.execute(
+                "SELECT partition_key, count(*) FROM queue_runs WHERE app=? AND queue=? "
+                "AND began_at IS NOT NULL AND done=0 GROUP BY partition_key", (app, queue),
+            ).fetchall())
+            mine = 0 if spec.per_worker is None else c.execute(
+                "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
+                "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
+                "AND q.done=0 AND r.owner=?", (app, queue, worker_id),
+            ).fetchone()[0]
+            begins: dict[str, list[float]] = {}
+            if spec.rate is not None:
+                for part, at in c.execute(
+                    "SELECT partition_key, began_at FROM queue_runs WHERE app=? AND queue=? "
+                    "AND began_at > ? ORDER BY began_at", (app, queue, now - spec.rate.window),
+                ):
+                    begins.setdefault(part, []).append(at)
+            order = "q.priority, q.seq, q.run_id" if spec.priorities else "q.seq, q.run_id"
+            candidates = c.execute(
+                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow IN ({marks}) "
+                f"ORDER BY {order} LIMIT {CANDIDATES}", (app, queue, *workflows),
+            ).fetchall()
+            admit, retry_at = plan_admissions(
+                spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
+            )
+            runs: list[RunRecord] = []
+            for run_id in admit:
+                got = c.execute(
+                    f"UPDATE runs SET owner=?, fence=fence+1 WHERE app=? AND run_id=? "
+                    f"AND status='pending' AND cancel_requested=0 AND owner IS NULL "
+                    f"RETURNING {RUN_COLS}", (worker_id, app, run_id),
+                ).fetchone()
+                # A run cancelled while it waited (ended by claim_runs) never begins.
+                c.execute("UPDATE queue_runs SET began_at=?, done=? WHERE app=? AND run_id=?",
+                          (now, 0, app, run_id) if got else (0.0, 1, app, run_id))
+                if got:
+                    runs.append(run_row(got))
+            return QueueClaim(runs, retry_at, waiting=len(candidates) > len(admit))
+
+        return await self._t.write(op)
+
+    async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:
+        def op(c: sqlite3.Connection) -> list[QueueStats]:
+            out = []
+            for row in c.execute(
+                f"SELECT {_Q_COLS} FROM queues WHERE app=? ORDER BY name", (app,)
+            ).fetchall():
+                spec = queue_spec(row)
+                waiting, oldest = c.execute(
+                    f"SELECT count(*), min(q.seq) / 1e6 {_WAITING}", (app, spec.name)
+                ).fetchone()
+                active = c.execute(
+                    "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
+                    "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
+                    f"AND q.done=0 AND r.status IN {LIVE_SQL}", (app, spec.name),
+                ).fetchone()[0]
+                window = spec.rate.window if spec.rate else 60.0
+                began = c.execute(
+                    "SELECT count(*) FROM queue_runs WHERE app=? AND queue=? AND began_at > ?",
+                    (app, spec.name, now - window),
+                ).fetchone()[0]
+                out.append(QueueStats(spec.name, waiting, active, began, oldest, spec))
+            return out
+
+        return await self._t.read(op)
+
+    async def queue_position(self, app: str, run_id: str) -> QueuePosition | None:
+        def op(c: sqlite3.Connection) -> QueuePosition | None:
+            row = c.execute(
+                "SELECT q.queue, q.partition_key, q.priority, q.seq, coalesce(u.priorities, 0) "
+                "FROM queue_runs q JOIN runs r ON r.app=q.app AND r.run_id=q.run_id "
+                "LEFT JOIN queues u ON u.app=q.app AND u.name=q.queue "
+                "WHERE q.app=? AND q.run_id=? AND q.began_at IS NULL AND r.status='pending'",
+                (app, run_id),
+            ).fetchone()
+            if row is None:
+                return None
+            queue, part, prio, seq, priorities = row
+            older = "(q.seq < ? OR (q.seq = ? AND q.run_id < ?))"
+            before: tuple[str, tuple[object, ...]] = (
+                (f"(q.priority < ? OR (q.priority = ? AND {older}))",
+                 (prio, prio, seq, seq, run_id))
+                if priorities else (older, (seq, seq, run_id))
+            )
+            ahead = c.execute(
+                f"SELECT count(*) {_WAITING} AND q.partition_key=? AND {before[0]}",
+                (app, queue, part, *before[1]),
+            ).fetchone()[0]
+            return QueuePosition(queue, ahead, part)
+
+        return await self._t.read(op)
+
+    # -- slots --------------------------------------------------------------------------
+
+    async def acquire_slot(
+        self,
+        app: str,
+        scope: str,
+        holder: str,
+        worker_id: str,
+        *,
+        concurrency: int | None,
+        rate: Rate | None,
+        now: float,
+        stale_before: float,
+    ) -> SlotGrant:
+        def op(c: sqlite3.Connection) -> SlotGrant:
+            c.execute(
+                "DELETE FROM flow_slots WHERE app=? AND scope=? AND worker_id<>? AND worker_id "
+                "NOT IN (SELECT worker_id FROM workers WHERE app=? AND heartbeat_at>=?)",
+                (app, scope, worker_id, app, stale_before),
+            )
+            if c.execute(
+                "SELECT 1 FROM flow_slots WHERE app=? AND scope=? AND holder=?",
+                (app, scope, holder),
+            ).fetchone():
+                c.execute("UPDATE flow_slots SET worker_id=? WHERE app=? AND scope=? AND "
+                          "holder=?", (worker_id, app, scope, holder))
+                return SlotGrant(True)
+            held = c.execute("SELECT count(*) FROM flow_slots WHERE app=? AND scope=?",
+                             (app, scope)).fetchone()[0]
+            begins: list[float] = []
+            if rate is not None:
+                c.execute("DELETE FROM flow_begins WHERE app=? AND scope=? AND at <= ?",
+                          (app, scope, now - rate.window))
+                begins = [r[0] for r in c.execute(
+                    "SELECT at FROM flow_begins WHERE app=? AND scope=? ORDER BY at",
+                    (app, scope),
+                )]
+            grant = plan_slot(held, begins, concurrency, rate)
+            if grant.granted:
+                c.execute("INSERT INTO flow_slots VALUES (?,?,?,?,?)",
+                          (app, scope, holder, worker_id, now))
+                if rate is not None:
+                    c.execute("INSERT INTO flow_begins VALUES (?,?,?,?)",
+                              (app, scope, now, holder))
+            return grant
+
+        return await self._t.write(op)
+
+    async def release_slot(self, app: str, scope: str, holder: str) -> None:
+        await self._t.write(lambda c: c.execute(
+            "DELETE FROM flow_slots WHERE app=? AND scope=? AND holder=?", (app, scope, holder)
+        ), RUNS)
+
+    async def slots_held(self, app: str, scope: str) -> int:
+        row = await self._t.read(lambda c: c.execute(
+            "SELECT count(*) FROM flow_slots WHERE app=? AND scope=?", (app, scope)
+        ).fetchone())
+        return int(row[0])
+
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, app: str, row: ScheduleRow) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "INSERT INTO schedules VALUES (?,?,?,?,?,?,1) ON CONFLICT DO NOTHING",
+                (app, row.name, row.spec, row.source, int(row.paused), row.state),
+            )
+            if cur.rowcount:
+                return True
+            c.execute("UPDATE schedules SET spec=?, source=?, version=version+1 "
+                      "WHERE app=? AND name=?", (row.spec, row.source, app, row.name))
+            return False
+
+        return await self._t.write(op)
+
+    async def schedules(self, app: str) -> list[ScheduleRow]:
+        rows = await self._t.read(lambda c: c.execute(
+            "SELECT name, spec, source, paused, state, version FROM schedules WHERE app=? "
+            "ORDER BY name", (app,),
+        ).fetchall())
+        return [ScheduleRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
+
+    async def update_schedule(
+        self,
+        app: str,
+        name: str,
+        version: int,
+        *,
+        state: str | None = None,
+        paused: bool | None = None,
+    ) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            return c.execute(
+                "UPDATE schedules SET state=coalesce(?, state), paused=coalesce(?, paused), "
+                "version=version+1 WHERE app=? AND name=? AND version=?",
+                (state, None if paused is None else int(paused), app, name, version),
+            ).rowcount > 0
+
+        return await self._t.write(op)
+
+    async def delete_schedule(self, app: str, name: str) -> bool:
+        return await self._t.write(lambda c: c.execute(
+            "DELETE FROM schedules WHERE app=? AND name=?", (app, name)
+        ).rowcount > 0)

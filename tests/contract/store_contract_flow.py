@@ -1,0 +1,213 @@
+"""The store contract, part four: flow control (queues, slots, schedules)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cantata.errors import IdempotencyConflict, QueueConflict
+from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow
+from cantata.model.records import RunWrite
+from cantata.model.status import RunStatus
+from cantata.store.base import Store
+from tests.contract.store_support import StoreFixtures, new_run
+
+
+class FlowContract(StoreFixtures):
+    """Queues, cluster-wide slots and schedules, enforced by the store."""
+
+    async def queued(self, store: Store, n: int, queue: str = "q", **entry: object) -> list[str]:
+        ids = []
+        for _ in range(n):
+            run, created = await store.create_queued_run(
+                new_run(self.app), QueueEntry(queue, **entry)  # type: ignore[arg-type]
+            )
+            assert created
+            ids.append(run.run_id)
+        return ids
+
+    async def claim_q(self, store: Store, worker: str, queue: str = "q", now: float | None = None,
+                      limit: int = 50) -> list[str]:
+        now = time.time() if now is None else now
+        claim = await store.claim_queued_runs(self.app, worker, queue, ["wf"], now=now,
+                                              limit=limit)
+        return [r.run_id for r in claim.runs]
+
+    async def end(self, store: Store, run_id: str) -> None:
+        run = await store.get_run(self.app, run_id)
+        assert run is not None
+        await store.commit_run(self.app, run_id, run.fence,
+                               RunWrite(status=RunStatus.COMPLETED, release=True))
+
+    # -- queues -------------------------------------------------------------------
+
+    async def test_queue_declarations_agree_or_name_what_differs(self, store: Store) -> None:
+        await self.live(store, "w1", "w2")
+        spec = QueueSpec("q", concurrency=2, rate=Rate(5, per=1.0))
+        await store.declare_queue(self.app, spec, worker_id="w1", stale_before=0)
+        await store.declare_queue(self.app, spec, worker_id="w2", stale_before=0)
+        assert await store.queues(self.app) == [spec]
+        other = QueueSpec("q", concurrency=3, rate=Rate(5, per=1.0))
+        with pytest.raises(QueueConflict, match=r"concurrency: 3 vs 2"):
+            await store.declare_queue(self.app, other, worker_id="w2", stale_before=0)
+        # The declarer is gone (its heartbeat is stale): the new limits replace its own.
+        await store.declare_queue(self.app, other, worker_id="w2", stale_before=time.time() + 1)
+        assert await store.queues(self.app) == [other]
+
+    async def test_queued_runs_wait_for_their_queue_not_claim_runs(self, store: Store) -> None:
+        await store.declare_queue(self.app, QueueSpec("q"), worker_id="w", stale_before=0)
+        [rid] = await self.queued(store, 1)
+        assert await self.claim(store, "w") == []
+        assert (await store.queue_position(self.app, rid)).ahead == 0  # type: ignore[union-attr]
+        assert await self.claim_q(store, "w") == [rid]
+        run = await store.get_run(self.app, rid)
+        assert run is not None and run.owner == "w" and run.status == RunStatus.PENDING
+        assert await store.queue_position(self.app, rid) is None
+
+    async def test_queued_run_is_idempotent_by_key(self, store: Store) -> None:
+        first = new_run(self.app, idempotency_key="k", args_hash="h")
+        a, created = await store.create_queued_run(first, QueueEntry("q"))
+        b, again = await store.create_queued_run(
+            new_run(self.app, idempotency_key="k", args_hash="h"), QueueEntry("q")
+        )
+        assert created and not again and a.run_id == b.run_id
+        with pytest.raises(IdempotencyConflict):
+            await store.create_queued_run(
+                new_run(self.app, idempotency_key="k", args_hash="other"), QueueEntry("q")
+            )
+
+    async def test_concurrency_per_worker_and_release_on_end(self, store: Store) -> None:
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=3, per_worker=2),
+                                  worker_id="w", stale_before=0)
+        ids = await self.queued(store, 5)
+        got1 = await self.claim_q(store, "w1")
+        got2 = await self.claim_q(store, "w2")
+        assert got1 == ids[:2] and got2 == ids[2:3]
+        assert await self.claim_q(store, "w3") == []
+        await self.end(store, ids[0])
+        assert await self.claim_q(store, "w3") == ids[3:4]
+
+    async def test_cancelled_waiting_run_goes_to_claim_runs(self, store: Store) -> None:
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=1), worker_id="w",
+                                  stale_before=0)
+        ids = await self.queued(store, 2)
+        await store.request_cancel(self.app, ids[1])
+        assert [r.run_id for r in await self.claim(store, "w")] == [ids[1]]
+        assert await self.claim_q(store, "w") == ids[:1]
+
+    async def test_sliding_window_rate(self, store: Store) -> None:
+        rate = Rate(2, per=10.0)
+        await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",
+                                  stale_before=0)
+        ids = await self.queued(store, 5)
+        t0 = 1_000.25  # not a whole second: begin times are kept exactly
+        assert await self.claim_q(store, "w", now=t0) == ids[:2]
+        claim = await store.claim_queued_runs(self.app, "w", "q", ["wf"], now=t0 + 5, limit=9)
+        assert claim.runs == [] and claim.retry_at == pytest.approx(t0 + rate.window)
+        assert await self.claim_q(store, "w", now=t0 + rate.window - 0.01) == []
+        assert await self.claim_q(store, "w", now=t0 + rate.window + 0.01) == ids[2:4]
+
+    async def test_priorities_then_age(self, store: Store) -> None:
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=1, priorities=True),
+                                  worker_id="w", stale_before=0)
+        low = await self.queued(store, 1, priority=5)
+        high = await self.queued(store, 2, priority=1)
+        pos = await store.queue_position(self.app, low[0])
+        assert pos is not None and pos.ahead == 2
+        order = []
+        for _ in range(3):
+            [got] = await self.claim_q(store, "w")
+            order.append(got)
+            await self.end(store, got)
+        assert order == [*high, *low]
+
+    async def test_partitions_have_their_own_limits(self, store: Store) -> None:
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=1), worker_id="w",
+                                  stale_before=0)
+        a = await self.queued(store, 2, partition="a")
+        b = await self.queued(store, 2, partition="b")
+        assert sorted(await self.claim_q(store, "w")) == sorted([a[0], b[0]])
+        assert await self.claim_q(store, "w") == []
+        stats = await store.queue_stats(self.app, now=time.time())
+        assert [(s.name, s.waiting, s.in_progress) for s in stats] == [("q", 2, 2)]
+
+    async def test_racing_claimers_never_exceed_concurrency(
+        self, store: Store, peer: Store
+    ) -> None:
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=4), worker_id="w",
+                                  stale_before=0)
+        await self.queued(store, 30)
+        got = await asyncio.gather(*[
+            self.claim_q(s, f"w{i}", limit=3) for i, s in enumerate([store, peer] * 5)
+        ])
+        assert sum(len(g) for g in got) == 4
+        assert len({r for g in got for r in g}) == 4
+
+    # -- slots ------------------------------------------------------------------------
+
+    async def test_slots_limit_release_and_lapse_with_the_worker(self, store: Store) -> None:
+        now = await self.live(store, "w1", "w2")
+
+        async def take(holder: str, worker: str, at: float = now) -> bool:
+            grant = await store.acquire_slot(self.app, "step:pay", holder, worker,
+                                             concurrency=2, rate=None, now=at,
+                                             stale_before=at - 10)
+            return grant.granted
+
+        assert await take("a", "w1") and await take("b", "w2")
+        assert not await take("c", "w1")
+        assert await take("a", "w1")  # the holder keeps its slot
+        await store.release_slot(self.app, "step:pay", "a")
+        assert await take("c", "w1")
+        assert await store.slots_held(self.app, "step:pay") == 2
+        # w2 stops heartbeating: after the lease its slot is free again.
+        await store.heartbeat(self.app, "w1", now + 20, None)
+        assert await take("d", "w1", at=now + 20)
+
+    async def test_slot_rate_is_a_sliding_window(self, store: Store) -> None:
+        now = await self.live(store, "w")
+        rate = Rate(2, per=10.0)
+
+        async def take(holder: str, at: float) -> tuple[bool, float | None]:
+            g = await store.acquire_slot(self.app, "step:x", holder, "w", concurrency=None,
+                                         rate=rate, now=at, stale_before=now - 10)
+            await store.release_slot(self.app, "step:x", holder)
+            return g.granted, g.retry_at
+
+        assert (await take("a", now))[0] and (await take("b", now + 1))[0]
+        ok, retry = await take("c", now + 5)
+        assert not ok and retry == pytest.approx(now + rate.window)
+        assert not (await take("c", now + rate.window - 0.01))[0]
+        assert (await take("c", now + rate.window + 0.01))[0]
+        assert not (await take("d", now + rate.window + 0.5))[0]
+
+    async def test_racing_slot_takers_never_exceed(self, store: Store, peer: Store) -> None:
+        now = await self.live(store, *[f"w{i}" for i in range(10)])
+        grants = await asyncio.gather(*[
+            s.acquire_slot(self.app, "handler:g", f"h{i}", f"w{i}", concurrency=3, rate=None,
+                           now=now, stale_before=now - 10)
+            for i, s in enumerate([store, peer] * 5)
+        ])
+        assert sum(g.granted for g in grants) == 3
+
+    # -- schedules ---------------------------------------------------------------------
+
+    async def test_schedules_compare_and_set(self, store: Store) -> None:
+        row = ScheduleRow("nightly", '{"a":1}', "code", False, '{"s":1}')
+        assert await store.put_schedule(self.app, row)
+        assert not await store.put_schedule(self.app, ScheduleRow(
+            "nightly", '{"a":2}', "code", False, '{"s":"ignored"}'
+        ))
+        [got] = await store.schedules(self.app)
+        assert (got.spec, got.state, got.paused) == ('{"a":2}', '{"s":1}', False)
+        assert await store.update_schedule(self.app, "nightly", got.version, state='{"s":2}')
+        assert not await store.update_schedule(self.app, "nightly", got.version, paused=True)
+        [now] = await store.schedules(self.app)
+        assert now.state == '{"s":2}' and now.version == got.version + 1
+        assert await store.update_schedule(self.app, "nightly", now.version, paused=True)
+        assert (await store.schedules(self.app))[0].paused
+        assert await store.delete_schedule(self.app, "nightly")
+        assert not await store.delete_schedule(self.app, "nightly")
+        assert await store.schedules(self.app) == []

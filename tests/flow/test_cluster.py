@@ -1,0 +1,240 @@
+"""Flow control with 2-3 worker processes, on SQLite and on PostgreSQL + NATS.
+
+Begins and ends are timed from outside the workers (a ledger file the steps append to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from tests.flow.helpers import max_in_window, max_overlap, remove, touch, until
+
+pytestmark = [pytest.mark.slow]
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+LEASE = 1.5
+
+
+@pytest.fixture(params=["sqlite", "distributed"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(store URL, broker URL) of each backend pair."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/flow.db", "embedded"
+    request.applymarker(pytest.mark.postgres)
+    request.applymarker(pytest.mark.nats)
+    return request.getfixturevalue("distributed_url"), request.getfixturevalue("nats_url")
+
+
+class Cluster:
+    """Worker processes of ``cluster_flow_app`` and the ledger they write."""
+
+    def __init__(self, store: str, broker: str, folder: Path, schedule: str | None = None):
+        self.store, self.broker, self.folder = store, broker, folder
+        self.ledger = folder / "ledger"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.started = 0
+        self.env = {**os.environ, "CANTATA_TEST_LEDGER": str(self.ledger),
+                    "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        if schedule:
+            self.env["CANTATA_TEST_SCHEDULE"] = schedule
+        self._log: IO[bytes] = (folder / "workers.log").open("ab")
+
+    async def ready(self, timeout: float = 90.0) -> None:
+        """Wait until every worker started says it serves (a loaded machine is slow)."""
+        end = time.monotonic() + timeout
+        while self.log().count("serving app") < self.started:
+            assert time.monotonic() < end, self.log()
+            await asyncio.sleep(0.1)
+
+    def start(self, n: int = 1) -> None:
+        self.started += n
+        for _ in range(n):
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "cantata", "worker", "tests.flow.cluster_flow_app:app",
+                 "--store", self.store, "--broker", self.broker],
+                env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            ))
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+
+    def close(self) -> None:
+        self._log.close()
+
+    def lines(self, kind: str) -> list[list[str]]:
+        if not self.ledger.exists():
+            return []
+        return [ln.split() for ln in self.ledger.read_text().splitlines()
+                if ln.startswith(kind + " ")]
+
+    def spans(self, kind: str) -> dict[str, tuple[float, float]]:
+        begin: dict[str, float] = {}
+        out: dict[str, tuple[float, float]] = {}
+        for _, key, what, at, _ in self.lines(kind):
+            if what == "begin":
+                begin[key] = float(at)
+            elif what == "end":
+                out[key] = (begin[key], float(at))
+        return out
+
+    def log(self) -> str:
+        return (self.folder / "workers.log").read_text()
+
+
+@pytest.fixture
+def cluster_factory(backend: tuple[str, str], tmp_path: Path) -> Iterator[type[Cluster]]:
+    made: list[Cluster] = []
+
+    def make(schedule: str | None = None) -> Cluster:
+        c = Cluster(*backend, tmp_path, schedule)
+        made.append(c)
+        return c
+
+    yield make  # type: ignore[misc]
+    for c in made:
+        c.stop_all()
+        c.close()
+
+
+@pytest.fixture
+async def client(backend: tuple[str, str]) -> AsyncIterator[object]:
+    from tests.flow import cluster_flow_app
+
+    app = cluster_flow_app.app
+    app.configure(store=backend[0], broker=backend[1])
+    async with app.client():
+        yield app
+
+
+async def test_queue_limits_hold_across_workers(cluster_factory: object, client: object) -> None:
+    cluster: Cluster = cluster_factory()  # type: ignore[operator]
+    cluster.start(3)
+    await cluster.ready()
+    app = client
+    handles = []
+    for i in range(10):
+        handles.append(await app.start("job", "conc", f"c{i}", 0.15, queue="conc"))  # type: ignore[attr-defined]
+    for i in range(8):
+        handles.append(await app.start("job", "rated", f"r{i}", 0.0, queue="rated"))  # type: ignore[attr-defined]
+    for i in range(6):
+        handles.append(await app.start("job", f"part{i % 2}", f"p{i}", 0.15,  # type: ignore[attr-defined]
+                                       queue="parts", partition=f"k{i % 2}"))
+    for h in handles:
+        await h.result(timeout=90)
+    conc = cluster.spans("conc")
+    assert len(conc) == 10 and max_overlap(list(conc.values())) == 2, cluster.log()[-3000:]
+    rated = [float(at) for _, _, what, at, _ in cluster.lines("rated") if what == "begin"]
+    assert len(rated) == 8 and max_in_window(rated, 1.0) <= 3
+    assert max(rated) - min(rated) >= 2.0  # 8 begins at 3 per second: three windows
+    for k in ("part0", "part1"):
+        assert max_overlap(list(cluster.spans(k).values())) == 1
+    both = list(cluster.spans("part0").values()) + list(cluster.spans("part1").values())
+    assert max_overlap(both) == 2  # the partitions ran side by side
+
+
+async def test_priorities_across_workers(cluster_factory: object, client: object) -> None:
+    cluster: Cluster = cluster_factory()  # type: ignore[operator]
+    cluster.start(2)
+    await cluster.ready()
+    app = client
+    touch(f"{cluster.ledger}.hold-blocker")
+    first = await app.start("job", "prio", "blocker", 0.0, queue="prio")  # type: ignore[attr-defined]
+    await until(lambda: cluster.lines("prio"))
+    handles = [await app.start("job", "prio", f"n{p}-{i}", 0.0, queue="prio", priority=p)  # type: ignore[attr-defined]
+               for i, p in enumerate([5, 3, 9, 1, 3, 0])]
+    remove(f"{cluster.ledger}.hold-blocker")
+    for h in [first, *handles]:
+        await h.result(timeout=60)
+    order = [key for _, key, what, _, _ in cluster.lines("prio") if what == "begin"]
+    assert order == ["blocker", "n0-5", "n1-3", "n3-1", "n3-4", "n5-0", "n9-2"]
+
+
+async def test_worker_killed_holding_a_step_slot_frees_it_within_the_lease(
+    cluster_factory: object, client: object
+) -> None:
+    cluster: Cluster = cluster_factory()  # type: ignore[operator]
+    cluster.start(2)
+    await cluster.ready()
+    app = client
+    touch(f"{cluster.ledger}.once-stuck")
+    stuck = await app.start("limited", "stuck", 60.0)  # type: ignore[attr-defined]
+    await until(lambda: cluster.lines("fragile"))
+    holder = int(cluster.lines("fragile")[0][4])
+    waiting = await app.start("limited", "next", 0.0)  # type: ignore[attr-defined]
+    await asyncio.sleep(1.0)
+    assert [ln[1] for ln in cluster.lines("fragile")] == ["stuck"]  # the slot is held
+    os.kill(holder, signal.SIGKILL)
+    killed_at = time.time()
+    assert await waiting.result(timeout=30) == "next"
+    assert await stuck.result(timeout=30) == "stuck"  # resumed elsewhere, quick this time
+    later = sorted(float(ln[3]) for ln in cluster.lines("fragile")
+                   if ln[2] == "begin" and float(ln[3]) > killed_at)
+    # The slot lapses with the dead worker's lease (plus a heartbeat period and a poll).
+    assert later[0] - killed_at < LEASE + LEASE / 4 + 1.5, cluster.log()[-3000:]
+    spans = [(b, e) for b, e in cluster.spans("fragile").values()]
+    assert max_overlap(spans) == 1
+
+
+async def test_each_tick_runs_once_with_three_workers(cluster_factory: object) -> None:
+    cluster: Cluster = cluster_factory("skip")  # type: ignore[operator]
+    cluster.start(3)
+    await cluster.ready()
+    await asyncio.sleep(6)
+    cluster.stop_all()
+    ticks = [ln[1] for ln in cluster.lines("tick")]
+    assert len(ticks) >= 3, cluster.log()[-3000:]
+    assert len(ticks) == len(set(ticks)), sorted(ticks)
+    seconds = sorted(int(dt.datetime.fromisoformat(t).timestamp()) for t in ticks)
+    assert seconds == list(range(seconds[0], seconds[-1] + 1))  # none left out
+
+
+@pytest.mark.parametrize("catch_up", ["skip", "all"])  # "last": tests/flow/test_schedules.py
+async def test_missed_ticks_after_a_stop(cluster_factory: object, catch_up: str) -> None:
+    cluster: Cluster = cluster_factory(catch_up)  # type: ignore[operator]
+    cluster.start(2)
+    await cluster.ready()
+    await asyncio.sleep(3)
+    cluster.stop_all()
+    stopped = time.time()
+    await asyncio.sleep(5)
+    start_called = time.time()
+    cluster.start(2)
+    await cluster.ready()
+    ready_at = time.time()
+    await asyncio.sleep(3)
+    cluster.stop_all()
+    ticks = sorted({dt.datetime.fromisoformat(ln[1]).timestamp() for ln in cluster.lines("tick")})
+    assert len(ticks) == len(cluster.lines("tick"))  # each tick once
+    # Ticks surely missed (no worker ran), and ticks around the restart (missed or not,
+    # as the new workers' start falls).
+    missed = [float(t) for t in range(int(stopped) + 2, int(start_called) - 1)]
+    ran_missed = [t for t in ticks if t in missed]
+    around = [t for t in ticks if start_called - 1 <= t <= ready_at]
+    if catch_up == "skip":
+        assert ran_missed == [], (ticks, stopped, start_called)
+    elif catch_up == "last":
+        assert ran_missed == [] and around, (ticks, stopped, start_called, ready_at)
+    else:
+        assert ran_missed == missed, (ticks, stopped, start_called)
+    assert any(t > ready_at + 1 for t in ticks)  # ticks go on after the restart

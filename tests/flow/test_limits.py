@@ -1,0 +1,94 @@
+"""Step and handler limits on one process: overlap, rate, waiting is not an attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cantata import App, Rate, Retry
+from cantata.errors import ConfigurationError, RegistrationError
+from cantata.testing import environment
+from tests.flow.helpers import max_in_window, max_overlap
+
+
+async def test_step_concurrency_across_runs_and_waiting_is_not_an_attempt() -> None:
+    app = App("limits")
+    spans: list[tuple[float, float]] = []
+
+    @app.step(concurrency=2)
+    async def pay(i: int) -> int:
+        begin = time.monotonic()
+        await asyncio.sleep(0.05)
+        spans.append((begin, time.monotonic()))
+        return i
+
+    @app.workflow
+    async def order(ctx: object, i: int) -> int:
+        return await ctx.run(pay, i)  # type: ignore[attr-defined, no-any-return]
+
+    async with environment(app):
+        handles = [await app.start(order, i) for i in range(8)]
+        assert [await h.result(timeout=30) for h in handles] == list(range(8))
+        for h in handles:
+            attempts = await app.store.load_attempts(app.name, h.run_id)
+            assert [a.attempt for a in attempts] == [1]
+        assert await app.store.slots_held(app.name, "step:pay") == 0
+    assert max_overlap(spans) == 2
+
+
+async def test_step_rate_and_slot_freed_on_failure() -> None:
+    app = App("limits", store="memory://")
+    begins: list[float] = []
+    failed = set()
+
+    @app.step(rate=Rate(3, per=0.4), concurrency=1,
+              retry=Retry(max_attempts=3, initial_interval=0.01))
+    async def call_api(i: int) -> int:
+        begins.append(time.time())
+        if i % 2 and i not in failed:
+            failed.add(i)
+            raise RuntimeError("flaky")
+        return i
+
+    @app.workflow
+    async def wf(ctx: object, i: int) -> int:
+        return await ctx.run(call_api, i)  # type: ignore[attr-defined, no-any-return]
+
+    async with app:
+        handles = [await app.start(wf, i) for i in range(6)]
+        assert [await h.result(timeout=30) for h in handles] == list(range(6))
+        assert await app.store.slots_held(app.name, "step:call_api") == 0
+    assert len(begins) == 9  # three retried after a failure, whose slot was released
+    assert max_in_window(begins, 0.4) <= 3
+
+
+async def test_handler_group_concurrency() -> None:
+    app = App("limits")
+    spans: list[tuple[float, float]] = []
+    done = asyncio.Event()
+
+    @app.on("order.placed", group="billing", concurrency=2)
+    async def bill(event: object) -> None:
+        begin = time.monotonic()
+        await asyncio.sleep(0.05)
+        spans.append((begin, time.monotonic()))
+        if len(spans) == 7:
+            done.set()
+
+    async with environment(app):
+        for i in range(7):
+            await app.publish("order.placed", {"i": i})
+        await asyncio.wait_for(done.wait(), 30)
+    assert max_overlap(spans) == 2
+
+
+def test_bad_limits_name_the_value() -> None:
+    app = App("limits")
+    with pytest.raises(ConfigurationError, match=r"step concurrency .* got 0"):
+        app.step(concurrency=0)
+    with pytest.raises(RegistrationError, match=r"Rate\(\.\.\.\), got 5"):
+        app.step(rate=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"'billing' concurrency .* got -2"):
+        app.on("a.b", group="billing", concurrency=-2)

@@ -1,0 +1,168 @@
+"""Queues on one process with the skipping clock: limits, priorities, partitions, status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cantata import App, Rate, RunStatus
+from cantata.errors import ConfigurationError, QueueConflict, UnknownQueue
+from cantata.testing import environment
+from tests.flow.helpers import max_in_window, max_overlap, until
+
+
+def queue_app(
+    hold: bool = False, **queue: object
+) -> tuple[App, list[tuple[float, float]], list[int]]:
+    """An app whose ``job(i)`` workflow runs in queue ``q``; spans of its step (clock
+    time) and the order in which jobs began are recorded. With ``hold``, job 0 keeps
+    its slot until the test sets ``app.gate``."""
+    app = App("flow")
+    app.queue("q", **queue)  # type: ignore[arg-type]
+    spans: list[tuple[float, float]] = []
+    order: list[int] = []
+    gate = asyncio.Event()  # job 0 holds its slot until the test sets it
+    app.gate = gate  # type: ignore[attr-defined]
+    if not hold:
+        gate.set()
+
+    @app.step
+    async def work(i: int) -> int:
+        begin = app.clock.now()
+        order.append(i)
+        if i == 0 and not gate.is_set():
+            await gate.wait()
+        await app.clock.sleep(1.0)
+        spans.append((begin, app.clock.now()))
+        return i
+
+    @app.workflow(queue="q")
+    async def job(ctx: object, i: int) -> int:
+        return await ctx.run(work, i)  # type: ignore[attr-defined, no-any-return]
+
+    return app, spans, order
+
+
+async def test_concurrency_bounds_runs_in_progress() -> None:
+    app, spans, _ = queue_app(concurrency=3)
+    async with environment(app):
+        handles = [await app.start("job", i) for i in range(10)]
+        assert [await h.result(timeout=30) for h in handles] == list(range(10))
+    assert max_overlap(spans) == 3
+
+
+async def test_rate_is_a_sliding_window() -> None:
+    # Real time: the skipping clock jumps while a store write is in flight, so the
+    # time between a run's admission and its first step is not bounded in it.
+    app = App("flow", store="memory://")
+    app.queue("q", rate=Rate(2, per=0.5))
+    begins: list[float] = []
+
+    @app.step
+    async def work(i: int) -> int:
+        begins.append(time.time())
+        return i
+
+    @app.workflow(queue="q")
+    async def job(ctx: object, i: int) -> int:
+        return await ctx.run(work, i)  # type: ignore[attr-defined, no-any-return]
+
+    async with app:
+        handles = [await app.start(job, i) for i in range(6)]
+        for h in handles:
+            await h.result(timeout=30)
+    assert max_in_window(begins, 0.5) == 2
+    assert max(begins) - min(begins) >= 1.0  # 6 runs at 2 per 0.5 s: three windows
+
+
+async def test_priorities_lower_first_then_oldest() -> None:
+    app, _, order = queue_app(hold=True, concurrency=1, priorities=True)
+    async with environment(app):
+        first = await app.start("job", 0)  # begins at once and holds the slot
+        await until(lambda: order)
+        handles = [await app.start("job", i, queue="q", priority=p)
+                   for i, p in ((1, 5), (2, 1), (3, 5), (4, 0))]
+        app.gate.set()  # type: ignore[attr-defined]
+        for h in [first, *handles]:
+            await h.result(timeout=30)
+    assert order == [0, 4, 2, 1, 3]
+
+
+async def test_partitions_apply_limits_per_key() -> None:
+    app, spans, _ = queue_app(concurrency=1)
+    async with environment(app):
+        handles = [await app.start("job", i, partition=f"customer-{i % 2}") for i in range(6)]
+        for h in handles:
+            await h.result(timeout=30)
+    assert max_overlap(spans) == 2  # one per customer at a time
+    evens = [spans[i] for i in range(len(spans)) if spans[i][0] is not None]
+    assert len(evens) == 6
+
+
+async def test_waiting_run_is_pending_and_trace_and_stalled_say_queued() -> None:
+    app, _, order = queue_app(hold=True, concurrency=1)
+    async with environment(app):
+        first = await app.start("job", 0)
+        await until(lambda: order)  # job 0 began and holds the one slot
+        second = await app.start("job", 1)
+        third = await app.start("job", 2)
+        assert await third.status() == RunStatus.PENDING
+        tree = await app.trace(third.run_id)
+        assert tree.detail == "queued in 'q' behind 1 run(s)"
+        app.clock.advance(1.0)  # type: ignore[attr-defined]
+        stalls = [s for s in await app.stalled(older_than=0.5) if s.reason == "queued"]
+        assert {s.node.ref for s in stalls} == {second.run_id, third.run_id}
+        stats = {q.name: q for q in await app.queue_stats()}
+        assert (stats["q"].waiting, stats["q"].in_progress) == (2, 1)
+        app.gate.set()  # type: ignore[attr-defined]
+        for h in (first, second, third):
+            await h.result(timeout=30)
+
+
+async def test_cancelling_a_waiting_run_ends_it() -> None:
+    app, _, order = queue_app(hold=True, concurrency=1)
+    async with environment(app):
+        first = await app.start("job", 0)
+        await until(lambda: order)
+        waiting = await app.start("job", 1)
+        await waiting.cancel()
+        app.gate.set()  # type: ignore[attr-defined]
+        assert await first.result(timeout=30) == 0
+        for _ in range(100):
+            if await waiting.status() == RunStatus.CANCELLED:
+                break
+            await asyncio.sleep(0.02)
+        assert await waiting.status() == RunStatus.CANCELLED
+    assert order == [0]
+
+
+async def test_bad_queue_input_names_the_value() -> None:
+    app, _, _ = queue_app(concurrency=1)
+    with pytest.raises(ConfigurationError, match=r"concurrency must be a whole number > 0, got 0"):
+        app.queue("z", concurrency=0)
+    with pytest.raises(ConfigurationError, match=r"got -1"):
+        app.queue("z", per_worker=-1)
+    with pytest.raises(ConfigurationError, match=r"Rate limit .* got 0"):
+        Rate(0, per=1)
+    with pytest.raises(ConfigurationError, match=r"per= must be seconds > 0, got -5"):
+        Rate(1, per=-5)
+    async with environment(app):
+        with pytest.raises(UnknownQueue, match="'nope'"):
+            await app.start("job", 1, queue="nope")
+        with pytest.raises(ConfigurationError, match=r"priority must be an integer, got 1.5"):
+            await app.start("job", 1, priority=1.5)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match=r"priority must be an integer, got '1'"):
+            await app.start("job", 1, priority="1")  # type: ignore[arg-type]
+
+
+async def test_two_processes_declaring_other_limits_is_an_error(tmp_path: object) -> None:
+    url = f"sqlite:///{tmp_path}/q.db"
+    first, _, _ = queue_app(concurrency=2, rate=Rate(5, per=1))
+    second, _, _ = queue_app(concurrency=3, rate=Rate(5, per=1))
+    first.configure(store=url)
+    second.configure(store=url)
+    async with first:
+        with pytest.raises(QueueConflict, match=r"'q'.*concurrency: 3 vs 2"):
+            await second.open()

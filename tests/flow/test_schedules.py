@@ -1,0 +1,200 @@
+"""Schedules with the skipping clock: ticks, arguments, overlap, catch-up, time zones, API."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from cantata import App
+from cantata.errors import ConfigurationError, UnknownSchedule
+from cantata.flow.schedules import ScheduleSpec, tick_key
+from cantata.testing import SkipClock, environment
+from tests.flow.helpers import ManualClock, until
+
+T0 = 1_800_000_000.0  # a whole minute (and hour)
+
+
+async def runs_of(app: App, workflow: str) -> list[tuple[str, str]]:
+    """(idempotency key, status) of the runs of ``workflow``, oldest first."""
+    runs = await app.store.list_runs(app.name, workflow=workflow, limit=10_000)
+    return sorted((r.idempotency_key or "", str(r.status)) for r in runs)
+
+
+async def test_every_tick_starts_one_run_with_the_tick_as_argument() -> None:
+    app = App("sched")
+    seen: list[dt.datetime] = []
+
+    @app.schedule(every=60, overlap="allow")  # above @workflow
+    @app.workflow
+    async def report(ctx: object, tick):  # type: ignore[no-untyped-def]
+        seen.append(tick)
+
+    @app.workflow
+    @app.schedule("*/5 * * * *", name="five", overlap="allow")  # below @workflow
+    async def sweep(ctx: object, tick: dt.datetime) -> str:
+        return tick.isoformat()
+
+    app.configure(store="memory://", broker="embedded")
+    app.clock = SkipClock(start=T0 + 1)
+    async with app:
+        await app.clock.sleep(600)
+        await until(lambda: _count(app, "sweep", 2))
+        await until(lambda: _count(app, "report", 10))
+        await asyncio.sleep(0.2)
+        keys = [k for k, _ in await runs_of(app, "sweep")]
+    assert seen[:10] == [dt.datetime.fromtimestamp(T0 + 60 * i, dt.UTC) for i in range(1, 11)]
+    assert all(t.tzinfo is not None and t.utcoffset() == dt.timedelta(0) for t in seen)
+    assert keys[:2] == [tick_key("five", T0 + 300), tick_key("five", T0 + 600)]
+
+
+async def _count(app: App, workflow: str, n: int) -> bool:
+    return len(await app.store.list_runs(app.name, workflow=workflow)) >= n
+
+
+def test_cron_time_zones_and_daylight_saving() -> None:
+    spec = ScheduleSpec("n", "wf", cron="30 2 * * *", timezone="Europe/Berlin")
+    start = dt.datetime(2026, 3, 27, 12, tzinfo=dt.UTC).timestamp()
+    ticks = spec.ticks(start, start + 3 * 86400)
+    local = [dt.datetime.fromtimestamp(t, dt.UTC).isoformat() for t in ticks]
+    # 02:30 does not exist on 29 March (clocks jump 02:00 -> 03:00): it runs at 03:00.
+    assert local == ["2026-03-28T01:30:00+00:00", "2026-03-29T01:00:00+00:00",
+                     "2026-03-30T00:30:00+00:00"]
+    start = dt.datetime(2026, 10, 24, 12, tzinfo=dt.UTC).timestamp()
+    ticks = spec.ticks(start, start + 3 * 86400)
+    # 02:30 happens twice on 25 October: one run, at the first.
+    assert [dt.datetime.fromtimestamp(t, dt.UTC).isoformat() for t in ticks] == [
+        "2026-10-25T00:30:00+00:00", "2026-10-26T01:30:00+00:00", "2026-10-27T01:30:00+00:00"]
+    every = ScheduleSpec("e", "wf", every=90)
+    assert every.ticks(0, 300) == [90, 180, 270]
+    assert every.next_tick(270) == 360
+
+
+@pytest.mark.parametrize(("overlap", "while_busy", "in_all"), [
+    ("skip", 1, 1), ("buffer_one", 1, 2), ("allow", 5, 5),
+])
+async def test_overlap_policies(overlap: str, while_busy: int, in_all: int) -> None:
+    app = App("sched")
+    gate = asyncio.Event()
+
+    @app.schedule(every=60, overlap=overlap)
+    @app.workflow
+    async def slow(ctx: object, tick: dt.datetime) -> None:
+        await gate.wait()
+
+    clock = ManualClock(T0 + 1)
+    app.configure(store="memory://", broker="embedded")
+    app.clock = clock
+    async with app:
+        for k in range(1, 6):  # five ticks while the first run is in progress
+            clock.advance(60)
+            await until(lambda k=k: _decided_until(app, T0 + 60 * k))  # type: ignore[misc]
+        assert len(await runs_of(app, "slow")) == while_busy
+        gate.set()
+        for _ in range(3):  # let a buffered tick start once the first run ended
+            await until(lambda: _all_ended(app))
+            clock.advance(1)
+            await asyncio.sleep(0.1)
+        await until(lambda: _all_ended(app))
+        keys = [k for k, _ in await runs_of(app, "slow")]
+    assert keys == [tick_key("slow", T0 + 60 * i) for i in range(1, in_all + 1)]
+
+
+async def _decided_until(app: App, tick: float) -> bool:
+    import json
+
+    [row] = await app.store.schedules(app.name)
+    state = json.loads(row.state)
+    return bool(state["last_tick"] >= tick and not state["starting"])
+
+
+async def _all_ended(app: App) -> bool:
+    runs = await app.store.list_runs(app.name, workflow="slow", limit=10_000)
+    return all(r.status.is_final for r in runs)
+
+
+@pytest.mark.parametrize(("catch_up", "limit", "missed"),
+                         [("skip", None, 0), ("last", None, 1), ("all", None, 10),
+                          ("all", 3, 3)])
+async def test_missed_ticks_after_a_stop(
+    tmp_path: Path, catch_up: str, limit: int | None, missed: int
+) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+
+    def build(start: float) -> App:
+        app = App("sched", store=url, broker="embedded", clock=SkipClock(start=start))
+
+        @app.schedule(every=60, catch_up=catch_up, catch_up_limit=limit, overlap="allow")
+        @app.workflow
+        async def tick(ctx: object, when: dt.datetime) -> None:
+            return None
+
+        return app
+
+    first = build(T0 + 1)
+    async with first.client():
+        pass  # the schedule is declared: no tick before now is due
+    later = build(T0 + 10 * 60 + 30)  # down for ten ticks
+    async with later:
+        await until(lambda: _decided(later))
+        keys = [k for k, _ in await runs_of(later, "tick")]
+    missed_keys = [tick_key("tick", T0 + 60 * i) for i in range(1, 11)]
+    caught = [k for k in keys if k in missed_keys]  # (later ticks are current ones)
+    assert caught == (missed_keys[len(missed_keys) - missed:] if missed else [])
+
+
+async def _decided(app: App) -> bool:
+    import json
+
+    [row] = await app.store.schedules(app.name)
+    return bool(json.loads(row.state)["last_tick"] >= T0 + 600 and not
+                json.loads(row.state)["starting"])
+
+
+async def test_api_create_pause_resume_trigger_delete() -> None:
+    app = App("sched")
+    got: list[object] = []
+
+    @app.workflow
+    async def nightly(ctx: object, tick: dt.datetime, data: dict[str, int]) -> None:
+        got.append((tick, data))
+
+    async with environment(app):
+        await app.schedules.create("n", "0 2 * * *", nightly, input={"x": 1},
+                                   timezone="America/New_York")
+        [info] = await app.schedules.list()
+        assert (info.name, info.when, info.paused, info.source) == ("n", "0 2 * * *", False,
+                                                                     "api")
+        assert info.next_tick is not None and info.next_tick.hour in (6, 7)
+        await app.schedules.pause("n")
+        assert (await app.schedules.list())[0].paused
+        await app.schedules.resume("n")
+        handle = await app.schedules.trigger("n")
+        await handle.result(timeout=10)
+        assert got and got[0][1] == {"x": 1}  # type: ignore[index]
+        await app.schedules.delete("n")
+        assert await app.schedules.list() == []
+        with pytest.raises(UnknownSchedule, match="'n'"):
+            await app.schedules.pause("n")
+        with pytest.raises(ConfigurationError, match="invalid cron expression 'nope'"):
+            await app.schedules.create("bad", "nope", nightly)
+
+
+def test_bad_schedules_name_the_value() -> None:
+    app = App("sched")
+    with pytest.raises(ConfigurationError, match=r"invalid cron expression '61 \* \* \* \*'"):
+        app.schedule("61 * * * *")
+    with pytest.raises(ConfigurationError, match="unknown time zone 'Mars/Base'"):
+        app.schedule("* * * * *", timezone="Mars/Base")
+    with pytest.raises(ConfigurationError, match="overlap='sometimes'"):
+        app.schedule(every=5, overlap="sometimes")
+    with pytest.raises(ConfigurationError, match="catch_up='most'"):
+        app.schedule(every=5, catch_up="most")
+    with pytest.raises(ConfigurationError, match="catch_up_limit=0"):
+        app.schedule(every=5, catch_up_limit=0)
+    with pytest.raises(ConfigurationError, match="every=-1"):
+        app.schedule(every=-1)
+    with pytest.raises(ConfigurationError, match="one of them"):
+        app.schedule("* * * * *", every=5)
