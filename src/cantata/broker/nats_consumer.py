@@ -25,7 +25,7 @@ from cantata.broker.base import Handler
 from cantata.broker.nats_names import digest
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
-from cantata.model.event import Event
+from cantata.model.event import Event, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING
 from cantata.store.base import Settlement, Store
 from cantata.store.faults import RateLimitedLog
@@ -263,6 +263,8 @@ class NatsSubscription:
                 m, self.broker.store, self.app, self.group, meta.num_delivered,
                 f"{meta.stream}:{meta.sequence.stream}",
             )
+            if msg.event is not None and is_claim(msg.event):
+                await self._redeem(msg)
             if msg.event is not None:
                 if (self.app, self.group, msg.event.id) in self.broker._handling:
                     # A second copy (e.g. an outside event re-sent by the outbox relay) of
@@ -300,6 +302,19 @@ class NatsSubscription:
                 self.broker._handling.discard(key)
             self._busy -= 1
             self._capacity.set()
+
+    async def _redeem(self, msg: NatsMessage) -> None:
+        """Replace a claim check by the event it names, read from the store."""
+        assert msg.event is not None
+        event_id = msg.event.id
+        stored = await self.broker.store.get_event(self.app, event_id)
+        if stored is None:
+            msg.event, msg.error = None, (
+                f"claim check for event {event_id}: the event is not in the store "
+                "(published by another store? both must share one)"
+            )
+        else:
+            msg.event = stored
 
     async def _keep_alive(self) -> None:
         """Tell NATS the handlers still running are working, so a handler longer than
