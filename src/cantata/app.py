@@ -220,7 +220,7 @@ class App(Router):
         try:
             await broker.open(store)
             try:
-                await broker.attach(self.name)
+                await broker.attach(self.name, offload_above=self.offload_above)
             except BaseException:
                 await broker.close()
                 raise

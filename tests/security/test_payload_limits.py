@@ -86,3 +86,51 @@ async def test_offload_lets_large_events_through_the_embedded_log(sqlite_url: st
 def test_bad_limits_are_refused(kw: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError, match="whole number of bytes"):
         App("shop", store="memory://", **kw)
+
+
+@pytest.mark.nats
+async def test_offload_carries_events_over_the_brokers_limit_by_claim_check(
+    nats_url: str, tmp_path: Any
+) -> None:
+    """A 1.5 MB event is more than NATS takes (1 MB): with offload_above it travels as
+    a claim check and the handler gets all of it; without, publish refuses it."""
+    import asyncio
+
+    import nats
+
+    from tests.broker.nats_support import app_name, streams_removed
+
+    name = app_name("claim")
+    app = App(name, store=f"sqlite:///{tmp_path}/a.db", broker=nats_url, poll_interval=0.05,
+              max_payload=4 * 1024 * 1024, offload_above=64 * 1024)
+    got: list[int] = []
+
+    @app.on("scan.uploaded", group="scanner")
+    async def scan(event: Event[Any]) -> None:
+        got.append(len(event.data["blob"]))
+
+    big = "z" * 1_500_000
+    async with streams_removed(nats_url, name), app:
+        nc = await nats.connect(nats_url)
+        sizes: list[int] = []
+        try:
+            async def capture(msg: Any) -> None:
+                sizes.append(len(msg.data))
+
+            await nc.subscribe(f"cantata.{name}.>", cb=capture)
+            await nc.flush()
+            await app.publish("scan.uploaded", {"blob": big})
+            await app.publish("scan.uploaded", {"blob": "small"})
+            await eventually(lambda: len(got) == 2, what="both handled", timeout=20)
+            await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+        assert await app.dead_letters() == []
+    assert sorted(got) == [5, len(big)]
+    assert max(sizes) < 64 * 1024, sizes  # the large one went as a claim check
+
+    plain = App(app_name("noclaim"), store=f"sqlite:///{tmp_path}/b.db", broker=nats_url,
+                max_payload=4 * 1024 * 1024)
+    async with streams_removed(nats_url, plain.name), plain.client():
+        with pytest.raises(PayloadTooLarge, match="max_payload"):
+            await plain.publish("scan.uploaded", {"blob": big})

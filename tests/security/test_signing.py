@@ -190,3 +190,55 @@ def test_the_signature_covers_the_content() -> None:
     round_trip = Event.from_json(event.to_json())
     assert signer.accepts(round_trip, required=True)
     assert not Signer({"k1": K2}).accepts(event)
+
+
+@pytest.mark.nats
+async def test_on_nats_an_outside_event_takes_its_id_and_a_different_one_is_refused(
+    nats_url: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forger on the broker uses an id first: the real publisher is told (not silently
+    dropped); a later broker message with a used id and other content is dead-lettered
+    naming both."""
+    import nats as nats_client
+
+    from tests.broker.nats_support import app_name, nats_broker, streams_removed
+
+    name = app_name("preempt")
+    broker = nats_broker(nats_url)
+    app = App(name, store=f"sqlite:///{tmp_path}/a.db", broker=broker, poll_interval=0.05)
+    seen: list[Any] = []
+
+    @app.on("payment.charged", group="shipping")
+    async def ship(event: Event[Any]) -> None:
+        seen.append(event.data)
+
+    async with streams_removed(nats_url, name), app:
+        names = broker.names(name)
+        nc = await nats_client.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            forged = Event("payment.charged", {"amount": 0}, id="pay-9", source="evil")
+            await js.publish(names.event(forged.type), forged.to_json(), stream=names.stream)
+            await eventually(lambda: seen, what="the outside event handled")
+            with pytest.raises(DuplicateEventId, match=r"pay-9"):
+                await app.publish("payment.charged", {"amount": 99}, id="pay-9")
+            real = await app.publish("payment.charged", {"amount": 5}, id="pay-10")
+            await eventually(lambda: len(seen) == 2, what="the real one handled")
+            # a message reusing a handled event's id with other content: refused, said
+            clash = dataclasses.replace(real, data={"amount": 1_000_000})
+            await js.publish(names.event(clash.type), clash.to_json(), stream=names.stream,
+                             headers={"Nats-Msg-Id": "other-copy"})
+            await eventually(lambda: "reusing event id pay-10" in caplog.text,
+                             what="the clash refused")
+            # one reusing an id stored but never addressed to the group: dead-lettered
+            other = Event("payment.refunded", {"amount": 7}, id="ref-1")
+            await app.publish("payment.refunded", {"amount": 7}, id="ref-1")
+            wrong = dataclasses.replace(other, type="payment.charged", data={"amount": 8})
+            await js.publish(names.event(wrong.type), wrong.to_json(), stream=names.stream)
+            [dl] = await eventually(app.dead_letters, what="the clash dead-lettered")
+        finally:
+            await nc.close()
+    assert dl.error.startswith("DuplicateEventId: event id ref-1")
+    assert "'amount': 7" in dl.error and "'amount': 8" in dl.error
+    assert "1000000" in caplog.text
+    assert seen == [{"amount": 0}, {"amount": 5}]

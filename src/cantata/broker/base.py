@@ -89,8 +89,11 @@ class Broker(Protocol):
         time as its runs, and only when ``may_take_over()`` says this worker's own
         hold is sound (see docs/leases.md)."""
 
-    async def attach(self, app: str) -> None:
+    async def attach(self, app: str, *, offload_above: int | None = None) -> None:
         """Prepare what ``app`` needs on the broker (a stream), once opened.
+
+        ``offload_above``: events larger than this many bytes travel as a claim check
+        (:func:`cantata.model.event.claim_stub`): the consumer reads them from the store.
 
         Raises:
             BrokerError: it belongs to another store (two environments sharing one app

@@ -224,8 +224,9 @@ class EmbeddedBroker:
         if channel == EVENTS:
             self.wake()
 
-    async def attach(self, app: str) -> None:
-        """Nothing to prepare: the app's events are in its store."""
+    async def attach(self, app: str, *, offload_above: int | None = None) -> None:
+        """Nothing to prepare: the app's events are in its store (where they are read
+        whatever their size)."""
 
     def check_event(self, app: str, event: Event[Any]) -> None:
         """Nothing to check: the store holds any event it can encode."""

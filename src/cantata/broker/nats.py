@@ -52,7 +52,7 @@ from cantata.broker.nats_names import (
 from cantata.broker.nats_streams import Streams
 from cantata.errors import BrokerError, EventsRefused, error_text
 from cantata.model.codec import new_id
-from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event, check_pattern
+from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event, check_pattern, claim_stub
 from cantata.model.records import Declaration
 from cantata.store.base import Store
 from cantata.store.factory import mask_url
@@ -120,6 +120,7 @@ class NatsBroker:
         self.prefix = check_prefix(prefix)
         self.max_control_line = max_control_line
         self._handling: set[tuple[str, str, str]] = set()  # (app, group, event id) in hand
+        self._offload: dict[str, int | None] = {}  # app -> claim check above this size
         self.masked_url = mask_url(url)
         self._ack_wait_given = ack_wait is not None
         self.ack_wait = 10.0 if ack_wait is None else ack_wait
@@ -333,13 +334,14 @@ class NatsBroker:
 
     # -- the Broker protocol --------------------------------------------------------------
 
-    async def attach(self, app: str) -> None:
+    async def attach(self, app: str, *, offload_above: int | None = None) -> None:
         """Create ``app``'s stream, or check that this store owns it.
 
         Raises:
             BrokerError: the stream belongs to another store (or app); the message
                 names both.
         """
+        self._offload[app] = offload_above
         with self._translate(f"preparing the stream of app {app!r}"):
             await self._stream(app)
 
@@ -351,7 +353,16 @@ class NatsBroker:
             InvalidEvent: the event type is too long for a subject.
             PayloadTooLarge: the message is over the server's max_payload.
         """
-        self.limits.check_event(self.names(app), event)
+        self.limits.check_event(self.names(app), event, self.wire(app, event))
+
+    def wire(self, app: str, event: Event[Any]) -> bytes:
+        """The message body of ``event``: its CloudEvent, or a claim check when it is
+        larger than the app's ``offload_above`` (the event stays in the store)."""
+        payload = event.to_json()
+        limit = self._offload.get(app)
+        if limit is not None and len(payload) > limit:
+            return claim_stub(event).to_json()
+        return payload
 
     async def publish(
         self, app: str, events: Sequence[Event[Any]], *, again: bool = False
@@ -371,7 +382,7 @@ class NatsBroker:
         refused: dict[str, str] = {}
         sendable: list[tuple[Event[Any], bytes]] = []
         for event in events:
-            payload = event.to_json()
+            payload = self.wire(app, event)
             try:
                 limits.check_event(names, event, payload)
             except Exception as exc:  # InvalidEvent, PayloadTooLarge
@@ -454,7 +465,7 @@ class NatsBroker:
         with self._translate(f"redelivering event {event.id} to group {group!r}"):
             stream = await self._stream(app)
             await self.js.publish(
-                self.names(app).replay(group), event.to_json(), stream=stream,
+                self.names(app).replay(group), self.wire(app, event), stream=stream,
                 headers={"Nats-Msg-Id": f"replay-{new_id()}",
                          "Content-Type": STRUCTURED_CONTENT_TYPE},
             )

@@ -25,7 +25,7 @@ from cantata.broker.base import Handler
 from cantata.broker.nats_names import digest
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
-from cantata.model.event import Event
+from cantata.model.event import Event, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING
 from cantata.store.base import Settlement, Store
 from cantata.store.faults import RateLimitedLog
@@ -49,6 +49,12 @@ def decode(msg: Msg) -> Event[Any]:
     return Event.from_json(msg.data)
 
 
+def same_content(a: Event[Any], b: Event[Any]) -> bool:
+    """Two events with one id carry the same thing (attributes that carry meaning)."""
+    return (a.type, a.source, a.subject, a.data, a.correlation_id) == (
+        b.type, b.source, b.subject, b.data, b.correlation_id)
+
+
 class NatsMessage:
     """One JetStream delivery of one event to one group."""
 
@@ -59,6 +65,7 @@ class NatsMessage:
         self.raw: bytes = msg.data
         self.attempt = attempt
         self.settled = False
+        self.outside = False  # not in the store: published by another system
         self._msg = msg
         self._store = store
         self._app = app
@@ -81,6 +88,10 @@ class NatsMessage:
             await self.dead(f"InvalidEvent: {self.error}")
             return False
         self.settled = True
+        if self.outside:
+            # Kept, so that the id is taken: a later event with this id and other
+            # content is refused (publish raises DuplicateEventId), not dropped.
+            await self._store.append_external(self._app, [self.event])
         done = await self._store.settle_delivery(
             self._app, self.group, self.event.id,
             Settlement("done", self.attempt, list(emitted)),
@@ -263,6 +274,8 @@ class NatsSubscription:
                 m, self.broker.store, self.app, self.group, meta.num_delivered,
                 f"{meta.stream}:{meta.sequence.stream}",
             )
+            if msg.event is not None and is_claim(msg.event):
+                await self._redeem(msg)
             if msg.event is not None:
                 if (self.app, self.group, msg.event.id) in self.broker._handling:
                     # A second copy (e.g. an outside event re-sent by the outbox relay) of
@@ -274,7 +287,8 @@ class NatsSubscription:
                 key = (self.app, self.group, msg.event.id)
                 self.broker._handling.add(key)
                 if not await self._addressed(msg, msg.event):
-                    await m.ack()
+                    if not msg.settled:  # (a refused duplicate was dead-lettered)
+                        await m.ack()
                     return
             self._held[id(m)] = m
             try:
@@ -301,6 +315,19 @@ class NatsSubscription:
             self._busy -= 1
             self._capacity.set()
 
+    async def _redeem(self, msg: NatsMessage) -> None:
+        """Replace a claim check by the event it names, read from the store."""
+        assert msg.event is not None
+        event_id = msg.event.id
+        stored = await self.broker.store.get_event(self.app, event_id)
+        if stored is None:
+            msg.event, msg.error = None, (
+                f"claim check for event {event_id}: the event is not in the store "
+                "(published by another store? both must share one)"
+            )
+        else:
+            msg.event = stored
+
     async def _keep_alive(self) -> None:
         """Tell NATS the handlers still running are working, so a handler longer than
         ``ack_wait`` is not delivered again elsewhere while it runs (only a dead
@@ -315,12 +342,32 @@ class NatsSubscription:
         """Whether the store addressed ``event`` to this group; sets ``msg.attempt``."""
         state = await self._delivery_state(event.id)
         if state is None:
-            # Stored before the group was declared: the store did not address it here
-            # (as with the embedded broker). Not stored at all: it comes from outside.
-            return await self.broker.store.get_event(self.app, event.id) is None
+            stored = await self.broker.store.get_event(self.app, event.id)
+            if stored is None:  # not stored at all: it comes from outside
+                msg.outside = True
+                return True
+            if same_content(stored, event):
+                # Stored before the group was declared: the store did not address it
+                # here (as with the embedded broker).
+                return False
+            await msg.dead(
+                f"DuplicateEventId: event id {event.id} is already used by a {stored.type} "
+                f"event (data {stored.data!r:.200}); this {event.type} message (data "
+                f"{event.data!r:.200}) was refused"
+            )
+            return False
         status, attempts = state
         if status != DELIVERY_PENDING:
-            return False  # handled or dead-lettered: a duplicate (say, a second pattern)
+            # handled or dead-lettered: a duplicate (say, a second pattern), or a message
+            # that reuses the id with other content, refused (and said so)
+            stored = await self.broker.store.get_event(self.app, event.id)
+            if stored is not None and not same_content(stored, event):
+                quiet.warning(
+                    f"clash:{self.group}", "group %s refused a message reusing event id %s "
+                    "with other content (stored: %s %.200r; message: %s %.200r)", self.group,
+                    event.id, stored.type, stored.data, event.type, event.data,
+                )
+            return False
         # nats-server 2.9 sometimes redelivers a nak'ed message with a delivery count
         # of 1: the attempts the store recorded are the floor.
         msg.attempt = max(msg.attempt, attempts + 1)

@@ -108,6 +108,22 @@ def like_pattern(pattern: str) -> str:
     return escaped.replace("*", "%")
 
 
+#: The data of a claim-check message: the event itself is in the store.
+CLAIM_KEY = "$cantata_claim"
+
+
+def claim_stub(event: Event[Any]) -> Event[Any]:
+    """What travels on a broker for an event kept in the store (claim check): every
+    attribute, and data that only names the event."""
+    return replace(event, data={CLAIM_KEY: event.id})
+
+
+def is_claim(event: Event[Any]) -> bool:
+    """True for a claim-check message (see :func:`claim_stub`)."""
+    data = event.data
+    return isinstance(data, dict) and len(data) == 1 and data.get(CLAIM_KEY) == event.id
+
+
 def matches(pattern: str, event_type: str) -> bool:
     """True if ``event_type`` matches ``pattern`` (``*`` stands for exactly one token)."""
     if "*" not in pattern:
