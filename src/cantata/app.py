@@ -30,7 +30,7 @@ from cantata.model import codec, secrets
 from cantata.model.event import Event, check_attribute, check_type
 from cantata.model.records import DeadLetter, Declaration, RunInfo
 from cantata.model.signing import Signer
-from cantata.model.status import RunStatus
+from cantata.model.status import RunStatus, parse_status
 from cantata.store.audit import AuditKey
 from cantata.store.base import Store
 
@@ -516,15 +516,7 @@ class App(Router):
         limit: int = 50,
     ) -> list[RunInfo]:
         """Runs of this app, newest first."""
-        st = None
-        if status is not None:
-            try:
-                st = RunStatus(status)
-            except ValueError:
-                raise ConfigurationError(
-                    f"unknown run status {status!r}: use one of "
-                    f"{', '.join(s.value for s in RunStatus)}"
-                ) from None
+        st = parse_status(status)
         runs = await self.store.list_runs(self.name, status=st, workflow=workflow, limit=limit)
         return [RunInfo.of(r) for r in runs]
 

@@ -17,7 +17,7 @@ from cantata.errors import ConfigurationError, RunNotFound, UnknownAttribute
 from cantata.model import codec
 from cantata.model.attributes import check_name, index_value
 from cantata.model.records import RunInfo, RunRecord
-from cantata.model.status import RunStatus
+from cantata.model.status import RunStatus, parse_status
 
 from .versioning import current_version
 
@@ -93,15 +93,7 @@ async def find_records(
         ConfigurationError: an unknown status or a limit below 1.
         UnknownAttribute: an attribute name no run of the app has set, or malformed.
     """
-    st = None
-    if status is not None:
-        try:
-            st = RunStatus(status)
-        except ValueError:
-            raise ConfigurationError(
-                f"unknown run status {status!r}: use one of "
-                f"{', '.join(s.value for s in RunStatus)}"
-            ) from None
+    st = parse_status(status)
     if limit < 1:
         raise ConfigurationError(f"limit must be >= 1, got {limit}")
     wanted = {check_name(name): index_value(name, value)
