@@ -589,10 +589,7 @@ class App(Router):
 
     def _duplicate(self, earlier: Event[Any], event: Event[Any]) -> Event[Any]:
         """The stored event when ``event`` repeats it, or :class:`DuplicateEventId`."""
-        def content(e: Event[Any]) -> tuple[Any, ...]:
-            return (e.type, e.source, e.subject, e.data, e.correlation_id)
-
-        if content(earlier) != content(event):
+        if not earlier.same_content(event):
             raise DuplicateEventId(
                 f"event id {event.id!r} was already used by a {earlier.type} event "
                 f"published at {earlier.time} with other content (data {earlier.data!r}); "

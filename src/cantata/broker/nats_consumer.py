@@ -49,12 +49,6 @@ def decode(msg: Msg) -> Event[Any]:
     return Event.from_json(msg.data)
 
 
-def same_content(a: Event[Any], b: Event[Any]) -> bool:
-    """Two events with one id carry the same thing (attributes that carry meaning)."""
-    return (a.type, a.source, a.subject, a.data, a.correlation_id) == (
-        b.type, b.source, b.subject, b.data, b.correlation_id)
-
-
 class NatsMessage:
     """One JetStream delivery of one event to one group."""
 
@@ -346,7 +340,7 @@ class NatsSubscription:
             if stored is None:  # not stored at all: it comes from outside
                 msg.outside = True
                 return True
-            if same_content(stored, event):
+            if stored.same_content(event):
                 # Stored before the group was declared: the store did not address it
                 # here (as with the embedded broker).
                 return False
@@ -361,7 +355,7 @@ class NatsSubscription:
             # handled or dead-lettered: a duplicate (say, a second pattern), or a message
             # that reuses the id with other content, refused (and said so)
             stored = await self.broker.store.get_event(self.app, event.id)
-            if stored is not None and not same_content(stored, event):
+            if stored is not None and not stored.same_content(event):
                 quiet.warning(
                     f"clash:{self.group}", "group %s refused a message reusing event id %s "
                     "with other content (stored: %s %.200r; message: %s %.200r)", self.group,

@@ -267,6 +267,12 @@ class Event(Generic[T]):
             raise InvalidEvent(f"not JSON: {exc}") from None
         return cls.from_cloudevent(obj)
 
+    def same_content(self, other: Event[Any]) -> bool:
+        """True when ``other`` carries the same thing (the attributes that carry meaning;
+        not its time, trace or signature): a repeat of this event, not another one."""
+        return (self.type, self.source, self.subject, self.data, self.correlation_id) == (
+            other.type, other.source, other.subject, other.data, other.correlation_id)
+
     def with_data(self, data: Any) -> Event[Any]:
         """A copy carrying other data (used to hand typed data to a handler)."""
         return replace(self, data=data)
