@@ -13,7 +13,7 @@ import pytest
 
 import cantata
 from cantata import App, ConfigurationError
-from cantata.engine.quietlog import QuietLog
+from cantata.quietlog import QuietLog
 
 from .helpers import eventually, make_app
 

@@ -168,10 +168,10 @@ def _damage(path: Path) -> None:
 def test_store_errors_are_logged_without_tracebacks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from cantata.store.faults import RateLimitedLog
+    from cantata.quietlog import QuietLog
 
     log = logging.getLogger("cantata.test")
-    quiet = RateLimitedLog(log, every=60)
+    quiet = QuietLog(log, every=60)
     with caplog.at_level(logging.WARNING, logger="cantata.test"):
         for _ in range(100):
             quiet.warning("k", "store failed (%s)", "disk full")

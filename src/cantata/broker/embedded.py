@@ -15,11 +15,11 @@ from cantata.errors import BrokerError, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, check_pattern
 from cantata.model.records import Declaration, Delivery
+from cantata.quietlog import QuietLog
 from cantata.store.base import EVENTS, Settlement, Store
-from cantata.store.faults import RateLimitedLog
 
 log = logging.getLogger("cantata.broker")
-quiet = RateLimitedLog(log)  # storage faults: one line now and then, no tracebacks
+quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no tracebacks
 
 
 @dataclass(slots=True)

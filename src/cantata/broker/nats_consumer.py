@@ -27,14 +27,14 @@ from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING
+from cantata.quietlog import QuietLog
 from cantata.store.base import Settlement, Store
-from cantata.store.faults import RateLimitedLog
 
 if TYPE_CHECKING:
     from cantata.broker.nats import NatsBroker
 
 log = logging.getLogger("cantata.broker")
-quiet = RateLimitedLog(log)  # storage faults: one line now and then, no tracebacks
+quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no tracebacks
 
 INVALID_TYPE = "cantata.broker.invalid-payload"  # type of the stand-in for a garbage payload
 _MAX_INVALID_TEXT = 64 * 1024

@@ -31,8 +31,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from cantata.quietlog import QuietLog, reason
+
 from . import versioning
-from .quietlog import QuietLog, reason
 
 if TYPE_CHECKING:
     from .worker import Engine

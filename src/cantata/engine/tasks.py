@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import StoreFull, StoreUnavailable, UnknownStep
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
+from cantata.quietlog import reason
 from cantata.store.base import TASKS
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
-from .quietlog import reason
 from .runner import WORKER_LOST
 from .shutdown import wait_or_force
 

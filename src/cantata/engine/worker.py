@@ -18,12 +18,12 @@ from cantata.model.event import Event
 from cantata.model.records import Declaration, RunRecord
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
+from cantata.quietlog import QuietLog, reason
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
 from .clock import Clock
 from .hooks import Hooks
 from .ownership import Ownership
-from .quietlog import QuietLog, reason
 from .registry import Router, StepDef, remote_step_def
 from .runner import RunExecution
 from .shutdown import drain

@@ -9,10 +9,7 @@ driver errors (constraint violations the store handles itself) pass unchanged.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
-import time
-from typing import Any
 
 from cantata.errors import StoreCorrupt, StoreError, StoreFull, StoreReadOnly, StoreUnavailable
 
@@ -82,24 +79,3 @@ def postgres_fault(exc: BaseException, where: str) -> StoreError | None:
     if isinstance(exc, (asyncpg.DataCorruptedError, asyncpg.IndexCorruptedError)):
         return StoreCorrupt(f"PostgreSQL at {where} reports damaged data ({exc})")
     return None
-
-
-class RateLimitedLog:
-    """One-line warnings, at most one per ``every`` seconds for each key, saying how
-    many were held back: a store outage must not flood the logs with tracebacks."""
-
-    def __init__(self, logger: logging.Logger, every: float = 30.0) -> None:
-        self.logger = logger
-        self.every = every
-        self._last: dict[str, tuple[float, int]] = {}  # key -> (last logged, held back)
-
-    def warning(self, key: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        last, held = self._last.get(key, (float("-inf"), 0))
-        if now - last < self.every:
-            self._last[key] = (last, held + 1)
-            return
-        self._last[key] = (now, 0)
-        if held:
-            message += f" ({held} more like it in the last {self.every:.0f} s)"
-        self.logger.warning(message, *args)

@@ -1,4 +1,7 @@
-"""Warnings that stay readable during an outage: one line per cause, rate-limited."""
+"""Warnings that stay readable during an outage: one line per cause, rate-limited.
+
+Shared by the engine and the brokers (it depends on nothing of Cantata).
+"""
 
 from __future__ import annotations
 
