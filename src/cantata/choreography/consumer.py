@@ -13,12 +13,13 @@ import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription
 from cantata.engine.shutdown import wait_or_force
-from cantata.errors import StoreFull, StoreUnavailable, WorkerLost, error_text
+from cantata.errors import WorkerLost, error_text
 from cantata.flow.limits import release_handler_slot, take_handler_slot
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.retry import HANDLER_RETRY
 from cantata.observability.logs import handler_context
+from cantata.store.faults import wait_out
 
 from .context import HandlerContext
 from .orphans import check_orphans
@@ -261,20 +262,13 @@ class Consumer:
     async def _settle(self, record: Callable[[], Awaitable[T]]) -> T:
         """Record a handler's outcome, waiting out a store outage or a full disk: the
         handler ran, and running it again because its commit failed would repeat its
-        side effects (the delivery stays this live worker's meanwhile)."""
-        delay = 0.05
-        while True:
-            try:
-                return await record()
-            except (StoreUnavailable, StoreFull) as exc:
-                if self._cutting:  # a stop past its grace: hand it back instead
-                    raise
-                self.engine.quiet.warning(
-                    "handler-settle", "recording handler outcomes failed (%s); retrying",
-                    error_text(exc),
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max(self.engine.lease / 4, 0.05))
+        side effects (the delivery stays this live worker's meanwhile). A stop past its
+        grace hands the event back instead."""
+        return await wait_out(
+            record, quiet=self.engine.quiet, key="handler-settle",
+            what="recording handler outcomes", give_up=lambda: self._cutting,
+            max_delay=self.engine.lease / 4,
+        )
 
 
 def _matches(pattern: str, event_type: str) -> bool:

@@ -17,8 +17,6 @@ from cantata.errors import (
     NonDeterminismError,
     StepFailed,
     StoreError,
-    StoreFull,
-    StoreUnavailable,
     error_text,
 )
 from cantata.flow.limits import release_step_slot, take_step_slot
@@ -41,6 +39,7 @@ from cantata.model.records import (
     TaskRecord,
 )
 from cantata.model.status import RunStatus
+from cantata.store.faults import wait_out
 
 from . import cleanup
 from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
@@ -216,30 +215,23 @@ class RunExecution:
 
     async def _commit_run(self, write: RunWrite) -> None:
         engine = self.engine
-        delay = 0.05
-        while True:
-            try:
-                await engine.store.commit_run(self.run.app, self.run.run_id, self.run.fence, write)
-                return
-            except LeaseLost:
-                log.warning(
-                    "run %s was taken over by another worker; letting it go", self.run.run_id
-                )
-                raise _Abandon() from None
-            except (StoreUnavailable, StoreFull) as exc:
-                if not engine.serving:
-                    raise _StoreFailed(exc) from exc
-                # An outage is not the run's failure: keep the checkpoint and retry it
-                # (fenced, so it is refused if another worker took the run meanwhile).
-                # A long outage ends this execution through the engine's self-fencing.
-                engine.quiet.warning(
-                    "commit", "the store is unavailable (%s); checkpoints wait and retry",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max(engine.lease / 4, 0.05))
-            except StoreError as exc:
-                raise _StoreFailed(exc) from exc
+        # An outage is not the run's failure: the checkpoint waits and is retried
+        # (fenced, so it is refused if another worker took the run meanwhile). A long
+        # outage ends this execution through the engine's self-fencing.
+        try:
+            await wait_out(
+                lambda: engine.store.commit_run(
+                    self.run.app, self.run.run_id, self.run.fence, write),
+                quiet=engine.quiet, key="commit", what="checkpointing runs",
+                give_up=lambda: not engine.serving, max_delay=engine.lease / 4,
+            )
+        except LeaseLost:
+            log.warning(
+                "run %s was taken over by another worker; letting it go", self.run.run_id
+            )
+            raise _Abandon() from None
+        except StoreError as exc:
+            raise _StoreFailed(exc) from exc
 
     def expect_creation(self) -> None:
         """This run is not stored yet: store it with its first checkpoint.

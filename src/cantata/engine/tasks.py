@@ -7,11 +7,12 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from cantata.errors import StoreFull, StoreUnavailable, UnknownStep
+from cantata.errors import UnknownStep
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
 from cantata.quietlog import reason
 from cantata.store.base import TASKS
+from cantata.store.faults import wait_out
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
@@ -99,21 +100,14 @@ class TaskServer:
 
     async def _settle(self, app: str, task_id: str, fence: int, **outcome: Any) -> None:
         """Record a task's outcome; a store outage is waited out, not dropped (a task
-        left claimed by this live worker would be taken by nobody)."""
-        delay = 0.05
-        while True:
-            try:
-                await self.engine.store.finish_task(app, task_id, fence, **outcome)
-                return
-            except (StoreUnavailable, StoreFull) as exc:
-                if self._loop is None:  # stopping: the task goes back on removal
-                    raise
-                self.engine.quiet.warning(
-                    "task-settle", "recording step task outcomes failed (%s); retrying",
-                    reason(exc),
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max(self.engine.lease / 4, 0.05))
+        left claimed by this live worker would be taken by nobody). While stopping the
+        error is raised: the task goes back on removal."""
+        await wait_out(
+            lambda: self.engine.store.finish_task(app, task_id, fence, **outcome),
+            quiet=self.engine.quiet, key="task-settle",
+            what="recording step task outcomes", give_up=lambda: self._loop is None,
+            max_delay=self.engine.lease / 4,
+        )
 
     async def _execute(self, rec: TaskRecord) -> None:
         try:

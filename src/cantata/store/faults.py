@@ -5,13 +5,22 @@ machine, not of the code: callers get :class:`~cantata.errors.StoreFull`,
 :class:`~cantata.errors.StoreReadOnly` or :class:`~cantata.errors.StoreCorrupt`
 naming the store and what to do, translated here at the backend's edge. Other
 driver errors (constraint violations the store handles itself) pass unchanged.
+
+:func:`wait_out` is how the engine and the consumer keep a write whose work is done
+(a checkpoint, a handler's or a task's outcome) through an outage or a full disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from cantata.errors import StoreCorrupt, StoreError, StoreFull, StoreReadOnly, StoreUnavailable
+from cantata.quietlog import QuietLog, reason
+
+T = TypeVar("T")
 
 # SQLite's primary result codes (https://www.sqlite.org/rescode.html).
 _SQLITE_BUSY = 5
@@ -79,3 +88,29 @@ def postgres_fault(exc: BaseException, where: str) -> StoreError | None:
     if isinstance(exc, (asyncpg.DataCorruptedError, asyncpg.IndexCorruptedError)):
         return StoreCorrupt(f"PostgreSQL at {where} reports damaged data ({exc})")
     return None
+
+
+async def wait_out(
+    record: Callable[[], Awaitable[T]],
+    *,
+    quiet: QuietLog,
+    key: str,
+    what: str,
+    give_up: Callable[[], bool],
+    max_delay: float,
+) -> T:
+    """Call ``record`` until the store takes it, waiting out an outage or a full disk
+    (the work it records is done: doing it again because its commit failed would
+    repeat its side effects). ``give_up()`` true (a stop) raises the store's error.
+    Other errors are raised at once.
+    """
+    delay = 0.05
+    while True:
+        try:
+            return await record()
+        except (StoreUnavailable, StoreFull) as exc:
+            if give_up():
+                raise
+            quiet.warning(key, f"{what} failed (%s); retrying", reason(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max(max_delay, 0.05))
