@@ -80,6 +80,12 @@ class App(Router):
             hash of its workflows' and steps' code); its workers take runs of this
             version and runs of others whose history this code replays.
         any_version: its workers take runs of every version, unchecked.
+        park_after: seconds a run may wait in ``ctx.sleep``, ``ctx.wait_for_event`` or
+            ``ctx.call`` in memory before it is evicted (released in the store with what
+            wakes it, resumed from its history by any worker when it wakes); ``None``
+            keeps every waiting run in memory. Only with the system clock.
+        hot_runs: the most waiting runs kept in memory; past it the longest-waiting
+            one is evicted at once (with ``park_after`` set).
     """
 
     def __init__(
@@ -102,6 +108,8 @@ class App(Router):
         shutdown_grace: float = 30.0,
         version: str | None = None,
         any_version: bool = False,
+        park_after: float | None = 60.0,
+        hot_runs: int = 10_000,
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -145,6 +153,14 @@ class App(Router):
             raise ConfigurationError(f"version must be a non-empty string, got {version!r}")
         self._version = version
         self.any_version = any_version
+        if park_after is not None and (not isinstance(park_after, int | float) or park_after < 0):
+            raise ConfigurationError(
+                f"park_after must be None or seconds >= 0, got {park_after!r}"
+            )
+        if not isinstance(hot_runs, int) or hot_runs < 0:
+            raise ConfigurationError(f"hot_runs must be a whole number >= 0, got {hot_runs!r}")
+        self.park_after = None if park_after is None else float(park_after)
+        self.hot_runs = hot_runs
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._engine: Engine | None = None
@@ -253,6 +269,7 @@ class App(Router):
             signer=self.signer,
             max_payload=self.max_payload if self.offload_above is None else None,
             version=self.version, any_version=self.any_version,
+            park_after=self.park_after, hot_runs=self.hot_runs,
         )
         self._engine.check_event = functools.partial(broker.check_event, self.name)
         declarations = self._declarations()

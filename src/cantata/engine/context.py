@@ -36,6 +36,7 @@ from cantata.model.status import RunStatus
 
 from . import versioning
 from .heartbeat import workflow_run
+from .parking import parking_for
 from .registry import DECLARED_ATTR, STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ class WorkflowContext:
             await x.commit(RunWrite(entries=[entry]))
         else:
             x.consumed.add(key)
-        await x.wait_until(entry.wake_at)
+        await x.wait_until(entry.wake_at, park=parking_for(x, entry.wake_at))
         entry.status, entry.ended_at = ENTRY_COMPLETED, x.engine.clock.now()
         x.pending.append(entry)
 
@@ -370,7 +371,8 @@ class WorkflowContext:
         try:
             # No polling per wait: the engine looks for new events of each waited type
             # once per interval and wakes the waits of that type (10,000 waits stay cheap).
-            await x.wait_until(entry.wake_at, look, poll=False)
+            await x.wait_until(entry.wake_at, look, poll=False,
+                               park=parking_for(x, entry.wake_at, type, match))
         finally:
             engine.remove_waiter(type, x)
         now = engine.clock.now()
@@ -452,7 +454,7 @@ class WorkflowContext:
 
         engine.add_run_waiter(child_id, x)
         try:
-            await x.wait_until(None, look)
+            await x.wait_until(None, look, park=parking_for(x, None))
         finally:
             engine.remove_run_waiter(child_id, x)
         run = final[0]

@@ -24,6 +24,7 @@ from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 from .clock import Clock
 from .hooks import Hooks
 from .ownership import Ownership
+from .parking import HotRuns, wake_for_events
 from .registry import Router, StepDef, remote_step_def
 from .runner import RunExecution
 from .shutdown import drain
@@ -46,6 +47,7 @@ class Metrics:
     handled: int = 0
     handler_failures: int = 0
     dead_lettered: int = 0
+    parked: int = 0  # runs evicted from memory while they wait (engine/parking.py)
     orphans: dict[str, int] = field(default_factory=dict)
 
 
@@ -81,6 +83,8 @@ class Engine:
         max_payload: int | None = None,
         version: str | None = None,
         any_version: bool = False,
+        park_after: float | None = None,
+        hot_runs: int = 10_000,
     ) -> None:
         self.app = app
         self.router = router
@@ -132,6 +136,7 @@ class Engine:
         self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
         self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
         self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
+        self.hot = HotRuns(self, park_after, hot_runs)  # which waiting runs stay in memory
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -310,7 +315,7 @@ class Engine:
                 waiter.set_result(execution.run if execution.run.status.is_final else None)
             if execution.run.status.is_final:
                 self._cut_short.pop(run_id, None)
-            elif self.serving:
+            elif self.serving and not execution.evicted:
                 # Let go while this worker lives (lease lost, store failure, internal
                 # error): the store decides whether it is still ours to resume.
                 self.ownership.repair_soon()
@@ -413,6 +418,7 @@ class Engine:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self._poll_waited_types()
+                await wake_for_events(self)  # the waits of parked runs
             except Exception as exc:
                 self.quiet.warning("events", "looking for awaited events failed (%s); "
                                    "retrying", reason(exc))
@@ -459,6 +465,7 @@ class Engine:
                     execution.wakeup.set()
         elif channel == CANCEL:
             self._runs_pulse.set()
+            self.ownership.claim_wakeup.set()  # a parked run, woken to be cancelled
             if self.executions:
                 self.track(asyncio.create_task(self.check_cancellations()))
         elif channel == TASKS:
