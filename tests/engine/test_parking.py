@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,3 +175,66 @@ async def test_wake_latency_of_a_parked_timer(store_url: str) -> None:
             await handle.result(timeout=5)
         assert time.monotonic() - t0 < 3.0
         assert (await handle.status()) == RunStatus.CANCELLED
+
+
+async def test_a_run_parked_by_a_killed_worker_still_wakes(sqlite_url: str) -> None:
+    """kill -9 while evicted: the run is unowned in the store, so another worker
+    resumes it when it is due or its event comes, without waiting for a lease."""
+    from .park_app import build as build_park_app
+
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("park_app.py")), sqlite_url],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        sleepy, waiting = line.split()
+        async with build_park_app(sqlite_url).client() as client:
+            await eventually(lambda: parked(client, sleepy), timeout=10)
+            await eventually(lambda: parked(client, waiting), timeout=10)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    async with build_park_app(sqlite_url) as app:
+        await app.publish("payment.done", {"order": 5, "amount": 12})
+        assert await app.get_handle(sleepy).result(timeout=10) == "slept"
+        assert await app.get_handle(waiting).result(timeout=10) == 12
+
+
+async def test_any_worker_resumes_a_parked_run_and_none_runs_a_step_twice(
+    sqlite_url: str,
+) -> None:
+    executed: list[int] = []
+
+    def worker() -> App:
+        app = make_app(sqlite_url, "parkshare", park_after=0.0)
+
+        @app.step
+        async def once(n: int) -> int:
+            executed.append(n)
+            return n
+
+        @app.workflow
+        async def two_naps(ctx: WorkflowContext, n: int) -> int:
+            await ctx.sleep(0.3)
+            await ctx.run(once, n)
+            await ctx.sleep(0.3)
+            return n
+
+        return app
+
+    first = worker()
+    async with first:
+        handles = [await first.start("two_naps", i) for i in range(20)]
+        async with worker() as second:
+            results = await asyncio.gather(*(h.result(timeout=20) for h in handles))
+            resumed_in_second = second.engine.metrics.runs.get("completed", 0)
+    assert results == list(range(20))
+    assert sorted(executed) == list(range(20))  # each step once: never two owners
+    assert resumed_in_second > 0  # the second worker resumed runs the first parked

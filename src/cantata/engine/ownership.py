@@ -285,8 +285,8 @@ class Ownership:
         for run_id, execution in before.items():
             if run_id in owned or engine.executions.get(run_id) is not execution:
                 continue
-            if not execution.stored:
-                continue
+            if not execution.stored or execution.evicting:
+                continue  # a run being parked (engine/parking.py) is released on purpose
             run = await store.get_run(app, run_id)
             if run is None or run.status.is_final:
                 continue  # ending here right now

@@ -123,11 +123,13 @@ async def evict(
     async with x.commit_lock:
         if x.pending or x.pending_attempts or not can_evict(x):
             return
+        x.evicting = True
         try:
             await engine.store.park_run(run.app, run.run_id, run.fence, parking)
         except LeaseLost:
             raise _Abandon() from None
         except StoreError as exc:
+            x.evicting = False
             engine.quiet.warning("park", "run %s: could not park it (%s); it stays in memory",
                                  run.run_id, reason(exc))
             return

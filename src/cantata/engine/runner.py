@@ -145,6 +145,7 @@ class RunExecution:
         self.api = ApiState()  # ctx.compensate and cleanup after cancel
         self.waiting = 0  # wait_until calls in progress (branches of a gather)
         self.evict_now = False  # pushed out of the hot cache (see parking.HotRuns)
+        self.evicting = False  # being parked: released on purpose (engine/parking.py)
         self.evicted = False  # parked in the store: this execution commits nothing more
 
     # -- plumbing -----------------------------------------------------------------
