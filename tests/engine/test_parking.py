@@ -177,15 +177,19 @@ async def test_wake_latency_of_a_parked_timer(store_url: str) -> None:
         assert (await handle.status()) == RunStatus.CANCELLED
 
 
+def _spawn(store: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("park_app.py")), store],
+        stdout=subprocess.PIPE, text=True,
+    )
+
+
 async def test_a_run_parked_by_a_killed_worker_still_wakes(sqlite_url: str) -> None:
     """kill -9 while evicted: the run is unowned in the store, so another worker
     resumes it when it is due or its event comes, without waiting for a lease."""
     from .park_app import build as build_park_app
 
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("park_app.py")), sqlite_url],
-        stdout=subprocess.PIPE, text=True,
-    )
+    proc = _spawn(sqlite_url)
     try:
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)

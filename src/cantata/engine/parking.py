@@ -39,8 +39,8 @@ from cantata.quietlog import reason
 from .clock import SystemClock
 
 if TYPE_CHECKING:
+    from .engine import Engine
     from .runner import RunExecution
-    from .worker import Engine
 
 log = logging.getLogger("cantata.engine")
 
@@ -115,7 +115,7 @@ async def evict(
     """
     from cantata.model.records import RunWrite
 
-    from .runner import _Abandon
+    from .signals import _Abandon
 
     engine, run = x.engine, x.run
     if x.pending or x.pending_attempts or x.pending_status is not None:
