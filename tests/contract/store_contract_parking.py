@@ -118,3 +118,18 @@ class ParkingContract(StoreFixtures):
         a, b = await asyncio.gather(claim(store, "wa"), claim(peer, "wb"))
         assert not set(a) & set(b)
         assert set(a) | set(b) == ids
+
+    async def test_foreign_runs_skip_parked_runs_until_due(self, store: Store) -> None:
+        now = time.time()
+        waiting = await self.parked(store, Parking(now + 60), version="old")
+        running = new_run(self.app, status=RunStatus.RUNNING, version="old")
+        await store.create_run(running)
+
+        async def found(at: float | None) -> set[str]:
+            runs = await store.foreign_runs(self.app, "w2", ["wf"], versions=["new"],
+                                            stale_before=0, limit=10, now=at)
+            return {r.run_id for r in runs}
+
+        assert await found(None) == {running.run_id}
+        assert await found(now) == {running.run_id}
+        assert await found(now + 61) == {running.run_id, waiting}

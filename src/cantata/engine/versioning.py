@@ -210,7 +210,7 @@ async def _replayable(
     newer = {v for v, t in order.items() if t >= mine}
     found = await engine.store.foreign_runs(
         engine.app, engine.worker_id, workflows, versions=sorted(newer), stale_before=stale,
-        limit=limit,
+        limit=limit, now=engine.clock.now(),
     )
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:

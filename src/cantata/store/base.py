@@ -301,9 +301,11 @@ class Store(FlowStore, ParkingStore, Protocol):
         versions: Sequence[str],
         stale_before: float,
         limit: int,
+        now: float | None = None,
     ) -> list[RunRecord]:
-        """Runs :meth:`claim_runs` could give ``worker_id`` but that are pinned to a
-        version not in ``versions`` (read only: a worker checks it can replay them)."""
+        """Runs :meth:`claim_runs` could give ``worker_id`` (with the same ``now``) but
+        that are pinned to a version not in ``versions`` (read only: a worker checks
+        it can replay them)."""
 
     async def retry_run(
         self,

@@ -350,12 +350,13 @@ class PostgresStore(PostgresFlow, PostgresParking):
         versions: Sequence[str],
         stale_before: float,
         limit: int,
+        now: float | None = None,
     ) -> list[RunRecord]:
         if not workflows:
             return []
         async with self._db.conn() as c:
             return await operate.foreign_runs(
-                c, app, worker_id, workflows, versions, stale_before, limit
+                c, app, worker_id, workflows, versions, stale_before, limit, now
             )
 
     async def retry_run(

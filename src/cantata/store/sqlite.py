@@ -548,11 +548,12 @@ class SQLiteStore(SQLiteFlow, SQLiteParking):
         versions: Sequence[str],
         stale_before: float,
         limit: int,
+        now: float | None = None,
     ) -> list[RunRecord]:
         if not workflows:
             return []
         return await self._t.read(lambda c: operate.foreign_runs(
-            c, app, worker_id, workflows, versions or [""], stale_before, limit
+            c, app, worker_id, workflows, versions or [""], stale_before, limit, now
         ))
 
     async def retry_run(
