@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import LeaseLost, StoreError
 from cantata.model import parking as rules
 from cantata.model.parking import FOREVER, Parking
+from cantata.model.records import RunWrite
 from cantata.quietlog import reason
 
 from .clock import SystemClock
+from .signals import _Abandon
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -75,8 +77,8 @@ class HotRuns:
         # A clock that skips time (cantata.testing) only moves for waits in memory.
         self.enabled = park_after is not None and isinstance(engine.clock, SystemClock)
         self._idle: dict[str, RunExecution] = {}  # insertion order: oldest first
-        self._checked = 0.0  # wall time of the last look for parked waits' events
-        self._seen: dict[str, set[str]] = {}  # event type -> ids seen by that look
+        self.checked_at = 0.0  # wall time of the last look for parked waits' events
+        self.seen: dict[str, set[str]] = {}  # event type -> ids seen by that look
 
     def enter(self, x: RunExecution) -> None:
         """``x`` waits in a wait it may be evicted from."""
@@ -113,10 +115,6 @@ async def evict(
 
     Returns (the run stays in memory) when it cannot be parked now.
     """
-    from cantata.model.records import RunWrite
-
-    from .signals import _Abandon
-
     engine, run = x.engine, x.run
     if x.pending or x.pending_attempts or x.pending_status is not None:
         await x.commit(RunWrite())  # what ctx.now() and friends recorded
@@ -153,15 +151,15 @@ async def wake_for_events(engine: Engine) -> None:
     """Wake the parked waits that the events stored since the last look match."""
     hot = engine.hot
     now = time.time()
-    since = (hot._checked or now) - 1.0  # margin: late commits
-    hot._checked = now
+    since = (hot.checked_at or now) - 1.0  # margin: late commits
+    hot.checked_at = now
     waits = await engine.store.parked_waits(engine.app)
     by_type: dict[str, list[str]] = {}
     for waits_for in waits:
         event_type, _ = rules.split_waits_for(waits_for)
         by_type.setdefault(event_type, []).append(waits_for)
     for event_type, kinds in by_type.items():
-        seen = hot._seen.get(event_type, set())
+        seen = hot.seen.get(event_type, set())
         limit = 1000
         while True:  # all of them: one not read now would be behind the next look
             events = await engine.store.find_events(
@@ -170,7 +168,7 @@ async def wake_for_events(engine: Engine) -> None:
             if len(events) < limit:
                 break
             limit *= 4
-        hot._seen[event_type] = {e.id for e in events}
+        hot.seen[event_type] = {e.id for e in events}
         datas = [e.data for e in events if engine.signer.accepts(e)]
         if not datas:
             continue
@@ -179,6 +177,6 @@ async def wake_for_events(engine: Engine) -> None:
             matches = rules.candidates(keys, datas)
             if matches:
                 await engine.store.wake_waiting(engine.app, waits_for, matches)
-    for event_type in list(hot._seen):
+    for event_type in list(hot.seen):
         if event_type not in by_type:
-            del hot._seen[event_type]
+            del hot.seen[event_type]
