@@ -321,7 +321,8 @@ class SQLiteStore(SQLiteFlow, SQLiteParking):
 
         def op(c: sqlite3.Connection) -> list[RunRecord]:
             rows = c.execute(
-                f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE app=? AND rowid IN ("
+                # By rowid alone: with ``app=?`` here the planner scanned the app's runs.
+                f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE rowid IN ("
                 f" SELECT rid FROM (SELECT r.rowid AS rid FROM runs r INDEXED BY runs_claimable"
                 f"  LEFT JOIN workers w ON w.app=r.app AND w.worker_id=r.owner"
                 f"  WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL"
@@ -329,7 +330,7 @@ class SQLiteStore(SQLiteFlow, SQLiteParking):
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
                 f"  ORDER BY r.created_at LIMIT ?){due} LIMIT ?) RETURNING {RUN_COLS}",
-                (worker_id, app, app, *workflows, worker_id, stale_before, *more, limit,
+                (worker_id, app, *workflows, worker_id, stale_before, *more, limit,
                  *due_params, limit),
             ).fetchall()
             return [run_row(r) for r in rows]
