@@ -28,7 +28,7 @@ from cantata.errors import (
     UnknownWorkflow,
 )
 from cantata.model import codec, secrets
-from cantata.model.event import Event, check_attribute, check_type
+from cantata.model.event import Event, check_publish
 from cantata.model.records import DeadLetter, Declaration, RunInfo
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus, parse_status
@@ -549,10 +549,8 @@ class App(Router):
             DuplicateEventId: ``id`` was used by an event with different content.
             SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
         """
-        check_type(type)
-        for attr, value in (("id", id), ("subject", subject), ("source", source),
-                            ("correlation_id", correlation_id)):
-            check_attribute(attr, value)
+        check_publish(type, id=id, subject=subject, source=source,
+                      correlation_id=correlation_id)
         event = Event(
             type=type,
             data=codec.loads(
