@@ -272,7 +272,7 @@ class App(Router):
             if serve:
                 raise
         if broker.relays_outbox:
-            from cantata.broker.relay import OutboxRelay
+            from cantata.choreography.relay import OutboxRelay
 
             self._relay = OutboxRelay(
                 store, broker, self.name,
@@ -653,7 +653,7 @@ class App(Router):
                 try:
                     await broker.publish(self.name, events, again=True)
                 except EventsRefused as exc:
-                    from cantata.broker.relay import dead_letter_refused
+                    from cantata.choreography.relay import dead_letter_refused
 
                     for event in events:
                         if event.id in exc.refused:
