@@ -97,10 +97,6 @@ class EntryStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
 
-    @property
-    def is_final(self) -> bool:
-        return self in (EntryStatus.COMPLETED, EntryStatus.FAILED)
-
 
 # The names the stores and older modules use.
 STEP = EntryKind.STEP
@@ -137,7 +133,10 @@ class HistoryEntry:
     detail: str | None = None  # JSON: wait pattern and match, compensated step, child run...
 
     def __post_init__(self) -> None:  # a store reads the stored strings back
-        self.kind, self.status = EntryKind(self.kind), EntryStatus(self.status)
+        if type(self.kind) is not EntryKind:
+            self.kind = EntryKind(self.kind)
+        if type(self.status) is not EntryStatus:
+            self.status = EntryStatus(self.status)
 
 
 @dataclass(slots=True)
@@ -202,7 +201,8 @@ class TaskRecord:
     correlation_id: str | None = None
 
     def __post_init__(self) -> None:  # a store reads the stored string back
-        self.status = TaskStatus(self.status)
+        if type(self.status) is not TaskStatus:
+            self.status = TaskStatus(self.status)
 
 
 @dataclass(slots=True)
@@ -271,7 +271,8 @@ class Delivery:
     fence: int = 0
 
     def __post_init__(self) -> None:  # a store reads the stored string back
-        self.status = DeliveryStatus(self.status)
+        if type(self.status) is not DeliveryStatus:
+            self.status = DeliveryStatus(self.status)
 
 
 @dataclass(frozen=True, slots=True)
