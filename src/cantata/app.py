@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.broker.base import Broker
 from cantata.choreography.consumer import Consumer
+from cantata.declare.defs import workflow_name
+from cantata.declare.router import Router
 from cantata.engine.clock import Clock, SystemClock
 from cantata.engine.handle import RunHandle
 from cantata.engine.hooks import Hook, Hooks
-from cantata.engine.registry import Router, workflow_name
 from cantata.engine.worker import Engine, new_worker_id
 from cantata.errors import (
     ConfigurationError,

@@ -25,7 +25,7 @@ from .context import HandlerContext
 from .orphans import check_orphans
 
 if TYPE_CHECKING:
-    from cantata.engine.registry import HandlerDef, TriggerDef
+    from cantata.declare.defs import HandlerDef, TriggerDef
     from cantata.engine.worker import Engine
 
 log = logging.getLogger("cantata.consumer")

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cantata.declare.defs import StepDef, WorkflowDef
 from cantata.model import codec
 from cantata.model.records import (
     ATTRS,
@@ -44,7 +45,6 @@ from cantata.model.records import (
 )
 from cantata.model.status import LIVE_STATUSES, RunStatus
 
-from .registry import StepDef, WorkflowDef
 from .runner import RunExecution
 from .versioning import args_shape
 

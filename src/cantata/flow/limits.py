@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.model.flow import Rate
 
 if TYPE_CHECKING:
-    from cantata.engine.registry import HandlerDef, StepDef
+    from cantata.declare.defs import HandlerDef, StepDef
     from cantata.engine.runner import RunExecution
     from cantata.engine.worker import Engine
 

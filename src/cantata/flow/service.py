@@ -12,7 +12,7 @@ from .queues import QueueLoop
 from .schedules import Scheduler, new_row
 
 if TYPE_CHECKING:
-    from cantata.engine.registry import Router
+    from cantata.declare.router import Router
     from cantata.engine.runner import RunExecution
     from cantata.engine.worker import Engine
 
