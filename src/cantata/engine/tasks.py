@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import UnknownStep
+from cantata.graceful import wait_or_force
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
 from cantata.quietlog import reason
@@ -17,7 +18,6 @@ from cantata.store.faults import wait_out
 from .heartbeat import beat_for
 from .invoke import invoke_step
 from .runner import WORKER_LOST
-from .shutdown import wait_or_force
 
 if TYPE_CHECKING:
     from .worker import Engine
