@@ -112,7 +112,7 @@ def test_engine_and_choreography_form_no_cycle() -> None:
 def test_the_check_sees_an_import_against_the_layers(tmp_path: Path) -> None:
     """Not vacuous: a model module importing the engine is reported."""
     bad = PACKAGE / "model" / "_layers_probe.py"
-    bad.write_text("from cantata.engine.worker import Engine  # noqa\n")
+    bad.write_text("from cantata.engine.engine import Engine  # noqa\n")
     try:
         found = violations(PACKAGE)
     finally:
@@ -123,7 +123,7 @@ def test_the_check_sees_an_import_against_the_layers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("module", "layer"), [
     ("cantata.model.event", "model"), ("cantata.declare.router", "declarations"),
     ("cantata.store.base", "protocols"), ("cantata.store.sqlite", "backends"),
-    ("cantata.engine.worker", "engine"), ("cantata.choreography.consumer", "choreography"),
+    ("cantata.engine.engine", "engine"), ("cantata.choreography.consumer", "choreography"),
     ("cantata.cli.main", "cli"), ("cantata.server.app", "app"),
 ])
 def test_modules_are_placed_in_their_layer(module: str, layer: str) -> None:

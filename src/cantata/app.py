@@ -20,9 +20,9 @@ from cantata.choreography.redrive import redrive
 from cantata.declare.defs import workflow_name
 from cantata.declare.router import Router
 from cantata.engine.clock import Clock, SystemClock
+from cantata.engine.engine import Engine
 from cantata.engine.handle import RunHandle
 from cantata.engine.hooks import Hook, Hooks
-from cantata.engine.worker import Engine
 from cantata.errors import (
     ConfigurationError,
     UnknownWorkflow,

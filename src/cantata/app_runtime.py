@@ -16,8 +16,9 @@ from cantata.broker.base import Broker
 from cantata.choreography.consumer import Consumer
 from cantata.choreography.relay import OutboxRelay
 from cantata.declare.records import declaration_records
+from cantata.engine.engine import Engine
 from cantata.engine.handler_host import EngineHost
-from cantata.engine.worker import Engine, new_worker_id
+from cantata.engine.identity import new_worker_id
 from cantata.errors import ConfigurationError, StoreReadOnly
 from cantata.model.event import Event
 from cantata.store.base import Store

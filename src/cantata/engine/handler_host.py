@@ -17,7 +17,8 @@ from cantata.quietlog import QuietLog
 from .hooks import Hooks
 
 if TYPE_CHECKING:
-    from .worker import Engine, Metrics
+    from .engine import Engine
+    from .metrics import Metrics
 
 
 class EngineHost:

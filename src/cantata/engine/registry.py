@@ -1,8 +1,8 @@
 """Re-exports :mod:`cantata.declare` for engine modules not yet pointed at it.
 
 Declarations live in :mod:`cantata.declare` (docs/architecture.md); import them
-from there. This module goes once ``runner.py``, ``worker.py`` and ``context.py``
-import the declarations directly.
+from there. This module goes once ``engine.py``, ``runner.py``, ``steps.py`` and
+``context.py`` (under rework in another branch) import the declarations directly.
 """
 
 from cantata.declare.defs import (

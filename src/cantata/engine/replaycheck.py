@@ -49,7 +49,7 @@ from .runner import RunExecution
 from .versioning import args_shape
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 
 class App(Protocol):

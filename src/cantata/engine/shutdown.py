@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from cantata.graceful import wait_or_force
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 log = logging.getLogger("cantata.worker")
 

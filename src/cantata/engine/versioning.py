@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from cantata.declare.router import Router
     from cantata.store.base import Store
 
+    from .engine import Engine
     from .runner import RunExecution
-    from .worker import Engine
 
 log = logging.getLogger("cantata.worker")
 

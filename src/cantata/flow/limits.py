@@ -17,8 +17,8 @@ from cantata.model.flow import Rate
 
 if TYPE_CHECKING:
     from cantata.declare.defs import HandlerDef, StepDef
+    from cantata.engine.engine import Engine
     from cantata.engine.runner import RunExecution
-    from cantata.engine.worker import Engine
 
 log = logging.getLogger("cantata.limits")
 

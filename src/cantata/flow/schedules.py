@@ -31,8 +31,8 @@ from cantata.model.schedule import (  # noqa: F401 (re-exported: the spec lives 
 )
 
 if TYPE_CHECKING:
+    from cantata.engine.engine import Engine
     from cantata.engine.handle import RunHandle
-    from cantata.engine.worker import Engine
 
 log = logging.getLogger("cantata.schedules")
 

@@ -13,8 +13,8 @@ from .schedules import Scheduler, new_row
 
 if TYPE_CHECKING:
     from cantata.declare.router import Router
+    from cantata.engine.engine import Engine
     from cantata.engine.runner import RunExecution
-    from cantata.engine.worker import Engine
 
 
 async def declare(engine: Engine, router: Router) -> None:
