@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 from cantata.model.records import EntryKind, HistoryEntry, RunRecord, RunWrite
 
 if TYPE_CHECKING:
+    from cantata.declare.defs import StepDef, WorkflowDef
+
     from .compensation import ApiState
     from .engine import Engine
     from .journal import Journal
-    from .registry import StepDef, WorkflowDef
 
 
 class Watch(NamedTuple):

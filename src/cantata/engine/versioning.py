@@ -31,10 +31,10 @@ from cantata.model.records import Declaration, EntryKind, EntryStatus, RunRecord
 from .journal import Save
 
 if TYPE_CHECKING:
+    from cantata.declare.router import Router
     from cantata.store.base import Store
 
     from .engine import Engine
-    from .registry import Router
     from .runtime import WorkflowRuntime
 
 log = logging.getLogger("cantata.worker")
