@@ -65,13 +65,13 @@ async def until(check: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def children(folder: Path, timeout: float = 60) -> list[int]:
-    """The pids the supervisor's banner names, once every child serves."""
-    await until(lambda: "worker processes of app" in output(folder), timeout, "the banner")
-    found = re.search(r"worker processes of app share on \S+, pids ([\d, ]+);",
-                      output(folder))
-    assert found, output(folder)
-    return [int(p) for p in found.group(1).split(", ")]
+async def children(folder: Path, banners: int = 1, timeout: float = 60) -> list[int]:
+    """The pids the supervisor's ``banners``-th banner names, once every child serves."""
+    pattern = r"worker processes of app share on \S+, pids ([\d, ]+);"
+    await until(lambda: len(re.findall(pattern, output(folder))) >= banners, timeout,
+                "the supervisor's banner")
+    found = re.findall(pattern, output(folder))[banners - 1]
+    return [int(p) for p in found.split(", ")]
 
 
 async def exited(proc: subprocess.Popen[bytes], within: float) -> int | None:
@@ -178,6 +178,7 @@ async def test_sigterm_drains_every_child_and_a_second_signal_forces(
 ) -> None:
     store, _ = urls(client)
     sup = start(store, tmp_path, "--processes", "2", "--grace", "20")
+    second: subprocess.Popen[bytes] | None = None
     pids: list[int] = []
     try:
         pids = await children(tmp_path)
@@ -196,8 +197,7 @@ async def test_sigterm_drains_every_child_and_a_second_signal_forces(
 
         # A step of 60 s and a grace of 30 s: only a second signal ends it quickly.
         second = start(store, tmp_path, "--processes", "2", "--grace", "30")
-        await until(lambda: output(tmp_path).count("worker processes of app") == 2, 60,
-                    "the second supervisor's banner")
+        pids = await children(tmp_path, banners=2)
         async with client.client():
             await client.start("chain", {"id": 99, "seconds": 60, "steps": "a"})
             await until(lambda: any(m.key == "99.a" for m in marks(tmp_path, "start")), 30,
@@ -208,9 +208,11 @@ async def test_sigterm_drains_every_child_and_a_second_signal_forces(
             assert await exited(second, 10) is not None
     finally:
         end(sup, pids)
-        if "second" in locals():
-            end(second, [])
+        if second is not None:
+            end(second, pids)
     assert "second signal: worker processes" in output(tmp_path)
+    assert not any(alive(p) for p in pids)
+    assert not any(m.key == "99.a" for m in marks(tmp_path, "end"))  # cut short
 
 
 async def test_sigkill_to_the_supervisor_leaves_no_child_alive(
