@@ -215,6 +215,31 @@ async def test_sigterm_drains_every_child_and_a_second_signal_forces(
     assert not any(m.key == "99.a" for m in marks(tmp_path, "end"))  # cut short
 
 
+async def test_sigterm_to_every_process_of_the_group_still_drains(
+    client: App, tmp_path: Path
+) -> None:
+    """A service manager that signals every process (systemd's KillMode=control-group):
+    each child gets SIGTERM from it and from the supervisor, and drains all the same."""
+    store, _ = urls(client)
+    sup = start(store, tmp_path, "--processes", "2", "--grace", "20")
+    pids: list[int] = []
+    try:
+        pids = await children(tmp_path)
+        async with client.client():
+            for i in range(4):
+                await client.start("chain", {"id": i, "seconds": 1.5, "steps": "a"})
+            await until(lambda: len(marks(tmp_path, "start")) >= 2, 30, "steps running")
+            for pid in (sup.pid, *pids):
+                os.kill(pid, signal.SIGTERM)
+            code = await exited(sup, 20)
+    finally:
+        end(sup, pids)
+    assert code == 0, output(tmp_path)
+    started = {m.key for m in marks(tmp_path, "start")}
+    assert started and started <= {m.key for m in marks(tmp_path, "end")}  # none forced
+    assert "second signal: releasing" not in output(tmp_path)
+
+
 async def test_sigkill_to_the_supervisor_leaves_no_child_alive(
     client: App, tmp_path: Path
 ) -> None:

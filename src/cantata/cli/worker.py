@@ -16,7 +16,7 @@ from cantata.app import App
 from cantata.errors import ConfigurationError
 from cantata.observability import logs
 from cantata.store.factory import mask_url
-from cantata.supervisor import Supervisor, die_with_parent, notify_ready
+from cantata.supervisor import FORCE_SIGNAL, Supervisor, die_with_parent, notify_ready
 
 from .common import console, load_app, store_url
 
@@ -102,7 +102,7 @@ def worker(
         raise typer.Exit(supervise(the_app, app, passed, count))
     if why_one:
         console.print(why_one)
-    serve(the_app, ready_fd)
+    serve(the_app, ready_fd, supervised=child_of is not None)
 
 
 def cores() -> int:
@@ -163,23 +163,47 @@ def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
     return code
 
 
-def serve(the_app: App, ready_fd: int | None) -> None:
-    """Serve in this process until SIGTERM or SIGINT (a second one forces the stop)."""
+def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> None:
+    """Serve in this process until SIGTERM or SIGINT (a second one forces the stop).
+
+    Under a supervisor only its FORCE_SIGNAL forces: a second SIGTERM may be the
+    service manager's own, sent to every process besides the supervisor's
+    (cantata.supervisor.parent).
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
+        forcing: list[asyncio.Task[None]] = []
+
+        async def keep_forcing() -> None:
+            # force_stop() acts on a stop under way: one that has not begun yet (the
+            # signals came close together) is forced as soon as it begins.
+            while True:
+                the_app.force_stop()
+                await asyncio.sleep(0.05)
+
+        def force() -> None:
+            console.print("second signal: releasing what still runs now")
+            if not forcing:
+                forcing.append(asyncio.ensure_future(keep_forcing()))
+
         def on_signal() -> None:
             # The first signal stops gracefully; a second one releases everything now.
-            if stop.is_set():
-                console.print("second signal: releasing what still runs now")
-                the_app.force_stop()
+            if stop.is_set() and not supervised:
+                force()
             stop.set()
+
+        def on_force() -> None:
+            stop.set()
+            force()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, on_signal)
+        if supervised:
+            loop.add_signal_handler(FORCE_SIGNAL, on_force)
         async with the_app:
             console.print(
                 f"cantata worker {the_app.engine.worker_id} serving app [bold]{the_app.name}[/] "
@@ -193,5 +217,7 @@ def serve(the_app: App, ready_fd: int | None) -> None:
                 f"{the_app.shutdown_grace:g} s to finish (a second signal stops at once); "
                 "what is left is released to the other workers"
             )
+        for task in forcing:
+            task.cancel()
 
     asyncio.run(main())

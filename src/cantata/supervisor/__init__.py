@@ -6,6 +6,9 @@ and docs/guide.md describe the behaviour.
 """
 
 from cantata.supervisor.child import die_with_parent, notify_ready
-from cantata.supervisor.parent import Supervisor, WorkerCrashLoop, describe
+from cantata.supervisor.parent import FORCE_SIGNAL, Supervisor, WorkerCrashLoop, describe
 
-__all__ = ["Supervisor", "WorkerCrashLoop", "describe", "die_with_parent", "notify_ready"]
+__all__ = [
+    "FORCE_SIGNAL", "Supervisor", "WorkerCrashLoop", "describe", "die_with_parent",
+    "notify_ready",
+]

@@ -11,8 +11,12 @@ terminal reaches the supervisor only, which forwards exactly one SIGTERM), and:
   ends within ``stable_after`` seconds of its start ``max_quick_exits`` times in a row is
   a crash loop: the supervisor stops the others and fails with :class:`WorkerCrashLoop`;
 - forwards the first SIGTERM or SIGINT as SIGTERM: each child stops gracefully within
-  its grace (docs/leases.md, "Graceful stop"); a second signal is forwarded too, which
-  makes every child stop at once.
+  its grace (docs/leases.md, "Graceful stop"); a second signal reaches the children as
+  :data:`FORCE_SIGNAL`, which makes each stop at once. A supervised child takes only
+  that signal as "force", not a second SIGTERM: a service manager that signals every
+  process of the group (systemd's default ``KillMode=control-group``) then sends each
+  child one SIGTERM itself while the supervisor forwards another, and that must drain,
+  not force.
 
 Children end with the supervisor even when it is killed with SIGKILL: each one watches
 its parent (:mod:`cantata.supervisor.child`).
@@ -32,6 +36,7 @@ from cantata.errors import CantataError
 
 log = logging.getLogger("cantata.supervisor")
 
+FORCE_SIGNAL = signal.SIGUSR2  # a supervised child: stop at once
 Command = Callable[[int, int], list[str]]
 """(the supervisor's pid, the fd of the ready pipe) -> a child's argv."""
 
@@ -141,15 +146,15 @@ class Supervisor:
         if self._signals == 1:
             self._on_stop(self.pids)
             self.stop()
-        else:  # each child takes its second signal as "stop at once"
+        else:
             log.warning("second signal: worker processes %s stop at once",
                         ", ".join(map(str, self.pids)) or "(none left)")
-            self._signal_children()
+            self._signal_children(FORCE_SIGNAL)
 
-    def _signal_children(self) -> None:
+    def _signal_children(self, sig: signal.Signals = signal.SIGTERM) -> None:
         for child in list(self._children.values()):
             with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM)
+                child.send_signal(sig)
 
     async def _slot(self, slot: int) -> int:
         """One child place: start, wait, restart; the last child's exit code."""
