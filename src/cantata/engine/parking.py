@@ -52,18 +52,23 @@ class Evicted(BaseException):
 
 
 def parking_for(
-    x: RunExecution, wake_at: float | None, event_type: str | None = None,
-    match: Any = None,
+    wake_at: float | None, event_type: str | None = None, match: Any = None
 ) -> Parking:
-    """What wakes ``x``'s run once parked in a wait until ``wake_at`` (``None``: no
-    time limit), for an event of ``event_type`` matching ``match`` if given."""
+    """What wakes a run parked in a wait until ``wake_at`` (``None``: no time limit),
+    for an event of ``event_type`` matching ``match`` if given. The run's deadline is
+    folded in by :func:`with_deadline`."""
     due = FOREVER if wake_at is None else wake_at
-    if x.run.deadline_at is not None:
-        due = min(due, x.run.deadline_at)
     if event_type is None:
         return Parking(due)
     waits_for, wait_match = rules.event_wait(event_type, match)
     return Parking(due, waits_for, wait_match)
+
+
+def with_deadline(parking: Parking, deadline_at: float | None) -> Parking:
+    """``parking`` due at the latest at the run's deadline (which interrupts it)."""
+    if deadline_at is None or deadline_at >= parking.wake_at:
+        return parking
+    return Parking(deadline_at, parking.waits_for, parking.wait_match)
 
 
 class HotRuns:
