@@ -4,8 +4,9 @@
 -- round trips. It does what the statements of cantata.store.postgres_writes do in a
 -- transaction: insert the new runs (an idempotency key already taken leaves its run
 -- out), apply the checkpoints whose fence holds (runs locked in key order), append
--- the audit records (apps in name order, the chain head locked until the COMMIT, the
--- hash or HMAC computed here from the record's canonical text that Python prepared)
+-- the audit records (apps in name order, each chain head locked once until the
+-- COMMIT, the hash or HMAC computed here from the record's canonical text that Python
+-- prepared)
 -- and NOTIFY. A checkpoint's record depends on the row's owner and status before the
 -- update, so Python passes both variants of it (status changed or not); an owner
 -- whose JSON text SQL cannot spell as Python does (not printable ASCII) raises CN001,
@@ -62,6 +63,11 @@ DECLARE
     s int8;
     p text;
     hh text;
+    ap text;
+    r_j int4[];
+    r_seq int8[];
+    r_prev text[];
+    r_hash text[];
 BEGIN
     IF cardinality(n_run_id) > 0 THEN
         FOR rec IN
@@ -176,27 +182,41 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- the records, apps in name order (every writer locks chain heads in one order)
-    FOR j IN SELECT t.ord FROM unnest(au_app) WITH ORDINALITY AS t(app, ord)
-            ORDER BY t.app, t.ord LOOP
-        x := array_position(key_app, au_app[j]);
+    -- the records, apps in name order (every writer locks chain heads in one order):
+    -- per app, its head locked once, the hashes chained here, the records inserted in
+    -- one statement and the head moved once
+    FOR ap IN SELECT DISTINCT t.app FROM unnest(au_app) AS t(app) ORDER BY 1 LOOP
+        x := array_position(key_app, ap);
         kin := CASE WHEN x IS NULL THEN NULL ELSE key_inner[x] END;
         kout := CASE WHEN x IS NULL THEN NULL ELSE key_outer[x] END;
-        INSERT INTO audit_head AS h (app, seq, prev_hash, hash)
-        VALUES (au_app[j], 1, genesis, encode(CASE WHEN kin IS NULL
-            THEN sha256(convert_to(genesis || '[1,' || au_tail[j], 'UTF8'))
-            ELSE sha256(kout || sha256(kin || convert_to(genesis || '[1,' || au_tail[j],
-                'UTF8'))) END, 'hex'))
-        ON CONFLICT (app) DO UPDATE SET seq = h.seq + 1, prev_hash = h.hash,
-            hash = encode(CASE WHEN kin IS NULL
-            THEN sha256(convert_to(h.hash || '[' || (h.seq + 1)::text || ',' || au_tail[j],
-                'UTF8'))
-            ELSE sha256(kout || sha256(kin || convert_to(h.hash || '[' || (h.seq + 1)::text
-                || ',' || au_tail[j], 'UTF8'))) END, 'hex')
-        RETURNING h.seq, h.prev_hash, h.hash INTO s, p, hh;
+        SELECT h.seq, h.hash INTO s, hh FROM audit_head h WHERE h.app = ap FOR UPDATE;
+        IF NOT FOUND THEN  -- the app's first record: a head to lock, moved below
+            INSERT INTO audit_head (app, seq, prev_hash, hash) VALUES (ap, 0, genesis, genesis)
+                ON CONFLICT (app) DO NOTHING;
+            SELECT h.seq, h.hash INTO s, hh FROM audit_head h WHERE h.app = ap FOR UPDATE;
+        END IF;
+        r_j := '{}'; r_seq := '{}'; r_prev := '{}'; r_hash := '{}';
+        FOR j IN SELECT t.ord FROM unnest(au_app) WITH ORDINALITY AS t(app, ord)
+                WHERE t.app = ap ORDER BY t.ord LOOP
+            s := s + 1;
+            p := hh;
+            IF kin IS NULL THEN
+                hh := encode(sha256(convert_to(p || '[' || s || ',' || au_tail[j], 'UTF8')),
+                    'hex');
+            ELSE  -- HMAC-SHA256 as sha256(outer || sha256(inner || message))
+                hh := encode(sha256(kout || sha256(kin || convert_to(
+                    p || '[' || s || ',' || au_tail[j], 'UTF8'))), 'hex');
+            END IF;
+            r_j := r_j || j;
+            r_seq := r_seq || s;
+            r_prev := r_prev || p;
+            r_hash := r_hash || hh;
+        END LOOP;
         INSERT INTO audit (app, seq, time, actor, action, target, data, prev_hash, hash)
-        VALUES (au_app[j], s, au_time[j], au_actor[j], au_action[j], au_target[j],
-            au_data[j], p, hh);
+        SELECT ap, u.seq, au_time[u.j], au_actor[u.j], au_action[u.j], au_target[u.j],
+            au_data[u.j], u.prev, u.hash
+        FROM unnest(r_j, r_seq, r_prev, r_hash) AS u(j, seq, prev, hash);
+        UPDATE audit_head h SET seq = s, prev_hash = p, hash = hh WHERE h.app = ap;
     END LOOP;
 
     PERFORM pg_notify('cantata_changes', t.n)
