@@ -232,9 +232,23 @@ class BatchWriter:
             while self._queue:
                 items = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
-                await self._apply([i for i in items if not i.future.done()])
+                for part in self._split([i for i in items if not i.future.done()]):
+                    await self._apply(part)
         finally:
             self._draining -= 1
+
+    def _split(self, items: list[_Item]) -> list[list[_Item]]:
+        """The transactions for ``items``: the shares that can go as one statement on
+        their own (a claim among checkpoints would send them all the long way), then
+        the rest. Callers that did not wait for each other may see either order."""
+        if self._one is None:
+            return [items]
+        shares = [i for i in items if i.many is not None]
+        if not shares or len(shares) == len(items):
+            return [items]
+        if not self._one.eligible([(i.many, i.arg) for i in shares]):
+            return [items]
+        return [shares, [i for i in items if i.many is None]]
 
     async def _apply(self, items: list[_Item]) -> None:
         """Commit ``items`` (dropping those that fail), then resolve every future."""
