@@ -18,6 +18,7 @@ tasks, or two checkpoints of one run, take the transactional path.
 from __future__ import annotations
 
 import time
+from json.encoder import encode_basestring_ascii as _quoted
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,7 +77,8 @@ def _record_variant(
         return None, None, None
     _, action, target, data = entry
     text = audit.canonical(data)
-    return action, text, "," + audit.canonical([action, target, text])[1:]
+    # canonical([action, target, text])[1:], the strings quoted as canonical() does
+    return action, text, f",{_quoted(action)},{_quoted(target)},{_quoted(text)}]"
 
 
 async def write(
@@ -148,6 +150,7 @@ async def write(
             )
         )
     rec_audit: list[tuple[Any, ...]] = []
+    now_json = audit.canonical(now)
     for app, run_id, _, w in calls:
         changed = _record_variant(run_id, w, "") if w.status is not None else (None,) * 3
         same = _record_variant(run_id, w, "" if w.status is None else str(w.status))

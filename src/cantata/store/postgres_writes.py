@@ -219,11 +219,10 @@ def merged(
 
 def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows as ``width`` column lists (the arrays a statement unnests)."""
-    cols: list[list[Any]] = [[] for _ in range(width)]
-    for row in rows:
-        for col, value in zip(cols, row, strict=True):
-            col.append(value)
-    return cols
+    if not rows:
+        return [[] for _ in range(width)]
+    assert all(len(row) == width for row in rows)
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 # Columns an upsert keeps as first written: history's key, kind, name and seq;
