@@ -18,8 +18,8 @@ tasks, or two checkpoints of one run, take the transactional path.
 from __future__ import annotations
 
 import time
-from json.encoder import encode_basestring_ascii as _quoted
 from collections.abc import Mapping, Sequence
+from json.encoder import encode_basestring_ascii as _quoted
 from typing import Any
 
 import asyncpg
@@ -157,7 +157,7 @@ async def write(
         rec_audit.append(
             (
                 now,
-                audit.canonical(now),
+                now_json,
                 same[0],
                 same[1],
                 same[2],
