@@ -156,7 +156,9 @@ def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below:
     row["machine_busy_before"], row["waited_for_quiet_s"] = busy, waited
     if not sc.peer:
         row["src"] = src_fingerprint()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    # this checkout's cantata (src/) before any installed one: a worktree measures itself
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+               PYTHONUNBUFFERED="1")
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{sc.key}-{workload}.log"
     t0 = time.perf_counter()
