@@ -164,3 +164,24 @@ async def test_events_and_tasks_take_the_transactional_path(url: str) -> None:
         await store.commit_run(app, run.run_id, 1, RunWrite(events=[ev()]))
         assert not any(s.startswith("SELECT out_kind") for s in sent), sent
         assert await store.verify_audit(app) == AuditReport(True, 2)
+
+
+async def test_two_stores_appending_to_one_chain_at_once_keep_it_whole(url: str) -> None:
+    """Two processes' writers lock the app's chain head in turn: no gap, no fork."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as one, opened(url) as two:
+        for store in (one, two):
+            store.set_audit_key(app, KEY)
+
+        async def saga(store: PostgresStore) -> None:
+            run, _ = await store.create_run(
+                new_run(app, owner="w", fence=1),
+                RunWrite(entries=[entry("a#1", 1, ENTRY_RUNNING)], status=RunStatus.RUNNING),
+            )
+            await store.commit_run(app, run.run_id, 1, step_done("a#1", 1))
+            await store.commit_run(
+                app, run.run_id, 1, step_done("b#1", 2, status=RunStatus.COMPLETED, release=True)
+            )
+
+        await asyncio.gather(*(saga(one if i % 2 else two) for i in range(40)))
+        assert await one.verify_audit(app, key=KEY) == AuditReport(True, 40 * 4)

@@ -76,8 +76,23 @@ Applied = tuple[str, str, RunWrite, str | None, str]  # app, run_id, write, owne
 def _apply_all(c: sqlite3.Connection, applied: list[Applied]) -> None:
     """Write checkpoints whose fence was checked (each run at most once)."""
     history = [
-        (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error, e.error_type,
-         e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
+        (
+            app,
+            run_id,
+            e.key,
+            e.kind,
+            e.name,
+            e.status,
+            e.seq,
+            e.result,
+            e.error,
+            e.error_type,
+            e.attempts,
+            e.started_at,
+            e.ended_at,
+            e.wake_at,
+            e.detail,
+        )
         for app, run_id, w, _, _ in applied
         for e in w.entries
     ]
@@ -91,15 +106,30 @@ def _apply_all(c: sqlite3.Connection, applied: list[Applied]) -> None:
     if attempts:
         c.executemany(_ATTEMPTS, attempts)
     now = time.time()
-    c.executemany(_RUN, [
-        (now, None if w.status is None else str(w.status), w.result, w.error,
-         None if w.flagged is None else int(w.flagged), w.release, app, run_id)
-        for app, run_id, w, _, _ in applied
-    ])
-    _audit(c, [
-        (app, entry) for app, run_id, w, owner, old in applied
-        if (entry := audit.checkpoint_entry(run_id, owner, old, w)) is not None
-    ])
+    c.executemany(
+        _RUN,
+        [
+            (
+                now,
+                None if w.status is None else str(w.status),
+                w.result,
+                w.error,
+                None if w.flagged is None else int(w.flagged),
+                w.release,
+                app,
+                run_id,
+            )
+            for app, run_id, w, _, _ in applied
+        ],
+    )
+    _audit(
+        c,
+        [
+            (app, entry)
+            for app, run_id, w, owner, old in applied
+            if (entry := audit.checkpoint_entry(run_id, owner, old, w)) is not None
+        ],
+    )
 
 
 def _audit(c: sqlite3.Connection, entries: Sequence[tuple[str, audit.Entry]]) -> None:
@@ -120,15 +150,24 @@ def _audit(c: sqlite3.Connection, entries: Sequence[tuple[str, audit.Entry]]) ->
         rec = audit.next_record(
             head, time.time(), actor, action, target, data, c.audit_keys.get(app)
         )
-        rows.append((app, rec.seq, rec.time, rec.actor, rec.action, rec.target, rec.data,
-                     rec.prev_hash, rec.hash))
+        rows.append(
+            (
+                app,
+                rec.seq,
+                rec.time,
+                rec.actor,
+                rec.action,
+                rec.target,
+                rec.data,
+                rec.prev_hash,
+                rec.hash,
+            )
+        )
         heads[app] = (rec.seq, rec.prev_hash, rec.hash)
     c.executemany(_AUDIT, rows)
 
 
-def commit_runs(
-    c: sqlite3.Connection, calls: list[Checkpoint]
-) -> list[LeaseLost | None]:
+def commit_runs(c: sqlite3.Connection, calls: list[Checkpoint]) -> list[LeaseLost | None]:
     """:meth:`SQLiteStore.commit_run` for many checkpoints (none with events or tasks)."""
     if len({(app, run_id) for app, run_id, _, _ in calls}) != len(calls):
         # a run twice: one after another, each seeing the one before
@@ -157,19 +196,47 @@ def commit_runs(
 def create_runs(c: sqlite3.Connection, calls: list[NewRun]) -> list[tuple[RunRecord, bool]]:
     """:meth:`SQLiteStore.create_run` for many runs without idempotency keys, each with
     its first checkpoint (none with events or tasks)."""
-    c.executemany(_INSERT_RUN, [
-        (run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
-         run.error, run.idempotency_key, run.args_hash, run.correlation_id,
-         run.causation_id, run.parent_run_id, run.service, run.created_at,
-         run.updated_at, run.deadline_at, int(run.cancel_requested), run.owner,
-         run.fence, int(run.flagged), run.version, run.epoch)
-        for run, _ in calls
-    ])
-    _audit(c, [
-        (run.app, audit.run_created_entry(
-            run.run_id, run.workflow, run.correlation_id, run.parent_run_id
-        ))
-        for run, _ in calls
-    ])
+    c.executemany(
+        _INSERT_RUN,
+        [
+            (
+                run.app,
+                run.run_id,
+                run.workflow,
+                str(run.status),
+                run.args,
+                run.result,
+                run.error,
+                run.idempotency_key,
+                run.args_hash,
+                run.correlation_id,
+                run.causation_id,
+                run.parent_run_id,
+                run.service,
+                run.created_at,
+                run.updated_at,
+                run.deadline_at,
+                int(run.cancel_requested),
+                run.owner,
+                run.fence,
+                int(run.flagged),
+                run.version,
+                run.epoch,
+            )
+            for run, _ in calls
+        ],
+    )
+    _audit(
+        c,
+        [
+            (
+                run.app,
+                audit.run_created_entry(
+                    run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+                ),
+            )
+            for run, _ in calls
+        ],
+    )
     _apply_all(c, [(run.app, run.run_id, w, run.owner, str(run.status)) for run, w in calls])
     return [(run, True) for run, _ in calls]
