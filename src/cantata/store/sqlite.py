@@ -40,7 +40,6 @@ from cantata.store import audit
 from cantata.store import sqlite_console as console
 from cantata.store import sqlite_operate as operate
 from cantata.store import sqlite_ops as ops
-from cantata.store import sqlite_writes as writes
 from cantata.store.base import (
     CANCEL,
     EVENTS,
@@ -216,11 +215,6 @@ class SQLiteStore(SQLiteFlow):
     async def create_run(
         self, run: RunRecord, first: RunWrite | None = None
     ) -> tuple[RunRecord, bool]:
-        if first is not None and run.idempotency_key is None and writes.simple(first):
-            created: tuple[RunRecord, bool] = await self._t.write_many(
-                writes.create_runs, (run, first), *_channels(first)
-            )
-            return created
         return await self._t.write(lambda c: self._create(c, run, first), *_channels(first))
 
     def _create(
@@ -336,10 +330,6 @@ class SQLiteStore(SQLiteFlow):
         return {r[0]: r[1] for r in rows}
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
-        if writes.simple(write):  # grouped with the transaction's other checkpoints
-            await self._t.write_many(writes.commit_runs, (app, run_id, fence, write), RUNS)
-            return
-
         def op(c: sqlite3.Connection) -> None:
             row = c.execute(
                 "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",

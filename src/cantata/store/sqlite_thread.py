@@ -57,35 +57,14 @@ class TxConnection(sqlite3.Connection):
             self.audit_heads = {}
 
 
-# An operation for many callers at once: one result per argument, or in its place the
-# exception that refuses that caller (raised only for an error that undoes them all).
-Many = Callable[[sqlite3.Connection, list[Any]], list[Any]]
-
-
 @dataclass(slots=True)
 class _Item:
-    fn: Op | None  # one operation...
+    fn: Op
     future: asyncio.Future[Any]
     write: bool
     channels: tuple[str, ...] = ()
     result: Any = None
     error: BaseException | None = None
-    many: Many | None = None  # ...or its share (``arg``) of a grouped one
-    arg: Any = None
-
-    def run(self, conn: sqlite3.Connection) -> None:
-        """Run the operation alone (a grouped one for this share only)."""
-        if self.many is None:
-            assert self.fn is not None
-            self.result, self.error = self.fn(conn), None
-            return
-        self.put(self.many(conn, [self.arg])[0])
-
-    def put(self, out: Any) -> None:
-        if isinstance(out, BaseException):
-            self.result, self.error = None, out
-        else:
-            self.result, self.error = out, None
 
 
 @dataclass(slots=True)
@@ -144,17 +123,6 @@ class ConnectionThread:
             raise self._fault(exc) from None
         return result
 
-    async def write_many(self, many: Many, arg: Any, *channels: str) -> Any:
-        """Run ``many`` for ``arg`` in the next transaction, as one call with every other
-        argument of ``many`` queued for it."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Item(None, fut, True, channels, many=many, arg=arg))
-        try:
-            return await fut
-        except sqlite3.Error as exc:
-            raise self._fault(exc) from None
-
     def _fault(self, exc: sqlite3.Error) -> BaseException:
         return self._translate(exc) or exc
 
@@ -204,7 +172,7 @@ class ConnectionThread:
         writes = [i for i in batch if i.write]
         for item in reads:
             try:
-                item.run(conn)
+                item.result = item.fn(conn)
             except BaseException as exc:
                 item.error = exc
         channels: set[str] = set()
@@ -233,23 +201,16 @@ class ConnectionThread:
 
     @staticmethod
     def _run_straight(conn: TxConnection, writes: list[_Item]) -> bool:
-        """Run every write in the open transaction, the shares of a grouped operation as
-        one call (where its first share was); False (with the error recorded) as soon
-        as one fails."""
-        for group in _groups(writes):
+        """Run every write in the open transaction; False (with the error of the one that
+        failed recorded) as soon as one fails."""
+        for item in writes:
             try:
-                if len(group) == 1:
-                    group[0].run(conn)
-                else:
-                    many = group[0].many
-                    assert many is not None
-                    for item, out in zip(group, many(conn, [i.arg for i in group]), strict=True):
-                        item.put(out)
+                item.result = item.fn(conn)
             except BaseException as exc:
+                item.error = exc
                 for other in writes:
-                    other.result = other.error = None
-                for item in group:
-                    item.error = exc
+                    if other is not item:
+                        other.result = other.error = None
                 return False
         return True
 
@@ -260,7 +221,8 @@ class ConnectionThread:
             conn.execute("SAVEPOINT op")
             saved = dict(conn.audit_heads)
             try:
-                item.run(conn)
+                item.result = item.fn(conn)
+                item.error = None
             except BaseException as exc:
                 item.error = exc
                 conn.execute("ROLLBACK TO op")
@@ -274,21 +236,6 @@ class ConnectionThread:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
                 loop.call_soon_threadsafe(_resolve, items, self._on_commit, channels)
-
-
-def _groups(writes: list[_Item]) -> list[list[_Item]]:
-    """The calls of a transaction: each grouped kind once (where its first share was)."""
-    groups: list[list[_Item]] = []
-    kinds: dict[Many, list[_Item]] = {}
-    for item in writes:
-        if item.many is None:
-            groups.append([item])
-        elif (same := kinds.get(item.many)) is not None:
-            same.append(item)
-        else:
-            kinds[item.many] = same = [item]
-            groups.append(same)
-    return groups
 
 
 def _resolve(
