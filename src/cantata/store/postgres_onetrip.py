@@ -28,7 +28,6 @@ from cantata.model.records import RunRecord, RunWrite
 from cantata.store import audit
 from cantata.store import postgres_writes as writes
 from cantata.store.base import RUNS
-from cantata.store.postgres_batch import Refused
 from cantata.store.postgres_pool import Conn
 
 _PARAMS = 73
@@ -85,7 +84,7 @@ async def write(
     c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
 ) -> list[Any]:
     """Apply ``shares`` (see :func:`eligible`) in one statement; one result (or
-    :class:`Refused`) per share, as the transactional path would give.
+    :class:`~cantata.store.postgres_batch.Refused`) per share, as the transactional path would give.
 
     Raises:
         asyncpg.PostgresError: the statement failed (nothing was written); SQLSTATE
@@ -198,4 +197,4 @@ def falls_back(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == NOT_HERE
 
 
-__all__ = ["Refused", "eligible", "falls_back", "write"]
+__all__ = ["eligible", "falls_back", "write"]
