@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from .tasks import TaskServer
 
 log = logging.getLogger("cantata.worker")
-# A run that ended here answers a later local result() from memory for this long (the
-# ENDED_KEPT newest): a final status stays final unless an operator retries the run.
+# A run that completed here answers a later local result() from memory for this long
+# (the ENDED_KEPT newest). Only completed runs: a retry (docs/operating.md) makes a failed
+# or compensated run live again, and must never be answered with its old outcome.
 ENDED_TTL = 10.0
 ENDED_KEPT = 10_000
 
@@ -300,6 +301,7 @@ class Engine:
                 waiter.set_result(execution.run if execution.run.status.is_final else None)
             if execution.run.status.is_final:
                 self._cut_short.pop(run_id, None)
+            if execution.run.status is RunStatus.COMPLETED:
                 self._ended[run_id] = (time.monotonic(), execution.run)
                 if len(self._ended) > ENDED_KEPT:
                     del self._ended[next(iter(self._ended))]
@@ -332,6 +334,10 @@ class Engine:
         for execution in list(self.executions.values()):
             for body in list(execution.bodies):
                 body.cancel()
+
+    def forget_ended(self, run_id: str) -> None:
+        """A retry makes ``run_id`` live again: no answer from memory for it."""
+        self._ended.pop(run_id, None)
 
     def drop(self, execution: RunExecution) -> None:
         """Stop one execution whose run this worker no longer owns."""
