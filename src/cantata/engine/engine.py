@@ -22,6 +22,7 @@ from .hooks import Hooks
 from .identity import args_hash
 from .metrics import Metrics
 from .ownership import Ownership
+from .parking import HotRuns, wake_for_events
 from .registry import Router, StepDef, remote_step_def
 from .runner import RunExecution
 from .shutdown import drain
@@ -64,6 +65,8 @@ class Engine:
         max_payload: int | None = None,
         version: str | None = None,
         any_version: bool = False,
+        park_after: float | None = None,
+        hot_runs: int = 10_000,
     ) -> None:
         self.app = app
         self.router = router
@@ -118,6 +121,7 @@ class Engine:
         self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
         self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
         self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
+        self.hot = HotRuns(self, park_after, hot_runs)  # which waiting runs stay in memory
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -305,7 +309,7 @@ class Engine:
                 self._ended[run_id] = (time.monotonic(), execution.run)
                 if len(self._ended) > ENDED_KEPT:
                     del self._ended[next(iter(self._ended))]
-            elif self.serving:
+            elif self.serving and not execution.evicted:
                 # Let go while this worker lives (lease lost, store failure, internal
                 # error): the store decides whether it is still ours to resume.
                 self.ownership.repair_soon()
@@ -412,6 +416,7 @@ class Engine:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self._poll_waited_types()
+                await wake_for_events(self)  # the waits of parked runs
             except Exception as exc:
                 self.quiet.warning("events", "looking for awaited events failed (%s); "
                                    "retrying", reason(exc))
@@ -458,6 +463,7 @@ class Engine:
                     execution.wakeup.set()
         elif channel == CANCEL:
             self._runs_pulse.set()
+            self.ownership.claim_wakeup.set()  # a parked run, woken to be cancelled
             if self.executions:
                 self.track(asyncio.create_task(self.check_cancellations()))
         elif channel == TASKS:

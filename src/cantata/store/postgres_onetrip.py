@@ -12,7 +12,8 @@ transaction; durability is the same (``synchronous_commit`` as the server has it
 What SQL cannot know in advance is computed here: each audit record's canonical
 text, with both variants of a checkpoint's record (its status changed or not,
 decided in SQL from the row as locked). Checkpoints that append events or create
-tasks, or two checkpoints of one run, take the transactional path.
+tasks or wake a parked run, or two checkpoints of one run, take the transactional
+path.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ NOT_HERE = "CN001"
 
 
 def _simple(w: RunWrite | None) -> bool:
-    return w is None or (not w.events and not w.tasks)
+    # A checkpoint that wakes a parked parent (RunWrite.wake) takes the transactional
+    # path, which wakes it in the same transaction (store/parking.py).
+    return w is None or (not w.events and not w.tasks and w.wake is None)
 
 
 def eligible(shares: Sequence[tuple[Any, Any]]) -> bool:

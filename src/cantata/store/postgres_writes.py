@@ -41,6 +41,7 @@ from cantata.store.postgres_ops import (
     event_row,
     run_row,
 )
+from cantata.store.postgres_parking import wake_parents
 from cantata.store.postgres_pool import Conn, Row
 
 # -- runs -------------------------------------------------------------------------------
@@ -111,15 +112,17 @@ async def existing_run(c: Conn, run: RunRecord) -> tuple[RunRecord, bool] | Refu
 async def claim_runs(
     c: Conn, b: Batch, app: str, worker_id: str, workflows: Sequence[str],
     stale_before: float, limit: int, versions: Sequence[str] | None = None,
-    run_ids: Sequence[str] | None = None,
+    run_ids: Sequence[str] | None = None, now: float | None = None,
 ) -> list[RunRecord]:
     # MATERIALIZED: the pick runs once (a rescanned LIMIT ... SKIP LOCKED subquery
     # yields more rows). The owner's liveness is a correlated subquery, not a join,
     # so that when a locked row was claimed meanwhile, the READ COMMITTED re-check
-    # sees the new owner's heartbeat.
+    # sees the new owner's heartbeat. Parked runs (wake_at set) are picked apart, by
+    # the runs_parked index up to ``now``, only when due.
     rows = await c.fetch(
         f"WITH pick AS MATERIALIZED ("
         f" SELECT run_id FROM runs c WHERE c.app=$1 AND c.status IN {LIVE_SQL}"
+        f"  AND c.wake_at IS NULL"
         f"  AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR (c.owner<>$3 AND"
         f"  NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app"
         f"   AND w.worker_id=c.owner AND w.heartbeat_at >= $4)))"
@@ -128,12 +131,22 @@ async def claim_runs(
         # a run waiting in a queue begins through claim_queued_runs (or is cancelled)
         f"  AND (c.cancel_requested OR NOT EXISTS (SELECT 1 FROM queue_runs q"
         f"   WHERE q.app=c.app AND q.run_id=c.run_id AND q.began_at IS NULL))"
-        f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED)"
-        f" UPDATE runs r SET owner=$3, fence=r.fence+1 FROM pick"
-        f" WHERE r.app=$1 AND r.run_id=pick.run_id"
+        f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED),"
+        f" due AS MATERIALIZED ("
+        f" SELECT run_id FROM runs c WHERE $8::float8 IS NOT NULL AND c.app=$1"
+        f"  AND c.wake_at IS NOT NULL AND c.wake_at <= $8::float8 AND c.owner IS NULL"
+        f"  AND c.status IN {LIVE_SQL} AND c.workflow = ANY($2::text[])"
+        f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[]))"
+        f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
+        f" ORDER BY c.wake_at LIMIT greatest($5 - (SELECT count(*) FROM pick), 0)"
+        f" FOR UPDATE SKIP LOCKED)"
+        f" UPDATE runs r SET owner=$3, fence=r.fence+1, wake_at=NULL, waits_for=NULL,"
+        f" wait_match=NULL FROM (SELECT run_id FROM pick UNION ALL SELECT run_id FROM due) p"
+        f" WHERE r.app=$1 AND r.run_id=p.run_id"
         f" RETURNING {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))}",
         app, list(workflows), worker_id, stale_before, limit,
         None if versions is None else list(versions), None if run_ids is None else list(run_ids),
+        now,
     )
     return [run_row(r) for r in rows]
 
@@ -256,6 +269,7 @@ async def commit_runs(c: Conn, b: Batch, calls: list[Checkpoint]) -> list[Refuse
     else:
         applied = await _commit_in_turn(c, calls, order, now)
     out: list[Refused | None] = [None] * len(calls)
+    woken: dict[str, list[str]] = {}
     for i in order:
         app, run_id, fence, w = calls[i]
         row = applied.get(i)
@@ -266,11 +280,15 @@ async def commit_runs(c: Conn, b: Batch, calls: list[Checkpoint]) -> list[Refuse
             await append(c, b, app, w.events)
         if w.tasks:
             await ops.insert_tasks(c, app, row[3], w.tasks)
+        if w.wake is not None:
+            woken.setdefault(app, []).append(w.wake)
         if wakes_runs(w):
             b.notify(app, RUNS)
         if w.tasks:
             b.notify(app, TASKS)
         b.audit(app, audit.checkpoint_entry(run_id, row[1], row[2], w))
+    for app, parents in woken.items():
+        await wake_parents(c, app, parents)
     return out
 
 
