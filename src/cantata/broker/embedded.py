@@ -13,8 +13,8 @@ from typing import Any
 from cantata.broker.base import Handler
 from cantata.errors import BrokerError, StoreError, error_text
 from cantata.model.codec import new_id
-from cantata.model.event import Event, check_pattern
-from cantata.model.records import Declaration, Delivery
+from cantata.model.event import Event, check_pattern, matches
+from cantata.model.records import DELIVERY_PENDING, Declaration, Delivery
 from cantata.quietlog import QuietLog
 from cantata.store.base import EVENTS, Settlement, Store
 
@@ -35,6 +35,7 @@ class EmbeddedMessage:
     attempt: int = 1
     event: Event[Any] | None = None
     settled: bool = field(default=False)
+    sub: _EmbeddedSubscription | None = None  # hands off what it emits (see complete)
 
     def __post_init__(self) -> None:
         self.group = self.delivery.group
@@ -43,11 +44,20 @@ class EmbeddedMessage:
         self.raw = self.delivery.event.to_json()
 
     async def complete(self, emitted: Sequence[Event[Any]] = ()) -> bool:
+        """Settle, and hand the emitted events to this worker's subscribers of the
+        groups they go to: claimed for this worker in the same transaction (so nobody
+        else takes them while it lives), handled at once without a claim of their own
+        (docs/performance.md)."""
         self.settled = True
-        return await self.store.settle_delivery(
+        hold = self.sub.holds(emitted) if self.sub is not None and emitted else []
+        done = await self.store.settle_delivery(
             self.app, self.group, self.delivery.event.id,
-            Settlement("done", self.attempt, list(emitted)),
+            Settlement("done", self.attempt, list(emitted),
+                       hold_for=self.sub.worker_id if hold and self.sub else None, hold=hold),
         )
+        if done and hold and self.sub is not None:
+            self.sub.broker.handed(self.sub, emitted, hold)
+        return done
 
     async def retry(self, error: str, delay: float) -> None:
         self.settled = True
@@ -76,10 +86,12 @@ class _EmbeddedSubscription:
         handler: Handler,
         worker_id: str,
         concurrency: int,
+        patterns: Sequence[str] = (),
     ) -> None:
         self.broker = broker
         self.app = app
         self.group = group
+        self.patterns = list(patterns)
         self.handler = handler
         self.worker_id = worker_id
         self.concurrency = concurrency
@@ -112,17 +124,31 @@ class _EmbeddedSubscription:
                     await asyncio.sleep(self.broker.poll_interval)
                     continue
             for delivery in claimed:
-                task = asyncio.create_task(self._handle(delivery))
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
+                self.start(delivery)
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), self.broker.poll_interval)
 
+    def holds(self, emitted: Sequence[Event[Any]]) -> list[tuple[str, str]]:
+        """(group, event id) of ``emitted`` that this worker's subscribers take at once."""
+        out = []
+        for sub in self.broker._subs:
+            if (sub.app != self.app or sub.worker_id != self.worker_id or sub.stopping
+                    or len(sub.inflight) >= sub.concurrency):
+                continue
+            out += [(sub.group, e.id) for e in emitted
+                    if any(matches(p, e.type) for p in sub.patterns)]
+        return list(dict.fromkeys(out))
+
+    def start(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._handle(delivery))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
     async def _handle(self, delivery: Delivery) -> None:
-        msg = EmbeddedMessage(self.broker.store, self.app, delivery)
+        msg = EmbeddedMessage(self.broker.store, self.app, delivery, sub=self)
         try:
             try:
                 await self.handler(msg)
@@ -235,6 +261,23 @@ class EmbeddedBroker:
         for sub in self._subs:
             sub.wakeup.set()
 
+    def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
+        """Nothing more to do: a handler's emitted events were handed off as they were
+        settled (:meth:`EmbeddedMessage.complete`), and the commit that stored any
+        other event woke the subscribers."""
+
+    def handed(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
+               held: Sequence[tuple[str, str]]) -> None:
+        """Start the deliveries ``by``'s settlement claimed for its worker."""
+        now = time.time()
+        by_id = {e.id: e for e in events}
+        for group, event_id in held:
+            sub = next((s for s in self._subs if s.app == by.app and s.group == group
+                        and s.worker_id == by.worker_id), None)
+            if sub is not None:  # (always: holds() chose it)
+                sub.start(Delivery(group, by_id[event_id], DELIVERY_PENDING, 1, now, None,
+                                   now, 1))
+
     async def close(self) -> None:
         for sub in list(self._subs):
             await sub.stop()
@@ -269,7 +312,8 @@ class EmbeddedBroker:
             self._heartbeats[(app, worker_id)] = asyncio.create_task(
                 self._heartbeat(app, worker_id)
             )
-        sub = _EmbeddedSubscription(self, app, group, handler, worker_id, concurrency)
+        sub = _EmbeddedSubscription(self, app, group, handler, worker_id, concurrency,
+                                    patterns)
         self._subs.append(sub)
         return sub
 
