@@ -58,10 +58,10 @@ def spy_on_hand_off(app: App, markers: Path) -> None:
     if hasattr(broker, "handed"):  # embedded: deliveries claimed by the settlement
         handed = broker.handed
 
-        def embedded(by: Any, events: Any, held: Any) -> None:
+        def embedded(by: Any, events: Any, held: Any, **kw: Any) -> None:
             if any(g == "payment" for g, _ in held):
                 mark(markers / "handed-off", "embedded")
-            handed(by, events, held)
+            handed(by, events, held, **kw)
 
         broker.handed = embedded
     else:  # NATS: the subscription takes the event at once

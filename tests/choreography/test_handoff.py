@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -21,7 +22,10 @@ import pytest
 import cantata
 from cantata import Retry
 from cantata.broker.nats import NatsBroker
+from cantata.errors import StoreUnavailable
 from cantata.model.records import DELIVERY_DONE
+from cantata.store.base import Settlement, Store
+from cantata.store.factory import store_from_url
 from tests.choreography.handoff_worker import build_app, spy_on_hand_off
 from tests.choreography.helpers import SETTLE, events_of_type, eventually, make_app
 
@@ -176,3 +180,58 @@ async def test_a_worker_killed_between_the_hand_off_and_its_commit_gets_it_again
     assert event.id == reserved_id and event.correlation_id == placed.id
     # exactly one effect, the fresh worker's: the killed worker's emit never landed
     assert [e.data for e in logged] == [{"order_id": 7, "pid": os.getpid()}]
+
+
+class LostAfterCommit:
+    """A real store whose first settlement that holds deliveries commits, then reports a
+    lost connection (as a PostgreSQL connection dropped after COMMIT would)."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+        self.url = inner.url
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def settle_delivery(
+        self, app: str, group: str, event_id: str, settlement: Settlement
+    ) -> bool:
+        done = await self._inner.settle_delivery(app, group, event_id, settlement)
+        if settlement.hold and not self.lost:
+            self.lost += 1
+            raise StoreUnavailable("connection lost after COMMIT (injected)")
+        return done
+
+
+async def test_deliveries_held_by_a_settlement_that_seemed_to_fail_are_not_stranded(
+    tmp_path: Path, markers: Path
+) -> None:
+    store = LostAfterCommit(store_from_url(f"sqlite:///{tmp_path}/lost.db"))
+    charged: list[cantata.Event] = []
+    app = cantata.App("shop", store=store, lease=30.0, poll_interval=0.05)  # type: ignore[arg-type]
+    app.include(_router(charged))
+    async with app:
+        await app.publish("order.placed", {"order_id": 3})
+        # The worker lives on (lease 30 s): the held delivery is found and handled now.
+        await eventually(lambda: charged, timeout=5, what="the held delivery handled")
+        await asyncio.sleep(SETTLE)
+        logged = await events_of_type(app, "payment.charged")
+    assert store.lost == 1
+    assert len(charged) == 1
+    assert [e.data["order_id"] for e in logged] == [3]
+
+
+def _router(charged: list[cantata.Event]) -> cantata.Router:
+    router = cantata.Router()
+
+    @router.on("order.placed", group="inventory")
+    async def reserve(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+        await ctx.emit("inventory.reserved", {"order_id": event.data["order_id"]})
+
+    @router.on("inventory.reserved", group="payment")
+    async def charge(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+        charged.append(event)
+        await ctx.emit("payment.charged", {"order_id": event.data["order_id"]})
+
+    return router

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cantata.broker.base import Handler
-from cantata.errors import BrokerError, StoreError, error_text
+from cantata.errors import BrokerError, LeaseLost, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, check_pattern, matches
 from cantata.model.records import DELIVERY_PENDING, Declaration, Delivery
@@ -49,14 +49,23 @@ class EmbeddedMessage:
         else takes them while it lives), handled at once without a claim of their own
         (docs/performance.md)."""
         self.settled = True
-        hold = self.sub.holds(emitted) if self.sub is not None and emitted else []
-        done = await self.store.settle_delivery(
-            self.app, self.group, self.delivery.event.id,
-            Settlement("done", self.attempt, list(emitted),
-                       hold_for=self.sub.worker_id if hold and self.sub else None, hold=hold),
-        )
-        if done and hold and self.sub is not None:
-            self.sub.broker.handed(self.sub, emitted, hold)
+        sub = self.sub
+        hold = sub.holds(emitted) if sub is not None and emitted else []
+        try:
+            done = await self.store.settle_delivery(
+                self.app, self.group, self.delivery.event.id,
+                Settlement("done", self.attempt, list(emitted),
+                           hold_for=sub.worker_id if sub and hold else None, hold=hold),
+            )
+        except BaseException as exc:
+            # (LeaseLost: this worker is out, as after a crash: a takeover hands them on)
+            if sub is not None and hold and not isinstance(exc, LeaseLost):
+                # It may have committed all the same (a connection lost after COMMIT):
+                # what it held for this worker must not wait for this worker's death.
+                sub.broker.recover_holds(sub, emitted, hold)
+            raise
+        if done and hold and sub is not None:
+            sub.broker.handed(sub, emitted, hold)
         return done
 
     async def retry(self, error: str, delay: float) -> None:
@@ -142,10 +151,15 @@ class _EmbeddedSubscription:
                     if any(matches(p, e.type) for p in sub.patterns)]
         return list(dict.fromkeys(out))
 
-    def start(self, delivery: Delivery) -> None:
+    def start(self, delivery: Delivery, *, unless_in_hand: bool = False) -> None:
+        key = (self.app, self.group, delivery.event.id)
+        if unless_in_hand and key in self.broker.in_hand:  # a hold recover_holds found
+            return
+        self.broker.in_hand.add(key)
         task = asyncio.create_task(self._handle(delivery))
         self.inflight.add(task)
         task.add_done_callback(self.inflight.discard)
+        task.add_done_callback(lambda _: self.broker.in_hand.discard(key))
 
     async def _handle(self, delivery: Delivery) -> None:
         msg = EmbeddedMessage(self.broker.store, self.app, delivery, sub=self)
@@ -216,6 +230,8 @@ class EmbeddedBroker:
         self._store: Store | None = None
         self._subs: list[_EmbeddedSubscription] = []
         self._heartbeats: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.in_hand: set[tuple[str, str, str]] = set()  # (app, group, event id) started
+        self._recovering: set[asyncio.Future[None]] = set()
 
     def adopt_timing(
         self, *, lease: float, poll_interval: float,
@@ -267,7 +283,7 @@ class EmbeddedBroker:
         other event woke the subscribers."""
 
     def handed(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
-               held: Sequence[tuple[str, str]]) -> None:
+               held: Sequence[tuple[str, str]], *, recovered: bool = False) -> None:
         """Start the deliveries ``by``'s settlement claimed for its worker."""
         now = time.time()
         by_id = {e.id: e for e in events}
@@ -276,7 +292,34 @@ class EmbeddedBroker:
                         and s.worker_id == by.worker_id), None)
             if sub is not None:  # (always: holds() chose it)
                 sub.start(Delivery(group, by_id[event_id], DELIVERY_PENDING, 1, now, None,
-                                   now, 1))
+                                   now, 1), unless_in_hand=recovered)
+
+    def recover_holds(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
+                      held: Sequence[tuple[str, str]]) -> None:
+        """A settlement that held deliveries for ``by``'s worker failed, or seemed to:
+        look in the store (until it answers) and start those it did hold."""
+        task = asyncio.ensure_future(self._recover(by, list(events), list(held)))
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
+
+    async def _recover(self, by: _EmbeddedSubscription, events: list[Event[Any]],
+                       held: list[tuple[str, str]]) -> None:
+        found: list[tuple[str, str]] = []
+        for event_id in dict.fromkeys(e for _, e in held):
+            while True:
+                try:
+                    rows = await self.store.deliveries(by.app, event_id)
+                    break
+                except Exception:
+                    if by.stopping:  # the worker's death hands them over
+                        return
+                    await asyncio.sleep(self.poll_interval)
+            # held by that settlement: its first attempt, under its fence, still pending
+            found += [(r.group, event_id) for r in rows
+                      if (r.group, event_id) in held and r.status == DELIVERY_PENDING
+                      and r.attempts == 1 and r.fence == 1]
+        if found:
+            self.handed(by, events, found, recovered=True)
 
     async def close(self) -> None:
         for sub in list(self._subs):
