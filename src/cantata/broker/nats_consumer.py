@@ -291,6 +291,9 @@ class NatsSubscription:
                     # Its hand-off failed and is to be retried then: NATS keeps it till then.
                     await m.nak(delay=retry_at - time.time())
                     return
+                if self.broker._handling.settled_here(key):
+                    await m.ack()  # its hand-off settled it: the store has it done
+                    return
                 if not await self._addressed(msg, msg.event):
                     if not msg.settled:  # (a refused duplicate was dead-lettered)
                         await m.ack()

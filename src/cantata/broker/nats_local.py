@@ -60,10 +60,12 @@ class LocalMessage:
 
     async def complete(self, emitted: Sequence[Event[Any]] = ()) -> bool:
         self.settled = True
-        return await self._broker.store.settle_delivery(
+        done = await self._broker.store.settle_delivery(
             self._app, self.group, self._event.id,
             Settlement("done", self.attempt, list(emitted)),
         )
+        self._broker._handling.settled((self._app, self.group, self._event.id))
+        return done
 
     async def retry(self, error: str, delay: float) -> None:
         self.settled = True
@@ -81,6 +83,7 @@ class LocalMessage:
             self._app, self.group, self._event.id,
             Settlement("dead", self.attempt, error=error, dead_letter_id=new_id()),
         )
+        self._broker._handling.settled((self._app, self.group, self._event.id))
 
     async def extend(self) -> None:
         """Nothing to keep alive: the broker's copy waiting for this one is kept alive by
@@ -93,6 +96,18 @@ class Handing:
 
     def __init__(self) -> None:
         self.held: dict[Key, asyncio.Future[None] | None] = {}
+        # hand-offs whose delivery was settled for good (done or dead) in the store:
+        # the broker's copy is acked without a store read (the newest few thousand)
+        self.done: dict[Key, None] = {}
+
+    def settled(self, key: Key) -> None:
+        self.done[key] = None
+        if len(self.done) > _DONE_KEPT:
+            del self.done[next(iter(self.done))]
+
+    def settled_here(self, key: Key) -> bool:
+        """Whether ``key`` was settled for good by a hand-off (forgotten once asked)."""
+        return self.done.pop(key, _FREE) is None
 
     def __contains__(self, key: Key) -> bool:
         return key in self.held
@@ -128,3 +143,4 @@ class Handing:
 
 
 _FREE: Any = object()
+_DONE_KEPT = 4096

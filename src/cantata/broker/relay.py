@@ -86,8 +86,9 @@ class OutboxRelay:
     marked published in batches, up to ``mark_delay`` seconds after the broker took
     them, so that marking costs no commit per hop: if the process dies before the
     mark, they are published again, and the broker drops the ids it has seen (and the
-    inbox makes a later duplicate harmless). When the broker is unreachable it logs
-    once and keeps trying.
+    inbox makes a later duplicate harmless). After a pass that published offered
+    events, the next outbox read waits up to ``read_delay`` seconds. When the broker
+    is unreachable it logs once and keeps trying.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class OutboxRelay:
         poll_interval: float = 0.2,
         batch: int = 500,
         mark_delay: float = 0.05,
+        read_delay: float = 0.005,
         on_relayed: Callable[[Sequence[Event[Any]]], None] | None = None,
     ) -> None:
         self.store = store
@@ -117,6 +119,9 @@ class OutboxRelay:
         self._fresh: list[Event[Any]] = []  # offered, not yet published
         self._unmarked: dict[str, None] = {}  # published, not yet marked (in order)
         self._unmarked_since = 0.0
+        self.read_delay = read_delay
+        self._read_after = 0.0  # monotonic time: a pass with offered events reads then
+        self._read_pending = False
 
     async def start(self) -> None:
         """Start relaying in a background task (call from a running event loop)."""
@@ -186,10 +191,21 @@ class OutboxRelay:
     async def _pass(self) -> int:
         """Publish what was offered, then what the outbox holds besides; mark what is
         due. Returns how many events the outbox read gave."""
-        if self._fresh:
+        offered = bool(self._fresh)
+        if offered:
             # If this fails they are not lost: the outbox read below finds them later.
             fresh, self._fresh = self._fresh, []
             await self._publish([e for e in fresh if e.id not in self._unmarked])
+        now = time.monotonic()
+        if offered and now < self._read_after:
+            # The commit that woke this pass most likely stored just what was offered:
+            # the read (for what else it stored) waits a moment, so that a chain of
+            # hops pays one read per read_delay instead of one per hop.
+            self._read_pending = True
+            await self._mark()
+            return 0
+        self._read_pending = False
+        self._read_after = now + self.read_delay
         skip = self._unmarked
         events = await self.store.unpublished_events(self.app, limit=self.batch + len(skip))
         events = [e for e in events if e.id not in skip][: self.batch]
@@ -231,10 +247,12 @@ class OutboxRelay:
             self._unmarked_since = time.monotonic()
 
     def _wait_time(self) -> float:
-        if not self._unmarked:
-            return self.poll_interval
-        due = self._unmarked_since + self.mark_delay - time.monotonic()
-        return max(0.0, min(self.poll_interval, due))
+        now, wait = time.monotonic(), self.poll_interval
+        if self._unmarked:
+            wait = min(wait, self._unmarked_since + self.mark_delay - now)
+        if self._read_pending:
+            wait = min(wait, self._read_after - now)
+        return max(0.0, wait)
 
     async def _run(self) -> None:
         failing = self._failing = False
