@@ -32,7 +32,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
-from bench.common import NATS_URL, PG_URL
+from bench.common import BENCH_PREFIX, NATS_URL, PG_URL
 
 T: dict[str, dict[str, float]] = defaultdict(dict)  # event id -> stage -> time
 
@@ -138,7 +138,8 @@ async def main_async(a: argparse.Namespace) -> None:
     name = f"bench_bd_{uuid.uuid4().hex[:8]}"
     sep = "&" if "?" in PG_URL else "?"
     store = f"sqlite:///{tmp}/b.db" if a.store == "sqlite" else f"{PG_URL}{sep}schema={name}"
-    app = make_app("chain", store, NATS_URL if a.broker == "nats" else "embedded", name)
+    broker = f"{NATS_URL}?prefix={BENCH_PREFIX}" if a.broker == "nats" else "embedded"
+    app = make_app("chain", store, broker, name)
     await app.open(serve=True)
     instrument(app)
     woke = asyncio.Event()
