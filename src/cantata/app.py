@@ -380,12 +380,13 @@ class App(Router):
 
     def _emitted(self, events: list[Event[Any]]) -> None:
         self.engine.events_appended(events)
-        if self._relay is not None:
-            self._relay.offer(events)  # published now, not after an outbox read
         if self._consumer is not None and self._broker is not None:
             # Handled here at once where this process serves the group (the broker's
-            # own delivery follows; see Broker.hand_off).
+            # own delivery follows; see Broker.hand_off). First, so that the handlers'
+            # commits are under way while the relay publishes.
             self._broker.hand_off(self.name, events)
+        if self._relay is not None:
+            self._relay.offer(events)  # published now, not after an outbox read
 
     # -- orchestration ---------------------------------------------------------------------
 

@@ -266,6 +266,14 @@ class NatsSubscription:
                 # A wildcard such as ``*.billing`` also matches another group's replays.
                 await m.ack()
                 return
+            sent_as = (self.app, self.group, (m.headers or {}).get("Nats-Msg-Id") or "")
+            if sent_as not in self.broker._handling and self.broker._handling.settled_here(
+                sent_as
+            ):
+                # The relay's copy (its message id is the event id) of an event a
+                # hand-off settled here for good: acked without reading it.
+                await m.ack()
+                return
             meta = m.metadata
             msg = NatsMessage(
                 m, self.broker.store, self.app, self.group, meta.num_delivered,

@@ -193,6 +193,9 @@ class OutboxRelay:
         due. Returns how many events the outbox read gave."""
         offered = bool(self._fresh)
         if offered:
+            # Let handlers handed these events in this process start (and queue their
+            # commits) before the publishing takes the event loop.
+            await asyncio.sleep(0)
             # If this fails they are not lost: the outbox read below finds them later.
             fresh, self._fresh = self._fresh, []
             await self._publish([e for e in fresh if e.id not in self._unmarked])
