@@ -1,7 +1,8 @@
 """The local hand-off (docs/performance.md): an event a handler emits goes at once to
 this process's handler of the next group, and nothing is given up for it: the effect
 stays exactly once (the broker's own copy is dropped), a failed hand-off waits for its
-retry delay, and a worker killed in the middle of one has the event delivered again."""
+retry delay, and a worker killed in the middle of one has the event delivered again.
+Embedded: always on; NATS: with ``?handoff=1`` (opt-in, see the last test)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import pytest
 
 import cantata
 from cantata import Retry
+from cantata.broker.factory import broker_from_url
 from cantata.broker.nats import NatsBroker
-from cantata.errors import StoreUnavailable
+from cantata.errors import ConfigurationError, StoreUnavailable
 from cantata.model.records import DELIVERY_DONE
 from cantata.store.base import Settlement, Store
 from cantata.store.factory import store_from_url
@@ -40,7 +42,7 @@ def backends(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     if request.param == "embedded":
         return store, "embedded"
     url = request.getfixturevalue("nats_url")
-    return store, f"{url}?prefix=h{uuid.uuid4().hex[:10]}"
+    return store, f"{url}?prefix=h{uuid.uuid4().hex[:10]}&handoff=1"
 
 
 @pytest.fixture
@@ -235,3 +237,13 @@ def _router(charged: list[cantata.Event]) -> cantata.Router:
         await ctx.emit("payment.charged", {"order_id": event.data["order_id"]})
 
     return router
+
+
+def test_the_nats_hand_off_is_opt_in() -> None:
+    # Off by default: with several workers serving a group, NATS's copy can reach
+    # another worker while the hand-off's handler runs, and both would execute it.
+    assert broker_from_url("nats://127.0.0.1:4222").local_hand_off is False  # type: ignore[attr-defined]
+    on = broker_from_url("nats://127.0.0.1:4222?prefix=p&handoff=1")
+    assert on.local_hand_off is True  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="handoff must be 0 or 1"):
+        broker_from_url("nats://127.0.0.1:4222?handoff=yes")

@@ -103,6 +103,11 @@ class NatsBroker:
         check_interval: seconds between checks that an app's stream is still the one
             its consumers were made on (a server that lost its data gets it re-made,
             and the events the store has pending published again).
+        hand_off: hand events this process commits to its own subscribers at once
+            (``?handoff=1``; see :meth:`hand_off`). Off by default: with several worker
+            processes serving a group, the broker's copy can reach another worker while
+            the hand-off's handler still runs, and both execute it (the effect stays
+            exactly once, but the handler runs twice) — docs/performance.md.
     """
 
     relays_outbox = True
@@ -121,8 +126,10 @@ class NatsBroker:
         prefix: str = "",
         max_control_line: int = DEFAULT_MAX_CONTROL_LINE,
         check_interval: float = 5.0,
+        hand_off: bool = False,
     ) -> None:
         self.url = url
+        self.local_hand_off = hand_off
         self.replicas = max(1, replicas)
         self.prefix = check_prefix(prefix)
         self.max_control_line = max_control_line
@@ -260,7 +267,10 @@ class NatsBroker:
 
     def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
         """Hand events this process just committed to its own subscribers of the groups
-        they match at once; the relay's copies follow (see nats_local)."""
+        they match at once; the relay's copies follow (see nats_local). Only when
+        made with ``hand_off=True``."""
+        if not self.local_hand_off:
+            return
         for sub in self._subs:
             if sub.app != app:
                 continue
