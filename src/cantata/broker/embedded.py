@@ -51,11 +51,11 @@ class EmbeddedMessage:
         self.settled = True
         sub = self.sub
         hold = sub.holds(emitted) if sub is not None and emitted else []
+        settlement = Settlement("done", self.attempt, list(emitted),
+                                hold_for=sub.worker_id if sub and hold else None, hold=hold)
         try:
             done = await self.store.settle_delivery(
-                self.app, self.group, self.delivery.event.id,
-                Settlement("done", self.attempt, list(emitted),
-                           hold_for=sub.worker_id if sub and hold else None, hold=hold),
+                self.app, self.group, self.delivery.event.id, settlement
             )
         except BaseException as exc:
             # (LeaseLost: this worker is out, as after a crash: a takeover hands them on)
@@ -64,8 +64,10 @@ class EmbeddedMessage:
                 # what it held for this worker must not wait for this worker's death.
                 sub.broker.recover_holds(sub, emitted, hold)
             raise
-        if done and hold and sub is not None:
-            sub.broker.handed(sub, emitted, hold)
+        if done and settlement.held and sub is not None:
+            # only what the store did claim: an emitted event stored before (its id
+            # reused) may have a delivery someone already has
+            sub.broker.handed(sub, emitted, settlement.held)
         return done
 
     async def retry(self, error: str, delay: float) -> None:

@@ -80,6 +80,8 @@ class Settlement:
     dead_letter_id: str | None = None
     hold_for: str | None = None
     hold: list[tuple[str, str]] = field(default_factory=list)
+    held: list[tuple[str, str]] = field(default_factory=list)  # set by the store: of
+    # ``hold``, the deliveries it did claim (a new one, pending, nobody's, no attempt)
 
 
 @dataclass(frozen=True, slots=True)

@@ -476,7 +476,7 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
             rows.update((r[0], r) for r in await c.fetchmany(sql, pipelined))
     out: list[bool | Refused] = []
     emitted: dict[str, list[Event[Any]]] = {}
-    holds: list[tuple[str, float, str, str, str]] = []  # Settlement.hold, after the append
+    holds: list[Settlement] = []  # with a hold: claimed after the append
     for i, (app, group, event_id, s) in enumerate(calls):
         row = rows.get(i)
         if row is None:  # no such delivery (create it, pending) or it is done
@@ -494,8 +494,8 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
         b.notify(app, EVENTS)
         if s.outcome == "done":
             emitted.setdefault(app, []).extend(s.events)
-            if s.hold_for is not None:
-                holds.extend((s.hold_for, now, app, g, e) for g, e in s.hold)
+            if s.hold_for is not None and s.hold:
+                holds.append(s)
             b.audit(app, audit.delivery_entry(
                 group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
             ))
@@ -513,13 +513,16 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
     for app, events in emitted.items():
         if events:
             await append(c, b, app, events)
-    if holds:  # claimed in this transaction by the worker that hands them off
-        await c.executemany(
-            "UPDATE deliveries SET owner=$1, fence=fence+1, attempts=1, updated_at=$2 "
-            "WHERE app=$3 AND grp=$4 AND event_id=$5 AND status='pending' AND owner IS NULL "
-            "AND attempts=0",
-            holds,
+    for s in holds:  # claimed in this transaction by the worker that hands them off
+        app = next(call[0] for call in calls if call[3] is s)
+        taken = await c.fetch(
+            "UPDATE deliveries d SET owner=$1, fence=d.fence+1, attempts=1, updated_at=$2 "
+            "FROM unnest($4::text[], $5::text[]) AS h(grp, event_id) WHERE d.app=$3 "
+            "AND d.grp=h.grp AND d.event_id=h.event_id AND d.status='pending' "
+            "AND d.owner IS NULL AND d.attempts=0 RETURNING d.grp, d.event_id",
+            s.hold_for, now, app, [g for g, _ in s.hold], [e for _, e in s.hold],
         )
+        s.held = [(r[0], r[1]) for r in taken]
     return out
 
 

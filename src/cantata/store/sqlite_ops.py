@@ -199,8 +199,9 @@ def settle_delivery(
         )
         if s.events:
             append(c, app, s.events)
-            if s.hold_for is not None and s.hold:
-                c.executemany(HOLD_SQL, [(s.hold_for, now, app, g, e) for g, e in s.hold])
+            if s.hold_for is not None:
+                s.held = [(g, e) for g, e in s.hold
+                          if c.execute(HOLD_SQL, (s.hold_for, now, app, g, e)).rowcount == 1]
         audit_append(c, app, audit.delivery_entry(
             group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
         ))
