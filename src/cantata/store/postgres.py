@@ -44,6 +44,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import postgres_console as console
+from cantata.store import postgres_onetrip as onetrip
 from cantata.store import postgres_operate as operate
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
@@ -100,7 +101,7 @@ class PostgresStore(PostgresFlow):
         self._db = PgPool(
             url, pool_size=pool_size, connect_timeout=connect_timeout, on_change=self._emit
         )
-        self._w = BatchWriter(self._db, writers=writers)
+        self._w = BatchWriter(self._db, writers=writers, one_statement=onetrip)
 
     async def open(self) -> None:
         """Connect (retrying briefly), migrate the schema, open the pool and LISTEN."""
