@@ -136,10 +136,16 @@ class Runtime:
         await self.store.declare(app.name, declaration_records(app.router))
 
     def emitted(self, events: Sequence[Event[Any]]) -> None:
-        """Events were committed here: wake what waits for them, and the relay."""
+        """Events were committed here: wake what waits for them, hand them to this
+        process's handlers (Broker.hand_off), and offer them to the relay."""
         self.engine.events_appended(list(events))
+        if self.consumer is not None:
+            # Handled here at once where this process serves the group (the broker's
+            # own delivery follows; see Broker.hand_off). First, so that the handlers'
+            # commits are under way while the relay publishes.
+            self.broker.hand_off(self.engine.app, events)
         if self.relay is not None:
-            self.relay.wake()
+            self.relay.offer(events)  # published now, not after an outbox read
 
     async def close(self, grace: float, force: asyncio.Event) -> None:
         """Stop gracefully (docs/leases.md), then close the connections."""

@@ -141,3 +141,10 @@ class Broker(Protocol):
 
     def wake(self) -> None:
         """Hint that new events may be due (in-process notification); may do nothing."""
+
+    def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
+        """Events this process has just committed: deliver each at once to this
+        process's subscriber of every group it matches, if the broker can (it may do
+        nothing). The broker's own delivery still follows, and is dropped once the
+        hand-off is settled; if this process dies first, it delivers the event again
+        (see docs/performance.md)."""

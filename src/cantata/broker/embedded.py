@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cantata.broker.base import Handler
-from cantata.errors import BrokerError, StoreError, error_text
+from cantata.errors import BrokerError, LeaseLost, StoreError, error_text
 from cantata.model.codec import new_id
-from cantata.model.event import Event, check_pattern
-from cantata.model.records import Delivery
+from cantata.model.event import Event, check_pattern, matches
+from cantata.model.records import DELIVERY_PENDING, Delivery
 from cantata.quietlog import QuietLog
 from cantata.store.base import EVENTS, Settlement, Store
 
@@ -35,6 +35,7 @@ class EmbeddedMessage:
     attempt: int = 1
     event: Event[Any] | None = None
     settled: bool = field(default=False)
+    sub: _EmbeddedSubscription | None = None  # hands off what it emits (see complete)
 
     def __post_init__(self) -> None:
         self.group = self.delivery.group
@@ -43,11 +44,31 @@ class EmbeddedMessage:
         self.raw = self.delivery.event.to_json()
 
     async def complete(self, emitted: Sequence[Event[Any]] = ()) -> bool:
+        """Settle, and hand the emitted events to this worker's subscribers of the
+        groups they go to: claimed for this worker in the same transaction (so nobody
+        else takes them while it lives), handled at once without a claim of their own
+        (docs/performance.md)."""
         self.settled = True
-        return await self.store.settle_delivery(
-            self.app, self.group, self.delivery.event.id,
-            Settlement("done", self.attempt, list(emitted)),
-        )
+        sub = self.sub
+        hold = sub.holds(emitted) if sub is not None and emitted else []
+        settlement = Settlement("done", self.attempt, list(emitted),
+                                hold_for=sub.worker_id if sub and hold else None, hold=hold)
+        try:
+            done = await self.store.settle_delivery(
+                self.app, self.group, self.delivery.event.id, settlement
+            )
+        except BaseException as exc:
+            # (LeaseLost: this worker is out, as after a crash: a takeover hands them on)
+            if sub is not None and hold and not isinstance(exc, LeaseLost):
+                # It may have committed all the same (a connection lost after COMMIT):
+                # what it held for this worker must not wait for this worker's death.
+                sub.broker.recover_holds(sub, emitted, hold)
+            raise
+        if done and settlement.held and sub is not None:
+            # only what the store did claim: an emitted event stored before (its id
+            # reused) may have a delivery someone already has
+            sub.broker.handed(sub, emitted, settlement.held)
+        return done
 
     async def retry(self, error: str, delay: float) -> None:
         self.settled = True
@@ -76,10 +97,12 @@ class _EmbeddedSubscription:
         handler: Handler,
         worker_id: str,
         concurrency: int,
+        patterns: Sequence[str] = (),
     ) -> None:
         self.broker = broker
         self.app = app
         self.group = group
+        self.patterns = list(patterns)
         self.handler = handler
         self.worker_id = worker_id
         self.concurrency = concurrency
@@ -112,17 +135,36 @@ class _EmbeddedSubscription:
                     await asyncio.sleep(self.broker.poll_interval)
                     continue
             for delivery in claimed:
-                task = asyncio.create_task(self._handle(delivery))
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
+                self.start(delivery)
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), self.broker.poll_interval)
 
+    def holds(self, emitted: Sequence[Event[Any]]) -> list[tuple[str, str]]:
+        """(group, event id) of ``emitted`` that this worker's subscribers take at once."""
+        out = []
+        for sub in self.broker._subs:
+            if (sub.app != self.app or sub.worker_id != self.worker_id or sub.stopping
+                    or len(sub.inflight) >= sub.concurrency):
+                continue
+            out += [(sub.group, e.id) for e in emitted
+                    if any(matches(p, e.type) for p in sub.patterns)]
+        return list(dict.fromkeys(out))
+
+    def start(self, delivery: Delivery, *, unless_in_hand: bool = False) -> None:
+        key = (self.app, self.group, delivery.event.id)
+        if unless_in_hand and key in self.broker.in_hand:  # a hold recover_holds found
+            return
+        self.broker.in_hand.add(key)
+        task = asyncio.create_task(self._handle(delivery))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        task.add_done_callback(lambda _: self.broker.in_hand.discard(key))
+
     async def _handle(self, delivery: Delivery) -> None:
-        msg = EmbeddedMessage(self.broker.store, self.app, delivery)
+        msg = EmbeddedMessage(self.broker.store, self.app, delivery, sub=self)
         try:
             try:
                 await self.handler(msg)
@@ -189,6 +231,8 @@ class EmbeddedBroker:
         self.may_take_over: Callable[[], bool] | None = None
         self._store: Store | None = None
         self._subs: list[_EmbeddedSubscription] = []
+        self.in_hand: set[tuple[str, str, str]] = set()  # (app, group, event id) started
+        self._recovering: set[asyncio.Future[None]] = set()
 
     def adopt_timing(
         self, *, lease: float, poll_interval: float,
@@ -234,6 +278,50 @@ class EmbeddedBroker:
         for sub in self._subs:
             sub.wakeup.set()
 
+    def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
+        """Nothing more to do: a handler's emitted events were handed off as they were
+        settled (:meth:`EmbeddedMessage.complete`), and the commit that stored any
+        other event woke the subscribers."""
+
+    def handed(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
+               held: Sequence[tuple[str, str]], *, recovered: bool = False) -> None:
+        """Start the deliveries ``by``'s settlement claimed for its worker."""
+        now = time.time()
+        by_id = {e.id: e for e in events}
+        for group, event_id in held:
+            sub = next((s for s in self._subs if s.app == by.app and s.group == group
+                        and s.worker_id == by.worker_id), None)
+            if sub is not None:  # (always: holds() chose it)
+                sub.start(Delivery(group, by_id[event_id], DELIVERY_PENDING, 1, now, None,
+                                   now, 1), unless_in_hand=recovered)
+
+    def recover_holds(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
+                      held: Sequence[tuple[str, str]]) -> None:
+        """A settlement that held deliveries for ``by``'s worker failed, or seemed to:
+        look in the store (until it answers) and start those it did hold."""
+        task = asyncio.ensure_future(self._recover(by, list(events), list(held)))
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
+
+    async def _recover(self, by: _EmbeddedSubscription, events: list[Event[Any]],
+                       held: list[tuple[str, str]]) -> None:
+        found: list[tuple[str, str]] = []
+        for event_id in dict.fromkeys(e for _, e in held):
+            while True:
+                try:
+                    rows = await self.store.deliveries(by.app, event_id)
+                    break
+                except Exception:
+                    if by.stopping:  # the worker's death hands them over
+                        return
+                    await asyncio.sleep(self.poll_interval)
+            # held by that settlement: its first attempt, under its fence, still pending
+            found += [(r.group, event_id) for r in rows
+                      if (r.group, event_id) in held and r.status == DELIVERY_PENDING
+                      and r.attempts == 1 and r.fence == 1]
+        if found:
+            self.handed(by, events, found, recovered=True)
+
     async def close(self) -> None:
         for sub in list(self._subs):
             await sub.stop()
@@ -263,7 +351,8 @@ class EmbeddedBroker:
         """
         for p in patterns:
             check_pattern(p)
-        sub = _EmbeddedSubscription(self, app, group, handler, worker_id, concurrency)
+        sub = _EmbeddedSubscription(self, app, group, handler, worker_id, concurrency,
+                                    patterns)
         self._subs.append(sub)
         return sub
 

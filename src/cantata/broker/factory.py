@@ -1,4 +1,4 @@
-"""Open a broker by URL: ``embedded`` (the default) or ``nats://host:4222[?prefix=NAME]``."""
+"""Open a broker by URL: ``embedded`` (the default) or ``nats://host:4222[?prefix=NAME][&handoff=1]``."""
 
 from __future__ import annotations
 
@@ -41,16 +41,21 @@ def broker_from_url(url: str) -> Broker:
                 f"broker URL {mask_url(url)!r}: replicas must be a whole number"
             ) from None
         prefix = options.pop("prefix", "")
+        hand_off = options.pop("handoff", "0")
+        if hand_off not in ("0", "1"):
+            raise ConfigurationError(
+                f"broker URL {mask_url(url)!r}: handoff must be 0 or 1"
+            )
         if options:
             raise ConfigurationError(
                 f"broker URL {mask_url(url)!r} has unknown option(s) {sorted(options)}: "
-                "only ?replicas=N and ?prefix=NAME are understood"
+                "only ?replicas=N, ?prefix=NAME and ?handoff=1 are understood"
             )
         if not prefix and "prefix=" in query:
             raise ConfigurationError(
                 f"broker URL {mask_url(url)!r}: prefix is empty; use ?prefix=NAME"
             )
-        return NatsBroker(base, replicas=replicas, prefix=prefix)
+        return NatsBroker(base, replicas=replicas, prefix=prefix, hand_off=hand_off == "1")
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     made = plugins.factory(plugins.BROKERS, scheme) if scheme else None
     if made is not None:

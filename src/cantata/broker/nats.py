@@ -38,6 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from cantata.broker.base import Handler
 from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscription
 from cantata.broker.nats_limits import DEFAULT_MAX_CONTROL_LINE, Limits, refusal
+from cantata.broker.nats_local import Handing
 from cantata.broker.nats_names import (
     REPLAY,
     Names,
@@ -52,7 +53,13 @@ from cantata.broker.nats_names import (
 from cantata.broker.nats_streams import Streams
 from cantata.errors import BrokerError, EventsRefused, error_text
 from cantata.model.codec import new_id
-from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event, check_pattern, claim_stub
+from cantata.model.event import (
+    STRUCTURED_CONTENT_TYPE,
+    Event,
+    check_pattern,
+    claim_stub,
+    matches,
+)
 from cantata.model.records import Declaration
 from cantata.store.base import Store
 from cantata.store.factory import mask_url
@@ -96,6 +103,11 @@ class NatsBroker:
         check_interval: seconds between checks that an app's stream is still the one
             its consumers were made on (a server that lost its data gets it re-made,
             and the events the store has pending published again).
+        hand_off: hand events this process commits to its own subscribers at once
+            (``?handoff=1``; see :meth:`hand_off`). Off by default: with several worker
+            processes serving a group, the broker's copy can reach another worker while
+            the hand-off's handler still runs, and both execute it (the effect stays
+            exactly once, but the handler runs twice) — docs/performance.md.
     """
 
     relays_outbox = True
@@ -114,12 +126,16 @@ class NatsBroker:
         prefix: str = "",
         max_control_line: int = DEFAULT_MAX_CONTROL_LINE,
         check_interval: float = 5.0,
+        hand_off: bool = False,
     ) -> None:
         self.url = url
+        self.local_hand_off = hand_off
         self.replicas = max(1, replicas)
         self.prefix = check_prefix(prefix)
         self.max_control_line = max_control_line
-        self._handling: set[tuple[str, str, str]] = set()  # (app, group, event id) in hand
+        self._handling = Handing()  # (app, group, event id) in hand, see nats_local
+        # (app, group, event id) -> when the retry of a failed hand-off is due
+        self._deferred: dict[tuple[str, str, str], float] = {}
         self._offload: dict[str, int | None] = {}  # app -> claim check above this size
         self.masked_url = mask_url(url)
         self._ack_wait_given = ack_wait is not None
@@ -248,6 +264,19 @@ class NatsBroker:
 
     def wake(self) -> None:
         """Nothing to do: the server pushes new messages to waiting pulls."""
+
+    def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
+        """Hand events this process just committed to its own subscribers of the groups
+        they match at once; the relay's copies follow (see nats_local). Only when
+        made with ``hand_off=True``."""
+        if not self.local_hand_off:
+            return
+        for sub in self._subs:
+            if sub.app != app:
+                continue
+            for event in events:
+                if any(matches(p, event.type) for p in sub.patterns):
+                    sub.hand_off(event)
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:
@@ -454,7 +483,7 @@ class NatsBroker:
             # Create everything now, so events published after subscribe() returns reach it.
             for durable, subject, _ in consumers:
                 await self._consumer(app, durable, subject)
-        sub = NatsSubscription(self, app, group, handler, concurrency, consumers)
+        sub = NatsSubscription(self, app, group, handler, concurrency, consumers, unique)
         self._subs.append(sub)
         self._watch(app)
         return sub

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from cantata.broker.base import Handler
+from cantata.broker.nats_local import LocalMessage
 from cantata.broker.nats_names import digest
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
@@ -173,8 +174,10 @@ class NatsSubscription:
         handler: Handler,
         concurrency: int,
         consumers: list[tuple[str, str, bool]],  # (durable, filter subject, is_replay)
+        patterns: Sequence[str] = (),
     ) -> None:
         self.broker = broker
+        self.patterns = list(patterns)
         self.app = app
         self.names = broker.names(app)
         self.group = group
@@ -263,6 +266,14 @@ class NatsSubscription:
                 # A wildcard such as ``*.billing`` also matches another group's replays.
                 await m.ack()
                 return
+            sent_as = (self.app, self.group, (m.headers or {}).get("Nats-Msg-Id") or "")
+            if sent_as not in self.broker._handling and self.broker._handling.settled_here(
+                sent_as
+            ):
+                # The relay's copy (its message id is the event id) of an event a
+                # hand-off settled here for good: acked without reading it.
+                await m.ack()
+                return
             meta = m.metadata
             msg = NatsMessage(
                 m, self.broker.store, self.app, self.group, meta.num_delivered,
@@ -271,15 +282,26 @@ class NatsSubscription:
             if msg.event is not None and is_claim(msg.event):
                 await self._redeem(msg)
             if msg.event is not None:
-                if (self.app, self.group, msg.event.id) in self.broker._handling:
+                wanted = (self.app, self.group, msg.event.id)
+                # Claimed before the store is read, so a copy arriving meanwhile is skipped,
+                # and one arriving after sees the first one's settlement. A copy of an
+                # event handed off in this process waits for the hand-off (nats_local).
+                if not await self.broker._handling.take(
+                    wanted, lambda: self._held.__setitem__(id(m), m)
+                ):
                     # A second copy (e.g. an outside event re-sent by the outbox relay) of
                     # one this process is handling right now: the first settles it.
                     await m.ack()
                     return
-                # Claimed before the store is read, so a copy arriving meanwhile is skipped
-                # above, and one arriving after sees the first one's settlement.
-                key = (self.app, self.group, msg.event.id)
-                self.broker._handling.add(key)
+                key = wanted
+                retry_at = self.broker._deferred.pop(key, None)
+                if retry_at is not None and retry_at > time.time():
+                    # Its hand-off failed and is to be retried then: NATS keeps it till then.
+                    await m.nak(delay=retry_at - time.time())
+                    return
+                if self.broker._handling.settled_here(key):
+                    await m.ack()  # its hand-off settled it: the store has it done
+                    return
                 if not await self._addressed(msg, msg.event):
                     if not msg.settled:  # (a refused duplicate was dead-lettered)
                         await m.ack()
@@ -305,7 +327,45 @@ class NatsSubscription:
         finally:
             self._held.pop(id(m), None)
             if key is not None:
-                self.broker._handling.discard(key)
+                self.broker._handling.release(key)
+            self._busy -= 1
+            self._capacity.set()
+
+    def hand_off(self, event: Event[Any]) -> bool:
+        """Handle ``event``, just committed by this process, here at once (nats_local);
+        ``False`` when it cannot (stopping, at capacity, or already in hand): the
+        broker's copy delivers it."""
+        # (_busy also counts the messages the pulls wait for: not a measure of work here)
+        if self._stopping.is_set() or len(self._inflight) >= self.concurrency:
+            return False
+        key = (self.app, self.group, event.id)
+        fut = self.broker._handling.hand(key)
+        if fut is None:
+            return False
+        self._busy += 1
+        task = asyncio.create_task(self._handle_local(LocalMessage(
+            self.broker, self.app, self.group, event), key, fut))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return True
+
+    async def _handle_local(
+        self, msg: LocalMessage, key: tuple[str, str, str], fut: asyncio.Future[None]
+    ) -> None:
+        try:
+            await self.handler(msg)
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                quiet.warning(f"settle:{self.group}", "group %s could not record event %s "
+                              "(%s); NATS delivers it again", self.group, key[2],
+                              error_text(exc))
+            else:
+                log.exception("handler of group %s crashed on event %s", self.group, key[2])
+            if not msg.settled:
+                with contextlib.suppress(Exception):  # else the broker's copy retries it
+                    await msg.retry(error_text(exc), 1.0)
+        finally:
+            self.broker._handling.release(key, fut)
             self._busy -= 1
             self._capacity.set()
 

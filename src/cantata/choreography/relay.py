@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,11 +77,18 @@ async def dead_letter_refused(store: Store, app: str, event: Event[Any], reason:
 
 
 class OutboxRelay:
-    """Runs :func:`relay_once` for one app until stopped.
+    """Runs the outbox relay for one app until stopped.
 
-    It runs at once when the store reports new events in this process and polls
-    every ``poll_interval`` seconds for events committed by other processes. When
-    the broker is unreachable it logs once and keeps trying.
+    Events this process commits are offered to it (:meth:`offer`) and published at
+    once, without reading the outbox first; it also reads the outbox when the store
+    reports new events in this process and every ``poll_interval`` seconds, for events
+    committed by other processes (or offered to a relay that was down). Events are
+    marked published in batches, up to ``mark_delay`` seconds after the broker took
+    them, so that marking costs no commit per hop: if the process dies before the
+    mark, they are published again, and the broker drops the ids it has seen (and the
+    inbox makes a later duplicate harmless). After a pass that published offered
+    events, the next outbox read waits up to ``read_delay`` seconds. When the broker
+    is unreachable it logs once and keeps trying.
     """
 
     def __init__(
@@ -91,6 +99,8 @@ class OutboxRelay:
         *,
         poll_interval: float = 0.2,
         batch: int = 500,
+        mark_delay: float = 0.05,
+        read_delay: float = 0.005,
         on_relayed: Callable[[Sequence[Event[Any]]], None] | None = None,
     ) -> None:
         self.store = store
@@ -98,6 +108,7 @@ class OutboxRelay:
         self.app = app
         self.poll_interval = poll_interval
         self.batch = batch
+        self.mark_delay = mark_delay
         self.on_relayed = on_relayed
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -105,6 +116,12 @@ class OutboxRelay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listening = False
         self._failing = False
+        self._fresh: list[Event[Any]] = []  # offered, not yet published
+        self._unmarked: dict[str, None] = {}  # published, not yet marked (in order)
+        self._unmarked_since = 0.0
+        self.read_delay = read_delay
+        self._read_after = 0.0  # monotonic time: a pass with offered events reads then
+        self._read_pending = False
 
     async def start(self) -> None:
         """Start relaying in a background task (call from a running event loop)."""
@@ -128,6 +145,7 @@ class OutboxRelay:
         self._wakeup.set()
         try:
             await asyncio.wait_for(task, timeout)
+            await asyncio.wait_for(self._mark(force=True), timeout)
             if not self._failing:
                 await asyncio.wait_for(self._drain(), timeout)
         except TimeoutError:
@@ -135,10 +153,21 @@ class OutboxRelay:
         except Exception as exc:  # the events stay in the outbox for the next relay
             log.warning("outbox relay of app %s: last publish failed (%s)", self.app,
                         error_text(exc))
+        finally:
+            self._fresh.clear()
+            self._unmarked.clear()
 
     async def _drain(self) -> None:
         while await relay_once(self.store, self.broker, self.app, self.batch) >= self.batch:
             pass
+
+    def offer(self, events: Sequence[Event[Any]]) -> None:
+        """Events this process has just committed: publish them now (from the event
+        loop the relay runs on)."""
+        if self._task is None or not events:
+            return
+        self._fresh.extend(events)
+        self.wake()
 
     def wake(self) -> None:
         """Relay now rather than at the next poll (safe from any thread)."""
@@ -159,14 +188,81 @@ class OutboxRelay:
         if channel == EVENTS:
             self.wake()
 
+    async def _pass(self) -> int:
+        """Publish what was offered, then what the outbox holds besides; mark what is
+        due. Returns how many events the outbox read gave."""
+        offered = bool(self._fresh)
+        if offered:
+            # Let handlers handed these events in this process start (and queue their
+            # commits) before the publishing takes the event loop.
+            await asyncio.sleep(0)
+            # If this fails they are not lost: the outbox read below finds them later.
+            fresh, self._fresh = self._fresh, []
+            await self._publish([e for e in fresh if e.id not in self._unmarked])
+        now = time.monotonic()
+        if offered and now < self._read_after:
+            # The commit that woke this pass most likely stored just what was offered:
+            # the read (for what else it stored) waits a moment, so that a chain of
+            # hops pays one read per read_delay instead of one per hop.
+            self._read_pending = True
+            await self._mark()
+            return 0
+        self._read_pending = False
+        self._read_after = now + self.read_delay
+        skip = self._unmarked
+        events = await self.store.unpublished_events(self.app, limit=self.batch + len(skip))
+        events = [e for e in events if e.id not in skip][: self.batch]
+        await self._publish(events)
+        await self._mark()
+        return len(events)
+
+    async def _publish(self, events: list[Event[Any]]) -> None:
+        if not events:
+            return
+        refused: dict[str, str] = {}
+        try:
+            await self.broker.publish(self.app, events)
+        except EventsRefused as exc:
+            refused = exc.refused
+            for event in events:
+                if event.id in refused:
+                    await dead_letter_refused(self.store, self.app, event, refused[event.id])
+        if not self._unmarked:
+            self._unmarked_since = time.monotonic()
+        self._unmarked.update(dict.fromkeys(e.id for e in events))
+        if self.on_relayed is not None:
+            self.on_relayed([e for e in events if e.id not in refused])
+
+    async def _mark(self, *, force: bool = False) -> None:
+        """Mark published what the broker took, once ``mark_delay`` has passed since the
+        first of them (or a batch is full)."""
+        if not self._unmarked:
+            return
+        if (not force and len(self._unmarked) < self.batch
+                and time.monotonic() - self._unmarked_since < self.mark_delay):
+            return
+        ids = list(self._unmarked)
+        try:
+            await self.store.mark_published(self.app, ids)
+        finally:  # failed: they are read and published again (the broker drops them)
+            for i in ids:
+                self._unmarked.pop(i, None)
+            self._unmarked_since = time.monotonic()
+
+    def _wait_time(self) -> float:
+        now, wait = time.monotonic(), self.poll_interval
+        if self._unmarked:
+            wait = min(wait, self._unmarked_since + self.mark_delay - now)
+        if self._read_pending:
+            wait = min(wait, self._read_after - now)
+        return max(0.0, wait)
+
     async def _run(self) -> None:
         failing = self._failing = False
         while not self._stopping.is_set():
             self._wakeup.clear()
             try:
-                count = await relay_once(
-                    self.store, self.broker, self.app, self.batch, self.on_relayed
-                )
+                count = await self._pass()
             except Exception as exc:
                 if not failing:
                     log.warning(
@@ -181,4 +277,4 @@ class OutboxRelay:
             if count >= self.batch:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
+                await asyncio.wait_for(self._wakeup.wait(), self._wait_time())

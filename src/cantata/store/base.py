@@ -65,6 +65,12 @@ class Settlement:
     ``done`` marks the delivery handled and appends ``events`` (what the handler
     emitted) in the same transaction; ``retry_at`` schedules another attempt;
     ``dead`` moves it to the dead-letter queue with ``error``.
+
+    ``hold_for`` (a worker id) with ``hold`` ((group, event id) pairs of ``events``):
+    those new deliveries are claimed by that worker in the same transaction (their
+    first attempt counted), so the worker can handle them at once without a claim of
+    its own (the embedded broker's hand-off, docs/performance.md); if it dies they are
+    taken over after the lease like any claimed delivery.
     """
 
     outcome: str  # "done" | "retry" | "dead"
@@ -73,6 +79,10 @@ class Settlement:
     error: str | None = None
     retry_at: float = 0.0
     dead_letter_id: str | None = None
+    hold_for: str | None = None
+    hold: list[tuple[str, str]] = field(default_factory=list)
+    held: list[tuple[str, str]] = field(default_factory=list)  # set by the store: of
+    # ``hold``, the deliveries it did claim (a new one, pending, nobody's, no attempt)
 
 
 @dataclass(frozen=True, slots=True)

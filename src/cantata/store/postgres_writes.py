@@ -503,6 +503,7 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
             rows.update((r[0], r) for r in await c.fetchmany(sql, pipelined))
     out: list[bool | Refused] = []
     emitted: dict[str, list[Event[Any]]] = {}
+    holds: list[Settlement] = []  # with a hold: claimed after the append
     for i, (app, group, event_id, s) in enumerate(calls):
         row = rows.get(i)
         if row is None:  # no such delivery (create it, pending) or it is done
@@ -520,6 +521,8 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
         b.notify(app, EVENTS)
         if s.outcome == "done":
             emitted.setdefault(app, []).extend(s.events)
+            if s.hold_for is not None and s.hold:
+                holds.append(s)
             b.audit(app, audit.delivery_entry(
                 group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
             ))
@@ -537,6 +540,16 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
     for app, events in emitted.items():
         if events:
             await append(c, b, app, events)
+    for s in holds:  # claimed in this transaction by the worker that hands them off
+        app = next(call[0] for call in calls if call[3] is s)
+        taken = await c.fetch(
+            "UPDATE deliveries d SET owner=$1, fence=d.fence+1, attempts=1, updated_at=$2 "
+            "FROM unnest($4::text[], $5::text[]) AS h(grp, event_id) WHERE d.app=$3 "
+            "AND d.grp=h.grp AND d.event_id=h.event_id AND d.status='pending' "
+            "AND d.owner IS NULL AND d.attempts=0 RETURNING d.grp, d.event_id",
+            s.hold_for, now, app, [g for g, _ in s.hold], [e for _, e in s.hold],
+        )
+        s.held = [(r[0], r[1]) for r in taken]
     return out
 
 

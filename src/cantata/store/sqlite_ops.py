@@ -160,6 +160,14 @@ def upsert_attempts(
 # -- deliveries and dead letters ---------------------------------------------------------
 
 
+# A delivery just fanned out in this transaction, claimed by the worker that will hand
+# it off (Settlement.hold): as claim_deliveries would, its first attempt counted.
+HOLD_SQL = (
+    "UPDATE deliveries SET owner=?, fence=fence+1, attempts=1, updated_at=? WHERE app=? "
+    "AND grp=? AND event_id=? AND status='pending' AND owner IS NULL AND attempts=0"
+)
+
+
 def settle_delivery(
     c: sqlite3.Connection,
     app: str,
@@ -191,6 +199,9 @@ def settle_delivery(
         )
         if s.events:
             append(c, app, s.events)
+            if s.hold_for is not None:
+                s.held = [(g, e) for g, e in s.hold
+                          if c.execute(HOLD_SQL, (s.hold_for, now, app, g, e)).rowcount == 1]
         audit_append(c, app, audit.delivery_entry(
             group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
         ))

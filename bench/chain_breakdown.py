@@ -1,0 +1,198 @@
+"""Where a chain's latency goes, hop by hop (docs/performance.md).
+
+    python -m bench.chain_breakdown --store sqlite|postgres --broker nats|embedded [--n 100]
+
+Runs the latency workload of ``bench.cantata_scenario`` (one order at a time) with the
+store's and broker's delivery operations wrapped in timers, then prints, per hop (an
+event committed -> the next group's handler committed), the median time of each stage:
+
+- ``commit``: the transaction that stored the event (``append_events`` for the first
+  event, the previous handler's ``settle_delivery`` otherwise);
+- ``to publish``: commit -> the relay starts publishing it (NATS only: the relay's wake
+  up and its ``unpublished_events`` read);
+- ``publish ack``: the JetStream publish round trip;
+- ``to receive``: publish acked (embedded: commit) -> the consumer has the message
+  (NATS: the pull; embedded: the claim; local: the hand-off);
+- ``to handler``: received -> the handler starts (NATS: the store's delivery lookup);
+- ``handler``: the handler body;
+- ``settle``: the handler's ``settle_delivery`` (its commit; the next hop's ``commit``).
+
+A measuring tool, not a benchmark: the wrappers cost a few microseconds each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+from bench.common import BENCH_PREFIX, NATS_URL, PG_URL
+
+T: dict[str, dict[str, float]] = defaultdict(dict)  # event id -> stage -> time
+
+
+def _mark(event_id: str, stage: str) -> None:
+    T[event_id].setdefault(stage, time.perf_counter())
+
+
+def _wrap(obj: Any, name: str, before: Any = None, after: Any = None) -> None:
+    fn = getattr(obj, name)
+
+    async def wrapped(*args: Any, **kw: Any) -> Any:
+        if before:
+            before(*args, **kw)
+        out = await fn(*args, **kw)
+        if after:
+            after(out, *args, **kw)
+        return out
+
+    setattr(obj, name, wrapped)
+
+
+def instrument(app: Any) -> None:
+    from cantata.broker import nats_consumer
+    from cantata.choreography import consumer
+
+    store = app.store
+    _wrap(store, "append_events",
+          before=lambda _app, evs: [_mark(e.id, "commit_start") for e in evs],
+          after=lambda _o, _app, evs: [_mark(e.id, "committed") for e in evs])
+
+    def settle_before(_app: str, _g: str, eid: str, s: Any) -> None:
+        _mark(eid, "settle_start")
+        for e in s.events:
+            _mark(e.id, "commit_start")
+
+    def settle_after(_o: Any, _app: str, _g: str, eid: str, s: Any) -> None:
+        _mark(eid, "settled")
+        for e in s.events:
+            _mark(e.id, "committed")
+
+    _wrap(store, "settle_delivery", before=settle_before, after=settle_after)
+    broker = app._broker
+    if broker.relays_outbox:
+        _wrap(broker, "publish",
+              before=lambda _app, evs, **k: [_mark(e.id, "publish_start") for e in evs],
+              after=lambda _o, _app, evs, **k: [_mark(e.id, "published") for e in evs])
+        init = nats_consumer.NatsMessage.__init__
+
+        def msg_init(self: Any, *a: Any, **k: Any) -> None:
+            init(self, *a, **k)
+            if self.event is not None:
+                _mark(self.event.id, "received")
+
+        nats_consumer.NatsMessage.__init__ = msg_init  # type: ignore[method-assign]
+    else:
+        _wrap(store, "claim_deliveries",
+              after=lambda out, *a, **k: [_mark(d.event.id, "received") for d in out])
+    run = consumer.Consumer._invoke
+
+    async def invoke(self: Any, hdef: Any, msg: Any, event: Any, ctx: Any, retry: Any) -> Any:
+        _mark(event.id, "received")  # a local hand-off has no broker receive
+        _mark(event.id, "handler_start")
+        return await run(self, hdef, msg, event, ctx, retry)
+
+    consumer.Consumer._invoke = invoke  # type: ignore[method-assign]
+
+
+STAGES = [
+    ("commit", "commit_start", "committed"),
+    ("to publish", "committed", "publish_start"),
+    ("publish ack", "publish_start", "published"),
+    ("to receive", None, "received"),
+    ("to handler", "received", "handler_start"),
+    ("handler", "handler_start", "settle_start"),
+    ("settle", "settle_start", "settled"),
+    ("hop total", "commit_start", "settled"),
+]
+
+
+def report(ids: list[str]) -> str:
+    rows = defaultdict(list)
+    for eid in ids:
+        t = T.get(eid, {})
+        for name, a, b in STAGES:
+            if a is None:
+                a = "published" if "published" in t else "committed"
+            if a in t and b in t:
+                rows[name].append((t[b] - t[a]) * 1000)
+    out = ["stage            median ms   p90 ms   n"]
+    for name, _, _ in STAGES:
+        v = sorted(rows.get(name, []))
+        if v:
+            out.append(f"{name:<16} {statistics.median(v):9.3f} {v[int(0.9 * (len(v) - 1))]:8.3f}"
+                       f" {len(v):4d}")
+    return "\n".join(out)
+
+
+async def main_async(a: argparse.Namespace) -> None:
+    from bench.cantata_app import make_app, terminal_type
+
+    tmp = tempfile.mkdtemp(prefix="cantata-breakdown-")
+    name = f"bench_bd_{uuid.uuid4().hex[:8]}"
+    sep = "&" if "?" in PG_URL else "?"
+    store = f"sqlite:///{tmp}/b.db" if a.store == "sqlite" else f"{PG_URL}{sep}schema={name}"
+    broker = f"{NATS_URL}?prefix={BENCH_PREFIX}" if a.broker == "nats" else "embedded"
+    app = make_app("chain", store, broker, name)
+    await app.open(serve=True)
+    instrument(app)
+    woke = asyncio.Event()
+    app.store.add_listener(lambda ch: woke.set())
+    hop_ids: list[str] = []
+    totals = []
+    try:
+        for order in range(1, a.n + 1):
+            t0 = time.perf_counter()
+            since = time.time()
+            ev = await app.publish("order.placed", {"order": order})
+            while True:
+                woke.clear()
+                evs = await app.store.find_events(app.name, terminal_type(order), since=since,
+                                                  exclude=[], limit=50)
+                if any(e.data.get("order") == order for e in evs):
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woke.wait(), 0.05)
+            totals.append((time.perf_counter() - t0) * 1000)
+            if order > 10:
+                hop_ids.append(ev.id)
+                # the chain's later events share its correlation id
+                for e in await app.store.find_events(app.name, "*.*", since=since, exclude=[],
+                                                     limit=20):
+                    if e.correlation_id == ev.id and e.id != ev.id and e.type not in (
+                            "shipment.created", "inventory.released"):
+                        hop_ids.append(e.id)
+    finally:
+        await app.close()
+        if a.store == "postgres":
+            import asyncpg
+
+            c = await asyncpg.connect(PG_URL)
+            await c.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            await c.close()
+        if a.broker == "nats":
+            from bench.cantata_scenario import _drop_stream
+
+            await _drop_stream(name)
+    print(f"{a.store}+{a.broker}: end-to-end p50 {statistics.median(totals):.3f} ms "
+          f"over {len(totals)} orders (3 hops each)")
+    print(report(hop_ids))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    ap.add_argument("--broker", choices=["embedded", "nats"], default="nats")
+    ap.add_argument("--n", type=int, default=100)
+    asyncio.run(main_async(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
