@@ -11,6 +11,8 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
   execution's process was neither killed nor paused past the lease before it began,
   and did not fail: two live workers ran it (at once or one after the other);
 - ``steps_after_result``: a step executed again after its result was recorded;
+- ``steps_finished_late``: a step body that went on to its end after another process
+  had begun the same step (a paused worker's body resumed past its fence);
 - ``duplicate_effects``: a step's effect made under two idempotency keys, or a
   handler's emitted event stored twice for one event;
 - ``events_lost``: a published event whose chain of handlers did not complete;
@@ -133,6 +135,7 @@ class Counts:
     runs_failed: int = 0
     steps_twice_live: int = 0
     steps_after_result: int = 0
+    steps_finished_late: int = 0
     duplicate_effects: int = 0
     events_lost: int = 0
     dead_letters: int = 0
@@ -181,6 +184,33 @@ def twice_live(executions: list[Execution], log: FaultLog) -> tuple[int, int, li
                     f"pid {first.pid}{how}, neither killed{log.about(first.pid, later.began)}"
                 )
     return count, reruns, details
+
+
+def finished_late(executions: list[Execution]) -> tuple[int, list[str]]:
+    """Step bodies that reached their end after another process began the same step.
+
+    Whatever the earlier body's process went through (a kill ends no body; a pause past
+    the lease is the case in point), its worker had lost the step by then, and the
+    body must have been stopped at its next ``await`` instead of going on to its end
+    (docs/guarantees.md). A body that ended before the other one began is not counted:
+    its result was only lost (the run was taken over before it was committed).
+    """
+    by_call: dict[tuple[str, str], list[Execution]] = defaultdict(list)
+    for ex in executions:
+        if ex.what == "step":
+            by_call[(ex.run, ex.key)].append(ex)
+    count, details = 0, []
+    for (run, key), group in by_call.items():
+        for ex in group:
+            if ex.ended is None or ex.failed or ex.cut:
+                continue
+            other = next((o for o in group if o.pid != ex.pid and ex.began < o.began < ex.ended),
+                         None)
+            if other is not None:
+                count += 1
+                details.append(f"step {key} of {run[-8:]} finished in pid {ex.pid} "
+                               f"{ex.ended - other.began:.2f} s after pid {other.pid} began it")
+    return count, details
 
 
 async def count_runs(

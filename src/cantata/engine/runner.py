@@ -45,6 +45,8 @@ from . import cleanup
 from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
 from .heartbeat import beat_for
 from .invoke import invoke_step
+from .ownership import FENCE_AT
+from .pauses import PAUSED, GuardedBody, await_excuses, excuse
 from .registry import StepDef, WorkflowDef
 from .versioning import args_shape
 
@@ -136,6 +138,11 @@ class RunExecution:
         self.fresh = False  # created by this process just now: no history to load
         self.task: asyncio.Task[None] | None = None
         self.inflight: dict[str, Attempt] = {}  # step key -> attempt whose body runs
+        # Attempts started here, and those whose body held the loop past the fence: if
+        # the run is taken from this live worker (``lost``), the others are excused.
+        self.mine: dict[tuple[str, int], Attempt] = {}
+        self.stalled: set[tuple[str, int]] = set()
+        self.lost = False
         self.bodies: set[asyncio.Task[Any]] = set()  # the step bodies running
         self.parked = False  # waiting, during a graceful stop, to be released
         self.patches: dict[str, bool] = {}  # ctx.patched answers, fixed for the whole run
@@ -229,6 +236,7 @@ class RunExecution:
             log.warning(
                 "run %s was taken over by another worker; letting it go", self.run.run_id
             )
+            self.lost = True
             raise _Abandon() from None
         except StoreError as exc:
             raise _StoreFailed(exc) from exc
@@ -411,10 +419,17 @@ class RunExecution:
         if self.engine.is_remote(sdef):
             return await self._call_remote(sdef, args, entry)
         clock = self.engine.clock
-        write, last, n = self._prior_attempts(key)
+        write, last, n, number, lost = self._prior_attempts(key)
         retry = sdef.retry
         while True:
             if n >= retry.max_attempts and last is not None:
+                # Some of these attempts' workers may have been paused, not dead: give
+                # them one lease to excuse their attempts first (docs/leases.md).
+                excused = await await_excuses(self, key, lost) if lost else 0
+                if excused:
+                    n -= excused
+                    lost = [a for a in lost if a.error_type == WORKER_LOST[0]]
+                    continue
                 return await self._step_failed(entry, write, last, n)
             await self.park_if_stopping()
             if kind != COMPENSATION:
@@ -424,8 +439,9 @@ class RunExecution:
             # holder's again when the run goes on, or lapses with this worker).
             await take_step_slot(self, sdef, key)
             n += 1
+            number += 1  # not n: an excused attempt may lie between counted ones
             now = clock.now()
-            attempt = Attempt(key, n, now)
+            attempt = Attempt(key, number, now)
             entry.attempts, entry.status = n, ENTRY_RUNNING
             entry.started_at = entry.started_at or now
             write.attempts.append(attempt)
@@ -433,8 +449,9 @@ class RunExecution:
             await self.commit(write)
             write = RunWrite()
             self.inflight[key] = attempt
+            self.mine[(key, number)] = attempt
             try:
-                value = await self._execute_fenced(sdef, args, key, n, kind)
+                value = await self._execute_fenced(sdef, args, key, number, kind)
                 result = codec.dumps(
                     value, f"result of step {sdef.name}", limit=self.engine.max_payload
                 )
@@ -445,6 +462,7 @@ class RunExecution:
                 del self.inflight[key]
                 await self.engine.ownership.regained()
                 n -= 1
+                number -= 1
                 continue
             except Exception as exc:
                 del self.inflight[key]
@@ -453,6 +471,10 @@ class RunExecution:
                 last = (attempt.error_type, attempt.error)
                 write.attempts.append(attempt)
                 retryable = retry.is_retryable(exc)
+                if retryable and n >= retry.max_attempts and lost:
+                    excused = await await_excuses(self, key, lost)
+                    n -= excused
+                    lost = [a for a in lost if a.error_type == WORKER_LOST[0]]
                 if not retryable or n >= retry.max_attempts:
                     return await self._step_failed(entry, write, last, n)
                 entry.error, entry.error_type = f"{last[0]}: {last[1]}", last[0]
@@ -475,21 +497,26 @@ class RunExecution:
             self.defer(write)
             return codec.loads(result)
 
-    def _prior_attempts(self, key: str) -> tuple[RunWrite, tuple[str, str] | None, int]:
+    def _prior_attempts(
+        self, key: str
+    ) -> tuple[RunWrite, tuple[str, str] | None, int, int, list[Attempt]]:
         """The attempts of ``key`` that count, as (write closing the lost ones, last
-        error, count).
+        error, count, highest number among them, those of them ``WorkerLost``).
 
         The rule (docs/leases.md): an attempt left unfinished counts as ``WorkerLost``
         (so a step that kills its worker cannot loop forever) unless this live worker
         cut it short itself (it re-took the run, its hold lapsed in a pause or an
-        outage); an ``Interrupted`` attempt (a graceful stop) never counts. An attempt
-        that does not count is replaced by the next one, which takes its number.
+        outage); an ``Interrupted`` attempt (a graceful stop) or a ``Paused`` one (its
+        worker, paused past its lease, excused it: see :mod:`cantata.engine.pauses`)
+        never counts. An attempt that does not count is replaced by the next one above
+        the highest that counts, which takes its number.
         """
         write = RunWrite()
         last: tuple[str, str] | None = None
-        n = 0
+        n = top = 0
+        lost: list[Attempt] = []
         for a in self.attempts.get(key, []):
-            if a.error_type == INTERRUPTED[0]:
+            if a.error_type in (INTERRUPTED[0], PAUSED[0]):
                 continue
             if a.ended_at is None:
                 if self.engine.cut_short_here(self.run.run_id, key, a.attempt):
@@ -497,9 +524,12 @@ class RunExecution:
                 a.ended_at, (a.error_type, a.error) = self.engine.clock.now(), WORKER_LOST
                 write.attempts.append(a)
             n += 1
+            top = max(top, a.attempt)
+            if a.error_type == WORKER_LOST[0]:
+                lost.append(a)
             if a.error_type is not None:
                 last = (a.error_type, a.error or "")
-        return write, last, n
+        return write, last, n, top, lost
 
     async def _call_remote(self, sdef: StepDef, args: list[Any], entry: HistoryEntry) -> Any:
         """A step of another service: a task in the store, executed by that service's workers
@@ -558,8 +588,21 @@ class RunExecution:
         self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
     ) -> Any:
         """Run the step body in its own task, which the engine cancels when this
-        worker's hold lapses (see :meth:`Engine.fence_self`): raises ``_Fenced`` then."""
-        body = asyncio.ensure_future(self._execute(sdef, args, key, attempt, kind))
+        worker's hold lapses (see :meth:`Engine.fence_self`), and which is never
+        resumed once that may have happened (:class:`~cantata.engine.pauses.GuardedBody`):
+        raises ``_Fenced`` then."""
+        engine = self.engine
+
+        def fenced() -> bool:
+            return engine.serving and engine.ownership.expired()
+
+        def stalled() -> None:
+            self.stalled.add((key, attempt))
+
+        body = asyncio.ensure_future(GuardedBody(
+            self._execute(sdef, args, key, attempt, kind), fenced, stalled,
+            engine.lease * FENCE_AT,
+        ))
         self.bodies.add(body)
         try:
             return await body
@@ -664,6 +707,12 @@ class RunExecution:
             self.engine.note_cut_short(
                 self.run.run_id, {(a.key, a.attempt) for a in self.inflight.values()}
             )
+            # Taken from this live worker (a pause past its lease): the attempts it was
+            # cut off in are excused, unless their own body stalled it.
+            cut = [a for k, a in self.mine.items() if k not in self.stalled]
+            if self.lost and cut:
+                self.engine.track(asyncio.create_task(
+                    excuse(self.engine, self.run.run_id, self.run.app, cut)))
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
             if self.created is not None and not self.created.done():

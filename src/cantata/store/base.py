@@ -247,6 +247,17 @@ class Store(FlowStore, Protocol):
     async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
         """Every attempt of every step of a run, in start order."""
 
+    async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
+        """Record that a live worker was cut off in these attempts of its own (by a pause
+        past its lease, the run taken over): each stored attempt with the same key,
+        number and ``started_at`` that is still unfinished or marked ``WorkerLost`` takes
+        the given ``ended_at``, ``error_type`` and ``error``. Not fenced: the run is
+        another worker's by now; ``started_at`` tells the excused worker's attempt from
+        a later one under the same number. Returns how many attempts changed. A later
+        write marking an excused attempt ``WorkerLost`` leaves it excused (see
+        docs/leases.md). Not audited.
+        """
+
     async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
         """Runs started by ``parent_run_id``."""
 

@@ -190,8 +190,9 @@ _COMMIT_ALL = (
     "$29::int4[], $30::float8[], $31::float8[], $32::text[], $33::text[]) "
     "AS u(app, run_id, key, attempt, started_at, ended_at, error_type, error) "
     "WHERE (u.app, u.run_id) IN (SELECT app, run_id FROM old) "
-    "ON CONFLICT (app, run_id, key, attempt) DO UPDATE SET ended_at=excluded.ended_at, "
-    "error_type=excluded.error_type, error=excluded.error) "
+    "ON CONFLICT (app, run_id, key, attempt) DO UPDATE SET started_at=excluded.started_at, "
+    "ended_at=excluded.ended_at, error_type=excluded.error_type, error=excluded.error "
+    f"{ops.KEEP_EXCUSED}) "
     "SELECT * FROM upd"
 )
 
