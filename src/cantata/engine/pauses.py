@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cantata.errors import CantataError
 from cantata.model.records import Attempt
 from cantata.quietlog import reason
 
@@ -53,14 +54,23 @@ PAUSED = (
 )
 
 
+class StepStalled(CantataError):
+    """A step body held its worker's event loop past the fence in its own code.
+
+    Its worker cannot heartbeat meanwhile, so another worker may take the run over: the
+    body is stopped at its next ``await`` and the attempt counts (a step that does
+    this every time runs out of attempts instead of being restarted forever).
+    """
+
+
 class GuardedBody(Coroutine[Any, Any, T]):
     """A step body that is not resumed once its owner's hold may have lapsed.
 
     ``fenced()`` is asked before every resumption; the first time it is true,
     ``CancelledError`` is thrown into the body instead (its ``finally`` blocks and
     ``except BaseException`` handlers run; what it awaits there is resumed as usual).
-    ``stalled()`` is called when one resumption ran longer than ``stall`` seconds:
-    the body itself held the event loop (or was paused inside its own code).
+    ``stalled(seconds)`` is called when one resumption ran longer than ``stall``
+    seconds: the body itself held the event loop (or was paused inside its own code).
     """
 
     __slots__ = ("_coro", "_fenced", "_stall", "_stalled", "_thrown")
@@ -69,7 +79,7 @@ class GuardedBody(Coroutine[Any, Any, T]):
         self,
         coro: Coroutine[Any, Any, T],
         fenced: Callable[[], bool],
-        stalled: Callable[[], None],
+        stalled: Callable[[float], None],
         stall: float,
     ) -> None:
         self._coro = coro
@@ -83,8 +93,9 @@ class GuardedBody(Coroutine[Any, Any, T]):
         try:
             return step()
         finally:
-            if time.monotonic() - began > self._stall:
-                self._stalled()
+            took = time.monotonic() - began
+            if took > self._stall:
+                self._stalled(took)
 
     def send(self, value: Any) -> Any:
         if not self._thrown and self._fenced():

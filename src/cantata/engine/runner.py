@@ -46,7 +46,7 @@ from .compensation import ApiState, compensation_key, returned_ending, unwound_e
 from .heartbeat import beat_for
 from .invoke import invoke_step
 from .ownership import FENCE_AT
-from .pauses import PAUSED, GuardedBody, await_excuses, excuse
+from .pauses import PAUSED, GuardedBody, StepStalled, await_excuses, excuse
 from .registry import StepDef, WorkflowDef
 from .versioning import args_shape
 
@@ -141,7 +141,7 @@ class RunExecution:
         # Attempts started here, and those whose body held the loop past the fence: if
         # the run is taken from this live worker (``lost``), the others are excused.
         self.mine: dict[tuple[str, int], Attempt] = {}
-        self.stalled: set[tuple[str, int]] = set()
+        self.stalled: dict[tuple[str, int], float] = {}  # -> seconds it held the loop
         self.lost = False
         self.bodies: set[asyncio.Task[Any]] = set()  # the step bodies running
         self.parked = False  # waiting, during a graceful stop, to be released
@@ -596,8 +596,8 @@ class RunExecution:
         def fenced() -> bool:
             return engine.serving and engine.ownership.expired()
 
-        def stalled() -> None:
-            self.stalled.add((key, attempt))
+        def stalled(seconds: float) -> None:
+            self.stalled[(key, attempt)] = max(seconds, self.stalled.get((key, attempt), 0.0))
 
         body = asyncio.ensure_future(GuardedBody(
             self._execute(sdef, args, key, attempt, kind), fenced, stalled,
@@ -609,6 +609,14 @@ class RunExecution:
         except asyncio.CancelledError:
             me = asyncio.current_task()
             if body.cancelled() and me is not None and me.cancelling() == 0:
+                held = self.stalled.get((key, attempt))
+                if held is not None:  # its own code held the loop: the attempt counts
+                    raise StepStalled(
+                        f"step {sdef.name} (attempt {attempt}) held its worker's event loop "
+                        f"for {held:.1f} s, past 3/4 of the lease ({engine.lease:g} s), so "
+                        "another worker could take its run over: move blocking code to a "
+                        "sync step or asyncio.to_thread, or raise App(lease=...)"
+                    ) from None
                 raise _Fenced() from None
             raise
         finally:
