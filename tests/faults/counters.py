@@ -245,6 +245,12 @@ async def count_runs(
         attempts = await store.load_attempts(app.name, run_id)
         lost = [a for a in attempts if a.error_type == "WorkerLost"]
         counts.worker_lost_attempts += len(lost)
+        for a in lost:
+            ran = [f"pid {e.pid} at {e.began:.2f}" for e in steps
+                   if e.run == run_id and e.key == a.key and e.attempt == a.attempt]
+            counts.details.append(f"{a.key} attempt {a.attempt} of {run_id[-8:]} charged as "
+                                  f"WorkerLost (began {a.started_at:.2f}; ran in "
+                                  f"{', '.join(ran) or 'no process'})")
         done_at: dict[str, float] = {}
         for a in attempts:  # the first attempt that recorded a result
             if a.error_type is None and a.ended_at is not None and a.key not in done_at:

@@ -223,9 +223,9 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 # Columns an upsert keeps as first written: history's key, kind, name and seq;
-# attempts' key and started_at.
+# attempts' key (a later attempt under an excused one's number brings its own start).
 _HISTORY_KEPT = frozenset({0, 1, 2, 3, 4, 6})
-_ATTEMPT_KEPT = frozenset({0, 1, 2, 3, 4})
+_ATTEMPT_KEPT = frozenset({0, 1, 2, 3})
 
 
 Checkpoint = tuple[str, str, int, RunWrite]  # app, run_id, fence, write
