@@ -11,6 +11,9 @@ it does through SIGSTOP); the fault suite does the same with real SIGSTOPs
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import time
 
 import pytest
@@ -88,3 +91,38 @@ async def test_a_body_that_stalls_its_worker_every_time_runs_out_of_attempts(
         with pytest.raises(cantata.WorkflowFailed, match=r"StepStalled.*held its worker"):
             await handle.result(timeout=20)
     assert calls == [1, 2]
+
+
+async def test_a_pause_of_the_whole_process_inside_a_body_is_not_the_bodys_doing(
+    sqlite_url: str,
+) -> None:
+    """This process is really stopped (SIGSTOP, a child sends SIGCONT a second later)
+    inside the body's synchronous code: the body is stopped at its next await as above,
+    but the attempt does not count (no ``StepStalled``): the pause clock's thread stood
+    still too, so it was the process, not the body, that stalled."""
+    app = make_app(sqlite_url, lease=LEASE)
+    calls: list[int] = []
+    wakers: list[subprocess.Popen[bytes]] = []
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def paused() -> str:
+        calls.append(cantata.step_info().attempt)
+        if len(calls) == 1:
+            waker = f"sleep {LEASE}; kill -CONT {os.getpid()}"
+            wakers.append(subprocess.Popen(["sh", "-c", waker]))  # noqa: ASYNC220 - on purpose
+            os.kill(os.getpid(), signal.SIGSTOP)
+        await asyncio.sleep(0)
+        return "done"
+
+    @app.workflow
+    async def wf(ctx: cantata.WorkflowContext) -> str:
+        return str(await ctx.run(paused))
+
+    async with app:
+        handle = await app.start(wf)
+        assert await handle.result(timeout=20) == "done"
+        attempts = await app.store.load_attempts(app.name, handle.run_id)
+    for waker in wakers:
+        waker.wait()
+    assert calls == [1, 1]
+    assert [(a.attempt, a.error_type) for a in attempts] == [(1, None)]

@@ -14,10 +14,11 @@ The rules, with the reasons (docs/leases.md, "Paused past the lease"):
   so the new owner records the attempt it was in as ``WorkerLost``; the paused
   worker, once it runs again and finds the run taken over, marks those of its
   attempts ``Paused`` (:meth:`~cantata.store.base.Store.excuse_attempts`), which
-  does not count. An attempt whose body held the event loop past the lease itself
-  (a step that blocks its worker, or a pause inside its synchronous code: the two
-  cannot be told apart) is not excused, so a step that stalls its worker every time
-  still runs out of attempts.
+  does not count. An attempt whose body held the event loop past the fence itself
+  (a step that blocks its worker) is not excused, so a step that stalls its worker
+  every time still runs out of attempts. A pause of the whole process inside the
+  body's code is told from that by :class:`PauseClock`, a thread that keeps ticking
+  while only the event loop is blocked, and stands still with the whole process.
 - **Before failing a step for good** on attempts of which some are ``WorkerLost``,
   the owner waits up to one lease (:func:`await_excuses`) for their workers to
   excuse them: a worker that was paused excuses its attempts within moments of
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,6 +57,53 @@ PAUSED = (
 )
 
 
+class PauseClock:
+    """A thread that ticks every ``every`` seconds. A gap in its ticks is a stall of
+    the whole process (SIGSTOP, a VM stall), not of the event loop alone: a step body
+    that blocks the loop (``time.sleep``, a CPU-bound loop) lets it tick on, as Python
+    hands the GIL over every few milliseconds. (A C extension that holds the GIL for
+    long looks like a pause.)"""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self._every = every
+        self._last = time.monotonic()
+        self._gaps: deque[tuple[float, float]] = deque(maxlen=64)
+        self._thread = threading.Thread(target=self._run, name="cantata-pause-clock",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        never = threading.Event()
+        while True:
+            never.wait(self._every)
+            now = time.monotonic()
+            if now - self._last > 4 * self._every:
+                self._gaps.append((self._last, now))
+            self._last = now
+
+    def stood_still(self, began: float, ended: float) -> float:
+        """Seconds between ``began`` and ``ended`` (monotonic) the whole process stood
+        still, including a gap the thread has not had the chance to note yet."""
+        gaps = list(self._gaps)
+        now, last = time.monotonic(), self._last
+        if now - last > 4 * self._every:
+            gaps.append((last, now))
+        return sum(max(0.0, min(e, ended) - max(s, began)) for s, e in gaps)
+
+
+_clock: PauseClock | None = None
+_clock_lock = threading.Lock()
+
+
+def pause_clock() -> PauseClock:
+    """The process's :class:`PauseClock` (started on first use)."""
+    global _clock
+    with _clock_lock:
+        if _clock is None:
+            _clock = PauseClock()
+        return _clock
+
+
 class StepStalled(CantataError):
     """A step body held its worker's event loop past the fence in its own code.
 
@@ -69,11 +119,12 @@ class GuardedBody(Coroutine[Any, Any, T]):
     ``fenced()`` is asked before every resumption; the first time it is true,
     ``CancelledError`` is thrown into the body instead (its ``finally`` blocks and
     ``except BaseException`` handlers run; what it awaits there is resumed as usual).
-    ``stalled(seconds)`` is called when one resumption ran longer than ``stall``
-    seconds: the body itself held the event loop (or was paused inside its own code).
+    ``stalled(seconds)`` is called when one resumption held the event loop longer than
+    ``stall`` seconds, not counting time the whole process stood still (a pause
+    inside the body's own code is not the body's doing: :class:`PauseClock`).
     """
 
-    __slots__ = ("_coro", "_fenced", "_stall", "_stalled", "_thrown")
+    __slots__ = ("_clock", "_coro", "_fenced", "_stall", "_stalled", "_thrown")
 
     def __init__(
         self,
@@ -87,15 +138,18 @@ class GuardedBody(Coroutine[Any, Any, T]):
         self._stalled = stalled
         self._stall = stall
         self._thrown = False
+        self._clock = pause_clock()
 
     def _timed(self, step: Callable[[], Any]) -> Any:
         began = time.monotonic()
         try:
             return step()
         finally:
-            took = time.monotonic() - began
-            if took > self._stall:
-                self._stalled(took)
+            ended = time.monotonic()
+            if ended - began > self._stall:
+                held = ended - began - self._clock.stood_still(began, ended)
+                if held > self._stall:
+                    self._stalled(held)
 
     def send(self, value: Any) -> Any:
         if not self._thrown and self._fenced():
