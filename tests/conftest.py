@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -55,7 +56,9 @@ async def _purge_nats_streams(url: str) -> None:
         js = nc.jetstream()
         for info in await js.streams_info():
             if info.config.name and info.config.name.startswith("CANTATA_"):
-                await js.delete_stream(info.config.name)
+                # Another test run on the same server may have deleted it already.
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.delete_stream(info.config.name)
     finally:
         await nc.close()
 

@@ -41,8 +41,8 @@ from cantata.model.records import Attempt
 from cantata.quietlog import reason
 
 if TYPE_CHECKING:
+    from .engine import Engine
     from .runner import RunExecution
-    from .worker import Engine
 
 log = logging.getLogger("cantata.worker")
 
