@@ -228,6 +228,7 @@ async def count_runs(
         if ex.effect is not None:
             effects[(ex.run, ex.key)].add(ex.effect)
     counts.duplicate_effects += sum(len(v) - 1 for v in effects.values())
+    charged: list[str] = []  # named after the other details (a kill's are expected)
     for run_id, expected in run_ids.items():
         run = await store.get_run(app.name, run_id)
         if run is None:
@@ -248,9 +249,9 @@ async def count_runs(
         for a in lost:
             ran = [f"pid {e.pid} at {e.began:.2f}" for e in steps
                    if e.run == run_id and e.key == a.key and e.attempt == a.attempt]
-            counts.details.append(f"{a.key} attempt {a.attempt} of {run_id[-8:]} charged as "
-                                  f"WorkerLost (began {a.started_at:.2f}; ran in "
-                                  f"{', '.join(ran) or 'no process'})")
+            charged.append(f"{a.key} attempt {a.attempt} of {run_id[-8:]} charged as "
+                           f"WorkerLost (began {a.started_at:.2f}; ran in "
+                           f"{', '.join(ran) or 'no process'})")
         done_at: dict[str, float] = {}
         for a in attempts:  # the first attempt that recorded a result
             if a.error_type is None and a.ended_at is not None and a.key not in done_at:
@@ -259,6 +260,7 @@ async def count_runs(
             if ex.run == run_id and ex.key in done_at and ex.began > done_at[ex.key] + 0.001:
                 counts.steps_after_result += 1
                 counts.details.append(f"step {ex.key} of {run_id[-8:]} ran after its result")
+    counts.details.extend(charged[:3])
 
 
 async def count_events(
