@@ -32,7 +32,8 @@ from cantata import App, Event, HandlerContext, Retry, WorkflowContext
 
 STEPS = ("reserve", "charge", "ship")
 # The steps of each workflow, in order (what a completed run's result lists).
-STEPS_OF = {"saga": STEPS, "long_run": ("slow", "ship"), "last_chance": ("once",)}
+STEPS_OF = {"saga": STEPS, "long_run": ("slow", "ship"), "last_chance": ("once",),
+            "waits_forever": ()}
 # With FAULT_PATIENT=1 (the SIGKILL storm), a step whose worker is killed in its middle
 # again and again does not fail its run (a kill is an attempt). Otherwise the library's
 # defaults apply: a fault that is not a death (a pause, an outage, a stop, a full disk)
