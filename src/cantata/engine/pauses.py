@@ -172,7 +172,9 @@ async def excuse(engine: Engine, run_id: str, app: str, attempts: Sequence[Attem
     """Mark ``attempts`` (this live worker's, of a run taken from it) ``Paused``.
 
     Retried for a few leases while the store is away (the worker just came back from
-    a pause or an outage); given up after that: the attempts stay charged.
+    a pause or an outage); given up after that: the attempts stay charged. (A retry
+    after a try that was applied but whose answer was lost could, in theory, excuse
+    an attempt the new owner started since under the same number and start time.)
     """
     now = engine.clock.now()
     marked = [Attempt(a.key, a.attempt, a.started_at, now, *PAUSED) for a in attempts]

@@ -252,10 +252,10 @@ class Store(FlowStore, Protocol):
         past its lease, the run taken over): each stored attempt with the same key,
         number and ``started_at`` that is still unfinished or marked ``WorkerLost`` takes
         the given ``ended_at``, ``error_type`` and ``error``. Not fenced: the run is
-        another worker's by now; ``started_at`` tells the excused worker's attempt from
-        a later one under the same number. Returns how many attempts changed. A later
-        write marking an excused attempt ``WorkerLost`` leaves it excused (see
-        docs/leases.md). Not audited.
+        another worker's by now. Returns how many attempts changed. A later write
+        marking an excused attempt ``WorkerLost`` (same start time) leaves it excused;
+        a later attempt under its number replaces it as usual (see docs/leases.md).
+        Not audited.
         """
 
     async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:

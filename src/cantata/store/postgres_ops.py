@@ -105,8 +105,8 @@ EXCUSE_ATTEMPTS = (
 UPSERT_ATTEMPTS = (
     f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) VALUES "
     "($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, run_id, key, attempt) DO UPDATE "
-    "SET started_at=excluded.started_at, ended_at=excluded.ended_at, "
-    "error_type=excluded.error_type, error=excluded.error " + KEEP_EXCUSED
+    "SET ended_at=excluded.ended_at, error_type=excluded.error_type, error=excluded.error "
+    + KEEP_EXCUSED
 )
 
 

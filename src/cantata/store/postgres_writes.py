@@ -190,9 +190,8 @@ _COMMIT_ALL = (
     "$29::int4[], $30::float8[], $31::float8[], $32::text[], $33::text[]) "
     "AS u(app, run_id, key, attempt, started_at, ended_at, error_type, error) "
     "WHERE (u.app, u.run_id) IN (SELECT app, run_id FROM old) "
-    "ON CONFLICT (app, run_id, key, attempt) DO UPDATE SET started_at=excluded.started_at, "
-    "ended_at=excluded.ended_at, error_type=excluded.error_type, error=excluded.error "
-    f"{ops.KEEP_EXCUSED}) "
+    "ON CONFLICT (app, run_id, key, attempt) DO UPDATE SET ended_at=excluded.ended_at, "
+    f"error_type=excluded.error_type, error=excluded.error {ops.KEEP_EXCUSED}) "
     "SELECT * FROM upd"
 )
 
@@ -223,9 +222,9 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 # Columns an upsert keeps as first written: history's key, kind, name and seq;
-# attempts' key (a later attempt under an excused one's number brings its own start).
+# attempts' key and started_at.
 _HISTORY_KEPT = frozenset({0, 1, 2, 3, 4, 6})
-_ATTEMPT_KEPT = frozenset({0, 1, 2, 3})
+_ATTEMPT_KEPT = frozenset({0, 1, 2, 3, 4})
 
 
 Checkpoint = tuple[str, str, int, RunWrite]  # app, run_id, fence, write

@@ -163,8 +163,8 @@ def upsert_attempts(
     if attempts:
         c.executemany(
             "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-            "started_at=excluded.started_at, ended_at=excluded.ended_at, "
-            f"error_type=excluded.error_type, error=excluded.error {KEEP_EXCUSED}",
+            "ended_at=excluded.ended_at, error_type=excluded.error_type, "
+            f"error=excluded.error {KEEP_EXCUSED}",
             [
                 (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
                 for a in attempts
