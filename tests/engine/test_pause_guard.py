@@ -126,3 +126,35 @@ async def test_a_pause_of_the_whole_process_inside_a_body_is_not_the_bodys_doing
         waker.wait()
     assert calls == [1, 1]
     assert [(a.attempt, a.error_type) for a in attempts] == [(1, None)]
+
+
+async def test_a_handler_is_not_resumed_past_a_stall_longer_than_its_fence(
+    sqlite_url: str,
+) -> None:
+    """The same guard on handler bodies: stopped at its await instead of going on to its
+    effect, the event is handed back and handled again."""
+    app = make_app(sqlite_url, lease=LEASE)
+    began = asyncio.Event()
+    gate = asyncio.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: cantata.Event[dict[str, int]], ctx: cantata.HandlerContext) -> None:
+        began.set()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            outcomes.append((ctx.attempt, "stopped"))
+            raise
+        outcomes.append((ctx.attempt, "billed"))
+
+    async with app:
+        await app.publish("order.placed", {"id": 1})
+        await asyncio.wait_for(began.wait(), 10)
+        asyncio.get_running_loop().call_soon(time.sleep, LEASE * 0.9)
+        gate.set()
+        deadline = time.monotonic() + 15
+        while not any(what == "billed" for _, what in outcomes):
+            assert time.monotonic() < deadline, outcomes
+            await asyncio.sleep(0.05)
+    assert [what for _, what in outcomes] == ["stopped", "billed"]

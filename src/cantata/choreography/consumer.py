@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription
+from cantata.engine.pauses import BodyFenced, guarded
 from cantata.engine.shutdown import wait_or_force
 from cantata.errors import WorkerLost, error_text
 from cantata.flow.limits import release_handler_slot, take_handler_slot
@@ -216,11 +217,20 @@ class Consumer:
         with hooks.handler(hdef.group, event, msg.attempt), \
                 handler_context(event.id, hdef.group, msg.attempt):
             try:
+                # Guarded: never resumed past a pause of this worker longer than the
+                # fence, when another worker may have the delivery (docs/leases.md).
                 if hdef.is_async:
-                    await (hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event))
+                    await guarded(self.engine,
+                                  hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event))
                 else:
                     args = (event, ctx) if hdef.wants_ctx else (event,)
-                    await asyncio.to_thread(hdef.fn, *args)
+                    await guarded(self.engine, asyncio.to_thread(hdef.fn, *args))
+            except BodyFenced:
+                # Not a failure: hand the event back (refused if another worker has it).
+                with contextlib.suppress(Exception):
+                    await msg.retry("Paused: the worker was paused past its lease before "
+                                    "the handler finished", 0.0)
+                return
             except Exception as exc:
                 outcome = await self._failed(msg, retry, exc, retryable=retry.is_retryable(exc))
                 if hooks:

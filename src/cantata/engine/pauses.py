@@ -168,6 +168,31 @@ class GuardedBody(Coroutine[Any, Any, T]):
         return self._coro.__await__()
 
 
+class BodyFenced(BaseException):
+    """Internal: a handler body was stopped because its worker's hold may have lapsed."""
+
+
+async def guarded(engine: Engine, coro: Coroutine[Any, Any, T]) -> T:
+    """Await a handler body as a :class:`GuardedBody` task: it is never resumed past a
+    pause of this worker longer than the fence. Raises :class:`BodyFenced` when the
+    guard stopped it (a cancel of the awaiting task is passed on as usual)."""
+    from .ownership import FENCE_AT
+
+    def fenced() -> bool:
+        return engine.serving and engine.ownership.expired()
+
+    body = asyncio.ensure_future(
+        GuardedBody(coro, fenced, lambda seconds: None, engine.lease * FENCE_AT)
+    )
+    try:
+        return await body
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if body.cancelled() and me is not None and me.cancelling() == 0:
+            raise BodyFenced() from None
+        raise
+
+
 async def excuse(engine: Engine, run_id: str, app: str, attempts: Sequence[Attempt]) -> None:
     """Mark ``attempts`` (this live worker's, of a run taken from it) ``Paused``.
 
