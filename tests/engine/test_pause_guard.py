@@ -131,8 +131,9 @@ async def test_a_pause_of_the_whole_process_inside_a_body_is_not_the_bodys_doing
 async def test_a_handler_is_not_resumed_past_a_stall_longer_than_its_fence(
     sqlite_url: str,
 ) -> None:
-    """The same guard on handler bodies: stopped at its await instead of going on to its
-    effect, the event is handed back and handled again."""
+    """The same guard on handler bodies, for a pause of the whole process (a real
+    SIGSTOP; a store outage leaves handlers running): stopped at its await instead of
+    going on to its effect, the event is handed back and handled again."""
     app = make_app(sqlite_url, lease=LEASE)
     began = asyncio.Event()
     gate = asyncio.Event()
@@ -151,10 +152,19 @@ async def test_a_handler_is_not_resumed_past_a_stall_longer_than_its_fence(
     async with app:
         await app.publish("order.placed", {"id": 1})
         await asyncio.wait_for(began.wait(), 10)
-        asyncio.get_running_loop().call_soon(time.sleep, LEASE * 0.9)
+        waker = f"sleep {LEASE}; kill -CONT {os.getpid()}"
+        wakers: list[subprocess.Popen[bytes]] = []
+
+        def pause() -> None:
+            wakers.append(subprocess.Popen(["sh", "-c", waker]))
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+        asyncio.get_running_loop().call_soon(pause)
         gate.set()
         deadline = time.monotonic() + 15
         while not any(what == "billed" for _, what in outcomes):
             assert time.monotonic() < deadline, outcomes
             await asyncio.sleep(0.05)
+    for w in wakers:
+        w.wait()
     assert [what for _, what in outcomes] == ["stopped", "billed"]

@@ -175,11 +175,21 @@ class BodyFenced(BaseException):
 async def guarded(engine: Engine, coro: Coroutine[Any, Any, T]) -> T:
     """Await a handler body as a :class:`GuardedBody` task: it is never resumed past a
     pause of this worker longer than the fence. Raises :class:`BodyFenced` when the
-    guard stopped it (a cancel of the awaiting task is passed on as usual)."""
+    guard stopped it (a cancel of the awaiting task is passed on as usual).
+
+    Only a pause of the whole process counts here, not a store outage: in an outage a
+    handler runs on and its outcome waits for the store, the delivery staying this
+    live worker's (docs/leases.md); stopping it would only spend its attempts.
+    """
     from .ownership import FENCE_AT
 
+    clock = pause_clock()
+
     def fenced() -> bool:
-        return engine.serving and engine.ownership.expired()
+        if not (engine.serving and engine.ownership.expired()):
+            return False
+        since = engine.ownership.beat_at
+        return clock.stood_still(since, time.monotonic()) >= engine.lease / 4
 
     body = asyncio.ensure_future(
         GuardedBody(coro, fenced, lambda seconds: None, engine.lease * FENCE_AT)
