@@ -226,10 +226,12 @@ class Consumer:
                     args = (event, ctx) if hdef.wants_ctx else (event,)
                     await guarded(self.engine, asyncio.to_thread(hdef.fn, *args))
             except BodyFenced:
-                # Not a failure: hand the event back (refused if another worker has it).
+                # Not a failure: hand the event back (refused if another worker has it),
+                # for after a lease: not to this worker again before its heartbeat has
+                # got through, which would stop it again at once.
                 with contextlib.suppress(Exception):
                     await msg.retry("Paused: the worker was paused past its lease before "
-                                    "the handler finished", 0.0)
+                                    "the handler finished", self.engine.lease)
                 return
             except Exception as exc:
                 outcome = await self._failed(msg, retry, exc, retryable=retry.is_retryable(exc))
