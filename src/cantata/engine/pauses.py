@@ -68,8 +68,7 @@ class PauseClock:
         self._every = every
         self._last = time.monotonic()
         self._gaps: deque[tuple[float, float]] = deque(maxlen=64)
-        self._thread = threading.Thread(target=self._run, name="cantata-pause-clock",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="cantata-pause-clock", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
