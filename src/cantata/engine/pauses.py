@@ -2,7 +2,8 @@
 
 The rules, with the reasons (docs/leases.md, "Paused past the lease"):
 
-- **The body guard.** Every step body runs through :class:`GuardedBody`, which checks
+- **The body guard.** Every step body runs through
+  :class:`~cantata.fencing.GuardedBody`, which checks
   the owner's fence before it lets the body go on after an ``await``: when more than
   ``FENCE_AT`` of the lease has passed (``time.monotonic()``, which keeps counting
   through SIGSTOP) since the last heartbeat that got through, it throws
@@ -17,7 +18,7 @@ The rules, with the reasons (docs/leases.md, "Paused past the lease"):
   does not count. An attempt whose body held the event loop past the fence itself
   (a step that blocks its worker) is not excused, so a step that stalls its worker
   every time still runs out of attempts. A pause of the whole process inside the
-  body's code is told from that by :class:`PauseClock`, a thread that keeps ticking
+  body's code is told from that by :class:`~cantata.fencing.PauseClock`, a thread that keeps ticking
   while only the event loop is blocked, and stands still with the whole process.
 - **Before failing a step for good** on attempts of which some are ``WorkerLost``,
   the owner waits up to one lease (:func:`await_excuses`) for their workers to
@@ -30,13 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cantata.errors import CantataError
+from cantata.fencing import GuardedBody, PauseClock, pause_clock
 from cantata.model.records import Attempt
 from cantata.quietlog import reason
 
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from .runner import RunExecution
 
 log = logging.getLogger("cantata.worker")
-
-T = TypeVar("T")
 
 # An attempt cut off by a pause of its worker past the lease, the run taken over
 # meanwhile: recorded, not counted (docs/leases.md).
@@ -57,52 +55,6 @@ PAUSED = (
 )
 
 
-class PauseClock:
-    """A thread that ticks every ``every`` seconds. A gap in its ticks is a stall of
-    the whole process (SIGSTOP, a VM stall), not of the event loop alone: a step body
-    that blocks the loop (``time.sleep``, a CPU-bound loop) lets it tick on, as Python
-    hands the GIL over every few milliseconds. (A C extension that holds the GIL for
-    long looks like a pause.)"""
-
-    def __init__(self, every: float = 0.05) -> None:
-        self._every = every
-        self._last = time.monotonic()
-        self._gaps: deque[tuple[float, float]] = deque(maxlen=64)
-        self._thread = threading.Thread(target=self._run, name="cantata-pause-clock", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        never = threading.Event()
-        while True:
-            never.wait(self._every)
-            now = time.monotonic()
-            if now - self._last > 4 * self._every:
-                self._gaps.append((self._last, now))
-            self._last = now
-
-    def stood_still(self, began: float, ended: float) -> float:
-        """Seconds between ``began`` and ``ended`` (monotonic) the whole process stood
-        still, including a gap the thread has not had the chance to note yet."""
-        gaps = list(self._gaps)
-        now, last = time.monotonic(), self._last
-        if now - last > 4 * self._every:
-            gaps.append((last, now))
-        return sum(max(0.0, min(e, ended) - max(s, began)) for s, e in gaps)
-
-
-_clock: PauseClock | None = None
-_clock_lock = threading.Lock()
-
-
-def pause_clock() -> PauseClock:
-    """The process's :class:`PauseClock` (started on first use)."""
-    global _clock
-    with _clock_lock:
-        if _clock is None:
-            _clock = PauseClock()
-        return _clock
-
-
 class StepStalled(CantataError):
     """A step body held its worker's event loop past the fence in its own code.
 
@@ -110,96 +62,6 @@ class StepStalled(CantataError):
     body is stopped at its next ``await`` and the attempt counts (a step that does
     this every time runs out of attempts instead of being restarted forever).
     """
-
-
-class GuardedBody(Coroutine[Any, Any, T]):
-    """A step body that is not resumed once its owner's hold may have lapsed.
-
-    ``fenced()`` is asked before every resumption; the first time it is true,
-    ``CancelledError`` is thrown into the body instead (its ``finally`` blocks and
-    ``except BaseException`` handlers run; what it awaits there is resumed as usual).
-    ``stalled(seconds)`` is called when one resumption held the event loop longer than
-    ``stall`` seconds, not counting time the whole process stood still (a pause
-    inside the body's own code is not the body's doing: :class:`PauseClock`).
-    """
-
-    __slots__ = ("_clock", "_coro", "_fenced", "_stall", "_stalled", "_thrown")
-
-    def __init__(
-        self,
-        coro: Coroutine[Any, Any, T],
-        fenced: Callable[[], bool],
-        stalled: Callable[[float], None],
-        stall: float,
-    ) -> None:
-        self._coro = coro
-        self._fenced = fenced
-        self._stalled = stalled
-        self._stall = stall
-        self._thrown = False
-        self._clock = pause_clock()
-
-    def _timed(self, step: Callable[[], Any]) -> Any:
-        began = time.monotonic()
-        try:
-            return step()
-        finally:
-            ended = time.monotonic()
-            if ended - began > self._stall:
-                held = ended - began - self._clock.stood_still(began, ended)
-                if held > self._stall:
-                    self._stalled(held)
-
-    def send(self, value: Any) -> Any:
-        if not self._thrown and self._fenced():
-            self._thrown = True
-            return self._timed(lambda: self._coro.throw(asyncio.CancelledError()))
-        return self._timed(lambda: self._coro.send(value))
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        exc = typ if val is None else val
-        return self._timed(lambda: self._coro.throw(exc))
-
-    def close(self) -> None:
-        self._coro.close()
-
-    def __await__(self) -> Generator[Any, None, T]:
-        return self._coro.__await__()
-
-
-class BodyFenced(BaseException):
-    """Internal: a handler body was stopped because its worker's hold may have lapsed."""
-
-
-async def guarded(engine: Engine, coro: Coroutine[Any, Any, T]) -> T:
-    """Await a handler body as a :class:`GuardedBody` task: it is never resumed past a
-    pause of this worker longer than the fence. Raises :class:`BodyFenced` when the
-    guard stopped it (a cancel of the awaiting task is passed on as usual).
-
-    Only a pause of the whole process counts here, not a store outage: in an outage a
-    handler runs on and its outcome waits for the store, the delivery staying this
-    live worker's (docs/leases.md); stopping it would only spend its attempts.
-    """
-    from .ownership import FENCE_AT
-
-    clock = pause_clock()
-
-    def fenced() -> bool:
-        if not (engine.serving and engine.ownership.expired()):
-            return False
-        since = engine.ownership.beat_at
-        return clock.stood_still(since, time.monotonic()) >= engine.lease / 4
-
-    body = asyncio.ensure_future(
-        GuardedBody(coro, fenced, lambda seconds: None, engine.lease * FENCE_AT)
-    )
-    try:
-        return await body
-    except asyncio.CancelledError:
-        me = asyncio.current_task()
-        if body.cancelled() and me is not None and me.cancelling() == 0:
-            raise BodyFenced() from None
-        raise
 
 
 async def excuse(engine: Engine, run_id: str, app: str, attempts: Sequence[Attempt]) -> None:
@@ -265,3 +127,18 @@ async def await_excuses(execution: RunExecution, key: str, lost: Sequence[Attemp
                 mine.ended_at, mine.error_type, mine.error = a.ended_at, a.error_type, a.error
             return len(excused)
         await asyncio.sleep(min(engine.lease / 4, max(0.0, deadline - time.monotonic())))
+
+
+def handler_fenced(engine: Engine) -> bool:
+    """Whether a handler body must not be resumed: this worker's hold may have lapsed
+    by a pause of the whole process. Only a pause, not a store outage: in an outage a
+    handler runs on and its outcome waits for the store, the delivery staying this
+    live worker's (docs/leases.md); stopping it would only spend its attempts."""
+    if not (engine.serving and engine.ownership.expired()):
+        return False
+    since = engine.ownership.beat_at
+    return pause_clock().stood_still(since, time.monotonic()) >= engine.lease / 4
+
+
+__all__ = ["PAUSED", "GuardedBody", "PauseClock", "StepStalled", "await_excuses", "excuse",
+           "handler_fenced"]

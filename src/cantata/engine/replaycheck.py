@@ -28,8 +28,9 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from cantata.declare.defs import StepDef, WorkflowDef
 from cantata.model import codec
 from cantata.model.records import (
     ATTRS,
@@ -44,14 +45,18 @@ from cantata.model.records import (
 )
 from cantata.model.status import LIVE_STATUSES, RunStatus
 
-from .registry import StepDef, WorkflowDef
 from .runner import RunExecution
 from .versioning import args_shape
 
 if TYPE_CHECKING:
-    from cantata.app import App
-
     from .engine import Engine
+
+
+class App(Protocol):
+    """An open app (``cantata.App``): its engine reads the store and the declarations."""
+
+    @property
+    def engine(self) -> Engine: ...
 
 # Failures a replay may legitimately re-raise: they are recorded in history.
 _RECORDED = ("StepFailed", "Cancelled", "DeadlineExceeded", "WaitTimeout", "WorkflowCallError")
@@ -210,12 +215,12 @@ async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> Replay
 
 
 async def _runs_to_check(app: App, all_runs: bool, limit: int) -> list[RunRecord]:
-    store = app.store
+    store, name = app.engine.store, app.engine.app
     if all_runs:
-        return await store.list_runs(app.name, limit=limit)
+        return await store.list_runs(name, limit=limit)
     runs: list[RunRecord] = []
     for status in LIVE_STATUSES:
-        runs += await store.find_runs(app.name, status=status, limit=limit)
+        runs += await store.find_runs(name, status=status, limit=limit)
     return sorted(runs, key=lambda r: r.created_at, reverse=True)[:limit]
 
 
@@ -225,7 +230,7 @@ async def replay_report(app: App, *, all_runs: bool = False, limit: int = 1000) 
     for run in await _runs_to_check(app, all_runs, limit):
         version = run.version or "-"
         report.checked[version] = report.checked.get(version, 0) + 1
-        wdef = app.workflows.get(run.workflow)
+        wdef = app.engine.router.workflows.get(run.workflow)
         if wdef is None:
             report.problems.append(ReplayProblem(
                 run.run_id, run.workflow, str(run.status), "unknown_workflow",

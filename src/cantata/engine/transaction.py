@@ -7,6 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from cantata.choreography.orphans import check_orphans
+from cantata.declare.defs import StepDef
 from cantata.errors import TransactionUnsupported
 from cantata.model import codec
 from cantata.model.records import ENTRY_COMPLETED, Attempt, RunWrite
@@ -14,7 +15,6 @@ from cantata.store.tx import Tx
 
 from .heartbeat import Beat
 from .invoke import invoke_step
-from .registry import StepDef
 
 if TYPE_CHECKING:
     from .runner import RunExecution

@@ -29,10 +29,10 @@ from cantata.model import codec
 from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, PATCH, Declaration, RunRecord
 
 if TYPE_CHECKING:
+    from cantata.declare.router import Router
     from cantata.store.base import Store
 
     from .engine import Engine
-    from .registry import Router
     from .runner import RunExecution
 
 log = logging.getLogger("cantata.worker")

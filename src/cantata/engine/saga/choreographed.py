@@ -38,9 +38,10 @@ from .declaration import Saga, Stage, Step
 
 if TYPE_CHECKING:
     from cantata.choreography.context import HandlerContext
+    from cantata.declare.defs import StepDef
+    from cantata.declare.router import Router
 
     from ..context import WorkflowContext
-    from ..registry import Router, StepDef
 
 
 async def run_choreographed(saga: Saga, ctx: WorkflowContext, data: Any) -> dict[str, Any]:

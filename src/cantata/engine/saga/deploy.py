@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from cantata.declare.defs import STEP_ATTR, HandlerDef, StepDef
 from cantata.errors import UnknownStep
 from cantata.model.retry import HANDLER_RETRY, STEP_RETRY, Retry
 
-from ..registry import STEP_ATTR, HandlerDef, StepDef
 from .calls import check_input
 from .choreographed import forward_handler, run_choreographed, undo_handler
 from .declaration import Saga, Stage, Step
@@ -22,8 +22,9 @@ from .join import join_handler
 from .orchestrated import run_orchestrated
 
 if TYPE_CHECKING:
+    from cantata.declare.router import Router
+
     from ..context import WorkflowContext
-    from ..registry import Router
 
 MODE_VALUE = "saga.mode"  # the recorded value naming a run's mode
 

@@ -18,8 +18,9 @@ from .calls import saga_step_def, step_args, undo_args
 from .declaration import Saga, Step
 
 if TYPE_CHECKING:
+    from cantata.declare.defs import StepDef
+
     from ..context import WorkflowContext
-    from ..registry import StepDef
 
 
 async def run_orchestrated(saga: Saga, ctx: WorkflowContext, data: Any) -> dict[str, Any]:
