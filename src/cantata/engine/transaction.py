@@ -47,7 +47,7 @@ async def run_transactional(
         result = codec.dumps(value, f"result of step {sdef.name}")
         now = engine.clock.now()
         entry = dataclasses.replace(
-            x.history[key], status=ENTRY_COMPLETED, result=result, ended_at=now,
+            x.journal.history[key], status=ENTRY_COMPLETED, result=result, ended_at=now,
             error=None, error_type=None, attempts=attempt,
         )
         done = Attempt(key, attempt, now, ended_at=now)  # started_at: kept as recorded

@@ -69,7 +69,7 @@ def attach(saga: Saga, router: Router) -> None:
 def _started_as(saga: Saga, ctx: WorkflowContext) -> str | None:
     """The mode of a run that began before modes were recorded, read from its history
     (``None`` for a new run): it must finish as it began."""
-    keys = ctx._x.history
+    keys = ctx._x.journal.history
     if any(k.startswith(f"emit:{saga.event_type('started')}#") for k in keys):
         return "choreographed"
     if any(k.partition("#")[0] in {s.name for s in saga.steps} for k in keys):

@@ -67,7 +67,7 @@ async def _call(
     )
     x = ctx._x
     args = step_args(sdef, data, results)
-    key = x.next_key(sdef.name)
+    key = x.journal.next_key(sdef.name)
     if x.engine.is_remote(sdef):
         # Served by another service's workers with their own options and checks.
         value = await x.call_step(sdef, args, key)
