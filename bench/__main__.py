@@ -161,8 +161,8 @@ def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below:
     row["machine_busy_before"], row["waited_for_quiet_s"] = busy, waited
     if not sc.peer:
         row["src"] = src_fingerprint()
-    # Cantata from this checkout's src/ (what ``src`` fingerprints), not whatever is installed.
-    path = str(ROOT) if sc.peer else os.pathsep.join([str(ROOT), str(ROOT / "src")])
+    # Cantata from this checkout's src/ (what ``src`` fingerprints), before any installed one.
+    path = str(ROOT) if sc.peer else os.pathsep.join([str(ROOT / "src"), str(ROOT)])
     env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{sc.key}-{workload}.log"

@@ -83,6 +83,12 @@ class App(RouterFacade):
             hash of its workflows' and steps' code); its workers take runs of this
             version and runs of others whose history this code replays.
         any_version: its workers take runs of every version, unchecked.
+        park_after: seconds a run may wait in ``ctx.sleep``, ``ctx.wait_for_event`` or
+            ``ctx.call`` in memory before it is evicted (released in the store with what
+            wakes it, resumed from its history by any worker when it wakes); ``None``
+            keeps every waiting run in memory. Only with the system clock.
+        hot_runs: the most waiting runs kept in memory; past it the longest-waiting
+            one is evicted at once (with ``park_after`` set).
     """
 
     def __init__(
@@ -105,6 +111,8 @@ class App(RouterFacade):
         shutdown_grace: float = 30.0,
         version: str | None = None,
         any_version: bool = False,
+        park_after: float | None = 60.0,
+        hot_runs: int = 10_000,
     ) -> None:
         check_options(
             name, lease=lease, poll_interval=poll_interval, shutdown_grace=shutdown_grace,
@@ -135,6 +143,14 @@ class App(RouterFacade):
         self._force_stop: asyncio.Event | None = None
         self._version = version
         self.any_version = any_version
+        if park_after is not None and (not isinstance(park_after, int | float) or park_after < 0):
+            raise ConfigurationError(
+                f"park_after must be None or seconds >= 0, got {park_after!r}"
+            )
+        if not isinstance(hot_runs, int) or hot_runs < 0:
+            raise ConfigurationError(f"hot_runs must be a whole number >= 0, got {hot_runs!r}")
+        self.park_after = None if park_after is None else float(park_after)
+        self.hot_runs = hot_runs
         self._runtime: Runtime | None = None  # while open
         self._opened = 0
         self.hooks = Hooks()

@@ -39,6 +39,7 @@ from tests.contract.store_contract_events import EventsContract
 from tests.contract.store_contract_flow import FlowContract
 from tests.contract.store_contract_operate import OperateContract
 from tests.contract.store_contract_outbox import OutboxContract
+from tests.contract.store_contract_parking import ParkingContract
 from tests.contract.store_contract_tasks import TasksContract
 from tests.contract.store_contract_wfapi import WorkflowApiContract
 from tests.contract.store_support import entry, ev, eventually, json_values, new_run
@@ -53,6 +54,7 @@ class StoreContract(
     ConsoleContract,
     OperateContract,
     FlowContract,
+    ParkingContract,
 ):
     """Behaviour every store backend must have.
 

@@ -60,6 +60,9 @@ class FlowContract(StoreFixtures):
         await store.declare_queue(self.app, QueueSpec("q"), worker_id="w", stale_before=0)
         [rid] = await self.queued(store, 1)
         assert await self.claim(store, "w") == []
+        # Parked until admitted (store/parking.py): no clock makes it due.
+        assert await store.claim_runs(self.app, "w", ["wf"], stale_before=0, limit=10,
+                                      now=time.time() + 1e9) == []
         assert (await store.queue_position(self.app, rid)).ahead == 0  # type: ignore[union-attr]
         assert await self.claim_q(store, "w") == [rid]
         run = await store.get_run(self.app, rid)

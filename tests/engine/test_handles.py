@@ -190,3 +190,30 @@ async def test_client_process_starts_and_follows_runs_served_elsewhere(sqlite_ur
         assert await h.result(timeout=5) == 42
         assert await client.get_handle(h.run_id).status() == RunStatus.COMPLETED
         assert [r.run_id for r in await client.list_runs(workflow="double")] == [h.run_id]
+
+
+async def test_a_run_that_ended_here_answers_result_without_a_read(store_url: str) -> None:
+    """result() asked for after the run ended in this process: its final record, from
+    memory (the throughput of many starts then many results needs no read per run)."""
+    app = make_app(store_url)
+
+    @app.workflow
+    async def double(ctx: WorkflowContext, n: int) -> int:
+        return 2 * n
+
+    async with app:
+        handles = await asyncio.gather(*(app.start(double, n) for n in range(5)))
+        await asyncio.gather(*(h.result(timeout=5) for h in handles))
+        store = app._engine.store
+        reads: list[str] = []
+        get_run = store.get_run
+
+        async def counted(app_name: str, run_id: str) -> object:
+            reads.append(run_id)
+            return await get_run(app_name, run_id)
+
+        store.get_run = counted  # type: ignore[method-assign]
+        assert [await h.result(timeout=5) for h in handles] == [0, 2, 4, 6, 8]
+        assert reads == []
+        assert await app.get_handle(handles[0].run_id).status() == RunStatus.COMPLETED
+        assert reads == [handles[0].run_id]  # status() still reads the store

@@ -21,6 +21,8 @@ log = logging.getLogger("cantata.engine")
 async def commit(x: RunExecution, write: RunWrite) -> None:
     """Flush lazily recorded entries and write one checkpoint (fenced)."""
     async with x.commit_lock:
+        if x.evicted:  # parked in the store by this execution (engine/parking.py)
+            raise _Abandon()
         if x.flush_failed is not None:
             raise x.flush_failed
         if x.pending:

@@ -26,6 +26,7 @@ from cantata.model.status import RunStatus
 from . import versioning
 from .heartbeat import workflow_run
 from .journal import Save
+from .parking import parking_for
 from .registry import DECLARED_ATTR, STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
 from .runtime import Watch
 
@@ -252,7 +253,7 @@ class WorkflowContext:
             entry = await j.begin(call, EntryStatus.WAITING, started_at=now,
                                   wake_at=now + seconds,
                                   detail=codec.dumps({"seconds": seconds}))
-        await j.await_final(entry)
+        await j.await_final(entry, park=parking_for(entry.wake_at))
         await j.settle(entry, EntryStatus.COMPLETED, save=Save.WITH_NEXT)
 
     # -- events ---------------------------------------------------------------------------
@@ -342,7 +343,8 @@ class WorkflowContext:
 
         # No polling per wait: the engine looks for new events of each waited type
         # once per interval and wakes the waits of that type (10,000 waits stay cheap).
-        await j.await_final(entry, look, watch=Watch("event", type), poll=False)
+        await j.await_final(entry, look, watch=Watch("event", type), poll=False,
+                            park=parking_for(entry.wake_at, type, match))
         if not found:
             error = f"no {type} event matching {dict(match or {})} within {timeout} s"
             await j.settle(entry, EntryStatus.FAILED, error_type="WaitTimeout", error=error)
@@ -411,7 +413,7 @@ class WorkflowContext:
                 return True
             return False
 
-        await j.await_final(entry, look, watch=Watch("run", child_id))
+        await j.await_final(entry, look, watch=Watch("run", child_id), park=parking_for(None))
         run = final[0]
         if run.status == RunStatus.COMPLETED:
             await j.settle(entry, EntryStatus.COMPLETED, result=run.result)

@@ -22,6 +22,7 @@ from .hooks import Hooks
 from .identity import args_hash
 from .metrics import Metrics
 from .ownership import Ownership
+from .parking import HotRuns, wake_for_events
 from .registry import Router, StepDef, remote_step_def
 from .runner import RunExecution
 from .shutdown import drain
@@ -33,6 +34,11 @@ if TYPE_CHECKING:
     from .tasks import TaskServer
 
 log = logging.getLogger("cantata.worker")
+# A run that completed here answers a later local result() from memory for this long
+# (the ENDED_KEPT newest). Only completed runs: a retry (docs/operating.md) makes a failed
+# or compensated run live again, and must never be answered with its old outcome.
+ENDED_TTL = 10.0
+ENDED_KEPT = 10_000
 
 
 class Engine:
@@ -59,6 +65,8 @@ class Engine:
         max_payload: int | None = None,
         version: str | None = None,
         any_version: bool = False,
+        park_after: float | None = None,
+        hot_runs: int = 10_000,
     ) -> None:
         self.app = app
         self.router = router
@@ -88,6 +96,9 @@ class Engine:
         # re-take, an outage, a self-fence): not attempts, this worker is alive.
         self._cut_short: dict[str, set[tuple[str, int]]] = {}
         self._completions: dict[str, asyncio.Future[RunRecord | None]] = {}
+        # run id -> (when, final record) of runs that ended here lately, oldest first:
+        # a result() asked for after the end needs no read (see completion)
+        self._ended: dict[str, tuple[float, RunRecord]] = {}
         self._type_checked: dict[str, float] = {}
         self._type_seen: dict[str, set[str]] = {}
         self._runs_pulse = asyncio.Event()
@@ -110,6 +121,7 @@ class Engine:
         self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
         self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
         self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
+        self.hot = HotRuns(self, park_after, hot_runs)  # which waiting runs stay in memory
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -228,7 +240,12 @@ class Engine:
         process let the run go before it ended.
         """
         if run_id not in self.executions:
-            return None
+            ended = self._ended.get(run_id)
+            if ended is None or time.monotonic() - ended[0] > ENDED_TTL:
+                return None
+            done: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
+            done.set_result(ended[1])
+            return done
         fut = self._completions.get(run_id)
         if fut is None:
             fut = self._completions[run_id] = asyncio.get_running_loop().create_future()
@@ -288,7 +305,11 @@ class Engine:
                 waiter.set_result(execution.run if execution.run.status.is_final else None)
             if execution.run.status.is_final:
                 self._cut_short.pop(run_id, None)
-            elif self.serving:
+            if execution.run.status is RunStatus.COMPLETED:
+                self._ended[run_id] = (time.monotonic(), execution.run)
+                if len(self._ended) > ENDED_KEPT:
+                    del self._ended[next(iter(self._ended))]
+            elif self.serving and not execution.evicted:
                 # Let go while this worker lives (lease lost, store failure, internal
                 # error): the store decides whether it is still ours to resume.
                 self.ownership.repair_soon()
@@ -317,6 +338,10 @@ class Engine:
         for execution in list(self.executions.values()):
             for body in list(execution.bodies):
                 body.cancel()
+
+    def forget_ended(self, run_id: str) -> None:
+        """A retry makes ``run_id`` live again: no answer from memory for it."""
+        self._ended.pop(run_id, None)
 
     def drop(self, execution: RunExecution) -> None:
         """Stop one execution whose run this worker no longer owns."""
@@ -391,6 +416,7 @@ class Engine:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self._poll_waited_types()
+                await wake_for_events(self)  # the waits of parked runs
             except Exception as exc:
                 self.quiet.warning("events", "looking for awaited events failed (%s); "
                                    "retrying", reason(exc))
@@ -437,6 +463,7 @@ class Engine:
                     execution.wakeup.set()
         elif channel == CANCEL:
             self._runs_pulse.set()
+            self.ownership.claim_wakeup.set()  # a parked run, woken to be cancelled
             if self.executions:
                 self.track(asyncio.create_task(self.check_cancellations()))
         elif channel == TASKS:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import NonDeterminismError
 from cantata.model import codec
 from cantata.model.event import Event
+from cantata.model.parking import Parking
 from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunWrite, TaskRecord
 
 if TYPE_CHECKING:
@@ -172,13 +173,15 @@ class Journal:
         *,
         watch: Watch | None = None,
         poll: bool = True,
+        park: Parking | None = None,
     ) -> None:
         """Wait until the entry's ``wake_at`` (a timer, a timeout), an interrupt, or
         ``look()`` finds the outcome; ``watch`` names what wakes the run on news (an
         event type, a run or task id), ``poll`` whether ``look`` is also tried on a
-        timer."""
+        timer; ``park`` what wakes the run if it is evicted meanwhile
+        (engine/parking.py)."""
         with self.rt.watching(watch):
-            await self.rt.wait_until(entry.wake_at, look, poll=poll)
+            await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park)
 
     async def settle(
         self,

@@ -14,4 +14,5 @@ class Metrics:
     handled: int = 0
     handler_failures: int = 0
     dead_lettered: int = 0
+    parked: int = 0  # runs evicted from memory while they wait (engine/parking.py)
     orphans: dict[str, int] = field(default_factory=dict)

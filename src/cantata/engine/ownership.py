@@ -260,7 +260,16 @@ class Ownership:
             if len(claimed) == 100:
                 continue
             self.claim_wakeup.clear()
-            await wait_event(self.claim_wakeup, engine.poll_interval * 5)
+            wait = engine.poll_interval * 5
+            if workflows:  # until the next parked run is due (engine/parking.py)
+                try:
+                    now = engine.clock.now()
+                    due = await engine.store.next_wake(engine.app, workflows, after=now)
+                except Exception:
+                    due = None  # the claim's own warning says the store fails
+                if due is not None:
+                    wait = min(wait, max(due - engine.clock.now(), 0.0) + 0.001)
+            await wait_event(self.claim_wakeup, wait)
             if self.claim_wakeup.is_set():
                 # Woken by a change notification: let a burst of them coalesce, so a
                 # busy store is not asked to claim once per commit.
@@ -306,8 +315,8 @@ class Ownership:
         for run_id, execution in before.items():
             if run_id in owned or engine.executions.get(run_id) is not execution:
                 continue
-            if not execution.stored:
-                continue
+            if not execution.stored or execution.evicting:
+                continue  # a run being parked (engine/parking.py) is released on purpose
             run = await store.get_run(app, run_id)
             if run is None or run.status.is_final:
                 continue  # ending here right now

@@ -41,6 +41,7 @@ async def retry(
     run = await engine.store.get_run(engine.app, run_id)
     if run is None:
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
+    engine.forget_ended(run_id)
     return await engine.store.retry_run(
         engine.app, run_id, include_compensated=include_compensated,
         version=await _version_for(engine, run.workflow),

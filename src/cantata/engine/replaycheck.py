@@ -151,7 +151,7 @@ class _DryRun(RunExecution):
         raise _Frontier()
 
     async def wait_until(
-        self, wake_at: float | None, wake: Any = None, *, poll: bool = True
+        self, wake_at: float | None, wake: Any = None, *, poll: bool = True, park: Any = None
     ) -> None:
         raise _Frontier()
 

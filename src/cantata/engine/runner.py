@@ -18,12 +18,14 @@ from cantata.errors import (
     error_text,
 )
 from cantata.model import codec
+from cantata.model.parking import Parking
 from cantata.model.records import Attempt, EntryKind, HistoryEntry, RunRecord, RunWrite
 from cantata.model.status import RunStatus
 
 from . import checkpoint, cleanup, steps
 from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
 from .journal import Journal
+from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
 from .registry import StepDef, WorkflowDef
 from .runtime import Watch
@@ -72,6 +74,10 @@ class RunExecution:
         self.patches: dict[str, bool] = {}  # ctx.patched answers, fixed for the whole run
         self._deadline_timer: asyncio.Task[None] | None = None
         self.api = ApiState()  # ctx.compensate and cleanup after cancel
+        self.waiting = 0  # wait_until calls in progress (branches of a gather)
+        self.evict_now = False  # pushed out of the hot cache (see parking.HotRuns)
+        self.evicting = False  # being parked: released on purpose (engine/parking.py)
+        self.evicted = False  # parked in the store: this execution commits nothing more
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -174,37 +180,62 @@ class RunExecution:
         wake: Callable[[], Awaitable[bool]] | None = None,
         *,
         poll: bool = True,
+        park: Parking | None = None,
     ) -> None:
         """Sleep until ``wake_at`` (clock time), an interrupt, or ``wake()`` returns True.
 
         ``wake()`` is tried again whenever this execution is woken, and, with ``poll``,
         every ``wait_poll_interval`` too (without it the engine wakes it on news).
+        ``park``: what wakes the run if it is evicted from memory meanwhile (see
+        :mod:`cantata.engine.parking`); without it the wait stays in memory.
         """
         clock = self.engine.clock
-        while True:
-            await self.park_if_stopping()
-            self.check_interrupt()
-            if wake is not None and await wake():
-                return
-            now = clock.now()
-            if wake_at is not None and now >= wake_at:
-                return
-            remaining = None if wake_at is None else wake_at - now
-            if wake is not None and poll:
-                every = self.engine.wait_poll_interval
-                remaining = every if remaining is None else min(remaining, every)
-            self.wakeup.clear()
-            sleeper = None if remaining is None else asyncio.ensure_future(clock.sleep(remaining))
-            waiter = asyncio.ensure_future(self.wakeup.wait())
-            try:
-                await asyncio.wait(
-                    [f for f in (sleeper, waiter, self.interrupt) if f is not None],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                for f in (sleeper, waiter):
-                    if f is not None and not f.done():
-                        f.cancel()
+        hot = self.engine.hot
+        parkable = park is not None and hot.enabled
+        idle_since = clock.now()
+        self.waiting += 1
+        if parkable:
+            hot.enter(self)
+        try:
+            while True:
+                await self.park_if_stopping()
+                self.check_interrupt()
+                if wake is not None and await wake():
+                    return
+                now = clock.now()
+                if wake_at is not None and now >= wake_at:
+                    return
+                remaining = None if wake_at is None else wake_at - now
+                if parkable:
+                    assert park is not None and hot.park_after is not None
+                    if self.evict_now or now >= idle_since + hot.park_after:
+                        if can_evict(self):
+                            # raises Evicted once parked
+                            await evict(self, with_deadline(park, self.run.deadline_at), wake)
+                        self.evict_now = False
+                        idle_since = now  # not now: try again after another while
+                    until = idle_since + hot.park_after - now
+                    remaining = until if remaining is None else min(remaining, until)
+                if wake is not None and poll:
+                    every = self.engine.wait_poll_interval
+                    remaining = every if remaining is None else min(remaining, every)
+                self.wakeup.clear()
+                sleeper = (None if remaining is None
+                           else asyncio.ensure_future(clock.sleep(remaining)))
+                waiter = asyncio.ensure_future(self.wakeup.wait())
+                try:
+                    await asyncio.wait(
+                        [f for f in (sleeper, waiter, self.interrupt) if f is not None],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    for f in (sleeper, waiter):
+                        if f is not None and not f.done():
+                            f.cancel()
+        finally:
+            self.waiting -= 1
+            if parkable:
+                hot.leave(self)
 
     # -- steps ---------------------------------------------------------------------
 
@@ -238,7 +269,7 @@ class RunExecution:
                     await self._execute_run()
             else:
                 await self._execute_run()
-        except _Abandon:
+        except (_Abandon, Evicted):
             pass
         except asyncio.CancelledError:
             raise
@@ -385,9 +416,10 @@ class RunExecution:
         error: str | None = None,
         flagged: bool | None = None,
     ) -> None:
-        await self.commit(
-            RunWrite(status=status, result=result, error=error, flagged=flagged, release=True)
-        )
+        await self.commit(RunWrite(
+            status=status, result=result, error=error, flagged=flagged, release=True,
+            wake=self.run.parent_run_id,  # a parent parked in ctx.call (engine/parking.py)
+        ))
         run = self.run
         run.result, run.error, run.owner = result, error, None
         if flagged is not None:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
+from cantata.model.parking import Parking
 from cantata.model.records import EntryKind, HistoryEntry, RunRecord, RunWrite
 
 if TYPE_CHECKING:
@@ -58,8 +59,10 @@ class JournalRuntime(Protocol):
         wake: Callable[[], Awaitable[bool]] | None = None,
         *,
         poll: bool = True,
+        park: Parking | None = None,
     ) -> None:
-        """Sleep until ``wake_at``, an interrupt, or ``wake()`` returns True."""
+        """Sleep until ``wake_at``, an interrupt, or ``wake()`` returns True; ``park``:
+        what wakes the run if it is evicted from memory meanwhile."""
         ...
 
     def watching(self, watch: Watch | None) -> AbstractContextManager[None]:

@@ -161,10 +161,13 @@ async def claim(
     since before ``stale_before`` count as gone."""
     store, app, me = engine.store, engine.app, engine.worker_id
     stale = stale_before
+    now = engine.clock.now()  # parked runs due by now are claimable (engine/parking.py)
     if engine.any_version or engine.version is None:
-        return await store.claim_runs(app, me, workflows, stale_before=stale, limit=limit)
+        return await store.claim_runs(app, me, workflows, stale_before=stale, limit=limit,
+                                      now=now)
     claimed = await store.claim_runs(
-        app, me, workflows, stale_before=stale, limit=limit, versions=[engine.version]
+        app, me, workflows, stale_before=stale, limit=limit, versions=[engine.version],
+        now=now,
     )
     # Runs of older versions are looked for at most once a second or so: they are
     # few (deploys are rare), and the hot claim path stays one statement.
@@ -176,7 +179,7 @@ async def claim(
         ok = await _replayable(engine, workflows, stale, limit - len(claimed))
         if ok:
             claimed += await store.claim_runs(
-                app, me, workflows, stale_before=stale, limit=len(ok), run_ids=ok
+                app, me, workflows, stale_before=stale, limit=len(ok), run_ids=ok, now=now
             )
     return claimed
 
@@ -207,7 +210,7 @@ async def _replayable(
     newer = {v for v, t in order.items() if t >= mine}
     found = await engine.store.foreign_runs(
         engine.app, engine.worker_id, workflows, versions=sorted(newer), stale_before=stale,
-        limit=limit,
+        limit=limit, now=engine.clock.now(),
     )
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:

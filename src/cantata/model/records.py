@@ -223,6 +223,7 @@ class RunWrite:
     error: str | None = None
     flagged: bool | None = None
     release: bool = False  # give up ownership (final status, or graceful stop)
+    wake: str | None = None  # a run to wake if parked (the parent of a run that ends)
 
 
 @dataclass(frozen=True, slots=True)

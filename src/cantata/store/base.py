@@ -43,6 +43,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store.flow import FlowStore
+from cantata.store.parking import ParkingStore
 from cantata.store.tx import T, TxBody
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ class TransactionalStore(Protocol):
 
 
 @runtime_checkable
-class Store(FlowStore, Protocol):
+class Store(FlowStore, ParkingStore, Protocol):
     """Durable state of Cantata apps. All times are POSIX seconds from the app's clock."""
 
     url: str
@@ -195,6 +196,7 @@ class Store(FlowStore, Protocol):
         limit: int,
         versions: Sequence[str] | None = None,
         run_ids: Sequence[str] | None = None,
+        now: float | None = None,
     ) -> list[RunRecord]:
         """Take ownership of live runs of ``workflows`` that nobody owns.
 
@@ -203,7 +205,9 @@ class Store(FlowStore, Protocol):
         already owned by ``worker_id`` are never returned. Each claim increments the
         run's ``fence``; writes with an older fence fail with ``LeaseLost``.
         ``versions`` keeps only runs pinned to one of them or to no version;
-        ``run_ids`` only those runs (see docs/operating.md, versions).
+        ``run_ids`` only those runs (see docs/operating.md, versions). A parked run
+        (:mod:`cantata.store.parking`) is claimable only once woken, or, with ``now``,
+        once its ``wake_at`` is at or before ``now``; the claim clears its parking.
         """
 
     async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:
@@ -221,7 +225,8 @@ class Store(FlowStore, Protocol):
         appends ``write.events`` (as :meth:`append_events`), creates
         ``write.tasks`` (a ``task_id`` that exists is left alone; a task without a
         correlation id gets the run's), then changes status, result, error and
-        flags; ``release`` clears the owner. Writes one audit record when the
+        flags; ``release`` clears the owner; ``wake`` wakes that run if parked
+        (a parent waiting for this run in ``ctx.call``). Writes one audit record when the
         checkpoint is a state change (see the module docstring); listeners hear
         ``runs``, plus ``events`` and ``tasks`` when there were any.
 
@@ -307,9 +312,11 @@ class Store(FlowStore, Protocol):
         versions: Sequence[str],
         stale_before: float,
         limit: int,
+        now: float | None = None,
     ) -> list[RunRecord]:
-        """Runs :meth:`claim_runs` could give ``worker_id`` but that are pinned to a
-        version not in ``versions`` (read only: a worker checks it can replay them)."""
+        """Runs :meth:`claim_runs` could give ``worker_id`` (with the same ``now``) but
+        that are pinned to a version not in ``versions`` (read only: a worker checks
+        it can replay them)."""
 
     async def retry_run(
         self,

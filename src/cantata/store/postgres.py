@@ -44,6 +44,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import postgres_console as console
+from cantata.store import postgres_onetrip as onetrip
 from cantata.store import postgres_operate as operate
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
@@ -72,6 +73,7 @@ from cantata.store.postgres_ops import (
     event_row,
     run_row,
 )
+from cantata.store.postgres_parking import PostgresParking
 from cantata.store.postgres_pool import PgPool
 from cantata.store.tx import T, TxBody
 
@@ -80,7 +82,7 @@ log = logging.getLogger("cantata.store")
 TASK_OUTCOMES = ("done", "failed", "retry")
 
 
-class PostgresStore(PostgresFlow):
+class PostgresStore(PostgresFlow, PostgresParking):
     """A :class:`~cantata.store.base.Store` on PostgreSQL.
 
     Args:
@@ -100,7 +102,7 @@ class PostgresStore(PostgresFlow):
         self._db = PgPool(
             url, pool_size=pool_size, connect_timeout=connect_timeout, on_change=self._emit
         )
-        self._w = BatchWriter(self._db, writers=writers)
+        self._w = BatchWriter(self._db, writers=writers, one_statement=onetrip)
 
     async def open(self) -> None:
         """Connect (retrying briefly), migrate the schema, open the pool and LISTEN."""
@@ -209,12 +211,13 @@ class PostgresStore(PostgresFlow):
         limit: int,
         versions: Sequence[str] | None = None,
         run_ids: Sequence[str] | None = None,
+        now: float | None = None,
     ) -> list[RunRecord]:
         if not workflows or (run_ids is not None and not run_ids):
             return []
         return await self._w.run(
             lambda c, b: writes.claim_runs(c, b, app, worker_id, workflows, stale_before, limit,
-                                           versions, run_ids)
+                                           versions, run_ids, now)
         )
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
@@ -225,7 +228,8 @@ class PostgresStore(PostgresFlow):
     ) -> RunRecord | None:
         async with self._db.tx() as c:
             status = await c.execute(
-                f"UPDATE runs SET cancel_requested=true, updated_at=$3 WHERE app=$1 "
+                "UPDATE runs SET cancel_requested=true, updated_at=$3, wake_at=NULL, "
+                f"waits_for=NULL, wait_match=NULL WHERE app=$1 "
                 f"AND run_id=$2 AND status IN {LIVE_SQL}",
                 app, run_id, time.time(),
             )
@@ -358,12 +362,13 @@ class PostgresStore(PostgresFlow):
         versions: Sequence[str],
         stale_before: float,
         limit: int,
+        now: float | None = None,
     ) -> list[RunRecord]:
         if not workflows:
             return []
         async with self._db.conn() as c:
             return await operate.foreign_runs(
-                c, app, worker_id, workflows, versions, stale_before, limit
+                c, app, worker_id, workflows, versions, stale_before, limit, now
             )
 
     async def retry_run(

@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -119,6 +119,22 @@ Op = Callable[[Conn, Batch], Awaitable[T]]
 Many = Callable[[Conn, Batch, list[A]], Awaitable[list[T | Refused]]]
 
 
+class OneStatement(Protocol):
+    """A whole batch of grouped operations as one statement, without BEGIN or COMMIT
+    (see :mod:`cantata.store.postgres_onetrip`)."""
+
+    def eligible(self, shares: Sequence[tuple[Any, Any]]) -> bool:
+        """Whether these ``(many, arg)`` shares can go as one statement."""
+
+    async def write(
+        self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
+    ) -> list[Any]:
+        """One result (or :class:`Refused`) per share."""
+
+    def falls_back(self, exc: BaseException) -> bool:
+        """Whether ``exc`` from :meth:`write` asks for a transaction instead."""
+
+
 @dataclass(slots=True, eq=False)
 class _Item:
     op: Op[Any] | None  # one operation...
@@ -151,10 +167,16 @@ class BatchWriter:
         db: the store's pool.
         writers: most transactions in flight at once.
         max_batch: most operations in one transaction.
+        one_statement: writes a batch of some grouped kinds as one statement in a
+            transaction of its own (one round trip instead of BEGIN ... COMMIT).
     """
 
-    def __init__(self, db: PgPool, *, writers: int = WRITERS, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, db: PgPool, *, writers: int = WRITERS, max_batch: int = MAX_BATCH,
+        one_statement: OneStatement | None = None,
+    ) -> None:
         self._db = db
+        self._one = one_statement
         # app -> the key of its audit chain (the store's, set by PostgresStore)
         self.audit_keys: dict[str, audit.AuditKey] = {}
         self.writers = writers
@@ -210,9 +232,23 @@ class BatchWriter:
             while self._queue:
                 items = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
-                await self._apply([i for i in items if not i.future.done()])
+                for part in self._split([i for i in items if not i.future.done()]):
+                    await self._apply(part)
         finally:
             self._draining -= 1
+
+    def _split(self, items: list[_Item]) -> list[list[_Item]]:
+        """The transactions for ``items``: the shares that can go as one statement on
+        their own (a claim among checkpoints would send them all the long way), then
+        the rest. Callers that did not wait for each other may see either order."""
+        if self._one is None:
+            return [items]
+        shares = [i for i in items if i.many is not None]
+        if not shares or len(shares) == len(items):
+            return [items]
+        if not self._one.eligible([(i.many, i.arg) for i in shares]):
+            return [items]
+        return [shares, [i for i in items if i.many is None]]
 
     async def _apply(self, items: list[_Item]) -> None:
         """Commit ``items`` (dropping those that fail), then resolve every future."""
@@ -258,6 +294,10 @@ class BatchWriter:
         operation that failed (``None`` for a grouped call) and its error. A lost
         connection or a failed COMMIT raises.
         """
+        if grouped and self._one is not None and all(i.many is not None for i in todo):
+            shares = [(i.many, i.arg) for i in todo]
+            if self._one.eligible(shares):
+                return await self._one_statement(c, todo, shares)
         batch = Batch()
         await c.execute(_BEGIN)
         try:
@@ -276,6 +316,25 @@ class BatchWriter:
                 except Exception:
                     log.debug("rollback after a failed write batch failed", exc_info=True)
             raise
+        return None
+
+    async def _one_statement(
+        self, c: Conn, todo: list[_Item], shares: list[tuple[Any, Any]]
+    ) -> tuple[_Item | None, Exception] | None:
+        """:meth:`_transaction` as one statement: nothing is written if it fails."""
+        assert self._one is not None
+        try:
+            outs = await self._one.write(c, shares, self.audit_keys)
+        except CONN_ERRORS:
+            raise
+        except Exception as exc:  # like a failed grouped call: run each one in turn
+            if not self._one.falls_back(exc):
+                log.debug("one-statement write batch failed: %s", exc)
+            return None, exc
+        for item, out in zip(todo, outs, strict=True):
+            item.result, item.refusal = (
+                (None, out.error) if isinstance(out, Refused) else (out, None)
+            )
         return None
 
 

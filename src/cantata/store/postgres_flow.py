@@ -24,10 +24,12 @@ from cantata.model.flow import (
     plan_admissions,
     plan_slot,
 )
+from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord
 from cantata.store.base import RUNS
 from cantata.store.postgres_batch import Batch, BatchWriter, Refused
 from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, run_row
+from cantata.store.postgres_parking import UNPARK
 from cantata.store.postgres_writes import create_runs
 
 if TYPE_CHECKING:
@@ -71,6 +73,12 @@ async def _create_queued(
         await c.executemany(
             "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, priority, "
             "seq) VALUES ($1,$2,$3,$4,$5,$6,$7)", rows,
+        )
+        # Parked until admitted: claims do not look at them (store/parking.py).
+        await c.execute(
+            "UPDATE runs r SET wake_at=$1 FROM unnest($2::text[], $3::text[]) AS q(app, run_id) "
+            "WHERE r.app=q.app AND r.run_id=q.run_id",
+            FOREVER, [r[0] for r in rows], [r[1] for r in rows],
         )
     return out
 
@@ -177,7 +185,7 @@ class PostgresFlow:
             if not admit:
                 return QueueClaim([], retry_at, waiting)
             rows = await c.fetch(
-                f"UPDATE runs r SET owner=$2, fence=r.fence+1 WHERE r.app=$1 "
+                f"UPDATE runs r SET owner=$2, fence=r.fence+1, {UNPARK} WHERE r.app=$1 "
                 f"AND r.run_id = ANY($3::text[]) AND r.status='pending' "
                 f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
                 app, worker_id, admit,

@@ -99,16 +99,24 @@ def _like_prefix(prefix: str) -> str:
 
 async def foreign_runs(
     c: Conn, app: str, worker_id: str, workflows: Sequence[str], versions: Sequence[str],
-    stale_before: float, limit: int,
+    stale_before: float, limit: int, now: float | None = None,
 ) -> list[RunRecord]:
+    # Runs that are not parked, and (with ``now``) parked runs that are due: each by
+    # its index, never a scan of the parked runs (store/parking.py).
     rows = await c.fetch(
-        f"SELECT {_R_RUN_COLS} FROM runs r WHERE r.app=$1 AND r.status IN {LIVE_SQL} "
+        f"SELECT * FROM (SELECT {_R_RUN_COLS} FROM runs r WHERE r.app=$1 "
+        f"AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL "
         "AND r.workflow = ANY($2::text[]) AND r.version IS NOT NULL "
         "AND NOT (r.version = ANY($3::text[])) "
         "AND (r.owner IS NULL OR (r.owner<>$4 AND NOT EXISTS (SELECT 1 FROM workers w "
         " WHERE w.app=r.app AND w.worker_id=r.owner AND w.heartbeat_at >= $5))) "
-        "ORDER BY r.created_at LIMIT $6",
-        app, list(workflows), list(versions), worker_id, stale_before, limit,
+        f"UNION ALL SELECT {_R_RUN_COLS} FROM runs r WHERE $7::float8 IS NOT NULL "
+        "AND r.app=$1 AND r.wake_at IS NOT NULL AND r.wake_at <= $7::float8 "
+        f"AND r.status IN {LIVE_SQL} AND r.owner IS NULL "
+        "AND r.workflow = ANY($2::text[]) AND r.version IS NOT NULL "
+        "AND NOT (r.version = ANY($3::text[]))) f "
+        "ORDER BY f.created_at LIMIT $6",
+        app, list(workflows), list(versions), worker_id, stale_before, limit, now,
     )
     return [run_row(r) for r in rows]
 

@@ -41,6 +41,7 @@ from cantata.store.postgres_ops import (
     event_row,
     run_row,
 )
+from cantata.store.postgres_parking import wake_parents
 from cantata.store.postgres_pool import Conn, Row
 
 # -- runs -------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ async def create_runs(
     out: list[tuple[RunRecord, bool] | Refused] = []
     for run, first in calls:
         if run.run_id in inserted:
-            if run.owner is None:  # claimable by any worker (see _wakes_runs)
+            if run.owner is None:  # claimable by any worker (see wakes_runs)
                 b.notify(run.app, RUNS)
             b.audit(run.app, audit.run_created_entry(
                 run.run_id, run.workflow, run.correlation_id, run.parent_run_id
@@ -83,38 +84,45 @@ async def create_runs(
                 firsts.append((run.app, run.run_id, run.fence, first))
             out.append((run, True))
             continue
-        row = await c.fetchrow(
-            f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND idempotency_key=$2",
-            run.app, run.idempotency_key,
-        )
-        assert row is not None
-        existing = run_row(row)
-        if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
-            out.append(Refused(IdempotencyConflict(
-                f"idempotency key {run.idempotency_key!r} was already used for run "
-                f"{existing.run_id} of {existing.workflow} with different arguments; use a "
-                "new key for a new request"
-            )))
-        else:
-            out.append((existing, False))
+        out.append(await existing_run(c, run))
     if firsts:
         refused = await commit_runs(c, b, firsts)
         assert not any(refused)  # inserted just now, with these fences
     return out
 
 
+async def existing_run(c: Conn, run: RunRecord) -> tuple[RunRecord, bool] | Refused:
+    """The run that took ``run``'s idempotency key first, or a refusal when it was
+    started with other arguments."""
+    row = await c.fetchrow(
+        f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND idempotency_key=$2",
+        run.app, run.idempotency_key,
+    )
+    assert row is not None
+    existing = run_row(row)
+    if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
+        return Refused(IdempotencyConflict(
+            f"idempotency key {run.idempotency_key!r} was already used for run "
+            f"{existing.run_id} of {existing.workflow} with different arguments; use a "
+            "new key for a new request"
+        ))
+    return existing, False
+
+
 async def claim_runs(
     c: Conn, b: Batch, app: str, worker_id: str, workflows: Sequence[str],
     stale_before: float, limit: int, versions: Sequence[str] | None = None,
-    run_ids: Sequence[str] | None = None,
+    run_ids: Sequence[str] | None = None, now: float | None = None,
 ) -> list[RunRecord]:
     # MATERIALIZED: the pick runs once (a rescanned LIMIT ... SKIP LOCKED subquery
     # yields more rows). The owner's liveness is a correlated subquery, not a join,
     # so that when a locked row was claimed meanwhile, the READ COMMITTED re-check
-    # sees the new owner's heartbeat.
+    # sees the new owner's heartbeat. Parked runs (wake_at set) are picked apart, by
+    # the runs_parked index up to ``now``, only when due.
     rows = await c.fetch(
         f"WITH pick AS MATERIALIZED ("
         f" SELECT run_id FROM runs c WHERE c.app=$1 AND c.status IN {LIVE_SQL}"
+        f"  AND c.wake_at IS NULL"
         f"  AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR (c.owner<>$3 AND"
         f"  NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app"
         f"   AND w.worker_id=c.owner AND w.heartbeat_at >= $4)))"
@@ -123,12 +131,22 @@ async def claim_runs(
         # a run waiting in a queue begins through claim_queued_runs (or is cancelled)
         f"  AND (c.cancel_requested OR NOT EXISTS (SELECT 1 FROM queue_runs q"
         f"   WHERE q.app=c.app AND q.run_id=c.run_id AND q.began_at IS NULL))"
-        f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED)"
-        f" UPDATE runs r SET owner=$3, fence=r.fence+1 FROM pick"
-        f" WHERE r.app=$1 AND r.run_id=pick.run_id"
+        f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED),"
+        f" due AS MATERIALIZED ("
+        f" SELECT run_id FROM runs c WHERE $8::float8 IS NOT NULL AND c.app=$1"
+        f"  AND c.wake_at IS NOT NULL AND c.wake_at <= $8::float8 AND c.owner IS NULL"
+        f"  AND c.status IN {LIVE_SQL} AND c.workflow = ANY($2::text[])"
+        f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[]))"
+        f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
+        f" ORDER BY c.wake_at LIMIT greatest($5 - (SELECT count(*) FROM pick), 0)"
+        f" FOR UPDATE SKIP LOCKED)"
+        f" UPDATE runs r SET owner=$3, fence=r.fence+1, wake_at=NULL, waits_for=NULL,"
+        f" wait_match=NULL FROM (SELECT run_id FROM pick UNION ALL SELECT run_id FROM due) p"
+        f" WHERE r.app=$1 AND r.run_id=p.run_id"
         f" RETURNING {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))}",
         app, list(workflows), worker_id, stale_before, limit,
         None if versions is None else list(versions), None if run_ids is None else list(run_ids),
+        now,
     )
     return [run_row(r) for r in rows]
 
@@ -196,7 +214,7 @@ _COMMIT_ALL = (
 )
 
 
-def _merged(
+def merged(
     rows: list[tuple[Any, ...]], width: int, kept: frozenset[int], key: int
 ) -> list[list[Any]]:
     """``rows`` as ``width`` columns, one row per key (its first ``key`` values): as if
@@ -209,28 +227,27 @@ def _merged(
         by_key[k] = row if first is None else tuple(
             first[j] if j in kept else row[j] for j in range(width)
         )
-    return _columns(list(by_key.values()), width)
+    return columns(list(by_key.values()), width)
 
 
-def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows as ``width`` column lists (the arrays a statement unnests)."""
-    cols: list[list[Any]] = [[] for _ in range(width)]
-    for row in rows:
-        for col, value in zip(cols, row, strict=True):
-            col.append(value)
-    return cols
+    if not rows:
+        return [[] for _ in range(width)]
+    assert all(len(row) == width for row in rows)
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 # Columns an upsert keeps as first written: history's key, kind, name and seq;
 # attempts' key and started_at.
-_HISTORY_KEPT = frozenset({0, 1, 2, 3, 4, 6})
-_ATTEMPT_KEPT = frozenset({0, 1, 2, 3, 4})
+HISTORY_KEPT = frozenset({0, 1, 2, 3, 4, 6})
+ATTEMPT_KEPT = frozenset({0, 1, 2, 3, 4})
 
 
 Checkpoint = tuple[str, str, int, RunWrite]  # app, run_id, fence, write
 
 
-def _wakes_runs(w: RunWrite) -> bool:
+def wakes_runs(w: RunWrite) -> bool:
     """Whether a checkpoint is news on the ``runs`` channel: the run ended or was let
     go (what ``result()`` waiters, parent runs and claimers wait for). The checkpoints
     in between are not: a NOTIFY costs its COMMIT about half a millisecond."""
@@ -252,34 +269,44 @@ async def commit_runs(c: Conn, b: Batch, calls: list[Checkpoint]) -> list[Refuse
     else:
         applied = await _commit_in_turn(c, calls, order, now)
     out: list[Refused | None] = [None] * len(calls)
+    woken: dict[str, list[str]] = {}
     for i in order:
         app, run_id, fence, w = calls[i]
         row = applied.get(i)
         if row is None:
-            out[i] = Refused(LeaseLost(
-                f"run {run_id} was taken over by another worker (fence {fence} is stale); "
-                "this worker stops executing it"
-            ))
+            out[i] = lease_lost(run_id, fence)
             continue
         if w.events:
             await append(c, b, app, w.events)
         if w.tasks:
             await ops.insert_tasks(c, app, row[3], w.tasks)
-        if _wakes_runs(w):
+        if w.wake is not None:
+            woken.setdefault(app, []).append(w.wake)
+        if wakes_runs(w):
             b.notify(app, RUNS)
         if w.tasks:
             b.notify(app, TASKS)
         b.audit(app, audit.checkpoint_entry(run_id, row[1], row[2], w))
+    for app, parents in woken.items():
+        await wake_parents(c, app, parents)
     return out
 
 
-def _run_row(i: int, call: Checkpoint) -> tuple[Any, ...]:
+def lease_lost(run_id: str, fence: int) -> Refused:
+    """The refusal of a checkpoint whose fence no longer holds."""
+    return Refused(LeaseLost(
+        f"run {run_id} was taken over by another worker (fence {fence} is stale); "
+        "this worker stops executing it"
+    ))
+
+
+def run_args(i: int, call: Checkpoint) -> tuple[Any, ...]:
     app, run_id, fence, w = call
     return (app, run_id, fence, None if w.status is None else str(w.status), w.result,
             w.error, w.flagged, w.release, i)
 
 
-def _history_rows(calls: list[Checkpoint]) -> list[tuple[Any, ...]]:
+def history_rows(calls: list[Checkpoint]) -> list[tuple[Any, ...]]:
     return [
         (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error, e.error_type,
          e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
@@ -288,7 +315,7 @@ def _history_rows(calls: list[Checkpoint]) -> list[tuple[Any, ...]]:
     ]
 
 
-def _attempt_rows(calls: list[Checkpoint]) -> list[tuple[Any, ...]]:
+def attempt_rows(calls: list[Checkpoint]) -> list[tuple[Any, ...]]:
     return [
         (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
         for app, run_id, _, w in calls
@@ -299,9 +326,9 @@ def _attempt_rows(calls: list[Checkpoint]) -> list[tuple[Any, ...]]:
 async def _commit_all(c: Conn, calls: list[Checkpoint], now: float) -> dict[int, Row]:
     """The checkpoints of different runs, in one statement (:data:`_COMMIT_ALL`)."""
     rows = await c.fetch(
-        _COMMIT_ALL, *_columns([_run_row(i, call) for i, call in enumerate(calls)], 9), now,
-        *_merged(_history_rows(calls), 15, _HISTORY_KEPT, key=3),
-        *_merged(_attempt_rows(calls), 8, _ATTEMPT_KEPT, key=4),
+        _COMMIT_ALL, *columns([run_args(i, call) for i, call in enumerate(calls)], 9), now,
+        *merged(history_rows(calls), 15, HISTORY_KEPT, key=3),
+        *merged(attempt_rows(calls), 8, ATTEMPT_KEPT, key=4),
     )
     return {r[0]: r for r in rows}
 
@@ -312,13 +339,13 @@ async def _commit_in_turn(
     """Checkpoints among which a run comes twice: each statement once per checkpoint
     (or entry, or attempt), pipelined, in call order."""
     rows = await c.fetchmany(_COMMIT_RUN, [
-        (*row[:3], now, *row[3:]) for i in order for row in (_run_row(i, calls[i]),)
+        (*row[:3], now, *row[3:]) for i in order for row in (run_args(i, calls[i]),)
     ])
     applied: dict[int, Row] = {r[0]: r for r in rows}
     done = [calls[i] for i in order if i in applied]
-    if history := _history_rows(done):
+    if history := history_rows(done):
         await c.executemany(_UPSERT_HISTORY, history)
-    if attempts := _attempt_rows(done):
+    if attempts := attempt_rows(done):
         await c.executemany(ops.UPSERT_ATTEMPTS, attempts)
     return applied
 

@@ -65,6 +65,7 @@ from cantata.store.sqlite_ops import (
     event_row,
     run_row,
 )
+from cantata.store.sqlite_parking import UNPARK, SQLiteParking, wake_parent
 from cantata.store.sqlite_thread import ConnectionThread, TxConnection
 from cantata.store.tx import T, TxBody
 
@@ -81,7 +82,7 @@ def _channels(write: RunWrite | None) -> tuple[str, ...]:
     return tuple(channels)
 
 
-class SQLiteStore(SQLiteFlow):
+class SQLiteStore(SQLiteFlow, SQLiteParking):
     """A :class:`~cantata.store.base.Store` on one SQLite file (or in memory).
 
     Args:
@@ -292,6 +293,7 @@ class SQLiteStore(SQLiteFlow):
         limit: int,
         versions: Sequence[str] | None = None,
         run_ids: Sequence[str] | None = None,
+        now: float | None = None,
     ) -> list[RunRecord]:
         if not workflows or (run_ids is not None and not run_ids):
             return []
@@ -303,17 +305,33 @@ class SQLiteStore(SQLiteFlow):
         if run_ids is not None:
             extra += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"
             more += list(run_ids)
+        # Runs that are not parked (runs_claimable), and parked runs that are due
+        # (runs_parked, an index range up to ``now``): no scan of parked runs.
+        due = ""
+        due_params: list[Any] = []
+        if now is not None:
+            due = (
+                f" UNION ALL SELECT rid FROM (SELECT r.rowid AS rid FROM runs r"
+                f" INDEXED BY runs_parked"
+                f" WHERE r.app=? AND r.wake_at IS NOT NULL AND r.wake_at<=?"
+                f"  AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks}) AND r.owner IS NULL"
+                f"{extra} ORDER BY r.wake_at LIMIT ?)"
+            )
+            due_params = [app, now, *workflows, *more, limit]
 
         def op(c: sqlite3.Connection) -> list[RunRecord]:
             rows = c.execute(
-                f"UPDATE runs SET owner=?, fence=fence+1 WHERE app=? AND rowid IN ("
-                f" SELECT r.rowid FROM runs r INDEXED BY runs_live LEFT JOIN workers w"
-                f"  ON w.app=r.app AND w.worker_id=r.owner"
-                f" WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks})"
+                # By rowid alone: with ``app=?`` here the planner scanned the app's runs.
+                f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE rowid IN ("
+                f" SELECT rid FROM (SELECT r.rowid AS rid FROM runs r INDEXED BY runs_claimable"
+                f"  LEFT JOIN workers w ON w.app=r.app AND w.worker_id=r.owner"
+                f"  WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL"
+                f"  AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
-                f" ORDER BY r.created_at LIMIT ?) RETURNING {RUN_COLS}",
-                (worker_id, app, app, *workflows, worker_id, stale_before, *more, limit),
+                f"  ORDER BY r.created_at LIMIT ?){due} LIMIT ?) RETURNING {RUN_COLS}",
+                (worker_id, app, *workflows, worker_id, stale_before, *more, limit,
+                 *due_params, limit),
             ).fetchall()
             return [run_row(r) for r in rows]
 
@@ -394,6 +412,8 @@ class SQLiteStore(SQLiteFlow):
             f"UPDATE runs SET {', '.join(sets)} WHERE app=? AND run_id=?",
             (*params, app, run_id),
         )
+        if write.wake is not None:
+            wake_parent(c, app, write.wake)
         entry = audit.checkpoint_entry(run_id, owner, old_status, write)
         if entry is not None:
             ops.audit_append(c, app, entry)
@@ -403,8 +423,8 @@ class SQLiteStore(SQLiteFlow):
     ) -> RunRecord | None:
         def op(c: sqlite3.Connection) -> RunRecord | None:
             applied = c.execute(
-                f"UPDATE runs SET cancel_requested=1, updated_at=? WHERE app=? AND run_id=? "
-                f"AND status IN {LIVE_SQL}",
+                f"UPDATE runs SET cancel_requested=1, updated_at=?, {UNPARK} WHERE app=? "
+                f"AND run_id=? AND status IN {LIVE_SQL}",
                 (time.time(), app, run_id),
             ).rowcount
             row = c.execute(
@@ -539,11 +559,12 @@ class SQLiteStore(SQLiteFlow):
         versions: Sequence[str],
         stale_before: float,
         limit: int,
+        now: float | None = None,
     ) -> list[RunRecord]:
         if not workflows:
             return []
         return await self._t.read(lambda c: operate.foreign_runs(
-            c, app, worker_id, workflows, versions or [""], stale_before, limit
+            c, app, worker_id, workflows, versions or [""], stale_before, limit, now
         ))
 
     async def retry_run(

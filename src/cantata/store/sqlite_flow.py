@@ -23,9 +23,11 @@ from cantata.model.flow import (
     plan_admissions,
     plan_slot,
 )
+from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store.base import RUNS
 from cantata.store.sqlite_ops import LIVE_SQL, RUN_COLS, run_row
+from cantata.store.sqlite_parking import UNPARK
 
 if TYPE_CHECKING:
     from cantata.store.sqlite_thread import ConnectionThread
@@ -129,6 +131,9 @@ class SQLiteFlow:
                     (run.app, run.run_id, entry.queue, run.workflow, entry.partition,
                      entry.priority, int(run.created_at * 1e6)),
                 )
+                # Parked until admitted: claims do not look at it (store/parking.py).
+                c.execute("UPDATE runs SET wake_at=? WHERE app=? AND run_id=?",
+                          (FOREVER, run.app, run.run_id))
             return stored, created
 
         return await self._t.write(op, RUNS)
@@ -182,7 +187,7 @@ class SQLiteFlow:
             runs: list[RunRecord] = []
             for run_id in admit:
                 got = c.execute(
-                    f"UPDATE runs SET owner=?, fence=fence+1 WHERE app=? AND run_id=? "
+                    f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE app=? AND run_id=? "
                     f"AND status='pending' AND cancel_requested=0 AND owner IS NULL "
                     f"RETURNING {RUN_COLS}", (worker_id, app, run_id),
                 ).fetchone()

@@ -95,20 +95,29 @@ def runs_by_prefix(c: sqlite3.Connection, app: str, prefix: str, limit: int) -> 
 
 def foreign_runs(
     c: sqlite3.Connection, app: str, worker_id: str, workflows: Sequence[str],
-    versions: Sequence[str], stale_before: float, limit: int,
+    versions: Sequence[str], stale_before: float, limit: int, now: float | None = None,
 ) -> list[RunRecord]:
-    rows = c.execute(
-        f"SELECT {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))} "
-        "FROM runs r INDEXED BY runs_live LEFT JOIN workers w "
+    cols = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
+    wfs, vs = ",".join("?" * len(workflows)), ",".join("?" * len(versions))
+    # Runs that are not parked, and (with ``now``) parked runs that are due: each by
+    # its index, never a scan of the parked runs (store/parking.py).
+    sql = (
+        f"SELECT {cols} FROM runs r INDEXED BY runs_claimable LEFT JOIN workers w "
         "ON w.app=r.app AND w.worker_id=r.owner "
-        f"WHERE r.app=? AND r.status IN {LIVE_SQL} "
-        f"AND r.workflow IN ({','.join('?' * len(workflows))}) "
-        "AND r.version IS NOT NULL "
-        f"AND r.version NOT IN ({','.join('?' * len(versions))}) "
+        f"WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL "
+        f"AND r.workflow IN ({wfs}) AND r.version IS NOT NULL AND r.version NOT IN ({vs}) "
         "AND (r.owner IS NULL OR (r.owner<>? AND (w.worker_id IS NULL OR w.heartbeat_at < ?))) "
-        "ORDER BY r.created_at LIMIT ?",
-        (app, *workflows, *versions, worker_id, stale_before, limit),
-    ).fetchall()
+    )
+    params: list[object] = [app, *workflows, *versions, worker_id, stale_before]
+    if now is not None:
+        sql += (
+            f"UNION ALL SELECT {cols} FROM runs r INDEXED BY runs_parked "
+            f"WHERE r.app=? AND r.wake_at IS NOT NULL AND r.wake_at<=? "
+            f"AND r.status IN {LIVE_SQL} AND r.owner IS NULL AND r.workflow IN ({wfs}) "
+            f"AND r.version IS NOT NULL AND r.version NOT IN ({vs}) "
+        )
+        params += [app, now, *workflows, *versions]
+    rows = c.execute(sql + "ORDER BY 14 LIMIT ?", (*params, limit)).fetchall()
     return [run_row(r) for r in rows]
 
 

@@ -1,0 +1,187 @@
+"""Parked runs cost no memory (docs/architecture.md, parking).
+
+A run that waits in ``ctx.sleep``, ``ctx.wait_for_event`` or ``ctx.call`` longer than
+``App(park_after=...)`` seconds, or that falls out of the hot cache of
+``App(hot_runs=...)`` waiting runs, is evicted: its pending checkpoint is committed,
+the run is released in the store with what wakes it (:class:`Parking`), and its
+execution ends. It is then an unowned run that no claim takes until it is due
+(its timer, the wait's timeout or the run's deadline), woken (a matching event, the
+end of the child it waits for) or cancelled; then any worker serving its workflow
+claims it and replays its history, the path crash recovery takes (docs/leases.md).
+
+The wake-ups, and why none is lost:
+
+- a timer: ``Store.claim_runs(now=...)`` takes due runs; each worker's claim loop
+  sleeps until the next ``wake_at`` (``Store.next_wake``).
+- an event: every poll, :func:`wake_for_events` reads the new events of each type
+  parked runs wait for and wakes the waits they match (``Store.wake_waiting``). An
+  event stored before the run was parked is found by the look made right after the
+  park commit (:func:`evict`), which wakes the run again if it matches.
+- a child's end: the child's final checkpoint wakes its parent in the same
+  transaction (``RunWrite.wake``); a child that ended before the park is found by
+  the same look.
+- a cancellation: ``Store.request_cancel`` wakes the run; a park committed after a
+  cancel request leaves the run claimable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from cantata.errors import LeaseLost, StoreError
+from cantata.model import parking as rules
+from cantata.model.parking import FOREVER, Parking
+from cantata.model.records import RunWrite
+from cantata.quietlog import reason
+
+from .clock import SystemClock
+from .signals import _Abandon
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .runner import RunExecution
+
+log = logging.getLogger("cantata.engine")
+
+
+class Evicted(BaseException):
+    """Internal: the run was parked in the store; its execution here ends."""
+
+
+def parking_for(
+    wake_at: float | None, event_type: str | None = None, match: Any = None
+) -> Parking:
+    """What wakes a run parked in a wait until ``wake_at`` (``None``: no time limit),
+    for an event of ``event_type`` matching ``match`` if given. The run's deadline is
+    folded in by :func:`with_deadline`."""
+    due = FOREVER if wake_at is None else wake_at
+    if event_type is None:
+        return Parking(due)
+    waits_for, wait_match = rules.event_wait(event_type, match)
+    return Parking(due, waits_for, wait_match)
+
+
+def with_deadline(parking: Parking, deadline_at: float | None) -> Parking:
+    """``parking`` due at the latest at the run's deadline (which interrupts it)."""
+    if deadline_at is None or deadline_at >= parking.wake_at:
+        return parking
+    return Parking(deadline_at, parking.waits_for, parking.wait_match)
+
+
+class HotRuns:
+    """Which waiting executions stay in memory: the ``hot_runs`` most recently parked
+    in a wait, each for at most ``park_after`` seconds."""
+
+    def __init__(self, engine: Engine, park_after: float | None, hot_runs: int) -> None:
+        self.engine = engine
+        self.park_after = park_after
+        self.hot_runs = hot_runs
+        # A clock that skips time (cantata.testing) only moves for waits in memory.
+        self.enabled = park_after is not None and isinstance(engine.clock, SystemClock)
+        self._idle: dict[str, RunExecution] = {}  # insertion order: oldest first
+        self.checked_at = 0.0  # wall time of the last look for parked waits' events
+        self.seen: dict[str, set[str]] = {}  # event type -> ids seen by that look
+
+    def enter(self, x: RunExecution) -> None:
+        """``x`` waits in a wait it may be evicted from."""
+        idle = self._idle
+        idle.pop(x.run.run_id, None)
+        idle[x.run.run_id] = x
+        while len(idle) > self.hot_runs:
+            oldest = next(iter(idle))
+            cold = idle.pop(oldest)
+            cold.evict_now = True
+            cold.wakeup.set()
+
+    def leave(self, x: RunExecution) -> None:
+        if self._idle.get(x.run.run_id) is x:
+            del self._idle[x.run.run_id]
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+
+def can_evict(x: RunExecution) -> bool:
+    """Only a run whose one activity is this wait: no step running, nothing held."""
+    return (
+        x.waiting == 1 and not x.bodies and not x.inflight and not x.compensating
+        and x.stored and not x.engine.draining and not x.interrupt.done()
+        and x.engine.serving and not x.run.status.is_final
+    )
+
+
+async def evict(
+    x: RunExecution, parking: Parking, wake: Callable[[], Awaitable[bool]] | None
+) -> None:
+    """Park ``x``'s run in the store and end its execution (raises :class:`Evicted`).
+
+    Returns (the run stays in memory) when it cannot be parked now.
+    """
+    engine, run = x.engine, x.run
+    if x.pending or x.pending_attempts or x.pending_status is not None:
+        await x.commit(RunWrite())  # what ctx.now() and friends recorded
+    async with x.commit_lock:
+        if x.pending or x.pending_attempts or not can_evict(x):
+            return
+        x.evicting = True
+        try:
+            await engine.store.park_run(run.app, run.run_id, run.fence, parking)
+        except LeaseLost:
+            raise _Abandon() from None
+        except StoreError as exc:
+            x.evicting = False
+            engine.quiet.warning("park", "run %s: could not park it (%s); it stays in memory",
+                                 run.run_id, reason(exc))
+            return
+        x.evicted = True
+    # What arrived before the park commit: the look the wait would have made.
+    try:
+        if wake is not None and await wake():
+            await engine.store.wake_runs(run.app, [run.run_id])
+    except Exception as exc:  # be safe: wake it, it looks again when claimed
+        log.warning("run %s: the look after parking it failed (%s); waking it",
+                    run.run_id, reason(exc))
+        try:
+            await engine.store.wake_runs(run.app, [run.run_id])
+        except Exception:
+            log.warning("run %s: could not wake it; it wakes at its due time", run.run_id)
+    engine.metrics.parked += 1
+    raise Evicted()
+
+
+async def wake_for_events(engine: Engine) -> None:
+    """Wake the parked waits that the events stored since the last look match."""
+    hot = engine.hot
+    now = time.time()
+    since = (hot.checked_at or now) - 1.0  # margin: late commits
+    hot.checked_at = now
+    waits = await engine.store.parked_waits(engine.app)
+    by_type: dict[str, list[str]] = {}
+    for waits_for in waits:
+        event_type, _ = rules.split_waits_for(waits_for)
+        by_type.setdefault(event_type, []).append(waits_for)
+    for event_type, kinds in by_type.items():
+        seen = hot.seen.get(event_type, set())
+        limit = 1000
+        while True:  # all of them: one not read now would be behind the next look
+            events = await engine.store.find_events(
+                engine.app, event_type, since=since, exclude=sorted(seen), limit=limit,
+            )
+            if len(events) < limit:
+                break
+            limit *= 4
+        hot.seen[event_type] = {e.id for e in events}
+        datas = [e.data for e in events if engine.signer.accepts(e)]
+        if not datas:
+            continue
+        for waits_for in kinds:
+            _, keys = rules.split_waits_for(waits_for)
+            matches = rules.candidates(keys, datas)
+            if matches:
+                await engine.store.wake_waiting(engine.app, waits_for, matches)
+    for event_type in list(hot.seen):
+        if event_type not in by_type:
+            del hot.seen[event_type]

@@ -1,0 +1,203 @@
+"""Run creations and checkpoints in one round trip: a single-statement transaction.
+
+A batch of the group-committed writer that holds only run creations and
+checkpoints (the whole hot path of a saga) is written by one call of the
+server-side function ``cantata_write_runs`` (migration 0011), sent without BEGIN
+or COMMIT: PostgreSQL runs a lone statement as its own transaction, so the batch
+costs one round trip and one WAL flush instead of four (BEGIN, the writes, the
+audit append, COMMIT). The function does what :func:`postgres_writes.create_runs`
+and :func:`postgres_writes.commit_runs` followed by the audit append do in a
+transaction; durability is the same (``synchronous_commit`` as the server has it).
+
+What SQL cannot know in advance is computed here: each audit record's canonical
+text, with both variants of a checkpoint's record (its status changed or not,
+decided in SQL from the row as locked). Checkpoints that append events or create
+tasks or wake a parked run, or two checkpoints of one run, take the transactional
+path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from json.encoder import encode_basestring_ascii as _quoted
+from typing import Any
+
+import asyncpg
+
+from cantata.model.records import RunRecord, RunWrite
+from cantata.store import audit
+from cantata.store import postgres_writes as writes
+from cantata.store.base import RUNS
+from cantata.store.postgres_pool import Conn
+
+_PARAMS = 73
+_CALL = (
+    "SELECT out_kind, out_i, out_owner, out_status, out_correlation_id FROM "
+    f"cantata_write_runs({', '.join(f'${i}' for i in range(1, _PARAMS + 1))})"
+)
+# Raised by the function for a record it cannot spell as Python does: run the batch
+# as a transaction instead.
+NOT_HERE = "CN001"
+
+
+def _simple(w: RunWrite | None) -> bool:
+    # A checkpoint that wakes a parked parent (RunWrite.wake) takes the transactional
+    # path, which wakes it in the same transaction (store/parking.py).
+    return w is None or (not w.events and not w.tasks and w.wake is None)
+
+
+def eligible(shares: Sequence[tuple[Any, Any]]) -> bool:
+    """Whether a batch's operations (``(many, arg)`` each) can go as one statement."""
+    seen: set[tuple[str, str]] = set()
+    for many, arg in shares:
+        if many is writes.create_runs:
+            run, first = arg
+            key = (run.app, run.run_id)
+            if not _simple(first):
+                return False
+        elif many is writes.commit_runs:
+            app, run_id, _, w = arg
+            key = (app, run_id)
+            if not _simple(w):
+                return False
+        else:
+            return False
+        if key in seen:
+            return False
+        seen.add(key)
+    return True
+
+
+def _record_variant(
+    run_id: str, w: RunWrite, old_status: str
+) -> tuple[str | None, str | None, str | None]:
+    """Action, data and the tail after the actor of a checkpoint's record, as if the
+    run's status before it was ``old_status`` (all ``None``: no record)."""
+    entry = audit.checkpoint_entry(run_id, None, old_status, w)
+    if entry is None:
+        return None, None, None
+    _, action, target, data = entry
+    text = audit.canonical(data)
+    # canonical([action, target, text])[1:], the strings quoted as canonical() does
+    return action, text, f",{_quoted(action)},{_quoted(target)},{_quoted(text)}]"
+
+
+async def write(
+    c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
+) -> list[Any]:
+    """Apply ``shares`` (see :func:`eligible`) in one statement; one result (or
+    :class:`~cantata.store.postgres_batch.Refused`) per share, as the transactional path would give.
+
+    Raises:
+        asyncpg.PostgresError: the statement failed (nothing was written); SQLSTATE
+            :data:`NOT_HERE` when the batch must run as a transaction instead.
+    """
+    now = time.time()
+    creates: list[tuple[int, RunRecord]] = []
+    checkpoints: list[tuple[int, writes.Checkpoint]] = []
+    for n, (many, arg) in enumerate(shares):
+        if many is writes.create_runs:
+            run, first = arg
+            creates.append((n, run))
+            if first is not None:
+                checkpoints.append((-1, (run.app, run.run_id, run.fence, first)))
+        else:
+            checkpoints.append((n, arg))
+    calls = [call for _, call in checkpoints]
+
+    new_cols = writes.columns(
+        [
+            (
+                run.run_id,
+                run.app,
+                run.workflow,
+                str(run.status),
+                run.args,
+                run.created_at,
+                run.updated_at,
+                run.correlation_id,
+                run.causation_id,
+                run.idempotency_key,
+                run.args_hash,
+                run.parent_run_id,
+                run.deadline_at,
+                run.result,
+                run.error,
+                run.cancel_requested,
+                run.owner,
+                run.fence,
+                run.flagged,
+                run.service,
+                run.version,
+                run.epoch,
+            )
+            for _, run in creates
+        ],
+        22,
+    )
+    new_audit: list[tuple[Any, ...]] = []
+    for _, run in creates:
+        actor, action, target, data = audit.run_created_entry(
+            run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+        )
+        text = audit.canonical(data)
+        new_audit.append(
+            (
+                now,
+                audit.tail(now, actor, action, target, text),
+                action,
+                text,
+                f"{run.app}:{RUNS}" if run.owner is None else None,
+            )
+        )
+    rec_audit: list[tuple[Any, ...]] = []
+    now_json = audit.canonical(now)
+    for app, run_id, _, w in calls:
+        changed = _record_variant(run_id, w, "") if w.status is not None else (None,) * 3
+        same = _record_variant(run_id, w, "" if w.status is None else str(w.status))
+        rec_audit.append(
+            (
+                now,
+                now_json,
+                same[0],
+                same[1],
+                same[2],
+                *changed,
+                f"{app}:{RUNS}" if writes.wakes_runs(w) else None,
+            )
+        )
+    key_apps = sorted({run.app for _, run in creates} | {call[0] for call in calls})
+    key_apps = [app for app in key_apps if app in keys]
+
+    rows = await c.fetch(
+        _CALL,
+        *new_cols,
+        *writes.columns(new_audit, 5),
+        *writes.columns([writes.run_args(i, call) for i, call in enumerate(calls)], 9),
+        now,
+        *writes.merged(writes.history_rows(calls), 15, writes.HISTORY_KEPT, key=3),
+        *writes.merged(writes.attempt_rows(calls), 8, writes.ATTEMPT_KEPT, key=4),
+        *writes.columns(rec_audit, 9),
+        key_apps,
+        [keys[a].inner for a in key_apps],
+        [keys[a].outer for a in key_apps],
+        audit.GENESIS_HASH,
+    )
+    inserted = {r[1] for r in rows if r[0] == "n"}
+    applied = {r[1] for r in rows if r[0] == "k"}
+    out: list[Any] = [None] * len(shares)
+    for j, (n, run) in enumerate(creates):
+        out[n] = (run, True) if j in inserted else await writes.existing_run(c, run)
+    for j, (n, (_, run_id, fence, _)) in enumerate(checkpoints):
+        if n >= 0:
+            out[n] = None if j in applied else writes.lease_lost(run_id, fence)
+    return out
+
+
+def falls_back(exc: BaseException) -> bool:
+    """Whether ``exc`` from :func:`write` asks for the transactional path."""
+    return isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == NOT_HERE
+
+
+__all__ = ["eligible", "falls_back", "write"]

@@ -1,0 +1,244 @@
+"""Parked runs cost no memory (engine/parking.py): a waiting run is evicted from its
+worker and resumed from its history when it wakes, for every kind of wake-up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata import (
+    App,
+    RunStatus,
+    WaitTimeout,
+    WorkflowCancelled,
+    WorkflowContext,
+    WorkflowFailed,
+)
+
+from .helpers import eventually, make_app
+
+
+def build(store: str, name: str = "parks", **kw: Any) -> App:
+    kw.setdefault("park_after", 0.0)
+    app = make_app(store, name, **kw)
+
+    @app.step
+    async def double(n: int) -> int:
+        return n * 2
+
+    @app.workflow
+    async def sleeper(ctx: WorkflowContext, n: int) -> dict[str, Any]:
+        a = await ctx.run(double, n)
+        stamp = ctx.uuid()
+        await ctx.sleep(0.6)
+        b = await ctx.run(double, a)
+        return {"a": a, "b": b, "uuid": str(stamp)}
+
+    @app.workflow
+    async def waiter(ctx: WorkflowContext, order: int, first: float) -> dict[str, Any]:
+        await ctx.sleep(first)  # an event may arrive while this sleep is parked
+        try:
+            ev = await ctx.wait_for_event("invoice.approved", match={"order": order},
+                                          timeout=30)
+        except WaitTimeout:
+            return {"timeout": True}
+        return {"amount": ev.data["amount"]}
+
+    @app.workflow
+    async def short_wait(ctx: WorkflowContext) -> str:
+        try:
+            await ctx.wait_for_event("never.comes", timeout=0.8)
+        except WaitTimeout:
+            return "timed out"
+        return "event"
+
+    @app.workflow
+    async def child(ctx: WorkflowContext, n: int) -> int:
+        await ctx.sleep(0.5)
+        return n + 1
+
+    @app.workflow
+    async def parent(ctx: WorkflowContext, n: int) -> int:
+        return int(await ctx.call(child, n)) * 10
+
+    @app.workflow
+    async def long_sleep(ctx: WorkflowContext) -> None:
+        await ctx.sleep(3600)
+
+    return app
+
+
+async def parked(app: App, run_id: str) -> bool:
+    run = await app.store.get_run(app.name, run_id)
+    return (run is not None and run.owner is None and not run.status.is_final
+            and run_id not in app.engine.executions)
+
+
+async def test_a_sleep_is_evicted_and_resumed_when_due(store_url: str) -> None:
+    async with build(store_url) as app:
+        handle = await app.start("sleeper", 3)
+        await eventually(lambda: parked(app, handle.run_id), timeout=5)
+        assert app.engine.metrics.parked >= 1
+        out = await handle.result(timeout=10)
+        hist = await app.store.load_history(app.name, handle.run_id)
+    assert out["a"] == 6 and out["b"] == 12
+    assert [e.key for e in hist] == ["double#1", "uuid#1", "sleep#1", "double#2"]
+    # The value ctx.uuid() recorded before the eviction is what the replay returned.
+    assert json.loads(hist[1].result or "null") == out["uuid"]
+
+
+async def test_results_are_the_same_with_and_without_eviction(store_url: str) -> None:
+    async with build(store_url, park_after=None) as app:
+        kept = await (await app.start("sleeper", 5)).result(timeout=10)
+        assert app.engine.metrics.parked == 0
+    async with build(store_url, name="parks2") as app:
+        evicted = await (await app.start("sleeper", 5)).result(timeout=10)
+        assert app.engine.metrics.parked >= 1
+    assert {k: v for k, v in kept.items() if k != "uuid"} == {
+        k: v for k, v in evicted.items() if k != "uuid"}
+
+
+async def test_an_event_wakes_a_parked_wait_and_only_a_match(store_url: str) -> None:
+    async with build(store_url) as app:
+        handle = await app.start("waiter", 7, 0.0)
+        await eventually(lambda: parked(app, handle.run_id), timeout=5)
+        await app.publish("invoice.approved", {"order": 8, "amount": 1})  # not its match
+        await asyncio.sleep(0.5)
+        assert await parked(app, handle.run_id)
+        await app.publish("invoice.approved", {"order": 7, "amount": 42})
+        assert await handle.result(timeout=10) == {"amount": 42}
+
+
+async def test_an_event_that_arrived_before_the_wait_began_wakes_it(store_url: str) -> None:
+    async with build(store_url) as app:
+        handle = await app.start("waiter", 9, 1.0)
+        await eventually(lambda: parked(app, handle.run_id), timeout=5)  # in its sleep
+        await app.publish("invoice.approved", {"order": 9, "amount": 5})
+        assert await handle.result(timeout=10) == {"amount": 5}
+
+
+async def test_a_parked_waits_timeout_and_a_short_wait(store_url: str) -> None:
+    async with build(store_url) as app:
+        handle = await app.start("short_wait")
+        await eventually(lambda: parked(app, handle.run_id), timeout=5)
+        assert await handle.result(timeout=10) == "timed out"
+
+
+async def test_cancel_and_deadline_interrupt_a_parked_run(store_url: str) -> None:
+    async with build(store_url) as app:
+        cancelled = await app.start("long_sleep")
+        late = await app.start("long_sleep", deadline=1.0)
+        await eventually(lambda: parked(app, cancelled.run_id), timeout=5)
+        await eventually(lambda: parked(app, late.run_id), timeout=5)
+        await cancelled.cancel()
+        with pytest.raises(WorkflowCancelled):
+            await cancelled.result(timeout=5)
+        with pytest.raises(WorkflowFailed, match="DeadlineExceeded"):
+            await late.result(timeout=5)
+
+
+async def test_a_childs_end_wakes_its_parked_parent(store_url: str) -> None:
+    async with build(store_url) as app:
+        handle = await app.start("parent", 4)
+        await eventually(lambda: parked(app, handle.run_id), timeout=5)
+        assert await handle.result(timeout=10) == 50
+
+
+async def test_the_hot_cache_keeps_a_bounded_number_in_memory(store_url: str) -> None:
+    async with build(store_url, park_after=3600.0, hot_runs=2) as app:
+        handles = [await app.start("long_sleep") for _ in range(5)]
+
+        async def settled() -> bool:
+            states = [await parked(app, h.run_id) for h in handles]
+            return states.count(True) == 3
+
+        await eventually(settled, timeout=5)
+        assert len(app.engine.executions) == 2
+        for h in handles:
+            await h.cancel()
+
+
+async def test_wake_latency_of_a_parked_timer(store_url: str) -> None:
+    async with build(store_url) as app:
+        handle = await app.start("long_sleep")
+        await eventually(lambda: parked(app, handle.run_id), timeout=5)
+        await handle.cancel()
+        t0 = time.monotonic()
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=5)
+        assert time.monotonic() - t0 < 3.0
+        assert (await handle.status()) == RunStatus.CANCELLED
+
+
+def _spawn(store: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("park_app.py")), store],
+        stdout=subprocess.PIPE, text=True,
+    )
+
+
+async def test_a_run_parked_by_a_killed_worker_still_wakes(sqlite_url: str) -> None:
+    """kill -9 while evicted: the run is unowned in the store, so another worker
+    resumes it when it is due or its event comes, without waiting for a lease."""
+    from .park_app import build as build_park_app
+
+    proc = _spawn(sqlite_url)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        sleepy, waiting = line.split()
+        async with build_park_app(sqlite_url).client() as client:
+            await eventually(lambda: parked(client, sleepy), timeout=10)
+            await eventually(lambda: parked(client, waiting), timeout=10)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    async with build_park_app(sqlite_url) as app:
+        await app.publish("payment.done", {"order": 5, "amount": 12})
+        assert await app.get_handle(sleepy).result(timeout=10) == "slept"
+        assert await app.get_handle(waiting).result(timeout=10) == 12
+
+
+async def test_any_worker_resumes_a_parked_run_and_none_runs_a_step_twice(
+    sqlite_url: str,
+) -> None:
+    executed: list[int] = []
+
+    def worker() -> App:
+        app = make_app(sqlite_url, "parkshare", park_after=0.0)
+
+        @app.step
+        async def once(n: int) -> int:
+            executed.append(n)
+            return n
+
+        @app.workflow
+        async def two_naps(ctx: WorkflowContext, n: int) -> int:
+            await ctx.sleep(0.3)
+            await ctx.run(once, n)
+            await ctx.sleep(0.3)
+            return n
+
+        return app
+
+    first = worker()
+    async with first:
+        handles = [await first.start("two_naps", i) for i in range(20)]
+        async with worker() as second:
+            results = await asyncio.gather(*(h.result(timeout=20) for h in handles))
+            resumed_in_second = second.engine.metrics.runs.get("completed", 0)
+    assert results == list(range(20))
+    assert sorted(executed) == list(range(20))  # each step once: never two owners
+    assert resumed_in_second > 0  # the second worker resumed runs the first parked

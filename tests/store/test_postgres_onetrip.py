@@ -1,0 +1,187 @@
+"""Run creations and checkpoints as one statement (cantata.store.postgres_onetrip):
+the same rows, audit records and refusals as the transactional path, in one round trip."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cantata.errors import IdempotencyConflict, LeaseLost
+from cantata.model.codec import new_id
+from cantata.model.records import ENTRY_COMPLETED, ENTRY_RUNNING, Attempt, AuditReport, RunWrite
+from cantata.model.status import RunStatus
+from cantata.store import audit
+from cantata.store.postgres import PostgresStore
+from tests.contract.store_support import entry, ev, new_run
+from tests.store.test_postgres import drop_schema, opened, with_schema
+
+pytestmark = pytest.mark.postgres
+KEY = audit.AuditKey("0123456789abcdef-onetrip-test")
+
+
+@pytest.fixture(scope="module")
+def url(postgres_url: str) -> Iterator[str]:
+    schema = f"cantata_onetrip_{new_id()[-10:]}"
+    yield with_schema(postgres_url, schema)
+    asyncio.run(drop_schema(postgres_url, schema))
+
+
+def statements(store: PostgresStore) -> list[str]:
+    """The SQL the store's writer sends from now on (first words of each)."""
+    sent: list[str] = []
+    writer = store._w
+    run = writer._transaction
+
+    class Counted:
+        def __init__(self, c: Any) -> None:
+            self._c = c
+
+        def __getattr__(self, name: str) -> Any:
+            attr = getattr(self._c, name)
+            if name not in ("execute", "executemany", "fetch", "fetchrow", "fetchmany"):
+                return attr
+
+            async def counted(sql: str, *args: Any, **kw: Any) -> Any:
+                sent.append(" ".join(sql.split()[:4]))
+                return await attr(sql, *args, **kw)
+
+            return counted
+
+    async def wrapped(c: Any, todo: list[Any], grouped: bool) -> Any:
+        return await run(Counted(c), todo, grouped)
+
+    writer._transaction = wrapped  # type: ignore[method-assign]
+    return sent
+
+
+def step_done(key: str, seq: int, **kw: Any) -> RunWrite:
+    return RunWrite(
+        entries=[entry(key, seq, ENTRY_COMPLETED, result="1")],
+        attempts=[Attempt(key, 1, 1.0, 2.0)],
+        **kw,
+    )
+
+
+async def test_a_saga_is_one_statement_per_batch_and_its_keyed_chain_verifies(url: str) -> None:
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        store.set_audit_key(app, KEY)
+        sent = statements(store)
+        runs = [new_run(app, owner="w1", fence=1) for _ in range(20)]
+        first = RunWrite(entries=[entry("reserve#1", 1, ENTRY_RUNNING)], status=RunStatus.RUNNING)
+        created = await asyncio.gather(*(store.create_run(r, first) for r in runs))
+        assert all(new for _, new in created)
+        for seq, key in enumerate(("reserve#1", "charge#1"), start=1):
+            await asyncio.gather(
+                *(store.commit_run(app, r.run_id, 1, step_done(key, seq)) for r in runs)
+            )
+        await asyncio.gather(
+            *(
+                store.commit_run(
+                    app,
+                    r.run_id,
+                    1,
+                    step_done("ship#1", 3, status=RunStatus.COMPLETED, result="9", release=True),
+                )
+                for r in runs
+            )
+        )
+        assert sent and all(s.startswith("SELECT out_kind") for s in sent), sent
+        assert await store.verify_audit(app, key=KEY) == AuditReport(True, 20 * 5)
+        done = await store.get_run(app, runs[0].run_id)
+        assert done is not None and done.status == RunStatus.COMPLETED and done.owner is None
+        assert done.result == "9"
+        history = await store.load_history(app, runs[0].run_id)
+        assert [(e.key, e.status) for e in history] == [
+            ("reserve#1", ENTRY_COMPLETED),
+            ("charge#1", ENTRY_COMPLETED),
+            ("ship#1", ENTRY_COMPLETED),
+        ]
+        records = await store.audit_records(app)
+        ends = [r for r in records if r.target == runs[0].run_id]
+        assert [(r.actor, r.action) for r in ends] == [
+            ("system", "run.created"),
+            ("worker:w1", "run.status"),
+            ("worker:w1", "run.checkpoint"),
+            ("worker:w1", "run.checkpoint"),
+            ("worker:w1", "run.status"),
+        ]
+        assert '"status":"completed"' in ends[-1].data
+
+
+async def test_a_checkpoint_that_keeps_the_status_records_no_status(url: str) -> None:
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        run, _ = await store.create_run(new_run(app, status=RunStatus.RUNNING, fence=1))
+        await store.commit_run(app, run.run_id, 1, step_done("a#1", 1, status=RunStatus.RUNNING))
+        records = await store.audit_records(app)
+        assert [r.action for r in records] == ["run.created", "run.checkpoint"]
+        assert "status" not in records[-1].data
+        assert await store.verify_audit(app) == AuditReport(True, 2)
+
+
+async def test_refusals_are_those_of_the_transactional_path(url: str) -> None:
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        sent = statements(store)
+        run, _ = await store.create_run(new_run(app, idempotency_key="k", args_hash="h"))
+        again, stale, other = await asyncio.gather(
+            store.create_run(new_run(app, idempotency_key="k", args_hash="h")),
+            store.commit_run(app, run.run_id, 7, step_done("a#1", 1)),
+            store.create_run(new_run(app, idempotency_key="k", args_hash="other")),
+            return_exceptions=True,
+        )
+        assert again == (run, False) or (isinstance(again, tuple) and again[1] is False)
+        assert isinstance(stale, LeaseLost)
+        assert isinstance(other, IdempotencyConflict)
+        assert all(s.startswith(("SELECT out_kind", "SELECT run_id")) for s in sent), sent
+        assert await store.load_history(app, run.run_id) == []
+        assert await store.verify_audit(app) == AuditReport(True, 1)
+
+
+async def test_an_owner_sql_cannot_spell_goes_as_a_transaction(url: str) -> None:
+    """The actor of a record is JSON text SQL writes only for printable ASCII owners."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        store.set_audit_key(app, KEY)
+        run, _ = await store.create_run(new_run(app, owner="wörker\n1", fence=1))
+        sent = statements(store)
+        await store.commit_run(app, run.run_id, 1, step_done("a#1", 1))
+        assert sent[0].startswith("SELECT out_kind") and any(s == "COMMIT" for s in sent), sent
+        records = await store.audit_records(app)
+        assert records[-1].actor == "worker:wörker\n1"
+        assert await store.verify_audit(app, key=KEY) == AuditReport(True, 2)
+
+
+async def test_events_and_tasks_take_the_transactional_path(url: str) -> None:
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        run, _ = await store.create_run(new_run(app, owner="w", fence=1))
+        sent = statements(store)
+        await store.commit_run(app, run.run_id, 1, RunWrite(events=[ev()]))
+        assert not any(s.startswith("SELECT out_kind") for s in sent), sent
+        assert await store.verify_audit(app) == AuditReport(True, 2)
+
+
+async def test_two_stores_appending_to_one_chain_at_once_keep_it_whole(url: str) -> None:
+    """Two processes' writers lock the app's chain head in turn: no gap, no fork."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as one, opened(url) as two:
+        for store in (one, two):
+            store.set_audit_key(app, KEY)
+
+        async def saga(store: PostgresStore) -> None:
+            run, _ = await store.create_run(
+                new_run(app, owner="w", fence=1),
+                RunWrite(entries=[entry("a#1", 1, ENTRY_RUNNING)], status=RunStatus.RUNNING),
+            )
+            await store.commit_run(app, run.run_id, 1, step_done("a#1", 1))
+            await store.commit_run(
+                app, run.run_id, 1, step_done("b#1", 2, status=RunStatus.COMPLETED, release=True)
+            )
+
+        await asyncio.gather(*(saga(one if i % 2 else two) for i in range(40)))
+        assert await one.verify_audit(app, key=KEY) == AuditReport(True, 40 * 4)
