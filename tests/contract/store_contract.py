@@ -384,6 +384,41 @@ class StoreContract(
         assert stored is not None
         assert (stored.status, stored.result, stored.owner) == (RunStatus.RUNNING, "1", "w1")
 
+    async def test_excused_attempts_are_marked_and_stay_excused(self, store: Store) -> None:
+        """A worker paused past its lease excuses the attempts it was cut off in
+        (docs/leases.md): only its own (same start time), only unfinished or
+        ``WorkerLost`` ones, and a later ``WorkerLost`` write leaves them excused."""
+        run, _ = await store.create_run(new_run(self.app))
+        [old] = await self.claim(store, "w1")
+        await store.commit_run(self.app, run.run_id, old.fence, RunWrite(attempts=[
+            Attempt("a#1", 1, 1.0), Attempt("b#1", 1, 2.0), Attempt("c#1", 1, 3.0, 3.5, "E", "e"),
+        ]))
+        [new] = await self.claim(store, "w2")  # w1 silent: taken over
+        lost = Attempt("a#1", 1, 1.0, 5.0, "WorkerLost", "lost")
+        await store.commit_run(self.app, run.run_id, new.fence, RunWrite(attempts=[lost]))
+        paused = ("Paused", "paused")
+        n = await store.excuse_attempts(self.app, run.run_id, [
+            Attempt("a#1", 1, 1.0, 6.0, *paused),  # WorkerLost: excused
+            Attempt("b#1", 1, 2.0, 6.0, *paused),  # unfinished: excused
+            Attempt("c#1", 1, 3.0, 6.0, *paused),  # failed on its own: stays
+            Attempt("b#1", 1, 9.9, 6.0, *paused),  # not this start: nothing
+        ])
+        assert n == 2
+        # The new owner's write marking them lost arrives after the excuse.
+        await store.commit_run(self.app, run.run_id, new.fence, RunWrite(attempts=[
+            lost, Attempt("b#1", 1, 2.0, 7.0, "WorkerLost", "lost"),
+        ]))
+        got = {a.key: a for a in await store.load_attempts(self.app, run.run_id)}
+        assert (got["a#1"].error_type, got["a#1"].ended_at) == ("Paused", 6.0)
+        assert (got["b#1"].error_type, got["b#1"].ended_at) == ("Paused", 6.0)
+        assert got["c#1"].error_type == "E"
+        # A later attempt under an excused one's number replaces it (the start time is
+        # kept as first written, as for every attempt).
+        await store.commit_run(self.app, run.run_id, new.fence,
+                               RunWrite(attempts=[Attempt("a#1", 1, 8.0)]))
+        again = [a for a in await store.load_attempts(self.app, run.run_id) if a.key == "a#1"]
+        assert again == [Attempt("a#1", 1, 1.0)]
+
     async def test_stale_fence_raises_lease_lost_and_writes_nothing(self, store: Store) -> None:
         run, _ = await store.create_run(new_run(self.app))
         [old] = await self.claim(store, "w1")

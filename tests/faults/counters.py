@@ -11,6 +11,8 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
   execution's process was neither killed nor paused past the lease before it began,
   and did not fail: two live workers ran it (at once or one after the other);
 - ``steps_after_result``: a step executed again after its result was recorded;
+- ``steps_finished_late``: a step body that went on to its end after another process
+  had begun the same step (a paused worker's body resumed past its fence);
 - ``duplicate_effects``: a step's effect made under two idempotency keys, or a
   handler's emitted event stored twice for one event;
 - ``events_lost``: a published event whose chain of handlers did not complete;
@@ -133,6 +135,7 @@ class Counts:
     runs_failed: int = 0
     steps_twice_live: int = 0
     steps_after_result: int = 0
+    steps_finished_late: int = 0
     duplicate_effects: int = 0
     events_lost: int = 0
     dead_letters: int = 0
@@ -183,6 +186,33 @@ def twice_live(executions: list[Execution], log: FaultLog) -> tuple[int, int, li
     return count, reruns, details
 
 
+def finished_late(executions: list[Execution]) -> tuple[int, list[str]]:
+    """Step bodies that reached their end after another process began the same step.
+
+    Whatever the earlier body's process went through (a kill ends no body; a pause past
+    the lease is the case in point), its worker had lost the step by then, and the
+    body must have been stopped at its next ``await`` instead of going on to its end
+    (docs/guarantees.md). A body that ended before the other one began is not counted:
+    its result was only lost (the run was taken over before it was committed).
+    """
+    by_call: dict[tuple[str, str], list[Execution]] = defaultdict(list)
+    for ex in executions:
+        if ex.what == "step":
+            by_call[(ex.run, ex.key)].append(ex)
+    count, details = 0, []
+    for (run, key), group in by_call.items():
+        for ex in group:
+            if ex.ended is None or ex.failed or ex.cut:
+                continue
+            other = next((o for o in group if o.pid != ex.pid and ex.began < o.began < ex.ended),
+                         None)
+            if other is not None:
+                count += 1
+                details.append(f"step {key} of {run[-8:]} finished in pid {ex.pid} "
+                               f"{ex.ended - other.began:.2f} s after pid {other.pid} began it")
+    return count, details
+
+
 async def count_runs(
     app: App,
     run_ids: dict[str, Any],
@@ -198,6 +228,7 @@ async def count_runs(
         if ex.effect is not None:
             effects[(ex.run, ex.key)].add(ex.effect)
     counts.duplicate_effects += sum(len(v) - 1 for v in effects.values())
+    charged: list[str] = []  # named after the other details (a kill's are expected)
     for run_id, expected in run_ids.items():
         run = await store.get_run(app.name, run_id)
         if run is None:
@@ -215,6 +246,12 @@ async def count_runs(
         attempts = await store.load_attempts(app.name, run_id)
         lost = [a for a in attempts if a.error_type == "WorkerLost"]
         counts.worker_lost_attempts += len(lost)
+        for a in lost:
+            ran = [f"pid {e.pid} at {e.began:.2f}" for e in steps
+                   if e.run == run_id and e.key == a.key and e.attempt == a.attempt]
+            charged.append(f"{a.key} attempt {a.attempt} of {run_id[-8:]} charged as "
+                           f"WorkerLost (began {a.started_at:.2f}; ran in "
+                           f"{', '.join(ran) or 'no process'})")
         done_at: dict[str, float] = {}
         for a in attempts:  # the first attempt that recorded a result
             if a.error_type is None and a.ended_at is not None and a.key not in done_at:
@@ -223,6 +260,7 @@ async def count_runs(
             if ex.run == run_id and ex.key in done_at and ex.began > done_at[ex.key] + 0.001:
                 counts.steps_after_result += 1
                 counts.details.append(f"step {ex.key} of {run_id[-8:]} ran after its result")
+    counts.details.extend(charged[:3])
 
 
 async def count_events(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Mapping
@@ -30,6 +31,9 @@ import cantata
 from cantata import App, Event, HandlerContext, Retry, WorkflowContext
 
 STEPS = ("reserve", "charge", "ship")
+# The steps of each workflow, in order (what a completed run's result lists).
+STEPS_OF = {"saga": STEPS, "long_run": ("slow", "ship"), "last_chance": ("once",),
+            "waits_forever": ()}
 # With FAULT_PATIENT=1 (the SIGKILL storm), a step whose worker is killed in its middle
 # again and again does not fail its run (a kill is an attempt). Otherwise the library's
 # defaults apply: a fault that is not a death (a pause, an outage, a stop, a full disk)
@@ -138,9 +142,32 @@ def build(env: Mapping[str, str] | None = None) -> App:
             await ctx.run(ship, order),
         ]
 
+    @app.step(retry=Retry(max_attempts=1))
+    async def once(order: dict[str, Any]) -> str:
+        return await work("once", order, long_seconds)
+
+    @app.workflow
+    async def last_chance(ctx: WorkflowContext, order: dict[str, Any]) -> list[str]:
+        """One attempt only: a takeover's ``WorkerLost`` would fail it at once."""
+        return [await ctx.run(once, order)]
+
     @app.workflow
     async def long_run(ctx: WorkflowContext, order: dict[str, Any]) -> list[str]:
         return [await ctx.run(slow, order), await ctx.run(ship, order)]
+
+    @app.step()
+    async def crash(order: dict[str, Any]) -> str:
+        """Kills its own worker every time (a segfault, the OOM killer): a death, so each
+        attempt counts, and the run fails after the default three."""
+        info = cantata.step_info()
+        record(k="begin", what="step", run=info.run_id, key=info.key, attempt=info.attempt)
+        os.kill(os.getpid(), signal.SIGKILL)
+        await asyncio.sleep(60)
+        return f"crash:{order['id']}"
+
+    @app.workflow
+    async def kills_its_worker(ctx: WorkflowContext, order: dict[str, Any]) -> str:
+        return await ctx.run(crash, order)
 
     @app.workflow
     async def waits_forever(ctx: WorkflowContext, order: dict[str, Any]) -> str:

@@ -25,7 +25,15 @@ from typing import Any
 from cantata import App, CantataError
 
 from . import fault_app
-from .counters import Counts, FaultLog, count_events, count_runs, read_ledger, twice_live
+from .counters import (
+    Counts,
+    FaultLog,
+    count_events,
+    count_runs,
+    finished_late,
+    read_ledger,
+    twice_live,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_SPEC = "tests.faults.fault_app:app"
@@ -231,7 +239,7 @@ class Cluster:
         order = {"id": i}
         handle = await retrying(lambda: self.app.start(workflow, order,
                                                        idempotency_key=f"{workflow}-{i}"))
-        steps = fault_app.STEPS if workflow == "saga" else ("slow", "ship")
+        steps = fault_app.STEPS_OF[workflow]
         run_id: str = handle.run_id
         self.runs[run_id] = [f"{s}:{i}" for s in steps]
         return run_id
@@ -292,6 +300,8 @@ class Cluster:
         counts.workers_crashed = len(crashed)
         counts.details.extend(f"worker {pid} exited by itself" for pid in crashed)
         counts.details.extend(details)
+        counts.steps_finished_late, late = finished_late(executions)
+        counts.details.extend(late)
         await count_runs(self.app, self.runs, executions, self.faults, counts)
         if self.event_ids:
             await count_events(self.app, self.event_ids, counts, poison=self.poison)

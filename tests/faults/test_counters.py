@@ -70,6 +70,11 @@ async def test_counts_catch_a_step_run_twice_by_live_workers(
         counts = await c.counts()
     print(f"\nblocking step: {counts}")
     assert counts.steps_twice_live >= 1, counts
+    # Its body went on to its end after the other worker began the step (nothing can
+    # stop synchronous code), and its attempt is charged: a body that stalls its own
+    # worker is not excused like a pause (docs/leases.md).
+    assert counts.steps_finished_late >= 1, counts
+    assert counts.worker_lost_attempts >= 1, counts
     assert counts.info["kills"] == 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from .counters import read_ledger
 from .harness import Cluster, assert_zero, scale, scaled, time_limit
 from .servers import PrivateNats
 
@@ -50,3 +51,39 @@ async def test_sigkill_storm_postgres_nats(
 ) -> None:
     await storm(cluster(postgres_store, private_nats.url, FAULT_STEP_SECONDS=0.2,
                         FAULT_PATIENT=1, FAULT_LEASE=3.0))
+
+
+async def test_a_step_that_kills_its_worker_every_time_fails_after_its_attempts(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A kill is a death, not a pause: nobody excuses the attempts, so a step that kills
+    its worker each time (a segfault, the OOM killer) uses its three attempts up and
+    fails its run — after one lease of waiting for an excuse — instead of looping."""
+    c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=1.0)
+    c.start_workers(2)
+    await c.ready()
+    async with c.client():
+        handle = await c.app.start("kills_its_worker", {"id": 0})
+        deadline = time.monotonic() + 90
+        while True:
+            run = await c.app.store.get_run(c.app.name, handle.run_id)
+            assert run is not None
+            if run.status.is_final:
+                break
+            assert time.monotonic() < deadline, f"still {run.status}: {c.logs()}"
+            for worker in list(c.workers):
+                if worker.proc.poll() is not None:  # its step killed it: start another
+                    c.faults.killed[worker.pid] = time.time()
+                    c._gone(worker)
+                    c.start_worker()
+            await asyncio.sleep(0.1)
+        attempts = await c.app.store.load_attempts(c.app.name, handle.run_id)
+    began = [e for e in read_ledger(c.ledger) if e.run == handle.run_id]
+    print(f"\na step that kills its worker: {run.status} after {len(began)} executions: "
+          f"{run.error}")
+    assert str(run.status) == "failed", run.error
+    assert "WorkerLost" in (run.error or "") and "3 attempt" in (run.error or ""), run.error
+    assert [(a.attempt, a.error_type) for a in attempts] == [
+        (1, "WorkerLost"), (2, "WorkerLost"), (3, "WorkerLost")
+    ]
+    assert len(began) == 3, began

@@ -13,6 +13,7 @@ import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription
 from cantata.errors import WorkerLost, error_text
+from cantata.fencing import BodyFenced, guarded
 from cantata.graceful import wait_or_force
 from cantata.model import codec
 from cantata.model.event import Event, matches
@@ -205,11 +206,23 @@ class Consumer:
         with hooks.handler(hdef.group, event, msg.attempt), \
                 handler_context(event.id, hdef.group, msg.attempt):
             try:
+                # Guarded: never resumed past a pause of this worker longer than the
+                # fence, when another worker may have the delivery (docs/leases.md).
+                fenced, stall = self.host.paused_past_fence, self.host.lease * 0.75
                 if hdef.is_async:
-                    await (hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event))
+                    body = hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event)
+                    await guarded(body, fenced, stall)
                 else:
                     args = (event, ctx) if hdef.wants_ctx else (event,)
-                    await asyncio.to_thread(hdef.fn, *args)
+                    await guarded(asyncio.to_thread(hdef.fn, *args), fenced, stall)
+            except BodyFenced:
+                # Not a failure: hand the event back (refused if another worker has it),
+                # for after a lease: not to this worker again before its heartbeat has
+                # got through, which would stop it again at once.
+                with contextlib.suppress(Exception):
+                    await msg.retry("Paused: the worker was paused past its lease before "
+                                    "the handler finished", self.host.lease)
+                return
             except Exception as exc:
                 outcome = await self._failed(msg, retry, exc, retryable=retry.is_retryable(exc))
                 if hooks:

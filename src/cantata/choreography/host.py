@@ -71,6 +71,12 @@ class ConsumerHost(Protocol):
         """True if this process runs the handler (or starts the trigger's workflow)."""
         ...
 
+    def paused_past_fence(self) -> bool:
+        """True while this worker's hold may have lapsed by a pause of the whole
+        process (SIGSTOP, a VM stall): a handler body is then not resumed
+        (:func:`cantata.fencing.guarded`, docs/leases.md)."""
+        ...
+
     def signature_problem(self, event: Event[Any], *, required: bool) -> Exception | None:
         """Why ``event`` must be refused for its signature (``None``: it may pass)."""
         ...

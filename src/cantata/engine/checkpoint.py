@@ -61,6 +61,7 @@ async def commit_run(x: RunExecution, write: RunWrite) -> None:
         )
     except LeaseLost:
         log.warning("run %s was taken over by another worker; letting it go", x.run.run_id)
+        x.lost = True
         raise _Abandon() from None
     except StoreError as exc:
         raise _StoreFailed(exc) from exc

@@ -15,6 +15,7 @@ from cantata.model.event import Event
 from cantata.quietlog import QuietLog
 
 from .hooks import Hooks
+from .pauses import handler_fenced
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -62,6 +63,9 @@ class EngineHost:
         if isinstance(declaration, TriggerDef):
             return self._engine.serves(declaration.workflow)
         return declaration.group in services or declaration.service in (None, *services)
+
+    def paused_past_fence(self) -> bool:
+        return handler_fenced(self._engine)
 
     def signature_problem(self, event: Event[Any], *, required: bool) -> Exception | None:
         return self._engine.signer.problem(event, required=required)

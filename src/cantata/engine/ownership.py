@@ -65,6 +65,7 @@ class Ownership:
         self.lapsed = False
         self._healthy = asyncio.Event()  # cleared while lapsed
         self._healthy.set()
+        self._beaten = asyncio.Event()  # set by every heartbeat that gets through
         self.claim_wakeup = asyncio.Event()
         self._repair_wakeup = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -138,8 +139,14 @@ class Ownership:
             self._heartbeat = None
 
     async def regained(self) -> None:
-        """Return once this worker's heartbeat gets through (at once unless lapsed)."""
-        await self._healthy.wait()
+        """Return once this worker's hold is sure again: its heartbeat gets through
+        (at once unless lapsed or paused past the fence)."""
+        while True:
+            await self._healthy.wait()
+            if not self.expired():
+                return
+            self._beaten.clear()
+            await wait_event(self._beaten, self.engine.lease / 4)
 
     def repair_soon(self) -> None:
         """Reconcile with the store soon (a run was let go, or an answer was lost)."""
@@ -162,6 +169,7 @@ class Ownership:
             )
             self.repair_soon()
         self.beat_at = sent
+        self._beaten.set()
         self.quiet.recovered("heartbeat", "worker %s: heartbeat works again", engine.worker_id)
 
     def _watch(self) -> None:
@@ -313,6 +321,7 @@ class Ownership:
             if run is None or run.status.is_final:
                 continue  # ending here right now
             if run.owner != engine.worker_id or run.fence != execution.run.fence:
+                execution.lost = run.owner != engine.worker_id
                 log.warning("run %s was taken over by %s: stopping its execution here",
                             run_id, run.owner or "nobody")
                 engine.drop(execution)

@@ -26,6 +26,7 @@ from . import checkpoint, cleanup, steps
 from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
 from .journal import Journal
 from .parking import Evicted, can_evict, evict, with_deadline
+from .pauses import excuse
 from .registry import StepDef, WorkflowDef
 from .runtime import Watch
 from .signals import CompensatedElsewhere, _Abandon, _DeadlinePassed, _StoreFailed
@@ -63,6 +64,11 @@ class RunExecution:
         self.fresh = False  # created by this process just now: no history to load
         self.task: asyncio.Task[None] | None = None
         self.inflight: dict[str, Attempt] = {}  # step key -> attempt whose body runs
+        # Attempts started here, and those whose body held the loop past the fence: if
+        # the run is taken from this live worker (``lost``), the others are excused.
+        self.mine: dict[tuple[str, int], Attempt] = {}
+        self.stalled: dict[tuple[str, int], float] = {}  # -> seconds it held the loop
+        self.lost = False
         self.bodies: set[asyncio.Task[Any]] = set()  # the step bodies running
         self.parked = False  # waiting, during a graceful stop, to be released
         self.patches: dict[str, bool] = {}  # ctx.patched answers, fixed for the whole run
@@ -282,6 +288,12 @@ class RunExecution:
             self.engine.note_cut_short(
                 self.run.run_id, {(a.key, a.attempt) for a in self.inflight.values()}
             )
+            # Taken from this live worker (a pause past its lease): the attempts it was
+            # cut off in are excused, unless their own body stalled it.
+            cut = [a for k, a in self.mine.items() if k not in self.stalled]
+            if self.lost and cut:
+                self.engine.track(asyncio.create_task(
+                    excuse(self.engine, self.run.run_id, self.run.app, cut)))
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
             if self.created is not None and not self.created.done():

@@ -22,6 +22,8 @@ from cantata.model.records import (
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
+from .ownership import FENCE_AT
+from .pauses import PAUSED, GuardedBody, StepStalled, await_excuses
 from .registry import StepDef
 from .runtime import Watch
 from .signals import _Fenced
@@ -67,10 +69,17 @@ async def call_step(
     if x.engine.is_remote(sdef):
         return await call_remote(x, sdef, args, entry)
     clock = x.engine.clock
-    write, last, n = prior_attempts(x, key)
+    write, last, n, number, lost = prior_attempts(x, key)
     retry = sdef.retry
     while True:
         if n >= retry.max_attempts and last is not None:
+            # Some of these attempts' workers may have been paused, not dead: give them
+            # one lease to excuse their attempts first (docs/leases.md).
+            excused = await await_excuses(x, key, lost) if lost else 0
+            if excused:
+                n -= excused
+                lost = [a for a in lost if a.error_type == WORKER_LOST[0]]
+                continue
             return await step_failed(x, entry, write, last, n)
         await x.park_if_stopping()
         if path:
@@ -80,8 +89,9 @@ async def call_step(
         # holder's again when the run goes on, or lapses with this worker).
         await take_step_slot(x, sdef, key)
         n += 1
+        number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
-        attempt = Attempt(key, n, now)
+        attempt = Attempt(key, number, now)
         entry.attempts, entry.status = n, EntryStatus.RUNNING
         entry.started_at = entry.started_at or now
         write.attempts.append(attempt)
@@ -89,8 +99,9 @@ async def call_step(
         await x.commit(write)
         write = RunWrite()
         x.inflight[key] = attempt
+        x.mine[(key, number)] = attempt
         try:
-            value = await execute_fenced(x, sdef, args, key, n, kind)
+            value = await execute_fenced(x, sdef, args, key, number, kind)
             result = codec.dumps(value, f"result of step {sdef.name}", limit=x.engine.max_payload)
         except _Fenced:
             # Stopped because this worker's hold lapsed (a store outage): not an
@@ -99,6 +110,7 @@ async def call_step(
             del x.inflight[key]
             await x.engine.ownership.regained()
             n -= 1
+            number -= 1
             continue
         except Exception as exc:
             del x.inflight[key]
@@ -107,6 +119,9 @@ async def call_step(
             last = (attempt.error_type, attempt.error)
             write.attempts.append(attempt)
             retryable = retry.is_retryable(exc)
+            if retryable and n >= retry.max_attempts and lost:
+                n -= await await_excuses(x, key, lost)
+                lost = [a for a in lost if a.error_type == WORKER_LOST[0]]
             if not retryable or n >= retry.max_attempts:
                 return await step_failed(x, entry, write, last, n)
             entry.error, entry.error_type = f"{last[0]}: {last[1]}", last[0]
@@ -130,21 +145,26 @@ async def call_step(
         return codec.loads(result)
 
 
-def prior_attempts(x: RunExecution, key: str) -> tuple[RunWrite, tuple[str, str] | None, int]:
+def prior_attempts(
+    x: RunExecution, key: str
+) -> tuple[RunWrite, tuple[str, str] | None, int, int, list[Attempt]]:
     """The attempts of ``key`` that count, as (write closing the lost ones, last
-    error, count).
+    error, count, highest number among them, those of them ``WorkerLost``).
 
     The rule (docs/leases.md): an attempt left unfinished counts as ``WorkerLost``
     (so a step that kills its worker cannot loop forever) unless this live worker
     cut it short itself (it re-took the run, its hold lapsed in a pause or an
-    outage); an ``Interrupted`` attempt (a graceful stop) never counts. An attempt
-    that does not count is replaced by the next one, which takes its number.
+    outage); an ``Interrupted`` attempt (a graceful stop) or a ``Paused`` one (its
+    worker, paused past its lease, excused it: see :mod:`cantata.engine.pauses`)
+    never counts. An attempt that does not count is replaced by the next one above
+    the highest that counts, which takes its number.
     """
     write = RunWrite()
     last: tuple[str, str] | None = None
-    n = 0
+    n = top = 0
+    lost: list[Attempt] = []
     for a in x.attempts.get(key, []):
-        if a.error_type == INTERRUPTED[0]:
+        if a.error_type in (INTERRUPTED[0], PAUSED[0]):
             continue
         if a.ended_at is None:
             if x.engine.cut_short_here(x.run.run_id, key, a.attempt):
@@ -152,9 +172,12 @@ def prior_attempts(x: RunExecution, key: str) -> tuple[RunWrite, tuple[str, str]
             a.ended_at, (a.error_type, a.error) = x.engine.clock.now(), WORKER_LOST
             write.attempts.append(a)
         n += 1
+        top = max(top, a.attempt)
+        if a.error_type == WORKER_LOST[0]:
+            lost.append(a)
         if a.error_type is not None:
             last = (a.error_type, a.error or "")
-    return write, last, n
+    return write, last, n, top, lost
 
 
 async def call_remote(x: RunExecution, sdef: StepDef, args: list[Any], entry: HistoryEntry) -> Any:
@@ -219,14 +242,36 @@ async def execute_fenced(
     x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: EntryKind
 ) -> Any:
     """Run the step body in its own task, which the engine cancels when this
-    worker's hold lapses (see :meth:`Engine.fence_self`): raises ``_Fenced`` then."""
-    body = asyncio.ensure_future(execute_body(x, sdef, args, key, attempt, kind))
+    worker's hold lapses (see :meth:`Engine.fence_self`), and which is never
+    resumed once that may have happened (:class:`~cantata.engine.pauses.GuardedBody`):
+    raises ``_Fenced`` then, or ``StepStalled`` when the body's own code held the
+    event loop past the fence (that attempt counts)."""
+    engine = x.engine
+
+    def fenced() -> bool:
+        return engine.serving and engine.ownership.expired()
+
+    def stalled(seconds: float) -> None:
+        x.stalled[(key, attempt)] = max(seconds, x.stalled.get((key, attempt), 0.0))
+
+    body = asyncio.ensure_future(GuardedBody(
+        execute_body(x, sdef, args, key, attempt, kind), fenced, stalled,
+        engine.lease * FENCE_AT,
+    ))
     x.bodies.add(body)
     try:
         return await body
     except asyncio.CancelledError:
         me = asyncio.current_task()
         if body.cancelled() and me is not None and me.cancelling() == 0:
+            held = x.stalled.get((key, attempt))
+            if held is not None:  # its own code held the loop: the attempt counts
+                raise StepStalled(
+                    f"step {sdef.name} (attempt {attempt}) held its worker's event loop "
+                    f"for {held:.1f} s, past 3/4 of the lease ({engine.lease:g} s), so "
+                    "another worker could take its run over: move blocking code to a "
+                    "sync step or asyncio.to_thread, or raise App(lease=...)"
+                ) from None
             raise _Fenced() from None
         raise
     finally:

@@ -262,6 +262,17 @@ class Store(FlowStore, ParkingStore, Protocol):
     async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
         """Every attempt of every step of a run, in start order."""
 
+    async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
+        """Record that a live worker was cut off in these attempts of its own (by a pause
+        past its lease, the run taken over): each stored attempt with the same key,
+        number and ``started_at`` that is still unfinished or marked ``WorkerLost`` takes
+        the given ``ended_at``, ``error_type`` and ``error``. Not fenced: the run is
+        another worker's by now. Returns how many attempts changed. A later write
+        marking an excused attempt ``WorkerLost`` (same start time) leaves it excused;
+        a later attempt under its number replaces it as usual (see docs/leases.md).
+        Not audited.
+        """
+
     async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
         """Runs started by ``parent_run_id``."""
 

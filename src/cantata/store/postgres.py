@@ -277,6 +277,17 @@ class PostgresStore(PostgresFlow, PostgresParking):
         )
         return [Attempt(*r) for r in rows]
 
+    async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
+        if not attempts:
+            return 0
+        status = await self._db.execute(
+            ops.EXCUSE_ATTEMPTS, app, run_id, [a.key for a in attempts],
+            [a.attempt for a in attempts], [a.started_at for a in attempts],
+            [a.ended_at for a in attempts], [a.error_type for a in attempts],
+            [a.error for a in attempts],
+        )
+        return int(status.rsplit(" ", 1)[-1])
+
     async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
         rows = await self._db.fetch(
             f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND parent_run_id=$2 "

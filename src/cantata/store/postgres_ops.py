@@ -88,10 +88,25 @@ def task_row(row: Row) -> TaskRecord:
     return TaskRecord(*row)
 
 
+# An attempt its worker excused (paused, not dead: see cantata.engine.pauses) stays
+# excused when the new owner's write marking it WorkerLost arrives after the excuse.
+KEEP_EXCUSED = (
+    "WHERE NOT (COALESCE(attempts.error_type, '') = 'Paused' "
+    "AND COALESCE(excluded.error_type, '') = 'WorkerLost' "
+    "AND attempts.started_at = excluded.started_at)"
+)
+EXCUSE_ATTEMPTS = (
+    "UPDATE attempts a SET ended_at=u.ended_at, error_type=u.error_type, error=u.error "
+    "FROM unnest($3::text[], $4::int4[], $5::float8[], $6::float8[], $7::text[], "
+    "$8::text[]) AS u(key, attempt, started_at, ended_at, error_type, error) "
+    "WHERE a.app=$1 AND a.run_id=$2 AND a.key=u.key AND a.attempt=u.attempt "
+    "AND a.started_at=u.started_at AND (a.ended_at IS NULL OR a.error_type = 'WorkerLost')"
+)
 UPSERT_ATTEMPTS = (
     f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) VALUES "
     "($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, run_id, key, attempt) DO UPDATE "
-    "SET ended_at=excluded.ended_at, error_type=excluded.error_type, error=excluded.error"
+    "SET ended_at=excluded.ended_at, error_type=excluded.error_type, error=excluded.error "
+    + KEEP_EXCUSED
 )
 
 

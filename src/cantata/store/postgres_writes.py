@@ -209,7 +209,7 @@ _COMMIT_ALL = (
     "AS u(app, run_id, key, attempt, started_at, ended_at, error_type, error) "
     "WHERE (u.app, u.run_id) IN (SELECT app, run_id FROM old) "
     "ON CONFLICT (app, run_id, key, attempt) DO UPDATE SET ended_at=excluded.ended_at, "
-    "error_type=excluded.error_type, error=excluded.error) "
+    f"error_type=excluded.error_type, error=excluded.error {ops.KEEP_EXCUSED}) "
     "SELECT * FROM upd"
 )
 

@@ -474,6 +474,16 @@ class SQLiteStore(SQLiteFlow, SQLiteParking):
         )
         return [Attempt(*r) for r in rows]
 
+    async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            return sum(
+                c.execute(ops.EXCUSE_ATTEMPT, (a.ended_at, a.error_type, a.error, app, run_id,
+                                               a.key, a.attempt, a.started_at)).rowcount
+                for a in attempts
+            )
+
+        return await self._t.write(op) if attempts else 0
+
     async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
         rows = await self._t.read(
             lambda c: c.execute(

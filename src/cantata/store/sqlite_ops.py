@@ -143,13 +143,28 @@ def apps(c: sqlite3.Connection) -> list[str]:
     return sorted(r[0] for r in rows if r[0] is not None)
 
 
+# An attempt its worker excused (paused, not dead: see cantata.engine.pauses) stays
+# excused when the new owner's write marking it WorkerLost arrives after the excuse.
+KEEP_EXCUSED = (
+    "WHERE NOT (COALESCE(attempts.error_type, '') = 'Paused' "
+    "AND COALESCE(excluded.error_type, '') = 'WorkerLost' "
+    "AND attempts.started_at = excluded.started_at)"
+)
+EXCUSE_ATTEMPT = (
+    "UPDATE attempts SET ended_at=?, error_type=?, error=? WHERE app=? AND run_id=? "
+    "AND key=? AND attempt=? AND started_at=? "
+    "AND (ended_at IS NULL OR error_type = 'WorkerLost')"
+)
+
+
 def upsert_attempts(
     c: sqlite3.Connection, app: str, run_id: str, attempts: Sequence[Attempt]
 ) -> None:
     if attempts:
         c.executemany(
             "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-            "ended_at=excluded.ended_at, error_type=excluded.error_type, error=excluded.error",
+            "ended_at=excluded.ended_at, error_type=excluded.error_type, "
+            f"error=excluded.error {KEEP_EXCUSED}",
             [
                 (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
                 for a in attempts

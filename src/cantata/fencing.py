@@ -1,0 +1,141 @@
+"""Step and handler bodies that are never resumed past a pause of their worker.
+
+Shared by the engine (step bodies) and the choreography consumer (handler bodies); the
+rules are in docs/leases.md ("Paused past the lease") and :mod:`cantata.engine.pauses`.
+
+- :class:`GuardedBody` asks a ``fenced()`` predicate before every resumption of a
+  body and throws ``CancelledError`` into it instead when the worker's hold may have
+  lapsed (``time.monotonic()`` keeps counting through SIGSTOP), before any other code
+  of the process runs.
+- :class:`PauseClock` tells a pause of the whole process (SIGSTOP, a VM stall) from a
+  body that blocks the event loop itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class PauseClock:
+    """A thread that ticks every ``every`` seconds. A gap in its ticks is a stall of
+    the whole process (SIGSTOP, a VM stall), not of the event loop alone: a step body
+    that blocks the loop (``time.sleep``, a CPU-bound loop) lets it tick on, as Python
+    hands the GIL over every few milliseconds. (A C extension that holds the GIL for
+    long looks like a pause.)"""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self._every = every
+        self._last = time.monotonic()
+        self._gaps: deque[tuple[float, float]] = deque(maxlen=64)
+        self._thread = threading.Thread(target=self._run, name="cantata-pause-clock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        never = threading.Event()
+        while True:
+            never.wait(self._every)
+            now = time.monotonic()
+            if now - self._last > 4 * self._every:
+                self._gaps.append((self._last, now))
+            self._last = now
+
+    def stood_still(self, began: float, ended: float) -> float:
+        """Seconds between ``began`` and ``ended`` (monotonic) the whole process stood
+        still, including a gap the thread has not had the chance to note yet."""
+        gaps = list(self._gaps)
+        now, last = time.monotonic(), self._last
+        if now - last > 4 * self._every:
+            gaps.append((last, now))
+        return sum(max(0.0, min(e, ended) - max(s, began)) for s, e in gaps)
+
+
+_clock: PauseClock | None = None
+_clock_lock = threading.Lock()
+
+
+def pause_clock() -> PauseClock:
+    """The process's :class:`PauseClock` (started on first use)."""
+    global _clock
+    with _clock_lock:
+        if _clock is None:
+            _clock = PauseClock()
+        return _clock
+
+
+class GuardedBody(Coroutine[Any, Any, T]):
+    """A step body that is not resumed once its owner's hold may have lapsed.
+
+    ``fenced()`` is asked before every resumption; the first time it is true,
+    ``CancelledError`` is thrown into the body instead (its ``finally`` blocks and
+    ``except BaseException`` handlers run; what it awaits there is resumed as usual).
+    ``stalled(seconds)`` is called when one resumption held the event loop longer than
+    ``stall`` seconds, not counting time the whole process stood still (a pause
+    inside the body's own code is not the body's doing: :class:`PauseClock`).
+    """
+
+    __slots__ = ("_clock", "_coro", "_fenced", "_stall", "_stalled", "_thrown")
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, T],
+        fenced: Callable[[], bool],
+        stalled: Callable[[float], None],
+        stall: float,
+    ) -> None:
+        self._coro = coro
+        self._fenced = fenced
+        self._stalled = stalled
+        self._stall = stall
+        self._thrown = False
+        self._clock = pause_clock()
+
+    def _timed(self, step: Callable[[], Any]) -> Any:
+        began = time.monotonic()
+        try:
+            return step()
+        finally:
+            ended = time.monotonic()
+            if ended - began > self._stall:
+                held = ended - began - self._clock.stood_still(began, ended)
+                if held > self._stall:
+                    self._stalled(held)
+
+    def send(self, value: Any) -> Any:
+        if not self._thrown and self._fenced():
+            self._thrown = True
+            return self._timed(lambda: self._coro.throw(asyncio.CancelledError()))
+        return self._timed(lambda: self._coro.send(value))
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        exc = typ if val is None else val
+        return self._timed(lambda: self._coro.throw(exc))
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._coro.__await__()
+
+
+class BodyFenced(BaseException):
+    """Internal: a handler body was stopped because its worker's hold may have lapsed."""
+
+
+async def guarded(coro: Coroutine[Any, Any, T], fenced: Callable[[], bool], stall: float) -> T:
+    """Await a body as a :class:`GuardedBody` task. Raises :class:`BodyFenced` when the
+    guard stopped it (a cancel of the awaiting task is passed on as usual)."""
+    body = asyncio.ensure_future(GuardedBody(coro, fenced, lambda seconds: None, stall))
+    try:
+        return await body
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if body.cancelled() and me is not None and me.cancelling() == 0:
+            raise BodyFenced() from None
+        raise

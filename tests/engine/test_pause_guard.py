@@ -1,0 +1,170 @@
+"""The step-body guard (cantata.engine.pauses.GuardedBody, docs/leases.md): a body is
+never resumed past a stall of its worker longer than the fence, even when its wake-up
+was already queued when the stall began — the case the watchdog timer cannot catch,
+since it runs only in the event loop's next pass.
+
+The stall here is the event loop blocked in ``time.sleep`` (monotonic time runs on, as
+it does through SIGSTOP); the fault suite does the same with real SIGSTOPs
+(tests/faults/test_pause.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import cantata
+from cantata import Retry
+
+from .helpers import make_app
+
+LEASE = 1.0
+
+
+async def test_a_body_is_not_resumed_past_a_stall_longer_than_its_fence(
+    sqlite_url: str,
+) -> None:
+    app = make_app(sqlite_url, lease=LEASE)
+    began = asyncio.Event()
+    gate = asyncio.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def pay() -> str:
+        attempt = cantata.step_info().attempt
+        began.set()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            outcomes.append((attempt, "stopped"))
+            raise
+        outcomes.append((attempt, "charged"))  # the side effect
+        return "paid"
+
+    @app.workflow
+    async def checkout(ctx: cantata.WorkflowContext) -> str:
+        return str(await ctx.run(pay))
+
+    async with app:
+        handle = await app.start(checkout)
+        await asyncio.wait_for(began.wait(), 10)
+        # The stall lands after the gate opened: the body's wake-up is queued right
+        # behind it, in the same pass of the loop, before the watchdog can run.
+        asyncio.get_running_loop().call_soon(time.sleep, LEASE * 0.9)
+        gate.set()
+        assert await handle.result(timeout=10) == "paid"
+        attempts = await app.store.load_attempts(app.name, handle.run_id)
+    # Stopped at its await instead of going on to its effect; run again, as the same
+    # attempt (a stall of this live worker is not an attempt), once the hold is sure.
+    assert outcomes == [(1, "stopped"), (1, "charged")]
+    assert [(a.attempt, a.error_type) for a in attempts] == [(1, None)]
+
+
+async def test_a_body_that_stalls_its_worker_every_time_runs_out_of_attempts(
+    sqlite_url: str,
+) -> None:
+    """A body that holds the loop past the fence in its own code is stopped at its next
+    await, and that attempt counts (``StepStalled``): such a step fails after its
+    attempts instead of being restarted forever (and a run taken over meanwhile does
+    not have that attempt excused)."""
+    app = make_app(sqlite_url, lease=LEASE)
+    calls: list[int] = []
+
+    @app.step(retry=Retry(max_attempts=2, initial_interval=0.01))
+    async def hog() -> str:
+        calls.append(cantata.step_info().attempt)
+        time.sleep(LEASE * 0.9)  # noqa: ASYNC251 - the defect on purpose
+        await asyncio.sleep(0)
+        return "done"
+
+    @app.workflow
+    async def wf(ctx: cantata.WorkflowContext) -> str:
+        return str(await ctx.run(hog))
+
+    async with app:
+        handle = await app.start(wf)
+        with pytest.raises(cantata.WorkflowFailed, match=r"StepStalled.*held its worker"):
+            await handle.result(timeout=20)
+    assert calls == [1, 2]
+
+
+async def test_a_pause_of_the_whole_process_inside_a_body_is_not_the_bodys_doing(
+    sqlite_url: str,
+) -> None:
+    """This process is really stopped (SIGSTOP, a child sends SIGCONT a second later)
+    inside the body's synchronous code: the body is stopped at its next await as above,
+    but the attempt does not count (no ``StepStalled``): the pause clock's thread stood
+    still too, so it was the process, not the body, that stalled."""
+    app = make_app(sqlite_url, lease=LEASE)
+    calls: list[int] = []
+    wakers: list[subprocess.Popen[bytes]] = []
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def paused() -> str:
+        calls.append(cantata.step_info().attempt)
+        if len(calls) == 1:
+            waker = f"sleep {LEASE}; kill -CONT {os.getpid()}"
+            wakers.append(subprocess.Popen(["sh", "-c", waker]))  # noqa: ASYNC220 - on purpose
+            os.kill(os.getpid(), signal.SIGSTOP)
+        await asyncio.sleep(0)
+        return "done"
+
+    @app.workflow
+    async def wf(ctx: cantata.WorkflowContext) -> str:
+        return str(await ctx.run(paused))
+
+    async with app:
+        handle = await app.start(wf)
+        assert await handle.result(timeout=20) == "done"
+        attempts = await app.store.load_attempts(app.name, handle.run_id)
+    for waker in wakers:
+        waker.wait()
+    assert calls == [1, 1]
+    assert [(a.attempt, a.error_type) for a in attempts] == [(1, None)]
+
+
+async def test_a_handler_is_not_resumed_past_a_stall_longer_than_its_fence(
+    sqlite_url: str,
+) -> None:
+    """The same guard on handler bodies, for a pause of the whole process (a real
+    SIGSTOP; a store outage leaves handlers running): stopped at its await instead of
+    going on to its effect, the event is handed back and handled again."""
+    app = make_app(sqlite_url, lease=LEASE)
+    began = asyncio.Event()
+    gate = asyncio.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: cantata.Event[dict[str, int]], ctx: cantata.HandlerContext) -> None:
+        began.set()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            outcomes.append((ctx.attempt, "stopped"))
+            raise
+        outcomes.append((ctx.attempt, "billed"))
+
+    async with app:
+        await app.publish("order.placed", {"id": 1})
+        await asyncio.wait_for(began.wait(), 10)
+        waker = f"sleep {LEASE}; kill -CONT {os.getpid()}"
+        wakers: list[subprocess.Popen[bytes]] = []
+
+        def pause() -> None:
+            wakers.append(subprocess.Popen(["sh", "-c", waker]))
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+        asyncio.get_running_loop().call_soon(pause)
+        gate.set()
+        deadline = time.monotonic() + 15
+        while not any(what == "billed" for _, what in outcomes):
+            assert time.monotonic() < deadline, outcomes
+            await asyncio.sleep(0.05)
+    for w in wakers:
+        w.wait()
+    assert [what for _, what in outcomes] == ["stopped", "billed"]
