@@ -149,7 +149,12 @@ BEGIN
                 WHERE (u.app, u.run_id) IN (SELECT app, run_id FROM old)
                 ON CONFLICT (app, run_id, key, attempt) DO UPDATE SET
                 ended_at=excluded.ended_at, error_type=excluded.error_type,
-                error=excluded.error)
+                error=excluded.error
+                -- an attempt its worker excused (Paused) stays excused when the new
+                -- owner's WorkerLost write for it arrives later (postgres_ops.KEEP_EXCUSED)
+                WHERE NOT (COALESCE(attempts.error_type, '') = 'Paused'
+                    AND COALESCE(excluded.error_type, '') = 'WorkerLost'
+                    AND attempts.started_at = excluded.started_at))
             SELECT * FROM upd ORDER BY i
         LOOP
             j := rec.i + 1;
