@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from cantata.engine.journal import FINAL, Journal, Save
 from cantata.engine.runtime import Watch
 from cantata.model import codec
+from cantata.model.parking import Parking
 from cantata.model.records import (
     EntryKind,
     EntryStatus,
@@ -82,6 +83,7 @@ class MemoryRuntime:
         wake: Callable[[], Awaitable[bool]] | None = None,
         *,
         poll: bool = True,
+        park: Parking | None = None,
     ) -> None:
         if wake is not None:
             assert await wake()
