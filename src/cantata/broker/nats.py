@@ -35,7 +35,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from cantata.broker.base import Handler
+from cantata.broker.base import BrokerStore, Handler
 from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscription
 from cantata.broker.nats_limits import DEFAULT_MAX_CONTROL_LINE, Limits, refusal
 from cantata.broker.nats_names import (
@@ -54,7 +54,6 @@ from cantata.errors import BrokerError, EventsRefused, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event, check_pattern, claim_stub
 from cantata.model.records import Declaration
-from cantata.store.base import Store
 from cantata.store.factory import mask_url
 
 __all__ = [
@@ -129,7 +128,7 @@ class NatsBroker:
         self.reconnect_time_wait = reconnect_time_wait
         self.max_age = max_age
         self.duplicate_window = duplicate_window
-        self._store: Store | None = None
+        self._store: BrokerStore | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._streams = Streams(
@@ -154,7 +153,7 @@ class NatsBroker:
     # -- lifecycle --------------------------------------------------------------------
 
     @property
-    def store(self) -> Store:
+    def store(self) -> BrokerStore:
         if self._store is None:
             raise BrokerError("the NATS broker is not open: open the app first")
         return self._store
@@ -165,7 +164,7 @@ class NatsBroker:
             raise BrokerError(f"the NATS broker for {self.masked_url} is not open")
         return self._js
 
-    async def open(self, store: Store) -> None:
+    async def open(self, store: BrokerStore) -> None:
         """Connect and check that JetStream is enabled.
 
         Raises:

@@ -1,5 +1,5 @@
 """The PostgreSQL store, flow control: queues, slots and schedules (see
-:mod:`cantata.store.flow`).
+:mod:`cantata.store.roles.flow`).
 
 A queue claim locks the queue's row (``FOR UPDATE``) first and a slot request
 takes a transaction-scoped advisory lock on its scope: claimers of one queue or

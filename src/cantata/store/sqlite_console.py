@@ -10,6 +10,7 @@ from cantata.errors import TokenExists
 from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.records import RunRecord
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
+from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import RUN_COLS, audit_append, run_row
 
 
@@ -76,3 +77,30 @@ def record_action(
 ) -> None:
     audit_append(c, app, (actor, action, target, data))
 
+
+
+class SQLiteConsole(SQLiteCore):
+    """The console role of :class:`~cantata.store.sqlite.SQLiteStore` (docs/md)."""
+
+    async def query_runs(self, app: str, query: RunQuery) -> list[RunRecord]:
+        return await self._t.read(lambda c: query_runs(c, app, query))
+
+    async def count_runs(self, app: str) -> dict[str, int]:
+        return await self._t.read(lambda c: count_runs(c, app))
+
+    async def record_action(
+        self, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+    ) -> None:
+        await self._t.write(lambda c: record_action(c, app, actor, action, target, data))
+
+    async def create_token(self, token: TokenRecord) -> None:
+        await self._t.write(lambda c: create_token(c, token))
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        return await self._t.read(lambda c: token_by_hash(c, token_hash))
+
+    async def tokens(self) -> list[TokenRecord]:
+        return await self._t.read(tokens)
+
+    async def revoke_token(self, name: str, now: float) -> bool:
+        return await self._t.write(lambda c: revoke_token(c, name, now))

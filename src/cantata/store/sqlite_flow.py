@@ -1,4 +1,5 @@
-"""The SQLite store, flow control: queues, slots and schedules (see :mod:`cantata.store.flow`).
+"""The SQLite store, flow control: queues, slots and schedules
+(see :mod:`cantata.store.roles.flow`).
 
 Every claim runs in the connection thread's write transaction (``BEGIN IMMEDIATE``),
 which SQLite serializes across processes: counting and admitting happen under one
@@ -25,10 +26,11 @@ from cantata.model.flow import (
 )
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store.base import RUNS
+from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import LIVE_SQL, RUN_COLS, run_row
 
 if TYPE_CHECKING:
-    from cantata.store.sqlite_thread import ConnectionThread
+    pass
 
 # Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
 CANDIDATES = 500
@@ -69,12 +71,8 @@ def _close_ended(c: sqlite3.Connection, app: str, queue: str) -> None:
     )
 
 
-class SQLiteFlow:
+class SQLiteFlow(SQLiteCore):
     """Flow-control operations of :class:`~cantata.store.sqlite.SQLiteStore`."""
-
-    @property
-    def _t(self) -> ConnectionThread:  # provided by SQLiteStore
-        raise NotImplementedError
 
     def _create(
         self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None

@@ -14,6 +14,8 @@ from cantata.model.records import ATTRS, DeadLetter, HistoryEntry, RunRecord
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
+from cantata.store.base import RUNS
+from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
     HISTORY_COLS,
@@ -233,3 +235,81 @@ def discard_dead_letter(
     c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
     audit_append(c, app, rules.discard_entry(dl.group, dl.event.id, dead_letter_id, actor))
     return dl
+
+
+class SQLiteOperate(SQLiteCore):
+    """The operating role of :class:`~cantata.store.sqlite.SQLiteStore` (docs/operating.md)."""
+
+    async def find_runs(
+        self,
+        app: str,
+        *,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        return await self._t.read(lambda c: find_runs(
+            c, app, idempotency_key, attributes, workflow, status, limit
+        ))
+
+    async def run_attributes(
+        self, app: str, run_ids: Sequence[str]
+    ) -> dict[str, dict[str, str]]:
+        return await self._t.read(lambda c: run_attributes(c, app, run_ids))
+
+    async def attribute_names(self, app: str) -> list[str]:
+        return await self._t.read(lambda c: attribute_names(c, app))
+
+    async def runs_by_prefix(self, app: str, prefix: str, *, limit: int) -> list[RunRecord]:
+        return await self._t.read(lambda c: runs_by_prefix(c, app, prefix, limit))
+
+    async def foreign_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        versions: Sequence[str],
+        stale_before: float,
+        limit: int,
+    ) -> list[RunRecord]:
+        if not workflows:
+            return []
+        return await self._t.read(lambda c: foreign_runs(
+            c, app, worker_id, workflows, versions or [""], stale_before, limit
+        ))
+
+    async def retry_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        include_compensated: bool,
+        version: str | None,
+        actor: str,
+        now: float,
+    ) -> RunRecord:
+        return await self._t.write(lambda c: retry_run(
+            c, app, run_id, include_compensated, version, actor, now
+        ), RUNS)
+
+    async def fork_run(
+        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+    ) -> RunRecord:
+        return await self._t.write(lambda c: fork_run(
+            c, app, source_run_id, run, before_key, actor
+        ), RUNS)
+
+    async def superseded_history(
+        self, app: str, run_id: str
+    ) -> list[tuple[int, HistoryEntry]]:
+        return await self._t.read(lambda c: superseded_history(c, app, run_id))
+
+    async def discard_dead_letter(
+        self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        return await self._t.write(
+            lambda c: discard_dead_letter(c, app, dead_letter_id, actor)
+        )
