@@ -10,6 +10,7 @@ from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.records import RunRecord
 from cantata.store.audit import AuditKey
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
+from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import RUN_COLS, audit_append, run_row
 from cantata.store.postgres_pool import Conn
 
@@ -70,3 +71,38 @@ async def record_action(
     key: AuditKey | None = None,
 ) -> None:
     await audit_append(c, app, (actor, action, target, data), key)
+
+
+class PostgresConsole(PostgresCore):
+    """The console role of :class:`~cantata.store.postgres.PostgresStore` (docs/md)."""
+
+    async def query_runs(self, app: str, query: RunQuery) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            return await query_runs(c, app, query)
+
+    async def count_runs(self, app: str) -> dict[str, int]:
+        async with self._db.conn() as c:
+            return await count_runs(c, app)
+
+    async def record_action(
+        self, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+    ) -> None:
+        async with self._db.tx() as c:
+            await record_action(c, app, actor, action, target, data,
+                                        self._audit_keys.get(app))
+
+    async def create_token(self, token: TokenRecord) -> None:
+        async with self._db.tx() as c:
+            await create_token(c, token)
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        async with self._db.conn() as c:
+            return await token_by_hash(c, token_hash)
+
+    async def tokens(self) -> list[TokenRecord]:
+        async with self._db.conn() as c:
+            return await tokens(c)
+
+    async def revoke_token(self, name: str, now: float) -> bool:
+        async with self._db.tx() as c:
+            return await revoke_token(c, name, now)

@@ -26,12 +26,13 @@ from cantata.model.flow import (
 )
 from cantata.model.records import RunRecord
 from cantata.store.base import RUNS
-from cantata.store.postgres_batch import Batch, BatchWriter, Refused
+from cantata.store.postgres_batch import Batch, Refused
+from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, run_row
 from cantata.store.postgres_writes import create_runs
 
 if TYPE_CHECKING:
-    from cantata.store.postgres_pool import Conn, PgPool, Row
+    from cantata.store.postgres_pool import Conn, Row
 
 # Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
 CANDIDATES = 500
@@ -75,11 +76,8 @@ async def _create_queued(
     return out
 
 
-class PostgresFlow:
+class PostgresFlow(PostgresCore):
     """Flow-control operations of :class:`~cantata.store.postgres.PostgresStore`."""
-
-    _db: PgPool  # provided by PostgresStore
-    _w: BatchWriter
 
     # -- queues ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
+from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
     EVENT_COLS,
@@ -235,3 +236,86 @@ async def discard_dead_letter(c: Conn, app: str, dead_letter_id: str, actor: str
         )
     await audit_append(c, app, rules.discard_entry(row[1], row[2], dead_letter_id, actor))
     return dead_letter_row(row, event_row(ev_row))
+
+
+class PostgresOperate(PostgresCore):
+    """The operating role of :class:`~cantata.store.postgres.PostgresStore` (docs/operating.md)."""
+
+    async def find_runs(
+        self,
+        app: str,
+        *,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            return await find_runs(
+                c, app, idempotency_key, attributes, workflow, status, limit
+            )
+
+    async def run_attributes(
+        self, app: str, run_ids: Sequence[str]
+    ) -> dict[str, dict[str, str]]:
+        async with self._db.conn() as c:
+            return await run_attributes(c, app, run_ids)
+
+    async def attribute_names(self, app: str) -> list[str]:
+        async with self._db.conn() as c:
+            return await attribute_names(c, app)
+
+    async def runs_by_prefix(self, app: str, prefix: str, *, limit: int) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            return await runs_by_prefix(c, app, prefix, limit)
+
+    async def foreign_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        versions: Sequence[str],
+        stale_before: float,
+        limit: int,
+    ) -> list[RunRecord]:
+        if not workflows:
+            return []
+        async with self._db.conn() as c:
+            return await foreign_runs(
+                c, app, worker_id, workflows, versions, stale_before, limit
+            )
+
+    async def retry_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        include_compensated: bool,
+        version: str | None,
+        actor: str,
+        now: float,
+    ) -> RunRecord:
+        async with self._db.tx() as c:
+            return await retry_run(
+                c, app, run_id, include_compensated, version, actor, now
+            )
+
+    async def fork_run(
+        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+    ) -> RunRecord:
+        async with self._db.tx() as c:
+            return await fork_run(c, app, source_run_id, run, before_key, actor)
+
+    async def superseded_history(
+        self, app: str, run_id: str
+    ) -> list[tuple[int, HistoryEntry]]:
+        async with self._db.conn() as c:
+            return await superseded_history(c, app, run_id)
+
+    async def discard_dead_letter(
+        self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        async with self._db.tx() as c:
+            return await discard_dead_letter(c, app, dead_letter_id, actor)
