@@ -40,6 +40,7 @@ from tests.contract.store_contract_flow import FlowContract
 from tests.contract.store_contract_operate import OperateContract
 from tests.contract.store_contract_outbox import OutboxContract
 from tests.contract.store_contract_tasks import TasksContract
+from tests.contract.store_contract_trace import TraceContract
 from tests.contract.store_contract_wfapi import WorkflowApiContract
 from tests.contract.store_support import entry, ev, eventually, json_values, new_run
 
@@ -50,6 +51,7 @@ class StoreContract(
     AuditContract,
     OutboxContract,
     WorkflowApiContract,
+    TraceContract,
     ConsoleContract,
     OperateContract,
     FlowContract,

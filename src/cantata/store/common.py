@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Iterable
+from typing import TypeVar
 
 from cantata.model.records import AuditRecord, AuditReport
 from cantata.store import audit
 from cantata.store.roles import TASK_OUTCOMES, ChangeListener
 
 log = logging.getLogger("cantata.store")
+
+R = TypeVar("R")
 
 
 def check_task_outcome(outcome: str) -> None:
@@ -100,3 +103,17 @@ class StoreBase:
             exported=head,
             unaudited=lambda: self._unaudited_runs(app, key is not None),
         )
+
+
+def first_per_run(
+    rows: Iterable[tuple[str, R]], run_ids: Iterable[str], limit: int
+) -> dict[str, list[R]]:
+    """``run id -> its first `limit` items`` of ``(run_id, item)`` rows already in order
+    (every run present, with no items if it has none): the per-run cap of
+    :meth:`~cantata.store.roles.TraceStore.trace_records`, written once for both backends."""
+    out: dict[str, list[R]] = {run_id: [] for run_id in run_ids}
+    for run_id, item in rows:
+        kept = out[run_id]
+        if len(kept) < limit:
+            kept.append(item)
+    return out

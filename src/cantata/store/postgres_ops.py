@@ -34,6 +34,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store.base import TraceRecords
+from cantata.store.common import first_per_run
 from cantata.store.postgres_pool import Conn, Row
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
@@ -264,31 +265,32 @@ async def claim_tasks(
 
 
 async def trace_records(c: Conn, app: str, correlation_id: str, limit: int) -> TraceRecords:
-    """Everything about one correlation id (call in a repeatable-read transaction)."""
+    """:meth:`~cantata.store.roles.TraceStore.trace_records` (call in a repeatable-read
+    transaction): one query per part."""
     runs = [
         run_row(r) for r in await c.fetch(
             f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
-            "ORDER BY created_at LIMIT $3",
+            'ORDER BY created_at, run_id COLLATE "C" LIMIT $3',
             app, correlation_id, limit,
         )
     ]
     ids = [r.run_id for r in runs]
-    entries: dict[str, list[HistoryEntry]] = {i: [] for i in ids}
-    attempts: dict[str, list[Attempt]] = {i: [] for i in ids}
-    for r in await c.fetch(
-        f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=$1 "
-        "AND run_id = ANY($2::text[]) ORDER BY seq",
-        app, ids,
-    ):
-        if len(entries[r[0]]) < limit:
-            entries[r[0]].append(HistoryEntry(*r[1:]))
-    for r in await c.fetch(
-        f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=$1 "
-        "AND run_id = ANY($2::text[]) ORDER BY started_at, attempt",
-        app, ids,
-    ):
-        if len(attempts[r[0]]) < limit:
-            attempts[r[0]].append(Attempt(*r[1:]))
+    entries = first_per_run(
+        ((r[0], HistoryEntry(*r[1:])) for r in await c.fetch(
+            f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=$1 "
+            "AND run_id = ANY($2::text[]) ORDER BY seq",
+            app, ids,
+        )),
+        ids, limit,
+    )
+    attempts = first_per_run(
+        ((r[0], Attempt(*r[1:])) for r in await c.fetch(
+            f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=$1 "
+            'AND run_id = ANY($2::text[]) ORDER BY started_at, attempt, key COLLATE "C"',
+            app, ids,
+        )),
+        ids, limit,
+    )
     tasks = [
         task_row(r) for r in await c.fetch(
             f"SELECT {TASK_COLS} FROM tasks WHERE app=$1 AND run_id = ANY($2::text[]) "
@@ -307,14 +309,15 @@ async def trace_records(c: Conn, app: str, correlation_id: str, limit: int) -> T
     deliveries = [
         delivery_row(r, by_id[r[1]]) for r in await c.fetch(
             f"SELECT {DELIVERY_COLS} FROM deliveries WHERE app=$1 "
-            "AND event_id = ANY($2::text[]) ORDER BY updated_at",
+            "AND event_id = ANY($2::text[]) "
+            'ORDER BY updated_at, grp COLLATE "C", event_id COLLATE "C"',
             app, list(by_id),
         )
     ]
     dead = [
         dead_letter_row(r, by_id[r[2]]) for r in await c.fetch(
             "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
-            "WHERE app=$1 AND event_id = ANY($2::text[]) ORDER BY failed_at",
+            'WHERE app=$1 AND event_id = ANY($2::text[]) ORDER BY failed_at, id COLLATE "C"',
             app, list(by_id),
         )
     ]

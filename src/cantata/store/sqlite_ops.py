@@ -31,6 +31,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store.base import Settlement, TraceRecords
+from cantata.store.common import first_per_run
 from cantata.store.sqlite_thread import TxConnection
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
@@ -413,42 +414,43 @@ def finish_task(
 def trace_records(
     c: sqlite3.Connection, app: str, correlation_id: str, limit: int
 ) -> TraceRecords:
+    """:meth:`~cantata.store.roles.TraceStore.trace_records`: one query per part (the
+    runs' ids and the events' ids go in as one JSON array each)."""
     runs = [
         run_row(r)
         for r in c.execute(
             f"SELECT {RUN_COLS} FROM runs WHERE app=? AND correlation_id=? "
-            "ORDER BY created_at LIMIT ?",
+            "ORDER BY created_at, run_id LIMIT ?",
             (app, correlation_id, limit),
         )
     ]
-    entries: dict[str, list[HistoryEntry]] = {}
-    attempts: dict[str, list[Attempt]] = {}
-    tasks: list[TaskRecord] = []
-    for run in runs:
-        entries[run.run_id] = [
-            entry_row(r)
-            for r in c.execute(
-                f"SELECT {HISTORY_COLS} FROM history WHERE app=? AND run_id=? "
-                "ORDER BY seq LIMIT ?",
-                (app, run.run_id, limit),
-            )
-        ]
-        attempts[run.run_id] = [
-            Attempt(*r)
-            for r in c.execute(
-                "SELECT key, attempt, started_at, ended_at, error_type, error FROM "
-                "attempts WHERE app=? AND run_id=? ORDER BY started_at LIMIT ?",
-                (app, run.run_id, limit),
-            )
-        ]
-        tasks += [
-            task_row(r)
-            for r in c.execute(
-                f"SELECT {TASK_COLS} FROM tasks WHERE app=? AND run_id=? "
-                "ORDER BY created_at, task_id LIMIT ?",
-                (app, run.run_id, limit),
-            )
-        ]
+    ids = [r.run_id for r in runs]
+    of_runs = "run_id IN (SELECT value FROM json_each(?))"
+    run_ids = codec.dumps(ids, "run ids")
+    entries = first_per_run(
+        ((r[0], entry_row(r[1:])) for r in c.execute(
+            f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=? AND {of_runs} "
+            "ORDER BY seq",
+            (app, run_ids),
+        )),
+        ids, limit,
+    )
+    attempts = first_per_run(
+        ((r[0], Attempt(*r[1:])) for r in c.execute(
+            "SELECT run_id, key, attempt, started_at, ended_at, error_type, error FROM "
+            f"attempts WHERE app=? AND {of_runs} ORDER BY started_at, attempt, key",
+            (app, run_ids),
+        )),
+        ids, limit,
+    )
+    tasks = [
+        task_row(r)
+        for r in c.execute(
+            f"SELECT {TASK_COLS} FROM tasks WHERE app=? AND {of_runs} "
+            "ORDER BY created_at, task_id LIMIT ?",
+            (app, run_ids, limit),
+        )
+    ]
     ev_rows = c.execute(
         f"SELECT {EVENT_COLS}, stored_at FROM events WHERE app=? AND correlation_id=? "
         "ORDER BY seq LIMIT ?",
@@ -456,27 +458,27 @@ def trace_records(
     ).fetchall()
     events = [(event_row(r[:10]), r[10]) for r in ev_rows]
     by_id = {e.id: e for e, _ in events}
-    deliveries = []
-    dls: list[DeadLetter] = []
-    if by_id:
-        marks = ",".join("?" * len(by_id))
+    event_ids = codec.dumps(list(by_id), "event ids")
+    deliveries = [
+        Delivery(r[0], by_id[r[1]], r[2], r[3], r[4], r[5], r[6], r[7])
         for r in c.execute(
             "SELECT grp, event_id, status, attempts, next_at, error, updated_at, fence "
-            f"FROM deliveries INDEXED BY deliveries_event WHERE app=? AND event_id IN ({marks}) "
-            "ORDER BY updated_at",
-            (app, *by_id),
-        ):
-            deliveries.append(Delivery(r[0], by_id[r[1]], r[2], r[3], r[4], r[5], r[6], r[7]))
-        for r in c.execute(
-            "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
-            f"WHERE app=? AND event_id IN ({marks}) ORDER BY failed_at",
-            (app, *by_id),
-        ):
-            failed = to_datetime(r[5])
-            assert failed is not None
-            dls.append(DeadLetter(r[0], r[1], by_id[r[2]], r[3], r[4], failed))
-    tasks.sort(key=lambda t: (t.created_at, t.task_id))
-    return TraceRecords(runs, entries, attempts, events, deliveries, dls, tasks[:limit])
+            "FROM deliveries INDEXED BY deliveries_event WHERE app=? "
+            "AND event_id IN (SELECT value FROM json_each(?)) "
+            "ORDER BY updated_at, grp, event_id",
+            (app, event_ids),
+        )
+    ]
+    dls: list[DeadLetter] = []
+    for r in c.execute(
+        "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
+        "WHERE app=? AND event_id IN (SELECT value FROM json_each(?)) ORDER BY failed_at, id",
+        (app, event_ids),
+    ):
+        failed = to_datetime(r[5])
+        assert failed is not None
+        dls.append(DeadLetter(r[0], r[1], by_id[r[2]], r[3], r[4], failed))
+    return TraceRecords(runs, entries, attempts, events, deliveries, dls, tasks)
 
 
 def stale_correlations(

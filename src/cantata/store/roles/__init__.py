@@ -41,7 +41,7 @@ from cantata.store.roles.lifecycle import (
 from cantata.store.roles.operate import OperateStore
 from cantata.store.roles.runs import RunStore
 from cantata.store.roles.tasks import TASK_OUTCOMES, TaskStore
-from cantata.store.roles.trace import TraceRecords, TraceStore
+from cantata.store.roles.trace import TRACE_ORDER, TraceRecords, TraceStore
 from cantata.store.roles.transaction import TransactionalStore
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "RUNS",
     "TASKS",
     "TASK_OUTCOMES",
+    "TRACE_ORDER",
     "AuditStore",
     "ChangeListener",
     "ConsoleStore",

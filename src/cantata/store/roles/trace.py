@@ -15,6 +15,18 @@ from cantata.model.records import (
     TaskRecord,
 )
 
+#: The order of each part of :class:`TraceRecords` (text compares by code point, as
+#: SQLite's BINARY and PostgreSQL's ``COLLATE "C"`` do).
+TRACE_ORDER = {
+    "runs": ("created_at", "run_id"),
+    "entries": ("seq",),
+    "attempts": ("started_at", "attempt", "key"),
+    "tasks": ("created_at", "task_id"),
+    "events": ("seq",),  # the log's order
+    "deliveries": ("updated_at", "group", "event_id"),
+    "dead_letters": ("failed_at", "id"),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class TraceRecords:
@@ -36,7 +48,20 @@ class TraceStore(Protocol):
         """The names of the apps that have anything in this store, sorted."""
 
     async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
-        """Runs, history, tasks, events, deliveries and dead letters of one transaction."""
+        """Runs, history, tasks, events, deliveries and dead letters of one transaction.
+
+        One rule for every backend (:data:`TRACE_ORDER` names the sort keys; ties are
+        broken by the later keys, so the result is the same on every backend):
+
+        - ``runs``: the ``limit`` oldest runs of ``correlation_id``;
+        - ``entries`` and ``attempts``: for each of those runs, its first ``limit``
+          history entries and its first ``limit`` attempts;
+        - ``tasks``: the first ``limit`` tasks over all those runs together;
+        - ``events``: the first ``limit`` events of ``correlation_id`` in log order;
+        - ``deliveries`` and ``dead_letters``: all those of those events.
+
+        Read from one snapshot where the database offers one (PostgreSQL).
+        """
 
     async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
         """Correlation ids with live work older than a time.
