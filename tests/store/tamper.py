@@ -8,7 +8,7 @@ import asyncpg
 
 from cantata.model.records import AuditRecord
 from cantata.store.base import Store
-from tests.contract.store_support import tampered
+from cantata.testing.contract.support import tampered
 
 
 async def record(store: Store, app: str, seq: int) -> AuditRecord:

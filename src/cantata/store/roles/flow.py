@@ -4,7 +4,7 @@
 decided inside one transaction that serializes the claimers of the same queue or
 slot scope (SQLite: the write lock; PostgreSQL: the row of the queue, or an
 advisory lock for a slot scope), with the rules of :mod:`cantata.model.flow`, so
-no number of processes can exceed a limit. ``tests/contract/store_contract_flow.py``
+no number of processes can exceed a limit. :mod:`cantata.testing.contract.flow`
 is the executable definition.
 """
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from cantata.model.records import Attempt, RunWrite
 from cantata.store.base import Settlement, Store
 from cantata.store.roles import TRACE_ORDER
-from tests.contract.store_contract_tasks import task
-from tests.contract.store_support import StoreFixtures, entry, ev, new_run
+from cantata.testing.contract.support import StoreFixtures, entry, ev, new_run
+from cantata.testing.contract.tasks import task
 
 T0 = 1_700_000_000.0
 
@@ -51,7 +51,7 @@ class TraceContract(StoreFixtures):
         assert [r.run_id for r in tr.runs] == ["run-a", "run-b"]  # created_at, then run_id
         assert set(tr.entries) == set(tr.attempts) == {"run-a", "run-b"}
         assert [e.key for e in tr.entries["run-a"]] == ["s#1", "s#2"]
-        assert tr.entries["run-b"] == tr.attempts["run-b"] == []
+        assert tr.entries["run-b"] == [] and tr.attempts["run-b"] == []
         assert [(a.key, a.attempt) for a in tr.attempts["run-a"]] == [("a#1", 1), ("b#1", 1)]
         # The first two tasks over both runs, not the first ones of each run.
         assert [t.task_id for t in tr.tasks] == ["run-b:inv.x#1", "run-a:inv.x#2"]

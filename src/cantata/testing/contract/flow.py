@@ -12,7 +12,7 @@ from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
-from tests.contract.store_support import StoreFixtures, new_run
+from cantata.testing.contract.support import StoreFixtures, new_run
 
 
 class FlowContract(StoreFixtures):

@@ -29,7 +29,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store.base import Settlement, Store
-from tests.contract.store_support import StoreFixtures, entry, ev, new_run
+from cantata.testing.contract.support import StoreFixtures, entry, ev, new_run
 
 
 def attrs(key: str, seq: int, **values: str) -> HistoryEntry:
