@@ -36,6 +36,7 @@ import uuid
 from typing import Any
 
 from bench.common import (
+    BENCH_PREFIX,
     LATENCY_N,
     NATS_URL,
     PG_DURABILITY,
@@ -184,12 +185,12 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
 async def _drop_stream(app_name: str) -> None:
     import nats
 
-    from cantata.broker.nats import stream_name
+    from cantata.broker.nats_names import Names
 
     nc = await nats.connect(NATS_URL)
     try:
         with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(stream_name(app_name))
+            await nc.jetstream().delete_stream(Names(app_name, BENCH_PREFIX).stream)
     finally:
         await nc.close()
 
@@ -212,7 +213,7 @@ async def main_async(a: argparse.Namespace) -> None:
     schema = name  # PostgreSQL: a schema of its own, dropped at the end (a fresh database)
     sep = "&" if "?" in PG_URL else "?"
     store = f"sqlite:///{tmp}/bench.db" if a.store == "sqlite" else f"{PG_URL}{sep}schema={schema}"
-    broker = "embedded" if a.broker == "embedded" else NATS_URL
+    broker = "embedded" if a.broker == "embedded" else f"{NATS_URL}?prefix={BENCH_PREFIX}"
     app = make_app(a.kind, store, broker, name)
     try:
         try:

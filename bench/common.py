@@ -28,6 +28,9 @@ UNAVAILABLE_EXIT = 3
 
 PG_URL = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 NATS_URL = os.environ.get("BENCH_NATS", "nats://127.0.0.1:4222")
+# Cantata's streams live under this broker prefix (?prefix=), apart from the streams
+# that the test suite creates and purges on the same server.
+BENCH_PREFIX = "bench"
 REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/9")  # db 9: ours alone
 
 SQLITE_DURABILITY = "SQLite WAL, synchronous=FULL (fsync per commit)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -75,7 +76,9 @@ async def _purge_nats_streams(url: str) -> None:
         js = nc.jetstream()
         for info in await js.streams_info():
             if info.config.name and info.config.name.startswith("CANTATA_"):
-                await js.delete_stream(info.config.name)
+                # Another test run on the same server may have deleted it already.
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.delete_stream(info.config.name)
     finally:
         await nc.close()
 

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 from cantata.broker.base import Broker
 from cantata.choreography.consumer import Consumer
 from cantata.engine.clock import Clock, SystemClock
+from cantata.engine.engine import Engine
 from cantata.engine.handle import RunHandle
 from cantata.engine.hooks import Hook, Hooks
+from cantata.engine.identity import new_worker_id
 from cantata.engine.registry import Router, workflow_name
-from cantata.engine.worker import Engine, new_worker_id
 from cantata.errors import (
     ConfigurationError,
     DuplicateEventId,
@@ -271,7 +272,7 @@ class App(Router):
             if serve:
                 raise
         if broker.relays_outbox:
-            from cantata.broker.relay import OutboxRelay
+            from cantata.choreography.relay import OutboxRelay
 
             self._relay = OutboxRelay(
                 store, broker, self.name,
@@ -654,7 +655,7 @@ class App(Router):
                 try:
                     await broker.publish(self.name, events, again=True)
                 except EventsRefused as exc:
-                    from cantata.broker.relay import dead_letter_refused
+                    from cantata.choreography.relay import dead_letter_refused
 
                     for event in events:
                         if event.id in exc.refused:

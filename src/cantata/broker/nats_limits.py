@@ -6,7 +6,7 @@ sending, a message larger than the ``max_payload`` the server announced in its I
 Left unchecked, one such event would be retried by the outbox relay forever and
 block every event behind it; checked here, it is refused where it is made (with a
 clear error, before anything is stored), and one that still reaches the relay is
-dead-lettered with the reason (see :func:`cantata.broker.relay.relay_once`).
+dead-lettered with the reason (see :func:`cantata.choreography.relay.relay_once`).
 """
 
 from __future__ import annotations

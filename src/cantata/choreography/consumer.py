@@ -25,8 +25,8 @@ from .context import HandlerContext
 from .orphans import check_orphans
 
 if TYPE_CHECKING:
+    from cantata.engine.engine import Engine
     from cantata.engine.registry import HandlerDef, TriggerDef
-    from cantata.engine.worker import Engine
 
 log = logging.getLogger("cantata.consumer")
 T = TypeVar("T")

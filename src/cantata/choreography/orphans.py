@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.model.event import Event, matches
 
 if TYPE_CHECKING:
-    from cantata.engine.worker import Engine
+    from cantata.engine.engine import Engine
 
 log = logging.getLogger("cantata.orphans")
 

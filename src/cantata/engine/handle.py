@@ -17,7 +17,7 @@ from cantata.model.records import RunRecord
 from cantata.model.status import RunStatus
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 _ERRORS = {
     RunStatus.FAILED: WorkflowFailed,

@@ -36,7 +36,7 @@ from cantata.quietlog import QuietLog, reason
 from . import versioning
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 log = logging.getLogger("cantata.worker")
 

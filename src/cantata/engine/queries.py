@@ -22,7 +22,7 @@ from cantata.model.status import RunStatus
 from .values import _load, values_of
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 
 @dataclass(frozen=True, slots=True)

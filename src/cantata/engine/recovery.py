@@ -22,7 +22,7 @@ from cantata.model.status import RunStatus, parse_status
 from .versioning import current_version
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 
 async def _version_for(engine: Engine, workflow: str) -> str | None:

@@ -51,7 +51,7 @@ from .versioning import args_shape
 if TYPE_CHECKING:
     from cantata.app import App
 
-    from .worker import Engine
+    from .engine import Engine
 
 # Failures a replay may legitimately re-raise: they are recorded in history.
 _RECORDED = ("StepFailed", "Cancelled", "DeadlineExceeded", "WaitTimeout", "WorkflowCallError")

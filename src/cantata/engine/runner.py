@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,96 +12,37 @@ from cantata.errors import (
     Cancelled,
     CantataError,
     DeadlineExceeded,
-    LeaseLost,
     NonDeterminismError,
     StepFailed,
     StoreError,
     error_text,
 )
-from cantata.flow.limits import release_step_slot, take_step_slot
 from cantata.model import codec
 from cantata.model.records import (
     ATTRS,
     COMPENSATION,
     ENTRY_COMPLETED,
     ENTRY_FAILED,
-    ENTRY_RUNNING,
     PATCH,
     SLEEP,
-    TASK_DONE,
-    TASK_FAILED,
     VALUE,
     Attempt,
     HistoryEntry,
     RunRecord,
     RunWrite,
-    TaskRecord,
 )
 from cantata.model.status import RunStatus
-from cantata.store.faults import wait_out
 
-from . import cleanup
+from . import checkpoint, cleanup, steps
 from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
-from .heartbeat import beat_for
-from .invoke import invoke_step
 from .registry import StepDef, WorkflowDef
-from .versioning import args_shape
+from .signals import CompensatedElsewhere, _Abandon, _DeadlinePassed, _StoreFailed
+from .steps import INTERRUPTED
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 log = logging.getLogger("cantata.engine")
-
-WORKER_LOST = (
-    "WorkerLost",
-    "the worker running this attempt stopped (crash or kill) before the attempt finished",
-)
-# An attempt a live worker cut short itself (a graceful stop past its grace): recorded,
-# but not counted as an attempt; the next attempt takes its number (docs/leases.md).
-INTERRUPTED = (
-    "Interrupted",
-    "the worker stopped gracefully before the attempt finished; not counted as an attempt",
-)
-
-
-class _DeadlinePassed(BaseException):
-    """Internal: raised at a durable point once the run's deadline has passed."""
-
-
-class CompensatedElsewhere(Exception):
-    """Raised by a workflow whose compensation already ran outside it (choreographed saga).
-
-    The run ends with ``status`` and the message as its error, as if it had unwound here.
-    """
-
-    def __init__(
-        self, error: str, status: RunStatus = RunStatus.COMPENSATED, flagged: bool = False
-    ) -> None:
-        super().__init__(error)
-        self.status = status
-        self.flagged = flagged
-
-
-class _Abandon(BaseException):
-    """Internal: this worker lost the run (lease taken over, or shutting down)."""
-
-
-class _StoreFailed(BaseException):
-    """Internal: the store failed mid-run; the run is retried from its history.
-
-    A ``BaseException`` so that neither workflow code nor the engine's failure handling
-    turns an infrastructure error into a failed (and compensated) business run.
-    """
-
-
-class _Fenced(BaseException):
-    """Internal: the step body was stopped because this worker's hold lapsed."""
-
-
-def _split_error(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, StepFailed):
-        return exc.error_type, exc.error_message
-    return type(exc).__name__, str(exc)
 
 
 class RunExecution:
@@ -121,13 +61,13 @@ class RunExecution:
         self.pending: list[HistoryEntry] = []
         self.pending_attempts: list[Attempt] = []
         self.pending_status: RunStatus | None = None
-        self._commit_lock = asyncio.Lock()
-        self._flush_failed: BaseException | None = None
-        self._flush_scheduled = False
+        self.commit_lock = asyncio.Lock()
+        self.flush_failed: BaseException | None = None
+        self.flush_scheduled = False
         # Set when the run is not stored yet: its first commit creates it (and resolves
         # this future with the stored run), see :meth:`expect_creation`.
         self.created: asyncio.Future[tuple[RunRecord, bool]] | None = None
-        self._create_pending = False
+        self.create_pending = False
         self.compensations: list[tuple[StepDef, list[Any]]] = []
         self.interrupt: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self.compensating = False
@@ -170,7 +110,7 @@ class RunExecution:
         cut = [Attempt(a.key, a.attempt, a.started_at, now, *INTERRUPTED)
                for a in self.inflight.values()]
         self.inflight.clear()
-        self._flush_failed = None
+        self.flush_failed = None
         try:
             await self.commit(RunWrite(attempts=cut, release=True))
         except (_Abandon, _StoreFailed, Exception) as exc:
@@ -191,104 +131,15 @@ class RunExecution:
 
     async def commit(self, write: RunWrite) -> None:
         """Flush lazily recorded entries and write one checkpoint (fenced)."""
-        async with self._commit_lock:
-            if self._flush_failed is not None:
-                raise self._flush_failed
-            if self.pending:
-                write.entries[:0] = self.pending
-                self.pending = []
-            if self.pending_attempts:
-                write.attempts[:0] = self.pending_attempts
-                self.pending_attempts = []
-            if self.pending_status is not None and write.status is None:
-                write.status = self.pending_status
-            self.pending_status = None
-            if self._create_pending:
-                self._create_pending = False
-                await self._create(write)
-            else:
-                await self._commit_run(write)
-        if write.status is not None:
-            self.run.status = write.status
-        if write.events:
-            self.engine.events_appended(write.events)
-
-    async def _commit_run(self, write: RunWrite) -> None:
-        engine = self.engine
-        # An outage is not the run's failure: the checkpoint waits and is retried
-        # (fenced, so it is refused if another worker took the run meanwhile). A long
-        # outage ends this execution through the engine's self-fencing.
-        try:
-            await wait_out(
-                lambda: engine.store.commit_run(
-                    self.run.app, self.run.run_id, self.run.fence, write),
-                quiet=engine.quiet, key="commit", what="checkpointing runs",
-                give_up=lambda: not engine.serving, max_delay=engine.lease / 4,
-            )
-        except LeaseLost:
-            log.warning(
-                "run %s was taken over by another worker; letting it go", self.run.run_id
-            )
-            raise _Abandon() from None
-        except StoreError as exc:
-            raise _StoreFailed(exc) from exc
+        await checkpoint.commit(self, write)
 
     def expect_creation(self) -> None:
-        """This run is not stored yet: store it with its first checkpoint.
-
-        :attr:`created` resolves once it is durable (or fails with the store's error, and
-        the execution ends). If the workflow yields to the event loop before its first
-        write, the run is stored on its own then.
-        """
-        loop = asyncio.get_running_loop()
-        self.created = loop.create_future()
-        self._create_pending = True
-        self._flush_scheduled = True
-        loop.call_soon(self._flush_soon)
-
-    async def _create(self, write: RunWrite) -> None:
-        assert self.created is not None
-        try:
-            stored, created = await self.engine.store.create_run(self.run, write)
-        except Exception as exc:  # the caller of start() gets it (cancelled: see execute)
-            if not self.created.done():
-                self.created.set_exception(exc)
-            raise _Abandon() from exc
-        if not self.created.done():
-            self.created.set_result((stored, created))
-        if not created:  # only without an idempotency key, so never: be safe anyway
-            raise _Abandon()
+        """This run is not stored yet: store it with its first checkpoint."""
+        checkpoint.expect_creation(self)
 
     def defer(self, write: RunWrite) -> None:
-        """Hold a finished step's checkpoint to commit it with the run's next write.
-
-        The workflow code between two steps is deterministic and has no effects, so the
-        result of step *n* can share one transaction (and one fsync) with the start of
-        step *n+1*: that step's body only runs once both are durable, and a crash before
-        then only repeats step *n*, as a crash before its own commit would. If the
-        workflow does not reach another write by the time it yields to the event loop
-        (parallel steps, a plain ``await``), the held checkpoint is committed on its own.
-        """
-        self.pending.extend(write.entries)
-        self.pending_attempts.extend(write.attempts)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        self._flush_scheduled = False
-        if self.pending or self.pending_attempts or self._create_pending:
-            self.engine.track(asyncio.create_task(self._flush()))
-
-    async def _flush(self) -> None:
-        if not (self.pending or self.pending_attempts or self._create_pending):
-            return
-        try:
-            await self.commit(RunWrite())
-        except (_Abandon, _StoreFailed) as exc:
-            # The run's next write raises it, and the run goes on from its history.
-            self._flush_failed = exc
-            self.request_interrupt(exc)
+        """Hold a finished step's checkpoint to commit it with the run's next write."""
+        checkpoint.defer(self, write)
 
     def request_interrupt(self, exc: BaseException) -> None:
         if not cleanup.accepts(self, exc):  # a repeated cancel during cleanup
@@ -391,230 +242,7 @@ class RunExecution:
         self, sdef: StepDef, args: list[Any], key: str, kind: str = "step"
     ) -> Any:
         """Run (or replay) one step or compensation and return its decoded JSON result."""
-        entry = self.history.get(key)
-        if entry is not None and entry.status in (ENTRY_COMPLETED, ENTRY_FAILED):
-            self.consumed.add(key)
-            if entry.status == ENTRY_COMPLETED:
-                return codec.loads(entry.result)
-            etype, _, emsg = (entry.error or "Error: ").partition(": ")
-            raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
-        if entry is None:
-            shape = None
-            if kind != COMPENSATION:
-                await self.check_new_call(key)
-                shape = codec.dumps({"shape": args_shape(args)})
-            entry = self.new_entry(key, kind, sdef.name, ENTRY_RUNNING, detail=shape)
-        else:
-            self.consumed.add(key)
-            if kind != COMPENSATION:
-                await self.check_replayed_before(entry)
-        if self.engine.is_remote(sdef):
-            return await self._call_remote(sdef, args, entry)
-        clock = self.engine.clock
-        write, last, n = self._prior_attempts(key)
-        retry = sdef.retry
-        while True:
-            if n >= retry.max_attempts and last is not None:
-                return await self._step_failed(entry, write, last, n)
-            await self.park_if_stopping()
-            if kind != COMPENSATION:
-                self.check_interrupt()
-            # A limited step waits for its slot here, before the attempt is recorded
-            # (released when _execute ends; a slot left by a lost commit is this
-            # holder's again when the run goes on, or lapses with this worker).
-            await take_step_slot(self, sdef, key)
-            n += 1
-            now = clock.now()
-            attempt = Attempt(key, n, now)
-            entry.attempts, entry.status = n, ENTRY_RUNNING
-            entry.started_at = entry.started_at or now
-            write.attempts.append(attempt)
-            write.entries.append(entry)
-            await self.commit(write)
-            write = RunWrite()
-            self.inflight[key] = attempt
-            try:
-                value = await self._execute_fenced(sdef, args, key, n, kind)
-                result = codec.dumps(
-                    value, f"result of step {sdef.name}", limit=self.engine.max_payload
-                )
-            except _Fenced:
-                # Stopped because this worker's hold lapsed (a store outage): not an
-                # attempt. Once the store answers, the same attempt starts again, after
-                # its fenced start checkpoint proves the run is still ours.
-                del self.inflight[key]
-                await self.engine.ownership.regained()
-                n -= 1
-                continue
-            except Exception as exc:
-                del self.inflight[key]
-                attempt.ended_at = clock.now()
-                attempt.error_type, attempt.error = type(exc).__name__, str(exc)
-                last = (attempt.error_type, attempt.error)
-                write.attempts.append(attempt)
-                retryable = retry.is_retryable(exc)
-                if not retryable or n >= retry.max_attempts:
-                    return await self._step_failed(entry, write, last, n)
-                entry.error, entry.error_type = f"{last[0]}: {last[1]}", last[0]
-                write.entries.append(entry)
-                await self.commit(write)
-                write = RunWrite()
-                delay = retry.delay(n)
-                self.engine.metrics.retries += 1
-                if kind == COMPENSATION:
-                    await clock.sleep(delay)
-                else:
-                    await self.wait_until(clock.now() + delay)
-                continue
-            del self.inflight[key]
-            attempt.ended_at = clock.now()
-            entry.status, entry.result, entry.ended_at = ENTRY_COMPLETED, result, attempt.ended_at
-            entry.error = entry.error_type = None
-            write.attempts.append(attempt)
-            write.entries.append(entry)
-            self.defer(write)
-            return codec.loads(result)
-
-    def _prior_attempts(self, key: str) -> tuple[RunWrite, tuple[str, str] | None, int]:
-        """The attempts of ``key`` that count, as (write closing the lost ones, last
-        error, count).
-
-        The rule (docs/leases.md): an attempt left unfinished counts as ``WorkerLost``
-        (so a step that kills its worker cannot loop forever) unless this live worker
-        cut it short itself (it re-took the run, its hold lapsed in a pause or an
-        outage); an ``Interrupted`` attempt (a graceful stop) never counts. An attempt
-        that does not count is replaced by the next one, which takes its number.
-        """
-        write = RunWrite()
-        last: tuple[str, str] | None = None
-        n = 0
-        for a in self.attempts.get(key, []):
-            if a.error_type == INTERRUPTED[0]:
-                continue
-            if a.ended_at is None:
-                if self.engine.cut_short_here(self.run.run_id, key, a.attempt):
-                    continue
-                a.ended_at, (a.error_type, a.error) = self.engine.clock.now(), WORKER_LOST
-                write.attempts.append(a)
-            n += 1
-            if a.error_type is not None:
-                last = (a.error_type, a.error or "")
-        return write, last, n
-
-    async def _call_remote(self, sdef: StepDef, args: list[Any], entry: HistoryEntry) -> Any:
-        """A step of another service: a task in the store, executed by that service's workers
-        (with their retries and timeout); this run waits for its result."""
-        engine, run = self.engine, self.run
-        # A retried run's new call of a step is a new task (the old one ended for good).
-        task_id = f"{run.run_id}:{entry.key}" + (f"@{run.epoch}" if run.epoch else "")
-        service = sdef.service or ""
-        info = codec.loads(entry.detail) if entry.detail else {}
-        if "task" not in info:
-            now = engine.clock.now()
-            entry.started_at = now
-            entry.detail = codec.dumps({**info, "service": service, "task": task_id})
-            task = TaskRecord(
-                task_id, run.run_id, entry.key, sdef.name, service,
-                codec.dumps(args, f"arguments of step {sdef.name}"), created_at=now,
-                updated_at=now, correlation_id=run.correlation_id,
-            )
-            await self.commit(RunWrite(entries=[entry], tasks=[task]))
-        found: list[TaskRecord] = []
-
-        async def look() -> bool:
-            rec = await engine.store.get_task(run.app, task_id)
-            if rec is not None and rec.status in (TASK_DONE, TASK_FAILED):
-                found.append(rec)
-                return True
-            return False
-
-        engine.add_run_waiter(task_id, self)
-        try:
-            await self.wait_until(None, look)
-        finally:
-            engine.remove_run_waiter(task_id, self)
-        rec = found[0]
-        entry.attempts, entry.ended_at = rec.attempts, engine.clock.now()
-        if rec.status == TASK_DONE:
-            entry.status, entry.result = ENTRY_COMPLETED, rec.result
-            await self.commit(RunWrite(entries=[entry]))
-            return codec.loads(rec.result)
-        etype = rec.error_type or "Error"
-        emsg = (rec.error or "").removeprefix(f"{etype}: ")
-        entry.status, entry.error, entry.error_type = ENTRY_FAILED, f"{etype}: {emsg}", etype
-        await self.commit(RunWrite(entries=[entry]))
-        raise StepFailed(sdef.name, etype, emsg, rec.attempts)
-
-    async def _step_failed(
-        self, entry: HistoryEntry, write: RunWrite, last: tuple[str, str], n: int
-    ) -> Any:
-        entry.status, entry.ended_at = ENTRY_FAILED, self.engine.clock.now()
-        entry.error, entry.error_type, entry.attempts = f"{last[0]}: {last[1]}", last[0], n
-        write.entries.append(entry)
-        await self.commit(write)
-        raise StepFailed(entry.name, last[0], last[1], n)
-
-    async def _execute_fenced(
-        self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
-    ) -> Any:
-        """Run the step body in its own task, which the engine cancels when this
-        worker's hold lapses (see :meth:`Engine.fence_self`): raises ``_Fenced`` then."""
-        body = asyncio.ensure_future(self._execute(sdef, args, key, attempt, kind))
-        self.bodies.add(body)
-        try:
-            return await body
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if body.cancelled() and me is not None and me.cancelling() == 0:
-                raise _Fenced() from None
-            raise
-        finally:
-            self.bodies.discard(body)
-
-    async def _execute(
-        self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str = "step"
-    ) -> Any:
-        if sdef.concurrency is not None or sdef.rate is not None:
-            try:
-                return await self._with_hooks(sdef, args, key, attempt, kind)
-            finally:
-                await release_step_slot(self, sdef, key)
-        return await self._with_hooks(sdef, args, key, attempt, kind)
-
-    async def _with_hooks(
-        self, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
-    ) -> Any:
-        hooks = self.engine.hooks
-        if not hooks:
-            return await self._invoke(sdef, args, key, attempt)
-        started = time.perf_counter()
-        with hooks.step(self.run, sdef.name, key, attempt, kind):
-            try:
-                value = await self._invoke(sdef, args, key, attempt)
-            except Exception as exc:
-                hooks.notify("step_finished", self.run, sdef.name, attempt,
-                             time.perf_counter() - started, exc)
-                raise
-        hooks.notify("step_finished", self.run, sdef.name, attempt,
-                     time.perf_counter() - started, None)
-        return value
-
-    async def _invoke(self, sdef: StepDef, args: list[Any], key: str, attempt: int) -> Any:
-        """One attempt: heartbeats kept for the next attempt, transactional or not."""
-        run = self.run
-        beat = await beat_for(self.engine.store, run.app, run.run_id, sdef.name, key, attempt)
-        failed = True
-        try:
-            if sdef.transactional:
-                from .transaction import run_transactional
-
-                value = await run_transactional(self, sdef, args, key, attempt, beat)
-            else:
-                value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat)
-            failed = False
-            return value
-        finally:
-            await beat.close(failed)
+        return await steps.call_step(self, sdef, args, key, kind)
 
     # -- the run ---------------------------------------------------------------------
 
@@ -660,7 +288,7 @@ class RunExecution:
             log.exception("run %s: internal error; it will be retried", self.run.run_id)
         finally:
             # Steps cut short here by this live worker do not count as attempts when
-            # it resumes the run (see _prior_attempts).
+            # it resumes the run (see steps.prior_attempts).
             self.engine.note_cut_short(
                 self.run.run_id, {(a.key, a.attempt) for a in self.inflight.values()}
             )

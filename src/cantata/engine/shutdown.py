@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 log = logging.getLogger("cantata.worker")
 

@@ -16,11 +16,11 @@ from cantata.store.faults import wait_out
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
-from .runner import WORKER_LOST
 from .shutdown import wait_or_force
+from .steps import WORKER_LOST
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from .engine import Engine
 
 log = logging.getLogger("cantata.tasks")
 

@@ -17,8 +17,8 @@ from cantata.model import codec
 from cantata.model.records import ENTRY_COMPLETED, HistoryEntry, RunRecord, RunWrite
 
 if TYPE_CHECKING:
+    from .engine import Engine
     from .runner import RunExecution
-    from .worker import Engine
 
 SET_VALUE = "set_value"
 

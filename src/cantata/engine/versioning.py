@@ -31,9 +31,9 @@ from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, PATCH, Declarat
 if TYPE_CHECKING:
     from cantata.store.base import Store
 
+    from .engine import Engine
     from .registry import Router
     from .runner import RunExecution
-    from .worker import Engine
 
 log = logging.getLogger("cantata.worker")
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from cantata.model.flow import Rate
 
 if TYPE_CHECKING:
+    from cantata.engine.engine import Engine
     from cantata.engine.registry import HandlerDef, StepDef
     from cantata.engine.runner import RunExecution
-    from cantata.engine.worker import Engine
 
 log = logging.getLogger("cantata.limits")
 

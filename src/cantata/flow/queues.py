@@ -16,7 +16,7 @@ from cantata.errors import ConfigurationError, UnknownQueue
 from cantata.model.flow import QueueEntry, QueueSpec, Rate, check_limit
 
 if TYPE_CHECKING:
-    from cantata.engine.worker import Engine
+    from cantata.engine.engine import Engine
 
 log = logging.getLogger("cantata.queues")
 

@@ -27,8 +27,8 @@ from cantata.model import codec
 from cantata.model.flow import ScheduleRow
 
 if TYPE_CHECKING:
+    from cantata.engine.engine import Engine
     from cantata.engine.handle import RunHandle
-    from cantata.engine.worker import Engine
 
 log = logging.getLogger("cantata.schedules")
 

@@ -12,9 +12,9 @@ from .queues import QueueLoop
 from .schedules import Scheduler, new_row
 
 if TYPE_CHECKING:
+    from cantata.engine.engine import Engine
     from cantata.engine.registry import Router
     from cantata.engine.runner import RunExecution
-    from cantata.engine.worker import Engine
 
 
 async def declare(engine: Engine, router: Router) -> None:

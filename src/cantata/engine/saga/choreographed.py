@@ -31,7 +31,8 @@ from cantata.model.records import ENTRY_COMPLETED, ENTRY_WAITING, WAIT, RunWrite
 from cantata.model.status import RunStatus
 
 from ..invoke import invoke_step
-from ..runner import WORKER_LOST, CompensatedElsewhere, _DeadlinePassed
+from ..signals import CompensatedElsewhere, _DeadlinePassed
+from ..steps import WORKER_LOST
 from .calls import is_final_error, saga_step_def, step_args, undo_args
 from .declaration import Saga, Stage, Step
 

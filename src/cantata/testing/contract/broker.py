@@ -7,7 +7,7 @@ outside (``external = True``) also implement :meth:`publish_raw`.
 
 Each test gets a fresh app name; events are committed to the store and then handed
 to ``broker.publish`` as the app does; for brokers that relay the outbox an
-:class:`~cantata.broker.relay.OutboxRelay` runs too, so emitted events travel.
+:class:`~cantata.choreography.relay.OutboxRelay` runs too, so emitted events travel.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from cantata.broker.base import Broker, BrokerMessage, Handler, Subscription
-from cantata.broker.relay import OutboxRelay
+from cantata.choreography.relay import OutboxRelay
 from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.model.records import DELIVERY_DONE, Declaration

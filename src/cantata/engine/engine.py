@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import Cancelled
@@ -23,6 +19,8 @@ from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
 from .clock import Clock
 from .hooks import Hooks
+from .identity import args_hash
+from .metrics import Metrics
 from .ownership import Ownership
 from .registry import Router, StepDef, remote_step_def
 from .runner import RunExecution
@@ -35,26 +33,6 @@ if TYPE_CHECKING:
     from .tasks import TaskServer
 
 log = logging.getLogger("cantata.worker")
-
-
-@dataclass
-class Metrics:
-    """Counters of this process (exported to Prometheus by the metrics extra)."""
-
-    runs: dict[str, int] = field(default_factory=dict)
-    retries: int = 0
-    handled: int = 0
-    handler_failures: int = 0
-    dead_lettered: int = 0
-    orphans: dict[str, int] = field(default_factory=dict)
-
-
-def new_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{codec.new_id()[-8:]}"
-
-
-def args_hash(workflow: str, args_json: str) -> str:
-    return hashlib.sha256(f"{workflow}\0{args_json}".encode()).hexdigest()
 
 
 class Engine:

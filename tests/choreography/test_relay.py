@@ -14,7 +14,7 @@ import pytest
 
 from cantata.broker.base import BrokerMessage
 from cantata.broker.nats import NatsBroker, stream_name
-from cantata.broker.relay import OutboxRelay, relay_once
+from cantata.choreography.relay import OutboxRelay, relay_once
 from cantata.errors import BrokerError
 from cantata.model.codec import new_id
 from cantata.model.event import Event

@@ -1,0 +1,126 @@
+"""Checkpoints of one run: fenced commits, the deferred step result, the first write."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from cantata.errors import LeaseLost, StoreError
+from cantata.model.records import RunWrite
+from cantata.store.faults import wait_out
+
+from .signals import _Abandon, _StoreFailed
+
+if TYPE_CHECKING:
+    from .runner import RunExecution
+
+log = logging.getLogger("cantata.engine")
+
+
+async def commit(x: RunExecution, write: RunWrite) -> None:
+    """Flush lazily recorded entries and write one checkpoint (fenced)."""
+    async with x.commit_lock:
+        if x.flush_failed is not None:
+            raise x.flush_failed
+        if x.pending:
+            write.entries[:0] = x.pending
+            x.pending = []
+        if x.pending_attempts:
+            write.attempts[:0] = x.pending_attempts
+            x.pending_attempts = []
+        if x.pending_status is not None and write.status is None:
+            write.status = x.pending_status
+        x.pending_status = None
+        if x.create_pending:
+            x.create_pending = False
+            await create(x, write)
+        else:
+            await commit_run(x, write)
+    if write.status is not None:
+        x.run.status = write.status
+    if write.events:
+        x.engine.events_appended(write.events)
+
+
+async def commit_run(x: RunExecution, write: RunWrite) -> None:
+    engine = x.engine
+    # An outage is not the run's failure: the checkpoint waits and is retried
+    # (fenced, so it is refused if another worker took the run meanwhile). A long
+    # outage ends this execution through the engine's self-fencing.
+    try:
+        await wait_out(
+            lambda: engine.store.commit_run(x.run.app, x.run.run_id, x.run.fence, write),
+            quiet=engine.quiet,
+            key="commit",
+            what="checkpointing runs",
+            give_up=lambda: not engine.serving,
+            max_delay=engine.lease / 4,
+        )
+    except LeaseLost:
+        log.warning("run %s was taken over by another worker; letting it go", x.run.run_id)
+        raise _Abandon() from None
+    except StoreError as exc:
+        raise _StoreFailed(exc) from exc
+
+
+def expect_creation(x: RunExecution) -> None:
+    """This run is not stored yet: store it with its first checkpoint.
+
+    :attr:`created` resolves once it is durable (or fails with the store's error, and
+    the execution ends). If the workflow yields to the event loop before its first
+    write, the run is stored on its own then.
+    """
+    loop = asyncio.get_running_loop()
+    x.created = loop.create_future()
+    x.create_pending = True
+    x.flush_scheduled = True
+    loop.call_soon(flush_soon, x)
+
+
+async def create(x: RunExecution, write: RunWrite) -> None:
+    assert x.created is not None
+    try:
+        stored, created = await x.engine.store.create_run(x.run, write)
+    except Exception as exc:  # the caller of start() gets it (cancelled: see execute)
+        if not x.created.done():
+            x.created.set_exception(exc)
+        raise _Abandon() from exc
+    if not x.created.done():
+        x.created.set_result((stored, created))
+    if not created:  # only without an idempotency key, so never: be safe anyway
+        raise _Abandon()
+
+
+def defer(x: RunExecution, write: RunWrite) -> None:
+    """Hold a finished step's checkpoint to commit it with the run's next write.
+
+    The workflow code between two steps is deterministic and has no effects, so the
+    result of step *n* can share one transaction (and one fsync) with the start of
+    step *n+1*: that step's body only runs once both are durable, and a crash before
+    then only repeats step *n*, as a crash before its own commit would. If the
+    workflow does not reach another write by the time it yields to the event loop
+    (parallel steps, a plain ``await``), the held checkpoint is committed on its own.
+    """
+    x.pending.extend(write.entries)
+    x.pending_attempts.extend(write.attempts)
+    if not x.flush_scheduled:
+        x.flush_scheduled = True
+        asyncio.get_running_loop().call_soon(flush_soon, x)
+
+
+def flush_soon(x: RunExecution) -> None:
+    x.flush_scheduled = False
+    if x.pending or x.pending_attempts or x.create_pending:
+        x.engine.track(asyncio.create_task(flush(x)))
+
+
+async def flush(x: RunExecution) -> None:
+    if not (x.pending or x.pending_attempts or x.create_pending):
+        return
+    try:
+        await x.commit(RunWrite())
+    except (_Abandon, _StoreFailed) as exc:
+        # The run's next write raises it, and the run goes on from its history.
+        x.flush_failed = exc
+        x.request_interrupt(exc)

@@ -1,0 +1,284 @@
+"""One step of a run: replay or attempts (with retries), remote steps as tasks, hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from cantata.errors import StepFailed
+from cantata.flow.limits import release_step_slot, take_step_slot
+from cantata.model import codec
+from cantata.model.records import (
+    COMPENSATION,
+    ENTRY_COMPLETED,
+    ENTRY_FAILED,
+    ENTRY_RUNNING,
+    TASK_DONE,
+    TASK_FAILED,
+    Attempt,
+    HistoryEntry,
+    RunWrite,
+    TaskRecord,
+)
+
+from .heartbeat import beat_for
+from .invoke import invoke_step
+from .registry import StepDef
+from .signals import _Fenced
+from .versioning import args_shape
+
+if TYPE_CHECKING:
+    from .runner import RunExecution
+
+WORKER_LOST = (
+    "WorkerLost",
+    "the worker running this attempt stopped (crash or kill) before the attempt finished",
+)
+# An attempt a live worker cut short itself (a graceful stop past its grace): recorded,
+# but not counted as an attempt; the next attempt takes its number (docs/leases.md).
+INTERRUPTED = (
+    "Interrupted",
+    "the worker stopped gracefully before the attempt finished; not counted as an attempt",
+)
+
+
+async def call_step(
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, kind: str = "step"
+) -> Any:
+    """Run (or replay) one step or compensation and return its decoded JSON result."""
+    entry = x.history.get(key)
+    if entry is not None and entry.status in (ENTRY_COMPLETED, ENTRY_FAILED):
+        x.consumed.add(key)
+        if entry.status == ENTRY_COMPLETED:
+            return codec.loads(entry.result)
+        etype, _, emsg = (entry.error or "Error: ").partition(": ")
+        raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
+    if entry is None:
+        shape = None
+        if kind != COMPENSATION:
+            await x.check_new_call(key)
+            shape = codec.dumps({"shape": args_shape(args)})
+        entry = x.new_entry(key, kind, sdef.name, ENTRY_RUNNING, detail=shape)
+    else:
+        x.consumed.add(key)
+        if kind != COMPENSATION:
+            await x.check_replayed_before(entry)
+    if x.engine.is_remote(sdef):
+        return await call_remote(x, sdef, args, entry)
+    clock = x.engine.clock
+    write, last, n = prior_attempts(x, key)
+    retry = sdef.retry
+    while True:
+        if n >= retry.max_attempts and last is not None:
+            return await step_failed(x, entry, write, last, n)
+        await x.park_if_stopping()
+        if kind != COMPENSATION:
+            x.check_interrupt()
+        # A limited step waits for its slot here, before the attempt is recorded
+        # (released when execute_body ends; a slot left by a lost commit is this
+        # holder's again when the run goes on, or lapses with this worker).
+        await take_step_slot(x, sdef, key)
+        n += 1
+        now = clock.now()
+        attempt = Attempt(key, n, now)
+        entry.attempts, entry.status = n, ENTRY_RUNNING
+        entry.started_at = entry.started_at or now
+        write.attempts.append(attempt)
+        write.entries.append(entry)
+        await x.commit(write)
+        write = RunWrite()
+        x.inflight[key] = attempt
+        try:
+            value = await execute_fenced(x, sdef, args, key, n, kind)
+            result = codec.dumps(value, f"result of step {sdef.name}", limit=x.engine.max_payload)
+        except _Fenced:
+            # Stopped because this worker's hold lapsed (a store outage): not an
+            # attempt. Once the store answers, the same attempt starts again, after
+            # its fenced start checkpoint proves the run is still ours.
+            del x.inflight[key]
+            await x.engine.ownership.regained()
+            n -= 1
+            continue
+        except Exception as exc:
+            del x.inflight[key]
+            attempt.ended_at = clock.now()
+            attempt.error_type, attempt.error = type(exc).__name__, str(exc)
+            last = (attempt.error_type, attempt.error)
+            write.attempts.append(attempt)
+            retryable = retry.is_retryable(exc)
+            if not retryable or n >= retry.max_attempts:
+                return await step_failed(x, entry, write, last, n)
+            entry.error, entry.error_type = f"{last[0]}: {last[1]}", last[0]
+            write.entries.append(entry)
+            await x.commit(write)
+            write = RunWrite()
+            delay = retry.delay(n)
+            x.engine.metrics.retries += 1
+            if kind == COMPENSATION:
+                await clock.sleep(delay)
+            else:
+                await x.wait_until(clock.now() + delay)
+            continue
+        del x.inflight[key]
+        attempt.ended_at = clock.now()
+        entry.status, entry.result, entry.ended_at = ENTRY_COMPLETED, result, attempt.ended_at
+        entry.error = entry.error_type = None
+        write.attempts.append(attempt)
+        write.entries.append(entry)
+        x.defer(write)
+        return codec.loads(result)
+
+
+def prior_attempts(x: RunExecution, key: str) -> tuple[RunWrite, tuple[str, str] | None, int]:
+    """The attempts of ``key`` that count, as (write closing the lost ones, last
+    error, count).
+
+    The rule (docs/leases.md): an attempt left unfinished counts as ``WorkerLost``
+    (so a step that kills its worker cannot loop forever) unless this live worker
+    cut it short itself (it re-took the run, its hold lapsed in a pause or an
+    outage); an ``Interrupted`` attempt (a graceful stop) never counts. An attempt
+    that does not count is replaced by the next one, which takes its number.
+    """
+    write = RunWrite()
+    last: tuple[str, str] | None = None
+    n = 0
+    for a in x.attempts.get(key, []):
+        if a.error_type == INTERRUPTED[0]:
+            continue
+        if a.ended_at is None:
+            if x.engine.cut_short_here(x.run.run_id, key, a.attempt):
+                continue
+            a.ended_at, (a.error_type, a.error) = x.engine.clock.now(), WORKER_LOST
+            write.attempts.append(a)
+        n += 1
+        if a.error_type is not None:
+            last = (a.error_type, a.error or "")
+    return write, last, n
+
+
+async def call_remote(x: RunExecution, sdef: StepDef, args: list[Any], entry: HistoryEntry) -> Any:
+    """A step of another service: a task in the store, executed by that service's workers
+    (with their retries and timeout); this run waits for its result."""
+    engine, run = x.engine, x.run
+    # A retried run's new call of a step is a new task (the old one ended for good).
+    task_id = f"{run.run_id}:{entry.key}" + (f"@{run.epoch}" if run.epoch else "")
+    service = sdef.service or ""
+    info = codec.loads(entry.detail) if entry.detail else {}
+    if "task" not in info:
+        now = engine.clock.now()
+        entry.started_at = now
+        entry.detail = codec.dumps({**info, "service": service, "task": task_id})
+        task = TaskRecord(
+            task_id,
+            run.run_id,
+            entry.key,
+            sdef.name,
+            service,
+            codec.dumps(args, f"arguments of step {sdef.name}"),
+            created_at=now,
+            updated_at=now,
+            correlation_id=run.correlation_id,
+        )
+        await x.commit(RunWrite(entries=[entry], tasks=[task]))
+    found: list[TaskRecord] = []
+
+    async def look() -> bool:
+        rec = await engine.store.get_task(run.app, task_id)
+        if rec is not None and rec.status in (TASK_DONE, TASK_FAILED):
+            found.append(rec)
+            return True
+        return False
+
+    engine.add_run_waiter(task_id, x)
+    try:
+        await x.wait_until(None, look)
+    finally:
+        engine.remove_run_waiter(task_id, x)
+    rec = found[0]
+    entry.attempts, entry.ended_at = rec.attempts, engine.clock.now()
+    if rec.status == TASK_DONE:
+        entry.status, entry.result = ENTRY_COMPLETED, rec.result
+        await x.commit(RunWrite(entries=[entry]))
+        return codec.loads(rec.result)
+    etype = rec.error_type or "Error"
+    emsg = (rec.error or "").removeprefix(f"{etype}: ")
+    entry.status, entry.error, entry.error_type = ENTRY_FAILED, f"{etype}: {emsg}", etype
+    await x.commit(RunWrite(entries=[entry]))
+    raise StepFailed(sdef.name, etype, emsg, rec.attempts)
+
+
+async def step_failed(
+    x: RunExecution, entry: HistoryEntry, write: RunWrite, last: tuple[str, str], n: int
+) -> Any:
+    entry.status, entry.ended_at = ENTRY_FAILED, x.engine.clock.now()
+    entry.error, entry.error_type, entry.attempts = f"{last[0]}: {last[1]}", last[0], n
+    write.entries.append(entry)
+    await x.commit(write)
+    raise StepFailed(entry.name, last[0], last[1], n)
+
+
+async def execute_fenced(
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
+) -> Any:
+    """Run the step body in its own task, which the engine cancels when this
+    worker's hold lapses (see :meth:`Engine.fence_self`): raises ``_Fenced`` then."""
+    body = asyncio.ensure_future(execute_body(x, sdef, args, key, attempt, kind))
+    x.bodies.add(body)
+    try:
+        return await body
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if body.cancelled() and me is not None and me.cancelling() == 0:
+            raise _Fenced() from None
+        raise
+    finally:
+        x.bodies.discard(body)
+
+
+async def execute_body(
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str = "step"
+) -> Any:
+    if sdef.concurrency is not None or sdef.rate is not None:
+        try:
+            return await with_hooks(x, sdef, args, key, attempt, kind)
+        finally:
+            await release_step_slot(x, sdef, key)
+    return await with_hooks(x, sdef, args, key, attempt, kind)
+
+
+async def with_hooks(
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
+) -> Any:
+    hooks = x.engine.hooks
+    if not hooks:
+        return await invoke(x, sdef, args, key, attempt)
+    started = time.perf_counter()
+    with hooks.step(x.run, sdef.name, key, attempt, kind):
+        try:
+            value = await invoke(x, sdef, args, key, attempt)
+        except Exception as exc:
+            hooks.notify(
+                "step_finished", x.run, sdef.name, attempt, time.perf_counter() - started, exc
+            )
+            raise
+    hooks.notify("step_finished", x.run, sdef.name, attempt, time.perf_counter() - started, None)
+    return value
+
+
+async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int) -> Any:
+    """One attempt: heartbeats kept for the next attempt, transactional or not."""
+    run = x.run
+    beat = await beat_for(x.engine.store, run.app, run.run_id, sdef.name, key, attempt)
+    failed = True
+    try:
+        if sdef.transactional:
+            from .transaction import run_transactional
+
+            value = await run_transactional(x, sdef, args, key, attempt, beat)
+        else:
+            value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat)
+        failed = False
+        return value
+    finally:
+        await beat.close(failed)
