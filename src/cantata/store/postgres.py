@@ -7,7 +7,7 @@ so a database that other applications use is fine. Work is claimed with
 listening connection (see :mod:`cantata.store.postgres_pool`) turns those
 notifications, from any process including this one, into calls of the listeners.
 Audited writes append to the app's audit chain as their last statement (see
-:mod:`cantata.store.postgres_ops`, which also holds the task, trace and row code).
+:mod:`cantata.store.postgres_ops`, which also holds the columns, rows and task code).
 
 The hot writes (creating, claiming and committing runs, appending events, claiming
 and settling deliveries, claiming and finishing tasks, marking events published)
@@ -16,11 +16,13 @@ together in the next one, with one COMMIT (see :mod:`cantata.store.postgres_batc
 the operations are in :mod:`cantata.store.postgres_writes`). Reads and rare writes
 use pooled connections directly.
 
-One module per role: runs in :mod:`cantata.store.postgres_runs`, events, deliveries
-and the outbox in :mod:`cantata.store.postgres_events`, operating runs in
-:mod:`cantata.store.postgres_operate`, the console in
+One module per role of :mod:`cantata.store.roles`, each a subclass of
+:class:`~cantata.store.postgres_core.PostgresCore`: runs in
+:mod:`cantata.store.postgres_runs`, events, deliveries and the outbox in
+:mod:`cantata.store.postgres_events`, trace reads in :mod:`cantata.store.postgres_trace`,
+operating runs in :mod:`cantata.store.postgres_operate`, the console in
 :mod:`cantata.store.postgres_console`, flow control in
-:mod:`cantata.store.postgres_flow`; workers, tasks, the audit log and trace reads here.
+:mod:`cantata.store.postgres_flow`; workers, tasks and the audit log here.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from cantata.store.base import (
     EVENTS,
     RUNS,
     TASKS,
-    TraceRecords,
 )
 from cantata.store.common import check_task_outcome
 from cantata.store.postgres_console import PostgresConsole
@@ -51,10 +52,13 @@ from cantata.store.postgres_ops import (
     TASK_COLS,
 )
 from cantata.store.postgres_runs import PostgresRuns
+from cantata.store.postgres_trace import PostgresTrace
 from cantata.store.tx import T, TxBody
 
 
-class PostgresStore(PostgresRuns, PostgresEvents, PostgresOperate, PostgresConsole, PostgresFlow):
+class PostgresStore(
+    PostgresRuns, PostgresEvents, PostgresTrace, PostgresOperate, PostgresConsole, PostgresFlow
+):
     """A :class:`~cantata.store.base.Store` on PostgreSQL.
 
     Args:
@@ -65,7 +69,6 @@ class PostgresStore(PostgresRuns, PostgresEvents, PostgresOperate, PostgresConso
         writers: most group-committed write transactions in flight at once (each
             holds one of the pool's connections while it runs).
     """
-
 
     # -- declarations and workers -------------------------------------------------------
 
@@ -196,16 +199,4 @@ class PostgresStore(PostgresRuns, PostgresEvents, PostgresOperate, PostgresConso
 
     # -- apps and observability ---------------------------------------------------------
 
-    async def apps(self) -> list[str]:
-        async with self._db.conn() as c:
-            return await ops.apps(c)
 
-    async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
-        async with self._db.conn() as c, c.transaction(isolation="repeatable_read", readonly=True):
-            return await ops.trace_records(c, app, correlation_id, limit)
-
-    async def stale_correlations(
-        self, app: str, *, older_than: float, limit: int
-    ) -> list[str]:
-        async with self._db.conn() as c:
-            return await ops.stale_correlations(c, app, older_than, limit)

@@ -1,11 +1,13 @@
 """SQLite store: one file in WAL mode, safe for several processes; ``memory://`` too.
 
-One module per role: runs in :mod:`cantata.store.sqlite_runs`, events, deliveries and
-the outbox in :mod:`cantata.store.sqlite_events`, operating runs in
-:mod:`cantata.store.sqlite_operate`, the console in :mod:`cantata.store.sqlite_console`,
-flow control in :mod:`cantata.store.sqlite_flow`; workers, tasks, the audit log and
-trace reads here. Opening and migrating is in :mod:`cantata.store.sqlite_open`; rows,
-settling deliveries, tasks, the audit log and trace queries in
+One module per role of :mod:`cantata.store.roles`, each a subclass of
+:class:`~cantata.store.sqlite_core.SQLiteCore`: runs in :mod:`cantata.store.sqlite_runs`,
+events, deliveries and the outbox in :mod:`cantata.store.sqlite_events`, tasks in
+:mod:`cantata.store.sqlite_tasks`, trace reads in :mod:`cantata.store.sqlite_trace`,
+operating runs in :mod:`cantata.store.sqlite_operate`, the console in
+:mod:`cantata.store.sqlite_console`, flow control in :mod:`cantata.store.sqlite_flow`;
+workers and the audit log here. Opening and migrating is in
+:mod:`cantata.store.sqlite_open`; columns, rows and the writes several roles share in
 :mod:`cantata.store.sqlite_ops`; the connection thread with group commit in
 :mod:`cantata.store.sqlite_thread`.
 """
@@ -17,10 +19,8 @@ from collections.abc import Sequence
 
 from cantata.model import codec
 from cantata.model.records import (
-    Attempt,
     AuditRecord,
     Declaration,
-    TaskRecord,
     WorkerInfo,
 )
 from cantata.store import sqlite_ops as ops
@@ -28,21 +28,20 @@ from cantata.store.base import (
     EVENTS,
     RUNS,
     TASKS,
-    TraceRecords,
 )
-from cantata.store.common import check_task_outcome
 from cantata.store.sqlite_console import SQLiteConsole
 from cantata.store.sqlite_events import SQLiteEvents
 from cantata.store.sqlite_flow import SQLiteFlow
 from cantata.store.sqlite_operate import SQLiteOperate
-from cantata.store.sqlite_ops import (
-    TASK_COLS,
-)
 from cantata.store.sqlite_runs import SQLiteRuns
+from cantata.store.sqlite_tasks import SQLiteTasks
+from cantata.store.sqlite_trace import SQLiteTrace
 from cantata.store.tx import T, TxBody
 
 
-class SQLiteStore(SQLiteRuns, SQLiteEvents, SQLiteOperate, SQLiteConsole, SQLiteFlow):
+class SQLiteStore(
+    SQLiteRuns, SQLiteEvents, SQLiteTasks, SQLiteTrace, SQLiteOperate, SQLiteConsole, SQLiteFlow
+):
     """A :class:`~cantata.store.base.Store` on one SQLite file (or in memory).
 
     Args:
@@ -52,7 +51,6 @@ class SQLiteStore(SQLiteRuns, SQLiteEvents, SQLiteOperate, SQLiteConsole, SQLite
         create: make the file if it does not exist (``False``: opening a missing file
             is an error, as for the CLI's query commands).
     """
-
 
     # -- declarations and workers -------------------------------------------------------
 
@@ -127,60 +125,6 @@ class SQLiteStore(SQLiteRuns, SQLiteEvents, SQLiteOperate, SQLiteConsole, SQLite
 
     # -- tasks ------------------------------------------------------------------------
 
-    async def claim_tasks(
-        self,
-        app: str,
-        worker_id: str,
-        services: Sequence[str],
-        *,
-        now: float,
-        stale_before: float,
-        limit: int,
-    ) -> list[TaskRecord]:
-        if not services:
-            return []
-        return await self._t.write(
-            lambda c: ops.claim_tasks(c, app, worker_id, services, now, stale_before, limit)
-        )
-
-    async def finish_task(
-        self,
-        app: str,
-        task_id: str,
-        fence: int,
-        *,
-        outcome: str,
-        attempts: Sequence[Attempt],
-        result: str | None = None,
-        error: str | None = None,
-        error_type: str | None = None,
-        next_at: float = 0.0,
-    ) -> bool:
-        check_task_outcome(outcome)
-        return await self._t.write(
-            lambda c: ops.finish_task(
-                c, app, task_id, fence, outcome, attempts, result, error, error_type, next_at
-            ),
-            TASKS,
-        )
-
-    async def get_task(self, app: str, task_id: str) -> TaskRecord | None:
-        row = await self._t.read(
-            lambda c: c.execute(
-                f"SELECT {TASK_COLS} FROM tasks WHERE app=? AND task_id=?", (app, task_id)
-            ).fetchone()
-        )
-        return None if row is None else ops.task_row(row)
-
-    async def tasks_of_run(self, app: str, run_id: str) -> list[TaskRecord]:
-        rows = await self._t.read(
-            lambda c: c.execute(
-                f"SELECT {TASK_COLS} FROM tasks WHERE app=? AND run_id=? "
-                "ORDER BY created_at, task_id",
-                (app, run_id),
-            ).fetchall()
-        )
-        return [ops.task_row(r) for r in rows]
 
     # -- audit --------------------------------------------------------------------------
 
@@ -197,13 +141,4 @@ class SQLiteStore(SQLiteRuns, SQLiteEvents, SQLiteOperate, SQLiteConsole, SQLite
 
     # -- apps and observability ---------------------------------------------------------
 
-    async def apps(self) -> list[str]:
-        return await self._t.read(ops.apps)
 
-    async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
-        return await self._t.read(lambda c: ops.trace_records(c, app, correlation_id, limit))
-
-    async def stale_correlations(
-        self, app: str, *, older_than: float, limit: int
-    ) -> list[str]:
-        return await self._t.read(lambda c: ops.stale_correlations(c, app, older_than, limit))

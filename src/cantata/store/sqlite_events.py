@@ -5,17 +5,20 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from cantata.errors import DeadLetterNotFound
+from cantata.model import codec
 from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
+    DELIVERY_DONE,
     DELIVERY_PENDING,
     DeadLetter,
     Delivery,
 )
 from cantata.store import audit
-from cantata.store import sqlite_ops as ops
 from cantata.store.base import (
     EVENTS,
     Settlement,
@@ -24,6 +27,7 @@ from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
     EVENT_COLS,
+    audit_append,
     dead_letter_row,
     event_row,
 )
@@ -98,8 +102,9 @@ class SQLiteEvents(SQLiteCore):
                 if row is None:
                     continue
                 out.append(
-                    Delivery(grp, event_row(row), DELIVERY_PENDING, attempts, next_at, error, now,
-                             fence)
+                    Delivery(
+                        grp, event_row(row), DELIVERY_PENDING, attempts, next_at, error, now, fence
+                    )
                 )
             return out
 
@@ -108,10 +113,78 @@ class SQLiteEvents(SQLiteCore):
     async def settle_delivery(
         self, app: str, group: str, event_id: str, settlement: Settlement
     ) -> bool:
-        return await self._t.write(
-            lambda c: ops.settle_delivery(c, app, group, event_id, settlement, self._append),
-            EVENTS,
-        )
+        def op(c: sqlite3.Connection) -> bool:
+            s = settlement
+            now = time.time()
+            row = c.execute(
+                "SELECT status, owner FROM deliveries WHERE app=? AND grp=? AND event_id=?",
+                (app, group, event_id),
+            ).fetchone()
+            owner = None if row is None else row[1]
+            if row is not None and row[0] == DELIVERY_DONE:
+                return False
+            if row is None:
+                c.execute(
+                    "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
+                    "VALUES (?,?,?,'pending',?)",
+                    (app, group, event_id, now),
+                )
+            if s.outcome == "done":
+                c.execute(
+                    "UPDATE deliveries SET status='done', attempts=?, owner=NULL, error=NULL, "
+                    "updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                    (s.attempts, now, app, group, event_id),
+                )
+                if s.events:
+                    self._append(c, app, s.events)
+                audit_append(
+                    c,
+                    app,
+                    audit.delivery_entry(
+                        group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
+                    ),
+                )
+            elif s.outcome == "retry":
+                c.execute(
+                    "UPDATE deliveries SET status='pending', attempts=?, owner=NULL, error=?, "
+                    "next_at=?, updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                    (s.attempts, s.error, s.retry_at, now, app, group, event_id),
+                )
+            else:
+                c.execute(
+                    "UPDATE deliveries SET status='dead', attempts=?, owner=NULL, error=?, "
+                    "updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                    (s.attempts, s.error, now, app, group, event_id),
+                )
+                dead_letter_id = s.dead_letter_id or codec.new_id()
+                c.execute(
+                    "INSERT INTO dead_letters VALUES (?,?,?,?,?,?,?)",
+                    (
+                        app,
+                        dead_letter_id,
+                        group,
+                        event_id,
+                        s.error or "unknown error",
+                        s.attempts,
+                        now,
+                    ),
+                )
+                audit_append(
+                    c,
+                    app,
+                    audit.delivery_entry(
+                        group,
+                        event_id,
+                        owner,
+                        "dead",
+                        s.attempts,
+                        error=s.error,
+                        dead_letter_id=dead_letter_id,
+                    ),
+                )
+            return True
+
+        return await self._t.write(op, EVENTS)
 
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
         rows = await self._t.read(
@@ -162,15 +235,36 @@ class SQLiteEvents(SQLiteCore):
     async def replay_dead_letter(
         self, app: str, dead_letter_id: str, now: float, *, actor: str = audit.SYSTEM
     ) -> DeadLetter:
-        return await self._t.write(
-            lambda c: ops.replay_dead_letter(c, app, dead_letter_id, now, actor), EVENTS
-        )
+
+        def op(c: sqlite3.Connection) -> DeadLetter:
+            row = c.execute(
+                f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
+                f"{E_EVENT_COLS} "
+                "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
+                "WHERE d.app=? AND d.id=?",
+                (app, dead_letter_id),
+            ).fetchone()
+            if row is None:
+                raise DeadLetterNotFound(
+                    f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
+                    "`cantata dlq list`"
+                )
+            dl = dead_letter_row(row)
+            c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
+            c.execute(
+                "UPDATE deliveries SET status='pending', attempts=0, next_at=?, owner=NULL, "
+                "error=NULL, updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                (now, now, app, dl.group, dl.event.id),
+            )
+            audit_append(c, app, audit.replay_entry(dl.group, dl.event.id, dead_letter_id, actor))
+            return dl
+
+        return await self._t.write(op, EVENTS)
 
     async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
         rows = await self._t.read(
             lambda c: c.execute(
-                f"SELECT {EVENT_COLS} FROM events WHERE app=? AND published=0 ORDER BY seq "
-                "LIMIT ?",
+                f"SELECT {EVENT_COLS} FROM events WHERE app=? AND published=0 ORDER BY seq LIMIT ?",
                 (app, limit),
             ).fetchall()
         )
@@ -208,8 +302,9 @@ class SQLiteEvents(SQLiteCore):
                 (app, stored_before, app, limit),
             ).fetchall()
             events = [event_row(r) for r in rows]
-            c.executemany("UPDATE events SET published=0 WHERE app=? AND id=?",
-                          [(app, e.id) for e in events])
+            c.executemany(
+                "UPDATE events SET published=0 WHERE app=? AND id=?", [(app, e.id) for e in events]
+            )
             return events
 
         return await self._t.write(write, EVENTS)
