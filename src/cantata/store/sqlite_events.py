@@ -235,7 +235,6 @@ class SQLiteEvents(SQLiteCore):
     async def replay_dead_letter(
         self, app: str, dead_letter_id: str, now: float, *, actor: str = audit.SYSTEM
     ) -> DeadLetter:
-
         def op(c: sqlite3.Connection) -> DeadLetter:
             row = c.execute(
                 f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
