@@ -1,7 +1,8 @@
 """The PostgreSQL store's core: the pool and the group-committing writer.
 
 Every role of :class:`~cantata.store.postgres.PostgresStore` (``postgres_runs``,
-``postgres_events``, ``postgres_operate``, ``postgres_console``, ``postgres_flow``)
+``postgres_events``, ``postgres_trace``, ``postgres_operate``, ``postgres_console``,
+``postgres_flow``)
 is a subclass of :class:`PostgresCore`: reads and rare writes use pooled connections
 (``_db``), hot writes the batch writer (``_w``, see :mod:`cantata.store.postgres_batch`).
 """

@@ -37,20 +37,18 @@ class PostgresTrace(PostgresCore):
         async with self._db.conn() as c:
             rows = await c.fetch(
                 "WITH RECURSIVE r(app) AS (SELECT min(app) FROM runs UNION ALL "
-                " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r WHERE r.app IS NOT "
-                "NULL),"
+                " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r"
+                " WHERE r.app IS NOT NULL),"
                 " e(app) AS (SELECT min(app) FROM events UNION ALL "
-                " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e WHERE e.app IS "
-                "NOT NULL)"
+                " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e"
+                " WHERE e.app IS NOT NULL)"
                 " SELECT app FROM r UNION SELECT app FROM e UNION SELECT app FROM declarations "
                 " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
             )
             return sorted(r[0] for r in rows if r[0] is not None)
 
     async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
-        """:meth:`~cantata.store.roles.TraceStore.trace_records` (call in a repeatable-read
-        transaction): one query per part.
-        """
+        """One query per part, in one read-only repeatable-read snapshot."""
         async with self._db.conn() as c, c.transaction(isolation="repeatable_read", readonly=True):
             runs = [
                 run_row(r)

@@ -1,7 +1,8 @@
 """The SQLite store's core: the connection thread and appending events.
 
 Every role of :class:`~cantata.store.sqlite.SQLiteStore` (``sqlite_runs``,
-``sqlite_events``, ``sqlite_operate``, ``sqlite_console``, ``sqlite_flow``) is a
+``sqlite_events``, ``sqlite_tasks``, ``sqlite_trace``, ``sqlite_operate``,
+``sqlite_console``, ``sqlite_flow``) is a
 subclass of :class:`SQLiteCore` and runs its SQL through :attr:`SQLiteCore._t`.
 """
 

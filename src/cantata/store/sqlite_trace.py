@@ -40,11 +40,11 @@ class SQLiteTrace(SQLiteCore):
         def op(c: sqlite3.Connection) -> list[str]:
             rows = c.execute(
                 "WITH RECURSIVE r(app) AS (SELECT min(app) FROM runs UNION ALL "
-                " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r WHERE r.app IS NOT "
-                "NULL),"
+                " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r"
+                " WHERE r.app IS NOT NULL),"
                 " e(app) AS (SELECT min(app) FROM events UNION ALL "
-                " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e WHERE e.app IS "
-                "NOT NULL)"
+                " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e"
+                " WHERE e.app IS NOT NULL)"
                 " SELECT app FROM r UNION SELECT app FROM e UNION SELECT app FROM declarations "
                 " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
             ).fetchall()
