@@ -1,6 +1,7 @@
 """``python -m bench``: Cantata and its peers side by side, one process per measurement.
 
     python -m bench [--quick] [--only NAME ...] [--n 2000] [--latency-n 200]
+                    [--processes N]
 
 Prints a table (throughput, p50/p99, ratios against DBOS on SQLite and PostgreSQL and
 FastStream on NATS), writes every raw figure to ``bench/results/run-<time>.json`` (and
@@ -61,10 +62,14 @@ class Scenario:
 
 def scenarios(a: argparse.Namespace) -> list[Scenario]:
     def cantata(kind: str, store: str, broker: str) -> Scenario:
+        procs = a.processes  # 0: the scenario's process serves; N: `cantata worker`s do
         return Scenario(
-            f"cantata-{kind}-{store}-{broker}", f"Cantata {kind}, {store} + {broker}",
+            f"cantata-{kind}-{store}-{broker}",
+            f"Cantata {kind}, {store} + {broker}"
+            + (f", {procs} worker process{'es' if procs > 1 else ''}" if procs else ""),
             "cantata", kind,
-            ["bench.cantata_scenario", kind, "{workload}", "--store", store, "--broker", broker],
+            ["bench.cantata_scenario", kind, "{workload}", "--store", store, "--broker", broker,
+             *(["--processes", str(procs)] if procs else [])],
         )
 
     tn, tl = (50, 10) if a.quick else (a.temporal_n, a.temporal_latency_n)
@@ -156,7 +161,9 @@ def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below:
     row["machine_busy_before"], row["waited_for_quiet_s"] = busy, waited
     if not sc.peer:
         row["src"] = src_fingerprint()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    # Cantata from this checkout's src/ (what ``src`` fingerprints), not whatever is installed.
+    path = str(ROOT) if sc.peer else os.pathsep.join([str(ROOT), str(ROOT / "src")])
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{sc.key}-{workload}.log"
     t0 = time.perf_counter()
@@ -486,6 +493,10 @@ def main() -> None:
                     help="before each measurement, wait up to this many seconds for the "
                          "machine's other CPU use to drop below --quiet-below")
     ap.add_argument("--quiet-below", type=float, default=0.25)
+    ap.add_argument("--processes", type=int, default=0, metavar="N",
+                    help="Cantata's saga and chain scenarios: serve with `cantata worker "
+                         "--processes N` while the scenario's process submits (default 0: "
+                         "the scenario's own process serves)")
     ap.add_argument("--list", action="store_true", help="list the scenario keys and exit")
     a = ap.parse_args()
     if a.quick:

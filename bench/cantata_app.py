@@ -6,6 +6,7 @@ benchmark's failure rule (every 10th payment fails for good), no flaky gateway.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from bench.common import (
@@ -90,8 +91,18 @@ def terminal_type(order: int) -> str:
     return "inventory.released" if fails(order) else "shipment.created"
 
 
-def make_app(kind: str, store: str, broker: str, name: str) -> App:
+def make_app(kind: str, store: str, broker: str, name: str, *,
+             poll_interval: float = 0.2) -> App:
     """The app for one scenario: ``kind`` is ``saga`` or ``chain``."""
-    app = App(name, store=store, broker=broker)
+    app = App(name, store=store, broker=broker, poll_interval=poll_interval)
     app.include(saga if kind == "saga" else chain)
     return app
+
+
+def from_env() -> App:
+    """The app ``cantata worker bench.cantata_app:from_env`` serves (bench/workers.py):
+    ``BENCH_KIND``, ``BENCH_APP`` (its name), ``BENCH_POLL``; the CLI's ``--store`` and
+    ``--broker`` point it at the scenario's store and broker."""
+    return make_app(os.environ["BENCH_KIND"], "memory://", "embedded",
+                    os.environ["BENCH_APP"],
+                    poll_interval=float(os.environ.get("BENCH_POLL", "0.2")))

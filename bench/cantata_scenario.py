@@ -19,6 +19,11 @@
 
 Fresh state every time: a new SQLite file in a temporary folder, or a new PostgreSQL
 schema (dropped at the end, as is the NATS stream).
+
+``--processes N``: this process only submits and counts, and
+``cantata worker --processes N`` serves (bench/workers.py): the saga's runs and the
+chain's terminal events are counted in the store (the results and handlers are in the
+workers), and the result adds each worker process's CPU use.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from bench.common import (
     throughput_summary,
     unavailable,
 )
+from bench.workers import Workers
 
 RESULT_TIMEOUT = 300.0
 
@@ -63,6 +69,31 @@ def _durability(store: str, broker: str) -> str:
     if broker == "nats":
         d += "; NATS JetStream file store (server default sync: every 2 min)"
     return d
+
+
+async def _until(done: Any, what: str) -> None:
+    """Poll ``done()`` (a coroutine function) every 10 ms until true."""
+    deadline = now() + RESULT_TIMEOUT
+    while not await done():
+        if now() > deadline:
+            raise TimeoutError(f"{what} after {RESULT_TIMEOUT} s")
+        await asyncio.sleep(0.01)
+
+
+def _worker_cpu(a: argparse.Namespace, since: dict[int, float] | None,
+                wall: float) -> dict[str, Any]:
+    """Each worker process's CPU use over the measurement (``since``: at its start)."""
+    if a.workers is None or since is None:
+        return {}
+    used = a.workers.cpu()
+    return {"worker_cpu_util": [round((used[p] - since.get(p, 0.0)) / wall, 3)
+                                for p in used]}
+
+
+async def _ended_runs(app: Any) -> dict[str, int]:
+    counts = await app.store.count_runs(app.name)
+    return {"completed": counts.get("completed", 0),
+            "compensated": counts.get("compensated", 0)}
 
 
 async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
@@ -80,18 +111,31 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
         await outcome(await app.start(order_saga, o))
     orders = list(range(1, a.n + 1))
     if a.workload == "throughput":
+        wcpu0 = a.workers.cpu() if a.workers is not None else None
         cpu0, t0 = cpu_seconds(), now()
         if a.submit == "loop":
             handles = [await app.start(order_saga, o) for o in orders]
         else:
             handles = await asyncio.gather(*(app.start(order_saga, o) for o in orders))
         t_sub = now() - t0
-        outs = [await outcome(h) for h in handles]
+        if a.workers is None:
+            outs = [await outcome(h) for h in handles]
+            got = count_outcomes(outs)
+        else:  # the runs end in the workers: count them in the store
+            before = expected_outcomes(WARMUP)
+
+            async def all_ended() -> bool:
+                return sum((await _ended_runs(app)).values()) >= len(WARMUP) + a.n
+
+            await _until(all_ended, "not every run ended")
+            ended = await _ended_runs(app)
+            got = {k: ended[k] - before[k] for k in ended}
         wall = now() - t0
         cpu = cpu_seconds() - cpu0
         return {**throughput_summary(a.n, wall), "submit_s": round(t_sub, 3),
                 "cpu_s": round(cpu, 3), "cpu_util": round(cpu / wall, 3),
-                "outcomes": count_outcomes(outs), "expected": expected_outcomes(orders)}
+                **_worker_cpu(a, wcpu0, wall),
+                "outcomes": got, "expected": expected_outcomes(orders)}
     lat, outs = [], []
     cpu0, t_all = cpu_seconds(), now()
     for o in orders:
@@ -127,7 +171,8 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
             if now() > deadline:
                 raise TimeoutError(f"order {order}: no terminal event in {RESULT_TIMEOUT} s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woke.wait(), 0.05)
+                # Workers in other processes: a SQLite commit of theirs wakes nothing here.
+                await asyncio.wait_for(woke.wait(), 0.05 if a.workers is None else 0.002)
 
     async def outcomes_since(since: float, orders: list[int]) -> dict[str, Any]:
         got: dict[str, int] = {}
@@ -145,6 +190,7 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
         base = app.metrics.handled
         target = base + HANDLERS_PER_ORDER * a.n
         since = time.time()
+        wcpu0 = a.workers.cpu() if a.workers is not None else None
         cpu0, t0 = cpu_seconds(), now()
         if a.submit == "loop":
             for o in orders:
@@ -153,6 +199,14 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
             await asyncio.gather(*(app.publish("order.placed", {"order": o}) for o in orders))
         t_sub = now() - t0
         deadline = t0 + RESULT_TIMEOUT
+        if a.workers is not None:  # the handlers run in the workers: count in the store
+            warm = await _terminal_count(a, app.name)
+
+            async def all_ended() -> bool:
+                return await _terminal_count(a, app.name) >= warm + a.n
+
+            await _until(all_ended, "not every order reached its terminal event")
+            target = app.metrics.handled  # nothing to wait for here
         while app.metrics.handled < target:
             if now() > deadline:
                 raise TimeoutError(
@@ -166,7 +220,7 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
         cpu = cpu_seconds() - cpu0
         res = {**throughput_summary(a.n, wall), "events_per_s": round(4 * a.n / wall, 2),
                "submit_s": round(t_sub, 3), "cpu_s": round(cpu, 3),
-               "cpu_util": round(cpu / wall, 3)}
+               "cpu_util": round(cpu / wall, 3), **_worker_cpu(a, wcpu0, wall)}
     else:
         lat = []
         since = time.time()
@@ -180,6 +234,33 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
     res["outcomes"] = await outcomes_since(since, orders)
     res["expected"] = expected_outcomes(orders)
     return res
+
+
+async def _terminal_count(a: argparse.Namespace, app_name: str) -> int:
+    """Terminal events of the chain in the store (one indexed count)."""
+    from bench.cantata_app import TERMINAL
+
+    if a.store == "sqlite":
+        def count() -> int:
+            c = sqlite3.connect(f"file:{a.db_path}?mode=ro", uri=True)
+            try:
+                return int(c.execute(
+                    "SELECT count(*) FROM events WHERE app = ? AND type IN (?, ?)",
+                    (app_name, *TERMINAL)).fetchone()[0])
+            finally:
+                c.close()
+
+        return await asyncio.to_thread(count)
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        n = await conn.fetchval(
+            f'SELECT count(*) FROM "{a.schema}".events WHERE app = $1 AND type = ANY($2)',
+            app_name, list(TERMINAL))
+    finally:
+        await conn.close()
+    return int(n)
 
 
 async def _drop_stream(app_name: str) -> None:
@@ -214,15 +295,24 @@ async def main_async(a: argparse.Namespace) -> None:
     sep = "&" if "?" in PG_URL else "?"
     store = f"sqlite:///{tmp}/bench.db" if a.store == "sqlite" else f"{PG_URL}{sep}schema={schema}"
     broker = "embedded" if a.broker == "embedded" else f"{NATS_URL}?prefix={BENCH_PREFIX}"
-    app = make_app(a.kind, store, broker, name)
+    a.db_path, a.schema, a.workers = f"{tmp}/bench.db", schema, None
+    # A client of worker processes looks for its runs' ends often (its own poll).
+    app = make_app(a.kind, store, broker, name,
+                   poll_interval=0.005 if a.processes else 0.2)
     try:
         try:
-            await app.open(serve=True)
+            await app.open(serve=not a.processes)
         except Exception as exc:
             unavailable(f"cannot open {a.store} store + {a.broker} broker: "
                         f"{type(exc).__name__}: {exc}")
         try:
-            res = await (_saga(app, a) if a.kind == "saga" else _chain(app, a))
+            async with contextlib.AsyncExitStack() as stack:
+                if a.processes:
+                    a.workers = await stack.enter_async_context(
+                        Workers(a.kind, store, broker, name, a.processes))
+                res = await (_saga(app, a) if a.kind == "saga" else _chain(app, a))
+                if a.workers is not None:
+                    res["processes"] = a.processes
             res["orphans"] = sum(app.metrics.orphans.values())
         finally:
             await app.close()
@@ -255,6 +345,9 @@ def main() -> None:
     ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     ap.add_argument("--broker", choices=["embedded", "nats"], default="embedded")
     ap.add_argument("--n", type=int, default=None)
+    ap.add_argument("--processes", type=int, default=0,
+                    help="serve with `cantata worker --processes N` in other processes "
+                         "(0: this process serves, as before)")
     ap.add_argument("--submit", choices=["at-once", "loop"], default="at-once",
                     help="throughput: start all runs (publish all orders) at once, or one "
                          "after another")

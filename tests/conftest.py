@@ -15,6 +15,11 @@ import pytest
 
 from tests.helpers import drop_schema, with_schema
 
+# A test that starts `cantata worker` means one worker process (it kills it, crashes it at
+# marks, reads its banner): not the default of one per core under a supervisor. The tests
+# of --processes pass it (tests/distributed/test_processes.py, tests/supervisor/).
+os.environ.setdefault("CANTATA_PROCESSES", "1")
+
 POSTGRES_URL = os.environ.get(
     "CANTATA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )

@@ -3,13 +3,13 @@
 from cantata.app import App
 from cantata.broker.base import Broker
 from cantata.choreography.context import HandlerContext
+from cantata.declare import Router
 from cantata.engine.context import WorkflowContext
 from cantata.engine.handle import RunHandle
 from cantata.engine.heartbeat import heartbeat
 from cantata.engine.hooks import Hook
 from cantata.engine.http import http_step
 from cantata.engine.queries import RunState
-from cantata.engine.registry import Router
 from cantata.engine.saga import Parallel, Saga, Step
 from cantata.engine.stepinfo import StepInfo, step_info
 from cantata.errors import (

@@ -5,31 +5,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from cantata.app_options import check_options
+from cantata.app_router import RouterFacade
+from cantata.app_runtime import Runtime
 from cantata.broker.base import Broker
-from cantata.choreography.consumer import Consumer
+from cantata.choreography.orphans import check_orphans
+from cantata.choreography.publish import new_event, repeated
+from cantata.choreography.redrive import redrive
+from cantata.declare.defs import workflow_name
+from cantata.declare.router import Router
 from cantata.engine.clock import Clock, SystemClock
 from cantata.engine.engine import Engine
 from cantata.engine.handle import RunHandle
 from cantata.engine.hooks import Hook, Hooks
-from cantata.engine.identity import new_worker_id
-from cantata.engine.registry import Router, workflow_name
 from cantata.errors import (
     ConfigurationError,
-    DuplicateEventId,
-    EventsRefused,
-    StoreReadOnly,
     UnknownWorkflow,
 )
 from cantata.model import codec, secrets
-from cantata.model.event import Event, check_attribute, check_type
-from cantata.model.records import DeadLetter, Declaration, RunInfo
+from cantata.model.event import Event
+from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus, parse_status
 from cantata.store.audit import AuditKey
@@ -46,11 +46,13 @@ log = logging.getLogger("cantata")
 
 DEFAULT_STORE = "sqlite:///cantata.db"
 DEFAULT_BROKER = "embedded"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 
-class App(Router):
+class App(RouterFacade):
     """A Cantata application: one namespace of runs, events and dead letters.
+
+    Its decorators (``@app.step``, ``@app.workflow``, ``@app.on``, ...) declare into
+    the :class:`~cantata.Router` it holds, ``app.router``.
 
     Args:
         name: the namespace shared by every service of one system.
@@ -104,17 +106,11 @@ class App(Router):
         version: str | None = None,
         any_version: bool = False,
     ) -> None:
-        super().__init__()
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ConfigurationError(
-                f"app name {name!r} is invalid: use 1-100 letters, digits, '.', '-' or '_'"
-            )
-        if lease <= 0 or poll_interval <= 0:
-            raise ConfigurationError("lease and poll_interval must be > 0 seconds")
-        if shutdown_grace < 0:
-            raise ConfigurationError(
-                f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}"
-            )
+        check_options(
+            name, lease=lease, poll_interval=poll_interval, shutdown_grace=shutdown_grace,
+            max_payload=max_payload, offload_above=offload_above, version=version,
+        )
+        self.router = Router()
         self.name = name
         self._store_spec = store if store is not None else os.environ.get(
             "CANTATA_STORE", DEFAULT_STORE
@@ -133,24 +129,13 @@ class App(Router):
         self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
         key = audit_key if audit_key is not None else os.environ.get("CANTATA_AUDIT_KEY")
         self.audit_key = AuditKey(key) if key else None
-        for what, limit in (("max_payload", max_payload), ("offload_above", offload_above)):
-            if limit is not None and (not isinstance(limit, int) or limit < 1024):
-                raise ConfigurationError(
-                    f"{what} must be a whole number of bytes >= 1024, got {limit!r}"
-                )
         self.max_payload = max_payload
         self.offload_above = offload_above
         self.shutdown_grace = shutdown_grace
         self._force_stop: asyncio.Event | None = None
-        if version is not None and (not isinstance(version, str) or not version.strip()):
-            raise ConfigurationError(f"version must be a non-empty string, got {version!r}")
         self._version = version
         self.any_version = any_version
-        self._store: Store | None = None
-        self._broker: Broker | None = None
-        self._engine: Engine | None = None
-        self._consumer: Consumer | None = None
-        self._relay: Any = None
+        self._runtime: Runtime | None = None  # while open
         self._opened = 0
         self.hooks = Hooks()
 
@@ -162,7 +147,7 @@ class App(Router):
         Raises:
             ConfigurationError: the app is open.
         """
-        if self._engine is not None:
+        if self._runtime is not None:
             raise ConfigurationError(f"app {self.name!r} is open: configure it before opening")
         if store is not None:
             self._store_spec = store
@@ -186,12 +171,25 @@ class App(Router):
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
+        if self._runtime is None:
             raise ConfigurationError(
                 f"app {self.name!r} is not open: use `async with app:` or "
                 "`async with app.client():` first"
             )
-        return self._engine
+        return self._runtime.engine
+
+    @property
+    def _engine(self) -> Engine | None:
+        return self._runtime.engine if self._runtime is not None else None
+
+    @property
+    def _broker(self) -> Broker | None:
+        return self._runtime.broker if self._runtime is not None else None
+
+    @property
+    def backends(self) -> tuple[str | Store, str | Broker]:
+        """The store and broker this app opens (URLs or objects)."""
+        return self._store_spec, self._broker_spec
 
     @property
     def metrics(self) -> Any:
@@ -200,110 +198,13 @@ class App(Router):
 
     async def open(self, *, serve: bool = True) -> None:
         """Open store and broker, record declarations; with ``serve`` run a worker here."""
-        if self._engine is not None:
-            if serve and not self._engine.serving:
-                await self._serve()
+        if self._runtime is not None:
+            if serve and not self._runtime.engine.serving:
+                await self._runtime.serve(self)
             self._opened += 1
             return
-        from cantata.broker.factory import broker_from_url
-        from cantata.store.factory import store_from_url
-
-        store = (
-            store_from_url(self._store_spec) if isinstance(self._store_spec, str)
-            else self._store_spec
-        )
-        await store.open()
-        store.set_audit_key(self.name, self.audit_key)
-        broker = (
-            broker_from_url(self._broker_spec) if isinstance(self._broker_spec, str)
-            else self._broker_spec
-        )
-        try:
-            await broker.open(store)
-            try:
-                await broker.attach(self.name, offload_above=self.offload_above)
-            except BaseException:
-                await broker.close()
-                raise
-        except BaseException:
-            await store.close()
-            raise
-        self._store, self._broker = store, broker
+        self._runtime = await Runtime.open(self, serve)
         self._opened = 1
-        try:
-            await self._start(store, broker, serve)
-        except BaseException:
-            # Nothing half-open is left behind: pools, connections, loops.
-            with contextlib.suppress(Exception):
-                if self._engine is not None:
-                    await self.close()
-                else:
-                    await broker.close()
-                    await store.close()
-            self._engine = self._broker = self._store = None
-            self._consumer = self._relay = None
-            self._opened = 0
-            raise
-
-    async def _start(self, store: Store, broker: Broker, serve: bool) -> None:
-        """The engine, declarations, relay and (with ``serve``) the worker of an app
-        whose store and broker are open."""
-        self._engine = Engine(
-            self.name, self, store, self.clock, worker_id=new_worker_id(), lease=self.lease,
-            poll_interval=self.poll_interval, services=self.services, hooks=self.hooks,
-            signer=self.signer,
-            max_payload=self.max_payload if self.offload_above is None else None,
-            version=self.version, any_version=self.any_version,
-        )
-        self._engine.check_event = functools.partial(broker.check_event, self.name)
-        declarations = self._declarations()
-        if declarations:
-            try:
-                await store.declare(self.name, declarations)
-            except StoreReadOnly:
-                if serve:
-                    raise
-                # A client of a read-only store can still read (runs, trace, dlq list).
-        from cantata.flow.service import declare as declare_flow
-
-        try:
-            await declare_flow(self._engine, self)  # queues and schedules
-        except StoreReadOnly:
-            if serve:
-                raise
-        if broker.relays_outbox:
-            from cantata.choreography.relay import OutboxRelay
-
-            self._relay = OutboxRelay(
-                store, broker, self.name,
-                on_relayed=lambda events: self.hooks.notify("relayed", events),
-            )
-            await self._relay.start()
-        if serve:
-            await self._serve()
-
-    async def _serve(self) -> None:
-        from cantata.engine.versioning import declare_version
-        from cantata.observability.logs import install_record_factory
-
-        install_record_factory()  # records logged in steps and handlers carry their ids
-        engine = self.engine
-        unverifiable = [h.name for h in self.handlers if h.require_signature]
-        if unverifiable and not self.signer:
-            raise ConfigurationError(
-                f"handler(s) {', '.join(unverifiable)} require signed events but app "
-                f"{self.name!r} has no signing_keys to verify them: "
-                "App(signing_keys={'k1': secret})"
-            )
-        await declare_version(engine)  # before claiming: its place among deployed versions
-        await engine.start_serving()
-        assert self._broker is not None
-        self._consumer = Consumer(
-            engine, self._broker, on_emitted=self._emitted, concurrency=self.concurrency
-        )
-        await self._consumer.start()
-        # Subscribing re-declares the groups bare; record the full declarations last.
-        await engine.store.declare(self.name, self._declarations())
 
     async def close(self) -> None:
         """Stop gracefully and close connections.
@@ -312,28 +213,16 @@ class App(Router):
         ``shutdown_grace`` seconds (or until :meth:`force_stop`); what is left is
         released at once for other workers. A stop never counts as an attempt.
         """
-        if self._engine is None:
+        runtime = self._runtime
+        if runtime is None:
             return
         self._opened -= 1
         if self._opened > 0:
             return
-        force = self._force_stop = asyncio.Event()
-        deadline = asyncio.get_running_loop().time() + self.shutdown_grace
-        stops = [self._engine.stop(self.shutdown_grace, force, keep_worker=True)]
-        if self._consumer is not None:
-            stops.append(self._consumer.stop(deadline, force))
-        await asyncio.gather(*stops)
-        # Only now: while handlers drain, the worker's row keeps their deliveries its own.
-        await self._engine.forget_worker()
-        self._consumer = None
+        self._force_stop = asyncio.Event()
+        await runtime.close(self.shutdown_grace, self._force_stop)
         self._force_stop = None
-        if self._relay is not None:
-            await self._relay.stop()
-            self._relay = None
-        assert self._broker is not None and self._store is not None
-        await self._broker.close()
-        await self._store.close()
-        self._engine = self._broker = self._store = None
+        self._runtime = None
 
     def force_stop(self) -> None:
         """End a graceful stop in progress at once (a second SIGTERM or SIGINT): what
@@ -365,23 +254,9 @@ class App(Router):
         finally:
             await self.close()
 
-    def _declarations(self) -> list[Declaration]:
-        out = [Declaration("workflow", w.name, "", w.service) for w in self.workflows.values()]
-        out += [Declaration("step", s.name, "", s.service) for s in self.steps.values()]
-        out += [
-            Declaration("handler", h.group, h.pattern, h.service,
-                        codec.dumps({"handler": h.name, "emits": list(h.emits)}))
-            for h in self.handlers
-        ]
-        out += [Declaration("trigger", t.group, t.pattern, None,
-                            codec.dumps({"workflow": t.workflow})) for t in self.triggers]
-        out += [Declaration("wait", wf, t) for wf, t in sorted(self.waits)]
-        return out
-
     def _emitted(self, events: list[Event[Any]]) -> None:
-        self.engine.events_appended(events)
-        if self._relay is not None:
-            self._relay.wake()
+        if self._runtime is not None:
+            self._runtime.emitted(events)
 
     # -- orchestration ---------------------------------------------------------------------
 
@@ -452,7 +327,7 @@ class App(Router):
             return self._version
         from cantata.engine.versioning import code_version
 
-        return code_version(self)
+        return code_version(self.router)
 
     async def find_runs(
         self,
@@ -549,20 +424,10 @@ class App(Router):
             DuplicateEventId: ``id`` was used by an event with different content.
             SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
         """
-        check_type(type)
-        for attr, value in (("id", id), ("subject", subject), ("source", source),
-                            ("correlation_id", correlation_id)):
-            check_attribute(attr, value)
-        event = Event(
-            type=type,
-            data=codec.loads(
-                codec.dumps(data, f"data of event {type}", limit=self.engine.max_payload)
-            ),
-            source=source or f"cantata/{self.name}",
-            subject=subject,
+        event = new_event(
+            self.name, type, data, subject=subject, correlation_id=correlation_id,
+            source=source, id=id, max_payload=self.engine.max_payload,
         )
-        if id is not None:
-            event = dataclasses.replace(event, id=id)
         if tx is not None:
             event = dataclasses.replace(
                 event, correlation_id=correlation_id or tx.correlation_id or event.id,
@@ -576,7 +441,7 @@ class App(Router):
         if id is not None:
             earlier = await self.store.get_event(self.name, id)
             if earlier is not None:
-                return self._duplicate(earlier, event)
+                return repeated(earlier, event)
         event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
@@ -585,23 +450,8 @@ class App(Router):
             counts = await self.store.append_events(self.name, [event])
         self._emitted([event])
         if counts and counts[0] == 0:
-            await self._check_orphan(event)
+            await check_orphans(self.engine, [event])
         return event
-
-    def _duplicate(self, earlier: Event[Any], event: Event[Any]) -> Event[Any]:
-        """The stored event when ``event`` repeats it, or :class:`DuplicateEventId`."""
-        if not earlier.same_content(event):
-            raise DuplicateEventId(
-                f"event id {event.id!r} was already used by a {earlier.type} event "
-                f"published at {earlier.time} with other content (data {earlier.data!r}); "
-                f"this {event.type} event (data {event.data!r}) was refused: use a new id"
-            )
-        return dataclasses.replace(earlier, duplicate=True)
-
-    async def _check_orphan(self, event: Event[Any]) -> None:
-        from cantata.choreography.orphans import check_orphans
-
-        await check_orphans(self.engine, [event])
 
     # -- observability --------------------------------------------------------------------
 
@@ -637,35 +487,8 @@ class App(Router):
             How many events went out again (0 with the embedded broker, which reads
             pending deliveries straight from the store).
         """
-        import time
-
-        broker = self._broker
-        assert broker is not None
-        if not broker.relays_outbox:
-            return 0
-        total, batch = 0, 1000
-        before = time.time() - older_than  # stored_at is wall-clock time
-        while True:
-            events = await self.store.redrive_events(
-                self.name, stored_before=before, limit=batch
-            )
-            if events:
-                # Straight to the broker, as new messages; if this fails the outbox
-                # relay publishes them (they are unpublished again).
-                try:
-                    await broker.publish(self.name, events, again=True)
-                except EventsRefused as exc:
-                    from cantata.choreography.relay import dead_letter_refused
-
-                    for event in events:
-                        if event.id in exc.refused:
-                            await dead_letter_refused(
-                                self.store, self.name, event, exc.refused[event.id]
-                            )
-                await self.store.mark_published(self.name, [e.id for e in events])
-            total += len(events)
-            if len(events) < batch:
-                return total
+        assert self._broker is not None
+        return await redrive(self.store, self._broker, self.name, older_than)
 
     async def replay(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
         """Redeliver a dead letter to its group (keeping the event's correlation id).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from cantata.broker.embedded import EmbeddedBroker
 from cantata.broker.factory import broker_from_url
 from cantata.errors import ConfigurationError
 from cantata.model.event import Event
+from cantata.model.records import Declaration
 from cantata.store.base import Store
 from cantata.store.sqlite import SQLiteStore
 
@@ -62,6 +64,9 @@ async def test_stopping_during_a_claim_loses_no_delivery() -> None:
             got_one.set()
 
     try:
+        # The app's part before subscribing: the group declared, the worker's row alive.
+        await real.declare("shop", [Declaration("handler", "billing", "order.placed")])
+        await real.heartbeat("shop", "w1", time.time(), None)
         sub = await broker.subscribe("shop", "billing", ["order.placed"], handle, worker_id="w1")
         await asyncio.sleep(0.1)
         store.armed = True

@@ -73,7 +73,7 @@ def test_starting_an_undecorated_function_is_an_error() -> None:
     with pytest.raises(ConfigurationError):
         cantata.App("bad name!")
     with pytest.raises(CantataError, match="not a workflow"):
-        from cantata.engine.registry import workflow_name
+        from cantata.declare.defs import workflow_name
 
         workflow_name(not_a_workflow)
 

@@ -78,7 +78,7 @@ APPROVED = "invoice.approved"
 
 
 def test_the_waited_types_are_read_from_the_workflow_code() -> None:
-    from cantata.engine.waits import literal_waits
+    from cantata.declare.waits import literal_waits
 
     local = "order.paid"
 

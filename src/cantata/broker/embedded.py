@@ -14,7 +14,7 @@ from cantata.broker.base import BrokerStore, Handler
 from cantata.errors import BrokerError, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, check_pattern
-from cantata.model.records import Declaration, Delivery
+from cantata.model.records import Delivery
 from cantata.quietlog import QuietLog
 from cantata.store.base import EVENTS, Settlement
 
@@ -189,7 +189,6 @@ class EmbeddedBroker:
         self.may_take_over: Callable[[], bool] | None = None
         self._store: BrokerStore | None = None
         self._subs: list[_EmbeddedSubscription] = []
-        self._heartbeats: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def adopt_timing(
         self, *, lease: float, poll_interval: float,
@@ -239,12 +238,6 @@ class EmbeddedBroker:
         for sub in list(self._subs):
             await sub.stop()
         self._subs.clear()
-        for task in self._heartbeats.values():
-            task.cancel()
-        for task in self._heartbeats.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._heartbeats.clear()
 
     async def publish(
         self, app: str, events: Sequence[Event[Any]], *, again: bool = False
@@ -261,23 +254,18 @@ class EmbeddedBroker:
         worker_id: str,
         concurrency: int = 64,
     ) -> _EmbeddedSubscription:
+        """Consume ``group``'s deliveries from the store.
+
+        The group must be declared in the store (the store addresses each new event
+        to the groups declared then) and ``worker_id`` kept alive by its heartbeat:
+        the app does both (docs/architecture.md); a delivery this worker claims is
+        taken over once its heartbeat is older than the lease.
+        """
         for p in patterns:
             check_pattern(p)
-        await self.store.declare(app, [Declaration("handler", group, p) for p in patterns])
-        if (app, worker_id) not in self._heartbeats:
-            await self.store.heartbeat(app, worker_id, time.time(), None)
-            self._heartbeats[(app, worker_id)] = asyncio.create_task(
-                self._heartbeat(app, worker_id)
-            )
         sub = _EmbeddedSubscription(self, app, group, handler, worker_id, concurrency)
         self._subs.append(sub)
         return sub
-
-    async def _heartbeat(self, app: str, worker_id: str) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 4)
-            with contextlib.suppress(Exception):
-                await self.store.heartbeat(app, worker_id, time.time(), None)
 
     async def redeliver(self, app: str, group: str, event: Event[Any]) -> None:
         """The store's delivery row is pending again; wake the consumers."""

@@ -12,21 +12,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription
-from cantata.engine.shutdown import wait_or_force
 from cantata.errors import WorkerLost, error_text
-from cantata.flow.limits import release_handler_slot, take_handler_slot
+from cantata.graceful import wait_or_force
 from cantata.model import codec
-from cantata.model.event import Event
+from cantata.model.event import Event, matches
 from cantata.model.retry import HANDLER_RETRY
-from cantata.observability.logs import handler_context
 from cantata.store.faults import wait_out
 
 from .context import HandlerContext
-from .orphans import check_orphans
+from .host import ConsumerHost
+from .logcontext import handler_context
 
 if TYPE_CHECKING:
-    from cantata.engine.engine import Engine
-    from cantata.engine.registry import HandlerDef, TriggerDef
+    from cantata.declare.defs import HandlerDef, TriggerDef
 
 log = logging.getLogger("cantata.consumer")
 T = TypeVar("T")
@@ -42,21 +40,22 @@ def validation_text(exc: pydantic.ValidationError) -> str:
 
 
 class Consumer:
-    """Subscribes each handler group (and each workflow trigger) of this process."""
+    """Subscribes each handler group (and each workflow trigger) of this process.
+
+    It talks to the worker through ``host`` (:class:`~cantata.choreography.host.
+    ConsumerHost`), never to the engine itself (docs/architecture.md).
+    """
 
     def __init__(
         self,
-        engine: Engine,
+        host: ConsumerHost,
         broker: Broker,
         *,
         on_emitted: Callable[[list[Event[Any]]], None],
         concurrency: int = 64,
     ) -> None:
-        self.engine = engine
+        self.host = host
         self.broker = broker
-        # App(lease=..., poll_interval=...) governs deliveries as well as runs.
-        broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval,
-                            may_take_over=engine.ownership.may_take_over)
         self.on_emitted = on_emitted
         self.concurrency = concurrency
         self._subs: list[Subscription] = []
@@ -65,21 +64,21 @@ class Consumer:
 
     def groups(self) -> dict[str, list[str]]:
         """group -> patterns, for the handlers and triggers this process serves."""
-        router, services = self.engine.router, self.engine.services
+        router = self.host.router
         out: dict[str, list[str]] = {}
         for h in router.handlers:
-            if services is None or h.group in services or h.service in (None, *services):
+            if self.host.serves(h):
                 out.setdefault(h.group, []).append(h.pattern)
         for t in router.triggers:
-            if self.engine.serves(t.workflow) or services is None:
+            if self.host.serves(t):
                 out.setdefault(t.group, []).append(t.pattern)
         return out
 
     async def start(self) -> None:
         for group, patterns in self.groups().items():
             sub = await self.broker.subscribe(
-                self.engine.app, group, sorted(set(patterns)), self._handler_for(group),
-                worker_id=self.engine.worker_id, concurrency=self.concurrency,
+                self.host.app, group, sorted(set(patterns)), self._handler_for(group),
+                worker_id=self.host.worker_id, concurrency=self.concurrency,
             )
             self._subs.append(sub)
 
@@ -135,25 +134,25 @@ class Consumer:
     async def _handle(self, group: str, msg: BrokerMessage) -> None:
         if msg.event is None:
             log.warning("group %s got an invalid message: %s", group, msg.error)
-            self.engine.metrics.dead_lettered += 1
+            self.host.metrics.dead_lettered += 1
             await msg.dead(f"InvalidEvent: {msg.error}")
             return
         event = msg.event
         trigger = next(
-            (t for t in self.engine.router.triggers
-             if t.group == group and _matches(t.pattern, event.type)),
+            (t for t in self.host.router.triggers
+             if t.group == group and matches(t.pattern, event.type)),
             None,
         )
-        hdef = None if trigger is not None else self.engine.router.handler_for(group, event.type)
+        hdef = None if trigger is not None else self.host.router.handler_for(group, event.type)
         if trigger is None and hdef is None:
             await msg.complete()
             return
-        refused = self.engine.signer.problem(
+        refused = self.host.signature_problem(
             event, required=hdef is not None and hdef.require_signature
         )
         if refused is not None:
             log.warning("dead-lettering event %s for group %s: %s", event.id, group, refused)
-            self.engine.metrics.dead_lettered += 1
+            self.host.metrics.dead_lettered += 1
             await msg.dead(error_text(refused))
             return
         if trigger is not None:
@@ -164,10 +163,7 @@ class Consumer:
 
     async def _start_run(self, trigger: TriggerDef, msg: BrokerMessage, event: Event[Any]) -> None:
         try:
-            await self.engine.create_run(
-                trigger.workflow, [event.data], idempotency_key=f"event:{event.id}",
-                correlation_id=event.correlation_id or event.id, causation_id=event.id,
-            )
+            await self.host.start_run(trigger, event)
         except Exception as exc:
             await self._failed(msg, HANDLER_RETRY, exc, retryable=True)
             return
@@ -180,38 +176,31 @@ class Consumer:
                 f"handler {hdef.name} of group {hdef.group} was cut short {msg.attempt - 1} "
                 "time(s) by a worker crash"
             )
-            self.engine.metrics.dead_lettered += 1
+            self.host.metrics.dead_lettered += 1
             await msg.dead(error_text(lost))
             return
         if hdef.model is not None:
             try:
                 data = codec.adapter(hdef.model).validate_python(event.data)
             except pydantic.ValidationError as exc:
-                self.engine.metrics.dead_lettered += 1
+                self.host.metrics.dead_lettered += 1
                 await msg.dead(validation_text(exc))
                 return
             event = event.with_data(data)
-        hooks = self.engine.hooks
-        ctx = HandlerContext(
-            self.engine.app, hdef.group, event, f"cantata/{self.engine.app}/{hdef.group}",
-            traceparent=hooks.traceparent if hooks else None, check=self.engine.check_event,
-            store=self.engine.store,
-            sign=self.engine.signer.sign if self.engine.signer else None,
-            max_payload=self.engine.max_payload,
-        )
+        ctx = self.host.handler_context(hdef, event)
         ctx.attempt = msg.attempt
-        slot = await take_handler_slot(self.engine, hdef, event.id, msg.extend)
+        slot = await self.host.take_slot(hdef, event.id, msg.extend)
         try:
             await self._invoke(hdef, msg, event, ctx, retry)
         finally:
             if slot is not None:
-                await release_handler_slot(self.engine, hdef, slot)
+                await self.host.release_slot(hdef, slot)
 
     async def _invoke(
         self, hdef: HandlerDef, msg: BrokerMessage, event: Event[Any], ctx: HandlerContext,
         retry: Any,
     ) -> None:
-        hooks = self.engine.hooks
+        hooks = self.host.hooks
         started = time.perf_counter()
         with hooks.handler(hdef.group, event, msg.attempt), \
                 handler_context(event.id, hdef.group, msg.attempt):
@@ -232,13 +221,13 @@ class Consumer:
                 hooks.notify("handler_finished", hdef.group, event,
                              time.perf_counter() - started, "done", None)
         if completed:
-            self.engine.metrics.handled += 1
+            self.host.metrics.handled += 1
             if ctx.emitted:
                 self.on_emitted(ctx.emitted)
                 if hooks:
                     hooks.notify("emitted", ctx.emitted, "handler")
                 try:
-                    await check_orphans(self.engine, ctx.emitted)
+                    await self.host.report_orphans(ctx.emitted)
                 except Exception as exc:  # the delivery is settled: only the report failed
                     log.warning("checking emitted events for orphans failed: %s", exc)
 
@@ -247,15 +236,15 @@ class Consumer:
     ) -> str:
         """Retry or dead-letter the message; returns which ("retry" or "dead")."""
         text = error_text(exc)
-        self.engine.metrics.handler_failures += 1
+        self.host.metrics.handler_failures += 1
         if retryable and msg.attempt < retry.max_attempts:
-            self.engine.metrics.retries += 1
+            self.host.metrics.retries += 1
             await self._settle(lambda: msg.retry(text, retry.delay(msg.attempt)))
             return "retry"
         else:
             log.warning("dead-lettering %s for group %s: %s", msg.event and msg.event.type,
                         msg.group, text)
-            self.engine.metrics.dead_lettered += 1
+            self.host.metrics.dead_lettered += 1
             await self._settle(lambda: msg.dead(text))
             return "dead"
 
@@ -265,13 +254,7 @@ class Consumer:
         side effects (the delivery stays this live worker's meanwhile). A stop past its
         grace hands the event back instead."""
         return await wait_out(
-            record, quiet=self.engine.quiet, key="handler-settle",
+            record, quiet=self.host.quiet, key="handler-settle",
             what="recording handler outcomes", give_up=lambda: self._cutting,
-            max_delay=self.engine.lease / 4,
+            max_delay=self.host.lease / 4,
         )
-
-
-def _matches(pattern: str, event_type: str) -> bool:
-    from cantata.model.event import matches
-
-    return matches(pattern, event_type)

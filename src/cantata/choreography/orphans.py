@@ -10,17 +10,40 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from cantata.declare.router import Router
 from cantata.model.event import Event, matches
-
-if TYPE_CHECKING:
-    from cantata.engine.engine import Engine
+from cantata.store.base import Store
 
 log = logging.getLogger("cantata.orphans")
 
 
-async def check_orphans(engine: Engine, events: Sequence[Event[Any]]) -> list[Event[Any]]:
+class OrphanCounts(Protocol):
+    orphans: dict[str, int]  # event type -> orphans of it seen by this process
+
+
+class Emitter(Protocol):
+    """Whoever emits events (the engine): what the check reads, and where it keeps its
+    count and its brief cache of the store's declarations."""
+
+    @property
+    def app(self) -> str: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def metrics(self) -> OrphanCounts: ...
+
+    # (monotonic time, patterns every service declared), or None: the cache
+    declared_patterns: tuple[float, list[str]] | None
+
+
+async def check_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[Event[Any]]:
     """Count and log each of ``events`` whose type nothing in the app declares.
 
     This process's handlers and triggers answer most cases without a query; the
@@ -53,7 +76,7 @@ async def check_orphans(engine: Engine, events: Sequence[Event[Any]]) -> list[Ev
 _CACHE_SECONDS = 2.0
 
 
-async def _declared_patterns(engine: Engine) -> list[str]:
+async def _declared_patterns(engine: Emitter) -> list[str]:
     """Patterns every service of the app declared, cached briefly (one read per burst)."""
     cached = engine.declared_patterns
     now = time.monotonic()

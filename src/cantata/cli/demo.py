@@ -109,7 +109,7 @@ def _spawn_workers(store: str, broker: str) -> list[subprocess.Popen[bytes]]:
     for service in SERVICES:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "cantata", "worker", "cantata.examples.orders.app:app",
-             "--service", service, "--store", store, "--broker", broker],
+             "--service", service, "--store", store, "--broker", broker, "--processes", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
     return procs

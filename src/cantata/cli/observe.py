@@ -190,7 +190,7 @@ def graph(
     elif os.environ.get("CANTATA_STORE"):
         the_app.configure(store=os.environ["CANTATA_STORE"])
     if workflow is not None:
-        drawn = code_mermaid(the_app, workflow)
+        drawn = code_mermaid(the_app.router, workflow)
         if drawn is not None:
             typer.echo(drawn, nl=False)
             return
@@ -199,12 +199,12 @@ def graph(
     async def go() -> str:
         if not use_store:
             if workflow is not None:
-                return await workflow_mermaid(the_app, the_app.name, workflow, None)
-            return await choreography_mermaid(the_app, the_app.name, None)
+                return await workflow_mermaid(the_app.router, the_app.name, workflow, None)
+            return await choreography_mermaid(the_app.router, the_app.name, None)
         async with the_app.client():
             if workflow is not None:
-                return await workflow_mermaid(the_app, the_app.name, workflow, the_app.store)
-            return await choreography_mermaid(the_app, the_app.name, the_app.store)
+                return await workflow_mermaid(the_app.router, the_app.name, workflow, the_app.store)
+            return await choreography_mermaid(the_app.router, the_app.name, the_app.store)
 
     typer.echo(run(go), nl=False)
 

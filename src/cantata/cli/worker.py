@@ -1,19 +1,28 @@
-"""``cantata worker APP``: serve an app's workflows and handlers."""
+"""``cantata worker APP``: serve an app's workflows and handlers, in one process or in
+``--processes N`` under a supervisor (:mod:`cantata.supervisor`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
 from typing import Annotated
 
 import typer
 
+from cantata.app import App
 from cantata.errors import ConfigurationError
 from cantata.observability import logs
 from cantata.store.factory import mask_url
+from cantata.supervisor import FORCE_SIGNAL, Supervisor, die_with_parent, notify_ready
 
 from .common import console, load_app, store_url
+
+# Stores several processes can share (docs/guide.md: "several processes may share" a
+# SQLite file; PostgreSQL is the distributed store). Others run one process unless asked.
+SHARED_SCHEMES = ("sqlite", "postgresql", "postgres")
 
 
 def register(cli: typer.Typer) -> None:
@@ -47,6 +56,17 @@ def worker(
         typer.Option("--any-version", help="Take runs of every code version, unchecked "
                      "(default: this version's, and others' this code replays)."),
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes", min=1, envvar="CANTATA_PROCESSES",
+            help="Worker processes under one supervisor that restarts a dead one "
+            "(default: $CANTATA_PROCESSES, else the number of cores; 1: this process "
+            "serves, no supervisor; memory:// always runs one).",
+        ),
+    ] = None,
+    child_of: Annotated[int | None, typer.Option("--child-of", hidden=True)] = None,
+    ready_fd: Annotated[int | None, typer.Option("--ready-fd", hidden=True)] = None,
 ) -> None:
     """Run a worker: resume unfinished runs, execute new ones, handle events.
 
@@ -54,6 +74,8 @@ def worker(
     logged inside a step or handler carry its run id, step and attempt (or event id
     and group).
     """
+    if child_of is not None:  # started by a supervisor: never outlive it
+        die_with_parent(child_of)
     try:
         logs.configure(log_level, log_format)
     except ValueError as exc:
@@ -69,32 +91,133 @@ def worker(
         the_app.shutdown_grace = grace
     if any_version:
         the_app.any_version = True
+    count, why_one = process_count(the_app, processes)
+    if count > 1:
+        passed = [*(["--store", store] if store is not None else []),
+                  *(["--broker", broker] if broker else []),
+                  *[x for s in service or [] for x in ("--service", s)],
+                  "--log-level", log_level, "--log-format", log_format,
+                  *(["--grace", repr(grace)] if grace is not None else []),
+                  *(["--any-version"] if any_version else [])]
+        raise typer.Exit(supervise(the_app, app, passed, count))
+    if why_one:
+        console.print(why_one)
+    serve(the_app, ready_fd, supervised=child_of is not None)
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def process_count(app: App, requested: int | None) -> tuple[int, str | None]:
+    """How many worker processes to run, and (when that is one although more were asked
+    or would be the default) the line that says why."""
+    wanted = requested if requested is not None else cores()
+    if wanted == 1:
+        return 1, None
+    store, broker = app._store_spec, app._broker_spec
+    if not isinstance(store, str) or not isinstance(broker, str):
+        return 1, ("one worker process: the app's store or broker is an object made in "
+                   "code, which other processes cannot share (give it as a URL)")
+    scheme = store.split("://", 1)[0].lower()
+    path = store.split("://", 1)[-1].partition("?")[0]
+    if scheme == "memory" or (scheme == "sqlite" and path.strip("/") == ":memory:"):
+        return 1, (f"one worker process: the store {mask_url(store)} lives inside one "
+                   "process")
+    if scheme not in SHARED_SCHEMES and requested is None:
+        return 1, (f"one worker process: {scheme}:// stores are not known to be shared "
+                   "safely by several processes (--processes N runs N anyway)")
+    return wanted, None
+
+
+def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
+    """Run ``count`` worker processes of ``spec`` until a signal stops them; the exit
+    code (0: every one drained cleanly)."""
+
+    def command(parent: int, fd: int) -> list[str]:
+        return [sys.executable, "-m", "cantata", "worker", spec, *passed, "--processes",
+                "1", "--child-of", str(parent), "--ready-fd", str(fd)]
+
+    def on_ready(pids: list[int]) -> None:
+        console.print(
+            f"cantata supervisor {os.getpid()}: {len(pids)} worker processes of app "
+            f"[bold]{app.name}[/] on {mask_url(str(app._store_spec))}, pids "
+            f"{', '.join(map(str, pids))}; a worker process that dies is restarted",
+            soft_wrap=True,
+        )
+
+    def on_stop(pids: list[int]) -> None:
+        console.print(
+            f"stopping: worker processes {', '.join(map(str, pids))} get up to "
+            f"{app.shutdown_grace:g} s to finish (a second signal stops them at once)",
+            soft_wrap=True,
+        )
+
+    supervisor = Supervisor(command, count, on_ready=on_ready, on_stop=on_stop)
+    code = asyncio.run(supervisor.run())
+    console.print(f"cantata supervisor {os.getpid()}: every worker process has ended",
+                  soft_wrap=True)
+    return code
+
+
+def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> None:
+    """Serve in this process until SIGTERM or SIGINT (a second one forces the stop).
+
+    Under a supervisor only its FORCE_SIGNAL forces: a second SIGTERM may be the
+    service manager's own, sent to every process besides the supervisor's
+    (cantata.supervisor.parent).
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
+        forcing: list[asyncio.Task[None]] = []
+
+        async def keep_forcing() -> None:
+            # force_stop() acts on a stop under way: one that has not begun yet (the
+            # signals came close together) is forced as soon as it begins.
+            while True:
+                the_app.force_stop()
+                await asyncio.sleep(0.05)
+
+        def force() -> None:
+            console.print("second signal: releasing what still runs now")
+            if not forcing:
+                forcing.append(asyncio.ensure_future(keep_forcing()))
+
         def on_signal() -> None:
             # The first signal stops gracefully; a second one releases everything now.
-            if stop.is_set():
-                console.print("second signal: releasing what still runs now")
-                the_app.force_stop()
+            if stop.is_set() and not supervised:
+                force()
             stop.set()
+
+        def on_force() -> None:
+            stop.set()
+            force()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, on_signal)
+        if supervised:
+            loop.add_signal_handler(FORCE_SIGNAL, on_force)
         async with the_app:
             console.print(
                 f"cantata worker {the_app.engine.worker_id} serving app [bold]{the_app.name}[/] "
                 f"({len(the_app.workflows)} workflows, {len(the_app.handlers)} handlers, version "
                 f"{the_app.version}) on {mask_url(the_app.store.url)}"
             )
+            notify_ready(ready_fd)
             await stop.wait()
             console.print(
                 f"stopping: steps and handlers in progress get up to "
                 f"{the_app.shutdown_grace:g} s to finish (a second signal stops at once); "
                 "what is left is released to the other workers"
             )
+        for task in forcing:
+            task.cancel()
 
     asyncio.run(main())

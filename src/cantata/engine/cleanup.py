@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from cantata.errors import Cancelled
 from cantata.model import codec
-from cantata.model.records import ENTRY_COMPLETED, VALUE
+from cantata.model.records import EntryKind, EntryStatus
+
+from .journal import Save
 
 if TYPE_CHECKING:
     from .runner import RunExecution
@@ -47,15 +49,13 @@ def deliver(x: RunExecution, exc: BaseException) -> None:
         return
     x.api.cancel_delivered = True
     clock = x.engine.clock
-    recorded = x.history.get(_KEY)
-    if recorded is not None:
-        x.consumed.add(_KEY)
-        started = float(codec.loads(recorded.result))
+    call = x.journal.lookup(EntryKind.VALUE, "cancelled", key=_KEY)
+    if call.entry is not None:
+        started = float(codec.loads(call.entry.result))
     else:
         started = clock.now()
-        entry = x.new_entry(_KEY, VALUE, "cancelled", ENTRY_COMPLETED,
-                            result=codec.dumps(started), started_at=started, ended_at=started)
-        x.pending.append(entry)
+        x.journal.record(call, EntryStatus.COMPLETED, save=Save.WITH_NEXT,
+                         result=codec.dumps(started), started_at=started, ended_at=started)
     timeout = x.wdef.cleanup_timeout
     x.api.cleanup_timeout = timeout
     # A fresh interrupt: cleanup steps run until the window closes.

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cantata.errors import StepFailed
-from cantata.model.records import COMPENSATION
+from cantata.model.records import EntryKind
 from cantata.model.status import RunStatus
 
 if TYPE_CHECKING:
-    from .runner import RunExecution
+    from .runtime import WorkflowRuntime
 
 log = logging.getLogger("cantata.engine")
 
@@ -38,7 +38,7 @@ class ApiState:
     cleanup_timeout: float | None = None
 
 
-def compensation_key(x: RunExecution, name: str) -> str:
+def compensation_key(x: WorkflowRuntime, name: str) -> str:
     """The history key of the next compensation by step ``name`` in this run."""
     counters = x.api.compensation_counters
     n = counters.get(name, 0) + 1
@@ -46,7 +46,7 @@ def compensation_key(x: RunExecution, name: str) -> str:
     return f"compensate:{name}#{n}"
 
 
-async def compensate(x: RunExecution) -> int:
+async def compensate(x: WorkflowRuntime) -> int:
     """Run the compensations registered so far, newest first; returns how many ran.
 
     Each runs with its own retries. They are forgotten once run (or failed for
@@ -62,7 +62,8 @@ async def compensate(x: RunExecution) -> int:
     failures: list[StepFailed] = []
     for sdef, args in todo:
         try:
-            await x.call_step(sdef, args, compensation_key(x, sdef.name), kind=COMPENSATION)
+            key = compensation_key(x, sdef.name)
+            await x.call_step(sdef, args, key, kind=EntryKind.COMPENSATION)
         except StepFailed as exc:
             failures.append(exc)
     x.api.compensated += len(todo) - len(failures)
@@ -72,7 +73,7 @@ async def compensate(x: RunExecution) -> int:
     return len(todo)
 
 
-def returned_ending(x: RunExecution) -> tuple[RunStatus, str | None, bool | None]:
+def returned_ending(x: WorkflowRuntime) -> tuple[RunStatus, str | None, bool | None]:
     """(status, error, flagged) of a run whose workflow returned."""
     api = x.api
     if api.compensation_failures:  # an operator must look, as after an unwind
@@ -87,7 +88,7 @@ def returned_ending(x: RunExecution) -> tuple[RunStatus, str | None, bool | None
 
 
 def unwound_ending(
-    x: RunExecution, final: RunStatus, error: str
+    x: WorkflowRuntime, final: RunStatus, error: str
 ) -> tuple[RunStatus, str, bool | None]:
     """(status, error, flagged) of a run that failed or was cancelled with no
     compensation left to run (``ctx.compensate()`` may have run them)."""
@@ -98,11 +99,11 @@ def unwound_ending(
     return final, error, None
 
 
-def _failed_text(x: RunExecution, head: str) -> str:
+def _failed_text(x: WorkflowRuntime, head: str) -> str:
     return f"{head}; compensation failed: {'; '.join(x.api.compensation_failures)}"
 
 
-def _warn_unrun(x: RunExecution) -> None:
+def _warn_unrun(x: WorkflowRuntime) -> None:
     """Log a run that caught a step failure and returned with compensations never run."""
     if x.api.failed_steps and x.compensations and not x.api.cancel_delivered:
         names = ", ".join(s.name for s, _ in reversed(x.compensations))

@@ -19,27 +19,18 @@ from cantata.errors import (
 )
 from cantata.model import codec
 from cantata.model.attributes import index_attributes
-from cantata.model.event import Event, check_type
-from cantata.model.records import (
-    ATTRS,
-    CHILD,
-    EMIT,
-    ENTRY_COMPLETED,
-    ENTRY_FAILED,
-    ENTRY_WAITING,
-    SLEEP,
-    VALUE,
-    WAIT,
-    RunWrite,
-)
+from cantata.model.event import Event, check_publish, check_type
+from cantata.model.records import EntryKind, EntryStatus, RunWrite
 from cantata.model.status import RunStatus
 
 from . import versioning
 from .heartbeat import workflow_run
+from .journal import Save
 from .registry import DECLARED_ATTR, STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
+from .runtime import Watch
 
 if TYPE_CHECKING:
-    from .runner import RunExecution
+    from .runtime import WorkflowRuntime
 
 
 def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
@@ -62,8 +53,8 @@ def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
 class _Recorded:
     """What ``ctx.set_attributes`` returns: awaiting it commits the recorded call now."""
 
-    def __init__(self, execution: RunExecution | None) -> None:
-        self._x = execution
+    def __init__(self, runtime: WorkflowRuntime | None) -> None:
+        self._x = runtime
 
     def __await__(self) -> Generator[Any, None, None]:
         if self._x is None:
@@ -74,11 +65,11 @@ class _Recorded:
 class WorkflowContext:
     """The ``ctx`` passed to a workflow: durable calls, timers, events, recorded values."""
 
-    def __init__(self, execution: RunExecution) -> None:
-        self._x = execution
+    def __init__(self, runtime: WorkflowRuntime) -> None:
+        self._x = runtime  # the run, through the runtime interface (runtime.py)
         # Built in the run's task, before the workflow's code runs in it: errors of
         # calls made there outside a step (cantata.heartbeat) can name the run.
-        workflow_run.set((execution.wdef.name, execution.run.run_id))
+        workflow_run.set((runtime.wdef.name, runtime.run.run_id))
 
     @property
     def run_id(self) -> str:
@@ -145,7 +136,7 @@ class WorkflowContext:
             list(args), f"arguments of step {sdef.name}", limit=self._x.engine.max_payload
         ))
         x = self._x
-        key = x.next_key(sdef.name)
+        key = x.journal.next_key(sdef.name)
         try:
             value = await x.call_step(sdef, plain, key)
         except StepFailed:
@@ -188,16 +179,13 @@ class WorkflowContext:
 
     def _value(self, name: str, make: Callable[[], Any]) -> Any:
         x = self._x
-        key = x.next_key(name)
-        entry = x.history.get(key)
-        if entry is not None:
-            x.consumed.add(key)
-            return codec.loads(entry.result)
+        call = x.journal.lookup(EntryKind.VALUE, name)
+        if call.entry is not None:
+            return codec.loads(call.entry.result)
         value = make()
-        now = x.engine.clock.now()
-        entry = x.new_entry(key, VALUE, name, ENTRY_COMPLETED, result=codec.dumps(value),
-                            started_at=now, ended_at=now)
-        x.pending.append(entry)
+        now = x.now()
+        x.journal.record(call, EntryStatus.COMPLETED, save=Save.WITH_NEXT,
+                         result=codec.dumps(value), started_at=now, ended_at=now)
         return value
 
     def now(self) -> dt.datetime:
@@ -226,16 +214,14 @@ class WorkflowContext:
         """
         indexed = index_attributes(attributes)
         x = self._x
-        key = x.next_key("set_attributes")
-        if key in x.history:
-            x.consumed.add(key)
+        call = x.journal.lookup(EntryKind.ATTRS, "set_attributes")
+        if call.entry is not None:
             return _Recorded(None)
-        now = x.engine.clock.now()
-        entry = x.new_entry(
-            key, ATTRS, "set_attributes", ENTRY_COMPLETED, started_at=now, ended_at=now,
+        now = x.now()
+        x.journal.record(
+            call, EntryStatus.COMPLETED, save=Save.SOON, started_at=now, ended_at=now,
             result=codec.dumps(attributes, "search attributes"), detail=codec.dumps(indexed),
         )
-        x.defer(RunWrite(entries=[entry]))
         return _Recorded(x)
 
     def patched(self, change_id: str) -> bool:
@@ -256,36 +242,29 @@ class WorkflowContext:
         """Durable timer: the wake time is stored, so a crash does not restart the wait."""
         if seconds < 0:
             raise ConfigurationError(f"ctx.sleep({seconds}) needs seconds >= 0")
-        x = self._x
-        key = x.next_key("sleep")
-        entry = x.history.get(key)
-        if entry is not None and entry.status == ENTRY_COMPLETED:
-            x.consumed.add(key)
+        j = self._x.journal
+        call = await j.replay_or_begin(EntryKind.SLEEP, "sleep")
+        if call.replayed:
             return
+        entry = call.entry
         if entry is None:
-            await x.check_new_call(key)
-            now = x.engine.clock.now()
-            entry = x.new_entry(key, SLEEP, "sleep", ENTRY_WAITING, started_at=now,
-                                wake_at=now + seconds, detail=codec.dumps({"seconds": seconds}))
-            await x.commit(RunWrite(entries=[entry]))
-        else:
-            x.consumed.add(key)
-        await x.wait_until(entry.wake_at)
-        entry.status, entry.ended_at = ENTRY_COMPLETED, x.engine.clock.now()
-        x.pending.append(entry)
+            now = self._x.now()
+            entry = await j.begin(call, EntryStatus.WAITING, started_at=now,
+                                  wake_at=now + seconds,
+                                  detail=codec.dumps({"seconds": seconds}))
+        await j.await_final(entry)
+        await j.settle(entry, EntryStatus.COMPLETED, save=Save.WITH_NEXT)
 
     # -- events ---------------------------------------------------------------------------
 
     async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> Event[Any]:
         """Publish an event from the workflow, exactly once (recorded in history)."""
-        check_type(type)
+        check_publish(type, subject=subject)  # as app.publish checks them
         x = self._x
-        key = x.next_key(f"emit:{type}")
-        entry = x.history.get(key)
-        if entry is not None:
-            x.consumed.add(key)
-            return Event.from_cloudevent(codec.loads(entry.result))
-        await x.check_new_call(key)
+        call = await x.journal.replay_or_begin(EntryKind.EMIT, type, base=f"emit:{type}")
+        if call.entry is not None:
+            return Event.from_cloudevent(codec.loads(call.entry.result))
+        key = call.key
         event = Event(
             type=type,
             data=codec.loads(
@@ -300,10 +279,9 @@ class WorkflowContext:
         )
         event = x.engine.signer.sign(event)
         x.engine.check_event(event)
-        now = x.engine.clock.now()
-        entry = x.new_entry(key, EMIT, type, ENTRY_COMPLETED, result=event.to_json().decode(),
-                            started_at=now, ended_at=now)
-        await x.commit(RunWrite(entries=[entry], events=[event]))
+        now = x.now()
+        await x.journal.begin(call, EntryStatus.COMPLETED, events=[event],
+                              result=event.to_json().decode(), started_at=now, ended_at=now)
         if x.engine.hooks:
             x.engine.hooks.notify("emitted", [event], "workflow")
         await check_orphans(x.engine, [event])
@@ -327,25 +305,21 @@ class WorkflowContext:
         """
         check_type(type)
         x = self._x
-        key = x.next_key(f"wait:{type}")
-        entry = x.history.get(key)
-        if entry is not None and entry.status in (ENTRY_COMPLETED, ENTRY_FAILED):
-            x.consumed.add(key)
-            if entry.status == ENTRY_FAILED:
+        j = x.journal
+        call = await j.replay_or_begin(EntryKind.WAIT, type, base=f"wait:{type}")
+        entry = call.entry
+        if entry is not None and call.replayed:
+            if entry.status == EntryStatus.FAILED:
                 raise WaitTimeout(entry.error or f"no {type} event arrived in time")
             return Event.from_cloudevent(codec.loads(entry.result))
         engine = x.engine
         if entry is None:
-            await x.check_new_call(key)
-            now = engine.clock.now()
-            entry = x.new_entry(
-                key, WAIT, type, ENTRY_WAITING, started_at=now,
+            now = x.now()
+            entry = await j.begin(
+                call, EntryStatus.WAITING, started_at=now,
                 wake_at=None if timeout is None else now + timeout,
                 detail=codec.dumps({"type": type, "match": dict(match or {}), "timeout": timeout}),
             )
-            await x.commit(RunWrite(entries=[entry]))
-        else:
-            x.consumed.add(key)
         await engine.declare_wait(x.wdef.name, type)
         found: list[Event[Any]] = []
 
@@ -356,7 +330,7 @@ class WorkflowContext:
             while True:
                 events = await engine.store.find_events(
                     x.run.app, type, since=x.run.created_at,
-                    exclude=sorted(x.consumed_events), limit=limit,
+                    exclude=sorted(j.consumed_events), limit=limit,
                 )
                 for ev in events:
                     if match_data(ev.data, match) and engine.signer.accepts(ev):
@@ -366,25 +340,16 @@ class WorkflowContext:
                     return False
                 limit *= 4
 
-        engine.add_waiter(type, x)
-        try:
-            # No polling per wait: the engine looks for new events of each waited type
-            # once per interval and wakes the waits of that type (10,000 waits stay cheap).
-            await x.wait_until(entry.wake_at, look, poll=False)
-        finally:
-            engine.remove_waiter(type, x)
-        now = engine.clock.now()
+        # No polling per wait: the engine looks for new events of each waited type
+        # once per interval and wakes the waits of that type (10,000 waits stay cheap).
+        await j.await_final(entry, look, watch=Watch("event", type), poll=False)
         if not found:
-            entry.status, entry.ended_at = ENTRY_FAILED, now
-            entry.error_type = "WaitTimeout"
-            entry.error = f"no {type} event matching {dict(match or {})} within {timeout} s"
-            await x.commit(RunWrite(entries=[entry]))
-            raise WaitTimeout(entry.error)
+            error = f"no {type} event matching {dict(match or {})} within {timeout} s"
+            await j.settle(entry, EntryStatus.FAILED, error_type="WaitTimeout", error=error)
+            raise WaitTimeout(error)
         event = found[0]
-        entry.status, entry.ended_at = ENTRY_COMPLETED, now
-        entry.result = event.to_json().decode()
-        x.consumed_events.add(event.id)
-        await x.commit(RunWrite(entries=[entry]))
+        j.consumed_events.add(event.id)
+        await j.settle(entry, EntryStatus.COMPLETED, result=event.to_json().decode())
         return event
 
     # -- child workflows ----------------------------------------------------------------
@@ -409,35 +374,31 @@ class WorkflowContext:
         x = self._x
         engine = x.engine
         name = workflow_name(workflow)
-        key = x.next_key(f"child:{name}")
-        entry = x.history.get(key)
-        if entry is not None and entry.status in (ENTRY_COMPLETED, ENTRY_FAILED):
-            x.consumed.add(key)
+        j = x.journal
+        call = await j.replay_or_begin(EntryKind.CHILD, name, base=f"child:{name}")
+        entry = call.entry
+        if entry is not None and call.replayed:
             info = codec.loads(entry.detail)
-            if entry.status == ENTRY_FAILED:
+            if entry.status == EntryStatus.FAILED:
                 raise WorkflowCallError(entry.error or f"child {name} failed")
             return str(info["run_id"]), self._child_result(name, entry.result)
         if entry is None:
-            await x.check_new_call(key)
             if not await engine.knows_workflow(name):
                 raise UnknownWorkflow(
                     f"child workflow {name!r} is not registered in app {engine.app!r}"
                 )
             child = await engine.create_run(
                 # A retried run's new call is a new child (the old one ended for good).
-                name, list(args), idempotency_key=f"child:{x.run.run_id}:{key}"
+                name, list(args), idempotency_key=f"child:{x.run.run_id}:{call.key}"
                 + (f"@{x.run.epoch}" if x.run.epoch else ""),
                 correlation_id=x.run.correlation_id, causation_id=x.run.run_id,
                 parent_run_id=x.run.run_id,
             )
-            now = engine.clock.now()
-            entry = x.new_entry(key, CHILD, name, ENTRY_WAITING if wait else ENTRY_COMPLETED,
-                                started_at=now, detail=codec.dumps({"run_id": child.run_id}))
-            if not wait:
-                entry.ended_at = now
-            await x.commit(RunWrite(entries=[entry]))
-        else:
-            x.consumed.add(key)
+            now = x.now()
+            entry = await j.begin(
+                call, EntryStatus.WAITING if wait else EntryStatus.COMPLETED, started_at=now,
+                ended_at=None if wait else now, detail=codec.dumps({"run_id": child.run_id}),
+            )
         child_id = str(codec.loads(entry.detail)["run_id"])
         if not wait:
             return child_id, None
@@ -450,22 +411,14 @@ class WorkflowContext:
                 return True
             return False
 
-        engine.add_run_waiter(child_id, x)
-        try:
-            await x.wait_until(None, look)
-        finally:
-            engine.remove_run_waiter(child_id, x)
+        await j.await_final(entry, look, watch=Watch("run", child_id))
         run = final[0]
-        entry.ended_at = engine.clock.now()
         if run.status == RunStatus.COMPLETED:
-            entry.status, entry.result = ENTRY_COMPLETED, run.result
-            await x.commit(RunWrite(entries=[entry]))
+            await j.settle(entry, EntryStatus.COMPLETED, result=run.result)
             return child_id, self._child_result(name, run.result)
-        entry.status = ENTRY_FAILED
-        entry.error = f"child run {child_id} of {name} ended {run.status}: {run.error}"
-        entry.error_type = "WorkflowCallError"
-        await x.commit(RunWrite(entries=[entry]))
-        raise WorkflowCallError(entry.error)
+        error = f"child run {child_id} of {name} ended {run.status}: {run.error}"
+        await j.settle(entry, EntryStatus.FAILED, error=error, error_type="WorkflowCallError")
+        raise WorkflowCallError(error)
 
     def _child_result(self, name: str, result: str | None) -> Any:
         """A child's JSON result, restored to its return annotation when declared here."""

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from cantata.model.event import Event
-from cantata.model.records import RunRecord
+from cantata.model.records import DeliveryOutcome, EntryKind, RunRecord
 
 log = logging.getLogger("cantata.hooks")
 
@@ -38,7 +38,7 @@ class Hook:
         """A run reached a final status."""
 
     def step(
-        self, run: RunRecord, name: str, key: str, attempt: int, kind: str
+        self, run: RunRecord, name: str, key: str, attempt: int, kind: EntryKind
     ) -> AbstractContextManager[None] | None:
         """Wraps one attempt of a step or compensation."""
         return None
@@ -55,7 +55,8 @@ class Hook:
         return None
 
     def handler_finished(
-        self, group: str, event: Event[Any], seconds: float, outcome: str, error: str | None
+        self, group: str, event: Event[Any], seconds: float, outcome: DeliveryOutcome,
+        error: str | None,
     ) -> None:
         """``outcome`` is ``done``, ``retry`` or ``dead``."""
 
@@ -103,7 +104,7 @@ class Hooks:
         return self._wrap("run", run, traceparent) if self.hooks else contextlib.nullcontext()
 
     def step(self, run: RunRecord, name: str, key: str, attempt: int,
-             kind: str) -> AbstractContextManager[None]:
+             kind: EntryKind) -> AbstractContextManager[None]:
         return (
             self._wrap("step", run, name, key, attempt, kind) if self.hooks
             else contextlib.nullcontext()

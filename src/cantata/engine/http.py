@@ -9,11 +9,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from cantata.declare.defs import STANDALONE_ATTR, STEP_ATTR, StepDef
 from cantata.errors import CantataError, ConfigurationError, HttpStepError, HttpStepRejected
 from cantata.model.codec import signature_of
 from cantata.model.retry import Retry
 
-from .registry import STANDALONE_ATTR, STEP_ATTR, StepDef
 from .stepinfo import step_info
 
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}

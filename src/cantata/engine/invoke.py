@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from cantata.declare.defs import StepDef
 from cantata.errors import StepTimeout
 
 from .heartbeat import Beat, reset_beat, set_beat, watched
-from .registry import StepDef
 from .stepinfo import StepInfo, reset_step_info, set_step_info
 
 

@@ -72,6 +72,10 @@ class Ownership:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watch_every = 0.05
         self._watch_due = 0.0
+        # Other parts of this worker that own work on its row (the choreography
+        # consumer's deliveries): while any holds it, a stop keeps the heartbeat going.
+        self._holds = 0
+        self._stopped = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -89,6 +93,7 @@ class Ownership:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stopped = False
         await self.beat()
         self._watch_every = min(0.05, self.engine.lease / 20)
         self._watchdog = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
@@ -105,11 +110,28 @@ class Ownership:
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
 
+    def hold(self) -> None:
+        """Keep this worker's heartbeat going past :meth:`stop` until :meth:`release`:
+        the consumer's deliveries are owned through the same worker row, and one
+        heartbeat keeps both (docs/architecture.md, docs/leases.md)."""
+        self._holds += 1
+
+    async def release(self) -> None:
+        """End a :meth:`hold`; after a stop, the last one ends the heartbeat."""
+        self._holds -= 1
+        if self._holds <= 0 and self._stopped:
+            await self._stop_heartbeat()
+
     async def stop(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         await self.stop_claiming()
+        self._stopped = True
+        if self._holds <= 0:
+            await self._stop_heartbeat()
+
+    async def _stop_heartbeat(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)

@@ -28,30 +28,26 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from cantata.declare.defs import StepDef, WorkflowDef
 from cantata.model import codec
-from cantata.model.records import (
-    ATTRS,
-    COMPENSATION,
-    ENTRY_COMPLETED,
-    ENTRY_FAILED,
-    PATCH,
-    VALUE,
-    HistoryEntry,
-    RunRecord,
-    RunWrite,
-)
+from cantata.model.records import EntryKind, HistoryEntry, RunRecord, RunWrite
 from cantata.model.status import LIVE_STATUSES, RunStatus
 
-from .registry import StepDef, WorkflowDef
+from .journal import FINAL, Journal
 from .runner import RunExecution
 from .versioning import args_shape
 
 if TYPE_CHECKING:
-    from cantata.app import App
-
     from .engine import Engine
+
+
+class App(Protocol):
+    """An open app (``cantata.App``): its engine reads the store and the declarations."""
+
+    @property
+    def engine(self) -> Engine: ...
 
 # Failures a replay may legitimately re-raise: they are recorded in history.
 _RECORDED = ("StepFailed", "Cancelled", "DeadlineExceeded", "WaitTimeout", "WorkflowCallError")
@@ -92,15 +88,33 @@ class _Frontier(BaseException):
     """The replay reached new work: everything before it matched history."""
 
 
+class _NotingJournal(Journal):
+    """The journal of a dry run: notes the key of every call the code makes."""
+
+    def __init__(self, runtime: _DryRun) -> None:
+        super().__init__(runtime)
+        self.calls: list[str] = []
+
+    def next_key(self, base: str) -> str:
+        key = super().next_key(base)
+        self.calls.append(key)
+        return key
+
+
 class _DryRun(RunExecution):
-    """A run executed without effects, noting every durable call its code makes."""
+    """A run executed without effects, noting every durable call its code makes.
+
+    It implements the same runtime interface as the engine's execution (runtime.py),
+    the journal and ``ctx`` unchanged on top: only the effects (``commit``, ``defer``,
+    ``wait_until``, a new call beginning, the run's end) stop at the run's frontier.
+    """
 
     def __init__(self, engine: Engine, run: RunRecord, wdef: WorkflowDef) -> None:
         # No cancel request or deadline: they would stop the replay before its frontier.
         super().__init__(engine, dataclasses.replace(
             run, cancel_requested=False, deadline_at=None
         ), wdef)
-        self.calls: list[str] = []
+        self.journal = self.noting = _NotingJournal(self)
         self.shapes: dict[str, str] = {}
         self.recorded: list[HistoryEntry] = []  # the stored history, as loaded
         self.ended = False  # the code ran to its end (returned or raised)
@@ -108,31 +122,26 @@ class _DryRun(RunExecution):
 
     async def load(self) -> None:
         await super().load()
-        self.recorded = list(self.history.values())
+        self.recorded = list(self.journal.history.values())
 
     def new_calls(self) -> list[str]:
         """The code's durable calls, less the recorded values (``ctx.now``, ``random``,
         ``uuid``, ``set_attributes``...) it makes anew: they have no effect and no
         recorded counterpart, so inserting one breaks nothing."""
         known = {e.key for e in self.recorded}
-        fresh = {k for k, e in self.history.items()
-                 if k not in known and e.kind in (VALUE, ATTRS)}
-        return [k for k in self.calls if k not in fresh]
-
-    def next_key(self, base: str) -> str:
-        key = super().next_key(base)
-        self.calls.append(key)
-        return key
+        fresh = {k for k, e in self.journal.history.items()
+                 if k not in known and e.kind in (EntryKind.VALUE, EntryKind.ATTRS)}
+        return [k for k in self.noting.calls if k not in fresh]
 
     async def call_step(
-        self, sdef: StepDef, args: list[Any], key: str, kind: str = "step"
+        self, sdef: StepDef, args: list[Any], key: str, kind: EntryKind = EntryKind.STEP
     ) -> Any:
-        if kind != COMPENSATION:
+        if kind != EntryKind.COMPENSATION:
             self.shapes[key] = args_shape(args)
         return await super().call_step(sdef, args, key, kind)
 
-    async def check_new_call(self, key: str) -> None:
-        await super().check_new_call(key)
+    def new_call(self, key: str) -> None:
+        super().new_call(key)
         raise _Frontier()  # a call history has no record of: new work, stop before it
 
     def defer(self, write: RunWrite) -> None:
@@ -170,7 +179,7 @@ def compare(
 ) -> ReplayProblem | None:
     """The first difference between a run's recorded calls and the code's, if any."""
     recorded = [e for e in sorted(history, key=lambda e: e.seq)
-                if e.kind not in (COMPENSATION, PATCH)]
+                if e.kind not in (EntryKind.COMPENSATION, EntryKind.PATCH)]
 
     def problem(i: int, entry: HistoryEntry, current: str | None, detail: str) -> ReplayProblem:
         return ReplayProblem(run.run_id, run.workflow, str(run.status), "non_determinism",
@@ -178,7 +187,7 @@ def compare(
 
     for i, entry in enumerate(recorded):
         if i >= len(calls):
-            if entry.status not in (ENTRY_COMPLETED, ENTRY_FAILED) and not ended:
+            if entry.status not in FINAL and not ended:
                 continue  # a call in flight beside the frontier (parallel branches)
             where = "the code now ends there" if ended else (
                 f"the code stops at {calls[-1]!r} before making it" if calls
@@ -210,12 +219,12 @@ async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> Replay
 
 
 async def _runs_to_check(app: App, all_runs: bool, limit: int) -> list[RunRecord]:
-    store = app.store
+    store, name = app.engine.store, app.engine.app
     if all_runs:
-        return await store.list_runs(app.name, limit=limit)
+        return await store.list_runs(name, limit=limit)
     runs: list[RunRecord] = []
     for status in LIVE_STATUSES:
-        runs += await store.find_runs(app.name, status=status, limit=limit)
+        runs += await store.find_runs(name, status=status, limit=limit)
     return sorted(runs, key=lambda r: r.created_at, reverse=True)[:limit]
 
 
@@ -225,7 +234,7 @@ async def replay_report(app: App, *, all_runs: bool = False, limit: int = 1000) 
     for run in await _runs_to_check(app, all_runs, limit):
         version = run.version or "-"
         report.checked[version] = report.checked.get(version, 0) + 1
-        wdef = app.workflows.get(run.workflow)
+        wdef = app.engine.router.workflows.get(run.workflow)
         if wdef is None:
             report.problems.append(ReplayProblem(
                 run.run_id, run.workflow, str(run.status), "unknown_workflow",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import (
@@ -18,24 +18,14 @@ from cantata.errors import (
     error_text,
 )
 from cantata.model import codec
-from cantata.model.records import (
-    ATTRS,
-    COMPENSATION,
-    ENTRY_COMPLETED,
-    ENTRY_FAILED,
-    PATCH,
-    SLEEP,
-    VALUE,
-    Attempt,
-    HistoryEntry,
-    RunRecord,
-    RunWrite,
-)
+from cantata.model.records import Attempt, EntryKind, HistoryEntry, RunRecord, RunWrite
 from cantata.model.status import RunStatus
 
 from . import checkpoint, cleanup, steps
 from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
+from .journal import Journal
 from .registry import StepDef, WorkflowDef
+from .runtime import Watch
 from .signals import CompensatedElsewhere, _Abandon, _DeadlinePassed, _StoreFailed
 from .steps import INTERRUPTED
 
@@ -52,12 +42,8 @@ class RunExecution:
         self.engine = engine
         self.run = run
         self.wdef = wdef
-        self.history: dict[str, HistoryEntry] = {}
+        self.journal = Journal(self)  # the history, as the workflow replays it
         self.attempts: dict[str, list[Attempt]] = {}
-        self.consumed: set[str] = set()
-        self.consumed_events: set[str] = set()
-        self.counters: dict[str, int] = {}
-        self.next_seq = 1
         self.pending: list[HistoryEntry] = []
         self.pending_attempts: list[Attempt] = []
         self.pending_status: RunStatus | None = None
@@ -71,7 +57,6 @@ class RunExecution:
         self.compensations: list[tuple[StepDef, list[Any]]] = []
         self.interrupt: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self.compensating = False
-        self.divergence: NonDeterminismError | None = None
         self.wakeup = asyncio.Event()
         self.fresh = False  # created by this process just now: no history to load
         self.task: asyncio.Task[None] | None = None
@@ -117,18 +102,6 @@ class RunExecution:
             log.warning("run %s: could not release it (%s); another worker takes it over "
                         "after the lease", self.run.run_id, type(exc).__name__)
 
-    def next_key(self, base: str) -> str:
-        n = self.counters.get(base, 0) + 1
-        self.counters[base] = n
-        return f"{base}#{n}"
-
-    def new_entry(self, key: str, kind: str, name: str, status: str, **kw: Any) -> HistoryEntry:
-        entry = HistoryEntry(key, kind, name, status, seq=self.next_seq, **kw)
-        self.next_seq += 1
-        self.history[key] = entry
-        self.consumed.add(key)
-        return entry
-
     async def commit(self, write: RunWrite) -> None:
         """Flush lazily recorded entries and write one checkpoint (fenced)."""
         await checkpoint.commit(self, write)
@@ -156,47 +129,38 @@ class RunExecution:
         cleanup.deliver(self, exc)
         raise exc
 
-    async def check_new_call(self, key: str) -> None:
-        """A call not in history: every recorded result must have been replayed first."""
-        if self.interrupt.done() and isinstance(self.interrupt.result(), Cancelled):
-            # A replay of a run that was cancelled meets the cancellation where the
-            # first execution did: at its first call not in history (before cleanup).
-            self.check_interrupt()
-        if not self.history or len(self.consumed) >= len(self.history):
-            self.check_interrupt()
-            return
-        await asyncio.sleep(0)  # let sibling tasks (asyncio.gather) replay their calls
-        left = sorted(
-            (e for k, e in self.history.items()
-             if k not in self.consumed and e.status in (ENTRY_COMPLETED, ENTRY_FAILED)
-             and e.kind not in (VALUE, COMPENSATION, PATCH, ATTRS)),
-            key=lambda e: e.seq,
-        )
-        if left and key not in self.history:
-            err = NonDeterminismError(self.run.run_id, len(self.consumed) + 1, left[0].key, key)
-            self.divergence = err
-            raise err
+    # -- the runtime interface the journal and ctx use (runtime.py) ---------------------
+
+    def now(self) -> float:
+        return self.engine.clock.now()
+
+    def hold(self, entry: HistoryEntry) -> None:
+        self.pending.append(entry)
+
+    def cancel_pending(self) -> bool:
+        return self.interrupt.done() and isinstance(self.interrupt.result(), Cancelled)
+
+    def new_call(self, key: str) -> None:
         self.check_interrupt()
 
-    async def check_replayed_before(self, entry: HistoryEntry) -> None:
-        """A step in flight is about to run again: every call recorded before it must
-        have been replayed first, or the code changed under it (a call before it was
-        deleted or moved) and running it again would act on a diverged history."""
-        def missed() -> list[HistoryEntry]:
-            return sorted(
-                (e for k, e in self.history.items()
-                 if e.seq < entry.seq and k not in self.consumed
-                 and e.kind not in (VALUE, COMPENSATION, PATCH, ATTRS)),
-                key=lambda e: e.seq,
-            )
-
-        if missed():
-            await asyncio.sleep(0)  # let sibling tasks (asyncio.gather) replay their calls
-            left = missed()
-            if left:
-                err = NonDeterminismError(self.run.run_id, left[0].seq, left[0].key, entry.key)
-                self.divergence = err
-                raise err
+    @contextlib.contextmanager
+    def watching(self, watch: Watch | None) -> Iterator[None]:
+        """While inside: the engine wakes this run on news about ``watch``."""
+        if watch is None:
+            yield
+            return
+        engine, on_event = self.engine, watch.on == "event"
+        if on_event:
+            engine.add_waiter(watch.name, self)
+        else:
+            engine.add_run_waiter(watch.name, self)
+        try:
+            yield
+        finally:
+            if on_event:
+                engine.remove_waiter(watch.name, self)
+            else:
+                engine.remove_run_waiter(watch.name, self)
 
     async def wait_until(
         self,
@@ -239,7 +203,7 @@ class RunExecution:
     # -- steps ---------------------------------------------------------------------
 
     async def call_step(
-        self, sdef: StepDef, args: list[Any], key: str, kind: str = "step"
+        self, sdef: StepDef, args: list[Any], key: str, kind: EntryKind = EntryKind.STEP
     ) -> Any:
         """Run (or replay) one step or compensation and return its decoded JSON result."""
         return await steps.call_step(self, sdef, args, key, kind)
@@ -250,12 +214,7 @@ class RunExecution:
         if self.fresh:
             return
         store, app, run_id = self.engine.store, self.run.app, self.run.run_id
-        entries = await store.load_history(app, run_id)
-        for e in entries:
-            self.history[e.key] = e
-            self.next_seq = max(self.next_seq, e.seq + 1)
-            if e.kind == "wait" and e.status == ENTRY_COMPLETED and e.result:
-                self.consumed_events.add(str(codec.loads(e.result).get("id")))
+        self.journal.load(await store.load_history(app, run_id))
         for a in await store.load_attempts(app, run_id):
             self.attempts.setdefault(a.key, []).append(a)
 
@@ -339,9 +298,9 @@ class RunExecution:
             # (SerializationError) instead of leaving it owned and stuck.
             args = self.wdef.sig.restore_args(codec.loads(run.args), f"workflow {self.wdef.name}")
             value = await self.wdef.fn(ctx, *args)
-            if self.divergence is not None:
-                raise self.divergence
-            self._check_all_replayed()
+            if self.journal.divergence is not None:
+                raise self.journal.divergence
+            self.journal.check_all_replayed()
             result = codec.dumps(
                 value, f"result of workflow {self.wdef.name}", limit=self.engine.max_payload
             )
@@ -364,8 +323,8 @@ class RunExecution:
             await self._unwind(RunStatus.FAILED, error_text(err))
             return
         except Exception as exc:
-            if self.divergence is not None:
-                await self._finish(RunStatus.FAILED, error=error_text(self.divergence),
+            if self.journal.divergence is not None:
+                await self._finish(RunStatus.FAILED, error=error_text(self.journal.divergence),
                                    flagged=True)
                 return
             if isinstance(exc, StoreError):  # e.g. a read in wait_for_event / ctx.call
@@ -378,18 +337,6 @@ class RunExecution:
             return
         status, error, flagged = returned_ending(self)  # ctx.compensate() may have run
         await self._finish(status, result=result, error=error, flagged=flagged)
-
-    def _check_all_replayed(self) -> None:
-        left = sorted(
-            (e for k, e in self.history.items()
-             if k not in self.consumed and e.status in (ENTRY_COMPLETED, ENTRY_FAILED)
-             and e.kind not in (VALUE, COMPENSATION, SLEEP, PATCH, ATTRS)),
-            key=lambda e: e.seq,
-        )
-        if left:
-            raise NonDeterminismError(
-                self.run.run_id, len(self.consumed) + 1, left[0].key, "the end of the workflow"
-            )
 
     async def _unwind(self, final: RunStatus, error: str) -> None:
         """Run registered compensations in reverse order, then end the run."""
@@ -404,7 +351,7 @@ class RunExecution:
         for sdef, args in reversed(self.compensations):
             key = compensation_key(self, sdef.name)
             try:
-                await self.call_step(sdef, args, key, kind=COMPENSATION)
+                await self.call_step(sdef, args, key, kind=EntryKind.COMPENSATION)
             except StepFailed as exc:
                 failures.append(str(exc))
         if failures:

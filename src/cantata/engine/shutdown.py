@@ -14,27 +14,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from cantata.graceful import wait_or_force
+
 if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("cantata.worker")
-
-
-async def wait_or_force(
-    done: asyncio.Event | None, deadline: float, force: asyncio.Event
-) -> None:
-    """Wait until ``done`` is set (if given), ``deadline`` (loop time) passes, or
-    ``force`` is set, whichever comes first."""
-    loop = asyncio.get_running_loop()
-    waiters = [asyncio.ensure_future(force.wait())]
-    if done is not None:
-        waiters.append(asyncio.ensure_future(done.wait()))
-    try:
-        await asyncio.wait(waiters, timeout=max(0.0, deadline - loop.time()),
-                           return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
 
 
 async def drain(engine: Engine, deadline: float, force: asyncio.Event) -> None:

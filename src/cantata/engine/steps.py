@@ -10,21 +10,20 @@ from cantata.errors import StepFailed
 from cantata.flow.limits import release_step_slot, take_step_slot
 from cantata.model import codec
 from cantata.model.records import (
-    COMPENSATION,
-    ENTRY_COMPLETED,
-    ENTRY_FAILED,
-    ENTRY_RUNNING,
-    TASK_DONE,
-    TASK_FAILED,
     Attempt,
+    EntryKind,
+    EntryStatus,
     HistoryEntry,
+    LostAttempt,
     RunWrite,
     TaskRecord,
+    TaskStatus,
 )
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
 from .registry import StepDef
+from .runtime import Watch
 from .signals import _Fenced
 from .versioning import args_shape
 
@@ -32,38 +31,39 @@ if TYPE_CHECKING:
     from .runner import RunExecution
 
 WORKER_LOST = (
-    "WorkerLost",
+    LostAttempt.WORKER_LOST,
     "the worker running this attempt stopped (crash or kill) before the attempt finished",
 )
 # An attempt a live worker cut short itself (a graceful stop past its grace): recorded,
 # but not counted as an attempt; the next attempt takes its number (docs/leases.md).
 INTERRUPTED = (
-    "Interrupted",
+    LostAttempt.INTERRUPTED,
     "the worker stopped gracefully before the attempt finished; not counted as an attempt",
 )
 
 
 async def call_step(
-    x: RunExecution, sdef: StepDef, args: list[Any], key: str, kind: str = "step"
+    x: RunExecution,
+    sdef: StepDef,
+    args: list[Any],
+    key: str,
+    kind: EntryKind = EntryKind.STEP,
 ) -> Any:
-    """Run (or replay) one step or compensation and return its decoded JSON result."""
-    entry = x.history.get(key)
-    if entry is not None and entry.status in (ENTRY_COMPLETED, ENTRY_FAILED):
-        x.consumed.add(key)
-        if entry.status == ENTRY_COMPLETED:
+    """Run (or replay) one step or compensation and return its decoded JSON result.
+
+    Compensations skip the journal's checks: they run after the workflow's code path.
+    """
+    path = kind != EntryKind.COMPENSATION
+    call = await x.journal.replay_or_begin(kind, sdef.name, key=key, check=path, check_resumed=path)
+    entry = call.entry
+    if entry is not None and call.replayed:
+        if entry.status == EntryStatus.COMPLETED:
             return codec.loads(entry.result)
         etype, _, emsg = (entry.error or "Error: ").partition(": ")
         raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
-    if entry is None:
-        shape = None
-        if kind != COMPENSATION:
-            await x.check_new_call(key)
-            shape = codec.dumps({"shape": args_shape(args)})
-        entry = x.new_entry(key, kind, sdef.name, ENTRY_RUNNING, detail=shape)
-    else:
-        x.consumed.add(key)
-        if kind != COMPENSATION:
-            await x.check_replayed_before(entry)
+    if entry is None:  # committed with its first attempt
+        shape = codec.dumps({"shape": args_shape(args)}) if path else None
+        entry = x.journal.record(call, EntryStatus.RUNNING, detail=shape)
     if x.engine.is_remote(sdef):
         return await call_remote(x, sdef, args, entry)
     clock = x.engine.clock
@@ -73,7 +73,7 @@ async def call_step(
         if n >= retry.max_attempts and last is not None:
             return await step_failed(x, entry, write, last, n)
         await x.park_if_stopping()
-        if kind != COMPENSATION:
+        if path:
             x.check_interrupt()
         # A limited step waits for its slot here, before the attempt is recorded
         # (released when execute_body ends; a slot left by a lost commit is this
@@ -82,7 +82,7 @@ async def call_step(
         n += 1
         now = clock.now()
         attempt = Attempt(key, n, now)
-        entry.attempts, entry.status = n, ENTRY_RUNNING
+        entry.attempts, entry.status = n, EntryStatus.RUNNING
         entry.started_at = entry.started_at or now
         write.attempts.append(attempt)
         write.entries.append(entry)
@@ -115,14 +115,14 @@ async def call_step(
             write = RunWrite()
             delay = retry.delay(n)
             x.engine.metrics.retries += 1
-            if kind == COMPENSATION:
+            if not path:
                 await clock.sleep(delay)
             else:
                 await x.wait_until(clock.now() + delay)
             continue
         del x.inflight[key]
         attempt.ended_at = clock.now()
-        entry.status, entry.result, entry.ended_at = ENTRY_COMPLETED, result, attempt.ended_at
+        entry.status, entry.result, entry.ended_at = EntryStatus.COMPLETED, result, attempt.ended_at
         entry.error = entry.error_type = None
         write.attempts.append(attempt)
         write.entries.append(entry)
@@ -185,33 +185,30 @@ async def call_remote(x: RunExecution, sdef: StepDef, args: list[Any], entry: Hi
 
     async def look() -> bool:
         rec = await engine.store.get_task(run.app, task_id)
-        if rec is not None and rec.status in (TASK_DONE, TASK_FAILED):
+        if rec is not None and rec.status != TaskStatus.PENDING:
             found.append(rec)
             return True
         return False
 
-    engine.add_run_waiter(task_id, x)
-    try:
-        await x.wait_until(None, look)
-    finally:
-        engine.remove_run_waiter(task_id, x)
+    await x.journal.await_final(entry, look, watch=Watch("run", task_id))
     rec = found[0]
-    entry.attempts, entry.ended_at = rec.attempts, engine.clock.now()
-    if rec.status == TASK_DONE:
-        entry.status, entry.result = ENTRY_COMPLETED, rec.result
-        await x.commit(RunWrite(entries=[entry]))
+    if rec.status == TaskStatus.DONE:
+        await x.journal.settle(
+            entry, EntryStatus.COMPLETED, attempts=rec.attempts, result=rec.result
+        )
         return codec.loads(rec.result)
     etype = rec.error_type or "Error"
     emsg = (rec.error or "").removeprefix(f"{etype}: ")
-    entry.status, entry.error, entry.error_type = ENTRY_FAILED, f"{etype}: {emsg}", etype
-    await x.commit(RunWrite(entries=[entry]))
+    await x.journal.settle(
+        entry, EntryStatus.FAILED, attempts=rec.attempts, error=f"{etype}: {emsg}", error_type=etype
+    )
     raise StepFailed(sdef.name, etype, emsg, rec.attempts)
 
 
 async def step_failed(
     x: RunExecution, entry: HistoryEntry, write: RunWrite, last: tuple[str, str], n: int
 ) -> Any:
-    entry.status, entry.ended_at = ENTRY_FAILED, x.engine.clock.now()
+    entry.status, entry.ended_at = EntryStatus.FAILED, x.engine.clock.now()
     entry.error, entry.error_type, entry.attempts = f"{last[0]}: {last[1]}", last[0], n
     write.entries.append(entry)
     await x.commit(write)
@@ -219,7 +216,7 @@ async def step_failed(
 
 
 async def execute_fenced(
-    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: EntryKind
 ) -> Any:
     """Run the step body in its own task, which the engine cancels when this
     worker's hold lapses (see :meth:`Engine.fence_self`): raises ``_Fenced`` then."""
@@ -237,7 +234,12 @@ async def execute_fenced(
 
 
 async def execute_body(
-    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str = "step"
+    x: RunExecution,
+    sdef: StepDef,
+    args: list[Any],
+    key: str,
+    attempt: int,
+    kind: EntryKind = EntryKind.STEP,
 ) -> Any:
     if sdef.concurrency is not None or sdef.rate is not None:
         try:
@@ -248,7 +250,7 @@ async def execute_body(
 
 
 async def with_hooks(
-    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: str
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: EntryKind
 ) -> Any:
     hooks = x.engine.hooks
     if not hooks:

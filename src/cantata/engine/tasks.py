@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import UnknownStep
+from cantata.graceful import wait_or_force
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
 from cantata.quietlog import reason
@@ -16,7 +17,6 @@ from cantata.store.faults import wait_out
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
-from .shutdown import wait_or_force
 from .steps import WORKER_LOST
 
 if TYPE_CHECKING:

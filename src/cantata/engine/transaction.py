@@ -7,6 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from cantata.choreography.orphans import check_orphans
+from cantata.declare.defs import StepDef
 from cantata.errors import TransactionUnsupported
 from cantata.model import codec
 from cantata.model.records import ENTRY_COMPLETED, Attempt, RunWrite
@@ -14,7 +15,6 @@ from cantata.store.tx import Tx
 
 from .heartbeat import Beat
 from .invoke import invoke_step
-from .registry import StepDef
 
 if TYPE_CHECKING:
     from .runner import RunExecution
@@ -47,7 +47,7 @@ async def run_transactional(
         result = codec.dumps(value, f"result of step {sdef.name}")
         now = engine.clock.now()
         entry = dataclasses.replace(
-            x.history[key], status=ENTRY_COMPLETED, result=result, ended_at=now,
+            x.journal.history[key], status=ENTRY_COMPLETED, result=result, ended_at=now,
             error=None, error_type=None, attempts=attempt,
         )
         done = Attempt(key, attempt, now, ended_at=now)  # started_at: kept as recorded

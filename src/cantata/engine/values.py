@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.errors import ConfigurationError, RunNotFound
 from cantata.model import codec
-from cantata.model.records import ENTRY_COMPLETED, HistoryEntry, RunRecord, RunWrite
+from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunRecord
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .runner import RunExecution
+    from .runtime import WorkflowRuntime
 
-SET_VALUE = "set_value"
+SET_VALUE = EntryKind.SET_VALUE
 
 
 def check_key(key: object, call: str) -> str:
@@ -30,29 +30,26 @@ def check_key(key: object, call: str) -> str:
     return key
 
 
-async def set_value(x: RunExecution, key: str, value: Any) -> None:
+async def set_value(x: WorkflowRuntime, key: str, value: Any) -> None:
     """Record ``value`` under ``key`` in the run's history (once; replays write nothing)."""
-    call = f"ctx.set_value({key!r}) in run {x.run.run_id} of {x.wdef.name}"
-    check_key(key, call)
+    what = f"ctx.set_value({key!r}) in run {x.run.run_id} of {x.wdef.name}"
+    check_key(key, what)
     # Encoded before taking a place in history: a caught SerializationError leaves the
     # run's sequence of calls as if the call had not been made.
-    text = codec.dumps(value, f"{call}: the value")
-    hkey = x.next_key(f"{SET_VALUE}:{key}")
-    if hkey in x.history:
-        x.consumed.add(hkey)
+    text = codec.dumps(value, f"{what}: the value")
+    call = await x.journal.replay_or_begin(SET_VALUE, key, base=f"{SET_VALUE}:{key}")
+    if call.entry is not None:
         return
-    await x.check_new_call(hkey)
-    now = x.engine.clock.now()
-    entry = x.new_entry(hkey, SET_VALUE, key, ENTRY_COMPLETED, result=text,
-                        started_at=now, ended_at=now)
-    await x.commit(RunWrite(entries=[entry]))
+    now = x.now()
+    await x.journal.begin(call, EntryStatus.COMPLETED, result=text, started_at=now,
+                          ended_at=now)
 
 
 def values_of(history: Sequence[HistoryEntry]) -> dict[str, Any]:
     """Each key's newest value in a run's history."""
     out: dict[str, Any] = {}
     for e in sorted(history, key=lambda e: e.seq):
-        if e.kind == SET_VALUE and e.status == ENTRY_COMPLETED:
+        if e.kind == SET_VALUE and e.status == EntryStatus.COMPLETED:
             out[e.name] = codec.loads(e.result)
     return out
 

@@ -26,14 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.errors import ConfigurationError
 from cantata.model import codec
-from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, PATCH, Declaration, RunRecord
+from cantata.model.records import Declaration, EntryKind, EntryStatus, RunRecord
+
+from .journal import Save
 
 if TYPE_CHECKING:
+    from cantata.declare.router import Router
     from cantata.store.base import Store
 
     from .engine import Engine
-    from .registry import Router
-    from .runner import RunExecution
+    from .runtime import WorkflowRuntime
 
 log = logging.getLogger("cantata.worker")
 
@@ -94,7 +96,7 @@ def args_shape(args: Sequence[Any]) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def patched(x: RunExecution, change_id: str) -> bool:
+def patched(x: WorkflowRuntime, change_id: str) -> bool:
     """``ctx.patched(change_id)``: see :meth:`WorkflowContext.patched`."""
     if not isinstance(change_id, str) or not change_id or len(change_id) > 200:
         raise ConfigurationError(
@@ -103,20 +105,18 @@ def patched(x: RunExecution, change_id: str) -> bool:
     known = x.patches.get(change_id)
     if known is not None:
         return known
-    key = f"patch:{change_id}#1"
-    if key in x.history:
-        x.consumed.add(key)
+    call = x.journal.lookup(EntryKind.PATCH, change_id, key=f"patch:{change_id}#1")
+    if call.entry is not None:
         answer = True
-    elif any(k not in x.consumed and e.kind not in (COMPENSATION, PATCH)
-             for k, e in x.history.items()):
+    elif x.journal.has_unreplayed_calls():
         # History holds calls this point has not replayed yet: the old code recorded
         # them after passing here, so this run went the old way.
         answer = False
     else:
-        now = x.engine.clock.now()
-        entry = x.new_entry(key, PATCH, change_id, ENTRY_COMPLETED, result="true",
-                            started_at=now, ended_at=now)
-        x.pending.append(entry)  # committed with the run's next write, as ctx.now()
+        now = x.now()
+        # committed with the run's next write, as ctx.now()
+        x.journal.record(call, EntryStatus.COMPLETED, save=Save.WITH_NEXT, result="true",
+                         started_at=now, ended_at=now)
         answer = True
     x.patches[change_id] = answer
     return answer

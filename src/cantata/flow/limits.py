@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from cantata.model.flow import Rate
 
 if TYPE_CHECKING:
+    from cantata.declare.defs import HandlerDef, StepDef
     from cantata.engine.engine import Engine
-    from cantata.engine.registry import HandlerDef, StepDef
     from cantata.engine.runner import RunExecution
 
 log = logging.getLogger("cantata.limits")

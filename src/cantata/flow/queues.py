@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cantata.errors import ConfigurationError, UnknownQueue
-from cantata.model.flow import QueueEntry, QueueSpec, Rate, check_limit
+from cantata.model.flow import QueueEntry, make_spec  # noqa: F401 (make_spec re-exported)
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine
@@ -21,30 +21,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cantata.queues")
 
 CLAIM_LIMIT = 50  # runs one claim admits at most
-
-
-def make_spec(
-    name: str,
-    concurrency: int | None,
-    per_worker: int | None,
-    rate: Rate | None,
-    priorities: bool,
-) -> QueueSpec:
-    """A validated :class:`QueueSpec`.
-
-    Raises:
-        ConfigurationError: a limit is not a whole number > 0, ``rate`` is not a
-            :class:`~cantata.Rate`, or the name is empty.
-    """
-    if not isinstance(name, str) or not name or len(name) > 100:
-        raise ConfigurationError(f"queue name {name!r} must be 1-100 characters")
-    check_limit(f"queue {name!r} concurrency", concurrency)
-    check_limit(f"queue {name!r} per_worker", per_worker)
-    if rate is not None and not isinstance(rate, Rate):
-        raise ConfigurationError(
-            f"queue {name!r} rate must be cantata.Rate(limit, per=seconds), got {rate!r}"
-        )
-    return QueueSpec(name, concurrency, per_worker, rate, bool(priorities))
 
 
 async def entry_for(

@@ -12,8 +12,8 @@ from .queues import QueueLoop
 from .schedules import Scheduler, new_row
 
 if TYPE_CHECKING:
+    from cantata.declare.router import Router
     from cantata.engine.engine import Engine
-    from cantata.engine.registry import Router
     from cantata.engine.runner import RunExecution
 
 

@@ -58,6 +58,14 @@ def check_attribute(name: str, value: Any) -> Any:
     return value
 
 
+def check_publish(event_type: str, **attributes: Any) -> None:
+    """What every publisher checks before it builds an event (``app.publish`` and a
+    workflow's ``ctx.emit``): the type, and each attribute the caller gave."""
+    check_type(event_type)
+    for name, value in attributes.items():
+        check_attribute(name, value)
+
+
 def _is_json_type(content_type: Any) -> bool:
     if content_type is None:
         return True

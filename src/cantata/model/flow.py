@@ -78,6 +78,30 @@ class QueueSpec:
         return out
 
 
+def make_spec(
+    name: str,
+    concurrency: int | None,
+    per_worker: int | None,
+    rate: Rate | None,
+    priorities: bool,
+) -> QueueSpec:
+    """A validated :class:`QueueSpec`.
+
+    Raises:
+        ConfigurationError: a limit is not a whole number > 0, ``rate`` is not a
+            :class:`~cantata.Rate`, or the name is empty.
+    """
+    if not isinstance(name, str) or not name or len(name) > 100:
+        raise ConfigurationError(f"queue name {name!r} must be 1-100 characters")
+    check_limit(f"queue {name!r} concurrency", concurrency)
+    check_limit(f"queue {name!r} per_worker", per_worker)
+    if rate is not None and not isinstance(rate, Rate):
+        raise ConfigurationError(
+            f"queue {name!r} rate must be cantata.Rate(limit, per=seconds), got {rate!r}"
+        )
+    return QueueSpec(name, concurrency, per_worker, rate, bool(priorities))
+
+
 def _show(value: object) -> str:
     return "none" if value is None else str(value)
 

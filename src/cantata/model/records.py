@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from cantata.model.event import Event
@@ -73,22 +74,44 @@ class RunInfo:
                    dict(attributes or {}))
 
 
-# History entry kinds.
-STEP = "step"
-COMPENSATION = "compensation"
-SLEEP = "sleep"
-WAIT = "wait"
-VALUE = "value"  # ctx.now / ctx.random / ctx.uuid
-EMIT = "emit"
-CHILD = "child"
-ATTRS = "attrs"  # ctx.set_attributes
-PATCH = "patch"  # ctx.patched: the marker of a run that took the patched path
+class EntryKind(StrEnum):
+    """What a history entry records (the values are stored: old histories replay)."""
 
-# History entry statuses.
-ENTRY_RUNNING = "running"
-ENTRY_WAITING = "waiting"
-ENTRY_COMPLETED = "completed"
-ENTRY_FAILED = "failed"
+    STEP = "step"
+    COMPENSATION = "compensation"
+    SLEEP = "sleep"
+    WAIT = "wait"
+    VALUE = "value"  # ctx.now / ctx.random / ctx.uuid, the moment a cancel was delivered
+    EMIT = "emit"
+    CHILD = "child"
+    ATTRS = "attrs"  # ctx.set_attributes
+    PATCH = "patch"  # ctx.patched: the marker of a run that took the patched path
+    SET_VALUE = "set_value"  # ctx.set_value
+
+
+class EntryStatus(StrEnum):
+    """Where a history entry stands (stored values)."""
+
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+# The names the stores and older modules use.
+STEP = EntryKind.STEP
+COMPENSATION = EntryKind.COMPENSATION
+SLEEP = EntryKind.SLEEP
+WAIT = EntryKind.WAIT
+VALUE = EntryKind.VALUE
+EMIT = EntryKind.EMIT
+CHILD = EntryKind.CHILD
+ATTRS = EntryKind.ATTRS
+PATCH = EntryKind.PATCH
+ENTRY_RUNNING = EntryStatus.RUNNING
+ENTRY_WAITING = EntryStatus.WAITING
+ENTRY_COMPLETED = EntryStatus.COMPLETED
+ENTRY_FAILED = EntryStatus.FAILED
 
 
 @dataclass(slots=True)
@@ -96,9 +119,9 @@ class HistoryEntry:
     """One durable call in a run's history, keyed by ``name#occurrence``."""
 
     key: str
-    kind: str
+    kind: EntryKind
     name: str
-    status: str
+    status: EntryStatus
     seq: int = 0  # position in history (assigned by the engine, 1-based)
     result: str | None = None  # JSON
     error: str | None = None  # "Type: message"
@@ -108,6 +131,12 @@ class HistoryEntry:
     ended_at: float | None = None
     wake_at: float | None = None  # sleep end / wait timeout, kept across crashes
     detail: str | None = None  # JSON: wait pattern and match, compensated step, child run...
+
+    def __post_init__(self) -> None:  # a store reads the stored strings back
+        if type(self.kind) is not EntryKind:
+            self.kind = EntryKind(self.kind)
+        if type(self.status) is not EntryStatus:
+            self.status = EntryStatus(self.status)
 
 
 @dataclass(slots=True)
@@ -122,10 +151,27 @@ class Attempt:
     error: str | None = None
 
 
-# Task statuses (one row per remote step call).
-TASK_PENDING = "pending"
-TASK_DONE = "done"
-TASK_FAILED = "failed"
+class TaskStatus(StrEnum):
+    """Where a remote step call stands (one row per call; stored values)."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+TASK_PENDING = TaskStatus.PENDING
+TASK_DONE = TaskStatus.DONE
+TASK_FAILED = TaskStatus.FAILED
+
+
+class LostAttempt(StrEnum):
+    """The error type recorded on an attempt that did not end by itself."""
+
+    # The worker running it stopped (crash or kill): counts as an attempt.
+    WORKER_LOST = "WorkerLost"
+    # A live worker cut it short itself (a graceful stop past its grace): recorded,
+    # not counted; the next attempt takes its number (docs/leases.md).
+    INTERRUPTED = "Interrupted"
 
 
 @dataclass(slots=True)
@@ -142,7 +188,7 @@ class TaskRecord:
     step: str  # qualified step name, e.g. "inventory.reserve"
     service: str  # the service whose workers execute it
     args: str  # JSON list
-    status: str = TASK_PENDING  # pending | done | failed
+    status: TaskStatus = TASK_PENDING
     attempts: int = 0
     next_at: float = 0.0
     owner: str | None = None
@@ -153,6 +199,10 @@ class TaskRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
     correlation_id: str | None = None
+
+    def __post_init__(self) -> None:  # a store reads the stored string back
+        if type(self.status) is not TaskStatus:
+            self.status = TaskStatus(self.status)
 
 
 @dataclass(slots=True)
@@ -186,10 +236,25 @@ class Declaration:
     detail: str | None = None  # JSON: emitted types, handler function, ...
 
 
-# Delivery statuses (one row per (group, event)).
-DELIVERY_PENDING = "pending"
-DELIVERY_DONE = "done"
-DELIVERY_DEAD = "dead"
+class DeliveryStatus(StrEnum):
+    """Where one event's delivery to one group stands (stored values)."""
+
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+DELIVERY_PENDING = DeliveryStatus.PENDING
+DELIVERY_DONE = DeliveryStatus.DONE
+DELIVERY_DEAD = DeliveryStatus.DEAD
+
+
+class DeliveryOutcome(StrEnum):
+    """What became of one handling of a delivery (``Hook.handled``)."""
+
+    DONE = "done"
+    RETRY = "retry"
+    DEAD = "dead"
 
 
 @dataclass(slots=True)
@@ -198,12 +263,16 @@ class Delivery:
 
     group: str
     event: Event[Any]
-    status: str = DELIVERY_PENDING
+    status: DeliveryStatus = DELIVERY_PENDING
     attempts: int = 0
     next_at: float = 0.0
     error: str | None = None
     updated_at: float = 0.0
     fence: int = 0
+
+    def __post_init__(self) -> None:  # a store reads the stored string back
+        if type(self.status) is not DeliveryStatus:
+            self.status = DeliveryStatus(self.status)
 
 
 @dataclass(frozen=True, slots=True)

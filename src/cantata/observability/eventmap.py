@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cantata.engine.registry import Router
+from cantata.declare.router import Router
 from cantata.model import codec
 from cantata.model.event import matches
 from cantata.model.records import Declaration

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cantata.engine.registry import STEP_ATTR, WORKFLOW_ATTR, Router
+from cantata.declare.defs import STEP_ATTR, WORKFLOW_ATTR
+from cantata.declare.router import Router
 from cantata.errors import CantataError, UnknownWorkflow
 from cantata.model import codec
 from cantata.model.records import HistoryEntry

@@ -10,44 +10,18 @@ the output (see docs/workflow-api.md).
 
 from __future__ import annotations
 
-import contextvars
 import datetime as dt
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from cantata.choreography.logcontext import _handler
 from cantata.engine.stepinfo import _current as _step_info
 
 CONTEXT_FIELDS = ("run_id", "step", "attempt", "event_id", "group")
-
-
-@dataclass(frozen=True, slots=True)
-class HandlerLog:
-    """What a handler's records carry."""
-
-    event_id: str
-    group: str
-    attempt: int
-
-
-_handler: contextvars.ContextVar[HandlerLog | None] = contextvars.ContextVar(
-    "cantata_handler_log", default=None
-)
-
-
-@contextmanager
-def handler_context(event_id: str, group: str, attempt: int) -> Iterator[None]:
-    """Records logged inside this block carry the handler's event id, group and attempt."""
-    token = _handler.set(HandlerLog(event_id, group, attempt))
-    try:
-        yield
-    finally:
-        _handler.reset(token)
 
 
 def context_fields() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.engine.hooks import Hook
 from cantata.errors import ConfigurationError
 from cantata.model.event import Event
-from cantata.model.records import RunRecord
+from cantata.model.records import DeliveryOutcome, RunRecord
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -95,13 +95,13 @@ class PrometheusHook(Hook):
         if error is not None:
             self.step_failures.labels(run.app, name).inc()
 
-    def handler_finished(self, group: str, event: Event[Any], seconds: float, outcome: str,
-                         error: str | None) -> None:
+    def handler_finished(self, group: str, event: Event[Any], seconds: float,
+                         outcome: DeliveryOutcome, error: str | None) -> None:
         app = self.app_name
         self.handler_seconds.labels(app, group, outcome).observe(seconds)
-        if outcome == "retry":
+        if outcome == DeliveryOutcome.RETRY:
             self.handler_retries.labels(app, group).inc()
-        elif outcome == "dead":
+        elif outcome == DeliveryOutcome.DEAD:
             self.dead_letters.labels(app, group).inc()
 
     def publish(self, event: Event[Any]) -> None:

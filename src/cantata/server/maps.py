@@ -52,7 +52,7 @@ async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut
     history: list[HistoryEntry] = []
     if run is not None:
         history = await store.load_history(app.name, run.run_id)
-    known = workflow_items(app, workflow)
+    known = workflow_items(app.router, workflow)
     if known is not None:
         items, origin = known
     else:
@@ -186,8 +186,8 @@ async def events_map(app: App) -> MapOut:
     """
     store = app.store
     declarations = await store.declarations(app.name)
-    handlers = Handlers(app, declarations)
-    declared = declared_edges(app, declarations, handlers)
+    handlers = Handlers(app.router, declarations)
+    declared = declared_edges(app.router, declarations, handlers)
     types: set[str] = set()
     for e in declared:
         types.update(n[1] for n in (e.source, e.target) if n[0] == EVENT)

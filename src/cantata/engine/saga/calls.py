@@ -15,10 +15,10 @@ import inspect
 from dataclasses import replace
 from typing import Any
 
+from cantata.declare.defs import StepDef, _runs_elsewhere
 from cantata.errors import SagaStateTooLarge, SerializationError
 from cantata.model import codec
 
-from ..registry import StepDef, _runs_elsewhere
 from ..stepinfo import step_info
 from .declaration import Saga, Step
 

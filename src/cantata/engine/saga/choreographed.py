@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import Cancelled, DeadlineExceeded, StepFailed, UnknownStep, error_text
 from cantata.model import codec
 from cantata.model.event import Event
-from cantata.model.records import ENTRY_COMPLETED, ENTRY_WAITING, WAIT, RunWrite
+from cantata.model.records import EntryKind, EntryStatus
 from cantata.model.status import RunStatus
 
 from ..invoke import invoke_step
+from ..runtime import Watch
 from ..signals import CompensatedElsewhere, _DeadlinePassed
 from ..steps import WORKER_LOST
 from .calls import is_final_error, saga_step_def, step_args, undo_args
@@ -38,9 +39,10 @@ from .declaration import Saga, Stage, Step
 
 if TYPE_CHECKING:
     from cantata.choreography.context import HandlerContext
+    from cantata.declare.defs import StepDef
+    from cantata.declare.router import Router
 
     from ..context import WorkflowContext
-    from ..registry import Router, StepDef
 
 
 async def run_choreographed(saga: Saga, ctx: WorkflowContext, data: Any) -> dict[str, Any]:
@@ -96,19 +98,15 @@ async def wait_finished(saga: Saga, ctx: WorkflowContext) -> dict[str, Any]:
     x = ctx._x
     engine = x.engine
     finished = saga.event_type("finished")
-    key = x.next_key(f"wait:{finished}")
-    entry = x.history.get(key)
-    if entry is not None and entry.status == ENTRY_COMPLETED:
-        x.consumed.add(key)
+    j = x.journal
+    call = await j.replay_or_begin(EntryKind.WAIT, finished, base=f"wait:{finished}")
+    entry = call.entry
+    if entry is not None and call.replayed:
         return dict(Event.from_cloudevent(codec.loads(entry.result)).data)
     if entry is None:
-        await x.check_new_call(key)
-        entry = x.new_entry(key, WAIT, finished, ENTRY_WAITING, started_at=engine.clock.now(),
-                            detail=codec.dumps({"type": finished,
-                                                "match": {"run_id": ctx.run_id}}))
-        await x.commit(RunWrite(entries=[entry]))
-    else:
-        x.consumed.add(key)
+        entry = await j.begin(call, EntryStatus.WAITING, started_at=x.now(),
+                              detail=codec.dumps({"type": finished,
+                                                  "match": {"run_id": ctx.run_id}}))
     await engine.declare_wait(x.wdef.name, finished)
     wanted = event_id(x.run.app, ctx.run_id, finished)
     found: list[Event[Any]] = []
@@ -119,15 +117,9 @@ async def wait_finished(saga: Saga, ctx: WorkflowContext) -> dict[str, Any]:
             found.append(ev)
         return ev is not None
 
-    engine.add_waiter(finished, x)
-    try:
-        await x.wait_until(None, look, poll=False)
-    finally:
-        engine.remove_waiter(finished, x)
-    entry.status, entry.ended_at = ENTRY_COMPLETED, engine.clock.now()
-    entry.result = found[0].to_json().decode()
-    x.consumed_events.add(wanted)
-    await x.commit(RunWrite(entries=[entry]))
+    await j.await_final(entry, look, watch=Watch("event", finished), poll=False)
+    j.consumed_events.add(wanted)
+    await j.settle(entry, EntryStatus.COMPLETED, result=found[0].to_json().decode())
     return dict(found[0].data)
 
 

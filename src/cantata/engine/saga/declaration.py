@@ -12,14 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from cantata.declare.defs import step_name
 from cantata.errors import RegistrationError
 from cantata.model.event import check_type
 from cantata.model.retry import Retry
 
-from ..registry import step_name
-
 if TYPE_CHECKING:
-    from ..registry import Router
+    from cantata.declare.router import Router
 
 Mode = Literal["orchestrated", "choreographed"]
 MODES: tuple[str, ...] = ("orchestrated", "choreographed")

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from cantata.declare.defs import STEP_ATTR, HandlerDef, StepDef
 from cantata.errors import UnknownStep
 from cantata.model.retry import HANDLER_RETRY, STEP_RETRY, Retry
 
-from ..registry import STEP_ATTR, HandlerDef, StepDef
 from .calls import check_input
 from .choreographed import forward_handler, run_choreographed, undo_handler
 from .declaration import Saga, Stage, Step
@@ -22,8 +22,9 @@ from .join import join_handler
 from .orchestrated import run_orchestrated
 
 if TYPE_CHECKING:
+    from cantata.declare.router import Router
+
     from ..context import WorkflowContext
-    from ..registry import Router
 
 MODE_VALUE = "saga.mode"  # the recorded value naming a run's mode
 
@@ -68,7 +69,7 @@ def attach(saga: Saga, router: Router) -> None:
 def _started_as(saga: Saga, ctx: WorkflowContext) -> str | None:
     """The mode of a run that began before modes were recorded, read from its history
     (``None`` for a new run): it must finish as it began."""
-    keys = ctx._x.history
+    keys = ctx._x.journal.history
     if any(k.startswith(f"emit:{saga.event_type('started')}#") for k in keys):
         return "choreographed"
     if any(k.partition("#")[0] in {s.name for s in saga.steps} for k in keys):

@@ -18,8 +18,9 @@ from .calls import saga_step_def, step_args, undo_args
 from .declaration import Saga, Step
 
 if TYPE_CHECKING:
+    from cantata.declare.defs import StepDef
+
     from ..context import WorkflowContext
-    from ..registry import StepDef
 
 
 async def run_orchestrated(saga: Saga, ctx: WorkflowContext, data: Any) -> dict[str, Any]:
@@ -66,7 +67,7 @@ async def _call(
     )
     x = ctx._x
     args = step_args(sdef, data, results)
-    key = x.next_key(sdef.name)
+    key = x.journal.next_key(sdef.name)
     if x.engine.is_remote(sdef):
         # Served by another service's workers with their own options and checks.
         value = await x.call_step(sdef, args, key)

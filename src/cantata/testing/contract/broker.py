@@ -78,6 +78,11 @@ class Env:
         worker: str = "w1",
         concurrency: int = 64,
     ) -> Subscription:
+        # What the app does before it subscribes: the group is declared (the store
+        # addresses new events to it) and the worker's row is alive (it owns what it
+        # claims); the broker does neither (docs/architecture.md).
+        await self.store.declare(self.app, [Declaration("handler", group, p) for p in patterns])
+        await self.store.heartbeat(self.app, worker, time.time(), None)
         sub = await self.broker.subscribe(
             self.app, group, patterns, self.handler(worker, action),
             worker_id=worker, concurrency=concurrency,

@@ -17,6 +17,7 @@ from cantata.model.records import (
     STEP,
     AuditRecord,
     Declaration,
+    EntryStatus,
     HistoryEntry,
     RunRecord,
 )
@@ -61,7 +62,9 @@ def ev(event_type: str = "order.placed", data: Any = None, **kw: Any) -> Event[A
     return Event(type=event_type, data={"n": 1} if data is None else data, **kw)
 
 
-def entry(key: str, seq: int, status: str = ENTRY_COMPLETED, **kw: Any) -> HistoryEntry:
+def entry(
+    key: str, seq: int, status: EntryStatus = ENTRY_COMPLETED, **kw: Any
+) -> HistoryEntry:
     """A step history entry keyed ``key`` (``name#occurrence``)."""
     return HistoryEntry(key=key, kind=STEP, name=key.split("#")[0], status=status, seq=seq, **kw)
 

@@ -9,11 +9,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cantata.errors import RegistrationError
+from cantata.model.schedule import ScheduleSpec
 
-from .schedules import ScheduleSpec
+from .defs import WORKFLOW_ATTR, WorkflowDef
 
 if TYPE_CHECKING:
-    from cantata.engine.registry import Router, WorkflowDef
+    from .router import Router
 
 F = TypeVar("F", bound=Callable[..., Any])
 PENDING_ATTR = "__cantata_pending_schedules__"
@@ -37,8 +38,6 @@ def schedule_decorator(
     ScheduleSpec(name or "(schedule)", "(workflow)", **options)  # validate now
 
     def register(f: F) -> F:
-        from cantata.engine.registry import WORKFLOW_ATTR
-
         wdef = getattr(f, WORKFLOW_ATTR, None)
         if wdef is not None:
             _bind(router, wdef, name, options)
@@ -55,8 +54,6 @@ def schedule_decorator(
 
 def bind_pending_schedules(router: Router, fn: Callable[..., Any]) -> None:
     """Called by ``@app.workflow``: attach schedules declared below it."""
-    from cantata.engine.registry import WORKFLOW_ATTR
-
     for target, name, options in getattr(fn, PENDING_ATTR, ()):
         if target is not router:
             raise RegistrationError(
@@ -67,8 +64,6 @@ def bind_pending_schedules(router: Router, fn: Callable[..., Any]) -> None:
 
 def _bind(router: Router, wdef: WorkflowDef, name: str | None,
           options: dict[str, Any]) -> None:
-    from cantata.engine.registry import WORKFLOW_ATTR
-
     spec = ScheduleSpec(name or wdef.name, wdef.name, **options)
     old = router.schedule_specs.get(spec.name)
     if old is not None and old != spec:

@@ -1,0 +1,37 @@
+"""The checks of ``App(...)``'s options: each refusal names the option and the value."""
+
+from __future__ import annotations
+
+import re
+
+from cantata.errors import ConfigurationError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+
+def check_options(
+    name: object,
+    *,
+    lease: float,
+    poll_interval: float,
+    shutdown_grace: float,
+    max_payload: object,
+    offload_above: object,
+    version: object,
+) -> None:
+    """Raise :class:`ConfigurationError` for the first invalid option."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigurationError(
+            f"app name {name!r} is invalid: use 1-100 letters, digits, '.', '-' or '_'"
+        )
+    if lease <= 0 or poll_interval <= 0:
+        raise ConfigurationError("lease and poll_interval must be > 0 seconds")
+    if shutdown_grace < 0:
+        raise ConfigurationError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
+    for what, limit in (("max_payload", max_payload), ("offload_above", offload_above)):
+        if limit is not None and (not isinstance(limit, int) or limit < 1024):
+            raise ConfigurationError(
+                f"{what} must be a whole number of bytes >= 1024, got {limit!r}"
+            )
+    if version is not None and (not isinstance(version, str) or not version.strip()):
+        raise ConfigurationError(f"version must be a non-empty string, got {version!r}")

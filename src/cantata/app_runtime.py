@@ -1,0 +1,160 @@
+"""An open app's parts and their lifecycle: store, broker, engine, and while the app
+serves, the choreography consumer; the outbox relay when the broker needs one.
+
+``App`` holds one :class:`Runtime` while it is open (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cantata.broker.base import Broker
+from cantata.choreography.consumer import Consumer
+from cantata.choreography.relay import OutboxRelay
+from cantata.declare.records import declaration_records
+from cantata.engine.engine import Engine
+from cantata.engine.handler_host import EngineHost
+from cantata.engine.identity import new_worker_id
+from cantata.errors import ConfigurationError, StoreReadOnly
+from cantata.model.event import Event
+from cantata.store.base import Store
+
+if TYPE_CHECKING:
+    from cantata.app import App
+
+
+class Runtime:
+    """The open store, broker and engine of one app (and its consumer and relay)."""
+
+    def __init__(self, store: Store, broker: Broker, engine: Engine) -> None:
+        self.store = store
+        self.broker = broker
+        self.engine = engine
+        self.consumer: Consumer | None = None
+        self.relay: OutboxRelay | None = None
+
+    @classmethod
+    async def open(cls, app: App, serve: bool) -> Runtime:
+        """Open store and broker, record the declarations; with ``serve`` run a worker.
+
+        Nothing half-open is left behind when this fails: pools, connections, loops.
+        """
+        from cantata.broker.factory import broker_from_url
+        from cantata.store.factory import store_from_url
+
+        store_spec, broker_spec = app.backends
+        store = store_from_url(store_spec) if isinstance(store_spec, str) else store_spec
+        await store.open()
+        store.set_audit_key(app.name, app.audit_key)
+        broker = broker_from_url(broker_spec) if isinstance(broker_spec, str) else broker_spec
+        try:
+            await broker.open(store)
+            try:
+                await broker.attach(app.name, offload_above=app.offload_above)
+            except BaseException:
+                await broker.close()
+                raise
+        except BaseException:
+            await store.close()
+            raise
+        engine = Engine(
+            app.name, app.router, store, app.clock, worker_id=new_worker_id(),
+            lease=app.lease, poll_interval=app.poll_interval, services=app.services,
+            hooks=app.hooks, signer=app.signer,
+            max_payload=app.max_payload if app.offload_above is None else None,
+            version=app.version, any_version=app.any_version,
+        )
+        runtime = cls(store, broker, engine)
+        try:
+            await runtime._start(app, serve)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await runtime.close(0.0, asyncio.Event())
+            raise
+        return runtime
+
+    async def _start(self, app: App, serve: bool) -> None:
+        engine, store, broker = self.engine, self.store, self.broker
+        engine.check_event = functools.partial(broker.check_event, app.name)
+        declarations = declaration_records(app.router)
+        if declarations:
+            try:
+                await store.declare(app.name, declarations)
+            except StoreReadOnly:
+                if serve:
+                    raise
+                # A client of a read-only store can still read (runs, trace, dlq list).
+        from cantata.flow.service import declare as declare_flow
+
+        try:
+            await declare_flow(engine, app.router)  # queues and schedules
+        except StoreReadOnly:
+            if serve:
+                raise
+        if broker.relays_outbox:
+            self.relay = OutboxRelay(
+                store, broker, app.name,
+                on_relayed=lambda events: app.hooks.notify("relayed", events),
+            )
+            await self.relay.start()
+        if serve:
+            await self.serve(app)
+
+    async def serve(self, app: App) -> None:
+        """Run a worker here: claim runs, and consume the handler groups served here."""
+        from cantata.engine.versioning import declare_version
+        from cantata.observability.logs import install_record_factory
+
+        install_record_factory()  # records logged in steps and handlers carry their ids
+        engine = self.engine
+        unverifiable = [h.name for h in app.router.handlers if h.require_signature]
+        if unverifiable and not app.signer:
+            raise ConfigurationError(
+                f"handler(s) {', '.join(unverifiable)} require signed events but app "
+                f"{app.name!r} has no signing_keys to verify them: "
+                "App(signing_keys={'k1': secret})"
+            )
+        await declare_version(engine)  # before claiming: its place among deployed versions
+        await engine.start_serving()
+        # App(lease=..., poll_interval=...) governs deliveries as well as runs, and the
+        # engine's one heartbeat keeps both this worker's runs and its deliveries.
+        self.broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval,
+                                 may_take_over=engine.ownership.may_take_over)
+        engine.ownership.hold()  # released once the consumer has drained (close)
+        self.consumer = Consumer(
+            EngineHost(engine), self.broker, on_emitted=self.emitted,
+            concurrency=app.concurrency,
+        )
+        await self.consumer.start()
+        # A broker may declare the groups it subscribes bare (NatsBroker does):
+        # record the full declarations last.
+        await self.store.declare(app.name, declaration_records(app.router))
+
+    def emitted(self, events: Sequence[Event[Any]]) -> None:
+        """Events were committed here: wake what waits for them, and the relay."""
+        self.engine.events_appended(list(events))
+        if self.relay is not None:
+            self.relay.wake()
+
+    async def close(self, grace: float, force: asyncio.Event) -> None:
+        """Stop gracefully (docs/leases.md), then close the connections."""
+        deadline = asyncio.get_running_loop().time() + grace
+        stops = [self.engine.stop(grace, force, keep_worker=True)]
+        consumer = self.consumer
+        if consumer is not None:
+            stops.append(consumer.stop(deadline, force))
+        await asyncio.gather(*stops)
+        if consumer is not None:
+            self.consumer = None
+            await self.engine.ownership.release()  # the heartbeat ends with the drain
+        # Only now: while handlers drain, the worker's row keeps their deliveries its own.
+        await self.engine.forget_worker()
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+        await self.broker.close()
+        await self.store.close()

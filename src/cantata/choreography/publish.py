@@ -1,0 +1,56 @@
+"""The parts of ``app.publish`` that are about the event itself: checked and encoded
+attributes, and what a repeated event id means (docs/guide.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cantata.errors import DuplicateEventId
+from cantata.model import codec
+from cantata.model.event import Event, check_attribute, check_type
+
+
+def new_event(
+    app: str,
+    type: str,
+    data: Any,
+    *,
+    subject: str | None,
+    correlation_id: str | None,
+    source: str | None,
+    id: str | None,
+    max_payload: int | None,
+) -> Event[Any]:
+    """An event of ``app`` with checked attributes and JSON data (not yet correlated
+    when ``correlation_id`` is ``None``).
+
+    Raises:
+        SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
+    """
+    check_type(type)
+    for attr, value in (("id", id), ("subject", subject), ("source", source),
+                        ("correlation_id", correlation_id)):
+        check_attribute(attr, value)
+    event = Event(
+        type=type,
+        data=codec.loads(codec.dumps(data, f"data of event {type}", limit=max_payload)),
+        source=source or f"cantata/{app}",
+        subject=subject,
+    )
+    return dataclasses.replace(event, id=id) if id is not None else event
+
+
+def repeated(earlier: Event[Any], event: Event[Any]) -> Event[Any]:
+    """The stored event when ``event`` repeats it (``duplicate=True``).
+
+    Raises:
+        DuplicateEventId: ``event`` reuses ``earlier``'s id with other content.
+    """
+    if not earlier.same_content(event):
+        raise DuplicateEventId(
+            f"event id {event.id!r} was already used by a {earlier.type} event "
+            f"published at {earlier.time} with other content (data {earlier.data!r}); "
+            f"this {event.type} event (data {event.data!r}) was refused: use a new id"
+        )
+    return dataclasses.replace(earlier, duplicate=True)

@@ -1,0 +1,205 @@
+"""What an app declares, as data: steps, workflows, queries, handlers and triggers.
+
+The decorators of :class:`~cantata.declare.router.Router` build these; the engine
+runs workflows and steps from them and the choreography consumer runs handlers and
+triggers from them (docs/architecture.md). Nothing here does I/O or imports the
+engine: this layer depends on :mod:`cantata.model` and :mod:`cantata.errors` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cantata.errors import RegistrationError, UnknownStep
+from cantata.model.codec import Signature
+from cantata.model.event import Event, matches
+from cantata.model.flow import Rate
+from cantata.model.retry import STEP_RETRY, Retry
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STEP_ATTR = "__cantata_step__"
+WORKFLOW_ATTR = "__cantata_workflow__"
+STANDALONE_ATTR = "__cantata_standalone__"  # a step usable without registration
+DECLARED_ATTR = "__cantata_must_be_declared__"  # a remote stub whose service must exist
+
+
+@dataclass(frozen=True, slots=True)
+class StepDef:
+    """A registered step."""
+
+    name: str  # qualified: "service.name" for a step served by another service
+    fn: Callable[..., Any]
+    retry: Retry
+    timeout: float | None
+    service: str | None
+    is_async: bool
+    sig: Signature
+    heartbeat_timeout: float | None = None  # seconds of silence that lose an attempt
+    transactional: bool = False  # @app.transaction: called with a cantata.Tx first
+    concurrency: int | None = None  # calls in progress across the cluster at most
+    rate: Rate | None = None  # calls begun per window across the cluster at most
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDef:
+    """A registered workflow."""
+
+    name: str
+    fn: Callable[..., Any]
+    sig: Signature
+    service: str | None = None
+    spec: Any = None  # a Saga's map, when the workflow was generated from one
+    cleanup_timeout: float = 60.0  # seconds a cancelled run may spend cleaning up
+    queue: str | None = None  # runs wait in this queue (@app.workflow(queue=...))
+
+
+@dataclass(frozen=True, slots=True)
+class QueryDef:
+    """A read-only query of a workflow's runs, answered from their recorded state."""
+
+    name: str
+    workflow: str
+    fn: Callable[..., Any]
+    is_async: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerDef:
+    """A registered event handler."""
+
+    pattern: str
+    group: str
+    fn: Callable[..., Any]
+    retry: Retry
+    model: Any  # the T of Event[T], or None
+    is_async: bool
+    wants_ctx: bool
+    emits: tuple[str, ...] = ()
+    service: str | None = None
+    require_signature: bool = False
+    concurrency: int | None = None  # the group's handlers in progress across the cluster
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerDef:
+    """``app.start_on(pattern, workflow)``: an event starts a workflow run."""
+
+    pattern: str
+    workflow: str
+
+    @property
+    def group(self) -> str:
+        return f"start:{self.workflow}"
+
+
+def patterns_overlap(a: str, b: str) -> bool:
+    """True if some event type matches both patterns."""
+    pa, pb = a.split("."), b.split(".")
+    return len(pa) == len(pb) and all(x == y or "*" in (x, y) for x, y in zip(pa, pb, strict=True))
+
+
+def event_model(fn: Callable[..., Any]) -> Any:
+    """The ``T`` of a handler's ``event: Event[T]`` parameter (``None`` if untyped).
+
+    Only the event parameter's annotation is resolved, so an annotation elsewhere that
+    cannot be resolved (a ``TYPE_CHECKING`` import for ``ctx``) does not matter; an
+    event annotation that cannot be resolved is a registration error, never silently
+    an untyped handler.
+    """
+    params = list(inspect.signature(fn).parameters.values())
+    if not params:
+        raise RegistrationError(
+            f"handler {fn.__qualname__} takes no parameter: declare `(event, ctx)` or `(event)`"
+        )
+    ann = params[0].annotation
+    if ann is inspect.Parameter.empty:
+        return None
+    if isinstance(ann, str):
+        try:
+            ann = eval(ann, getattr(fn, "__globals__", {}), closure_names(fn))
+        except Exception as exc:
+            if "Event" not in ann:
+                return None
+            raise RegistrationError(
+                f"cannot resolve the event annotation {params[0].annotation!r} of handler "
+                f"{fn.__qualname__} ({type(exc).__name__}: {exc}); define the model at module "
+                "level so the annotation can be resolved"
+            ) from None
+    if typing.get_origin(ann) is Event:
+        args = typing.get_args(ann)
+        if args and args[0] is not Any:
+            return args[0]
+    return None
+
+
+def closure_names(fn: Callable[..., Any]) -> dict[str, Any]:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    out: dict[str, Any] = {}
+    for name, cell in zip(code.co_freevars, cells, strict=False):
+        with contextlib.suppress(ValueError):
+            out[name] = cell.cell_contents
+    return out
+
+
+def _runs_elsewhere(*args: Any) -> Any:
+    raise RuntimeError("a remote step runs in its own service's workers, not here")
+
+
+def remote_step_def(
+    name: str, service: str, *, retry: Retry | None = None, timeout: float | None = None
+) -> StepDef:
+    """A stand-in for a step that another service's workers execute."""
+    return StepDef(name, _runs_elsewhere, retry or STEP_RETRY, timeout, service, True,
+                   Signature((), inspect.Parameter.empty, Any))
+
+
+def workflow_name(workflow: Callable[..., Any] | str) -> str:
+    """The registered name of a workflow function (or the name itself)."""
+    if isinstance(workflow, str):
+        return workflow
+    wdef = getattr(workflow, WORKFLOW_ATTR, None)
+    if wdef is None:
+        raise RegistrationError(
+            f"{getattr(workflow, '__qualname__', workflow)!r} is not a workflow: decorate it "
+            "with @app.workflow"
+        )
+    return str(wdef.name)
+
+
+def step_name(step: Callable[..., Any] | str) -> str:
+    """The registered name of a step function (or the name itself)."""
+    if isinstance(step, str):
+        return step
+    sdef = getattr(step, STEP_ATTR, None)
+    if sdef is None:
+        raise UnknownStep(
+            f"{getattr(step, '__qualname__', step)!r} is not a registered step: decorate it "
+            "with @app.step (or @router.step and app.include(router))"
+        )
+    return str(sdef.name)
+
+
+def handler_for(handlers: typing.Iterable[HandlerDef], group: str, event_type: str
+                ) -> HandlerDef | None:
+    """The one handler of ``group`` for ``event_type``: an exact type beats a wildcard."""
+    wildcard = None
+    for h in handlers:
+        if h.group != group or not matches(h.pattern, event_type):
+            continue
+        if "*" not in h.pattern:
+            return h
+        wildcard = wildcard or h
+    return wildcard

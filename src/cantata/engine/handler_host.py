@@ -1,0 +1,93 @@
+"""The engine as the choreography consumer's host (:class:`~cantata.choreography.host.
+ConsumerHost`): the few things a handler delivery needs of this worker."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cantata.choreography.context import HandlerContext
+from cantata.choreography.orphans import check_orphans
+from cantata.declare.defs import HandlerDef, TriggerDef
+from cantata.declare.router import Router
+from cantata.flow.limits import release_handler_slot, take_handler_slot
+from cantata.model.event import Event
+from cantata.quietlog import QuietLog
+
+from .hooks import Hooks
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .metrics import Metrics
+
+
+class EngineHost:
+    """What :class:`~cantata.choreography.consumer.Consumer` uses of an engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def app(self) -> str:
+        return self._engine.app
+
+    @property
+    def worker_id(self) -> str:
+        return self._engine.worker_id
+
+    @property
+    def lease(self) -> float:
+        return self._engine.lease
+
+    @property
+    def router(self) -> Router:
+        return self._engine.router
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._engine.metrics
+
+    @property
+    def hooks(self) -> Hooks:
+        return self._engine.hooks
+
+    @property
+    def quiet(self) -> QuietLog:
+        return self._engine.quiet
+
+    def serves(self, declaration: HandlerDef | TriggerDef) -> bool:
+        services = self._engine.services
+        if services is None:
+            return True
+        if isinstance(declaration, TriggerDef):
+            return self._engine.serves(declaration.workflow)
+        return declaration.group in services or declaration.service in (None, *services)
+
+    def signature_problem(self, event: Event[Any], *, required: bool) -> Exception | None:
+        return self._engine.signer.problem(event, required=required)
+
+    def handler_context(self, hdef: HandlerDef, event: Event[Any]) -> HandlerContext:
+        e = self._engine
+        return HandlerContext(
+            e.app, hdef.group, event, f"cantata/{e.app}/{hdef.group}",
+            traceparent=e.hooks.traceparent if e.hooks else None, check=e.check_event,
+            store=e.store, sign=e.signer.sign if e.signer else None,
+            max_payload=e.max_payload,
+        )
+
+    async def start_run(self, trigger: TriggerDef, event: Event[Any]) -> None:
+        await self._engine.create_run(
+            trigger.workflow, [event.data], idempotency_key=f"event:{event.id}",
+            correlation_id=event.correlation_id or event.id, causation_id=event.id,
+        )
+
+    async def take_slot(
+        self, hdef: HandlerDef, event_id: str, extend: Callable[[], Awaitable[None]]
+    ) -> str | None:
+        return await take_handler_slot(self._engine, hdef, event_id, extend)
+
+    async def release_slot(self, hdef: HandlerDef, holder: str) -> None:
+        await release_handler_slot(self._engine, hdef, holder)
+
+    async def report_orphans(self, events: Sequence[Event[Any]]) -> None:
+        await check_orphans(self._engine, events)

@@ -1,0 +1,97 @@
+"""The runtime interface: what the workflow context and the journal ask of a run.
+
+``WorkflowContext`` (``ctx``) and the :class:`~cantata.engine.journal.Journal` talk to
+the run they execute only through these protocols (docs/architecture.md). The
+engine's ``RunExecution`` implements them; ``cantata check-replay`` implements them
+too (``replaycheck._DryRun``), with every effect replaced by a stop at the run's
+frontier, so that a dry replay takes the very path a real one does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+
+from cantata.model.records import EntryKind, HistoryEntry, RunRecord, RunWrite
+
+if TYPE_CHECKING:
+    from cantata.declare.defs import StepDef, WorkflowDef
+
+    from .compensation import ApiState
+    from .engine import Engine
+    from .journal import Journal
+
+
+class Watch(NamedTuple):
+    """What wakes a waiting run on news: events of a type, or a run or task that ends."""
+
+    on: Literal["event", "run"]
+    name: str  # the event type, or the run id / task id
+
+
+class JournalRuntime(Protocol):
+    """The effects the journal needs: time, commits, waiting, interrupts."""
+
+    run: RunRecord
+
+    def now(self) -> float:
+        """The engine clock's time."""
+        ...
+
+    async def commit(self, write: RunWrite) -> None:
+        """Write one fenced checkpoint (with every entry held for it)."""
+        ...
+
+    def defer(self, write: RunWrite) -> None:
+        """Commit ``write`` with the run's next checkpoint, or on its own once the
+        workflow yields to the event loop."""
+        ...
+
+    def hold(self, entry: HistoryEntry) -> None:
+        """Commit ``entry`` with the run's next checkpoint (a recorded value)."""
+        ...
+
+    async def wait_until(
+        self,
+        wake_at: float | None,
+        wake: Callable[[], Awaitable[bool]] | None = None,
+        *,
+        poll: bool = True,
+    ) -> None:
+        """Sleep until ``wake_at``, an interrupt, or ``wake()`` returns True."""
+        ...
+
+    def watching(self, watch: Watch | None) -> AbstractContextManager[None]:
+        """While inside: news about ``watch`` wakes :meth:`wait_until`."""
+        ...
+
+    def cancel_pending(self) -> bool:
+        """A cancellation waits to be raised into the workflow."""
+        ...
+
+    def check_interrupt(self) -> None:
+        """Raise the pending cancel or deadline, if any."""
+        ...
+
+    def new_call(self, key: str) -> None:
+        """A call history has no record of passed the checks and begins now."""
+        ...
+
+
+class WorkflowRuntime(JournalRuntime, Protocol):
+    """What ``ctx`` may use: the run, its journal, its steps, the engine's services."""
+
+    wdef: WorkflowDef
+    engine: Engine
+    journal: Journal
+    compensations: list[tuple[StepDef, list[Any]]]
+    api: ApiState
+    patches: dict[str, bool]  # ctx.patched answers, fixed for the whole run
+    compensating: bool  # only the undoing goes on: no interrupt is raised any more
+
+    async def call_step(
+        self, sdef: StepDef, args: list[Any], key: str, kind: EntryKind = EntryKind.STEP
+    ) -> Any:
+        """Run (or replay) one step or compensation; its decoded JSON result."""
+        ...

@@ -1,0 +1,258 @@
+"""The supervisor of ``cantata worker --processes N`` (docs/architecture.md).
+
+It runs N copies of one worker command, each in its own process group (so a Ctrl-C in a
+terminal reaches the supervisor only, which forwards exactly one SIGTERM), and:
+
+- starts the first child alone and the others once it serves: the first one creates
+  or migrates the store's schema without a race, and a mistake every child would make
+  (a store that cannot be reached) ends the supervisor at once, as it ends one worker;
+- restarts a child that ends while nothing asked it to stop, at once after a long run,
+  after a growing delay (0.5 s, 1 s, 2 s ... up to 10 s) after a short one; a child that
+  ends within ``stable_after`` seconds of its start ``max_quick_exits`` times in a row is
+  a crash loop: the supervisor stops the others and fails with :class:`WorkerCrashLoop`;
+- forwards the first SIGTERM or SIGINT as SIGTERM: each child stops gracefully within
+  its grace (docs/leases.md, "Graceful stop"); a second signal reaches the children as
+  :data:`FORCE_SIGNAL`, which makes each stop at once. A supervised child takes only
+  that signal as "force", not a second SIGTERM: a service manager that signals every
+  process of the group (systemd's default ``KillMode=control-group``) then sends each
+  child one SIGTERM itself while the supervisor forwards another, and that must drain,
+  not force.
+
+Children end with the supervisor even when it is killed with SIGKILL: each one watches
+its parent (:mod:`cantata.supervisor.child`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+
+from cantata.errors import CantataError
+
+log = logging.getLogger("cantata.supervisor")
+
+FORCE_SIGNAL = signal.SIGUSR2  # a supervised child: stop at once
+Command = Callable[[int, int], list[str]]
+"""(the supervisor's pid, the fd of the ready pipe) -> a child's argv."""
+
+
+class WorkerCrashLoop(CantataError):
+    """A worker process kept ending right after it started; the supervisor gave up."""
+
+    code = "worker_crash_loop"
+
+
+def describe(returncode: int) -> str:
+    """``exited with code 3`` / ``was killed by SIGKILL``."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class Supervisor:
+    """Run ``processes`` copies of a worker command and keep them running.
+
+    Args:
+        command: builds a child's argv from the supervisor's pid and the fd the child
+            writes one byte to once it serves (:func:`cantata.supervisor.child.notify_ready`).
+        processes: how many children run at once.
+        on_ready: called once, with the children's pids, when all of them serve.
+        on_stop: called with the children's pids when the first signal arrives.
+        env: the children's environment (default: this process's).
+        stable_after: a child that ends sooner than this after its start ended quickly.
+        max_quick_exits: this many quick ends in a row of one child is a crash loop.
+        first_delay, max_delay: the restart delay after quick ends (doubling).
+    """
+
+    def __init__(
+        self,
+        command: Command,
+        processes: int,
+        *,
+        on_ready: Callable[[list[int]], None] = lambda pids: None,
+        on_stop: Callable[[list[int]], None] = lambda pids: None,
+        env: Mapping[str, str] | None = None,
+        stable_after: float = 10.0,
+        max_quick_exits: int = 5,
+        first_delay: float = 0.5,
+        max_delay: float = 10.0,
+    ) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self._command = command
+        self.processes = processes
+        self._on_ready = on_ready
+        self._on_stop = on_stop
+        self._env = dict(env) if env is not None else None
+        self.stable_after = stable_after
+        self.max_quick_exits = max_quick_exits
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self._children: dict[int, asyncio.subprocess.Process] = {}  # slot -> child
+        self._serving: set[int] = set()
+        self._announced = False
+        self._signals = 0
+        self._stopping: asyncio.Event | None = None
+        self._first_ready: asyncio.Event | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the children running now, by slot."""
+        return [self._children[s].pid for s in sorted(self._children)]
+
+    async def run(self) -> int:
+        """Supervise until a signal stopped every child; their worst exit code (0 when
+        all drained cleanly).
+
+        Raises:
+            WorkerCrashLoop: the first child ended before it served, or a child kept
+                ending right after its start (the others were stopped gracefully).
+        """
+        loop = asyncio.get_running_loop()
+        self._stopping, self._first_ready = asyncio.Event(), asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        try:
+            slots = [asyncio.create_task(self._slot(i)) for i in range(self.processes)]
+            done, pending = await asyncio.wait(slots, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t.exception() for t in done if t.exception() is not None]
+            if failed:
+                self.stop()
+                await asyncio.gather(*pending, return_exceptions=True)
+                raise failed[0]  # type: ignore[misc]
+            codes = [t.result() for t in slots]
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return next((1 for c in codes if c != 0), 0)
+
+    def stop(self) -> None:
+        """Ask every child to stop gracefully; none is restarted any more."""
+        assert self._stopping is not None
+        self._stopping.set()
+        self._signal_children()
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self._on_stop(self.pids)
+            self.stop()
+        else:
+            log.warning("second signal: worker processes %s stop at once",
+                        ", ".join(map(str, self.pids)) or "(none left)")
+            self._signal_children(FORCE_SIGNAL)
+
+    def _signal_children(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        for child in list(self._children.values()):
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(sig)
+
+    async def _slot(self, slot: int) -> int:
+        """One child place: start, wait, restart; the last child's exit code."""
+        assert self._stopping is not None and self._first_ready is not None
+        if slot > 0 and not await self._either(self._first_ready):
+            return 0
+        quick = 0
+        code = 0
+        while not self._stopping.is_set():
+            child, ready_fd = await self._spawn(slot)
+            started = time.monotonic()
+            ready = await self._ready(ready_fd)
+            if ready:
+                self._served(slot, child.pid)
+            code = await child.wait()
+            self._children.pop(slot, None)
+            if self._stopping.is_set():
+                break
+            what = f"worker process {child.pid} {describe(code)}"
+            if not self._first_ready.is_set():
+                raise WorkerCrashLoop(
+                    f"{what} before it served (its error is above); no worker runs: fix "
+                    "the cause and start again"
+                )
+            lived = time.monotonic() - started
+            quick = quick + 1 if not ready or lived < self.stable_after else 0
+            if quick >= self.max_quick_exits:
+                raise WorkerCrashLoop(
+                    f"{what}; it ended {quick} times in a row within "
+                    f"{self.stable_after:g} s of its start, so the supervisor gives up and "
+                    "stops the others: fix the cause (its output is above) and start again"
+                )
+            delay = 0.0 if quick == 0 else min(self.first_delay * 2 ** (quick - 1),
+                                               self.max_delay)
+            log.warning("%s; restarting it%s", what, f" in {delay:g} s" if delay else "")
+            if delay and await self._either(self._stopping, timeout=delay):
+                break
+        return code
+
+    async def _either(self, event: asyncio.Event, timeout: float | None = None) -> bool:
+        """Wait for ``event`` or the stop (or ``timeout``); whether ``event`` is set."""
+        assert self._stopping is not None
+        waits = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(
+            self._stopping.wait())}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return event.is_set()
+
+    async def _spawn(self, slot: int) -> tuple[asyncio.subprocess.Process, int]:
+        read_fd, write_fd = os.pipe()
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *self._command(os.getpid(), write_fd), pass_fds=(write_fd,),
+                process_group=0, env=self._env,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the child holds the only write end: its end is EOF
+        self._children[slot] = child
+        if self._stopping is not None and self._stopping.is_set():  # a signal came meanwhile
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+        return child, read_fd
+
+    async def _ready(self, fd: int) -> bool:
+        """Whether the child says it serves before it ends (EOF on its pipe)."""
+        loop = asyncio.get_running_loop()
+        said: asyncio.Future[bool] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 1)
+            except OSError:
+                data = b""
+            if not said.done():
+                said.set_result(data == b"r")
+
+        loop.add_reader(fd, readable)
+        try:
+            return await said
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    def _served(self, slot: int, pid: int) -> None:
+        assert self._first_ready is not None
+        restarted = slot in self._serving
+        if slot == 0:
+            self._first_ready.set()
+        if restarted and self._announced:
+            log.info("worker process %d serves (restarted); worker processes now: %s",
+                        pid, ", ".join(map(str, self.pids)))
+        self._serving.add(slot)
+        if not self._announced and len(self._serving) == self.processes:
+            self._announced = True
+            self._on_ready(self.pids)

@@ -1,0 +1,53 @@
+"""How many worker processes ``cantata worker`` runs (cantata.cli.worker.process_count):
+one per core by default, one where several make no sense."""
+
+from __future__ import annotations
+
+import pytest
+
+from cantata import App
+from cantata.cli import worker
+from cantata.cli.main import main
+from cantata.store.factory import store_from_url
+
+
+@pytest.fixture(autouse=True)
+def four_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker, "cores", lambda: 4)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///x.db", "postgresql://u@h/db?schema=s",
+                                 "postgres://u@h/db"])
+def test_shared_stores_get_one_process_per_core_or_what_is_asked(url: str) -> None:
+    app = App("a", store=url, broker="embedded")
+    assert worker.process_count(app, None) == (4, None)
+    assert worker.process_count(app, 3) == (3, None)
+    assert worker.process_count(app, 1) == (1, None)
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite:///:memory:"])
+def test_a_store_inside_one_process_gets_one_whatever_is_asked(url: str) -> None:
+    app = App("a", store=url, broker="embedded")
+    for asked in (None, 2):
+        count, why = worker.process_count(app, asked)
+        assert count == 1 and why is not None and "lives inside one process" in why
+
+
+def test_a_store_object_gets_one() -> None:
+    app = App("a", store=store_from_url("memory://"), broker="embedded")
+    count, why = worker.process_count(app, 3)
+    assert count == 1 and why is not None and "object made in code" in why
+
+
+def test_a_store_of_another_package_gets_one_unless_asked() -> None:
+    app = App("a", store="tiny:///x.db", broker="embedded")
+    count, why = worker.process_count(app, None)
+    assert count == 1 and why is not None and "--processes N runs N anyway" in why
+    assert worker.process_count(app, 2) == (2, None)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_a_bad_process_count_is_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", "x:app", "--processes", value]) == 2
+    err = capsys.readouterr().err
+    assert "--processes" in err and "Traceback" not in err

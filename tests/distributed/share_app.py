@@ -1,0 +1,39 @@
+"""The app the ``--processes`` tests run (tests/distributed/test_processes.py).
+
+As ``lease_app``, each step leaves ``start``/``end`` marks named with its key and the
+process id. Its workflow runs in a queue that lets one worker process hold at most 4
+runs: without such a bound the first worker to look claims every pending run (up to
+100 at a time), so a burst would not reach the other processes (docs/guide.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import cantata
+from cantata import App, Retry
+
+app = App("share", lease=1.0, poll_interval=0.05)
+MARKS = Path(os.environ.get("CANTATA_TEST_MARKS", "/tmp"))
+app.queue("burst", per_worker=4)
+
+
+def mark(kind: str, key: str) -> None:
+    (MARKS / f"{kind}~{key}~{os.getpid()}~{time.time():.6f}").touch()
+
+
+@app.step(retry=Retry(max_attempts=3, initial_interval=0.05))
+async def work(order: dict, step: str) -> str:
+    key = f"{order['id']}.{step}"
+    mark("start", key)
+    await asyncio.sleep(order.get("seconds", 0.3))
+    mark("end", key)
+    return f"{step}:{order['id']}"
+
+
+@app.workflow(queue="burst")
+async def chain(ctx: cantata.WorkflowContext, order: dict) -> list[str]:
+    return [await ctx.run(work, order, step) for step in order.get("steps", "abc")]

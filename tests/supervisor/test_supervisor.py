@@ -1,0 +1,127 @@
+"""The supervisor (cantata.supervisor) with real child processes: small Python scripts
+that serve, crash at start-up or drain, so that each case runs in well under a second.
+The real worker under the supervisor is tested in tests/distributed/test_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cantata.supervisor import Supervisor, WorkerCrashLoop, describe
+
+# argv: mode, parent pid, ready fd, marks folder. "serve" says it is ready, then exits 0
+# at SIGTERM (leaving a mark); "crash" exits 3 before it says anything.
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    mode, parent, fd, marks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if mode == "crash":
+        sys.exit(3)
+    def on_term(*_):
+        open(os.path.join(marks, f"term-{os.getpid()}"), "w").close()
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    os.write(fd, b"r")
+    os.close(fd)
+    while True:
+        time.sleep(0.05)
+""")
+
+
+class Commands:
+    """Builds the children's argv; ``modes`` are used in turn, then the last one."""
+
+    def __init__(self, marks: Path, *modes: str) -> None:
+        self.marks, self.modes, self.spawned = marks, list(modes), 0
+
+    def __call__(self, parent: int, fd: int) -> list[str]:
+        mode = self.modes[min(self.spawned, len(self.modes) - 1)]
+        self.spawned += 1
+        return [sys.executable, "-c", CHILD, mode, str(parent), str(fd), str(self.marks)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def until(check: object, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check():  # type: ignore[operator]
+        assert loop.time() < end, f"{what} did not happen within {timeout} s"
+        await asyncio.sleep(0.02)
+
+
+def test_describe_names_a_code_or_a_signal() -> None:
+    assert describe(3) == "exited with code 3"
+    assert describe(-signal.SIGKILL) == "was killed by SIGKILL"
+
+
+async def test_a_dead_child_is_restarted_and_a_stop_reaches_every_child(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "cantata.supervisor")
+    ready: list[list[int]] = []
+    sup = Supervisor(Commands(tmp_path, "serve"), 2, on_ready=ready.append, first_delay=0.05)
+    running = asyncio.create_task(sup.run())
+    await until(lambda: ready, 20, "both children serving")
+    first = ready[0]
+    assert len(set(first)) == 2 and first == sup.pids and all(alive(p) for p in first)
+    os.kill(first[1], signal.SIGKILL)
+    await until(lambda: len(sup.pids) == 2 and sup.pids[1] not in first, 20, "the restart")
+    assert sup.pids[0] == first[0]  # the other child was left alone
+    await until(lambda: "serves (restarted)" in caplog.text, 20, "the restarted child serving")
+    pids = sup.pids
+    sup.stop()
+    assert await asyncio.wait_for(running, 20) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(f"term-{p}" for p in pids)
+    assert not any(alive(p) for p in pids)
+    assert f"worker process {first[1]} was killed by SIGKILL; restarting it" in caplog.text
+    assert len(ready) == 1  # announced once
+
+
+async def test_a_child_that_never_serves_at_the_first_start_ends_the_supervisor(
+    tmp_path: Path,
+) -> None:
+    commands = Commands(tmp_path, "crash")
+    sup = Supervisor(commands, 3)
+    with pytest.raises(WorkerCrashLoop, match="exited with code 3 before it served"):
+        await asyncio.wait_for(sup.run(), 20)
+    assert commands.spawned == 1  # the others wait for the first one; no restart
+
+
+async def test_a_crash_loop_after_start_up_gives_up_and_stops_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two children serve; the one killed then crashes at every start.
+    commands = Commands(tmp_path, "serve", "serve", "crash")
+    ready: list[list[int]] = []
+    sup = Supervisor(commands, 2, on_ready=ready.append, first_delay=0.01, max_quick_exits=4)
+    running = asyncio.create_task(sup.run())
+    await until(lambda: ready, 20, "both children serving")
+    survivor = ready[0][0]
+    os.kill(ready[0][1], signal.SIGKILL)
+    with pytest.raises(WorkerCrashLoop, match="ended 4 times in a row within 10 s"):
+        await asyncio.wait_for(running, 20)
+    assert commands.spawned == 2 + 3  # the kill, then 3 crashes at start-up: 4 in a row
+    assert (tmp_path / f"term-{survivor}").exists()  # stopped gracefully, not killed
+    assert not alive(survivor)
+    delays = [r.getMessage().rsplit(" in ", 1)[-1] for r in caplog.records
+              if "restarting it" in r.getMessage()]
+    assert delays == ["0.01 s", "0.02 s", "0.04 s"]  # the delay doubles
+
+
+def test_processes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="processes must be >= 1"):
+        Supervisor(Commands(Path("."), "serve"), 0)
