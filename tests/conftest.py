@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+
+from tests.helpers import drop_schema, with_schema
 
 # A test that starts `cantata worker` means one worker process (it kills it, crashes it at
 # marks, reads its banner): not the default of one per core under a supervisor. The tests
@@ -52,6 +56,22 @@ def nats_url() -> str:
     return require_service("nats", NATS_URL, 4222)
 
 
+@pytest.fixture(scope="session")
+def pg_session_url(postgres_url: str) -> Iterator[str]:
+    """The server URL with a schema of this test session's own (dropped at the end)."""
+    schema = f"cantata_test_{uuid.uuid4().hex[:10]}"
+    yield with_schema(postgres_url, schema)
+    asyncio.run(drop_schema(postgres_url, schema))
+
+
+@pytest.fixture
+async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
+    """A schema name nobody has used yet (dropped after the test)."""
+    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
+    yield schema
+    await drop_schema(postgres_url, schema)
+
+
 async def _purge_nats_streams(url: str) -> None:
     """Delete Cantata's JetStream streams so a test starts from an empty broker."""
     import nats
@@ -68,16 +88,6 @@ async def _purge_nats_streams(url: str) -> None:
         await nc.close()
 
 
-async def _drop_schema(url: str, schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 async def distributed_url(
     postgres_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
@@ -87,13 +97,11 @@ async def distributed_url(
     Apps built without an explicit broker then run on PostgreSQL + NATS JetStream: the
     same behaviour tests run on the distributed backends.
     """
-    import uuid
-
     schema = f"t_{uuid.uuid4().hex[:12]}"
     await _purge_nats_streams(nats_url)
     monkeypatch.setenv("CANTATA_BROKER", nats_url)
     yield f"{postgres_url}?schema={schema}"
-    await _drop_schema(postgres_url, schema)
+    await drop_schema(postgres_url, schema)
     await _purge_nats_streams(nats_url)
 
 

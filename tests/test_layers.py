@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "cantata.fencing", "cantata.plugins")),
     ("declarations", ("cantata.declare",)),
     ("protocols", ("cantata.store.base", "cantata.store.tx", "cantata.store.faults",
-                   "cantata.store.flow", "cantata.store.parking", "cantata.store.audit",
+                   "cantata.store.roles", "cantata.store.audit",
                    "cantata.broker.base")),
     ("choreography", ("cantata.choreography",)),
     ("engine", ("cantata.engine", "cantata.flow")),

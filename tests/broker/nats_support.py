@@ -15,6 +15,7 @@ import nats
 import nats.js.errors
 
 from cantata.broker.nats import NatsBroker
+from tests.helpers import free_port
 
 
 def nats_broker(url: str, **kw: object) -> NatsBroker:
@@ -46,13 +47,6 @@ async def streams_removed(url: str, *apps: str) -> AsyncIterator[None]:
                         await js.delete_stream(name)
         finally:
             await nc.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Server:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cantata.broker.base import Broker, BrokerMessage
+from cantata.broker.base import BrokerMessage
 from cantata.broker.embedded import EmbeddedBroker
 from cantata.broker.factory import broker_from_url
 from cantata.errors import ConfigurationError
@@ -18,21 +17,6 @@ from cantata.model.event import Event
 from cantata.model.records import Declaration
 from cantata.store.base import Store
 from cantata.store.sqlite import SQLiteStore
-from tests.contract.broker_contract import BrokerContract
-
-
-class TestEmbeddedOnMemory(BrokerContract):
-    def create_broker(self) -> Broker:
-        return EmbeddedBroker(poll_interval=0.05)
-
-
-class TestEmbeddedOnSQLiteFile(BrokerContract):
-    def create_broker(self) -> Broker:
-        return EmbeddedBroker(poll_interval=0.05)
-
-    def create_store(self, tmp_path: Path) -> Store:
-        # NORMAL: the contract is about delivery, not fsync; it keeps the suite fast.
-        return SQLiteStore(str(tmp_path / "cantata.db"), synchronous="NORMAL")
 
 
 class GatedClaims:

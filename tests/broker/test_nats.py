@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import nats.js.errors
 import pytest
 
-from cantata.broker.base import Broker, BrokerMessage
+from cantata.broker.base import BrokerMessage
 from cantata.broker.factory import broker_from_url
 from cantata.broker.nats import (
     NatsBroker,
@@ -26,40 +24,7 @@ from cantata.broker.nats import (
 from cantata.errors import BrokerError, ConfigurationError
 from cantata.model.event import Event
 from cantata.store.factory import store_from_url
-from tests.broker.nats_support import Server, free_port
-from tests.contract.broker_contract import BrokerContract, Env
-
-
-def nats_broker(url: str) -> NatsBroker:
-    # Short pulls and ack wait keep the suite fast; reconnects are quick on localhost.
-    return NatsBroker(url, fetch_timeout=0.25, ack_wait=5.0, reconnect_time_wait=0.2)
-
-
-@pytest.mark.nats
-class TestNatsBroker(BrokerContract):
-    external = True
-    timeout = 8.0
-    quiet_time = 0.5
-    url: str
-
-    @pytest.fixture(autouse=True)
-    def _url(self, nats_url: str) -> None:
-        self.url = nats_url
-
-    def create_broker(self) -> Broker:
-        return nats_broker(self.url)
-
-    async def publish_raw(self, env: Env, event_type: str, payload: bytes) -> None:
-        assert isinstance(env.broker, NatsBroker)
-        await env.broker.js.publish(
-            event_subject(env.app, event_type), payload, stream=stream_name(env.app)
-        )
-
-    async def dispose(self, env: Env) -> None:
-        assert isinstance(env.broker, NatsBroker)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await env.broker.js.delete_stream(stream_name(env.app))
-
+from tests.broker.nats_support import Server, free_port, nats_broker
 
 # -- names ------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.store.base import Store
 from cantata.store.factory import store_from_url
+from tests.helpers import eventually
 
 APP = "shop"
 
@@ -65,13 +66,6 @@ async def store() -> AsyncIterator[Store]:
     await s.close()
 
 
-async def eventually(what: str, check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 # -- without a server -----------------------------------------------------------------
 
 
@@ -102,14 +96,14 @@ async def test_relay_is_woken_by_new_events_and_survives_an_outage(store: Store)
     try:
         [first] = events(1)
         await store.append_events(APP, [first])
-        await eventually("the store's notification", lambda: broker.published == [first.id])
+        await eventually(lambda: broker.published == [first.id], 5.0, "the store's notification")
         broker.down = True
         [second] = events(1)
         await store.append_events(APP, [second])
         await asyncio.sleep(0.1)
         broker.down = False
         relay.wake()
-        await eventually("the retry", lambda: broker.published == [first.id, second.id])
+        await eventually(lambda: broker.published == [first.id, second.id], 5.0, "the retry")
     finally:
         await relay.stop()
     assert await store.unpublished_events(APP, limit=10) == []
@@ -126,7 +120,7 @@ async def test_relay_polls_for_events_of_other_processes(tmp_path: Any) -> None:
     try:
         [event] = events(1)
         await theirs.append_events(APP, [event])  # no notification reaches `mine`
-        await eventually("the poll", lambda: broker.published == [event.id])
+        await eventually(lambda: broker.published == [event.id], 5.0, "the poll")
     finally:
         await relay.stop()
         await mine.close()
@@ -179,8 +173,8 @@ async def test_committed_events_reach_nats_subscribers_through_the_relay(
         sent = events(4)
         await store.append_events(app, sent)  # committed only: the relay does the rest
         ids = [e.id for e in sent]
-        await eventually("billing", lambda: sorted(billing.handled) == sorted(ids))
-        await eventually("shipping", lambda: sorted(shipping.handled) == sorted(ids))
+        await eventually(lambda: sorted(billing.handled) == sorted(ids), 5.0, "billing")
+        await eventually(lambda: sorted(shipping.handled) == sorted(ids), 5.0, "shipping")
     finally:
         await relay.stop()
     assert await store.unpublished_events(app, limit=10) == []
@@ -198,7 +192,7 @@ async def test_relay_restarted_after_a_crash_before_marking_does_not_double_hand
     await store.append_events(app, sent)
     with pytest.raises(RuntimeError, match="killed"):
         await relay_once(CrashBeforeMark(store), broker, app)
-    await eventually("the first publication", lambda: sorted(billing.handled) == sorted(ids))
+    await eventually(lambda: sorted(billing.handled) == sorted(ids), 5.0, "the first publication")
     assert len(await store.unpublished_events(app, limit=10)) == 3  # never marked
     relay = OutboxRelay(store, broker, app, poll_interval=0.05)  # the restarted process
     await relay.start()

@@ -13,7 +13,7 @@ from cantata.cli.main import main
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.sqlite import SQLiteStore
-from tests.contract.store_support import entry, new_run
+from cantata.testing.contract.support import entry, new_run
 
 
 @pytest.fixture(autouse=True)

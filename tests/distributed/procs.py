@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers import free_port
+
 HERE = Path(__file__).parent
 
 
@@ -79,13 +81,6 @@ def run_twice(folder: Path) -> dict[str, int]:
     """Step keys whose body ran to its end more than once."""
     counts = Counter(m.key for m in marks(folder, "end"))
     return {k: n for k, n in counts.items() if n > 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def pg_bin() -> Path | None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from cantata import App
+from tests.helpers import eventually
 
 from .procs import HERE, marks, run_twice, start_worker, stop
 
@@ -61,13 +62,6 @@ async def exited(proc: subprocess.Popen[bytes], within: float) -> int | None:
     return None
 
 
-async def until(check: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"{what} did not happen within {timeout} s"
-        await asyncio.sleep(0.05)
-
-
 async def attempts_of(app: App, run_id: str) -> list[tuple[str, int, str | None]]:
     return sorted((a.key, a.attempt, a.error_type)
                   for a in await app.store.load_attempts(app.name, run_id))
@@ -84,7 +78,7 @@ async def test_sigterm_lets_the_step_in_progress_finish_and_records_it_once(
     try:
         async with client.client():
             h = await client.start("chain", {"id": 1, "seconds": 1.5, "steps": "ab"})
-            await until(lambda: marks(tmp_path, "start"), 20, "the first step start")
+            await eventually(lambda: marks(tmp_path, "start"), 20, "the first step start")
             first.send_signal(signal.SIGTERM)
             assert await exited(first, 10) == 0
             run = await client.store.get_run(client.name, h.run_id)
@@ -110,16 +104,16 @@ async def test_past_the_grace_a_step_is_released_at_once_and_not_counted(
     procs = [start_worker(store, tmp_path, log, lease=60, grace=0.5) for _ in range(2)]
     try:
         async with client.client():
-            await until(lambda: len(log.read_text().splitlines()) >= 2, 20, "workers up")
+            await eventually(lambda: len(log.read_text().splitlines()) >= 2, 20, "workers up")
             h = await client.start("chain", {"id": 7, "seconds": 3.0, "steps": "a"})
-            await until(lambda: marks(tmp_path, "start"), 20, "the step start")
+            await eventually(lambda: marks(tmp_path, "start"), 20, "the step start")
             [started] = marks(tmp_path, "start")
             owner = next(p for p in procs if p.pid == started.pid)
             other = next(p for p in procs if p is not owner)
             owner.send_signal(signal.SIGTERM)
             stopped_at = time.monotonic()
             assert await exited(owner, 5) == 0
-            await until(lambda: any(m.pid == other.pid for m in marks(tmp_path, "start")),
+            await eventually(lambda: any(m.pid == other.pid for m in marks(tmp_path, "start")),
                         10, "the takeover")
             taken_over_in = time.monotonic() - stopped_at
             assert await h.result(timeout=20) == ["a:7"]
@@ -140,7 +134,7 @@ async def test_a_second_signal_stops_at_once(client: App, tmp_path: Path) -> Non
     try:
         async with client.client():
             h = await client.start("chain", {"id": 3, "seconds": 60, "steps": "a"})
-            await until(lambda: marks(tmp_path, "start"), 20, "the step start")
+            await eventually(lambda: marks(tmp_path, "start"), 20, "the step start")
             worker.send_signal(signal.SIGINT)
             assert await exited(worker, 1.0) is None  # draining: the step has 30 s
             worker.send_signal(signal.SIGTERM)
@@ -161,7 +155,7 @@ async def test_a_handler_is_bounded_by_the_grace(any_client: App, tmp_path: Path
     try:
         async with client.client():
             await client.publish("job.requested", {"id": 1, "seconds": 600})
-            await until(lambda: marks(tmp_path, "hstart"), 20, "the handler start")
+            await eventually(lambda: marks(tmp_path, "hstart"), 20, "the handler start")
             worker.send_signal(signal.SIGTERM)
             started = time.monotonic()
             code = await exited(worker, 10)
@@ -181,7 +175,7 @@ async def test_three_rolling_restarts_during_one_long_step_do_not_fail_the_run(
         async with client.client():
             h = await client.start("chain", {"id": 5, "seconds": 2.0, "steps": "a"})
             for n in range(1, 4):
-                await until(lambda n=n: len(marks(tmp_path, "start")) >= n, 20, f"start {n}")
+                await eventually(lambda n=n: len(marks(tmp_path, "start")) >= n, 20, f"start {n}")
                 procs.append(start_worker(store, tmp_path, log, lease=60, grace=0.2))
                 procs[-2].send_signal(signal.SIGTERM)
                 assert await exited(procs[-2], 5) == 0

@@ -17,17 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.helpers import free_port
+
 
 class ServerError(RuntimeError):
     """A private server could not be started (the test skips or fails with this text)."""
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def answers(port: int) -> bool:

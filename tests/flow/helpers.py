@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from tests.helpers import eventually
 
 
 def max_overlap(spans: Sequence[tuple[float, float]]) -> int:
@@ -56,23 +57,14 @@ class ManualClock:
                 fut.set_result(None)
 
 
-async def until(predicate: Callable[[], object], timeout: float = 60.0) -> None:
-    """Wait until ``predicate()`` (or the awaitable it returns) is true."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        ok = predicate()
-        if inspect.isawaitable(ok):
-            ok = await ok
-        if ok:
-            return
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def touch(path: str) -> None:
     Path(path).touch()
 
 
 def remove(path: str) -> None:
     Path(path).unlink()
+
+
+async def until(predicate: Callable[[], object], timeout: float = 60.0) -> None:
+    """:func:`tests.helpers.eventually` with room for the flow tests' slower conditions."""
+    await eventually(predicate, timeout, interval=0.02)

@@ -18,29 +18,22 @@ returns their correlation ids:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sqlite3
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cantata
 from cantata import App, HandlerContext, Retry, WorkflowContext, WorkflowError
+from tests.helpers import eventually, make_app
 
 FAST = Retry(max_attempts=2, initial_interval=0.01, backoff=1.0, max_interval=0.02)
 
 
 class PaymentDeclined(ValueError):
     """The card was declined (not retried)."""
-
-
-def make_app(store: str, name: str = "shop") -> App:
-    """An app with short intervals so the scenarios settle in tens of ms."""
-    return App(name, store=store, lease=1.0, poll_interval=0.05)
 
 
 def shop_app(store: str) -> App:
@@ -137,18 +130,6 @@ class Scenario:
                 sqlite3.connect(target) as dst:
             src.backup(dst)
         return f"sqlite:///{target}"
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 async def _settled(app: App, cid: str, statuses: dict[str, str]) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -14,6 +12,7 @@ import cantata
 from cantata import App, Event, Retry
 from cantata.observability.metrics import PrometheusHook
 from cantata.observability.otel import OpenTelemetryHook
+from tests.helpers import eventually
 
 
 def build(hook: cantata.engine.hooks.Hook) -> tuple[App, list[str]]:
@@ -50,14 +49,6 @@ def build(hook: cantata.engine.hooks.Hook) -> tuple[App, list[str]]:
     return app, seen
 
 
-async def wait_for(check: object, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out")
-
-
 async def test_one_trace_spans_workflow_event_and_handlers_of_other_groups() -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -66,8 +57,8 @@ async def test_one_trace_spans_workflow_event_and_handlers_of_other_groups() -> 
     async with app:
         handle = await app.start("place_order", {"id": 1})
         assert await handle.result(timeout=5) == "done"
-        await wait_for(lambda: len(seen) == 2)
-        await wait_for(lambda: len([s for s in exporter.get_finished_spans()
+        await eventually(lambda: len(seen) == 2)
+        await eventually(lambda: len([s for s in exporter.get_finished_spans()
                                     if s.name.startswith("process")]) == 2)
     spans = exporter.get_finished_spans()
     by_name = {s.name: s for s in spans}
@@ -92,7 +83,7 @@ async def test_publish_span_is_the_parent_of_the_handler() -> None:
     async with app:
         event = await app.publish("order.placed", {"id": 2})
         assert event.traceparent is not None
-        await wait_for(lambda: len(seen) == 2)
+        await eventually(lambda: len(seen) == 2)
     spans = {s.name: s for s in exporter.get_finished_spans()}
     publish = spans["publish order.placed"]
     assert publish.kind == SpanKind.PRODUCER
@@ -104,7 +95,7 @@ async def test_prometheus_metrics() -> None:
     app, seen = build(hook)
     async with app:
         await (await app.start("place_order", {"id": 3})).result(timeout=5)
-        await wait_for(lambda: len(seen) == 2)
+        await eventually(lambda: len(seen) == 2)
         await app.publish("nobody.listens", {})
         await hook.refresh(app)
     text = generate_latest(hook.registry).decode()

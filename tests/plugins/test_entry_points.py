@@ -17,7 +17,7 @@ import pytest
 from cantata import App, Broker, ConfigurationError, Event, Hook, Store
 from cantata.broker.factory import broker_from_url
 from cantata.store.factory import store_from_url
-from tests.contract.store_contract import StoreContract
+from cantata.testing.contract import StoreContract
 from tests.store.tamper import record, sqlite_tamper
 
 SITE = str(Path(__file__).parent / "site")

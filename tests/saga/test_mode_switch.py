@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cantata import App
+from tests.helpers import eventually
 
 from .switch_worker import build_app
 
@@ -45,17 +46,6 @@ def spawn(tmp_path: Path) -> Iterator[list[Worker]]:
     yield workers
     for w in workers:
         w.kill()
-
-
-async def wait_for(check: object, what: str, timeout: float = 30.0) -> None:
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not check():  # type: ignore[operator]
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def mode_of(app: App, run_id: str) -> str:
@@ -89,12 +79,14 @@ async def test_runs_in_flight_finish_in_the_mode_they_started_in(
     store = shared_store
     old = Worker(store, before, markers)
     spawn.append(old)
-    await wait_for(lambda: list(markers.glob("ready-*")), "the first worker")
+    await eventually(lambda: list(markers.glob("ready-*")), 30.0, "the first worker")
     client = build_app(store, before, markers)
     async with client.client():
         parked = [await client.start("order", {"id": i, "fail": "fraud" if i == 2 else None})
                   for i in range(3)]
-    await wait_for(lambda: len(list(markers.glob("at-gate-*"))) == 3, "runs parked at the gate")
+    await eventually(
+        lambda: len(list(markers.glob("at-gate-*"))) == 3, 30.0, "runs parked at the gate"
+    )
     old.kill()  # SIGKILL while three runs wait mid-way
     (markers / "open").write_text("")
 
@@ -176,7 +168,7 @@ async def test_a_run_begun_before_modes_were_recorded_finishes_as_it_began(
 
     async with old:
         handle = await old.start("order", {"id": 1})
-        await wait_for(lambda: "hold" in calls, "the old run to reach hold")
+        await eventually(lambda: "hold" in calls, 30.0, "the old run to reach hold")
     gate.set()
     new = shop()
     new.include(Saga("order", Step("reserve"), Step("hold"), mode="choreographed"))

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 import cantata
+from tests.helpers import eventually
 
 from .switch_worker import build_app
-from .test_mode_switch import Worker, wait_for
+from .test_mode_switch import Worker
 
 pytestmark = [pytest.mark.slow]
 
@@ -28,8 +29,10 @@ async def one(tmp: Path, mode: str, crash: str) -> tuple[Any, list[str], set[Any
     store = f"sqlite:///{tmp}/shop.db"
     worker = Worker(store, mode, markers, crash)
     try:
-        await wait_for(lambda: list(markers.glob("ready-*")) or worker.proc.poll() is not None,
-                       "the worker")
+        await eventually(
+            lambda: list(markers.glob("ready-*")) or worker.proc.poll() is not None, 30.0,
+            "the worker",
+        )
         app = build_app(store, mode, markers, gate=False)
         async with app.client():
             handle = await app.start("order", {"id": 1, "fail": "fraud"})

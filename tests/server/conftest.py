@@ -5,7 +5,6 @@ one token per role."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import pytest
 from cantata import App
 from cantata.model.access import Role
 from cantata.server.auth import create_token
+from tests.helpers import free_port
 from tests.server.shop import make_shop
 
 
@@ -80,22 +80,6 @@ async def shop(store_url: str) -> AsyncIterator[Shop]:
         transport = httpx.ASGITransport(app=api)
         async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
             yield Shop(app, state, client, tokens, names)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Wait until ``await check()`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ServerThread:

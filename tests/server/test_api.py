@@ -6,7 +6,8 @@ import datetime as dt
 from typing import Any
 
 from cantata import App
-from tests.server.conftest import Shop, eventually
+from tests.helpers import eventually
+from tests.server.conftest import Shop
 
 
 async def finished(shop: Shop, run_id: str) -> dict[str, Any]:

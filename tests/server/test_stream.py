@@ -13,7 +13,8 @@ import httpx
 from cantata import App
 from cantata.model.access import Role
 from cantata.server.auth import create_token
-from tests.server.conftest import ServerThread, eventually
+from tests.helpers import eventually
+from tests.server.conftest import ServerThread
 from tests.server.shop import make_shop
 
 

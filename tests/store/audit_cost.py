@@ -24,7 +24,7 @@ from cantata.model.records import RunWrite
 from cantata.store import postgres_ops, sqlite_ops
 from cantata.store.base import Store
 from cantata.store.factory import store_from_url
-from tests.contract.store_support import entry, new_run
+from cantata.testing.contract.support import entry, new_run
 
 
 async def burst(store: Store, commits: int, tasks: int, spread: bool = False) -> float:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import asyncpg
+import pytest
 
 from cantata.model.records import AuditRecord
 from cantata.store.base import Store
-from tests.contract.store_support import tampered
+from cantata.testing.contract import StoreContract
+from cantata.testing.contract.support import tampered
 
 
 async def record(store: Store, app: str, seq: int) -> AuditRecord:
@@ -50,3 +53,22 @@ async def pg_tamper(url: str, schema: str, app: str, rec: AuditRecord, how: str)
             await conn.execute(f"ALTER TABLE {table} ENABLE TRIGGER audit_append_only")
     finally:
         await conn.close()
+
+
+class SQLiteFileContract(StoreContract):
+    """The store contract on a SQLite file of each test's own (``self.path``): the
+    backend names only its store; tampering opens the file directly."""
+
+    path: Path
+
+    @pytest.fixture(autouse=True)
+    def _db_path(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "cantata.db"
+
+    async def tamper(self, store: Store, app: str, seq: int, how: str = "data") -> None:
+        rec = await record(store, app, seq)
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            sqlite_tamper(conn, app, rec, how)
+        finally:
+            conn.close()

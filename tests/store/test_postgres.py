@@ -12,7 +12,7 @@ import json
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,59 +40,14 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store import migrations
-from cantata.store.base import RUNS, Store
+from cantata.store.base import RUNS
 from cantata.store.factory import store_from_url
 from cantata.store.postgres import PostgresStore
-from tests.contract.store_contract import StoreContract
-from tests.contract.store_support import entry, ev, eventually, new_run
-from tests.store.tamper import pg_tamper, record
+from cantata.testing.contract.support import entry, ev, new_run
+from tests.helpers import eventually, with_schema
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def with_schema(url: str, schema: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
-
-
-async def drop_schema(url: str, schema: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="session")
-def pg_session_url(postgres_url: str) -> Iterator[str]:
-    """The server URL with a schema of this test session's own."""
-    schema = f"cantata_test_{new_id()[-10:]}"
-    yield with_schema(postgres_url, schema)
-    asyncio.run(drop_schema(postgres_url, schema))
-
-
-@pytest.fixture
-async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
-    """A schema name nobody has used yet (dropped after the test)."""
-    schema = f"cantata_fresh_{new_id()[-10:]}"
-    yield schema
-    await drop_schema(postgres_url, schema)
-
-
-class TestPostgresStore(StoreContract):
-    url: str
-
-    @pytest.fixture(autouse=True)
-    def _url(self, pg_session_url: str) -> None:
-        self.url = pg_session_url
-
-    async def make_store(self) -> Store:
-        return PostgresStore(self.url)
-
-    async def tamper(self, store: Store, app: str, seq: int, how: str = "data") -> None:
-        assert isinstance(store, PostgresStore)
-        rec = await record(store, app, seq)
-        await pg_tamper(self.url.split("?")[0], store._db.schema, app, rec, how)
 
 
 async def test_factory_maps_postgres_urls(postgres_url: str) -> None:

@@ -6,26 +6,16 @@ on a hot standby.)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from cantata import StoreReadOnly
-from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.store.postgres import PostgresStore
-from tests.store.test_postgres import drop_schema, with_schema
+from tests.helpers import with_schema
 
 pytestmark = pytest.mark.postgres
 
 READ_ONLY = "&default_transaction_read_only=on"
-
-
-@pytest.fixture
-async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
-    schema = f"cantata_ro_{new_id()[-10:]}"
-    yield schema
-    await drop_schema(postgres_url, schema)
 
 
 async def test_a_read_only_server_reads_and_refuses_writes(

@@ -15,8 +15,9 @@ from cantata.model.records import ENTRY_COMPLETED, ENTRY_RUNNING, Attempt, Audit
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store.postgres import PostgresStore
-from tests.contract.store_support import entry, ev, new_run
-from tests.store.test_postgres import drop_schema, opened, with_schema
+from cantata.testing.contract.support import entry, ev, new_run
+from tests.helpers import drop_schema, with_schema
+from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
 KEY = audit.AuditKey("0123456789abcdef-onetrip-test")

@@ -20,33 +20,11 @@ from cantata.model.event import Event
 from cantata.model.records import AuditReport, RunRecord, RunWrite, TaskRecord
 from cantata.model.status import RunStatus
 from cantata.store import migrations
-from cantata.store.base import Store
 from cantata.store.sqlite import SQLiteStore
 from cantata.store.sqlite_open import STORE_MARK, script_statements
-from tests.contract.store_contract import StoreContract
-from tests.contract.store_support import new_run
-from tests.store.tamper import record, sqlite_tamper
+from cantata.testing.contract.support import new_run
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class TestSQLiteStore(StoreContract):
-    path: Path
-
-    @pytest.fixture(autouse=True)
-    def _db_path(self, tmp_path: Path) -> None:
-        self.path = tmp_path / "cantata.db"
-
-    async def make_store(self) -> Store:
-        return SQLiteStore(str(self.path))  # the shipped default: synchronous=FULL
-
-    async def tamper(self, store: Store, app: str, seq: int, how: str = "data") -> None:
-        rec = await record(store, app, seq)
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            sqlite_tamper(conn, app, rec, how)
-        finally:
-            conn.close()
 
 
 async def test_foreign_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -175,7 +153,7 @@ OPENER = textwrap.dedent(
     """
     import asyncio, sys, time
     from cantata.store.sqlite import SQLiteStore
-    from tests.contract.store_support import new_run
+    from cantata.testing.contract.support import new_run
 
     async def main(path, start_at):
         time.sleep(max(0.0, start_at - time.time()))

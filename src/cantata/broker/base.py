@@ -13,7 +13,7 @@ Either way a consumer settles a message through the message itself:
 :meth:`BrokerMessage.complete` marks the (group, event) handled and appends the
 events the handler emitted in one store transaction, then acknowledges it to the
 broker, so a redelivered event changes nothing twice.
-``tests/contract/broker_contract.py`` is the executable definition.
+:class:`cantata.testing.contract.BrokerContract` is the executable definition.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from cantata.model.event import Event
-from cantata.store.base import Store
+from cantata.store.roles import EventStore, OutboxStore, StoreLifecycle, WorkerStore
+
+
+class BrokerStore(StoreLifecycle, WorkerStore, EventStore, OutboxStore, Protocol):
+    """The roles of the store a broker uses: listeners and identity, declarations
+    and heartbeats, the event log with its deliveries, and the outbox (relayed
+    brokers). Any :class:`~cantata.store.base.Store` is one."""
 
 
 @runtime_checkable
@@ -70,7 +76,7 @@ class Broker(Protocol):
     url: str
     relays_outbox: bool  # True: the app must run the outbox relay into publish()
 
-    async def open(self, store: Store) -> None:
+    async def open(self, store: BrokerStore) -> None:
         """Connect (and create streams as needed).
 
         Raises:

@@ -10,13 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cantata.broker.base import Handler
+from cantata.broker.base import BrokerStore, Handler
 from cantata.errors import BrokerError, LeaseLost, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, check_pattern, matches
 from cantata.model.records import DELIVERY_PENDING, Delivery
 from cantata.quietlog import QuietLog
-from cantata.store.base import EVENTS, Settlement, Store
+from cantata.store.base import EVENTS, Settlement
 
 log = logging.getLogger("cantata.broker")
 quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no tracebacks
@@ -26,7 +26,7 @@ quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no t
 class EmbeddedMessage:
     """A delivery claimed from the store's delivery rows."""
 
-    store: Store
+    store: BrokerStore
     app: str
     delivery: Delivery
     group: str = ""
@@ -229,7 +229,7 @@ class EmbeddedBroker:
         self.poll_interval = 0.2 if poll_interval is None else poll_interval
         self.lease = 10.0 if lease is None else lease
         self.may_take_over: Callable[[], bool] | None = None
-        self._store: Store | None = None
+        self._store: BrokerStore | None = None
         self._subs: list[_EmbeddedSubscription] = []
         self.in_hand: set[tuple[str, str, str]] = set()  # (app, group, event id) started
         self._recovering: set[asyncio.Future[None]] = set()
@@ -254,12 +254,12 @@ class EmbeddedBroker:
             self.poll_interval = poll_interval
 
     @property
-    def store(self) -> Store:
+    def store(self) -> BrokerStore:
         if self._store is None:
             raise BrokerError("the embedded broker is not open: open the app first")
         return self._store
 
-    async def open(self, store: Store) -> None:
+    async def open(self, store: BrokerStore) -> None:
         self._store = store
         store.add_listener(self._on_change)
 

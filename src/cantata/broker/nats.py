@@ -35,7 +35,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from cantata.broker.base import Handler
+from cantata.broker.base import BrokerStore, Handler
 from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscription
 from cantata.broker.nats_limits import DEFAULT_MAX_CONTROL_LINE, Limits, refusal
 from cantata.broker.nats_local import Handing
@@ -61,7 +61,6 @@ from cantata.model.event import (
     matches,
 )
 from cantata.model.records import Declaration
-from cantata.store.base import Store
 from cantata.store.factory import mask_url
 
 __all__ = [
@@ -145,7 +144,7 @@ class NatsBroker:
         self.reconnect_time_wait = reconnect_time_wait
         self.max_age = max_age
         self.duplicate_window = duplicate_window
-        self._store: Store | None = None
+        self._store: BrokerStore | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._streams = Streams(
@@ -170,7 +169,7 @@ class NatsBroker:
     # -- lifecycle --------------------------------------------------------------------
 
     @property
-    def store(self) -> Store:
+    def store(self) -> BrokerStore:
         if self._store is None:
             raise BrokerError("the NATS broker is not open: open the app first")
         return self._store
@@ -181,7 +180,7 @@ class NatsBroker:
             raise BrokerError(f"the NATS broker for {self.masked_url} is not open")
         return self._js
 
-    async def open(self, store: Store) -> None:
+    async def open(self, store: BrokerStore) -> None:
         """Connect and check that JetStream is enabled.
 
         Raises:

@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from cantata.broker.base import Handler
+from cantata.broker.base import BrokerStore, Handler
 from cantata.broker.nats_local import LocalMessage
 from cantata.broker.nats_names import digest
 from cantata.errors import InvalidEvent, StoreError, error_text
@@ -29,7 +29,7 @@ from cantata.model.codec import new_id
 from cantata.model.event import Event, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING
 from cantata.quietlog import QuietLog
-from cantata.store.base import Settlement, Store
+from cantata.store.base import Settlement
 
 if TYPE_CHECKING:
     from cantata.broker.nats import NatsBroker
@@ -54,7 +54,7 @@ class NatsMessage:
     """One JetStream delivery of one event to one group."""
 
     def __init__(
-        self, msg: Msg, store: Store, app: str, group: str, attempt: int, where: str
+        self, msg: Msg, store: BrokerStore, app: str, group: str, attempt: int, where: str
     ) -> None:
         self.group = group
         self.raw: bytes = msg.data

@@ -28,10 +28,11 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
+from cantata.broker.base import BrokerStore
 from cantata.broker.nats_names import Names
 from cantata.errors import BrokerError
-from cantata.store.base import Store
 from cantata.store.factory import mask_url
+from cantata.store.roles import StoreLifecycle
 
 log = logging.getLogger("cantata.broker")
 
@@ -108,7 +109,7 @@ class Streams:
             return True
         return self._created.get(names.stream, info.created) != info.created
 
-    async def ensure(self, js: JetStreamContext, store: Store, names: Names) -> str:
+    async def ensure(self, js: JetStreamContext, store: BrokerStore, names: Names) -> str:
         """The app's stream, created (and its lost events re-driven) if missing.
 
         Raises:
@@ -136,7 +137,7 @@ class Streams:
         self._known.add(names.stream)
         return names.stream
 
-    async def _store_id(self, store: Store) -> str:
+    async def _store_id(self, store: StoreLifecycle) -> str:
         if self._identity is None:
             self._identity = await store.identity()
         return self._identity
@@ -173,7 +174,7 @@ class Streams:
         )
 
     async def _redrive(
-        self, js: JetStreamContext, store: Store, names: Names, info: StreamInfo, me: Owner
+        self, js: JetStreamContext, store: BrokerStore, names: Names, info: StreamInfo, me: Owner
     ) -> None:
         """Hand the events the stream lost back to the outbox, then mark it complete."""
         total = 0

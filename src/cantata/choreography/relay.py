@@ -14,18 +14,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cantata.broker.base import Broker
+from cantata.broker.base import Broker, BrokerStore
 from cantata.errors import EventsRefused, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.model.records import DELIVERY_PENDING
-from cantata.store.base import EVENTS, Settlement, Store
+from cantata.store.base import EVENTS, Settlement
+from cantata.store.roles import EventStore
 
 log = logging.getLogger("cantata.broker")
 
 
 async def relay_once(
-    store: Store,
+    store: BrokerStore,
     broker: Broker,
     app: str,
     limit: int = 500,
@@ -57,7 +58,7 @@ async def relay_once(
     return len(events)
 
 
-async def dead_letter_refused(store: Store, app: str, event: Event[Any], reason: str) -> None:
+async def dead_letter_refused(store: EventStore, app: str, event: Event[Any], reason: str) -> None:
     """Dead-letter every pending delivery of an event the broker refused."""
     groups = []
     for d in await store.deliveries(app, event.id):
@@ -93,7 +94,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        store: Store,
+        store: BrokerStore,
         broker: Broker,
         app: str,
         *,

@@ -1,6 +1,6 @@
 """Queues, engine side: where a started run waits, and the loop that lets runs begin.
 
-The limits are enforced by the store (:meth:`~cantata.store.flow.FlowStore.
+The limits are enforced by the store (:meth:`~cantata.store.roles.flow.FlowStore.
 claim_queued_runs`); this loop only asks it, for every queue, to admit what fits,
 whenever a run ended or was queued (a store notification), when a rate window
 frees a begin, and every few poll intervals. See docs/flow-control.md.

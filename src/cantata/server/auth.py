@@ -11,7 +11,7 @@ from fastapi import Request
 
 from cantata.model.access import Role, TokenRecord, hash_token, new_token
 from cantata.server.errors import ApiError
-from cantata.store.base import Store
+from cantata.store.roles import ConsoleStore
 
 SESSION_COOKIE = "cantata_session"
 # Requests authenticated by the cookie that change something must carry this header:
@@ -47,7 +47,7 @@ def _presented(request: Request) -> tuple[str | None, bool]:
     return (cookie or None), True
 
 
-async def authenticate(store: Store, request: Request) -> Principal:
+async def authenticate(store: ConsoleStore, request: Request) -> Principal:
     """The caller, or 401 (no, unknown or revoked token).
 
     Raises:
@@ -65,7 +65,7 @@ async def authenticate(store: Store, request: Request) -> Principal:
     return principal
 
 
-async def authenticate_token(store: Store, token: str) -> Principal:
+async def authenticate_token(store: ConsoleStore, token: str) -> Principal:
     """The active token ``token`` is, or 401."""
     if len(token) > MAX_TOKEN:
         raise ApiError(401, "unauthorized", "unknown or revoked token")
@@ -85,7 +85,7 @@ def authorize(principal: Principal, needed: Role) -> Principal:
 # -- managing tokens (``cantata token``) ----------------------------------------------------
 
 
-async def create_token(store: Store, name: str, role: Role) -> str:
+async def create_token(store: ConsoleStore, name: str, role: Role) -> str:
     """Store a new token's hash and return the token (shown once, never stored).
 
     Raises:

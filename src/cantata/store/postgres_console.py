@@ -8,10 +8,9 @@ from typing import Any
 from cantata.errors import TokenExists
 from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.records import RunRecord
-from cantata.store.audit import AuditKey
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
+from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import RUN_COLS, audit_append, run_row
-from cantata.store.postgres_pool import Conn
 
 
 def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
@@ -19,54 +18,66 @@ def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
     return runs_page(app, q, RUN_COLS, lambda n: f"${n}", ' COLLATE "C"')
 
 
-async def query_runs(c: Conn, app: str, q: RunQuery) -> list[RunRecord]:
-    sql, params = runs_sql(app, q)
-    return [run_row(r) for r in await c.fetch(sql, *params)]
+class PostgresConsole(PostgresCore):
+    """The console role of :class:`~cantata.store.postgres.PostgresStore` (docs/md)."""
 
+    async def query_runs(self, app: str, query: RunQuery) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            q = query
+            sql, params = runs_sql(app, q)
+            return [run_row(r) for r in await c.fetch(sql, *params)]
 
-async def count_runs(c: Conn, app: str) -> dict[str, int]:
-    rows = await c.fetch("SELECT status, count(*) FROM runs WHERE app=$1 GROUP BY status", app)
-    return {r[0]: int(r[1]) for r in rows}
+    async def count_runs(self, app: str) -> dict[str, int]:
+        async with self._db.conn() as c:
+            rows = await c.fetch(
+                "SELECT status, count(*) FROM runs WHERE app=$1 GROUP BY status", app
+            )
+            return {r[0]: int(r[1]) for r in rows}
 
+    async def record_action(
+        self, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+    ) -> None:
+        async with self._db.tx() as c:
+            key = self._audit_keys.get(app)
+            await audit_append(c, app, (actor, action, target, data), key)
 
-async def create_token(c: Conn, token: TokenRecord) -> None:
-    # Lock the name's row (if any) so two creates of one name cannot both succeed.
-    revoked = await c.fetchrow(
-        "SELECT revoked_at FROM tokens WHERE name=$1 FOR UPDATE", token.name
-    )
-    if revoked is not None and revoked[0] is None:
-        raise TokenExists(
-            f"an active token is already named {token.name!r}: revoke it first "
-            f"(cantata token revoke {token.name}) or choose another name"
-        )
-    await c.execute(
-        f"INSERT INTO tokens ({TOKEN_COLS}) VALUES ($1,$2,$3,$4,NULL) ON CONFLICT (name) "
-        "DO UPDATE SET role=excluded.role, token_hash=excluded.token_hash, "
-        "created_at=excluded.created_at, revoked_at=NULL",
-        token.name, str(token.role), token.token_hash, token.created_at,
-    )
+    async def create_token(self, token: TokenRecord) -> None:
+        async with self._db.tx() as c:
+            revoked = await c.fetchrow(
+                "SELECT revoked_at FROM tokens WHERE name=$1 FOR UPDATE", token.name
+            )
+            if revoked is not None and revoked[0] is None:
+                raise TokenExists(
+                    f"an active token is already named {token.name!r}: revoke it first "
+                    f"(cantata token revoke {token.name}) or choose another name"
+                )
+            await c.execute(
+                f"INSERT INTO tokens ({TOKEN_COLS}) VALUES ($1,$2,$3,$4,NULL) ON CONFLICT (name) "
+                "DO UPDATE SET role=excluded.role, token_hash=excluded.token_hash, "
+                "created_at=excluded.created_at, revoked_at=NULL",
+                token.name,
+                str(token.role),
+                token.token_hash,
+                token.created_at,
+            )
 
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        async with self._db.conn() as c:
+            row = await c.fetchrow(
+                f"SELECT {TOKEN_COLS} FROM tokens WHERE token_hash=$1", token_hash
+            )
+            return None if row is None else token_row(row)
 
-async def token_by_hash(c: Conn, token_hash: str) -> TokenRecord | None:
-    row = await c.fetchrow(f"SELECT {TOKEN_COLS} FROM tokens WHERE token_hash=$1", token_hash)
-    return None if row is None else token_row(row)
+    async def tokens(self) -> list[TokenRecord]:
+        async with self._db.conn() as c:
+            return [
+                token_row(r)
+                for r in await c.fetch(f'SELECT {TOKEN_COLS} FROM tokens ORDER BY name COLLATE "C"')
+            ]
 
-
-async def tokens(c: Conn) -> list[TokenRecord]:
-    return [token_row(r) for r in await c.fetch(
-        f'SELECT {TOKEN_COLS} FROM tokens ORDER BY name COLLATE "C"'
-    )]
-
-
-async def revoke_token(c: Conn, name: str, now: float) -> bool:
-    status = await c.execute(
-        "UPDATE tokens SET revoked_at=$2 WHERE name=$1 AND revoked_at IS NULL", name, now
-    )
-    return status != "UPDATE 0"
-
-
-async def record_action(
-    c: Conn, app: str, actor: str, action: str, target: str, data: dict[str, Any],
-    key: AuditKey | None = None,
-) -> None:
-    await audit_append(c, app, (actor, action, target, data), key)
+    async def revoke_token(self, name: str, now: float) -> bool:
+        async with self._db.tx() as c:
+            status = await c.execute(
+                "UPDATE tokens SET revoked_at=$2 WHERE name=$1 AND revoked_at IS NULL", name, now
+            )
+            return status != "UPDATE 0"

@@ -1,5 +1,5 @@
 """The PostgreSQL store, flow control: queues, slots and schedules (see
-:mod:`cantata.store.flow`).
+:mod:`cantata.store.roles.flow`).
 
 A queue claim locks the queue's row (``FOR UPDATE``) first and a slot request
 takes a transaction-scoped advisory lock on its scope: claimers of one queue or
@@ -27,13 +27,14 @@ from cantata.model.flow import (
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord
 from cantata.store.base import RUNS
-from cantata.store.postgres_batch import Batch, BatchWriter, Refused
+from cantata.store.postgres_batch import Batch, Refused
+from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, run_row
 from cantata.store.postgres_parking import UNPARK
 from cantata.store.postgres_writes import create_runs
 
 if TYPE_CHECKING:
-    from cantata.store.postgres_pool import Conn, PgPool, Row
+    from cantata.store.postgres_pool import Conn, Row
 
 # Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
 CANDIDATES = 500
@@ -74,7 +75,7 @@ async def _create_queued(
             "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, priority, "
             "seq) VALUES ($1,$2,$3,$4,$5,$6,$7)", rows,
         )
-        # Parked until admitted: claims do not look at them (store/parking.py).
+        # Parked until admitted: claims do not look at them (store/roles/parking.py).
         await c.execute(
             "UPDATE runs r SET wake_at=$1 FROM unnest($2::text[], $3::text[]) AS q(app, run_id) "
             "WHERE r.app=q.app AND r.run_id=q.run_id",
@@ -83,11 +84,8 @@ async def _create_queued(
     return out
 
 
-class PostgresFlow:
+class PostgresFlow(PostgresCore):
     """Flow-control operations of :class:`~cantata.store.postgres.PostgresStore`."""
-
-    _db: PgPool  # provided by PostgresStore
-    _w: BatchWriter
 
     # -- queues ---------------------------------------------------------------------
 

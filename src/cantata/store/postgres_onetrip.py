@@ -43,7 +43,7 @@ NOT_HERE = "CN001"
 
 def _simple(w: RunWrite | None) -> bool:
     # A checkpoint that wakes a parked parent (RunWrite.wake) takes the transactional
-    # path, which wakes it in the same transaction (store/parking.py).
+    # path, which wakes it in the same transaction (store/roles/parking.py).
     return w is None or (not w.events and not w.tasks and w.wake is None)
 
 

@@ -14,6 +14,7 @@ from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
+from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
     EVENT_COLS,
@@ -27,69 +28,8 @@ from cantata.store.postgres_ops import (
 )
 from cantata.store.postgres_pool import Conn, PgPool
 
+_RUN_MARKS = ', '.join(f'${i}' for i in range(1, 23))
 _R_RUN_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
-
-
-async def find_runs(
-    c: Conn,
-    app: str,
-    idempotency_key: str | None,
-    attributes: Mapping[str, str] | None,
-    workflow: str | None,
-    status: RunStatus | None,
-    limit: int,
-) -> list[RunRecord]:
-    sql = f"SELECT {RUN_COLS} FROM runs WHERE app=$1"
-    params: list[Any] = [app]
-
-    def arg(value: Any) -> str:
-        params.append(value)
-        return f"${len(params)}"
-
-    if idempotency_key is not None:
-        sql += f" AND idempotency_key={arg(idempotency_key)}"
-    if workflow is not None:
-        sql += f" AND workflow={arg(workflow)}"
-    if status is not None:
-        sql += f" AND status={arg(str(status))}"
-    for name, value in (attributes or {}).items():
-        sql += (f" AND run_id IN (SELECT run_id FROM run_attributes WHERE app=$1 "
-                f"AND name={arg(name)} AND value={arg(value)})")
-    sql += f' ORDER BY created_at DESC, run_id COLLATE "C" LIMIT {arg(limit)}'
-    return [run_row(r) for r in await c.fetch(sql, *params)]
-
-
-async def run_attributes(c: Conn, app: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    if not run_ids:
-        return out
-    for run_id, name, value in await c.fetch(
-        "SELECT run_id, name, value FROM run_attributes WHERE app=$1 "
-        "AND run_id = ANY($2::text[]) ORDER BY name",
-        app, list(run_ids),
-    ):
-        out.setdefault(run_id, {})[name] = value
-    return out
-
-
-async def attribute_names(c: Conn, app: str) -> list[str]:
-    # A skip scan: one index probe per name, however many runs set it.
-    rows = await c.fetch(
-        "WITH RECURSIVE n(name) AS (SELECT min(name) FROM run_attributes WHERE app=$1 "
-        "UNION ALL SELECT (SELECT min(name) FROM run_attributes WHERE app=$1 "
-        "AND name > n.name) FROM n WHERE n.name IS NOT NULL) "
-        'SELECT name FROM n WHERE name IS NOT NULL ORDER BY name COLLATE "C"', app
-    )
-    return [r[0] for r in rows]
-
-
-async def runs_by_prefix(c: Conn, app: str, prefix: str, limit: int) -> list[RunRecord]:
-    rows = await c.fetch(
-        f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND run_id LIKE $2 "
-        'ORDER BY run_id COLLATE "C" LIMIT $3',
-        app, _like_prefix(prefix), limit,
-    )
-    return [run_row(r) for r in rows]
 
 
 def _like_prefix(prefix: str) -> str:
@@ -102,7 +42,7 @@ async def foreign_runs(
     stale_before: float, limit: int, now: float | None = None,
 ) -> list[RunRecord]:
     # Runs that are not parked, and (with ``now``) parked runs that are due: each by
-    # its index, never a scan of the parked runs (store/parking.py).
+    # its index, never a scan of the parked runs (store/roles/parking.py).
     rows = await c.fetch(
         f"SELECT * FROM (SELECT {_R_RUN_COLS} FROM runs r WHERE r.app=$1 "
         f"AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL "
@@ -124,7 +64,8 @@ async def foreign_runs(
 async def _history_rows(c: Conn, app: str, run_id: str) -> list[rules.Row]:
     rows = await c.fetch(
         "SELECT key, seq, kind, status FROM history WHERE app=$1 AND run_id=$2 ORDER BY seq",
-        app, run_id,
+        app,
+        run_id,
     )
     return [(r[0], r[1], r[2], r[3]) for r in rows]
 
@@ -136,110 +77,261 @@ async def _lock_run(c: Conn, app: str, run_id: str) -> RunRecord | None:
     return None if row is None else run_row(row)
 
 
-async def retry_run(
-    c: Conn, app: str, run_id: str, include_compensated: bool, version: str | None,
-    actor: str, now: float,
-) -> RunRecord:
-    run = rules.check_retryable(app, run_id, await _lock_run(c, app, run_id),
-                                include_compensated)
-    keys = rules.superseded_keys(await _history_rows(c, app, run_id))
-    epoch = run.epoch + 1
-    if keys:
-        await c.execute(
-            f"INSERT INTO history_superseded (app, run_id, epoch, {HISTORY_COLS}) "
-            f"SELECT app, run_id, $3, {HISTORY_COLS} FROM history "
-            "WHERE app=$1 AND run_id=$2 AND key = ANY($4::text[])",
-            app, run_id, epoch, keys,
-        )
-        await c.execute(
-            f"INSERT INTO attempts_superseded (app, run_id, epoch, {ATTEMPT_COLS}) "
-            f"SELECT app, run_id, $3, {ATTEMPT_COLS} FROM attempts "
-            "WHERE app=$1 AND run_id=$2 AND key = ANY($4::text[])",
-            app, run_id, epoch, keys,
-        )
-        for table in ("attempts", "history"):
-            await c.execute(
-                f"DELETE FROM {table} WHERE app=$1 AND run_id=$2 AND key = ANY($3::text[])",
-                app, run_id, keys,
+class PostgresOperate(PostgresCore):
+    """The operating role of :class:`~cantata.store.postgres.PostgresStore` (docs/operating.md)."""
+
+    async def find_runs(
+        self,
+        app: str,
+        *,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            sql = f"SELECT {RUN_COLS} FROM runs WHERE app=$1"
+            params: list[Any] = [app]
+
+            def arg(value: Any) -> str:
+                params.append(value)
+                return f"${len(params)}"
+
+            if idempotency_key is not None:
+                sql += f" AND idempotency_key={arg(idempotency_key)}"
+            if workflow is not None:
+                sql += f" AND workflow={arg(workflow)}"
+            if status is not None:
+                sql += f" AND status={arg(str(status))}"
+            for name, value in (attributes or {}).items():
+                sql += (
+                    f" AND run_id IN (SELECT run_id FROM run_attributes WHERE app=$1 "
+                    f"AND name={arg(name)} AND value={arg(value)})"
+                )
+            sql += f' ORDER BY created_at DESC, run_id COLLATE "C" LIMIT {arg(limit)}'
+            return [run_row(r) for r in await c.fetch(sql, *params)]
+
+    async def run_attributes(self, app: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        async with self._db.conn() as c:
+            out: dict[str, dict[str, str]] = {}
+            if not run_ids:
+                return out
+            for run_id, name, value in await c.fetch(
+                "SELECT run_id, name, value FROM run_attributes WHERE app=$1 "
+                "AND run_id = ANY($2::text[]) ORDER BY name",
+                app,
+                list(run_ids),
+            ):
+                out.setdefault(run_id, {})[name] = value
+            return out
+
+    async def attribute_names(self, app: str) -> list[str]:
+        async with self._db.conn() as c:
+            rows = await c.fetch(
+                "WITH RECURSIVE n(name) AS (SELECT min(name) FROM run_attributes WHERE app=$1 "
+                "UNION ALL SELECT (SELECT min(name) FROM run_attributes WHERE app=$1 "
+                "AND name > n.name) FROM n WHERE n.name IS NOT NULL) "
+                'SELECT name FROM n WHERE name IS NOT NULL ORDER BY name COLLATE "C"',
+                app,
             )
-    # The attributes are those the remaining history set (a superseded entry's are gone).
-    await c.execute("DELETE FROM run_attributes WHERE app=$1 AND run_id=$2", app, run_id)
-    await c.execute(
-        "INSERT INTO run_attributes (app, run_id, name, value) "
-        "SELECT DISTINCT ON (j.key) h.app, h.run_id, j.key, j.value FROM history h, "
-        "jsonb_each_text(h.detail::jsonb) j WHERE h.app=$1 AND h.run_id=$2 AND h.kind=$3 "
-        "AND h.detail IS NOT NULL ORDER BY j.key, h.seq DESC",
-        app, run_id, ATTRS,
-    )
-    row = await c.fetchrow(
-        "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=false, "
-        "owner=NULL, cancel_requested=false, epoch=$3, version=$4, updated_at=$5, "
-        "deadline_at=CASE WHEN deadline_at<=$6 THEN NULL ELSE deadline_at END "
-        f"WHERE app=$1 AND run_id=$2 RETURNING {RUN_COLS}",
-        app, run_id, epoch, version, time.time(), now,
-    )
-    assert row is not None
-    await PgPool.notify(c, app, RUNS)
-    await audit_append(c, app, rules.retry_entry(run_id, actor, str(run.status), epoch, keys,
-                                                 version))
-    return run_row(row)
+            return [r[0] for r in rows]
 
+    async def runs_by_prefix(self, app: str, prefix: str, *, limit: int) -> list[RunRecord]:
+        async with self._db.conn() as c:
+            rows = await c.fetch(
+                f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND run_id LIKE $2 "
+                'ORDER BY run_id COLLATE "C" LIMIT $3',
+                app,
+                _like_prefix(prefix),
+                limit,
+            )
+            return [run_row(r) for r in rows]
 
-async def fork_run(
-    c: Conn, app: str, source_run_id: str, run: RunRecord, before_key: str, actor: str
-) -> RunRecord:
-    source = await _lock_run(c, app, source_run_id)
-    keys = rules.check_fork(app, source_run_id, source,
-                            await _history_rows(c, app, source_run_id), before_key)
-    await c.execute(
-        f"INSERT INTO runs ({RUN_COLS}) VALUES ({', '.join(f'${i}' for i in range(1, 23))})",
-        run.run_id, run.app, run.workflow, str(run.status), run.args, run.created_at,
-        run.updated_at, run.correlation_id, run.causation_id, run.idempotency_key,
-        run.args_hash, run.parent_run_id, run.deadline_at, run.result, run.error,
-        run.cancel_requested, run.owner, run.fence, run.flagged, run.service, run.version,
-        run.epoch,
-    )
-    if keys:
-        # ORDER BY seq: the attribute trigger sees the entries as the source recorded them.
-        await c.execute(
-            f"INSERT INTO history (app, run_id, {HISTORY_COLS}) SELECT app, $3, {HISTORY_COLS} "
-            "FROM history WHERE app=$1 AND run_id=$2 AND key = ANY($4::text[]) ORDER BY seq",
-            app, source_run_id, run.run_id, keys,
-        )
-        await c.execute(
-            f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) SELECT app, $3, {ATTEMPT_COLS} "
-            "FROM attempts WHERE app=$1 AND run_id=$2 AND key = ANY($4::text[])",
-            app, source_run_id, run.run_id, keys,
-        )
-    await PgPool.notify(c, app, RUNS)
-    await audit_append(c, app, audit.run_created_entry(
-        run.run_id, run.workflow, run.correlation_id, None
-    ))
-    await audit_append(c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key))
-    return run
+    async def foreign_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        versions: Sequence[str],
+        stale_before: float,
+        limit: int,
+        now: float | None = None,
+    ) -> list[RunRecord]:
+        if not workflows:
+            return []
+        async with self._db.conn() as c:
+            return await foreign_runs(
+                c, app, worker_id, workflows, versions, stale_before, limit, now
+            )
 
+    async def retry_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        include_compensated: bool,
+        version: str | None,
+        actor: str,
+        now: float,
+    ) -> RunRecord:
+        async with self._db.tx() as c:
+            run = rules.check_retryable(
+                app, run_id, await _lock_run(c, app, run_id), include_compensated
+            )
+            keys = rules.superseded_keys(await _history_rows(c, app, run_id))
+            epoch = run.epoch + 1
+            if keys:
+                await c.execute(
+                    f"INSERT INTO history_superseded (app, run_id, epoch, {HISTORY_COLS}) "
+                    f"SELECT app, run_id, $3, {HISTORY_COLS} FROM history "
+                    "WHERE app=$1 AND run_id=$2 AND key = ANY($4::text[])",
+                    app,
+                    run_id,
+                    epoch,
+                    keys,
+                )
+                await c.execute(
+                    f"INSERT INTO attempts_superseded (app, run_id, epoch, {ATTEMPT_COLS}) "
+                    f"SELECT app, run_id, $3, {ATTEMPT_COLS} FROM attempts "
+                    "WHERE app=$1 AND run_id=$2 AND key = ANY($4::text[])",
+                    app,
+                    run_id,
+                    epoch,
+                    keys,
+                )
+                for table in ("attempts", "history"):
+                    await c.execute(
+                        f"DELETE FROM {table} WHERE app=$1 AND run_id=$2 AND key = ANY($3::text[])",
+                        app,
+                        run_id,
+                        keys,
+                    )
+            # The attributes are those the remaining history set (a superseded entry's are gone).
+            await c.execute("DELETE FROM run_attributes WHERE app=$1 AND run_id=$2", app, run_id)
+            await c.execute(
+                "INSERT INTO run_attributes (app, run_id, name, value) "
+                "SELECT DISTINCT ON (j.key) h.app, h.run_id, j.key, j.value FROM history h, "
+                "jsonb_each_text(h.detail::jsonb) j WHERE h.app=$1 AND h.run_id=$2 AND h.kind=$3 "
+                "AND h.detail IS NOT NULL ORDER BY j.key, h.seq DESC",
+                app,
+                run_id,
+                ATTRS,
+            )
+            row = await c.fetchrow(
+                "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=false, "
+                "owner=NULL, cancel_requested=false, epoch=$3, version=$4, updated_at=$5, "
+                "deadline_at=CASE WHEN deadline_at<=$6 THEN NULL ELSE deadline_at END "
+                f"WHERE app=$1 AND run_id=$2 RETURNING {RUN_COLS}",
+                app,
+                run_id,
+                epoch,
+                version,
+                time.time(),
+                now,
+            )
+            assert row is not None
+            await PgPool.notify(c, app, RUNS)
+            await audit_append(
+                c, app, rules.retry_entry(run_id, actor, str(run.status), epoch, keys, version)
+            )
+            return run_row(row)
 
-async def superseded_history(c: Conn, app: str, run_id: str) -> list[tuple[int, HistoryEntry]]:
-    rows = await c.fetch(
-        f"SELECT epoch, {HISTORY_COLS} FROM history_superseded WHERE app=$1 AND run_id=$2 "
-        "ORDER BY epoch, seq", app, run_id,
-    )
-    return [(r[0], HistoryEntry(*r[1:])) for r in rows]
+    async def fork_run(
+        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+    ) -> RunRecord:
+        async with self._db.tx() as c:
+            source = await _lock_run(c, app, source_run_id)
+            keys = rules.check_fork(
+                app, source_run_id, source, await _history_rows(c, app, source_run_id), before_key
+            )
+            await c.execute(
+                f"INSERT INTO runs ({RUN_COLS}) VALUES ({_RUN_MARKS})",
+                run.run_id,
+                run.app,
+                run.workflow,
+                str(run.status),
+                run.args,
+                run.created_at,
+                run.updated_at,
+                run.correlation_id,
+                run.causation_id,
+                run.idempotency_key,
+                run.args_hash,
+                run.parent_run_id,
+                run.deadline_at,
+                run.result,
+                run.error,
+                run.cancel_requested,
+                run.owner,
+                run.fence,
+                run.flagged,
+                run.service,
+                run.version,
+                run.epoch,
+            )
+            if keys:
+                # ORDER BY seq: the attribute trigger sees the entries as the source recorded them.
+                await c.execute(
+                    f"INSERT INTO history (app, run_id, {HISTORY_COLS}) SELECT app, $3, "
+                    f"{HISTORY_COLS} "
+                    "FROM history WHERE app=$1 AND run_id=$2 AND key = ANY($4::text[]) ORDER BY "
+                    "seq",
+                    app,
+                    source_run_id,
+                    run.run_id,
+                    keys,
+                )
+                await c.execute(
+                    f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) SELECT app, $3, "
+                    f"{ATTEMPT_COLS} "
+                    "FROM attempts WHERE app=$1 AND run_id=$2 AND key = ANY($4::text[])",
+                    app,
+                    source_run_id,
+                    run.run_id,
+                    keys,
+                )
+            await PgPool.notify(c, app, RUNS)
+            await audit_append(
+                c, app, audit.run_created_entry(run.run_id, run.workflow, run.correlation_id, None)
+            )
+            await audit_append(
+                c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key)
+            )
+            return run
 
+    async def superseded_history(self, app: str, run_id: str) -> list[tuple[int, HistoryEntry]]:
+        async with self._db.conn() as c:
+            rows = await c.fetch(
+                f"SELECT epoch, {HISTORY_COLS} FROM history_superseded WHERE app=$1 AND run_id=$2 "
+                "ORDER BY epoch, seq",
+                app,
+                run_id,
+            )
+            return [(r[0], HistoryEntry(*r[1:])) for r in rows]
 
-async def discard_dead_letter(c: Conn, app: str, dead_letter_id: str, actor: str) -> DeadLetter:
-    row = await c.fetchrow(
-        "DELETE FROM dead_letters WHERE app=$1 AND id=$2 "
-        "RETURNING id, grp, event_id, error, attempts, failed_at",
-        app, dead_letter_id,
-    )
-    ev_row = None if row is None else await c.fetchrow(
-        f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND id=$2", app, row[2]
-    )
-    if row is None or ev_row is None:
-        raise DeadLetterNotFound(
-            f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
-            "`cantata dlq list`"
-        )
-    await audit_append(c, app, rules.discard_entry(row[1], row[2], dead_letter_id, actor))
-    return dead_letter_row(row, event_row(ev_row))
+    async def discard_dead_letter(
+        self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        async with self._db.tx() as c:
+            row = await c.fetchrow(
+                "DELETE FROM dead_letters WHERE app=$1 AND id=$2 "
+                "RETURNING id, grp, event_id, error, attempts, failed_at",
+                app,
+                dead_letter_id,
+            )
+            ev_row = (
+                None
+                if row is None
+                else await c.fetchrow(
+                    f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND id=$2", app, row[2]
+                )
+            )
+            if row is None or ev_row is None:
+                raise DeadLetterNotFound(
+                    f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
+                    "`cantata dlq list`"
+                )
+            await audit_append(c, app, rules.discard_entry(row[1], row[2], dead_letter_id, actor))
+            return dead_letter_row(row, event_row(ev_row))

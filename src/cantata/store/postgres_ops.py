@@ -1,4 +1,4 @@
-"""The PostgreSQL store, part two: rows, tasks, the audit log and observability queries.
+"""The PostgreSQL store's shared SQL: columns and rows, attempts, tasks and the audit log.
 
 Functions of a pooled connection (``c``), called by
 :class:`~cantata.store.postgres.PostgresStore` inside its transactions.
@@ -26,14 +26,12 @@ from cantata.model.records import (
     AuditRecord,
     DeadLetter,
     Delivery,
-    HistoryEntry,
     RunRecord,
     TaskRecord,
     to_datetime,
 )
 from cantata.model.status import RunStatus
 from cantata.store import audit
-from cantata.store.base import TraceRecords
 from cantata.store.postgres_pool import Conn, Row
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
@@ -116,22 +114,6 @@ async def upsert_attempts(c: Conn, app: str, run_id: str, attempts: Sequence[Att
             (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
             for a in attempts
         ])
-
-
-async def apps(c: Conn) -> list[str]:
-    """App names in runs, events, declarations, workers and audit heads.
-
-    The big tables are read with a skip scan (one index probe per app).
-    """
-    rows = await c.fetch(
-        "WITH RECURSIVE r(app) AS (SELECT min(app) FROM runs UNION ALL "
-        " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r WHERE r.app IS NOT NULL),"
-        " e(app) AS (SELECT min(app) FROM events UNION ALL "
-        " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e WHERE e.app IS NOT NULL)"
-        " SELECT app FROM r UNION SELECT app FROM e UNION SELECT app FROM declarations "
-        " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
-    )
-    return sorted(r[0] for r in rows if r[0] is not None)
 
 
 # -- the audit log ----------------------------------------------------------------------
@@ -278,79 +260,3 @@ async def claim_tasks(
 # -- observability ----------------------------------------------------------------------
 
 
-async def trace_records(c: Conn, app: str, correlation_id: str, limit: int) -> TraceRecords:
-    """Everything about one correlation id (call in a repeatable-read transaction)."""
-    runs = [
-        run_row(r) for r in await c.fetch(
-            f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
-            "ORDER BY created_at LIMIT $3",
-            app, correlation_id, limit,
-        )
-    ]
-    ids = [r.run_id for r in runs]
-    entries: dict[str, list[HistoryEntry]] = {i: [] for i in ids}
-    attempts: dict[str, list[Attempt]] = {i: [] for i in ids}
-    for r in await c.fetch(
-        f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=$1 "
-        "AND run_id = ANY($2::text[]) ORDER BY seq",
-        app, ids,
-    ):
-        if len(entries[r[0]]) < limit:
-            entries[r[0]].append(HistoryEntry(*r[1:]))
-    for r in await c.fetch(
-        f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=$1 "
-        "AND run_id = ANY($2::text[]) ORDER BY started_at, attempt",
-        app, ids,
-    ):
-        if len(attempts[r[0]]) < limit:
-            attempts[r[0]].append(Attempt(*r[1:]))
-    tasks = [
-        task_row(r) for r in await c.fetch(
-            f"SELECT {TASK_COLS} FROM tasks WHERE app=$1 AND run_id = ANY($2::text[]) "
-            'ORDER BY created_at, task_id COLLATE "C" LIMIT $3',
-            app, ids, limit,
-        )
-    ]
-    events = [
-        (event_row(r), r[10]) for r in await c.fetch(
-            f"SELECT {EVENT_COLS}, stored_at FROM events WHERE app=$1 "
-            "AND correlation_id=$2 ORDER BY seq LIMIT $3",
-            app, correlation_id, limit,
-        )
-    ]
-    by_id = {e.id: e for e, _ in events}
-    deliveries = [
-        delivery_row(r, by_id[r[1]]) for r in await c.fetch(
-            f"SELECT {DELIVERY_COLS} FROM deliveries WHERE app=$1 "
-            "AND event_id = ANY($2::text[]) ORDER BY updated_at",
-            app, list(by_id),
-        )
-    ]
-    dead = [
-        dead_letter_row(r, by_id[r[2]]) for r in await c.fetch(
-            "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
-            "WHERE app=$1 AND event_id = ANY($2::text[]) ORDER BY failed_at",
-            app, list(by_id),
-        )
-    ]
-    return TraceRecords(runs, entries, attempts, events, deliveries, dead, tasks)
-
-
-async def stale_correlations(c: Conn, app: str, older_than: float, limit: int) -> list[str]:
-    rows = await c.fetch(
-        f"SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
-        f"{LIVE_SQL} AND updated_at < $2 "
-        "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
-        "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
-        "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
-        "('pending','dead') AND d.updated_at < $2 "
-        "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=$1 "
-        "AND status='pending' AND updated_at < $2 "
-        "ORDER BY 2 LIMIT $3",
-        app, older_than, limit * 4,
-    )
-    seen: dict[str, None] = {}
-    for r in rows:
-        if r[0] is not None:
-            seen.setdefault(r[0])
-    return list(seen)[:limit]

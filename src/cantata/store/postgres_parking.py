@@ -1,4 +1,4 @@
-"""The PostgreSQL store, parked runs (see :mod:`cantata.store.parking`)."""
+"""The PostgreSQL store, parked runs (see :mod:`cantata.store.roles.parking`)."""
 
 from __future__ import annotations
 

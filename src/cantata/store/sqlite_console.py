@@ -10,6 +10,7 @@ from cantata.errors import TokenExists
 from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.records import RunRecord
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
+from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import RUN_COLS, audit_append, run_row
 
 
@@ -26,53 +27,76 @@ def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def query_runs(c: sqlite3.Connection, app: str, q: RunQuery) -> list[RunRecord]:
-    sql, params = runs_sql(app, q)
-    return [run_row(r) for r in c.execute(sql, params).fetchall()]
+class SQLiteConsole(SQLiteCore):
+    """The console role of :class:`~cantata.store.sqlite.SQLiteStore` (docs/md)."""
 
+    async def query_runs(self, app: str, query: RunQuery) -> list[RunRecord]:
+        def op(c: sqlite3.Connection) -> list[RunRecord]:
+            q = query
+            sql, params = runs_sql(app, q)
+            return [run_row(r) for r in c.execute(sql, params).fetchall()]
 
-def count_runs(c: sqlite3.Connection, app: str) -> dict[str, int]:
-    rows = c.execute(
-        "SELECT status, count(*) FROM runs WHERE app=? GROUP BY status", (app,)
-    ).fetchall()
-    return {r[0]: r[1] for r in rows}
+        return await self._t.read(op)
 
+    async def count_runs(self, app: str) -> dict[str, int]:
+        def op(c: sqlite3.Connection) -> dict[str, int]:
+            rows = c.execute(
+                "SELECT status, count(*) FROM runs WHERE app=? GROUP BY status", (app,)
+            ).fetchall()
+            return {r[0]: r[1] for r in rows}
 
-def create_token(c: sqlite3.Connection, token: TokenRecord) -> None:
-    row = c.execute("SELECT revoked_at FROM tokens WHERE name=?", (token.name,)).fetchone()
-    if row is not None and row[0] is None:
-        raise TokenExists(
-            f"an active token is already named {token.name!r}: revoke it first "
-            f"(cantata token revoke {token.name}) or choose another name"
-        )
-    c.execute(
-        f"INSERT INTO tokens ({TOKEN_COLS}) VALUES (?,?,?,?,NULL) ON CONFLICT (name) DO UPDATE "
-        "SET role=excluded.role, token_hash=excluded.token_hash, "
-        "created_at=excluded.created_at, revoked_at=NULL",
-        (token.name, str(token.role), token.token_hash, token.created_at),
-    )
+        return await self._t.read(op)
 
+    async def record_action(
+        self, app: str, actor: str, action: str, target: str, data: dict[str, Any]
+    ) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            audit_append(c, app, (actor, action, target, data))
 
-def token_by_hash(c: sqlite3.Connection, token_hash: str) -> TokenRecord | None:
-    row = c.execute(
-        f"SELECT {TOKEN_COLS} FROM tokens WHERE token_hash=?", (token_hash,)
-    ).fetchone()
-    return None if row is None else token_row(row)
+        await self._t.write(op)
 
+    async def create_token(self, token: TokenRecord) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT revoked_at FROM tokens WHERE name=?", (token.name,)).fetchone()
+            if row is not None and row[0] is None:
+                raise TokenExists(
+                    f"an active token is already named {token.name!r}: revoke it first "
+                    f"(cantata token revoke {token.name}) or choose another name"
+                )
+            c.execute(
+                f"INSERT INTO tokens ({TOKEN_COLS}) VALUES (?,?,?,?,NULL) ON CONFLICT (name) DO "
+                "UPDATE "
+                "SET role=excluded.role, token_hash=excluded.token_hash, "
+                "created_at=excluded.created_at, revoked_at=NULL",
+                (token.name, str(token.role), token.token_hash, token.created_at),
+            )
 
-def tokens(c: sqlite3.Connection) -> list[TokenRecord]:
-    rows = c.execute(f"SELECT {TOKEN_COLS} FROM tokens ORDER BY name").fetchall()
-    return [token_row(r) for r in rows]
+        await self._t.write(op)
 
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        def op(c: sqlite3.Connection) -> TokenRecord | None:
+            row = c.execute(
+                f"SELECT {TOKEN_COLS} FROM tokens WHERE token_hash=?", (token_hash,)
+            ).fetchone()
+            return None if row is None else token_row(row)
 
-def revoke_token(c: sqlite3.Connection, name: str, now: float) -> bool:
-    return c.execute(
-        "UPDATE tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL", (now, name)
-    ).rowcount > 0
+        return await self._t.read(op)
 
+    async def tokens(self) -> list[TokenRecord]:
+        def op(c: sqlite3.Connection) -> list[TokenRecord]:
+            rows = c.execute(f"SELECT {TOKEN_COLS} FROM tokens ORDER BY name").fetchall()
+            return [token_row(r) for r in rows]
 
-def record_action(
-    c: sqlite3.Connection, app: str, actor: str, action: str, target: str, data: dict[str, Any]
-) -> None:
-    audit_append(c, app, (actor, action, target, data))
+        return await self._t.read(op)
 
+    async def revoke_token(self, name: str, now: float) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            return (
+                c.execute(
+                    "UPDATE tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL",
+                    (now, name),
+                ).rowcount
+                > 0
+            )
+
+        return await self._t.write(op)

@@ -1,4 +1,5 @@
-"""The SQLite store, flow control: queues, slots and schedules (see :mod:`cantata.store.flow`).
+"""The SQLite store, flow control: queues, slots and schedules
+(see :mod:`cantata.store.roles.flow`).
 
 Every claim runs in the connection thread's write transaction (``BEGIN IMMEDIATE``),
 which SQLite serializes across processes: counting and admitting happen under one
@@ -26,11 +27,12 @@ from cantata.model.flow import (
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store.base import RUNS
+from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import LIVE_SQL, RUN_COLS, run_row
 from cantata.store.sqlite_parking import UNPARK
 
 if TYPE_CHECKING:
-    from cantata.store.sqlite_thread import ConnectionThread
+    pass
 
 # Waiting runs one claim looks at, best first (a claim admits at most ``limit``).
 CANDIDATES = 500
@@ -71,12 +73,8 @@ def _close_ended(c: sqlite3.Connection, app: str, queue: str) -> None:
     )
 
 
-class SQLiteFlow:
+class SQLiteFlow(SQLiteCore):
     """Flow-control operations of :class:`~cantata.store.sqlite.SQLiteStore`."""
-
-    @property
-    def _t(self) -> ConnectionThread:  # provided by SQLiteStore
-        raise NotImplementedError
 
     def _create(
         self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None
@@ -131,7 +129,7 @@ class SQLiteFlow:
                     (run.app, run.run_id, entry.queue, run.workflow, entry.partition,
                      entry.priority, int(run.created_at * 1e6)),
                 )
-                # Parked until admitted: claims do not look at it (store/parking.py).
+                # Parked until admitted: claims do not look at it (store/roles/parking.py).
                 c.execute("UPDATE runs SET wake_at=? WHERE app=? AND run_id=?",
                           (FOREVER, run.app, run.run_id))
             return stored, created

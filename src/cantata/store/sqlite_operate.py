@@ -1,6 +1,6 @@
 """The SQLite store, operating runs: lookups, retry, fork, superseded history and
-discarded dead letters (docs/operating.md). Functions of a connection, run in the
-store's connection thread (writes inside its transaction)."""
+discarded dead letters (docs/operating.md): :class:`SQLiteOperate`, each operation's SQL
+in its method, run in the store's connection thread (writes inside its transaction)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from cantata.model.records import ATTRS, DeadLetter, HistoryEntry, RunRecord
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
+from cantata.store.base import RUNS
+from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
     HISTORY_COLS,
@@ -25,72 +27,6 @@ from cantata.store.sqlite_ops import (
 )
 
 _ATTEMPT_COLS = "key, attempt, started_at, ended_at, error_type, error"
-
-
-def find_runs(
-    c: sqlite3.Connection,
-    app: str,
-    idempotency_key: str | None,
-    attributes: Mapping[str, str] | None,
-    workflow: str | None,
-    status: RunStatus | None,
-    limit: int,
-) -> list[RunRecord]:
-    sql = f"SELECT {RUN_COLS} FROM runs WHERE app=?"
-    params: list[Any] = [app]
-    if idempotency_key is not None:
-        sql += " AND idempotency_key=?"
-        params.append(idempotency_key)
-    if workflow is not None:
-        sql += " AND workflow=?"
-        params.append(workflow)
-    if status is not None:
-        sql += " AND status=?"
-        params.append(str(status))
-    for name, value in (attributes or {}).items():
-        sql += (" AND run_id IN (SELECT run_id FROM run_attributes INDEXED BY "
-                "run_attributes_value WHERE app=? AND name=? AND value=?)")
-        params += [app, name, value]
-    sql += " ORDER BY created_at DESC, run_id LIMIT ?"
-    params.append(limit)
-    return [run_row(r) for r in c.execute(sql, params).fetchall()]
-
-
-def run_attributes(
-    c: sqlite3.Connection, app: str, run_ids: Sequence[str]
-) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    ids = list(dict.fromkeys(run_ids))
-    for i in range(0, len(ids), 500):
-        chunk = ids[i : i + 500]
-        for run_id, name, value in c.execute(
-            "SELECT run_id, name, value FROM run_attributes WHERE app=? AND run_id IN "
-            f"({','.join('?' * len(chunk))}) ORDER BY name",
-            (app, *chunk),
-        ):
-            out.setdefault(run_id, {})[name] = value
-    return out
-
-
-def attribute_names(c: sqlite3.Connection, app: str) -> list[str]:
-    # A skip scan: one index probe per name, however many runs set it.
-    rows = c.execute(
-        "WITH RECURSIVE n(name) AS (SELECT min(name) FROM run_attributes WHERE app=?1 "
-        "UNION ALL SELECT (SELECT min(name) FROM run_attributes WHERE app=?1 "
-        "AND name > n.name) FROM n WHERE n.name IS NOT NULL) "
-        "SELECT name FROM n WHERE name IS NOT NULL", (app,)
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
-def runs_by_prefix(c: sqlite3.Connection, app: str, prefix: str, limit: int) -> list[RunRecord]:
-    # A range on the primary key, not LIKE: ids may hold '_' and the range uses the index.
-    rows = c.execute(
-        f"SELECT {RUN_COLS} FROM runs WHERE app=? AND run_id>=? AND run_id<? "
-        "ORDER BY run_id LIMIT ?",
-        (app, prefix, prefix + "\U0010ffff", limit),
-    ).fetchall()
-    return [run_row(r) for r in rows]
 
 
 def foreign_runs(
@@ -123,7 +59,8 @@ def foreign_runs(
 
 def _history_rows(c: sqlite3.Connection, app: str, run_id: str) -> list[rules.Row]:
     return [
-        (r[0], r[1], r[2], r[3]) for r in c.execute(
+        (r[0], r[1], r[2], r[3])
+        for r in c.execute(
             "SELECT key, seq, kind, status FROM history WHERE app=? AND run_id=? ORDER BY seq",
             (app, run_id),
         )
@@ -137,108 +74,241 @@ def _get_run(c: sqlite3.Connection, app: str, run_id: str) -> RunRecord | None:
     return None if row is None else run_row(row)
 
 
-def retry_run(
-    c: sqlite3.Connection, app: str, run_id: str, include_compensated: bool,
-    version: str | None, actor: str, now: float,
-) -> RunRecord:
-    run = rules.check_retryable(app, run_id, _get_run(c, app, run_id), include_compensated)
-    keys = rules.superseded_keys(_history_rows(c, app, run_id))
-    epoch = run.epoch + 1
-    for key in keys:
-        where = (app, run_id, key)
-        c.execute(
-            f"INSERT INTO history_superseded (app, run_id, epoch, {HISTORY_COLS}) "
-            f"SELECT app, run_id, ?, {HISTORY_COLS} FROM history "
-            "WHERE app=? AND run_id=? AND key=?", (epoch, *where),
+class SQLiteOperate(SQLiteCore):
+    """The operating role of :class:`~cantata.store.sqlite.SQLiteStore` (docs/operating.md)."""
+
+    async def find_runs(
+        self,
+        app: str,
+        *,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        def op(c: sqlite3.Connection) -> list[RunRecord]:
+            sql = f"SELECT {RUN_COLS} FROM runs WHERE app=?"
+            params: list[Any] = [app]
+            if idempotency_key is not None:
+                sql += " AND idempotency_key=?"
+                params.append(idempotency_key)
+            if workflow is not None:
+                sql += " AND workflow=?"
+                params.append(workflow)
+            if status is not None:
+                sql += " AND status=?"
+                params.append(str(status))
+            for name, value in (attributes or {}).items():
+                sql += (
+                    " AND run_id IN (SELECT run_id FROM run_attributes INDEXED BY "
+                    "run_attributes_value WHERE app=? AND name=? AND value=?)"
+                )
+                params += [app, name, value]
+            sql += " ORDER BY created_at DESC, run_id LIMIT ?"
+            params.append(limit)
+            return [run_row(r) for r in c.execute(sql, params).fetchall()]
+
+        return await self._t.read(op)
+
+    async def run_attributes(self, app: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        def op(c: sqlite3.Connection) -> dict[str, dict[str, str]]:
+            out: dict[str, dict[str, str]] = {}
+            ids = list(dict.fromkeys(run_ids))
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                for run_id, name, value in c.execute(
+                    "SELECT run_id, name, value FROM run_attributes WHERE app=? AND run_id IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY name",
+                    (app, *chunk),
+                ):
+                    out.setdefault(run_id, {})[name] = value
+            return out
+
+        return await self._t.read(op)
+
+    async def attribute_names(self, app: str) -> list[str]:
+        def op(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                "WITH RECURSIVE n(name) AS (SELECT min(name) FROM run_attributes WHERE app=?1 "
+                "UNION ALL SELECT (SELECT min(name) FROM run_attributes WHERE app=?1 "
+                "AND name > n.name) FROM n WHERE n.name IS NOT NULL) "
+                "SELECT name FROM n WHERE name IS NOT NULL",
+                (app,),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._t.read(op)
+
+    async def runs_by_prefix(self, app: str, prefix: str, *, limit: int) -> list[RunRecord]:
+        def op(c: sqlite3.Connection) -> list[RunRecord]:
+            rows = c.execute(
+                f"SELECT {RUN_COLS} FROM runs WHERE app=? AND run_id>=? AND run_id<? "
+                "ORDER BY run_id LIMIT ?",
+                (app, prefix, prefix + "\U0010ffff", limit),
+            ).fetchall()
+            return [run_row(r) for r in rows]
+
+        return await self._t.read(op)
+
+    async def foreign_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        versions: Sequence[str],
+        stale_before: float,
+        limit: int,
+        now: float | None = None,
+    ) -> list[RunRecord]:
+        if not workflows:
+            return []
+        return await self._t.read(
+            lambda c: foreign_runs(
+                c, app, worker_id, workflows, versions or [""], stale_before, limit, now
+            )
         )
-        c.execute(
-            f"INSERT INTO attempts_superseded (app, run_id, epoch, {_ATTEMPT_COLS}) "
-            f"SELECT app, run_id, ?, {_ATTEMPT_COLS} FROM attempts "
-            "WHERE app=? AND run_id=? AND key=?", (epoch, *where),
-        )
-        c.execute("DELETE FROM attempts WHERE app=? AND run_id=? AND key=?", where)
-        c.execute("DELETE FROM history WHERE app=? AND run_id=? AND key=?", where)
-    # The attributes are those the remaining history set (a superseded entry's are gone).
-    c.execute("DELETE FROM run_attributes WHERE app=? AND run_id=?", (app, run_id))
-    c.execute(
-        "INSERT INTO run_attributes (app, run_id, name, value) "
-        "SELECT h.app, h.run_id, j.key, CAST(j.value AS TEXT) FROM history h, "
-        "json_each(h.detail) j WHERE h.app=? AND h.run_id=? AND h.kind=? "
-        "AND h.detail IS NOT NULL ORDER BY h.seq "
-        "ON CONFLICT (app, run_id, name) DO UPDATE SET value=excluded.value",
-        (app, run_id, ATTRS),
-    )
-    row = c.execute(
-        "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=0, owner=NULL, "
-        "cancel_requested=0, epoch=?, version=?, updated_at=?, "
-        "deadline_at=CASE WHEN deadline_at<=? THEN NULL ELSE deadline_at END "
-        f"WHERE app=? AND run_id=? RETURNING {RUN_COLS}",
-        (epoch, version, time.time(), now, app, run_id),
-    ).fetchone()
-    audit_append(c, app, rules.retry_entry(run_id, actor, str(run.status), epoch, keys, version))
-    return run_row(row)
 
+    async def retry_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        include_compensated: bool,
+        version: str | None,
+        actor: str,
+        now: float,
+    ) -> RunRecord:
+        def op(c: sqlite3.Connection) -> RunRecord:
+            run = rules.check_retryable(app, run_id, _get_run(c, app, run_id), include_compensated)
+            keys = rules.superseded_keys(_history_rows(c, app, run_id))
+            epoch = run.epoch + 1
+            for key in keys:
+                where = (app, run_id, key)
+                c.execute(
+                    f"INSERT INTO history_superseded (app, run_id, epoch, {HISTORY_COLS}) "
+                    f"SELECT app, run_id, ?, {HISTORY_COLS} FROM history "
+                    "WHERE app=? AND run_id=? AND key=?",
+                    (epoch, *where),
+                )
+                c.execute(
+                    f"INSERT INTO attempts_superseded (app, run_id, epoch, {_ATTEMPT_COLS}) "
+                    f"SELECT app, run_id, ?, {_ATTEMPT_COLS} FROM attempts "
+                    "WHERE app=? AND run_id=? AND key=?",
+                    (epoch, *where),
+                )
+                c.execute("DELETE FROM attempts WHERE app=? AND run_id=? AND key=?", where)
+                c.execute("DELETE FROM history WHERE app=? AND run_id=? AND key=?", where)
+            # The attributes are those the remaining history set (a superseded entry's are gone).
+            c.execute("DELETE FROM run_attributes WHERE app=? AND run_id=?", (app, run_id))
+            c.execute(
+                "INSERT INTO run_attributes (app, run_id, name, value) "
+                "SELECT h.app, h.run_id, j.key, CAST(j.value AS TEXT) FROM history h, "
+                "json_each(h.detail) j WHERE h.app=? AND h.run_id=? AND h.kind=? "
+                "AND h.detail IS NOT NULL ORDER BY h.seq "
+                "ON CONFLICT (app, run_id, name) DO UPDATE SET value=excluded.value",
+                (app, run_id, ATTRS),
+            )
+            row = c.execute(
+                "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=0, owner=NULL, "
+                "cancel_requested=0, epoch=?, version=?, updated_at=?, "
+                "deadline_at=CASE WHEN deadline_at<=? THEN NULL ELSE deadline_at END "
+                f"WHERE app=? AND run_id=? RETURNING {RUN_COLS}",
+                (epoch, version, time.time(), now, app, run_id),
+            ).fetchone()
+            audit_append(
+                c, app, rules.retry_entry(run_id, actor, str(run.status), epoch, keys, version)
+            )
+            return run_row(row)
 
-def fork_run(
-    c: sqlite3.Connection, app: str, source_run_id: str, run: RunRecord, before_key: str,
-    actor: str,
-) -> RunRecord:
-    source = _get_run(c, app, source_run_id)
-    keys = rules.check_fork(app, source_run_id, source, _history_rows(c, app, source_run_id),
-                            before_key)
-    c.execute(
-        f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
-        (
-            run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
-            run.error, run.idempotency_key, run.args_hash, run.correlation_id,
-            run.causation_id, run.parent_run_id, run.service, run.created_at,
-            run.updated_at, run.deadline_at, int(run.cancel_requested), run.owner,
-            run.fence, int(run.flagged), run.version, run.epoch,
-        ),
-    )
-    for key in keys:  # in seq order, so later attributes win as they did in the source
-        where = (app, source_run_id, key)
-        c.execute(
-            f"INSERT INTO history (app, run_id, {HISTORY_COLS}) SELECT app, ?, {HISTORY_COLS} "
-            "FROM history WHERE app=? AND run_id=? AND key=?", (run.run_id, *where),
-        )
-        c.execute(
-            f"INSERT INTO attempts (app, run_id, {_ATTEMPT_COLS}) SELECT app, ?, "
-            f"{_ATTEMPT_COLS} FROM attempts WHERE app=? AND run_id=? AND key=?",
-            (run.run_id, *where),
-        )
-    audit_append(c, app, audit.run_created_entry(
-        run.run_id, run.workflow, run.correlation_id, None
-    ))
-    audit_append(c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key))
-    return run
+        return await self._t.write(op, RUNS)
 
+    async def fork_run(
+        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+    ) -> RunRecord:
+        def op(c: sqlite3.Connection) -> RunRecord:
+            source = _get_run(c, app, source_run_id)
+            keys = rules.check_fork(
+                app, source_run_id, source, _history_rows(c, app, source_run_id), before_key
+            )
+            c.execute(
+                f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
+                (
+                    run.app,
+                    run.run_id,
+                    run.workflow,
+                    str(run.status),
+                    run.args,
+                    run.result,
+                    run.error,
+                    run.idempotency_key,
+                    run.args_hash,
+                    run.correlation_id,
+                    run.causation_id,
+                    run.parent_run_id,
+                    run.service,
+                    run.created_at,
+                    run.updated_at,
+                    run.deadline_at,
+                    int(run.cancel_requested),
+                    run.owner,
+                    run.fence,
+                    int(run.flagged),
+                    run.version,
+                    run.epoch,
+                ),
+            )
+            for key in keys:  # in seq order, so later attributes win as they did in the source
+                where = (app, source_run_id, key)
+                c.execute(
+                    f"INSERT INTO history (app, run_id, {HISTORY_COLS}) SELECT app, ?, "
+                    f"{HISTORY_COLS} "
+                    "FROM history WHERE app=? AND run_id=? AND key=?",
+                    (run.run_id, *where),
+                )
+                c.execute(
+                    f"INSERT INTO attempts (app, run_id, {_ATTEMPT_COLS}) SELECT app, ?, "
+                    f"{_ATTEMPT_COLS} FROM attempts WHERE app=? AND run_id=? AND key=?",
+                    (run.run_id, *where),
+                )
+            audit_append(
+                c, app, audit.run_created_entry(run.run_id, run.workflow, run.correlation_id, None)
+            )
+            audit_append(c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key))
+            return run
 
-def superseded_history(
-    c: sqlite3.Connection, app: str, run_id: str
-) -> list[tuple[int, HistoryEntry]]:
-    rows = c.execute(
-        f"SELECT epoch, {HISTORY_COLS} FROM history_superseded WHERE app=? AND run_id=? "
-        "ORDER BY epoch, seq", (app, run_id),
-    ).fetchall()
-    return [(r[0], HistoryEntry(*r[1:])) for r in rows]
+        return await self._t.write(op, RUNS)
 
+    async def superseded_history(self, app: str, run_id: str) -> list[tuple[int, HistoryEntry]]:
+        def op(c: sqlite3.Connection) -> list[tuple[int, HistoryEntry]]:
+            rows = c.execute(
+                f"SELECT epoch, {HISTORY_COLS} FROM history_superseded WHERE app=? AND run_id=? "
+                "ORDER BY epoch, seq",
+                (app, run_id),
+            ).fetchall()
+            return [(r[0], HistoryEntry(*r[1:])) for r in rows]
 
-def discard_dead_letter(
-    c: sqlite3.Connection, app: str, dead_letter_id: str, actor: str
-) -> DeadLetter:
-    row = c.execute(
-        f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, {E_EVENT_COLS} "
-        "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
-        "WHERE d.app=? AND d.id=?",
-        (app, dead_letter_id),
-    ).fetchone()
-    if row is None:
-        raise DeadLetterNotFound(
-            f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
-            "`cantata dlq list`"
-        )
-    dl = dead_letter_row(row)
-    c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
-    audit_append(c, app, rules.discard_entry(dl.group, dl.event.id, dead_letter_id, actor))
-    return dl
+        return await self._t.read(op)
+
+    async def discard_dead_letter(
+        self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        def op(c: sqlite3.Connection) -> DeadLetter:
+            row = c.execute(
+                f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, {E_EVENT_COLS} "
+                "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
+                "WHERE d.app=? AND d.id=?",
+                (app, dead_letter_id),
+            ).fetchone()
+            if row is None:
+                raise DeadLetterNotFound(
+                    f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
+                    "`cantata dlq list`"
+                )
+            dl = dead_letter_row(row)
+            c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
+            audit_append(c, app, rules.discard_entry(dl.group, dl.event.id, dead_letter_id, actor))
+            return dl
+
+        return await self._t.write(op)

@@ -1,5 +1,5 @@
-"""The SQLite store, part two: rows, settling deliveries, tasks, the audit log and
-observability queries.
+"""The SQLite store's shared SQL: columns and rows, and the writes more than one role
+makes (attempts, tasks of a checkpoint, settling deliveries, the audit log).
 
 Plain functions of a :class:`sqlite3.Connection`, run by
 :class:`~cantata.store.sqlite.SQLiteStore` in its connection thread (writes inside
@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from cantata.errors import DeadLetterNotFound
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import (
-    DELIVERY_DONE,
-    TASK_PENDING,
     Attempt,
     AuditRecord,
     DeadLetter,
-    Delivery,
     HistoryEntry,
     RunRecord,
     TaskRecord,
@@ -30,7 +26,6 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store import audit
-from cantata.store.base import Settlement, TraceRecords
 from cantata.store.sqlite_thread import TxConnection
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
@@ -127,22 +122,6 @@ def task_row(row: Row) -> TaskRecord:
     return TaskRecord(*row)
 
 
-def apps(c: sqlite3.Connection) -> list[str]:
-    """App names in runs, events, declarations, workers and audit heads.
-
-    The big tables are read with a skip scan (one index probe per app).
-    """
-    rows = c.execute(
-        "WITH RECURSIVE r(app) AS (SELECT min(app) FROM runs UNION ALL "
-        " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r WHERE r.app IS NOT NULL),"
-        " e(app) AS (SELECT min(app) FROM events UNION ALL "
-        " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e WHERE e.app IS NOT NULL)"
-        " SELECT app FROM r UNION SELECT app FROM e UNION SELECT app FROM declarations "
-        " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
-    ).fetchall()
-    return sorted(r[0] for r in rows if r[0] is not None)
-
-
 # An attempt its worker excused (paused, not dead: see cantata.engine.pauses) stays
 # excused when the new owner's write marking it WorkerLost arrives after the excuse.
 KEEP_EXCUSED = (
@@ -181,97 +160,6 @@ HOLD_SQL = (
     "UPDATE deliveries SET owner=?, fence=fence+1, attempts=1, updated_at=? WHERE app=? "
     "AND grp=? AND event_id=? AND status='pending' AND owner IS NULL AND attempts=0"
 )
-
-
-def settle_delivery(
-    c: sqlite3.Connection,
-    app: str,
-    group: str,
-    event_id: str,
-    s: Settlement,
-    append: Callable[[sqlite3.Connection, str, Sequence[Event[Any]]], list[int]],
-) -> bool:
-    """:meth:`SQLiteStore.settle_delivery`; ``append`` appends emitted events."""
-    now = time.time()
-    row = c.execute(
-        "SELECT status, owner FROM deliveries WHERE app=? AND grp=? AND event_id=?",
-        (app, group, event_id),
-    ).fetchone()
-    owner = None if row is None else row[1]
-    if row is not None and row[0] == DELIVERY_DONE:
-        return False
-    if row is None:
-        c.execute(
-            "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
-            "VALUES (?,?,?,'pending',?)",
-            (app, group, event_id, now),
-        )
-    if s.outcome == "done":
-        c.execute(
-            "UPDATE deliveries SET status='done', attempts=?, owner=NULL, error=NULL, "
-            "updated_at=? WHERE app=? AND grp=? AND event_id=?",
-            (s.attempts, now, app, group, event_id),
-        )
-        if s.events:
-            append(c, app, s.events)
-            if s.hold_for is not None:
-                s.held = [(g, e) for g, e in s.hold
-                          if c.execute(HOLD_SQL, (s.hold_for, now, app, g, e)).rowcount == 1]
-        audit_append(c, app, audit.delivery_entry(
-            group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
-        ))
-    elif s.outcome == "retry":
-        c.execute(
-            "UPDATE deliveries SET status='pending', attempts=?, owner=NULL, error=?, "
-            "next_at=?, updated_at=? WHERE app=? AND grp=? AND event_id=?",
-            (s.attempts, s.error, s.retry_at, now, app, group, event_id),
-        )
-    else:
-        c.execute(
-            "UPDATE deliveries SET status='dead', attempts=?, owner=NULL, error=?, "
-            "updated_at=? WHERE app=? AND grp=? AND event_id=?",
-            (s.attempts, s.error, now, app, group, event_id),
-        )
-        dead_letter_id = s.dead_letter_id or codec.new_id()
-        c.execute(
-            "INSERT INTO dead_letters VALUES (?,?,?,?,?,?,?)",
-            (app, dead_letter_id, group, event_id, s.error or "unknown error",
-             s.attempts, now),
-        )
-        audit_append(c, app, audit.delivery_entry(
-            group, event_id, owner, "dead", s.attempts, error=s.error,
-            dead_letter_id=dead_letter_id,
-        ))
-    return True
-
-
-def replay_dead_letter(
-    c: sqlite3.Connection, app: str, dead_letter_id: str, now: float, actor: str
-) -> DeadLetter:
-    """:meth:`SQLiteStore.replay_dead_letter`."""
-    row = c.execute(
-        f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
-        f"{E_EVENT_COLS} "
-        "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
-        "WHERE d.app=? AND d.id=?",
-        (app, dead_letter_id),
-    ).fetchone()
-    if row is None:
-        raise DeadLetterNotFound(
-            f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
-            "`cantata dlq list`"
-        )
-    dl = dead_letter_row(row)
-    c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
-    c.execute(
-        "UPDATE deliveries SET status='pending', attempts=0, next_at=?, owner=NULL, "
-        "error=NULL, updated_at=? WHERE app=? AND grp=? AND event_id=?",
-        (now, now, app, dl.group, dl.event.id),
-    )
-    audit_append(
-        c, app, audit.replay_entry(dl.group, dl.event.id, dead_letter_id, actor)
-    )
-    return dl
 
 
 # -- the audit log ----------------------------------------------------------------------
@@ -363,165 +251,6 @@ def insert_tasks(
     )
 
 
-def claim_tasks(
-    c: sqlite3.Connection,
-    app: str,
-    worker_id: str,
-    services: Sequence[str],
-    now: float,
-    stale_before: float,
-    limit: int,
-) -> list[TaskRecord]:
-    marks = ",".join("?" * len(services))
-    rows = c.execute(
-        f"UPDATE tasks SET owner=?, fence=fence+1, attempts=attempts+1, updated_at=? "
-        f"WHERE app=? AND task_id IN ("
-        f" SELECT t.task_id FROM tasks t INDEXED BY tasks_due LEFT JOIN workers w"
-        f"  ON w.app=t.app AND w.worker_id=t.owner"
-        f" WHERE t.app=? AND t.status='pending' AND t.service IN ({marks}) AND t.next_at<=?"
-        f"  AND (t.owner IS NULL OR (t.owner<>? AND"
-        f"   (w.worker_id IS NULL OR w.heartbeat_at < ?)))"
-        f" ORDER BY t.next_at, t.created_at LIMIT ?) RETURNING {TASK_COLS}",
-        (worker_id, now, app, app, *services, now, worker_id, stale_before, limit),
-    ).fetchall()
-    return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))
-
-
-def finish_task(
-    c: sqlite3.Connection,
-    app: str,
-    task_id: str,
-    fence: int,
-    outcome: str,
-    attempts: Sequence[Attempt],
-    result: str | None,
-    error: str | None,
-    error_type: str | None,
-    next_at: float,
-) -> bool:
-    row = c.execute(
-        "SELECT run_id, fence, status, owner, step, service, attempts FROM tasks "
-        "WHERE app=? AND task_id=?",
-        (app, task_id),
-    ).fetchone()
-    if row is None or row[1] != fence or row[2] != TASK_PENDING:
-        return False
-    run_id, _, _, owner, step, service, n = row
-    upsert_attempts(c, app, run_id, attempts)
-    now = time.time()
-    key = (app, task_id)
-    if outcome == "done":
-        c.execute(
-            "UPDATE tasks SET status='done', result=?, error=NULL, error_type=NULL, owner=NULL, "
-            "updated_at=? WHERE app=? AND task_id=?",
-            (result, now, *key),
-        )
-    elif outcome == "failed":
-        c.execute(
-            "UPDATE tasks SET status='failed', error=?, error_type=?, owner=NULL, updated_at=? "
-            "WHERE app=? AND task_id=?",
-            (error, error_type, now, *key),
-        )
-    else:
-        c.execute(
-            "UPDATE tasks SET owner=NULL, next_at=?, error=?, error_type=?, updated_at=? "
-            "WHERE app=? AND task_id=?",
-            (next_at, error, error_type, now, *key),
-        )
-        return True
-    audit_append(c, app, audit.task_entry(task_id, owner, outcome, step, service, n, error))
-    return True
-
-
 # -- observability ----------------------------------------------------------------------
 
 
-def trace_records(
-    c: sqlite3.Connection, app: str, correlation_id: str, limit: int
-) -> TraceRecords:
-    runs = [
-        run_row(r)
-        for r in c.execute(
-            f"SELECT {RUN_COLS} FROM runs WHERE app=? AND correlation_id=? "
-            "ORDER BY created_at LIMIT ?",
-            (app, correlation_id, limit),
-        )
-    ]
-    entries: dict[str, list[HistoryEntry]] = {}
-    attempts: dict[str, list[Attempt]] = {}
-    tasks: list[TaskRecord] = []
-    for run in runs:
-        entries[run.run_id] = [
-            entry_row(r)
-            for r in c.execute(
-                f"SELECT {HISTORY_COLS} FROM history WHERE app=? AND run_id=? "
-                "ORDER BY seq LIMIT ?",
-                (app, run.run_id, limit),
-            )
-        ]
-        attempts[run.run_id] = [
-            Attempt(*r)
-            for r in c.execute(
-                "SELECT key, attempt, started_at, ended_at, error_type, error FROM "
-                "attempts WHERE app=? AND run_id=? ORDER BY started_at LIMIT ?",
-                (app, run.run_id, limit),
-            )
-        ]
-        tasks += [
-            task_row(r)
-            for r in c.execute(
-                f"SELECT {TASK_COLS} FROM tasks WHERE app=? AND run_id=? "
-                "ORDER BY created_at, task_id LIMIT ?",
-                (app, run.run_id, limit),
-            )
-        ]
-    ev_rows = c.execute(
-        f"SELECT {EVENT_COLS}, stored_at FROM events WHERE app=? AND correlation_id=? "
-        "ORDER BY seq LIMIT ?",
-        (app, correlation_id, limit),
-    ).fetchall()
-    events = [(event_row(r[:10]), r[10]) for r in ev_rows]
-    by_id = {e.id: e for e, _ in events}
-    deliveries = []
-    dls: list[DeadLetter] = []
-    if by_id:
-        marks = ",".join("?" * len(by_id))
-        for r in c.execute(
-            "SELECT grp, event_id, status, attempts, next_at, error, updated_at, fence "
-            f"FROM deliveries INDEXED BY deliveries_event WHERE app=? AND event_id IN ({marks}) "
-            "ORDER BY updated_at",
-            (app, *by_id),
-        ):
-            deliveries.append(Delivery(r[0], by_id[r[1]], r[2], r[3], r[4], r[5], r[6], r[7]))
-        for r in c.execute(
-            "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
-            f"WHERE app=? AND event_id IN ({marks}) ORDER BY failed_at",
-            (app, *by_id),
-        ):
-            failed = to_datetime(r[5])
-            assert failed is not None
-            dls.append(DeadLetter(r[0], r[1], by_id[r[2]], r[3], r[4], failed))
-    tasks.sort(key=lambda t: (t.created_at, t.task_id))
-    return TraceRecords(runs, entries, attempts, events, deliveries, dls, tasks[:limit])
-
-
-def stale_correlations(
-    c: sqlite3.Connection, app: str, older_than: float, limit: int
-) -> list[str]:
-    rows = c.execute(
-        f"SELECT correlation_id, updated_at FROM runs WHERE app=? AND status IN "
-        f"{LIVE_SQL} AND updated_at < ? "
-        "UNION SELECT correlation_id, updated_at FROM runs WHERE app=? AND flagged=1 "
-        "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
-        "ON e.app=d.app AND e.id=d.event_id WHERE d.app=? AND d.status IN "
-        "('pending','dead') AND d.updated_at < ? "
-        "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=? "
-        "AND status='pending' AND updated_at < ? "
-        "ORDER BY 2 LIMIT ?",
-        (app, older_than, app, app, older_than, app, older_than, limit * 4),
-    ).fetchall()
-    seen: dict[str, None] = {}
-    for r in rows:
-        if r[0] is not None:
-            seen.setdefault(r[0])
-    return list(seen)[:limit]

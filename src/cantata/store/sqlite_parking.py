@@ -1,4 +1,4 @@
-"""The SQLite store, parked runs (see :mod:`cantata.store.parking`)."""
+"""The SQLite store, parked runs (see :mod:`cantata.store.roles.parking`)."""
 
 from __future__ import annotations
 

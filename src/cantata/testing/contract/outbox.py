@@ -7,7 +7,7 @@ import time
 
 from cantata.model.records import Declaration
 from cantata.store.base import Settlement, Store
-from tests.contract.store_support import StoreFixtures, ev
+from cantata.testing.contract.support import StoreFixtures, ev
 
 
 class OutboxContract(StoreFixtures):

@@ -1,13 +1,15 @@
 """The executable definition of the :class:`~cantata.store.base.Store` protocol.
 
 ``StoreContract`` has no ``Test`` prefix, so pytest collects it only through the
-one small subclass per backend (``tests/store/test_*.py``), which overrides
-:meth:`StoreContract.make_store`. Every test uses a fresh random app name, so
-backends on a shared database (PostgreSQL) do not see each other's leftovers.
-The event log is in ``store_contract_events.py``, tasks in
-``store_contract_tasks.py``, the audit log in ``store_contract_audit.py`` (whose
-tampering tests need each backend's :meth:`StoreFixtures.tamper`); fixtures and
-helpers are in ``store_support.py``.
+one small subclass per backend (``tests/contract/test_store_*.py`` in Cantata, or a
+third-party package's own test module), which overrides
+:meth:`~cantata.testing.contract.support.StoreFixtures.make_store` and
+:meth:`~cantata.testing.contract.support.StoreFixtures.tamper`. Every test uses a
+fresh random app name, so backends on a shared database (PostgreSQL) do not see
+each other's leftovers. One module per role: the event log in ``events.py``, tasks
+in ``tasks.py``, the audit log in ``audit.py`` (whose tampering tests need each
+backend's ``tamper``), trace reads in ``trace.py``, ...; fixtures and helpers are
+in ``support.py``.
 """
 
 from __future__ import annotations
@@ -33,16 +35,18 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store.base import CANCEL, EVENTS, RUNS, Settlement, Store
-from tests.contract.store_contract_audit import AuditContract
-from tests.contract.store_contract_console import ConsoleContract
-from tests.contract.store_contract_events import EventsContract
-from tests.contract.store_contract_flow import FlowContract
-from tests.contract.store_contract_operate import OperateContract
-from tests.contract.store_contract_outbox import OutboxContract
-from tests.contract.store_contract_parking import ParkingContract
-from tests.contract.store_contract_tasks import TasksContract
-from tests.contract.store_contract_wfapi import WorkflowApiContract
-from tests.contract.store_support import entry, ev, eventually, json_values, new_run
+from cantata.testing.contract.audit import AuditContract
+from cantata.testing.contract.console import ConsoleContract
+from cantata.testing.contract.events import EventsContract
+from cantata.testing.contract.flow import FlowContract
+from cantata.testing.contract.operate import OperateContract
+from cantata.testing.contract.outbox import OutboxContract
+from cantata.testing.contract.parking import ParkingContract
+from cantata.testing.contract.support import entry, ev, json_values, new_run
+from cantata.testing.contract.tasks import TasksContract
+from cantata.testing.contract.trace import TraceContract
+from cantata.testing.contract.wfapi import WorkflowApiContract
+from cantata.testing.wait import eventually
 
 
 class StoreContract(
@@ -51,6 +55,7 @@ class StoreContract(
     AuditContract,
     OutboxContract,
     WorkflowApiContract,
+    TraceContract,
     ConsoleContract,
     OperateContract,
     FlowContract,
@@ -132,7 +137,7 @@ class StoreContract(
             *(store.create_run(new_run(self.app)) for _ in range(10)),
         )
         assert results[:40] == [None] * 30 + [[1]] * 10
-        assert all(created for _, created in results[40:])
+        assert all(created for _, created in results[40:])  # type: ignore[misc]
         for r in runs:
             stored = await store.get_run(self.app, r.run_id)
             assert stored is not None and stored.status == RunStatus.COMPLETED

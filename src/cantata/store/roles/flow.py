@@ -4,7 +4,7 @@
 decided inside one transaction that serializes the claimers of the same queue or
 slot scope (SQLite: the write lock; PostgreSQL: the row of the queue, or an
 advisory lock for a slot scope), with the rules of :mod:`cantata.model.flow`, so
-no number of processes can exceed a limit. ``tests/contract/store_contract_flow.py``
+no number of processes can exceed a limit. :mod:`cantata.testing.contract.flow`
 is the executable definition.
 """
 
@@ -43,9 +43,7 @@ class FlowStore(Protocol):
     async def queues(self, app: str) -> list[QueueSpec]:
         """The queues of ``app``, by name."""
 
-    async def create_queued_run(
-        self, run: RunRecord, entry: QueueEntry
-    ) -> tuple[RunRecord, bool]:
+    async def create_queued_run(self, run: RunRecord, entry: QueueEntry) -> tuple[RunRecord, bool]:
         """:meth:`Store.create_run` for a run that waits in ``entry.queue``.
 
         The run is stored ``pending`` and unowned with its queue row, in one
@@ -130,4 +128,3 @@ class FlowStore(Protocol):
 
     async def delete_schedule(self, app: str, name: str) -> bool:
         """Remove a schedule; False if there was none."""
-

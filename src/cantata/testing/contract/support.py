@@ -1,11 +1,10 @@
-"""Helpers and fixtures shared by the store contract (see ``store_contract.py``)."""
+"""Helpers and fixtures shared by the store contract (see :mod:`cantata.testing.contract.store`)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from cantata.model.records import (
     STEP,
     AuditRecord,
     Declaration,
+    EntryStatus,
     HistoryEntry,
     RunRecord,
 )
@@ -62,17 +62,11 @@ def ev(event_type: str = "order.placed", data: Any = None, **kw: Any) -> Event[A
     return Event(type=event_type, data={"n": 1} if data is None else data, **kw)
 
 
-def entry(key: str, seq: int, status: str = ENTRY_COMPLETED, **kw: Any) -> HistoryEntry:
+def entry(
+    key: str, seq: int, status: EntryStatus = ENTRY_COMPLETED, **kw: Any
+) -> HistoryEntry:
     """A step history entry keyed ``key`` (``name#occurrence``)."""
     return HistoryEntry(key=key, kind=STEP, name=key.split("#")[0], status=status, seq=seq, **kw)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds (listeners may be called after a round trip)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 #: The ways :meth:`StoreFixtures.tamper` changes an audit record.

@@ -26,6 +26,17 @@ from cantata.errors import LeaseLost, WorkflowError
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store.base import Settlement, Store
 from cantata.store.factory import store_from_url
+from cantata.testing.wait import eventually
+
+__all__ = [
+    "CrashPoint",
+    "CrashReport",
+    "Outcome",
+    "SkipClock",
+    "crash_test",
+    "environment",
+    "eventually",
+]
 
 
 class SkipClock:

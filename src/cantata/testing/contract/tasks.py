@@ -19,7 +19,8 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store.base import TASKS, Store
-from tests.contract.store_support import StoreFixtures, eventually, new_run
+from cantata.testing.contract.support import StoreFixtures, new_run
+from cantata.testing.wait import eventually
 
 
 def task(run_id: str, key: str = "inventory.reserve#1", **kw: object) -> TaskRecord:

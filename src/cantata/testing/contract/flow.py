@@ -12,7 +12,7 @@ from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
-from tests.contract.store_support import StoreFixtures, new_run
+from cantata.testing.contract.support import StoreFixtures, new_run
 
 
 class FlowContract(StoreFixtures):
@@ -60,7 +60,7 @@ class FlowContract(StoreFixtures):
         await store.declare_queue(self.app, QueueSpec("q"), worker_id="w", stale_before=0)
         [rid] = await self.queued(store, 1)
         assert await self.claim(store, "w") == []
-        # Parked until admitted (store/parking.py): no clock makes it due.
+        # Parked until admitted (store/roles/parking.py): no clock makes it due.
         assert await store.claim_runs(self.app, "w", ["wf"], stale_before=0, limit=10,
                                       now=time.time() + 1e9) == []
         assert (await store.queue_position(self.app, rid)).ahead == 0  # type: ignore[union-attr]

@@ -28,6 +28,7 @@ from cantata.model.event import Event
 from cantata.model.records import DELIVERY_DONE, Declaration
 from cantata.store.base import Settlement, Store
 from cantata.store.factory import store_from_url
+from cantata.testing.wait import eventually
 
 Action = Callable[[BrokerMessage], Awaitable[Any]]
 
@@ -111,18 +112,10 @@ class Env:
         ]
 
     async def until(self, what: str, check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + self.timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {self.timeout}s waiting for {what}")
-            await asyncio.sleep(0.01)
+        await eventually(check, self.timeout, what)
 
     async def until_async(self, what: str, check: Callable[[], Awaitable[bool]]) -> None:
-        deadline = time.monotonic() + self.timeout
-        while not await check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {self.timeout}s waiting for {what}")
-            await asyncio.sleep(0.02)
+        await eventually(check, self.timeout, what, interval=0.02)
 
     async def quiet(self) -> None:
         """Give a wrong delivery the time to show up."""

@@ -10,7 +10,7 @@ from cantata.errors import LeaseLost, TransactionUnsupported
 from cantata.model.records import ENTRY_COMPLETED, Attempt, RunWrite, StepHeartbeat
 from cantata.store.base import Store, TransactionalStore
 from cantata.store.tx import Tx
-from tests.contract.store_support import StoreFixtures, entry, ev, new_run
+from cantata.testing.contract.support import StoreFixtures, entry, ev, new_run
 
 
 def _tx_store(store: Store) -> TransactionalStore:

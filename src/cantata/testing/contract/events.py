@@ -17,7 +17,7 @@ from cantata.model.records import (
     RunWrite,
 )
 from cantata.store.base import Settlement, Store
-from tests.contract.store_support import StoreFixtures, ev, new_run
+from cantata.testing.contract.support import StoreFixtures, ev, new_run
 
 
 class EventsContract(StoreFixtures):

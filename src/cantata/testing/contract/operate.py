@@ -23,18 +23,19 @@ from cantata.model.records import (
     ENTRY_FAILED,
     ENTRY_RUNNING,
     Attempt,
+    EntryStatus,
     HistoryEntry,
     RunRecord,
     RunWrite,
 )
 from cantata.model.status import RunStatus
 from cantata.store.base import Settlement, Store
-from tests.contract.store_support import StoreFixtures, entry, ev, new_run
+from cantata.testing.contract.support import StoreFixtures, entry, ev, new_run
 
 
 def attrs(key: str, seq: int, **values: str) -> HistoryEntry:
     """A ``set_attributes`` history entry (``detail`` holds the indexed text)."""
-    return HistoryEntry(key, ATTRS, "set_attributes", "completed", seq=seq,
+    return HistoryEntry(key, ATTRS, "set_attributes", EntryStatus.COMPLETED, seq=seq,
                         result=codec.dumps(values), detail=codec.dumps(values))
 
 
@@ -156,7 +157,7 @@ class OperateContract(StoreFixtures):
             entry("a#1", 2),
             entry("b#1", 3, status=ENTRY_FAILED, error="E: x", attempts=2),
             attrs("set_attributes#2", 4, stage="failing"),
-            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", "completed", seq=5),
+            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", EntryStatus.COMPLETED, seq=5),
             status=RunStatus.FAILED,
             attempts=(Attempt("a#1", 1, t, t), Attempt("b#1", 1, t, t, "E", "x"),
                       Attempt("b#1", 2, t, t, "E", "x")),
@@ -209,9 +210,9 @@ class OperateContract(StoreFixtures):
     ) -> None:
         run = await self._run(
             store, entry("a#1", 1),
-            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", "completed", seq=2),
+            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", EntryStatus.COMPLETED, seq=2),
             entry("b#1", 3, status=ENTRY_FAILED, error="E: x"),
-            HistoryEntry("compensate:undo#2", COMPENSATION, "undo", "completed", seq=4),
+            HistoryEntry("compensate:undo#2", COMPENSATION, "undo", EntryStatus.COMPLETED, seq=4),
             status=RunStatus.FAILED,
         )
         await store.retry_run(self.app, run.run_id, include_compensated=False, version=None,
@@ -225,7 +226,7 @@ class OperateContract(StoreFixtures):
     ) -> None:
         run = await self._run(
             store, entry("a#1", 1),
-            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", "completed", seq=2),
+            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", EntryStatus.COMPLETED, seq=2),
             status=RunStatus.COMPENSATED,
         )
         with pytest.raises(RunNotRetryable, match="include_compensated"):
@@ -261,7 +262,7 @@ class OperateContract(StoreFixtures):
         source = await self._run(
             store, attrs("set_attributes#1", 1, customer="c1"), entry("a#1", 2),
             entry("b#1", 3), attrs("set_attributes#2", 4, customer="c2"), entry("c#1", 5),
-            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", "completed", seq=6),
+            HistoryEntry("compensate:undo#1", COMPENSATION, "undo", EntryStatus.COMPLETED, seq=6),
             attempts=(Attempt("a#1", 1, t, t), Attempt("b#1", 1, t, t)),
             status=RunStatus.COMPLETED,
         )

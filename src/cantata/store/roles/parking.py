@@ -5,7 +5,7 @@ live, owned by nobody, and has a ``wake_at`` (see :mod:`cantata.model.parking`);
 :meth:`Store.claim_runs` leaves it alone until it is due (``now`` given) or woken.
 Waking clears what it waits for, so any worker serving its workflow claims it and
 replays its history. Every lookup here is an index range: a million parked runs
-cost no scan. ``tests/contract/store_contract_parking.py`` is the executable
+cost no scan. ``cantata.testing.contract.parking`` is the executable
 definition.
 """
 

@@ -22,7 +22,7 @@ from cantata.model.records import (
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store.base import Settlement, Store
-from tests.contract.store_support import StoreFixtures, entry, ev, new_run
+from cantata.testing.contract.support import StoreFixtures, entry, ev, new_run
 
 
 def remote(run_id: str, key: str) -> TaskRecord:

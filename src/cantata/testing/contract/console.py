@@ -3,7 +3,9 @@ tokens, operator actions in the audit log)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,23 +18,19 @@ from cantata.model.records import RunRecord, RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.audit import AuditKey
 from cantata.store.base import Store
-from tests.contract.store_support import StoreFixtures, new_run
+from cantata.testing.contract.support import StoreFixtures, new_run
 
 
 async def page_all(store: Store, app: str, q: RunQuery) -> list[RunRecord]:
     """Every run ``q`` matches, following the keyset page by page."""
     out: list[RunRecord] = []
-    after = None
+    after: tuple[float, str] | None = None
     while True:
-        page = await store.query_runs(app, RunQuery(**{**_fields(q), "after": after}))
+        page = await store.query_runs(app, dataclasses.replace(q, after=after))
         out += page
         if len(page) < q.limit:
             return out
         after = (page[-1].created_at, page[-1].run_id)
-
-
-def _fields(q: RunQuery) -> dict[str, object]:
-    return {f: getattr(q, f) for f in q.__dataclass_fields__}
 
 
 class ConsoleContract(StoreFixtures):
@@ -40,7 +38,7 @@ class ConsoleContract(StoreFixtures):
 
     async def seed(self, store: Store) -> list[RunRecord]:
         """12 runs of two workflows, several sharing one creation time (ties by id)."""
-        runs = []
+        runs: list[RunRecord] = []
         for i in range(12):
             run = new_run(self.app, "place_order" if i % 3 else "refund",
                           idempotency_key=f"key-{i}", correlation_id=f"corr-{i % 4}")
@@ -70,7 +68,7 @@ class ConsoleContract(StoreFixtures):
     async def test_filters_each_and_together(self, store: Store) -> None:
         runs = await self.seed(store)
 
-        async def ids(**kw: object) -> list[str]:
+        async def ids(**kw: Any) -> list[str]:
             return [r.run_id for r in await page_all(store, self.app, RunQuery(limit=4, **kw))]
 
         assert await ids(workflow="refund") == self.newest_first(

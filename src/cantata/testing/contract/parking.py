@@ -1,10 +1,11 @@
-"""Parked runs (store/parking.py): released with what wakes them, claimed when due,
+"""Parked runs (store/roles/parking.py): released with what wakes them, claimed when due,
 woken by an event match, a child's end or a cancel request."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -13,13 +14,14 @@ from cantata.model.parking import FOREVER, Parking, candidates, event_wait
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.base import RUNS, Store
-from tests.contract.store_support import StoreFixtures, eventually, new_run
+from cantata.testing.contract.support import StoreFixtures, new_run
+from cantata.testing.wait import eventually
 
 
 class ParkingContract(StoreFixtures):
     """Runs released with a :class:`Parking` stay unclaimed until due or woken."""
 
-    async def parked(self, store: Store, parking: Parking, **kw: object) -> str:
+    async def parked(self, store: Store, parking: Parking, **kw: Any) -> str:
         run = new_run(self.app, status=RunStatus.RUNNING, **kw)
         await store.create_run(run)
         [claimed] = await store.claim_runs(self.app, "w1", ["wf"], stale_before=0,

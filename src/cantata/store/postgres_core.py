@@ -1,0 +1,40 @@
+"""The PostgreSQL store's core: the pool and the group-committing writer.
+
+Every role of :class:`~cantata.store.postgres.PostgresStore` (``postgres_runs``,
+``postgres_events``, ``postgres_trace``, ``postgres_operate``, ``postgres_console``,
+``postgres_flow``)
+is a subclass of :class:`PostgresCore`: reads and rare writes use pooled connections
+(``_db``), hot writes the batch writer (``_w``, see :mod:`cantata.store.postgres_batch`).
+"""
+
+from __future__ import annotations
+
+from cantata.store import postgres_onetrip as onetrip
+from cantata.store.common import StoreBase
+from cantata.store.postgres_batch import BatchWriter
+from cantata.store.postgres_pool import PgPool
+
+
+class PostgresCore(StoreBase):
+    """The pool, the batch writer, opening and closing."""
+
+    def __init__(
+        self, url: str, *, pool_size: int = 10, connect_timeout: float = 3.0, writers: int = 2
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self._db = PgPool(
+            url, pool_size=pool_size, connect_timeout=connect_timeout, on_change=self._emit
+        )
+        self._w = BatchWriter(self._db, writers=writers, one_statement=onetrip)
+        self._w.audit_keys = self._audit_keys  # one dict: set_audit_key keys the writer too
+
+    async def open(self) -> None:
+        """Connect (retrying briefly), migrate the schema, open the pool and LISTEN."""
+        await self._db.open()
+        self._w.reopen()
+
+    async def close(self) -> None:
+        """Commit queued writes, let operations in flight finish, close every connection."""
+        await self._w.close()
+        await self._db.close()

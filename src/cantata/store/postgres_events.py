@@ -1,0 +1,168 @@
+"""The PostgreSQL store, events: the log, deliveries, dead letters and the outbox
+(see :class:`~cantata.store.roles.EventStore` and :class:`~cantata.store.roles.OutboxStore`).
+Appending, claiming, settling and marking published are group-committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cantata.errors import DeadLetterNotFound
+from cantata.model.event import Event, like_pattern, matches
+from cantata.model.records import (
+    DeadLetter,
+    Delivery,
+)
+from cantata.store import audit
+from cantata.store import postgres_ops as ops
+from cantata.store import postgres_writes as writes
+from cantata.store.base import (
+    EVENTS,
+    Settlement,
+)
+from cantata.store.postgres_core import PostgresCore
+from cantata.store.postgres_ops import (
+    D_DELIVERY_COLS,
+    E_EVENT_COLS,
+    EVENT_COLS,
+    dead_letter_row,
+    delivery_row,
+    event_row,
+)
+
+
+class PostgresEvents(PostgresCore):
+    """The events, deliveries and outbox roles of :class:`~cantata.store.postgres.PostgresStore`."""
+
+    async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        if not events:
+            return []
+        return await self._w.run_many(writes.append_many, (app, events))
+
+    async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
+        row = await self._db.fetchrow(
+            f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND id=$2", app, event_id
+        )
+        return None if row is None else event_row(row)
+
+    async def find_events(
+        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
+    ) -> list[Event[Any]]:
+        wildcard = "*" in event_type
+        rows = await self._db.fetch(
+            f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND "
+            + ("type LIKE $2 ESCAPE '\\'" if wildcard else "type=$2")
+            + " AND stored_at>=$3 AND NOT (id = ANY($4::text[])) ORDER BY seq LIMIT $5",
+            app, like_pattern(event_type) if wildcard else event_type, since, list(exclude),
+            limit,
+        )
+        found = [event_row(r) for r in rows]
+        return [e for e in found if matches(event_type, e.type)] if wildcard else found
+
+    async def claim_deliveries(
+        self,
+        app: str,
+        worker_id: str,
+        groups: Sequence[str],
+        *,
+        now: float,
+        stale_before: float,
+        limit: int,
+    ) -> list[Delivery]:
+        if not groups:
+            return []
+        return await self._w.run_many(
+            writes.claim_deliveries_many, (app, worker_id, groups, now, stale_before, limit)
+        )
+
+    async def settle_delivery(
+        self, app: str, group: str, event_id: str, settlement: Settlement
+    ) -> bool:
+        return await self._w.run_many(
+            writes.settle_many, (app, group, event_id, settlement)
+        )
+
+    async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
+        rows = await self._db.fetch(
+            f"SELECT {D_DELIVERY_COLS}, {E_EVENT_COLS} FROM deliveries d JOIN events e "
+            "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.event_id=$2 "
+            'ORDER BY d.grp COLLATE "C"',
+            app, event_id,
+        )
+        return [delivery_row(r, event_row(r[8:])) for r in rows]
+
+    async def delivery_states(
+        self, app: str, group: str, event_ids: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
+        if not event_ids:
+            return {}
+        rows = await self._db.fetch(
+            "SELECT event_id, status, attempts FROM deliveries WHERE app=$1 AND grp=$2 "
+            "AND event_id = ANY($3::text[])",
+            app, group, list(event_ids),
+        )
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
+        rows = await self._db.fetch(
+            f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
+            f"{E_EVENT_COLS} FROM dead_letters d JOIN events e ON e.app=d.app "
+            "AND e.id=d.event_id WHERE d.app=$1 ORDER BY d.failed_at LIMIT $2",
+            app, limit,
+        )
+        return [dead_letter_row(r, event_row(r[6:])) for r in rows]
+
+    async def replay_dead_letter(
+        self, app: str, dead_letter_id: str, now: float, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        async with self._db.tx() as c:
+            row = await c.fetchrow(
+                "DELETE FROM dead_letters WHERE app=$1 AND id=$2 "
+                "RETURNING id, grp, event_id, error, attempts, failed_at",
+                app, dead_letter_id,
+            )
+            ev_row = None if row is None else await c.fetchrow(
+                f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND id=$2", app, row[2]
+            )
+            if row is None or ev_row is None:
+                raise DeadLetterNotFound(
+                    f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
+                    "`cantata dlq list`"
+                )
+            await c.execute(
+                "UPDATE deliveries SET status='pending', attempts=0, next_at=$4, owner=NULL, "
+                "error=NULL, updated_at=$4 WHERE app=$1 AND grp=$2 AND event_id=$3",
+                app, row[1], row[2], now,
+            )
+            await self._db.notify(c, app, EVENTS)
+            await ops.audit_append(
+                c, app, audit.replay_entry(row[1], row[2], dead_letter_id, actor),
+                self._audit_keys.get(app),
+            )
+        return dead_letter_row(row, event_row(ev_row))
+
+    async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
+        rows = await self._db.fetch(
+            f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND NOT published ORDER BY seq "
+            "LIMIT $2",
+            app, limit,
+        )
+        return [event_row(r) for r in rows]
+
+    async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
+        if not event_ids:
+            return
+        await self._w.run(lambda c, b: writes.mark_published(c, b, app, event_ids))
+
+    async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        if not events:
+            return []
+        return await self._w.run(lambda c, b: writes.append_external(c, b, app, events))
+
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
+        return await self._w.run(
+            lambda c, b: writes.redrive_events(c, b, app, stored_before, limit)
+        )

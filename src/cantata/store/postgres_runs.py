@@ -1,0 +1,177 @@
+"""The PostgreSQL store, runs: creating, claiming, checkpointing and cancelling them,
+their history, attempts and step heartbeats (see :class:`~cantata.store.roles.RunStore`).
+Creating, claiming and committing are group-committed (:mod:`cantata.store.postgres_writes`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from cantata.model.records import (
+    Attempt,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+    StepHeartbeat,
+)
+from cantata.model.status import RunStatus
+from cantata.store import audit
+from cantata.store import postgres_ops as ops
+from cantata.store import postgres_writes as writes
+from cantata.store.base import (
+    CANCEL,
+)
+from cantata.store.postgres_core import PostgresCore
+from cantata.store.postgres_ops import (
+    ATTEMPT_COLS,
+    HISTORY_COLS,
+    LIVE_SQL,
+    RUN_COLS,
+    run_row,
+)
+
+
+class PostgresRuns(PostgresCore):
+    """The runs role of :class:`~cantata.store.postgres.PostgresStore`."""
+
+    async def create_run(
+        self, run: RunRecord, first: RunWrite | None = None
+    ) -> tuple[RunRecord, bool]:
+        return await self._w.run_many(writes.create_runs, (run, first))
+
+    async def get_run(self, app: str, run_id: str) -> RunRecord | None:
+        row = await self._db.fetchrow(
+            f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND run_id=$2", app, run_id
+        )
+        return None if row is None else run_row(row)
+
+    async def list_runs(
+        self,
+        app: str,
+        *,
+        status: RunStatus | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        rows = await self._db.fetch(
+            f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND ($2::text IS NULL OR status=$2) "
+            "AND ($3::text IS NULL OR workflow=$3) "
+            'ORDER BY created_at DESC, run_id COLLATE "C" LIMIT $4',
+            app, None if status is None else str(status), workflow, limit,
+        )
+        return [run_row(r) for r in rows]
+
+    async def claim_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        stale_before: float,
+        limit: int,
+        versions: Sequence[str] | None = None,
+        run_ids: Sequence[str] | None = None,
+        now: float | None = None,
+    ) -> list[RunRecord]:
+        if not workflows or (run_ids is not None and not run_ids):
+            return []
+        return await self._w.run(
+            lambda c, b: writes.claim_runs(c, b, app, worker_id, workflows, stale_before, limit,
+                                           versions, run_ids, now)
+        )
+
+    async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        await self._w.run_many(writes.commit_runs, (app, run_id, fence, write))
+
+    async def request_cancel(
+        self, app: str, run_id: str, *, actor: str = audit.SYSTEM
+    ) -> RunRecord | None:
+        async with self._db.tx() as c:
+            status = await c.execute(
+                "UPDATE runs SET cancel_requested=true, updated_at=$3, wake_at=NULL, "
+                f"waits_for=NULL, wait_match=NULL WHERE app=$1 "
+                f"AND run_id=$2 AND status IN {LIVE_SQL}",
+                app, run_id, time.time(),
+            )
+            row = await c.fetchrow(
+                f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND run_id=$2", app, run_id
+            )
+            if row is None:
+                return None
+            run = run_row(row)
+            await self._db.notify(c, app, CANCEL)
+            await ops.audit_append(c, app, audit.cancel_entry(
+                run_id, actor, str(run.status), status != "UPDATE 0"
+            ), self._audit_keys.get(app))
+        return run
+
+    async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:
+        rows = await self._db.fetch(
+            f"SELECT run_id, fence FROM runs WHERE app=$1 AND owner=$2 AND status IN {LIVE_SQL}",
+            app, worker_id,
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
+        if not run_ids:
+            return []
+        rows = await self._db.fetch(
+            "SELECT run_id FROM runs WHERE app=$1 AND cancel_requested "
+            "AND run_id = ANY($2::text[])",
+            app, list(run_ids),
+        )
+        return [r[0] for r in rows]
+
+    async def load_history(self, app: str, run_id: str) -> list[HistoryEntry]:
+        rows = await self._db.fetch(
+            f"SELECT {HISTORY_COLS} FROM history WHERE app=$1 AND run_id=$2 ORDER BY seq",
+            app, run_id,
+        )
+        return [HistoryEntry(*r) for r in rows]
+
+    async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
+        rows = await self._db.fetch(
+            f"SELECT {ATTEMPT_COLS} FROM attempts WHERE app=$1 AND run_id=$2 "
+            "ORDER BY started_at, attempt",
+            app, run_id,
+        )
+        return [Attempt(*r) for r in rows]
+
+    async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
+        if not attempts:
+            return 0
+        status = await self._db.execute(
+            ops.EXCUSE_ATTEMPTS, app, run_id, [a.key for a in attempts],
+            [a.attempt for a in attempts], [a.started_at for a in attempts],
+            [a.ended_at for a in attempts], [a.error_type for a in attempts],
+            [a.error for a in attempts],
+        )
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
+        rows = await self._db.fetch(
+            f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND parent_run_id=$2 "
+            "ORDER BY created_at",
+            app, parent_run_id,
+        )
+        return [run_row(r) for r in rows]
+
+    async def record_step_heartbeat(self, app: str, run_id: str, beat: StepHeartbeat) -> None:
+        await self._db.execute(
+            "INSERT INTO step_heartbeats VALUES ($1,$2,$3,$4,$5,$6) "
+            "ON CONFLICT (app, run_id, key) DO UPDATE SET attempt=excluded.attempt, "
+            "at=excluded.at, details=excluded.details "
+            "WHERE excluded.attempt >= step_heartbeats.attempt",
+            app, run_id, beat.key, beat.attempt, beat.at, beat.details,
+        )
+
+    async def last_step_heartbeat(
+        self, app: str, run_id: str, key: str
+    ) -> StepHeartbeat | None:
+        row = await self._db.fetchrow(
+            "SELECT key, attempt, at, details FROM step_heartbeats WHERE app=$1 "
+            "AND run_id=$2 AND key=$3",
+            app, run_id, key,
+        )
+        return None if row is None else StepHeartbeat(*row)

@@ -1,0 +1,154 @@
+"""The PostgreSQL store, reading back: the apps, one transaction's records (from one
+snapshot) and stale work (see :class:`~cantata.store.roles.TraceStore`)."""
+
+from __future__ import annotations
+
+from cantata.model.records import (
+    Attempt,
+    HistoryEntry,
+)
+from cantata.store.base import TraceRecords
+from cantata.store.common import first_per_run
+from cantata.store.postgres_core import PostgresCore
+from cantata.store.postgres_ops import (
+    ATTEMPT_COLS,
+    DELIVERY_COLS,
+    EVENT_COLS,
+    HISTORY_COLS,
+    LIVE_SQL,
+    RUN_COLS,
+    TASK_COLS,
+    dead_letter_row,
+    delivery_row,
+    event_row,
+    run_row,
+    task_row,
+)
+
+
+class PostgresTrace(PostgresCore):
+    """The trace-reading role of :class:`~cantata.store.postgres.PostgresStore`."""
+
+    async def apps(self) -> list[str]:
+        """App names in runs, events, declarations, workers and audit heads.
+
+        The big tables are read with a skip scan (one index probe per app).
+        """
+        async with self._db.conn() as c:
+            rows = await c.fetch(
+                "WITH RECURSIVE r(app) AS (SELECT min(app) FROM runs UNION ALL "
+                " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r"
+                " WHERE r.app IS NOT NULL),"
+                " e(app) AS (SELECT min(app) FROM events UNION ALL "
+                " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e"
+                " WHERE e.app IS NOT NULL)"
+                " SELECT app FROM r UNION SELECT app FROM e UNION SELECT app FROM declarations "
+                " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
+            )
+            return sorted(r[0] for r in rows if r[0] is not None)
+
+    async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
+        """One query per part, in one read-only repeatable-read snapshot."""
+        async with self._db.conn() as c, c.transaction(isolation="repeatable_read", readonly=True):
+            runs = [
+                run_row(r)
+                for r in await c.fetch(
+                    f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
+                    'ORDER BY created_at, run_id COLLATE "C" LIMIT $3',
+                    app,
+                    correlation_id,
+                    limit,
+                )
+            ]
+            ids = [r.run_id for r in runs]
+            entries = first_per_run(
+                (
+                    (r[0], HistoryEntry(*r[1:]))
+                    for r in await c.fetch(
+                        f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=$1 "
+                        "AND run_id = ANY($2::text[]) ORDER BY seq",
+                        app,
+                        ids,
+                    )
+                ),
+                ids,
+                limit,
+            )
+            attempts = first_per_run(
+                (
+                    (r[0], Attempt(*r[1:]))
+                    for r in await c.fetch(
+                        f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=$1 "
+                        'AND run_id = ANY($2::text[]) ORDER BY started_at, attempt, key COLLATE '
+                        '"C"',
+                        app,
+                        ids,
+                    )
+                ),
+                ids,
+                limit,
+            )
+            tasks = [
+                task_row(r)
+                for r in await c.fetch(
+                    f"SELECT {TASK_COLS} FROM tasks WHERE app=$1 AND run_id = ANY($2::text[]) "
+                    'ORDER BY created_at, task_id COLLATE "C" LIMIT $3',
+                    app,
+                    ids,
+                    limit,
+                )
+            ]
+            events = [
+                (event_row(r), r[10])
+                for r in await c.fetch(
+                    f"SELECT {EVENT_COLS}, stored_at FROM events WHERE app=$1 "
+                    "AND correlation_id=$2 ORDER BY seq LIMIT $3",
+                    app,
+                    correlation_id,
+                    limit,
+                )
+            ]
+            by_id = {e.id: e for e, _ in events}
+            deliveries = [
+                delivery_row(r, by_id[r[1]])
+                for r in await c.fetch(
+                    f"SELECT {DELIVERY_COLS} FROM deliveries WHERE app=$1 "
+                    "AND event_id = ANY($2::text[]) "
+                    'ORDER BY updated_at, grp COLLATE "C", event_id COLLATE "C"',
+                    app,
+                    list(by_id),
+                )
+            ]
+            dead = [
+                dead_letter_row(r, by_id[r[2]])
+                for r in await c.fetch(
+                    "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
+                    'WHERE app=$1 AND event_id = ANY($2::text[]) ORDER BY failed_at, id COLLATE '
+                    '"C"',
+                    app,
+                    list(by_id),
+                )
+            ]
+            return TraceRecords(runs, entries, attempts, events, deliveries, dead, tasks)
+
+    async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
+        async with self._db.conn() as c:
+            rows = await c.fetch(
+                f"SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
+                f"{LIVE_SQL} AND updated_at < $2 "
+                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
+                "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
+                "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
+                "('pending','dead') AND d.updated_at < $2 "
+                "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=$1 "
+                "AND status='pending' AND updated_at < $2 "
+                "ORDER BY 2 LIMIT $3",
+                app,
+                older_than,
+                limit * 4,
+            )
+            seen: dict[str, None] = {}
+            for r in rows:
+                if r[0] is not None:
+                    seen.setdefault(r[0])
+            return list(seen)[:limit]

@@ -1,0 +1,37 @@
+"""What the console reads, and its API tokens (docs/console.md)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cantata.model.access import RunQuery, TokenRecord
+from cantata.model.records import (
+    RunRecord,
+)
+
+
+class ConsoleStore(Protocol):
+    """Pages of runs, counts by status and API tokens (docs/console.md)."""
+
+    async def query_runs(self, app: str, query: RunQuery) -> list[RunRecord]:
+        """One page of runs matching ``query``, newest first: ordered by ``created_at``
+        then ``run_id``, both descending, starting after ``query.after``."""
+
+    async def count_runs(self, app: str) -> dict[str, int]:
+        """How many runs of ``app`` have each status (statuses with none are absent)."""
+
+    async def create_token(self, token: TokenRecord) -> None:
+        """Store an API token (its hash), replacing a revoked token of the same name.
+
+        Raises:
+            TokenExists: an active token has that name.
+        """
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        """The token (active or revoked) whose secret hashes to ``token_hash``."""
+
+    async def tokens(self) -> list[TokenRecord]:
+        """Every token, active and revoked, by name."""
+
+    async def revoke_token(self, name: str, now: float) -> bool:
+        """Revoke the active token ``name``; ``False`` when there is none."""

@@ -1,0 +1,143 @@
+"""The event log and its deliveries: one row per (group, event), the inbox.
+
+:class:`EventStore` appends and reads events and settles what handlers did with
+them; :class:`OutboxStore` is the outbox an external broker relays from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cantata.model.event import Event
+from cantata.model.records import (
+    DeadLetter,
+    Delivery,
+)
+
+
+@dataclass(slots=True)
+class Settlement:
+    """The outcome of one handler attempt for (group, event).
+
+    ``done`` marks the delivery handled and appends ``events`` (what the handler
+    emitted) in the same transaction; ``retry_at`` schedules another attempt;
+    ``dead`` moves it to the dead-letter queue with ``error``.
+
+    ``hold_for`` (a worker id) with ``hold`` ((group, event id) pairs of ``events``):
+    those new deliveries are claimed by that worker in the same transaction (their
+    first attempt counted), so the worker can handle them at once without a claim of
+    its own (the embedded broker's hand-off, docs/performance.md); if it dies they are
+    taken over after the lease like any claimed delivery.
+    """
+
+    outcome: str  # "done" | "retry" | "dead"
+    attempts: int
+    events: list[Event[Any]] = field(default_factory=list)
+    error: str | None = None
+    retry_at: float = 0.0
+    dead_letter_id: str | None = None
+    hold_for: str | None = None
+    hold: list[tuple[str, str]] = field(default_factory=list)
+    held: list[tuple[str, str]] = field(default_factory=list)  # set by the store: of
+    # ``hold``, the deliveries it did claim (a new one, pending, nobody's, no attempt)
+
+
+class EventStore(Protocol):
+    """The event log, deliveries and dead letters."""
+
+    async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Append events to the log (idempotent by id) and fan out deliveries.
+
+        For each event, one pending delivery row is created per declared handler
+        group whose pattern matches its type. Returns, per event, how many groups
+        it was addressed to (0 for an event already stored).
+        """
+
+    async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
+        """One stored event."""
+
+    async def find_events(
+        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
+    ) -> list[Event[Any]]:
+        """Events of ``event_type`` stored at or after ``since``, oldest first.
+
+        ``event_type`` may be a pattern with one-token wildcards (``order.*``).
+        """
+
+    async def claim_deliveries(
+        self,
+        app: str,
+        worker_id: str,
+        groups: Sequence[str],
+        *,
+        now: float,
+        stale_before: float,
+        limit: int,
+    ) -> list[Delivery]:
+        """Take pending deliveries of ``groups`` that are due and not owned by a live worker.
+
+        Each claim counts one attempt (``attempts`` is incremented before it is
+        returned), so a handler that kills its worker is not retried forever.
+        """
+
+    async def settle_delivery(
+        self, app: str, group: str, event_id: str, settlement: Settlement
+    ) -> bool:
+        """Record the outcome of a handler attempt.
+
+        For ``done`` the delivery is marked handled and ``settlement.events`` are
+        appended in the same transaction, only if it was not handled before; returns
+        ``False`` (and writes nothing) for a delivery already handled.
+        """
+
+    async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
+        """The per-group delivery rows of one event."""
+
+    async def delivery_states(
+        self, app: str, group: str, event_ids: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
+        """``event id -> (status, attempts)`` of ``group``'s deliveries of these events;
+        an event not addressed to the group (or not stored) is absent. One read for
+        many events: a broker checks a whole fetched batch at once."""
+
+    async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+
+    async def replay_dead_letter(
+        self, app: str, dead_letter_id: str, now: float, *, actor: str = "system"
+    ) -> DeadLetter:
+        """Remove a dead letter and make its delivery pending again (attempts reset).
+
+        Audited as ``dead_letter.replayed`` by ``actor``.
+
+        Raises:
+            DeadLetterNotFound: no such dead letter in ``app``.
+        """
+
+
+class OutboxStore(Protocol):
+    """The outbox: what the relay hands to an external broker (docs/architecture.md)."""
+
+    async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
+        """Outbox: events not yet handed to an external broker, oldest first."""
+
+    async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
+        """Outbox: these events reached the external broker."""
+
+    async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Store events that came from the broker, as :meth:`append_events` does, marked
+        published and external in the same transaction: the outbox relay never sends
+        them back and :meth:`redrive_events` leaves them alone."""
+
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
+        """Outbox: hand back to the outbox (unpublished) up to ``limit`` published events
+        stored before ``stored_before`` that some group has still pending (the broker
+        lost them, or an operator re-drives them); never external events.
+
+        Returns:
+            The events the outbox relay will publish again, oldest first.
+        """

@@ -1,0 +1,78 @@
+"""Opening, closing and watching a store, and the members of each app.
+
+:class:`StoreLifecycle` is what every user of a store needs: open it, close it,
+hear its changes (:data:`ChangeListener` on one of the channels below) and know
+which store it is. :class:`WorkerStore` records what each process declares and
+that its workers are alive (docs/leases.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from cantata.model.records import (
+    Declaration,
+    WorkerInfo,
+)
+
+# Change channels passed to listeners.
+RUNS = "runs"
+EVENTS = "events"
+CANCEL = "cancel"
+TASKS = "tasks"
+
+ChangeListener = Callable[[str], None]
+
+
+class StoreLifecycle(Protocol):
+    """Open, close, listen and say which store it is."""
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect and migrate the schema.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached or opened.
+            StoreCorrupt: it exists but is not a (compatible) Cantata store.
+        """
+
+    async def close(self) -> None:
+        """Release connections; pending writes are committed first."""
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener(channel)`` when runs, events, cancellations or tasks change.
+
+        Backends call it for their own writes and, where the database can say so
+        (PostgreSQL LISTEN/NOTIFY), for other processes' writes too. ``runs`` is
+        called at least when a run nobody owns is created, when a run ends and when
+        its owner lets it go; a backend may leave out the checkpoints in between.
+        """
+
+    async def identity(self) -> str:
+        """This store's id, made once when the store was created (a broker records it
+        on what it creates for an app, to tell two stores of one app name apart)."""
+
+
+class WorkerStore(Protocol):
+    """Declarations of every process of an app, and its workers' heartbeats."""
+
+    async def declare(self, app: str, declarations: Sequence[Declaration]) -> None:
+        """Record what an app's process declares (replaces nothing: union by key)."""
+
+    async def declarations(self, app: str) -> list[Declaration]:
+        """Everything declared in ``app`` by any process."""
+
+    async def heartbeat(self, app: str, worker_id: str, now: float, info: str | None) -> None:
+        """Record that ``worker_id`` is alive at ``now``."""
+
+    async def remove_worker(self, app: str, worker_id: str) -> None:
+        """Forget a worker that stopped cleanly and release what it owned.
+
+        Its runs, and its pending deliveries and tasks, lose their owner, so other
+        workers can claim them at once instead of waiting for the lease to expire.
+        """
+
+    async def workers(self, app: str) -> list[WorkerInfo]:
+        """Workers of ``app`` and their last heartbeat."""

@@ -1,0 +1,107 @@
+"""Operating runs: finding, retrying and forking them (docs/operating.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from cantata.model.records import (
+    DeadLetter,
+    HistoryEntry,
+    RunRecord,
+)
+from cantata.model.status import RunStatus
+
+
+class OperateStore(Protocol):
+    """What an operator does to runs and dead letters (docs/operating.md)."""
+
+    async def find_runs(
+        self,
+        app: str,
+        *,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        """Runs matching every given filter, newest first; ``attributes`` are
+        ``{name: indexed text}`` pairs a run must all hold."""
+
+    async def run_attributes(self, app: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """``run id -> {name: indexed text}`` for those of ``run_ids`` that have any."""
+
+    async def attribute_names(self, app: str) -> list[str]:
+        """Every attribute name some run of ``app`` has set, sorted."""
+
+    async def runs_by_prefix(self, app: str, prefix: str, *, limit: int) -> list[RunRecord]:
+        """Runs whose id starts with ``prefix``, in id order (at most ``limit``)."""
+
+    async def foreign_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        versions: Sequence[str],
+        stale_before: float,
+        limit: int,
+        now: float | None = None,
+    ) -> list[RunRecord]:
+        """Runs :meth:`claim_runs` could give ``worker_id`` (with the same ``now``) but
+        that are pinned to a version not in ``versions`` (read only: a worker checks
+        it can replay them)."""
+
+    async def retry_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        include_compensated: bool,
+        version: str | None,
+        actor: str,
+        now: float,
+    ) -> RunRecord:
+        """Make a failed (or, with ``include_compensated``, compensated) run live again.
+
+        In one transaction: the run's first failed entry (not a compensation) and every
+        entry after it, and every compensation entry, move with their attempts to the
+        superseded history under the run's next ``epoch``; the run's attributes are
+        those its remaining history set; it becomes ``pending``, unowned, with no
+        result, error, flag or cancel request, pinned to ``version``, and a deadline
+        already passed is dropped. Audited as ``run.retried`` by ``actor``.
+
+        Raises:
+            RunNotFound: no such run.
+            RunInProgress: the run is live.
+            RunNotRetryable: it ended in another status.
+        """
+
+    async def fork_run(
+        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+    ) -> RunRecord:
+        """Create ``run`` (a new pending run) with the source run's recorded history
+        before entry ``before_key``: entries of lower ``seq`` that ended (completed or
+        failed), compensations left out, with their attempts. Audited as
+        ``run.created`` and ``run.forked`` by ``actor``, in one transaction.
+
+        Raises:
+            RunNotFound: no such source run.
+            RunInProgress: the source run is live.
+            StepNotInHistory: ``before_key`` is not a (non-compensation) entry of it.
+        """
+
+    async def superseded_history(self, app: str, run_id: str) -> list[tuple[int, HistoryEntry]]:
+        """``(epoch, entry)`` for each entry retries superseded, by epoch then ``seq``."""
+
+    async def discard_dead_letter(
+        self, app: str, dead_letter_id: str, *, actor: str = "system"
+    ) -> DeadLetter:
+        """Remove a dead letter for good (its delivery stays ``dead``).
+
+        Audited as ``dead_letter.discarded`` by ``actor``.
+
+        Raises:
+            DeadLetterNotFound: no such dead letter in ``app``.
+        """

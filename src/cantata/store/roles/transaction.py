@@ -1,0 +1,27 @@
+"""A store that can share its transaction with a service's own tables."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cantata.store.tx import T, TxBody
+
+
+class TransactionalStore(Protocol):
+    """A store whose database can also hold a service's own tables (SQLite, PostgreSQL).
+
+    ``@app.transaction`` steps use it; a store without it (``memory://``) cannot
+    run them.
+    """
+
+    async def run_transaction(self, app: str, run_id: str, fence: int, body: TxBody[T]) -> T:
+        """Open a transaction, run ``body(tx)``, then apply the checkpoint it returns
+        (as :meth:`Store.commit_run` does, fenced) and COMMIT; returns ``body``'s value.
+
+        Whatever ``body`` did with the tx, and the checkpoint with its events, commit
+        together or not at all.
+
+        Raises:
+            LeaseLost: the run's fence is no longer ``fence`` (nothing is committed).
+            TransactionUnsupported: this store cannot share its transaction.
+        """

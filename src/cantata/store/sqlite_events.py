@@ -1,0 +1,315 @@
+"""The SQLite store, events: the log, deliveries, dead letters and the outbox
+(see :class:`~cantata.store.roles.EventStore` and :class:`~cantata.store.roles.OutboxStore`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cantata.errors import DeadLetterNotFound
+from cantata.model import codec
+from cantata.model.event import Event, like_pattern, matches
+from cantata.model.records import (
+    DELIVERY_DONE,
+    DELIVERY_PENDING,
+    DeadLetter,
+    Delivery,
+)
+from cantata.store import audit
+from cantata.store.base import (
+    EVENTS,
+    Settlement,
+)
+from cantata.store.sqlite_core import SQLiteCore
+from cantata.store.sqlite_ops import (
+    E_EVENT_COLS,
+    EVENT_COLS,
+    HOLD_SQL,
+    audit_append,
+    dead_letter_row,
+    event_row,
+)
+
+
+class SQLiteEvents(SQLiteCore):
+    """The events, deliveries and outbox roles of :class:`~cantata.store.sqlite.SQLiteStore`."""
+
+    async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        return await self._t.write(lambda c: self._append(c, app, events), EVENTS)
+
+    async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
+        row = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT {EVENT_COLS} FROM events WHERE app=? AND id=?", (app, event_id)
+            ).fetchone()
+        )
+        return None if row is None else event_row(row)
+
+    async def find_events(
+        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
+    ) -> list[Event[Any]]:
+        skip = list(exclude)
+        wildcard = "*" in event_type
+        sql = (
+            f"SELECT {EVENT_COLS} FROM events WHERE app=? AND "
+            + ("type LIKE ? ESCAPE '\\'" if wildcard else "type=?")
+            + " AND stored_at>=?"
+            + (f" AND id NOT IN ({','.join('?' * len(skip))})" if skip else "")
+            + " ORDER BY seq LIMIT ?"
+        )
+        wanted = like_pattern(event_type) if wildcard else event_type
+        rows = await self._t.read(
+            lambda c: c.execute(sql, (app, wanted, since, *skip, limit)).fetchall()
+        )
+        found = [event_row(r) for r in rows]
+        return [e for e in found if matches(event_type, e.type)] if wildcard else found
+
+    async def claim_deliveries(
+        self,
+        app: str,
+        worker_id: str,
+        groups: Sequence[str],
+        *,
+        now: float,
+        stale_before: float,
+        limit: int,
+    ) -> list[Delivery]:
+        if not groups:
+            return []
+        marks = ",".join("?" * len(groups))
+
+        def op(c: sqlite3.Connection) -> list[Delivery]:
+            claimed = c.execute(
+                f"UPDATE deliveries SET owner=?, fence=fence+1, attempts=attempts+1, "
+                f"updated_at=? WHERE (app, grp, event_id) IN ("
+                f" SELECT d.app, d.grp, d.event_id FROM deliveries d INDEXED BY deliveries_due"
+                f"  LEFT JOIN workers w"
+                f"  ON w.app=d.app AND w.worker_id=d.owner"
+                f" WHERE d.app=? AND d.status='pending' AND d.grp IN ({marks}) AND d.next_at<=?"
+                f"  AND (d.owner IS NULL OR (d.owner<>? AND"
+                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?)))"
+                f" ORDER BY d.next_at LIMIT ?)"
+                f" RETURNING grp, event_id, attempts, next_at, error, fence",
+                (worker_id, now, app, *groups, now, worker_id, stale_before, limit),
+            ).fetchall()
+            out = []
+            for grp, event_id, attempts, next_at, error, fence in claimed:
+                row = c.execute(
+                    f"SELECT {EVENT_COLS} FROM events WHERE app=? AND id=?", (app, event_id)
+                ).fetchone()
+                if row is None:
+                    continue
+                out.append(
+                    Delivery(
+                        grp, event_row(row), DELIVERY_PENDING, attempts, next_at, error, now, fence
+                    )
+                )
+            return out
+
+        return await self._t.write(op)
+
+    async def settle_delivery(
+        self, app: str, group: str, event_id: str, settlement: Settlement
+    ) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            s = settlement
+            now = time.time()
+            row = c.execute(
+                "SELECT status, owner FROM deliveries WHERE app=? AND grp=? AND event_id=?",
+                (app, group, event_id),
+            ).fetchone()
+            owner = None if row is None else row[1]
+            if row is not None and row[0] == DELIVERY_DONE:
+                return False
+            if row is None:
+                c.execute(
+                    "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
+                    "VALUES (?,?,?,'pending',?)",
+                    (app, group, event_id, now),
+                )
+            if s.outcome == "done":
+                c.execute(
+                    "UPDATE deliveries SET status='done', attempts=?, owner=NULL, error=NULL, "
+                    "updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                    (s.attempts, now, app, group, event_id),
+                )
+                if s.events:
+                    self._append(c, app, s.events)
+                    if s.hold_for is not None:
+                        s.held = [
+                            (g, e) for g, e in s.hold
+                            if c.execute(HOLD_SQL, (s.hold_for, now, app, g, e)).rowcount == 1
+                        ]
+                audit_append(
+                    c,
+                    app,
+                    audit.delivery_entry(
+                        group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
+                    ),
+                )
+            elif s.outcome == "retry":
+                c.execute(
+                    "UPDATE deliveries SET status='pending', attempts=?, owner=NULL, error=?, "
+                    "next_at=?, updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                    (s.attempts, s.error, s.retry_at, now, app, group, event_id),
+                )
+            else:
+                c.execute(
+                    "UPDATE deliveries SET status='dead', attempts=?, owner=NULL, error=?, "
+                    "updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                    (s.attempts, s.error, now, app, group, event_id),
+                )
+                dead_letter_id = s.dead_letter_id or codec.new_id()
+                c.execute(
+                    "INSERT INTO dead_letters VALUES (?,?,?,?,?,?,?)",
+                    (
+                        app,
+                        dead_letter_id,
+                        group,
+                        event_id,
+                        s.error or "unknown error",
+                        s.attempts,
+                        now,
+                    ),
+                )
+                audit_append(
+                    c,
+                    app,
+                    audit.delivery_entry(
+                        group,
+                        event_id,
+                        owner,
+                        "dead",
+                        s.attempts,
+                        error=s.error,
+                        dead_letter_id=dead_letter_id,
+                    ),
+                )
+            return True
+
+        return await self._t.write(op, EVENTS)
+
+    async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT d.grp, d.status, d.attempts, d.next_at, d.error, d.updated_at, "
+                f"d.fence, {E_EVENT_COLS} FROM deliveries d INDEXED BY deliveries_event "
+                "JOIN events e ON e.app=d.app AND e.id=d.event_id "
+                "WHERE d.app=? AND d.event_id=? ORDER BY d.grp",
+                (app, event_id),
+            ).fetchall()
+        )
+        if not rows:
+            return []
+        event = event_row(rows[0][7:])
+        return [Delivery(r[0], event, r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    async def delivery_states(
+        self, app: str, group: str, event_ids: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
+        ids = list(dict.fromkeys(event_ids))
+
+        def op(c: sqlite3.Connection) -> dict[str, tuple[str, int]]:
+            out: dict[str, tuple[str, int]] = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                for event_id, status, attempts in c.execute(
+                    "SELECT event_id, status, attempts FROM deliveries WHERE app=? AND grp=? "
+                    f"AND event_id IN ({','.join('?' * len(chunk))})",
+                    (app, group, *chunk),
+                ):
+                    out[event_id] = (status, attempts)
+            return out
+
+        return await self._t.read(op) if ids else {}
+
+    async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
+                f"{E_EVENT_COLS} "
+                "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
+                "WHERE d.app=? ORDER BY d.failed_at LIMIT ?",
+                (app, limit),
+            ).fetchall()
+        )
+        return [dead_letter_row(r) for r in rows]
+
+    async def replay_dead_letter(
+        self, app: str, dead_letter_id: str, now: float, *, actor: str = audit.SYSTEM
+    ) -> DeadLetter:
+        def op(c: sqlite3.Connection) -> DeadLetter:
+            row = c.execute(
+                f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
+                f"{E_EVENT_COLS} "
+                "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
+                "WHERE d.app=? AND d.id=?",
+                (app, dead_letter_id),
+            ).fetchone()
+            if row is None:
+                raise DeadLetterNotFound(
+                    f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
+                    "`cantata dlq list`"
+                )
+            dl = dead_letter_row(row)
+            c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
+            c.execute(
+                "UPDATE deliveries SET status='pending', attempts=0, next_at=?, owner=NULL, "
+                "error=NULL, updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                (now, now, app, dl.group, dl.event.id),
+            )
+            audit_append(c, app, audit.replay_entry(dl.group, dl.event.id, dead_letter_id, actor))
+            return dl
+
+        return await self._t.write(op, EVENTS)
+
+    async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT {EVENT_COLS} FROM events WHERE app=? AND published=0 ORDER BY seq LIMIT ?",
+                (app, limit),
+            ).fetchall()
+        )
+        return [event_row(r) for r in rows]
+
+    async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
+        ids = list(event_ids)
+        if not ids:
+            return
+        await self._t.write(
+            lambda c: c.executemany(
+                "UPDATE events SET published=1 WHERE app=? AND id=?", [(app, i) for i in ids]
+            )
+        )
+
+    async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        def write(c: sqlite3.Connection) -> list[int]:
+            counts = self._append(c, app, events)
+            c.executemany(
+                "UPDATE events SET published=1, external=1 WHERE app=? AND id=? AND published=0",
+                [(app, e.id) for e in events],
+            )
+            return counts
+
+        return await self._t.write(write, EVENTS)
+
+    async def redrive_events(
+        self, app: str, *, stored_before: float, limit: int
+    ) -> list[Event[Any]]:
+        def write(c: sqlite3.Connection) -> list[Event[Any]]:
+            rows = c.execute(
+                f"SELECT {EVENT_COLS} FROM events WHERE app=? AND published=1 AND external=0"
+                " AND stored_at < ? AND id IN (SELECT event_id FROM deliveries"
+                " WHERE app=? AND status='pending') ORDER BY seq LIMIT ?",
+                (app, stored_before, app, limit),
+            ).fetchall()
+            events = [event_row(r) for r in rows]
+            c.executemany(
+                "UPDATE events SET published=0 WHERE app=? AND id=?", [(app, e.id) for e in events]
+            )
+            return events
+
+        return await self._t.write(write, EVENTS)

@@ -1,0 +1,356 @@
+"""The SQLite store, runs: creating, claiming, checkpointing and cancelling them,
+their history, attempts and step heartbeats (see :class:`~cantata.store.roles.RunStore`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cantata.errors import (
+    IdempotencyConflict,
+    LeaseLost,
+)
+from cantata.model.records import (
+    Attempt,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+    StepHeartbeat,
+)
+from cantata.model.status import RunStatus
+from cantata.store import audit
+from cantata.store import sqlite_ops as ops
+from cantata.store.base import (
+    CANCEL,
+    EVENTS,
+    RUNS,
+    TASKS,
+)
+from cantata.store.sqlite_core import SQLiteCore
+from cantata.store.sqlite_ops import (
+    HISTORY_COLS,
+    LIVE_SQL,
+    RUN_COLS,
+    WAITING_IN_QUEUE,
+    entry_row,
+    run_row,
+)
+from cantata.store.sqlite_parking import UNPARK, wake_parent
+
+
+def _channels(write: RunWrite | None) -> tuple[str, ...]:
+    """What a committed checkpoint changed, for the store's listeners."""
+    channels = [RUNS]
+    if write is not None and write.events:
+        channels.append(EVENTS)
+    if write is not None and write.tasks:
+        channels.append(TASKS)
+    return tuple(channels)
+
+class SQLiteRuns(SQLiteCore):
+    """The runs role of :class:`~cantata.store.sqlite.SQLiteStore`."""
+
+    async def create_run(
+        self, run: RunRecord, first: RunWrite | None = None
+    ) -> tuple[RunRecord, bool]:
+        return await self._t.write(lambda c: self._create(c, run, first), *_channels(first))
+
+    def _create(
+        self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None
+    ) -> tuple[RunRecord, bool]:
+        """:meth:`create_run` in the caller's transaction (queued runs use it too)."""
+        if run.idempotency_key is not None:
+            row = c.execute(
+                f"SELECT {RUN_COLS} FROM runs WHERE app=? AND idempotency_key=?",
+                (run.app, run.idempotency_key),
+            ).fetchone()
+            if row is not None:
+                existing = run_row(row)
+                if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
+                    raise IdempotencyConflict(
+                        f"idempotency key {run.idempotency_key!r} was already used for run "
+                        f"{existing.run_id} of {existing.workflow} with different "
+                        "arguments; use a new key for a new request"
+                    )
+                return existing, False
+        c.execute(
+            f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
+            (
+                run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
+                run.error, run.idempotency_key, run.args_hash, run.correlation_id,
+                run.causation_id, run.parent_run_id, run.service, run.created_at,
+                run.updated_at, run.deadline_at, int(run.cancel_requested), run.owner,
+                run.fence, int(run.flagged), run.version, run.epoch,
+            ),
+        )
+        ops.audit_append(c, run.app, audit.run_created_entry(
+            run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+        ))
+        if first is not None:
+            self._apply(c, run.app, run.run_id, first, run.owner, str(run.status),
+                        run.correlation_id)
+        return run, True
+
+    async def get_run(self, app: str, run_id: str) -> RunRecord | None:
+        row = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT {RUN_COLS} FROM runs WHERE app=? AND run_id=?", (app, run_id)
+            ).fetchone()
+        )
+        return None if row is None else run_row(row)
+
+    async def list_runs(
+        self,
+        app: str,
+        *,
+        status: RunStatus | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        sql = f"SELECT {RUN_COLS} FROM runs WHERE app=?"
+        params: list[Any] = [app]
+        if status is not None:
+            sql += " AND status=?"
+            params.append(str(status))
+        if workflow is not None:
+            sql += " AND workflow=?"
+            params.append(workflow)
+        sql += " ORDER BY created_at DESC, run_id LIMIT ?"
+        params.append(limit)
+        rows = await self._t.read(lambda c: c.execute(sql, params).fetchall())
+        return [run_row(r) for r in rows]
+
+    async def claim_runs(
+        self,
+        app: str,
+        worker_id: str,
+        workflows: Sequence[str],
+        *,
+        stale_before: float,
+        limit: int,
+        versions: Sequence[str] | None = None,
+        run_ids: Sequence[str] | None = None,
+        now: float | None = None,
+    ) -> list[RunRecord]:
+        if not workflows or (run_ids is not None and not run_ids):
+            return []
+        marks = ",".join("?" * len(workflows))
+        extra, more = "", []
+        if versions is not None:
+            extra += f" AND (r.version IS NULL OR r.version IN ({','.join('?' * len(versions))}))"
+            more += list(versions)
+        if run_ids is not None:
+            extra += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"
+            more += list(run_ids)
+        # Runs that are not parked (runs_claimable), and parked runs that are due
+        # (runs_parked, an index range up to ``now``): no scan of parked runs.
+        due = ""
+        due_params: list[Any] = []
+        if now is not None:
+            due = (
+                f" UNION ALL SELECT rid FROM (SELECT r.rowid AS rid FROM runs r"
+                f" INDEXED BY runs_parked"
+                f" WHERE r.app=? AND r.wake_at IS NOT NULL AND r.wake_at<=?"
+                f"  AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks}) AND r.owner IS NULL"
+                f"{extra} ORDER BY r.wake_at LIMIT ?)"
+            )
+            due_params = [app, now, *workflows, *more, limit]
+
+        def op(c: sqlite3.Connection) -> list[RunRecord]:
+            rows = c.execute(
+                # By rowid alone: with ``app=?`` here the planner scanned the app's runs.
+                f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE rowid IN ("
+                f" SELECT rid FROM (SELECT r.rowid AS rid FROM runs r INDEXED BY runs_claimable"
+                f"  LEFT JOIN workers w ON w.app=r.app AND w.worker_id=r.owner"
+                f"  WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL"
+                f"  AND r.workflow IN ({marks})"
+                f"  AND (r.owner IS NULL OR (r.owner<>? AND"
+                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
+                f"  ORDER BY r.created_at LIMIT ?){due} LIMIT ?) RETURNING {RUN_COLS}",
+                (worker_id, app, *workflows, worker_id, stale_before, *more, limit,
+                 *due_params, limit),
+            ).fetchall()
+            return [run_row(r) for r in rows]
+
+        return await self._t.write(op)
+
+    async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT run_id, fence FROM runs WHERE app=? AND owner=? "
+                f"AND status IN {LIVE_SQL}",
+                (app, worker_id),
+            ).fetchall()
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            row = c.execute(
+                "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",
+                (app, run_id),
+            ).fetchone()
+            if row is None or row[0] != fence:
+                raise LeaseLost(
+                    f"run {run_id} was taken over by another worker (fence {fence} is stale); "
+                    "this worker stops executing it"
+                )
+            self._apply(c, app, run_id, write, row[1], row[2], row[3])
+
+        await self._t.write(op, *_channels(write))
+
+    def _apply(
+        self,
+        c: sqlite3.Connection,
+        app: str,
+        run_id: str,
+        write: RunWrite,
+        owner: str | None,
+        old_status: str,
+        correlation_id: str,
+    ) -> None:
+        """One checkpoint of a run whose fence was checked, in the caller's transaction."""
+        if write.entries:
+            c.executemany(
+                f"INSERT INTO history (app, run_id, {HISTORY_COLS}) "
+                f"VALUES (?,?,{','.join('?' * 13)}) ON CONFLICT DO UPDATE SET "
+                "status=excluded.status, result=excluded.result, error=excluded.error, "
+                "error_type=excluded.error_type, attempts=excluded.attempts, "
+                "started_at=excluded.started_at, ended_at=excluded.ended_at, "
+                "wake_at=excluded.wake_at, detail=excluded.detail",
+                [
+                    (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error,
+                     e.error_type, e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
+                    for e in write.entries
+                ],
+            )
+        ops.upsert_attempts(c, app, run_id, write.attempts)
+        if write.events:
+            self._append(c, app, write.events)
+        if write.tasks:
+            ops.insert_tasks(c, app, correlation_id, write.tasks)
+        sets = ["updated_at=?"]
+        params: list[Any] = [time.time()]
+        if write.status is not None:
+            sets.append("status=?")
+            params.append(str(write.status))
+        if write.result is not None:
+            sets.append("result=?")
+            params.append(write.result)
+        if write.error is not None:
+            sets.append("error=?")
+            params.append(write.error)
+        if write.flagged is not None:
+            sets.append("flagged=?")
+            params.append(int(write.flagged))
+        if write.release:
+            sets.append("owner=NULL")
+        c.execute(
+            f"UPDATE runs SET {', '.join(sets)} WHERE app=? AND run_id=?",
+            (*params, app, run_id),
+        )
+        if write.wake is not None:
+            wake_parent(c, app, write.wake)
+        entry = audit.checkpoint_entry(run_id, owner, old_status, write)
+        if entry is not None:
+            ops.audit_append(c, app, entry)
+
+    async def request_cancel(
+        self, app: str, run_id: str, *, actor: str = audit.SYSTEM
+    ) -> RunRecord | None:
+        def op(c: sqlite3.Connection) -> RunRecord | None:
+            applied = c.execute(
+                f"UPDATE runs SET cancel_requested=1, updated_at=?, {UNPARK} WHERE app=? "
+                f"AND run_id=? AND status IN {LIVE_SQL}",
+                (time.time(), app, run_id),
+            ).rowcount
+            row = c.execute(
+                f"SELECT {RUN_COLS} FROM runs WHERE app=? AND run_id=?", (app, run_id)
+            ).fetchone()
+            if row is None:
+                return None
+            run = run_row(row)
+            ops.audit_append(
+                c, app, audit.cancel_entry(run_id, actor, str(run.status), applied > 0)
+            )
+            return run
+
+        return await self._t.write(op, CANCEL)
+
+    async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
+        ids = list(run_ids)
+        out: list[str] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            rows = await self._t.read(
+                lambda c, chunk=chunk: c.execute(  # type: ignore[misc]
+                    f"SELECT run_id FROM runs WHERE app=? AND cancel_requested=1 AND run_id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    (app, *chunk),
+                ).fetchall()
+            )
+            out.extend(r[0] for r in rows)
+        return out
+
+    async def load_history(self, app: str, run_id: str) -> list[HistoryEntry]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT {HISTORY_COLS} FROM history WHERE app=? AND run_id=? ORDER BY seq",
+                (app, run_id),
+            ).fetchall()
+        )
+        return [entry_row(r) for r in rows]
+
+    async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                "SELECT key, attempt, started_at, ended_at, error_type, error FROM attempts "
+                "WHERE app=? AND run_id=? ORDER BY started_at, attempt",
+                (app, run_id),
+            ).fetchall()
+        )
+        return [Attempt(*r) for r in rows]
+
+    async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            return sum(
+                c.execute(ops.EXCUSE_ATTEMPT, (a.ended_at, a.error_type, a.error, app, run_id,
+                                               a.key, a.attempt, a.started_at)).rowcount
+                for a in attempts
+            )
+
+        return await self._t.write(op) if attempts else 0
+
+    async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT {RUN_COLS} FROM runs WHERE app=? AND parent_run_id=? ORDER BY created_at",
+                (app, parent_run_id),
+            ).fetchall()
+        )
+        return [run_row(r) for r in rows]
+
+    async def record_step_heartbeat(self, app: str, run_id: str, beat: StepHeartbeat) -> None:
+        await self._t.write(
+            lambda c: c.execute(
+                "INSERT INTO step_heartbeats VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "attempt=excluded.attempt, at=excluded.at, details=excluded.details "
+                "WHERE excluded.attempt >= step_heartbeats.attempt",
+                (app, run_id, beat.key, beat.attempt, beat.at, beat.details),
+            )
+        )
+
+    async def last_step_heartbeat(
+        self, app: str, run_id: str, key: str
+    ) -> StepHeartbeat | None:
+        row = await self._t.read(
+            lambda c: c.execute(
+                "SELECT key, attempt, at, details FROM step_heartbeats WHERE app=? AND run_id=? "
+                "AND key=?",
+                (app, run_id, key),
+            ).fetchone()
+        )
+        return None if row is None else StepHeartbeat(*row)

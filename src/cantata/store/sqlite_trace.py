@@ -1,0 +1,156 @@
+"""The SQLite store, reading back: the apps, one transaction's records and stale work
+(see :class:`~cantata.store.roles.TraceStore`)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from cantata.model import codec
+from cantata.model.records import (
+    Attempt,
+    DeadLetter,
+    Delivery,
+    to_datetime,
+)
+from cantata.store.base import TraceRecords
+from cantata.store.common import first_per_run
+from cantata.store.sqlite_core import SQLiteCore
+from cantata.store.sqlite_ops import (
+    EVENT_COLS,
+    HISTORY_COLS,
+    LIVE_SQL,
+    RUN_COLS,
+    TASK_COLS,
+    entry_row,
+    event_row,
+    run_row,
+    task_row,
+)
+
+
+class SQLiteTrace(SQLiteCore):
+    """The trace-reading role of :class:`~cantata.store.sqlite.SQLiteStore`."""
+
+    async def apps(self) -> list[str]:
+        """App names in runs, events, declarations, workers and audit heads.
+
+        The big tables are read with a skip scan (one index probe per app).
+        """
+
+        def op(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                "WITH RECURSIVE r(app) AS (SELECT min(app) FROM runs UNION ALL "
+                " SELECT (SELECT min(app) FROM runs WHERE app > r.app) FROM r"
+                " WHERE r.app IS NOT NULL),"
+                " e(app) AS (SELECT min(app) FROM events UNION ALL "
+                " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e"
+                " WHERE e.app IS NOT NULL)"
+                " SELECT app FROM r UNION SELECT app FROM e UNION SELECT app FROM declarations "
+                " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
+            ).fetchall()
+            return sorted(r[0] for r in rows if r[0] is not None)
+
+        return await self._t.read(op)
+
+    async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
+        """:meth:`~cantata.store.roles.TraceStore.trace_records`: one query per part (the
+        runs' ids and the events' ids go in as one JSON array each).
+        """
+
+        def op(c: sqlite3.Connection) -> TraceRecords:
+            runs = [
+                run_row(r)
+                for r in c.execute(
+                    f"SELECT {RUN_COLS} FROM runs WHERE app=? AND correlation_id=? "
+                    "ORDER BY created_at, run_id LIMIT ?",
+                    (app, correlation_id, limit),
+                )
+            ]
+            ids = [r.run_id for r in runs]
+            of_runs = "run_id IN (SELECT value FROM json_each(?))"
+            run_ids = codec.dumps(ids, "run ids")
+            entries = first_per_run(
+                (
+                    (r[0], entry_row(r[1:]))
+                    for r in c.execute(
+                        f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=? AND {of_runs} "
+                        "ORDER BY seq",
+                        (app, run_ids),
+                    )
+                ),
+                ids,
+                limit,
+            )
+            attempts = first_per_run(
+                (
+                    (r[0], Attempt(*r[1:]))
+                    for r in c.execute(
+                        "SELECT run_id, key, attempt, started_at, ended_at, error_type, error FROM "
+                        f"attempts WHERE app=? AND {of_runs} ORDER BY started_at, attempt, key",
+                        (app, run_ids),
+                    )
+                ),
+                ids,
+                limit,
+            )
+            tasks = [
+                task_row(r)
+                for r in c.execute(
+                    f"SELECT {TASK_COLS} FROM tasks WHERE app=? AND {of_runs} "
+                    "ORDER BY created_at, task_id LIMIT ?",
+                    (app, run_ids, limit),
+                )
+            ]
+            ev_rows = c.execute(
+                f"SELECT {EVENT_COLS}, stored_at FROM events WHERE app=? AND correlation_id=? "
+                "ORDER BY seq LIMIT ?",
+                (app, correlation_id, limit),
+            ).fetchall()
+            events = [(event_row(r[:10]), r[10]) for r in ev_rows]
+            by_id = {e.id: e for e, _ in events}
+            event_ids = codec.dumps(list(by_id), "event ids")
+            deliveries = [
+                Delivery(r[0], by_id[r[1]], r[2], r[3], r[4], r[5], r[6], r[7])
+                for r in c.execute(
+                    "SELECT grp, event_id, status, attempts, next_at, error, updated_at, fence "
+                    "FROM deliveries INDEXED BY deliveries_event WHERE app=? "
+                    "AND event_id IN (SELECT value FROM json_each(?)) "
+                    "ORDER BY updated_at, grp, event_id",
+                    (app, event_ids),
+                )
+            ]
+            dls: list[DeadLetter] = []
+            for r in c.execute(
+                "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
+                "WHERE app=? AND event_id IN (SELECT value FROM json_each(?)) ORDER BY "
+                "failed_at, id",
+                (app, event_ids),
+            ):
+                failed = to_datetime(r[5])
+                assert failed is not None
+                dls.append(DeadLetter(r[0], r[1], by_id[r[2]], r[3], r[4], failed))
+            return TraceRecords(runs, entries, attempts, events, deliveries, dls, tasks)
+
+        return await self._t.read(op)
+
+    async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
+        def op(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                f"SELECT correlation_id, updated_at FROM runs WHERE app=? AND status IN "
+                f"{LIVE_SQL} AND updated_at < ? "
+                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=? AND flagged=1 "
+                "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
+                "ON e.app=d.app AND e.id=d.event_id WHERE d.app=? AND d.status IN "
+                "('pending','dead') AND d.updated_at < ? "
+                "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=? "
+                "AND status='pending' AND updated_at < ? "
+                "ORDER BY 2 LIMIT ?",
+                (app, older_than, app, app, older_than, app, older_than, limit * 4),
+            ).fetchall()
+            seen: dict[str, None] = {}
+            for r in rows:
+                if r[0] is not None:
+                    seen.setdefault(r[0])
+            return list(seen)[:limit]
+
+        return await self._t.read(op)

@@ -1,0 +1,50 @@
+"""Helpers every test folder shares: one app factory, one wait, ports and schemas.
+
+Waiting is :func:`cantata.testing.eventually` (shipped, so the contract suites use
+it too); the folders' own ``helpers.py`` add only what is theirs.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from cantata import App
+from cantata.testing import eventually
+
+__all__ = ["LEASE", "POLL", "drop_schema", "eventually", "free_port", "make_app", "with_schema"]
+
+#: A short lease and poll interval: takeovers and polls happen in tens of ms.
+LEASE = 1.0
+POLL = 0.05
+
+
+def make_app(store: str, name: str = "shop", **kw: Any) -> App:
+    """An app with a short lease and poll interval, so the suite stays fast."""
+    kw.setdefault("lease", LEASE)
+    kw.setdefault("poll_interval", POLL)
+    return App(name, store=store, **kw)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def with_schema(url: str, schema: str) -> str:
+    """A PostgreSQL URL whose store uses ``schema``."""
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    """Drop a PostgreSQL schema a test made (and everything in it)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
