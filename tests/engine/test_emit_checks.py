@@ -8,7 +8,7 @@ import pytest
 
 from cantata import InvalidEvent, WorkflowContext
 
-from .helpers import make_app
+from .helpers import eventually, make_app
 
 BAD = [
     ("Order Placed", None),  # not dot-separated tokens
@@ -53,3 +53,25 @@ async def test_ctx_emit_of_a_valid_event_with_a_subject(sqlite_url: str) -> None
         event_id = await (await app.start(emitter)).result(timeout=5)
         stored = await app.store.get_event(app.name, event_id)
         assert stored is not None and stored.subject == "order-7"
+
+
+@pytest.mark.parametrize(("type_", "subject"), BAD)
+async def test_a_handlers_emit_refuses_what_app_publish_refuses(
+    sqlite_url: str, type_: str, subject: Any
+) -> None:
+    app = make_app(sqlite_url)
+    seen: list[str] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: Any, ctx: Any) -> None:
+        try:
+            await ctx.emit(type_, {"n": 1}, subject=subject)
+        except InvalidEvent as exc:
+            seen.append(str(exc))
+
+    async with app:
+        with pytest.raises(InvalidEvent) as published:
+            await app.publish(type_, {"n": 1}, subject=subject)
+        await app.publish("order.placed", {"n": 1})
+        await eventually(lambda: bool(seen))
+        assert seen == [str(published.value)]

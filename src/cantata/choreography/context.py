@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cantata.model import codec
-from cantata.model.event import Event, check_attribute, check_type
+from cantata.model.event import Event, check_publish
 
 
 class HandlerContext:
@@ -48,8 +48,7 @@ class HandlerContext:
 
     async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> Event[Any]:
         """Emit an event caused by the one being handled (same correlation id)."""
-        check_type(type)
-        check_attribute("subject", subject)
+        check_publish(type, subject=subject)
         event = Event(
             type=type,
             data=codec.loads(

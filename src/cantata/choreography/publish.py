@@ -8,7 +8,7 @@ from typing import Any
 
 from cantata.errors import DuplicateEventId
 from cantata.model import codec
-from cantata.model.event import Event, check_attribute, check_type
+from cantata.model.event import Event, check_publish
 
 
 def new_event(
@@ -28,10 +28,7 @@ def new_event(
     Raises:
         SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
     """
-    check_type(type)
-    for attr, value in (("id", id), ("subject", subject), ("source", source),
-                        ("correlation_id", correlation_id)):
-        check_attribute(attr, value)
+    check_publish(type, id=id, subject=subject, source=source, correlation_id=correlation_id)
     event = Event(
         type=type,
         data=codec.loads(codec.dumps(data, f"data of event {type}", limit=max_payload)),
