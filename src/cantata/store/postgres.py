@@ -36,8 +36,8 @@ from cantata.model.records import (
     TaskRecord,
     WorkerInfo,
 )
+from cantata.store import postgres_event_writes as event_writes
 from cantata.store import postgres_ops as ops
-from cantata.store import postgres_writes as writes
 from cantata.store.base import (
     EVENTS,
     RUNS,
@@ -152,7 +152,7 @@ class PostgresStore(
     ) -> list[TaskRecord]:
         if not services:
             return []
-        return await self._w.run(lambda c, b: writes.claim_tasks(
+        return await self._w.run(lambda c, b: event_writes.claim_tasks(
             c, b, app, worker_id, services, now, stale_before, limit
         ))
 
@@ -170,7 +170,7 @@ class PostgresStore(
         next_at: float = 0.0,
     ) -> bool:
         check_task_outcome(outcome)
-        return await self._w.run(lambda c, b: writes.finish_task(
+        return await self._w.run(lambda c, b: event_writes.finish_task(
             c, b, app, task_id, fence, outcome, attempts, result, error, error_type, next_at
         ))
 

@@ -15,8 +15,8 @@ from cantata.model.records import (
     Delivery,
 )
 from cantata.store import audit
+from cantata.store import postgres_event_writes as event_writes
 from cantata.store import postgres_ops as ops
-from cantata.store import postgres_writes as writes
 from cantata.store.base import (
     EVENTS,
     Settlement,
@@ -38,7 +38,7 @@ class PostgresEvents(PostgresCore):
     async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
         if not events:
             return []
-        return await self._w.run_many(writes.append_many, (app, events))
+        return await self._w.run_many(event_writes.append_many, (app, events))
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         row = await self._db.fetchrow(
@@ -73,14 +73,14 @@ class PostgresEvents(PostgresCore):
         if not groups:
             return []
         return await self._w.run_many(
-            writes.claim_deliveries_many, (app, worker_id, groups, now, stale_before, limit)
+            event_writes.claim_deliveries_many, (app, worker_id, groups, now, stale_before, limit)
         )
 
     async def settle_delivery(
         self, app: str, group: str, event_id: str, settlement: Settlement
     ) -> bool:
         return await self._w.run_many(
-            writes.settle_many, (app, group, event_id, settlement)
+            event_writes.settle_many, (app, group, event_id, settlement)
         )
 
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
@@ -153,16 +153,16 @@ class PostgresEvents(PostgresCore):
     async def mark_published(self, app: str, event_ids: Sequence[str]) -> None:
         if not event_ids:
             return
-        await self._w.run(lambda c, b: writes.mark_published(c, b, app, event_ids))
+        await self._w.run(lambda c, b: event_writes.mark_published(c, b, app, event_ids))
 
     async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
         if not events:
             return []
-        return await self._w.run(lambda c, b: writes.append_external(c, b, app, events))
+        return await self._w.run(lambda c, b: event_writes.append_external(c, b, app, events))
 
     async def redrive_events(
         self, app: str, *, stored_before: float, limit: int
     ) -> list[Event[Any]]:
         return await self._w.run(
-            lambda c, b: writes.redrive_events(c, b, app, stored_before, limit)
+            lambda c, b: event_writes.redrive_events(c, b, app, stored_before, limit)
         )

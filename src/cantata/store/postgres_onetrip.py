@@ -29,6 +29,7 @@ from cantata.model.records import RunRecord, RunWrite
 from cantata.store import audit
 from cantata.store import postgres_writes as writes
 from cantata.store.base import RUNS
+from cantata.store.postgres_ops import columns, run_values
 from cantata.store.postgres_pool import Conn
 
 _PARAMS = 73
@@ -106,36 +107,7 @@ async def write(
             checkpoints.append((n, arg))
     calls = [call for _, call in checkpoints]
 
-    new_cols = writes.columns(
-        [
-            (
-                run.run_id,
-                run.app,
-                run.workflow,
-                str(run.status),
-                run.args,
-                run.created_at,
-                run.updated_at,
-                run.correlation_id,
-                run.causation_id,
-                run.idempotency_key,
-                run.args_hash,
-                run.parent_run_id,
-                run.deadline_at,
-                run.result,
-                run.error,
-                run.cancel_requested,
-                run.owner,
-                run.fence,
-                run.flagged,
-                run.service,
-                run.version,
-                run.epoch,
-            )
-            for _, run in creates
-        ],
-        22,
-    )
+    new_cols = columns([run_values(run) for _, run in creates], 22)
     new_audit: list[tuple[Any, ...]] = []
     for _, run in creates:
         actor, action, target, data = audit.run_created_entry(
@@ -173,12 +145,12 @@ async def write(
     rows = await c.fetch(
         _CALL,
         *new_cols,
-        *writes.columns(new_audit, 5),
-        *writes.columns([writes.run_args(i, call) for i, call in enumerate(calls)], 9),
+        *columns(new_audit, 5),
+        *columns([writes.run_args(i, call) for i, call in enumerate(calls)], 9),
         now,
         *writes.merged(writes.history_rows(calls), 15, writes.HISTORY_KEPT, key=3),
         *writes.merged(writes.attempt_rows(calls), 8, writes.ATTEMPT_KEPT, key=4),
-        *writes.columns(rec_audit, 9),
+        *columns(rec_audit, 9),
         key_apps,
         [keys[a].inner for a in key_apps],
         [keys[a].outer for a in key_apps],

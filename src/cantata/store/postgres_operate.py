@@ -25,6 +25,7 @@ from cantata.store.postgres_ops import (
     dead_letter_row,
     event_row,
     run_row,
+    run_values,
 )
 from cantata.store.postgres_pool import Conn, PgPool
 
@@ -248,28 +249,7 @@ class PostgresOperate(PostgresCore):
             )
             await c.execute(
                 f"INSERT INTO runs ({RUN_COLS}) VALUES ({_RUN_MARKS})",
-                run.run_id,
-                run.app,
-                run.workflow,
-                str(run.status),
-                run.args,
-                run.created_at,
-                run.updated_at,
-                run.correlation_id,
-                run.causation_id,
-                run.idempotency_key,
-                run.args_hash,
-                run.parent_run_id,
-                run.deadline_at,
-                run.result,
-                run.error,
-                run.cancel_requested,
-                run.owner,
-                run.fence,
-                run.flagged,
-                run.service,
-                run.version,
-                run.epoch,
+                *run_values(run),
             )
             if keys:
                 # ORDER BY seq: the attribute trigger sees the entries as the source recorded them.

@@ -42,6 +42,19 @@ RUN_COLS = (
     "causation_id, idempotency_key, args_hash, parent_run_id, deadline_at, result, error, "
     "cancel_requested, owner, fence, flagged, service, version, epoch"
 )
+
+
+def run_values(run: RunRecord) -> tuple[Any, ...]:
+    """``run``'s columns in :data:`RUN_COLS` order, for an INSERT."""
+    return (
+        run.run_id, run.app, run.workflow, str(run.status), run.args, run.created_at,
+        run.updated_at, run.correlation_id, run.causation_id, run.idempotency_key,
+        run.args_hash, run.parent_run_id, run.deadline_at, run.result, run.error,
+        run.cancel_requested, run.owner, run.fence, run.flagged, run.service, run.version,
+        run.epoch,
+    )
+
+
 HISTORY_COLS = (
     "key, kind, name, status, seq, result, error, error_type, attempts, started_at, "
     "ended_at, wake_at, detail"
@@ -259,4 +272,9 @@ async def claim_tasks(
 
 # -- observability ----------------------------------------------------------------------
 
-
+def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column lists (the arrays a statement unnests)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    assert all(len(row) == width for row in rows)
+    return [list(col) for col in zip(*rows, strict=True)]

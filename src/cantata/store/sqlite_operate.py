@@ -24,6 +24,7 @@ from cantata.store.sqlite_ops import (
     audit_append,
     dead_letter_row,
     run_row,
+    run_values,
 )
 
 _ATTEMPT_COLS = "key, attempt, started_at, ended_at, error_type, error"
@@ -36,7 +37,7 @@ def foreign_runs(
     cols = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
     wfs, vs = ",".join("?" * len(workflows)), ",".join("?" * len(versions))
     # Runs that are not parked, and (with ``now``) parked runs that are due: each by
-    # its index, never a scan of the parked runs (store/parking.py).
+    # its index, never a scan of the parked runs (store/roles/parking.py).
     sql = (
         f"SELECT {cols} FROM runs r INDEXED BY runs_claimable LEFT JOIN workers w "
         "ON w.app=r.app AND w.worker_id=r.owner "
@@ -234,30 +235,7 @@ class SQLiteOperate(SQLiteCore):
             )
             c.execute(
                 f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
-                (
-                    run.app,
-                    run.run_id,
-                    run.workflow,
-                    str(run.status),
-                    run.args,
-                    run.result,
-                    run.error,
-                    run.idempotency_key,
-                    run.args_hash,
-                    run.correlation_id,
-                    run.causation_id,
-                    run.parent_run_id,
-                    run.service,
-                    run.created_at,
-                    run.updated_at,
-                    run.deadline_at,
-                    int(run.cancel_requested),
-                    run.owner,
-                    run.fence,
-                    int(run.flagged),
-                    run.version,
-                    run.epoch,
-                ),
+                run_values(run),
             )
             for key in keys:  # in seq order, so later attributes win as they did in the source
                 where = (app, source_run_id, key)

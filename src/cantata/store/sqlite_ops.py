@@ -41,6 +41,19 @@ RUN_COLS = (
     "correlation_id, causation_id, parent_run_id, service, created_at, updated_at, "
     "deadline_at, cancel_requested, owner, fence, flagged, version, epoch"
 )
+
+
+def run_values(run: RunRecord) -> tuple[Any, ...]:
+    """``run``'s columns in :data:`RUN_COLS` order, for an INSERT."""
+    return (
+        run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
+        run.error, run.idempotency_key, run.args_hash, run.correlation_id,
+        run.causation_id, run.parent_run_id, run.service, run.created_at,
+        run.updated_at, run.deadline_at, int(run.cancel_requested), run.owner,
+        run.fence, int(run.flagged), run.version, run.epoch,
+    )
+
+
 HISTORY_COLS = (
     "key, kind, name, status, seq, result, error, error_type, attempts, started_at, "
     "ended_at, wake_at, detail"

@@ -78,13 +78,7 @@ class SQLiteRuns(SQLiteCore):
                 return existing, False
         c.execute(
             f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
-            (
-                run.app, run.run_id, run.workflow, str(run.status), run.args, run.result,
-                run.error, run.idempotency_key, run.args_hash, run.correlation_id,
-                run.causation_id, run.parent_run_id, run.service, run.created_at,
-                run.updated_at, run.deadline_at, int(run.cancel_requested), run.owner,
-                run.fence, int(run.flagged), run.version, run.epoch,
-            ),
+            ops.run_values(run),
         )
         ops.audit_append(c, run.app, audit.run_created_entry(
             run.run_id, run.workflow, run.correlation_id, run.parent_run_id

@@ -1,0 +1,325 @@
+"""The PostgreSQL store, the hot writes of events, deliveries and tasks, as
+group-committed operations of :class:`~cantata.store.postgres_batch.BatchWriter`
+(the run writes are in :mod:`cantata.store.postgres_writes`; the same rules hold:
+each runs in a transaction shared with other operations and leaves its
+notifications and audit records to the :class:`Batch` ``b``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cantata.model import codec
+from cantata.model.event import Event, matches
+from cantata.model.records import (
+    DELIVERY_PENDING,
+    Attempt,
+    Delivery,
+    TaskRecord,
+)
+from cantata.store import audit
+from cantata.store import postgres_ops as ops
+from cantata.store.base import EVENTS, TASKS, Settlement
+from cantata.store.postgres_batch import Batch, Refused
+from cantata.store.postgres_ops import (
+    E_EVENT_COLS,
+    EVENT_COLS,
+    U_EVENT_COLS,
+    event_row,
+)
+from cantata.store.postgres_pool import Conn, Row
+
+# The events, and a pending delivery per matching group for each one inserted (not
+# already stored), in one statement.
+_APPEND = (
+    f"WITH ins AS (INSERT INTO events (app, {EVENT_COLS}, stored_at) "
+    f"SELECT $1::text, {U_EVENT_COLS}, $12::float8 FROM unnest("
+    f"{', '.join(f'${i}::text[]' for i in range(2, 12))}) WITH ORDINALITY "
+    f"AS u({EVENT_COLS}, ord) ORDER BY ord ON CONFLICT (app, id) DO NOTHING RETURNING id), "
+    "fan AS (INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
+    "SELECT $1::text, g, e, 'pending', $12::float8 FROM unnest($13::text[], $14::text[]) "
+    "AS f(g, e) WHERE f.e IN (SELECT id FROM ins) ON CONFLICT DO NOTHING) "
+    "SELECT id FROM ins"
+)
+
+
+async def append(c: Conn, b: Batch, app: str, events: Sequence[Event[Any]]) -> list[int]:
+    """Store ``events`` (idempotent by id) and fan out their deliveries; per event, the
+    number of groups it went to (0 for one stored before, or repeated in ``events``)."""
+    if not events:
+        return []
+    subs = await b.subscriptions(c, app)
+    groups: dict[str, list[str]] = {}
+    for ev in events:
+        if ev.id not in groups:
+            groups[ev.id] = sorted({s[0] for s in subs if matches(s[1], ev.type)})
+    fan = [(g, event_id) for event_id, gs in groups.items() for g in gs]
+    values = [
+        (ev.type, codec.dumps(ev.data, f"data of event {ev.type}"), ev.id, ev.source,
+         ev.subject, ev.time, ev.correlation_id, ev.causation_id, ev.traceparent,
+         ev.signature)
+        for ev in events
+    ]
+    columns = [list(column) for column in zip(*values, strict=True)]
+    inserted = {
+        r[0] for r in await c.fetch(
+            _APPEND, app, *columns, time.time(), [f[0] for f in fan], [f[1] for f in fan]
+        )
+    }
+    b.notify(app, EVENTS)
+    counts: list[int] = []
+    for ev in events:
+        if ev.id in inserted:
+            inserted.discard(ev.id)  # a repeated id in one call counts once
+            counts.append(len(groups[ev.id]))
+        else:
+            counts.append(0)
+    return counts
+
+
+async def append_many(
+    c: Conn, b: Batch, calls: list[tuple[str, Sequence[Event[Any]]]]
+) -> list[list[int] | Refused]:
+    """:meth:`PostgresStore.append_events` for many callers: one statement per app,
+    counting an event id given twice for its first caller, as if applied in turn."""
+    by_app: dict[str, list[int]] = {}
+    for i, (app, _) in enumerate(calls):
+        by_app.setdefault(app, []).append(i)
+    out: list[list[int] | Refused] = [[] for _ in calls]
+    for app, mine in by_app.items():
+        counts = await append(c, b, app, [ev for i in mine for ev in calls[i][1]])
+        start = 0
+        for i in mine:
+            out[i] = counts[start:start + len(calls[i][1])]
+            start += len(calls[i][1])
+    return out
+
+
+# $7 says which call a row answers.
+_CLAIM_DELIVERIES = (
+    f"WITH pick AS MATERIALIZED ("
+    f" SELECT grp, event_id FROM deliveries d WHERE d.app=$1 AND d.status='pending'"
+    f"  AND d.grp = ANY($2::text[]) AND d.next_at <= $3"
+    f"  AND (d.owner IS NULL OR (d.owner<>$4 AND NOT EXISTS (SELECT 1 FROM workers w"
+    f"   WHERE w.app=d.app AND w.worker_id=d.owner AND w.heartbeat_at >= $5)))"
+    f" ORDER BY d.next_at LIMIT $6 FOR UPDATE SKIP LOCKED"
+    f"), upd AS ("
+    f" UPDATE deliveries d SET owner=$4, fence=d.fence+1, attempts=d.attempts+1,"
+    f"  updated_at=$3 FROM pick WHERE d.app=$1 AND d.grp=pick.grp"
+    f"  AND d.event_id=pick.event_id"
+    f" RETURNING d.grp, d.attempts, d.next_at, d.error, d.fence, d.event_id"
+    f") SELECT $7::int4, upd.grp, upd.attempts, upd.next_at, upd.error, upd.fence, "
+    f"{E_EVENT_COLS} FROM upd JOIN events e ON e.app=$1 AND e.id=upd.event_id "
+    f"ORDER BY upd.next_at, e.seq"
+)
+
+Claim = tuple[str, str, Sequence[str], float, float, int]  # app, worker, groups, now, stale, limit
+
+
+async def claim_deliveries_many(
+    c: Conn, b: Batch, calls: list[Claim]
+) -> list[list[Delivery] | Refused]:
+    """:meth:`PostgresStore.claim_deliveries` for many callers, in one round trip."""
+    rows = await c.fetchmany(_CLAIM_DELIVERIES, [
+        (app, list(groups), now, worker_id, stale_before, limit, i)
+        for i, (app, worker_id, groups, now, stale_before, limit) in enumerate(calls)
+    ])
+    out: list[list[Delivery] | Refused] = [[] for _ in calls]
+    for r in rows:
+        claimed = out[r[0]]
+        assert isinstance(claimed, list)
+        claimed.append(Delivery(
+            r[1], event_row(r[6:]), DELIVERY_PENDING, r[2], r[3], r[4], calls[r[0]][3], r[5]
+        ))
+    return out
+
+
+def _settle_sql(sets: str, params: int) -> str:
+    # The delivery, locked and changed unless it is done; its owner from before. The
+    # last parameter says which call the row answers.
+    return (
+        "WITH old AS MATERIALIZED (SELECT owner FROM deliveries WHERE app=$1 AND grp=$2 "
+        "AND event_id=$3 AND status<>'done' FOR UPDATE) "
+        f"UPDATE deliveries d SET {sets} FROM old "
+        f"WHERE d.app=$1 AND d.grp=$2 AND d.event_id=$3 RETURNING ${params}::int4, old.owner"
+    )
+
+
+_SETTLE = {
+    "done": _settle_sql("status='done', attempts=$4, owner=NULL, error=NULL, updated_at=$5", 6),
+    "retry": _settle_sql(
+        "status='pending', attempts=$4, owner=NULL, error=$5, next_at=$6, updated_at=$7", 8
+    ),
+    "dead": _settle_sql("status='dead', attempts=$4, owner=NULL, error=$5, updated_at=$6", 7),
+}
+
+Settle = tuple[str, str, str, Settlement]  # app, group, event_id, settlement
+
+
+def _settle_args(call: Settle, now: float, i: int) -> tuple[str, tuple[object, ...]]:
+    app, group, event_id, s = call
+    if s.outcome == "done":
+        return "done", (app, group, event_id, s.attempts, now, i)
+    if s.outcome == "retry":
+        return "retry", (app, group, event_id, s.attempts, s.error, s.retry_at, now, i)
+    return "dead", (app, group, event_id, s.attempts, s.error, now, i)
+
+
+async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Refused]:
+    """:meth:`PostgresStore.settle_delivery` for many callers.
+
+    The updates of each outcome in one round trip (pipelined, one after another),
+    then the events of every delivery settled ``done``, in one statement per app.
+    """
+    now = time.time()
+    work = [_settle_args(call, now, i) for i, call in enumerate(calls)]
+    rows: dict[int, Row] = {}
+    for outcome, sql in _SETTLE.items():
+        pipelined = [a for o, a in work if o == outcome]
+        if pipelined:
+            rows.update((r[0], r) for r in await c.fetchmany(sql, pipelined))
+    out: list[bool | Refused] = []
+    emitted: dict[str, list[Event[Any]]] = {}
+    holds: list[Settlement] = []  # with a hold: claimed after the append
+    for i, (app, group, event_id, s) in enumerate(calls):
+        row = rows.get(i)
+        if row is None:  # no such delivery (create it, pending) or it is done
+            await c.execute(
+                "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
+                "VALUES ($1,$2,$3,'pending',$4) ON CONFLICT DO NOTHING",
+                app, group, event_id, now,
+            )
+            outcome, args = work[i]
+            row = await c.fetchrow(_SETTLE[outcome], *args)
+        out.append(row is not None)
+        if row is None:
+            continue
+        owner = row[1]
+        b.notify(app, EVENTS)
+        if s.outcome == "done":
+            emitted.setdefault(app, []).extend(s.events)
+            if s.hold_for is not None and s.hold:
+                holds.append(s)
+            b.audit(app, audit.delivery_entry(
+                group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
+            ))
+        elif s.outcome != "retry":
+            dead_letter_id = s.dead_letter_id or codec.new_id()
+            await c.execute(
+                "INSERT INTO dead_letters VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                app, dead_letter_id, group, event_id, s.error or "unknown error", s.attempts,
+                now,
+            )
+            b.audit(app, audit.delivery_entry(
+                group, event_id, owner, "dead", s.attempts, error=s.error,
+                dead_letter_id=dead_letter_id,
+            ))
+    for app, events in emitted.items():
+        if events:
+            await append(c, b, app, events)
+    for s in holds:  # claimed in this transaction by the worker that hands them off
+        app = next(call[0] for call in calls if call[3] is s)
+        taken = await c.fetch(
+            "UPDATE deliveries d SET owner=$1, fence=d.fence+1, attempts=1, updated_at=$2 "
+            "FROM unnest($4::text[], $5::text[]) AS h(grp, event_id) WHERE d.app=$3 "
+            "AND d.grp=h.grp AND d.event_id=h.event_id AND d.status='pending' "
+            "AND d.owner IS NULL AND d.attempts=0 RETURNING d.grp, d.event_id",
+            s.hold_for, now, app, [g for g, _ in s.hold], [e for _, e in s.hold],
+        )
+        s.held = [(r[0], r[1]) for r in taken]
+    return out
+
+
+# -- tasks ------------------------------------------------------------------------------
+
+
+async def claim_tasks(
+    c: Conn, b: Batch, app: str, worker_id: str, services: Sequence[str],
+    now: float, stale_before: float, limit: int,
+) -> list[TaskRecord]:
+    return await ops.claim_tasks(c, app, worker_id, services, now, stale_before, limit)
+
+
+def _finish_sql(sets: str) -> str:
+    # The pending task, locked and changed if ``fence`` still owns it; what the
+    # attempts and the audit record need from before.
+    return (
+        "WITH old AS (SELECT run_id, owner, step, service, attempts FROM tasks WHERE app=$1 "
+        "AND task_id=$2 AND fence=$3 AND status='pending' FOR UPDATE) "
+        f"UPDATE tasks t SET {sets} FROM old WHERE t.app=$1 AND t.task_id=$2 "
+        "RETURNING old.run_id, old.owner, old.step, old.service, old.attempts"
+    )
+
+
+_FINISH = {
+    "done": _finish_sql(
+        "status='done', result=$4, error=NULL, error_type=NULL, owner=NULL, updated_at=$5"
+    ),
+    "failed": _finish_sql(
+        "status='failed', error=$4, error_type=$5, owner=NULL, updated_at=$6"
+    ),
+    "retry": _finish_sql("owner=NULL, next_at=$4, error=$5, error_type=$6, updated_at=$7"),
+}
+
+
+async def finish_task(
+    c: Conn, b: Batch, app: str, task_id: str, fence: int, outcome: str,
+    attempts: Sequence[Attempt], result: str | None, error: str | None,
+    error_type: str | None, next_at: float,
+) -> bool:
+    """:meth:`PostgresStore.finish_task` (``outcome`` is checked by the caller)."""
+    now = time.time()
+    args: tuple[object, ...]
+    if outcome == "done":
+        args = (result, now)
+    elif outcome == "failed":
+        args = (error, error_type, now)
+    else:
+        args = (next_at, error, error_type, now)
+    row = await c.fetchrow(_FINISH[outcome], app, task_id, fence, *args)
+    if row is None:
+        return False
+    run_id, owner, step, service, n = row
+    await ops.upsert_attempts(c, app, run_id, attempts)
+    b.notify(app, TASKS)
+    if outcome != "retry":
+        b.audit(app, audit.task_entry(task_id, owner, outcome, step, service, n, error))
+    return True
+
+
+async def mark_published(c: Conn, b: Batch, app: str, event_ids: Sequence[str]) -> None:
+    await c.execute(
+        "UPDATE events SET published=true WHERE app=$1 AND id = ANY($2::text[])",
+        app, list(event_ids),
+    )
+
+
+async def append_external(
+    c: Conn, b: Batch, app: str, events: Sequence[Event[Any]]
+) -> list[int]:
+    """Store events that came from the broker, marked published and external."""
+    counts = await append(c, b, app, events)
+    await c.execute(
+        "UPDATE events SET published=true, external=true "
+        "WHERE app=$1 AND id = ANY($2::text[]) AND NOT published",
+        app, [e.id for e in events],
+    )
+    return counts
+
+
+async def redrive_events(
+    c: Conn, b: Batch, app: str, stored_before: float, limit: int
+) -> list[Event[Any]]:
+    """Hand published events some group still has pending back to the outbox."""
+    rows = await c.fetch(
+        "UPDATE events SET published=false WHERE app=$1 AND seq IN ("
+        " SELECT seq FROM events WHERE app=$1 AND published AND NOT external"
+        " AND stored_at < $2 AND id IN (SELECT event_id FROM deliveries"
+        " WHERE app=$1 AND status='pending') ORDER BY seq LIMIT $3)"
+        f" RETURNING seq, {EVENT_COLS}",
+        app, stored_before, limit,
+    )
+    b.notify(app, EVENTS)
+    return [ops.event_row(tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]
