@@ -9,6 +9,14 @@ from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cantata.choreography.orphans import check_orphans
+from cantata.declare.defs import (
+    DECLARED_ATTR,
+    STANDALONE_ATTR,
+    STEP_ATTR,
+    StepDef,
+    step_name,
+    workflow_name,
+)
 from cantata.errors import (
     ConfigurationError,
     StepFailed,
@@ -27,7 +35,6 @@ from . import versioning
 from .heartbeat import workflow_run
 from .journal import Save
 from .parking import parking_for
-from .registry import DECLARED_ATTR, STANDALONE_ATTR, STEP_ATTR, StepDef, step_name, workflow_name
 from .runtime import Watch
 
 if TYPE_CHECKING:

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cantata.declare.defs import StepDef, remote_step_def
+from cantata.declare.router import Router
 from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.event import Event
@@ -23,7 +25,6 @@ from .identity import args_hash
 from .metrics import Metrics
 from .ownership import Ownership
 from .parking import HotRuns, wake_for_events
-from .registry import Router, StepDef, remote_step_def
 from .runner import RunExecution
 from .shutdown import drain
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from cantata.declare.defs import StepDef, WorkflowDef
 from cantata.errors import (
     Cancelled,
     CantataError,
@@ -27,7 +28,6 @@ from .compensation import ApiState, compensation_key, returned_ending, unwound_e
 from .journal import Journal
 from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
-from .registry import StepDef, WorkflowDef
 from .runtime import Watch
 from .signals import CompensatedElsewhere, _Abandon, _DeadlinePassed, _StoreFailed
 from .steps import INTERRUPTED

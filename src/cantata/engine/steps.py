@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from cantata.declare.defs import StepDef
 from cantata.errors import StepFailed
 from cantata.flow.limits import release_step_slot, take_step_slot
 from cantata.model import codec
@@ -24,7 +25,6 @@ from .heartbeat import beat_for
 from .invoke import invoke_step
 from .ownership import FENCE_AT
 from .pauses import PAUSED, GuardedBody, StepStalled, await_excuses
-from .registry import StepDef
 from .runtime import Watch
 from .signals import _Fenced
 from .versioning import args_shape
