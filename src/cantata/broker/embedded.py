@@ -14,7 +14,7 @@ from cantata.broker.base import BrokerStore, Handler
 from cantata.errors import BrokerError, LeaseLost, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, check_pattern, matches
-from cantata.model.records import DELIVERY_PENDING, Delivery
+from cantata.model.records import DELIVERY_PENDING, Delivery, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import EVENTS, Settlement
 
@@ -51,7 +51,7 @@ class EmbeddedMessage:
         self.settled = True
         sub = self.sub
         hold = sub.holds(emitted) if sub is not None and emitted else []
-        settlement = Settlement("done", self.attempt, list(emitted),
+        settlement = Settlement(DeliveryOutcome.DONE, self.attempt, list(emitted),
                                 hold_for=sub.worker_id if sub and hold else None, hold=hold)
         try:
             done = await self.store.settle_delivery(
@@ -74,14 +74,16 @@ class EmbeddedMessage:
         self.settled = True
         await self.store.settle_delivery(
             self.app, self.group, self.delivery.event.id,
-            Settlement("retry", self.attempt, error=error, retry_at=time.time() + delay),
+            Settlement(
+                DeliveryOutcome.RETRY, self.attempt, error=error, retry_at=time.time() + delay
+            ),
         )
 
     async def dead(self, error: str) -> None:
         self.settled = True
         await self.store.settle_delivery(
             self.app, self.group, self.delivery.event.id,
-            Settlement("dead", self.attempt, error=error, dead_letter_id=new_id()),
+            Settlement(DeliveryOutcome.DEAD, self.attempt, error=error, dead_letter_id=new_id()),
         )
 
     async def extend(self) -> None:

@@ -27,7 +27,7 @@ from cantata.broker.nats_names import digest
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, is_claim
-from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING
+from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import Settlement
 
@@ -89,7 +89,7 @@ class NatsMessage:
             await self._store.append_external(self._app, [self.event])
         done = await self._store.settle_delivery(
             self._app, self.group, self.event.id,
-            Settlement("done", self.attempt, list(emitted)),
+            Settlement(DeliveryOutcome.DONE, self.attempt, list(emitted)),
         )
         await self._ack("ack")
         return done
@@ -99,7 +99,9 @@ class NatsMessage:
         if self.event is not None:
             recorded = await self._store.settle_delivery(
                 self._app, self.group, self.event.id,
-                Settlement("retry", self.attempt, error=error, retry_at=time.time() + delay),
+                Settlement(
+                    DeliveryOutcome.RETRY, self.attempt, error=error, retry_at=time.time() + delay
+                ),
             )
             if not recorded:  # handled meanwhile by another delivery: nothing to retry
                 await self._ack("ack")
@@ -115,7 +117,7 @@ class NatsMessage:
             return
         recorded = await self._store.settle_delivery(
             self._app, self.group, event.id,
-            Settlement("dead", self.attempt, error=error, dead_letter_id=new_id()),
+            Settlement(DeliveryOutcome.DEAD, self.attempt, error=error, dead_letter_id=new_id()),
         )
         await self._ack("term" if recorded else "ack")
 

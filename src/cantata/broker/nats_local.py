@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.model.codec import new_id
 from cantata.model.event import Event
+from cantata.model.records import DeliveryOutcome
 from cantata.store.base import Settlement
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class LocalMessage:
         self.settled = True
         done = await self._broker.store.settle_delivery(
             self._app, self.group, self._event.id,
-            Settlement("done", self.attempt, list(emitted)),
+            Settlement(DeliveryOutcome.DONE, self.attempt, list(emitted)),
         )
         self._broker._handling.settled((self._app, self.group, self._event.id))
         return done
@@ -72,7 +73,7 @@ class LocalMessage:
         retry_at = time.time() + delay
         recorded = await self._broker.store.settle_delivery(
             self._app, self.group, self._event.id,
-            Settlement("retry", self.attempt, error=error, retry_at=retry_at),
+            Settlement(DeliveryOutcome.RETRY, self.attempt, error=error, retry_at=retry_at),
         )
         if recorded:  # the broker's copy is handed back to NATS until then
             self._broker._deferred[(self._app, self.group, self._event.id)] = retry_at
@@ -81,7 +82,7 @@ class LocalMessage:
         self.settled = True
         await self._broker.store.settle_delivery(
             self._app, self.group, self._event.id,
-            Settlement("dead", self.attempt, error=error, dead_letter_id=new_id()),
+            Settlement(DeliveryOutcome.DEAD, self.attempt, error=error, dead_letter_id=new_id()),
         )
         self._broker._handling.settled((self._app, self.group, self._event.id))
 

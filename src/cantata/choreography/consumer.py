@@ -17,6 +17,7 @@ from cantata.fencing import BodyFenced, guarded
 from cantata.graceful import wait_or_force
 from cantata.model import codec
 from cantata.model.event import Event, matches
+from cantata.model.records import DeliveryOutcome
 from cantata.model.retry import HANDLER_RETRY
 from cantata.store.faults import wait_out
 
@@ -232,7 +233,7 @@ class Consumer:
             completed = await self._settle(lambda: msg.complete(ctx.emitted))
             if hooks:
                 hooks.notify("handler_finished", hdef.group, event,
-                             time.perf_counter() - started, "done", None)
+                             time.perf_counter() - started, DeliveryOutcome.DONE, None)
         if completed:
             self.host.metrics.handled += 1
             if ctx.emitted:
@@ -246,20 +247,20 @@ class Consumer:
 
     async def _failed(
         self, msg: BrokerMessage, retry: Any, exc: Exception, *, retryable: bool
-    ) -> str:
-        """Retry or dead-letter the message; returns which ("retry" or "dead")."""
+    ) -> DeliveryOutcome:
+        """Retry or dead-letter the message; returns which."""
         text = error_text(exc)
         self.host.metrics.handler_failures += 1
         if retryable and msg.attempt < retry.max_attempts:
             self.host.metrics.retries += 1
             await self._settle(lambda: msg.retry(text, retry.delay(msg.attempt)))
-            return "retry"
+            return DeliveryOutcome.RETRY
         else:
             log.warning("dead-lettering %s for group %s: %s", msg.event and msg.event.type,
                         msg.group, text)
             self.host.metrics.dead_lettered += 1
             await self._settle(lambda: msg.dead(text))
-            return "dead"
+            return DeliveryOutcome.DEAD
 
     async def _settle(self, record: Callable[[], Awaitable[T]]) -> T:
         """Record a handler's outcome, waiting out a store outage or a full disk: the

@@ -18,7 +18,7 @@ from cantata.broker.base import Broker, BrokerStore
 from cantata.errors import EventsRefused, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event
-from cantata.model.records import DELIVERY_PENDING
+from cantata.model.records import DELIVERY_PENDING, DeliveryOutcome
 from cantata.store.base import EVENTS, Settlement
 from cantata.store.roles import EventStore
 
@@ -66,7 +66,7 @@ async def dead_letter_refused(store: EventStore, app: str, event: Event[Any], re
             continue
         settled = await store.settle_delivery(
             app, d.group, event.id,
-            Settlement("dead", d.attempts, error=reason, dead_letter_id=new_id()),
+            Settlement(DeliveryOutcome.DEAD, d.attempts, error=reason, dead_letter_id=new_id()),
         )
         if settled:
             groups.append(d.group)

@@ -14,6 +14,7 @@ from cantata.model.event import Event
 from cantata.model.records import (
     DeadLetter,
     Delivery,
+    DeliveryOutcome,
 )
 
 
@@ -32,7 +33,7 @@ class Settlement:
     taken over after the lease like any claimed delivery.
     """
 
-    outcome: str  # "done" | "retry" | "dead"
+    outcome: DeliveryOutcome | str  # a DeliveryOutcome once made (a name is converted)
     attempts: int
     events: list[Event[Any]] = field(default_factory=list)
     error: str | None = None
@@ -42,6 +43,9 @@ class Settlement:
     hold: list[tuple[str, str]] = field(default_factory=list)
     held: list[tuple[str, str]] = field(default_factory=list)  # set by the store: of
     # ``hold``, the deliveries it did claim (a new one, pending, nobody's, no attempt)
+
+    def __post_init__(self) -> None:
+        self.outcome = DeliveryOutcome(self.outcome)  # "done", "retry", "dead" or a member
 
 
 class EventStore(Protocol):
