@@ -107,6 +107,9 @@ async def test_waiting_run_is_pending_and_trace_and_stalled_say_queued() -> None
         first = await app.start("job", 0)
         await until(lambda: order)  # job 0 began and holds the one slot
         second = await app.start("job", 1)
+        # Runs queued at the same instant are ordered by id, whose tail is random: the
+        # skipping clock must move for "third is behind second" to hold.
+        app.clock.advance(0.001)  # type: ignore[attr-defined]
         third = await app.start("job", 2)
         assert await third.status() == RunStatus.PENDING
         tree = await app.trace(third.run_id)
