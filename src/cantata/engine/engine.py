@@ -282,8 +282,6 @@ class Engine:
         wdef = self.router.workflows[run.workflow]
         execution = RunExecution(self, run, wdef)
         execution.fresh = fresh or create
-        if create:
-            execution.expect_creation()
         self.executions[run.run_id] = execution
         launched = self._launched.pop(run.run_id, None)
         if launched is not None and not launched.done():
@@ -293,6 +291,10 @@ class Engine:
         )
         execution.task = task
         self._tasks.add(task)
+        if create:
+            # After the task: its first pass usually reaches the first checkpoint,
+            # which stores the run, before the flush this schedules looks.
+            execution.expect_creation()
 
         def done(t: asyncio.Task[Any], run_id: str = run.run_id) -> None:
             self._tasks.discard(t)

@@ -32,13 +32,24 @@ from cantata.store.base import (
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     HISTORY_COLS,
-    LIVE_SQL,
+    LIVE,
+    LIVE_R,
     RUN_COLS,
     WAITING_IN_QUEUE,
     entry_row,
     run_row,
 )
 from cantata.store.sqlite_parking import UNPARK, wake_parent
+
+_UPSERT_HISTORY = (
+    f"INSERT INTO history (app, run_id, {HISTORY_COLS}) "
+    f"VALUES (?,?,{','.join('?' * 13)}) ON CONFLICT DO UPDATE SET "
+    "status=excluded.status, result=excluded.result, error=excluded.error, "
+    "error_type=excluded.error_type, attempts=excluded.attempts, "
+    "started_at=excluded.started_at, ended_at=excluded.ended_at, "
+    "wake_at=excluded.wake_at, detail=excluded.detail"
+)
+_INSERT_RUN = f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})"
 
 
 def _channels(write: RunWrite | None) -> tuple[str, ...]:
@@ -76,10 +87,7 @@ class SQLiteRuns(SQLiteCore):
                         "arguments; use a new key for a new request"
                     )
                 return existing, False
-        c.execute(
-            f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
-            ops.run_values(run),
-        )
+        c.execute(_INSERT_RUN, ops.run_values(run))
         ops.audit_append(c, run.app, audit.run_created_entry(
             run.run_id, run.workflow, run.correlation_id, run.parent_run_id
         ))
@@ -148,7 +156,7 @@ class SQLiteRuns(SQLiteCore):
                 f" UNION ALL SELECT rid FROM (SELECT r.rowid AS rid FROM runs r"
                 f" INDEXED BY runs_parked"
                 f" WHERE r.app=? AND r.wake_at IS NOT NULL AND r.wake_at<=?"
-                f"  AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks}) AND r.owner IS NULL"
+                f"  AND {LIVE_R} AND r.workflow IN ({marks}) AND r.owner IS NULL"
                 f"{extra} ORDER BY r.wake_at LIMIT ?)"
             )
             due_params = [app, now, *workflows, *more, limit]
@@ -159,7 +167,7 @@ class SQLiteRuns(SQLiteCore):
                 f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE rowid IN ("
                 f" SELECT rid FROM (SELECT r.rowid AS rid FROM runs r INDEXED BY runs_claimable"
                 f"  LEFT JOIN workers w ON w.app=r.app AND w.worker_id=r.owner"
-                f"  WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL"
+                f"  WHERE r.app=? AND {LIVE_R} AND r.wake_at IS NULL"
                 f"  AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
@@ -175,7 +183,7 @@ class SQLiteRuns(SQLiteCore):
         rows = await self._t.read(
             lambda c: c.execute(
                 f"SELECT run_id, fence FROM runs WHERE app=? AND owner=? "
-                f"AND status IN {LIVE_SQL}",
+                f"AND {LIVE}",
                 (app, worker_id),
             ).fetchall()
         )
@@ -208,16 +216,14 @@ class SQLiteRuns(SQLiteCore):
     ) -> None:
         """One checkpoint of a run whose fence was checked, in the caller's transaction."""
         if write.entries:
+            # Enum members bound as plain str (exact types bind without sqlite3's
+            # adapter lookup, which costs more than the rest of the row).
             c.executemany(
-                f"INSERT INTO history (app, run_id, {HISTORY_COLS}) "
-                f"VALUES (?,?,{','.join('?' * 13)}) ON CONFLICT DO UPDATE SET "
-                "status=excluded.status, result=excluded.result, error=excluded.error, "
-                "error_type=excluded.error_type, attempts=excluded.attempts, "
-                "started_at=excluded.started_at, ended_at=excluded.ended_at, "
-                "wake_at=excluded.wake_at, detail=excluded.detail",
+                _UPSERT_HISTORY,
                 [
-                    (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error,
-                     e.error_type, e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
+                    (app, run_id, e.key, str(e.kind), e.name, str(e.status), e.seq, e.result,
+                     e.error, ops.text(e.error_type), e.attempts, e.started_at, e.ended_at,
+                     e.wake_at, e.detail)
                     for e in write.entries
                 ],
             )
@@ -258,7 +264,7 @@ class SQLiteRuns(SQLiteCore):
         def op(c: sqlite3.Connection) -> RunRecord | None:
             applied = c.execute(
                 f"UPDATE runs SET cancel_requested=1, updated_at=?, {UNPARK} WHERE app=? "
-                f"AND run_id=? AND status IN {LIVE_SQL}",
+                f"AND run_id=? AND {LIVE}",
                 (time.time(), app, run_id),
             ).rowcount
             row = c.execute(
