@@ -19,6 +19,7 @@ from cantata.model.status import RunStatus
 from cantata.quietlog import QuietLog, reason
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
+from . import gcpolicy
 from .clock import Clock
 from .hooks import Hooks
 from .identity import args_hash
@@ -362,6 +363,7 @@ class Engine:
         if self.serving:
             return
         self.draining = False
+        gcpolicy.tune()  # once per process: fewer garbage collections (gcpolicy.py)
         self.ownership = Ownership(self)
         await self.ownership.start()
         self.serving = True
