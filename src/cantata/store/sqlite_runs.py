@@ -52,6 +52,19 @@ _UPSERT_HISTORY = (
 _INSERT_RUN = f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})"
 
 
+# A checkpoint that changes nothing of the run's row but updated_at: fenced, returning
+# (owner, status, correlation_id) as they were (this UPDATE does not change them).
+_TOUCH_RUN = (
+    "UPDATE runs SET updated_at=? WHERE app=? AND run_id=? AND fence=? "
+    "RETURNING owner, status, correlation_id"
+)
+
+
+def _touch_only(write: RunWrite) -> bool:
+    return (write.status is None and write.result is None and write.error is None
+            and write.flagged is None and not write.release and write.wake is None)
+
+
 def _channels(write: RunWrite | None) -> tuple[str, ...]:
     """What a committed checkpoint changed, for the store's listeners."""
     channels = [RUNS]
@@ -190,16 +203,28 @@ class SQLiteRuns(SQLiteCore):
         return {r[0]: r[1] for r in rows}
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        def lost() -> LeaseLost:
+            return LeaseLost(
+                f"run {run_id} was taken over by another worker (fence {fence} is stale); "
+                "this worker stops executing it"
+            )
+
         def op(c: sqlite3.Connection) -> None:
+            if _touch_only(write):
+                # A step's checkpoint (the usual one): the run's row changes only its
+                # updated_at, so one statement checks the fence and reads what the
+                # audit record needs (unchanged by it) instead of a SELECT first.
+                rows = c.execute(_TOUCH_RUN, (time.time(), app, run_id, fence)).fetchall()
+                if not rows:
+                    raise lost()
+                self._apply(c, app, run_id, write, *rows[0], touched=True)
+                return
             row = c.execute(
                 "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",
                 (app, run_id),
             ).fetchone()
             if row is None or row[0] != fence:
-                raise LeaseLost(
-                    f"run {run_id} was taken over by another worker (fence {fence} is stale); "
-                    "this worker stops executing it"
-                )
+                raise lost()
             self._apply(c, app, run_id, write, row[1], row[2], row[3])
 
         await self._t.write(op, *_channels(write))
@@ -213,8 +238,12 @@ class SQLiteRuns(SQLiteCore):
         owner: str | None,
         old_status: str,
         correlation_id: str,
+        *,
+        touched: bool = False,
     ) -> None:
-        """One checkpoint of a run whose fence was checked, in the caller's transaction."""
+        """One checkpoint of a run whose fence was checked, in the caller's transaction.
+
+        ``touched``: the run's row was updated already (:data:`_TOUCH_RUN`)."""
         if write.entries:
             # Enum members bound as plain str (exact types bind without sqlite3's
             # adapter lookup, which costs more than the rest of the row).
@@ -232,6 +261,16 @@ class SQLiteRuns(SQLiteCore):
             self._append(c, app, write.events)
         if write.tasks:
             ops.insert_tasks(c, app, correlation_id, write.tasks)
+        if not touched:
+            self._update_run(c, app, run_id, write)
+        if write.wake is not None:
+            wake_parent(c, app, write.wake)
+        entry = audit.checkpoint_entry(run_id, owner, old_status, write)
+        if entry is not None:
+            ops.audit_append(c, app, entry)
+
+    @staticmethod
+    def _update_run(c: sqlite3.Connection, app: str, run_id: str, write: RunWrite) -> None:
         sets = ["updated_at=?"]
         params: list[Any] = [time.time()]
         if write.status is not None:
@@ -252,11 +291,6 @@ class SQLiteRuns(SQLiteCore):
             f"UPDATE runs SET {', '.join(sets)} WHERE app=? AND run_id=?",
             (*params, app, run_id),
         )
-        if write.wake is not None:
-            wake_parent(c, app, write.wake)
-        entry = audit.checkpoint_entry(run_id, owner, old_status, write)
-        if entry is not None:
-            ops.audit_append(c, app, entry)
 
     async def request_cancel(
         self, app: str, run_id: str, *, actor: str = audit.SYSTEM
