@@ -136,9 +136,13 @@ class WorkflowContext:
         Raises:
             StepFailed: the step exhausted its attempts (the same error on every replay).
         """
-        sdef = await self._step_def(step, "step")
+        steps = self._x.engine.router.steps
+        # The usual case without a coroutine: a function of this app's router.
+        sdef = steps.get(step_name(step)) or await self._step_def(step, "step")
         comp = (
-            await self._step_def(compensate, "compensation") if compensate is not None else None
+            None if compensate is None
+            else steps.get(step_name(compensate))
+            or await self._step_def(compensate, "compensation")
         )
         plain = codec.loads(codec.dumps(
             list(args), f"arguments of step {sdef.name}", limit=self._x.engine.max_payload

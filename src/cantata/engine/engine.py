@@ -19,6 +19,7 @@ from cantata.model.status import RunStatus
 from cantata.quietlog import QuietLog, reason
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
+from . import gcpolicy
 from .clock import Clock
 from .hooks import Hooks
 from .identity import args_hash
@@ -282,8 +283,6 @@ class Engine:
         wdef = self.router.workflows[run.workflow]
         execution = RunExecution(self, run, wdef)
         execution.fresh = fresh or create
-        if create:
-            execution.expect_creation()
         self.executions[run.run_id] = execution
         launched = self._launched.pop(run.run_id, None)
         if launched is not None and not launched.done():
@@ -293,6 +292,10 @@ class Engine:
         )
         execution.task = task
         self._tasks.add(task)
+        if create:
+            # After the task: its first pass usually reaches the first checkpoint,
+            # which stores the run, before the flush this schedules looks.
+            execution.expect_creation()
 
         def done(t: asyncio.Task[Any], run_id: str = run.run_id) -> None:
             self._tasks.discard(t)
@@ -360,6 +363,7 @@ class Engine:
         if self.serving:
             return
         self.draining = False
+        gcpolicy.tune()  # once per process: fewer garbage collections (gcpolicy.py)
         self.ownership = Ownership(self)
         await self.ownership.start()
         self.serving = True

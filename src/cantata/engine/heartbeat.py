@@ -100,6 +100,17 @@ class Beat:
     def _record(self) -> StepHeartbeat:
         return StepHeartbeat(self.key, self.attempt, time.time(), self._details_json)
 
+    def close_now(self, failed: bool) -> bool:
+        """End of the attempt when nothing is left to write (the usual case): True.
+        False: await :meth:`close` instead."""
+        if self._writes or (failed and self._dirty and self._persist is not None):
+            return False
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return True
+
     async def close(self, failed: bool) -> None:
         """End of the attempt: a failed one writes its newest details for the retry."""
         self._closed = True
@@ -186,6 +197,14 @@ async def beat_for(store: Any, app: str, run_id: str, step: str, key: str, attem
         kept = await store.last_step_heartbeat(app, run_id, key)
         if kept is not None and kept.attempt < attempt:
             previous = codec.loads(kept.details)
+    return first_beat(store, app, run_id, step, key, attempt, previous)
+
+
+def first_beat(
+    store: Any, app: str, run_id: str, step: str, key: str, attempt: int, previous: Any = None
+) -> Beat:
+    """The :class:`Beat` of an attempt no earlier attempt left details for (the first:
+    no store read, so no await)."""
 
     async def persist(record: StepHeartbeat) -> None:
         await store.record_step_heartbeat(app, run_id, record)

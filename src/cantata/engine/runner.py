@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef, WorkflowDef
@@ -114,9 +114,11 @@ class RunExecution:
             log.warning("run %s: could not release it (%s); another worker takes it over "
                         "after the lease", self.run.run_id, type(exc).__name__)
 
-    async def commit(self, write: RunWrite) -> None:
-        """Flush lazily recorded entries and write one checkpoint (fenced)."""
-        await checkpoint.commit(self, write)
+    def commit(self, write: RunWrite) -> Coroutine[Any, Any, None]:
+        """Flush lazily recorded entries and write one checkpoint (fenced).
+
+        (The coroutine of :func:`checkpoint.commit` itself: one layer less.)"""
+        return checkpoint.commit(self, write)
 
     def expect_creation(self) -> None:
         """This run is not stored yet: store it with its first checkpoint."""
@@ -239,11 +241,13 @@ class RunExecution:
 
     # -- steps ---------------------------------------------------------------------
 
-    async def call_step(
+    def call_step(
         self, sdef: StepDef, args: list[Any], key: str, kind: EntryKind = EntryKind.STEP
-    ) -> Any:
-        """Run (or replay) one step or compensation and return its decoded JSON result."""
-        return await steps.call_step(self, sdef, args, key, kind)
+    ) -> Coroutine[Any, Any, Any]:
+        """Run (or replay) one step or compensation and return its decoded JSON result.
+
+        (The coroutine of :func:`steps.call_step` itself: one layer less.)"""
+        return steps.call_step(self, sdef, args, key, kind)
 
     # -- the run ---------------------------------------------------------------------
 

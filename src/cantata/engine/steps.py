@@ -21,7 +21,7 @@ from cantata.model.records import (
     TaskStatus,
 )
 
-from .heartbeat import beat_for
+from .heartbeat import beat_for, first_beat
 from .invoke import invoke_step
 from .ownership import FENCE_AT
 from .pauses import PAUSED, GuardedBody, StepStalled, await_excuses
@@ -87,7 +87,8 @@ async def call_step(
         # A limited step waits for its slot here, before the attempt is recorded
         # (released when execute_body ends; a slot left by a lost commit is this
         # holder's again when the run goes on, or lapses with this worker).
-        await take_step_slot(x, sdef, key)
+        if sdef.concurrency is not None or sdef.rate is not None:
+            await take_step_slot(x, sdef, key)
         n += 1
         number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
@@ -254,10 +255,10 @@ async def execute_fenced(
     def stalled(seconds: float) -> None:
         x.stalled[(key, attempt)] = max(seconds, x.stalled.get((key, attempt), 0.0))
 
-    body = asyncio.ensure_future(GuardedBody(
-        execute_body(x, sdef, args, key, attempt, kind), fenced, stalled,
-        engine.lease * FENCE_AT,
-    ))
+    plain = not engine.hooks and sdef.concurrency is None and sdef.rate is None
+    coro = (invoke(x, sdef, args, key, attempt) if plain  # execute_body, with nothing to add
+            else execute_body(x, sdef, args, key, attempt, kind))
+    body = asyncio.ensure_future(GuardedBody(coro, fenced, stalled, engine.lease * FENCE_AT))
     x.bodies.add(body)
     try:
         return await body
@@ -316,7 +317,9 @@ async def with_hooks(
 async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int) -> Any:
     """One attempt: heartbeats kept for the next attempt, transactional or not."""
     run = x.run
-    beat = await beat_for(x.engine.store, run.app, run.run_id, sdef.name, key, attempt)
+    store = x.engine.store
+    beat = (first_beat(store, run.app, run.run_id, sdef.name, key, attempt) if attempt == 1
+            else await beat_for(store, run.app, run.run_id, sdef.name, key, attempt))
     failed = True
     try:
         if sdef.transactional:
@@ -328,4 +331,5 @@ async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, atte
         failed = False
         return value
     finally:
-        await beat.close(failed)
+        if not beat.close_now(failed):
+            await beat.close(failed)

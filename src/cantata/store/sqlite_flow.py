@@ -28,7 +28,7 @@ from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store.base import RUNS
 from cantata.store.sqlite_core import SQLiteCore
-from cantata.store.sqlite_ops import LIVE_SQL, RUN_COLS, run_row
+from cantata.store.sqlite_ops import LIVE_R, LIVE_SQL, RUN_COLS, run_row
 from cantata.store.sqlite_parking import UNPARK
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class SQLiteFlow(SQLiteCore):
                 active = c.execute(
                     "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
                     "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
-                    f"AND q.done=0 AND r.status IN {LIVE_SQL}", (app, spec.name),
+                    f"AND q.done=0 AND {LIVE_R}", (app, spec.name),
                 ).fetchone()[0]
                 window = spec.rate.window if spec.rate else 60.0
                 began = c.execute(

@@ -19,7 +19,7 @@ from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
     HISTORY_COLS,
-    LIVE_SQL,
+    LIVE_R,
     RUN_COLS,
     audit_append,
     dead_letter_row,
@@ -41,7 +41,7 @@ def foreign_runs(
     sql = (
         f"SELECT {cols} FROM runs r INDEXED BY runs_claimable LEFT JOIN workers w "
         "ON w.app=r.app AND w.worker_id=r.owner "
-        f"WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL "
+        f"WHERE r.app=? AND {LIVE_R} AND r.wake_at IS NULL "
         f"AND r.workflow IN ({wfs}) AND r.version IS NOT NULL AND r.version NOT IN ({vs}) "
         "AND (r.owner IS NULL OR (r.owner<>? AND (w.worker_id IS NULL OR w.heartbeat_at < ?))) "
     )
@@ -50,7 +50,7 @@ def foreign_runs(
         sql += (
             f"UNION ALL SELECT {cols} FROM runs r INDEXED BY runs_parked "
             f"WHERE r.app=? AND r.wake_at IS NOT NULL AND r.wake_at<=? "
-            f"AND r.status IN {LIVE_SQL} AND r.owner IS NULL AND r.workflow IN ({wfs}) "
+            f"AND {LIVE_R} AND r.owner IS NULL AND r.workflow IN ({wfs}) "
             f"AND r.version IS NOT NULL AND r.version NOT IN ({vs}) "
         )
         params += [app, now, *workflows, *versions]

@@ -29,6 +29,19 @@ from cantata.store import audit
 from cantata.store.sqlite_thread import TxConnection
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
+
+
+def live(column: str) -> str:
+    """``column`` (a run's status) is live, as OR-ed equalities, the form the partial
+    indexes ``runs_live`` and ``runs_claimable`` are declared with (migration 0016): a
+    query must say it the same way for the planner to use them. (An IN list of more
+    than two values costs SQLite a temporary table each time it is evaluated, and a
+    partial index's WHERE is evaluated on every write of a run's status.)"""
+    return f"({column}='pending' OR {column}='running' OR {column}='compensating')"
+
+
+LIVE = live("status")
+LIVE_R = live("r.status")
 # A run waiting in a queue begins through claim_queued_runs, not claim_runs (unless
 # it is to be cancelled: then any worker may take it and end it).
 WAITING_IN_QUEUE = (
@@ -149,16 +162,28 @@ EXCUSE_ATTEMPT = (
 )
 
 
+def text(value: str | None) -> str | None:
+    """``value`` as an exact ``str`` (an enum member bound as it is goes through
+    sqlite3's adapter lookup: slow), or ``None``."""
+    return None if value is None else str(value)
+
+
+_UPSERT_ATTEMPTS = (
+    "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+    "ended_at=excluded.ended_at, error_type=excluded.error_type, "
+    f"error=excluded.error {KEEP_EXCUSED}"
+)
+
+
 def upsert_attempts(
     c: sqlite3.Connection, app: str, run_id: str, attempts: Sequence[Attempt]
 ) -> None:
     if attempts:
         c.executemany(
-            "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-            "ended_at=excluded.ended_at, error_type=excluded.error_type, "
-            f"error=excluded.error {KEEP_EXCUSED}",
+            _UPSERT_ATTEMPTS,
             [
-                (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)
+                (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, text(a.error_type),
+                 a.error)
                 for a in attempts
             ],
         )
@@ -256,7 +281,8 @@ def insert_tasks(
         f"INSERT INTO tasks (app, {TASK_COLS}) VALUES ({','.join('?' * 18)}) "
         "ON CONFLICT (app, task_id) DO NOTHING",
         [
-            (app, t.task_id, t.run_id, t.key, t.step, t.service, t.args, t.status, t.attempts,
+            (app, t.task_id, t.run_id, t.key, t.step, t.service, t.args, str(t.status),
+             t.attempts,
              t.next_at, t.owner, t.fence, t.result, t.error, t.error_type,
              t.created_at or now, t.updated_at or now, t.correlation_id or correlation_id)
             for t in tasks

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from cantata.errors import LeaseLost
 from cantata.model.parking import Parking
 from cantata.store.base import RUNS
-from cantata.store.sqlite_ops import LIVE_SQL
+from cantata.store.sqlite_ops import LIVE
 
 if TYPE_CHECKING:
     from cantata.store.sqlite_thread import ConnectionThread
@@ -41,7 +41,7 @@ class SQLiteParking:
                 " wake_at=CASE WHEN cancel_requested=1 THEN NULL ELSE ? END,"
                 " waits_for=CASE WHEN cancel_requested=1 THEN NULL ELSE ? END,"
                 " wait_match=CASE WHEN cancel_requested=1 THEN NULL ELSE ? END "
-                f"WHERE app=? AND run_id=? AND fence=? AND status IN {LIVE_SQL}",
+                f"WHERE app=? AND run_id=? AND fence=? AND {LIVE}",
                 (time.time(), parking.wake_at, parking.waits_for, parking.wait_match,
                  app, run_id, fence),
             ).rowcount

@@ -32,13 +32,37 @@ from cantata.store.base import (
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     HISTORY_COLS,
-    LIVE_SQL,
+    LIVE,
+    LIVE_R,
     RUN_COLS,
     WAITING_IN_QUEUE,
     entry_row,
     run_row,
 )
 from cantata.store.sqlite_parking import UNPARK, wake_parent
+
+_UPSERT_HISTORY = (
+    f"INSERT INTO history (app, run_id, {HISTORY_COLS}) "
+    f"VALUES (?,?,{','.join('?' * 13)}) ON CONFLICT DO UPDATE SET "
+    "status=excluded.status, result=excluded.result, error=excluded.error, "
+    "error_type=excluded.error_type, attempts=excluded.attempts, "
+    "started_at=excluded.started_at, ended_at=excluded.ended_at, "
+    "wake_at=excluded.wake_at, detail=excluded.detail"
+)
+_INSERT_RUN = f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})"
+
+
+# A checkpoint that changes nothing of the run's row but updated_at: fenced, returning
+# (owner, status, correlation_id) as they were (this UPDATE does not change them).
+_TOUCH_RUN = (
+    "UPDATE runs SET updated_at=? WHERE app=? AND run_id=? AND fence=? "
+    "RETURNING owner, status, correlation_id"
+)
+
+
+def _touch_only(write: RunWrite) -> bool:
+    return (write.status is None and write.result is None and write.error is None
+            and write.flagged is None and not write.release and write.wake is None)
 
 
 def _channels(write: RunWrite | None) -> tuple[str, ...]:
@@ -76,10 +100,7 @@ class SQLiteRuns(SQLiteCore):
                         "arguments; use a new key for a new request"
                     )
                 return existing, False
-        c.execute(
-            f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})",
-            ops.run_values(run),
-        )
+        c.execute(_INSERT_RUN, ops.run_values(run))
         ops.audit_append(c, run.app, audit.run_created_entry(
             run.run_id, run.workflow, run.correlation_id, run.parent_run_id
         ))
@@ -148,7 +169,7 @@ class SQLiteRuns(SQLiteCore):
                 f" UNION ALL SELECT rid FROM (SELECT r.rowid AS rid FROM runs r"
                 f" INDEXED BY runs_parked"
                 f" WHERE r.app=? AND r.wake_at IS NOT NULL AND r.wake_at<=?"
-                f"  AND r.status IN {LIVE_SQL} AND r.workflow IN ({marks}) AND r.owner IS NULL"
+                f"  AND {LIVE_R} AND r.workflow IN ({marks}) AND r.owner IS NULL"
                 f"{extra} ORDER BY r.wake_at LIMIT ?)"
             )
             due_params = [app, now, *workflows, *more, limit]
@@ -159,7 +180,7 @@ class SQLiteRuns(SQLiteCore):
                 f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE rowid IN ("
                 f" SELECT rid FROM (SELECT r.rowid AS rid FROM runs r INDEXED BY runs_claimable"
                 f"  LEFT JOIN workers w ON w.app=r.app AND w.worker_id=r.owner"
-                f"  WHERE r.app=? AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL"
+                f"  WHERE r.app=? AND {LIVE_R} AND r.wake_at IS NULL"
                 f"  AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
@@ -175,23 +196,35 @@ class SQLiteRuns(SQLiteCore):
         rows = await self._t.read(
             lambda c: c.execute(
                 f"SELECT run_id, fence FROM runs WHERE app=? AND owner=? "
-                f"AND status IN {LIVE_SQL}",
+                f"AND {LIVE}",
                 (app, worker_id),
             ).fetchall()
         )
         return {r[0]: r[1] for r in rows}
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        def lost() -> LeaseLost:
+            return LeaseLost(
+                f"run {run_id} was taken over by another worker (fence {fence} is stale); "
+                "this worker stops executing it"
+            )
+
         def op(c: sqlite3.Connection) -> None:
+            if _touch_only(write):
+                # A step's checkpoint (the usual one): the run's row changes only its
+                # updated_at, so one statement checks the fence and reads what the
+                # audit record needs (unchanged by it) instead of a SELECT first.
+                rows = c.execute(_TOUCH_RUN, (time.time(), app, run_id, fence)).fetchall()
+                if not rows:
+                    raise lost()
+                self._apply(c, app, run_id, write, *rows[0], touched=True)
+                return
             row = c.execute(
                 "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",
                 (app, run_id),
             ).fetchone()
             if row is None or row[0] != fence:
-                raise LeaseLost(
-                    f"run {run_id} was taken over by another worker (fence {fence} is stale); "
-                    "this worker stops executing it"
-                )
+                raise lost()
             self._apply(c, app, run_id, write, row[1], row[2], row[3])
 
         await self._t.write(op, *_channels(write))
@@ -205,19 +238,21 @@ class SQLiteRuns(SQLiteCore):
         owner: str | None,
         old_status: str,
         correlation_id: str,
+        *,
+        touched: bool = False,
     ) -> None:
-        """One checkpoint of a run whose fence was checked, in the caller's transaction."""
+        """One checkpoint of a run whose fence was checked, in the caller's transaction.
+
+        ``touched``: the run's row was updated already (:data:`_TOUCH_RUN`)."""
         if write.entries:
+            # Enum members bound as plain str (exact types bind without sqlite3's
+            # adapter lookup, which costs more than the rest of the row).
             c.executemany(
-                f"INSERT INTO history (app, run_id, {HISTORY_COLS}) "
-                f"VALUES (?,?,{','.join('?' * 13)}) ON CONFLICT DO UPDATE SET "
-                "status=excluded.status, result=excluded.result, error=excluded.error, "
-                "error_type=excluded.error_type, attempts=excluded.attempts, "
-                "started_at=excluded.started_at, ended_at=excluded.ended_at, "
-                "wake_at=excluded.wake_at, detail=excluded.detail",
+                _UPSERT_HISTORY,
                 [
-                    (app, run_id, e.key, e.kind, e.name, e.status, e.seq, e.result, e.error,
-                     e.error_type, e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
+                    (app, run_id, e.key, str(e.kind), e.name, str(e.status), e.seq, e.result,
+                     e.error, ops.text(e.error_type), e.attempts, e.started_at, e.ended_at,
+                     e.wake_at, e.detail)
                     for e in write.entries
                 ],
             )
@@ -226,6 +261,16 @@ class SQLiteRuns(SQLiteCore):
             self._append(c, app, write.events)
         if write.tasks:
             ops.insert_tasks(c, app, correlation_id, write.tasks)
+        if not touched:
+            self._update_run(c, app, run_id, write)
+        if write.wake is not None:
+            wake_parent(c, app, write.wake)
+        entry = audit.checkpoint_entry(run_id, owner, old_status, write)
+        if entry is not None:
+            ops.audit_append(c, app, entry)
+
+    @staticmethod
+    def _update_run(c: sqlite3.Connection, app: str, run_id: str, write: RunWrite) -> None:
         sets = ["updated_at=?"]
         params: list[Any] = [time.time()]
         if write.status is not None:
@@ -246,11 +291,6 @@ class SQLiteRuns(SQLiteCore):
             f"UPDATE runs SET {', '.join(sets)} WHERE app=? AND run_id=?",
             (*params, app, run_id),
         )
-        if write.wake is not None:
-            wake_parent(c, app, write.wake)
-        entry = audit.checkpoint_entry(run_id, owner, old_status, write)
-        if entry is not None:
-            ops.audit_append(c, app, entry)
 
     async def request_cancel(
         self, app: str, run_id: str, *, actor: str = audit.SYSTEM
@@ -258,7 +298,7 @@ class SQLiteRuns(SQLiteCore):
         def op(c: sqlite3.Connection) -> RunRecord | None:
             applied = c.execute(
                 f"UPDATE runs SET cancel_requested=1, updated_at=?, {UNPARK} WHERE app=? "
-                f"AND run_id=? AND status IN {LIVE_SQL}",
+                f"AND run_id=? AND {LIVE}",
                 (time.time(), app, run_id),
             ).rowcount
             row = c.execute(

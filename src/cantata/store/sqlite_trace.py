@@ -18,7 +18,7 @@ from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     EVENT_COLS,
     HISTORY_COLS,
-    LIVE_SQL,
+    LIVE,
     RUN_COLS,
     TASK_COLS,
     entry_row,
@@ -136,8 +136,8 @@ class SQLiteTrace(SQLiteCore):
     async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
         def op(c: sqlite3.Connection) -> list[str]:
             rows = c.execute(
-                f"SELECT correlation_id, updated_at FROM runs WHERE app=? AND status IN "
-                f"{LIVE_SQL} AND updated_at < ? "
+                f"SELECT correlation_id, updated_at FROM runs WHERE app=? AND {LIVE} "
+                "AND updated_at < ? "
                 "UNION SELECT correlation_id, updated_at FROM runs WHERE app=? AND flagged=1 "
                 "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
                 "ON e.app=d.app AND e.id=d.event_id WHERE d.app=? AND d.status IN "
