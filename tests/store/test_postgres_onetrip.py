@@ -235,3 +235,14 @@ async def test_two_stores_appending_to_one_chain_at_once_keep_it_whole(url: str)
 
         await asyncio.gather(*(saga(one if i % 2 else two) for i in range(40)))
         assert await one.verify_audit(app, key=KEY) == AuditReport(True, 40 * 4)
+
+
+def test_the_arrays_are_those_of_the_composite_type() -> None:
+    """The JSON fields and the array parameters follow migration 0013's type (and
+    0011's function), in order."""
+    from cantata.store import migrations
+
+    sql = migrations.scripts("postgres")[13].read_text()
+    body = sql[sql.index("AS (") + 4 : sql.rindex(")")]
+    fields = [" ".join(f.split()) for f in body.split(",")]
+    assert tuple(fields) == postgres_onetrip._ARGS

@@ -33,30 +33,52 @@ from cantata.store.base import RUNS
 from cantata.store.postgres_ops import columns, run_values
 from cantata.store.postgres_pool import Conn
 
-_PARAMS = 73
-_CALL = (
-    "SELECT out_kind, out_i, out_owner, out_status, out_correlation_id FROM "
-    f"cantata_write_runs({', '.join(f'${i}' for i in range(1, _PARAMS + 1))})"
-)
 # The function's arrays (all but the audit keys and the genesis hash), in its order:
 # the fields of the composite type cantata_write_args (migration 0013).
-_FIELDS = (
-    "n_run_id", "n_app", "n_workflow", "n_status", "n_args", "n_created_at",
-    "n_updated_at", "n_correlation_id", "n_causation_id", "n_idempotency_key",
-    "n_args_hash", "n_parent_run_id", "n_deadline_at", "n_result", "n_error",
-    "n_cancel_requested", "n_owner", "n_fence", "n_flagged", "n_service", "n_version",
-    "n_epoch", "n_time", "n_tail", "n_action", "n_data", "n_notice",
-    "k_app", "k_run_id", "k_fence", "k_status", "k_result", "k_error", "k_flagged",
-    "k_release", "k_i", "k_now",
-    "h_app", "h_run_id", "h_key", "h_kind", "h_name", "h_status", "h_seq", "h_result",
-    "h_error", "h_error_type", "h_attempts", "h_started_at", "h_ended_at", "h_wake_at",
-    "h_detail",
-    "a_app", "a_run_id", "a_key", "a_attempt", "a_started_at", "a_ended_at",
-    "a_error_type", "a_error",
-    "k_time", "k_time_json", "k_same_action", "k_same_data", "k_same_rest",
-    "k_chg_action", "k_chg_data", "k_chg_rest", "k_notice",
+_ARGS = (
+    "n_run_id text[]", "n_app text[]", "n_workflow text[]", "n_status text[]",
+    "n_args text[]", "n_created_at float8[]", "n_updated_at float8[]",
+    "n_correlation_id text[]", "n_causation_id text[]", "n_idempotency_key text[]",
+    "n_args_hash text[]", "n_parent_run_id text[]", "n_deadline_at float8[]",
+    "n_result text[]", "n_error text[]", "n_cancel_requested bool[]", "n_owner text[]",
+    "n_fence int8[]", "n_flagged bool[]", "n_service text[]", "n_version text[]",
+    "n_epoch int4[]", "n_time float8[]", "n_tail text[]", "n_action text[]",
+    "n_data text[]", "n_notice text[]", "k_app text[]", "k_run_id text[]", "k_fence int8[]",
+    "k_status text[]", "k_result text[]", "k_error text[]", "k_flagged bool[]",
+    "k_release bool[]", "k_i int4[]", "k_now float8", "h_app text[]", "h_run_id text[]",
+    "h_key text[]", "h_kind text[]", "h_name text[]", "h_status text[]", "h_seq int4[]",
+    "h_result text[]", "h_error text[]", "h_error_type text[]", "h_attempts int4[]",
+    "h_started_at float8[]", "h_ended_at float8[]", "h_wake_at float8[]", "h_detail text[]",
+    "a_app text[]", "a_run_id text[]", "a_key text[]", "a_attempt int4[]",
+    "a_started_at float8[]", "a_ended_at float8[]", "a_error_type text[]", "a_error text[]",
+    "k_time float8[]", "k_time_json text[]", "k_same_action text[]", "k_same_data text[]",
+    "k_same_rest text[]", "k_chg_action text[]", "k_chg_data text[]", "k_chg_rest text[]",
+    "k_notice text[]",
 )
-assert len(_FIELDS) == _PARAMS - 4
+_FIELDS = tuple(arg.split()[0] for arg in _ARGS)
+_NEW = 27  # the first 27 are the new runs' (n_...), the others the checkpoints'
+_OUT = "SELECT out_kind, out_i, out_owner, out_status, out_correlation_id FROM "
+_KEYS = "key_app, key_inner, key_outer, genesis"
+
+
+def _call(sent: range) -> str:
+    """The call with the arrays of ``sent`` as parameters and the others empty (a
+    parameter less for the driver to encode and the server to decode)."""
+    args: list[str] = []
+    for j, arg in enumerate(_ARGS):
+        kind = arg.split()[1]
+        if j in sent:
+            args.append(f"${j - sent.start + 1}")
+        else:
+            args.append("NULL::float8" if kind == "float8" else f"'{{}}'::{kind}")
+    n = len(sent)
+    keys = ", ".join(f"${i}" for i in range(n + 1, n + 5))
+    return f"{_OUT}cantata_write_runs({', '.join(args)}, {keys})"
+
+
+_ALL, _CREATES, _CHECKPOINTS = range(len(_ARGS)), range(_NEW), range(_NEW, len(_ARGS))
+_CALLS = {sent: _call(sent) for sent in (_ALL, _CREATES, _CHECKPOINTS)}
+_CALL = _CALLS[_ALL]
 # The same call with those arrays as one JSON document (see migration 0013): the
 # driver encodes one text instead of every element of 69 arrays.
 _CALL_JSON = (
@@ -195,7 +217,8 @@ async def write(
         except (TypeError, ValueError):  # a value JSON cannot carry (NaN, say): as arrays
             doc = None
     if doc is None:
-        rows = await c.fetch(_CALL, *arrays, *key_args)
+        sent = _CHECKPOINTS if not creates else _CREATES if not calls else _ALL
+        rows = await c.fetch(_CALLS[sent], *arrays[sent.start:sent.stop], *key_args)
     else:
         rows = await c.fetch(_CALL_JSON, doc, *key_args)
     inserted = {r[1] for r in rows if r[0] == "n"}
