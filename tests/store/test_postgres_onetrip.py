@@ -246,3 +246,29 @@ def test_the_arrays_are_those_of_the_composite_type() -> None:
     body = sql[sql.index("AS (") + 4 : sql.rindex(")")]
     fields = [" ".join(f.split()) for f in body.split(",")]
     assert tuple(fields) == postgres_onetrip._ARGS
+
+
+def test_json_carries_only_what_it_carries_exactly() -> None:
+    """NaN and infinities (orjson would write null), lone surrogates and ints over 64
+    bits make the batch go as arrays; everything else reads back the same."""
+    import orjson
+
+    fields = postgres_onetrip._FIELDS
+    arrays: list[Any] = [[] for _ in fields]
+    k_now = fields.index("k_now")
+    arrays[k_now] = 1764621000.1234567
+    arrays[fields.index("h_started_at")] = [0.1 + 0.2, None, 1e300]
+    arrays[fields.index("k_result")] = ['"é\\\n\u4e2d', None]
+    doc = postgres_onetrip._document(arrays)
+    assert doc is not None and orjson.loads(doc) == dict(zip(fields, arrays, strict=True))
+    for name, bad in [
+        ("h_started_at", [1.0, float("nan")]),
+        ("n_created_at", [float("inf")]),
+        ("a_ended_at", [None, float("-inf")]),
+        ("k_now", float("nan")),
+        ("k_result", ["\ud800"]),
+        ("n_fence", [2**64]),
+    ]:
+        broken = list(arrays)
+        broken[fields.index(name)] = bad
+        assert postgres_onetrip._document(broken) is None, name

@@ -18,13 +18,14 @@ path.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring_ascii as _quoted
+from math import isfinite
 from typing import Any
 
 import asyncpg
+import orjson
 
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store import audit
@@ -91,7 +92,28 @@ _CALL_JSON = (
 # reading the document than the arrays, which a batch of one (a run waiting on its
 # own write) would feel, while the driver saves ~15 us per share of a big batch.
 JSON_FROM = 8
-_dumps = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+_FLOATS = tuple(j for j, arg in enumerate(_ARGS) if arg.split()[1].startswith("float8"))
+
+
+def _document(arrays: list[Any]) -> str | None:
+    """The arrays as the JSON of a ``cantata_write_args``, or ``None`` when JSON cannot
+    carry them exactly.
+
+    orjson writes a float as its shortest round-trip text (float8 reads back the same
+    double) but NaN and infinities as ``null``: a float column whose finite values do
+    not sum to a finite number (those, or an overflow) goes as arrays instead.
+    """
+    try:
+        for j in _FLOATS:
+            col = arrays[j]
+            if not isfinite(sum(filter(None, col)) if isinstance(col, list) else col):
+                return None
+        return orjson.dumps(dict(zip(_FIELDS, arrays, strict=True))).decode()
+    # orjson.JSONEncodeError (a TypeError): a lone surrogate, an int over 64 bits
+    except (TypeError, OverflowError):
+        return None
+
+
 # Raised by the function for a record it cannot spell as Python does: run the batch
 # as a transaction instead.
 NOT_HERE = "CN001"
@@ -210,12 +232,7 @@ async def write(
         key_apps, [keys[a].inner for a in key_apps], [keys[a].outer for a in key_apps],
         audit.GENESIS_HASH,
     )
-    doc = None
-    if len(shares) >= JSON_FROM:
-        try:
-            doc = _dumps(dict(zip(_FIELDS, arrays, strict=True)))
-        except (TypeError, ValueError):  # a value JSON cannot carry (NaN, say): as arrays
-            doc = None
+    doc = _document(arrays) if len(shares) >= JSON_FROM else None
     if doc is None:
         sent = _CHECKPOINTS if not creates else _CREATES if not calls else _ALL
         rows = await c.fetch(_CALLS[sent], *arrays[sent.start:sent.stop], *key_args)
