@@ -206,6 +206,8 @@ def merged(
     """``rows`` as ``width`` columns, one row per key (its first ``key`` values): as if
     upserted one after another, the first row of a key gives the ``kept`` columns
     (those an upsert never changes) and the last one the others."""
+    if len({row[:key] for row in rows}) == len(rows):  # no key twice: nothing to merge
+        return columns(rows, width)
     by_key: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     for row in rows:
         k = row[:key]
