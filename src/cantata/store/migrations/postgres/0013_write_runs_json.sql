@@ -1,10 +1,11 @@
--- The arrays of cantata_write_runs (0011) as one JSON document: the writer sends
--- json_populate_record(NULL::cantata_write_args, $1::json) instead of 69 array
--- parameters. Encoding a Python list as a PostgreSQL array costs the driver about a
--- microsecond per element (a few hundred thousand elements in 2,000 sagas); the JSON
--- text is made by the json module's C encoder in a twentieth of that, and the server
--- turns each field into its array in C. Values arrive exactly: text as written,
--- float8 from Python's shortest round-trip repr, NULL from null.
+-- The arrays of cantata_write_runs (0011) as one JSON document: for a batch of 8
+-- shares or more the writer sends json_populate_record(NULL::cantata_write_args,
+-- $1::json) instead of 69 array parameters. Encoding a Python list as a PostgreSQL
+-- array costs the driver about a microsecond per element (a few hundred thousand
+-- elements in 2,000 sagas); orjson writes the document in a small part of that, and
+-- the server turns each field into its array in C. Values arrive exactly: text as
+-- written, float8 from the shortest round-trip text, NULL from null (NaN and
+-- infinities, which JSON cannot carry, go as arrays: postgres_onetrip._document).
 CREATE TYPE cantata_write_args AS (
     n_run_id text[], n_app text[], n_workflow text[], n_status text[], n_args text[],
     n_created_at float8[], n_updated_at float8[], n_correlation_id text[],
