@@ -243,7 +243,8 @@ def test_the_arrays_are_those_of_the_composite_type() -> None:
     from cantata.store import migrations
 
     sql = migrations.scripts("postgres")[13].read_text()
-    body = sql[sql.index("AS (") + 4 : sql.rindex(")")]
+    type_sql = sql[sql.index("CREATE TYPE") : sql.index(");", sql.index("CREATE TYPE"))]
+    body = type_sql[type_sql.index("AS (") + 4 :]
     fields = [" ".join(f.split()) for f in body.split(",")]
     assert tuple(fields) == postgres_onetrip._ARGS
 
