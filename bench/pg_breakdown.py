@@ -5,24 +5,34 @@ every statement of the store's writer timed by kind.
 
 Runs ``bench.cantata_scenario`` on PostgreSQL in this process, then prints, per kind of
 statement (its first words), the total time, the count and the mean, and the same for
-whole transactions. It is what shows that a checkpoint on PostgreSQL is bound by round
-trips (BEGIN, the checkpoint statement, the audit append, NOTIFY + COMMIT with its WAL
-flush), not by CPU: see docs/performance.md.
+whole transactions; then the phases of a write as its caller waits for it (p50 and
+mean): queued until the writer takes it, the pool's acquire, the Python before the
+one-statement call (``postgres_onetrip.write``), the call's round trip and, inside it,
+the server's execution (``clock_timestamp() - statement_timestamp()`` read with the
+rows; the rest of the round trip is the COMMIT's WAL flush and the wire), the Python
+after it, the connection's release, and the caller's wake-up once answered (the
+phases are meant for the latency workload, one write at a time). See
+docs/performance.md.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import runpy
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from cantata.store import postgres_batch
+from cantata.store import postgres_batch, postgres_onetrip, postgres_pool
 
 _TIMED = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
 total: collections.Counter[str] = collections.Counter()
 count: collections.Counter[str] = collections.Counter()
+phases: dict[str, list[float]] = collections.defaultdict(list)
+_at: dict[str, float] = {}  # the latest of each moment (the latency workload: one at a time)
+_SERVER = "SELECT extract(epoch FROM clock_timestamp() - statement_timestamp())::float8, "
 
 
 class _Timed:
@@ -42,6 +52,7 @@ class _Timed:
                 return await attr(*args, **kwargs)
             finally:
                 sql = args[0] if args and isinstance(args[0], str) else ""
+                sql = sql.replace(_SERVER, "SELECT ", 1)  # as the store sent it
                 kind = f"{name}: {' '.join(sql.split())[:40]}"
                 total[kind] += time.perf_counter() - started
                 count[kind] += 1
@@ -63,15 +74,91 @@ def _install() -> None:
     postgres_batch.BatchWriter._transaction = timed_transaction  # type: ignore[method-assign]
 
 
+class _Phased:
+    """The connection of a one-statement write: its call timed, with the server's part."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._conn, name)
+        if name != "fetch":
+            return attr
+
+        async def fetch(sql: str, *args: Any) -> Any:
+            started = time.perf_counter()
+            phases["python before the call"].append(started - _at["write"])
+            try:
+                rows = await attr(sql.replace("SELECT ", _SERVER, 1), *args)
+            finally:
+                _at["fetched"] = time.perf_counter()
+                phases["the call (round trip)"].append(_at["fetched"] - started)
+            if rows:
+                phases["  of which server execution"].append(rows[0][0])
+            return [tuple(r)[1:] for r in rows]
+
+        return fetch
+
+
+def _install_phases() -> None:
+    writer = postgres_batch.BatchWriter
+    run_many, apply_, write = writer.run_many, writer._apply, postgres_onetrip.write
+    conn = postgres_pool.PgPool.conn
+
+    async def timed_run_many(self: Any, many: Any, arg: Any) -> Any:
+        _at["submitted"] = time.perf_counter()
+        try:
+            return await run_many(self, many, arg)
+        finally:
+            now = time.perf_counter()
+            phases["whole write, as its caller waits"].append(now - _at["submitted"])
+            if "answered" in _at:
+                phases["caller woken after the answer"].append(now - _at.pop("answered"))
+
+    async def timed_apply(self: Any, items: Any) -> Any:
+        phases["queued until the writer takes it"].append(
+            time.perf_counter() - _at.get("submitted", time.perf_counter()))
+        return await apply_(self, items)
+
+    @contextlib.asynccontextmanager
+    async def timed_conn(self: Any) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        async with conn(self) as c:
+            phases["pool acquire"].append(time.perf_counter() - started)
+            yield c
+            left = time.perf_counter()
+        phases["pool release"].append(time.perf_counter() - left)
+
+    async def timed_write(c: Any, shares: Any, keys: Any) -> Any:
+        _at["write"] = time.perf_counter()
+        try:
+            return await write(_Phased(c), shares, keys)
+        finally:
+            _at["answered"] = time.perf_counter()
+            if "fetched" in _at:
+                phases["python after the call"].append(_at["answered"] - _at.pop("fetched"))
+
+    writer.run_many = timed_run_many  # type: ignore[method-assign]
+    writer._apply = timed_apply  # type: ignore[method-assign]
+    postgres_pool.PgPool.conn = timed_conn  # type: ignore[method-assign,assignment]
+    postgres_onetrip.write = timed_write
+
+
 def report() -> str:
     lines = [f"{'total s':>8} {'count':>6} {'mean ms':>8}  statement"]
     for kind, seconds in total.most_common():
         lines.append(f"{seconds:8.3f} {count[kind]:6d} {1e3 * seconds / count[kind]:8.3f}  {kind}")
+    lines.append(f"\n{'p50 ms':>8} {'count':>6} {'mean ms':>8}  phase of a write")
+    for name, values in phases.items():
+        ordered = sorted(values)
+        lines.append(f"{1e3 * ordered[len(ordered) // 2]:8.3f} {len(values):6d} "
+                     f"{1e3 * sum(values) / len(values):8.3f}  {name}")
     return "\n".join(lines)
 
 
 def main() -> None:
     _install()
+    _install_phases()
     sys.argv = ["bench.cantata_scenario", *sys.argv[1:], "--store", "postgres"]
     try:
         runpy.run_module("bench.cantata_scenario", run_name="__main__")

@@ -13,7 +13,7 @@ from cantata.errors import IdempotencyConflict, LeaseLost
 from cantata.model.codec import new_id
 from cantata.model.records import ENTRY_COMPLETED, ENTRY_RUNNING, Attempt, AuditReport, RunWrite
 from cantata.model.status import RunStatus
-from cantata.store import audit
+from cantata.store import audit, postgres_onetrip
 from cantata.store.postgres import PostgresStore
 from cantata.testing.contract.support import entry, ev, new_run
 from tests.helpers import drop_schema, with_schema
@@ -21,6 +21,16 @@ from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
 KEY = audit.AuditKey("0123456789abcdef-onetrip-test")
+# The one statement's first words, its arrays sent as arrays or as one JSON document.
+ONE = ("SELECT out_kind", "SELECT w.out_kind")
+
+
+@pytest.fixture(autouse=True, params=["arrays", "json"])
+def encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test with the arrays as arrays and as JSON (migration 0013), whatever the
+    size of its batches."""
+    monkeypatch.setattr(postgres_onetrip, "JSON_FROM", 10**9 if request.param == "arrays" else 1)
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +100,7 @@ async def test_a_saga_is_one_statement_per_batch_and_its_keyed_chain_verifies(ur
                 for r in runs
             )
         )
-        assert sent and all(s.startswith("SELECT out_kind") for s in sent), sent
+        assert sent and all(s.startswith(ONE) for s in sent), sent
         assert await store.verify_audit(app, key=KEY) == AuditReport(True, 20 * 5)
         done = await store.get_run(app, runs[0].run_id)
         assert done is not None and done.status == RunStatus.COMPLETED and done.owner is None
@@ -111,6 +121,45 @@ async def test_a_saga_is_one_statement_per_batch_and_its_keyed_chain_verifies(ur
             ("worker:w1", "run.status"),
         ]
         assert '"status":"completed"' in ends[-1].data
+
+
+async def test_values_arrive_exactly_as_written(url: str, encoding: str) -> None:
+    """Text with quotes, escapes, controls and non-ASCII, floats to the last bit,
+    NULLs: the same read back whichever way the arrays were sent."""
+    app = f"app-{new_id()[-8:]}"
+    odd = 'q"uo\\te\\n\n\t\u00e9\u4e2d\U0001f600 \x7f{\'x\'}, [1]'
+    async with opened(url) as store:
+        sent = statements(store)
+        run = new_run(app, owner="w", fence=1, args=odd, created_at=1764621000.1234567,
+                      deadline_at=0.1 + 0.2)
+        await store.create_run(run)
+        write = RunWrite(
+            entries=[entry("a#1", 1, ENTRY_COMPLETED, result=odd)],
+            attempts=[Attempt("a#1", 1, 1 / 3, 2 / 3, error_type=None, error=odd)],
+            status=RunStatus.COMPLETED, result=odd, release=True,
+        )
+        await store.commit_run(app, run.run_id, 1, write)
+        assert sent and all(s.startswith(ONE[encoding == "json"]) for s in sent), sent
+        got = await store.get_run(app, run.run_id)
+        assert got is not None
+        assert (got.args, got.result, got.created_at, got.deadline_at, got.owner) == (
+            odd, odd, 1764621000.1234567, 0.1 + 0.2, None
+        )
+        assert got.error is None and got.parent_run_id is None
+        (e,) = await store.load_history(app, run.run_id)
+        assert e.result == odd and e.error is None
+        assert await store.verify_audit(app) == AuditReport(True, 2)
+
+
+async def test_what_json_cannot_carry_goes_as_arrays(url: str, encoding: str) -> None:
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        sent = statements(store)
+        run = new_run(app, owner="w", fence=1, deadline_at=float("inf"))
+        await store.create_run(run)
+        assert sent == ["SELECT out_kind, out_i, out_owner,"], sent
+        got = await store.get_run(app, run.run_id)
+        assert got is not None and got.deadline_at == float("inf")
 
 
 async def test_a_checkpoint_that_keeps_the_status_records_no_status(url: str) -> None:
@@ -138,7 +187,7 @@ async def test_refusals_are_those_of_the_transactional_path(url: str) -> None:
         assert again == (run, False) or (isinstance(again, tuple) and again[1] is False)
         assert isinstance(stale, LeaseLost)
         assert isinstance(other, IdempotencyConflict)
-        assert all(s.startswith(("SELECT out_kind", "SELECT run_id")) for s in sent), sent
+        assert all(s.startswith((*ONE, "SELECT run_id")) for s in sent), sent
         assert await store.load_history(app, run.run_id) == []
         assert await store.verify_audit(app) == AuditReport(True, 1)
 
@@ -151,7 +200,7 @@ async def test_an_owner_sql_cannot_spell_goes_as_a_transaction(url: str) -> None
         run, _ = await store.create_run(new_run(app, owner="wörker\n1", fence=1))
         sent = statements(store)
         await store.commit_run(app, run.run_id, 1, step_done("a#1", 1))
-        assert sent[0].startswith("SELECT out_kind") and any(s == "COMMIT" for s in sent), sent
+        assert sent[0].startswith(ONE) and any(s == "COMMIT" for s in sent), sent
         records = await store.audit_records(app)
         assert records[-1].actor == "worker:wörker\n1"
         assert await store.verify_audit(app, key=KEY) == AuditReport(True, 2)
@@ -163,7 +212,7 @@ async def test_events_and_tasks_take_the_transactional_path(url: str) -> None:
         run, _ = await store.create_run(new_run(app, owner="w", fence=1))
         sent = statements(store)
         await store.commit_run(app, run.run_id, 1, RunWrite(events=[ev()]))
-        assert not any(s.startswith("SELECT out_kind") for s in sent), sent
+        assert not any(s.startswith(ONE) for s in sent), sent
         assert await store.verify_audit(app) == AuditReport(True, 2)
 
 
@@ -186,3 +235,41 @@ async def test_two_stores_appending_to_one_chain_at_once_keep_it_whole(url: str)
 
         await asyncio.gather(*(saga(one if i % 2 else two) for i in range(40)))
         assert await one.verify_audit(app, key=KEY) == AuditReport(True, 40 * 4)
+
+
+def test_the_arrays_are_those_of_the_composite_type() -> None:
+    """The JSON fields and the array parameters follow migration 0013's type (and
+    0011's function), in order."""
+    from cantata.store import migrations
+
+    sql = migrations.scripts("postgres")[13].read_text()
+    type_sql = sql[sql.index("CREATE TYPE") : sql.index(");", sql.index("CREATE TYPE"))]
+    body = type_sql[type_sql.index("AS (") + 4 :]
+    fields = [" ".join(f.split()) for f in body.split(",")]
+    assert tuple(fields) == postgres_onetrip._ARGS
+
+
+def test_json_carries_only_what_it_carries_exactly() -> None:
+    """NaN and infinities (orjson would write null), lone surrogates and ints over 64
+    bits make the batch go as arrays; everything else reads back the same."""
+    import orjson
+
+    fields = postgres_onetrip._FIELDS
+    arrays: list[Any] = [[] for _ in fields]
+    k_now = fields.index("k_now")
+    arrays[k_now] = 1764621000.1234567
+    arrays[fields.index("h_started_at")] = [0.1 + 0.2, None, 1e300]
+    arrays[fields.index("k_result")] = ['"é\\\n\u4e2d', None]
+    doc = postgres_onetrip._document(arrays)
+    assert doc is not None and orjson.loads(doc) == dict(zip(fields, arrays, strict=True))
+    for name, bad in [
+        ("h_started_at", [1.0, float("nan")]),
+        ("n_created_at", [float("inf")]),
+        ("a_ended_at", [None, float("-inf")]),
+        ("k_now", float("nan")),
+        ("k_result", ["\ud800"]),
+        ("n_fence", [2**64]),
+    ]:
+        broken = list(arrays)
+        broken[fields.index(name)] = bad
+        assert postgres_onetrip._document(broken) is None, name

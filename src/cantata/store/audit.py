@@ -48,11 +48,14 @@ PAGE = 1000
 Fetch = Callable[[int], Awaitable[list[AuditRecord]]]
 
 
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+).encode  # what json.dumps(value, <these options>) builds anew on every call
+
+
 def canonical(value: Any) -> str:
     """Compact, ASCII-only JSON with sorted keys: one text per value."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    return _CANONICAL(value)
 
 
 def tail(time: float, actor: str, action: str, target: str, data: str) -> str:

@@ -257,8 +257,12 @@ class BatchWriter:
             while todo:
                 async with self._db.conn() as c:
                     failed = await self._transaction(c, todo, grouped)
-                if failed is None:
-                    break
+                    if failed is None:
+                        # Committed: answer the callers before the connection goes back
+                        # to the pool (asyncpg releases it in a task of its own, a turn
+                        # of the event loop each caller would otherwise wait for).
+                        _resolve(items)
+                        break
                 bad, exc = failed
                 if isinstance(exc, _RETRY_ERRORS) and retries < MAX_RETRIES:
                     retries += 1

@@ -276,5 +276,6 @@ def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows as ``width`` column lists (the arrays a statement unnests)."""
     if not rows:
         return [[] for _ in range(width)]
-    assert all(len(row) == width for row in rows)
-    return [list(col) for col in zip(*rows, strict=True)]
+    cols = [list(col) for col in zip(*rows, strict=True)]  # strict: rows of one length
+    assert len(cols) == width
+    return cols

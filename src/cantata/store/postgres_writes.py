@@ -162,21 +162,24 @@ _UPSERT_HISTORY = (
 
 # Every checkpoint of a batch in one statement (one round trip), when each names a
 # different run: the calls as arrays, unnested; the runs whose fence holds locked in
-# key order (so writers lock runs in one order), updated, and only theirs history
-# entries and attempts upserted. History and attempts come merged per key (see
-# _merged), since one statement cannot change a row twice.
+# key order (so writers lock runs in one order) with their new values (joining the
+# calls again in ``upd`` was a nested loop over all of them per run), updated, and
+# only theirs history entries and attempts upserted. History and attempts come
+# merged per key (see _merged), since one statement cannot change a row twice.
 _COMMIT_ALL = (
     "WITH c AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], "
     "$5::text[], $6::text[], $7::bool[], $8::bool[], $9::int4[]) "
     "AS c(app, run_id, fence, status, result, error, flagged, release, i)), "
-    "old AS MATERIALIZED (SELECT r.app, r.run_id, r.owner, r.status, c.i FROM runs r "
+    "old AS MATERIALIZED (SELECT r.app, r.run_id, r.owner, r.status, c.i, "
+    "c.status AS new_status, c.result AS new_result, c.error AS new_error, "
+    "c.flagged AS new_flagged, c.release AS new_release FROM runs r "
     "JOIN c ON r.app=c.app AND r.run_id=c.run_id AND r.fence=c.fence "
     "ORDER BY r.app, r.run_id FOR UPDATE OF r), "
-    "upd AS (UPDATE runs r SET updated_at=$10, status=coalesce(c.status, r.status), "
-    "result=coalesce(c.result, r.result), error=coalesce(c.error, r.error), "
-    "flagged=coalesce(c.flagged, r.flagged), "
-    "owner=CASE WHEN c.release THEN NULL ELSE r.owner END "
-    "FROM old JOIN c ON c.i=old.i WHERE r.app=old.app AND r.run_id=old.run_id "
+    "upd AS (UPDATE runs r SET updated_at=$10, status=coalesce(old.new_status, r.status), "
+    "result=coalesce(old.new_result, r.result), error=coalesce(old.new_error, r.error), "
+    "flagged=coalesce(old.new_flagged, r.flagged), "
+    "owner=CASE WHEN old.new_release THEN NULL ELSE r.owner END "
+    "FROM old WHERE r.app=old.app AND r.run_id=old.run_id "
     "RETURNING old.i, old.owner, old.status, r.correlation_id), "
     f"h AS (INSERT INTO history (app, run_id, {HISTORY_COLS}) SELECT u.* FROM unnest("
     "$11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], "
@@ -206,6 +209,8 @@ def merged(
     """``rows`` as ``width`` columns, one row per key (its first ``key`` values): as if
     upserted one after another, the first row of a key gives the ``kept`` columns
     (those an upsert never changes) and the last one the others."""
+    if len({row[:key] for row in rows}) == len(rows):  # no key twice: nothing to merge
+        return columns(rows, width)
     by_key: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     for row in rows:
         k = row[:key]
