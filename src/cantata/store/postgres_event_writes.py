@@ -8,7 +8,7 @@ notifications and audit records to the :class:`Batch` ``b``).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.model import codec
@@ -323,3 +323,122 @@ async def redrive_events(
     )
     b.notify(app, EVENTS)
     return [ops.event_row(tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]
+
+
+# -- one statement, without BEGIN or COMMIT (see postgres_onetrip) ----------------------
+
+_SETTLE_PARAMS = 37
+_SETTLE_CALL = (
+    "SELECT out_kind, out_i, out_grp, out_event_id FROM "
+    f"cantata_settle({', '.join(f'${i}' for i in range(1, _SETTLE_PARAMS + 1))})"
+)
+
+
+class NotHere(Exception):
+    """A settlement :func:`settle_statement` cannot prepare (its events' data does not
+    encode, say): the batch runs as a transaction, which names the one that fails."""
+
+
+def _settle_record(
+    call: Settle, dead_letter_id: str | None, now: float, now_json: str
+) -> tuple[float | None, str | None, str | None, str | None, str | None]:
+    """Time, its JSON, action, data and the tail after the actor of a settlement's
+    audit record (``None`` each: no record)."""
+    _, group, event_id, s = call
+    if s.outcome == "done":
+        entry = audit.delivery_entry(
+            group, event_id, None, "done", s.attempts, emitted=[e.id for e in s.events]
+        )
+    elif s.outcome == "dead":
+        entry = audit.delivery_entry(
+            group, event_id, None, "dead", s.attempts, error=s.error,
+            dead_letter_id=dead_letter_id,
+        )
+    else:
+        return None, None, None, None, None
+    _, action, target, data = entry
+    text = audit.canonical(data)
+    # canonical([time, actor, action, target, text])[1:] after the actor, as tail() spells it
+    rest = audit.tail(now, "", action, target, text)[len(now_json) + 3:]
+    return now, now_json, action, text, rest
+
+
+async def settle_statement(
+    c: Conn, calls: list[Settle], keys: Mapping[str, audit.AuditKey]
+) -> list[bool]:
+    """:func:`settle_many` and the audit append of its transaction, as one call of
+    ``cantata_settle`` (migration 0014): one round trip, one WAL flush.
+
+    Raises:
+        NotHere: the batch must run as a transaction instead.
+        asyncpg.PostgresError: the statement failed (nothing was written); SQLSTATE
+            ``CN001`` when the batch must run as a transaction instead.
+    """
+    now = time.time()
+    now_json = audit.canonical(now)
+    srows: list[tuple[Any, ...]] = []
+    erows: list[tuple[Any, ...]] = []
+    hrows: list[tuple[Any, ...]] = []
+    for i, call in enumerate(calls):
+        app, group, event_id, s = call
+        dead_letter_id = None
+        if s.outcome == "dead":
+            dead_letter_id = s.dead_letter_id or codec.new_id()
+        srows.append((
+            app, group, event_id, str(s.outcome), s.attempts, s.error, s.retry_at,
+            dead_letter_id, *_settle_record(call, dead_letter_id, now, now_json),
+        ))
+        if s.outcome != "done":
+            continue
+        for ev in s.events:
+            try:
+                data = codec.dumps(ev.data, f"data of event {ev.type}")
+            except Exception as exc:
+                raise NotHere(str(exc)) from exc
+            erows.append((
+                i, ev.type, data, ev.id, ev.source, ev.subject, ev.time, ev.correlation_id,
+                ev.causation_id, ev.traceparent, ev.signature,
+            ))
+        if s.hold_for is not None and s.hold:
+            hrows.extend((i, s.hold_for, g, e) for g, e in s.hold)
+    cols = [list(col) for col in zip(*srows, strict=True)]
+    key_apps = sorted({call[0] for call in calls if call[0] in keys})
+    rows = await c.fetch(
+        _SETTLE_CALL,
+        *cols[:8], now, *cols[8:],
+        *_columns(erows, 11), *_columns(hrows, 4),
+        key_apps, [keys[a].inner for a in key_apps], [keys[a].outer for a in key_apps],
+        audit.GENESIS_HASH,
+    )
+    applied = {r[1] for r in rows if r[0] == "s"}
+    held: dict[int, list[tuple[str, str]]] = {}
+    for r in rows:
+        if r[0] == "h":
+            held.setdefault(r[1], []).append((r[2], r[3]))
+    for i, (_, _, _, s) in enumerate(calls):
+        if i in applied and s.outcome == "done" and s.hold_for is not None and s.hold:
+            s.held = held.get(i, [])
+    return [i in applied for i in range(len(calls))]
+
+
+def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
+    """``rows`` as ``n`` arrays, one per column."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(n)]
+
+
+async def claim_statement(c: Conn, calls: list[Claim]) -> list[list[Delivery]]:
+    """:func:`claim_deliveries_many` without BEGIN or COMMIT: the claims pipelined in one
+    round trip, one implicit transaction (all of them or none)."""
+    out = await claim_deliveries_many(c, Batch(), calls)
+    return [o for o in out if not isinstance(o, Refused)]
+
+
+def statement_kind(shares: Sequence[tuple[Any, Any]]) -> Any:
+    """:func:`settle_many` or :func:`claim_deliveries_many` if every share is one of
+    that kind (they can go as one statement), else ``None``."""
+    kinds = {many for many, _ in shares}
+    if len(kinds) == 1:
+        kind = kinds.pop()
+        if kind is settle_many or kind is claim_deliveries_many:
+            return kind
+    return None

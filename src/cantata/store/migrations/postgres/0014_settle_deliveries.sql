@@ -1,0 +1,204 @@
+-- Delivery settlements in one statement (docs/performance.md, the choreography path):
+-- the group-committed writer calls cantata_settle, without BEGIN or COMMIT, for a
+-- batch of nothing but settlements, so a handler's settlement costs one round trip and
+-- one WAL flush instead of five or six (BEGIN, the delivery updates, the subscriptions
+-- read, the emitted events with their deliveries, the holds, the audit append,
+-- COMMIT). It does what cantata.store.postgres_event_writes.settle_many followed by the
+-- audit append does in a transaction: each delivery locked and settled unless it is
+-- done (created pending first if missing), the dead letters, the emitted events of the
+-- deliveries settled done with a pending delivery per matching handler or trigger
+-- group, the deliveries held for the worker that hands them off, the audit records
+-- (apps in name order, each chain head locked once, hashes or HMACs chained here from
+-- the canonical text Python prepared) and NOTIFY. A record's actor is the delivery's
+-- owner before the update; an owner SQL cannot spell in JSON as Python does (not
+-- printable ASCII) raises CN001 and the writer runs the batch as a transaction instead.
+
+-- cantata.model.event.matches: '*' stands for exactly one dot-separated token.
+CREATE OR REPLACE FUNCTION cantata_type_matches(pattern text, event_type text)
+RETURNS boolean LANGUAGE sql IMMUTABLE STRICT AS $fn$
+    SELECT CASE WHEN strpos(pattern, '*') = 0 THEN pattern = event_type
+    ELSE cardinality(regexp_split_to_array(pattern, '\.'))
+            = cardinality(regexp_split_to_array(event_type, '\.'))
+        AND NOT EXISTS (SELECT 1 FROM unnest(regexp_split_to_array(pattern, '\.'),
+            regexp_split_to_array(event_type, '\.')) AS u(p, t) WHERE p <> '*' AND p <> t)
+    END
+$fn$;
+
+CREATE OR REPLACE FUNCTION cantata_settle(
+    -- the settlements, in the order given: outcome 'done', 'retry' or 'dead'
+    s_app text[], s_grp text[], s_event_id text[], s_outcome text[], s_attempts int4[],
+    s_error text[], s_retry_at float8[], s_dead_letter_id text[], s_now float8,
+    -- each one's record: time, its JSON, action, data and the tail after the actor
+    s_time float8[], s_time_json text[], s_action text[], s_data text[], s_rest text[],
+    -- the events emitted by each (e_i: its settlement, from 0), in order
+    e_i int4[], e_type text[], e_data text[], e_id text[], e_source text[],
+    e_subject text[], e_time text[], e_correlation_id text[], e_causation_id text[],
+    e_traceparent text[], e_signature text[],
+    -- the deliveries of those events to hold for a worker (h_i: its settlement)
+    h_i int4[], h_worker text[], h_grp text[], h_event_id text[],
+    -- the audit keys (HMAC pads, never stored) of keyed apps, and the genesis hash
+    key_app text[], key_inner bytea[], key_outer bytea[], genesis text
+) RETURNS TABLE (out_kind text, out_i int4, out_grp text, out_event_id text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    j int4;
+    x int4;
+    own text;
+    actor text;
+    done_i int4[] := '{}';
+    ev_apps text[];
+    au_app text[] := '{}';
+    au_time float8[] := '{}';
+    au_tail text[] := '{}';
+    au_actor text[] := '{}';
+    au_action text[] := '{}';
+    au_target text[] := '{}';
+    au_data text[] := '{}';
+    notices text[] := '{}';
+    kin bytea;
+    kout bytea;
+    s int8;
+    p text;
+    hh text;
+    ap text;
+    r_j int4[];
+    r_seq int8[];
+    r_prev text[];
+    r_hash text[];
+BEGIN
+    FOR j IN 1 .. coalesce(cardinality(s_app), 0) LOOP
+        SELECT d.owner INTO own FROM deliveries d WHERE d.app = s_app[j]
+            AND d.grp = s_grp[j] AND d.event_id = s_event_id[j] AND d.status <> 'done'
+            FOR UPDATE;
+        IF NOT FOUND THEN  -- no such delivery (create it, pending) or it is done
+            INSERT INTO deliveries (app, grp, event_id, status, updated_at)
+                VALUES (s_app[j], s_grp[j], s_event_id[j], 'pending', s_now)
+                ON CONFLICT DO NOTHING;
+            SELECT d.owner INTO own FROM deliveries d WHERE d.app = s_app[j]
+                AND d.grp = s_grp[j] AND d.event_id = s_event_id[j] AND d.status <> 'done'
+                FOR UPDATE;
+            CONTINUE WHEN NOT FOUND;
+        END IF;
+        IF s_outcome[j] = 'done' THEN
+            UPDATE deliveries d SET status = 'done', attempts = s_attempts[j], owner = NULL,
+                error = NULL, updated_at = s_now
+                WHERE d.app = s_app[j] AND d.grp = s_grp[j] AND d.event_id = s_event_id[j];
+            done_i := done_i || (j - 1);
+        ELSIF s_outcome[j] = 'retry' THEN
+            UPDATE deliveries d SET status = 'pending', attempts = s_attempts[j],
+                owner = NULL, error = s_error[j], next_at = s_retry_at[j], updated_at = s_now
+                WHERE d.app = s_app[j] AND d.grp = s_grp[j] AND d.event_id = s_event_id[j];
+        ELSE
+            UPDATE deliveries d SET status = 'dead', attempts = s_attempts[j], owner = NULL,
+                error = s_error[j], updated_at = s_now
+                WHERE d.app = s_app[j] AND d.grp = s_grp[j] AND d.event_id = s_event_id[j];
+            INSERT INTO dead_letters (app, id, grp, event_id, error, attempts, failed_at)
+                VALUES (s_app[j], s_dead_letter_id[j], s_grp[j], s_event_id[j],
+                    CASE WHEN coalesce(s_error[j], '') = '' THEN 'unknown error'
+                    ELSE s_error[j] END, s_attempts[j], s_now);
+        END IF;
+        notices := notices || (s_app[j] || ':events');
+        IF s_rest[j] IS NOT NULL THEN
+            IF own IS NULL THEN
+                actor := 'system';
+            ELSIF own ~ '^[ -~]*$' THEN
+                actor := 'worker:' || own;
+            ELSE
+                RAISE EXCEPTION 'the owner of delivery %:% is not printable ASCII',
+                    s_grp[j], s_event_id[j] USING ERRCODE = 'CN001';
+            END IF;
+            au_app := au_app || s_app[j];
+            au_time := au_time || s_time[j];
+            au_tail := au_tail || (s_time_json[j] || ',' || to_json(actor)::text || s_rest[j]);
+            au_actor := au_actor || actor;
+            au_action := au_action || s_action[j];
+            au_target := au_target || (s_grp[j] || ':' || s_event_id[j]);
+            au_data := au_data || s_data[j];
+        END IF;
+        out_kind := 's'; out_i := j - 1; out_grp := NULL; out_event_id := NULL;
+        RETURN NEXT;
+    END LOOP;
+
+    -- the events of the deliveries settled done, per app (name order), each with a
+    -- pending delivery per matching group unless it was stored before
+    IF cardinality(done_i) > 0 AND cardinality(e_i) > 0 THEN
+        SELECT array_agg(DISTINCT s_app[t.i + 1] ORDER BY s_app[t.i + 1]) INTO ev_apps
+            FROM unnest(e_i) AS t(i) WHERE t.i = ANY(done_i);
+        FOREACH ap IN ARRAY coalesce(ev_apps, '{}') LOOP
+            WITH ins AS (
+                INSERT INTO events (app, type, data, id, source, subject, time,
+                    correlation_id, causation_id, traceparent, signature, stored_at)
+                SELECT ap, u.type, u.data, u.id, u.source, u.subject, u.time,
+                    u.correlation_id, u.causation_id, u.traceparent, u.signature, s_now
+                FROM unnest(e_i, e_type, e_data, e_id, e_source, e_subject, e_time,
+                    e_correlation_id, e_causation_id, e_traceparent, e_signature)
+                    WITH ORDINALITY AS u(i, type, data, id, source, subject, time,
+                    correlation_id, causation_id, traceparent, signature, ord)
+                WHERE u.i = ANY(done_i) AND s_app[u.i + 1] = ap
+                ORDER BY u.ord
+                ON CONFLICT (app, id) DO NOTHING RETURNING events.id, events.type)
+            INSERT INTO deliveries (app, grp, event_id, status, updated_at)
+            SELECT DISTINCT ap, dc.name, ins.id, 'pending', s_now
+                FROM ins JOIN declarations dc ON dc.app = ap
+                AND dc.kind IN ('handler', 'trigger')
+                AND cantata_type_matches(dc.pattern, ins.type)
+            ON CONFLICT DO NOTHING;
+            notices := notices || (ap || ':events');
+        END LOOP;
+    END IF;
+
+    -- held by the worker that hands them off: a new delivery, pending, nobody's, no
+    -- attempt yet (Settlement.hold)
+    IF cardinality(done_i) > 0 AND cardinality(h_i) > 0 THEN
+        RETURN QUERY
+            UPDATE deliveries d SET owner = h.worker, fence = d.fence + 1, attempts = 1,
+                updated_at = s_now
+            FROM unnest(h_i, h_worker, h_grp, h_event_id) AS h(i, worker, grp, event_id)
+            WHERE h.i = ANY(done_i) AND d.app = s_app[h.i + 1] AND d.grp = h.grp
+                AND d.event_id = h.event_id AND d.status = 'pending' AND d.owner IS NULL
+                AND d.attempts = 0
+            RETURNING 'h'::text, h.i, d.grp, d.event_id;
+    END IF;
+
+    -- the records, apps in name order (as cantata_write_runs, migration 0011)
+    FOR ap IN SELECT DISTINCT t.app FROM unnest(au_app) AS t(app) ORDER BY 1 LOOP
+        x := array_position(key_app, ap);
+        kin := CASE WHEN x IS NULL THEN NULL ELSE key_inner[x] END;
+        kout := CASE WHEN x IS NULL THEN NULL ELSE key_outer[x] END;
+        SELECT h.seq, h.hash INTO s, hh FROM audit_head h WHERE h.app = ap FOR UPDATE;
+        IF NOT FOUND THEN  -- the app's first record: a head to lock, moved below
+            INSERT INTO audit_head (app, seq, prev_hash, hash) VALUES (ap, 0, genesis, genesis)
+                ON CONFLICT (app) DO NOTHING;
+            SELECT h.seq, h.hash INTO s, hh FROM audit_head h WHERE h.app = ap FOR UPDATE;
+        END IF;
+        r_j := '{}'; r_seq := '{}'; r_prev := '{}'; r_hash := '{}';
+        FOR j IN SELECT t.ord FROM unnest(au_app) WITH ORDINALITY AS t(app, ord)
+                WHERE t.app = ap ORDER BY t.ord LOOP
+            s := s + 1;
+            p := hh;
+            IF kin IS NULL THEN
+                hh := encode(sha256(convert_to(p || '[' || s || ',' || au_tail[j], 'UTF8')),
+                    'hex');
+            ELSE  -- HMAC-SHA256 as sha256(outer || sha256(inner || message))
+                hh := encode(sha256(kout || sha256(kin || convert_to(
+                    p || '[' || s || ',' || au_tail[j], 'UTF8'))), 'hex');
+            END IF;
+            r_j := r_j || j;
+            r_seq := r_seq || s;
+            r_prev := r_prev || p;
+            r_hash := r_hash || hh;
+        END LOOP;
+        INSERT INTO audit (app, seq, time, actor, action, target, data, prev_hash, hash)
+        SELECT ap, u.seq, au_time[u.j], au_actor[u.j], au_action[u.j], au_target[u.j],
+            au_data[u.j], u.prev, u.hash
+        FROM unnest(r_j, r_seq, r_prev, r_hash) AS u(j, seq, prev, hash);
+        UPDATE audit_head h SET seq = s, prev_hash = p, hash = hh WHERE h.app = ap;
+    END LOOP;
+
+    PERFORM pg_notify('cantata_changes', t.n)
+        FROM (SELECT DISTINCT n FROM unnest(notices) AS u(n) ORDER BY n) AS t;
+END
+$fn$;
