@@ -327,7 +327,7 @@ async def redrive_events(
 
 # -- one statement, without BEGIN or COMMIT (see postgres_onetrip) ----------------------
 
-_SETTLE_PARAMS = 37
+_SETTLE_PARAMS = 33
 _SETTLE_CALL = (
     "SELECT out_kind, out_i, out_grp, out_event_id FROM "
     f"cantata_settle({', '.join(f'${i}' for i in range(1, _SETTLE_PARAMS + 1))})"

@@ -144,7 +144,9 @@ BEGIN
             SELECT DISTINCT ap, dc.name, ins.id, 'pending', s_now
                 FROM ins JOIN declarations dc ON dc.app = ap
                 AND dc.kind IN ('handler', 'trigger')
-                AND cantata_type_matches(dc.pattern, ins.type)
+                -- an exact pattern without the call of a function (not inlined)
+                AND (dc.pattern = ins.type OR (strpos(dc.pattern, '*') > 0
+                    AND cantata_type_matches(dc.pattern, ins.type)))
             ON CONFLICT DO NOTHING;
             notices := notices || (ap || ':events');
         END LOOP;
