@@ -80,7 +80,7 @@ async def test_settlements_store_outcomes_events_holds_and_audit(store: Postgres
     )
     assert results == [True, False, True, True, True]
     if store._w._one is not None:
-        assert sent == ["SELECT out_kind, out_i, out_grp,"]  # one round trip, no BEGIN
+        assert sent == ["SELECT * FROM cantata_settle($1,"]  # one round trip, no BEGIN
     assert sorted(done.held) == sorted([("g2", paid.id), ("t1", other.id)])
 
     async def states(event: Event[Any]) -> list[tuple[str, str, int, int, str | None]]:
@@ -154,3 +154,27 @@ async def test_claims_of_many_workers_in_one_round_trip(store: PostgresStore) ->
     ids = [d.event.id for claimed in got for d in claimed]
     assert sorted(ids) == sorted(e.id for e in events)
     assert all(d.attempts == 1 and d.fence == 1 for claimed in got for d in claimed)
+
+
+async def test_settlements_and_claims_of_one_batch_go_together(store: PostgresStore) -> None:
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    first, waiting = Event("order.created", None), Event("pay.done", {"i": 0})
+    await store.append_events(app, [first, waiting])
+    now = time.time()
+    for worker in ("w1", "w2"):
+        await store.heartbeat(app, worker, now, None)
+    await store.claim_deliveries(app, "w1", ["g1"], now=now, stale_before=now - 30, limit=1)
+    sent = statements(store)
+    emitted = Event("pay.done", {"i": 1})
+    settled, claimed = await asyncio.gather(
+        store.settle_delivery(app, "g1", first.id, Settlement("done", 1, events=[emitted])),
+        store.claim_deliveries(app, "w2", ["g2"], now=now, stale_before=now - 30, limit=5),
+    )
+    assert settled
+    if store._w._one is not None:
+        assert sent == ["SELECT * FROM cantata_settle($1,"]
+    # the claim comes after the settlement: the event it emitted is claimed too
+    assert sorted(d.event.id for d in claimed) == sorted([waiting.id, emitted.id])
+    assert [d.event for d in claimed if d.event.id == emitted.id] == [emitted]
+    assert all((d.group, d.attempts, d.fence) == ("g2", 1, 1) for d in claimed)

@@ -27,16 +27,13 @@ class _OneStatement:
     (:mod:`cantata.store.postgres_event_writes`)."""
 
     def eligible(self, shares: Sequence[tuple[Any, Any]]) -> bool:
-        return event_writes.statement_kind(shares) is not None or onetrip.eligible(shares)
+        return event_writes.eligible(shares) or onetrip.eligible(shares)
 
     async def write(
         self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
     ) -> list[Any]:
-        kind = event_writes.statement_kind(shares)
-        if kind is event_writes.settle_many:
-            return await event_writes.settle_statement(c, [a for _, a in shares], keys)
-        if kind is event_writes.claim_deliveries_many:
-            return await event_writes.claim_statement(c, [a for _, a in shares])
+        if event_writes.eligible(shares):
+            return await event_writes.write(c, shares, keys)
         return await onetrip.write(c, shares, keys)
 
     def falls_back(self, exc: BaseException) -> bool:

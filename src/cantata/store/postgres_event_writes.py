@@ -327,9 +327,9 @@ async def redrive_events(
 
 # -- one statement, without BEGIN or COMMIT (see postgres_onetrip) ----------------------
 
-_SETTLE_PARAMS = 33
+_SETTLE_PARAMS = 40
 _SETTLE_CALL = (
-    "SELECT out_kind, out_i, out_grp, out_event_id FROM "
+    "SELECT * FROM "
     f"cantata_settle({', '.join(f'${i}' for i in range(1, _SETTLE_PARAMS + 1))})"
 )
 
@@ -364,10 +364,12 @@ def _settle_record(
 
 
 async def settle_statement(
-    c: Conn, calls: list[Settle], keys: Mapping[str, audit.AuditKey]
-) -> list[bool]:
-    """:func:`settle_many` and the audit append of its transaction, as one call of
-    ``cantata_settle`` (migration 0014): one round trip, one WAL flush.
+    c: Conn, calls: list[Settle], keys: Mapping[str, audit.AuditKey],
+    claims: Sequence[Claim] = (),
+) -> tuple[list[bool], list[list[Delivery]]]:
+    """:func:`settle_many` and the audit append of its transaction, then
+    :func:`claim_deliveries_many` for ``claims``, as one call of ``cantata_settle``
+    (migration 0014): one round trip, one WAL flush.
 
     Raises:
         NotHere: the batch must run as a transaction instead.
@@ -409,8 +411,17 @@ async def settle_statement(
         *_columns(erows, 11), *_columns(hrows, 4),
         key_apps, [keys[a].inner for a in key_apps], [keys[a].outer for a in key_apps],
         audit.GENESIS_HASH,
+        *_columns([(a, w, now_c, stale, limit) for a, w, _, now_c, stale, limit in claims], 5),
+        *_columns([(k, g) for k, claim in enumerate(claims) for g in claim[2]], 2),
     )
     applied = {r[1] for r in rows if r[0] == "s"}
+    claimed: list[list[Delivery]] = [[] for _ in claims]
+    for r in rows:
+        if r[0] == "c":
+            claimed[r[1]].append(Delivery(
+                r[2], event_row(r[8:18]), DELIVERY_PENDING, r[4], r[5], r[6], claims[r[1]][3],
+                r[7],
+            ))
     held: dict[int, list[tuple[str, str]]] = {}
     for r in rows:
         if r[0] == "h":
@@ -418,7 +429,7 @@ async def settle_statement(
     for i, (_, _, _, s) in enumerate(calls):
         if i in applied and s.outcome == "done" and s.hold_for is not None and s.hold:
             s.held = held.get(i, [])
-    return [i in applied for i in range(len(calls))]
+    return [i in applied for i in range(len(calls))], claimed
 
 
 def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
@@ -433,12 +444,27 @@ async def claim_statement(c: Conn, calls: list[Claim]) -> list[list[Delivery]]:
     return [o for o in out if not isinstance(o, Refused)]
 
 
-def statement_kind(shares: Sequence[tuple[Any, Any]]) -> Any:
-    """:func:`settle_many` or :func:`claim_deliveries_many` if every share is one of
-    that kind (they can go as one statement), else ``None``."""
-    kinds = {many for many, _ in shares}
-    if len(kinds) == 1:
-        kind = kinds.pop()
-        if kind is settle_many or kind is claim_deliveries_many:
-            return kind
-    return None
+def eligible(shares: Sequence[tuple[Any, Any]]) -> bool:
+    """Whether ``shares`` (``(many, arg)`` each) are settlements and claims of
+    deliveries only: :func:`write` sends them as one statement."""
+    return bool(shares) and all(
+        many is settle_many or many is claim_deliveries_many for many, _ in shares
+    )
+
+
+async def write(
+    c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
+) -> list[Any]:
+    """Apply ``shares`` (see :func:`eligible`) in one statement; one result per share.
+
+    Settlements, with any claims, go as one call of ``cantata_settle``; claims alone
+    pipelined, one implicit transaction.
+    """
+    settles = [arg for many, arg in shares if many is settle_many]
+    claims = [arg for many, arg in shares if many is claim_deliveries_many]
+    if settles:
+        settled, claimed = await settle_statement(c, settles, keys, claims)
+    else:
+        settled, claimed = [], await claim_statement(c, claims)
+    s_out, c_out = iter(settled), iter(claimed)
+    return [next(s_out) if many is settle_many else next(c_out) for many, _ in shares]

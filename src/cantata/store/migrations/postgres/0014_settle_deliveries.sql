@@ -7,7 +7,8 @@
 -- audit append does in a transaction: each delivery locked and settled unless it is
 -- done (created pending first if missing), the dead letters, the emitted events of the
 -- deliveries settled done with a pending delivery per matching handler or trigger
--- group, the deliveries held for the worker that hands them off, the audit records
+-- group, the deliveries held for the worker that hands them off, the claims of
+-- deliveries that came in the same batch, the audit records
 -- (apps in name order, each chain head locked once, hashes or HMACs chained here from
 -- the canonical text Python prepared) and NOTIFY. A record's actor is the delivery's
 -- owner before the update; an owner SQL cannot spell in JSON as Python does (not
@@ -37,8 +38,17 @@ CREATE OR REPLACE FUNCTION cantata_settle(
     -- the deliveries of those events to hold for a worker (h_i: its settlement)
     h_i int4[], h_worker text[], h_grp text[], h_event_id text[],
     -- the audit keys (HMAC pads, never stored) of keyed apps, and the genesis hash
-    key_app text[], key_inner bytea[], key_outer bytea[], genesis text
-) RETURNS TABLE (out_kind text, out_i int4, out_grp text, out_event_id text)
+    key_app text[], key_inner bytea[], key_outer bytea[], genesis text,
+    -- claims of deliveries made in the same batch (as postgres_event_writes'
+    -- _CLAIM_DELIVERIES), after the settlements; their groups flattened (cg_i: the claim)
+    c_app text[], c_worker text[], c_now float8[], c_stale float8[], c_limit int4[],
+    cg_i int4[], cg_grp text[]
+) RETURNS TABLE (out_kind text, out_i int4, out_grp text, out_event_id text,
+    -- a claimed delivery (kind 'c'): attempts, next_at, error, fence, then its event
+    out_attempts int4, out_next_at float8, out_error text, out_fence int8,
+    out_type text, out_data text, out_id text, out_source text, out_subject text,
+    out_time text, out_correlation_id text, out_causation_id text, out_traceparent text,
+    out_signature text)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 AS $fn$
@@ -68,6 +78,7 @@ DECLARE
     r_seq int8[];
     r_prev text[];
     r_hash text[];
+    grps text[];
 BEGIN
     FOR j IN 1 .. coalesce(cardinality(s_app), 0) LOOP
         SELECT d.owner INTO own FROM deliveries d WHERE d.app = s_app[j]
@@ -162,8 +173,34 @@ BEGIN
             WHERE h.i = ANY(done_i) AND d.app = s_app[h.i + 1] AND d.grp = h.grp
                 AND d.event_id = h.event_id AND d.status = 'pending' AND d.owner IS NULL
                 AND d.attempts = 0
-            RETURNING 'h'::text, h.i, d.grp, d.event_id;
+            RETURNING 'h'::text, h.i, d.grp, d.event_id, NULL::int4, NULL::float8,
+                NULL::text, NULL::int8, NULL::text, NULL::text, NULL::text, NULL::text,
+                NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
     END IF;
+
+    -- the claims, each as postgres_event_writes._CLAIM_DELIVERIES
+    FOR j IN 1 .. coalesce(cardinality(c_app), 0) LOOP
+        grps := ARRAY(SELECT g.grp FROM unnest(cg_i, cg_grp) AS g(i, grp) WHERE g.i = j - 1);
+        RETURN QUERY
+            WITH pick AS MATERIALIZED (
+                SELECT d.grp, d.event_id FROM deliveries d WHERE d.app = c_app[j]
+                    AND d.status = 'pending' AND d.grp = ANY(grps) AND d.next_at <= c_now[j]
+                    AND (d.owner IS NULL OR (d.owner <> c_worker[j] AND NOT EXISTS (
+                        SELECT 1 FROM workers w WHERE w.app = d.app
+                        AND w.worker_id = d.owner AND w.heartbeat_at >= c_stale[j])))
+                ORDER BY d.next_at LIMIT c_limit[j] FOR UPDATE SKIP LOCKED),
+            upd AS (
+                UPDATE deliveries d SET owner = c_worker[j], fence = d.fence + 1,
+                    attempts = d.attempts + 1, updated_at = c_now[j]
+                FROM pick WHERE d.app = c_app[j] AND d.grp = pick.grp
+                    AND d.event_id = pick.event_id
+                RETURNING d.grp, d.attempts, d.next_at, d.error, d.fence, d.event_id)
+            SELECT 'c'::text, j - 1, upd.grp, upd.event_id, upd.attempts, upd.next_at,
+                upd.error, upd.fence, e.type, e.data, e.id, e.source, e.subject, e.time,
+                e.correlation_id, e.causation_id, e.traceparent, e.signature
+            FROM upd JOIN events e ON e.app = c_app[j] AND e.id = upd.event_id
+            ORDER BY upd.next_at, e.seq;
+    END LOOP;
 
     -- the records, apps in name order (as cantata_write_runs, migration 0011)
     FOR ap IN SELECT DISTINCT t.app FROM unnest(au_app) AS t(app) ORDER BY 1 LOOP
