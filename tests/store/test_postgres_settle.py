@@ -1,5 +1,5 @@
 """Delivery settlements and claims as one statement (migration 0014,
-cantata.store.postgres_event_writes.settle_statement): the same rows, holds and audit
+cantata.store.postgres_event_writes.statement): the same rows, holds and audit
 records as the transactional path, in one round trip without BEGIN or COMMIT."""
 
 from __future__ import annotations
@@ -178,3 +178,26 @@ async def test_settlements_and_claims_of_one_batch_go_together(store: PostgresSt
     assert sorted(d.event.id for d in claimed) == sorted([waiting.id, emitted.id])
     assert [d.event for d in claimed if d.event.id == emitted.id] == [emitted]
     assert all((d.group, d.attempts, d.fence) == ("g2", 1, 1) for d in claimed)
+
+
+async def test_appends_go_with_settlements_and_count_their_groups(store: PostgresStore) -> None:
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    first = Event("order.created", None)
+    await store.append_events(app, [first])
+    sent = statements(store)
+    emitted, published, again = Event("pay.done", 1), Event("x.a.y", 2), Event("no.body", 3)
+    settled, counts, counts_again, stored = await asyncio.gather(
+        store.settle_delivery(app, "g1", first.id, Settlement("done", 1, events=[emitted])),
+        store.append_events(app, [published, again, published, Event("order.new", 4)]),
+        store.append_events(app, [published, again]),
+        store.append_events(app, [first]),
+    )
+    assert settled
+    assert counts == [1, 0, 0, 1] and counts_again == [0, 0] and stored == [0]
+    if store._w._one is not None:
+        assert sent == ["SELECT * FROM cantata_settle($1,"]
+    assert [d.group for d in await store.deliveries(app, published.id)] == ["t1"]
+    assert [d.group for d in await store.deliveries(app, emitted.id)] == ["g2"]
+    assert await store.get_event(app, again.id) == again
+    assert (await store.verify_audit(app)).ok

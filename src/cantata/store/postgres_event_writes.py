@@ -327,7 +327,7 @@ async def redrive_events(
 
 # -- one statement, without BEGIN or COMMIT (see postgres_onetrip) ----------------------
 
-_SETTLE_PARAMS = 40
+_SETTLE_PARAMS = 41
 _SETTLE_CALL = (
     "SELECT * FROM "
     f"cantata_settle({', '.join(f'${i}' for i in range(1, _SETTLE_PARAMS + 1))})"
@@ -335,7 +335,7 @@ _SETTLE_CALL = (
 
 
 class NotHere(Exception):
-    """A settlement :func:`settle_statement` cannot prepare (its events' data does not
+    """A batch :func:`statement` cannot prepare (its events' data does not
     encode, say): the batch runs as a transaction, which names the one that fails."""
 
 
@@ -363,13 +363,28 @@ def _settle_record(
     return now, now_json, action, text, rest
 
 
-async def settle_statement(
-    c: Conn, calls: list[Settle], keys: Mapping[str, audit.AuditKey],
-    claims: Sequence[Claim] = (),
-) -> tuple[list[bool], list[list[Delivery]]]:
+Append = tuple[str, Sequence[Event[Any]]]  # app, events
+
+
+def _event_row(i: int, ev: Event[Any]) -> tuple[Any, ...]:
+    try:
+        data = codec.dumps(ev.data, f"data of event {ev.type}")
+    except Exception as exc:
+        raise NotHere(str(exc)) from exc
+    return (
+        i, ev.type, data, ev.id, ev.source, ev.subject, ev.time, ev.correlation_id,
+        ev.causation_id, ev.traceparent, ev.signature,
+    )
+
+
+async def statement(
+    c: Conn, calls: Sequence[Settle], keys: Mapping[str, audit.AuditKey],
+    claims: Sequence[Claim] = (), appends: Sequence[Append] = (),
+) -> tuple[list[bool], list[list[Delivery]], list[list[int]]]:
     """:func:`settle_many` and the audit append of its transaction, then
-    :func:`claim_deliveries_many` for ``claims``, as one call of ``cantata_settle``
-    (migration 0014): one round trip, one WAL flush.
+    :func:`append_many` for ``appends`` and :func:`claim_deliveries_many` for
+    ``claims``, as one call of ``cantata_settle`` (migration 0014): one round trip, one
+    WAL flush. Their results, in their order.
 
     Raises:
         NotHere: the batch must run as a transaction instead.
@@ -392,18 +407,12 @@ async def settle_statement(
         ))
         if s.outcome != "done":
             continue
-        for ev in s.events:
-            try:
-                data = codec.dumps(ev.data, f"data of event {ev.type}")
-            except Exception as exc:
-                raise NotHere(str(exc)) from exc
-            erows.append((
-                i, ev.type, data, ev.id, ev.source, ev.subject, ev.time, ev.correlation_id,
-                ev.causation_id, ev.traceparent, ev.signature,
-            ))
+        erows.extend(_event_row(i, ev) for ev in s.events)
         if s.hold_for is not None and s.hold:
             hrows.extend((i, s.hold_for, g, e) for g, e in s.hold)
-    cols = [list(col) for col in zip(*srows, strict=True)]
+    for k, (_, events) in enumerate(appends):  # after the settlements' indexes
+        erows.extend(_event_row(len(calls) + k, ev) for ev in events)
+    cols = _columns(srows, 13)
     key_apps = sorted({call[0] for call in calls if call[0] in keys})
     rows = await c.fetch(
         _SETTLE_CALL,
@@ -413,23 +422,32 @@ async def settle_statement(
         audit.GENESIS_HASH,
         *_columns([(a, w, now_c, stale, limit) for a, w, _, now_c, stale, limit in claims], 5),
         *_columns([(k, g) for k, claim in enumerate(claims) for g in claim[2]], 2),
+        [app for app, _ in appends],
     )
-    applied = {r[1] for r in rows if r[0] == "s"}
+    applied: set[int] = set()
     claimed: list[list[Delivery]] = [[] for _ in claims]
+    held: dict[int, list[tuple[str, str]]] = {}
+    fanned: dict[str, int] = {}  # events inserted: how many groups each went to
     for r in rows:
-        if r[0] == "c":
+        kind = r[0]
+        if kind == "s":
+            applied.add(r[1])
+        elif kind == "c":
             claimed[r[1]].append(Delivery(
                 r[2], event_row(r[8:18]), DELIVERY_PENDING, r[4], r[5], r[6], claims[r[1]][3],
                 r[7],
             ))
-    held: dict[int, list[tuple[str, str]]] = {}
-    for r in rows:
-        if r[0] == "h":
+        elif kind == "h":
             held.setdefault(r[1], []).append((r[2], r[3]))
+        else:
+            fanned[r[3]] = r[4]
     for i, (_, _, _, s) in enumerate(calls):
         if i in applied and s.outcome == "done" and s.hold_for is not None and s.hold:
             s.held = held.get(i, [])
-    return [i in applied for i in range(len(calls))], claimed
+    counts: list[list[int]] = []
+    for _, events in appends:  # an id given twice counts for its first caller
+        counts.append([fanned.pop(ev.id, 0) for ev in events])
+    return [i in applied for i in range(len(calls))], claimed, counts
 
 
 def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
@@ -446,10 +464,8 @@ async def claim_statement(c: Conn, calls: list[Claim]) -> list[list[Delivery]]:
 
 def eligible(shares: Sequence[tuple[Any, Any]]) -> bool:
     """Whether ``shares`` (``(many, arg)`` each) are settlements and claims of
-    deliveries only: :func:`write` sends them as one statement."""
-    return bool(shares) and all(
-        many is settle_many or many is claim_deliveries_many for many, _ in shares
-    )
+    deliveries and appends of events only: :func:`write` sends them as one statement."""
+    return bool(shares) and all(many in _ONE for many, _ in shares)
 
 
 async def write(
@@ -457,14 +473,19 @@ async def write(
 ) -> list[Any]:
     """Apply ``shares`` (see :func:`eligible`) in one statement; one result per share.
 
-    Settlements, with any claims, go as one call of ``cantata_settle``; claims alone
-    pipelined, one implicit transaction.
+    Claims alone are pipelined (one implicit transaction); anything else is one call
+    of ``cantata_settle``.
     """
     settles = [arg for many, arg in shares if many is settle_many]
     claims = [arg for many, arg in shares if many is claim_deliveries_many]
-    if settles:
-        settled, claimed = await settle_statement(c, settles, keys, claims)
+    appends = [arg for many, arg in shares if many is append_many]
+    if settles or appends:
+        settled, claimed, counts = await statement(c, settles, keys, claims, appends)
     else:
-        settled, claimed = [], await claim_statement(c, claims)
-    s_out, c_out = iter(settled), iter(claimed)
-    return [next(s_out) if many is settle_many else next(c_out) for many, _ in shares]
+        settled, claimed, counts = [], await claim_statement(c, claims), []
+    outs = {settle_many: iter(settled), claim_deliveries_many: iter(claimed),
+            append_many: iter(counts)}
+    return [next(outs[many]) for many, _ in shares]
+
+
+_ONE = (settle_many, claim_deliveries_many, append_many)

@@ -8,7 +8,7 @@
 -- done (created pending first if missing), the dead letters, the emitted events of the
 -- deliveries settled done with a pending delivery per matching handler or trigger
 -- group, the deliveries held for the worker that hands them off, the claims of
--- deliveries that came in the same batch, the audit records
+-- deliveries and the appends of events that came in the same batch, the audit records
 -- (apps in name order, each chain head locked once, hashes or HMACs chained here from
 -- the canonical text Python prepared) and NOTIFY. A record's actor is the delivery's
 -- owner before the update; an owner SQL cannot spell in JSON as Python does (not
@@ -42,7 +42,10 @@ CREATE OR REPLACE FUNCTION cantata_settle(
     -- claims of deliveries made in the same batch (as postgres_event_writes'
     -- _CLAIM_DELIVERIES), after the settlements; their groups flattened (cg_i: the claim)
     c_app text[], c_worker text[], c_now float8[], c_stale float8[], c_limit int4[],
-    cg_i int4[], cg_grp text[]
+    cg_i int4[], cg_grp text[],
+    -- the apps of appends of events (postgres_event_writes.append_many): their events
+    -- are in e_*, e_i counting on from the settlements
+    p_app text[]
 ) RETURNS TABLE (out_kind text, out_i int4, out_grp text, out_event_id text,
     -- a claimed delivery (kind 'c'): attempts, next_at, error, fence, then its event
     out_attempts int4, out_next_at float8, out_error text, out_fence int8,
@@ -79,6 +82,7 @@ DECLARE
     r_prev text[];
     r_hash text[];
     grps text[];
+    all_app text[];
 BEGIN
     FOR j IN 1 .. coalesce(cardinality(s_app), 0) LOOP
         SELECT d.owner INTO own FROM deliveries d WHERE d.app = s_app[j]
@@ -133,12 +137,20 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
-    -- the events of the deliveries settled done, per app (name order), each with a
-    -- pending delivery per matching group unless it was stored before
+    -- the events of the deliveries settled done and the events appended (e_i past the
+    -- settlements: p_app's), per app (name order), each with a pending delivery per
+    -- matching group unless it was stored before; each event inserted, with the number
+    -- of groups it went to (kind 'e', out_attempts)
+    all_app := coalesce(s_app, '{}') || coalesce(p_app, '{}');
+    IF cardinality(p_app) > 0 THEN
+        done_i := done_i || ARRAY(SELECT generate_series(cardinality(all_app)
+            - cardinality(p_app), cardinality(all_app) - 1));
+    END IF;
     IF cardinality(done_i) > 0 AND cardinality(e_i) > 0 THEN
-        SELECT array_agg(DISTINCT s_app[t.i + 1] ORDER BY s_app[t.i + 1]) INTO ev_apps
-            FROM unnest(e_i) AS t(i) WHERE t.i = ANY(done_i);
-        FOREACH ap IN ARRAY coalesce(ev_apps, '{}') LOOP
+        ev_apps := ARRAY(SELECT DISTINCT all_app[t.i + 1] FROM unnest(e_i) AS t(i)
+            WHERE t.i = ANY(done_i) ORDER BY 1);
+        FOREACH ap IN ARRAY ev_apps LOOP
+            RETURN QUERY
             WITH ins AS (
                 INSERT INTO events (app, type, data, id, source, subject, time,
                     correlation_id, causation_id, traceparent, signature, stored_at)
@@ -148,17 +160,25 @@ BEGIN
                     e_correlation_id, e_causation_id, e_traceparent, e_signature)
                     WITH ORDINALITY AS u(i, type, data, id, source, subject, time,
                     correlation_id, causation_id, traceparent, signature, ord)
-                WHERE u.i = ANY(done_i) AND s_app[u.i + 1] = ap
+                WHERE u.i = ANY(done_i) AND all_app[u.i + 1] = ap
                 ORDER BY u.ord
-                ON CONFLICT (app, id) DO NOTHING RETURNING events.id, events.type)
-            INSERT INTO deliveries (app, grp, event_id, status, updated_at)
-            SELECT DISTINCT ap, dc.name, ins.id, 'pending', s_now
+                ON CONFLICT (app, id) DO NOTHING RETURNING events.id, events.type),
+            fan AS MATERIALIZED (
+                SELECT DISTINCT dc.name AS grp, ins.id AS event_id
                 FROM ins JOIN declarations dc ON dc.app = ap
-                AND dc.kind IN ('handler', 'trigger')
-                -- an exact pattern without the call of a function (not inlined)
-                AND (dc.pattern = ins.type OR (strpos(dc.pattern, '*') > 0
-                    AND cantata_type_matches(dc.pattern, ins.type)))
-            ON CONFLICT DO NOTHING;
+                    AND dc.kind IN ('handler', 'trigger')
+                    -- an exact pattern without the call of a function (not inlined)
+                    AND (dc.pattern = ins.type OR (strpos(dc.pattern, '*') > 0
+                        AND cantata_type_matches(dc.pattern, ins.type)))),
+            dl AS (
+                INSERT INTO deliveries (app, grp, event_id, status, updated_at)
+                SELECT ap, fan.grp, fan.event_id, 'pending', s_now FROM fan
+                ON CONFLICT DO NOTHING)
+            SELECT 'e'::text, NULL::int4, NULL::text, ins.id,
+                (SELECT count(*) FROM fan WHERE fan.event_id = ins.id)::int4, NULL::float8,
+                NULL::text, NULL::int8, NULL::text, NULL::text, NULL::text, NULL::text,
+                NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text
+            FROM ins;
             notices := notices || (ap || ':events');
         END LOOP;
     END IF;
