@@ -112,13 +112,17 @@ async def test_settlements_store_outcomes_events_holds_and_audit(store: Postgres
 async def test_a_missing_delivery_is_created_and_settled(store: PostgresStore) -> None:
     app = f"app-{new_id()[-8:]}"
     await store.declare(app, declarations())
+    store.set_audit_key(app, KEY)
     event = Event("other", None)
     await store.append_events(app, [event])
     assert await store.settle_delivery(app, "late", event.id, Settlement("done", 1))
+    assert await store.settle_delivery(app, "g4", event.id, Settlement("dead", 1, error="x"))
     assert [(d.group, str(d.status)) for d in await store.deliveries(app, event.id)] == [
-        ("g4", "pending"), ("late", "done")
+        ("g4", "dead"), ("late", "done")
     ]
-    assert (await store.verify_audit(app)).ok
+    assert len(await store.audit_records(app)) == 2  # each alone in its batch
+    report = await store.verify_audit(app, key=KEY)
+    assert report.ok, report
 
 
 async def test_an_owner_json_cannot_spell_falls_back_to_a_transaction(

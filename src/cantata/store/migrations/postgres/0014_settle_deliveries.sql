@@ -14,15 +14,29 @@
 -- owner before the update; an owner SQL cannot spell in JSON as Python does (not
 -- printable ASCII) raises CN001 and the writer runs the batch as a transaction instead.
 
--- cantata.model.event.matches: '*' stands for exactly one dot-separated token.
+-- cantata.model.event.matches: '*' stands for exactly one dot-separated token
+-- (string_to_array of the text and a dot: Python's split and one empty token more).
 CREATE OR REPLACE FUNCTION cantata_type_matches(pattern text, event_type text)
-RETURNS boolean LANGUAGE sql IMMUTABLE STRICT AS $fn$
-    SELECT CASE WHEN strpos(pattern, '*') = 0 THEN pattern = event_type
-    ELSE cardinality(regexp_split_to_array(pattern, '\.'))
-            = cardinality(regexp_split_to_array(event_type, '\.'))
-        AND NOT EXISTS (SELECT 1 FROM unnest(regexp_split_to_array(pattern, '\.'),
-            regexp_split_to_array(event_type, '\.')) AS u(p, t) WHERE p <> '*' AND p <> t)
-    END
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE STRICT AS $fn$
+DECLARE
+    p text[];
+    t text[];
+BEGIN
+    IF strpos(pattern, '*') = 0 THEN
+        RETURN pattern = event_type;
+    END IF;
+    p := string_to_array(pattern || '.', '.');
+    t := string_to_array(event_type || '.', '.');
+    IF cardinality(p) <> cardinality(t) THEN
+        RETURN false;
+    END IF;
+    FOR i IN 1 .. cardinality(p) LOOP
+        IF p[i] <> '*' AND p[i] <> t[i] THEN
+            RETURN false;
+        END IF;
+    END LOOP;
+    RETURN true;
+END
 $fn$;
 
 CREATE OR REPLACE FUNCTION cantata_settle(
@@ -83,33 +97,35 @@ DECLARE
     r_hash text[];
     grps text[];
     all_app text[];
+    settled bool;
 BEGIN
     FOR j IN 1 .. coalesce(cardinality(s_app), 0) LOOP
-        SELECT d.owner INTO own FROM deliveries d WHERE d.app = s_app[j]
-            AND d.grp = s_grp[j] AND d.event_id = s_event_id[j] AND d.status <> 'done'
-            FOR UPDATE;
-        IF NOT FOUND THEN  -- no such delivery (create it, pending) or it is done
+        -- the delivery, locked and changed unless it is done; its owner from before
+        FOR x IN 1 .. 2 LOOP
+            WITH old AS MATERIALIZED (SELECT d.owner FROM deliveries d
+                WHERE d.app = s_app[j] AND d.grp = s_grp[j] AND d.event_id = s_event_id[j]
+                AND d.status <> 'done' FOR UPDATE)
+            UPDATE deliveries d SET status = CASE s_outcome[j] WHEN 'done' THEN 'done'
+                    WHEN 'retry' THEN 'pending' ELSE 'dead' END,
+                attempts = s_attempts[j], owner = NULL,
+                error = CASE WHEN s_outcome[j] = 'done' THEN NULL ELSE s_error[j] END,
+                next_at = CASE WHEN s_outcome[j] = 'retry' THEN s_retry_at[j]
+                    ELSE d.next_at END,
+                updated_at = s_now
+            FROM old WHERE d.app = s_app[j] AND d.grp = s_grp[j]
+                AND d.event_id = s_event_id[j]
+            RETURNING old.owner INTO own;
+            settled := FOUND;
+            EXIT WHEN settled OR x = 2;
+            -- no such delivery (create it, pending, and settle it) or it is done
             INSERT INTO deliveries (app, grp, event_id, status, updated_at)
                 VALUES (s_app[j], s_grp[j], s_event_id[j], 'pending', s_now)
                 ON CONFLICT DO NOTHING;
-            SELECT d.owner INTO own FROM deliveries d WHERE d.app = s_app[j]
-                AND d.grp = s_grp[j] AND d.event_id = s_event_id[j] AND d.status <> 'done'
-                FOR UPDATE;
-            CONTINUE WHEN NOT FOUND;
-        END IF;
+        END LOOP;
+        CONTINUE WHEN NOT settled;
         IF s_outcome[j] = 'done' THEN
-            UPDATE deliveries d SET status = 'done', attempts = s_attempts[j], owner = NULL,
-                error = NULL, updated_at = s_now
-                WHERE d.app = s_app[j] AND d.grp = s_grp[j] AND d.event_id = s_event_id[j];
             done_i := done_i || (j - 1);
-        ELSIF s_outcome[j] = 'retry' THEN
-            UPDATE deliveries d SET status = 'pending', attempts = s_attempts[j],
-                owner = NULL, error = s_error[j], next_at = s_retry_at[j], updated_at = s_now
-                WHERE d.app = s_app[j] AND d.grp = s_grp[j] AND d.event_id = s_event_id[j];
-        ELSE
-            UPDATE deliveries d SET status = 'dead', attempts = s_attempts[j], owner = NULL,
-                error = s_error[j], updated_at = s_now
-                WHERE d.app = s_app[j] AND d.grp = s_grp[j] AND d.event_id = s_event_id[j];
+        ELSIF s_outcome[j] = 'dead' THEN
             INSERT INTO dead_letters (app, id, grp, event_id, error, attempts, failed_at)
                 VALUES (s_app[j], s_dead_letter_id[j], s_grp[j], s_event_id[j],
                     CASE WHEN coalesce(s_error[j], '') = '' THEN 'unknown error'
@@ -178,7 +194,7 @@ BEGIN
                 (SELECT count(*) FROM fan WHERE fan.event_id = ins.id)::int4, NULL::float8,
                 NULL::text, NULL::int8, NULL::text, NULL::text, NULL::text, NULL::text,
                 NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text
-            FROM ins;
+            FROM ins WHERE cardinality(p_app) > 0;  -- the counts appends return
             notices := notices || (ap || ':events');
         END LOOP;
     END IF;
@@ -222,7 +238,30 @@ BEGIN
             ORDER BY upd.next_at, e.seq;
     END LOOP;
 
-    -- the records, apps in name order (as cantata_write_runs, migration 0011)
+    -- the records, apps in name order (as cantata_write_runs, migration 0011); a lone
+    -- record in one statement (as postgres_ops._APPEND_SQL: the head moved by an upsert)
+    IF cardinality(au_app) = 1 THEN
+        x := array_position(key_app, au_app[1]);
+        kin := CASE WHEN x IS NULL THEN NULL ELSE key_inner[x] END;
+        kout := CASE WHEN x IS NULL THEN NULL ELSE key_outer[x] END;
+        WITH h AS (
+            INSERT INTO audit_head AS h (app, seq, prev_hash, hash)
+            VALUES (au_app[1], 1, genesis, CASE WHEN kin IS NULL
+                THEN encode(sha256(convert_to(genesis || '[1,' || au_tail[1], 'UTF8')), 'hex')
+                ELSE encode(sha256(kout || sha256(kin || convert_to(
+                    genesis || '[1,' || au_tail[1], 'UTF8'))), 'hex') END)
+            ON CONFLICT (app) DO UPDATE SET seq = h.seq + 1, prev_hash = h.hash,
+                hash = CASE WHEN kin IS NULL
+                THEN encode(sha256(convert_to(h.hash || '[' || (h.seq + 1)::text || ','
+                    || au_tail[1], 'UTF8')), 'hex')
+                ELSE encode(sha256(kout || sha256(kin || convert_to(h.hash || '['
+                    || (h.seq + 1)::text || ',' || au_tail[1], 'UTF8'))), 'hex') END
+            RETURNING h.seq, h.prev_hash, h.hash)
+        INSERT INTO audit (app, seq, time, actor, action, target, data, prev_hash, hash)
+        SELECT au_app[1], h.seq, au_time[1], au_actor[1], au_action[1], au_target[1],
+            au_data[1], h.prev_hash, h.hash FROM h;
+        au_app := '{}';
+    END IF;
     FOR ap IN SELECT DISTINCT t.app FROM unnest(au_app) AS t(app) ORDER BY 1 LOOP
         x := array_position(key_app, ap);
         kin := CASE WHEN x IS NULL THEN NULL ELSE key_inner[x] END;
