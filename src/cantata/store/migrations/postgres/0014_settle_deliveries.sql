@@ -201,18 +201,19 @@ BEGIN
 
     -- held by the worker that hands them off: a new delivery, pending, nobody's, no
     -- attempt yet (Settlement.hold)
-    IF cardinality(done_i) > 0 AND cardinality(h_i) > 0 THEN
+    -- (one by one, by key: a join would be planned from a new table's stale sizes)
+    FOR x IN 1 .. coalesce(cardinality(h_i), 0) LOOP
+        CONTINUE WHEN NOT (h_i[x] = ANY(done_i));
         RETURN QUERY
-            UPDATE deliveries d SET owner = h.worker, fence = d.fence + 1, attempts = 1,
+            UPDATE deliveries d SET owner = h_worker[x], fence = d.fence + 1, attempts = 1,
                 updated_at = s_now
-            FROM unnest(h_i, h_worker, h_grp, h_event_id) AS h(i, worker, grp, event_id)
-            WHERE h.i = ANY(done_i) AND d.app = s_app[h.i + 1] AND d.grp = h.grp
-                AND d.event_id = h.event_id AND d.status = 'pending' AND d.owner IS NULL
+            WHERE d.app = s_app[h_i[x] + 1] AND d.grp = h_grp[x]
+                AND d.event_id = h_event_id[x] AND d.status = 'pending' AND d.owner IS NULL
                 AND d.attempts = 0
-            RETURNING 'h'::text, h.i, d.grp, d.event_id, NULL::int4, NULL::float8,
+            RETURNING 'h'::text, h_i[x], d.grp, d.event_id, NULL::int4, NULL::float8,
                 NULL::text, NULL::int8, NULL::text, NULL::text, NULL::text, NULL::text,
                 NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
-    END IF;
+    END LOOP;
 
     -- the claims, each as postgres_event_writes._CLAIM_DELIVERIES
     FOR j IN 1 .. coalesce(cardinality(c_app), 0) LOOP
