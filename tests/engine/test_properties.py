@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -169,3 +170,24 @@ def test_ids_are_uuid7_and_sort_by_their_time() -> None:
     stamps = [int(text[:12], 16) for text in ids]
     assert stamps == sorted(stamps)
     assert abs(stamps[-1] / 1000 - time.time()) < 5
+
+
+def test_ids_made_by_one_process_strictly_increase_even_when_the_clock_stands_still(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs queued in the same microsecond fall back to their ids for FIFO order: ids
+    made one after another in a process sort in the order they were made, also when
+    the clock does not move or steps back."""
+    import uuid
+
+    from cantata.model import codec
+
+    frozen = [1_800_000_000_123_456_789]
+    monkeypatch.setattr(codec.time, "time_ns", lambda: frozen[0])
+    ids = [codec.new_id() for _ in range(5000)]
+    frozen[0] -= 10_000_000  # a step back of 10 ms
+    ids += [codec.new_id() for _ in range(100)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for text in ids:
+        u = uuid.UUID(text)
+        assert u.version == 7 and u.variant == uuid.RFC_4122
