@@ -12,13 +12,17 @@ the server's execution (``clock_timestamp() - statement_timestamp()`` read with 
 rows; the rest of the round trip is the COMMIT's WAL flush and the wire), the Python
 after it, the connection's release, and the caller's wake-up once answered (the
 phases are meant for the latency workload, one write at a time). See
-docs/performance.md.
+docs/performance.md. The last line gives the statements sent
+per transaction (each a round trip: ``fetchmany`` pipelines its rows) and the server
+CPU time of the writer's connections (read from ``/proc``: the server must run on this
+machine), which do not depend on how busy the machine is.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import runpy
 import sys
 import time
@@ -60,16 +64,39 @@ class _Timed:
         return timed
 
 
+# The CPU time (user + system, clock ticks) of the server processes behind the
+# writer's connections, when each was first and last seen: what the writes cost the
+# server whatever else keeps the machine busy (it must run on this machine).
+_cpu_first: dict[int, int] = {}
+_cpu_last: dict[int, int] = {}
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _server_cpu(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    _cpu_first.setdefault(pid, ticks)
+    _cpu_last[pid] = ticks
+
+
 def _install() -> None:
     transaction = postgres_batch.BatchWriter._transaction
 
     async def timed_transaction(self: Any, c: Any, todo: Any, grouped: bool) -> Any:
+        pid = c.get_server_pid()
+        _server_cpu(pid)
         started = time.perf_counter()
         try:
             return await transaction(self, _Timed(c), todo, grouped)
         finally:
             total["whole transaction"] += time.perf_counter() - started
             count["whole transaction"] += 1
+            count["operations"] += len(todo)
+            _server_cpu(pid)
 
     postgres_batch.BatchWriter._transaction = timed_transaction  # type: ignore[method-assign]
 
@@ -153,6 +180,15 @@ def report() -> str:
         ordered = sorted(values)
         lines.append(f"{1e3 * ordered[len(ordered) // 2]:8.3f} {len(values):6d} "
                      f"{1e3 * sum(values) / len(values):8.3f}  {name}")
+    txs = count["whole transaction"]
+    if txs:
+        sent = sum(n for kind, n in count.items() if ":" in kind)
+        cpu = sum(_cpu_last[p] - _cpu_first[p] for p in _cpu_last) / _TICK
+        lines.append(
+            f"round trips (statements sent) per transaction: {sent / txs:.2f}; operations "
+            f"per transaction: {count['operations'] / txs:.2f}; server CPU of the writer's "
+            f"connections: {cpu:.2f} s ({1e3 * cpu / txs:.3f} ms per transaction)"
+        )
     return "\n".join(lines)
 
 

@@ -9,10 +9,35 @@ is a subclass of :class:`PostgresCore`: reads and rare writes use pooled connect
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cantata.store import audit
+from cantata.store import postgres_event_writes as event_writes
 from cantata.store import postgres_onetrip as onetrip
 from cantata.store.common import StoreBase
 from cantata.store.postgres_batch import BatchWriter
-from cantata.store.postgres_pool import PgPool
+from cantata.store.postgres_pool import Conn, PgPool
+
+
+class _OneStatement:
+    """What the writer sends as one statement, without BEGIN or COMMIT: a batch of run
+    creations and checkpoints (:mod:`cantata.store.postgres_onetrip`), of delivery
+    settlements, or of delivery claims
+    (:mod:`cantata.store.postgres_event_writes`)."""
+
+    def eligible(self, shares: Sequence[tuple[Any, Any]]) -> bool:
+        return event_writes.eligible(shares) or onetrip.eligible(shares)
+
+    async def write(
+        self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
+    ) -> list[Any]:
+        if event_writes.eligible(shares):
+            return await event_writes.write(c, shares, keys)
+        return await onetrip.write(c, shares, keys)
+
+    def falls_back(self, exc: BaseException) -> bool:
+        return onetrip.falls_back(exc) or isinstance(exc, event_writes.NotHere)
 
 
 class PostgresCore(StoreBase):
@@ -26,7 +51,7 @@ class PostgresCore(StoreBase):
         self._db = PgPool(
             url, pool_size=pool_size, connect_timeout=connect_timeout, on_change=self._emit
         )
-        self._w = BatchWriter(self._db, writers=writers, one_statement=onetrip)
+        self._w = BatchWriter(self._db, writers=writers, one_statement=_OneStatement())
         self._w.audit_keys = self._audit_keys  # one dict: set_audit_key keys the writer too
 
     async def open(self) -> None:

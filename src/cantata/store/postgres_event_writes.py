@@ -8,7 +8,7 @@ notifications and audit records to the :class:`Batch` ``b``).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.model import codec
@@ -323,3 +323,169 @@ async def redrive_events(
     )
     b.notify(app, EVENTS)
     return [ops.event_row(tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]
+
+
+# -- one statement, without BEGIN or COMMIT (see postgres_onetrip) ----------------------
+
+_SETTLE_PARAMS = 41
+_SETTLE_CALL = (
+    "SELECT * FROM "
+    f"cantata_settle({', '.join(f'${i}' for i in range(1, _SETTLE_PARAMS + 1))})"
+)
+
+
+class NotHere(Exception):
+    """A batch :func:`statement` cannot prepare (its events' data does not
+    encode, say): the batch runs as a transaction, which names the one that fails."""
+
+
+def _settle_record(
+    call: Settle, dead_letter_id: str | None, now: float, now_json: str
+) -> tuple[float | None, str | None, str | None, str | None, str | None]:
+    """Time, its JSON, action, data and the tail after the actor of a settlement's
+    audit record (``None`` each: no record)."""
+    _, group, event_id, s = call
+    if s.outcome == "done":
+        entry = audit.delivery_entry(
+            group, event_id, None, "done", s.attempts, emitted=[e.id for e in s.events]
+        )
+    elif s.outcome == "dead":
+        entry = audit.delivery_entry(
+            group, event_id, None, "dead", s.attempts, error=s.error,
+            dead_letter_id=dead_letter_id,
+        )
+    else:
+        return None, None, None, None, None
+    _, action, target, data = entry
+    text = audit.canonical(data)
+    # canonical([time, actor, action, target, text])[1:] after the actor, as tail() spells it
+    rest = audit.tail(now, "", action, target, text)[len(now_json) + 3:]
+    return now, now_json, action, text, rest
+
+
+Append = tuple[str, Sequence[Event[Any]]]  # app, events
+
+
+def _event_row(i: int, ev: Event[Any]) -> tuple[Any, ...]:
+    try:
+        data = codec.dumps(ev.data, f"data of event {ev.type}")
+    except Exception as exc:
+        raise NotHere(str(exc)) from exc
+    return (
+        i, ev.type, data, ev.id, ev.source, ev.subject, ev.time, ev.correlation_id,
+        ev.causation_id, ev.traceparent, ev.signature,
+    )
+
+
+async def statement(
+    c: Conn, calls: Sequence[Settle], keys: Mapping[str, audit.AuditKey],
+    claims: Sequence[Claim] = (), appends: Sequence[Append] = (),
+) -> tuple[list[bool], list[list[Delivery]], list[list[int]]]:
+    """:func:`settle_many` and the audit append of its transaction, then
+    :func:`append_many` for ``appends`` and :func:`claim_deliveries_many` for
+    ``claims``, as one call of ``cantata_settle`` (migration 0014): one round trip, one
+    WAL flush. Their results, in their order.
+
+    Raises:
+        NotHere: the batch must run as a transaction instead.
+        asyncpg.PostgresError: the statement failed (nothing was written); SQLSTATE
+            ``CN001`` when the batch must run as a transaction instead.
+    """
+    now = time.time()
+    now_json = audit.canonical(now)
+    srows: list[tuple[Any, ...]] = []
+    erows: list[tuple[Any, ...]] = []
+    hrows: list[tuple[Any, ...]] = []
+    for i, call in enumerate(calls):
+        app, group, event_id, s = call
+        dead_letter_id = None
+        if s.outcome == "dead":
+            dead_letter_id = s.dead_letter_id or codec.new_id()
+        srows.append((
+            app, group, event_id, str(s.outcome), s.attempts, s.error, s.retry_at,
+            dead_letter_id, *_settle_record(call, dead_letter_id, now, now_json),
+        ))
+        if s.outcome != "done":
+            continue
+        erows.extend(_event_row(i, ev) for ev in s.events)
+        if s.hold_for is not None and s.hold:
+            hrows.extend((i, s.hold_for, g, e) for g, e in s.hold)
+    for k, (_, events) in enumerate(appends):  # after the settlements' indexes
+        erows.extend(_event_row(len(calls) + k, ev) for ev in events)
+    cols = _columns(srows, 13)
+    key_apps = sorted({call[0] for call in calls if call[0] in keys})
+    rows = await c.fetch(
+        _SETTLE_CALL,
+        *cols[:8], now, *cols[8:],
+        *_columns(erows, 11), *_columns(hrows, 4),
+        key_apps, [keys[a].inner for a in key_apps], [keys[a].outer for a in key_apps],
+        audit.GENESIS_HASH,
+        *_columns([(a, w, now_c, stale, limit) for a, w, _, now_c, stale, limit in claims], 5),
+        *_columns([(k, g) for k, claim in enumerate(claims) for g in claim[2]], 2),
+        [app for app, _ in appends],
+    )
+    applied: set[int] = set()
+    claimed: list[list[Delivery]] = [[] for _ in claims]
+    held: dict[int, list[tuple[str, str]]] = {}
+    fanned: dict[str, int] = {}  # events inserted: how many groups each went to
+    for r in rows:
+        kind = r[0]
+        if kind == "s":
+            applied.add(r[1])
+        elif kind == "c":
+            claimed[r[1]].append(Delivery(
+                r[2], event_row(r[8:18]), DELIVERY_PENDING, r[4], r[5], r[6], claims[r[1]][3],
+                r[7],
+            ))
+        elif kind == "h":
+            held.setdefault(r[1], []).append((r[2], r[3]))
+        else:
+            fanned[r[3]] = r[4]
+    for i, (_, _, _, s) in enumerate(calls):
+        if i in applied and s.outcome == "done" and s.hold_for is not None and s.hold:
+            s.held = held.get(i, [])
+    counts: list[list[int]] = []
+    for _, events in appends:  # an id given twice counts for its first caller
+        counts.append([fanned.pop(ev.id, 0) for ev in events])
+    return [i in applied for i in range(len(calls))], claimed, counts
+
+
+def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
+    """``rows`` as ``n`` arrays, one per column."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(n)]
+
+
+async def claim_statement(c: Conn, calls: list[Claim]) -> list[list[Delivery]]:
+    """:func:`claim_deliveries_many` without BEGIN or COMMIT: the claims pipelined in one
+    round trip, one implicit transaction (all of them or none)."""
+    out = await claim_deliveries_many(c, Batch(), calls)
+    return [o for o in out if not isinstance(o, Refused)]
+
+
+def eligible(shares: Sequence[tuple[Any, Any]]) -> bool:
+    """Whether ``shares`` (``(many, arg)`` each) are settlements and claims of
+    deliveries and appends of events only: :func:`write` sends them as one statement."""
+    return bool(shares) and all(many in _ONE for many, _ in shares)
+
+
+async def write(
+    c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
+) -> list[Any]:
+    """Apply ``shares`` (see :func:`eligible`) in one statement; one result per share.
+
+    Claims alone are pipelined (one implicit transaction); anything else is one call
+    of ``cantata_settle``.
+    """
+    settles = [arg for many, arg in shares if many is settle_many]
+    claims = [arg for many, arg in shares if many is claim_deliveries_many]
+    appends = [arg for many, arg in shares if many is append_many]
+    if settles or appends:
+        settled, claimed, counts = await statement(c, settles, keys, claims, appends)
+    else:
+        settled, claimed, counts = [], await claim_statement(c, claims), []
+    outs = {settle_many: iter(settled), claim_deliveries_many: iter(claimed),
+            append_many: iter(counts)}
+    return [next(outs[many]) for many, _ in shares]
+
+
+_ONE = (settle_many, claim_deliveries_many, append_many)

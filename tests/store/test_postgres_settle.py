@@ -1,0 +1,207 @@
+"""Delivery settlements and claims as one statement (migration 0014,
+cantata.store.postgres_event_writes.statement): the same rows, holds and audit
+records as the transactional path, in one round trip without BEGIN or COMMIT."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from cantata.model.codec import new_id
+from cantata.model.event import Event
+from cantata.model.records import Declaration
+from cantata.store import audit
+from cantata.store.base import Settlement
+from cantata.store.postgres import PostgresStore
+from tests.helpers import drop_schema, with_schema
+from tests.store.test_postgres import opened
+from tests.store.test_postgres_onetrip import statements
+
+pytestmark = pytest.mark.postgres
+KEY = audit.AuditKey("0123456789abcdef-settle-test")
+
+
+@pytest.fixture(scope="module")
+def url(postgres_url: str) -> Iterator[str]:
+    schema = f"cantata_settle_{new_id()[-10:]}"
+    yield with_schema(postgres_url, schema)
+    asyncio.run(drop_schema(postgres_url, schema))
+
+
+@pytest.fixture(params=["one statement", "transaction"])
+async def store(request: pytest.FixtureRequest, url: str) -> AsyncIterator[PostgresStore]:
+    async with opened(url) as s:
+        if request.param == "transaction":
+            s._w._one = None  # every batch BEGIN ... COMMIT: the path to compare with
+        yield s
+
+
+def declarations() -> list[Declaration]:
+    return [
+        Declaration("handler", "g1", "order.*"),
+        Declaration("handler", "g2", "pay.done"),
+        Declaration("trigger", "t1", "x.*.y"),
+        Declaration("handler", "g3", "order.a.b"),
+        Declaration("handler", "g4", "*"),
+    ]
+
+
+async def test_settlements_store_outcomes_events_holds_and_audit(store: PostgresStore) -> None:
+    app = f"app-{new_id()[-8:]}"
+    store.set_audit_key(app, KEY)
+    await store.declare(app, declarations())
+    first = Event("order.created", {"n": 1})
+    assert await store.append_events(app, [first]) == [1]
+    now = time.time()
+    [claimed] = await store.claim_deliveries(
+        app, "w1", ["g1"], now=now, stale_before=now - 30, limit=10
+    )
+    assert (claimed.group, claimed.attempts, claimed.fence) == ("g1", 1, 1)
+    sent = statements(store)
+    paid, other, deeper = Event("pay.done", {"x": "é"}), Event("x.q.y", None), Event(
+        "order.a.b", [1]
+    )
+    done = Settlement(
+        "done", 1, events=[paid, other, deeper, paid], hold_for="w1",
+        hold=[("g2", paid.id), ("g1", deeper.id), ("t1", other.id)],
+    )
+    results = await asyncio.gather(
+        store.settle_delivery(app, "g1", first.id, done),
+        store.settle_delivery(app, "g1", first.id, Settlement("done", 1)),  # done already
+        store.settle_delivery(app, "gX", first.id, Settlement("dead", 2, error="boom")),
+        store.settle_delivery(
+            app, "gY", first.id, Settlement("retry", 2, error="later", retry_at=now + 5)
+        ),
+        store.settle_delivery(app, "gZ", first.id, Settlement("dead", 3, error="")),
+    )
+    assert results == [True, False, True, True, True]
+    if store._w._one is not None:
+        assert sent == ["SELECT * FROM cantata_settle($1,"]  # one round trip, no BEGIN
+    assert sorted(done.held) == sorted([("g2", paid.id), ("t1", other.id)])
+
+    async def states(event: Event[Any]) -> list[tuple[str, str, int, int, str | None]]:
+        return [
+            (d.group, str(d.status), d.attempts, d.fence, d.error)
+            for d in await store.deliveries(app, event.id)
+        ]
+
+    assert await states(first) == [
+        ("g1", "done", 1, 1, None), ("gX", "dead", 2, 0, "boom"),
+        ("gY", "pending", 2, 0, "later"), ("gZ", "dead", 3, 0, ""),
+    ]
+    assert await states(paid) == [("g2", "pending", 1, 1, None)]
+    assert await states(other) == [("t1", "pending", 1, 1, None)]
+    assert await states(deeper) == [("g3", "pending", 0, 0, None)]
+    assert await store.get_event(app, paid.id) == paid
+    letters = sorted((d.group, d.error, d.attempts) for d in await store.dead_letters(app))
+    assert letters == [("gX", "boom", 2), ("gZ", "unknown error", 3)]
+    report = await store.verify_audit(app, key=KEY)
+    assert report.ok, report
+    records = [(r.actor, r.action, r.target) for r in await store.audit_records(app)]
+    assert records == [
+        ("worker:w1", "delivery.done", f"g1:{first.id}"),
+        ("system", "delivery.dead", f"gX:{first.id}"),
+        ("system", "delivery.dead", f"gZ:{first.id}"),
+    ]
+
+
+async def test_a_missing_delivery_is_created_and_settled(store: PostgresStore) -> None:
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    store.set_audit_key(app, KEY)
+    event = Event("other", None)
+    await store.append_events(app, [event])
+    assert await store.settle_delivery(app, "late", event.id, Settlement("done", 1))
+    assert await store.settle_delivery(app, "g4", event.id, Settlement("dead", 1, error="x"))
+    assert [(d.group, str(d.status)) for d in await store.deliveries(app, event.id)] == [
+        ("g4", "dead"), ("late", "done")
+    ]
+    assert len(await store.audit_records(app)) == 2  # each alone in its batch
+    report = await store.verify_audit(app, key=KEY)
+    assert report.ok, report
+
+
+async def test_an_owner_json_cannot_spell_falls_back_to_a_transaction(
+    store: PostgresStore,
+) -> None:
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    event = Event("order.created", None)
+    await store.append_events(app, [event])
+    now = time.time()
+    await store.claim_deliveries(app, "wörker", ["g1"], now=now, stale_before=now, limit=1)
+    assert await store.settle_delivery(app, "g1", event.id, Settlement("done", 1))
+    [record] = await store.audit_records(app)
+    assert record.actor == "worker:wörker"
+    assert (await store.verify_audit(app)).ok
+
+
+async def test_claims_of_many_workers_in_one_round_trip(store: PostgresStore) -> None:
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    events = [Event("pay.done", {"i": i}) for i in range(6)]
+    await store.append_events(app, events)
+    now = time.time()
+    for i in range(4):  # live: a claim in the same transaction does not take another's
+        await store.heartbeat(app, f"w{i}", now, None)
+    sent = statements(store)
+    got = await asyncio.gather(*(
+        store.claim_deliveries(app, f"w{i}", ["g2"], now=now, stale_before=now - 30, limit=2)
+        for i in range(4)
+    ))
+    if store._w._one is not None:
+        assert all(not s.startswith("BEGIN") for s in sent)
+    ids = [d.event.id for claimed in got for d in claimed]
+    assert sorted(ids) == sorted(e.id for e in events)
+    assert all(d.attempts == 1 and d.fence == 1 for claimed in got for d in claimed)
+
+
+async def test_settlements_and_claims_of_one_batch_go_together(store: PostgresStore) -> None:
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    first, waiting = Event("order.created", None), Event("pay.done", {"i": 0})
+    await store.append_events(app, [first, waiting])
+    now = time.time()
+    for worker in ("w1", "w2"):
+        await store.heartbeat(app, worker, now, None)
+    await store.claim_deliveries(app, "w1", ["g1"], now=now, stale_before=now - 30, limit=1)
+    sent = statements(store)
+    emitted = Event("pay.done", {"i": 1})
+    settled, claimed = await asyncio.gather(
+        store.settle_delivery(app, "g1", first.id, Settlement("done", 1, events=[emitted])),
+        store.claim_deliveries(app, "w2", ["g2"], now=now, stale_before=now - 30, limit=5),
+    )
+    assert settled
+    if store._w._one is not None:
+        assert sent == ["SELECT * FROM cantata_settle($1,"]
+    # the claim comes after the settlement: the event it emitted is claimed too
+    assert sorted(d.event.id for d in claimed) == sorted([waiting.id, emitted.id])
+    assert [d.event for d in claimed if d.event.id == emitted.id] == [emitted]
+    assert all((d.group, d.attempts, d.fence) == ("g2", 1, 1) for d in claimed)
+
+
+async def test_appends_go_with_settlements_and_count_their_groups(store: PostgresStore) -> None:
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    first = Event("order.created", None)
+    await store.append_events(app, [first])
+    sent = statements(store)
+    emitted, published, again = Event("pay.done", 1), Event("x.a.y", 2), Event("no.body", 3)
+    settled, counts, counts_again, stored = await asyncio.gather(
+        store.settle_delivery(app, "g1", first.id, Settlement("done", 1, events=[emitted])),
+        store.append_events(app, [published, again, published, Event("order.new", 4)]),
+        store.append_events(app, [published, again]),
+        store.append_events(app, [first]),
+    )
+    assert settled
+    assert counts == [1, 0, 0, 1] and counts_again == [0, 0] and stored == [0]
+    if store._w._one is not None:
+        assert sent == ["SELECT * FROM cantata_settle($1,"]
+    assert [d.group for d in await store.deliveries(app, published.id)] == ["t1"]
+    assert [d.group for d in await store.deliveries(app, emitted.id)] == ["g2"]
+    assert await store.get_event(app, again.id) == again
+    assert (await store.verify_audit(app)).ok
