@@ -2,7 +2,8 @@
 this process's handler of the next group, and nothing is given up for it: the effect
 stays exactly once (the broker's own copy is dropped), a failed hand-off waits for its
 retry delay, and a worker killed in the middle of one has the event delivered again.
-Embedded: always on; NATS: with ``?handoff=1`` (opt-in, see the last test)."""
+Embedded: always on; NATS: on unless ``?handoff=0`` (see the last test); several
+workers: tests/faults/test_handoff.py."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def backends(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     if request.param == "embedded":
         return store, "embedded"
     url = request.getfixturevalue("nats_url")
-    return store, f"{url}?prefix=h{uuid.uuid4().hex[:10]}&handoff=1"
+    return store, f"{url}?prefix=h{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
@@ -207,11 +208,13 @@ class LostAfterCommit:
 
 
 async def test_deliveries_held_by_a_settlement_that_seemed_to_fail_are_not_stranded(
-    tmp_path: Path, markers: Path
+    backends: tuple[str, str], markers: Path
 ) -> None:
-    store = LostAfterCommit(store_from_url(f"sqlite:///{tmp_path}/lost.db"))
+    url, broker = backends
+    store = LostAfterCommit(store_from_url(url))
     charged: list[cantata.Event] = []
-    app = cantata.App("shop", store=store, lease=30.0, poll_interval=0.05)  # type: ignore[arg-type]
+    app = cantata.App("shop", store=store, broker=broker,  # type: ignore[arg-type]
+                      lease=30.0, poll_interval=0.05)
     app.include(_router(charged))
     async with app:
         await app.publish("order.placed", {"order_id": 3})
@@ -239,11 +242,11 @@ def _router(charged: list[cantata.Event]) -> cantata.Router:
     return router
 
 
-def test_the_nats_hand_off_is_opt_in() -> None:
-    # Off by default: with several workers serving a group, NATS's copy can reach
-    # another worker while the hand-off's handler runs, and both would execute it.
-    assert broker_from_url("nats://127.0.0.1:4222").local_hand_off is False  # type: ignore[attr-defined]
-    on = broker_from_url("nats://127.0.0.1:4222?prefix=p&handoff=1")
-    assert on.local_hand_off is True  # type: ignore[attr-defined]
+def test_the_nats_hand_off_is_on_unless_turned_off() -> None:
+    # On by default: the settlement holds the deliveries it hands off for this worker,
+    # so NATS's copy reaching another worker waits (tests/faults/test_handoff.py).
+    assert broker_from_url("nats://127.0.0.1:4222").local_hand_off is True  # type: ignore[attr-defined]
+    off = broker_from_url("nats://127.0.0.1:4222?prefix=p&handoff=0")
+    assert off.local_hand_off is False  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="handoff must be 0 or 1"):
         broker_from_url("nats://127.0.0.1:4222?handoff=yes")

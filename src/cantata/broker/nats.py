@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from cantata.broker.base import BrokerStore, Handler
 from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscription
 from cantata.broker.nats_limits import DEFAULT_MAX_CONTROL_LINE, Limits, refusal
-from cantata.broker.nats_local import Handing
+from cantata.broker.nats_local import Handing, held_by
 from cantata.broker.nats_names import (
     REPLAY,
     Names,
@@ -58,7 +59,6 @@ from cantata.model.event import (
     Event,
     check_pattern,
     claim_stub,
-    matches,
 )
 from cantata.model.records import Declaration
 from cantata.store.factory import mask_url
@@ -102,11 +102,10 @@ class NatsBroker:
         check_interval: seconds between checks that an app's stream is still the one
             its consumers were made on (a server that lost its data gets it re-made,
             and the events the store has pending published again).
-        hand_off: hand events this process commits to its own subscribers at once
-            (``?handoff=1``; see :meth:`hand_off`). Off by default: with several worker
-            processes serving a group, the broker's copy can reach another worker while
-            the hand-off's handler still runs, and both execute it (the effect stays
-            exactly once, but the handler runs twice) — docs/performance.md.
+        hand_off: hand the events a handler of this process emits to this process's
+            subscribers at once, held for this worker in the store by the handler's
+            settlement (see :mod:`cantata.broker.nats_local`); on by default,
+            ``?handoff=0`` turns it off (every event then goes through NATS).
     """
 
     relays_outbox = True
@@ -125,7 +124,7 @@ class NatsBroker:
         prefix: str = "",
         max_control_line: int = DEFAULT_MAX_CONTROL_LINE,
         check_interval: float = 5.0,
-        hand_off: bool = False,
+        hand_off: bool = True,
     ) -> None:
         self.url = url
         self.local_hand_off = hand_off
@@ -136,6 +135,10 @@ class NatsBroker:
         # (app, group, event id) -> when the retry of a failed hand-off is due
         self._deferred: dict[tuple[str, str, str], float] = {}
         self._offload: dict[str, int | None] = {}  # app -> claim check above this size
+        # the app's lease: a holder of a delivery silent for longer is presumed dead
+        self.lease = 10.0
+        self.may_take_over: Callable[[], bool] | None = None
+        self._recovering: set[asyncio.Task[None]] = set()
         self.masked_url = mask_url(url)
         self._ack_wait_given = ack_wait is not None
         self.ack_wait = 10.0 if ack_wait is None else ack_wait
@@ -248,6 +251,7 @@ class NatsBroker:
     async def close(self) -> None:
         """Stop every subscription, then disconnect."""
         watches, self._watches = list(self._watches.values()), {}
+        watches += list(self._recovering)
         for task in watches:
             task.cancel()
         await asyncio.gather(*watches, return_exceptions=True)
@@ -265,17 +269,41 @@ class NatsBroker:
         """Nothing to do: the server pushes new messages to waiting pulls."""
 
     def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
-        """Hand events this process just committed to its own subscribers of the groups
-        they match at once; the relay's copies follow (see nats_local). Only when
-        made with ``hand_off=True``."""
-        if not self.local_hand_off:
-            return
-        for sub in self._subs:
-            if sub.app != app:
-                continue
-            for event in events:
-                if any(matches(p, event.type) for p in sub.patterns):
-                    sub.hand_off(event)
+        """Nothing more to do: a handler's emitted events were held for this worker and
+        handed off as they were settled (nats_local.settle_done); any other event goes
+        through NATS (handing it off without a hold would let another worker run it
+        at the same time)."""
+
+    def handed(self, by: NatsSubscription, events: Sequence[Event[Any]],
+               held: Sequence[tuple[str, str]]) -> None:
+        """Start the deliveries ``by``'s settlement held for its worker."""
+        by_id = {e.id: e for e in events}
+        for group, event_id in held:
+            sub = next((s for s in self._subs if s.app == by.app and s.group == group
+                        and s.worker_id == by.worker_id), None)
+            if sub is not None:  # (always: holds() chose it)
+                sub.hand_off(by_id[event_id])
+
+    def recover_holds(self, by: NatsSubscription, events: Sequence[Event[Any]],
+                      held: Sequence[tuple[str, str]]) -> None:
+        """A settlement that held deliveries for ``by``'s worker failed, or seemed to:
+        look in the store (until it answers) and start those it did hold."""
+        async def recover() -> None:
+            found = await held_by(self.store, by.app, held, 0.2, by.stopping)
+            if found:
+                self.handed(by, events, found)
+
+        task = asyncio.ensure_future(recover())
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
+
+    def stale_before(self) -> float:
+        """Holders whose heartbeat is older than this are presumed dead; none is while
+        this worker's own hold may have lapsed (docs/leases.md)."""
+        careful = self.may_take_over
+        if careful is not None and not careful():
+            return float("-inf")
+        return time.time() - self.lease
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:
@@ -357,6 +385,7 @@ class NatsBroker:
         """Take the app's lease as ``ack_wait`` unless this broker was given one, so a
         dead worker's messages are handled elsewhere after the same time as its runs
         (consumers made before keep theirs)."""
+        self.lease, self.may_take_over = lease, may_take_over
         if not self._ack_wait_given:
             self.ack_wait = max(1.0, lease)
 
@@ -482,7 +511,8 @@ class NatsBroker:
             # Create everything now, so events published after subscribe() returns reach it.
             for durable, subject, _ in consumers:
                 await self._consumer(app, durable, subject)
-        sub = NatsSubscription(self, app, group, handler, concurrency, consumers, unique)
+        sub = NatsSubscription(self, app, group, handler, concurrency, consumers, unique,
+                               worker_id=worker_id)
         self._subs.append(sub)
         self._watch(app)
         return sub

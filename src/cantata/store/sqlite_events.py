@@ -23,6 +23,7 @@ from cantata.store.base import (
     EVENTS,
     Settlement,
 )
+from cantata.store.roles.events import DeliveryHold
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
@@ -222,6 +223,27 @@ class SQLiteEvents(SQLiteCore):
                     (app, group, *chunk),
                 ):
                     out[event_id] = (status, attempts)
+            return out
+
+        return await self._t.read(op) if ids else {}
+
+    async def delivery_holds(
+        self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
+    ) -> dict[str, DeliveryHold]:
+        ids = list(dict.fromkeys(event_ids))
+
+        def op(c: sqlite3.Connection) -> dict[str, DeliveryHold]:
+            out: dict[str, DeliveryHold] = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                for event_id, status, attempts, next_at, holder in c.execute(
+                    "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
+                    "w.heartbeat_at >= ? THEN d.owner END FROM deliveries d LEFT JOIN workers w"
+                    " ON w.app=d.app AND w.worker_id=d.owner WHERE d.app=? AND d.grp=? "
+                    f"AND d.event_id IN ({','.join('?' * len(chunk))})",
+                    (stale_before, app, group, *chunk),
+                ):
+                    out[event_id] = DeliveryHold(status, attempts, next_at, holder)
             return out
 
         return await self._t.read(op) if ids else {}

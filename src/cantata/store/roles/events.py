@@ -48,6 +48,23 @@ class Settlement:
         self.outcome = DeliveryOutcome(self.outcome)  # "done", "retry", "dead" or a member
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryHold:
+    """One group's delivery of one event, as a broker that hands events off in process
+    needs it (:meth:`EventStore.delivery_holds`).
+
+    ``holder`` is the worker that holds the delivery (its owner, e.g. through
+    :attr:`Settlement.hold_for`) while that worker's heartbeat is recent enough;
+    ``None`` when nobody holds it or its holder is presumed dead (it may be taken over).
+    ``next_at``: when the delivery is due (a retry's time).
+    """
+
+    status: str
+    attempts: int
+    next_at: float
+    holder: str | None
+
+
 class EventStore(Protocol):
     """The event log, deliveries and dead letters."""
 
@@ -105,6 +122,15 @@ class EventStore(Protocol):
         """``event id -> (status, attempts)`` of ``group``'s deliveries of these events;
         an event not addressed to the group (or not stored) is absent. One read for
         many events: a broker checks a whole fetched batch at once."""
+
+    async def delivery_holds(
+        self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
+    ) -> dict[str, DeliveryHold]:
+        """``event id -> DeliveryHold`` of ``group``'s deliveries of these events (absent:
+        not addressed to the group, or not stored), in one read. A holder whose heartbeat
+        is older than ``stale_before`` is reported as none (``float("-inf")``: any holder
+        counts). The NATS broker looks here before it runs a copy of an event another
+        worker may hold (docs/performance.md)."""
 
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""

@@ -1,0 +1,28 @@
+"""The PostgreSQL store, who holds a delivery (:meth:`~cantata.store.roles.EventStore.
+delivery_holds`): what the NATS broker reads before it runs a copy of an event that
+another worker may hold (docs/performance.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cantata.store.postgres_core import PostgresCore
+from cantata.store.roles.events import DeliveryHold
+
+
+class PostgresHolds(PostgresCore):
+    """:meth:`delivery_holds` of :class:`~cantata.store.postgres.PostgresStore`."""
+
+    async def delivery_holds(
+        self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
+    ) -> dict[str, DeliveryHold]:
+        if not event_ids:
+            return {}
+        rows = await self._db.fetch(
+            "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
+            "w.heartbeat_at >= $4 THEN d.owner END FROM deliveries d LEFT JOIN workers w "
+            "ON w.app=d.app AND w.worker_id=d.owner WHERE d.app=$1 AND d.grp=$2 "
+            "AND d.event_id = ANY($3::text[])",
+            app, group, list(dict.fromkeys(event_ids)), stale_before,
+        )
+        return {r[0]: DeliveryHold(r[1], r[2], r[3], r[4]) for r in rows}
