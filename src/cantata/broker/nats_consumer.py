@@ -462,9 +462,12 @@ class NatsSubscription:
                 )
             return False
         due_in = state.next_at - time.time()
-        if state.attempts > 0 and due_in > _EARLY:
-            # A retry scheduled by a hand-off (here or elsewhere) is not due yet: NATS
-            # keeps the copy until then.
+        if (state.attempts > 0 and due_in > _EARLY and msg.attempt == 1
+                and (m.headers or {}).get("Nats-Msg-Id") == event.id):
+            # The relay's copy, first delivered, of an event whose hand-off (here or
+            # elsewhere) failed and is to be retried later: NATS keeps it until then.
+            # (Not a re-drive, published again on purpose, nor a copy NATS redelivers
+            # after a nak of its own.)
             msg.settled = True
             await msg._ack("nak", due_in)
             return False
