@@ -282,8 +282,29 @@ class EmbeddedBroker:
 
     def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
         """Nothing more to do: a handler's emitted events were handed off as they were
-        settled (:meth:`EmbeddedMessage.complete`), and the commit that stored any
-        other event woke the subscribers."""
+        settled (:meth:`EmbeddedMessage.complete`), published ones as they were
+        appended (:meth:`append`), and the commit that stored any other event woke the
+        subscribers."""
+
+    async def append(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Store events this process publishes; the deliveries this worker's
+        subscribers take are claimed for it in the same transaction and started at
+        once, as a handler's settlement does (:meth:`EmbeddedMessage.complete`)."""
+        sub = next((s for s in self._subs if s.app == app and not s.stopping), None)
+        hold = sub.holds(events) if sub is not None and events else []
+        if sub is None or not hold:
+            return await self.store.append_events(app, events)
+        try:
+            counts, held = await self.store.append_held(
+                app, events, hold_for=sub.worker_id, hold=hold
+            )
+        except BaseException as exc:
+            if not isinstance(exc, LeaseLost):  # it may have committed all the same
+                self.recover_holds(sub, events, hold)
+            raise
+        if held:
+            self.handed(sub, events, held)
+        return counts
 
     def handed(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
                held: Sequence[tuple[str, str]], *, recovered: bool = False) -> None:

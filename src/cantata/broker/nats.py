@@ -52,7 +52,7 @@ from cantata.broker.nats_names import (
     token,
 )
 from cantata.broker.nats_streams import Streams
-from cantata.errors import BrokerError, EventsRefused, error_text
+from cantata.errors import BrokerError, EventsRefused, LeaseLost, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import (
     STRUCTURED_CONTENT_TYPE,
@@ -274,6 +274,26 @@ class NatsBroker:
         through NATS (handing it off without a hold would let another worker run it
         at the same time)."""
 
+    async def append(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Store events this process publishes; the deliveries this worker's
+        subscribers take are held for it in the same transaction and handed to them at
+        once, as a handler's settlement does (nats_local.settle_done)."""
+        sub = next((s for s in self._subs if s.app == app and not s.stopping), None)
+        hold = sub.holds(events) if sub is not None and events else []
+        if sub is None or not hold:
+            return await self.store.append_events(app, events)
+        try:
+            counts, held = await self.store.append_held(
+                app, events, hold_for=sub.worker_id, hold=hold
+            )
+        except BaseException as exc:
+            if not isinstance(exc, LeaseLost):  # it may have committed all the same
+                self.recover_holds(sub, events, hold)
+            raise
+        if held:
+            self.handed(sub, events, held)
+        return counts
+
     def handed(self, by: NatsSubscription, events: Sequence[Event[Any]],
                held: Sequence[tuple[str, str]]) -> None:
         """Start the deliveries ``by``'s settlement held for its worker."""
@@ -289,7 +309,7 @@ class NatsBroker:
         """A settlement that held deliveries for ``by``'s worker failed, or seemed to:
         look in the store (until it answers) and start those it did hold."""
         async def recover() -> None:
-            found = await held_by(self.store, by.app, held, 0.2, by.stopping)
+            found = await held_by(self.store, by.app, held, 0.2, lambda: by.stopping)
             if found:
                 self.handed(by, events, found)
 

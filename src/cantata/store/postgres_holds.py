@@ -5,13 +5,28 @@ another worker may hold (docs/performance.md)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from cantata.model.event import Event
+from cantata.store import postgres_event_writes as event_writes
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.roles.events import DeliveryHold
 
 
 class PostgresHolds(PostgresCore):
-    """:meth:`delivery_holds` of :class:`~cantata.store.postgres.PostgresStore`."""
+    """:meth:`delivery_holds` and :meth:`append_held` of
+    :class:`~cantata.store.postgres.PostgresStore`."""
+
+    async def append_held(
+        self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
+        hold: Sequence[tuple[str, str]],
+    ) -> tuple[list[int], list[tuple[str, str]]]:
+        # Holds nothing (allowed by the protocol): the events go through the broker.
+        # Holding them needs the claim in the append's own transaction (as
+        # settle_delivery does for Settlement.hold), in postgres_event_writes.
+        if not events:
+            return [], []
+        return await self._w.run_many(event_writes.append_many, (app, events)), []
 
     async def delivery_holds(
         self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float

@@ -41,6 +41,16 @@ class SQLiteEvents(SQLiteCore):
     async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
         return await self._t.write(lambda c: self._append(c, app, events), EVENTS)
 
+    async def append_held(
+        self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
+        hold: Sequence[tuple[str, str]],
+    ) -> tuple[list[int], list[tuple[str, str]]]:
+        def op(c: sqlite3.Connection) -> tuple[list[int], list[tuple[str, str]]]:
+            counts = self._append(c, app, events)
+            return counts, _hold(c, app, events, counts, hold_for, hold, time.time())
+
+        return await self._t.write(op, EVENTS)
+
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         row = await self._t.read(
             lambda c: c.execute(
@@ -138,12 +148,9 @@ class SQLiteEvents(SQLiteCore):
                     (s.attempts, now, app, group, event_id),
                 )
                 if s.events:
-                    self._append(c, app, s.events)
+                    counts = self._append(c, app, s.events)
                     if s.hold_for is not None:
-                        s.held = [
-                            (g, e) for g, e in s.hold
-                            if c.execute(HOLD_SQL, (s.hold_for, now, app, g, e)).rowcount == 1
-                        ]
+                        s.held = _hold(c, app, s.events, counts, s.hold_for, s.hold, now)
                 audit_append(
                     c,
                     app,
@@ -335,3 +342,16 @@ class SQLiteEvents(SQLiteCore):
             return events
 
         return await self._t.write(write, EVENTS)
+
+
+def _hold(
+    c: sqlite3.Connection, app: str, events: Sequence[Event[Any]], counts: Sequence[int],
+    worker_id: str, hold: Sequence[tuple[str, str]], now: float,
+) -> list[tuple[str, str]]:
+    """Claim for ``worker_id`` the deliveries of ``hold`` that this transaction created:
+    only of events it stored (an id stored before may have a delivery a broker copy is
+    being handled with right now, which the store cannot see), still pending, nobody's,
+    no attempt."""
+    new = {e.id for e, n in zip(events, counts, strict=True) if n}
+    return [(g, e) for g, e in hold
+            if e in new and c.execute(HOLD_SQL, (worker_id, now, app, g, e)).rowcount == 1]

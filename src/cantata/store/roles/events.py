@@ -76,6 +76,16 @@ class EventStore(Protocol):
         it was addressed to (0 for an event already stored).
         """
 
+    async def append_held(
+        self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
+        hold: Sequence[tuple[str, str]],
+    ) -> tuple[list[int], list[tuple[str, str]]]:
+        """:meth:`append_events`, holding for worker ``hold_for`` the new deliveries
+        ``hold`` ((group, event id) pairs) as :attr:`Settlement.hold` does (claimed,
+        first attempt counted). Returns the counts and the pairs it did hold (a new
+        delivery, pending, nobody's, no attempt). A store may hold none (it then
+        returns an empty list): nothing is handed off, the broker delivers them."""
+
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         """One stored event."""
 

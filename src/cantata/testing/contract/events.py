@@ -145,6 +145,24 @@ class EventsContract(StoreFixtures):
                                                                  now + 50)
         assert await store.delivery_holds(self.app, "g", [], stale_before=0) == {}
 
+    async def test_append_held_holds_only_new_deliveries(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.*"), ("h", "order.placed"))
+        before, placed = ev("order.placed"), ev("order.placed")
+        await store.append_events(self.app, [before])
+        await store.heartbeat(self.app, "w1", time.time(), None)
+        hold = [("g", placed.id), ("g", before.id), ("x", placed.id)]
+        counts, held = await store.append_held(self.app, [before, placed], hold_for="w1",
+                                               hold=hold)
+        assert counts == [0, 2]
+        # a store may hold none; never one stored before, nor one not addressed
+        assert held in ([("g", placed.id)], [])
+        states = await store.delivery_states(self.app, "g", [placed.id, before.id])
+        assert states == {placed.id: (DELIVERY_PENDING, len(held)),
+                          before.id: (DELIVERY_PENDING, 0)}
+        [h] = (await store.delivery_holds(self.app, "g", [placed.id],
+                                          stale_before=float("-inf"))).values()
+        assert h.holder == ("w1" if held else None)
+
     async def test_claim_deliveries_due_only_counting_attempts(self, store: Store) -> None:
         await self.handlers(store, ("g", "order.placed"), ("h", "order.placed"))
         e = ev()
