@@ -93,6 +93,41 @@ async def test_a_handed_off_event_is_handled_once_and_the_broker_copy_changes_no
     assert (row.status, row.attempts) == (DELIVERY_DONE, 1)
 
 
+async def test_a_published_event_is_held_and_handed_off_to_its_first_group(
+    backends: tuple[str, str],
+) -> None:
+    store, broker = backends
+    app = make_app(store, broker=broker)
+    reserved: list[cantata.Event] = []
+    handed: list[tuple[str, str]] = []
+
+    @app.on("order.placed", group="inventory")
+    async def reserve(event: cantata.Event) -> None:
+        reserved.append(event)
+
+    async with app:
+        real = app._broker.handed  # type: ignore[union-attr]
+
+        def spy(by: Any, events: Any, held: Any, **kw: Any) -> None:
+            handed.extend(held)
+            real(by, events, held, **kw)
+
+        app._broker.handed = spy  # type: ignore[union-attr]
+        placed = await app.publish("order.placed", {"order_id": 5})
+        await eventually(lambda: reserved, what="the hand-off to reserve")
+        if broker != "embedded":
+            await eventually(
+                lambda: _broker_copy_acked(app, "inventory", "order.placed"),
+                what="NATS's own copy delivered and acked",
+            )
+        await asyncio.sleep(SETTLE)
+        [row] = await app.store.deliveries(app.name, placed.id)
+
+    assert handed == [("inventory", placed.id)], "the published event was not held"
+    assert len(reserved) == 1
+    assert (row.status, row.attempts) == (DELIVERY_DONE, 1)
+
+
 async def test_a_failed_hand_off_is_retried_after_its_delay_not_by_the_broker_copy(
     backends: tuple[str, str],
 ) -> None:
