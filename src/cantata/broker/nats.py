@@ -59,6 +59,7 @@ from cantata.model.event import (
     Event,
     check_pattern,
     claim_stub,
+    matches,
 )
 from cantata.model.records import Declaration
 from cantata.store.factory import mask_url
@@ -71,6 +72,7 @@ __all__ = [
 log = logging.getLogger("cantata.broker")
 
 _PUBLISH_WINDOW = 256  # publishes in flight at once (their acks awaited together)
+_WIRED_KEPT = 4096  # message bodies made by check_event, kept for publish
 
 
 class _GiveUp(Exception):
@@ -155,6 +157,10 @@ class NatsBroker:
             replicas=self.replicas,
         )
         self._subs: list[NatsSubscription] = []
+        # (app, worker id, event type) -> this process's subscriptions it goes to
+        self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
+        # event id -> (the event, its message body), made by check_event for publish
+        self._wired: dict[str, tuple[Event[Any], bytes]] = {}
         self.check_interval = check_interval
         self._watches: dict[str, asyncio.Task[None]] = {}
 
@@ -259,6 +265,7 @@ class NatsBroker:
         if subs:
             await asyncio.gather(*(s.stop() for s in subs), return_exceptions=True)
         self._subs.clear()
+        self._routes.clear()
         nc, self._nc, self._js = self._nc, None, None  # before close(): no warning
         self._streams.clear()
         if nc is not None:
@@ -293,6 +300,23 @@ class NatsBroker:
         if held:
             self.handed(sub, events, held)
         return counts
+
+    def routes(self, app: str, worker_id: str, event_type: str) -> list[NatsSubscription]:
+        """This process's subscriptions of ``worker_id`` that ``event_type`` goes to."""
+        key = (app, worker_id, event_type)
+        subs = self._routes.get(key)
+        if subs is None:
+            subs = self._routes[key] = [
+                s for s in self._subs if s.app == app and s.worker_id == worker_id
+                and any(matches(p, event_type) for p in s.patterns)
+            ]
+        return subs
+
+    def forget(self, sub: NatsSubscription) -> None:
+        """``sub`` stopped."""
+        with contextlib.suppress(ValueError):
+            self._subs.remove(sub)
+        self._routes.clear()
 
     def handed(self, by: NatsSubscription, events: Sequence[Event[Any]],
                held: Sequence[tuple[str, str]]) -> None:
@@ -430,7 +454,12 @@ class NatsBroker:
             InvalidEvent: the event type is too long for a subject.
             PayloadTooLarge: the message is over the server's max_payload.
         """
-        self.limits.check_event(self.names(app), event, self.wire(app, event))
+        payload = self.wire(app, event)
+        self.limits.check_event(self.names(app), event, payload)
+        # kept for publish (the same event object, once committed), the newest few
+        self._wired[event.id] = (event, payload)
+        if len(self._wired) > _WIRED_KEPT:
+            del self._wired[next(iter(self._wired))]
 
     def wire(self, app: str, event: Event[Any]) -> bytes:
         """The message body of ``event``: its CloudEvent, or a claim check when it is
@@ -458,8 +487,10 @@ class NatsBroker:
         names, limits = self.names(app), self.limits
         refused: dict[str, str] = {}
         sendable: list[tuple[Event[Any], bytes]] = []
+        wired = self._wired
         for event in events:
-            payload = self.wire(app, event)
+            made = wired.pop(event.id, None)
+            payload = made[1] if made is not None and made[0] is event else self.wire(app, event)
             try:
                 limits.check_event(names, event, payload)
             except Exception as exc:  # InvalidEvent, PayloadTooLarge
@@ -534,6 +565,7 @@ class NatsBroker:
         sub = NatsSubscription(self, app, group, handler, concurrency, consumers, unique,
                                worker_id=worker_id)
         self._subs.append(sub)
+        self._routes.clear()
         self._watch(app)
         return sub
 

@@ -26,7 +26,7 @@ from cantata.broker.nats_local import LocalMessage, settle_done
 from cantata.broker.nats_names import digest
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
-from cantata.model.event import Event, is_claim, matches
+from cantata.model.event import Event, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import Settlement
@@ -351,14 +351,14 @@ class NatsSubscription:
         if not self.broker.local_hand_off:
             return []
         out: list[tuple[str, str]] = []
-        for sub in self.broker._subs:
-            # (_busy also counts the messages the pulls wait for: not a measure of work)
-            if (sub.app != self.app or sub.worker_id != self.worker_id or sub.stopping
-                    or len(sub._inflight) >= sub.concurrency):
-                continue
-            out += [(sub.group, e.id) for e in emitted
-                    if any(matches(p, e.type) for p in sub.patterns)]
-        return list(dict.fromkeys(out))
+        routes = self.broker.routes
+        for e in emitted:
+            for sub in routes(self.app, self.worker_id, e.type):
+                # (_busy also counts the messages the pulls wait for: not a measure of
+                # work here)
+                if not sub._stopping.is_set() and len(sub._inflight) < sub.concurrency:
+                    out.append((sub.group, e.id))
+        return out if len(out) < 2 else list(dict.fromkeys(out))
 
     def hand_off(self, event: Event[Any]) -> bool:
         """Handle ``event``, whose delivery to this group a settlement of this worker
@@ -521,5 +521,4 @@ class NatsSubscription:
         self._keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._keeper
-        with contextlib.suppress(ValueError):
-            self.broker._subs.remove(self)
+        self.broker.forget(self)
