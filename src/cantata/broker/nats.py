@@ -72,6 +72,7 @@ __all__ = [
 log = logging.getLogger("cantata.broker")
 
 _PUBLISH_WINDOW = 256  # publishes in flight at once (their acks awaited together)
+_PUBLISH_TIMEOUT = 5.0  # seconds for the server's acks of one window of publishes
 _WIRED_KEPT = 4096  # message bodies made by check_event, kept for publish
 
 
@@ -522,18 +523,30 @@ class NatsBroker:
         again: bool = False,
     ) -> None:
         # Pipelined: the messages leave in order on the one connection (so the stream
-        # keeps that order) and their acks are awaited together, not one round trip
-        # per event. If one fails, the caller publishes them all again; the server
-        # drops the ids it has already stored.
+        # keeps that order) and their acks come back to one reply subscription
+        # (publish_async: no request, timer and inbox per event), awaited together. If
+        # one fails, the caller publishes them all again; the server drops the ids it
+        # has already stored.
         js = self.js
         tail = f":again-{new_id()}" if again else ""
         for i in range(0, len(batch), _PUBLISH_WINDOW):
-            await asyncio.gather(*(
-                js.publish(names.event(event.type), payload, stream=stream,
-                           headers={"Nats-Msg-Id": event.id + tail,
-                                    "Content-Type": STRUCTURED_CONTENT_TYPE})
-                for event, payload in batch[i : i + _PUBLISH_WINDOW]
-            ))
+            acks: list[asyncio.Future[Any]] = []
+            try:
+                for event, payload in batch[i : i + _PUBLISH_WINDOW]:
+                    acks.append(await js.publish_async(
+                        names.event(event.type), payload, stream=stream,
+                        headers={"Nats-Msg-Id": event.id + tail,
+                                 "Content-Type": STRUCTURED_CONTENT_TYPE},
+                    ))
+                try:
+                    async with asyncio.timeout(_PUBLISH_TIMEOUT):
+                        await asyncio.gather(*acks)
+                except TimeoutError:
+                    raise nats.errors.TimeoutError from None
+            finally:
+                for ack in acks:  # (frees its place among the pending publishes)
+                    if not ack.done():
+                        ack.cancel()
 
     async def subscribe(
         self,
