@@ -74,6 +74,7 @@ log = logging.getLogger("cantata.broker")
 _PUBLISH_WINDOW = 256  # publishes in flight at once (their acks awaited together)
 _PUBLISH_TIMEOUT = 5.0  # seconds for the server's acks of one window of publishes
 _WIRED_KEPT = 4096  # message bodies made by check_event, kept for publish
+_NOT_HELD: Any = object()
 
 
 class _GiveUp(Exception):
@@ -162,6 +163,8 @@ class NatsBroker:
         self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
         # event id -> (the event, its message body), made by check_event for publish
         self._wired: dict[str, tuple[Event[Any], bytes]] = {}
+        # ids of events every delivery of which this worker held (see held_here)
+        self._local: dict[str, None] = {}
         self.check_interval = check_interval
         self._watches: dict[str, asyncio.Task[None]] = {}
 
@@ -300,7 +303,28 @@ class NatsBroker:
             raise
         if held:
             self.handed(sub, events, held)
+        self.note_local(events, counts, held)
         return counts
+
+    def note_local(self, events: Sequence[Event[Any]], addressed: Sequence[int],
+                   held: Sequence[tuple[str, str]]) -> None:
+        """Remember the events whose every delivery (``addressed[i]`` groups) this worker
+        holds: nobody else waits for their copies (see :meth:`held_here`)."""
+        per_event: dict[str, int] = {}
+        for _, event_id in held:
+            per_event[event_id] = per_event.get(event_id, 0) + 1
+        local = self._local
+        for event, n in zip(events, addressed, strict=False):
+            if n == per_event.get(event.id, 0):
+                local[event.id] = None
+        while len(local) > _WIRED_KEPT:
+            del local[next(iter(local))]
+
+    def held_here(self, event_id: str) -> bool:
+        """Whether every delivery of ``event_id`` was held by this worker as it was
+        stored (forgotten once asked): the outbox relay may publish it a moment later,
+        in a batch, off the hops that handle it here (choreography/relay.py)."""
+        return self._local.pop(event_id, _NOT_HELD) is None
 
     def routes(self, app: str, worker_id: str, event_type: str) -> list[NatsSubscription]:
         """This process's subscriptions of ``worker_id`` that ``event_type`` goes to."""

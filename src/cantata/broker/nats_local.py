@@ -123,6 +123,8 @@ async def settle_done(
         # only what the store did hold: an emitted event stored before (its id reused)
         # may have a delivery someone else has
         sub.broker.handed(sub, emitted, settlement.held)
+    if done and settlement.addressed and sub is not None:
+        sub.broker.note_local(emitted, settlement.addressed, settlement.held)
     return done
 
 

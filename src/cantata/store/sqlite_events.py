@@ -148,7 +148,7 @@ class SQLiteEvents(SQLiteCore):
                     (s.attempts, now, app, group, event_id),
                 )
                 if s.events:
-                    counts = self._append(c, app, s.events)
+                    counts = s.addressed = self._append(c, app, s.events)
                     if s.hold_for is not None:
                         s.held = _hold(c, app, s.events, counts, s.hold_for, s.hold, now)
                 audit_append(

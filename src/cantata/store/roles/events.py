@@ -43,6 +43,9 @@ class Settlement:
     hold: list[tuple[str, str]] = field(default_factory=list)
     held: list[tuple[str, str]] = field(default_factory=list)  # set by the store: of
     # ``hold``, the deliveries it did claim (a new one, pending, nobody's, no attempt)
+    addressed: list[int] = field(default_factory=list)  # set by the store (if it
+    # says): per event of ``events``, how many groups it was addressed to (0: stored
+    # before, or no group)
 
     def __post_init__(self) -> None:
         self.outcome = DeliveryOutcome(self.outcome)  # "done", "retry", "dead" or a member
