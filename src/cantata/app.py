@@ -463,7 +463,10 @@ class App(RouterFacade):
             if self.hooks:
                 event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
             self.engine.check_event(event)
-            counts = await self.store.append_events(self.name, [event])
+            # (through the broker: it may hand the event to this worker's handlers)
+            broker = self._broker
+            counts = await (self.store.append_events(self.name, [event]) if broker is None
+                            else broker.append(self.name, [event]))
         self._emitted([event])
         if counts and counts[0] == 0:
             await check_orphans(self.engine, [event])

@@ -55,28 +55,14 @@ def build_app(
 def spy_on_hand_off(app: App, markers: Path) -> None:
     """Drop a marker when the broker hands ``inventory.reserved`` off in this process."""
     broker: Any = app._broker
-    if hasattr(broker, "handed"):  # embedded: deliveries claimed by the settlement
-        handed = broker.handed
+    handed = broker.handed  # both brokers: the deliveries the settlement held
 
-        def embedded(by: Any, events: Any, held: Any, **kw: Any) -> None:
-            if any(g == "payment" for g, _ in held):
-                mark(markers / "handed-off", "embedded")
-            handed(by, events, held, **kw)
+    def spy(by: Any, events: Any, held: Any, **kw: Any) -> None:
+        if any(g == "payment" for g, _ in held):
+            mark(markers / "handed-off", "held")
+        handed(by, events, held, **kw)
 
-        broker.handed = embedded
-    else:  # NATS: the subscription takes the event at once
-        for sub in broker._subs:
-            if sub.group != "payment":
-                continue
-            hand = sub.hand_off
-
-            def nats(event: cantata.Event, hand: Any = hand) -> bool:
-                took = bool(hand(event))
-                if took:
-                    mark(markers / "handed-off", "nats")
-                return took
-
-            sub.hand_off = nats
+    broker.handed = spy
 
 
 async def main(store: str, broker: str, markers: Path) -> None:

@@ -2,7 +2,8 @@
 this process's handler of the next group, and nothing is given up for it: the effect
 stays exactly once (the broker's own copy is dropped), a failed hand-off waits for its
 retry delay, and a worker killed in the middle of one has the event delivered again.
-Embedded: always on; NATS: with ``?handoff=1`` (opt-in, see the last test)."""
+Embedded: always on; NATS: on unless ``?handoff=0`` (see the last test); several
+workers: tests/faults/test_handoff.py."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def backends(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     if request.param == "embedded":
         return store, "embedded"
     url = request.getfixturevalue("nats_url")
-    return store, f"{url}?prefix=h{uuid.uuid4().hex[:10]}&handoff=1"
+    return store, f"{url}?prefix=h{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
@@ -89,6 +90,41 @@ async def test_a_handed_off_event_is_handled_once_and_the_broker_copy_changes_no
     assert len(charged) == 1  # the broker's copy did not run the handler again
     assert [e.data["order_id"] for e in logged] == [1]
     [row] = [r for r in rows if r.group == "payment"]
+    assert (row.status, row.attempts) == (DELIVERY_DONE, 1)
+
+
+async def test_a_published_event_is_held_and_handed_off_to_its_first_group(
+    backends: tuple[str, str],
+) -> None:
+    store, broker = backends
+    app = make_app(store, broker=broker)
+    reserved: list[cantata.Event] = []
+    handed: list[tuple[str, str]] = []
+
+    @app.on("order.placed", group="inventory")
+    async def reserve(event: cantata.Event) -> None:
+        reserved.append(event)
+
+    async with app:
+        real = app._broker.handed  # type: ignore[union-attr]
+
+        def spy(by: Any, events: Any, held: Any, **kw: Any) -> None:
+            handed.extend(held)
+            real(by, events, held, **kw)
+
+        app._broker.handed = spy  # type: ignore[union-attr]
+        placed = await app.publish("order.placed", {"order_id": 5})
+        await eventually(lambda: reserved, what="the hand-off to reserve")
+        if broker != "embedded":
+            await eventually(
+                lambda: _broker_copy_acked(app, "inventory", "order.placed"),
+                what="NATS's own copy delivered and acked",
+            )
+        await asyncio.sleep(SETTLE)
+        [row] = await app.store.deliveries(app.name, placed.id)
+
+    assert handed == [("inventory", placed.id)], "the published event was not held"
+    assert len(reserved) == 1
     assert (row.status, row.attempts) == (DELIVERY_DONE, 1)
 
 
@@ -207,11 +243,13 @@ class LostAfterCommit:
 
 
 async def test_deliveries_held_by_a_settlement_that_seemed_to_fail_are_not_stranded(
-    tmp_path: Path, markers: Path
+    backends: tuple[str, str], markers: Path
 ) -> None:
-    store = LostAfterCommit(store_from_url(f"sqlite:///{tmp_path}/lost.db"))
+    url, broker = backends
+    store = LostAfterCommit(store_from_url(url))
     charged: list[cantata.Event] = []
-    app = cantata.App("shop", store=store, lease=30.0, poll_interval=0.05)  # type: ignore[arg-type]
+    app = cantata.App("shop", store=store, broker=broker,  # type: ignore[arg-type]
+                      lease=30.0, poll_interval=0.05)
     app.include(_router(charged))
     async with app:
         await app.publish("order.placed", {"order_id": 3})
@@ -239,11 +277,11 @@ def _router(charged: list[cantata.Event]) -> cantata.Router:
     return router
 
 
-def test_the_nats_hand_off_is_opt_in() -> None:
-    # Off by default: with several workers serving a group, NATS's copy can reach
-    # another worker while the hand-off's handler runs, and both would execute it.
-    assert broker_from_url("nats://127.0.0.1:4222").local_hand_off is False  # type: ignore[attr-defined]
-    on = broker_from_url("nats://127.0.0.1:4222?prefix=p&handoff=1")
-    assert on.local_hand_off is True  # type: ignore[attr-defined]
+def test_the_nats_hand_off_is_on_unless_turned_off() -> None:
+    # On by default: the settlement holds the deliveries it hands off for this worker,
+    # so NATS's copy reaching another worker waits (tests/faults/test_handoff.py).
+    assert broker_from_url("nats://127.0.0.1:4222").local_hand_off is True  # type: ignore[attr-defined]
+    off = broker_from_url("nats://127.0.0.1:4222?prefix=p&handoff=0")
+    assert off.local_hand_off is False  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="handoff must be 0 or 1"):
         broker_from_url("nats://127.0.0.1:4222?handoff=yes")

@@ -109,6 +109,61 @@ async def test_relay_is_woken_by_new_events_and_survives_an_outage(store: Store)
     assert await store.unpublished_events(APP, limit=10) == []
 
 
+class HoldingBroker(RecordingBroker):
+    """A recording broker whose worker held every delivery of the events in ``local``."""
+
+    def __init__(self, local: set[str]) -> None:
+        super().__init__()
+        self.local = local
+        self.times: dict[str, float] = {}
+
+    def held_here(self, event_id: str) -> bool:
+        return event_id in self.local
+
+    async def publish(self, app: str, evs: Sequence[Event[Any]]) -> None:
+        await super().publish(app, evs)
+        for e in evs:
+            self.times[e.id] = time.monotonic()
+
+
+async def test_offered_events_held_here_are_published_a_moment_later_in_a_batch(
+    store: Store,
+) -> None:
+    held, other = events(2)
+    broker = HoldingBroker({held.id})
+    relay = OutboxRelay(store, broker, APP, poll_interval=30,  # type: ignore[arg-type]
+                        offer_delay=0.2, read_delay=0.0)
+    await relay.start()
+    try:
+        await store.append_events(APP, [held, other])
+        offered = time.monotonic()
+        relay.offer([held, other])
+        # the other one at once (and the outbox read leaves the held one for later)
+        await eventually(lambda: other.id in broker.published, 5.0, "the other event")
+        assert held.id not in broker.published
+        await eventually(lambda: held.id in broker.published, 5.0, "the held event")
+        assert broker.times[held.id] - offered >= 0.15
+    finally:
+        await relay.stop()
+    assert broker.published.count(held.id) == 1
+    assert await store.unpublished_events(APP, limit=10) == []
+
+
+async def test_a_relay_stopped_before_the_delay_publishes_what_it_held_back(
+    store: Store,
+) -> None:
+    [held] = events(1)
+    broker = HoldingBroker({held.id})
+    relay = OutboxRelay(store, broker, APP, poll_interval=30,  # type: ignore[arg-type]
+                        offer_delay=30.0)
+    await relay.start()
+    await store.append_events(APP, [held])
+    relay.offer([held])
+    await relay.stop()
+    assert broker.published == [held.id]
+    assert await store.unpublished_events(APP, limit=10) == []
+
+
 async def test_relay_polls_for_events_of_other_processes(tmp_path: Any) -> None:
     url = f"sqlite:///{tmp_path / 'cantata.db'}"
     mine, theirs = store_from_url(url), store_from_url(url)

@@ -126,6 +126,12 @@ class Broker(Protocol):
                 published); the outbox relay dead-letters them with the reason.
         """
 
+    async def append(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Store events this process publishes (``store.append_events``, same result).
+        A broker that hands events off holds, in the same transaction, the deliveries
+        this process's subscribers take at once (``store.append_held``) and starts them
+        (docs/performance.md); it may just append."""
+
     async def subscribe(
         self,
         app: str,
@@ -149,8 +155,9 @@ class Broker(Protocol):
         """Hint that new events may be due (in-process notification); may do nothing."""
 
     def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
-        """Events this process has just committed: deliver each at once to this
-        process's subscriber of every group it matches, if the broker can (it may do
-        nothing). The broker's own delivery still follows, and is dropped once the
-        hand-off is settled; if this process dies first, it delivers the event again
-        (see docs/performance.md)."""
+        """Events this process has just committed (told after :meth:`append` and after
+        each settlement): a broker may deliver them at once to this process's
+        subscribers, but only deliveries its worker holds in the store (the embedded
+        and NATS brokers hand off what a settlement's ``Settlement.hold`` or
+        :meth:`append` held, as they commit, and do nothing here); the broker's own
+        delivery still follows (see docs/performance.md)."""

@@ -146,14 +146,13 @@ class _EmbeddedSubscription:
 
     def holds(self, emitted: Sequence[Event[Any]]) -> list[tuple[str, str]]:
         """(group, event id) of ``emitted`` that this worker's subscribers take at once."""
-        out = []
-        for sub in self.broker._subs:
-            if (sub.app != self.app or sub.worker_id != self.worker_id or sub.stopping
-                    or len(sub.inflight) >= sub.concurrency):
-                continue
-            out += [(sub.group, e.id) for e in emitted
-                    if any(matches(p, e.type) for p in sub.patterns)]
-        return list(dict.fromkeys(out))
+        out: list[tuple[str, str]] = []
+        routes = self.broker.routes
+        for e in emitted:
+            for sub in routes(self.app, self.worker_id, e.type):
+                if not sub.stopping and len(sub.inflight) < sub.concurrency:
+                    out.append((sub.group, e.id))
+        return out if len(out) < 2 else list(dict.fromkeys(out))
 
     def start(self, delivery: Delivery, *, unless_in_hand: bool = False) -> None:
         key = (self.app, self.group, delivery.event.id)
@@ -233,6 +232,8 @@ class EmbeddedBroker:
         self.may_take_over: Callable[[], bool] | None = None
         self._store: BrokerStore | None = None
         self._subs: list[_EmbeddedSubscription] = []
+        # (app, worker id, event type) -> the subscriptions it goes to (see routes)
+        self._routes: dict[tuple[str, str, str], list[_EmbeddedSubscription]] = {}
         self.in_hand: set[tuple[str, str, str]] = set()  # (app, group, event id) started
         self._recovering: set[asyncio.Future[None]] = set()
 
@@ -282,8 +283,41 @@ class EmbeddedBroker:
 
     def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
         """Nothing more to do: a handler's emitted events were handed off as they were
-        settled (:meth:`EmbeddedMessage.complete`), and the commit that stored any
-        other event woke the subscribers."""
+        settled (:meth:`EmbeddedMessage.complete`), published ones as they were
+        appended (:meth:`append`), and the commit that stored any other event woke the
+        subscribers."""
+
+    async def append(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Store events this process publishes; the deliveries this worker's
+        subscribers take are claimed for it in the same transaction and started at
+        once, as a handler's settlement does (:meth:`EmbeddedMessage.complete`)."""
+        sub = next((s for s in self._subs if s.app == app and not s.stopping), None)
+        hold = sub.holds(events) if sub is not None and events else []
+        if sub is None or not hold:
+            return await self.store.append_events(app, events)
+        try:
+            counts, held = await self.store.append_held(
+                app, events, hold_for=sub.worker_id, hold=hold
+            )
+        except BaseException as exc:
+            if not isinstance(exc, LeaseLost):  # it may have committed all the same
+                self.recover_holds(sub, events, hold)
+            raise
+        if held:
+            self.handed(sub, events, held)
+        return counts
+
+    def routes(self, app: str, worker_id: str, event_type: str) -> list[_EmbeddedSubscription]:
+        """The subscriptions of ``worker_id`` in this process that ``event_type`` goes
+        to (a subscription stays listed once stopped: callers check ``stopping``)."""
+        key = (app, worker_id, event_type)
+        subs = self._routes.get(key)
+        if subs is None:
+            subs = self._routes[key] = [
+                s for s in self._subs if s.app == app and s.worker_id == worker_id
+                and any(matches(p, event_type) for p in s.patterns)
+            ]
+        return subs
 
     def handed(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
                held: Sequence[tuple[str, str]], *, recovered: bool = False) -> None:
@@ -328,6 +362,7 @@ class EmbeddedBroker:
         for sub in list(self._subs):
             await sub.stop()
         self._subs.clear()
+        self._routes.clear()
 
     async def publish(
         self, app: str, events: Sequence[Event[Any]], *, again: bool = False
@@ -356,6 +391,7 @@ class EmbeddedBroker:
         sub = _EmbeddedSubscription(self, app, group, handler, worker_id, concurrency,
                                     patterns)
         self._subs.append(sub)
+        self._routes.clear()
         return sub
 
     async def redeliver(self, app: str, group: str, event: Event[Any]) -> None:

@@ -1,4 +1,4 @@
-"""Open a broker by URL: ``embedded`` (the default) or ``nats://host:4222[?prefix=NAME][&handoff=1]``."""
+"""Open a broker by URL: ``embedded`` (the default) or ``nats://host:4222[?prefix=NAME][&handoff=0]``."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def broker_from_url(url: str) -> Broker:
                 f"broker URL {mask_url(url)!r}: replicas must be a whole number"
             ) from None
         prefix = options.pop("prefix", "")
-        hand_off = options.pop("handoff", "0")
+        hand_off = options.pop("handoff", "1")
         if hand_off not in ("0", "1"):
             raise ConfigurationError(
                 f"broker URL {mask_url(url)!r}: handoff must be 0 or 1"
@@ -49,7 +49,7 @@ def broker_from_url(url: str) -> Broker:
         if options:
             raise ConfigurationError(
                 f"broker URL {mask_url(url)!r} has unknown option(s) {sorted(options)}: "
-                "only ?replicas=N, ?prefix=NAME and ?handoff=1 are understood"
+                "only ?replicas=N, ?prefix=NAME and ?handoff=0|1 are understood"
             )
         if not prefix and "prefix=" in query:
             raise ConfigurationError(

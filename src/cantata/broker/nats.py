@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from cantata.broker.base import BrokerStore, Handler
 from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscription
 from cantata.broker.nats_limits import DEFAULT_MAX_CONTROL_LINE, Limits, refusal
-from cantata.broker.nats_local import Handing
+from cantata.broker.nats_local import Handing, held_by
 from cantata.broker.nats_names import (
     REPLAY,
     Names,
@@ -51,7 +52,7 @@ from cantata.broker.nats_names import (
     token,
 )
 from cantata.broker.nats_streams import Streams
-from cantata.errors import BrokerError, EventsRefused, error_text
+from cantata.errors import BrokerError, EventsRefused, LeaseLost, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import (
     STRUCTURED_CONTENT_TYPE,
@@ -71,6 +72,9 @@ __all__ = [
 log = logging.getLogger("cantata.broker")
 
 _PUBLISH_WINDOW = 256  # publishes in flight at once (their acks awaited together)
+_PUBLISH_TIMEOUT = 5.0  # seconds for the server's acks of one window of publishes
+_WIRED_KEPT = 4096  # message bodies made by check_event, kept for publish
+_NOT_HELD: Any = object()
 
 
 class _GiveUp(Exception):
@@ -102,11 +106,10 @@ class NatsBroker:
         check_interval: seconds between checks that an app's stream is still the one
             its consumers were made on (a server that lost its data gets it re-made,
             and the events the store has pending published again).
-        hand_off: hand events this process commits to its own subscribers at once
-            (``?handoff=1``; see :meth:`hand_off`). Off by default: with several worker
-            processes serving a group, the broker's copy can reach another worker while
-            the hand-off's handler still runs, and both execute it (the effect stays
-            exactly once, but the handler runs twice) — docs/performance.md.
+        hand_off: hand the events a handler of this process emits to this process's
+            subscribers at once, held for this worker in the store by the handler's
+            settlement (see :mod:`cantata.broker.nats_local`); on by default,
+            ``?handoff=0`` turns it off (every event then goes through NATS).
     """
 
     relays_outbox = True
@@ -125,7 +128,7 @@ class NatsBroker:
         prefix: str = "",
         max_control_line: int = DEFAULT_MAX_CONTROL_LINE,
         check_interval: float = 5.0,
-        hand_off: bool = False,
+        hand_off: bool = True,
     ) -> None:
         self.url = url
         self.local_hand_off = hand_off
@@ -136,6 +139,10 @@ class NatsBroker:
         # (app, group, event id) -> when the retry of a failed hand-off is due
         self._deferred: dict[tuple[str, str, str], float] = {}
         self._offload: dict[str, int | None] = {}  # app -> claim check above this size
+        # the app's lease: a holder of a delivery silent for longer is presumed dead
+        self.lease = 10.0
+        self.may_take_over: Callable[[], bool] | None = None
+        self._recovering: set[asyncio.Task[None]] = set()
         self.masked_url = mask_url(url)
         self._ack_wait_given = ack_wait is not None
         self.ack_wait = 10.0 if ack_wait is None else ack_wait
@@ -152,6 +159,12 @@ class NatsBroker:
             replicas=self.replicas,
         )
         self._subs: list[NatsSubscription] = []
+        # (app, worker id, event type) -> this process's subscriptions it goes to
+        self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
+        # event id -> (the event, its message body), made by check_event for publish
+        self._wired: dict[str, tuple[Event[Any], bytes]] = {}
+        # ids of events every delivery of which this worker held (see held_here)
+        self._local: dict[str, None] = {}
         self.check_interval = check_interval
         self._watches: dict[str, asyncio.Task[None]] = {}
 
@@ -248,6 +261,7 @@ class NatsBroker:
     async def close(self) -> None:
         """Stop every subscription, then disconnect."""
         watches, self._watches = list(self._watches.values()), {}
+        watches += list(self._recovering)
         for task in watches:
             task.cancel()
         await asyncio.gather(*watches, return_exceptions=True)
@@ -255,6 +269,7 @@ class NatsBroker:
         if subs:
             await asyncio.gather(*(s.stop() for s in subs), return_exceptions=True)
         self._subs.clear()
+        self._routes.clear()
         nc, self._nc, self._js = self._nc, None, None  # before close(): no warning
         self._streams.clear()
         if nc is not None:
@@ -265,17 +280,99 @@ class NatsBroker:
         """Nothing to do: the server pushes new messages to waiting pulls."""
 
     def hand_off(self, app: str, events: Sequence[Event[Any]]) -> None:
-        """Hand events this process just committed to its own subscribers of the groups
-        they match at once; the relay's copies follow (see nats_local). Only when
-        made with ``hand_off=True``."""
-        if not self.local_hand_off:
-            return
-        for sub in self._subs:
-            if sub.app != app:
-                continue
-            for event in events:
-                if any(matches(p, event.type) for p in sub.patterns):
-                    sub.hand_off(event)
+        """Nothing more to do: a handler's emitted events were held for this worker and
+        handed off as they were settled (nats_local.settle_done); any other event goes
+        through NATS (handing it off without a hold would let another worker run it
+        at the same time)."""
+
+    async def append(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        """Store events this process publishes; the deliveries this worker's
+        subscribers take are held for it in the same transaction and handed to them at
+        once, as a handler's settlement does (nats_local.settle_done)."""
+        sub = next((s for s in self._subs if s.app == app and not s.stopping), None)
+        hold = sub.holds(events) if sub is not None and events else []
+        if sub is None or not hold:
+            return await self.store.append_events(app, events)
+        try:
+            counts, held = await self.store.append_held(
+                app, events, hold_for=sub.worker_id, hold=hold
+            )
+        except BaseException as exc:
+            if not isinstance(exc, LeaseLost):  # it may have committed all the same
+                self.recover_holds(sub, events, hold)
+            raise
+        if held:
+            self.handed(sub, events, held)
+        self.note_local(events, counts, held)
+        return counts
+
+    def note_local(self, events: Sequence[Event[Any]], addressed: Sequence[int],
+                   held: Sequence[tuple[str, str]]) -> None:
+        """Remember the events whose every delivery (``addressed[i]`` groups) this worker
+        holds: nobody else waits for their copies (see :meth:`held_here`)."""
+        per_event: dict[str, int] = {}
+        for _, event_id in held:
+            per_event[event_id] = per_event.get(event_id, 0) + 1
+        local = self._local
+        for event, n in zip(events, addressed, strict=False):
+            if n == per_event.get(event.id, 0):
+                local[event.id] = None
+        while len(local) > _WIRED_KEPT:
+            del local[next(iter(local))]
+
+    def held_here(self, event_id: str) -> bool:
+        """Whether every delivery of ``event_id`` was held by this worker as it was
+        stored (forgotten once asked): the outbox relay may publish it a moment later,
+        in a batch, off the hops that handle it here (choreography/relay.py)."""
+        return self._local.pop(event_id, _NOT_HELD) is None
+
+    def routes(self, app: str, worker_id: str, event_type: str) -> list[NatsSubscription]:
+        """This process's subscriptions of ``worker_id`` that ``event_type`` goes to."""
+        key = (app, worker_id, event_type)
+        subs = self._routes.get(key)
+        if subs is None:
+            subs = self._routes[key] = [
+                s for s in self._subs if s.app == app and s.worker_id == worker_id
+                and any(matches(p, event_type) for p in s.patterns)
+            ]
+        return subs
+
+    def forget(self, sub: NatsSubscription) -> None:
+        """``sub`` stopped."""
+        with contextlib.suppress(ValueError):
+            self._subs.remove(sub)
+        self._routes.clear()
+
+    def handed(self, by: NatsSubscription, events: Sequence[Event[Any]],
+               held: Sequence[tuple[str, str]]) -> None:
+        """Start the deliveries ``by``'s settlement held for its worker."""
+        by_id = {e.id: e for e in events}
+        for group, event_id in held:
+            sub = next((s for s in self._subs if s.app == by.app and s.group == group
+                        and s.worker_id == by.worker_id), None)
+            if sub is not None:  # (always: holds() chose it)
+                sub.hand_off(by_id[event_id])
+
+    def recover_holds(self, by: NatsSubscription, events: Sequence[Event[Any]],
+                      held: Sequence[tuple[str, str]]) -> None:
+        """A settlement that held deliveries for ``by``'s worker failed, or seemed to:
+        look in the store (until it answers) and start those it did hold."""
+        async def recover() -> None:
+            found = await held_by(self.store, by.app, held, 0.2, lambda: by.stopping)
+            if found:
+                self.handed(by, events, found)
+
+        task = asyncio.ensure_future(recover())
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
+
+    def stale_before(self) -> float:
+        """Holders whose heartbeat is older than this are presumed dead; none is while
+        this worker's own hold may have lapsed (docs/leases.md)."""
+        careful = self.may_take_over
+        if careful is not None and not careful():
+            return float("-inf")
+        return time.time() - self.lease
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:
@@ -357,6 +454,7 @@ class NatsBroker:
         """Take the app's lease as ``ack_wait`` unless this broker was given one, so a
         dead worker's messages are handled elsewhere after the same time as its runs
         (consumers made before keep theirs)."""
+        self.lease, self.may_take_over = lease, may_take_over
         if not self._ack_wait_given:
             self.ack_wait = max(1.0, lease)
 
@@ -381,7 +479,12 @@ class NatsBroker:
             InvalidEvent: the event type is too long for a subject.
             PayloadTooLarge: the message is over the server's max_payload.
         """
-        self.limits.check_event(self.names(app), event, self.wire(app, event))
+        payload = self.wire(app, event)
+        self.limits.check_event(self.names(app), event, payload)
+        # kept for publish (the same event object, once committed), the newest few
+        self._wired[event.id] = (event, payload)
+        if len(self._wired) > _WIRED_KEPT:
+            del self._wired[next(iter(self._wired))]
 
     def wire(self, app: str, event: Event[Any]) -> bytes:
         """The message body of ``event``: its CloudEvent, or a claim check when it is
@@ -409,8 +512,10 @@ class NatsBroker:
         names, limits = self.names(app), self.limits
         refused: dict[str, str] = {}
         sendable: list[tuple[Event[Any], bytes]] = []
+        wired = self._wired
         for event in events:
-            payload = self.wire(app, event)
+            made = wired.pop(event.id, None)
+            payload = made[1] if made is not None and made[0] is event else self.wire(app, event)
             try:
                 limits.check_event(names, event, payload)
             except Exception as exc:  # InvalidEvent, PayloadTooLarge
@@ -442,18 +547,30 @@ class NatsBroker:
         again: bool = False,
     ) -> None:
         # Pipelined: the messages leave in order on the one connection (so the stream
-        # keeps that order) and their acks are awaited together, not one round trip
-        # per event. If one fails, the caller publishes them all again; the server
-        # drops the ids it has already stored.
+        # keeps that order) and their acks come back to one reply subscription
+        # (publish_async: no request, timer and inbox per event), awaited together. If
+        # one fails, the caller publishes them all again; the server drops the ids it
+        # has already stored.
         js = self.js
         tail = f":again-{new_id()}" if again else ""
         for i in range(0, len(batch), _PUBLISH_WINDOW):
-            await asyncio.gather(*(
-                js.publish(names.event(event.type), payload, stream=stream,
-                           headers={"Nats-Msg-Id": event.id + tail,
-                                    "Content-Type": STRUCTURED_CONTENT_TYPE})
-                for event, payload in batch[i : i + _PUBLISH_WINDOW]
-            ))
+            acks: list[asyncio.Future[Any]] = []
+            try:
+                for event, payload in batch[i : i + _PUBLISH_WINDOW]:
+                    acks.append(await js.publish_async(
+                        names.event(event.type), payload, stream=stream,
+                        headers={"Nats-Msg-Id": event.id + tail,
+                                 "Content-Type": STRUCTURED_CONTENT_TYPE},
+                    ))
+                try:
+                    async with asyncio.timeout(_PUBLISH_TIMEOUT):
+                        await asyncio.gather(*acks)
+                except TimeoutError:
+                    raise nats.errors.TimeoutError from None
+            finally:
+                for ack in acks:  # (frees its place among the pending publishes)
+                    if not ack.done():
+                        ack.cancel()
 
     async def subscribe(
         self,
@@ -482,8 +599,10 @@ class NatsBroker:
             # Create everything now, so events published after subscribe() returns reach it.
             for durable, subject, _ in consumers:
                 await self._consumer(app, durable, subject)
-        sub = NatsSubscription(self, app, group, handler, concurrency, consumers, unique)
+        sub = NatsSubscription(self, app, group, handler, concurrency, consumers, unique,
+                               worker_id=worker_id)
         self._subs.append(sub)
+        self._routes.clear()
         self._watch(app)
         return sub
 

@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from cantata.broker.base import BrokerStore, Handler
-from cantata.broker.nats_local import LocalMessage
+from cantata.broker.nats_local import LocalMessage, settle_done
 from cantata.broker.nats_names import digest
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
@@ -30,6 +30,7 @@ from cantata.model.event import Event, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import Settlement
+from cantata.store.roles.events import DeliveryHold
 
 if TYPE_CHECKING:
     from cantata.broker.nats import NatsBroker
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cantata.broker")
 quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no tracebacks
 
+# a retry due sooner than this is run now rather than handed back (clock skew, timers)
+_EARLY = 0.1
 INVALID_TYPE = "cantata.broker.invalid-payload"  # type of the stand-in for a garbage payload
 _MAX_INVALID_TEXT = 64 * 1024
 
@@ -54,9 +57,11 @@ class NatsMessage:
     """One JetStream delivery of one event to one group."""
 
     def __init__(
-        self, msg: Msg, store: BrokerStore, app: str, group: str, attempt: int, where: str
+        self, msg: Msg, store: BrokerStore, app: str, group: str, attempt: int, where: str,
+        sub: NatsSubscription | None = None,
     ) -> None:
         self.group = group
+        self.sub = sub  # holds and hands off what the handler emits (nats_local)
         self.raw: bytes = msg.data
         self.attempt = attempt
         self.settled = False
@@ -87,9 +92,8 @@ class NatsMessage:
             # Kept, so that the id is taken: a later event with this id and other
             # content is refused (publish raises DuplicateEventId), not dropped.
             await self._store.append_external(self._app, [self.event])
-        done = await self._store.settle_delivery(
-            self._app, self.group, self.event.id,
-            Settlement(DeliveryOutcome.DONE, self.attempt, list(emitted)),
+        done = await settle_done(
+            self._store, self.sub, self._app, self.group, self.event.id, self.attempt, emitted
         )
         await self._ack("ack")
         return done
@@ -177,8 +181,11 @@ class NatsSubscription:
         concurrency: int,
         consumers: list[tuple[str, str, bool]],  # (durable, filter subject, is_replay)
         patterns: Sequence[str] = (),
+        *,
+        worker_id: str = "",
     ) -> None:
         self.broker = broker
+        self.worker_id = worker_id
         self.patterns = list(patterns)
         self.app = app
         self.names = broker.names(app)
@@ -195,7 +202,7 @@ class NatsSubscription:
         self._held: dict[int, Msg] = {}
         self._keeper = asyncio.create_task(self._keep_alive(), name=f"cantata-nats:{group}:wip")
         # event id -> callers waiting for the group's delivery state (see _delivery_state)
-        self._lookups: dict[str, list[asyncio.Future[tuple[str, int] | None]]] = {}
+        self._lookups: dict[str, list[asyncio.Future[DeliveryHold | None]]] = {}
         self._loops = [
             asyncio.create_task(self._pull(*c), name=f"cantata-nats:{group}:{c[0]}")
             for c in consumers
@@ -280,6 +287,7 @@ class NatsSubscription:
             msg = NatsMessage(
                 m, self.broker.store, self.app, self.group, meta.num_delivered,
                 f"{meta.stream}:{meta.sequence.stream}",
+                self if self.broker.local_hand_off else None,
             )
             if msg.event is not None and is_claim(msg.event):
                 await self._redeem(msg)
@@ -304,9 +312,9 @@ class NatsSubscription:
                 if self.broker._handling.settled_here(key):
                     await m.ack()  # its hand-off settled it: the store has it done
                     return
-                if not await self._addressed(msg, msg.event):
-                    if not msg.settled:  # (a refused duplicate was dead-lettered)
-                        await m.ack()
+                if not await self._addressed(msg, msg.event, m):
+                    if not msg.settled:  # (a refused duplicate was dead-lettered, a copy
+                        await m.ack()  # held elsewhere handed back)
                     return
             self._held[id(m)] = m
             try:
@@ -333,20 +341,36 @@ class NatsSubscription:
             self._busy -= 1
             self._capacity.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def holds(self, emitted: Sequence[Event[Any]]) -> list[tuple[str, str]]:
+        """(group, event id) of ``emitted`` that this worker's subscribers take at once
+        (held for this worker by the settlement that stores them)."""
+        if not self.broker.local_hand_off:
+            return []
+        out: list[tuple[str, str]] = []
+        routes = self.broker.routes
+        for e in emitted:
+            for sub in routes(self.app, self.worker_id, e.type):
+                # (_busy also counts the messages the pulls wait for: not a measure of
+                # work here)
+                if not sub._stopping.is_set() and len(sub._inflight) < sub.concurrency:
+                    out.append((sub.group, e.id))
+        return out if len(out) < 2 else list(dict.fromkeys(out))
+
     def hand_off(self, event: Event[Any]) -> bool:
-        """Handle ``event``, just committed by this process, here at once (nats_local);
-        ``False`` when it cannot (stopping, at capacity, or already in hand): the
-        broker's copy delivers it."""
-        # (_busy also counts the messages the pulls wait for: not a measure of work here)
-        if self._stopping.is_set() or len(self._inflight) >= self.concurrency:
-            return False
+        """Handle ``event``, whose delivery to this group a settlement of this worker
+        has just held for it, here at once (nats_local); ``False`` when it is in hand
+        already (a copy of it is being handled here: that one handles it)."""
         key = (self.app, self.group, event.id)
         fut = self.broker._handling.hand(key)
         if fut is None:
             return False
         self._busy += 1
         task = asyncio.create_task(self._handle_local(LocalMessage(
-            self.broker, self.app, self.group, event), key, fut))
+            self.broker, self.app, self.group, event, self), key, fut))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return True
@@ -394,9 +418,23 @@ class NatsSubscription:
                 with contextlib.suppress(Exception):  # settled meanwhile, or reconnecting
                     await m.in_progress()
 
-    async def _addressed(self, msg: NatsMessage, event: Event[Any]) -> bool:
-        """Whether the store addressed ``event`` to this group; sets ``msg.attempt``."""
+    async def _addressed(self, msg: NatsMessage, event: Event[Any], m: Msg) -> bool:
+        """Whether the store addressed ``event`` to this group and it is this worker's to
+        handle now; sets ``msg.attempt``. A delivery another live worker holds (a hand-off
+        in progress there) is waited for, kept alive, and then acked once settled; one
+        whose retry is not due yet is handed back to NATS until then (``msg.settled``)."""
         state = await self._delivery_state(event.id)
+        wait = 0.005
+        while (state is not None and state.status == DELIVERY_PENDING
+               and state.holder is not None and state.holder != self.worker_id):
+            if self._stopping.is_set():  # hand it back: the holder may still need it
+                msg.settled = True
+                await msg._ack("nak")
+                return False
+            self._held[id(m)] = m  # told "in progress" while it waits
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 0.5, self.broker.ack_wait / 4)
+            state = await self._delivery_state(event.id)
         if state is None:
             stored = await self.broker.store.get_event(self.app, event.id)
             if stored is None:  # not stored at all: it comes from outside
@@ -412,8 +450,7 @@ class NatsSubscription:
                 f"{event.data!r:.200}) was refused"
             )
             return False
-        status, attempts = state
-        if status != DELIVERY_PENDING:
+        if state.status != DELIVERY_PENDING:
             # handled or dead-lettered: a duplicate (say, a second pattern), or a message
             # that reuses the id with other content, refused (and said so)
             stored = await self.broker.store.get_event(self.app, event.id)
@@ -424,16 +461,26 @@ class NatsSubscription:
                     event.id, stored.type, stored.data, event.type, event.data,
                 )
             return False
+        due_in = state.next_at - time.time()
+        if (state.attempts > 0 and due_in > _EARLY and msg.attempt == 1
+                and (m.headers or {}).get("Nats-Msg-Id") == event.id):
+            # The relay's copy, first delivered, of an event whose hand-off (here or
+            # elsewhere) failed and is to be retried later: NATS keeps it until then.
+            # (Not a re-drive, published again on purpose, nor a copy NATS redelivers
+            # after a nak of its own.)
+            msg.settled = True
+            await msg._ack("nak", due_in)
+            return False
         # nats-server 2.9 sometimes redelivers a nak'ed message with a delivery count
         # of 1: the attempts the store recorded are the floor.
-        msg.attempt = max(msg.attempt, attempts + 1)
+        msg.attempt = max(msg.attempt, state.attempts + 1)
         return True
 
-    def _delivery_state(self, event_id: str) -> asyncio.Future[tuple[str, int] | None]:
+    def _delivery_state(self, event_id: str) -> asyncio.Future[DeliveryHold | None]:
         """This group's delivery of ``event_id`` in the store, looked up together with
         those of the other messages of the same fetch (one read for the batch)."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[str, int] | None] = loop.create_future()
+        fut: asyncio.Future[DeliveryHold | None] = loop.create_future()
         if not self._lookups:
             loop.call_soon(self._look_up)
         self._lookups.setdefault(event_id, []).append(fut)
@@ -446,10 +493,12 @@ class NatsSubscription:
         task.add_done_callback(self._inflight.discard)
 
     async def _look_up_now(
-        self, lookups: dict[str, list[asyncio.Future[tuple[str, int] | None]]]
+        self, lookups: dict[str, list[asyncio.Future[DeliveryHold | None]]]
     ) -> None:
         try:
-            states = await self.broker.store.delivery_states(self.app, self.group, list(lookups))
+            states = await self.broker.store.delivery_holds(
+                self.app, self.group, list(lookups), stale_before=self.broker.stale_before()
+            )
         except Exception as exc:
             for futs in lookups.values():
                 for f in futs:
@@ -472,5 +521,4 @@ class NatsSubscription:
         self._keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._keeper
-        with contextlib.suppress(ValueError):
-            self.broker._subs.remove(self)
+        self.broker.forget(self)

@@ -1,19 +1,20 @@
-"""The local hand-off of the NATS broker: an event this process just committed goes to
-this process's subscriber of each group it is addressed to at once, without waiting for
-the outbox relay, the JetStream round trip and the pull (docs/performance.md).
+"""The local hand-off of the NATS broker: an event a handler of this process emits goes
+at once to this process's subscriber of each group it is addressed to, without waiting
+for the outbox relay, the JetStream round trip and the pull (docs/performance.md).
 
 Nothing is given up for it (docs/guarantees.md):
 
-- the relay still publishes the event, so the broker's copy still comes: if this
-  process dies before the hand-off's handler commits, the copy (never acked) is
-  delivered again, here after a restart or to another worker: at-least-once;
-- the store's inbox keeps the effect exactly once: the hand-off settles the group's
-  delivery row like any delivery (``settle_delivery`` appends the handler's events only
-  if the row was not handled before), and the broker's copy, when it comes, finds the
-  row handled and is acked without running the handler;
-- a copy that arrives while the hand-off's handler runs waits for it (kept alive with
-  "in progress"), then is settled by what the store says; one whose hand-off failed and
-  was scheduled for a retry is handed back to NATS until the retry is due.
+- the handler's settlement holds those deliveries in the store for this worker, in the
+  transaction that stores the events (:attr:`Settlement.hold_for`, first attempt
+  counted), as the embedded broker does: only what the store did hold is handed off;
+- the relay still publishes the event, so the broker's copy still comes. A copy that
+  reaches another worker while the holder lives is not run there: it waits (kept alive
+  with "in progress") and is acked once the holder settled it, or handed back to NATS
+  until the retry the holder scheduled is due. If the holder dies, its heartbeat goes
+  stale and the copy is handled by whoever has it after the lease: at-least-once;
+- a copy that reaches this process while the hand-off's handler runs waits for it,
+  then is acked without a store read (or handed back until the retry is due);
+- the store's inbox keeps the effect exactly once: a delivery row is settled once.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from cantata.broker.base import BrokerStore
+from cantata.errors import LeaseLost
 from cantata.model.codec import new_id
 from cantata.model.event import Event
-from cantata.model.records import DeliveryOutcome
+from cantata.model.records import DELIVERY_PENDING, DeliveryOutcome
 from cantata.store.base import Settlement
 
 if TYPE_CHECKING:
     from cantata.broker.nats import NatsBroker
+    from cantata.broker.nats_consumer import NatsSubscription
 
 Key = tuple[str, str, str]  # (app, group, event id)
 
@@ -37,8 +41,12 @@ Key = tuple[str, str, str]  # (app, group, event id)
 class LocalMessage:
     """One delivery handed over in this process (the first attempt of the group)."""
 
-    def __init__(self, broker: NatsBroker, app: str, group: str, event: Event[Any]) -> None:
+    def __init__(
+        self, broker: NatsBroker, app: str, group: str, event: Event[Any],
+        sub: NatsSubscription | None = None,
+    ) -> None:
         self.group = group
+        self.sub = sub
         self.event: Event[Any] | None = event
         self.error: str | None = None
         self.attempt = 1
@@ -61,9 +69,9 @@ class LocalMessage:
 
     async def complete(self, emitted: Sequence[Event[Any]] = ()) -> bool:
         self.settled = True
-        done = await self._broker.store.settle_delivery(
-            self._app, self.group, self._event.id,
-            Settlement(DeliveryOutcome.DONE, self.attempt, list(emitted)),
+        done = await settle_done(
+            self._broker.store, self.sub, self._app, self.group, self._event.id,
+            self.attempt, emitted,
         )
         self._broker._handling.settled((self._app, self.group, self._event.id))
         return done
@@ -89,6 +97,58 @@ class LocalMessage:
     async def extend(self) -> None:
         """Nothing to keep alive: the broker's copy waiting for this one is kept alive by
         its subscription."""
+
+
+async def settle_done(
+    store: BrokerStore, sub: NatsSubscription | None, app: str, group: str, event_id: str,
+    attempt: int, emitted: Sequence[Event[Any]],
+) -> bool:
+    """Settle (group, event) done with what its handler emitted; the deliveries of the
+    emitted events that this worker's subscribers take are held for this worker in the
+    same transaction and handed to them at once (see the module's docstring)."""
+    hold = sub.holds(emitted) if sub is not None and emitted else []
+    settlement = Settlement(DeliveryOutcome.DONE, attempt, list(emitted),
+                            hold_for=sub.worker_id if sub is not None and hold else None,
+                            hold=hold)
+    try:
+        done = await store.settle_delivery(app, group, event_id, settlement)
+    except BaseException as exc:
+        # (LeaseLost: this worker is out, as after a crash: a takeover hands them on)
+        if sub is not None and hold and not isinstance(exc, LeaseLost):
+            # It may have committed all the same (a connection lost after COMMIT): what
+            # it held for this worker must not wait for this worker's death.
+            sub.broker.recover_holds(sub, emitted, hold)
+        raise
+    if done and settlement.held and sub is not None:
+        # only what the store did hold: an emitted event stored before (its id reused)
+        # may have a delivery someone else has
+        sub.broker.handed(sub, emitted, settlement.held)
+    if done and settlement.addressed and sub is not None:
+        sub.broker.note_local(emitted, settlement.addressed, settlement.held)
+    return done
+
+
+async def held_by(
+    store: BrokerStore, app: str, held: Sequence[tuple[str, str]], wait: float,
+    stopping: Any,
+) -> list[tuple[str, str]] | None:
+    """Of ``held``, the deliveries a settlement that seemed to fail did hold (pending,
+    their first attempt, under their first fence); looks until the store answers,
+    ``None`` once ``stopping()``."""
+    found: list[tuple[str, str]] = []
+    for event_id in dict.fromkeys(e for _, e in held):
+        while True:
+            try:
+                rows = await store.deliveries(app, event_id)
+                break
+            except Exception:
+                if stopping():  # the worker's end hands them over
+                    return None
+                await asyncio.sleep(wait)
+        found += [(r.group, event_id) for r in rows
+                  if (r.group, event_id) in held and r.status == DELIVERY_PENDING
+                  and r.attempts == 1 and r.fence == 1]
+    return found
 
 
 class Handing:

@@ -88,8 +88,11 @@ class OutboxRelay:
     them, so that marking costs no commit per hop: if the process dies before the
     mark, they are published again, and the broker drops the ids it has seen (and the
     inbox makes a later duplicate harmless). After a pass that published offered
-    events, the next outbox read waits up to ``read_delay`` seconds. When the broker
-    is unreachable it logs once and keeps trying.
+    events, the next outbox read waits up to ``read_delay`` seconds. An offered event
+    every delivery of which this worker holds (the broker's ``held_here``: handed off
+    here, nobody else waits for it) is published up to ``offer_delay`` seconds later, in
+    a batch, so that publishing stays off the hops that handle it here. When the
+    broker is unreachable it logs once and keeps trying.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class OutboxRelay:
         batch: int = 500,
         mark_delay: float = 0.05,
         read_delay: float = 0.005,
+        offer_delay: float = 0.005,
         on_relayed: Callable[[Sequence[Event[Any]]], None] | None = None,
     ) -> None:
         self.store = store
@@ -118,6 +122,9 @@ class OutboxRelay:
         self._listening = False
         self._failing = False
         self._fresh: list[Event[Any]] = []  # offered, not yet published
+        self.offer_delay = offer_delay
+        self._later: list[Event[Any]] = []  # offered and held here: published soon
+        self._later_since = 0.0
         self._unmarked: dict[str, None] = {}  # published, not yet marked (in order)
         self._unmarked_since = 0.0
         self.read_delay = read_delay
@@ -156,6 +163,7 @@ class OutboxRelay:
                         error_text(exc))
         finally:
             self._fresh.clear()
+            self._later.clear()
             self._unmarked.clear()
 
     async def _drain(self) -> None:
@@ -167,6 +175,21 @@ class OutboxRelay:
         loop the relay runs on)."""
         if self._task is None or not events:
             return
+        held_here = getattr(self.broker, "held_here", None)  # (NatsBroker)
+        if held_here is not None and self.offer_delay > 0:
+            now = [e for e in events if not held_here(e.id)]
+            if len(now) < len(events):
+                ids = {e.id for e in now}
+                if not self._later:
+                    self._later_since = time.monotonic()
+                    if self._loop is not None:
+                        self._loop.call_later(self.offer_delay, self.wake)
+                self._later.extend(e for e in events if e.id not in ids)
+                if len(self._later) >= self.batch:
+                    self.wake()
+            events = now
+            if not events:
+                return
         self._fresh.extend(events)
         self.wake()
 
@@ -192,6 +215,10 @@ class OutboxRelay:
     async def _pass(self) -> int:
         """Publish what was offered, then what the outbox holds besides; mark what is
         due. Returns how many events the outbox read gave."""
+        if self._later and (len(self._later) >= self.batch or
+                            time.monotonic() - self._later_since >= self.offer_delay):
+            self._fresh.extend(self._later)
+            self._later = []
         offered = bool(self._fresh)
         if offered:
             # Let handlers handed these events in this process start (and queue their
@@ -210,8 +237,16 @@ class OutboxRelay:
             return 0
         self._read_pending = False
         self._read_after = now + self.read_delay
-        skip = self._unmarked
-        events = await self.store.unpublished_events(self.app, limit=self.batch + len(skip))
+        skip: dict[str, None] | set[str] = self._unmarked
+        if self._later:  # (published soon: not now by this read)
+            skip = set(self._unmarked) | {e.id for e in self._later}
+        events = await self.store.unpublished_events(
+            self.app, limit=self.batch + len(skip) + len(self._fresh) + len(self._later)
+        )
+        if self._fresh or self._later:
+            # offered while the read ran (its commit's notification came first): they
+            # go out with the offered ones, not twice, and the held ones a moment later
+            skip = set(skip) | {e.id for e in self._fresh} | {e.id for e in self._later}
         events = [e for e in events if e.id not in skip][: self.batch]
         await self._publish(events)
         await self._mark()
@@ -256,6 +291,8 @@ class OutboxRelay:
             wait = min(wait, self._unmarked_since + self.mark_delay - now)
         if self._read_pending:
             wait = min(wait, self._read_after - now)
+        if self._later:
+            wait = min(wait, self._later_since + self.offer_delay - now)
         return max(0.0, wait)
 
     async def _run(self) -> None:

@@ -47,6 +47,7 @@ from cantata.store.common import check_task_outcome
 from cantata.store.postgres_console import PostgresConsole
 from cantata.store.postgres_events import PostgresEvents
 from cantata.store.postgres_flow import PostgresFlow
+from cantata.store.postgres_holds import PostgresHolds
 from cantata.store.postgres_operate import PostgresOperate
 from cantata.store.postgres_ops import (
     TASK_COLS,
@@ -60,6 +61,7 @@ from cantata.store.tx import T, TxBody
 class PostgresStore(
     PostgresRuns,
     PostgresEvents,
+    PostgresHolds,
     PostgresTrace,
     PostgresOperate,
     PostgresConsole,

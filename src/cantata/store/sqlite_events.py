@@ -23,6 +23,7 @@ from cantata.store.base import (
     EVENTS,
     Settlement,
 )
+from cantata.store.roles.events import DeliveryHold
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
@@ -39,6 +40,16 @@ class SQLiteEvents(SQLiteCore):
 
     async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
         return await self._t.write(lambda c: self._append(c, app, events), EVENTS)
+
+    async def append_held(
+        self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
+        hold: Sequence[tuple[str, str]],
+    ) -> tuple[list[int], list[tuple[str, str]]]:
+        def op(c: sqlite3.Connection) -> tuple[list[int], list[tuple[str, str]]]:
+            counts = self._append(c, app, events)
+            return counts, _hold(c, app, events, counts, hold_for, hold, time.time())
+
+        return await self._t.write(op, EVENTS)
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         row = await self._t.read(
@@ -137,12 +148,9 @@ class SQLiteEvents(SQLiteCore):
                     (s.attempts, now, app, group, event_id),
                 )
                 if s.events:
-                    self._append(c, app, s.events)
+                    counts = s.addressed = self._append(c, app, s.events)
                     if s.hold_for is not None:
-                        s.held = [
-                            (g, e) for g, e in s.hold
-                            if c.execute(HOLD_SQL, (s.hold_for, now, app, g, e)).rowcount == 1
-                        ]
+                        s.held = _hold(c, app, s.events, counts, s.hold_for, s.hold, now)
                 audit_append(
                     c,
                     app,
@@ -222,6 +230,27 @@ class SQLiteEvents(SQLiteCore):
                     (app, group, *chunk),
                 ):
                     out[event_id] = (status, attempts)
+            return out
+
+        return await self._t.read(op) if ids else {}
+
+    async def delivery_holds(
+        self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
+    ) -> dict[str, DeliveryHold]:
+        ids = list(dict.fromkeys(event_ids))
+
+        def op(c: sqlite3.Connection) -> dict[str, DeliveryHold]:
+            out: dict[str, DeliveryHold] = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                for event_id, status, attempts, next_at, holder in c.execute(
+                    "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
+                    "w.heartbeat_at >= ? THEN d.owner END FROM deliveries d LEFT JOIN workers w"
+                    " ON w.app=d.app AND w.worker_id=d.owner WHERE d.app=? AND d.grp=? "
+                    f"AND d.event_id IN ({','.join('?' * len(chunk))})",
+                    (stale_before, app, group, *chunk),
+                ):
+                    out[event_id] = DeliveryHold(status, attempts, next_at, holder)
             return out
 
         return await self._t.read(op) if ids else {}
@@ -313,3 +342,16 @@ class SQLiteEvents(SQLiteCore):
             return events
 
         return await self._t.write(write, EVENTS)
+
+
+def _hold(
+    c: sqlite3.Connection, app: str, events: Sequence[Event[Any]], counts: Sequence[int],
+    worker_id: str, hold: Sequence[tuple[str, str]], now: float,
+) -> list[tuple[str, str]]:
+    """Claim for ``worker_id`` the deliveries of ``hold`` that this transaction created:
+    only of events it stored (an id stored before may have a delivery a broker copy is
+    being handled with right now, which the store cannot see), still pending, nobody's,
+    no attempt."""
+    new = {e.id for e, n in zip(events, counts, strict=True) if n}
+    return [(g, e) for g, e in hold
+            if e in new and c.execute(HOLD_SQL, (worker_id, now, app, g, e)).rowcount == 1]

@@ -28,7 +28,7 @@ stores that can share their transaction with a service's tables have it.
 
 from cantata.store.roles.audit import AuditStore
 from cantata.store.roles.console import ConsoleStore
-from cantata.store.roles.events import EventStore, OutboxStore, Settlement
+from cantata.store.roles.events import DeliveryHold, EventStore, OutboxStore, Settlement
 from cantata.store.roles.flow import FlowStore
 from cantata.store.roles.lifecycle import (
     CANCEL,
@@ -56,6 +56,7 @@ __all__ = [
     "AuditStore",
     "ChangeListener",
     "ConsoleStore",
+    "DeliveryHold",
     "EventStore",
     "FlowStore",
     "OperateStore",

@@ -43,9 +43,29 @@ class Settlement:
     hold: list[tuple[str, str]] = field(default_factory=list)
     held: list[tuple[str, str]] = field(default_factory=list)  # set by the store: of
     # ``hold``, the deliveries it did claim (a new one, pending, nobody's, no attempt)
+    addressed: list[int] = field(default_factory=list)  # set by the store (if it
+    # says): per event of ``events``, how many groups it was addressed to (0: stored
+    # before, or no group)
 
     def __post_init__(self) -> None:
         self.outcome = DeliveryOutcome(self.outcome)  # "done", "retry", "dead" or a member
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryHold:
+    """One group's delivery of one event, as a broker that hands events off in process
+    needs it (:meth:`EventStore.delivery_holds`).
+
+    ``holder`` is the worker that holds the delivery (its owner, e.g. through
+    :attr:`Settlement.hold_for`) while that worker's heartbeat is recent enough;
+    ``None`` when nobody holds it or its holder is presumed dead (it may be taken over).
+    ``next_at``: when the delivery is due (a retry's time).
+    """
+
+    status: str
+    attempts: int
+    next_at: float
+    holder: str | None
 
 
 class EventStore(Protocol):
@@ -58,6 +78,16 @@ class EventStore(Protocol):
         group whose pattern matches its type. Returns, per event, how many groups
         it was addressed to (0 for an event already stored).
         """
+
+    async def append_held(
+        self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
+        hold: Sequence[tuple[str, str]],
+    ) -> tuple[list[int], list[tuple[str, str]]]:
+        """:meth:`append_events`, holding for worker ``hold_for`` the new deliveries
+        ``hold`` ((group, event id) pairs) as :attr:`Settlement.hold` does (claimed,
+        first attempt counted). Returns the counts and the pairs it did hold (a new
+        delivery, pending, nobody's, no attempt). A store may hold none (it then
+        returns an empty list): nothing is handed off, the broker delivers them."""
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         """One stored event."""
@@ -105,6 +135,15 @@ class EventStore(Protocol):
         """``event id -> (status, attempts)`` of ``group``'s deliveries of these events;
         an event not addressed to the group (or not stored) is absent. One read for
         many events: a broker checks a whole fetched batch at once."""
+
+    async def delivery_holds(
+        self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
+    ) -> dict[str, DeliveryHold]:
+        """``event id -> DeliveryHold`` of ``group``'s deliveries of these events (absent:
+        not addressed to the group, or not stored), in one read. A holder whose heartbeat
+        is older than ``stale_before`` is reported as none (``float("-inf")``: any holder
+        counts). The NATS broker looks here before it runs a copy of an event another
+        worker may hold (docs/performance.md)."""
 
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""

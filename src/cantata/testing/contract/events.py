@@ -114,6 +114,55 @@ class EventsContract(StoreFixtures):
         got = await store.delivery_states(self.app, "g", [e.id for e in many])
         assert len(got) == 600
 
+    async def test_delivery_holds_name_a_live_holder_only(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.*"), ("h", "order.placed"))
+        first, placed, paid = ev("order.placed"), ev("order.placed"), ev("order.paid")
+        await store.append_events(self.app, [first])
+        now = time.time()
+        await store.heartbeat(self.app, "w1", now, None)
+        held = Settlement("done", 1, [placed, paid], hold_for="w1",
+                          hold=[("g", placed.id), ("h", placed.id)])
+        assert await store.settle_delivery(self.app, "g", first.id, held)
+        assert sorted(held.held) == [("g", placed.id), ("h", placed.id)]
+        ids = [placed.id, paid.id, "never-stored"]
+        got = await store.delivery_holds(self.app, "g", ids, stale_before=now - 10)
+        assert set(got) == {placed.id, paid.id}
+        assert (got[placed.id].status, got[placed.id].attempts) == (DELIVERY_PENDING, 1)
+        assert got[placed.id].holder == "w1"
+        assert got[paid.id].holder is None and got[paid.id].attempts == 0
+        # a holder whose heartbeat is older than stale_before is presumed dead
+        stale = await store.delivery_holds(self.app, "g", ids, stale_before=now + 10)
+        assert stale[placed.id].holder is None
+        anyone = await store.delivery_holds(self.app, "g", ids, stale_before=float("-inf"))
+        assert anyone[placed.id].holder == "w1"
+        # settled by its holder: nobody holds it, and a retry says when it is due
+        assert await store.settle_delivery(
+            self.app, "h", placed.id, Settlement("retry", 1, error="E: x", retry_at=now + 50)
+        )
+        [h] = (await store.delivery_holds(self.app, "h", [placed.id],
+                                          stale_before=now - 10)).values()
+        assert (h.status, h.attempts, h.holder, h.next_at) == (DELIVERY_PENDING, 1, None,
+                                                                 now + 50)
+        assert await store.delivery_holds(self.app, "g", [], stale_before=0) == {}
+
+    async def test_append_held_holds_only_new_deliveries(self, store: Store) -> None:
+        await self.handlers(store, ("g", "order.*"), ("h", "order.placed"))
+        before, placed = ev("order.placed"), ev("order.placed")
+        await store.append_events(self.app, [before])
+        await store.heartbeat(self.app, "w1", time.time(), None)
+        hold = [("g", placed.id), ("g", before.id), ("x", placed.id)]
+        counts, held = await store.append_held(self.app, [before, placed], hold_for="w1",
+                                               hold=hold)
+        assert counts == [0, 2]
+        # a store may hold none; never one stored before, nor one not addressed
+        assert held in ([("g", placed.id)], [])
+        states = await store.delivery_states(self.app, "g", [placed.id, before.id])
+        assert states == {placed.id: (DELIVERY_PENDING, len(held)),
+                          before.id: (DELIVERY_PENDING, 0)}
+        [h] = (await store.delivery_holds(self.app, "g", [placed.id],
+                                          stale_before=float("-inf"))).values()
+        assert h.holder == ("w1" if held else None)
+
     async def test_claim_deliveries_due_only_counting_attempts(self, store: Store) -> None:
         await self.handlers(store, ("g", "order.placed"), ("h", "order.placed"))
         e = ev()

@@ -1,0 +1,43 @@
+"""The PostgreSQL store, who holds a delivery (:meth:`~cantata.store.roles.EventStore.
+delivery_holds`): what the NATS broker reads before it runs a copy of an event that
+another worker may hold (docs/performance.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cantata.model.event import Event
+from cantata.store import postgres_event_writes as event_writes
+from cantata.store.postgres_core import PostgresCore
+from cantata.store.roles.events import DeliveryHold
+
+
+class PostgresHolds(PostgresCore):
+    """:meth:`delivery_holds` and :meth:`append_held` of
+    :class:`~cantata.store.postgres.PostgresStore`."""
+
+    async def append_held(
+        self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
+        hold: Sequence[tuple[str, str]],
+    ) -> tuple[list[int], list[tuple[str, str]]]:
+        # Holds nothing (allowed by the protocol): the events go through the broker.
+        # Holding them needs the claim in the append's own transaction (as
+        # settle_delivery does for Settlement.hold), in postgres_event_writes.
+        if not events:
+            return [], []
+        return await self._w.run_many(event_writes.append_many, (app, events)), []
+
+    async def delivery_holds(
+        self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
+    ) -> dict[str, DeliveryHold]:
+        if not event_ids:
+            return {}
+        rows = await self._db.fetch(
+            "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
+            "w.heartbeat_at >= $4 THEN d.owner END FROM deliveries d LEFT JOIN workers w "
+            "ON w.app=d.app AND w.worker_id=d.owner WHERE d.app=$1 AND d.grp=$2 "
+            "AND d.event_id = ANY($3::text[])",
+            app, group, list(dict.fromkeys(event_ids)), stale_before,
+        )
+        return {r[0]: DeliveryHold(r[1], r[2], r[3], r[4]) for r in rows}
