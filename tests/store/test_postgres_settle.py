@@ -205,3 +205,23 @@ async def test_appends_go_with_settlements_and_count_their_groups(store: Postgre
     assert [d.group for d in await store.deliveries(app, emitted.id)] == ["g2"]
     assert await store.get_event(app, again.id) == again
     assert (await store.verify_audit(app)).ok
+
+
+async def test_a_hold_takes_only_deliveries_this_settlement_created(
+    store: PostgresStore,
+) -> None:
+    """An emitted event whose id was stored before keeps its delivery free: a broker
+    copy of it may be in a handler at another worker right now (both paths)."""
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    first, before, fresh = (Event("order.created", {"n": 1}), Event("pay.done", {"n": 2}),
+                            Event("pay.done", {"n": 3}))
+    assert await store.append_events(app, [first, before]) == [1, 1]
+    done = Settlement("done", 1, events=[before, fresh], hold_for="w1",
+                      hold=[("g2", before.id), ("g2", fresh.id)])
+    assert await store.settle_delivery(app, "g1", first.id, done)
+    assert done.held == [("g2", fresh.id)]
+    [d_before] = await store.deliveries(app, before.id)
+    [d_fresh] = await store.deliveries(app, fresh.id)
+    assert (d_before.attempts, d_before.fence) == (0, 0)
+    assert (d_fresh.attempts, d_fresh.fence) == (1, 1)

@@ -216,17 +216,25 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
                 group, event_id, owner, "dead", s.attempts, error=s.error,
                 dead_letter_id=dead_letter_id,
             ))
+    stored: set[str] = set()  # the ids this transaction stored
     for app, events in emitted.items():
         if events:
-            await append(c, b, app, events)
+            counts = await append(c, b, app, events)
+            stored.update(e.id for e, n in zip(events, counts, strict=True) if n)
     for s in holds:  # claimed in this transaction by the worker that hands them off
+        # only deliveries this transaction created: the delivery of an event stored
+        # before may be in hand at another worker through a broker copy
+        hold = [(g, e) for g, e in s.hold if e in stored]
+        if not hold:
+            s.held = []
+            continue
         app = next(call[0] for call in calls if call[3] is s)
         taken = await c.fetch(
             "UPDATE deliveries d SET owner=$1, fence=d.fence+1, attempts=1, updated_at=$2 "
             "FROM unnest($4::text[], $5::text[]) AS h(grp, event_id) WHERE d.app=$3 "
             "AND d.grp=h.grp AND d.event_id=h.event_id AND d.status='pending' "
             "AND d.owner IS NULL AND d.attempts=0 RETURNING d.grp, d.event_id",
-            s.hold_for, now, app, [g for g, _ in s.hold], [e for _, e in s.hold],
+            s.hold_for, now, app, [g for g, _ in hold], [e for _, e in hold],
         )
         s.held = [(r[0], r[1]) for r in taken]
     return out

@@ -145,6 +145,23 @@ class EventsContract(StoreFixtures):
                                                                  now + 50)
         assert await store.delivery_holds(self.app, "g", [], stale_before=0) == {}
 
+    async def test_a_settlements_hold_takes_only_deliveries_it_created(
+        self, store: Store
+    ) -> None:
+        """The delivery of an emitted event stored before stays free: a broker copy of
+        it may be in a handler at another worker (the store cannot see it)."""
+        await self.handlers(store, ("g", "order.*"), ("h", "order.paid"))
+        first, before, fresh = ev("order.placed"), ev("order.paid"), ev("order.paid")
+        await store.append_events(self.app, [first, before])
+        await store.heartbeat(self.app, "w1", time.time(), None)
+        held = Settlement("done", 1, [before, fresh], hold_for="w1",
+                          hold=[("h", before.id), ("h", fresh.id)])
+        assert await store.settle_delivery(self.app, "g", first.id, held)
+        assert held.held == [("h", fresh.id)]
+        assert await store.delivery_states(self.app, "h", [before.id, fresh.id]) == {
+            before.id: (DELIVERY_PENDING, 0), fresh.id: (DELIVERY_PENDING, 1),
+        }
+
     async def test_append_held_holds_only_new_deliveries(self, store: Store) -> None:
         await self.handlers(store, ("g", "order.*"), ("h", "order.placed"))
         before, placed = ev("order.placed"), ev("order.placed")
