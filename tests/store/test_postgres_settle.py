@@ -225,3 +225,32 @@ async def test_a_hold_takes_only_deliveries_this_settlement_created(
     [d_fresh] = await store.deliveries(app, fresh.id)
     assert (d_before.attempts, d_before.fence) == (0, 0)
     assert (d_fresh.attempts, d_fresh.fence) == (1, 1)
+
+
+async def test_an_append_holds_the_deliveries_it_created_in_one_round_trip(
+    store: PostgresStore,
+) -> None:
+    """app.publish's first hop (EventStore.append_held): the deliveries the append
+    created, for this worker's groups, claimed with it; never one of an event stored
+    before, nor one of a group the event does not go to (both paths)."""
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    await store.heartbeat(app, "w1", time.time(), None)
+    before, placed, paid = Event("order.a", 1), Event("order.b", 2), Event("pay.done", 3)
+    assert await store.append_events(app, [before]) == [1]
+    sent = statements(store)
+    hold = [("g1", before.id), ("g1", placed.id), ("g4", placed.id), ("g2", placed.id)]
+    (counts, held), (counts2, held2) = await asyncio.gather(
+        store.append_held(app, [before, placed], hold_for="w1", hold=hold),
+        store.append_held(app, [paid], hold_for="w2", hold=[("g2", paid.id)]),
+    )
+    if store._w._one is not None:
+        assert sent == ["SELECT * FROM cantata_settle($1,"]
+    assert counts == [0, 1] and held == [("g1", placed.id)]
+    assert counts2 == [1] and held2 == [("g2", paid.id)]
+    states = {(d.group, d.event.id): (d.attempts, d.fence)
+              for e in (before, placed, paid) for d in await store.deliveries(app, e.id)}
+    assert states == {
+        ("g1", before.id): (0, 0), ("g1", placed.id): (1, 1), ("g2", paid.id): (1, 1),
+    }
+    assert (await store.verify_audit(app)).ok

@@ -97,6 +97,40 @@ async def append_many(
     return out
 
 
+AppendHeld = tuple[str, Sequence[Event[Any]], str, Sequence[tuple[str, str]]]
+
+
+async def append_held_many(
+    c: Conn, b: Batch, calls: list[AppendHeld]
+) -> list[tuple[list[int], list[tuple[str, str]]] | Refused]:
+    """:meth:`PostgresStore.append_held` for many callers, in turn: each call's events
+    appended, then the deliveries of ``hold`` it created claimed for its worker."""
+    out: list[tuple[list[int], list[tuple[str, str]]] | Refused] = []
+    for app, events, hold_for, hold in calls:
+        counts = await append(c, b, app, events)
+        stored = {e.id for e, n in zip(events, counts, strict=True) if n}
+        mine = [(g, e) for g, e in hold if e in stored]
+        out.append((counts, await _take_holds(c, app, hold_for, mine, time.time())))
+    return out
+
+
+async def _take_holds(
+    c: Conn, app: str, worker_id: str, hold: Sequence[tuple[str, str]], now: float
+) -> list[tuple[str, str]]:
+    """Claim ``hold``'s deliveries for ``worker_id``: pending, nobody's, no attempt yet
+    (the caller passes only deliveries its transaction created)."""
+    if not hold:
+        return []
+    taken = await c.fetch(
+        "UPDATE deliveries d SET owner=$1, fence=d.fence+1, attempts=1, updated_at=$2 "
+        "FROM unnest($4::text[], $5::text[]) AS h(grp, event_id) WHERE d.app=$3 "
+        "AND d.grp=h.grp AND d.event_id=h.event_id AND d.status='pending' "
+        "AND d.owner IS NULL AND d.attempts=0 RETURNING d.grp, d.event_id",
+        worker_id, now, app, [g for g, _ in hold], [e for _, e in hold],
+    )
+    return [(r[0], r[1]) for r in taken]
+
+
 # $7 says which call a row answers.
 _CLAIM_DELIVERIES = (
     f"WITH pick AS MATERIALIZED ("
@@ -229,14 +263,8 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
             s.held = []
             continue
         app = next(call[0] for call in calls if call[3] is s)
-        taken = await c.fetch(
-            "UPDATE deliveries d SET owner=$1, fence=d.fence+1, attempts=1, updated_at=$2 "
-            "FROM unnest($4::text[], $5::text[]) AS h(grp, event_id) WHERE d.app=$3 "
-            "AND d.grp=h.grp AND d.event_id=h.event_id AND d.status='pending' "
-            "AND d.owner IS NULL AND d.attempts=0 RETURNING d.grp, d.event_id",
-            s.hold_for, now, app, [g for g, _ in hold], [e for _, e in hold],
-        )
-        s.held = [(r[0], r[1]) for r in taken]
+        assert s.hold_for is not None  # holds has only settlements with a worker
+        s.held = await _take_holds(c, app, s.hold_for, hold, now)
     return out
 
 
@@ -388,11 +416,14 @@ def _event_row(i: int, ev: Event[Any]) -> tuple[Any, ...]:
 async def statement(
     c: Conn, calls: Sequence[Settle], keys: Mapping[str, audit.AuditKey],
     claims: Sequence[Claim] = (), appends: Sequence[Append] = (),
-) -> tuple[list[bool], list[list[Delivery]], list[list[int]]]:
+    append_holds: Sequence[tuple[str, Sequence[tuple[str, str]]] | None] = (),
+) -> tuple[list[bool], list[list[Delivery]], list[list[int]], list[list[tuple[str, str]]]]:
     """:func:`settle_many` and the audit append of its transaction, then
     :func:`append_many` for ``appends`` and :func:`claim_deliveries_many` for
-    ``claims``, as one call of ``cantata_settle`` (migration 0014): one round trip, one
-    WAL flush. Their results, in their order.
+    ``claims``, as one call of ``cantata_settle`` (migrations 0014, 0015): one round
+    trip, one WAL flush. ``append_holds`` (if given, one per append: its worker and the
+    deliveries to hold for it, or ``None``) makes those appends :func:`append_held_many`.
+    Their results, in their order; the last, per append, the deliveries it held.
 
     Raises:
         NotHere: the batch must run as a transaction instead.
@@ -420,6 +451,9 @@ async def statement(
             hrows.extend((i, s.hold_for, g, e) for g, e in s.hold)
     for k, (_, events) in enumerate(appends):  # after the settlements' indexes
         erows.extend(_event_row(len(calls) + k, ev) for ev in events)
+        held_for = append_holds[k] if append_holds else None
+        if held_for is not None and held_for[1]:
+            hrows.extend((len(calls) + k, held_for[0], g, e) for g, e in held_for[1])
     cols = _columns(srows, 13)
     key_apps = sorted({call[0] for call in calls if call[0] in keys})
     rows = await c.fetch(
@@ -455,7 +489,8 @@ async def statement(
     counts: list[list[int]] = []
     for _, events in appends:  # an id given twice counts for its first caller
         counts.append([fanned.pop(ev.id, 0) for ev in events])
-    return [i in applied for i in range(len(calls))], claimed, counts
+    holds = [held.get(len(calls) + k, []) for k in range(len(appends))]
+    return [i in applied for i in range(len(calls))], claimed, counts, holds
 
 
 def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
@@ -486,14 +521,32 @@ async def write(
     """
     settles = [arg for many, arg in shares if many is settle_many]
     claims = [arg for many, arg in shares if many is claim_deliveries_many]
-    appends = [arg for many, arg in shares if many is append_many]
+    appends: list[Append] = []
+    append_holds: list[tuple[str, Sequence[tuple[str, str]]] | None] = []
+    for many, arg in shares:
+        if many is append_many:
+            appends.append(arg)
+            append_holds.append(None)
+        elif many is append_held_many:
+            appends.append((arg[0], arg[1]))
+            append_holds.append((arg[2], arg[3]))
     if settles or appends:
-        settled, claimed, counts = await statement(c, settles, keys, claims, appends)
+        settled, claimed, counts, holds = await statement(
+            c, settles, keys, claims, appends, append_holds
+        )
     else:
-        settled, claimed, counts = [], await claim_statement(c, claims), []
-    outs = {settle_many: iter(settled), claim_deliveries_many: iter(claimed),
-            append_many: iter(counts)}
-    return [next(outs[many]) for many, _ in shares]
+        settled, claimed, counts, holds = [], await claim_statement(c, claims), [], []
+    appended = iter(zip(counts, holds, strict=True))
+    outs: dict[Any, Any] = {settle_many: iter(settled), claim_deliveries_many: iter(claimed)}
+    out: list[Any] = []
+    for many, _ in shares:
+        if many is append_many:
+            out.append(next(appended)[0])
+        elif many is append_held_many:
+            out.append(next(appended))
+        else:
+            out.append(next(outs[many]))
+    return out
 
 
-_ONE = (settle_many, claim_deliveries_many, append_many)
+_ONE = (settle_many, claim_deliveries_many, append_many, append_held_many)

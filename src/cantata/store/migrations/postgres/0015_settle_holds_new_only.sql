@@ -1,8 +1,10 @@
 -- cantata_settle (migration 0014) holds only the deliveries its own transaction
 -- created, as SQLite does (cantata.store.sqlite_events._hold): the delivery of an
 -- emitted event whose id was stored before may be in hand at another worker through a
--- NATS copy the store cannot see, and holding it would run its handler twice. The
--- function is the same as 0014's but for the condition on the held row's xmin.
+-- NATS copy the store cannot see, and holding it would run its handler twice. And the
+-- deliveries of events appended in the batch (app.publish: EventStore.append_held) are
+-- held too (h_i past the settlements names an append). The function is the same as
+-- 0014's but for the held row's xmin and its app taken from all_app.
 
 CREATE OR REPLACE FUNCTION cantata_settle(
     -- the settlements, in the order given: outcome 'done', 'retry' or 'dead'
@@ -175,7 +177,7 @@ BEGIN
         RETURN QUERY
             UPDATE deliveries d SET owner = h_worker[x], fence = d.fence + 1, attempts = 1,
                 updated_at = s_now
-            WHERE d.app = s_app[h_i[x] + 1] AND d.grp = h_grp[x]
+            WHERE d.app = all_app[h_i[x] + 1] AND d.grp = h_grp[x]
                 AND d.event_id = h_event_id[x] AND d.status = 'pending' AND d.owner IS NULL
                 AND d.attempts = 0 AND d.xmin = this_xact
             RETURNING 'h'::text, h_i[x], d.grp, d.event_id, NULL::int4, NULL::float8,
