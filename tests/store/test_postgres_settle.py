@@ -82,6 +82,7 @@ async def test_settlements_store_outcomes_events_holds_and_audit(store: Postgres
     if store._w._one is not None:
         assert sent == ["SELECT * FROM cantata_settle($1,"]  # one round trip, no BEGIN
     assert sorted(done.held) == sorted([("g2", paid.id), ("t1", other.id)])
+    assert done.addressed == [1, 1, 1, 0]  # groups per emitted event (0: repeated)
 
     async def states(event: Event[Any]) -> list[tuple[str, str, int, int, str | None]]:
         return [
@@ -221,6 +222,7 @@ async def test_a_hold_takes_only_deliveries_this_settlement_created(
                       hold=[("g2", before.id), ("g2", fresh.id)])
     assert await store.settle_delivery(app, "g1", first.id, done)
     assert done.held == [("g2", fresh.id)]
+    assert done.addressed == [0, 1]  # stored before: addressed to nobody new
     [d_before] = await store.deliveries(app, before.id)
     [d_fresh] = await store.deliveries(app, fresh.id)
     assert (d_before.attempts, d_before.fence) == (0, 0)

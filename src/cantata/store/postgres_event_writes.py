@@ -216,6 +216,7 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
             rows.update((r[0], r) for r in await c.fetchmany(sql, pipelined))
     out: list[bool | Refused] = []
     emitted: dict[str, list[Event[Any]]] = {}
+    settled_done: dict[str, list[Settlement]] = {}  # whose events emitted has, in order
     holds: list[Settlement] = []  # with a hold: claimed after the append
     for i, (app, group, event_id, s) in enumerate(calls):
         row = rows.get(i)
@@ -234,6 +235,7 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
         b.notify(app, EVENTS)
         if s.outcome == "done":
             emitted.setdefault(app, []).extend(s.events)
+            settled_done.setdefault(app, []).append(s)
             if s.hold_for is not None and s.hold:
                 holds.append(s)
             b.audit(app, audit.delivery_entry(
@@ -255,6 +257,10 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
         if events:
             counts = await append(c, b, app, events)
             stored.update(e.id for e, n in zip(events, counts, strict=True) if n)
+            start = 0  # each settlement's share of the counts, in order
+            for s in settled_done[app]:
+                s.addressed = counts[start:start + len(s.events)]
+                start += len(s.events)
     for s in holds:  # claimed in this transaction by the worker that hands them off
         # only deliveries this transaction created: the delivery of an event stored
         # before may be in hand at another worker through a broker copy
@@ -484,8 +490,10 @@ async def statement(
         else:
             fanned[r[3]] = r[4]
     for i, (_, _, _, s) in enumerate(calls):
-        if i in applied and s.outcome == "done" and s.hold_for is not None and s.hold:
-            s.held = held.get(i, [])
+        if i in applied and s.outcome == "done":
+            s.addressed = [fanned.pop(ev.id, 0) for ev in s.events]
+            if s.hold_for is not None and s.hold:
+                s.held = held.get(i, [])
     counts: list[list[int]] = []
     for _, events in appends:  # an id given twice counts for its first caller
         counts.append([fanned.pop(ev.id, 0) for ev in events])

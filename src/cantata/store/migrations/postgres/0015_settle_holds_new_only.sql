@@ -3,8 +3,11 @@
 -- emitted event whose id was stored before may be in hand at another worker through a
 -- NATS copy the store cannot see, and holding it would run its handler twice. And the
 -- deliveries of events appended in the batch (app.publish: EventStore.append_held) are
--- held too (h_i past the settlements names an append). The function is the same as
--- 0014's but for the held row's xmin and its app taken from all_app.
+-- held too (h_i past the settlements names an append), and the number of groups each
+-- inserted event went to is returned for settlements too (Settlement.addressed: the
+-- relay publishes an event every delivery of which its worker holds a little later).
+-- The function is the same as 0014's but for the held row's xmin, its app taken from
+-- all_app and those counts.
 
 CREATE OR REPLACE FUNCTION cantata_settle(
     -- the settlements, in the order given: outcome 'done', 'retry' or 'dead'
@@ -162,7 +165,7 @@ BEGIN
                 (SELECT count(*) FROM fan WHERE fan.event_id = ins.id)::int4, NULL::float8,
                 NULL::text, NULL::int8, NULL::text, NULL::text, NULL::text, NULL::text,
                 NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text
-            FROM ins WHERE cardinality(p_app) > 0;  -- the counts appends return
+            FROM ins;  -- the counts appends and settlements return
             notices := notices || (ap || ':events');
         END LOOP;
     END IF;
