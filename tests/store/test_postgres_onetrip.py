@@ -21,15 +21,23 @@ from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
 KEY = audit.AuditKey("0123456789abcdef-onetrip-test")
-# The one statement's first words, its arrays sent as arrays or as one JSON document.
-ONE = ("SELECT out_kind", "SELECT w.out_kind")
+# The one statement's first words, by path: its arrays sent as arrays or as one JSON
+# document, or the lean functions' (a batch of one, migration 0017).
+FIRST = {
+    "arrays": ("SELECT out_kind",),
+    "json": ("SELECT w.out_kind",),
+    "lean": ("SELECT cantata_checkpoint_one", "SELECT cantata_create_one",
+             "SELECT c.created, k.applied"),
+}
+ONE = tuple(words for path in FIRST.values() for words in path)
 
 
-@pytest.fixture(autouse=True, params=["arrays", "json"])
+@pytest.fixture(autouse=True, params=["arrays", "json", "lean"])
 def encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test with the arrays as arrays and as JSON (migration 0013), whatever the
-    size of its batches."""
+    size of its batches, and with batches of one through the lean functions (0017)."""
     monkeypatch.setattr(postgres_onetrip, "JSON_FROM", 10**9 if request.param == "arrays" else 1)
+    monkeypatch.setattr(postgres_onetrip, "LEAN", request.param == "lean")
     return str(request.param)
 
 
@@ -139,7 +147,7 @@ async def test_values_arrive_exactly_as_written(url: str, encoding: str) -> None
             status=RunStatus.COMPLETED, result=odd, release=True,
         )
         await store.commit_run(app, run.run_id, 1, write)
-        assert sent and all(s.startswith(ONE[encoding == "json"]) for s in sent), sent
+        assert sent and all(s.startswith(FIRST[encoding]) for s in sent), sent
         got = await store.get_run(app, run.run_id)
         assert got is not None
         assert (got.args, got.result, got.created_at, got.deadline_at, got.owner) == (
@@ -157,7 +165,10 @@ async def test_what_json_cannot_carry_goes_as_arrays(url: str, encoding: str) ->
         sent = statements(store)
         run = new_run(app, owner="w", fence=1, deadline_at=float("inf"))
         await store.create_run(run)
-        assert sent == ["SELECT out_kind, out_i, out_owner,"], sent
+        # (the lean function's parameters are scalars: no JSON to fall back from)
+        words = "SELECT cantata_create_one($1, $2, $3," if encoding == "lean" else (
+            "SELECT out_kind, out_i, out_owner,")
+        assert sent == [words], sent
         got = await store.get_run(app, run.run_id)
         assert got is not None and got.deadline_at == float("inf")
 
