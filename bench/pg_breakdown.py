@@ -1,7 +1,7 @@
 """Where a PostgreSQL write transaction spends its time: one Cantata scenario, with
 every statement of the store's writer timed by kind.
 
-    python -m bench.pg_breakdown saga latency [--n 200] [--broker embedded|nats]
+    python -m bench.pg_breakdown saga latency [--n 200] [--broker embedded|nats] [--no-lean]
 
 Runs ``bench.cantata_scenario`` on PostgreSQL in this process, then prints, per kind of
 statement (its first words), the total time, the count and the mean, and the same for
@@ -15,7 +15,8 @@ phases are meant for the latency workload, one write at a time). See
 docs/performance.md. The last line gives the statements sent
 per transaction (each a round trip: ``fetchmany`` pipelines its rows) and the server
 CPU time of the writer's connections (read from ``/proc``: the server must run on this
-machine), which do not depend on how busy the machine is.
+machine), which do not depend on how busy the machine is. ``--no-lean`` sends a batch of
+one through ``cantata_write_runs`` as well, not the lean functions of migration 0017.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ _at: dict[str, float] = {}  # the latest of each moment (the latency workload: o
 _SERVER = "SELECT extract(epoch FROM clock_timestamp() - statement_timestamp())::float8, "
 
 
+def _with_server_time(sql: str) -> str:
+    """``sql`` as a subquery, its rows led by the server's time so far: the subquery
+    runs before the outer column is evaluated (a function call in the statement's own
+    columns, like the lean path's ``SELECT cantata_checkpoint_one(...)``, would run
+    after it)."""
+    return f"{_SERVER}q.* FROM ({sql} OFFSET 0) q"
+
+
 class _Timed:
     """A connection whose statements add their time to ``total`` by kind."""
 
@@ -56,7 +65,7 @@ class _Timed:
                 return await attr(*args, **kwargs)
             finally:
                 sql = args[0] if args and isinstance(args[0], str) else ""
-                sql = sql.replace(_SERVER, "SELECT ", 1)  # as the store sent it
+                sql = sql.removeprefix(_SERVER + "q.* FROM (")  # as the store sent it
                 kind = f"{name}: {' '.join(sql.split())[:40]}"
                 total[kind] += time.perf_counter() - started
                 count[kind] += 1
@@ -116,7 +125,7 @@ class _Phased:
             started = time.perf_counter()
             phases["python before the call"].append(started - _at["write"])
             try:
-                rows = await attr(sql.replace("SELECT ", _SERVER, 1), *args)
+                rows = await attr(_with_server_time(sql), *args)
             finally:
                 _at["fetched"] = time.perf_counter()
                 phases["the call (round trip)"].append(_at["fetched"] - started)
@@ -193,6 +202,9 @@ def report() -> str:
 
 
 def main() -> None:
+    if "--no-lean" in sys.argv:  # batches of one through cantata_write_runs too (A/B)
+        sys.argv.remove("--no-lean")
+        postgres_onetrip.LEAN = False
     _install()
     _install_phases()
     sys.argv = ["bench.cantata_scenario", *sys.argv[1:], "--store", "postgres"]

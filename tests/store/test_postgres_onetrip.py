@@ -284,3 +284,51 @@ def test_json_carries_only_what_it_carries_exactly() -> None:
         broken = list(arrays)
         broken[fields.index(name)] = bad
         assert postgres_onetrip._document(broken) is None, name
+
+
+async def test_a_saga_one_write_at_a_time_takes_the_lean_path(url: str, encoding: str) -> None:
+    """The latency case: each batch holds one write (migration 0017 when lean), a keyed
+    chain that verifies, the records of the transactional path, a stale fence refused
+    with nothing written, an excused attempt kept excused."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        store.set_audit_key(app, KEY)
+        sent = statements(store)
+        run = new_run(app, owner="w1", fence=1)
+        first = RunWrite(entries=[entry("reserve#1", 1, ENTRY_RUNNING)], status=RunStatus.RUNNING)
+        assert (await store.create_run(run, first))[1]
+        await store.commit_run(app, run.run_id, 1, step_done("reserve#1", 1))
+        with pytest.raises(LeaseLost):
+            await store.commit_run(app, run.run_id, 2, step_done("charge#1", 2))
+        await store.commit_run(app, run.run_id, 1, RunWrite(
+            attempts=[Attempt("charge#1", 1, 5.0, 6.0, error_type="Paused")]))
+        await store.commit_run(app, run.run_id, 1, RunWrite(
+            attempts=[Attempt("charge#1", 1, 5.0, 7.0, error_type="WorkerLost")]))
+        await store.commit_run(app, run.run_id, 1, step_done(
+            "ship#1", 3, status=RunStatus.COMPLETED, result="9", release=True))
+        if encoding == "lean":
+            assert [s.split("(")[0] for s in sent] == [
+                "SELECT c.created, k.applied FROM",
+                *["SELECT cantata_checkpoint_one"] * 5,
+            ], sent
+        # (a checkpoint of attempts alone records nothing, on every path)
+        assert await store.verify_audit(app, key=KEY) == AuditReport(True, 4)
+        records = await store.audit_records(app)
+        assert [(r.actor, r.action) for r in records] == [
+            ("system", "run.created"),
+            ("worker:w1", "run.status"),
+            ("worker:w1", "run.checkpoint"),
+            ("worker:w1", "run.status"),
+        ]
+        done = await store.get_run(app, run.run_id)
+        assert done is not None and done.status == RunStatus.COMPLETED and done.owner is None
+        assert [(e.key, e.status) for e in await store.load_history(app, run.run_id)] == [
+            ("reserve#1", ENTRY_COMPLETED), ("ship#1", ENTRY_COMPLETED)]
+        attempts = {(a.key, a.error_type) for a in await store.load_attempts(app, run.run_id)}
+        assert attempts == {("reserve#1", None), ("charge#1", "Paused"), ("ship#1", None)}
+        # a run whose idempotency key was taken: the first run back, nothing written
+        keyed = new_run(app, idempotency_key="k", args_hash="h")
+        assert (await store.create_run(keyed, first))[1]
+        again, new = await store.create_run(new_run(app, idempotency_key="k", args_hash="h"), first)
+        assert again.run_id == keyed.run_id and not new
+        assert await store.verify_audit(app, key=KEY) == AuditReport(True, 6)

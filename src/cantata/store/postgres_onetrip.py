@@ -226,7 +226,7 @@ def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
 def _checkpoint_args(
     now: float, call: writes.Checkpoint, keys: Mapping[str, audit.AuditKey]
 ) -> tuple[Any, ...]:
-    app, run_id, fence, w = call
+    app, run_id, _, w = call
     e = w.entries[0] if w.entries else None
     a = w.attempts[0] if w.attempts else None
     key = keys.get(app)
