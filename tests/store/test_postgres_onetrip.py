@@ -332,3 +332,28 @@ async def test_a_saga_one_write_at_a_time_takes_the_lean_path(url: str, encoding
         again, new = await store.create_run(new_run(app, idempotency_key="k", args_hash="h"), first)
         assert again.run_id == keyed.run_id and not new
         assert await store.verify_audit(app, key=KEY) == AuditReport(True, 6)
+
+
+async def test_a_checkpoint_of_several_entries_and_one_key_twice(url: str) -> None:
+    """A step's end with the next step's start (two entries), and one key twice in a
+    checkpoint (merged: the first write's kept columns, the last one's others), read
+    back as the transactional path writes them, on every path."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        run, _ = await store.create_run(new_run(app, owner="w", fence=1))
+        await store.commit_run(app, run.run_id, 1, RunWrite(
+            entries=[entry("a#1", 1, ENTRY_COMPLETED, result="1"),
+                     entry("b#1", 2, ENTRY_RUNNING)],
+            attempts=[Attempt("a#1", 1, 1.0, 2.0), Attempt("b#1", 1, 3.0, None)],
+        ))
+        await store.commit_run(app, run.run_id, 1, RunWrite(
+            entries=[entry("b#1", 2, ENTRY_RUNNING), entry("b#1", 9, ENTRY_COMPLETED, result="2")],
+            attempts=[Attempt("b#1", 1, 3.0, None), Attempt("b#1", 1, 5.0, 4.0)],
+        ))
+        history = await store.load_history(app, run.run_id)
+        assert [(e.key, e.seq, e.status, e.result) for e in history] == [
+            ("a#1", 1, ENTRY_COMPLETED, "1"), ("b#1", 2, ENTRY_COMPLETED, "2")]
+        attempts = await store.load_attempts(app, run.run_id)
+        assert sorted((a.key, a.started_at, a.ended_at) for a in attempts) == [
+            ("a#1", 1.0, 2.0), ("b#1", 3.0, 4.0)]
+        assert await store.verify_audit(app) == AuditReport(True, 3)

@@ -188,8 +188,6 @@ def _checkpointed(run_id: str, w: RunWrite, app: str) -> tuple[Any, ...]:
 
 # -- the lean path: one checkpoint, or one run creation with its first (migration 0017)
 
-_HISTORY_NONE = (None,) * 13
-_ATTEMPT_NONE = (None,) * 6
 _K = 39  # cantata_checkpoint_one's parameters
 _N = 30  # cantata_create_one's
 
@@ -209,34 +207,21 @@ _CREATE_AND_FIRST = (
 )
 
 
-def _lean_write(w: RunWrite | None) -> bool:
-    return w is None or (len(w.entries) <= 1 and len(w.attempts) <= 1)
-
-
 def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
     """Whether an :func:`eligible` batch takes the lean path: one share, a checkpoint or
-    a run creation (with its first checkpoint or none) of at most one history entry
-    and one attempt."""
-    if len(shares) != 1:
-        return False
-    many, arg = shares[0]
-    return _lean_write(arg[1] if many is writes.create_runs else arg[3])
+    a run creation (with its first checkpoint or none)."""
+    return len(shares) == 1
 
 
 def _checkpoint_args(
     now: float, call: writes.Checkpoint, keys: Mapping[str, audit.AuditKey]
 ) -> tuple[Any, ...]:
     app, run_id, _, w = call
-    e = w.entries[0] if w.entries else None
-    a = w.attempts[0] if w.attempts else None
     key = keys.get(app)
+    history = writes.merged(writes.history_rows([call]), 15, writes.HISTORY_KEPT, key=3)
+    attempts = writes.merged(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, key=4)
     return (
-        *writes.run_args(0, call)[:8], now,
-        *(_HISTORY_NONE if e is None else (
-            e.key, e.kind, e.name, e.status, e.seq, e.result, e.error, e.error_type,
-            e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)),
-        *(_ATTEMPT_NONE if a is None else (
-            a.key, a.attempt, a.started_at, a.ended_at, a.error_type, a.error)),
+        *writes.run_args(0, call)[:8], now, *history[2:], *attempts[2:],
         audit.canonical(now), *_checkpointed(run_id, w, app),
         None if key is None else key.inner, None if key is None else key.outer,
         audit.GENESIS_HASH,

@@ -1,9 +1,9 @@
 -- The lean path of cantata_write_runs (0011, 0013) for the latency case: a batch of
--- one checkpoint, or of one run creation with its first checkpoint, each with at most
--- one history entry and one attempt. The same rows, records and notices as the big
--- function, with scalar parameters: no arrays to decode, unnest, join and materialize
--- (about two thirds of the big function's time for one checkpoint). Each statement
--- finds its row by its key.
+-- one checkpoint, or of one run creation with its first checkpoint. The same rows,
+-- records and notices as the big function, with scalar parameters for the run and
+-- its record (its history entries and attempts, a few, as arrays): no calls to
+-- unnest, join and materialize (about two thirds of the big function's time for one
+-- checkpoint). Each statement finds its row by its key.
 
 -- One audit record appended to an app's chain: the head locked (created at the
 -- app's first record), the hash chained as cantata_write_runs does, the head moved.
@@ -38,17 +38,17 @@ END
 $fn$;
 
 -- One checkpoint of run (k_app, k_run_id) at fence k_fence: true if the fence held and
--- it was applied, false otherwise (nothing written). h_key NULL: no history entry;
--- a_key NULL: no attempt. The record's variants as in cantata_write_runs (k_time_json,
+-- it was applied, false otherwise (nothing written). Its history entries and attempts
+-- as arrays, one key once (merged as for cantata_write_runs). The record's variants as in cantata_write_runs (k_time_json,
 -- k_same_*, k_chg_*; rest NULL: no record); k_notice NULL: no NOTIFY.
 CREATE FUNCTION cantata_checkpoint_one(
     k_app text, k_run_id text, k_fence int8, k_status text, k_result text, k_error text,
     k_flagged bool, k_release bool, k_now float8,
-    h_key text, h_kind text, h_name text, h_status text, h_seq int4, h_result text,
-    h_error text, h_error_type text, h_attempts int4, h_started_at float8,
-    h_ended_at float8, h_wake_at float8, h_detail text,
-    a_key text, a_attempt int4, a_started_at float8, a_ended_at float8,
-    a_error_type text, a_error text,
+    h_key text[], h_kind text[], h_name text[], h_status text[], h_seq int4[],
+    h_result text[], h_error text[], h_error_type text[], h_attempts int4[],
+    h_started_at float8[], h_ended_at float8[], h_wake_at float8[], h_detail text[],
+    a_key text[], a_attempt int4[], a_started_at float8[], a_ended_at float8[],
+    a_error_type text[], a_error text[],
     k_time_json text, k_same_action text, k_same_data text, k_same_rest text,
     k_chg_action text, k_chg_data text, k_chg_rest text, k_notice text,
     kin bytea, kout bytea, genesis text
@@ -87,23 +87,23 @@ BEGIN
         flagged = coalesce(k_flagged, r.flagged),
         owner = CASE WHEN k_release THEN NULL ELSE r.owner END
         WHERE r.app = k_app AND r.run_id = k_run_id;
-    IF h_key IS NOT NULL THEN
+    IF cardinality(h_key) > 0 THEN
         INSERT INTO history (app, run_id, key, kind, name, status, seq, result, error,
                 error_type, attempts, started_at, ended_at, wake_at, detail)
-            VALUES (k_app, k_run_id, h_key, h_kind, h_name, h_status, h_seq, h_result,
-                h_error, h_error_type, h_attempts, h_started_at, h_ended_at, h_wake_at,
-                h_detail)
+            SELECT k_app, k_run_id, u.* FROM unnest(h_key, h_kind, h_name, h_status, h_seq,
+                h_result, h_error, h_error_type, h_attempts, h_started_at, h_ended_at,
+                h_wake_at, h_detail) AS u
             ON CONFLICT (app, run_id, key) DO UPDATE SET
             status=excluded.status, result=excluded.result, error=excluded.error,
             error_type=excluded.error_type, attempts=excluded.attempts,
             started_at=excluded.started_at, ended_at=excluded.ended_at,
             wake_at=excluded.wake_at, detail=excluded.detail;
     END IF;
-    IF a_key IS NOT NULL THEN
+    IF cardinality(a_key) > 0 THEN
         INSERT INTO attempts (app, run_id, key, attempt, started_at, ended_at,
                 error_type, error)
-            VALUES (k_app, k_run_id, a_key, a_attempt, a_started_at, a_ended_at,
-                a_error_type, a_error)
+            SELECT k_app, k_run_id, u.* FROM unnest(a_key, a_attempt, a_started_at,
+                a_ended_at, a_error_type, a_error) AS u
             ON CONFLICT (app, run_id, key, attempt) DO UPDATE SET
             ended_at=excluded.ended_at, error_type=excluded.error_type,
             error=excluded.error
