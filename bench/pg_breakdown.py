@@ -21,8 +21,8 @@ one through ``cantata_write_runs`` as well, not the lean functions of migration 
     python -m bench.pg_breakdown functions [--n 200]
 
 The server's time in the write functions alone, less dependent on the machine's load
-than a round trip: ``n`` checkpoints of a keyed app (one history entry, one attempt:
-a saga's step) written one after another on a fresh schema through
+than a round trip: ``n`` checkpoints of a keyed app (a step's end and the next one's
+start, one attempt: a saga's checkpoint) written one after another on a fresh schema through
 ``cantata_write_runs`` and ``n`` through the lean ``cantata_checkpoint_one``
 (interleaved): each statement's server time (as above), and each function's from
 ``pg_stat_user_functions`` (``track_functions = 'pl'`` for that connection).
@@ -231,7 +231,13 @@ async def _functions(n: int) -> None:
 
     from bench.common import PG_URL
     from cantata.model.codec import new_id
-    from cantata.model.records import ENTRY_COMPLETED, Attempt, HistoryEntry, RunWrite
+    from cantata.model.records import (
+        ENTRY_COMPLETED,
+        ENTRY_RUNNING,
+        Attempt,
+        HistoryEntry,
+        RunWrite,
+    )
     from cantata.model.status import RunStatus
     from cantata.store import audit
     from cantata.store.postgres import PostgresStore
@@ -252,7 +258,8 @@ async def _functions(n: int) -> None:
         await conn.execute("SET track_functions = 'pl'")
         for i, run in enumerate(runs):
             w = RunWrite(
-                entries=[HistoryEntry("a#1", "step", "a", ENTRY_COMPLETED, 1, result="1")],
+                entries=[HistoryEntry("a#1", "step", "a", ENTRY_COMPLETED, 1, result="1"),
+                         HistoryEntry("b#1", "step", "b", ENTRY_RUNNING, 2)],
                 attempts=[Attempt("a#1", 1, 1.0, 2.0)],
             )
             postgres_onetrip.LEAN = i % 2 == 1
