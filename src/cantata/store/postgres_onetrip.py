@@ -14,6 +14,11 @@ text, with both variants of a checkpoint's record (its status changed or not,
 decided in SQL from the row as locked). Checkpoints that append events or create
 tasks or wake a parked run, or two checkpoints of one run, take the transactional
 path.
+
+A batch of ONE write (the latency case: a run waiting on its own checkpoint) calls
+the lean functions of migration 0017 instead, with scalar parameters
+(``cantata_checkpoint_one``, ``cantata_create_one``): the same rows, records and
+notices, without the batch's arrays to unnest, join and materialize on the server.
 """
 
 from __future__ import annotations
