@@ -1,7 +1,7 @@
 """Where a PostgreSQL write transaction spends its time: one Cantata scenario, with
 every statement of the store's writer timed by kind.
 
-    python -m bench.pg_breakdown saga latency [--n 200] [--broker embedded|nats]
+    python -m bench.pg_breakdown saga latency [--n 200] [--broker embedded|nats] [--no-lean]
 
 Runs ``bench.cantata_scenario`` on PostgreSQL in this process, then prints, per kind of
 statement (its first words), the total time, the count and the mean, and the same for
@@ -15,11 +15,22 @@ phases are meant for the latency workload, one write at a time). See
 docs/performance.md. The last line gives the statements sent
 per transaction (each a round trip: ``fetchmany`` pipelines its rows) and the server
 CPU time of the writer's connections (read from ``/proc``: the server must run on this
-machine), which do not depend on how busy the machine is.
+machine), which do not depend on how busy the machine is. ``--no-lean`` sends a batch of
+one through ``cantata_write_runs`` as well, not the lean functions of migration 0017.
+
+    python -m bench.pg_breakdown functions [--n 200]
+
+The server's time in the write functions alone, less dependent on the machine's load
+than a round trip: ``n`` checkpoints of a keyed app (a step's end and the next one's
+start, one attempt: a saga's checkpoint) written one after another on a fresh schema through
+``cantata_write_runs`` and ``n`` through the lean ``cantata_checkpoint_one``
+(interleaved): each statement's server time (as above), and each function's from
+``pg_stat_user_functions`` (``track_functions = 'pl'`` for that connection).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import os
@@ -39,6 +50,14 @@ _at: dict[str, float] = {}  # the latest of each moment (the latency workload: o
 _SERVER = "SELECT extract(epoch FROM clock_timestamp() - statement_timestamp())::float8, "
 
 
+def _with_server_time(sql: str) -> str:
+    """``sql`` as a subquery, its rows led by the server's time so far: the subquery
+    runs before the outer column is evaluated (a function call in the statement's own
+    columns, like the lean path's ``SELECT cantata_checkpoint_one(...)``, would run
+    after it)."""
+    return f"{_SERVER}q.* FROM ({sql} OFFSET 0) q"
+
+
 class _Timed:
     """A connection whose statements add their time to ``total`` by kind."""
 
@@ -56,7 +75,7 @@ class _Timed:
                 return await attr(*args, **kwargs)
             finally:
                 sql = args[0] if args and isinstance(args[0], str) else ""
-                sql = sql.replace(_SERVER, "SELECT ", 1)  # as the store sent it
+                sql = sql.removeprefix(_SERVER + "q.* FROM (")  # as the store sent it
                 kind = f"{name}: {' '.join(sql.split())[:40]}"
                 total[kind] += time.perf_counter() - started
                 count[kind] += 1
@@ -116,7 +135,7 @@ class _Phased:
             started = time.perf_counter()
             phases["python before the call"].append(started - _at["write"])
             try:
-                rows = await attr(sql.replace("SELECT ", _SERVER, 1), *args)
+                rows = await attr(_with_server_time(sql), *args)
             finally:
                 _at["fetched"] = time.perf_counter()
                 phases["the call (round trip)"].append(_at["fetched"] - started)
@@ -192,7 +211,91 @@ def report() -> str:
     return "\n".join(lines)
 
 
+_statement: tuple[list[float], list[float]] = ([], [])  # the big path's, the lean path's
+
+
+class _Statement:
+    """A connection whose ``fetch`` records the server's time of the statement."""
+
+    def __init__(self, conn: Any, lean: int) -> None:
+        self._conn, self._lean = conn, lean
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        rows = await self._conn.fetch(_with_server_time(sql), *args)
+        _statement[self._lean].append(rows[0][0])
+        return [tuple(r)[1:] for r in rows]
+
+
+async def _functions(n: int) -> None:
+    import asyncpg
+
+    from bench.common import PG_URL
+    from cantata.model.codec import new_id
+    from cantata.model.records import (
+        ENTRY_COMPLETED,
+        ENTRY_RUNNING,
+        Attempt,
+        HistoryEntry,
+        RunWrite,
+    )
+    from cantata.model.status import RunStatus
+    from cantata.store import audit
+    from cantata.store.postgres import PostgresStore
+    from cantata.store.postgres_writes import commit_runs
+    from cantata.testing.contract.support import new_run
+
+    schema, app = f"bench_fn_{new_id()[-10:]}", "bench_fn"
+    keys = {app: audit.AuditKey("0123456789abcdef-pg-breakdown")}
+    store = PostgresStore(f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}")
+    await store.open()
+    conn = None
+    try:
+        runs = [new_run(app, owner="w1", fence=1, status=RunStatus.RUNNING)
+                for _ in range(2 * n)]
+        for run in runs:
+            await store.create_run(run)
+        conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+        await conn.execute("SET track_functions = 'pl'")
+        for i, run in enumerate(runs):
+            w = RunWrite(
+                entries=[HistoryEntry("a#1", "step", "a", ENTRY_COMPLETED, 1, result="1"),
+                         HistoryEntry("b#1", "step", "b", ENTRY_RUNNING, 2)],
+                attempts=[Attempt("a#1", 1, 1.0, 2.0)],
+            )
+            postgres_onetrip.LEAN = i % 2 == 1
+            share = (commit_runs, (app, run.run_id, 1, w))
+            (done,) = await postgres_onetrip.write(_Statement(conn, i % 2), [share], keys)
+            assert done is None
+        await conn.close()
+        conn = await asyncpg.connect(PG_URL)
+        await asyncio.sleep(1.5)  # the closed backend's statistics reach the collector
+        rows = await conn.fetch(
+            "SELECT funcname, calls, total_time, self_time FROM pg_stat_user_functions "
+            "WHERE schemaname = $1 ORDER BY funcname", schema)
+        for lean in (0, 1):
+            ordered = sorted(_statement[lean])
+            print(f"{'lean' if lean else 'cantata_write_runs'}: the statement's server time "
+                  f"p50 {1e3 * ordered[len(ordered) // 2]:.3f} ms, mean "
+                  f"{1e3 * sum(ordered) / len(ordered):.3f} ms")
+        print(f"{'calls':>6} {'ms/call':>8} {'self ms':>8}  function (server time)")
+        for r in rows:
+            print(f"{r['calls']:6d} {r['total_time'] / r['calls']:8.3f} "
+                  f"{r['self_time'] / r['calls']:8.3f}  {r['funcname']}")
+    finally:
+        if conn is not None:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+        await store.close()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["functions"]:
+        n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
+        asyncio.run(_functions(n))
+        return
+    if "--no-lean" in sys.argv:  # batches of one through cantata_write_runs too (A/B)
+        sys.argv.remove("--no-lean")
+        postgres_onetrip.LEAN = False
     _install()
     _install_phases()
     sys.argv = ["bench.cantata_scenario", *sys.argv[1:], "--store", "postgres"]

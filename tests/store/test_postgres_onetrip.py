@@ -21,15 +21,23 @@ from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
 KEY = audit.AuditKey("0123456789abcdef-onetrip-test")
-# The one statement's first words, its arrays sent as arrays or as one JSON document.
-ONE = ("SELECT out_kind", "SELECT w.out_kind")
+# The one statement's first words, by path: its arrays sent as arrays or as one JSON
+# document, or the lean functions' (a batch of one, migration 0017).
+FIRST = {
+    "arrays": ("SELECT out_kind",),
+    "json": ("SELECT w.out_kind",),
+    "lean": ("SELECT cantata_checkpoint_one", "SELECT cantata_create_one",
+             "SELECT c.created, k.applied"),
+}
+ONE = tuple(words for path in FIRST.values() for words in path)
 
 
-@pytest.fixture(autouse=True, params=["arrays", "json"])
+@pytest.fixture(autouse=True, params=["arrays", "json", "lean"])
 def encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test with the arrays as arrays and as JSON (migration 0013), whatever the
-    size of its batches."""
+    size of its batches, and with batches of one through the lean functions (0017)."""
     monkeypatch.setattr(postgres_onetrip, "JSON_FROM", 10**9 if request.param == "arrays" else 1)
+    monkeypatch.setattr(postgres_onetrip, "LEAN", request.param == "lean")
     return str(request.param)
 
 
@@ -139,7 +147,7 @@ async def test_values_arrive_exactly_as_written(url: str, encoding: str) -> None
             status=RunStatus.COMPLETED, result=odd, release=True,
         )
         await store.commit_run(app, run.run_id, 1, write)
-        assert sent and all(s.startswith(ONE[encoding == "json"]) for s in sent), sent
+        assert sent and all(s.startswith(FIRST[encoding]) for s in sent), sent
         got = await store.get_run(app, run.run_id)
         assert got is not None
         assert (got.args, got.result, got.created_at, got.deadline_at, got.owner) == (
@@ -157,7 +165,10 @@ async def test_what_json_cannot_carry_goes_as_arrays(url: str, encoding: str) ->
         sent = statements(store)
         run = new_run(app, owner="w", fence=1, deadline_at=float("inf"))
         await store.create_run(run)
-        assert sent == ["SELECT out_kind, out_i, out_owner,"], sent
+        # (the lean function's parameters are scalars: no JSON to fall back from)
+        words = "SELECT cantata_create_one($1, $2, $3," if encoding == "lean" else (
+            "SELECT out_kind, out_i, out_owner,")
+        assert sent == [words], sent
         got = await store.get_run(app, run.run_id)
         assert got is not None and got.deadline_at == float("inf")
 
@@ -273,3 +284,76 @@ def test_json_carries_only_what_it_carries_exactly() -> None:
         broken = list(arrays)
         broken[fields.index(name)] = bad
         assert postgres_onetrip._document(broken) is None, name
+
+
+async def test_a_saga_one_write_at_a_time_takes_the_lean_path(url: str, encoding: str) -> None:
+    """The latency case: each batch holds one write (migration 0017 when lean), a keyed
+    chain that verifies, the records of the transactional path, a stale fence refused
+    with nothing written, an excused attempt kept excused."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        store.set_audit_key(app, KEY)
+        sent = statements(store)
+        run = new_run(app, owner="w1", fence=1)
+        first = RunWrite(entries=[entry("reserve#1", 1, ENTRY_RUNNING)], status=RunStatus.RUNNING)
+        assert (await store.create_run(run, first))[1]
+        await store.commit_run(app, run.run_id, 1, step_done("reserve#1", 1))
+        with pytest.raises(LeaseLost):
+            await store.commit_run(app, run.run_id, 2, step_done("charge#1", 2))
+        await store.commit_run(app, run.run_id, 1, RunWrite(
+            attempts=[Attempt("charge#1", 1, 5.0, 6.0, error_type="Paused")]))
+        await store.commit_run(app, run.run_id, 1, RunWrite(
+            attempts=[Attempt("charge#1", 1, 5.0, 7.0, error_type="WorkerLost")]))
+        await store.commit_run(app, run.run_id, 1, step_done(
+            "ship#1", 3, status=RunStatus.COMPLETED, result="9", release=True))
+        if encoding == "lean":
+            assert [s.split("(")[0] for s in sent] == [
+                "SELECT c.created, k.applied FROM",
+                *["SELECT cantata_checkpoint_one"] * 5,
+            ], sent
+        # (a checkpoint of attempts alone records nothing, on every path)
+        assert await store.verify_audit(app, key=KEY) == AuditReport(True, 4)
+        records = await store.audit_records(app)
+        assert [(r.actor, r.action) for r in records] == [
+            ("system", "run.created"),
+            ("worker:w1", "run.status"),
+            ("worker:w1", "run.checkpoint"),
+            ("worker:w1", "run.status"),
+        ]
+        done = await store.get_run(app, run.run_id)
+        assert done is not None and done.status == RunStatus.COMPLETED and done.owner is None
+        assert [(e.key, e.status) for e in await store.load_history(app, run.run_id)] == [
+            ("reserve#1", ENTRY_COMPLETED), ("ship#1", ENTRY_COMPLETED)]
+        attempts = {(a.key, a.error_type) for a in await store.load_attempts(app, run.run_id)}
+        assert attempts == {("reserve#1", None), ("charge#1", "Paused"), ("ship#1", None)}
+        # a run whose idempotency key was taken: the first run back, nothing written
+        keyed = new_run(app, idempotency_key="k", args_hash="h")
+        assert (await store.create_run(keyed, first))[1]
+        again, new = await store.create_run(new_run(app, idempotency_key="k", args_hash="h"), first)
+        assert again.run_id == keyed.run_id and not new
+        assert await store.verify_audit(app, key=KEY) == AuditReport(True, 6)
+
+
+async def test_a_checkpoint_of_several_entries_and_one_key_twice(url: str) -> None:
+    """A step's end with the next step's start (two entries), and one key twice in a
+    checkpoint (merged: the first write's kept columns, the last one's others), read
+    back as the transactional path writes them, on every path."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        run, _ = await store.create_run(new_run(app, owner="w", fence=1))
+        await store.commit_run(app, run.run_id, 1, RunWrite(
+            entries=[entry("a#1", 1, ENTRY_COMPLETED, result="1"),
+                     entry("b#1", 2, ENTRY_RUNNING)],
+            attempts=[Attempt("a#1", 1, 1.0, 2.0), Attempt("b#1", 1, 3.0, None)],
+        ))
+        await store.commit_run(app, run.run_id, 1, RunWrite(
+            entries=[entry("b#1", 2, ENTRY_RUNNING), entry("b#1", 9, ENTRY_COMPLETED, result="2")],
+            attempts=[Attempt("b#1", 1, 3.0, None), Attempt("b#1", 1, 5.0, 4.0)],
+        ))
+        history = await store.load_history(app, run.run_id)
+        assert [(e.key, e.seq, e.status, e.result) for e in history] == [
+            ("a#1", 1, ENTRY_COMPLETED, "1"), ("b#1", 2, ENTRY_COMPLETED, "2")]
+        attempts = await store.load_attempts(app, run.run_id)
+        assert sorted((a.key, a.started_at, a.ended_at) for a in attempts) == [
+            ("a#1", 1.0, 2.0), ("b#1", 3.0, 4.0)]
+        assert await store.verify_audit(app) == AuditReport(True, 3)

@@ -14,6 +14,11 @@ text, with both variants of a checkpoint's record (its status changed or not,
 decided in SQL from the row as locked). Checkpoints that append events or create
 tasks or wake a parked run, or two checkpoints of one run, take the transactional
 path.
+
+A batch of ONE write (the latency case: a run waiting on its own checkpoint) calls
+the lean functions of migration 0017 instead, with scalar parameters
+(``cantata_checkpoint_one``, ``cantata_create_one``): the same rows, records and
+notices, without the batch's arrays to unnest, join and materialize on the server.
 """
 
 from __future__ import annotations
@@ -92,6 +97,9 @@ _CALL_JSON = (
 # reading the document than the arrays, which a batch of one (a run waiting on its
 # own write) would feel, while the driver saves ~15 us per share of a big batch.
 JSON_FROM = 8
+# Whether a batch of one checkpoint or one run creation takes the lean functions of
+# migration 0017 (scalar parameters) instead of cantata_write_runs.
+LEAN = True
 _FLOATS = tuple(j for j, arg in enumerate(_ARGS) if arg.split()[1].startswith("float8"))
 
 
@@ -161,6 +169,96 @@ def _record_variant(
     return action, text, f",{_quoted(action)},{_quoted(target)},{_quoted(text)}]"
 
 
+def _created(now: float, run: RunRecord) -> tuple[Any, ...]:
+    """A new run's record (time, tail, action, data) and notice."""
+    actor, action, target, data = audit.run_created_entry(
+        run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+    )
+    text = audit.canonical(data)
+    return (
+        now,
+        audit.tail(now, actor, action, target, text),
+        action,
+        text,
+        f"{run.app}:{RUNS}" if run.owner is None else None,
+    )
+
+
+def _checkpointed(run_id: str, w: RunWrite, app: str) -> tuple[Any, ...]:
+    """A checkpoint's record, both variants (action, data, rest), and its notice."""
+    changed = _record_variant(run_id, w, "") if w.status is not None else (None,) * 3
+    same = _record_variant(run_id, w, "" if w.status is None else str(w.status))
+    return (*same, *changed, f"{app}:{RUNS}" if writes.wakes_runs(w) else None)
+
+
+# -- the lean path: one checkpoint, or one run creation with its first (migration 0017)
+
+_K = 39  # cantata_checkpoint_one's parameters
+_N = 30  # cantata_create_one's
+
+
+def _params(first: int, n: int) -> str:
+    return ", ".join(f"${i}" for i in range(first, first + n))
+
+
+_CHECKPOINT_ONE = f"SELECT cantata_checkpoint_one({_params(1, _K)})"
+_CREATE_ONE = f"SELECT cantata_create_one({_params(1, _N)})"
+# The creation first, then its first checkpoint (only if the run was inserted), in
+# that order (the checkpoint's record follows the run.created one in the chain).
+_CREATE_AND_FIRST = (
+    f"SELECT c.created, k.applied FROM cantata_create_one({_params(1, _N)}) c(created), "
+    f"LATERAL (SELECT CASE WHEN c.created THEN cantata_checkpoint_one("
+    f"{_params(_N + 1, _K)}) END OFFSET 0) k(applied)"
+)
+
+
+def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
+    """Whether an :func:`eligible` batch takes the lean path: one share, a checkpoint or
+    a run creation (with its first checkpoint or none)."""
+    return len(shares) == 1
+
+
+def _checkpoint_args(
+    now: float, call: writes.Checkpoint, keys: Mapping[str, audit.AuditKey]
+) -> tuple[Any, ...]:
+    app, run_id, _, w = call
+    key = keys.get(app)
+    history = writes.merged(writes.history_rows([call]), 15, writes.HISTORY_KEPT, key=3)
+    attempts = writes.merged(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, key=4)
+    return (
+        *writes.run_args(0, call)[:8], now, *history[2:], *attempts[2:],
+        audit.canonical(now), *_checkpointed(run_id, w, app),
+        None if key is None else key.inner, None if key is None else key.outer,
+        audit.GENESIS_HASH,
+    )
+
+
+async def _write_lean(
+    c: Conn, many: Any, arg: Any, keys: Mapping[str, audit.AuditKey]
+) -> list[Any]:
+    """:func:`write` for a batch :func:`lean` takes: one call with scalar parameters."""
+    now = time.time()
+    if many is writes.commit_runs:
+        rows = await c.fetch(_CHECKPOINT_ONE, *_checkpoint_args(now, arg, keys))
+        _, run_id, fence, _ = arg
+        return [None if rows[0][-1] else writes.lease_lost(run_id, fence)]
+    run, first = arg
+    key = keys.get(run.app)
+    created = (
+        *run_values(run), *_created(now, run),
+        None if key is None else key.inner, None if key is None else key.outer,
+        audit.GENESIS_HASH,
+    )
+    if first is None:
+        rows = await c.fetch(_CREATE_ONE, *created)
+        inserted = rows[0][-1]
+    else:
+        call = (run.app, run.run_id, run.fence, first)
+        rows = await c.fetch(_CREATE_AND_FIRST, *created, *_checkpoint_args(now, call, keys))
+        inserted = rows[0][-2]
+    return [(run, True) if inserted else await writes.existing_run(c, run)]
+
+
 async def write(
     c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
 ) -> list[Any]:
@@ -171,6 +269,8 @@ async def write(
         asyncpg.PostgresError: the statement failed (nothing was written); SQLSTATE
             :data:`NOT_HERE` when the batch must run as a transaction instead.
     """
+    if LEAN and lean(shares):
+        return await _write_lean(c, *shares[0], keys)
     now = time.time()
     creates: list[tuple[int, RunRecord]] = []
     checkpoints: list[tuple[int, writes.Checkpoint]] = []
@@ -185,37 +285,9 @@ async def write(
     calls = [call for _, call in checkpoints]
 
     new_cols = columns([run_values(run) for _, run in creates], 22)
-    new_audit: list[tuple[Any, ...]] = []
-    for _, run in creates:
-        actor, action, target, data = audit.run_created_entry(
-            run.run_id, run.workflow, run.correlation_id, run.parent_run_id
-        )
-        text = audit.canonical(data)
-        new_audit.append(
-            (
-                now,
-                audit.tail(now, actor, action, target, text),
-                action,
-                text,
-                f"{run.app}:{RUNS}" if run.owner is None else None,
-            )
-        )
-    rec_audit: list[tuple[Any, ...]] = []
+    new_audit = [_created(now, run) for _, run in creates]
     now_json = audit.canonical(now)
-    for app, run_id, _, w in calls:
-        changed = _record_variant(run_id, w, "") if w.status is not None else (None,) * 3
-        same = _record_variant(run_id, w, "" if w.status is None else str(w.status))
-        rec_audit.append(
-            (
-                now,
-                now_json,
-                same[0],
-                same[1],
-                same[2],
-                *changed,
-                f"{app}:{RUNS}" if writes.wakes_runs(w) else None,
-            )
-        )
+    rec_audit = [(now, now_json, *_checkpointed(run_id, w, app)) for app, run_id, _, w in calls]
     key_apps = sorted({run.app for _, run in creates} | {call[0] for call in calls})
     key_apps = [app for app in key_apps if app in keys]
 
