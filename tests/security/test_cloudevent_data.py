@@ -88,3 +88,9 @@ def test_any_envelope_is_accepted_or_refused_cleanly(fields: dict[str, object]) 
         return
     again = Event.from_json(event.to_json())
     assert (again.id, again.type, again.data) == (event.id, event.type, event.data)
+
+
+@pytest.mark.parametrize("data", [2**64, [-(2**70)], {"n": {"deep": [2**64]}}, {1: "x"}])
+def test_data_json_cannot_carry_is_refused_with_the_reason(data: object) -> None:
+    with pytest.raises(InvalidEvent, match="is not JSON"):
+        Event.from_cloudevent({**BASE, "data": data})

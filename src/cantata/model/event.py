@@ -223,6 +223,16 @@ class Event(Generic[T]):
         if ce.get("signaturekeyid") is not None and not isinstance(ce["signaturekeyid"], str):
             raise InvalidEvent("CloudEvent attribute 'signaturekeyid' must be a string")
         data = _data_of(ce)
+        if isinstance(data, (dict, list, int)):
+            from cantata.model.codec import _default
+
+            try:  # a mapping built in Python may hold what JSON cannot carry
+                orjson.dumps(data, default=_default)
+            except TypeError as exc:
+                raise InvalidEvent(
+                    f"CloudEvent 'data' of event {ce['type']!r} is not JSON ({exc}): send "
+                    "JSON values only (integers within 64 bits, string keys)"
+                ) from None
         when = ce.get("time") or now_iso(_time.time())
         try:
             dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
