@@ -51,6 +51,7 @@ from cantata.broker.nats_names import (
     subject_prefix,
     token,
 )
+from cantata.broker.nats_publish import Publisher, safe, usable
 from cantata.broker.nats_streams import Streams
 from cantata.errors import BrokerError, EventsRefused, LeaseLost, error_text
 from cantata.model.codec import new_id
@@ -153,6 +154,9 @@ class NatsBroker:
         self.duplicate_window = duplicate_window
         self._store: BrokerStore | None = None
         self._nc: Client | None = None
+        self.fast_publish = True  # the relay's publishes pipelined (nats_publish)
+        self._pub: Publisher | None = None
+        self._pub_nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._streams = Streams(
             url, self.prefix, duplicate_window=duplicate_window, max_age=max_age,
@@ -553,24 +557,46 @@ class NatsBroker:
         # has already stored.
         js = self.js
         tail = f":again-{new_id()}" if again else ""
+        publisher = self._publisher()
         for i in range(0, len(batch), _PUBLISH_WINDOW):
             acks: list[asyncio.Future[Any]] = []
             try:
-                for event, payload in batch[i : i + _PUBLISH_WINDOW]:
-                    acks.append(await js.publish_async(
-                        names.event(event.type), payload, stream=stream,
-                        headers={"Nats-Msg-Id": event.id + tail,
-                                 "Content-Type": STRUCTURED_CONTENT_TYPE},
-                    ))
+                window = [(names.event(e.type), e.id + tail, p)
+                          for e, p in batch[i : i + _PUBLISH_WINDOW]]
+                if publisher is not None and safe(stream) and all(
+                    safe(s) and safe(m) for s, m, _ in window
+                ):
+                    acks = await publisher.publish(window, stream)
+                else:
+                    for subject, msg_id, payload in window:
+                        acks.append(await js.publish_async(
+                            subject, payload, stream=stream,
+                            headers={"Nats-Msg-Id": msg_id,
+                                     "Content-Type": STRUCTURED_CONTENT_TYPE},
+                        ))
                 try:
                     async with asyncio.timeout(_PUBLISH_TIMEOUT):
                         await asyncio.gather(*acks)
                 except TimeoutError:
                     raise nats.errors.TimeoutError from None
             finally:
+                if publisher is not None and any(not a.done() for a in acks):
+                    publisher.forget(acks)
                 for ack in acks:  # (frees its place among the pending publishes)
                     if not ack.done():
                         ack.cancel()
+
+    def _publisher(self) -> Publisher | None:
+        """The connection's pipelined publisher (nats_publish), unless turned off or the
+        client lacks what it needs."""
+        nc = self._nc
+        if nc is None or not self.fast_publish:
+            return None
+        if self._pub is None or self._pub_nc is not nc:
+            if not usable(nc):
+                return None
+            self._pub, self._pub_nc = Publisher(nc, STRUCTURED_CONTENT_TYPE), nc
+        return self._pub
 
     async def subscribe(
         self,

@@ -248,15 +248,26 @@ class NatsSubscription:
                         await asyncio.wait_for(self._stopping.wait(), min(2.0, 0.1 * failures))
                 finally:
                     self._busy -= want - len(msgs)
+                settled: list[Msg] = []
                 for m in msgs:
                     if self._stopping.is_set():  # hand it straight back to the others
                         self._busy -= 1
                         with contextlib.suppress(Exception):
                             await m.nak()
                         continue
+                    if self._done_already(m, replay):  # acked below, without a task
+                        self._busy -= 1
+                        settled.append(m)
+                        continue
                     task = asyncio.create_task(self._handle(m, replay))
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
+                if settled:
+                    for m in settled:
+                        # (a lost ack: NATS delivers it again, and the store says done)
+                        with contextlib.suppress(Exception):
+                            await m.ack()
+                    self._capacity.set()
                 if not msgs:
                     await asyncio.sleep(0)  # let a loop waiting for capacity go first
         finally:
@@ -268,19 +279,20 @@ class NatsSubscription:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 
+    def _done_already(self, m: Msg, replay: bool) -> bool:
+        """Whether ``m`` is to be acked as it is, unread: another group's replay that a
+        wildcard matched, or the relay's copy (its message id is the event id) of an
+        event a hand-off settled here for good."""
+        if not replay and self.names.is_replay(m.subject):
+            return True  # (a wildcard such as ``*.billing`` matches other groups' replays)
+        sent_as = (self.app, self.group, (m.headers or {}).get("Nats-Msg-Id") or "")
+        handling = self.broker._handling
+        return sent_as not in handling and handling.settled_here(sent_as)
+
     async def _handle(self, m: Msg, replay: bool) -> None:
         key: tuple[str, str, str] | None = None  # set while this call holds the event
         try:
-            if not replay and self.names.is_replay(m.subject):
-                # A wildcard such as ``*.billing`` also matches another group's replays.
-                await m.ack()
-                return
-            sent_as = (self.app, self.group, (m.headers or {}).get("Nats-Msg-Id") or "")
-            if sent_as not in self.broker._handling and self.broker._handling.settled_here(
-                sent_as
-            ):
-                # The relay's copy (its message id is the event id) of an event a
-                # hand-off settled here for good: acked without reading it.
+            if self._done_already(m, replay):  # (settled meanwhile)
                 await m.ack()
                 return
             meta = m.metadata

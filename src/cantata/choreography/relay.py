@@ -87,8 +87,10 @@ class OutboxRelay:
     marked published in batches, up to ``mark_delay`` seconds after the broker took
     them, so that marking costs no commit per hop: if the process dies before the
     mark, they are published again, and the broker drops the ids it has seen (and the
-    inbox makes a later duplicate harmless). After a pass that published offered
-    events, the next outbox read waits up to ``read_delay`` seconds. An offered event
+    inbox makes a later duplicate harmless); a due mark goes before an outbox read, so
+    that the read does not return (and decode) them again. After a pass that published
+    offered events, the next outbox read waits up to ``read_delay`` seconds, or up to
+    ``mark_delay`` when the last read found nothing that was not offered. An offered event
     every delivery of which this worker holds (the broker's ``held_here``: handed off
     here, nobody else waits for it) is published up to ``offer_delay`` seconds later, in
     a batch, so that publishing stays off the hops that handle it here. When the
@@ -236,7 +238,9 @@ class OutboxRelay:
             await self._mark()
             return 0
         self._read_pending = False
-        self._read_after = now + self.read_delay
+        # Marked first when due: the read returns the published but unmarked events
+        # too (to skip them), decoded for nothing.
+        await self._mark()
         skip: dict[str, None] | set[str] = self._unmarked
         if self._later:  # (published soon: not now by this read)
             skip = set(self._unmarked) | {e.id for e in self._later}
@@ -248,6 +252,10 @@ class OutboxRelay:
             # go out with the offered ones, not twice, and the held ones a moment later
             skip = set(skip) | {e.id for e in self._fresh} | {e.id for e in self._later}
         events = [e for e in events if e.id not in skip][: self.batch]
+        # A read that found only what was offered (the usual case in a process that
+        # serves and relays its own events) waits longer before the next one after
+        # offered events: up to mark_delay rather than read_delay.
+        self._read_after = now + (self.read_delay if events else self.mark_delay)
         await self._publish(events)
         await self._mark()
         return len(events)
