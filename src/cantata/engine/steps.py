@@ -43,6 +43,17 @@ INTERRUPTED = (
     "the worker stopped gracefully before the attempt finished; not counted as an attempt",
 )
 
+_SHAPE_DETAILS: dict[str, str] = {}  # args_shape -> its entry's detail (few per app)
+
+
+def _shape_detail(text: str) -> str:
+    detail = _SHAPE_DETAILS.get(text)
+    if detail is None:
+        detail = codec.dumps({"shape": text})
+        if len(_SHAPE_DETAILS) < 4096:
+            _SHAPE_DETAILS[text] = detail
+    return detail
+
 
 async def call_step(
     x: RunExecution,
@@ -64,7 +75,7 @@ async def call_step(
         etype, _, emsg = (entry.error or "Error: ").partition(": ")
         raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
     if entry is None:  # committed with its first attempt
-        shape = codec.dumps({"shape": args_shape(args)}) if path else None
+        shape = _shape_detail(args_shape(args)) if path else None
         entry = x.journal.record(call, EntryStatus.RUNNING, detail=shape)
     if x.engine.is_remote(sdef):
         return await call_remote(x, sdef, args, entry)

@@ -50,6 +50,12 @@ _UPSERT_HISTORY = (
     "wake_at=excluded.wake_at, detail=excluded.detail"
 )
 _INSERT_RUN = f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})"
+# Positions in :data:`RUN_COLS` (and :func:`ops.run_values`) of what a checkpoint sets.
+_RUN_COL_NAMES = [col.strip() for col in RUN_COLS.split(",")]
+_STATUS, _RESULT, _ERROR, _UPDATED_AT, _OWNER, _FLAGGED = (
+    _RUN_COL_NAMES.index(col)
+    for col in ("status", "result", "error", "updated_at", "owner", "flagged")
+)
 
 
 # A checkpoint that changes nothing of the run's row but updated_at: fenced, returning
@@ -65,14 +71,26 @@ def _touch_only(write: RunWrite) -> bool:
             and write.flagged is None and not write.release and write.wake is None)
 
 
+_RUNS_ONLY = (RUNS,)
+
+
 def _channels(write: RunWrite | None) -> tuple[str, ...]:
     """What a committed checkpoint changed, for the store's listeners."""
+    if write is None or not (write.events or write.tasks):
+        return _RUNS_ONLY  # the usual checkpoint
     channels = [RUNS]
     if write is not None and write.events:
         channels.append(EVENTS)
     if write is not None and write.tasks:
         channels.append(TASKS)
     return tuple(channels)
+
+def _lost(run_id: str, fence: int) -> LeaseLost:
+    return LeaseLost(
+        f"run {run_id} was taken over by another worker (fence {fence} is stale); "
+        "this worker stops executing it"
+    )
+
 
 class SQLiteRuns(SQLiteCore):
     """The runs role of :class:`~cantata.store.sqlite.SQLiteStore`."""
@@ -100,13 +118,31 @@ class SQLiteRuns(SQLiteCore):
                         "arguments; use a new key for a new request"
                     )
                 return existing, False
-        c.execute(_INSERT_RUN, ops.run_values(run))
+        if first is None:
+            c.execute(_INSERT_RUN, ops.run_values(run))
+        else:
+            # The first checkpoint's changes to the run's row go into its INSERT (the
+            # row as _update_run would leave it): one statement, and the indexes on
+            # status are written once instead of inserted and then moved.
+            values = list(ops.run_values(run))
+            values[_UPDATED_AT] = time.time()
+            if first.status is not None:
+                values[_STATUS] = str(first.status)
+            if first.result is not None:
+                values[_RESULT] = first.result
+            if first.error is not None:
+                values[_ERROR] = first.error
+            if first.flagged is not None:
+                values[_FLAGGED] = int(first.flagged)
+            if first.release:
+                values[_OWNER] = None
+            c.execute(_INSERT_RUN, values)
         ops.audit_append(c, run.app, audit.run_created_entry(
             run.run_id, run.workflow, run.correlation_id, run.parent_run_id
         ))
         if first is not None:
             self._apply(c, run.app, run.run_id, first, run.owner, str(run.status),
-                        run.correlation_id)
+                        run.correlation_id, touched=True)
         return run, True
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
@@ -203,12 +239,6 @@ class SQLiteRuns(SQLiteCore):
         return {r[0]: r[1] for r in rows}
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
-        def lost() -> LeaseLost:
-            return LeaseLost(
-                f"run {run_id} was taken over by another worker (fence {fence} is stale); "
-                "this worker stops executing it"
-            )
-
         def op(c: sqlite3.Connection) -> None:
             if _touch_only(write):
                 # A step's checkpoint (the usual one): the run's row changes only its
@@ -216,7 +246,7 @@ class SQLiteRuns(SQLiteCore):
                 # audit record needs (unchanged by it) instead of a SELECT first.
                 rows = c.execute(_TOUCH_RUN, (time.time(), app, run_id, fence)).fetchall()
                 if not rows:
-                    raise lost()
+                    raise _lost(run_id, fence)
                 self._apply(c, app, run_id, write, *rows[0], touched=True)
                 return
             row = c.execute(
@@ -224,7 +254,7 @@ class SQLiteRuns(SQLiteCore):
                 (app, run_id),
             ).fetchone()
             if row is None or row[0] != fence:
-                raise lost()
+                raise _lost(run_id, fence)
             self._apply(c, app, run_id, write, row[1], row[2], row[3])
 
         await self._t.write(op, *_channels(write))
