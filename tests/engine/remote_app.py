@@ -23,7 +23,10 @@ async def checkout(ctx: cantata.WorkflowContext, order: dict) -> dict:
 @app.step(service="payments", retry=Retry(max_attempts=3, initial_interval=0.05))
 def charge(order: dict) -> str:
     info = cantata.step_info()
-    (MARKS / f"charge-{info.attempt}").write_text(info.idempotency_key)
+    mark = MARKS / f"charge-{info.attempt}"
+    # written whole or not at all: the test kills this process once the mark exists
+    (MARKS / f".{mark.name}").write_text(info.idempotency_key)
+    os.replace(MARKS / f".{mark.name}", mark)
     if order.get("hang_first") and info.attempt == 1:
         time.sleep(60)  # the test kills this worker with SIGKILL meanwhile
     return f"charged:{info.idempotency_key}"
