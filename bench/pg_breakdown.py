@@ -1,7 +1,8 @@
 """Where a PostgreSQL write transaction spends its time: one Cantata scenario, with
 every statement of the store's writer timed by kind.
 
-    python -m bench.pg_breakdown saga latency [--n 200] [--broker embedded|nats] [--no-lean]
+    python -m bench.pg_breakdown saga latency [--n 200] [--broker embedded|nats]
+        [--no-lean] [--no-fold]
 
 Runs ``bench.cantata_scenario`` on PostgreSQL in this process, then prints, per kind of
 statement (its first words), the total time, the count and the mean, and the same for
@@ -16,7 +17,9 @@ docs/performance.md. The last line gives the statements sent
 per transaction (each a round trip: ``fetchmany`` pipelines its rows) and the server
 CPU time of the writer's connections (read from ``/proc``: the server must run on this
 machine), which do not depend on how busy the machine is. ``--no-lean`` sends a batch of
-one through ``cantata_write_runs`` as well, not the lean functions of migration 0017.
+one through ``cantata_write_runs`` as well, not the lean functions of migration 0017;
+``--no-fold`` writes a new run and its first checkpoint with two calls (0017: the row
+inserted, then locked and updated), not ``cantata_create_first`` (0019).
 
     python -m bench.pg_breakdown functions [--n 200]
 
@@ -26,6 +29,15 @@ start, one attempt: a saga's checkpoint) written one after another on a fresh sc
 ``cantata_write_runs`` and ``n`` through the lean ``cantata_checkpoint_one``
 (interleaved): each statement's server time (as above), and each function's from
 ``pg_stat_user_functions`` (``track_functions = 'pl'`` for that connection).
+
+    python -m bench.pg_breakdown commit [--n 200]
+
+Where a write's round trip goes beyond the server's execution: on one connection, a
+saga's checkpoint through the lean function, a one-row INSERT and ``SELECT 1``, each
+with ``synchronous_commit`` on and off, interleaved: the round trip's p50 and the
+server CPU per call (from ``/proc``, as above). On minus off is the COMMIT's WAL flush
+(the disk's fdatasync, shared with whatever else writes to it); ``SELECT 1`` is the
+wire, the driver and the event loop.
 """
 
 from __future__ import annotations
@@ -288,11 +300,89 @@ async def _functions(n: int) -> None:
         await store.close()
 
 
+async def _commit(n: int) -> None:
+    import asyncpg
+
+    from bench.common import PG_URL
+    from cantata.model.codec import new_id
+    from cantata.model.records import (
+        ENTRY_COMPLETED,
+        ENTRY_RUNNING,
+        Attempt,
+        HistoryEntry,
+        RunWrite,
+    )
+    from cantata.model.status import RunStatus
+    from cantata.store import audit
+    from cantata.store.postgres import PostgresStore
+    from cantata.store.postgres_writes import commit_runs
+    from cantata.testing.contract.support import new_run
+
+    schema, app = f"bench_cm_{new_id()[-10:]}", "bench_cm"
+    keys = {app: audit.AuditKey("0123456789abcdef-pg-breakdown")}
+    store = PostgresStore(f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}")
+    await store.open()
+    conn = None
+    try:
+        runs = [new_run(app, owner="w1", fence=1, status=RunStatus.RUNNING)
+                for _ in range(2 * n)]
+        for run in runs:
+            await store.create_run(run)
+        conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+        await conn.execute("CREATE TABLE bench_rows (id bigserial PRIMARY KEY, v text)")
+        pid = conn.get_server_pid()
+        times: dict[str, list[float]] = collections.defaultdict(list)
+        cpu: collections.Counter[str] = collections.Counter()
+
+        async def timed(name: str, call: Any) -> Any:
+            _cpu_first.clear()
+            _server_cpu(pid)
+            started = time.perf_counter()
+            out = await call
+            times[name].append(time.perf_counter() - started)
+            _server_cpu(pid)
+            cpu[name] += _cpu_last[pid] - _cpu_first[pid]
+            return out
+
+        for i, run in enumerate(runs):
+            sync = "on" if i % 2 == 0 else "off"
+            await conn.execute(f"SET synchronous_commit = {sync}")
+            w = RunWrite(
+                entries=[HistoryEntry("a#1", "step", "a", ENTRY_COMPLETED, 1, result="1"),
+                         HistoryEntry("b#1", "step", "b", ENTRY_RUNNING, 2)],
+                attempts=[Attempt("a#1", 1, 1.0, 2.0)],
+            )
+            share = (commit_runs, (app, run.run_id, 1, w))
+            (done,) = await timed(f"checkpoint, sync {sync}",
+                                  postgres_onetrip.write(conn, [share], keys))
+            assert done is None
+            await timed(f"INSERT one row, sync {sync}",
+                        conn.fetch("INSERT INTO bench_rows (v) VALUES ($1)", run.run_id))
+            await timed(f"SELECT 1, sync {sync}", conn.fetch("SELECT 1"))
+        print(f"{'p50 ms':>8} {'mean ms':>8} {'cpu ms':>8}  round trip (server CPU per call)")
+        for name in sorted(times):
+            values = sorted(times[name])
+            print(f"{1e3 * values[len(values) // 2]:8.3f} {1e3 * sum(values) / len(values):8.3f} "
+                  f"{1e3 * cpu[name] / _TICK / len(values):8.3f}  {name}")
+    finally:
+        if conn is not None:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+        await store.close()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["commit"]:
+        n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
+        asyncio.run(_commit(n))
+        return
     if sys.argv[1:2] == ["functions"]:
         n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
         asyncio.run(_functions(n))
         return
+    if "--no-fold" in sys.argv:  # a new run's first checkpoint as a second call (A/B)
+        sys.argv.remove("--no-fold")
+        postgres_onetrip.FOLD_FIRST = False
     if "--no-lean" in sys.argv:  # batches of one through cantata_write_runs too (A/B)
         sys.argv.remove("--no-lean")
         postgres_onetrip.LEAN = False

@@ -4,6 +4,7 @@ the same rows, audit records and refusals as the transactional path, in one roun
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,12 +23,12 @@ from tests.store.test_postgres import opened
 pytestmark = pytest.mark.postgres
 KEY = audit.AuditKey("0123456789abcdef-onetrip-test")
 # The one statement's first words, by path: its arrays sent as arrays or as one JSON
-# document, or the lean functions' (a batch of one, migration 0017).
+# document, or the lean functions' (a batch of one, migrations 0017 and 0019).
 FIRST = {
     "arrays": ("SELECT out_kind",),
     "json": ("SELECT w.out_kind",),
     "lean": ("SELECT cantata_checkpoint_one", "SELECT cantata_create_one",
-             "SELECT c.created, k.applied"),
+             "SELECT cantata_create_first", "SELECT c.created, k.applied"),
 }
 ONE = tuple(words for path in FIRST.values() for words in path)
 
@@ -308,7 +309,7 @@ async def test_a_saga_one_write_at_a_time_takes_the_lean_path(url: str, encoding
             "ship#1", 3, status=RunStatus.COMPLETED, result="9", release=True))
         if encoding == "lean":
             assert [s.split("(")[0] for s in sent] == [
-                "SELECT c.created, k.applied FROM",
+                "SELECT cantata_create_first",
                 *["SELECT cantata_checkpoint_one"] * 5,
             ], sent
         # (a checkpoint of attempts alone records nothing, on every path)
@@ -357,3 +358,66 @@ async def test_a_checkpoint_of_several_entries_and_one_key_twice(url: str) -> No
         assert sorted((a.key, a.started_at, a.ended_at) for a in attempts) == [
             ("a#1", 1.0, 2.0), ("b#1", 3.0, 4.0)]
         assert await store.verify_audit(app) == AuditReport(True, 3)
+
+
+
+FIRSTS = {
+    "starts": RunWrite(entries=[entry("a#1", 1, ENTRY_RUNNING)], status=RunStatus.RUNNING),
+    "keeps-the-status": RunWrite(entries=[entry("a#1", 1, ENTRY_RUNNING)]),
+    "attempts-only": RunWrite(attempts=[Attempt("a#1", 1, 1.0, None)]),
+    "ends-at-once": step_done("a#1", 1, status=RunStatus.COMPLETED, result='"r"',
+                              flagged=True, release=True),
+    "fails-at-once": RunWrite(entries=[entry("a#1", 1, "failed", error="e")],
+                              status=RunStatus.FAILED, error="boom", release=True),
+}
+
+
+@pytest.mark.parametrize("owner", ["w1", None, "wörker\n1"])
+async def test_a_new_run_with_its_first_checkpoint_folded(
+    url: str, encoding: str, owner: str | None
+) -> None:
+    """A new run inserted in its first checkpoint's state (migration 0019, the lean
+    path) leaves the row, history, attempts and records that inserting it and then
+    checkpointing it (0017) leave, in a keyed chain that verifies, whatever the owner
+    (Python spells the records: no owner sends it the transactional way)."""
+    if encoding != "lean":
+        pytest.skip("the fold is the lean path's")
+    app = f"app-{new_id()[-8:]}"
+    seen: dict[bool, list[Any]] = {}
+    async with opened(url) as store:
+        store.set_audit_key(app, KEY)
+        for fold in (True, False):
+            postgres_onetrip.FOLD_FIRST = fold
+            try:
+                sent = statements(store)
+                got: list[Any] = []
+                for i, (name, first) in enumerate(FIRSTS.items()):
+                    run = new_run(app, owner=owner, fence=1, status=RunStatus.RUNNING,
+                                  run_id=f"{name}-{fold}-{new_id()}", correlation_id=name,
+                                  created_at=1e9 + i, updated_at=1e9 + i)
+                    assert (await store.create_run(run, first)) == (run, True)
+                    stored = await store.get_run(app, run.run_id)
+                    assert stored is not None and stored.updated_at > run.updated_at
+                    got.append((
+                        dataclasses.replace(stored, run_id="", updated_at=0.0),
+                        await store.load_history(app, run.run_id),
+                        await store.load_attempts(app, run.run_id),
+                    ))
+                if fold:
+                    assert sent == ["SELECT cantata_create_first($1, $2, $3,"] * len(FIRSTS)
+                records = await store.audit_records(app)
+                seen[fold] = [*got, [
+                    (r.actor, r.action, r.target.split("-")[0], r.data)
+                    for r in records if f"-{fold}-" in r.target
+                ]]
+            finally:
+                postgres_onetrip.FOLD_FIRST = True
+        assert seen[True] == seen[False]
+        actor = "system" if owner is None else f"worker:{owner}"
+        assert [r[:3] for r in seen[True][-1]] == [
+            ("system", "run.created", "starts"), ("system", "run.created", "keeps"),
+            ("system", "run.created", "attempts"), ("system", "run.created", "ends"),
+            (actor, "run.status", "ends"), ("system", "run.created", "fails"),
+            (actor, "run.status", "fails"),
+        ]
+        assert await store.verify_audit(app, key=KEY) == AuditReport(True, 14)

@@ -18,7 +18,9 @@ path.
 A batch of ONE write (the latency case: a run waiting on its own checkpoint) calls
 the lean functions of migration 0017 instead, with scalar parameters
 (``cantata_checkpoint_one``, ``cantata_create_one``): the same rows, records and
-notices, without the batch's arrays to unnest, join and materialize on the server.
+notices, without the batch's arrays to unnest, join and materialize on the server. A
+new run with its first checkpoint goes through ``cantata_create_first`` (migration
+0019): the run inserted in its checkpointed state, both records spelled here.
 """
 
 from __future__ import annotations
@@ -212,6 +214,53 @@ _CREATE_AND_FIRST = (
 )
 
 
+# A new run and its first checkpoint through cantata_create_first (migration 0019):
+# the run inserted in its checkpointed state, not inserted and then locked and updated.
+_CREATE_FIRST = f"SELECT cantata_create_first({_params(1, 54)})"
+# Whether the lean path folds a new run's first checkpoint into its creation (False:
+# cantata_create_one then cantata_checkpoint_one, for bench/pg_breakdown.py's A/B).
+FOLD_FIRST = True
+
+
+def _create_first_args(
+    now: float, run: RunRecord, w: RunWrite, keys: Mapping[str, audit.AuditKey]
+) -> tuple[Any, ...]:
+    """cantata_create_first's parameters: ``run`` with ``w`` applied as the checkpoint
+    statement would (each value ``w`` leaves ``None`` kept, the owner let go on
+    release, ``updated_at`` now), its run.created record, ``w``'s history entries and
+    attempts, and ``w``'s record as the new row would give it (the fence holds; the
+    owner and status before it are ``run``'s)."""
+    values = list(run_values(run))
+    values[6] = now  # updated_at
+    if w.status is not None:
+        values[3] = str(w.status)
+    if w.result is not None:
+        values[13] = w.result
+    if w.error is not None:
+        values[14] = w.error
+    if w.flagged is not None:
+        values[18] = w.flagged
+    if w.release:
+        values[16] = None  # owner
+    call = (run.app, run.run_id, run.fence, w)
+    history = writes.merged(writes.history_rows([call]), 15, writes.HISTORY_KEPT, key=3)
+    attempts = writes.merged(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, key=4)
+    entry = audit.checkpoint_entry(run.run_id, run.owner, str(run.status), w)
+    if entry is None:
+        record: tuple[Any, ...] = (None, None, None, None)
+    else:
+        actor, action, target, data = entry
+        text = audit.canonical(data)
+        record = (actor, action, text, audit.tail(now, actor, action, target, text))
+    key = keys.get(run.app)
+    return (
+        *values, *_created(now, run), *history[2:], *attempts[2:], *record,
+        f"{run.app}:{RUNS}" if writes.wakes_runs(w) else None,
+        None if key is None else key.inner, None if key is None else key.outer,
+        audit.GENESIS_HASH,
+    )
+
+
 def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
     """Whether an :func:`eligible` batch takes the lean path: one share, a checkpoint or
     a run creation (with its first checkpoint or none)."""
@@ -243,6 +292,9 @@ async def _write_lean(
         _, run_id, fence, _ = arg
         return [None if rows[0][-1] else writes.lease_lost(run_id, fence)]
     run, first = arg
+    if first is not None and FOLD_FIRST:
+        rows = await c.fetch(_CREATE_FIRST, *_create_first_args(now, run, first, keys))
+        return [(run, True) if rows[0][-1] else await writes.existing_run(c, run)]
     key = keys.get(run.app)
     created = (
         *run_values(run), *_created(now, run),
