@@ -149,6 +149,49 @@ async def test_offered_events_held_here_are_published_a_moment_later_in_a_batch(
     assert await store.unpublished_events(APP, limit=10) == []
 
 
+class CountingReads:
+    """A store that counts the relay's outbox reads."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
+        self.reads += 1
+        return await self._store.unpublished_events(app, limit=limit)
+
+
+async def test_commits_of_held_offered_events_do_not_each_read_the_outbox(
+    store: Store,
+) -> None:
+    # A chain of hops handed off here: each commit wakes the relay, and what it stored
+    # was offered (held: published a moment later). The outbox read (for what else the
+    # commit stored) waits mark_delay after a read that found nothing new, as it does
+    # after events published at once: not one read per hop.
+    chain = events(10)
+    broker = HoldingBroker({e.id for e in chain})
+    counting = CountingReads(store)
+    relay = OutboxRelay(counting, broker, APP, poll_interval=30,  # type: ignore[arg-type]
+                        offer_delay=0.05, mark_delay=2.0)
+    await relay.start()
+    try:
+        await asyncio.sleep(0.05)  # the first pass's read
+        before = counting.reads
+        for e in chain:
+            await store.append_events(APP, [e])
+            relay.offer([e])
+            await asyncio.sleep(0.01)
+        await eventually(lambda: len(broker.published) == len(chain), 5.0, "the held events")
+        assert counting.reads - before <= 1
+    finally:
+        await relay.stop()
+    assert sorted(broker.published) == sorted(e.id for e in chain)
+    assert await store.unpublished_events(APP, limit=10) == []
+
+
 async def test_a_relay_stopped_before_the_delay_publishes_what_it_held_back(
     store: Store,
 ) -> None:

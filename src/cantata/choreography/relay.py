@@ -107,7 +107,7 @@ class OutboxRelay:
         batch: int = 500,
         mark_delay: float = 0.05,
         read_delay: float = 0.005,
-        offer_delay: float = 0.005,
+        offer_delay: float = 0.05,
         on_relayed: Callable[[Sequence[Event[Any]]], None] | None = None,
     ) -> None:
         self.store = store
@@ -132,6 +132,7 @@ class OutboxRelay:
         self.read_delay = read_delay
         self._read_after = 0.0  # monotonic time: a pass with offered events reads then
         self._read_pending = False
+        self._offered = False  # events offered since the last pass (published now or soon)
 
     async def start(self) -> None:
         """Start relaying in a background task (call from a running event loop)."""
@@ -177,6 +178,7 @@ class OutboxRelay:
         loop the relay runs on)."""
         if self._task is None or not events:
             return
+        self._offered = True
         held_here = getattr(self.broker, "held_here", None)  # (NatsBroker)
         if held_here is not None and self.offer_delay > 0:
             now = [e for e in events if not held_here(e.id)]
@@ -221,8 +223,10 @@ class OutboxRelay:
                             time.monotonic() - self._later_since >= self.offer_delay):
             self._fresh.extend(self._later)
             self._later = []
-        offered = bool(self._fresh)
-        if offered:
+        # Offered since the last pass, held ones (published a moment later) included:
+        # the commit that woke this pass most likely stored just those.
+        offered, self._offered = self._offered or bool(self._fresh), False
+        if self._fresh:
             # Let handlers handed these events in this process start (and queue their
             # commits) before the publishing takes the event loop.
             await asyncio.sleep(0)
