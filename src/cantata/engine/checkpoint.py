@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cantata.errors import LeaseLost, StoreError, StoreFull, StoreUnavailable
-from cantata.model.records import RunWrite
+from cantata.model.records import RunRecord, RunWrite
 from cantata.store.faults import wait_out
 
 from .signals import _Abandon, _StoreFailed
@@ -93,13 +93,31 @@ async def create(x: RunExecution, write: RunWrite) -> None:
     try:
         stored, created = await x.engine.store.create_run(x.run, write)
     except Exception as exc:  # the caller of start() gets it (cancelled: see execute)
-        if not x.created.done():
-            x.created.set_exception(exc)
+        resolve_created(x, error=exc)
         raise _Abandon() from exc
-    if not x.created.done():
-        x.created.set_result((stored, created))
+    resolve_created(x, (stored, created))
     if not created:  # only without an idempotency key, so never: be safe anyway
         raise _Abandon()
+
+
+def resolve_created(
+    x: RunExecution,
+    result: tuple[RunRecord, bool] | None = None,
+    *,
+    error: BaseException | None = None,
+) -> None:
+    """The run's creation is known: resolve :attr:`created` and the waiting caller's
+    future (:attr:`starter`, unless that caller was cancelled)."""
+    for fut in (x.created, x.starter):
+        if fut is None or fut.done():
+            continue
+        if error is None:
+            assert result is not None
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    if error is not None and x.created is not None and not x.created.cancelled():
+        x.created.exception()  # nobody awaits it: do not log it as never retrieved
 
 
 def defer(x: RunExecution, write: RunWrite) -> None:
@@ -116,7 +134,19 @@ def defer(x: RunExecution, write: RunWrite) -> None:
     x.pending_attempts.extend(write.attempts)
     if not x.flush_scheduled:
         x.flush_scheduled = True
-        asyncio.get_running_loop().call_soon(flush_soon, x)
+        waiting = x.engine.to_flush
+        if not waiting:  # the first since the last pass: one callback for them all
+            asyncio.get_running_loop().call_soon(flush_all, waiting)
+        waiting.append(x)
+
+
+def flush_all(waiting: list[RunExecution]) -> None:
+    """:func:`flush_soon` of every run deferred since the last pass (each has yielded
+    since: this runs in a later callback than theirs)."""
+    runs = waiting[:]
+    waiting.clear()
+    for x in runs:
+        flush_soon(x)
 
 
 def flush_soon(x: RunExecution) -> None:

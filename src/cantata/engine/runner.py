@@ -57,6 +57,9 @@ class RunExecution:
         # this future with the stored run), see :meth:`expect_creation`.
         self.created: asyncio.Future[tuple[RunRecord, bool]] | None = None
         self.create_pending = False
+        # The caller of ``create_run`` waiting for ``created`` (its own future, so that
+        # cancelling it leaves ``created`` alone): see checkpoint.resolve_created.
+        self.starter: asyncio.Future[tuple[RunRecord, bool]] | None = None
         self.compensations: list[tuple[StepDef, list[Any]]] = []
         self.interrupt: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self.compensating = False
@@ -302,7 +305,7 @@ class RunExecution:
                 self._deadline_timer.cancel()
             if self.created is not None and not self.created.done():
                 # Ended (the app stopping, or an internal error) before the run was stored.
-                self.created.set_exception(CantataError(
+                checkpoint.resolve_created(self, error=CantataError(
                     f"run {self.run.run_id} of {self.wdef.name} was not stored: the worker "
                     "stopped executing it first; start it again"
                 ))
