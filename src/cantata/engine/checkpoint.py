@@ -81,11 +81,10 @@ def expect_creation(x: RunExecution) -> None:
     the execution ends). If the workflow yields to the event loop before its first
     write, the run is stored on its own then.
     """
-    loop = asyncio.get_running_loop()
-    x.created = loop.create_future()
+    x.created = asyncio.get_running_loop().create_future()
     x.create_pending = True
     x.flush_scheduled = True
-    loop.call_soon(flush_soon, x)
+    flush_later(x)
 
 
 async def create(x: RunExecution, write: RunWrite) -> None:
@@ -134,19 +133,30 @@ def defer(x: RunExecution, write: RunWrite) -> None:
     x.pending_attempts.extend(write.attempts)
     if not x.flush_scheduled:
         x.flush_scheduled = True
-        waiting = x.engine.to_flush
-        if not waiting:  # the first since the last pass: one callback for them all
-            asyncio.get_running_loop().call_soon(flush_all, waiting)
-        waiting.append(x)
+        flush_later(x)
+
+
+def flush_later(x: RunExecution) -> None:
+    """:func:`flush_soon` once ``x``'s task has yielded: one loop callback for every run
+    waiting for it (runs started or deferring in one pass), not one each."""
+    waiting = x.engine.to_flush
+    if not waiting:  # the first since the last pass
+        asyncio.get_running_loop().call_soon(flush_all, waiting)
+    waiting.append(x)
 
 
 def flush_all(waiting: list[RunExecution]) -> None:
-    """:func:`flush_soon` of every run deferred since the last pass (each has yielded
-    since: this runs in a later callback than theirs)."""
+    """:func:`flush_soon` of the runs waiting for it. Each has yielded since (this runs
+    in a later callback than the one it was queued in), except a new run whose task
+    was queued after this callback and has not begun: it is looked at in the next pass
+    (its first pass usually stores it with its first checkpoint)."""
     runs = waiting[:]
     waiting.clear()
     for x in runs:
-        flush_soon(x)
+        if not x.began and x.task is not None and not x.task.done():
+            flush_later(x)
+        else:
+            flush_soon(x)
 
 
 def flush_soon(x: RunExecution) -> None:

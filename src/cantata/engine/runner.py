@@ -65,6 +65,7 @@ class RunExecution:
         self.compensating = False
         self.wakeup = asyncio.Event()
         self.fresh = False  # created by this process just now: no history to load
+        self.began = False  # its task has begun (checkpoint.flush_all)
         self.task: asyncio.Task[None] | None = None
         self.inflight: dict[str, Attempt] = {}  # step key -> attempt whose body runs
         # Attempts started here, and those whose body held the loop past the fence: if
@@ -268,6 +269,7 @@ class RunExecution:
         ``after``: a stale execution of the same run, cancelled; this one starts once
         it has stopped, so one worker never runs a run's step twice at once.
         """
+        self.began = True
         if after is not None:
             await asyncio.wait([after])
         try:
