@@ -229,6 +229,10 @@ class Engine:
             execution = self.launch(run, fresh=True, create=True)
             # A future of this caller's own (not ``created`` itself, which a cancelled
             # caller must not cancel): cheaper than asyncio.shield, one callback less.
+            assert execution.created is not None
+            if execution.created.done():  # never yet: its task has not begun
+                stored, _ = execution.created.result()
+                return stored
             starter: asyncio.Future[tuple[RunRecord, bool]]
             starter = execution.starter = asyncio.get_running_loop().create_future()
             stored, _ = await starter
