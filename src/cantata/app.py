@@ -307,7 +307,8 @@ class App(RouterFacade):
         """
         engine = self.engine
         name = workflow_name(workflow)
-        if not await engine.knows_workflow(name):
+        wdef = engine.router.workflows.get(name)
+        if wdef is None and not await engine.knows_workflow(name):
             known = ", ".join(sorted(self.workflows)) or "none"
             raise UnknownWorkflow(
                 f"no workflow named {name!r} in app {self.name!r} (known here: {known}); "
@@ -315,12 +316,16 @@ class App(RouterFacade):
             )
         if deadline is not None and deadline <= 0:
             raise ConfigurationError(f"deadline must be > 0 seconds, got {deadline}")
-        from cantata.flow.queues import entry_for
+        if (queue is None and priority == 0 and partition is None and wdef is not None
+                and wdef.queue is None and type(priority) is int):
+            entry = None  # no queue: what entry_for says, without its checks' coroutine
+        else:
+            from cantata.flow.queues import entry_for
 
+            entry = await entry_for(engine, name, queue, priority, partition)
         run = await engine.create_run(
             name, list(args), idempotency_key=idempotency_key, deadline=deadline,
-            correlation_id=correlation_id,
-            queue=await entry_for(engine, name, queue, priority, partition),
+            correlation_id=correlation_id, queue=entry,
         )
         return RunHandle(engine, run.run_id, name)
 

@@ -217,3 +217,45 @@ async def test_a_run_that_ended_here_answers_result_without_a_read(store_url: st
         assert reads == []
         assert await app.get_handle(handles[0].run_id).status() == RunStatus.COMPLETED
         assert reads == [handles[0].run_id]  # status() still reads the store
+
+
+async def test_cancelled_callers_leave_the_run_and_other_waiters_alone(store_url: str) -> None:
+    """A start() cancelled while its run is being stored, and a result() cancelled while
+    it waits, touch neither the run nor another caller waiting for the same run (each
+    waits on a future of its own)."""
+    app = make_app(store_url)
+    release = asyncio.Event()
+
+    @app.step
+    async def wait_for_release() -> str:
+        await release.wait()
+        return "released"
+
+    @app.workflow(name="held")
+    async def held(ctx: WorkflowContext) -> str:
+        return str(await ctx.run(wait_for_release))
+
+    async with app:
+        starting = asyncio.ensure_future(app.start(held))
+        await asyncio.sleep(0)  # inside create_run, the run not stored yet
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        h = await app.start(held)
+        for _ in range(50):  # the cancelled start's run is stored and runs all the same
+            runs = await app.list_runs(workflow="held")
+            if len(runs) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(runs) == 2
+        cancelled = asyncio.ensure_future(h.result(timeout=5))
+        waiting = asyncio.ensure_future(h.result(timeout=5))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        release.set()
+        assert await waiting == "released"
+        assert await h.result(timeout=5) == "released"
+        others = [r.run_id for r in runs if r.run_id != h.run_id]
+        assert await app.get_handle(others[0]).result(timeout=5) == "released"

@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cantata.errors import LeaseLost, StoreError, StoreFull, StoreUnavailable
-from cantata.model.records import RunWrite
+from cantata.model.records import RunRecord, RunWrite
 from cantata.store.faults import wait_out
 
 from .signals import _Abandon, _StoreFailed
@@ -81,11 +81,10 @@ def expect_creation(x: RunExecution) -> None:
     the execution ends). If the workflow yields to the event loop before its first
     write, the run is stored on its own then.
     """
-    loop = asyncio.get_running_loop()
-    x.created = loop.create_future()
+    x.created = asyncio.get_running_loop().create_future()
     x.create_pending = True
     x.flush_scheduled = True
-    loop.call_soon(flush_soon, x)
+    flush_later(x)
 
 
 async def create(x: RunExecution, write: RunWrite) -> None:
@@ -93,13 +92,31 @@ async def create(x: RunExecution, write: RunWrite) -> None:
     try:
         stored, created = await x.engine.store.create_run(x.run, write)
     except Exception as exc:  # the caller of start() gets it (cancelled: see execute)
-        if not x.created.done():
-            x.created.set_exception(exc)
+        resolve_created(x, error=exc)
         raise _Abandon() from exc
-    if not x.created.done():
-        x.created.set_result((stored, created))
+    resolve_created(x, (stored, created))
     if not created:  # only without an idempotency key, so never: be safe anyway
         raise _Abandon()
+
+
+def resolve_created(
+    x: RunExecution,
+    result: tuple[RunRecord, bool] | None = None,
+    *,
+    error: BaseException | None = None,
+) -> None:
+    """The run's creation is known: resolve :attr:`created` and the waiting caller's
+    future (:attr:`starter`, unless that caller was cancelled)."""
+    for fut in (x.created, x.starter):
+        if fut is None or fut.done():
+            continue
+        if error is None:
+            assert result is not None
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    if error is not None and x.created is not None and not x.created.cancelled():
+        x.created.exception()  # nobody awaits it: do not log it as never retrieved
 
 
 def defer(x: RunExecution, write: RunWrite) -> None:
@@ -116,7 +133,30 @@ def defer(x: RunExecution, write: RunWrite) -> None:
     x.pending_attempts.extend(write.attempts)
     if not x.flush_scheduled:
         x.flush_scheduled = True
-        asyncio.get_running_loop().call_soon(flush_soon, x)
+        flush_later(x)
+
+
+def flush_later(x: RunExecution) -> None:
+    """:func:`flush_soon` once ``x``'s task has yielded: one loop callback for every run
+    waiting for it (runs started or deferring in one pass), not one each."""
+    waiting = x.engine.to_flush
+    if not waiting:  # the first since the last pass
+        asyncio.get_running_loop().call_soon(flush_all, waiting)
+    waiting.append(x)
+
+
+def flush_all(waiting: list[RunExecution]) -> None:
+    """:func:`flush_soon` of the runs waiting for it. Each has yielded since (this runs
+    in a later callback than the one it was queued in), except a new run whose task
+    was queued after this callback and has not begun: it is looked at in the next pass
+    (its first pass usually stores it with its first checkpoint)."""
+    runs = waiting[:]
+    waiting.clear()
+    for x in runs:
+        if not x.began and x.task is not None and not x.task.done():
+            flush_later(x)
+        else:
+            flush_soon(x)
 
 
 def flush_soon(x: RunExecution) -> None:

@@ -144,10 +144,9 @@ class WorkflowContext:
             else steps.get(step_name(compensate))
             or await self._step_def(compensate, "compensation")
         )
-        plain = codec.loads(codec.dumps(
-            list(args), f"arguments of step {sdef.name}", limit=self._x.engine.max_payload
-        ))
         x = self._x
+        plain = codec.plain_args(args, f"arguments of step {sdef.name}",
+                                 limit=x.engine.max_payload)
         key = x.journal.next_key(sdef.name)
         try:
             value = await x.call_step(sdef, plain, key)
@@ -156,6 +155,8 @@ class WorkflowContext:
             raise
         if comp is not None:
             x.compensations.append((comp, plain))
+        if sdef.sig.plain_result:
+            return value
         return codec.restore(value, sdef.sig.result, f"result of step {sdef.name}")
 
     async def compensate(self) -> int:

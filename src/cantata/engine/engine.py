@@ -87,6 +87,9 @@ class Engine:
         self.serving = False
         self.executions: dict[str, RunExecution] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Runs whose held checkpoint is committed on its own if still held once they
+        # yield (checkpoint.defer): one loop callback for all of them, not one each.
+        self.to_flush: list[RunExecution] = []
         self._loops: list[asyncio.Task[Any]] = []
         self.ownership = Ownership(self)
         self.quiet = QuietLog(log, every=max(10.0, lease))
@@ -97,7 +100,7 @@ class Engine:
         # run id -> (step key, attempt) this worker started but cut short itself (a
         # re-take, an outage, a self-fence): not attempts, this worker is alive.
         self._cut_short: dict[str, set[tuple[str, int]]] = {}
-        self._completions: dict[str, asyncio.Future[RunRecord | None]] = {}
+        self._completions: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
         # run id -> (when, final record) of runs that ended here lately, oldest first:
         # a result() asked for after the end needs no read (see completion)
         self._ended: dict[str, tuple[float, RunRecord]] = {}
@@ -224,8 +227,15 @@ class Engine:
             # Executed here at once, and new for sure: the run is stored with its first
             # checkpoint, in one transaction, when its workflow reaches it.
             execution = self.launch(run, fresh=True, create=True)
+            # A future of this caller's own (not ``created`` itself, which a cancelled
+            # caller must not cancel): cheaper than asyncio.shield, one callback less.
             assert execution.created is not None
-            stored, _ = await asyncio.shield(execution.created)
+            if execution.created.done():  # never yet: its task has not begun
+                stored, _ = execution.created.result()
+                return stored
+            starter: asyncio.Future[tuple[RunRecord, bool]]
+            starter = execution.starter = asyncio.get_running_loop().create_future()
+            stored, _ = await starter
             return stored
         stored, created = await self.store.create_run(run)
         if created and local:
@@ -248,10 +258,23 @@ class Engine:
             done: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
             done.set_result(ended[1])
             return done
-        fut = self._completions.get(run_id)
-        if fut is None:
-            fut = self._completions[run_id] = asyncio.get_running_loop().create_future()
+        # A future of each caller's own, which it may await directly (cancelling it
+        # touches no other caller), resolved by the run's end with no callback between.
+        fut: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
+        waiters = self._completions.get(run_id)
+        if waiters is None:
+            self._completions[run_id] = [fut]
+        else:
+            waiters[:] = [w for w in waiters if not w.done()]  # given up (a timeout)
+            waiters.append(fut)
         return fut
+
+    def ends_here(self, run_id: str) -> bool:
+        """:meth:`completion` would give a future (without making one)."""
+        if run_id in self.executions:
+            return True
+        ended = self._ended.get(run_id)
+        return ended is not None and time.monotonic() - ended[0] <= ENDED_TTL
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a background task of this engine alive until it ends (cancelled on stop)."""
@@ -304,9 +327,12 @@ class Engine:
                 return  # superseded: the fresh execution answers for the run
             del self.executions[run_id]
             self._runs_pulse.set()
-            waiter = self._completions.pop(run_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(execution.run if execution.run.status.is_final else None)
+            waiters = self._completions.pop(run_id, None)
+            if waiters is not None:
+                ended = execution.run if execution.run.status.is_final else None
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(ended)
             if execution.run.status.is_final:
                 self._cut_short.pop(run_id, None)
             if execution.run.status is RunStatus.COMPLETED:

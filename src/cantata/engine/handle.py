@@ -26,6 +26,11 @@ _ERRORS = {
 }
 
 
+def _give_up(waiter: asyncio.Future[RunRecord | None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class RunHandle:
     """A handle on one run. Obtain it from ``app.start`` or ``app.get_handle``."""
 
@@ -95,9 +100,17 @@ class RunHandle:
         while True:
             local = self._engine.completion(self.run_id)
             if local is not None:  # executing in this process: wait for it, no polling
-                remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
-                await asyncio.wait([local], timeout=remaining)
-                ended = local.result() if local.done() else None
+                if not local.done():
+                    # This caller's own future (see Engine.completion): awaited directly;
+                    # past the timeout it ends with None, as a run let go does.
+                    timer = (None if deadline is None else loop.call_at(
+                        deadline, _give_up, local))
+                    try:
+                        await local
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
+                ended = local.result()
                 if ended is not None:  # the run as its final commit stored it
                     return self._outcome(ended)
             run = await self._get()
@@ -108,7 +121,7 @@ class RunHandle:
                     f"run {self.run_id} is still {run.status} after {timeout} s; it goes on — "
                     "call result() again later or check `cantata run ID`"
                 )
-            if self._engine.completion(self.run_id) is not None:
+            if self._engine.ends_here(self.run_id):
                 continue  # it came back to this process meanwhile
             engine = self._engine
             queued_here = (run.status == RunStatus.PENDING and run.owner is None

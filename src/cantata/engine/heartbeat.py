@@ -31,16 +31,37 @@ Persist = Callable[[StepHeartbeat], Awaitable[None]]
 class Beat:
     """The heartbeat state of one step attempt."""
 
+    __slots__ = (
+        "_closed",
+        "_details_json",
+        "_dirty",
+        "_loop",
+        "_loop_thread",
+        "_persist",
+        "_throttle",
+        "_timer",
+        "_what",
+        "_writes",
+        "_written_at",
+        "attempt",
+        "beats",
+        "key",
+        "last",
+        "previous",
+    )
+
     def __init__(
         self,
-        what: str,
+        what: str | tuple[str, str],
         key: str,
         attempt: int,
         previous: Any = None,
         persist: Persist | None = None,
         throttle: float = THROTTLE,
     ) -> None:
-        self.what = what  # "step charge of run 0195..." for messages
+        # "step charge of run 0195..." for messages, or (step, run id) to make it once
+        # needed (most attempts never need it)
+        self._what = what
         self.key = key
         self.attempt = attempt
         self.previous = previous  # the details the step's last attempt reported
@@ -54,8 +75,15 @@ class Beat:
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] | None = None  # made by the first write
         self._closed = False
+
+    @property
+    def what(self) -> str:
+        what = self._what
+        if isinstance(what, tuple):
+            what = self._what = f"step {what[0]} of run {what[1]}"
+        return what
 
     def beat(self, details: Any) -> None:
         """Record one heartbeat (any thread)."""
@@ -85,11 +113,14 @@ class Beat:
         self._dirty = False
         self._written_at = time.monotonic()
         task = asyncio.ensure_future(self._persist(self._record()))
+        if self._writes is None:
+            self._writes = set()
         self._writes.add(task)
         task.add_done_callback(self._written)
 
     def _written(self, task: asyncio.Task[None]) -> None:
-        self._writes.discard(task)
+        if self._writes is not None:
+            self._writes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # A failed write (a store hiccup): write the newest details again later,
             # even if the step sends no further heartbeat.
@@ -209,4 +240,4 @@ def first_beat(
     async def persist(record: StepHeartbeat) -> None:
         await store.record_step_heartbeat(app, run_id, record)
 
-    return Beat(f"step {step} of run {run_id}", key, attempt, previous, persist)
+    return Beat((step, run_id), key, attempt, previous, persist)

@@ -57,11 +57,15 @@ class RunExecution:
         # this future with the stored run), see :meth:`expect_creation`.
         self.created: asyncio.Future[tuple[RunRecord, bool]] | None = None
         self.create_pending = False
+        # The caller of ``create_run`` waiting for ``created`` (its own future, so that
+        # cancelling it leaves ``created`` alone): see checkpoint.resolve_created.
+        self.starter: asyncio.Future[tuple[RunRecord, bool]] | None = None
         self.compensations: list[tuple[StepDef, list[Any]]] = []
         self.interrupt: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self.compensating = False
         self.wakeup = asyncio.Event()
         self.fresh = False  # created by this process just now: no history to load
+        self.began = False  # its task has begun (checkpoint.flush_all)
         self.task: asyncio.Task[None] | None = None
         self.inflight: dict[str, Attempt] = {}  # step key -> attempt whose body runs
         # Attempts started here, and those whose body held the loop past the fence: if
@@ -265,6 +269,7 @@ class RunExecution:
         ``after``: a stale execution of the same run, cancelled; this one starts once
         it has stopped, so one worker never runs a run's step twice at once.
         """
+        self.began = True
         if after is not None:
             await asyncio.wait([after])
         try:
@@ -302,7 +307,7 @@ class RunExecution:
                 self._deadline_timer.cancel()
             if self.created is not None and not self.created.done():
                 # Ended (the app stopping, or an internal error) before the run was stored.
-                self.created.set_exception(CantataError(
+                checkpoint.resolve_created(self, error=CantataError(
                     f"run {self.run.run_id} of {self.wdef.name} was not stored: the worker "
                     "stopped executing it first; start it again"
                 ))

@@ -92,7 +92,8 @@ async def call_step(
                 lost = [a for a in lost if a.error_type == WORKER_LOST[0]]
                 continue
             return await step_failed(x, entry, write, last, n)
-        await x.park_if_stopping()
+        if x.engine.draining:  # (park_if_stopping's own test: no coroutine otherwise)
+            await x.park_if_stopping()
         if path:
             x.check_interrupt()
         # A limited step waits for its slot here, before the attempt is recorded

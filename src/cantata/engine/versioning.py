@@ -88,8 +88,19 @@ def shape(value: Any) -> str:
     return type(value).__name__
 
 
+_SCALARS = {type(None): "null", bool: "bool", int: "number", float: "number", str: "str"}
+
+
 def args_shape(args: Sequence[Any]) -> str:
     """:func:`shape` of a call's argument list (a hash when long)."""
+    names = set()
+    for a in args:  # decoded JSON: the usual plain scalars, without a call per value
+        name = _SCALARS.get(type(a))
+        if name is None:
+            break
+        names.add(name)
+    else:
+        return "[" + "|".join(sorted(names)) + "]"
     text = shape(list(args))
     if len(text) <= _SHAPE_TEXT_MAX:
         return text

@@ -106,6 +106,43 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
     return data.decode()
 
 
+# The most JSON bytes a call's scalar arguments may take to skip the round trip in
+# :func:`plain_args`: below every app's max_payload (>= 1024, app_options.py).
+_PLAIN_ARGS_BYTES = 1024
+
+
+def plain_args(args: tuple[Any, ...] | list[Any], what: str, *,
+               limit: int | None = None) -> list[Any]:
+    """``args`` as their JSON round trip gives them back (``loads(dumps(list(args)))``),
+    with its errors; arguments that are all small plain scalars (ints in JSON's 64 bits,
+    finite floats, bools, ``None``, short ASCII strings) are their own round trip, so
+    they are returned as a list without encoding them."""
+    size = 2
+    for a in args:
+        t = type(a)
+        if t is int:
+            if not -0x8000_0000_0000_0000 <= a <= 0xFFFF_FFFF_FFFF_FFFF:
+                break
+            size += 22
+        elif t is str:
+            if not a.isascii():
+                break
+            size += 6 * len(a) + 3  # every character escaped at worst (\u0001)
+        elif t is float:
+            if not math.isfinite(a):
+                break
+            size += 26
+        elif a is None or t is bool:
+            size += 6
+        else:
+            break
+        if size > _PLAIN_ARGS_BYTES:
+            break
+    else:
+        return list(args)
+    return list(loads(dumps(list(args), what, limit=limit)))
+
+
 def loads(text: str | bytes | None) -> Any:
     """Decode JSON text (``None`` stays ``None``)."""
     if text is None:
@@ -123,7 +160,24 @@ def adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
     return pydantic.TypeAdapter(annotation)
 
 
+_NEEDS: dict[Any, bool] = {}  # annotation -> _needs_restoring (hashable ones, few per app)
+
+
 def _needs_restoring(annotation: Any) -> bool:
+    try:
+        return _NEEDS[annotation]
+    except (KeyError, TypeError):  # new, or unhashable
+        pass
+    needs = _needs_restoring_now(annotation)
+    try:
+        if len(_NEEDS) < 4096:
+            _NEEDS[annotation] = needs
+    except TypeError:
+        pass
+    return needs
+
+
+def _needs_restoring_now(annotation: Any) -> bool:
     if annotation in (inspect.Parameter.empty, Any, None, type(None)):
         return False
     if annotation in (dict, list, str, int, float, bool):
@@ -153,8 +207,20 @@ class Signature:
     params: tuple[Any, ...]
     result: Any
     varargs: Any = inspect.Parameter.empty
+    # No parameter needs restoring: the decoded JSON arguments are the call's as they are.
+    plain: bool = dataclasses.field(init=False, repr=False, compare=False)
+    # The result needs no restoring (see :meth:`restore_result`).
+    plain_result: bool = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plain = not _needs_restoring(self.varargs) and not any(
+            _needs_restoring(a) for a in self.params)
+        object.__setattr__(self, "plain", plain)
+        object.__setattr__(self, "plain_result", not _needs_restoring(self.result))
 
     def restore_args(self, args: Sequence[Any], what: str) -> list[Any]:
+        if self.plain:
+            return list(args)
         out = []
         for i, value in enumerate(args):
             ann = self.params[i] if i < len(self.params) else self.varargs
