@@ -321,8 +321,12 @@ class NatsSubscription:
                     # Its hand-off failed and is to be retried then: NATS keeps it till then.
                     await m.nak(delay=retry_at - time.time())
                     return
-                if self.broker._handling.settled_here(key):
-                    await m.ack()  # its hand-off settled it: the store has it done
+                if ((m.headers or {}).get("Nats-Msg-Id") == msg.event.id
+                        and self.broker._handling.settled_here(key)):
+                    # The relay's copy of an event its hand-off settled: the store has
+                    # it done. Any other message with that id (an outside one, perhaps
+                    # with other content) is checked against the store below.
+                    await m.ack()
                     return
                 if not await self._addressed(msg, msg.event, m):
                     if not msg.settled:  # (a refused duplicate was dead-lettered, a copy
