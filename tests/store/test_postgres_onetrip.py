@@ -372,6 +372,7 @@ FIRSTS = {
 }
 
 
+@pytest.mark.parametrize("encoding", ["lean"], indirect=True)  # the fold is the lean path's
 @pytest.mark.parametrize("owner", ["w1", None, "wörker\n1"])
 async def test_a_new_run_with_its_first_checkpoint_folded(
     url: str, encoding: str, owner: str | None
@@ -380,8 +381,7 @@ async def test_a_new_run_with_its_first_checkpoint_folded(
     path) leaves the row, history, attempts and records that inserting it and then
     checkpointing it (0017) leave, in a keyed chain that verifies, whatever the owner
     (Python spells the records: no owner sends it the transactional way)."""
-    if encoding != "lean":
-        pytest.skip("the fold is the lean path's")
+    assert encoding == "lean"
     app = f"app-{new_id()[-8:]}"
     seen: dict[bool, list[Any]] = {}
     async with opened(url) as store:
