@@ -145,7 +145,11 @@ async def test_queue_limits_hold_across_workers(cluster_factory: object, client:
     conc = cluster.spans("conc")
     assert len(conc) == 10 and max_overlap(list(conc.values())) == 2, cluster.log()[-3000:]
     rated = [float(at) for _, _, what, at, _ in cluster.lines("rated") if what == "begin"]
-    assert len(rated) == 8 and max_in_window(rated, 1.0) <= 3
+    # The limiter admits at most 3 per second by the workers' clock; a step logs its begin
+    # some milliseconds after its admission, more on a loaded machine (a third admitted at
+    # t=0.00 may log 0.04 while the fourth, admitted at 1.00, logs 1.003), so the begins
+    # are checked over a window shortened by that jitter. No limiter puts all 8 in one.
+    assert len(rated) == 8 and max_in_window(rated, 0.9) <= 3
     assert max(rated) - min(rated) >= 2.0  # 8 begins at 3 per second: three windows
     for k in ("part0", "part1"):
         assert max_overlap(list(cluster.spans(k).values())) == 1
