@@ -7,19 +7,20 @@ every statement of the store's writer timed by kind.
 Runs ``bench.cantata_scenario`` on PostgreSQL in this process, then prints, per kind of
 statement (its first words), the total time, the count and the mean, and the same for
 whole transactions; then the phases of a write as its caller waits for it (p50 and
-mean): queued until the writer takes it, the pool's acquire, the Python before the
-one-statement call (``postgres_onetrip.write``), the call's round trip and, inside it,
-the server's execution (``clock_timestamp() - statement_timestamp()`` read with the
-rows; the rest of the round trip is the COMMIT's WAL flush and the wire), the Python
-after it, the connection's release, and the caller's wake-up once answered (the
-phases are meant for the latency workload, one write at a time). See
-docs/performance.md. The last line gives the statements sent
-per transaction (each a round trip: ``fetchmany`` pipelines its rows) and the server
-CPU time of the writer's connections (read from ``/proc``: the server must run on this
-machine), which do not depend on how busy the machine is. ``--no-lean`` sends a batch of
-one through ``cantata_write_runs`` as well, not the lean functions of migration 0017;
-``--no-fold`` writes a new run and its first checkpoint with two calls (0017: the row
-inserted, then locked and updated), not ``cantata_create_first`` (0019).
+mean): queued until the writer takes it, the pool's acquire, the Python before the one-
+statement call (``postgres_onetrip.write``, ``postgres_event_writes.write``), the call's
+round trip and, inside it, the server's execution (``clock_timestamp() -
+statement_timestamp()`` read with the rows; the rest of the round trip is the COMMIT's
+WAL flush and the wire), the Python after it, the connection's release, and the caller's
+wake-up once answered (the phases are meant for the latency workload, one write at a
+time). See docs/performance.md. The last line gives the statements sent per transaction
+(each a round trip: ``fetchmany`` pipelines its rows) and the server CPU time of the
+writer's connections (read from ``/proc``: the server must run on this machine), which
+do not depend on how busy the machine is. ``--no-lean`` sends a batch of one through
+``cantata_write_runs`` (``cantata_settle``) as well, not the lean functions of migration
+0017 (0020: one settlement or append of events); ``--no-fold`` writes a new run and its
+first checkpoint with two calls (0017: the row inserted, then locked and updated), not
+``cantata_create_first`` (0019).
 
     python -m bench.pg_breakdown functions [--n 200]
 
@@ -52,7 +53,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cantata.store import postgres_batch, postgres_onetrip, postgres_pool
+from cantata.store import postgres_batch, postgres_event_writes, postgres_onetrip, postgres_pool
 
 _TIMED = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
 total: collections.Counter[str] = collections.Counter()
@@ -160,7 +161,7 @@ class _Phased:
 
 def _install_phases() -> None:
     writer = postgres_batch.BatchWriter
-    run_many, apply_, write = writer.run_many, writer._apply, postgres_onetrip.write
+    run_many, apply_ = writer.run_many, writer._apply
     conn = postgres_pool.PgPool.conn
 
     async def timed_run_many(self: Any, many: Any, arg: Any) -> Any:
@@ -187,19 +188,23 @@ def _install_phases() -> None:
             left = time.perf_counter()
         phases["pool release"].append(time.perf_counter() - left)
 
-    async def timed_write(c: Any, shares: Any, keys: Any) -> Any:
-        _at["write"] = time.perf_counter()
-        try:
-            return await write(_Phased(c), shares, keys)
-        finally:
-            _at["answered"] = time.perf_counter()
-            if "fetched" in _at:
-                phases["python after the call"].append(_at["answered"] - _at.pop("fetched"))
+    def timed(write: Any) -> Any:
+        async def timed_write(c: Any, shares: Any, keys: Any) -> Any:
+            _at["write"] = time.perf_counter()
+            try:
+                return await write(_Phased(c), shares, keys)
+            finally:
+                _at["answered"] = time.perf_counter()
+                if "fetched" in _at:
+                    phases["python after the call"].append(_at["answered"] - _at.pop("fetched"))
+
+        return timed_write
 
     writer.run_many = timed_run_many  # type: ignore[method-assign]
     writer._apply = timed_apply  # type: ignore[method-assign]
     postgres_pool.PgPool.conn = timed_conn  # type: ignore[method-assign,assignment]
-    postgres_onetrip.write = timed_write
+    postgres_onetrip.write = timed(postgres_onetrip.write)
+    postgres_event_writes.write = timed(postgres_event_writes.write)
 
 
 def report() -> str:
@@ -383,9 +388,10 @@ def main() -> None:
     if "--no-fold" in sys.argv:  # a new run's first checkpoint as a second call (A/B)
         sys.argv.remove("--no-fold")
         postgres_onetrip.FOLD_FIRST = False
-    if "--no-lean" in sys.argv:  # batches of one through cantata_write_runs too (A/B)
+    if "--no-lean" in sys.argv:  # batches of one through the big functions too (A/B)
         sys.argv.remove("--no-lean")
         postgres_onetrip.LEAN = False
+        postgres_event_writes.LEAN = False
     _install()
     _install_phases()
     sys.argv = ["bench.cantata_scenario", *sys.argv[1:], "--store", "postgres"]
