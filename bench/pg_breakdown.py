@@ -31,6 +31,13 @@ start, one attempt: a saga's checkpoint) written one after another on a fresh sc
 (interleaved): each statement's server time (as above), and each function's from
 ``pg_stat_user_functions`` (``track_functions = 'pl'`` for that connection).
 
+    python -m bench.pg_breakdown settle [--n 200]
+
+The same for a hop of a chain: ``n`` settlements (``done``, one emitted event held for
+its worker) written one after another through ``cantata_settle`` and ``n`` through the
+lean ``cantata_settle_one`` (migration 0020), interleaved: each statement's server time,
+the server CPU per call (from ``/proc``) and each function's time.
+
     python -m bench.pg_breakdown commit [--n 200]
 
 Where a write's round trip goes beyond the server's execution: on one connection, a
@@ -305,6 +312,68 @@ async def _functions(n: int) -> None:
         await store.close()
 
 
+async def _settle(n: int) -> None:
+    import asyncpg
+
+    from bench.common import PG_URL
+    from cantata.model.codec import new_id
+    from cantata.model.event import Event
+    from cantata.model.records import Declaration
+    from cantata.store import audit
+    from cantata.store.base import Settlement
+    from cantata.store.postgres import PostgresStore
+
+    schema, app = f"bench_st_{new_id()[-10:]}", "bench_st"
+    keys = {app: audit.AuditKey("0123456789abcdef-pg-breakdown")}
+    store = PostgresStore(f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}")
+    await store.open()
+    conn = None
+    try:
+        await store.declare(app, [Declaration("handler", f"h{i}", f"step.{i}")
+                                  for i in range(3)])
+        firsts = [Event("step.0", {"i": i}) for i in range(2 * n)]
+        await store.append_events(app, firsts)
+        conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+        await conn.execute("SET track_functions = 'pl'")
+        pid = conn.get_server_pid()
+        cpu = [0, 0]
+        for i, event in enumerate(firsts):
+            lean = i % 2
+            postgres_event_writes.LEAN = bool(lean)
+            emitted = Event("step.1", {"i": i})
+            s = Settlement("done", 1, events=[emitted], hold_for="w1",
+                           hold=[("h1", emitted.id)])
+            share = (postgres_event_writes.settle_many, (app, "h0", event.id, s))
+            _cpu_first.clear()
+            _server_cpu(pid)
+            (done,) = await postgres_event_writes.write(_Statement(conn, lean), [share], keys)
+            _server_cpu(pid)
+            cpu[lean] += _cpu_last[pid] - _cpu_first[pid]
+            assert done and s.held == [("h1", emitted.id)]
+        await conn.close()
+        conn = await asyncpg.connect(PG_URL)
+        await asyncio.sleep(1.5)  # the closed backend's statistics reach the collector
+        rows = await conn.fetch(
+            "SELECT funcname, calls, total_time, self_time FROM pg_stat_user_functions "
+            "WHERE schemaname = $1 ORDER BY funcname", schema)
+        for lean in (0, 1):
+            ordered = sorted(_statement[lean])
+            print(f"{'cantata_settle_one' if lean else 'cantata_settle'}: the statement's "
+                  f"server time p50 {1e3 * ordered[len(ordered) // 2]:.3f} ms, mean "
+                  f"{1e3 * sum(ordered) / len(ordered):.3f} ms; server CPU "
+                  f"{1e3 * cpu[lean] / _TICK / len(ordered):.3f} ms per call")
+        print(f"{'calls':>6} {'ms/call':>8} {'self ms':>8}  function (server time)")
+        for r in rows:
+            print(f"{r['calls']:6d} {r['total_time'] / r['calls']:8.3f} "
+                  f"{r['self_time'] / r['calls']:8.3f}  {r['funcname']}")
+        assert (await store.verify_audit(app, key=keys[app])).ok
+    finally:
+        if conn is not None:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+        await store.close()
+
+
 async def _commit(n: int) -> None:
     import asyncpg
 
@@ -380,6 +449,10 @@ def main() -> None:
     if sys.argv[1:2] == ["commit"]:
         n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
         asyncio.run(_commit(n))
+        return
+    if sys.argv[1:2] == ["settle"]:
+        n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
+        asyncio.run(_settle(n))
         return
     if sys.argv[1:2] == ["functions"]:
         n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
