@@ -7,19 +7,20 @@ every statement of the store's writer timed by kind.
 Runs ``bench.cantata_scenario`` on PostgreSQL in this process, then prints, per kind of
 statement (its first words), the total time, the count and the mean, and the same for
 whole transactions; then the phases of a write as its caller waits for it (p50 and
-mean): queued until the writer takes it, the pool's acquire, the Python before the
-one-statement call (``postgres_onetrip.write``), the call's round trip and, inside it,
-the server's execution (``clock_timestamp() - statement_timestamp()`` read with the
-rows; the rest of the round trip is the COMMIT's WAL flush and the wire), the Python
-after it, the connection's release, and the caller's wake-up once answered (the
-phases are meant for the latency workload, one write at a time). See
-docs/performance.md. The last line gives the statements sent
-per transaction (each a round trip: ``fetchmany`` pipelines its rows) and the server
-CPU time of the writer's connections (read from ``/proc``: the server must run on this
-machine), which do not depend on how busy the machine is. ``--no-lean`` sends a batch of
-one through ``cantata_write_runs`` as well, not the lean functions of migration 0017;
-``--no-fold`` writes a new run and its first checkpoint with two calls (0017: the row
-inserted, then locked and updated), not ``cantata_create_first`` (0019).
+mean): queued until the writer takes it, the pool's acquire, the Python before the one-
+statement call (``postgres_onetrip.write``, ``postgres_event_writes.write``), the call's
+round trip and, inside it, the server's execution (``clock_timestamp() -
+statement_timestamp()`` read with the rows; the rest of the round trip is the COMMIT's
+WAL flush and the wire), the Python after it, the connection's release, and the caller's
+wake-up once answered (the phases are meant for the latency workload, one write at a
+time). See docs/performance.md. The last line gives the statements sent per transaction
+(each a round trip: ``fetchmany`` pipelines its rows) and the server CPU time of the
+writer's connections (read from ``/proc``: the server must run on this machine), which
+do not depend on how busy the machine is. ``--no-lean`` sends a batch of one through
+``cantata_write_runs`` (``cantata_settle``) as well, not the lean functions of migration
+0017 (0020: one settlement or append of events); ``--no-fold`` writes a new run and its
+first checkpoint with two calls (0017: the row inserted, then locked and updated), not
+``cantata_create_first`` (0019).
 
     python -m bench.pg_breakdown functions [--n 200]
 
@@ -29,6 +30,13 @@ start, one attempt: a saga's checkpoint) written one after another on a fresh sc
 ``cantata_write_runs`` and ``n`` through the lean ``cantata_checkpoint_one``
 (interleaved): each statement's server time (as above), and each function's from
 ``pg_stat_user_functions`` (``track_functions = 'pl'`` for that connection).
+
+    python -m bench.pg_breakdown settle [--n 200]
+
+The same for a hop of a chain: ``n`` settlements (``done``, one emitted event held for
+its worker) written one after another through ``cantata_settle`` and ``n`` through the
+lean ``cantata_settle_one`` (migration 0020), interleaved: each statement's server time,
+the server CPU per call (from ``/proc``) and each function's time.
 
     python -m bench.pg_breakdown commit [--n 200]
 
@@ -52,7 +60,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cantata.store import postgres_batch, postgres_onetrip, postgres_pool
+from cantata.store import postgres_batch, postgres_event_writes, postgres_onetrip, postgres_pool
 
 _TIMED = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
 total: collections.Counter[str] = collections.Counter()
@@ -160,7 +168,7 @@ class _Phased:
 
 def _install_phases() -> None:
     writer = postgres_batch.BatchWriter
-    run_many, apply_, write = writer.run_many, writer._apply, postgres_onetrip.write
+    run_many, apply_ = writer.run_many, writer._apply
     conn = postgres_pool.PgPool.conn
 
     async def timed_run_many(self: Any, many: Any, arg: Any) -> Any:
@@ -187,19 +195,23 @@ def _install_phases() -> None:
             left = time.perf_counter()
         phases["pool release"].append(time.perf_counter() - left)
 
-    async def timed_write(c: Any, shares: Any, keys: Any) -> Any:
-        _at["write"] = time.perf_counter()
-        try:
-            return await write(_Phased(c), shares, keys)
-        finally:
-            _at["answered"] = time.perf_counter()
-            if "fetched" in _at:
-                phases["python after the call"].append(_at["answered"] - _at.pop("fetched"))
+    def timed(write: Any) -> Any:
+        async def timed_write(c: Any, shares: Any, keys: Any) -> Any:
+            _at["write"] = time.perf_counter()
+            try:
+                return await write(_Phased(c), shares, keys)
+            finally:
+                _at["answered"] = time.perf_counter()
+                if "fetched" in _at:
+                    phases["python after the call"].append(_at["answered"] - _at.pop("fetched"))
+
+        return timed_write
 
     writer.run_many = timed_run_many  # type: ignore[method-assign]
     writer._apply = timed_apply  # type: ignore[method-assign]
     postgres_pool.PgPool.conn = timed_conn  # type: ignore[method-assign,assignment]
-    postgres_onetrip.write = timed_write
+    postgres_onetrip.write = timed(postgres_onetrip.write)
+    postgres_event_writes.write = timed(postgres_event_writes.write)
 
 
 def report() -> str:
@@ -300,6 +312,68 @@ async def _functions(n: int) -> None:
         await store.close()
 
 
+async def _settle(n: int) -> None:
+    import asyncpg
+
+    from bench.common import PG_URL
+    from cantata.model.codec import new_id
+    from cantata.model.event import Event
+    from cantata.model.records import Declaration
+    from cantata.store import audit
+    from cantata.store.base import Settlement
+    from cantata.store.postgres import PostgresStore
+
+    schema, app = f"bench_st_{new_id()[-10:]}", "bench_st"
+    keys = {app: audit.AuditKey("0123456789abcdef-pg-breakdown")}
+    store = PostgresStore(f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}")
+    await store.open()
+    conn = None
+    try:
+        await store.declare(app, [Declaration("handler", f"h{i}", f"step.{i}")
+                                  for i in range(3)])
+        firsts = [Event("step.0", {"i": i}) for i in range(2 * n)]
+        await store.append_events(app, firsts)
+        conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+        await conn.execute("SET track_functions = 'pl'")
+        pid = conn.get_server_pid()
+        cpu = [0, 0]
+        for i, event in enumerate(firsts):
+            lean = i % 2
+            postgres_event_writes.LEAN = bool(lean)
+            emitted = Event("step.1", {"i": i})
+            s = Settlement("done", 1, events=[emitted], hold_for="w1",
+                           hold=[("h1", emitted.id)])
+            share = (postgres_event_writes.settle_many, (app, "h0", event.id, s))
+            _cpu_first.clear()
+            _server_cpu(pid)
+            (done,) = await postgres_event_writes.write(_Statement(conn, lean), [share], keys)
+            _server_cpu(pid)
+            cpu[lean] += _cpu_last[pid] - _cpu_first[pid]
+            assert done and s.held == [("h1", emitted.id)]
+        await conn.close()
+        conn = await asyncpg.connect(PG_URL)
+        await asyncio.sleep(1.5)  # the closed backend's statistics reach the collector
+        rows = await conn.fetch(
+            "SELECT funcname, calls, total_time, self_time FROM pg_stat_user_functions "
+            "WHERE schemaname = $1 ORDER BY funcname", schema)
+        for lean in (0, 1):
+            ordered = sorted(_statement[lean])
+            print(f"{'cantata_settle_one' if lean else 'cantata_settle'}: the statement's "
+                  f"server time p50 {1e3 * ordered[len(ordered) // 2]:.3f} ms, mean "
+                  f"{1e3 * sum(ordered) / len(ordered):.3f} ms; server CPU "
+                  f"{1e3 * cpu[lean] / _TICK / len(ordered):.3f} ms per call")
+        print(f"{'calls':>6} {'ms/call':>8} {'self ms':>8}  function (server time)")
+        for r in rows:
+            print(f"{r['calls']:6d} {r['total_time'] / r['calls']:8.3f} "
+                  f"{r['self_time'] / r['calls']:8.3f}  {r['funcname']}")
+        assert (await store.verify_audit(app, key=keys[app])).ok
+    finally:
+        if conn is not None:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+        await store.close()
+
+
 async def _commit(n: int) -> None:
     import asyncpg
 
@@ -376,6 +450,10 @@ def main() -> None:
         n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
         asyncio.run(_commit(n))
         return
+    if sys.argv[1:2] == ["settle"]:
+        n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
+        asyncio.run(_settle(n))
+        return
     if sys.argv[1:2] == ["functions"]:
         n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
         asyncio.run(_functions(n))
@@ -383,9 +461,10 @@ def main() -> None:
     if "--no-fold" in sys.argv:  # a new run's first checkpoint as a second call (A/B)
         sys.argv.remove("--no-fold")
         postgres_onetrip.FOLD_FIRST = False
-    if "--no-lean" in sys.argv:  # batches of one through cantata_write_runs too (A/B)
+    if "--no-lean" in sys.argv:  # batches of one through the big functions too (A/B)
         sys.argv.remove("--no-lean")
         postgres_onetrip.LEAN = False
+        postgres_event_writes.LEAN = False
     _install()
     _install_phases()
     sys.argv = ["bench.cantata_scenario", *sys.argv[1:], "--store", "postgres"]

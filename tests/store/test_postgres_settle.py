@@ -14,7 +14,7 @@ import pytest
 from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.model.records import Declaration
-from cantata.store import audit
+from cantata.store import audit, postgres_event_writes
 from cantata.store.base import Settlement
 from cantata.store.postgres import PostgresStore
 from tests.helpers import drop_schema, with_schema
@@ -256,3 +256,101 @@ async def test_an_append_holds_the_deliveries_it_created_in_one_round_trip(
         ("g1", before.id): (0, 0), ("g1", placed.id): (1, 1), ("g2", paid.id): (1, 1),
     }
     assert (await store.verify_audit(app)).ok
+
+
+class _Clock:
+    """``time`` for postgres_event_writes: 1e9, 1e9 + 1, ... (both paths alike)."""
+
+    def __init__(self) -> None:
+        self.now = 1e9
+
+    def time(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+async def _one_at_a_time(store: PostgresStore, app: str) -> list[Any]:
+    """Each write alone in its batch (the latency case): settlements of every outcome,
+    with events (one repeated, one stored before) and holds, one done already, one of a
+    missing delivery, appends with and without holds; what each returned."""
+    store.set_audit_key(app, KEY)
+    await store.declare(app, declarations())
+    at = "2026-12-02T00:00:00Z"
+    first, second = Event("order.created", {"n": 1}, id="e-first", time=at), Event(
+        "z", 2, id="e-2", time=at)
+    paid, other = (Event("pay.done", {"x": "é"}, id="e-paid", time=at),
+                   Event("x.q.y", None, id="e-x", time=at))
+    deeper, placed = (Event("order.a.b", [1], id="e-deeper", time=at),
+                      Event("order.b", 3, id="e-pl", time=at))
+    out: list[Any] = [await store.append_events(app, [first, second])]
+    await store.claim_deliveries(app, "w1", ["g1"], now=1.0, stale_before=0.0, limit=10)
+    done = Settlement(
+        "done", 1, events=[paid, other, deeper, paid, second], hold_for="w1",
+        hold=[("g2", paid.id), ("g1", deeper.id), ("t1", other.id), ("g4", second.id)],
+    )
+    out.append(await store.settle_delivery(app, "g1", first.id, done))
+    out.append((done.held, done.addressed))
+    for group, event_id, s in [
+        ("g1", first.id, Settlement("done", 1, events=[placed])),  # done already
+        ("gX", second.id, Settlement("dead", 2, error="boom", dead_letter_id="dl-1")),
+        ("gY", second.id, Settlement("retry", 2, error="later", retry_at=7.5)),
+        ("gZ", second.id, Settlement("dead", 3, error="", dead_letter_id="dl-2")),
+        ("g4", second.id, Settlement("done", 1)),
+        ("late", second.id, Settlement("retry", 1, error="x", retry_at=9.0)),  # missing
+    ]:
+        out.append(await store.settle_delivery(app, group, event_id, s))
+    out.append(await store.append_held(
+        app, [first, placed], hold_for="w2", hold=[("g1", first.id), ("g1", placed.id)]
+    ))
+    out.append(await store.append_events(app, [Event("pay.done", 4, id="e-p2", time=at)] * 2))
+    return out
+
+
+async def _tables(store: PostgresStore, app: str) -> list[list[tuple[Any, ...]]]:
+    """Every row ``app`` has in the tables a settlement writes (but the app's name and
+    the events' sequence numbers, which differ between apps), the audit hashes too."""
+    queries = [
+        "SELECT grp, event_id, status, attempts, next_at, owner, fence, error, updated_at "
+        "FROM deliveries WHERE app=$1 ORDER BY grp, event_id",
+        "SELECT id, type, source, subject, time, data, correlation_id, causation_id, "
+        "traceparent, signature, stored_at, published FROM events WHERE app=$1 ORDER BY seq",
+        "SELECT id, grp, event_id, error, attempts, failed_at FROM dead_letters "
+        "WHERE app=$1 ORDER BY id",
+        "SELECT seq, time, actor, action, target, data, prev_hash, hash FROM audit "
+        "WHERE app=$1 ORDER BY seq",
+        "SELECT seq, prev_hash, hash FROM audit_head WHERE app=$1",
+    ]
+    return [[tuple(r) for r in await store._db.fetch(q, app)] for q in queries]
+
+
+async def test_the_lean_path_writes_what_cantata_settle_writes(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of one settlement or append through cantata_settle_one (migration 0020)
+    leaves the rows, results and keyed audit chain (hash for hash) that cantata_settle
+    leaves for it (at the same clock)."""
+    seen: dict[bool, tuple[list[Any], list[list[tuple[Any, ...]]]]] = {}
+    async with opened(url) as store:
+        for lean in (True, False):
+            monkeypatch.setattr(postgres_event_writes, "LEAN", lean)
+            monkeypatch.setattr(postgres_event_writes, "time", _Clock())
+            app = f"app-{lean}-{new_id()[-8:]}"
+            sent = statements(store)
+            results = await _one_at_a_time(store, app)
+            assert sent, sent
+            assert all(
+                s.startswith("SELECT * FROM cantata_settle_one(" if lean
+                             else "SELECT * FROM cantata_settle(") or "pick" in s
+                for s in sent if "cantata_settle" in s or not s.startswith("WITH")
+            ), sent
+            assert (await store.verify_audit(app, key=KEY)).ok
+            seen[lean] = (results, await _tables(store, app))
+    assert seen[True][0] == seen[False][0]
+    for lean_rows, big_rows in zip(seen[True][1], seen[False][1], strict=True):
+        assert lean_rows == big_rows
+    results, (_, _, letters, records, _) = seen[True]
+    assert results[2] == ([("g2", "e-paid"), ("t1", "e-x")], [1, 1, 1, 0, 0])
+    assert results[3:9] == [False, True, True, True, True, True]
+    assert results[9] == ([0, 1], [("g1", "e-pl")])
+    assert results[10] == [1, 0]
+    assert len(letters) == 2 and len(records) == 4

@@ -513,6 +513,76 @@ async def claim_statement(c: Conn, calls: list[Claim]) -> list[list[Delivery]]:
     return [o for o in out if not isinstance(o, Refused)]
 
 
+# -- the lean path: a batch of one settlement or one append (migration 0020) -----------
+
+# Whether a batch of one settlement or one append of events takes the lean function
+# of migration 0020 (scalar parameters) instead of cantata_settle (False: for
+# bench/pg_breakdown.py's A/B and the tests that compare the two).
+LEAN = True
+_SETTLE_ONE = f"SELECT * FROM cantata_settle_one({', '.join(f'${i}' for i in range(1, 31))})"
+_NO_SETTLEMENT = (None,) * 12  # an append's s_grp .. s_rest (s_now apart)
+
+
+def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
+    """Whether an :func:`eligible` batch takes the lean path: one share, a settlement
+    or an append (claims alone are pipelined, not a call)."""
+    return len(shares) == 1 and shares[0][0] is not claim_deliveries_many
+
+
+async def _write_lean(
+    c: Conn, many: Any, arg: Any, keys: Mapping[str, audit.AuditKey]
+) -> list[Any]:
+    """:func:`write` for a batch :func:`lean` takes: one call of ``cantata_settle_one``
+    with the results :func:`statement` gives that batch."""
+    now = time.time()
+    events: Sequence[Event[Any]]
+    hold_for: str | None
+    hold: Sequence[tuple[str, str]]
+    if many is settle_many:
+        app, group, event_id, s = arg
+        dead_letter_id = None
+        if s.outcome == "dead":
+            dead_letter_id = s.dead_letter_id or codec.new_id()
+        done = s.outcome == "done"
+        events = s.events if done else []
+        with_hold = done and s.hold_for is not None and bool(s.hold)
+        hold_for, hold = (s.hold_for, s.hold) if with_hold else (None, [])
+        record = _settle_record(arg, dead_letter_id, now, audit.canonical(now))
+        head: tuple[Any, ...] = (
+            app, group, event_id, str(s.outcome), s.attempts, s.error, s.retry_at,
+            dead_letter_id, now, *record,
+        )
+    else:
+        app, events = arg[0], arg[1]
+        hold_for, hold = (arg[2], arg[3]) if many is append_held_many else (None, [])
+        head = (app, *_NO_SETTLEMENT[:7], now, *_NO_SETTLEMENT[7:])
+    key = keys.get(app)
+    rows = await c.fetch(
+        _SETTLE_ONE, *head, *_columns([_event_row(0, ev)[1:] for ev in events], 10),
+        hold_for if hold else None, [g for g, _ in hold], [e for _, e in hold],
+        None if key is None else key.inner, None if key is None else key.outer,
+        audit.GENESIS_HASH,
+    )
+    settled = False
+    fanned: dict[str, int] = {}  # events inserted: how many groups each went to
+    held: list[tuple[str, str]] = []
+    for r in rows:
+        if r[0] == "s":
+            settled = True
+        elif r[0] == "e":
+            fanned[r[2]] = r[3]
+        else:
+            held.append((r[1], r[2]))
+    counts = [fanned.pop(ev.id, 0) for ev in events]  # an id given twice counts once
+    if many is settle_many:
+        if settled and s.outcome == "done":
+            s.addressed = counts
+            if with_hold:
+                s.held = held
+        return [settled]
+    return [counts if many is append_many else (counts, held)]
+
+
 def eligible(shares: Sequence[tuple[Any, Any]]) -> bool:
     """Whether ``shares`` (``(many, arg)`` each) are settlements and claims of
     deliveries and appends of events only: :func:`write` sends them as one statement."""
@@ -524,9 +594,12 @@ async def write(
 ) -> list[Any]:
     """Apply ``shares`` (see :func:`eligible`) in one statement; one result per share.
 
-    Claims alone are pipelined (one implicit transaction); anything else is one call
-    of ``cantata_settle``.
+    Claims alone are pipelined (one implicit transaction); a batch of one settlement
+    or append is one call of ``cantata_settle_one`` (migration 0020, see :func:`lean`);
+    anything else is one call of ``cantata_settle``.
     """
+    if LEAN and lean(shares):
+        return await _write_lean(c, *shares[0], keys)
     settles = [arg for many, arg in shares if many is settle_many]
     claims = [arg for many, arg in shares if many is claim_deliveries_many]
     appends: list[Append] = []

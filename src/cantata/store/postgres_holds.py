@@ -22,7 +22,8 @@ class PostgresHolds(PostgresCore):
         hold: Sequence[tuple[str, str]],
     ) -> tuple[list[int], list[tuple[str, str]]]:
         # The deliveries the append created claimed in its own transaction (one
-        # statement with the other writes of its batch: cantata_settle, migration 0015).
+        # statement with the other writes of its batch: cantata_settle, migration 0015;
+        # alone in its batch, cantata_settle_one, 0020).
         if not events:
             return [], []
         if not hold:
