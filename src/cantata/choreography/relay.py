@@ -93,8 +93,11 @@ class OutboxRelay:
     ``mark_delay`` when the last read found nothing that was not offered. An offered event
     every delivery of which this worker holds (the broker's ``held_here``: handed off
     here, nobody else waits for it) is published up to ``offer_delay`` seconds later, in
-    a batch, so that publishing stays off the hops that handle it here. When the
-    broker is unreachable it logs once and keeps trying.
+    a batch, so that publishing stays off the hops that handle it here. An outbox
+    read returns the oldest ``batch`` unpublished events, those it knows (offered,
+    published but not yet marked) skipped: one that was not offered is found once
+    what is before it left the outbox. When the broker is unreachable it logs once
+    and keeps trying.
     """
 
     def __init__(
