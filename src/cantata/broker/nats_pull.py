@@ -2,13 +2,14 @@
 
 ``PullSubscription.fetch`` of nats-py 2.16 takes each message through
 ``Subscription.next_msg``, which makes a task, a random task name and a timer (an
-``asyncio.wait_for``) per message: on the NATS path of a chain that was about a tenth
-of the consuming side's CPU. :func:`fetch` sends the same request as nats-py's for
+``asyncio.wait_for``) per message, and a chain's copies come by the thousand
+(docs/performance.md, round five). :func:`fetch` sends the same request as nats-py's for
 a batch (``no_wait`` with ``expires``: the server answers as soon as it has messages,
 up to the batch, and ends the request with a status) and takes the messages from the
-subscription's queue as they are, waiting only when it is empty. Anything other than
-messages and the status that ends the request (a conflict, a heartbeat, a lost
-request) is left to nats-py's own ``fetch`` for the rest of the timeout.
+subscription's queue as they are, waiting only when it is empty; a status after
+messages ends the fetch (no more messages, the request expired, a conflict). A status
+before any message (a conflict, a request of an earlier fetch that expired) is left
+to nats-py's own ``fetch`` for the rest of the timeout.
 
 It reads the pull subscription's queue (``PullSubscription._sub._pending_queue``, as
 nats-py does; nats-py is pinned): when the subscription is not what this expects,
@@ -25,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 _STATUS = "Status"
-_END = ("404", "408")  # no (more) messages, the request expired: it is over
+_HEARTBEAT = "100"  # (not asked for); any other status ends the request
 _NEEDED_PSUB = ("_sub", "_nms", "_deliver", "_nc", "fetch")
 _NEEDED_SUB = ("_pending_queue", "_pending_size")
 
@@ -97,10 +98,10 @@ async def fetch(
             status = _status(msg)
             if status is None:
                 msgs.append(msg)
-            elif status in _END and msgs:
-                break
-            elif msgs:  # (a heartbeat, or a conflict after messages: these are kept)
-                continue
+            elif msgs:
+                if status == _HEARTBEAT:
+                    continue
+                break  # the request is over (no more messages, expired, a conflict)
             else:
                 # Odd (no message before it): nats-py handles it, for the time left.
                 left = deadline - time.monotonic()
