@@ -192,6 +192,45 @@ async def test_commits_of_held_offered_events_do_not_each_read_the_outbox(
     assert await store.unpublished_events(APP, limit=10) == []
 
 
+class Unheard:
+    """A store whose commits do not wake the relay (it reads on offers and polls)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def add_listener(self, listener: Any) -> None:
+        pass
+
+
+async def test_an_event_not_offered_behind_a_batch_of_offered_ones_is_published_all_the_same(
+    store: Store,
+) -> None:
+    # The outbox read returns the oldest `batch` rows only: here all of them offered
+    # (published and not yet marked, or held back). The one behind them, committed in
+    # this process but never offered (say its offer was lost), is found once they
+    # left the outbox.
+    at_once, held = events(3), events(4)
+    [lost] = events(1, "order.lost")
+    broker = HoldingBroker({e.id for e in held})
+    relay = OutboxRelay(Unheard(store), broker, APP,  # type: ignore[arg-type]
+                        poll_interval=0.05, batch=5, offer_delay=0.3, mark_delay=0.3)
+    await relay.start()
+    try:
+        await asyncio.sleep(0.05)  # (its first read, of an empty outbox)
+        await store.append_events(APP, [*at_once, *held, lost])
+        relay.offer([*at_once, *held])
+        await asyncio.sleep(0.15)  # reads every 0.05 s, of the first 5 rows
+        assert sorted(broker.published) == sorted(e.id for e in at_once)  # (not seen yet)
+        await eventually(lambda: len(broker.published) == 8, 5.0, "the event not offered")
+    finally:
+        await relay.stop()
+    assert sorted(broker.published) == sorted(e.id for e in [*at_once, *held, lost])
+    assert await store.unpublished_events(APP, limit=20) == []
+
+
 async def test_a_relay_stopped_before_the_delay_publishes_what_it_held_back(
     store: Store,
 ) -> None:

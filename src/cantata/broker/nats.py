@@ -74,7 +74,10 @@ log = logging.getLogger("cantata.broker")
 
 _PUBLISH_WINDOW = 256  # publishes in flight at once (their acks awaited together)
 _PUBLISH_TIMEOUT = 5.0  # seconds for the server's acks of one window of publishes
-_WIRED_KEPT = 4096  # message bodies made by check_event, kept for publish
+# message bodies made by check_event, kept for publish: as many as a busy relay may be
+# behind (thousands of events held back or in its queue), within a memory bound
+_WIRED_KEPT = 16384
+_WIRED_BYTES = 32 * 1024 * 1024
 _NOT_HELD: Any = object()
 
 
@@ -167,6 +170,7 @@ class NatsBroker:
         self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
         # event id -> (the event, its message body), made by check_event for publish
         self._wired: dict[str, tuple[Event[Any], bytes]] = {}
+        self._wired_bytes = 0  # the size of the bodies kept in _wired
         # ids of events every delivery of which this worker held (see held_here)
         self._local: dict[str, None] = {}
         self.check_interval = check_interval
@@ -486,9 +490,12 @@ class NatsBroker:
         payload = self.wire(app, event)
         self.limits.check_event(self.names(app), event, payload)
         # kept for publish (the same event object, once committed), the newest few
-        self._wired[event.id] = (event, payload)
-        if len(self._wired) > _WIRED_KEPT:
-            del self._wired[next(iter(self._wired))]
+        wired = self._wired
+        gone = wired.pop(event.id, None)
+        self._wired_bytes += len(payload) - (len(gone[1]) if gone is not None else 0)
+        wired[event.id] = (event, payload)
+        while len(wired) > _WIRED_KEPT or (self._wired_bytes > _WIRED_BYTES and len(wired) > 1):
+            self._wired_bytes -= len(wired.pop(next(iter(wired)))[1])
 
     def wire(self, app: str, event: Event[Any]) -> bytes:
         """The message body of ``event``: its CloudEvent, or a claim check when it is
@@ -519,6 +526,8 @@ class NatsBroker:
         wired = self._wired
         for event in events:
             made = wired.pop(event.id, None)
+            if made is not None:
+                self._wired_bytes -= len(made[1])
             payload = made[1] if made is not None and made[0] is event else self.wire(app, event)
             try:
                 limits.check_event(names, event, payload)

@@ -24,6 +24,8 @@ from nats.js import JetStreamContext
 from cantata.broker.base import BrokerStore, Handler
 from cantata.broker.nats_local import LocalMessage, settle_done
 from cantata.broker.nats_names import digest
+from cantata.broker.nats_publish import ack_all
+from cantata.broker.nats_pull import fetch, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, is_claim
@@ -211,6 +213,7 @@ class NatsSubscription:
     async def _pull(self, durable: str, subject: str, replay: bool) -> None:
         psub: JetStreamContext.PullSubscription | None = None
         bound = 0  # the broker's generation of the stream psub was bound on
+        fast = False  # psub can be pulled from without a task per message (nats_pull)
         failures = 0
         try:
             while not self._stopping.is_set():
@@ -228,8 +231,9 @@ class NatsSubscription:
                         psub = None
                     if psub is None:
                         psub = await self.broker._bind(self.app, durable, subject)
-                        bound = generation
-                    msgs = await psub.fetch(want, timeout=self.broker.fetch_timeout)
+                        bound, fast = generation, usable(psub)
+                    msgs = await (fetch(psub, want, self.broker.fetch_timeout) if fast
+                                  else psub.fetch(want, timeout=self.broker.fetch_timeout))
                     failures = 0
                 except TimeoutError:  # no message in time (or a reconnect under way)
                     pass
@@ -263,15 +267,23 @@ class NatsSubscription:
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
                 if settled:
-                    for m in settled:
-                        # (a lost ack: NATS delivers it again, and the store says done)
-                        with contextlib.suppress(Exception):
-                            await m.ack()
+                    # (a lost ack: NATS delivers it again, and the store says done)
+                    await self._ack_all(settled)
                     self._capacity.set()
                 if not msgs:
                     await asyncio.sleep(0)  # let a loop waiting for capacity go first
         finally:
             await self._unbind(psub)
+
+    async def _ack_all(self, msgs: list[Msg]) -> None:
+        """Ack messages settled already: in one write when the client allows it."""
+        nc = self.broker._nc
+        with contextlib.suppress(Exception):
+            if nc is not None and await ack_all(nc, msgs):
+                return
+        for m in msgs:
+            with contextlib.suppress(Exception):
+                await m.ack()
 
     @staticmethod
     async def _unbind(psub: JetStreamContext.PullSubscription | None) -> None:

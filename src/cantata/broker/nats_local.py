@@ -204,4 +204,4 @@ class Handing:
 
 
 _FREE: Any = object()
-_DONE_KEPT = 4096
+_DONE_KEPT = 16384

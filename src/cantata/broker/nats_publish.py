@@ -156,3 +156,31 @@ class Publisher:
         if gone:
             for token in [t for t, f in self._waiting.items() if id(f) in gone]:
                 del self._waiting[token]
+
+
+async def ack_all(nc: Client, msgs: Sequence[Msg]) -> bool:
+    """Ack JetStream messages with one write (an empty message to each one's reply
+    subject, what ``Msg.ack`` publishes, one flush for all); ``False`` (nothing sent)
+    when the client lacks what this needs or a reply is not :func:`safe`: ack them
+    one by one then. Each ack is for its own message (not the consumer's AckAll)."""
+    if not usable(nc) or nc.is_closed or nc.is_draining_pubs:
+        return False
+    replies = [m.reply for m in msgs]
+    if not all(r and safe(r) for r in replies):
+        return False
+    cmds = [b"PUB %s 0\r\n\r\n" % r.encode() for r in replies]
+    size = sum(len(c) for c in cmds)
+    if not nc.is_connected and (
+        nc._max_pending_size <= 0 or nc._pending_data_size + size > nc._max_pending_size
+    ):
+        return False
+    for m in msgs:
+        m._ackd = True  # (as Msg.ack does: a second ack of it raises)
+    nc._pending.extend(cmds)
+    nc._pending_data_size += size
+    nc.stats["out_msgs"] += len(cmds)
+    nc.stats["out_bytes"] += size
+    flush_queue: Any = nc._flush_queue
+    if flush_queue is not None and flush_queue.empty():
+        await nc._flush_pending()
+    return True

@@ -93,8 +93,11 @@ class OutboxRelay:
     ``mark_delay`` when the last read found nothing that was not offered. An offered event
     every delivery of which this worker holds (the broker's ``held_here``: handed off
     here, nobody else waits for it) is published up to ``offer_delay`` seconds later, in
-    a batch, so that publishing stays off the hops that handle it here. When the
-    broker is unreachable it logs once and keeps trying.
+    a batch, so that publishing stays off the hops that handle it here. An outbox
+    read returns the oldest ``batch`` unpublished events, those it knows (offered,
+    published but not yet marked) skipped: one that was not offered is found once
+    what is before it left the outbox. When the broker is unreachable it logs once
+    and keeps trying.
     """
 
     def __init__(
@@ -248,9 +251,12 @@ class OutboxRelay:
         skip: dict[str, None] | set[str] = self._unmarked
         if self._later:  # (published soon: not now by this read)
             skip = set(self._unmarked) | {e.id for e in self._later}
-        events = await self.store.unpublished_events(
-            self.app, limit=self.batch + len(skip) + len(self._fresh) + len(self._later)
-        )
+        # The oldest ``batch`` only, not as many more as it skips: in a busy process
+        # the outbox is mostly what was offered (held back, or not yet marked), and
+        # reading (decoding) all of it cost about one event decode per event. An event
+        # that was not offered is found all the same: what it is behind leaves the
+        # outbox within offer_delay + mark_delay, and a later read returns it.
+        events = await self.store.unpublished_events(self.app, limit=self.batch)
         if self._fresh or self._later:
             # offered while the read ran (its commit's notification came first): they
             # go out with the offered ones, not twice, and the held ones a moment later

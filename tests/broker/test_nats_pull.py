@@ -1,0 +1,100 @@
+"""The pull loops' fetch without a task per message (broker/nats_pull.py) and their acks
+in one write (nats_publish.ack_all), against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from cantata.broker.nats_publish import ack_all
+from cantata.broker.nats_pull import fetch, usable
+
+
+@pytest.fixture
+async def stream(nats_url: str) -> AsyncIterator[tuple[Client, JetStreamContext, str]]:
+    name = f"pull-{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    js = nc.jetstream()
+    await js.add_stream(name=name, subjects=[f"{name}.>"])
+    try:
+        yield nc, js, name
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+
+
+async def _bind(js: JetStreamContext, name: str) -> JetStreamContext.PullSubscription:
+    await js.add_consumer(name, ConsumerConfig(
+        durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1,
+    ))
+    return await js.pull_subscribe_bind("c", stream=name)
+
+
+async def test_fetch_takes_what_is_there_up_to_the_batch_and_waits_for_the_next(
+    stream: tuple[Client, JetStreamContext, str],
+) -> None:
+    nc, js, name = stream
+    psub = await _bind(js, name)
+    assert usable(psub)
+    for i in range(7):
+        await js.publish(f"{name}.x", b"%d" % i)
+    first = await fetch(psub, 5, 1.0)
+    rest = await fetch(psub, 5, 1.0)
+    assert [m.data for m in first + rest] == [b"%d" % i for i in range(7)]
+    assert len(first) == 5
+    # none left: a timeout within the time asked for
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await fetch(psub, 5, 0.3)
+    assert time.monotonic() - started < 1.0
+    # one published while the fetch waits comes at once, not after the timeout
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        await js.publish(f"{name}.x", b"late")
+
+    publishing = asyncio.create_task(later())
+    started = time.monotonic()
+    got = await fetch(psub, 5, 3.0)
+    await publishing
+    assert [m.data for m in got] == [b"late"]
+    assert time.monotonic() - started < 2.0
+    await ack_all(nc, first + rest + got)
+
+
+async def test_ack_all_acks_each_message_so_none_comes_again(
+    stream: tuple[Client, JetStreamContext, str],
+) -> None:
+    nc, js, name = stream
+    psub = await _bind(js, name)
+    for i in range(20):
+        await js.publish(f"{name}.x", b"%d" % i)
+    msgs: list[nats.aio.msg.Msg] = []
+    while len(msgs) < 20:
+        msgs += await fetch(psub, 20, 1.0)
+    assert await ack_all(nc, msgs[:15])
+    with pytest.raises(nats.errors.MsgAlreadyAckdError):
+        await msgs[0].ack()
+    await nc.flush()
+    pending = 20
+    for _ in range(50):  # (the server takes acks in on its own time)
+        pending = (await js.consumer_info(name, "c")).num_ack_pending
+        if pending <= 5:
+            break
+        await asyncio.sleep(0.02)
+    assert pending == 5  # only the 15 acked: not an AckAll
+    # after the ack wait (1 s) only the 5 not acked come again
+    again = []
+    deadline = time.monotonic() + 5
+    while len(again) < 5 and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            again += await fetch(psub, 20, 0.5)
+    assert sorted(m.data for m in again) == sorted(m.data for m in msgs[15:])
