@@ -27,6 +27,9 @@ from cantata.store.sqlite_ops import (
 from cantata.store.sqlite_thread import ConnectionThread, TxConnection
 
 
+_DECL_VERSION = "SELECT value FROM cantata_meta WHERE key=?"
+
+
 class SQLiteCore(StoreBase):
     """The connection thread, the subscriptions cache and the event append."""
 
@@ -81,8 +84,17 @@ class SQLiteCore(StoreBase):
         return self._thread
 
     def _subscriptions(self, c: sqlite3.Connection, app: str) -> list[tuple[str, str]]:
-        row = c.execute("SELECT value FROM cantata_meta WHERE key=?", (f"decl:{app}",)).fetchone()
-        version = row[0] if row else ""
+        """The (group, pattern) of ``app``'s handlers and triggers, as declared now.
+
+        Cached per declaration version; the version is read once per write
+        transaction (see :attr:`TxConnection.decl_versions`), not on every append."""
+        versions = c.decl_versions if isinstance(c, TxConnection) and c.in_transaction else None
+        version = None if versions is None else versions.get(app)
+        if version is None:
+            row = c.execute(_DECL_VERSION, (f"decl:{app}",)).fetchone()
+            version = row[0] if row else ""
+            if versions is not None:
+                versions[app] = version
         cached = self._subs_cache.get(app)
         if cached is not None and cached[0] == version:
             return cached[1]
