@@ -24,11 +24,10 @@ from cantata.store.base import (
     Settlement,
 )
 from cantata.store.roles.events import DeliveryHold
-from cantata.store.sqlite_core import SQLiteCore
+from cantata.store.sqlite_core import Hold, SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
     EVENT_COLS,
-    HOLD_SQL,
     audit_append,
     dead_letter_row,
     event_row,
@@ -46,8 +45,9 @@ class SQLiteEvents(SQLiteCore):
         hold: Sequence[tuple[str, str]],
     ) -> tuple[list[int], list[tuple[str, str]]]:
         def op(c: sqlite3.Connection) -> tuple[list[int], list[tuple[str, str]]]:
-            counts = self._append(c, app, events)
-            return counts, _hold(c, app, events, counts, hold_for, hold, time.time())
+            held = Hold(hold_for, hold, time.time())
+            counts = self._append(c, app, events, held)
+            return counts, held.finish(c, app, events, counts)
 
         return await self._t.write(op, EVENTS)
 
@@ -148,9 +148,10 @@ class SQLiteEvents(SQLiteCore):
                     (s.attempts, now, app, group, event_id),
                 )
                 if s.events:
-                    counts = s.addressed = self._append(c, app, s.events)
-                    if s.hold_for is not None:
-                        s.held = _hold(c, app, s.events, counts, s.hold_for, s.hold, now)
+                    held = None if s.hold_for is None else Hold(s.hold_for, s.hold, now)
+                    counts = s.addressed = self._append(c, app, s.events, held)
+                    if held is not None:
+                        s.held = held.finish(c, app, s.events, counts)
                 audit_append(
                     c,
                     app,
@@ -343,15 +344,3 @@ class SQLiteEvents(SQLiteCore):
 
         return await self._t.write(write, EVENTS)
 
-
-def _hold(
-    c: sqlite3.Connection, app: str, events: Sequence[Event[Any]], counts: Sequence[int],
-    worker_id: str, hold: Sequence[tuple[str, str]], now: float,
-) -> list[tuple[str, str]]:
-    """Claim for ``worker_id`` the deliveries of ``hold`` that this transaction created:
-    only of events it stored (an id stored before may have a delivery a broker copy is
-    being handled with right now, which the store cannot see), still pending, nobody's,
-    no attempt."""
-    new = {e.id for e, n in zip(events, counts, strict=True) if n}
-    return [(g, e) for g, e in hold
-            if e in new and c.execute(HOLD_SQL, (worker_id, now, app, g, e)).rowcount == 1]
