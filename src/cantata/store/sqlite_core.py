@@ -48,7 +48,7 @@ class SQLiteCore(StoreBase):
             )
         super().__init__()
         self._thread: ConnectionThread | None = None
-        self._subs_cache: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+        self._subs_cache: dict[str, Fanout] = {}
         self._tx_lane: Any = None  # transactional steps' connection (sqlite_tx)
 
     async def open(self) -> None:
@@ -83,8 +83,8 @@ class SQLiteCore(StoreBase):
             raise StoreUnavailable(f"store {self.url} is not open: use `async with app:` first")
         return self._thread
 
-    def _subscriptions(self, c: sqlite3.Connection, app: str) -> list[tuple[str, str]]:
-        """The (group, pattern) of ``app``'s handlers and triggers, as declared now.
+    def _subscriptions(self, c: sqlite3.Connection, app: str) -> Fanout:
+        """The handlers and triggers of ``app`` as declared now.
 
         Cached per declaration version; the version is read once per write
         transaction (see :attr:`TxConnection.decl_versions`), not on every append."""
@@ -96,15 +96,14 @@ class SQLiteCore(StoreBase):
             if versions is not None:
                 versions[app] = version
         cached = self._subs_cache.get(app)
-        if cached is not None and cached[0] == version:
-            return cached[1]
+        if cached is not None and cached.version == version:
+            return cached
         subs = c.execute(
             "SELECT name, pattern FROM declarations WHERE app=? AND kind IN ('handler','trigger')",
             (app,),
         ).fetchall()
-        result = [(r[0], r[1]) for r in subs]
-        self._subs_cache[app] = (version, result)
-        return result
+        fanout = self._subs_cache[app] = Fanout(version, [(r[0], r[1]) for r in subs])
+        return fanout
 
     def _append(
         self, c: sqlite3.Connection, app: str, events: Sequence[Event[Any]],
@@ -130,7 +129,7 @@ class SQLiteCore(StoreBase):
             if cur.rowcount == 0:
                 counts.append(0)
                 continue
-            groups = sorted({g for g, p in subs if matches(p, ev.type)})
+            groups = subs.groups(ev.type)
             held = None if hold is None or not groups else hold.wanted.get(ev.id)
             groups_plain = groups
             if hold is not None and held:
@@ -140,6 +139,29 @@ class SQLiteCore(StoreBase):
                 c.executemany(_INSERT_DELIVERY, [(app, g, ev.id, now) for g in groups_plain])
             counts.append(len(groups))
         return counts
+
+
+class Fanout:
+    """An app's subscriptions (group, pattern) at one declaration version, and the
+    groups each event type goes to (looked up once per type, not per event)."""
+
+    __slots__ = ("by_type", "subs", "version")
+    MAX_TYPES = 4096  # the memo starts over past this many types
+
+    def __init__(self, version: str, subs: list[tuple[str, str]]) -> None:
+        self.version = version
+        self.subs = subs
+        self.by_type: dict[str, list[str]] = {}
+
+    def groups(self, event_type: str) -> list[str]:
+        """The groups an event of ``event_type`` goes to, sorted (do not change it)."""
+        found = self.by_type.get(event_type)
+        if found is None:
+            if len(self.by_type) >= self.MAX_TYPES:
+                self.by_type.clear()
+            found = sorted({g for g, p in self.subs if matches(p, event_type)})
+            self.by_type[event_type] = found
+        return found
 
 
 _INSERT_EVENT = (
