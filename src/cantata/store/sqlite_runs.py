@@ -59,12 +59,11 @@ _STATUS, _RESULT, _ERROR, _UPDATED_AT, _OWNER, _FLAGGED = (
 )
 
 
-# A checkpoint that changes nothing of the run's row but updated_at: fenced, returning
-# (owner, status, correlation_id) as they were (this UPDATE does not change them).
-_TOUCH_RUN = (
-    "UPDATE runs SET updated_at=? WHERE app=? AND run_id=? AND fence=? "
-    "RETURNING owner, status, correlation_id"
-)
+# A checkpoint that changes nothing of the run's row but updated_at (the conditions
+# follow: _FENCED, or the fence and RETURNING on a plain connection).
+_TOUCH_RUN = "UPDATE runs SET updated_at=?"
+# The fence, and (TxConnection.was) the owner, status and correlation id the row had.
+_FENCED = " WHERE app=? AND run_id=? AND fence=? AND cantata_was(owner, status, correlation_id)"
 
 
 def _touch_only(write: RunWrite) -> bool:
@@ -272,29 +271,29 @@ class SQLiteRuns(SQLiteCore):
     ) -> bool:
         """One checkpoint if the run's fence is still ``fence`` (else False), in the
         caller's transaction."""
-        if _touch_only(write):
-            # A step's checkpoint (the usual one): the run's row changes only its
-            # updated_at, so one statement checks the fence and reads what the
-            # audit record needs (unchanged by it) instead of a SELECT first.
-            rows = c.execute(_TOUCH_RUN, (time.time(), app, run_id, fence)).fetchall()
-            if not rows:
-                return False
-            self._apply(c, app, run_id, write, *rows[0], touched=True)
-            return True
         if isinstance(c, TxConnection):
-            # Likewise for one that changes the row: the owner and status it had come
-            # back through TxConnection.was (RETURNING sees the new row), the
-            # correlation id (unchanged) through RETURNING.
-            sets, params = _run_sets(write)
+            # One statement checks the fence, changes the row and hands back what the
+            # audit record needs, as the row had it: TxConnection.was (a RETURNING
+            # clause would give the new row, and costs SQLite twice the UPDATE).
+            if _touch_only(write):  # a step's checkpoint (the usual one)
+                sql, params = _TOUCH_RUN, [time.time()]
+            else:
+                sets, params = _run_sets(write)
+                sql = f"UPDATE runs SET {sets}"
+            if c.execute(sql + _FENCED, (*params, app, run_id, fence)).rowcount != 1:
+                return False
+            owner, status, correlation_id = c.was
+            self._apply(c, app, run_id, write, owner, status, correlation_id, touched=True)
+            return True
+        if _touch_only(write):
             rows = c.execute(
-                f"UPDATE runs SET {sets} WHERE app=? AND run_id=? AND fence=? "
-                "AND cantata_was(owner, status) RETURNING correlation_id",
-                (*params, app, run_id, fence),
+                _TOUCH_RUN + " WHERE app=? AND run_id=? AND fence=? "
+                "RETURNING owner, status, correlation_id",
+                (time.time(), app, run_id, fence),
             ).fetchall()
             if not rows:
                 return False
-            owner, status = c.was
-            self._apply(c, app, run_id, write, owner, status, rows[0][0], touched=True)
+            self._apply(c, app, run_id, write, *rows[0], touched=True)
             return True
         row = c.execute(
             "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",
