@@ -36,6 +36,7 @@ from cantata.store.sqlite_operate import SQLiteOperate
 from cantata.store.sqlite_parking import SQLiteParking
 from cantata.store.sqlite_runs import SQLiteRuns
 from cantata.store.sqlite_tasks import SQLiteTasks
+from cantata.store.sqlite_thread import TxConnection
 from cantata.store.sqlite_trace import SQLiteTrace
 from cantata.store.tx import T, TxBody
 
@@ -73,6 +74,8 @@ class SQLiteStore(
                 "INSERT INTO cantata_meta VALUES (?, ?) ON CONFLICT DO UPDATE SET value=?",
                 (f"decl:{app}", codec.new_id(), codec.new_id()),
             )
+            if isinstance(c, TxConnection):  # this transaction's appends read it anew
+                c.decl_versions.pop(app, None)
 
         await self._t.write(op)
 

@@ -23,8 +23,11 @@ from cantata.store.faults import sqlite_fault
 from cantata.store.sqlite_open import connect
 from cantata.store.sqlite_ops import (
     EVENT_COLS,
+    HOLD_SQL,
 )
 from cantata.store.sqlite_thread import ConnectionThread, TxConnection
+
+_DECL_VERSION = "SELECT value FROM cantata_meta WHERE key=?"
 
 
 class SQLiteCore(StoreBase):
@@ -45,7 +48,7 @@ class SQLiteCore(StoreBase):
             )
         super().__init__()
         self._thread: ConnectionThread | None = None
-        self._subs_cache: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+        self._subs_cache: dict[str, Fanout] = {}
         self._tx_lane: Any = None  # transactional steps' connection (sqlite_tx)
 
     async def open(self) -> None:
@@ -80,28 +83,43 @@ class SQLiteCore(StoreBase):
             raise StoreUnavailable(f"store {self.url} is not open: use `async with app:` first")
         return self._thread
 
-    def _subscriptions(self, c: sqlite3.Connection, app: str) -> list[tuple[str, str]]:
-        row = c.execute("SELECT value FROM cantata_meta WHERE key=?", (f"decl:{app}",)).fetchone()
-        version = row[0] if row else ""
+    def _subscriptions(self, c: sqlite3.Connection, app: str) -> Fanout:
+        """The handlers and triggers of ``app`` as declared now.
+
+        Cached per declaration version; the version is read once per write
+        transaction (see :attr:`TxConnection.decl_versions`), not on every append."""
+        versions = c.decl_versions if isinstance(c, TxConnection) and c.in_transaction else None
+        version = None if versions is None else versions.get(app)
+        if version is None:
+            row = c.execute(_DECL_VERSION, (f"decl:{app}",)).fetchone()
+            version = row[0] if row else ""
+            if versions is not None:
+                versions[app] = version
         cached = self._subs_cache.get(app)
-        if cached is not None and cached[0] == version:
-            return cached[1]
+        if cached is not None and cached.version == version:
+            return cached
         subs = c.execute(
             "SELECT name, pattern FROM declarations WHERE app=? AND kind IN ('handler','trigger')",
             (app,),
         ).fetchall()
-        result = [(r[0], r[1]) for r in subs]
-        self._subs_cache[app] = (version, result)
-        return result
+        fanout = self._subs_cache[app] = Fanout(version, [(r[0], r[1]) for r in subs])
+        return fanout
 
-    def _append(self, c: sqlite3.Connection, app: str, events: Sequence[Event[Any]]) -> list[int]:
+    def _append(
+        self, c: sqlite3.Connection, app: str, events: Sequence[Event[Any]],
+        hold: Hold | None = None,
+    ) -> list[int]:
+        """Store ``events`` (an id stored before is skipped: count 0) and fan each new
+        one out to the groups subscribed to its type; the number of groups per event.
+
+        ``hold``: claim some of the new deliveries for a worker as they are made
+        (see :class:`Hold`)."""
         subs = self._subscriptions(c, app)
         now = time.time()
         counts: list[int] = []
         for ev in events:
             cur = c.execute(
-                f"INSERT INTO events (app, {EVENT_COLS}, stored_at) VALUES "
-                "(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                _INSERT_EVENT,
                 (
                     app, ev.id, ev.type, ev.source, ev.subject, ev.time,
                     codec.dumps(ev.data, f"data of event {ev.type}"), ev.correlation_id,
@@ -111,12 +129,104 @@ class SQLiteCore(StoreBase):
             if cur.rowcount == 0:
                 counts.append(0)
                 continue
-            groups = sorted({g for g, p in subs if matches(p, ev.type)})
-            if groups:
-                c.executemany(
-                    "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
-                    "VALUES (?,?,?,'pending',?) ON CONFLICT DO NOTHING",
-                    [(app, g, ev.id, now) for g in groups],
-                )
+            groups = subs.groups(ev.type)
+            held = None if hold is None or not groups else hold.wanted.get(ev.id)
+            groups_plain = groups
+            if hold is not None and held:
+                groups_plain = [g for g in groups if g not in held]
+                hold.fan_out(c, app, ev.id, [g for g in groups if g in held])
+            if groups_plain:
+                c.executemany(_INSERT_DELIVERY, [(app, g, ev.id, now) for g in groups_plain])
             counts.append(len(groups))
         return counts
+
+
+class Fanout:
+    """An app's subscriptions (group, pattern) at one declaration version, and the
+    groups each event type goes to (looked up once per type, not per event)."""
+
+    __slots__ = ("by_type", "subs", "version")
+    MAX_TYPES = 4096  # the memo starts over past this many types
+
+    def __init__(self, version: str, subs: list[tuple[str, str]]) -> None:
+        self.version = version
+        self.subs = subs
+        self.by_type: dict[str, list[str]] = {}
+
+    def groups(self, event_type: str) -> list[str]:
+        """The groups an event of ``event_type`` goes to, sorted (do not change it)."""
+        found = self.by_type.get(event_type)
+        if found is None:
+            if len(self.by_type) >= self.MAX_TYPES:
+                self.by_type.clear()
+            found = sorted({g for g, p in self.subs if matches(p, event_type)})
+            self.by_type[event_type] = found
+        return found
+
+
+_INSERT_EVENT = (
+    f"INSERT INTO events (app, {EVENT_COLS}, stored_at) VALUES "
+    "(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+)
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
+    "VALUES (?,?,?,'pending',?) ON CONFLICT DO NOTHING"
+)
+# A delivery fanned out and held in one statement: made claimed (as HOLD_SQL leaves a
+# new one: fence 0+1, its first attempt counted) or, if it was there already, claimed
+# on HOLD_SQL's conditions (pending, nobody's, no attempt). 1 row changed: held.
+_INSERT_HELD = (
+    "INSERT INTO deliveries (app, grp, event_id, status, attempts, owner, fence, updated_at) "
+    "VALUES (?,?,?,'pending',1,?,1,?) ON CONFLICT DO UPDATE SET owner=excluded.owner, "
+    "fence=fence+1, attempts=1, updated_at=excluded.updated_at "
+    "WHERE status='pending' AND owner IS NULL AND attempts=0"
+)
+
+
+class Hold:
+    """The deliveries an append claims for ``worker_id`` (``Settlement.hold``): only of
+    events it stores (an id stored before may have a delivery a broker copy is being
+    handled with right now, which the store cannot see), still pending, nobody's, no
+    attempt — as ``claim_deliveries`` would, the first attempt counted.
+
+    Those of the groups an event fans out to are held by the INSERT that makes them
+    (:data:`_INSERT_HELD`: one statement instead of an INSERT and an UPDATE); any
+    other pair by :data:`~cantata.store.sqlite_ops.HOLD_SQL` after the append.
+    """
+
+    __slots__ = ("held", "now", "pairs", "tried", "wanted", "worker_id")
+
+    def __init__(self, worker_id: str, pairs: Sequence[tuple[str, str]], now: float) -> None:
+        self.worker_id = worker_id
+        self.pairs = pairs
+        self.now = now
+        self.wanted: dict[str, set[str]] = {}
+        for g, e in pairs:
+            self.wanted.setdefault(e, set()).add(g)
+        self.tried: set[tuple[str, str]] = set()
+        self.held: set[tuple[str, str]] = set()
+
+    def fan_out(self, c: sqlite3.Connection, app: str, event_id: str, groups: list[str]) -> None:
+        for g in groups:
+            self.tried.add((g, event_id))
+            if c.execute(_INSERT_HELD, (app, g, event_id, self.worker_id, self.now)).rowcount:
+                self.held.add((g, event_id))
+
+    def finish(
+        self, c: sqlite3.Connection, app: str, events: Sequence[Event[Any]], counts: Sequence[int]
+    ) -> list[tuple[str, str]]:
+        """Hold the pairs the fan-out did not make (of an event stored now, a group it did
+        not fan out to); the pairs held, in ``pairs`` order, each once."""
+        new = {e.id for e, n in zip(events, counts, strict=True) if n}
+        out: list[tuple[str, str]] = []
+        seen: set[tuple[str, str]] = set()
+        for pair in self.pairs:
+            if pair in seen or pair[1] not in new:
+                continue
+            seen.add(pair)
+            if pair in self.tried:  # held, or not holdable, by its INSERT
+                if pair in self.held:
+                    out.append(pair)
+            elif c.execute(HOLD_SQL, (self.worker_id, self.now, app, *pair)).rowcount == 1:
+                out.append(pair)
+        return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from cantata.errors import DeadLetterNotFound
 from cantata.model import codec
@@ -24,15 +24,15 @@ from cantata.store.base import (
     Settlement,
 )
 from cantata.store.roles.events import DeliveryHold
-from cantata.store.sqlite_core import SQLiteCore
+from cantata.store.sqlite_core import Hold, SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
     EVENT_COLS,
-    HOLD_SQL,
     audit_append,
     dead_letter_row,
     event_row,
 )
+from cantata.store.sqlite_thread import TxConnection
 
 
 class SQLiteEvents(SQLiteCore):
@@ -46,8 +46,9 @@ class SQLiteEvents(SQLiteCore):
         hold: Sequence[tuple[str, str]],
     ) -> tuple[list[int], list[tuple[str, str]]]:
         def op(c: sqlite3.Connection) -> tuple[list[int], list[tuple[str, str]]]:
-            counts = self._append(c, app, events)
-            return counts, _hold(c, app, events, counts, hold_for, hold, time.time())
+            held = Hold(hold_for, hold, time.time())
+            counts = self._append(c, app, events, held)
+            return counts, held.finish(c, app, events, counts)
 
         return await self._t.write(op, EVENTS)
 
@@ -128,29 +129,23 @@ class SQLiteEvents(SQLiteCore):
         def op(c: sqlite3.Connection) -> bool:
             s = settlement
             now = time.time()
-            row = c.execute(
-                "SELECT status, owner FROM deliveries WHERE app=? AND grp=? AND event_id=?",
-                (app, group, event_id),
-            ).fetchone()
-            owner = None if row is None else row[1]
-            if row is not None and row[0] == DELIVERY_DONE:
-                return False
-            if row is None:
-                c.execute(
-                    "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
-                    "VALUES (?,?,?,'pending',?)",
-                    (app, group, event_id, now),
-                )
+            params: tuple[Any, ...]
             if s.outcome == "done":
-                c.execute(
-                    "UPDATE deliveries SET status='done', attempts=?, owner=NULL, error=NULL, "
-                    "updated_at=? WHERE app=? AND grp=? AND event_id=?",
-                    (s.attempts, now, app, group, event_id),
-                )
+                sql, params = _SETTLE_DONE, (s.attempts, now)
+            elif s.outcome == "retry":
+                sql, params = _SETTLE_RETRY, (s.attempts, s.error, s.retry_at, now)
+            else:
+                sql, params = _SETTLE_DEAD, (s.attempts, s.error, now)
+            found = _settle_row(c, sql, params, app, group, event_id, now)
+            if found is _DONE_BEFORE:
+                return False
+            owner = cast("str | None", found)
+            if s.outcome == "done":
                 if s.events:
-                    counts = s.addressed = self._append(c, app, s.events)
-                    if s.hold_for is not None:
-                        s.held = _hold(c, app, s.events, counts, s.hold_for, s.hold, now)
+                    held = None if s.hold_for is None else Hold(s.hold_for, s.hold, now)
+                    counts = s.addressed = self._append(c, app, s.events, held)
+                    if held is not None:
+                        s.held = held.finish(c, app, s.events, counts)
                 audit_append(
                     c,
                     app,
@@ -158,18 +153,7 @@ class SQLiteEvents(SQLiteCore):
                         group, event_id, owner, "done", s.attempts, emitted=[e.id for e in s.events]
                     ),
                 )
-            elif s.outcome == "retry":
-                c.execute(
-                    "UPDATE deliveries SET status='pending', attempts=?, owner=NULL, error=?, "
-                    "next_at=?, updated_at=? WHERE app=? AND grp=? AND event_id=?",
-                    (s.attempts, s.error, s.retry_at, now, app, group, event_id),
-                )
-            else:
-                c.execute(
-                    "UPDATE deliveries SET status='dead', attempts=?, owner=NULL, error=?, "
-                    "updated_at=? WHERE app=? AND grp=? AND event_id=?",
-                    (s.attempts, s.error, now, app, group, event_id),
-                )
+            elif s.outcome != "retry":
                 dead_letter_id = s.dead_letter_id or codec.new_id()
                 c.execute(
                     "INSERT INTO dead_letters VALUES (?,?,?,?,?,?,?)",
@@ -344,14 +328,43 @@ class SQLiteEvents(SQLiteCore):
         return await self._t.write(write, EVENTS)
 
 
-def _hold(
-    c: sqlite3.Connection, app: str, events: Sequence[Event[Any]], counts: Sequence[int],
-    worker_id: str, hold: Sequence[tuple[str, str]], now: float,
-) -> list[tuple[str, str]]:
-    """Claim for ``worker_id`` the deliveries of ``hold`` that this transaction created:
-    only of events it stored (an id stored before may have a delivery a broker copy is
-    being handled with right now, which the store cannot see), still pending, nobody's,
-    no attempt."""
-    new = {e.id for e, n in zip(events, counts, strict=True) if n}
-    return [(g, e) for g, e in hold
-            if e in new and c.execute(HOLD_SQL, (worker_id, now, app, g, e)).rowcount == 1]
+
+# What a settlement sets, by outcome (the key and its conditions follow).
+_SETTLE_DONE = (
+    "UPDATE deliveries SET status='done', attempts=?, owner=NULL, error=NULL, updated_at=?"
+)
+_SETTLE_RETRY = (
+    "UPDATE deliveries SET status='pending', attempts=?, owner=NULL, error=?, next_at=?, "
+    "updated_at=?"
+)
+_SETTLE_DEAD = "UPDATE deliveries SET status='dead', attempts=?, owner=NULL, error=?, updated_at=?"
+_KEY = " WHERE app=? AND grp=? AND event_id=?"
+# Not settled yet: the update, and the owner it had (TxConnection.was), in one statement.
+_UNSETTLED = _KEY + " AND status<>'done' AND cantata_was(owner)"
+_DONE_BEFORE = object()
+
+
+def _settle_row(
+    c: sqlite3.Connection, sql: str, params: tuple[Any, ...], app: str, group: str,
+    event_id: str, now: float,
+) -> object:
+    """Apply a settlement's ``sql`` to the delivery unless it is done already
+    (:data:`_DONE_BEFORE`); the owner it had. A delivery the store has no row of (an
+    event it was handed but did not fan out) gets one first."""
+    if isinstance(c, TxConnection) and c.execute(
+        sql + _UNSETTLED, (*params, app, group, event_id)
+    ).rowcount == 1:
+        return c.was[0]
+    row = c.execute(
+        "SELECT status, owner FROM deliveries" + _KEY, (app, group, event_id)
+    ).fetchone()
+    if row is not None and row[0] == DELIVERY_DONE:
+        return _DONE_BEFORE
+    if row is None:
+        c.execute(
+            "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "
+            "VALUES (?,?,?,'pending',?)",
+            (app, group, event_id, now),
+        )
+    c.execute(sql + _KEY, (*params, app, group, event_id))
+    return None if row is None else row[1]

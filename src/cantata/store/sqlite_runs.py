@@ -40,6 +40,7 @@ from cantata.store.sqlite_ops import (
     run_row,
 )
 from cantata.store.sqlite_parking import UNPARK, wake_parent
+from cantata.store.sqlite_thread import TxConnection
 
 _UPSERT_HISTORY = (
     f"INSERT INTO history (app, run_id, {HISTORY_COLS}) "
@@ -58,12 +59,11 @@ _STATUS, _RESULT, _ERROR, _UPDATED_AT, _OWNER, _FLAGGED = (
 )
 
 
-# A checkpoint that changes nothing of the run's row but updated_at: fenced, returning
-# (owner, status, correlation_id) as they were (this UPDATE does not change them).
-_TOUCH_RUN = (
-    "UPDATE runs SET updated_at=? WHERE app=? AND run_id=? AND fence=? "
-    "RETURNING owner, status, correlation_id"
-)
+# A checkpoint that changes nothing of the run's row but updated_at (the conditions
+# follow: _FENCED, or the fence and RETURNING on a plain connection).
+_TOUCH_RUN = "UPDATE runs SET updated_at=?"
+# The fence, and (TxConnection.was) the owner, status and correlation id the row had.
+_FENCED = " WHERE app=? AND run_id=? AND fence=? AND cantata_was(owner, status, correlation_id)"
 
 
 def _touch_only(write: RunWrite) -> bool:
@@ -84,6 +84,27 @@ def _channels(write: RunWrite | None) -> tuple[str, ...]:
     if write is not None and write.tasks:
         channels.append(TASKS)
     return tuple(channels)
+
+def _run_sets(write: RunWrite) -> tuple[str, list[Any]]:
+    """The SET list of a checkpoint's change to the run's row, and its parameters."""
+    sets = ["updated_at=?"]
+    params: list[Any] = [time.time()]
+    if write.status is not None:
+        sets.append("status=?")
+        params.append(str(write.status))
+    if write.result is not None:
+        sets.append("result=?")
+        params.append(write.result)
+    if write.error is not None:
+        sets.append("error=?")
+        params.append(write.error)
+    if write.flagged is not None:
+        sets.append("flagged=?")
+        params.append(int(write.flagged))
+    if write.release:
+        sets.append("owner=NULL")
+    return ", ".join(sets), params
+
 
 def _lost(run_id: str, fence: int) -> LeaseLost:
     return LeaseLost(
@@ -240,24 +261,48 @@ class SQLiteRuns(SQLiteCore):
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         def op(c: sqlite3.Connection) -> None:
-            if _touch_only(write):
-                # A step's checkpoint (the usual one): the run's row changes only its
-                # updated_at, so one statement checks the fence and reads what the
-                # audit record needs (unchanged by it) instead of a SELECT first.
-                rows = c.execute(_TOUCH_RUN, (time.time(), app, run_id, fence)).fetchall()
-                if not rows:
-                    raise _lost(run_id, fence)
-                self._apply(c, app, run_id, write, *rows[0], touched=True)
-                return
-            row = c.execute(
-                "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",
-                (app, run_id),
-            ).fetchone()
-            if row is None or row[0] != fence:
+            if not self._commit_fenced(c, app, run_id, fence, write):
                 raise _lost(run_id, fence)
-            self._apply(c, app, run_id, write, row[1], row[2], row[3])
 
         await self._t.write(op, *_channels(write))
+
+    def _commit_fenced(
+        self, c: sqlite3.Connection, app: str, run_id: str, fence: int, write: RunWrite
+    ) -> bool:
+        """One checkpoint if the run's fence is still ``fence`` (else False), in the
+        caller's transaction."""
+        if isinstance(c, TxConnection):
+            # One statement checks the fence, changes the row and hands back what the
+            # audit record needs, as the row had it: TxConnection.was (a RETURNING
+            # clause would give the new row, and costs SQLite twice the UPDATE).
+            if _touch_only(write):  # a step's checkpoint (the usual one)
+                sql, params = _TOUCH_RUN, [time.time()]
+            else:
+                sets, params = _run_sets(write)
+                sql = f"UPDATE runs SET {sets}"
+            if c.execute(sql + _FENCED, (*params, app, run_id, fence)).rowcount != 1:
+                return False
+            owner, status, correlation_id = c.was
+            self._apply(c, app, run_id, write, owner, status, correlation_id, touched=True)
+            return True
+        if _touch_only(write):
+            rows = c.execute(
+                _TOUCH_RUN + " WHERE app=? AND run_id=? AND fence=? "
+                "RETURNING owner, status, correlation_id",
+                (time.time(), app, run_id, fence),
+            ).fetchall()
+            if not rows:
+                return False
+            self._apply(c, app, run_id, write, *rows[0], touched=True)
+            return True
+        row = c.execute(
+            "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",
+            (app, run_id),
+        ).fetchone()
+        if row is None or row[0] != fence:
+            return False
+        self._apply(c, app, run_id, write, row[1], row[2], row[3])
+        return True
 
     def _apply(
         self,
@@ -301,26 +346,8 @@ class SQLiteRuns(SQLiteCore):
 
     @staticmethod
     def _update_run(c: sqlite3.Connection, app: str, run_id: str, write: RunWrite) -> None:
-        sets = ["updated_at=?"]
-        params: list[Any] = [time.time()]
-        if write.status is not None:
-            sets.append("status=?")
-            params.append(str(write.status))
-        if write.result is not None:
-            sets.append("result=?")
-            params.append(write.result)
-        if write.error is not None:
-            sets.append("error=?")
-            params.append(write.error)
-        if write.flagged is not None:
-            sets.append("flagged=?")
-            params.append(int(write.flagged))
-        if write.release:
-            sets.append("owner=NULL")
-        c.execute(
-            f"UPDATE runs SET {', '.join(sets)} WHERE app=? AND run_id=?",
-            (*params, app, run_id),
-        )
+        sets, params = _run_sets(write)
+        c.execute(f"UPDATE runs SET {sets} WHERE app=? AND run_id=?", (*params, app, run_id))
 
     async def request_cancel(
         self, app: str, run_id: str, *, actor: str = audit.SYSTEM

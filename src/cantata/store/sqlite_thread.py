@@ -35,16 +35,34 @@ class TxConnection(sqlite3.Connection):
     ``audit_heads`` holds the head of each app's audit chain as appended in this
     transaction (``app -> (seq, prev_hash, hash)``): operations read and advance it
     instead of the ``audit_head`` row, which is written once, just before COMMIT.
+
+    ``decl_versions`` holds each app's declaration version (``cantata_meta``'s
+    ``decl:<app>``) as read in this write transaction: inside ``BEGIN IMMEDIATE`` no
+    other connection (or process) can change it, so every append after the first
+    skips that read. A declaration written on this connection drops its app's entry.
+
+    ``was`` holds the arguments of the last call of the SQL function ``cantata_was``
+    (which returns 1): an UPDATE whose WHERE ends in ``AND cantata_was(col, ...)`` on
+    one row hands back the values the row had before it (RETURNING gives only the new
+    ones), instead of a SELECT of them first. Valid only if the UPDATE changed a row.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.audit_heads: dict[str, tuple[int, str, str]] = {}
+        self.decl_versions: dict[str, str] = {}
+        self.was: tuple[Any, ...] = ()
+        self.create_function("cantata_was", -1, self._capture)
         # app -> the key of its audit chain (shared with the store, which sets them)
         self.audit_keys: dict[str, AuditKey] = {}
 
+    def _capture(self, *values: Any) -> int:
+        self.was = values
+        return 1
+
     def begin_write(self) -> None:
         self.audit_heads = {}
+        self.decl_versions = {}
         self.execute("BEGIN IMMEDIATE")
 
     def before_commit(self) -> None:
@@ -55,6 +73,7 @@ class TxConnection(sqlite3.Connection):
                 [(app, *head) for app, head in self.audit_heads.items()],
             )
             self.audit_heads = {}
+        self.decl_versions = {}
 
 
 @dataclass(slots=True)
@@ -224,6 +243,7 @@ class ConnectionThread:
                 item.error = exc
                 conn.execute("ROLLBACK TO op")
                 conn.audit_heads = saved
+                conn.decl_versions = {}
             conn.execute("RELEASE op")
 
     def _deliver(self, batch: list[_Item], channels: set[str]) -> None:

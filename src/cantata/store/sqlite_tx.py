@@ -103,17 +103,11 @@ async def run_transaction(
             tx.close()
 
             def finish(c: TxConnection) -> None:
-                row = c.execute(
-                    "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? "
-                    "AND run_id=?",
-                    (app, run_id),
-                ).fetchone()
-                if row is None or row[0] != fence:
+                if not store._commit_fenced(c, app, run_id, fence, write):
                     raise LeaseLost(
                         f"run {run_id} was taken over by another worker (fence {fence} is "
                         "stale); its transactional step is rolled back"
                     )
-                store._apply(c, app, run_id, write, row[1], row[2], row[3])
                 c.before_commit()
                 c.execute("COMMIT")
 
