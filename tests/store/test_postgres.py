@@ -534,3 +534,45 @@ async def test_lookups_by_key_stay_on_the_key_as_a_new_store_grows(
         await conn.close()
     # A plan scanning the table or another index reads every run per checkpoint.
     assert read < 20_000, f"{read} rows of runs read other than by their key"
+
+
+async def test_a_checkpoint_that_keeps_the_indexed_columns_is_a_hot_update(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    """Pages of runs, history and attempts keep room for their rows' next versions
+    (migration 0021): a checkpoint that changes no indexed column of its run (no
+    status, no owner) is a HOT update, which adds no entry to runs' indexes; so are
+    the updates of its history entry and attempt. Every row of a page updated in one
+    batch, as the saga's writer does (at fillfactor 100: ~5 % HOT; at 70, ~45 %)."""
+    url = with_schema(postgres_url, fresh_schema)
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url, writers=1) as store:
+        runs = await asyncio.gather(*(store.create_run(new_run(app)) for _ in range(600)))
+        for seq, result in ((1, None), (2, '"done"')):
+            await asyncio.gather(*(store.commit_run(app, run.run_id, 0, RunWrite(
+                entries=[entry("a#1", seq, ENTRY_RUNNING if result is None else ENTRY_COMPLETED,
+                               result=result)],
+                attempts=[Attempt("a#1", 1, 1.0, None if result is None else 2.0)],
+            )) for run, _ in runs))
+        assert (await store.verify_audit(app)).ok
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        for _ in range(50):  # the statistics of closed connections arrive with a delay
+            rows = await conn.fetch(
+                "SELECT relname, n_tup_upd, n_tup_hot_upd, "
+                "(SELECT reloptions FROM pg_class c WHERE c.oid = s.relid) AS options "
+                "FROM pg_stat_user_tables s WHERE schemaname=$1 "
+                "AND relname IN ('runs', 'history', 'attempts')",
+                fresh_schema,
+            )
+            got = {r["relname"]: (r["n_tup_upd"], r["n_tup_hot_upd"], r["options"])
+                   for r in rows}
+            # runs: 1,200 updates; history and attempts: 600 each (the second checkpoint)
+            if len(got) == 3 and min(updated for updated, _, _ in got.values()) >= 600:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    assert all(options == ["fillfactor=50"] for _, _, options in got.values()), got
+    for table, (updated, hot, _) in got.items():
+        assert updated >= 600 and hot >= 0.9 * updated, (table, updated, hot)
