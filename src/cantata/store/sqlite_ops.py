@@ -203,6 +203,9 @@ HOLD_SQL = (
 # -- the audit log ----------------------------------------------------------------------
 
 
+_INSERT_AUDIT = f"INSERT INTO audit (app, {AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)"
+
+
 def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     """Append one record to ``app``'s chain (the caller's transaction is the only writer).
 
@@ -220,7 +223,7 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     keys = c.audit_keys if isinstance(c, TxConnection) else {}
     rec = audit.next_record(head, time.time(), actor, action, target, data, keys.get(app))
     c.execute(
-        f"INSERT INTO audit (app, {AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+        _INSERT_AUDIT,
         (app, rec.seq, rec.time, rec.actor, rec.action, rec.target, rec.data, rec.prev_hash,
          rec.hash),
     )
