@@ -48,14 +48,28 @@ PAGE = 1000
 Fetch = Callable[[int], Awaitable[list[AuditRecord]]]
 
 
-_CANONICAL = json.JSONEncoder(
+_ENCODER = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-).encode  # what json.dumps(value, <these options>) builds anew on every call
+)  # what json.dumps(value, <these options>) builds anew on every call
+# Its C encoder, made once (JSONEncoder.encode makes one per call, with a dict for
+# circular checks: half the cost of a small record's text). Without that check it
+# keeps no state between calls, so both threads share it; what it writes is the
+# same text (a circular value, never built here, ends in RecursionError instead).
+_MAKE_C_ENCODER: Callable[..., Any] | None = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODE: Callable[[Any, int], Sequence[str]] | None = (
+    None if _MAKE_C_ENCODER is None
+    else _MAKE_C_ENCODER(
+        None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+        True, False, False,
+    )
+)
 
 
 def canonical(value: Any) -> str:
     """Compact, ASCII-only JSON with sorted keys: one text per value."""
-    return _CANONICAL(value)
+    if _C_ENCODE is None or isinstance(value, str):  # (a str is not a C encoder's case)
+        return _ENCODER.encode(value)
+    return "".join(_C_ENCODE(value, 0))
 
 
 def tail(time: float, actor: str, action: str, target: str, data: str) -> str:
@@ -119,10 +133,24 @@ def next_record(
     key: AuditKey | None = None,
 ) -> AuditRecord:
     """The record that follows ``head`` (``(seq, hash)``, ``None`` for an empty chain)."""
+    seq, text, prev, h = next_link(head, time, actor, action, target, data, key)
+    return AuditRecord(seq, time, actor, action, target, text, prev, h)
+
+
+def next_link(
+    head: tuple[int, str] | None,
+    time: float,
+    actor: str,
+    action: str,
+    target: str,
+    data: dict[str, Any],
+    key: AuditKey | None = None,
+) -> tuple[int, str, str, str]:
+    """What :func:`next_record` computes, as ``(seq, data, prev_hash, hash)``: for a
+    store's append, which needs no record object (a frozen one costs ~1 µs to build)."""
     seq, prev = (head[0] + 1, head[1]) if head is not None else (1, GENESIS_HASH)
     text = canonical(data)
-    h = chain_hash(prev, seq, tail(time, actor, action, target, text), key)
-    return AuditRecord(seq, time, actor, action, target, text, prev, h)
+    return seq, text, prev, chain_hash(prev, seq, tail(time, actor, action, target, text), key)
 
 
 def worker_actor(owner: str | None) -> str:

@@ -203,6 +203,9 @@ HOLD_SQL = (
 # -- the audit log ----------------------------------------------------------------------
 
 
+_INSERT_AUDIT = f"INSERT INTO audit (app, {AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)"
+
+
 def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     """Append one record to ``app``'s chain (the caller's transaction is the only writer).
 
@@ -218,19 +221,18 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
         row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
         head = None if row is None else (row[0], row[1])
     keys = c.audit_keys if isinstance(c, TxConnection) else {}
-    rec = audit.next_record(head, time.time(), actor, action, target, data, keys.get(app))
-    c.execute(
-        f"INSERT INTO audit (app, {AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
-        (app, rec.seq, rec.time, rec.actor, rec.action, rec.target, rec.data, rec.prev_hash,
-         rec.hash),
+    now = time.time()
+    seq, text, prev_hash, hash_ = audit.next_link(
+        head, now, actor, action, target, data, keys.get(app)
     )
+    c.execute(_INSERT_AUDIT, (app, seq, now, actor, action, target, text, prev_hash, hash_))
     if heads is not None:
-        heads[app] = (rec.seq, rec.prev_hash, rec.hash)
+        heads[app] = (seq, prev_hash, hash_)
         return
     c.execute(
         "INSERT INTO audit_head VALUES (?,?,?,?) ON CONFLICT (app) DO UPDATE SET "
         "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
-        (app, rec.seq, rec.prev_hash, rec.hash),
+        (app, seq, prev_hash, hash_),
     )
 
 
