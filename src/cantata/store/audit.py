@@ -55,14 +55,27 @@ _ENCODER = json.JSONEncoder(
 # circular checks: half the cost of a small record's text). Without that check it
 # keeps no state between calls, so both threads share it; what it writes is the
 # same text (a circular value, never built here, ends in RecursionError instead).
-_MAKE_C_ENCODER: Callable[..., Any] | None = getattr(json.encoder, "c_make_encoder", None)
-_C_ENCODE: Callable[[Any, int], Sequence[str]] | None = (
-    None if _MAKE_C_ENCODER is None
-    else _MAKE_C_ENCODER(
-        None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
-        True, False, False,
-    )
-)
+
+
+def _c_encoder() -> Callable[[Any, int], Sequence[str]] | None:
+    """The C encoder with these options, or ``None`` (no C accelerator, or one whose
+    arguments differ from CPython 3.11-3.13's: the pure path then, the same text)."""
+    make: Callable[..., Any] | None = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        encode: Callable[[Any, int], Sequence[str]] = make(
+            None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+            True, False, False,
+        )
+        ok = "".join(encode({"b": [1.5, None], "a": "\u00e9"}, 0)) == _ENCODER.encode(
+            {"b": [1.5, None], "a": "\u00e9"})
+    except (TypeError, ValueError):
+        return None
+    return encode if ok else None
+
+
+_C_ENCODE = _c_encoder()
 
 
 def canonical(value: Any) -> str:
