@@ -62,12 +62,16 @@ async def test_a_server_error_fails_the_ack_and_unsafe_text_is_not_written(
             nc = broker._nc
             assert nc is not None
             pub = Publisher(nc, STRUCTURED_CONTENT_TYPE)
-            [ok] = await pub.publish([(subject, "id-1", b"{}")], stream)
-            await ok
+            ok = await pub.publish([(subject, "id-1", b"{}"), (subject, "id-1b", b"{}")], stream)
+            await ok.done
             # the stream it is for is not the one that stores the subject
-            [bad] = await pub.publish([(subject, "id-2", b"{}")], stream + "-other")
+            bad = await pub.publish([(subject, "id-2", b"{}")], stream + "-other")
             with pytest.raises(nats.js.errors.APIError):
-                await bad
+                await bad.done
+            # a window forgotten before its acks came leaves nothing waiting
+            gone = await pub.publish([(subject, "id-4", b"{}")], stream)
+            pub.forget(gone)
+            assert gone.done.cancelled() and pub._waiting == {}
             with pytest.raises(nats.errors.MaxPayloadError):
                 await pub.publish([(subject, "id-3", b"x" * (nc.max_payload + 1))], stream)
             assert pub._waiting == {}

@@ -117,3 +117,14 @@ async def test_a_workflow_emitting_a_type_nobody_consumes_is_an_orphan(store_url
     async with app:
         await (await app.start(fulfil)).result(timeout=10)
         assert app.metrics.orphans == {"order.fulfilled": 1}
+
+
+def test_the_types_a_router_matches_are_worked_out_anew_as_it_declares_more() -> None:
+    from cantata.choreography.orphans import _local_types
+    from cantata.declare.router import Router
+
+    router = Router()
+    assert not _local_types(router).known("order.refunded")
+    router.waits.add(("refunds", "order.refunded"))  # (a wait declared later)
+    assert _local_types(router).known("order.refunded")
+    assert not _local_types(Router()).known("order.refunded")  # (per router)

@@ -51,7 +51,7 @@ from cantata.broker.nats_names import (
     subject_prefix,
     token,
 )
-from cantata.broker.nats_publish import Publisher, safe, usable
+from cantata.broker.nats_publish import Publisher, Window, safe, usable
 from cantata.broker.nats_streams import Streams
 from cantata.errors import BrokerError, EventsRefused, LeaseLost, error_text
 from cantata.model.codec import new_id
@@ -569,15 +569,17 @@ class NatsBroker:
         publisher = self._publisher()
         for i in range(0, len(batch), _PUBLISH_WINDOW):
             acks: list[asyncio.Future[Any]] = []
+            window: Window | None = None
             try:
-                window = [(names.event(e.type), e.id + tail, p)
-                          for e, p in batch[i : i + _PUBLISH_WINDOW]]
+                items = [(names.event(e.type), e.id + tail, p)
+                         for e, p in batch[i : i + _PUBLISH_WINDOW]]
                 if publisher is not None and safe(stream) and all(
-                    safe(s) and safe(m) for s, m, _ in window
+                    safe(s) and safe(m) for s, m, _ in items
                 ):
-                    acks = await publisher.publish(window, stream)
+                    window = await publisher.publish(items, stream)
+                    acks.append(window.done)
                 else:
-                    for subject, msg_id, payload in window:
+                    for subject, msg_id, payload in items:
                         acks.append(await js.publish_async(
                             subject, payload, stream=stream,
                             headers={"Nats-Msg-Id": msg_id,
@@ -585,12 +587,15 @@ class NatsBroker:
                         ))
                 try:
                     async with asyncio.timeout(_PUBLISH_TIMEOUT):
-                        await asyncio.gather(*acks)
+                        if window is not None:
+                            await window.done
+                        else:
+                            await asyncio.gather(*acks)
                 except TimeoutError:
                     raise nats.errors.TimeoutError from None
             finally:
-                if publisher is not None and any(not a.done() for a in acks):
-                    publisher.forget(acks)
+                if publisher is not None and window is not None and not window.done.done():
+                    publisher.forget(window)
                 for ack in acks:  # (frees its place among the pending publishes)
                     if not ack.done():
                         ack.cancel()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats.errors
@@ -53,7 +53,7 @@ class Publisher:
         self._prefix = ""
         self._prefix_b = b""
         self._started: asyncio.Future[None] | None = None
-        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._waiting: dict[str, Window] = {}
         self._count = 0
 
     async def _start(self) -> None:
@@ -61,7 +61,15 @@ class Publisher:
             self._started = asyncio.get_running_loop().create_future()
             try:
                 prefix = f"{self._nc.new_inbox()}."
-                await self._nc.subscribe(prefix + "*", cb=self._reply)
+                sub: Any = await self._nc.subscribe(prefix + "*")
+                # Acks are matched as the client parses them (no task, queue hop and
+                # callback coroutine per ack): a sync subscription whose queue hands
+                # each message straight to _reply.
+                if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
+                    sub._pending_queue = _Sink(sub, self._reply)
+                else:
+                    await sub.unsubscribe()
+                    await self._nc.subscribe(prefix + "*", cb=self._reply_async)
             except BaseException as exc:
                 self._started.set_exception(exc)
                 self._started.exception()  # (retrieved: the next call tries again)
@@ -72,13 +80,16 @@ class Publisher:
         else:
             await self._started
 
-    async def _reply(self, msg: Msg) -> None:
-        fut = self._waiting.pop(msg.subject[len(self._prefix):], None)
-        if fut is None or fut.done():
+    async def _reply_async(self, msg: Msg) -> None:
+        self._reply(msg)
+
+    def _reply(self, msg: Msg) -> None:
+        window = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        if window is None:
             return
         headers = msg.headers
         if headers and headers.get("Status") == _NO_RESPONDERS:
-            fut.set_exception(nats.js.errors.NoStreamResponseError())
+            window.fail(nats.js.errors.NoStreamResponseError())
             return
         data = msg.data
         if b'"error"' in data:
@@ -90,17 +101,18 @@ class Publisher:
                 try:  # (it raises the error of the code's class)
                     nats.js.errors.APIError.from_error(resp["error"])
                 except Exception as exc:
-                    fut.set_exception(exc)
+                    window.fail(exc)
                     return
-                fut.set_exception(nats.js.errors.APIError(**resp["error"]))
+                window.fail(nats.js.errors.APIError(**resp["error"]))
                 return
-        fut.set_result(None)
+        window.acked()
 
     async def publish(
         self, messages: Sequence[tuple[str, str, bytes]], stream: str
-    ) -> list[asyncio.Future[None]]:
+    ) -> Window:
         """Write (subject, message id, payload) messages for ``stream`` and flush them;
-        the futures are done as the server acks them. The caller checks that subjects,
+        the window's future is done once the server acked them all (or failed with
+        the first error). The caller checks that subjects,
         ids and ``stream`` are :func:`safe` and payloads within the server's limit."""
         await self._start()
         nc = self._nc
@@ -129,14 +141,10 @@ class Publisher:
             nc._max_pending_size <= 0 or nc._pending_data_size + size > nc._max_pending_size
         ):
             raise nats.errors.OutboundBufferLimitError
-        loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[None]] = []
-        waiting = self._waiting
-        first = self._count - len(cmds) + 1
-        for n in range(first, self._count + 1):
-            fut: asyncio.Future[None] = loop.create_future()
-            waiting[str(n)] = fut
-            futs.append(fut)
+        window = Window(asyncio.get_running_loop().create_future(), len(cmds))
+        tokens = [str(n) for n in range(self._count - len(cmds) + 1, self._count + 1)]
+        window.tokens = tokens
+        self._waiting.update(dict.fromkeys(tokens, window))
         nc._pending.extend(cmds)
         nc._pending_data_size += size
         nc.stats["out_msgs"] += len(cmds)
@@ -144,18 +152,48 @@ class Publisher:
         flush_queue: Any = nc._flush_queue
         if flush_queue is not None and flush_queue.empty():
             await nc._flush_pending()
-        return futs
+        return window
 
-    def forget(self, futs: Sequence[asyncio.Future[None]]) -> None:
-        """Drop the futures of messages whose acks are no longer awaited."""
-        if not futs:
-            return
-        gone = {id(f) for f in futs if not f.done()}
-        for f in futs:
-            f.cancel()
-        if gone:
-            for token in [t for t, f in self._waiting.items() if id(f) in gone]:
-                del self._waiting[token]
+    def forget(self, window: Window) -> None:
+        """Drop a window whose acks are no longer awaited."""
+        window.done.cancel()
+        waiting = self._waiting
+        for token in window.tokens:
+            if waiting.get(token) is window:
+                del waiting[token]
+
+
+class Window:
+    """The acks a batch of publishes waits for: one future, done when all came."""
+
+    __slots__ = ("done", "left", "tokens")
+
+    def __init__(self, done: asyncio.Future[None], left: int) -> None:
+        self.done = done
+        self.left = left
+        self.tokens: list[str] = []
+
+    def acked(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+class _Sink(asyncio.Queue):  # type: ignore[type-arg]
+    """A subscription's queue that hands each message to a function at once (it stays
+    empty: ``join`` and ``empty`` of a draining subscription answer at once)."""
+
+    def __init__(self, sub: Any, handle: Callable[[Msg], None]) -> None:
+        super().__init__()
+        self._sub, self._handle = sub, handle
+
+    def put_nowait(self, item: Msg) -> None:
+        self._sub._pending_size -= len(item.data)  # (counted as queued by the client)
+        self._handle(item)
 
 
 async def ack_all(nc: Client, msgs: Sequence[Msg]) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -52,10 +53,8 @@ async def check_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[E
     Returns:
         the orphan events.
     """
-    router = engine.router
-    local = [h.pattern for h in router.handlers] + [t.pattern for t in router.triggers]
-    local += [t for _, t in router.waits]
-    unknown = [e for e in events if not any(matches(p, e.type) for p in local)]
+    local = _local_types(engine.router)
+    unknown = [e for e in events if not local.known(e.type)]
     if not unknown:
         return []
     declared = await _declared_patterns(engine)
@@ -74,6 +73,51 @@ async def check_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[E
 
 
 _CACHE_SECONDS = 2.0
+
+
+class _LocalTypes:
+    """Which event types a router's handlers, triggers and waits match, remembered per
+    type (a chain's hops emit the same few types by the thousand). Declarations are
+    only ever added, so their counts tell when the answers must be worked out anew."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = weakref.ref(router)
+        self._sizes = (-1, -1, -1)
+        self._patterns: list[str] = []
+        self._answers: dict[str, bool] = {}
+
+    def is_for(self, router: Router) -> bool:
+        return self._router() is router
+
+    def known(self, event_type: str) -> bool:
+        router = self._router()
+        if router is None:
+            return False
+        sizes = (len(router.handlers), len(router.triggers), len(router.waits))
+        if sizes != self._sizes:
+            self._sizes = sizes
+            self._patterns = [h.pattern for h in router.handlers] + [
+                t.pattern for t in router.triggers] + [t for _, t in router.waits]
+            self._answers = {}
+        answer = self._answers.get(event_type)
+        if answer is None:
+            answer = any(matches(p, event_type) for p in self._patterns)
+            if len(self._answers) < _TYPES_KEPT:
+                self._answers[event_type] = answer
+        return answer
+
+
+_TYPES_KEPT = 1024
+_local: dict[int, _LocalTypes] = {}  # id(router) ->
+
+
+def _local_types(router: Router) -> _LocalTypes:
+    key = id(router)
+    found = _local.get(key)
+    if found is None or not found.is_for(router):
+        found = _local[key] = _LocalTypes(router)
+        weakref.finalize(router, _local.pop, key, None)
+    return found
 
 
 async def _declared_patterns(engine: Emitter) -> list[str]:

@@ -333,4 +333,5 @@ class OutboxRelay:
             if count >= self.batch:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._wait_time())
+                async with asyncio.timeout(self._wait_time()):  # (no task, unlike wait_for)
+                    await self._wakeup.wait()
