@@ -145,13 +145,7 @@ class Publisher:
         tokens = [str(n) for n in range(self._count - len(cmds) + 1, self._count + 1)]
         window.tokens = tokens
         self._waiting.update(dict.fromkeys(tokens, window))
-        nc._pending.extend(cmds)
-        nc._pending_data_size += size
-        nc.stats["out_msgs"] += len(cmds)
-        nc.stats["out_bytes"] += size
-        flush_queue: Any = nc._flush_queue
-        if flush_queue is not None and flush_queue.empty():
-            await nc._flush_pending()
+        await _write(nc, cmds, size)
         return window
 
     def forget(self, window: Window) -> None:
@@ -214,6 +208,13 @@ async def ack_all(nc: Client, msgs: Sequence[Msg]) -> bool:
         return False
     for m in msgs:
         m._ackd = True  # (as Msg.ack does: a second ack of it raises)
+    await _write(nc, cmds, size)
+    return True
+
+
+async def _write(nc: Client, cmds: list[bytes], size: int) -> None:
+    """Append protocol commands to the client's outgoing buffer (as its ``publish``
+    does, without a call per message) and flush unless a flush is already queued."""
     nc._pending.extend(cmds)
     nc._pending_data_size += size
     nc.stats["out_msgs"] += len(cmds)
@@ -221,4 +222,3 @@ async def ack_all(nc: Client, msgs: Sequence[Msg]) -> bool:
     flush_queue: Any = nc._flush_queue
     if flush_queue is not None and flush_queue.empty():
         await nc._flush_pending()
-    return True
