@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from cantata.errors import (
     IdempotencyConflict,
@@ -59,8 +59,7 @@ _STATUS, _RESULT, _ERROR, _UPDATED_AT, _OWNER, _FLAGGED = (
 )
 
 
-# A checkpoint that changes nothing of the run's row but updated_at (the conditions
-# follow: _FENCED, or the fence and RETURNING on a plain connection).
+# A checkpoint that changes nothing of the run's row but updated_at (_FENCED follows).
 _TOUCH_RUN = "UPDATE runs SET updated_at=?"
 # The fence, and (TxConnection.was) the owner, status and correlation id the row had.
 _FENCED = " WHERE app=? AND run_id=? AND fence=? AND cantata_was(owner, status, correlation_id)"
@@ -143,7 +142,7 @@ class SQLiteRuns(SQLiteCore):
             c.execute(_INSERT_RUN, ops.run_values(run))
         else:
             # The first checkpoint's changes to the run's row go into its INSERT (the
-            # row as _update_run would leave it): one statement, and the indexes on
+            # row as _run_sets would leave it): one statement, and the indexes on
             # status are written once instead of inserted and then moved.
             values = list(ops.run_values(run))
             values[_UPDATED_AT] = time.time()
@@ -163,7 +162,7 @@ class SQLiteRuns(SQLiteCore):
         ))
         if first is not None:
             self._apply(c, run.app, run.run_id, first, run.owner, str(run.status),
-                        run.correlation_id, touched=True)
+                        run.correlation_id)
         return run, True
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
@@ -261,47 +260,30 @@ class SQLiteRuns(SQLiteCore):
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         def op(c: sqlite3.Connection) -> None:
-            if not self._commit_fenced(c, app, run_id, fence, write):
+            # (every connection of the store's thread is a TxConnection: sqlite_open)
+            if not self._commit_fenced(cast(TxConnection, c), app, run_id, fence, write):
                 raise _lost(run_id, fence)
 
         await self._t.write(op, *_channels(write))
 
     def _commit_fenced(
-        self, c: sqlite3.Connection, app: str, run_id: str, fence: int, write: RunWrite
+        self, c: TxConnection, app: str, run_id: str, fence: int, write: RunWrite
     ) -> bool:
         """One checkpoint if the run's fence is still ``fence`` (else False), in the
-        caller's transaction."""
-        if isinstance(c, TxConnection):
-            # One statement checks the fence, changes the row and hands back what the
-            # audit record needs, as the row had it: TxConnection.was (a RETURNING
-            # clause would give the new row, and costs SQLite twice the UPDATE).
-            if _touch_only(write):  # a step's checkpoint (the usual one)
-                sql, params = _TOUCH_RUN, [time.time()]
-            else:
-                sets, params = _run_sets(write)
-                sql = f"UPDATE runs SET {sets}"
-            if c.execute(sql + _FENCED, (*params, app, run_id, fence)).rowcount != 1:
-                return False
-            owner, status, correlation_id = c.was
-            self._apply(c, app, run_id, write, owner, status, correlation_id, touched=True)
-            return True
-        if _touch_only(write):
-            rows = c.execute(
-                _TOUCH_RUN + " WHERE app=? AND run_id=? AND fence=? "
-                "RETURNING owner, status, correlation_id",
-                (time.time(), app, run_id, fence),
-            ).fetchall()
-            if not rows:
-                return False
-            self._apply(c, app, run_id, write, *rows[0], touched=True)
-            return True
-        row = c.execute(
-            "SELECT fence, owner, status, correlation_id FROM runs WHERE app=? AND run_id=?",
-            (app, run_id),
-        ).fetchone()
-        if row is None or row[0] != fence:
+        caller's transaction.
+
+        One statement checks the fence, changes the row and hands back what the audit
+        record needs, as the row had it: TxConnection.was (a RETURNING clause would
+        give the new row, and costs SQLite twice the UPDATE)."""
+        if _touch_only(write):  # a step's checkpoint (the usual one)
+            sql, params = _TOUCH_RUN, [time.time()]
+        else:
+            sets, params = _run_sets(write)
+            sql = f"UPDATE runs SET {sets}"
+        if c.execute(sql + _FENCED, (*params, app, run_id, fence)).rowcount != 1:
             return False
-        self._apply(c, app, run_id, write, row[1], row[2], row[3])
+        owner, status, correlation_id = c.was
+        self._apply(c, app, run_id, write, owner, status, correlation_id)
         return True
 
     def _apply(
@@ -313,12 +295,9 @@ class SQLiteRuns(SQLiteCore):
         owner: str | None,
         old_status: str,
         correlation_id: str,
-        *,
-        touched: bool = False,
     ) -> None:
-        """One checkpoint of a run whose fence was checked, in the caller's transaction.
-
-        ``touched``: the run's row was updated already (:data:`_TOUCH_RUN`)."""
+        """One checkpoint of a run whose fence was checked and whose row was updated
+        already (:meth:`_commit_fenced`, or its INSERT), in the caller's transaction."""
         if write.entries:
             # Enum members bound as plain str (exact types bind without sqlite3's
             # adapter lookup, which costs more than the rest of the row).
@@ -336,18 +315,11 @@ class SQLiteRuns(SQLiteCore):
             self._append(c, app, write.events)
         if write.tasks:
             ops.insert_tasks(c, app, correlation_id, write.tasks)
-        if not touched:
-            self._update_run(c, app, run_id, write)
         if write.wake is not None:
             wake_parent(c, app, write.wake)
         entry = audit.checkpoint_entry(run_id, owner, old_status, write)
         if entry is not None:
             ops.audit_append(c, app, entry)
-
-    @staticmethod
-    def _update_run(c: sqlite3.Connection, app: str, run_id: str, write: RunWrite) -> None:
-        sets, params = _run_sets(write)
-        c.execute(f"UPDATE runs SET {sets} WHERE app=? AND run_id=?", (*params, app, run_id))
 
     async def request_cancel(
         self, app: str, run_id: str, *, actor: str = audit.SYSTEM
