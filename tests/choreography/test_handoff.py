@@ -155,6 +155,48 @@ async def test_a_failed_hand_off_is_retried_after_its_delay_not_by_the_broker_co
     assert calls[1] - calls[0] >= 0.7, f"retried after {calls[1] - calls[0]:.2f} s, not 0.8 s"
 
 
+@pytest.mark.nats
+async def test_a_broker_copy_that_comes_before_the_hand_off_starts_is_the_first_attempt(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """The relay may publish an event, and NATS deliver it here, between the commit that
+    held its delivery for this worker and the hand-off's start: that copy (or the
+    hand-off, whichever runs) is the first attempt. Counted as a second, a handler
+    allowed one attempt was dead-lettered as "cut short by a crash" without running."""
+    broker = f"{nats_url}?prefix=h{uuid.uuid4().hex[:10]}"
+    app = make_app(f"sqlite:///{tmp_path}/early.db", broker=broker)
+    attempts: list[int] = []
+
+    @app.on("order.placed", group="inventory")
+    async def reserve(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+        await ctx.emit("inventory.reserved", {})
+
+    @app.on("inventory.reserved", group="payment", retry=Retry(max_attempts=1))
+    async def charge(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+        attempts.append(ctx.attempt)
+
+    async with app:
+        nats_broker = app._broker
+        assert isinstance(nats_broker, NatsBroker)
+        real = nats_broker.handed
+
+        def late(*args: Any, **kw: Any) -> None:  # the relay's copy comes first
+            asyncio.get_running_loop().call_later(1.0, lambda: real(*args, **kw))
+
+        nats_broker.handed = late  # type: ignore[method-assign]
+        await app.publish("order.placed", {})
+        await eventually(lambda: attempts, what="charge")
+        await asyncio.sleep(1.5)
+        [reserved] = await events_of_type(app, "inventory.reserved")
+        [row] = [r for r in await app.store.deliveries(app.name, reserved.id)
+                 if r.group == "payment"]
+        dead = await app.store.dead_letters(app.name)
+
+    assert attempts == [1]
+    assert (row.status, row.attempts) == (DELIVERY_DONE, 1)
+    assert not dead
+
+
 class Worker:
     """The subprocess, so a failing test never leaves it running."""
 

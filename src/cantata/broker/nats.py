@@ -308,9 +308,10 @@ class NatsBroker:
         except BaseException as exc:
             if not isinstance(exc, LeaseLost):  # it may have committed all the same
                 self.recover_holds(sub, events, hold)
+            else:
+                self.start_holds(sub, events, hold, [])
             raise
-        if held:
-            self.handed(sub, events, held)
+        self.start_holds(sub, events, hold, held)
         self.note_local(events, counts, held)
         return counts
 
@@ -351,6 +352,18 @@ class NatsBroker:
             self._subs.remove(sub)
         self._routes.clear()
 
+    def start_holds(self, by: NatsSubscription, events: Sequence[Event[Any]],
+                    hold: Sequence[tuple[str, str]], held: Sequence[tuple[str, str]]) -> None:
+        """End the reservations of ``hold`` (:meth:`NatsSubscription.holds`): start the
+        hand-offs of what ``by``'s settlement did hold, free the rest."""
+        if held:
+            self.handed(by, events, held)
+        if len(held) < len(hold):
+            done = set(held)
+            for group, event_id in hold:
+                if (group, event_id) not in done:
+                    self._handling.unreserve((by.app, group, event_id))
+
     def handed(self, by: NatsSubscription, events: Sequence[Event[Any]],
                held: Sequence[tuple[str, str]]) -> None:
         """Start the deliveries ``by``'s settlement held for its worker."""
@@ -360,15 +373,19 @@ class NatsBroker:
                         and s.worker_id == by.worker_id), None)
             if sub is not None:  # (always: holds() chose it)
                 sub.hand_off(by_id[event_id])
+            else:
+                self._handling.unreserve((by.app, group, event_id))
 
     def recover_holds(self, by: NatsSubscription, events: Sequence[Event[Any]],
-                      held: Sequence[tuple[str, str]]) -> None:
+                      hold: Sequence[tuple[str, str]]) -> None:
         """A settlement that held deliveries for ``by``'s worker failed, or seemed to:
         look in the store (until it answers) and start those it did hold."""
         async def recover() -> None:
-            found = await held_by(self.store, by.app, held, 0.2, lambda: by.stopping)
-            if found:
-                self.handed(by, events, found)
+            found: list[tuple[str, str]] | None = None
+            try:
+                found = await held_by(self.store, by.app, hold, 0.2, lambda: by.stopping)
+            finally:
+                self.start_holds(by, events, hold, found or [])
 
         task = asyncio.ensure_future(recover())
         self._recovering.add(task)

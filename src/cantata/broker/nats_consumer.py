@@ -375,33 +375,36 @@ class NatsSubscription:
 
     def holds(self, emitted: Sequence[Event[Any]]) -> list[tuple[str, str]]:
         """(group, event id) of ``emitted`` that this worker's subscribers take at once
-        (held for this worker by the settlement that stores them)."""
+        (held for this worker by the settlement that stores them).
+
+        Each is reserved for its hand-off here, before the settlement commits: a broker
+        copy that comes between the commit and the hand-off's start (the relay may
+        publish at once) waits for the hand-off, and is not run as a second attempt.
+        The caller ends every reservation (:meth:`NatsBroker.start_holds`)."""
         if not self.broker.local_hand_off:
             return []
         out: list[tuple[str, str]] = []
         routes = self.broker.routes
+        handling = self.broker._handling
         for e in emitted:
             for sub in routes(self.app, self.worker_id, e.type):
                 # (_busy also counts the messages the pulls wait for: not a measure of
                 # work here)
-                if not sub._stopping.is_set() and len(sub._inflight) < sub.concurrency:
+                if (not sub._stopping.is_set() and len(sub._inflight) < sub.concurrency
+                        and handling.hand((self.app, sub.group, e.id)) is not None):
                     out.append((sub.group, e.id))
-        return out if len(out) < 2 else list(dict.fromkeys(out))
+        return out
 
-    def hand_off(self, event: Event[Any]) -> bool:
+    def hand_off(self, event: Event[Any]) -> None:
         """Handle ``event``, whose delivery to this group a settlement of this worker
-        has just held for it, here at once (nats_local); ``False`` when it is in hand
-        already (a copy of it is being handled here: that one handles it)."""
+        has just held for it (reserved by :meth:`holds`), here at once (nats_local)."""
         key = (self.app, self.group, event.id)
-        fut = self.broker._handling.hand(key)
-        if fut is None:
-            return False
+        fut = self.broker._handling.reserved(key)
         self._busy += 1
         task = asyncio.create_task(self._handle_local(LocalMessage(
             self.broker, self.app, self.group, event, self), key, fut))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
-        return True
 
     async def _handle_local(
         self, msg: LocalMessage, key: tuple[str, str, str], fut: asyncio.Future[None]

@@ -118,11 +118,13 @@ async def settle_done(
             # It may have committed all the same (a connection lost after COMMIT): what
             # it held for this worker must not wait for this worker's death.
             sub.broker.recover_holds(sub, emitted, hold)
+        elif sub is not None and hold:
+            sub.broker.start_holds(sub, emitted, hold, [])
         raise
-    if done and settlement.held and sub is not None:
+    if sub is not None and hold:
         # only what the store did hold: an emitted event stored before (its id reused)
         # may have a delivery someone else has
-        sub.broker.handed(sub, emitted, settlement.held)
+        sub.broker.start_holds(sub, emitted, hold, settlement.held if done else [])
     if done and settlement.addressed and sub is not None:
         sub.broker.note_local(emitted, settlement.addressed, settlement.held)
     return done
@@ -189,12 +191,24 @@ class Handing:
             await asyncio.shield(holder)
 
     def hand(self, key: Key) -> asyncio.Future[None] | None:
-        """Take ``key`` for a hand-off; ``None`` if it is held already."""
+        """Reserve ``key`` for a hand-off; ``None`` if it is held already."""
         if key in self.held:
             return None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.held[key] = fut
         return fut
+
+    def reserved(self, key: Key) -> asyncio.Future[None]:
+        """The hand-off reservation of ``key`` (:meth:`hand`)."""
+        fut = self.held.get(key)
+        assert isinstance(fut, asyncio.Future), f"{key} was not reserved for a hand-off"
+        return fut
+
+    def unreserve(self, key: Key) -> None:
+        """End a reservation whose hand-off will not run (the store did not hold it)."""
+        fut = self.held.get(key)
+        if isinstance(fut, asyncio.Future):
+            self.release(key, fut)
 
     def release(self, key: Key, fut: asyncio.Future[None] | None = None) -> None:
         if self.held.get(key, _FREE) is fut:
