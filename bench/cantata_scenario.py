@@ -150,6 +150,7 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
 
 async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
     from bench.cantata_app import HANDLERS_PER_ORDER, TERMINAL, terminal_type
+    from cantata import Hook
 
     store = app.store
     woke = asyncio.Event()
@@ -160,7 +161,35 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
                                       limit=50)
         return any(e.data.get("order") == order for e in evs)
 
+    ended: dict[int, asyncio.Future[None]] = {}
+    terminal = set(TERMINAL)
+
+    class Ends(Hook):
+        """The terminal events as their handler's settlement commits them (in-process
+        workers): the end of an order, seen without a store read."""
+
+        def emitted(self, events: Any, origin: str) -> None:
+            for e in events:
+                if e.type in terminal:
+                    fut = ended.get(e.data.get("order"))
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+
+    if a.workers is None:
+        app.add_hook(Ends())
+
     async def one(order: int) -> None:
+        if a.workers is None:
+            fut = ended[order] = asyncio.get_running_loop().create_future()
+            await app.publish("order.placed", {"order": order})
+            try:
+                await asyncio.wait_for(fut, RESULT_TIMEOUT)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"order {order}: no terminal event in {RESULT_TIMEOUT} s") from None
+            finally:
+                del ended[order]
+            return
         since = time.time()
         await app.publish("order.placed", {"order": order})
         deadline = now() + RESULT_TIMEOUT
