@@ -327,3 +327,90 @@ def test_the_nats_hand_off_is_on_unless_turned_off() -> None:
     assert off.local_hand_off is False  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="handoff must be 0 or 1"):
         broker_from_url("nats://127.0.0.1:4222?handoff=yes")
+
+
+def _counting_claims(app: cantata.App) -> list[str]:
+    """The groups of every claim the embedded broker makes from now on."""
+    store = app.store
+    real = store.claim_deliveries
+    claims: list[str] = []
+
+    async def claim(app_name: str, worker_id: str, groups: Any, **kw: Any) -> Any:
+        claims.extend(groups)
+        return await real(app_name, worker_id, groups, **kw)
+
+    store.claim_deliveries = claim  # type: ignore[method-assign]
+    return claims
+
+
+async def test_a_chain_handed_off_in_the_process_makes_no_claim(tmp_path: Path) -> None:
+    """Every hop's settlement holds the next hop's delivery for this worker and hands
+    it off: the commit does not wake the consumers to look for work in the store (a
+    claim that would find nothing, and delay the next commit)."""
+    app = make_app(f"sqlite:///{tmp_path}/quiet.db", lease=60, poll_interval=30)
+    shipped: list[float] = []
+
+    @app.on("order.placed", group="inventory")
+    async def reserve(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+        await ctx.emit("inventory.reserved", {})
+
+    @app.on("inventory.reserved", group="payment")
+    async def charge(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+        await ctx.emit("payment.charged", {})
+
+    @app.on("payment.charged", group="shipping")
+    async def ship(event: cantata.Event) -> None:
+        shipped.append(time.monotonic())
+
+    async with app:
+        await asyncio.sleep(0.3)  # the consumers' first looks are done
+        claims = _counting_claims(app)
+        began = time.monotonic()
+        for _ in range(3):
+            await app.publish("order.placed", {})
+        await eventually(lambda: len(shipped) == 3, what="three orders shipped")
+        await asyncio.sleep(0.2)
+
+    assert claims == []
+    assert shipped[-1] - began < 5, "the chain waited for a poll"
+
+
+async def test_deliveries_not_held_here_still_wake_the_consumers(tmp_path: Path) -> None:
+    """With a poll every 30 s, what the hand-off does not hold is claimed at once: an
+    event a workflow emits, and events published while the group had no room (one
+    handler at a time), claimed as the handler before them ends."""
+    app = make_app(f"sqlite:///{tmp_path}/wake.db", lease=60, poll_interval=30,
+                   concurrency=1)
+    seen: list[str] = []
+    gate = asyncio.Event()
+
+    @app.on("order.placed", group="inventory")
+    async def reserve(event: cantata.Event) -> None:
+        await gate.wait()
+        seen.append(event.type)
+
+    @app.on("invoice.sent", group="billing")
+    async def bill(event: cantata.Event) -> None:
+        seen.append(event.type)
+
+    @app.workflow
+    async def invoice(ctx: cantata.WorkflowContext) -> None:
+        await ctx.emit("invoice.sent", {})
+
+    async with app:
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        await app.start("invoice")
+        await eventually(lambda: seen, timeout=10, what="the workflow's event handled")
+        emitted = time.monotonic() - began
+        for i in range(4):  # the first is held and handed off; it waits for the gate
+            await app.publish("order.placed", {"n": i})
+        await asyncio.sleep(0.2)
+        began = time.monotonic()
+        gate.set()
+        await eventually(lambda: len(seen) == 5, timeout=10, what="all four orders handled")
+        placed = time.monotonic() - began
+
+    assert seen == ["invoice.sent"] + ["order.placed"] * 4
+    assert emitted < 5, f"the workflow's event took {emitted:.1f} s: it waited for the poll"
+    assert placed < 5, f"the orders took {placed:.1f} s: they waited for the poll"

@@ -16,7 +16,7 @@ from cantata.model.codec import new_id
 from cantata.model.event import Event, check_pattern, matches
 from cantata.model.records import DELIVERY_PENDING, Delivery, DeliveryOutcome
 from cantata.quietlog import QuietLog
-from cantata.store.base import EVENTS, Settlement
+from cantata.store.base import CLAIMS, Settlement
 
 log = logging.getLogger("cantata.broker")
 quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no tracebacks
@@ -52,7 +52,8 @@ class EmbeddedMessage:
         sub = self.sub
         hold = sub.holds(emitted) if sub is not None and emitted else []
         settlement = Settlement(DeliveryOutcome.DONE, self.attempt, list(emitted),
-                                hold_for=sub.worker_id if sub and hold else None, hold=hold)
+                                hold_for=sub.worker_id if sub and hold else None, hold=hold,
+                                wake=sub is None or not sub.broker.holds_all(sub, emitted, hold))
         try:
             done = await self.store.settle_delivery(
                 self.app, self.group, self.delivery.event.id, settlement
@@ -109,6 +110,9 @@ class _EmbeddedSubscription:
         self.worker_id = worker_id
         self.concurrency = concurrency
         self.wakeup = asyncio.Event()
+        # The last claim may have left deliveries in the store for want of room here:
+        # a handler that ends then looks again (else the commits that store events do).
+        self.behind = False
         self.stopping = False
         self.inflight: set[asyncio.Task[None]] = set()
         self.task = asyncio.create_task(self._loop(), name=f"cantata-consume:{group}")
@@ -120,6 +124,7 @@ class _EmbeddedSubscription:
             self.wakeup.clear()
             free = self.concurrency - len(self.inflight)
             claimed: list[Delivery] = []
+            self.behind = free <= 0
             if free > 0:
                 now = time.time()
                 careful = self.broker.may_take_over
@@ -139,6 +144,7 @@ class _EmbeddedSubscription:
             for delivery in claimed:
                 self.start(delivery)
             if claimed and len(claimed) == free:
+                self.behind = True
                 await asyncio.sleep(0)
                 continue
             with contextlib.suppress(TimeoutError):
@@ -197,7 +203,8 @@ class _EmbeddedSubscription:
                 log.exception("settling event %s for group %s failed", delivery.event.id,
                               self.group)
         finally:
-            self.wakeup.set()
+            if self.behind:
+                self.wakeup.set()
 
     async def stop(self) -> None:
         # Not cancelled: a claim cancelled while the store commits it would leave
@@ -267,7 +274,9 @@ class EmbeddedBroker:
         store.add_listener(self._on_change)
 
     def _on_change(self, channel: str) -> None:
-        if channel == EVENTS:
+        # Not for a commit that held for this worker every delivery it would claim
+        # (Settlement.wake): the hand-off has them, a claim would find nothing.
+        if channel == CLAIMS:
             self.wake()
 
     async def attach(self, app: str, *, offload_above: int | None = None) -> None:
@@ -297,7 +306,8 @@ class EmbeddedBroker:
             return await self.store.append_events(app, events)
         try:
             counts, held = await self.store.append_held(
-                app, events, hold_for=sub.worker_id, hold=hold
+                app, events, hold_for=sub.worker_id, hold=hold,
+                wake=not self.holds_all(sub, events, hold),
             )
         except BaseException as exc:
             if not isinstance(exc, LeaseLost):  # it may have committed all the same
@@ -318,6 +328,14 @@ class EmbeddedBroker:
                 and any(matches(p, event_type) for p in s.patterns)
             ]
         return subs
+
+    def holds_all(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
+                  hold: Sequence[tuple[str, str]]) -> bool:
+        """Whether ``hold`` has every delivery of ``events`` that a consumer of this
+        process would claim (its store tells no other process: Settlement.wake)."""
+        want = {(s.group, e.id) for e in events
+                for s in self.routes(by.app, by.worker_id, e.type)}
+        return want.issubset(hold)
 
     def handed(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
                held: Sequence[tuple[str, str]], *, recovered: bool = False) -> None:

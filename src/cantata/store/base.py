@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 
 from cantata.store.roles import (
     CANCEL,
+    CLAIMS,
     EVENTS,
     RUNS,
     TASKS,
@@ -49,6 +50,7 @@ from cantata.store.roles import (
 
 __all__ = [
     "CANCEL",
+    "CLAIMS",
     "EVENTS",
     "RUNS",
     "TASKS",

@@ -19,8 +19,9 @@ class PostgresHolds(PostgresCore):
 
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
-        hold: Sequence[tuple[str, str]],
+        hold: Sequence[tuple[str, str]], wake: bool = True,
     ) -> tuple[list[int], list[tuple[str, str]]]:
+        # (``wake`` is not used: every commit that stores events sends ``claims``.)
         # The deliveries the append created claimed in its own transaction (one
         # statement with the other writes of its batch: cantata_settle, migration 0015;
         # alone in its batch, cantata_settle_one, 0020).

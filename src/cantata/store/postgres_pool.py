@@ -21,7 +21,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.store import migrations
-from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS
+from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, TASKS
 from cantata.store.factory import mask_url
 from cantata.store.faults import postgres_fault
 
@@ -267,7 +267,10 @@ class PgPool:
         self._listen_conn = conn
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
-        self._on_change(str(payload).rpartition(":")[2])
+        changed = str(payload).rpartition(":")[2]
+        self._on_change(changed)
+        if changed == EVENTS:  # (every commit that stores events may make claims)
+            self._on_change(CLAIMS)
 
     def _on_listen_lost(self, conn: object) -> None:
         if not self._closing and self._listen_task is None:
@@ -283,7 +286,7 @@ class PgPool:
                     log.warning("PostgreSQL listener at %s: %s", self.masked_url, exc)
                     await asyncio.sleep(1.0)
                     continue
-                for channel in (RUNS, EVENTS, CANCEL, TASKS):
+                for channel in (RUNS, EVENTS, CLAIMS, CANCEL, TASKS):
                     self._on_change(channel)
                 return
         finally:

@@ -25,6 +25,7 @@ from cantata.model.records import (
 )
 from cantata.store import sqlite_ops as ops
 from cantata.store.base import (
+    CLAIMS,
     EVENTS,
     RUNS,
     TASKS,
@@ -108,7 +109,7 @@ class SQLiteStore(
                     (app, worker_id),
                 )
 
-        await self._t.write(op, RUNS, EVENTS, TASKS)
+        await self._t.write(op, RUNS, EVENTS, CLAIMS, TASKS)
 
     async def workers(self, app: str) -> list[WorkerInfo]:
         rows = await self._t.read(

@@ -20,6 +20,7 @@ from cantata.model.records import (
 )
 from cantata.store import audit
 from cantata.store.base import (
+    CLAIMS,
     EVENTS,
     Settlement,
 )
@@ -34,23 +35,28 @@ from cantata.store.sqlite_ops import (
 )
 from cantata.store.sqlite_thread import TxConnection
 
+# What a commit that stores events (or makes a delivery pending) tells the listeners;
+# one that held every delivery a consumer here would claim leaves out CLAIMS.
+_CHANGED = (EVENTS, CLAIMS)
+_CHANGED_HELD = (EVENTS,)
+
 
 class SQLiteEvents(SQLiteCore):
     """The events, deliveries and outbox roles of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
     async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
-        return await self._t.write(lambda c: self._append(c, app, events), EVENTS)
+        return await self._t.write(lambda c: self._append(c, app, events), *_CHANGED)
 
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
-        hold: Sequence[tuple[str, str]],
+        hold: Sequence[tuple[str, str]], wake: bool = True,
     ) -> tuple[list[int], list[tuple[str, str]]]:
         def op(c: sqlite3.Connection) -> tuple[list[int], list[tuple[str, str]]]:
             held = Hold(hold_for, hold, time.time())
             counts = self._append(c, app, events, held)
             return counts, held.finish(c, app, events, counts)
 
-        return await self._t.write(op, EVENTS)
+        return await self._t.write(op, *_CHANGED if wake else _CHANGED_HELD)
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         row = await self._t.read(
@@ -182,7 +188,7 @@ class SQLiteEvents(SQLiteCore):
                 )
             return True
 
-        return await self._t.write(op, EVENTS)
+        return await self._t.write(op, *_CHANGED if settlement.wake else _CHANGED_HELD)
 
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:
         rows = await self._t.read(
@@ -277,7 +283,7 @@ class SQLiteEvents(SQLiteCore):
             audit_append(c, app, audit.replay_entry(dl.group, dl.event.id, dead_letter_id, actor))
             return dl
 
-        return await self._t.write(op, EVENTS)
+        return await self._t.write(op, *_CHANGED)
 
     async def unpublished_events(self, app: str, *, limit: int) -> list[Event[Any]]:
         rows = await self._t.read(
@@ -307,7 +313,7 @@ class SQLiteEvents(SQLiteCore):
             )
             return counts
 
-        return await self._t.write(write, EVENTS)
+        return await self._t.write(write, *_CHANGED)
 
     async def redrive_events(
         self, app: str, *, stored_before: float, limit: int
@@ -325,7 +331,7 @@ class SQLiteEvents(SQLiteCore):
             )
             return events
 
-        return await self._t.write(write, EVENTS)
+        return await self._t.write(write, *_CHANGED)
 
 
 

@@ -25,6 +25,7 @@ from cantata.store import audit
 from cantata.store import sqlite_ops as ops
 from cantata.store.base import (
     CANCEL,
+    CLAIMS,
     EVENTS,
     RUNS,
     TASKS,
@@ -79,7 +80,7 @@ def _channels(write: RunWrite | None) -> tuple[str, ...]:
         return _RUNS_ONLY  # the usual checkpoint
     channels = [RUNS]
     if write is not None and write.events:
-        channels.append(EVENTS)
+        channels += (EVENTS, CLAIMS)
     if write is not None and write.tasks:
         channels.append(TASKS)
     return tuple(channels)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cantata.errors import LeaseLost, TransactionUnsupported
-from cantata.store.base import EVENTS, RUNS, TASKS
+from cantata.store.base import CLAIMS, EVENTS, RUNS, TASKS
 from cantata.store.sqlite_open import connect
 from cantata.store.sqlite_thread import TxConnection
 from cantata.store.tx import Tx, TxBody, to_numbered
@@ -118,7 +118,7 @@ async def run_transaction(
             raise
     channels = {RUNS}
     if write.events:
-        channels.add(EVENTS)
+        channels.update((EVENTS, CLAIMS))
     if write.tasks:
         channels.add(TASKS)
     store._notify(channels)

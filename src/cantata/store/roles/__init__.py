@@ -32,6 +32,7 @@ from cantata.store.roles.events import DeliveryHold, EventStore, OutboxStore, Se
 from cantata.store.roles.flow import FlowStore
 from cantata.store.roles.lifecycle import (
     CANCEL,
+    CLAIMS,
     EVENTS,
     RUNS,
     TASKS,
@@ -48,6 +49,7 @@ from cantata.store.roles.transaction import TransactionalStore
 
 __all__ = [
     "CANCEL",
+    "CLAIMS",
     "EVENTS",
     "RUNS",
     "TASKS",

@@ -46,6 +46,8 @@ class Settlement:
     addressed: list[int] = field(default_factory=list)  # set by the store (if it
     # says): per event of ``events``, how many groups it was addressed to (0: stored
     # before, or no group)
+    wake: bool = True  # False: ``hold`` has every delivery of ``events`` that a consumer
+    # of this process would claim, so the commit need not send ``claims`` (CLAIMS)
 
     def __post_init__(self) -> None:
         self.outcome = DeliveryOutcome(self.outcome)  # "done", "retry", "dead" or a member
@@ -81,13 +83,14 @@ class EventStore(Protocol):
 
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
-        hold: Sequence[tuple[str, str]],
+        hold: Sequence[tuple[str, str]], wake: bool = True,
     ) -> tuple[list[int], list[tuple[str, str]]]:
         """:meth:`append_events`, holding for worker ``hold_for`` the new deliveries
         ``hold`` ((group, event id) pairs) as :attr:`Settlement.hold` does (claimed,
         first attempt counted). Returns the counts and the pairs it did hold (a new
         delivery, pending, nobody's, no attempt). A store may hold none (it then
-        returns an empty list): nothing is handed off, the broker delivers them."""
+        returns an empty list): nothing is handed off, the broker delivers them.
+        ``wake`` as :attr:`Settlement.wake`."""
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         """One stored event."""

@@ -21,6 +21,10 @@ RUNS = "runs"
 EVENTS = "events"
 CANCEL = "cancel"
 TASKS = "tasks"
+# Deliveries may have become claimable: sent with ``events`` by every commit that stores
+# events or makes a delivery pending, except a settlement or a held append whose caller
+# said ``wake=False`` (it holds every delivery a consumer of this process would claim).
+CLAIMS = "claims"
 
 ChangeListener = Callable[[str], None]
 
@@ -48,6 +52,8 @@ class StoreLifecycle(Protocol):
         (PostgreSQL LISTEN/NOTIFY), for other processes' writes too. ``runs`` is
         called at least when a run nobody owns is created, when a run ends and when
         its owner lets it go; a backend may leave out the checkpoints in between.
+        ``claims`` comes with ``events`` (see :data:`CLAIMS`): the embedded broker's
+        consumers look for deliveries to claim when they hear it.
         """
 
     async def identity(self) -> str:

@@ -34,7 +34,7 @@ from cantata.model.records import (
     RunWrite,
 )
 from cantata.model.status import RunStatus
-from cantata.store.base import CANCEL, EVENTS, RUNS, Settlement, Store
+from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, Settlement, Store
 from cantata.testing.contract.audit import AuditContract
 from cantata.testing.contract.console import ConsoleContract
 from cantata.testing.contract.events import EventsContract
@@ -85,9 +85,28 @@ class StoreContract(
         run, _ = await store.create_run(new_run(self.app))
         await eventually(lambda: RUNS in heard)
         await store.append_events(self.app, [ev()])
-        await eventually(lambda: EVENTS in heard)
+        await eventually(lambda: EVENTS in heard and CLAIMS in heard)
         await store.request_cancel(self.app, run.run_id)
         await eventually(lambda: CANCEL in heard)
+
+    async def test_commits_that_may_make_claims_say_claims(self, store: Store) -> None:
+        """``claims`` (a consumer may find a delivery to claim) comes with every commit
+        that stores events or makes a delivery pending again; a store may leave it out
+        for a settlement whose caller said ``wake=False``, never otherwise."""
+        await store.declare(self.app, [Declaration("handler", "g", "order.*")])
+        heard: list[str] = []
+        store.add_listener(heard.append)
+        placed, paid = ev("order.placed"), ev("order.paid")
+        await store.append_events(self.app, [placed])
+        await eventually(lambda: CLAIMS in heard)
+        heard.clear()
+        assert await store.settle_delivery(self.app, "g", placed.id, Settlement(
+            "retry", 1, error="E: x", retry_at=time.time()))
+        await eventually(lambda: CLAIMS in heard)
+        heard.clear()
+        assert await store.settle_delivery(self.app, "g", placed.id, Settlement(
+            "done", 2, [paid]))
+        await eventually(lambda: CLAIMS in heard)
 
     async def test_close_finishes_pending_writes(self) -> None:
         s = await self.make_store()
