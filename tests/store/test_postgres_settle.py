@@ -426,3 +426,27 @@ async def test_the_lean_path_holds_one_event_as_cantata_settle_does(
     assert owners[("g1", "h-t")] == (None, 0, 0)
     assert owners[("g1", "h-s1")] == ("w3", 1, 1)
     assert len(records) == 7
+
+
+async def test_a_delivery_owner_sql_cannot_spell_goes_as_a_transaction(url: str) -> None:
+    """The lean path's record of a settlement (migration 0022: the owner read as the
+    delivery is locked) leaves an owner SQL cannot spell to the transactional path."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        store.set_audit_key(app, KEY)
+        await store.declare(app, declarations())
+        first = Event("order.created", 1)
+        await store.append_events(app, [first])
+        (claimed,) = await store.claim_deliveries(
+            app, "wörker\n1", ["g1"], now=1.0, stale_before=0.0, limit=1
+        )
+        sent = statements(store)
+        paid = Event("pay.done", 2)
+        s = Settlement("done", 1, events=[paid], hold_for="wörker\n1", hold=[("g2", paid.id)])
+        assert await store.settle_delivery(app, "g1", first.id, s)
+        assert sent[0].startswith("SELECT * FROM cantata_settle_one("), sent
+        assert any(x.startswith("BEGIN") for x in sent), sent
+        assert s.held == [("g2", paid.id)] and s.addressed == [1]
+        records = await store.audit_records(app)
+        assert records[-1].actor == "worker:wörker\n1"
+        assert (await store.verify_audit(app, key=KEY)).ok
