@@ -437,9 +437,10 @@ async def test_a_delivery_owner_sql_cannot_spell_goes_as_a_transaction(url: str)
         await store.declare(app, declarations())
         first = Event("order.created", 1)
         await store.append_events(app, [first])
-        (claimed,) = await store.claim_deliveries(
+        claimed = await store.claim_deliveries(
             app, "wörker\n1", ["g1"], now=1.0, stale_before=0.0, limit=1
         )
+        assert [d.event.id for d in claimed] == [first.id]
         sent = statements(store)
         paid = Event("pay.done", 2)
         s = Settlement("done", 1, events=[paid], hold_for="wörker\n1", hold=[("g2", paid.id)])
