@@ -354,3 +354,100 @@ async def test_the_lean_path_writes_what_cantata_settle_writes(
     assert results[9] == ([0, 1], [("g1", "e-pl")])
     assert results[10] == [1, 0]
     assert len(letters) == 2 and len(records) == 4
+
+
+async def _hops(store: PostgresStore, app: str) -> list[Any]:
+    """Writes of one event each alone in their batch, the hops of a chain (migration
+    0022's statement for one event): held for the worker, held for a group the event
+    does not go to, stored before, with no hold, held in two groups of one event; and
+    holds the general statement takes (another event's, one given twice)."""
+    store.set_audit_key(app, KEY)
+    await store.declare(app, [*declarations(), Declaration("handler", "g5", "order.r")])
+    at = "2026-12-02T00:00:00Z"
+    o1, o2 = Event("order.x", 1, id="h-o1", time=at), Event("order.y", 2, id="h-o2", time=at)
+    p1, z = Event("pay.done", 3, id="h-p1", time=at), Event("z", 4, id="h-z", time=at)
+    q, r = Event("x.q.y", 5, id="h-q", time=at), Event("order.r", 6, id="h-r", time=at)
+    s1 = Event("order.s", 7, id="h-s1", time=at)
+    out: list[Any] = [await store.append_held(app, [o1], hold_for="w1", hold=[("g1", o1.id)])]
+    for group, event_id, s in [
+        ("g1", o1.id, Settlement("done", 1, events=[p1], hold_for="w1",
+                                 hold=[("g2", p1.id)])),
+        ("g2", p1.id, Settlement("done", 1, events=[o2], hold_for="w1",
+                                 hold=[("g3", o2.id)])),  # o2 does not go to g3
+        ("g1", o2.id, Settlement("done", 2, events=[p1], hold_for="w1",
+                                 hold=[("g2", p1.id)])),  # p1 stored before
+        ("g4", "h-none", Settlement("done", 1, events=[z])),  # missing, no hold
+        ("g4", z.id, Settlement("done", 1, events=[q], hold_for="w2",
+                                hold=[("t1", "h-other")])),  # another event's
+        ("t1", q.id, Settlement("done", 1, events=[r], hold_for="w2",
+                                hold=[("g5", r.id)])),  # r goes to g1 and g5
+        ("g5", r.id, Settlement("done", 1, events=[], hold_for="w2", hold=[])),
+    ]:
+        out.append((await store.settle_delivery(app, group, event_id, s), s.held,
+                    s.addressed))
+    out.append(await store.append_held(
+        app, [s1], hold_for="w3", hold=[("g1", s1.id), ("g1", s1.id)]  # given twice
+    ))
+    out.append(await store.append_held(
+        app, [Event("order.t", 8, id="h-t", time=at)], hold_for="w3", hold=[]
+    ))
+    return out
+
+
+async def test_the_lean_path_holds_one_event_as_cantata_settle_does(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hops of a chain (one event each, a delivery of it held or not) through
+    cantata_settle_one (migration 0022: the held delivery inserted held) leave what
+    cantata_settle leaves for them, hash for hash."""
+    seen: dict[bool, tuple[list[Any], list[list[tuple[Any, ...]]]]] = {}
+    async with opened(url) as store:
+        for lean in (True, False):
+            monkeypatch.setattr(postgres_event_writes, "LEAN", lean)
+            monkeypatch.setattr(postgres_event_writes, "time", _Clock())
+            app = f"hop-{lean}-{new_id()[-8:]}"
+            results = await _hops(store, app)
+            assert (await store.verify_audit(app, key=KEY)).ok
+            seen[lean] = (results, await _tables(store, app))
+    assert seen[True][0] == seen[False][0]
+    for lean_rows, big_rows in zip(seen[True][1], seen[False][1], strict=True):
+        assert lean_rows == big_rows
+    results, (deliveries, _, _, records, _) = seen[True]
+    assert results[0] == ([1], [("g1", "h-o1")])
+    assert results[1] == (True, [("g2", "h-p1")], [1])
+    assert results[2] == (True, [], [1])
+    assert results[3] == (True, [], [0])
+    assert results[5] == (True, [], [1])
+    assert results[6] == (True, [("g5", "h-r")], [2])
+    assert results[8] == ([1], [("g1", "h-s1")])
+    owners = {(g, e): (owner, fence, attempts)
+              for g, e, _, attempts, _, owner, fence, _, _ in deliveries}
+    assert owners[("g1", "h-r")] == (None, 0, 0)
+    assert owners[("g1", "h-t")] == (None, 0, 0)
+    assert owners[("g1", "h-s1")] == ("w3", 1, 1)
+    assert len(records) == 7
+
+
+async def test_a_delivery_owner_sql_cannot_spell_goes_as_a_transaction(url: str) -> None:
+    """The lean path's record of a settlement (migration 0022: the owner read as the
+    delivery is locked) leaves an owner SQL cannot spell to the transactional path."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(url) as store:
+        store.set_audit_key(app, KEY)
+        await store.declare(app, declarations())
+        first = Event("order.created", 1)
+        await store.append_events(app, [first])
+        claimed = await store.claim_deliveries(
+            app, "wörker\n1", ["g1"], now=1.0, stale_before=0.0, limit=1
+        )
+        assert [d.event.id for d in claimed] == [first.id]
+        sent = statements(store)
+        paid = Event("pay.done", 2)
+        s = Settlement("done", 1, events=[paid], hold_for="wörker\n1", hold=[("g2", paid.id)])
+        assert await store.settle_delivery(app, "g1", first.id, s)
+        assert sent[0].startswith("SELECT * FROM cantata_settle_one("), sent
+        assert any(x.startswith("BEGIN") for x in sent), sent
+        assert s.held == [("g2", paid.id)] and s.addressed == [1]
+        records = await store.audit_records(app)
+        assert records[-1].actor == "worker:wörker\n1"
+        assert (await store.verify_audit(app, key=KEY)).ok
