@@ -166,6 +166,7 @@ class NatsBroker:
             replicas=self.replicas,
         )
         self._subs: list[NatsSubscription] = []
+        self._names: dict[str, Names] = {}
         # (app, worker id, event type) -> this process's subscriptions it goes to
         self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
         # event id -> (the event, its message body), made by check_event for publish
@@ -177,8 +178,12 @@ class NatsBroker:
         self._watches: dict[str, asyncio.Task[None]] = {}
 
     def names(self, app: str) -> Names:
-        """Where ``app``'s stream, subjects and consumers are on the server."""
-        return Names(app, self.prefix)
+        """Where ``app``'s stream, subjects and consumers are on the server (one
+        :class:`Names` per app: it remembers its subjects)."""
+        names = self._names.get(app)
+        if names is None or names.prefix != self.prefix:
+            names = self._names[app] = Names(app, self.prefix)
+        return names
 
     @property
     def limits(self) -> Limits:
