@@ -59,7 +59,8 @@ async def test_copies_come_direct_with_the_headers_nats_py_would_give(
     plain = await _bind(js, name, "plain")
     fast = await _bind(js, name, "fast")
     direct(fast)
-    table: dict[int, Any] = getattr(nc, "_cantata_direct")
+    client: Any = nc
+    table: dict[int, Any] = client._cantata_direct
     assert fast._sub._id in table and plain._sub._id not in table
     want = await fetch(plain, 5, 1.0)
     got = await fetch(fast, 5, 1.0)
@@ -92,7 +93,7 @@ async def test_copies_come_direct_with_the_headers_nats_py_would_give(
 async def test_a_dropped_subscription_or_a_refusing_handler_leaves_it_to_nats_py(
     stream: tuple[Client, JetStreamContext, str],
 ) -> None:
-    nc, js, name = stream
+    nc, _js, name = stream
     seen: list[bytes] = []
 
     def refuse(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
