@@ -167,6 +167,7 @@ class NatsBroker:
         )
         self._subs: list[NatsSubscription] = []
         self._names: dict[str, Names] = {}
+        self._limits: Limits | None = None
         # (app, worker id, event type) -> this process's subscriptions it goes to
         self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
         # event id -> (the event, its message body), made by check_event for publish
@@ -190,7 +191,11 @@ class NatsBroker:
         """The limits of the connected server (its INFO's max_payload)."""
         if self._nc is None:
             raise BrokerError(f"the NATS broker for {self.masked_url} is not open")
-        return Limits(self._nc.max_payload, self.max_control_line)
+        limits = self._limits  # (asked for per event: made again only when they change)
+        if (limits is None or limits.max_payload != self._nc.max_payload
+                or limits.max_control_line != self.max_control_line):
+            limits = self._limits = Limits(self._nc.max_payload, self.max_control_line)
+        return limits
 
     # -- lifecycle --------------------------------------------------------------------
 
