@@ -166,6 +166,8 @@ class NatsBroker:
             replicas=self.replicas,
         )
         self._subs: list[NatsSubscription] = []
+        self._names: dict[str, Names] = {}
+        self._limits: Limits | None = None
         # (app, worker id, event type) -> this process's subscriptions it goes to
         self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
         # event id -> (the event, its message body), made by check_event for publish
@@ -177,15 +179,23 @@ class NatsBroker:
         self._watches: dict[str, asyncio.Task[None]] = {}
 
     def names(self, app: str) -> Names:
-        """Where ``app``'s stream, subjects and consumers are on the server."""
-        return Names(app, self.prefix)
+        """Where ``app``'s stream, subjects and consumers are on the server (one
+        :class:`Names` per app: it remembers its subjects)."""
+        names = self._names.get(app)
+        if names is None or names.prefix != self.prefix:
+            names = self._names[app] = Names(app, self.prefix)
+        return names
 
     @property
     def limits(self) -> Limits:
         """The limits of the connected server (its INFO's max_payload)."""
         if self._nc is None:
             raise BrokerError(f"the NATS broker for {self.masked_url} is not open")
-        return Limits(self._nc.max_payload, self.max_control_line)
+        limits = self._limits  # (asked for per event: made again only when they change)
+        if (limits is None or limits.max_payload != self._nc.max_payload
+                or limits.max_control_line != self.max_control_line):
+            limits = self._limits = Limits(self._nc.max_payload, self.max_control_line)
+        return limits
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from cantata.broker.base import BrokerStore, Handler
 from cantata.broker.nats_local import LocalMessage, settle_done
 from cantata.broker.nats_names import digest
 from cantata.broker.nats_publish import ack_all
-from cantata.broker.nats_pull import fetch, usable
+from cantata.broker.nats_pull import direct, fetch, indirect, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, is_claim
@@ -232,6 +232,8 @@ class NatsSubscription:
                     if psub is None:
                         psub = await self.broker._bind(self.app, durable, subject)
                         bound, fast = generation, usable(psub)
+                        if fast:
+                            direct(psub)
                     msgs = await (fetch(psub, want, self.broker.fetch_timeout) if fast
                                   else psub.fetch(want, timeout=self.broker.fetch_timeout))
                     failures = 0
@@ -288,6 +290,7 @@ class NatsSubscription:
     @staticmethod
     async def _unbind(psub: JetStreamContext.PullSubscription | None) -> None:
         if psub is not None:
+            indirect(psub)
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cantata.errors import ConfigurationError
 
@@ -28,6 +28,7 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9-]{1,32}$")
 # Longer names are shortened with a hash: JetStream names are at most 255 characters,
 # and every subject must fit the server's control line.
 _MAX_TOKEN = 128
+_EVENTS_KEPT = 4096  # event types whose subject a Names remembers
 
 
 def digest(*parts: str, n: int = 10) -> str:
@@ -57,10 +58,25 @@ def check_prefix(prefix: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Names:
-    """Where one app's events live on the server, under an optional prefix."""
+    """Where one app's events live on the server, under an optional prefix.
+
+    The subject prefix and the subject of each event type are worked out once (a
+    regular expression match each): they are asked for per event and per copy
+    (docs/performance.md, the choreography path)."""
 
     app: str
     prefix: str = ""
+    _subjects: str = field(default="", init=False, repr=False, compare=False)
+    _replays: str = field(default="", init=False, repr=False, compare=False)
+    _events: dict[str, str] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        base = f"cantata.{token(self.app)}"
+        subjects = f"{self.prefix}.{base}" if self.prefix else base
+        object.__setattr__(self, "_subjects", subjects)
+        object.__setattr__(self, "_replays", f"{subjects}.{REPLAY}.")
 
     @property
     def stream(self) -> str:
@@ -72,19 +88,23 @@ class Names:
     @property
     def subjects(self) -> str:
         """Every subject of the app starts with this."""
-        base = f"cantata.{token(self.app)}"
-        return f"{self.prefix}.{base}" if self.prefix else base
+        return self._subjects
 
     def event(self, event_type: str) -> str:
         """Where an event of ``event_type`` is published."""
-        return f"{self.subjects}.{event_type}"
+        subject = self._events.get(event_type)
+        if subject is None:
+            subject = f"{self._subjects}.{event_type}"
+            if len(self._events) < _EVENTS_KEPT:
+                self._events[event_type] = subject
+        return subject
 
     def replay(self, group: str) -> str:
         """Where dead-letter replays to ``group`` are published."""
-        return f"{self.subjects}.{REPLAY}.{token(group)}"
+        return f"{self._replays}{token(group)}"
 
     def is_replay(self, subject: str) -> bool:
-        return subject.startswith(f"{self.subjects}.{REPLAY}.")
+        return subject.startswith(self._replays)
 
     def consumer(self, group: str, pattern: str | None) -> str:
         """The durable consumer of ``group`` for ``pattern`` (``None``: its replays)."""

@@ -29,7 +29,10 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from cantata.broker.nats_inbound import route, status
+
 _NO_RESPONDERS = "503"
+_NO_RESPONDERS_B = b"503"
 _NEEDED = ("_pending", "_pending_data_size", "_flush_pending", "_flush_queue",
            "_max_payload", "_max_pending_size", "new_inbox")
 
@@ -53,7 +56,7 @@ class Publisher:
         self._prefix = ""
         self._prefix_b = b""
         self._started: asyncio.Future[None] | None = None
-        self._waiting: dict[str, Window] = {}
+        self._waiting: dict[bytes, Window] = {}  # the reply subject's token -> its window
         self._count = 0
 
     async def _start(self) -> None:
@@ -63,9 +66,12 @@ class Publisher:
                 prefix = f"{self._nc.new_inbox()}."
                 sub: Any = await self._nc.subscribe(prefix + "*")
                 # Acks are matched as the client parses them (no task, queue hop and
-                # callback coroutine per ack): a sync subscription whose queue hands
-                # each message straight to _reply.
-                if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
+                # callback coroutine per ack): given as they are by the parser
+                # (nats_inbound: no header decoding or Msg either), or else a sync
+                # subscription whose queue hands each message straight to _reply.
+                if route(self._nc, sub._id, self._reply_raw):
+                    pass
+                elif isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
                     sub._pending_queue = _Sink(sub, self._reply)
                 else:
                     await sub.unsubscribe()
@@ -84,14 +90,23 @@ class Publisher:
         self._reply(msg)
 
     def _reply(self, msg: Msg) -> None:
-        window = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        headers = msg.headers
+        self._answer(msg.subject[len(self._prefix):].encode(), msg.data,
+                     bool(headers and headers.get("Status") == _NO_RESPONDERS))
+
+    def _reply_raw(self, subject: bytes, reply: bytes, data: bytes,
+                   headers: bytes | None) -> bool:
+        self._answer(subject[len(self._prefix_b):], data,
+                     headers is not None and status(headers) == _NO_RESPONDERS_B)
+        return True
+
+    def _answer(self, token: bytes, data: bytes, no_responders: bool) -> None:
+        window = self._waiting.pop(token, None)
         if window is None:
             return
-        headers = msg.headers
-        if headers and headers.get("Status") == _NO_RESPONDERS:
+        if no_responders:
             window.fail(nats.js.errors.NoStreamResponseError())
             return
-        data = msg.data
         if b'"error"' in data:
             try:
                 resp = json.loads(data)
@@ -142,7 +157,7 @@ class Publisher:
         ):
             raise nats.errors.OutboundBufferLimitError
         window = Window(asyncio.get_running_loop().create_future(), len(cmds))
-        tokens = [str(n) for n in range(self._count - len(cmds) + 1, self._count + 1)]
+        tokens = [b"%d" % n for n in range(self._count - len(cmds) + 1, self._count + 1)]
         window.tokens = tokens
         self._waiting.update(dict.fromkeys(tokens, window))
         await _write(nc, cmds, size)
@@ -165,7 +180,7 @@ class Window:
     def __init__(self, done: asyncio.Future[None], left: int) -> None:
         self.done = done
         self.left = left
-        self.tokens: list[str] = []
+        self.tokens: list[bytes] = []
 
     def acked(self) -> None:
         self.left -= 1

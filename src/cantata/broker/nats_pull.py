@@ -25,6 +25,8 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from cantata.broker.nats_inbound import route, to_queue, unroute
+
 _STATUS = "Status"
 _HEARTBEAT = "100"  # (not asked for); any other status ends the request
 _NEEDED_PSUB = ("_sub", "_nms", "_deliver", "_nc", "fetch")
@@ -37,6 +39,25 @@ def usable(psub: JetStreamContext.PullSubscription) -> bool:
     return all(hasattr(psub, a) for a in _NEEDED_PSUB) and all(
         hasattr(sub, a) for a in _NEEDED_SUB
     ) and isinstance(sub._pending_queue, asyncio.Queue)
+
+
+def direct(psub: JetStreamContext.PullSubscription) -> None:
+    """Have the client put the consumer's messages on the subscription's queue as it
+    parses them (nats_inbound), when it can; else they come nats-py's way."""
+    sub: Any = psub._sub
+    nc: Any = psub._nc
+    take = to_queue(nc, sub)
+    if take is not None:
+        route(nc, sub._id, take)
+
+
+def indirect(psub: JetStreamContext.PullSubscription) -> None:
+    """Undo :func:`direct` (the subscription is being dropped)."""
+    sub: Any = getattr(psub, "_sub", None)
+    nc: Any = getattr(psub, "_nc", None)
+    sid = getattr(sub, "_id", None)
+    if nc is not None and isinstance(sid, int):
+        unroute(nc, sid)
 
 
 def _status(msg: Msg) -> str | None:

@@ -1,0 +1,123 @@
+"""Messages of the broker's own subscriptions taken from nats-py's parser as they are
+(broker/nats_inbound.py), against a real server: the same messages, headers and acks
+as nats-py's own way, statuses and odd cases left to it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from cantata.broker.nats_inbound import is_status, route, status, to_queue, unroute
+from cantata.broker.nats_pull import direct, fetch, indirect
+
+
+@pytest.fixture
+async def stream(nats_url: str) -> AsyncIterator[tuple[Client, JetStreamContext, str]]:
+    name = f"inbound-{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    js = nc.jetstream()
+    await js.add_stream(name=name, subjects=[f"{name}.>"])
+    try:
+        yield nc, js, name
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+
+
+async def _bind(js: JetStreamContext, name: str, durable: str) -> Any:
+    await js.add_consumer(name, ConsumerConfig(
+        durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1,
+    ))
+    return await js.pull_subscribe_bind(durable, stream=name)
+
+
+def test_status_is_read_as_nats_py_reads_it() -> None:
+    assert status(b"NATS/1.0 503\r\n\r\n") == b"503"
+    assert status(b"NATS/1.0 404 No Messages\r\n\r\n") == b"404"
+    assert is_status(b"NATS/1.0 408 Request Timeout\r\n\r\n")
+    assert not is_status(b"NATS/1.0\r\nNats-Msg-Id: x\r\n\r\n")
+    assert not is_status(None)
+    assert status(b"NATS/1.0\r\nStatus: 503\r\n\r\n") is None
+
+
+async def test_copies_come_direct_with_the_headers_nats_py_would_give(
+    stream: tuple[Client, JetStreamContext, str],
+) -> None:
+    nc, js, name = stream
+    headers = {"Nats-Msg-Id": "e-1", "Content-Type": "application/cloudevents+json",
+               "X-Odd": " spaced  value "}
+    await js.publish(f"{name}.a", b"one", headers=headers)
+    await js.publish(f"{name}.a", b"two")  # (no headers of its own: JetStream adds none)
+    plain = await _bind(js, name, "plain")
+    fast = await _bind(js, name, "fast")
+    direct(fast)
+    client: Any = nc
+    table: dict[int, Any] = client._cantata_direct
+    assert fast._sub._id in table and plain._sub._id not in table
+    want = await fetch(plain, 5, 1.0)
+    got = await fetch(fast, 5, 1.0)
+    assert [(m.subject, m.data, m.headers) for m in got] == [
+        (m.subject, m.data, m.headers) for m in want
+    ]
+    assert got[0].headers is not None and got[0].headers["Nats-Msg-Id"] == "e-1"
+    assert got[0].metadata.sequence.stream == 1 and got[0].reply != ""
+    for m in got + want:
+        await m.ack()
+    # none left: the server's status ends the request, nats-py's way, within the time
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await fetch(fast, 5, 0.3)
+    assert time.monotonic() - started < 1.0
+    # acked: nothing comes again after the ack wait
+    await js.publish(f"{name}.a", b"three")
+    [m] = await fetch(fast, 5, 1.0)
+    assert m.data == b"three" and fast._sub._pending_size == 0
+    await m.ack()
+    # undone: messages go nats-py's way again
+    indirect(fast)
+    assert fast._sub._id not in table
+    await js.publish(f"{name}.a", b"four")
+    [m] = await fetch(fast, 5, 1.0)
+    assert m.data == b"four"
+    await m.ack()
+
+
+async def test_a_dropped_subscription_or_a_refusing_handler_leaves_it_to_nats_py(
+    stream: tuple[Client, JetStreamContext, str],
+) -> None:
+    nc, _js, name = stream
+    seen: list[bytes] = []
+
+    def refuse(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        seen.append(data)
+        return data != b"mine"
+
+    sub = await nc.subscribe(f"{name}-core.x")
+    assert route(nc, sub._id, refuse)
+    await nc.publish(f"{name}-core.x", b"mine")  # refused: nats-py queues it
+    await nc.publish(f"{name}-core.x", b"taken")
+    msg = await sub.next_msg(timeout=1.0)
+    assert msg.data == b"mine" and seen == [b"mine", b"taken"]
+    unroute(nc, sub._id)
+    await nc.publish(f"{name}-core.x", b"plain")
+    assert (await sub.next_msg(timeout=1.0)).data == b"plain"
+    # a handler for a subscription with a callback is not made
+    async def cb(msg: Any) -> None:
+        pass
+
+    other = await nc.subscribe(f"{name}-core.y", cb=cb)
+    assert to_queue(nc, other) is None
+    # a queue handler of a subscription that is gone hands the message back
+    gone = await nc.subscribe(f"{name}-core.z")
+    take = to_queue(nc, gone)
+    assert take is not None
+    await gone.unsubscribe()
+    assert take(f"{name}-core.z".encode(), b"", b"late", None) is False
