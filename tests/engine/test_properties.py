@@ -172,6 +172,33 @@ def test_ids_are_uuid7_and_sort_by_their_time() -> None:
     assert abs(stamps[-1] / 1000 - time.time()) < 5
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_makes_ids_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The random bits of ids are read ahead in blocks: a forked child (``cantata worker
+    --processes N``) must not make the ids its parent makes next, even in the same
+    clock tick."""
+    import os
+
+    from cantata.model import codec
+
+    monkeypatch.setattr(codec.time, "time_ns", lambda: 1_800_000_000_123_456_789)
+    codec.new_id()  # a block read ahead, mostly unused
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(read)
+        os.write(write, ",".join(codec.new_id() for _ in range(20)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split(",")
+    os.waitpid(pid, 0)
+    parent = [codec.new_id() for _ in range(20)]
+    assert len(child) == 20
+    # the same clock, so the same stamps: only the random bits tell them apart
+    assert {c[16:] for c in child}.isdisjoint({p[16:] for p in parent})
+
+
 def test_ids_made_by_one_process_strictly_increase_even_when_the_clock_stands_still(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

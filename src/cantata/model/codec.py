@@ -267,11 +267,16 @@ def new_id() -> str:
     global _last_stamp
     ns = time.time_ns()
     stamp = (ns // 1_000_000) << 12 | (ns % 1_000_000) * 4096 // 1_000_000
+    global _random, _random_at
     with _stamp_lock:
         if stamp <= _last_stamp:
             stamp = _last_stamp + 1
         _last_stamp = stamp
-    rand = int.from_bytes(os.urandom(8), "big")
+        at = _random_at
+        if at >= _RANDOM_BYTES:
+            _random, at = os.urandom(_RANDOM_BYTES), 0
+        _random_at = at + 8
+        rand = int.from_bytes(_random[at:at + 8], "big")
     value = (stamp >> 12 & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (stamp & 0xFFF) << 64
     value |= 0b10 << 62 | rand & 0x3FFF_FFFF_FFFF_FFFF
     return f"{value:032x}"
@@ -279,3 +284,17 @@ def new_id() -> str:
 
 _last_stamp = 0  # the (milliseconds << 12 | fraction) of the last id this process made
 _stamp_lock = threading.Lock()
+# The random bits of ids, read from the OS 4 KiB at a time (a system call per id, which
+# also lets other threads take the GIL, showed in the chain's profile); a forked child
+# reads its own, or it would make the ids its parent makes next.
+_RANDOM_BYTES = 4096
+_random = b""
+_random_at = _RANDOM_BYTES
+
+
+def _forget_random() -> None:
+    global _random, _random_at
+    _random, _random_at = b"", _RANDOM_BYTES
+
+
+os.register_at_fork(after_in_child=_forget_random)
