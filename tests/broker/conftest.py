@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from tests.broker.nats_support import Server
 
@@ -31,3 +35,18 @@ def own_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+async def stream(nats_url: str) -> AsyncIterator[tuple[Client, JetStreamContext, str]]:
+    """A client, its JetStream context and a stream of its own (``<name>.>``)."""
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    js = nc.jetstream()
+    await js.add_stream(name=name, subjects=[f"{name}.>"])
+    try:
+        yield nc, js, name
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import nats
 import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from cantata.broker.nats import NatsBroker
 from tests.helpers import free_port
@@ -86,3 +88,14 @@ class Server:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+async def bind_pull(
+    js: JetStreamContext, name: str, durable: str = "c"
+) -> JetStreamContext.PullSubscription:
+    """A pull subscription on a new durable consumer of stream ``name`` (explicit acks,
+    ack wait 1 s)."""
+    await js.add_consumer(name, ConsumerConfig(
+        durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1,
+    ))
+    return await js.pull_subscribe_bind(durable, stream=name)

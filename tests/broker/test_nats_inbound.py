@@ -5,38 +5,15 @@ as nats-py's own way, statuses and odd cases left to it."""
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from cantata.broker.nats_inbound import is_status, route, status, to_queue, unroute
 from cantata.broker.nats_pull import direct, fetch, indirect
-
-
-@pytest.fixture
-async def stream(nats_url: str) -> AsyncIterator[tuple[Client, JetStreamContext, str]]:
-    name = f"inbound-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
-    js = nc.jetstream()
-    await js.add_stream(name=name, subjects=[f"{name}.>"])
-    try:
-        yield nc, js, name
-    finally:
-        await js.delete_stream(name)
-        await nc.close()
-
-
-async def _bind(js: JetStreamContext, name: str, durable: str) -> Any:
-    await js.add_consumer(name, ConsumerConfig(
-        durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1,
-    ))
-    return await js.pull_subscribe_bind(durable, stream=name)
+from tests.broker.nats_support import bind_pull
 
 
 def test_status_is_read_as_nats_py_reads_it() -> None:
@@ -56,8 +33,8 @@ async def test_copies_come_direct_with_the_headers_nats_py_would_give(
                "X-Odd": " spaced  value "}
     await js.publish(f"{name}.a", b"one", headers=headers)
     await js.publish(f"{name}.a", b"two")  # (no headers of its own: JetStream adds none)
-    plain = await _bind(js, name, "plain")
-    fast = await _bind(js, name, "fast")
+    plain = await bind_pull(js, name, "plain")
+    fast = await bind_pull(js, name, "fast")
     direct(fast)
     client: Any = nc
     table: dict[int, Any] = client._cantata_direct

@@ -6,44 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from cantata.broker.nats_publish import ack_all
 from cantata.broker.nats_pull import fetch, usable
-
-
-@pytest.fixture
-async def stream(nats_url: str) -> AsyncIterator[tuple[Client, JetStreamContext, str]]:
-    name = f"pull-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
-    js = nc.jetstream()
-    await js.add_stream(name=name, subjects=[f"{name}.>"])
-    try:
-        yield nc, js, name
-    finally:
-        await js.delete_stream(name)
-        await nc.close()
-
-
-async def _bind(js: JetStreamContext, name: str) -> JetStreamContext.PullSubscription:
-    await js.add_consumer(name, ConsumerConfig(
-        durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1,
-    ))
-    return await js.pull_subscribe_bind("c", stream=name)
+from tests.broker.nats_support import bind_pull
 
 
 async def test_fetch_takes_what_is_there_up_to_the_batch_and_waits_for_the_next(
     stream: tuple[Client, JetStreamContext, str],
 ) -> None:
     nc, js, name = stream
-    psub = await _bind(js, name)
+    psub = await bind_pull(js, name)
     assert usable(psub)
     for i in range(7):
         await js.publish(f"{name}.x", b"%d" % i)
@@ -74,7 +52,7 @@ async def test_ack_all_acks_each_message_so_none_comes_again(
     stream: tuple[Client, JetStreamContext, str],
 ) -> None:
     nc, js, name = stream
-    psub = await _bind(js, name)
+    psub = await bind_pull(js, name)
     for i in range(20):
         await js.publish(f"{name}.x", b"%d" % i)
     first: dict[bytes, nats.aio.msg.Msg] = {}  # (a slow machine may see one twice)
