@@ -12,8 +12,9 @@ Nothing is given up for it (docs/guarantees.md):
   with "in progress") and is acked once the holder settled it, or handed back to NATS
   until the retry the holder scheduled is due. If the holder dies, its heartbeat goes
   stale and the copy is handled by whoever has it after the lease: at-least-once;
-- a copy that reaches this process while the hand-off's handler runs waits for it,
-  then is acked without a store read (or handed back until the retry is due);
+- a copy that reaches this process while the hand-off is reserved (from before the
+  settlement that holds it commits: :meth:`Handing.hand`) or its handler runs waits
+  for it, then is acked without a store read (or handed back until the retry is due);
 - the store's inbox keeps the effect exactly once: a delivery row is settled once.
 """
 
