@@ -8,6 +8,7 @@ subclass of :class:`SQLiteCore` and runs its SQL through :attr:`SQLiteCore._t`.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ class SQLiteCore(StoreBase):
         thread = ConnectionThread(
             keyed_connect, self._notify, name=f"cantata-sqlite:{self.path}",
             translate=lambda exc: sqlite_fault(exc, self.path),
+            home=asyncio.get_running_loop(),
         )
         thread.start()
         self._thread = thread

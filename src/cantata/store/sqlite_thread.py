@@ -6,6 +6,18 @@ futures resolve only after COMMIT returns, so nobody proceeds past a checkpoint
 that is not durable. One failing operation does not undo the others: the batch
 runs straight through, and only if one of its operations fails is it rolled back
 and run again with each operation inside a SAVEPOINT.
+
+Writes of the store's own event loop (``home``) skip the thread when it is idle:
+the writes made in one turn of the loop are gathered and run as one batch on the
+loop's thread at the start of the next turn (one group commit, as the thread's),
+with no hand-off to the thread and back (two thread wake-ups per commit) and no
+GIL passed between two busy threads. The thread takes over whenever it has writes of
+the home loop not yet answered (so writes stay in the order they were made), when
+it holds the connection itself (a read), and when the database's write lock is taken
+by another connection: the inline ``BEGIN IMMEDIATE`` waits for no one (the
+connection's busy timeout is 0 unless the thread runs a batch), and the thread,
+which may wait the full busy timeout, runs the batch instead. Reads always go to
+the thread: a long query never blocks the loop.
 """
 
 from __future__ import annotations
@@ -84,6 +96,7 @@ class _Item:
     channels: tuple[str, ...] = ()
     result: Any = None
     error: BaseException | None = None
+    home: bool = False  # a write of the home loop counted in ConnectionThread._handed
 
 
 @dataclass(slots=True)
@@ -100,6 +113,7 @@ class ConnectionThread:
         on_commit: Callable[[set[str]], None],
         name: str,
         translate: Callable[[BaseException], BaseException | None] = lambda exc: None,
+        home: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._connect = connect
         self._on_commit = on_commit
@@ -109,6 +123,13 @@ class ConnectionThread:
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
         self._conn: TxConnection | None = None
+        # Inline writes (see the module's docstring); None: every operation in the thread.
+        self._home = home
+        self._lock = threading.Lock()  # held by whoever runs SQL on the connection
+        self._pending: list[_Item] = []  # the home loop's writes of this turn
+        self._flush_due = False  # a _flush is scheduled on the home loop
+        self._handed = 0  # home-loop writes handed to the thread and not yet answered
+        self._busy_ms = 0  # the connection's busy timeout while the thread runs a batch
 
     def start(self) -> None:
         """Open the connection in the thread; re-raise its error here."""
@@ -121,6 +142,9 @@ class ConnectionThread:
         """Finish queued work, close the connection and end the thread."""
         if not self._thread.is_alive():
             return
+        if self._pending:  # this turn's inline writes: the thread commits them first
+            self._hand_over(self._pending)
+            self._pending = []
         stop = _Stop()
         self._queue.put(stop)
         stop.done.wait(timeout=30)
@@ -144,9 +168,62 @@ class ConnectionThread:
         return exc
 
     def _submit(self, fn: Op, write: bool, channels: tuple[str, ...]) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Item(fn, fut, write, channels))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        item = _Item(fn, fut, write, channels)
+        if loop is not self._home or not write:
+            self._queue.put(item)  # (reads keep no order with writes: see _run_batch)
+        elif self._pending or not self._handed:
+            self._pending.append(item)
+            if not self._flush_due:
+                self._flush_due = True
+                loop.call_soon(self._flush)
+        else:
+            item.home = True
+            self._handed += 1
+            self._queue.put(item)
         return fut
+
+    # -- inline writes, on the home loop -------------------------------------
+
+    def _flush(self) -> None:
+        """Run this turn's writes on the loop's thread, or hand them to the thread."""
+        self._flush_due = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        conn = self._conn
+        if conn is not None and not self._handed and self._lock.acquire(blocking=False):
+            try:
+                ran = self._run_inline(conn, batch)
+            finally:
+                self._lock.release()
+            if ran:
+                return
+        self._hand_over(batch)
+
+    def _hand_over(self, items: list[_Item]) -> None:
+        for item in items:
+            item.home = True
+            self._queue.put(item)
+        self._handed += len(items)
+
+    def _run_inline(self, conn: TxConnection, batch: list[_Item]) -> bool:
+        """The batch on this thread; False (nothing done) if another connection holds
+        the database's write lock."""
+        begun = True
+        try:
+            conn.begin_write()
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _LOCKED:
+                return False
+            begun = False  # _run_writes tries again and gives its error to every write
+        channels = self._run_writes(conn, batch, begun=begun)
+        for item in batch:
+            if item.error is not None:
+                item.error = self._fault(item.error)
+        self._resolve(batch, channels)
+        return True
 
     # -- the thread ----------------------------------------------------------
 
@@ -157,8 +234,11 @@ class ConnectionThread:
             self._open_error = exc
             self._ready.set()
             return
-        self._ready.set()
         conn = self._conn
+        if self._home is not None:  # see the module's docstring: inline writes wait for none
+            self._busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+            conn.execute("PRAGMA busy_timeout = 0")
+        self._ready.set()
         try:
             while True:
                 first = self._queue.get()
@@ -176,14 +256,26 @@ class ConnectionThread:
                         stop = nxt
                         break
                     batch.append(nxt)
-                self._run_batch(conn, batch)
+                with self._lock:
+                    if self._home is None:
+                        channels = self._run_batch(conn, batch)
+                    else:
+                        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                        try:
+                            channels = self._run_batch(conn, batch)
+                        finally:
+                            conn.execute("PRAGMA busy_timeout = 0")
+                # Answered once the connection is free: the loop may write inline at once.
+                self._deliver(batch, channels)
                 if stop is not None:
                     stop.done.set()
                     return
         finally:
             conn.close()
 
-    def _run_batch(self, conn: TxConnection, batch: list[_Item]) -> None:
+    def _run_batch(self, conn: TxConnection, batch: list[_Item]) -> set[str]:
+        """Reads, then writes in one transaction; the channels of the writes that
+        committed."""
         reads = [i for i in batch if not i.write]
         writes = [i for i in batch if i.write]
         for item in reads:
@@ -191,29 +283,33 @@ class ConnectionThread:
                 item.result = item.fn(conn)
             except BaseException as exc:
                 item.error = exc
+        return self._run_writes(conn, writes, begun=False) if writes else set()
+
+    def _run_writes(self, conn: TxConnection, writes: list[_Item], begun: bool) -> set[str]:
+        """Every write in one transaction (begun already if ``begun``); the channels of
+        those that committed."""
         channels: set[str] = set()
-        if writes:
-            try:
+        try:
+            if not begun:
                 conn.begin_write()
-                if not self._run_straight(conn, writes):
-                    conn.execute("ROLLBACK")
-                    if len(writes) == 1:  # nothing else to keep: its error is the outcome
-                        self._deliver(batch, set())
-                        return
-                    conn.begin_write()
-                    self._run_isolated(conn, writes)
-                conn.before_commit()
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                for item in writes:
-                    item.error = exc
-            else:
-                for item in writes:
-                    if item.error is None:
-                        channels.update(item.channels)
-        self._deliver(batch, channels)
+            if not self._run_straight(conn, writes):
+                conn.execute("ROLLBACK")
+                if len(writes) == 1:  # nothing else to keep: its error is the outcome
+                    return channels
+                conn.begin_write()
+                self._run_isolated(conn, writes)
+            conn.before_commit()
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for item in writes:
+                item.error = exc
+        else:
+            for item in writes:
+                if item.error is None:
+                    channels.update(item.channels)
+        return channels
 
     @staticmethod
     def _run_straight(conn: TxConnection, writes: list[_Item]) -> bool:
@@ -255,18 +351,22 @@ class ConnectionThread:
                 item.error = self._fault(item.error)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
-                loop.call_soon_threadsafe(_resolve, items, self._on_commit, channels)
+                loop.call_soon_threadsafe(self._resolve, items, channels)
+
+    def _resolve(self, items: list[_Item], channels: set[str]) -> None:
+        """On the items' loop: answer them, then tell the store what was committed."""
+        for item in items:
+            if item.home:
+                self._handed -= 1
+            if item.future.done():
+                continue
+            if item.error is not None:
+                item.future.set_exception(item.error)
+            else:
+                item.future.set_result(item.result)
+        if channels:
+            self._on_commit(channels)
 
 
-def _resolve(
-    items: list[_Item], on_commit: Callable[[set[str]], None], channels: set[str]
-) -> None:
-    for item in items:
-        if item.future.done():
-            continue
-        if item.error is not None:
-            item.future.set_exception(item.error)
-        else:
-            item.future.set_result(item.result)
-    if channels:
-        on_commit(channels)
+# SQLITE_BUSY and SQLITE_LOCKED: another connection holds the write lock.
+_LOCKED = (5, 6)

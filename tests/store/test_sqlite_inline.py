@@ -1,0 +1,139 @@
+"""SQLite writes of the store's own event loop, run on the loop's thread when the
+store's thread is idle (``cantata.store.sqlite_thread``): one commit per loop turn,
+the order the writes were made in, and never a loop blocked by a lock held elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata.store import sqlite_ops
+from cantata.store.sqlite_open import connect
+from cantata.store.sqlite_thread import ConnectionThread
+
+
+@pytest.fixture
+async def home(tmp_path: Path) -> AsyncIterator[tuple[ConnectionThread, list[set[str]]]]:
+    commits: list[set[str]] = []
+    thread = ConnectionThread(
+        lambda: connect(str(tmp_path / "inline.db"), "sqlite://inline", "FULL"),
+        commits.append, "test-inline", home=asyncio.get_running_loop(),
+    )
+    thread.start()
+    try:
+        yield thread, commits
+    finally:
+        thread.stop()
+
+
+def meta(key: str, seen: list[tuple[str, int]]) -> Callable[[sqlite3.Connection], str]:
+    def op(c: sqlite3.Connection) -> str:
+        seen.append((key, threading.get_ident()))
+        c.execute("INSERT INTO cantata_meta VALUES (?, 'x')", (key,))
+        return key
+    return op
+
+
+async def keys(thread: ConnectionThread) -> list[str]:
+    return await thread.read(
+        lambda c: [r[0] for r in c.execute(
+            "SELECT key FROM cantata_meta WHERE key LIKE 'k%' ORDER BY rowid").fetchall()]
+    )
+
+
+async def test_the_writes_of_one_loop_turn_share_one_commit_on_the_loops_thread(
+    home: tuple[ConnectionThread, list[set[str]]],
+) -> None:
+    thread, commits = home
+    seen: list[tuple[str, int]] = []
+    got = await asyncio.gather(*(thread.write(meta(f"k{i}", seen), f"c{i}") for i in range(3)))
+    assert got == ["k0", "k1", "k2"]
+    assert {ident for _, ident in seen} == {threading.get_ident()}
+    assert commits == [{"c0", "c1", "c2"}]  # one transaction, one notice
+    assert await keys(thread) == ["k0", "k1", "k2"]
+
+
+async def test_a_failing_inline_write_undoes_only_itself(
+    home: tuple[ConnectionThread, list[set[str]]],
+) -> None:
+    thread, commits = home
+    seen: list[tuple[str, int]] = []
+
+    def bad(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO cantata_meta VALUES ('kbad', 'x')")
+        sqlite_ops.audit_append(c, "a", ("t", "test.bad", "-", {}))
+        raise ValueError("this operation fails after writing")
+
+    results = await asyncio.gather(thread.write(meta("k1", seen), "good"),
+                                   thread.write(bad, "bad"),
+                                   thread.write(meta("k2", seen), "good"),
+                                   return_exceptions=True)
+    assert results[0] == "k1" and results[2] == "k2"
+    assert isinstance(results[1], ValueError)
+    assert await keys(thread) == ["k1", "k2"]
+    assert commits == [{"good"}]
+    assert await thread.read(lambda c: sqlite_ops.audit_records(c, "a", 0, 10)) == []
+
+
+async def test_a_write_lock_held_elsewhere_never_blocks_the_loop(
+    tmp_path: Path, home: tuple[ConnectionThread, list[set[str]]],
+) -> None:
+    """Another connection (another process, or a transactional step) holds the write
+    lock: the write waits for it in the store's thread, and the loop runs on."""
+    thread, _ = home
+    await thread.write(meta("k0", []))  # the schema exists
+    other = sqlite3.connect(tmp_path / "inline.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    seen: list[tuple[str, int]] = []
+    try:
+        write = thread.write(meta("k1", seen))
+        ticks = 0
+        t0 = time.monotonic()
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            ticks += 1
+        assert time.monotonic() - t0 < 1.0  # the loop was never held by the lock
+        assert ticks == 10 and not write.done()
+        # Made while the thread still has k1: they wait behind it, in their order.
+        later = [thread.write(meta(f"k{i}", seen)) for i in (2, 3)]
+        await asyncio.sleep(0.05)
+        assert seen == [] and not any(w.done() for w in later)
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert await write == "k1"
+    assert await asyncio.gather(*later) == ["k2", "k3"]
+    assert [k for k, _ in seen] == ["k1", "k2", "k3"]
+    assert threading.get_ident() not in {ident for _, ident in seen}  # the thread waited
+    seen2: list[tuple[str, int]] = []
+    await thread.write(meta("k4", seen2))  # the thread is idle again: inline once more
+    assert seen2[0][1] == threading.get_ident()
+    assert await keys(thread) == ["k0", "k1", "k2", "k3", "k4"]
+
+
+async def test_another_loops_writes_go_through_the_thread(
+    home: tuple[ConnectionThread, list[set[str]]],
+) -> None:
+    thread, _ = home
+    seen: list[tuple[str, int]] = []
+    box: dict[str, Any] = {}
+
+    def elsewhere() -> None:
+        async def go() -> None:
+            box["key"] = await thread.write(meta("k1", seen))
+            box["ident"] = threading.get_ident()
+        asyncio.run(go())
+
+    runner = threading.Thread(target=elsewhere)
+    runner.start()
+    await asyncio.to_thread(runner.join, 10)
+    assert box["key"] == "k1"
+    assert seen[0][1] not in (threading.get_ident(), box["ident"])
+    assert await keys(thread) == ["k1"]
