@@ -7,17 +7,18 @@ that is not durable. One failing operation does not undo the others: the batch
 runs straight through, and only if one of its operations fails is it rolled back
 and run again with each operation inside a SAVEPOINT.
 
-Writes of the store's own event loop (``home``) skip the thread when it is idle:
-the writes made in one turn of the loop are gathered and run as one batch on the
+Writes of the store's own event loop (``home``) skip the thread when they can: the
+writes made in one turn of the loop are gathered and run as one batch on the
 loop's thread at the start of the next turn (one group commit, as the thread's),
-with no hand-off to the thread and back (two thread wake-ups per commit) and no
-GIL passed between two busy threads. The thread takes over whenever it has writes of
-the home loop not yet answered (so writes stay in the order they were made), when
-it holds the connection itself (a read), and when the database's write lock is taken
-by another connection: the inline ``BEGIN IMMEDIATE`` waits for no one (the
-connection's busy timeout is 0 unless the thread runs a batch), and the thread,
-which may wait the full busy timeout, runs the batch instead. Reads always go to
-the thread: a long query never blocks the loop.
+with no hand-off to the thread and back (two thread wake-ups per commit) and no GIL
+passed between two busy threads. When the thread holds the connection (a read),
+the batch tries again half a millisecond later. When another connection holds the
+database's write lock, the thread runs the batch: the inline ``BEGIN IMMEDIATE``
+waits for no one (the connection's busy timeout is 0 unless the thread runs a
+batch), the thread may wait the full busy timeout. While the thread has writes of
+the home loop unanswered, later writes wait on the loop until they are answered
+(so writes stay in the order they were made, and the next batch runs inline
+again). Reads always go to the thread: a long query never blocks the loop.
 """
 
 from __future__ import annotations
@@ -173,27 +174,32 @@ class ConnectionThread:
         item = _Item(fn, fut, write, channels)
         if loop is not self._home or not write:
             self._queue.put(item)  # (reads keep no order with writes: see _run_batch)
-        elif self._pending or not self._handed:
+        else:
             self._pending.append(item)
-            if not self._flush_due:
+            if not self._flush_due and not self._handed:  # else: once they are answered
                 self._flush_due = True
                 loop.call_soon(self._flush)
-        else:
-            item.home = True
-            self._handed += 1
-            self._queue.put(item)
         return fut
 
     # -- inline writes, on the home loop -------------------------------------
 
     def _flush(self) -> None:
-        """Run this turn's writes on the loop's thread, or hand them to the thread."""
+        """Run this turn's writes on the loop's thread, or hand them to the thread.
+
+        While the thread has writes of this loop unanswered, the new ones wait here
+        (behind them, in their order) and :meth:`_resolve` flushes them once the last
+        is answered: the thread does not keep every write for itself once it has one."""
         self._flush_due = False
-        batch, self._pending = self._pending, []
-        if not batch:
+        if self._handed or not self._pending:
             return
         conn = self._conn
-        if conn is not None and not self._handed and self._lock.acquire(blocking=False):
+        if conn is not None and not self._lock.acquire(blocking=False):
+            # The thread runs a read (or another loop's batch): a moment, not a wait.
+            self._flush_due = True
+            asyncio.get_running_loop().call_later(_RETRY_S, self._flush)
+            return
+        batch, self._pending = self._pending, []
+        if conn is not None:
             try:
                 ran = self._run_inline(conn, batch)
             finally:
@@ -358,6 +364,9 @@ class ConnectionThread:
         for item in items:
             if item.home:
                 self._handed -= 1
+                if not self._handed and self._pending and not self._flush_due:
+                    self._flush_due = True
+                    item.future.get_loop().call_soon(self._flush)
             if item.future.done():
                 continue
             if item.error is not None:
@@ -367,6 +376,9 @@ class ConnectionThread:
         if channels:
             self._on_commit(channels)
 
+
+# How soon a flush that found the connection in the thread's hands tries again.
+_RETRY_S = 0.0005
 
 # SQLITE_BUSY and SQLITE_LOCKED: another connection holds the write lock.
 _LOCKED = (5, 6)
