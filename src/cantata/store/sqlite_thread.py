@@ -97,7 +97,7 @@ class _Item:
     channels: tuple[str, ...] = ()
     result: Any = None
     error: BaseException | None = None
-    home: bool = False  # a write of the home loop counted in ConnectionThread._handed
+    counted: bool = False  # a write of the home loop counted in ConnectionThread._handed
 
 
 @dataclass(slots=True)
@@ -210,7 +210,7 @@ class ConnectionThread:
 
     def _hand_over(self, items: list[_Item]) -> None:
         for item in items:
-            item.home = True
+            item.counted = True
             self._queue.put(item)
         self._handed += len(items)
 
@@ -225,9 +225,7 @@ class ConnectionThread:
                 return False
             begun = False  # _run_writes tries again and gives its error to every write
         channels = self._run_writes(conn, batch, begun=begun)
-        for item in batch:
-            if item.error is not None:
-                item.error = self._fault(item.error)
+        self._translate_errors(batch)
         self._resolve(batch, channels)
         return True
 
@@ -352,17 +350,20 @@ class ConnectionThread:
         by_loop: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
         for item in batch:
             by_loop.setdefault(item.future.get_loop(), []).append(item)
-        for item in batch:
-            if item.error is not None:
-                item.error = self._fault(item.error)
+        self._translate_errors(batch)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
                 loop.call_soon_threadsafe(self._resolve, items, channels)
 
+    def _translate_errors(self, batch: list[_Item]) -> None:
+        for item in batch:
+            if item.error is not None:
+                item.error = self._fault(item.error)
+
     def _resolve(self, items: list[_Item], channels: set[str]) -> None:
         """On the items' loop: answer them, then tell the store what was committed."""
         for item in items:
-            if item.home:
+            if item.counted:
                 self._handed -= 1
                 if not self._handed and self._pending and not self._flush_due:
                     self._flush_due = True
