@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cantata.store import sqlite_ops
+from cantata.store import sqlite_ops, sqlite_thread
 from cantata.store.sqlite_open import connect
 from cantata.store.sqlite_thread import ConnectionThread
 
@@ -138,3 +138,20 @@ async def test_another_loops_writes_go_through_the_thread(
     assert box["key"] == "k1"
     assert seen[0][1] not in (threading.get_ident(), box["ident"])
     assert await keys(thread) == ["k1"]
+
+
+async def test_a_turn_with_more_writes_than_a_batch_commits_them_in_order_in_several(
+    home: tuple[ConnectionThread, list[set[str]]],
+) -> None:
+    """A loop turn that makes more writes than MAX_BATCH does not hold the loop for
+    one huge transaction: they go in batches of MAX_BATCH, one per turn, in order."""
+    thread, commits = home
+    seen: list[tuple[str, int]] = []
+    n = sqlite_thread.MAX_BATCH * 2 + 3
+    got = await asyncio.gather(*(thread.write(meta(f"k{i}", seen), f"c{i // 512}")
+                                 for i in range(n)))
+    assert got == [f"k{i}" for i in range(n)]
+    assert [len(c) for c in commits] == [1, 1, 1]  # three transactions
+    assert [k for k, _ in seen] == [f"k{i}" for i in range(n)]
+    assert {ident for _, ident in seen} == {threading.get_ident()}
+    assert await keys(thread) == [f"k{i}" for i in range(n)]

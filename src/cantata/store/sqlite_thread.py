@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 T = TypeVar("T")
 
 Op = Callable[[sqlite3.Connection], Any]
-MAX_BATCH = 512
+MAX_BATCH = 512  # writes in one transaction (inline or in the thread)
 
 
 if TYPE_CHECKING:
@@ -198,13 +198,18 @@ class ConnectionThread:
             self._flush_due = True
             asyncio.get_running_loop().call_later(_RETRY_S, self._flush)
             return
-        batch, self._pending = self._pending, []
+        # At most MAX_BATCH in one transaction, as the thread's: the rest is the next
+        # turn's (the loop is not held for one huge commit; the order is kept).
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         if conn is not None:
             try:
                 ran = self._run_inline(conn, batch)
             finally:
                 self._lock.release()
             if ran:
+                if self._pending and not self._flush_due and not self._handed:
+                    self._flush_due = True
+                    asyncio.get_running_loop().call_soon(self._flush)
                 return
         self._hand_over(batch)
 
