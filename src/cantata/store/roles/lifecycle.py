@@ -23,7 +23,9 @@ CANCEL = "cancel"
 TASKS = "tasks"
 # Deliveries may have become claimable: sent with ``events`` by every commit that stores
 # events or makes a delivery pending, except a settlement or a held append whose caller
-# said ``wake=False`` (it holds every delivery a consumer of this process would claim).
+# said ``wake=False`` (it holds every delivery a consumer of this process would claim),
+# and, to the other processes, one that made no delivery claimable at all (PostgreSQL:
+# every delivery it made held for its worker; docs/performance.md, round nine).
 CLAIMS = "claims"
 
 ChangeListener = Callable[[str], None]
@@ -53,7 +55,11 @@ class StoreLifecycle(Protocol):
         called at least when a run nobody owns is created, when a run ends and when
         its owner lets it go; a backend may leave out the checkpoints in between.
         ``claims`` comes with ``events`` (see :data:`CLAIMS`): the embedded broker's
-        consumers look for deliveries to claim when they hear it.
+        consumers look for deliveries to claim when they hear it. A backend may leave
+        ``events`` out for a settlement, or an append that held deliveries for its
+        worker, that nobody else can need to hear of (PostgreSQL's
+        ``cantata_settle_one``: no delivery pending, no wait declared for its events'
+        types); the process that wrote them learns of its events in process.
         """
 
     async def identity(self) -> str:

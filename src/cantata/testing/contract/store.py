@@ -91,8 +91,9 @@ class StoreContract(
 
     async def test_commits_that_may_make_claims_say_claims(self, store: Store) -> None:
         """``claims`` (a consumer may find a delivery to claim) comes with every commit
-        that stores events or makes a delivery pending again; a store may leave it out
-        for a settlement whose caller said ``wake=False``, never otherwise."""
+        that stores events with a delivery pending or makes a delivery pending again;
+        a store may leave it out for a settlement whose caller said ``wake=False``, or
+        one that made no delivery claimable, never otherwise."""
         await store.declare(self.app, [Declaration("handler", "g", "order.*")])
         heard: list[str] = []
         store.add_listener(heard.append)
