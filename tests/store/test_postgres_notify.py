@@ -6,7 +6,7 @@ wait for, still does."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,24 +16,17 @@ from cantata.store.base import CLAIMS, EVENTS, RUNS, Settlement
 from cantata.store.postgres import PostgresStore
 from cantata.testing.contract.support import ev, new_run
 from cantata.testing.wait import eventually
-from tests.helpers import drop_schema, with_schema
 from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture(scope="module")
-def url(postgres_url: str) -> Iterator[str]:
-    schema = f"cantata_notify_{new_id()[-10:]}"
-    yield with_schema(postgres_url, schema)
-    asyncio.run(drop_schema(postgres_url, schema))
-
-
 @pytest.fixture
-async def pair(url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore, str]]:
-    """The store of the process that writes, and another process's, on one schema."""
+async def pair(pg_session_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore, str]]:
+    """The store of the process that writes, and another process's, on one schema
+    (each test an app of its own)."""
     app = f"app-{new_id()[-8:]}"
-    async with opened(url) as here, opened(url) as there:
+    async with opened(pg_session_url) as here, opened(pg_session_url) as there:
         await here.declare(app, [
             Declaration("handler", "g1", "order.*"),
             Declaration("handler", "g2", "pay.done"),
