@@ -147,8 +147,9 @@ async def test_a_turn_with_more_writes_than_a_batch_commits_them_in_order_in_sev
     one huge transaction: they go in batches of MAX_BATCH, one per turn, in order."""
     thread, commits = home
     seen: list[tuple[str, int]] = []
-    n = sqlite_thread.MAX_BATCH * 2 + 3
-    got = await asyncio.gather(*(thread.write(meta(f"k{i}", seen), f"c{i // 512}")
+    batch = sqlite_thread.MAX_BATCH
+    n = batch * 2 + 3
+    got = await asyncio.gather(*(thread.write(meta(f"k{i}", seen), f"c{i // batch}")
                                  for i in range(n)))
     assert got == [f"k{i}" for i in range(n)]
     assert [len(c) for c in commits] == [1, 1, 1]  # three transactions

@@ -207,7 +207,9 @@ class ConnectionThread:
             finally:
                 self._lock.release()
             if ran:
-                if self._pending and not self._flush_due and not self._handed:
+                # (nothing was handed to the thread: checked above; a listener that
+                # wrote while the batch was answered may have scheduled the flush)
+                if self._pending and not self._flush_due:
                     self._flush_due = True
                     asyncio.get_running_loop().call_soon(self._flush)
                 return
