@@ -117,6 +117,15 @@ class PostgresEvents(PostgresCore):
         self, app: str, dead_letter_id: str, now: float, *, actor: str = audit.SYSTEM
     ) -> DeadLetter:
         async with self._db.tx() as c:
+            # The delivery locked first, as a settlement locks it before the trigger of
+            # migration 0025 drops its dead letters: no deadlock with one settling it
+            # done meanwhile (its dead letter is then gone: not found).
+            await c.execute(
+                "SELECT 1 FROM deliveries d JOIN dead_letters l ON d.app=l.app AND "
+                "d.grp=l.grp AND d.event_id=l.event_id WHERE l.app=$1 AND l.id=$2 "
+                "FOR UPDATE OF d",
+                app, dead_letter_id,
+            )
             row = await c.fetchrow(
                 "DELETE FROM dead_letters WHERE app=$1 AND id=$2 "
                 "RETURNING id, grp, event_id, error, attempts, failed_at",
@@ -132,7 +141,8 @@ class PostgresEvents(PostgresCore):
                 )
             await c.execute(
                 "UPDATE deliveries SET status='pending', attempts=0, next_at=$4, owner=NULL, "
-                "error=NULL, updated_at=$4 WHERE app=$1 AND grp=$2 AND event_id=$3",
+                "error=NULL, updated_at=$4 WHERE app=$1 AND grp=$2 AND event_id=$3 "
+                "AND status<>'done'",  # never a handled one: its effect would come twice
                 app, row[1], row[2], now,
             )
             await self._db.notify(c, app, EVENTS)

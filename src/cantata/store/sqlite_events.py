@@ -276,9 +276,12 @@ class SQLiteEvents(SQLiteCore):
                 )
             dl = dead_letter_row(row)
             c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
+            # Never a delivery handled since (settling it done dropped its dead letters,
+            # migration 0019): handled again, its effect would be applied twice.
             c.execute(
                 "UPDATE deliveries SET status='pending', attempts=0, next_at=?, owner=NULL, "
-                "error=NULL, updated_at=? WHERE app=? AND grp=? AND event_id=?",
+                "error=NULL, updated_at=? WHERE app=? AND grp=? AND event_id=? "
+                "AND status<>'done'",
                 (now, now, app, dl.group, dl.event.id),
             )
             audit_append(c, app, audit.replay_entry(dl.group, dl.event.id, dead_letter_id, actor))

@@ -298,6 +298,33 @@ class EventsContract(StoreFixtures):
         with pytest.raises(DeadLetterNotFound):
             await store.replay_dead_letter(self.app + "-b", dls[1].id, now)
 
+    async def test_a_delivery_handled_after_its_dead_letter_leaves_none_to_replay(
+        self, store: Store
+    ) -> None:
+        """Two copies of one delivery run at once (a broker redelivered it while the
+        first still ran, or a worker's lease ran out): one dead-letters it, the other
+        completes. The completion is what happened: the dead letter goes with it, and
+        nothing can put the handled delivery back to be handled (and its effect
+        applied) again."""
+        await self.handlers(store, ("g", "order.placed"), ("ship", "order.paid"))
+        e, other = ev(), ev()
+        await store.append_events(self.app, [e, other])
+        assert await store.settle_delivery(self.app, "g", e.id, Settlement(
+            "dead", 1, error="E: one copy", dead_letter_id="dl-gone"))
+        assert await store.settle_delivery(self.app, "g", other.id, Settlement(
+            "dead", 1, error="E: stays", dead_letter_id="dl-stays"))
+        paid = ev("order.paid", causation_id=e.id)
+        assert await store.settle_delivery(self.app, "g", e.id, Settlement("done", 1, [paid]))
+        assert [x.id for x in await store.dead_letters(self.app)] == ["dl-stays"]
+        with pytest.raises(DeadLetterNotFound):
+            await store.replay_dead_letter(self.app, "dl-gone", time.time())
+        [row] = await store.deliveries(self.app, e.id)
+        assert row.status == DELIVERY_DONE
+        assert await self.claim_d(store, "w1", ["g"]) == []
+        again = ev("order.paid")
+        assert not await store.settle_delivery(self.app, "g", e.id, Settlement("done", 2, [again]))
+        assert await store.get_event(self.app, again.id) is None
+
     async def test_outbox_unpublished_and_mark_published(self, store: Store) -> None:
         events = [ev() for _ in range(4)]
         await store.append_events(self.app, events)
