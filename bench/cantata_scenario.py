@@ -219,6 +219,9 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
         base = app.metrics.handled
         target = base + HANDLERS_PER_ORDER * a.n
         since = time.time()
+        # the warm-up's terminal events, counted before the orders go out: the workers
+        # may end some of them while the rest are still being published
+        warm = await _terminal_count(a, app.name) if a.workers is not None else 0
         wcpu0 = a.workers.cpu() if a.workers is not None else None
         cpu0, t0 = cpu_seconds(), now()
         if a.submit == "loop":
@@ -229,8 +232,6 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
         t_sub = now() - t0
         deadline = t0 + RESULT_TIMEOUT
         if a.workers is not None:  # the handlers run in the workers: count in the store
-            warm = await _terminal_count(a, app.name)
-
             async def all_ended() -> bool:
                 return await _terminal_count(a, app.name) >= warm + a.n
 
