@@ -139,3 +139,59 @@ def test_quiet_log_says_one_line_per_cause_and_interval(
     assert [r.getMessage() for r in caplog.records] == [
         "store down (0)", "something else", "store back", "store down again",
     ]
+
+
+async def test_a_claim_loads_its_runs_histories_in_one_read(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs released with history (a stop mid-step) and claimed together by another
+    worker: their histories come in one ``load_histories`` read, not a read per run, and
+    each resumes from its own (the finished first step is replayed, not run again)."""
+    from cantata.store.sqlite import SQLiteStore
+
+    def two_step_app(**kw: object) -> tuple[App, list[int], asyncio.Event]:
+        app = make_app(sqlite_url, **kw)  # type: ignore[arg-type]
+        firsts: list[int] = []
+        go = asyncio.Event()
+
+        @app.step
+        async def first(n: int) -> int:
+            firsts.append(n)
+            return n * 10
+
+        @app.step
+        async def slow() -> str:
+            await go.wait()
+            return "done"
+
+        @app.workflow
+        async def two(ctx: cantata.WorkflowContext, n: int) -> str:
+            return f"{await ctx.run(first, n)}:{await ctx.run(slow)}"
+
+        return app, firsts, go
+
+    app, firsts, _ = two_step_app(shutdown_grace=0.1)
+    async with app:
+        handles = [await app.start("two", n) for n in range(3)]
+        await eventually(lambda: sorted(firsts) == [0, 1, 2])
+        await asyncio.sleep(0.2)  # each in `slow` now
+    reads: list[tuple[str, int]] = []
+    batch, single = SQLiteStore.load_histories, SQLiteStore.load_history
+
+    async def load_histories(self: SQLiteStore, app_name: str, ids: list[str]) -> object:
+        reads.append(("many", len(ids)))
+        return await batch(self, app_name, ids)
+
+    async def load_history(self: SQLiteStore, app_name: str, run_id: str) -> object:
+        reads.append(("one", 1))
+        return await single(self, app_name, run_id)
+
+    monkeypatch.setattr(SQLiteStore, "load_histories", load_histories)
+    monkeypatch.setattr(SQLiteStore, "load_history", load_history)
+    app2, firsts2, go2 = two_step_app()
+    go2.set()
+    async with app2:
+        results = [await app2.get_handle(h.run_id).result(timeout=10) for h in handles]
+    assert results == ["0:done", "10:done", "20:done"]
+    assert firsts2 == []  # replayed from the loaded history, not run again
+    assert reads == [("many", 3)]

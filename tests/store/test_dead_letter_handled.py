@@ -190,3 +190,26 @@ async def test_postgres_upgrade_removes_dead_letters_of_handled_deliveries(
         [row] = await store.deliveries(APP, other.id)
         assert row.status == DELIVERY_DEAD
         await check_handled(store, *await dead_then_done(store))
+
+
+@pytest.mark.postgres
+async def test_postgres_replay_never_reopens_a_handled_delivery(pg_url: str) -> None:
+    """As on SQLite: a dead letter of a handled delivery written by hand."""
+    import asyncpg
+
+    async with opened(pg_url) as store:
+        await store.declare(APP, [Declaration("handler", "g", "order.placed")])
+        e = ev()
+        await store.append_events(APP, [e])
+        await store.settle_delivery(APP, "g", e.id, Settlement("done", 1))
+        conn = await asyncpg.connect(pg_url.split("?")[0])
+        try:
+            await conn.execute(
+                f'INSERT INTO "{store._db.schema}".dead_letters VALUES ($1,$2,$3,$4,$5,$6,$7)',
+                APP, "dl-by-hand", "g", e.id, "E: x", 1, time.time())
+        finally:
+            await conn.close()
+        await store.replay_dead_letter(APP, "dl-by-hand", time.time())
+        [row] = await store.deliveries(APP, e.id)
+        assert row.status == DELIVERY_DONE
+        assert not await store.settle_delivery(APP, "g", e.id, Settlement("done", 2))

@@ -13,7 +13,7 @@ from cantata.declare.router import Router
 from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.event import Event
-from cantata.model.records import Declaration, RunRecord
+from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.quietlog import QuietLog, reason
@@ -282,13 +282,15 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
     def launch(
-        self, run: RunRecord, *, fresh: bool = False, create: bool = False
+        self, run: RunRecord, *, fresh: bool = False, create: bool = False,
+        history: tuple[list[HistoryEntry], list[Attempt]] | None = None,
     ) -> RunExecution:
         """Execute ``run`` in this process (it is owned by this worker).
 
         ``fresh``: the run was just created here, so it has no history to load.
         ``create``: it is not stored yet; its first write stores it (see
-        :attr:`RunExecution.created`).
+        :attr:`RunExecution.created`). ``history``: its history and attempts, read
+        already (with the other runs of a claim, ``Store.load_histories``).
         """
         current = self.executions.get(run.run_id)
         previous: asyncio.Task[Any] | None = None
@@ -306,6 +308,7 @@ class Engine:
         wdef = self.router.workflows[run.workflow]
         execution = RunExecution(self, run, wdef)
         execution.fresh = fresh or create
+        execution.preloaded = history
         self.executions[run.run_id] = execution
         launched = self._launched.pop(run.run_id, None)
         if launched is not None and not launched.done():

@@ -31,6 +31,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from cantata.model.records import Attempt, HistoryEntry, RunRecord
 from cantata.quietlog import QuietLog, reason
 
 from . import versioning
@@ -254,9 +255,10 @@ class Ownership:
                 else:
                     self.quiet.recovered("claim", "worker %s: claiming runs works again",
                                          engine.worker_id)
+            loaded = await self._histories(claimed)
             for run in claimed:
                 log.info("resuming run %s of %s", run.run_id, run.workflow)
-                engine.launch(run)
+                engine.launch(run, history=loaded.get(run.run_id))
             if len(claimed) == 100:
                 continue
             self.claim_wakeup.clear()
@@ -274,6 +276,23 @@ class Ownership:
                 # Woken by a change notification: let a burst of them coalesce, so a
                 # busy store is not asked to claim once per commit.
                 await asyncio.sleep(min(0.05, engine.poll_interval))
+
+    async def _histories(
+        self, claimed: list[RunRecord]
+    ) -> dict[str, tuple[list[HistoryEntry], list[Attempt]]]:
+        """The histories and attempts of a claim's runs, two reads for all of them (not two
+        round trips per run as each execution would make). On a failed read, none: each
+        execution then loads its own, and says so if that fails too."""
+        if len(claimed) < 2:
+            return {}
+        try:
+            return await self.engine.store.load_histories(
+                self.engine.app, [r.run_id for r in claimed]
+            )
+        except Exception as exc:
+            log.debug("loading the histories of %d claimed runs failed (%s); each loads its "
+                      "own", len(claimed), reason(exc))
+            return {}
 
     # -- reconciliation -------------------------------------------------------------------
 

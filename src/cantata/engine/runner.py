@@ -65,6 +65,9 @@ class RunExecution:
         self.compensating = False
         self.wakeup = asyncio.Event()
         self.fresh = False  # created by this process just now: no history to load
+        # its history and attempts, read with the other runs of its claim (load() uses
+        # them once instead of reading them)
+        self.preloaded: tuple[list[HistoryEntry], list[Attempt]] | None = None
         self.began = False  # its task has begun (checkpoint.flush_all)
         self.task: asyncio.Task[None] | None = None
         self.inflight: dict[str, Attempt] = {}  # step key -> attempt whose body runs
@@ -258,9 +261,15 @@ class RunExecution:
     async def load(self) -> None:
         if self.fresh:
             return
-        store, app, run_id = self.engine.store, self.run.app, self.run.run_id
-        self.journal.load(await store.load_history(app, run_id))
-        for a in await store.load_attempts(app, run_id):
+        if self.preloaded is not None:
+            history, attempts = self.preloaded
+            self.preloaded = None
+        else:
+            store, app, run_id = self.engine.store, self.run.app, self.run.run_id
+            history = await store.load_history(app, run_id)
+            attempts = await store.load_attempts(app, run_id)
+        self.journal.load(history)
+        for a in attempts:
             self.attempts.setdefault(a.key, []).append(a)
 
     async def execute(self, after: asyncio.Task[Any] | None = None) -> None:

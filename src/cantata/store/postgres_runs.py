@@ -138,6 +138,26 @@ class PostgresRuns(PostgresCore):
         )
         return [Attempt(*r) for r in rows]
 
+    async def load_histories(
+        self, app: str, run_ids: Sequence[str]
+    ) -> dict[str, tuple[list[HistoryEntry], list[Attempt]]]:
+        ids = list(dict.fromkeys(run_ids))
+        out: dict[str, tuple[list[HistoryEntry], list[Attempt]]] = {r: ([], []) for r in ids}
+        if not ids:
+            return out
+        async with self._db.conn() as c:
+            for r in await c.fetch(
+                f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=$1 "
+                "AND run_id = ANY($2::text[]) ORDER BY run_id, seq", app, ids,
+            ):
+                out[r[0]][0].append(HistoryEntry(*r[1:]))
+            for r in await c.fetch(
+                f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=$1 "
+                "AND run_id = ANY($2::text[]) ORDER BY run_id, started_at, attempt", app, ids,
+            ):
+                out[r[0]][1].append(Attempt(*r[1:]))
+        return out
+
     async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
         if not attempts:
             return 0

@@ -72,6 +72,7 @@ def _touch_only(write: RunWrite) -> bool:
 
 
 _RUNS_ONLY = (RUNS,)
+_IN_CHUNK = 500  # ids bound in one IN (...) list
 
 
 def _channels(write: RunWrite | None) -> tuple[str, ...]:
@@ -347,8 +348,8 @@ class SQLiteRuns(SQLiteCore):
     async def cancelled_runs(self, app: str, run_ids: Sequence[str]) -> list[str]:
         ids = list(run_ids)
         out: list[str] = []
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
+        for i in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[i : i + _IN_CHUNK]
             rows = await self._t.read(
                 lambda c, chunk=chunk: c.execute(  # type: ignore[misc]
                     f"SELECT run_id FROM runs WHERE app=? AND cancel_requested=1 AND run_id IN "
@@ -377,6 +378,33 @@ class SQLiteRuns(SQLiteCore):
             ).fetchall()
         )
         return [Attempt(*r) for r in rows]
+
+    async def load_histories(
+        self, app: str, run_ids: Sequence[str]
+    ) -> dict[str, tuple[list[HistoryEntry], list[Attempt]]]:
+        ids = list(dict.fromkeys(run_ids))
+        out: dict[str, tuple[list[HistoryEntry], list[Attempt]]] = {r: ([], []) for r in ids}
+        if not ids:
+            return out
+
+        def read(c: sqlite3.Connection) -> None:
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for r in c.execute(
+                    f"SELECT run_id, {HISTORY_COLS} FROM history WHERE app=? AND run_id IN "
+                    f"({marks}) ORDER BY run_id, seq", (app, *chunk),
+                ):
+                    out[r[0]][0].append(entry_row(r[1:]))
+                for r in c.execute(
+                    "SELECT run_id, key, attempt, started_at, ended_at, error_type, error "
+                    f"FROM attempts WHERE app=? AND run_id IN ({marks}) "
+                    "ORDER BY run_id, started_at, attempt", (app, *chunk),
+                ):
+                    out[r[0]][1].append(Attempt(*r[1:]))
+
+        await self._t.read(read)
+        return out
 
     async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
         def op(c: sqlite3.Connection) -> int:

@@ -116,6 +116,14 @@ class RunStore(Protocol):
     async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
         """Every attempt of every step of a run, in start order."""
 
+    async def load_histories(
+        self, app: str, run_ids: Sequence[str]
+    ) -> dict[str, tuple[list[HistoryEntry], list[Attempt]]]:
+        """:meth:`load_history` and :meth:`load_attempts` of many runs in one read each:
+        run id -> (history, attempts), every id given a key (empty lists for a run with
+        neither, or none stored). A worker loads the runs of a claim this way, not with
+        two round trips per run."""
+
     async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
         """Record that a live worker was cut off in these attempts of its own (by a pause
         past its lease, the run taken over): each stored attempt with the same key,

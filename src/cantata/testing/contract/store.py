@@ -168,6 +168,32 @@ class StoreContract(
         assert len(await store.list_runs(self.app, limit=100)) == 40
         assert await store.verify_audit(self.app) == AuditReport(True, 30 + 30 + 10)
 
+    async def test_load_histories_is_load_history_and_attempts_of_each(
+        self, store: Store
+    ) -> None:
+        """Many runs' histories in one call: the same entries and attempts, in the same
+        order, as one run at a time; a run with none (or no such run) maps to empties."""
+        runs = [(await store.create_run(new_run(self.app)))[0] for _ in range(3)]
+        for i, r in enumerate(runs[:2]):
+            for n in range(1, 4 + i):  # a second attempt of b#.. started before a#..'s end
+                await store.commit_run(self.app, r.run_id, 0, RunWrite(
+                    entries=[entry(f"s{n}#1", n)],
+                    attempts=[Attempt(f"s{n}#1", 1, 10.0 * n, 10.0 * n + 1),
+                              Attempt(f"s{n}#1", 2, 10.0 * n + 2, None)],
+                ))
+        other = new_run(self.app + "-other")
+        await store.create_run(other)
+        ids = [r.run_id for r in runs] + [other.run_id, "no-such-run", runs[0].run_id]
+        got = await store.load_histories(self.app, ids)
+        assert set(got) == set(ids)
+        for r in runs:
+            assert got[r.run_id] == (await store.load_history(self.app, r.run_id),
+                                     await store.load_attempts(self.app, r.run_id))
+        assert [len(got[r.run_id][0]) for r in runs] == [3, 4, 0]
+        assert [len(got[r.run_id][1]) for r in runs] == [6, 8, 0]
+        assert got[other.run_id] == got["no-such-run"] == ([], [])  # another app's run
+        assert await store.load_histories(self.app, []) == {}
+
     # -- declarations and workers ---------------------------------------------------
 
     async def test_declare_is_a_union_by_key(self, store: Store) -> None:
