@@ -21,13 +21,13 @@ import pytest
 from cantata.errors import DeadLetterNotFound
 from cantata.model.codec import new_id
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_DONE, Declaration
-from cantata.store import migrations
 from cantata.store.base import Settlement, Store
 from cantata.store.postgres import PostgresStore
 from cantata.store.sqlite import SQLiteStore
 from cantata.testing.contract.support import ev
 from tests.helpers import drop_schema, with_schema
 from tests.store.test_postgres import opened
+from tests.store.test_sqlite import assert_latest_version
 
 APP = "shop"
 
@@ -102,12 +102,7 @@ async def test_sqlite_upgrade_removes_dead_letters_of_handled_deliveries(
         assert row.status == DELIVERY_DEAD
     finally:
         await store.close()
-    conn = sqlite3.connect(path)
-    try:
-        version = conn.execute("SELECT value FROM cantata_meta WHERE key='schema_version'")
-        assert version.fetchone()[0] == str(migrations.latest("sqlite"))
-    finally:
-        conn.close()
+    assert_latest_version(path)
 
 
 async def test_sqlite_replay_never_reopens_a_handled_delivery(tmp_path: Path) -> None:

@@ -128,6 +128,11 @@ async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
         assert await store.apps() == ["shop"]
     finally:
         await store.close()
+    assert_latest_version(path)
+
+
+def assert_latest_version(path: Path) -> None:
+    """The store file is at the schema version of this Cantata's migrations."""
     conn = sqlite3.connect(path)
     try:
         version = conn.execute("SELECT value FROM cantata_meta WHERE key='schema_version'")
