@@ -17,6 +17,7 @@ from cantata.store import operate as rules
 from cantata.store.base import RUNS
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
+    ATTEMPT_COLS,
     E_EVENT_COLS,
     HISTORY_COLS,
     LIVE_R,
@@ -26,8 +27,6 @@ from cantata.store.sqlite_ops import (
     run_row,
     run_values,
 )
-
-_ATTEMPT_COLS = "key, attempt, started_at, ended_at, error_type, error"
 
 
 def foreign_runs(
@@ -194,8 +193,8 @@ class SQLiteOperate(SQLiteCore):
                     (epoch, *where),
                 )
                 c.execute(
-                    f"INSERT INTO attempts_superseded (app, run_id, epoch, {_ATTEMPT_COLS}) "
-                    f"SELECT app, run_id, ?, {_ATTEMPT_COLS} FROM attempts "
+                    f"INSERT INTO attempts_superseded (app, run_id, epoch, {ATTEMPT_COLS}) "
+                    f"SELECT app, run_id, ?, {ATTEMPT_COLS} FROM attempts "
                     "WHERE app=? AND run_id=? AND key=?",
                     (epoch, *where),
                 )
@@ -246,8 +245,8 @@ class SQLiteOperate(SQLiteCore):
                     (run.run_id, *where),
                 )
                 c.execute(
-                    f"INSERT INTO attempts (app, run_id, {_ATTEMPT_COLS}) SELECT app, ?, "
-                    f"{_ATTEMPT_COLS} FROM attempts WHERE app=? AND run_id=? AND key=?",
+                    f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) SELECT app, ?, "
+                    f"{ATTEMPT_COLS} FROM attempts WHERE app=? AND run_id=? AND key=?",
                     (run.run_id, *where),
                 )
             audit_append(

@@ -71,6 +71,7 @@ HISTORY_COLS = (
     "key, kind, name, status, seq, result, error, error_type, attempts, started_at, "
     "ended_at, wake_at, detail"
 )
+ATTEMPT_COLS = "key, attempt, started_at, ended_at, error_type, error"
 EVENT_COLS = (
     "id, type, source, subject, time, data, correlation_id, causation_id, traceparent, signature"
 )

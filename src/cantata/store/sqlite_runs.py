@@ -32,6 +32,7 @@ from cantata.store.base import (
 )
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
+    ATTEMPT_COLS,
     HISTORY_COLS,
     LIVE,
     LIVE_R,
@@ -372,7 +373,7 @@ class SQLiteRuns(SQLiteCore):
     async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
         rows = await self._t.read(
             lambda c: c.execute(
-                "SELECT key, attempt, started_at, ended_at, error_type, error FROM attempts "
+                f"SELECT {ATTEMPT_COLS} FROM attempts "
                 "WHERE app=? AND run_id=? ORDER BY started_at, attempt",
                 (app, run_id),
             ).fetchall()
@@ -397,8 +398,8 @@ class SQLiteRuns(SQLiteCore):
                 ):
                     out[r[0]][0].append(entry_row(r[1:]))
                 for r in c.execute(
-                    "SELECT run_id, key, attempt, started_at, ended_at, error_type, error "
-                    f"FROM attempts WHERE app=? AND run_id IN ({marks}) "
+                    f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=? "
+                    f"AND run_id IN ({marks}) "
                     "ORDER BY run_id, started_at, attempt", (app, *chunk),
                 ):
                     out[r[0]][1].append(Attempt(*r[1:]))

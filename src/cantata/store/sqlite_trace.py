@@ -16,6 +16,7 @@ from cantata.store.base import TraceRecords
 from cantata.store.common import first_per_run
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
+    ATTEMPT_COLS,
     EVENT_COLS,
     HISTORY_COLS,
     LIVE,
@@ -85,8 +86,8 @@ class SQLiteTrace(SQLiteCore):
                 (
                     (r[0], Attempt(*r[1:]))
                     for r in c.execute(
-                        "SELECT run_id, key, attempt, started_at, ended_at, error_type, error FROM "
-                        f"attempts WHERE app=? AND {of_runs} ORDER BY started_at, attempt, key",
+                        f"SELECT run_id, {ATTEMPT_COLS} FROM attempts WHERE app=? "
+                        f"AND {of_runs} ORDER BY started_at, attempt, key",
                         (app, run_ids),
                     )
                 ),

@@ -175,7 +175,7 @@ class StoreContract(
         order, as one run at a time; a run with none (or no such run) maps to empties."""
         runs = [(await store.create_run(new_run(self.app)))[0] for _ in range(3)]
         for i, r in enumerate(runs[:2]):
-            for n in range(1, 4 + i):  # a second attempt of b#.. started before a#..'s end
+            for n in range(1, 4 + i):  # two attempts a step, the second unfinished
                 await store.commit_run(self.app, r.run_id, 0, RunWrite(
                     entries=[entry(f"s{n}#1", n)],
                     attempts=[Attempt(f"s{n}#1", 1, 10.0 * n, 10.0 * n + 1),
