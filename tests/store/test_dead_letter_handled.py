@@ -1,6 +1,7 @@
 """A delivery settled done after it was dead-lettered takes its dead letters with it
 (SQLite migration 0019, PostgreSQL 0025): on every write path of each store, and for
-the dead letters earlier versions left, which the upgrade removes.
+the dead letters earlier versions left, which the upgrade removes. And a dead-lettered
+delivery takes no late retry nor a second dead letter (PostgreSQL 0026): on every path.
 
 Two copies of one delivery can run at once (a broker's redelivery, a lease run out):
 one dead-letters it, the other completes it. Replaying the dead letter left behind
@@ -20,7 +21,7 @@ import pytest
 
 from cantata.errors import DeadLetterNotFound
 from cantata.model.codec import new_id
-from cantata.model.records import DELIVERY_DEAD, DELIVERY_DONE, Declaration
+from cantata.model.records import DELIVERY_DEAD, DELIVERY_DONE, DELIVERY_PENDING, Declaration
 from cantata.store.base import Settlement, Store
 from cantata.store.postgres import PostgresStore
 from cantata.store.sqlite import SQLiteStore
@@ -50,6 +51,40 @@ async def dead_then_done(store: Store) -> tuple[str, str]:
     return gone, stays
 
 
+async def dead_stays_dead(store: Store) -> None:
+    """Second copies that fail after the first dead-lettered their delivery (one
+    settlement at a time, then several in one batch): neither a retry nor a dead
+    changes it, and a pending delivery in the same batch still takes its retry."""
+    import asyncio
+
+    await store.declare(APP, [Declaration("handler", "g", "order.placed")])
+    a, b, c = ev(), ev(), ev()
+    await store.append_events(APP, [a, b, c])
+    for x in (a, b):
+        assert await store.settle_delivery(APP, "g", x.id, Settlement(
+            "dead", 3, error="E: first copy", dead_letter_id=f"dl-{x.id}"))
+    assert not await store.settle_delivery(APP, "g", a.id, Settlement(
+        "retry", 2, error="E: late", retry_at=time.time()))
+    assert not await store.settle_delivery(APP, "g", a.id, Settlement(
+        "dead", 3, error="E: late", dead_letter_id=new_id()))
+    late = await asyncio.gather(
+        store.settle_delivery(APP, "g", a.id, Settlement(
+            "retry", 2, error="E: late", retry_at=time.time())),
+        store.settle_delivery(APP, "g", b.id, Settlement(
+            "dead", 3, error="E: late", dead_letter_id=new_id())),
+        store.settle_delivery(APP, "g", c.id, Settlement(
+            "retry", 1, error="E: c", retry_at=time.time())),
+    )
+    assert late == [False, False, True]
+    for x in (a, b):
+        [row] = await store.deliveries(APP, x.id)
+        assert (row.status, row.error) == (DELIVERY_DEAD, "E: first copy")
+    assert sorted(d.id for d in await store.dead_letters(APP)) == sorted(
+        f"dl-{x.id}" for x in (a, b))
+    [row] = await store.deliveries(APP, c.id)
+    assert (row.status, row.error) == (DELIVERY_PENDING, "E: c")
+
+
 async def check_handled(store: Store, gone: str, stays: str) -> None:
     listed = [d.id for d in await store.dead_letters(APP)]
     assert stays in listed and gone not in listed
@@ -67,6 +102,15 @@ async def test_sqlite_done_after_dead_drops_the_dead_letter(tmp_path: Path) -> N
     await store.open()
     try:
         await check_handled(store, *await dead_then_done(store))
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_dead_delivery_takes_no_late_retry_nor_dead(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        await dead_stays_dead(store)
     finally:
         await store.close()
 
@@ -154,6 +198,13 @@ async def pg_store(request: pytest.FixtureRequest, pg_url: str) -> AsyncIterator
 @pytest.mark.postgres
 async def test_postgres_done_after_dead_drops_the_dead_letter(pg_store: PostgresStore) -> None:
     await check_handled(pg_store, *await dead_then_done(pg_store))
+
+
+@pytest.mark.postgres
+async def test_postgres_a_dead_delivery_takes_no_late_retry_nor_dead(
+    pg_store: PostgresStore,
+) -> None:
+    await dead_stays_dead(pg_store)
 
 
 @pytest.mark.postgres

@@ -170,23 +170,33 @@ async def claim_deliveries_many(
     return out
 
 
-def _settle_sql(sets: str, params: int) -> str:
-    # The delivery, locked and changed unless it is done; its owner from before. The
-    # last parameter says which call the row answers.
+def _settle_sql(sets: str, params: int, unsettled: str) -> str:
+    # The delivery, locked and changed unless it was settled for good; its owner from
+    # before. The last parameter says which call the row answers.
     return (
         "WITH old AS MATERIALIZED (SELECT owner FROM deliveries WHERE app=$1 AND grp=$2 "
-        "AND event_id=$3 AND status<>'done' FOR UPDATE) "
+        f"AND event_id=$3 AND {unsettled} FOR UPDATE) "
         f"UPDATE deliveries d SET {sets} FROM old "
         f"WHERE d.app=$1 AND d.grp=$2 AND d.event_id=$3 RETURNING ${params}::int4, old.owner"
     )
 
 
+# What each outcome may change (migration 0026): 'done' anything not done (a dead
+# letter's delivery that another copy handled), 'retry' and 'dead' a pending delivery
+# only (a dead one stays dead until replayed: no second dead letter, no reopening).
 _SETTLE = {
-    "done": _settle_sql("status='done', attempts=$4, owner=NULL, error=NULL, updated_at=$5", 6),
-    "retry": _settle_sql(
-        "status='pending', attempts=$4, owner=NULL, error=$5, next_at=$6, updated_at=$7", 8
+    "done": _settle_sql(
+        "status='done', attempts=$4, owner=NULL, error=NULL, updated_at=$5", 6,
+        "status<>'done'",
     ),
-    "dead": _settle_sql("status='dead', attempts=$4, owner=NULL, error=$5, updated_at=$6", 7),
+    "retry": _settle_sql(
+        "status='pending', attempts=$4, owner=NULL, error=$5, next_at=$6, updated_at=$7", 8,
+        "status='pending'",
+    ),
+    "dead": _settle_sql(
+        "status='dead', attempts=$4, owner=NULL, error=$5, updated_at=$6", 7,
+        "status='pending'",
+    ),
 }
 
 Settle = tuple[str, str, str, Settlement]  # app, group, event_id, settlement

@@ -14,6 +14,7 @@ from cantata.errors import DeadLetterNotFound
 from cantata.model import codec
 from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
+    DELIVERY_DEAD,
     DELIVERY_DONE,
     DELIVERY_PENDING,
     DeadLetter,
@@ -143,8 +144,8 @@ class SQLiteEvents(SQLiteCore):
                 sql, params = _SETTLE_RETRY, (s.attempts, s.error, s.retry_at, now)
             else:
                 sql, params = _SETTLE_DEAD, (s.attempts, s.error, now)
-            found = _settle_row(c, sql, params, app, group, event_id, now)
-            if found is _DONE_BEFORE:
+            found = _settle_row(c, str(s.outcome), sql, params, app, group, event_id, now)
+            if found is _SETTLED_BEFORE:
                 return False
             owner = cast("str | None", found)
             if s.outcome == "done":
@@ -355,27 +356,37 @@ _SETTLE_RETRY = (
 )
 _SETTLE_DEAD = "UPDATE deliveries SET status='dead', attempts=?, owner=NULL, error=?, updated_at=?"
 _KEY = " WHERE app=? AND grp=? AND event_id=?"
-# Not settled yet: the update, and the owner it had (TxConnection.was), in one statement.
-_UNSETTLED = _KEY + " AND status<>'done' AND cantata_was(owner)"
-_DONE_BEFORE = object()
+# Not settled for good yet: the update, and the owner it had (TxConnection.was), in one
+# statement. 'done' takes anything not done (a dead letter's delivery that another copy
+# handled), 'retry' and 'dead' a pending delivery only (a dead one stays dead until it
+# is replayed: no second dead letter, no reopening); as PostgreSQL's migration 0026.
+_UNSETTLED_FOR = {
+    "done": _KEY + " AND status<>'done' AND cantata_was(owner)",
+    "retry": _KEY + " AND status='pending' AND cantata_was(owner)",
+    "dead": _KEY + " AND status='pending' AND cantata_was(owner)",
+}
+_SETTLED_BEFORE = object()
 
 
 def _settle_row(
-    c: sqlite3.Connection, sql: str, params: tuple[Any, ...], app: str, group: str,
-    event_id: str, now: float,
+    c: sqlite3.Connection, outcome: str, sql: str, params: tuple[Any, ...], app: str,
+    group: str, event_id: str, now: float,
 ) -> object:
-    """Apply a settlement's ``sql`` to the delivery unless it is done already
-    (:data:`_DONE_BEFORE`); the owner it had. A delivery the store has no row of (an
-    event it was handed but did not fan out) gets one first."""
+    """Apply a settlement's ``sql`` to the delivery unless it was settled for good
+    already (:data:`_SETTLED_BEFORE`: done, or dead for an ``outcome`` other than done);
+    the owner it had. A delivery the store has no row of (an event it was handed but did
+    not fan out) gets one first."""
     if isinstance(c, TxConnection) and c.execute(
-        sql + _UNSETTLED, (*params, app, group, event_id)
+        sql + _UNSETTLED_FOR[outcome], (*params, app, group, event_id)
     ).rowcount == 1:
         return c.was[0]
     row = c.execute(
         "SELECT status, owner FROM deliveries" + _KEY, (app, group, event_id)
     ).fetchone()
-    if row is not None and row[0] == DELIVERY_DONE:
-        return _DONE_BEFORE
+    if row is not None and (
+        row[0] == DELIVERY_DONE or (row[0] == DELIVERY_DEAD and outcome != "done")
+    ):
+        return _SETTLED_BEFORE
     if row is None:
         c.execute(
             "INSERT INTO deliveries (app, grp, event_id, status, updated_at) "

@@ -126,7 +126,10 @@ class EventStore(Protocol):
 
         For ``done`` the delivery is marked handled and ``settlement.events`` are
         appended in the same transaction, only if it was not handled before; returns
-        ``False`` (and writes nothing) for a delivery already handled.
+        ``False`` (and writes nothing) for a delivery already handled. ``retry`` and
+        ``dead`` apply to a pending delivery only: for one handled or dead-lettered
+        already (by another copy that ran at the same time) they write nothing and
+        return ``False``; a dead-lettered one goes back to pending only by its replay.
         """
 
     async def deliveries(self, app: str, event_id: str) -> list[Delivery]:

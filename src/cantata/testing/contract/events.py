@@ -325,6 +325,34 @@ class EventsContract(StoreFixtures):
         assert not await store.settle_delivery(self.app, "g", e.id, Settlement("done", 2, [again]))
         assert await store.get_event(self.app, again.id) is None
 
+    async def test_a_dead_lettered_delivery_takes_no_retry_nor_second_dead_letter(
+        self, store: Store
+    ) -> None:
+        """Two copies of one delivery fail at once: the first dead-letters it. The
+        second's retry does not put it back to pending (it would run again while its
+        dead letter is listed), nor does its dead add a second dead letter; both say
+        they were not recorded. Its replay is what puts it back, and then it takes
+        retries again."""
+        await self.handlers(store, ("g", "order.placed"))
+        e = ev()
+        await store.append_events(self.app, [e])
+        assert await store.settle_delivery(self.app, "g", e.id, Settlement(
+            "dead", 3, error="E: first copy", dead_letter_id="dl-1"))
+        assert not await store.settle_delivery(self.app, "g", e.id, Settlement(
+            "retry", 2, error="E: second copy", retry_at=time.time()))
+        assert not await store.settle_delivery(self.app, "g", e.id, Settlement(
+            "dead", 3, error="E: second copy", dead_letter_id="dl-2"))
+        [row] = await store.deliveries(self.app, e.id)
+        assert (row.status, row.attempts, row.error) == (DELIVERY_DEAD, 3, "E: first copy")
+        assert [x.id for x in await store.dead_letters(self.app)] == ["dl-1"]
+        assert await self.claim_d(store, "w1", ["g"]) == []
+        await store.replay_dead_letter(self.app, "dl-1", time.time())
+        assert await store.settle_delivery(self.app, "g", e.id, Settlement(
+            "retry", 1, error="E: after the replay", retry_at=time.time()))
+        [row] = await store.deliveries(self.app, e.id)
+        assert row.status == DELIVERY_PENDING
+        assert await store.dead_letters(self.app) == []
+
     async def test_outbox_unpublished_and_mark_published(self, store: Store) -> None:
         events = [ev() for _ in range(4)]
         await store.append_events(self.app, events)
