@@ -360,10 +360,11 @@ _KEY = " WHERE app=? AND grp=? AND event_id=?"
 # statement. 'done' takes anything not done (a dead letter's delivery that another copy
 # handled), 'retry' and 'dead' a pending delivery only (a dead one stays dead until it
 # is replayed: no second dead letter, no reopening); as PostgreSQL's migration 0026.
+_PENDING_ONLY = _KEY + " AND status='pending' AND cantata_was(owner)"
 _UNSETTLED_FOR = {
     "done": _KEY + " AND status<>'done' AND cantata_was(owner)",
-    "retry": _KEY + " AND status='pending' AND cantata_was(owner)",
-    "dead": _KEY + " AND status='pending' AND cantata_was(owner)",
+    "retry": _PENDING_ONLY,
+    "dead": _PENDING_ONLY,
 }
 _SETTLED_BEFORE = object()
 
