@@ -246,3 +246,59 @@ async def test_a_failing_write_in_a_group_commit_undoes_only_itself(tmp_path: Pa
     finally:
         gate.set()
         thread.stop()
+
+
+async def test_a_version_19_file_indexes_attributes_without_triggers(tmp_path: Path) -> None:
+    """Migration 0020 drops the history triggers that indexed attributes; the writes
+    index them instead: the attributes set before the upgrade are found as before, and
+    those set after it too (a later value replacing the earlier)."""
+    from cantata.testing.contract.operate import attrs
+
+    path = tmp_path / "old.db"
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        old, _ = await store.create_run(new_run("shop", owner="w1"))
+        await store.commit_run("shop", old.run_id, old.fence, RunWrite(
+            entries=[attrs("set_attributes#1", 1, customer="c1")]))
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:  # as version 19 left it: the triggers index the attributes
+        for line in ("history_attrs_insert AFTER INSERT", "history_attrs_update AFTER UPDATE"):
+            name, when = line.split(" ", 1)
+            conn.execute(
+                f"CREATE TRIGGER IF NOT EXISTS {name} {when} ON history "
+                "WHEN NEW.kind = 'attrs' AND NEW.detail IS NOT NULL BEGIN "
+                "INSERT INTO run_attributes (app, run_id, name, value) "
+                "SELECT NEW.app, NEW.run_id, j.key, CAST(j.value AS TEXT) "
+                "FROM json_each(NEW.detail) j WHERE true "
+                "ON CONFLICT (app, run_id, name) DO UPDATE SET value = excluded.value; END"
+            )
+        conn.execute("UPDATE cantata_meta SET value='19' WHERE key='schema_version'")
+    finally:
+        conn.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        new, _ = await store.create_run(new_run("shop", owner="w1"))
+        await store.commit_run("shop", new.run_id, new.fence, RunWrite(entries=[
+            attrs("set_attributes#1", 1, customer="c2", tier="gold"),
+            attrs("set_attributes#2", 2, tier="silver"),
+        ]))
+        assert await store.run_attributes("shop", [old.run_id, new.run_id]) == {
+            old.run_id: {"customer": "c1"},
+            new.run_id: {"customer": "c2", "tier": "silver"},
+        }
+        found = await store.find_runs("shop", attributes={"tier": "silver"})
+        assert [r.run_id for r in found] == [new.run_id]
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='trigger' AND tbl_name='history'"
+        ).fetchall() == []
+    finally:
+        conn.close()
+    assert_latest_version(path)

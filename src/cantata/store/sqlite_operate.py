@@ -74,6 +74,19 @@ def _get_run(c: sqlite3.Connection, app: str, run_id: str) -> RunRecord | None:
     return None if row is None else run_row(row)
 
 
+
+def _reindex_attributes(c: sqlite3.Connection, app: str, run_id: str) -> None:
+    """``run_id``'s attributes again from its history, in its order (a later value wins)."""
+    c.execute("DELETE FROM run_attributes WHERE app=? AND run_id=?", (app, run_id))
+    c.execute(
+        "INSERT INTO run_attributes (app, run_id, name, value) "
+        "SELECT h.app, h.run_id, j.key, CAST(j.value AS TEXT) FROM history h, "
+        "json_each(h.detail) j WHERE h.app=? AND h.run_id=? AND h.kind=? "
+        "AND h.detail IS NOT NULL ORDER BY h.seq "
+        "ON CONFLICT (app, run_id, name) DO UPDATE SET value=excluded.value",
+        (app, run_id, ATTRS),
+    )
+
 class SQLiteOperate(SQLiteCore):
     """The operating role of :class:`~cantata.store.sqlite.SQLiteStore` (docs/operating.md)."""
 
@@ -201,15 +214,7 @@ class SQLiteOperate(SQLiteCore):
                 c.execute("DELETE FROM attempts WHERE app=? AND run_id=? AND key=?", where)
                 c.execute("DELETE FROM history WHERE app=? AND run_id=? AND key=?", where)
             # The attributes are those the remaining history set (a superseded entry's are gone).
-            c.execute("DELETE FROM run_attributes WHERE app=? AND run_id=?", (app, run_id))
-            c.execute(
-                "INSERT INTO run_attributes (app, run_id, name, value) "
-                "SELECT h.app, h.run_id, j.key, CAST(j.value AS TEXT) FROM history h, "
-                "json_each(h.detail) j WHERE h.app=? AND h.run_id=? AND h.kind=? "
-                "AND h.detail IS NOT NULL ORDER BY h.seq "
-                "ON CONFLICT (app, run_id, name) DO UPDATE SET value=excluded.value",
-                (app, run_id, ATTRS),
-            )
+            _reindex_attributes(c, app, run_id)
             row = c.execute(
                 "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=0, owner=NULL, "
                 "cancel_requested=0, epoch=?, version=?, updated_at=?, "
@@ -249,6 +254,7 @@ class SQLiteOperate(SQLiteCore):
                     f"{ATTEMPT_COLS} FROM attempts WHERE app=? AND run_id=? AND key=?",
                     (run.run_id, *where),
                 )
+            _reindex_attributes(c, app, run.run_id)
             audit_append(
                 c, app, audit.run_created_entry(run.run_id, run.workflow, run.correlation_id, None)
             )

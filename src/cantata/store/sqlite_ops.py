@@ -16,6 +16,7 @@ from typing import Any
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import (
+    ATTRS,
     Attempt,
     AuditRecord,
     DeadLetter,
@@ -167,6 +168,27 @@ def text(value: str | None) -> str | None:
     """``value`` as an exact ``str`` (an enum member bound as it is goes through
     sqlite3's adapter lookup: slow), or ``None``."""
     return None if value is None else str(value)
+
+
+# A history entry of ctx.set_attributes (kind 'attrs', its detail a JSON object): its
+# names and values into run_attributes, a later value of a name replacing the earlier.
+_INDEX_ATTRIBUTES = (
+    "INSERT INTO run_attributes (app, run_id, name, value) "
+    "SELECT ?1, ?2, j.key, CAST(j.value AS TEXT) FROM json_each(?3) j WHERE true "
+    "ON CONFLICT (app, run_id, name) DO UPDATE SET value=excluded.value"
+)
+
+
+def index_attributes(
+    c: sqlite3.Connection, app: str, run_id: str, entries: Sequence[HistoryEntry]
+) -> None:
+    """Index the attributes that ``entries`` (written to ``run_id``'s history in this
+    transaction, in this order) set. Every statement that writes history calls it
+    (migration 0020: no trigger does it any more)."""
+    details = [(app, run_id, e.detail) for e in entries
+               if e.kind == ATTRS and e.detail is not None]
+    if details:
+        c.executemany(_INDEX_ATTRIBUTES, details)
 
 
 _UPSERT_ATTEMPTS = (

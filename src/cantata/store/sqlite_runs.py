@@ -313,6 +313,7 @@ class SQLiteRuns(SQLiteCore):
                     for e in write.entries
                 ],
             )
+            ops.index_attributes(c, app, run_id, write.entries)
         ops.upsert_attempts(c, app, run_id, write.attempts)
         if write.events:
             self._append(c, app, write.events)
