@@ -7,6 +7,8 @@ rules are in docs/leases.md ("Paused past the lease") and :mod:`cantata.engine.p
   body and throws ``CancelledError`` into it instead when the worker's hold may have
   lapsed (``time.monotonic()`` keeps counting through SIGSTOP), before any other code
   of the process runs.
+- :class:`InlineBody` is the same guard for a body awaited in the awaiting task itself
+  (a workflow's step: no task of its own to create, schedule and wake on every step).
 - :class:`PauseClock` tells a pause of the whole process (SIGSTOP, a VM stall) from a
   body that blocks the event loop itself.
 """
@@ -14,11 +16,12 @@ rules are in docs/leases.md ("Paused past the lease") and :mod:`cantata.engine.p
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -121,19 +124,95 @@ class GuardedBody(Coroutine[Any, Any, T]):
                 self._held(began)
 
     def _held(self, began: float) -> None:
-        """One resumption held the loop past ``stall``: tell, unless the whole process
-        stood still meanwhile (a pause is not the body's doing)."""
-        ended = _monotonic()
-        assert _clock is not None
-        held = ended - began - _clock.stood_still(began, ended)
-        if held > self._stall:
-            self._stalled(held)
+        _report_held(began, self._stall, self._stalled)
 
     def close(self) -> None:
         self._coro.close()
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._coro.__await__()
+
+
+def _report_held(began: float, stall: float, stalled: Callable[[float], None]) -> None:
+    """One resumption held the loop past ``stall``: tell, unless the whole process stood
+    still meanwhile (a pause is not the body's doing)."""
+    ended = _monotonic()
+    assert _clock is not None
+    held = ended - began - _clock.stood_still(began, ended)
+    if held > stall:
+        stalled(held)
+
+
+class InlineBody(Generic[T]):
+    """:class:`GuardedBody`'s guard for a body awaited by ``task`` itself, not run as a
+    task of its own: ``await InlineBody(...)`` resumes the body through the guard, each
+    time in a copy of the context it was made in (as a task would: what the body sets
+    in context variables stays its own).
+
+    :meth:`cancel` stops it as cancelling a body's task would: it cancels ``task``,
+    which is suspended in the body whenever another task can call it. The awaiting
+    code tells that cancel (``cancelled``) and the guard's own throw (``thrown``) from
+    a cancel of ``task`` by anyone else, and takes its own cancel back
+    (``task.uncancel()``).
+    """
+
+    __slots__ = ("_context", "_coro", "_fenced", "_stall", "_stalled", "cancelled", "task",
+                 "thrown")
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, T],
+        fenced: Callable[[], bool],
+        stalled: Callable[[float], None],
+        stall: float,
+        task: asyncio.Task[Any],
+    ) -> None:
+        self._coro = coro
+        self._fenced = fenced
+        self._stalled = stalled
+        self._stall = stall
+        self._context = contextvars.copy_context()
+        self.task = task
+        self.thrown = False  # the guard threw CancelledError into the body
+        self.cancelled = False  # cancel() cancelled the task
+        if _clock is None:
+            pause_clock()
+
+    def cancel(self) -> None:
+        """Stop the body now (its worker's hold may have lapsed)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.task.cancel()
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        # The hot path, as GuardedBody.send: locals only, no allocation but the readings.
+        coro, run, fenced, stall, monotonic = (
+            self._coro, self._context.run, self._fenced, self._stall, _monotonic)
+        send, throw = coro.send, coro.throw
+        value: Any = None
+        exc: BaseException | None = None
+        while True:
+            began = monotonic()
+            try:
+                if exc is not None:
+                    yielded = run(throw, exc)
+                elif not self.thrown and fenced():
+                    self.thrown = True
+                    yielded = run(throw, asyncio.CancelledError())
+                else:
+                    yielded = run(send, value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            finally:
+                if monotonic() - began > stall:
+                    _report_held(began, stall, self._stalled)
+            try:
+                value, exc = (yield yielded), None
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as thrown:  # a cancel of the task, passed on to the body
+                value, exc = None, thrown
 
 
 class BodyFenced(BaseException):

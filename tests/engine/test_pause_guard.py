@@ -168,3 +168,55 @@ async def test_a_handler_is_not_resumed_past_a_stall_longer_than_its_fence(
     for w in wakers:
         w.wait()
     assert [what for _, what in outcomes] == ["stopped", "billed"]
+
+
+async def test_a_body_the_engine_fences_stops_at_once_and_the_run_goes_on(
+    sqlite_url: str,
+) -> None:
+    """The body runs in its run's own task (cantata.fencing.InlineBody): the engine's
+    fence stops it at its await, as it stopped a body's task, and takes its cancel back,
+    so the run's execution (not cancelled, not launched anew) starts the same attempt
+    again once its hold is sure and goes on to the next step.
+    (A cancel of the run's task by anyone else, a stop past its grace, goes through the
+    body as before: tests/engine/test_leases.py.)"""
+    app = make_app(sqlite_url, lease=LEASE)
+    began = asyncio.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def pay() -> str:
+        attempt = cantata.step_info().attempt
+        began.set()
+        try:
+            await asyncio.sleep(0.3 if outcomes else 60)
+        except asyncio.CancelledError:
+            outcomes.append((attempt, "stopped"))
+            raise
+        outcomes.append((attempt, "charged"))
+        return "paid"
+
+    @app.step(timeout=5.0)
+    async def ship(paid: str) -> str:
+        await asyncio.sleep(0.05)
+        return f"{paid}, shipped"
+
+    entered: list[str] = []
+
+    @app.workflow
+    async def checkout(ctx: cantata.WorkflowContext) -> str:
+        entered.append(ctx.run_id)
+        return str(await ctx.run(ship, await ctx.run(pay)))
+
+    async with app:
+        handle = await app.start(checkout)
+        await asyncio.wait_for(began.wait(), 10)
+        t0 = time.monotonic()
+        app.engine.fence_self()
+        assert await handle.result(timeout=10) == "paid, shipped"
+        attempts = await app.store.load_attempts(app.name, handle.run_id)
+    assert time.monotonic() - t0 < 5  # stopped at once, not after its 60 s sleep
+    assert outcomes == [(1, "stopped"), (1, "charged")]
+    assert [(a.key, a.attempt, a.error_type) for a in attempts] == [
+        ("pay#1", 1, None), ("ship#1", 1, None)]
+    assert entered == [handle.run_id]  # one execution went on: not ended and launched anew
+

@@ -33,6 +33,8 @@ from .signals import CompensatedElsewhere, _Abandon, _DeadlinePassed, _StoreFail
 from .steps import INTERRUPTED
 
 if TYPE_CHECKING:
+    from cantata.fencing import InlineBody
+
     from .engine import Engine
 
 log = logging.getLogger("cantata.engine")
@@ -76,7 +78,7 @@ class RunExecution:
         self.mine: dict[tuple[str, int], Attempt] = {}
         self.stalled: dict[tuple[str, int], float] = {}  # -> seconds it held the loop
         self.lost = False
-        self.bodies: set[asyncio.Task[Any]] = set()  # the step bodies running
+        self.bodies: set[InlineBody[Any]] = set()  # the step bodies running
         self.parked = False  # waiting, during a graceful stop, to be released
         self.patches: dict[str, bool] = {}  # ctx.patched answers, fixed for the whole run
         self._deadline_timer: asyncio.Task[None] | None = None

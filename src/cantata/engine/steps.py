@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef
 from cantata.errors import StepFailed
+from cantata.fencing import InlineBody
 from cantata.flow.limits import release_step_slot, take_step_slot
 from cantata.model import codec
 from cantata.model.records import (
@@ -24,7 +25,7 @@ from cantata.model.records import (
 from .heartbeat import beat_for, first_beat
 from .invoke import invoke_step
 from .ownership import FENCE_AT
-from .pauses import PAUSED, GuardedBody, StepStalled, await_excuses
+from .pauses import PAUSED, StepStalled, await_excuses
 from .runtime import Watch
 from .signals import _Fenced
 from .versioning import args_shape
@@ -254,11 +255,11 @@ async def step_failed(
 async def execute_fenced(
     x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: EntryKind
 ) -> Any:
-    """Run the step body in its own task, which the engine cancels when this
-    worker's hold lapses (see :meth:`Engine.fence_self`), and which is never
-    resumed once that may have happened (:class:`~cantata.engine.pauses.GuardedBody`):
-    raises ``_Fenced`` then, or ``StepStalled`` when the body's own code held the
-    event loop past the fence (that attempt counts)."""
+    """Run the step body in this task, guarded: the engine stops it when this worker's
+    hold lapses (see :meth:`Engine.fence_self`), and it is never resumed once that may
+    have happened (:class:`~cantata.fencing.InlineBody`): raises ``_Fenced`` then, or
+    ``StepStalled`` when the body's own code held the event loop past the fence (that
+    attempt counts). A cancel of this task by anyone else is passed on."""
     engine = x.engine
 
     def fenced() -> bool:
@@ -270,16 +271,20 @@ async def execute_fenced(
     plain = not engine.hooks and sdef.concurrency is None and sdef.rate is None
     coro = (invoke(x, sdef, args, key, attempt) if plain  # execute_body, with nothing to add
             else execute_body(x, sdef, args, key, attempt, kind))
-    # the loop's create_task itself: ensure_future's type checks and loop lookup cost
-    # more than the task on every step
-    body = asyncio.get_running_loop().create_task(
-        GuardedBody(coro, fenced, stalled, engine.lease * FENCE_AT))
+    # Awaited here, not as a task of its own (issue 19: a task per step cost ~5 % of a
+    # saga's time); the guard keeps a task's rules (docs/leases.md).
+    me = asyncio.current_task()
+    assert me is not None
+    body = InlineBody(coro, fenced, stalled, engine.lease * FENCE_AT, me)
     x.bodies.add(body)
     try:
         return await body
     except asyncio.CancelledError:
-        me = asyncio.current_task()
-        if body.cancelled() and me is not None and me.cancelling() == 0:
+        stopped = body.cancelled or body.thrown  # by the engine's fence or the guard
+        if body.cancelled:  # the engine's own cancel, taken back: not a cancel of the run
+            body.cancelled = False
+            me.uncancel()
+        if stopped and me.cancelling() == 0:  # (else someone else cancelled the run too)
             held = x.stalled.get((key, attempt))
             if held is not None:  # its own code held the loop: the attempt counts
                 raise StepStalled(
@@ -292,6 +297,8 @@ async def execute_fenced(
         raise
     finally:
         x.bodies.discard(body)
+        if body.cancelled:  # the body swallowed the engine's cancel: take it back
+            me.uncancel()
 
 
 async def execute_body(
