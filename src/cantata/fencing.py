@@ -73,7 +73,27 @@ def pause_clock() -> PauseClock:
         return _clock
 
 
-class GuardedBody(Coroutine[Any, Any, T]):
+class _Guard:
+    """What both guards hold: the body, when it may not go on, whom to tell of a held loop."""
+
+    __slots__ = ("_coro", "_fenced", "_stall", "_stalled")
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        fenced: Callable[[], bool],
+        stalled: Callable[[float], None],
+        stall: float,
+    ) -> None:
+        self._coro = coro
+        self._fenced = fenced
+        self._stalled = stalled
+        self._stall = stall
+        if _clock is None:
+            pause_clock()
+
+
+class GuardedBody(_Guard, Coroutine[Any, Any, T]):
     """A step body that is not resumed once its owner's hold may have lapsed.
 
     ``fenced()`` is asked before every resumption; the first time it is true,
@@ -84,7 +104,7 @@ class GuardedBody(Coroutine[Any, Any, T]):
     inside the body's own code is not the body's doing: :class:`PauseClock`).
     """
 
-    __slots__ = ("_coro", "_fenced", "_stall", "_stalled", "_thrown")
+    __slots__ = ("_thrown",)
 
     def __init__(
         self,
@@ -93,13 +113,8 @@ class GuardedBody(Coroutine[Any, Any, T]):
         stalled: Callable[[float], None],
         stall: float,
     ) -> None:
-        self._coro = coro
-        self._fenced = fenced
-        self._stalled = stalled
-        self._stall = stall
+        super().__init__(coro, fenced, stalled, stall)
         self._thrown = False
-        if _clock is None:
-            pause_clock()
 
     # The hot path (every resumption of every step body): no closure, no allocation
     # but the monotonic readings; the pause clock is asked only after a long one.
@@ -143,7 +158,7 @@ def _report_held(began: float, stall: float, stalled: Callable[[float], None]) -
         stalled(held)
 
 
-class InlineBody(Generic[T]):
+class InlineBody(_Guard, Generic[T]):
     """:class:`GuardedBody`'s guard for a body awaited by ``task`` itself, not run as a
     task of its own: ``await InlineBody(...)`` resumes the body through the guard, each
     time in a copy of the context it was made in (as a task would: what the body sets
@@ -156,8 +171,7 @@ class InlineBody(Generic[T]):
     (``task.uncancel()``).
     """
 
-    __slots__ = ("_context", "_coro", "_fenced", "_stall", "_stalled", "cancelled", "task",
-                 "thrown")
+    __slots__ = ("_context", "cancelled", "task", "thrown")
 
     def __init__(
         self,
@@ -167,16 +181,11 @@ class InlineBody(Generic[T]):
         stall: float,
         task: asyncio.Task[Any],
     ) -> None:
-        self._coro = coro
-        self._fenced = fenced
-        self._stalled = stalled
-        self._stall = stall
+        super().__init__(coro, fenced, stalled, stall)
         self._context = contextvars.copy_context()
         self.task = task
         self.thrown = False  # the guard threw CancelledError into the body
         self.cancelled = False  # cancel() cancelled the task
-        if _clock is None:
-            pause_clock()
 
     def cancel(self) -> None:
         """Stop the body now (its worker's hold may have lapsed)."""
