@@ -76,7 +76,7 @@ def pause_clock() -> PauseClock:
 class _Guard:
     """What both guards hold: the body, when it may not go on, whom to tell of a held loop."""
 
-    __slots__ = ("_coro", "_fenced", "_stall", "_stalled")
+    __slots__ = ("_coro", "_fenced", "_stall", "_stalled", "thrown")
 
     def __init__(
         self,
@@ -89,6 +89,7 @@ class _Guard:
         self._fenced = fenced
         self._stalled = stalled
         self._stall = stall
+        self.thrown = False  # the guard threw CancelledError into the body
         if _clock is None:
             pause_clock()
 
@@ -104,25 +105,15 @@ class GuardedBody(_Guard, Coroutine[Any, Any, T]):
     inside the body's own code is not the body's doing: :class:`PauseClock`).
     """
 
-    __slots__ = ("_thrown",)
-
-    def __init__(
-        self,
-        coro: Coroutine[Any, Any, T],
-        fenced: Callable[[], bool],
-        stalled: Callable[[float], None],
-        stall: float,
-    ) -> None:
-        super().__init__(coro, fenced, stalled, stall)
-        self._thrown = False
+    __slots__ = ()
 
     # The hot path (every resumption of every step body): no closure, no allocation
     # but the monotonic readings; the pause clock is asked only after a long one.
     def send(self, value: Any) -> Any:
         began = _monotonic()
         try:
-            if not self._thrown and self._fenced():
-                self._thrown = True
+            if not self.thrown and self._fenced():
+                self.thrown = True
                 return self._coro.throw(asyncio.CancelledError())
             return self._coro.send(value)
         finally:
@@ -171,7 +162,7 @@ class InlineBody(_Guard, Generic[T]):
     (``task.uncancel()``).
     """
 
-    __slots__ = ("_context", "cancelled", "task", "thrown")
+    __slots__ = ("_context", "cancelled", "task")
 
     def __init__(
         self,
@@ -184,7 +175,6 @@ class InlineBody(_Guard, Generic[T]):
         super().__init__(coro, fenced, stalled, stall)
         self._context = contextvars.copy_context()
         self.task = task
-        self.thrown = False  # the guard threw CancelledError into the body
         self.cancelled = False  # cancel() cancelled the task
 
     def cancel(self) -> None:
@@ -231,7 +221,8 @@ class BodyFenced(BaseException):
 async def guarded(coro: Coroutine[Any, Any, T], fenced: Callable[[], bool], stall: float) -> T:
     """Await a body as a :class:`GuardedBody` task. Raises :class:`BodyFenced` when the
     guard stopped it (a cancel of the awaiting task is passed on as usual)."""
-    body = asyncio.ensure_future(GuardedBody(coro, fenced, lambda seconds: None, stall))
+    body: asyncio.Future[T] = asyncio.ensure_future(
+        GuardedBody(coro, fenced, lambda seconds: None, stall))
     try:
         return await body
     except asyncio.CancelledError:
