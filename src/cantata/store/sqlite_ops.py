@@ -183,8 +183,9 @@ def index_attributes(
     c: sqlite3.Connection, app: str, run_id: str, entries: Sequence[HistoryEntry]
 ) -> None:
     """Index the attributes that ``entries`` (written to ``run_id``'s history in this
-    transaction, in this order) set. Every statement that writes history calls it
-    (migration 0020: no trigger does it any more)."""
+    transaction, in this order) set: a checkpoint's part (a fork or a retry indexes its
+    run again from the history, ``sqlite_operate``). No trigger does it any more
+    (migration 0020)."""
     details = [(app, run_id, e.detail) for e in entries
                if e.kind == ATTRS and e.detail is not None]
     if details:
