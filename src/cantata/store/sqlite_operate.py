@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
-from cantata.model.records import ATTRS, DeadLetter, HistoryEntry, RunRecord
+from cantata.model.records import DeadLetter, HistoryEntry, RunRecord
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
@@ -24,6 +24,7 @@ from cantata.store.sqlite_ops import (
     RUN_COLS,
     audit_append,
     dead_letter_row,
+    reindex_attributes,
     run_row,
     run_values,
 )
@@ -73,19 +74,6 @@ def _get_run(c: sqlite3.Connection, app: str, run_id: str) -> RunRecord | None:
     ).fetchone()
     return None if row is None else run_row(row)
 
-
-
-def _reindex_attributes(c: sqlite3.Connection, app: str, run_id: str) -> None:
-    """``run_id``'s attributes again from its history, in its order (a later value wins)."""
-    c.execute("DELETE FROM run_attributes WHERE app=? AND run_id=?", (app, run_id))
-    c.execute(
-        "INSERT INTO run_attributes (app, run_id, name, value) "
-        "SELECT h.app, h.run_id, j.key, CAST(j.value AS TEXT) FROM history h, "
-        "json_each(h.detail) j WHERE h.app=? AND h.run_id=? AND h.kind=? "
-        "AND h.detail IS NOT NULL ORDER BY h.seq "
-        "ON CONFLICT (app, run_id, name) DO UPDATE SET value=excluded.value",
-        (app, run_id, ATTRS),
-    )
 
 class SQLiteOperate(SQLiteCore):
     """The operating role of :class:`~cantata.store.sqlite.SQLiteStore` (docs/operating.md)."""
@@ -214,7 +202,7 @@ class SQLiteOperate(SQLiteCore):
                 c.execute("DELETE FROM attempts WHERE app=? AND run_id=? AND key=?", where)
                 c.execute("DELETE FROM history WHERE app=? AND run_id=? AND key=?", where)
             # The attributes are those the remaining history set (a superseded entry's are gone).
-            _reindex_attributes(c, app, run_id)
+            reindex_attributes(c, app, run_id)
             row = c.execute(
                 "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=0, owner=NULL, "
                 "cancel_requested=0, epoch=?, version=?, updated_at=?, "
@@ -254,7 +242,7 @@ class SQLiteOperate(SQLiteCore):
                     f"{ATTEMPT_COLS} FROM attempts WHERE app=? AND run_id=? AND key=?",
                     (run.run_id, *where),
                 )
-            _reindex_attributes(c, app, run.run_id)
+            reindex_attributes(c, app, run.run_id)
             audit_append(
                 c, app, audit.run_created_entry(run.run_id, run.workflow, run.correlation_id, None)
             )

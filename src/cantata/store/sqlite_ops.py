@@ -172,10 +172,16 @@ def text(value: str | None) -> str | None:
 
 # A history entry of ctx.set_attributes (kind 'attrs', its detail a JSON object): its
 # names and values into run_attributes, a later value of a name replacing the earlier.
+_SET_ATTRIBUTE = "ON CONFLICT (app, run_id, name) DO UPDATE SET value=excluded.value"
 _INDEX_ATTRIBUTES = (
     "INSERT INTO run_attributes (app, run_id, name, value) "
-    "SELECT ?1, ?2, j.key, CAST(j.value AS TEXT) FROM json_each(?3) j WHERE true "
-    "ON CONFLICT (app, run_id, name) DO UPDATE SET value=excluded.value"
+    f"SELECT ?1, ?2, j.key, CAST(j.value AS TEXT) FROM json_each(?3) j WHERE true {_SET_ATTRIBUTE}"
+)
+_REINDEX_ATTRIBUTES = (
+    "INSERT INTO run_attributes (app, run_id, name, value) "
+    "SELECT h.app, h.run_id, j.key, CAST(j.value AS TEXT) FROM history h, "
+    "json_each(h.detail) j WHERE h.app=? AND h.run_id=? AND h.kind=? "
+    f"AND h.detail IS NOT NULL ORDER BY h.seq {_SET_ATTRIBUTE}"
 )
 
 
@@ -184,12 +190,18 @@ def index_attributes(
 ) -> None:
     """Index the attributes that ``entries`` (written to ``run_id``'s history in this
     transaction, in this order) set: a checkpoint's part (a fork or a retry indexes its
-    run again from the history, ``sqlite_operate``). No trigger does it any more
+    run again from the history: :func:`reindex_attributes`). No trigger does it any more
     (migration 0020)."""
     details = [(app, run_id, e.detail) for e in entries
                if e.kind == ATTRS and e.detail is not None]
     if details:
         c.executemany(_INDEX_ATTRIBUTES, details)
+
+
+def reindex_attributes(c: sqlite3.Connection, app: str, run_id: str) -> None:
+    """``run_id``'s attributes again from its history, in its order (a later value wins)."""
+    c.execute("DELETE FROM run_attributes WHERE app=? AND run_id=?", (app, run_id))
+    c.execute(_REINDEX_ATTRIBUTES, (app, run_id, ATTRS))
 
 
 _UPSERT_ATTEMPTS = (
