@@ -1,0 +1,39 @@
+"""``python -m bench.sqlite_breakdown``: the tool behind docs/performance.md's SQLite
+floors still reads the store it measures (its wrappers name store internals)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.sqlite_breakdown", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_the_saga_breakdown_times_four_transactions_and_names_their_pages() -> None:
+    text = _run("saga", "--n", "20")
+    lines = [line for line in text.splitlines() if line.strip().startswith("transaction")]
+    assert len(lines) == 4, text
+    for line in lines:
+        pages = re.search(r"(\d+) WAL pages", line)
+        assert pages is not None and int(pages.group(1)) >= 1, line
+    # The frames read from the WAL belong to the run's tables (dbstat names them).
+    first_pages = text.splitlines()[2]
+    for tree in ("runs", "history", "attempts", "audit"):
+        assert re.search(rf"\b{tree}\b", first_pages), text
+    assert re.search(r"the run: +\d+ µs = commits +\d+ µs", text), text
+
+
+def test_the_disk_floor_fits_a_base_and_a_cost_per_page() -> None:
+    text = _run("disk", "--rounds", "3")
+    assert re.search(r"least squares: -?\d+ µs a commit \+ -?[\d.]+ µs a page", text), text
