@@ -9,7 +9,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -24,6 +24,19 @@ POSTGRES_URL = os.environ.get(
     "CANTATA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
 NATS_URL = os.environ.get("CANTATA_TEST_NATS", "nats://127.0.0.1:4222")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (``pytest -n 4 --dist loadgroup``), the fault suite's tests
+    (kills, pauses, outages, private servers) run one after another in one worker,
+    beside the other tests: side by side they would load the machine for each other and
+    stretch the timing they measure."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("faults") is not None:
+            item.add_marker(pytest.mark.xdist_group("faults"))
 
 
 def _reachable(url: str, default_port: int) -> bool:
@@ -64,6 +77,32 @@ def pg_session_url(postgres_url: str) -> Iterator[str]:
     asyncio.run(drop_schema(postgres_url, schema))
 
 
+@pytest.fixture(scope="module")
+def quiet_database(postgres_url: str) -> Iterator[str]:
+    """A PostgreSQL database of this test module's own, for what the tests running
+    beside it (pytest-xdist) on the shared database would disturb: notifications (one
+    channel per database, shared by every store's schema) and the horizon of what
+    VACUUM and HOT pruning may remove (another test's open transaction holds it back
+    in its own database only)."""
+    import asyncpg
+
+    name = f"cantata_quiet_{uuid.uuid4().hex[:10]}"
+    parts = urlsplit(postgres_url)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
 async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
     """A schema name nobody has used yet (dropped after the test)."""
@@ -72,16 +111,21 @@ async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
     await drop_schema(postgres_url, schema)
 
 
-async def _purge_nats_streams(url: str) -> None:
-    """Delete Cantata's JetStream streams so a test starts from an empty broker."""
+def broker_prefix() -> str:
+    """A NATS name space of one test's own (``?prefix=``): tests run side by side on the
+    shared server (pytest-xdist), so none may touch another's streams."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+async def _purge_nats_streams(url: str, prefix: str) -> None:
+    """Delete the streams of the broker prefix ``prefix`` (one test's name space)."""
     import nats
 
     nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
         for info in await js.streams_info():
-            if info.config.name and info.config.name.startswith("CANTATA_"):
-                # Another test run on the same server may have deleted it already.
+            if info.config.name and info.config.name.startswith(f"CANTATA-{prefix}_"):
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await js.delete_stream(info.config.name)
     finally:
@@ -89,20 +133,28 @@ async def _purge_nats_streams(url: str) -> None:
 
 
 @pytest.fixture
+async def broker_url(nats_url: str) -> AsyncIterator[str]:
+    """The NATS server with a name space of this test's own (``?prefix=``), its streams
+    deleted afterwards: tests run side by side on the shared server."""
+    prefix = broker_prefix()
+    yield f"{nats_url}?prefix={prefix}"
+    await _purge_nats_streams(nats_url, prefix)
+
+
+@pytest.fixture
 async def distributed_url(
-    postgres_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, broker_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[str]:
-    """A fresh PostgreSQL schema as the store, with ``CANTATA_BROKER`` set to NATS.
+    """A fresh PostgreSQL schema as the store, with ``CANTATA_BROKER`` set to NATS
+    (``broker_url``: this test's name space on the server).
 
     Apps built without an explicit broker then run on PostgreSQL + NATS JetStream: the
     same behaviour tests run on the distributed backends.
     """
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    await _purge_nats_streams(nats_url)
-    monkeypatch.setenv("CANTATA_BROKER", nats_url)
+    monkeypatch.setenv("CANTATA_BROKER", broker_url)
     yield f"{postgres_url}?schema={schema}"
     await drop_schema(postgres_url, schema)
-    await _purge_nats_streams(nats_url)
 
 
 @pytest.fixture(

@@ -69,8 +69,14 @@ async def start_sleeping_run(project: Path) -> str:
 
 
 async def test_unchanged_code_passes_and_changed_code_is_reported(
-    project: Path, capsys: pytest.CaptureFixture[str]
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A console wide enough that the table's words stay whole: without a terminal (a
+    # pytest-xdist worker) Rich fixes 80 columns when the CLI is imported, and folds
+    # "non_determinism" across lines.
+    from cantata.cli import common
+
+    monkeypatch.setattr(common.console, "_width", 200)
     run_id = await start_sleeping_run(project)
     import asyncio
 

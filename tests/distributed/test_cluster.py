@@ -18,7 +18,6 @@ from typing import IO
 import pytest
 
 import cantata
-from tests.conftest import _purge_nats_streams
 from tests.faults.servers import PrivatePostgres, ServerError
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.nats]
@@ -71,20 +70,20 @@ def restart(pg: PrivatePostgres) -> None:
 
 
 async def test_cluster_survives_sigkill_of_a_worker_and_a_database_restart(
-    private_postgres: PrivatePostgres, nats_url: str, tmp_path: Path,
+    private_postgres: PrivatePostgres, broker_url: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     distributed_url = f"{private_postgres.url}?schema=cluster"
-    await _purge_nats_streams(nats_url)  # a new store each time: its app's stream too
-    monkeypatch.setenv("CANTATA_BROKER", nats_url)
+    # (broker_url: a new store each time, so a name space of its own on the server too)
+    monkeypatch.setenv("CANTATA_BROKER", broker_url)
     monkeypatch.syspath_prepend(str(HERE))
     import cluster_app
 
     client = cluster_app.app
-    client._store_spec, client._broker_spec = distributed_url, nats_url
+    client._store_spec, client._broker_spec = distributed_url, broker_url
     log_path = tmp_path / "workers.log"
     log = log_path.open("ab")
-    workers = [start_worker(distributed_url, nats_url, tmp_path, log) for _ in range(3)]
+    workers = [start_worker(distributed_url, broker_url, tmp_path, log) for _ in range(3)]
     orders = range(30)
     try:
         async with client.client():
@@ -96,7 +95,7 @@ async def test_cluster_survives_sigkill_of_a_worker_and_a_database_restart(
             workers[0].wait()
             await asyncio.sleep(0.3)
             await asyncio.to_thread(restart, private_postgres)
-            workers.append(start_worker(distributed_url, nats_url, tmp_path, log))
+            workers.append(start_worker(distributed_url, broker_url, tmp_path, log))
             results = []
             for h in handles:
                 for _ in range(3):  # the client's own store calls may meet the restart

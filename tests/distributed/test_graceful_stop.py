@@ -44,7 +44,7 @@ def any_client(request: pytest.FixtureRequest, client: App) -> App:
     """The client app on SQLite (embedded broker), then on PostgreSQL + NATS."""
     if request.param != "sqlite":
         client.configure(store=request.getfixturevalue("distributed_url"),
-                         broker=request.getfixturevalue("nats_url"))
+                         broker=request.getfixturevalue("broker_url"))
     return client
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from cantata import App
-from tests.conftest import _purge_nats_streams
 
 from .procs import HERE, PrivatePostgres, marks, pg_bin, run_twice, start_worker, stop
 
@@ -45,7 +44,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/leases.db", "embedded"
     store: str = request.getfixturevalue("distributed_url")
-    nats: str = request.getfixturevalue("nats_url")
+    nats: str = request.getfixturevalue("broker_url")
     return store, nats
 
 
@@ -107,15 +106,14 @@ async def test_workers_paused_past_their_lease_leave_no_run_stuck(
 @pytest.mark.nats
 @pytest.mark.skipif(pg_bin() is None, reason="needs PostgreSQL binaries to start a server")
 async def test_a_store_outage_longer_than_the_lease_fails_no_run_and_charges_nothing(
-    lease_app: App, tmp_path: Path, nats_url: str
+    lease_app: App, tmp_path: Path, broker_url: str
 ) -> None:
     pg = PrivatePostgres()
     await asyncio.to_thread(pg.init)
     await asyncio.to_thread(pg.start)
-    await _purge_nats_streams(nats_url)
-    lease_app.configure(store=pg.url, broker=nats_url)
+    lease_app.configure(store=pg.url, broker=broker_url)
     log = tmp_path / "workers.log"
-    procs = [start_worker(pg.url, tmp_path, log, broker=nats_url, lease=1.5) for _ in range(2)]
+    procs = [start_worker(pg.url, tmp_path, log, broker=broker_url, lease=1.5) for _ in range(2)]
     try:
         async with lease_app.client():
             await workers_up(lease_app, 2)
@@ -139,7 +137,6 @@ async def test_a_store_outage_longer_than_the_lease_fails_no_run_and_charges_not
             stop(p)
         await asyncio.to_thread(pg.stop)
         pg.remove()
-        await _purge_nats_streams(nats_url)
     assert up_at - down_at >= 5.0
     assert results == [[f"{s}:{i}" for s in "abc"] for i in range(24)]
     assert [a for a in attempts if a.error_type is not None] == []  # nothing charged

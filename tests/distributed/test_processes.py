@@ -109,7 +109,7 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[App]:
 def any_client(request: pytest.FixtureRequest, client: App) -> App:
     if request.param != "sqlite":
         client.configure(store=request.getfixturevalue("distributed_url"),
-                         broker=request.getfixturevalue("nats_url"))
+                         broker=request.getfixturevalue("broker_url"))
     return client
 
 

@@ -33,7 +33,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
         return f"sqlite:///{tmp_path}/flow.db", "embedded"
     request.applymarker(pytest.mark.postgres)
     request.applymarker(pytest.mark.nats)
-    return request.getfixturevalue("distributed_url"), request.getfixturevalue("nats_url")
+    return request.getfixturevalue("distributed_url"), request.getfixturevalue("broker_url")
 
 
 class Cluster:

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def pair(pg_session_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore, str]]:
+async def pair(quiet_database: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore, str]]:
     """The store of the process that writes, and another process's, on one schema
     (each test an app of its own)."""
     app = f"app-{new_id()[-8:]}"
-    async with opened(pg_session_url) as here, opened(pg_session_url) as there:
+    async with opened(quiet_database) as here, opened(quiet_database) as there:
         await here.declare(app, [
             Declaration("handler", "g1", "order.*"),
             Declaration("handler", "g2", "pay.done"),
