@@ -79,11 +79,9 @@ def pg_session_url(postgres_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def quiet_database(postgres_url: str) -> Iterator[str]:
-    """A PostgreSQL database of this test module's own, for what the tests running
-    beside it (pytest-xdist) on the shared database would disturb: notifications (one
-    channel per database, shared by every store's schema) and the horizon of what
-    VACUUM and HOT pruning may remove (another test's open transaction holds it back
-    in its own database only)."""
+    """A PostgreSQL database of this test module's own, for tests of notifications: the
+    channel is one per database, shared by every store's schema, so on the shared
+    database they would hear the stores of the tests running beside them."""
     import asyncpg
 
     name = f"cantata_quiet_{uuid.uuid4().hex[:10]}"

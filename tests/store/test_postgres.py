@@ -537,14 +537,14 @@ async def test_lookups_by_key_stay_on_the_key_as_a_new_store_grows(
 
 
 async def test_a_checkpoint_that_keeps_the_indexed_columns_is_a_hot_update(
-    quiet_database: str, fresh_schema: str
+    postgres_url: str, fresh_schema: str
 ) -> None:
     """Pages of runs, history and attempts keep room for their rows' next versions
     (migration 0021): a checkpoint that changes no indexed column of its run (no
     status, no owner) is a HOT update, which adds no entry to runs' indexes; so are
     the updates of its history entry and attempt. Every row of a page updated in one
     batch, as the saga's writer does (at fillfactor 100: ~5 % HOT; at 70, ~45 %)."""
-    url = with_schema(quiet_database, fresh_schema)
+    url = with_schema(postgres_url, fresh_schema)
     app = f"app-{new_id()[-8:]}"
     async with opened(url, writers=1) as store:
         runs = await asyncio.gather(*(store.create_run(new_run(app)) for _ in range(600)))
@@ -555,7 +555,7 @@ async def test_a_checkpoint_that_keeps_the_indexed_columns_is_a_hot_update(
                 attempts=[Attempt("a#1", 1, 1.0, None if result is None else 2.0)],
             )) for run, _ in runs))
         assert (await store.verify_audit(app)).ok
-    conn = await asyncpg.connect(quiet_database)
+    conn = await asyncpg.connect(postgres_url)
     try:
         for _ in range(50):  # the statistics of closed connections arrive with a delay
             rows = await conn.fetch(
