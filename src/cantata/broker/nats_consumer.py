@@ -326,9 +326,13 @@ class NatsSubscription:
                 if not await self.broker._handling.take(
                     wanted, lambda: self._held.__setitem__(id(m), m)
                 ):
-                    # A second copy (e.g. an outside event re-sent by the outbox relay) of
-                    # one this process is handling right now: the first settles it.
-                    await m.ack()
+                    # A second copy of one this process is handling right now: the first
+                    # settles it. Not acked: NATS acks a message, not one delivery of it,
+                    # and this may be the same message delivered again (its ack wait ran
+                    # out while it queued here): its ack would drop the message while the
+                    # first copy's handler may still die with this worker. Another
+                    # message (an outside event re-sent by the outbox relay) comes back
+                    # after its ack wait, and the store recognises it.
                     return
                 key = wanted
                 retry_at = self.broker._deferred.pop(key, None)
