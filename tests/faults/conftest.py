@@ -6,9 +6,13 @@ The suite runs bounded by default (a few dozen runs, seconds of faults);
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
+import tempfile
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,10 +77,68 @@ def tmpfs() -> Iterator[Tmpfs]:
     disk.destroy()
 
 
+CLUSTERS = pytest.StashKey[list[Cluster]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A fault test that fails keeps its folder (the workers' logs, the ledger, a
+    SQLite store) where pytest's own clean-up of old runs cannot reach it, and its
+    report says where and ends with the logs' tails: a rare failure is seen once."""
+    report: pytest.TestReport = yield
+    clusters = item.stash.get(CLUSTERS, [])
+    if report.when == "call" and report.failed and clusters:
+        kept = Path(tempfile.gettempdir()) / "cantata-fault-logs" / (
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}-{item.name}"[:150])
+        folder = clusters[0].tmp.parent
+        shutil.copytree(folder, kept, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.sock"))
+        report.sections.append(("fault folder kept", str(kept)))
+        for c in clusters:
+            if c.broker.startswith("nats"):
+                report.sections.append((f"NATS consumers of {c.tmp.name}",
+                                        asyncio.run(_consumers(c.broker))))
+        for c in clusters:
+            report.sections.append((f"workers' logs of {c.tmp.name}", c.logs(limit=16000)))
+    return report
+
+
+async def _consumers(url: str) -> str:
+    """Each stream's state and each consumer's (pending, waiting for an ack, redelivered,
+    acked up to), from a broker still up: where a lost event's message went."""
+    import nats
+
+    lines: list[str] = []
+    try:
+        nc = await nats.connect(url.split("?")[0], connect_timeout=2, max_reconnect_attempts=0)
+    except Exception as exc:
+        return f"cannot reach {url}: {exc!r}"
+    try:
+        js = nc.jsm()
+        for stream in await js.streams_info():
+            st = stream.state
+            lines.append(f"stream {stream.config.name}: {st.messages} messages, "
+                         f"seq {st.first_seq}..{st.last_seq}")
+            for ci in await js.consumers_info(stream.config.name):
+                lines.append(
+                    f"  consumer {ci.name}: pending {ci.num_pending}, ack pending "
+                    f"{ci.num_ack_pending}, redelivered {ci.num_redelivered}, waiting "
+                    f"{ci.num_waiting}, delivered up to {ci.delivered.stream_seq}, acked "
+                    f"up to {ci.ack_floor.stream_seq}")
+    except Exception as exc:
+        lines.append(f"reading the streams failed: {exc!r}")
+    finally:
+        await nc.close()
+    return "\n".join(lines)
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
     """Build clusters of the fault app; their workers are killed at the end of the test."""
     made: list[Cluster] = []
+    request.node.stash[CLUSTERS] = made
 
     def make(store: str, broker: str = "embedded", **env: str | float) -> Cluster:
         folder = tmp_path / f"cluster-{len(made)}"
