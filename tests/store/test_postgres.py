@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import sys
 import textwrap
@@ -44,7 +45,7 @@ from cantata.store.base import RUNS
 from cantata.store.factory import store_from_url
 from cantata.store.postgres import PostgresStore
 from cantata.testing.contract.support import entry, ev, new_run
-from tests.helpers import eventually, with_schema
+from tests.helpers import drop_schema, eventually, with_schema
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parents[2]
@@ -410,14 +411,53 @@ async def test_notifications_carry_any_app_name(pg_session_url: str) -> None:
     app = f"it's \\ a\'pp-{new_id()[-6:]}"
     listener = await asyncpg.connect(pg_session_url.split("?")[0])
     heard: list[str] = []
-    await listener.add_listener("cantata_changes", lambda *a: heard.append(str(a[3])))
     try:
         async with opened(pg_session_url) as store:
+            channel = f"cantata_changes.{urlsplit(pg_session_url).query.split('=')[1]}"
+            await listener.add_listener(channel, lambda *a: heard.append(str(a[3])))
             run, _ = await store.create_run(new_run(app))
             assert await store.get_run(app, run.run_id) == run
             await eventually(lambda: f"{app}:{RUNS}" in heard)
     finally:
         await listener.close()
+
+
+async def test_a_store_hears_its_own_schema_only(postgres_url: str) -> None:
+    """NOTIFY's channels are one name space per database: each schema notifies its
+    own (migration 0027), so a store in another schema, another environment in the
+    same database, does not wake for this one's commits; and no function of the
+    schema is left notifying the old shared channel."""
+    # the second name too long for 'cantata_changes.<schema>' (63 bytes): its md5
+    schemas = [f"cantata_chan_{new_id()[-10:]}", f"cantata_chan_{new_id()[-10:]}".ljust(60, "x")]
+    channels = [f"cantata_changes.{schemas[0]}",
+                f"cantata_changes.{hashlib.md5(schemas[1].encode()).hexdigest()}"]
+    heard: dict[str, list[str]] = {s: [] for s in schemas}
+    listener = await asyncpg.connect(postgres_url)
+    try:
+        async with opened(with_schema(postgres_url, schemas[0])) as a, \
+                opened(with_schema(postgres_url, schemas[1])) as b:
+            for schema, channel in zip(schemas, channels, strict=True):
+                await listener.add_listener(
+                    channel, lambda *args, schema=schema: heard[schema].append(str(args[3])))
+            app = f"app-{new_id()[-6:]}"  # one app name in both: only the schema differs
+            run, _ = await a.create_run(new_run(app))
+            await a.commit_run(app, run.run_id, 0, RunWrite(status=RunStatus.COMPLETED))
+            await a.append_events(app, [ev("order.placed")])
+            await b.get_run(app, run.run_id)
+            await eventually(lambda: f"{app}:{RUNS}" in heard[schemas[0]])
+            await asyncio.sleep(0.3)
+            assert heard[schemas[1]] == [], heard
+            left = await listener.fetch(
+                "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid=p.pronamespace "
+                "WHERE n.nspname = ANY($1::text[]) "
+                "AND p.prosrc LIKE '%pg_notify(''cantata_changes''%'", schemas)
+            assert left == [], [r["proname"] for r in left]
+            for schema, channel in zip(schemas, channels, strict=True):
+                assert await listener.fetchval(f'SELECT "{schema}".cantata_channel()') == channel
+    finally:
+        await listener.close()
+        for schema in schemas:
+            await drop_schema(postgres_url, schema)
 
 
 CLAIMER = textwrap.dedent(
@@ -536,6 +576,32 @@ async def test_lookups_by_key_stay_on_the_key_as_a_new_store_grows(
     assert read < 20_000, f"{read} rows of runs read other than by their key"
 
 
+async def _past_every_older_snapshot(url: str) -> None:
+    """Wait until no transaction or snapshot older than now is left on the server.
+
+    A HOT update needs room on its page, which pruning makes from the versions no
+    snapshot can still see. Any older snapshot on the server, in any database (the
+    tests beside this one, a psql left open in a transaction), keeps the first
+    checkpoint's old versions alive and sends the second checkpoint's new versions to
+    other pages: that would measure the neighbours, not the store."""
+    conn = await asyncpg.connect(url)
+    try:
+        now = await conn.fetchval("SELECT txid_current() % 4294967296")
+
+        async def none_older() -> bool:
+            return not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND "
+                "(backend_xid::text::bigint <= $1 OR backend_xmin::text::bigint <= $1)",
+                now,
+            )
+
+        await eventually(none_older, 60.0, "the end of the snapshots older than the "
+                         "first checkpoint (a transaction left open on the server?)",
+                         interval=0.02)
+    finally:
+        await conn.close()
+
+
 async def test_a_checkpoint_that_keeps_the_indexed_columns_is_a_hot_update(
     postgres_url: str, fresh_schema: str
 ) -> None:
@@ -549,6 +615,8 @@ async def test_a_checkpoint_that_keeps_the_indexed_columns_is_a_hot_update(
     async with opened(url, writers=1) as store:
         runs = await asyncio.gather(*(store.create_run(new_run(app)) for _ in range(600)))
         for seq, result in ((1, None), (2, '"done"')):
+            if seq == 2:
+                await _past_every_older_snapshot(postgres_url)
             await asyncio.gather(*(store.commit_run(app, run.run_id, 0, RunWrite(
                 entries=[entry("a#1", seq, ENTRY_RUNNING if result is None else ENTRY_COMPLETED,
                                result=result)],

@@ -48,7 +48,7 @@ from cantata.errors import StoreUnavailable
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store.faults import postgres_fault
-from cantata.store.postgres_pool import CONN_ERRORS, NOTIFY_CHANNEL, Conn, PgPool
+from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool
 
 log = logging.getLogger("cantata.store")
 
@@ -89,7 +89,7 @@ class Batch:
         self._subs: dict[str, list[tuple[str, str]]] = {}
 
     def notify(self, app: str, *channels: str) -> None:
-        """``NOTIFY cantata_changes, '<app>:<channel>'`` at COMMIT."""
+        """Notify ``'<app>:<channel>'`` on the schema's channel at COMMIT."""
         self.notices.update((app, ch) for ch in channels)
 
     def audit(self, app: str, entry: audit.Entry | None) -> None:
@@ -411,7 +411,7 @@ def _commit_sql(notices: set[tuple[str, str]]) -> str:
     if not notices:
         return "COMMIT"
     calls = ", ".join(
-        f"pg_notify('{NOTIFY_CHANNEL}', {_literal(f'{app}:{ch}')})"
+        f"pg_notify(cantata_channel(), {_literal(f'{app}:{ch}')})"
         for app, ch in sorted(notices)
     )
     return f"SELECT {calls}; COMMIT"

@@ -2,7 +2,8 @@
 
 Connecting (retried with backoff, driver errors turned into messages that say
 what to do), versioned migrations under an advisory lock, the connection pool, and
-the one dedicated connection that LISTENs for ``cantata_changes`` notifications.
+the one dedicated connection that LISTENs on the schema's channel,
+``cantata_changes.<schema>`` (``cantata_channel()``, migration 0027).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ def _quiet_driver_log() -> None:
 
 SCHEMA_VERSION = migrations.latest("postgres")
 DEFAULT_SCHEMA = "cantata"
-NOTIFY_CHANNEL = "cantata_changes"
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Errors that mean "the server or the connection is gone", not "the SQL is wrong".
 CONN_ERRORS = (
@@ -124,6 +124,7 @@ class PgPool:
         self._settings = {"search_path": f'"{self.schema}"', "application_name": "cantata"}
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._listen_conn: asyncpg.Connection[asyncpg.Record] | None = None
+        self.channel = ""  # the schema's NOTIFY channel, read when listening starts
         self._listen_task: asyncio.Task[None] | None = None
         self._closing = False
         self._inflight = 0
@@ -263,7 +264,10 @@ class PgPool:
     async def _listen(self) -> None:
         conn = await self.connect()
         conn.add_termination_listener(self._on_listen_lost)
-        await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        # the schema's own channel (migration 0027): the stores of other schemas in
+        # the database notify theirs
+        self.channel = await conn.fetchval("SELECT cantata_channel()")
+        await conn.add_listener(self.channel, self._on_notify)
         self._listen_conn = conn
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
@@ -397,6 +401,7 @@ class PgPool:
     async def notify(c: Conn, app: str, *channels: str) -> None:
         """Queue ``<app>:<channel>`` notifications; PostgreSQL sends them at commit."""
         await c.execute(
-            "SELECT pg_notify($1::text, $2::text || ':' || ch) FROM unnest($3::text[]) AS ch",
-            NOTIFY_CHANNEL, app, list(channels),
+            "SELECT pg_notify(cantata_channel(), $1::text || ':' || ch) "
+            "FROM unnest($2::text[]) AS ch",
+            app, list(channels),
         )
