@@ -9,7 +9,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -75,30 +75,6 @@ def pg_session_url(postgres_url: str) -> Iterator[str]:
     schema = f"cantata_test_{uuid.uuid4().hex[:10]}"
     yield with_schema(postgres_url, schema)
     asyncio.run(drop_schema(postgres_url, schema))
-
-
-@pytest.fixture(scope="module")
-def quiet_database(postgres_url: str) -> Iterator[str]:
-    """A PostgreSQL database of this test module's own, for tests of notifications: the
-    channel is one per database, shared by every store's schema, so on the shared
-    database they would hear the stores of the tests running beside them."""
-    import asyncpg
-
-    name = f"cantata_quiet_{uuid.uuid4().hex[:10]}"
-    parts = urlsplit(postgres_url)
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(postgres_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield urlunsplit(parts._replace(path=f"/{name}"))
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

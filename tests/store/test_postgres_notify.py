@@ -15,17 +15,21 @@ from cantata.store.base import CLAIMS, EVENTS, RUNS, Settlement
 from cantata.store.postgres import PostgresStore
 from cantata.testing.contract.support import ev, new_run
 from cantata.testing.wait import eventually
+from tests.helpers import with_schema
 from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def pair(quiet_database: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore, str]]:
-    """The store of the process that writes, and another process's, on one schema
-    (each test an app of its own)."""
+async def pair(
+    postgres_url: str, fresh_schema: str
+) -> AsyncIterator[tuple[PostgresStore, PostgresStore, str]]:
+    """The store of the process that writes, and another process's, on one schema of
+    the test's own: only its stores notify its channel (migration 0027)."""
     app = f"app-{new_id()[-8:]}"
-    async with opened(quiet_database) as here, opened(quiet_database) as there:
+    url = with_schema(postgres_url, fresh_schema)
+    async with opened(url) as here, opened(url) as there:
         await here.declare(app, [
             Declaration("handler", "g1", "order.*"),
             Declaration("handler", "g2", "pay.done"),
