@@ -164,6 +164,44 @@ def test_replay_a_dead_letter_after_fixing_the_handler(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_a_dead_letter_made_before_the_live_feed_connects_is_shown(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    """The page is drawn, then its live feed connects: a change in between has no event
+    of its own on the feed. The feed is held back here until the dead letter exists;
+    the page still shows it once the feed connects (it draws itself again)."""
+    state = server.state  # type: ignore[attr-defined]
+    page = login(browser, server, "operator", img)
+    held: list[Any] = []
+    page.route("**/api/stream", lambda route: held.append(route))
+    page.get_by_role("link", name="Dead letters").click()
+    expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
+    for _ in range(100):  # the page asked for its feed
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the dead letters page did not open its live feed"
+    state["emails_broken"] = True
+    try:
+        server.run(lambda: server.app.publish("order.placed", {"order_id": "L-1"}))
+        for _ in range(200):
+            letters = server.run(server.app.dead_letters)
+            if letters:
+                break
+            page.wait_for_timeout(50)
+        assert len(letters) == 1, letters
+        page.wait_for_timeout(300)  # (a page that drew again by itself would show it now)
+        expect(page.locator('tr:has-text("order.placed")')).to_have_count(0)
+        held[0].continue_()
+        expect(page.locator('tr:has-text("order.placed")')).to_have_count(1, timeout=10_000)
+    finally:
+        state["emails_broken"] = False
+        page.unroute("**/api/stream")
+        for letter in server.run(server.app.dead_letters):  # as the replay test expects
+            server.run(lambda letter=letter: server.app.replay(letter.id))
+    page.close()
+
+
 def test_cancel_a_run(browser: Browser, server: ServerThread, img: Path) -> None:
     handle = server.run(lambda: server.app.start("await_approval", {"id": "C-1"}))
     page = login(browser, server, "operator", img)

@@ -93,7 +93,13 @@
     if (!window.EventSource) return;
     const es = new EventSource("/api/stream");
     const mark = document.getElementById("live");
-    es.onopen = () => { if (mark) mark.hidden = false; };
+    // Connected (at first, and again after a drop): what changed before the feed
+    // reached this page, since it was drawn or while the feed was away, comes with no
+    // event of its own, so each page draws itself again ("open").
+    es.onopen = () => {
+      if (mark) mark.hidden = false;
+      for (const fn of liveHandlers) fn("open", {});
+    };
     es.onerror = () => { if (mark) mark.hidden = true; };
     for (const kind of ["run", "dead_letter"]) {
       es.addEventListener(kind, (ev) => {
@@ -293,7 +299,7 @@
     }
     await render();
     const again = debounce(() => render().catch(fail), 250);
-    onLive((kind, d) => { if (kind === "run" && d.run_id === id) again(); });
+    onLive((kind, d) => { if (kind === "open" || (kind === "run" && d.run_id === id)) again(); });
   };
 
   pages.trace = async () => {
