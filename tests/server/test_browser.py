@@ -172,6 +172,7 @@ def test_a_dead_letter_made_before_the_live_feed_connects_is_shown(
     the page still shows it once the feed connects (it draws itself again)."""
     state = server.state  # type: ignore[attr-defined]
     page = login(browser, server, "operator", img)
+    expect(page.locator("#live")).to_be_visible()  # the overview's own feed is open
     held: list[Any] = []
     page.route("**/api/stream", lambda route: held.append(route))
     page.get_by_role("link", name="Dead letters").click()
@@ -192,6 +193,7 @@ def test_a_dead_letter_made_before_the_live_feed_connects_is_shown(
         assert len(letters) == 1, letters
         page.wait_for_timeout(300)  # (a page that drew again by itself would show it now)
         expect(page.locator('tr:has-text("order.placed")')).to_have_count(0)
+        assert len(held) == 1, "the dead letters page opened more than one feed"
         held[0].continue_()
         expect(page.locator('tr:has-text("order.placed")')).to_have_count(1, timeout=10_000)
     finally:
