@@ -312,7 +312,7 @@ class BatchWriter:
                     return failed
             if batch.audits:
                 await ops.audit_append_many(c, batch.audits, self.audit_keys)
-            await c.execute(_commit_sql(batch.notices))
+            await c.execute(_commit_sql(batch.notices, self._db.channel))
         except BaseException:
             if not c.is_closed() and c.is_in_transaction():
                 try:
@@ -406,12 +406,14 @@ def _literal(text: str) -> str:
     return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _commit_sql(notices: set[tuple[str, str]]) -> str:
-    """COMMIT, preceded in the same round trip by the batch's notifications."""
+def _commit_sql(notices: set[tuple[str, str]], channel: str) -> str:
+    """COMMIT, preceded in the same round trip by the batch's notifications on
+    ``channel`` (the schema's, ``PgPool.channel``: a literal, as this text is planned
+    anew each time and a call of cantata_channel() would be inlined each time)."""
     if not notices:
         return "COMMIT"
     calls = ", ".join(
-        f"pg_notify(cantata_channel(), {_literal(f'{app}:{ch}')})"
+        f"pg_notify({_literal(channel)}, {_literal(f'{app}:{ch}')})"
         for app, ch in sorted(notices)
     )
     return f"SELECT {calls}; COMMIT"

@@ -124,7 +124,7 @@ class PgPool:
         self._settings = {"search_path": f'"{self.schema}"', "application_name": "cantata"}
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._listen_conn: asyncpg.Connection[asyncpg.Record] | None = None
-        self.channel = ""  # the schema's NOTIFY channel, read when listening starts
+        self.channel = ""  # the schema's NOTIFY channel (cantata_channel()), read by open()
         self._listen_task: asyncio.Task[None] | None = None
         self._closing = False
         self._inflight = 0
@@ -232,6 +232,7 @@ class PgPool:
         conn = await self.connect()
         try:
             await self._migrate(conn)
+            self.channel = await conn.fetchval("SELECT cantata_channel()")
         except CONN_ERRORS as exc:
             raise StoreUnavailable(
                 f"lost PostgreSQL at {self.masked_url} while migrating: {exc}"
@@ -264,9 +265,8 @@ class PgPool:
     async def _listen(self) -> None:
         conn = await self.connect()
         conn.add_termination_listener(self._on_listen_lost)
-        # the schema's own channel (migration 0027): the stores of other schemas in
-        # the database notify theirs
-        self.channel = await conn.fetchval("SELECT cantata_channel()")
+        # the schema's own channel (migration 0027, read by open()): the stores of
+        # other schemas in the database notify theirs
         await conn.add_listener(self.channel, self._on_notify)
         self._listen_conn = conn
 

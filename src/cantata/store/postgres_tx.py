@@ -54,7 +54,7 @@ async def run_transaction(db: PgPool, app: str, run_id: str, fence: int, body: T
                 raise refused[0].error
             if batch.audits:
                 await ops.audit_append_many(c, batch.audits)
-            await c.execute(_commit_sql(batch.notices))
+            await c.execute(_commit_sql(batch.notices, db.channel))
         except BaseException:
             tx.close()
             if not c.is_closed() and c.is_in_transaction():
