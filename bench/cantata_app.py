@@ -64,12 +64,12 @@ HANDLERS_PER_ORDER = 3
 
 
 @chain.on("order.placed", group="inventory", emits=["inventory.reserved"])
-async def on_order_placed(event: Event, ctx: HandlerContext) -> None:
+async def on_order_placed(event: Event[Any], ctx: HandlerContext) -> None:
     await ctx.emit("inventory.reserved", reserve_inventory_fn(event.data["order"]))
 
 
 @chain.on("inventory.reserved", group="payment", emits=["payment.charged", "payment.failed"])
-async def on_inventory_reserved(event: Event, ctx: HandlerContext) -> None:
+async def on_inventory_reserved(event: Event[Any], ctx: HandlerContext) -> None:
     order = event.data["order"]
     try:
         await ctx.emit("payment.charged", charge_payment_fn(order))
@@ -78,12 +78,12 @@ async def on_inventory_reserved(event: Event, ctx: HandlerContext) -> None:
 
 
 @chain.on("payment.charged", group="shipping", emits=["shipment.created"])
-async def on_payment_charged(event: Event, ctx: HandlerContext) -> None:
+async def on_payment_charged(event: Event[Any], ctx: HandlerContext) -> None:
     await ctx.emit("shipment.created", create_shipment_fn(event.data["order"]))
 
 
 @chain.on("payment.failed", group="inventory", emits=["inventory.released"])
-async def on_payment_failed(event: Event, ctx: HandlerContext) -> None:
+async def on_payment_failed(event: Event[Any], ctx: HandlerContext) -> None:
     await ctx.emit("inventory.released", release_inventory_fn(event.data["order"]))
 
 

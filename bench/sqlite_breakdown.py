@@ -37,6 +37,7 @@ import bisect
 import collections
 import contextlib
 import os
+import shutil
 import sqlite3
 import statistics
 import struct
@@ -191,8 +192,16 @@ async def _sagas(path: str, n: int, raw: RawWal, disk: list[float]) -> list[
     return spans[len(WARMUP):]
 
 
-def saga(n: int) -> str:
+def saga(n: int, keep: bool = False) -> str:
     tmp = tempfile.mkdtemp(prefix="cantata-breakdown-")
+    try:
+        return _saga(tmp, n, keep)
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _saga(tmp: str, n: int, keep: bool) -> str:
     path = f"{tmp}/b.db"
     rec = Recorder(path)
     rec.install()
@@ -232,7 +241,7 @@ def saga(n: int) -> str:
     what = ("run created, step 1 begun", "step 1 ended, step 2 begun",
             "step 2 ended, step 3 begun", "step 3 ended, run completed")
     out = [f"SQLite saga, one run at a time: {len(totals['run'])} completed runs of {n} "
-           f"(p50 of each; {path})"]
+           f"(p50 of each{'; ' + path if keep else ''})"]
     for i, label in enumerate(what):
         p = per[i]
         common = trees[i].most_common(1)[0][0] if trees[i] else ()
@@ -276,10 +285,11 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     s = sub.add_parser("saga")
     s.add_argument("--n", type=int, default=300)
+    s.add_argument("--keep", action="store_true", help="keep the store (its path is printed)")
     d = sub.add_parser("disk")
     d.add_argument("--rounds", type=int, default=200)
     a = ap.parse_args()
-    print(saga(a.n) if a.what == "saga" else disk(a.rounds))
+    print(saga(a.n, a.keep) if a.what == "saga" else disk(a.rounds))
 
 
 if __name__ == "__main__":
