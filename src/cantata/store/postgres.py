@@ -5,8 +5,7 @@ so a database that other applications use is fine. Work is claimed with
 ``FOR UPDATE SKIP LOCKED``; every write that other processes should react to sends
 ``'<app>:<channel>'`` on the schema's NOTIFY channel (``cantata_changes.<schema>``:
 stores in other schemas of the database do not hear it) in its transaction, and one
-dedicated
-listening connection (see :mod:`cantata.store.postgres_pool`) turns those
+dedicated listening connection (see :mod:`cantata.store.postgres_pool`) turns those
 notifications, from any process including this one, into calls of the listeners.
 Audited writes append to the app's audit chain as their last statement (see
 :mod:`cantata.store.postgres_ops`, which also holds the columns, rows and task code).
