@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +38,32 @@ async def test_step_concurrency_across_runs_and_waiting_is_not_an_attempt() -> N
             assert [a.attempt for a in attempts] == [1]
         assert await app.store.slots_held(app.name, "step:pay") == 0
     assert max_overlap(spans) == 2
+
+
+async def test_a_freed_step_slot_goes_to_a_waiting_run_at_once(tmp_path: Path) -> None:
+    # a real clock: the testing environment's skips the waits this is about
+    app = App("limits", store=f"sqlite:///{tmp_path}/limits.db", broker="embedded")
+    spans: list[tuple[float, float]] = []
+
+    @app.step(concurrency=1)
+    async def pay(i: int) -> int:
+        begin = time.monotonic()
+        await asyncio.sleep(0.05)
+        spans.append((begin, time.monotonic()))
+        return i
+
+    @app.workflow
+    async def order(ctx: object, i: int) -> int:
+        return await ctx.run(pay, i)  # type: ignore[attr-defined, no-any-return]
+
+    async with app:
+        handles = [await app.start(order, i) for i in range(6)]
+        assert [await h.result(timeout=30) for h in handles] == list(range(6))
+    spans.sort()
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+    # the release wakes the waiters (not their next poll: poll_interval * 5 = 1 s)
+    assert max(gaps) < 0.3, gaps
+    assert max_overlap(spans) == 1
 
 
 async def test_step_rate_and_slot_freed_on_failure() -> None:

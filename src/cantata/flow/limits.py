@@ -42,17 +42,22 @@ async def acquire(
     """Take a slot of ``scope``, waiting with ``wait(seconds)`` while none is free.
 
     ``wait`` returns early when something may have freed a slot (a store
-    notification); it may raise (a cancelled run), and then nothing is held.
+    notification); it may raise (a cancelled run), and then nothing is held. News that
+    came while the store was asked (too late for its answer, too early for ``wait``)
+    sends the request again at once.
     """
-    store, clock = engine.store, engine.clock
+    store, clock, flow = engine.store, engine.clock, engine.flow
     while True:
         now = clock.now()
+        seen = flow.releases if flow is not None else 0
         grant = await store.acquire_slot(
             engine.app, scope, holder, engine.worker_id, concurrency=concurrency, rate=rate,
             now=now, stale_before=now - engine.lease,
         )
         if grant.granted:
             return
+        if flow is not None and flow.releases != seen and grant.retry_at is None:
+            continue  # a slot may have been freed meanwhile (a rate's wait stays a wait)
         pause = engine.poll_interval * 5
         if grant.retry_at is not None:
             pause = min(pause, max(grant.retry_at - now, 0.005))
@@ -67,9 +72,18 @@ async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> bo
     waiting = engine.flow.slot_waiters if engine.flow is not None else set()
 
     async def wait(seconds: float) -> None:
+        # wait_until asks ``woken`` before it first sleeps (False), then each time the
+        # execution is woken: the flow service wakes it when a slot may be free.
+        asked = 0
+
+        async def woken() -> bool:
+            nonlocal asked
+            asked += 1
+            return asked > 1
+
         waiting.add(execution)
         try:
-            await execution.wait_until(engine.clock.now() + seconds)
+            await execution.wait_until(engine.clock.now() + seconds, woken, poll=False)
         finally:
             waiting.discard(execution)
 
@@ -98,8 +112,8 @@ async def take_handler_slot(engine: Engine, hdef: HandlerDef, event_id: str,
     news = engine.flow.released if engine.flow is not None else asyncio.Event()
 
     async def wait(seconds: float) -> None:
+        news.clear()  # (before the await: news meanwhile ends this wait at once)
         await extend()  # a broker message stays ours while it waits
-        news.clear()
         sleeper = asyncio.ensure_future(engine.clock.sleep(seconds))
         waiter = asyncio.ensure_future(news.wait())
         try:

@@ -41,6 +41,7 @@ class FlowService:
         self.scheduler = Scheduler(engine)
         self.slot_waiters: set[RunExecution] = set()
         self.released = asyncio.Event()
+        self.releases = 0  # news that may have freed a slot, counted (flow.limits.acquire)
         self._tasks: list[asyncio.Task[None]] = []
         engine.store.add_listener(self._on_change)
 
@@ -69,6 +70,7 @@ class FlowService:
         if channel != RUNS or not self._tasks:
             return
         self.queues.wakeup.set()
+        self.releases += 1
         self.released.set()
         self.scheduler.run_ended.set()
         for execution in self.slot_waiters:
