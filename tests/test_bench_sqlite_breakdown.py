@@ -1,5 +1,6 @@
-"""``python -m bench.sqlite_breakdown``: the tool behind docs/performance.md's SQLite
-floors still reads the store it measures (its wrappers name store internals)."""
+"""``python -m bench.sqlite_breakdown`` and ``python -m bench.saga_path``: the tools
+behind docs/performance.md's SQLite floors still read the store they measure (their
+wrappers name store internals)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,20 @@ def test_the_saga_breakdown_times_four_transactions_and_names_their_pages() -> N
 def test_the_disk_floor_fits_a_base_and_a_cost_per_page() -> None:
     text = _run("disk", "--rounds", "3")
     assert re.search(r"least squares: -?\d+ µs a commit \+ -?[\d.]+ µs a page", text), text
+
+
+def test_the_saga_path_splits_a_run_into_its_four_commits_and_what_lies_between() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.saga_path", "--n", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    commits = re.findall(r"COMMIT +COMMIT: WAL frames and fsync \(transaction (\d)\)", text)
+    assert commits == ["1", "2", "3", "4"], text
+    total = re.search(r"the run: (\d+) µs p50 = COMMIT (\d+), statements (\d+), engine (\d+), "
+                      r"event loop (\d+)", text)
+    assert total is not None, text
+    run, *parts = (int(x) for x in total.groups())
+    # p50s of sums need not add up exactly, but they describe the same runs
+    assert 0.7 * run <= sum(parts) <= 1.3 * run, text
