@@ -296,3 +296,23 @@ async def test_a_keyed_audit_chain_verifies_with_the_apps_key(store_url: str) ->
             assert r.status_code == 201
             report = (await c.get("/api/audit/verify", headers=h)).json()
     assert report["ok"] is True, report
+
+
+async def test_an_unknown_workflow_lists_what_get_workflows_lists(
+        shop: Shop, store_url: str) -> None:
+    """With the code loaded and from the store alone (a bare App), the 404 names the
+    workflows GET /api/workflows lists."""
+    import httpx
+
+    bare = App("shop", store=store_url)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bare.asgi()),
+                                 base_url="http://bare") as client:
+        for c in (shop.client, client):
+            h = shop.auth("operator")
+            listed = (await c.get("/api/workflows", headers=h)).json()
+            assert listed == ["await_approval", "place_order"]
+            r = await c.post("/api/workflows/nope/runs", headers=h, json={"input": 1})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_workflow"
+            assert f"(known: {', '.join(listed)})" in r.json()["error"]["message"]
+    await bare.close()
+
