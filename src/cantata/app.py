@@ -309,9 +309,9 @@ class App(RouterFacade):
         name = workflow_name(workflow)
         wdef = engine.router.workflows.get(name)
         if wdef is None and not await engine.knows_workflow(name):
-            known = ", ".join(sorted(self.workflows)) or "none"
+            known = ", ".join(await self._workflow_names()) or "none"
             raise UnknownWorkflow(
-                f"no workflow named {name!r} in app {self.name!r} (known here: {known}); "
+                f"no workflow named {name!r} in app {self.name!r} (known: {known}); "
                 "register it with @app.workflow in a service of this app"
             )
         if deadline is not None and deadline <= 0:
@@ -328,6 +328,12 @@ class App(RouterFacade):
             correlation_id=correlation_id, queue=entry,
         )
         return RunHandle(engine, run.run_id, name)
+
+    async def _workflow_names(self) -> list[str]:
+        """The workflows this process's code registers and those any service of the app
+        declared in the store (what the console's ``GET /api/workflows`` lists)."""
+        declared = await self.engine.store.declarations(self.name)
+        return sorted({d.name for d in declared if d.kind == "workflow"} | set(self.workflows))
 
     def asgi(self, *, stream_interval: float = 0.5) -> Any:
         """The operator console (HTTP API and dashboard) as an ASGI application, to mount

@@ -296,3 +296,75 @@ async def test_a_keyed_audit_chain_verifies_with_the_apps_key(store_url: str) ->
             assert r.status_code == 201
             report = (await c.get("/api/audit/verify", headers=h)).json()
     assert report["ok"] is True, report
+
+
+async def test_an_unknown_workflow_lists_what_get_workflows_lists(
+        shop: Shop, store_url: str) -> None:
+    """With the code loaded and from the store alone (a bare App), the 404 names the
+    workflows GET /api/workflows lists."""
+    import httpx
+
+    bare = App("shop", store=store_url)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bare.asgi()),
+                                 base_url="http://bare") as client:
+        for c in (shop.client, client):
+            h = shop.auth("operator")
+            listed = (await c.get("/api/workflows", headers=h)).json()
+            assert listed == ["await_approval", "place_order"]
+            r = await c.post("/api/workflows/nope/runs", headers=h, json={"input": 1})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_workflow"
+            assert f"(known: {', '.join(listed)})" in r.json()["error"]["message"]
+    await bare.close()
+
+
+async def test_arguments_that_do_not_fit_a_loaded_workflow_are_refused(
+        store_url: str) -> None:
+    """A workflow whose code the console has: a missing or extra argument is a 422 naming
+    the parameter (no run is written); the store alone cannot tell, so it starts the run."""
+    import httpx
+
+    from tests.server.conftest import make_tokens
+
+    app = App("adder", store=store_url, broker="embedded", poll_interval=0.05)
+
+    @app.workflow
+    async def add(ctx: Any, a: int, b: int, c: int = 0) -> int:
+        return a + b + c
+
+    @app.workflow
+    async def echo(ctx: Any, x: Any) -> Any:
+        return x
+
+    async with app:
+        tokens, _ = await make_tokens(app)
+        h = {"Authorization": f"Bearer {tokens['operator']}"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.asgi()),
+                                     base_url="http://c") as c:
+            for path, body, field, says in [
+                ("add", {}, "args", "is missing arguments 'a', 'b' (its parameters: a, b, c)"),
+                ("add", {"input": 1}, "input", "is missing argument 'b'"),
+                ("add", {"args": [1]}, "args", "is missing argument 'b'"),
+                ("add", {"args": [1, 2, 3, 4]}, "args", "takes 3 argument(s), got 4"),
+                ("echo", {}, "input", "is missing argument 'x'"),
+                ("echo", {"args": []}, "args", "is missing argument 'x'"),
+            ]:
+                r = await c.post(f"/api/workflows/{path}/runs", headers=h, json=body)
+                assert r.status_code == 422, (path, body, r.text)
+                error = r.json()["error"]
+                assert error["code"] == "invalid_arguments" and error["field"] == field, error
+                assert f"workflow {path!r} {says}" in error["message"], error
+            empty = await c.post("/api/workflows/echo/runs", headers=h)  # no body at all
+            assert empty.status_code == 422 and empty.json()["error"]["field"] == "input"
+            assert await app.find_runs() == []
+            for path, body, result in [("add", {"args": [1, 2]}, 3),
+                                       ("add", {"args": [1, 2, 3]}, 6),
+                                       ("echo", {"input": None}, None)]:
+                r = await c.post(f"/api/workflows/{path}/runs", headers=h, json=body)
+                assert r.status_code == 201, r.text
+                assert await app.get_handle(r.json()["run_id"]).result(timeout=10) == result
+        bare = App("adder", store=store_url)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bare.asgi()),
+                                     base_url="http://bare") as c:
+            r = await c.post("/api/workflows/add/runs", headers=h, json={})
+            assert r.status_code == 201, r.text
+        await bare.close()

@@ -87,8 +87,9 @@ async def test_401_without_a_valid_token_on_every_route(shop: Shop) -> None:
             assert r.json()["error"]["code"] == "unauthorized"
             assert r.headers["www-authenticate"] == "Bearer"
         if method == "POST":  # a malformed body does not get past the token check
-            r = await call(shop.client, method, path, {}, raw=b"{not json")
-            assert r.status_code == 401, (method, path)
+            for raw in (b"{not json", b'"\xff"'):  # not JSON; not even UTF-8
+                r = await call(shop.client, method, path, {}, raw=raw)
+                assert r.status_code == 401, (method, path, raw)
 
 
 async def test_403_below_the_role_and_allowed_at_or_above_it(shop: Shop) -> None:
@@ -107,6 +108,17 @@ async def test_403_below_the_role_and_allowed_at_or_above_it(shop: Shop) -> None
             elif path != "/api/stream":  # the stream never ends: tests/server/test_stream.py
                 r = await call(shop.client, method, path, headers)
                 assert r.status_code not in (401, 403), (method, path, role, r.text)
+
+
+async def test_403_names_the_roles_with_their_article(shop: Shop) -> None:
+    viewer = await shop.post("/api/events", "viewer", json={"type": "order.checked"})
+    assert viewer.status_code == 403
+    assert viewer.json()["error"]["message"].startswith(
+        f"token {shop.names['viewer']!r} is a viewer; this needs an operator or an admin token")
+    operator = await shop.get("/api/audit", "operator")
+    assert operator.status_code == 403
+    assert operator.json()["error"]["message"].startswith(
+        f"token {shop.names['operator']!r} is an operator; this needs an admin token")
 
 
 async def test_dashboard_pages_need_a_session_and_the_cookie_needs_the_csrf_header(

@@ -106,3 +106,20 @@ async def test_known_bad_bodies_name_their_field(shop: Shop) -> None:
     assert_error(big_int)
     bad_name = await shop.post("/api/workflows/bad%20name/runs", json={})
     assert_error(bad_name, "name")
+
+
+async def test_a_body_that_is_not_json_is_named_body_and_says_where(shop: Shop) -> None:
+    headers = {**shop.auth("operator"), "Content-Type": "application/json"}
+    for path in ("/api/events", "/api/workflows/place_order/runs", "/api/session"):
+        for raw, says in [(b'{"input":', "is not valid JSON (Expecting value at character 9)"),
+                          (b"xx", "is not valid JSON (Expecting value at character 0)"),
+                          (b'{"type": "\xff"}', "could not be decoded (JSON must be UTF-8")]:
+            r = await shop.client.post(path, headers=headers, content=raw)
+            assert_error(r, "body")
+            message = r.json()["error"]["message"]
+            assert message.startswith(f"the request body {says}"), (path, message)
+            assert "send one JSON object" in message
+    for path in ("/api/events", "/api/session"):  # bodies these routes cannot do without
+        r = await shop.client.post(path, headers=headers, content=b"")
+        assert_error(r, "body")
+        assert r.json()["error"]["message"].startswith("the request body is empty: send")

@@ -75,10 +75,17 @@ async def authenticate_token(store: ConsoleStore, token: str) -> Principal:
     return Principal(record.name, record.role)
 
 
+def _a(word: str) -> str:
+    """``word`` with its indefinite article: "a viewer", "an operator", "an admin"."""
+    return f"{'an' if word.lower().startswith(tuple('aeiou')) else 'a'} {word}"
+
+
 def authorize(principal: Principal, needed: Role) -> Principal:
     if not principal.role.allows(needed):
+        enough = " or ".join(_a(str(r)) for r in Role if r.allows(needed))
         raise ApiError(403, "forbidden",
-                       f"token {principal.name!r} is a {principal.role}; this needs {needed}")
+                       f"token {principal.name!r} is {_a(principal.role)}; this needs "
+                       f"{enough} token (`cantata token create --name NAME --role {needed}`)")
     return principal
 
 

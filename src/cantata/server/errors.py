@@ -59,6 +59,21 @@ def respond(status: int, code: str, message: str, field: str | None = None,
     return JSONResponse(body(code, message, field), status_code=status, headers=headers)
 
 
+# FastAPI's detail when a body cannot be read at all (not UTF-8, for one).
+UNREADABLE_BODY = "There was an error parsing the body"
+SEND_JSON = ("send one JSON object with Content-Type: application/json "
+             "(each route's fields are in /openapi.json)")
+
+
+def not_json(error: dict[str, Any]) -> str:
+    """The message for a body FastAPI could not decode as JSON (``type`` ``json_invalid``)."""
+    loc = error.get("loc", ())
+    where = loc[-1] if len(loc) > 1 else None
+    reason = str((error.get("ctx") or {}).get("error") or "malformed")
+    at = f" at character {where}" if isinstance(where, int) else ""
+    return f"the request body is not valid JSON ({reason}{at}): {SEND_JSON}"
+
+
 class Redactor:
     """Takes the store URL's password out of any message shown to a client."""
 
@@ -99,6 +114,11 @@ def install(app: Any, redact: Redactor,
                 return await api_error(request, denied)
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+            return respond(400, "invalid_input", not_json(first), "body")
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            return respond(400, "invalid_input", f"the request body is empty: {SEND_JSON}",
+                           "body")
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         field = ".".join(loc) or ("body" if first.get("loc", ("",))[0] == "body" else None)
         message = str(first.get("msg", "invalid request"))
@@ -108,6 +128,14 @@ def install(app: Any, redact: Redactor,
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.detail == UNREADABLE_BODY:
+            if gate is not None:  # as for validation errors: the caller is checked first
+                try:
+                    await gate(request)
+                except ApiError as denied:
+                    return await api_error(request, denied)
+            return respond(400, "invalid_input", "the request body could not be decoded "
+                           f"(JSON must be UTF-8 text): {SEND_JSON}", "body")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return respond(exc.status_code, code, str(exc.detail), None,
                        dict(exc.headers) if exc.headers else None)

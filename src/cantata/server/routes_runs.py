@@ -3,10 +3,12 @@ started by name."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 
+from cantata.declare.defs import WorkflowDef
 from cantata.errors import RunNotFound
 from cantata.model.access import RunQuery
 from cantata.model.status import RunStatus
@@ -16,6 +18,7 @@ from cantata.server.deps import ERRORS, operator, viewer
 from cantata.server.errors import ApiError, bad_input
 from cantata.server.models import (
     CancelOut,
+    ErrorOut,
     Overview,
     RunDetail,
     RunsPage,
@@ -106,7 +109,9 @@ async def cancel_run(request: Request, run_id: RunId, who: Operator) -> CancelOu
 
 
 @router.post("/workflows/{name}/runs", status_code=201, response_model=StartOut,
-             summary="Start a workflow by name")
+             summary="Start a workflow by name", responses={422: {
+                 "model": ErrorOut, "description": "The arguments do not fit the "
+                 "workflow's parameters (checked when its code is loaded here)"}})
 async def start_run(
     request: Request,
     name: Annotated[str, Path(pattern=params.NAME_PATTERN, description="A workflow name")],
@@ -115,24 +120,58 @@ async def start_run(
         "input": {"value": {"input": {"order_id": 42}, "idempotency_key": "order-42"}},
     })] = StartIn(),
 ) -> StartOut:
-    """Writes the run for the workers of the workflow's service to take (201)."""
+    """Writes the run for the workers of the workflow's service to take (201). When the
+    workflow's code is loaded in this process, arguments it cannot be called with (one
+    missing, too many) are refused with 422 instead."""
     console = console_of(request)
     params.name("name", name)
     if "input" in body.model_fields_set and body.args is not None:
         raise bad_input("args", "give either input (one argument) or args (a list), not both")
     args: list[Any] = []
+    sent: str | None = None  # the body field the arguments came in
     if body.args is not None:
-        args = body.args
+        args, sent = body.args, "args"
     elif "input" in body.model_fields_set:
-        args = [body.input]
+        args, sent = [body.input], "input"
     params.ident("idempotency_key", body.idempotency_key)
     params.ident("correlation_id", body.correlation_id)
     app = await console.open()
+    wdef = app.workflows.get(name)
+    if wdef is not None:  # its code is loaded here: refuse arguments it cannot be called with
+        _check_arguments(wdef, args, sent)
     handle = await app.start(name, *args, idempotency_key=body.idempotency_key,
                              correlation_id=body.correlation_id)
     await app.store.record_action(app.name, who.actor, "run.started", handle.run_id,
                                   {"workflow": name})
     return StartOut(run_id=handle.run_id)
+
+
+def _check_arguments(wdef: WorkflowDef, args: list[Any], given: str | None) -> None:
+    """422 when the workflow cannot be called with ``args`` (too few or too many).
+
+    ``given`` is the body field the arguments came in (``None``: neither was sent).
+    """
+    try:
+        declared = list(inspect.signature(wdef.fn).parameters.values())[1:]  # after ctx
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in declared if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in positional if p.default is p.empty]
+    missing = required[len(args):]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in declared)
+    if missing:
+        problem = (f"is missing {'argument' if len(missing) == 1 else 'arguments'} "
+                   f"{', '.join(map(repr, missing))}")
+    elif len(args) > len(positional) and not varargs:
+        problem = f"takes {len(positional)} argument(s), got {len(args)}"
+    else:
+        return
+    names = ", ".join(p.name for p in positional) or "none"
+    raise ApiError(
+        422, "invalid_arguments",
+        f"workflow {wdef.name!r} {problem} (its parameters: {names}): send "
+        '{"input": x} for one argument or {"args": [...]} for several',
+        given or ("input" if len(required) == 1 else "args"))
 
 
 @router.get("/workflows", response_model=list[str], summary="Workflow names")
