@@ -11,7 +11,7 @@ import time
 import pytest
 from rich.console import Console
 
-from cantata import App, CantataError, Event, HandlerContext, WorkflowContext
+from cantata import App, CantataError, Event, HandlerContext, Retry, WorkflowContext
 from cantata.observability.stalled import stalls_of
 from cantata.observability.trace import (
     KINDS,
@@ -20,6 +20,7 @@ from cantata.observability.trace import (
     build_trace,
     render_timeline,
 )
+from tests.helpers import eventually
 
 from .scenarios import Scenario, make_app, shop_app
 
@@ -134,6 +135,65 @@ async def test_a_dead_lettered_handler_and_a_silent_group(
     assert f"cantata dlq replay {letter.ref}" in text
     assert "group audit has not reacted to order.placed" in text
     assert "group payment gave up on inventory.reserved after 2 attempt(s)" in text
+
+
+async def test_a_replayed_dead_letter_keeps_its_episode_in_the_trace() -> None:
+    """Dead-lettered, replayed, dead-lettered again, replayed, handled: the trace keeps
+    both episodes under the handler, and only the open letter is a stall."""
+    app = make_app("memory://")
+    down = ["RuntimeError: down", "RuntimeError: still down"]
+
+    @app.on("payment.due", group="billing",
+            retry=Retry(max_attempts=3, initial_interval=0.01, max_interval=0.01))
+    async def charge(event: Event) -> None:
+        if down:
+            raise RuntimeError(down[0].split(": ", 1)[1])
+
+    async def dead_letter() -> str:
+        [letter] = await eventually(app.dead_letters, what="a dead letter")
+        return str(letter.id)
+
+    async with app:
+        due = await app.publish("payment.due", {})
+        first = await dead_letter()
+        await app.replay(first)
+        down.pop(0)
+        second = await dead_letter()
+        root = await build_trace(app.store, app.name, due.id)
+        [handler] = root.children
+        assert [(c.kind, c.status, c.ref) for c in handler.children] == [
+            ("dead_letter", "replayed", first), ("dead_letter", "dead", second)]
+        [stall] = stalls_of(root, 0, app.clock.now())
+        assert (stall.reason, stall.node.ref) == ("dead_letter", second)
+        assert f"cantata dlq replay {first}" not in text_of(root)
+
+        await app.replay(second)
+        down.pop(0)
+        root = await eventually(
+            lambda: _completed_trace(app, due.id), what="the replayed delivery handled")
+        assert await app.dead_letters() == []
+
+    [handler] = root.children
+    assert (handler.kind, handler.name, handler.status) == ("handler", "charge", "completed")
+    assert handler.attempts == 3 + 3 + 1  # every run of the handler, both episodes too
+    assert handler.error == "RuntimeError: still down"  # why it was replayed
+    letters = handler.children
+    assert [(c.kind, c.group, c.status, c.attempts, c.error, c.ref) for c in letters] == [
+        ("dead_letter", "billing", "replayed", 3, "RuntimeError: down", first),
+        ("dead_letter", "billing", "replayed", 3, "RuntimeError: still down", second),
+    ]
+    # dead-lettered, replayed, dead-lettered again, replayed again
+    stamps = [t for c in letters for t in (c.started_at, c.ended_at) if t is not None]
+    assert len(stamps) == 4 and stamps == sorted(stamps)
+    assert stalls_of(root, 0, app.clock.now()) == []
+    text = text_of(root)
+    assert text.count("replayed") >= 2 and "cantata dlq replay" not in text
+    assert "where it stands: completed" in text
+
+
+async def _completed_trace(app: App, correlation_id: str) -> TraceNode | None:
+    root = await build_trace(app.store, app.name, correlation_id)
+    return root if root.status == "completed" else None
 
 
 async def test_a_run_waiting_for_an_event_that_never_comes(

@@ -4,9 +4,11 @@ Links come from the ids every record carries: a run's history places its steps,
 timers, waits, emitted events and child runs in order; an event's delivery rows
 give one handler node per group, under which go the events that group emitted
 (``causation_id`` = the handled event, ``source`` = ``cantata/<app>/<group>``) and
-its dead letters; runs an event started (``causation_id`` = the event) hang under
-the event. What links to nothing known is attached to the root. The result is then
-bounded (:mod:`.bound`) so a transaction of any size renders quickly.
+its dead letters, the replayed ones first (each an episode of failed attempts
+before a replay: the handler's attempts count them too); runs an event started
+(``causation_id`` = the event) hang under the event. What links to nothing known
+is attached to the root. The result is then bounded (:mod:`.bound`) so a
+transaction of any size renders quickly.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .node import (
     HANDLER,
     PENDING,
     PUBLISHED,
+    REPLAYED,
     RUN,
     STEP,
     TIMER,
@@ -189,6 +192,9 @@ class Builder:
         self.dead_letters: dict[tuple[str, str], list[DeadLetter]] = {}
         for dl in records.dead_letters:
             self.dead_letters.setdefault((dl.event.id, dl.group), []).append(dl)
+        self.replayed: dict[tuple[str, str], list[tuple[DeadLetter, float]]] = {}
+        for dl, replayed_at in records.replayed_dead_letters:
+            self.replayed.setdefault((dl.event.id, dl.group), []).append((dl, replayed_at))
         self.caused_events: dict[str, list[Event[Any]]] = {}
         for e, _ in records.events:
             if e.causation_id is not None and e.causation_id != e.id:
@@ -398,7 +404,11 @@ class Builder:
         deliveries = sorted(self.deliveries.get(event.id, []), key=lambda d: d.group)
         caused = self.caused_events.get(event.id, [])
         for d in deliveries:
+            replayed = [
+                self._replayed_node(dl, at) for dl, at in self.replayed.get((event.id, d.group), [])
+            ]
             if d.group.startswith(TRIGGER_PREFIX) and d.status == DELIVERY_DONE:
+                node.children.extend(replayed)  # the start failed before: kept in view
                 workflow = d.group[len(TRIGGER_PREFIX):]
                 for run in self.caused_runs.get(event.id, []):
                     if run.workflow == workflow:
@@ -406,6 +416,12 @@ class Builder:
                 continue
             handler = self._handler_node(event, d)
             node.children.append(handler)
+            if replayed:
+                # The delivery's row counts the attempts since the last replay only.
+                handler.children.extend(replayed)
+                handler.attempts += sum(r.attempts for r in replayed)
+                if handler.error is None:
+                    handler.error = replayed[-1].error
             for e in caused:
                 if self._emitting_group(e) == d.group:
                     self._attach(handler, f"event:{e.id}")
@@ -438,6 +454,12 @@ class Builder:
         node.touched = stamp(d.updated_at)
         if status == PENDING and d.next_at > 0:
             node.due = stamp(d.next_at)
+        return node
+
+    def _replayed_node(self, dl: DeadLetter, replayed_at: float) -> TraceNode:
+        node = self._dead_letter_node(dl)
+        node.status = REPLAYED
+        node.ended_at = node.touched = stamp(replayed_at)
         return node
 
     def _dead_letter_node(self, dl: DeadLetter) -> TraceNode:

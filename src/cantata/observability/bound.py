@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Sequence
 
-from .node import DEAD_LETTER, EVENT, FAILED, MIXED, OPEN_STATUSES, TraceNode
+from .node import DEAD, DEAD_LETTER, EVENT, FAILED, MIXED, OPEN_STATUSES, TraceNode
 
 MAX_NODES = 1_500
 MAX_CHILDREN = 60
@@ -37,10 +37,11 @@ def count(n: int) -> str:
 
 
 def needs_attention(node: TraceNode) -> bool:
-    """Open work, a dead letter or a failed compensation: what stall detection looks at."""
+    """Open work, a dead letter (not one replayed since) or a failed compensation: what
+    stall detection looks at."""
     return (
         node.status in OPEN_STATUSES
-        or node.kind == DEAD_LETTER
+        or (node.kind == DEAD_LETTER and node.status == DEAD)
         or (node.kind == "compensation" and node.status == FAILED)
     )
 

@@ -28,6 +28,7 @@ FAILED = "failed"
 DEAD = "dead"
 PUBLISHED = "published"  # an event no group was addressed to
 MIXED = "mixed"  # a summary of nodes with different statuses
+REPLAYED = "replayed"  # a dead letter an operator replayed (no longer in the queue)
 
 # Statuses that mean "not finished yet" (work is still owed).
 OPEN_STATUSES = frozenset({PENDING, RUNNING, WAITING, "compensating"})
@@ -49,12 +50,15 @@ class TraceNode:
         name: the workflow, step or handler name, or the event type.
         status: a plain string: a run status, ``completed`` / ``failed`` / ``running``
             / ``waiting`` for history entries, ``pending`` / ``completed`` / ``dead``
-            for handlers and events.
+            for handlers and events, ``dead`` / ``replayed`` for dead letters.
         group: the reacting service, for handler and dead-letter nodes.
-        started_at, ended_at: aware UTC datetimes (``ended_at`` is ``None`` while open).
-        attempts: attempts made (steps, compensations, handlers, dead letters).
+        started_at, ended_at: aware UTC datetimes (``ended_at`` is ``None`` while open;
+            a replayed dead letter's is the time of the replay).
+        attempts: attempts made (steps, compensations, handlers, dead letters); a
+            handler's count those before each replay of its dead letters too.
         error: ``"Type: message"`` — for a node that succeeded after retries, the error
-            of its last failed attempt (why it was retried).
+            of its last failed attempt (why it was retried); for a handler whose dead
+            letter was replayed, that letter's error unless it has a newer one.
         children: what this node caused, in order.
 
     Besides these fields each node carries diagnostic extras that are not part of

@@ -108,10 +108,10 @@ def _stall_of(node: TraceNode, now: dt.datetime) -> tuple[str, TraceNode, dt.dat
     if node.kind == HANDLER and node.status == PENDING:
         return UNHANDLED_EVENT, node, node.touched or node.started_at or now
     if node.kind == HANDLER and node.status == DEAD:
-        if any(c.kind == DEAD_LETTER for c in node.children):
+        if any(c.kind == DEAD_LETTER and c.status == DEAD for c in node.children):
             return None  # reported on the dead letter itself
         return DEAD_LETTERED, node, node.ended_at or node.touched or now
-    if node.kind == DEAD_LETTER:
+    if node.kind == DEAD_LETTER and node.status == DEAD:  # not one replayed since
         return DEAD_LETTERED, node, node.started_at or now
     if node.kind == COMPENSATION and node.status == FAILED:
         return COMPENSATION_FAILED, node, node.ended_at or node.touched or now

@@ -15,6 +15,7 @@ from .node import (
     DEAD_LETTER,
     EVENT,
     HANDLER,
+    REPLAYED,
     RUN,
     STEP,
     TIMER,
@@ -48,6 +49,7 @@ _STYLE = {
     "compensating": "yellow",
     "published": "white",
     "mixed": "white",
+    "replayed": "yellow",
 }
 _ICON = {
     "completed": "✓",
@@ -61,6 +63,7 @@ _ICON = {
     "compensating": "↩",
     "published": "•",
     "mixed": "…",
+    "replayed": "↻",
 }
 _KIND_WORD = {
     RUN: "run",
@@ -156,7 +159,8 @@ class _Renderer:
             text.append(f"  · {extra}", style="dim")
         if node.error:
             prefix = "last retry: " if node.status == "completed" else ""
-            text.append(f"\n{prefix}{node.error}", style="yellow" if prefix else "red")
+            calm = prefix or node.status == REPLAYED  # the failure was dealt with
+            text.append(f"\n{prefix}{node.error}", style="yellow" if calm else "red")
         return text
 
     def extras(self, node: TraceNode) -> list[str]:
@@ -185,6 +189,8 @@ class _Renderer:
                 out.append(f"next attempt {_clock(node.due, self.now)}")
         elif node.kind == DEAD_LETTER and node.ref:
             out.append(f"id {_short(node.ref)}")
+            if node.status == REPLAYED and node.ended_at is not None:
+                out.append(f"replayed {_clock(node.ended_at, self.now)}")
         return out
 
     def tree(self) -> Tree:

@@ -126,10 +126,15 @@ class PostgresEvents(PostgresCore):
                 "FOR UPDATE OF d",
                 app, dead_letter_id,
             )
+            # Off the queue, kept for the trace (migration 0028).
             row = await c.fetchrow(
-                "DELETE FROM dead_letters WHERE app=$1 AND id=$2 "
-                "RETURNING id, grp, event_id, error, attempts, failed_at",
-                app, dead_letter_id,
+                "WITH gone AS (DELETE FROM dead_letters WHERE app=$1 AND id=$2 "
+                "RETURNING id, grp, event_id, error, attempts, failed_at), "
+                "kept AS (INSERT INTO replayed_dead_letters (app, id, grp, event_id, error, "
+                "attempts, failed_at, replayed_at) SELECT $1, id, grp, event_id, error, "
+                "attempts, failed_at, $3 FROM gone ON CONFLICT DO NOTHING) "
+                "SELECT id, grp, event_id, error, attempts, failed_at FROM gone",
+                app, dead_letter_id, now,
             )
             ev_row = None if row is None else await c.fetchrow(
                 f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND id=$2", app, row[2]

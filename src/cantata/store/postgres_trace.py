@@ -129,7 +129,19 @@ class PostgresTrace(PostgresCore):
                     list(by_id),
                 )
             ]
-            return TraceRecords(runs, entries, attempts, events, deliveries, dead, tasks)
+            replayed = [
+                (dead_letter_row(r, by_id[r[2]]), r[6])
+                for r in await c.fetch(
+                    "SELECT id, grp, event_id, error, attempts, failed_at, replayed_at "
+                    "FROM replayed_dead_letters WHERE app=$1 AND event_id = ANY($2::text[]) "
+                    'ORDER BY failed_at, id COLLATE "C"',
+                    app,
+                    list(by_id),
+                )
+            ]
+            return TraceRecords(
+                runs, entries, attempts, events, deliveries, dead, tasks, replayed
+            )
 
     async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
         async with self._db.conn() as c:

@@ -276,6 +276,13 @@ class SQLiteEvents(SQLiteCore):
                     "`cantata dlq list`"
                 )
             dl = dead_letter_row(row)
+            # Off the queue, kept for the trace (migration 0021).
+            c.execute(
+                "INSERT OR IGNORE INTO replayed_dead_letters (app, id, grp, event_id, error, "
+                "attempts, failed_at, replayed_at) SELECT app, id, grp, event_id, error, "
+                "attempts, failed_at, ? FROM dead_letters WHERE app=? AND id=?",
+                (now, app, dead_letter_id),
+            )
             c.execute("DELETE FROM dead_letters WHERE app=? AND id=?", (app, dead_letter_id))
             # Never a delivery handled since (settling it done dropped its dead letters,
             # migration 0019): handled again, its effect would be applied twice.

@@ -130,7 +130,19 @@ class SQLiteTrace(SQLiteCore):
                 failed = to_datetime(r[5])
                 assert failed is not None
                 dls.append(DeadLetter(r[0], r[1], by_id[r[2]], r[3], r[4], failed))
-            return TraceRecords(runs, entries, attempts, events, deliveries, dls, tasks)
+            replayed: list[tuple[DeadLetter, float]] = []
+            for r in c.execute(
+                "SELECT id, grp, event_id, error, attempts, failed_at, replayed_at "
+                "FROM replayed_dead_letters WHERE app=? "
+                "AND event_id IN (SELECT value FROM json_each(?)) ORDER BY failed_at, id",
+                (app, event_ids),
+            ):
+                failed = to_datetime(r[5])
+                assert failed is not None
+                replayed.append((DeadLetter(r[0], r[1], by_id[r[2]], r[3], r[4], failed), r[6]))
+            return TraceRecords(
+                runs, entries, attempts, events, deliveries, dls, tasks, replayed
+            )
 
         return await self._t.read(op)
 

@@ -157,7 +157,10 @@ class EventStore(Protocol):
     async def replay_dead_letter(
         self, app: str, dead_letter_id: str, now: float, *, actor: str = "system"
     ) -> DeadLetter:
-        """Remove a dead letter and make its delivery pending again (attempts reset).
+        """Take a dead letter off the queue and make its delivery pending again
+        (attempts reset). The letter is kept, with ``now`` as the time of its replay,
+        for :meth:`~cantata.store.roles.TraceStore.trace_records` only
+        (``replayed_dead_letters``): :meth:`dead_letters` no longer lists it.
 
         Audited as ``dead_letter.replayed`` by ``actor``.
 

@@ -25,6 +25,7 @@ TRACE_ORDER = {
     "events": ("seq",),  # the log's order
     "deliveries": ("updated_at", "group", "event_id"),
     "dead_letters": ("failed_at", "id"),
+    "replayed_dead_letters": ("failed_at", "id"),
 }
 
 
@@ -39,6 +40,8 @@ class TraceRecords:
     deliveries: list[Delivery]
     dead_letters: list[DeadLetter]
     tasks: list[TaskRecord] = field(default_factory=list)  # remote step calls of the runs
+    # dead letters replayed since (off the queue), each with the time of its replay
+    replayed_dead_letters: list[tuple[DeadLetter, float]] = field(default_factory=list)
 
 
 class TraceStore(Protocol):
@@ -58,7 +61,9 @@ class TraceStore(Protocol):
           history entries and its first ``limit`` attempts;
         - ``tasks``: the first ``limit`` tasks over all those runs together;
         - ``events``: the first ``limit`` events of ``correlation_id`` in log order;
-        - ``deliveries`` and ``dead_letters``: all those of those events.
+        - ``deliveries``, ``dead_letters`` and ``replayed_dead_letters`` (the letters
+          :meth:`~cantata.store.roles.EventStore.replay_dead_letter` took off the
+          queue, with the time of the replay): all those of those events.
 
         Read from one snapshot where the database offers one (PostgreSQL).
         """

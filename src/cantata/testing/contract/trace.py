@@ -9,7 +9,10 @@ by insertion order returns something else.
 
 from __future__ import annotations
 
-from cantata.model.records import Attempt, RunWrite
+import pytest
+
+from cantata.errors import DeadLetterNotFound
+from cantata.model.records import DELIVERY_DONE, Attempt, RunWrite
 from cantata.store.base import Settlement, Store
 from cantata.store.roles import TRACE_ORDER
 from cantata.testing.contract.support import StoreFixtures, entry, ev, new_run
@@ -82,3 +85,41 @@ class TraceContract(StoreFixtures):
         await store.append_events(self.app, [placed])
         tr = await store.trace_records(self.app, "u", limit=10)
         assert [d.group for d in tr.deliveries] == ["b", "k", "w"]
+
+    async def test_a_replayed_dead_letter_stays_in_the_trace_and_leaves_the_queue(
+        self, store: Store
+    ) -> None:
+        """A replay takes the letter off the queue, not out of the transaction's
+        history: the trace still has each episode that ended in a dead letter (its
+        attempts, its error, when it was replayed), after the replay succeeded too."""
+        await self.handlers(store, ("g", "order.placed"))
+        placed = ev(correlation_id="r")
+        await store.append_events(self.app, [placed])
+        assert await store.settle_delivery(self.app, "g", placed.id, Settlement(
+            "dead", 3, error="RuntimeError: down", dead_letter_id="dl-1"))
+        await store.replay_dead_letter(self.app, "dl-1", T0 + 10)
+        assert await store.settle_delivery(self.app, "g", placed.id, Settlement(
+            "dead", 2, error="RuntimeError: still down", dead_letter_id="dl-2"))
+        await store.replay_dead_letter(self.app, "dl-2", T0 + 20)
+        assert await store.settle_delivery(self.app, "g", placed.id, Settlement("done", 1))
+
+        tr = await store.trace_records(self.app, "r", limit=10)
+
+        assert tr.dead_letters == []
+        assert TRACE_ORDER["replayed_dead_letters"] == ("failed_at", "id")
+        assert [
+            (d.id, d.group, d.event, d.error, d.attempts, at)
+            for d, at in tr.replayed_dead_letters
+        ] == [
+            ("dl-1", "g", placed, "RuntimeError: down", 3, T0 + 10),
+            ("dl-2", "g", placed, "RuntimeError: still down", 2, T0 + 20),
+        ]
+        [row] = tr.deliveries
+        assert (row.status, row.attempts) == (DELIVERY_DONE, 1)
+        # Off the queue for good: not listed, not replayed nor discarded a second time.
+        assert await store.dead_letters(self.app) == []
+        for letter in ("dl-1", "dl-2"):
+            with pytest.raises(DeadLetterNotFound):
+                await store.replay_dead_letter(self.app, letter, T0 + 30)
+            with pytest.raises(DeadLetterNotFound):
+                await store.discard_dead_letter(self.app, letter)
