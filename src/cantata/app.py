@@ -28,6 +28,7 @@ from cantata.errors import (
     UnknownWorkflow,
 )
 from cantata.model import codec, secrets
+from cantata.model.checks import check_seconds
 from cantata.model.event import Event
 from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.signing import Signer
@@ -314,8 +315,7 @@ class App(RouterFacade):
                 f"no workflow named {name!r} in app {self.name!r} (known here: {known}); "
                 "register it with @app.workflow in a service of this app"
             )
-        if deadline is not None and deadline <= 0:
-            raise ConfigurationError(f"deadline must be > 0 seconds, got {deadline}")
+        check_seconds("deadline", deadline)
         if (queue is None and priority == 0 and partition is None and wdef is not None
                 and wdef.queue is None and type(priority) is int):
             entry = None  # no queue: what entry_for says, without its checks' coroutine

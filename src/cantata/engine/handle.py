@@ -13,6 +13,7 @@ from cantata.errors import (
     WorkflowFailed,
 )
 from cantata.model import codec
+from cantata.model.checks import check_seconds
 from cantata.model.records import RunRecord
 from cantata.model.status import RunStatus
 
@@ -94,7 +95,9 @@ class RunHandle:
         Raises:
             WorkflowFailed, WorkflowCompensated, WorkflowCancelled: for those endings.
             ResultTimeout: ``timeout`` seconds passed first (the run goes on).
+            ConfigurationError: ``timeout`` is not a number of seconds >= 0.
         """
+        check_seconds("result timeout", timeout, zero=True)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
