@@ -327,7 +327,7 @@ class App(RouterFacade):
             name, list(args), idempotency_key=idempotency_key, deadline=deadline,
             correlation_id=correlation_id, queue=entry,
         )
-        return RunHandle(engine, run.run_id, name)
+        return self._handle(engine, run.run_id, name)
 
     def asgi(self, *, stream_interval: float = 0.5) -> Any:
         """The operator console (HTTP API and dashboard) as an ASGI application, to mount
@@ -388,7 +388,7 @@ class App(RouterFacade):
         from cantata.engine.recovery import fork
 
         run = await fork(self.engine, run_id, from_step=from_step, actor=actor)
-        return RunHandle(self.engine, run.run_id, run.workflow)
+        return self._handle(self.engine, run.run_id, run.workflow)
 
     @property
     def schedules(self) -> Schedules:
@@ -404,7 +404,12 @@ class App(RouterFacade):
 
     def get_handle(self, run_id: str) -> RunHandle:
         """A handle on an existing run (from any process sharing the store)."""
-        return RunHandle(self.engine, run_id)
+        return self._handle(self.engine, run_id)
+
+    def _handle(self, engine: Engine, run_id: str, workflow: str | None = None) -> RunHandle:
+        # The handle follows the app: used after the app was closed and opened again,
+        # it takes the new engine (a handle kept across `async with app:` blocks).
+        return RunHandle(engine, run_id, workflow, current=lambda: self._engine)
 
     async def list_runs(
         self,

@@ -15,6 +15,7 @@ from cantata import (
     RunInfo,
     RunNotFound,
     RunStatus,
+    StoreUnavailable,
     WorkflowCancelled,
     WorkflowCompensated,
     WorkflowContext,
@@ -275,3 +276,23 @@ async def test_a_result_timeout_that_is_no_number_is_refused_naming_it(store_url
                 await h.result(timeout=timeout)  # type: ignore[arg-type]
         assert await h.result(timeout=5) == 1
 
+
+async def test_a_handle_outlives_the_block_it_was_made_in(sqlite_url: str) -> None:
+    """A handle from an earlier `async with app.client():` works once the app is open
+    again (it takes the app's new connections); while the app is closed it says so."""
+    app = make_app(sqlite_url)
+
+    @app.workflow
+    async def echo(ctx: WorkflowContext, n: int) -> int:
+        return n
+
+    async with app.client():
+        h = await app.start(echo, 5)
+        assert await h.status() == RunStatus.PENDING
+    with pytest.raises(StoreUnavailable, match="is not open: use `async with app:` first"):
+        await h.status()
+    async with app:
+        assert await h.result(timeout=5) == 5
+        assert (await h.info()).status == RunStatus.COMPLETED
+    async with app.client():
+        assert await h.status() == RunStatus.COMPLETED
