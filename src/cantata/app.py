@@ -28,6 +28,7 @@ from cantata.errors import (
     UnknownWorkflow,
 )
 from cantata.model import codec, secrets
+from cantata.model.checks import check_seconds
 from cantata.model.event import Event
 from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.signing import Signer
@@ -314,8 +315,7 @@ class App(RouterFacade):
                 f"no workflow named {name!r} in app {self.name!r} (known: {known}); "
                 "register it with @app.workflow in a service of this app"
             )
-        if deadline is not None and deadline <= 0:
-            raise ConfigurationError(f"deadline must be > 0 seconds, got {deadline}")
+        check_seconds("deadline", deadline)
         if (queue is None and priority == 0 and partition is None and wdef is not None
                 and wdef.queue is None and type(priority) is int):
             entry = None  # no queue: what entry_for says, without its checks' coroutine
@@ -327,7 +327,7 @@ class App(RouterFacade):
             name, list(args), idempotency_key=idempotency_key, deadline=deadline,
             correlation_id=correlation_id, queue=entry,
         )
-        return RunHandle(engine, run.run_id, name)
+        return self._handle(engine, run.run_id, name)
 
     async def _workflow_names(self) -> list[str]:
         """The workflows this process's code registers and those any service of the app
@@ -394,7 +394,7 @@ class App(RouterFacade):
         from cantata.engine.recovery import fork
 
         run = await fork(self.engine, run_id, from_step=from_step, actor=actor)
-        return RunHandle(self.engine, run.run_id, run.workflow)
+        return self._handle(self.engine, run.run_id, run.workflow)
 
     @property
     def schedules(self) -> Schedules:
@@ -410,7 +410,12 @@ class App(RouterFacade):
 
     def get_handle(self, run_id: str) -> RunHandle:
         """A handle on an existing run (from any process sharing the store)."""
-        return RunHandle(self.engine, run_id)
+        return self._handle(self.engine, run_id)
+
+    def _handle(self, engine: Engine, run_id: str, workflow: str | None = None) -> RunHandle:
+        # The handle follows the app: used after the app was closed and opened again,
+        # it takes the new engine (a handle kept across `async with app:` blocks).
+        return RunHandle(engine, run_id, workflow, current=lambda: self._engine)
 
     async def list_runs(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from cantata.errors import ConfigurationError
+from cantata.model.checks import check_seconds
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
@@ -24,10 +25,9 @@ def check_options(
         raise ConfigurationError(
             f"app name {name!r} is invalid: use 1-100 letters, digits, '.', '-' or '_'"
         )
-    if lease <= 0 or poll_interval <= 0:
-        raise ConfigurationError("lease and poll_interval must be > 0 seconds")
-    if shutdown_grace < 0:
-        raise ConfigurationError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
+    check_seconds("lease", lease, none=False)
+    check_seconds("poll_interval", poll_interval, none=False)
+    check_seconds("shutdown_grace", shutdown_grace, zero=True, none=False)
     for what, limit in (("max_payload", max_payload), ("offload_above", offload_above)):
         if limit is not None and (not isinstance(limit, int) or limit < 1024):
             raise ConfigurationError(

@@ -235,4 +235,9 @@ async def test_deadline_must_be_positive(store_url: str) -> None:
     async with app:
         with pytest.raises(ConfigurationError):
             await app.start("bare", deadline=0)
+        for deadline in ("soon", True, float("nan")):
+            with pytest.raises(ConfigurationError, match=(
+                rf"deadline must be a number of seconds > 0, got {deadline!r}"
+            )):
+                await app.start("bare", deadline=deadline)
         assert await app.list_runs() == []

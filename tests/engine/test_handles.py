@@ -15,6 +15,7 @@ from cantata import (
     RunInfo,
     RunNotFound,
     RunStatus,
+    StoreUnavailable,
     WorkflowCancelled,
     WorkflowCompensated,
     WorkflowContext,
@@ -259,3 +260,39 @@ async def test_cancelled_callers_leave_the_run_and_other_waiters_alone(store_url
         assert await h.result(timeout=5) == "released"
         others = [r.run_id for r in runs if r.run_id != h.run_id]
         assert await app.get_handle(others[0]).result(timeout=5) == "released"
+
+
+async def test_a_result_timeout_that_is_no_number_is_refused_naming_it(store_url: str) -> None:
+    app = make_app(store_url)
+
+    @app.workflow
+    async def echo(ctx: WorkflowContext, n: int) -> int:
+        return n
+
+    async with app:
+        h = await app.start(echo, 1)
+        for timeout in ("x", True, -1):
+            with pytest.raises(ConfigurationError, match=rf"result timeout must be .*{timeout!r}"):
+                await h.result(timeout=timeout)  # type: ignore[arg-type]
+        assert await h.result(timeout=5) == 1
+
+
+async def test_a_handle_outlives_the_block_it_was_made_in(sqlite_url: str) -> None:
+    """A handle from an earlier `async with app.client():` works once the app is open
+    again (it takes the app's new connections); while the app is closed it says so."""
+    app = make_app(sqlite_url)
+
+    @app.workflow
+    async def echo(ctx: WorkflowContext, n: int) -> int:
+        return n
+
+    async with app.client():
+        h = await app.start(echo, 5)
+        assert await h.status() == RunStatus.PENDING
+    with pytest.raises(StoreUnavailable, match="is not open: use `async with app:` first"):
+        await h.status()
+    async with app:
+        assert await h.result(timeout=5) == 5
+        assert (await h.info()).status == RunStatus.COMPLETED
+    async with app.client():
+        assert await h.status() == RunStatus.COMPLETED

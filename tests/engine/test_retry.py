@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -319,3 +320,77 @@ async def test_sync_step_timeout(store_url: str) -> None:
 def test_step_info_outside_a_step_raises() -> None:
     with pytest.raises(CantataError, match="outside a step"):
         cantata.step_info()
+
+
+def test_a_retry_that_is_not_a_policy_is_refused_where_it_is_declared() -> None:
+    """``retry=3`` (meaning "3 attempts") is refused by the decorator, naming the
+    option, the value and the policy to pass, not met by every run as an AttributeError."""
+    app = make_app("memory://")
+
+    async def charge(amount: int) -> str:
+        return "ok"
+
+    async def book(tx: cantata.Tx) -> None:
+        return None
+
+    async def on_paid(event: cantata.Event[dict[str, int]]) -> None:
+        return None
+
+    attempts = r"retry=Retry\(max_attempts=3\)"
+    for declare in (
+        lambda: app.step(retry=3)(charge),  # type: ignore[arg-type]
+        lambda: app.step(retry=3),  # type: ignore[arg-type]  # before it decorates anything
+        lambda: app.transaction(retry=3)(book),  # type: ignore[arg-type]
+        lambda: app.on("order.paid", group="mail", retry=3)(on_paid),  # type: ignore[arg-type]
+        lambda: cantata.http_step("POST", "http://127.0.0.1:1/x", retry=3),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(cantata.RegistrationError, match=rf"retry=3 .*{attempts}"):
+            declare()
+    with pytest.raises(cantata.RegistrationError, match=r"retry='fast' needs a cantata\.Retry"):
+        app.step(retry="fast")(charge)  # type: ignore[arg-type]
+    assert "charge" not in app.steps
+
+
+def test_retry_options_of_the_wrong_type_name_the_option() -> None:
+    for kwargs, match in (
+        ({"max_attempts": "3"}, r"max_attempts='3'.*whole number"),
+        ({"max_attempts": 2.5}, r"max_attempts=2\.5.*whole number"),
+        ({"max_attempts": True}, r"max_attempts=True.*whole number"),
+        ({"initial_interval": "1"}, r"initial_interval must be a number of seconds >= 0, got '1'"),
+        ({"max_interval": None}, r"max_interval must be a number of seconds >= 0, got None"),
+        ({"backoff": "2"}, r"backoff must be a number, got '2'"),
+        ({"jitter": float("nan")}, r"jitter must be a number, got nan"),
+    ):
+        with pytest.raises(cantata.ConfigurationError, match=match):
+            Retry(**kwargs)  # type: ignore[arg-type]
+
+
+def test_seconds_options_of_the_wrong_type_are_refused_naming_the_option() -> None:
+    app = make_app("memory://")
+
+    async def charge(amount: int) -> str:
+        return "ok"
+
+    async def flow(ctx: WorkflowContext) -> None:
+        return None
+
+    wrong: dict[str, Any] = {"timeout": "x", "heartbeat_timeout": True}
+    for option, value in wrong.items():
+        with pytest.raises(cantata.RegistrationError, match=(
+            rf"{option} must be a number of seconds > 0, got {value!r}"
+        )):
+            app.step(**{option: value})(charge)
+    for value in ("60", None):
+        with pytest.raises(cantata.RegistrationError, match=(
+            rf"cleanup_timeout must be a number of seconds > 0, got {value!r}"
+        )):
+            app.workflow(cleanup_timeout=value)(flow)
+    with pytest.raises(cantata.RegistrationError, match=(
+        r"Step\(charge\) timeout must be a number of seconds > 0, got 'x'"
+    )):
+        cantata.Step("charge", timeout="x")  # type: ignore[arg-type]
+    with pytest.raises(cantata.ConfigurationError, match=(
+        "lease must be a number of seconds > 0, got '1'"
+    )):
+        make_app("memory://", lease="1")
+    assert app.steps == {} and app.workflows == {}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cantata import App, RunStatus, WorkflowContext, WorkflowFailed
+from cantata import App, ConfigurationError, RunStatus, WorkflowContext, WorkflowFailed
 
 from .helpers import eventually, make_app
 
@@ -116,6 +116,44 @@ async def test_negative_sleep_fails_the_run(store_url: str) -> None:
         return "ok"
 
     async with app:
-        with pytest.raises(WorkflowFailed, match="seconds >= 0"):
+        with pytest.raises(WorkflowFailed, match=r"ctx.sleep\(seconds\) must be >= 0 s"):
             await (await app.start(wf)).result(timeout=5)
         assert await (await app.start(zero)).result(timeout=5) == "ok"
+
+
+async def test_a_sleep_or_wait_timeout_that_is_no_number_fails_the_run_naming_it(
+    store_url: str,
+) -> None:
+    """The refusal is raised in the workflow's code (a ConfigurationError it could
+    catch), so the run fails saying which argument was wrong, not with a TypeError."""
+    app = make_app(store_url)
+
+    @app.workflow
+    async def nap(ctx: WorkflowContext, seconds: object) -> None:
+        await ctx.sleep(seconds)  # type: ignore[arg-type]
+
+    @app.workflow
+    async def wait(ctx: WorkflowContext, timeout: object) -> None:
+        await ctx.wait_for_event("order.paid", timeout=timeout)  # type: ignore[arg-type]
+
+    @app.workflow
+    async def caught(ctx: WorkflowContext) -> str:
+        try:
+            await ctx.sleep("abc")  # type: ignore[arg-type]
+        except ConfigurationError as exc:
+            return str(exc)
+        return "slept"
+
+    async with app:
+        for seconds in ("abc", True, None):
+            with pytest.raises(WorkflowFailed, match=(
+                rf"ConfigurationError: ctx.sleep\(seconds\) must be a number of seconds >= 0, "
+                rf"got {seconds!r}"
+            )):
+                await (await app.start(nap, seconds)).result(timeout=5)
+        with pytest.raises(WorkflowFailed, match=(
+            r"ConfigurationError: ctx.wait_for_event\('order.paid'\) timeout must be a "
+            r"number of seconds >= 0, got 'soon'"
+        )):
+            await (await app.start(wait, "soon")).result(timeout=5)
+        assert "ctx.sleep(seconds)" in await (await app.start(caught)).result(timeout=5)

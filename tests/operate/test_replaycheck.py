@@ -13,7 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cantata import App, Retry, RunStatus, WorkflowContext, WorkflowFailed
+from cantata import (
+    App,
+    Cancelled,
+    Retry,
+    RunStatus,
+    WorkflowCancelled,
+    WorkflowContext,
+    WorkflowFailed,
+)
 from cantata.engine.replaycheck import check_replay, check_run
 from tests.engine.helpers import eventually, make_app
 
@@ -270,3 +278,148 @@ async def test_the_runtime_refuses_to_rerun_a_step_whose_earlier_calls_are_gone(
             await new.get_handle(run_id).result(timeout=10)
     assert "'book_flight#1'" in (info.value.error or "")
     assert calls == Counter()  # neither step ran under the diverged code
+
+
+# -- runs that ended cancelled or failed ------------------------------------------------
+
+
+def cancellable(url: str, *, extra_before_wait: bool = False, cleanup: str = "release") -> App:
+    """reserve, then a wait the run is cancelled in; its cleanup runs ``cleanup``."""
+    app = make_app(url, "cancels")
+    steps = {}
+    for name in ("reserve", "audit", "release", "refund"):
+        async def fn(order: int) -> str:
+            return "done"
+
+        fn.__name__ = name
+        steps[name] = app.step(fn)
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> str:
+        await ctx.run(steps["reserve"], n)
+        if extra_before_wait:
+            await ctx.run(steps["audit"], n)
+        try:
+            await ctx.wait_for_event("invoice.approved", match={"n": n})
+        except Cancelled:
+            await ctx.run(steps[cleanup], n)
+            raise
+        return "approved"
+
+    return app
+
+
+async def test_a_cancelled_run_passes_unchanged_code_and_not_a_changed_one(
+    sqlite_url: str,
+) -> None:
+    """The cancellation history records is no code difference: the check delivers it
+    where the run met it, replays the cleanup, and still reports a change before it
+    or in the cleanup."""
+    old = cancellable(sqlite_url)
+    async with old:
+        h = await old.start("order", 1)
+
+        async def waiting() -> bool:
+            history = await old.store.load_history(old.name, h.run_id)
+            return any(e.kind == "wait" for e in history)
+
+        await eventually(waiting, timeout=10)
+        await h.cancel()
+        with pytest.raises(WorkflowCancelled):
+            await h.result(timeout=10)
+        keys = [e.key for e in await old.store.load_history(old.name, h.run_id)]
+    assert keys == ["reserve#1", "wait:invoice.approved#1", "cancelled#1", "release#1"]
+    same = cancellable(sqlite_url)
+    async with same.client():
+        assert await check_replay(same, all_runs=True) == []
+    inserted = cancellable(sqlite_url, extra_before_wait=True)
+    async with inserted.client():
+        [problem] = await check_replay(inserted, all_runs=True)
+    assert (problem.problem, problem.call, problem.recorded, problem.current) == (
+        "non_determinism", 2, "wait:invoice.approved#1", "audit#1")
+    other_cleanup = cancellable(sqlite_url, cleanup="refund")
+    async with other_cleanup.client():
+        [problem] = await check_replay(other_cleanup, all_runs=True)
+    assert (problem.problem, problem.call, problem.recorded, problem.current) == (
+        "non_determinism", 4, "release#1", "refund#1")
+
+
+async def test_a_run_cancelled_between_two_steps_passes_unchanged_code(sqlite_url: str) -> None:
+    """Cancelled while a step ran: the cancellation reached the code at the next
+    call, which was never made; the check replays it the same way."""
+    gate = asyncio.Event()
+
+    def build() -> App:
+        app = make_app(sqlite_url, "between")
+
+        @app.step
+        async def slow(n: int) -> int:
+            await gate.wait()
+            return n
+
+        @app.step
+        async def after(n: int) -> int:
+            return n
+
+        @app.workflow
+        async def flow(ctx: WorkflowContext, n: int) -> int:
+            await ctx.run(slow, n)
+            return int(await ctx.run(after, n))
+
+        return app
+
+    app = build()
+    async with app:
+        h = await app.start("flow", 1)
+
+        async def running() -> bool:
+            return bool(await app.store.load_attempts(app.name, h.run_id))
+
+        await eventually(running, timeout=10)
+        await h.cancel()
+        gate.set()
+        with pytest.raises(WorkflowCancelled):
+            await h.result(timeout=10)
+        keys = [e.key for e in await app.store.load_history(app.name, h.run_id)]
+    assert keys == ["slow#1", "cancelled#1"]
+    same = build()
+    async with same.client():
+        assert await check_replay(same, all_runs=True) == []
+
+
+def failing(url: str, message: str) -> App:
+    app = make_app(url, "fails")
+
+    @app.step
+    async def check(n: int) -> int:
+        return n
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> int:
+        await ctx.run(check, n)
+        raise ValueError(message)
+
+    @app.workflow
+    async def two(ctx: WorkflowContext, a: int, b: int) -> int:
+        return a + b
+
+    return app
+
+
+async def test_a_run_that_failed_in_its_own_code_fails_the_same_way_and_passes(
+    sqlite_url: str,
+) -> None:
+    app = failing(sqlite_url, "order 1 is invalid")
+    async with app:
+        with pytest.raises(WorkflowFailed, match="order 1 is invalid"):
+            await (await app.start("order", 1)).result(timeout=10)
+        with pytest.raises(WorkflowFailed, match="missing 1 required positional argument"):
+            await (await app.start("two", 1)).result(timeout=10)
+    same = failing(sqlite_url, "order 1 is invalid")
+    async with same.client():
+        assert await check_replay(same, all_runs=True) == []
+    changed = failing(sqlite_url, "order 1 is refused")
+    async with changed.client():
+        [problem] = await check_replay(changed, all_runs=True)
+    assert (problem.workflow, problem.problem) == ("order", "would_fail")
+    assert problem.detail == "ValueError: order 1 is refused"

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from cantata.errors import RegistrationError
+from cantata.model.checks import check_seconds
 from cantata.model.codec import signature_of
 from cantata.model.event import check_pattern, check_type
 from cantata.model.flow import QueueSpec, Rate, check_limit, make_spec
-from cantata.model.retry import HANDLER_RETRY, STEP_RETRY, Retry
+from cantata.model.retry import HANDLER_RETRY, STEP_RETRY, Retry, check_retry
 
 from .defs import (
     DECLARED_ATTR,
@@ -154,15 +155,14 @@ class Router:
         concurrency: int | None = None,
         rate: Rate | None = None,
     ) -> F | Callable[[F], F]:
+        # Checked when the decorator is made, before any run can meet a bad option.
+        check_retry("@transaction" if transactional else "@step", retry)
+        check_seconds("step timeout", timeout, error=RegistrationError)
+        check_seconds("heartbeat_timeout", heartbeat_timeout, error=RegistrationError)
+
         def register(f: F) -> F:
             if not callable(f):
                 raise RegistrationError(f"@step needs a function, got {f!r}")
-            if timeout is not None and timeout <= 0:
-                raise RegistrationError(f"step timeout must be > 0 seconds, got {timeout}")
-            if heartbeat_timeout is not None and heartbeat_timeout <= 0:
-                raise RegistrationError(
-                    f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}"
-                )
             if transactional and not inspect.iscoroutinefunction(f):
                 raise RegistrationError(
                     f"@transaction step {getattr(f, '__qualname__', f)!r} must be an `async "
@@ -236,8 +236,7 @@ class Router:
             queue: its runs wait in this queue (declared with ``app.queue``) unless
                 ``app.start`` names another.
         """
-        if cleanup_timeout <= 0:
-            raise RegistrationError(f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout}")
+        check_seconds("cleanup_timeout", cleanup_timeout, error=RegistrationError, none=False)
         if queue is not None and (not isinstance(queue, str) or not queue):
             raise RegistrationError(f"workflow queue must be a queue's name, got {queue!r}")
 
@@ -323,6 +322,7 @@ class Router:
                 workers (waiting for a slot is not an attempt).
         """
         check_limit(f"handler group {group!r} concurrency", concurrency)
+        check_retry(f"@on({pattern!r}, group={group!r})", retry)
         check_pattern(pattern)
         if not group or not isinstance(group, str):
             raise RegistrationError(f"handler for {pattern!r} needs group='service-name'")

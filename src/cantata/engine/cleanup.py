@@ -23,7 +23,9 @@ from .journal import Save
 if TYPE_CHECKING:
     from .runner import RunExecution
 
-_KEY = "cancelled#1"  # when the cancellation reached the workflow (clock time)
+# The marker recorded where the cancellation reached the workflow (its value: the
+# clock time). check-replay (replaycheck.py) delivers it again at the same place.
+MARKER = "cancelled#1"
 
 
 class CleanupExpired(Cancelled):
@@ -49,7 +51,7 @@ def deliver(x: RunExecution, exc: BaseException) -> None:
         return
     x.api.cancel_delivered = True
     clock = x.engine.clock
-    call = x.journal.lookup(EntryKind.VALUE, "cancelled", key=_KEY)
+    call = x.journal.lookup(EntryKind.VALUE, "cancelled", key=MARKER)
     if call.entry is not None:
         started = float(codec.loads(call.entry.result))
     else:

@@ -18,7 +18,6 @@ from cantata.declare.defs import (
     workflow_name,
 )
 from cantata.errors import (
-    ConfigurationError,
     StepFailed,
     UnknownStep,
     UnknownWorkflow,
@@ -27,6 +26,7 @@ from cantata.errors import (
 )
 from cantata.model import codec
 from cantata.model.attributes import index_attributes
+from cantata.model.checks import check_seconds
 from cantata.model.event import Event, check_publish, check_type
 from cantata.model.records import EntryKind, EntryStatus, RunWrite
 from cantata.model.status import RunStatus
@@ -252,9 +252,13 @@ class WorkflowContext:
     # -- timers ------------------------------------------------------------------------
 
     async def sleep(self, seconds: float) -> None:
-        """Durable timer: the wake time is stored, so a crash does not restart the wait."""
-        if seconds < 0:
-            raise ConfigurationError(f"ctx.sleep({seconds}) needs seconds >= 0")
+        """Durable timer: the wake time is stored, so a crash does not restart the wait.
+
+        Raises:
+            ConfigurationError: ``seconds`` is not a number >= 0 (in the workflow's code,
+                before anything is recorded).
+        """
+        check_seconds("ctx.sleep(seconds)", seconds, zero=True, none=False)
         j = self._x.journal
         call = await j.replay_or_begin(EntryKind.SLEEP, "sleep")
         if call.replayed:
@@ -317,6 +321,7 @@ class WorkflowContext:
                 replay raises it again).
         """
         check_type(type)
+        check_seconds(f"ctx.wait_for_event({type!r}) timeout", timeout, zero=True)
         x = self._x
         j = x.journal
         call = await j.replay_or_begin(EntryKind.WAIT, type, base=f"wait:{type}")

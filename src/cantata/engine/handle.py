@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import (
@@ -13,6 +14,7 @@ from cantata.errors import (
     WorkflowFailed,
 )
 from cantata.model import codec
+from cantata.model.checks import check_seconds
 from cantata.model.records import RunRecord
 from cantata.model.status import RunStatus
 
@@ -32,12 +34,34 @@ def _give_up(waiter: asyncio.Future[RunRecord | None]) -> None:
 
 
 class RunHandle:
-    """A handle on one run. Obtain it from ``app.start`` or ``app.get_handle``."""
+    """A handle on one run. Obtain it from ``app.start`` or ``app.get_handle``.
 
-    def __init__(self, engine: Engine, run_id: str, workflow: str | None = None) -> None:
-        self._engine = engine
+    It outlives the ``async with app:`` (or ``app.client()``) block it was made in:
+    used once the app is open again, it works through the app's new connections.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        run_id: str,
+        workflow: str | None = None,
+        *,
+        current: Callable[[], Engine | None] | None = None,
+    ) -> None:
+        self._made_with = engine
+        self._current = current  # the app's engine while it is open, else None
         self.run_id = run_id
         self.workflow = workflow
+
+    @property
+    def _engine(self) -> Engine:
+        """The engine of the app as it is open now; if it is closed, the engine the
+        handle was made with (whose closed store says to open the app first)."""
+        if self._current is not None:
+            engine = self._current()
+            if engine is not None:
+                return engine
+        return self._made_with
 
     def __repr__(self) -> str:
         return f"RunHandle(run_id={self.run_id!r}, workflow={self.workflow!r})"
@@ -94,7 +118,9 @@ class RunHandle:
         Raises:
             WorkflowFailed, WorkflowCompensated, WorkflowCancelled: for those endings.
             ResultTimeout: ``timeout`` seconds passed first (the run goes on).
+            ConfigurationError: ``timeout`` is not a number of seconds >= 0.
         """
+        check_seconds("result timeout", timeout, zero=True)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -160,7 +186,9 @@ class RunHandle:
         await self._engine.check_cancellations()
         for child in await self._engine.store.child_runs(self._engine.app, self.run_id):
             if not child.status.is_final:
-                await RunHandle(self._engine, child.run_id).cancel(actor=who)
+                await RunHandle(self._engine, child.run_id, current=self._current).cancel(
+                    actor=who
+                )
 
     async def retry(self, actor: str | None = None, include_compensated: bool = False) -> None:
         """Continue a failed run with the current code from its failed step.

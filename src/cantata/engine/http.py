@@ -11,8 +11,9 @@ from urllib.parse import urlsplit
 
 from cantata.declare.defs import STANDALONE_ATTR, STEP_ATTR, StepDef
 from cantata.errors import CantataError, ConfigurationError, HttpStepError, HttpStepRejected
+from cantata.model.checks import check_seconds
 from cantata.model.codec import signature_of
-from cantata.model.retry import Retry
+from cantata.model.retry import Retry, check_retry
 
 from .stepinfo import step_info
 
@@ -50,6 +51,8 @@ def http_step(
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigurationError(f"http_step URL {url!r} must be an absolute http(s) URL")
+    check_retry("http_step", retry)
+    check_seconds("http_step timeout", timeout)
     step_name = name or re.sub(r"[^A-Za-z0-9_]+", "_", f"http_{verb}_{parts.netloc}{parts.path}")
     fixed = dict(headers or {})
     secrets = dict(secret_headers or {})

@@ -13,7 +13,13 @@ reported when that sequence differs from its recorded history, in order:
   that is being retried, which a lenient replay would not notice until later);
 - the arguments of a recorded step now have another shape (types or keys);
 - the code ends while history holds further completed calls;
-- the code fails where history explains no failure.
+- the code fails where history explains no failure, and not with the error the run
+  recorded when it ended (a run that failed in its own code fails the same way).
+
+A run whose cancellation reached its code (history records where: the
+``cancelled#1`` marker) is replayed with that cancellation: it is raised into the
+code at the first call history has no outcome for, as a resumed run meets it, so
+the cleanup the code ran replays too and the marker is compared in its place.
 
 Compensations and ``ctx.patched`` markers are not compared: they are not calls of
 the workflow's code path. Nor are recorded values the code makes anew (a ``ctx.now()``
@@ -31,10 +37,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cantata.declare.defs import StepDef, WorkflowDef
+from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.records import EntryKind, HistoryEntry, RunRecord, RunWrite
 from cantata.model.status import LIVE_STATUSES, RunStatus
 
+from . import cleanup
 from .journal import FINAL, Journal
 from .runner import RunExecution
 from .versioning import args_shape
@@ -51,6 +59,8 @@ class App(Protocol):
 
 # Failures a replay may legitimately re-raise: they are recorded in history.
 _RECORDED = ("StepFailed", "Cancelled", "DeadlineExceeded", "WaitTimeout", "WorkflowCallError")
+# Not calls of the workflow's code path: left out of the comparison.
+_NOT_COMPARED = (EntryKind.COMPENSATION, EntryKind.PATCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +110,15 @@ class _NotingJournal(Journal):
         self.calls.append(key)
         return key
 
+    async def check_new_call(self, key: str) -> None:
+        try:
+            await super().check_new_call(key)
+        except Cancelled:
+            # The cancellation reached the code before this call began: the call was
+            # never made (its key is taken, as in the run that recorded the history).
+            self.calls.remove(key)
+            raise
+
 
 class _DryRun(RunExecution):
     """A run executed without effects, noting every durable call its code makes.
@@ -110,7 +129,8 @@ class _DryRun(RunExecution):
     """
 
     def __init__(self, engine: Engine, run: RunRecord, wdef: WorkflowDef) -> None:
-        # No cancel request or deadline: they would stop the replay before its frontier.
+        # No cancel request or deadline: they would stop the replay before its frontier
+        # (a cancellation history records is delivered again instead, see load).
         super().__init__(engine, dataclasses.replace(
             run, cancel_requested=False, deadline_at=None
         ), wdef)
@@ -123,6 +143,23 @@ class _DryRun(RunExecution):
     async def load(self) -> None:
         await super().load()
         self.recorded = list(self.journal.history.values())
+        if cleanup.MARKER in self.journal.history:
+            # The cancellation reached the code: it meets it again where it did, at the
+            # first call history has no outcome for (the run's frontier).
+            self.request_interrupt(Cancelled())
+
+    def check_interrupt(self) -> None:
+        if self.cancel_pending() and not self.compensating and not self.api.cancel_delivered:
+            if self._unreplayed_before(self.journal.history[cleanup.MARKER]):
+                # The code is not where the cancellation reached it: a call recorded
+                # before the marker was not made. Stop: compare() names the difference.
+                raise _Frontier()
+            self.noting.calls.append(cleanup.MARKER)
+        super().check_interrupt()
+
+    def _unreplayed_before(self, marker: HistoryEntry) -> bool:
+        return any(e.key not in self.journal.consumed and e.seq < marker.seq
+                   for e in self.recorded if e.kind not in _NOT_COMPARED)
 
     def new_calls(self) -> list[str]:
         """The code's durable calls, less the recorded values (``ctx.now``, ``random``,
@@ -153,6 +190,7 @@ class _DryRun(RunExecution):
     async def wait_until(
         self, wake_at: float | None, wake: Any = None, *, poll: bool = True, park: Any = None
     ) -> None:
+        self.check_interrupt()  # as a real wait does first
         raise _Frontier()
 
     async def _unwind(self, final: RunStatus, error: str) -> None:
@@ -178,8 +216,7 @@ def compare(
     shapes: dict[str, str], ended: bool,
 ) -> ReplayProblem | None:
     """The first difference between a run's recorded calls and the code's, if any."""
-    recorded = [e for e in sorted(history, key=lambda e: e.seq)
-                if e.kind not in (EntryKind.COMPENSATION, EntryKind.PATCH)]
+    recorded = [e for e in sorted(history, key=lambda e: e.seq) if e.kind not in _NOT_COMPARED]
 
     def problem(i: int, entry: HistoryEntry, current: str | None, detail: str) -> ReplayProblem:
         return ReplayProblem(run.run_id, run.workflow, str(run.status), "non_determinism",
@@ -212,10 +249,18 @@ async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> Replay
     for _ in range(3):  # let parallel branches (asyncio.gather) note their calls too
         await asyncio.sleep(0)
     found = compare(run, dry.recorded, dry.new_calls(), dry.shapes, dry.ended)
-    if found is None and dry.failure is not None:
+    if found is None and dry.failure is not None and not _failed_so(run, dry.failure):
         found = ReplayProblem(run.run_id, run.workflow, str(run.status), "would_fail",
                               dry.failure, run.version)
     return found
+
+
+def _failed_so(run: RunRecord, failure: str) -> bool:
+    """The run recorded this very failure when it ended (or began to compensate): the
+    code fails the way it did, which the run's record explains (a workflow called with
+    arguments it does not take, a bug the run already met)."""
+    recorded = run.error or ""
+    return recorded == failure or recorded.startswith(f"{failure}; compensation failed")
 
 
 async def _runs_to_check(app: App, all_runs: bool, limit: int) -> list[RunRecord]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.errors import ConfigurationError, RunNotFound
 from cantata.model import codec
+from cantata.model.checks import check_seconds
 from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunRecord
 
 if TYPE_CHECKING:
@@ -72,8 +73,7 @@ async def get_value(engine: Engine, run_id: str, key: str, wait: float | None) -
         RunNotFound: no such run.
     """
     check_key(key, f"handle.get_value({key!r}) of run {run_id}")
-    if wait is not None and wait < 0:
-        raise ConfigurationError(f"handle.get_value({key!r}, wait={wait}): wait must be >= 0")
+    check_seconds(f"handle.get_value({key!r}) wait", wait, zero=True)
     loop = asyncio.get_running_loop()
     deadline = None if wait is None else loop.time() + wait
     while True:

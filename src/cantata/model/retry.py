@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from cantata.errors import ConfigurationError, NonRetryable, SerializationError
+from cantata.errors import ConfigurationError, NonRetryable, RegistrationError, SerializationError
+from cantata.model.checks import check_number, check_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,16 +30,17 @@ class Retry:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ConfigurationError(
-                f"Retry(max_attempts={self.max_attempts}) is invalid: use 1 or more "
+                f"Retry(max_attempts={attempts!r}) is invalid: use a whole number, 1 or more "
                 "(1 means no retry)"
             )
-        if self.initial_interval < 0 or self.max_interval < 0:
-            raise ConfigurationError("Retry intervals must be >= 0 seconds")
-        if self.backoff < 1:
+        check_seconds("Retry initial_interval", self.initial_interval, zero=True, none=False)
+        check_seconds("Retry max_interval", self.max_interval, zero=True, none=False)
+        if check_number("Retry backoff", self.backoff) < 1:
             raise ConfigurationError(f"Retry(backoff={self.backoff}) must be >= 1")
-        if not 0 <= self.jitter <= 1:
+        if not 0 <= check_number("Retry jitter", self.jitter) <= 1:
             raise ConfigurationError(f"Retry(jitter={self.jitter}) must be between 0 and 1")
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
@@ -61,6 +63,22 @@ class Retry:
         if isinstance(exc, (NonRetryable, SerializationError, ConfigurationError)):
             return False
         return not isinstance(exc, self.non_retryable)
+
+
+def check_retry(what: str, retry: object) -> Retry | None:
+    """``retry`` as given to a decorator or declaration (``None``: its default policy).
+
+    Raises:
+        RegistrationError: ``retry`` is not a :class:`Retry` (a plain ``retry=3``): the
+            message names ``what`` and the value, and the policy to pass instead.
+    """
+    if retry is None or isinstance(retry, Retry):
+        return retry
+    attempts = retry if type(retry) is int and retry >= 1 else 3
+    raise RegistrationError(
+        f"{what}: retry={retry!r} needs a cantata.Retry: pass "
+        f"retry=Retry(max_attempts={attempts}) (max_attempts counts the first attempt)"
+    )
 
 
 STEP_RETRY = Retry()

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cantata.declare.defs import step_name
 from cantata.errors import RegistrationError
+from cantata.model.checks import check_seconds
 from cantata.model.event import check_type
-from cantata.model.retry import Retry
+from cantata.model.retry import Retry, check_retry
 
 if TYPE_CHECKING:
     from cantata.declare.router import Router
@@ -54,14 +55,8 @@ class Step:
         object.__setattr__(self, "name", step_name(self.action))
         comp = None if self.compensate is None else step_name(self.compensate)
         object.__setattr__(self, "compensation", comp)
-        if self.retry is not None and not isinstance(self.retry, Retry):
-            raise RegistrationError(
-                f"Step({self.name}, retry={self.retry!r}) needs a cantata.Retry"
-            )
-        if self.timeout is not None and not self.timeout > 0:
-            raise RegistrationError(
-                f"Step({self.name}, timeout={self.timeout}) must be > 0 seconds"
-            )
+        check_retry(f"Step({self.name})", self.retry)
+        check_seconds(f"Step({self.name}) timeout", self.timeout, error=RegistrationError)
 
 
 @dataclass(frozen=True, slots=True, init=False)
