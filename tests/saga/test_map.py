@@ -73,3 +73,29 @@ def test_cantata_graph_prints_it(capsys: Any) -> None:
 
 def test_modes_are_the_two_known() -> None:
     assert MODES == ("orchestrated", "choreographed")
+
+
+async def test_a_parallel_stage_without_compensations_maps_to_the_ones_before() -> None:
+    app = App("shop", store="memory://")
+
+    @app.step
+    async def reserve(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def release(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def stock(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def fraud(o: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def charge(o: dict[str, Any]) -> None: ...
+
+    app.include(Saga("order", Step(reserve, compensate=release),
+                     Parallel(Step(stock), Step(fraud), name="checks"), Step(charge)))
+    text = await workflow_mermaid(app, "shop", "order", None)
+    # a failed branch undoes what came before the stage: reserve's release
+    for line in ('j2 -.->|"a branch failed"| c1', "c1 -.-> undone"):
+        assert f"    {line}\n" in text, (line, text)

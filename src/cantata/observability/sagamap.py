@@ -80,8 +80,9 @@ def saga_mermaid(spec: Any) -> str:
             target = own[0] if own else first
             if target is not None:
                 lines.append(f"    {join} -.->|{label('a branch failed')}| {target}")
-            for a, b in zip(own, [*own[1:], first or "undone"], strict=True):
-                lines.append(f"    {a} -.-> {b}")
+            if own:  # the stage's own compensations, then those before it
+                for a, b in zip(own, [*own[1:], first or "undone"], strict=True):
+                    lines.append(f"    {a} -.-> {b}")
         elif first is not None:
             lines.append(f"    {node[stage.steps[0].name]} -.->|{fails}| {first}")
     order = spec.undo_before(spec.stages[-1]) if len(spec.stages) > 1 else []
