@@ -423,7 +423,11 @@ class App(RouterFacade):
         workflow: str | None = None,
         limit: int = 50,
     ) -> list[RunInfo]:
-        """Runs of this app, newest first."""
+        """Runs of this app, newest first (at most ``limit``, 0 or more)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(
+                f"list_runs(limit=...) must be a whole number, 0 or more, got {limit!r}"
+            )
         st = parse_status(status)
         runs = await self.store.list_runs(self.name, status=st, workflow=workflow, limit=limit)
         return [RunInfo.of(r) for r in runs]

@@ -168,6 +168,10 @@ async def test_list_runs_filters(store_url: str) -> None:
         assert {r.run_id for r in done} == {h.run_id for h in oks}
         assert await app.list_runs(status="completed", workflow="bad") == []
         assert len(await app.list_runs(workflow="ok", limit=2)) == 2
+        assert await app.list_runs(limit=0) == []
+        for limit in (-5, 2.5, True):
+            with pytest.raises(ConfigurationError, match=r"limit=\.\.\.\) must be a whole"):
+                await app.list_runs(limit=limit)  # type: ignore[arg-type]
         first = every[0]
         assert isinstance(first.created_at, dt.datetime) and first.created_at.tzinfo is not None
         assert first.updated_at >= first.created_at

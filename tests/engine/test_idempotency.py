@@ -12,6 +12,21 @@ from cantata import CantataError, IdempotencyConflict, Retry, WorkflowContext
 from .helpers import make_app
 
 
+async def test_an_empty_or_non_string_key_is_refused_not_shared() -> None:
+    app = make_app("memory://")
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext, n: int) -> int:
+        return n
+
+    async with app:
+        for key in ("", 42):
+            with pytest.raises(cantata.ConfigurationError,
+                               match=r"idempotency_key must be a non-empty string, got"):
+                await app.start(wf, 1, idempotency_key=key)  # type: ignore[arg-type]
+        assert await app.list_runs() == []
+
+
 async def test_same_key_returns_the_same_run(store_url: str) -> None:
     app = make_app(store_url)
     executed: list[int] = []

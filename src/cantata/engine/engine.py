@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef, remote_step_def
 from cantata.declare.router import Router
-from cantata.errors import Cancelled
+from cantata.errors import Cancelled, ConfigurationError
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
@@ -192,6 +192,14 @@ class Engine:
     ) -> RunRecord:
         """Store a new run (or return the one with that idempotency key) and start it here
         when this process serves the workflow; with ``queue``, it waits there to begin."""
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not idempotency_key
+        ):
+            raise ConfigurationError(
+                f"idempotency_key must be a non-empty string, got {idempotency_key!r}: pass "
+                "the business key that makes this start unique (e.g. 'order-42'), or None "
+                "for a new run each time"
+            )
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )
