@@ -49,6 +49,20 @@ DEFAULT_STORE = "sqlite:///cantata.db"
 DEFAULT_BROKER = "embedded"
 
 
+def _audit_key(given: str | bytes | None) -> AuditKey | None:
+    """The app's audit key: ``given``, else ``$CANTATA_AUDIT_KEY`` (named when it is
+    the one that is invalid), else none."""
+    if given is not None:
+        return AuditKey(given) if given else None
+    secret = os.environ.get("CANTATA_AUDIT_KEY")
+    if not secret:
+        return None
+    try:
+        return AuditKey(secret)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"CANTATA_AUDIT_KEY: {exc}") from None
+
+
 class App(RouterFacade):
     """A Cantata application: one namespace of runs, events and dead letters.
 
@@ -136,8 +150,7 @@ class App(RouterFacade):
         self.services = frozenset(services) if services is not None else None
         self.concurrency = concurrency
         self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
-        key = audit_key if audit_key is not None else os.environ.get("CANTATA_AUDIT_KEY")
-        self.audit_key = AuditKey(key) if key else None
+        self.audit_key = _audit_key(audit_key)
         self.max_payload = max_payload
         self.offload_above = offload_above
         self.shutdown_grace = shutdown_grace

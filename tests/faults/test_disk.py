@@ -109,7 +109,9 @@ async def test_read_only_store(cluster: Callable[..., Cluster], tmpfs: Tmpfs) ->
         reads = {args: await asyncio.to_thread(cli, c, *args) for args in (
             ("runs",), ("run", run_id), ("trace", run_id), ("stalled",), ("dlq", "list"))}
         writes = {args: await asyncio.to_thread(cli, c, *args) for args in (
-            ("publish", "order.placed", "--data", '{"id": 99}'), ("cancel", run_id))}
+            ("publish", "order.placed", "--data", '{"id": 99}'),)}
+        # the run has ended: cancelling it is refused before anything is written
+        ended = await asyncio.to_thread(cli, c, "cancel", run_id)
         worker = c.start_worker()
         c.expect_exit(worker)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -128,6 +130,8 @@ async def test_read_only_store(cluster: Callable[..., Cluster], tmpfs: Tmpfs) ->
         out = one_clear_line(done)
         assert done.returncode != 0 and "read-only" in out.lower().replace("read only",
                                                                            "read-only"), out
+    out = one_clear_line(ended)
+    assert ended.returncode == 1 and f"run {run_id} already ended" in out, out
     worker_out = worker.log.read_text()
     assert refused not in (None, 0), "a worker ran on a read-only store: " + worker_out[-500:]
     assert "Traceback" not in worker_out and "read-only" in worker_out.lower(), worker_out

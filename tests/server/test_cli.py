@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import httpx
 
+from cantata.store.factory import store_from_url
 from tests.helpers import free_port
+from tests.server.shop import make_shop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,8 +23,19 @@ def cantata(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+def shop_store(url: str) -> str:
+    """A store the shop's code has opened (the CLI creates none: workers and apps do)."""
+
+    async def go() -> None:
+        async with make_shop(url).client():
+            pass
+
+    asyncio.run(go())
+    return url
+
+
 def test_tokens_are_printed_once_listed_by_name_and_revoked(tmp_path: Path) -> None:
-    store = f"sqlite:///{tmp_path}/t.db"
+    store = shop_store(f"sqlite:///{tmp_path}/t.db")
     made = cantata("token", "create", "--name", "alice", "--role", "operator", "--store", store)
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
@@ -71,10 +85,18 @@ def _serving(args: list[str], env: dict[str, str], port: int, token: str) -> Non
 
 
 def test_serve_from_the_store_alone_and_from_the_code(tmp_path: Path) -> None:
-    store = f"sqlite:///{tmp_path}/s.db"
+    store = shop_store(f"sqlite:///{tmp_path}/s.db")
     token = cantata("token", "create", "--name", "ops", "--role", "admin",
                     "--store", store).stdout.strip()
     _serving(["--store", store, "--app", "shop"], {}, free_port(), token)
     _serving(["tests.server.served_app:app"], {"SHOP_STORE": store}, free_port(), token)
-    nothing = cantata("serve", "--store", f"sqlite:///{tmp_path}/empty.db")
+    empty = f"sqlite:///{tmp_path}/empty.db"
+
+    async def no_app() -> None:
+        store = store_from_url(empty)
+        await store.open()
+        await store.close()
+
+    asyncio.run(no_app())
+    nothing = cantata("serve", "--store", empty)
     assert nothing.returncode == 1 and "which app?" in nothing.stderr

@@ -131,6 +131,32 @@ async def test_newer_schema_or_foreign_tables_are_corrupt(
         await conn.close()
 
 
+async def test_a_missing_store_is_refused_unless_created(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    url = with_schema(postgres_url, fresh_schema)
+    with pytest.raises(StoreUnavailable, match=f"store schema '{fresh_schema}' does not "
+                       "exist in .*cantata demo creates a new store"):
+        await store_from_url(url, create=False).open()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        absent = "SELECT NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname=$1)"
+        assert await conn.fetchval(absent, fresh_schema)
+        await conn.execute(f'CREATE SCHEMA "{fresh_schema}"')
+        with pytest.raises(StoreUnavailable, match="holds no Cantata store"):
+            await store_from_url(url, create=False).open()
+        assert not await conn.fetch(
+            "SELECT 1 FROM pg_tables WHERE schemaname=$1", fresh_schema)
+    finally:
+        await conn.close()
+    made = store_from_url(url)
+    await made.open()
+    await made.close()
+    existing = store_from_url(url, create=False)
+    await existing.open()
+    await existing.close()
+
+
 async def test_a_version_1_schema_is_upgraded_in_place(
     postgres_url: str, fresh_schema: str
 ) -> None:

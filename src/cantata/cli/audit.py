@@ -14,9 +14,8 @@ from cantata.errors import CantataError, ConfigurationError
 from cantata.model.records import AuditReport
 from cantata.store import audit as chain
 from cantata.store.base import Store
-from cantata.store.factory import mask_url
 
-from .common import client_app, console, existing_store, run, store_url
+from .common import client_app, console, run
 from .runs import AppOpt, StoreOpt
 
 T = TypeVar("T")
@@ -50,31 +49,25 @@ def _key(required: bool) -> chain.AuditKey | None:
                 "key the app uses (App(audit_key=...))"
             )
         return None
-    return chain.AuditKey(secret)
+    try:
+        return chain.AuditKey(secret)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"CANTATA_AUDIT_KEY: {exc}") from None
 
 
-async def _with_store(
+def _with_store(
     app: str | None, store: str | None, use: Callable[[str, Store], Awaitable[T]]
 ) -> T:
-    """Open the store and call ``use(app name, store)``; the app is the store's only one
-    when neither --app nor $CANTATA_APP names it."""
-    if app or os.environ.get("CANTATA_APP"):
-        the_app = client_app(app, store)
+    """Open the app's store and call ``use(app name, store)``; the app is the store's
+    only one when neither --app nor $CANTATA_APP names it (see
+    :func:`~cantata.cli.common.client_app`: the store and the app must exist)."""
+    the_app = client_app(app, store)
+
+    async def go() -> T:
         async with the_app.client():
             return await use(the_app.name, the_app.store)
-    url = store_url(store)
-    s = existing_store(url)
-    await s.open()
-    try:
-        names = await s.apps()
-        if len(names) != 1:
-            held = f"apps {', '.join(names)}" if names else "no app"
-            raise ConfigurationError(
-                f"store {mask_url(url)} holds {held}: pass --app NAME (or set CANTATA_APP)"
-            )
-        return await use(names[0], s)
-    finally:
-        await s.close()
+
+    return run(go)
 
 
 def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None) -> None:
@@ -99,7 +92,7 @@ def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None
             exported = chain.check_signed_head(doc, name, key)
         return name, await s.verify_audit(name, key=key, head=exported)
 
-    name, report = run(lambda: _with_store(app, store, go))
+    name, report = _with_store(app, store, go)
     if not report.ok:
         where = "" if report.first_bad_seq is None else f" at record #{report.first_bad_seq}"
         raise AuditTampered(
@@ -128,5 +121,5 @@ def head(app: AppOpt = None, store: StoreOpt = None) -> None:
             )
         return chain.signed_head(name, await s.audit_head(name), key)
 
-    doc = run(lambda: _with_store(app, store, go))
+    doc = _with_store(app, store, go)
     print(orjson.dumps(doc).decode())

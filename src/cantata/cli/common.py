@@ -19,9 +19,15 @@ from cantata.app import DEFAULT_STORE, App
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
 from cantata.model.records import RunRecord
 from cantata.store.base import Store
-from cantata.store.factory import store_from_url
+from cantata.store.factory import mask_url, store_from_url
 
 T = TypeVar("T")
+
+
+class UnknownApp(ConfigurationError):
+    """``--app`` names an app the store has never seen."""
+
+    code = "unknown_app"
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -87,9 +93,18 @@ def store_url(store: str | None) -> str:
 
 
 def existing_store(url: str) -> Store:
-    """The store a query command reads: a SQLite file must exist already (a typo in a
-    path must not create a new, empty store)."""
+    """The store a command that reads or operates one uses: a SQLite file or a
+    PostgreSQL schema must exist already (a typo in a URL must not create a new, empty
+    store; only workers, ``App(...)`` and ``cantata demo`` create one)."""
     return store_from_url(url, create=False)
+
+
+def use_existing_store(app: App, store: str | None) -> None:
+    """Point an imported app at ``--store`` (else its own URL), which must exist (see
+    :func:`existing_store`); a store object made in code is kept."""
+    url = store_url(store) if store is not None else app._store_spec
+    if isinstance(url, str):
+        app.configure(store=existing_store(url))
 
 
 def client_app(app: str | None, store: str | None) -> App:
@@ -97,19 +112,19 @@ def client_app(app: str | None, store: str | None) -> App:
 
     ``app`` is either ``module:attribute`` (the user's App is imported) or just the
     app's name (a bare App is enough to read the store); ``store`` overrides the URL.
-    The store must exist (see :func:`existing_store`). Without an app (nor
-    ``$CANTATA_APP``), the store's only app.
+    The store must exist (see :func:`existing_store`), and an app given by name must be
+    one it holds (see :func:`known_app`). Without an app (nor ``$CANTATA_APP``), the
+    store's only app.
     """
     spec = app or os.environ.get("CANTATA_APP")
     if not spec:
         url = store_url(store)
         spec = run(lambda: only_app(url))
+    elif ":" not in spec:
+        known_app(store_url(store), spec)
     if ":" in spec:
         loaded = load_app(spec)
-        if store is not None:
-            loaded.configure(store=existing_store(store_url(store)))
-        elif isinstance(loaded._store_spec, str):
-            loaded.configure(store=existing_store(loaded._store_spec))
+        use_existing_store(loaded, store)
         return loaded
     return App(spec, store=existing_store(store_url(store)))
 
@@ -179,27 +194,49 @@ def operator() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
+async def store_apps(url: str) -> list[str]:
+    """The names of the apps an existing store holds (see :func:`existing_store`)."""
+    s = existing_store(url)
+    await s.open()
+    try:
+        return await s.apps()
+    finally:
+        await s.close()
+
+
+def held(names: list[str]) -> str:
+    """``apps a, b`` or ``no app``: what a store holds, for messages."""
+    return f"app{'s' if len(names) > 1 else ''} {', '.join(names)}" if names else "no app"
+
+
 async def only_app(url: str) -> str:
     """The name of the one app a store holds.
 
     Raises:
         ConfigurationError: it holds none or several (named), so --app is needed.
     """
-    from cantata.store.factory import mask_url
-
-    s = existing_store(url)
-    await s.open()
-    try:
-        names = await s.apps()
-    finally:
-        await s.close()
+    names = await store_apps(url)
     if len(names) != 1:
-        held = f"apps {', '.join(names)}" if names else "no app"
         raise ConfigurationError(
-            f"which app? store {mask_url(url)} holds {held}: pass --app NAME (or set "
+            f"which app? store {mask_url(url)} holds {held(names)}: pass --app NAME (or set "
             "CANTATA_APP)"
         )
     return names[0]
+
+
+def known_app(url: str, name: str) -> None:
+    """Refuse an app name the store has never seen (no run, event, declaration, worker
+    or audit record of it): a typo is an error, not an empty answer.
+
+    Raises:
+        UnknownApp: the store does not hold ``name`` (the message names those it holds).
+    """
+    names = run(lambda: store_apps(url))
+    if name not in names:
+        raise UnknownApp(
+            f"store {mask_url(url)} holds no app {name!r} (it holds {held(names)}): check "
+            "--app or CANTATA_APP"
+        )
 
 
 async def resolve_run(app: App, ref: str | None, key: str | None = None) -> RunRecord:

@@ -16,7 +16,6 @@ from rich.table import Table
 
 from cantata.app import App
 from cantata.errors import WorkflowError
-from cantata.examples.orders.app import SERVICES, make_app
 
 from .common import console, fmt_duration
 
@@ -49,6 +48,10 @@ def demo(
     ] = False,
 ) -> None:
     """Run the order example orchestrated and choreographed, and compare the outcomes."""
+    # Imported here, not with the CLI: the example builds its App when imported, and a
+    # bad setting ($CANTATA_AUDIT_KEY too short) must fail this command alone, in one line.
+    from cantata.examples.orders.app import SERVICES, make_app
+
     if store is None:
         path = Path.cwd() / "cantata-demo.db"
         for suffix in ("", "-wal", "-shm"):
@@ -105,6 +108,8 @@ def demo(
 
 def _spawn_workers(store: str, broker: str) -> list[subprocess.Popen[bytes]]:
     """One ``cantata worker --service S`` process per service of the example."""
+    from cantata.examples.orders.app import SERVICES
+
     procs = []
     for service in SERVICES:
         procs.append(subprocess.Popen(

@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from cantata.app import App
+
 from .common import client_app, console, operator, print_json, resolve_run, run, run_dict
 from .runs import AppOpt, JsonOpt, KeyOpt, RunArg, StoreOpt
 
@@ -39,13 +41,19 @@ def retry(
             handle = the_app.get_handle(rec.run_id)
             await handle.retry(actor=operator(), include_compensated=include_compensated)
             after = await handle.info()
+            attrs = await attributes_of(the_app, after.run_id)
         if as_json:
-            print_json(run_dict(after))
+            print_json(run_dict(after, attrs))
             return
         console.print(Text(f"run {after.run_id} ({after.workflow}) is {after.status} again "
                            f"(retry {after.epoch}): a worker continues it from its failed step"))
 
     run(go)
+
+
+async def attributes_of(app: App, run_id: str) -> dict[str, str]:
+    """A run's search attributes, as ``--json`` prints them."""
+    return (await app.store.run_attributes(app.name, [run_id])).get(run_id, {})
 
 
 def fork(
@@ -66,8 +74,9 @@ def fork(
             rec = await resolve_run(the_app, run_id, key)
             handle = await the_app.fork(rec.run_id, from_step, actor=operator())
             new = await handle.info()
+            attrs = await attributes_of(the_app, new.run_id)
         if as_json:
-            print_json(run_dict(new))
+            print_json(run_dict(new, attrs))
             return
         console.print(Text(new.run_id))
 

@@ -11,7 +11,7 @@ from rich.text import Text
 from cantata.engine.replaycheck import replay_report
 from cantata.errors import CantataError
 
-from .common import console, load_app, print_json, run, show, table
+from .common import console, load_app, print_json, run, show, table, use_existing_store
 from .runs import JsonOpt
 
 
@@ -37,14 +37,14 @@ def check(
     """Replay stored histories against the current code, call for call; list every run
     it would break, with the first call that differs, per recorded code version."""
     the_app = load_app(app)
-    if store:
-        the_app.configure(store=store)
+    use_existing_store(the_app, store)
 
     async def go() -> None:
         async with the_app.client():
             report = await replay_report(the_app, all_runs=all_runs, limit=limit)
             version = the_app.version
         which = "all" if all_runs else "live"
+        checked = "run(s) checked (live and finished)" if all_runs else "live run(s) checked"
         if as_json:
             print_json({
                 "app": the_app.name, "version": version, "runs": which,
@@ -55,8 +55,8 @@ def check(
         else:
             for v, n in sorted(report.checked.items()):
                 mark = "this code" if v == version else ("no version" if v == "-" else "")
-                console.print(Text(f"version {v}{f' ({mark})' if mark else ''}: {n} {which} "
-                                   f"run(s) checked, {report.broken(v)} would break"))
+                console.print(Text(f"version {v}{f' ({mark})' if mark else ''}: {n} {checked}, "
+                                   f"{report.broken(v)} would break"))
             if not report.problems:
                 console.print(Text.assemble(("ok", "green"), (
                     f": the current code (version {version}) replays every checked run "

@@ -11,7 +11,7 @@ from rich.text import Text
 from cantata.app import App
 from cantata.engine.recovery import find_records
 from cantata.engine.values import SET_VALUE, values_of
-from cantata.errors import ConfigurationError, RunNotFound
+from cantata.errors import CantataError, ConfigurationError, RunNotFound
 from cantata.model import codec
 from cantata.model.attributes import parse_attr
 from cantata.model.records import ENTRY_FAILED, HistoryEntry, RunRecord
@@ -30,8 +30,8 @@ from .common import (
     run,
     run_dict,
     show,
-    store_url,
     table,
+    use_existing_store,
 )
 
 AppOpt = Annotated[
@@ -52,6 +52,12 @@ STATUS_STYLE = {
     "compensating": "yellow",
     "waiting": "blue",
 }
+
+
+class RunEnded(CantataError):
+    """``cantata cancel`` of a run that already ended (the HTTP API answers 409)."""
+
+    code = "run_final"
 
 
 def styled(status: str) -> str:
@@ -80,8 +86,7 @@ def start(
 ) -> None:
     """Start a workflow run (a worker must be running to execute it)."""
     the_app = load_app(app)
-    if store is not None:
-        the_app.configure(store=store_url(store))
+    use_existing_store(the_app, store)
     if input is not None and args is not None:
         raise ConfigurationError("give either --input JSON or --args JSON-LIST, not both")
     values: list[Any] = []
@@ -283,6 +288,9 @@ def cancel(
     async def go() -> None:
         async with the_app.client():
             rec = await resolve_run(the_app, run_id, key)
+            if rec.status.is_final:
+                raise RunEnded(f"run {rec.run_id} already ended ({rec.status}): only a live "
+                               "run can be cancelled")
             handle = the_app.get_handle(rec.run_id)
             await handle.cancel(actor=operator())
             console.print(Text(f"cancel requested for run {rec.run_id} "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import re
+import socket
 import sys
 from typing import Annotated
 
@@ -12,13 +14,22 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from cantata.app import DEFAULT_STORE, App
+from cantata.app import App
 from cantata.errors import ConfigurationError, TokenNotFound
 from cantata.model.access import Role, TokenRecord
 from cantata.store.base import Store
-from cantata.store.factory import mask_url, store_from_url
+from cantata.store.factory import mask_url
 
-from .common import console, err_console, load_app, run
+from .common import (
+    console,
+    err_console,
+    existing_store,
+    known_app,
+    load_app,
+    run,
+    store_apps,
+    store_url,
+)
 
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
 
@@ -34,33 +45,54 @@ def register(cli: typer.Typer) -> None:
     cli.add_typer(token_cli, name="token")
 
 
-def _serve_app(spec: str | None, app_name: str | None, store: str | None) -> App:
-    """The app to serve: its code (``module:attribute``) or just its name and store."""
+def _serve_app(spec: str | None, app_name: str | None, store: str | None) -> tuple[App, str]:
+    """The app to serve, its code (``module:attribute``) or just its name and store, and
+    the store as the banner shows it. The store must exist and hold the app (a typo
+    is an error, not an empty console)."""
     spec = spec or app_name or os.environ.get("CANTATA_APP")
     if spec and ":" in spec:
         loaded = load_app(spec)
-        if store:
-            loaded.configure(store=store)
-        return loaded
-    url = store or os.environ.get("CANTATA_STORE", DEFAULT_STORE)
+        url = store_url(store) if store else loaded._store_spec
+        if isinstance(url, str):
+            loaded.configure(store=existing_store(url))
+            return loaded, mask_url(url)
+        return loaded, type(url).__name__
+    url = store_url(store)
     if spec:
-        return App(spec, store=url)
-    names = run(lambda: _apps(url))
+        known_app(url, spec)
+        return App(spec, store=existing_store(url)), mask_url(url)
+    names = run(lambda: store_apps(url))
     if len(names) == 1:
-        return App(names[0], store=url)
+        return App(names[0], store=existing_store(url)), mask_url(url)
     found = f"it holds {', '.join(names)}" if names else "it holds no app yet"
     raise ConfigurationError(
         f"which app? pass module:attribute or --app NAME ({found} in {mask_url(url)})"
     )
 
 
-async def _apps(url: str) -> list[str]:
-    store = store_from_url(url)
-    await store.open()
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for the server, before anything is printed.
+
+    Raises:
+        ConfigurationError: the port is in use, or the address cannot be listened on.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        return await store.apps()
-    finally:
-        await store.close()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigurationError(
+                f"port {port} on {host} is in use (another server listens there): choose "
+                "another with --port"
+            ) from None
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): check --host and --port"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(
@@ -83,31 +115,36 @@ def serve(
     """Serve the HTTP API and the dashboard of one app (needs only its store)."""
     import uvicorn
 
-    the_app = _serve_app(app, app_name, store)
+    the_app, shown = _serve_app(app, app_name, store)
     api = the_app.asgi(stream_interval=stream_interval)
-    spec = the_app._store_spec
-    shown = mask_url(spec) if isinstance(spec, str) else type(spec).__name__
+    sock = _listen(host, port)
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     console.print(Text(f"cantata console of app {the_app.name} on http://{host}:{port}/ "
                        f"(store {shown}); create a token with `cantata token create`"))
     # Open dashboards hold their event streams: stop waiting for them after a few seconds.
     config = uvicorn.Config(api, host=host, port=port, log_level="warning",
                             server_header=False, proxy_headers=False,
                             timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 # -- tokens -----------------------------------------------------------------------------------
 
 
 def _token_store(store: str | None, app: str | None) -> Store:
+    """The store the tokens are in; it must exist (tokens are made for a store that
+    workers or an App created: a typo in the URL must not make a new one)."""
     if store:
-        return store_from_url(store)
+        return existing_store(store_url(store))
     if app and ":" in app:
         spec = load_app(app)._store_spec
         if not isinstance(spec, str):
             return spec
-        return store_from_url(spec)
-    return store_from_url(os.environ.get("CANTATA_STORE", DEFAULT_STORE))
+        return existing_store(spec)
+    return existing_store(store_url(None))
 
 
 AppOpt = Annotated[

@@ -86,6 +86,7 @@ def worker(
     if broker:
         the_app.configure(broker=broker)
     if service:
+        check_services(the_app, service)
         the_app.services = frozenset(service)
     if grace is not None:
         the_app.shutdown_grace = grace
@@ -103,6 +104,38 @@ def worker(
     if why_one:
         console.print(why_one)
     serve(the_app, ready_fd, supervised=child_of is not None)
+
+
+def known_services(app: App) -> list[str]:
+    """The services ``--service`` may name: those the app's workflows, steps and
+    handlers declare, and its handler groups (a worker serving a group's name runs its
+    handlers)."""
+    router = app.router
+    names = {w.service for w in router.workflows.values()}
+    names |= {s.service for s in router.steps.values()}
+    for h in router.handlers:
+        names |= {h.service, h.group}
+    return sorted(n for n in names if n)
+
+
+def check_services(app: App, wanted: list[str]) -> None:
+    """Refuse a ``--service`` the app does not declare: such a worker would serve
+    nothing of it, and what waits for that service would wait for ever.
+
+    Raises:
+        ConfigurationError: a service is unknown (the message names the known ones).
+    """
+    known = known_services(app)
+    unknown = sorted(set(wanted) - set(known))
+    if not unknown:
+        return
+    names = ", ".join(repr(n) for n in unknown)
+    has = (f"its services are {', '.join(known)}" if known else
+           "it declares no service: leave --service out to serve all of it")
+    raise ConfigurationError(
+        f"app {app.name!r} has no service {names}: {has} (see @app.workflow(service=...), "
+        "@app.step(service=...) and the groups of @app.on)"
+    )
 
 
 def cores() -> int:

@@ -20,6 +20,13 @@ log = logging.getLogger("cantata.store")
 
 R = TypeVar("R")
 
+# How a store opened with ``create=False`` that is not there says what to do (a typo in a
+# store URL must not make a new, empty store: docs/deploy.md, "Storage faults").
+NEW_STORE_HINT = (
+    "check --store or CANTATA_STORE; a worker (cantata worker, App(...)) or cantata demo "
+    "creates a new store"
+)
+
 
 def check_task_outcome(outcome: str) -> None:
     """Refuse an outcome :meth:`~cantata.store.roles.TaskStore.finish_task` does not know.

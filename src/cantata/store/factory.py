@@ -26,8 +26,9 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
     """Build (not open) the store a URL names.
 
     Args:
-        create: a SQLite file that does not exist is created on open (``False``:
-            opening it fails, naming the path; for commands that only query a store).
+        create: a SQLite file or a PostgreSQL schema that does not exist is created on
+            open (``False``: opening it fails, naming the path or the schema; for
+            commands that only query or operate a store).
 
     Raises:
         ConfigurationError: the URL's scheme is unknown or its form is wrong.
@@ -75,7 +76,7 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
             raise ConfigurationError(
                 f"the PostgreSQL store needs asyncpg ({exc}): pip install 'cantata[postgres]'"
             ) from None
-        return PostgresStore(url)
+        return PostgresStore(url, create=create)
     made = plugins.factory(plugins.STORES, scheme)
     if made is not None:
         store: Store = _checked(made(url), Store, url)

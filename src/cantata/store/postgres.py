@@ -78,6 +78,9 @@ class PostgresStore(
         connect_timeout: seconds :meth:`open` keeps retrying an unreachable server.
         writers: most group-committed write transactions in flight at once (each
             holds one of the pool's connections while it runs).
+        create: make the schema and its tables if they do not exist (``False``: opening
+            a schema without a Cantata store is an error, as for the CLI's query
+            commands).
     """
 
     # -- declarations and workers -------------------------------------------------------

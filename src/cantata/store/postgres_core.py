@@ -44,12 +44,14 @@ class PostgresCore(StoreBase):
     """The pool, the batch writer, opening and closing."""
 
     def __init__(
-        self, url: str, *, pool_size: int = 10, connect_timeout: float = 3.0, writers: int = 2
+        self, url: str, *, pool_size: int = 10, connect_timeout: float = 3.0, writers: int = 2,
+        create: bool = True,
     ) -> None:
         super().__init__()
         self.url = url
         self._db = PgPool(
-            url, pool_size=pool_size, connect_timeout=connect_timeout, on_change=self._emit
+            url, pool_size=pool_size, connect_timeout=connect_timeout, on_change=self._emit,
+            create=create,
         )
         self._w = BatchWriter(self._db, writers=writers, one_statement=_OneStatement())
         self._w.audit_keys = self._audit_keys  # one dict: set_audit_key keys the writer too

@@ -23,6 +23,7 @@ from asyncpg.pool import PoolConnectionProxy
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.store import migrations
 from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, TASKS
+from cantata.store.common import NEW_STORE_HINT
 from cantata.store.factory import mask_url
 from cantata.store.faults import postgres_fault
 
@@ -99,11 +100,13 @@ class PgPool:
         connect_timeout: seconds :meth:`open` keeps retrying an unreachable server.
         on_change: called with a channel (``runs``, ``events``, ``cancel``, ``tasks``)
             for every notification, from any process; on the event loop.
+        create: make the schema and its tables when they are missing (``False``:
+            :meth:`open` refuses a schema that holds no Cantata store).
     """
 
     def __init__(
         self, url: str, *, pool_size: int, connect_timeout: float,
-        on_change: Callable[[str], None],
+        on_change: Callable[[str], None], create: bool = True,
     ) -> None:
         self.masked_url = mask_url(url)
         parts = urlsplit(url)
@@ -120,6 +123,7 @@ class PgPool:
         self._database = unquote(parts.path.lstrip("/")) or self._user
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
+        self.create = create
         self._on_change = on_change
         self._settings = {"search_path": f'"{self.schema}"', "application_name": "cantata"}
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -185,12 +189,23 @@ class PgPool:
         """Bring the schema to SCHEMA_VERSION; concurrent processes wait on one lock.
 
         A current schema is only read, so a read-only server (a standby) opens.
+
+        Raises:
+            StoreUnavailable: not ``create`` and the schema holds no Cantata store.
         """
         table = f'"{self.schema}".schema_version'
         if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
             current = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")
             if current == SCHEMA_VERSION:
                 return
+        elif not self.create:
+            exists = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname=$1)", self.schema
+            )
+            what = "holds no Cantata store" if exists else "does not exist"
+            raise StoreUnavailable(
+                f"store schema {self.schema!r} {what} in {self.masked_url}: {NEW_STORE_HINT}"
+            )
         async with conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))", f"cantata-migrate:{self.schema}"

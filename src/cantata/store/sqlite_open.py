@@ -17,6 +17,7 @@ from typing import Any
 
 from cantata.errors import StoreCorrupt, StoreFull, StoreReadOnly, StoreUnavailable
 from cantata.store import migrations
+from cantata.store.common import NEW_STORE_HINT
 from cantata.store.faults import sqlite_fault
 from cantata.store.sqlite_thread import TxConnection
 
@@ -103,9 +104,7 @@ def check_file(path: str, url: str, create: bool) -> None:
     if not os.path.exists(path):
         if not create:
             raise StoreUnavailable(
-                f"store file {os.path.abspath(path)} does not exist ({url}): check --store "
-                "or CANTATA_STORE; a worker (cantata worker, App(...)) or cantata demo "
-                "creates a new store"
+                f"store file {os.path.abspath(path)} does not exist ({url}): {NEW_STORE_HINT}"
             )
         return
     # A process creating the file right now leaves it empty for a moment.
