@@ -194,6 +194,26 @@ async def test_a_deleted_run_row_is_detected(
     assert code == 1 and f"run(s) {run_id}" in out and "deleted" in out, out
 
 
+async def test_a_run_inserted_with_a_back_dated_creation_is_detected(
+    db: Db, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run older than the log's first record is no excuse in a store that had its
+    log from the start (only an upgraded store's older runs are: migration 0022/0029)."""
+    await populate(db.url)
+    if db.dialect == "postgres":
+        cols = [r[0] for r in await db.sql(
+            "SELECT column_name FROM information_schema.columns WHERE table_name='runs' "
+            "AND table_schema=current_schema() ORDER BY ordinal_position")]
+    else:
+        cols = [r[1] for r in await db.sql("PRAGMA table_info(runs)")]
+    picked = ", ".join({"run_id": "'forged-1970'", "created_at": "0", "idempotency_key":
+                        "NULL"}.get(c, c) for c in cols)
+    await db.sql(f"INSERT INTO runs ({', '.join(cols)}) SELECT {picked} FROM runs "
+                 "WHERE app='shop' LIMIT 1")
+    code, out = await cli(capsys, "audit", "verify", "--store", db.url, "--app", "shop")
+    assert code == 1 and "forged-1970" in out and "no run.created audit record" in out, out
+
+
 async def test_head_needs_the_key(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -82,7 +82,7 @@ class StoreBase:
     ) -> list[AuditRecord]: ...
 
     @abstractmethod
-    async def _unaudited_runs(self, app: str, strict: bool) -> tuple[list[str], list[str]]:
+    async def _unaudited_runs(self, app: str) -> tuple[list[str], list[str]]:
         """Runs without a ``run.created`` record, and such records whose run is gone
         (see :func:`cantata.store.audit.verify_all`)."""
 
@@ -108,7 +108,7 @@ class StoreBase:
             subject=f"app {app!r}",
             key=key,
             exported=head,
-            unaudited=lambda: self._unaudited_runs(app, key is not None),
+            unaudited=lambda: self._unaudited_runs(app),
         )
 
 

@@ -206,9 +206,9 @@ class PostgresStore(
         async with self._db.conn() as c:
             return await ops.audit_head(c, app)
 
-    async def _unaudited_runs(self, app: str, strict: bool) -> tuple[list[str], list[str]]:
+    async def _unaudited_runs(self, app: str) -> tuple[list[str], list[str]]:
         async with self._db.conn() as c:
-            return await ops.unaudited_runs(c, app, strict)
+            return await ops.unaudited_runs(c, app)
 
     # -- apps and observability ---------------------------------------------------------
 

@@ -195,17 +195,17 @@ async def audit_append_many(
         await c.executemany(_KEYED_APPEND_SQL, keyed)
 
 
-async def unaudited_runs(c: Conn, app: str, strict: bool) -> tuple[list[str], list[str]]:
+async def unaudited_runs(c: Conn, app: str) -> tuple[list[str], list[str]]:
     """Runs with no ``run.created`` record, and such records whose run row is gone.
 
-    Runs older than the log's first record predate the audit log (an upgraded store),
-    unless ``strict`` (a keyed chain): then an empty log with runs is reported too.
+    Only the runs of a schema written before the audit log existed are excused: those
+    older than the time ``audit_legacy`` holds for the app (migration 0029).
     """
     created = "SELECT target FROM audit WHERE app=$1 AND action='run.created'"
     missing = await c.fetch(
         f"SELECT run_id FROM runs WHERE app=$1 AND run_id NOT IN ({created}) AND created_at >= "
-        "coalesce((SELECT min(time) FROM audit WHERE app=$1), $2) LIMIT 5",
-        app, float("-inf") if strict else float("inf"),
+        "coalesce((SELECT before FROM audit_legacy WHERE app=$1), '-Infinity') LIMIT 5",
+        app,
     )
     gone = await c.fetch(
         f"{created} AND target NOT IN (SELECT run_id FROM runs WHERE app=$1) LIMIT 5", app

@@ -148,8 +148,8 @@ class SQLiteStore(
     async def audit_head(self, app: str) -> tuple[int, str] | None:
         return await self._t.read(lambda c: ops.audit_head(c, app))
 
-    async def _unaudited_runs(self, app: str, strict: bool) -> tuple[list[str], list[str]]:
-        return await self._t.read(lambda c: ops.unaudited_runs(c, app, strict))
+    async def _unaudited_runs(self, app: str) -> tuple[list[str], list[str]]:
+        return await self._t.read(lambda c: ops.unaudited_runs(c, app))
 
     # -- apps and observability ---------------------------------------------------------
 

@@ -272,19 +272,17 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     )
 
 
-def unaudited_runs(
-    c: sqlite3.Connection, app: str, strict: bool
-) -> tuple[list[str], list[str]]:
+def unaudited_runs(c: sqlite3.Connection, app: str) -> tuple[list[str], list[str]]:
     """Runs with no ``run.created`` record, and such records whose run row is gone.
 
-    Runs older than the log's first record predate the audit log (an upgraded store),
-    unless ``strict`` (a keyed chain): then an empty log with runs is reported too.
+    Only the runs of a store written before the audit log existed are excused: those
+    older than the time ``audit_legacy`` holds for the app (migration 0022).
     """
     created = "SELECT target FROM audit WHERE app=? AND action='run.created'"
     missing = c.execute(
         f"SELECT run_id FROM runs WHERE app=? AND run_id NOT IN ({created}) AND created_at >= "
-        "coalesce((SELECT min(time) FROM audit WHERE app=?), ?) LIMIT 5",
-        (app, app, app, float("-inf") if strict else float("inf")),
+        "coalesce((SELECT before FROM audit_legacy WHERE app=?), ?) LIMIT 5",
+        (app, app, app, float("-inf")),
     ).fetchall()
     gone = c.execute(
         f"{created} AND target NOT IN (SELECT run_id FROM runs WHERE app=?) LIMIT 5",

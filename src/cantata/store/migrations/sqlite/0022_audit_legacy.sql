@@ -1,0 +1,19 @@
+-- Version 22 of the SQLite schema: which runs predate the audit log, recorded once.
+-- `cantata audit verify` reports a run with no `run.created` record (a run inserted
+-- behind the log's back). It used to excuse every run older than the app's first audit
+-- record, as runs of a store written before the log existed (version 1); so a forged
+-- run with a back-dated `created_at` passed. The apps that have such runs now, when
+-- this version is applied, are listed here with the time their log began (or this
+-- upgrade's time, for a log still empty); the excuse holds only before it, and an app
+-- not listed has none.
+CREATE TABLE IF NOT EXISTS audit_legacy (
+    app TEXT PRIMARY KEY,
+    before REAL NOT NULL
+);
+INSERT OR IGNORE INTO audit_legacy (app, before)
+SELECT app, first FROM (
+    SELECT r.app AS app, min(r.created_at) AS oldest,
+        coalesce((SELECT min(a.time) FROM audit a WHERE a.app = r.app),
+                 (julianday('now') - 2440587.5) * 86400.0) AS first
+    FROM runs r GROUP BY r.app
+) WHERE oldest < first;
