@@ -214,6 +214,26 @@ async def test_a_run_inserted_with_a_back_dated_creation_is_detected(
     assert code == 1 and "forged-1970" in out and "no run.created audit record" in out, out
 
 
+async def test_a_keyed_chain_checked_without_its_key_is_not_called_tampered(
+    db: Db, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await populate(db.url)
+    for key in (None, "another-key-0123456789abcdef"):
+        if key is None:
+            monkeypatch.delenv("CANTATA_AUDIT_KEY")
+        else:
+            monkeypatch.setenv("CANTATA_AUDIT_KEY", key)
+        code, out = await cli(capsys, "audit", "verify", "--store", db.url, "--app", "shop")
+        assert code == 1 and "TAMPERED" not in out, out
+        assert "cannot be verified" in out and "set CANTATA_AUDIT_KEY" in out, out
+    # one record changed: with the key it is tampering (without it, still unverifiable)
+    await db.unprotected()
+    await db.sql("UPDATE audit SET actor='mallory' WHERE app='shop' AND seq=2")
+    monkeypatch.setenv("CANTATA_AUDIT_KEY", KEY)
+    code, out = await cli(capsys, "audit", "verify", "--store", db.url, "--app", "shop")
+    assert code == 1 and "TAMPERED at record #2" in out, out
+
+
 async def test_head_needs_the_key(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

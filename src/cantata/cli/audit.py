@@ -94,6 +94,8 @@ def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None
 
     name, report = _with_store(app, store, go)
     if not report.ok:
+        if report.wrong_key:
+            raise AuditTampered(f"audit log of app {name} cannot be verified: {report.reason}")
         where = "" if report.first_bad_seq is None else f" at record #{report.first_bad_seq}"
         raise AuditTampered(
             f"audit log of app {name}: TAMPERED{where}: {report.reason} "
@@ -115,9 +117,9 @@ def head(app: AppOpt = None, store: StoreOpt = None) -> None:
     async def go(name: str, s: Store) -> dict[str, object]:
         report = await s.verify_audit(name, key=key)
         if not report.ok:
+            state = "cannot be verified" if report.wrong_key else "is already TAMPERED"
             raise AuditTampered(
-                f"audit log of app {name} is already TAMPERED ({report.reason}): "
-                "no head exported"
+                f"audit log of app {name} {state} ({report.reason}): no head exported"
             )
         return chain.signed_head(name, await s.audit_head(name), key)
 

@@ -322,12 +322,16 @@ class AuditReport:
 
     ``first_bad_seq`` names the first record that was changed, deleted or wrongly
     linked (``None`` when the log is intact, or when only the chain head is gone).
+    ``wrong_key``: the chain could not be verified rather than found changed: from
+    ``first_bad_seq`` on, its records link together but none matches its hash under
+    the key given (or without one): they were keyed with another key.
     """
 
     ok: bool
     records: int
     first_bad_seq: int | None = None
     reason: str | None = None
+    wrong_key: bool = False
 
 
 @dataclass(frozen=True, slots=True)

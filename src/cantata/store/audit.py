@@ -293,6 +293,15 @@ async def verify_chain(
     def bad(seq: int | None, reason: str) -> AuditReport:
         return AuditReport(False, count, seq, reason)
 
+    def keyed_otherwise(rec: AuditRecord, page: list[AuditRecord]) -> bool:
+        """Whether ``rec`` and the record after it (in this page) match no hash under
+        this key yet link together: a chain keyed with another key (or a key given for
+        none), not one record changed (its successor would still verify)."""
+        i = page.index(rec)
+        nxt = page[i + 1] if i + 1 < len(page) else None
+        return (nxt is not None and nxt.seq == rec.seq + 1 and nxt.prev_hash == rec.hash
+                and keyed_from is None and not intact(nxt))
+
     after = 0
     while end is None or after < end:
         page = await fetch(after)
@@ -314,6 +323,17 @@ async def verify_chain(
                 if rec.prev_hash != expected_prev:
                     return bad(rec.seq, f"record #{rec.seq} was changed: its link to the "
                                "previous record (prev_hash) is not that record's hash")
+                if keyed_otherwise(rec, page):
+                    given = ("without a key" if key is None
+                             else "with the audit key given")
+                    return AuditReport(
+                        False, count, rec.seq,
+                        f"records #{rec.seq} and #{rec.seq + 1} link together but neither "
+                        f"matches its hash {given}: the chain was written with "
+                        + ("an audit key" if key is None else "another key")
+                        + ": set CANTATA_AUDIT_KEY to the key the app writes with",
+                        wrong_key=True,
+                    )
                 return bad(rec.seq, f"record #{rec.seq} was changed: its content does not "
                            "match its hash")
             if rec.prev_hash != expected_prev:
