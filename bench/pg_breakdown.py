@@ -445,7 +445,41 @@ async def _commit(n: int) -> None:
         await store.close()
 
 
+USAGE = """\
+usage: python -m bench.pg_breakdown MODE [options]     (PostgreSQL; see docs/performance.md)
+
+modes:
+  saga|chain latency|throughput [--n N] [--broker embedded|nats] [--no-lean] [--no-fold]
+                 run bench.cantata_scenario on PostgreSQL in this process and time every
+                 statement of the store's writer by kind, then a write's phases (the
+                 scenario's own options: python -m bench.cantata_scenario --help)
+  functions [--n N]  the server's time in cantata_write_runs vs the lean
+                 cantata_checkpoint_one (N saga checkpoints each, interleaved)
+  settle [--n N]     cantata_settle vs the lean cantata_settle_one (N hop settlements each)
+  commit [--n N]     one connection's round trip of a checkpoint, an INSERT and SELECT 1,
+                 with synchronous_commit on and off (the COMMIT's WAL flush)
+
+  --n N          runs or events (saga|chain: the scenario's --n), or writes per side
+                 (functions, settle, commit: default 200)
+  --no-lean      (saga|chain) batches of one through the big functions too
+  --no-fold      (saga|chain) a new run's first checkpoint as a second call
+"""
+_OWN_MODES = ("commit", "settle", "functions")
+
+
+def _wants_help(args: list[str]) -> bool:
+    """``-h``/``--help`` first or after one of this module's own modes (after a
+    scenario, ``--help`` is the scenario's: bench.cantata_scenario answers)."""
+    helps = {"-h", "--help"}
+    return args[0] in helps or (args[0] in _OWN_MODES and bool(helps & set(args)))
+
+
 def main() -> None:
+    if not sys.argv[1:]:
+        sys.exit(USAGE)  # on stderr, exit status 1
+    if _wants_help(sys.argv[1:]):
+        print(USAGE, end="")
+        return
     if sys.argv[1:2] == ["commit"]:
         n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 200
         asyncio.run(_commit(n))
@@ -467,11 +501,13 @@ def main() -> None:
         postgres_event_writes.LEAN = False
     _install()
     _install_phases()
+    scenario_help = bool({"-h", "--help"} & set(sys.argv[1:]))
     sys.argv = ["bench.cantata_scenario", *sys.argv[1:], "--store", "postgres"]
     try:
         runpy.run_module("bench.cantata_scenario", run_name="__main__")
     finally:
-        print(report())
+        if not scenario_help:  # the scenario printed its usage and measured nothing
+            print(report())
 
 
 if __name__ == "__main__":
