@@ -156,6 +156,7 @@ class Runtime:
             stops.append(consumer.stop(deadline, force))
         await asyncio.gather(*stops)
         if consumer is not None:
+            self.engine.cut_short += consumer.cut_short
             self.consumer = None
             await self.engine.ownership.release()  # the heartbeat ends with the drain
         # Only now: while handlers drain, the worker's row keeps their deliveries its own.

@@ -102,6 +102,8 @@ async def test_grace_is_bounded_and_what_is_left_is_released_at_once(
         counts = await c.recover(time.monotonic(), budget=10)  # a third of the lease
     print(f"\nbounded grace: exit after {took:.1f} s: {counts}")
     assert took < 1.0 + 5, f"the worker took {took:.1f} s to stop with a grace of 1 s"
+    # a stop that released work past the grace is not a clean one (docs/leases.md)
+    assert victim.proc.returncode == 3, c.logs()
     assert_zero(counts)
 
 
@@ -126,6 +128,7 @@ async def test_a_second_signal_stops_at_once(
         counts = await c.recover(time.monotonic(), budget=10)
     print(f"\nsecond signal: exit after {took:.1f} s: {counts}")
     assert took < 3.0, f"two SIGTERMs took {took:.1f} s to stop the worker"
+    assert victim.proc.returncode == 3, c.logs()
     assert_zero(counts, worker_lost=False)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cantata.supervisor import Supervisor, WorkerCrashLoop, describe
+from cantata.supervisor.parent import worst
 
 # argv: mode, parent pid, ready fd, marks folder. "serve" says it is ready, then exits 0
 # at SIGTERM (leaving a mark); "crash" exits 3 before it says anything.
@@ -61,6 +62,12 @@ async def until(check: object, timeout: float, what: str) -> None:
     while not check():  # type: ignore[operator]
         assert loop.time() < end, f"{what} did not happen within {timeout} s"
         await asyncio.sleep(0.02)
+
+
+def test_the_exit_status_is_the_worst_of_the_children() -> None:
+    assert worst([0, 0]) == 0
+    assert worst([0, 3, 3]) == 3  # work released past the grace, nothing worse
+    assert worst([3, 1]) == 1 and worst([0, -9]) == 1
 
 
 def test_describe_names_a_code_or_a_signal() -> None:

@@ -63,6 +63,7 @@ class Consumer:
         self._subs: list[Subscription] = []
         self._active: set[asyncio.Task[Any]] = set()  # tasks running a delivery here
         self._cutting = False  # a stop past its grace is cancelling handlers
+        self.cut_short = 0  # handlers a stop cancelled past its grace
 
     def groups(self) -> dict[str, list[str]]:
         """group -> patterns, for the handlers and triggers this process serves."""
@@ -102,6 +103,7 @@ class Consumer:
                             "cancelling them and handing their events back",
                             len(self._active))
                 self._cutting = True
+                self.cut_short += len(self._active)
                 for task in list(self._active):
                     task.cancel()
         await stopping

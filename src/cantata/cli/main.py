@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     secrets.install_log_masking()
     try:
-        cli(args=args, prog_name="cantata", standalone_mode=False)
+        # (without standalone mode, click returns a typer.Exit's code instead of raising)
+        returned = cli(args=args, prog_name="cantata", standalone_mode=False)
     except typer.Abort:
         print("cantata: aborted", file=sys.stderr)
         return 130
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return returned if isinstance(returned, int) and not isinstance(returned, bool) else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from cantata.errors import ConfigurationError
 from cantata.observability import logs
 from cantata.store.factory import mask_url
 from cantata.supervisor import FORCE_SIGNAL, Supervisor, die_with_parent, notify_ready
+from cantata.supervisor.parent import CUT_SHORT
 
 from .common import console, load_app, store_url
 
@@ -103,7 +104,14 @@ def worker(
         raise typer.Exit(supervise(the_app, app, passed, count))
     if why_one:
         console.print(why_one)
-    serve(the_app, ready_fd, supervised=child_of is not None)
+    cut_short = serve(the_app, ready_fd, supervised=child_of is not None)
+    if cut_short:
+        console.print(
+            f"stopped: {cut_short} step(s) or handler(s) did not finish within the grace "
+            f"({the_app.shutdown_grace:g} s, --grace) and were released to the other "
+            f"workers (exit status {CUT_SHORT})"
+        )
+        raise typer.Exit(CUT_SHORT)
 
 
 def known_services(app: App) -> list[str]:
@@ -168,7 +176,7 @@ def process_count(app: App, requested: int | None) -> tuple[int, str | None]:
 
 def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
     """Run ``count`` worker processes of ``spec`` until a signal stops them; the exit
-    code (0: every one drained cleanly)."""
+    code (0: every one drained cleanly; 3: work was released past the grace)."""
 
     def command(parent: int, fd: int) -> list[str]:
         return [sys.executable, "-m", "cantata", "worker", spec, *passed, "--processes",
@@ -196,15 +204,16 @@ def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
     return code
 
 
-def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> None:
-    """Serve in this process until SIGTERM or SIGINT (a second one forces the stop).
+def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> int:
+    """Serve in this process until SIGTERM or SIGINT (a second one forces the stop);
+    the number of steps and handlers the stop released past its grace.
 
     Under a supervisor only its FORCE_SIGNAL forces: a second SIGTERM may be the
     service manager's own, sent to every process besides the supervisor's
     (cantata.supervisor.parent).
     """
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -238,6 +247,7 @@ def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> No
         if supervised:
             loop.add_signal_handler(FORCE_SIGNAL, on_force)
         async with the_app:
+            engine = the_app.engine
             console.print(
                 f"cantata worker {the_app.engine.worker_id} serving app [bold]{the_app.name}[/] "
                 f"({len(the_app.workflows)} workflows, {len(the_app.handlers)} handlers, version "
@@ -252,5 +262,6 @@ def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> No
             )
         for task in forcing:
             task.cancel()
+        return engine.cut_short
 
-    asyncio.run(main())
+    return asyncio.run(main())

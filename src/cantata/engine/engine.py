@@ -96,6 +96,7 @@ class Engine:
         # A graceful stop is under way: runs park at their next durable point, and
         # ``quiesce`` is set whenever one parks or ends (see shutdown.drain).
         self.draining = False
+        self.cut_short = 0  # steps and handlers a stop released past its grace
         self.quiesce = asyncio.Event()
         # run id -> (step key, attempt) this worker started but cut short itself (a
         # re-take, an outage, a self-fence): not attempts, this worker is alive.

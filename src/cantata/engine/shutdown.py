@@ -45,6 +45,7 @@ async def drain(engine: Engine, deadline: float, force: asyncio.Event) -> None:
         await wait_or_force(engine.quiesce, min(deadline, loop.time() + 0.1), force)
     left = list(engine.executions.values())
     running = [e for e in left if e.inflight]
+    engine.cut_short += len(running)
     if running:
         log.warning("stopping: releasing %d run(s) whose step did not finish in time; "
                     "another worker resumes them at once", len(running))

@@ -47,6 +47,20 @@ class WorkerCrashLoop(CantataError):
     code = "worker_crash_loop"
 
 
+# A worker's exit status after a stop that released steps or handlers past its grace
+# (docs/leases.md; `cantata worker` exits with it too).
+CUT_SHORT = 3
+
+
+def worst(codes: list[int]) -> int:
+    """The supervisor's exit status from its children's: 0 when every one drained
+    cleanly, 3 when the only trouble was work released past the grace, else 1."""
+    bad = {c for c in codes if c != 0}
+    if not bad:
+        return 0
+    return CUT_SHORT if bad == {CUT_SHORT} else 1
+
+
 def describe(returncode: int) -> str:
     """``exited with code 3`` / ``was killed by SIGKILL``."""
     if returncode < 0:
@@ -133,7 +147,7 @@ class Supervisor:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        return next((1 for c in codes if c != 0), 0)
+        return worst(codes)
 
     def stop(self) -> None:
         """Ask every child to stop gracefully; none is restarted any more."""
