@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,7 @@ from cantata.observability.node import TraceNode, TraceNotFound, node_dict
 from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import fmt_seconds, render_timeline
 from cantata.observability.trace import DEFAULT_LIMIT, build_trace
+from cantata.store.factory import mask_url
 
 from .common import (
     client_app,
@@ -92,6 +94,18 @@ async def _trace_of(app: App, ref: str | None, key: str | None, limit: int) -> T
     return await build_trace(app.store, app.name, rec.correlation_id, limit=limit)
 
 
+def again(command: str, target: str, app: str | None, store: str | None) -> str:
+    """``cantata COMMAND TARGET`` with the ``--app`` and ``--store`` given to this one
+    (as typed: a module:attribute stays one; a store password stays out)."""
+    words = ["cantata", command, target]
+    if app is not None:
+        words += ["--app", app]
+    if store is not None:
+        masked = mask_url(store)
+        words += ["--store", store if masked == store else "URL"]
+    return shlex.join(words)
+
+
 def _where(stall: Stall) -> str:
     n = stall.node
     if n.kind == "handler":
@@ -152,8 +166,8 @@ def stalled(
             table.add_row(Text(s.correlation_id), s.reason, Text(_where(s)),
                           fmt_seconds((at - s.since).total_seconds()), Text(_detail(s)[:200]))
         show(table)
-        console.print(Text(f"{len(stalls)} stall(s); see one whole: cantata trace "
-                           f"{stalls[0].correlation_id} --app {the_app.name}"))
+        console.print(Text(f"{len(stalls)} stall(s); see one whole: "
+                           + again("trace", stalls[0].correlation_id, app, store)))
 
     run(go)
 
