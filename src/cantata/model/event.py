@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from cantata.errors import InvalidEvent
+from cantata.model.checks import check_text
 from cantata.model.codec import new_id, now_iso
 
 T = TypeVar("T")
@@ -49,12 +50,15 @@ def check_attribute(name: str, value: Any) -> Any:
     """Validate an optional string attribute given by a caller (``None`` passes).
 
     CloudEvents requires ``id``, ``source`` and ``subject`` to be non-empty strings;
-    anything else would be stored converted, or break the JSON form on a broker.
+    anything else would be stored converted, or break the JSON form on a broker (and
+    a NUL or a lone surrogate cannot be stored: :func:`check_text`).
     """
-    if value is not None and (not isinstance(value, str) or not value):
-        raise InvalidEvent(
-            f"event attribute {name!r} must be a non-empty string, got {value!r}"
-        )
+    if value is not None:
+        if not isinstance(value, str) or not value:
+            raise InvalidEvent(
+                f"event attribute {name!r} must be a non-empty string, got {value!r}"
+            )
+        check_text(f"event attribute {name!r}", value, error=InvalidEvent)
     return value
 
 
