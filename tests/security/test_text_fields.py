@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cantata import (
+    App,
     ConfigurationError,
     DeadLetterNotFound,
     InvalidEvent,
@@ -134,3 +135,24 @@ async def test_a_nul_in_a_json_payload_round_trips(store_url: str, payload: Any)
         await app.publish("note.added", payload)
         await eventually(lambda: bool(seen))
         assert seen == [payload]
+
+
+async def test_a_trailing_newline_does_not_slip_past_a_names_pattern() -> None:
+    # `$` matches before a final "\n": each pattern must hold for the whole text
+    with pytest.raises(ConfigurationError, match=re.escape("app name 'shop\\n' is invalid")):
+        App("shop\n", store="memory://")
+    app = make_app("memory://")
+
+    @app.workflow
+    async def tagged(ctx: WorkflowContext) -> None:
+        await ctx.set_attributes(**{"customer\n": 1})
+
+    with pytest.raises(InvalidEvent, match=re.escape("event pattern 'order.*\\n' is invalid")):
+        app.on("order.*\n", group="billing")(tagged)
+    async with app:
+        with pytest.raises(InvalidEvent, match=re.escape("'order.placed\\n' is invalid")):
+            await app.publish("order.placed\n", {"n": 1})
+        with pytest.raises(WorkflowFailed, match=re.escape("name 'customer\\n' is invalid")):
+            await (await app.start(tagged)).result(timeout=10)
+        with pytest.raises(UnknownAttribute, match=re.escape("name 'customer\\n' is invalid")):
+            await app.find_runs(attributes={"customer\n": 1})

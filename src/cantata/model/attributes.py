@@ -27,7 +27,7 @@ def check_name(name: str) -> str:
         UnknownAttribute: it is not 1-64 letters, digits, ``_``, ``.`` or ``-``
             starting with a letter or ``_``.
     """
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UnknownAttribute(
             f"attribute name {name!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or '_' (for example customer_id)"

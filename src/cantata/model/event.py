@@ -28,7 +28,7 @@ _OPTIONAL_STRINGS = ("subject", "time", "correlationid", "causationid", "tracepa
 
 def check_type(event_type: str) -> str:
     """Validate an event type (dot-separated tokens, no wildcard)."""
-    if not isinstance(event_type, str) or not _TYPE_RE.match(event_type):
+    if not isinstance(event_type, str) or not _TYPE_RE.fullmatch(event_type):
         raise InvalidEvent(
             f"event type {event_type!r} is invalid: use dot-separated tokens of letters, "
             "digits, '-' and '_' such as 'order.placed'"
@@ -38,7 +38,7 @@ def check_type(event_type: str) -> str:
 
 def check_pattern(pattern: str) -> str:
     """Validate a subscription pattern: an exact type or one-token wildcards (``order.*``)."""
-    if not isinstance(pattern, str) or not _PATTERN_RE.match(pattern):
+    if not isinstance(pattern, str) or not _PATTERN_RE.fullmatch(pattern):
         raise InvalidEvent(
             f"event pattern {pattern!r} is invalid: use an event type such as 'order.placed' "
             "or one-token wildcards such as 'order.*'"
