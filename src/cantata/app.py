@@ -25,10 +25,11 @@ from cantata.engine.handle import RunHandle
 from cantata.engine.hooks import Hook, Hooks
 from cantata.errors import (
     ConfigurationError,
+    DeadLetterNotFound,
     UnknownWorkflow,
 )
 from cantata.model import codec, secrets
-from cantata.model.checks import check_seconds
+from cantata.model.checks import actor_or, check_seconds, check_text
 from cantata.model.event import Event
 from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.signing import Signer
@@ -315,7 +316,9 @@ class App(RouterFacade):
         Raises:
             UnknownWorkflow: no service of this app declares it.
             UnknownQueue: no process of this app declares ``queue``.
-            ConfigurationError: ``priority`` is not an int, ``partition`` not a string.
+            ConfigurationError: ``priority`` is not an int, ``partition`` not a string;
+                ``idempotency_key``, ``correlation_id`` or ``partition`` holds a NUL
+                character or a lone surrogate (no store keeps it as given).
             SerializationError: an argument is not JSON-serialisable (nothing is stored).
             IdempotencyConflict: the key was used with other arguments.
         """
@@ -442,6 +445,8 @@ class App(RouterFacade):
                 f"list_runs(limit=...) must be a whole number, 0 or more, got {limit!r}"
             )
         st = parse_status(status)
+        if isinstance(workflow, str):
+            check_text("list_runs(workflow=...)", workflow, hint="no run has one; check the filter")
         runs = await self.store.list_runs(self.name, status=st, workflow=workflow, limit=limit)
         return [RunInfo.of(r) for r in runs]
 
@@ -471,6 +476,8 @@ class App(RouterFacade):
 
         Raises:
             DuplicateEventId: ``id`` was used by an event with different content.
+            InvalidEvent: a bad type, or ``id``, ``subject``, ``source`` or
+                ``correlation_id`` empty or holding a NUL or a lone surrogate.
             SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
         """
         event = new_event(
@@ -551,8 +558,8 @@ class App(RouterFacade):
             DeadLetterNotFound: no such dead letter.
         """
         dl = await self.store.replay_dead_letter(
-            self.name, dead_letter_id, self.clock.now(),
-            actor=actor or f"process:{self.engine.worker_id}",
+            self.name, _dead_letter_id(dead_letter_id), self.clock.now(),
+            actor=actor_or(actor, f"process:{self.engine.worker_id}"),
         )
         assert self._broker is not None
         await self._broker.redeliver(self.name, dl.group, dl.event)
@@ -565,5 +572,12 @@ class App(RouterFacade):
             DeadLetterNotFound: no such dead letter.
         """
         return await self.store.discard_dead_letter(
-            self.name, dead_letter_id, actor=actor or f"process:{self.engine.worker_id}"
+            self.name, _dead_letter_id(dead_letter_id),
+            actor=actor_or(actor, f"process:{self.engine.worker_id}"),
         )
+
+
+def _dead_letter_id(dead_letter_id: str) -> str:
+    """A dead letter id to look up: one holding a NUL or a lone surrogate is no id."""
+    return check_text("dead letter id", dead_letter_id, error=DeadLetterNotFound,
+                      hint="no dead letter has such an id; see app.dead_letters()")

@@ -21,7 +21,7 @@ def check_options(
     version: object,
 ) -> None:
     """Raise :class:`ConfigurationError` for the first invalid option."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigurationError(
             f"app name {name!r} is invalid: use 1-100 letters, digits, '.', '-' or '_'"
         )

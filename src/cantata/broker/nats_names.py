@@ -41,14 +41,14 @@ def token(name: str) -> str:
     Names that need changing (odd characters, or longer than 128 characters) get a
     hash suffix, so two names never share a token.
     """
-    if _TOKEN_RE.match(name) and len(name) <= _MAX_TOKEN:
+    if _TOKEN_RE.fullmatch(name) and len(name) <= _MAX_TOKEN:
         return name
     return f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)[:48]}_{digest(name, n=8)}"
 
 
 def check_prefix(prefix: str) -> str:
     """Validate a ``?prefix=`` of a broker URL (``""``: no prefix)."""
-    if prefix and (not _PREFIX_RE.match(prefix) or prefix.lower() == "cantata"):
+    if prefix and (not _PREFIX_RE.fullmatch(prefix) or prefix.lower() == "cantata"):
         raise ConfigurationError(
             f"broker prefix {prefix!r} is invalid: use 1-32 letters, digits or '-' "
             "(not 'cantata'), such as ?prefix=staging"

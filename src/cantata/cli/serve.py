@@ -164,7 +164,7 @@ def token_create(
     """Create a token and print it once (the store keeps only its hash)."""
     from cantata.server.auth import create_token
 
-    if not _TOKEN_NAME.match(name):
+    if not _TOKEN_NAME.fullmatch(name):
         raise ConfigurationError(
             f"token name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '@' or '-'")
     try:

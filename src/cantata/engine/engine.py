@@ -12,6 +12,7 @@ from cantata.declare.defs import StepDef, remote_step_def
 from cantata.declare.router import Router
 from cantata.errors import Cancelled, ConfigurationError
 from cantata.model import codec
+from cantata.model.checks import check_text
 from cantata.model.event import Event
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
@@ -201,6 +202,15 @@ class Engine:
                 "the business key that makes this start unique (e.g. 'order-42'), or None "
                 "for a new run each time"
             )
+        if idempotency_key is not None:
+            check_text("idempotency_key", idempotency_key)
+        if correlation_id is not None:
+            if not isinstance(correlation_id, str):
+                raise ConfigurationError(
+                    f"correlation_id must be a string, got {correlation_id!r}: pass the id of "
+                    "the business transaction to join, or None to begin a new one"
+                )
+            check_text("correlation_id", correlation_id)
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )

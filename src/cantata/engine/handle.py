@@ -14,7 +14,7 @@ from cantata.errors import (
     WorkflowFailed,
 )
 from cantata.model import codec
-from cantata.model.checks import check_seconds
+from cantata.model.checks import actor_or, check_run_id, check_seconds
 from cantata.model.records import RunRecord
 from cantata.model.status import RunStatus
 
@@ -67,7 +67,7 @@ class RunHandle:
         return f"RunHandle(run_id={self.run_id!r}, workflow={self.workflow!r})"
 
     async def _get(self) -> RunRecord:
-        run = await self._engine.store.get_run(self._engine.app, self.run_id)
+        run = await self._engine.store.get_run(self._engine.app, check_run_id(self.run_id))
         if run is None:
             raise RunNotFound(
                 f"no run {self.run_id!r} in app {self._engine.app!r}: check the id, and that "
@@ -179,8 +179,10 @@ class RunHandle:
         finished run does nothing. ``actor`` is recorded in the audit log (default: this
         process).
         """
-        who = actor or f"process:{self._engine.worker_id}"
-        run = await self._engine.store.request_cancel(self._engine.app, self.run_id, actor=who)
+        who = actor_or(actor, f"process:{self._engine.worker_id}")
+        run = await self._engine.store.request_cancel(
+            self._engine.app, check_run_id(self.run_id), actor=who
+        )
         if run is None:
             raise RunNotFound(f"no run {self.run_id!r} in app {self._engine.app!r}")
         await self._engine.check_cancellations()

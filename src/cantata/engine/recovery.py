@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import ConfigurationError, RunNotFound, UnknownAttribute
 from cantata.model import codec
 from cantata.model.attributes import check_name, index_value
+from cantata.model.checks import actor_or, check_run_id, check_text
 from cantata.model.records import RunInfo, RunRecord
 from cantata.model.status import RunStatus, parse_status
 
@@ -38,6 +39,8 @@ async def retry(
     engine: Engine, run_id: str, *, include_compensated: bool = False, actor: str | None = None
 ) -> RunRecord:
     """Make a failed run live again from its failed step (see the module docstring)."""
+    check_run_id(run_id)
+    who = actor_or(actor, f"process:{engine.worker_id}")
     run = await engine.store.get_run(engine.app, run_id)
     if run is None:
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
@@ -45,7 +48,7 @@ async def retry(
     return await engine.store.retry_run(
         engine.app, run_id, include_compensated=include_compensated,
         version=await _version_for(engine, run.workflow),
-        actor=actor or f"process:{engine.worker_id}", now=engine.clock.now(),
+        actor=who, now=engine.clock.now(),
     )
 
 
@@ -56,6 +59,9 @@ async def fork(
     before ``from_step`` (``name#n``; a bare name means its first call)."""
     if not isinstance(from_step, str) or not from_step.strip():
         raise ConfigurationError("fork needs from_step, the history key of a call: 'name#n'")
+    check_text("fork from_step", from_step)
+    check_run_id(run_id)
+    who = actor_or(actor, f"process:{engine.worker_id}")
     key = from_step if "#" in from_step else f"{from_step}#1"
     source = await engine.store.get_run(engine.app, run_id)
     if source is None:
@@ -68,9 +74,7 @@ async def fork(
         causation_id=source.run_id, args_hash=source.args_hash, service=source.service,
         version=await _version_for(engine, source.workflow),
     )
-    return await engine.store.fork_run(
-        engine.app, run_id, run, before_key=key, actor=actor or f"process:{engine.worker_id}"
-    )
+    return await engine.store.fork_run(engine.app, run_id, run, before_key=key, actor=who)
 
 
 async def find_runs(engine: Engine, **filters: Any) -> list[RunInfo]:
@@ -91,12 +95,16 @@ async def find_records(
     """Stored runs matching every filter, newest first, with their search attributes.
 
     Raises:
-        ConfigurationError: an unknown status or a limit below 1.
+        ConfigurationError: an unknown status or a limit below 1, or a key or workflow
+            name holding a NUL character or a lone surrogate.
         UnknownAttribute: an attribute name no run of the app has set, or malformed.
     """
     st = parse_status(status)
     if limit < 1:
         raise ConfigurationError(f"limit must be >= 1, got {limit}")
+    for what, text in (("idempotency_key", idempotency_key), ("workflow", workflow)):
+        if isinstance(text, str):  # a NUL key was refused at start: say so, match nothing
+            check_text(f"find_runs({what}=...)", text, hint="no run has one; check the filter")
     wanted = {check_name(name): index_value(name, value)
               for name, value in (attributes or {}).items()}
     runs = await engine.store.find_runs(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.errors import ConfigurationError, RunNotFound
 from cantata.model import codec
-from cantata.model.checks import check_seconds
+from cantata.model.checks import check_run_id, check_seconds, check_text
 from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunRecord
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def check_key(key: object, call: str) -> str:
     """A value's key: a non-empty string."""
     if not isinstance(key, str) or not key:
         raise ConfigurationError(f"{call}: the key must be a non-empty string, got {key!r}")
-    return key
+    return check_text(f"{call}: the key", key)
 
 
 async def set_value(x: WorkflowRuntime, key: str, value: Any) -> None:
@@ -56,7 +56,7 @@ def values_of(history: Sequence[HistoryEntry]) -> dict[str, Any]:
 
 
 async def _load(engine: Engine, run_id: str) -> tuple[RunRecord, list[HistoryEntry]]:
-    run = await engine.store.get_run(engine.app, run_id)
+    run = await engine.store.get_run(engine.app, check_run_id(run_id))
     if run is None:
         raise RunNotFound(
             f"no run {run_id!r} in app {engine.app!r}: check the id, and that this process "

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cantata.errors import ConfigurationError, UnknownQueue
+from cantata.model.checks import check_text
 from cantata.model.flow import QueueEntry, make_spec  # noqa: F401 (make_spec re-exported)
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ async def entry_for(
         raise ConfigurationError(f"priority must be an integer, got {priority!r}")
     if partition is not None and (not isinstance(partition, str) or not partition):
         raise ConfigurationError(f"partition must be a non-empty string, got {partition!r}")
+    if partition is not None:
+        check_text("partition", partition)
     if queue is None:
         wdef = engine.router.workflows.get(workflow)
         queue = wdef.queue if wdef is not None else None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import ConfigurationError, IdempotencyConflict, UnknownSchedule
+from cantata.model.checks import check_text
 from cantata.model.flow import ScheduleRow
 from cantata.model.schedule import (  # noqa: F401 (re-exported: the spec lives in the model)
     CATCH_UP,
@@ -323,6 +324,8 @@ class Schedules:
             UnknownSchedule: no schedule of that name.
         """
         engine = self._engine
+        check_text("schedule name", name, error=UnknownSchedule,
+                   hint="no schedule has such a name; see `cantata schedules list`")
         if not await engine.store.delete_schedule(engine.app, name):
             raise UnknownSchedule(
                 f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cantata.errors import UnknownAttribute
+from cantata.model.checks import check_text
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 MAX_VALUE = 1000  # characters of one indexed value
@@ -26,7 +27,7 @@ def check_name(name: str) -> str:
         UnknownAttribute: it is not 1-64 letters, digits, ``_``, ``.`` or ``-``
             starting with a letter or ``_``.
     """
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UnknownAttribute(
             f"attribute name {name!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or '_' (for example customer_id)"
@@ -49,7 +50,7 @@ def index_value(name: str, value: Any) -> str:
             raise UnknownAttribute(f"attribute {name!r} = {value!r}: use a finite number")
         text = str(int(value)) if value.is_integer() else repr(value)
     elif isinstance(value, str):
-        text = value
+        text = check_text(f"attribute {name!r}", value, error=UnknownAttribute)
     else:
         raise UnknownAttribute(
             f"attribute {name!r} has a {type(value).__name__} value: attributes are str, int, "

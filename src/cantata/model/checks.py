@@ -1,5 +1,6 @@
-"""The one check of a numeric option (seconds, factors): each refusal names the option,
-what was given and what to pass, in the same words wherever the option is taken."""
+"""The shared checks of options: numbers (seconds, factors) and short text (keys, ids,
+names). Each refusal names the option, what was given and what to pass, in the same
+words wherever the option is taken."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from numbers import Real
 from typing import TypeGuard
 
-from cantata.errors import ConfigurationError
+from cantata.errors import CantataError, ConfigurationError, RunNotFound
 
 
 def check_number(
@@ -52,3 +53,60 @@ def check_seconds(
 def _is_number(value: object) -> TypeGuard[Real]:
     return (not isinstance(value, bool) and isinstance(value, Real)
             and not math.isnan(value))
+
+
+def check_text(
+    what: str,
+    value: str,
+    *,
+    error: type[CantataError] = ConfigurationError,
+    hint: str | None = None,
+) -> str:
+    """``value`` unchanged if a store can keep it as it is: it holds no NUL character
+    and no lone surrogate (a string that is not valid Unicode, so has no UTF-8 form).
+
+    PostgreSQL refuses both and SQLite cuts text at a NUL: a key, id or name holding
+    one is refused where it is given, not failed on in a driver or stored changed.
+    ``hint`` replaces the advice of the message (for a lookup: "no run has such an id").
+
+    Raises:
+        ConfigurationError (or ``error``): naming ``what`` and showing the value.
+    """
+    if "\x00" in value:
+        raise error(
+            f"{what} {value!r} holds a NUL character ('\\x00'): "
+            + (hint or "it cannot be stored as given (PostgreSQL refuses it, SQLite cuts the "
+               "text there); pass the text without it (binary data belongs in a JSON "
+               "payload, e.g. base64-encoded)")
+        )
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise error(
+                f"{what} {value!r} holds a lone surrogate, so it is not valid Unicode text: "
+                + (hint or "pass valid text (decode bytes with their real encoding, not "
+                   "errors='surrogateescape')")
+            ) from None
+    return value
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id to look up, as :func:`check_text` checks it: no run has an id holding a
+    NUL or a lone surrogate, so one is not found (nor handed to a driver that fails).
+
+    Raises:
+        RunNotFound: naming the id.
+    """
+    return check_text("run id", run_id, error=RunNotFound,
+                      hint="no run has such an id; check the id")
+
+
+def actor_or(actor: str | None, default: str) -> str:
+    """Who an operator action is audited as: ``actor`` as :func:`check_text` checks it
+    (the audit log keeps it), or ``default`` (this process) when none is given.
+
+    Raises:
+        ConfigurationError: ``actor`` holds a NUL or a lone surrogate.
+    """
+    return check_text("actor", actor) if actor else default

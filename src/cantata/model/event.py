@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from cantata.errors import InvalidEvent
+from cantata.model.checks import check_text
 from cantata.model.codec import new_id, now_iso
 
 T = TypeVar("T")
@@ -27,7 +28,7 @@ _OPTIONAL_STRINGS = ("subject", "time", "correlationid", "causationid", "tracepa
 
 def check_type(event_type: str) -> str:
     """Validate an event type (dot-separated tokens, no wildcard)."""
-    if not isinstance(event_type, str) or not _TYPE_RE.match(event_type):
+    if not isinstance(event_type, str) or not _TYPE_RE.fullmatch(event_type):
         raise InvalidEvent(
             f"event type {event_type!r} is invalid: use dot-separated tokens of letters, "
             "digits, '-' and '_' such as 'order.placed'"
@@ -37,7 +38,7 @@ def check_type(event_type: str) -> str:
 
 def check_pattern(pattern: str) -> str:
     """Validate a subscription pattern: an exact type or one-token wildcards (``order.*``)."""
-    if not isinstance(pattern, str) or not _PATTERN_RE.match(pattern):
+    if not isinstance(pattern, str) or not _PATTERN_RE.fullmatch(pattern):
         raise InvalidEvent(
             f"event pattern {pattern!r} is invalid: use an event type such as 'order.placed' "
             "or one-token wildcards such as 'order.*'"
@@ -49,12 +50,15 @@ def check_attribute(name: str, value: Any) -> Any:
     """Validate an optional string attribute given by a caller (``None`` passes).
 
     CloudEvents requires ``id``, ``source`` and ``subject`` to be non-empty strings;
-    anything else would be stored converted, or break the JSON form on a broker.
+    anything else would be stored converted, or break the JSON form on a broker (and
+    a NUL or a lone surrogate cannot be stored: :func:`check_text`).
     """
-    if value is not None and (not isinstance(value, str) or not value):
-        raise InvalidEvent(
-            f"event attribute {name!r} must be a non-empty string, got {value!r}"
-        )
+    if value is not None:
+        if not isinstance(value, str) or not value:
+            raise InvalidEvent(
+                f"event attribute {name!r} must be a non-empty string, got {value!r}"
+            )
+        check_text(f"event attribute {name!r}", value, error=InvalidEvent)
     return value
 
 

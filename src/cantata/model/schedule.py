@@ -19,6 +19,7 @@ import cronsim
 
 from cantata.errors import ConfigurationError
 from cantata.model import codec
+from cantata.model.checks import check_text
 
 OVERLAP = ("skip", "buffer_one", "allow")
 CATCH_UP = ("skip", "last", "all")
@@ -45,6 +46,8 @@ class ScheduleSpec:
     has_input: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.name, str):
+            check_text("schedule name", self.name)
         if (self.cron is None) == (self.every is None):
             raise ConfigurationError(
                 f"schedule {self.name!r}: give a cron expression or every=SECONDS (one of them)"

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.model import codec
+from cantata.model.checks import check_text
 from cantata.model.event import Event, matches
 from cantata.model.records import (
     CHILD,
@@ -131,6 +132,8 @@ async def load_records(
 
     One record more than ``limit`` is asked for, so that truncation can be told.
     """
+    check_text("correlation id", correlation_id, error=TraceNotFound,
+               hint=f"no run or event of app {app!r} has such an id; check the id")
     records = await store.trace_records(app, correlation_id, limit=limit + 1)
     if records.runs or records.events:
         return correlation_id, records

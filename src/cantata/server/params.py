@@ -27,7 +27,7 @@ def ident(field: str, value: str | None) -> str | None:
     """An id-like value (run id, event id, correlation id, idempotency key)."""
     if value is None:
         return None
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise bad_input(field, f"{field} must be 1-200 printable characters without spaces")
     return value
 
@@ -42,7 +42,7 @@ def name(field: str, value: str | None) -> str | None:
     """A workflow, group or step name."""
     if value is None:
         return None
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise bad_input(field, f"{field} must be 1-200 letters, digits, '_', '.', ':' or '-'")
     return value
 
@@ -126,7 +126,7 @@ def run_cursor(value: str | None) -> tuple[float, str] | None:
         if isinstance(at, bool) or not isinstance(at, (int, float)) or not isinstance(
                 run_id, str):
             raise ValueError("wrong types")
-        if not math.isfinite(at) or not _ID_RE.match(run_id):
+        if not math.isfinite(at) or not _ID_RE.fullmatch(run_id):
             raise ValueError("wrong values")
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise bad_input("cursor", "cursor is not one this API gave out: "

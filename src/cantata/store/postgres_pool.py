@@ -112,7 +112,7 @@ class PgPool:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
         self.schema = next((v for k, v in query if k == "schema"), DEFAULT_SCHEMA)
-        if not _SCHEMA_RE.match(self.schema):
+        if not _SCHEMA_RE.fullmatch(self.schema):
             raise ConfigurationError(
                 f"schema {self.schema!r} in {self.masked_url} is not a plain lower-case SQL "
                 "name: use letters, digits and '_'"
