@@ -9,6 +9,8 @@ goes on the stream either.
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from cantata.broker.nats import NatsBroker
 from cantata.broker.nats_consumer import INVALID_TYPE
 from tests.broker.nats_support import app_name, nats_broker, streams_removed
 from tests.choreography.helpers import SETTLE, eventually
+from tests.helpers import drop_schema
 
 pytestmark = pytest.mark.nats
 
@@ -77,3 +80,54 @@ async def _count(js: Any, stream: str, subject: str) -> int:
     except Exception:
         return 0
     return 1
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_an_outside_event_with_text_no_store_keeps_is_dead_lettered(
+    backend: str, nats_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A NUL or a lone surrogate in an id, a subject or a source: PostgreSQL refuses such
+    text and SQLite cuts it, so the event is dead-lettered as a payload that is not a
+    valid event (its stand-in), not retried for ever against the store."""
+    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
+    if backend == "sqlite":
+        store = f"sqlite:///{tmp_path}/a.db"
+    else:
+        store = f"{request.getfixturevalue('postgres_url')}?schema={schema}"
+    name = app_name("outside")
+    broker = nats_broker(nats_url)
+    app = App(name, store=store, broker=broker, poll_interval=0.05)
+    handled: list[str] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: Event[Any]) -> None:
+        handled.append(event.id)
+
+    async with streams_removed(nats_url, name), app:
+        names = broker.names(name)
+        bad = [Event(type="order.placed", data={}, id="a\x00b"),
+               Event(type="order.placed", data={}, subject="s\x00"),
+               Event(type="order.placed", data={}, source="\ud800")]
+        good = Event(type="order.placed", data={"ok": True})
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            for e in [*bad, good]:
+                # (json escapes a lone surrogate as another system's encoder may)
+                payload = json.dumps(e.to_cloudevent()).encode()
+                await js.publish(names.event(e.type), payload, stream=names.stream)
+
+            async def all_dead() -> bool:
+                return len(await app.dead_letters()) == 3
+
+            await eventually(all_dead, what="the 3 events dead-lettered")
+            await eventually(lambda: handled == [good.id], what="the good event handled")
+        finally:
+            await nc.close()
+        letters = await app.dead_letters()
+        assert {d.event.type for d in letters} == {INVALID_TYPE}
+        assert all("NUL" in d.error or "surrogate" in d.error for d in letters), letters
+    if backend == "postgres":
+        await drop_schema(request.getfixturevalue("postgres_url"), schema)

@@ -27,6 +27,7 @@ from cantata.broker.nats_names import digest
 from cantata.broker.nats_publish import ack_all
 from cantata.broker.nats_pull import direct, fetch, indirect, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
+from cantata.model.checks import check_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
@@ -51,8 +52,20 @@ def decode(msg: Msg) -> Event[Any]:
     ``ce-`` attributes (the NATS protocol binding), structured JSON mode otherwise."""
     headers = msg.headers or {}
     if any(k.lower() == "ce-specversion" for k in headers):
-        return Event.from_binary(headers, msg.data)
-    return Event.from_json(msg.data)
+        event: Event[Any] = Event.from_binary(headers, msg.data)
+    else:
+        event = Event.from_json(msg.data)
+    # Another system's event may hold text no store keeps (a NUL, a lone surrogate):
+    # dead-lettered as not a valid event, as a publisher here would have been refused.
+    for name in _TEXT_ATTRIBUTES:
+        value = getattr(event, name)
+        if value is not None:
+            check_text(f"event attribute {name!r}", value, error=InvalidEvent)
+    return event
+
+
+_TEXT_ATTRIBUTES = ("id", "source", "subject", "correlation_id", "causation_id",
+                    "traceparent", "signature")
 
 
 class NatsMessage:
