@@ -89,7 +89,10 @@ async def test_step_rate_and_slot_freed_on_failure() -> None:
         assert [await h.result(timeout=30) for h in handles] == list(range(6))
         assert await app.store.slots_held(app.name, "step:call_api") == 0
     assert len(begins) == 9  # three retried after a failure, whose slot was released
-    assert max_in_window(begins, 0.4) <= 3
+    # The rate counts slot grants; a body begins a moment after its grant, by as much as
+    # a busy machine delays it: 0.1 s of that is allowed (unlimited, the nine would
+    # begin within a few milliseconds).
+    assert max_in_window(begins, 0.4 - 0.1) <= 3
 
 
 async def test_handler_group_concurrency() -> None:
