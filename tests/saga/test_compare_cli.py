@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,9 @@ def test_compare_table_and_a_clear_error_for_a_workflow_that_is_not_a_saga(
 
 @pytest.mark.postgres
 @pytest.mark.nats
+@pytest.mark.parametrize("prefix", ["", "cmp"])
 async def test_compare_on_postgres_and_nats_leaves_no_schema_or_stream_behind(
-    shop_module: str, postgres_url: str, nats_url: str,
+    shop_module: str, postgres_url: str, nats_url: str, prefix: str
 ) -> None:
     import asyncio
 
@@ -104,7 +106,8 @@ async def test_compare_on_postgres_and_nats_leaves_no_schema_or_stream_behind(
     before = await schemas()
     code = await asyncio.to_thread(main, [
         "compare", shop_module, "order", "--runs", "4", "--fail-rate", "0.5",
-        "--store", postgres_url, "--broker", nats_url, "--json"])
+        "--store", postgres_url, "--broker",
+        f"{nats_url}?prefix={prefix}{uuid.uuid4().hex[:6]}" if prefix else nats_url, "--json"])
     assert code == 0
     assert await schemas() == before
     nc = await nats.connect(nats_url)
