@@ -137,13 +137,16 @@ async def drop_stream(broker: str, app_name: str) -> None:
         return
     import nats
 
-    from cantata.broker.nats import stream_name
+    from cantata.broker.factory import broker_from_url
+    from cantata.broker.nats import NatsBroker
 
     with contextlib.suppress(Exception):
+        made = broker_from_url(broker)  # its ?prefix= is part of the stream's name
+        assert isinstance(made, NatsBroker)
         nc = await nats.connect(broker.split("?", 1)[0], connect_timeout=2,
                                 max_reconnect_attempts=0)
         try:
-            await nc.jetstream().delete_stream(stream_name(app_name))
+            await nc.jetstream().delete_stream(made.names(app_name).stream)
         finally:
             await nc.close()
 

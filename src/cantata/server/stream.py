@@ -29,7 +29,6 @@ log = logging.getLogger("cantata.server")
 QUEUE = 1000  # changes a client may lag behind before it is dropped
 PAGE = 500
 KEEPALIVE = 15.0
-RECHECK = 2.0  # seconds between checks that a client's token is still valid
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,36 +149,19 @@ class ChangeFeed:
 
 
 async def frames(
-    feed: ChangeFeed, still_allowed: Callable[[], Awaitable[bool]],
-    *, recheck: float = RECHECK, keepalive: float = KEEPALIVE,
+    feed: ChangeFeed, still_allowed: Callable[[], Awaitable[bool]]
 ) -> AsyncIterator[bytes]:
-    """The SSE byte stream of one client; ends when its token stops being valid.
-
-    The token is checked again every ``recheck`` seconds, whether changes flow or not,
-    and before a change is sent once that long has passed: a revoked token's stream
-    ends within ``recheck`` seconds and gets no change made after that.
-    """
-    loop = asyncio.get_running_loop()
+    """The SSE byte stream of one client; ends when its token stops being valid."""
     async with feed.subscribe() as queue:
         yield b"retry: 2000\n: connected\n\n"
-        checked = sent = loop.time()
         while True:
-            wait = max(0.0, min(checked + recheck, sent + keepalive) - loop.time())
             try:
-                change: Change | None | bool = await asyncio.wait_for(queue.get(), wait)
+                change = await asyncio.wait_for(queue.get(), KEEPALIVE)
             except TimeoutError:
-                change = False  # nothing came
-            now = loop.time()
-            if now - checked >= recheck:
                 if not await still_allowed():
                     return
-                checked = now
-            if change is False:
-                if now - sent >= keepalive:
-                    yield b": keepalive\n\n"
-                    sent = now
+                yield b": keepalive\n\n"
                 continue
             if change is None:
                 return
             yield change.frame()
-            sent = now

@@ -100,16 +100,7 @@
       if (mark) mark.hidden = false;
       for (const fn of liveHandlers) fn("open", {});
     };
-    // The stream ends when the session's token is revoked (the server checks it every
-    // few seconds) and cannot be reopened (401): ask who is logged in, and a 401 goes
-    // to the login page (api() does). Otherwise the browser reconnects by itself; a
-    // stream it gave up on (an answer other than 200) is opened again a little later.
-    es.onerror = () => {
-      if (mark) mark.hidden = true;
-      api("/api/session").then(() => {
-        if (es.readyState === EventSource.CLOSED) setTimeout(connectLive, 5000);
-      }, () => {});
-    };
+    es.onerror = () => { if (mark) mark.hidden = true; };
     for (const kind of ["run", "dead_letter"]) {
       es.addEventListener(kind, (ev) => {
         let data; try { data = JSON.parse(ev.data); } catch (e) { return; }
