@@ -6,15 +6,21 @@ operator button. Screenshots go to docs/img/ for docs/console.md."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import re
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from cantata import App
+from cantata.model.access import Role
+from cantata.server.auth import create_token
 from tests.server.conftest import ServerThread, make_tokens
 from tests.server.shop import make_shop
 
@@ -252,3 +258,172 @@ def test_a_viewer_sees_no_operator_buttons(
     op.goto(f"{server.url}/dead-letters")
     expect(op.get_by_role("button", name="Replay").first).to_be_visible()
     assert page.errors == [] and op.errors == []  # type: ignore[attr-defined]
+
+
+def test_revoking_the_token_logs_an_open_page_out(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    """`cantata token revoke` ends the live stream of the token's open pages, even while
+    changes keep coming, and the page goes to the login page."""
+    name = f"leaving-{uuid.uuid4().hex[:6]}"
+    token = server.run(lambda: create_token(server.app.store, name, Role.VIEWER))
+    page = browser.new_page(viewport={"width": 1360, "height": 860})
+    page.goto(f"{server.url}/runs")
+    page.get_by_label("Token").fill(token)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Runs")).to_be_visible()
+    expect(page.locator("#live")).to_be_visible()
+    assert server.run(lambda: server.app.store.revoke_token(name, time.time()))
+    for i in range(20):  # changes keep flowing on the stream
+        if "/login" in page.url:
+            break
+        server.run(lambda i=i: server.app.start("place_order", {"id": f"X-{i}"}))
+        page.wait_for_timeout(500)
+    expect(page).to_have_url(re.compile(r"/login\?next=(/|%2F)runs$"), timeout=5_000)
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    page.close()
+
+
+def test_a_live_update_keeps_the_start_form_and_its_notice(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    page = login(browser, server, "operator", img)
+    expect(page.locator("#live")).to_be_visible()
+    completed = page.locator(".card.s-completed .n")
+    before = int(completed.inner_text())
+    page.get_by_label("Workflow").select_option("await_approval")
+    page.get_by_label("Input (JSON, the single argument)").fill('{"id": "F-1", "typed": true}')
+    page.get_by_label("Idempotency key").fill("half-typed")
+    # someone else's run completes: the counts are drawn again
+    server.run(lambda: server.app.start("place_order", {"id": "F-0"}))
+    expect(completed).to_have_text(str(before + 1), timeout=15_000)
+    page.wait_for_timeout(1_500)
+    assert page.get_by_label("Workflow").input_value() == "await_approval"
+    assert page.get_by_label("Input (JSON, the single argument)").input_value() == \
+        '{"id": "F-1", "typed": true}'
+    assert page.get_by_label("Idempotency key").input_value() == "half-typed"
+    page.get_by_label("Workflow").select_option("place_order")
+    page.get_by_label("Input (JSON, the single argument)").fill('{"id": "F-2"}')
+    page.get_by_label("Idempotency key").fill("order-F-2")
+    page.get_by_role("button", name="Start").click()
+    started = page.get_by_role("status").filter(has_text="Started run")
+    expect(started).to_be_visible()
+    expect(completed).to_have_text(str(before + 2), timeout=15_000)  # its own updates
+    page.wait_for_timeout(1_500)
+    expect(started).to_be_visible()
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_new_runs_matching_the_filters_are_offered_above_the_runs_table(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/runs?workflow=await_approval")
+    expect(page.get_by_role("heading", name="Runs")).to_be_visible()
+    expect(page.locator("#live")).to_be_visible()
+    rows = page.locator("tbody tr")
+    page.wait_for_timeout(800)  # (the check made when the stream opened finds nothing)
+    shown = rows.count()
+    expect(page.locator("button.fresh")).to_have_count(0)
+    handle = server.run(lambda: server.app.start("await_approval", {"id": "N-1"}))
+    server.run(lambda: server.app.start("place_order", {"id": "N-2"}))  # filtered out
+    bar = page.get_by_role("button", name="1 new run — show")
+    expect(bar).to_be_visible(timeout=15_000)
+    expect(rows).to_have_count(shown)  # the table does not move under the reader
+    bar.click()
+    expect(rows).to_have_count(shown + 1)
+    expect(rows.first).to_have_attribute("data-run-id", handle.run_id)
+    expect(page.locator("button.fresh")).to_have_count(0)
+    server.run(handle.cancel)
+    expect(rows.first.locator("td.status")).to_have_text("cancelled", timeout=15_000)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_times_are_utc_and_say_so_with_the_local_time_in_a_tooltip(
+    browser: Browser, server: ServerThread
+) -> None:
+    page = browser.new_page(timezone_id="America/New_York", locale="en-US")
+    page.goto(f"{server.url}/login?next=/runs/{server.result['declined']}")
+    page.get_by_label("Token").fill(server.result["tokens"]["viewer"])
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Run")).to_be_visible()
+    created = page.locator("dl.facts dt:text-is('Created') + dd time")
+    expect(created).to_have_text(re.compile(r"^\w{3} \d\d, \d\d:\d\d:\d\d UTC$"))
+    iso = created.get_attribute("datetime")
+    assert iso is not None
+    at = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    assert created.inner_text() == at.strftime("%b %d, %H:%M:%S UTC")
+    local = at.astimezone(ZoneInfo("America/New_York"))
+    assert local.strftime("%H:%M:%S") in (created.get_attribute("title") or "")
+    assert re.search(r"\b(EST|EDT)\b", created.get_attribute("title") or "")
+    for where in ("table td.when time", "table td time"):  # the steps' and the runs' times
+        first = page.locator(where).first
+        if first.count():
+            expect(first).to_have_text(re.compile(r" UTC$"))
+    page.goto(f"{server.url}/runs")
+    expect(page.locator("td.when time").first).to_have_text(re.compile(r" UTC$"))
+    page.close()
+
+
+def test_a_mistyped_address_shows_the_consoles_not_found_page(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    page = login(browser, server, "viewer", img)
+    for path in ("/nosuchpage", "/runs/", "/trace/%00", "/runs/" + "a" * 300, "/static/nope"):
+        response = page.goto(f"{server.url}{path}")
+        assert response is not None and response.status == 404, path
+        expect(page.get_by_role("heading", name="Page not found")).to_be_visible()
+        expect(page.get_by_role("navigation", name="Main").get_by_role("link", name="Runs")
+               ).to_be_visible()
+        expect(page.get_by_role("alert")).to_contain_text("There is no page at this address")
+    page.get_by_role("link", name="Overview").last.click()
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    # the API keeps its JSON errors, whatever the client accepts
+    r = page.request.get(f"{server.url}/api/nosuch", headers={"Accept": "text/html"})
+    assert r.status == 404 and r.json()["error"]["code"] == "not_found"
+    # logged out, the page has the header and a way to log in
+    anonymous = browser.new_page()
+    response = anonymous.goto(f"{server.url}/nosuchpage")
+    assert response is not None and response.status == 404
+    expect(anonymous.get_by_role("heading", name="Page not found")).to_be_visible()
+    expect(anonymous.get_by_role("link", name="Log in")).to_be_visible()
+    anonymous.close()
+    assert [e for e in page.errors if "404" not in e] == []  # type: ignore[attr-defined]
+
+
+def test_at_phone_width_nothing_scrolls_sideways(browser: Browser, server: ServerThread,
+                                                  img: Path) -> None:
+    page = login(browser, server, "operator", img)
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/", "/runs", f"/runs/{server.result['declined']}", "/dead-letters"):
+        page.goto(f"{server.url}{path}")
+        page.wait_for_load_state("networkidle")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, (path, width)
+        header = page.locator("header.top").bounding_box()
+        logout = page.get_by_role("button", name="Log out").bounding_box()
+        assert header is not None and logout is not None
+        assert logout["x"] + logout["width"] <= 390, path  # wrapped, not cut off
+    shot(page, "phone-run.png")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_the_runs_of_a_trace_are_links_reached_with_the_keyboard(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    page = login(browser, server, "viewer", img)
+    declined = server.result["declined"]
+    page.goto(f"{server.url}/trace/{declined}")
+    expect(page.get_by_role("heading", name="Trace")).to_be_visible()
+    link = page.locator(f'svg.timeline a[href="/runs/{declined}"]')
+    expect(link).to_have_count(1)
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.getAttribute('href')") == f"/runs/{declined}":
+            break
+    else:
+        raise AssertionError("Tab never reached the run's row in the trace")
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(f"/runs/{declined}$"))
+    expect(page.get_by_role("heading", name="Run")).to_be_visible()
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any
 
 import httpx
@@ -88,3 +89,41 @@ async def test_the_stream_needs_a_token(store_url: str) -> None:
             r = await client.get(f"{server.url}/api/stream",
                                  headers={"Authorization": "Bearer nope"})
             assert r.status_code == 401
+
+
+async def test_revoking_a_token_ends_its_open_stream_while_changes_flow(store_url: str) -> None:
+    """The token is checked again on the open stream, not only when it is quiet (every
+    15 s without a change): after `cantata token revoke`, the stream ends within
+    seconds although changes keep coming."""
+    console_app = App("shop", store=store_url)
+    with ServerThread(console_app, serve=False) as server:
+        shop = make_shop(store_url, state={"emails_broken": False})
+        async with shop:
+            token = await create_token(shop.store, "stream-revoked", Role.VIEWER)
+            seen: list[tuple[str, dict[str, Any]]] = []
+            ready = asyncio.Event()
+            task = asyncio.create_task(listen(server.url, token, seen, ready))
+            try:
+                await asyncio.wait_for(ready.wait(), 10)
+                before = await shop.start("place_order", {"id": "R-0"})
+                await eventually(lambda: any(d.get("run_id") == before.run_id
+                                             for _, d in seen), timeout=10)
+                assert await shop.store.revoke_token("stream-revoked", time.time())
+                loop = asyncio.get_running_loop()
+                ended_by = loop.time() + 6  # RECHECK is 2 s
+                n = 0
+                while not task.done() and loop.time() < ended_by:  # changes keep flowing
+                    n += 1
+                    await shop.start("place_order", {"id": f"R-{n}"})
+                    await asyncio.sleep(0.2)
+                assert task.done(), "the revoked token's stream is still open"
+                await task  # ended cleanly, by the server
+                # and it cannot be opened again
+                async with httpx.AsyncClient() as client:
+                    r = await client.get(f"{server.url}/api/stream",
+                                         headers={"Authorization": f"Bearer {token}"})
+                    assert r.status_code == 401
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task

@@ -94,7 +94,7 @@ def create_app(app: App, *, stream_interval: float = 0.5) -> FastAPI:
         redirect_slashes=False,
     )
     api.state.console = console
-    errors.install(api, console.redact, deps.gate)
+    errors.install(api, console.redact, deps.gate, pages.not_found)
     api.include_router(routes_runs.router)
     api.include_router(observe.router)
     api.include_router(routes_admin.router)

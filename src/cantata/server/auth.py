@@ -47,6 +47,14 @@ def _presented(request: Request) -> tuple[str | None, bool]:
     return (cookie or None), True
 
 
+def presented_key(request: Request) -> str:
+    """What identifies the credentials a request carries (the token's hash), for
+    sharing a check between requests; never the token itself."""
+    header = request.headers.get("authorization")
+    token = header if header is not None else request.cookies.get(SESSION_COOKIE, "")
+    return hash_token(token)
+
+
 async def authenticate(store: ConsoleStore, request: Request) -> Principal:
     """The caller, or 401 (no, unknown or revoked token).
 

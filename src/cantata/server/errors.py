@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cantata.errors import CantataError
@@ -74,6 +74,14 @@ def not_json(error: dict[str, Any]) -> str:
     return f"the request body is not valid JSON ({reason}{at}): {SEND_JSON}"
 
 
+def wants_page(request: Request) -> bool:
+    """A browser asking for a page: outside ``/api`` (always JSON), accepting HTML."""
+    path = request.url.path
+    return (not (path == "/api" or path.startswith("/api/"))
+            and request.method in ("GET", "HEAD")
+            and "text/html" in request.headers.get("accept", ""))
+
+
 class Redactor:
     """Takes the store URL's password out of any message shown to a client."""
 
@@ -87,12 +95,14 @@ class Redactor:
 
 
 def install(app: Any, redact: Redactor,
-            gate: Callable[[Request], Awaitable[None]] | None = None) -> None:
+            gate: Callable[[Request], Awaitable[None]] | None = None,
+            page: Callable[[Request], Awaitable[Response]] | None = None) -> None:
     """Register the handlers that turn every failure into the error shape.
 
     ``gate`` runs before a request validation error is answered: FastAPI decodes a
     JSON body before it checks the caller, and a caller without the right token
-    must get 401/403 whatever the body holds.
+    must get 401/403 whatever the body holds. ``page`` answers a 404 to a browser
+    outside ``/api`` (the dashboard's not-found page); the API keeps its JSON.
     """
 
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -126,7 +136,7 @@ def install(app: Any, redact: Redactor,
             message = f"{field}: {message}"
         return respond(400, "invalid_input", redact(message), field)
 
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 400 and exc.detail == UNREADABLE_BODY:
             if gate is not None:  # as for validation errors: the caller is checked first
@@ -136,6 +146,8 @@ def install(app: Any, redact: Redactor,
                     return await api_error(request, denied)
             return respond(400, "invalid_input", "the request body could not be decoded "
                            f"(JSON must be UTF-8 text): {SEND_JSON}", "body")
+        if exc.status_code == 404 and page is not None and wants_page(request):
+            return await page(request)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return respond(exc.status_code, code, str(exc.detail), None,
                        dict(exc.headers) if exc.headers else None)

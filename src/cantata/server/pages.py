@@ -7,15 +7,17 @@ HttpOnly cookie, never in a URL or in script-readable storage.
 
 from __future__ import annotations
 
+import contextlib
 import html
 from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from cantata.errors import CantataError
 from cantata.model.access import Role
 from cantata.server import params
-from cantata.server.auth import SESSION_COOKIE, authenticate_token
+from cantata.server.auth import SESSION_COOKIE, Principal, authenticate_token
 from cantata.server.errors import ApiError
 from cantata.server.routes_admin import SESSION_MAX_AGE
 from cantata.server.state import console_of
@@ -28,7 +30,9 @@ MAX_FORM = 4096
 
 
 def _shell(title: str, heading: str, page: str, *, arg: str = "", app: str = "",
-           store: str = "", who: str = "", role: str = "", active: str = "") -> str:
+           store: str = "", who: str = "", role: str = "", active: str = "",
+           body: str = "") -> str:
+    """A page; ``body`` is HTML put in its content (only ever markup of this module)."""
     e = html.escape
     current = ' aria-current="page"'
     nav = "".join(
@@ -59,7 +63,7 @@ def _shell(title: str, heading: str, page: str, *, arg: str = "", app: str = "",
 </header>
 <main>
 <h1>{e(heading)}</h1>
-<div id="content" aria-live="polite"></div>
+<div id="content" aria-live="polite">{body}</div>
 </main>
 <footer>store {e(store)}</footer>
 </body>
@@ -82,6 +86,23 @@ async def _page(request: Request, title: str, heading: str, page: str, *, arg: s
     return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
 
+async def not_found(request: Request) -> Response:
+    """The console's own 404 page, with its header (and navigation once logged in)."""
+    console = console_of(request)
+    who: Principal | None = None
+    with contextlib.suppress(ApiError, CantataError):  # not logged in; the store is down
+        who = await console.principal(request, Role.VIEWER)
+    links = ('<a href="/">Overview</a> · <a href="/runs">Runs</a>' if who is not None
+             else '<a href="/login">Log in</a>')
+    body = ('<div class="notice error" role="alert">There is no page at this address: '
+            'check the link, or find what you were looking for from here.</div>'
+            f'<p>{links}</p>')
+    text = _shell("Not found", "Page not found", "not-found", app=console.app.name,
+                  store=console.store_url, who=who.name if who else "",
+                  role=str(who.role) if who else "", body=body)
+    return HTMLResponse(text, status_code=404, headers={"Cache-Control": "no-store"})
+
+
 @router.get("/")
 async def overview(request: Request) -> Response:
     """Runs by status, recent failures, stalls; Start."""
@@ -97,14 +118,20 @@ async def runs(request: Request) -> Response:
 @router.get("/runs/{run_id}")
 async def run(request: Request, run_id: str) -> Response:
     """One run: details, map, steps; Cancel."""
-    params.required_ident("run_id", run_id)
+    try:
+        params.required_ident("run_id", run_id)
+    except ApiError:  # not a run id at all: no such page
+        return await not_found(request)
     return await _page(request, f"Run {run_id}", "Run", "run", arg=run_id, active="/runs")
 
 
 @router.get("/trace/{correlation_id}")
 async def trace(request: Request, correlation_id: str) -> Response:
     """A business transaction as a timeline."""
-    params.required_ident("correlation_id", correlation_id)
+    try:
+        params.required_ident("correlation_id", correlation_id)
+    except ApiError:
+        return await not_found(request)
     return await _page(request, "Trace", "Trace", "trace", arg=correlation_id)
 
 

@@ -79,11 +79,7 @@ async def stream(request: Request, who: Viewer) -> StreamingResponse:
     console = console_of(request)
 
     async def still_allowed() -> bool:
-        try:
-            await console.principal(request, Role.VIEWER)
-        except ApiError:
-            return False
-        return True
+        return await console.still_allowed(request, Role.VIEWER)
 
     return StreamingResponse(
         frames(console.feed, still_allowed), media_type="text/event-stream",

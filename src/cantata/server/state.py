@@ -12,13 +12,16 @@ from fastapi import Request
 
 from cantata.app import App
 from cantata.model.access import Role
-from cantata.server.auth import Principal, authenticate, authorize
-from cantata.server.errors import Redactor
+from cantata.server.auth import Principal, authenticate, authorize, presented_key
+from cantata.server.errors import ApiError, Redactor
 from cantata.server.stream import ChangeFeed
 from cantata.store.base import Store
 from cantata.store.factory import mask_url
 
 COUNTS_TTL = 2.0  # seconds a count of runs by status is reused (a scan on big stores)
+# Seconds a live stream's re-check of its token is shared by the streams of that token
+# (so many open dashboards cost one look-up, not one each).
+RECHECK_TTL = 1.0
 
 
 class Console:
@@ -35,6 +38,7 @@ class Console:
         self._opened_here = False
         self.feed = ChangeFeed(self.store, app.name, interval=stream_interval)
         self._counts: tuple[float, dict[str, int]] | None = None
+        self._rechecks: dict[tuple[str, str], tuple[float, bool]] = {}
 
     async def open(self) -> App:
         """The app, opened as a client if nobody opened it yet (a mounted console)."""
@@ -64,6 +68,27 @@ class Console:
         found = await authenticate(await self.store(), request)
         request.state.principal = found
         return authorize(found, needed)
+
+
+    async def still_allowed(self, request: Request, needed: Role) -> bool:
+        """Whether the caller of an open stream may still have it (their token was not
+        revoked since): checked against the store, the answer shared for
+        :data:`RECHECK_TTL` seconds by the requests that present the same token."""
+        key = (presented_key(request), str(needed))
+        now = time.monotonic()
+        seen = self._rechecks.get(key)
+        if seen is not None and now - seen[0] < RECHECK_TTL:
+            return seen[1]
+        try:
+            await self.principal(request, needed)
+            allowed = True
+        except ApiError:
+            allowed = False
+        if len(self._rechecks) > 1000:
+            self._rechecks = {k: v for k, v in self._rechecks.items()
+                              if now - v[0] < RECHECK_TTL}
+        self._rechecks[key] = (now, allowed)
+        return allowed
 
 
 def console_of(request: Request) -> Console:

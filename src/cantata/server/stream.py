@@ -29,6 +29,7 @@ log = logging.getLogger("cantata.server")
 QUEUE = 1000  # changes a client may lag behind before it is dropped
 PAGE = 500
 KEEPALIVE = 15.0
+RECHECK = 2.0  # seconds between checks that a client's token is still valid
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,19 +150,38 @@ class ChangeFeed:
 
 
 async def frames(
-    feed: ChangeFeed, still_allowed: Callable[[], Awaitable[bool]]
+    feed: ChangeFeed, still_allowed: Callable[[], Awaitable[bool]],
+    *, recheck: float = RECHECK, keepalive: float = KEEPALIVE,
 ) -> AsyncIterator[bytes]:
-    """The SSE byte stream of one client; ends when its token stops being valid."""
+    """The SSE byte stream of one client; ends when its token stops being valid.
+
+    The token is checked again every ``recheck`` seconds, whether changes flow or not
+    (before the next change is sent once that long has passed): a revoked token's
+    stream ends within a few seconds (``recheck``, plus the second for which the
+    console shares one check between the streams of a token).
+    """
+    loop = asyncio.get_running_loop()
     async with feed.subscribe() as queue:
         yield b"retry: 2000\n: connected\n\n"
+        checked = sent = loop.time()
         while True:
+            wait = max(0.0, min(checked + recheck, sent + keepalive) - loop.time())
             try:
-                change = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                change: Change | None = await asyncio.wait_for(queue.get(), wait)
+                came = True
             except TimeoutError:
+                change, came = None, False
+            now = loop.time()
+            if now - checked >= recheck:
                 if not await still_allowed():
                     return
-                yield b": keepalive\n\n"
+                checked = now
+            if not came:
+                if now - sent >= keepalive:
+                    yield b": keepalive\n\n"
+                    sent = now
                 continue
             if change is None:
                 return
             yield change.frame()
+            sent = now

@@ -51,13 +51,19 @@
   // Ids are shown whole: operators copy them into the CLI and into tickets.
   const runLink = (id) => h("a", { href: "/runs/" + encodeURIComponent(id), class: "mono" }, String(id));
   const traceLink = (id, text) => h("a", { href: "/trace/" + encodeURIComponent(id), class: "mono" }, text || String(id));
+  // Every time is shown in UTC and says so (as the API and the trace's "where it
+  // stands" line do); the tooltip gives it in the browser's own zone.
+  const UTC_OPTS = { month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit",
+                     second: "2-digit", hourCycle: "h23", timeZone: "UTC" };
   function when(iso) {
     if (!iso) return "—";
     const d = new Date(iso);
-    const opts = { month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit",
-                   second: "2-digit", hourCycle: "h23" };
-    if (d.getFullYear() !== new Date().getFullYear()) opts.year = "numeric";
-    return d.toLocaleString(undefined, opts);
+    if (isNaN(d)) return String(iso);
+    const opts = Object.assign({}, UTC_OPTS);
+    if (d.getUTCFullYear() !== new Date().getUTCFullYear()) opts.year = "numeric";
+    const local = d.toLocaleString(undefined, { year: "numeric", month: "short", day: "2-digit",
+      hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23", timeZoneName: "short" });
+    return h("time", { datetime: iso, title: local }, d.toLocaleString("en-US", opts) + " UTC");
   }
   function ago(iso) {
     const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
@@ -100,7 +106,16 @@
       if (mark) mark.hidden = false;
       for (const fn of liveHandlers) fn("open", {});
     };
-    es.onerror = () => { if (mark) mark.hidden = true; };
+    // The stream ends when the session's token is revoked (the server checks it every
+    // few seconds) and cannot be reopened (401): ask who is logged in, and a 401 goes
+    // to the login page (api() does). Otherwise the browser reconnects by itself; a
+    // stream it gave up on (an answer other than 200) is opened again a little later.
+    es.onerror = () => {
+      if (mark) mark.hidden = true;
+      api("/api/session").then(() => {
+        if (es.readyState === EventSource.CLOSED) setTimeout(connectLive, 5000);
+      }, () => {});
+    };
     for (const kind of ["run", "dead_letter"]) {
       es.addEventListener(kind, (ev) => {
         let data; try { data = JSON.parse(ev.data); } catch (e) { return; }
@@ -112,7 +127,7 @@
 
   /* -- forms shared by pages ------------------------------------------------------- */
   function startForm(workflows) {
-    const out = h("div", {});
+    const out = h("div", { id: "start-out" });
     const wf = h("select", { id: "start-workflow", name: "workflow", required: true },
       workflows.map((w) => h("option", { value: w }, w)));
     const input = h("textarea", { id: "start-input", name: "input", placeholder: '{"order_id": 42}' });
@@ -133,7 +148,7 @@
       h("label", { for: "start-key" }, "Idempotency key", key),
       h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Start")),
       out);
-    return h("section", { class: "panel" }, h("h2", {}, "Start a workflow"),
+    return h("section", { class: "panel", "data-workflows": workflows.join("\n") }, h("h2", {}, "Start a workflow"),
       workflows.length ? form : h("p", { class: "muted" }, "No workflow is declared in this app yet."));
   }
 
@@ -182,19 +197,50 @@
   /* -- pages ------------------------------------------------------------------------- */
   const pages = {};
 
+  // The overview is drawn once; live updates redraw its counts and lists only, never
+  // the Start form (an operator may be filling it in) nor the notice under it.
   pages.overview = async () => {
-    const o = await api("/api/overview");
-    const cards = h("div", { class: "cards" }, STATUSES.map((st) =>
-      h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
-        h("span", { class: "n" }, String(o.counts[st] || 0)),
-        h("span", { class: "l" }, st[0].toUpperCase() + st.slice(1)))),
-      h("a", { class: "card s-dead", href: "/dead-letters" },
-        h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "Dead-lettered")));
-    const failures = h("section", { class: "panel" }, h("h2", {}, "Recent failures"),
-      table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
-    const stuck = h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"),
-      table(STALL_HEADERS, stallRows(o.stalled), "Nothing is stuck."));
-    show(cards, failures, stuck, canOperate ? startForm(o.workflows) : null);
+    const cards = h("div", { class: "cards" });
+    const problem = h("div", {});
+    const failures = h("div", {});
+    const stuck = h("div", {});
+    let start = null;
+    async function render() {
+      const o = await api("/api/overview");
+      cards.replaceChildren(...STATUSES.map((st) =>
+        h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
+          h("span", { class: "n" }, String(o.counts[st] || 0)),
+          h("span", { class: "l" }, st[0].toUpperCase() + st.slice(1)))),
+        h("a", { class: "card s-dead", href: "/dead-letters" },
+          h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "Dead-lettered")));
+      failures.replaceChildren(table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
+      stuck.replaceChildren(table(STALL_HEADERS, stallRows(o.stalled), "Nothing is stuck."));
+      if (!canOperate) return;
+      if (!start) {
+        start = startForm(o.workflows);
+        content.append(start);
+      } else if (start.dataset.workflows !== o.workflows.join("\n")) {
+        // a workflow appeared or went: a new list, with what was typed and chosen kept
+        const again = startForm(o.workflows);
+        const was = (id) => start.querySelector("#" + id);
+        const now = (id) => again.querySelector("#" + id);
+        for (const id of ["start-input", "start-key"]) if (was(id) && now(id)) now(id).value = was(id).value;
+        if (was("start-workflow") && now("start-workflow") && o.workflows.includes(was("start-workflow").value)) {
+          now("start-workflow").value = was("start-workflow").value;
+        }
+        if (was("start-out") && now("start-out")) now("start-out").replaceWith(was("start-out"));
+        start.replaceWith(again);
+        start = again;
+      }
+    }
+    show(cards, problem, h("section", { class: "panel" }, h("h2", {}, "Recent failures"), failures),
+      h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"), stuck));
+    await render();
+    const redraw = () => render().then(() => problem.replaceChildren(),
+      (e) => problem.replaceChildren(notice(e.message, "error")));
+    // once soon, and once more after the server's 2 s cache of the counts has expired
+    onLive(debounce(redraw, 1000));
+    onLive(debounce(redraw, 3000));
   };
 
   pages.runs = async () => {
@@ -224,7 +270,8 @@
     const wrap = h("div", { class: "table-wrap" }, h("table", {},
       h("thead", {}, h("tr", {}, RUN_HEADERS.map((t) => h("th", { scope: "col" }, t)))), tbody));
     const status = h("div", {});
-    show(filters, status, wrap, more);
+    const fresh = h("div", { class: "fresh-bar" });
+    show(filters, status, fresh, wrap, more);
     async function load(cursor) {
       const p = new URLSearchParams(params);
       if (cursor) p.set("cursor", cursor);
@@ -237,10 +284,34 @@
       } catch (e) { status.replaceChildren(notice(e.message, "error")); }
     }
     await load(null);
+    // New runs are not slipped into the table (the operator may be reading it, and the
+    // cursor of "Load more" stays the one of the last row shown): a bar above it says
+    // how many runs matching the filters are newer than its first row; it shows them.
+    let waiting = [];
+    function showNew() {
+      tbody.prepend(...waiting.map(runRow));
+      waiting = [];
+      fresh.replaceChildren();
+      status.replaceChildren();
+    }
+    async function look() {
+      const newest = await api("/api/runs?" + params.toString());
+      const shown = new Set([...tbody.querySelectorAll("tr[data-run-id]")].map((tr) => tr.dataset.runId));
+      const firstShown = newest.runs.findIndex((r) => shown.has(r.run_id));
+      waiting = newest.runs.slice(0, firstShown < 0 ? newest.runs.length : firstShown);
+      if (firstShown < 0 && shown.size && !newest.next_cursor) waiting = [];  // (rows gone)
+      const n = waiting.length;
+      const more = firstShown < 0 && newest.next_cursor ? "+" : "";
+      fresh.replaceChildren(n ? h("button", { type: "button", class: "fresh", onclick: showNew },
+        `${n}${more} new run${n === 1 && !more ? "" : "s"} — show`) : "");
+    }
+    const lookSoon = debounce(() => look().catch((e) => status.replaceChildren(notice(e.message, "error"))), 500);
     onLive((kind, d) => {
+      if (kind === "open") { lookSoon(); return; }
       if (kind !== "run") return;
       const row = tbody.querySelector(`tr[data-run-id="${CSS.escape(d.run_id)}"]`);
       if (row && d.status) row.querySelector("td.status").replaceChildren(badge(d.status));
+      if (!row) lookSoon();
     });
   };
 
@@ -310,12 +381,17 @@
         h("div", { class: "headline" }, h("span", { class: "muted" }, "Transaction "),
           h("span", { class: "mono" }, t.correlation_id), badge(t.status)),
         box);
-      window.CantataMaps.timeline(box, t, (g, n) => {
-        if (n.kind === "run" && n.ref) {
-          g.addEventListener("click", () => location.assign("/runs/" + encodeURIComponent(n.ref)));
-          g.setAttribute("cursor", "pointer");
-        }
-      });
+      // A run's row is a link (an SVG <a>): reached with Tab, opened with Enter or a click.
+      const runs = [];
+      window.CantataMaps.timeline(box, t, (g, n) => { if (n.kind === "run" && n.ref) runs.push([g, n]); });
+      for (const [g, n] of runs) {
+        const a = document.createElementNS("http://www.w3.org/2000/svg", "a");
+        a.setAttribute("href", "/runs/" + encodeURIComponent(n.ref));
+        a.setAttribute("class", "tl-link");
+        a.setAttribute("aria-label", `run ${n.name} ${n.ref} — ${n.status}`);
+        g.replaceWith(a);
+        a.append(g);
+      }
     }
     await render();
     onLive(debounce(() => render().catch(fail), 400));
@@ -388,8 +464,6 @@
     onLive(debounce(() => render().catch(fail), 1000));
   };
 
-  pages.overviewLive = () => onLive(debounce(() => pages.overview().catch(fail), 1000));
-
   /* -- start ------------------------------------------------------------------------- */
   const logout = document.getElementById("logout");
   if (logout) logout.addEventListener("click", async () => {
@@ -398,6 +472,6 @@
   });
   const run = pages[page];
   if (run) {
-    run().then(() => { if (page === "overview") pages.overviewLive(); connectLive(); }).catch(fail);
+    run().then(connectLive).catch(fail);
   }
 })();
