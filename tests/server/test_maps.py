@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from cantata import App, Retry, WorkflowContext
+from cantata.model.records import Declaration
 from tests.helpers import eventually
 from tests.server.conftest import make_tokens
 
@@ -190,9 +191,34 @@ async def test_a_live_run_has_reached_no_end(console: App, runs: Runs) -> None:
     assert states(m)["invoice.approved"] == "waiting"
 
 
-async def test_with_the_code_the_steps_a_run_never_reached_are_drawn(runs: Runs) -> None:
-    m = await run_map(runs.app, runs, "compensated")
+async def test_the_steps_a_run_never_reached_are_drawn(console: App, runs: Runs) -> None:
+    """The store keeps the map the app's code declared: the console without the code
+    draws it too."""
+    m = await run_map(console, runs, "compensated")
     assert states(m)["ship"] == "not_reached"
     assert ends(m) == {"completed": "not_reached", "compensated": "compensated"}
-    m = await run_map(runs.app, runs, "failed")
+    m = await run_map(console, runs, "failed")
     assert states(m) == {"explode": "failed", "ship": "not_reached"}
+
+
+async def test_from_the_store_alone_a_run_map_is_the_one_drawn_from_the_code(
+    runs: Runs
+) -> None:
+    bare = App(runs.app.name, store=runs.store_url)
+    async with bare.client():
+        for status in runs.ids:
+            from_code = await run_map(runs.app, runs, status)
+            from_store = await run_map(bare, runs, status)
+            assert from_store["nodes"] == from_code["nodes"], status
+            assert from_store["edges"] == from_code["edges"], status
+
+
+async def test_without_a_declared_map_the_run_is_drawn_from_its_history(runs: Runs) -> None:
+    """A store written by a version that kept no map: what the run did, and its end."""
+    await runs.app.store.declare(runs.app.name, [Declaration("workflow", "place_order")])
+    bare = App(runs.app.name, store=runs.store_url)
+    async with bare.client():
+        m = await run_map(bare, runs, "compensated")
+    assert states(m) == {"reserve": "completed", "charge": "failed", "release": "completed"}
+    assert ends(m) == {"compensated": "compensated"}
+    assert 'undone(["compensated"])' in m["mermaid"] and '(["completed"])' not in m["mermaid"]

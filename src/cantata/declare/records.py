@@ -1,5 +1,6 @@
 """An app's declarations as the rows the store keeps (``store.declare``): what other
-services read to route events, find workflows and report orphans."""
+services read to route events, find workflows and report orphans, and consoles without
+the code read to draw workflow maps."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from .router import Router
 
 
 def declaration_records(router: Router) -> list[Declaration]:
-    """One row per workflow, step, handler pattern, trigger pattern and literal wait."""
-    out = [Declaration("workflow", w.name, "", w.service) for w in router.workflows.values()]
+    """One row per workflow (with its map, where its code tells it), step, handler
+    pattern, trigger pattern and literal wait."""
+    from cantata.observability.graph import workflow_shape  # its maps' own code
+
+    out = [Declaration("workflow", w.name, "", w.service, workflow_shape(router, w.name))
+           for w in router.workflows.values()]
     out += [Declaration("step", s.name, "", s.service) for s in router.steps.values()]
     out += [
         Declaration("handler", h.group, h.pattern, h.service,

@@ -6,8 +6,9 @@ declarative :class:`~cantata.engine.saga.Saga` carries it (``WorkflowDef.spec``)
 and for a plain ``async def`` the ``ctx.run(...)`` calls (with their
 ``compensate=``), sleeps, waits, emits and child calls are read from the source
 with :mod:`ast`. Calls inside ``if``/``for``/``try`` are marked as such: static
-analysis knows they may happen, not whether. Otherwise (no source, dynamic calls)
-the map is drawn from the recorded history of the workflow's latest run.
+analysis knows they may happen, not whether. The app's declaration of the workflow
+keeps that map in the store (:func:`workflow_shape`), for consoles without the code.
+Otherwise (no source, dynamic calls) the map is drawn from a run's recorded history.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any
 
 from cantata.declare.defs import STEP_ATTR, WORKFLOW_ATTR
 from cantata.declare.router import Router
-from cantata.errors import CantataError, UnknownWorkflow
+from cantata.errors import CantataError, SerializationError, UnknownWorkflow
 from cantata.model import codec
-from cantata.model.records import HistoryEntry
+from cantata.model.records import Declaration, HistoryEntry
 from cantata.model.status import FINAL_STATUSES, RunStatus
 from cantata.store.base import Store
 
@@ -457,6 +458,37 @@ def workflow_items(router: Router, workflow: str) -> tuple[list[FlowItem], str] 
     return (items, "from code (static analysis)") if items else None
 
 
+def workflow_shape(router: Router, workflow: str) -> str | None:
+    """``workflow``'s map as its declaration keeps it in the store (JSON), for consoles
+    and tools without the code; ``None`` when the code cannot tell it."""
+    known = workflow_items(router, workflow)
+    if known is None:
+        return None
+    items, origin = known
+    calls = [{"kind": i.kind, "name": i.name, "compensate": i.compensate, "note": i.note}
+             for i in items]
+    return codec.dumps({"map": calls, "origin": origin}, f"the map of workflow {workflow!r}")
+
+
+def declared_items(declarations: Sequence[Declaration], workflow: str
+                   ) -> tuple[list[FlowItem], str] | None:
+    """The map of ``workflow`` that its declaration keeps (:func:`workflow_shape`), with
+    where it came from; ``None`` if the declaring code kept none (older versions)."""
+    for d in declarations:
+        if d.kind != "workflow" or d.name != workflow or not d.detail:
+            continue
+        try:
+            info = codec.loads(d.detail)
+            items = [FlowItem(str(c["kind"]), str(c["name"]),
+                              str(c["compensate"]) if c.get("compensate") else None,
+                              str(c.get("note") or "")) for c in info["map"]]
+        except (SerializationError, KeyError, TypeError, AttributeError):
+            return None  # not a map this version wrote
+        if items:
+            return items, f"{info.get('origin', 'from code')}, as declared in the store"
+    return None
+
+
 def code_mermaid(router: Router, workflow: str) -> str | None:
     """Mermaid for ``workflow`` when its code tells its map (a saga's declaration, or
     the ``ctx`` calls read from its source); ``None`` otherwise."""
@@ -471,7 +503,8 @@ def code_mermaid(router: Router, workflow: str) -> str | None:
 
 
 async def workflow_mermaid(router: Router, app: str, workflow: str, store: Store | None) -> str:
-    """Mermaid for ``workflow``: from code if possible, else from its latest recorded run.
+    """Mermaid for ``workflow``: from code if possible, else from the map its declaration
+    keeps in ``store``, else from its latest recorded run.
 
     Raises:
         UnknownWorkflow: neither the code nor the store knows it.
@@ -482,6 +515,9 @@ async def workflow_mermaid(router: Router, app: str, workflow: str, store: Store
     if drawn is not None:
         return drawn
     if store is not None:
+        declared = declared_items(await store.declarations(app), workflow)
+        if declared is not None:
+            return flow_mermaid(workflow, *declared)
         runs = await store.list_runs(app, workflow=workflow, limit=1)
         if runs:
             entries = await store.load_history(app, runs[0].run_id)

@@ -20,6 +20,7 @@ from cantata.observability.eventmap import (
 )
 from cantata.observability.graph import (
     GraphUnavailable,
+    declared_items,
     flow_map,
     items_from_history,
     run_states,
@@ -31,8 +32,9 @@ from cantata.server.models import MapEdge, MapNode, MapOut
 async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut:
     """The map of ``workflow``, its nodes coloured by ``run``'s history when given.
 
-    From code when this process has it, else from the run's (or the latest run's)
-    recorded history; either way its end is the run's own (:func:`flow_map`).
+    From code when this process has it, else from the map the code's declaration kept
+    in the store, else from the run's (or the latest run's) recorded history; either
+    way its end is the run's own (:func:`flow_map`).
 
     Raises:
         UnknownWorkflow: nothing declares or recorded it.
@@ -43,6 +45,8 @@ async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut
     if run is not None:
         history = await store.load_history(app.name, run.run_id)
     known = workflow_items(app.router, workflow)
+    if known is None:  # the map the app's code declared, kept in the store
+        known = declared_items(await store.declarations(app.name), workflow)
     source = run
     if known is not None:
         items, origin = known
