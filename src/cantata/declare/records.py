@@ -4,18 +4,25 @@ the code read to draw workflow maps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cantata.model import codec
 from cantata.model.records import Declaration
 
 from .router import Router
 
 
-def declaration_records(router: Router) -> list[Declaration]:
-    """One row per workflow (with its map, where its code tells it), step, handler
-    pattern, trigger pattern and literal wait."""
-    from cantata.observability.graph import workflow_shape  # its maps' own code
+def declaration_records(
+    router: Router, maps: Callable[[Router, str], str | None] | None = None
+) -> list[Declaration]:
+    """One row per workflow, step, handler pattern, trigger pattern and literal wait.
 
-    out = [Declaration("workflow", w.name, "", w.service, workflow_shape(router, w.name))
+    Args:
+        maps: a workflow's map as its row keeps it (the app passes
+            :func:`cantata.observability.graph.workflow_shape`), or ``None``.
+    """
+    out = [Declaration("workflow", w.name, "", w.service,
+                       maps(router, w.name) if maps is not None else None)
            for w in router.workflows.values()]
     out += [Declaration("step", s.name, "", s.service) for s in router.steps.values()]
     out += [
