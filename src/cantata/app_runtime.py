@@ -21,6 +21,7 @@ from cantata.engine.handler_host import EngineHost
 from cantata.engine.identity import new_worker_id
 from cantata.errors import ConfigurationError, StoreReadOnly
 from cantata.model.event import Event
+from cantata.observability.graph import workflow_shape
 from cantata.store.base import Store
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class Runtime:
     async def _start(self, app: App, serve: bool) -> None:
         engine, store, broker = self.engine, self.store, self.broker
         engine.check_event = functools.partial(broker.check_event, app.name)
-        declarations = declaration_records(app.router)
+        declarations = declaration_records(app.router, workflow_shape)
         if declarations:
             try:
                 await store.declare(app.name, declarations)
@@ -133,7 +134,7 @@ class Runtime:
         await self.consumer.start()
         # A broker may declare the groups it subscribes bare (NatsBroker does):
         # record the full declarations last.
-        await self.store.declare(app.name, declaration_records(app.router))
+        await self.store.declare(app.name, declaration_records(app.router, workflow_shape))
 
     def emitted(self, events: Sequence[Event[Any]]) -> None:
         """Events were committed here: wake what waits for them, hand them to this

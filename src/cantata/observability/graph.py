@@ -6,8 +6,9 @@ declarative :class:`~cantata.engine.saga.Saga` carries it (``WorkflowDef.spec``)
 and for a plain ``async def`` the ``ctx.run(...)`` calls (with their
 ``compensate=``), sleeps, waits, emits and child calls are read from the source
 with :mod:`ast`. Calls inside ``if``/``for``/``try`` are marked as such: static
-analysis knows they may happen, not whether. Otherwise (no source, dynamic calls)
-the map is drawn from the recorded history of the workflow's latest run.
+analysis knows they may happen, not whether. The app's declaration of the workflow
+keeps that map in the store (:func:`workflow_shape`), for consoles without the code.
+Otherwise (no source, dynamic calls) the map is drawn from a run's recorded history.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cantata.declare.defs import STEP_ATTR, WORKFLOW_ATTR
 from cantata.declare.router import Router
-from cantata.errors import CantataError, UnknownWorkflow
+from cantata.errors import CantataError, SerializationError, UnknownWorkflow
 from cantata.model import codec
-from cantata.model.records import HistoryEntry
+from cantata.model.records import Declaration, HistoryEntry
+from cantata.model.status import FINAL_STATUSES, RunStatus
 from cantata.store.base import Store
 
 STEP, SLEEP, WAIT, EMIT, CHILD, COMPENSATION = (
@@ -218,7 +220,10 @@ def items_from_history(entries: Sequence[HistoryEntry]) -> list[FlowItem]:
     return out
 
 
-# -- Mermaid ------------------------------------------------------------------------------
+# -- the map's layout, and its Mermaid ----------------------------------------------------
+
+# a run's ends short of completing (each names the end a map draws for it)
+FAILURE_ENDS = FINAL_STATUSES - {RunStatus.COMPLETED}
 
 
 def label(text: str) -> str:
@@ -231,7 +236,7 @@ def _shape(node_id: str, item: FlowItem) -> str:
     if item.note:
         text += f" ({item.note})"
     if item.status and item.status != "completed":
-        text += f" [{item.status}]"
+        text += f" [{item.status.replace('_', ' ')}]"
     if item.kind == SLEEP:
         return f"{node_id}({label('⏱ ' + text)})"
     if item.kind == WAIT:
@@ -245,50 +250,196 @@ def _shape(node_id: str, item: FlowItem) -> str:
     return f"{node_id}[{label(text)}]"
 
 
-def flow_mermaid(workflow: str, items: Sequence[FlowItem], origin: str) -> str:
-    """A ``flowchart TD`` of ``items``; compensations hang off the steps they undo.
+@dataclass(frozen=True, slots=True)
+class FlowNode:
+    """One node of a workflow's map: ``start``, a call (``step``, ``sleep``, …,
+    ``compensation``) or an ``end``; ``status`` is its state in the run drawn."""
+
+    id: str
+    kind: str
+    name: str
+    status: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEdge:
+    """One arrow of a workflow's map: ``next``, ``maybe``, ``fails`` or ``undo``."""
+
+    source: str
+    target: str
+    kind: str
+    label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowMap:
+    """A workflow's map as nodes and edges: what the Mermaid text and the console's map
+    data are both made of."""
+
+    workflow: str
+    nodes: list[FlowNode]
+    edges: list[FlowEdge]
+
+    def mermaid(self, origin: str) -> str:
+        """A ``flowchart TD`` of the map; ``origin`` says where its shape came from."""
+        lines = ["flowchart TD", f"    %% workflow {self.workflow} — {origin}"]
+        for node in self.nodes:
+            if node.kind in ("start", "end"):
+                lines.append(f"    {node.id}([{label(node.name)}])")
+            else:
+                item = FlowItem(node.kind, node.name, note=node.note, status=node.status or "")
+                lines.append(f"    {_shape(node.id, item)}")
+        for edge in self.edges:
+            arrow = "-->" if edge.kind == "next" else "-.->"
+            tag = f"|{label(edge.label)}|" if edge.label else ""
+            lines.append(f"    {edge.source} {arrow}{tag} {edge.target}")
+        return "\n".join(lines) + "\n"
+
+
+def run_states(items: Sequence[FlowItem], history: Sequence[HistoryEntry]
+               ) -> tuple[list[FlowItem], dict[str, str]]:
+    """Each item with the status of its occurrence in a run (``""``: not reached), and
+    the state of each compensation that ran, by name."""
+    seen: dict[tuple[bool, str], int] = {}
+    by_key = {e.key: e for e in history}
+    comp_entries: dict[str, list[HistoryEntry]] = {}
+    for e in sorted(history, key=lambda e: e.seq):
+        if e.kind == "compensation":
+            comp_entries.setdefault(e.name, []).append(e)
+    out = []
+    for item in items:
+        comp = item.kind == COMPENSATION
+        base = item.name if comp else _key_base(item)
+        n = seen.get((comp, base), 0) + 1
+        seen[(comp, base)] = n
+        if comp:
+            found = comp_entries.get(item.name, [])
+            entry = found[n - 1] if len(found) >= n else None
+        else:
+            entry = by_key.get(f"{base}#{n}")
+        out.append(replace(item, status=str(entry.status) if entry is not None else ""))
+    comp_states = {name: str(found[-1].status) for name, found in comp_entries.items()}
+    return out, comp_states
+
+
+def _key_base(item: FlowItem) -> str:
+    """The base of an item's history key (``ctx.wait_for_event("t")`` is ``wait:t#n``)."""
+    if item.kind == SLEEP:
+        return "sleep"
+    if item.kind in (WAIT, EMIT, CHILD):
+        return f"{item.kind}:{item.name}"
+    return item.name
+
+
+def _state(item: FlowItem, run: str) -> str:
+    """An item's state in a run whose status is ``run``."""
+    if run in FINAL_STATUSES and item.status in ("running", "waiting"):
+        # the run ended while this call was open: it was cut short, not still going
+        return "cancelled" if run == "cancelled" else "interrupted"
+    return item.status or "not_reached"
+
+
+def flow_map(workflow: str, items: Sequence[FlowItem], run: str | None = None, *,
+             whole: bool = True, comp_states: Mapping[str, str] | None = None) -> FlowMap:
+    """The map of ``items``; compensations hang off the steps they undo.
 
     A step that fails hands over to the compensation of the latest earlier step that
     registered one; compensations then run in reverse order.
+
+    Args:
+        items: the workflow's calls: its whole shape (``whole``: from its code or its
+            declaration), or what one run did (its history, each call with its status).
+        run: the status of the run whose states ``items`` carry (:func:`run_states`):
+            each node gets its state in that run, and the end it reached is named by
+            it (``completed``, ``failed``, ``compensated``, ``cancelled``; a live run
+            has reached none). ``None``: the workflow's map alone.
+        whole: ``False`` when ``items`` are one run's history, which cannot tell the
+            ends that run did not reach: only its own is drawn (none while it is live).
+        comp_states: each compensation's state in the run, by name.
     """
-    lines = ["flowchart TD", f"    %% workflow {workflow} — {origin}",
-             f"    start([{label(workflow)}])"]
+    final = run if run in FINAL_STATUSES else None
+    failure = final if final in FAILURE_ENDS else None
+    states = comp_states or {}
+    nodes = [FlowNode("start", "start", workflow, "completed" if run is not None else None)]
+    edges: list[FlowEdge] = []
     forward = [i for i in items if i.kind != COMPENSATION]
-    recorded_comps = [i for i in items if i.kind == COMPENSATION]
-    prev = "start"
+    recorded = [i for i in items if i.kind == COMPENSATION]
     ids: list[str] = []
+    prev = "start"
     for n, item in enumerate(forward, 1):
         node_id = f"n{n}"
         ids.append(node_id)
-        lines.append(f"    {_shape(node_id, item)}")
-        arrow = "-.->" if item.note else "-->"
-        lines.append(f"    {prev} {arrow} {node_id}")
+        state = _state(item, run) if run is not None else None
+        nodes.append(FlowNode(node_id, item.kind, item.name, state, item.note))
+        edges.append(FlowEdge(prev, node_id, "maybe" if item.note else "next"))
         prev = node_id
-    lines.append(f"    {prev} --> finish([{label('completed')}])")
+    stop = _stopped_at(nodes[1:])  # index in forward of the call the run stopped at
+
     comp_of: dict[int, str] = {}
     for n, item in enumerate(forward):
         if item.compensate:
-            comp_id = f"c{n + 1}"
-            comp_of[n] = comp_id
-            comp = FlowItem(COMPENSATION, item.compensate, note=item.note)
-            lines.append(f"    {_shape(comp_id, comp)}")
+            comp_of[n] = f"c{n + 1}"
+    # The end on the failure side: drawn with compensations, named by how the run ended.
+    has_comps = bool(comp_of or recorded)
+    undone = has_comps and (whole or failure is not None)
+    # The end of the forward path: a run that failed without compensations ends there.
+    if whole or final == "completed" or (failure is not None and not undone):
+        name = failure if failure is not None and not undone else "completed"
+        status = None if run is None else name if name == final else "not_reached"
+        nodes.append(FlowNode("finish", "end", name, status))
+        edges.append(FlowEdge(prev, "finish", "next"))
     if comp_of:
-        lines.append(f"    undone([{label('compensated')}])")
+        for n, comp in comp_of.items():
+            item = forward[n]
+            status = None if run is None else states.get(item.compensate or "", "not_reached")
+            nodes.append(FlowNode(comp, COMPENSATION, item.compensate or "", status, item.note))
+    elif recorded:
+        prev_c = ids[stop] if stop >= 0 else prev
+        for n, item in enumerate(recorded, 1):
+            nodes.append(FlowNode(f"r{n}", COMPENSATION, item.name,
+                                  None if run is None else item.status or "not_reached"))
+            edges.append(FlowEdge(prev_c, f"r{n}", "undo"))
+            prev_c = f"r{n}"
+    if undone:
+        nodes.append(FlowNode("undone", "end", failure or "compensated",
+                              None if run is None else failure or "not_reached"))
+    if comp_of:
         latest: str | None = None
         for n, item in enumerate(forward):
             if latest is not None and item.kind in (STEP, CHILD, WAIT):
-                lines.append(f"    {ids[n]} -.->|{label('fails')}| {latest}")
+                edges.append(FlowEdge(ids[n], latest, "fails", "fails"))
+            elif n == stop and failure is not None:
+                # where the run stopped, with no way into the undo path drawn from it
+                edges.append(FlowEdge(ids[n], latest or "undone", "fails",
+                                      "cancelled" if failure == "cancelled" else "fails"))
             if n in comp_of:
-                lines.append(f"    {comp_of[n]} -.-> {latest or 'undone'}")
+                edges.append(FlowEdge(comp_of[n], latest or "undone", "undo"))
                 latest = comp_of[n]
-    elif recorded_comps:
-        failing = next((ids[n] for n, i in enumerate(forward) if i.status == "failed"), prev)
-        prev_c = failing
-        for n, item in enumerate(recorded_comps, 1):
-            lines.append(f"    {_shape(f'r{n}', item)}")
-            lines.append(f"    {prev_c} -.-> r{n}")
-            prev_c = f"r{n}"
-    return "\n".join(lines) + "\n"
+        if stop < 0 and failure is not None:  # it ended before its first call
+            edges.append(FlowEdge("start", "undone", "fails",
+                                  "cancelled" if failure == "cancelled" else "fails"))
+    elif recorded and undone:
+        edges.append(FlowEdge(f"r{len(recorded)}", "undone", "undo"))
+    return FlowMap(workflow, nodes, edges)
+
+
+def _stopped_at(calls: Sequence[FlowNode]) -> int:
+    """The index of the call a run stopped at: the one it failed or was cut short in,
+    else the last it reached (``-1``: none)."""
+    reached = -1
+    for n, node in enumerate(calls):
+        if node.status in ("failed", "cancelled", "interrupted"):
+            return n
+        if node.status not in (None, "not_reached"):
+            reached = n
+    return reached
+
+
+def flow_mermaid(workflow: str, items: Sequence[FlowItem], origin: str,
+                 run: str | None = None, *, whole: bool = True) -> str:
+    """A ``flowchart TD`` of ``items`` (see :func:`flow_map`)."""
+    return flow_map(workflow, items, run, whole=whole).mermaid(origin)
 
 
 def workflow_items(router: Router, workflow: str) -> tuple[list[FlowItem], str] | None:
@@ -307,6 +458,37 @@ def workflow_items(router: Router, workflow: str) -> tuple[list[FlowItem], str] 
     return (items, "from code (static analysis)") if items else None
 
 
+def workflow_shape(router: Router, workflow: str) -> str | None:
+    """``workflow``'s map as its declaration keeps it in the store (JSON), for consoles
+    and tools without the code; ``None`` when the code cannot tell it."""
+    known = workflow_items(router, workflow)
+    if known is None:
+        return None
+    items, origin = known
+    calls = [{"kind": i.kind, "name": i.name, "compensate": i.compensate, "note": i.note}
+             for i in items]
+    return codec.dumps({"map": calls, "origin": origin}, f"the map of workflow {workflow!r}")
+
+
+def declared_items(declarations: Sequence[Declaration], workflow: str
+                   ) -> tuple[list[FlowItem], str] | None:
+    """The map of ``workflow`` that its declaration keeps (:func:`workflow_shape`), with
+    where it came from; ``None`` if the declaring code kept none (older versions)."""
+    for d in declarations:
+        if d.kind != "workflow" or d.name != workflow or not d.detail:
+            continue
+        try:
+            info = codec.loads(d.detail)
+            items = [FlowItem(str(c["kind"]), str(c["name"]),
+                              str(c["compensate"]) if c.get("compensate") else None,
+                              str(c.get("note") or "")) for c in info["map"]]
+        except (SerializationError, KeyError, TypeError, AttributeError):
+            return None  # not a map this version wrote
+        if items:
+            return items, f"{info.get('origin', 'from code')}, as declared in the store"
+    return None
+
+
 def code_mermaid(router: Router, workflow: str) -> str | None:
     """Mermaid for ``workflow`` when its code tells its map (a saga's declaration, or
     the ``ctx`` calls read from its source); ``None`` otherwise."""
@@ -321,7 +503,8 @@ def code_mermaid(router: Router, workflow: str) -> str | None:
 
 
 async def workflow_mermaid(router: Router, app: str, workflow: str, store: Store | None) -> str:
-    """Mermaid for ``workflow``: from code if possible, else from its latest recorded run.
+    """Mermaid for ``workflow``: from code if possible, else from the map its declaration
+    keeps in ``store``, else from its latest recorded run.
 
     Raises:
         UnknownWorkflow: neither the code nor the store knows it.
@@ -332,13 +515,16 @@ async def workflow_mermaid(router: Router, app: str, workflow: str, store: Store
     if drawn is not None:
         return drawn
     if store is not None:
+        declared = declared_items(await store.declarations(app), workflow)
+        if declared is not None:
+            return flow_mermaid(workflow, *declared)
         runs = await store.list_runs(app, workflow=workflow, limit=1)
         if runs:
             entries = await store.load_history(app, runs[0].run_id)
             items = items_from_history(entries)
             if items:
                 origin = f"from the history of run {runs[0].run_id} ({runs[0].status})"
-                return flow_mermaid(workflow, items, origin)
+                return flow_mermaid(workflow, items, origin, str(runs[0].status), whole=False)
     if workflow not in router.workflows:
         raise UnknownWorkflow(
             f"no workflow named {workflow!r} in app {app!r} (known: "
