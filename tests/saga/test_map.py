@@ -12,33 +12,24 @@ from cantata.observability.graph import workflow_mermaid
 from .test_modes import MODES
 
 
+def steps(app: App) -> dict[str, Any]:
+    """The shop's steps, bodies empty (a map needs their names only)."""
+    made = {}
+    for name in ("reserve", "release", "stock", "unstock", "fraud", "charge", "refund"):
+        async def body(o: dict[str, Any]) -> None: ...
+
+        body.__name__ = body.__qualname__ = name
+        made[name] = app.step(body)
+    return made
+
+
 def shop(mode: str) -> App:
     app = App("shop", store="memory://")
-
-    @app.step
-    async def reserve(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def release(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def stock(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def unstock(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def fraud(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def charge(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def refund(o: dict[str, Any]) -> None: ...
-
-    app.include(Saga("order", Step(reserve, compensate=release),
-                     Parallel(Step(stock, compensate=unstock), Step(fraud), name="checks"),
-                     Step(charge, compensate=refund), mode=mode))  # type: ignore[arg-type]
+    s = steps(app)
+    app.include(Saga("order", Step(s["reserve"], compensate=s["release"]),
+                     Parallel(Step(s["stock"], compensate=s["unstock"]), Step(s["fraud"]),
+                              name="checks"),
+                     Step(s["charge"], compensate=s["refund"]), mode=mode))  # type: ignore[arg-type]
     return app
 
 
@@ -77,24 +68,10 @@ def test_modes_are_the_two_known() -> None:
 
 async def test_a_parallel_stage_without_compensations_maps_to_the_ones_before() -> None:
     app = App("shop", store="memory://")
-
-    @app.step
-    async def reserve(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def release(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def stock(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def fraud(o: dict[str, Any]) -> None: ...
-
-    @app.step
-    async def charge(o: dict[str, Any]) -> None: ...
-
-    app.include(Saga("order", Step(reserve, compensate=release),
-                     Parallel(Step(stock), Step(fraud), name="checks"), Step(charge)))
+    s = steps(app)
+    app.include(Saga("order", Step(s["reserve"], compensate=s["release"]),
+                     Parallel(Step(s["stock"]), Step(s["fraud"]), name="checks"),
+                     Step(s["charge"])))
     text = await workflow_mermaid(app, "shop", "order", None)
     # a failed branch undoes what came before the stage: reserve's release
     for line in ('j2 -.->|"a branch failed"| c1', "c1 -.-> undone"):
