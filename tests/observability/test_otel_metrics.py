@@ -7,6 +7,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from prometheus_client import generate_latest
+from pydantic import BaseModel
 
 import cantata
 from cantata import App, Event, Retry
@@ -105,3 +106,27 @@ async def test_prometheus_metrics() -> None:
         in text
     assert 'cantata_orphan_events{app="traced",type="nobody.listens"} 1.0' in text
     assert "cantata_stalled_transactions" in text and "cantata_outbox_lag_events" in text
+
+
+class Paid(BaseModel):
+    n: int
+
+
+async def test_a_dead_letter_made_before_the_handler_ran_is_counted() -> None:
+    """Bad data for a typed handler is dead-lettered at once: counted as the group's
+    dead letter, as one reached after retries is."""
+    hook = PrometheusHook()
+    app = App("traced", store="memory://", poll_interval=0.05)
+    app.add_hook(hook)
+
+    @app.on("order.paid", group="ledger")
+    async def book(event: Event[Paid]) -> None: ...
+
+    async with app:
+        await app.publish("order.paid", {"n": "not a number"})
+        await eventually(lambda: app.metrics.dead_lettered == 1)
+        assert [d.group for d in await app.dead_letters()] == ["ledger"]
+    text = generate_latest(hook.registry).decode()
+    assert 'cantata_dead_letters_total{app="traced",group="ledger"} 1.0' in text, text
+    assert 'cantata_handler_duration_seconds_count{app="traced",group="ledger",outcome="dead"}' \
+        in text

@@ -156,14 +156,23 @@ class Consumer:
         )
         if refused is not None:
             log.warning("dead-lettering event %s for group %s: %s", event.id, group, refused)
-            self.host.metrics.dead_lettered += 1
-            await msg.dead(error_text(refused))
+            await self._dead(group, msg, event, error_text(refused))
             return
         if trigger is not None:
             await self._start_run(trigger, msg, event)
             return
         assert hdef is not None
         await self._run_handler(hdef, msg, event)
+
+    async def _dead(self, group: str, msg: BrokerMessage, event: Event[Any], error: str) -> None:
+        """Dead-letter a delivery its handler never ran for (a refused signature, bad
+        data for a typed handler, too many workers lost): counted, and told to the hooks
+        as a handler's dead outcome (``cantata_dead_letters_total``), in 0 s."""
+        self.host.metrics.dead_lettered += 1
+        await msg.dead(error)
+        hooks = self.host.hooks
+        if hooks:
+            hooks.notify("handler_finished", group, event, 0.0, DeliveryOutcome.DEAD, error)
 
     async def _start_run(self, trigger: TriggerDef, msg: BrokerMessage, event: Event[Any]) -> None:
         try:
@@ -180,15 +189,13 @@ class Consumer:
                 f"handler {hdef.name} of group {hdef.group} was cut short {msg.attempt - 1} "
                 "time(s) by a worker crash"
             )
-            self.host.metrics.dead_lettered += 1
-            await msg.dead(error_text(lost))
+            await self._dead(hdef.group, msg, event, error_text(lost))
             return
         if hdef.model is not None:
             try:
                 data = codec.adapter(hdef.model).validate_python(event.data)
             except pydantic.ValidationError as exc:
-                self.host.metrics.dead_lettered += 1
-                await msg.dead(validation_text(exc))
+                await self._dead(hdef.group, msg, event, validation_text(exc))
                 return
             event = event.with_data(data)
         ctx = self.host.handler_context(hdef, event)
