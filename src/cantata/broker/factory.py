@@ -66,4 +66,8 @@ def broker_from_url(url: str) -> Broker:
                 "not a cantata.Broker: check its package"
             )
         return broker
-    raise ConfigurationError(f"unknown broker URL {mask_url(url)!r}: {_FORMS}")
+    others = "".join(f", or {s}://…" for s in plugins.schemes(plugins.BROKERS))
+    raise ConfigurationError(
+        f"unknown broker URL {mask_url(url)!r}: {_FORMS}{others} (or install the package "
+        "of that backend)"
+    )
