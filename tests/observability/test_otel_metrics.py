@@ -130,3 +130,29 @@ async def test_a_dead_letter_made_before_the_handler_ran_is_counted() -> None:
     assert 'cantata_dead_letters_total{app="traced",group="ledger"} 1.0' in text, text
     assert 'cantata_handler_duration_seconds_count{app="traced",group="ledger",outcome="dead"}' \
         in text
+
+
+async def test_a_workflow_trigger_is_a_consumer_span_and_a_handler_of_its_group() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    prometheus = PrometheusHook()
+    app = App("traced", store="memory://", poll_interval=0.05)
+    app.add_hook(OpenTelemetryHook(tracer_provider=provider))
+    app.add_hook(prometheus)
+    done: list[int] = []
+
+    @app.workflow
+    async def fulfil(ctx: cantata.WorkflowContext, data: dict) -> None:
+        done.append(data["id"])
+
+    app.start_on("order.accepted", fulfil)
+    async with app:
+        await app.publish("order.accepted", {"id": 7})
+        await eventually(lambda: done == [7])
+    spans = [s for s in exporter.get_finished_spans()
+             if s.kind == SpanKind.CONSUMER and s.name == "process order.accepted"]
+    assert len(spans) == 1, [s.name for s in exporter.get_finished_spans()]
+    text = generate_latest(prometheus.registry).decode()
+    assert ('cantata_handler_duration_seconds_count{app="traced",group="start:fulfil",'
+            'outcome="done"} 1.0') in text, text

@@ -86,6 +86,7 @@ def test_compare_table_and_a_clear_error_for_a_workflow_that_is_not_a_saga(
 @pytest.mark.postgres
 @pytest.mark.nats
 @pytest.mark.parametrize("prefix", ["", "cmp"])
+@pytest.mark.xdist_group("compare-streams")  # each looks at every stream on the server
 async def test_compare_on_postgres_and_nats_leaves_no_schema_or_stream_behind(
     shop_module: str, postgres_url: str, nats_url: str, prefix: str
 ) -> None:

@@ -175,12 +175,23 @@ class Consumer:
             hooks.notify("handler_finished", group, event, 0.0, DeliveryOutcome.DEAD, error)
 
     async def _start_run(self, trigger: TriggerDef, msg: BrokerMessage, event: Event[Any]) -> None:
-        try:
-            await self.host.start_run(trigger, event)
-        except Exception as exc:
-            await self._failed(msg, HANDLER_RETRY, exc, retryable=True)
-            return
-        await msg.complete()
+        """A workflow trigger's delivery: the run started (once: keyed by the event),
+        wrapped and reported to the hooks as a handler of the trigger's group is."""
+        hooks = self.host.hooks
+        started = time.perf_counter()
+        with hooks.handler(trigger.group, event, msg.attempt):
+            try:
+                await self.host.start_run(trigger, event)
+            except Exception as exc:
+                outcome = await self._failed(msg, HANDLER_RETRY, exc, retryable=True)
+                if hooks:
+                    hooks.notify("handler_finished", trigger.group, event,
+                                 time.perf_counter() - started, outcome, error_text(exc))
+                return
+            await msg.complete()
+            if hooks:
+                hooks.notify("handler_finished", trigger.group, event,
+                             time.perf_counter() - started, DeliveryOutcome.DONE, None)
 
     async def _run_handler(self, hdef: HandlerDef, msg: BrokerMessage, event: Event[Any]) -> None:
         retry = hdef.retry
