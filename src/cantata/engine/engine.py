@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef, remote_step_def
 from cantata.declare.router import Router
-from cantata.errors import Cancelled, ConfigurationError
+from cantata.errors import Cancelled
 from cantata.model import codec
-from cantata.model.checks import check_text
+from cantata.model.checks import check_key
 from cantata.model.event import Event
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
@@ -194,23 +194,11 @@ class Engine:
     ) -> RunRecord:
         """Store a new run (or return the one with that idempotency key) and start it here
         when this process serves the workflow; with ``queue``, it waits there to begin."""
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not idempotency_key
-        ):
-            raise ConfigurationError(
-                f"idempotency_key must be a non-empty string, got {idempotency_key!r}: pass "
-                "the business key that makes this start unique (e.g. 'order-42'), or None "
-                "for a new run each time"
-            )
-        if idempotency_key is not None:
-            check_text("idempotency_key", idempotency_key)
-        if correlation_id is not None:
-            if not isinstance(correlation_id, str):
-                raise ConfigurationError(
-                    f"correlation_id must be a string, got {correlation_id!r}: pass the id of "
-                    "the business transaction to join, or None to begin a new one"
-                )
-            check_text("correlation_id", correlation_id)
+        check_key("idempotency_key", idempotency_key, "the business key that makes this "
+                  "start unique (e.g. 'order-42'), or None for a new run each time",
+                  empty=False)
+        check_key("correlation_id", correlation_id, "the id of the business transaction to "
+                  "join, or None to begin a new one")
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )

@@ -91,6 +91,21 @@ def check_text(
     return value
 
 
+def check_key(what: str, value: object, advice: str, *, empty: bool = True) -> None:
+    """An optional key given as an argument: ``None``, or a string (non-empty unless
+    ``empty``) that :func:`check_text` accepts.
+
+    Raises:
+        ConfigurationError: naming ``what``, the value, and ``advice`` (what to pass).
+    """
+    if value is None:
+        return
+    if not isinstance(value, str) or not (value or empty):
+        kind = "a string" if empty else "a non-empty string"
+        raise ConfigurationError(f"{what} must be {kind}, got {value!r}: pass {advice}")
+    check_text(what, value)
+
+
 def check_run_id(run_id: str) -> str:
     """A run id to look up, as :func:`check_text` checks it: no run has an id holding a
     NUL or a lone surrogate, so one is not found (nor handed to a driver that fails).
