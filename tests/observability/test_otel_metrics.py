@@ -156,3 +156,42 @@ async def test_a_workflow_trigger_is_a_consumer_span_and_a_handler_of_its_group(
     text = generate_latest(prometheus.registry).decode()
     assert ('cantata_handler_duration_seconds_count{app="traced",group="start:fulfil",'
             'outcome="done"} 1.0') in text, text
+
+
+async def test_an_event_two_handlers_emit_with_one_id_is_counted_once() -> None:
+    """A choreographed saga's join: both handlers emit the very same event (one id), the
+    store keeps it once, and the ``emitted`` hook and the published counter see it once."""
+    await _join_counted_once("embedded://")
+
+
+async def test_an_event_two_handlers_emit_with_one_id_is_counted_once_on_nats(
+    broker_url: str,
+) -> None:
+    await _join_counted_once(broker_url)
+
+
+async def _join_counted_once(broker: str) -> None:
+    from cantata.engine.saga.choreographed import emit
+
+    hook = PrometheusHook()
+    app = App("traced", store="memory://", broker=broker, poll_interval=0.05)
+    app.add_hook(hook)
+    handled: list[str] = []
+
+    async def join(event: Event, ctx: cantata.HandlerContext) -> None:
+        handled.append(ctx.group)
+        await emit(ctx, "order.joined", {"run_id": "r1"}, cause=event)
+
+    app.on("order.placed", group="left")(join)
+    app.on("order.placed", group="right")(join)
+
+    @app.on("order.joined", group="ship")
+    async def ship(event: Event) -> None:
+        handled.append("ship")
+
+    async with app:
+        await app.publish("order.placed", {"id": 1})
+        await eventually(lambda: sorted(handled) == ["left", "right", "ship"])
+    text = generate_latest(hook.registry).decode()
+    assert ('cantata_events_published_total{app="traced",origin="handler",'
+            'type="order.joined"} 1.0') in text, text

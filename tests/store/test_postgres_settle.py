@@ -451,3 +451,30 @@ async def test_a_delivery_owner_sql_cannot_spell_goes_as_a_transaction(url: str)
         records = await store.audit_records(app)
         assert records[-1].actor == "worker:wörker\n1"
         assert (await store.verify_audit(app, key=KEY)).ok
+
+
+@pytest.mark.parametrize("path", ["lean", "one statement", "transaction"])
+async def test_each_path_says_which_emitted_events_a_settlement_stored(
+    url: str, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Settlement.stored on each way a batch is written: an event two handlers emit
+    with one id is stored by the first only, so that it is counted once."""
+    monkeypatch.setattr(postgres_event_writes, "LEAN", path == "lean")
+    async with opened(url) as store:
+        if path == "transaction":
+            store._w._one = None
+        app = f"stored-{new_id()[-8:]}"
+        await store.declare(app, [*declarations(), Declaration("handler", "g6", "order.new"),
+                                  Declaration("handler", "g7", "order.new")])
+        placed = Event("order.new", 1)
+        await store.append_events(app, [placed])
+        joined, unheard, later = Event("pay.done", 2), Event("no.one.hears", 3), Event("z", 4)
+        first = Settlement("done", 1, [joined, unheard, joined])
+        assert await store.settle_delivery(app, "g6", placed.id, first)
+        assert (first.stored, first.addressed) == ([True, True, False], [1, 0, 0])
+        second = Settlement("done", 1, [joined, later])
+        assert await store.settle_delivery(app, "g7", placed.id, second)
+        assert (second.stored, second.addressed) == ([False, True], [0, 1])
+        alone = Settlement("done", 1, [joined])  # one event: the lean path's fast path
+        assert await store.settle_delivery(app, "g1", placed.id, alone)
+        assert (alone.stored, alone.addressed) == ([False], [0])

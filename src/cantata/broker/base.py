@@ -46,6 +46,11 @@ class BrokerMessage(Protocol):
 
         Returns ``False`` (and appends nothing) when the (group, event) had already
         been handled: the caller is looking at a duplicate delivery.
+
+        A message may then say which of ``emitted`` this settlement stored, in an
+        attribute ``stored_emitted`` (:meth:`Settlement.stored_events`): an event
+        another handler emitted with the same id before is not new, and is not
+        counted again (:func:`stored_emitted`).
         """
 
     async def retry(self, error: str, delay: float) -> None:
@@ -161,3 +166,11 @@ class Broker(Protocol):
         and NATS brokers hand off what a settlement's ``Settlement.hold`` or
         :meth:`append` held, as they commit, and do nothing here); the broker's own
         delivery still follows (see docs/performance.md)."""
+
+
+def stored_emitted(msg: BrokerMessage, emitted: Sequence[Event[Any]]) -> list[Event[Any]]:
+    """Of ``emitted``, what ``msg.complete(emitted)`` stored, as the message says
+    (``stored_emitted``, see :meth:`BrokerMessage.complete`); all of them when it does
+    not say (a broker of a plugin)."""
+    told = getattr(msg, "stored_emitted", None)
+    return list(emitted) if told is None else list(told)

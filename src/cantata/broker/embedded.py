@@ -36,6 +36,7 @@ class EmbeddedMessage:
     event: Event[Any] | None = None
     settled: bool = field(default=False)
     sub: _EmbeddedSubscription | None = None  # hands off what it emits (see complete)
+    stored_emitted: list[Event[Any]] | None = None  # what complete() stored
 
     def __post_init__(self) -> None:
         self.group = self.delivery.group
@@ -65,6 +66,8 @@ class EmbeddedMessage:
                 # what it held for this worker must not wait for this worker's death.
                 sub.broker.recover_holds(sub, emitted, hold)
             raise
+        if done:
+            self.stored_emitted = settlement.stored_events()
         if done and settlement.held and sub is not None:
             # only what the store did claim: an emitted event stored before (its id
             # reused) may have a delivery someone already has

@@ -81,6 +81,7 @@ class NatsMessage:
         self.attempt = attempt
         self.settled = False
         self.outside = False  # not in the store: published by another system
+        self.stored_emitted: list[Event[Any]] | None = None  # what complete() stored
         self._msg = msg
         self._store = store
         self._app = app
@@ -107,7 +108,7 @@ class NatsMessage:
             # Kept, so that the id is taken: a later event with this id and other
             # content is refused (publish raises DuplicateEventId), not dropped.
             await self._store.append_external(self._app, [self.event])
-        done = await settle_done(
+        done, self.stored_emitted = await settle_done(
             self._store, self.sub, self._app, self.group, self.event.id, self.attempt, emitted
         )
         await self._ack("ack")

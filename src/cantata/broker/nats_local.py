@@ -56,6 +56,7 @@ class LocalMessage:
         self._app = app
         self._event = event
         self._raw: bytes | None = None
+        self.stored_emitted: list[Event[Any]] | None = None  # what complete() stored
 
     @property
     def raw(self) -> bytes:
@@ -70,7 +71,7 @@ class LocalMessage:
 
     async def complete(self, emitted: Sequence[Event[Any]] = ()) -> bool:
         self.settled = True
-        done = await settle_done(
+        done, self.stored_emitted = await settle_done(
             self._broker.store, self.sub, self._app, self.group, self._event.id,
             self.attempt, emitted,
         )
@@ -103,10 +104,12 @@ class LocalMessage:
 async def settle_done(
     store: BrokerStore, sub: NatsSubscription | None, app: str, group: str, event_id: str,
     attempt: int, emitted: Sequence[Event[Any]],
-) -> bool:
+) -> tuple[bool, list[Event[Any]] | None]:
     """Settle (group, event) done with what its handler emitted; the deliveries of the
     emitted events that this worker's subscribers take are held for this worker in the
-    same transaction and handed to them at once (see the module's docstring)."""
+    same transaction and handed to them at once (see the module's docstring). Whether
+    it was settled, and if so the emitted events it stored
+    (:meth:`Settlement.stored_events`)."""
     hold = sub.holds(emitted) if sub is not None and emitted else []
     settlement = Settlement(DeliveryOutcome.DONE, attempt, list(emitted),
                             hold_for=sub.worker_id if sub is not None and hold else None,
@@ -128,7 +131,7 @@ async def settle_done(
         sub.broker.start_holds(sub, emitted, hold, settlement.held if done else [])
     if done and settlement.addressed and sub is not None:
         sub.broker.note_local(emitted, settlement.addressed, settlement.held)
-    return done
+    return done, settlement.stored_events() if done else None
 
 
 async def held_by(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
-from cantata.broker.base import Broker, BrokerMessage, Subscription
+from cantata.broker.base import Broker, BrokerMessage, Subscription, stored_emitted
 from cantata.errors import WorkerLost, error_text
 from cantata.fencing import BodyFenced, guarded
 from cantata.graceful import wait_or_force
@@ -256,12 +256,15 @@ class Consumer:
                              time.perf_counter() - started, DeliveryOutcome.DONE, None)
         if completed:
             self.host.metrics.handled += 1
-            if ctx.emitted:
-                self.on_emitted(ctx.emitted)
+            # what this settlement stored: not an event another handler emitted with
+            # the same id first (a choreographed saga's join), counted once
+            emitted = stored_emitted(msg, ctx.emitted) if ctx.emitted else []
+            if emitted:
+                self.on_emitted(emitted)
                 if hooks:
-                    hooks.notify("emitted", ctx.emitted, "handler")
+                    hooks.notify("emitted", emitted, "handler")
                 try:
-                    await self.host.report_orphans(ctx.emitted)
+                    await self.host.report_orphans(emitted)
                 except Exception as exc:  # the delivery is settled: only the report failed
                     log.warning("checking emitted events for orphans failed: %s", exc)
 

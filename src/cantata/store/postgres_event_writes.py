@@ -45,9 +45,13 @@ _APPEND = (
 )
 
 
-async def append(c: Conn, b: Batch, app: str, events: Sequence[Event[Any]]) -> list[int]:
+async def append(
+    c: Conn, b: Batch, app: str, events: Sequence[Event[Any]],
+    stored: list[bool] | None = None,
+) -> list[int]:
     """Store ``events`` (idempotent by id) and fan out their deliveries; per event, the
-    number of groups it went to (0 for one stored before, or repeated in ``events``)."""
+    number of groups it went to (0 for one stored before, or repeated in ``events``).
+    ``stored``: told, per event, whether it was stored here."""
     if not events:
         return []
     subs = await b.subscriptions(c, app)
@@ -71,6 +75,8 @@ async def append(c: Conn, b: Batch, app: str, events: Sequence[Event[Any]]) -> l
     b.notify(app, EVENTS)
     counts: list[int] = []
     for ev in events:
+        if stored is not None:
+            stored.append(ev.id in inserted)
         if ev.id in inserted:
             inserted.discard(ev.id)  # a repeated id in one call counts once
             counts.append(len(groups[ev.id]))
@@ -265,11 +271,13 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
     stored: set[str] = set()  # the ids this transaction stored
     for app, events in emitted.items():
         if events:
-            counts = await append(c, b, app, events)
+            new: list[bool] = []
+            counts = await append(c, b, app, events, new)
             stored.update(e.id for e, n in zip(events, counts, strict=True) if n)
             start = 0  # each settlement's share of the counts, in order
             for s in settled_done[app]:
                 s.addressed = counts[start:start + len(s.events)]
+                s.stored = new[start:start + len(s.events)]
                 start += len(s.events)
     for s in holds:  # claimed in this transaction by the worker that hands them off
         # only deliveries this transaction created: the delivery of an event stored
@@ -501,7 +509,7 @@ async def statement(
             fanned[r[3]] = r[4]
     for i, (_, _, _, s) in enumerate(calls):
         if i in applied and s.outcome == "done":
-            s.addressed = [fanned.pop(ev.id, 0) for ev in s.events]
+            s.addressed, s.stored = _fanned(fanned, s.events)
             if s.hold_for is not None and s.hold:
                 s.held = held.get(i, [])
     counts: list[list[int]] = []
@@ -509,6 +517,19 @@ async def statement(
         counts.append([fanned.pop(ev.id, 0) for ev in events])
     holds = [held.get(len(calls) + k, []) for k in range(len(appends))]
     return [i in applied for i in range(len(calls))], claimed, counts, holds
+
+
+def _fanned(fanned: dict[str, int], events: Sequence[Event[Any]]) -> tuple[list[int], list[bool]]:
+    """Per event of ``events``, the groups it went to and whether it was stored, from
+    ``fanned`` (the events a statement inserted: how many groups each went to), taking
+    each id once: an id given twice counts for its first occurrence."""
+    counts: list[int] = []
+    stored: list[bool] = []
+    for ev in events:
+        n = fanned.pop(ev.id, None)
+        counts.append(n or 0)
+        stored.append(n is not None)
+    return counts, stored
 
 
 def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
@@ -583,10 +604,10 @@ async def _write_lean(
             fanned[r[2]] = r[3]
         else:
             held.append((r[1], r[2]))
-    counts = [fanned.pop(ev.id, 0) for ev in events]  # an id given twice counts once
+    counts, stored = _fanned(fanned, events)  # an id given twice counts once
     if many is settle_many:
         if settled and s.outcome == "done":
-            s.addressed = counts
+            s.addressed, s.stored = counts, stored
             if with_hold:
                 s.held = held
         return [settled]

@@ -109,13 +109,13 @@ class SQLiteCore(StoreBase):
 
     def _append(
         self, c: sqlite3.Connection, app: str, events: Sequence[Event[Any]],
-        hold: Hold | None = None,
+        hold: Hold | None = None, stored: list[bool] | None = None,
     ) -> list[int]:
         """Store ``events`` (an id stored before is skipped: count 0) and fan each new
         one out to the groups subscribed to its type; the number of groups per event.
 
         ``hold``: claim some of the new deliveries for a worker as they are made
-        (see :class:`Hold`)."""
+        (see :class:`Hold`). ``stored``: told, per event, whether it was stored here."""
         subs = self._subscriptions(c, app)
         now = time.time()
         counts: list[int] = []
@@ -128,6 +128,8 @@ class SQLiteCore(StoreBase):
                     ev.causation_id, ev.traceparent, ev.signature, now,
                 ),
             )
+            if stored is not None:
+                stored.append(cur.rowcount != 0)
             if cur.rowcount == 0:
                 counts.append(0)
                 continue

@@ -151,7 +151,8 @@ class SQLiteEvents(SQLiteCore):
             if s.outcome == "done":
                 if s.events:
                     held = None if s.hold_for is None else Hold(s.hold_for, s.hold, now)
-                    counts = s.addressed = self._append(c, app, s.events, held)
+                    s.stored = []
+                    counts = s.addressed = self._append(c, app, s.events, held, s.stored)
                     if held is not None:
                         s.held = held.finish(c, app, s.events, counts)
                 audit_append(

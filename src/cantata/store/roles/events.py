@@ -46,11 +46,22 @@ class Settlement:
     addressed: list[int] = field(default_factory=list)  # set by the store (if it
     # says): per event of ``events``, how many groups it was addressed to (0: stored
     # before, or no group)
+    stored: list[bool] = field(default_factory=list)  # set by the store (if it says):
+    # per event of ``events``, whether this settlement stored it (False: stored before,
+    # e.g. by another handler emitting the same id, or its id repeated in ``events``)
     wake: bool = True  # False: ``hold`` has every delivery of ``events`` that a consumer
     # of this process would claim, so the commit need not send ``claims`` (CLAIMS)
 
     def __post_init__(self) -> None:
         self.outcome = DeliveryOutcome(self.outcome)  # "done", "retry", "dead" or a member
+
+    def stored_events(self) -> list[Event[Any]]:
+        """Of ``events``, those this settlement stored: all of them when the store did
+        not say (:attr:`stored`). What the ``emitted`` hook and the metrics count, so
+        that an event two handlers emit with one id counts once."""
+        if len(self.stored) != len(self.events):
+            return list(self.events)
+        return [e for e, new in zip(self.events, self.stored, strict=True) if new]
 
 
 @dataclass(frozen=True, slots=True)

@@ -255,6 +255,29 @@ class EventsContract(StoreFixtures):
         assert (await store.deliveries(self.app, e.id))[0].status == DELIVERY_DONE
         assert await self.claim_d(store, "w2", ["g"]) == []
 
+    async def test_a_settlement_says_which_emitted_events_it_stored(
+        self, store: Store
+    ) -> None:
+        """Two handlers that emit one event (one id: a choreographed saga's join) store
+        it once; each settlement says whether it stored it, so that it counts once. An
+        event addressed to no group is stored all the same."""
+        await self.handlers(store, ("g", "order.placed"), ("h", "order.placed"),
+                            ("ship", "order.paid"))
+        e = ev()
+        await store.append_events(self.app, [e])
+        joined, unheard = ev("order.paid"), ev("order.noted")
+        first = Settlement("done", 1, [joined, unheard, joined])
+        assert await store.settle_delivery(self.app, "g", e.id, first)
+        assert first.stored == [True, True, False]  # an id repeated counts once
+        assert first.addressed == [1, 0, 0]
+        assert first.stored_events() == [joined, unheard]
+        later = ev("order.paid")
+        second = Settlement("done", 1, [joined, later])
+        assert await store.settle_delivery(self.app, "h", e.id, second)
+        assert second.stored == [False, True]
+        assert second.stored_events() == [later]
+        assert Settlement("done", 1, [joined]).stored_events() == [joined]  # not said
+
     async def test_settle_creates_a_missing_delivery_row(self, store: Store) -> None:
         e = ev()
         await store.append_events(self.app, [e])
