@@ -418,7 +418,7 @@ class App(RouterFacade):
         ``delete`` (the app must be open)."""
         from cantata.flow.schedules import Schedules
 
-        return Schedules(lambda: self.engine)
+        return Schedules(lambda: self.engine, self._handle)
 
     async def queue_stats(self) -> list[QueueStats]:
         """Per queue: runs waiting, in progress, begun in the rate window, oldest waiting."""

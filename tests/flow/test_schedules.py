@@ -198,3 +198,21 @@ def test_bad_schedules_name_the_value() -> None:
         app.schedule(every=-1)
     with pytest.raises(ConfigurationError, match="one of them"):
         app.schedule("* * * * *", every=5)
+
+
+async def test_a_triggered_runs_handle_outlives_the_block_it_was_made_in(
+    tmp_path: Path,
+) -> None:
+    """As the handles of app.start: a handle from app.schedules.trigger in an earlier
+    `async with` block works once the app is open again."""
+    app = App("sched", store=f"sqlite:///{tmp_path / 's.db'}")
+
+    @app.workflow
+    async def nightly(ctx: object, tick: dt.datetime) -> str:
+        return "ran"
+
+    async with app.client():
+        await app.schedules.create("n", "0 2 * * *", nightly)
+        handle = await app.schedules.trigger("n")
+    async with app:
+        assert await handle.result(timeout=10) == "ran"

@@ -221,8 +221,9 @@ class ScheduleInfo:
 class Schedules:
     """``app.schedules``: create, list, pause, resume, trigger and delete schedules."""
 
-    def __init__(self, engine_of: Any) -> None:
+    def __init__(self, engine_of: Any, handle_of: Any) -> None:
         self._engine_of = engine_of  # () -> Engine (the app must be open)
+        self._handle_of = handle_of  # (engine, run id, workflow) -> the app's RunHandle
 
     @property
     def _engine(self) -> Engine:
@@ -307,15 +308,15 @@ class Schedules:
                 return
 
     async def trigger(self, name: str) -> RunHandle:
-        """Start one run of ``name`` now (its tick: the current time), whatever its policy."""
-        from cantata.engine.handle import RunHandle
-
+        """Start one run of ``name`` now (its tick: the current time), whatever its
+        policy. Its handle follows the app, as :meth:`App.start`'s does."""
         engine = self._engine
         spec = ScheduleSpec.from_json((await self._row(name)).spec)
         run_id = await start_tick(engine, spec, engine.clock.now())
         if run_id is None:
             raise ConfigurationError(f"schedule {name!r}: the triggered run was refused")
-        return RunHandle(engine, run_id, spec.workflow)
+        handle: RunHandle = self._handle_of(engine, run_id, spec.workflow)
+        return handle
 
     async def delete(self, name: str) -> None:
         """Remove a schedule (one declared in code comes back when its app opens again).
