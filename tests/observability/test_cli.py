@@ -90,6 +90,12 @@ def test_stalled_lists_every_reason_with_group_and_step(
     assert scenario.ids["waiting"] in out
     # the hint repeats the --app and --store given, so that it works as printed
     assert f"--app shop --store {scenario.url}" in "".join(out.split("\n")), out
+    code, out, err = cli(capsys, "stalled", "--older-than", "0s", "--app", "shop",
+                         "--store", scenario.url, "--json")
+    [letter] = [s for s in json.loads(out) if s["reason"] == "dead_letter"]
+    assert letter["detail"].endswith(
+        f"(replay: cantata dlq replay {letter['node']['ref']} --app shop --store "
+        f"{scenario.url})"), letter
 
 
 def test_stalled_with_nothing_old_enough(

@@ -97,7 +97,7 @@ async def _trace_of(app: App, ref: str | None, key: str | None, limit: int) -> T
 def again(command: str, target: str, app: str | None, store: str | None) -> str:
     """``cantata COMMAND TARGET`` with the ``--app`` and ``--store`` given to this one
     (as typed: a module:attribute stays one; a store password stays out)."""
-    words = ["cantata", command, target]
+    words = ["cantata", *command.split(), target]
     if app is not None:
         words += ["--app", app]
     if store is not None:
@@ -115,12 +115,18 @@ def _where(stall: Stall) -> str:
     return f"{n.kind} {n.name}"
 
 
-def _detail(stall: Stall) -> str:
+def _detail(stall: Stall, app: str | None, store: str | None, width: int = 0) -> str:
+    """What a stall is stuck on; a dead letter's with the command that replays it (as
+    :func:`again`). ``width``: cut the error, never the command, to about that."""
     n = stall.node
     if n.kind == "wait":
         return n.detail or ""
     if n.kind == "dead_letter":
-        return f"{n.error} (replay: cantata dlq replay {n.ref})"
+        hint = f" (replay: {again('dlq replay', n.ref or '', app, store)})"
+        error = n.error or ""
+        if width and len(error) + len(hint) > width:
+            error = error[:max(width - len(hint), 40)] + "…"
+        return error + hint
     return n.error or ""
 
 
@@ -148,7 +154,7 @@ def stalled(
         if as_json:
             print_json([{"correlation_id": s.correlation_id, "reason": s.reason,
                          "since": s.since.isoformat().replace("+00:00", "Z"),
-                         "where": _where(s), "detail": _detail(s),
+                         "where": _where(s), "detail": _detail(s, app, store),
                          "node": node_dict(s.node)} for s in stalls])
             return
         if not stalls:
@@ -164,7 +170,8 @@ def stalled(
         for s in stalls:
             # Text cells: user data (ids, error messages) is never read as markup.
             table.add_row(Text(s.correlation_id), s.reason, Text(_where(s)),
-                          fmt_seconds((at - s.since).total_seconds()), Text(_detail(s)[:200]))
+                          fmt_seconds((at - s.since).total_seconds()),
+                          Text(_detail(s, app, store, 200)))
         show(table)
         console.print(Text(f"{len(stalls)} stall(s); see one whole: "
                            + again("trace", stalls[0].correlation_id, app, store)))
