@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from cantata import Event, Retry
 from cantata.cli import common
 from cantata.cli.main import main
+from tests.helpers import with_schema
 
 from .scenarios import Scenario, eventually, make_app
 
@@ -136,6 +138,32 @@ def test_graph_of_the_choreography_with_traffic(
     assert out.startswith("flowchart LR\n")
     assert "declared and seen" in out
     assert '-.->|"never seen"|' in out  # the audit group and the invoice wait
+
+
+@pytest.mark.postgres
+def test_graph_of_a_missing_postgres_schema_creates_none(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped schema is read, never made: the map is drawn from the code, with a
+    warning that names the store."""
+    import asyncpg
+
+    schema = f"cantata_missing_{uuid.uuid4().hex[:8]}"
+    code, out, err = cli(capsys, "graph", APP, "--events", "--store",
+                         with_schema(postgres_url, schema))
+    assert code == 0, err
+    assert out.startswith("flowchart LR\n")
+    assert f"store schema {schema!r} does not exist" in err and "from the code alone" in err
+
+    async def exists() -> bool:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            return bool(await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname=$1)", schema))
+        finally:
+            await conn.close()
+
+    assert not asyncio.run(exists())
 
 
 def test_graph_needs_a_workflow_or_events(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cantata.app import App
-from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
+from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound, StoreUnavailable
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
 from cantata.observability.graph import code_mermaid, workflow_mermaid
@@ -28,6 +28,7 @@ from cantata.store.factory import mask_url
 from .common import (
     client_app,
     console,
+    existing_store,
     load_app,
     parse_duration,
     print_json,
@@ -216,16 +217,27 @@ def graph(
             typer.echo(drawn, nl=False)
             return
     use_store = _has_store(the_app)
+    if use_store and isinstance(the_app._store_spec, str):
+        # read, never made: a mistyped PostgreSQL schema is not created
+        the_app.configure(store=existing_store(the_app._store_spec))
+
+    async def from_code() -> str:
+        if workflow is not None:
+            return await workflow_mermaid(the_app.router, the_app.name, workflow, None)
+        return await choreography_mermaid(the_app.router, the_app.name, None)
 
     async def go() -> str:
         if not use_store:
-            if workflow is not None:
-                return await workflow_mermaid(the_app.router, the_app.name, workflow, None)
-            return await choreography_mermaid(the_app.router, the_app.name, None)
-        async with the_app.client():
-            if workflow is not None:
-                return await workflow_mermaid(the_app.router, the_app.name, workflow, the_app.store)
-            return await choreography_mermaid(the_app.router, the_app.name, the_app.store)
+            return await from_code()
+        try:
+            async with the_app.client():
+                if workflow is not None:
+                    return await workflow_mermaid(the_app.router, the_app.name, workflow,
+                                                  the_app.store)
+                return await choreography_mermaid(the_app.router, the_app.name, the_app.store)
+        except StoreUnavailable as exc:
+            typer.echo(f"cantata: warning: {exc}; drawn from the code alone", err=True)
+            return await from_code()
 
     typer.echo(run(go), nl=False)
 
