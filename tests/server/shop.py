@@ -1,9 +1,11 @@
 """The app the console tests drive: an order saga that compensates when a card is
-declined, an order that waits (to cancel), and an email handler that can be broken
+declined, an order that waits (to cancel), an invoice that fails while billing is down
+(to retry and fork; it sets search attributes), and an email handler that can be broken
 and fixed (to make and replay dead letters)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from cantata import App, Event, Retry
@@ -11,7 +13,9 @@ from cantata import App, Event, Retry
 
 def make_shop(store: str, *, name: str = "shop", state: dict[str, Any] | None = None,
               audit_key: str | None = None) -> App:
-    """A shop app on ``store``; ``state["emails_broken"]`` makes the email handler fail."""
+    """A shop app on ``store``; ``state["emails_broken"]`` makes the email handler fail,
+    ``state["billing_down"]`` the invoice's ``bill`` step (``state["billing_delay"]``:
+    seconds it takes)."""
     flags = state if state is not None else {"emails_broken": False}
     app = App(name, store=store, broker="embedded", poll_interval=0.05, lease=5.0,
               audit_key=audit_key)
@@ -51,6 +55,20 @@ def make_shop(store: str, *, name: str = "shop", state: dict[str, Any] | None = 
         await ctx.wait_for_event("invoice.approved", match={"order_id": order["id"]},
                                  timeout=3600)
         return {"status": "approved"}
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def bill(order: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(flags.get("billing_delay", 0))  # (a run seen while running)
+        if flags.get("billing_down"):
+            raise RuntimeError(f"the billing service is down (order {order['id']})")
+        return {"billed": order.get("total", 0)}
+
+    @app.workflow
+    async def invoice(ctx: Any, order: dict[str, Any]) -> dict[str, Any]:
+        await ctx.set_attributes(customer=order.get("customer", "walk-in"), order=order["id"])
+        await ctx.run(reserve, order)
+        await ctx.run(bill, order)
+        return {"status": "invoiced", "order": order["id"]}
 
     @app.on("order.placed", group="emails", retry=Retry(max_attempts=2, initial_interval=0.01))
     async def send_email(event: Event[Any], ctx: Any) -> None:

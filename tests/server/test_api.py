@@ -275,7 +275,7 @@ async def test_the_console_works_from_the_store_alone(shop: Shop, store_url: str
         run = await finished(shop, r.json()["run_id"])  # executed by the shop's worker
         assert run["status"] == "completed"
         assert (await client.get("/api/workflows", headers=h)).json() == [
-            "await_approval", "place_order"]
+            "await_approval", "invoice", "place_order"]
     await bare.close()
 
 
@@ -310,7 +310,7 @@ async def test_an_unknown_workflow_lists_what_get_workflows_lists(
         for c in (shop.client, client):
             h = shop.auth("operator")
             listed = (await c.get("/api/workflows", headers=h)).json()
-            assert listed == ["await_approval", "place_order"]
+            assert listed == ["await_approval", "invoice", "place_order"]
             r = await c.post("/api/workflows/nope/runs", headers=h, json={"input": 1})
             assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_workflow"
             assert f"(known: {', '.join(listed)})" in r.json()["error"]["message"]

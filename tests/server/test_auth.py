@@ -22,6 +22,8 @@ ROLES: dict[tuple[str, str], str | None] = {
     ("GET", "/api/runs"): "viewer",
     ("GET", "/api/runs/{run_id}"): "viewer",
     ("POST", "/api/runs/{run_id}/cancel"): "operator",
+    ("POST", "/api/runs/{run_id}/retry"): "operator",
+    ("POST", "/api/runs/{run_id}/fork"): "operator",
     ("POST", "/api/workflows/{name}/runs"): "operator",
     ("GET", "/api/workflows"): "viewer",
     ("GET", "/api/overview"): "viewer",
@@ -29,6 +31,7 @@ ROLES: dict[tuple[str, str], str | None] = {
     ("GET", "/api/stalled"): "viewer",
     ("GET", "/api/dead-letters"): "viewer",
     ("POST", "/api/dead-letters/{dead_letter_id}/replay"): "operator",
+    ("POST", "/api/dead-letters/{dead_letter_id}/discard"): "operator",
     ("POST", "/api/events"): "operator",
     ("GET", "/api/maps/workflows/{name}"): "viewer",
     ("GET", "/api/maps/events"): "viewer",
@@ -42,7 +45,8 @@ ROLES: dict[tuple[str, str], str | None] = {
 }
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
 BODIES = {"/api/workflows/{name}/runs": {"input": {"id": "X"}},
-          "/api/events": {"type": "order.checked", "data": {}}}
+          "/api/events": {"type": "order.checked", "data": {}},
+          "/api/runs/{run_id}/fork": {"from_step": "charge#1"}}
 
 
 def concrete(path: str) -> str:

@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Debian's chromium, headless, driven by Playwright):
 log in, find a compensated order and its compensation on the map, replay a dead letter
-once the handler is fixed and watch it succeed, cancel a run, and a viewer sees no
+once the handler is fixed and watch it succeed, cancel a run, retry and fork a failed
+run, discard a dead letter, find runs by search attribute, and a viewer sees no
 operator button. Screenshots go to docs/img/ for docs/console.md."""
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
-OPERATOR_BUTTONS = ("Cancel", "Replay", "Start", "Publish")
+OPERATOR_BUTTONS = ("Cancel", "Replay", "Start", "Publish", "Retry", "Fork", "Discard")
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CANTATA_REQUIRE_SERVICES") == "1":
@@ -427,3 +428,166 @@ def test_the_runs_of_a_trace_are_links_reached_with_the_keyboard(
     expect(page).to_have_url(re.compile(f"/runs/{declined}$"))
     expect(page.get_by_role("heading", name="Run")).to_be_visible()
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def failed_invoice(server: ServerThread, order: str, customer: str = "walk-in") -> str:
+    """An invoice run that failed while billing was down (billing is up again after)."""
+    state = server.state  # type: ignore[attr-defined]
+    state["billing_down"] = True
+    try:
+        handle = server.run(lambda: server.app.start("invoice", {"id": order,
+                                                               "customer": customer}))
+        with contextlib.suppress(Exception):  # it fails: the point
+            server.run(lambda: handle.result(10))
+    finally:
+        state["billing_down"] = False
+    assert server.run(handle.info).status == "failed"
+    run_id: str = handle.run_id
+    return run_id
+
+
+def test_retry_a_failed_run_once_billing_is_back(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    run_id = failed_invoice(server, "RT-1", customer="acme")
+    viewer = login(browser, server, "viewer", img)
+    viewer.goto(f"{server.url}/runs/{run_id}")
+    expect(viewer.locator(".headline .badge").first).to_have_text("failed")
+    expect(viewer.locator("dd.attributes")).to_contain_text("customer=acme")
+    viewer.wait_for_load_state("networkidle")
+    for name in ("Retry", "Fork"):
+        expect(viewer.get_by_role("button", name=name, exact=True)).to_have_count(0)
+    page = login(browser, server, "operator", img)
+    page.goto(f"{server.url}/runs/{run_id}")
+    expect(page.locator(".headline .badge").first).to_have_text("failed")
+    shot(page, "run-failed.png")
+    server.state["billing_delay"] = 3  # type: ignore[attr-defined]
+    try:
+        page.get_by_role("button", name="Retry").click()
+        expect(page.locator(".headline .badge").first).to_have_text(
+            re.compile("^(pending|running)$"), timeout=5_000)
+        expect(page.get_by_role("button", name="Retry")).to_have_count(0)
+        expect(page.locator(".headline .badge").first).to_have_text("completed",
+                                                                     timeout=15_000)
+    finally:
+        server.state["billing_delay"] = 0  # type: ignore[attr-defined]
+    bill = page.locator('tr[data-key="bill#1"]')
+    expect(bill).to_contain_text("completed")
+    records = server.run(lambda: server.app.store.audit_records(server.app.name, after_seq=0,
+                                                                limit=100_000))
+    retried = [r for r in records if r.action == "run.retried" and r.target == run_id]
+    assert [r.actor for r in retried] == [f"token:{server.result['names']['operator']}"]
+    assert page.errors == [] and viewer.errors == []  # type: ignore[attr-defined]
+
+
+def test_retry_a_compensated_run_asks_first(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    handle = server.run(lambda: server.app.start("place_order", {"id": "RT-2",
+                                                               "card": "declined"}))
+    with contextlib.suppress(Exception):  # it compensates
+        server.run(lambda: handle.result(10))
+    page = login(browser, server, "operator", img)
+    page.goto(f"{server.url}/runs/{handle.run_id}")
+    expect(page.locator(".headline .badge").first).to_have_text("compensated")
+    asked: list[str] = []
+
+    def answer(accept: bool) -> Any:
+        def on(dialog: Any) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+        return on
+
+    page.once("dialog", answer(False))
+    page.get_by_role("button", name="Retry").click()
+    expect(page.get_by_role("button", name="Retry")).to_be_enabled()
+    assert len(asked) == 1 and "compensated" in asked[0]
+    assert server.run(handle.info).epoch == 0  # dismissed: nothing was done
+    page.once("dialog", answer(True))
+    page.get_by_role("button", name="Retry").click()
+    for _ in range(100):
+        if server.run(handle.info).epoch == 1:
+            break
+        page.wait_for_timeout(100)
+    assert server.run(handle.info).epoch == 1 and len(asked) == 2
+    expect(page.locator(".headline .badge").first).to_have_text("compensated", timeout=15_000)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_fork_a_failed_run_from_its_failed_step(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    run_id = failed_invoice(server, "FK-1")
+    page = login(browser, server, "operator", img)
+    page.goto(f"{server.url}/runs/{run_id}")
+    step = page.get_by_label("Fork from step")
+    expect(step).to_have_value("bill#1")  # the failed call is offered first
+    options = step.locator("option")
+    expect(options).to_have_count(3)
+    expect(options).to_contain_text(["set_attributes#1", "reserve#1", "bill#1 (failed)"])
+    page.get_by_role("button", name="Fork").click()
+    expect(page).not_to_have_url(re.compile(f"/runs/{run_id}$"))
+    expect(page).to_have_url(re.compile(r"/runs/[0-9a-f]+$"))
+    expect(page.get_by_role("heading", name="Run")).to_be_visible()
+    expect(page.locator(".headline .badge").first).to_have_text("completed", timeout=15_000)
+    new_id = page.url.rsplit("/", 1)[1]
+    new = server.run(lambda: server.app.get_handle(new_id).info())
+    assert new.workflow == "invoice" and new.causation_id == run_id
+    assert server.run(lambda: server.app.get_handle(run_id).info()).status == "failed"
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_discard_a_dead_letter(browser: Browser, server: ServerThread, img: Path) -> None:
+    state = server.state  # type: ignore[attr-defined]
+    page = login(browser, server, "operator", img)
+    page.get_by_role("link", name="Dead letters").click()
+    expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
+    state["emails_broken"] = True
+    try:
+        server.run(lambda: server.app.publish("order.placed", {"order_id": "DL-1"},
+                                              correlation_id="order-DL-1"))
+        row = page.locator('tr:has-text("order-DL-1")')
+        expect(row).to_have_count(1, timeout=15_000)
+    finally:
+        state["emails_broken"] = False
+    [letter] = [d for d in server.run(server.app.dead_letters)
+                if d.event.correlation_id == "order-DL-1"]
+    page.once("dialog", lambda d: d.dismiss())
+    row.get_by_role("button", name="Discard").click()
+    page.wait_for_timeout(300)
+    expect(row).to_have_count(1)  # not confirmed: kept
+    page.once("dialog", lambda d: d.accept())
+    row.get_by_role("button", name="Discard").click()
+    expect(page.get_by_role("status").filter(has_text="Discarded")).to_contain_text(
+        "Discarded order.placed for emails")
+    expect(page.locator('tr:has-text("order-DL-1")')).to_have_count(0)
+    assert letter.id not in [d.id for d in server.run(server.app.dead_letters)]
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_find_runs_by_search_attribute(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    ids = [server.run(lambda o=o, c=c: server.app.start("invoice", {"id": o, "customer": c}))
+           for o, c in [("AT-1", "initech"), ("AT-2", "umbrella"), ("AT-3", "initech")]]
+    for handle in ids:
+        server.run(lambda handle=handle: handle.result(10))
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/runs")
+    page.get_by_label("Attribute").fill("customer=initech")
+    page.get_by_role("button", name="Filter").click()
+    expect(page).to_have_url(re.compile(r"attr=customer%3Dinitech"))
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(2)
+    assert [rows.nth(i).get_attribute("data-run-id") for i in range(2)] == [
+        ids[2].run_id, ids[0].run_id]
+    expect(page.get_by_label("Attribute")).to_have_value("customer=initech")
+    shot(page, "runs-by-attribute.png")
+    # a run's attributes link to the runs that share them
+    page.goto(f"{server.url}/runs/{ids[1].run_id}")
+    page.get_by_role("link", name="customer=umbrella").click()
+    expect(page.locator("tbody tr")).to_have_count(1)
+    page.get_by_label("Attribute").fill("customer")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.get_by_role("alert")).to_contain_text("is malformed")
+    assert [e for e in page.errors if "422" not in e] == []  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from tests.server.conftest import Shop
 
+ID = "0123456789abcdef0123456789abcdef"
 FUZZ = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -31,7 +32,7 @@ def assert_error(r: httpx.Response, field: str | None = None) -> None:
 
 @FUZZ
 @given(name=st.sampled_from(["workflow", "status", "since", "until", "idempotency_key",
-                             "correlation_id", "limit", "cursor"]), value=text)
+                             "correlation_id", "limit", "cursor", "attr"]), value=text)
 async def test_runs_filters(shop: Shop, name: str, value: str) -> None:
     r = await shop.get("/api/runs", params={name: value})
     if r.status_code == 200:
@@ -63,6 +64,9 @@ async def test_ids_and_names_in_paths(shop: Shop, value: str) -> None:
               await shop.get(f"/api/maps/workflows/{v}"),
               await shop.post(f"/api/runs/{v}/cancel"),
               await shop.post(f"/api/dead-letters/{v}/replay"),
+              await shop.post(f"/api/dead-letters/{v}/discard"),
+              await shop.post(f"/api/runs/{v}/retry"),
+              await shop.post(f"/api/runs/{v}/fork", json={"from_step": "charge#1"}),
               await shop.post(f"/api/workflows/{v}/runs", json={})):
         if r.status_code not in (200, 201):
             assert_error(r)
@@ -78,7 +82,8 @@ async def test_ids_and_names_in_paths(shop: Shop, value: str) -> None:
 ))
 async def test_bodies(shop: Shop, body: bytes) -> None:
     headers = {**shop.auth("operator"), "Content-Type": "application/json"}
-    for path in ("/api/events", "/api/workflows/place_order/runs", "/api/session"):
+    for path in ("/api/events", "/api/workflows/place_order/runs", "/api/session",
+                 f"/api/runs/{ID}/retry", f"/api/runs/{ID}/fork"):
         r = await shop.client.post(path, headers=headers, content=body)
         if r.status_code in (200, 201):
             continue

@@ -127,3 +127,48 @@ async def test_revoking_a_token_ends_its_open_stream_while_changes_flow(store_ur
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+async def test_a_retry_and_a_discard_reach_the_stream(store_url: str) -> None:
+    """A retried run is live again (`run` event, status pending) and a discarded dead
+    letter is gone (`dead_letter` event, state discarded): the pages showing them redraw."""
+    console_app = App("shop", store=store_url)
+    with ServerThread(console_app, serve=False) as server:
+        state = {"emails_broken": True, "billing_down": True}
+        shop = make_shop(store_url, state=state)
+        async with shop:
+            token = await create_token(shop.store, "stream-fixes", Role.VIEWER)
+            seen: list[tuple[str, dict[str, Any]]] = []
+            ready = asyncio.Event()
+            task = asyncio.create_task(listen(server.url, token, seen, ready))
+            try:
+                await asyncio.wait_for(ready.wait(), 10)
+                handle = await shop.start("invoice", {"id": "S-1"})
+                with contextlib.suppress(Exception):  # billing is down: it fails
+                    await handle.result(timeout=10)
+                await shop.publish("order.placed", {"order_id": "S-1"})
+                await eventually(shop.dead_letters, timeout=10)
+                [letter] = await shop.dead_letters()
+                state["billing_down"] = False
+                await handle.retry(actor="token:someone")
+                await shop.discard(letter.id, actor="token:someone")
+
+                def fixed() -> bool:
+                    runs = [d for k, d in seen if k == "run" and d["run_id"] == handle.run_id]
+                    letters = [d for k, d in seen if k == "dead_letter"]
+                    return ([d["status"] for d in runs][-1:] == ["completed"]
+                            and [d["state"] for d in letters] == ["dead", "discarded"])
+
+                await eventually(fixed, timeout=15)
+                statuses = [d["status"] for k, d in seen
+                            if k == "run" and d["run_id"] == handle.run_id]
+                assert statuses[statuses.index("failed") + 1] == "pending"
+                retried = next(d for k, d in seen if k == "run" and d.get("retried"))
+                assert retried == {"run_id": handle.run_id, "status": "pending",
+                                   "retried": True, "time": retried["time"]}
+                discarded = [d for k, d in seen if k == "dead_letter"][-1]
+                assert discarded["id"] == letter.id and discarded["group"] == "emails"
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task

@@ -10,7 +10,7 @@ starts with the source run's recorded results before a step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import ConfigurationError, RunNotFound, UnknownAttribute
@@ -23,6 +23,8 @@ from cantata.model.status import RunStatus, parse_status
 from .versioning import current_version
 
 if TYPE_CHECKING:
+    from cantata.store.base import Store
+
     from .engine import Engine
 
 
@@ -112,12 +114,21 @@ async def find_records(
         workflow=workflow, status=st, limit=limit,
     )
     if wanted and not runs:  # nothing found: say so if a name is unknown (a typo)
-        known = set(await engine.store.attribute_names(engine.app))
-        for name in wanted:
-            if name not in known:
-                raise UnknownAttribute(
-                    f"no run of app {engine.app!r} has set attribute {name!r} (known: "
-                    f"{', '.join(sorted(known)) or 'none'}); set it with ctx.set_attributes"
-                )
+        await check_attribute_names(engine.store, engine.app, wanted)
     attrs = await engine.store.run_attributes(engine.app, [r.run_id for r in runs])
     return [(r, attrs.get(r.run_id, {})) for r in runs]
+
+
+async def check_attribute_names(store: Store, app: str, names: Iterable[str]) -> None:
+    """Nothing, if some run of ``app`` has set each of ``names``.
+
+    Raises:
+        UnknownAttribute: the first name no run has set (a typo), with the known ones.
+    """
+    known = set(await store.attribute_names(app))
+    for name in names:
+        if name not in known:
+            raise UnknownAttribute(
+                f"no run of app {app!r} has set attribute {name!r} (known: "
+                f"{', '.join(sorted(known)) or 'none'}); set it with ctx.set_attributes"
+            )

@@ -63,7 +63,9 @@ class RunQuery:
     """One page of runs, newest first (by ``created_at``, then ``run_id``).
 
     ``since``/``until`` bound ``created_at`` (POSIX seconds, inclusive / exclusive);
-    ``after`` is the ``(created_at, run_id)`` of the last run of the previous page.
+    ``after`` is the ``(created_at, run_id)`` of the last run of the previous page;
+    ``attributes`` are ``(name, indexed text)`` search attributes a run must all hold
+    (:func:`cantata.model.attributes.index_value`).
     """
 
     workflow: str | None = None
@@ -74,3 +76,4 @@ class RunQuery:
     correlation_id: str | None = None
     after: tuple[float, str] | None = None
     limit: int = 50
+    attributes: tuple[tuple[str, str], ...] = ()

@@ -104,12 +104,32 @@ class RunDetail(RunOut):
     flagged: bool = Field(description="Needs an operator (a compensation failed for good).")
     compensated: bool = Field(description="At least one compensation ran.")
     steps: list[StepOut]
+    attributes: dict[str, str] = Field(description="The run's search attributes "
+                                       "(`ctx.set_attributes`), as indexed text.")
 
 
 class CancelOut(BaseModel):
     run_id: str
     status: RunStatus
     cancel_requested: bool
+
+
+class RetryIn(BaseModel):
+    """Retry a run; a compensated one only with `include_compensated`."""
+
+    include_compensated: bool = Field(default=False, strict=True, description=(
+        "Retry a compensated run too (its compensations are superseded; the steps they "
+        "undid are not redone)."))
+
+
+class ForkIn(BaseModel):
+    from_step: str = Field(min_length=1, max_length=500, description=(
+        "The history key of the call to start again at, `name#n` (a step's `key` in "
+        "GET /api/runs/{run_id}); a bare name means its first call."))
+
+
+class ForkOut(BaseModel):
+    run_id: str = Field(description="The new run.")
 
 
 class StartIn(BaseModel):
@@ -271,8 +291,10 @@ def run_out(r: RunRecord) -> RunOut:
     )
 
 
-def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt]) -> RunDetail:
-    """A run with its steps (``ctx.now()`` and other recorded values left out)."""
+def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt],
+               attributes: dict[str, str] | None = None) -> RunDetail:
+    """A run with its steps (``ctx.now()`` and other recorded values left out) and its
+    search attributes."""
     by_key: dict[str, list[Attempt]] = {}
     for a in attempts:
         by_key.setdefault(a.key, []).append(a)
@@ -296,6 +318,7 @@ def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt
         causation_id=r.causation_id, parent_run_id=r.parent_run_id,
         cancel_requested=r.cancel_requested, flagged=r.flagged,
         compensated=any(s.compensation for s in steps), steps=steps,
+        attributes=dict(attributes or {}),
     )
 
 

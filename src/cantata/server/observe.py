@@ -1,5 +1,6 @@
 """``/api/trace``, ``/api/stalled``, ``/api/dead-letters``, ``/api/events``,
-``/api/maps``: seeing business transactions and acting on their dead letters."""
+``/api/maps``: seeing business transactions and acting on their dead letters (replay,
+discard)."""
 
 from __future__ import annotations
 
@@ -117,7 +118,27 @@ async def replay(request: Request, dead_letter_id: AnId, who: Operator) -> DeadL
         dl = await app.replay(dead_letter_id, actor=who.actor)
     except DeadLetterNotFound:
         raise DeadLetterNotFound(
-            f"no dead letter {dead_letter_id!r} in app {app.name!r} (replayed already?)"
+            f"no dead letter {dead_letter_id!r} in app {app.name!r} (replayed or discarded "
+            "already?)"
+        ) from None
+    return dead_letter_out(dl)
+
+
+@router.post("/dead-letters/{dead_letter_id}/discard", response_model=DeadLetterOut,
+             tags=["events"], summary="Discard a dead letter for good")
+async def discard(request: Request, dead_letter_id: AnId, who: Operator) -> DeadLetterOut:
+    """Takes it off the list without delivering it again (its delivery stays dead), as
+    `cantata dlq discard`; answers what was discarded. A second discard is a 404: it is
+    gone."""
+    console = console_of(request)
+    params.required_ident("dead_letter_id", dead_letter_id)
+    app = await console.open()
+    try:
+        dl = await app.discard(dead_letter_id, actor=who.actor)
+    except DeadLetterNotFound:
+        raise DeadLetterNotFound(
+            f"no dead letter {dead_letter_id!r} in app {app.name!r} (discarded or replayed "
+            "already?)"
         ) from None
     return dead_letter_out(dl)
 

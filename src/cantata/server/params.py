@@ -11,8 +11,10 @@ import re
 
 import orjson
 
+from cantata.errors import UnknownAttribute
+from cantata.model.attributes import index_value, parse_attr
 from cantata.model.status import RunStatus
-from cantata.server.errors import bad_input
+from cantata.server.errors import ApiError, bad_input
 
 # Ids, correlation ids, idempotency keys, names: printable, no spaces, bounded.
 ID_PATTERN = r"^[\x21-\x7e]{1,200}$"
@@ -20,6 +22,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 _ID_RE = re.compile(ID_PATTERN)
 _NAME_RE = re.compile(NAME_PATTERN)
 MAX_LIMIT = 500
+MAX_ATTRS = 20  # attr= filters of one query (each is one index look-up)
 HALF_MICROSECOND = 5e-7
 
 
@@ -98,6 +101,25 @@ def seconds(field: str, value: float | None, default: float) -> float:
     if not math.isfinite(value) or not 0 <= value <= 10 * 365 * 86400:
         raise bad_input(field, f"{field} must be a number of seconds >= 0")
     return value
+
+
+def attributes(values: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """``attr=NAME=VALUE`` filters (as ``cantata runs --attr``) as ``(name, indexed
+    text)`` pairs a run must all hold; a malformed one is a 422 naming ``attr``."""
+    out: list[tuple[str, str]] = []
+    if len(values or []) > MAX_ATTRS:
+        raise ApiError(422, "invalid_input", f"attr is given {len(values or [])} times; "
+                       f"filter on at most {MAX_ATTRS} attributes", "attr")
+    for text in values or []:
+        if "=" not in text:
+            raise ApiError(422, "invalid_input", f"attr {text!r} is malformed: use "
+                           "attr=NAME=VALUE (for example attr=customer_id=42)", "attr")
+        try:
+            name, value = parse_attr(text)
+            out.append((name, index_value(name, value)))
+        except UnknownAttribute as exc:
+            raise ApiError(422, "invalid_input", f"attr {text!r}: {exc}", "attr") from None
+    return tuple(out)
 
 
 # -- cursors: opaque to clients, base64url of a small JSON value ---------------------------

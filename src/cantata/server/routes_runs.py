@@ -1,5 +1,5 @@
-"""``/api/runs``, ``/api/workflows``, ``/api/overview``: runs listed, shown, cancelled and
-started by name."""
+"""``/api/runs``, ``/api/workflows``, ``/api/overview``: runs listed (by search attribute
+too), shown, cancelled, retried, forked and started by name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 
 from cantata.declare.defs import WorkflowDef
-from cantata.errors import RunNotFound
+from cantata.engine.recovery import check_attribute_names
+from cantata.errors import (
+    ConfigurationError,
+    RunNotFound,
+    RunNotRetryable,
+    StepNotInHistory,
+    UnknownAttribute,
+)
 from cantata.model.access import RunQuery
 from cantata.model.status import RunStatus
 from cantata.server import params
@@ -19,7 +26,10 @@ from cantata.server.errors import ApiError, bad_input
 from cantata.server.models import (
     CancelOut,
     ErrorOut,
+    ForkIn,
+    ForkOut,
     Overview,
+    RetryIn,
     RunDetail,
     RunsPage,
     StallOut,
@@ -30,6 +40,7 @@ from cantata.server.models import (
 )
 from cantata.server.observe import stall_out
 from cantata.server.state import console_of
+from cantata.store.base import Store
 
 router = APIRouter(prefix="/api", tags=["runs"], responses=ERRORS)
 
@@ -39,7 +50,12 @@ RunId = Annotated[str, Path(pattern=params.ID_PATTERN, description="A run id")]
 IdFilter = Annotated[str | None, Query(pattern=params.ID_PATTERN)]
 
 
-@router.get("/runs", response_model=RunsPage, summary="Runs, newest first")
+def _unprocessable(what: str) -> dict[int | str, dict[str, Any]]:
+    return {422: {"model": ErrorOut, "description": what}}
+
+
+@router.get("/runs", response_model=RunsPage, summary="Runs, newest first",
+            responses=_unprocessable("A malformed `attr`, or one no run has set"))
 async def list_runs(
     request: Request,
     _: Viewer,
@@ -54,9 +70,13 @@ async def list_runs(
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page",
                                         max_length=600)] = None,
+    attr: Annotated[list[str] | None, Query(description=(
+        "NAME=VALUE: runs with this search attribute (`ctx.set_attributes`); repeat it "
+        "for runs with all of them"))] = None,
 ) -> RunsPage:
     """One page of runs matching every filter given, newest first; follow `next_cursor`."""
     console = console_of(request)
+    attributes = params.attributes(attr)
     q = RunQuery(
         workflow=params.name("workflow", workflow),
         status=status,
@@ -66,8 +86,15 @@ async def list_runs(
         correlation_id=params.ident("correlation_id", correlation_id),
         after=params.run_cursor(cursor),
         limit=limit + 1,  # one more tells whether a next page exists
+        attributes=attributes,
     )
-    runs = await (await console.store()).query_runs(console.app.name, q)
+    store = await console.store()
+    runs = await store.query_runs(console.app.name, q)
+    if attributes and not runs:  # nothing found: a name no run has set is a typo
+        try:
+            await check_attribute_names(store, console.app.name, (n for n, _ in attributes))
+        except UnknownAttribute as exc:
+            raise ApiError(422, exc.code, console.redact(str(exc)), "attr") from None
     more = len(runs) > limit
     runs = runs[:limit]
     next_cursor = (
@@ -81,13 +108,17 @@ async def get_run(request: Request, run_id: RunId, _: Viewer) -> RunDetail:
     """The run, each step with its attempts and errors, compensations flagged."""
     console = console_of(request)
     params.required_ident("run_id", run_id)
-    store = await console.store()
-    run = await store.get_run(console.app.name, run_id)
+    return await _detail(await console.store(), console.app.name, run_id)
+
+
+async def _detail(store: Store, app: str, run_id: str) -> RunDetail:
+    run = await store.get_run(app, run_id)
     if run is None:
-        raise RunNotFound(f"no run {run_id!r} in app {console.app.name!r}")
-    history = await store.load_history(console.app.name, run_id)
-    attempts = await store.load_attempts(console.app.name, run_id)
-    return run_detail(run, history, attempts)
+        raise RunNotFound(f"no run {run_id!r} in app {app!r}")
+    history = await store.load_history(app, run_id)
+    attempts = await store.load_attempts(app, run_id)
+    attributes = (await store.run_attributes(app, [run_id])).get(run_id, {})
+    return run_detail(run, history, attempts, attributes)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=CancelOut, summary="Cancel a run")
@@ -106,6 +137,63 @@ async def cancel_run(request: Request, run_id: RunId, who: Operator) -> CancelOu
     await handle.cancel(actor=who.actor)
     after = await handle.info()
     return CancelOut(run_id=run_id, status=after.status, cancel_requested=True)
+
+
+@router.post("/runs/{run_id}/retry", response_model=RunDetail, summary="Retry a failed run")
+async def retry_run(
+    request: Request,
+    run_id: RunId,
+    who: Operator,
+    body: Annotated[RetryIn, Body(openapi_examples={
+        "failed": {"value": {}},
+        "compensated": {"value": {"include_compensated": True}},
+    })] = RetryIn(),
+) -> RunDetail:
+    """Continues a failed run from its failed step with the deployed code (completed steps
+    are not run again), as `cantata retry`; answers the run as GET /api/runs/{run_id}.
+    409 if the run is live (`run_in_progress`) or ended otherwise (`run_not_retryable`):
+    a compensated run only with `include_compensated`."""
+    console = console_of(request)
+    params.required_ident("run_id", run_id)
+    app = await console.open()
+    try:
+        await app.get_handle(run_id).retry(actor=who.actor,
+                                           include_compensated=body.include_compensated)
+    except RunNotRetryable as exc:
+        run = await app.store.get_run(app.name, run_id)
+        if run is None or run.status != RunStatus.COMPENSATED:
+            raise
+        raise ApiError(409, exc.code, f"run {run_id} ended compensated: send "
+                       '{"include_compensated": true} to retry it anyway (its compensations '
+                       "are superseded; the steps they undid are not redone)",
+                       "include_compensated") from None
+    return await _detail(app.store, app.name, run_id)
+
+
+@router.post("/runs/{run_id}/fork", status_code=201, response_model=ForkOut,
+             summary="Fork a run from a step",
+             responses=_unprocessable("The run never reached `from_step` (the message "
+                                      "lists the calls it did reach)"))
+async def fork_run(
+    request: Request,
+    run_id: RunId,
+    who: Operator,
+    body: Annotated[ForkIn, Body(openapi_examples={
+        "from a step": {"value": {"from_step": "charge#1"}},
+    })],
+) -> ForkOut:
+    """Starts a new run of the run's workflow and arguments that reuses its recorded
+    results before `from_step` and runs the rest with the deployed code (201), as
+    `cantata fork`. 409 while the run is live."""
+    console = console_of(request)
+    params.required_ident("run_id", run_id)
+    app = await console.open()
+    try:
+        handle = await app.fork(run_id, body.from_step, actor=who.actor)
+    except (StepNotInHistory, ConfigurationError) as exc:
+        code = exc.code if isinstance(exc, StepNotInHistory) else "invalid_input"
+        raise ApiError(422, code, console.redact(str(exc)), "from_step") from None
+    return ForkOut(run_id=handle.run_id)
 
 
 @router.post("/workflows/{name}/runs", status_code=201, response_model=StartOut,

@@ -45,6 +45,10 @@ class Change:
                 + orjson.dumps(self.data) + b"\n\n")
 
 
+_DEAD_LETTER_STATES = {"delivery.dead": "dead", "dead_letter.replayed": "replayed",
+                       "dead_letter.discarded": "discarded"}
+
+
 def change_of(rec: AuditRecord) -> Change | None:
     """The client-facing change an audit record stands for (``None``: not streamed)."""
     try:
@@ -61,15 +65,18 @@ def change_of(rec: AuditRecord) -> Change | None:
     if rec.action == "run.status" and "status" in data:
         return Change(rec.seq, "run", {"run_id": rec.target, "status": data["status"],
                                        "time": when})
+    if rec.action == "run.retried":  # live again, from its failed step
+        return Change(rec.seq, "run", {"run_id": rec.target, "status": "pending",
+                                       "retried": True, "time": when})
     if rec.action == "run.cancel_requested" and data.get("applied"):
         return Change(rec.seq, "run", {"run_id": rec.target, "status": data.get("status"),
                                        "cancel_requested": True, "time": when})
-    if rec.action in ("delivery.dead", "dead_letter.replayed"):
+    state = _DEAD_LETTER_STATES.get(rec.action)
+    if state is not None:
         group, _, event_id = rec.target.partition(":")
         return Change(rec.seq, "dead_letter", {
             "id": data.get("dead_letter_id"), "group": group, "event_id": event_id,
-            "state": "dead" if rec.action == "delivery.dead" else "replayed",
-            "error": data.get("error"), "time": when,
+            "state": state, "error": data.get("error"), "time": when,
         })
     return None
 

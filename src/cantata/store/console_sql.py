@@ -17,13 +17,16 @@ TOKEN_COLS = "name, role, token_hash, created_at, revoked_at"
 
 
 def runs_page(
-    app: str, q: RunQuery, cols: str, mark: Callable[[int], str], collate: str = ""
+    app: str, q: RunQuery, cols: str, mark: Callable[[int], str], collate: str = "",
+    attributes_index: str = "",
 ) -> tuple[str, list[Any]]:
     """``SELECT cols FROM runs`` for one page of ``q``, newest first.
 
     The keyset condition is written as ``created_at <= x AND (created_at < x OR
     run_id < y)`` rather than a row comparison, so both planners use its first half
     as an index bound on the (…, created_at, run_id) indexes of migration 0003.
+    Each search attribute is a set of run ids read from the ``(app, name, value)``
+    index of ``run_attributes`` (``attributes_index``: SQLite's ``INDEXED BY`` hint).
     """
     params: list[Any] = [app]
 
@@ -44,6 +47,11 @@ def runs_page(
         where.append(f"created_at>={p(q.since)}")
     if q.until is not None:
         where.append(f"created_at<{p(q.until)}")
+    for name, value in q.attributes:
+        where.append(
+            f"run_id IN (SELECT run_id FROM run_attributes{attributes_index} WHERE "
+            f"app={p(app)} AND name={p(name)} AND value={p(value)})"
+        )
     if q.after is not None:
         at, run_id = q.after
         where.append(

@@ -21,7 +21,8 @@ def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
     and filters a transaction's few runs out of all of them; a correlation id names a
     handful of runs, so its own index is the one to read (then sort those few).
     """
-    sql, params = runs_page(app, q, RUN_COLS, lambda _: "?")
+    sql, params = runs_page(app, q, RUN_COLS, lambda _: "?",
+                            attributes_index=" INDEXED BY run_attributes_value")
     if q.correlation_id is not None and q.idempotency_key is None:
         sql = sql.replace("FROM runs WHERE", "FROM runs INDEXED BY runs_correlation WHERE", 1)
     return sql, params

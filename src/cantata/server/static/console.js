@@ -10,6 +10,7 @@
   const content = document.getElementById("content");
   const STATUSES = ["pending", "running", "compensating", "completed", "compensated", "failed", "cancelled"];
   const LIVE = new Set(["pending", "running", "compensating"]);
+  const RETRYABLE = new Set(["failed", "compensated"]);
 
   function h(tag, attrs, ...kids) {
     const el = document.createElement(tag);
@@ -257,6 +258,10 @@
       field("until", "Until", { placeholder: "2026-02-01T00:00:00Z" }),
       field("idempotency_key", "Idempotency key"),
       field("correlation_id", "Correlation id"),
+      // search attributes (ctx.set_attributes): one input per attr= of the address, all
+      // of which a run must hold, as `cantata runs --attr`
+      (q.getAll("attr").length ? q.getAll("attr") : [""]).map((v) => h("label", {}, "Attribute",
+        h("input", { name: "attr", value: v, placeholder: "customer_id=42" }))),
       h("button", { type: "submit", class: "primary" }, "Filter"),
       h("a", { href: "/runs" }, "Clear"));
     const params = new URLSearchParams();
@@ -264,6 +269,7 @@
       const v = (q.get(k) || "").trim();
       if (v) params.set(k, v);
     }
+    for (const v of q.getAll("attr")) if (v.trim()) params.append("attr", v.trim());
     params.set("limit", "50");
     const tbody = h("tbody", {});
     const more = h("div", { class: "actions" });
@@ -315,6 +321,30 @@
     });
   };
 
+  // A new run reusing this one's recorded results before the chosen call; the page
+  // goes to it.
+  function forkForm(r) {
+    const calls = r.steps.filter((st) => !st.compensation);
+    if (!calls.length) return null;
+    const failed = calls.find((st) => st.status === "failed");
+    const choice = (failed || calls[calls.length - 1]).key;
+    const step = h("select", { id: "fork-step", name: "from_step" }, calls.map((st) =>
+      h("option", { value: st.key, selected: st.key === choice }, `${st.key} (${st.status})`)));
+    const out = h("div", {});
+    return h("form", { class: "filters fork", onsubmit: async (ev) => {
+      ev.preventDefault();
+      const button = ev.target.querySelector("button");
+      button.disabled = true;
+      try {
+        const made = await api(`/api/runs/${encodeURIComponent(r.run_id)}/fork`, { method: "POST",
+          body: { from_step: step.value } });
+        location.assign("/runs/" + encodeURIComponent(made.run_id));
+      } catch (e) { out.replaceChildren(notice(e.message, "error")); button.disabled = false; }
+    } },
+      h("label", { for: "fork-step" }, "Fork from step", step),
+      h("button", { type: "submit" }, "Fork"), out);
+  }
+
   pages.run = async () => {
     const id = arg;
     async function render() {
@@ -329,7 +359,21 @@
               try { await api(`/api/runs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); await render(); }
               catch (e) { head.append(notice(e.message, "error")); ev.target.disabled = false; }
             } }, "Cancel") : null,
-        r.cancel_requested && LIVE.has(r.status) ? h("span", { class: "badge s-cancelled" }, "cancelling") : null);
+        r.cancel_requested && LIVE.has(r.status) ? h("span", { class: "badge s-cancelled" }, "cancelling") : null,
+        canOperate && RETRYABLE.has(r.status)
+          ? h("button", { type: "button", class: "primary", onclick: async (ev) => {
+              // a compensated run's compensations are superseded, the steps they undid
+              // are not redone: the operator says so first
+              const compensated = r.status === "compensated";
+              if (compensated && !confirm("Retry this compensated run? Its compensations are " +
+                  "set aside and it continues from its failed step; the steps they undid are not redone.")) return;
+              ev.target.disabled = true;
+              try {
+                await api(`/api/runs/${encodeURIComponent(id)}/retry`, { method: "POST",
+                  body: compensated ? { include_compensated: true } : {} });
+                await render();
+              } catch (e) { head.append(notice(e.message, "error")); ev.target.disabled = false; }
+            } }, "Retry") : null);
       const facts = h("dl", { class: "facts" },
         h("dt", {}, "Run id"), h("dd", { class: "mono" }, r.run_id),
         h("dt", {}, "Transaction"), h("dd", {}, traceLink(r.correlation_id, r.correlation_id)),
@@ -338,6 +382,10 @@
         h("dt", {}, "Created"), h("dd", {}, when(r.created_at)),
         h("dt", {}, "Updated"), h("dd", {}, when(r.updated_at)),
         h("dt", {}, "Arguments"), h("dd", {}, json(r.args)),
+        h("dt", {}, "Attributes"), h("dd", { class: "attributes" }, Object.keys(r.attributes || {}).length
+          ? Object.entries(r.attributes).map(([k, v]) => h("a", { class: "attr mono",
+              href: "/runs?attr=" + encodeURIComponent(`${k}=${v}`), title: "Runs with this attribute" }, `${k}=${v}`))
+          : "—"),
         r.error ? [h("dt", {}, "Error"), h("dd", { class: "err" }, r.error)] : null,
         r.status === "completed" ? [h("dt", {}, "Result"), h("dd", {}, json(r.result))] : null);
       const mapBox = h("div", { class: "map", id: "run-map" }, h("span", { class: "muted" }, "Drawing the map…"));
@@ -359,7 +407,8 @@
         }
       }
       show(head, h("div", { class: "grid" },
-        h("section", { class: "panel" }, h("h2", {}, "Details"), facts),
+        h("section", { class: "panel" }, h("h2", {}, "Details"), facts,
+          canOperate && !LIVE.has(r.status) ? forkForm(r) : null),
         h("section", { class: "panel" }, h("h2", {}, "Map"), mapBox, legend)),
         h("h2", {}, "Steps"),
         table(["Step", "Kind", "Status", "Attempts", "Started", "Took", "Error"], rows, "No steps yet."));
@@ -429,7 +478,7 @@
         h("td", {}, when(d.failed_at)), h("td", {}, d.group), h("td", {}, d.event.type),
         h("td", {}, traceLink(d.event.correlation_id || d.event.id)),
         h("td", {}, String(d.attempts)), h("td", { class: "err" }, d.error),
-        h("td", {}, canOperate ? h("button", { type: "button", onclick: async (ev) => {
+        h("td", { class: "buttons" }, canOperate ? h("button", { type: "button", onclick: async (ev) => {
           ev.target.disabled = true;
           try {
             await api(`/api/dead-letters/${encodeURIComponent(d.id)}/replay`, { method: "POST" });
@@ -438,7 +487,17 @@
               traceLink(d.event.correlation_id || d.event.id, "Follow it in its trace")));
             await render();
           } catch (e) { msg.replaceChildren(notice(e.message, "error")); ev.target.disabled = false; }
-        } }, "Replay") : null)));
+        } }, "Replay") : null,
+        canOperate ? h("button", { type: "button", class: "danger", onclick: async (ev) => {
+          if (!confirm(`Discard this ${d.event.type} for ${d.group} for good? It is not delivered again.`)) return;
+          ev.target.disabled = true;
+          try {
+            await api(`/api/dead-letters/${encodeURIComponent(d.id)}/discard`, { method: "POST" });
+            msg.replaceChildren(h("div", { class: "notice ok", role: "status" },
+              `Discarded ${d.event.type} for ${d.group}.`));
+            await render();
+          } catch (e) { msg.replaceChildren(notice(e.message, "error")); ev.target.disabled = false; }
+        } }, "Discard") : null)));
       holder.replaceChildren(table(["Failed", "Group", "Event", "Transaction", "Attempts", "Error", ""],
         rows, "No dead letters. Every delivery was handled."));
     }
