@@ -74,7 +74,24 @@ CLOUDEVENT_ENVELOPE: dict[str, Any] = {
 
 
 def _id(text: str) -> str:
-    return _ID_RE.sub("_", text.replace("*", "_any_"))
+    return _ID_RE.sub("_", text)
+
+
+WILDCARD_KEY = "_any_"
+
+
+def _channel_id(pattern: str) -> str:
+    """The channel (and message) key of an event type or pattern.
+
+    A key may hold only ``A-Za-z0-9._-``, which are the characters of an event type,
+    so ``*`` is spelled ``_any_`` and a real token starting with ``_`` gets one more
+    ``_`` in front: ``order.*`` is ``order._any_``, the exact type ``order._any_`` is
+    ``order.__any_``; no two patterns share a key.
+    """
+    return ".".join(
+        WILDCARD_KEY if token == "*" else f"_{token}" if token.startswith("_") else token
+        for token in pattern.split(".")
+    )
 
 
 @dataclass
@@ -186,7 +203,7 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
     messages: dict[str, Any] = {}
     for pattern in sorted(b.channels):
         ch = b.channels[pattern]
-        cid = _id(pattern)
+        cid = _channel_id(pattern)
         address, params = _address(names, pattern)
         data = ch.schema or {"description": "any JSON value (no handler declares a model "
                                             "for it)"}
