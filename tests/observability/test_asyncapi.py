@@ -6,8 +6,10 @@ from typing import Any
 
 import orjson
 import pydantic
+import pytest
 
 from cantata import Event, HandlerContext
+from cantata.errors import ConfigurationError
 from cantata.observability.asyncapi import asyncapi_document
 
 from .scenarios import make_app, shop_app
@@ -171,3 +173,10 @@ def test_a_wildcard_and_a_type_spelled_like_its_key_are_two_channels() -> None:
     message = resolve(doc, next(iter(literal["messages"].values()))["$ref"])
     assert message["payload"]["allOf"][1]["properties"]["type"] == {
         "type": "string", "const": "order._any_"}
+
+
+def test_a_broker_prefix_given_twice_is_refused_as_the_app_refuses_it() -> None:
+    app = make_app("memory://")
+    app.configure(broker="nats://127.0.0.1:4222?prefix=ok&prefix=ko")
+    with pytest.raises(ConfigurationError, match="prefix is given twice"):
+        asyncapi_document(app)

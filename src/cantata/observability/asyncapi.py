@@ -17,13 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pydantic
 
 from cantata.broker.nats_names import Names
 from cantata.model.event import matches
-from cantata.store.factory import mask_url
+from cantata.store.factory import mask_url, url_options
 
 from .graph import EMIT, WAIT, items_from_code
 
@@ -161,7 +161,7 @@ def _server(app: App, names: Names) -> dict[str, Any]:
 
 def _names(app: App) -> Names:
     spec = app._broker_spec if isinstance(app._broker_spec, str) else ""
-    prefix = parse_qs(urlsplit(spec).query).get("prefix", [""])[0] if "?" in spec else ""
+    prefix = url_options(spec, urlsplit(spec).query, "broker").get("prefix", "")
     return Names(app.name, prefix)
 
 
