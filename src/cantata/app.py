@@ -480,6 +480,25 @@ class App(RouterFacade):
                 ``correlation_id`` empty or holding a NUL or a lone surrogate.
             SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
         """
+        event, _ = await self._publish(
+            type, data, subject=subject, correlation_id=correlation_id, source=source, id=id,
+            tx=tx,
+        )
+        return event
+
+    async def _publish(
+        self,
+        type: str,
+        data: Any,
+        *,
+        subject: str | None,
+        correlation_id: str | None,
+        source: str | None = None,
+        id: str | None,
+        tx: Tx | None = None,
+    ) -> tuple[Event[Any], bool]:
+        """:meth:`publish`, and whether the event is an orphan (nothing in the app listens
+        to its type: counted and logged; ``False`` in a ``tx``, checked at its commit)."""
         event = new_event(
             self.name, type, data, subject=subject, correlation_id=correlation_id,
             source=source, id=id, max_payload=self.engine.max_payload,
@@ -492,12 +511,12 @@ class App(RouterFacade):
             event = self.signer.sign(event)
             self.engine.check_event(event)
             tx.publish(event)  # appended with the step's checkpoint, orphans checked then
-            return event
+            return event, False
         event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
         if id is not None:
             earlier = await self.store.get_event(self.name, id)
             if earlier is not None:
-                return repeated(earlier, event)
+                return repeated(earlier, event), False
         event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
@@ -508,9 +527,8 @@ class App(RouterFacade):
             counts = await (self.store.append_events(self.name, [event]) if broker is None
                             else broker.append(self.name, [event]))
         self._emitted([event])
-        if counts and counts[0] == 0:
-            await check_orphans(self.engine, [event])
-        return event
+        orphan = bool(counts and counts[0] == 0 and await check_orphans(self.engine, [event]))
+        return event, orphan
 
     # -- observability --------------------------------------------------------------------
 

@@ -6,8 +6,10 @@ from typing import Any
 
 import orjson
 import pydantic
+import pytest
 
 from cantata import Event, HandlerContext
+from cantata.errors import ConfigurationError
 from cantata.observability.asyncapi import asyncapi_document
 
 from .scenarios import make_app, shop_app
@@ -128,3 +130,53 @@ def test_payload_schema_from_the_pydantic_model_and_cloudevents_headers() -> Non
 def test_an_app_without_events_gives_an_empty_but_valid_document() -> None:
     doc = asyncapi_document(make_app("memory://"))
     assert doc["channels"] == {} and doc["operations"] == {}
+
+
+def test_a_wildcard_and_a_type_spelled_like_its_key_are_two_channels() -> None:
+    # `_any_` is a legal event-type token: the key of `order.*` must not be taken by
+    # the exact type `order._any_` (nor `*.placed` by `_any_.placed`).
+    app = make_app("memory://")
+
+    @app.on("order.*", group="audit")
+    async def audit(event: Event) -> None: ...
+
+    @app.on("order._any_", group="weird")
+    async def weird(event: Event) -> None: ...
+
+    @app.on("*.placed", group="audit2")
+    async def placed(event: Event) -> None: ...
+
+    @app.on("_any_.placed", group="weird2")
+    async def odd(event: Event) -> None: ...
+
+    doc = asyncapi_document(app)
+    channels, ops = doc["channels"], doc["operations"]
+    by_address = {c["address"]: key for key, c in channels.items()}
+    assert set(by_address) == {
+        "cantata.shop.order.{token2}", "cantata.shop.order._any_",
+        "cantata.shop.{token1}.placed", "cantata.shop._any_.placed",
+    }
+    for key in channels:
+        assert all(c.isalnum() or c in "._-" for c in key), key
+    assert set(doc["components"]["messages"]) == set(channels)
+
+    def receivers(address: str) -> set[str]:
+        ref = f"#/channels/{by_address[address]}"
+        return {op["x-cantata-group"] for op in ops.values()
+                if op["action"] == "receive" and op["channel"]["$ref"] == ref}
+
+    assert receivers("cantata.shop.order.{token2}") == {"audit"}
+    assert receivers("cantata.shop.order._any_") == {"weird"}
+    assert receivers("cantata.shop.{token1}.placed") == {"audit2"}
+    assert receivers("cantata.shop._any_.placed") == {"weird2"}
+    literal = channels[by_address["cantata.shop.order._any_"]]
+    message = resolve(doc, next(iter(literal["messages"].values()))["$ref"])
+    assert message["payload"]["allOf"][1]["properties"]["type"] == {
+        "type": "string", "const": "order._any_"}
+
+
+def test_a_broker_prefix_given_twice_is_refused_as_the_app_refuses_it() -> None:
+    app = make_app("memory://")
+    app.configure(broker="nats://127.0.0.1:4222?prefix=ok&prefix=ko")
+    with pytest.raises(ConfigurationError, match="prefix is given twice"):
+        asyncapi_document(app)

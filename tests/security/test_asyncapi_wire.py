@@ -82,6 +82,26 @@ def test_the_official_parser_accepts_the_document(parser: Path, tmp_path: Path) 
     assert "pw-secret" not in orjson.dumps(doc).decode()
 
 
+def test_the_parser_accepts_a_wildcard_beside_a_type_spelled_like_its_key(
+    parser: Path, tmp_path: Path
+) -> None:
+    app = shop("memory://", "embedded")
+
+    @app.on("order._any_", group="weird")
+    async def weird(event: Event[Any]) -> None: ...
+
+    @app.on("_any_.placed", group="odd")
+    async def odd(event: Event[Any]) -> None: ...
+
+    @app.on("*.placed", group="audit")
+    async def audit(event: Event[Any]) -> None: ...
+
+    result = parse(parser, asyncapi_document(app), tmp_path)
+    assert result["valid"], result["errors"]
+    assert {"cantata.shop.{token1}.placed", "cantata.shop._any_.placed",
+            "cantata.shop.order._any_"} <= set(result["channels"])
+
+
 def test_the_parser_check_catches_a_broken_document(parser: Path, tmp_path: Path) -> None:
     doc = asyncapi_document(shop("memory://", "embedded"))
     doc["channels"]["order.placed"]["messages"]["order.placed"]["$ref"] = "#/nowhere"

@@ -368,3 +368,11 @@ async def test_arguments_that_do_not_fit_a_loaded_workflow_are_refused(
             r = await c.post("/api/workflows/add/runs", headers=h, json={})
             assert r.status_code == 201, r.text
         await bare.close()
+
+
+async def test_publishing_a_type_nothing_listens_to_says_it_is_an_orphan(shop: Shop) -> None:
+    typo = await shop.post("/api/events", json={"type": "order.plcaed", "data": {}})
+    assert typo.status_code == 201 and typo.json()["orphan"] is True
+    assert typo.json()["id"]  # stored all the same
+    heard = await shop.post("/api/events", json={"type": "order.placed", "data": {}})
+    assert heard.status_code == 201 and heard.json()["orphan"] is False

@@ -591,3 +591,20 @@ def test_find_runs_by_search_attribute(
     page.get_by_role("button", name="Filter").click()
     expect(page.get_by_role("alert")).to_contain_text("is malformed")
     assert [e for e in page.errors if "422" not in e] == []  # type: ignore[attr-defined]
+
+
+def test_publishing_a_mistyped_event_type_says_nothing_listens_to_it(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    page = login(browser, server, "operator", img)
+    page.goto(f"{server.url}/events")
+    page.get_by_label("Type").fill("order.plcaed")
+    page.get_by_role("button", name="Publish").click()
+    expect(page.get_by_role("status").filter(has_text="Published event")).to_be_visible()
+    expect(page.get_by_role("status").filter(
+        has_text="Nothing in this app listens to order.plcaed")).to_be_visible()
+    page.get_by_label("Type").fill("order.placed")
+    page.get_by_role("button", name="Publish").click()
+    expect(page.get_by_role("status").filter(has_text="Published event")).to_be_visible()
+    expect(page.get_by_role("status").filter(has_text="Nothing in this app")).to_have_count(0)
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl
-
 from cantata import plugins
 from cantata.broker.base import Broker
 from cantata.errors import ConfigurationError
-from cantata.store.factory import mask_url
+from cantata.store.factory import mask_url, url_options
 
 _FORMS = "use embedded (the event log in the store) or nats://host:4222 (NATS JetStream)"
 
@@ -33,7 +31,7 @@ def broker_from_url(url: str) -> Broker:
                 f"the NATS broker needs nats-py ({exc}): pip install 'cantata[nats]'"
             ) from None
         base, _, query = url.partition("?")
-        options = dict(parse_qsl(query))
+        options = url_options(url, query, "broker")
         try:
             replicas = int(options.pop("replicas", "1"))
         except ValueError:

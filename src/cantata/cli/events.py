@@ -42,16 +42,23 @@ def publish(
     app: AppOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Publish an event; prints its id."""
+    """Publish an event; prints its id (and warns on stderr when nothing in the app
+    listens to its type: an orphan, stored all the same)."""
     the_app = client_app(app, store)
     value = parse_json(data, "--data")
 
     async def go() -> None:
         async with the_app.client():
-            event = await the_app.publish(
-                type, value, subject=subject, correlation_id=correlation_id
+            event, orphan = await the_app._publish(
+                type, value, subject=subject, correlation_id=correlation_id, id=None
             )
             console.print(event.id)
+            if orphan:
+                typer.echo(
+                    "cantata: warning: no handler, workflow trigger or wait in app "
+                    f"{the_app.name!r} listens to {event.type} (an orphan event): check "
+                    "the type", err=True,
+                )
 
     run(go)
 

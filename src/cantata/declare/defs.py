@@ -84,6 +84,9 @@ class HandlerDef:
     service: str | None = None
     require_signature: bool = False
     concurrency: int | None = None  # the group's handlers in progress across the cluster
+    # The workflow a handler belongs to (a choreographed saga's own, of a step without a
+    # service): under services=, it is served wherever that workflow is.
+    workflow: str | None = None
 
     @property
     def name(self) -> str:

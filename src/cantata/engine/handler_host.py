@@ -62,7 +62,13 @@ class EngineHost:
             return True
         if isinstance(declaration, TriggerDef):
             return self._engine.serves(declaration.workflow)
-        return declaration.group in services or declaration.service in (None, *services)
+        # The group is the reacting service; a Router's service= names it too, and a
+        # choreographed saga's own handlers follow the saga's workflow.
+        if declaration.group in services:
+            return True
+        if declaration.service is not None:
+            return declaration.service in services
+        return declaration.workflow is not None and self._engine.serves(declaration.workflow)
 
     def paused_past_fence(self) -> bool:
         return handler_fenced(self._engine)

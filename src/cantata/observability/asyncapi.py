@@ -17,13 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pydantic
 
 from cantata.broker.nats_names import Names
 from cantata.model.event import matches
-from cantata.store.factory import mask_url
+from cantata.store.factory import mask_url, url_options
 
 from .graph import EMIT, WAIT, items_from_code
 
@@ -74,7 +74,24 @@ CLOUDEVENT_ENVELOPE: dict[str, Any] = {
 
 
 def _id(text: str) -> str:
-    return _ID_RE.sub("_", text.replace("*", "_any_"))
+    return _ID_RE.sub("_", text)
+
+
+WILDCARD_KEY = "_any_"
+
+
+def _channel_id(pattern: str) -> str:
+    """The channel (and message) key of an event type or pattern.
+
+    A key may hold only ``A-Za-z0-9._-``, which are the characters of an event type,
+    so ``*`` is spelled ``_any_`` and a real token starting with ``_`` gets one more
+    ``_`` in front: ``order.*`` is ``order._any_``, the exact type ``order._any_`` is
+    ``order.__any_``; no two patterns share a key.
+    """
+    return ".".join(
+        WILDCARD_KEY if token == "*" else f"_{token}" if token.startswith("_") else token
+        for token in pattern.split(".")
+    )
 
 
 @dataclass
@@ -144,7 +161,7 @@ def _server(app: App, names: Names) -> dict[str, Any]:
 
 def _names(app: App) -> Names:
     spec = app._broker_spec if isinstance(app._broker_spec, str) else ""
-    prefix = parse_qs(urlsplit(spec).query).get("prefix", [""])[0] if "?" in spec else ""
+    prefix = url_options(spec, urlsplit(spec).query, "broker").get("prefix", "")
     return Names(app.name, prefix)
 
 
@@ -186,7 +203,7 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
     messages: dict[str, Any] = {}
     for pattern in sorted(b.channels):
         ch = b.channels[pattern]
-        cid = _id(pattern)
+        cid = _channel_id(pattern)
         address, params = _address(names, pattern)
         data = ch.schema or {"description": "any JSON value (no handler declares a model "
                                             "for it)"}

@@ -156,6 +156,9 @@ class PublishIn(BaseModel):
 
 class PublishOut(BaseModel):
     id: str
+    orphan: bool = Field(default=False, description="No handler, workflow trigger or wait "
+                                                    "of the app listens to this type (the "
+                                                    "event is stored all the same).")
 
 
 class TraceNodeOut(BaseModel):

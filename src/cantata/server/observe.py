@@ -146,14 +146,16 @@ async def discard(request: Request, dead_letter_id: AnId, who: Operator) -> Dead
 @router.post("/events", status_code=201, response_model=PublishOut, tags=["events"],
              summary="Publish an event")
 async def publish(request: Request, body: PublishIn, who: Operator) -> PublishOut:
-    """Publishes an event into the app (201); its correlation id defaults to its id."""
+    """Publishes an event into the app (201); its correlation id defaults to its id.
+    ``orphan`` is true when no handler, workflow trigger or wait of the app listens to
+    its type (the event is stored all the same)."""
     console = console_of(request)
     app = await console.open()
-    event = await app.publish(body.type, body.data, subject=body.subject,
-                              correlation_id=body.correlation_id, id=body.id)
+    event, orphan = await app._publish(body.type, body.data, subject=body.subject,
+                                       correlation_id=body.correlation_id, id=body.id)
     await app.store.record_action(app.name, who.actor, "event.published", event.id,
                                   {"type": event.type})
-    return PublishOut(id=event.id)
+    return PublishOut(id=event.id, orphan=orphan)
 
 
 @router.get("/maps/workflows/{name}", response_model=MapOut, tags=["maps"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from cantata import plugins
 from cantata.errors import ConfigurationError
@@ -20,6 +20,22 @@ def mask_url(url: str) -> str:
         head, sep, rest = url.partition("://")
         return f"{head}{sep}{'***' if '@' in rest else rest}"
     return secrets.mask(url)
+
+
+def url_options(url: str, query: str, what: str) -> dict[str, str]:
+    """The ``?name=value`` options of a URL's query, each given once.
+
+    Raises:
+        ConfigurationError: an option is given twice (which one would be meant?).
+    """
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in options:
+            raise ConfigurationError(
+                f"{what} URL {mask_url(url)!r}: {name} is given twice; give it once"
+            )
+        options[name] = value
+    return options
 
 
 def store_from_url(url: str, *, create: bool = True) -> Store:
@@ -56,8 +72,7 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         path = path[1:]
         if not path:
             raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///cantata.db")
-        opts = parse_qs(query)
-        synchronous = opts.get("synchronous", ["FULL"])[0]
+        synchronous = url_options(url, query, "store").get("synchronous", "FULL")
         return SQLiteStore(path, synchronous=synchronous, url=url, create=create)
     if scheme in ("postgresql", "postgres"):
         try:
@@ -68,6 +83,7 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
                 f"store URL {mask_url(url)!r} is malformed ({exc}): use "
                 "postgresql://user:password@host:5432/database"
             ) from None
+        url_options(url, parts.query, "store")
         try:
             from cantata.store.postgres import PostgresStore
         except ImportError as exc:

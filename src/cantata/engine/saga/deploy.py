@@ -108,7 +108,7 @@ def _attach_handlers(saga: Saga, router: Router) -> None:
             group, service = saga.group(step.name), _service(router, step.name)
             done = saga.event_type(step.name, "done") if stage.parallel else after
             fwd = forward_handler(saga, router, stage, step)
-            _add(router, saga.trigger(stage), group, fwd, service,
+            _add(saga, router, saga.trigger(stage), group, fwd, service,
                  _with_lost_attempt(_step_retry(router, step, step.name)),
                  (done, saga.event_type(step.name, "failed"), saga.failed_event(stage),
                   finished))
@@ -122,7 +122,7 @@ def _attach_handlers(saga: Saga, router: Router) -> None:
                      *(saga.compensate_event(t) for t in saga.undo_before(stage)[:1]),
                      finished)
             for pattern in triggers[step.name]:
-                _add(router, pattern, group, undo, service, retry, emits)
+                _add(saga, router, pattern, group, undo, service, retry, emits)
         if stage.parallel:
             _attach_join(saga, router, stage, after)
 
@@ -134,15 +134,16 @@ def _attach_join(saga: Saga, router: Router, stage: Stage, after: str) -> None:
     emits = (after, *(saga.compensate_event(n) for n in firsts), saga.event_type("finished"))
     for step in stage.steps:
         for outcome in ("done", "failed"):
-            _add(router, saga.event_type(step.name, outcome), saga.group(stage.name), join,
+            _add(saga, router, saga.event_type(step.name, outcome), saga.group(stage.name), join,
                  None, HANDLER_RETRY, emits)
 
 
 def _add(
-    router: Router, pattern: str, group: str, fn: Any, service: str | None, retry: Retry,
-    emits: tuple[str, ...],
+    saga: Saga, router: Router, pattern: str, group: str, fn: Any, service: str | None,
+    retry: Retry, emits: tuple[str, ...],
 ) -> None:
     router._add_handler(HandlerDef(
         pattern=pattern, group=group, fn=fn, retry=retry, model=None, is_async=True,
         wants_ctx=True, emits=tuple(dict.fromkeys(emits)), service=service,
+        workflow=None if service is not None else saga.name,
     ))

@@ -167,7 +167,8 @@
           if (value !== undefined) payload.data = value;
           if (corr.value.trim()) payload.correlation_id = corr.value.trim();
           const r = await api("/api/events", { method: "POST", body: payload });
-          out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Published event ", traceLink(r.id, r.id)));
+          out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Published event ", traceLink(r.id, r.id)),
+            ...(r.orphan ? [notice("Nothing in this app listens to " + payload.type + " (an orphan event): check the type.")] : []));
         } catch (e) { out.replaceChildren(notice(e.message, "error")); }
       } },
         h("label", { for: "pub-type" }, "Type", type),
