@@ -182,11 +182,11 @@ async def claim(
     )
     # Runs of older versions are looked for at most once a second or so: they are
     # few (deploys are rare), and the hot claim path stays one statement.
-    now = time.monotonic()
-    if len(claimed) < limit and now - engine.foreign_checked_at >= max(
+    tick = time.monotonic()
+    if len(claimed) < limit and tick - engine.foreign_checked_at >= max(
         1.0, engine.poll_interval * 5
     ):
-        engine.foreign_checked_at = now
+        engine.foreign_checked_at = tick
         ok = await _replayable(engine, workflows, stale, limit - len(claimed))
         if ok:
             claimed += await store.claim_runs(
@@ -195,11 +195,13 @@ async def claim(
     return claimed
 
 
-async def _order(engine: Engine) -> dict[str, float]:
-    """:func:`versions`, read again at most every lease (deploys are rare)."""
+async def _order(engine: Engine, *, fresh: bool = False) -> dict[str, float]:
+    """:func:`versions`, read again at most every lease (deploys are rare), or now
+    with ``fresh``."""
     now = time.monotonic()
     cached = engine.version_order
-    if cached is None or now - cached[0] > engine.lease or engine.version not in cached[1]:
+    if (fresh or cached is None or now - cached[0] > engine.lease
+            or engine.version not in cached[1]):
         cached = engine.version_order = (now, await versions(engine.store, engine.app))
     return cached[1]
 
@@ -223,6 +225,13 @@ async def _replayable(
         engine.app, engine.worker_id, workflows, versions=sorted(newer), stale_before=stale,
         limit=limit, now=engine.clock.now(),
     )
+    if any(run.version not in order for run in found):
+        # A version this worker has not seen serve: it may have served since the
+        # versions were read (a deploy under way, a run retried for a fix). Read them
+        # again, after the run was found, so a newer version's runs stay with it.
+        order = await _order(engine, fresh=True)
+        newer = {v for v, t in order.items() if t >= mine}
+        found = [run for run in found if run.version not in newer]
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:
         verdicts.clear()
