@@ -362,3 +362,22 @@ async def test_a_parked_run_of_an_older_version_is_taken_when_due(sqlite_url: st
 async def _parked(app: App, run_id: str) -> bool:
     run = await app.get_handle(run_id).info()
     return run.status == RunStatus.RUNNING and run.owner is None  # released, asleep
+
+
+async def test_stalled_names_a_run_no_live_worker_may_take(sqlite_url: str) -> None:
+    old, new = stamped(sqlite_url, "v1"), stamped(sqlite_url, "v2")
+    async with old:  # v1 serves first, then v2: v2's runs are not v1's to take
+        pass
+    async with new:
+        pass
+    async with new.client():
+        h = await new.start("flow")
+    async with old:  # only v1 is deployed (a rollback)
+        await asyncio.sleep(1.5)  # v1 heartbeats, and looks for runs it may take
+        assert (await old.get_handle(h.run_id).info()).status == RunStatus.PENDING
+        [stall] = [s for s in await old.stalled(older_than=0) if s.node.ref == h.run_id]
+    assert stall.reason == "pending_step"
+    assert stall.hint == (
+        "no live worker takes version v2 of this run (live workers run v1): deploy that "
+        "version, or run a worker with --any-version"
+    )

@@ -159,6 +159,25 @@ async def versions(store: Store, app: str) -> dict[str, float]:
     return out
 
 
+def worker_info(engine: Engine) -> str:
+    """What a worker's heartbeat records of it: the runs it may take (its version)."""
+    return codec.dumps({"version": engine.version, "any_version": engine.any_version})
+
+
+def may_take(
+    worker: str | None, any_version: bool, run: str | None, order: dict[str, float]
+) -> bool:
+    """Whether a worker of version ``worker`` may take a run of version ``run``, the
+    replay check aside (:func:`claim`); ``order``: :func:`versions`."""
+    if any_version or worker is None or run is None or run == worker:
+        return True
+    mine = order.get(worker)
+    if mine is None:
+        return False  # not served yet: it takes its own runs only
+    theirs = order.get(run)
+    return theirs is None or theirs < mine
+
+
 async def current_version(store: Store, app: str) -> str | None:
     """The newest version that served ``app`` (``None`` if none did): the code an
     operator's retry or fork from the command line continues with."""
