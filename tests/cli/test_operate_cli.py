@@ -152,6 +152,13 @@ async def test_retry_and_fork_from_the_cli(
     assert code == 1 and "ended completed: only failed runs can be retried" in err
     code, out, _ = await cli(capsys, "run", run_id)
     assert "superseded by retry 1" in out and "retried 1 time(s)" in out
+    code, out, _ = await cli(capsys, "run", run_id, "--json")
+    detail = json.loads(out)
+    [old] = detail["superseded"]  # the failed charge, with its attempt kept
+    assert (old["epoch"], old["key"], old["status"]) == (1, "charge#1", "failed")
+    [attempt] = old["attempts"]
+    assert (attempt["attempt"], attempt["error"]) == (1, "KeyError: 'total'")
+    assert set(attempt) == set(detail["steps"][-1]["attempts"][0])  # the steps' form
     code, out, _ = await cli(capsys, "audit", "verify")
     assert code == 0 and "chain intact" in out
 

@@ -423,3 +423,41 @@ async def test_a_run_that_failed_in_its_own_code_fails_the_same_way_and_passes(
         [problem] = await check_replay(changed, all_runs=True)
     assert (problem.workflow, problem.problem) == ("order", "would_fail")
     assert problem.detail == "ValueError: order 1 is refused"
+
+
+async def test_code_that_now_raises_before_recorded_calls_would_fail(sqlite_url: str) -> None:
+    app = make_app(sqlite_url)
+
+    @app.step
+    async def a() -> int:
+        return 1
+
+    @app.step
+    async def b() -> int:
+        return 2
+
+    @app.workflow(name="flow")
+    async def v1(ctx: WorkflowContext) -> int:
+        y = int(await ctx.run(a))
+        return y + int(await ctx.run(b))
+
+    async with app:
+        run = await app.start("flow")
+        assert await run.result(timeout=5) == 3
+    new = make_app(sqlite_url)
+    new.step(a)
+    new.step(b)
+
+    @new.workflow(name="flow")
+    async def v2(ctx: WorkflowContext) -> int:
+        y = int(await ctx.run(a))
+        y = y // 0  # a bug inserted before the recorded b#1
+        return y + int(await ctx.run(b))
+
+    async with new.client():
+        [problem] = await check_replay(new, all_runs=True)
+    assert (problem.problem, problem.call, problem.recorded) == ("would_fail", 2, "b#1")
+    assert problem.detail == (
+        "call 2: history recorded 'b#1' but the code now fails there: "
+        "ZeroDivisionError: integer division or modulo by zero"
+    )

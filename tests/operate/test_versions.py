@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cantata import App, RunStatus, WorkflowContext, WorkflowFailed
+from cantata import App, Retry, RunStatus, WorkflowContext, WorkflowFailed
 from tests.engine.helpers import eventually, make_app
 
 
@@ -278,3 +278,106 @@ async def test_runs_of_a_served_newer_version_stay_with_it(sqlite_url: str) -> N
         await asyncio.sleep(0.5)  # v1 looks for runs it may take: not v2's
         run = await old.get_handle(h.run_id).info()
         assert (run.owner, run.version, run.status) == (None, "v2", RunStatus.RUNNING)
+
+
+def stamped(url: str, version: str, *, bug: bool = False, **kw: Any) -> App:
+    """An app whose one step says which version's code ran it (or, with ``bug``, fails
+    saying so)."""
+    app = make_app(url, version=version, **kw)
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def b() -> str:
+        if bug:
+            raise RuntimeError(f"the {version} bug")
+        return f"executed by {version} code"
+
+    @app.workflow
+    async def flow(ctx: WorkflowContext) -> str:
+        return await ctx.run(b)
+
+    return app
+
+
+async def test_a_newer_version_that_just_served_keeps_its_runs(sqlite_url: str) -> None:
+    """An old worker that read the versions before the new one served (its read is
+    kept for a lease) still leaves the new version's runs alone."""
+    old = stamped(sqlite_url, "v1", lease=30.0)
+    async with old:
+        warm = await old.start("flow")  # v1 serves, and has read the served versions
+        assert await warm.result(timeout=10) == "executed by v1 code"
+        await eventually(lambda: old.engine.version_order is not None, timeout=10)
+        new = stamped(sqlite_url, "v2", lease=30.0)
+        async with new:  # v2 serves (and stops): it is now the newest version
+            pass
+        async with new.client():
+            h = await new.start("flow")
+        await asyncio.sleep(1.5)  # v1 looks for runs of other versions (once a second)
+        run = await old.get_handle(h.run_id).info()
+        assert (run.version, run.status, run.owner) == ("v2", RunStatus.PENDING, None)
+    async with new:
+        assert await new.get_handle(h.run_id).result(timeout=10) == "executed by v2 code"
+
+
+async def test_a_run_retried_for_a_fix_stays_with_the_fix(sqlite_url: str) -> None:
+    old = stamped(sqlite_url, "v1", bug=True, lease=30.0)
+    async with old:
+        h = await old.start("flow")
+        with pytest.raises(WorkflowFailed, match="the v1 bug"):
+            await h.result(timeout=10)
+        await eventually(lambda: old.engine.version_order is not None, timeout=10)
+        fixed = stamped(sqlite_url, "v2", lease=30.0)
+        async with fixed:  # the fix serves (and stops) while v1 still runs
+            pass
+        async with fixed.client():
+            await fixed.get_handle(h.run_id).retry(actor="ops")
+        await asyncio.sleep(1.5)  # v1 looks for runs of other versions (once a second)
+        run = await old.get_handle(h.run_id).info()
+        assert (run.version, run.owner) == ("v2", None)
+        assert run.status in (RunStatus.PENDING, RunStatus.RUNNING)
+    async with fixed:
+        assert await fixed.get_handle(h.run_id).result(timeout=10) == "executed by v2 code"
+
+
+async def test_a_parked_run_of_an_older_version_is_taken_when_due(sqlite_url: str) -> None:
+    """A run of an older version parked on its timer is adopted once the timer is due."""
+    def napper(version: str) -> App:
+        app = make_app(sqlite_url, version=version, park_after=0.0)
+
+        @app.workflow
+        async def nap(ctx: WorkflowContext) -> str:
+            await ctx.sleep(1.5)
+            return "woke"
+
+        return app
+
+    old = napper("v1")
+    async with old:
+        h = await old.start("nap")
+        await eventually(lambda: _parked(old, h.run_id), timeout=10)
+    new = napper("v2")
+    async with new:
+        assert await new.get_handle(h.run_id).result(timeout=10) == "woke"
+
+
+async def _parked(app: App, run_id: str) -> bool:
+    run = await app.get_handle(run_id).info()
+    return run.status == RunStatus.RUNNING and run.owner is None  # released, asleep
+
+
+async def test_stalled_names_a_run_no_live_worker_may_take(sqlite_url: str) -> None:
+    old, new = stamped(sqlite_url, "v1"), stamped(sqlite_url, "v2")
+    async with old:  # v1 serves first, then v2: v2's runs are not v1's to take
+        pass
+    async with new:
+        pass
+    async with new.client():
+        h = await new.start("flow")
+    async with old:  # only v1 is deployed (a rollback)
+        await asyncio.sleep(1.5)  # v1 heartbeats, and looks for runs it may take
+        assert (await old.get_handle(h.run_id).info()).status == RunStatus.PENDING
+        [stall] = [s for s in await old.stalled(older_than=0) if s.node.ref == h.run_id]
+    assert stall.reason == "pending_step"
+    assert stall.hint == (
+        "no live worker takes version v2 of this run (live workers run v1): deploy that "
+        "version, or run a worker with --any-version"
+    )

@@ -177,3 +177,33 @@ async def test_a_run_begun_before_modes_were_recorded_finishes_as_it_began(
         assert await mode_of(new, handle.run_id) == "orchestrated"
     assert result == {"reserve": "r", "hold": "h"}
     assert calls == ["reserve", "hold", "hold"]  # reserve replayed, hold run again
+
+
+async def test_a_run_in_flight_finishes_after_the_mode_is_switched_back(
+    tmp_path: Path, spawn: list[Worker]
+) -> None:
+    """orchestrated → choreographed → orchestrated: the run the choreographed deploy
+    left mid-way is finished by the orchestrated one, though that deploy served first."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    store = f"sqlite:///{tmp_path}/shop.db"
+    first = build_app(store, "orchestrated", markers)
+    async with first:  # the orchestrated deploy serves first
+        pass
+    middle = Worker(store, "choreographed", markers)
+    spawn.append(middle)
+    await eventually(lambda: list(markers.glob("ready-*")), 30.0, "the choreographed worker")
+    client = build_app(store, "choreographed", markers)
+    async with client.client():
+        parked = await client.start("order", {"id": 0})
+    await eventually(lambda: list(markers.glob("at-gate-*")), 30.0, "the run at the gate")
+    middle.kill()
+    (markers / "open").write_text("")
+
+    back = build_app(store, "orchestrated", markers)  # switched back
+    async with back:
+        result = await back.get_handle(parked.run_id).result(20)
+        assert await mode_of(back, parked.run_id) == "choreographed"
+    assert result == {"reserve": "reserve-0", "gate": "gate-0", "stock": "stock-0",
+                      "fraud": "fraud-0", "charge": "charge-0"}
+    assert first.version == client.version == back.version  # the mode is not the code

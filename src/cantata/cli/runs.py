@@ -188,16 +188,20 @@ async def run_details(app: App, rec: RunRecord) -> dict[str, Any]:
     """``cantata run --json``: the run, its history with attempts, and superseded entries."""
     store = app.store
     attrs = (await store.run_attributes(app.name, [rec.run_id])).get(rec.run_id, {})
-    attempts: dict[str, list[dict[str, Any]]] = {}
-    for a in await store.load_attempts(app.name, rec.run_id):
-        attempts.setdefault(a.key, []).append({
+    # attempts by (epoch, key): epoch 0 is the live history's
+    attempts: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    tried = [(0, a) for a in await store.load_attempts(app.name, rec.run_id)]
+    if rec.epoch:
+        tried += await store.superseded_attempts(app.name, rec.run_id)
+    for epoch, a in tried:
+        attempts.setdefault((epoch, a.key), []).append({
             "attempt": a.attempt, "started_at": iso(a.started_at), "ended_at": iso(a.ended_at),
             "error": None if a.error_type is None else f"{a.error_type}: {a.error}",
         })
 
-    def entry(e: HistoryEntry) -> dict[str, Any]:
+    def entry(e: HistoryEntry, epoch: int = 0) -> dict[str, Any]:
         return {"key": e.key, "kind": e.kind, "name": e.name, "status": e.status,
-                "seq": e.seq, "attempts": attempts.get(e.key, []), "error": e.error,
+                "seq": e.seq, "attempts": attempts.get((epoch, e.key), []), "error": e.error,
                 "started_at": iso(e.started_at), "ended_at": iso(e.ended_at),
                 "compensation": e.kind == "compensation"}
 
@@ -205,7 +209,7 @@ async def run_details(app: App, rec: RunRecord) -> dict[str, Any]:
     out["args"] = orjson.loads(rec.args)
     out["steps"] = [entry(e) for e in await store.load_history(app.name, rec.run_id)]
     out["superseded"] = [
-        {"epoch": epoch, **entry(e)} | {"attempts": []}
+        {"epoch": epoch, **entry(e, epoch)}
         for epoch, e in await store.superseded_history(app.name, rec.run_id)
     ]
     return out

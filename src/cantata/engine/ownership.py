@@ -158,7 +158,8 @@ class Ownership:
     async def beat(self) -> None:
         engine = self.engine
         sent = time.monotonic()
-        await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(), None)
+        await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(),
+                                     versioning.worker_info(engine))
         if self.lapsed or sent - self.beat_at > engine.lease:
             self.lapsed = False
             self._healthy.set()

@@ -213,19 +213,25 @@ def _recorded_shape(entry: HistoryEntry) -> str | None:
 
 def compare(
     run: RunRecord, history: Sequence[HistoryEntry], calls: Sequence[str],
-    shapes: dict[str, str], ended: bool,
+    shapes: dict[str, str], ended: bool, failure: str | None = None,
 ) -> ReplayProblem | None:
-    """The first difference between a run's recorded calls and the code's, if any."""
+    """The first difference between a run's recorded calls and the code's, if any
+    (``failure``: the error the code ended with, when it raised one history does not
+    record)."""
     recorded = [e for e in sorted(history, key=lambda e: e.seq) if e.kind not in _NOT_COMPARED]
 
-    def problem(i: int, entry: HistoryEntry, current: str | None, detail: str) -> ReplayProblem:
-        return ReplayProblem(run.run_id, run.workflow, str(run.status), "non_determinism",
+    def problem(i: int, entry: HistoryEntry, current: str | None, detail: str,
+                kind: str = "non_determinism") -> ReplayProblem:
+        return ReplayProblem(run.run_id, run.workflow, str(run.status), kind,
                              f"call {i + 1}: {detail}", run.version, i + 1, entry.key, current)
 
     for i, entry in enumerate(recorded):
         if i >= len(calls):
             if entry.status not in FINAL and not ended:
                 continue  # a call in flight beside the frontier (parallel branches)
+            if ended and failure is not None:  # the code raises before this call
+                return problem(i, entry, None, f"history recorded {entry.key!r} but the "
+                               f"code now fails there: {failure}", "would_fail")
             where = "the code now ends there" if ended else (
                 f"the code stops at {calls[-1]!r} before making it" if calls
                 else "the code makes no call"
@@ -248,7 +254,8 @@ async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> Replay
         await dry._execute_run()
     for _ in range(3):  # let parallel branches (asyncio.gather) note their calls too
         await asyncio.sleep(0)
-    found = compare(run, dry.recorded, dry.new_calls(), dry.shapes, dry.ended)
+    found = compare(run, dry.recorded, dry.new_calls(), dry.shapes, dry.ended,
+                    dry.failure)
     if found is None and dry.failure is not None and not _failed_so(run, dry.failure):
         found = ReplayProblem(run.run_id, run.workflow, str(run.status), "would_fail",
                               dry.failure, run.version)

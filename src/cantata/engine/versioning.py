@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -56,15 +55,17 @@ def _source(fn: Any) -> bytes:
 def code_version(router: Router) -> str:
     """A hash of the source of every workflow and step of ``router`` (12 hex digits).
 
-    Any edit to that code gives a new version; edits elsewhere do not.
+    Any edit to that code gives a new version; edits elsewhere do not. A saga's
+    map counts, its ``mode=`` does not (docs/styles.md: runs in flight finish in the
+    mode they started in, whichever mode is deployed).
     """
     h = hashlib.sha256()
     for name in sorted(router.workflows):
         wdef = router.workflows[name]
         h.update(f"workflow {name}\0".encode())
         h.update(_source(wdef.fn))
-        if wdef.spec is not None:  # a Saga: its map is the code (never an address)
-            h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(wdef.spec)).encode())
+        if wdef.spec is not None:  # a Saga: its map is the code, its mode is not
+            h.update(wdef.spec.map_text().encode())
     for name in sorted(router.steps):
         h.update(f"step {name}\0".encode())
         h.update(_source(router.steps[name].fn))
@@ -158,6 +159,25 @@ async def versions(store: Store, app: str) -> dict[str, float]:
     return out
 
 
+def worker_info(engine: Engine) -> str:
+    """What a worker's heartbeat records of it: the runs it may take (its version)."""
+    return codec.dumps({"version": engine.version, "any_version": engine.any_version})
+
+
+def may_take(
+    worker: str | None, any_version: bool, run: str | None, order: dict[str, float]
+) -> bool:
+    """Whether a worker of version ``worker`` may take a run of version ``run``, the
+    replay check aside (:func:`claim`); ``order``: :func:`versions`."""
+    if any_version or worker is None or run is None or run == worker:
+        return True
+    mine = order.get(worker)
+    if mine is None:
+        return False  # not served yet: it takes its own runs only
+    theirs = order.get(run)
+    return theirs is None or theirs < mine
+
+
 async def current_version(store: Store, app: str) -> str | None:
     """The newest version that served ``app`` (``None`` if none did): the code an
     operator's retry or fork from the command line continues with."""
@@ -182,11 +202,11 @@ async def claim(
     )
     # Runs of older versions are looked for at most once a second or so: they are
     # few (deploys are rare), and the hot claim path stays one statement.
-    now = time.monotonic()
-    if len(claimed) < limit and now - engine.foreign_checked_at >= max(
+    tick = time.monotonic()
+    if len(claimed) < limit and tick - engine.foreign_checked_at >= max(
         1.0, engine.poll_interval * 5
     ):
-        engine.foreign_checked_at = now
+        engine.foreign_checked_at = tick
         ok = await _replayable(engine, workflows, stale, limit - len(claimed))
         if ok:
             claimed += await store.claim_runs(
@@ -195,11 +215,13 @@ async def claim(
     return claimed
 
 
-async def _order(engine: Engine) -> dict[str, float]:
-    """:func:`versions`, read again at most every lease (deploys are rare)."""
+async def _order(engine: Engine, *, fresh: bool = False) -> dict[str, float]:
+    """:func:`versions`, read again at most every lease (deploys are rare), or now
+    with ``fresh``."""
     now = time.monotonic()
     cached = engine.version_order
-    if cached is None or now - cached[0] > engine.lease or engine.version not in cached[1]:
+    if (fresh or cached is None or now - cached[0] > engine.lease
+            or engine.version not in cached[1]):
         cached = engine.version_order = (now, await versions(engine.store, engine.app))
     return cached[1]
 
@@ -223,6 +245,13 @@ async def _replayable(
         engine.app, engine.worker_id, workflows, versions=sorted(newer), stale_before=stale,
         limit=limit, now=engine.clock.now(),
     )
+    if any(run.version not in order for run in found):
+        # A version this worker has not seen serve: it may have served since the
+        # versions were read (a deploy under way, a run retried for a fix). Read them
+        # again, after the run was found, so a newer version's runs stay with it.
+        order = await _order(engine, fresh=True)
+        newer = {v for v, t in order.items() if t >= mine}
+        found = [run for run in found if run.version not in newer]
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:
         verdicts.clear()

@@ -14,10 +14,13 @@ A stall is a node of a trace that has made no progress for ``older_than`` second
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from cantata.engine.versioning import may_take, versions
+from cantata.model import codec
 from cantata.store.base import Store
 
 from .assemble import assemble
@@ -62,12 +65,15 @@ class Stall:
         since: when it last made progress (aware UTC datetime).
         node: the stuck node of the trace (``node.group`` names the group of a
             handler or dead letter).
+        hint: the cause, when the store tells it: a run no live worker takes
+            because none runs a version that may (``None`` otherwise).
     """
 
     correlation_id: str
     reason: str
     since: dt.datetime
     node: TraceNode
+    hint: str | None = None
 
 
 def _nodes(root: TraceNode) -> Iterator[TraceNode]:
@@ -136,6 +142,13 @@ def stalls_of(
     Returns:
         The stalls, oldest first.
     """
+    return [s for s, _ in _stalls_with_runs(root, older_than, now, correlation_id)]
+
+
+def _stalls_with_runs(
+    root: TraceNode, older_than: float, now: float, correlation_id: str | None = None
+) -> list[tuple[Stall, str | None]]:
+    """:func:`stalls_of`, each with the id of the run that is stuck (if a run is)."""
     cid = correlation_id or root.correlation_id or root.ref or ""
     at = dt.datetime.fromtimestamp(now, dt.UTC)
     cutoff = dt.datetime.fromtimestamp(now - older_than, dt.UTC)
@@ -144,8 +157,46 @@ def stalls_of(
         found = _stall_of(node, at)
         if found is not None and found[2] <= cutoff:
             reason, where, since = found
-            out.append(Stall(cid, reason, since, where))
-    out.sort(key=lambda s: s.since)
+            run_id = node.ref if node.kind == RUN else None
+            out.append((Stall(cid, reason, since, where), run_id))
+    out.sort(key=lambda s: s[0].since)
+    return out
+
+
+# A worker silent this long is gone (leases are seconds): its version serves no run.
+LIVE_WORKER = 60.0
+
+
+async def _version_hints(
+    store: Store, app: str, stuck: list[tuple[Stall, str | None]], now: float
+) -> list[Stall]:
+    """The stalls, a run's with a hint when live workers run but none of them may take
+    it (its version is newer than all of theirs): nothing is said without live
+    workers (no worker serves it, which ``pending_step`` says already)."""
+    runs = [r for s, r in stuck if r is not None and s.reason in (PENDING_STEP, WAITING_EVENT)]
+    if not runs:
+        return [s for s, _ in stuck]
+    live = []
+    for w in await store.workers(app):
+        if w.heartbeat_at >= now - LIVE_WORKER and w.info:
+            info = codec.loads(w.info)
+            if isinstance(info, dict):
+                live.append((info.get("version"), bool(info.get("any_version"))))
+    if not live:
+        return [s for s, _ in stuck]
+    order = await versions(store, app)
+    out = []
+    for stall, run_id in stuck:
+        rec = None if run_id is None or stall.reason not in (PENDING_STEP, WAITING_EVENT) \
+            else await store.get_run(app, run_id)
+        if (rec is not None and rec.owner is None and rec.version is not None
+                and not any(may_take(v, anyv, rec.version, order) for v, anyv in live)):
+            seen = ", ".join(sorted({str(v) for v, _ in live}))
+            stall = dataclasses.replace(stall, hint=(
+                f"no live worker takes version {rec.version} of this run (live workers run "
+                f"{seen}): deploy that version, or run a worker with --any-version"
+            ))
+        out.append(stall)
     return out
 
 
@@ -169,12 +220,12 @@ async def find_stalls(
     """
     cids = await store.stale_correlations(app, older_than=now - older_than, limit=limit)
     declarations = await store.declarations(app)
-    out: list[Stall] = []
+    found: list[tuple[Stall, str | None]] = []
     for cid in cids:
         try:
             root = await assemble(store, app, cid, declarations)
         except TraceNotFound:
             continue  # removed meanwhile
-        out.extend(stalls_of(root, older_than, now, correlation_id=cid))
-    out.sort(key=lambda s: s.since)
-    return out[:limit]
+        found.extend(_stalls_with_runs(root, older_than, now, correlation_id=cid))
+    found.sort(key=lambda s: s[0].since)
+    return await _version_hints(store, app, found[:limit], now)

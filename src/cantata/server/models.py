@@ -189,6 +189,8 @@ class StallOut(BaseModel):
     since: dt.datetime
     where: str
     node: TraceNodeOut
+    hint: str | None = Field(None, description="the cause, when the store tells it (a "
+                                               "run no live worker's version may take)")
 
 
 class EventOut(BaseModel):

@@ -50,7 +50,8 @@ def stall_where(stall: Stall) -> str:
 def stall_out(stall: Stall) -> StallOut:
     """A stall as JSON (its node without children)."""
     return StallOut(correlation_id=stall.correlation_id, reason=stall.reason, since=stall.since,
-                    where=stall_where(stall), node=node_out(stall.node, depth=0))
+                    where=stall_where(stall), node=node_out(stall.node, depth=0),
+                    hint=stall.hint)
 
 
 @router.get("/trace/{correlation_id}", response_model=TraceOut, tags=["observe"],

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
-from cantata.model.records import ATTRS, DeadLetter, HistoryEntry, RunRecord
+from cantata.model.records import ATTRS, Attempt, DeadLetter, HistoryEntry, RunRecord
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
@@ -290,6 +290,16 @@ class PostgresOperate(PostgresCore):
                 run_id,
             )
             return [(r[0], HistoryEntry(*r[1:])) for r in rows]
+
+    async def superseded_attempts(self, app: str, run_id: str) -> list[tuple[int, Attempt]]:
+        async with self._db.conn() as c:
+            rows = await c.fetch(
+                f"SELECT epoch, {ATTEMPT_COLS} FROM attempts_superseded "
+                "WHERE app=$1 AND run_id=$2 ORDER BY epoch, started_at, attempt",
+                app,
+                run_id,
+            )
+            return [(r[0], Attempt(*r[1:])) for r in rows]
 
     async def discard_dead_letter(
         self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM

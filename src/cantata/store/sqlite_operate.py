@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
-from cantata.model.records import DeadLetter, HistoryEntry, RunRecord
+from cantata.model.records import Attempt, DeadLetter, HistoryEntry, RunRecord
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
@@ -261,6 +261,16 @@ class SQLiteOperate(SQLiteCore):
             return [(r[0], HistoryEntry(*r[1:])) for r in rows]
 
         return await self._t.read(op)
+
+    async def superseded_attempts(self, app: str, run_id: str) -> list[tuple[int, Attempt]]:
+        rows = await self._t.read(
+            lambda c: c.execute(
+                f"SELECT epoch, {ATTEMPT_COLS} FROM attempts_superseded "
+                "WHERE app=? AND run_id=? ORDER BY epoch, started_at, attempt",
+                (app, run_id),
+            ).fetchall()
+        )
+        return [(r[0], Attempt(*r[1:])) for r in rows]
 
     async def discard_dead_letter(
         self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM

@@ -179,8 +179,14 @@ class Saga:
         self.steps: tuple[Step, ...] = tuple(flat)
 
     def __repr__(self) -> str:
+        return f"{self.map_text()[:-1]}, mode={self.mode!r})"
+
+    def map_text(self) -> str:
+        """The saga's map as text, without its mode: what the app's code version
+        covers. Both modes' machinery is registered whatever the deployed mode, so a
+        switch of mode is not other code (a run in flight finishes under either)."""
         parts = [" ∥ ".join(s.name for s in st.steps) for st in self.stages]
-        return f"Saga({self.name!r}, {' → '.join(parts)}, mode={self.mode!r})"
+        return f"Saga({self.name!r}, {' → '.join(parts)})"
 
     def attach(self, router: Router) -> None:
         """Register this saga in ``router`` (``app.include(saga)`` calls this)."""

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from cantata.model.records import (
+    Attempt,
     DeadLetter,
     HistoryEntry,
     RunRecord,
@@ -94,6 +95,10 @@ class OperateStore(Protocol):
 
     async def superseded_history(self, app: str, run_id: str) -> list[tuple[int, HistoryEntry]]:
         """``(epoch, entry)`` for each entry retries superseded, by epoch then ``seq``."""
+
+    async def superseded_attempts(self, app: str, run_id: str) -> list[tuple[int, Attempt]]:
+        """``(epoch, attempt)`` for each attempt of the entries retries superseded, by
+        epoch, then as :meth:`load_attempts` orders them (start, then number)."""
 
     async def discard_dead_letter(
         self, app: str, dead_letter_id: str, *, actor: str = "system"

@@ -183,6 +183,10 @@ class OperateContract(StoreFixtures):
             (1, "b#1"), (1, "set_attributes#2"), (1, "compensate:undo#1")
         ]
         assert old[0][1].status == ENTRY_FAILED and old[0][1].attempts == 2
+        assert [(epoch, a.key, a.attempt, a.error) for epoch, a in
+                await store.superseded_attempts(self.app, run.run_id)] == [
+            (1, "b#1", 1, "x"), (1, "b#1", 2, "x")
+        ]
         assert await store.run_attributes(self.app, [run.run_id]) == {
             run.run_id: {"stage": "start"}
         }
