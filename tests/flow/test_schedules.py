@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,150 @@ async def test_a_triggered_runs_handle_outlives_the_block_it_was_made_in(
         handle = await app.schedules.trigger("n")
     async with app:
         assert await handle.result(timeout=10) == "ran"
+
+
+@pytest.mark.parametrize("overlap", ["skip", "buffer_one", "allow"])
+async def test_a_week_skipped_at_once_starts_every_nightly_run(overlap: str) -> None:
+    """Ticks a scheduler sees late (the clock jumped a week) start as usual, one after
+    another: none of them came while a run of the schedule was in progress."""
+    app = App("sched")
+
+    @app.schedule("30 2 * * *", timezone="Europe/Berlin", overlap=overlap)
+    @app.workflow
+    async def nightly(ctx: object, tick: dt.datetime) -> None:
+        return None
+
+    async with environment(app):
+        start = app.clock.now()
+        await app.clock.sleep(7 * 86400 + 1)
+        week = ScheduleSpec("nightly", "nightly", "30 2 * * *", timezone="Europe/Berlin")
+        ticks = week.ticks(start, start + 7 * 86400 + 1)
+        assert len(ticks) == 7
+        await until(lambda: _ended(app, "nightly", 7))
+        runs = dict(await runs_of(app, "nightly"))  # (the skipping clock goes on after)
+    assert [runs.get(tick_key("nightly", t)) for t in ticks] == ["completed"] * 7
+
+
+async def _ended(app: App, workflow: str, n: int) -> bool:
+    runs = await app.store.list_runs(app.name, workflow=workflow, limit=10_000)
+    return len(runs) >= n and all(r.status.is_final for r in runs)
+
+
+async def test_ticks_of_one_late_pass_wait_for_the_run_it_started() -> None:
+    """Three ticks due in one pass, fast runs: all three start (before the fix, the
+    second and third were taken as overlapping the run the pass had just started)."""
+    app = App("sched")
+
+    @app.schedule(every=60, overlap="skip")
+    @app.workflow
+    async def slow(ctx: object, tick: dt.datetime) -> None:
+        return None
+
+    clock = ManualClock(T0 + 1)
+    app.configure(store="memory://", broker="embedded")
+    app.clock = clock
+    async with app:
+        await asyncio.sleep(0.1)
+        clock.advance(180)  # ticks T0+60, T0+120, T0+180 at once
+        await until(lambda: _ended(app, "slow", 3))
+        keys = [k for k, _ in await runs_of(app, "slow")]
+    assert keys == [tick_key("slow", T0 + 60 * i) for i in range(1, 4)]
+
+
+async def test_an_unannotated_tick_is_a_datetime_for_schedules_made_at_run_time() -> None:
+    app = App("sched")
+    seen: list[object] = []
+
+    @app.workflow
+    async def plain(ctx: object, tick):  # type: ignore[no-untyped-def]
+        seen.append(tick)
+
+    @app.workflow
+    async def with_input(ctx: object, tick, data):  # type: ignore[no-untyped-def]
+        seen.append(tick)
+
+    async with environment(app):
+        # (input: a set, JSON-encoded as app.start encodes arguments)
+        await app.schedules.create("p", None, plain, every=60)
+        await app.schedules.create("i", None, with_input, every=60, input={1, 2})
+        await (await app.schedules.trigger("p")).result(timeout=10)
+        await (await app.schedules.trigger("i")).result(timeout=10)
+        await app.clock.sleep(61)  # and real ticks, started by the worker
+        await until(lambda: len(seen) >= 4)
+    assert all(isinstance(t, dt.datetime) and t.utcoffset() == dt.timedelta(0)
+               for t in seen), seen
+
+
+async def test_a_code_schedule_no_code_declares_stops_ticking(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+
+    def build(declared: bool) -> App:
+        app = App("sched", store=url, broker="embedded", clock=SkipClock(start=T0 + 1))
+
+        async def tickwf(ctx: object, tick: dt.datetime) -> None:
+            return None
+
+        if declared:
+            app.schedule(every=60, overlap="allow")(tickwf)
+        app.workflow(tickwf)
+        return app
+
+    async with build(True).client():
+        pass  # recorded as declared in code
+    app = build(False)  # the decorator line was removed
+    async with app:
+        await app.schedules.create("api", None, "tickwf", every=60, overlap="allow")
+        await app.clock.sleep(600)
+        await until(lambda: _count(app, "tickwf", 10))
+        await asyncio.sleep(0.3)
+        keys = [k for k, _ in await runs_of(app, "tickwf")]
+        infos = {i.name: i for i in await app.schedules.list()}
+    assert keys and all(k.startswith("schedule:api:") for k in keys), keys
+    assert (infos["tickwf"].source, infos["tickwf"].in_code) == ("code", False)
+    assert infos["api"].in_code is None
+
+
+async def test_bad_schedule_arguments_raise_cantata_errors() -> None:
+    from cantata.errors import RegistrationError, SerializationError
+
+    app = App("sched")
+
+    @app.workflow
+    async def wf(ctx: object, tick: dt.datetime) -> None:
+        return None
+
+    @app.workflow
+    async def cleanup(ctx: object) -> None:
+        return None
+
+    @app.workflow
+    async def job(ctx: object, i: int) -> None:
+        return None
+
+    app.queue("one")
+    with pytest.raises(RegistrationError, match=r"cleanup.*tick"):
+        app.schedule(every=60)(cleanup)
+    async with environment(app):
+        with pytest.raises(ConfigurationError, match="schedule name None"):
+            await app.schedules.create(None, "* * * * *", wf)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="schedule name '' must be 1-100"):
+            await app.schedules.create("", "* * * * *", wf)
+        with pytest.raises(SerializationError, match="input of schedule x"):
+            await app.schedules.create("x", "* * * * *", wf, input=object())
+        with pytest.raises(ConfigurationError, match=r"cleanup.*tick"):
+            await app.schedules.create("c", "* * * * *", cleanup)
+        with pytest.raises(ConfigurationError, match=r"with_input|input"):
+            await app.schedules.create("c", "* * * * *", wf, input=1)
+        with pytest.raises(ConfigurationError, match=r"priority=9223372036854775808"):
+            await app.start(job, 1, queue="one", priority=2**63)
+        with pytest.raises(ConfigurationError, match=r"priority=-9223372036854775809"):
+            await app.start(job, 1, queue="one", priority=-2**63 - 1)
+        assert await app.schedules.list() == []
+
+
+def test_cron_must_have_five_fields() -> None:
+    app = App("sched")
+    for cron in ("0 * * * * *", "* * * * * */15", "* * * *", "@daily"):
+        with pytest.raises(ConfigurationError,
+                           match=rf"invalid cron expression '{re.escape(cron)}'.*five"):
+            app.schedule(cron)

@@ -77,7 +77,7 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
             "name": s.name, "workflow": s.workflow, "when": s.when,
             "timezone": s.timezone, "overlap": s.overlap,
             "catch_up": s.catch_up, "paused": s.paused,
-            "source": s.source, "last_run_id": s.last_run_id,
+            "source": s.source, "in_code": s.in_code, "last_run_id": s.last_run_id,
             "next_tick": None if s.next_tick is None else s.next_tick.isoformat(),
         } for s in rows]))
         return
@@ -86,7 +86,7 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
     for s in rows:
         table.add_row(
             s.name, s.workflow, s.when, s.timezone, s.overlap, s.catch_up,
-            "paused" if s.paused else "active",
+            "paused" if s.paused else "not in code" if s.in_code is False else "active",
             "-" if s.next_tick is None else s.next_tick.strftime("%Y-%m-%d %H:%M:%S"),
         )
     console.print(table if rows else "no schedules")

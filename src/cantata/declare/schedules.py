@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cantata.errors import RegistrationError
-from cantata.model.schedule import ScheduleSpec
+from cantata.errors import CantataError, RegistrationError
+from cantata.model.schedule import ScheduleSpec, tick_signature
 
 from .defs import WORKFLOW_ATTR, WorkflowDef
 
@@ -62,17 +61,35 @@ def bind_pending_schedules(router: Router, fn: Callable[..., Any]) -> None:
         _bind(router, getattr(fn, WORKFLOW_ATTR), name, options)
 
 
+def check_takes_tick(wdef: WorkflowDef, with_input: bool, error: type[CantataError],
+                     what: str) -> None:
+    """Raise ``error`` unless ``wdef``'s function takes the tick (and the input, if any)
+    after its context: a schedule's runs are called ``fn(ctx, tick[, input])``."""
+    try:
+        sig = inspect.signature(wdef.fn)
+    except (TypeError, ValueError):
+        return  # nothing to read: the call will tell
+    args = (None, None, None) if with_input else (None, None)
+    try:
+        sig.bind(*args)
+    except TypeError:
+        shape = "(ctx, tick, input)" if with_input else "(ctx, tick)"
+        raise error(
+            f"{what}: workflow {wdef.name!r} takes {wdef.name}{sig}, but each tick calls it "
+            f"as {wdef.name}{shape} (tick: an aware UTC datetime); add the parameter(s)"
+        ) from None
+
+
 def _bind(router: Router, wdef: WorkflowDef, name: str | None,
           options: dict[str, Any]) -> None:
     spec = ScheduleSpec(name or wdef.name, wdef.name, **options)
+    check_takes_tick(wdef, False, RegistrationError, f"@app.schedule {spec.name!r}")
     old = router.schedule_specs.get(spec.name)
     if old is not None and old != spec:
         raise RegistrationError(f"two schedules are named {spec.name!r}: give one name=...")
     router.schedule_specs[spec.name] = spec
-    params = wdef.sig.params
-    if params and params[0] in (inspect.Parameter.empty, Any, object, "object", "Any"):
-        # The tick arrives as JSON text; an unannotated parameter still gets a datetime.
-        sig = dataclasses.replace(wdef.sig, params=(dt.datetime, *params[1:]))
+    sig = tick_signature(wdef.sig)
+    if sig is not wdef.sig:  # an unannotated tick: app.start(wf, a_datetime) gets one too
         wdef = dataclasses.replace(wdef, sig=sig)
         router.workflows[wdef.name] = wdef
         setattr(wdef.fn, WORKFLOW_ATTR, wdef)

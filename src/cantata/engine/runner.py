@@ -21,6 +21,7 @@ from cantata.errors import (
 from cantata.model import codec
 from cantata.model.parking import Parking
 from cantata.model.records import Attempt, EntryKind, HistoryEntry, RunRecord, RunWrite
+from cantata.model.schedule import tick_signature
 from cantata.model.status import RunStatus
 
 from . import checkpoint, cleanup, steps
@@ -359,7 +360,10 @@ class RunExecution:
         try:
             # Inside the try: arguments that do not match the declared types fail the run
             # (SerializationError) instead of leaving it owned and stuck.
-            args = self.wdef.sig.restore_args(codec.loads(run.args), f"workflow {self.wdef.name}")
+            sig = self.wdef.sig
+            if run.idempotency_key and run.idempotency_key.startswith("schedule:"):
+                sig = tick_signature(sig)  # whichever way the schedule was made
+            args = sig.restore_args(codec.loads(run.args), f"workflow {self.wdef.name}")
             value = await self.wdef.fn(ctx, *args)
             if self.journal.divergence is not None:
                 raise self.journal.divergence

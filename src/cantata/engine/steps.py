@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.declare.defs import StepDef
 from cantata.errors import StepFailed
 from cantata.fencing import InlineBody
-from cantata.flow.limits import release_step_slot, take_step_slot
+from cantata.flow.limits import release_step_slot, retime_step_begin, take_step_slot
 from cantata.model import codec
 from cantata.model.records import (
     Attempt,
@@ -100,8 +100,9 @@ async def call_step(
         # A limited step waits for its slot here, before the attempt is recorded
         # (released when execute_body ends; a slot left by a lost commit is this
         # holder's again when the run goes on, or lapses with this worker).
+        stamped = None
         if sdef.concurrency is not None or sdef.rate is not None:
-            await take_step_slot(x, sdef, key)
+            stamped = await take_step_slot(x, sdef, key)
         n += 1
         number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
@@ -115,7 +116,7 @@ async def call_step(
         x.inflight[key] = attempt
         x.mine[(key, number)] = attempt
         try:
-            value = await execute_fenced(x, sdef, args, key, number, kind)
+            value = await execute_fenced(x, sdef, args, key, number, kind, stamped)
             result = codec.dumps(value, f"result of step {sdef.name}", limit=x.engine.max_payload)
         except _Fenced:
             # Stopped because this worker's hold lapsed (a store outage): not an
@@ -253,7 +254,8 @@ async def step_failed(
 
 
 async def execute_fenced(
-    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: EntryKind
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: EntryKind,
+    stamped: float | None = None,
 ) -> Any:
     """Run the step body in this task, guarded: the engine stops it when this worker's
     hold lapses (see :meth:`Engine.fence_self`), and it is never resumed once that may
@@ -270,7 +272,7 @@ async def execute_fenced(
 
     plain = not engine.hooks and sdef.concurrency is None and sdef.rate is None
     coro = (invoke(x, sdef, args, key, attempt) if plain  # execute_body, with nothing to add
-            else execute_body(x, sdef, args, key, attempt, kind))
+            else execute_body(x, sdef, args, key, attempt, kind, stamped))
     # Awaited here, not as a task of its own (issue 19: a task per step cost ~5 % of a
     # saga's time); the guard keeps a task's rules (docs/leases.md).
     me = asyncio.current_task()
@@ -308,9 +310,12 @@ async def execute_body(
     key: str,
     attempt: int,
     kind: EntryKind = EntryKind.STEP,
+    stamped: float | None = None,
 ) -> Any:
     if sdef.concurrency is not None or sdef.rate is not None:
         try:
+            if stamped is not None:  # (the rate counts the body's begin, not the grant's)
+                await retime_step_begin(x, sdef, key, stamped)
             return await with_hooks(x, sdef, args, key, attempt, kind)
         finally:
             await release_step_slot(x, sdef, key)

@@ -38,8 +38,9 @@ async def acquire(
     concurrency: int | None,
     rate: Rate | None,
     wait: Any,
-) -> None:
-    """Take a slot of ``scope``, waiting with ``wait(seconds)`` while none is free.
+) -> float:
+    """Take a slot of ``scope``, waiting with ``wait(seconds)`` while none is free; the
+    clock time the grant was recorded at (its begin, for a rate).
 
     ``wait`` returns early when something may have freed a slot (a store
     notification); it may raise (a cancelled run), and then nothing is held. News that
@@ -55,7 +56,7 @@ async def acquire(
             now=now, stale_before=now - engine.lease,
         )
         if grant.granted:
-            return
+            return now
         if flow is not None and flow.releases != seen and grant.retry_at is None:
             continue  # a slot may have been freed meanwhile (a rate's wait stays a wait)
         pause = engine.poll_interval * 5
@@ -64,10 +65,11 @@ async def acquire(
         await wait(pause)
 
 
-async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> bool:
-    """Wait for a slot of a limited step (True if one was taken, False: no limit)."""
+async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> float | None:
+    """Wait for a slot of a limited step: the time its begin was recorded at (``None``:
+    the step has no limit)."""
     if sdef.concurrency is None and sdef.rate is None:
-        return False
+        return None
     engine = execution.engine
     waiting = engine.flow.slot_waiters if engine.flow is not None else set()
 
@@ -87,9 +89,28 @@ async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> bo
         finally:
             waiting.discard(execution)
 
-    await acquire(engine, step_scope(sdef.name), f"{execution.run.run_id}:{key}",
-                  sdef.concurrency, sdef.rate, wait)
-    return True
+    return await acquire(engine, step_scope(sdef.name), f"{execution.run.run_id}:{key}",
+                         sdef.concurrency, sdef.rate, wait)
+
+
+async def retime_step_begin(execution: RunExecution, sdef: StepDef, key: str,
+                            stamped: float) -> None:
+    """Just before a rate-limited step's body: if it begins later than its recorded
+    begin by more than half the window's margin (a slow store round trip, a cold
+    connection, the attempt's own write), record the begin again at the current time.
+
+    The rate counts recorded begins; this keeps each within the margin of when the
+    body really begins, so the limit holds for starts timed in the body.
+    """
+    rate = sdef.rate
+    if rate is None:
+        return
+    clock = execution.engine.clock
+    slack = (rate.window - rate.per) / 2
+    for _ in range(3):  # (a re-timing is one short write; a busy store may need another)
+        if clock.now() - stamped <= slack:
+            return
+        stamped = await take_step_slot(execution, sdef, key) or clock.now()
 
 
 async def release_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> None:

@@ -42,6 +42,10 @@ async def entry_for(
     """
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ConfigurationError(f"priority must be an integer, got {priority!r}")
+    if not -(2**63) <= priority < 2**63:  # the stores keep it as a signed 64-bit integer
+        raise ConfigurationError(
+            f"priority={priority!r} is out of range: use an integer from -2**63 to 2**63-1"
+        )
     if partition is not None and (not isinstance(partition, str) or not partition):
         raise ConfigurationError(f"partition must be a non-empty string, got {partition!r}")
     if partition is not None:

@@ -49,7 +49,9 @@ class ScheduleState:
 
     last_tick: float  # every tick up to here has been decided
     checked_at: float  # when a scheduler last looked at it
-    backlog: list[tuple[float, str]] = field(default_factory=list)  # (tick, "catch"|"now")
+    # (tick, kind): "catch" (missed, caught up), "late" (behind a run started after
+    # it) or "now" (buffered behind a run in progress that began before it)
+    backlog: list[tuple[float, str]] = field(default_factory=list)
     starting: list[float] = field(default_factory=list)  # decided, runs not yet created
     last_run_id: str | None = None
 
@@ -64,12 +66,13 @@ class ScheduleState:
 
 
 def _trim(remaining: list[tuple[float, str]], overlap: str) -> list[tuple[float, str]]:
-    """What waits for the run in progress: caught-up ticks, plus one current tick with
-    ``buffer_one``; other current ticks that overlap are skipped."""
-    kept = [x for x in remaining if x[1] == "catch"]
+    """What waits for the run in progress: caught-up ticks and late ones (behind a run
+    started after them), plus one overlapping tick with ``buffer_one``; other
+    overlapping ticks are skipped."""
+    kept = [x for x in remaining if x[1] != "now"]
     if overlap == "buffer_one":
         kept += [x for x in remaining if x[1] == "now"][:1]
-    return kept
+    return sorted(kept)
 
 
 class Scheduler:
@@ -115,6 +118,8 @@ class Scheduler:
             spec = ScheduleSpec.from_json(row.spec)
             if row.paused or not engine.serves(spec.workflow):
                 continue
+            if row.source == "code" and row.name not in engine.router.schedule_specs:
+                continue  # its declaration left this code: only code that declares it ticks
             nxt = await self._advance(spec, row)
             if nxt is not None:
                 due = nxt if due is None else min(due, nxt)
@@ -139,13 +144,18 @@ class Scheduler:
         elif spec.catch_up_limit is not None:
             missed = missed[-spec.catch_up_limit:]
         queue = state.backlog + [(t, "catch") for t in missed] + [(t, "now") for t in current]
+        # A tick overlaps only a run in progress that began before it; behind a run
+        # started after it (this pass's, or a late one's) it waits as "late" and starts
+        # when that run ends, as it would have had the scheduler been on time.
         live = await self._live(state.last_run_id)
         start: list[float] = []
         remaining: list[tuple[float, str]] = []
         for tick, kind in queue:
-            if spec.overlap == "allow" or not live:
+            if spec.overlap == "allow" or live is None:
                 start.append(tick)
-                live = True
+                live = now
+            elif kind == "now" and tick < live:
+                remaining.append((tick, "late"))
             else:
                 remaining.append((tick, kind))
         changed = bool(due or start or remaining != state.backlog)
@@ -164,11 +174,12 @@ class Scheduler:
         self._backlog = self._backlog or bool(state.backlog)
         return spec.next_tick(max(state.last_tick, now))
 
-    async def _live(self, run_id: str | None) -> bool:
+    async def _live(self, run_id: str | None) -> float | None:
+        """When the schedule's run in progress was created (``None``: none is)."""
         if run_id is None:
-            return False
+            return None
         run = await self.engine.store.get_run(self.engine.app, run_id)
-        return run is not None and not run.status.is_final
+        return None if run is None or run.status.is_final else run.created_at
 
     async def _start(self, spec: ScheduleSpec, state: ScheduleState, version: int) -> bool:
         """Create the runs of ``state.starting`` (idempotent by key), then record them."""
@@ -216,6 +227,10 @@ class ScheduleInfo:
     source: str
     next_tick: dt.datetime | None
     last_run_id: str | None
+    # Declared in code: whether the listing app's code declares it (a code schedule no
+    # serving code declares starts no runs); None for an API schedule, or when the
+    # listing app has no code (a bare App given the app's name).
+    in_code: bool | None = None
 
 
 class Schedules:
@@ -250,15 +265,19 @@ class Schedules:
             UnknownWorkflow: no service of this app declares ``workflow``.
         """
         from cantata.declare.defs import workflow_name
+        from cantata.declare.schedules import check_takes_tick
         from cantata.errors import UnknownWorkflow
 
         engine = self._engine
         wf = workflow_name(workflow)
+        spec = ScheduleSpec(name, wf, cron, every, timezone, overlap, catch_up, catch_up_limit,
+                            input, input is not None)
         if not await engine.knows_workflow(wf):
             raise UnknownWorkflow(f"schedule {name!r}: no workflow named {wf!r} in app "
                                   f"{engine.app!r}")
-        spec = ScheduleSpec(name, wf, cron, every, timezone, overlap, catch_up, catch_up_limit,
-                            input, input is not None)
+        wdef = engine.router.workflows.get(wf)
+        if wdef is not None:  # (one of another service's: its own code is not here)
+            check_takes_tick(wdef, spec.has_input, ConfigurationError, f"schedule {name!r}")
         await engine.store.put_schedule(engine.app, new_row(spec, "api", engine.clock.now()))
 
     async def list(self) -> list[ScheduleInfo]:
@@ -267,13 +286,15 @@ class Schedules:
         out = []
         for row in await engine.store.schedules(engine.app):
             spec, state = ScheduleSpec.from_json(row.spec), ScheduleState.from_json(row.state)
-            nxt = None if row.paused else spec.next_tick(max(state.last_tick,
-                                                             engine.clock.now()))
+            in_code = (None if row.source != "code" or not engine.router.workflows
+                       else row.name in engine.router.schedule_specs)
+            nxt = None if row.paused or in_code is False else spec.next_tick(
+                max(state.last_tick, engine.clock.now()))
             out.append(ScheduleInfo(
                 row.name, spec.workflow, spec.cron or f"every {spec.every:g}s", spec.timezone,
                 spec.overlap, spec.catch_up, row.paused, row.source,
                 None if nxt is None else dt.datetime.fromtimestamp(nxt, dt.UTC),
-                state.last_run_id,
+                state.last_run_id, in_code,
             ))
         return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import inspect
 import json
 import math
 import zoneinfo
@@ -20,6 +21,7 @@ import cronsim
 from cantata.errors import ConfigurationError
 from cantata.model import codec
 from cantata.model.checks import check_text
+from cantata.model.codec import Signature
 
 OVERLAP = ("skip", "buffer_one", "allow")
 CATCH_UP = ("skip", "last", "all")
@@ -46,8 +48,9 @@ class ScheduleSpec:
     has_input: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.name, str):
-            check_text("schedule name", self.name)
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 100:
+            raise ConfigurationError(f"schedule name {self.name!r} must be 1-100 characters")
+        check_text("schedule name", self.name)
         if (self.cron is None) == (self.every is None):
             raise ConfigurationError(
                 f"schedule {self.name!r}: give a cron expression or every=SECONDS (one of them)"
@@ -55,12 +58,15 @@ class ScheduleSpec:
         if self.cron is not None:
             if not isinstance(self.cron, str):
                 raise ConfigurationError(f"schedule {self.name!r}: cron {self.cron!r} is not text")
+            fields = len(self.cron.split())
             try:
+                if fields != 5:  # (cronsim would read six as seconds first)
+                    raise cronsim.CronSimError(f"{fields} field{'' if fields == 1 else 's'}")
                 cronsim.CronSim(self.cron, dt.datetime(2000, 1, 1))
             except cronsim.CronSimError as exc:
                 raise ConfigurationError(
                     f"schedule {self.name!r}: invalid cron expression {self.cron!r} ({exc}); "
-                    "use five fields, e.g. '*/5 * * * *'"
+                    "use five fields (minute hour day month weekday), e.g. '*/5 * * * *'"
                 ) from None
         if self.every is not None and (
             isinstance(self.every, bool) or not isinstance(self.every, int | float)
@@ -85,8 +91,9 @@ class ScheduleSpec:
             raise ConfigurationError(
                 f"schedule {self.name!r}: catch_up_limit={limit!r} must be a whole number > 0"
             )
-        if self.has_input:
-            codec.dumps(self.input, f"input of schedule {self.name}")
+        if self.has_input:  # kept as its JSON form, as a run's arguments are
+            plain = codec.loads(codec.dumps(self.input, f"input of schedule {self.name}"))
+            object.__setattr__(self, "input", plain)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -132,6 +139,15 @@ class ScheduleSpec:
         """The run's arguments: the tick (and the input, when there is one)."""
         when = tick_iso(tick)
         return [when, self.input] if self.has_input else [when]
+
+
+def tick_signature(sig: Signature) -> Signature:
+    """``sig`` with an unannotated (or ``Any``) first parameter read as the tick: the
+    run's argument is ISO 8601 text, and the workflow gets an aware UTC datetime."""
+    params = sig.params
+    if params and params[0] in (inspect.Parameter.empty, Any, object, "object", "Any"):
+        return dataclasses.replace(sig, params=(dt.datetime, *params[1:]))
+    return sig
 
 
 def zone(name: str, schedule: str = "") -> zoneinfo.ZoneInfo:

@@ -267,18 +267,27 @@ class PostgresFlow(PostgresCore):
                 "w.worker_id=s.worker_id AND w.heartbeat_at>=$3)",
                 app, scope, stale_before, worker_id,
             )
+            if rate is not None:
+                await c.execute("DELETE FROM flow_begins WHERE app=$1 AND scope=$2 AND at <= $3",
+                                app, scope, now - rate.window)
             if await c.fetchval(
                 "UPDATE flow_slots SET worker_id=$4 WHERE app=$1 AND scope=$2 AND holder=$3 "
                 "RETURNING 1", app, scope, holder, worker_id,
             ):
-                return SlotGrant(True)
+                if rate is None or await c.fetchval(
+                    "UPDATE flow_begins SET at=greatest(at, $4) WHERE app=$1 AND scope=$2 AND "
+                    "holder=$3 AND at=(SELECT max(at) FROM flow_begins WHERE app=$1 AND "
+                    "scope=$2 AND holder=$3) RETURNING 1", app, scope, holder, now,
+                ):
+                    return SlotGrant(True)
+                # Its begin left the window: it asks again as a new holder (counted).
+                await c.execute("DELETE FROM flow_slots WHERE app=$1 AND scope=$2 AND "
+                                "holder=$3", app, scope, holder)
             held = await c.fetchval(
                 "SELECT count(*) FROM flow_slots WHERE app=$1 AND scope=$2", app, scope
             )
             begins: list[float] = []
             if rate is not None:
-                await c.execute("DELETE FROM flow_begins WHERE app=$1 AND scope=$2 AND at <= $3",
-                                app, scope, now - rate.window)
                 begins = [r[0] for r in await c.fetch(
                     "SELECT at FROM flow_begins WHERE app=$1 AND scope=$2 ORDER BY at",
                     app, scope,

@@ -269,19 +269,28 @@ class SQLiteFlow(SQLiteCore):
                 "NOT IN (SELECT worker_id FROM workers WHERE app=? AND heartbeat_at>=?)",
                 (app, scope, worker_id, app, stale_before),
             )
+            if rate is not None:
+                c.execute("DELETE FROM flow_begins WHERE app=? AND scope=? AND at <= ?",
+                          (app, scope, now - rate.window))
             if c.execute(
                 "SELECT 1 FROM flow_slots WHERE app=? AND scope=? AND holder=?",
                 (app, scope, holder),
             ).fetchone():
                 c.execute("UPDATE flow_slots SET worker_id=? WHERE app=? AND scope=? AND "
                           "holder=?", (worker_id, app, scope, holder))
-                return SlotGrant(True)
+                if rate is None or c.execute(
+                    "UPDATE flow_begins SET at=max(at, ?) WHERE app=? AND scope=? AND "
+                    "holder=? AND at=(SELECT max(at) FROM flow_begins WHERE app=? AND "
+                    "scope=? AND holder=?)", (now, app, scope, holder, app, scope, holder),
+                ).rowcount:
+                    return SlotGrant(True)
+                # Its begin left the window: it asks again as a new holder (counted).
+                c.execute("DELETE FROM flow_slots WHERE app=? AND scope=? AND holder=?",
+                          (app, scope, holder))
             held = c.execute("SELECT count(*) FROM flow_slots WHERE app=? AND scope=?",
                              (app, scope)).fetchone()[0]
             begins: list[float] = []
             if rate is not None:
-                c.execute("DELETE FROM flow_begins WHERE app=? AND scope=? AND at <= ?",
-                          (app, scope, now - rate.window))
                 begins = [r[0] for r in c.execute(
                     "SELECT at FROM flow_begins WHERE app=? AND scope=? ORDER BY at",
                     (app, scope),

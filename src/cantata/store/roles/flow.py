@@ -96,7 +96,10 @@ class FlowStore(Protocol):
 
         Slots of other workers whose heartbeat is older than ``stale_before`` (or
         that are gone) are freed first. A holder that already has a slot keeps it
-        (granted again, nothing counted twice). A grant records a begin for the rate.
+        (granted again, nothing counted twice); with a rate, its latest begin is re-timed
+        to ``now`` (its code begins again, or later than first recorded), or, if that
+        begin has left the window, it asks as a new holder. A grant records a begin for
+        the rate.
         """
 
     async def release_slot(self, app: str, scope: str, holder: str) -> None:

@@ -186,6 +186,22 @@ class FlowContract(StoreFixtures):
         assert (await take("c", now + rate.window + 0.01))[0]
         assert not (await take("d", now + rate.window + 0.5))[0]
 
+    async def test_a_holder_asking_again_retimes_its_begin(self, store: Store) -> None:
+        now = await self.live(store, "w")
+        rate = Rate(1, per=10.0)
+
+        async def take(holder: str, at: float) -> tuple[bool, float | None]:
+            g = await store.acquire_slot(self.app, "step:y", holder, "w", concurrency=None,
+                                         rate=rate, now=at, stale_before=now - 10)
+            return g.granted, g.retry_at
+
+        assert (await take("a", now))[0]
+        assert (await take("a", now + 3))[0]  # its code begins later than first recorded
+        ok, retry = await take("b", now + rate.window + 1)
+        assert not ok and retry == pytest.approx(now + 3 + rate.window)
+        await store.release_slot(self.app, "step:y", "a")
+        assert (await take("b", now + 3 + rate.window + 0.01))[0]
+
     async def test_racing_slot_takers_never_exceed(self, store: Store, peer: Store) -> None:
         now = await self.live(store, *[f"w{i}" for i in range(10)])
         grants = await asyncio.gather(*[
