@@ -10,6 +10,8 @@ from cantata.errors import ConfigurationError
 from cantata.model import secrets
 from cantata.store.base import Store
 
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF", "EXTRA")  # sqlite:///file.db?synchronous=
+
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for messages and logs)."""
@@ -42,6 +44,8 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
     if scheme == "memory":
         from cantata.store.sqlite import SQLiteStore
 
+        opts = parse_qs(url.partition("?")[2], keep_blank_values=True)
+        _refuse_unknown(url, opts, (), "memory:// takes no options")
         return SQLiteStore(":memory:", synchronous="OFF", url=url)
     if scheme == "sqlite":
         from cantata.store.sqlite import SQLiteStore
@@ -56,8 +60,15 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         path = path[1:]
         if not path:
             raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///cantata.db")
-        opts = parse_qs(query)
+        opts = parse_qs(query, keep_blank_values=True)
+        _refuse_unknown(url, opts, ("synchronous",),
+                        f"only ?synchronous={'|'.join(SYNCHRONOUS_MODES)} is understood")
         synchronous = opts.get("synchronous", ["FULL"])[0]
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ConfigurationError(
+                f"store URL {url!r}: synchronous={synchronous!r} is not a SQLite "
+                f"synchronous mode: use {', '.join(SYNCHRONOUS_MODES)}"
+            )
         return SQLiteStore(path, synchronous=synchronous, url=url, create=create)
     if scheme in ("postgresql", "postgres"):
         try:
@@ -86,6 +97,16 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         f"unknown store URL scheme {scheme!r} in {mask_url(url)!r}: use sqlite:///file.db, "
         f"memory:// or postgresql://…{others} (or install the package of that backend)"
     )
+
+
+def _refuse_unknown(url: str, opts: dict[str, list[str]], known: tuple[str, ...],
+                    understood: str) -> None:
+    """Raise :class:`ConfigurationError` naming the options of ``url`` not ``known``."""
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise ConfigurationError(
+            f"store URL {mask_url(url)!r} has unknown option(s) {unknown}: {understood}"
+        )
 
 
 def _checked(made: object, protocol: type, url: str) -> Any:
