@@ -10,7 +10,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cantata.app_options import check_options
+from cantata.app_options import check_backend, check_options
 from cantata.app_router import RouterFacade
 from cantata.app_runtime import Runtime
 from cantata.broker.base import Broker
@@ -134,6 +134,9 @@ class App(RouterFacade):
             name, lease=lease, poll_interval=poll_interval, shutdown_grace=shutdown_grace,
             max_payload=max_payload, offload_above=offload_above, version=version,
         )
+        for kind, spec in (("store", store), ("broker", broker)):
+            if spec is not None:
+                check_backend(kind, spec)
         self.router = Router()
         self.name = name
         self._store_spec = store if store is not None else os.environ.get(
@@ -176,10 +179,14 @@ class App(RouterFacade):
         """Point a not-yet-open app at another store or broker (the CLI's ``--store``).
 
         Raises:
-            ConfigurationError: the app is open.
+            ConfigurationError: the app is open, or ``store`` / ``broker`` is neither
+                a URL nor a backend object.
         """
         if self._runtime is not None:
             raise ConfigurationError(f"app {self.name!r} is open: configure it before opening")
+        for kind, spec in (("store", store), ("broker", broker)):
+            if spec is not None:
+                check_backend(kind, spec)
         if store is not None:
             self._store_spec = store
         if broker is not None:

@@ -35,3 +35,23 @@ def check_options(
             )
     if version is not None and (not isinstance(version, str) or not version.strip()):
         raise ConfigurationError(f"version must be a non-empty string, got {version!r}")
+
+
+_BACKEND_FORMS = {
+    "store": ("sqlite:///file.db, memory:// or postgresql://…", "a Store object"),
+    "broker": ("embedded or nats://…", "a Broker object"),
+}
+
+
+def check_backend(kind: str, spec: object) -> None:
+    """Refuse a ``store`` / ``broker`` that is neither a URL nor a backend object.
+
+    An object is taken for a backend when it has ``open`` (a wrapper that delegates
+    with ``__getattr__`` passes; the backend itself is checked as it opens).
+    """
+    if isinstance(spec, str) or callable(getattr(spec, "open", None)):
+        return
+    urls, obj = _BACKEND_FORMS[kind]
+    raise ConfigurationError(
+        f"{kind} must be a URL ({urls}) or {obj}, got {type(spec).__name__} {spec!r}"
+    )

@@ -70,3 +70,29 @@ async def test_a_compensation_that_is_not_idempotent_is_reported() -> None:
     assert report.failures
     with pytest.raises(AssertionError, match="crash safety violated"):
         report.assert_ok()
+
+
+async def test_a_simulated_crash_is_a_kill_the_cut_attempt_counts() -> None:
+    """After its crash the worker writes nothing (it excuses no attempt): a step that
+    ran but whose result was not stored is a WorkerLost attempt, as under kill -9."""
+    app = App("t")
+    charges: list[int] = []
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def charge(order: dict) -> str:
+        charges.append(order["id"])
+        return "charged"
+
+    @app.workflow
+    async def pay(ctx: cantata.WorkflowContext, order: dict) -> str:
+        return await ctx.run(charge, order)
+
+    report = await testing.crash_test(app, pay, {"id": 1},
+                                      effects=lambda: list(charges), reset=charges.clear)
+    assert report.clean.status == "completed"
+    # checkpoint 2 stores charge's result: a crash before it cuts the only attempt
+    cut = next(p for p in report.points if (p.checkpoint, p.when) == (2, "before"))
+    assert cut.outcome.status == "failed" and "WorkerLost" in (cut.outcome.error or "")
+    assert cut.effects == [1] and not cut.same  # charged once, never again
+    stored = next(p for p in report.points if (p.checkpoint, p.when) == (2, "after"))
+    assert stored.outcome.status == "completed" and stored.effects == [1] and stored.same

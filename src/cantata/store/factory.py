@@ -10,6 +10,8 @@ from cantata.errors import ConfigurationError
 from cantata.model import secrets
 from cantata.store.base import Store
 
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF", "EXTRA")  # sqlite:///file.db?synchronous=
+
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for messages and logs)."""
@@ -58,6 +60,8 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
     if scheme == "memory":
         from cantata.store.sqlite import SQLiteStore
 
+        opts = url_options(url, url.partition("?")[2], "store")
+        _refuse_unknown(url, opts, (), "memory:// takes no options")
         return SQLiteStore(":memory:", synchronous="OFF", url=url)
     if scheme == "sqlite":
         from cantata.store.sqlite import SQLiteStore
@@ -72,7 +76,15 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         path = path[1:]
         if not path:
             raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///cantata.db")
-        synchronous = url_options(url, query, "store").get("synchronous", "FULL")
+        opts = url_options(url, query, "store")
+        _refuse_unknown(url, opts, ("synchronous",),
+                        f"only ?synchronous={'|'.join(SYNCHRONOUS_MODES)} is understood")
+        synchronous = opts.get("synchronous", "FULL")
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ConfigurationError(
+                f"store URL {url!r}: synchronous={synchronous!r} is not a SQLite "
+                f"synchronous mode: use {', '.join(SYNCHRONOUS_MODES)}"
+            )
         return SQLiteStore(path, synchronous=synchronous, url=url, create=create)
     if scheme in ("postgresql", "postgres"):
         try:
@@ -102,6 +114,16 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         f"unknown store URL scheme {scheme!r} in {mask_url(url)!r}: use sqlite:///file.db, "
         f"memory:// or postgresql://…{others} (or install the package of that backend)"
     )
+
+
+def _refuse_unknown(url: str, opts: dict[str, str], known: tuple[str, ...],
+                    understood: str) -> None:
+    """Raise :class:`ConfigurationError` naming the options of ``url`` not ``known``."""
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise ConfigurationError(
+            f"store URL {mask_url(url)!r} has unknown option(s) {unknown}: {understood}"
+        )
 
 
 def _checked(made: object, protocol: type, url: str) -> Any:

@@ -71,6 +71,15 @@ CONN_ERRORS = (
     asyncpg.InternalClientError,
 )
 
+# The server refusing a setting sent at connect (an unknown option of the store URL,
+# or a bad value): 42704, 22023, 55P02.
+_SETTING_REFUSED = (
+    asyncpg.UndefinedObjectError,
+    asyncpg.InvalidParameterValueError,
+    asyncpg.CantChangeRuntimeParamError,
+)
+_REFUSED_NAME = re.compile(r'parameter "([^"]+)"')
+
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Row: TypeAlias = "asyncpg.Record | tuple[Any, ...]"
 
@@ -169,6 +178,16 @@ class PgPool:
                 raise ConfigurationError(
                     f"store URL {self.masked_url} is not a valid PostgreSQL URL ({exc}): use "
                     "postgresql://user:password@host:5432/database"
+                ) from None
+            except _SETTING_REFUSED as exc:
+                # An option of the URL that asyncpg does not know is sent as a server
+                # setting (SET name = value): the server refusing it is a URL mistake.
+                name = _REFUSED_NAME.search(str(exc))
+                option = f"option {name[1]!r}" if name else "an option"
+                raise ConfigurationError(
+                    f"store URL {self.masked_url}: PostgreSQL refused {option} as a setting "
+                    f"({exc}): fix or remove it (the options are ?schema=NAME, the driver's, "
+                    "such as ?sslmode=, and PostgreSQL settings a session may SET)"
                 ) from None
             except (*CONN_ERRORS, asyncpg.TooManyConnectionsError) as exc:
                 remaining = deadline - time.monotonic()

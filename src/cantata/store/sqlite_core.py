@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import (
+    ConfigurationError,
     StoreUnavailable,
 )
 from cantata.model import codec
@@ -43,7 +44,7 @@ class SQLiteCore(StoreBase):
         self.url = url or f"sqlite:///{path}"
         self.synchronous = synchronous.upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise StoreUnavailable(
+            raise ConfigurationError(
                 f"synchronous={synchronous!r} is not a SQLite synchronous mode: use FULL, "
                 "NORMAL, OFF or EXTRA"
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import inspect
 import itertools
 import logging
 import re
@@ -106,14 +107,20 @@ async def environment(app: App, *, store: str = "memory://") -> AsyncIterator[Ap
 # -- crash injection -------------------------------------------------------------------------
 
 
+_READS = ("get_", "list_", "load_")  # store calls that change nothing
+
+
 class _CrashingStore:
     """Delegates to a real store; the n-th checkpoint "crashes" the worker.
 
     Checkpoints are the writes a worker's progress hangs on: a run's checkpoint
     (``commit_run``, or ``create_run`` with its first one) and a handler's completion
     (``settle_delivery`` done: the hop of a choreography, with the events it emits).
-    After the crash the worker is dead: every later write of it fails, so it makes no
-    more progress, until :meth:`revive` (a new worker process on the same store).
+    After the crash the worker is dead, as after ``kill -9``: every later store call
+    of it but a plain read fails (claims find nothing), so it makes no more progress
+    and its stop changes nothing either (it excuses no attempt, releases no run and
+    keeps its worker row, which the next worker finds expired), until :meth:`revive`
+    (a new worker process on the same store).
     """
 
     def __init__(self, inner: Store) -> None:
@@ -129,18 +136,19 @@ class _CrashingStore:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
+        if not inspect.iscoroutinefunction(attr) or name.startswith(_READS):
+            return attr  # url, add_listener, get_run, …: nothing stored
         if name.startswith("claim_"):
             async def claim(*args: Any, **kw: Any) -> Any:
                 return [] if self.dead else await attr(*args, **kw)  # a dead worker takes nothing
 
             return claim
-        if name.startswith(("finish_", "append_", "replay_")):
-            async def refused(*args: Any, **kw: Any) -> Any:
-                self._refuse()
-                return await attr(*args, **kw)
 
-            return refused
-        return attr
+        async def refused(*args: Any, **kw: Any) -> Any:
+            self._refuse()
+            return await attr(*args, **kw)
+
+        return refused
 
     def _refuse(self) -> None:
         if self.dead:
@@ -252,6 +260,17 @@ def _comparable(outcome: Outcome) -> Outcome:
     return Outcome(outcome.status, outcome.result, error)
 
 
+async def _kill(app: App) -> None:
+    """End every task of ``app``'s engine where it is, as ``kill -9`` would: a step
+    body, a checkpoint flush, a retry of a refused write. (The stop that follows then
+    finds nothing to wait for; its writes are refused by the dead store.)"""
+    engine = app.engine
+    while tasks := [t for t in engine.background() if not t.done()]:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _outcome(app: App, run_id: str, timeout: float) -> Outcome:
     handle = app.get_handle(run_id)
     try:
@@ -273,8 +292,10 @@ async def crash_test(
 
     A checkpoint is a run's commit or, for a choreography (a saga deployed
     ``choreographed``, or handlers reacting to the run's events), the completion of a
-    handler with the events it emits: each hop. The crashed worker stops there; a
-    new one on the same store takes its runs and deliveries over.
+    handler with the events it emits: each hop. The crashed worker stops there, as
+    under ``kill -9``: it writes nothing more (no release, no excused attempt), so
+    the attempt it was in counts as ``WorkerLost``; a new worker on the same store
+    takes its runs and deliveries over (their lease runs out at once).
 
     Args:
         effects: returns a snapshot of the side effects (compared with the clean run's).
@@ -312,11 +333,13 @@ async def crash_test(
                                 store.creations)
                     if time.monotonic() > deadline:
                         raise AssertionError(f"run {handle.run_id} did not end in {timeout} s")
-                    await asyncio.sleep(0.005)
+                    with contextlib.suppress(TimeoutError):  # a crash is handled at once
+                        await asyncio.wait_for(store.crashed.wait(), 0.005)
                 # A crashed process drains nothing: a step waiting on the dead store
                 # (a choreographed step's reply that can no longer be recorded) must
                 # not hold this stop for the grace period.
                 app.shutdown_grace = 0.0
+                await _kill(app)
             # The "process" died; a new worker takes its work over. Its lease runs
             # out at once (a dead process's heartbeat stops; here the clock does not
             # wait for it): what it held (runs, held deliveries) is taken over now.
