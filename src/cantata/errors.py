@@ -372,6 +372,12 @@ class TransactionUnsupported(ConfigurationError):
     code = "transaction_unsupported"
 
 
+class TransactionClosed(CantataError):
+    """A ``cantata.Tx`` was used after its ``@app.transaction`` step returned."""
+
+    code = "transaction_closed"
+
+
 class Cancelled(BaseException):
     """Raised inside workflow code when its run is cancelled.
 
