@@ -81,6 +81,7 @@ class RunExecution:
         # the step bodies running -> whether the run's deadline cuts it (not an undoing)
         self.bodies: dict[InlineBody[Any], bool] = {}
         self.past_deadline = False  # the deadline passed: the bodies running were cut
+        self.cut: set[InlineBody[Any]] = set()  # the bodies the deadline cut
         self.parked = False  # waiting, during a graceful stop, to be released
         self.patches: dict[str, bool] = {}  # ctx.patched answers, fixed for the whole run
         self._deadline_timer: asyncio.Task[None] | None = None
@@ -347,8 +348,9 @@ class RunExecution:
         if self.compensating:
             return
         self.past_deadline = True
-        for body, cut in list(self.bodies.items()):
-            if cut:
+        for body, cuttable in list(self.bodies.items()):
+            if cuttable:
+                self.cut.add(body)
                 body.cancel()
 
     def check_deadline(self) -> None:

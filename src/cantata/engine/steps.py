@@ -292,7 +292,7 @@ async def execute_fenced(
         if body.cancelled:  # the engine's own cancel, taken back: not a cancel of the run
             body.cancelled = False
             me.uncancel()
-            if x.past_deadline and me.cancelling() == 0:  # cut at the run's deadline
+            if body in x.cut and me.cancelling() == 0:  # cut at the run's deadline
                 raise DeadlineExceeded(
                     f"step {sdef.name} attempt {attempt} was still running when run "
                     f"{x.run.run_id} passed its deadline: it was stopped"
@@ -310,6 +310,7 @@ async def execute_fenced(
         raise
     finally:
         x.bodies.pop(body, None)
+        x.cut.discard(body)
         if body.cancelled:  # the body swallowed the engine's cancel: take it back
             me.uncancel()
 
