@@ -36,13 +36,13 @@ from cantata.model.signing import Signer
 from cantata.model.status import RunStatus, parse_status
 from cantata.store.audit import AuditKey
 from cantata.store.base import Store
+from cantata.store.tx import Tx
 
 if TYPE_CHECKING:
     from cantata.flow.schedules import Schedules
     from cantata.model.flow import QueueStats
     from cantata.observability.node import TraceNode
     from cantata.observability.stalled import Stall
-    from cantata.store.tx import Tx
 
 log = logging.getLogger("cantata")
 
@@ -482,6 +482,8 @@ class App(RouterFacade):
                 database), with the run's correlation id unless one is given.
 
         Raises:
+            ConfigurationError: ``tx`` is not a ``cantata.Tx``.
+            TransactionClosed: ``tx``'s step has returned (its transaction committed).
             DuplicateEventId: ``id`` was used by an event with different content.
             InvalidEvent: a bad type, or ``id``, ``subject``, ``source`` or
                 ``correlation_id`` empty or holding a NUL or a lone surrogate.
@@ -506,6 +508,11 @@ class App(RouterFacade):
     ) -> tuple[Event[Any], bool]:
         """:meth:`publish`, and whether the event is an orphan (nothing in the app listens
         to its type: counted and logged; ``False`` in a ``tx``, checked at its commit)."""
+        if tx is not None and not isinstance(tx, Tx):
+            raise ConfigurationError(
+                "tx= must be the cantata.Tx of the running @app.transaction step, got "
+                f"{tx!r}: pass the step's first argument, or leave tx= out"
+            )
         event = new_event(
             self.name, type, data, subject=subject, correlation_id=correlation_id,
             source=source, id=id, max_payload=self.engine.max_payload,

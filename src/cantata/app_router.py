@@ -158,9 +158,15 @@ class RouterFacade:
         return register(fn) if fn is not None else register
 
     def query(
-        self, *, workflow: Callable[..., Any] | str, name: str | None = None
+        self,
+        fn: object = None,
+        /,
+        *,
+        workflow: Callable[..., Any] | str | None = None,
+        name: str | None = None,
     ) -> Callable[[F], F]:
-        return self.router.query(workflow=workflow, name=name)
+        # (fn, and workflow=None: a bare @app.query, refused with a RegistrationError)
+        return self.router.query(fn, workflow=workflow, name=name)
 
     def on(
         self,

@@ -2,7 +2,9 @@
 
 Every error the library raises subclasses :class:`CantataError`. Each class has a
 stable ``code`` used by the CLI and the HTTP API, and every message says what was
-wrong and what to do about it.
+wrong and what to do about it. The one deliberate exception is :class:`Cancelled`,
+raised inside a cancelled workflow: a ``BaseException``, so that neither
+``except Exception`` nor ``except CantataError`` swallows a cancellation.
 """
 
 from __future__ import annotations
@@ -372,11 +374,18 @@ class TransactionUnsupported(ConfigurationError):
     code = "transaction_unsupported"
 
 
+class TransactionClosed(CantataError):
+    """A ``cantata.Tx`` was used after its ``@app.transaction`` step returned."""
+
+    code = "transaction_closed"
+
+
 class Cancelled(BaseException):
     """Raised inside workflow code when its run is cancelled.
 
     A ``BaseException`` (like ``asyncio.CancelledError``) so that a workflow's
-    ``except Exception`` cannot swallow it.
+    ``except Exception`` cannot swallow it: deliberately not a :class:`CantataError`
+    (docs/workflow-api.md, "Cleanup after cancel").
     """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -241,3 +242,112 @@ async def test_deadline_must_be_positive(store_url: str) -> None:
             )):
                 await app.start("bare", deadline=deadline)
         assert await app.list_runs() == []
+
+
+def slow_shop(url: str, calls: list[str], seconds: float = 3.0) -> App:
+    """A shop whose ``pack`` step runs past the deadlines the tests give."""
+    app = shop(url, calls)
+
+    @app.step(retry=Retry(max_attempts=5, initial_interval=0.01))
+    async def pack(n: int) -> int:
+        calls.append(f"pack {n}")
+        await asyncio.sleep(seconds)
+        return n
+
+    @app.step(retry=Retry(max_attempts=5, initial_interval=0.01))
+    def pack_sync(n: int) -> int:
+        calls.append(f"pack_sync {n}")
+        time.sleep(seconds)
+        return n
+
+    @app.workflow
+    async def last_step_slow(ctx: WorkflowContext, n: int) -> int:
+        await ctx.run("reserve", n, compensate="release")
+        return await ctx.run(pack, n)
+
+    @app.workflow
+    async def sync_last_step_slow(ctx: WorkflowContext, n: int) -> int:
+        await ctx.run("reserve", n, compensate="release")
+        return await ctx.run(pack_sync, n)
+
+    @app.workflow
+    async def slow_then_ship(ctx: WorkflowContext, n: int) -> None:
+        await ctx.run("reserve", n, compensate="release")
+        try:
+            await ctx.run(pack, n)
+        except Exception:  # a deadline is not a step failure the workflow can catch
+            calls.append("caught")
+        await ctx.run("ship", n)
+
+    return app
+
+
+async def _cut_attempts(app: App, run_id: str, step: str) -> list[tuple[str | None, bool]]:
+    attempts = await app.store.load_attempts(app.name, run_id)
+    return [(a.error_type, a.ended_at is not None) for a in attempts if step in a.key]
+
+
+@pytest.mark.parametrize("workflow", ["last_step_slow", "sync_last_step_slow", "slow_then_ship"])
+async def test_deadline_cuts_the_step_in_flight(store_url: str, workflow: str) -> None:
+    calls: list[str] = []
+    app = slow_shop(store_url, calls)
+    step = "pack_sync" if workflow.startswith("sync") else "pack"
+    async with app:
+        t0 = time.monotonic()
+        h = await app.start(workflow, 7, deadline=0.5)
+        with pytest.raises(WorkflowCompensated, match="DeadlineExceeded") as info:
+            await h.result(timeout=5)
+        elapsed = time.monotonic() - t0
+        assert await h.status() == RunStatus.COMPENSATED
+        # the attempt in flight is cut like a step timeout, and not retried
+        assert await _cut_attempts(app, h.run_id, step) == [("DeadlineExceeded", True)]
+        entry = next(e for e in await app.store.load_history(app.name, h.run_id)
+                     if e.name == step)
+        assert entry.error_type == "DeadlineExceeded"
+    assert 0.45 <= elapsed < 1.5, elapsed
+    assert "passed its deadline" in (info.value.error or "")
+    assert calls == ["reserve 7", f"{step} 7", "release 7"]
+
+
+async def test_deadline_cuts_a_step_resumed_after_a_restart(sqlite_url: str) -> None:
+    calls: list[str] = []
+    first = slow_shop(sqlite_url, calls)
+    async with first:
+        t0 = time.monotonic()
+        h = await first.start("last_step_slow", 8, deadline=1.2)
+
+        async def packing() -> bool:
+            return bool(await _cut_attempts(first, h.run_id, "pack"))
+
+        await eventually(packing)
+    # the first worker stopped mid-step (its attempt Interrupted); the next one resumes
+    # the step and cuts it at the recorded deadline
+    second = slow_shop(sqlite_url, calls)
+    async with second:
+        with pytest.raises(WorkflowCompensated, match="DeadlineExceeded"):
+            await second.get_handle(h.run_id).result(timeout=5)
+        elapsed = time.monotonic() - t0
+        cut = await _cut_attempts(second, h.run_id, "pack")
+    assert 1.1 <= elapsed < 2.2, elapsed
+    assert cut[-1] == ("DeadlineExceeded", True)
+    assert calls == ["reserve 8", "pack 8", "pack 8", "release 8"]
+
+
+async def test_a_workflow_returning_past_its_deadline_does_not_complete(store_url: str) -> None:
+    app = make_app(store_url)
+
+    @app.step
+    async def stubborn() -> str:
+        with contextlib.suppress(asyncio.CancelledError):  # it swallows the cut
+            await asyncio.sleep(3)
+        return "done"
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext) -> str:
+        return await ctx.run(stubborn)
+
+    async with app:
+        h = await app.start(wf, deadline=0.3)
+        with pytest.raises(WorkflowFailed, match="DeadlineExceeded"):
+            await h.result(timeout=5)
+        assert await h.status() == RunStatus.FAILED

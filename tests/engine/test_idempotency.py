@@ -97,6 +97,44 @@ async def test_same_key_with_other_arguments_conflicts(store_url: str) -> None:
         assert [r.run_id for r in await app.list_runs()] == [h.run_id]
 
 
+async def test_same_key_with_dict_keys_in_another_order_is_the_same_run(
+    store_url: str,
+) -> None:
+    app = make_app(store_url)
+
+    @app.workflow
+    async def place_order(ctx: WorkflowContext, order: dict[str, int]) -> int:
+        return order["id"]
+
+    async with app:
+        h1 = await app.start(place_order, {"id": 42, "total": 5}, idempotency_key="o-42")
+        h2 = await app.start(place_order, {"total": 5, "id": 42}, idempotency_key="o-42")
+        assert h2.run_id == h1.run_id
+        with pytest.raises(IdempotencyConflict, match="with different arguments"):
+            await app.start(place_order, {"total": 5, "id": 43}, idempotency_key="o-42")
+        assert await h1.result(timeout=5) == 42
+
+
+async def test_same_key_for_another_workflow_names_it(store_url: str) -> None:
+    app = make_app(store_url)
+
+    @app.workflow
+    async def place_order(ctx: WorkflowContext, n: int) -> int:
+        return n
+
+    @app.workflow
+    async def refund(ctx: WorkflowContext, n: int) -> int:
+        return n
+
+    async with app:
+        h = await app.start(place_order, 1, idempotency_key="k-1")
+        with pytest.raises(IdempotencyConflict) as info:
+            await app.start(refund, 1, idempotency_key="k-1")
+    text = str(info.value)
+    assert f"belongs to run {h.run_id} of workflow place_order, not refund" in text
+    assert "different arguments" not in text
+
+
 async def test_step_idempotency_key_is_stable_across_retries(store_url: str) -> None:
     app = make_app(store_url)
     seen: list[cantata.StepInfo] = []

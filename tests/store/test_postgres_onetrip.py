@@ -193,7 +193,7 @@ async def test_refusals_are_those_of_the_transactional_path(url: str) -> None:
         again, stale, other = await asyncio.gather(
             store.create_run(new_run(app, idempotency_key="k", args_hash="h")),
             store.commit_run(app, run.run_id, 7, step_done("a#1", 1)),
-            store.create_run(new_run(app, idempotency_key="k", args_hash="other")),
+            store.create_run(new_run(app, idempotency_key="k", args="[2]", args_hash="other")),
             return_exceptions=True,
         )
         assert again == (run, False) or (isinstance(again, tuple) and again[1] is False)

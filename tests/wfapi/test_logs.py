@@ -51,7 +51,40 @@ async def test_records_logged_in_a_step_or_handler_carry_their_context(
     outside = logging.getLogger("shop.payments").makeRecord(
         "shop.payments", logging.INFO, __file__, 1, "outside", (), None
     )
-    assert not hasattr(outside, "run_id")
+    assert outside.run_id is None and outside.group is None  # type: ignore[attr-defined]
+
+
+class _Lines(logging.Handler):
+    """Formats every record with the documented formatter; formatting errors raise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(run_id)s %(step)s %(group)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+async def test_the_documented_formatter_works_for_records_outside_steps(
+    store_url: str,
+) -> None:
+    app = _fresh_app(store_url)
+    lines = _Lines()
+    log = logging.getLogger("shop.api")
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    try:
+        async with app:
+            handle = await app.start("pay", 3)
+            log.info("started %s", handle.run_id)  # API code, not in a step
+            assert await handle.result(timeout=20) == 3
+            # extra= outside a step or handler may still use the context's names
+            log.info("grouped", extra={"group": "mine", "run_id": "r-1"})
+    finally:
+        log.removeHandler(lines)
+    assert lines.lines == [f"None None None started {handle.run_id}",
+                           "r-1 None mine grouped"]
 
 
 async def _ledger_booked(app: App) -> None:

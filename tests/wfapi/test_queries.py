@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+import cantata
 from cantata import App, QueryFailed, RunState, RunStatus, WorkflowContext
 
 from .helpers import eventually, make_app, other_process
@@ -95,3 +96,22 @@ def test_the_blocking_facade_reads_values_and_queries(tmp_path: Path) -> None:
         assert handle.get_value("stage", wait=10) == "awaiting payment"
         assert handle.query("summary")["order"] == 3
         handle.cancel()
+
+
+def test_a_query_without_its_workflow_says_how_to_name_it() -> None:
+    app = make_app("memory://")
+    router = cantata.Router()
+
+    def stage(state: RunState) -> Any:
+        return state.values.get("stage")
+
+    for bare, register in ((True, lambda: app.query(stage)),  # type: ignore[call-arg]
+                           (False, lambda: app.query()(stage)),  # type: ignore[call-arg]
+                           (True, lambda: router.query(stage)),  # type: ignore[call-arg]
+                           (False, lambda: router.query()(stage))):  # type: ignore[call-arg]
+        with pytest.raises(cantata.RegistrationError, match=(
+            r"@app.query needs the workflow it answers for: "
+            r"@app.query\(workflow=place_order\)"
+        )) as info:
+            register()
+        assert ("query stage" in str(info.value)) is bare

@@ -122,6 +122,36 @@ def test_a_transaction_step_must_be_async() -> None:
         def save(tx: cantata.Tx) -> None: ...
 
 
+async def test_tx_misuse_is_a_cantata_error(sql_store_url: str) -> None:
+    app = make_app(sql_store_url)
+    kept: list[cantata.Tx] = []
+
+    @app.transaction
+    async def save(tx: cantata.Tx) -> None:
+        kept.append(tx)
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext) -> None:
+        await ctx.run(save)
+
+    async with app:
+        with pytest.raises(cantata.ConfigurationError, match=(
+            r"tx= must be the cantata.Tx of the running @app.transaction step, got 'oops'"
+        )):
+            await app.publish("x.y", {}, tx="oops")  # type: ignore[arg-type]
+        await (await app.start(wf)).result(timeout=20)
+        [tx] = kept
+        for misuse, call in ((lambda: app.publish("x.y", {}, tx=tx), "publish"),
+                             (lambda: tx.execute("SELECT 1"), "execute"),
+                             (lambda: tx.fetchone("SELECT 1"), "fetch")):
+            with pytest.raises(cantata.TransactionClosed, match=(
+                rf"tx.{call}\(\) after step save of run .* returned: its transaction "
+                "is committed; use the tx only inside the step"
+            )) as info:
+                await misuse()
+            assert isinstance(info.value, cantata.CantataError)
+
+
 # -- kill -9 inside a transactional step ---------------------------------------------
 
 

@@ -268,7 +268,12 @@ class Router:
     # -- queries --------------------------------------------------------------------
 
     def query(
-        self, *, workflow: Callable[..., Any] | str, name: str | None = None
+        self,
+        fn: object = None,
+        /,
+        *,
+        workflow: Callable[..., Any] | str | None = None,
+        name: str | None = None,
     ) -> Callable[[F], F]:
         """Register a read-only query of ``workflow``'s runs: ``def q(state) -> value``.
 
@@ -279,7 +284,16 @@ class Router:
         Args:
             workflow: the workflow (function or name) whose runs it reads.
             name: defaults to the function name.
+
+        Raises:
+            RegistrationError: no ``workflow=`` (a bare ``@app.query``).
         """
+        if fn is not None or workflow is None:
+            what = f" above query {getattr(fn, '__name__', fn)}" if fn is not None else ""
+            raise RegistrationError(
+                "@app.query needs the workflow it answers for: "
+                f"@app.query(workflow=place_order){what}, with your workflow or its name"
+            )
         wf = workflow_name(workflow)
 
         def register(f: F) -> F:

@@ -14,6 +14,7 @@ from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.checks import check_key
 from cantata.model.event import Event
+from cantata.model.idempotency import args_hash
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
@@ -23,7 +24,6 @@ from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 from . import gcpolicy
 from .clock import Clock
 from .hooks import Hooks
-from .identity import args_hash
 from .metrics import Metrics
 from .ownership import Ownership
 from .parking import HotRuns, wake_for_events

@@ -1,8 +1,7 @@
-"""Identities: of a worker process, and of a run's arguments (for idempotency keys)."""
+"""The identity of a worker process (of a run's arguments: cantata.model.idempotency)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 
@@ -11,7 +10,3 @@ from cantata.model import codec
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{codec.new_id()[-8:]}"
-
-
-def args_hash(workflow: str, args_json: str) -> str:
-    return hashlib.sha256(f"{workflow}\0{args_json}".encode()).hexdigest()

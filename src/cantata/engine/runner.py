@@ -79,7 +79,10 @@ class RunExecution:
         self.mine: dict[tuple[str, int], Attempt] = {}
         self.stalled: dict[tuple[str, int], float] = {}  # -> seconds it held the loop
         self.lost = False
-        self.bodies: set[InlineBody[Any]] = set()  # the step bodies running
+        # the step bodies running -> whether the run's deadline cuts it (not an undoing)
+        self.bodies: dict[InlineBody[Any], bool] = {}
+        self.past_deadline = False  # the deadline passed: the bodies running were cut
+        self.cut: set[InlineBody[Any]] = set()  # the bodies the deadline cut
         self.parked = False  # waiting, during a graceful stop, to be released
         self.patches: dict[str, bool] = {}  # ctx.patched answers, fixed for the whole run
         self._deadline_timer: asyncio.Task[None] | None = None
@@ -336,6 +339,28 @@ class RunExecution:
     async def _deadline_after(self, delay: float) -> None:
         await self.engine.clock.sleep(delay)
         self.request_interrupt(_DeadlinePassed())
+        self.cut_at_deadline()
+
+    def cut_at_deadline(self) -> None:
+        """The deadline passed: stop the step bodies running now, as a step's timeout
+        would (a sync step's thread is left to finish, its result unused). Not while
+        the run undoes what it did: compensations always run to their end.
+        (steps.call_step records the attempt cut and stops the run.)"""
+        if self.compensating:
+            return
+        self.past_deadline = True
+        for body, cuttable in list(self.bodies.items()):
+            if cuttable:
+                self.cut.add(body)
+                body.cancel()
+
+    def check_deadline(self) -> None:
+        """Raise ``_DeadlinePassed`` if the run is past its deadline (a workflow that
+        returns past it does not complete)."""
+        deadline = self.run.deadline_at
+        if (deadline is not None and not self.compensating
+                and self.engine.clock.now() >= deadline):
+            raise _DeadlinePassed()
 
     async def _execute_run(self) -> None:
         run = self.run
@@ -367,6 +392,8 @@ class RunExecution:
             value = await self.wdef.fn(ctx, *args)
             if self.journal.divergence is not None:
                 raise self.journal.divergence
+            if run.deadline_at is not None:
+                self.check_deadline()
             self.journal.check_all_replayed()
             result = codec.dumps(
                 value, f"result of workflow {self.wdef.name}", limit=self.engine.max_payload

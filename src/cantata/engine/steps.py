@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef
-from cantata.errors import StepFailed
+from cantata.errors import DeadlineExceeded, StepFailed
 from cantata.fencing import InlineBody
 from cantata.flow.limits import release_step_slot, retime_step_begin, take_step_slot
 from cantata.model import codec
@@ -27,7 +28,7 @@ from .invoke import invoke_step
 from .ownership import FENCE_AT
 from .pauses import PAUSED, StepStalled, await_excuses
 from .runtime import Watch
-from .signals import _Fenced
+from .signals import _DeadlinePassed, _Fenced
 from .versioning import args_shape
 
 if TYPE_CHECKING:
@@ -133,6 +134,13 @@ async def call_step(
             attempt.error_type, attempt.error = type(exc).__name__, str(exc)
             last = (attempt.error_type, attempt.error)
             write.attempts.append(attempt)
+            if x.past_deadline and isinstance(exc, DeadlineExceeded):
+                # cut at the run's deadline (cut_at_deadline): failed, not retried;
+                # the run stops (with the interrupt the deadline set)
+                with contextlib.suppress(StepFailed):
+                    await step_failed(x, entry, write, last, n)
+                x.check_interrupt()
+                raise _DeadlinePassed() from None
             retryable = retry.is_retryable(exc)
             if retryable and n >= retry.max_attempts and lost:
                 n -= await await_excuses(x, key, lost)
@@ -278,7 +286,7 @@ async def execute_fenced(
     me = asyncio.current_task()
     assert me is not None
     body = InlineBody(coro, fenced, stalled, engine.lease * FENCE_AT, me)
-    x.bodies.add(body)
+    x.bodies[body] = kind != EntryKind.COMPENSATION  # the deadline cuts steps only
     try:
         return await body
     except asyncio.CancelledError:
@@ -286,6 +294,11 @@ async def execute_fenced(
         if body.cancelled:  # the engine's own cancel, taken back: not a cancel of the run
             body.cancelled = False
             me.uncancel()
+            if body in x.cut and me.cancelling() == 0:  # cut at the run's deadline
+                raise DeadlineExceeded(
+                    f"step {sdef.name} attempt {attempt} was still running when run "
+                    f"{x.run.run_id} passed its deadline: it was stopped"
+                ) from None
         if stopped and me.cancelling() == 0:  # (else someone else cancelled the run too)
             held = x.stalled.get((key, attempt))
             if held is not None:  # its own code held the loop: the attempt counts
@@ -298,7 +311,8 @@ async def execute_fenced(
             raise _Fenced() from None
         raise
     finally:
-        x.bodies.discard(body)
+        x.bodies.pop(body, None)
+        x.cut.discard(body)
         if body.cancelled:  # the body swallowed the engine's cancel: take it back
             me.uncancel()
 

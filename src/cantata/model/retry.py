@@ -18,7 +18,10 @@ class Retry:
         initial_interval: seconds before the second attempt.
         backoff: multiplier applied after each failed attempt.
         max_interval: cap on the interval, in seconds.
-        non_retryable: exception types that fail at once, without another attempt.
+        non_retryable: exception types that fail at once, without another attempt:
+            classes, or their names as strings (``"ValueError"``, or module-qualified,
+            ``"payments.errors.Declined"``), which match the exception's class or
+            any class it derives from. One class or name alone is taken as a tuple.
         jitter: fraction of the interval randomised (0.1 = +/-10 %).
     """
 
@@ -26,10 +29,15 @@ class Retry:
     initial_interval: float = 0.5
     backoff: float = 2.0
     max_interval: float = 30.0
-    non_retryable: tuple[type[BaseException], ...] = field(default=())
+    non_retryable: tuple[type[BaseException] | str, ...] = field(default=())
     jitter: float = 0.1
+    # the non_retryable classes, and the names (for is_retryable)
+    _types: tuple[type[BaseException], ...] = field(
+        default=(), init=False, repr=False, compare=False)
+    _names: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._split_non_retryable()
         attempts = self.max_attempts
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ConfigurationError(
@@ -42,6 +50,32 @@ class Retry:
             raise ConfigurationError(f"Retry(backoff={self.backoff}) must be >= 1")
         if not 0 <= check_number("Retry jitter", self.jitter) <= 1:
             raise ConfigurationError(f"Retry(jitter={self.jitter}) must be between 0 and 1")
+
+    def _split_non_retryable(self) -> None:
+        given: object = self.non_retryable
+        if isinstance(given, (str, type)):
+            given = (given,)
+        if not isinstance(given, (tuple, list, set, frozenset)):
+            raise ConfigurationError(
+                f"Retry(non_retryable={given!r}) is invalid: give a tuple of exception "
+                "classes or their names, e.g. non_retryable=(ValueError, \"Declined\")"
+            )
+        types: list[type[BaseException]] = []
+        names: set[str] = set()
+        for item in given:
+            if isinstance(item, type) and issubclass(item, BaseException):
+                types.append(item)
+            elif isinstance(item, str) and item.strip():
+                names.add(item.strip())
+            else:
+                raise ConfigurationError(
+                    f"Retry(non_retryable=...) holds {item!r}, which is neither an "
+                    "exception class nor an exception class's name: give classes "
+                    "(ValueError) or names (\"ValueError\", \"payments.errors.Declined\")"
+                )
+        object.__setattr__(self, "non_retryable", tuple(given))
+        object.__setattr__(self, "_types", tuple(types))
+        object.__setattr__(self, "_names", frozenset(names))
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (counted from 1)."""
@@ -62,7 +96,15 @@ class Retry:
         """
         if isinstance(exc, (NonRetryable, SerializationError, ConfigurationError)):
             return False
-        return not isinstance(exc, self.non_retryable)
+        if isinstance(exc, self._types):
+            return False
+        names = self._names
+        if names:
+            for cls in type(exc).__mro__:
+                if (cls.__name__ in names or cls.__qualname__ in names
+                        or f"{cls.__module__}.{cls.__qualname__}" in names):
+                    return False
+        return True
 
 
 def check_retry(what: str, retry: object) -> Retry | None:

@@ -2,10 +2,12 @@
 
 Records logged inside a step carry ``run_id``, ``step`` and ``attempt``; inside an
 event handler, ``event_id``, ``group`` and ``attempt`` (a saga step run by a
-handler has both). They are attached by a log record factory that an app
-installs when it starts serving, so any handler — the CLI's, pytest's ``caplog``,
-the user's own — sees them. ``cantata worker --log-level --log-format`` sets up
-the output (see docs/workflow-api.md).
+handler has both); every other record has the five set to ``None``, so a
+formatter naming them (``%(run_id)s``) works for all records. They are attached
+by a log record factory that an app installs when it starts serving, so any
+handler — the CLI's, pytest's ``caplog``, the user's own — sees them.
+``cantata worker --log-level --log-format`` sets up the output (see
+docs/workflow-api.md).
 """
 
 from __future__ import annotations
@@ -36,11 +38,28 @@ def context_fields() -> dict[str, Any]:
     return out
 
 
+_FIELDS = frozenset(CONTEXT_FIELDS)
+
+
+class _Attributes(dict[str, Any]):
+    """A record's ``__dict__`` holding the context fields: a field the factory set to
+    ``None`` (no step or handler there) does not count as present, so ``extra=`` may
+    still set it (``Logger.makeRecord`` refuses to overwrite what ``in`` finds)."""
+
+    __slots__ = ()
+
+    def __contains__(self, key: object) -> bool:
+        if key in _FIELDS and dict.get(self, key) is None:
+            return False
+        return dict.__contains__(self, key)
+
+
 _installed: list[Callable[..., logging.LogRecord]] = []
 
 
 def install_record_factory() -> None:
-    """Attach the step/handler context to every log record (once per process)."""
+    """Attach the step/handler context to every log record (once per process): its
+    values inside a step or handler, ``None`` elsewhere."""
     if _installed:
         return
     previous = logging.getLogRecordFactory()
@@ -48,9 +67,14 @@ def install_record_factory() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
+        attrs = record.__dict__
+        if type(attrs) is dict:
+            attrs = record.__dict__ = _Attributes(attrs)
         for name, value in context_fields().items():
-            if not hasattr(record, name):
-                setattr(record, name, value)
+            if name not in attrs:
+                attrs[name] = value
+        for name in CONTEXT_FIELDS:
+            attrs.setdefault(name, None)
         return record
 
     logging.setLogRecordFactory(factory)
@@ -62,8 +86,11 @@ class ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         for name, value in context_fields().items():
-            if not hasattr(record, name):
+            if getattr(record, name, None) is None:
                 setattr(record, name, value)
+        for name in CONTEXT_FIELDS:
+            if not hasattr(record, name):
+                setattr(record, name, None)
         return True
 
 

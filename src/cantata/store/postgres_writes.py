@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from cantata.errors import IdempotencyConflict, LeaseLost
+from cantata.errors import LeaseLost
+from cantata.model.idempotency import same_start, start_conflict
 from cantata.model.records import (
     RunRecord,
     RunWrite,
@@ -86,12 +87,8 @@ async def existing_run(c: Conn, run: RunRecord) -> tuple[RunRecord, bool] | Refu
     )
     assert row is not None
     existing = run_row(row)
-    if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
-        return Refused(IdempotencyConflict(
-            f"idempotency key {run.idempotency_key!r} was already used for run "
-            f"{existing.run_id} of {existing.workflow} with different arguments; use a "
-            "new key for a new request"
-        ))
+    if not same_start(existing, run):
+        return Refused(start_conflict(existing, run))
     return existing, False
 
 

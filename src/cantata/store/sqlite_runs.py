@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from cantata.errors import (
-    IdempotencyConflict,
     LeaseLost,
 )
+from cantata.model.idempotency import same_start, start_conflict
 from cantata.model.records import (
     Attempt,
     HistoryEntry,
@@ -134,12 +134,8 @@ class SQLiteRuns(SQLiteCore):
             ).fetchone()
             if row is not None:
                 existing = run_row(row)
-                if existing.args_hash != run.args_hash or existing.workflow != run.workflow:
-                    raise IdempotencyConflict(
-                        f"idempotency key {run.idempotency_key!r} was already used for run "
-                        f"{existing.run_id} of {existing.workflow} with different "
-                        "arguments; use a new key for a new request"
-                    )
+                if not same_start(existing, run):
+                    raise start_conflict(existing, run)
                 return existing, False
         if first is None:
             c.execute(_INSERT_RUN, ops.run_values(run))

@@ -14,6 +14,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from cantata.errors import TransactionClosed
 from cantata.model.event import Event
 from cantata.model.records import RunWrite
 
@@ -65,7 +66,7 @@ class Tx:
 
     def _check(self, call: str) -> None:
         if not self._open:
-            raise RuntimeError(
+            raise TransactionClosed(
                 f"tx.{call}() after step {self.step} of run {self.run_id} returned: its "
                 "transaction is committed; use the tx only inside the step"
             )

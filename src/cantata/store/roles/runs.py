@@ -28,12 +28,16 @@ class RunStore(Protocol):
         """Insert ``run`` unless its (app, idempotency_key) exists.
 
         Returns ``(stored_run, created)``: the existing run and ``False`` when the key
-        was used before with the same ``args_hash``. ``first``, the run's first
-        checkpoint (by its owner, ``run.owner``), is committed in the same transaction
-        when the run is created, and not at all when it is not.
+        was used before for the same start: the same workflow, and the same
+        ``args_hash`` or else equal arguments as canonical JSON
+        (:func:`cantata.model.idempotency.same_start`: a hash made otherwise, before
+        hashes were canonical, still matches). ``first``, the run's first checkpoint
+        (by its owner, ``run.owner``), is committed in the same transaction when the
+        run is created, and not at all when it is not.
 
         Raises:
-            IdempotencyConflict: the key exists with a different ``args_hash``.
+            IdempotencyConflict: the key belongs to another start
+                (:func:`cantata.model.idempotency.start_conflict` says which way).
         """
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:

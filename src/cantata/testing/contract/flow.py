@@ -78,8 +78,13 @@ class FlowContract(StoreFixtures):
         assert created and not again and a.run_id == b.run_id
         with pytest.raises(IdempotencyConflict):
             await store.create_queued_run(
-                new_run(self.app, idempotency_key="k", args_hash="other"), QueueEntry("q")
+                new_run(self.app, idempotency_key="k", args="[2]", args_hash="other"),
+                QueueEntry("q"),
             )
+        c, again = await store.create_queued_run(  # equal arguments, another hash
+            new_run(self.app, idempotency_key="k", args_hash="legacy"), QueueEntry("q")
+        )
+        assert not again and c.run_id == a.run_id
 
     async def test_concurrency_per_worker_and_release_on_end(self, store: Store) -> None:
         await store.declare_queue(self.app, QueueSpec("q", concurrency=3, per_worker=2),

@@ -259,15 +259,34 @@ class StoreContract(
             new_run(self.app, idempotency_key="k", args_hash="h")
         )
         assert not created and again == first
-        with pytest.raises(IdempotencyConflict):
-            await store.create_run(new_run(self.app, idempotency_key="k", args_hash="other"))
-        with pytest.raises(IdempotencyConflict):
+        with pytest.raises(IdempotencyConflict, match="with different arguments"):
+            await store.create_run(
+                new_run(self.app, idempotency_key="k", args="[2]", args_hash="other"))
+        with pytest.raises(IdempotencyConflict,
+                           match=f"belongs to run {first.run_id} of workflow wf, not wf2"):
             await store.create_run(new_run(self.app, "wf2", idempotency_key="k", args_hash="h"))
         assert [r.run_id for r in await store.list_runs(self.app)] == [first.run_id]
         other_app, created = await store.create_run(
             new_run(self.app + "-b", idempotency_key="k", args_hash="x")
         )
         assert created and other_app.run_id != first.run_id
+
+    async def test_create_run_compares_arguments_as_canonical_json(self, store: Store) -> None:
+        """A hash of other text (a run stored before hashes were canonical, or dict keys
+        in another order) does not make equal arguments conflict: the arguments are
+        compared as JSON with sorted keys."""
+        first, created = await store.create_run(new_run(
+            self.app, idempotency_key="k", args='[{"id": 42, "total": 5}]', args_hash="old"))
+        assert created
+        again, created = await store.create_run(new_run(
+            self.app, idempotency_key="k", args='[{"total":5,"id":42}]', args_hash="new"))
+        assert not created and again == first
+        for other in ('[{"total":5,"id":43}]', '[{"total":5,"id":42,"x":null}]',
+                      '[{"total":5,"id":true}]', '[{"total":5,"id":42.5}]'):
+            with pytest.raises(IdempotencyConflict, match="with different arguments"):
+                await store.create_run(new_run(
+                    self.app, idempotency_key="k", args=other, args_hash="new"))
+        assert [r.run_id for r in await store.list_runs(self.app)] == [first.run_id]
 
     async def test_create_run_with_its_first_checkpoint(self, store: Store) -> None:
         """The first checkpoint commits with the run when it is created, and is dropped

@@ -1,0 +1,59 @@
+"""An idempotent start's identity: its workflow and its arguments as canonical JSON.
+
+``app.start(..., idempotency_key=k)`` twice with the same workflow and equal
+arguments is the same run. Arguments are equal as JSON values with their object
+keys sorted (``{"id": 42, "total": 5}`` and ``{"total": 5, "id": 42}`` are), not
+as Python values (``true`` is not ``1``). The run records a hash of that canonical
+text (``args_hash``); a store compares the hashes first and, when they differ,
+the stored arguments themselves, so a run whose hash was made otherwise (before
+hashes were canonical) still matches its retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import orjson
+
+from cantata.errors import IdempotencyConflict
+from cantata.model.records import RunRecord
+
+
+def canonical_args(args_json: str) -> str:
+    """``args_json`` with every object's keys sorted (as is, if it is not JSON orjson
+    reads: then only the same text matches)."""
+    try:
+        return orjson.dumps(orjson.loads(args_json), option=orjson.OPT_SORT_KEYS).decode()
+    except (orjson.JSONDecodeError, TypeError):
+        return args_json
+
+
+def args_hash(workflow: str, args_json: str) -> str:
+    """The hash a new run records of its workflow and canonical arguments."""
+    return hashlib.sha256(f"{workflow}\0{canonical_args(args_json)}".encode()).hexdigest()
+
+
+def same_start(existing: RunRecord, run: RunRecord) -> bool:
+    """True if ``run`` (new, with ``existing``'s idempotency key) asks for ``existing``:
+    the same workflow, and equal arguments."""
+    if existing.workflow != run.workflow:
+        return False
+    if existing.args_hash is not None and existing.args_hash == run.args_hash:
+        return True
+    return canonical_args(existing.args) == canonical_args(run.args)
+
+
+def start_conflict(existing: RunRecord, run: RunRecord) -> IdempotencyConflict:
+    """The refusal of ``run``, whose idempotency key ``existing`` took for another
+    request (see :func:`same_start`)."""
+    key = run.idempotency_key
+    if existing.workflow != run.workflow:
+        return IdempotencyConflict(
+            f"idempotency key {key!r} belongs to run {existing.run_id} of workflow "
+            f"{existing.workflow}, not {run.workflow}: use a key of your own for each "
+            f"request of {run.workflow}"
+        )
+    return IdempotencyConflict(
+        f"idempotency key {key!r} was already used for run {existing.run_id} of "
+        f"{existing.workflow} with different arguments; use a new key for a new request"
+    )
