@@ -170,6 +170,7 @@ class App(RouterFacade):
         self.park_after = None if park_after is None else float(park_after)
         self.hot_runs = hot_runs
         self._runtime: Runtime | None = None  # while open
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it is open on
         self._opened = 0
         self.hooks = Hooks()
 
@@ -237,12 +238,24 @@ class App(RouterFacade):
     async def open(self, *, serve: bool = True) -> None:
         """Open store and broker, record declarations; with ``serve`` run a worker here."""
         if self._runtime is not None:
+            self._check_loop("open")
             if serve and not self._runtime.engine.serving:
                 await self._runtime.serve(self)
             self._opened += 1
             return
         self._runtime = await Runtime.open(self, serve)
+        self._loop = asyncio.get_running_loop()
         self._opened = 1
+
+    def _check_loop(self, doing: str) -> None:
+        """Refuse to use the open app from an event loop other than the one it is open
+        on: its connections and tasks belong to that loop."""
+        if asyncio.get_running_loop() is not self._loop:
+            raise ConfigurationError(
+                f"cannot {doing} app {self.name!r}: it is open on another event loop "
+                "(another thread's `async with app:`, or a `cantata.sync.connect(app)` "
+                "block); use it from that loop, or close it there first"
+            )
 
     async def close(self) -> None:
         """Stop gracefully and close connections.
@@ -254,6 +267,7 @@ class App(RouterFacade):
         runtime = self._runtime
         if runtime is None:
             return
+        self._check_loop("close")
         self._opened -= 1
         if self._opened > 0:
             return
@@ -261,6 +275,7 @@ class App(RouterFacade):
         await runtime.close(self.shutdown_grace, self._force_stop)
         self._force_stop = None
         self._runtime = None
+        self._loop = None
 
     def force_stop(self) -> None:
         """End a graceful stop in progress at once (a second SIGTERM or SIGINT): what

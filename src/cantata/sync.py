@@ -1,132 +1,377 @@
-"""A blocking facade over the async API, for scripts and notebooks.
+"""A blocking facade over the async API, for scripts, notebooks and threaded servers.
 
     from cantata import sync
     with sync.connect(app) as shop:             # client only; serve=True runs a worker too
         handle = shop.start("place_order", {"id": 42}, idempotency_key="order-42")
         print(handle.result(timeout=10))
 
-The async core runs on an event loop in a background thread; every call blocks
-until its coroutine finishes there.
+The app's async core runs on one event loop in a background thread of this process,
+shared by every ``sync.connect(app)`` block of that app that is open, from any thread,
+nested or overlapping: the first block to begin opens the app there, the last to end
+closes it. Every call blocks until its coroutine finishes on that loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
-from typing import Any, TypeVar
+import weakref
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cantata.app import App
 from cantata.engine.handle import RunHandle
+from cantata.errors import ConfigurationError, StoreUnavailable
 from cantata.model.event import Event
-from cantata.model.records import DeadLetter, RunInfo
+from cantata.model.records import DeadLetter, RunInfo, RunRecord
 from cantata.model.status import RunStatus
+
+if TYPE_CHECKING:
+    from cantata.flow.schedules import ScheduleInfo
+    from cantata.model.flow import QueueStats
+    from cantata.observability.node import TraceNode
+    from cantata.observability.stalled import Stall
 
 T = TypeVar("T")
 
+# Per app: a lock, held while its session opens or closes the app (which may take
+# the app's shutdown_grace), and its session while one block or more is open.
+_registry = threading.Lock()  # guards the two maps (held only to read or write them)
+_locks: weakref.WeakKeyDictionary[App, threading.Lock] = weakref.WeakKeyDictionary()
+_sessions: weakref.WeakKeyDictionary[App, _Session] = weakref.WeakKeyDictionary()
 
-class _LoopThread:
-    def __init__(self) -> None:
+
+def _lock_of(app: App) -> threading.Lock:
+    with _registry:
+        return _locks.setdefault(app, threading.Lock())
+
+
+def _current(app: App) -> _Session | None:
+    with _registry:
+        return _sessions.get(app)
+
+
+class _Session:
+    """One app opened on an event loop in a thread of its own, for as long as one
+    ``sync.connect(app)`` block or more is open."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.blocks = 0  # sync.connect blocks open
+        self.opened = 0  # app.open calls made on the loop (each closed at the end)
+        self.serving = False
+        self.closed = False
+        self._calls: set[concurrent.futures.Future[Any]] = set()
+        self._calls_lock = threading.Lock()  # never held while waiting for the loop
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="cantata-sync",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name=f"cantata-sync-{app.name}", daemon=True
+        )
         self.thread.start()
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result()
+    def open(self, serve: bool) -> None:
+        self._run(self.app.open(serve=serve))
+        self.opened += 1
+        self.serving = self.serving or serve
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and wait for it; a call still waiting when the
+        session ends raises ``StoreUnavailable``."""
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise ConfigurationError(
+                f"cantata.sync called on app {self.app.name!r}'s own event loop (in a "
+                "step, handler or hook of this process?): await the async API there"
+            )
+        with self._calls_lock:
+            if self.closed:
+                coro.close()
+                raise self._closed_error()
+            fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            self._calls.add(fut)
+        fut.add_done_callback(self._done)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            if self.closed:
+                raise self._closed_error("while this call waited") from None
+            raise
+
+    def _done(self, fut: concurrent.futures.Future[Any]) -> None:
+        with self._calls_lock:
+            self._calls.discard(fut)
+
+    def _closed_error(self, when: str = "") -> StoreUnavailable:
+        return StoreUnavailable(
+            f"app {self.app.name!r} was closed{' ' + when if when else ''}: the last "
+            "`with cantata.sync.connect(app):` block ended; call it inside one"
+        )
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def end(self) -> None:
+        """Cancel the calls still waiting, close the app, stop the loop."""
+        with self._calls_lock:
+            self.closed = True
+            waiting = list(self._calls)
+        for fut in waiting:
+            fut.cancel()
+        try:
+            for _ in range(self.opened):
+                self._run(self.app.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+
+def _begin(app: App, serve: bool) -> _Session:
+    """Join the app's session (opening it on a new loop if none is open)."""
+    with _lock_of(app):
+        session = _current(app)
+        if session is None:
+            session = _Session(app)
+            try:
+                session.open(serve)
+            except BaseException:
+                session.opened = 0
+                session.end()
+                raise
+            with _registry:
+                _sessions[app] = session
+        elif threading.current_thread() is session.thread:
+            raise ConfigurationError(
+                f"cantata.sync.connect({app.name!r}) called on the app's own event loop (in a "
+                "step, handler or hook of this process?): await the async API there"
+            )
+        elif serve and not session.serving:
+            session.open(serve=True)  # a worker from now until the last block ends
+        session.blocks += 1
+        return session
+
+
+def _finish(session: _Session) -> None:
+    with _lock_of(session.app):
+        session.blocks -= 1
+        if session.blocks > 0:
+            return
+        with _registry:
+            del _sessions[session.app]
+        session.end()
+
+
+def _session_of(app: App) -> _Session:
+    session = _current(app)
+    if session is None:
+        raise StoreUnavailable(
+            f"app {app.name!r} is not open here: use this handle inside a "
+            "`with cantata.sync.connect(app):` block (any block of this app, in any thread)"
+        )
+    return session
 
 
 class SyncHandle:
-    """Blocking twin of :class:`~cantata.RunHandle`."""
+    """Blocking twin of :class:`~cantata.RunHandle`.
 
-    def __init__(self, runner: _LoopThread, handle: RunHandle) -> None:
-        self._runner = runner
+    It outlives the ``with sync.connect(app)`` block it came from: used while another
+    block of the app is open (in any thread) it works through it; while none is, it
+    raises ``StoreUnavailable``.
+    """
+
+    def __init__(self, app: App, handle: RunHandle) -> None:
+        self._app = app
         self._handle = handle
         self.run_id = handle.run_id
 
-    def result(self, timeout: float | None = None) -> Any:
-        """Block until the run ends; same errors as ``RunHandle.result``."""
-        return self._runner.call(self._handle.result(timeout=timeout))
+    @property
+    def workflow(self) -> str | None:
+        """The run's workflow name, once known."""
+        return self._handle.workflow
+
+    def __repr__(self) -> str:
+        return f"SyncHandle(run_id={self.run_id!r}, workflow={self.workflow!r})"
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            session = _session_of(self._app)
+        except StoreUnavailable:
+            coro.close()
+            raise
+        return session.call(coro)
 
     def status(self) -> RunStatus:
-        return self._runner.call(self._handle.status())
+        """Blocking ``RunHandle.status``."""
+        return self._call(self._handle.status())
 
-    def cancel(self) -> None:
-        self._runner.call(self._handle.cancel())
+    def info(self) -> RunRecord:
+        """Blocking ``RunHandle.info``: the stored run record."""
+        return self._call(self._handle.info())
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Block until the run ends; same errors as ``RunHandle.result``."""
+        return self._call(self._handle.result(timeout=timeout))
+
+    def cancel(self, *, actor: str | None = None) -> None:
+        """Blocking ``RunHandle.cancel``; ``actor`` is audited."""
+        self._call(self._handle.cancel(actor=actor))
+
+    def retry(self, actor: str | None = None, include_compensated: bool = False) -> None:
+        """Blocking ``RunHandle.retry``: continue a failed run from its failed step."""
+        self._call(self._handle.retry(actor=actor, include_compensated=include_compensated))
 
     def get_value(self, key: str, wait: float | None = None) -> Any:
         """Blocking ``RunHandle.get_value``."""
-        return self._runner.call(self._handle.get_value(key, wait=wait))
+        return self._call(self._handle.get_value(key, wait=wait))
 
     def query(self, name: str) -> Any:
         """Blocking ``RunHandle.query``."""
-        return self._runner.call(self._handle.query(name))
+        return self._call(self._handle.query(name))
+
+
+class SyncSchedules:
+    """Blocking twin of ``app.schedules``."""
+
+    def __init__(self, owner: SyncApp) -> None:
+        self._owner = owner
+
+    def create(self, name: str, cron: str | None, workflow: Any, **kw: Any) -> None:
+        """Blocking ``app.schedules.create`` (same keyword arguments)."""
+        self._owner._call(self._owner.app.schedules.create(name, cron, workflow, **kw))
+
+    def list(self) -> list[ScheduleInfo]:
+        return self._owner._call(self._owner.app.schedules.list())
+
+    def pause(self, name: str) -> None:
+        self._owner._call(self._owner.app.schedules.pause(name))
+
+    def resume(self, name: str) -> None:
+        self._owner._call(self._owner.app.schedules.resume(name))
+
+    def trigger(self, name: str) -> SyncHandle:
+        return self._owner._wrap(self._owner._call(self._owner.app.schedules.trigger(name)))
+
+    def delete(self, name: str) -> None:
+        self._owner._call(self._owner.app.schedules.delete(name))
 
 
 class SyncApp:
-    """Blocking access to an :class:`~cantata.App`; use as a context manager."""
+    """Blocking access to an :class:`~cantata.App`; use as a context manager.
+
+    Blocks of one app may be open in several threads at once, and nested: they share
+    the app, opened once (see the module's description).
+    """
 
     def __init__(self, app: App, *, serve: bool = False) -> None:
         self.app = app
         self.serve = serve
-        self._runner: _LoopThread | None = None
+        self._session: _Session | None = None
 
     def __enter__(self) -> SyncApp:
-        self._runner = _LoopThread()
-        try:
-            self._call(self.app.open(serve=self.serve))
-        except BaseException:
-            self._runner.stop()
-            self._runner = None
-            raise
+        if self._session is not None:
+            raise ConfigurationError(
+                f"this cantata.sync connection to app {self.app.name!r} is open already: "
+                "call sync.connect(app) again for another block"
+            )
+        self._session = _begin(self.app, self.serve)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            try:
-                self._call(self.app.close())
-            finally:
-                self._runner.stop()
-                self._runner = None
+        session, self._session = self._session, None
+        if session is not None:
+            _finish(session)
+
+    def _open(self) -> _Session:
+        if self._session is None:
+            raise ConfigurationError(
+                f"app {self.app.name!r}: use `with cantata.sync.connect(app) as c:` first "
+                "and call c's methods inside the block"
+            )
+        return self._session
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._runner is None:
+        try:
+            session = self._open()
+        except ConfigurationError:
             coro.close()
-            from cantata.errors import ConfigurationError
+            raise
+        return session.call(coro)
 
-            raise ConfigurationError("use `with cantata.sync.connect(app) as c:` first")
-        return self._runner.call(coro)
+    def _wrap(self, handle: RunHandle) -> SyncHandle:
+        return SyncHandle(self.app, handle)
 
     def start(self, workflow: Callable[..., Any] | str, *args: Any, **kw: Any) -> SyncHandle:
-        """Blocking ``app.start``."""
-        handle = self._call(self.app.start(workflow, *args, **kw))
-        assert self._runner is not None
-        return SyncHandle(self._runner, handle)
+        """Blocking ``app.start`` (same arguments)."""
+        return self._wrap(self._call(self.app.start(workflow, *args, **kw)))
 
     def get_handle(self, run_id: str) -> SyncHandle:
-        assert self._runner is not None
-        return SyncHandle(self._runner, self.app.get_handle(run_id))
+        """A handle on an existing run."""
+        self._open()
+        return self._wrap(self.app.get_handle(run_id))
 
-    def list_runs(self, **kw: Any) -> list[RunInfo]:
-        return self._call(self.app.list_runs(**kw))
+    def list_runs(self, status: RunStatus | str | None = None, workflow: str | None = None,
+                  limit: int = 50) -> list[RunInfo]:
+        """Blocking ``app.list_runs``."""
+        return self._call(self.app.list_runs(status=status, workflow=workflow, limit=limit))
 
-    def publish(self, type: str, data: Any = None, **kw: Any) -> Event[Any]:
-        return self._call(self.app.publish(type, data, **kw))
+    def find_runs(self, idempotency_key: str | None = None,
+                  attributes: Mapping[str, Any] | None = None, workflow: str | None = None,
+                  status: RunStatus | str | None = None, limit: int = 100) -> list[RunInfo]:
+        """Blocking ``app.find_runs``."""
+        return self._call(self.app.find_runs(
+            idempotency_key=idempotency_key, attributes=attributes, workflow=workflow,
+            status=status, limit=limit,
+        ))
+
+    def fork(self, run_id: str, from_step: str, *, actor: str | None = None) -> SyncHandle:
+        """Blocking ``app.fork``."""
+        return self._wrap(self._call(self.app.fork(run_id, from_step, actor=actor)))
+
+    def publish(self, type: str, data: Any = None, *, subject: str | None = None,
+                correlation_id: str | None = None, source: str | None = None,
+                id: str | None = None) -> Event[Any]:
+        """Blocking ``app.publish`` (``tx=`` belongs to a step's transaction: async only)."""
+        return self._call(self.app.publish(
+            type, data, subject=subject, correlation_id=correlation_id, source=source, id=id,
+        ))
+
+    def trace(self, correlation_id: str) -> TraceNode:
+        """Blocking ``app.trace``."""
+        return self._call(self.app.trace(correlation_id))
+
+    def stalled(self, older_than: float = 300) -> list[Stall]:
+        """Blocking ``app.stalled``."""
+        return self._call(self.app.stalled(older_than=older_than))
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Blocking ``app.queue_stats``."""
+        return self._call(self.app.queue_stats())
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Blocking ``app.dead_letters``."""
         return self._call(self.app.dead_letters(limit=limit))
 
-    def replay(self, dead_letter_id: str) -> DeadLetter:
-        return self._call(self.app.replay(dead_letter_id))
+    def replay(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
+        """Blocking ``app.replay``; ``actor`` is audited."""
+        return self._call(self.app.replay(dead_letter_id, actor=actor))
+
+    def discard(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
+        """Blocking ``app.discard``; ``actor`` is audited."""
+        return self._call(self.app.discard(dead_letter_id, actor=actor))
+
+    def redrive(self, older_than: float = 60.0) -> int:
+        """Blocking ``app.redrive``."""
+        return self._call(self.app.redrive(older_than=older_than))
+
+    @property
+    def schedules(self) -> SyncSchedules:
+        """Blocking ``app.schedules``."""
+        return SyncSchedules(self)
 
 
 def connect(app: App, *, serve: bool = False) -> SyncApp:
-    """A blocking view of ``app``; ``serve=True`` also runs a worker in the background."""
+    """A blocking view of ``app``; ``serve=True`` also runs a worker in the background
+    (from the first such block until the last block of the app ends)."""
     return SyncApp(app, serve=serve)
