@@ -63,6 +63,7 @@ from cantata.model.event import (
     matches,
 )
 from cantata.model.records import Declaration
+from cantata.quietlog import QuietLog
 from cantata.store.factory import mask_url
 
 __all__ = [
@@ -177,6 +178,8 @@ class NatsBroker:
         self._local: dict[str, None] = {}
         self.check_interval = check_interval
         self._watches: dict[str, asyncio.Task[None]] = {}
+        # an outage fails every reconnection attempt: one line per max(10 s, lease)
+        self.quiet = QuietLog(log, every=max(10.0, self.lease))
 
     def names(self, app: str) -> Names:
         """Where ``app``'s stream, subjects and consumers are on the server (one
@@ -232,14 +235,17 @@ class NatsBroker:
                 if failures >= self.connect_attempts:
                     raise _GiveUp(error_text(exc))
             else:
-                log.warning("NATS at %s: %s", self.masked_url, error_text(exc))
+                self.quiet.warning("connection", "NATS at %s: %s; reconnecting",
+                                   self.masked_url, error_text(exc))
 
         async def on_disconnect() -> None:
             if not opening and self._nc is not None:  # not when close() disconnects
                 log.warning("disconnected from NATS at %s; reconnecting", self.masked_url)
 
         async def on_reconnect() -> None:
-            log.info("reconnected to NATS at %s", self.masked_url)
+            if not self.quiet.recovered("connection", "reconnected to NATS at %s",
+                                        self.masked_url):
+                log.info("reconnected to NATS at %s", self.masked_url)
 
         try:
             await nc.connect(
@@ -490,6 +496,7 @@ class NatsBroker:
         dead worker's messages are handled elsewhere after the same time as its runs
         (consumers made before keep theirs)."""
         self.lease, self.may_take_over = lease, may_take_over
+        self.quiet.every = max(10.0, lease)
         if not self._ack_wait_given:
             self.ack_wait = max(1.0, lease)
 
