@@ -37,11 +37,14 @@ class QuietLog:
             message += f" ({skipped} similar warning(s) in the last {self.every:g} s)"
         self.logger.warning(message, *args)
 
-    def recovered(self, key: str, message: str, *args: object) -> None:
-        """Log ``message`` once if ``key`` had been warned about (then forget it)."""
-        if self._last.pop(key, None) is not None:
-            self._suppressed.pop(key, None)
-            self.logger.warning(message, *args)
+    def recovered(self, key: str, message: str, *args: object) -> bool:
+        """Log ``message`` once if ``key`` had been warned about (then forget it);
+        whether it did."""
+        if self._last.pop(key, None) is None:
+            return False
+        self._suppressed.pop(key, None)
+        self.logger.warning(message, *args)
+        return True
 
 
 def reason(exc: BaseException) -> str:

@@ -26,10 +26,12 @@ def own_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         pytest.skip(f"{message}; install it to run this test")
     servers: list[Server] = []
 
-    def make(jetstream: bool = True) -> Server:
-        server = Server(binary, tmp_path / f"js{len(servers)}", jetstream)
+    def make(jetstream: bool = True, *, user: tuple[str, str] | None = None,
+             start: bool = True) -> Server:
+        server = Server(binary, tmp_path / f"js{len(servers)}", jetstream, user=user)
         servers.append(server)
-        server.start()
+        if start:
+            server.start()
         return server
 
     yield make

@@ -54,13 +54,16 @@ async def streams_removed(url: str, *apps: str) -> AsyncIterator[None]:
 class Server:
     """A nats-server of this test's own, which it may stop and start again."""
 
-    def __init__(self, binary: str, store_dir: Path, jetstream: bool) -> None:
+    def __init__(self, binary: str, store_dir: Path, jetstream: bool, *,
+                 user: tuple[str, str] | None = None) -> None:
         self.port = free_port()
         self.store_dir = store_dir
         self.url = f"nats://127.0.0.1:{self.port}"
         self.args = [binary, "-a", "127.0.0.1", "-p", str(self.port)]
         if jetstream:
             self.args += ["-js", "-sd", str(store_dir)]
+        if user is not None:  # (the clients must then log in as this user)
+            self.args += ["--user", user[0], "--pass", user[1]]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sys
 import time
@@ -24,7 +25,7 @@ from cantata.broker.nats import (
 from cantata.errors import BrokerError, ConfigurationError
 from cantata.model.event import Event
 from cantata.store.factory import store_from_url
-from tests.broker.nats_support import Server, free_port, nats_broker
+from tests.broker.nats_support import Server, app_name, nats_broker, streams_removed
 
 # -- names ------------------------------------------------------------------------------
 
@@ -69,24 +70,76 @@ def test_factory_without_nats_py_says_what_to_install(monkeypatch: pytest.Monkey
 # -- connecting ---------------------------------------------------------------------------
 
 
-async def test_unreachable_server_raises_broker_error_naming_the_masked_url() -> None:
-    port = free_port()
-    broker = NatsBroker(
-        f"nats://alice:s3cret@127.0.0.1:{port}", connect_attempts=2, reconnect_time_wait=0.05
-    )
+@pytest.mark.nats
+async def test_an_unreachable_server_is_connected_in_the_background(
+    own_server: Callable[..., Server], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outage at open is waited out as one once connected: open() returns, says so
+    once, and the broker connects (and makes the streams) when the server comes."""
+    server = own_server(user=("alice", "s3cret"), start=False)  # nobody on its port yet
+    broker = nats_broker(server.url.replace("nats://", "nats://alice:s3cret@"),
+                         connect_attempts=2, reconnect_time_wait=0.05)
+    app = app_name("late")
     store = store_from_url("memory://")
     await store.open()
     started = time.monotonic()
     try:
-        with pytest.raises(BrokerError) as info:
+        with caplog.at_level(logging.WARNING, "cantata.broker"):
             await broker.open(store)
+            await broker.attach(app)
+            assert time.monotonic() - started < 5
+            assert not broker.connected
+            with pytest.raises(BrokerError, match="not been reached yet"):
+                await broker.publish(app, [Event(type="t", data=1)])
+            server.start()
+            await asyncio.wait_for(broker.wait_connected(), 15)
+            async with streams_removed(server.url.replace("nats://", "nats://alice:s3cret@"),
+                                       app):
+                await _until(lambda: broker.publish(app, [Event(type="t", data=1)]))
+    finally:
+        await broker.close()
+        await store.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("cannot reach NATS" in m for m in said) == 1, said
+    assert f"nats://alice:***@127.0.0.1:{server.port}" in said[0]
+    assert not any("s3cret" in m for m in said)
+    assert any("connected to NATS" in m for m in said), said
+
+
+async def _until(attempt: Callable[[], Any], timeout: float = 10.0) -> None:
+    """``await attempt()`` until it stops raising BrokerError (the stream is being made)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await attempt()
+            return
+        except BrokerError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.nats
+async def test_a_server_that_refuses_the_client_fails_open_at_once(
+    own_server: Callable[..., Server],
+) -> None:
+    """Wrong credentials (or a bad host name, a bad URL) never work by waiting."""
+    server = own_server(user=("alice", "right"))
+    store = store_from_url("memory://")
+    await store.open()
+    try:
+        for url in (server.url.replace("nats://", "nats://alice:s3cret@"), server.url,
+                    "nats://no-such-host.invalid:4222"):
+            broker = nats_broker(url, connect_attempts=3)
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match="waiting will not help") as info:
+                await broker.open(store)
+            assert time.monotonic() - started < 3
+            message = str(info.value)
+            assert "s3cret" not in message and "\n" not in message
+            await broker.close()
     finally:
         await store.close()
-    assert time.monotonic() - started < 5
-    message = str(info.value)
-    assert f"nats://alice:***@127.0.0.1:{port}" in message
-    assert "s3cret" not in message
-    await broker.close()
 
 
 @pytest.mark.nats

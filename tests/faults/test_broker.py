@@ -31,8 +31,8 @@ async def test_broker_restart(
     c = cluster(postgres_store, private_nats.url, FAULT_STEP_SECONDS=0.1,
                 FAULT_HANDLER_SECONDS=0.1)
     c.start_workers(2)
-    # both serving before the broker goes away (a worker still starting up when the
-    # broker is down gives up: that is start-up, not this test's restart)
+    # both serving before the broker goes away (a worker starting while it is down is
+    # tests/faults/test_broker_at_start.py)
     await c.ready()
     async with c.client():
         submit = asyncio.ensure_future(c.submit(scaled(20), scaled(20), over=4.0))

@@ -169,3 +169,29 @@ async def test_two_processes_declaring_other_limits_is_an_error(tmp_path: object
     async with first:
         with pytest.raises(QueueConflict, match=r"'q'.*concurrency: 3 vs 2"):
             await second.open()
+
+
+async def test_an_app_without_queues_does_not_ask_the_store_for_them_every_pass(
+    sqlite_url: str,
+) -> None:
+    """Queues other processes declare are looked for every 5 poll intervals, not at
+    every pass of the loop (each poll_interval) when the app has none."""
+    app = App("noqueues", store=sqlite_url, poll_interval=0.05)
+
+    @app.workflow
+    async def wf(ctx: object) -> int:
+        return 1
+
+    async with app:
+        store = app.store
+        asked = 0
+        listed = store.queues
+
+        async def counted(app_name: str) -> list[object]:
+            nonlocal asked
+            asked += 1
+            return list(await listed(app_name))
+
+        store.queues = counted  # type: ignore[method-assign,assignment]
+        await asyncio.sleep(1.0)
+    assert 1 <= asked <= 6, asked  # (about 4: once every 0.25 s)

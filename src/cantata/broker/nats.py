@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -63,6 +66,7 @@ from cantata.model.event import (
     matches,
 )
 from cantata.model.records import Declaration
+from cantata.quietlog import QuietLog
 from cantata.store.factory import mask_url
 
 __all__ = [
@@ -79,10 +83,34 @@ _PUBLISH_TIMEOUT = 5.0  # seconds for the server's acks of one window of publish
 _WIRED_KEPT = 16384
 _WIRED_BYTES = 32 * 1024 * 1024
 _NOT_HELD: Any = object()
+# the max_payload assumed before the server was reached (it tells its own on connecting)
+_UNKNOWN_PAYLOAD = 2**62
 
 
 class _GiveUp(Exception):
     """Raised from the error callback to end nats-py's endless first connect."""
+
+
+class _Unreachable(BrokerError):
+    """No attempt to connect reached the server: an outage, waited out."""
+
+
+# errno values of a server that is down or cut off (not of a wrong address or name)
+_UNREACHABLE_ERRNOS = {
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN,
+}
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a connection attempt failed because the server is down or cut off
+    (waited out), rather than refusing this client (credentials, TLS, a bad URL or
+    host name: fixed by the operator)."""
+    if isinstance(exc, (ssl.SSLError, socket.gaierror)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError, nats.errors.TimeoutError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS
 
 
 class NatsBroker:
@@ -96,8 +124,10 @@ class NatsBroker:
             long its handler runs. Default: the app's lease (see :meth:`adopt_timing`).
         fetch_timeout: seconds each pull waits for messages; also bounds how long
             ``stop()`` takes.
-        connect_attempts: attempts of the first connection before ``open()`` gives up;
-            once connected, the client reconnects forever.
+        connect_attempts: attempts of the first connection in ``open()``; a server
+            still unreachable then is connected in the background (``open()`` returns),
+            and once connected, the client reconnects forever. A server that refuses
+            the client (credentials, TLS, a bad URL or host name) fails ``open()``.
         reconnect_time_wait: seconds between connection attempts.
         max_age: seconds events are kept in the stream (``None``: no limit).
         duplicate_window: seconds within which a republished event id is dropped.
@@ -157,6 +187,8 @@ class NatsBroker:
         self.duplicate_window = duplicate_window
         self._store: BrokerStore | None = None
         self._nc: Client | None = None
+        self._connecting: asyncio.Task[None] | None = None  # connects in the background
+        self._up = asyncio.Event()  # set once connected
         self.fast_publish = True  # the relay's publishes pipelined (nats_publish)
         self._pub: Publisher | None = None
         self._pub_nc: Client | None = None
@@ -177,6 +209,8 @@ class NatsBroker:
         self._local: dict[str, None] = {}
         self.check_interval = check_interval
         self._watches: dict[str, asyncio.Task[None]] = {}
+        # an outage fails every reconnection attempt: one line per max(10 s, lease)
+        self.quiet = QuietLog(log, every=max(10.0, self.lease))
 
     def names(self, app: str) -> Names:
         """Where ``app``'s stream, subjects and consumers are on the server (one
@@ -188,9 +222,15 @@ class NatsBroker:
 
     @property
     def limits(self) -> Limits:
-        """The limits of the connected server (its INFO's max_payload)."""
+        """The limits of the connected server (its INFO's max_payload); before the
+        first connection, its control line only (an event over its max_payload is then
+        refused when the relay publishes it, and dead-lettered with the reason)."""
         if self._nc is None:
-            raise BrokerError(f"the NATS broker for {self.masked_url} is not open")
+            if self._connecting is None:
+                raise BrokerError(f"the NATS broker for {self.masked_url} is not open")
+            if self._limits is None or self._limits.max_control_line != self.max_control_line:
+                self._limits = Limits(_UNKNOWN_PAYLOAD, self.max_control_line)
+            return self._limits
         limits = self._limits  # (asked for per event: made again only when they change)
         if (limits is None or limits.max_payload != self._nc.max_payload
                 or limits.max_control_line != self.max_control_line):
@@ -208,38 +248,112 @@ class NatsBroker:
     @property
     def js(self) -> JetStreamContext:
         if self._js is None:
+            if self._connecting is not None:
+                raise BrokerError(
+                    f"NATS at {self.masked_url} has not been reached yet (connecting in the "
+                    "background; events wait in the outbox): start it or fix the URL"
+                )
             raise BrokerError(f"the NATS broker for {self.masked_url} is not open")
         return self._js
 
     async def open(self, store: BrokerStore) -> None:
         """Connect and check that JetStream is enabled.
 
+        A server that cannot be reached (connection refused, timed out) is waited out
+        as an outage is once connected: ``open()`` returns, says so once, and keeps
+        connecting in the background; events wait in the store's outbox and the
+        consumers are set up when the connection comes (docs/deploy.md).
+
         Raises:
-            BrokerError: the server cannot be reached after ``connect_attempts``
-                attempts, or it runs without JetStream.
+            BrokerError: the server refuses this client for good (credentials, TLS, a
+                malformed URL) or runs without JetStream.
         """
         self._store = store
-        if self._nc is not None:
+        if self._nc is not None or self._connecting is not None:
             return
+        self._up = asyncio.Event()
+        try:
+            self._nc, self._js = await self._connect(self.connect_attempts)
+        except _Unreachable as exc:
+            self.quiet.warning("connection", "%s; working on without it: events wait in "
+                               "the outbox, and it is connected in the background", exc)
+            self._connecting = asyncio.create_task(
+                self._connect_later(), name=f"cantata-nats-connect:{self.masked_url}"
+            )
+        else:
+            self._up.set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client has connected (it may be reconnecting after an outage)."""
+        return self._js is not None
+
+    async def wait_connected(self) -> None:
+        """Until the client has connected (at once if it has)."""
+        await self._up.wait()
+
+    async def _connect_later(self) -> None:
+        """Connect in the background (the server was unreachable at open), then make the
+        streams of the apps attached meanwhile; subscriptions bind themselves."""
+        delay = self.reconnect_time_wait
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                nc, js = await self._connect(1)
+            except BrokerError as exc:
+                key = "connection" if isinstance(exc, _Unreachable) else "refused"
+                self.quiet.warning(key, "%s; retrying", exc)
+                delay = min(max(delay, 0.1) * 2, max(self.reconnect_time_wait, 5.0))
+                continue
+            break
+        self._nc, self._js, self._connecting = nc, js, None
+        self._up.set()
+        if not self.quiet.recovered("connection", "connected to NATS at %s",
+                                    self.masked_url):
+            log.info("connected to NATS at %s", self.masked_url)
+        self.quiet.recovered("refused", "connected to NATS at %s", self.masked_url)
+        for app in list(self._offload):
+            try:
+                with self._translate(f"preparing the stream of app {app!r}"):
+                    await self._stream(app)
+            except Exception as exc:  # (the relay's publishes fail with it too)
+                log.warning("%s", error_text(exc))
+
+    async def _connect(self, attempts: int) -> tuple[Client, JetStreamContext]:
+        """A connected client whose account has JetStream, after up to ``attempts``
+        attempts.
+
+        Raises:
+            _Unreachable: no attempt reached the server (refused, timed out).
+            BrokerError: the server refused the client, or has no JetStream.
+        """
         nc = Client()
         opening = True
         failures = 0
+        last: BaseException | None = None
+        closing = False
 
         async def on_error(exc: Exception) -> None:
-            nonlocal failures
+            nonlocal failures, last
+            if closing:
+                return
             if opening:
                 failures += 1
-                if failures >= self.connect_attempts:
+                last = exc
+                if failures >= attempts or not unreachable(exc):
                     raise _GiveUp(error_text(exc))
             else:
-                log.warning("NATS at %s: %s", self.masked_url, error_text(exc))
+                self.quiet.warning("connection", "NATS at %s: %s; reconnecting",
+                                   self.masked_url, error_text(exc))
 
         async def on_disconnect() -> None:
             if not opening and self._nc is not None:  # not when close() disconnects
                 log.warning("disconnected from NATS at %s; reconnecting", self.masked_url)
 
         async def on_reconnect() -> None:
-            log.info("reconnected to NATS at %s", self.masked_url)
+            if not self.quiet.recovered("connection", "reconnected to NATS at %s",
+                                        self.masked_url):
+                log.info("reconnected to NATS at %s", self.masked_url)
 
         try:
             await nc.connect(
@@ -248,21 +362,34 @@ class NatsBroker:
                 reconnect_time_wait=self.reconnect_time_wait,  # type: ignore[arg-type]
                 connect_timeout=2,
             )
-        except Exception as exc:
+        except BaseException as exc:
+            cause = last if isinstance(exc, _GiveUp) and last is not None else exc
+            closing = True  # (what closing reports is not a connection attempt)
             with contextlib.suppress(Exception):
                 await nc.close()
+            if not isinstance(exc, Exception):  # cancelled (closed meanwhile)
+                raise
             reason = str(exc) if isinstance(exc, _GiveUp) else error_text(exc)
+            if unreachable(cause):
+                raise _Unreachable(
+                    f"cannot reach NATS at {self.masked_url} after {failures or 1} "
+                    f"attempt(s) ({reason}): start nats-server with JetStream "
+                    "(nats-server -js) or fix the broker URL (CANTATA_BROKER)"
+                ) from None
             raise BrokerError(
-                f"cannot reach NATS at {self.masked_url} after {failures or 1} attempt(s) "
-                f"({reason}): start nats-server with JetStream (nats-server -js) or fix the "
-                "broker URL (CANTATA_BROKER)"
+                f"cannot connect to NATS at {self.masked_url} ({reason}), and waiting "
+                "will not help: fix the broker URL, its credentials or TLS settings "
+                "(CANTATA_BROKER)"
             ) from None
         opening = False
         js = nc.jetstream(timeout=5)
         try:
             await js.account_info()
-        except Exception as exc:
-            await nc.close()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            if not isinstance(exc, Exception):  # cancelled (closed meanwhile)
+                raise
             if isinstance(
                 exc, (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
             ):
@@ -274,12 +401,15 @@ class NatsBroker:
                 f"NATS at {self.masked_url} did not answer a JetStream request "
                 f"({error_text(exc)}); check the server and this account's JetStream access"
             ) from None
-        self._nc, self._js = nc, js
+        return nc, js
 
     async def close(self) -> None:
         """Stop every subscription, then disconnect."""
         watches, self._watches = list(self._watches.values()), {}
         watches += list(self._recovering)
+        if self._connecting is not None:
+            watches.append(self._connecting)
+            self._connecting = None
         for task in watches:
             task.cancel()
         await asyncio.gather(*watches, return_exceptions=True)
@@ -490,6 +620,7 @@ class NatsBroker:
         dead worker's messages are handled elsewhere after the same time as its runs
         (consumers made before keep theirs)."""
         self.lease, self.may_take_over = lease, may_take_over
+        self.quiet.every = max(10.0, lease)
         if not self._ack_wait_given:
             self.ack_wait = max(1.0, lease)
 
@@ -503,6 +634,8 @@ class NatsBroker:
                 names both.
         """
         self._offload[app] = offload_above
+        if self._connecting is not None:
+            return  # made once connected (_connect_later)
         with self._translate(f"preparing the stream of app {app!r}"):
             await self._stream(app)
 
@@ -662,10 +795,12 @@ class NatsBroker:
         consumers = [
             (names.consumer(group, p), names.event(p), False) for p in unique
         ] + [(names.consumer(group, None), names.replay(group), True)]
-        with self._translate(f"subscribing group {group!r} of app {app!r}"):
-            # Create everything now, so events published after subscribe() returns reach it.
-            for durable, subject, _ in consumers:
-                await self._consumer(app, durable, subject)
+        if self._connecting is None:  # (else the pull loops make them once connected)
+            with self._translate(f"subscribing group {group!r} of app {app!r}"):
+                # Create everything now, so events published after subscribe() returns
+                # reach it.
+                for durable, subject, _ in consumers:
+                    await self._consumer(app, durable, subject)
         sub = NatsSubscription(self, app, group, handler, concurrency, consumers, unique,
                                worker_id=worker_id)
         self._subs.append(sub)

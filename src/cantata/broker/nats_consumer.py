@@ -243,6 +243,11 @@ class NatsSubscription:
                     if psub is not None and generation != bound:  # the stream was re-made
                         await self._unbind(psub)
                         psub = None
+                    if psub is None and not self.broker.connected:
+                        # not reached yet (an outage at open): bound once connected,
+                        # without a warning per consumer (the broker said it once)
+                        await self._until_connected()
+                        continue
                     if psub is None:
                         psub = await self.broker._bind(self.app, durable, subject)
                         bound, fast = generation, usable(psub)
@@ -290,6 +295,15 @@ class NatsSubscription:
                     await asyncio.sleep(0)  # let a loop waiting for capacity go first
         finally:
             await self._unbind(psub)
+
+    async def _until_connected(self) -> None:
+        up = asyncio.ensure_future(self.broker.wait_connected())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([up, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+            stop.cancel()
 
     async def _ack_all(self, msgs: list[Msg]) -> None:
         """Ack messages settled already: in one write when the client allows it."""

@@ -119,14 +119,28 @@ def serve(
     api = the_app.asgi(stream_interval=stream_interval)
     sock = _listen(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
-    console.print(Text(f"cantata console of app {the_app.name} on http://{host}:{port}/ "
-                       f"(store {shown}); create a token with `cantata token create`"))
     # Open dashboards hold their event streams: stop waiting for them after a few seconds.
     config = uvicorn.Config(api, host=host, port=port, log_level="warning",
                             server_header=False, proxy_headers=False,
                             timeout_graceful_shutdown=3)
+
+    async def main() -> None:
+        # Opened here, before the banner: a store that cannot be opened is one line
+        # and a non-zero exit, not a server's start-up traceback. The console needs
+        # only the store: an unreachable broker is connected in the background (what
+        # the console publishes waits in the outbox meanwhile).
+        await the_app.open(serve=False)
+        try:
+            console.print(Text(
+                f"cantata console of app {the_app.name} on http://{host}:{port}/ (store "
+                f"{shown}); create a token with `cantata token create`"
+            ))
+            await uvicorn.Server(config).serve(sockets=[sock])
+        finally:
+            await the_app.close()
+
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        run(main)
     finally:
         sock.close()
 

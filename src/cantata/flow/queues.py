@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from cantata.errors import ConfigurationError, UnknownQueue
 from cantata.model.checks import check_text
 from cantata.model.flow import QueueEntry, make_spec  # noqa: F401 (make_spec re-exported)
+from cantata.quietlog import QuietLog, reason
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine
@@ -78,20 +79,32 @@ class QueueLoop:
         self.engine = engine
         self.wakeup = asyncio.Event()  # a run ended or was queued somewhere
         self.queued = asyncio.Event()  # a run was queued by this process
+        self._queued_here = False  # ...since the last claim (queued, cleared each pass)
         self._waiting = True  # some run waits behind a limit (so a run's end matters)
         self._queues: list[str] = []
-        self._listed_at = -1.0
+        self._listed_at: float | None = None
+        # a store outage fails every claim: one line per max(10 s, lease), docs/leases.md
+        self.quiet = QuietLog(log, every=max(10.0, engine.lease))
 
     async def run(self) -> None:
         engine = self.engine
         while True:
             self.wakeup.clear()
+            self._queued_here = self._queued_here or self.queued.is_set()
             self.queued.clear()
             retry_at = None
             try:
                 retry_at = await self.claim_all()
             except Exception as exc:
-                log.warning("claiming queued runs failed (%s); retrying", exc)
+                self.quiet.warning("claim", "claiming queued runs failed (%s); retrying",
+                                   reason(exc))
+                # not again at every notification: the store is failing; the next
+                # claim lists the queues again (so its success means the store answers)
+                self._listed_at = None
+                await asyncio.sleep(engine.poll_interval * 5)
+                continue
+            if self._listed_at is not None:  # (the store answered: not a claim skipped)
+                self.quiet.recovered("claim", "claiming queued runs works again")
             if self._waiting:
                 wait, timed = engine.poll_interval * 5, False
                 if retry_at is not None and retry_at - engine.clock.now() < wait:
@@ -125,9 +138,14 @@ class QueueLoop:
         if ownership is not None and ownership.expired():
             return None  # this worker's hold is in doubt: it takes on nothing new
         now = engine.clock.now()
-        if now - self._listed_at > engine.poll_interval * 5 or not self._queues:
+        # Listed again every few poll intervals (queues other processes declared), or
+        # at once when this process queued a run (its queue may be new to this list).
+        # An app without queues is not asked every pass.
+        if (self._listed_at is None or now - self._listed_at > engine.poll_interval * 5
+                or (not self._queues and self._queued_here)):
             self._queues = [q.name for q in await engine.store.queues(engine.app)]
             self._listed_at = now
+        self._queued_here = False
         workflows = engine.served_workflows()
         retry_at: float | None = None
         self._waiting = False

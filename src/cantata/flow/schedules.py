@@ -30,6 +30,7 @@ from cantata.model.schedule import (  # noqa: F401 (re-exported: the spec lives 
     tick_key,
     zone,
 )
+from cantata.quietlog import QuietLog, reason
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine
@@ -83,6 +84,8 @@ class Scheduler:
         self.started_at = engine.clock.now()
         self.run_ended = asyncio.Event()  # set by the store's notifications
         self._backlog = False  # a tick waits for a run in progress to end
+        # a store outage fails every pass: one line per max(10 s, lease), docs/leases.md
+        self.quiet = QuietLog(log, every=max(10.0, engine.lease))
 
     async def run(self) -> None:
         """Passes until cancelled: at the next tick (the app's clock, so a skipping
@@ -94,7 +97,10 @@ class Scheduler:
             try:
                 due = await self.pass_once()
             except Exception as exc:
-                log.warning("schedules: a pass failed (%s); retrying", exc)
+                self.quiet.warning("pass", "schedules: a pass failed (%s); retrying",
+                                   reason(exc))
+            else:
+                self.quiet.recovered("pass", "schedules: passes work again")
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.sleep(MAX_PASS))]
             self.run_ended.clear()
             if self._backlog:  # the end of the run in progress lets the next tick start

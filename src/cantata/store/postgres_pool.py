@@ -21,6 +21,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
+from cantata.quietlog import QuietLog, reason
 from cantata.store import migrations
 from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, TASKS
 from cantata.store.common import NEW_STORE_HINT
@@ -28,6 +29,8 @@ from cantata.store.factory import mask_url
 from cantata.store.faults import postgres_fault
 
 log = logging.getLogger("cantata.store")
+# the listener's reconnection during an outage: one line now and then (docs/leases.md)
+quiet = QuietLog(log, every=30.0)
 
 
 class _QuietDriverLog(logging.Filter):
@@ -318,12 +321,16 @@ class PgPool:
         """Reconnect the listening connection; wake everyone for what was missed."""
         try:
             while not self._closing:
+                key = f"listen:{self.masked_url}:{self.schema}"
                 try:
                     await self._listen()
                 except Exception as exc:
-                    log.warning("PostgreSQL listener at %s: %s", self.masked_url, exc)
+                    quiet.warning(key, "PostgreSQL listener at %s lost (%s); reconnecting",
+                                  self.masked_url, reason(exc))
                     await asyncio.sleep(1.0)
                     continue
+                quiet.recovered(key, "PostgreSQL listener at %s listens again",
+                                self.masked_url)
                 for channel in (RUNS, EVENTS, CLAIMS, CANCEL, TASKS):
                     self._on_change(channel)
                 return

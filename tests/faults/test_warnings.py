@@ -1,0 +1,84 @@
+"""Warnings during an outage stay readable: one line per cause at most every
+``max(10 s, lease)``, with the count of repeats, and one line when it recovers
+(docs/leases.md "Warnings"), whichever loop of the worker says it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import uuid
+
+import pytest
+
+from cantata import App
+
+from .harness import time_limit
+from .servers import PrivateNats, PrivatePostgres
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(120))]
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("cantata")]
+
+
+def _repeated(lines: list[str], cause: str) -> int:
+    return sum(cause in line for line in lines)
+
+
+async def test_a_store_outage_warns_once_per_cause(
+    postgres_store: str, private_postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An app without schedules or queues, its store away for 6 s (lease 1 s)."""
+    app = App(f"warn{uuid.uuid4().hex[:6]}", store=postgres_store, broker="embedded",
+              lease=1.0, poll_interval=0.05)
+
+    @app.workflow
+    async def wf(ctx: object) -> int:
+        return 1
+
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app:
+            await asyncio.sleep(1.0)
+            caplog.clear()
+            private_postgres.stop()
+            await asyncio.sleep(6.0)
+            during = _warnings(caplog)
+            private_postgres.start()
+            await asyncio.sleep(4.0)
+            after = _warnings(caplog)[len(during):]
+    for cause in ("schedules: a pass failed", "claiming queued runs failed",
+                  "PostgreSQL listener at"):
+        assert _repeated(during, cause) <= 1, "\n".join(during)
+    assert _repeated(during, "schedules: a pass failed") == 1, "\n".join(during)
+    assert _repeated(during, "claiming queued runs failed") == 1, "\n".join(during)
+    assert any("schedules: passes work again" in line for line in after), "\n".join(after)
+    assert any("claiming queued runs works again" in line for line in after), "\n".join(after)
+    # no cause says more than one line in an outage shorter than the interval
+    causes = collections.Counter(line.split("(")[0] for line in during)
+    assert max(causes.values(), default=0) <= 1, "\n".join(during)
+
+
+async def test_a_nats_outage_warns_once(
+    private_nats: PrivateNats, sqlite_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NATS away for 5 s: one line for the lost connection, one when it is back (not one
+    per reconnection attempt, each second)."""
+    app = App(f"warn{uuid.uuid4().hex[:6]}", store=sqlite_url, broker=private_nats.url,
+              lease=1.0, poll_interval=0.05)
+
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app:
+            await asyncio.sleep(0.5)
+            caplog.clear()
+            private_nats.stop()
+            await asyncio.sleep(5.0)
+            during = _warnings(caplog)
+            private_nats.start()
+            await asyncio.sleep(4.0)
+            after = _warnings(caplog)[len(during):]
+    assert _repeated(during, "ConnectionRefusedError") <= 1, "\n".join(during)
+    assert any("reconnected to NATS" in line for line in after), "\n".join(during + after)
