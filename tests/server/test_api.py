@@ -459,7 +459,14 @@ async def test_an_error_caused_by_one_body_field_names_it(shop: Shop) -> None:
     nan = await shop.client.post("/api/events",
                                  content=b'{"type": "a.b", "data": {"x": [0, NaN]}}',
                                  headers={**shop.auth("operator"), **json_body})
-    assert "at ['x'][1]" in nan.json()["error"]["message"]
+    assert "data holds a NaN or infinite number at ['x'][1]:" in nan.json()["error"]["message"]
+    for content, says in [(b'{"input": NaN}', "input holds a NaN or infinite number:"),
+                          (b'{"input": {"total": [1, Infinity]}}', "at ['total'][1]:"),
+                          (b'{"args": [1, {"t": -Infinity}]}', "args holds a NaN or infinite "
+                                                              "number at [1]['t']:")]:
+        r = await shop.client.post(start, content=content,
+                                   headers={**shop.auth("operator"), **json_body})
+        assert says in r.json()["error"]["message"], (content, r.json())
 
 
 async def test_a_cancelled_runs_open_wait_is_shown_cancelled_everywhere(shop: Shop) -> None:

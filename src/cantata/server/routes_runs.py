@@ -228,7 +228,8 @@ async def start_run(
         args, sent = [body.input], "input"
     params.ident("idempotency_key", body.idempotency_key)
     params.ident("correlation_id", body.correlation_id)
-    params.finite(sent or "input", args)
+    if sent is not None:  # the value as sent: a NaN's place is told within it
+        params.finite(sent, body.args if sent == "args" else body.input)
     app = await console.open()
     wdef = app.workflows.get(name)
     if wdef is not None:  # its code is loaded here: refuse arguments it cannot be called with
