@@ -14,7 +14,7 @@ from cantata.app_options import check_backend, check_options
 from cantata.app_router import RouterFacade
 from cantata.app_runtime import Runtime
 from cantata.broker.base import Broker
-from cantata.choreography.orphans import check_orphans
+from cantata.choreography.orphans import check_orphans, find_orphans
 from cantata.choreography.publish import new_event, repeated
 from cantata.choreography.redrive import redrive
 from cantata.declare.defs import workflow_name
@@ -522,7 +522,8 @@ class App(RouterFacade):
         tx: Tx | None = None,
     ) -> tuple[Event[Any], bool]:
         """:meth:`publish`, and whether the event is an orphan (nothing in the app listens
-        to its type: counted and logged; ``False`` in a ``tx``, checked at its commit)."""
+        to its type: counted and logged; ``False`` in a ``tx``, checked at its commit).
+        A repeated id's stored event (``duplicate``) is told an orphan too, not counted."""
         if tx is not None and not isinstance(tx, Tx):
             raise ConfigurationError(
                 "tx= must be the cantata.Tx of the running @app.transaction step, got "
@@ -544,8 +545,8 @@ class App(RouterFacade):
         event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
         if id is not None:
             earlier = await self.store.get_event(self.name, id)
-            if earlier is not None:
-                return repeated(earlier, event), False
+            if earlier is not None:  # nothing is published: an orphan still, not counted
+                return repeated(earlier, event), bool(await find_orphans(self.engine, [event]))
         event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:

@@ -114,9 +114,13 @@ async def test_cancel_a_waiting_run_then_409_once_it_ended(shop: Shop) -> None:
 
 
 async def test_start_by_name_idempotency_and_unknown_workflow(shop: Shop) -> None:
-    a = await start(shop, "place_order", {"id": "I-1"}, idempotency_key="same")
-    b = await start(shop, "place_order", {"id": "I-1"}, idempotency_key="same")
-    assert a == b
+    first = await shop.post("/api/workflows/place_order/runs",
+                            json={"input": {"id": "I-1"}, "idempotency_key": "same"})
+    again = await shop.post("/api/workflows/place_order/runs",
+                            json={"input": {"id": "I-1"}, "idempotency_key": "same"})
+    assert first.status_code == 201 and first.json()["created"] is True
+    assert again.status_code == 200 and again.json()["created"] is False  # not started again
+    assert again.json()["run_id"] == first.json()["run_id"]
     clash = await shop.post("/api/workflows/place_order/runs",
                             json={"input": {"id": "I-2"}, "idempotency_key": "same"})
     assert clash.status_code == 409 and clash.json()["error"]["code"] == "idempotency_conflict"
@@ -376,3 +380,126 @@ async def test_publishing_a_type_nothing_listens_to_says_it_is_an_orphan(shop: S
     assert typo.json()["id"]  # stored all the same
     heard = await shop.post("/api/events", json={"type": "order.placed", "data": {}})
     assert heard.status_code == 201 and heard.json()["orphan"] is False
+
+
+async def audit_of(shop: Shop, actor: str) -> list[tuple[str, str]]:
+    """``(action, target)`` of every audit record by ``actor``, in chain order."""
+    out: list[tuple[str, str]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 500}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await shop.get("/api/audit", "admin", params=params)).json()
+        out += [(r["action"], r["target"]) for r in page["records"] if r["actor"] == actor]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return out
+
+
+async def test_a_repeated_start_or_publish_says_so_and_is_not_audited_as_done_again(
+        shop: Shop) -> None:
+    """The run and the event exist once: the repeats answer 200 saying so, and the audit
+    log records each repeat as what it was, never as a second start or publish."""
+    body = {"input": {"id": "R-1"}, "idempotency_key": "order-R-1"}
+    starts = [await shop.post("/api/workflows/place_order/runs", json=body) for _ in range(3)]
+    assert [r.status_code for r in starts] == [201, 200, 200]
+    assert [r.json()["created"] for r in starts] == [True, False, False]
+    run_id = starts[0].json()["run_id"]
+    assert {r.json()["run_id"] for r in starts} == {run_id}
+    event = {"type": "nobody.listens", "data": {"a": 1}, "id": "evt-R-1"}
+    published = [await shop.post("/api/events", json=event) for _ in range(2)]
+    assert [r.status_code for r in published] == [201, 200]
+    assert [r.json() for r in published] == [
+        {"id": "evt-R-1", "orphan": True, "duplicate": False},
+        {"id": "evt-R-1", "orphan": True, "duplicate": True},
+    ]
+    heard = {"type": "invoice.approved", "data": {}, "id": "evt-R-2"}
+    twice = [await shop.post("/api/events", json=heard) for _ in range(2)]
+    assert [r.json()["orphan"] for r in twice] == [False, False]
+    assert twice[1].json()["duplicate"] is True
+    mine = await audit_of(shop, f"token:{shop.names['operator']}")
+    assert mine == [
+        ("run.started", run_id), ("run.start_repeated", run_id),
+        ("run.start_repeated", run_id),
+        ("event.published", "evt-R-1"), ("event.publish_repeated", "evt-R-1"),
+        ("event.published", "evt-R-2"), ("event.publish_repeated", "evt-R-2"),
+    ]
+
+
+async def test_an_error_caused_by_one_body_field_names_it(shop: Shop) -> None:
+    json_body = {"Content-Type": "application/json"}
+    start = "/api/workflows/place_order/runs"
+    cases: list[tuple[str, bytes, int, str, str]] = [
+        (start, b'{"input": NaN}', 400, "serialization", "input"),
+        (start, b'{"input": {"total": [1, Infinity]}}', 400, "serialization", "input"),
+        (start, b'{"args": [{"id": 1}, -Infinity]}', 400, "serialization", "args"),
+        (start, b'{"input": "' + b"x" * 1_100_000 + b'"}', 413, "payload_too_large", "input"),
+        (start, b'{"input": {"id": "F-1"}, "idempotency_key": "F"}', 201, "", ""),
+        (start, b'{"input": {"id": "F-2"}, "idempotency_key": "F"}', 409,
+         "idempotency_conflict", "idempotency_key"),
+        ("/api/events", b'{"type": "a.b", "data": {"x": NaN}}', 400, "serialization", "data"),
+        ("/api/events", b'{"type": "a.b", "data": "' + b"x" * 1_100_000 + b'"}', 413,
+         "payload_too_large", "data"),
+        ("/api/events", b'{"type": "a.b", "data": 1, "id": "e1"}', 201, "", ""),
+        ("/api/events", b'{"type": "a.b", "data": 2, "id": "e1"}', 400,
+         "duplicate_event_id", "id"),
+    ]
+    for path, content, status, code, field in cases:
+        r = await shop.client.post(path, content=content,
+                                   headers={**shop.auth("operator"), **json_body})
+        assert r.status_code == status, (content[:60], r.text[:300])
+        if status < 300:
+            continue
+        error = r.json()["error"]
+        assert (error["code"], error["field"]) == (code, field), (content[:60], error)
+        if code == "serialization":  # said for a JSON client: null, not Python's None
+            assert f"{field} holds a NaN or infinite number" in error["message"], error
+            assert "null" in error["message"] and "None" not in error["message"], error
+    nan = await shop.client.post("/api/events",
+                                 content=b'{"type": "a.b", "data": {"x": [0, NaN]}}',
+                                 headers={**shop.auth("operator"), **json_body})
+    assert "data holds a NaN or infinite number at ['x'][1]:" in nan.json()["error"]["message"]
+    for content, says in [(b'{"input": NaN}', "input holds a NaN or infinite number:"),
+                          (b'{"input": {"total": [1, Infinity]}}', "at ['total'][1]:"),
+                          (b'{"args": [1, {"t": -Infinity}]}', "args holds a NaN or infinite "
+                                                              "number at [1]['t']:")]:
+        r = await shop.client.post(start, content=content,
+                                   headers={**shop.auth("operator"), **json_body})
+        assert says in r.json()["error"]["message"], (content, r.json())
+
+
+async def test_a_cancelled_runs_open_wait_is_shown_cancelled_everywhere(shop: Shop) -> None:
+    """The wait a cancel cut short is `cancelled` in the run's steps and its trace, as on
+    its map; the calls a failed fork offers are the steps the run lists."""
+    run_id = await start(shop, "await_approval", {"id": "C-1"})
+
+    async def waiting() -> bool:
+        run = (await shop.get(f"/api/runs/{run_id}")).json()
+        return any(s["kind"] == "wait" and s["status"] == "waiting" for s in run["steps"])
+
+    await eventually(waiting)
+    await shop.post(f"/api/runs/{run_id}/cancel")
+    run = await finished(shop, run_id)
+    assert run["status"] == "cancelled"
+    states = {s["key"]: s["status"] for s in run["steps"]}
+    assert states["wait:invoice.approved#1"] == "cancelled", states
+    assert "waiting" not in states.values() and "running" not in states.values()
+    trace = (await shop.get(f"/api/trace/{run_id}")).json()
+    waits = [n for n in trace["children"] if n["kind"] == "wait"]
+    assert [w["status"] for w in waits] == ["cancelled"], trace["children"]
+    m = (await shop.get("/api/maps/workflows/await_approval",
+                        params={"run_id": run_id})).json()
+    assert {n["name"]: n["status"] for n in m["nodes"]}["invoice.approved"] == "cancelled"
+    fork = await shop.post(f"/api/runs/{run_id}/fork", json={"from_step": "nope"})
+    assert fork.status_code == 422
+    offered = fork.json()["error"]["message"].rsplit("(", 1)[1].rstrip(")").split(", ")
+    assert offered == [s["key"] for s in run["steps"] if not s["compensation"]]
+
+
+async def test_a_long_attr_is_cut_short_in_the_message(shop: Shop) -> None:
+    for attr in ("customer_id=" + "x" * 5000, "y" * 5000, "bad name" + "z" * 5000 + "=1"):
+        r = await shop.get("/api/runs", params={"attr": attr})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "attr", r.text[:200]
+        message = r.json()["error"]["message"]
+        assert len(message) < 400 and "…" in message, message[:500]

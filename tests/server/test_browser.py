@@ -223,6 +223,12 @@ def test_cancel_a_run(browser: Browser, server: ServerThread, img: Path) -> None
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     expect(page.locator('svg.flow-map g.node[data-name="release"]')).to_have_attribute(
         "data-status", "completed")
+    # the wait the cancel cut short says so in the steps table and the fork list, as on
+    # the map, never `waiting`
+    expect(wait).to_have_attribute("data-status", "cancelled")
+    expect(page.locator("#fork-step option", has_text="wait:invoice.approved#1")).to_have_text(
+        "wait:invoice.approved#1 (cancelled)")
+    expect(page.locator("table .badge.s-waiting")).to_have_count(0)
     shot(page, "run-cancelled.png")
     assert page.errors == []  # type: ignore[attr-defined]
 

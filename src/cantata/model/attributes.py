@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cantata.errors import UnknownAttribute
-from cantata.model.checks import check_text
+from cantata.model.checks import brief, check_text
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 MAX_VALUE = 1000  # characters of one indexed value
@@ -29,7 +29,8 @@ def check_name(name: str) -> str:
     """
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UnknownAttribute(
-            f"attribute name {name!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
+            f"attribute name {brief(name) if isinstance(name, str) else repr(name)} is "
+            "invalid: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or '_' (for example customer_id)"
         )
     return name
@@ -76,5 +77,7 @@ def parse_attr(text: str) -> tuple[str, str]:
     """
     name, sep, value = text.partition("=")
     if not sep:
-        raise UnknownAttribute(f"--attr {text!r} is malformed: use NAME=VALUE (customer_id=42)")
+        raise UnknownAttribute(
+            f"--attr {brief(text)} is malformed: use NAME=VALUE (customer_id=42)"
+        )
     return check_name(name.strip()), value

@@ -125,3 +125,14 @@ def actor_or(actor: str | None, default: str) -> str:
         ConfigurationError: ``actor`` holds a NUL or a lone surrogate.
     """
     return check_text("actor", actor) if actor else default
+
+
+SHOWN = 40  # characters of a given text quoted back in a message
+
+
+def brief(text: str) -> str:
+    """``text`` quoted for a message, cut to its first :data:`SHOWN` characters when
+    longer (a value of any size is refused in a message of a few lines)."""
+    if len(text) <= SHOWN:
+        return repr(text)
+    return f"{text[:SHOWN]!r}… ({len(text)} characters)"

@@ -42,7 +42,7 @@ def _default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def _nonfinite_path(value: Any, path: str = "") -> str | None:
+def nonfinite_path(value: Any, path: str = "") -> str | None:
     """Where ``value`` holds a NaN or an infinity (``None`` if nowhere).
 
     orjson writes both as ``null``: the value would come back changed, silently.
@@ -60,7 +60,7 @@ def _nonfinite_path(value: Any, path: str = "") -> str | None:
     else:
         return None
     for key, item in items:
-        found = _nonfinite_path(item, f"{path}[{key!r}]")
+        found = nonfinite_path(item, f"{path}[{key!r}]")
         if found is not None:
             return found
     return None
@@ -86,7 +86,7 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
         ) from None
     # NaN and infinities come out as null: look for them only when a null was written.
     if b"null" in data:
-        where = _nonfinite_path(value)
+        where = nonfinite_path(value)
         if where is not None:
             raise SerializationError(
                 f"{what} holds a NaN or infinite number at {where}; JSON has neither: "

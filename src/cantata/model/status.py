@@ -44,3 +44,20 @@ def parse_status(status: RunStatus | str | None) -> RunStatus | None:
         raise ConfigurationError(
             f"unknown run status {status!r}: use one of {', '.join(s.value for s in RunStatus)}"
         ) from None
+
+
+# What a call the run left open is shown as once the run ended: it was cut short, not
+# still going (a cancel interrupts a wait or a sleep; a deadline, a step in flight).
+CUT_SHORT = "cancelled"
+INTERRUPTED = "interrupted"
+_OPEN_CALL = frozenset({"running", "waiting"})
+
+
+def call_status(status: str, run: RunStatus | str) -> str:
+    """A history entry's ``status`` as shown in a run whose status is ``run``: an entry
+    still ``running`` or ``waiting`` in a run that has ended is ``cancelled`` (the run
+    was cancelled) or ``interrupted`` (it ended otherwise); any other is unchanged. The
+    API's steps, the trace and the workflow map all show calls this way."""
+    if status in _OPEN_CALL and run in FINAL_STATUSES:
+        return CUT_SHORT if run == RunStatus.CANCELLED else INTERRUPTED
+    return status

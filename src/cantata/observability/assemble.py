@@ -35,6 +35,7 @@ from cantata.model.records import (
     HistoryEntry,
     RunRecord,
 )
+from cantata.model.status import RunStatus, call_status
 from cantata.store.base import Store, TraceRecords
 
 from .bound import MAX_NODES, bound, truncation_notice
@@ -320,18 +321,20 @@ class Builder:
             if entry.kind == EMIT:
                 self._place_emitted(node, entry)
             elif entry.kind == CHILD:
-                self._place_child(node, entry)
+                self._place_child(node, entry, run.status)
             elif entry.kind in _ENTRY_KINDS:
-                node.children.append(self._entry_node(entry, attempts.get(entry.key, [])))
+                node.children.append(self._entry_node(entry, attempts.get(entry.key, []),
+                                                      run.status))
 
-    def _entry_node(self, entry: HistoryEntry, attempts: list[Attempt]) -> TraceNode:
+    def _entry_node(self, entry: HistoryEntry, attempts: list[Attempt],
+                    run: RunStatus) -> TraceNode:
         kind = _ENTRY_KINDS[entry.kind]
         error = entry.error
         if error is None:
             failed = [e for e in map(_error_of, attempts) if e]
             error = failed[-1] if failed else None
-        node = TraceNode(
-            kind, entry.name, entry.status, None, stamp(entry.started_at),
+        node = TraceNode(  # a call the ended run left open is shown cut short, not open
+            kind, entry.name, call_status(entry.status, run), None, stamp(entry.started_at),
             stamp(entry.ended_at), entry.attempts, error,
         )
         node.ref = entry.key
@@ -368,12 +371,13 @@ class Builder:
         stub.status = PUBLISHED
         run_node.children.append(stub)
 
-    def _place_child(self, run_node: TraceNode, entry: HistoryEntry) -> None:
+    def _place_child(self, run_node: TraceNode, entry: HistoryEntry, run: RunStatus) -> None:
         info = codec.loads(entry.detail) if entry.detail else {}
         child_id = str(info.get("run_id")) if isinstance(info, dict) else ""
         if self._attach(run_node, f"run:{child_id}") or f"run:{child_id}" in self.nodes:
             return
-        stub = TraceNode(RUN, entry.name, entry.status, None, stamp(entry.started_at),
+        stub = TraceNode(RUN, entry.name, call_status(entry.status, run), None,
+                         stamp(entry.started_at),
                          stamp(entry.ended_at), 0, entry.error)
         stub.ref = child_id or entry.key
         run_node.children.append(stub)

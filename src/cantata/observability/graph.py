@@ -25,7 +25,7 @@ from cantata.declare.router import Router
 from cantata.errors import CantataError, SerializationError, UnknownWorkflow
 from cantata.model import codec
 from cantata.model.records import Declaration, HistoryEntry
-from cantata.model.status import FINAL_STATUSES, RunStatus
+from cantata.model.status import FINAL_STATUSES, RunStatus, call_status
 from cantata.store.base import Store
 
 STEP, SLEEP, WAIT, EMIT, CHILD, COMPENSATION = (
@@ -334,10 +334,7 @@ def _key_base(item: FlowItem) -> str:
 
 def _state(item: FlowItem, run: str) -> str:
     """An item's state in a run whose status is ``run``."""
-    if run in FINAL_STATUSES and item.status in ("running", "waiting"):
-        # the run ended while this call was open: it was cut short, not still going
-        return "cancelled" if run == "cancelled" else "interrupted"
-    return item.status or "not_reached"
+    return call_status(item.status, run) or "not_reached"
 
 
 def flow_map(workflow: str, items: Sequence[FlowItem], run: str | None = None, *,

@@ -54,6 +54,11 @@ def bad_input(field: str, message: str) -> ApiError:
     return ApiError(400, "invalid_input", message, field)
 
 
+def caused_by(field: str, exc: CantataError) -> ApiError:
+    """``exc`` (with the status the API gives its code) as the fault of ``field``."""
+    return ApiError(_STATUS.get(exc.code, 400), exc.code, str(exc), field)
+
+
 def body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "field": field}}
 

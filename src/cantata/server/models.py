@@ -21,7 +21,7 @@ from cantata.model.records import (
     RunRecord,
     to_datetime,
 )
-from cantata.model.status import RunStatus
+from cantata.model.status import RunStatus, call_status
 from cantata.observability.node import TraceNode
 
 ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # as cantata.server.params
@@ -143,6 +143,8 @@ class StartIn(BaseModel):
 
 class StartOut(BaseModel):
     run_id: str
+    created: bool = Field(description="False when the idempotency key's run already "
+                                      "existed: it is answered, nothing was started (200).")
 
 
 class PublishIn(BaseModel):
@@ -159,6 +161,10 @@ class PublishOut(BaseModel):
     orphan: bool = Field(default=False, description="No handler, workflow trigger or wait "
                                                     "of the app listens to this type (the "
                                                     "event is stored all the same).")
+    duplicate: bool = Field(default=False, description="The id was used already by an "
+                                                       "event with the same content: that "
+                                                       "event is answered, nothing was "
+                                                       "published again (200).")
 
 
 class TraceNodeOut(BaseModel):
@@ -298,14 +304,15 @@ def run_out(r: RunRecord) -> RunOut:
 
 def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt],
                attributes: dict[str, str] | None = None) -> RunDetail:
-    """A run with its steps (``ctx.now()`` and other recorded values left out) and its
-    search attributes."""
+    """A run with its steps (``ctx.now()`` and other recorded values left out; a call
+    an ended run left open shown cut short, :func:`call_status`) and its search
+    attributes."""
     by_key: dict[str, list[Attempt]] = {}
     for a in attempts:
         by_key.setdefault(a.key, []).append(a)
     steps = [
         StepOut(
-            name=e.name, key=e.key, kind=e.kind, status=e.status,
+            name=e.name, key=e.key, kind=e.kind, status=call_status(e.status, r.status),
             compensation=e.kind == COMPENSATION, started_at=utc(e.started_at),
             ended_at=utc(e.ended_at), error=e.error,
             attempts=[

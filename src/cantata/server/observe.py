@@ -6,15 +6,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from cantata.errors import DeadLetterNotFound, RunNotFound
+from cantata.errors import DeadLetterNotFound, DuplicateEventId, PayloadTooLarge, RunNotFound
 from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import where_it_stands
 from cantata.observability.trace import build_trace
 from cantata.server import params
 from cantata.server.auth import Principal
 from cantata.server.deps import ERRORS, operator, viewer
+from cantata.server.errors import caused_by
 from cantata.server.maps import events_map, workflow_map
 from cantata.server.models import (
     DeadLetterOut,
@@ -146,17 +147,31 @@ async def discard(request: Request, dead_letter_id: AnId, who: Operator) -> Dead
 
 @router.post("/events", status_code=201, response_model=PublishOut, tags=["events"],
              summary="Publish an event")
-async def publish(request: Request, body: PublishIn, who: Operator) -> PublishOut:
+async def publish(request: Request, response: Response, body: PublishIn,
+                  who: Operator) -> PublishOut:
     """Publishes an event into the app (201); its correlation id defaults to its id.
     ``orphan`` is true when no handler, workflow trigger or wait of the app listens to
-    its type (the event is stored all the same)."""
+    its type (the event is stored all the same). An ``id`` already used by an event
+    with the same content answers that event with 200 and ``duplicate: true``
+    (nothing is published again); with other content it is a 400 naming ``id``."""
     console = console_of(request)
+    params.finite("data", body.data)
     app = await console.open()
-    event, orphan = await app._publish(body.type, body.data, subject=body.subject,
-                                       correlation_id=body.correlation_id, id=body.id)
-    await app.store.record_action(app.name, who.actor, "event.published", event.id,
-                                  {"type": event.type})
-    return PublishOut(id=event.id, orphan=orphan)
+    try:
+        event, orphan = await app._publish(body.type, body.data, subject=body.subject,
+                                           correlation_id=body.correlation_id, id=body.id)
+    except DuplicateEventId as exc:
+        raise caused_by("id", exc) from None
+    except PayloadTooLarge as exc:
+        raise caused_by("data", exc) from None
+    if event.duplicate:  # nothing was published: the log says what was asked
+        response.status_code = 200
+        await app.store.record_action(app.name, who.actor, "event.publish_repeated",
+                                      event.id, {"type": event.type})
+    else:
+        await app.store.record_action(app.name, who.actor, "event.published", event.id,
+                                      {"type": event.type})
+    return PublishOut(id=event.id, orphan=orphan, duplicate=event.duplicate)
 
 
 @router.get("/maps/workflows/{name}", response_model=MapOut, tags=["maps"],

@@ -13,6 +13,8 @@ import orjson
 
 from cantata.errors import UnknownAttribute
 from cantata.model.attributes import index_value, parse_attr
+from cantata.model.checks import brief
+from cantata.model.codec import nonfinite_path
 from cantata.model.status import RunStatus
 from cantata.server.errors import ApiError, bad_input
 
@@ -103,22 +105,34 @@ def seconds(field: str, value: float | None, default: float) -> float:
     return value
 
 
+def finite(field: str, value: object) -> None:
+    """A 400 naming ``field`` when the JSON sent holds a NaN or an infinity (Python's
+    JSON reader takes them; JSON has neither, and the store would keep ``null``)."""
+    where = nonfinite_path(value)
+    if where is not None:
+        at = "" if where == "the value" else f" at {where}"
+        raise ApiError(400, "serialization", f"{field} holds a NaN or infinite number{at}: "
+                       'JSON has neither; send null or a string such as "NaN" instead', field)
+
+
 def attributes(values: list[str] | None) -> tuple[tuple[str, str], ...]:
     """``attr=NAME=VALUE`` filters (as ``cantata runs --attr``) as ``(name, indexed
-    text)`` pairs a run must all hold; a malformed one is a 422 naming ``attr``."""
+    text)`` pairs a run must all hold; a malformed one is a 422 naming ``attr`` (what
+    was sent quoted only in part: it may be long)."""
     out: list[tuple[str, str]] = []
     if len(values or []) > MAX_ATTRS:
         raise ApiError(422, "invalid_input", f"attr is given {len(values or [])} times; "
                        f"filter on at most {MAX_ATTRS} attributes", "attr")
     for text in values or []:
         if "=" not in text:
-            raise ApiError(422, "invalid_input", f"attr {text!r} is malformed: use "
+            raise ApiError(422, "invalid_input", f"attr {brief(text)} is malformed: use "
                            "attr=NAME=VALUE (for example attr=customer_id=42)", "attr")
         try:
             name, value = parse_attr(text)
             out.append((name, index_value(name, value)))
         except UnknownAttribute as exc:
-            raise ApiError(422, "invalid_input", f"attr {text!r}: {exc}", "attr") from None
+            raise ApiError(422, "invalid_input", f"attr {brief(text)}: {exc}",
+                           "attr") from None
     return tuple(out)
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import inspect
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
 from cantata.declare.defs import WorkflowDef
 from cantata.engine.recovery import check_attribute_names
 from cantata.errors import (
     ConfigurationError,
+    IdempotencyConflict,
+    PayloadTooLarge,
     RunNotFound,
     RunNotRetryable,
     StepNotInHistory,
@@ -22,7 +24,7 @@ from cantata.model.status import RunStatus
 from cantata.server import params
 from cantata.server.auth import Principal
 from cantata.server.deps import ERRORS, operator, viewer
-from cantata.server.errors import ApiError, bad_input
+from cantata.server.errors import ApiError, bad_input, caused_by
 from cantata.server.models import (
     CancelOut,
     ErrorOut,
@@ -204,13 +206,16 @@ async def start_run(
     request: Request,
     name: Annotated[str, Path(pattern=params.NAME_PATTERN, description="A workflow name")],
     who: Operator,
+    response: Response,
     body: Annotated[StartIn, Body(openapi_examples={
         "input": {"value": {"input": {"order_id": 42}, "idempotency_key": "order-42"}},
     })] = StartIn(),
 ) -> StartOut:
-    """Writes the run for the workers of the workflow's service to take (201). When the
-    workflow's code is loaded in this process, arguments it cannot be called with (one
-    missing, too many) are refused with 422 instead."""
+    """Writes the run for the workers of the workflow's service to take (201). An
+    `idempotency_key` already used with the same arguments answers its run with 200 and
+    `created: false` (nothing is started). When the workflow's code is loaded in this
+    process, arguments it cannot be called with (one missing, too many) are refused
+    with 422 instead."""
     console = console_of(request)
     params.name("name", name)
     if "input" in body.model_fields_set and body.args is not None:
@@ -223,15 +228,31 @@ async def start_run(
         args, sent = [body.input], "input"
     params.ident("idempotency_key", body.idempotency_key)
     params.ident("correlation_id", body.correlation_id)
+    if sent is not None:  # the value as sent: a NaN's place is told within it
+        params.finite(sent, body.args if sent == "args" else body.input)
     app = await console.open()
     wdef = app.workflows.get(name)
     if wdef is not None:  # its code is loaded here: refuse arguments it cannot be called with
         _check_arguments(wdef, args, sent)
-    handle = await app.start(name, *args, idempotency_key=body.idempotency_key,
-                             correlation_id=body.correlation_id)
+    key = body.idempotency_key
+    existed = key is not None and bool(await app.store.query_runs(
+        app.name, RunQuery(idempotency_key=key, limit=1)))
+    try:
+        handle = await app.start(name, *args, idempotency_key=key,
+                                 correlation_id=body.correlation_id)
+    except IdempotencyConflict as exc:
+        raise caused_by("idempotency_key", exc) from None
+    except PayloadTooLarge as exc:
+        raise caused_by(sent or "input", exc) from None
+    if existed:  # the key's run: nothing was started, and the log says so
+        response.status_code = 200
+        await app.store.record_action(app.name, who.actor, "run.start_repeated",
+                                      handle.run_id, {"workflow": name,
+                                                      "idempotency_key": key})
+        return StartOut(run_id=handle.run_id, created=False)
     await app.store.record_action(app.name, who.actor, "run.started", handle.run_id,
                                   {"workflow": name})
-    return StartOut(run_id=handle.run_id)
+    return StartOut(run_id=handle.run_id, created=True)
 
 
 def _check_arguments(wdef: WorkflowDef, args: list[Any], given: str | None) -> None:

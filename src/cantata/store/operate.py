@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import RunInProgress, RunNotFound, RunNotRetryable, StepNotInHistory
-from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, ENTRY_FAILED, RunRecord
+from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, ENTRY_FAILED, VALUE, RunRecord
 from cantata.model.status import RunStatus
 from cantata.store import audit
 
@@ -79,7 +79,9 @@ def check_fork(
         )
     by_key = {key: (seq, kind) for key, seq, kind, _ in rows if kind != COMPENSATION}
     if before_key not in by_key:
-        known = ", ".join(k for k, _, kind, _ in rows if kind != COMPENSATION) or "none"
+        # the calls the run's steps list (docs/console.md): recorded values left out
+        known = ", ".join(
+            k for k, _, kind, _ in rows if kind not in (COMPENSATION, VALUE)) or "none"
         raise StepNotInHistory(
             f"run {source_run_id} never reached {before_key!r}: fork from one of the calls "
             f"in its history ({known})"
