@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 import cantata
 from cantata import App, Retry
+from cantata.cli.main import main
 
 from .helpers import eventually, make_app
 
@@ -256,3 +258,62 @@ async def test_a_step_concurrency_limit_holds_for_calls_from_another_service(
                     for a in await orders.store.load_attempts(orders.name, h.run_id)]
     assert peak == 1
     assert sorted(a.attempt for a in attempts) == [1, 1, 1, 1]  # waiting was no attempt
+
+
+async def test_a_stub_calls_the_service_that_declared_the_step(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(name="stock.reserve", service="inventory")
+    async def reserve(n: int) -> int:
+        return n + 1
+
+    orders = make_app(url, services=["orders"])
+    stub = orders.remote_step("stock.reserve")  # its name does not begin with its service
+    wrong = orders.remote_step("stock.reserve", service="stock")
+
+    @orders.workflow(service="orders")
+    async def place(ctx: cantata.WorkflowContext, n: int) -> int:
+        return int(await ctx.run(stub, n))
+
+    @orders.workflow(service="orders")
+    async def misplaced(ctx: cantata.WorkflowContext, n: int) -> int:
+        return int(await ctx.run(wrong, n))
+
+    async with inventory.client():  # declares stock.reserve, served by inventory
+        pass
+    async with orders:
+        handle = await orders.start(place, 1)
+        await eventually(lambda: _pending(orders, handle.run_id))
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert task.service == "inventory"
+        code = await asyncio.to_thread(main, ["stalled", "--older-than", "0s", "--app",
+                                              orders.name, "--store", url, "--json"])
+        [stall] = json.loads(capsys.readouterr().out)
+        assert code == 0 and stall["detail"] == "waiting for a worker of service inventory"
+        bad = await orders.start(misplaced, 1)
+        with pytest.raises(cantata.WorkflowFailed,
+                           match=r"UnknownStep.*service 'stock'.*service 'inventory'"):
+            await bad.result(timeout=10)
+        async with inventory:
+            assert await handle.result(timeout=10) == 2
+
+
+@pytest.mark.parametrize(("declare", "message"), [
+    (lambda app: app.remote_step(123), "remote_step needs the step's full name.*123"),
+    (lambda app: app.remote_step("inv.reserve", service="in ventory"),
+     "service 'in ventory' is invalid"),
+    (lambda app: app.remote_step("in*v.reserve"), "service 'in\\*v' is invalid"),
+    (lambda app: app.include(42), "app.include needs a cantata.Router or a Saga, got 42"),
+    (lambda app: app.step(service=123)(lambda: None), "@step: service 123 is invalid"),
+    (lambda app: app.step(service="")(lambda: None), "@step: service '' is invalid"),
+    (lambda app: app.step(service="a.b")(lambda: None), "service 'a.b' is invalid"),
+    (lambda app: cantata.Router(service="inv*"), "Router.*service 'inv\\*' is invalid"),
+    (lambda app: app.workflow(service="in ventory"), "@workflow: service 'in ventory'"),
+])
+def test_a_bad_service_or_stub_is_refused_where_it_is_declared(
+    url: str, declare: Any, message: str
+) -> None:
+    with pytest.raises(cantata.RegistrationError, match=message):
+        declare(make_app(url))
