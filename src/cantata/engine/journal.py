@@ -183,8 +183,11 @@ class Journal:
         (engine/parking.py); ``interrupt`` what a cancel or deadline does (raised,
         or see :meth:`JournalRuntime.wait_until`)."""
         with self.rt.watching(watch):
-            await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park,
-                                     interrupt=interrupt)
+            if interrupt == "raise":  # (the default of every runtime)
+                await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park)
+            else:
+                await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park,
+                                         interrupt=interrupt)
 
     async def settle(
         self,
