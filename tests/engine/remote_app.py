@@ -27,7 +27,7 @@ def charge(order: dict) -> str:
     # written whole or not at all: the test kills this process once the mark exists
     (MARKS / f".{mark.name}").write_text(info.idempotency_key)
     os.replace(MARKS / f".{mark.name}", mark)
-    if order.get("hang_first") and info.attempt == 1:
+    if order.get("hang") or (order.get("hang_first") and info.attempt == 1):
         time.sleep(60)  # the test kills this worker with SIGKILL meanwhile
     return f"charged:{info.idempotency_key}"
 

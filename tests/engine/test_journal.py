@@ -84,6 +84,7 @@ class MemoryRuntime:
         *,
         poll: bool = True,
         park: Parking | None = None,
+        interrupt: str = "raise",
     ) -> None:
         if wake is not None:
             assert await wake()
@@ -93,6 +94,9 @@ class MemoryRuntime:
         yield
 
     def cancel_pending(self) -> bool:
+        return False
+
+    def interrupted(self) -> bool:
         return False
 
     def check_interrupt(self) -> None:

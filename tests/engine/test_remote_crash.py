@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import cantata
+
 from .helpers import eventually
 
 pytestmark = pytest.mark.slow
@@ -77,3 +79,40 @@ async def test_killed_payments_worker_and_stopped_shipping_service(
             stop(proc)
         sys.modules.pop("remote_app", None)
 
+
+
+async def test_attempts_cut_short_by_kill_count_once_each_with_their_real_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = f"sqlite:///{tmp_path}/shop.db"
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
+    import remote_app
+
+    app = remote_app.app
+    app._store_spec = store
+    app.services = frozenset({"orders"})
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        async with app:
+            handle = await app.start("checkout", {"id": 2, "hang": True})
+            for n in (1, 2, 3):  # charge allows 3 attempts: each one's worker is killed
+                procs.append(worker("payments", store, tmp_path))
+                await eventually(lambda n=n: (tmp_path / f"charge-{n}").exists(), timeout=20)
+                procs[-1].send_signal(signal.SIGKILL)
+                procs[-1].wait()
+            procs.append(worker("payments", store, tmp_path))  # finds them all spent
+            with pytest.raises(cantata.WorkflowFailed, match=r"after 3 attempt\(s\)"):
+                await handle.result(timeout=30)
+            attempts = await app.store.load_attempts(app.name, handle.run_id)
+        marked = [(tmp_path / f"charge-{n}").stat().st_mtime for n in (1, 2, 3)]
+        assert not (tmp_path / "charge-4").exists()
+        assert [(a.attempt, a.error_type) for a in attempts] == [
+            (1, "WorkerLost"), (2, "WorkerLost"), (3, "WorkerLost")]
+        for a, mark in zip(attempts, marked, strict=True):  # each its own recorded start
+            assert a.started_at <= mark + 0.01 and mark - a.started_at < 5
+            assert a.ended_at is not None and a.ended_at > mark
+    finally:
+        for proc in procs:
+            stop(proc)
+        sys.modules.pop("remote_app", None)

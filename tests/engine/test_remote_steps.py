@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 import cantata
 from cantata import App, Retry
+from cantata.cli.main import main
 
 from .helpers import eventually, make_app
 
@@ -142,3 +144,176 @@ async def test_a_stub_can_wait_for_a_service_that_never_started(url: str) -> Non
 
 async def _pending(app: App, run_id: str) -> bool:
     return bool(await app.store.tasks_of_run(app.name, run_id))
+
+
+async def test_a_run_that_ends_first_withdraws_its_task_no_worker_ever_runs_it(
+    url: str,
+) -> None:
+    log: list[Any] = []
+    orders, inventory = orders_app(url), inventory_app(url, log)
+    async with inventory.client():  # declares inventory's steps, serves nothing
+        pass
+    async with orders:
+        cancelled = await orders.start("place_order", {"sku": "C"})
+        late = await orders.start("place_order", {"sku": "D"}, deadline=0.5)
+        await eventually(lambda: _pending(orders, cancelled.run_id))
+        await cancelled.cancel()
+        with pytest.raises(cantata.WorkflowCancelled):
+            await cancelled.result(timeout=10)
+        with pytest.raises(cantata.WorkflowFailed, match="DeadlineExceeded"):
+            await late.result(timeout=10)
+        async with inventory:  # inventory comes up: nothing of those runs is left to do
+            await asyncio.sleep(0.5)
+        for handle in (cancelled, late):
+            [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+            assert (task.status, task.error_type, task.attempts) == ("failed", "Withdrawn", 0)
+            history = await orders.store.load_history(orders.name, handle.run_id)
+            assert [(e.key, e.status, e.error_type) for e in history if e.kind == "step"] == [
+                ("inventory.reserve#1", "failed", "Withdrawn")]
+    assert log == []
+
+
+async def test_a_remote_step_in_progress_at_cancel_ends_and_is_compensated(url: str) -> None:
+    log: list[Any] = []
+    go = asyncio.Event()
+    orders = orders_app(url)
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(service="inventory")
+    async def reserve(order: dict) -> dict:
+        log.append("reserve")
+        await go.wait()
+        return {"sku": order["sku"]}
+
+    @inventory.step(service="inventory")
+    def release(order: dict) -> None:
+        log.append("release")
+
+    async with payments_app(url, log).client():  # declared, never served here
+        pass
+    async with inventory, orders:
+        handle = await orders.start("place_order", {"sku": "E"})
+        await eventually(lambda: log == ["reserve"])
+        await handle.cancel()
+        await asyncio.sleep(0.3)  # the run waits for the step in progress, as for a local one
+        assert await handle.status() == "running"
+        go.set()
+        with pytest.raises(cantata.WorkflowCancelled):
+            await handle.result(timeout=10)
+        history = await orders.store.load_history(orders.name, handle.run_id)
+    assert log == ["reserve", "release"]  # its effect undone, charge never called
+    assert [(e.key, e.status) for e in history if e.kind in ("step", "compensation")][:1] == [
+        ("inventory.reserve#1", "completed")]
+
+
+async def test_a_worker_without_the_step_leaves_its_task_to_one_that_has_it(url: str) -> None:
+    log: list[Any] = []
+    orders, inventory = orders_app(url), inventory_app(url, log)
+    async with inventory.client():  # the new code declared inventory.reserve once
+        pass
+    old = make_app(url, services=["inventory"])  # an older inventory: release only
+
+    @old.step(service="inventory")
+    def release(order: dict) -> None:
+        log.append(("old release",))
+
+    async with old, orders:
+        handle = await orders.start("place_order", {"sku": "F", "flaky": True})
+        await eventually(lambda: _pending(orders, handle.run_id))
+        await asyncio.sleep(0.5)  # the old worker polls for tasks meanwhile
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.status, task.owner, task.attempts) == ("pending", None, 0)
+        payments = payments_app(url, log)
+        async with inventory, payments:
+            assert (await handle.result(timeout=10))["reserved"] == {"sku": "F"}
+    # the new worker had all its attempts: the flaky first one is retried
+    assert [x[:2] for x in log if x[0] == "reserve"] == [("reserve", 1), ("reserve", 2)]
+
+
+async def test_a_step_concurrency_limit_holds_for_calls_from_another_service(
+    url: str,
+) -> None:
+    running: list[int] = []
+    peak = 0
+    orders = make_app(url, services=["orders"])
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(service="inventory", concurrency=1)
+    async def reserve(n: int) -> int:
+        nonlocal peak
+        running.append(n)
+        peak = max(peak, len(running))
+        await asyncio.sleep(0.2)
+        running.remove(n)
+        return n
+
+    @orders.workflow(service="orders")
+    async def place(ctx: cantata.WorkflowContext, n: int) -> int:
+        return int(await ctx.run("inventory.reserve", n))
+
+    async with inventory, orders:
+        handles = [await orders.start(place, n) for n in range(4)]
+        assert [await h.result(timeout=20) for h in handles] == [0, 1, 2, 3]
+        attempts = [a for h in handles
+                    for a in await orders.store.load_attempts(orders.name, h.run_id)]
+    assert peak == 1
+    assert sorted(a.attempt for a in attempts) == [1, 1, 1, 1]  # waiting was no attempt
+
+
+async def test_a_stub_calls_the_service_that_declared_the_step(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(name="stock.reserve", service="inventory")
+    async def reserve(n: int) -> int:
+        return n + 1
+
+    orders = make_app(url, services=["orders"])
+    stub = orders.remote_step("stock.reserve")  # its name does not begin with its service
+    wrong = orders.remote_step("stock.reserve", service="stock")
+
+    @orders.workflow(service="orders")
+    async def place(ctx: cantata.WorkflowContext, n: int) -> int:
+        return int(await ctx.run(stub, n))
+
+    @orders.workflow(service="orders")
+    async def misplaced(ctx: cantata.WorkflowContext, n: int) -> int:
+        return int(await ctx.run(wrong, n))
+
+    async with inventory.client():  # declares stock.reserve, served by inventory
+        pass
+    async with orders:
+        handle = await orders.start(place, 1)
+        await eventually(lambda: _pending(orders, handle.run_id))
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert task.service == "inventory"
+        code = await asyncio.to_thread(main, ["stalled", "--older-than", "0s", "--app",
+                                              orders.name, "--store", url, "--json"])
+        [stall] = json.loads(capsys.readouterr().out)
+        assert code == 0 and stall["detail"] == "waiting for a worker of service inventory"
+        bad = await orders.start(misplaced, 1)
+        with pytest.raises(cantata.WorkflowFailed,
+                           match=r"UnknownStep.*service 'stock'.*service 'inventory'"):
+            await bad.result(timeout=10)
+        async with inventory:
+            assert await handle.result(timeout=10) == 2
+
+
+@pytest.mark.parametrize(("declare", "message"), [
+    (lambda app: app.remote_step(123), "remote_step needs the step's full name.*123"),
+    (lambda app: app.remote_step("inv.reserve", service="in ventory"),
+     "service 'in ventory' is invalid"),
+    (lambda app: app.remote_step("in*v.reserve"), "service 'in\\*v' is invalid"),
+    (lambda app: app.include(42), "app.include needs a cantata.Router or a Saga, got 42"),
+    (lambda app: app.step(service=123)(lambda: None), "@step: service 123 is invalid"),
+    (lambda app: app.step(service="")(lambda: None), "@step: service '' is invalid"),
+    (lambda app: app.step(service="a.b")(lambda: None), "service 'a.b' is invalid"),
+    (lambda app: cantata.Router(service="inv*"), "Router.*service 'inv\\*' is invalid"),
+    (lambda app: app.workflow(service="in ventory"), "@workflow: service 'in ventory'"),
+])
+def test_a_bad_service_or_stub_is_refused_where_it_is_declared(
+    url: str, declare: Any, message: str
+) -> None:
+    with pytest.raises(cantata.RegistrationError, match=message):
+        declare(make_app(url))

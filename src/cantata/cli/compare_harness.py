@@ -32,6 +32,7 @@ from cantata.store.factory import store_from_url
 
 # Store methods that write (a claim writes its owner; an empty claim writes nothing).
 _WRITES = ("create_run", "commit_run", "settle_delivery", "append_events", "finish_task",
+           "start_task_attempt", "withdraw_tasks",
            "mark_published", "replay_dead_letter", "request_cancel")
 
 

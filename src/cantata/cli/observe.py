@@ -130,6 +130,10 @@ def _detail(stall: Stall, app: str | None, store: str | None, width: int = 0) ->
         if width and len(error) + len(hint) > width:
             error = error[:max(width - len(hint), 40)] + "…"
         return error + hint
+    if n.kind in ("step", "compensation") and n.group and stall.reason == "pending_step":
+        # a step of another service: the task waits for one of that service's workers
+        waiting = f"waiting for a worker of service {n.group}"
+        return f"{waiting}; last error: {n.error}" if n.error else waiting
     return n.error or ""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,22 @@ STEP_ATTR = "__cantata_step__"
 WORKFLOW_ATTR = "__cantata_workflow__"
 STANDALONE_ATTR = "__cantata_standalone__"  # a step usable without registration
 DECLARED_ATTR = "__cantata_must_be_declared__"  # a remote stub whose service must exist
+# A remote stub's service as given (``None``: guessed from the step's name)
+REMOTE_SERVICE_ATTR = "__cantata_remote_service__"
+
+_SERVICE_RE = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+def check_service(service: object, what: str) -> None:
+    """Refuse a service name that is not 1-100 letters, digits, '-' or '_' (``None``
+    passes: no service). No dot: a step's full name is ``service.step``."""
+    if service is None:
+        return
+    if not isinstance(service, str) or not _SERVICE_RE.fullmatch(service):
+        raise RegistrationError(
+            f"{what}: service {service!r} is invalid: a service name is 1-100 letters, "
+            "digits, '-' or '_' (no dots or spaces: a step's full name is service.step)"
+        )
 
 
 @dataclass(frozen=True, slots=True)

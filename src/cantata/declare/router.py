@@ -19,6 +19,7 @@ from cantata.model.retry import HANDLER_RETRY, STEP_RETRY, Retry, check_retry
 
 from .defs import (
     DECLARED_ATTR,
+    REMOTE_SERVICE_ATTR,
     STANDALONE_ATTR,
     STEP_ATTR,
     WORKFLOW_ATTR,
@@ -27,6 +28,7 @@ from .defs import (
     StepDef,
     TriggerDef,
     WorkflowDef,
+    check_service,
     event_model,
     handler_for,
     patterns_overlap,
@@ -57,6 +59,9 @@ class Router:
     waits: set[tuple[str, str]] = field(default_factory=set)
     queues: dict[str, QueueSpec] = field(default_factory=dict)
     schedule_specs: dict[str, Any] = field(default_factory=dict)  # name -> ScheduleSpec
+
+    def __post_init__(self) -> None:
+        check_service(self.service, "Router(service=...)")
 
     # -- steps -------------------------------------------------------------------
 
@@ -157,6 +162,7 @@ class Router:
     ) -> F | Callable[[F], F]:
         # Checked when the decorator is made, before any run can meet a bad option.
         check_retry("@transaction" if transactional else "@step", retry)
+        check_service(service, "@step")
         check_seconds("step timeout", timeout, error=RegistrationError)
         check_seconds("heartbeat_timeout", heartbeat_timeout, error=RegistrationError)
 
@@ -237,6 +243,7 @@ class Router:
                 ``app.start`` names another.
         """
         check_seconds("cleanup_timeout", cleanup_timeout, error=RegistrationError, none=False)
+        check_service(service, "@workflow")
         if queue is not None and (not isinstance(queue, str) or not queue):
             raise RegistrationError(f"workflow queue must be a queue's name, got {queue!r}")
 
@@ -404,12 +411,23 @@ class Router:
 
         Args:
             name: the step's qualified name, e.g. ``"inventory.reserve"``.
-            service: defaults to the part of ``name`` before the first dot.
+            service: the service whose workers run it. Without it: the service that
+                declared the step (known once one of its workers has started), else the
+                part of ``name`` before the first dot. Given, it must be the declared
+                one (``UnknownStep`` at the call otherwise).
             wait_for_service: call it even if no service has declared it yet (the task
                 waits, visible as a stall, until one does); otherwise such a call is an
                 ``UnknownStep`` error.
         """
+        if not isinstance(name, str) or not name.strip(". "):
+            raise RegistrationError(
+                f"app.remote_step needs the step's full name as a string, e.g. "
+                f"'inventory.reserve'; got {name!r}"
+            )
+        check_service(service, f"app.remote_step({name!r})")
         svc = service or name.split(".", 1)[0]
+        if service is None:
+            check_service(svc, f"app.remote_step({name!r}) (the service its name begins with)")
 
         async def stub(*args: Any) -> Any:
             raise RegistrationError(f"{name} runs in service {svc!r}: call it with ctx.run")
@@ -418,6 +436,7 @@ class Router:
         setattr(stub, STEP_ATTR, remote_step_def(name, svc))
         setattr(stub, STANDALONE_ATTR, True)
         setattr(stub, DECLARED_ATTR, not wait_for_service)
+        setattr(stub, REMOTE_SERVICE_ATTR, service)
         return stub
 
     def include(self, router: Router | Any) -> None:
@@ -430,6 +449,10 @@ class Router:
         if callable(attach):
             attach(self)
             return
+        if not isinstance(router, Router):
+            raise RegistrationError(
+                f"app.include needs a cantata.Router or a Saga, got {router!r}"
+            )
         for s in router.steps.values():
             self._add_step(s)
         for w in router.workflows.values():

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.choreography.orphans import check_orphans
 from cantata.declare.defs import (
     DECLARED_ATTR,
+    REMOTE_SERVICE_ATTR,
     STANDALONE_ATTR,
     STEP_ATTR,
     StepDef,
@@ -38,6 +39,7 @@ from .parking import parking_for
 from .runtime import Watch
 
 if TYPE_CHECKING:
+    from .engine import Engine
     from .runtime import WorkflowRuntime
 
 
@@ -102,11 +104,8 @@ class WorkflowContext:
         found = engine.router.steps.get(name)
         if found is None and getattr(step, STANDALONE_ATTR, False):
             found = getattr(step, STEP_ATTR)  # e.g. cantata.http_step: needs no registration
-            if getattr(step, DECLARED_ATTR, False) and await engine.remote_step(name) is None:
-                raise UnknownStep(
-                    f"{what} {name!r}: no service of app {engine.app!r} has declared it; start "
-                    "that service once, or use app.remote_step(name, wait_for_service=True)"
-                )
+            if hasattr(step, REMOTE_SERVICE_ATTR):  # an app.remote_step stub
+                found = await _remote_stub_def(engine, step, found, what)
         if found is None:
             found = await engine.remote_step(name)
         if found is None:
@@ -446,3 +445,24 @@ class WorkflowContext:
         if wdef is None:
             return value
         return codec.restore(value, wdef.sig.result, f"result of child workflow {name}")
+
+
+async def _remote_stub_def(engine: Engine, stub: Any, sdef: StepDef, what: str) -> StepDef:
+    """The step an ``app.remote_step`` stub calls: as declared by its service (whose
+    workers take its tasks), or as the stub says while no service has declared it."""
+    name, given = sdef.name, getattr(stub, REMOTE_SERVICE_ATTR)
+    declared = await engine.remote_step(name)
+    if declared is None:
+        if getattr(stub, DECLARED_ATTR, False):
+            raise UnknownStep(
+                f"{what} {name!r}: no service of app {engine.app!r} has declared it; start "
+                "that service once, or use app.remote_step(name, wait_for_service=True)"
+            )
+        return sdef
+    if given is not None and given != declared.service:
+        raise UnknownStep(
+            f"{what} {name!r}: app.remote_step names service {given!r}, but the step is "
+            f"declared by service {declared.service!r}, whose workers run it: drop "
+            "service= or name that service"
+        )
+    return declared

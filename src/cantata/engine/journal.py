@@ -30,7 +30,7 @@ from cantata.model.parking import Parking
 from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunWrite, TaskRecord
 
 if TYPE_CHECKING:
-    from .runtime import JournalRuntime, Watch
+    from .runtime import Interrupt, JournalRuntime, Watch
 
 FINAL = (EntryStatus.COMPLETED, EntryStatus.FAILED)
 # Recorded values and markers: not calls of the workflow's code path, so a new call
@@ -174,14 +174,20 @@ class Journal:
         watch: Watch | None = None,
         poll: bool = True,
         park: Parking | None = None,
+        interrupt: Interrupt = "raise",
     ) -> None:
         """Wait until the entry's ``wake_at`` (a timer, a timeout), an interrupt, or
         ``look()`` finds the outcome; ``watch`` names what wakes the run on news (an
         event type, a run or task id), ``poll`` whether ``look`` is also tried on a
         timer; ``park`` what wakes the run if it is evicted meanwhile
-        (engine/parking.py)."""
+        (engine/parking.py); ``interrupt`` what a cancel or deadline does (raised,
+        or see :meth:`JournalRuntime.wait_until`)."""
         with self.rt.watching(watch):
-            await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park)
+            if interrupt == "raise":  # (the default of every runtime)
+                await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park)
+            else:
+                await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park,
+                                         interrupt=interrupt)
 
     async def settle(
         self,

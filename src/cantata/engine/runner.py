@@ -20,7 +20,14 @@ from cantata.errors import (
 )
 from cantata.model import codec
 from cantata.model.parking import Parking
-from cantata.model.records import Attempt, EntryKind, HistoryEntry, RunRecord, RunWrite
+from cantata.model.records import (
+    TASK_WITHDRAWN,
+    Attempt,
+    EntryKind,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+)
 from cantata.model.schedule import tick_signature
 from cantata.model.status import RunStatus
 
@@ -29,7 +36,7 @@ from .compensation import ApiState, compensation_key, returned_ending, unwound_e
 from .journal import Journal
 from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
-from .runtime import Watch
+from .runtime import Interrupt, Watch
 from .signals import CompensatedElsewhere, _Abandon, _DeadlinePassed, _StoreFailed
 from .steps import INTERRUPTED
 
@@ -66,6 +73,7 @@ class RunExecution:
         self.compensations: list[tuple[StepDef, list[Any]]] = []
         self.interrupt: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self.compensating = False
+        self.made_tasks = False  # a remote step's task was created or awaited here
         self.wakeup = asyncio.Event()
         self.fresh = False  # created by this process just now: no history to load
         # its history and attempts, read with the other runs of its claim (load() uses
@@ -167,6 +175,9 @@ class RunExecution:
     def cancel_pending(self) -> bool:
         return self.interrupt.done() and isinstance(self.interrupt.result(), Cancelled)
 
+    def interrupted(self) -> bool:
+        return not self.compensating and self.interrupt.done()
+
     def new_call(self, key: str) -> None:
         self.check_interrupt()
 
@@ -196,8 +207,12 @@ class RunExecution:
         *,
         poll: bool = True,
         park: Parking | None = None,
+        interrupt: Interrupt = "raise",
     ) -> None:
         """Sleep until ``wake_at`` (clock time), an interrupt, or ``wake()`` returns True.
+
+        ``interrupt``: a pending cancel or deadline is raised (``"raise"``), ends the
+        wait (``"return"``: the caller decides), or does not end it (``"ignore"``).
 
         ``wake()`` is tried again whenever this execution is woken, and, with ``poll``,
         every ``wait_poll_interval`` too (without it the engine wakes it on news).
@@ -214,7 +229,10 @@ class RunExecution:
         try:
             while True:
                 await self.park_if_stopping()
-                self.check_interrupt()
+                if interrupt == "raise":
+                    self.check_interrupt()
+                elif interrupt == "return" and self.interrupted():
+                    return
                 if wake is not None and await wake():
                     return
                 now = clock.now()
@@ -239,8 +257,9 @@ class RunExecution:
                            else asyncio.ensure_future(clock.sleep(remaining)))
                 waiter = asyncio.ensure_future(self.wakeup.wait())
                 try:
+                    heed = None if interrupt == "ignore" else self.interrupt
                     await asyncio.wait(
-                        [f for f in (sleeper, waiter, self.interrupt) if f is not None],
+                        [f for f in (sleeper, waiter, heed) if f is not None],
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                 finally:
@@ -440,6 +459,7 @@ class RunExecution:
             return
         self.compensating = True
         if self.run.status != RunStatus.COMPENSATING:
+            await self._withdraw_tasks("began compensating")
             await self.commit(RunWrite(status=RunStatus.COMPENSATING, error=error))
         failures: list[str] = []
         for sdef, args in reversed(self.compensations):
@@ -459,6 +479,20 @@ class RunExecution:
         else:
             await self._finish(RunStatus.COMPENSATED, error=error)
 
+    async def _withdraw_tasks(self, what: str) -> None:
+        """Before the run ends or unwinds: its remote steps' tasks that no live worker
+        holds are withdrawn, so none of them starts for a run that is over (a task a
+        worker holds ends as it will; a claim never takes a task of an ended run)."""
+        if not self.made_tasks:
+            return
+        now = self.engine.clock.now()
+        await self.engine.store.withdraw_tasks(
+            self.run.app, self.run.run_id, stale_before=now - self.engine.lease,
+            actor=self.engine.worker_id,
+            error=f"{TASK_WITHDRAWN}: run {self.run.run_id} {what} before a worker took "
+                  "this step; it never ran",
+        )
+
     async def _finish(
         self,
         status: RunStatus,
@@ -467,6 +501,7 @@ class RunExecution:
         error: str | None = None,
         flagged: bool | None = None,
     ) -> None:
+        await self._withdraw_tasks(f"ended {status}")
         await self.commit(RunWrite(
             status=status, result=result, error=error, flagged=flagged, release=True,
             wake=self.run.parent_run_id,  # a parent parked in ctx.call (engine/parking.py)

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from .journal import Journal
 
 
+#: What a wait does with a pending cancel or deadline (JournalRuntime.wait_until).
+Interrupt = Literal["raise", "return", "ignore"]
+
+
 class Watch(NamedTuple):
     """What wakes a waiting run on news: events of a type, or a run or task that ends."""
 
@@ -60,9 +64,12 @@ class JournalRuntime(Protocol):
         *,
         poll: bool = True,
         park: Parking | None = None,
+        interrupt: Interrupt = "raise",
     ) -> None:
         """Sleep until ``wake_at``, an interrupt, or ``wake()`` returns True; ``park``:
-        what wakes the run if it is evicted from memory meanwhile."""
+        what wakes the run if it is evicted from memory meanwhile; ``interrupt``: a
+        pending cancel or deadline is raised (``"raise"``), ends the wait
+        (``"return"``) or waits until the wait ends (``"ignore"``)."""
         ...
 
     def watching(self, watch: Watch | None) -> AbstractContextManager[None]:
@@ -71,6 +78,10 @@ class JournalRuntime(Protocol):
 
     def cancel_pending(self) -> bool:
         """A cancellation waits to be raised into the workflow."""
+        ...
+
+    def interrupted(self) -> bool:
+        """A cancel or deadline waits to be raised at the next durable point."""
         ...
 
     def check_interrupt(self) -> None:

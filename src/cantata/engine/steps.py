@@ -13,6 +13,7 @@ from cantata.fencing import InlineBody
 from cantata.flow.limits import release_step_slot, retime_step_begin, take_step_slot
 from cantata.model import codec
 from cantata.model.records import (
+    TASK_WITHDRAWN,
     Attempt,
     EntryKind,
     EntryStatus,
@@ -75,6 +76,8 @@ async def call_step(
         if entry.status == EntryStatus.COMPLETED:
             return codec.loads(entry.result)
         etype, _, emsg = (entry.error or "Error: ").partition(": ")
+        if entry.error_type == TASK_WITHDRAWN:
+            x.check_interrupt()  # as when it was withdrawn: for this cancel or deadline
         raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
     if entry is None:  # committed with its first attempt
         shape = _shape_detail(args_shape(args)) if path else None
@@ -227,17 +230,8 @@ async def call_remote(x: RunExecution, sdef: StepDef, args: list[Any], entry: Hi
             correlation_id=run.correlation_id,
         )
         await x.commit(RunWrite(entries=[entry], tasks=[task]))
-    found: list[TaskRecord] = []
-
-    async def look() -> bool:
-        rec = await engine.store.get_task(run.app, task_id)
-        if rec is not None and rec.status != TaskStatus.PENDING:
-            found.append(rec)
-            return True
-        return False
-
-    await x.journal.await_final(entry, look, watch=Watch("run", task_id))
-    rec = found[0]
+    x.made_tasks = True
+    rec = await await_task(x, entry, task_id, service)
     if rec.status == TaskStatus.DONE:
         await x.journal.settle(
             entry, EntryStatus.COMPLETED, attempts=rec.attempts, result=rec.result
@@ -248,7 +242,56 @@ async def call_remote(x: RunExecution, sdef: StepDef, args: list[Any], entry: Hi
     await x.journal.settle(
         entry, EntryStatus.FAILED, attempts=rec.attempts, error=f"{etype}: {emsg}", error_type=etype
     )
+    if etype == TASK_WITHDRAWN:
+        x.check_interrupt()  # withdrawn for the cancel or deadline raised here
     raise StepFailed(sdef.name, etype, emsg, rec.attempts)
+
+
+async def await_task(
+    x: RunExecution, entry: HistoryEntry, task_id: str, service: str
+) -> TaskRecord:
+    """Wait for a remote step's task to end; its record.
+
+    A cancel or deadline meeting the run here withdraws the task if no live worker
+    holds it (its record then says ``Withdrawn``): no worker ever starts it. A task a
+    worker is running is awaited as a local step in progress would be: its outcome is
+    recorded (and compensated with the run if it succeeded), and the interrupt is
+    raised at the run's next durable point. If that worker lets the task go (a retry
+    waits, the worker died), it is withdrawn then.
+    """
+    engine, run = x.engine, x.run
+    found: list[TaskRecord] = []
+    ending = False
+
+    async def look() -> bool:
+        rec = await engine.store.get_task(run.app, task_id)
+        if rec is not None and rec.status != TaskStatus.PENDING:
+            found.append(rec)
+            return True
+        # ending: a task no live worker holds any more is withdrawn next
+        return ending and rec is not None and rec.owner is None
+
+    watch = Watch("run", task_id)
+    while True:
+        await x.journal.await_final(entry, look, watch=watch,
+                                    interrupt="ignore" if ending else "return")
+        if found:
+            return found[0]
+        if not (ending or x.interrupted()):
+            continue
+        ending = True
+        now = engine.clock.now()
+        why = "was cancelled" if x.cancel_pending() else "passed its deadline"
+        gone = await engine.store.withdraw_tasks(
+            run.app, run.run_id, stale_before=now - engine.lease, actor=engine.worker_id,
+            task_ids=[task_id],
+            error=f"{TASK_WITHDRAWN}: run {run.run_id} {why} before a worker of service "
+                  f"{service!r} took this step; it never ran",
+        )
+        if gone:
+            rec = await engine.store.get_task(run.app, task_id)
+            assert rec is not None
+            return rec
 
 
 async def step_failed(

@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import UnknownStep
+from cantata.flow.limits import release_task_slot, retime_task_begin, take_task_slot
 from cantata.graceful import wait_or_force
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
@@ -17,9 +18,12 @@ from cantata.store.faults import wait_out
 
 from .heartbeat import beat_for
 from .invoke import invoke_step
-from .steps import WORKER_LOST
+from .pauses import PAUSED
+from .steps import INTERRUPTED, WORKER_LOST
 
 if TYPE_CHECKING:
+    from cantata.declare.defs import StepDef
+
     from .engine import Engine
 
 log = logging.getLogger("cantata.tasks")
@@ -78,7 +82,7 @@ class TaskServer:
                 try:
                     claimed = await engine.store.claim_tasks(
                         engine.app, engine.worker_id, self.services, now=now,
-                        stale_before=now - engine.lease, limit=free,
+                        stale_before=now - engine.lease, limit=free, steps=self._steps(),
                     )
                 except Exception as exc:
                     engine.quiet.warning("tasks", "claiming step tasks failed (%s); retrying",
@@ -94,15 +98,22 @@ class TaskServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), engine.poll_interval)
 
+    def _steps(self) -> list[str]:
+        """The steps of the served services this worker's code has: a task of another
+        step (declared by a newer version of the service, say) waits for a worker
+        that has it, with none of its attempts spent here."""
+        return sorted(name for name, s in self.engine.router.steps.items()
+                      if s.service in self.services and not s.transactional)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self.wakeup.set()
 
-    async def _settle(self, app: str, task_id: str, fence: int, **outcome: Any) -> None:
+    async def _settle(self, app: str, task_id: str, fence: int, **outcome: Any) -> bool:
         """Record a task's outcome; a store outage is waited out, not dropped (a task
         left claimed by this live worker would be taken by nobody). While stopping the
         error is raised: the task goes back on removal."""
-        await wait_out(
+        return await wait_out(
             lambda: self.engine.store.finish_task(app, task_id, fence, **outcome),
             quiet=self.engine.quiet, key="task-settle",
             what="recording step task outcomes", give_up=lambda: self._loop is None,
@@ -118,35 +129,78 @@ class TaskServer:
                 "lease lapses", rec.task_id, reason(exc),
             )
 
+    async def _prior(self, rec: TaskRecord) -> tuple[list[Attempt], int, int,
+                                                     tuple[str, str] | None]:
+        """The recorded attempts of ``rec`` that count, as (those to close as lost,
+        count, highest number, last error): as :func:`steps.prior_attempts` for a local
+        step, an attempt whose worker died before it ended counts as ``WorkerLost``
+        (with its recorded start), an ``Interrupted`` or ``Paused`` one never counts,
+        and a claim that started no attempt is none."""
+        if rec.attempts <= 1:  # this claim is the first: nothing before it
+            return [], 0, 0, None
+        now = self.engine.clock.now()
+        closing: list[Attempt] = []
+        n = top = 0
+        last: tuple[str, str] | None = None
+        recorded = await self.engine.store.load_attempts(self.engine.app, rec.run_id)
+        for a in sorted((a for a in recorded if a.key == rec.key), key=lambda a: a.attempt):
+            if a.error_type in (INTERRUPTED[0], PAUSED[0]):
+                continue
+            if a.ended_at is None:
+                a.ended_at, (a.error_type, a.error) = now, WORKER_LOST
+                closing.append(a)
+            n += 1
+            top = max(top, a.attempt)
+            if a.error_type is not None:
+                last = (a.error_type, a.error or "")
+        return closing, n, top, last
+
     async def _execute_task(self, rec: TaskRecord) -> None:
         engine = self.engine
         clock = engine.clock
         sdef = engine.router.steps.get(rec.step)
-        n = rec.attempts
-        lost: list[Attempt] = []
-        if n > 1:  # an attempt that left no record was cut short by a crash
-            recorded = {
-                a.attempt for a in await engine.store.load_attempts(engine.app, rec.run_id)
-                if a.key == rec.key
-            }
-            lost = [Attempt(rec.key, i, clock.now(), clock.now(), *WORKER_LOST)
-                    for i in range(1, n) if i not in recorded]
-        if sdef is None:
+        if sdef is None:  # (the claim takes only the steps this code has)
             err = UnknownStep(f"step {rec.step!r} is not registered in worker {engine.worker_id}")
-            await self._finish(rec, "retry", lost, error=err, next_at=clock.now() + 5.0)
+            await self._finish(rec, "retry", [], error=err, next_at=clock.now() + 5.0)
             return
-        if n > sdef.retry.max_attempts:
+        closing, n, top, last = await self._prior(rec)
+        if n >= sdef.retry.max_attempts and last is not None:
             await self._settle(
-                engine.app, rec.task_id, rec.fence, outcome="failed", attempts=lost,
-                error=f"{WORKER_LOST[0]}: {WORKER_LOST[1]}", error_type=WORKER_LOST[0],
+                engine.app, rec.task_id, rec.fence, outcome="failed", attempts=closing,
+                error=f"{last[0]}: {last[1]}", error_type=last[0], count=n,
             )
             return
-        started = clock.now()
-        attempt = Attempt(rec.key, n, started)
-        beat = await beat_for(engine.store, engine.app, rec.run_id, sdef.name, rec.key, n)
+        # A limited step waits for its slot before the attempt is recorded (not an
+        # attempt), in the scope its local calls take (docs/flow-control.md).
+        holder = f"{rec.run_id}:{rec.key}"
+        stamped = await take_task_slot(engine, sdef, holder)
+        try:
+            await self._attempt(rec, sdef, closing, n + 1, top + 1, stamped)
+        finally:
+            await release_task_slot(engine, sdef, holder)
+
+    async def _attempt(
+        self, rec: TaskRecord, sdef: StepDef, closing: list[Attempt], n: int, number: int,
+        stamped: float | None,
+    ) -> None:
+        """Attempt ``number`` (the ``n``-th that counts): its start committed before the
+        step runs (deploy.md), so a kill -9 leaves it recorded, then its outcome."""
+        engine = self.engine
+        clock = engine.clock
+        attempt = Attempt(rec.key, number, clock.now())
+        if not await wait_out(
+            lambda: engine.store.start_task_attempt(
+                engine.app, rec.task_id, rec.fence, [*closing, attempt]),
+            quiet=engine.quiet, key="task-settle", what="recording step task attempts",
+            give_up=lambda: self._loop is None, max_delay=engine.lease / 4,
+        ):
+            return  # claimed since by another worker (this one was taken for dead)
+        if stamped is not None:
+            await retime_task_begin(engine, sdef, f"{rec.run_id}:{rec.key}", stamped)
+        beat = await beat_for(engine.store, engine.app, rec.run_id, sdef.name, rec.key, number)
         try:
             value = await invoke_step(
-                sdef, codec.loads(rec.args), rec.run_id, rec.key, n, beat=beat
+                sdef, codec.loads(rec.args), rec.run_id, rec.key, number, beat=beat
             )
             result = codec.dumps(value, f"result of step {sdef.name}", limit=engine.max_payload)
         except Exception as exc:
@@ -156,15 +210,15 @@ class TaskServer:
             retryable = sdef.retry.is_retryable(exc)
             if retryable and n < sdef.retry.max_attempts:
                 engine.metrics.retries += 1
-                await self._finish(rec, "retry", [*lost, attempt], error=exc,
-                                   next_at=clock.now() + sdef.retry.delay(n))
+                await self._finish(rec, "retry", [attempt], error=exc,
+                                   next_at=clock.now() + sdef.retry.delay(n), count=n)
             else:
-                await self._finish(rec, "failed", [*lost, attempt], error=exc)
+                await self._finish(rec, "failed", [attempt], error=exc, count=n)
             return
         attempt.ended_at = clock.now()
         await self._settle(
-            engine.app, rec.task_id, rec.fence, outcome="done", attempts=[*lost, attempt],
-            result=result,
+            engine.app, rec.task_id, rec.fence, outcome="done", attempts=[attempt],
+            result=result, count=n,
         )
 
     async def _finish(
@@ -175,9 +229,10 @@ class TaskServer:
         *,
         error: BaseException,
         next_at: float = 0.0,
+        count: int | None = None,
     ) -> None:
         await self._settle(
             self.engine.app, rec.task_id, rec.fence, outcome=outcome, attempts=attempts,
             error=f"{type(error).__name__}: {error}", error_type=type(error).__name__,
-            next_at=next_at,
+            next_at=next_at, count=count,
         )

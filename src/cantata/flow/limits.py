@@ -124,17 +124,15 @@ async def release_step_slot(execution: RunExecution, sdef: StepDef, key: str) ->
         log.warning("releasing the slot of step %s failed (%s)", sdef.name, exc)
 
 
-async def take_handler_slot(engine: Engine, hdef: HandlerDef, event_id: str,
-                            extend: Any) -> str | None:
-    """Wait for a slot of a limited handler group; the holder to release (or ``None``)."""
-    if hdef.concurrency is None:
-        return None
-    holder = f"{hdef.group}:{event_id}"
+def _news_wait(engine: Engine, extend: Any = None) -> Any:
+    """A ``wait`` for :func:`acquire` outside a run: until ``seconds`` pass or the
+    flow service hears that a slot may be free (``extend()`` first, when given)."""
     news = engine.flow.released if engine.flow is not None else asyncio.Event()
 
     async def wait(seconds: float) -> None:
         news.clear()  # (before the await: news meanwhile ends this wait at once)
-        await extend()  # a broker message stays ours while it waits
+        if extend is not None:
+            await extend()
         sleeper = asyncio.ensure_future(engine.clock.sleep(seconds))
         waiter = asyncio.ensure_future(news.wait())
         try:
@@ -143,7 +141,52 @@ async def take_handler_slot(engine: Engine, hdef: HandlerDef, event_id: str,
             sleeper.cancel()
             waiter.cancel()
 
-    await acquire(engine, handler_scope(hdef.group), holder, hdef.concurrency, None, wait)
+    return wait
+
+
+async def take_task_slot(engine: Engine, sdef: StepDef, holder: str) -> float | None:
+    """Wait for a slot of a limited step called from another service (a task): the
+    same scope and holder (``run_id:key``) as a local call of the step, so one limit
+    holds for both. The clock time its begin was recorded at (``None``: no limit)."""
+    if sdef.concurrency is None and sdef.rate is None:
+        return None
+    return await acquire(engine, step_scope(sdef.name), holder, sdef.concurrency, sdef.rate,
+                         _news_wait(engine))
+
+
+async def retime_task_begin(engine: Engine, sdef: StepDef, holder: str,
+                            stamped: float) -> None:
+    """:func:`retime_step_begin` for a task: its begin recorded again when the body
+    begins more than half the rate's margin after its grant."""
+    rate = sdef.rate
+    if rate is None:
+        return
+    slack = (rate.window - rate.per) / 2
+    for _ in range(3):
+        if engine.clock.now() - stamped <= slack:
+            return
+        stamped = await take_task_slot(engine, sdef, holder) or engine.clock.now()
+
+
+async def release_task_slot(engine: Engine, sdef: StepDef, holder: str) -> None:
+    """Free the slot a task's attempt held (a store error: it lapses with the lease)."""
+    if sdef.concurrency is None and sdef.rate is None:
+        return
+    try:
+        await engine.store.release_slot(engine.app, step_scope(sdef.name), holder)
+    except Exception as exc:
+        log.warning("releasing the slot of step %s failed (%s)", sdef.name, exc)
+
+
+async def take_handler_slot(engine: Engine, hdef: HandlerDef, event_id: str,
+                            extend: Any) -> str | None:
+    """Wait for a slot of a limited handler group; the holder to release (or ``None``)."""
+    if hdef.concurrency is None:
+        return None
+    holder = f"{hdef.group}:{event_id}"
+    # (extend: a broker message stays ours while it waits)
+    await acquire(engine, handler_scope(hdef.group), holder, hdef.concurrency, None,
+                  _news_wait(engine, extend))
     return holder
 
 

@@ -162,6 +162,9 @@ class TaskStatus(StrEnum):
 TASK_PENDING = TaskStatus.PENDING
 TASK_DONE = TaskStatus.DONE
 TASK_FAILED = TaskStatus.FAILED
+#: The error type of a task withdrawn before any worker took it: its run ended, or
+#: began unwinding (a cancel, a deadline), first (TaskStore.withdraw_tasks).
+TASK_WITHDRAWN = "Withdrawn"
 
 
 class LostAttempt(StrEnum):

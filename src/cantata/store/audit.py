@@ -250,7 +250,7 @@ def task_entry(
     error: str | None,
 ) -> Entry:
     data: dict[str, Any] = {"step": step, "service": service, "attempts": attempts}
-    if outcome == "failed":
+    if outcome in ("failed", "withdrawn"):
         data["error"] = error
     return worker_actor(owner), f"task.{outcome}", task_id, data
 

@@ -155,11 +155,12 @@ class PostgresStore(
         now: float,
         stale_before: float,
         limit: int,
+        steps: Sequence[str] | None = None,
     ) -> list[TaskRecord]:
-        if not services:
+        if not services or (steps is not None and not steps):
             return []
         return await self._w.run(lambda c, b: event_writes.claim_tasks(
-            c, b, app, worker_id, services, now, stale_before, limit
+            c, b, app, worker_id, services, now, stale_before, limit, steps
         ))
 
     async def finish_task(
@@ -174,10 +175,35 @@ class PostgresStore(
         error: str | None = None,
         error_type: str | None = None,
         next_at: float = 0.0,
+        count: int | None = None,
     ) -> bool:
         check_task_outcome(outcome)
         return await self._w.run(lambda c, b: event_writes.finish_task(
-            c, b, app, task_id, fence, outcome, attempts, result, error, error_type, next_at
+            c, b, app, task_id, fence, outcome, attempts, result, error, error_type, next_at,
+            count,
+        ))
+
+    async def start_task_attempt(
+        self, app: str, task_id: str, fence: int, attempts: Sequence[Attempt]
+    ) -> bool:
+        return await self._w.run(lambda c, b: event_writes.start_task_attempt(
+            c, b, app, task_id, fence, attempts
+        ))
+
+    async def withdraw_tasks(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        stale_before: float,
+        error: str,
+        actor: str | None = None,
+        task_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        if task_ids is not None and not task_ids:
+            return []
+        return await self._w.run(lambda c, b: event_writes.withdraw_tasks(
+            c, b, app, run_id, stale_before, error, actor, task_ids
         ))
 
     async def get_task(self, app: str, task_id: str) -> TaskRecord | None:

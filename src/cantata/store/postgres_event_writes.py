@@ -15,6 +15,7 @@ from cantata.model import codec
 from cantata.model.event import Event, matches
 from cantata.model.records import (
     DELIVERY_PENDING,
+    TASK_WITHDRAWN,
     Attempt,
     Delivery,
     TaskRecord,
@@ -297,9 +298,9 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
 
 async def claim_tasks(
     c: Conn, b: Batch, app: str, worker_id: str, services: Sequence[str],
-    now: float, stale_before: float, limit: int,
+    now: float, stale_before: float, limit: int, steps: Sequence[str] | None = None,
 ) -> list[TaskRecord]:
-    return await ops.claim_tasks(c, app, worker_id, services, now, stale_before, limit)
+    return await ops.claim_tasks(c, app, worker_id, services, now, stale_before, limit, steps)
 
 
 def _finish_sql(sets: str) -> str:
@@ -322,12 +323,25 @@ _FINISH = {
     ),
     "retry": _finish_sql("owner=NULL, next_at=$4, error=$5, error_type=$6, updated_at=$7"),
 }
+# The same, the task's attempts set to the last parameter (finish_task's ``count``).
+_FINISH_COUNTED = {
+    "done": _finish_sql(
+        "status='done', result=$4, error=NULL, error_type=NULL, owner=NULL, updated_at=$5, "
+        "attempts=$6"
+    ),
+    "failed": _finish_sql(
+        "status='failed', error=$4, error_type=$5, owner=NULL, updated_at=$6, attempts=$7"
+    ),
+    "retry": _finish_sql(
+        "owner=NULL, next_at=$4, error=$5, error_type=$6, updated_at=$7, attempts=$8"
+    ),
+}
 
 
 async def finish_task(
     c: Conn, b: Batch, app: str, task_id: str, fence: int, outcome: str,
     attempts: Sequence[Attempt], result: str | None, error: str | None,
-    error_type: str | None, next_at: float,
+    error_type: str | None, next_at: float, count: int | None = None,
 ) -> bool:
     """:meth:`PostgresStore.finish_task` (``outcome`` is checked by the caller)."""
     now = time.time()
@@ -338,15 +352,62 @@ async def finish_task(
         args = (error, error_type, now)
     else:
         args = (next_at, error, error_type, now)
-    row = await c.fetchrow(_FINISH[outcome], app, task_id, fence, *args)
+    sql = _FINISH[outcome] if count is None else _FINISH_COUNTED[outcome]
+    if count is not None:
+        args = (*args, count)
+    row = await c.fetchrow(sql, app, task_id, fence, *args)
     if row is None:
         return False
     run_id, owner, step, service, n = row
+    if count is not None:
+        n = count
     await ops.upsert_attempts(c, app, run_id, attempts)
     b.notify(app, TASKS)
     if outcome != "retry":
         b.audit(app, audit.task_entry(task_id, owner, outcome, step, service, n, error))
     return True
+
+
+async def start_task_attempt(
+    c: Conn, b: Batch, app: str, task_id: str, fence: int, attempts: Sequence[Attempt]
+) -> bool:
+    """:meth:`PostgresStore.start_task_attempt`: the task row locked while the attempts
+    are written, so a claim with a newer fence cannot slip in between."""
+    run_id = await c.fetchval(
+        "SELECT run_id FROM tasks WHERE app=$1 AND task_id=$2 AND fence=$3 "
+        "AND status='pending' FOR UPDATE",
+        app, task_id, fence,
+    )
+    if run_id is None:
+        return False
+    await ops.upsert_attempts(c, app, run_id, attempts)
+    return True
+
+
+async def withdraw_tasks(
+    c: Conn, b: Batch, app: str, run_id: str, stale_before: float, error: str,
+    actor: str | None, task_ids: Sequence[str] | None,
+) -> list[str]:
+    """:meth:`PostgresStore.withdraw_tasks`: the tasks no live worker holds, locked
+    (a claimer holding one's lock is skipped: it takes the task first)."""
+    rows = await c.fetch(
+        "WITH pick AS MATERIALIZED ("
+        " SELECT task_id FROM tasks t WHERE t.app=$1 AND t.run_id=$2 AND t.status='pending'"
+        "  AND ($3::text[] IS NULL OR t.task_id = ANY($3::text[]))"
+        "  AND (t.owner IS NULL OR NOT EXISTS (SELECT 1 FROM workers w"
+        "   WHERE w.app=t.app AND w.worker_id=t.owner AND w.heartbeat_at >= $4))"
+        "  FOR UPDATE SKIP LOCKED)"
+        " UPDATE tasks t SET status='failed', error=$5, error_type=$6, owner=NULL,"
+        " updated_at=$7 FROM pick WHERE t.app=$1 AND t.task_id=pick.task_id"
+        " RETURNING t.task_id, t.step, t.service, t.attempts",
+        app, run_id, None if task_ids is None else list(task_ids), stale_before, error,
+        TASK_WITHDRAWN, time.time(),
+    )
+    if rows:
+        b.notify(app, TASKS)
+    for task_id, step, service, n in sorted(tuple(r) for r in rows):
+        b.audit(app, audit.task_entry(task_id, actor, "withdrawn", step, service, n, error))
+    return sorted(r[0] for r in rows)
 
 
 async def mark_published(c: Conn, b: Batch, app: str, event_ids: Sequence[str]) -> None:

@@ -30,7 +30,7 @@ from cantata.model.records import (
     TaskRecord,
     to_datetime,
 )
-from cantata.model.status import RunStatus
+from cantata.model.status import FINAL_STATUSES, RunStatus
 from cantata.store import audit
 from cantata.store.postgres_pool import Conn, Row
 
@@ -245,6 +245,10 @@ async def insert_tasks(
     )
 
 
+# A task of a run in one of these statuses is never claimed (TaskStore.claim_tasks).
+ENDED = sorted(str(s) for s in FINAL_STATUSES)
+
+
 async def claim_tasks(
     c: Conn,
     app: str,
@@ -253,19 +257,26 @@ async def claim_tasks(
     now: float,
     stale_before: float,
     limit: int,
+    steps: Sequence[str] | None = None,
 ) -> list[TaskRecord]:
     # As claim_deliveries: a MATERIALIZED pick with SKIP LOCKED, liveness as a
-    # correlated subquery so the READ COMMITTED re-check sees a new owner.
+    # correlated subquery so the READ COMMITTED re-check sees a new owner. ``$7``:
+    # the step names the claimer's code has (NULL: any); a task of an ended run is
+    # never taken.
     rows = await c.fetch(
         f"WITH pick AS MATERIALIZED ("
         f" SELECT task_id FROM tasks t WHERE t.app=$1 AND t.status='pending'"
         f"  AND t.service = ANY($2::text[]) AND t.next_at <= $3"
+        f"  AND ($7::text[] IS NULL OR t.step = ANY($7::text[]))"
         f"  AND (t.owner IS NULL OR (t.owner<>$4 AND NOT EXISTS (SELECT 1 FROM workers w"
         f"   WHERE w.app=t.app AND w.worker_id=t.owner AND w.heartbeat_at >= $5)))"
+        f"  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=t.app AND r.run_id=t.run_id"
+        f"   AND r.status = ANY($8::text[]))"
         f" ORDER BY t.next_at, t.created_at LIMIT $6 FOR UPDATE SKIP LOCKED)"
         f" UPDATE tasks t SET owner=$4, fence=t.fence+1, attempts=t.attempts+1, updated_at=$3"
         f" FROM pick WHERE t.app=$1 AND t.task_id=pick.task_id RETURNING {T_TASK_COLS}",
         app, list(services), now, worker_id, stale_before, limit,
+        None if steps is None else list(steps), ENDED,
     )
     return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))
 

@@ -9,14 +9,20 @@ from collections.abc import Sequence
 
 from cantata.model.records import (
     TASK_PENDING,
+    TASK_WITHDRAWN,
     Attempt,
     TaskRecord,
 )
+from cantata.model.status import FINAL_STATUSES
 from cantata.store import audit
 from cantata.store.common import check_task_outcome
 from cantata.store.roles import TASKS
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import TASK_COLS, audit_append, task_row, upsert_attempts
+
+# A task of a run in one of these statuses is never claimed (TaskStore.claim_tasks).
+ENDED = tuple(sorted(str(s) for s in FINAL_STATUSES))
+ENDED_MARKS = ",".join("?" * len(ENDED))
 
 
 class SQLiteTasks(SQLiteCore):
@@ -31,22 +37,28 @@ class SQLiteTasks(SQLiteCore):
         now: float,
         stale_before: float,
         limit: int,
+        steps: Sequence[str] | None = None,
     ) -> list[TaskRecord]:
-        if not services:
+        if not services or (steps is not None and not steps):
             return []
 
         def op(c: sqlite3.Connection) -> list[TaskRecord]:
             marks = ",".join("?" * len(services))
+            only = "" if steps is None else f" AND t.step IN ({','.join('?' * len(steps))})"
             rows = c.execute(
                 f"UPDATE tasks SET owner=?, fence=fence+1, attempts=attempts+1, updated_at=? "
                 f"WHERE app=? AND task_id IN ("
                 f" SELECT t.task_id FROM tasks t INDEXED BY tasks_due LEFT JOIN workers w"
                 f"  ON w.app=t.app AND w.worker_id=t.owner"
                 f" WHERE t.app=? AND t.status='pending' AND t.service IN ({marks}) AND t.next_at<=?"
+                f"{only}"
                 f"  AND (t.owner IS NULL OR (t.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.heartbeat_at < ?)))"
+                f"  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=t.app AND r.run_id=t.run_id"
+                f"   AND r.status IN ({ENDED_MARKS}))"
                 f" ORDER BY t.next_at, t.created_at LIMIT ?) RETURNING {TASK_COLS}",
-                (worker_id, now, app, app, *services, now, worker_id, stale_before, limit),
+                (worker_id, now, app, app, *services, now, *(steps or ()), worker_id,
+                 stale_before, *ENDED, limit),
             ).fetchall()
             return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))
 
@@ -64,6 +76,7 @@ class SQLiteTasks(SQLiteCore):
         error: str | None = None,
         error_type: str | None = None,
         next_at: float = 0.0,
+        count: int | None = None,
     ) -> bool:
         check_task_outcome(outcome)
 
@@ -79,6 +92,9 @@ class SQLiteTasks(SQLiteCore):
             upsert_attempts(c, app, run_id, attempts)
             now = time.time()
             key = (app, task_id)
+            if count is not None:
+                n = count
+                c.execute("UPDATE tasks SET attempts=? WHERE app=? AND task_id=?", (n, *key))
             if outcome == "done":
                 c.execute(
                     "UPDATE tasks SET status='done', result=?, error=NULL, error_type=NULL, "
@@ -102,6 +118,57 @@ class SQLiteTasks(SQLiteCore):
                 return True
             audit_append(c, app, audit.task_entry(task_id, owner, outcome, step, service, n, error))
             return True
+
+        return await self._t.write(op, TASKS)
+
+    async def start_task_attempt(
+        self, app: str, task_id: str, fence: int, attempts: Sequence[Attempt]
+    ) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            row = c.execute(
+                "SELECT run_id FROM tasks WHERE app=? AND task_id=? AND fence=? "
+                "AND status='pending'",
+                (app, task_id, fence),
+            ).fetchone()
+            if row is None:
+                return False
+            upsert_attempts(c, app, row[0], attempts)
+            return True
+
+        return await self._t.write(op)
+
+    async def withdraw_tasks(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        stale_before: float,
+        error: str,
+        actor: str | None = None,
+        task_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        if task_ids is not None and not task_ids:
+            return []
+
+        def op(c: sqlite3.Connection) -> list[str]:
+            only = ("" if task_ids is None
+                    else f" AND t.task_id IN ({','.join('?' * len(task_ids))})")
+            now = time.time()
+            rows = c.execute(
+                "UPDATE tasks SET status='failed', error=?, error_type=?, owner=NULL, "
+                "updated_at=? WHERE app=? AND task_id IN ("
+                " SELECT t.task_id FROM tasks t LEFT JOIN workers w"
+                "  ON w.app=t.app AND w.worker_id=t.owner"
+                f" WHERE t.app=? AND t.run_id=? AND t.status='pending'{only}"
+                "  AND (t.owner IS NULL OR w.worker_id IS NULL OR w.heartbeat_at < ?))"
+                " RETURNING task_id, step, service, attempts",
+                (error, TASK_WITHDRAWN, now, app, app, run_id, *(task_ids or ()),
+                 stale_before),
+            ).fetchall()
+            for task_id, step, service, n in sorted(rows):
+                audit_append(c, app, audit.task_entry(
+                    task_id, actor, "withdrawn", step, service, n, error))
+            return sorted(r[0] for r in rows)
 
         return await self._t.write(op, TASKS)
 

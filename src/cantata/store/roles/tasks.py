@@ -26,6 +26,7 @@ class TaskStore(Protocol):
         now: float,
         stale_before: float,
         limit: int,
+        steps: Sequence[str] | None = None,
     ) -> list[TaskRecord]:
         """Take pending tasks of ``services`` that are due and not owned by a live worker.
 
@@ -34,6 +35,10 @@ class TaskStore(Protocol):
         heartbeat is older than ``stale_before`` (or unknown). Each claim sets the
         owner and increments ``attempts`` and ``fence``; the updated records are
         returned, due first.
+
+        ``steps`` (when given) restricts the claim to tasks of those step names: a
+        worker whose code lacks a step leaves its tasks to the workers that have it.
+        A task whose run has ended (a final status) is never claimed.
         """
 
     async def finish_task(
@@ -48,6 +53,7 @@ class TaskStore(Protocol):
         error: str | None = None,
         error_type: str | None = None,
         next_at: float = 0.0,
+        count: int | None = None,
     ) -> bool:
         """Record the outcome of a task attempt, if ``fence`` still owns the pending task.
 
@@ -55,11 +61,37 @@ class TaskStore(Protocol):
         :meth:`commit_run` does), then ``outcome`` ``"done"`` stores ``result``;
         ``"failed"`` stores ``error`` and ``error_type`` for good; ``"retry"`` keeps
         the task pending, unowned and due at ``next_at``, with the error recorded.
+        ``count`` (when given) becomes the task's ``attempts``: the attempts made,
+        where a claim that started none (its worker died first) counted one.
         ``done`` and ``failed`` are audited. Returns ``False`` and writes nothing
         when the task is unknown, finished, or claimed since with a newer fence.
 
         Raises:
             ValueError: ``outcome`` is none of ``done``, ``failed``, ``retry``.
+        """
+
+    async def start_task_attempt(
+        self, app: str, task_id: str, fence: int, attempts: Sequence[Attempt]
+    ) -> bool:
+        """Upsert ``attempts`` under the task's run (an attempt's start, recorded before
+        its step runs, and earlier attempts closed as lost), if ``fence`` still owns
+        the pending task; else ``False`` and nothing written."""
+
+    async def withdraw_tasks(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        stale_before: float,
+        error: str,
+        actor: str | None = None,
+        task_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Withdraw the pending tasks of ``run_id`` (those of ``task_ids`` when given)
+        that no live worker holds (no owner, or one whose heartbeat is older than
+        ``stale_before``): each becomes ``failed`` with ``error_type`` ``"Withdrawn"``
+        and ``error``, unowned, audited as ``task.withdrawn`` by ``actor`` (a worker
+        id). A task a live worker holds is left to finish. Returns the ids withdrawn.
         """
 
     async def get_task(self, app: str, task_id: str) -> TaskRecord | None:

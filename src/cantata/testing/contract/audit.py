@@ -74,6 +74,15 @@ class AuditContract(StoreFixtures):
         placed, failed = ev("order.placed"), ev("order.failed")
         await commit(entries=[entry("b#1", 2, ENTRY_FAILED, error="E: x")], events=[placed],
                      tasks=[remote(rid, "inventory.reserve#1")])
+        # (the task is claimed while its run is live: a task of an ended run never is)
+        [t] = await store.claim_tasks(self.app, "inv-w", ["inventory"], now=time.time(),
+                                      stale_before=0, limit=5)
+        await store.finish_task(self.app, t.task_id, t.fence, outcome="retry", error="E: r",
+                                error_type="E", attempts=[])
+        [t] = await store.claim_tasks(self.app, "inv-w", ["inventory"], now=time.time(),
+                                      stale_before=0, limit=5)
+        await store.finish_task(self.app, t.task_id, t.fence, outcome="done", result="7",
+                                attempts=[])
         other, _ = await store.create_run(new_run(self.app))
         await store.request_cancel(self.app, other.run_id, actor="cli:alice")
         await commit(status=RunStatus.COMPLETED, result="1", flagged=True, release=True)
@@ -87,14 +96,6 @@ class AuditContract(StoreFixtures):
         await store.settle_delivery(self.app, "g", failed.id, Settlement(
             "dead", 3, error="E: z", dead_letter_id="dl-1"))
         await store.replay_dead_letter(self.app, "dl-1", time.time(), actor="api:bob")
-        [t] = await store.claim_tasks(self.app, "inv-w", ["inventory"], now=time.time(),
-                                      stale_before=0, limit=5)
-        await store.finish_task(self.app, t.task_id, t.fence, outcome="retry", error="E: r",
-                                error_type="E", attempts=[])
-        [t] = await store.claim_tasks(self.app, "inv-w", ["inventory"], now=time.time(),
-                                      stale_before=0, limit=5)
-        await store.finish_task(self.app, t.task_id, t.fence, outcome="done", result="7",
-                                attempts=[])
 
         records = await self.log(store)
         assert_chained(records)
@@ -105,6 +106,8 @@ class AuditContract(StoreFixtures):
             ("worker:w1", "run.checkpoint", rid, {"completed": ["a#1"]}),
             ("worker:w1", "run.checkpoint", rid, {
                 "failed": ["b#1"], "events": [placed.id], "tasks": ["inventory.reserve#1"]}),
+            ("worker:inv-w", "task.done", t.task_id,
+             {"step": "inventory.reserve", "service": "inventory", "attempts": 2}),
             ("system", "run.created", other.run_id,
              {"workflow": "wf", "correlation_id": other.correlation_id}),
             ("cli:alice", "run.cancel_requested", other.run_id,
@@ -116,8 +119,6 @@ class AuditContract(StoreFixtures):
             ("system", "delivery.dead", f"g:{failed.id}",
              {"attempts": 3, "error": "E: z", "dead_letter_id": "dl-1"}),
             ("api:bob", "dead_letter.replayed", f"g:{failed.id}", {"dead_letter_id": "dl-1"}),
-            ("worker:inv-w", "task.done", t.task_id,
-             {"step": "inventory.reserve", "service": "inventory", "attempts": 2}),
         ]
         assert d.event == placed
         assert all(r.time >= records[0].time - 1 for r in records)

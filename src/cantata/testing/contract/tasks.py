@@ -261,3 +261,107 @@ class TasksContract(StoreFixtures):
             "other"
         ]
 
+
+    async def test_claim_tasks_takes_only_the_steps_given(self, store: Store) -> None:
+        run_id, _ = await self.started(store, "inventory.reserve#1", "inventory.release#1")
+        now = time.time()
+        claim = store.claim_tasks
+        assert await claim(self.app, "old", ["inventory"], now=now, stale_before=now - 10,
+                           limit=9, steps=[]) == []
+        [got] = await claim(self.app, "old", ["inventory"], now=now, stale_before=now - 10,
+                            limit=9, steps=["inventory.release", "inventory.other"])
+        assert got.step == "inventory.release"
+        # The step the old code lacks was not claimed: no claim counted against it.
+        [reserve] = [t for t in await store.tasks_of_run(self.app, run_id)
+                     if t.step == "inventory.reserve"]
+        assert (reserve.owner, reserve.attempts, reserve.fence) == (None, 0, 0)
+        [taken] = await claim(self.app, "new", ["inventory"], now=now,
+                              stale_before=now - 10, limit=9, steps=["inventory.reserve"])
+        assert (taken.step, taken.attempts) == ("inventory.reserve", 1)
+
+    async def test_a_task_of_an_ended_run_is_never_claimed(self, store: Store) -> None:
+        run_id, fence = await self.started(store, "a#1")
+        other, _ = await self.started(store, "b#1")
+        await store.commit_run(self.app, run_id, fence, RunWrite(status=RunStatus.CANCELLED))
+        [got] = await self.claim_t(store, "w1")
+        assert got.run_id == other
+        [left] = await store.tasks_of_run(self.app, run_id)
+        assert (left.status, left.owner, left.attempts) == (TASK_PENDING, None, 0)
+
+    async def test_withdraw_tasks_leaves_those_a_live_worker_holds(self, store: Store) -> None:
+        heard: list[str] = []
+        store.add_listener(heard.append)
+        now = await self.live(store, "live")
+        await store.heartbeat(self.app, "dead", now - 60, None)
+        run_id, _ = await self.started(store, "a#1", "b#1", "c#1", "d#1")
+        [a] = await self.claim_t(store, "live", limit=1)
+        [c] = await self.claim_t(store, "w", limit=1)  # b#1, waiting for its retry
+        assert await store.finish_task(self.app, c.task_id, c.fence, outcome="retry",
+                                       next_at=now + 100, attempts=[], error="E: x",
+                                       error_type="E")
+        [b] = await self.claim_t(store, "dead", limit=1)  # c#1, held by a dead worker
+        other, _ = await self.started(store, "a#1")
+        heard.clear()
+        assert await store.withdraw_tasks(
+            self.app, run_id, stale_before=now - 10, error="Withdrawn: the run was cancelled",
+            actor="orders-w", task_ids=[],
+        ) == []
+        got = await store.withdraw_tasks(
+            self.app, run_id, stale_before=now - 10, error="Withdrawn: the run was cancelled",
+            actor="orders-w",
+        )
+        assert got == sorted([b.task_id, c.task_id, f"{run_id}:d#1"])
+        await eventually(lambda: TASKS in heard)
+        by_id = {t.task_id: t for t in await store.tasks_of_run(self.app, run_id)}
+        assert (by_id[a.task_id].status, by_id[a.task_id].owner) == (TASK_PENDING, "live")
+        for task_id in got:
+            t = by_id[task_id]
+            assert (t.status, t.error_type, t.error, t.owner) == (
+                TASK_FAILED, "Withdrawn", "Withdrawn: the run was cancelled", None)
+        assert not await store.finish_task(self.app, b.task_id, b.fence, outcome="done",
+                                           result="1", attempts=[])
+        assert [t.status for t in await store.tasks_of_run(self.app, other)] == [TASK_PENDING]
+        assert await self.claim_t(store, "w2") == [
+            await store.get_task(self.app, f"{other}:a#1")]  # only the other run's task
+        # One of them, by id: withdrawn once.
+        [a_left] = [t for t in await store.tasks_of_run(self.app, run_id) if t.owner == "live"]
+        await store.heartbeat(self.app, "live", now - 60, None)
+        assert await store.withdraw_tasks(
+            self.app, run_id, stale_before=now - 10, error="Withdrawn: x",
+            task_ids=[a_left.task_id],
+        ) == [a_left.task_id]
+        assert await store.withdraw_tasks(
+            self.app, run_id, stale_before=now - 10, error="Withdrawn: x",
+        ) == []
+
+    async def test_an_attempt_starts_under_the_fence_and_a_count_is_kept(
+        self, store: Store
+    ) -> None:
+        run_id, _ = await self.started(store, "a#1")
+        [old] = await self.claim_t(store, "w1")
+        assert await store.start_task_attempt(
+            self.app, old.task_id, old.fence, [Attempt("a#1", 1, 10.0)])
+        assert await store.load_attempts(self.app, run_id) == [Attempt("a#1", 1, 10.0)]
+        [new] = await self.claim_t(store, "w2")  # w1 died: its attempt never ended
+        assert new.attempts == 2
+        assert not await store.start_task_attempt(
+            self.app, old.task_id, old.fence, [Attempt("a#1", 9, 1.0)])
+        lost = Attempt("a#1", 1, 10.0, 20.0, "WorkerLost", "lost")
+        assert await store.start_task_attempt(
+            self.app, new.task_id, new.fence, [lost, Attempt("a#1", 2, 20.0)])
+        assert await store.finish_task(
+            self.app, new.task_id, new.fence, outcome="retry", next_at=0.0, error="E: x",
+            error_type="E", attempts=[Attempt("a#1", 2, 20.0, 21.0, "E", "x")], count=2,
+        )
+        [again] = await self.claim_t(store, "w2")
+        assert again.attempts == 3  # a claim counts until its attempts are known
+        assert await store.finish_task(
+            self.app, again.task_id, again.fence, outcome="failed", error="WorkerLost: lost",
+            error_type="WorkerLost", attempts=[], count=2,
+        )
+        final = await store.get_task(self.app, again.task_id)
+        assert final is not None and (final.status, final.attempts) == (TASK_FAILED, 2)
+        assert await store.load_attempts(self.app, run_id) == [
+            lost, Attempt("a#1", 2, 20.0, 21.0, "E", "x")]
+        assert not await store.start_task_attempt(
+            self.app, again.task_id, again.fence, [Attempt("a#1", 3, 1.0)])
