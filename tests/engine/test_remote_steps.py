@@ -305,7 +305,7 @@ async def test_a_stub_calls_the_service_that_declared_the_step(
     (lambda app: app.remote_step("inv.reserve", service="in ventory"),
      "service 'in ventory' is invalid"),
     (lambda app: app.remote_step("in*v.reserve"), "service 'in\\*v' is invalid"),
-    (lambda app: app.include(42), "app.include needs a cantata.Router or a Saga, got 42"),
+    (lambda app: app.include(42), "app.include needs a cantata.Router, an App or a Saga, got 42"),
     (lambda app: app.step(service=123)(lambda: None), "@step: service 123 is invalid"),
     (lambda app: app.step(service="")(lambda: None), "@step: service '' is invalid"),
     (lambda app: app.step(service="a.b")(lambda: None), "service 'a.b' is invalid"),

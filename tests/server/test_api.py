@@ -225,17 +225,7 @@ async def test_operator_actions_are_audited_with_the_token_name(shop: Shop) -> N
     run_id = await start(shop, "await_approval", {"id": "AU-1"})
     await shop.post(f"/api/runs/{run_id}/cancel")
     await shop.post("/api/events", json={"type": "invoice.approved", "data": {}})
-    records: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"limit": 3}
-        if cursor:
-            params["cursor"] = cursor
-        page = (await shop.get("/api/audit", "admin", params=params)).json()
-        records += page["records"]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            break
+    records = await audit_records(shop, page=3)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     actor = f"token:{shop.names['operator']}"
     mine = {(r["action"], r["target"]) for r in records if r["actor"] == actor}
@@ -382,19 +372,25 @@ async def test_publishing_a_type_nothing_listens_to_says_it_is_an_orphan(shop: S
     assert heard.status_code == 201 and heard.json()["orphan"] is False
 
 
-async def audit_of(shop: Shop, actor: str) -> list[tuple[str, str]]:
-    """``(action, target)`` of every audit record by ``actor``, in chain order."""
-    out: list[tuple[str, str]] = []
+async def audit_records(shop: Shop, page: int = 500) -> list[dict[str, Any]]:
+    """Every audit record of the app, in chain order, read ``page`` at a time."""
+    records: list[dict[str, Any]] = []
     cursor = None
     while True:
-        params: dict[str, Any] = {"limit": 500}
+        params: dict[str, Any] = {"limit": page}
         if cursor:
             params["cursor"] = cursor
-        page = (await shop.get("/api/audit", "admin", params=params)).json()
-        out += [(r["action"], r["target"]) for r in page["records"] if r["actor"] == actor]
-        cursor = page["next_cursor"]
+        got = (await shop.get("/api/audit", "admin", params=params)).json()
+        records += got["records"]
+        cursor = got["next_cursor"]
         if cursor is None:
-            return out
+            return records
+
+
+async def audit_of(shop: Shop, actor: str) -> list[tuple[str, str]]:
+    """``(action, target)`` of every audit record by ``actor``, in chain order."""
+    return [(r["action"], r["target"]) for r in await audit_records(shop)
+            if r["actor"] == actor]
 
 
 async def test_a_repeated_start_or_publish_says_so_and_is_not_audited_as_done_again(

@@ -7,24 +7,14 @@ from typing import Any
 
 from tests.helpers import eventually
 from tests.server.conftest import Shop
-from tests.server.test_api import finished, start
+from tests.server.test_api import audit_records, finished, start
 
 UNKNOWN = "0123456789abcdef0123456789abcdef"
 
 
 async def audit(shop: Shop) -> list[dict[str, Any]]:
     """Every audit record of the app, in chain order."""
-    records: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"limit": 500}
-        if cursor:
-            params["cursor"] = cursor
-        page = (await shop.get("/api/audit", "admin", params=params)).json()
-        records += page["records"]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return records
+    return await audit_records(shop)
 
 
 async def failed_invoice(shop: Shop, order: str, **extra: Any) -> str:
@@ -161,7 +151,7 @@ async def test_discard_a_dead_letter(shop: Shop) -> None:
     assert (await shop.get("/api/dead-letters")).json() == []
     again = await shop.post(path)  # gone for good, as app.discard says: DeadLetterNotFound
     assert again.status_code == 404 and again.json()["error"]["code"] == "dead_letter_not_found"
-    assert "discarded or replayed already?" in again.json()["error"]["message"]
+    assert "replayed or discarded already?" in again.json()["error"]["message"]
     unknown = await shop.post(f"/api/dead-letters/{UNKNOWN}/discard")
     assert unknown.status_code == 404
     actor = f"token:{shop.names['operator']}"

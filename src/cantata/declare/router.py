@@ -450,9 +450,12 @@ class Router:
             attach(self)
             return
         if not isinstance(router, Router):
-            raise RegistrationError(
-                f"app.include needs a cantata.Router or a Saga, got {router!r}"
-            )
+            inner = getattr(router, "router", None)  # an App: its declarations
+            if not isinstance(inner, Router):
+                raise RegistrationError(
+                    f"app.include needs a cantata.Router, an App or a Saga, got {router!r}"
+                )
+            router = inner
         for s in router.steps.values():
             self._add_step(s)
         for w in router.workflows.values():

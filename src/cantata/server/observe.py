@@ -113,17 +113,7 @@ async def dead_letters(
 async def replay(request: Request, dead_letter_id: AnId, who: Operator) -> DeadLetterOut:
     """Takes it off the list and delivers its event to its group again (it comes back if
     the handler fails again)."""
-    console = console_of(request)
-    params.required_ident("dead_letter_id", dead_letter_id)
-    app = await console.open()
-    try:
-        dl = await app.replay(dead_letter_id, actor=who.actor)
-    except DeadLetterNotFound:
-        raise DeadLetterNotFound(
-            f"no dead letter {dead_letter_id!r} in app {app.name!r} (replayed or discarded "
-            "already?)"
-        ) from None
-    return dead_letter_out(dl)
+    return await _letter_action(request, dead_letter_id, who, "replay")
 
 
 @router.post("/dead-letters/{dead_letter_id}/discard", response_model=DeadLetterOut,
@@ -132,14 +122,23 @@ async def discard(request: Request, dead_letter_id: AnId, who: Operator) -> Dead
     """Takes it off the list without delivering it again (its delivery stays dead), as
     `cantata dlq discard`; answers what was discarded. A second discard is a 404: it is
     gone."""
+    return await _letter_action(request, dead_letter_id, who, "discard")
+
+
+async def _letter_action(
+    request: Request, dead_letter_id: str, who: Principal, action: str
+) -> DeadLetterOut:
+    """``app.replay`` or ``app.discard`` of one dead letter by ``who``; a letter gone
+    already is a 404 that says it may have been replayed or discarded."""
     console = console_of(request)
     params.required_ident("dead_letter_id", dead_letter_id)
     app = await console.open()
+    act = app.replay if action == "replay" else app.discard
     try:
-        dl = await app.discard(dead_letter_id, actor=who.actor)
+        dl = await act(dead_letter_id, actor=who.actor)
     except DeadLetterNotFound:
         raise DeadLetterNotFound(
-            f"no dead letter {dead_letter_id!r} in app {app.name!r} (discarded or replayed "
+            f"no dead letter {dead_letter_id!r} in app {app.name!r} (replayed or discarded "
             "already?)"
         ) from None
     return dead_letter_out(dl)
