@@ -10,7 +10,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cantata.app_options import check_backend, check_options
+from cantata.app_options import check_backend, check_options, served
 from cantata.app_router import RouterFacade
 from cantata.app_runtime import Runtime
 from cantata.broker.base import Broker
@@ -151,7 +151,7 @@ class App(RouterFacade):
         self.clock = clock or SystemClock()
         self.lease = lease
         self.poll_interval = poll_interval
-        self.services = frozenset(services) if services is not None else None
+        self.services = served(services)
         self.concurrency = concurrency
         self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
         self.audit_key = _audit_key(audit_key)
@@ -171,6 +171,8 @@ class App(RouterFacade):
         self.hot_runs = hot_runs
         self._runtime: Runtime | None = None  # while open
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it is open on
+        self._lock: asyncio.Lock | None = None  # opens and closes, one at a time
+        self._lock_loop: asyncio.AbstractEventLoop | None = None  # the loop of _lock
         self._opened = 0
         self.hooks = Hooks()
 
@@ -183,7 +185,7 @@ class App(RouterFacade):
             ConfigurationError: the app is open, or ``store`` / ``broker`` is neither
                 a URL nor a backend object.
         """
-        if self._runtime is not None:
+        if self._loop is not None:  # open, or being opened or closed
             raise ConfigurationError(f"app {self.name!r} is open: configure it before opening")
         for kind, spec in (("store", store), ("broker", broker)):
             if spec is not None:
@@ -236,16 +238,34 @@ class App(RouterFacade):
         return self.engine.metrics
 
     async def open(self, *, serve: bool = True) -> None:
-        """Open store and broker, record declarations; with ``serve`` run a worker here."""
-        if self._runtime is not None:
-            self._check_loop("open")
-            if serve and not self._runtime.engine.serving:
-                await self._runtime.serve(self)
-            self._opened += 1
-            return
-        self._runtime = await Runtime.open(self, serve)
-        self._loop = asyncio.get_running_loop()
-        self._opened = 1
+        """Open store and broker, record declarations; with ``serve`` run a worker here.
+
+        Opens and closes of one app are taken one at a time: tasks that open it at once
+        share one open app, and an open that meets a close waits for it, then opens anew.
+        """
+        async with self._lifecycle("open"):
+            if self._runtime is not None:
+                if serve and not self._runtime.engine.serving:
+                    await self._runtime.serve(self)
+                self._opened += 1
+                return
+            self._loop = asyncio.get_running_loop()  # from now: other loops are refused
+            try:
+                self._runtime = await Runtime.open(self, serve)
+            except BaseException:
+                self._loop = None
+                raise
+            self._opened = 1
+
+    def _lifecycle(self, doing: str) -> asyncio.Lock:
+        """The lock that takes this app's opens and closes one at a time, bound to the
+        running event loop (a new one for a closed app used from another loop)."""
+        if self._loop is not None:
+            self._check_loop(doing)
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     def _check_loop(self, doing: str) -> None:
         """Refuse to use the open app from an event loop other than the one it is open
@@ -264,18 +284,20 @@ class App(RouterFacade):
         ``shutdown_grace`` seconds (or until :meth:`force_stop`); what is left is
         released at once for other workers. A stop never counts as an attempt.
         """
-        runtime = self._runtime
-        if runtime is None:
+        if self._runtime is None:
             return
-        self._check_loop("close")
-        self._opened -= 1
-        if self._opened > 0:
-            return
-        self._force_stop = asyncio.Event()
-        await runtime.close(self.shutdown_grace, self._force_stop)
-        self._force_stop = None
-        self._runtime = None
-        self._loop = None
+        async with self._lifecycle("close"):
+            runtime = self._runtime
+            if runtime is None:  # closed by another task while this one waited
+                return
+            self._opened -= 1
+            if self._opened > 0:
+                return
+            self._force_stop = asyncio.Event()
+            await runtime.close(self.shutdown_grace, self._force_stop)
+            self._force_stop = None
+            self._runtime = None
+            self._loop = None
 
     def force_stop(self) -> None:
         """End a graceful stop in progress at once (a second SIGTERM or SIGINT): what
@@ -344,6 +366,26 @@ class App(RouterFacade):
             SerializationError: an argument is not JSON-serialisable (nothing is stored).
             IdempotencyConflict: the key was used with other arguments.
         """
+        handle, _ = await self._start(
+            workflow, *args, idempotency_key=idempotency_key, deadline=deadline,
+            correlation_id=correlation_id, queue=queue, priority=priority, partition=partition,
+        )
+        return handle
+
+    async def _start(
+        self,
+        workflow: Callable[..., Any] | str,
+        *args: Any,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        correlation_id: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        partition: str | None = None,
+    ) -> tuple[RunHandle, bool]:
+        """:meth:`start`, and whether this call created the run (``False``: the
+        idempotency key's run existed and nothing was started), as the store told it:
+        of simultaneous first starts with one key, exactly one is told ``True``."""
         engine = self.engine
         name = workflow_name(workflow)
         wdef = engine.router.workflows.get(name)
@@ -361,11 +403,11 @@ class App(RouterFacade):
             from cantata.flow.queues import entry_for
 
             entry = await entry_for(engine, name, queue, priority, partition)
-        run = await engine.create_run(
+        run, created = await engine.create_run(
             name, list(args), idempotency_key=idempotency_key, deadline=deadline,
             correlation_id=correlation_id, queue=entry,
         )
-        return self._handle(engine, run.run_id, name)
+        return self._handle(engine, run.run_id, name), created
 
     async def _workflow_names(self) -> list[str]:
         """The workflows this process's code registers and those any service of the app

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from cantata.errors import ConfigurationError
-from cantata.model.checks import check_seconds
+from cantata.model.checks import check_seconds, check_text
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
@@ -35,6 +36,42 @@ def check_options(
             )
     if version is not None and (not isinstance(version, str) or not version.strip()):
         raise ConfigurationError(f"version must be a non-empty string, got {version!r}")
+
+
+def served(services: Iterable[str] | None) -> frozenset[str] | None:
+    """``App(services=...)`` as a set, each name checked (``None``: serve everything).
+
+    A name is a service's (1-100 letters, digits, '-' or '_': ``check_service``) or a
+    handler group's, which may be any non-empty text a store keeps (no NUL, no lone
+    surrogate: ``@app.on`` refuses the rest); every service name is such text too.
+
+    Raises:
+        ConfigurationError: ``services`` is one string or no iterable, or a name is
+            not text, empty, or holds a NUL or a lone surrogate (naming it).
+    """
+    if services is None:
+        return None
+    if isinstance(services, str):
+        raise ConfigurationError(
+            "services must be a list of service or group names, not one string: "
+            f"services=[{services!r}]"
+        )
+    try:
+        names = list(services)
+    except TypeError:
+        raise ConfigurationError(
+            "services must be a list of service or group names, got "
+            f"{type(services).__name__} {services!r}"
+        ) from None
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"services: {name!r} is no service or handler group name: list the "
+                "services of @app.workflow(service=...) and @app.step(service=...) (1-100 "
+                "letters, digits, '-' or '_') or the groups of @app.on(group=...)"
+            )
+        check_text("services:", name)
+    return frozenset(names)
 
 
 _BACKEND_FORMS = {

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 import cantata
 from cantata import Router, RunStatus
 from tests.choreography.helpers import SETTLE, eventually, make_app
@@ -84,3 +86,37 @@ async def test_a_choreographed_sagas_own_handlers_follow_its_workflow(sqlite_url
         result = await handle.result(timeout=20)
         assert (await handle.info()).status == RunStatus.COMPLETED
     assert set(result) == {"reserve", "stock", "fraud", "charge"}
+
+
+@pytest.mark.parametrize(("services", "message"), [
+    ("inventory", "services must be a list of service or group names, not one string: "
+                  "services=\\['inventory'\\]"),
+    (["inventory", ""], "services: '' is no service or handler group name"),
+    (["inventory", 42], "services: 42 is no service or handler group name"),
+    ([None], "services: None is no service or handler group name"),
+    (["inv\x00entory"], "services: 'inv\\\\x00entory' holds a NUL"),
+    (["inv\ud800"], "services: 'inv\\\\ud800' holds a lone surrogate"),
+    (42, "services must be a list of service or group names, got int 42"),
+])
+def test_services_that_name_no_service_or_group_are_refused(
+        services: Any, message: str) -> None:
+    with pytest.raises(cantata.ConfigurationError, match=message):
+        make_app("memory://", services=services)
+
+
+def test_services_take_every_service_and_handler_group_name() -> None:
+    """A service name (letters, digits, '-', '_') or any handler group's name: a group
+    may hold dots and spaces."""
+    names = ["inventory", "billing-v2", "shop.emails", "Emails Team", "x" * 300]
+    app = make_app("memory://", services=iter(names))
+    assert app.services == frozenset(names)
+    for group in names:
+        app.on("order.placed", group=group)(lambda event: None)
+
+
+@pytest.mark.parametrize("group", ["", "inv\x00entory", "inv\ud800", 42])
+def test_a_handler_group_that_no_store_keeps_is_refused_where_it_is_declared(
+        group: Any) -> None:
+    app = make_app("memory://")
+    with pytest.raises(cantata.RegistrationError, match="group"):
+        app.on("order.placed", group=group)(lambda event: None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -421,6 +422,21 @@ async def test_a_repeated_start_or_publish_says_so_and_is_not_audited_as_done_ag
         ("event.published", "evt-R-1"), ("event.publish_repeated", "evt-R-1"),
         ("event.published", "evt-R-2"), ("event.publish_repeated", "evt-R-2"),
     ]
+
+
+async def test_simultaneous_first_starts_with_one_key_create_and_audit_one_run(
+        shop: Shop) -> None:
+    """Starts with one key that arrive together: exactly one answers 201 created (and is
+    audited as the start); the others answer the same run, 200, as repeats."""
+    body = {"input": {"id": "S-1"}, "idempotency_key": "order-S-1"}
+    starts = await asyncio.gather(
+        *(shop.post("/api/workflows/place_order/runs", json=body) for _ in range(6)))
+    assert sorted(r.status_code for r in starts) == [200] * 5 + [201]
+    assert sorted(r.json()["created"] for r in starts) == [False] * 5 + [True]
+    run_ids = {r.json()["run_id"] for r in starts}
+    assert len(run_ids) == 1
+    mine = await audit_of(shop, f"token:{shop.names['operator']}")
+    assert sorted(mine) == [("run.start_repeated", *run_ids)] * 5 + [("run.started", *run_ids)]
 
 
 async def test_an_error_caused_by_one_body_field_names_it(shop: Shop) -> None:

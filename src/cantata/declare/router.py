@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from cantata.errors import RegistrationError
-from cantata.model.checks import check_seconds
+from cantata.model.checks import check_seconds, check_text
 from cantata.model.codec import signature_of
 from cantata.model.event import check_pattern, check_type
 from cantata.model.flow import QueueSpec, Rate, check_limit, make_spec
@@ -347,6 +347,8 @@ class Router:
         check_pattern(pattern)
         if not group or not isinstance(group, str):
             raise RegistrationError(f"handler for {pattern!r} needs group='service-name'")
+        # Any text a store keeps as given (what App(services=...) accepts as a group).
+        check_text(f"@on({pattern!r}): group", group, error=RegistrationError)
         for t in emits:
             check_type(t)
 

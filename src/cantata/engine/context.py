@@ -405,7 +405,7 @@ class WorkflowContext:
                 raise UnknownWorkflow(
                     f"child workflow {name!r} is not registered in app {engine.app!r}"
                 )
-            child = await engine.create_run(
+            child, _ = await engine.create_run(
                 # A retried run's new call is a new child (the old one ended for good).
                 name, list(args), idempotency_key=f"child:{x.run.run_id}:{call.key}"
                 + (f"@{x.run.epoch}" if x.run.epoch else ""),

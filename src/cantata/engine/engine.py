@@ -191,9 +191,14 @@ class Engine:
         parent_run_id: str | None = None,
         deadline: float | None = None,
         queue: QueueEntry | None = None,
-    ) -> RunRecord:
+    ) -> tuple[RunRecord, bool]:
         """Store a new run (or return the one with that idempotency key) and start it here
-        when this process serves the workflow; with ``queue``, it waits there to begin."""
+        when this process serves the workflow; with ``queue``, it waits there to begin.
+
+        Returns:
+            The run, and whether this call created it (``False``: the key's run existed,
+            nothing was started).
+        """
         check_key("idempotency_key", idempotency_key, "the business key that makes this "
                   "start unique (e.g. 'order-42'), or None for a new run each time",
                   empty=False)
@@ -229,7 +234,7 @@ class Engine:
             stored, created = await self.store.create_queued_run(run, queue)
             if created and self.flow is not None:
                 self.flow.wake()
-            return stored
+            return stored, created
         if local and idempotency_key is None:
             # Executed here at once, and new for sure: the run is stored with its first
             # checkpoint, in one transaction, when its workflow reaches it.
@@ -238,18 +243,16 @@ class Engine:
             # caller must not cancel): cheaper than asyncio.shield, one callback less.
             assert execution.created is not None
             if execution.created.done():  # never yet: its task has not begun
-                stored, _ = execution.created.result()
-                return stored
+                return execution.created.result()
             starter: asyncio.Future[tuple[RunRecord, bool]]
             starter = execution.starter = asyncio.get_running_loop().create_future()
-            stored, _ = await starter
-            return stored
+            return await starter
         stored, created = await self.store.create_run(run)
         if created and local:
             self.launch(stored, fresh=True)
         elif created:
             self.ownership.claim_wakeup.set()
-        return stored
+        return stored, created
 
     def completion(self, run_id: str) -> asyncio.Future[RunRecord | None] | None:
         """A future resolved when this process stops executing ``run_id`` (``None`` if it

@@ -203,7 +203,7 @@ async def start_tick(engine: Engine, spec: ScheduleSpec, tick: float) -> str | N
     from cantata.flow.queues import entry_for
 
     try:
-        run = await engine.create_run(
+        run, _ = await engine.create_run(
             spec.workflow, spec.args(tick), idempotency_key=tick_key(spec.name, tick),
             queue=await entry_for(engine, spec.workflow, None, 0, None),
         )

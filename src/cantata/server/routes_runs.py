@@ -235,16 +235,16 @@ async def start_run(
     if wdef is not None:  # its code is loaded here: refuse arguments it cannot be called with
         _check_arguments(wdef, args, sent)
     key = body.idempotency_key
-    existed = key is not None and bool(await app.store.query_runs(
-        app.name, RunQuery(idempotency_key=key, limit=1)))
     try:
-        handle = await app.start(name, *args, idempotency_key=key,
-                                 correlation_id=body.correlation_id)
+        # Whether this call created the run, as the store decided it: of simultaneous
+        # first starts with one key, exactly one is told so (and audited as the start).
+        handle, created = await app._start(name, *args, idempotency_key=key,
+                                           correlation_id=body.correlation_id)
     except IdempotencyConflict as exc:
         raise caused_by("idempotency_key", exc) from None
     except PayloadTooLarge as exc:
         raise caused_by(sent or "input", exc) from None
-    if existed:  # the key's run: nothing was started, and the log says so
+    if not created:  # the key's run: nothing was started, and the log says so
         response.status_code = 200
         await app.store.record_action(app.name, who.actor, "run.start_repeated",
                                       handle.run_id, {"workflow": name,
