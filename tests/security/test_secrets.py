@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from cantata import App, CantataError, ConfigurationError
 from cantata.cli.main import main
 from cantata.model import secrets
 from cantata.store.factory import mask_url
+from tests.helpers import drop_schema
 
 SECRET = "SeCrEt-pw-8731"
 
@@ -123,6 +125,7 @@ def test_the_worker_banner_and_logs_hide_the_password(
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
+        asyncio.run(drop_schema(postgres_url, schema))  # the worker made it
     assert "secretshop" in out, out
     assert SECRET not in out
     # a start against a refused port also prints nothing secret
