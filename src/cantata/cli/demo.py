@@ -94,6 +94,10 @@ def demo(
     table.add_row("how it rolls back", "compensation steps, in reverse",
                   "payment.failed → inventory.released → order.cancelled")
     console.print(table)
+    if store.startswith("memory:"):  # gone with this process: no command can read it
+        console.print("\nThe memory:// store is gone with this process: run the demo with "
+                      "--store sqlite:///demo.db to look at its runs and traces afterwards.")
+        return
     if orchestrated.examples:
         console.print(
             f"\nA compensated saga:  cantata trace {orchestrated.examples[0]} "

@@ -26,7 +26,7 @@ from .runs import AppOpt, JsonOpt, StoreOpt
 
 def register(cli: typer.Typer) -> None:
     cli.command("publish")(publish)
-    dlq = typer.Typer(help="Dead letters: list, replay, discard.", no_args_is_help=True)
+    dlq = typer.Typer(help="Dead letters: list, replay, discard, redrive.", no_args_is_help=True)
     dlq.command("list")(dlq_list)
     dlq.command("replay")(dlq_replay)
     dlq.command("redrive")(dlq_redrive)

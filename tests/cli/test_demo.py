@@ -1,0 +1,36 @@
+"""``cantata demo``: the order example in both styles, and the commands it prints."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cantata(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANTATA_")}
+    return subprocess.run([sys.executable, "-m", "cantata", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env={**env, "COLUMNS": "200"})
+
+
+def test_the_demo_prints_commands_that_work(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'demo.db'}"
+    done = cantata("demo", "--orders", "6", "--store", store, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "compensation steps, in reverse" in done.stdout
+    hints = re.findall(r"(cantata (?:trace|runs) .*)", done.stdout)
+    assert [h.split()[1] for h in hints] == ["trace", "runs"], done.stdout
+    for hint in hints:
+        ran = cantata(*hint.split()[1:], cwd=tmp_path)
+        assert ran.returncode == 0, (hint, ran.stderr)
+
+
+def test_a_memory_demo_prints_no_command_that_cannot_work(tmp_path: Path) -> None:
+    done = cantata("demo", "--orders", "4", "--store", "memory://", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "cantata trace" not in done.stdout and "cantata runs" not in done.stdout
+    assert "memory:// store is gone with this process" in " ".join(done.stdout.split())
