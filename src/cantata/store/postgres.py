@@ -142,7 +142,7 @@ class PostgresStore(
         """See :class:`~cantata.store.base.TransactionalStore`."""
         from cantata.store.postgres_tx import run_transaction
 
-        return await run_transaction(self._db, app, run_id, fence, body)
+        return await run_transaction(self._db, app, run_id, fence, body, self._audit_keys)
 
     # -- tasks ------------------------------------------------------------------------
 

@@ -235,7 +235,8 @@ class PostgresOperate(PostgresCore):
             assert row is not None
             await PgPool.notify(c, app, RUNS)
             await audit_append(
-                c, app, rules.retry_entry(run_id, actor, str(run.status), epoch, keys, version)
+                c, app, rules.retry_entry(run_id, actor, str(run.status), epoch, keys, version),
+                self._audit_keys.get(app),
             )
             return run_row(row)
 
@@ -273,11 +274,13 @@ class PostgresOperate(PostgresCore):
                     keys,
                 )
             await PgPool.notify(c, app, RUNS)
+            key = self._audit_keys.get(app)
             await audit_append(
-                c, app, audit.run_created_entry(run.run_id, run.workflow, run.correlation_id, None)
+                c, app, audit.run_created_entry(run.run_id, run.workflow, run.correlation_id, None),
+                key,
             )
             await audit_append(
-                c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key)
+                c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key), key
             )
             return run
 
@@ -323,5 +326,6 @@ class PostgresOperate(PostgresCore):
                     f"no dead letter {dead_letter_id!r} in app {app!r}; list them with "
                     "`cantata dlq list`"
                 )
-            await audit_append(c, app, rules.discard_entry(row[1], row[2], dead_letter_id, actor))
+            await audit_append(c, app, rules.discard_entry(row[1], row[2], dead_letter_id, actor),
+                               self._audit_keys.get(app))
             return dead_letter_row(row, event_row(ev_row))

@@ -9,9 +9,10 @@ a schema are looked up in the store's schema (the connection's ``search_path``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
 from cantata.store.postgres_batch import Batch, _commit_sql
@@ -40,8 +41,12 @@ class PostgresTx(Tx):
         return [tuple(r) for r in rows]
 
 
-async def run_transaction(db: PgPool, app: str, run_id: str, fence: int, body: TxBody[R]) -> R:
-    """:meth:`~cantata.store.base.TransactionalStore.run_transaction` on PostgreSQL."""
+async def run_transaction(
+    db: PgPool, app: str, run_id: str, fence: int, body: TxBody[R],
+    keys: Mapping[str, audit.AuditKey] | None = None,
+) -> R:
+    """:meth:`~cantata.store.base.TransactionalStore.run_transaction` on PostgreSQL;
+    ``keys``: the apps' audit keys (a keyed chain stays keyed)."""
     async with db.conn() as c:
         await c.execute("BEGIN")
         tx = PostgresTx(c)
@@ -53,7 +58,7 @@ async def run_transaction(db: PgPool, app: str, run_id: str, fence: int, body: T
             if refused[0] is not None:
                 raise refused[0].error
             if batch.audits:
-                await ops.audit_append_many(c, batch.audits)
+                await ops.audit_append_many(c, batch.audits, keys)
             await c.execute(_commit_sql(batch.notices, db.channel))
         except BaseException:
             tx.close()

@@ -42,6 +42,7 @@ class _Lane:
             if self.conn is None:
                 self.conn = connect(self.store.path, self.store.url, self.store.synchronous,
                                     create=False)
+                self.conn.audit_keys = self.store._audit_keys  # a keyed chain stays keyed
             return fn(self.conn)
 
         return await asyncio.get_running_loop().run_in_executor(self.pool, go)
