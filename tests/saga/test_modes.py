@@ -45,20 +45,22 @@ async def run_all(store_url: str, shape: str, mode: str) -> dict[str, Any]:
     return seen
 
 
-def trace_steps(root: Any) -> list[str]:
-    """The steps and compensations a trace shows: nodes of the run's own steps when
-    orchestrated, the services' handlers (named as the steps they run) when
-    choreographed; a parallel stage's join is the choreography's own."""
-    names: set[str] = set()
+def trace_steps(root: Any) -> list[tuple[str, str, str, str | None]]:
+    """The steps and compensations a trace shows, as (kind, name, status, error): nodes
+    of the run's own steps when orchestrated, the services' handlers (named as the steps
+    they run) when choreographed, where a step's handler counts as a step; a parallel
+    stage's join is the choreography's own."""
+    seen: set[tuple[str, str, str, str | None]] = set()
 
     def walk(node: Any) -> None:
         if node.kind in ("step", "compensation", "handler") and not node.name.startswith("join"):
-            names.add(node.name)
+            kind = "step" if node.kind == "handler" else node.kind
+            seen.add((kind, node.name, node.status, node.error))
         for child in node.children:
             walk(child)
 
     walk(root)
-    return sorted(names)
+    return sorted(seen)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -95,7 +97,14 @@ async def test_both_modes_do_the_same_at_every_failure_position(
         ran = names[: names.index(fail) + 1]
         if fail in ("stock", "fraud"):
             ran = names[:3]  # the other branch ran too
-        assert got["trace_steps"] == sorted([*ran, *(f"undo_{n}" for n in undo)])
+        assert sorted(name for _, name, _, _ in got["trace_steps"]) == sorted(
+            [*ran, *(f"undo_{n}" for n in undo)])
+        # each shown as it went: the failed step with its error, the undos as compensations
+        error = f"ValueError: {fail} refused order {i}"
+        assert sorted(got["trace_steps"]) == sorted(
+            [*(("step", n, "completed", None) for n in ran if n != fail),
+             ("step", fail, "failed", error),
+             *(("compensation", f"undo_{n}", "completed", None) for n in undo)])
         # each compensation got the result of the step it undoes
         undone = {name.removeprefix("undo "): result for name, _, result in got["calls"]
                   if name.startswith("undo ")}
@@ -109,3 +118,43 @@ async def run_one(app: App, data: dict[str, Any]) -> tuple[str, Any]:
             return "completed", await handle.result(timeout=30)
         except cantata.WorkflowError as exc:
             return exc.status, exc.error
+
+
+async def trace_of_failed_undo(mode: str) -> tuple[Any, ...]:
+    """A saga whose step fails and whose compensation fails too: what the trace and
+    the stalls show of its steps."""
+    app = App(f"undo-fails-{mode}", store="memory://", poll_interval=0.02)
+    once = cantata.Retry(max_attempts=1)
+
+    @app.step
+    async def hold(x: int) -> int:
+        return x
+
+    @app.step(retry=once)
+    async def release(x: int) -> None:
+        raise KeyError("hold gone")
+
+    @app.step(retry=once)
+    async def pay(x: int) -> None:
+        raise RuntimeError("card declined")
+
+    app.include(cantata.Saga("book", cantata.Step(hold, compensate=release),
+                             cantata.Step(pay), mode=mode))
+    async with app:
+        handle = await app.start("book", 1)
+        with pytest.raises(cantata.WorkflowFailed):
+            await handle.result(timeout=10)
+        root = await app.trace(handle.run_id)
+        stalls = await app.stalled(older_than=0)
+    return (trace_steps(root), [(s.reason, s.node.kind, s.node.name) for s in stalls])
+
+
+async def test_a_failed_compensation_shows_the_same_in_both_modes() -> None:
+    orchestrated, choreographed = [await trace_of_failed_undo(mode) for mode in MODES]
+    assert orchestrated == choreographed
+    assert orchestrated == (
+        [("compensation", "release", "failed", "KeyError: 'hold gone'"),
+         ("step", "hold", "completed", None),
+         ("step", "pay", "failed", "RuntimeError: card declined")],
+        [("compensation_failed", "compensation", "release")],
+    )

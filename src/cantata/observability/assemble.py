@@ -35,7 +35,7 @@ from cantata.model.records import (
     HistoryEntry,
     RunRecord,
 )
-from cantata.model.status import RunStatus, call_status
+from cantata.model.status import CUT_SHORT, RunStatus, call_status
 from cantata.store.base import Store, TraceRecords
 
 from .bound import MAX_NODES, bound, truncation_notice
@@ -45,6 +45,7 @@ from .node import (
     DEAD,
     DEAD_LETTER,
     EVENT,
+    FAILED,
     HANDLER,
     PENDING,
     PUBLISHED,
@@ -170,6 +171,17 @@ def short_name(declaration: Declaration) -> str:
     info = codec.loads(declaration.detail) if declaration.detail else None
     name = info.get("handler") if isinstance(info, dict) else None
     return str(name).rsplit("<locals>.", 1)[-1] if name else declaration.name
+
+
+def _token(step: object) -> str:
+    """A saga step's name as its event types and groups spell it (see ``Saga.event_type``)."""
+    return str(step).replace(".", "_")
+
+
+def _step_error(failed: str) -> str:
+    """``Type: message`` of a ``StepFailed`` text (``step s failed after n attempt(s): ...``)."""
+    _, sep, error = failed.partition(" attempt(s): ")
+    return error if sep else failed
 
 
 def _error_of(attempt: Attempt) -> str | None:
@@ -422,6 +434,9 @@ class Builder:
                         self._attach(node, f"run:{run.run_id}")
                 continue
             handler = self._handler_node(event, d)
+            self._saga_outcome(handler, event, d, [
+                e for e in caused if self._emitting_group(e) == d.group
+            ])
             node.children.append(handler)
             if replayed:
                 # The delivery's row counts the attempts since the last replay only.
@@ -462,6 +477,41 @@ class Builder:
         if status == PENDING and d.next_at > 0:
             node.due = stamp(d.next_at)
         return node
+
+    def _saga_outcome(self, node: TraceNode, event: Event[Any], d: Delivery,
+                      emitted: list[Event[Any]]) -> None:
+        """Show a choreographed saga's handler as the orchestrated run shows the call.
+
+        Its step's outcome travels in the events (see ``engine/saga/choreographed.py``):
+        a step's handler that emitted the step's ``failure`` (on a trigger that carried
+        none) failed with that error; a handler whose trigger names its step first in
+        the ``undo`` plan runs a compensation, and failed if it added to ``failures``.
+        """
+        data = event.data
+        run = self.runs.get(data.get("run_id", "")) if isinstance(data, dict) else None
+        prefix = f"{run.workflow}." if run is not None else ""
+        if not (prefix and event.type.startswith(prefix) and d.group.startswith(prefix)):
+            return
+        token = d.group[len(prefix):]  # the step, as its group names it
+        states = [e.data for e in emitted if isinstance(e.data, dict)]
+        undo = data.get("undo")
+        if isinstance(undo, list) and undo and _token(undo[0]) == token:
+            node.kind = COMPENSATION
+            before = len(data.get("failures") or [])
+            for state in states:
+                failures = state.get("failures")
+                if isinstance(failures, list) and len(failures) > before:
+                    node.status = FAILED
+                    node.error = _step_error(str(failures[-1]))
+            return
+        if "failure" in data:
+            return  # a failure passed on (a join's), not this step's own
+        for state in states:
+            failure = state.get("failure")
+            if isinstance(failure, dict) and _token(failure.get("step")) == token:
+                never_ran = failure.get("type") == "Cancelled" and not failure.get("attempts")
+                node.status = CUT_SHORT if never_ran else FAILED
+                node.error = f"{failure.get('type')}: {failure.get('message') or ''}".rstrip(": ")
 
     def _replayed_node(self, dl: DeadLetter, replayed_at: float) -> TraceNode:
         node = self._dead_letter_node(dl)

@@ -111,9 +111,10 @@ def _run_stall(run: TraceNode, now: dt.datetime) -> tuple[str, TraceNode, dt.dat
 def _stall_of(node: TraceNode, now: dt.datetime) -> tuple[str, TraceNode, dt.datetime] | None:
     if node.kind == RUN:
         return _run_stall(node, now)
-    if node.kind == HANDLER and node.status == PENDING:
+    # A choreographed saga's compensation is a handler's delivery: pending or dead as one.
+    if node.kind in (HANDLER, COMPENSATION) and node.status == PENDING:
         return UNHANDLED_EVENT, node, node.touched or node.started_at or now
-    if node.kind == HANDLER and node.status == DEAD:
+    if node.kind in (HANDLER, COMPENSATION) and node.status == DEAD:
         if any(c.kind == DEAD_LETTER and c.status == DEAD for c in node.children):
             return None  # reported on the dead letter itself
         return DEAD_LETTERED, node, node.ended_at or node.touched or now

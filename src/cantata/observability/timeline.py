@@ -184,7 +184,7 @@ class _Renderer:
                 out.append(node.detail)
             if node.status == WAITING and node.due is not None:
                 out.append(f"times out {_clock(node.due, self.now)}")
-        elif node.kind == HANDLER and node.status == "pending":
+        elif node.kind in (HANDLER, COMPENSATION) and node.status == "pending":
             if node.attempts == 0:
                 out.append("not picked up yet")
             elif node.due is not None:
