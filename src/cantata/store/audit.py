@@ -267,6 +267,23 @@ def task_entry(
     return worker_actor(owner), f"task.{outcome}", task_id, data
 
 
+def schedule_put_entry(actor: str, name: str, spec: str, new: bool) -> Entry:
+    """The record of a schedule created (``new``) or whose spec was replaced; ``spec``
+    is the stored spec (JSON of :class:`~cantata.model.schedule.ScheduleSpec`)."""
+    fields = json.loads(spec)
+    when = fields.get("cron") or f"every {fields.get('every'):g}s"
+    return actor, "schedule.created" if new else "schedule.replaced", name, {
+        "workflow": fields.get("workflow"), "when": when}
+
+
+def schedule_pause_entry(actor: str, name: str, paused: bool) -> Entry:
+    return actor, "schedule.paused" if paused else "schedule.resumed", name, {}
+
+
+def schedule_deleted_entry(actor: str, name: str) -> Entry:
+    return actor, "schedule.deleted", name, {}
+
+
 # -- verification ---------------------------------------------------------------------
 
 
