@@ -244,17 +244,18 @@ class SyncSchedules:
     def list(self) -> list[ScheduleInfo]:
         return self._owner._call(self._owner.app.schedules.list())
 
-    def pause(self, name: str) -> None:
-        self._owner._call(self._owner.app.schedules.pause(name))
+    def pause(self, name: str, *, actor: str | None = None) -> None:
+        self._owner._call(self._owner.app.schedules.pause(name, actor=actor))
 
-    def resume(self, name: str) -> None:
-        self._owner._call(self._owner.app.schedules.resume(name))
+    def resume(self, name: str, *, actor: str | None = None) -> None:
+        self._owner._call(self._owner.app.schedules.resume(name, actor=actor))
 
-    def trigger(self, name: str) -> SyncHandle:
-        return self._owner._wrap(self._owner._call(self._owner.app.schedules.trigger(name)))
+    def trigger(self, name: str, *, actor: str | None = None) -> SyncHandle:
+        return self._owner._wrap(self._owner._call(
+            self._owner.app.schedules.trigger(name, actor=actor)))
 
-    def delete(self, name: str) -> None:
-        self._owner._call(self._owner.app.schedules.delete(name))
+    def delete(self, name: str, *, actor: str | None = None) -> None:
+        self._owner._call(self._owner.app.schedules.delete(name, actor=actor))
 
 
 class SyncApp:

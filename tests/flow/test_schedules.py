@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 from pathlib import Path
 
@@ -364,3 +365,47 @@ def test_cron_must_have_five_fields() -> None:
         with pytest.raises(ConfigurationError,
                            match=rf"invalid cron expression '{re.escape(cron)}'.*five"):
             app.schedule(cron)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_schedule_operations_are_audited_with_their_actor(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Each operation writes one audit record, with the actor given (or this process)."""
+    if backend == "postgres":
+        pytest.importorskip("asyncpg")
+        url = request.getfixturevalue("pg_session_url")
+    else:
+        url = f"sqlite:///{tmp_path / 's.db'}"
+    app = App(f"sched-{tmp_path.name[-8:]}", store=url)
+
+    @app.workflow
+    async def nightly(ctx: object, tick: dt.datetime) -> None:
+        return None
+
+    async with app.client():
+        before = await app.store.audit_head_seq(app.name)
+        await app.schedules.create("n", "0 2 * * *", nightly, actor="cli:alice@host")
+        await app.schedules.create("n", "0 3 * * *", nightly, actor="cli:alice@host")
+        await app.schedules.pause("n", actor="token:bob")
+        await app.schedules.resume("n")
+        run_id = (await app.schedules.trigger("n", actor="token:bob")).run_id
+        await app.schedules.delete("n", actor="cli:carol@host")
+        with pytest.raises(UnknownSchedule):
+            await app.schedules.delete("n", actor="cli:carol@host")  # nothing: no record
+        records = await app.store.audit_records(app.name, after_seq=before)
+        assert (await app.store.verify_audit(app.name)).ok
+    ours = [(r.actor, r.action, r.target, json.loads(r.data)) for r in records
+            if r.action.startswith("schedule.")]
+    process = ours[3][0] if len(ours) > 3 else ""
+    assert process.startswith("process:")
+    assert ours == [
+        ("cli:alice@host", "schedule.created", "n",
+         {"workflow": "nightly", "when": "0 2 * * *"}),
+        ("cli:alice@host", "schedule.replaced", "n",
+         {"workflow": "nightly", "when": "0 3 * * *"}),
+        ("token:bob", "schedule.paused", "n", {}),
+        (process, "schedule.resumed", "n", {}),
+        ("token:bob", "schedule.triggered", "n", {"run_id": run_id}),
+        ("cli:carol@host", "schedule.deleted", "n", {}),
+    ]

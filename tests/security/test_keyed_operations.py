@@ -1,7 +1,10 @@
 """A keyed audit chain stays keyed through every operator action and transaction step:
-retry, fork, discard, replay, cancel and an ``@app.transaction`` step on each store."""
+retry, fork, discard, replay, cancel, schedule changes and an ``@app.transaction`` step
+on each store."""
 
 from __future__ import annotations
+
+import datetime as dt
 
 import pytest
 
@@ -29,6 +32,10 @@ async def test_operator_actions_keep_a_keyed_chain_intact(store_url: str) -> Non
     @app.on("order.placed", group="ledger", retry=Retry(max_attempts=1))
     async def book(event: Event) -> None:
         raise RuntimeError("ledger down")
+
+    @app.workflow
+    async def ticked(ctx: WorkflowContext, tick: dt.datetime) -> int:
+        return 4
 
     transactional = not store_url.startswith("memory:")
     if transactional:
@@ -60,6 +67,12 @@ async def test_operator_actions_keep_a_keyed_chain_intact(store_url: str) -> Non
         await parked.cancel(actor="ops:ann")
         if transactional:
             assert await (await app.start("noted", 3)).result(timeout=10) == 3
+        await app.schedules.create("hourly", "0 * * * *", ticked, actor="ops:ann")
+        await app.schedules.pause("hourly", actor="ops:ann")
+        await app.schedules.resume("hourly", actor="ops:ann")
+        assert await (await app.schedules.trigger("hourly", actor="ops:ann")).result(
+            timeout=10) == 4
+        await app.schedules.delete("hourly", actor="ops:ann")
         report = await app.store.verify_audit(app.name, key=app.audit_key)
         records = await app.store.audit_records(app.name, after_seq=0, limit=1000)
     assert report.ok, (report, [(r.seq, r.actor, r.action) for r in records])

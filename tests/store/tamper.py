@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import astuple
 from pathlib import Path
 
 import asyncpg
@@ -10,8 +11,9 @@ import pytest
 
 from cantata.model.records import AuditRecord
 from cantata.store.base import Store
+from cantata.store.sqlite_ops import AUDIT_COLS
 from cantata.testing.contract import StoreContract
-from cantata.testing.contract.support import tampered
+from cantata.testing.contract.support import forged_after, tampered
 
 
 async def record(store: Store, app: str, seq: int) -> AuditRecord:
@@ -22,6 +24,10 @@ async def record(store: Store, app: str, seq: int) -> AuditRecord:
 
 def sqlite_tamper(conn: sqlite3.Connection, app: str, rec: AuditRecord, how: str) -> None:
     """Bypass the append-only triggers (by dropping them) and change ``rec``."""
+    if how == "forge":
+        conn.execute(f"INSERT INTO audit (app, {AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                     (app, *astuple(forged_after(rec))))
+        return
     changes = tampered(rec, how)
     conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
     conn.execute("DROP TRIGGER IF EXISTS audit_no_delete")
@@ -36,10 +42,15 @@ def sqlite_tamper(conn: sqlite3.Connection, app: str, rec: AuditRecord, how: str
 
 async def pg_tamper(url: str, schema: str, app: str, rec: AuditRecord, how: str) -> None:
     """Disable the append-only trigger for one transaction and change ``rec``."""
-    changes = tampered(rec, how)
+    changes = None if how == "forge" else tampered(rec, how)
     conn = await asyncpg.connect(url)
     table = f'"{schema}".audit'
     try:
+        if how == "forge":  # an INSERT: the append-only trigger does not stop it
+            await conn.execute(
+                f"INSERT INTO {table} (app, {AUDIT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                app, *astuple(forged_after(rec)))
+            return
         async with conn.transaction():
             await conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER audit_append_only")
             if changes is None:

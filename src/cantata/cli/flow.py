@@ -11,7 +11,7 @@ from rich.table import Table
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model.flow import QueueStats
 
-from .common import client_app, console, fmt_duration, run
+from .common import client_app, console, fmt_duration, operator, run
 from .runs import AppOpt, StoreOpt
 
 NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
@@ -116,7 +116,7 @@ def trigger(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
 
     async def go() -> str:
         async with the_app.client():
-            return (await the_app.schedules.trigger(name)).run_id
+            return (await the_app.schedules.trigger(name, actor=operator())).run_id
 
     console.print(f"schedule {name}: started run {run(go)}")
 
@@ -126,6 +126,6 @@ def _act(app: str | None, store: str | None, name: str, action: str) -> None:
 
     async def go() -> None:
         async with the_app.client():
-            await getattr(the_app.schedules, action)(name)
+            await getattr(the_app.schedules, action)(name, actor=operator())
 
     run(go)

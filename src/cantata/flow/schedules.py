@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import ConfigurationError, IdempotencyConflict, UnknownSchedule
-from cantata.model.checks import check_text
+from cantata.model.checks import actor_or, check_text
 from cantata.model.flow import ScheduleRow
 from cantata.model.schedule import (  # noqa: F401 (re-exported: the spec lives in the model)
     CATCH_UP,
@@ -239,6 +239,11 @@ class ScheduleInfo:
     in_code: bool | None = None
 
 
+def _who(engine: Engine, actor: str | None) -> str:
+    """Who a schedule operation is audited as (default: this process)."""
+    return actor_or(actor, f"process:{engine.worker_id}")
+
+
 class Schedules:
     """``app.schedules``: create, list, pause, resume, trigger and delete schedules."""
 
@@ -263,8 +268,11 @@ class Schedules:
         overlap: str = "skip",
         catch_up: str = "skip",
         catch_up_limit: int | None = None,
+        actor: str | None = None,
     ) -> None:
         """Create (or replace the spec of) a schedule at run time; it survives restarts.
+        Audited (``schedule.created`` or ``schedule.replaced``) with ``actor`` (default:
+        this process), as are pause, resume, trigger and delete.
 
         Raises:
             ConfigurationError: a bad cron, time zone, policy or limit (named).
@@ -284,7 +292,8 @@ class Schedules:
         wdef = engine.router.workflows.get(wf)
         if wdef is not None:  # (one of another service's: its own code is not here)
             check_takes_tick(wdef, spec.has_input, ConfigurationError, f"schedule {name!r}")
-        await engine.store.put_schedule(engine.app, new_row(spec, "api", engine.clock.now()))
+        await engine.store.put_schedule(engine.app, new_row(spec, "api", engine.clock.now()),
+                                        actor=_who(engine, actor))
 
     async def list(self) -> list[ScheduleInfo]:
         """Every schedule of the app, by name."""
@@ -313,16 +322,18 @@ class Schedules:
             f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
         )
 
-    async def pause(self, name: str) -> None:
-        """Stop starting runs of ``name`` until :meth:`resume`."""
-        await self._set_paused(name, True)
+    async def pause(self, name: str, *, actor: str | None = None) -> None:
+        """Stop starting runs of ``name`` until :meth:`resume` (audited with ``actor``)."""
+        await self._set_paused(name, True, actor)
 
-    async def resume(self, name: str) -> None:
-        """Start runs of ``name`` again from now (ticks while paused are skipped)."""
-        await self._set_paused(name, False)
+    async def resume(self, name: str, *, actor: str | None = None) -> None:
+        """Start runs of ``name`` again from now (ticks while paused are skipped);
+        audited with ``actor``."""
+        await self._set_paused(name, False, actor)
 
-    async def _set_paused(self, name: str, paused: bool) -> None:
+    async def _set_paused(self, name: str, paused: bool, actor: str | None) -> None:
         engine = self._engine
+        who = _who(engine, actor)
         while True:
             row = await self._row(name)
             state = ScheduleState.from_json(row.state)
@@ -331,22 +342,29 @@ class Schedules:
                 state = dataclasses.replace(state, last_tick=max(state.last_tick, now),
                                             checked_at=now, backlog=[])
             if await engine.store.update_schedule(engine.app, name, row.version,
-                                                  state=state.to_json(), paused=paused):
+                                                  state=state.to_json(), paused=paused,
+                                                  actor=who):
                 return
 
-    async def trigger(self, name: str) -> RunHandle:
+    async def trigger(self, name: str, *, actor: str | None = None) -> RunHandle:
         """Start one run of ``name`` now (its tick: the current time), whatever its
-        policy. Its handle follows the app, as :meth:`App.start`'s does."""
+        policy. Its handle follows the app, as :meth:`App.start`'s does. Audited as
+        ``schedule.triggered`` with ``actor`` and the run's id, after its
+        ``run.created``."""
         engine = self._engine
+        who = _who(engine, actor)
         spec = ScheduleSpec.from_json((await self._row(name)).spec)
         run_id = await start_tick(engine, spec, engine.clock.now())
         if run_id is None:
             raise ConfigurationError(f"schedule {name!r}: the triggered run was refused")
+        await engine.store.record_action(engine.app, who, "schedule.triggered", name,
+                                         {"run_id": run_id})
         handle: RunHandle = self._handle_of(engine, run_id, spec.workflow)
         return handle
 
-    async def delete(self, name: str) -> None:
-        """Remove a schedule (one declared in code comes back when its app opens again).
+    async def delete(self, name: str, *, actor: str | None = None) -> None:
+        """Remove a schedule (one declared in code comes back when its app opens again);
+        audited with ``actor``.
 
         Raises:
             UnknownSchedule: no schedule of that name.
@@ -354,7 +372,8 @@ class Schedules:
         engine = self._engine
         check_text("schedule name", name, error=UnknownSchedule,
                    hint="no schedule has such a name; see `cantata schedules list`")
-        if not await engine.store.delete_schedule(engine.app, name):
+        if not await engine.store.delete_schedule(engine.app, name,
+                                                  actor=_who(engine, actor)):
             raise UnknownSchedule(
                 f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
             )

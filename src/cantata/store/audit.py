@@ -31,7 +31,7 @@ import time as _time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from cantata.errors import ConfigurationError
+from cantata.errors import ConfigurationError, StoreCorrupt
 from cantata.model.records import (
     ENTRY_COMPLETED,
     ENTRY_FAILED,
@@ -171,6 +171,18 @@ def worker_actor(owner: str | None) -> str:
     return SYSTEM if owner is None else f"worker:{owner}"
 
 
+def forged_past_head(app: str, seq: int | None = None) -> StoreCorrupt:
+    """The error of an append that finds its place in ``app``'s chain taken: a record
+    lies past the chain head, added outside Cantata (``seq``: that place, if known)."""
+    where = f"record #{seq}" if seq is not None else "a record"
+    return StoreCorrupt(
+        f"the audit log of app {app!r} was tampered with: {where} lies past its chain "
+        "head, added outside Cantata, so no audited write can be appended; run `cantata "
+        "audit verify` to see it, then restore the store from a backup (or delete the "
+        "records past the head) before writing again"
+    )
+
+
 # -- what each store write records --------------------------------------------------
 
 Entry = tuple[str, str, str, dict[str, Any]]  # actor, action, target, data
@@ -253,6 +265,23 @@ def task_entry(
     if outcome in ("failed", "withdrawn"):
         data["error"] = error
     return worker_actor(owner), f"task.{outcome}", task_id, data
+
+
+def schedule_put_entry(actor: str, name: str, spec: str, new: bool) -> Entry:
+    """The record of a schedule created (``new``) or whose spec was replaced; ``spec``
+    is the stored spec (JSON of :class:`~cantata.model.schedule.ScheduleSpec`)."""
+    fields = json.loads(spec)
+    when = fields.get("cron") or f"every {fields.get('every'):g}s"
+    return actor, "schedule.created" if new else "schedule.replaced", name, {
+        "workflow": fields.get("workflow"), "when": when}
+
+
+def schedule_pause_entry(actor: str, name: str, paused: bool) -> Entry:
+    return actor, "schedule.paused" if paused else "schedule.resumed", name, {}
+
+
+def schedule_deleted_entry(actor: str, name: str) -> Entry:
+    return actor, "schedule.deleted", name, {}
 
 
 # -- verification ---------------------------------------------------------------------
@@ -424,6 +453,45 @@ async def verify_against_head(
     return None
 
 
+#: How often :func:`past_head` reads the head again while appends keep moving it.
+_PAST_HEAD_ROUNDS = 8
+
+
+async def past_head(
+    fetch: Fetch,
+    recorded: tuple[int, str] | None,
+    reread: Callable[[], Awaitable[tuple[int, str] | None]],
+    *,
+    subject: str,
+    count: int,
+) -> AuditReport | None:
+    """A failure report when records lie past the chain head (``None`` if none do).
+
+    Every append moves the head in the transaction that writes its record, so a
+    record past the head was added outside Cantata (a forged record there would
+    also make the next append fail). The head is read again after the records: a
+    record appended meanwhile is then under it; only records still past the head
+    count.
+    """
+    after = 0 if recorded is None else recorded[0]
+    for _ in range(_PAST_HEAD_ROUNDS):
+        page = await fetch(after)
+        if not page:
+            return None
+        now = await reread()
+        now_seq = 0 if now is None else now[0]
+        beyond = [r for r in page if r.seq > now_seq]
+        if beyond:
+            seq = beyond[0].seq
+            return AuditReport(
+                False, count, seq,
+                f"record #{seq} of {subject} lies past the chain's head (#{now_seq}): added "
+                "outside Cantata (no append writes a record without moving the head)",
+            )
+        after = now_seq  # all appended since the first read: look past the new head
+    return None  # appends outpace this check: what lies past the head is being written
+
+
 async def verify_all(
     fetch: Fetch,
     recorded: tuple[int, str] | None,
@@ -432,9 +500,11 @@ async def verify_all(
     key: AuditKey | None,
     exported: tuple[int, str] | None,
     unaudited: Callable[[], Awaitable[tuple[list[str], list[str]]]],
+    reread: Callable[[], Awaitable[tuple[int, str] | None]] | None = None,
 ) -> AuditReport:
     """Everything ``cantata audit verify`` checks: the exported head (if given), the
-    chain (keyed if ``key``), and that runs and their ``run.created`` records agree."""
+    chain (keyed if ``key``), that no record lies past the chain's head (read again
+    with ``reread``, if given) and that runs and their ``run.created`` records agree."""
     if exported is not None:
         report = await verify_against_head(fetch, exported, subject=subject)
         if report is not None:
@@ -442,6 +512,11 @@ async def verify_all(
     report = await verify_chain(fetch, recorded, subject=subject, key=key)
     if not report.ok:
         return report
+    if reread is not None:
+        beyond = await past_head(fetch, recorded, reread, subject=subject,
+                                 count=report.records)
+        if beyond is not None:
+            return beyond
     missing, gone = await unaudited()
     if gone:
         return AuditReport(False, report.records, None, f"run(s) {', '.join(gone)} of "

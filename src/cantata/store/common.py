@@ -109,6 +109,7 @@ class StoreBase:
             key=key,
             exported=head,
             unaudited=lambda: self._unaudited_runs(app),
+            reread=lambda: self.audit_head(app),
         )
 
 

@@ -26,10 +26,11 @@ from cantata.model.flow import (
 )
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord
+from cantata.store import audit
 from cantata.store.base import RUNS
 from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_core import PostgresCore
-from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, run_row
+from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row
 from cantata.store.postgres_parking import UNPARK
 from cantata.store.postgres_writes import create_runs
 
@@ -316,17 +317,22 @@ class PostgresFlow(PostgresCore):
 
     # -- schedules --------------------------------------------------------------------------
 
-    async def put_schedule(self, app: str, row: ScheduleRow) -> bool:
+    async def put_schedule(
+        self, app: str, row: ScheduleRow, *, actor: str | None = None
+    ) -> bool:
         async with self._db.tx() as c:
-            if await c.fetchval(
+            new = bool(await c.fetchval(
                 "INSERT INTO schedules VALUES ($1,$2,$3,$4,$5,$6,1) ON CONFLICT (app, name) "
                 "DO NOTHING RETURNING 1", app, row.name, row.spec, row.source, row.paused,
                 row.state,
-            ):
-                return True
-            await c.execute("UPDATE schedules SET spec=$3, source=$4, version=version+1 "
-                            "WHERE app=$1 AND name=$2", app, row.name, row.spec, row.source)
-            return False
+            ))
+            if not new:
+                await c.execute("UPDATE schedules SET spec=$3, source=$4, version=version+1 "
+                                "WHERE app=$1 AND name=$2", app, row.name, row.spec, row.source)
+            if actor is not None:
+                await audit_append(c, app, audit.schedule_put_entry(
+                    actor, row.name, row.spec, new), self._audit_keys.get(app))
+            return new
 
     async def schedules(self, app: str) -> list[ScheduleRow]:
         rows = await self._db.fetch(
@@ -343,16 +349,25 @@ class PostgresFlow(PostgresCore):
         *,
         state: str | None = None,
         paused: bool | None = None,
+        actor: str | None = None,
     ) -> bool:
-        row = await self._db.fetchrow(
-            "UPDATE schedules SET state=coalesce($4, state), paused=coalesce($5, paused), "
-            "version=version+1 WHERE app=$1 AND name=$2 AND version=$3 RETURNING 1",
-            app, name, version, state, paused,
-        )
-        return row is not None
+        sql = ("UPDATE schedules SET state=coalesce($4, state), paused=coalesce($5, paused), "
+               "version=version+1 WHERE app=$1 AND name=$2 AND version=$3 RETURNING 1")
+        if actor is None or paused is None:  # the scheduler's own bookkeeping: not audited
+            return await self._db.fetchrow(sql, app, name, version, state, paused) is not None
+        async with self._db.tx() as c:
+            row = await c.fetchrow(sql, app, name, version, state, paused)
+            if row is not None:
+                await audit_append(c, app, audit.schedule_pause_entry(actor, name, paused),
+                                   self._audit_keys.get(app))
+            return row is not None
 
-    async def delete_schedule(self, app: str, name: str) -> bool:
-        row = await self._db.fetchrow(
-            "DELETE FROM schedules WHERE app=$1 AND name=$2 RETURNING 1", app, name
-        )
-        return row is not None
+    async def delete_schedule(self, app: str, name: str, *, actor: str | None = None) -> bool:
+        async with self._db.tx() as c:
+            row = await c.fetchrow(
+                "DELETE FROM schedules WHERE app=$1 AND name=$2 RETURNING 1", app, name
+            )
+            if row is not None and actor is not None:
+                await audit_append(c, app, audit.schedule_deleted_entry(actor, name),
+                                   self._audit_keys.get(app))
+            return row is not None

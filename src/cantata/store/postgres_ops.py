@@ -15,9 +15,12 @@ transaction, so the row stays locked only for that statement and the COMMIT
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import asyncpg
 
 from cantata.model import codec
 from cantata.model.event import Event
@@ -189,10 +192,18 @@ async def audit_append_many(
             plain.append(row)
         else:
             keyed.append((*row, key.inner, key.outer))
-    if plain:
-        await c.executemany(_APPEND_SQL, plain)
-    if keyed:
-        await c.executemany(_KEYED_APPEND_SQL, keyed)
+    try:
+        if plain:
+            await c.executemany(_APPEND_SQL, plain)
+        if keyed:
+            await c.executemany(_KEYED_APPEND_SQL, keyed)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "audit_pkey":
+            raise
+        # (app, seq) taken: a record lies past the head ("Key (app, seq)=(a, 5) ...")
+        found = re.search(r"\)=\((.*), (\d+)\) already exists", exc.detail or "")
+        app = found.group(1) if found else sorted({app for app, _ in entries})[0]
+        raise audit.forged_past_head(app, int(found.group(2)) if found else None) from exc
 
 
 async def unaudited_runs(c: Conn, app: str) -> tuple[list[str], list[str]]:

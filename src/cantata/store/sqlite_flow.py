@@ -26,9 +26,10 @@ from cantata.model.flow import (
 )
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
+from cantata.store import audit
 from cantata.store.base import RUNS
 from cantata.store.sqlite_core import SQLiteCore
-from cantata.store.sqlite_ops import LIVE_R, LIVE_SQL, RUN_COLS, run_row
+from cantata.store.sqlite_ops import LIVE_R, LIVE_SQL, RUN_COLS, audit_append, run_row
 from cantata.store.sqlite_parking import UNPARK
 
 if TYPE_CHECKING:
@@ -319,17 +320,20 @@ class SQLiteFlow(SQLiteCore):
 
     # -- schedules --------------------------------------------------------------------------
 
-    async def put_schedule(self, app: str, row: ScheduleRow) -> bool:
+    async def put_schedule(
+        self, app: str, row: ScheduleRow, *, actor: str | None = None
+    ) -> bool:
         def op(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
+            new = c.execute(
                 "INSERT INTO schedules VALUES (?,?,?,?,?,?,1) ON CONFLICT DO NOTHING",
                 (app, row.name, row.spec, row.source, int(row.paused), row.state),
-            )
-            if cur.rowcount:
-                return True
-            c.execute("UPDATE schedules SET spec=?, source=?, version=version+1 "
-                      "WHERE app=? AND name=?", (row.spec, row.source, app, row.name))
-            return False
+            ).rowcount > 0
+            if not new:
+                c.execute("UPDATE schedules SET spec=?, source=?, version=version+1 "
+                          "WHERE app=? AND name=?", (row.spec, row.source, app, row.name))
+            if actor is not None:
+                audit_append(c, app, audit.schedule_put_entry(actor, row.name, row.spec, new))
+            return new
 
         return await self._t.write(op)
 
@@ -348,17 +352,27 @@ class SQLiteFlow(SQLiteCore):
         *,
         state: str | None = None,
         paused: bool | None = None,
+        actor: str | None = None,
     ) -> bool:
         def op(c: sqlite3.Connection) -> bool:
-            return c.execute(
+            applied = c.execute(
                 "UPDATE schedules SET state=coalesce(?, state), paused=coalesce(?, paused), "
                 "version=version+1 WHERE app=? AND name=? AND version=?",
                 (state, None if paused is None else int(paused), app, name, version),
             ).rowcount > 0
+            if applied and actor is not None and paused is not None:
+                audit_append(c, app, audit.schedule_pause_entry(actor, name, paused))
+            return applied
 
         return await self._t.write(op)
 
-    async def delete_schedule(self, app: str, name: str) -> bool:
-        return await self._t.write(lambda c: c.execute(
-            "DELETE FROM schedules WHERE app=? AND name=?", (app, name)
-        ).rowcount > 0)
+    async def delete_schedule(self, app: str, name: str, *, actor: str | None = None) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            gone = c.execute(
+                "DELETE FROM schedules WHERE app=? AND name=?", (app, name)
+            ).rowcount > 0
+            if gone and actor is not None:
+                audit_append(c, app, audit.schedule_deleted_entry(actor, name))
+            return gone
+
+        return await self._t.write(op)

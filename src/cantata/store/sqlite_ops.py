@@ -261,7 +261,10 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     seq, text, prev_hash, hash_ = audit.next_link(
         head, now, actor, action, target, data, keys.get(app)
     )
-    c.execute(_INSERT_AUDIT, (app, seq, now, actor, action, target, text, prev_hash, hash_))
+    try:
+        c.execute(_INSERT_AUDIT, (app, seq, now, actor, action, target, text, prev_hash, hash_))
+    except sqlite3.IntegrityError as exc:  # (app, seq) taken: a record past the head
+        raise audit.forged_past_head(app, seq) from exc
     if heads is not None:
         heads[app] = (seq, prev_hash, hash_)
         return

@@ -34,7 +34,9 @@ class AuditStore(Protocol):
 
         Names the first record whose content no longer matches its hash, whose
         link to the previous record is broken, or that is missing (a gap in
-        ``seq``, or records gone from the end of the chain). With ``key`` the chain
+        ``seq``, or records gone from the end of the chain) and any record that lies
+        past the head (added outside Cantata; the head is read again after the
+        records, so an append racing the check is not one). With ``key`` the chain
         must be keyed (after a plain prefix); with ``head`` (an exported head) its
         record must still be there, unchanged. Runs without a ``run.created`` record,
         and such records whose run is gone, are reported too.

@@ -110,9 +110,14 @@ class FlowStore(Protocol):
 
     # -- schedules ------------------------------------------------------------------------
 
-    async def put_schedule(self, app: str, row: ScheduleRow) -> bool:
+    async def put_schedule(
+        self, app: str, row: ScheduleRow, *, actor: str | None = None
+    ) -> bool:
         """Insert ``row``, or replace the spec and source of the schedule of that name
-        (keeping its state and pause). Returns True when it was new."""
+        (keeping its state and pause). Returns True when it was new. With ``actor``
+        (an operator's change), one audit record in the same transaction:
+        ``schedule.created`` or ``schedule.replaced`` (:func:`~cantata.store.audit.
+        schedule_put_entry`)."""
 
     async def schedules(self, app: str) -> list[ScheduleRow]:
         """Every schedule of ``app``, by name."""
@@ -125,9 +130,13 @@ class FlowStore(Protocol):
         *,
         state: str | None = None,
         paused: bool | None = None,
+        actor: str | None = None,
     ) -> bool:
         """Compare-and-set: apply if the schedule's version is still ``version`` (then
-        version + 1). False if it changed meanwhile or is gone."""
+        version + 1). False if it changed meanwhile or is gone. With ``actor`` and
+        ``paused``, an applied change writes ``schedule.paused`` or
+        ``schedule.resumed`` to the audit log in the same transaction."""
 
-    async def delete_schedule(self, app: str, name: str) -> bool:
-        """Remove a schedule; False if there was none."""
+    async def delete_schedule(self, app: str, name: str, *, actor: str | None = None) -> bool:
+        """Remove a schedule; False if there was none. With ``actor``, a removal writes
+        ``schedule.deleted`` to the audit log in the same transaction."""

@@ -41,6 +41,7 @@ from cantata.testing.contract.support import (
     StoreFixtures,
     entry,
     ev,
+    forged_after,
     new_run,
     tampered,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "entry",
     "ev",
     "eventually",
+    "forged_after",
     "new_run",
     "tampered",
 ]

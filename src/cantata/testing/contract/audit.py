@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cantata.errors import DeadLetterNotFound, LeaseLost
+from cantata.errors import DeadLetterNotFound, LeaseLost, StoreCorrupt
 from cantata.model.records import (
     ENTRY_FAILED,
     ENTRY_RUNNING,
@@ -227,3 +227,31 @@ class AuditContract(StoreFixtures):
         await self.tamper(store, self.app, 1, "rehash")
         report = await store.verify_audit(self.app)
         assert (report.ok, report.first_bad_seq, report.records) == (False, 1, 0)
+
+    async def test_a_record_forged_past_the_head_is_detected(self, store: Store) -> None:
+        n = await self.busy(store, 2)
+        last = (await self.log(store))[-1]
+        await self.tamper(store, self.app, n, "forge")
+        for head in (None, (last.seq, last.hash)):  # with an exported head too
+            report = await store.verify_audit(self.app, head=head)
+            assert (report.ok, report.first_bad_seq, report.records) == (False, n + 1, n)
+            assert report.reason is not None and "past the chain's head" in report.reason
+            assert f"#{n + 1}" in report.reason and "outside Cantata" in report.reason
+        assert (await store.verify_audit(self.app + "-b")).ok
+
+    async def test_an_append_after_a_forged_record_names_the_tampering(
+        self, store: Store
+    ) -> None:
+        n = await self.busy(store, 1)
+        run, _ = await store.create_run(new_run(self.app))
+        await self.tamper(store, self.app, n + 1, "forge")
+        with pytest.raises(StoreCorrupt, match=r"audit log .* tampered.*cantata audit verify"):
+            await store.create_run(new_run(self.app))
+        with pytest.raises(StoreCorrupt, match=rf"record #{n + 2} lies past its chain head"):
+            await store.commit_run(self.app, run.run_id, 0, RunWrite(
+                status=RunStatus.COMPLETED, result="1", release=True))
+        with pytest.raises(StoreCorrupt, match="tampered"):
+            await store.record_action(self.app, "cli:alice", "run.retried", run.run_id, {})
+        assert len(await self.log(store)) == n + 2  # nothing appended, nothing undone
+        assert (await store.get_run(self.app, run.run_id)).status == RunStatus.PENDING  # type: ignore[union-attr]
+        await store.create_run(new_run(self.app + "-b"))  # another app's chain: unaffected

@@ -235,3 +235,27 @@ class FlowContract(StoreFixtures):
         assert await store.delete_schedule(self.app, "nightly")
         assert not await store.delete_schedule(self.app, "nightly")
         assert await store.schedules(self.app) == []
+
+    async def test_schedule_changes_with_an_actor_are_audited(self, store: Store) -> None:
+        spec = '{"workflow": "wf", "cron": null, "every": 60.0}'
+        row = ScheduleRow("s", spec, "api", False, "{}")
+        assert await store.put_schedule(self.app, row, actor="cli:a@h")
+        assert not await store.put_schedule(self.app, row, actor="cli:a@h")
+        assert await store.put_schedule(self.app, ScheduleRow("c", spec, "code", False, "{}"))
+        [c, got] = await store.schedules(self.app)
+        assert await store.update_schedule(self.app, "s", got.version, paused=True, actor="t:b")
+        assert not await store.update_schedule(self.app, "s", got.version, paused=False,
+                                               actor="t:b")  # lost the race: no record
+        assert await store.update_schedule(self.app, "s", got.version + 1, state="{}",
+                                           actor="t:b")  # bookkeeping: no record
+        assert await store.delete_schedule(self.app, "s", actor="cli:a@h")
+        assert not await store.delete_schedule(self.app, "s", actor="cli:a@h")
+        assert await store.delete_schedule(self.app, "c")
+        records = await store.audit_records(self.app)
+        assert [(r.actor, r.action, r.target, r.data) for r in records] == [
+            ("cli:a@h", "schedule.created", "s", '{"when":"every 60s","workflow":"wf"}'),
+            ("cli:a@h", "schedule.replaced", "s", '{"when":"every 60s","workflow":"wf"}'),
+            ("t:b", "schedule.paused", "s", "{}"),
+            ("cli:a@h", "schedule.deleted", "s", "{}"),
+        ]
+        assert (await store.verify_audit(self.app)).ok and c.name == "c"

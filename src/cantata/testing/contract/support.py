@@ -69,8 +69,17 @@ def entry(
     return HistoryEntry(key=key, kind=STEP, name=key.split("#")[0], status=status, seq=seq, **kw)
 
 
-#: The ways :meth:`StoreFixtures.tamper` changes an audit record.
+#: The ways :meth:`StoreFixtures.tamper` changes an audit record. It also takes
+#: ``"forge"``: insert :func:`forged_after` the record (past the chain head when the
+#: record is the last one).
 TAMPERINGS = ("data", "hash", "prev_hash", "rehash", "delete")
+
+
+def forged_after(rec: AuditRecord) -> AuditRecord:
+    """The record :meth:`StoreFixtures.tamper` inserts for ``"forge"``: the next
+    ``seq`` after ``rec``, linked to it, with an operator's actor and a made-up hash."""
+    return AuditRecord(rec.seq + 1, rec.time, "token:admin", "run.retried", rec.target,
+                       rec.data, rec.hash, "not-a-hash")
 
 
 def tampered(rec: AuditRecord, how: str) -> dict[str, Any] | None:
@@ -136,7 +145,8 @@ class StoreFixtures:
     async def tamper(self, store: Store, app: str, seq: int, how: str = "data") -> None:
         """Change audit record ``seq`` of ``app`` behind the store's back, with raw SQL.
 
-        ``how`` is one of :data:`TAMPERINGS` (see :func:`tampered`); the backend's
+        ``how`` is one of :data:`TAMPERINGS` (see :func:`tampered`), or ``"forge"``:
+        insert :func:`forged_after` record ``seq`` (a new row). The backend's
         append-only guard (trigger) is bypassed as an attacker with database access
         would. Every backend's test class implements it.
         """
