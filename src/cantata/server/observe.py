@@ -145,7 +145,9 @@ async def _letter_action(
 
 
 @router.post("/events", status_code=201, response_model=PublishOut, tags=["events"],
-             summary="Publish an event")
+             summary="Publish an event", responses={200: {
+                 "model": PublishOut, "description": "An event with this id and the same "
+                 "content was published before: nothing new (`duplicate` is true)"}})
 async def publish(request: Request, response: Response, body: PublishIn,
                   who: Operator) -> PublishOut:
     """Publishes an event into the app (201); its correlation id defaults to its id.

@@ -199,7 +199,9 @@ async def fork_run(
 
 
 @router.post("/workflows/{name}/runs", status_code=201, response_model=StartOut,
-             summary="Start a workflow by name", responses={422: {
+             summary="Start a workflow by name", responses={200: {
+                 "model": StartOut, "description": "A run with this idempotency key and "
+                 "the same arguments exists: it is answered (`created` is false)"}, 422: {
                  "model": ErrorOut, "description": "The arguments do not fit the "
                  "workflow's parameters (checked when its code is loaded here)"}})
 async def start_run(
