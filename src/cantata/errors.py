@@ -213,6 +213,13 @@ class BrokerError(CantataError):
     code = "broker"
 
 
+class BrokerNotConnected(BrokerError):
+    """The broker has not been reached yet: it is being connected in the background
+    (docs/deploy.md); events wait in the outbox meanwhile. Said once, at open."""
+
+    code = "broker_not_connected"
+
+
 class StoreFull(StoreError):
     """The store's disk (or database quota) is full: free space and retry."""
 

@@ -81,3 +81,24 @@ def test_publishing_a_type_a_group_listens_to_is_quiet(
     code, out, err = cli(capsys, "publish", "order.placed", "--app", app, "--store", url)
     assert (code, err) == (0, "")
     assert out.strip()
+
+
+def test_publishing_while_nats_is_unreachable_says_so_once(
+    url: str, tmp_path: Path
+) -> None:
+    """The event is stored and waits in the outbox: the command says NATS was not
+    reached (docs/deploy.md), in one line, and succeeds."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANTATA_")}
+    env["CANTATA_BROKER"] = "nats://127.0.0.1:1"  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "cantata", "publish", "order.placed", "--data", "{}",
+         "--app", "shop", "--store", url],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()  # the event id
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot reach NATS at nats://127.0.0.1:1" in lines[0], lines

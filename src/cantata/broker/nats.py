@@ -56,7 +56,7 @@ from cantata.broker.nats_names import (
 )
 from cantata.broker.nats_publish import Publisher, Window, safe, usable
 from cantata.broker.nats_streams import Streams
-from cantata.errors import BrokerError, EventsRefused, LeaseLost, error_text
+from cantata.errors import BrokerError, BrokerNotConnected, EventsRefused, LeaseLost, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import (
     STRUCTURED_CONTENT_TYPE,
@@ -249,7 +249,7 @@ class NatsBroker:
     def js(self) -> JetStreamContext:
         if self._js is None:
             if self._connecting is not None:
-                raise BrokerError(
+                raise BrokerNotConnected(
                     f"NATS at {self.masked_url} has not been reached yet (connecting in the "
                     "background; events wait in the outbox): start it or fix the URL"
                 )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cantata.broker.base import Broker, BrokerStore
-from cantata.errors import EventsRefused, error_text
+from cantata.errors import BrokerNotConnected, EventsRefused, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.model.records import DELIVERY_PENDING, DeliveryOutcome
@@ -314,22 +314,25 @@ class OutboxRelay:
         return max(0.0, wait)
 
     async def _run(self) -> None:
-        failing = self._failing = False
+        self._failing = False
+        warned = False  # this failing streak was reported
         while not self._stopping.is_set():
             self._wakeup.clear()
             try:
                 count = await self._pass()
             except Exception as exc:
-                if not failing:
+                # a broker still being connected at open said so once already
+                if not warned and not isinstance(exc, BrokerNotConnected):
                     log.warning(
                         "outbox relay of app %s failed (%s); retrying", self.app, error_text(exc)
                     )
-                failing = self._failing = True
+                    warned = True
+                self._failing = True
                 count = 0
             else:
-                if failing:
+                if warned:
                     log.info("outbox relay of app %s works again", self.app)
-                failing = self._failing = False
+                self._failing = warned = False
             if count >= self.batch:
                 continue
             with contextlib.suppress(TimeoutError):

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG)
     else:
         logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+        # what the broker says of itself (NATS unreachable: events wait in the outbox,
+        # docs/deploy.md) is shown by every command; a worker's --log-level resets it
+        logging.getLogger("cantata.broker").setLevel(logging.WARNING)
     secrets.install_log_masking()
     try:
         # (without standalone mode, click returns a typer.Exit's code instead of raising)

@@ -154,4 +154,5 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(number)
-    logging.getLogger("cantata").setLevel(logging.NOTSET)  # inherit the root's level
+    for name in ("cantata", "cantata.broker"):  # (the CLI raises the broker's)
+        logging.getLogger(name).setLevel(logging.NOTSET)  # inherit the root's level
