@@ -142,6 +142,43 @@ async def test_cancel_during_a_step_stops_at_the_next_durable_point(store_url: s
     assert calls == ["reserve", "release"]
 
 
+async def test_cancel_during_the_last_step_ends_cancelled_and_compensates(
+    store_url: str,
+) -> None:
+    """The run's end is its next durable point: a cancel that came while the last step
+    ran is not lost because the workflow returned right after it."""
+    app = make_app(store_url)
+    calls: list[str] = []
+    started = asyncio.Event()
+    go_on = asyncio.Event()
+
+    @app.step
+    async def charge() -> None:
+        calls.append("charge")
+        started.set()
+        await go_on.wait()
+
+    @app.step
+    async def refund() -> None:
+        calls.append("refund")
+
+    @app.workflow
+    async def pay(ctx: WorkflowContext) -> str:
+        await ctx.run(charge, compensate=refund)
+        return "paid"
+
+    async with app:
+        h = await app.start(pay)
+        await started.wait()
+        await h.cancel()
+        await asyncio.sleep(0.1)  # the worker has heard of the cancel
+        go_on.set()
+        with pytest.raises(WorkflowCancelled):
+            await h.result(timeout=5)
+        assert await h.status() == "cancelled"
+    assert calls == ["charge", "refund"]
+
+
 async def test_cancel_before_the_run_starts(sqlite_url: str) -> None:
     calls: list[str] = []
     client = shop(sqlite_url, calls)

@@ -413,6 +413,10 @@ class RunExecution:
                 raise self.journal.divergence
             if run.deadline_at is not None:
                 self.check_deadline()
+            if not self.api.cancel_delivered:
+                # a cancel (or the deadline) that came while the last call ran: the
+                # run's end is its next durable point, so it stops there and compensates
+                self.check_interrupt()
             self.journal.check_all_replayed()
             result = codec.dumps(
                 value, f"result of workflow {self.wdef.name}", limit=self.engine.max_payload
