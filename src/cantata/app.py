@@ -387,6 +387,8 @@ class App(RouterFacade):
         idempotency key's run existed and nothing was started), as the store told it:
         of simultaneous first starts with one key, exactly one is told ``True``."""
         engine = self.engine
+        if asyncio.get_running_loop() is not self._loop:
+            self._check_loop("start a run of")  # (an app open under a sync block)
         name = workflow_name(workflow)
         wdef = engine.router.workflows.get(name)
         if wdef is None and not await engine.knows_workflow(name):
@@ -566,6 +568,8 @@ class App(RouterFacade):
         """:meth:`publish`, and whether the event is an orphan (nothing in the app listens
         to its type: counted and logged; ``False`` in a ``tx``, checked at its commit).
         A repeated id's stored event (``duplicate``) is told an orphan too, not counted."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            self._check_loop("publish to")  # (an app open under a sync block)
         if tx is not None and not isinstance(tx, Tx):
             raise ConfigurationError(
                 "tx= must be the cantata.Tx of the running @app.transaction step, got "

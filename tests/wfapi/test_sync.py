@@ -262,3 +262,22 @@ def test_the_blocking_twin_of_the_handle_and_app_operations(url: str) -> None:
 async def _actors(url: str, name: str) -> set[str]:
     async with make_app(url, name=name).client() as app:
         return {r.actor for r in await app.store.audit_records(name)}
+
+
+async def test_the_async_api_from_another_loop_is_refused_while_a_block_is_open(
+    tmp_path: Path,
+) -> None:
+    """While a sync block holds the app on its background loop, the async API used from
+    this loop says so (its connections belong to that loop) and the block still closes."""
+    app = App("xloop", store=f"sqlite:///{tmp_path / 'x.db'}")
+
+    @app.workflow
+    async def wf(ctx: WorkflowContext, x: int) -> int:
+        return x
+
+    with sync.connect(app) as c:
+        with pytest.raises(ConfigurationError, match="open on another event loop"):
+            await app.start(wf, 1)
+        assert c.start(wf, 2).run_id
+    async with app.client():  # closed cleanly: this loop may open it now
+        assert len(await app.list_runs()) == 1
