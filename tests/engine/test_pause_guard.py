@@ -220,3 +220,29 @@ async def test_a_body_the_engine_fences_stops_at_once_and_the_run_goes_on(
         ("pay#1", 1, None), ("ship#1", 1, None)]
     assert entered == [handle.run_id]  # one execution went on: not ended and launched anew
 
+
+
+async def test_a_body_whose_hold_lapsed_before_it_began_never_runs_its_first_line() -> None:
+    """The guard is asked before the body's first line too, not only at its awaits: a
+    stall between a step's start checkpoint and its body stops the body before any of
+    its code runs. (A stall landing inside the body's first synchronous stretch cannot
+    be stopped; the fault suite tells that case apart, tests/faults/counters.py.)"""
+    from cantata.fencing import InlineBody
+
+    ran: list[str] = []
+
+    async def body() -> str:
+        ran.append("first line")  # the side effect a step makes before any await
+        await asyncio.sleep(0)
+        return "done"
+
+    async def run(lapsed: bool) -> str:
+        me = asyncio.current_task()
+        assert me is not None
+        return await InlineBody(body(), lambda: lapsed, lambda seconds: None, 1.0, me)
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(run(lapsed=True))
+    assert ran == []
+    assert await asyncio.create_task(run(lapsed=False)) == "done"
+    assert ran == ["first line"]

@@ -90,6 +90,7 @@ class Execution:
     failed: bool = False  # the step or handler raised: a retry is its due
     cut: bool = False  # cancelled in the middle (a stop): not a death, not a failure
     effect: str | None = None
+    lapsed: bool = False  # its worker's hold had lapsed at its first line (fault_app.lapsed)
 
 
 def read_ledger(path: Path) -> list[Execution]:
@@ -105,7 +106,7 @@ def read_ledger(path: Path) -> list[Execution]:
         ident = (rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"])
         if rec["k"] == "begin":
             ex = Execution(rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"],
-                           rec["t"])
+                           rec["t"], lapsed=rec.get("lapsed", False))
             open_[ident] = ex
             executions.append(ex)
             continue
@@ -157,6 +158,28 @@ class Counts:
         shown = ", ".join(f"{k}={v}" for k, v in [*self.zeros().items(), *self.info.items()])
         more = "; ".join(self.details[:12])
         return f"{shown}, recover_seconds={self.recover_seconds}" + (f"; {more}" if more else "")
+
+
+def begun_before_pauses(executions: list[Execution], log: FaultLog) -> list[Execution]:
+    """The executions with the begin of each one that passed its guard before a pause
+    moved back to that pause's start, in begin order.
+
+    A SIGSTOP that lands between the body guard's check and the body's first line lets
+    the body begin as the process resumes (``fault_app.lapsed`` tells: the hold had
+    lapsed by that line, which the guard would have refused). It began before the
+    pause, as a body the pause cut in its middle did; the guard stops it at its first
+    ``await`` (a body that went on to its end is still counted by
+    :func:`finished_late`). Only a lapsed begin within a lease of its worker's resume
+    is moved: any other is counted where it was written.
+    """
+    for ex in executions:
+        if not ex.lapsed:
+            continue
+        spans = [(stop, cont) for stop, cont in log.paused.get(ex.pid, ())
+                 if stop <= ex.began <= cont + log.lease]
+        if spans:
+            ex.began = max(spans)[0]
+    return sorted(executions, key=lambda e: e.began)
 
 
 def twice_live(executions: list[Execution], log: FaultLog) -> tuple[int, int, list[str]]:

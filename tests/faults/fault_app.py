@@ -55,6 +55,23 @@ def record(**fields: Any) -> None:
         os.close(fd)
 
 
+def lapsed(app: App, *, handler: bool = False) -> dict[str, bool]:
+    """``{"lapsed": True}`` when the body guard would stop this body now: its worker's
+    hold lapsed between the guard's check (just before the body's first line) and
+    here, with no ``await`` between. Only a stall of the whole process (a SIGSTOP)
+    does that, and then the body began before the stall, not at this line's time: the
+    documented window a guard cannot close (docs/leases.md, "Paused past the lease").
+    The guard stops it at its first ``await``; the counters take its begin for the
+    stall's start."""
+    engine = app._engine
+    if engine is None or not engine.serving:
+        return {}
+    from cantata.engine.pauses import handler_fenced
+
+    fenced = handler_fenced(engine) if handler else engine.ownership.expired()
+    return {"lapsed": True} if fenced else {}
+
+
 def build(env: Mapping[str, str] | None = None) -> App:
     """The fault app, as ``env`` (default: the environment) describes it."""
     env = os.environ if env is None else env
@@ -80,7 +97,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
     async def work(step: str, order: dict[str, Any], seconds: float) -> str:
         info = cantata.step_info()
         where = {"what": "step", "run": info.run_id, "key": info.key, "attempt": info.attempt}
-        record(k="begin", **where)
+        record(k="begin", **where, **lapsed(app))
         try:
             await asyncio.sleep(seconds)
             # The effect a real step has on the outside world, under the key it would give
@@ -177,7 +194,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
 
     async def handle(event: Event[Any], ctx: HandlerContext, emits: str) -> None:
         where = {"what": "handler", "run": event.id, "key": ctx.group, "attempt": ctx.attempt}
-        record(k="begin", **where)
+        record(k="begin", **where, **lapsed(app, handler=True))
         try:
             await asyncio.sleep(handler_seconds)
             record(k="effect", effect=f"{ctx.group}:{event.id}", **where)

@@ -28,6 +28,7 @@ from . import fault_app
 from .counters import (
     Counts,
     FaultLog,
+    begun_before_pauses,
     count_events,
     count_runs,
     finished_late,
@@ -292,7 +293,7 @@ class Cluster:
     async def counts(self) -> Counts:
         """The counts as the store and the ledger have them now."""
         counts = Counts()
-        executions = read_ledger(self.ledger)
+        executions = begun_before_pauses(read_ledger(self.ledger), self.faults)
         counts.steps_twice_live, reruns, details = twice_live(executions, self.faults)
         counts.info["reruns"] = reruns
         counts.info["kills"] = len(self.faults.killed)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from .counters import Execution, FaultLog, begun_before_pauses, finished_late, twice_live
 from .harness import Cluster, assert_zero, time_limit
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(120))]
@@ -117,3 +118,26 @@ async def test_counts_catch_lost_events_dead_letters_worker_lost_attempts_and_a_
     assert counts.worker_lost_attempts >= 1, counts
     assert counts.workers_crashed == 1, counts
     assert "worker_lost_attempts" not in counts.zeros(worker_lost=False)
+
+
+def _ex(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
+    return Execution("step", "run-1", "reserve#1", pid, 1, began, ended, **kw)
+
+
+def test_a_body_that_passed_its_guard_before_a_pause_is_not_a_live_double() -> None:
+    """Worker 2 is paused from t=8 to t=12.5; meanwhile worker 1 runs the step. Worker
+    2's body, let in by its guard just before the SIGSTOP, writes its first line at
+    12.5 with its hold lapsed, and is cut at its first ``await``: it began before the
+    pause. The same line without ``lapsed`` (a body let in after the pause) counts."""
+    log = FaultLog(paused={2: [(8.0, 12.5)]}, lease=1.5)
+    before = [_ex(1, 10.0, 10.3), _ex(2, 12.5, 12.51, cut=True, lapsed=True)]
+    assert twice_live(begun_before_pauses(before, log), log)[0] == 0
+    after = [_ex(1, 10.0, 10.3), _ex(2, 12.5, 12.51, cut=True)]
+    assert twice_live(begun_before_pauses(after, log), log)[0] == 1
+    # Let in before the pause but not stopped at its first await: it finished late.
+    went_on = [_ex(1, 10.0, 10.3), _ex(2, 12.5, 12.9, lapsed=True)]
+    assert finished_late(begun_before_pauses(went_on, log))[0] == 1
+    # A lapsed line long after the resume, or of a worker never paused, stays put.
+    for late in ([_ex(1, 10.0, 10.3), _ex(2, 15.0, 15.1, lapsed=True)],
+                 [_ex(1, 10.0, 10.3), _ex(3, 12.5, 12.51, cut=True, lapsed=True)]):
+        assert twice_live(begun_before_pauses(late, log), log)[0] == 1
