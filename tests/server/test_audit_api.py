@@ -1,4 +1,5 @@
-"""``GET /api/audit`` against a tampered log (docs/console.md, docs/security.md)."""
+"""``GET /api/audit``: the token behind a start, and a tampered log (docs/console.md,
+docs/security.md)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ async def test_a_record_forged_past_the_head_is_marked_not_served_as_chained(
     assert all(r["past_head"] is False for r in chained)
     report = (await shop.get("/api/audit/verify", "admin")).json()
     assert report["ok"] is False and report["first_bad_seq"] == forged
+
+
+async def test_a_run_the_api_starts_is_created_by_the_token(shop: Shop) -> None:
+    run_id = await start(shop, "place_order", {"id": "T-1"})
+    await shop.post("/api/events", json={"type": "invoice.approved", "data": {}, "id": "e-T1"})
+    token = f"token:{shop.names['operator']}"
+    mine = [(r["action"], r["target"]) for r in await audit_records(shop)
+            if r["actor"] == token]
+    # run.created in the transaction that made the run, then the API's own run.started
+    assert mine == [("run.created", run_id), ("run.started", run_id),
+                    ("event.published", "e-T1")]

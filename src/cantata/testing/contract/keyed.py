@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any, cast
 
+from cantata.model.access import Role, TokenRecord, hash_token, new_token
 from cantata.model.flow import QueueEntry, ScheduleRow
 from cantata.model.records import (
     ENTRY_FAILED,
@@ -37,9 +38,9 @@ def unkeyed(records: list[AuditRecord]) -> list[tuple[int, str, str]]:
 
 class KeyedChainContract(StoreFixtures):
     """Every audited write keys its record: creation (alone, with its first checkpoint,
-    queued, several at once), checkpoints (alone and several at once), cancel, retry,
-    fork, tasks, deliveries, dead letters (replay, discard), schedules, operator
-    actions and a transaction step.
+    queued, several at once; by Cantata and by an operator), checkpoints (alone and
+    several at once), cancel, retry, fork, tasks, deliveries, dead letters (replay,
+    discard), schedules, operator actions, API tokens and a transaction step.
 
     ``verify_audit`` with the key accepts plain records before the first keyed one (a
     store written before its key was set), so a path that forgets the key on a new
@@ -64,6 +65,11 @@ class KeyedChainContract(StoreFixtures):
             status=RunStatus.RUNNING, entries=[entry("a#1", 1)],
             attempts=[Attempt("a#1", 1, now, now)]))
         await store.create_queued_run(new_run(self.app), QueueEntry("q"))
+        # ... and started by an operator (their run.created names them).
+        await store.create_run(new_run(self.app), actor="cli:ann@host")
+        await store.create_run(new_run(self.app, owner="w1", fence=1), RunWrite(
+            status=RunStatus.RUNNING), actor="cli:ann@host")
+        await store.create_queued_run(new_run(self.app), QueueEntry("q"), actor="token:bo")
         many = [new_run(self.app, owner="w1", fence=1) for _ in range(6)]
         await asyncio.gather(*(
             (store if i % 2 else peer).create_run(
@@ -126,6 +132,11 @@ class KeyedChainContract(StoreFixtures):
                                     actor="ops:ann")
         await store.delete_schedule(self.app, "s", actor="ops:ann")
 
+        # API tokens: created and revoked, recorded in the apps' chains.
+        token = TokenRecord(f"t-{self.app}", Role.VIEWER, hash_token(new_token()), now)
+        await store.create_token(token, actor="cli:ann@host", apps=[self.app])
+        await store.revoke_token(token.name, now, actor="cli:ann@host", apps=[self.app])
+
         # A transaction step's checkpoint (stores that share their transaction).
         if getattr(self, "transactional", True):
             async def body(tx: Tx) -> tuple[RunWrite, Any]:
@@ -145,7 +156,8 @@ class KeyedChainContract(StoreFixtures):
             "run.retried", "run.forked", "run.start_repeated", "task.done", "task.failed",
             "task.withdrawn", "delivery.done", "delivery.dead", "dead_letter.replayed",
             "dead_letter.discarded", "schedule.created", "schedule.replaced",
-            "schedule.paused", "schedule.resumed", "schedule.deleted",
+            "schedule.paused", "schedule.resumed", "schedule.deleted", "token.created",
+            "token.revoked",
         }
         assert expected <= written, f"not written: {expected - written}"
         bad = unkeyed(records)
@@ -153,3 +165,5 @@ class KeyedChainContract(StoreFixtures):
         report = await store.verify_audit(self.app, key=KEY)
         assert report.ok and report.records == len(records), report
         assert owned.run_id in {r.target for r in records}
+        assert {"cli:ann@host", "token:bo"} <= {
+            r.actor for r in records if r.action == "run.created"}
