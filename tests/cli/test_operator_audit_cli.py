@@ -81,3 +81,27 @@ async def test_start_publish_and_tokens_name_the_operator(
     ]
     code, out, err = await cli(capsys, "audit", "verify", "--app", "opcli")
     assert code == 0 and "chain intact (keyed)" in out, (out, err)
+
+
+async def test_a_token_made_without_the_chains_key_leaves_the_keyed_chain_intact(
+    project: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without $CANTATA_AUDIT_KEY, `token create` cannot key a record for a keyed chain:
+    it says so and leaves that app's log out, instead of writing a record `audit verify`
+    would take for tampering."""
+    import importlib
+
+    app = importlib.import_module("opclimod").app
+    async with app:
+        await (await app.start("pay", 0)).result(timeout=10)
+    monkeypatch.delenv("CANTATA_AUDIT_KEY")
+    code, _, err = await cli(capsys, "token", "create", "--name", "bea", "--role", "viewer")
+    assert code == 0, err
+    assert "not recorded in the audit log of app opcli" in err
+    assert "CANTATA_AUDIT_KEY" in err
+    monkeypatch.setenv("CANTATA_AUDIT_KEY", KEY)
+    code, out, err = await cli(capsys, "audit", "verify", "--app", "opcli")
+    assert code == 0 and "chain intact (keyed)" in out, (out, err)
+    async with app.client():
+        records = await app.store.audit_records(app.name, limit=10_000)
+    assert not [r for r in records if r.action.startswith("token.")]

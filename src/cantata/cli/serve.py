@@ -17,6 +17,7 @@ from rich.text import Text
 from cantata.app import App
 from cantata.errors import ConfigurationError, TokenNotFound
 from cantata.model.access import Role, TokenRecord
+from cantata.store import audit as audit_chain
 from cantata.store.audit import AuditKey
 from cantata.store.base import Store
 from cantata.store.factory import mask_url
@@ -166,12 +167,28 @@ def _token_store(store: str | None, app: str | None) -> tuple[Store, AuditKey | 
 
 
 async def _audited_apps(store: Store, key: AuditKey | None) -> list[str]:
-    """The apps of ``store``, whose audit logs record a token created or revoked (a
-    token opens each of them), their chains keyed with ``key``."""
-    apps = await store.apps()
-    for name in apps if key is not None else ():
-        store.set_audit_key(name, key)
-    return apps
+    """The apps of ``store`` whose audit logs record a token created or revoked (a
+    token opens each of them): those whose chain is keyed with ``key`` (``None``: not
+    keyed), judged by its last record. A record written with another key than the
+    chain's would make ``audit verify`` report the chain tampered, so an app whose
+    chain this command cannot key is left out, with a warning saying how to record
+    it there."""
+    audited = []
+    for name in await store.apps():
+        head = await store.audit_head(name)
+        if head is not None:
+            last = await store.audit_records(name, after_seq=head[0] - 1, limit=1)
+            if last and audit_chain.record_hash(last[0], key) != last[0].hash:
+                err_console.print(Text(
+                    f"warning: not recorded in the audit log of app {name}: its chain is "
+                    f"keyed with {'an' if key is None else 'another'} audit key; set "
+                    "CANTATA_AUDIT_KEY to its key (or pass --app module:attribute of that "
+                    "app) to record it there", style="yellow"))
+                continue
+        if key is not None:
+            store.set_audit_key(name, key)
+        audited.append(name)
+    return audited
 
 
 AppOpt = Annotated[
