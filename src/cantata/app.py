@@ -345,6 +345,7 @@ class App(RouterFacade):
         queue: str | None = None,
         priority: int = 0,
         partition: str | None = None,
+        actor: str | None = None,
     ) -> RunHandle:
         """Start a run of ``workflow`` (a function or its name) with JSON arguments.
 
@@ -356,19 +357,24 @@ class App(RouterFacade):
                 defaults to the workflow's ``@app.workflow(queue=...)``.
             priority: with a queue of ``priorities=True``, lower numbers begin first.
             partition: with a queue, its limits apply per partition key.
+            actor: the operator starting it (``cantata start`` passes ``cli:user@host``):
+                the run's ``run.created`` audit record names them, in the transaction
+                that creates the run (default: ``system``, as for runs Cantata starts;
+                a start that finds its idempotency key's run records nothing).
 
         Raises:
             UnknownWorkflow: no service of this app declares it.
             UnknownQueue: no process of this app declares ``queue``.
             ConfigurationError: ``priority`` is not an int, ``partition`` not a string;
-                ``idempotency_key``, ``correlation_id`` or ``partition`` holds a NUL
-                character or a lone surrogate (no store keeps it as given).
+                ``idempotency_key``, ``correlation_id``, ``partition`` or ``actor`` holds
+                a NUL character or a lone surrogate (no store keeps it as given).
             SerializationError: an argument is not JSON-serialisable (nothing is stored).
             IdempotencyConflict: the key was used with other arguments.
         """
         handle, _ = await self._start(
             workflow, *args, idempotency_key=idempotency_key, deadline=deadline,
             correlation_id=correlation_id, queue=queue, priority=priority, partition=partition,
+            actor=actor,
         )
         return handle
 
@@ -382,6 +388,7 @@ class App(RouterFacade):
         queue: str | None = None,
         priority: int = 0,
         partition: str | None = None,
+        actor: str | None = None,
     ) -> tuple[RunHandle, bool]:
         """:meth:`start`, and whether this call created the run (``False``: the
         idempotency key's run existed and nothing was started), as the store told it:
@@ -390,6 +397,7 @@ class App(RouterFacade):
         if asyncio.get_running_loop() is not self._loop:
             self._check_loop("start a run of")  # (an app open under a sync block)
         name = workflow_name(workflow)
+        who = check_text("actor", actor) if actor else None
         wdef = engine.router.workflows.get(name)
         if wdef is None and not await engine.knows_workflow(name):
             known = ", ".join(await self._workflow_names()) or "none"
@@ -407,7 +415,7 @@ class App(RouterFacade):
             entry = await entry_for(engine, name, queue, priority, partition)
         run, created = await engine.create_run(
             name, list(args), idempotency_key=idempotency_key, deadline=deadline,
-            correlation_id=correlation_id, queue=entry,
+            correlation_id=correlation_id, queue=entry, actor=who,
         )
         return self._handle(engine, run.run_id, name), created
 
@@ -528,6 +536,7 @@ class App(RouterFacade):
         source: str | None = None,
         id: str | None = None,
         tx: Tx | None = None,
+        actor: str | None = None,
     ) -> Event[Any]:
         """Publish an event (committed to the log, then delivered to every group).
 
@@ -539,9 +548,15 @@ class App(RouterFacade):
             tx: the ``cantata.Tx`` of an ``@app.transaction`` step: the event is
                 appended in that step's transaction (the outbox in the service's
                 database), with the run's correlation id unless one is given.
+            actor: the operator publishing it (``cantata publish`` passes
+                ``cli:user@host``): audited as ``event.published`` by them once the
+                event is stored (``event.publish_repeated`` for a duplicate). Without
+                it nothing is audited, as for events workflows and handlers emit.
 
         Raises:
-            ConfigurationError: ``tx`` is not a ``cantata.Tx``.
+            ConfigurationError: ``tx`` is not a ``cantata.Tx``; ``actor`` with ``tx``
+                (the step's event is the run's); ``actor`` holds a NUL or a lone
+                surrogate.
             TransactionClosed: ``tx``'s step has returned (its transaction committed).
             DuplicateEventId: ``id`` was used by an event with different content.
             InvalidEvent: a bad type, or ``id``, ``subject``, ``source`` or
@@ -550,7 +565,7 @@ class App(RouterFacade):
         """
         event, _ = await self._publish(
             type, data, subject=subject, correlation_id=correlation_id, source=source, id=id,
-            tx=tx,
+            tx=tx, actor=actor,
         )
         return event
 
@@ -564,6 +579,7 @@ class App(RouterFacade):
         source: str | None = None,
         id: str | None,
         tx: Tx | None = None,
+        actor: str | None = None,
     ) -> tuple[Event[Any], bool]:
         """:meth:`publish`, and whether the event is an orphan (nothing in the app listens
         to its type: counted and logged; ``False`` in a ``tx``, checked at its commit).
@@ -575,6 +591,13 @@ class App(RouterFacade):
                 "tx= must be the cantata.Tx of the running @app.transaction step, got "
                 f"{tx!r}: pass the step's first argument, or leave tx= out"
             )
+        if actor and tx is not None:
+            raise ConfigurationError(
+                "actor= and tx= were both given to publish: an event published in an "
+                "@app.transaction step is the run's, committed with its checkpoint; leave "
+                "actor= out there (it audits an operator's publish)"
+            )
+        who = check_text("actor", actor) if actor else None
         event = new_event(
             self.name, type, data, subject=subject, correlation_id=correlation_id,
             source=source, id=id, max_payload=self.engine.max_payload,
@@ -592,7 +615,11 @@ class App(RouterFacade):
         if id is not None:
             earlier = await self.store.get_event(self.name, id)
             if earlier is not None:  # nothing is published: an orphan still, not counted
-                return repeated(earlier, event), bool(await find_orphans(self.engine, [event]))
+                event = repeated(earlier, event)
+                if who is not None:  # an operator's publish: recorded as the repeat it is
+                    await self.store.record_action(self.name, who, "event.publish_repeated",
+                                                   event.id, {"type": event.type})
+                return event, bool(await find_orphans(self.engine, [event]))
         event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
@@ -603,6 +630,9 @@ class App(RouterFacade):
             counts = await (self.store.append_events(self.name, [event]) if broker is None
                             else broker.append(self.name, [event]))
         self._emitted([event])
+        if who is not None:  # an operator's publish, recorded once the event is stored
+            await self.store.record_action(self.name, who, "event.published", event.id,
+                                           {"type": event.type})
         orphan = bool(counts and counts[0] == 0 and await check_orphans(self.engine, [event]))
         return event, orphan
 

@@ -332,10 +332,12 @@ class SyncApp:
 
     def publish(self, type: str, data: Any = None, *, subject: str | None = None,
                 correlation_id: str | None = None, source: str | None = None,
-                id: str | None = None) -> Event[Any]:
-        """Blocking ``app.publish`` (``tx=`` belongs to a step's transaction: async only)."""
+                id: str | None = None, actor: str | None = None) -> Event[Any]:
+        """Blocking ``app.publish`` (``tx=`` belongs to a step's transaction: async only);
+        ``actor`` is audited."""
         return self._call(self.app.publish(
             type, data, subject=subject, correlation_id=correlation_id, source=source, id=id,
+            actor=actor,
         ))
 
     def trace(self, correlation_id: str) -> TraceNode:

@@ -417,7 +417,7 @@ async def test_a_repeated_start_or_publish_says_so_and_is_not_audited_as_done_ag
     assert twice[1].json()["duplicate"] is True
     mine = await audit_of(shop, f"token:{shop.names['operator']}")
     assert mine == [
-        ("run.started", run_id), ("run.start_repeated", run_id),
+        ("run.created", run_id), ("run.started", run_id), ("run.start_repeated", run_id),
         ("run.start_repeated", run_id),
         ("event.published", "evt-R-1"), ("event.publish_repeated", "evt-R-1"),
         ("event.published", "evt-R-2"), ("event.publish_repeated", "evt-R-2"),
@@ -436,7 +436,8 @@ async def test_simultaneous_first_starts_with_one_key_create_and_audit_one_run(
     run_ids = {r.json()["run_id"] for r in starts}
     assert len(run_ids) == 1
     mine = await audit_of(shop, f"token:{shop.names['operator']}")
-    assert sorted(mine) == [("run.start_repeated", *run_ids)] * 5 + [("run.started", *run_ids)]
+    assert sorted(mine) == [("run.created", *run_ids)] + [
+        ("run.start_repeated", *run_ids)] * 5 + [("run.started", *run_ids)]
 
 
 async def test_an_error_caused_by_one_body_field_names_it(shop: Shop) -> None:

@@ -40,7 +40,8 @@ def register(cli: typer.Typer) -> None:
     cli.add_typer(audit, name="audit")
 
 
-def _key(required: bool) -> chain.AuditKey | None:
+def env_audit_key(required: bool = False) -> chain.AuditKey | None:
+    """``$CANTATA_AUDIT_KEY`` as a key (``None``: unset, unless ``required``)."""
     secret = os.environ.get("CANTATA_AUDIT_KEY")
     if not secret:
         if required:
@@ -77,7 +78,7 @@ def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None
     record that head names must still be there. Without --app (and $CANTATA_APP),
     the store's only app is verified.
     """
-    key = _key(required=head_file is not None)
+    key = env_audit_key(required=head_file is not None)
     doc = None
     if head_file is not None:
         try:
@@ -111,7 +112,7 @@ def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None
 def head(app: AppOpt = None, store: StoreOpt = None) -> None:
     """Print the chain head, signed with $CANTATA_AUDIT_KEY, as JSON: keep it outside the
     store, then `cantata audit verify --head FILE` detects a cut or rewritten tail."""
-    key = _key(required=True)
+    key = env_audit_key(required=True)
     assert key is not None
 
     async def go(name: str, s: Store) -> dict[str, object]:

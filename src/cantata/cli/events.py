@@ -50,7 +50,8 @@ def publish(
     async def go() -> None:
         async with the_app.client():
             event, orphan = await the_app._publish(
-                type, value, subject=subject, correlation_id=correlation_id, id=None
+                type, value, subject=subject, correlation_id=correlation_id, id=None,
+                actor=operator(),
             )
             console.print(event.id)
             if orphan:

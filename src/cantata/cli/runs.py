@@ -100,7 +100,8 @@ def start(
 
     async def go() -> None:
         async with the_app.client():
-            handle = await the_app.start(workflow, *values, idempotency_key=idempotency_key)
+            handle = await the_app.start(workflow, *values, idempotency_key=idempotency_key,
+                                         actor=operator())
             console.print(handle.run_id)
             if wait:
                 result = await handle.result()

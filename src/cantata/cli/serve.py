@@ -17,15 +17,19 @@ from rich.text import Text
 from cantata.app import App
 from cantata.errors import ConfigurationError, TokenNotFound
 from cantata.model.access import Role, TokenRecord
+from cantata.store import audit as audit_chain
+from cantata.store.audit import AuditKey
 from cantata.store.base import Store
 from cantata.store.factory import mask_url
 
+from .audit import env_audit_key
 from .common import (
     console,
     err_console,
     existing_store,
     known_app,
     load_app,
+    operator,
     run,
     store_apps,
     store_url,
@@ -148,17 +152,43 @@ def serve(
 # -- tokens -----------------------------------------------------------------------------------
 
 
-def _token_store(store: str | None, app: str | None) -> Store:
-    """The store the tokens are in; it must exist (tokens are made for a store that
-    workers or an App created: a typo in the URL must not make a new one)."""
+def _token_store(store: str | None, app: str | None) -> tuple[Store, AuditKey | None]:
+    """The store the tokens are in, and the audit key its apps' chains are keyed with
+    (``$CANTATA_AUDIT_KEY``, or the loaded app's own). The store must exist (tokens are
+    made for a store that workers or an App created: a typo in the URL must not make a
+    new one)."""
     if store:
-        return existing_store(store_url(store))
+        return existing_store(store_url(store)), env_audit_key()
     if app and ":" in app:
-        spec = load_app(app)._store_spec
-        if not isinstance(spec, str):
-            return spec
-        return existing_store(spec)
-    return existing_store(store_url(None))
+        the_app = load_app(app)
+        spec = the_app._store_spec
+        return (spec if not isinstance(spec, str) else existing_store(spec)), the_app.audit_key
+    return existing_store(store_url(None)), env_audit_key()
+
+
+async def _audited_apps(store: Store, key: AuditKey | None) -> list[str]:
+    """The apps of ``store`` whose audit logs record a token created or revoked (a
+    token opens each of them): those whose chain is keyed with ``key`` (``None``: not
+    keyed), judged by its last record. A record written with another key than the
+    chain's would make ``audit verify`` report the chain tampered, so an app whose
+    chain this command cannot key is left out, with a warning saying how to record
+    it there."""
+    audited = []
+    for name in await store.apps():
+        head = await store.audit_head(name)
+        if head is not None:
+            last = await store.audit_records(name, after_seq=head[0] - 1, limit=1)
+            if last and audit_chain.record_hash(last[0], key) != last[0].hash:
+                err_console.print(Text(
+                    f"warning: not recorded in the audit log of app {name}: its chain is "
+                    f"keyed with {'an' if key is None else 'another'} audit key; set "
+                    "CANTATA_AUDIT_KEY to its key (or pass --app module:attribute of that "
+                    "app) to record it there", style="yellow"))
+                continue
+        if key is not None:
+            store.set_audit_key(name, key)
+        audited.append(name)
+    return audited
 
 
 AppOpt = Annotated[
@@ -186,12 +216,13 @@ def token_create(
     except ValueError:
         raise ConfigurationError(
             f"role {role!r} is unknown: use {', '.join(r.value for r in Role)}") from None
-    the_store = _token_store(store, app)
+    the_store, key = _token_store(store, app)
 
     async def go() -> str:
         await the_store.open()
         try:
-            return await create_token(the_store, name, the_role)
+            return await create_token(the_store, name, the_role, actor=operator(),
+                                      apps=await _audited_apps(the_store, key))
         finally:
             await the_store.close()
 
@@ -204,7 +235,7 @@ def token_create(
 @token_cli.command("list")
 def token_list(store: StoreOpt = None, app: AppOpt = None) -> None:
     """List tokens: name, role, created, revoked (never the tokens themselves)."""
-    the_store = _token_store(store, app)
+    the_store, _ = _token_store(store, app)
 
     async def go() -> list[TokenRecord]:
         await the_store.open()
@@ -236,12 +267,13 @@ def token_revoke(
     """Revoke a token: requests carrying it get 401 from now on."""
     import time
 
-    the_store = _token_store(store, app)
+    the_store, key = _token_store(store, app)
 
     async def go() -> bool:
         await the_store.open()
         try:
-            return await the_store.revoke_token(name, time.time())
+            return await the_store.revoke_token(name, time.time(), actor=operator(),
+                                                apps=await _audited_apps(the_store, key))
         finally:
             await the_store.close()
 

@@ -191,9 +191,12 @@ class Engine:
         parent_run_id: str | None = None,
         deadline: float | None = None,
         queue: QueueEntry | None = None,
+        actor: str | None = None,
     ) -> tuple[RunRecord, bool]:
         """Store a new run (or return the one with that idempotency key) and start it here
         when this process serves the workflow; with ``queue``, it waits there to begin.
+        ``actor`` (an operator, checked by the caller) is who its ``run.created`` record
+        names (``None``: ``system``).
 
         Returns:
             The run, and whether this call created it (``False``: the key's run existed,
@@ -231,11 +234,16 @@ class Engine:
             version=self.version if wdef else None,
         )
         if queue is not None:
-            stored, created = await self.store.create_queued_run(run, queue)
+            if actor is None:
+                stored, created = await self.store.create_queued_run(run, queue)
+            else:
+                stored, created = await self.store.create_queued_run(run, queue, actor=actor)
             if created and self.flow is not None:
                 self.flow.wake()
             return stored, created
-        if local and idempotency_key is None:
+        if actor is not None:  # an operator's start: its record names them, not system
+            stored, created = await self.store.create_run(run, actor=actor)
+        elif local and idempotency_key is None:
             # Executed here at once, and new for sure: the run is stored with its first
             # checkpoint, in one transaction, when its workflow reaches it.
             execution = self.launch(run, fresh=True, create=True)
@@ -247,7 +255,8 @@ class Engine:
             starter: asyncio.Future[tuple[RunRecord, bool]]
             starter = execution.starter = asyncio.get_running_loop().create_future()
             return await starter
-        stored, created = await self.store.create_run(run)
+        else:
+            stored, created = await self.store.create_run(run)
         if created and local:
             self.launch(stored, fresh=True)
         elif created:

@@ -5,6 +5,7 @@ route needs. See docs/console.md."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -100,12 +101,19 @@ def authorize(principal: Principal, needed: Role) -> Principal:
 # -- managing tokens (``cantata token``) ----------------------------------------------------
 
 
-async def create_token(store: ConsoleStore, name: str, role: Role) -> str:
+async def create_token(
+    store: ConsoleStore, name: str, role: Role, *, actor: str = "system",
+    apps: Sequence[str] = (),
+) -> str:
     """Store a new token's hash and return the token (shown once, never stored).
+
+    Audited as ``token.created`` by ``actor`` in the chain of each app of ``apps``
+    (``cantata token create`` passes ``cli:user@host`` and every app of the store).
 
     Raises:
         TokenExists: an active token already has ``name``.
     """
     secret = new_token()
-    await store.create_token(TokenRecord(name, role, hash_token(secret), time.time()))
+    await store.create_token(TokenRecord(name, role, hash_token(secret), time.time()),
+                             actor=actor, apps=apps)
     return secret

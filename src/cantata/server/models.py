@@ -254,6 +254,9 @@ class AuditOut(BaseModel):
     data: Any
     prev_hash: str
     hash: str
+    past_head: bool = Field(
+        False, description="The record lies past the chain's head: no Cantata process "
+        "wrote it (it was added outside Cantata; `GET /api/audit/verify` reports it)")
 
 
 class AuditPage(BaseModel):
@@ -368,12 +371,14 @@ def dead_letter_out(d: DeadLetter) -> DeadLetterOut:
                          attempts=d.attempts, failed_at=d.failed_at)
 
 
-def audit_out(r: AuditRecord) -> AuditOut:
-    """An audit record as JSON (its data parsed)."""
+def audit_out(r: AuditRecord, head: int) -> AuditOut:
+    """An audit record as JSON (its data parsed), marked when its ``seq`` lies past
+    ``head``, the chain head's."""
     stamp = utc(r.time)
     assert stamp is not None
     return AuditOut(seq=r.seq, time=stamp, actor=r.actor, action=r.action, target=r.target,
-                    data=codec.loads(r.data), prev_hash=r.prev_hash, hash=r.hash)
+                    data=codec.loads(r.data), prev_hash=r.prev_hash, hash=r.hash,
+                    past_head=r.seq > head)
 
 
 def verify_out(r: AuditReport) -> VerifyOut:

@@ -159,19 +159,17 @@ async def publish(request: Request, response: Response, body: PublishIn,
     params.finite("data", body.data)
     app = await console.open()
     try:
+        # Audited as the token's: event.published, or event.publish_repeated when
+        # nothing was published (the id's event with the same content exists).
         event, orphan = await app._publish(body.type, body.data, subject=body.subject,
-                                           correlation_id=body.correlation_id, id=body.id)
+                                           correlation_id=body.correlation_id, id=body.id,
+                                           actor=who.actor)
     except DuplicateEventId as exc:
         raise caused_by("id", exc) from None
     except PayloadTooLarge as exc:
         raise caused_by("data", exc) from None
-    if event.duplicate:  # nothing was published: the log says what was asked
+    if event.duplicate:
         response.status_code = 200
-        await app.store.record_action(app.name, who.actor, "event.publish_repeated",
-                                      event.id, {"type": event.type})
-    else:
-        await app.store.record_action(app.name, who.actor, "event.published", event.id,
-                                      {"type": event.type})
     return PublishOut(id=event.id, orphan=orphan, duplicate=event.duplicate)
 
 

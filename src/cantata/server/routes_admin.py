@@ -48,15 +48,19 @@ async def audit(
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 100,
     cursor: Annotated[str | None, Query(max_length=600)] = None,
 ) -> AuditPage:
-    """Every state change and operator action with its actor (operators: `token:NAME`)."""
+    """Every state change and operator action with its actor (operators: `token:NAME`).
+    A record past the chain's head (`past_head`: added outside Cantata) is marked, not
+    served as part of the chain."""
     console = console_of(request)
     after = params.audit_cursor(cursor)
     store = await console.store()
     records = await store.audit_records(console.app.name, after_seq=after, limit=limit + 1)
+    # The head read after the records: one appended meanwhile is within it, not past it.
+    head = await store.audit_head_seq(console.app.name)
     more = len(records) > limit
     records = records[:limit]
     next_cursor = params.encode_cursor(records[-1].seq) if more else None
-    return AuditPage(records=[audit_out(r) for r in records], next_cursor=next_cursor)
+    return AuditPage(records=[audit_out(r, head) for r in records], next_cursor=next_cursor)
 
 
 @router.get("/api/audit/verify", response_model=VerifyOut, tags=["admin"],

@@ -240,8 +240,10 @@ async def start_run(
     try:
         # Whether this call created the run, as the store decided it: of simultaneous
         # first starts with one key, exactly one is told so (and audited as the start).
+        # The run's run.created names the token, in the transaction that creates it.
         handle, created = await app._start(name, *args, idempotency_key=key,
-                                           correlation_id=body.correlation_id)
+                                           correlation_id=body.correlation_id,
+                                           actor=who.actor)
     except IdempotencyConflict as exc:
         raise caused_by("idempotency_key", exc) from None
     except PayloadTooLarge as exc:

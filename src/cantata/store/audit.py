@@ -189,12 +189,22 @@ Entry = tuple[str, str, str, dict[str, Any]]  # actor, action, target, data
 
 
 def run_created_entry(
-    run_id: str, workflow: str, correlation_id: str, parent_run_id: str | None
+    run_id: str, workflow: str, correlation_id: str, parent_run_id: str | None,
+    actor: str = SYSTEM,
 ) -> Entry:
+    """A new run's record: by ``actor``, the operator who started it (``system``: a
+    start by Cantata itself, or by code that named no operator)."""
     data: dict[str, Any] = {"workflow": workflow, "correlation_id": correlation_id}
     if parent_run_id is not None:
         data["parent_run_id"] = parent_run_id
-    return SYSTEM, "run.created", run_id, data
+    return actor, "run.created", run_id, data
+
+
+def token_entry(actor: str, name: str, role: str | None) -> Entry:
+    """The record of API token ``name`` created with ``role``, or revoked (``None``)."""
+    if role is None:
+        return actor, "token.revoked", name, {}
+    return actor, "token.created", name, {"role": role}
 
 
 def checkpoint_entry(

@@ -3,14 +3,16 @@ operator actions in the audit log (see :mod:`cantata.store.console_sql`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import TokenExists
 from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.records import RunRecord
+from cantata.store import audit
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
 from cantata.store.postgres_core import PostgresCore
-from cantata.store.postgres_ops import RUN_COLS, audit_append, run_row
+from cantata.store.postgres_ops import RUN_COLS, audit_append, audit_append_many, run_row
 
 
 def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
@@ -41,7 +43,9 @@ class PostgresConsole(PostgresCore):
             key = self._audit_keys.get(app)
             await audit_append(c, app, (actor, action, target, data), key)
 
-    async def create_token(self, token: TokenRecord) -> None:
+    async def create_token(
+        self, token: TokenRecord, *, actor: str = audit.SYSTEM, apps: Sequence[str] = ()
+    ) -> None:
         async with self._db.tx() as c:
             revoked = await c.fetchrow(
                 "SELECT revoked_at FROM tokens WHERE name=$1 FOR UPDATE", token.name
@@ -60,6 +64,8 @@ class PostgresConsole(PostgresCore):
                 token.token_hash,
                 token.created_at,
             )
+            entry = audit.token_entry(actor, token.name, str(token.role))
+            await audit_append_many(c, [(app, entry) for app in set(apps)], self._audit_keys)
 
     async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
         async with self._db.conn() as c:
@@ -75,9 +81,15 @@ class PostgresConsole(PostgresCore):
                 for r in await c.fetch(f'SELECT {TOKEN_COLS} FROM tokens ORDER BY name COLLATE "C"')
             ]
 
-    async def revoke_token(self, name: str, now: float) -> bool:
+    async def revoke_token(
+        self, name: str, now: float, *, actor: str = audit.SYSTEM, apps: Sequence[str] = ()
+    ) -> bool:
         async with self._db.tx() as c:
             status = await c.execute(
                 "UPDATE tokens SET revoked_at=$2 WHERE name=$1 AND revoked_at IS NULL", name, now
             )
-            return status != "UPDATE 0"
+            if status == "UPDATE 0":
+                return False
+            entry = audit.token_entry(actor, name, None)
+            await audit_append_many(c, [(app, entry) for app in set(apps)], self._audit_keys)
+            return True

@@ -32,7 +32,7 @@ from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row
 from cantata.store.postgres_parking import UNPARK
-from cantata.store.postgres_writes import create_runs
+from cantata.store.postgres_writes import create_runs_by
 
 if TYPE_CHECKING:
     from cantata.store.postgres_pool import Conn, Row
@@ -61,14 +61,15 @@ def _conflict(app: str, mine: QueueSpec, theirs: QueueSpec, by: str) -> QueueCon
 
 
 async def _create_queued(
-    c: Conn, b: Batch, calls: list[tuple[RunRecord, QueueEntry]]
+    c: Conn, b: Batch, calls: list[tuple[RunRecord, QueueEntry, str]]
 ) -> list[tuple[RunRecord, bool] | Refused]:
-    """New runs and their queue rows, for many callers in one transaction."""
-    out = await create_runs(c, b, [(run, None) for run, _ in calls])
+    """New runs and their queue rows (each created by the actor given with it), for
+    many callers in one transaction."""
+    out = await create_runs_by(c, b, [(run, None, actor) for run, _, actor in calls])
     rows = [
         (run.app, run.run_id, e.queue, run.workflow, e.partition, e.priority,
          int(run.created_at * 1e6))
-        for (run, e), res in zip(calls, out, strict=True)
+        for (run, e, _), res in zip(calls, out, strict=True)
         if not isinstance(res, Refused) and res[1]
     ]
     if rows:
@@ -126,10 +127,10 @@ class PostgresFlow(PostgresCore):
         return [queue_spec(r) for r in rows]
 
     async def create_queued_run(
-        self, run: RunRecord, entry: QueueEntry
+        self, run: RunRecord, entry: QueueEntry, *, actor: str = audit.SYSTEM
     ) -> tuple[RunRecord, bool]:
         # Group-committed with the other new runs (see postgres_writes.create_runs).
-        return await self._w.run_many(_create_queued, (run, entry))
+        return await self._w.run_many(_create_queued, (run, entry, actor))
 
     async def claim_queued_runs(
         self,

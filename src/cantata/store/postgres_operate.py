@@ -275,10 +275,8 @@ class PostgresOperate(PostgresCore):
                 )
             await PgPool.notify(c, app, RUNS)
             key = self._audit_keys.get(app)
-            await audit_append(
-                c, app, audit.run_created_entry(run.run_id, run.workflow, run.correlation_id, None),
-                key,
-            )
+            await audit_append(c, app, audit.run_created_entry(
+                run.run_id, run.workflow, run.correlation_id, None, actor), key)
             await audit_append(
                 c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key), key
             )

@@ -36,9 +36,11 @@ class PostgresRuns(PostgresCore):
     """The runs role of :class:`~cantata.store.postgres.PostgresStore`."""
 
     async def create_run(
-        self, run: RunRecord, first: RunWrite | None = None
+        self, run: RunRecord, first: RunWrite | None = None, *, actor: str = audit.SYSTEM
     ) -> tuple[RunRecord, bool]:
-        return await self._w.run_many(writes.create_runs, (run, first))
+        if actor == audit.SYSTEM:  # (the one-statement paths record system's creations)
+            return await self._w.run_many(writes.create_runs, (run, first))
+        return await self._w.run_many(writes.create_runs_by, (run, first, actor))
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
         row = await self._db.fetchrow(

@@ -48,6 +48,8 @@ _CREATE_RUN = (
 
 
 NewRun = tuple[RunRecord, RunWrite | None]  # a run, and its first checkpoint
+# A run an operator started: its first checkpoint (or None) and the operator.
+OperatorRun = tuple[RunRecord, RunWrite | None, str]
 
 
 async def create_runs(
@@ -56,16 +58,27 @@ async def create_runs(
     """:meth:`PostgresStore.create_run` for many runs: one pipelined INSERT for all, the
     first checkpoints of those inserted as one :func:`commit_runs`, and a lookup only
     for a run whose idempotency key was taken."""
-    rows = await c.fetchmany(_CREATE_RUN, [run_values(run) for run, _ in calls])
+    return await create_runs_by(c, b, [(run, first, audit.SYSTEM) for run, first in calls])
+
+
+async def create_runs_by(
+    c: Conn, b: Batch, calls: list[OperatorRun]
+) -> list[tuple[RunRecord, bool] | Refused]:
+    """:func:`create_runs`, each new run's ``run.created`` by the actor given with it.
+
+    Never one statement (:mod:`~cantata.store.postgres_onetrip`, whose functions record
+    every creation as ``system``'s): operators' starts are few, runs Cantata starts are
+    not."""
+    rows = await c.fetchmany(_CREATE_RUN, [run_values(run) for run, _, _ in calls])
     inserted = {r[0] for r in rows}
     firsts: list[Checkpoint] = []
     out: list[tuple[RunRecord, bool] | Refused] = []
-    for run, first in calls:
+    for run, first, actor in calls:
         if run.run_id in inserted:
             if run.owner is None:  # claimable by any worker (see wakes_runs)
                 b.notify(run.app, RUNS)
             b.audit(run.app, audit.run_created_entry(
-                run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+                run.run_id, run.workflow, run.correlation_id, run.parent_run_id, actor
             ))
             if first is not None:
                 firsts.append((run.app, run.run_id, run.fence, first))

@@ -4,11 +4,13 @@ operator actions in the audit log (see :mod:`cantata.store.console_sql`)."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import TokenExists
 from cantata.model.access import RunQuery, TokenRecord
 from cantata.model.records import RunRecord
+from cantata.store import audit
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import RUN_COLS, audit_append, run_row
@@ -56,7 +58,9 @@ class SQLiteConsole(SQLiteCore):
 
         await self._t.write(op)
 
-    async def create_token(self, token: TokenRecord) -> None:
+    async def create_token(
+        self, token: TokenRecord, *, actor: str = audit.SYSTEM, apps: Sequence[str] = ()
+    ) -> None:
         def op(c: sqlite3.Connection) -> None:
             row = c.execute("SELECT revoked_at FROM tokens WHERE name=?", (token.name,)).fetchone()
             if row is not None and row[0] is None:
@@ -71,6 +75,8 @@ class SQLiteConsole(SQLiteCore):
                 "created_at=excluded.created_at, revoked_at=NULL",
                 (token.name, str(token.role), token.token_hash, token.created_at),
             )
+            for app in sorted(set(apps)):
+                audit_append(c, app, audit.token_entry(actor, token.name, str(token.role)))
 
         await self._t.write(op)
 
@@ -90,14 +96,15 @@ class SQLiteConsole(SQLiteCore):
 
         return await self._t.read(op)
 
-    async def revoke_token(self, name: str, now: float) -> bool:
+    async def revoke_token(
+        self, name: str, now: float, *, actor: str = audit.SYSTEM, apps: Sequence[str] = ()
+    ) -> bool:
         def op(c: sqlite3.Connection) -> bool:
-            return (
-                c.execute(
-                    "UPDATE tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL",
-                    (now, name),
-                ).rowcount
-                > 0
-            )
+            revoked = c.execute(
+                "UPDATE tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL", (now, name)
+            ).rowcount > 0
+            for app in sorted(set(apps)) if revoked else ():
+                audit_append(c, app, audit.token_entry(actor, name, None))
+            return revoked
 
         return await self._t.write(op)

@@ -78,7 +78,8 @@ class SQLiteFlow(SQLiteCore):
     """Flow-control operations of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
     def _create(
-        self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None
+        self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None,
+        actor: str = audit.SYSTEM,
     ) -> tuple[RunRecord, bool]:  # provided by SQLiteStore
         raise NotImplementedError
 
@@ -119,10 +120,10 @@ class SQLiteFlow(SQLiteCore):
         return [queue_spec(r) for r in rows]
 
     async def create_queued_run(
-        self, run: RunRecord, entry: QueueEntry
+        self, run: RunRecord, entry: QueueEntry, *, actor: str = audit.SYSTEM
     ) -> tuple[RunRecord, bool]:
         def op(c: sqlite3.Connection) -> tuple[RunRecord, bool]:
-            stored, created = self._create(c, run, None)
+            stored, created = self._create(c, run, None, actor)
             if created:
                 c.execute(
                     "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, "

@@ -243,9 +243,8 @@ class SQLiteOperate(SQLiteCore):
                     (run.run_id, *where),
                 )
             reindex_attributes(c, app, run.run_id)
-            audit_append(
-                c, app, audit.run_created_entry(run.run_id, run.workflow, run.correlation_id, None)
-            )
+            audit_append(c, app, audit.run_created_entry(
+                run.run_id, run.workflow, run.correlation_id, None, actor))
             audit_append(c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key))
             return run
 

@@ -119,12 +119,14 @@ class SQLiteRuns(SQLiteCore):
     """The runs role of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
     async def create_run(
-        self, run: RunRecord, first: RunWrite | None = None
+        self, run: RunRecord, first: RunWrite | None = None, *, actor: str = audit.SYSTEM
     ) -> tuple[RunRecord, bool]:
-        return await self._t.write(lambda c: self._create(c, run, first), *_channels(first))
+        return await self._t.write(lambda c: self._create(c, run, first, actor),
+                                   *_channels(first))
 
     def _create(
-        self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None
+        self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None,
+        actor: str = audit.SYSTEM,
     ) -> tuple[RunRecord, bool]:
         """:meth:`create_run` in the caller's transaction (queued runs use it too)."""
         if run.idempotency_key is not None:
@@ -157,7 +159,7 @@ class SQLiteRuns(SQLiteCore):
                 values[_OWNER] = None
             c.execute(_INSERT_RUN, values)
         ops.audit_append(c, run.app, audit.run_created_entry(
-            run.run_id, run.workflow, run.correlation_id, run.parent_run_id
+            run.run_id, run.workflow, run.correlation_id, run.parent_run_id, actor
         ))
         if first is not None:
             self._apply(c, run.app, run.run_id, first, run.owner, str(run.status),

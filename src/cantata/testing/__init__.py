@@ -174,16 +174,16 @@ class _CrashingStore:
         return self.crash_at is not None and self.commits == self.crash_at
 
     async def create_run(
-        self, run: RunRecord, first: RunWrite | None = None
+        self, run: RunRecord, first: RunWrite | None = None, *, actor: str = "system"
     ) -> tuple[RunRecord, bool]:
         """A run stored with its first checkpoint: that checkpoint can crash too (after
         it is written; before, it is a start that failed, which its caller sees)."""
         self._refuse()
         if first is None:
-            return await self._inner.create_run(run)
+            return await self._inner.create_run(run, actor=actor)
         due = self._due()
         self.creations.add(self.commits)
-        stored = await self._inner.create_run(run, first)
+        stored = await self._inner.create_run(run, first, actor=actor)
         if due:
             self._crash()
             self.crashed_run = run.run_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from cantata.model.access import RunQuery, TokenRecord
@@ -20,11 +21,17 @@ class ConsoleStore(Protocol):
     async def count_runs(self, app: str) -> dict[str, int]:
         """How many runs of ``app`` have each status (statuses with none are absent)."""
 
-    async def create_token(self, token: TokenRecord) -> None:
+    async def create_token(
+        self, token: TokenRecord, *, actor: str = "system", apps: Sequence[str] = ()
+    ) -> None:
         """Store an API token (its hash), replacing a revoked token of the same name.
 
+        Audited as ``token.created`` by ``actor`` (data: the role) in the chain of each
+        app of ``apps`` (a token opens every app of the store: those it holds), in the
+        same transaction.
+
         Raises:
-            TokenExists: an active token has that name.
+            TokenExists: an active token has that name (nothing is recorded).
         """
 
     async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
@@ -33,5 +40,9 @@ class ConsoleStore(Protocol):
     async def tokens(self) -> list[TokenRecord]:
         """Every token, active and revoked, by name."""
 
-    async def revoke_token(self, name: str, now: float) -> bool:
-        """Revoke the active token ``name``; ``False`` when there is none."""
+    async def revoke_token(
+        self, name: str, now: float, *, actor: str = "system", apps: Sequence[str] = ()
+    ) -> bool:
+        """Revoke the active token ``name``; ``False`` when there is none (nothing is
+        recorded). Audited as ``token.revoked`` by ``actor`` in the chain of each app of
+        ``apps``, in the same transaction."""

@@ -43,8 +43,11 @@ class FlowStore(Protocol):
     async def queues(self, app: str) -> list[QueueSpec]:
         """The queues of ``app``, by name."""
 
-    async def create_queued_run(self, run: RunRecord, entry: QueueEntry) -> tuple[RunRecord, bool]:
-        """:meth:`Store.create_run` for a run that waits in ``entry.queue``.
+    async def create_queued_run(
+        self, run: RunRecord, entry: QueueEntry, *, actor: str = "system"
+    ) -> tuple[RunRecord, bool]:
+        """:meth:`Store.create_run` for a run that waits in ``entry.queue`` (its
+        ``run.created`` by ``actor``).
 
         The run is stored ``pending`` and unowned with its queue row, in one
         transaction; :meth:`Store.claim_runs` leaves it alone until

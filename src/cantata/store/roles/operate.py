@@ -85,7 +85,7 @@ class OperateStore(Protocol):
         """Create ``run`` (a new pending run) with the source run's recorded history
         before entry ``before_key``: entries of lower ``seq`` that ended (completed or
         failed), compensations left out, with their attempts. Audited as
-        ``run.created`` and ``run.forked`` by ``actor``, in one transaction.
+        ``run.created`` and ``run.forked``, both by ``actor``, in one transaction.
 
         Raises:
             RunNotFound: no such source run.

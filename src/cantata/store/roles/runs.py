@@ -23,9 +23,11 @@ class RunStore(Protocol):
     """Runs and their history (all times are POSIX seconds from the app's clock)."""
 
     async def create_run(
-        self, run: RunRecord, first: RunWrite | None = None
+        self, run: RunRecord, first: RunWrite | None = None, *, actor: str = "system"
     ) -> tuple[RunRecord, bool]:
-        """Insert ``run`` unless its (app, idempotency_key) exists.
+        """Insert ``run`` unless its (app, idempotency_key) exists; audited as
+        ``run.created`` by ``actor`` (the operator who started it, or ``system``) in
+        the same transaction.
 
         Returns ``(stored_run, created)``: the existing run and ``False`` when the key
         was used before for the same start: the same workflow, and the same

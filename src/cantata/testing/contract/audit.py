@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from cantata.errors import DeadLetterNotFound, LeaseLost, StoreCorrupt
+from cantata.model.flow import QueueEntry
 from cantata.model.records import (
     ENTRY_FAILED,
     ENTRY_RUNNING,
@@ -139,6 +140,37 @@ class AuditContract(StoreFixtures):
                                             "attempts": 1, "error": "KeyError: 'sku'"},
         )
         assert child.parent_run_id == parent.run_id
+
+    async def test_a_run_an_operator_starts_is_created_by_them(
+        self, store: Store, peer: Store
+    ) -> None:
+        ann = "cli:ann@host"
+        alone, _ = await store.create_run(new_run(self.app), actor=ann)
+        owned = new_run(self.app, owner="w1", fence=1)  # with its first checkpoint
+        await store.create_run(owned, RunWrite(status=RunStatus.RUNNING), actor=ann)
+        queued, _ = await store.create_queued_run(new_run(self.app), QueueEntry("q"),
+                                                  actor="token:bo")
+        keyed, created = await store.create_run(
+            new_run(self.app, idempotency_key="k", args_hash="h"), actor=ann)
+        at_once = [new_run(self.app) for _ in range(4)]  # grouped with others' writes
+        await asyncio.gather(*(
+            (store if i % 2 else peer).create_run(r, actor=ann if i < 2 else audit.SYSTEM)
+            for i, r in enumerate(at_once)))
+        plain, _ = await store.create_run(new_run(self.app))
+        again, repeated = await peer.create_run(
+            new_run(self.app, idempotency_key="k", args_hash="h"), actor="token:bo")
+        records = await self.log(store)
+        assert_chained(records)
+        by = {r.target: r.actor for r in records if r.action == "run.created"}
+        assert by == {
+            alone.run_id: ann, owned.run_id: ann, queued.run_id: "token:bo",
+            keyed.run_id: ann, at_once[0].run_id: ann, at_once[1].run_id: ann,
+            at_once[2].run_id: "system", at_once[3].run_id: "system", plain.run_id: "system",
+        }
+        # the repeated start made nothing: no record of it
+        assert created and not repeated and again.run_id == keyed.run_id
+        assert [r.action for r in records].count("run.created") == 9
+        assert (await store.verify_audit(self.app)).ok
 
     async def test_writes_that_change_nothing_record_nothing(self, store: Store) -> None:
         await self.handlers(store, ("g", "order.placed"))

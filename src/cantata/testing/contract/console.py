@@ -130,6 +130,32 @@ class ConsoleContract(StoreFixtures):
         assert (await store.verify_audit(self.app, key=key)).ok
         assert not (await store.verify_audit(self.app, key=AuditKey("another-key-0123456789"))).ok
 
+    async def test_tokens_created_and_revoked_are_audited_in_each_app(
+        self, store: Store
+    ) -> None:
+        name = f"ops-{codec.new_id()[-8:]}"
+        apps = [self.app, f"{self.app}-b"]
+        who = "cli:ann@host"
+        token = TokenRecord(name, Role.ADMIN, hash_token(new_token()), 1.0)
+        await store.create_token(token, actor=who, apps=apps)
+        with pytest.raises(TokenExists):  # refused: nothing recorded
+            await store.create_token(token, actor=who, apps=apps)
+        assert await store.revoke_token(name, 2.0, actor="cli:bo@host", apps=apps)
+        assert not await store.revoke_token(name, 3.0, actor=who, apps=apps)  # none active
+        for app in apps:
+            records = await store.audit_records(app)
+            assert [(r.actor, r.action, r.target, json.loads(r.data)) for r in records] == [
+                (who, "token.created", name, {"role": "admin"}),
+                ("cli:bo@host", "token.revoked", name, {}),
+            ]
+            assert (await store.verify_audit(app)).ok
+        assert await store.audit_records(f"{self.app}-c") == []  # not named: untouched
+        # Without apps (a library call that names none): stored, recorded nowhere.
+        other = TokenRecord(f"{name}-2", Role.VIEWER, hash_token(new_token()), 4.0)
+        await store.create_token(other)
+        assert await store.revoke_token(other.name, 5.0)
+        assert len(await store.audit_records(self.app)) == 2
+
     async def test_tokens_keep_only_a_hash_and_can_be_revoked(self, store: Store) -> None:
         name = f"ops-{codec.new_id()[-8:]}"  # tokens are store-wide: a name of this test's own
         secret = new_token()

@@ -286,7 +286,7 @@ class OperateContract(StoreFixtures):
             new.run_id: {"customer": "c1"}
         }
         actions = [(r.actor, r.action) for r in await store.audit_records(self.app)][-2:]
-        assert actions == [("system", "run.created"), ("ops:bob", "run.forked")]
+        assert actions == [("ops:bob", "run.created"), ("ops:bob", "run.forked")]
         # the source is untouched
         assert len(await store.load_history(self.app, source.run_id)) == 6
 

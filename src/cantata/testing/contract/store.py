@@ -8,8 +8,8 @@ third-party package's own test module), which overrides
 fresh random app name, so backends on a shared database (PostgreSQL) do not see
 each other's leftovers. One module per role: the event log in ``events.py``, tasks
 in ``tasks.py``, the audit log in ``audit.py`` (whose tampering tests need each
-backend's ``tamper``), trace reads in ``trace.py``, ...; fixtures and helpers are
-in ``support.py``.
+backend's ``tamper``) and its keyed chain through every write in ``keyed.py``, trace
+reads in ``trace.py``, ...; fixtures and helpers are in ``support.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from cantata.testing.contract.audit import AuditContract
 from cantata.testing.contract.console import ConsoleContract
 from cantata.testing.contract.events import EventsContract
 from cantata.testing.contract.flow import FlowContract
+from cantata.testing.contract.keyed import KeyedChainContract
 from cantata.testing.contract.operate import OperateContract
 from cantata.testing.contract.outbox import OutboxContract
 from cantata.testing.contract.parking import ParkingContract
@@ -53,6 +54,7 @@ class StoreContract(
     EventsContract,
     TasksContract,
     AuditContract,
+    KeyedChainContract,
     OutboxContract,
     WorkflowApiContract,
     TraceContract,
