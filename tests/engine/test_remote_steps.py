@@ -317,3 +317,23 @@ def test_a_bad_service_or_stub_is_refused_where_it_is_declared(
 ) -> None:
     with pytest.raises(cantata.RegistrationError, match=message):
         declare(make_app(url))
+
+
+async def test_a_stop_that_meets_a_wakeup_still_stops_the_task_loop(url: str) -> None:
+    """A stop that comes with news of a task (a withdrawal: a run cancelled just before
+    the app closes) ends the loop that claims tasks. Python 3.11's asyncio.wait_for
+    lost that cancel and the close hung for good (seen with an orchestrating service
+    that serves no step: its loop never reaches the store)."""
+    orders = orders_app(url)
+    async with orders:
+        server = orders.engine.task_server
+        assert server is not None and server._loop is not None
+        loop_task = server._loop
+        await asyncio.sleep(0.02)  # the loop waits for news
+        server.wakeup.set()  # the news, in the same turn of the loop as the stop
+        stopping = asyncio.ensure_future(server.stop())
+        done, _ = await asyncio.wait([stopping], timeout=5)
+        if not done:
+            loop_task.cancel()  # a second cancel ends it: the first one was lost
+            await stopping
+            pytest.fail("the task loop went on after its stop")

@@ -59,8 +59,7 @@ class TaskServer:
         to the other workers when this one is removed)."""
         if self._loop is not None:
             self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+            await asyncio.wait([self._loop])  # (a cancel of this stop is passed on)
             self._loop = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() if deadline is None else deadline
@@ -95,8 +94,11 @@ class TaskServer:
                 await asyncio.sleep(0)
                 continue
             self.wakeup.clear()
+            # Not asyncio.wait_for: on Python 3.11 it returns, instead of raising, a
+            # cancel (the stop) that comes as the wakeup is set, and the loop never ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), engine.poll_interval)
+                async with asyncio.timeout(engine.poll_interval):
+                    await self.wakeup.wait()
 
     def _steps(self) -> list[str]:
         """The steps of the served services this worker's code has: a task of another
