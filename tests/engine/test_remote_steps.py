@@ -142,6 +142,44 @@ async def test_a_stub_can_wait_for_a_service_that_never_started(url: str) -> Non
             assert await handle.result(timeout=10) == "picked"
 
 
+async def test_a_stub_waiting_for_its_service_calls_the_service_that_declares_the_step(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Called before any service declared it, a stub without service= does not guess
+    the service from the step's name: the task waits for whichever service declares
+    the step (here inventory, for a step named stock.reserve)."""
+    orders = make_app(url, services=["orders"])
+    reserve = orders.remote_step("stock.reserve", wait_for_service=True)
+
+    @orders.workflow(service="orders")
+    async def place(ctx: cantata.WorkflowContext, n: int) -> int:
+        return int(await ctx.run(reserve, n))
+
+    async with orders:
+        handle = await orders.start(place, 1)
+        await eventually(lambda: _pending(orders, handle.run_id))
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.service, task.status) == ("", "pending")  # no service known yet
+        code = await asyncio.to_thread(main, ["stalled", "--older-than", "0s", "--app",
+                                              orders.name, "--store", url, "--json"])
+        [stall] = json.loads(capsys.readouterr().out)
+        assert code == 0
+        assert stall["detail"] == "waiting for a service that declares step stock.reserve"
+        inventory = make_app(url, services=["inventory"])
+
+        @inventory.step(name="stock.reserve", service="inventory")
+        async def reserve_impl(n: int) -> int:
+            return n + 1
+
+        async with inventory:
+            assert await handle.result(timeout=10) == 2
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.service, task.status) == ("inventory", "done")
+        tree = await orders.trace(handle.run_id)
+        [step] = [n for n in tree.children if n.kind == "step"]
+        assert (step.group, step.detail) == ("inventory", "task for service inventory")
+
+
 async def _pending(app: App, run_id: str) -> bool:
     return bool(await app.store.tasks_of_run(app.name, run_id))
 

@@ -25,6 +25,7 @@ import asyncpg
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import (
+    UNADDRESSED,
     Attempt,
     AuditRecord,
     DeadLetter,
@@ -272,8 +273,9 @@ async def claim_tasks(
 ) -> list[TaskRecord]:
     # As claim_deliveries: a MATERIALIZED pick with SKIP LOCKED, liveness as a
     # correlated subquery so the READ COMMITTED re-check sees a new owner. ``$7``:
-    # the step names the claimer's code has (NULL: any); a task of an ended run is
-    # never taken.
+    # the step names the claimer's code has (NULL: any); with them, tasks addressed to
+    # no service yet too, which get the service that declared their step. A task of an
+    # ended run is never taken.
     rows = await c.fetch(
         f"WITH pick AS MATERIALIZED ("
         f" SELECT task_id FROM tasks t WHERE t.app=$1 AND t.status='pending'"
@@ -284,9 +286,13 @@ async def claim_tasks(
         f"  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=t.app AND r.run_id=t.run_id"
         f"   AND r.status = ANY($8::text[]))"
         f" ORDER BY t.next_at, t.created_at LIMIT $6 FOR UPDATE SKIP LOCKED)"
-        f" UPDATE tasks t SET owner=$4, fence=t.fence+1, attempts=t.attempts+1, updated_at=$3"
+        f" UPDATE tasks t SET owner=$4, fence=t.fence+1, attempts=t.attempts+1, updated_at=$3,"
+        f" service=CASE WHEN t.service<>'' THEN t.service ELSE COALESCE((SELECT d.service"
+        f"  FROM declarations d WHERE d.app=t.app AND d.kind='step' AND d.name=t.step"
+        f"  AND d.pattern=''), '') END"
         f" FROM pick WHERE t.app=$1 AND t.task_id=pick.task_id RETURNING {T_TASK_COLS}",
-        app, list(services), now, worker_id, stale_before, limit,
+        app, [*services, UNADDRESSED] if steps is not None else list(services), now, worker_id,
+        stale_before, limit,
         None if steps is None else list(steps), ENDED,
     )
     return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))

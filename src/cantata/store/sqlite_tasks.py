@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from cantata.model.records import (
     TASK_PENDING,
     TASK_WITHDRAWN,
+    UNADDRESSED,
     Attempt,
     TaskRecord,
 )
@@ -42,11 +43,18 @@ class SQLiteTasks(SQLiteCore):
         if not services or (steps is not None and not steps):
             return []
 
+        # With steps: tasks addressed to no service yet too (their step's service, from
+        # its declaration, is set as they are claimed).
+        addressed = [*services, UNADDRESSED] if steps is not None else list(services)
+
         def op(c: sqlite3.Connection) -> list[TaskRecord]:
-            marks = ",".join("?" * len(services))
+            marks = ",".join("?" * len(addressed))
             only = "" if steps is None else f" AND t.step IN ({','.join('?' * len(steps))})"
             rows = c.execute(
-                f"UPDATE tasks SET owner=?, fence=fence+1, attempts=attempts+1, updated_at=? "
+                f"UPDATE tasks SET owner=?, fence=fence+1, attempts=attempts+1, updated_at=?, "
+                f"service=CASE WHEN service<>'' THEN service ELSE COALESCE((SELECT d.service"
+                f" FROM declarations d WHERE d.app=tasks.app AND d.kind='step'"
+                f" AND d.name=tasks.step AND d.pattern=''), '') END "
                 f"WHERE app=? AND task_id IN ("
                 f" SELECT t.task_id FROM tasks t INDEXED BY tasks_due LEFT JOIN workers w"
                 f"  ON w.app=t.app AND w.worker_id=t.owner"
@@ -57,7 +65,7 @@ class SQLiteTasks(SQLiteCore):
                 f"  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=t.app AND r.run_id=t.run_id"
                 f"   AND r.status IN ({ENDED_MARKS}))"
                 f" ORDER BY t.next_at, t.created_at LIMIT ?) RETURNING {TASK_COLS}",
-                (worker_id, now, app, app, *services, now, *(steps or ()), worker_id,
+                (worker_id, now, app, app, *addressed, now, *(steps or ()), worker_id,
                  stale_before, *ENDED, limit),
             ).fetchall()
             return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))

@@ -13,7 +13,9 @@ from cantata.model.records import (
     TASK_DONE,
     TASK_FAILED,
     TASK_PENDING,
+    UNADDRESSED,
     Attempt,
+    Declaration,
     RunWrite,
     TaskRecord,
 )
@@ -278,6 +280,28 @@ class TasksContract(StoreFixtures):
         [taken] = await claim(self.app, "new", ["inventory"], now=now,
                               stale_before=now - 10, limit=9, steps=["inventory.reserve"])
         assert (taken.step, taken.attempts) == ("inventory.reserve", 1)
+
+    async def test_a_task_for_no_service_yet_goes_to_the_service_declaring_its_step(
+        self, store: Store
+    ) -> None:
+        run, _ = await store.create_run(new_run(self.app))
+        [claimed] = await store.claim_runs(self.app, "orders-w", ["wf"], stale_before=0,
+                                           limit=1)
+        await store.commit_run(self.app, run.run_id, claimed.fence, RunWrite(tasks=[
+            task(run.run_id, "stock.reserve#1", service=UNADDRESSED)]))
+        now = time.time()
+
+        async def claim(steps: list[str] | None) -> list[TaskRecord]:
+            return await store.claim_tasks(self.app, "inv-w", ["inventory"], now=now,
+                                           stale_before=now - 10, limit=9, steps=steps)
+
+        assert await claim(None) == []  # a claim of any step takes addressed tasks only
+        assert await claim(["inventory.reserve"]) == []  # not a step this worker has
+        await store.declare(self.app, [Declaration("step", "stock.reserve", "", "inventory")])
+        [got] = await claim(["inventory.reserve", "stock.reserve"])
+        assert (got.step, got.service, got.owner, got.attempts) == (
+            "stock.reserve", "inventory", "inv-w", 1)
+        assert await store.get_task(self.app, got.task_id) == got
 
     async def test_a_task_of_an_ended_run_is_never_claimed(self, store: Store) -> None:
         run_id, fence = await self.started(store, "a#1")
