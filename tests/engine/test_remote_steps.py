@@ -180,6 +180,11 @@ async def test_a_stub_waiting_for_its_service_calls_the_service_that_declares_th
         assert (step.group, step.detail) == ("inventory", "task for service inventory")
 
 
+async def _failed(app: App, run_id: str, key: str) -> bool:
+    history = await app.store.load_history(app.name, run_id)
+    return any(e.key == key and e.status == "failed" for e in history)
+
+
 async def _pending(app: App, run_id: str) -> bool:
     return bool(await app.store.tasks_of_run(app.name, run_id))
 
@@ -242,6 +247,76 @@ async def test_a_remote_step_in_progress_at_cancel_ends_and_is_compensated(url: 
     assert log == ["reserve", "release"]  # its effect undone, charge never called
     assert [(e.key, e.status) for e in history if e.kind in ("step", "compensation")][:1] == [
         ("inventory.reserve#1", "completed")]
+
+
+async def test_a_remote_step_that_completes_in_a_parallel_branch_after_a_failure_is_compensated(
+    url: str,
+) -> None:
+    """Branches of an asyncio.gather: the charge is declined while the reservation, a
+    step of another service, is still running. The run waits for it and undoes it."""
+    log: list[Any] = []
+    go = asyncio.Event()
+    orders = make_app(url, services=["orders"])
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        return await asyncio.gather(
+            ctx.run("inventory.reserve", order, compensate="inventory.release"),
+            ctx.run(orders.remote_step("payments.charge"), order))
+
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(service="inventory")
+    async def reserve(order: dict) -> dict:
+        log.append(("reserve",))
+        await go.wait()
+        return {"sku": order["sku"]}
+
+    @inventory.step(service="inventory")
+    def release(order: dict) -> None:
+        log.append(("release",))
+
+    async with inventory, payments_app(url, log), orders:
+        handle = await orders.start(place_order, {"sku": "G", "decline": True})
+        await eventually(lambda: _failed(orders, handle.run_id, "payments.charge#1"))
+        await asyncio.sleep(0.3)
+        assert ("reserve",) in log
+        assert await handle.status() == "running"  # waiting for the reservation
+        go.set()
+        with pytest.raises(cantata.WorkflowCompensated, match="ValueError: card declined"):
+            await handle.result(timeout=10)
+        history = await orders.store.load_history(orders.name, handle.run_id)
+    assert sorted(x[0] for x in log[:2]) == ["charge", "reserve"]
+    assert log[2:] == [("release",)]
+    assert [(e.key, e.status) for e in history] == [
+        ("inventory.reserve#1", "completed"), ("payments.charge#1", "failed"),
+        ("compensate:inventory.release#1", "completed")]
+
+
+async def test_a_parallel_branch_whose_service_is_down_is_withdrawn_when_the_run_fails(
+    url: str,
+) -> None:
+    log: list[Any] = []
+    orders = make_app(url, services=["orders"])
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        return await asyncio.gather(
+            ctx.run("inventory.reserve", order, compensate="inventory.release"),
+            ctx.run(orders.remote_step("payments.charge"), order))
+
+    async with inventory_app(url, log).client():  # declared, not served
+        pass
+    async with payments_app(url, log), orders:
+        handle = await orders.start(place_order, {"sku": "H", "decline": True})
+        with pytest.raises(cantata.WorkflowFailed, match="ValueError: card declined"):
+            await handle.result(timeout=10)
+        tasks = {t.step: t for t in await orders.store.tasks_of_run(orders.name, handle.run_id)}
+    reserve = tasks["inventory.reserve"]
+    assert (reserve.status, reserve.error_type, reserve.attempts) == ("failed", "Withdrawn", 0)
+    assert f"run {handle.run_id} failed before a worker of service 'inventory'" in (
+        reserve.error or "")
+    assert log == [("charge", 1)]
 
 
 async def test_a_worker_without_the_step_leaves_its_task_to_one_that_has_it(url: str) -> None:

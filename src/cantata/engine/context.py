@@ -148,13 +148,19 @@ class WorkflowContext:
         plain = codec.plain_args(args, f"arguments of step {sdef.name}",
                                  limit=x.engine.max_payload)
         key = x.journal.next_key(sdef.name)
+        api = x.api
+        api.open_steps += 1
         try:
             value = await x.call_step(sdef, plain, key)
+            if comp is not None:  # (before the unwind that may be waiting for this step)
+                x.compensations.append((comp, plain))
         except StepFailed:
-            x.api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
+            api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
             raise
-        if comp is not None:
-            x.compensations.append((comp, plain))
+        finally:
+            api.open_steps -= 1
+            if not api.open_steps:
+                api.steps_settled.set()
         if sdef.sig.plain_result:
             return value
         return codec.restore(value, sdef.sig.result, f"result of step {sdef.name}")

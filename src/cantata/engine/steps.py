@@ -29,7 +29,7 @@ from .invoke import invoke_step
 from .ownership import FENCE_AT
 from .pauses import PAUSED, StepStalled, await_excuses
 from .runtime import Watch
-from .signals import _DeadlinePassed, _Fenced
+from .signals import _BranchStopped, _DeadlinePassed, _Fenced
 from .versioning import args_shape
 
 if TYPE_CHECKING:
@@ -288,7 +288,9 @@ async def await_task(
             continue
         ending = True
         now = engine.clock.now()
-        why = "was cancelled" if x.cancel_pending() else "passed its deadline"
+        why = ("was cancelled" if x.cancel_pending()
+               else "failed" if isinstance(x.interrupt.result(), _BranchStopped)
+               else "passed its deadline")
         who = (f"a worker of service {service!r}" if service
                else f"a service declaring step {entry.name!r}")
         gone = await engine.store.withdraw_tasks(
