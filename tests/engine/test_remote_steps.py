@@ -319,6 +319,48 @@ async def test_a_parallel_branch_whose_service_is_down_is_withdrawn_when_the_run
     assert log == [("charge", 1)]
 
 
+async def test_the_task_of_an_ended_run_left_by_its_worker_is_withdrawn(url: str) -> None:
+    """A run that stopped waiting for a step of another service ended while a worker
+    held the step's task; that worker went away without finishing it. The next worker
+    of the service withdraws the task instead of leaving it pending for good (or
+    running it for a run that is over)."""
+    log: list[Any] = []
+    orders = make_app(url, services=["orders"])
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        try:
+            return await asyncio.wait_for(ctx.run("inventory.reserve", order), 0.5)
+        except TimeoutError:
+            return "gave up"
+
+    stuck = make_app(url, services=["inventory"])
+
+    @stuck.step(service="inventory")
+    async def reserve(order: dict) -> dict:
+        log.append("stuck reserve")
+        await asyncio.Event().wait()  # until its worker goes
+        return {}
+
+    async with orders:
+        async with stuck:
+            handle = await orders.start(place_order, {"sku": "I"})
+            assert await handle.result(timeout=10) == "gave up"
+            [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+            assert (task.status, task.owner) == ("pending", stuck.engine.worker_id)
+        # its worker stopped (past its grace): the task of the ended run is left over
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.status, task.owner) == ("pending", None)
+        async with inventory_app(url, log):
+            await eventually(lambda: _withdrawn(orders, handle.run_id))
+    assert log == ["stuck reserve"]  # not run again
+
+
+async def _withdrawn(app: App, run_id: str) -> bool:
+    return [(t.status, t.error_type) for t in await app.store.tasks_of_run(app.name, run_id)
+            ] == [("failed", "Withdrawn")]
+
+
 async def test_a_worker_without_the_step_leaves_its_task_to_one_that_has_it(url: str) -> None:
     log: list[Any] = []
     orders, inventory = orders_app(url), inventory_app(url, log)
