@@ -361,6 +361,60 @@ async def _withdrawn(app: App, run_id: str) -> bool:
             ] == [("failed", "Withdrawn")]
 
 
+async def test_a_remote_step_cut_by_a_graceful_stop_is_interrupted_not_an_attempt(
+    url: str,
+) -> None:
+    """As a local step's (docs/leases.md): the attempt a stopping worker cut past its
+    grace is recorded Interrupted, does not count, and the next worker's attempt takes
+    its number, so a step with one attempt still runs."""
+    log: list[Any] = []
+    orders = orders_app(url)
+    once = Retry(max_attempts=1)
+    first = make_app(url, services=["inventory"])
+
+    @first.step(service="inventory", retry=once)
+    async def reserve(order: dict) -> dict:
+        log.append(("first", cantata.step_info().attempt))
+        await asyncio.Event().wait()  # longer than the stop's grace
+        return {}
+
+    second = make_app(url, services=["inventory"])
+
+    @second.step(service="inventory", retry=once, name="reserve")
+    async def reserve_again(order: dict) -> dict:
+        log.append(("second", cantata.step_info().attempt))
+        return {"sku": order["sku"]}
+
+    @second.step(service="inventory")
+    def release(order: dict) -> None: ...
+
+    async with payments_app(url, log).client(), second.client():  # declare their steps
+        pass
+    async with orders:
+        async with first:
+            engine = first.engine
+            handle = await orders.start("place_order", {"sku": "J"})
+            await eventually(lambda: log == [("first", 1)])
+        assert engine.cut_short == 1  # (cantata worker exits 3: work was released)
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.status, task.owner, task.attempts) == ("pending", None, 0)
+        [cut] = await orders.store.load_attempts(orders.name, handle.run_id)
+        assert (cut.attempt, cut.error_type) == (1, "Interrupted")
+        async with second:
+            await eventually(lambda: _reserved(orders, handle.run_id))
+            attempts = await orders.store.load_attempts(orders.name, handle.run_id)
+    assert log == [("first", 1), ("second", 1)]
+    assert [(a.key, a.attempt, a.error_type) for a in attempts] == [
+        ("inventory.reserve#1", 1, None)]  # the next attempt took its number
+
+
+async def _reserved(app: App, run_id: str) -> bool:
+    """The run recorded inventory.reserve#1 completed after one attempt."""
+    history = await app.store.load_history(app.name, run_id)
+    return [(e.key, e.status, e.attempts) for e in history][:1] == [
+        ("inventory.reserve#1", "completed", 1)]
+
+
 async def test_a_worker_without_the_step_leaves_its_task_to_one_that_has_it(url: str) -> None:
     log: list[Any] = []
     orders, inventory = orders_app(url), inventory_app(url, log)
