@@ -142,6 +142,49 @@ async def test_a_stub_can_wait_for_a_service_that_never_started(url: str) -> Non
             assert await handle.result(timeout=10) == "picked"
 
 
+async def test_a_stub_waiting_for_its_service_calls_the_service_that_declares_the_step(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Called before any service declared it, a stub without service= does not guess
+    the service from the step's name: the task waits for whichever service declares
+    the step (here inventory, for a step named stock.reserve)."""
+    orders = make_app(url, services=["orders"])
+    reserve = orders.remote_step("stock.reserve", wait_for_service=True)
+
+    @orders.workflow(service="orders")
+    async def place(ctx: cantata.WorkflowContext, n: int) -> int:
+        return int(await ctx.run(reserve, n))
+
+    async with orders:
+        handle = await orders.start(place, 1)
+        await eventually(lambda: _pending(orders, handle.run_id))
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.service, task.status) == ("", "pending")  # no service known yet
+        code = await asyncio.to_thread(main, ["stalled", "--older-than", "0s", "--app",
+                                              orders.name, "--store", url, "--json"])
+        [stall] = json.loads(capsys.readouterr().out)
+        assert code == 0
+        assert stall["detail"] == "waiting for a service that declares step stock.reserve"
+        inventory = make_app(url, services=["inventory"])
+
+        @inventory.step(name="stock.reserve", service="inventory")
+        async def reserve_impl(n: int) -> int:
+            return n + 1
+
+        async with inventory:
+            assert await handle.result(timeout=10) == 2
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.service, task.status) == ("inventory", "done")
+        tree = await orders.trace(handle.run_id)
+        [step] = [n for n in tree.children if n.kind == "step"]
+        assert (step.group, step.detail) == ("inventory", "task for service inventory")
+
+
+async def _failed(app: App, run_id: str, key: str) -> bool:
+    history = await app.store.load_history(app.name, run_id)
+    return any(e.key == key and e.status == "failed" for e in history)
+
+
 async def _pending(app: App, run_id: str) -> bool:
     return bool(await app.store.tasks_of_run(app.name, run_id))
 
@@ -204,6 +247,172 @@ async def test_a_remote_step_in_progress_at_cancel_ends_and_is_compensated(url: 
     assert log == ["reserve", "release"]  # its effect undone, charge never called
     assert [(e.key, e.status) for e in history if e.kind in ("step", "compensation")][:1] == [
         ("inventory.reserve#1", "completed")]
+
+
+async def test_a_remote_step_that_completes_in_a_parallel_branch_after_a_failure_is_compensated(
+    url: str,
+) -> None:
+    """Branches of an asyncio.gather: the charge is declined while the reservation, a
+    step of another service, is still running. The run waits for it and undoes it."""
+    log: list[Any] = []
+    go = asyncio.Event()
+    orders = make_app(url, services=["orders"])
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        return await asyncio.gather(
+            ctx.run("inventory.reserve", order, compensate="inventory.release"),
+            ctx.run(orders.remote_step("payments.charge"), order))
+
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(service="inventory")
+    async def reserve(order: dict) -> dict:
+        log.append(("reserve",))
+        await go.wait()
+        return {"sku": order["sku"]}
+
+    @inventory.step(service="inventory")
+    def release(order: dict) -> None:
+        log.append(("release",))
+
+    async with inventory, payments_app(url, log), orders:
+        handle = await orders.start(place_order, {"sku": "G", "decline": True})
+        await eventually(lambda: _failed(orders, handle.run_id, "payments.charge#1"))
+        await asyncio.sleep(0.3)
+        assert ("reserve",) in log
+        assert await handle.status() == "running"  # waiting for the reservation
+        go.set()
+        with pytest.raises(cantata.WorkflowCompensated, match="ValueError: card declined"):
+            await handle.result(timeout=10)
+        history = await orders.store.load_history(orders.name, handle.run_id)
+    assert sorted(x[0] for x in log[:2]) == ["charge", "reserve"]
+    assert log[2:] == [("release",)]
+    assert [(e.key, e.status) for e in history] == [
+        ("inventory.reserve#1", "completed"), ("payments.charge#1", "failed"),
+        ("compensate:inventory.release#1", "completed")]
+
+
+async def test_a_parallel_branch_whose_service_is_down_is_withdrawn_when_the_run_fails(
+    url: str,
+) -> None:
+    log: list[Any] = []
+    orders = make_app(url, services=["orders"])
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        return await asyncio.gather(
+            ctx.run("inventory.reserve", order, compensate="inventory.release"),
+            ctx.run(orders.remote_step("payments.charge"), order))
+
+    async with inventory_app(url, log).client():  # declared, not served
+        pass
+    async with payments_app(url, log), orders:
+        handle = await orders.start(place_order, {"sku": "H", "decline": True})
+        with pytest.raises(cantata.WorkflowFailed, match="ValueError: card declined"):
+            await handle.result(timeout=10)
+        tasks = {t.step: t for t in await orders.store.tasks_of_run(orders.name, handle.run_id)}
+    reserve = tasks["inventory.reserve"]
+    assert (reserve.status, reserve.error_type, reserve.attempts) == ("failed", "Withdrawn", 0)
+    assert f"run {handle.run_id} failed before a worker of service 'inventory'" in (
+        reserve.error or "")
+    assert log == [("charge", 1)]
+
+
+async def test_the_task_of_an_ended_run_left_by_its_worker_is_withdrawn(url: str) -> None:
+    """A run that stopped waiting for a step of another service ended while a worker
+    held the step's task; that worker went away without finishing it. The next worker
+    of the service withdraws the task instead of leaving it pending for good (or
+    running it for a run that is over)."""
+    log: list[Any] = []
+    orders = make_app(url, services=["orders"])
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        try:
+            return await asyncio.wait_for(ctx.run("inventory.reserve", order), 0.5)
+        except TimeoutError:
+            return "gave up"
+
+    stuck = make_app(url, services=["inventory"])
+
+    @stuck.step(service="inventory")
+    async def reserve(order: dict) -> dict:
+        log.append("stuck reserve")
+        await asyncio.Event().wait()  # until its worker goes
+        return {}
+
+    async with orders:
+        async with stuck:
+            handle = await orders.start(place_order, {"sku": "I"})
+            assert await handle.result(timeout=10) == "gave up"
+            [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+            assert (task.status, task.owner) == ("pending", stuck.engine.worker_id)
+        # its worker stopped (past its grace): the task of the ended run is left over
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.status, task.owner) == ("pending", None)
+        async with inventory_app(url, log):
+            await eventually(lambda: _withdrawn(orders, handle.run_id))
+    assert log == ["stuck reserve"]  # not run again
+
+
+async def _withdrawn(app: App, run_id: str) -> bool:
+    return [(t.status, t.error_type) for t in await app.store.tasks_of_run(app.name, run_id)
+            ] == [("failed", "Withdrawn")]
+
+
+async def test_a_remote_step_cut_by_a_graceful_stop_is_interrupted_not_an_attempt(
+    url: str,
+) -> None:
+    """As a local step's (docs/leases.md): the attempt a stopping worker cut past its
+    grace is recorded Interrupted, does not count, and the next worker's attempt takes
+    its number, so a step with one attempt still runs."""
+    log: list[Any] = []
+    orders = orders_app(url)
+    once = Retry(max_attempts=1)
+    first = make_app(url, services=["inventory"])
+
+    @first.step(service="inventory", retry=once)
+    async def reserve(order: dict) -> dict:
+        log.append(("first", cantata.step_info().attempt))
+        await asyncio.Event().wait()  # longer than the stop's grace
+        return {}
+
+    second = make_app(url, services=["inventory"])
+
+    @second.step(service="inventory", retry=once, name="reserve")
+    async def reserve_again(order: dict) -> dict:
+        log.append(("second", cantata.step_info().attempt))
+        return {"sku": order["sku"]}
+
+    @second.step(service="inventory")
+    def release(order: dict) -> None: ...
+
+    async with payments_app(url, log).client(), second.client():  # declare their steps
+        pass
+    async with orders:
+        async with first:
+            engine = first.engine
+            handle = await orders.start("place_order", {"sku": "J"})
+            await eventually(lambda: log == [("first", 1)])
+        assert engine.cut_short == 1  # (cantata worker exits 3: work was released)
+        [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
+        assert (task.status, task.owner, task.attempts) == ("pending", None, 0)
+        [cut] = await orders.store.load_attempts(orders.name, handle.run_id)
+        assert (cut.attempt, cut.error_type) == (1, "Interrupted")
+        async with second:
+            await eventually(lambda: _reserved(orders, handle.run_id))
+            attempts = await orders.store.load_attempts(orders.name, handle.run_id)
+    assert log == [("first", 1), ("second", 1)]
+    assert [(a.key, a.attempt, a.error_type) for a in attempts] == [
+        ("inventory.reserve#1", 1, None)]  # the next attempt took its number
+
+
+async def _reserved(app: App, run_id: str) -> bool:
+    """The run recorded inventory.reserve#1 completed after one attempt."""
+    history = await app.store.load_history(app.name, run_id)
+    return [(e.key, e.status, e.attempts) for e in history][:1] == [
+        ("inventory.reserve#1", "completed", 1)]
 
 
 async def test_a_worker_without_the_step_leaves_its_task_to_one_that_has_it(url: str) -> None:
@@ -317,3 +526,23 @@ def test_a_bad_service_or_stub_is_refused_where_it_is_declared(
 ) -> None:
     with pytest.raises(cantata.RegistrationError, match=message):
         declare(make_app(url))
+
+
+async def test_a_stop_that_meets_a_wakeup_still_stops_the_task_loop(url: str) -> None:
+    """A stop that comes with news of a task (a withdrawal: a run cancelled just before
+    the app closes) ends the loop that claims tasks. Python 3.11's asyncio.wait_for
+    lost that cancel and the close hung for good (seen with an orchestrating service
+    that serves no step: its loop never reaches the store)."""
+    orders = orders_app(url)
+    async with orders:
+        server = orders.engine.task_server
+        assert server is not None and server._loop is not None
+        loop_task = server._loop
+        await asyncio.sleep(0.02)  # the loop waits for news
+        server.wakeup.set()  # the news, in the same turn of the loop as the stop
+        stopping = asyncio.ensure_future(server.stop())
+        done, _ = await asyncio.wait([stopping], timeout=5)
+        if not done:
+            loop_task.cancel()  # a second cancel ends it: the first one was lost
+            await stopping
+            pytest.fail("the task loop went on after its stop")

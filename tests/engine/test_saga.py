@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -249,3 +250,61 @@ async def test_compensation_failing_for_good_fails_the_run_flagged(store_url: st
     assert "ValueError: shipping address invalid" in err
     assert "refund API rejected the request" in err
     assert [r.run_id for r in failed] == [h.run_id]
+
+
+async def test_steps_that_complete_in_parallel_branches_after_a_failure_are_compensated(
+    store_url: str,
+) -> None:
+    """A saga undoes every completed step with a compensation, newest first: a step of
+    an asyncio.gather branch still running when another branch failed is waited for,
+    then undone; no branch begins a step once the run has failed."""
+    calls: list[str] = []
+    app = make_app(store_url)
+
+    @app.step(retry=ONCE)
+    async def quick(n: int) -> int:
+        calls.append("quick")
+        return n
+
+    @app.step(retry=ONCE)
+    async def slow(n: int) -> int:
+        await asyncio.sleep(0.4)
+        calls.append("slow")
+        return n
+
+    @app.step(retry=ONCE)
+    async def boom(n: int) -> None:
+        await asyncio.sleep(0.1)
+        calls.append("boom")
+        raise RuntimeError(f"carrier down for {n}")
+
+    @app.step(retry=ONCE)
+    async def after(n: int) -> None:
+        calls.append("after")
+
+    @app.step
+    async def undo_quick(n: int) -> None:
+        calls.append("undo_quick")
+
+    @app.step
+    async def undo_slow(n: int) -> None:
+        calls.append("undo_slow")
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> None:
+        async def branch() -> None:
+            await ctx.run(slow, n, compensate=undo_slow)
+            await ctx.run(after, n)  # the run failed meanwhile: never begun
+
+        await asyncio.gather(ctx.run(quick, n, compensate=undo_quick), branch(),
+                             ctx.run(boom, n))
+
+    async with app:
+        handle = await app.start(order, 1)
+        with pytest.raises(WorkflowCompensated, match="carrier down for 1"):
+            await handle.result(timeout=10)
+        history = await app.store.load_history(app.name, handle.run_id)
+    assert calls == ["quick", "boom", "slow", "undo_slow", "undo_quick"]
+    assert [(e.key, e.status) for e in history] == [
+        ("quick#1", "completed"), ("slow#1", "completed"), ("boom#1", "failed"),
+        ("compensate:undo_slow#1", "completed"), ("compensate:undo_quick#1", "completed")]

@@ -19,7 +19,7 @@ from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound, Stor
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
 from cantata.observability.graph import code_mermaid, workflow_mermaid
-from cantata.observability.node import TraceNode, TraceNotFound, node_dict
+from cantata.observability.node import UNADDRESSED_TASK, TraceNode, TraceNotFound, node_dict
 from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import fmt_seconds, render_timeline
 from cantata.observability.trace import DEFAULT_LIMIT, build_trace
@@ -134,6 +134,8 @@ def _detail(stall: Stall, app: str | None, store: str | None, width: int = 0) ->
         # a step of another service: the task waits for one of that service's workers
         waiting = f"waiting for a worker of service {n.group}"
         return f"{waiting}; last error: {n.error}" if n.error else waiting
+    if n.kind in ("step", "compensation") and n.detail == UNADDRESSED_TASK:
+        return f"waiting for a service that declares step {n.name}"
     return n.error or ""
 
 

@@ -414,9 +414,10 @@ class Router:
         Args:
             name: the step's qualified name, e.g. ``"inventory.reserve"``.
             service: the service whose workers run it. Without it: the service that
-                declared the step (known once one of its workers has started), else the
-                part of ``name`` before the first dot. Given, it must be the declared
-                one (``UnknownStep`` at the call otherwise).
+                declared the step (known once one of its workers has started), or, for
+                a call made before any service declared it, whichever service declares
+                it then (the task waits for it). Given, it must be the declared one
+                (``UnknownStep`` at the call otherwise).
             wait_for_service: call it even if no service has declared it yet (the task
                 waits, visible as a stall, until one does); otherwise such a call is an
                 ``UnknownStep`` error.
@@ -431,8 +432,10 @@ class Router:
         if service is None:
             check_service(svc, f"app.remote_step({name!r}) (the service its name begins with)")
 
+        where = f"service {service!r}" if service else "another service"
+
         async def stub(*args: Any) -> Any:
-            raise RegistrationError(f"{name} runs in service {svc!r}: call it with ctx.run")
+            raise RegistrationError(f"{name} runs in {where}: call it with ctx.run")
 
         stub.__name__ = stub.__qualname__ = name
         setattr(stub, STEP_ATTR, remote_step_def(name, svc))

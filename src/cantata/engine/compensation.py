@@ -11,6 +11,7 @@ ran this way ends ``compensated`` with its returned value as the run's result.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,6 +37,10 @@ class ApiState:
     failed_steps: int = 0  # StepFailed raised into the workflow (it may catch them)
     cancel_delivered: bool = False  # Cancelled was raised into the workflow once
     cleanup_timeout: float | None = None
+    # ctx.run calls in progress (in branches of an asyncio.gather, several): the unwind
+    # waits for them, so a step that completes meanwhile is compensated too
+    open_steps: int = 0
+    steps_settled: asyncio.Event = field(default_factory=asyncio.Event)  # set at 0
 
 
 def compensation_key(x: WorkflowRuntime, name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random as _random
 import uuid as _uuid
@@ -29,7 +30,7 @@ from cantata.model import codec
 from cantata.model.attributes import index_attributes
 from cantata.model.checks import check_seconds
 from cantata.model.event import Event, check_publish, check_type
-from cantata.model.records import EntryKind, EntryStatus, RunWrite
+from cantata.model.records import UNADDRESSED, EntryKind, EntryStatus, RunWrite
 from cantata.model.status import RunStatus
 
 from . import versioning
@@ -147,13 +148,19 @@ class WorkflowContext:
         plain = codec.plain_args(args, f"arguments of step {sdef.name}",
                                  limit=x.engine.max_payload)
         key = x.journal.next_key(sdef.name)
+        api = x.api
+        api.open_steps += 1
         try:
             value = await x.call_step(sdef, plain, key)
+            if comp is not None:  # (before the unwind that may be waiting for this step)
+                x.compensations.append((comp, plain))
         except StepFailed:
-            x.api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
+            api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
             raise
-        if comp is not None:
-            x.compensations.append((comp, plain))
+        finally:
+            api.open_steps -= 1
+            if not api.open_steps:
+                api.steps_settled.set()
         if sdef.sig.plain_result:
             return value
         return codec.restore(value, sdef.sig.result, f"result of step {sdef.name}")
@@ -449,7 +456,8 @@ class WorkflowContext:
 
 async def _remote_stub_def(engine: Engine, stub: Any, sdef: StepDef, what: str) -> StepDef:
     """The step an ``app.remote_step`` stub calls: as declared by its service (whose
-    workers take its tasks), or as the stub says while no service has declared it."""
+    workers take its tasks), or, while no service has declared it, for the service the
+    stub names, else for the service that will declare it (its name is no guide)."""
     name, given = sdef.name, getattr(stub, REMOTE_SERVICE_ATTR)
     declared = await engine.remote_step(name)
     if declared is None:
@@ -458,7 +466,7 @@ async def _remote_stub_def(engine: Engine, stub: Any, sdef: StepDef, what: str) 
                 f"{what} {name!r}: no service of app {engine.app!r} has declared it; start "
                 "that service once, or use app.remote_step(name, wait_for_service=True)"
             )
-        return sdef
+        return sdef if given is not None else dataclasses.replace(sdef, service=UNADDRESSED)
     if given is not None and given != declared.service:
         raise UnknownStep(
             f"{what} {name!r}: app.remote_step names service {given!r}, but the step is "

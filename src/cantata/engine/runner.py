@@ -37,7 +37,13 @@ from .journal import Journal
 from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
 from .runtime import Interrupt, Watch
-from .signals import CompensatedElsewhere, _Abandon, _DeadlinePassed, _StoreFailed
+from .signals import (
+    CompensatedElsewhere,
+    _Abandon,
+    _BranchStopped,
+    _DeadlinePassed,
+    _StoreFailed,
+)
 from .steps import INTERRUPTED
 
 if TYPE_CHECKING:
@@ -457,6 +463,7 @@ class RunExecution:
 
     async def _unwind(self, final: RunStatus, error: str) -> None:
         """Run registered compensations in reverse order, then end the run."""
+        await self._settle_branches()
         if not self.compensations:
             final, error, flagged = unwound_ending(self, final, error)
             await self._finish(final, error=error, flagged=flagged)
@@ -482,6 +489,22 @@ class RunExecution:
             await self._finish(RunStatus.CANCELLED, error=error)
         else:
             await self._finish(RunStatus.COMPENSATED, error=error)
+
+    async def _settle_branches(self) -> None:
+        """The workflow's code failed while steps of its other branches (an
+        ``asyncio.gather``) were in progress: each branch stops at its next durable
+        point (no new step begins; a task no live worker holds is withdrawn), and the
+        steps in progress end as they will. Waits for them, so that the unwind
+        compensates every step that completed, in reverse order of completion."""
+        api = self.api
+        if not api.open_steps:
+            return
+        if not self.interrupt.done():  # (a cancel or a deadline stops them already)
+            self.interrupt.set_result(_BranchStopped())
+        self.wakeup.set()
+        while api.open_steps:
+            api.steps_settled.clear()
+            await api.steps_settled.wait()
 
     async def _withdraw_tasks(self, what: str) -> None:
         """Before the run ends or unwinds: its remote steps' tasks that no live worker

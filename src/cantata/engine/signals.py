@@ -35,5 +35,11 @@ class _StoreFailed(BaseException):
     """
 
 
+class _BranchStopped(BaseException):
+    """Internal: raised at a durable point of a branch of the workflow (an
+    ``asyncio.gather``) still running once the workflow's code failed: the run unwinds,
+    so the branch begins nothing new."""
+
+
 class _Fenced(BaseException):
     """Internal: the step body was stopped because this worker's hold lapsed."""

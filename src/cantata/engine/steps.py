@@ -29,7 +29,7 @@ from .invoke import invoke_step
 from .ownership import FENCE_AT
 from .pauses import PAUSED, StepStalled, await_excuses
 from .runtime import Watch
-from .signals import _DeadlinePassed, _Fenced
+from .signals import _BranchStopped, _DeadlinePassed, _Fenced
 from .versioning import args_shape
 
 if TYPE_CHECKING:
@@ -212,8 +212,10 @@ async def call_remote(x: RunExecution, sdef: StepDef, args: list[Any], entry: Hi
     engine, run = x.engine, x.run
     # A retried run's new call of a step is a new task (the old one ended for good).
     task_id = f"{run.run_id}:{entry.key}" + (f"@{run.epoch}" if run.epoch else "")
-    service = sdef.service or ""
     info = codec.loads(entry.detail) if entry.detail else {}
+    # As when the task was made (a replay may know the step's service by now: the task
+    # learns it when it is claimed).
+    service = str(info.get("service") or "") if "task" in info else sdef.service or ""
     if "task" not in info:
         now = engine.clock.now()
         entry.started_at = now
@@ -232,15 +234,20 @@ async def call_remote(x: RunExecution, sdef: StepDef, args: list[Any], entry: Hi
         await x.commit(RunWrite(entries=[entry], tasks=[task]))
     x.made_tasks = True
     rec = await await_task(x, entry, task_id, service)
+    known: dict[str, Any] = {}
+    if not service and rec.service:  # addressed when it was claimed: say to which service
+        known["detail"] = codec.dumps(
+            {**codec.loads(entry.detail or "{}"), "service": rec.service})
     if rec.status == TaskStatus.DONE:
         await x.journal.settle(
-            entry, EntryStatus.COMPLETED, attempts=rec.attempts, result=rec.result
+            entry, EntryStatus.COMPLETED, attempts=rec.attempts, result=rec.result, **known
         )
         return codec.loads(rec.result)
     etype = rec.error_type or "Error"
     emsg = (rec.error or "").removeprefix(f"{etype}: ")
     await x.journal.settle(
-        entry, EntryStatus.FAILED, attempts=rec.attempts, error=f"{etype}: {emsg}", error_type=etype
+        entry, EntryStatus.FAILED, attempts=rec.attempts, error=f"{etype}: {emsg}",
+        error_type=etype, **known,
     )
     if etype == TASK_WITHDRAWN:
         x.check_interrupt()  # withdrawn for the cancel or deadline raised here
@@ -281,12 +288,16 @@ async def await_task(
             continue
         ending = True
         now = engine.clock.now()
-        why = "was cancelled" if x.cancel_pending() else "passed its deadline"
+        why = ("was cancelled" if x.cancel_pending()
+               else "failed" if isinstance(x.interrupt.result(), _BranchStopped)
+               else "passed its deadline")
+        who = (f"a worker of service {service!r}" if service
+               else f"a service declaring step {entry.name!r}")
         gone = await engine.store.withdraw_tasks(
             run.app, run.run_id, stale_before=now - engine.lease, actor=engine.worker_id,
             task_ids=[task_id],
-            error=f"{TASK_WITHDRAWN}: run {run.run_id} {why} before a worker of service "
-                  f"{service!r} took this step; it never ran",
+            error=f"{TASK_WITHDRAWN}: run {run.run_id} {why} before {who} took this step; "
+                  "it never ran",
         )
         if gone:
             rec = await engine.store.get_task(run.app, task_id)

@@ -16,7 +16,7 @@ from cantata.quietlog import reason
 from cantata.store.base import TASKS
 from cantata.store.faults import wait_out
 
-from .heartbeat import beat_for
+from .heartbeat import Beat, beat_for
 from .invoke import invoke_step
 from .pauses import PAUSED
 from .steps import INTERRUPTED, WORKER_LOST
@@ -43,6 +43,7 @@ class TaskServer:
         self.wakeup = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._cutting = False  # a graceful stop is cancelling the steps past its grace
 
     def start(self) -> None:
         if self.services and self._loop is None:
@@ -55,12 +56,12 @@ class TaskServer:
 
     async def stop(self, deadline: float | None = None, force: asyncio.Event | None = None) -> None:
         """Claim nothing more; let the steps in progress finish until ``deadline`` (loop
-        time; default: now) or ``force``, then cancel what is left (its task goes back
-        to the other workers when this one is removed)."""
+        time; default: now) or ``force``, then cancel what is left: its attempt is
+        recorded ``Interrupted`` (not an attempt, as a local step's: docs/leases.md)
+        and its task goes back to the other workers at once."""
         if self._loop is not None:
             self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+            await asyncio.wait([self._loop])  # (a cancel of this stop is passed on)
             self._loop = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() if deadline is None else deadline
@@ -68,6 +69,8 @@ class TaskServer:
         while self._inflight and not force.is_set() and loop.time() < deadline:
             self.wakeup.clear()
             await wait_or_force(self.wakeup, deadline, force)
+        self._cutting = True
+        self.engine.cut_short += len(self._inflight)
         for task in list(self._inflight):
             task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -95,8 +98,11 @@ class TaskServer:
                 await asyncio.sleep(0)
                 continue
             self.wakeup.clear()
+            # Not asyncio.wait_for: on Python 3.11 it returns, instead of raising, a
+            # cancel (the stop) that comes as the wakeup is set, and the loop never ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), engine.poll_interval)
+                async with asyncio.timeout(engine.poll_interval):
+                    await self.wakeup.wait()
 
     def _steps(self) -> list[str]:
         """The steps of the served services this worker's code has: a task of another
@@ -203,6 +209,10 @@ class TaskServer:
                 sdef, codec.loads(rec.args), rec.run_id, rec.key, number, beat=beat
             )
             result = codec.dumps(value, f"result of step {sdef.name}", limit=engine.max_payload)
+        except asyncio.CancelledError:
+            if self._cutting:
+                await self._interrupted(rec, attempt, n - 1, beat)
+            raise
         except Exception as exc:
             await beat.close(failed=True)
             attempt.ended_at = clock.now()
@@ -220,6 +230,29 @@ class TaskServer:
             engine.app, rec.task_id, rec.fence, outcome="done", attempts=[attempt],
             result=result, count=n,
         )
+
+    async def _interrupted(self, rec: TaskRecord, attempt: Attempt, counted: int,
+                           beat: Beat) -> None:
+        """A graceful stop cut ``attempt`` past its grace: recorded ``Interrupted``
+        (the next attempt takes its number), the task released at once, due now, with
+        the ``counted`` attempts before this one. If the store does not answer within
+        the stop, the task goes back when this worker is removed, or after the lease,
+        and the attempt counts as ``WorkerLost``."""
+        attempt.ended_at = self.engine.clock.now()
+        attempt.error_type, attempt.error = INTERRUPTED
+        settle = asyncio.ensure_future(self._release(rec, attempt, counted, beat))
+        await asyncio.wait([settle], timeout=5.0)  # as a run's release (shutdown.py)
+        if not settle.done():
+            settle.cancel()
+
+    async def _release(self, rec: TaskRecord, attempt: Attempt, counted: int,
+                       beat: Beat) -> None:
+        with contextlib.suppress(Exception):
+            await beat.close(failed=True)
+            await self.engine.store.finish_task(
+                self.engine.app, rec.task_id, rec.fence, outcome="retry", attempts=[attempt],
+                error=rec.error, error_type=rec.error_type, next_at=0.0, count=counted,
+            )
 
     async def _finish(
         self,

@@ -165,6 +165,10 @@ TASK_FAILED = TaskStatus.FAILED
 #: The error type of a task withdrawn before any worker took it: its run ended, or
 #: began unwinding (a cancel, a deadline), first (TaskStore.withdraw_tasks).
 TASK_WITHDRAWN = "Withdrawn"
+#: The service of a task whose step no service had declared when it was made (an
+#: ``app.remote_step(wait_for_service=True)`` stub without ``service=``): a worker
+#: whose service declares the step claims it, and the task takes that service.
+UNADDRESSED = ""
 
 
 class LostAttempt(StrEnum):
@@ -189,7 +193,7 @@ class TaskRecord:
     run_id: str
     key: str  # the step's place in the run's history, e.g. "inventory.reserve#1"
     step: str  # qualified step name, e.g. "inventory.reserve"
-    service: str  # the service whose workers execute it
+    service: str  # the service whose workers execute it (UNADDRESSED: not known yet)
     args: str  # JSON list
     status: TaskStatus = TASK_PENDING
     attempts: int = 0

@@ -53,6 +53,7 @@ from .node import (
     RUN,
     STEP,
     TIMER,
+    UNADDRESSED_TASK,
     WAIT,
     TraceNode,
     TraceNotFound,
@@ -358,6 +359,9 @@ class Builder:
             # a step served by another service: the service is the group to name
             node.group = str(info["service"])
             node.detail = f"task for service {info['service']}"
+        elif kind in (STEP, COMPENSATION) and isinstance(info, dict) and "task" in info:
+            # for whichever service declares the step: none had when it was called
+            node.detail = UNADDRESSED_TASK
         if kind == TIMER and isinstance(info, dict):
             node.detail = f"{info.get('seconds')} s"
         elif kind == WAIT and isinstance(info, dict):

@@ -30,6 +30,10 @@ PUBLISHED = "published"  # an event no group was addressed to
 MIXED = "mixed"  # a summary of nodes with different statuses
 REPLAYED = "replayed"  # a dead letter an operator replayed (no longer in the queue)
 
+# The detail of a step called as a task before any service declared it: the task goes
+# to whichever service declares the step (the node names no group until then).
+UNADDRESSED_TASK = "task for the service that declares this step (none has yet)"
+
 # Statuses that mean "not finished yet" (work is still owed).
 OPEN_STATUSES = frozenset({PENDING, RUNNING, WAITING, "compensating"})
 

@@ -12,7 +12,7 @@ from abc import abstractmethod
 from collections.abc import Iterable
 from typing import TypeVar
 
-from cantata.model.records import AuditRecord, AuditReport
+from cantata.model.records import TASK_WITHDRAWN, AuditRecord, AuditReport
 from cantata.store import audit
 from cantata.store.roles import TASK_OUTCOMES, ChangeListener
 
@@ -25,6 +25,15 @@ R = TypeVar("R")
 NEW_STORE_HINT = (
     "check --store or CANTATA_STORE; a worker (cantata worker, App(...)) or cantata demo "
     "creates a new store"
+)
+
+
+# The error of a task of an ended run that a claim withdraws (TaskStore.claim_tasks): its
+# two parts go either side of the run id.
+ENDED_RUN_ERROR = (
+    f"{TASK_WITHDRAWN}: run ",
+    " ended before this step finished (its worker stopped or died, or it waited for "
+    "a retry); it is not run again",
 )
 
 

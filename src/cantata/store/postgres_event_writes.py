@@ -300,7 +300,14 @@ async def claim_tasks(
     c: Conn, b: Batch, app: str, worker_id: str, services: Sequence[str],
     now: float, stale_before: float, limit: int, steps: Sequence[str] | None = None,
 ) -> list[TaskRecord]:
-    return await ops.claim_tasks(c, app, worker_id, services, now, stale_before, limit, steps)
+    claimed, withdrawn = await ops.claim_tasks(
+        c, app, worker_id, services, now, stale_before, limit, steps)
+    if withdrawn:
+        b.notify(app, TASKS)
+    for t in withdrawn:
+        b.audit(app, audit.task_entry(
+            t.task_id, worker_id, "withdrawn", t.step, t.service, t.attempts, t.error))
+    return claimed
 
 
 def _finish_sql(sets: str) -> str:

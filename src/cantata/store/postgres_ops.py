@@ -25,6 +25,8 @@ import asyncpg
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.records import (
+    TASK_WITHDRAWN,
+    UNADDRESSED,
     Attempt,
     AuditRecord,
     DeadLetter,
@@ -35,6 +37,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import FINAL_STATUSES, RunStatus
 from cantata.store import audit
+from cantata.store.common import ENDED_RUN_ERROR
 from cantata.store.postgres_pool import Conn, Row
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
@@ -256,7 +259,8 @@ async def insert_tasks(
     )
 
 
-# A task of a run in one of these statuses is never claimed (TaskStore.claim_tasks).
+# A task of a run in one of these statuses is never claimed, but withdrawn
+# (TaskStore.claim_tasks).
 ENDED = sorted(str(s) for s in FINAL_STATUSES)
 
 
@@ -269,27 +273,43 @@ async def claim_tasks(
     stale_before: float,
     limit: int,
     steps: Sequence[str] | None = None,
-) -> list[TaskRecord]:
+) -> tuple[list[TaskRecord], list[TaskRecord]]:
+    """(the tasks claimed, those of ended runs withdrawn instead): see
+    :meth:`~cantata.store.roles.TaskStore.claim_tasks`."""
     # As claim_deliveries: a MATERIALIZED pick with SKIP LOCKED, liveness as a
     # correlated subquery so the READ COMMITTED re-check sees a new owner. ``$7``:
-    # the step names the claimer's code has (NULL: any); a task of an ended run is
-    # never taken.
+    # the step names the claimer's code has (NULL: any); with them, tasks addressed to
+    # no service yet too, which get the service that declared their step. A picked
+    # task of an ended run is withdrawn, not taken.
     rows = await c.fetch(
         f"WITH pick AS MATERIALIZED ("
-        f" SELECT task_id FROM tasks t WHERE t.app=$1 AND t.status='pending'"
+        f" SELECT task_id, EXISTS (SELECT 1 FROM runs r WHERE r.app=t.app"
+        f"  AND r.run_id=t.run_id AND r.status = ANY($8::text[])) AS over"
+        f" FROM tasks t WHERE t.app=$1 AND t.status='pending'"
         f"  AND t.service = ANY($2::text[]) AND t.next_at <= $3"
         f"  AND ($7::text[] IS NULL OR t.step = ANY($7::text[]))"
         f"  AND (t.owner IS NULL OR (t.owner<>$4 AND NOT EXISTS (SELECT 1 FROM workers w"
         f"   WHERE w.app=t.app AND w.worker_id=t.owner AND w.heartbeat_at >= $5)))"
-        f"  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=t.app AND r.run_id=t.run_id"
-        f"   AND r.status = ANY($8::text[]))"
-        f" ORDER BY t.next_at, t.created_at LIMIT $6 FOR UPDATE SKIP LOCKED)"
-        f" UPDATE tasks t SET owner=$4, fence=t.fence+1, attempts=t.attempts+1, updated_at=$3"
-        f" FROM pick WHERE t.app=$1 AND t.task_id=pick.task_id RETURNING {T_TASK_COLS}",
-        app, list(services), now, worker_id, stale_before, limit,
-        None if steps is None else list(steps), ENDED,
+        f" ORDER BY t.next_at, t.created_at LIMIT $6 FOR UPDATE SKIP LOCKED),"
+        f" gone AS (UPDATE tasks t SET status='failed', error=$9::text || t.run_id || $10::text,"
+        f"  error_type=$11, owner=NULL, updated_at=$12"
+        f"  FROM pick WHERE t.app=$1 AND t.task_id=pick.task_id AND pick.over"
+        f"  RETURNING {T_TASK_COLS}),"
+        f" took AS (UPDATE tasks t SET owner=$4, fence=t.fence+1, attempts=t.attempts+1,"
+        f"  updated_at=$3,"
+        f"  service=CASE WHEN t.service<>'' THEN t.service ELSE COALESCE((SELECT d.service"
+        f"   FROM declarations d WHERE d.app=t.app AND d.kind='step' AND d.name=t.step"
+        f"   AND d.pattern=''), '') END"
+        f"  FROM pick WHERE t.app=$1 AND t.task_id=pick.task_id AND NOT pick.over"
+        f"  RETURNING {T_TASK_COLS})"
+        f" SELECT *, false FROM took UNION ALL SELECT *, true FROM gone",
+        app, [*services, UNADDRESSED] if steps is not None else list(services), now, worker_id,
+        stale_before, limit, None if steps is None else list(steps), ENDED,
+        *ENDED_RUN_ERROR, TASK_WITHDRAWN, time.time(),
     )
-    return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))
+    claimed = sorted((task_row(r[:-1]) for r in rows if not r[-1]),
+                     key=lambda t: (t.next_at, t.created_at))
+    return claimed, sorted((task_row(r[:-1]) for r in rows if r[-1]), key=lambda t: t.task_id)
 
 
 # -- observability ----------------------------------------------------------------------

@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from cantata.model.records import (
     TASK_PENDING,
     TASK_WITHDRAWN,
+    UNADDRESSED,
     Attempt,
     TaskRecord,
 )
 from cantata.model.status import FINAL_STATUSES
 from cantata.store import audit
-from cantata.store.common import check_task_outcome
+from cantata.store.common import ENDED_RUN_ERROR, check_task_outcome
 from cantata.store.roles import TASKS
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import TASK_COLS, audit_append, task_row, upsert_attempts
@@ -42,27 +43,55 @@ class SQLiteTasks(SQLiteCore):
         if not services or (steps is not None and not steps):
             return []
 
-        def op(c: sqlite3.Connection) -> list[TaskRecord]:
-            marks = ",".join("?" * len(services))
+        # With steps: tasks addressed to no service yet too (their step's service, from
+        # its declaration, is set as they are claimed).
+        addressed = [*services, UNADDRESSED] if steps is not None else list(services)
+
+        def op(c: sqlite3.Connection) -> tuple[list[TaskRecord], bool]:
+            marks = ",".join("?" * len(addressed))
             only = "" if steps is None else f" AND t.step IN ({','.join('?' * len(steps))})"
-            rows = c.execute(
-                f"UPDATE tasks SET owner=?, fence=fence+1, attempts=attempts+1, updated_at=? "
-                f"WHERE app=? AND task_id IN ("
-                f" SELECT t.task_id FROM tasks t INDEXED BY tasks_due LEFT JOIN workers w"
+            picked = c.execute(
+                f"SELECT t.task_id, EXISTS (SELECT 1 FROM runs r WHERE r.app=t.app"
+                f"  AND r.run_id=t.run_id AND r.status IN ({ENDED_MARKS}))"
+                f" FROM tasks t INDEXED BY tasks_due LEFT JOIN workers w"
                 f"  ON w.app=t.app AND w.worker_id=t.owner"
                 f" WHERE t.app=? AND t.status='pending' AND t.service IN ({marks}) AND t.next_at<=?"
                 f"{only}"
                 f"  AND (t.owner IS NULL OR (t.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.heartbeat_at < ?)))"
-                f"  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=t.app AND r.run_id=t.run_id"
-                f"   AND r.status IN ({ENDED_MARKS}))"
-                f" ORDER BY t.next_at, t.created_at LIMIT ?) RETURNING {TASK_COLS}",
-                (worker_id, now, app, app, *services, now, *(steps or ()), worker_id,
-                 stale_before, *ENDED, limit),
+                f" ORDER BY t.next_at, t.created_at LIMIT ?",
+                (*ENDED, app, *addressed, now, *(steps or ()), worker_id, stale_before, limit),
             ).fetchall()
-            return sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))
+            over = [task_id for task_id, ended in picked if ended]
+            take = [task_id for task_id, ended in picked if not ended]
+            if over:  # of an ended run: withdrawn, as the run withdrew its other tasks
+                rows = c.execute(
+                    f"UPDATE tasks SET status='failed', error=? || run_id || ?, error_type=?,"
+                    f" owner=NULL, updated_at=? WHERE app=? AND task_id IN"
+                    f" ({','.join('?' * len(over))}) RETURNING task_id, step, service, attempts,"
+                    f" error",
+                    (*ENDED_RUN_ERROR, TASK_WITHDRAWN, time.time(), app, *over),
+                ).fetchall()
+                for task_id, step, service, n, error in sorted(rows):
+                    audit_append(c, app, audit.task_entry(
+                        task_id, worker_id, "withdrawn", step, service, n, error))
+            if not take:
+                return [], bool(over)
+            rows = c.execute(
+                f"UPDATE tasks SET owner=?, fence=fence+1, attempts=attempts+1, updated_at=?, "
+                f"service=CASE WHEN service<>'' THEN service ELSE COALESCE((SELECT d.service"
+                f" FROM declarations d WHERE d.app=tasks.app AND d.kind='step'"
+                f" AND d.name=tasks.step AND d.pattern=''), '') END "
+                f"WHERE app=? AND task_id IN ({','.join('?' * len(take))}) RETURNING {TASK_COLS}",
+                (worker_id, now, app, *take),
+            ).fetchall()
+            claimed = sorted((task_row(r) for r in rows), key=lambda t: (t.next_at, t.created_at))
+            return claimed, bool(over)
 
-        return await self._t.write(op)
+        claimed, withdrew = await self._t.write(op)
+        if withdrew:
+            self._notify([TASKS])
+        return claimed
 
     async def finish_task(
         self,

@@ -38,6 +38,9 @@ class TaskStore(Protocol):
 
         ``steps`` (when given) restricts the claim to tasks of those step names: a
         worker whose code lacks a step leaves its tasks to the workers that have it.
+        With ``steps``, a task addressed to no service yet (``service`` is
+        :data:`~cantata.model.records.UNADDRESSED`) is claimed too, and its
+        ``service`` becomes the one the app's declarations give its step.
         A task whose run has ended (a final status) is never claimed.
         """
 

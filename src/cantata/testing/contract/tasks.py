@@ -13,7 +13,9 @@ from cantata.model.records import (
     TASK_DONE,
     TASK_FAILED,
     TASK_PENDING,
+    UNADDRESSED,
     Attempt,
+    Declaration,
     RunWrite,
     TaskRecord,
 )
@@ -279,14 +281,60 @@ class TasksContract(StoreFixtures):
                               stale_before=now - 10, limit=9, steps=["inventory.reserve"])
         assert (taken.step, taken.attempts) == ("inventory.reserve", 1)
 
-    async def test_a_task_of_an_ended_run_is_never_claimed(self, store: Store) -> None:
-        run_id, fence = await self.started(store, "a#1")
-        other, _ = await self.started(store, "b#1")
+    async def test_a_task_for_no_service_yet_goes_to_the_service_declaring_its_step(
+        self, store: Store
+    ) -> None:
+        run, _ = await store.create_run(new_run(self.app))
+        [claimed] = await store.claim_runs(self.app, "orders-w", ["wf"], stale_before=0,
+                                           limit=1)
+        await store.commit_run(self.app, run.run_id, claimed.fence, RunWrite(tasks=[
+            task(run.run_id, "stock.reserve#1", service=UNADDRESSED)]))
+        now = time.time()
+
+        async def claim(steps: list[str] | None) -> list[TaskRecord]:
+            return await store.claim_tasks(self.app, "inv-w", ["inventory"], now=now,
+                                           stale_before=now - 10, limit=9, steps=steps)
+
+        assert await claim(None) == []  # a claim of any step takes addressed tasks only
+        assert await claim(["inventory.reserve"]) == []  # not a step this worker has
+        await store.declare(self.app, [Declaration("step", "stock.reserve", "", "inventory")])
+        [got] = await claim(["inventory.reserve", "stock.reserve"])
+        assert (got.step, got.service, got.owner, got.attempts) == (
+            "stock.reserve", "inventory", "inv-w", 1)
+        assert await store.get_task(self.app, got.task_id) == got
+
+    async def test_a_task_of_an_ended_run_is_withdrawn_instead_of_claimed(
+        self, store: Store
+    ) -> None:
+        now = await self.live(store, "live", "w1")
+        await store.heartbeat(self.app, "dead", now - 60, None)
+        run_id, fence = await self.started(store, "a#1", "b#1", "c#1")
+        [a] = await self.claim_t(store, "live", limit=1)
+        [b] = await self.claim_t(store, "dead", limit=1)  # its worker died since
+        assert (a.key, b.key) == ("a#1", "b#1")
+        other, _ = await self.started(store, "d#1")
         await store.commit_run(self.app, run_id, fence, RunWrite(status=RunStatus.CANCELLED))
+        heard: list[str] = []
+        store.add_listener(heard.append)
         [got] = await self.claim_t(store, "w1")
         assert got.run_id == other
-        [left] = await store.tasks_of_run(self.app, run_id)
-        assert (left.status, left.owner, left.attempts) == (TASK_PENDING, None, 0)
+        by_key = {t.key: t for t in await store.tasks_of_run(self.app, run_id)}
+        # the live worker's task ends as it will; the dead one's and the unclaimed one
+        # are withdrawn, never run again
+        assert (by_key["a#1"].status, by_key["a#1"].owner) == (TASK_PENDING, "live")
+        for key, attempts in (("b#1", 1), ("c#1", 0)):
+            t = by_key[key]
+            assert (t.status, t.error_type, t.owner, t.attempts) == (
+                TASK_FAILED, "Withdrawn", None, attempts)
+            assert (t.error or "").startswith(f"Withdrawn: run {run_id} ended before ")
+        await eventually(lambda: TASKS in heard)
+        withdrawn = [r for r in await store.audit_records(self.app, limit=1000)
+                     if r.action == "task.withdrawn"]
+        assert sorted((r.actor, r.target) for r in withdrawn) == [
+            ("worker:w1", b.task_id), ("worker:w1", by_key["c#1"].task_id)]
+        assert await self.claim_t(store, "w2") == []
+        assert not await store.finish_task(self.app, b.task_id, b.fence, outcome="done",
+                                           result="1", attempts=[])
 
     async def test_withdraw_tasks_leaves_those_a_live_worker_holds(self, store: Store) -> None:
         heard: list[str] = []
