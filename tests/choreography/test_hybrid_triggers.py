@@ -1,4 +1,4 @@
-"""The hybrid's edges: several triggers for one type."""
+"""The hybrid's edges: what a triggered run's wait sees, several triggers for one type."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import cantata
-from cantata import App, WorkflowContext
+from cantata import App, HandlerContext, WaitTimeout, WorkflowContext
 from tests.choreography.helpers import SETTLE, eventually, make_app
 
 
@@ -27,6 +27,115 @@ async def _ended(app: App, workflow: str, n: int) -> list[cantata.RunInfo]:
     runs = await app.list_runs(workflow=workflow)
     done = [r for r in runs if r.status.is_final]
     return done if len(done) == n and len(runs) == n else []
+
+
+# -- a triggered run's waits see what followed its trigger ------------------------------
+
+
+def approval_app(store: str) -> App:
+    app = make_app(store)
+
+    @app.workflow
+    async def approve(ctx: WorkflowContext, order: dict[str, Any]) -> str:
+        ev = await ctx.wait_for_event(
+            "invoice.approved", match={"order_id": order["order_id"]}, timeout=3
+        )
+        return str(ev.data["by"])
+
+    app.start_on("order.placed", approve)
+    return app
+
+
+async def test_a_triggered_run_sees_a_reply_stored_before_the_run_was(
+    shared_store: str,
+) -> None:
+    """The trigger and its answer are both published while no worker runs: the run,
+    created only when a worker comes, started logically with its trigger."""
+    client = approval_app(shared_store)
+    async with client.client():
+        await client.publish("invoice.approved", {"order_id": 1, "by": "too early"})
+        await client.publish("order.placed", {"order_id": 1})
+        await client.publish("invoice.approved", {"order_id": 1, "by": "ada"})
+    worker = approval_app(shared_store)
+    async with worker:
+        [run] = await eventually(lambda: _ended(worker, "approve", 1), what="the run to end")
+        assert await worker.get_handle(run.run_id).result(timeout=5) == "ada"
+
+
+async def test_a_triggered_run_waiting_for_its_own_type_gets_the_next_one(
+    shared_store: str,
+) -> None:
+    """A wait of a run started by an event never takes that event, and takes the next
+    one of its type even if it came before the run was created."""
+
+    def build() -> App:
+        app = make_app(shared_store)
+
+        @app.workflow
+        async def pair(ctx: WorkflowContext, tick: dict[str, Any]) -> int | None:
+            try:
+                ev = await ctx.wait_for_event("tick", timeout=1)
+            except WaitTimeout:
+                return None
+            return int(ev.data["n"])
+
+        app.start_on("tick", pair)
+        return app
+
+    client = build()
+    async with client.client():
+        await client.publish("tick", {"n": 1}, id="tick-1")
+        await client.publish("tick", {"n": 2}, id="tick-2")
+    worker = build()
+    async with worker:
+        runs = await eventually(lambda: _ended(worker, "pair", 2), what="both runs to end")
+        got = {r.idempotency_key: await worker.get_handle(r.run_id).result(timeout=5)
+               for r in runs}
+    assert got == {"event:tick-1": 2, "event:tick-2": None}
+
+
+def fanout_app(store: str, services: list[str] | None = None) -> App:
+    """One order.placed goes to the inventory handler and starts ``fulfil``, which waits
+    for the handler's answer."""
+    app = make_app(store, services=services)
+
+    @app.on("order.placed", group="inventory", emits=["stock.reserved"])
+    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+        await ctx.emit("stock.reserved", {"order_id": event.data["order_id"]})
+
+    @app.workflow(service="orders")
+    async def fulfil(ctx: WorkflowContext, order: dict[str, Any]) -> str:
+        ev = await ctx.wait_for_event(
+            "stock.reserved", match={"order_id": order["order_id"]}, timeout=3
+        )
+        return f"reserved {ev.data['order_id']}"
+
+    app.start_on("order.placed", fulfil)
+    return app
+
+
+async def test_a_handler_answers_the_trigger_while_the_workflow_worker_is_down(
+    shared_store: str,
+) -> None:
+    """The fan-out: the handler group reacts to the trigger event (and answers) before
+    any worker of the workflow's service has taken the trigger."""
+    client = fanout_app(shared_store)
+    async with client.client():
+        placed = [await client.publish("order.placed", {"order_id": n}) for n in range(3)]
+    inventory = fanout_app(shared_store, services=["inventory"])
+    async with inventory:
+        async def answered() -> bool:
+            found = await inventory.store.find_events(
+                inventory.name, "stock.reserved", since=0.0, exclude=[], limit=10)
+            return len(found) == 3
+        await eventually(answered, what="the inventory group to answer every order")
+        assert await inventory.list_runs(workflow="fulfil") == []
+    worker = fanout_app(shared_store)
+    async with worker:
+        runs = await eventually(lambda: _ended(worker, "fulfil", 3), what="three runs to end")
+        results = sorted([await worker.get_handle(r.run_id).result(timeout=5) for r in runs])
+        assert {r.correlation_id for r in runs} == {p.id for p in placed}
+    assert results == ["reserved 0", "reserved 1", "reserved 2"]
 
 
 # -- several workflows started by one event type --------------------------------------

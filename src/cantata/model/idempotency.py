@@ -76,3 +76,11 @@ def trigger_keys(workflow: str, event_id: str) -> tuple[str, str]:
     """
     return f"event:{event_id}", f"event:{workflow}:{event_id}"
 
+
+def trigger_event(run: RunRecord) -> str | None:
+    """The id of the event that started ``run`` through ``app.start_on`` (``None``
+    for a run started otherwise)."""
+    cause, key = run.causation_id, run.idempotency_key
+    if cause is None or key is None or run.parent_run_id is not None:
+        return None
+    return cause if key in trigger_keys(run.workflow, cause) else None
