@@ -1,4 +1,5 @@
-"""The hybrid's edges: what a triggered run's wait sees, several triggers for one type."""
+"""The hybrid's edges: what a triggered run's wait sees, several triggers for one type,
+and concurrent waits of one run."""
 
 from __future__ import annotations
 
@@ -215,3 +216,92 @@ async def _runs_of(store: str, workflow: str) -> list[cantata.RunInfo]:
     reader = make_app(store)
     async with reader.client():
         return await reader.list_runs(workflow=workflow)
+
+
+# -- concurrent waits of one run ----------------------------------------------------------
+
+
+def gather_app(store: str, gate: asyncio.Event | None = None, timeout: float = 1.0) -> App:
+    """A run that waits for two ``ping`` events at once (after ``gate``, if given)."""
+    app = make_app(store)
+
+    @app.step
+    async def hold() -> None:
+        if gate is not None:
+            await gate.wait()
+
+    @app.workflow
+    async def both(ctx: WorkflowContext) -> list[str | None]:
+        await ctx.run(hold)
+
+        async def one() -> str | None:
+            try:
+                return (await ctx.wait_for_event("ping", timeout=timeout)).id
+            except WaitTimeout:
+                return None
+
+        return list(await asyncio.gather(one(), one()))
+
+    return app
+
+
+async def _waits(app: App, run_id: str) -> list[str]:
+    history = await app.store.load_history(app.name, run_id)
+    return [e.status for e in history if e.kind == "wait"]
+
+
+async def test_two_waits_at_once_never_take_the_same_event(store_url: str) -> None:
+    app = gather_app(store_url)
+    async with app:
+        handle = await app.start("both")
+        await eventually(lambda: _both_waiting(app, handle.run_id), what="both waits")
+        await app.publish("ping", {}, id="only-one")
+        got = await handle.result(timeout=10)
+    assert sorted(got, key=str) == [None, "only-one"]
+
+
+async def test_two_waits_at_once_share_events_published_before_they_began(
+    store_url: str,
+) -> None:
+    gate = asyncio.Event()
+    app = gather_app(store_url, gate)
+    async with app:
+        handle = await app.start("both")
+        await eventually(lambda: _status_is(app, handle.run_id, "running"))
+        await app.publish("ping", {}, id="ping-1")
+        await app.publish("ping", {}, id="ping-2")
+        await app.publish("ping", {}, id="ping-3")
+        gate.set()
+        got = await handle.result(timeout=10)
+    assert sorted(got, key=str) == ["ping-1", "ping-2"]  # the oldest two, once each
+
+
+async def test_what_each_concurrent_wait_took_is_kept_on_replay(shared_store: str) -> None:
+    first = gather_app(shared_store, timeout=30)
+    async with first:
+        handle = await first.start("both")
+        await eventually(lambda: _both_waiting(first, handle.run_id), what="both waits")
+        await first.publish("ping", {}, id="ping-1")
+        await eventually(lambda: _one_done(first, handle.run_id), what="a wait to take it")
+    # the worker stopped with one wait done and one open; the run replays both
+    second = gather_app(shared_store, timeout=30)
+    async with second:
+        await second.publish("ping", {}, id="ping-2")
+        got = await second.get_handle(handle.run_id).result(timeout=15)
+        history = await second.store.load_history(second.name, handle.run_id)
+    recorded = sorted(str(e.result) for e in history if e.kind == "wait")
+    assert sorted(got) == ["ping-1", "ping-2"]
+    assert [("ping-1" in r, "ping-2" in r) for r in recorded] in (
+        [(True, False), (False, True)], [(False, True), (True, False)])
+
+
+async def _both_waiting(app: App, run_id: str) -> bool:
+    return await _waits(app, run_id) == ["waiting", "waiting"]
+
+
+async def _one_done(app: App, run_id: str) -> bool:
+    return sorted(await _waits(app, run_id)) == ["completed", "waiting"]
+
+
+async def _status_is(app: App, run_id: str, status: str) -> bool:
+    return str(await app.get_handle(run_id).status()) == status

@@ -315,7 +315,8 @@ class WorkflowContext:
 
         Events published since the run started count, even before the wait began (for
         a run started by ``app.start_on``, those published after its trigger event,
-        never that event itself); each event is consumed by one wait of this run.
+        never that event itself); each event is taken by one wait of this run, also
+        when several wait at once.
 
         Raises:
             WaitTimeout: no matching event within ``timeout`` seconds (recorded, so a
@@ -357,8 +358,11 @@ class WorkflowContext:
                     limit=limit,
                 )
                 for ev in events:
-                    if ev.id != trigger \
+                    # Taken here, before any await: a concurrent wait of the run
+                    # (asyncio.gather) that read the same events skips it.
+                    if ev.id not in taken and ev.id != trigger \
                             and match_data(ev.data, match) and engine.signer.accepts(ev):
+                        taken.add(ev.id)
                         found.append(ev)
                         return True
                 if len(events) < limit:
@@ -373,8 +377,7 @@ class WorkflowContext:
             error = f"no {type} event matching {dict(match or {})} within {timeout} s"
             await j.settle(entry, EntryStatus.FAILED, error_type="WaitTimeout", error=error)
             raise WaitTimeout(error)
-        event = found[0]
-        j.consumed_events.add(event.id)
+        event = found[0]  # (taken by look())
         await j.settle(entry, EntryStatus.COMPLETED, result=event.to_json().decode())
         return event
 
