@@ -127,9 +127,11 @@ class UnknownAttribute(ConfigurationError):
 
 
 class IdempotencyConflict(CantataError):
-    """The idempotency key was already used with different arguments."""
+    """The idempotency key was already used with different arguments, or for a run of
+    another workflow (then named by ``other_workflow``)."""
 
     code = "idempotency_conflict"
+    other_workflow: str | None = None
 
 
 class InvalidEvent(CantataError):

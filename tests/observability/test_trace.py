@@ -13,6 +13,7 @@ from rich.console import Console
 
 from cantata import App, CantataError, Event, HandlerContext, Retry, WorkflowContext
 from cantata.observability.stalled import stalls_of
+from cantata.observability.timeline import where_it_stands
 from cantata.observability.trace import (
     KINDS,
     TraceNode,
@@ -320,3 +321,44 @@ async def test_timers_and_child_runs_sit_in_history_order() -> None:
     # a sleeping run is not stalled: it is waiting as designed
     assert stalls_of(root, 0, now) == []
     assert "sleeping: run parent wakes at" in text_of(root)
+
+
+@pytest.mark.parametrize("ending", ["failed", "compensated", "completed"])
+async def test_an_event_rooted_transaction_stands_where_its_run_ended(ending: str) -> None:
+    """A transaction started by a publish reads as the run it started ended, as a
+    transaction rooted at that run would (not "completed" whatever the run did)."""
+    app = make_app("memory://")
+
+    @app.step
+    async def hold(order: dict[str, int]) -> None: ...
+
+    @app.step
+    async def release(order: dict[str, int]) -> None: ...
+
+    @app.workflow
+    async def approve(ctx: WorkflowContext, order: dict[str, int]) -> str:
+        await ctx.run(hold, order, compensate=release if ending == "compensated" else None)
+        if ending != "completed":
+            raise ValueError("no budget left")
+        return "approved"
+
+    app.start_on("order.placed", approve)
+    async with app:
+        placed = await app.publish("order.placed", {"id": 1})
+
+        async def ended() -> TraceNode | None:
+            root = await build_trace(app.store, app.name, placed.id)
+            runs = root.find("run", "approve")
+            return root if runs and runs[0].status == ending else None
+
+        root = await eventually(ended, what="the run to end")
+        line = where_it_stands(root, now=app.clock.now())
+    assert root.kind == "event"
+    assert line.startswith(f"{ending} — ")
+    if ending == "completed":
+        assert line.startswith("completed — 1 event(s), 0 handler execution(s), settled")
+    else:
+        assert line.startswith(f"{ending} — run approve {ending}")
+    if ending != "completed":
+        assert "ValueError: no budget left" in line
+    assert f"where it stands: {ending} — " in text_of(root)

@@ -30,6 +30,7 @@ from cantata.model import codec
 from cantata.model.attributes import index_attributes
 from cantata.model.checks import check_seconds
 from cantata.model.event import Event, check_publish, check_type
+from cantata.model.idempotency import trigger_event
 from cantata.model.records import UNADDRESSED, EntryKind, EntryStatus, RunWrite
 from cantata.model.status import RunStatus
 
@@ -319,8 +320,10 @@ class WorkflowContext:
     ) -> Event[Any]:
         """Wait for the first event of ``type`` whose data matches ``match``.
 
-        Events published since the run started count, even before the wait began; each
-        event is consumed by one wait of this run.
+        Events published since the run started count, even before the wait began (for
+        a run started by ``app.start_on``, those published after its trigger event,
+        never that event itself); each event is taken by one wait of this run, also
+        when several wait at once.
 
         Raises:
             WaitTimeout: no matching event within ``timeout`` seconds (recorded, so a
@@ -346,18 +349,27 @@ class WorkflowContext:
             )
         await engine.declare_wait(x.wdef.name, type)
         found: list[Event[Any]] = []
+        # A run started by an event started, for its waits, with that event: what
+        # followed it counts even if stored before a worker created the run.
+        trigger = trigger_event(x.run)
 
         async def look() -> bool:
             # Page through (doubling) until a match or the end: a match may sit behind
             # many non-matching events of the same type.
             limit = 200
             while True:
+                taken = j.consumed_events
                 events = await engine.store.find_events(
-                    x.run.app, type, since=x.run.created_at,
-                    exclude=sorted(j.consumed_events), limit=limit,
+                    x.run.app, type, since=x.run.created_at, after=trigger,
+                    exclude=sorted(taken if trigger is None else taken | {trigger}),
+                    limit=limit,
                 )
                 for ev in events:
-                    if match_data(ev.data, match) and engine.signer.accepts(ev):
+                    # Taken here, before any await: a concurrent wait of the run
+                    # (asyncio.gather) that read the same events skips it.
+                    if ev.id not in taken and ev.id != trigger \
+                            and match_data(ev.data, match) and engine.signer.accepts(ev):
+                        taken.add(ev.id)
                         found.append(ev)
                         return True
                 if len(events) < limit:
@@ -372,8 +384,7 @@ class WorkflowContext:
             error = f"no {type} event matching {dict(match or {})} within {timeout} s"
             await j.settle(entry, EntryStatus.FAILED, error_type="WaitTimeout", error=error)
             raise WaitTimeout(error)
-        event = found[0]
-        j.consumed_events.add(event.id)
+        event = found[0]  # (taken by look())
         await j.settle(entry, EntryStatus.COMPLETED, result=event.to_json().decode())
         return event
 

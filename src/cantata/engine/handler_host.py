@@ -10,8 +10,10 @@ from cantata.choreography.context import HandlerContext
 from cantata.choreography.orphans import check_orphans
 from cantata.declare.defs import HandlerDef, TriggerDef
 from cantata.declare.router import Router
+from cantata.errors import IdempotencyConflict
 from cantata.flow.limits import release_handler_slot, take_handler_slot
 from cantata.model.event import Event
+from cantata.model.idempotency import trigger_keys
 from cantata.quietlog import QuietLog
 
 from .hooks import Hooks
@@ -86,10 +88,19 @@ class EngineHost:
         )
 
     async def start_run(self, trigger: TriggerDef, event: Event[Any]) -> None:
-        await self._engine.create_run(
-            trigger.workflow, [event.data], idempotency_key=f"event:{event.id}",
-            correlation_id=event.correlation_id or event.id, causation_id=event.id,
-        )
+        # One run per (workflow, event id): the event's shared key, unless the run of
+        # another workflow the event also starts took it (model/idempotency.py).
+        shared, own = trigger_keys(trigger.workflow, event.id)
+        for key in (shared, own):
+            try:
+                await self._engine.create_run(
+                    trigger.workflow, [event.data], idempotency_key=key,
+                    correlation_id=event.correlation_id or event.id, causation_id=event.id,
+                )
+                return
+            except IdempotencyConflict as exc:
+                if key == own or exc.other_workflow is None:
+                    raise
 
     async def take_slot(
         self, hdef: HandlerDef, event_id: str, extend: Callable[[], Awaitable[None]]

@@ -7,6 +7,10 @@ as Python values (``true`` is not ``1``). The run records a hash of that canonic
 text (``args_hash``); a store compares the hashes first and, when they differ,
 the stored arguments themselves, so a run whose hash was made otherwise (before
 hashes were canonical) still matches its retry.
+
+A run that ``app.start_on`` starts for an event has a key of its own
+(:func:`trigger_keys`): ``event:<event id>`` for the first workflow started by
+that event, ``event:<workflow>:<event id>`` for each other one.
 """
 
 from __future__ import annotations
@@ -48,12 +52,35 @@ def start_conflict(existing: RunRecord, run: RunRecord) -> IdempotencyConflict:
     request (see :func:`same_start`)."""
     key = run.idempotency_key
     if existing.workflow != run.workflow:
-        return IdempotencyConflict(
+        err = IdempotencyConflict(
             f"idempotency key {key!r} belongs to run {existing.run_id} of workflow "
             f"{existing.workflow}, not {run.workflow}: use a key of your own for each "
             f"request of {run.workflow}"
         )
+        err.other_workflow = existing.workflow
+        return err
     return IdempotencyConflict(
         f"idempotency key {key!r} was already used for run {existing.run_id} of "
         f"{existing.workflow} with different arguments; use a new key for a new request"
     )
+
+
+def trigger_keys(workflow: str, event_id: str) -> tuple[str, str]:
+    """The idempotency keys a run of ``workflow`` that event ``event_id`` starts may
+    have, in the order they are tried.
+
+    ``event:<id>`` first: what one trigger per type has always used, so a run stored
+    before a second trigger was added (or before this scheme) is found again on a
+    redelivery, and never started twice. When another workflow's run holds it (the
+    event starts several workflows), ``event:<workflow>:<id>``, this workflow's own.
+    """
+    return f"event:{event_id}", f"event:{workflow}:{event_id}"
+
+
+def trigger_event(run: RunRecord) -> str | None:
+    """The id of the event that started ``run`` through ``app.start_on`` (``None``
+    for a run started otherwise)."""
+    cause, key = run.causation_id, run.idempotency_key
+    if cause is None or key is None or run.parent_run_id is not None:
+        return None
+    return cause if key in trigger_keys(run.workflow, cause) else None

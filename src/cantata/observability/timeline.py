@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterator
 
 from rich.console import Group, RenderableType
 from rich.text import Text
@@ -334,13 +335,40 @@ class _Renderer:
         else:
             events = sum(1 for n in nodes if n.kind == EVENT)
             handled = sum(1 for n in nodes if n.kind == HANDLER)
-            text.append("completed", style="bold green")
-            text.append(f" — {events} event(s), {handled} handler execution(s), settled{took}")
+            # A publish's transaction ended as the runs it started did: a failed or
+            # compensated one reads so, as it would as the root of its own trace.
+            tops = list(_top_runs(root))
+            run = next((r for status in _HEADLINE for r in tops if r.status == status), None)
+            if run is None:
+                text.append("completed", style="bold green")
+            else:
+                style = _STYLE.get(run.status, "white")
+                text.append(f"{run.status}", style=f"bold {style}")
+                text.append(f" — run {run.name} {run.status}")
+                if run.error:
+                    text.append(f": {run.error}", style=style)
+                text.append(";")
+            text.append(f" {'— ' if run is None else ''}{events} event(s), {handled} handler "
+                        f"execution(s), settled{took}")
         runs = [n for n in nodes if n.kind == RUN and n is not root]
         if runs:
             done = ", ".join(f"{r.name} {r.status}" for r in runs[:6])
             text.append(f"; runs: {done}" + (" …" if len(runs) > 6 else ""))
         return text
+
+
+# The run statuses an event-rooted transaction's outcome line leads with, most telling
+# first (a failure beats an undo, which beats a cancel; all runs completed: completed).
+_HEADLINE = ("failed", "compensating", "compensated", "cancelled", "running", "pending")
+
+
+def _top_runs(node: TraceNode) -> Iterator[TraceNode]:
+    """The runs under ``node`` not inside another run (a child run is its parent's)."""
+    for child in node.children:
+        if child.kind == RUN:
+            yield child
+        else:
+            yield from _top_runs(child)
 
 
 def render_timeline(root: TraceNode, *, now: float | None = None) -> RenderableType:

@@ -55,6 +55,9 @@ class PostgresCore(StoreBase):
         )
         self._w = BatchWriter(self._db, writers=writers, one_statement=_OneStatement())
         self._w.audit_keys = self._audit_keys  # one dict: set_audit_key keys the writer too
+        # (app, event id) -> (seq, stored_at) of events find_events(after=) looked up:
+        # a stored event's place in the log never changes (postgres_events.py).
+        self._event_places: dict[tuple[str, str], tuple[int, float]] = {}
 
     async def open(self) -> None:
         """Connect (retrying briefly), migrate the schema, open the pool and LISTEN."""

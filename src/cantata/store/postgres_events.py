@@ -30,6 +30,7 @@ from cantata.store.postgres_ops import (
     delivery_row,
     event_row,
 )
+from cantata.store.roles.events import AFTER_SKEW
 
 
 class PostgresEvents(PostgresCore):
@@ -47,18 +48,47 @@ class PostgresEvents(PostgresCore):
         return None if row is None else event_row(row)
 
     async def find_events(
-        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
+        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int,
+        after: str | None = None,
     ) -> list[Event[Any]]:
         wildcard = "*" in event_type
-        rows = await self._db.fetch(
+        sql = (
             f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND "
             + ("type LIKE $2 ESCAPE '\\'" if wildcard else "type=$2")
-            + " AND stored_at>=$3 AND NOT (id = ANY($4::text[])) ORDER BY seq LIMIT $5",
+            + " AND stored_at>=$3 AND NOT (id = ANY($4::text[]))"
+        )
+        args: list[Any] = [
             app, like_pattern(event_type) if wildcard else event_type, since, list(exclude),
             limit,
-        )
+        ]
+        place = None if after is None else await self._event_place(app, after)
+        if place is not None:
+            # The events after ``after`` in the log (seq: one order for every writer,
+            # whatever their clocks), looked for from AFTER_SKEW before it by the
+            # clocks: the scan stays a range of the (app, type, stored_at) index.
+            seq, stored_at = place
+            sql += " AND (stored_at>=$6 OR seq>$7)"
+            args[2] = min(since, stored_at - AFTER_SKEW)
+            args += [since, seq]
+        rows = await self._db.fetch(sql + " ORDER BY seq LIMIT $5", *args)
         found = [event_row(r) for r in rows]
         return [e for e in found if matches(event_type, e.type)] if wildcard else found
+
+    async def _event_place(self, app: str, event_id: str) -> tuple[int, float] | None:
+        """The seq and stored_at of a stored event (``None`` if it is not stored), kept
+        once known: a triggered run's waits ask for their trigger's at every look."""
+        places = self._event_places
+        place = places.get((app, event_id))
+        if place is None:
+            row = await self._db.fetchrow(
+                "SELECT seq, stored_at FROM events WHERE app=$1 AND id=$2", app, event_id
+            )
+            if row is None:
+                return None
+            if len(places) >= 10_000:
+                places.clear()
+            place = places[(app, event_id)] = (int(row["seq"]), float(row["stored_at"]))
+        return place
 
     async def claim_deliveries(
         self,

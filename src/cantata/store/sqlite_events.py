@@ -26,7 +26,7 @@ from cantata.store.base import (
     EVENTS,
     Settlement,
 )
-from cantata.store.roles.events import DeliveryHold
+from cantata.store.roles.events import AFTER_SKEW, DeliveryHold
 from cantata.store.sqlite_core import Hold, SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
@@ -69,20 +69,33 @@ class SQLiteEvents(SQLiteCore):
         return None if row is None else event_row(row)
 
     async def find_events(
-        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
+        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int,
+        after: str | None = None,
     ) -> list[Event[Any]]:
         skip = list(exclude)
         wildcard = "*" in event_type
+        bound: tuple[Any, ...] = (since,)
+        if after is None:
+            stored = " AND stored_at>=?"
+        else:
+            # The events after ``after`` in the log (seq, the order the writers
+            # committed in), looked for from AFTER_SKEW before it by the clocks.
+            stored = (
+                " AND stored_at>=min(?, coalesce((SELECT stored_at FROM events "
+                "WHERE app=? AND id=?)-?, ?)) AND (stored_at>=? OR seq>(SELECT seq "
+                "FROM events WHERE app=? AND id=?))"
+            )
+            bound = (since, app, after, AFTER_SKEW, since, since, app, after)
         sql = (
             f"SELECT {EVENT_COLS} FROM events WHERE app=? AND "
             + ("type LIKE ? ESCAPE '\\'" if wildcard else "type=?")
-            + " AND stored_at>=?"
+            + stored
             + (f" AND id NOT IN ({','.join('?' * len(skip))})" if skip else "")
             + " ORDER BY seq LIMIT ?"
         )
         wanted = like_pattern(event_type) if wildcard else event_type
         rows = await self._t.read(
-            lambda c: c.execute(sql, (app, wanted, since, *skip, limit)).fetchall()
+            lambda c: c.execute(sql, (app, wanted, *bound, *skip, limit)).fetchall()
         )
         found = [event_row(r) for r in rows]
         return [e for e in found if matches(event_type, e.type)] if wildcard else found

@@ -17,6 +17,12 @@ from cantata.model.records import (
     DeliveryOutcome,
 )
 
+#: How far apart (seconds) the clocks of two processes writing one store may be, for
+#: :meth:`EventStore.find_events`'s ``after``: the log's order decides which events
+#: follow it; ``stored_at`` only bounds the scan of the ``(app, type, stored_at)``
+#: index, so an event stored after ``after`` by a clock this much slow is found still.
+AFTER_SKEW = 60.0
+
 
 @dataclass(slots=True)
 class Settlement:
@@ -107,11 +113,18 @@ class EventStore(Protocol):
         """One stored event."""
 
     async def find_events(
-        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int
+        self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int,
+        after: str | None = None,
     ) -> list[Event[Any]]:
         """Events of ``event_type`` stored at or after ``since``, oldest first.
 
         ``event_type`` may be a pattern with one-token wildcards (``order.*``).
+        ``after``: the id of an event (a triggered run's trigger); the events stored
+        after it in the log's own order count too, whatever their ``stored_at`` (each
+        writer stamps that with its own clock, so it orders the events of different
+        processes only roughly). A store may look for them only among those stored
+        at most :data:`AFTER_SKEW` seconds before it by the clocks. An ``after`` not
+        stored adds nothing.
         """
 
     async def claim_deliveries(

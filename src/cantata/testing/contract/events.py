@@ -91,6 +91,33 @@ class EventsContract(StoreFixtures):
         assert await ids(since=time.time() + 60) == []
         assert await store.find_events(self.app + "-b", "t.a", since=0, exclude=[], limit=9) == []
 
+    async def test_find_events_after_an_event_follows_the_log_not_the_clocks(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        early, trigger = ev("t.a"), ev("t.b")
+        await store.append_events(self.app, [early])
+        await store.append_events(self.app, [trigger])
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() - 10.0)  # a writer 10 s slow
+        reply = ev("t.a")
+        await store.append_events(self.app, [reply])
+        monkeypatch.setattr(time, "time", real)
+        later = ev("t.a")
+        await store.append_events(self.app, [later])
+        future = time.time() + 3600  # e.g. the run was created long after its trigger
+
+        async def ids(**kw: Any) -> list[str]:
+            args: dict[str, Any] = {"since": future, "exclude": [], "limit": 100} | kw
+            return [e.id for e in await store.find_events(self.app, "t.a", **args)]
+
+        assert await ids(after=trigger.id) == [reply.id, later.id]
+        assert await ids(after=trigger.id, exclude=[reply.id]) == [later.id]
+        assert await ids(after=trigger.id, limit=1) == [reply.id]
+        assert await ids(after=trigger.id, since=0.0) == [early.id, reply.id, later.id]
+        assert await ids(after="not-stored") == []
+        assert await ids(after="not-stored", since=0.0) == [early.id, reply.id, later.id]
+        assert await ids(after=early.id) == [reply.id, later.id]
+
     async def test_delivery_states_of_a_group_for_many_events(self, store: Store) -> None:
         await self.handlers(store, ("g", "order.*"), ("h", "order.placed"))
         placed, paid, other = ev("order.placed"), ev("order.paid"), ev("user.created")
