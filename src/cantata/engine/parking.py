@@ -1,10 +1,10 @@
 """Parked runs cost no memory (docs/architecture.md, parking).
 
-A run that waits in ``ctx.sleep``, ``ctx.wait_for_event`` or ``ctx.call`` longer than
-``App(park_after=...)`` seconds, or that falls out of the hot cache of
-``App(hot_runs=...)`` waiting runs, is evicted: its pending checkpoint is committed,
-the run is released in the store with what wakes it (:class:`Parking`), and its
-execution ends. It is then an unowned run that no claim takes until it is due
+A run that waits in ``ctx.sleep``, ``ctx.wait_for_event``, ``ctx.call`` or a step's
+retry backoff longer than ``App(park_after=...)`` seconds, or that falls out of the
+hot cache of ``App(hot_runs=...)`` waiting runs, is evicted: its pending checkpoint
+is committed, the run is released in the store with what wakes it (:class:`Parking`),
+and its execution ends. It is then an unowned run that no claim takes until it is due
 (its timer, the wait's timeout or the run's deadline), woken (a matching event, the
 end of the child it waits for) or cancelled; then any worker serving its workflow
 claims it and replays its history, the path crash recovery takes (docs/leases.md).

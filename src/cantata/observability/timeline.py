@@ -17,6 +17,7 @@ from .node import (
     HANDLER,
     REPLAYED,
     RUN,
+    RUNNING,
     STEP,
     TIMER,
     WAIT,
@@ -184,6 +185,9 @@ class _Renderer:
                 out.append(node.detail)
             if node.status == WAITING and node.due is not None:
                 out.append(f"times out {_clock(node.due, self.now)}")
+        elif node.kind in (STEP, COMPENSATION) and node.status == RUNNING \
+                and node.due is not None and node.due > self.now:
+            out.append(f"next attempt {_clock(node.due, self.now)}")  # in its backoff
         elif node.kind in (HANDLER, COMPENSATION) and node.status == "pending":
             if node.attempts == 0:
                 out.append("not picked up yet")
