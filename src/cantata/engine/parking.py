@@ -105,11 +105,17 @@ class HotRuns:
 
 
 def can_evict(x: RunExecution) -> bool:
-    """Only a run whose one activity is this wait: no step running, nothing held."""
+    """Only a run whose one activity is this wait: no step running, nothing held.
+
+    Not a run cleaning up after a cancel (engine/cleanup.py): the store hands a parked
+    run whose cancel is requested back at once, so it would be replayed again and
+    again, and the end of its cleanup window, kept by a timer in memory, never come.
+    The window bounds how long it stays in memory.
+    """
     return (
         x.waiting == 1 and not x.bodies and not x.inflight and not x.compensating
         and x.stored and not x.engine.draining and not x.interrupt.done()
-        and x.engine.serving and not x.run.status.is_final
+        and x.engine.serving and not x.run.status.is_final and not x.api.cancel_delivered
     )
 
 
