@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import math
+import re
 import threading
 import time
 from typing import Any
@@ -224,6 +226,16 @@ def test_retry_policy_delays() -> None:
             defaults.max_interval) == (3, 0.5, 2.0, 30.0)
     with pytest.raises(CantataError):
         Retry(max_attempts=0)
+
+
+def test_retry_intervals_longer_than_100_years_are_refused_naming_the_limit() -> None:
+    for option in ("initial_interval", "max_interval"):
+        for value in (1e16, math.inf):
+            with pytest.raises(cantata.ConfigurationError, match=(
+                rf"Retry {option} must be at most 3155760000 seconds \(100 years\), "
+                rf"got {re.escape(repr(value))}"
+            )):
+                Retry(**{option: value})
 
 
 async def test_step_timeout_counts_as_a_failed_attempt_and_is_retried(store_url: str) -> None:

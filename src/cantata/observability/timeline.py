@@ -9,6 +9,8 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 from rich.tree import Tree
 
+from cantata.model.records import utc_datetime
+
 from .bound import count
 from .node import (
     COMPENSATION,
@@ -116,7 +118,7 @@ def _clock(at: dt.datetime, now: dt.datetime | None = None) -> str:
 class _Renderer:
     def __init__(self, root: TraceNode, now: float) -> None:
         self.root = root
-        self.now = dt.datetime.fromtimestamp(now, dt.UTC)
+        self.now = utc_datetime(now)
         self.origin = root.started_at
         self.parent: dict[int, TraceNode] = {}
         stack = [root]
