@@ -228,6 +228,19 @@ def test_retry_policy_delays() -> None:
         Retry(max_attempts=0)
 
 
+def test_max_interval_caps_the_delay_jitter_included() -> None:
+    """The cap applies after the jitter: no delay is above max_interval (Retry()'s
+    capped delays were up to 33 s), and a long run of attempts cannot overflow."""
+    capped = Retry()
+    delays = [capped.delay(10) for _ in range(500)]
+    assert max(delays) <= 30.0
+    assert min(delays) >= 27.0  # the jitter still spreads them below the cap
+    assert len(set(delays)) > 1
+    assert Retry(max_attempts=5000, jitter=0.0).delay(4000) == 30.0
+    small = Retry(initial_interval=1.0, max_interval=10.0, jitter=0.5)
+    assert all(0.5 <= small.delay(1) <= 1.5 for _ in range(200))  # below the cap: +/-
+
+
 def test_retry_intervals_longer_than_100_years_are_refused_naming_the_limit() -> None:
     for option in ("initial_interval", "max_interval"):
         for value in (1e16, math.inf):
