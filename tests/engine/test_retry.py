@@ -442,13 +442,15 @@ def backoff_app(url: str, starts: list[float], interval: float, **kw: Any) -> ca
 
 @pytest.mark.parametrize("park_after", [None, 0.2])
 async def test_a_graceful_restart_keeps_the_rest_of_a_retry_backoff(
-    sqlite_url: str, park_after: float | None
+    store_url: str, park_after: float | None
 ) -> None:
     """The next attempt's due time is stored with the failed attempt: a worker that
     stops (a deploy) and the one resuming the run wait for it, not start at once.
     With ``park_after`` the run waits parked in the store, as a sleep does."""
+    if store_url.startswith("memory://"):
+        pytest.skip("a memory:// store ends with its app: there is nothing to resume")
     starts: list[float] = []
-    first = backoff_app(sqlite_url, starts, 2.0, park_after=park_after)
+    first = backoff_app(store_url, starts, 2.0, park_after=park_after)
     async with first:
         h = await first.start("job")
 
@@ -468,7 +470,7 @@ async def test_a_graceful_restart_keeps_the_rest_of_a_retry_backoff(
         assert first.engine.metrics.parked == (0 if park_after is None else 1)
     assert len(starts) == 1  # the worker stopped 0.5 s into the 2 s backoff
 
-    second = backoff_app(sqlite_url, starts, 2.0, park_after=park_after)
+    second = backoff_app(store_url, starts, 2.0, park_after=park_after)
     async with second:
         with pytest.raises(WorkflowFailed, match="ConnectionError"):
             await second.get_handle(h.run_id).result(timeout=10)
