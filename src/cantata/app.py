@@ -99,10 +99,11 @@ class App(RouterFacade):
             hash of its workflows' and steps' code); its workers take runs of this
             version and runs of others whose history this code replays.
         any_version: its workers take runs of every version, unchecked.
-        park_after: seconds a run may wait in ``ctx.sleep``, ``ctx.wait_for_event`` or
-            ``ctx.call`` in memory before it is evicted (released in the store with what
-            wakes it, resumed from its history by any worker when it wakes); ``None``
-            keeps every waiting run in memory. Only with the system clock.
+        park_after: seconds a run may wait in ``ctx.sleep``, ``ctx.wait_for_event``,
+            ``ctx.call`` or a step's retry backoff in memory before it is evicted
+            (released in the store with what wakes it, resumed from its history by any
+            worker when it wakes); ``None`` keeps every waiting run in memory. Only with
+            the system clock.
         hot_runs: the most waiting runs kept in memory; past it the longest-waiting
             one is evicted at once (with ``park_after`` set).
     """

@@ -125,7 +125,8 @@ class Runtime:
         # App(lease=..., poll_interval=...) governs deliveries as well as runs, and the
         # engine's one heartbeat keeps both this worker's runs and its deliveries.
         self.broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval,
-                                 may_take_over=engine.ownership.may_take_over)
+                                 may_take_over=engine.ownership.may_take_over,
+                                 clock=engine.clock)
         engine.ownership.hold()  # released once the consumer has drained (close)
         self.consumer = Consumer(
             EngineHost(engine), self.broker, on_emitted=self.emitted,

@@ -13,12 +13,14 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import cantata
 from cantata import App, Retry, WorkflowContext, WorkflowError
 
 FAST = Retry(max_attempts=2, initial_interval=0.01)
+BACKOFF = 4.0  # seconds between the attempts of step flaky
 
 
 def build(db_path: str, log_dir: str) -> App:
@@ -29,7 +31,7 @@ def build(db_path: str, log_dir: str) -> App:
     def log(step: str) -> None:
         info = cantata.step_info()
         line = json.dumps({"pid": os.getpid(), "attempt": info.attempt,
-                           "key": info.idempotency_key})
+                           "key": info.idempotency_key, "t": time.time()})
         with (logs / f"{step}.log").open("a") as f:
             f.write(line + "\n")
             f.flush()
@@ -70,6 +72,13 @@ def build(db_path: str, log_dir: str) -> App:
         log("three")
         return n + 3
 
+    @app.step(retry=Retry(max_attempts=2, initial_interval=BACKOFF, jitter=0.0))
+    async def flaky(n: int) -> int:
+        log("flaky")
+        if cantata.step_info().attempt == 1:
+            raise ConnectionError("downstream unavailable")  # the test kills the worker
+        return n + 7  # in the backoff that follows
+
     @app.workflow
     async def self_kill(ctx: WorkflowContext, n: int) -> list[int]:
         a = await ctx.run(one, n, compensate=undo_one)
@@ -88,6 +97,10 @@ def build(db_path: str, log_dir: str) -> App:
     async def kills_every_time(ctx: WorkflowContext, n: int) -> int:
         a = await ctx.run(one, n, compensate=undo_one)
         return int(await ctx.run(doom, a))
+
+    @app.workflow
+    async def killed_in_backoff(ctx: WorkflowContext, n: int) -> int:
+        return int(await ctx.run(flaky, n))
 
     return app
 

@@ -7,8 +7,10 @@ failed business run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ from cantata import App, Retry, RunStatus, StoreUnavailable, WorkflowContext
 from cantata.model.records import Attempt, RunWrite
 from cantata.store.factory import store_from_url
 
-from .crash_app import build
+from .crash_app import BACKOFF, build
 from .helpers import eventually, make_app
 
 CRASH_APP = Path(__file__).with_name("crash_app.py")
@@ -142,6 +144,54 @@ def test_step_that_kills_its_worker_every_time_fails_with_worker_lost(tmp_path: 
     assert run.status == RunStatus.COMPENSATED
     doom = [a for a in attempts if a.key == "doom#1"]
     assert [(a.attempt, a.error_type) for a in doom] == [(1, "WorkerLost"), (2, "WorkerLost")]
+
+
+def test_a_worker_killed_in_a_retry_backoff_leaves_the_rest_of_it_to_wait(
+    tmp_path: Path,
+) -> None:
+    """The next attempt's due time is stored with the failed attempt: the process that
+    resumes the run after a kill -9 waits until then, not from its own start or not
+    at all (the downstream the backoff protects is not called again at once)."""
+    crashy = Crashy(tmp_path)
+    proc = subprocess.Popen(crashy.args("killed_in_backoff", "order-4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not failed_attempt_stored(crashy.db):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the first attempt never failed"
+            time.sleep(0.02)
+        time.sleep(0.5)  # 0.5 s into the backoff
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert killed(proc)
+
+    out = crashy.outcome("killed_in_backoff", "order-4")
+
+    assert out["status"] == "completed" and out["result"] == 8
+    first, second = crashy.executions("flaky")
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+    _, attempts = crashy.inspect(out["run_id"])
+    failed_at = attempts[0].ended_at
+    assert attempts[0].error_type == "ConnectionError" and failed_at is not None
+    assert BACKOFF - 0.05 <= second["t"] - failed_at < BACKOFF + 1.5, second["t"] - failed_at
+
+
+def failed_attempt_stored(db: str) -> bool:
+    """A failed attempt of step ``flaky`` is committed in crash_app's store."""
+    if not Path(db).exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return conn.execute(
+                "SELECT 1 FROM attempts WHERE key='flaky#1' AND error_type IS NOT NULL"
+            ).fetchone() is not None
+    except sqlite3.OperationalError:  # not created yet
+        return False
 
 
 class FlakyStore:

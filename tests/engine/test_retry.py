@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
+import math
+import re
 import threading
 import time
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 import cantata
 from cantata import (
@@ -19,8 +23,9 @@ from cantata import (
     WorkflowContext,
     WorkflowFailed,
 )
+from cantata.observability.trace import render_timeline
 
-from .helpers import make_app
+from .helpers import eventually, make_app
 
 
 async def test_step_is_retried_with_attempts_counted_from_one(store_url: str) -> None:
@@ -223,6 +228,29 @@ def test_retry_policy_delays() -> None:
         Retry(max_attempts=0)
 
 
+def test_max_interval_caps_the_delay_jitter_included() -> None:
+    """The cap applies after the jitter: no delay is above max_interval (Retry()'s
+    capped delays were up to 33 s), and a long run of attempts cannot overflow."""
+    capped = Retry()
+    delays = [capped.delay(10) for _ in range(500)]
+    assert max(delays) <= 30.0
+    assert min(delays) >= 27.0  # the jitter still spreads them below the cap
+    assert len(set(delays)) > 1
+    assert Retry(max_attempts=5000, jitter=0.0).delay(4000) == 30.0
+    small = Retry(initial_interval=1.0, max_interval=10.0, jitter=0.5)
+    assert all(0.5 <= small.delay(1) <= 1.5 for _ in range(200))  # below the cap: +/-
+
+
+def test_retry_intervals_longer_than_100_years_are_refused_naming_the_limit() -> None:
+    for option in ("initial_interval", "max_interval"):
+        for value in (1e16, math.inf):
+            with pytest.raises(cantata.ConfigurationError, match=(
+                rf"Retry {option} must be at most 3155760000 seconds \(100 years\), "
+                rf"got {re.escape(repr(value))}"
+            )):
+                Retry(**{option: value})
+
+
 async def test_step_timeout_counts_as_a_failed_attempt_and_is_retried(store_url: str) -> None:
     app = make_app(store_url)
     attempts_seen: list[int] = []
@@ -394,3 +422,60 @@ def test_seconds_options_of_the_wrong_type_are_refused_naming_the_option() -> No
     )):
         make_app("memory://", lease="1")
     assert app.steps == {} and app.workflows == {}
+
+
+def backoff_app(url: str, starts: list[float], interval: float, **kw: Any) -> cantata.App:
+    """One step that fails on every attempt, with a backoff of ``interval`` seconds."""
+    app = make_app(url, name="backoff", **kw)
+
+    @app.step(retry=Retry(max_attempts=2, initial_interval=interval, jitter=0.0))
+    async def call_api() -> None:
+        starts.append(time.time())
+        raise ConnectionError("downstream unavailable")
+
+    @app.workflow
+    async def job(ctx: WorkflowContext) -> None:
+        await ctx.run(call_api)
+
+    return app
+
+
+@pytest.mark.parametrize("park_after", [None, 0.2])
+async def test_a_graceful_restart_keeps_the_rest_of_a_retry_backoff(
+    store_url: str, park_after: float | None
+) -> None:
+    """The next attempt's due time is stored with the failed attempt: a worker that
+    stops (a deploy) and the one resuming the run wait for it, not start at once.
+    With ``park_after`` the run waits parked in the store, as a sleep does."""
+    if store_url.startswith("memory://"):
+        pytest.skip("a memory:// store ends with its app: there is nothing to resume")
+    starts: list[float] = []
+    first = backoff_app(store_url, starts, 2.0, park_after=park_after)
+    async with first:
+        h = await first.start("job")
+
+        async def failed_once() -> bool:
+            attempts = await first.store.load_attempts(first.name, h.run_id)
+            return any(a.error_type == "ConnectionError" for a in attempts)
+
+        await eventually(failed_once)
+        ended = (await first.store.load_attempts(first.name, h.run_id))[0].ended_at
+        assert ended is not None
+        out = io.StringIO()  # the trace shows when the next attempt is due
+        Console(file=out, width=200, color_system=None).print(
+            render_timeline(await first.trace(h.run_id)))
+        assert "step call_api  running" in out.getvalue()
+        assert "next attempt" in out.getvalue(), out.getvalue()
+        await asyncio.sleep(0.5)
+        assert first.engine.metrics.parked == (0 if park_after is None else 1)
+    assert len(starts) == 1  # the worker stopped 0.5 s into the 2 s backoff
+
+    second = backoff_app(store_url, starts, 2.0, park_after=park_after)
+    async with second:
+        with pytest.raises(WorkflowFailed, match="ConnectionError"):
+            await second.get_handle(h.run_id).result(timeout=10)
+        attempts = await second.store.load_attempts(second.name, h.run_id)
+    assert len(starts) == 2, starts
+    assert starts[1] - ended >= 2.0 - 0.05, starts[1] - ended
+    assert starts[1] - ended < 3.5
+    assert [a.error_type for a in attempts] == ["ConnectionError", "ConnectionError"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -48,6 +49,33 @@ async def test_an_hour_of_sleep_passes_at_once() -> None:
         handle = await app.start("place", {"fail": False})
         assert await handle.result(timeout=10) == {"ok": True}
     assert time.monotonic() - started < 5
+
+
+async def test_a_handlers_hours_of_retry_backoff_pass_at_once() -> None:
+    """Handler retries read the app's clock as step retries do: a failing handler
+    reaches the dead-letter queue after hours of backoff, in well under a second."""
+    app = App("t")
+    seen: list[float] = []
+
+    @app.on("thing.happened", group="g",
+            retry=Retry(max_attempts=4, initial_interval=3600, max_interval=86400, jitter=0.0))
+    async def flaky(event: cantata.Event) -> None:
+        seen.append(app.clock.now())
+        raise RuntimeError("downstream unavailable")
+
+    started = time.monotonic()
+    async with testing.environment(app):
+        await app.publish("thing.happened", {})
+
+        async def dead() -> bool:
+            return len(await app.dead_letters()) == 1
+
+        await testing.eventually(dead, timeout=10)
+    assert time.monotonic() - started < 5
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert len(seen) == 4
+    for gap, nominal in zip(gaps, (3600, 7200, 14400), strict=True):  # virtual hours
+        assert nominal <= gap < nominal + 5, gaps
 
 
 @pytest.mark.parametrize("fail", [False, True])

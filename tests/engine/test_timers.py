@@ -157,3 +157,45 @@ async def test_a_sleep_or_wait_timeout_that_is_no_number_fails_the_run_naming_it
         )):
             await (await app.start(wait, "soon")).result(timeout=5)
         assert "ctx.sleep(seconds)" in await (await app.start(caught)).result(timeout=5)
+
+
+async def test_a_sleep_or_wait_longer_than_100_years_fails_the_run_naming_the_limit(
+    store_url: str,
+) -> None:
+    """A wake time past year 9999 has no date: refused in the workflow's code, as a
+    ConfigurationError naming the call and the limit (inf too, not a SerializationError)."""
+    app = make_app(store_url)
+
+    @app.workflow
+    async def nap(ctx: WorkflowContext, seconds: float) -> None:
+        await ctx.sleep(seconds)
+
+    @app.workflow
+    async def forever(ctx: WorkflowContext) -> None:
+        await ctx.sleep(float("inf"))
+
+    @app.workflow
+    async def wait(ctx: WorkflowContext, timeout: float) -> None:
+        await ctx.wait_for_event("order.paid", timeout=timeout)
+
+    async with app:
+        with pytest.raises(WorkflowFailed, match=(
+            r"ConfigurationError: ctx.sleep\(seconds\) must be at most 3155760000 seconds "
+            r"\(100 years\), got 1e\+16"
+        )):
+            await (await app.start(nap, 1e16)).result(timeout=5)
+        with pytest.raises(WorkflowFailed, match=(
+            r"ConfigurationError: ctx.sleep\(seconds\) must be at most 3155760000 seconds "
+            r"\(100 years\), got inf"
+        )):
+            await (await app.start(forever)).result(timeout=5)
+        with pytest.raises(WorkflowFailed, match=(
+            r"ConfigurationError: ctx.wait_for_event\('order.paid'\) timeout must be at most "
+            r"3155760000 seconds \(100 years\), got 1e\+19"
+        )):
+            await (await app.start(wait, 1e19)).result(timeout=5)
+        with pytest.raises(ConfigurationError, match=(
+            r"deadline must be at most 3155760000 seconds \(100 years\), got 1e\+16"
+        )):
+            await app.start(nap, 1, deadline=1e16)
+        assert await app.list_runs(status="running") == []

@@ -198,6 +198,10 @@ def test_bad_schedules_name_the_value() -> None:
         app.schedule(every=5, catch_up_limit=0)
     with pytest.raises(ConfigurationError, match="every=-1"):
         app.schedule(every=-1)
+    with pytest.raises(ConfigurationError, match=(
+        r"every=1e\+16 must be seconds > 0, at most 3155760000 seconds \(100 years\)"
+    )):
+        app.schedule(every=1e16)
     with pytest.raises(ConfigurationError, match="one of them"):
         app.schedule("* * * * *", every=5)
 

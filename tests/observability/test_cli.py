@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+import cantata
 from cantata import Event, Retry
 from cantata.cli import common
 from cantata.cli.main import main
@@ -218,3 +221,66 @@ def test_user_data_is_not_read_as_markup(
     code, out, err = cli(capsys, "trace", cid, "--app", "shop", "--store", url)
     assert code == 0, err
     assert "[bold]grp[/]" in out and "[red]not markup[/red]" in out
+
+
+def test_a_stored_time_past_year_9999_breaks_no_trace_or_listing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Such a time cannot be made any more (durations are at most 100 years), but one
+    stored before (or by hand) must not break the trace, ``cantata run``, nor the
+    stalled listing of the whole app: it shows as the latest date there is."""
+    import sqlite3
+
+    import httpx
+
+    from cantata.model.access import Role
+    from cantata.observability.trace import render_timeline
+    from cantata.server.auth import create_token
+
+    url = f"sqlite:///{tmp_path}/far.db"
+    app = make_app(url, "far")
+
+    @app.workflow
+    async def nap(ctx: cantata.WorkflowContext) -> None:
+        await ctx.sleep(1000)
+
+    async def start() -> list[str]:
+        async with app:
+            ids = [(await app.start(nap)).run_id, (await app.start(nap, deadline=1000)).run_id]
+
+            async def sleeping() -> bool:
+                return all([any(e.kind == "sleep" for e in await app.store.load_history(
+                    app.name, i)) for i in ids])
+
+            await eventually(sleeping)
+            return ids
+
+    far, farther = asyncio.run(start())
+    with sqlite3.connect(tmp_path / "far.db") as db:  # year 33715, and past any time_t
+        db.execute("UPDATE history SET wake_at=1e12 WHERE run_id=?", (far,))
+        db.execute("UPDATE history SET wake_at=1e19 WHERE run_id=?", (farther,))
+        db.execute("UPDATE runs SET deadline_at=1e19 WHERE run_id=?", (farther,))
+
+    async def read() -> tuple[str, int, list[int]]:
+        async with app.client():
+            root = await app.trace(far)
+            await app.trace(farther)
+            stalls = await app.stalled(older_than=0)
+            token = await create_token(app.store, "viewer-far", Role.VIEWER)
+            auth = {"Authorization": f"Bearer {token}"}
+            transport = httpx.ASGITransport(app=app.asgi())
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                codes = [(await http.get(path, headers=auth)).status_code for path in (
+                    f"/api/trace/{far}", f"/api/trace/{farther}", f"/api/runs/{farther}",
+                    "/api/runs", "/api/stalled?older_than=0")]
+        out = io.StringIO()
+        Console(file=out, width=200, color_system=None).print(render_timeline(root))
+        return out.getvalue(), len(stalls), codes
+
+    text, _, codes = asyncio.run(read())
+    assert "wakes 9999-12-31 23:59:59 UTC" in text, text
+    assert codes == [200] * 5
+    for args in (("trace", far), ("trace", farther), ("run", farther), ("stalled",),
+                 ("runs",)):
+        code, _, err = cli(capsys, *args, "--app", "far", "--store", url)
+        assert code == 0, (args, err)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 import cantata
@@ -117,6 +120,82 @@ async def test_cleanup_past_its_timeout_is_stopped(store_url: str) -> None:
         with pytest.raises(WorkflowCancelled, match="cleanup_timeout"):
             await handle.result(timeout=20)
         assert done == ["tidy"]
+
+
+async def test_a_cleanup_sleep_is_cut_at_cleanup_timeout_with_park_after_zero(
+    store_url: str,
+) -> None:
+    """``park_after=0`` evicts a run as soon as it waits; a run cleaning up after a
+    cancel stays in memory instead (the store would hand it back at once, cancel
+    requested), so its cleanup window closes on time, with no replay loop."""
+    app = make_app(store_url, park_after=0)
+
+    @app.workflow(cleanup_timeout=1.0)
+    async def wf(ctx: WorkflowContext) -> str:
+        try:
+            await ctx.wait_for_event("never")
+        except cantata.Cancelled:
+            await ctx.sleep(20)  # stopped when the cleanup window closes, 1 s in
+            raise
+        return "unreachable"
+
+    async with app:
+        handle = await app.start(wf)
+        await eventually(lambda: app.engine.metrics.parked == 1)  # in its wait, parked
+        await handle.cancel()
+        started = time.monotonic()
+        with pytest.raises(WorkflowCancelled) as ended:
+            await handle.result(timeout=30)
+        took = time.monotonic() - started
+        parked = app.engine.metrics.parked
+    assert 1.0 <= took < 4.0, (took, parked)
+    assert "cleanup took longer than its cleanup_timeout of 1.0 s" in str(ended.value)
+    assert parked == 1
+
+
+def _slow_cleanup(store_url: str, log: list[str]) -> App:
+    app = make_app(store_url, shutdown_grace=0.1)
+
+    @app.step
+    async def tidy() -> None:
+        log.append("tidy")
+        if len(log) == 1:
+            await asyncio.sleep(30)  # the worker stops in the middle of it
+
+    @app.workflow(cleanup_timeout=1.0)
+    async def wf(ctx: WorkflowContext) -> str:
+        try:
+            await ctx.wait_for_event("never")
+        except cantata.Cancelled:
+            await ctx.run(tidy)
+            raise
+        return "unreachable"
+
+    return app
+
+
+async def test_a_run_resumed_past_its_cleanup_window_starts_no_cleanup_step(
+    sqlite_url: str,
+) -> None:
+    """The window is counted from its recorded start: a worker resuming the run after
+    it closed raises ``Cancelled`` at the first durable point, before any attempt."""
+    log: list[str] = []
+    first = _slow_cleanup(sqlite_url, log)
+    async with first:
+        handle = await first.start("wf")
+        await eventually(lambda: _waiting(first, handle.run_id))
+        await handle.cancel()
+        await eventually(lambda: log == ["tidy"])
+    await asyncio.sleep(1.2)  # the window closes while no worker runs the run
+    second = _slow_cleanup(sqlite_url, log)
+    async with second:
+        with pytest.raises(WorkflowCancelled, match="cleanup_timeout"):
+            await second.get_handle(handle.run_id).result(timeout=20)
+    assert log == ["tidy"]
+
+
+async def _waiting(app: App, run_id: str) -> bool:
+    return any(e.kind == "wait" for e in await app.store.load_history(app.name, run_id))
 
 
 def _resumable(store_url: str, log: list[str]) -> App:

@@ -25,6 +25,17 @@ from cantata.model.event import Event
 from cantata.store.roles import EventStore, OutboxStore, StoreLifecycle, WorkerStore
 
 
+class Clock(Protocol):
+    """Where due times are read and waited for: the app's clock (``App(clock=)``, see
+    ``engine/clock.py``; ``cantata.testing`` passes one that skips)."""
+
+    def now(self) -> float:
+        """POSIX seconds."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``."""
+
+
 class BrokerStore(StoreLifecycle, WorkerStore, EventStore, OutboxStore, Protocol):
     """The roles of the store a broker uses: listeners and identity, declarations
     and heartbeats, the event log with its deliveries, and the outbox (relayed
@@ -93,12 +104,14 @@ class Broker(Protocol):
 
     def adopt_timing(
         self, *, lease: float, poll_interval: float,
-        may_take_over: Callable[[], bool] | None = None,
+        may_take_over: Callable[[], bool] | None = None, clock: Clock | None = None,
     ) -> None:
         """Take the app's lease (and poll interval) for deliveries, unless the broker
         was given its own: a dead worker's deliveries are taken over after the same
         time as its runs, and only when ``may_take_over()`` says this worker's own
-        hold is sound (see docs/leases.md)."""
+        hold is sound (see docs/leases.md). ``clock``: the app's, for the due times of
+        handler retries the broker keeps itself (a broker whose server keeps them
+        ignores it)."""
 
     async def attach(self, app: str, *, offload_above: int | None = None) -> None:
         """Prepare what ``app`` needs on the broker (a stream), once opened.

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cantata.broker.base import BrokerStore, Handler
+from cantata.broker.base import BrokerStore, Clock, Handler
 from cantata.errors import BrokerError, LeaseLost, StoreError, error_text
 from cantata.model.codec import new_id
 from cantata.model.event import Event, check_pattern, matches
@@ -76,12 +76,14 @@ class EmbeddedMessage:
 
     async def retry(self, error: str, delay: float) -> None:
         self.settled = True
+        sub = self.sub
+        due = (time.time() if sub is None else sub.broker.now()) + delay
         await self.store.settle_delivery(
             self.app, self.group, self.delivery.event.id,
-            Settlement(
-                DeliveryOutcome.RETRY, self.attempt, error=error, retry_at=time.time() + delay
-            ),
+            Settlement(DeliveryOutcome.RETRY, self.attempt, error=error, retry_at=due),
         )
+        if sub is not None:
+            sub.due(due)
 
     async def dead(self, error: str) -> None:
         self.settled = True
@@ -118,6 +120,7 @@ class _EmbeddedSubscription:
         self.behind = False
         self.stopping = False
         self.inflight: set[asyncio.Task[None]] = set()
+        self.dues: list[float] = []  # heap: when the retries this worker settled are due
         self.task = asyncio.create_task(self._loop(), name=f"cantata-consume:{group}")
 
     async def _loop(self) -> None:
@@ -129,7 +132,7 @@ class _EmbeddedSubscription:
             claimed: list[Delivery] = []
             self.behind = free <= 0
             if free > 0:
-                now = time.time()
+                now = self.broker.now()
                 careful = self.broker.may_take_over
                 stale_before = (
                     now - self.broker.lease if careful is None or careful() else float("-inf")
@@ -150,8 +153,28 @@ class _EmbeddedSubscription:
                 self.behind = True
                 await asyncio.sleep(0)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.broker.poll_interval)
+            await self._idle()
+
+    def due(self, at: float) -> None:
+        """A retry of this group is due ``at`` (the broker's clock): look then."""
+        heapq.heappush(self.dues, at)
+        self.wakeup.set()
+
+    async def _idle(self) -> None:
+        """Until woken, the poll interval passes, or the next retry this worker settled
+        is due on the app's clock (which a skipping test clock moves to at once)."""
+        clock, now = self.broker.clock, self.broker.now()
+        while self.dues and self.dues[0] <= now:
+            heapq.heappop(self.dues)
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.wakeup.wait())]
+        if self.dues:
+            waits.append(asyncio.ensure_future(clock.sleep(self.dues[0] - now)))
+        try:
+            await asyncio.wait(waits, timeout=self.broker.poll_interval,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def holds(self, emitted: Sequence[Event[Any]]) -> list[tuple[str, str]]:
         """(group, event id) of ``emitted`` that this worker's subscribers take at once."""
@@ -219,6 +242,16 @@ class _EmbeddedSubscription:
             await asyncio.gather(*self.inflight, return_exceptions=True)
 
 
+class _WallClock:
+    """The clock of a broker no app has adopted."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(seconds, 0.0))
+
+
 class EmbeddedBroker:
     """Delivers events from the store itself: no server needed.
 
@@ -228,7 +261,7 @@ class EmbeddedBroker:
         lease: seconds after which a delivery owned by a silent worker is taken over.
 
     Either left out takes the app's value (see :meth:`adopt_timing`), or else 0.2 s
-    and 10 s.
+    and 10 s. Handler retries are due on the app's clock too.
     """
 
     relays_outbox = False
@@ -240,6 +273,7 @@ class EmbeddedBroker:
         self.poll_interval = 0.2 if poll_interval is None else poll_interval
         self.lease = 10.0 if lease is None else lease
         self.may_take_over: Callable[[], bool] | None = None
+        self.clock: Clock = _WallClock()
         self._store: BrokerStore | None = None
         self._subs: list[_EmbeddedSubscription] = []
         # (app, worker id, event type) -> the subscriptions it goes to (see routes)
@@ -249,7 +283,7 @@ class EmbeddedBroker:
 
     def adopt_timing(
         self, *, lease: float, poll_interval: float,
-        may_take_over: Callable[[], bool] | None = None,
+        may_take_over: Callable[[], bool] | None = None, clock: Clock | None = None,
     ) -> None:
         """Use the app's lease and poll interval, unless this broker was given its own.
 
@@ -260,11 +294,19 @@ class EmbeddedBroker:
         nobody holds.
         """
         self.may_take_over = may_take_over
+        if clock is not None:
+            self.clock = clock
         given_poll, given_lease = self._given
         if not given_lease:
             self.lease = lease
         if not given_poll:
             self.poll_interval = poll_interval
+
+    def now(self) -> float:
+        """The time deliveries are due against: the app's clock, but never behind the
+        wall clock, in which the store stamps new events (a skipping test clock that
+        has not moved yet must not hold them back)."""
+        return max(time.time(), self.clock.now())
 
     @property
     def store(self) -> BrokerStore:
@@ -343,7 +385,7 @@ class EmbeddedBroker:
     def handed(self, by: _EmbeddedSubscription, events: Sequence[Event[Any]],
                held: Sequence[tuple[str, str]], *, recovered: bool = False) -> None:
         """Start the deliveries ``by``'s settlement claimed for its worker."""
-        now = time.time()
+        now = self.now()
         by_id = {e.id: e for e in events}
         for group, event_id in held:
             sub = next((s for s in self._subs if s.app == by.app and s.group == group

@@ -39,7 +39,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from cantata.broker.base import BrokerStore, Handler
+from cantata.broker.base import BrokerStore, Clock, Handler
 from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscription
 from cantata.broker.nats_limits import DEFAULT_MAX_CONTROL_LINE, Limits, refusal
 from cantata.broker.nats_local import Handing, held_by
@@ -614,7 +614,7 @@ class NatsBroker:
 
     def adopt_timing(
         self, *, lease: float, poll_interval: float,
-        may_take_over: Callable[[], bool] | None = None,
+        may_take_over: Callable[[], bool] | None = None, clock: Clock | None = None,
     ) -> None:
         """Take the app's lease as ``ack_wait`` unless this broker was given one, so a
         dead worker's messages are handled elsewhere after the same time as its runs

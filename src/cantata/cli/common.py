@@ -17,7 +17,7 @@ from rich.text import Text
 
 from cantata.app import DEFAULT_STORE, App
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
-from cantata.model.records import RunRecord
+from cantata.model.records import RunRecord, local_datetime, utc_datetime
 from cantata.store.base import Store
 from cantata.store.factory import mask_url, store_from_url
 
@@ -161,11 +161,9 @@ def parse_duration(text: str) -> float:
 
 
 def fmt_time(ts: float | None) -> str:
-    import datetime as dt
-
     if ts is None:
         return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
+    return local_datetime(ts).strftime("%H:%M:%S.%f")[:-3]
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -282,11 +280,9 @@ MAX_CANDIDATES = 10
 
 def iso(ts: float | None) -> str | None:
     """POSIX seconds as RFC 3339 UTC (``None`` stays ``None``)."""
-    import datetime as dt
-
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    return utc_datetime(ts).isoformat().replace("+00:00", "Z")
 
 
 def run_dict(rec: RunRecord, attributes: dict[str, str] | None = None) -> dict[str, Any]:

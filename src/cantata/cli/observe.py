@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shlex
 import sys
@@ -16,6 +15,7 @@ from rich.text import Text
 
 from cantata.app import App
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound, StoreUnavailable
+from cantata.model.records import utc_datetime
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
 from cantata.observability.graph import code_mermaid, workflow_mermaid
@@ -175,7 +175,7 @@ def stalled(
         for col in ("reason", "where", "stuck for"):
             table.add_column(col)
         table.add_column("detail", overflow="fold")
-        at = dt.datetime.fromtimestamp(now, dt.UTC)
+        at = utc_datetime(now)
         for s in stalls:
             # Text cells: user data (ids, error messages) is never read as markup.
             table.add_row(Text(s.correlation_id), s.reason, Text(_where(s)),

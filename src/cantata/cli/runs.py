@@ -14,7 +14,7 @@ from cantata.engine.values import SET_VALUE, values_of
 from cantata.errors import CantataError, ConfigurationError, RunNotFound
 from cantata.model import codec
 from cantata.model.attributes import parse_attr
-from cantata.model.records import ENTRY_FAILED, HistoryEntry, RunRecord
+from cantata.model.records import ENTRY_FAILED, HistoryEntry, RunRecord, local_datetime
 
 from .common import (
     client_app,
@@ -120,9 +120,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def fmt_date(ts: float) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return local_datetime(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def list_runs(

@@ -62,12 +62,19 @@ def deliver(x: RunExecution, exc: BaseException) -> None:
     x.api.cleanup_timeout = timeout
     # A fresh interrupt: cleanup steps run until the window closes.
     x.interrupt = asyncio.get_running_loop().create_future()
-    x.engine.track(asyncio.create_task(_close_after(x, started + timeout - clock.now())))
+    delay = started + timeout - clock.now()
+    if delay <= 0:  # a replay after the window closed: closed before any durable call
+        _close(x)
+    else:
+        x.engine.track(asyncio.create_task(_close_after(x, delay)))
 
 
 async def _close_after(x: RunExecution, delay: float) -> None:
-    if delay > 0:
-        await x.engine.clock.sleep(delay)
+    await x.engine.clock.sleep(delay)
+    _close(x)
+
+
+def _close(x: RunExecution) -> None:
     x.request_interrupt(CleanupExpired(
         f"run {x.run.run_id} was cancelled and its cleanup took longer than its "
         f"cleanup_timeout of {x.wdef.cleanup_timeout} s"

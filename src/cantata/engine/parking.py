@@ -1,10 +1,10 @@
 """Parked runs cost no memory (docs/architecture.md, parking).
 
-A run that waits in ``ctx.sleep``, ``ctx.wait_for_event`` or ``ctx.call`` longer than
-``App(park_after=...)`` seconds, or that falls out of the hot cache of
-``App(hot_runs=...)`` waiting runs, is evicted: its pending checkpoint is committed,
-the run is released in the store with what wakes it (:class:`Parking`), and its
-execution ends. It is then an unowned run that no claim takes until it is due
+A run that waits in ``ctx.sleep``, ``ctx.wait_for_event``, ``ctx.call`` or a step's
+retry backoff longer than ``App(park_after=...)`` seconds, or that falls out of the
+hot cache of ``App(hot_runs=...)`` waiting runs, is evicted: its pending checkpoint
+is committed, the run is released in the store with what wakes it (:class:`Parking`),
+and its execution ends. It is then an unowned run that no claim takes until it is due
 (its timer, the wait's timeout or the run's deadline), woken (a matching event, the
 end of the child it waits for) or cancelled; then any worker serving its workflow
 claims it and replays its history, the path crash recovery takes (docs/leases.md).
@@ -105,11 +105,17 @@ class HotRuns:
 
 
 def can_evict(x: RunExecution) -> bool:
-    """Only a run whose one activity is this wait: no step running, nothing held."""
+    """Only a run whose one activity is this wait: no step running, nothing held.
+
+    Not a run cleaning up after a cancel (engine/cleanup.py): the store hands a parked
+    run whose cancel is requested back at once, so it would be replayed again and
+    again, and the end of its cleanup window, kept by a timer in memory, never come.
+    The window bounds how long it stays in memory.
+    """
     return (
         x.waiting == 1 and not x.bodies and not x.inflight and not x.compensating
         and x.stored and not x.engine.draining and not x.interrupt.done()
-        and x.engine.serving and not x.run.status.is_final
+        and x.engine.serving and not x.run.status.is_final and not x.api.cancel_delivered
     )
 
 

@@ -27,6 +27,7 @@ from cantata.model.records import (
 from .heartbeat import beat_for, first_beat
 from .invoke import invoke_step
 from .ownership import FENCE_AT
+from .parking import parking_for
 from .pauses import PAUSED, StepStalled, await_excuses
 from .runtime import Watch
 from .signals import _BranchStopped, _DeadlinePassed, _Fenced
@@ -101,6 +102,8 @@ async def call_step(
             await x.park_if_stopping()
         if path:
             x.check_interrupt()
+        if entry.wake_at is not None:  # the backoff after a failed attempt
+            await backoff(x, entry.wake_at, path)
         # A limited step waits for its slot here, before the attempt is recorded
         # (released when execute_body ends; a slot left by a lost commit is this
         # holder's again when the run goes on, or lapses with this worker).
@@ -113,6 +116,7 @@ async def call_step(
         attempt = Attempt(key, number, now)
         entry.attempts, entry.status = n, EntryStatus.RUNNING
         entry.started_at = entry.started_at or now
+        entry.wake_at = None  # its backoff is over
         write.attempts.append(attempt)
         write.entries.append(entry)
         await x.commit(write)
@@ -151,16 +155,14 @@ async def call_step(
             if not retryable or n >= retry.max_attempts:
                 return await step_failed(x, entry, write, last, n)
             entry.error, entry.error_type = f"{last[0]}: {last[1]}", last[0]
+            # The next attempt's due time, stored with this failed attempt: a worker
+            # resuming the run (after a restart or a crash) waits for it too.
+            entry.wake_at = clock.now() + retry.delay(n)
             write.entries.append(entry)
             await x.commit(write)
             write = RunWrite()
-            delay = retry.delay(n)
             x.engine.metrics.retries += 1
-            if not path:
-                await clock.sleep(delay)
-            else:
-                await x.wait_until(clock.now() + delay)
-            continue
+            continue  # (the backoff is waited at the top of the loop)
         del x.inflight[key]
         attempt.ended_at = clock.now()
         entry.status, entry.result, entry.ended_at = EntryStatus.COMPLETED, result, attempt.ended_at
@@ -169,6 +171,18 @@ async def call_step(
         write.entries.append(entry)
         x.defer(write)
         return codec.loads(result)
+
+
+async def backoff(x: RunExecution, due: float, path: bool) -> None:
+    """Wait until ``due``, when a step's next attempt may start (its entry's stored
+    ``wake_at``). A step of the workflow's code path waits as a sleep does: a cancel
+    or the deadline ends the wait, and a long one parks the run in the store until it
+    is due (engine/parking.py). A compensation's next attempt always comes."""
+    clock = x.engine.clock
+    if not path:
+        await clock.sleep(due - clock.now())
+    else:
+        await x.wait_until(due, park=parking_for(due))
 
 
 def prior_attempts(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import ConfigurationError, IdempotencyConflict, UnknownSchedule
 from cantata.model.checks import actor_or, check_text
 from cantata.model.flow import ScheduleRow
+from cantata.model.records import to_datetime
 from cantata.model.schedule import (  # noqa: F401 (re-exported: the spec lives in the model)
     CATCH_UP,
     MAX_TICKS,
@@ -308,7 +309,7 @@ class Schedules:
             out.append(ScheduleInfo(
                 row.name, spec.workflow, spec.cron or f"every {spec.every:g}s", spec.timezone,
                 spec.overlap, spec.catch_up, row.paused, row.source,
-                None if nxt is None else dt.datetime.fromtimestamp(nxt, dt.UTC),
+                to_datetime(nxt),
                 state.last_run_id, in_code,
             ))
         return out

@@ -24,6 +24,12 @@ def check_number(
     return float(value)
 
 
+#: The longest duration taken, in seconds: 100 years (of 365.25 days). A wake time,
+#: timeout or deadline further away has no date (past year 9999) to show or store.
+MAX_SECONDS = 3_155_760_000
+LONGEST = f"{MAX_SECONDS} seconds (100 years)"
+
+
 def check_seconds(
     what: str,
     value: object,
@@ -32,8 +38,9 @@ def check_seconds(
     none: bool = True,
     error: type[ConfigurationError] = ConfigurationError,
 ) -> float | None:
-    """``value`` as a duration in seconds, > 0 (>= 0 with ``zero``); ``None`` stays
-    ``None`` (no limit) unless ``none`` is false.
+    """``value`` as a duration in seconds, > 0 (>= 0 with ``zero``) and at most
+    :data:`MAX_SECONDS` (so not infinite); ``None`` stays ``None`` (no limit) unless
+    ``none`` is false.
 
     Raises:
         ConfigurationError (or ``error``, e.g. ``RegistrationError`` for a decorator's
@@ -47,12 +54,25 @@ def check_seconds(
         raise error(f"{what} must be a number of seconds {bound}, got {value!r}")
     if value < 0 or (value == 0 and not zero):
         raise error(f"{what} must be {bound} seconds, got {value!r}")
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if seconds > MAX_SECONDS:
+        raise error(
+            f"{what} must be at most {LONGEST}, got {value!r}: pass a shorter duration"
+            + (" (or None for no limit)" if none else "")
+        )
+    return seconds
 
 
 def _is_number(value: object) -> TypeGuard[Real]:
-    return (not isinstance(value, bool) and isinstance(value, Real)
-            and not math.isnan(value))
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    try:
+        return not math.isnan(value)
+    except OverflowError:  # an int too large for a float: a number, not NaN
+        return True
 
 
 def check_text(

@@ -11,10 +11,38 @@ from typing import Any
 from cantata.model.event import Event
 from cantata.model.status import RunStatus
 
+LATEST = dt.datetime.max.replace(tzinfo=dt.UTC)
+EARLIEST = dt.datetime.min.replace(tzinfo=dt.UTC)
+
 
 def to_datetime(ts: float | None) -> dt.datetime | None:
-    """POSIX time to an aware UTC datetime (``None`` stays ``None``)."""
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
+    """POSIX time to an aware UTC datetime (``None`` stays ``None``).
+
+    A time no date can hold (past year 9999, infinite, NaN) is the latest (or, below
+    year 1, the earliest) datetime there is: durations are bounded where they are
+    given (``model.checks.MAX_SECONDS``), but one stored value out of range must not
+    break a trace, or a listing of the whole app.
+    """
+    if ts is None:
+        return None
+    return utc_datetime(ts)
+
+
+def utc_datetime(ts: float) -> dt.datetime:
+    """:func:`to_datetime` of a time that is never ``None``."""
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC)
+    except (OverflowError, ValueError, OSError):
+        return EARLIEST if ts < 0 else LATEST
+
+
+def local_datetime(ts: float) -> dt.datetime:
+    """POSIX time as a naive local datetime, for a person to read; out of range as
+    in :func:`to_datetime` (in UTC then)."""
+    try:
+        return dt.datetime.fromtimestamp(ts)
+    except (OverflowError, ValueError, OSError):
+        return (EARLIEST if ts < 0 else LATEST).replace(tzinfo=None)
 
 
 @dataclass(slots=True)

@@ -17,12 +17,13 @@ class Retry:
         max_attempts: total attempts, counting the first (>= 1).
         initial_interval: seconds before the second attempt.
         backoff: multiplier applied after each failed attempt.
-        max_interval: cap on the interval, in seconds.
+        max_interval: cap on the interval, in seconds, jitter included.
         non_retryable: exception types that fail at once, without another attempt:
             classes, or their names as strings (``"ValueError"``, or module-qualified,
             ``"payments.errors.Declined"``), which match the exception's class or
             any class it derives from. One class or name alone is taken as a tuple.
-        jitter: fraction of the interval randomised (0.1 = +/-10 %).
+        jitter: fraction of the interval randomised (0.1 = +/-10 %; an interval at
+            the cap only goes down). See :meth:`delay`.
     """
 
     max_attempts: int = 3
@@ -78,12 +79,21 @@ class Retry:
         object.__setattr__(self, "_names", frozenset(names))
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (counted from 1)."""
-        base = min(self.initial_interval * self.backoff ** (attempt - 1), self.max_interval)
+        """Seconds to wait after failed attempt number ``attempt`` (counted from 1):
+        ``initial_interval * backoff ** (attempt - 1)``, capped at ``max_interval``,
+        then moved by up to ``jitter`` of itself either way, and capped again: no
+        delay is ever above ``max_interval``."""
+        if not self.initial_interval:
+            return 0.0
+        try:
+            grown = self.initial_interval * self.backoff ** (attempt - 1)
+        except OverflowError:  # thousands of attempts: long past the cap
+            grown = self.max_interval
+        base = min(grown, self.max_interval)
         if self.jitter and base:
             spread = base * self.jitter
             base += (rng or random).uniform(-spread, spread)
-        return max(base, 0.0)
+        return min(max(base, 0.0), self.max_interval)
 
     def is_retryable(self, exc: BaseException) -> bool:
         """False for exceptions listed in ``non_retryable``, for :class:`NonRetryable`

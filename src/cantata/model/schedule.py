@@ -20,7 +20,7 @@ import cronsim
 
 from cantata.errors import ConfigurationError
 from cantata.model import codec
-from cantata.model.checks import check_text
+from cantata.model.checks import LONGEST, MAX_SECONDS, check_text
 from cantata.model.codec import Signature
 
 OVERLAP = ("skip", "buffer_one", "allow")
@@ -70,10 +70,11 @@ class ScheduleSpec:
                 ) from None
         if self.every is not None and (
             isinstance(self.every, bool) or not isinstance(self.every, int | float)
-            or not math.isfinite(self.every) or self.every <= 0
+            or not math.isfinite(self.every) or not 0 < self.every <= MAX_SECONDS
         ):
             raise ConfigurationError(
-                f"schedule {self.name!r}: every={self.every!r} must be seconds > 0"
+                f"schedule {self.name!r}: every={self.every!r} must be seconds > 0, at most "
+                f"{LONGEST}"
             )
         zone(self.timezone, self.name)
         if self.overlap not in OVERLAP:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cantata.errors import CantataError
+from cantata.model.records import to_datetime
 
 # Node kinds.
 RUN = "run"
@@ -114,8 +115,8 @@ class TraceNode:
 
 
 def stamp(ts: float | None) -> dt.datetime | None:
-    """POSIX seconds to an aware UTC datetime."""
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
+    """POSIX seconds to an aware UTC datetime (out of range: see ``to_datetime``)."""
+    return to_datetime(ts)
 
 
 def node_dict(node: TraceNode) -> dict[str, object]:

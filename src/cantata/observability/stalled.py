@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from cantata.engine.versioning import may_take, versions
 from cantata.model import codec
+from cantata.model.records import utc_datetime
 from cantata.store.base import Store
 
 from .assemble import assemble
@@ -151,8 +152,8 @@ def _stalls_with_runs(
 ) -> list[tuple[Stall, str | None]]:
     """:func:`stalls_of`, each with the id of the run that is stuck (if a run is)."""
     cid = correlation_id or root.correlation_id or root.ref or ""
-    at = dt.datetime.fromtimestamp(now, dt.UTC)
-    cutoff = dt.datetime.fromtimestamp(now - older_than, dt.UTC)
+    at = utc_datetime(now)
+    cutoff = utc_datetime(now - older_than)
     out = []
     for node in _nodes(root):
         found = _stall_of(node, at)

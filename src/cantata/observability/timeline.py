@@ -10,6 +10,8 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 from rich.tree import Tree
 
+from cantata.model.records import utc_datetime
+
 from .bound import count
 from .node import (
     COMPENSATION,
@@ -18,6 +20,7 @@ from .node import (
     HANDLER,
     REPLAYED,
     RUN,
+    RUNNING,
     STEP,
     TIMER,
     WAIT,
@@ -116,7 +119,7 @@ def _clock(at: dt.datetime, now: dt.datetime | None = None) -> str:
 class _Renderer:
     def __init__(self, root: TraceNode, now: float) -> None:
         self.root = root
-        self.now = dt.datetime.fromtimestamp(now, dt.UTC)
+        self.now = utc_datetime(now)
         self.origin = root.started_at
         self.parent: dict[int, TraceNode] = {}
         stack = [root]
@@ -185,6 +188,9 @@ class _Renderer:
                 out.append(node.detail)
             if node.status == WAITING and node.due is not None:
                 out.append(f"times out {_clock(node.due, self.now)}")
+        elif node.kind in (STEP, COMPENSATION) and node.status == RUNNING \
+                and node.due is not None and node.due > self.now:
+            out.append(f"next attempt {_clock(node.due, self.now)}")  # in its backoff
         elif node.kind in (HANDLER, COMPENSATION) and node.status == "pending":
             if node.attempts == 0:
                 out.append("not picked up yet")
