@@ -90,10 +90,10 @@ class Runtime:
                 if serve:
                     raise
                 # A client of a read-only store can still read (runs, trace, dlq list).
-        from cantata.flow.service import declare as declare_flow
+        from cantata.flow.service import declare_queues
 
         try:
-            await declare_flow(engine, app.router)  # queues and schedules
+            await declare_queues(engine, app.router)  # schedules: once it serves
         except StoreReadOnly:
             if serve:
                 raise
@@ -109,6 +109,7 @@ class Runtime:
     async def serve(self, app: App) -> None:
         """Run a worker here: claim runs, and consume the handler groups served here."""
         from cantata.engine.versioning import declare_version
+        from cantata.flow.service import declare_schedules
         from cantata.observability.logs import install_record_factory
 
         install_record_factory()  # records logged in steps and handlers carry their ids
@@ -121,6 +122,7 @@ class Runtime:
                 "App(signing_keys={'k1': secret})"
             )
         await declare_version(engine)  # before claiming: its place among deployed versions
+        await declare_schedules(engine, app.router)  # (before the scheduler starts)
         await engine.start_serving()
         # App(lease=..., poll_interval=...) governs deliveries as well as runs, and the
         # engine's one heartbeat keeps both this worker's runs and its deliveries.

@@ -318,9 +318,7 @@ class Schedules:
         for row in await engine.store.schedules(engine.app):
             if row.name == name:
                 return row
-        raise UnknownSchedule(
-            f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
-        )
+        raise _unknown(engine, name)
 
     async def pause(self, name: str, *, actor: str | None = None) -> None:
         """Stop starting runs of ``name`` until :meth:`resume` (audited with ``actor``)."""
@@ -363,8 +361,8 @@ class Schedules:
         return handle
 
     async def delete(self, name: str, *, actor: str | None = None) -> None:
-        """Remove a schedule (one declared in code comes back when its app opens again);
-        audited with ``actor``.
+        """Remove a schedule; audited with ``actor``. One declared in code comes back
+        when a worker whose code declares it opens the app (not when a client does).
 
         Raises:
             UnknownSchedule: no schedule of that name.
@@ -374,6 +372,16 @@ class Schedules:
                    hint="no schedule has such a name; see `cantata schedules list`")
         if not await engine.store.delete_schedule(engine.app, name,
                                                   actor=_who(engine, actor)):
-            raise UnknownSchedule(
-                f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
-            )
+            raise _unknown(engine, name)
+
+
+def _unknown(engine: Engine, name: str) -> UnknownSchedule:
+    if name in engine.router.schedule_specs:
+        return UnknownSchedule(
+            f"schedule {name!r} is declared in app {engine.app!r}'s code but not recorded "
+            "yet (or was deleted): a worker records it when it opens the app "
+            "(`cantata worker module:app`)"
+        )
+    return UnknownSchedule(
+        f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
+    )
