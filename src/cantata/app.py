@@ -498,7 +498,8 @@ class App(RouterFacade):
         Raises:
             RunNotFound: no such run.
             RunInProgress: the run has not ended.
-            StepNotInHistory: the run never reached ``from_step``.
+            StepNotInHistory: the run never reached ``from_step``, or it is not a step
+                (a recorded ``set_attributes``, ``patched``, ``set_value``, ``now``...).
         """
         from cantata.engine.recovery import fork
 
