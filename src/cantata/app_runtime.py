@@ -51,6 +51,7 @@ class Runtime:
         store = store_from_url(store_spec) if isinstance(store_spec, str) else store_spec
         await store.open()
         store.set_audit_key(app.name, app.audit_key)
+        store.adopt_timing(lease=app.lease)  # its own outage warnings, as the worker's
         broker = broker_from_url(broker_spec) if isinstance(broker_spec, str) else broker_spec
         try:
             await broker.open(store)

@@ -30,7 +30,7 @@ from cantata.model.schedule import (  # noqa: F401 (re-exported: the spec lives 
     tick_key,
     zone,
 )
-from cantata.quietlog import QuietLog, reason
+from cantata.quietlog import QuietLog, outage_interval, reason
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine
@@ -85,7 +85,7 @@ class Scheduler:
         self.run_ended = asyncio.Event()  # set by the store's notifications
         self._backlog = False  # a tick waits for a run in progress to end
         # a store outage fails every pass: one line per max(10 s, lease), docs/leases.md
-        self.quiet = QuietLog(log, every=max(10.0, engine.lease))
+        self.quiet = QuietLog(log, every=outage_interval(engine.lease))
 
     async def run(self) -> None:
         """Passes until cancelled: at the next tick (the app's clock, so a skipping
