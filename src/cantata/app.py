@@ -186,6 +186,8 @@ class App(RouterFacade):
             ConfigurationError: the app is open, or ``store`` / ``broker`` is neither
                 a URL nor a backend object.
         """
+        if self._loop is not None and self._loop.is_closed():
+            self._drop_loop(self._loop)
         if self._loop is not None:  # open, or being opened or closed
             raise ConfigurationError(f"app {self.name!r} is open: configure it before opening")
         for kind, spec in (("store", store), ("broker", broker)):
@@ -270,13 +272,38 @@ class App(RouterFacade):
 
     def _check_loop(self, doing: str) -> None:
         """Refuse to use the open app from an event loop other than the one it is open
-        on: its connections and tasks belong to that loop."""
+        on: its connections and tasks belong to that loop. An app whose loop is closed
+        is forgotten there first (:meth:`_drop_loop`): nothing of it can run any more."""
+        if self._loop is not None and self._loop.is_closed():
+            self._drop_loop(self._loop)
+            return
         if asyncio.get_running_loop() is not self._loop:
             raise ConfigurationError(
                 f"cannot {doing} app {self.name!r}: it is open on another event loop "
                 "(another thread's `async with app:`, or a `cantata.sync.connect(app)` "
                 "block); use it from that loop, or close it there first"
             )
+
+    def _drop_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The app is open on ``loop``, which was stopped or closed before the app's
+        close finished (a second Ctrl-C in ``asyncio.run`` or while a ``cantata.sync``
+        block closed): nothing more runs there, so the app counts as closed from now on.
+        Its connections are dropped as they are; what its worker held is taken over
+        when its lease expires, as after a crash."""
+        if self._loop is not loop:
+            return
+        if self._runtime is not None:
+            log.warning(
+                "app %r was left open on an event loop that stopped before its close "
+                "finished (interrupted?): its connections are dropped and it counts as "
+                "closed; runs and deliveries its worker held resume elsewhere once its "
+                "lease (%.0f s) expires", self.name, self.lease,
+            )
+        self._runtime = None
+        self._loop = None
+        self._opened = 0
+        self._force_stop = None
+        self._lock = self._lock_loop = None
 
     async def close(self) -> None:
         """Stop gracefully and close connections.
@@ -394,9 +421,9 @@ class App(RouterFacade):
         """:meth:`start`, and whether this call created the run (``False``: the
         idempotency key's run existed and nothing was started), as the store told it:
         of simultaneous first starts with one key, exactly one is told ``True``."""
-        engine = self.engine
         if asyncio.get_running_loop() is not self._loop:
             self._check_loop("start a run of")  # (an app open under a sync block)
+        engine = self.engine
         name = workflow_name(workflow)
         who = check_text("actor", actor) if actor else None
         wdef = engine.router.workflows.get(name)
@@ -480,7 +507,8 @@ class App(RouterFacade):
         Raises:
             RunNotFound: no such run.
             RunInProgress: the run has not ended.
-            StepNotInHistory: the run never reached ``from_step``.
+            StepNotInHistory: the run never reached ``from_step``, or it is not a step
+                (a recorded ``set_attributes``, ``patched``, ``set_value``, ``now``...).
         """
         from cantata.engine.recovery import fork
 

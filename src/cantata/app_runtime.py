@@ -51,6 +51,7 @@ class Runtime:
         store = store_from_url(store_spec) if isinstance(store_spec, str) else store_spec
         await store.open()
         store.set_audit_key(app.name, app.audit_key)
+        store.adopt_timing(lease=app.lease)  # its own outage warnings, as the worker's
         broker = broker_from_url(broker_spec) if isinstance(broker_spec, str) else broker_spec
         try:
             await broker.open(store)
@@ -90,10 +91,10 @@ class Runtime:
                 if serve:
                     raise
                 # A client of a read-only store can still read (runs, trace, dlq list).
-        from cantata.flow.service import declare as declare_flow
+        from cantata.flow.service import declare_queues
 
         try:
-            await declare_flow(engine, app.router)  # queues and schedules
+            await declare_queues(engine, app.router)  # schedules: once it serves
         except StoreReadOnly:
             if serve:
                 raise
@@ -109,6 +110,7 @@ class Runtime:
     async def serve(self, app: App) -> None:
         """Run a worker here: claim runs, and consume the handler groups served here."""
         from cantata.engine.versioning import declare_version
+        from cantata.flow.service import declare_schedules
         from cantata.observability.logs import install_record_factory
 
         install_record_factory()  # records logged in steps and handlers carry their ids
@@ -121,6 +123,7 @@ class Runtime:
                 "App(signing_keys={'k1': secret})"
             )
         await declare_version(engine)  # before claiming: its place among deployed versions
+        await declare_schedules(engine, app.router)  # (before the scheduler starts)
         await engine.start_serving()
         # App(lease=..., poll_interval=...) governs deliveries as well as runs, and the
         # engine's one heartbeat keeps both this worker's runs and its deliveries.

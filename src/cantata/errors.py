@@ -115,7 +115,8 @@ class RunNotRetryable(CantataError):
 
 
 class StepNotInHistory(CantataError):
-    """A fork named a step the run never reached (the message lists those it did)."""
+    """A fork named a step the run never reached, or a recorded call that is not a step
+    (the message lists the steps it did reach)."""
 
     code = "step_not_in_history"
 

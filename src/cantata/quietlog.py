@@ -47,6 +47,12 @@ class QuietLog:
         return True
 
 
+def outage_interval(lease: float) -> float:
+    """Seconds between two lines of one cause during an outage: ``max(10 s, lease)``
+    (docs/leases.md, "Warnings")."""
+    return max(10.0, lease)
+
+
 def reason(exc: BaseException) -> str:
     """A one-line reason for a warning: the error's type and first line."""
     text = str(exc).strip().splitlines()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
@@ -35,11 +36,18 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# Seconds waited for a close told to stop at once (a Ctrl-C came while it ran): it only
+# releases what is left and closes connections.
+_FORCED_CLOSE = 10.0
+
 # Per app: a lock, held while its session opens or closes the app (which may take
 # the app's shutdown_grace), and its session while one block or more is open.
 _registry = threading.Lock()  # guards the two maps (held only to read or write them)
 _locks: weakref.WeakKeyDictionary[App, threading.Lock] = weakref.WeakKeyDictionary()
 _sessions: weakref.WeakKeyDictionary[App, _Session] = weakref.WeakKeyDictionary()
+# Per app: the session whose close goes on in the background after a Ctrl-C (see
+# _Session.end); the app's next block waits for it.
+_unfinished: weakref.WeakKeyDictionary[App, _Session] = weakref.WeakKeyDictionary()
 
 
 def _lock_of(app: App) -> threading.Lock:
@@ -64,9 +72,11 @@ class _Session:
         self.closed = False
         self._calls: set[concurrent.futures.Future[Any]] = set()
         self._calls_lock = threading.Lock()  # never held while waiting for the loop
+        self.hurry = False  # a Ctrl-C came while the app closed: no more grace
+        self.closing: concurrent.futures.Future[None] | None = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
-            target=self.loop.run_forever, name=f"cantata-sync-{app.name}", daemon=True
+            target=_run_loop, args=(self.loop,), name=f"cantata-sync-{app.name}", daemon=True
         )
         self.thread.start()
 
@@ -112,25 +122,104 @@ class _Session:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def end(self) -> None:
-        """Cancel the calls still waiting, close the app, stop the loop."""
+        """Cancel the calls still waiting, close the app, stop the loop.
+
+        A KeyboardInterrupt (Ctrl-C) while the app closes ends the close's grace at once
+        (as a second signal does to a worker: what still runs is released now) and goes
+        on up once the close has finished. One more (or a close still not done after
+        ``_FORCED_CLOSE`` seconds) stops the waiting, not the close: it finishes on
+        this session's loop in the background, and the next block of the app waits for
+        it (:meth:`finish_closing`) before opening the app anew.
+        """
         with self._calls_lock:
             self.closed = True
             waiting = list(self._calls)
         for fut in waiting:
             fut.cancel()
         try:
-            for _ in range(self.opened):
-                self._run(self.app.close())
+            self._close_app()
         finally:
+            closing = self.closing
+            if closing is not None and not closing.done():
+                with _registry:
+                    _unfinished[self.app] = self
+                closing.add_done_callback(
+                    lambda _: self.loop.call_soon_threadsafe(self.loop.stop))
+            else:
+                self._stop()
+
+    def _close_app(self) -> None:
+        self.closing = asyncio.run_coroutine_threadsafe(self._close_all(), self.loop)
+        try:
+            self.closing.result()
+        except KeyboardInterrupt:
+            self.loop.call_soon_threadsafe(self._hurry)
+            with contextlib.suppress(BaseException):  # another Ctrl-C: stop waiting
+                self.closing.result(timeout=_FORCED_CLOSE)
+            raise
+
+    async def _close_all(self) -> None:
+        """The ``app.close()`` for each ``app.open`` made here."""
+        for _ in range(self.opened):
+            if self.hurry:
+                await _close_at_once(self.app)
+            else:
+                await self.app.close()
+
+    def _hurry(self) -> None:  # on the loop
+        self.hurry = True
+        self.app.force_stop()
+
+    def _stop(self) -> None:
+        with contextlib.suppress(RuntimeError):  # stopped and closed already
             self.loop.call_soon_threadsafe(self.loop.stop)
+        try:
             self.thread.join(timeout=30)
-            if not self.thread.is_alive():
-                self.loop.close()
+        finally:
+            self.app._drop_loop(self.loop)  # if its close failed: nothing runs there now
+
+    def finish_closing(self) -> None:
+        """Wait for this session's close, which went on in the background after its
+        block ended with a Ctrl-C (:meth:`end`)."""
+        assert self.closing is not None
+        try:
+            self.closing.result(timeout=_FORCED_CLOSE)
+        except concurrent.futures.TimeoutError:
+            raise StoreUnavailable(
+                f"app {self.app.name!r} is still closing after a `cantata.sync` block "
+                f"ended with Ctrl-C (waited another {_FORCED_CLOSE:.0f} s): its store or "
+                "broker is not answering; try again once it is, or restart the process"
+            ) from None
+        except BaseException:  # failed: _stop's App._drop_loop tells and frees the app
+            pass
+        with _registry:
+            _unfinished.pop(self.app, None)
+        self._stop()
+
+
+async def _close_at_once(app: App) -> None:
+    """``app.close()`` with no grace: what still runs is released now."""
+    grace, app.shutdown_grace = app.shutdown_grace, 0.0
+    try:
+        await app.close()
+    finally:
+        app.shutdown_grace = grace
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 def _begin(app: App, serve: bool) -> _Session:
     """Join the app's session (opening it on a new loop if none is open)."""
     with _lock_of(app):
+        with _registry:
+            unfinished = _unfinished.get(app)
+        if unfinished is not None:
+            unfinished.finish_closing()
         session = _current(app)
         if session is None:
             session = _Session(app)

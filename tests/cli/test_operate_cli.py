@@ -16,6 +16,7 @@ import pytest
 
 from cantata.cli import common
 from cantata.cli.main import main
+from cantata.errors import WorkflowCancelled, WorkflowFailed
 
 APP = """
 import os
@@ -238,3 +239,58 @@ async def test_check_replay_as_json(project: Path, capsys: pytest.CaptureFixture
     report = json.loads(out)
     assert report["problems"] == [] and report["app"] == "shop"
     assert report["versions"] == {report["version"]: {"checked": 1, "broken": 0}}
+
+
+WAITER = """
+import cantata
+
+app = cantata.App("shop", lease=1.0, poll_interval=0.05)
+
+@app.workflow
+async def approval(ctx, order: dict) -> str:
+    await ctx.wait_for_event("invoice.approved", match={"id": order["id"]}, timeout=3600)
+    return "approved"
+"""
+
+
+async def test_a_wait_an_ended_run_left_open_is_shown_as_the_console_shows_it(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cantata run`` (text and --json) shows an open call of an ended run as the API,
+    the trace and the map do: ``cancelled`` in a cancelled run, ``interrupted`` in one
+    that ended otherwise (here: its deadline passed); never ``waiting``."""
+    import importlib
+
+    (project / "waitermod.py").write_text(textwrap.dedent(WAITER))
+    try:
+        app = importlib.import_module("waitermod").app
+        async with app:
+            cancelled = await app.start("approval", {"id": 1})
+            timed_out = await app.start("approval", {"id": 2}, deadline=0.5)
+            for h in (cancelled, timed_out):
+                await _until_waiting(app, h.run_id)
+            await cancelled.cancel()
+            for h in (cancelled, timed_out):
+                with pytest.raises((WorkflowCancelled, WorkflowFailed)):
+                    await h.result(timeout=10)
+        for h, shown in ((cancelled, "cancelled"), (timed_out, "interrupted")):
+            code, out, err = await cli(capsys, "run", h.run_id, "--app", "waitermod:app",
+                                       "--json")
+            assert code == 0, err
+            [wait] = [s for s in json.loads(out)["steps"] if s["kind"] == "wait"]
+            assert wait["status"] == shown, wait
+            code, out, err = await cli(capsys, "run", h.run_id, "--app", "waitermod:app")
+            assert code == 0, err
+            [row] = [ln for ln in out.splitlines() if "wait:invoice.approved#1" in ln]
+            assert shown in row and "waiting" not in row, row
+    finally:
+        sys.modules.pop("waitermod", None)
+
+
+async def _until_waiting(app: Any, run_id: str) -> None:
+    for _ in range(200):
+        history = await app.store.load_history(app.name, run_id)
+        if any(e.kind == "wait" and e.status == "waiting" for e in history):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} never waited")

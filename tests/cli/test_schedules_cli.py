@@ -1,9 +1,11 @@
-"""``cantata schedules pause|resume|delete`` are audited as the operator."""
+"""``cantata schedules``: audited as the operator; a client records no code schedule."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,62 @@ def test_schedule_commands_write_the_operator_to_the_audit_log(
         (me, "schedule.resumed", "n"),
         (me, "schedule.deleted", "n"),
     ]
+
+
+NIGHTLY = """
+import datetime as dt
+import cantata
+
+app = cantata.App("shop")
+
+@app.schedule("0 2 * * *")
+@app.workflow
+async def nightly(ctx, tick: dt.datetime) -> None:
+    return None
+"""
+
+
+def test_a_deleted_code_schedule_stays_deleted_until_a_worker_opens_the_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read-only commands and clients record no code schedule: ``schedules list`` (or
+    any client) after ``schedules delete`` does not bring it back; a worker opening the
+    app with the code that declares it does."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "nightmod.py").write_text(NIGHTLY)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    args = ["--app", "nightmod:app", "--store", url]
+
+    def listed() -> list[str]:
+        assert main(["schedules", "list", *args, "--json"]) == 0
+        return [s["name"] for s in json.loads(capsys.readouterr().out)]
+
+    def a_worker_opens() -> None:
+        import nightmod
+
+        async def serve() -> None:
+            nightmod.app.configure(store=url)
+            async with nightmod.app:
+                pass
+
+        asyncio.run(serve())
+
+    async def create_the_store() -> None:
+        async with App("shop", store=url).client():
+            pass
+
+    asyncio.run(create_the_store())
+    try:
+        assert listed() == []  # a client records nothing: no worker has opened the app
+        assert main(["schedules", "pause", "nightly", *args]) == 1
+        assert "not recorded yet" in capsys.readouterr().err
+        a_worker_opens()
+        assert listed() == ["nightly"]
+        assert main(["schedules", "delete", "nightly", *args]) == 0
+        capsys.readouterr()
+        assert listed() == []
+        assert listed() == []  # nor the listing after that
+        a_worker_opens()  # the code that declares it is served again
+        assert listed() == ["nightly"]
+    finally:
+        sys.modules.pop("nightmod", None)

@@ -82,3 +82,28 @@ async def test_a_nats_outage_warns_once(
             after = _warnings(caplog)[len(during):]
     assert _repeated(during, "ConnectionRefusedError") <= 1, "\n".join(during)
     assert any("reconnected to NATS" in line for line in after), "\n".join(during + after)
+
+
+async def test_the_postgresql_listener_warns_at_the_workers_interval(
+    postgres_store: str, private_postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store's listening connection is one more cause: during an outage it says so at
+    most every ``max(10 s, lease)``, as the worker's loops do (it said so every 30 s).
+    Its reconnection is tried every few seconds (3 s connect timeout, 1 s pause), so a
+    20 s outage gives a first line at once and a second, counting the repeats, ~10 s on."""
+    app = App(f"warn{uuid.uuid4().hex[:6]}", store=postgres_store, broker="embedded",
+              lease=1.0, poll_interval=0.05)
+
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app.client():
+            await asyncio.sleep(0.5)
+            caplog.clear()
+            private_postgres.stop()
+            await asyncio.sleep(20.0)
+            during = [line for line in _warnings(caplog) if "PostgreSQL listener at" in line]
+            private_postgres.start()
+            await asyncio.sleep(6.0)
+            after = _warnings(caplog)
+    assert len(during) == 2, "\n".join(during)
+    assert "similar warning(s) in the last 10 s" in during[1], during[1]
+    assert any("listens again" in line for line in after), "\n".join(after)

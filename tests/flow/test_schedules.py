@@ -136,8 +136,8 @@ async def test_missed_ticks_after_a_stop(
         return app
 
     first = build(T0 + 1)
-    async with first.client():
-        pass  # the schedule is declared: no tick before now is due
+    async with first:
+        pass  # a worker recorded the schedule: no tick before now is due
     later = build(T0 + 10 * 60 + 30)  # down for ten ticks
     async with later:
         await until(lambda: _decided(later))
@@ -310,8 +310,8 @@ async def test_a_code_schedule_no_code_declares_stops_ticking(tmp_path: Path) ->
         app.workflow(tickwf)
         return app
 
-    async with build(True).client():
-        pass  # recorded as declared in code
+    async with build(True):
+        pass  # a worker recorded it as declared in code
     app = build(False)  # the decorator line was removed
     async with app:
         await app.schedules.create("api", None, "tickwf", every=60, overlap="allow")

@@ -190,6 +190,11 @@ async def test_fork_refuses_a_step_never_reached_and_a_live_run(sqlite_url: str)
         with pytest.raises(StepNotInHistory, match="ship#1") as info:
             await app.fork(h.run_id, from_step="ship")
         assert "reserve#1" in str(info.value)  # names the calls it did reach
+        assert "set_attributes#1" not in str(info.value)  # (its steps)
+        for internal in ("set_attributes#1", "set_attributes"):  # recorded, not a step
+            with pytest.raises(StepNotInHistory, match="not a step") as info:
+                await app.fork(h.run_id, from_step=internal)
+            assert "reserve#1" in str(info.value)
         with pytest.raises(RunInProgress):
             await app.fork(live.run_id, from_step="sleep#1")
         assert len(await app.find_runs()) == count

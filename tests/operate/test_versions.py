@@ -381,3 +381,49 @@ async def test_stalled_names_a_run_no_live_worker_may_take(sqlite_url: str) -> N
         "no live worker takes version v2 of this run (live workers run v1): deploy that "
         "version, or run a worker with --any-version"
     )
+
+
+def _saga_app(**change: Any) -> App:
+    """An app with one saga, its steps declared once; ``change`` edits the saga."""
+    from cantata import Saga, Step
+
+    app = App("sagaver")
+
+    @app.step
+    async def reserve(data: dict[str, Any]) -> str:
+        return "r"
+
+    @app.step
+    async def release(data: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def release_v2(data: dict[str, Any]) -> None: ...
+
+    @app.step
+    async def charge(data: dict[str, Any]) -> str:
+        return "c"
+
+    undo = release_v2 if change.get("compensate") else release
+    charge_step = Step(charge, retry=change.get("retry"), timeout=change.get("timeout"))
+    app.include(Saga("order", Step(reserve, compensate=undo), charge_step,
+                     mode=change.get("mode", "orchestrated"),
+                     max_state=change.get("max_state", 262144)))
+    return app
+
+
+def test_a_sagas_version_covers_its_steps_options_not_its_mode() -> None:
+    """As a plain workflow's source covers what each ``ctx.run`` runs, undoes and
+    retries, a saga's version covers each ``Step``'s compensation, retry and timeout
+    (and its ``max_state``); its ``mode=`` is not code (docs/styles.md)."""
+    base = _saga_app().version
+    assert _saga_app().version == base  # the same code: the same version
+    assert _saga_app(mode="choreographed").version == base
+    changed = {
+        "compensate": _saga_app(compensate=True).version,
+        "retry": _saga_app(retry=Retry(max_attempts=5)).version,
+        "retry backoff": _saga_app(retry=Retry(backoff=3.0)).version,
+        "timeout": _saga_app(timeout=5.0).version,
+        "max_state": _saga_app(max_state=4096).version,
+    }
+    assert all(v != base for v in changed.values()), changed
+    assert len(set(changed.values())) == len(changed), changed

@@ -529,8 +529,8 @@ def test_fork_a_failed_run_from_its_failed_step(
     step = page.get_by_label("Fork from step")
     expect(step).to_have_value("bill#1")  # the failed call is offered first
     options = step.locator("option")
-    expect(options).to_have_count(3)
-    expect(options).to_contain_text(["set_attributes#1", "reserve#1", "bill#1 (failed)"])
+    expect(options).to_have_count(2)  # steps only: not the run's set_attributes#1
+    expect(options).to_have_text(["reserve#1 (completed)", "bill#1 (failed)"])
     page.get_by_role("button", name="Fork").click()
     expect(page).not_to_have_url(re.compile(f"/runs/{run_id}$"))
     expect(page).to_have_url(re.compile(r"/runs/[0-9a-f]+$"))

@@ -120,6 +120,13 @@ async def test_fork_refusals_name_what_was_wrong(shop: Shop) -> None:
     error = r.json()["error"]
     assert error["code"] == "step_not_in_history" and error["field"] == "from_step"
     assert "reserve#1" in error["message"] and "bill#1" in error["message"]
+    assert "set_attributes#1" not in error["message"]  # not a step: not offered
+    # a recorded call that is not a step (the run's attributes) is no place to fork from
+    r = await shop.post(f"/api/runs/{source}/fork", json={"from_step": "set_attributes#1"})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "step_not_in_history" and error["field"] == "from_step"
+    assert "not a step" in error["message"] and "reserve#1" in error["message"]
     for body in ({}, {"from_step": ""}, {"from_step": 3}):
         bad = await shop.post(f"/api/runs/{source}/fork", json=body)
         assert bad.status_code in (400, 422), (body, bad.text)

@@ -4,7 +4,9 @@ overlapping, handles that outlive their block, and the blocking twin of the asyn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import signal
 import threading
 import time
 import uuid
@@ -281,3 +283,83 @@ async def test_the_async_api_from_another_loop_is_refused_while_a_block_is_open(
         assert c.start(wf, 2).run_id
     async with app.client():  # closed cleanly: this loop may open it now
         assert len(await app.list_runs()) == 1
+
+
+def _interrupt_main_after(*delays: float) -> list[threading.Timer]:
+    """A Ctrl-C (SIGINT to the main thread, as a terminal sends it) after each delay."""
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread() is threading.main_thread()
+    timers = [threading.Timer(d, signal.pthread_kill, (main, signal.SIGINT)) for d in delays]
+    for t in timers:
+        t.start()
+    return timers
+
+
+def _sat_out(timers: list[threading.Timer]) -> None:
+    """Wait until every Ctrl-C of ``timers`` was sent, taking the late ones here."""
+    for t in timers:
+        while t.is_alive():
+            with contextlib.suppress(KeyboardInterrupt):
+                t.join()
+    with contextlib.suppress(KeyboardInterrupt):
+        time.sleep(0.1)  # a signal sent last is handled at the next bytecode
+
+
+@pytest.mark.parametrize("presses", [1, 2, 3])
+def test_a_ctrl_c_while_a_block_closes_leaves_the_app_usable(url: str, presses: int) -> None:
+    """The block's end waits for a step in progress (shutdown_grace); Ctrl-C there stops
+    the close at once (once more: gives the close up) and the KeyboardInterrupt goes on
+    up; the app is not left bound to the block's dead loop: it opens again."""
+    app = _app(url)
+    app.shutdown_grace = WAIT
+    started, release = threading.Event(), threading.Event()
+
+    @app.step(retry=Retry(max_attempts=1))
+    def slow() -> str:
+        started.set()
+        release.wait(WAIT)
+        return "done"
+
+    @app.workflow
+    async def hold(ctx: WorkflowContext) -> str:
+        return str(await ctx.run(slow))
+
+    began, timers = time.monotonic(), []
+    try:
+        with pytest.raises(KeyboardInterrupt), sync.connect(app, serve=True) as c:
+            c.start("hold")
+            assert started.wait(WAIT)
+            timers = _interrupt_main_after(*[0.5 + 0.02 * i for i in range(presses)])
+        _sat_out(timers)
+        assert time.monotonic() - began < WAIT  # it did not wait out the grace
+    finally:
+        release.set()
+    with sync.connect(app) as c:  # usable again
+        assert [r.workflow for r in c.list_runs()] == ["hold"]
+    with sync.connect(app, serve=True) as c:
+        assert c.start("echo", 7).result(timeout=WAIT) == 7
+
+
+def test_an_app_left_open_on_a_closed_event_loop_opens_again(tmp_path: Path) -> None:
+    """A close cut short for good (its loop closed under it, as a second Ctrl-C in
+    ``asyncio.run`` does) leaves nothing that can run: the app opens again, from a
+    sync block or from another loop."""
+    app = _app(f"sqlite:///{tmp_path}/cantata.db")
+
+    def open_and_drop_the_loop() -> None:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(app.open(serve=False))
+        loop.run_until_complete(app.start("echo", 1))
+        loop.close()  # never closed the app
+
+    _in_threads(1, lambda _: open_and_drop_the_loop())
+    with sync.connect(app) as c:
+        assert [r.workflow for r in c.list_runs()] == ["echo"]
+
+    _in_threads(1, lambda _: open_and_drop_the_loop())
+
+    async def from_here() -> int:
+        async with app:
+            return int(await (await app.start("echo", 2)).result(timeout=WAIT))
+
+    assert asyncio.run(from_here()) == 2

@@ -66,7 +66,7 @@ from cantata.model.event import (
     matches,
 )
 from cantata.model.records import Declaration
-from cantata.quietlog import QuietLog
+from cantata.quietlog import QuietLog, outage_interval
 from cantata.store.factory import mask_url
 
 __all__ = [
@@ -210,7 +210,7 @@ class NatsBroker:
         self.check_interval = check_interval
         self._watches: dict[str, asyncio.Task[None]] = {}
         # an outage fails every reconnection attempt: one line per max(10 s, lease)
-        self.quiet = QuietLog(log, every=max(10.0, self.lease))
+        self.quiet = QuietLog(log, every=outage_interval(self.lease))
 
     def names(self, app: str) -> Names:
         """Where ``app``'s stream, subjects and consumers are on the server (one

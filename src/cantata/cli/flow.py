@@ -105,7 +105,7 @@ def resume(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
 
 
 def delete(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
-    """Remove a schedule (one declared in code returns when its app opens again)."""
+    """Remove a schedule (one declared in code returns when a worker of that code opens the app)."""
     _act(app, store, name, "delete")
     console.print(f"schedule {name}: deleted")
 

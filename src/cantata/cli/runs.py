@@ -15,6 +15,7 @@ from cantata.errors import CantataError, ConfigurationError, RunNotFound
 from cantata.model import codec
 from cantata.model.attributes import parse_attr
 from cantata.model.records import ENTRY_FAILED, HistoryEntry, RunRecord, local_datetime
+from cantata.model.status import call_status
 
 from .common import (
     client_app,
@@ -51,6 +52,7 @@ STATUS_STYLE = {
     "pending": "blue",
     "compensating": "yellow",
     "waiting": "blue",
+    "interrupted": "yellow",
 }
 
 
@@ -199,7 +201,9 @@ async def run_details(app: App, rec: RunRecord) -> dict[str, Any]:
         })
 
     def entry(e: HistoryEntry, epoch: int = 0) -> dict[str, Any]:
-        return {"key": e.key, "kind": e.kind, "name": e.name, "status": e.status,
+        # a call the ended run left open: as the API, trace and map show it
+        status = e.status if epoch else call_status(e.status, rec.status)
+        return {"key": e.key, "kind": e.kind, "name": e.name, "status": status,
                 "seq": e.seq, "attempts": attempts.get((epoch, e.key), []), "error": e.error,
                 "started_at": iso(e.started_at), "ended_at": iso(e.ended_at),
                 "compensation": e.kind == "compensation"}
@@ -251,16 +255,17 @@ async def print_run(app: App, run_id: str) -> None:
     for a in attempts:
         by_key.setdefault(a.key, []).append(a)
     for e in history:
+        status = call_status(e.status, rec.status)  # open calls of an ended run: cut short
         took = None
         if e.started_at is not None and e.ended_at is not None:
             took = e.ended_at - e.started_at
         detail = e.error or ""
         if not detail and e.result is not None and e.kind in ("step", "value", "child", SET_VALUE):
             detail = e.result[:60]
-        if e.wake_at is not None and e.status == "waiting":
+        if e.wake_at is not None and status == "waiting":
             detail = f"until {fmt_time(e.wake_at)}"
         out.add_row(
-            str(e.seq), Text(e.key), e.kind, styled(e.status), str(e.attempts or ""),
+            str(e.seq), Text(e.key), e.kind, styled(status), str(e.attempts or ""),
             fmt_time(e.started_at), fmt_duration(took),
             Text(detail, style="red" if e.status == ENTRY_FAILED else ""),
         )

@@ -18,7 +18,7 @@ from cantata.model.idempotency import args_hash
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
-from cantata.quietlog import QuietLog, reason
+from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
 from . import gcpolicy
@@ -93,7 +93,7 @@ class Engine:
         self.to_flush: list[RunExecution] = []
         self._loops: list[asyncio.Task[Any]] = []
         self.ownership = Ownership(self)
-        self.quiet = QuietLog(log, every=max(10.0, lease))
+        self.quiet = QuietLog(log, every=outage_interval(lease))
         # A graceful stop is under way: runs park at their next durable point, and
         # ``quiesce`` is set whenever one parks or ends (see shutdown.drain).
         self.draining = False

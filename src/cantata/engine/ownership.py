@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cantata.model.records import Attempt, HistoryEntry, RunRecord
-from cantata.quietlog import QuietLog, reason
+from cantata.quietlog import QuietLog, outage_interval, reason
 
 from . import versioning
 
@@ -60,7 +60,7 @@ class Ownership:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.quiet = QuietLog(log, every=max(10.0, engine.lease))
+        self.quiet = QuietLog(log, every=outage_interval(engine.lease))
         self.beat_at = time.monotonic()  # when the last successful heartbeat was sent
         self.regained_at = float("-inf")  # when the store answered after a lapse
         self.lapsed = False

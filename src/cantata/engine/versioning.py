@@ -56,16 +56,17 @@ def code_version(router: Router) -> str:
     """A hash of the source of every workflow and step of ``router`` (12 hex digits).
 
     Any edit to that code gives a new version; edits elsewhere do not. A saga's
-    map counts, its ``mode=`` does not (docs/styles.md: runs in flight finish in the
-    mode they started in, whichever mode is deployed).
+    declaration counts (its map, each ``Step``'s compensation, retry and timeout, its
+    ``max_state``), its ``mode=`` does not (docs/styles.md: runs in flight finish in
+    the mode they started in, whichever mode is deployed).
     """
     h = hashlib.sha256()
     for name in sorted(router.workflows):
         wdef = router.workflows[name]
         h.update(f"workflow {name}\0".encode())
         h.update(_source(wdef.fn))
-        if wdef.spec is not None:  # a Saga: its map is the code, its mode is not
-            h.update(wdef.spec.map_text().encode())
+        if wdef.spec is not None:  # a Saga: its declaration is the code, its mode is not
+            h.update(wdef.spec.code_text().encode())
     for name in sorted(router.steps):
         h.update(f"step {name}\0".encode())
         h.update(_source(router.steps[name].fn))

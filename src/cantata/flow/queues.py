@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from cantata.errors import ConfigurationError, UnknownQueue
 from cantata.model.checks import check_text
 from cantata.model.flow import QueueEntry, make_spec  # noqa: F401 (make_spec re-exported)
-from cantata.quietlog import QuietLog, reason
+from cantata.quietlog import QuietLog, outage_interval, reason
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine
@@ -84,7 +84,7 @@ class QueueLoop:
         self._queues: list[str] = []
         self._listed_at: float | None = None
         # a store outage fails every claim: one line per max(10 s, lease), docs/leases.md
-        self.quiet = QuietLog(log, every=max(10.0, engine.lease))
+        self.quiet = QuietLog(log, every=outage_interval(engine.lease))
 
     async def run(self) -> None:
         engine = self.engine

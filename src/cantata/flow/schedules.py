@@ -31,7 +31,7 @@ from cantata.model.schedule import (  # noqa: F401 (re-exported: the spec lives 
     tick_key,
     zone,
 )
-from cantata.quietlog import QuietLog, reason
+from cantata.quietlog import QuietLog, outage_interval, reason
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine
@@ -86,7 +86,7 @@ class Scheduler:
         self.run_ended = asyncio.Event()  # set by the store's notifications
         self._backlog = False  # a tick waits for a run in progress to end
         # a store outage fails every pass: one line per max(10 s, lease), docs/leases.md
-        self.quiet = QuietLog(log, every=max(10.0, engine.lease))
+        self.quiet = QuietLog(log, every=outage_interval(engine.lease))
 
     async def run(self) -> None:
         """Passes until cancelled: at the next tick (the app's clock, so a skipping
@@ -319,9 +319,7 @@ class Schedules:
         for row in await engine.store.schedules(engine.app):
             if row.name == name:
                 return row
-        raise UnknownSchedule(
-            f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
-        )
+        raise _unknown(engine, name)
 
     async def pause(self, name: str, *, actor: str | None = None) -> None:
         """Stop starting runs of ``name`` until :meth:`resume` (audited with ``actor``)."""
@@ -364,8 +362,8 @@ class Schedules:
         return handle
 
     async def delete(self, name: str, *, actor: str | None = None) -> None:
-        """Remove a schedule (one declared in code comes back when its app opens again);
-        audited with ``actor``.
+        """Remove a schedule; audited with ``actor``. One declared in code comes back
+        when a worker whose code declares it opens the app (not when a client does).
 
         Raises:
             UnknownSchedule: no schedule of that name.
@@ -375,6 +373,16 @@ class Schedules:
                    hint="no schedule has such a name; see `cantata schedules list`")
         if not await engine.store.delete_schedule(engine.app, name,
                                                   actor=_who(engine, actor)):
-            raise UnknownSchedule(
-                f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
-            )
+            raise _unknown(engine, name)
+
+
+def _unknown(engine: Engine, name: str) -> UnknownSchedule:
+    if name in engine.router.schedule_specs:
+        return UnknownSchedule(
+            f"schedule {name!r} is declared in app {engine.app!r}'s code but not recorded "
+            "yet (or was deleted): a worker records it when it opens the app "
+            "(`cantata worker module:app`)"
+        )
+    return UnknownSchedule(
+        f"no schedule named {name!r} in app {engine.app!r}: see `cantata schedules list`"
+    )

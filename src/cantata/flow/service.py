@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from cantata.engine.runner import RunExecution
 
 
-async def declare(engine: Engine, router: Router) -> None:
-    """Record the router's queues and schedules in the store (when the app opens).
+async def declare_queues(engine: Engine, router: Router) -> None:
+    """Record the router's queues in the store (whenever the app opens).
 
     Raises:
         QueueConflict: a live worker declared one of the queues with other limits.
@@ -28,6 +28,14 @@ async def declare(engine: Engine, router: Router) -> None:
         await engine.store.declare_queue(
             engine.app, spec, worker_id=engine.worker_id, stale_before=now - engine.lease
         )
+
+
+async def declare_schedules(engine: Engine, router: Router) -> None:
+    """Record the router's schedules in the store (source ``code``), when the app opens
+    to serve: a worker of that code is what ticks them. A client's open (a read-only
+    command, an API process) records none, so a schedule ``delete`` removed stays
+    removed until a worker whose code declares it opens the app again."""
+    now = engine.clock.now()
     for sched in router.schedule_specs.values():
         await engine.store.put_schedule(engine.app, new_row(sched, "code", now))
 

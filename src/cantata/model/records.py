@@ -117,6 +117,14 @@ class EntryKind(StrEnum):
     SET_VALUE = "set_value"  # ctx.set_value
 
 
+# The calls a run may be forked from (``app.fork``'s ``from_step``, the console's Fork
+# list): the nodes of its workflow map. Compensations, and what a run records about
+# itself (``ctx.now()`` and other values, attributes, patch markers, set values), are
+# not steps: a fork from one would be a fork from the call after it.
+FORKABLE_KINDS = frozenset({EntryKind.STEP, EntryKind.CHILD, EntryKind.WAIT,
+                            EntryKind.SLEEP, EntryKind.EMIT})
+
+
 class EntryStatus(StrEnum):
     """Where a history entry stands (stored values)."""
 

@@ -174,8 +174,8 @@ async def retry_run(
 
 @router.post("/runs/{run_id}/fork", status_code=201, response_model=ForkOut,
              summary="Fork a run from a step",
-             responses=_unprocessable("The run never reached `from_step` (the message "
-                                      "lists the calls it did reach)"))
+             responses=_unprocessable("The run never reached `from_step`, or it is not a "
+                                      "step (the message lists the steps it did reach)"))
 async def fork_run(
     request: Request,
     run_id: RunId,

@@ -74,6 +74,9 @@ class StoreBase:
         for channel in channels:
             self._emit(channel)
 
+    def adopt_timing(self, *, lease: float) -> None:
+        """Nothing to warn about here (see :meth:`StoreLifecycle.adopt_timing`)."""
+
     # -- audit ----------------------------------------------------------------------
 
     def set_audit_key(self, app: str, key: audit.AuditKey | None) -> None:

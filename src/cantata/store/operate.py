@@ -12,12 +12,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import RunInProgress, RunNotFound, RunNotRetryable, StepNotInHistory
-from cantata.model.records import COMPENSATION, ENTRY_COMPLETED, ENTRY_FAILED, VALUE, RunRecord
+from cantata.model.records import (
+    COMPENSATION,
+    ENTRY_COMPLETED,
+    ENTRY_FAILED,
+    FORKABLE_KINDS,
+    EntryKind,
+    RunRecord,
+)
 from cantata.model.status import RunStatus
 from cantata.store import audit
 
 # (key, seq, kind, status) of one history row: all the rules need.
 Row = tuple[str, int, str, str]
+
+# What a recorded call that is not a step is, as a fork refusal names it.
+_CALLS: dict[str, str] = {
+    COMPENSATION: "compensation", EntryKind.VALUE: "value (ctx.now, ctx.random, ctx.uuid)",
+    EntryKind.ATTRS: "ctx.set_attributes call", EntryKind.PATCH: "ctx.patched marker",
+    EntryKind.SET_VALUE: "ctx.set_value call",
+}
 
 
 def check_retryable(
@@ -77,16 +91,21 @@ def check_fork(
             f"run {source_run_id} is still {source.status}: fork a run once it has ended "
             "(or cancel it first)"
         )
-    by_key = {key: (seq, kind) for key, seq, kind, _ in rows if kind != COMPENSATION}
-    if before_key not in by_key:
-        # the calls the run's steps list (docs/console.md): recorded values left out
-        known = ", ".join(
-            k for k, _, kind, _ in rows if kind not in (COMPENSATION, VALUE)) or "none"
+    steps = {key: seq for key, seq, kind, _ in rows if kind in FORKABLE_KINDS}
+    if before_key not in steps:
+        # the steps of the run that the console's Fork list offers (docs/console.md)
+        known = ", ".join(steps) or "none"
+        kind = next((kind for key, _, kind, _ in rows if key == before_key), None)
+        if kind is not None:
+            raise StepNotInHistory(
+                f"{before_key!r} of run {source_run_id} is not a step (a recorded "
+                f"{_CALLS.get(kind, kind)}): fork from one of its steps ({known})"
+            )
         raise StepNotInHistory(
-            f"run {source_run_id} never reached {before_key!r}: fork from one of the calls "
+            f"run {source_run_id} never reached {before_key!r}: fork from one of the steps "
             f"in its history ({known})"
         )
-    cut = by_key[before_key][0]
+    cut = steps[before_key]
     return [key for key, seq, kind, status in rows
             if seq < cut and kind != COMPENSATION and status in (ENTRY_COMPLETED, ENTRY_FAILED)]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cantata.quietlog import outage_interval
 from cantata.store import audit
 from cantata.store import postgres_event_writes as event_writes
 from cantata.store import postgres_onetrip as onetrip
@@ -63,6 +64,10 @@ class PostgresCore(StoreBase):
         """Connect (retrying briefly), migrate the schema, open the pool and LISTEN."""
         await self._db.open()
         self._w.reopen()
+
+    def adopt_timing(self, *, lease: float) -> None:
+        """The listener's outage warnings: at most every ``max(10 s, lease)``."""
+        self._db.quiet.every = outage_interval(lease)
 
     async def close(self) -> None:
         """Commit queued writes, let operations in flight finish, close every connection."""

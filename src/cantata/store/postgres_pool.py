@@ -29,8 +29,6 @@ from cantata.store.factory import mask_url
 from cantata.store.faults import postgres_fault
 
 log = logging.getLogger("cantata.store")
-# the listener's reconnection during an outage: one line now and then (docs/leases.md)
-quiet = QuietLog(log, every=30.0)
 
 
 class _QuietDriverLog(logging.Filter):
@@ -147,6 +145,10 @@ class PgPool:
         # server pid -> (when its plans are next dropped, the interval that led there)
         self._replan_at: dict[int, tuple[float, float]] = {}
         self._idle = asyncio.Event()
+        # the listener's reconnection during an outage: one line at most every
+        # max(10 s, lease) (docs/leases.md): 10 s until the app's lease comes
+        # (PostgresStore.adopt_timing)
+        self.quiet = QuietLog(log, every=10.0)
 
     @property
     def is_open(self) -> bool:
@@ -325,11 +327,11 @@ class PgPool:
                 try:
                     await self._listen()
                 except Exception as exc:
-                    quiet.warning(key, "PostgreSQL listener at %s lost (%s); reconnecting",
+                    self.quiet.warning(key, "PostgreSQL listener at %s lost (%s); reconnecting",
                                   self.masked_url, reason(exc))
                     await asyncio.sleep(1.0)
                     continue
-                quiet.recovered(key, "PostgreSQL listener at %s listens again",
+                self.quiet.recovered(key, "PostgreSQL listener at %s listens again",
                                 self.masked_url)
                 for channel in (RUNS, EVENTS, CLAIMS, CANCEL, TASKS):
                     self._on_change(channel)

@@ -93,6 +93,16 @@ class Parallel:
         object.__setattr__(self, "name", name)
 
 
+def _retry_text(retry: Retry | None) -> str:
+    """A retry policy as stable text (exception classes by qualified name)."""
+    if retry is None:
+        return "None"
+    names = sorted(n if isinstance(n, str) else f"{n.__module__}.{n.__qualname__}"
+                   for n in retry.non_retryable)
+    return (f"Retry({retry.max_attempts}, {retry.initial_interval!r}, {retry.backoff!r}, "
+            f"{retry.max_interval!r}, {names}, {retry.jitter!r})")
+
+
 @dataclass(frozen=True, slots=True)
 class Stage:
     """One position of a saga: a single step, or a parallel group of branches."""
@@ -182,11 +192,23 @@ class Saga:
         return f"{self.map_text()[:-1]}, mode={self.mode!r})"
 
     def map_text(self) -> str:
-        """The saga's map as text, without its mode: what the app's code version
-        covers. Both modes' machinery is registered whatever the deployed mode, so a
-        switch of mode is not other code (a run in flight finishes under either)."""
+        """The saga's map as text (its stages and steps), without its mode."""
         parts = [" ∥ ".join(s.name for s in st.steps) for st in self.stages]
         return f"Saga({self.name!r}, {' → '.join(parts)})"
+
+    def code_text(self) -> str:
+        """What the app's code version covers of this saga: its map, and each step's
+        compensation, retry and timeout, and ``max_state``, as a plain workflow's
+        source covers what each ``ctx.run`` runs, undoes and retries (the steps' own
+        code is covered as steps). Not its mode: both modes' machinery is registered
+        whatever the deployed mode, so a switch of mode is not other code (a run in
+        flight finishes under either)."""
+        steps = "; ".join(
+            f"{s.name} undo={s.compensation} retry={_retry_text(s.retry)} "
+            f"timeout={s.timeout!r}"
+            for s in self.steps
+        )
+        return f"{self.map_text()} [{steps}] max_state={self.max_state}"
 
     def attach(self, router: Router) -> None:
         """Register this saga in ``router`` (``app.include(saga)`` calls this)."""

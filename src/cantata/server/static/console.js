@@ -322,10 +322,15 @@
     });
   };
 
+  // The calls a run may be forked from: its steps, waits, sleeps, emits and child runs
+  // (FORKABLE_KINDS in cantata/model/records.py); not compensations, nor what the run
+  // records about itself (set_attributes, patch markers, set values).
+  const FORKABLE = new Set(["step", "child", "wait", "sleep", "emit"]);
+
   // A new run reusing this one's recorded results before the chosen call; the page
   // goes to it.
   function forkForm(r) {
-    const calls = r.steps.filter((st) => !st.compensation);
+    const calls = r.steps.filter((st) => FORKABLE.has(st.kind) && !st.compensation);
     if (!calls.length) return null;
     const failed = calls.find((st) => st.status === "failed");
     const choice = (failed || calls[calls.length - 1]).key;

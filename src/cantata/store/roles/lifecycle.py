@@ -62,6 +62,12 @@ class StoreLifecycle(Protocol):
         types); the process that wrote them learns of its events in process.
         """
 
+    def adopt_timing(self, *, lease: float) -> None:
+        """Take the lease of the app that opened it: what the store warns about its own
+        connections during an outage (PostgreSQL's listener) it says at most every
+        ``max(10 s, lease)``, as the worker's loops do (docs/leases.md). Called once
+        opened; a backend with nothing to warn about ignores it (``StoreBase`` does)."""
+
     async def identity(self) -> str:
         """This store's id, made once when the store was created (a broker records it
         on what it creates for an app, to tell two stores of one app name apart)."""

@@ -90,7 +90,9 @@ class OperateStore(Protocol):
         Raises:
             RunNotFound: no such source run.
             RunInProgress: the source run is live.
-            StepNotInHistory: ``before_key`` is not a (non-compensation) entry of it.
+            StepNotInHistory: ``before_key`` is not an entry of it of a kind in
+                :data:`~cantata.model.records.FORKABLE_KINDS` (a step, wait, sleep, emit
+                or child run).
         """
 
     async def superseded_history(self, app: str, run_id: str) -> list[tuple[int, HistoryEntry]]:
