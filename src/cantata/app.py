@@ -421,7 +421,7 @@ class App(RouterFacade):
         """:meth:`start`, and whether this call created the run (``False``: the
         idempotency key's run existed and nothing was started), as the store told it:
         of simultaneous first starts with one key, exactly one is told ``True``."""
-        if asyncio.get_running_loop() is not self._loop:
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
             self._check_loop("start a run of")  # (an app open under a sync block)
         engine = self.engine
         name = workflow_name(workflow)
