@@ -107,6 +107,8 @@ def build(db_path: str, log_dir: str) -> App:
 
 async def main(db_path: str, log_dir: str, workflow: str, key: str) -> None:
     app = build(db_path, log_dir)
+    with (Path(log_dir) / "opened.log").open("a") as f:  # (when this process got going)
+        f.write(json.dumps({"pid": os.getpid(), "t": time.time()}) + "\n")
     async with app:
         handle = await app.start(workflow, 1, idempotency_key=key)
         try:
