@@ -17,7 +17,8 @@ import pytest
 from cantata import App, BrokerError, ConfigurationError, Event
 from cantata.broker.factory import broker_from_url
 from cantata.broker.nats import NatsBroker
-from cantata.broker.nats_names import Names
+from cantata.broker.nats_names import REPLAY, Names
+from cantata.model.event import RESERVED_FIRST_TOKENS
 from tests.broker.nats_support import app_name, streams_removed
 from tests.choreography.helpers import SETTLE, eventually
 
@@ -96,6 +97,8 @@ def test_prefix_changes_stream_subject_and_consumer_names() -> None:
     assert (plain.stream, staged.stream) == ("CANTATA_shop", "CANTATA-staging_shop")
     assert staged.event("order.placed") == "staging.cantata.shop.order.placed"
     assert staged.replay("billing") == "staging.cantata.shop._replay.billing"
+    # no event type may start with the replays' token: no event travels there
+    assert REPLAY in RESERVED_FIRST_TOKENS
     assert staged.consumer("billing", "order.*").startswith("staging_billing-")
     broker = broker_from_url("nats://127.0.0.1:4222?prefix=staging&replicas=1")
     assert isinstance(broker, NatsBroker)
