@@ -139,3 +139,48 @@ async def test_dlq_redrive_publishes_stuck_deliveries_again(
         )
         assert "nothing to re-drive" in again.stdout, again.stderr
     assert sorted(handled) == sorted(e.id for e in events)
+
+
+async def test_a_deleted_consumer_is_made_again_while_the_worker_runs(
+    nats_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As `nats consumer rm` would: a pull on a consumer that no longer exists just
+    # times out, so the group stopped silently until its worker restarted. (No hand-off:
+    # on SQLite a worker would hand its own publishes to its handlers, not via NATS.)
+    name = app_name("noconsumer")
+    names = Names(name)
+    handled: dict[str, list[str]] = {"billing": [], "inventory": []}
+    app = App(name, store=f"sqlite:///{tmp_path}/shop.db",
+              broker=nats_broker(nats_url, check_interval=0.5, hand_off=False),
+              poll_interval=0.05)
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: Event[Any]) -> None:
+        handled["billing"].append(event.id)
+
+    @app.on("order.placed", group="inventory")
+    async def reserve(event: Event[Any]) -> None:
+        handled["inventory"].append(event.id)
+
+    durable = names.consumer("inventory", "order.placed")
+    async with streams_removed(nats_url, name), app:
+        first = await app.publish("order.placed", {"n": 0})
+        await eventually(lambda: first.id in handled["inventory"], what="the first event")
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await js.delete_consumer(names.stream, durable)
+            caplog.clear()
+            events = [await app.publish("order.placed", {"n": i}) for i in range(1, 6)]
+            await eventually(lambda: len(set(handled["inventory"])) == 6, timeout=15,
+                             what="inventory handles the events published after")
+            assert (await js.consumer_info(names.stream, durable)).name == durable
+        finally:
+            await nc.close()
+        await asyncio.sleep(SETTLE)
+        assert await app.stalled(older_than=0) == []
+    ids = [first.id] + [e.id for e in events]
+    assert sorted(handled["inventory"]) == sorted(ids)
+    assert sorted(handled["billing"]) == sorted(ids)
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([line for line in lines if durable in line]) == 1, lines

@@ -8,18 +8,26 @@ has its own ``?prefix=``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import nats
 import pytest
 
 from cantata import App, BrokerError, ConfigurationError, Event
 from cantata.broker.factory import broker_from_url
 from cantata.broker.nats import NatsBroker
-from cantata.broker.nats_names import Names
+from cantata.broker.nats_names import REPLAY, Names
+from cantata.model.event import RESERVED_FIRST_TOKENS
+from cantata.store.factory import store_from_url
 from tests.broker.nats_support import app_name, streams_removed
 from tests.choreography.helpers import SETTLE, eventually
+from tests.helpers import drop_schema, with_schema
 
 pytestmark = pytest.mark.nats
 
@@ -96,6 +104,8 @@ def test_prefix_changes_stream_subject_and_consumer_names() -> None:
     assert (plain.stream, staged.stream) == ("CANTATA_shop", "CANTATA-staging_shop")
     assert staged.event("order.placed") == "staging.cantata.shop.order.placed"
     assert staged.replay("billing") == "staging.cantata.shop._replay.billing"
+    # no event type may start with the replays' token: no event travels there
+    assert REPLAY in RESERVED_FIRST_TOKENS
     assert staged.consumer("billing", "order.*").startswith("staging_billing-")
     broker = broker_from_url("nats://127.0.0.1:4222?prefix=staging&replicas=1")
     assert isinstance(broker, NatsBroker)
@@ -137,3 +147,138 @@ async def test_a_stream_made_before_owners_were_recorded_is_adopted(
             await nc.close()
     assert info.config.description is not None
     assert store_id in info.config.description and '"complete": true' in info.config.description
+
+
+def copy_sqlite(source: Path, target: Path) -> None:
+    """A copy of a store file, as a backup or a cloned environment makes it."""
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+
+
+async def test_a_copy_of_the_store_refuses_to_start_on_its_originals_stream(
+    nats_url: str, tmp_path: Path
+) -> None:
+    # Staging cloned from production: the copy holds production's store id, and took
+    # about half of production's events, acking them.
+    name = app_name("copied")
+    handled_a: list[str] = []
+    prod = f"sqlite:///{tmp_path}/prod.db"
+    async with streams_removed(nats_url, name):
+        async with shop(name, prod, nats_url, handled_a) as a:
+            await a.publish("order.placed", {"n": 0})
+            await eventually(lambda: len(handled_a) == 1, what="A handles its event")
+        copy_sqlite(tmp_path / "prod.db", tmp_path / "staging.db")
+        ids = set()
+        for db in ("prod.db", "staging.db"):
+            with contextlib.closing(sqlite3.connect(tmp_path / db)) as conn:
+                ids.add(conn.execute("SELECT id FROM store_identity").fetchone()[0])
+        assert len(ids) == 1  # the copy carries the original's store id
+        b = shop(name, f"sqlite:///{tmp_path}/staging.db", nats_url, [])
+        async with shop(name, prod, nats_url, handled_a) as a:
+            for opening in (b, b.client()):
+                with pytest.raises(BrokerError) as info:
+                    async with opening:
+                        pass
+                message = str(info.value)
+                assert "\n" not in message
+                assert f"{tmp_path}/prod.db" in message and f"{tmp_path}/staging.db" in message
+                assert "copy" in message and "?prefix=" in message
+            events = [await a.publish("order.placed", {"n": i}) for i in range(1, 7)]
+            await eventually(lambda: len(handled_a) == 7, what="A handles all its events")
+            await asyncio.sleep(SETTLE)
+            assert await a.stalled(older_than=0) == []
+        assert set(e.id for e in events) <= set(handled_a)
+        # With its own prefix the copy is an environment of its own.
+        handled_b: list[str] = []
+        b = shop(name, f"sqlite:///{tmp_path}/staging.db", f"{nats_url}?prefix=staging",
+                 handled_b)
+        async with b:
+            event = await b.publish("order.placed", {"n": 99})
+            await eventually(lambda: event.id in handled_b, what="the copy handles its own")
+
+
+async def test_the_store_opened_by_another_path_to_its_file_is_the_same_store(
+    nats_url: str, tmp_path: Path
+) -> None:
+    # (a container mounting the store's folder elsewhere sees the same file)
+    name = app_name("linked")
+    (tmp_path / "elsewhere").mkdir()
+    handled: list[str] = []
+    async with streams_removed(nats_url, name):
+        async with shop(name, f"sqlite:///{tmp_path}/prod.db", nats_url, handled) as a:
+            await a.publish("order.placed", {"n": 0})
+            await eventually(lambda: len(handled) == 1, what="A handles its event")
+        os.link(tmp_path / "prod.db", tmp_path / "elsewhere" / "prod.db")
+        b = shop(name, f"sqlite:///{tmp_path}/elsewhere/prod.db", nats_url, handled)
+        async with b:
+            await b.publish("order.placed", {"n": 1})
+            await eventually(lambda: len(handled) == 2, what="B handles its event")
+
+
+@pytest.mark.postgres
+async def test_a_restored_copy_of_a_postgres_store_refuses_to_start(
+    nats_url: str, postgres_url: str, fresh_schema: str
+) -> None:
+    # pg_dump | pg_restore into another database or schema carries store_identity along:
+    # the copy's id is the original's (what the restore writes is imitated here).
+    name = app_name("restored")
+    prod = with_schema(postgres_url, f"{fresh_schema}_p")
+    staging = with_schema(postgres_url, f"{fresh_schema}_s")
+    try:
+        async with streams_removed(nats_url, name), shop(name, prod, nats_url, []) as a:
+            copy = store_from_url(staging)
+            await copy.open()  # (made, then given the original's id as a restore does)
+            await copy.close()
+            conn = await asyncpg.connect(postgres_url)
+            try:
+                await conn.execute(
+                    f'UPDATE "{fresh_schema}_s".store_identity SET id = $1',
+                    await a.store.identity(),
+                )
+            finally:
+                await conn.close()
+            b = shop(name, staging, nats_url, [])
+            with pytest.raises(BrokerError) as info:
+                async with b:
+                    pass
+            message = str(info.value)
+            assert f"{fresh_schema}_p" in message and f"{fresh_schema}_s" in message
+            assert "copy" in message and "?prefix=" in message
+    finally:
+        await drop_schema(postgres_url, f"{fresh_schema}_p")
+        await drop_schema(postgres_url, f"{fresh_schema}_s")
+
+
+async def test_a_stream_owner_recorded_without_a_location_gets_one(
+    nats_url: str, tmp_path: Path
+) -> None:
+    # (made by a version that did not record where the store lives: adopted by its store)
+    name = app_name("noloc")
+    names = Names(name)
+    async with streams_removed(nats_url, name):
+        async with shop(name, f"sqlite:///{tmp_path}/prod.db", nats_url, []) as a:
+            store_id = await a.store.identity()
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(names.stream)
+            config: Any = info.config
+            config.description = json.dumps({
+                "cantata": 1, "app": name, "prefix": "", "store": store_id,
+                "store_url": f"sqlite:///{tmp_path}/prod.db", "complete": True,
+            })
+            await js.update_stream(config)
+            async with shop(name, f"sqlite:///{tmp_path}/prod.db", nats_url, []):
+                pass
+            described = json.loads((await js.stream_info(names.stream)).config.description)
+        finally:
+            await nc.close()
+        assert f"path:{tmp_path}/prod.db" in described["location"]
+        copy_sqlite(tmp_path / "prod.db", tmp_path / "staging.db")
+        with pytest.raises(BrokerError, match="copy"):
+            async with shop(name, f"sqlite:///{tmp_path}/staging.db", nats_url, []):
+                pass

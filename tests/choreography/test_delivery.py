@@ -217,3 +217,27 @@ async def test_bad_publishes_are_refused_before_anything_is_stored(store_url: st
             with pytest.raises(cantata.InvalidEvent, match=name):
                 await app.publish("order.placed", {}, **bad)
         assert await events_of_type(app, "order.placed") == []
+
+
+async def test_event_types_starting_with_replay_are_reserved(store_url: str) -> None:
+    # NATS sends a group's dead-letter replays to <app subjects>._replay.<group>: a type
+    # "_replay.billing" would land there, never reaching a group listening to it (the
+    # embedded broker delivered it). Refused on every broker, so both behave the same.
+    app = make_app(store_url)
+    with pytest.raises(cantata.InvalidEvent, match="'_replay' is reserved"):
+        app.on("_replay.billing", group="ops")
+    with pytest.raises(cantata.InvalidEvent, match="'_replay' is reserved"):
+        app.on("_replay.*", group="ops")
+    with pytest.raises(cantata.InvalidEvent, match="'_replay' is reserved"):
+        app.on("order.placed", group="ops", emits=["_replay.x"])
+    with pytest.raises(cantata.InvalidEvent, match="'_replay' is reserved"):
+        app.start_on("_replay.billing", "some_workflow")
+
+    @app.on("*.billing", group="ops")  # a wildcard first token is fine
+    async def ops(event: cantata.Event) -> None: ...
+
+    async with app.client():
+        with pytest.raises(cantata.InvalidEvent, match="'_replay' is reserved"):
+            await app.publish("_replay.billing", {})
+        await app.publish("replay._replay", {})  # only the first token is reserved
+        assert await events_of_type(app, "_replay.billing") == []

@@ -13,6 +13,7 @@ from .helpers import eventually, make_app
 BAD = [
     ("Order Placed", None),  # not dot-separated tokens
     ("order.*", None),  # a pattern, not a type
+    ("_replay.billing", None),  # a reserved first token (NATS's replay subjects)
     ("", None),
     ("order.placed", ""),  # an empty subject
     ("order.placed", 5),  # a subject that is not a string

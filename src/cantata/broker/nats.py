@@ -85,6 +85,7 @@ _WIRED_BYTES = 32 * 1024 * 1024
 _NOT_HELD: Any = object()
 # the max_payload assumed before the server was reached (it tells its own on connecting)
 _UNKNOWN_PAYLOAD = 2**62
+_CONSUMER_NOT_FOUND = 10014  # JetStream's err_code (10059: the stream is not found)
 
 
 class _GiveUp(Exception):
@@ -570,7 +571,8 @@ class NatsBroker:
 
     async def _watch_stream(self, app: str) -> None:
         """Notice a stream deleted or re-made (the server lost its data) while the pull
-        loops wait: a pull on a consumer that no longer exists just times out."""
+        loops wait: a pull on a consumer that no longer exists just times out (a pull
+        loop that gets nothing checks its own consumer: :meth:`consumer_gone`)."""
         names = self.names(app)
         while True:
             await asyncio.sleep(self.check_interval)
@@ -583,6 +585,29 @@ class NatsBroker:
                 await self._stream(app)
             except Exception as exc:  # disconnected, ...: the pull loops report it
                 log.debug("checking stream %s failed: %s", names.stream, error_text(exc))
+
+    async def consumer_gone(self, app: str, durable: str) -> bool:
+        """Whether the durable consumer ``durable`` was deleted on the server (as ``nats
+        consumer rm`` does): a pull on it just times out. Said once, in a warning; the
+        pull loop then binds again, which makes the consumer anew, and the group's
+        events flow again (from the stream's start: the store drops what the group
+        settled). ``False`` when the check cannot be made (disconnected; a stream that
+        is gone is the stream watch's to re-make)."""
+        stream = self.names(app).stream
+        try:
+            await self.js.consumer_info(stream, durable)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code != _CONSUMER_NOT_FOUND:
+                return False
+            log.warning(
+                "NATS consumer %s of stream %s at %s is gone (deleted on the server): "
+                "making it again; its group's pending events are delivered again",
+                durable, stream, self.masked_url,
+            )
+            return True
+        except Exception as exc:  # disconnected, ...: the pull loop reports that
+            log.debug("checking consumer %s failed: %s", durable, error_text(exc))
+        return False
 
     async def _bind(
         self, app: str, durable: str, subject: str

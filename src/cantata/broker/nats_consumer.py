@@ -229,6 +229,7 @@ class NatsSubscription:
         bound = 0  # the broker's generation of the stream psub was bound on
         fast = False  # psub can be pulled from without a task per message (nats_pull)
         failures = 0
+        recheck = 0.0  # (monotonic) when an idle loop checks next that its consumer exists
         try:
             while not self._stopping.is_set():
                 want = min(self._share, self.concurrency - self._busy)
@@ -251,13 +252,20 @@ class NatsSubscription:
                     if psub is None:
                         psub = await self.broker._bind(self.app, durable, subject)
                         bound, fast = generation, usable(psub)
+                        recheck = time.monotonic() + self.broker.check_interval
                         if fast:
                             direct(psub)
                     msgs = await (fetch(psub, want, self.broker.fetch_timeout) if fast
                                   else psub.fetch(want, timeout=self.broker.fetch_timeout))
                     failures = 0
                 except TimeoutError:  # no message in time (or a reconnect under way)
-                    pass
+                    # ... or the consumer was deleted on the server (a pull on it gets no
+                    # answer): looked up when idle, every check_interval, and made again
+                    if psub is not None and time.monotonic() >= recheck:
+                        recheck = time.monotonic() + self.broker.check_interval
+                        if await self.broker.consumer_gone(self.app, durable):
+                            await self._unbind(psub)
+                            psub = None
                 except Exception as exc:  # server restarting, consumer lost, ...
                     failures += 1
                     if failures == 1 or failures % 50 == 0:

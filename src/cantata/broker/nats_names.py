@@ -4,7 +4,8 @@ For an app ``shop`` (and no prefix):
 
 - stream ``CANTATA_shop`` holding subjects ``cantata.shop.>``;
 - an event of type ``order.placed`` goes to ``cantata.shop.order.placed``;
-- dead-letter replays to a group go to ``cantata.shop._replay.<group>``;
+- dead-letter replays to a group go to ``cantata.shop._replay.<group>`` (no event type
+  may start with ``_replay``);
 - durable consumers are named ``<group>-<digest of group and pattern>``.
 
 A broker URL with ``?prefix=staging`` gives every name its own space, so two
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 
 from cantata.errors import ConfigurationError
 
+# No event type or pattern may start with it (model.event.RESERVED_FIRST_TOKENS), so a
+# replay subject is never an event's subject.
 REPLAY = "_replay"
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9-]{1,32}$")

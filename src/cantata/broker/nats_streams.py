@@ -2,10 +2,16 @@
 
 Ownership: a NATS stream belongs to one app in one store. Its description records
 the owner (``{"cantata": 1, "app": ..., "prefix": ..., "store": <store id>,
-"store_url": <masked URL>, "complete": true}``), and a store of another identity
-that finds it refuses to start, naming both stores: two environments with one app
-name on one server would otherwise take each other's events. Each environment gets
-its own names with ``nats://host:4222?prefix=staging`` (see ``docs/deploy.md``).
+"store_url": <masked URL>, "location": [<marks>], "complete": true}``), and a store
+of another identity that finds it refuses to start, naming both stores: two
+environments with one app name on one server would otherwise take each other's
+events. A copy of the owner (staging cloned from production: a file copied, a
+database dumped and restored) has its identity, but lives elsewhere: it shares no
+mark of :meth:`~cantata.store.roles.StoreLifecycle.location` with the ones recorded,
+and is refused the same way. The marks recorded are those every process of the
+owner saw (at most :data:`_MARKS_KEPT`), so a process that sees its store by
+another path still shares one. Each environment gets its own names with
+``nats://host:4222?prefix=staging`` (see ``docs/deploy.md``).
 
 Lost data: the store keeps every event, and a delivery stays ``pending`` until its
 group settled it. When a stream is missing (deleted, or the server restarted with
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nats.js.errors
@@ -41,6 +47,7 @@ log = logging.getLogger("cantata.broker")
 # those it already has, by event id, within its duplicate window.
 _CLOCK_MARGIN = 2.0
 _REDRIVE_BATCH = 10_000
+_MARKS_KEPT = 16  # location marks a stream's description keeps (the newest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +59,20 @@ class Owner:
     store: str
     store_url: str
     complete: bool
+    # where the store lives (StoreLifecycle.location); () when made by a Cantata that
+    # did not record it
+    location: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return json.dumps({
             "cantata": 1, "app": self.app, "prefix": self.prefix, "store": self.store,
-            "store_url": self.store_url, "complete": self.complete,
+            "store_url": self.store_url, "location": list(self.location),
+            "complete": self.complete,
         })
+
+    def where(self) -> str:
+        """The store, for a message: its URL and where it lives."""
+        return f"{self.store_url} ({self.location[0] if self.location else 'place unknown'})"
 
     @classmethod
     def parse(cls, description: str | None) -> Owner | None:
@@ -65,8 +80,11 @@ class Owner:
             d = json.loads(description or "")
             if not isinstance(d, dict) or d.get("cantata") != 1:
                 return None
+            marks = d.get("location")
+            location = tuple(str(m) for m in marks) if isinstance(marks, list) else ()
             return cls(str(d["app"]), str(d.get("prefix", "")), str(d["store"]),
-                       str(d.get("store_url", "?")), bool(d.get("complete", True)))
+                       str(d.get("store_url", "?")), bool(d.get("complete", True)),
+                       location)
         except (ValueError, KeyError):
             return None
 
@@ -93,6 +111,7 @@ class Streams:
         # stream -> how many times it was found re-made: consumers bound before are gone
         self.generations: dict[str, int] = {}
         self._identity: str | None = None
+        self._location: tuple[str, ...] = ()
 
     def forget(self, names: Names) -> None:
         """Look the stream up again next time (it may be gone)."""
@@ -117,8 +136,9 @@ class Streams:
         """
         if names.stream in self._known:
             return names.stream
-        me = Owner(names.app, self.prefix, await self._store_id(store), mask_url(store.url),
-                   complete=False)
+        store_id = await self._store_id(store)
+        me = Owner(names.app, self.prefix, store_id, mask_url(store.url), complete=False,
+                   location=self._location)
         try:
             info = await js.stream_info(names.stream)
         except nats.js.errors.NotFoundError:
@@ -129,8 +149,14 @@ class Streams:
             owner = me
             await self._describe(js, info, me)
         self._check(names, owner, me)
+        if not set(me.location) <= set(owner.location):
+            # The owner seen from here (by another path), or recorded by a Cantata that
+            # did not record locations: the marks of every view are kept.
+            kept = tuple(dict.fromkeys(owner.location + me.location))[-_MARKS_KEPT:]
+            owner = replace(owner, location=kept)
+            await self._describe(js, info, owner)
         if not owner.complete:
-            await self._redrive(js, store, names, info, me)
+            await self._redrive(js, store, names, info, owner)
         if self._created.setdefault(names.stream, info.created) != info.created:
             self._created[names.stream] = info.created
             self.generations[names.stream] = self.generations.get(names.stream, 0) + 1
@@ -140,6 +166,7 @@ class Streams:
     async def _store_id(self, store: StoreLifecycle) -> str:
         if self._identity is None:
             self._identity = await store.identity()
+            self._location = await store.location()
         return self._identity
 
     async def _create(self, js: JetStreamContext, names: Names, me: Owner) -> StreamInfo:
@@ -164,7 +191,19 @@ class Streams:
 
     def _check(self, names: Names, owner: Owner, me: Owner) -> None:
         if owner.store == me.store and owner.app == me.app and owner.prefix == me.prefix:
-            return
+            if not owner.location or set(owner.location) & set(me.location):
+                return
+            raise BrokerError(
+                f"NATS stream {names.stream} at {mask_url(self.broker_url)} belongs to app "
+                f"{owner.app!r} of store {owner.where()}, and store {me.where()} is a copy "
+                f"of that store (the same store id {me.store}, another place: a file "
+                "copied, a database restored): a copy must not take its original's "
+                "events. Give the copy's environment its own broker prefix "
+                "(nats://host:4222?prefix=staging); if the store was moved here and "
+                f"nothing runs at the old place any more, delete the stream (nats stream "
+                f"rm {names.stream}): the next worker makes it again and publishes the "
+                "pending events again"
+            )
         raise BrokerError(
             f"NATS stream {names.stream} at {mask_url(self.broker_url)} belongs to app "
             f"{owner.app!r} of store {owner.store_url} (id {owner.store}), not to app "
@@ -174,7 +213,8 @@ class Streams:
         )
 
     async def _redrive(
-        self, js: JetStreamContext, store: BrokerStore, names: Names, info: StreamInfo, me: Owner
+        self, js: JetStreamContext, store: BrokerStore, names: Names, info: StreamInfo,
+        owner: Owner,
     ) -> None:
         """Hand the events the stream lost back to the outbox, then mark it complete."""
         total = 0
@@ -192,7 +232,7 @@ class Streams:
                 "event(s) still pending for a group are published again",
                 names.stream, mask_url(self.broker_url), total,
             )
-        await self._describe(js, info, Owner(me.app, me.prefix, me.store, me.store_url, True))
+        await self._describe(js, info, replace(owner, complete=True))
 
     async def _describe(self, js: JetStreamContext, info: StreamInfo, owner: Owner) -> None:
         config: Any = info.config

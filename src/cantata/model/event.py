@@ -26,8 +26,13 @@ _PATTERN_RE = re.compile(r"^([A-Za-z0-9_\-]+|\*)(\.([A-Za-z0-9_\-]+|\*))*$")
 _OPTIONAL_STRINGS = ("subject", "time", "correlationid", "causationid", "traceparent", "signature")
 
 
-def check_type(event_type: str) -> str:
-    """Validate an event type (dot-separated tokens, no wildcard)."""
+#: First tokens of event types kept for Cantata's own use. The NATS broker sends a
+#: group's dead-letter replays to ``<app subjects>._replay.<group>``: an event of type
+#: ``_replay.billing`` would travel there, not where a group listening to it reads.
+RESERVED_FIRST_TOKENS = ("_replay",)
+
+
+def _check_type_syntax(event_type: str) -> str:
     if not isinstance(event_type, str) or not _TYPE_RE.fullmatch(event_type):
         raise InvalidEvent(
             f"event type {event_type!r} is invalid: use dot-separated tokens of letters, "
@@ -36,13 +41,33 @@ def check_type(event_type: str) -> str:
     return event_type
 
 
+def _check_reserved(what: str, name: str) -> None:
+    first = name.split(".", 1)[0]
+    if first in RESERVED_FIRST_TOKENS:
+        raise InvalidEvent(
+            f"{what} {name!r} is invalid: its first token {first!r} is reserved (the NATS "
+            f"broker's dead-letter replays travel there): rename it, such as "
+            f"{name.lstrip('_')!r}"
+        )
+
+
+def check_type(event_type: str) -> str:
+    """Validate an event type a program names (publishes, emits, declares or waits
+    for): dot-separated tokens, no wildcard, no reserved first token."""
+    _check_type_syntax(event_type)
+    _check_reserved("event type", event_type)
+    return event_type
+
+
 def check_pattern(pattern: str) -> str:
-    """Validate a subscription pattern: an exact type or one-token wildcards (``order.*``)."""
+    """Validate a subscription pattern: an exact type or one-token wildcards (``order.*``),
+    no reserved first token."""
     if not isinstance(pattern, str) or not _PATTERN_RE.fullmatch(pattern):
         raise InvalidEvent(
             f"event pattern {pattern!r} is invalid: use an event type such as 'order.placed' "
             "or one-token wildcards such as 'order.*'"
         )
+    _check_reserved("event pattern", pattern)
     return pattern
 
 
@@ -223,7 +248,9 @@ class Event(Generic[T]):
                     f"CloudEvent attribute {key!r} must be a string, got "
                     f"{type(ce[key]).__name__}"
                 )
-        check_type(ce["type"])
+        # (the syntax only: an event stored, recorded or sent before a first token was
+        # reserved still reads)
+        _check_type_syntax(ce["type"])
         if ce.get("signaturekeyid") is not None and not isinstance(ce["signaturekeyid"], str):
             raise InvalidEvent("CloudEvent attribute 'signaturekeyid' must be a string")
         data = _data_of(ce)

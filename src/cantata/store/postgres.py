@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import asyncpg
+
 from cantata.model.records import (
     Attempt,
     AuditRecord,
@@ -135,6 +137,26 @@ class PostgresStore(
         row = await self._db.fetchrow("SELECT id FROM store_identity")
         assert row is not None  # made by the migration that created the table
         return str(row[0])
+
+    async def location(self) -> tuple[str, ...]:
+        """The server (its system identifier, kept by its streaming replicas, so a
+        failover keeps it), the database and the schema: by name, and by object id (a
+        renamed database keeps its id; a restored one gets new ones)."""
+        try:
+            row = await self._db.fetchrow("SELECT system_identifier FROM pg_control_system()")
+            server = "?" if row is None else str(row[0])
+        except asyncpg.PostgresError:  # not allowed here (a managed service may refuse)
+            server = "?"
+        names = await self._db.fetchrow(
+            "SELECT d.datname, d.oid, n.oid FROM pg_database d, pg_namespace n "
+            "WHERE d.datname = current_database() AND n.nspname = $1",
+            self._db.schema,
+        )
+        assert names is not None  # (the store's own database and schema)
+        return (
+            f"postgresql:{server}/{names[0]}/{self._db.schema}",
+            f"postgresql-oid:{server}/{names[1]}/{names[2]}",
+        )
 
     async def run_transaction(
         self, app: str, run_id: str, fence: int, body: TxBody[T]

@@ -14,6 +14,9 @@ workers and the audit log here. Opening and migrating is in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import sqlite3
 from collections.abc import Sequence
 
@@ -127,6 +130,14 @@ class SQLiteStore(
         )
         return str(row[0])
 
+    async def location(self) -> tuple[str, ...]:
+        """The file's full path, and the file itself (device and inode: the same file
+        opened by another path, in a container say, is the same store; a copy is
+        another file)."""
+        if self.path == ":memory:":
+            return (f"memory:{await self.identity()}",)
+        return await asyncio.to_thread(_file_marks, self.path)
+
     async def run_transaction(
         self, app: str, run_id: str, fence: int, body: TxBody[T]
     ) -> T:
@@ -154,3 +165,10 @@ class SQLiteStore(
     # -- apps and observability ---------------------------------------------------------
 
 
+def _file_marks(path: str) -> tuple[str, ...]:
+    full = os.path.realpath(path)
+    marks = [f"path:{full}"]
+    with contextlib.suppress(OSError):
+        st = os.stat(full)
+        marks.append(f"file:{st.st_dev}:{st.st_ino}")
+    return tuple(marks)

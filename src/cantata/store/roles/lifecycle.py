@@ -72,6 +72,14 @@ class StoreLifecycle(Protocol):
         """This store's id, made once when the store was created (a broker records it
         on what it creates for an app, to tell two stores of one app name apart)."""
 
+    async def location(self) -> tuple[str, ...]:
+        """Marks of where this store's data lives, as its database sees it (a file's
+        full path and the file itself; a server, database and schema by name and by
+        object id). Every instance of one store shares at least one mark with every
+        other; a copy made elsewhere (a file copied, a database dumped and restored)
+        keeps :meth:`identity` but shares none, which is how a broker tells a copy from
+        its original."""
+
 
 class WorkerStore(Protocol):
     """Declarations of every process of an app, and its workers' heartbeats."""

@@ -239,6 +239,16 @@ class BrokerContract:
         await env.quiet()
         assert [s.msg.event.id for s in env.got("shipping") if s.msg.event] == [placed.id]
 
+    async def test_patterns_of_the_reserved_first_token_are_refused(self, env: Env) -> None:
+        # (a NATS broker's dead-letter replays travel on <app subjects>._replay.<group>)
+        from cantata.errors import CantataError
+
+        for pattern in ("_replay.billing", "_replay.*"):
+            with pytest.raises(CantataError, match="'_replay' is reserved"):
+                await env.broker.subscribe(
+                    env.app, "ops", [pattern], env.handler(), worker_id="w1"
+                )
+
     async def test_event_matching_two_patterns_of_a_group_is_handled_once(self, env: Env) -> None:
         await env.subscribe("billing", ["order.placed", "order.*"])
         [sent] = await env.publish(ev("order.placed"))

@@ -70,3 +70,12 @@ class OutboxContract(StoreFixtures):
         assert first and first == await store.identity()
         # peer is another instance on the same database: the same store
         assert await peer.identity() == first
+
+    async def test_location_is_stable_and_shared_by_instances_of_one_store(
+        self, store: Store, peer: Store
+    ) -> None:
+        # (a copy of the store elsewhere has its identity but shares no mark of this)
+        marks = await store.location()
+        assert marks and all(isinstance(m, str) and m for m in marks)
+        assert await store.location() == marks
+        assert set(await peer.location()) & set(marks)
