@@ -210,7 +210,7 @@ class PostgresFlow(PostgresCore):
             ):
                 spec = queue_spec(row)
                 waiting = await c.fetchrow(
-                    f"SELECT count(*), min(q.seq) / 1e6 {_WAITING}", app, spec.name
+                    f"SELECT count(*), min(q.seq)::float8 / 1e6 {_WAITING}", app, spec.name
                 )
                 assert waiting is not None
                 active = await c.fetchval(
