@@ -198,14 +198,17 @@ class Scheduler:
         )
 
 
-async def start_tick(engine: Engine, spec: ScheduleSpec, tick: float) -> str | None:
-    """Start the one run of ``tick`` (or find it); its run id (``None`` if refused)."""
+async def start_tick(engine: Engine, spec: ScheduleSpec, tick: float,
+                     actor: str | None = None) -> str | None:
+    """Start the one run of ``tick`` (or find it); its run id (``None`` if refused).
+    ``actor`` is who its ``run.created`` names (an operator's trigger; ``None``:
+    ``system``, a tick)."""
     from cantata.flow.queues import entry_for
 
     try:
         run, _ = await engine.create_run(
             spec.workflow, spec.args(tick), idempotency_key=tick_key(spec.name, tick),
-            queue=await entry_for(engine, spec.workflow, None, 0, None),
+            queue=await entry_for(engine, spec.workflow, None, 0, None), actor=actor,
         )
     except IdempotencyConflict as exc:  # the key was used by a run with other input
         log.warning("schedule %s: tick %s not started: %s", spec.name, tick_iso(tick), exc)
@@ -350,11 +353,11 @@ class Schedules:
         """Start one run of ``name`` now (its tick: the current time), whatever its
         policy. Its handle follows the app, as :meth:`App.start`'s does. Audited as
         ``schedule.triggered`` with ``actor`` and the run's id, after its
-        ``run.created``."""
+        ``run.created``, which names ``actor`` too."""
         engine = self._engine
         who = _who(engine, actor)
         spec = ScheduleSpec.from_json((await self._row(name)).spec)
-        run_id = await start_tick(engine, spec, engine.clock.now())
+        run_id = await start_tick(engine, spec, engine.clock.now(), actor=who)
         if run_id is None:
             raise ConfigurationError(f"schedule {name!r}: the triggered run was refused")
         await engine.store.record_action(engine.app, who, "schedule.triggered", name,
