@@ -240,6 +240,25 @@ class ScheduleInfo:
     # serving code declares starts no runs); None for an API schedule, or when the
     # listing app has no code (a bare App given the app's name).
     in_code: bool | None = None
+    cron: str | None = None  # the cron expression, or None for an interval
+    every: float | None = None  # the interval in seconds, or None for a cron
+    catch_up_limit: int | None = None
+    # The next ticks, oldest first: next_tick and the ones after it (empty when
+    # next_tick is None).
+    upcoming: tuple[dt.datetime, ...] = ()
+
+
+UPCOMING = 3  # ticks ScheduleInfo.upcoming shows
+
+
+def _upcoming(spec: ScheduleSpec, first: float | None) -> tuple[dt.datetime, ...]:
+    """``first`` and the ticks after it, :data:`UPCOMING` at most."""
+    out: list[dt.datetime] = []
+    tick = first
+    while tick is not None and len(out) < UPCOMING:
+        out.append(dt.datetime.fromtimestamp(tick, dt.UTC))
+        tick = spec.next_tick(tick)
+    return tuple(out)
 
 
 def _who(engine: Engine, actor: str | None) -> str:
@@ -308,11 +327,14 @@ class Schedules:
                        else row.name in engine.router.schedule_specs)
             nxt = None if row.paused or in_code is False else spec.next_tick(
                 max(state.last_tick, engine.clock.now()))
+            upcoming = _upcoming(spec, nxt)
             out.append(ScheduleInfo(
                 row.name, spec.workflow, spec.cron or f"every {spec.every:g}s", spec.timezone,
                 spec.overlap, spec.catch_up, row.paused, row.source,
                 None if nxt is None else dt.datetime.fromtimestamp(nxt, dt.UTC),
                 state.last_run_id, in_code,
+                cron=spec.cron, every=spec.every, catch_up_limit=spec.catch_up_limit,
+                upcoming=upcoming,
             ))
         return out
 
