@@ -413,3 +413,6 @@ async def test_schedule_operations_are_audited_with_their_actor(
         ("token:bob", "schedule.triggered", "n", {"run_id": run_id}),
         ("cli:carol@host", "schedule.deleted", "n", {}),
     ]
+    # the triggered run is the operator's too, as a run app.start(actor=...) creates
+    assert [r.actor for r in records if (r.action, r.target) == ("run.created", run_id)] == [
+        "token:bob"]

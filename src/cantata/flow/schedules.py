@@ -199,14 +199,17 @@ class Scheduler:
         )
 
 
-async def start_tick(engine: Engine, spec: ScheduleSpec, tick: float) -> str | None:
-    """Start the one run of ``tick`` (or find it); its run id (``None`` if refused)."""
+async def start_tick(engine: Engine, spec: ScheduleSpec, tick: float,
+                     actor: str | None = None) -> str | None:
+    """Start the one run of ``tick`` (or find it); its run id (``None`` if refused).
+    ``actor`` is who its ``run.created`` names (an operator's trigger; ``None``:
+    ``system``, a tick)."""
     from cantata.flow.queues import entry_for
 
     try:
         run, _ = await engine.create_run(
             spec.workflow, spec.args(tick), idempotency_key=tick_key(spec.name, tick),
-            queue=await entry_for(engine, spec.workflow, None, 0, None),
+            queue=await entry_for(engine, spec.workflow, None, 0, None), actor=actor,
         )
     except IdempotencyConflict as exc:  # the key was used by a run with other input
         log.warning("schedule %s: tick %s not started: %s", spec.name, tick_iso(tick), exc)
@@ -238,6 +241,25 @@ class ScheduleInfo:
     # serving code declares starts no runs); None for an API schedule, or when the
     # listing app has no code (a bare App given the app's name).
     in_code: bool | None = None
+    cron: str | None = None  # the cron expression, or None for an interval
+    every: float | None = None  # the interval in seconds, or None for a cron
+    catch_up_limit: int | None = None
+    # The next ticks, oldest first: next_tick and the ones after it (empty when
+    # next_tick is None).
+    upcoming: tuple[dt.datetime, ...] = ()
+
+
+UPCOMING = 3  # ticks ScheduleInfo.upcoming shows
+
+
+def _upcoming(spec: ScheduleSpec, first: float | None) -> tuple[dt.datetime, ...]:
+    """``first`` and the ticks after it, :data:`UPCOMING` at most."""
+    out: list[dt.datetime] = []
+    tick = first
+    while tick is not None and len(out) < UPCOMING:
+        out.append(dt.datetime.fromtimestamp(tick, dt.UTC))
+        tick = spec.next_tick(tick)
+    return tuple(out)
 
 
 def _who(engine: Engine, actor: str | None) -> str:
@@ -306,11 +328,14 @@ class Schedules:
                        else row.name in engine.router.schedule_specs)
             nxt = None if row.paused or in_code is False else spec.next_tick(
                 max(state.last_tick, engine.clock.now()))
+            upcoming = _upcoming(spec, nxt)
             out.append(ScheduleInfo(
                 row.name, spec.workflow, spec.cron or f"every {spec.every:g}s", spec.timezone,
                 spec.overlap, spec.catch_up, row.paused, row.source,
                 to_datetime(nxt),
                 state.last_run_id, in_code,
+                cron=spec.cron, every=spec.every, catch_up_limit=spec.catch_up_limit,
+                upcoming=upcoming,
             ))
         return out
 
@@ -349,11 +374,11 @@ class Schedules:
         """Start one run of ``name`` now (its tick: the current time), whatever its
         policy. Its handle follows the app, as :meth:`App.start`'s does. Audited as
         ``schedule.triggered`` with ``actor`` and the run's id, after its
-        ``run.created``."""
+        ``run.created``, which names ``actor`` too."""
         engine = self._engine
         who = _who(engine, actor)
         spec = ScheduleSpec.from_json((await self._row(name)).spec)
-        run_id = await start_tick(engine, spec, engine.clock.now())
+        run_id = await start_tick(engine, spec, engine.clock.now(), actor=who)
         if run_id is None:
             raise ConfigurationError(f"schedule {name!r}: the triggered run was refused")
         await engine.store.record_action(engine.app, who, "schedule.triggered", name,

@@ -68,6 +68,12 @@ class QueueSpec:
     rate: Rate | None = None
     priorities: bool = False
 
+    @property
+    def stats_window(self) -> float:
+        """Seconds the begins of :class:`QueueStats` are counted over: the rate's
+        window, or a minute for a queue without a rate."""
+        return self.rate.window if self.rate is not None else STATS_WINDOW
+
     def differences(self, other: QueueSpec) -> list[str]:
         """Human-readable ``field: mine vs theirs`` for every limit that differs."""
         out = []
@@ -124,9 +130,13 @@ class QueueClaim:
     waiting: bool = False  # runs of the claimed workflows still wait (held back by a limit)
 
 
+STATS_WINDOW = 60.0  # seconds of recent begins counted for a queue without a rate
+
+
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """The figures ``cantata queues`` shows for one queue."""
+    """The figures ``cantata queues`` shows for one queue (``began_last_window``: in
+    the last ``spec.stats_window`` seconds)."""
 
     name: str
     waiting: int

@@ -173,3 +173,16 @@ def tick_iso(tick: float) -> str:
 
 def tick_key(name: str, tick: float) -> str:
     return f"schedule:{name}:{tick_iso(tick)}"
+
+
+def key_tick(name: str, key: str | None) -> dt.datetime | None:
+    """The tick a run of schedule ``name`` was started for, from its idempotency key
+    (:func:`tick_key`); ``None`` for a key that is not one of that schedule's."""
+    prefix = f"schedule:{name}:"
+    if key is None or not key.startswith(prefix):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(key[len(prefix):].replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None

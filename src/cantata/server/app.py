@@ -13,7 +13,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cantata.app import App
-from cantata.server import deps, errors, observe, pages, routes_admin, routes_runs
+from cantata.server import (
+    deps,
+    errors,
+    observe,
+    pages,
+    routes_admin,
+    routes_flow,
+    routes_runs,
+)
 from cantata.server.state import Console
 
 STATIC = Path(__file__).parent / "static"
@@ -97,6 +105,7 @@ def create_app(app: App, *, stream_interval: float = 0.5) -> FastAPI:
     errors.install(api, console.redact, deps.gate, pages.not_found)
     api.include_router(routes_runs.router)
     api.include_router(observe.router)
+    api.include_router(routes_flow.router)
     api.include_router(routes_admin.router)
     api.include_router(pages.router)
     api.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -24,6 +24,7 @@ _STATUS = {
     "trace_not_found": 404,
     "graph_unavailable": 404,
     "token_not_found": 404,
+    "unknown_schedule": 404,
     "idempotency_conflict": 409,
     "run_in_progress": 409,
     "run_not_retryable": 409,

@@ -8,8 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from cantata.flow.schedules import ScheduleInfo
 from cantata.model import codec
 from cantata.model.event import Event
+from cantata.model.flow import QueueStats
 from cantata.model.records import (
     COMPENSATION,
     VALUE,
@@ -21,6 +23,7 @@ from cantata.model.records import (
     RunRecord,
     to_datetime,
 )
+from cantata.model.schedule import key_tick
 from cantata.model.status import RunStatus, call_status
 from cantata.observability.node import TraceNode
 
@@ -282,6 +285,68 @@ class SessionOut(BaseModel):
     store: str = Field(description="The store URL, its password masked.")
 
 
+class LastRunOut(BaseModel):
+    """The run a schedule's ticks started last."""
+
+    run_id: str
+    tick: dt.datetime | None = Field(description="The tick it was started for (from its "
+                                                 "idempotency key `schedule:NAME:TICK`).")
+    status: RunStatus | None = Field(description="Its status now (null: the run is gone).")
+
+
+class ScheduleOut(BaseModel):
+    """A schedule: when it ticks, its policies, its state, its next and last ticks."""
+
+    name: str
+    workflow: str
+    cron: str | None = Field(description="The cron expression (null for an interval).")
+    every: float | None = Field(description="The interval in seconds (null for a cron).")
+    when: str = Field(description="The cron expression, or `every Ns`.")
+    timezone: str = Field(description="The IANA zone the cron expression is read in.")
+    overlap: str = Field(description="skip, buffer_one or allow")
+    catch_up: str = Field(description="skip, last or all")
+    catch_up_limit: int | None
+    paused: bool
+    source: str = Field(description="`code` (`@app.schedule`) or `api` "
+                                    "(`app.schedules.create`).")
+    in_code: bool | None = Field(description="A code schedule: whether the console's code "
+                                             "declares it (false: no worker of this code "
+                                             "ticks it); null for an API schedule or a "
+                                             "console without the app's code.")
+    next_tick: dt.datetime | None = Field(description="Null while paused or not in code.")
+    next_ticks: list[dt.datetime] = Field(description="The next few ticks, soonest first.")
+    last_run: LastRunOut | None = Field(description="The run its ticks started last (a "
+                                                    "triggered run is not counted).")
+
+
+class TriggerOut(BaseModel):
+    schedule: str
+    run_id: str = Field(description="The run started now.")
+
+
+class RateOut(BaseModel):
+    limit: int
+    per: float = Field(description="Seconds of the sliding window.")
+
+
+class QueueOut(BaseModel):
+    """A queue's limits and where its runs stand, across its partitions."""
+
+    name: str
+    concurrency: int | None = Field(description="Runs in progress at most (per partition).")
+    per_worker: int | None = Field(description="Runs in progress on one worker at most.")
+    rate: RateOut | None = Field(description="Begins at most per window (per partition).")
+    priorities: bool
+    waiting: int = Field(description="Runs waiting to begin (the depth).")
+    in_progress: int = Field(description="Runs begun and not ended.")
+    began_recently: int = Field(description="Runs begun in the last `window_seconds`.")
+    window_seconds: float = Field(description="The window `began_recently` counts: the "
+                                              "rate's (with its small margin), else 60.")
+    oldest_waiting_since: dt.datetime | None = Field(description="When the run waiting "
+                                                                 "longest was queued.")
+    oldest_waiting_seconds: float | None = Field(description="How long it has waited.")
+
+
 class Overview(BaseModel):
     app: str
     counts: dict[str, int]
@@ -384,3 +449,33 @@ def audit_out(r: AuditRecord, head: int) -> AuditOut:
 def verify_out(r: AuditReport) -> VerifyOut:
     """A verification report as JSON."""
     return VerifyOut(ok=r.ok, records=r.records, first_bad_seq=r.first_bad_seq, reason=r.reason)
+
+
+def schedule_out(s: ScheduleInfo, last: RunRecord | None) -> ScheduleOut:
+    """A schedule as JSON; ``last`` is the record of its last run (``None``: gone)."""
+    last_run = None
+    if s.last_run_id is not None:
+        last_run = LastRunOut(
+            run_id=s.last_run_id,
+            tick=key_tick(s.name, last.idempotency_key) if last is not None else None,
+            status=last.status if last is not None else None)
+    return ScheduleOut(
+        name=s.name, workflow=s.workflow, cron=s.cron, every=s.every, when=s.when,
+        timezone=s.timezone, overlap=s.overlap, catch_up=s.catch_up,
+        catch_up_limit=s.catch_up_limit, paused=s.paused, source=s.source,
+        in_code=s.in_code, next_tick=s.next_tick, next_ticks=list(s.upcoming),
+        last_run=last_run)
+
+
+def queue_out(q: QueueStats, now: float) -> QueueOut:
+    """A queue's figures as JSON (``now``: the app's clock, for the oldest run's age)."""
+    spec = q.spec
+    oldest = q.oldest_waiting_at
+    return QueueOut(
+        name=q.name, concurrency=spec.concurrency, per_worker=spec.per_worker,
+        rate=RateOut(limit=spec.rate.limit, per=spec.rate.per) if spec.rate else None,
+        priorities=spec.priorities, waiting=q.waiting, in_progress=q.in_progress,
+        began_recently=q.began_last_window,
+        window_seconds=spec.stats_window,
+        oldest_waiting_since=utc(oldest),
+        oldest_waiting_seconds=None if oldest is None else round(max(now - oldest, 0.0), 3))

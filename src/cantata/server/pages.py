@@ -25,7 +25,8 @@ from cantata.server.state import console_of
 router = APIRouter(include_in_schema=False)
 
 NAV = (("/", "Overview"), ("/runs", "Runs"), ("/events", "Events"),
-       ("/dead-letters", "Dead letters"), ("/stalled", "Stalled"))
+       ("/dead-letters", "Dead letters"), ("/stalled", "Stalled"),
+       ("/schedules", "Schedules"), ("/queues", "Queues"))
 MAX_FORM = 4096
 
 
@@ -153,6 +154,18 @@ async def stalled(request: Request) -> Response:
     """Stalled transactions."""
     return await _page(request, "Stalled", "Stalled transactions", "stalled",
                        active="/stalled")
+
+
+@router.get("/schedules")
+async def schedules(request: Request) -> Response:
+    """Schedules; Pause, Resume, Trigger."""
+    return await _page(request, "Schedules", "Schedules", "schedules", active="/schedules")
+
+
+@router.get("/queues")
+async def queues(request: Request) -> Response:
+    """Queues: limits, depth, in progress, rate."""
+    return await _page(request, "Queues", "Queues", "queues", active="/queues")
 
 
 def _safe_next(value: str | None) -> str:

@@ -76,10 +76,12 @@ async def verify(request: Request, _: Admin) -> VerifyOut:
 @router.get("/api/stream", tags=["observe"], summary="Live changes (server-sent events)",
             response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                             "description": "`event: run` (run_id, status) and "
-                                            "`event: dead_letter` (id, group, state)"}})
+                             "description": "`event: run` (run_id, status), "
+                                            "`event: dead_letter` (id, group, state) and "
+                                            "`event: schedule` (name, action)"}})
 async def stream(request: Request, who: Viewer) -> StreamingResponse:
-    """Run status changes and dead letters as they happen, from any process."""
+    """Run status changes, dead letters and schedules paused, resumed or triggered as they
+    happen, from any process."""
     console = console_of(request)
 
     async def still_allowed() -> bool:

@@ -1,6 +1,6 @@
 """Live changes for ``GET /api/stream``: one feed per server follows the app's audit log
-(every run status change and dead letter is recorded there, by whichever process made
-it) and fans each change out to every connected client.
+(every run status change, dead letter and operator change of a schedule is recorded
+there, by whichever process made it) and fans each change out to every connected client.
 
 The feed reads new audit records when the store says something changed (its change
 listeners) and otherwise every ``interval`` seconds, so changes made by other
@@ -34,7 +34,7 @@ RECHECK = 2.0  # seconds between checks that a client's token is still valid
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One server-sent event: ``kind`` is ``run`` or ``dead_letter``."""
+    """One server-sent event: ``kind`` is ``run``, ``dead_letter`` or ``schedule``."""
 
     seq: int
     kind: str
@@ -71,6 +71,11 @@ def change_of(rec: AuditRecord) -> Change | None:
     if rec.action == "run.cancel_requested" and data.get("applied"):
         return Change(rec.seq, "run", {"run_id": rec.target, "status": data.get("status"),
                                        "cancel_requested": True, "time": when})
+    if rec.action.startswith("schedule."):  # an operator's change of a schedule
+        return Change(rec.seq, "schedule", {
+            "name": rec.target, "action": rec.action.partition(".")[2],
+            "run_id": data.get("run_id"), "time": when,
+        })
     state = _DEAD_LETTER_STATES.get(rec.action)
     if state is not None:
         group, _, event_id = rec.target.partition(":")

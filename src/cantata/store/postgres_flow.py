@@ -210,7 +210,7 @@ class PostgresFlow(PostgresCore):
             ):
                 spec = queue_spec(row)
                 waiting = await c.fetchrow(
-                    f"SELECT count(*), min(q.seq) / 1e6 {_WAITING}", app, spec.name
+                    f"SELECT count(*), min(q.seq)::float8 / 1e6 {_WAITING}", app, spec.name
                 )
                 assert waiting is not None
                 active = await c.fetchval(
@@ -218,7 +218,7 @@ class PostgresFlow(PostgresCore):
                     "r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NOT "
                     f"NULL AND NOT q.done AND r.status IN {LIVE_SQL}", app, spec.name,
                 )
-                window = spec.rate.window if spec.rate else 60.0
+                window = spec.stats_window
                 began = await c.fetchval(
                     "SELECT count(*) FROM queue_runs WHERE app=$1 AND queue=$2 AND began_at > $3",
                     app, spec.name, now - window,

@@ -215,7 +215,7 @@ class SQLiteFlow(SQLiteCore):
                     "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
                     f"AND q.done=0 AND {LIVE_R}", (app, spec.name),
                 ).fetchone()[0]
-                window = spec.rate.window if spec.rate else 60.0
+                window = spec.stats_window
                 began = c.execute(
                     "SELECT count(*) FROM queue_runs WHERE app=? AND queue=? AND began_at > ?",
                     (app, spec.name, now - window),

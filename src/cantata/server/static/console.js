@@ -66,8 +66,9 @@
       hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23", timeZoneName: "short" });
     return h("time", { datetime: iso, title: local }, d.toLocaleString("en-US", opts) + " UTC");
   }
-  function ago(iso) {
-    const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  function ago(iso) { return duration((Date.now() - Date.parse(iso)) / 1000); }
+  function duration(seconds) {
+    const s = Math.max(0, seconds);
     if (s < 60) return `${Math.round(s)} s`;
     if (s < 3600) return `${Math.round(s / 60)} min`;
     if (s < 86400) return `${(s / 3600).toFixed(1)} h`;
@@ -117,7 +118,7 @@
         if (es.readyState === EventSource.CLOSED) setTimeout(connectLive, 5000);
       }, () => {});
     };
-    for (const kind of ["run", "dead_letter"]) {
+    for (const kind of ["run", "dead_letter", "schedule"]) {
       es.addEventListener(kind, (ev) => {
         let data; try { data = JSON.parse(ev.data); } catch (e) { return; }
         for (const fn of liveHandlers) fn(kind, data);
@@ -527,6 +528,113 @@
     }
     await render();
     onLive(debounce(() => render().catch(fail), 1000));
+  };
+
+  // Pages whose figures change with time alone (a tick passes, a waiting run ages, the
+  // rate window slides: no change on the stream says so) read them again every `ms`
+  // while the page is shown, besides the changes the stream brings.
+  function everyWhileShown(fn, ms) { setInterval(() => { if (!document.hidden) fn(); }, ms); }
+  // A table whose rows become labelled blocks at phone width (the stylesheet's
+  // table.stack): each cell says which column it is, buttons included, no scrolling.
+  function stacked(wrap, headers) {
+    const t = wrap.querySelector("table");
+    if (!t) return wrap;
+    t.classList.add("stack");
+    for (const tr of t.querySelectorAll("tbody tr")) {
+      [...tr.children].forEach((td, i) => { if (headers[i]) td.setAttribute("data-label", headers[i]); });
+    }
+    return wrap;
+  }
+
+  pages.schedules = async () => {
+    const msg = h("div", {});
+    const holder = h("div", {});
+    show(h("p", { class: "muted" }, "Each tick starts one run of the schedule's workflow. " +
+      "Times are the ticks' UTC times; a cron is read in its own time zone."), msg, holder);
+    async function act(s, action, button) {
+      if (action === "trigger" && !confirm(`Start a run of ${s.workflow} now, for schedule ${s.name}?`)) return;
+      button.disabled = true;
+      try {
+        const r = await api(`/api/schedules/${encodeURIComponent(s.name)}/${action}`, { method: "POST" });
+        msg.replaceChildren(action === "trigger"
+          ? h("div", { class: "notice ok", role: "status" }, `Triggered ${s.name}: started run `, runLink(r.run_id))
+          : h("div", { class: "notice ok", role: "status" }, `${action === "pause" ? "Paused" : "Resumed"} ${s.name}.`));
+        await render();
+      } catch (e) { msg.replaceChildren(notice(e.message, "error")); button.disabled = false; }
+    }
+    function state(s) {
+      if (s.paused) return badge("paused");
+      if (s.in_code === false) return h("span", { class: "badge s-not_in_code",
+        title: "Declared in code that no longer declares it: no worker of this code starts its runs" }, "not in code");
+      return badge("active");
+    }
+    async function render() {
+      const list = await api("/api/schedules");
+      const rows = list.map((s) => h("tr", { "data-schedule": s.name },
+        h("td", { class: "name" }, h("strong", {}, s.name),
+          h("div", { class: "muted" }, s.source === "code" ? "in code" : "made at run time")),
+        h("td", {}, s.workflow),
+        h("td", { class: "spec" }, h("span", { class: "mono" }, s.when), s.cron ? ` (${s.timezone})` : "",
+          h("div", { class: "muted policies" }, `overlap ${s.overlap} · catch-up ${s.catch_up}`,
+            s.catch_up_limit ? ` (${s.catch_up_limit} at most)` : "")),
+        h("td", { class: "status" }, state(s)),
+        h("td", { class: "when next" }, s.next_ticks.length
+          ? s.next_ticks.map((t, i) => h("div", { class: i ? "muted" : "" }, when(t))) : "—"),
+        h("td", { class: "last" }, s.last_run
+          ? [h("div", {}, runLink(s.last_run.run_id), " ", badge(s.last_run.status || "gone")),
+             s.last_run.tick ? h("div", { class: "muted" }, "tick ", when(s.last_run.tick)) : null]
+          : "—"),
+        canOperate ? h("td", { class: "buttons" },
+          s.paused
+            ? h("button", { type: "button", class: "primary", onclick: (ev) => act(s, "resume", ev.currentTarget) }, "Resume")
+            : h("button", { type: "button", onclick: (ev) => act(s, "pause", ev.currentTarget) }, "Pause"),
+          h("button", { type: "button", onclick: (ev) => act(s, "trigger", ev.currentTarget) }, "Trigger")) : null));
+      const headers = ["Schedule", "Workflow", "When", "State", "Next ticks", "Last run"];
+      holder.replaceChildren(stacked(table(canOperate ? [...headers, ""] : headers, rows,
+        "No schedules. Declare one with @app.schedule, or make one with app.schedules.create."), headers));
+    }
+    await render();
+    const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
+    const soon = debounce(again, 300);
+    const later = debounce(again, 1000);  // a run of a tick (or any run) started or ended
+    onLive((kind) => { if (kind === "schedule" || kind === "open") soon(); else if (kind === "run") later(); });
+    everyWhileShown(again, 15000);
+  };
+
+  pages.queues = async () => {
+    const msg = h("div", {});
+    const holder = h("div", {});
+    show(h("p", { class: "muted" }, "Runs started in a queue (queue=NAME, or a workflow declared with one) " +
+      "wait here until its limits let them begin. Figures are per queue, across its partitions; " +
+      "the limits apply to each partition."), msg, holder);
+    function limits(q) {
+      const parts = [];
+      if (q.concurrency !== null) parts.push(`concurrency ${q.concurrency}`);
+      if (q.per_worker !== null) parts.push(`${q.per_worker} per worker`);
+      if (q.rate) parts.push(`rate ${q.rate.limit} per ${q.rate.per} s`);
+      if (q.priorities) parts.push("priorities");
+      return parts.length ? parts.join(" · ") : "none";
+    }
+    async function render() {
+      const list = await api("/api/queues");
+      const rows = list.map((q) => h("tr", { "data-queue": q.name },
+        h("td", {}, h("strong", {}, q.name)),
+        h("td", { class: "num waiting" }, String(q.waiting)),
+        h("td", { class: "num in-progress" }, String(q.in_progress)),
+        h("td", { class: "num began" }, String(q.began_recently),
+          h("span", { class: "muted" }, q.rate ? ` of ${q.rate.limit}` : "", ` in ${duration(q.rate ? q.rate.per : q.window_seconds)}`)),
+        h("td", { class: "oldest" }, q.oldest_waiting_seconds === null ? "—"
+          : [duration(q.oldest_waiting_seconds), h("div", { class: "muted" }, "since ", when(q.oldest_waiting_since))]),
+        h("td", { class: "limits" }, limits(q))));
+      const headers = ["Queue", "Waiting", "In progress", "Begun recently", "Oldest waiting", "Limits"];
+      holder.replaceChildren(stacked(table(headers, rows,
+        "No queues. Declare one with app.queue(name, concurrency=..., rate=...)."), headers));
+      msg.replaceChildren();
+    }
+    await render();
+    const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
+    onLive(debounce(again, 500));
+    everyWhileShown(again, 5000);
   };
 
   /* -- start ------------------------------------------------------------------------- */

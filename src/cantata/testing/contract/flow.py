@@ -141,6 +141,22 @@ class FlowContract(StoreFixtures):
         stats = await store.queue_stats(self.app, now=time.time())
         assert [(s.name, s.waiting, s.in_progress) for s in stats] == [("q", 2, 2)]
 
+    async def test_queue_stats_give_the_oldest_waiting_run_as_posix_seconds(
+        self, store: Store
+    ) -> None:
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=1), worker_id="w",
+                                  stale_before=0)
+        assert (await store.queue_stats(self.app, now=time.time()))[0].oldest_waiting_at is None
+        ids = await self.queued(store, 3)
+        assert await self.claim_q(store, "w") == ids[:1]
+        [stats] = await store.queue_stats(self.app, now=time.time())
+        second = await store.get_run(self.app, ids[1])
+        assert second is not None
+        # a float, as every time of the store (`now - oldest_waiting_at` is the wait)
+        assert type(stats.oldest_waiting_at) is float
+        assert stats.oldest_waiting_at == pytest.approx(second.created_at, abs=1e-5)
+        assert (stats.waiting, stats.in_progress, stats.began_last_window) == (2, 1, 1)
+
     async def test_racing_claimers_never_exceed_concurrency(
         self, store: Store, peer: Store
     ) -> None:

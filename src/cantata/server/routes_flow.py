@@ -1,0 +1,123 @@
+"""``/api/schedules`` and ``/api/queues``: what runs when, and what waits where.
+
+Schedules are listed, paused, resumed and triggered through ``app.schedules`` (as
+``cantata schedules`` does), with the caller's ``token:NAME`` as the ``actor`` its
+audit records name; queues are ``app.queue_stats()`` (as ``cantata queues``). Deleting
+a schedule is left to the CLI and the library: see docs/console.md.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request
+
+from cantata.errors import ConfigurationError, UnknownSchedule
+from cantata.model.checks import check_text
+from cantata.server.auth import Principal
+from cantata.server.deps import ERRORS, operator, viewer
+from cantata.server.errors import ApiError
+from cantata.server.models import (
+    QueueOut,
+    ScheduleOut,
+    TriggerOut,
+    queue_out,
+    schedule_out,
+)
+from cantata.server.state import console_of
+
+router = APIRouter(prefix="/api", tags=["flow"], responses=ERRORS)
+
+Viewer = Annotated[Principal, Depends(viewer)]
+Operator = Annotated[Principal, Depends(operator)]
+# A schedule's name is 1-100 characters of any text (a '/' too: the path converter
+# takes it, the dashboard encodes it).
+ScheduleName = Annotated[str, Path(min_length=1, max_length=100,
+                                   description="A schedule's name")]
+
+
+@router.get("/schedules", response_model=list[ScheduleOut], summary="Schedules, by name")
+async def schedules(request: Request, _: Viewer) -> list[ScheduleOut]:
+    """Every schedule of the app: when it ticks, its policies, whether it is paused, its
+    next ticks and the run its ticks started last (with that run's status now)."""
+    return await _listed(request)
+
+
+async def _listed(request: Request, name: str | None = None) -> list[ScheduleOut]:
+    app = await console_of(request).open()
+    found = [s for s in await app.schedules.list() if name is None or s.name == name]
+    if name is not None and not found:
+        raise _unknown(app.name, name)
+    out = []
+    for s in found:
+        last = None if s.last_run_id is None else await app.store.get_run(app.name,
+                                                                          s.last_run_id)
+        out.append(schedule_out(s, last))
+    return out
+
+
+def _unknown(app: str, name: str) -> UnknownSchedule:
+    return UnknownSchedule(f"no schedule named {name!r} in app {app!r}: GET /api/schedules "
+                           "lists them")
+
+
+def _check(app: str, name: str) -> None:
+    """A 404 for a name no schedule can have (a NUL, a lone surrogate), before the store
+    is asked (PostgreSQL would refuse the text)."""
+    check_text("schedule name", name, error=UnknownSchedule,
+               hint=f"no schedule of app {app!r} has such a name; GET /api/schedules "
+                    "lists them")
+
+
+@router.post("/schedules/{name:path}/pause", response_model=ScheduleOut,
+             summary="Pause a schedule")
+async def pause(request: Request, name: ScheduleName, who: Operator) -> ScheduleOut:
+    """Starts no run of the schedule until it is resumed, as `cantata schedules pause`;
+    answers the schedule. Audited as `schedule.paused` by the token (pausing a paused
+    schedule changes nothing and is recorded again)."""
+    return await _set(request, name, who, paused=True)
+
+
+@router.post("/schedules/{name:path}/resume", response_model=ScheduleOut,
+             summary="Resume a schedule")
+async def resume(request: Request, name: ScheduleName, who: Operator) -> ScheduleOut:
+    """Starts its runs again from its next tick (the ticks while it was paused are
+    skipped), as `cantata schedules resume`; answers the schedule. Audited as
+    `schedule.resumed` by the token."""
+    return await _set(request, name, who, paused=False)
+
+
+async def _set(request: Request, name: str, who: Principal, *, paused: bool) -> ScheduleOut:
+    app = await console_of(request).open()
+    _check(app.name, name)
+    act = app.schedules.pause if paused else app.schedules.resume
+    await act(name, actor=who.actor)  # UnknownSchedule: 404
+    return (await _listed(request, name))[0]
+
+
+@router.post("/schedules/{name:path}/trigger", status_code=201, response_model=TriggerOut,
+             summary="Start one run of a schedule now")
+async def trigger(request: Request, name: ScheduleName, who: Operator) -> TriggerOut:
+    """Starts one run of the schedule's workflow now (its tick: the current time),
+    paused or not and whatever its overlap policy, as `cantata schedules trigger` (201).
+    Its `run.created` and the `schedule.triggered` after it name the token. 409
+    (`trigger_refused`) when the store refuses the run (its key `schedule:NAME:TICK`
+    was used with other arguments)."""
+    app = await console_of(request).open()
+    _check(app.name, name)
+    try:
+        handle = await app.schedules.trigger(name, actor=who.actor)  # UnknownSchedule: 404
+    except ConfigurationError as exc:  # the library refused the run
+        raise ApiError(409, "trigger_refused", console_of(request).redact(str(exc))) from None
+    return TriggerOut(schedule=name, run_id=handle.run_id)
+
+
+@router.get("/queues", response_model=list[QueueOut], summary="Queues, by name")
+async def queues(request: Request, _: Viewer) -> list[QueueOut]:
+    """Every queue of the app: its limits, runs waiting (the depth), in progress, begun
+    recently, and how long the oldest waiting run has waited. Counted per queue, across
+    its partitions (the limits apply per partition)."""
+    app = await console_of(request).open()
+    stats = await app.queue_stats()
+    now = app.clock.now()
+    return [queue_out(q, now) for q in stats]

@@ -1,0 +1,170 @@
+"""The Schedules and Queues pages in a real browser (Debian's chromium, as
+tests/server/test_browser.py drives it): an operator pauses, triggers and resumes a
+schedule, a change made elsewhere arrives live, the queues page shows a queue's depth
+and follows it, a viewer sees no button, nothing scrolls sideways on a phone.
+Screenshots go to docs/img/ for docs/console.md (CANTATA_SCREENSHOTS=1)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cantata import App
+from tests.server import test_browser as base  # (skips this module without chromium)
+from tests.server.conftest import ServerThread, make_tokens
+from tests.server.shop import make_shop
+from tests.server.test_flow_api import with_flow
+
+pytestmark = pytest.mark.slow
+
+from playwright.sync_api import Browser, expect  # noqa: E402 (once chromium is known there)
+
+# The fixtures and helpers of the console's other browser tests.
+browser = base.browser
+img = base.img
+login = base.login
+shot = base.shot
+SCHEDULE_BUTTONS = ("Pause", "Resume", "Trigger")
+
+
+async def seed(app: App) -> dict[str, Any]:
+    tokens, names = await make_tokens(app)
+    await app.schedules.create("weekly-sync", "15 4 * * 1", "yearly_report",
+                               timezone="Europe/Berlin", overlap="buffer_one", catch_up="last")
+    # a schedule that has ticked (its last run shows), then paused
+    await app.schedules.create("every-second", None, "yearly_report", every=1)
+    for _ in range(400):
+        [ticking] = [s for s in await app.schedules.list() if s.name == "every-second"]
+        if ticking.last_run_id is not None:
+            break
+        await asyncio.sleep(0.05)
+    await app.schedules.pause("every-second")
+    # one approval holds the fragile queue's one slot: two runs wait behind it
+    for i in range(3):
+        await app.start("await_approval", {"id": f"Q-{i}"}, queue="fragile")
+    return {"tokens": tokens, "names": names}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    path = tmp_path_factory.mktemp("browser-flow") / "shop.db"
+    app = with_flow(make_shop(f"sqlite:///{path}"))
+    with ServerThread(app, setup=seed) as srv:
+        yield srv
+
+
+def row(page: Any, name: str) -> Any:
+    return page.locator(f'tr[data-schedule="{name}"]')
+
+
+def test_an_operator_pauses_triggers_and_resumes_a_schedule(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    page = login(browser, server, "operator", img)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Schedules").click()
+    expect(page.get_by_role("heading", name="Schedules", exact=True)).to_be_visible()
+    yearly = row(page, "yearly_report")
+    expect(yearly.locator("td.status")).to_have_text("active")
+    expect(yearly).to_contain_text("0 3 1 1 *")
+    expect(yearly.locator("td.next time").first).to_have_text(
+        re.compile(r"^Jan 01, (\d{4}, )?03:00:00 UTC$"))
+    # the schedule that ticked: its last run, the tick it was for, that run's status
+    ticked = row(page, "every-second")
+    expect(ticked.locator("td.status")).to_have_text("paused")
+    expect(ticked.locator("td.last")).to_contain_text("completed")
+    expect(ticked.locator("td.last time")).to_have_text(re.compile(r" UTC$"))
+
+    yearly.get_by_role("button", name="Pause").click()
+    expect(yearly.locator("td.status")).to_have_text("paused")
+    expect(page.get_by_role("status").filter(has_text="Paused yearly_report.")).to_be_visible()
+    expect(yearly.get_by_role("button", name="Resume")).to_be_visible()
+    expect(yearly.get_by_role("button", name="Pause")).to_have_count(0)
+    expect(yearly.locator("td.next")).to_have_text("—")
+
+    page.once("dialog", lambda d: d.accept())  # Trigger asks first: it starts a run
+    yearly.get_by_role("button", name="Trigger").click()
+    started = page.get_by_role("status").filter(has_text="Triggered yearly_report: started run")
+    expect(started).to_be_visible()
+    shot(page, "schedules.png")
+    run_id = started.get_by_role("link").inner_text()
+
+    yearly.get_by_role("button", name="Resume").click()
+    expect(yearly.locator("td.status")).to_have_text("active")
+    expect(yearly.locator("td.next time")).to_have_count(3)
+
+    # a change made elsewhere (the CLI, another console) arrives on the live stream
+    expect(page.locator("#live")).to_be_visible()
+    weekly = row(page, "weekly-sync")
+    expect(weekly.locator("td.status")).to_have_text("active")
+    server.run(lambda: server.app.schedules.pause("weekly-sync", actor="cli:ann@host"))
+    expect(weekly.locator("td.status")).to_have_text("paused", timeout=10_000)
+    server.run(lambda: server.app.schedules.resume("weekly-sync", actor="cli:ann@host"))
+    expect(weekly.locator("td.status")).to_have_text("active", timeout=10_000)
+
+    # each action is the operator's in the audit log
+    token = f"token:{server.result['names']['operator']}"
+    records = server.run(lambda: server.app.store.audit_records(server.app.name, after_seq=0,
+                                                                limit=10_000))
+    mine = [(r.action, r.target) for r in records if r.actor == token]
+    assert mine == [("schedule.paused", "yearly_report"), ("run.created", run_id),
+                    ("schedule.triggered", "yearly_report"),
+                    ("schedule.resumed", "yearly_report")]
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_viewer_sees_no_schedule_buttons(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    page = login(browser, server, "viewer", img)
+    for path, heading in (("/schedules", "Schedules"), ("/queues", "Queues")):
+        page.goto(f"{server.url}{path}")
+        expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible()
+        expect(page.locator("tbody tr").first).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        for name in (*SCHEDULE_BUTTONS, *base.OPERATOR_BUTTONS):
+            expect(page.get_by_role("button", name=name, exact=True)).to_have_count(0)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_the_queues_page_shows_a_queues_depth_and_follows_it(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    page = login(browser, server, "viewer", img)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Queues").click()
+    expect(page.get_by_role("heading", name="Queues", exact=True)).to_be_visible()
+    fragile = page.locator('tr[data-queue="fragile"]')
+    expect(fragile.locator("td.in-progress")).to_have_text("1")
+    waiting = int(fragile.locator("td.waiting").inner_text())
+    assert waiting >= 2
+    expect(fragile.locator("td.limits")).to_have_text("concurrency 1 · rate 5 per 60 s")
+    expect(fragile.locator("td.oldest time")).to_have_text(re.compile(r" UTC$"))
+    expect(fragile.locator("td.began")).to_contain_text("of 5 in 1 min")
+    shot(page, "queues.png")
+    expect(page.locator("#live")).to_be_visible()
+    server.run(lambda: server.app.start("await_approval", {"id": "Q-more"}, queue="fragile"))
+    expect(fragile.locator("td.waiting")).to_have_text(str(waiting + 1), timeout=10_000)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_at_phone_width_the_pages_do_not_scroll_sideways(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    page = login(browser, server, "operator", img)
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/queues", "/schedules"):
+        page.goto(f"{server.url}{path}")
+        expect(page.locator("tbody tr").first).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, (path, width)
+        # every cell is in sight, the operator's buttons too (no table to scroll either)
+        for cell in page.locator("tbody td").all():
+            box = cell.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, path
+    trigger = page.get_by_role("button", name="Trigger").first.bounding_box()
+    assert trigger is not None and trigger["x"] + trigger["width"] <= 390
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -1,0 +1,220 @@
+"""``/api/schedules`` and ``/api/queues`` against the shop with a queue and schedules, on
+SQLite and on PostgreSQL (docs/console.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+import zoneinfo
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from cantata import App, Rate
+from cantata.server.stream import change_of
+from tests.helpers import eventually
+from tests.server.conftest import Shop, make_tokens
+from tests.server.shop import make_shop
+from tests.server.test_api import audit_records
+
+YEARLY = "0 3 1 1 *"  # Jan 1st, 03:00: a code schedule that never ticks during a test
+
+
+def with_flow(app: App) -> App:
+    """The shop plus a queue in front of a fragile downstream and a scheduled report."""
+    app.queue("fragile", concurrency=1, rate=Rate(5, per=60))
+
+    @app.schedule(YEARLY)
+    @app.workflow
+    async def yearly_report(ctx: Any, tick: dt.datetime) -> dict[str, Any]:
+        return {"tick": tick.isoformat()}
+
+    return app
+
+
+@pytest.fixture
+async def shop(store_url: str) -> AsyncIterator[Shop]:
+    state: dict[str, Any] = {"emails_broken": False}
+    app = with_flow(make_shop(store_url, state=state))
+    async with app:
+        tokens, names = await make_tokens(app)
+        await app.schedules.create("weekly-sync", "15 4 * * 1", "yearly_report",
+                                   timezone="Europe/Berlin", overlap="buffer_one",
+                                   catch_up="all", catch_up_limit=2)
+        transport = httpx.ASGITransport(app=app.asgi(stream_interval=0.05))
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            yield Shop(app, state, client, tokens, names)
+
+
+def by_name(listed: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in listed}
+
+
+def parse(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+async def test_schedules_are_listed_with_their_spec_state_and_next_ticks(shop: Shop) -> None:
+    r = await shop.get("/api/schedules", "viewer")
+    assert r.status_code == 200, r.text
+    listed = r.json()
+    assert [s["name"] for s in listed] == ["weekly-sync", "yearly_report"]
+    code, api = by_name(listed)["yearly_report"], by_name(listed)["weekly-sync"]
+    assert {k: code[k] for k in ("workflow", "cron", "every", "when", "timezone", "overlap",
+                                 "catch_up", "catch_up_limit", "paused", "source",
+                                 "in_code", "last_run")} == {
+        "workflow": "yearly_report", "cron": YEARLY, "every": None, "when": YEARLY,
+        "timezone": "UTC", "overlap": "skip", "catch_up": "skip", "catch_up_limit": None,
+        "paused": False, "source": "code", "in_code": True, "last_run": None}
+    ticks = [parse(t) for t in code["next_ticks"]]
+    assert len(ticks) == 3 and ticks == sorted(ticks) and parse(code["next_tick"]) == ticks[0]
+    assert all((t.month, t.day, t.hour, t.minute) == (1, 1, 3, 0) for t in ticks)
+    assert [t.year for t in ticks] == [ticks[0].year + i for i in range(3)]
+    assert code["next_tick"].endswith("Z")  # RFC 3339 UTC, as every time of the API
+    # made at run time: read in its own zone, an API schedule (in_code says nothing)
+    assert (api["source"], api["in_code"], api["timezone"], api["overlap"], api["catch_up"],
+            api["catch_up_limit"]) == ("api", None, "Europe/Berlin", "buffer_one", "all", 2)
+    assert len(api["next_ticks"]) == 3
+    for t in api["next_ticks"]:
+        local = parse(t).astimezone(zoneinfo.ZoneInfo("Europe/Berlin"))
+        assert (local.weekday(), local.hour, local.minute) == (0, 4, 15)
+
+
+async def test_pause_resume_and_trigger_are_audited_with_the_token(shop: Shop) -> None:
+    token = f"token:{shop.names['operator']}"
+    r = await shop.post("/api/schedules/yearly_report/pause")
+    assert r.status_code == 200, r.text
+    paused = r.json()
+    assert paused["name"] == "yearly_report" and paused["paused"] is True
+    assert paused["next_tick"] is None and paused["next_ticks"] == []
+    listed = by_name((await shop.get("/api/schedules")).json())
+    assert listed["yearly_report"]["paused"] is True
+    assert listed["weekly-sync"]["paused"] is False
+    assert (await shop.app.schedules.list())[1].paused is True  # the library's own view
+
+    r = await shop.post("/api/schedules/yearly_report/resume")
+    assert r.status_code == 200 and r.json()["paused"] is False
+    assert r.json()["next_tick"] is not None
+
+    r = await shop.post("/api/schedules/yearly_report/trigger")
+    assert r.status_code == 201, r.text
+    run_id = r.json()["run_id"]
+    assert r.json()["schedule"] == "yearly_report"
+    run = await shop.app.get_handle(run_id).result(timeout=10)
+    assert parse(run["tick"]).tzinfo is not None
+
+    records = [(x["actor"], x["action"], x["target"], x["data"])
+               for x in await audit_records(shop) if x["actor"] == token]
+    assert records == [
+        (token, "schedule.paused", "yearly_report", {}),
+        (token, "schedule.resumed", "yearly_report", {}),
+        # the triggered run is created by the token too, then the trigger is recorded
+        (token, "run.created", run_id, records[2][3]),
+        (token, "schedule.triggered", "yearly_report", {"run_id": run_id}),
+    ]
+    assert records[2][3]["workflow"] == "yearly_report"
+
+
+async def test_the_last_run_of_a_schedules_ticks_is_shown_with_its_tick_and_status(
+    shop: Shop,
+) -> None:
+    await shop.app.schedules.create("every-second", None, "yearly_report", every=1)
+    found: dict[str, Any] = {}
+
+    async def ticked() -> bool:
+        listed = by_name((await shop.get("/api/schedules")).json())
+        found.update(listed["every-second"])
+        last = found["last_run"]
+        return last is not None and last["status"] == "completed"
+
+    await eventually(ticked, timeout=15)
+    last = found["last_run"]
+    run = (await shop.get(f"/api/runs/{last['run_id']}")).json()
+    assert run["idempotency_key"] == f"schedule:every-second:{last['tick']}"
+    assert parse(last["tick"]).microsecond == 0 and found["every"] == 1.0
+    assert found["when"] == "every 1s" and found["cron"] is None
+    assert (await shop.post("/api/schedules/every-second/pause")).status_code == 200
+
+
+async def test_an_unknown_schedule_is_a_404_in_the_error_shape(shop: Shop) -> None:
+    for path in ("nope/pause", "nope/resume", "nope/trigger", "a%00b/pause",
+                 "x" * 100 + "/trigger"):
+        r = await shop.post(f"/api/schedules/{path}")
+        assert r.status_code == 404, (path, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "unknown_schedule", path
+        assert "schedule" in error["message"] and error["field"] is None
+    assert "nope" in (await shop.post("/api/schedules/nope/pause")).json()["error"]["message"]
+    # over 100 characters, no schedule can have the name: refused before the store
+    r = await shop.post("/api/schedules/" + "x" * 101 + "/pause")
+    assert r.status_code == 400 and r.json()["error"]["field"] == "name"
+    # nothing was audited for them
+    assert not [x for x in await audit_records(shop) if x["action"].startswith("schedule.")
+                and x["actor"].startswith("token:")]
+
+
+async def test_a_name_with_a_slash_or_a_space_is_addressed_encoded(shop: Shop) -> None:
+    name = f"reports/daily sync {uuid.uuid4().hex[:4]}"
+    await shop.app.schedules.create(name, YEARLY, "yearly_report")
+    r = await shop.post(f"/api/schedules/{name.replace('/', '%2F').replace(' ', '%20')}/pause")
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == name and r.json()["paused"] is True
+
+
+async def test_roles_viewers_read_operators_act(shop: Shop) -> None:
+    for path in ("/api/schedules", "/api/queues"):
+        assert (await shop.client.get(path)).status_code == 401
+        assert (await shop.get(path, "viewer")).status_code == 200
+    for action in ("pause", "resume", "trigger"):
+        path = f"/api/schedules/yearly_report/{action}"
+        r = await shop.client.post(path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = await shop.post(path, "viewer")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        assert (await shop.post(path, "admin")).status_code in (200, 201)
+    # the refused calls changed nothing and recorded nothing
+    assert [(x["actor"], x["action"]) for x in await audit_records(shop)
+            if x["action"].startswith("schedule.") and x["actor"].startswith("token:")] == [
+        (f"token:{shop.names['admin']}", f"schedule.{a}")
+        for a in ("paused", "resumed", "triggered")]
+
+
+async def test_a_schedule_change_is_a_live_change(shop: Shop) -> None:
+    await shop.post("/api/schedules/yearly_report/pause")
+    trig = (await shop.post("/api/schedules/yearly_report/trigger")).json()
+    records = await shop.app.store.audit_records(shop.app.name, after_seq=0, limit=10_000)
+    changes = [c.data for c in map(change_of, records) if c is not None and c.kind == "schedule"]
+    assert [(c["name"], c["action"], c["run_id"]) for c in changes] == [
+        ("weekly-sync", "created", None),  # (the fixture's app.schedules.create)
+        ("yearly_report", "paused", None), ("yearly_report", "triggered", trig["run_id"])]
+    assert all(c["time"].endswith("Z") for c in changes)
+
+
+async def test_queues_show_limits_depth_in_progress_and_the_oldest_wait(shop: Shop) -> None:
+    r = await shop.get("/api/queues", "viewer")
+    assert r.status_code == 200, r.text
+    [q] = r.json()
+    assert q == {"name": "fragile", "concurrency": 1, "per_worker": None,
+                 "rate": {"limit": 5, "per": 60.0}, "priorities": False, "waiting": 0,
+                 "in_progress": 0, "began_recently": 0, "window_seconds": q["window_seconds"],
+                 "oldest_waiting_since": None, "oldest_waiting_seconds": None}
+    assert 60 <= q["window_seconds"] <= 61
+    # runs that wait for an approval hold the queue's one slot: the others wait
+    handles = [await shop.app.start("await_approval", {"id": f"Q-{i}"}, queue="fragile")
+               for i in range(3)]
+    seen: dict[str, Any] = {}
+
+    async def settled() -> bool:
+        [got] = (await shop.get("/api/queues")).json()
+        seen.update(got)
+        return got["in_progress"] == 1 and got["waiting"] == 2
+
+    await eventually(settled, timeout=15)
+    assert seen["began_recently"] == 1
+    assert seen["oldest_waiting_seconds"] is not None and seen["oldest_waiting_seconds"] >= 0
+    since = parse(seen["oldest_waiting_since"])
+    assert abs(since.timestamp() - shop.app.clock.now()) < 60
+    for h in handles:
+        await h.cancel()
