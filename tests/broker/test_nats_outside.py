@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import uuid
 from pathlib import Path
 from typing import Any
@@ -129,5 +130,63 @@ async def test_an_outside_event_with_text_no_store_keeps_is_dead_lettered(
         letters = await app.dead_letters()
         assert {d.event.type for d in letters} == {INVALID_TYPE}
         assert all("NUL" in d.error or "surrogate" in d.error for d in letters), letters
+    if backend == "postgres":
+        await drop_schema(request.getfixturevalue("postgres_url"), schema)
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_an_outside_event_with_an_attribute_too_long_to_index_is_dead_lettered(
+    backend: str, nats_url: str, tmp_path: Path, request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An id, type or correlation id of 10,000 characters (random: PostgreSQL would
+    compress a repeated one under its index limit) is refused as not a valid event,
+    as app.publish refuses it: dead-lettered once, no handler run, no traceback."""
+    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
+    if backend == "sqlite":
+        store = f"sqlite:///{tmp_path}/a.db"
+    else:
+        store = f"{request.getfixturevalue('postgres_url')}?schema={schema}"
+    name = app_name("outside")
+    broker = nats_broker(nats_url)
+    app = App(name, store=store, broker=broker, poll_interval=0.05)
+    handled: list[str] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: Event[Any]) -> None:
+        handled.append(event.id)
+
+    long = secrets.token_hex(5000)  # 10,000 characters that do not compress
+    async with streams_removed(nats_url, name), app:
+        names = broker.names(name)
+        bad = [Event(type="order.placed", data={}, id=long),
+               Event(type=f"order.{long}", data={}),
+               Event(type="order.placed", data={}, correlation_id=long)]
+        good = Event(type="order.placed", data={"ok": True})
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            for e in [*bad, good]:  # all on the subject of order.placed
+                await js.publish(names.event("order.placed"), e.to_json(),
+                                 stream=names.stream)
+
+            async def all_dead() -> bool:
+                return len(await app.dead_letters()) == 3
+
+            await eventually(all_dead, what="the 3 events dead-lettered")
+            await eventually(lambda: handled == [good.id], what="the good event handled")
+            await asyncio.sleep(SETTLE)
+        finally:
+            await nc.close()
+        letters = await app.dead_letters()
+    assert {d.event.type for d in letters} == {INVALID_TYPE}
+    assert sorted(d.error.split("'")[1] for d in letters) == [
+        "correlation_id", "id", "type"], [d.error for d in letters]
+    assert all("characters long" in d.error and "at most 500" in d.error
+               for d in letters)
+    assert handled == [good.id]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
     if backend == "postgres":
         await drop_schema(request.getfixturevalue("postgres_url"), schema)

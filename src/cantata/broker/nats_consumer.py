@@ -29,7 +29,7 @@ from cantata.broker.nats_pull import direct, fetch, indirect, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.checks import check_text
 from cantata.model.codec import new_id
-from cantata.model.event import Event, is_claim
+from cantata.model.event import BOUNDED_ATTRIBUTES, Event, check_length, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import Settlement
@@ -55,12 +55,15 @@ def decode(msg: Msg) -> Event[Any]:
         event: Event[Any] = Event.from_binary(headers, msg.data)
     else:
         event = Event.from_json(msg.data)
-    # Another system's event may hold text no store keeps (a NUL, a lone surrogate):
-    # dead-lettered as not a valid event, as a publisher here would have been refused.
+    # Another system's event may hold text no store keeps (a NUL, a lone surrogate, an
+    # id too long to index): dead-lettered as not a valid event, as a publisher here
+    # would have been refused.
     for name in _TEXT_ATTRIBUTES:
         value = getattr(event, name)
         if value is not None:
             check_text(f"event attribute {name!r}", value, error=InvalidEvent)
+    for name in BOUNDED_ATTRIBUTES:
+        check_length(name, getattr(event, name))
     return event
 
 

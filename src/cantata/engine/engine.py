@@ -13,7 +13,7 @@ from cantata.declare.router import Router
 from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.checks import check_key
-from cantata.model.event import Event
+from cantata.model.event import MAX_ATTRIBUTE, Event
 from cantata.model.idempotency import args_hash
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
@@ -202,8 +202,9 @@ class Engine:
         check_key("idempotency_key", idempotency_key, "the business key that makes this "
                   "start unique (e.g. 'order-42'), or None for a new run each time",
                   empty=False)
+        # (bounded as an event's: the events the run emits carry it)
         check_key("correlation_id", correlation_id, "the id of the business transaction to "
-                  "join, or None to begin a new one")
+                  "join, or None to begin a new one", longest=MAX_ATTRIBUTE)
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )
