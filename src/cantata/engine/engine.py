@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef, remote_step_def
@@ -112,6 +112,9 @@ class Engine:
         self._waiters: dict[str, set[RunExecution]] = {}
         self._run_waiters: dict[str, set[RunExecution]] = {}
         self._declared_waits: set[tuple[str, str]] = set()
+        # Told the types runs reach waits of (the App has a broker keep the events from
+        # outside of those types for them: broker/nats_outside.py).
+        self.waits_reached: Callable[[list[str]], Awaitable[None]] | None = None
         self._known_remote: set[str] = set()
         self._remote_steps: dict[str, StepDef] = {}
         # (monotonic time, patterns every service declared): the orphan check's cache
@@ -574,3 +577,9 @@ class Engine:
             return
         self._declared_waits.add((workflow, event_type))
         await self.store.declare(self.app, [Declaration("wait", workflow, event_type)])
+        if self.waits_reached is not None:
+            try:
+                await self.waits_reached([event_type])
+            except Exception as exc:  # the wait still sees events stored by other means
+                log.warning("keeping events from outside of type %s for waits failed: %s",
+                            event_type, reason(exc))
