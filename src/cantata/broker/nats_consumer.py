@@ -48,6 +48,10 @@ quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no t
 _EARLY = 0.1
 INVALID_TYPE = "cantata.broker.invalid-payload"  # type of the stand-in for a garbage payload
 _MAX_INVALID_TEXT = 64 * 1024
+# A message that fails this often in a process with something other than a storage
+# fault (which is waited out) is given up: NATS stops delivering it (docs/deploy.md).
+GIVE_UP_AFTER = 5
+_CRASHES_KEPT = 1024  # messages whose failures a subscription counts
 
 
 def decode(msg: Msg) -> Event[Any]:
@@ -253,6 +257,8 @@ class NatsSubscription:
         # messages whose handler is running: told "in progress" every third of ack_wait
         self._held: dict[int, Msg] = {}
         self._keeper = asyncio.create_task(self._keep_alive(), name=f"cantata-nats:{group}:wip")
+        # "stream:sequence" -> failures of that message here (see _failed)
+        self._crashes: dict[str, int] = {}
         # event id -> callers waiting for the group's delivery state (see _delivery_state)
         self._lookups: dict[str, list[asyncio.Future[DeliveryHold | None]]] = {}
         self._loops = [
@@ -423,8 +429,8 @@ class NatsSubscription:
                     quiet.warning(f"settle:{self.group}", "group %s could not record a "
                                   "message (%s); NATS redelivers it", self.group,
                                   error_text(exc))
-                else:
-                    log.exception("handler of group %s crashed on a message", self.group)
+                elif await self._failed(m, exc, "handling", hand_back=False):
+                    return
                 if not msg.settled:
                     await msg.retry(error_text(exc), 1.0)
         except Exception as exc:
@@ -432,7 +438,7 @@ class NatsSubscription:
                 quiet.warning(f"settle:{self.group}", "settling a message of group %s failed "
                               "(%s); NATS redelivers it", self.group, error_text(exc))
             else:
-                log.exception("settling a message of group %s failed", self.group)
+                await self._failed(m, exc, "settling")
         finally:
             self._held.pop(id(m), None)
             if key is not None:
@@ -440,9 +446,56 @@ class NatsSubscription:
             self._busy -= 1
             self._capacity.set()
 
+    async def _failed(
+        self, m: Msg, exc: Exception, what: str, *, hand_back: bool = True
+    ) -> bool:
+        """Report a failure on ``m`` that is not a storage fault (a storage fault is
+        waited out): a message the store cannot keep, or a bug. One line now and then
+        (the traceback at debug level); ``hand_back``: NATS is asked to deliver it
+        again after a backoff (0.5 s, doubling). After :data:`GIVE_UP_AFTER` failures
+        of the message here, NATS is told to stop delivering it (``True``), so that it
+        cannot loop for ever."""
+        who = self.who
+        log.debug("%s a message of %s failed", what, who, exc_info=exc)
+        try:
+            meta = m.metadata
+            where = f"{meta.stream}:{meta.sequence.stream}"
+        except Exception:
+            where = m.reply or "?"
+        failures = self._crashes.pop(where, 0) + 1
+        if failures < GIVE_UP_AFTER:
+            self._crashes[where] = failures
+            while len(self._crashes) > _CRASHES_KEPT:
+                del self._crashes[next(iter(self._crashes))]
+            quiet.warning(
+                f"crash:{self.app}:{self.group}", "%s a message of %s failed (%s); NATS "
+                "delivers it again (given up after %d such failures)", what, who,
+                error_text(exc), GIVE_UP_AFTER,
+            )
+            if hand_back:
+                with contextlib.suppress(Exception):
+                    await m.nak(delay=0.5 * 2 ** (failures - 1))
+            return False
+        event_id = (m.headers or {}).get("Nats-Msg-Id") or "unknown"
+        log.error(
+            "%s gave up on the message at %s (message id %s) after %d failures in this "
+            "worker, the last: %s. NATS no longer delivers it: an event the store holds "
+            "stays pending for the group (`cantata stalled` shows it, `cantata dlq redrive` "
+            "sends it again); an event from another system was not kept", who, where,
+            event_id, failures, error_text(exc),
+        )
+        with contextlib.suppress(Exception):
+            await m.term()
+        return True
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def who(self) -> str:
+        """What log lines call this subscription."""
+        return f"group {self.group}"
 
     def holds(self, emitted: Sequence[Event[Any]]) -> list[tuple[str, str]]:
         """(group, event id) of ``emitted`` that this worker's subscribers take at once

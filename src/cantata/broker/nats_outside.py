@@ -69,6 +69,10 @@ class OutsideKeeper(NatsSubscription):
         )
         self.on_stored = on_stored
 
+    @property
+    def who(self) -> str:
+        return f"the consumer keeping events from outside for waits (app {self.app})"
+
     def add(self, pattern: str) -> None:
         """Keep the events from outside of ``pattern`` too (a pull loop of its own)."""
         if pattern in self.patterns or self._stopping.is_set():
@@ -100,10 +104,10 @@ class OutsideKeeper(NatsSubscription):
                 quiet.warning(f"keep:{self.app}", "storing an event from outside of app %s "
                               "failed (%s); NATS delivers it again", self.app,
                               error_text(exc))
+                with contextlib.suppress(Exception):
+                    await m.nak(delay=1.0)
             else:
-                log.exception("storing an event from outside of app %s failed", self.app)
-            with contextlib.suppress(Exception):
-                await m.nak(delay=1.0)
+                await self._failed(m, exc, "storing")
         finally:
             self._busy -= 1
             self._capacity.set()
