@@ -136,6 +136,18 @@ class Runtime:
             concurrency=app.concurrency,
         )
         await self.consumer.start()
+        keep = getattr(self.broker, "keep_outside", None)
+        if keep is not None:
+            # Events another system puts on the broker reach a wait only once stored: a
+            # broker that carries them (NATS) stores those of the types the workflows
+            # served here wait for (broker/nats_outside.py), here found in their code
+            # and later as runs reach waits.
+            async def keep_for_waits(types: list[str]) -> None:
+                await keep(app.name, types, worker_id=engine.worker_id,
+                           on_stored=engine.events_appended)
+
+            await keep_for_waits(sorted({t for wf, t in app.router.waits if engine.serves(wf)}))
+            engine.waits_reached = keep_for_waits
         # A broker may declare the groups it subscribes bare (NatsBroker does):
         # record the full declarations last.
         await self.store.declare(app.name, declaration_records(app.router, workflow_shape))

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 
-from cantata import App, Event, Retry
+from cantata import App, Event, Retry, WorkflowContext
 from cantata.broker.nats import NatsBroker
 from cantata.broker.nats_consumer import INVALID_TYPE
+from cantata.store.sqlite import SQLiteStore
 from tests.broker.nats_support import app_name, nats_broker, streams_removed
 from tests.choreography.helpers import SETTLE, eventually
 from tests.helpers import drop_schema
@@ -131,3 +135,130 @@ async def test_an_outside_event_with_text_no_store_keeps_is_dead_lettered(
         assert all("NUL" in d.error or "surrogate" in d.error for d in letters), letters
     if backend == "postgres":
         await drop_schema(request.getfixturevalue("postgres_url"), schema)
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_an_outside_event_with_an_attribute_too_long_to_index_is_dead_lettered(
+    backend: str, nats_url: str, tmp_path: Path, request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An id, type or correlation id of 10,000 characters (random: PostgreSQL would
+    compress a repeated one under its index limit) is refused as not a valid event,
+    as app.publish refuses it: dead-lettered once, no handler run, no traceback."""
+    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
+    if backend == "sqlite":
+        store = f"sqlite:///{tmp_path}/a.db"
+    else:
+        store = f"{request.getfixturevalue('postgres_url')}?schema={schema}"
+    name = app_name("outside")
+    broker = nats_broker(nats_url)
+    app = App(name, store=store, broker=broker, poll_interval=0.05)
+    handled: list[str] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: Event[Any]) -> None:
+        handled.append(event.id)
+
+    long = secrets.token_hex(5000)  # 10,000 characters that do not compress
+    async with streams_removed(nats_url, name), app:
+        names = broker.names(name)
+        bad = [Event(type="order.placed", data={}, id=long),
+               Event(type=f"order.{long}", data={}),
+               Event(type="order.placed", data={}, correlation_id=long)]
+        good = Event(type="order.placed", data={"ok": True})
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            for e in [*bad, good]:  # all on the subject of order.placed
+                await js.publish(names.event("order.placed"), e.to_json(),
+                                 stream=names.stream)
+
+            async def all_dead() -> bool:
+                return len(await app.dead_letters()) == 3
+
+            await eventually(all_dead, what="the 3 events dead-lettered")
+            await eventually(lambda: handled == [good.id], what="the good event handled")
+            await asyncio.sleep(SETTLE)
+        finally:
+            await nc.close()
+        letters = await app.dead_letters()
+    assert {d.event.type for d in letters} == {INVALID_TYPE}
+    assert sorted(d.error.split("'")[1] for d in letters) == [
+        "correlation_id", "id", "type"], [d.error for d in letters]
+    assert all("characters long" in d.error and "at most 500" in d.error
+               for d in letters)
+    assert handled == [good.id]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+    if backend == "postgres":
+        await drop_schema(request.getfixturevalue("postgres_url"), schema)
+
+
+class FaultyStore(SQLiteStore):
+    """A store that cannot keep the events whose id starts with ``poison-`` (as
+    PostgreSQL could not index one too long): an error that is not a storage fault."""
+
+    async def append_external(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+        if any(e.id.startswith("poison-") for e in events):
+            raise RuntimeError("index row requires 10032 bytes, maximum size is 8191")
+        return await super().append_external(app, events)
+
+
+async def test_a_message_the_store_cannot_keep_is_given_up_quietly(
+    nats_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not delivered for ever with a traceback each time: a few deliveries, one warning
+    line, then one error line, and NATS no longer delivers it (for a group, and for
+    the consumer that keeps outside events for waits)."""
+    name = app_name("outside")
+    broker = nats_broker(nats_url)
+    app = App(name, store=FaultyStore(str(tmp_path / "a.db")), broker=broker,
+              poll_interval=0.05)
+    handled: list[str] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: Event[Any]) -> None:
+        handled.append(event.id)
+
+    @app.workflow
+    async def approval(ctx: WorkflowContext, order_id: str) -> Any:
+        return (await ctx.wait_for_event("invoice.approved", timeout=60)).data
+
+    async with streams_removed(nats_url, name), app:
+        names = broker.names(name)
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            for e in (Event(type="order.placed", data={}, id="poison-1"),
+                      Event(type="invoice.approved", data={}, id="poison-2"),
+                      Event(type="order.placed", data={"ok": True}, id="good-1")):
+                await js.publish(names.event(e.type), e.to_json(), stream=names.stream)
+            await eventually(lambda: handled == ["good-1"], what="the good event handled")
+
+            def given_up() -> list[str]:
+                lines = [r.getMessage() for r in caplog.records
+                         if r.levelno == logging.ERROR and "gave up" in r.getMessage()]
+                return lines if len(lines) == 2 else []
+
+            lines = await eventually(given_up, timeout=30, what="both messages given up")
+
+            async def nothing_left() -> bool:
+                infos = [i async for i in _consumers(js, names.stream)]
+                return all(i.num_ack_pending == 0 and i.num_pending == 0 for i in infos)
+
+            await eventually(nothing_left, what="NATS no longer delivers them")
+        finally:
+            await nc.close()
+    assert sorted("billing" in line for line in lines) == [False, True], lines
+    assert all("RuntimeError: index row requires" in line for line in lines), lines
+    assert not [r for r in caplog.records if r.exc_info and r.levelno >= logging.INFO]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                and "failed (RuntimeError" in r.getMessage()]
+    assert 1 <= len(warnings) <= 2, [r.getMessage() for r in warnings]  # one per consumer
+    assert handled == ["good-1"]
+
+
+async def _consumers(js: Any, stream: str) -> Any:
+    for info in await js.consumers_info(stream):
+        yield info

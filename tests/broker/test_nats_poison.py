@@ -23,8 +23,8 @@ pytestmark = pytest.mark.nats
 LONG_TYPE = "order." + "x" * 10_000
 
 
-def shop(name: str, store: str, url: str, handled: list[str]) -> App:
-    app = App(name, store=store, broker=nats_broker(url), poll_interval=0.05)
+def shop(name: str, store: str, url: str, handled: list[str], **broker: Any) -> App:
+    app = App(name, store=store, broker=nats_broker(url, **broker), poll_interval=0.05)
 
     @app.on("order.*", group="billing")
     async def bill(event: Event[Any]) -> None:
@@ -37,9 +37,13 @@ async def test_publish_refuses_what_the_server_would_refuse_before_storing_it(
     nats_url: str, tmp_path: Path
 ) -> None:
     name = app_name("poison")
-    app = shop(name, f"sqlite:///{tmp_path}/a.db", nats_url, [])
+    # (a server configured with a short control line: a type within Cantata's own bound
+    # of 500 characters that its subject does not fit)
+    app = shop(name, f"sqlite:///{tmp_path}/a.db", nats_url, [], max_control_line=512)
     async with streams_removed(nats_url, name), app.client():
         with pytest.raises(InvalidEvent, match="control line"):
+            await app.publish("order." + "x" * 480, {"n": 1})
+        with pytest.raises(InvalidEvent, match="'type' is 10006 characters long"):
             await app.publish(LONG_TYPE, {"n": 1})
         with pytest.raises(PayloadTooLarge, match="max_payload of 1048576 bytes"):
             await app.publish("order.placed", {"blob": "x" * 1_100_000})

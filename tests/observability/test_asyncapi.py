@@ -118,7 +118,8 @@ def test_payload_schema_from_the_pydantic_model_and_cloudevents_headers() -> Non
     assert {"specversion", "id", "source", "type", "correlationid", "causationid",
             "traceparent", "signature", "data"} <= set(attributes)
     headers = resolve(doc, message["headers"]["$ref"])
-    assert set(headers["properties"]) == {"Content-Type", "Nats-Msg-Id"}
+    assert set(headers["properties"]) == {"Content-Type", "Nats-Msg-Id", "Cantata-Outbox"}
+    assert headers["required"] == ["Content-Type", "Nats-Msg-Id"]
     assert message["correlationId"] == {"$ref": "#/components/correlationIds/correlationid"}
     assert resolve(doc, message["correlationId"]["$ref"])["location"] == (
         "$message.payload#/correlationid")

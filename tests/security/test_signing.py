@@ -192,6 +192,19 @@ def test_the_signature_covers_the_content() -> None:
     assert not Signer({"k1": K2}).accepts(event)
 
 
+def test_an_event_signed_without_a_correlation_id_verifies_with_its_id_as_one() -> None:
+    """Another system's signed event that carries no correlation id is given its own id
+    as one when it arrives from the broker (DESIGN.md §5): its signature still holds;
+    any other correlation id does not."""
+    signer = Signer({"k1": K1})
+    signed = signer.sign(Event("payment.charged", {"amount": 1}, id="pay-1"))
+    assert signed.correlation_id is None
+    arrived = dataclasses.replace(signed, correlation_id="pay-1")
+    assert signer.accepts(arrived, required=True)
+    assert not signer.accepts(dataclasses.replace(signed, correlation_id="tx-2"))
+    assert not signer.accepts(dataclasses.replace(arrived, data={"amount": 2}))
+
+
 @pytest.mark.nats
 async def test_on_nats_an_outside_event_takes_its_id_and_a_different_one_is_refused(
     nats_url: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
@@ -230,14 +243,25 @@ async def test_on_nats_an_outside_event_takes_its_id_and_a_different_one_is_refu
                              headers={"Nats-Msg-Id": "other-copy"})
             await eventually(lambda: "reusing event id pay-10" in caplog.text,
                              what="the clash refused")
+            [handled] = await eventually(app.dead_letters, what="the clash dead-lettered")
             # one reusing an id stored but never addressed to the group: dead-lettered
             other = Event("payment.refunded", {"amount": 7}, id="ref-1")
             await app.publish("payment.refunded", {"amount": 7}, id="ref-1")
             wrong = dataclasses.replace(other, type="payment.charged", data={"amount": 8})
             await js.publish(names.event(wrong.type), wrong.to_json(), stream=names.stream)
-            [dl] = await eventually(app.dead_letters, what="the clash dead-lettered")
+
+            async def two() -> list[Any]:
+                letters = await app.dead_letters()
+                return letters if len(letters) == 2 else []
+
+            letters = await eventually(two, what="the second clash dead-lettered")
         finally:
             await nc.close()
+    # each dead-lettered as itself (a stand-in carrying the message): the stored events
+    # keep their deliveries
+    assert handled.error.startswith("DuplicateEventId: event id pay-10")
+    assert "1000000" in handled.event.data["payload"]
+    [dl] = [d for d in letters if d.id != handled.id]
     assert dl.error.startswith("DuplicateEventId: event id ref-1")
     assert "'amount': 7" in dl.error and "'amount': 8" in dl.error
     assert "1000000" in caplog.text

@@ -6,6 +6,7 @@ NUL as they are (JSON escapes it)."""
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from cantata import (
     WorkflowContext,
     WorkflowFailed,
 )
+from cantata.model.event import MAX_ATTRIBUTE
 from cantata.observability import TraceNotFound
 from tests.helpers import eventually, make_app
 
@@ -55,6 +57,39 @@ async def test_start_and_publish_refuse_it_naming_the_field(
         assert await app.list_runs() == []
         ok = await app.start(echo, 1, idempotency_key="order-1", correlation_id="tx-1")
         assert await ok.result(timeout=10) == 1
+
+
+async def test_ids_too_long_to_index_are_refused_and_the_longest_kept(store_url: str) -> None:
+    """Ids, types and correlation ids are indexed: PostgreSQL cannot index text of more
+    than 2,704 bytes. At most 500 characters are taken, where they are given (the same
+    bound as on an event from the broker); 500 characters of 4 bytes each are kept."""
+    app = make_app(store_url)
+
+    @app.workflow
+    async def echo(ctx: WorkflowContext, x: int) -> int:
+        await ctx.emit("order.echoed", {"x": x})
+        return x
+
+    # random, so that PostgreSQL cannot compress it under its limit
+    long = secrets.token_hex(5000)
+    wide = "".join(chr(0x1F600 + secrets.randbelow(0x40)) for _ in range(MAX_ATTRIBUTE))
+    async with app:
+        with pytest.raises(ConfigurationError,
+                           match=r"correlation_id is 10000 characters long .*at most 500"):
+            await app.start(echo, 1, correlation_id=long)
+        for field in ("id", "correlation_id"):
+            with pytest.raises(InvalidEvent,
+                               match=rf"'{field}' is 10000 characters long .*at most 500"):
+                await app.publish("order.placed", {"n": 1}, **{field: long})
+        with pytest.raises(InvalidEvent, match=r"'type' is 10006 characters long"):
+            await app.publish(f"order.{long}", {"n": 1})
+        assert await app.list_runs() == []
+        # the longest, of characters of 4 bytes in UTF-8
+        event = await app.publish("order.placed", {"n": 1}, id=wide, correlation_id=wide)
+        assert (await app.store.get_event(app.name, event.id)) == event
+        run = await app.start(echo, 2, correlation_id=wide)
+        assert await run.result(timeout=10) == 2
+        assert (await app.trace(wide)).kind in ("event", "run")
 
 
 @pytest.mark.parametrize(("bad", "what"), BAD)

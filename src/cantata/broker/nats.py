@@ -15,7 +15,10 @@ consuming side in :mod:`cantata.broker.nats_consumer`.
   matches two patterns of one group is received twice; the store makes the second
   harmless (dropped once the first is settled, else its ``complete()`` is ``False``);
 - one durable consumer per group on ``cantata.<app>._replay.<group>``, fed by
-  :meth:`NatsBroker.redeliver` (dead-letter replay to that group only).
+  :meth:`NatsBroker.redeliver` (dead-letter replay to that group only);
+- one durable consumer per type that workflows wait for, which stores the events
+  other systems put there (:mod:`cantata.broker.nats_outside`): the relay's own
+  copies carry a ``Cantata-Outbox: 1`` header and are acked unread.
 
 Competing subscribers of a group share its durable consumers, which start at the
 beginning of the stream.
@@ -44,6 +47,7 @@ from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscrip
 from cantata.broker.nats_limits import DEFAULT_MAX_CONTROL_LINE, Limits, refusal
 from cantata.broker.nats_local import Handing, held_by
 from cantata.broker.nats_names import (
+    OUTBOX_HEADER,
     REPLAY,
     Names,
     check_prefix,
@@ -54,6 +58,7 @@ from cantata.broker.nats_names import (
     subject_prefix,
     token,
 )
+from cantata.broker.nats_outside import KEEPER, OnStored, OutsideKeeper
 from cantata.broker.nats_publish import Publisher, Window, safe, usable
 from cantata.broker.nats_streams import Streams
 from cantata.errors import BrokerError, BrokerNotConnected, EventsRefused, LeaseLost, error_text
@@ -199,6 +204,7 @@ class NatsBroker:
             replicas=self.replicas,
         )
         self._subs: list[NatsSubscription] = []
+        self._keepers: dict[str, OutsideKeeper] = {}  # app -> its waited-for types' keeper
         self._names: dict[str, Names] = {}
         self._limits: Limits | None = None
         # (app, worker id, event type) -> this process's subscriptions it goes to
@@ -414,10 +420,11 @@ class NatsBroker:
         for task in watches:
             task.cancel()
         await asyncio.gather(*watches, return_exceptions=True)
-        subs = list(self._subs)
+        subs = list(self._subs) + list(self._keepers.values())
         if subs:
             await asyncio.gather(*(s.stop() for s in subs), return_exceptions=True)
         self._subs.clear()
+        self._keepers.clear()
         self._routes.clear()
         nc, self._nc, self._js = self._nc, None, None  # before close(): no warning
         self._streams.clear()
@@ -768,7 +775,8 @@ class NatsBroker:
                         acks.append(await js.publish_async(
                             subject, payload, stream=stream,
                             headers={"Nats-Msg-Id": msg_id,
-                                     "Content-Type": STRUCTURED_CONTENT_TYPE},
+                                     "Content-Type": STRUCTURED_CONTENT_TYPE,
+                                     OUTBOX_HEADER: "1"},
                         ))
                 try:
                     async with asyncio.timeout(_PUBLISH_TIMEOUT):
@@ -832,6 +840,35 @@ class NatsBroker:
         self._routes.clear()
         self._watch(app)
         return sub
+
+    async def keep_outside(
+        self, app: str, patterns: Sequence[str], *, worker_id: str,
+        on_stored: OnStored | None = None,
+    ) -> None:
+        """Store the events other systems put on ``app``'s subjects of ``patterns``
+        (types this worker's workflows wait for) as they arrive, so that waits see them
+        although no handler group takes them (nats_outside). Called again with the
+        types runs reach at run time; a type already kept is not added twice.
+        ``on_stored`` is told the events stored here."""
+        names = self.names(app)
+        wanted: list[str] = []
+        for pattern in dict.fromkeys(patterns):
+            try:
+                self.limits.check_subscription(names, KEEPER, [pattern])
+            except Exception as exc:  # (waits check their types: not expected)
+                log.warning("events from outside of type %r are not kept for waits: %s",
+                            pattern, error_text(exc))
+                continue
+            wanted.append(pattern)
+        keeper = self._keepers.get(app)
+        if keeper is None:
+            if wanted:
+                self._keepers[app] = OutsideKeeper(self, app, wanted, worker_id=worker_id,
+                                                   on_stored=on_stored)
+                self._watch(app)
+            return
+        for pattern in wanted:
+            keeper.add(pattern)
 
     async def redeliver(self, app: str, group: str, event: Event[Any]) -> None:
         """Publish ``event`` to ``group``'s replay subject (a new message id, so the

@@ -2,15 +2,18 @@
 
 The store stays the source of truth: a stored event is handed to a group only while
 the store has it pending for that group (a delivery row), as with the embedded
-broker; an event from outside (not in the store) is handed over as it is, and stored
-if it is dead-lettered. Settling writes the store first, then acks, so a lost ack
-only causes a redelivery the store recognises.
+broker, and with the stored content (a message reusing its id with other content is
+dead-lettered, docs/security.md). An event from outside (another system put it on the
+app's subjects) is stored when it arrives, as external, with its id as its
+correlation id when it carries none (docs/guide.md). Settling writes the store first,
+then acks, so a lost ack only causes a redelivery the store recognises.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -29,7 +32,7 @@ from cantata.broker.nats_pull import direct, fetch, indirect, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.model.checks import check_text
 from cantata.model.codec import new_id
-from cantata.model.event import Event, is_claim
+from cantata.model.event import BOUNDED_ATTRIBUTES, Event, check_length, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import Settlement
@@ -45,6 +48,10 @@ quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no t
 _EARLY = 0.1
 INVALID_TYPE = "cantata.broker.invalid-payload"  # type of the stand-in for a garbage payload
 _MAX_INVALID_TEXT = 64 * 1024
+# A message that fails this often in a process with something other than a storage
+# fault (which is waited out) is given up: NATS stops delivering it (docs/deploy.md).
+GIVE_UP_AFTER = 5
+_CRASHES_KEPT = 1024  # messages whose failures a subscription counts
 
 
 def decode(msg: Msg) -> Event[Any]:
@@ -55,13 +62,38 @@ def decode(msg: Msg) -> Event[Any]:
         event: Event[Any] = Event.from_binary(headers, msg.data)
     else:
         event = Event.from_json(msg.data)
-    # Another system's event may hold text no store keeps (a NUL, a lone surrogate):
-    # dead-lettered as not a valid event, as a publisher here would have been refused.
+    # Another system's event may hold text no store keeps (a NUL, a lone surrogate, an
+    # id too long to index): dead-lettered as not a valid event, as a publisher here
+    # would have been refused.
     for name in _TEXT_ATTRIBUTES:
         value = getattr(event, name)
         if value is not None:
             check_text(f"event attribute {name!r}", value, error=InvalidEvent)
+    for name in BOUNDED_ATTRIBUTES:
+        check_length(name, getattr(event, name))
+    if event.correlation_id is None:
+        # From another system (Cantata's events carry one): a new business transaction,
+        # named by the event's id (DESIGN.md §5), so trace and stalled find it.
+        event = dataclasses.replace(event, correlation_id=event.id)
     return event
+
+
+def same_event(stored: Event[Any], message: Event[Any]) -> bool:
+    """Whether a message carries the content of the stored event with its id. An
+    outside event stored before its correlation id was defaulted (stored with none)
+    matches its message, which carries its id as one (see :func:`decode`)."""
+    if stored.correlation_id is None and message.correlation_id == message.id:
+        stored = dataclasses.replace(stored, correlation_id=stored.id)
+    return stored.same_content(message)
+
+
+def clash(stored: Event[Any], message: Event[Any]) -> str:
+    """The dead letter's error for a message reusing ``stored``'s id with other content."""
+    return (
+        f"DuplicateEventId: event id {stored.id} is already used by a {stored.type} event "
+        f"(data {stored.data!r:.200}); this {message.type} message (data "
+        f"{message.data!r:.200}) was refused: the stored event stays"
+    )
 
 
 _TEXT_ATTRIBUTES = ("id", "source", "subject", "correlation_id", "causation_id",
@@ -80,7 +112,6 @@ class NatsMessage:
         self.raw: bytes = msg.data
         self.attempt = attempt
         self.settled = False
-        self.outside = False  # not in the store: published by another system
         self.stored_emitted: list[Event[Any]] | None = None  # what complete() stored
         self._msg = msg
         self._store = store
@@ -104,10 +135,6 @@ class NatsMessage:
             await self.dead(f"InvalidEvent: {self.error}")
             return False
         self.settled = True
-        if self.outside:
-            # Kept, so that the id is taken: a later event with this id and other
-            # content is refused (publish raises DuplicateEventId), not dropped.
-            await self._store.append_external(self._app, [self.event])
         done, self.stored_emitted = await settle_done(
             self._store, self.sub, self._app, self.group, self.event.id, self.attempt, emitted
         )
@@ -130,32 +157,45 @@ class NatsMessage:
 
     async def dead(self, error: str) -> None:
         self.settled = True
-        event = await self._stored(self.event or self._stand_in())
+        recorded = await self._dead_letter(self.event or self._stand_in(self.error), error)
+        await self._ack("term" if recorded is not False else "ack")
+
+    async def refuse(self, error: str) -> None:
+        """Dead-letter this message as a stand-in (it reuses a stored event's id with
+        other content, ``error``), without settling the stored event's delivery nor
+        acking: the caller goes on with the stored event, or acks."""
+        await self._dead_letter(self._stand_in(error), error)
+
+    async def _dead_letter(self, event: Event[Any], error: str) -> bool | None:
+        """Move (group, ``event``) to the dead letters; ``None`` when it was there
+        already (the ack was lost), ``False`` when another copy settled it meanwhile."""
+        event = await self._stored(event)
         rows = await self._store.deliveries(self._app, event.id)
         if any(r.group == self.group and r.status == DELIVERY_DEAD for r in rows):
-            await self._ack("term")  # dead-lettered before, but the ack was lost
-            return
-        recorded = await self._store.settle_delivery(
+            return None
+        return await self._store.settle_delivery(
             self._app, self.group, event.id,
             Settlement(DeliveryOutcome.DEAD, self.attempt, error=error, dead_letter_id=new_id()),
         )
-        await self._ack("term" if recorded else "ack")
 
     async def extend(self) -> None:
         await self._ack("wip")
 
-    def _stand_in(self) -> Event[Any]:
-        """An event carrying a garbage payload, so its dead letter can be listed."""
+    def _stand_in(self, error: str | None) -> Event[Any]:
+        """An event carrying a payload that cannot be handled (garbage, or a reused id),
+        so its dead letter can be listed; its own transaction (trace, stalled)."""
+        stand_in_id = f"invalid-{digest(self._where, n=24)}"
         return Event(
             type=INVALID_TYPE,
-            id=f"invalid-{digest(self._where, n=24)}",
+            id=stand_in_id,
             source="cantata.broker.nats",
             data={
                 "subject": self._msg.subject,
                 "position": self._where,
-                "error": self.error,
+                "error": error,
                 "payload": self.raw[:_MAX_INVALID_TEXT].decode("utf-8", "replace"),
             },
+            correlation_id=stand_in_id,
         )
 
     async def _stored(self, event: Event[Any]) -> Event[Any]:
@@ -217,6 +257,8 @@ class NatsSubscription:
         # messages whose handler is running: told "in progress" every third of ack_wait
         self._held: dict[int, Msg] = {}
         self._keeper = asyncio.create_task(self._keep_alive(), name=f"cantata-nats:{group}:wip")
+        # "stream:sequence" -> failures of that message here (see _failed)
+        self._crashes: dict[str, int] = {}
         # event id -> callers waiting for the group's delivery state (see _delivery_state)
         self._lookups: dict[str, list[asyncio.Future[DeliveryHold | None]]] = {}
         self._loops = [
@@ -395,8 +437,8 @@ class NatsSubscription:
                     quiet.warning(f"settle:{self.group}", "group %s could not record a "
                                   "message (%s); NATS redelivers it", self.group,
                                   error_text(exc))
-                else:
-                    log.exception("handler of group %s crashed on a message", self.group)
+                elif await self._failed(m, exc, "handling", hand_back=False):
+                    return
                 if not msg.settled:
                     await msg.retry(error_text(exc), 1.0)
         except Exception as exc:
@@ -404,7 +446,7 @@ class NatsSubscription:
                 quiet.warning(f"settle:{self.group}", "settling a message of group %s failed "
                               "(%s); NATS redelivers it", self.group, error_text(exc))
             else:
-                log.exception("settling a message of group %s failed", self.group)
+                await self._failed(m, exc, "settling")
         finally:
             self._held.pop(id(m), None)
             if key is not None:
@@ -412,9 +454,56 @@ class NatsSubscription:
             self._busy -= 1
             self._capacity.set()
 
+    async def _failed(
+        self, m: Msg, exc: Exception, what: str, *, hand_back: bool = True
+    ) -> bool:
+        """Report a failure on ``m`` that is not a storage fault (a storage fault is
+        waited out): a message the store cannot keep, or a bug. One line now and then
+        (the traceback at debug level); ``hand_back``: NATS is asked to deliver it
+        again after a backoff (0.5 s, doubling). After :data:`GIVE_UP_AFTER` failures
+        of the message here, NATS is told to stop delivering it (``True``), so that it
+        cannot loop for ever."""
+        who = self.who
+        log.debug("%s a message of %s failed", what, who, exc_info=exc)
+        try:
+            meta = m.metadata
+            where = f"{meta.stream}:{meta.sequence.stream}"
+        except Exception:
+            where = m.reply or "?"
+        failures = self._crashes.pop(where, 0) + 1
+        if failures < GIVE_UP_AFTER:
+            self._crashes[where] = failures
+            while len(self._crashes) > _CRASHES_KEPT:
+                del self._crashes[next(iter(self._crashes))]
+            quiet.warning(
+                f"crash:{self.app}:{self.group}", "%s a message of %s failed (%s); NATS "
+                "delivers it again (given up after %d such failures)", what, who,
+                error_text(exc), GIVE_UP_AFTER,
+            )
+            if hand_back:
+                with contextlib.suppress(Exception):
+                    await m.nak(delay=0.5 * 2 ** (failures - 1))
+            return False
+        event_id = (m.headers or {}).get("Nats-Msg-Id") or "unknown"
+        log.error(
+            "%s gave up on the message at %s (message id %s) after %d failures in this "
+            "worker, the last: %s. NATS no longer delivers it: an event the store holds "
+            "stays pending for the group (`cantata stalled` shows it, `cantata dlq redrive` "
+            "sends it again); an event from another system was not kept", who, where,
+            event_id, failures, error_text(exc),
+        )
+        with contextlib.suppress(Exception):
+            await m.term()
+        return True
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def who(self) -> str:
+        """What log lines call this subscription."""
+        return f"group {self.group}"
 
     def holds(self, emitted: Sequence[Event[Any]]) -> list[tuple[str, str]]:
         """(group, event id) of ``emitted`` that this worker's subscribers take at once
@@ -496,8 +585,17 @@ class NatsSubscription:
         """Whether the store addressed ``event`` to this group and it is this worker's to
         handle now; sets ``msg.attempt``. A delivery another live worker holds (a hand-off
         in progress there) is waited for, kept alive, and then acked once settled; one
-        whose retry is not due yet is handed back to NATS until then (``msg.settled``)."""
+        whose retry is not due yet is handed back to NATS until then (``msg.settled``).
+
+        The stored event is the truth, and is what the handler gets (``msg.event``): a
+        message reusing its id with other content is dead-lettered (as a stand-in
+        carrying the message) and, while the delivery is pending, the stored event is
+        handled all the same. An event from outside is stored first (:meth:`_keep`)."""
         state = await self._delivery_state(event.id)
+        if state is not None and state.event is not None:
+            stored = state.event
+        else:
+            state, stored = await self._keep(event)
         wait = 0.005
         while (state is not None and state.status == DELIVERY_PENDING
                and state.holder is not None and state.holder != self.worker_id):
@@ -509,32 +607,30 @@ class NatsSubscription:
             await asyncio.sleep(wait)
             wait = min(wait * 2, 0.5, self.broker.ack_wait / 4)
             state = await self._delivery_state(event.id)
-        if state is None:
-            stored = await self.broker.store.get_event(self.app, event.id)
-            if stored is None:  # not stored at all: it comes from outside
-                msg.outside = True
-                return True
-            if stored.same_content(event):
-                # Stored before the group was declared: the store did not address it
-                # here (as with the embedded broker).
-                return False
-            await msg.dead(
-                f"DuplicateEventId: event id {event.id} is already used by a {stored.type} "
-                f"event (data {stored.data!r:.200}); this {event.type} message (data "
-                f"{event.data!r:.200}) was refused"
+        if not same_event(stored, event):
+            # Another system reused the id (or forged the event): the stored one stays.
+            await msg.refuse(clash(stored, event))
+            quiet.warning(
+                f"clash:{self.app}:{self.group}", "group %s refused a message reusing event "
+                "id %s with other content (stored: %s %.200r; message: %s %.200r): "
+                "dead-lettered as a stand-in; %s", self.group, event.id, stored.type,
+                stored.data, event.type, event.data,
+                "the stored event is handled" if state is not None
+                and state.status == DELIVERY_PENDING else "nothing else is done",
             )
+            if state is None or state.status != DELIVERY_PENDING:
+                return False  # (acked by the caller)
+        # The handler gets the stored event, as from the embedded broker (a copy differs
+        # at most in what is not content: the time an outside event without one got
+        # here, a correlation id given on arrival).
+        msg.event = event = stored
+        if state is None:
+            # Stored before the group was declared, or of a type the group does not take
+            # (another type on this subject): the store did not address it here (as
+            # with the embedded broker).
             return False
         if state.status != DELIVERY_PENDING:
-            # handled or dead-lettered: a duplicate (say, a second pattern), or a message
-            # that reuses the id with other content, refused (and said so)
-            stored = await self.broker.store.get_event(self.app, event.id)
-            if stored is not None and not stored.same_content(event):
-                quiet.warning(
-                    f"clash:{self.group}", "group %s refused a message reusing event id %s "
-                    "with other content (stored: %s %.200r; message: %s %.200r)", self.group,
-                    event.id, stored.type, stored.data, event.type, event.data,
-                )
-            return False
+            return False  # handled or dead-lettered: a duplicate (say, a second pattern)
         due_in = state.next_at - time.time()
         if (state.attempts > 0 and due_in > _EARLY and msg.attempt == 1
                 and (m.headers or {}).get("Nats-Msg-Id") == event.id):
@@ -549,6 +645,30 @@ class NatsSubscription:
         # of 1: the attempts the store recorded are the floor.
         msg.attempt = max(msg.attempt, state.attempts + 1)
         return True
+
+    async def _keep(self, event: Event[Any]) -> tuple[DeliveryHold | None, Event[Any]]:
+        """This group's delivery of ``event`` and the stored event, for a copy whose
+        delivery the batch lookup did not find with its event: most often an event from
+        outside (another system put it on the app's subjects), stored here as external
+        on its first arrival at any consumer of the app, so that its id is taken, every
+        group it matches has a delivery, and waits and trace see it (the first copy
+        stores it, the others find it stored). Read again after the store: another
+        consumer may have stored it (and so addressed it here) meanwhile."""
+        store = self.broker.store
+        stored = await store.get_event(self.app, event.id)
+        if stored is None:
+            await store.append_external(self.app, [event])
+        holds = await store.delivery_holds(self.app, self.group, [event.id],
+                                           stale_before=self.broker.stale_before())
+        state = holds.get(event.id)
+        if state is not None and state.event is not None:
+            return state, state.event
+        if stored is None:
+            stored = await store.get_event(self.app, event.id)
+        if stored is None:  # (never: stored above) the store lost it again
+            raise StoreError(f"event {event.id} of app {self.app!r} was stored but cannot "
+                             "be read back")
+        return state, stored
 
     def _delivery_state(self, event_id: str) -> asyncio.Future[DeliveryHold | None]:
         """This group's delivery of ``event_id`` in the store, looked up together with

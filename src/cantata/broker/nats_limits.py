@@ -18,7 +18,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from cantata.broker.nats_names import Names
+from cantata.broker.nats_names import OUTBOX_HEADER, Names
 from cantata.errors import ConfigurationError, InvalidEvent, PayloadTooLarge
 from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event, check_pattern
 
@@ -95,15 +95,16 @@ class Limits:
 
 def header_size(event_id: str) -> int:
     """Bytes of the header block nats-py adds to a published event (its message id,
-    with room for a re-drive's suffix, and the CloudEvents content type)."""
+    with room for a re-drive's suffix, the CloudEvents content type and the relay's
+    own header)."""
     return _HEADER_ROOM + len(event_id.encode())
 
 
 # header_size without the id: "NATS/1.0", "Nats-Msg-Id: <id>:again-" + 32 digits,
-# the content type, the blank line (worked out once: it is asked for per event)
+# the content type, the relay's header, the blank line (worked out once: it is asked for per event)
 _HEADER_ROOM = len(
     f"NATS/1.0\r\nNats-Msg-Id: :again-{'0' * 32}\r\n"
-    f"Content-Type: {STRUCTURED_CONTENT_TYPE}\r\n\r\n".encode()
+    f"Content-Type: {STRUCTURED_CONTENT_TYPE}\r\n{OUTBOX_HEADER}: 1\r\n\r\n".encode()
 )
 
 

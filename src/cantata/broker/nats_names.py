@@ -6,7 +6,10 @@ For an app ``shop`` (and no prefix):
 - an event of type ``order.placed`` goes to ``cantata.shop.order.placed``;
 - dead-letter replays to a group go to ``cantata.shop._replay.<group>`` (no event type
   may start with ``_replay``);
-- durable consumers are named ``<group>-<digest of group and pattern>``.
+- durable consumers are named ``<group>-<digest of group and pattern>``; the one
+  that keeps events from outside of a type workflows wait for (nats_outside) is
+  ``_cantata-outside-<digest of the pattern>`` (no group's consumer has that name: a
+  group's digest is of its own name, which is never empty).
 
 A broker URL with ``?prefix=staging`` gives every name its own space, so two
 environments can use one server: stream ``CANTATA-staging_shop``, subjects
@@ -26,6 +29,8 @@ from cantata.errors import ConfigurationError
 # No event type or pattern may start with it (model.event.RESERVED_FIRST_TOKENS), so a
 # replay subject is never an event's subject.
 REPLAY = "_replay"
+#: The header of the outbox relay's messages: a copy of an event the store holds.
+OUTBOX_HEADER = "Cantata-Outbox"
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9-]{1,32}$")
 # Longer names are shortened with a hash: JetStream names are at most 255 characters,
@@ -113,6 +118,12 @@ class Names:
         """The durable consumer of ``group`` for ``pattern`` (``None``: its replays)."""
         tail = "replay" if pattern is None else digest(group, pattern)
         name = f"{token(group)}-{tail}"
+        return f"{self.prefix}_{name}" if self.prefix else name
+
+    def outside(self, pattern: str) -> str:
+        """The durable consumer that keeps events from outside of ``pattern`` (a type
+        workflows wait for), shared by every worker of the app."""
+        name = f"_cantata-outside-{digest('', 'outside', pattern)}"
         return f"{self.prefix}_{name}" if self.prefix else name
 
 

@@ -30,8 +30,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from cantata.broker.nats_inbound import route, status
+from cantata.broker.nats_names import OUTBOX_HEADER
 
 _NO_RESPONDERS = "503"
+_OUTBOX = OUTBOX_HEADER.encode() + b": 1"  # (nats_names: the relay's own copy)
 _NO_RESPONDERS_B = b"503"
 _NEEDED = ("_pending", "_pending_data_size", "_flush_pending", "_flush_queue",
            "_max_payload", "_max_pending_size", "new_inbox")
@@ -136,8 +138,8 @@ class Publisher:
         if nc.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
         content_type, prefix = self._content_type, self._prefix_b
-        tail = b"\r\nContent-Type: " + content_type + b"\r\nNats-Expected-Stream: " + \
-            stream.encode() + b"\r\n\r\n"
+        tail = b"\r\nContent-Type: " + content_type + b"\r\n" + _OUTBOX + \
+            b"\r\nNats-Expected-Stream: " + stream.encode() + b"\r\n\r\n"
         cmds: list[bytes] = []
         size = 0
         max_payload = nc._max_payload

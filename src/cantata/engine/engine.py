@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef, remote_step_def
@@ -13,7 +13,7 @@ from cantata.declare.router import Router
 from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.checks import check_key
-from cantata.model.event import Event
+from cantata.model.event import MAX_ATTRIBUTE, Event
 from cantata.model.idempotency import args_hash
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
@@ -112,6 +112,9 @@ class Engine:
         self._waiters: dict[str, set[RunExecution]] = {}
         self._run_waiters: dict[str, set[RunExecution]] = {}
         self._declared_waits: set[tuple[str, str]] = set()
+        # Told the types runs reach waits of (the App has a broker keep the events from
+        # outside of those types for them: broker/nats_outside.py).
+        self.waits_reached: Callable[[list[str]], Awaitable[None]] | None = None
         self._known_remote: set[str] = set()
         self._remote_steps: dict[str, StepDef] = {}
         # (monotonic time, patterns every service declared): the orphan check's cache
@@ -205,8 +208,9 @@ class Engine:
         check_key("idempotency_key", idempotency_key, "the business key that makes this "
                   "start unique (e.g. 'order-42'), or None for a new run each time",
                   empty=False)
+        # (bounded as an event's: the events the run emits carry it)
         check_key("correlation_id", correlation_id, "the id of the business transaction to "
-                  "join, or None to begin a new one")
+                  "join, or None to begin a new one", longest=MAX_ATTRIBUTE)
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )
@@ -582,3 +586,9 @@ class Engine:
             return
         self._declared_waits.add((workflow, event_type))
         await self.store.declare(self.app, [Declaration("wait", workflow, event_type)])
+        if self.waits_reached is not None:
+            try:
+                await self.waits_reached([event_type])
+            except Exception as exc:  # the wait still sees events stored by other means
+                log.warning("keeping events from outside of type %s for waits failed: %s",
+                            event_type, reason(exc))

@@ -111,9 +111,11 @@ def check_text(
     return value
 
 
-def check_key(what: str, value: object, advice: str, *, empty: bool = True) -> None:
+def check_key(
+    what: str, value: object, advice: str, *, empty: bool = True, longest: int | None = None
+) -> None:
     """An optional key given as an argument: ``None``, or a string (non-empty unless
-    ``empty``) that :func:`check_text` accepts.
+    ``empty``, at most ``longest`` characters) that :func:`check_text` accepts.
 
     Raises:
         ConfigurationError: naming ``what``, the value, and ``advice`` (what to pass).
@@ -123,6 +125,11 @@ def check_key(what: str, value: object, advice: str, *, empty: bool = True) -> N
     if not isinstance(value, str) or not (value or empty):
         kind = "a string" if empty else "a non-empty string"
         raise ConfigurationError(f"{what} must be {kind}, got {value!r}: pass {advice}")
+    if longest is not None and len(value) > longest:
+        raise ConfigurationError(
+            f"{what} is {len(value)} characters long ({value[:40]!r}...): at most "
+            f"{longest} are kept (the store indexes it); pass {advice}"
+        )
     check_text(what, value)
 
 

@@ -24,6 +24,13 @@ STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 _TYPE_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _PATTERN_RE = re.compile(r"^([A-Za-z0-9_\-]+|\*)(\.([A-Za-z0-9_\-]+|\*))*$")
 _OPTIONAL_STRINGS = ("subject", "time", "correlationid", "causationid", "traceparent", "signature")
+#: The most characters an event's ``id``, ``type``, ``correlation_id`` and
+#: ``causation_id`` may have: the store indexes them, and PostgreSQL cannot index a
+#: longer text (an index row is at most 2,704 bytes; 500 characters of up to 4 bytes
+#: each leave room for the app name). The same bound on ``app.publish`` and on an
+#: event that comes from the broker (docs/security.md).
+MAX_ATTRIBUTE = 500
+BOUNDED_ATTRIBUTES = ("id", "type", "correlation_id", "causation_id")
 
 
 #: First tokens of event types kept for Cantata's own use. The NATS broker sends a
@@ -87,12 +94,29 @@ def check_attribute(name: str, value: Any) -> Any:
     return value
 
 
+def check_length(name: str, value: str | None) -> None:
+    """Refuse an indexed attribute (:data:`BOUNDED_ATTRIBUTES`) longer than
+    :data:`MAX_ATTRIBUTE` characters.
+
+    Raises:
+        InvalidEvent: naming the attribute, its length and the bound.
+    """
+    if value is not None and len(value) > MAX_ATTRIBUTE:
+        raise InvalidEvent(
+            f"event attribute {name!r} is {len(value)} characters long ({value[:40]!r}...): "
+            f"at most {MAX_ATTRIBUTE} are kept (the store indexes it); use a shorter one"
+        )
+
+
 def check_publish(event_type: str, **attributes: Any) -> None:
     """What every publisher checks before it builds an event (``app.publish`` and a
     workflow's ``ctx.emit``): the type, and each attribute the caller gave."""
     check_type(event_type)
+    check_length("type", event_type)
     for name, value in attributes.items():
         check_attribute(name, value)
+        if name in BOUNDED_ATTRIBUTES:
+            check_length(name, value)
 
 
 def _is_json_type(content_type: Any) -> bool:

@@ -9,7 +9,8 @@ a ``receive`` operation per handler group, workflow trigger and
 ``ctx.emit`` found in a workflow's source. A message is the CloudEvents 1.0
 envelope in structured JSON mode (the payload: every attribute and ``data``, whose
 schema is the pydantic model a handler declares, ``Event[OrderPlaced]``); the NATS
-headers are ``Content-Type`` and ``Nats-Msg-Id``.
+headers are ``Content-Type`` and ``Nats-Msg-Id`` (and ``Cantata-Outbox`` on the relay's
+own messages).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ NATS_HEADERS: dict[str, Any] = {
         "Nats-Msg-Id": {"type": "string",
                         "description": "The event id: JetStream drops a repeat within its "
                                        "duplicate window."},
+        "Cantata-Outbox": {"type": "string", "const": "1",
+                           "description": "Set by Cantata's outbox relay: a copy of an event "
+                                          "its store holds. Other publishers leave it out."},
     },
 }
 

@@ -249,14 +249,18 @@ class SQLiteEvents(SQLiteCore):
             out: dict[str, DeliveryHold] = {}
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
-                for event_id, status, attempts, next_at, holder in c.execute(
+                for row in c.execute(
                     "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
-                    "w.heartbeat_at >= ? THEN d.owner END FROM deliveries d LEFT JOIN workers w"
-                    " ON w.app=d.app AND w.worker_id=d.owner WHERE d.app=? AND d.grp=? "
+                    f"w.heartbeat_at >= ? THEN d.owner END, e.id IS NOT NULL, {E_EVENT_COLS} "
+                    "FROM deliveries d LEFT JOIN workers w"
+                    " ON w.app=d.app AND w.worker_id=d.owner"
+                    " LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id"
+                    " WHERE d.app=? AND d.grp=? "
                     f"AND d.event_id IN ({','.join('?' * len(chunk))})",
                     (stale_before, app, group, *chunk),
                 ):
-                    out[event_id] = DeliveryHold(status, attempts, next_at, holder)
+                    out[row[0]] = DeliveryHold(row[1], row[2], row[3], row[4],
+                                               event_row(tuple(row)[6:]) if row[5] else None)
             return out
 
         return await self._t.read(op) if ids else {}

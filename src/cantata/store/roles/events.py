@@ -78,13 +78,18 @@ class DeliveryHold:
     ``holder`` is the worker that holds the delivery (its owner, e.g. through
     :attr:`Settlement.hold_for`) while that worker's heartbeat is recent enough;
     ``None`` when nobody holds it or its holder is presumed dead (it may be taken over).
-    ``next_at``: when the delivery is due (a retry's time).
+    ``next_at``: when the delivery is due (a retry's time). ``event``: the stored event
+    (``None`` for a delivery whose event the store does not hold: an event from another
+    system that an older version settled without storing it), read in the same query:
+    the broker hands a copy to a handler only if it carries the stored content (an id
+    reused with other content is refused, docs/security.md).
     """
 
     status: str
     attempts: int
     next_at: float
     holder: str | None
+    event: Event[Any] | None = field(default=None, compare=False, repr=False)
 
 
 class EventStore(Protocol):
@@ -172,8 +177,9 @@ class EventStore(Protocol):
         """``event id -> DeliveryHold`` of ``group``'s deliveries of these events (absent:
         not addressed to the group, or not stored), in one read. A holder whose heartbeat
         is older than ``stale_before`` is reported as none (``float("-inf")``: any holder
-        counts). The NATS broker looks here before it runs a copy of an event another
-        worker may hold (docs/performance.md)."""
+        counts). Each carries the stored event (``DeliveryHold.event``). The NATS
+        broker looks here before it runs a copy of an event another worker may hold,
+        and to check that the copy carries the stored content (docs/performance.md)."""
 
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""

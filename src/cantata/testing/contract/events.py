@@ -157,6 +157,15 @@ class EventsContract(StoreFixtures):
         assert (got[placed.id].status, got[placed.id].attempts) == (DELIVERY_PENDING, 1)
         assert got[placed.id].holder == "w1"
         assert got[paid.id].holder is None and got[paid.id].attempts == 0
+        # each carries the stored event, read in the same query
+        stored = got[placed.id].event
+        assert stored is not None and stored.id == placed.id and stored.same_content(placed)
+        # a delivery of an event the store does not hold (settled by an older version)
+        assert await store.settle_delivery(self.app, "g", "not-stored", Settlement("retry", 1,
+                                           error="E: x", retry_at=now))
+        [bare] = (await store.delivery_holds(self.app, "g", ["not-stored"],
+                                             stale_before=now - 10)).values()
+        assert (bare.status, bare.event) == (DELIVERY_PENDING, None)
         # a holder whose heartbeat is older than stale_before is presumed dead
         stale = await store.delivery_holds(self.app, "g", ids, stale_before=now + 10)
         assert stale[placed.id].holder is None

@@ -1,0 +1,143 @@
+"""Keeping the events from outside that workflows wait for.
+
+An event another system (one not written with Cantata) puts on the app's subjects is
+stored when it first reaches any consumer of the app: a handler group's or a
+``start_on`` trigger's (:mod:`cantata.broker.nats_consumer`). ``ctx.wait_for_event``
+reads the store only, so a type that only workflows wait for would never be stored:
+a worker that runs such workflows also consumes the types they wait for, with one
+durable consumer per type shared by every worker of the app
+(``_cantata-outside-<digest>``, :meth:`Names.outside`), and stores each event from
+outside that is not stored yet, as external (idempotent by event id: one row however
+many consumers see it). The outbox relay's own copies carry the ``Cantata-Outbox``
+header: the store has those, so they are acked unread, in batches, without a store
+read or a task each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+
+from cantata.broker.base import BrokerMessage
+from cantata.broker.nats_consumer import NatsSubscription, decode, same_event
+from cantata.broker.nats_names import OUTBOX_HEADER
+from cantata.errors import InvalidEvent, StoreError, error_text
+from cantata.model.event import Event, is_claim, matches
+from cantata.quietlog import QuietLog
+
+if TYPE_CHECKING:
+    from cantata.broker.nats import NatsBroker
+
+log = logging.getLogger("cantata.broker")
+quiet = QuietLog(log, every=30.0)
+
+#: The keeper's name where a group's goes (task names; it is no group: it settles no
+#: delivery).
+KEEPER = "outside-for-waits"
+_CONCURRENCY = 16  # messages stored at once by one worker's keeper
+
+OnStored = Callable[[list[Event[Any]]], None]
+
+
+async def _no_handler(msg: BrokerMessage) -> None:  # (the keeper handles no message)
+    raise AssertionError("the outside keeper runs no handler")
+
+
+class OutsideKeeper(NatsSubscription):
+    """Stores the events from outside of the types this worker's workflows wait for.
+
+    Args:
+        patterns: the waited-for types (a durable consumer each); more come with
+            :meth:`add` as runs reach waits of types found only at run time.
+        on_stored: told the events stored here (to wake this process's waits at once).
+    """
+
+    def __init__(
+        self, broker: NatsBroker, app: str, patterns: Sequence[str], *, worker_id: str,
+        on_stored: OnStored | None = None,
+    ) -> None:
+        names = broker.names(app)
+        super().__init__(
+            broker, app, KEEPER, _no_handler, _CONCURRENCY,
+            [(names.outside(p), names.event(p), False) for p in patterns], patterns,
+            worker_id=worker_id,
+        )
+        self.on_stored = on_stored
+
+    @property
+    def who(self) -> str:
+        return f"the consumer keeping events from outside for waits (app {self.app})"
+
+    def add(self, pattern: str) -> None:
+        """Keep the events from outside of ``pattern`` too (a pull loop of its own)."""
+        if pattern in self.patterns or self._stopping.is_set():
+            return
+        self.patterns.append(pattern)
+        self._share = max(1, self.concurrency // len(self.patterns))
+        durable = self.names.outside(pattern)
+        self._loops.append(asyncio.create_task(
+            self._pull(durable, self.names.event(pattern), False),
+            name=f"cantata-nats:outside:{durable}",
+        ))
+
+    def _done_already(self, m: Msg, replay: bool) -> bool:
+        """The relay's copy of a stored event, or a replay to some group that a
+        wildcard matched: acked unread."""
+        if self.names.is_replay(m.subject):
+            return True
+        headers = m.headers
+        return headers is not None and OUTBOX_HEADER in headers
+
+    async def _handle(self, m: Msg, replay: bool) -> None:
+        try:
+            if self._done_already(m, replay):
+                await m.ack()
+                return
+            await self._keep_message(m)
+        except Exception as exc:
+            if isinstance(exc, StoreError):  # an outage: waited out, one line now and then
+                quiet.warning(f"keep:{self.app}", "storing an event from outside of app %s "
+                              "failed (%s); NATS delivers it again", self.app,
+                              error_text(exc))
+                with contextlib.suppress(Exception):
+                    await m.nak(delay=1.0)
+            else:
+                await self._failed(m, exc, "storing")
+        finally:
+            self._busy -= 1
+            self._capacity.set()
+
+    async def _keep_message(self, m: Msg) -> None:
+        try:
+            event = decode(m)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, InvalidEvent) else (
+                f"not a valid event: {error_text(exc)}")
+            # No group of this type here to dead-letter it: said, and dropped.
+            quiet.warning(f"invalid:{self.app}", "a message on %s is not a valid event "
+                          "(%s): no wait can see it; it was dropped", m.subject, reason)
+            await m.ack()
+            return
+        if is_claim(event) or not any(matches(p, event.type) for p in self.patterns):
+            # A claim check comes from the relay (the store has its event); another type
+            # on this subject is no wait's here (a group of that type stores it).
+            await m.ack()
+            return
+        store = self.broker.store
+        stored = await store.get_event(self.app, event.id)
+        if stored is None:
+            await store.append_external(self.app, [event])
+            if self.on_stored is not None:
+                self.on_stored([event])
+        elif not same_event(stored, event):
+            quiet.warning(
+                f"clash:{self.app}", "a message reusing event id %s with other content was "
+                "not kept (stored: %s %.200r; message: %s %.200r): waits see the stored "
+                "event", event.id, stored.type, stored.data, event.type, event.data,
+            )
+        await m.ack()

@@ -1,0 +1,194 @@
+"""Events from outside on NATS reach the workflows that wait for them, and carry a
+correlation id (DESIGN.md §4 and §5).
+
+A service not written with Cantata puts a structured CloudEvent on the app's subject:
+a ``ctx.wait_for_event`` for its type sees it although no handler group takes the type
+(a worker serving the waiting workflow stores it, once, however often it arrives);
+an event that carries no correlation id gets its own id as one, so ``app.trace`` of
+its id finds it, ``app.stalled`` reports its dead letters, and a ``start_on`` run
+started by it has it as the root of its trace.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from cantata import App, Event, Retry, WorkflowContext
+from cantata.broker.nats import NatsBroker
+from cantata.broker.nats_names import OUTBOX_HEADER
+from tests.broker.nats_support import app_name, nats_broker, streams_removed
+from tests.choreography.helpers import eventually
+from tests.helpers import drop_schema
+
+pytestmark = pytest.mark.nats
+
+Publish = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/a.db"
+        return
+    url = request.getfixturevalue("postgres_url")
+    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
+    yield f"{url}?schema={schema}"
+    await drop_schema(url, schema)
+
+
+@pytest.fixture
+async def outside(nats_url: str) -> AsyncIterator[Client]:
+    """A NATS client of another system (not Cantata)."""
+    nc = await nats.connect(nats_url)
+    yield nc
+    await nc.close()
+
+
+def cloudevent(type_: str, data: Any, id_: str, **extra: Any) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": id_, "source": "billing-legacy", "type": type_,
+            "datacontenttype": "application/json", "data": data, **extra}
+
+
+async def put(nc: Client, broker: NatsBroker, app: str, ce: dict[str, Any],
+              **headers: str) -> None:
+    """Publish a structured CloudEvent where ``app``'s events of its type travel."""
+    import json
+
+    names = broker.names(app)
+    await nc.jetstream().publish(
+        names.event(ce["type"]), json.dumps(ce).encode(), stream=names.stream,
+        headers={"Content-Type": "application/cloudevents+json", **headers},
+    )
+
+
+async def test_a_wait_sees_an_outside_event_no_group_takes_stored_once(
+    store: str, nats_url: str, outside: Client
+) -> None:
+    name = app_name("waits")
+    broker = nats_broker(nats_url)
+    app = App(name, store=store, broker=broker, poll_interval=0.05)
+
+    @app.workflow
+    async def approval(ctx: WorkflowContext, order: dict[str, str]) -> Any:
+        ev = await ctx.wait_for_event("invoice.approved", match={"order_id": order["id"]},
+                                      timeout=20)
+        return [ev.id, ev.correlation_id, ev.data]
+
+    async with streams_removed(nats_url, name), app:
+        run = await app.start(approval, {"id": "x1"})
+        ce = cloudevent("invoice.approved", {"order_id": "x1"}, "ext-a-1")
+        await put(outside, broker, name, ce)
+        assert await run.result(timeout=15) == ["ext-a-1", "ext-a-1", {"order_id": "x1"}]
+        # the same message again (another system retrying): nothing stored twice
+        await put(outside, broker, name, ce, **{"Nats-Msg-Id": "retry-1"})
+        # a Cantata event of the type goes through the outbox: the relay's copy says so
+        second = await app.start(approval, {"id": "x2"})
+        mine = await app.publish("invoice.approved", {"order_id": "x2"})
+        names = broker.names(name)
+
+        async def relayed() -> Any:
+            try:
+                last = await outside.jetstream().get_last_msg(
+                    names.stream, names.event("invoice.approved"))
+            except Exception:
+                return None
+            return last if mine.id.encode() in (last.data or b"") else None
+
+        copy = await eventually(relayed, what="the relay's copy")
+        assert copy.headers is not None and copy.headers.get(OUTBOX_HEADER) == "1", copy
+        assert (await second.result(timeout=15))[0] == mine.id
+
+        async def kept() -> list[Event[Any]]:
+            found = await app.store.find_events(name, "invoice.approved", since=0.0,
+                                                exclude=[], limit=10)
+            return found if len(found) == 2 else []
+
+        events = await eventually(kept, what="both events stored")
+        stored = {e.id: e for e in events}
+        assert set(stored) == {"ext-a-1", mine.id}
+        assert stored["ext-a-1"].correlation_id == "ext-a-1"
+        assert stored["ext-a-1"].source == "billing-legacy"
+        # outside events are never sent back to the stream (the relay marks its own)
+        async def relay_done() -> bool:
+            return await app.store.unpublished_events(name, limit=10) == []
+
+        await eventually(relay_done, what="the outbox empty")
+        info = await outside.jetstream().stream_info(names.stream)
+        assert info.state.messages == 3  # the outside event twice, and the relay's copy
+        trace = await app.trace("ext-a-1")
+        assert (trace.kind, trace.name) == ("event", "invoice.approved")
+
+
+async def test_a_wait_of_a_type_known_only_at_run_time_sees_outside_events(
+    nats_url: str, tmp_path: Path, outside: Client
+) -> None:
+    name = app_name("waits")
+    broker = nats_broker(nats_url)
+    app = App(name, store=f"sqlite:///{tmp_path}/a.db", broker=broker, poll_interval=0.05)
+
+    @app.workflow
+    async def dynamic(ctx: WorkflowContext, kind: str) -> Any:
+        ev = await ctx.wait_for_event(f"{kind}.approved", timeout=20)  # not a literal
+        return ev.data
+
+    async with streams_removed(nats_url, name), app:
+        run = await app.start(dynamic, "refund")
+        # published before the run reaches its wait (no consumer of the type yet)
+        await put(outside, broker, name, cloudevent("refund.approved", {"ok": 1}, "r-1"))
+        assert await run.result(timeout=15) == {"ok": 1}
+
+
+async def test_outside_events_have_their_id_as_correlation_id(
+    store: str, nats_url: str, outside: Client
+) -> None:
+    name = app_name("corr")
+    broker = nats_broker(nats_url)
+    app = App(name, store=store, broker=broker, poll_interval=0.05)
+    started: list[str] = []
+
+    @app.on("invoice.approved", group="ledger", retry=Retry(max_attempts=1))
+    async def ledger(event: Event[Any]) -> None:
+        raise RuntimeError("ledger down")
+
+    @app.workflow
+    async def ship(ctx: WorkflowContext, order: dict[str, Any]) -> str:
+        started.append(ctx.run_id)
+        return "shipped"
+
+    app.start_on("order.placed", ship)
+
+    async with streams_removed(nats_url, name), app:
+        await put(outside, broker, name,
+                  cloudevent("invoice.approved", {"order_id": "x9"}, "ext-appr-9"))
+        await put(outside, broker, name, cloudevent("order.placed", {"id": 1}, "ext-order-1"))
+        # an outside event's own correlation id is kept
+        await put(outside, broker, name,
+                  cloudevent("order.placed", {"id": 2}, "ext-order-2", correlationid="tx-7"))
+
+        async def dead() -> list[Any]:
+            return await app.dead_letters()
+
+        [letter] = await eventually(dead, timeout=15, what="the ledger's dead letter")
+        assert letter.event.correlation_id == "ext-appr-9"
+        stalls = await app.stalled(older_than=0)
+        assert ("ext-appr-9", "dead_letter", "ledger") in [
+            (s.correlation_id, s.reason, s.node.group) for s in stalls
+        ]
+        trace = await app.trace("ext-appr-9")
+        assert (trace.kind, trace.name) == ("event", "invoice.approved")
+        assert [(c.kind, c.group) for c in trace.children] == [("handler", "ledger")]
+
+        await eventually(lambda: len(started) == 2, timeout=15, what="two runs started")
+        root = await app.trace("ext-order-1")
+        assert (root.kind, root.name) == ("event", "order.placed")
+        assert [c.kind for c in root.children] == ["run"]
+        joined = await app.trace("tx-7")
+        assert (joined.kind, joined.name) == ("event", "order.placed")
+        assert (await app.store.get_event(name, "ext-order-2")).correlation_id == "tx-7"
