@@ -301,6 +301,18 @@ def run_dict(rec: RunRecord, attributes: dict[str, str] | None = None) -> dict[s
     }
 
 
+def print_line(text: str) -> None:
+    """Write one line to stdout as it is: never read as Rich markup, never wrapped (ids
+    and values a script reads)."""
+    sys.stdout.write(text + "\n")
+
+
+def say(text: str) -> None:
+    """Print a message holding user data (names, ids, paths, errors): as plain text,
+    never read as Rich markup."""
+    console.print(Text(text))
+
+
 def print_json(value: Any) -> None:
     """Write ``value`` as indented JSON to stdout (no markup, no wrapping)."""
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cantata.app import App
 from cantata.errors import WorkflowError
 
-from .common import console, fmt_duration
+from .common import console, fmt_duration, say
 
 
 def register(cli: typer.Typer) -> None:
@@ -61,7 +62,7 @@ def demo(
     console.print(
         f"[bold]Cantata demo[/]: {orders} orders, reserve → charge → ship; every 5th card is "
         "declined (compensated), every 7th payment meets a gateway hiccup (retried).\n"
-        f"store {store}, broker {broker or 'embedded'}"
+        f"store {escape(store)}, broker {escape(broker or 'embedded')}"
         + (f"; one worker process per service: {', '.join(SERVICES)}" if processes else "")
         + "\n"
     )
@@ -99,15 +100,11 @@ def demo(
                       "--store sqlite:///demo.db to look at its runs and traces afterwards.")
         return
     if orchestrated.examples:
-        console.print(
-            f"\nA compensated saga:  cantata trace {orchestrated.examples[0]} "
-            f"--app orders --store {store}"
-        )
+        say(f"\nA compensated saga:  cantata trace {orchestrated.examples[0]} "
+            f"--app orders --store {store}")
     if choreographed.examples:
-        console.print(
-            f"A compensated event flow (correlation id): {choreographed.examples[0]}"
-        )
-    console.print(f"All runs:            cantata runs --app orders --store {store}")
+        say(f"A compensated event flow (correlation id): {choreographed.examples[0]}")
+    say(f"All runs:            cantata runs --app orders --store {store}")
 
 
 def _spawn_workers(store: str, broker: str) -> list[subprocess.Popen[bytes]]:

@@ -17,7 +17,9 @@ from .common import (
     parse_duration,
     parse_json,
     print_json,
+    print_line,
     run,
+    say,
     show,
     table,
 )
@@ -53,7 +55,7 @@ def publish(
                 type, value, subject=subject, correlation_id=correlation_id, id=None,
                 actor=operator(),
             )
-            console.print(event.id)
+            print_line(event.id)
             if orphan:
                 typer.echo(
                     "cantata: warning: no handler, workflow trigger or wait in app "
@@ -143,7 +145,7 @@ def dlq_replay(
                     seen.add((dl.group, dl.event.id))
                 if not batch or len(page) < 1000:
                     break
-            console.print(f"redelivering {len(seen)} dead letter(s)")
+            say(f"redelivering {len(seen)} dead letter(s)")
 
     run(go)
 
@@ -181,9 +183,9 @@ def dlq_redrive(
         async with the_app.client():
             n = await the_app.redrive(older_than=seconds)
         if n:
-            console.print(f"re-drove {n} event(s) pending for over {older_than}")
+            say(f"re-drove {n} event(s) pending for over {older_than}")
         else:
-            console.print(f"nothing to re-drive: no event pending for over {older_than} "
-                          "(or the broker reads the store directly)")
+            say(f"nothing to re-drive: no event pending for over {older_than} (or the "
+                "broker reads the store directly)")
 
     run(go)

@@ -34,6 +34,7 @@ from .common import (
     print_json,
     resolve_run,
     run,
+    say,
     show,
 )
 from .runs import AppOpt, JsonOpt, KeyOpt, StoreOpt
@@ -167,8 +168,8 @@ def stalled(
                          "node": node_dict(s.node)} for s in stalls])
             return
         if not stalls:
-            console.print(f"no stalled transactions in app {the_app.name} "
-                          f"(no progress for {older_than} or more)")
+            say(f"no stalled transactions in app {the_app.name} (no progress for "
+                f"{older_than} or more)")
             return
         table = Table(title=f"stalled transactions of {the_app.name} (older than {older_than})")
         table.add_column("correlation id", no_wrap=True)
@@ -267,5 +268,5 @@ def asyncapi(
         output.write_text(text)
     except OSError as exc:
         raise ConfigurationError(f"cannot write {output}: {exc.strerror}") from None
-    console.print(f"wrote {output}: {len(doc['channels'])} channels, "
-                  f"{len(doc['operations'])} operations")
+    say(f"wrote {output}: {len(doc['channels'])} channels, "
+        f"{len(doc['operations'])} operations")

@@ -9,7 +9,16 @@ from rich.text import Text
 
 from cantata.app import App
 
-from .common import client_app, console, operator, print_json, resolve_run, run, run_dict
+from .common import (
+    client_app,
+    console,
+    operator,
+    print_json,
+    print_line,
+    resolve_run,
+    run,
+    run_dict,
+)
 from .runs import AppOpt, JsonOpt, KeyOpt, RunArg, StoreOpt
 
 
@@ -78,6 +87,6 @@ def fork(
         if as_json:
             print_json(run_dict(new, attrs))
             return
-        console.print(Text(new.run_id))
+        print_line(new.run_id)
 
     run(go)

@@ -26,6 +26,7 @@ from .common import (
     operator,
     parse_json,
     print_json,
+    print_line,
     resolve_run,
     run,
     run_dict,
@@ -102,10 +103,10 @@ def start(
         async with the_app.client():
             handle = await the_app.start(workflow, *values, idempotency_key=idempotency_key,
                                          actor=operator())
-            console.print(handle.run_id)
+            print_line(handle.run_id)
             if wait:
                 result = await handle.result()
-                console.print(orjson.dumps(result).decode())
+                print_line(orjson.dumps(result).decode())
 
     run(go)
 
