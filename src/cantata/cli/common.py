@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -139,10 +140,20 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def parse_json(text: str, what: str) -> Any:
-    """Parse a JSON option value, with a message naming the option."""
+    """Parse a JSON option value, with a message naming the option.
+
+    Numbers are read as written: an integer stays an integer whatever its size (orjson
+    would read one beyond 64 bits as a float, silently), so the library refuses one it
+    cannot store as it refuses it from code and over HTTP (``SerializationError``).
+    ``NaN`` and ``Infinity`` are not JSON.
+    """
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
+        return json.loads(text, parse_constant=no_constant)
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
         raise ConfigurationError(f"{what} is not valid JSON ({exc}): {text[:80]!r}") from None
 
 

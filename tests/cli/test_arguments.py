@@ -1,0 +1,98 @@
+"""Bad command-line arguments are refused in one line, as the library and the HTTP API
+refuse them: integers JSON cannot keep, arguments that do not fit a workflow, run ids
+that are not text, out-of-range numbers and durations, options that contradict each
+other."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cantata.cli.main import main
+
+APP = """
+import cantata
+
+app = cantata.App("args", poll_interval=0.05)
+
+@app.workflow
+async def echo(ctx, x):
+    return x
+
+@app.workflow
+async def two(ctx, a, b):
+    return [a, b]
+
+@app.workflow
+async def some(ctx, a, b=0, *more):
+    return [a, b, *more]
+
+@app.on("note.sent", group="notes")
+async def note(event) -> None:
+    pass
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("CANTATA_APP", "CANTATA_BROKER", "CANTATA_AUDIT_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CANTATA_STORE", f"sqlite:///{tmp_path}/c.db")
+    (tmp_path / "argsapp.py").write_text(textwrap.dedent(APP))
+    yield tmp_path
+    sys.modules.pop("argsapp", None)
+
+
+async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = await asyncio.get_running_loop().run_in_executor(None, main, list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> bool:
+    return err.count("\n") == 1 and "Traceback" not in err and "unexpected" not in err
+
+
+def the_app() -> Any:
+    import importlib
+
+    return importlib.import_module("argsapp").app
+
+
+async def stored() -> tuple[list[str], list[Any]]:
+    """The args of every run, and the data of every event, the store holds."""
+    app = the_app()
+    async with app.client():
+        runs = await app.store.find_runs(app.name, limit=100)
+        events = await app.store.find_events(app.name, "note.sent", since=0, exclude=(),
+                                             limit=100)
+    return [r.args for r in runs], [e.data for e in events]
+
+
+async def test_integers_json_cannot_keep_are_refused_not_turned_into_floats(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with the_app().client():  # the store exists
+        pass
+    for command in (["start", "argsapp:app", "echo", "--input", "18446744073709551616"],
+                    ["start", "argsapp:app", "two", "--args", "[1, -9223372036854775809]"],
+                    ["publish", "note.sent", "--data", '{"n": 18446744073709551616}']):
+        code, out, err = await cli(capsys, *command)
+        assert code == 1 and out == "" and one_line(err), (command, err)
+        assert err.startswith("cantata: error: ") and "Integer exceeds 64-bit range" in err
+    for text, problem in (("NaN", "not valid JSON"), ("1e400", "NaN or infinite number")):
+        code, out, err = await cli(capsys, "start", "argsapp:app", "echo", "--input", text)
+        assert code == 1 and out == "" and one_line(err) and problem in err, err
+    assert await stored() == ([], [])
+    code, out, err = await cli(capsys, "start", "argsapp:app", "echo", "--input",
+                               "18446744073709551615")  # the largest JSON integer kept
+    assert code == 0, err
+    assert (await stored())[0] == ["[18446744073709551615]"]
