@@ -96,3 +96,27 @@ async def test_integers_json_cannot_keep_are_refused_not_turned_into_floats(
                                "18446744073709551615")  # the largest JSON integer kept
     assert code == 0, err
     assert (await stored())[0] == ["[18446744073709551615]"]
+
+
+async def test_start_refuses_arguments_the_workflow_cannot_take_as_the_api_does(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with the_app().client():
+        pass
+    for command, message in (
+        (["two", "--args", "[1]"], "workflow 'two' is missing argument 'b' (its parameters: "
+                                   "a, b)"),
+        (["echo"], "workflow 'echo' is missing argument 'x' (its parameters: x)"),
+        (["echo", "--args", "[1, 2]"], "workflow 'echo' takes 1 argument(s), got 2 (its "
+                                       "parameters: x)"),
+        (["some", "--args", "[]"], "workflow 'some' is missing argument 'a' (its parameters: "
+                                   "a, b)"),
+    ):
+        code, out, err = await cli(capsys, "start", "argsapp:app", *command)
+        assert code == 1 and out == "" and one_line(err), (command, err)
+        assert err.startswith(f"cantata: error: {message}: pass --input JSON for one "
+                              "argument or --args JSON-LIST for several"), err
+    assert await stored() == ([], [])
+    for command in (["some", "--args", "[1, 2, 3, 4]"], ["some", "--input", "1"]):
+        code, out, err = await cli(capsys, "start", "argsapp:app", *command)
+        assert code == 0, err

@@ -9,6 +9,7 @@ import typer
 from rich.text import Text
 
 from cantata.app import App
+from cantata.declare.defs import Parameters
 from cantata.engine.recovery import find_records
 from cantata.engine.values import SET_VALUE, values_of
 from cantata.errors import CantataError, ConfigurationError, RunNotFound
@@ -55,6 +56,13 @@ STATUS_STYLE = {
 }
 
 
+class InvalidArguments(ConfigurationError):
+    """``cantata start`` with arguments the workflow cannot be called with (the HTTP
+    API answers 422 ``invalid_arguments``)."""
+
+    code = "invalid_arguments"
+
+
 class RunEnded(CantataError):
     """``cantata cancel`` of a run that already ended (the HTTP API answers 409)."""
 
@@ -98,6 +106,12 @@ def start(
         if not isinstance(parsed, list):
             raise ConfigurationError(f"--args must be a JSON list, got {args!r}")
         values = parsed
+    wdef = the_app.workflows.get(workflow)
+    takes = None if wdef is None else Parameters.of(wdef)
+    problem = None if takes is None else takes.problem(len(values))
+    if problem is not None:  # refused before anything is stored, as over HTTP
+        raise InvalidArguments(f"{problem}: pass --input JSON for one argument or --args "
+                               "JSON-LIST for several")
 
     async def go() -> None:
         async with the_app.client():
