@@ -6,8 +6,10 @@ other."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 
 from cantata.cli.main import main
+from tests.helpers import drop_schema, with_schema
 
 APP = """
 import cantata
@@ -120,3 +123,33 @@ async def test_start_refuses_arguments_the_workflow_cannot_take_as_the_api_does(
     for command in (["some", "--args", "[1, 2, 3, 4]"], ["some", "--input", "1"]):
         code, out, err = await cli(capsys, "start", "argsapp:app", *command)
         assert code == 0, err
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_store(request: pytest.FixtureRequest, project: Path,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """$CANTATA_STORE: the project's SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield os.environ["CANTATA_STORE"]
+        return
+    base: str = request.getfixturevalue("postgres_url")
+    schema = f"cantata_cli_{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("CANTATA_STORE", with_schema(base, schema))
+    yield os.environ["CANTATA_STORE"]
+    asyncio.run(drop_schema(base, schema))
+
+
+async def test_a_run_id_that_is_not_text_is_no_run(
+    any_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An argument that is not UTF-8 reaches Python as a lone surrogate: no run has such
+    an id (as app.get_handle(...) says), not an unexpected driver error."""
+    app = the_app()  # imported now: on $CANTATA_STORE
+    async with app:
+        await (await app.start("echo", 1)).result(timeout=10)
+    bad = "ab\udcff"
+    for command in (["run", bad], ["cancel", bad], ["retry", bad],
+                    ["fork", bad, "--from-step", "x"], ["trace", bad]):
+        code, out, err = await cli(capsys, *command, "--app", "args")
+        assert code == 1 and out == "" and one_line(err), (command, err)
+        assert "holds a lone surrogate" in err, (command, err)

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from cantata.app import DEFAULT_STORE, App
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
+from cantata.model.checks import check_run_id
 from cantata.model.records import RunRecord
 from cantata.store.base import Store
 from cantata.store.factory import mask_url, store_from_url
@@ -268,6 +269,8 @@ async def resolve_run(app: App, ref: str | None, key: str | None = None) -> RunR
         return found[0]
     if not ref:
         raise ConfigurationError("which run? give its id (or a unique start of it) or --key KEY")
+    # an argument that is not UTF-8 (a lone surrogate) is no run's id, as App's lookups say
+    check_run_id(ref)
     run_rec = await store.get_run(name, ref)
     if run_rec is not None:
         return run_rec
