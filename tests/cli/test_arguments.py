@@ -153,3 +153,21 @@ async def test_a_run_id_that_is_not_text_is_no_run(
         code, out, err = await cli(capsys, *command, "--app", "args")
         assert code == 1 and out == "" and one_line(err), (command, err)
         assert "holds a lone surrogate" in err, (command, err)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--concurrency", "0", "--concurrency must be a whole number >= 1 (runs in flight at "
+                           "once), got 0"),
+    ("--concurrency", "-1", "--concurrency must be a whole number >= 1 (runs in flight at "
+                            "once), got -1"),
+    ("--timeout", "0", "--timeout must be a number of seconds > 0 (allowed per run), got 0.0"),
+    ("--timeout", "nan", "--timeout must be a number of seconds > 0 (allowed per run), got "
+                         "nan"),
+])
+async def test_compare_refuses_what_would_hang_or_fail_every_run(
+    project: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, message: str
+) -> None:
+    code, out, err = await asyncio.wait_for(
+        cli(capsys, "compare", "argsapp:app", "nosaga", option, value), 30)
+    assert (code, out) == (1, "") and one_line(err), err
+    assert err == f"cantata: error: {message}\n"
