@@ -171,3 +171,16 @@ async def test_compare_refuses_what_would_hang_or_fail_every_run(
         cli(capsys, "compare", "argsapp:app", "nosaga", option, value), 30)
     assert (code, out) == (1, "") and one_line(err), err
     assert err == f"cantata: error: {message}\n"
+
+
+@pytest.mark.parametrize("command", [["stalled"], ["dlq", "redrive"]])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "infm", "-5m", "NaNs"])
+async def test_durations_that_are_no_number_of_seconds_are_refused(
+    project: Path, capsys: pytest.CaptureFixture[str], command: list[str], value: str
+) -> None:
+    async with the_app().client():
+        pass
+    code, out, err = await cli(capsys, *command, f"--older-than={value}", "--app", "args")
+    assert (code, out) == (1, "") and one_line(err), err
+    assert err.startswith(f"cantata: error: --older-than {value!r} is invalid: "), err
+    assert "a duration >= 0" in err

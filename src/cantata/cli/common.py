@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -158,18 +159,25 @@ def parse_json(text: str, what: str) -> Any:
         raise ConfigurationError(f"{what} is not valid JSON ({exc}): {text[:80]!r}") from None
 
 
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``5m``, ``2h``, ``1d`` → seconds."""
+def parse_duration(text: str, what: str = "--older-than") -> float:
+    """``90``, ``90s``, ``5m``, ``2h``, ``1d`` → seconds (a finite number >= 0).
+
+    Raises:
+        ConfigurationError: naming ``what`` (the option): not a number, NaN, infinite
+            or negative.
+    """
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip().lower()
     try:
-        if t and t[-1] in units:
-            return float(t[:-1]) * units[t[-1]]
-        return float(t)
+        seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
         raise ConfigurationError(
-            f"duration {text!r} is invalid: use seconds or a number with s, m, h or d ('5m')"
-        ) from None
+            f"{what} {text!r} is invalid: give a duration >= 0, in seconds or as a number "
+            "with s, m, h or d ('90', '90s', '5m')"
+        )
+    return seconds
 
 
 def fmt_time(ts: float | None) -> str:
