@@ -102,3 +102,14 @@ async def test_user_text_in_tables_and_messages_is_not_markup(
     code, out, err = await cli(capsys, "asyncapi", "echoesc:app", "-o", str(target))
     assert code == 0, err
     assert out.startswith(f"wrote {target}:") and target.exists()
+
+
+@pytest.mark.parametrize("command", [[], ["dlq"], ["audit"], ["token"], ["schedules"]])
+def test_a_group_without_its_subcommand_shows_its_help_and_no_empty_error(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    code = main(command)
+    out, err = capsys.readouterr()
+    assert code == 2  # a usage error, as click has it for a missing subcommand
+    assert "Usage: cantata" in out and "Commands" in out, out
+    assert err == "", err
