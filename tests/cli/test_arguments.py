@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import textwrap
 import uuid
@@ -184,3 +185,28 @@ async def test_durations_that_are_no_number_of_seconds_are_refused(
     assert (code, out) == (1, "") and one_line(err), err
     assert err.startswith(f"cantata: error: --older-than {value!r} is invalid: "), err
     assert "a duration >= 0" in err
+
+
+async def test_serve_refuses_an_app_named_twice_differently(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with the_app().client():
+        pass
+    with socket.socket() as taken:  # were the options taken, serving would stop here
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, message in (
+            (["argsapp:app", "--app", "other"],
+             "APP argsapp:app is app 'args' but --app names 'other': give one of them"),
+            (["argsapp:app", "--app", "argsapp:other"],
+             "APP argsapp:app is app 'args' but --app names 'argsapp:other': give one of them"),
+        ):
+            code, out, err = await cli(capsys, "serve", *args, "--port", port)
+            assert (code, out) == (1, "") and one_line(err), err
+            assert err == f"cantata: error: {message}\n"
+        # the same app both ways is no contradiction: it gets as far as the port
+        for same in ("args", "argsapp:app"):
+            code, out, err = await cli(capsys, "serve", "argsapp:app", "--app", same,
+                                       "--port", port)
+            assert code == 1 and "is in use" in err, err

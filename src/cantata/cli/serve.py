@@ -52,10 +52,19 @@ def register(cli: typer.Typer) -> None:
 def _serve_app(spec: str | None, app_name: str | None, store: str | None) -> tuple[App, str]:
     """The app to serve, its code (``module:attribute``) or just its name and store, and
     the store as the banner shows it. The store must exist and hold the app (a typo
-    is an error, not an empty console)."""
+    is an error, not an empty console). APP and ``--app`` together must name the same
+    app (its ``module:attribute`` or its name): one would be ignored otherwise."""
+    if spec and app_name and app_name != spec and ":" not in spec:
+        raise ConfigurationError(f"APP {spec} and --app {app_name} differ: give one of them")
+    given = app_name
     spec = spec or app_name or os.environ.get("CANTATA_APP")
     if spec and ":" in spec:
         loaded = load_app(spec)
+        if given is not None and given not in (spec, loaded.name):
+            raise ConfigurationError(
+                f"APP {spec} is app {loaded.name!r} but --app names {given!r}: give one of "
+                "them"
+            )
         url = store_url(store) if store else loaded._store_spec
         if isinstance(url, str):
             loaded.configure(store=existing_store(url))
