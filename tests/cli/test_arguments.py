@@ -210,3 +210,43 @@ async def test_serve_refuses_an_app_named_twice_differently(
             code, out, err = await cli(capsys, "serve", "argsapp:app", "--app", same,
                                        "--port", port)
             assert code == 1 and "is in use" in err, err
+
+
+OWN_STORE = """
+import cantata
+
+app = cantata.App("own", store="sqlite:///{path}")
+
+@app.workflow
+async def hello(ctx, x):
+    return x
+"""
+
+
+async def test_store_help_and_errors_say_the_apps_own_store_comes_before_the_env(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An App that names its store keeps it whatever $CANTATA_STORE says (code wins):
+    the help and the error of a missing store say so, instead of blaming the env."""
+    async with the_app().client():  # $CANTATA_STORE exists
+        pass
+    missing = project / "own.db"
+    (project / "ownapp.py").write_text(textwrap.dedent(OWN_STORE.format(path=missing)))
+    # (recorded absent: monkeypatch drops the module the CLI imports, after the test)
+    monkeypatch.delitem(sys.modules, "ownapp", raising=False)
+    monkeypatch.setitem(sys.modules, "ownapp", None)
+    monkeypatch.delitem(sys.modules, "ownapp")
+    code, out, err = await cli(capsys, "start", "ownapp:app", "hello", "--input", "1")
+    assert (code, out) == (1, "") and one_line(err), err
+    assert err.startswith(f"cantata: error: store file {missing} does not exist"), err
+    assert ("check the store URL: --store, else the store the app names in its code "
+            "(App(store=...)), else $CANTATA_STORE") in err, err
+    assert not missing.exists()
+    for command in (["start"], ["runs"], ["serve"], ["token", "list"], ["check-replay"],
+                    ["graph"], ["worker"]):
+        code, out, err = await cli(capsys, *command, "--help")
+        assert code == 0, err
+        help_text = " ".join(out.replace("│", " ").split())
+        assert "$CANTATA_STORE" in help_text, (command, help_text)
+        assert ("the app's own store" in help_text or "its own store" in help_text), (
+            command, help_text)

@@ -27,6 +27,12 @@ from cantata.store.factory import mask_url, store_from_url
 T = TypeVar("T")
 
 
+# Where a command's store comes from, in order (an App that names its store keeps it
+# whatever $CANTATA_STORE says: code wins over the environment).
+STORE_HELP = ("Store URL (default: the app's own store when {app} is a module:attribute "
+              "whose App names one, else $CANTATA_STORE, else " + DEFAULT_STORE + ").")
+
+
 class UnknownApp(ConfigurationError):
     """``--app`` names an app the store has never seen."""
 

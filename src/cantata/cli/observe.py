@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -36,8 +35,9 @@ from .common import (
     run,
     say,
     show,
+    store_url,
 )
-from .runs import AppOpt, JsonOpt, KeyOpt, StoreOpt
+from .runs import AppOpt, CodeStoreOpt, JsonOpt, KeyOpt, StoreOpt
 
 AppArg = Annotated[str, typer.Argument(help="The app, as module:attribute.")]
 
@@ -206,7 +206,7 @@ def graph(
     events: Annotated[
         bool, typer.Option("--events", help="Draw the choreography map instead.")
     ] = False,
-    store: StoreOpt = None,
+    store: CodeStoreOpt = None,
 ) -> None:
     """Print Mermaid: a workflow's steps and compensations, or (--events) the choreography."""
     if events == (workflow is not None):
@@ -214,10 +214,8 @@ def graph(
             "give either a WORKFLOW to draw or --events for the choreography map"
         )
     the_app = load_app(app)
-    if store:
-        the_app.configure(store=store)
-    elif os.environ.get("CANTATA_STORE"):
-        the_app.configure(store=os.environ["CANTATA_STORE"])
+    if store is not None:  # else its own (App(store=...), else $CANTATA_STORE)
+        the_app.configure(store=store_url(store))
     if workflow is not None:
         drawn = code_mermaid(the_app.router, workflow)
         if drawn is not None:

@@ -18,6 +18,7 @@ from cantata.model.attributes import parse_attr
 from cantata.model.records import ENTRY_FAILED, HistoryEntry, RunRecord
 
 from .common import (
+    STORE_HELP,
     client_app,
     console,
     fmt_duration,
@@ -41,7 +42,11 @@ AppOpt = Annotated[
     typer.Option("--app", help="App name or module:attribute (default: $CANTATA_APP)."),
 ]
 StoreOpt = Annotated[
-    str | None, typer.Option("--store", help="Store URL (default: $CANTATA_STORE).")
+    str | None, typer.Option("--store", help=STORE_HELP.format(app="--app"))
+]
+# for the commands whose APP is module:attribute
+CodeStoreOpt = Annotated[
+    str | None, typer.Option("--store", help=STORE_HELP.format(app="APP"))
 ]
 
 STATUS_STYLE = {
@@ -91,7 +96,7 @@ def start(
     ] = None,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
-    store: StoreOpt = None,
+    store: CodeStoreOpt = None,
 ) -> None:
     """Start a workflow run (a worker must be running to execute it)."""
     the_app = load_app(app)

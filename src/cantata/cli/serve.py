@@ -24,6 +24,7 @@ from cantata.store.factory import mask_url
 
 from .audit import env_audit_key
 from .common import (
+    STORE_HELP,
     console,
     err_console,
     existing_store,
@@ -38,7 +39,7 @@ from .common import (
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
 
 StoreOpt = Annotated[
-    str | None, typer.Option("--store", help="Store URL (default: $CANTATA_STORE).")
+    str | None, typer.Option("--store", help=STORE_HELP.format(app="APP (or --app)"))
 ]
 token_cli = typer.Typer(help="API tokens of the console (cantata serve).",
                         no_args_is_help=True)

@@ -20,7 +20,7 @@ from cantata.store.factory import mask_url
 from cantata.supervisor import FORCE_SIGNAL, Supervisor, die_with_parent, notify_ready
 from cantata.supervisor.parent import CUT_SHORT
 
-from .common import console, load_app, say, store_url
+from .common import STORE_HELP, console, load_app, say, store_url
 
 # Stores several processes can share (docs/guide.md: "several processes may share" a
 # SQLite file; PostgreSQL is the distributed store). Others run one process unless asked.
@@ -33,7 +33,9 @@ def register(cli: typer.Typer) -> None:
 
 def worker(
     app: Annotated[str, typer.Argument(help="The app, as module:attribute.")],
-    store: Annotated[str | None, typer.Option("--store", help="Store URL.")] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help=STORE_HELP.format(app="APP"))
+    ] = None,
     broker: Annotated[str | None, typer.Option("--broker", help="Broker URL.")] = None,
     service: Annotated[
         list[str] | None,
