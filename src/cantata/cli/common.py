@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -317,18 +318,6 @@ def iso(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def run_dict(rec: RunRecord, attributes: dict[str, str] | None = None) -> dict[str, Any]:
-    """A run as ``--json`` prints it (the HTTP API's run, plus version and attributes)."""
-    return {
-        "run_id": rec.run_id, "workflow": rec.workflow, "status": str(rec.status),
-        "created_at": iso(rec.created_at), "updated_at": iso(rec.updated_at),
-        "idempotency_key": rec.idempotency_key, "correlation_id": rec.correlation_id,
-        "error": rec.error, "result": None if rec.result is None else orjson.loads(rec.result),
-        "version": rec.version, "epoch": rec.epoch, "flagged": rec.flagged,
-        "attributes": attributes or {},
-    }
-
-
 def print_line(text: str) -> None:
     """Write one line to stdout as it is: never read as Rich markup, never wrapped (ids
     and values a script reads)."""
@@ -342,7 +331,13 @@ def say(text: str) -> None:
 
 
 def print_json(value: Any) -> None:
-    """Write ``value`` as indented JSON to stdout (no markup, no wrapping)."""
+    """Write ``value`` as indented JSON to stdout (no markup, no wrapping); a pydantic
+    model of the HTTP API (:mod:`cantata.server.models`), or a list of them, as the API
+    answers it."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, list):
+        value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.text import Text
 
 from cantata.errors import ConfigurationError
 from cantata.model.records import DeadLetter
+from cantata.server.models import dead_letter_out
 
 from .common import (
     client_app,
@@ -66,12 +67,6 @@ def publish(
     run(go)
 
 
-def _letter(d: DeadLetter) -> dict[str, Any]:
-    return {"id": d.id, "group": d.group, "event_type": d.event.type, "event_id": d.event.id,
-            "correlation_id": d.event.correlation_id, "attempts": d.attempts,
-            "failed_at": d.failed_at.isoformat().replace("+00:00", "Z"), "error": d.error}
-
-
 def dlq_list(
     app: AppOpt = None,
     store: StoreOpt = None,
@@ -86,8 +81,8 @@ def dlq_list(
     async def go() -> None:
         async with the_app.client():
             letters = _matching(await the_app.dead_letters(limit=limit), group, type)
-        if as_json:
-            print_json([_letter(d) for d in letters])
+        if as_json:  # as GET /api/dead-letters answers them
+            print_json([dead_letter_out(d) for d in letters])
             return
         out = table(f"dead letters of {the_app.name}", "id", "group", "event", "attempts",
                     "failed at", "error")

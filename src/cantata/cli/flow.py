@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -12,7 +11,7 @@ from rich.text import Text
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model.flow import QueueStats
 
-from .common import client_app, console, fmt_duration, operator, run, say
+from .common import client_app, console, fmt_duration, iso, operator, print_json, run, say
 from .runs import AppOpt, StoreOpt
 
 NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
@@ -41,12 +40,12 @@ def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False)
 
     now, stats = run(go)
     if as_json:
-        print(json.dumps([{
+        print_json([{
             "queue": q.name, "waiting": q.waiting, "in_progress": q.in_progress,
             "recent_begins": q.began_last_window,
             "oldest_waiting_seconds": None if q.oldest_waiting_at is None
             else round(now - q.oldest_waiting_at, 3),
-        } for q in stats]))
+        } for q in stats])
         return
     table = Table("queue", "waiting", "in progress", "rate", "oldest waiting", "limits")
     for q in stats:
@@ -74,13 +73,13 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
 
     rows = run(go)
     if as_json:
-        print(json.dumps([{
+        print_json([{
             "name": s.name, "workflow": s.workflow, "when": s.when,
             "timezone": s.timezone, "overlap": s.overlap,
             "catch_up": s.catch_up, "paused": s.paused,
             "source": s.source, "in_code": s.in_code, "last_run_id": s.last_run_id,
-            "next_tick": None if s.next_tick is None else s.next_tick.isoformat(),
-        } for s in rows]))
+            "next_tick": None if s.next_tick is None else iso(s.next_tick.timestamp()),
+        } for s in rows])
         return
     table = Table("schedule", "workflow", "when", "zone", "overlap", "catch-up", "state",
                   "next tick (UTC)")

@@ -18,10 +18,11 @@ from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound, Stor
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
 from cantata.observability.graph import code_mermaid, workflow_mermaid
-from cantata.observability.node import UNADDRESSED_TASK, TraceNode, TraceNotFound, node_dict
+from cantata.observability.node import UNADDRESSED_TASK, TraceNode, TraceNotFound
 from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import fmt_seconds, render_timeline
 from cantata.observability.trace import DEFAULT_LIMIT, build_trace
+from cantata.server.models import stall_out, stall_where, trace_out
 from cantata.store.factory import mask_url
 
 from .common import (
@@ -70,9 +71,8 @@ def trace(
         async with the_app.client():
             root = await _trace_of(the_app, id, key, limit)
             now = the_app.clock.now()
-        if as_json:
-            sys.stdout.write(orjson.dumps(node_dict(root), option=orjson.OPT_INDENT_2).decode())
-            sys.stdout.write("\n")
+        if as_json:  # as GET /api/trace/{id} answers it
+            print_json(trace_out(root, id or root.correlation_id or "", now))
         else:
             console.print(render_timeline(root, now=now))
 
@@ -106,15 +106,6 @@ def again(command: str, target: str, app: str | None, store: str | None) -> str:
         masked = mask_url(store)
         words += ["--store", store if masked == store else "URL"]
     return shlex.join(words)
-
-
-def _where(stall: Stall) -> str:
-    n = stall.node
-    if n.kind == "handler":
-        return f"group {n.group} ({n.name})" if n.name != n.group else f"group {n.group}"
-    if n.kind == "dead_letter":
-        return f"group {n.group}"
-    return f"{n.kind} {n.name}"
 
 
 def _detail(stall: Stall, app: str | None, store: str | None, width: int = 0) -> str:
@@ -159,11 +150,8 @@ def stalled(
             stalls = await find_stalls(
                 the_app.store, the_app.name, older_than=seconds, now=now, limit=limit
             )
-        if as_json:
-            print_json([{"correlation_id": s.correlation_id, "reason": s.reason,
-                         "since": s.since.isoformat().replace("+00:00", "Z"),
-                         "where": _where(s), "detail": _detail(s, app, store),
-                         "node": node_dict(s.node)} for s in stalls])
+        if as_json:  # as GET /api/stalled answers them
+            print_json([stall_out(s) for s in stalls])
             return
         if not stalls:
             say(f"no stalled transactions in app {the_app.name} (no progress for "
@@ -177,7 +165,7 @@ def stalled(
         at = dt.datetime.fromtimestamp(now, dt.UTC)
         for s in stalls:
             # Text cells: user data (ids, error messages) is never read as markup.
-            table.add_row(Text(s.correlation_id), s.reason, Text(_where(s)),
+            table.add_row(Text(s.correlation_id), s.reason, Text(stall_where(s)),
                           fmt_seconds((at - s.since).total_seconds()),
                           Text(_detail(s, app, store, 200)))
         show(table)

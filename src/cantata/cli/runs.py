@@ -15,7 +15,8 @@ from cantata.engine.values import SET_VALUE, values_of
 from cantata.errors import CantataError, ConfigurationError, RunNotFound
 from cantata.model import codec
 from cantata.model.attributes import parse_attr
-from cantata.model.records import ENTRY_FAILED, HistoryEntry, RunRecord
+from cantata.model.records import ENTRY_FAILED, RunRecord
+from cantata.server.models import run_detail, run_out, steps_out
 
 from .common import (
     STORE_HELP,
@@ -23,7 +24,6 @@ from .common import (
     console,
     fmt_duration,
     fmt_time,
-    iso,
     load_app,
     operator,
     parse_json,
@@ -31,7 +31,6 @@ from .common import (
     print_line,
     resolve_run,
     run,
-    run_dict,
     show,
     table,
     use_existing_store,
@@ -168,8 +167,8 @@ def list_runs(
                 the_app.engine, idempotency_key=key, attributes=wanted or None,
                 workflow=workflow, status=status, limit=limit,
             )
-        if as_json:
-            print_json([run_dict(r, attrs) for r, attrs in found])
+        if as_json:  # each run as GET /api/runs lists it
+            print_json([run_out(r) for r, _ in found])
             return
         out = table(f"runs of {the_app.name}", "run id", "workflow", "status", "created",
                     "updated", "key", "error")
@@ -206,32 +205,20 @@ def show_run(
 
 
 async def run_details(app: App, rec: RunRecord) -> dict[str, Any]:
-    """``cantata run --json``: the run, its history with attempts, and superseded entries."""
+    """``cantata run --json`` (and ``retry``/``fork --json``): the run as
+    ``GET /api/runs/{run_id}`` answers it, plus ``superseded``: the entries retries set
+    aside, each a step of ``steps`` with its ``epoch`` (docs/operating.md)."""
     store = app.store
+    history = await store.load_history(app.name, rec.run_id)
+    attempts = await store.load_attempts(app.name, rec.run_id)
     attrs = (await store.run_attributes(app.name, [rec.run_id])).get(rec.run_id, {})
-    # attempts by (epoch, key): epoch 0 is the live history's
-    attempts: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    tried = [(0, a) for a in await store.load_attempts(app.name, rec.run_id)]
-    if rec.epoch:
-        tried += await store.superseded_attempts(app.name, rec.run_id)
-    for epoch, a in tried:
-        attempts.setdefault((epoch, a.key), []).append({
-            "attempt": a.attempt, "started_at": iso(a.started_at), "ended_at": iso(a.ended_at),
-            "error": None if a.error_type is None else f"{a.error_type}: {a.error}",
-        })
-
-    def entry(e: HistoryEntry, epoch: int = 0) -> dict[str, Any]:
-        return {"key": e.key, "kind": e.kind, "name": e.name, "status": e.status,
-                "seq": e.seq, "attempts": attempts.get((epoch, e.key), []), "error": e.error,
-                "started_at": iso(e.started_at), "ended_at": iso(e.ended_at),
-                "compensation": e.kind == "compensation"}
-
-    out = run_dict(rec, attrs)
-    out["args"] = orjson.loads(rec.args)
-    out["steps"] = [entry(e) for e in await store.load_history(app.name, rec.run_id)]
+    out = run_detail(rec, history, attempts, attrs).model_dump(mode="json")
+    set_aside = await store.superseded_history(app.name, rec.run_id)
+    tried = await store.superseded_attempts(app.name, rec.run_id) if rec.epoch else []
     out["superseded"] = [
-        {"epoch": epoch, **entry(e, epoch)}
-        for epoch, e in await store.superseded_history(app.name, rec.run_id)
+        {"epoch": epoch, **step.model_dump(mode="json")}
+        for epoch, e in set_aside
+        for step in steps_out([e], [a for n, a in tried if n == epoch], None)
     ]
     return out
 

@@ -38,8 +38,8 @@ from cantata.server.models import (
     StartOut,
     run_detail,
     run_out,
+    stall_out,
 )
-from cantata.server.observe import stall_out
 from cantata.server.state import console_of
 from cantata.store.base import Store
 
