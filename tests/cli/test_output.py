@@ -113,3 +113,44 @@ def test_a_group_without_its_subcommand_shows_its_help_and_no_empty_error(
     assert code == 2  # a usage error, as click has it for a missing subcommand
     assert "Usage: cantata" in out and "Commands" in out, out
     assert err == "", err
+
+
+@pytest.fixture
+def tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's local time is UTC+9 (put back after)."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+async def test_table_times_are_utc_and_say_so(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tokyo: None,
+) -> None:
+    import datetime as dt
+
+    monkeypatch.setattr(common.console, "_width", 250)
+    app = served()
+    async with app:
+        handle = await app.start("echo", 1)
+        await handle.result(timeout=10)
+        info = await handle.info()
+    created = dt.datetime.fromtimestamp(info.created_at, dt.UTC)
+    local = dt.datetime.fromtimestamp(info.created_at)  # Tokyo: nine hours ahead
+    assert local.hour != created.hour
+    code, out, err = await cli(capsys, "runs", "--app", "echoes")
+    assert code == 0, err
+    assert "created (UTC)" in out and created.strftime("%Y-%m-%d %H:%M:%S") in out
+    assert local.strftime("%Y-%m-%d %H:%M:%S") not in out
+    code, out, err = await cli(capsys, "run", handle.run_id, "--app", "echoes")
+    assert code == 0, err
+    assert f"created {created.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]} UTC" in out, out
+    assert "started (UTC)" in out and local.strftime("%H:%M:%S") not in out
+    code, out, err = await cli(capsys, "trace", handle.run_id, "--app", "echoes")
+    assert code == 0, err
+    assert f"{created.strftime('%H:%M:%S')}" in out and " UTC" in out
+    assert local.strftime("%H:%M:%S") not in out

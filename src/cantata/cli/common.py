@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import importlib
 import json
 import math
@@ -187,12 +188,27 @@ def parse_duration(text: str, what: str = "--older-than") -> float:
     return seconds
 
 
-def fmt_time(ts: float | None) -> str:
-    import datetime as dt
+# Times in tables and messages are UTC, as in traces and the console, whatever the
+# machine's zone: a column says "(UTC)" in its header, a time in a line ends in "UTC".
 
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
+
+def _utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+def fmt_time(ts: float | None) -> str:
+    """``14:36:45.123``: the UTC time of day (for a column headed "(UTC)")."""
+    return "-" if ts is None else _utc(ts).strftime("%H:%M:%S.%f")[:-3]
+
+
+def fmt_date(ts: float | None) -> str:
+    """``2026-12-03 14:36:45``: the UTC date and time (for a column headed "(UTC)")."""
+    return "-" if ts is None else _utc(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_stamp(ts: float | None) -> str:
+    """``2026-12-03 14:36:45.123 UTC``: a UTC time in a line of text."""
+    return "-" if ts is None else _utc(ts).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -311,8 +327,6 @@ MAX_CANDIDATES = 10
 
 def iso(ts: float | None) -> str | None:
     """POSIX seconds as RFC 3339 UTC (``None`` stays ``None``)."""
-    import datetime as dt
-
     if ts is None:
         return None
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")

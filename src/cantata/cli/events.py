@@ -14,6 +14,7 @@ from cantata.server.models import dead_letter_out
 from .common import (
     client_app,
     console,
+    fmt_date,
     operator,
     parse_duration,
     parse_json,
@@ -85,11 +86,11 @@ def dlq_list(
             print_json([dead_letter_out(d) for d in letters])
             return
         out = table(f"dead letters of {the_app.name}", "id", "group", "event", "attempts",
-                    "failed at", "error")
+                    "failed at (UTC)", "error")
         for d in letters:
             out.add_row(
                 Text(d.id), Text(d.group), Text(f"{d.event.type} {d.event.id}"),
-                str(d.attempts), d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), Text(d.error),
+                str(d.attempts), fmt_date(d.failed_at.timestamp()), Text(d.error),
             )
         show(out)
 

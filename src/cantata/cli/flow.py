@@ -11,7 +11,7 @@ from rich.text import Text
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model.flow import QueueStats
 
-from .common import client_app, console, fmt_duration, iso, operator, print_json, run, say
+from .common import client_app, console, fmt_date, fmt_duration, iso, operator, print_json, run, say
 from .runs import AppOpt, StoreOpt
 
 NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
@@ -88,7 +88,7 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
             Text(s.name), Text(s.workflow), Text(s.when), Text(s.timezone), s.overlap,
             s.catch_up,
             "paused" if s.paused else "not in code" if s.in_code is False else "active",
-            "-" if s.next_tick is None else s.next_tick.strftime("%Y-%m-%d %H:%M:%S"),
+            "-" if s.next_tick is None else fmt_date(s.next_tick.timestamp()),
         )
     console.print(table if rows else "no schedules")
 

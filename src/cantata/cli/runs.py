@@ -22,7 +22,9 @@ from .common import (
     STORE_HELP,
     client_app,
     console,
+    fmt_date,
     fmt_duration,
+    fmt_stamp,
     fmt_time,
     load_app,
     operator,
@@ -138,12 +140,6 @@ RunArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def fmt_date(ts: float) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
 def list_runs(
     app: AppOpt = None,
     store: StoreOpt = None,
@@ -170,8 +166,8 @@ def list_runs(
         if as_json:  # each run as GET /api/runs lists it
             print_json([run_out(r) for r, _ in found])
             return
-        out = table(f"runs of {the_app.name}", "run id", "workflow", "status", "created",
-                    "updated", "key", "error")
+        out = table(f"runs of {the_app.name}", "run id", "workflow", "status",
+                    "created (UTC)", "updated (UTC)", "key", "error")
         for r, _ in found:
             out.add_row(
                 Text(r.run_id), Text(r.workflow), styled(str(r.status)),
@@ -237,8 +233,8 @@ async def print_run(app: App, run_id: str) -> None:
                       (rec.workflow, "bold"), "  ", Text.from_markup(styled(str(rec.status))),
                       ("  flagged for an operator" if rec.flagged else "", "red"))
     )
-    console.print(Text(f"correlation {rec.correlation_id}   created {fmt_time(rec.created_at)}"
-                       f"   updated {fmt_time(rec.updated_at)}"))
+    console.print(Text(f"correlation {rec.correlation_id}   created {fmt_stamp(rec.created_at)}"
+                       f"   updated {fmt_stamp(rec.updated_at)}"))
     if rec.idempotency_key is not None or rec.version is not None or rec.epoch:
         console.print(Text(f"key {rec.idempotency_key or '-'}   version {rec.version or 'any'}"
                            + (f"   retried {rec.epoch} time(s)" if rec.epoch else "")))
@@ -254,7 +250,7 @@ async def print_run(app: App, run_id: str) -> None:
         console.print("values " + "   ".join(
             f"{k} = {codec.dumps(v)[:120]}" for k, v in sorted(values.items())
         ), markup=False)
-    out = table("history", "#", "call", "kind", "status", "attempts", "started", "took",
+    out = table("history", "#", "call", "kind", "status", "attempts", "started (UTC)", "took",
                 "detail")
     by_key: dict[str, list[Any]] = {}
     for a in attempts:
@@ -267,7 +263,7 @@ async def print_run(app: App, run_id: str) -> None:
         if not detail and e.result is not None and e.kind in ("step", "value", "child", SET_VALUE):
             detail = e.result[:60]
         if e.wake_at is not None and e.status == "waiting":
-            detail = f"until {fmt_time(e.wake_at)}"
+            detail = f"until {fmt_stamp(e.wake_at)}"
         out.add_row(
             str(e.seq), Text(e.key), e.kind, styled(e.status), str(e.attempts or ""),
             fmt_time(e.started_at), fmt_duration(took),
