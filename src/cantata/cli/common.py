@@ -20,6 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cantata.app import DEFAULT_STORE, App
+from cantata.broker import binding
+from cantata.broker.factory import broker_from_url
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
 from cantata.model.checks import check_run_id
 from cantata.model.records import RunRecord
@@ -33,6 +35,9 @@ T = TypeVar("T")
 # whatever $CANTATA_STORE says: code wins over the environment).
 STORE_HELP = ("Store URL (default: the app's own store when {app} is a module:attribute "
               "whose App names one, else $CANTATA_STORE, else " + DEFAULT_STORE + ").")
+BROKER_HELP = ("Broker URL to publish or redeliver through (default: the app's own broker "
+               "when {app} is a module:attribute whose App names one, else "
+               "$CANTATA_BROKER, else embedded); it must be the one the app's workers use.")
 
 
 class UnknownApp(ConfigurationError):
@@ -118,16 +123,21 @@ def use_existing_store(app: App, store: str | None) -> None:
         app.configure(store=existing_store(url))
 
 
-def client_app(app: str | None, store: str | None) -> App:
+def client_app(app: str | None, store: str | None, broker: str | None = None) -> App:
     """The app a query command works on.
 
     ``app`` is either ``module:attribute`` (the user's App is imported) or just the
     app's name (a bare App is enough to read the store); ``store`` overrides the URL.
     The store must exist (see :func:`existing_store`), and an app given by name must be
     one it holds (see :func:`known_app`). Without an app (nor ``$CANTATA_APP``), the
-    store's only app.
+    store's only app. ``broker`` (``--broker``) overrides the app's own broker (else
+    ``$CANTATA_BROKER``, else ``embedded``).
     """
     spec = app or os.environ.get("CANTATA_APP")
+    if broker is not None and not broker.strip():
+        raise ConfigurationError(
+            "--broker is empty: give a broker URL such as embedded or nats://host:4222"
+        )
     if not spec:
         url = store_url(store)
         spec = run(lambda: only_app(url))
@@ -136,8 +146,39 @@ def client_app(app: str | None, store: str | None) -> App:
     if ":" in spec:
         loaded = load_app(spec)
         use_existing_store(loaded, store)
-        return loaded
-    return App(spec, store=existing_store(store_url(store)))
+    else:
+        loaded = App(spec, store=existing_store(store_url(store)))
+    if broker is not None:
+        loaded.configure(broker=broker)
+    return loaded
+
+
+def check_broker(app: App, *, publishing: bool = False) -> None:
+    """Refuse to redeliver (or publish) through another broker than the one the app's
+    workers take its events through (:func:`cantata.broker.binding.check`), before the
+    app opens: a refused broker is never connected to (nor a NATS stream made in a
+    name space no worker reads). The store is read through a store of its own, made
+    from its URL.
+
+    Raises:
+        BrokerMismatch: naming the workers' broker.
+    """
+    store_spec, broker_spec = app._store_spec, app._broker_spec
+    url = store_spec if isinstance(store_spec, str) else getattr(store_spec, "url", None)
+    if not isinstance(url, str):
+        return
+    # built, not opened
+    broker = broker_from_url(broker_spec) if isinstance(broker_spec, str) else broker_spec
+
+    async def go() -> None:
+        store = existing_store(url)
+        await store.open()
+        try:
+            await binding.check(store, app.name, broker, publishing=publishing)
+        finally:
+            await store.close()
+
+    run(go)
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:

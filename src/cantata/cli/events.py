@@ -12,6 +12,8 @@ from cantata.model.records import DeadLetter
 from cantata.server.models import dead_letter_out
 
 from .common import (
+    BROKER_HELP,
+    check_broker,
     client_app,
     console,
     fmt_date,
@@ -26,6 +28,10 @@ from .common import (
     table,
 )
 from .runs import AppOpt, JsonOpt, StoreOpt
+
+BrokerOpt = Annotated[
+    str | None, typer.Option("--broker", help=BROKER_HELP.format(app="--app"))
+]
 
 
 def register(cli: typer.Typer) -> None:
@@ -45,11 +51,13 @@ def publish(
     correlation_id: Annotated[str | None, typer.Option("--correlation-id")] = None,
     app: AppOpt = None,
     store: StoreOpt = None,
+    broker: BrokerOpt = None,
 ) -> None:
     """Publish an event; prints its id (and warns on stderr when nothing in the app
     listens to its type: an orphan, stored all the same)."""
-    the_app = client_app(app, store)
+    the_app = client_app(app, store, broker)
     value = parse_json(data, "--data")
+    check_broker(the_app, publishing=True)
 
     async def go() -> None:
         async with the_app.client():
@@ -115,13 +123,16 @@ def dlq_replay(
                     ] = None,
     app: AppOpt = None,
     store: StoreOpt = None,
+    broker: BrokerOpt = None,
 ) -> None:
-    """Redeliver a dead letter (or, with --all, every matching one) to its group."""
+    """Redeliver a dead letter (or, with --all, every matching one) to its group,
+    through the broker the app's workers use (--broker)."""
     if all_letters == (dead_letter_id is not None):
         raise ConfigurationError("give either a dead letter ID or --all (with --group/--type)")
     if dead_letter_id is not None and (group or type):
         raise ConfigurationError("--group and --type go with --all")
-    the_app = client_app(app, store)
+    the_app = client_app(app, store, broker)
+    check_broker(the_app)  # before any letter leaves the list
 
     async def go() -> None:
         async with the_app.client():
@@ -169,11 +180,14 @@ def dlq_redrive(
     ] = "60s",
     app: AppOpt = None,
     store: StoreOpt = None,
+    broker: BrokerOpt = None,
 ) -> None:
     """Publish again the events a group has had pending too long (after the broker lost
-    its data); groups that handled them already are not bothered."""
-    the_app = client_app(app, store)
+    its data), through the broker the app's workers use (--broker); groups that handled
+    them already are not bothered."""
     seconds = parse_duration(older_than)
+    the_app = client_app(app, store, broker)
+    check_broker(the_app)
 
     async def go() -> None:
         async with the_app.client():

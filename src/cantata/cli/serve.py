@@ -24,6 +24,7 @@ from cantata.store.factory import mask_url
 
 from .audit import env_audit_key
 from .common import (
+    BROKER_HELP,
     STORE_HELP,
     console,
     err_console,
@@ -50,7 +51,22 @@ def register(cli: typer.Typer) -> None:
     cli.add_typer(token_cli, name="token")
 
 
-def _serve_app(spec: str | None, app_name: str | None, store: str | None) -> tuple[App, str]:
+def _serve_app(spec: str | None, app_name: str | None, store: str | None,
+               broker: str | None = None) -> tuple[App, str]:
+    """The app to serve (see :func:`_app_to_serve`) on ``--broker`` when given (else
+    its own broker, else ``$CANTATA_BROKER``, else embedded), and its store as shown."""
+    the_app, shown = _app_to_serve(spec, app_name, store)
+    if broker is not None:
+        if not broker.strip():
+            raise ConfigurationError(
+                "--broker is empty: give a broker URL such as embedded or nats://host:4222"
+            )
+        the_app.configure(broker=broker)
+    return the_app, shown
+
+
+def _app_to_serve(spec: str | None, app_name: str | None, store: str | None
+                  ) -> tuple[App, str]:
     """The app to serve, its code (``module:attribute``) or just its name and store, and
     the store as the banner shows it. The store must exist and hold the app (a typo
     is an error, not an empty console). APP and ``--app`` together must name the same
@@ -121,6 +137,9 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help=BROKER_HELP.format(app="APP"))
+    ] = None,
     stream_interval: Annotated[
         float, typer.Option("--stream-interval", min=0.05, max=60,
                             help="Seconds between looks for other processes' changes.")
@@ -129,7 +148,7 @@ def serve(
     """Serve the HTTP API and the dashboard of one app (needs only its store)."""
     import uvicorn
 
-    the_app, shown = _serve_app(app, app_name, store)
+    the_app, shown = _serve_app(app, app_name, store, broker)
     api = the_app.asgi(stream_interval=stream_interval)
     sock = _listen(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
+from cantata.broker import binding
 from cantata.errors import DeadLetterNotFound, DuplicateEventId, PayloadTooLarge, RunNotFound
 from cantata.observability.stalled import find_stalls
 from cantata.observability.trace import build_trace
@@ -114,6 +115,10 @@ async def _letter_action(
     console = console_of(request)
     params.required_ident("dead_letter_id", dead_letter_id)
     app = await console.open()
+    if action == "replay" and app._broker is not None:
+        # 503 broker_mismatch where the app's workers read another broker: the letter
+        # would leave the list and reach none of them (cantata serve --broker)
+        await binding.check(app.store, app.name, app._broker)
     act = app.replay if action == "replay" else app.discard
     try:
         dl = await act(dead_letter_id, actor=who.actor)
@@ -139,6 +144,8 @@ async def publish(request: Request, response: Response, body: PublishIn,
     console = console_of(request)
     params.finite("data", body.data)
     app = await console.open()
+    if app._broker is not None:  # relayed to a NATS name space no worker reads: 503
+        await binding.check(app.store, app.name, app._broker, publishing=True)
     try:
         # Audited as the token's: event.published, or event.publish_repeated when
         # nothing was published (the id's event with the same content exists).
