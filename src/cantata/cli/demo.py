@@ -132,7 +132,7 @@ def _spawn_workers(store: str, broker: str) -> list[subprocess.Popen[bytes]]:
             started.append((service, *_start(
                 [sys.executable, "-m", "cantata", "worker", "cantata.examples.orders.app:app",
                  "--service", service, "--store", store, "--broker", broker,
-                 "--processes", "1"])))
+                 "--processes", "1", "--child-of", str(os.getpid())])))  # end with us
         _ready(started, timeout=60.0)
     except BaseException:
         for _, proc, _ in started:
