@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.broker.base import Broker
+from cantata.broker.binding import Binding
 from cantata.choreography.consumer import Consumer
 from cantata.choreography.relay import OutboxRelay
 from cantata.declare.records import declaration_records
@@ -149,8 +150,10 @@ class Runtime:
             await keep_for_waits(sorted({t for wf, t in app.router.waits if engine.serves(wf)}))
             engine.waits_reached = keep_for_waits
         # A broker may declare the groups it subscribes bare (NatsBroker does):
-        # record the full declarations last.
-        await self.store.declare(app.name, declaration_records(app.router, workflow_shape))
+        # record the full declarations last; with them, the broker this worker takes
+        # the app's events through (an operator's redelivery must use it too).
+        await self.store.declare(app.name, [*declaration_records(app.router, workflow_shape),
+                                            Binding.of(self.broker).declaration()])
 
     def emitted(self, events: Sequence[Event[Any]]) -> None:
         """Events were committed here: wake what waits for them, hand them to this

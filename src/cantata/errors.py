@@ -223,6 +223,14 @@ class BrokerNotConnected(BrokerError):
     code = "broker_not_connected"
 
 
+class BrokerMismatch(ConfigurationError):
+    """An operator's redelivery (or publish) would go through another broker than the
+    one the app's workers take its events through, and so reach none of them: the
+    message names theirs (see :mod:`cantata.broker.binding`)."""
+
+    code = "broker_mismatch"
+
+
 class StoreFull(StoreError):
     """The store's disk (or database quota) is full: free space and retry."""
 

@@ -68,7 +68,8 @@ def test_trace_as_json(scenario: Scenario, capsys: pytest.CaptureFixture[str]) -
     assert (tree["kind"], tree["name"], tree["ref"]) == ("event", "order.approved",
                                                          scenario.ids["hybrid"])
     assert tree["children"][0]["kind"] == "run"
-    assert tree["started_at"].endswith("+00:00")
+    assert tree["started_at"].endswith("Z")  # as GET /api/trace answers it
+    assert tree["correlation_id"] == scenario.ids["hybrid"] and tree["where"]
 
 
 def test_trace_of_an_unknown_id_is_one_clear_line(
@@ -98,9 +99,10 @@ def test_stalled_lists_every_reason_with_group_and_step(
     code, out, err = cli(capsys, "stalled", "--older-than", "0s", "--app", "shop",
                          "--store", scenario.url, "--json")
     [letter] = [s for s in json.loads(out) if s["reason"] == "dead_letter"]
-    assert letter["detail"].endswith(
-        f"(replay: cantata dlq replay {letter['node']['ref']} --app shop --store "
-        f"{scenario.url})"), letter
+    # as GET /api/stalled answers it: the replay command is the table's, not the JSON's
+    assert set(letter) == {"correlation_id", "reason", "since", "where", "node", "hint"}
+    assert letter["where"] == f"group {letter['node']['group']}" and letter["hint"] is None
+    assert letter["since"].endswith("Z") and letter["node"]["started_at"].endswith("Z")
 
 
 def test_stalled_with_nothing_old_enough(
@@ -118,7 +120,7 @@ def test_stalled_rejects_a_bad_duration(
     code, _, err = cli(capsys, "stalled", "--older-than", "soon", "--app", "shop",
                        "--store", scenario.url)
     assert code == 1
-    assert "duration 'soon' is invalid" in err
+    assert "--older-than 'soon' is invalid: give a duration >= 0" in err
 
 
 def test_graph_of_a_workflow_needs_no_store(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from cantata.model.records import AuditReport
 from cantata.store import audit as chain
 from cantata.store.base import Store
 
-from .common import client_app, console, run
+from .common import client_app, print_line, run, say
 from .runs import AppOpt, StoreOpt
 
 T = TypeVar("T")
@@ -104,9 +104,7 @@ def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None
         )
     keyed = " (keyed)" if key is not None else ""
     anchored = f", holds the head exported in {head_file}" if head_file is not None else ""
-    console.print(
-        f"audit log of app {name}: {report.records} records, chain intact{keyed}{anchored}"
-    )
+    say(f"audit log of app {name}: {report.records} records, chain intact{keyed}{anchored}")
 
 
 def head(app: AppOpt = None, store: StoreOpt = None) -> None:
@@ -125,4 +123,4 @@ def head(app: AppOpt = None, store: StoreOpt = None) -> None:
         return chain.signed_head(name, await s.audit_head(name), key)
 
     doc = _with_store(app, store, go)
-    print(orjson.dumps(doc).decode())
+    print_line(orjson.dumps(doc).decode())

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import importlib
+import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -11,17 +14,30 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from cantata.app import DEFAULT_STORE, App
+from cantata.broker import binding
+from cantata.broker.factory import broker_from_url
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
-from cantata.model.records import RunRecord, local_datetime, utc_datetime
+from cantata.model.checks import check_run_id
+from cantata.model.records import RunRecord, utc_datetime
 from cantata.store.base import Store
 from cantata.store.factory import mask_url, store_from_url
 
 T = TypeVar("T")
+
+
+# Where a command's store comes from, in order (an App that names its store keeps it
+# whatever $CANTATA_STORE says: code wins over the environment).
+STORE_HELP = ("Store URL (default: the app's own store when {app} is a module:attribute "
+              "whose App names one, else $CANTATA_STORE, else " + DEFAULT_STORE + ").")
+BROKER_HELP = ("Broker URL to publish or redeliver through (default: the app's own broker "
+               "when {app} is a module:attribute whose App names one, else "
+               "$CANTATA_BROKER, else embedded); it must be the one the app's workers use.")
 
 
 class UnknownApp(ConfigurationError):
@@ -107,16 +123,21 @@ def use_existing_store(app: App, store: str | None) -> None:
         app.configure(store=existing_store(url))
 
 
-def client_app(app: str | None, store: str | None) -> App:
+def client_app(app: str | None, store: str | None, broker: str | None = None) -> App:
     """The app a query command works on.
 
     ``app`` is either ``module:attribute`` (the user's App is imported) or just the
     app's name (a bare App is enough to read the store); ``store`` overrides the URL.
     The store must exist (see :func:`existing_store`), and an app given by name must be
     one it holds (see :func:`known_app`). Without an app (nor ``$CANTATA_APP``), the
-    store's only app.
+    store's only app. ``broker`` (``--broker``) overrides the app's own broker (else
+    ``$CANTATA_BROKER``, else ``embedded``).
     """
     spec = app or os.environ.get("CANTATA_APP")
+    if broker is not None and not broker.strip():
+        raise ConfigurationError(
+            "--broker is empty: give a broker URL such as embedded or nats://host:4222"
+        )
     if not spec:
         url = store_url(store)
         spec = run(lambda: only_app(url))
@@ -125,8 +146,39 @@ def client_app(app: str | None, store: str | None) -> App:
     if ":" in spec:
         loaded = load_app(spec)
         use_existing_store(loaded, store)
-        return loaded
-    return App(spec, store=existing_store(store_url(store)))
+    else:
+        loaded = App(spec, store=existing_store(store_url(store)))
+    if broker is not None:
+        loaded.configure(broker=broker)
+    return loaded
+
+
+def check_broker(app: App, *, publishing: bool = False) -> None:
+    """Refuse to redeliver (or publish) through another broker than the one the app's
+    workers take its events through (:func:`cantata.broker.binding.check`), before the
+    app opens: a refused broker is never connected to (nor a NATS stream made in a
+    name space no worker reads). The store is read through a store of its own, made
+    from its URL.
+
+    Raises:
+        BrokerMismatch: naming the workers' broker.
+    """
+    store_spec, broker_spec = app._store_spec, app._broker_spec
+    url = store_spec if isinstance(store_spec, str) else getattr(store_spec, "url", None)
+    if not isinstance(url, str):
+        return
+    # built, not opened
+    broker = broker_from_url(broker_spec) if isinstance(broker_spec, str) else broker_spec
+
+    async def go() -> None:
+        store = existing_store(url)
+        await store.open()
+        try:
+            await binding.check(store, app.name, broker, publishing=publishing)
+        finally:
+            await store.close()
+
+    run(go)
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -139,31 +191,65 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def parse_json(text: str, what: str) -> Any:
-    """Parse a JSON option value, with a message naming the option."""
+    """Parse a JSON option value, with a message naming the option.
+
+    Numbers are read as written: an integer stays an integer whatever its size (orjson
+    would read one beyond 64 bits as a float, silently), so the library refuses one it
+    cannot store as it refuses it from code and over HTTP (``SerializationError``).
+    ``NaN`` and ``Infinity`` are not JSON.
+    """
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
+        return json.loads(text, parse_constant=no_constant)
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
         raise ConfigurationError(f"{what} is not valid JSON ({exc}): {text[:80]!r}") from None
 
 
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``5m``, ``2h``, ``1d`` → seconds."""
+def parse_duration(text: str, what: str = "--older-than") -> float:
+    """``90``, ``90s``, ``5m``, ``2h``, ``1d`` → seconds (a finite number >= 0).
+
+    Raises:
+        ConfigurationError: naming ``what`` (the option): not a number, NaN, infinite
+            or negative.
+    """
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip().lower()
     try:
-        if t and t[-1] in units:
-            return float(t[:-1]) * units[t[-1]]
-        return float(t)
+        seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
         raise ConfigurationError(
-            f"duration {text!r} is invalid: use seconds or a number with s, m, h or d ('5m')"
-        ) from None
+            f"{what} {text!r} is invalid: give a duration >= 0, in seconds or as a number "
+            "with s, m, h or d ('90', '90s', '5m')"
+        )
+    return seconds
+
+
+# Times in tables and messages are UTC, as in traces and the console, whatever the
+# machine's zone: a column says "(UTC)" in its header, a time in a line ends in "UTC".
+
+
+def _utc(ts: float) -> dt.datetime:
+    return utc_datetime(ts)  # (a time no date can hold shows as the latest: records.py)
 
 
 def fmt_time(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return local_datetime(ts).strftime("%H:%M:%S.%f")[:-3]
+    """``14:36:45.123``: the UTC time of day (for a column headed "(UTC)")."""
+    return "-" if ts is None else _utc(ts).strftime("%H:%M:%S.%f")[:-3]
+
+
+def fmt_date(ts: float | None) -> str:
+    """``2026-12-03 14:36:45``: the UTC date and time (for a column headed "(UTC)")."""
+    return "-" if ts is None else _utc(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_stamp(ts: float | None) -> str:
+    """``2026-12-03 14:36:45.123 UTC``: a UTC time in a line of text."""
+    return "-" if ts is None else _utc(ts).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -255,6 +341,8 @@ async def resolve_run(app: App, ref: str | None, key: str | None = None) -> RunR
         return found[0]
     if not ref:
         raise ConfigurationError("which run? give its id (or a unique start of it) or --key KEY")
+    # an argument that is not UTF-8 (a lone surrogate) is no run's id, as App's lookups say
+    check_run_id(ref)
     run_rec = await store.get_run(name, ref)
     if run_rec is not None:
         return run_rec
@@ -285,20 +373,26 @@ def iso(ts: float | None) -> str | None:
     return utc_datetime(ts).isoformat().replace("+00:00", "Z")
 
 
-def run_dict(rec: RunRecord, attributes: dict[str, str] | None = None) -> dict[str, Any]:
-    """A run as ``--json`` prints it (the HTTP API's run, plus version and attributes)."""
-    return {
-        "run_id": rec.run_id, "workflow": rec.workflow, "status": str(rec.status),
-        "created_at": iso(rec.created_at), "updated_at": iso(rec.updated_at),
-        "idempotency_key": rec.idempotency_key, "correlation_id": rec.correlation_id,
-        "error": rec.error, "result": None if rec.result is None else orjson.loads(rec.result),
-        "version": rec.version, "epoch": rec.epoch, "flagged": rec.flagged,
-        "attributes": attributes or {},
-    }
+def print_line(text: str) -> None:
+    """Write one line to stdout as it is: never read as Rich markup, never wrapped (ids
+    and values a script reads)."""
+    sys.stdout.write(text + "\n")
+
+
+def say(text: str) -> None:
+    """Print a message holding user data (names, ids, paths, errors): as plain text,
+    never read as Rich markup."""
+    console.print(Text(text))
 
 
 def print_json(value: Any) -> None:
-    """Write ``value`` as indented JSON to stdout (no markup, no wrapping)."""
+    """Write ``value`` as indented JSON to stdout (no markup, no wrapping); a pydantic
+    model of the HTTP API (:mod:`cantata.server.models`), or a list of them, as the API
+    answers it."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, list):
+        value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from .common import console, load_app, parse_json, run
+from .common import console, load_app, parse_json, print_json, run
 from .compare_harness import ModeFigures, compare
 
 
@@ -42,7 +42,7 @@ def compare_cmd(
         broker=broker, concurrency=concurrency, seed=seed, timeout=timeout,
     ))
     if as_json:
-        console.print_json(orjson.dumps([as_dict(f) for f in figures]).decode())
+        print_json([as_dict(f) for f in figures])
         return
     console.print(table(saga, figures))
 
@@ -64,13 +64,14 @@ def as_dict(f: ModeFigures) -> dict[str, Any]:
 
 def table(saga: str, figures: list[ModeFigures]) -> Table:
     """The side-by-side table."""
-    t = Table(title=f"saga {saga}: {figures[0].runs} runs per mode")
+    # Text cells and title: step and saga names are the user's, never read as markup.
+    t = Table(title=Text(f"saga {saga}: {figures[0].runs} runs per mode"))
     t.add_column("")
     for f in figures:
-        t.add_column(f.mode, justify="right")
+        t.add_column(Text(f.mode), justify="right")
 
     def row(label: str, fn: Any) -> None:
-        t.add_row(label, *(fn(f) for f in figures))
+        t.add_row(label, *(Text(fn(f)) for f in figures))
 
     row("throughput", lambda f: f"{f.throughput:.1f} sagas/s")
     row("p50 latency", lambda f: f"{f.percentile(50) * 1000:.1f} ms")

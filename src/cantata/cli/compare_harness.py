@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import math
 import random
 import tempfile
 import time
@@ -305,7 +306,18 @@ async def compare(
     app: App, saga_name: str, *, runs: int, fail_rate: float, data: Any,
     store: str | None, broker: str | None, concurrency: int, seed: int, timeout: float,
 ) -> list[ModeFigures]:
-    """Run ``saga_name`` of ``app`` both ways; the figures of each mode."""
+    """Run ``saga_name`` of ``app`` both ways; the figures of each mode.
+
+    Raises:
+        ConfigurationError: ``saga_name`` is no declarative saga of ``app``, or a number
+            is out of range (no run in flight at once would wait for ever).
+    """
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError(f"--concurrency must be a whole number >= 1 (runs in flight "
+                                 f"at once), got {concurrency!r}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigurationError(f"--timeout must be a number of seconds > 0 (allowed per "
+                                 f"run), got {timeout!r}")
     wdef = app.workflows.get(saga_name)
     saga = wdef.spec if wdef is not None else None
     if not isinstance(saga, Saga):

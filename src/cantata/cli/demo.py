@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import select
 import subprocess
 import sys
 import time
@@ -11,13 +14,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cantata.app import App
-from cantata.errors import WorkflowError
+from cantata.errors import ConfigurationError, WorkflowError
 
-from .common import console, fmt_duration
+from .common import console, fmt_duration, say
 
 
 def register(cli: typer.Typer) -> None:
@@ -61,7 +65,7 @@ def demo(
     console.print(
         f"[bold]Cantata demo[/]: {orders} orders, reserve → charge → ship; every 5th card is "
         "declined (compensated), every 7th payment meets a gateway hiccup (retried).\n"
-        f"store {store}, broker {broker or 'embedded'}"
+        f"store {escape(store)}, broker {escape(broker or 'embedded')}"
         + (f"; one worker process per service: {', '.join(SERVICES)}" if processes else "")
         + "\n"
     )
@@ -86,11 +90,8 @@ def demo(
         table.add_row("[red]other[/]", str(orchestrated.other), str(choreographed.other))
     table.add_row("wall time", fmt_duration(orchestrated.seconds),
                   fmt_duration(choreographed.seconds))
-    table.add_row(
-        "orders/s",
-        f"{orders / orchestrated.seconds:,.0f}" if orchestrated.seconds else "-",
-        f"{orders / choreographed.seconds:,.0f}" if choreographed.seconds else "-",
-    )
+    table.add_row("orders/s", _rate(orders, orchestrated.seconds),
+                  _rate(orders, choreographed.seconds))
     table.add_row("how it rolls back", "compensation steps, in reverse",
                   "payment.failed → inventory.released → order.cancelled")
     console.print(table)
@@ -99,29 +100,90 @@ def demo(
                       "--store sqlite:///demo.db to look at its runs and traces afterwards.")
         return
     if orchestrated.examples:
-        console.print(
-            f"\nA compensated saga:  cantata trace {orchestrated.examples[0]} "
-            f"--app orders --store {store}"
-        )
+        say(f"\nA compensated saga:  cantata trace {orchestrated.examples[0]} "
+            f"--app orders --store {store}")
     if choreographed.examples:
-        console.print(
-            f"A compensated event flow (correlation id): {choreographed.examples[0]}"
-        )
-    console.print(f"All runs:            cantata runs --app orders --store {store}")
+        say(f"A compensated event flow (correlation id): {choreographed.examples[0]}")
+    say(f"All runs:            cantata runs --app orders --store {store}")
+
+
+def _rate(orders: int, seconds: float) -> str:
+    """Orders per second: whole above 10, else with one decimal (never a 0 for a slow
+    but finished run)."""
+    if not seconds:
+        return "-"
+    rate = orders / seconds
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}" if rate >= 0.1 else f"{rate:.2g}"
 
 
 def _spawn_workers(store: str, broker: str) -> list[subprocess.Popen[bytes]]:
-    """One ``cantata worker --service S`` process per service of the example."""
+    """One ``cantata worker --service S`` process per service of the example, returned
+    once each serves: the orders are timed from then, so neither column counts the
+    workers' start-up.
+
+    Raises:
+        ConfigurationError: a worker ended (or did not serve within a minute) first.
+    """
     from cantata.examples.orders.app import SERVICES
 
-    procs = []
-    for service in SERVICES:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cantata", "worker", "cantata.examples.orders.app:app",
-             "--service", service, "--store", store, "--broker", broker, "--processes", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
-    return procs
+    started: list[tuple[str, subprocess.Popen[bytes], int]] = []
+    try:
+        for service in SERVICES:
+            started.append((service, *_start(
+                [sys.executable, "-m", "cantata", "worker", "cantata.examples.orders.app:app",
+                 "--service", service, "--store", store, "--broker", broker,
+                 "--processes", "1", "--child-of", str(os.getpid())])))  # end with us
+        _ready(started, timeout=60.0)
+    except BaseException:
+        for _, proc, _ in started:
+            proc.terminate()
+        for _, proc, _ in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        raise
+    return [proc for _, proc, _ in started]
+
+
+def _start(command: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``command --ready-fd N`` (a worker writes ``r`` to N once it serves, as
+    under the supervisor); the process and the read end of its pipe."""
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen([*command, "--ready-fd", str(write_fd)],
+                                pass_fds=(write_fd,), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)  # the child holds the only write end: its exit is EOF
+    return proc, read_fd
+
+
+def _ready(started: list[tuple[str, subprocess.Popen[bytes], int]], *, timeout: float) -> None:
+    """Wait until every started worker says it serves (closing the pipes).
+
+    Raises:
+        ConfigurationError: one ended first, or ``timeout`` seconds passed.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        for service, proc, fd in started:
+            readable, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+            said = os.read(fd, 1) if readable else None
+            if said == b"r":
+                continue
+            how = (f"did not serve within {timeout:g} s" if said is None else
+                   f"ended (exit status {proc.wait()}) before it served")
+            raise ConfigurationError(
+                f"the {service} worker process {how}: run cantata worker "
+                f"cantata.examples.orders.app:app --service {service} with the same --store "
+                "and --broker to see why"
+            )
+    finally:
+        for _, _, fd in started:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 async def _run(app: App, orders: int, *, serve: bool) -> tuple[Outcome, Outcome]:

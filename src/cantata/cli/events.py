@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.text import Text
 
 from cantata.errors import ConfigurationError
 from cantata.model.records import DeadLetter
+from cantata.server.models import dead_letter_out
 
 from .common import (
+    BROKER_HELP,
+    check_broker,
     client_app,
     console,
+    fmt_date,
     operator,
     parse_duration,
     parse_json,
     print_json,
+    print_line,
     run,
+    say,
     show,
     table,
 )
 from .runs import AppOpt, JsonOpt, StoreOpt
+
+BrokerOpt = Annotated[
+    str | None, typer.Option("--broker", help=BROKER_HELP.format(app="--app"))
+]
 
 
 def register(cli: typer.Typer) -> None:
@@ -41,11 +51,13 @@ def publish(
     correlation_id: Annotated[str | None, typer.Option("--correlation-id")] = None,
     app: AppOpt = None,
     store: StoreOpt = None,
+    broker: BrokerOpt = None,
 ) -> None:
     """Publish an event; prints its id (and warns on stderr when nothing in the app
     listens to its type: an orphan, stored all the same)."""
-    the_app = client_app(app, store)
+    the_app = client_app(app, store, broker)
     value = parse_json(data, "--data")
+    check_broker(the_app, publishing=True)
 
     async def go() -> None:
         async with the_app.client():
@@ -53,7 +65,7 @@ def publish(
                 type, value, subject=subject, correlation_id=correlation_id, id=None,
                 actor=operator(),
             )
-            console.print(event.id)
+            print_line(event.id)
             if orphan:
                 typer.echo(
                     "cantata: warning: no handler, workflow trigger or wait in app "
@@ -62,12 +74,6 @@ def publish(
                 )
 
     run(go)
-
-
-def _letter(d: DeadLetter) -> dict[str, Any]:
-    return {"id": d.id, "group": d.group, "event_type": d.event.type, "event_id": d.event.id,
-            "correlation_id": d.event.correlation_id, "attempts": d.attempts,
-            "failed_at": d.failed_at.isoformat().replace("+00:00", "Z"), "error": d.error}
 
 
 def dlq_list(
@@ -84,15 +90,15 @@ def dlq_list(
     async def go() -> None:
         async with the_app.client():
             letters = _matching(await the_app.dead_letters(limit=limit), group, type)
-        if as_json:
-            print_json([_letter(d) for d in letters])
+        if as_json:  # as GET /api/dead-letters answers them
+            print_json([dead_letter_out(d) for d in letters])
             return
         out = table(f"dead letters of {the_app.name}", "id", "group", "event", "attempts",
-                    "failed at", "error")
+                    "failed at (UTC)", "error")
         for d in letters:
             out.add_row(
                 Text(d.id), Text(d.group), Text(f"{d.event.type} {d.event.id}"),
-                str(d.attempts), d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), Text(d.error),
+                str(d.attempts), fmt_date(d.failed_at.timestamp()), Text(d.error),
             )
         show(out)
 
@@ -117,13 +123,16 @@ def dlq_replay(
                     ] = None,
     app: AppOpt = None,
     store: StoreOpt = None,
+    broker: BrokerOpt = None,
 ) -> None:
-    """Redeliver a dead letter (or, with --all, every matching one) to its group."""
+    """Redeliver a dead letter (or, with --all, every matching one) to its group,
+    through the broker the app's workers use (--broker)."""
     if all_letters == (dead_letter_id is not None):
         raise ConfigurationError("give either a dead letter ID or --all (with --group/--type)")
     if dead_letter_id is not None and (group or type):
         raise ConfigurationError("--group and --type go with --all")
-    the_app = client_app(app, store)
+    the_app = client_app(app, store, broker)
+    check_broker(the_app)  # before any letter leaves the list
 
     async def go() -> None:
         async with the_app.client():
@@ -143,7 +152,7 @@ def dlq_replay(
                     seen.add((dl.group, dl.event.id))
                 if not batch or len(page) < 1000:
                     break
-            console.print(f"redelivering {len(seen)} dead letter(s)")
+            say(f"redelivering {len(seen)} dead letter(s)")
 
     run(go)
 
@@ -171,19 +180,22 @@ def dlq_redrive(
     ] = "60s",
     app: AppOpt = None,
     store: StoreOpt = None,
+    broker: BrokerOpt = None,
 ) -> None:
     """Publish again the events a group has had pending too long (after the broker lost
-    its data); groups that handled them already are not bothered."""
-    the_app = client_app(app, store)
+    its data), through the broker the app's workers use (--broker); groups that handled
+    them already are not bothered."""
     seconds = parse_duration(older_than)
+    the_app = client_app(app, store, broker)
+    check_broker(the_app)
 
     async def go() -> None:
         async with the_app.client():
             n = await the_app.redrive(older_than=seconds)
         if n:
-            console.print(f"re-drove {n} event(s) pending for over {older_than}")
+            say(f"re-drove {n} event(s) pending for over {older_than}")
         else:
-            console.print(f"nothing to re-drive: no event pending for over {older_than} "
-                          "(or the broker reads the store directly)")
+            say(f"nothing to re-drive: no event pending for over {older_than} (or the "
+                "broker reads the store directly)")
 
     run(go)

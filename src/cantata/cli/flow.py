@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model.flow import QueueStats
 
-from .common import client_app, console, fmt_duration, operator, run
+from .common import client_app, console, fmt_date, fmt_duration, iso, operator, print_json, run, say
 from .runs import AppOpt, StoreOpt
 
 NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
@@ -40,12 +40,12 @@ def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False)
 
     now, stats = run(go)
     if as_json:
-        print(json.dumps([{
+        print_json([{
             "queue": q.name, "waiting": q.waiting, "in_progress": q.in_progress,
             "recent_begins": q.began_last_window,
             "oldest_waiting_seconds": None if q.oldest_waiting_at is None
             else round(now - q.oldest_waiting_at, 3),
-        } for q in stats]))
+        } for q in stats])
         return
     table = Table("queue", "waiting", "in progress", "rate", "oldest waiting", "limits")
     for q in stats:
@@ -58,7 +58,7 @@ def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False)
                                     ("priorities", spec.priorities or None)) if v is not None
         ) or "-"
         oldest = None if q.oldest_waiting_at is None else now - q.oldest_waiting_at
-        table.add_row(q.name, str(q.waiting), str(q.in_progress), rate,
+        table.add_row(Text(q.name), str(q.waiting), str(q.in_progress), rate,
                       fmt_duration(oldest), limits)
     console.print(table if stats else "no queues")
 
@@ -73,21 +73,22 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
 
     rows = run(go)
     if as_json:
-        print(json.dumps([{
+        print_json([{
             "name": s.name, "workflow": s.workflow, "when": s.when,
             "timezone": s.timezone, "overlap": s.overlap,
             "catch_up": s.catch_up, "paused": s.paused,
             "source": s.source, "in_code": s.in_code, "last_run_id": s.last_run_id,
-            "next_tick": None if s.next_tick is None else s.next_tick.isoformat(),
-        } for s in rows]))
+            "next_tick": None if s.next_tick is None else iso(s.next_tick.timestamp()),
+        } for s in rows])
         return
     table = Table("schedule", "workflow", "when", "zone", "overlap", "catch-up", "state",
                   "next tick (UTC)")
     for s in rows:
         table.add_row(
-            s.name, s.workflow, s.when, s.timezone, s.overlap, s.catch_up,
+            Text(s.name), Text(s.workflow), Text(s.when), Text(s.timezone), s.overlap,
+            s.catch_up,
             "paused" if s.paused else "not in code" if s.in_code is False else "active",
-            "-" if s.next_tick is None else s.next_tick.strftime("%Y-%m-%d %H:%M:%S"),
+            "-" if s.next_tick is None else fmt_date(s.next_tick.timestamp()),
         )
     console.print(table if rows else "no schedules")
 
@@ -95,19 +96,19 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
 def pause(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
     """Stop starting runs of a schedule until it is resumed."""
     _act(app, store, name, "pause")
-    console.print(f"schedule {name}: paused")
+    say(f"schedule {name}: paused")
 
 
 def resume(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
     """Start runs of a schedule again, from its next tick."""
     _act(app, store, name, "resume")
-    console.print(f"schedule {name}: resumed")
+    say(f"schedule {name}: resumed")
 
 
 def delete(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
     """Remove a schedule (one declared in code returns when a worker of that code opens the app)."""
     _act(app, store, name, "delete")
-    console.print(f"schedule {name}: deleted")
+    say(f"schedule {name}: deleted")
 
 
 def trigger(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
@@ -118,7 +119,7 @@ def trigger(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:
         async with the_app.client():
             return (await the_app.schedules.trigger(name, actor=operator())).run_id
 
-    console.print(f"schedule {name}: started run {run(go)}")
+    say(f"schedule {name}: started run {run(go)}")
 
 
 def _act(app: str | None, store: str | None, name: str, action: str) -> None:

@@ -6,6 +6,7 @@ import logging
 import sys
 import traceback
 
+import click
 import typer
 
 from cantata.errors import CantataError
@@ -68,8 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as exc:
         return int(exc.exit_code)
-    except typer.TyperException as exc:
+    except (typer.TyperException, click.ClickException) as exc:
         code = int(getattr(exc, "exit_code", 2))
+        # `cantata` or `cantata dlq` alone: the help is printed already (on stdout), and a
+        # missing subcommand is a usage error (2) with nothing more to say. (Typer has
+        # its own copy of click's exceptions: the class is told by its name, as Typer
+        # itself tells it.)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return code
         hint = " (try 'cantata --help')" if code == 2 else ""
         print(f"cantata: error: {exc.format_message()}{hint}", file=sys.stderr)
         return code

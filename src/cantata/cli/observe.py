@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -19,10 +18,11 @@ from cantata.model.records import utc_datetime
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
 from cantata.observability.graph import code_mermaid, workflow_mermaid
-from cantata.observability.node import UNADDRESSED_TASK, TraceNode, TraceNotFound, node_dict
+from cantata.observability.node import UNADDRESSED_TASK, TraceNode, TraceNotFound
 from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import fmt_seconds, render_timeline
 from cantata.observability.trace import DEFAULT_LIMIT, build_trace
+from cantata.server.models import stall_out, stall_where, trace_out
 from cantata.store.factory import mask_url
 
 from .common import (
@@ -34,9 +34,11 @@ from .common import (
     print_json,
     resolve_run,
     run,
+    say,
     show,
+    store_url,
 )
-from .runs import AppOpt, JsonOpt, KeyOpt, StoreOpt
+from .runs import AppOpt, CodeStoreOpt, JsonOpt, KeyOpt, StoreOpt
 
 AppArg = Annotated[str, typer.Argument(help="The app, as module:attribute.")]
 
@@ -69,9 +71,8 @@ def trace(
         async with the_app.client():
             root = await _trace_of(the_app, id, key, limit)
             now = the_app.clock.now()
-        if as_json:
-            sys.stdout.write(orjson.dumps(node_dict(root), option=orjson.OPT_INDENT_2).decode())
-            sys.stdout.write("\n")
+        if as_json:  # as GET /api/trace/{id} answers it
+            print_json(trace_out(root, id or root.correlation_id or "", now))
         else:
             console.print(render_timeline(root, now=now))
 
@@ -105,15 +106,6 @@ def again(command: str, target: str, app: str | None, store: str | None) -> str:
         masked = mask_url(store)
         words += ["--store", store if masked == store else "URL"]
     return shlex.join(words)
-
-
-def _where(stall: Stall) -> str:
-    n = stall.node
-    if n.kind == "handler":
-        return f"group {n.group} ({n.name})" if n.name != n.group else f"group {n.group}"
-    if n.kind == "dead_letter":
-        return f"group {n.group}"
-    return f"{n.kind} {n.name}"
 
 
 def _detail(stall: Stall, app: str | None, store: str | None, width: int = 0) -> str:
@@ -150,8 +142,6 @@ def stalled(
 ) -> None:
     """List business transactions that made no progress for a while, and why."""
     seconds = parse_duration(older_than)
-    if seconds < 0:
-        raise ConfigurationError(f"--older-than must be >= 0, got {older_than!r}")
     the_app = client_app(app, store)
 
     async def go() -> None:
@@ -160,15 +150,12 @@ def stalled(
             stalls = await find_stalls(
                 the_app.store, the_app.name, older_than=seconds, now=now, limit=limit
             )
-        if as_json:
-            print_json([{"correlation_id": s.correlation_id, "reason": s.reason,
-                         "since": s.since.isoformat().replace("+00:00", "Z"),
-                         "where": _where(s), "detail": _detail(s, app, store),
-                         "node": node_dict(s.node)} for s in stalls])
+        if as_json:  # as GET /api/stalled answers them
+            print_json([stall_out(s) for s in stalls])
             return
         if not stalls:
-            console.print(f"no stalled transactions in app {the_app.name} "
-                          f"(no progress for {older_than} or more)")
+            say(f"no stalled transactions in app {the_app.name} (no progress for "
+                f"{older_than} or more)")
             return
         table = Table(title=f"stalled transactions of {the_app.name} (older than {older_than})")
         table.add_column("correlation id", no_wrap=True)
@@ -178,7 +165,7 @@ def stalled(
         at = utc_datetime(now)
         for s in stalls:
             # Text cells: user data (ids, error messages) is never read as markup.
-            table.add_row(Text(s.correlation_id), s.reason, Text(_where(s)),
+            table.add_row(Text(s.correlation_id), s.reason, Text(stall_where(s)),
                           fmt_seconds((at - s.since).total_seconds()),
                           Text(_detail(s, app, store, 200)))
         show(table)
@@ -207,7 +194,7 @@ def graph(
     events: Annotated[
         bool, typer.Option("--events", help="Draw the choreography map instead.")
     ] = False,
-    store: StoreOpt = None,
+    store: CodeStoreOpt = None,
 ) -> None:
     """Print Mermaid: a workflow's steps and compensations, or (--events) the choreography."""
     if events == (workflow is not None):
@@ -215,10 +202,8 @@ def graph(
             "give either a WORKFLOW to draw or --events for the choreography map"
         )
     the_app = load_app(app)
-    if store:
-        the_app.configure(store=store)
-    elif os.environ.get("CANTATA_STORE"):
-        the_app.configure(store=os.environ["CANTATA_STORE"])
+    if store is not None:  # else its own (App(store=...), else $CANTATA_STORE)
+        the_app.configure(store=store_url(store))
     if workflow is not None:
         drawn = code_mermaid(the_app.router, workflow)
         if drawn is not None:
@@ -267,5 +252,5 @@ def asyncapi(
         output.write_text(text)
     except OSError as exc:
         raise ConfigurationError(f"cannot write {output}: {exc.strerror}") from None
-    console.print(f"wrote {output}: {len(doc['channels'])} channels, "
-                  f"{len(doc['operations'])} operations")
+    say(f"wrote {output}: {len(doc['channels'])} channels, "
+        f"{len(doc['operations'])} operations")

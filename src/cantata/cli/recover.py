@@ -7,10 +7,16 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from cantata.app import App
-
-from .common import client_app, console, operator, print_json, resolve_run, run, run_dict
-from .runs import AppOpt, JsonOpt, KeyOpt, RunArg, StoreOpt
+from .common import (
+    client_app,
+    console,
+    operator,
+    print_json,
+    print_line,
+    resolve_run,
+    run,
+)
+from .runs import AppOpt, JsonOpt, KeyOpt, RunArg, StoreOpt, run_details
 
 
 def register(cli: typer.Typer) -> None:
@@ -41,19 +47,14 @@ def retry(
             handle = the_app.get_handle(rec.run_id)
             await handle.retry(actor=operator(), include_compensated=include_compensated)
             after = await handle.info()
-            attrs = await attributes_of(the_app, after.run_id)
-        if as_json:
-            print_json(run_dict(after, attrs))
+            shown = await run_details(the_app, after) if as_json else None
+        if shown is not None:  # the run as `cantata run --json` shows it
+            print_json(shown)
             return
         console.print(Text(f"run {after.run_id} ({after.workflow}) is {after.status} again "
                            f"(retry {after.epoch}): a worker continues it from its failed step"))
 
     run(go)
-
-
-async def attributes_of(app: App, run_id: str) -> dict[str, str]:
-    """A run's search attributes, as ``--json`` prints them."""
-    return (await app.store.run_attributes(app.name, [run_id])).get(run_id, {})
 
 
 def fork(
@@ -74,10 +75,10 @@ def fork(
             rec = await resolve_run(the_app, run_id, key)
             handle = await the_app.fork(rec.run_id, from_step, actor=operator())
             new = await handle.info()
-            attrs = await attributes_of(the_app, new.run_id)
-        if as_json:
-            print_json(run_dict(new, attrs))
+            shown = await run_details(the_app, new) if as_json else None
+        if shown is not None:  # the new run as `cantata run --json` shows it
+            print_json(shown)
             return
-        console.print(Text(new.run_id))
+        print_line(new.run_id)
 
     run(go)

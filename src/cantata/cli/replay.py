@@ -12,7 +12,7 @@ from cantata.engine.replaycheck import replay_report
 from cantata.errors import CantataError
 
 from .common import console, load_app, print_json, run, show, table, use_existing_store
-from .runs import JsonOpt
+from .runs import CodeStoreOpt, JsonOpt
 
 
 class ReplayCheckFailed(CantataError):
@@ -27,7 +27,7 @@ def register(cli: typer.Typer) -> None:
 
 def check(
     app: Annotated[str, typer.Argument(help="The app (new code), as module:attribute.")],
-    store: Annotated[str | None, typer.Option("--store", help="Store URL.")] = None,
+    store: CodeStoreOpt = None,
     all_runs: Annotated[
         bool, typer.Option("--all", help="Also replay finished runs, not only live ones.")
     ] = False,

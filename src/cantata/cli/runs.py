@@ -9,27 +9,31 @@ import typer
 from rich.text import Text
 
 from cantata.app import App
+from cantata.declare.defs import Parameters
 from cantata.engine.recovery import find_records
 from cantata.engine.values import SET_VALUE, values_of
 from cantata.errors import CantataError, ConfigurationError, RunNotFound
 from cantata.model import codec
 from cantata.model.attributes import parse_attr
-from cantata.model.records import ENTRY_FAILED, HistoryEntry, RunRecord, local_datetime
+from cantata.model.records import ENTRY_FAILED, RunRecord
 from cantata.model.status import call_status
+from cantata.server.models import run_detail, run_out, steps_out
 
 from .common import (
+    STORE_HELP,
     client_app,
     console,
+    fmt_date,
     fmt_duration,
+    fmt_stamp,
     fmt_time,
-    iso,
     load_app,
     operator,
     parse_json,
     print_json,
+    print_line,
     resolve_run,
     run,
-    run_dict,
     show,
     table,
     use_existing_store,
@@ -40,7 +44,11 @@ AppOpt = Annotated[
     typer.Option("--app", help="App name or module:attribute (default: $CANTATA_APP)."),
 ]
 StoreOpt = Annotated[
-    str | None, typer.Option("--store", help="Store URL (default: $CANTATA_STORE).")
+    str | None, typer.Option("--store", help=STORE_HELP.format(app="--app"))
+]
+# for the commands whose APP is module:attribute
+CodeStoreOpt = Annotated[
+    str | None, typer.Option("--store", help=STORE_HELP.format(app="APP"))
 ]
 
 STATUS_STYLE = {
@@ -54,6 +62,13 @@ STATUS_STYLE = {
     "waiting": "blue",
     "interrupted": "yellow",
 }
+
+
+class InvalidArguments(ConfigurationError):
+    """``cantata start`` with arguments the workflow cannot be called with (the HTTP
+    API answers 422 ``invalid_arguments``)."""
+
+    code = "invalid_arguments"
 
 
 class RunEnded(CantataError):
@@ -84,7 +99,7 @@ def start(
     ] = None,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
-    store: StoreOpt = None,
+    store: CodeStoreOpt = None,
 ) -> None:
     """Start a workflow run (a worker must be running to execute it)."""
     the_app = load_app(app)
@@ -99,15 +114,21 @@ def start(
         if not isinstance(parsed, list):
             raise ConfigurationError(f"--args must be a JSON list, got {args!r}")
         values = parsed
+    wdef = the_app.workflows.get(workflow)
+    takes = None if wdef is None else Parameters.of(wdef)
+    problem = None if takes is None else takes.problem(len(values))
+    if problem is not None:  # refused before anything is stored, as over HTTP
+        raise InvalidArguments(f"{problem}: pass --input JSON for one argument or --args "
+                               "JSON-LIST for several")
 
     async def go() -> None:
         async with the_app.client():
             handle = await the_app.start(workflow, *values, idempotency_key=idempotency_key,
                                          actor=operator())
-            console.print(handle.run_id)
+            print_line(handle.run_id)
             if wait:
                 result = await handle.result()
-                console.print(orjson.dumps(result).decode())
+                print_line(orjson.dumps(result).decode())
 
     run(go)
 
@@ -119,10 +140,6 @@ RunArg = Annotated[
     str | None, typer.Argument(help="The run id, or a unique start of it.", show_default=False)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def fmt_date(ts: float) -> str:
-    return local_datetime(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def list_runs(
@@ -148,11 +165,11 @@ def list_runs(
                 the_app.engine, idempotency_key=key, attributes=wanted or None,
                 workflow=workflow, status=status, limit=limit,
             )
-        if as_json:
-            print_json([run_dict(r, attrs) for r, attrs in found])
+        if as_json:  # each run as GET /api/runs lists it
+            print_json([run_out(r) for r, _ in found])
             return
-        out = table(f"runs of {the_app.name}", "run id", "workflow", "status", "created",
-                    "updated", "key", "error")
+        out = table(f"runs of {the_app.name}", "run id", "workflow", "status",
+                    "created (UTC)", "updated (UTC)", "key", "error")
         for r, _ in found:
             out.add_row(
                 Text(r.run_id), Text(r.workflow), styled(str(r.status)),
@@ -186,34 +203,20 @@ def show_run(
 
 
 async def run_details(app: App, rec: RunRecord) -> dict[str, Any]:
-    """``cantata run --json``: the run, its history with attempts, and superseded entries."""
+    """``cantata run --json`` (and ``retry``/``fork --json``): the run as
+    ``GET /api/runs/{run_id}`` answers it, plus ``superseded``: the entries retries set
+    aside, each a step of ``steps`` with its ``epoch`` (docs/operating.md)."""
     store = app.store
+    history = await store.load_history(app.name, rec.run_id)
+    attempts = await store.load_attempts(app.name, rec.run_id)
     attrs = (await store.run_attributes(app.name, [rec.run_id])).get(rec.run_id, {})
-    # attempts by (epoch, key): epoch 0 is the live history's
-    attempts: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    tried = [(0, a) for a in await store.load_attempts(app.name, rec.run_id)]
-    if rec.epoch:
-        tried += await store.superseded_attempts(app.name, rec.run_id)
-    for epoch, a in tried:
-        attempts.setdefault((epoch, a.key), []).append({
-            "attempt": a.attempt, "started_at": iso(a.started_at), "ended_at": iso(a.ended_at),
-            "error": None if a.error_type is None else f"{a.error_type}: {a.error}",
-        })
-
-    def entry(e: HistoryEntry, epoch: int = 0) -> dict[str, Any]:
-        # a call the ended run left open: as the API, trace and map show it
-        status = e.status if epoch else call_status(e.status, rec.status)
-        return {"key": e.key, "kind": e.kind, "name": e.name, "status": status,
-                "seq": e.seq, "attempts": attempts.get((epoch, e.key), []), "error": e.error,
-                "started_at": iso(e.started_at), "ended_at": iso(e.ended_at),
-                "compensation": e.kind == "compensation"}
-
-    out = run_dict(rec, attrs)
-    out["args"] = orjson.loads(rec.args)
-    out["steps"] = [entry(e) for e in await store.load_history(app.name, rec.run_id)]
+    out = run_detail(rec, history, attempts, attrs).model_dump(mode="json")
+    set_aside = await store.superseded_history(app.name, rec.run_id)
+    tried = await store.superseded_attempts(app.name, rec.run_id) if rec.epoch else []
     out["superseded"] = [
-        {"epoch": epoch, **entry(e, epoch)}
-        for epoch, e in await store.superseded_history(app.name, rec.run_id)
+        {"epoch": epoch, **step.model_dump(mode="json")}
+        for epoch, e in set_aside
+        for step in steps_out([e], [a for n, a in tried if n == epoch], None)
     ]
     return out
 
@@ -232,8 +235,8 @@ async def print_run(app: App, run_id: str) -> None:
                       (rec.workflow, "bold"), "  ", Text.from_markup(styled(str(rec.status))),
                       ("  flagged for an operator" if rec.flagged else "", "red"))
     )
-    console.print(Text(f"correlation {rec.correlation_id}   created {fmt_time(rec.created_at)}"
-                       f"   updated {fmt_time(rec.updated_at)}"))
+    console.print(Text(f"correlation {rec.correlation_id}   created {fmt_stamp(rec.created_at)}"
+                       f"   updated {fmt_stamp(rec.updated_at)}"))
     if rec.idempotency_key is not None or rec.version is not None or rec.epoch:
         console.print(Text(f"key {rec.idempotency_key or '-'}   version {rec.version or 'any'}"
                            + (f"   retried {rec.epoch} time(s)" if rec.epoch else "")))
@@ -249,7 +252,7 @@ async def print_run(app: App, run_id: str) -> None:
         console.print("values " + "   ".join(
             f"{k} = {codec.dumps(v)[:120]}" for k, v in sorted(values.items())
         ), markup=False)
-    out = table("history", "#", "call", "kind", "status", "attempts", "started", "took",
+    out = table("history", "#", "call", "kind", "status", "attempts", "started (UTC)", "took",
                 "detail")
     by_key: dict[str, list[Any]] = {}
     for a in attempts:
@@ -263,7 +266,7 @@ async def print_run(app: App, run_id: str) -> None:
         if not detail and e.result is not None and e.kind in ("step", "value", "child", SET_VALUE):
             detail = e.result[:60]
         if e.wake_at is not None and status == "waiting":
-            detail = f"until {fmt_time(e.wake_at)}"
+            detail = f"until {fmt_stamp(e.wake_at)}"
         out.add_row(
             str(e.seq), Text(e.key), e.kind, styled(status), str(e.attempts or ""),
             fmt_time(e.started_at), fmt_duration(took),

@@ -24,6 +24,8 @@ from cantata.store.factory import mask_url
 
 from .audit import env_audit_key
 from .common import (
+    BROKER_HELP,
+    STORE_HELP,
     console,
     err_console,
     existing_store,
@@ -38,7 +40,7 @@ from .common import (
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
 
 StoreOpt = Annotated[
-    str | None, typer.Option("--store", help="Store URL (default: $CANTATA_STORE).")
+    str | None, typer.Option("--store", help=STORE_HELP.format(app="APP (or --app)"))
 ]
 token_cli = typer.Typer(help="API tokens of the console (cantata serve).",
                         no_args_is_help=True)
@@ -49,13 +51,37 @@ def register(cli: typer.Typer) -> None:
     cli.add_typer(token_cli, name="token")
 
 
-def _serve_app(spec: str | None, app_name: str | None, store: str | None) -> tuple[App, str]:
+def _serve_app(spec: str | None, app_name: str | None, store: str | None,
+               broker: str | None = None) -> tuple[App, str]:
+    """The app to serve (see :func:`_app_to_serve`) on ``--broker`` when given (else
+    its own broker, else ``$CANTATA_BROKER``, else embedded), and its store as shown."""
+    the_app, shown = _app_to_serve(spec, app_name, store)
+    if broker is not None:
+        if not broker.strip():
+            raise ConfigurationError(
+                "--broker is empty: give a broker URL such as embedded or nats://host:4222"
+            )
+        the_app.configure(broker=broker)
+    return the_app, shown
+
+
+def _app_to_serve(spec: str | None, app_name: str | None, store: str | None
+                  ) -> tuple[App, str]:
     """The app to serve, its code (``module:attribute``) or just its name and store, and
     the store as the banner shows it. The store must exist and hold the app (a typo
-    is an error, not an empty console)."""
+    is an error, not an empty console). APP and ``--app`` together must name the same
+    app (its ``module:attribute`` or its name): one would be ignored otherwise."""
+    if spec and app_name and app_name != spec and ":" not in spec:
+        raise ConfigurationError(f"APP {spec} and --app {app_name} differ: give one of them")
+    given = app_name
     spec = spec or app_name or os.environ.get("CANTATA_APP")
     if spec and ":" in spec:
         loaded = load_app(spec)
+        if given is not None and given not in (spec, loaded.name):
+            raise ConfigurationError(
+                f"APP {spec} is app {loaded.name!r} but --app names {given!r}: give one of "
+                "them"
+            )
         url = store_url(store) if store else loaded._store_spec
         if isinstance(url, str):
             loaded.configure(store=existing_store(url))
@@ -111,6 +137,9 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help=BROKER_HELP.format(app="APP"))
+    ] = None,
     stream_interval: Annotated[
         float, typer.Option("--stream-interval", min=0.05, max=60,
                             help="Seconds between looks for other processes' changes.")
@@ -119,7 +148,7 @@ def serve(
     """Serve the HTTP API and the dashboard of one app (needs only its store)."""
     import uvicorn
 
-    the_app, shown = _serve_app(app, app_name, store)
+    the_app, shown = _serve_app(app, app_name, store, broker)
     api = the_app.asgi(stream_interval=stream_interval)
     sock = _listen(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0

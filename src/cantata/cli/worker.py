@@ -11,6 +11,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cantata.app import App
 from cantata.errors import ConfigurationError
@@ -19,7 +20,7 @@ from cantata.store.factory import mask_url
 from cantata.supervisor import FORCE_SIGNAL, Supervisor, die_with_parent, notify_ready
 from cantata.supervisor.parent import CUT_SHORT
 
-from .common import console, load_app, store_url
+from .common import STORE_HELP, console, load_app, say, store_url
 
 # Stores several processes can share (docs/guide.md: "several processes may share" a
 # SQLite file; PostgreSQL is the distributed store). Others run one process unless asked.
@@ -32,7 +33,9 @@ def register(cli: typer.Typer) -> None:
 
 def worker(
     app: Annotated[str, typer.Argument(help="The app, as module:attribute.")],
-    store: Annotated[str | None, typer.Option("--store", help="Store URL.")] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help=STORE_HELP.format(app="APP"))
+    ] = None,
     broker: Annotated[str | None, typer.Option("--broker", help="Broker URL.")] = None,
     service: Annotated[
         list[str] | None,
@@ -103,7 +106,7 @@ def worker(
                   *(["--any-version"] if any_version else [])]
         raise typer.Exit(supervise(the_app, app, passed, count))
     if why_one:
-        console.print(why_one)
+        say(why_one)
     cut_short = serve(the_app, ready_fd, supervised=child_of is not None)
     if cut_short:
         console.print(
@@ -185,7 +188,7 @@ def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
     def on_ready(pids: list[int]) -> None:
         console.print(
             f"cantata supervisor {os.getpid()}: {len(pids)} worker processes of app "
-            f"[bold]{app.name}[/] on {mask_url(str(app._store_spec))}, pids "
+            f"[bold]{escape(app.name)}[/] on {escape(mask_url(str(app._store_spec)))}, pids "
             f"{', '.join(map(str, pids))}; a worker process that dies is restarted",
             soft_wrap=True,
         )
@@ -249,9 +252,10 @@ def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> in
         async with the_app:
             engine = the_app.engine
             console.print(
-                f"cantata worker {the_app.engine.worker_id} serving app [bold]{the_app.name}[/] "
-                f"({len(the_app.workflows)} workflows, {len(the_app.handlers)} handlers, version "
-                f"{the_app.version}) on {mask_url(the_app.store.url)}"
+                f"cantata worker {the_app.engine.worker_id} serving app "
+                f"[bold]{escape(the_app.name)}[/] ({len(the_app.workflows)} workflows, "
+                f"{len(the_app.handlers)} handlers, version {escape(str(the_app.version))}) "
+                f"on {escape(mask_url(the_app.store.url))}"
             )
             notify_ready(ready_fd)
             await stop.wait()

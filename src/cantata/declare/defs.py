@@ -77,6 +77,44 @@ class WorkflowDef:
 
 
 @dataclass(frozen=True, slots=True)
+class Parameters:
+    """The parameters a workflow takes after its ``ctx``, to check arguments against
+    before a run is stored (the HTTP API's start and ``cantata start`` share it)."""
+
+    workflow: str
+    positional: tuple[str, ...]
+    required: tuple[str, ...]
+    varargs: bool
+
+    @classmethod
+    def of(cls, wdef: WorkflowDef) -> Parameters | None:
+        """``wdef``'s parameters (``None``: its signature cannot be read)."""
+        try:
+            declared = list(inspect.signature(wdef.fn).parameters.values())[1:]  # after ctx
+        except (TypeError, ValueError):
+            return None
+        positional = [p for p in declared
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return cls(wdef.name, tuple(p.name for p in positional),
+                   tuple(p.name for p in positional if p.default is p.empty),
+                   any(p.kind is p.VAR_POSITIONAL for p in declared))
+
+    def problem(self, given: int) -> str | None:
+        """Why the workflow cannot be called with ``given`` arguments (one missing, too
+        many), naming it and its parameters; ``None`` when they fit."""
+        missing = self.required[given:]
+        if missing:
+            problem = (f"is missing {'argument' if len(missing) == 1 else 'arguments'} "
+                       f"{', '.join(map(repr, missing))}")
+        elif given > len(self.positional) and not self.varargs:
+            problem = f"takes {len(self.positional)} argument(s), got {given}"
+        else:
+            return None
+        names = ", ".join(self.positional) or "none"
+        return f"workflow {self.workflow!r} {problem} (its parameters: {names})"
+
+
+@dataclass(frozen=True, slots=True)
 class QueryDef:
     """A read-only query of a workflow's runs, answered from their recorded state."""
 

@@ -4,7 +4,26 @@
 application. See docs/console.md.
 """
 
-from cantata.server.app import create_app
-from cantata.server.auth import create_token
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cantata.server.app import create_app
+    from cantata.server.auth import create_token
 
 __all__ = ["create_app", "create_token"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the CLI's --json reads cantata.server.models (pydantic
+    # only) without loading the web framework each command would otherwise pay for.
+    if name == "create_app":
+        from cantata.server.app import create_app
+
+        return create_app
+    if name == "create_token":
+        from cantata.server.auth import create_token
+
+        return create_token
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

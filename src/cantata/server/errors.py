@@ -36,6 +36,7 @@ _STATUS = {
     "store_unavailable": 503,
     "store_corrupt": 503,
     "broker": 503,
+    "broker_mismatch": 503,
 }
 
 

@@ -1,5 +1,9 @@
 """The JSON the API answers, as pydantic models (they make the OpenAPI document), and
-the functions that build them from Cantata's records. Times are RFC 3339 UTC."""
+the functions that build them from Cantata's records. Times are RFC 3339 UTC.
+
+The CLI's ``--json`` prints the same models (``cantata run``, ``runs``, ``trace``,
+``stalled``, ``dlq list``): this module imports no web framework, so the CLI can.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from cantata.model.records import (
 from cantata.model.schedule import key_tick
 from cantata.model.status import RunStatus, call_status
 from cantata.observability.node import TraceNode
+from cantata.observability.stalled import Stall
+from cantata.observability.timeline import where_it_stands
 
 ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # as cantata.server.params
 TYPE_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"  # as cantata.model.event
@@ -370,17 +376,18 @@ def run_out(r: RunRecord) -> RunOut:
     )
 
 
-def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt],
-               attributes: dict[str, str] | None = None) -> RunDetail:
-    """A run with its steps (``ctx.now()`` and other recorded values left out; a call
-    an ended run left open shown cut short, :func:`call_status`) and its search
-    attributes."""
+def steps_out(history: list[HistoryEntry], attempts: list[Attempt],
+              status: RunStatus | None) -> list[StepOut]:
+    """The calls of a history with their attempts, in order (``ctx.now()`` and other
+    recorded values left out); with the run's ``status``, a call an ended run left open
+    is shown cut short (:func:`call_status`)."""
     by_key: dict[str, list[Attempt]] = {}
     for a in attempts:
         by_key.setdefault(a.key, []).append(a)
-    steps = [
+    return [
         StepOut(
-            name=e.name, key=e.key, kind=e.kind, status=call_status(e.status, r.status),
+            name=e.name, key=e.key, kind=e.kind,
+            status=e.status if status is None else call_status(e.status, status),
             compensation=e.kind == COMPENSATION, started_at=utc(e.started_at),
             ended_at=utc(e.ended_at), error=e.error,
             attempts=[
@@ -392,6 +399,12 @@ def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt
         )
         for e in sorted(history, key=lambda e: e.seq) if e.kind != VALUE
     ]
+
+
+def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt],
+               attributes: dict[str, str] | None = None) -> RunDetail:
+    """A run with its steps (:func:`steps_out`) and its search attributes."""
+    steps = steps_out(history, attempts, r.status)
     args = _json(r.args)
     return RunDetail(
         **run_out(r).model_dump(), args=args if isinstance(args, list) else [args],
@@ -422,6 +435,29 @@ def node_out(node: TraceNode, *, depth: int | None = None) -> TraceNodeOut:
             out.children.append(c)
             stack.append((child, c, level + 1))
     return root
+
+
+def trace_out(root: TraceNode, correlation_id: str, now: float) -> TraceOut:
+    """A business transaction's tree, its correlation id and where it stands at ``now``."""
+    tree = node_out(root)
+    return TraceOut(**tree.model_dump(), correlation_id=root.correlation_id or correlation_id,
+                    where=where_it_stands(root, now=now))
+
+
+def stall_where(stall: Stall) -> str:
+    """Where a stall is, in a few words (`group emails`, `step charge`)."""
+    n = stall.node
+    if n.kind in ("handler", "dead_letter"):
+        return f"group {n.group}" + (f" ({n.name})" if n.kind == "handler" and
+                                     n.name != n.group else "")
+    return f"{n.kind} {n.name}"
+
+
+def stall_out(stall: Stall) -> StallOut:
+    """A stall as JSON (its node without children)."""
+    return StallOut(correlation_id=stall.correlation_id, reason=stall.reason, since=stall.since,
+                    where=stall_where(stall), node=node_out(stall.node, depth=0),
+                    hint=stall.hint)
 
 
 def event_out(e: Event[Any]) -> EventOut:

@@ -8,9 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
+from cantata.broker import binding
 from cantata.errors import DeadLetterNotFound, DuplicateEventId, PayloadTooLarge, RunNotFound
-from cantata.observability.stalled import Stall, find_stalls
-from cantata.observability.timeline import where_it_stands
+from cantata.observability.stalled import find_stalls
 from cantata.observability.trace import build_trace
 from cantata.server import params
 from cantata.server.auth import Principal
@@ -23,10 +23,10 @@ from cantata.server.models import (
     PublishIn,
     PublishOut,
     StallOut,
-    TraceNodeOut,
     TraceOut,
     dead_letter_out,
-    node_out,
+    stall_out,
+    trace_out,
 )
 from cantata.server.state import console_of
 
@@ -39,22 +39,6 @@ AnId = Annotated[str, Path(pattern=params.ID_PATTERN)]
 AName = Annotated[str, Path(pattern=params.NAME_PATTERN)]
 
 
-def stall_where(stall: Stall) -> str:
-    """Where a stall is, in a few words (`group emails`, `step charge`)."""
-    n = stall.node
-    if n.kind in ("handler", "dead_letter"):
-        return f"group {n.group}" + (f" ({n.name})" if n.kind == "handler" and
-                                     n.name != n.group else "")
-    return f"{n.kind} {n.name}"
-
-
-def stall_out(stall: Stall) -> StallOut:
-    """A stall as JSON (its node without children)."""
-    return StallOut(correlation_id=stall.correlation_id, reason=stall.reason, since=stall.since,
-                    where=stall_where(stall), node=node_out(stall.node, depth=0),
-                    hint=stall.hint)
-
-
 @router.get("/trace/{correlation_id}", response_model=TraceOut, tags=["observe"],
             summary="A business transaction as a tree")
 async def trace(request: Request, correlation_id: AnId, _: Viewer) -> TraceOut:
@@ -64,9 +48,7 @@ async def trace(request: Request, correlation_id: AnId, _: Viewer) -> TraceOut:
     params.required_ident("correlation_id", correlation_id)
     app = await console.open()
     root = await build_trace(app.store, app.name, correlation_id)
-    tree: TraceNodeOut = node_out(root)
-    return TraceOut(**tree.model_dump(), correlation_id=root.correlation_id or correlation_id,
-                    where=where_it_stands(root, now=app.clock.now()))
+    return trace_out(root, correlation_id, app.clock.now())
 
 
 @router.get("/stalled", response_model=list[StallOut], tags=["observe"],
@@ -133,6 +115,10 @@ async def _letter_action(
     console = console_of(request)
     params.required_ident("dead_letter_id", dead_letter_id)
     app = await console.open()
+    if action == "replay" and app._broker is not None:
+        # 503 broker_mismatch where the app's workers read another broker: the letter
+        # would leave the list and reach none of them (cantata serve --broker)
+        await binding.check(app.store, app.name, app._broker)
     act = app.replay if action == "replay" else app.discard
     try:
         dl = await act(dead_letter_id, actor=who.actor)
@@ -158,6 +144,8 @@ async def publish(request: Request, response: Response, body: PublishIn,
     console = console_of(request)
     params.finite("data", body.data)
     app = await console.open()
+    if app._broker is not None:  # relayed to a NATS name space no worker reads: 503
+        await binding.check(app.store, app.name, app._broker, publishing=True)
     try:
         # Audited as the token's: event.published, or event.publish_repeated when
         # nothing was published (the id's event with the same content exists).

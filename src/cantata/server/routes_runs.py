@@ -3,12 +3,11 @@ too), shown, cancelled, retried, forked and started by name."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
-from cantata.declare.defs import WorkflowDef
+from cantata.declare.defs import Parameters, WorkflowDef
 from cantata.engine.recovery import check_attribute_names
 from cantata.errors import (
     ConfigurationError,
@@ -39,8 +38,8 @@ from cantata.server.models import (
     StartOut,
     run_detail,
     run_out,
+    stall_out,
 )
-from cantata.server.observe import stall_out
 from cantata.server.state import console_of
 from cantata.store.base import Store
 
@@ -260,31 +259,19 @@ async def start_run(
 
 
 def _check_arguments(wdef: WorkflowDef, args: list[Any], given: str | None) -> None:
-    """422 when the workflow cannot be called with ``args`` (too few or too many).
+    """422 when the workflow cannot be called with ``args`` (too few or too many), as
+    ``cantata start`` refuses them (:class:`~cantata.declare.defs.Parameters`).
 
     ``given`` is the body field the arguments came in (``None``: neither was sent).
     """
-    try:
-        declared = list(inspect.signature(wdef.fn).parameters.values())[1:]  # after ctx
-    except (TypeError, ValueError):
+    takes = Parameters.of(wdef)
+    problem = None if takes is None else takes.problem(len(args))
+    if takes is None or problem is None:
         return
-    positional = [p for p in declared if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p.name for p in positional if p.default is p.empty]
-    missing = required[len(args):]
-    varargs = any(p.kind is p.VAR_POSITIONAL for p in declared)
-    if missing:
-        problem = (f"is missing {'argument' if len(missing) == 1 else 'arguments'} "
-                   f"{', '.join(map(repr, missing))}")
-    elif len(args) > len(positional) and not varargs:
-        problem = f"takes {len(positional)} argument(s), got {len(args)}"
-    else:
-        return
-    names = ", ".join(p.name for p in positional) or "none"
     raise ApiError(
         422, "invalid_arguments",
-        f"workflow {wdef.name!r} {problem} (its parameters: {names}): send "
-        '{"input": x} for one argument or {"args": [...]} for several',
-        given or ("input" if len(required) == 1 else "args"))
+        f"{problem}: send " '{"input": x} for one argument or {"args": [...]} for several',
+        given or ("input" if len(takes.required) == 1 else "args"))
 
 
 @router.get("/workflows", response_model=list[str], summary="Workflow names")

@@ -23,8 +23,9 @@ R = TypeVar("R")
 # How a store opened with ``create=False`` that is not there says what to do (a typo in a
 # store URL must not make a new, empty store: docs/deploy.md, "Storage faults").
 NEW_STORE_HINT = (
-    "check --store or CANTATA_STORE; a worker (cantata worker, App(...)) or cantata demo "
-    "creates a new store"
+    "check the store URL: --store, else the store the app names in its code "
+    "(App(store=...)), else $CANTATA_STORE; a worker (cantata worker, App(...)) or "
+    "cantata demo creates a new store"
 )
 
 

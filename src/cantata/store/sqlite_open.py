@@ -78,8 +78,9 @@ def _connect(path: str, url: str, synchronous: str) -> TxConnection:
         if isinstance(fault, (StoreFull, StoreReadOnly, StoreUnavailable)):
             raise fault from None
         raise StoreCorrupt(
-            f"{url} is not a usable SQLite database ({exc}); point CANTATA_STORE at "
-            "another file, or move this one aside if it is damaged"
+            f"{url} is not a usable SQLite database ({exc}); point the store URL (--store, "
+            "App(store=...) or $CANTATA_STORE) at another file, or move this one aside if "
+            "it is damaged"
         ) from None
     except BaseException:
         conn.close()
