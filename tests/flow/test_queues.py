@@ -160,6 +160,40 @@ async def test_bad_queue_input_names_the_value() -> None:
             await app.start("job", 1, priority="1")  # type: ignore[arg-type]
 
 
+def test_limits_above_int64_are_refused_at_declaration() -> None:
+    """The stores keep limits as signed 64-bit integers: a larger one is refused where
+    it is declared, naming the queue and the field, not by the driver at open."""
+    app = App("huge")
+    top = 2**63 - 1
+    with pytest.raises(ConfigurationError,
+                       match=r"queue 'a' concurrency must be a whole number from 1 to "
+                             r"2\*\*63-1 .*got 9223372036854775808"):
+        app.queue("a", concurrency=2**63)
+    with pytest.raises(ConfigurationError, match=r"queue 'b' per_worker .* got 10{30}"):
+        app.queue("b", per_worker=10**30)
+    with pytest.raises(ConfigurationError, match=r"Rate limit .* 2\*\*63-1 .*got 10{30}"):
+        Rate(10**30)
+    with pytest.raises(ConfigurationError, match=r"step concurrency .* 2\*\*63-1"):
+        app.step(concurrency=2**63)
+    # the largest value passes
+    assert app.queue("c", concurrency=top, per_worker=top, rate=Rate(top)) == "c"
+
+
+async def test_largest_limits_open_on_every_store(store_url: str) -> None:
+    """2**63-1, the largest accepted limit, is stored and read back as declared."""
+    app = App("huge", store=store_url)
+    top = 2**63 - 1
+    app.queue("q", concurrency=top, per_worker=top, rate=Rate(top, per=1))
+
+    @app.workflow(queue="q")
+    async def wf(ctx: object) -> int:
+        return 1
+
+    async with app.client():
+        [spec] = await app.engine.store.queues(app.name)
+    assert (spec.concurrency, spec.per_worker, spec.rate) == (top, top, Rate(top, per=1))
+
+
 async def test_two_processes_declaring_other_limits_is_an_error(tmp_path: object) -> None:
     url = f"sqlite:///{tmp_path}/q.db"
     first, _, _ = queue_app(concurrency=2, rate=Rate(5, per=1))

@@ -14,17 +14,26 @@ from dataclasses import dataclass, field
 from cantata.errors import ConfigurationError
 from cantata.model.records import RunRecord
 
+# The largest limit: the stores keep limits as signed 64-bit integers.
+MAX_LIMIT = 2**63 - 1
+
 
 def check_limit(what: str, value: object) -> int | None:
     """``value`` as a positive int limit (``None`` stays ``None``).
 
     Raises:
-        ConfigurationError: naming ``what`` and the value, when it is not an int > 0.
+        ConfigurationError: naming ``what`` and the value, when it is not an int > 0
+            or is above :data:`MAX_LIMIT`.
     """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigurationError(f"{what} must be a whole number > 0, got {value!r}")
+    if value > MAX_LIMIT:
+        raise ConfigurationError(
+            f"{what} must be a whole number from 1 to 2**63-1 (the stores keep it as a "
+            f"signed 64-bit integer), got {value!r}: use a smaller limit, or none"
+        )
     return value
 
 
@@ -94,8 +103,8 @@ def make_spec(
     """A validated :class:`QueueSpec`.
 
     Raises:
-        ConfigurationError: a limit is not a whole number > 0, ``rate`` is not a
-            :class:`~cantata.Rate`, or the name is empty.
+        ConfigurationError: a limit is not a whole number from 1 to 2**63-1, ``rate``
+            is not a :class:`~cantata.Rate`, or the name is empty.
     """
     if not isinstance(name, str) or not name or len(name) > 100:
         raise ConfigurationError(f"queue name {name!r} must be 1-100 characters")
