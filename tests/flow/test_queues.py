@@ -179,6 +179,16 @@ def test_limits_above_int64_are_refused_at_declaration() -> None:
     assert app.queue("c", concurrency=top, per_worker=top, rate=Rate(top)) == "c"
 
 
+def test_priorities_must_be_a_bool() -> None:
+    app = App("prio")
+    for bad in ("no", "false", 1, None):
+        with pytest.raises(ConfigurationError,
+                           match=rf"queue 'q' priorities must be True or False, got {bad!r}"):
+            app.queue("q", priorities=bad)  # type: ignore[arg-type]
+    assert app.queue("q", priorities=False) == "q"
+    assert app.router.queues["q"].priorities is False
+
+
 async def test_largest_limits_open_on_every_store(store_url: str) -> None:
     """2**63-1, the largest accepted limit, is stored and read back as declared."""
     app = App("huge", store=store_url)

@@ -498,7 +498,8 @@ class Router:
             priorities: lower ``priority=`` numbers begin first (else oldest first).
 
         Raises:
-            ConfigurationError: a limit is not a whole number from 1 to 2**63-1.
+            ConfigurationError: a limit is not a whole number from 1 to 2**63-1, or
+                ``priorities`` is not a bool.
         """
         self._add_queue(make_spec(name, concurrency, per_worker, rate, priorities))
         return name

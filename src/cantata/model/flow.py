@@ -104,7 +104,8 @@ def make_spec(
 
     Raises:
         ConfigurationError: a limit is not a whole number from 1 to 2**63-1, ``rate``
-            is not a :class:`~cantata.Rate`, or the name is empty.
+            is not a :class:`~cantata.Rate`, ``priorities`` is not a bool, or the name
+            is empty.
     """
     if not isinstance(name, str) or not name or len(name) > 100:
         raise ConfigurationError(f"queue name {name!r} must be 1-100 characters")
@@ -114,7 +115,11 @@ def make_spec(
         raise ConfigurationError(
             f"queue {name!r} rate must be cantata.Rate(limit, per=seconds), got {rate!r}"
         )
-    return QueueSpec(name, concurrency, per_worker, rate, bool(priorities))
+    if not isinstance(priorities, bool):
+        raise ConfigurationError(
+            f"queue {name!r} priorities must be True or False, got {priorities!r}"
+        )
+    return QueueSpec(name, concurrency, per_worker, rate, priorities)
 
 
 def _show(value: object) -> str:
