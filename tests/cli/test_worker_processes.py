@@ -8,6 +8,7 @@ import pytest
 from cantata import App
 from cantata.cli import worker
 from cantata.cli.main import main
+from cantata.errors import ConfigurationError
 from cantata.store.factory import store_from_url
 
 
@@ -51,3 +52,25 @@ def test_a_bad_process_count_is_one_line(value: str, capsys: pytest.CaptureFixtu
     assert main(["worker", "x:app", "--processes", value]) == 2
     err = capsys.readouterr().err
     assert "--processes" in err and "Traceback" not in err
+
+
+def test_more_processes_than_one_supervisor_runs_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--processes 100000 would fork that many Python processes: refused with one line
+    naming the cap, before the app is loaded or anything is started."""
+    app = App("a", store="sqlite:///x.db", broker="embedded")
+    with pytest.raises(ConfigurationError,
+                       match=r"100000 worker processes are too many.* at most 256"):
+        worker.process_count(app, 100000)
+    assert worker.process_count(app, 256)[0] == 256
+    assert main(["worker", "x:app", "--processes", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "at most 256" in err and "Traceback" not in err
+
+
+def test_many_processes_per_core_are_run_with_a_warning() -> None:
+    app = App("a", store="sqlite:///x.db", broker="embedded")
+    count, why = worker.process_count(app, 17)  # (4 cores)
+    assert count == 17 and why is not None and "17 worker processes on 4 cores" in why
+    assert worker.process_count(app, 16) == (16, None)

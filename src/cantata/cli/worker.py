@@ -63,7 +63,7 @@ def worker(
     processes: Annotated[
         int | None,
         typer.Option(
-            "--processes", min=1, envvar="CANTATA_PROCESSES",
+            "--processes", min=1, envvar="CANTATA_PROCESSES", callback=_processes_cap,
             help="Worker processes under one supervisor that restarts a dead one "
             "(default: $CANTATA_PROCESSES, else the number of cores; 1: this process "
             "serves, no supervisor; memory:// always runs one).",
@@ -96,7 +96,9 @@ def worker(
         the_app.shutdown_grace = grace
     if any_version:
         the_app.any_version = True
-    count, why_one = process_count(the_app, processes)
+    count, note = process_count(the_app, processes)
+    if note:
+        say(note)
     if count > 1:
         passed = [*(["--store", store] if store is not None else []),
                   *(["--broker", broker] if broker else []),
@@ -105,8 +107,6 @@ def worker(
                   *(["--grace", repr(grace)] if grace is not None else []),
                   *(["--any-version"] if any_version else [])]
         raise typer.Exit(supervise(the_app, app, passed, count))
-    if why_one:
-        say(why_one)
     cut_short = serve(the_app, ready_fd, supervised=child_of is not None)
     if cut_short:
         console.print(
@@ -156,9 +156,46 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
+# The most worker processes one supervisor runs: each is a whole Python process with
+# its own store connections, so thousands would only exhaust memory and the store's
+# connections (run more `cantata worker` commands, on more hosts, instead).
+MAX_PROCESSES = 256
+# Past this many per core, more processes mostly add contention (a warning).
+PER_CORE = 4
+
+
+def check_processes(requested: int | None) -> None:
+    """Refuse a ``--processes`` above :data:`MAX_PROCESSES`.
+
+    Raises:
+        ConfigurationError: naming the value and the cap.
+    """
+    if requested is not None and requested > MAX_PROCESSES:
+        raise ConfigurationError(
+            f"{requested} worker processes are too many: one cantata worker runs at most "
+            f"{MAX_PROCESSES} (each is a whole Python process with its own store "
+            "connections); run several cantata worker commands, on more hosts, for more"
+        )
+
+
+def _processes_cap(value: int | None) -> int | None:
+    """``--processes``' check: a usage error (exit 2) before the app is imported."""
+    try:
+        check_processes(value)
+    except ConfigurationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 def process_count(app: App, requested: int | None) -> tuple[int, str | None]:
-    """How many worker processes to run, and (when that is one although more were asked
-    or would be the default) the line that says why."""
+    """How many worker processes to run, and the line to print about it: why one, when
+    more were asked or would be the default; a warning, when more than
+    :data:`PER_CORE` per core were asked.
+
+    Raises:
+        ConfigurationError: more than :data:`MAX_PROCESSES` were asked.
+    """
+    check_processes(requested)
     wanted = requested if requested is not None else cores()
     if wanted == 1:
         return 1, None
@@ -174,6 +211,11 @@ def process_count(app: App, requested: int | None) -> tuple[int, str | None]:
     if scheme not in SHARED_SCHEMES and requested is None:
         return 1, (f"one worker process: {scheme}:// stores are not known to be shared "
                    "safely by several processes (--processes N runs N anyway)")
+    have = cores()
+    if wanted > PER_CORE * have:
+        return wanted, (f"warning: {wanted} worker processes on {have} cores (more than "
+                        f"{PER_CORE} per core mostly adds contention for the cores and the "
+                        "store; a step that waits on I/O does not need a process of its own)")
     return wanted, None
 
 
