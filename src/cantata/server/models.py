@@ -187,6 +187,9 @@ class TraceNodeOut(BaseModel):
     attempts: int
     error: str | None
     ref: str | None = Field(description="Run id, event id, dead-letter id or history key.")
+    detail: str | None = Field(None, description="What the node waits for or comes from "
+                                                 "(a wait's pattern, a task's service, a "
+                                                 "queue and its depth, an event's source)")
     children: list[TraceNodeOut]
 
 
@@ -422,7 +425,7 @@ def node_out(node: TraceNode, *, depth: int | None = None) -> TraceNodeOut:
     def one(n: TraceNode) -> TraceNodeOut:
         return TraceNodeOut(kind=n.kind, name=n.name, status=n.status, group=n.group,
                             started_at=n.started_at, ended_at=n.ended_at, attempts=n.attempts,
-                            error=n.error, ref=n.ref, children=[])
+                            error=n.error, ref=n.ref, detail=n.detail, children=[])
 
     root = one(node)
     stack = [(node, root, 0)]
