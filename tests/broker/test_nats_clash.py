@@ -1,6 +1,6 @@
 """A message reusing a stored event's id with other content never replaces it.
 
-DESIGN.md §6: an id reused with other content is refused, a dead letter when it
+docs/security.md: an id reused with other content is refused, a dead letter when it
 arrives from the broker. The stored event is the truth: when the forged copy reaches
 a group before the real one (the relay has not published yet, NATS lost the real
 copy, or the forger's message id made the server drop the relay's), the group

@@ -1,5 +1,5 @@
 """Events from outside on NATS reach the workflows that wait for them, and carry a
-correlation id (DESIGN.md §4 and §5).
+correlation id (docs/guide.md §4).
 
 A service not written with Cantata puts a structured CloudEvent on the app's subject:
 a ``ctx.wait_for_event`` for its type sees it although no handler group takes the type

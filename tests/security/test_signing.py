@@ -194,7 +194,7 @@ def test_the_signature_covers_the_content() -> None:
 
 def test_an_event_signed_without_a_correlation_id_verifies_with_its_id_as_one() -> None:
     """Another system's signed event that carries no correlation id is given its own id
-    as one when it arrives from the broker (DESIGN.md §5): its signature still holds;
+    as one when it arrives from the broker (docs/guide.md §4): its signature still holds;
     any other correlation id does not."""
     signer = Signer({"k1": K1})
     signed = signer.sign(Event("payment.charged", {"amount": 1}, id="pay-1"))

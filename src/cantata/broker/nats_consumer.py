@@ -73,7 +73,7 @@ def decode(msg: Msg) -> Event[Any]:
         check_length(name, getattr(event, name))
     if event.correlation_id is None:
         # From another system (Cantata's events carry one): a new business transaction,
-        # named by the event's id (DESIGN.md §5), so trace and stalled find it.
+        # named by the event's id (docs/guide.md §4), so trace and stalled find it.
         event = dataclasses.replace(event, correlation_id=event.id)
     return event
 
