@@ -34,7 +34,7 @@ from cantata.model.event import Event
 from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus, parse_status
-from cantata.store.audit import AuditKey
+from cantata.store.audit import AuditKey, publish_repeated_entry
 from cantata.store.base import Store
 from cantata.store.tx import Tx
 
@@ -578,9 +578,10 @@ class App(RouterFacade):
                 appended in that step's transaction (the outbox in the service's
                 database), with the run's correlation id unless one is given.
             actor: the operator publishing it (``cantata publish`` passes
-                ``cli:user@host``): audited as ``event.published`` by them once the
-                event is stored (``event.publish_repeated`` for a duplicate). Without
-                it nothing is audited, as for events workflows and handlers emit.
+                ``cli:user@host``): audited as ``event.published`` by them in the
+                transaction that stores the event (both are written, or neither), or
+                ``event.publish_repeated`` for a duplicate. Without it nothing is
+                audited, as for events workflows and handlers emit.
 
         Raises:
             ConfigurationError: ``tx`` is not a ``cantata.Tx``; ``actor`` with ``tx``
@@ -646,22 +647,21 @@ class App(RouterFacade):
             if earlier is not None:  # nothing is published: an orphan still, not counted
                 event = repeated(earlier, event)
                 if who is not None:  # an operator's publish: recorded as the repeat it is
-                    await self.store.record_action(self.name, who, "event.publish_repeated",
-                                                   event.id, {"type": event.type})
+                    await self.store.record_action(
+                        self.name, *publish_repeated_entry(who, event.id, event.type))
                 return event, bool(await find_orphans(self.engine, [event]))
         event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
                 event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
             self.engine.check_event(event)
-            # (through the broker: it may hand the event to this worker's handlers)
+            # (through the broker: it may hand the event to this worker's handlers). An
+            # operator's publish is audited by the append that stores the event, in its
+            # transaction: a crash leaves both or neither, a retry records it once.
             broker = self._broker
-            counts = await (self.store.append_events(self.name, [event]) if broker is None
-                            else broker.append(self.name, [event]))
+            counts = await (self.store.append_events(self.name, [event], actor=who)
+                            if broker is None else broker.append(self.name, [event], actor=who))
         self._emitted([event])
-        if who is not None:  # an operator's publish, recorded once the event is stored
-            await self.store.record_action(self.name, who, "event.published", event.id,
-                                           {"type": event.type})
         orphan = bool(counts and counts[0] == 0 and await check_orphans(self.engine, [event]))
         return event, orphan
 

@@ -200,6 +200,18 @@ def run_created_entry(
     return actor, "run.created", run_id, data
 
 
+def published_entry(actor: str, event_id: str, event_type: str) -> Entry:
+    """The record of an event an operator (``actor``) published: written by the append
+    that stores it, in its transaction (an event stored before gets none)."""
+    return actor, "event.published", event_id, {"type": event_type}
+
+
+def publish_repeated_entry(actor: str, event_id: str, event_type: str) -> Entry:
+    """The record of an operator's publish of an event id already stored with the same
+    content: nothing was published."""
+    return actor, "event.publish_repeated", event_id, {"type": event_type}
+
+
 def token_entry(actor: str, name: str, role: str | None) -> Entry:
     """The record of API token ``name`` created with ``role``, or revoked (``None``)."""
     if role is None:

@@ -40,7 +40,8 @@ class KeyedChainContract(StoreFixtures):
     """Every audited write keys its record: creation (alone, with its first checkpoint,
     queued, several at once; by Cantata and by an operator), checkpoints (alone and
     several at once), cancel, retry, fork, tasks, deliveries, dead letters (replay,
-    discard), schedules, operator actions, API tokens and a transaction step.
+    discard), an operator's publish, schedules, operator actions, API tokens and a
+    transaction step.
 
     ``verify_audit`` with the key accepts plain records before the first keyed one (a
     store written before its key was set), so a path that forgets the key on a new
@@ -121,6 +122,12 @@ class KeyedChainContract(StoreFixtures):
         await store.replay_dead_letter(self.app, f"{self.app}-dl-1", now, actor="ops:ann")
         await store.discard_dead_letter(self.app, f"{self.app}-dl-2", actor="ops:ann")
 
+        # An operator's publish: appended alone, and holding deliveries for a worker.
+        await store.append_events(self.app, [ev("order.placed")], actor="cli:ann@host")
+        published = ev("order.placed")
+        await peer.append_held(self.app, [published], hold_for="w2",
+                               hold=[("g", published.id)], actor="token:bo")
+
         # Schedules: created, replaced, paused, resumed, deleted.
         spec = '{"workflow": "wf", "cron": null, "every": 60.0}'
         row = ScheduleRow("s", spec, "api", False, "{}")
@@ -155,7 +162,7 @@ class KeyedChainContract(StoreFixtures):
             "run.created", "run.status", "run.checkpoint", "run.cancel_requested",
             "run.retried", "run.forked", "run.start_repeated", "task.done", "task.failed",
             "task.withdrawn", "delivery.done", "delivery.dead", "dead_letter.replayed",
-            "dead_letter.discarded", "schedule.created", "schedule.replaced",
+            "dead_letter.discarded", "event.published", "schedule.created", "schedule.replaced",
             "schedule.paused", "schedule.resumed", "schedule.deleted", "token.created",
             "token.revoked",
         }
