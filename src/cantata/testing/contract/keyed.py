@@ -155,6 +155,30 @@ class KeyedChainContract(StoreFixtures):
 
         await self._assert_keyed(store, owned)
 
+    async def test_a_rotated_key_verifies_the_records_of_the_keys_before_it(
+        self, store: Store
+    ) -> None:
+        """Records written under a previous key verify with the key that replaced it
+        (given its previous keys); one written under the old key after the new key's
+        records is reported (docs/security.md, rotating the audit key)."""
+        old, new = "keyed-contract-old-key-0123456789", "keyed-contract-new-key-0123456789"
+        rotated = audit.AuditKey(new, [old])
+        store.set_audit_key(self.app, audit.AuditKey(old))
+        for _ in range(2):
+            await store.create_run(new_run(self.app))  # #1, #2: the old key
+        store.set_audit_key(self.app, rotated)
+        await store.create_run(new_run(self.app))  # #3, #4: the new key
+        await store.record_action(self.app, "cli:ann@host", "run.retried", "r", {})
+        report = await store.verify_audit(self.app, key=rotated)
+        assert report.ok and report.records == 4, report
+        alone = await store.verify_audit(self.app, key=audit.AuditKey(new))
+        assert (alone.ok, alone.wrong_key, alone.first_bad_seq) == (False, True, 1), alone
+        store.set_audit_key(self.app, audit.AuditKey(old))  # a writer still on the old key
+        await store.record_action(self.app, "cli:ann@host", "run.retried", "r", {})
+        late = await store.verify_audit(self.app, key=rotated)
+        assert (late.ok, late.first_bad_seq) == (False, 5), late
+        assert late.reason is not None and "previous audit key" in late.reason
+
     async def _assert_keyed(self, store: Store, owned: RunRecord) -> None:
         records = await store.audit_records(self.app, limit=100_000)
         written = {r.action for r in records}
