@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.app_options import check_backend, check_options, served
@@ -34,7 +34,7 @@ from cantata.model.event import Event
 from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus, parse_status
-from cantata.store.audit import AuditKey
+from cantata.store.audit import AuditKey, key_from_env, make_key, publish_repeated_entry
 from cantata.store.base import Store
 from cantata.store.tx import Tx
 
@@ -50,18 +50,15 @@ DEFAULT_STORE = "sqlite:///cantata.db"
 DEFAULT_BROKER = "embedded"
 
 
-def _audit_key(given: str | bytes | None) -> AuditKey | None:
-    """The app's audit key: ``given``, else ``$CANTATA_AUDIT_KEY`` (named when it is
+def _audit_key(
+    given: str | bytes | None, previous: Sequence[str | bytes] | None
+) -> AuditKey | None:
+    """The app's audit key: ``given`` with its ``previous`` keys, else
+    ``$CANTATA_AUDIT_KEY`` with ``$CANTATA_AUDIT_PREVIOUS_KEYS`` (each named when it is
     the one that is invalid), else none."""
-    if given is not None:
-        return AuditKey(given) if given else None
-    secret = os.environ.get("CANTATA_AUDIT_KEY")
-    if not secret:
-        return None
-    try:
-        return AuditKey(secret)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"CANTATA_AUDIT_KEY: {exc}") from None
+    if given is not None or previous is not None:
+        return make_key(given, previous)
+    return key_from_env(os.environ)
 
 
 class App(RouterFacade):
@@ -93,6 +90,10 @@ class App(RouterFacade):
             longer bounds what the store keeps.
         audit_key: keys the audit chain (HMAC-SHA256) so that it cannot be rewritten
             without the key; defaults to ``$CANTATA_AUDIT_KEY``. Keep it outside the store.
+        audit_previous_keys: the keys the chain was keyed with before ``audit_key``,
+            newest first (a rotation, docs/security.md): they verify the records written
+            before the switch, never write; with ``audit_key`` only. Defaults, with the
+            key, to ``$CANTATA_AUDIT_PREVIOUS_KEYS`` (comma-separated).
         shutdown_grace: seconds a stop (:meth:`close`, SIGTERM) lets steps and handlers
             in progress finish before releasing what is left (docs/leases.md).
         version: the code version recorded on each run this app starts (default: a
@@ -123,6 +124,7 @@ class App(RouterFacade):
         signing_key_id: str | None = None,
         require_signatures: bool = False,
         audit_key: str | bytes | None = None,
+        audit_previous_keys: Sequence[str | bytes] | None = None,
         max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
         offload_above: int | None = None,
         shutdown_grace: float = 30.0,
@@ -155,7 +157,7 @@ class App(RouterFacade):
         self.services = served(services)
         self.concurrency = concurrency
         self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
-        self.audit_key = _audit_key(audit_key)
+        self.audit_key = _audit_key(audit_key, audit_previous_keys)
         self.max_payload = max_payload
         self.offload_above = offload_above
         self.shutdown_grace = shutdown_grace
@@ -578,9 +580,10 @@ class App(RouterFacade):
                 appended in that step's transaction (the outbox in the service's
                 database), with the run's correlation id unless one is given.
             actor: the operator publishing it (``cantata publish`` passes
-                ``cli:user@host``): audited as ``event.published`` by them once the
-                event is stored (``event.publish_repeated`` for a duplicate). Without
-                it nothing is audited, as for events workflows and handlers emit.
+                ``cli:user@host``): audited as ``event.published`` by them in the
+                transaction that stores the event (both are written, or neither), or
+                ``event.publish_repeated`` for a duplicate. Without it nothing is
+                audited, as for events workflows and handlers emit.
 
         Raises:
             ConfigurationError: ``tx`` is not a ``cantata.Tx``; ``actor`` with ``tx``
@@ -646,22 +649,21 @@ class App(RouterFacade):
             if earlier is not None:  # nothing is published: an orphan still, not counted
                 event = repeated(earlier, event)
                 if who is not None:  # an operator's publish: recorded as the repeat it is
-                    await self.store.record_action(self.name, who, "event.publish_repeated",
-                                                   event.id, {"type": event.type})
+                    await self.store.record_action(
+                        self.name, *publish_repeated_entry(who, event.id, event.type))
                 return event, bool(await find_orphans(self.engine, [event]))
         event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
                 event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
             self.engine.check_event(event)
-            # (through the broker: it may hand the event to this worker's handlers)
+            # (through the broker: it may hand the event to this worker's handlers). An
+            # operator's publish is audited by the append that stores the event, in its
+            # transaction: a crash leaves both or neither, a retry records it once.
             broker = self._broker
-            counts = await (self.store.append_events(self.name, [event]) if broker is None
-                            else broker.append(self.name, [event]))
+            counts = await (self.store.append_events(self.name, [event], actor=who)
+                            if broker is None else broker.append(self.name, [event], actor=who))
         self._emitted([event])
-        if who is not None:  # an operator's publish, recorded once the event is stored
-            await self.store.record_action(self.name, who, "event.published", event.id,
-                                           {"type": event.type})
         orphan = bool(counts and counts[0] == 0 and await check_orphans(self.engine, [event]))
         return event, orphan
 

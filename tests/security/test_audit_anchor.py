@@ -83,8 +83,9 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Db
         await conn.close()
 
 
-async def populate(url: str, runs: int = 3) -> None:
-    app = App("shop", store=url, audit_key=KEY, poll_interval=0.05)
+async def populate(url: str, runs: int = 3, key: str | None = KEY) -> None:
+    """``runs`` runs of a shop app keyed with ``key`` (``None``: the environment's keys)."""
+    app = App("shop", store=url, audit_key=key, poll_interval=0.05)
 
     @app.step
     def pay(x: int) -> int:

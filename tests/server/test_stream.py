@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
 from typing import Any
 
@@ -168,6 +169,67 @@ async def test_a_retry_and_a_discard_reach_the_stream(store_url: str) -> None:
                                    "retried": True, "time": retried["time"]}
                 discarded = [d for k, d in seen if k == "dead_letter"][-1]
                 assert discarded["id"] == letter.id and discarded["group"] == "emails"
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+async def _tamper(store: Any, store_url: str, rec: Any, how: str) -> None:
+    """Forge a record after ``rec`` (``how="forge"``) or delete ``rec`` (``"delete"``),
+    behind the store's back, as someone with access to the database would."""
+    from cantata.store.postgres import PostgresStore
+    from tests.store.tamper import pg_tamper, sqlite_tamper
+
+    if isinstance(store, PostgresStore):
+        await pg_tamper(store_url.split("?")[0], store._db.schema, "shop", rec, how)
+        return
+    conn = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        sqlite_tamper(conn, "shop", rec, how)
+    finally:
+        conn.close()
+
+
+async def test_a_record_forged_past_the_head_is_not_streamed(store_url: str) -> None:
+    """A record written into the store after the chain's head (added outside Cantata,
+    marked ``past_head`` by /api/audit) never reaches the stream as a change; once it
+    is removed, the genuine record that takes its place does."""
+    from cantata.testing.contract.support import forged_after
+    from tests.store.tamper import record
+
+    console_app = App("shop", store=store_url)
+    with ServerThread(console_app, serve=False) as server:
+        shop = make_shop(store_url, state={"emails_broken": False})
+        async with shop:
+            token = await create_token(shop.store, "stream-forged", Role.VIEWER)
+            seen: list[tuple[str, dict[str, Any]]] = []
+            ready = asyncio.Event()
+            task = asyncio.create_task(listen(server.url, token, seen, ready))
+            try:
+                await asyncio.wait_for(ready.wait(), 10)
+                first = await shop.start("place_order", {"id": "P-1"})
+                await first.result(timeout=10)
+                await eventually(lambda: any(
+                    d.get("run_id") == first.run_id and d.get("status") == "completed"
+                    for _, d in seen), timeout=10)
+                head = await shop.store.audit_head_seq("shop")
+                last = await record(shop.store, "shop", head)
+                assert last.target == first.run_id  # the forgery: "P-1 was retried"
+                await _tamper(shop.store, store_url, last, "forge")
+                await asyncio.sleep(1.0)  # twenty looks of the feed (every 0.05 s)
+                forged = forged_after(last)
+                await _tamper(shop.store, store_url, forged, "delete")  # restored
+                second = await shop.start("place_order", {"id": "P-2"})  # takes its seq
+                await second.result(timeout=10)
+                await eventually(lambda: any(
+                    d.get("run_id") == second.run_id and d.get("status") == "completed"
+                    for _, d in seen), timeout=10)
+                mine = [d for k, d in seen if k == "run" and d["run_id"] == first.run_id]
+                assert not any(d.get("retried") for d in mine), mine
+                created = [d for k, d in seen if k == "run"
+                           and d["run_id"] == second.run_id and d["status"] == "pending"]
+                assert len(created) == 1, f"run.created of P-2 (#{head + 1}) was not streamed"
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

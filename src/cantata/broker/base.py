@@ -144,11 +144,14 @@ class Broker(Protocol):
                 published); the outbox relay dead-letters them with the reason.
         """
 
-    async def append(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+    async def append(
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+    ) -> list[int]:
         """Store events this process publishes (``store.append_events``, same result).
         A broker that hands events off holds, in the same transaction, the deliveries
         this process's subscribers take at once (``store.append_held``) and starts them
-        (docs/performance.md); it may just append."""
+        (docs/performance.md); it may just append. ``actor`` (an operator's publish)
+        goes to the store, which audits each event it stores in the same transaction."""
 
     async def subscribe(
         self,

@@ -441,17 +441,19 @@ class NatsBroker:
         through NATS (handing it off without a hold would let another worker run it
         at the same time)."""
 
-    async def append(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+    async def append(
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+    ) -> list[int]:
         """Store events this process publishes; the deliveries this worker's
         subscribers take are held for it in the same transaction and handed to them at
         once, as a handler's settlement does (nats_local.settle_done)."""
         sub = next((s for s in self._subs if s.app == app and not s.stopping), None)
         hold = sub.holds(events) if sub is not None and events else []
         if sub is None or not hold:
-            return await self.store.append_events(app, events)
+            return await self.store.append_events(app, events, actor=actor)
         try:
             counts, held = await self.store.append_held(
-                app, events, hold_for=sub.worker_id, hold=hold
+                app, events, hold_for=sub.worker_id, hold=hold, actor=actor
             )
         except BaseException as exc:
             if not isinstance(exc, LeaseLost):  # it may have committed all the same

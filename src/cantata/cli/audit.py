@@ -41,19 +41,15 @@ def register(cli: typer.Typer) -> None:
 
 
 def env_audit_key(required: bool = False) -> chain.AuditKey | None:
-    """``$CANTATA_AUDIT_KEY`` as a key (``None``: unset, unless ``required``)."""
-    secret = os.environ.get("CANTATA_AUDIT_KEY")
-    if not secret:
-        if required:
-            raise ConfigurationError(
-                "an exported head is signed with the audit key: set CANTATA_AUDIT_KEY to the "
-                "key the app uses (App(audit_key=...))"
-            )
-        return None
-    try:
-        return chain.AuditKey(secret)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"CANTATA_AUDIT_KEY: {exc}") from None
+    """``$CANTATA_AUDIT_KEY``, with ``$CANTATA_AUDIT_PREVIOUS_KEYS`` (the keys before a
+    rotation), as a key (``None``: unset, unless ``required``)."""
+    key = chain.key_from_env(os.environ)
+    if key is None and required:
+        raise ConfigurationError(
+            "an exported head is signed with the audit key: set CANTATA_AUDIT_KEY to the "
+            "key the app uses (App(audit_key=...))"
+        )
+    return key
 
 
 def _with_store(
@@ -74,7 +70,8 @@ def _with_store(
 def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None) -> None:
     """Recompute the audit log's hash chain; exit 1 if a record was tampered with.
 
-    With $CANTATA_AUDIT_KEY the chain must be keyed with it; with --head FILE the
+    With $CANTATA_AUDIT_KEY the chain must be keyed with it (after a rotation, its
+    older records with $CANTATA_AUDIT_PREVIOUS_KEYS, in order); with --head FILE the
     record that head names must still be there. Without --app (and $CANTATA_APP),
     the store's only app is verified.
     """

@@ -197,8 +197,9 @@ def _token_store(store: str | None, app: str | None) -> tuple[Store, AuditKey | 
 
 async def _audited_apps(store: Store, key: AuditKey | None) -> list[str]:
     """The apps of ``store`` whose audit logs record a token created or revoked (a
-    token opens each of them): those whose chain is keyed with ``key`` (``None``: not
-    keyed), judged by its last record. A record written with another key than the
+    token opens each of them): those whose chain a record keyed with ``key`` (``None``:
+    plain) may follow, judged by its last record: plain, or keyed with ``key`` or one
+    of its previous keys (a rotation). A record written with another key than the
     chain's would make ``audit verify`` report the chain tampered, so an app whose
     chain this command cannot key is left out, with a warning saying how to record
     it there."""
@@ -207,12 +208,12 @@ async def _audited_apps(store: Store, key: AuditKey | None) -> list[str]:
         head = await store.audit_head(name)
         if head is not None:
             last = await store.audit_records(name, after_seq=head[0] - 1, limit=1)
-            if last and audit_chain.record_hash(last[0], key) != last[0].hash:
+            if last and not audit_chain.may_follow(last[0], key):
                 err_console.print(Text(
                     f"warning: not recorded in the audit log of app {name}: its chain is "
                     f"keyed with {'an' if key is None else 'another'} audit key; set "
-                    "CANTATA_AUDIT_KEY to its key (or pass --app module:attribute of that "
-                    "app) to record it there", style="yellow"))
+                    "CANTATA_AUDIT_KEY to the key its app writes with (or pass --app "
+                    "module:attribute of that app) to record it there", style="yellow"))
                 continue
         if key is not None:
             store.set_audit_key(name, key)

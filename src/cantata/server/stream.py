@@ -4,9 +4,10 @@ there, by whichever process made it) and fans each change out to every connected
 
 The feed reads new audit records when the store says something changed (its change
 listeners) and otherwise every ``interval`` seconds, so changes made by other
-processes arrive even where the database cannot notify (SQLite). A client that does
-not keep up is disconnected rather than allowed to hold memory (it reconnects, and
-EventSource does that by itself).
+processes arrive even where the database cannot notify (SQLite). A record that lies
+past the chain's head (added outside Cantata: ``GET /api/audit`` marks it ``past_head``)
+is not streamed. A client that does not keep up is disconnected rather than allowed to
+hold memory (it reconnects, and EventSource does that by itself).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ QUEUE = 1000  # changes a client may lag behind before it is dropped
 PAGE = 500
 KEEPALIVE = 15.0
 RECHECK = 2.0  # seconds between checks that a client's token is still valid
+FORGED_KEPT = 64  # records past the head a feed remembers having logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class ChangeFeed:
         self._wake = asyncio.Event()
         self._listening: Store | None = None
         self._starting = asyncio.Lock()
+        self._forged: set[tuple[int, str]] = set()  # (seq, hash) past the head, logged
 
     @property
     def clients(self) -> int:
@@ -135,20 +138,40 @@ class ChangeFeed:
         while True:
             try:
                 records = await store.audit_records(self.app, after_seq=after, limit=PAGE)
+                # The head read after the records: one appended meanwhile is within it.
+                head = await store.audit_head_seq(self.app) if records else after
             except Exception as exc:  # the store is down: say so once per try, keep going
                 log.warning("console: change feed cannot read the store (%s); retrying",
                             type(exc).__name__)
-                records = []
+                records, head = [], after
             for rec in records:
+                if rec.seq > head:  # so are the ones after it: none of them is streamed
+                    self._past_head(rec, head)
+                    break
                 after = rec.seq
                 change = change_of(rec)
                 if change is not None:
                     self._publish(change)
-            if len(records) == PAGE:
+            if len(records) == PAGE and after == records[-1].seq:
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    def _past_head(self, rec: AuditRecord, head: int) -> None:
+        """Leave out ``rec``, which lies past the chain's head: every append moves the
+        head in its own transaction, so no Cantata process wrote it (``GET /api/audit``
+        marks it ``past_head``). The feed stays at the head: should the record be
+        removed, the genuine one that takes its ``seq`` is streamed. Logged once."""
+        if (rec.seq, rec.hash) in self._forged:
+            return
+        if len(self._forged) >= FORGED_KEPT:
+            self._forged.clear()
+        self._forged.add((rec.seq, rec.hash))
+        log.warning(
+            "console: audit record #%d of app %r lies past the chain's head (#%d): added "
+            "outside Cantata, not streamed; run `cantata audit verify` and restore the "
+            "store", rec.seq, self.app, head)
 
     def _publish(self, change: Change) -> None:
         for queue in list(self._clients):

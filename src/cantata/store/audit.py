@@ -14,8 +14,10 @@ With an audit key (``App(audit_key=...)``, kept outside the store) the chain is
 keyed: ``hash = HMAC-SHA256(key, prev_hash + ...)``, so someone who can write the
 store cannot recompute it after a change. A keyed chain may begin with plain
 records written before the key was set; after its first keyed record every record
-must be keyed. An exported head (:func:`signed_head`) anchors the end of the chain
-outside the store, so a tail deleted together with the head row is noticed too.
+must be keyed. A key can be rotated: the records written before the switch verify
+with the previous keys (:attr:`AuditKey.previous`), each key's records after the older
+keys' ones, never before. An exported head (:func:`signed_head`) anchors the end of the
+chain outside the store, so a tail deleted together with the head row is noticed too.
 
 This module builds records (:func:`next_record`, :func:`tail`), says what each
 store write records (:func:`checkpoint_entry` and friends) and verifies a chain
@@ -28,7 +30,7 @@ import hashlib
 import hmac
 import json
 import time as _time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from cantata.errors import ConfigurationError, StoreCorrupt
@@ -97,11 +99,15 @@ class AuditKey:
     ``inner`` and ``outer`` are the key XOR-ed with HMAC's pads, so a backend can
     compute the HMAC in SQL with plain SHA-256:
     ``sha256(outer || sha256(inner || message))``.
+
+    ``previous``: the keys the chain was keyed with before this one, newest first
+    (a rotation). They only verify: records are written with this key, and a record
+    keyed with a previous key must come before every record of a newer one.
     """
 
-    __slots__ = ("_raw", "inner", "outer")
+    __slots__ = ("_raw", "inner", "outer", "previous")
 
-    def __init__(self, secret: str | bytes) -> None:
+    def __init__(self, secret: str | bytes, previous: Sequence[str | bytes] = ()) -> None:
         raw = secret.encode() if isinstance(secret, str) else secret
         if not isinstance(raw, bytes) or len(raw) < 16:
             raise ConfigurationError(
@@ -112,13 +118,71 @@ class AuditKey:
         block = (hashlib.sha256(raw).digest() if len(raw) > 64 else raw).ljust(64, b"\0")
         self.inner = bytes(b ^ 0x36 for b in block)
         self.outer = bytes(b ^ 0x5C for b in block)
+        if isinstance(previous, str | bytes):
+            raise ConfigurationError(
+                "the previous audit keys must be a list of keys (newest first), not one "
+                "str or bytes"
+            )
+        self.previous: tuple[AuditKey, ...] = tuple(AuditKey(p) for p in previous)
+        raws = [raw, *(k._raw for k in self.previous)]
+        if len(set(raws)) != len(raws):
+            raise ConfigurationError(
+                "an audit key is listed twice (as the key and a previous key, or twice as "
+                "a previous key): list the key in use once, and each older key once"
+            )
 
     def mac(self, text: str) -> str:
         """HMAC-SHA256 of ``text`` as lower-case hex."""
         return hmac.new(self._raw, text.encode("ascii"), hashlib.sha256).hexdigest()
 
+    def oldest_first(self) -> list[AuditKey]:
+        """The previous keys, oldest first, then this one: the order their records
+        take in the chain."""
+        return [*reversed(self.previous), self]
+
     def __repr__(self) -> str:
-        return "AuditKey(***)"
+        return "AuditKey(***)" if not self.previous else (
+            f"AuditKey(***, previous={len(self.previous)})")
+
+
+#: The environment variables that give the audit key and the keys before it.
+KEY_VAR = "CANTATA_AUDIT_KEY"
+PREVIOUS_VAR = "CANTATA_AUDIT_PREVIOUS_KEYS"
+
+
+def make_key(
+    secret: str | bytes | None, previous: Sequence[str | bytes] | None,
+    *, names: tuple[str, str] = ("audit_key", "audit_previous_keys"),
+) -> AuditKey | None:
+    """The audit key ``secret`` with its ``previous`` keys (``None`` for no key); the
+    errors name where they were given (``names``: the key's, the previous keys').
+
+    Raises:
+        ConfigurationError: a key shorter than 16 bytes, one listed twice, or previous
+            keys without a key.
+    """
+    if not secret:
+        if previous:
+            raise ConfigurationError(
+                f"{names[1]} is given without {names[0]}: the previous keys only verify "
+                f"the records written before the key in use; give that key in {names[0]}"
+            )
+        return None
+    try:
+        return AuditKey(secret, previous or ())
+    except ConfigurationError as exc:
+        try:
+            AuditKey(secret)
+        except ConfigurationError:
+            raise ConfigurationError(f"{names[0]}: {exc}") from None
+        raise ConfigurationError(f"{names[1]}: {exc}") from None
+
+
+def key_from_env(environ: Mapping[str, str]) -> AuditKey | None:
+    """``$CANTATA_AUDIT_KEY`` with ``$CANTATA_AUDIT_PREVIOUS_KEYS`` (comma-separated,
+    newest first), or ``None`` when no key is set."""
+    olds = [k.strip() for k in environ.get(PREVIOUS_VAR, "").split(",") if k.strip()]
+    return make_key(environ.get(KEY_VAR), olds, names=(KEY_VAR, PREVIOUS_VAR))
 
 
 def chain_hash(prev_hash: str, seq: int, rest: str, key: AuditKey | None = None) -> str:
@@ -166,6 +230,16 @@ def next_link(
     return seq, text, prev, chain_hash(prev, seq, tail(time, actor, action, target, text), key)
 
 
+def may_follow(rec: AuditRecord, key: AuditKey | None) -> bool:
+    """Whether a record keyed with ``key`` (``None``: plain) may follow ``rec`` in a
+    chain that :func:`verify_chain` accepts: ``rec`` is plain (a keyed record may
+    follow it, a plain one too when ``key`` is ``None``), or keyed with ``key`` or one
+    of its previous keys."""
+    if record_hash(rec) == rec.hash:
+        return True
+    return key is not None and any(record_hash(rec, k) == rec.hash for k in key.oldest_first())
+
+
 def worker_actor(owner: str | None) -> str:
     """The actor of a change made by the worker owning the row (``system`` if none)."""
     return SYSTEM if owner is None else f"worker:{owner}"
@@ -198,6 +272,18 @@ def run_created_entry(
     if parent_run_id is not None:
         data["parent_run_id"] = parent_run_id
     return actor, "run.created", run_id, data
+
+
+def published_entry(actor: str, event_id: str, event_type: str) -> Entry:
+    """The record of an event an operator (``actor``) published: written by the append
+    that stores it, in its transaction (an event stored before gets none)."""
+    return actor, "event.published", event_id, {"type": event_type}
+
+
+def publish_repeated_entry(actor: str, event_id: str, event_type: str) -> Entry:
+    """The record of an operator's publish of an event id already stored with the same
+    content: nothing was published."""
+    return actor, "event.publish_repeated", event_id, {"type": event_type}
 
 
 def token_entry(actor: str, name: str, role: str | None) -> Entry:
@@ -312,34 +398,68 @@ async def verify_chain(
     recomputed hash (the next record links to another hash), inserted or removed
     (a gap in ``seq``, a first record that is not #1) or cut from the end (the
     chain stops before its head).
+
+    With ``key`` the chain may begin with plain records, then records of each of its
+    previous keys (oldest first), then records of ``key``: a record keyed with an
+    older key than a record before it is reported.
     """
     end = head[0] if head is not None else None
     prev: AuditRecord | None = None
     count = 0  # records verified intact so far
-    keyed_from: int | None = None  # the first keyed record (with a key)
+    # The keys a record may be keyed with, oldest first (0: plain), and the newest one
+    # a record so far was keyed with, from which seq.
+    levels: list[AuditKey | None] = [None] if key is None else [None, *key.oldest_first()]
+    level, level_from = 0, 0
 
-    def intact(rec: AuditRecord) -> bool:
-        nonlocal keyed_from
-        if key is None:
-            return record_hash(rec) == rec.hash
-        if record_hash(rec, key) == rec.hash:
-            if keyed_from is None:
-                keyed_from = rec.seq
-            return True
-        # plain records may only precede the first keyed one
-        return keyed_from is None and record_hash(rec) == rec.hash
+    def level_of(rec: AuditRecord) -> int | None:
+        """The key ``rec``'s hash matches (its place in ``levels``), ``None`` if none."""
+        for i in range(len(levels) - 1, -1, -1):
+            if record_hash(rec, levels[i]) == rec.hash:
+                return i
+        return None
 
     def bad(seq: int | None, reason: str) -> AuditReport:
         return AuditReport(False, count, seq, reason)
 
     def keyed_otherwise(rec: AuditRecord, page: list[AuditRecord]) -> bool:
         """Whether ``rec`` and the record after it (in this page) match no hash under
-        this key yet link together: a chain keyed with another key (or a key given for
-        none), not one record changed (its successor would still verify)."""
+        the keys given yet link together: a chain, or its records from ``rec`` on,
+        keyed with a key not given (or a key given for none), not one record changed
+        (its successor would still verify)."""
         i = page.index(rec)
         nxt = page[i + 1] if i + 1 < len(page) else None
         return (nxt is not None and nxt.seq == rec.seq + 1 and nxt.prev_hash == rec.hash
-                and keyed_from is None and not intact(nxt))
+                and level_of(nxt) is None)
+
+    def unverifiable(rec: AuditRecord) -> AuditReport:
+        """The report of a chain keyed, from ``rec`` on, with a key not given."""
+        given = "without a key" if key is None else "with the audit key(s) given"
+        both = f"records #{rec.seq} and #{rec.seq + 1} link together but neither matches " \
+            f"its hash {given}"
+        if count == 0:
+            reason = (f"{both}: the chain was written with "
+                      + ("an audit key" if key is None else "another key")
+                      + f": set {KEY_VAR} to the key the app writes with (and, if the key "
+                      f"was rotated, {PREVIOUS_VAR} to the keys it wrote with before)")
+        else:
+            reason = (f"{both}, while the {count} records before them do: from "
+                      f"#{rec.seq} on the chain was written with another key (the key was "
+                      f"rotated there: set {KEY_VAR} to the newer key and {PREVIOUS_VAR} "
+                      "to the older ones) or rewritten by someone without the key")
+        return AuditReport(False, count, rec.seq, reason, wrong_key=True)
+
+    def out_of_order(rec: AuditRecord, found: int) -> AuditReport:
+        """The report of ``rec``, keyed with an older key (``found``) than the records
+        before it (from #``level_from``)."""
+        if found == 0:
+            return bad(rec.seq, f"record #{rec.seq} was changed: it is not keyed with the "
+                       f"audit key, though the records before it are (from #{level_from}): "
+                       "rewritten by someone without the key, or written by a process "
+                       "without it")
+        return bad(rec.seq, f"record #{rec.seq} is keyed with a previous audit key, after "
+                   f"records keyed with a newer one (from #{level_from}): written by a "
+                   "process still using the retired key (restart every writer with the new "
+                   "key), or forged with the old key")
 
     after = 0
     while end is None or after < end:
@@ -358,23 +478,19 @@ async def verify_chain(
                                f"the chain continues at #{rec.seq}")
                 return bad(rec.seq, f"record #{rec.seq} is out of order or duplicated")
             expected_prev = GENESIS_HASH if prev is None else prev.hash
-            if not intact(rec):
+            found = level_of(rec)
+            if found is None or found < level:
                 if rec.prev_hash != expected_prev:
                     return bad(rec.seq, f"record #{rec.seq} was changed: its link to the "
                                "previous record (prev_hash) is not that record's hash")
+                if found is not None:
+                    return out_of_order(rec, found)
                 if keyed_otherwise(rec, page):
-                    given = ("without a key" if key is None
-                             else "with the audit key given")
-                    return AuditReport(
-                        False, count, rec.seq,
-                        f"records #{rec.seq} and #{rec.seq + 1} link together but neither "
-                        f"matches its hash {given}: the chain was written with "
-                        + ("an audit key" if key is None else "another key")
-                        + ": set CANTATA_AUDIT_KEY to the key the app writes with",
-                        wrong_key=True,
-                    )
+                    return unverifiable(rec)
                 return bad(rec.seq, f"record #{rec.seq} was changed: its content does not "
                            "match its hash")
+            if found > level:
+                level, level_from = found, rec.seq
             if rec.prev_hash != expected_prev:
                 if prev is None:
                     return bad(rec.seq, "record #1 does not start from the genesis hash")
@@ -386,9 +502,10 @@ async def verify_chain(
         after = page[-1].seq
         if end is not None and after >= end:
             break
-    if key is not None and prev is not None and keyed_from is None:
-        return bad(None, f"no record of {subject} is keyed with the audit key given: the "
-                   "chain was written without it, or rewritten by someone without it")
+    if key is not None and prev is not None and level == 0:
+        return bad(None, f"no record of {subject} is keyed with the audit key given (nor a "
+                   "previous one): the chain was written without it, or rewritten by "
+                   "someone without it")
     if head is None:
         if prev is not None:
             return bad(None, f"the chain head of {subject} is missing, but "
@@ -430,12 +547,13 @@ def check_signed_head(doc: Any, app: str, key: AuditKey) -> tuple[int, str]:
             "make one with `cantata audit head`"
         )
     body = {f: doc[f] for f in fields[:-1]}
-    if not isinstance(doc["signature"], str) or not hmac.compare_digest(
-        key.mac(canonical(body)), doc["signature"]
+    signature = doc["signature"]
+    if not isinstance(signature, str) or not any(  # a head exported before a rotation too
+        hmac.compare_digest(k.mac(canonical(body)), signature) for k in key.oldest_first()
     ):
         raise ConfigurationError(
-            "the head file's signature does not verify with this audit key: it was changed, "
-            "or exported with another key"
+            "the head file's signature does not verify with this audit key (nor a previous "
+            f"one, {PREVIOUS_VAR}): it was changed, or exported with another key"
         )
     if doc["app"] != app:
         raise ConfigurationError(f"the head file is for app {doc['app']!r}, not {app!r}")

@@ -36,9 +36,15 @@ from cantata.store.roles.events import AFTER_SKEW
 class PostgresEvents(PostgresCore):
     """The events, deliveries and outbox roles of :class:`~cantata.store.postgres.PostgresStore`."""
 
-    async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+    async def append_events(
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+    ) -> list[int]:
         if not events:
             return []
+        if actor is not None:  # an operator's publish, audited in the same transaction
+            call: event_writes.Published = (app, events, actor, None, ())
+            counts, _ = await self._w.run_many(event_writes.published_many, call)
+            return counts
         return await self._w.run_many(event_writes.append_many, (app, events))
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:

@@ -20,7 +20,7 @@ class PostgresHolds(PostgresCore):
 
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
-        hold: Sequence[tuple[str, str]], wake: bool = True,
+        hold: Sequence[tuple[str, str]], wake: bool = True, actor: str | None = None,
     ) -> tuple[list[int], list[tuple[str, str]]]:
         # (``wake`` is not used: every commit that stores events sends ``claims``.)
         # The deliveries the append created claimed in its own transaction (one
@@ -28,6 +28,9 @@ class PostgresHolds(PostgresCore):
         # alone in its batch, cantata_settle_one, 0020).
         if not events:
             return [], []
+        if actor is not None:  # an operator's publish, audited in the same transaction
+            call: event_writes.Published = (app, events, actor, hold_for, hold)
+            return await self._w.run_many(event_writes.published_many, call)
         if not hold:
             return await self._w.run_many(event_writes.append_many, (app, events)), []
         return await self._w.run_many(

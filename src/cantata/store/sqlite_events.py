@@ -46,19 +46,37 @@ _CHANGED_HELD = (EVENTS,)
 class SQLiteEvents(SQLiteCore):
     """The events, deliveries and outbox roles of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
-    async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
-        return await self._t.write(lambda c: self._append(c, app, events), *_CHANGED)
+    async def append_events(
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+    ) -> list[int]:
+        if actor is None:
+            return await self._t.write(lambda c: self._append(c, app, events), *_CHANGED)
+        return await self._t.write(lambda c: self._published(c, app, events, actor), *_CHANGED)
 
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
-        hold: Sequence[tuple[str, str]], wake: bool = True,
+        hold: Sequence[tuple[str, str]], wake: bool = True, actor: str | None = None,
     ) -> tuple[list[int], list[tuple[str, str]]]:
         def op(c: sqlite3.Connection) -> tuple[list[int], list[tuple[str, str]]]:
             held = Hold(hold_for, hold, time.time())
-            counts = self._append(c, app, events, held)
+            counts = self._published(c, app, events, actor, held)
             return counts, held.finish(c, app, events, counts)
 
         return await self._t.write(op, *_CHANGED if wake else _CHANGED_HELD)
+
+    def _published(
+        self, c: sqlite3.Connection, app: str, events: Sequence[Event[Any]],
+        actor: str | None, hold: Hold | None = None,
+    ) -> list[int]:
+        """:meth:`_append`, and (with ``actor``) each event it stored audited as
+        ``event.published`` by them in the same transaction."""
+        stored: list[bool] = []
+        counts = self._append(c, app, events, hold, stored)
+        if actor is not None:
+            for ev, new in zip(events, stored, strict=True):
+                if new:
+                    audit_append(c, app, audit.published_entry(actor, ev.id, ev.type))
+        return counts
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         row = await self._t.read(

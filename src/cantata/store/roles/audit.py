@@ -22,7 +22,8 @@ class AuditStore(Protocol):
         """Audit records of ``app`` with ``seq > after_seq``, in ``seq`` order."""
 
     def set_audit_key(self, app: str, key: AuditKey | None) -> None:
-        """Key ``app``'s audit chain from now on (HMAC-SHA256; ``None``: plain)."""
+        """Key ``app``'s audit chain from now on (HMAC-SHA256; ``None``: plain). Records
+        are written with ``key`` itself; its previous keys only verify."""
 
     async def audit_head(self, app: str) -> tuple[int, str] | None:
         """``(seq, hash)`` of the last record of ``app``'s chain (``None``: empty)."""
@@ -37,7 +38,8 @@ class AuditStore(Protocol):
         ``seq``, or records gone from the end of the chain) and any record that lies
         past the head (added outside Cantata; the head is read again after the
         records, so an append racing the check is not one). With ``key`` the chain
-        must be keyed (after a plain prefix); with ``head`` (an exported head) its
+        must be keyed (after a plain prefix and the records of the key's previous
+        keys, oldest first: a rotation); with ``head`` (an exported head) its
         record must still be there, unchanged. Runs without a ``run.created`` record,
         and such records whose run is gone, are reported too.
         """

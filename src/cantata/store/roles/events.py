@@ -95,24 +95,33 @@ class DeliveryHold:
 class EventStore(Protocol):
     """The event log, deliveries and dead letters."""
 
-    async def append_events(self, app: str, events: Sequence[Event[Any]]) -> list[int]:
+    async def append_events(
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+    ) -> list[int]:
         """Append events to the log (idempotent by id) and fan out deliveries.
 
         For each event, one pending delivery row is created per declared handler
         group whose pattern matches its type. Returns, per event, how many groups
         it was addressed to (0 for an event already stored).
+
+        ``actor``: the operator publishing them (``app.publish(actor=...)``). Each
+        event this call stores is audited as ``event.published`` by them in the same
+        transaction: the record exists if and only if the event does, and an event
+        stored before (a retried or repeated publish) gets no second record. A record
+        that cannot be appended (``StoreCorrupt``: the chain was tampered with) stores
+        no event either.
         """
 
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
-        hold: Sequence[tuple[str, str]], wake: bool = True,
+        hold: Sequence[tuple[str, str]], wake: bool = True, actor: str | None = None,
     ) -> tuple[list[int], list[tuple[str, str]]]:
         """:meth:`append_events`, holding for worker ``hold_for`` the new deliveries
         ``hold`` ((group, event id) pairs) as :attr:`Settlement.hold` does (claimed,
         first attempt counted). Returns the counts and the pairs it did hold (a new
         delivery, pending, nobody's, no attempt). A store may hold none (it then
         returns an empty list): nothing is handed off, the broker delivers them.
-        ``wake`` as :attr:`Settlement.wake`."""
+        ``wake`` as :attr:`Settlement.wake`; ``actor`` as in :meth:`append_events`."""
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         """One stored event."""

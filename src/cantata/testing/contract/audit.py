@@ -172,6 +172,55 @@ class AuditContract(StoreFixtures):
         assert [r.action for r in records].count("run.created") == 9
         assert (await store.verify_audit(self.app)).ok
 
+    async def test_an_operator_publish_is_audited_once_with_its_events(
+        self, store: Store, peer: Store
+    ) -> None:
+        """``append_events(actor=)`` (and ``append_held``) records ``event.published`` for
+        each event it stores, in its transaction; an event stored before (a retried
+        publish, another store's, a racing one) gets no second record."""
+        await self.handlers(store, ("g", "order.*"))
+        await self.live(store, "w1")
+        ann, bo = "cli:ann@host", "token:bo"
+        placed, noted, held, raced = (ev(t) for t in (
+            "order.placed", "order.noted", "order.held", "order.raced"))
+        assert await store.append_events(self.app, [placed, noted], actor=ann) == [1, 1]
+        assert await peer.append_events(self.app, [placed], actor=ann) == [0]  # a retry
+        counts, pairs = await peer.append_held(
+            self.app, [held, placed], hold_for="w1", hold=[("g", held.id), ("g", placed.id)],
+            actor=bo)
+        assert counts == [1, 0] and pairs in ([], [("g", held.id)])
+        await asyncio.gather(*(
+            (store if i % 2 else peer).append_events(self.app, [raced], actor=ann)
+            for i in range(4)))
+        await store.append_events(self.app, [ev()])  # no operator: no record
+        records = await self.log(store)
+        assert_chained(records)
+        assert [(r.actor, r.action, r.target, json.loads(r.data)) for r in records] == [
+            (ann, "event.published", placed.id, {"type": "order.placed"}),
+            (ann, "event.published", noted.id, {"type": "order.noted"}),
+            (bo, "event.published", held.id, {"type": "order.held"}),
+            (ann, "event.published", raced.id, {"type": "order.raced"}),
+        ]
+        assert (await store.verify_audit(self.app)).ok
+
+    async def test_an_operator_publish_that_cannot_be_audited_stores_nothing(
+        self, store: Store
+    ) -> None:
+        """Its record cannot be appended (one forged past the chain head takes its
+        place): the event, its deliveries and the record are all left out."""
+        await self.handlers(store, ("g", "order.*"))
+        n = await self.busy(store, 1)
+        await self.tamper(store, self.app, n, "forge")
+        e = ev()
+        with pytest.raises(StoreCorrupt, match="tampered"):
+            await store.append_events(self.app, [e], actor="cli:ann@host")
+        with pytest.raises(StoreCorrupt, match="tampered"):
+            await store.append_held(self.app, [e], hold_for="w1", hold=[("g", e.id)],
+                                    actor="cli:ann@host")
+        assert await store.get_event(self.app, e.id) is None
+        assert await store.deliveries(self.app, e.id) == []
+        assert len(await self.log(store)) == n + 1  # the chain and the forged record
+
     async def test_writes_that_change_nothing_record_nothing(self, store: Store) -> None:
         await self.handlers(store, ("g", "order.placed"))
         run, _ = await store.create_run(new_run(self.app, idempotency_key="k", args_hash="h"))

@@ -40,7 +40,8 @@ class KeyedChainContract(StoreFixtures):
     """Every audited write keys its record: creation (alone, with its first checkpoint,
     queued, several at once; by Cantata and by an operator), checkpoints (alone and
     several at once), cancel, retry, fork, tasks, deliveries, dead letters (replay,
-    discard), schedules, operator actions, API tokens and a transaction step.
+    discard), an operator's publish, schedules, operator actions, API tokens and a
+    transaction step.
 
     ``verify_audit`` with the key accepts plain records before the first keyed one (a
     store written before its key was set), so a path that forgets the key on a new
@@ -121,6 +122,12 @@ class KeyedChainContract(StoreFixtures):
         await store.replay_dead_letter(self.app, f"{self.app}-dl-1", now, actor="ops:ann")
         await store.discard_dead_letter(self.app, f"{self.app}-dl-2", actor="ops:ann")
 
+        # An operator's publish: appended alone, and holding deliveries for a worker.
+        await store.append_events(self.app, [ev("order.placed")], actor="cli:ann@host")
+        published = ev("order.placed")
+        await peer.append_held(self.app, [published], hold_for="w2",
+                               hold=[("g", published.id)], actor="token:bo")
+
         # Schedules: created, replaced, paused, resumed, deleted.
         spec = '{"workflow": "wf", "cron": null, "every": 60.0}'
         row = ScheduleRow("s", spec, "api", False, "{}")
@@ -148,6 +155,30 @@ class KeyedChainContract(StoreFixtures):
 
         await self._assert_keyed(store, owned)
 
+    async def test_a_rotated_key_verifies_the_records_of_the_keys_before_it(
+        self, store: Store
+    ) -> None:
+        """Records written under a previous key verify with the key that replaced it
+        (given its previous keys); one written under the old key after the new key's
+        records is reported (docs/security.md, rotating the audit key)."""
+        old, new = "keyed-contract-old-key-0123456789", "keyed-contract-new-key-0123456789"
+        rotated = audit.AuditKey(new, [old])
+        store.set_audit_key(self.app, audit.AuditKey(old))
+        for _ in range(2):
+            await store.create_run(new_run(self.app))  # #1, #2: the old key
+        store.set_audit_key(self.app, rotated)
+        await store.create_run(new_run(self.app))  # #3, #4: the new key
+        await store.record_action(self.app, "cli:ann@host", "run.retried", "r", {})
+        report = await store.verify_audit(self.app, key=rotated)
+        assert report.ok and report.records == 4, report
+        alone = await store.verify_audit(self.app, key=audit.AuditKey(new))
+        assert (alone.ok, alone.wrong_key, alone.first_bad_seq) == (False, True, 1), alone
+        store.set_audit_key(self.app, audit.AuditKey(old))  # a writer still on the old key
+        await store.record_action(self.app, "cli:ann@host", "run.retried", "r", {})
+        late = await store.verify_audit(self.app, key=rotated)
+        assert (late.ok, late.first_bad_seq) == (False, 5), late
+        assert late.reason is not None and "previous audit key" in late.reason
+
     async def _assert_keyed(self, store: Store, owned: RunRecord) -> None:
         records = await store.audit_records(self.app, limit=100_000)
         written = {r.action for r in records}
@@ -155,7 +186,7 @@ class KeyedChainContract(StoreFixtures):
             "run.created", "run.status", "run.checkpoint", "run.cancel_requested",
             "run.retried", "run.forked", "run.start_repeated", "task.done", "task.failed",
             "task.withdrawn", "delivery.done", "delivery.dead", "dead_letter.replayed",
-            "dead_letter.discarded", "schedule.created", "schedule.replaced",
+            "dead_letter.discarded", "event.published", "schedule.created", "schedule.replaced",
             "schedule.paused", "schedule.resumed", "schedule.deleted", "token.created",
             "token.revoked",
         }
