@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.helpers import drop_schema, with_schema
 
@@ -19,6 +20,12 @@ from tests.helpers import drop_schema, with_schema
 # marks, reads its banner): not the default of one per core under a supervisor. The tests
 # of --processes pass it (tests/distributed/test_processes.py, tests/supervisor/).
 os.environ.setdefault("CANTATA_PROCESSES", "1")
+
+# Property tests check what is generated, not how fast: on a loaded 2-core machine an
+# example can take more than hypothesis's default 200 ms deadline (a flaky failure that
+# says nothing about the property). Tests that set their own settings keep them.
+settings.register_profile("cantata", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("cantata")
 
 POSTGRES_URL = os.environ.get(
     "CANTATA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
