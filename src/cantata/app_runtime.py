@@ -145,6 +145,7 @@ class Runtime:
             # and later as runs reach waits.
             async def keep_for_waits(types: list[str]) -> None:
                 await keep(app.name, types, worker_id=engine.worker_id,
+                           since=lambda: engine.store.oldest_live_run(app.name),
                            on_stored=engine.events_appended)
 
             await keep_for_waits(sorted({t for wf, t in app.router.waits if engine.serves(wf)}))

@@ -262,3 +262,121 @@ async def test_a_message_the_store_cannot_keep_is_given_up_quietly(
 async def _consumers(js: Any, stream: str) -> Any:
     for info in await js.consumers_info(stream):
         yield info
+
+
+async def test_an_outside_event_on_another_types_subject_is_refused_for_handlers_and_waits(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """The subject of an event is made from its type: an ``order.cancelled`` put on
+    the subject of ``order.placed`` would reach the groups of ``order.placed`` while the
+    store addressed it to those of ``order.cancelled``, whose consumers never see it. It
+    is refused: a stand-in dead letter naming both for each group of the subject; it is
+    not stored, so no handler, no other group and no wait takes it."""
+    name = app_name("misrouted")
+    broker = nats_broker(nats_url)
+    app = App(name, store=f"sqlite:///{tmp_path}/a.db", broker=broker, poll_interval=0.05)
+    seen: list[tuple[str, str]] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: Event[Any]) -> None:
+        seen.append(("billing", event.id))
+
+    @app.on("order.*", group="audit")
+    async def audit(event: Event[Any]) -> None:
+        seen.append(("audit", event.id))
+
+    @app.on("order.cancelled", group="refunds")
+    async def refund(event: Event[Any]) -> None:
+        seen.append(("refunds", event.id))
+
+    @app.workflow
+    async def cancellation(ctx: WorkflowContext, order_id: str) -> Any:
+        ev = await ctx.wait_for_event("order.cancelled", match={"order_id": order_id}, timeout=30)
+        return ev.id
+
+    async with streams_removed(nats_url, name), app:
+        run = await app.start(cancellation, "o-1")
+        names = broker.names(name)
+        wrong = Event(
+            type="order.cancelled", data={"order_id": "o-1"}, id="ext-wrong", source="legacy"
+        )
+        right = Event(
+            type="order.cancelled", data={"order_id": "o-1"}, id="ext-right", source="legacy"
+        )
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await js.publish(names.event("order.placed"), wrong.to_json(), stream=names.stream)
+
+            async def two_letters() -> list[Any]:
+                letters = await app.dead_letters()
+                return letters if len(letters) == 2 else []
+
+            letters = await eventually(two_letters, what="both groups of the subject refuse it")
+            await js.publish(names.event(right.type), right.to_json(), stream=names.stream)
+            assert await run.result(timeout=15) == "ext-right"
+            await eventually(
+                lambda: sorted(seen) == [("audit", "ext-right"), ("refunds", "ext-right")],
+                what="the well-routed event handled",
+            )
+            await asyncio.sleep(SETTLE)
+        finally:
+            await nc.close()
+        assert await app.store.get_event(name, "ext-wrong") is None
+        assert await app.store.deliveries(name, "ext-wrong") == []
+        assert len(await app.dead_letters()) == 2
+    assert sorted(d.group for d in letters) == ["audit", "billing"]
+    for letter in letters:
+        assert letter.event.type == INVALID_TYPE
+        assert "ext-wrong" in letter.event.data["payload"]
+        assert "'order.cancelled'" in letter.error, letter.error
+        assert names.event("order.placed") in letter.error, letter.error
+        assert names.event("order.cancelled") in letter.error, letter.error
+    assert sorted(seen) == [("audit", "ext-right"), ("refunds", "ext-right")]
+
+
+async def test_an_outside_event_on_another_types_subject_is_not_kept_for_waits(
+    nats_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A type only workflows wait for (no group takes it): the consumer keeping its
+    events from outside for waits refuses one of another type on its subject with one
+    warning naming both (it used to drop it without a word), and keeps the next."""
+    name = app_name("misrouted")
+    broker = nats_broker(nats_url)
+    app = App(name, store=f"sqlite:///{tmp_path}/a.db", broker=broker, poll_interval=0.05)
+
+    @app.workflow
+    async def verdict(ctx: WorkflowContext, order_id: str) -> Any:
+        ev = await ctx.wait_for_event("invoice.approved", match={"order_id": order_id}, timeout=30)
+        return ev.id
+
+    async with streams_removed(nats_url, name), app:
+        run = await app.start(verdict, "o-2")
+        names = broker.names(name)
+        wrong = Event(
+            type="invoice.rejected", data={"order_id": "o-2"}, id="ext-wrong", source="legacy"
+        )
+        right = Event(
+            type="invoice.approved", data={"order_id": "o-2"}, id="ext-right", source="legacy"
+        )
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await js.publish(names.event("invoice.approved"), wrong.to_json(), stream=names.stream)
+
+            def warned() -> bool:
+                return any(
+                    "ext-wrong" in r.getMessage()
+                    for r in caplog.records
+                    if r.levelno == logging.WARNING
+                )
+
+            await eventually(warned, what="the keeper's warning")
+            await js.publish(names.event(right.type), right.to_json(), stream=names.stream)
+            assert await run.result(timeout=15) == "ext-right"
+        finally:
+            await nc.close()
+        assert await app.store.get_event(name, "ext-wrong") is None
+    [line] = [r.getMessage() for r in caplog.records if "ext-wrong" in r.getMessage()]
+    assert "'invoice.rejected'" in line and names.event("invoice.approved") in line, line
+    assert names.event("invoice.rejected") in line, line

@@ -11,6 +11,9 @@ started by it has it as the root of its trace.
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cantata import App, Event, Retry, WorkflowContext
 from cantata.broker.nats import NatsBroker
@@ -192,3 +196,71 @@ async def test_outside_events_have_their_id_as_correlation_id(
         joined = await app.trace("tx-7")
         assert (joined.kind, joined.name) == ("event", "order.placed")
         assert (await app.store.get_event(name, "ext-order-2")).correlation_id == "tx-7"
+
+
+async def test_the_consumer_keeping_events_for_waits_starts_at_the_oldest_live_run(
+    nats_url: str, tmp_path: Path, outside: Client
+) -> None:
+    """Made for the first time, the consumer that keeps a waited-for type's events
+    from outside does not read the stream from its start (millions of old messages,
+    and old events a wait would take for new ones): it starts at the oldest run not
+    final (less the clocks' skew), so an event published after that run started and
+    before any wait began (before any worker ran) is still seen, and an older one is
+    not read at all."""
+    name = app_name("waits")
+    broker = nats_broker(nats_url, clock_skew=0.5)
+    app = App(name, store=f"sqlite:///{tmp_path}/a.db", broker=broker, poll_interval=0.05)
+
+    @app.workflow
+    async def approval(ctx: WorkflowContext, order_id: str) -> Any:
+        ev = await ctx.wait_for_event("invoice.approved", match={"order_id": order_id}, timeout=20)
+        return ev.id
+
+    names = broker.names(name)
+    async with streams_removed(nats_url, name):
+        async with app.client():  # no worker yet: nothing keeps invoice.approved
+            await put(
+                outside, broker, name, cloudevent("invoice.approved", {"order_id": "o1"}, "old-1")
+            )
+            await asyncio.sleep(1.0)  # older than any run by more than the skew
+            run = await app.start(approval, "o1")
+            await put(
+                outside, broker, name, cloudevent("invoice.approved", {"order_id": "o1"}, "new-1")
+            )
+        async with app:  # the worker: the consumer is made now
+            assert await run.result(timeout=15) == "new-1"
+            info = await outside.jetstream().consumer_info(
+                names.stream, names.outside("invoice.approved")
+            )
+            assert info.config.deliver_policy == DeliverPolicy.BY_START_TIME
+            assert info.delivered.stream_seq == 2  # new-1 only (old-1 is 1)
+            assert await app.store.get_event(name, "old-1") is None
+
+
+async def test_a_consumer_made_meanwhile_by_another_worker_with_its_own_start_is_used(
+    nats_url: str, tmp_path: Path, outside: Client
+) -> None:
+    """Two workers make a type's consumer at once, each with the start it worked out
+    (a moment apart): the server refuses the second ("start time can not be updated"),
+    which then uses the first's rather than failing its pull loop."""
+    name = app_name("waits")
+    broker = nats_broker(nats_url)
+    app = App(name, store=f"sqlite:///{tmp_path}/a.db", broker=broker, poll_interval=0.05)
+    names = broker.names(name)
+    durable = names.outside("invoice.approved")
+    subject = names.event("invoice.approved")
+    first = time.time() - 5.0
+
+    async def made_meanwhile() -> float:
+        """The other worker makes it while this one works out its start."""
+        await outside.jetstream().add_consumer(names.stream, ConsumerConfig(
+            name=durable, durable_name=durable, filter_subject=subject,
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=datetime.datetime.fromtimestamp(first, datetime.UTC)))
+        return first + 1.0
+
+    async with streams_removed(nats_url, name), app.client():
+        assert await broker._consumer(name, durable, subject, made_meanwhile) == names.stream
+        info = await outside.jetstream().consumer_info(names.stream, durable)
+    assert info.config.opt_start_time is not None
+    assert abs(info.config.opt_start_time.timestamp() - first) < 0.01

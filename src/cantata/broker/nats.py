@@ -21,13 +21,15 @@ consuming side in :mod:`cantata.broker.nats_consumer`.
   copies carry a ``Cantata-Outbox: 1`` header and are acked unread.
 
 Competing subscribers of a group share its durable consumers, which start at the
-beginning of the stream.
+beginning of the stream; those keeping events from outside for waits start at the
+creation of the app's oldest run not final, less ``clock_skew``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import errno
 import logging
 import socket
@@ -43,7 +45,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cantata.broker.base import BrokerStore, Clock, Handler
-from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscription
+from cantata.broker.nats_consumer import INVALID_TYPE, NatsMessage, NatsSubscription, StartAt
 from cantata.broker.nats_limits import DEFAULT_MAX_CONTROL_LINE, Limits, refusal
 from cantata.broker.nats_local import Handing, held_by
 from cantata.broker.nats_names import (
@@ -58,7 +60,7 @@ from cantata.broker.nats_names import (
     subject_prefix,
     token,
 )
-from cantata.broker.nats_outside import KEEPER, OnStored, OutsideKeeper
+from cantata.broker.nats_outside import KEEPER, OnStored, OutsideKeeper, Since
 from cantata.broker.nats_publish import Publisher, Window, safe, usable
 from cantata.broker.nats_streams import Streams
 from cantata.errors import BrokerError, BrokerNotConnected, EventsRefused, LeaseLost, error_text
@@ -150,6 +152,10 @@ class NatsBroker:
             subscribers at once, held for this worker in the store by the handler's
             settlement (see :mod:`cantata.broker.nats_local`); on by default,
             ``?handoff=0`` turns it off (every event then goes through NATS).
+        clock_skew: seconds by which the clocks of the app's processes and of the NATS
+            server may differ: a consumer keeping events from outside for waits, made
+            for the first time, starts this long before the oldest run not final
+            (:mod:`cantata.broker.nats_outside`).
     """
 
     relays_outbox = True
@@ -169,6 +175,7 @@ class NatsBroker:
         max_control_line: int = DEFAULT_MAX_CONTROL_LINE,
         check_interval: float = 5.0,
         hand_off: bool = True,
+        clock_skew: float = 60.0,
     ) -> None:
         self.url = url
         self.local_hand_off = hand_off
@@ -215,6 +222,7 @@ class NatsBroker:
         # ids of events every delivery of which this worker held (see held_here)
         self._local: dict[str, None] = {}
         self.check_interval = check_interval
+        self.clock_skew = max(0.0, clock_skew)
         self._watches: dict[str, asyncio.Task[None]] = {}
         # an outage fails every reconnection attempt: one line per max(10 s, lease)
         self.quiet = QuietLog(log, every=outage_interval(self.lease))
@@ -619,31 +627,48 @@ class NatsBroker:
         return False
 
     async def _bind(
-        self, app: str, durable: str, subject: str
+        self, app: str, durable: str, subject: str, start: StartAt | None = None
     ) -> JetStreamContext.PullSubscription:
         """Open a pull subscription on a durable consumer, creating what is missing."""
-        stream = await self._consumer(app, durable, subject)
+        stream = await self._consumer(app, durable, subject, start)
         return await self.js.pull_subscribe_bind(durable, stream=stream)
 
-    async def _consumer(self, app: str, durable: str, subject: str) -> str:
-        """Create the durable consumer (and the stream) if missing; returns the stream."""
+    async def _consumer(
+        self, app: str, durable: str, subject: str, start: StartAt | None = None
+    ) -> str:
+        """Create the durable consumer (and the stream) if missing; returns the stream.
+        A new consumer reads from the stream's start, or from the time ``start`` gives
+        (asked only when the consumer is made)."""
         stream = await self._stream(app)
         try:
             await self.js.consumer_info(stream, durable)
         except nats.js.errors.NotFoundError:
             self._forget_stream(app)  # the stream may be new: check it again
             stream = await self._stream(app)
-            await self.js.add_consumer(
-                stream,
-                ConsumerConfig(
-                    name=durable, durable_name=durable, filter_subject=subject,
-                    ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait, max_deliver=-1,
-                    # From the stream's start, so nothing published before the first
-                    # subscriber is lost; _addressed() drops what the store did not
-                    # address to the group.
-                    deliver_policy=DeliverPolicy.ALL,
-                ),
+            config = ConsumerConfig(
+                name=durable,
+                durable_name=durable,
+                filter_subject=subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+                # From the stream's start, so nothing published before the first
+                # subscriber is lost; _addressed() drops what the store did not
+                # address to the group.
+                deliver_policy=DeliverPolicy.ALL,
             )
+            if start is not None:
+                config.deliver_policy = DeliverPolicy.BY_START_TIME
+                config.opt_start_time = datetime.datetime.fromtimestamp(await start(), datetime.UTC)
+            try:
+                await self.js.add_consumer(stream, config)
+            except nats.js.errors.APIError as exc:
+                # Made meanwhile by another worker (its start a moment apart): that one
+                # is used. Otherwise the refusal stands.
+                try:
+                    await self.js.consumer_info(stream, durable)
+                except nats.js.errors.NotFoundError:
+                    raise exc from None
         return stream
 
     def adopt_timing(
@@ -729,6 +754,9 @@ class NatsBroker:
                 refused[event.id] = error_text(exc)
             else:
                 sendable.append((event, payload))
+        if self.local_hand_off and not again:  # (see Handing.settled_copy)
+            for event, payload in sendable:
+                self._handling.published(event.id, payload)
         with self._translate(f"publishing {len(events)} event(s) of app {app!r}"):
             stream = await self._stream(app)
             try:
@@ -844,14 +872,17 @@ class NatsBroker:
         return sub
 
     async def keep_outside(
-        self, app: str, patterns: Sequence[str], *, worker_id: str,
+        self, app: str, patterns: Sequence[str], *, worker_id: str, since: Since,
         on_stored: OnStored | None = None,
     ) -> None:
         """Store the events other systems put on ``app``'s subjects of ``patterns``
         (types this worker's workflows wait for) as they arrive, so that waits see them
         although no handler group takes them (nats_outside). Called again with the
         types runs reach at run time; a type already kept is not added twice.
-        ``on_stored`` is told the events stored here."""
+        ``since`` gives the creation of the app's oldest run not final (``None``: there
+        is none): a type's consumer, made for the first time, starts there (less
+        ``clock_skew``), not at the stream's start. ``on_stored`` is told the events
+        stored here."""
         names = self.names(app)
         wanted: list[str] = []
         for pattern in dict.fromkeys(patterns):
@@ -866,7 +897,7 @@ class NatsBroker:
         if keeper is None:
             if wanted:
                 self._keepers[app] = OutsideKeeper(self, app, wanted, worker_id=worker_id,
-                                                   on_stored=on_stored)
+                                                   since=since, on_stored=on_stored)
                 self._watch(app)
             return
         for pattern in wanted:

@@ -5,8 +5,10 @@ the store has it pending for that group (a delivery row), as with the embedded
 broker, and with the stored content (a message reusing its id with other content is
 dead-lettered, docs/security.md). An event from outside (another system put it on the
 app's subjects) is stored when it arrives, as external, with its id as its
-correlation id when it carries none (docs/guide.md). Settling writes the store first,
-then acks, so a lost ack only causes a redelivery the store recognises.
+correlation id when it carries none (docs/guide.md), unless it came on another type's
+subject (:func:`misrouted`): that one is dead-lettered as a stand-in, not stored.
+Settling writes the store first, then acks, so a lost ack only causes a redelivery the
+store recognises.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -26,7 +28,7 @@ from nats.js import JetStreamContext
 
 from cantata.broker.base import BrokerStore, Handler
 from cantata.broker.nats_local import LocalMessage, settle_done
-from cantata.broker.nats_names import digest
+from cantata.broker.nats_names import Names, digest
 from cantata.broker.nats_publish import ack_all
 from cantata.broker.nats_pull import direct, fetch, indirect, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
@@ -52,6 +54,10 @@ _MAX_INVALID_TEXT = 64 * 1024
 # fault (which is waited out) is given up: NATS stops delivering it (docs/deploy.md).
 GIVE_UP_AFTER = 5
 _CRASHES_KEPT = 1024  # messages whose failures a subscription counts
+
+#: Where a consumer a subscription makes starts reading: a POSIX time (asked only when
+#: the consumer is made); a subscription without one reads from the stream's start.
+StartAt = Callable[[], Awaitable[float]]
 
 
 def decode(msg: Msg) -> Event[Any]:
@@ -93,6 +99,23 @@ def clash(stored: Event[Any], message: Event[Any]) -> str:
         f"DuplicateEventId: event id {stored.id} is already used by a {stored.type} event "
         f"(data {stored.data!r:.200}); this {message.type} message (data "
         f"{message.data!r:.200}) was refused: the stored event stays"
+    )
+
+
+def misrouted(names: Names, subject: str, event: Event[Any]) -> str | None:
+    """Why ``event`` may not be taken from ``subject``: an event travels on the subject
+    of its own type (:meth:`Names.event`), which is where the store sends the groups and
+    waits of that type to look for it. ``None`` when it came where it belongs (and for a
+    dead-letter replay, whose subject names a group)."""
+    belongs = names.event(event.type)
+    if subject == belongs or names.is_replay(subject):
+        return None
+    head = f"{names.subjects}."
+    there = subject[len(head) :] if subject.startswith(head) else subject
+    return (
+        f"event {event.id} of type {event.type!r} came on subject {subject}, where "
+        f"{there!r} events go: an event from another system is taken only from the "
+        f"subject of its type; publish it on {belongs}"
     )
 
 
@@ -226,7 +249,8 @@ class NatsMessage:
 
 
 class NatsSubscription:
-    """The pull loops of one subscriber: one per consumer of the group."""
+    """The pull loops of one subscriber: one per consumer of the group. The consumers it
+    makes read from the stream's start, or from the time ``start_at`` gives."""
 
     def __init__(
         self,
@@ -239,6 +263,7 @@ class NatsSubscription:
         patterns: Sequence[str] = (),
         *,
         worker_id: str = "",
+        start_at: StartAt | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -248,6 +273,7 @@ class NatsSubscription:
         self.group = group
         self.handler = handler
         self.concurrency = max(1, concurrency)
+        self.start_at = start_at
         # Each loop fetches at most its share, so no loop can starve the others.
         self._share = max(1, self.concurrency // len(consumers))
         self._busy = 0  # handlers running plus messages being fetched
@@ -292,7 +318,7 @@ class NatsSubscription:
                         await self._until_connected()
                         continue
                     if psub is None:
-                        psub = await self.broker._bind(self.app, durable, subject)
+                        psub = await self.broker._bind(self.app, durable, subject, self.start_at)
                         bound, fast = generation, usable(psub)
                         recheck = time.monotonic() + self.broker.check_interval
                         if fast:
@@ -374,13 +400,13 @@ class NatsSubscription:
 
     def _done_already(self, m: Msg, replay: bool) -> bool:
         """Whether ``m`` is to be acked as it is, unread: another group's replay that a
-        wildcard matched, or the relay's copy (its message id is the event id) of an
-        event a hand-off settled here for good."""
+        wildcard matched, or the relay's copy (its message id is the event id, its body
+        the one published here) of an event a hand-off settled here for good."""
         if not replay and self.names.is_replay(m.subject):
             return True  # (a wildcard such as ``*.billing`` matches other groups' replays)
         sent_as = (self.app, self.group, (m.headers or {}).get("Nats-Msg-Id") or "")
         handling = self.broker._handling
-        return sent_as not in handling and handling.settled_here(sent_as)
+        return sent_as not in handling and handling.settled_copy(sent_as, m.data)
 
     async def _handle(self, m: Msg, replay: bool) -> None:
         key: tuple[str, str, str] | None = None  # set while this call holds the event
@@ -419,10 +445,10 @@ class NatsSubscription:
                     await m.nak(delay=retry_at - time.time())
                     return
                 if ((m.headers or {}).get("Nats-Msg-Id") == msg.event.id
-                        and self.broker._handling.settled_here(key)):
+                        and self.broker._handling.settled_copy(key, m.data)):
                     # The relay's copy of an event its hand-off settled: the store has
-                    # it done. Any other message with that id (an outside one, perhaps
-                    # with other content) is checked against the store below.
+                    # it done. Any other message with that id (an outside one, a forged
+                    # copy) is checked against the store below.
                     await m.ack()
                     return
                 if not await self._addressed(msg, msg.event, m):
@@ -590,11 +616,18 @@ class NatsSubscription:
         The stored event is the truth, and is what the handler gets (``msg.event``): a
         message reusing its id with other content is dead-lettered (as a stand-in
         carrying the message) and, while the delivery is pending, the stored event is
-        handled all the same. An event from outside is stored first (:meth:`_keep`)."""
+        handled all the same. An event from outside is stored first (:meth:`_keep`),
+        unless it came on another type's subject: then it is handed over as a payload
+        that is not a valid event (``msg.event`` ``None``), to be dead-lettered as a
+        stand-in, and is not stored (the groups of its type would never get it)."""
         state = await self._delivery_state(event.id)
         if state is not None and state.event is not None:
             stored = state.event
         else:
+            wrong = misrouted(self.names, m.subject, event)
+            if wrong is not None and await self.broker.store.get_event(self.app, event.id) is None:
+                msg.event, msg.error = None, wrong
+                return True
             state, stored = await self._keep(event)
         wait = 0.005
         while (state is not None and state.status == DELIVERY_PENDING

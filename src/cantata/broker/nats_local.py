@@ -14,13 +14,18 @@ Nothing is given up for it (docs/guarantees.md):
   stale and the copy is handled by whoever has it after the lease: at-least-once;
 - a copy that reaches this process while the hand-off is reserved (from before the
   settlement that holds it commits: :meth:`Handing.hand`) or its handler runs waits
-  for it, then is acked without a store read (or handed back until the retry is due);
+  for it, then is acked without a store read (or handed back until the retry is due)
+  when it is the relay's: it carries the body this process published for the event
+  (a digest compared, :meth:`Handing.settled_copy`). Any other message with the event's
+  id (another system reusing it, a forger who also set its ``Nats-Msg-Id``) is read
+  and checked against the store, and dead-lettered if its content differs;
 - the store's inbox keeps the effect exactly once: a delivery row is settled once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -166,15 +171,34 @@ class Handing:
         # hand-offs whose delivery was settled for good (done or dead) in the store:
         # the broker's copy is acked without a store read (the newest few thousand)
         self.done: dict[Key, None] = {}
+        # event id -> digest of the body published for it here (the newest few thousand)
+        self.bodies: dict[str, bytes] = {}
 
     def settled(self, key: Key) -> None:
         self.done[key] = None
         if len(self.done) > _DONE_KEPT:
             del self.done[next(iter(self.done))]
 
-    def settled_here(self, key: Key) -> bool:
-        """Whether ``key`` was settled for good by a hand-off (forgotten once asked)."""
-        return self.done.pop(key, _FREE) is None
+    def published(self, event_id: str, body: bytes) -> None:
+        """This process published ``body`` for the event ``event_id`` (remembered as a
+        digest, for :meth:`settled_copy`)."""
+        bodies = self.bodies
+        bodies[event_id] = body_digest(body)
+        if len(bodies) > _DONE_KEPT:
+            del bodies[next(iter(bodies))]
+
+    def settled_copy(self, key: Key, body: bytes) -> bool:
+        """Whether a message carrying ``body``, whose ``Nats-Msg-Id`` is ``key``'s event
+        id, is the relay's copy of an event a hand-off settled here for good: its body
+        is the one published here for the event. Its mark is then used up. Another body
+        (another system or a forger reusing the id) is not: it is to be read."""
+        if key not in self.done:
+            return False
+        sent = self.bodies.get(key[2])
+        if sent is None or sent != body_digest(body):
+            return False
+        del self.done[key]
+        return True
 
     def __contains__(self, key: Key) -> bool:
         return key in self.held
@@ -219,6 +243,13 @@ class Handing:
             del self.held[key]
         if fut is not None and not fut.done():
             fut.set_result(None)
+
+
+def body_digest(body: bytes) -> bytes:
+    """What tells two message bodies apart: SHA-256 (a forger cannot make another body
+    with the same digest; hashlib's fastest such hash for bodies of a few hundred
+    bytes)."""
+    return hashlib.sha256(body).digest()
 
 
 _FREE: Any = object()

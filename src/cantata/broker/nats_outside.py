@@ -10,7 +10,16 @@ durable consumer per type shared by every worker of the app
 outside that is not stored yet, as external (idempotent by event id: one row however
 many consumers see it). The outbox relay's own copies carry the ``Cantata-Outbox``
 header: the store has those, so they are acked unread, in batches, without a store
-read or a task each.
+read or a task each. An event on another type's subject is not kept
+(:func:`~cantata.broker.nats_consumer.misrouted`).
+
+Such a consumer, made for the first time (or again, deleted on the server), does not
+read the stream from its start: a wait counts the events published since its run
+started, so it starts at the creation of the app's oldest run that is not final (now
+when there is none), less the broker's ``clock_skew`` (the workers' clocks and the
+server's may differ). An event published after that run started and before any wait
+of its type began is still read; millions of older messages are not, nor are old
+events stored now as if they had just come (a wait would take them).
 """
 
 from __future__ import annotations
@@ -18,16 +27,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
 from cantata.broker.base import BrokerMessage
-from cantata.broker.nats_consumer import NatsSubscription, decode, same_event
+from cantata.broker.nats_consumer import NatsSubscription, decode, misrouted, same_event
 from cantata.broker.nats_names import OUTBOX_HEADER
 from cantata.errors import InvalidEvent, StoreError, error_text
-from cantata.model.event import Event, is_claim, matches
+from cantata.model.event import Event, is_claim
 from cantata.quietlog import QuietLog
 
 if TYPE_CHECKING:
@@ -42,6 +52,8 @@ KEEPER = "outside-for-waits"
 _CONCURRENCY = 16  # messages stored at once by one worker's keeper
 
 OnStored = Callable[[list[Event[Any]]], None]
+#: The creation time of the app's oldest run not final (``None``: every run is final).
+Since = Callable[[], Awaitable[float | None]]
 
 
 async def _no_handler(msg: BrokerMessage) -> None:  # (the keeper handles no message)
@@ -54,20 +66,29 @@ class OutsideKeeper(NatsSubscription):
     Args:
         patterns: the waited-for types (a durable consumer each); more come with
             :meth:`add` as runs reach waits of types found only at run time.
+        since: the creation of the app's oldest run not final, asked as a consumer is
+            made (where it starts).
         on_stored: told the events stored here (to wake this process's waits at once).
     """
 
     def __init__(
         self, broker: NatsBroker, app: str, patterns: Sequence[str], *, worker_id: str,
-        on_stored: OnStored | None = None,
+        since: Since, on_stored: OnStored | None = None,
     ) -> None:
         names = broker.names(app)
+        self.since = since
         super().__init__(
             broker, app, KEEPER, _no_handler, _CONCURRENCY,
             [(names.outside(p), names.event(p), False) for p in patterns], patterns,
-            worker_id=worker_id,
+            worker_id=worker_id, start_at=self._start,
         )
         self.on_stored = on_stored
+
+    async def _start(self) -> float:
+        """Where a consumer made here starts reading (see the module's docstring)."""
+        now = time.time()  # (before the read: a run created meanwhile is later)
+        oldest = await self.since()
+        return min(now, now if oldest is None else oldest) - self.broker.clock_skew
 
     @property
     def who(self) -> str:
@@ -123,9 +144,19 @@ class OutsideKeeper(NatsSubscription):
                           "(%s): no wait can see it; it was dropped", m.subject, reason)
             await m.ack()
             return
-        if is_claim(event) or not any(matches(p, event.type) for p in self.patterns):
-            # A claim check comes from the relay (the store has its event); another type
-            # on this subject is no wait's here (a group of that type stores it).
+        if is_claim(event):  # (from the relay: the store has its event)
+            await m.ack()
+            return
+        wrong = misrouted(self.names, m.subject, event)
+        if wrong is not None:
+            # Not stored: the groups of its type would never get it (they read its
+            # type's subject); those of this subject dead-letter it.
+            quiet.warning(
+                f"misrouted:{self.app}",
+                "a message on %s was not kept for waits: %s",
+                m.subject,
+                wrong,
+            )
             await m.ack()
             return
         store = self.broker.store

@@ -15,7 +15,7 @@ from cantata.model.records import (
     RunWrite,
     StepHeartbeat,
 )
-from cantata.model.status import RunStatus
+from cantata.model.status import LIVE_STATUSES, RunStatus
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
@@ -29,6 +29,18 @@ from cantata.store.postgres_ops import (
     LIVE_SQL,
     RUN_COLS,
     run_row,
+)
+
+# The oldest live run: the smallest created_at of each live status, each the first
+# entry of its (app, status) range of the index runs_status_newest (app, status,
+# created_at): one list of the three statuses would read every live run's entry.
+_OLDEST_LIVE = (
+    "SELECT min(m) FROM ("
+    + " UNION ALL ".join(
+        f"SELECT min(created_at) AS m FROM runs WHERE app=$1 AND status='{status}'"
+        for status in sorted(LIVE_STATUSES)
+    )
+    + ") AS live"
 )
 
 
@@ -63,6 +75,10 @@ class PostgresRuns(PostgresCore):
             app, None if status is None else str(status), workflow, limit,
         )
         return [run_row(r) for r in rows]
+
+    async def oldest_live_run(self, app: str) -> float | None:
+        row = await self._db.fetchrow(_OLDEST_LIVE, app)
+        return None if row is None or row[0] is None else float(row[0])
 
     async def claim_runs(
         self,

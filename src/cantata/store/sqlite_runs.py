@@ -20,7 +20,7 @@ from cantata.model.records import (
     RunWrite,
     StepHeartbeat,
 )
-from cantata.model.status import RunStatus
+from cantata.model.status import LIVE_STATUSES, RunStatus
 from cantata.store import audit
 from cantata.store import sqlite_ops as ops
 from cantata.store.base import (
@@ -51,6 +51,17 @@ _UPSERT_HISTORY = (
     "error_type=excluded.error_type, attempts=excluded.attempts, "
     "started_at=excluded.started_at, ended_at=excluded.ended_at, "
     "wake_at=excluded.wake_at, detail=excluded.detail"
+)
+# The oldest live run: the smallest created_at of each live status, each the first
+# entry of its (app, status) range of the index runs_status_newest (app, status,
+# created_at): one list of the three statuses would read every live run's entry.
+_OLDEST_LIVE = (
+    "SELECT min(m) FROM ("
+    + " UNION ALL ".join(
+        f"SELECT min(created_at) AS m FROM runs WHERE app=? AND status='{status}'"
+        for status in sorted(LIVE_STATUSES)
+    )
+    + ")"
 )
 _INSERT_RUN = f"INSERT INTO runs ({RUN_COLS}) VALUES ({','.join('?' * 22)})"
 # Positions in :data:`RUN_COLS` (and :func:`ops.run_values`) of what a checkpoint sets.
@@ -194,6 +205,10 @@ class SQLiteRuns(SQLiteCore):
         params.append(limit)
         rows = await self._t.read(lambda c: c.execute(sql, params).fetchall())
         return [run_row(r) for r in rows]
+
+    async def oldest_live_run(self, app: str) -> float | None:
+        row = await self._t.read(lambda c: c.execute(_OLDEST_LIVE, [app] * 3).fetchone())
+        return None if row is None or row[0] is None else float(row[0])
 
     async def claim_runs(
         self,

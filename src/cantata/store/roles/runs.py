@@ -55,6 +55,12 @@ class RunStore(Protocol):
     ) -> list[RunRecord]:
         """Runs, newest first."""
 
+    async def oldest_live_run(self, app: str) -> float | None:
+        """The ``created_at`` of the oldest run of ``app`` that is not final (pending,
+        running or compensating), ``None`` when there is none. One index lookup per
+        status. (A wait counts the events published since its run started: the NATS
+        broker starts a new consumer of events from outside for waits there.)"""
+
     async def claim_runs(
         self,
         app: str,

@@ -349,6 +349,32 @@ class StoreContract(
         assert await ids(workflow="a", status=RunStatus.FAILED) == [r3.run_id]
         assert await ids(workflow="zzz") == []
 
+    async def test_oldest_live_run_is_the_creation_of_the_oldest_run_not_final(
+        self, store: Store
+    ) -> None:
+        assert await store.oldest_live_run(self.app) is None
+        done = new_run(self.app, status=RunStatus.COMPLETED)
+        compensating = new_run(self.app, status=RunStatus.COMPENSATING)
+        running = new_run(self.app, status=RunStatus.RUNNING)
+        pending = new_run(self.app)
+        cancelled = new_run(self.app, status=RunStatus.CANCELLED)
+        for r in (done, cancelled, new_run(f"{self.app}-other")):
+            await store.create_run(r)
+        assert await store.oldest_live_run(self.app) is None  # (and another app's runs)
+        for r in (pending, running, compensating):
+            await store.create_run(r)
+        assert await store.oldest_live_run(self.app) == compensating.created_at
+        claimed = await self.claim(store, "w1")
+        by_id = {r.run_id: r for r in claimed}
+        first = by_id[compensating.run_id]
+        await store.commit_run(
+            self.app,
+            first.run_id,
+            first.fence,
+            RunWrite(status=RunStatus.COMPENSATED, release=True),
+        )
+        assert await store.oldest_live_run(self.app) == running.created_at
+
     async def test_claim_runs_takes_only_live_runs_of_given_workflows(self, store: Store) -> None:
         live = [new_run(self.app, status=s) for s in
                 (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPENSATING)]
