@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
-from cantata.model.flow import Rate
+from cantata.model.flow import Rate, SlotGrant
 
 if TYPE_CHECKING:
     from cantata.declare.defs import HandlerDef, StepDef
@@ -31,6 +32,22 @@ def handler_scope(group: str) -> str:
     return f"handler:{group}"
 
 
+def ask_period(engine: Engine) -> float:
+    """The longest a slot's waiter goes between two requests: five times
+    ``poll_interval`` (1 s by default), at most a quarter of the lease (a waiter that
+    keeps asking is never taken for one that gave up)."""
+    return min(engine.poll_interval * 5, engine.lease / 4)
+
+
+def waiter_lapse(engine: Engine) -> float:
+    """How long a slot's waiter that stopped asking (its process frozen, a withdrawal
+    lost to a store error) keeps its place ahead of newcomers: three of its asking
+    periods, at least 2 s (a slow store round trip is not giving up), at most the lease;
+    3 s with the default ``poll_interval`` and lease. Passed over, it regains its place
+    if it asks again before a lease has passed (then its row is removed)."""
+    return min(engine.lease, max(3 * ask_period(engine), 2.0))
+
+
 async def acquire(
     engine: Engine,
     scope: str,
@@ -42,10 +59,14 @@ async def acquire(
     """Take a slot of ``scope``, waiting with ``wait(seconds)`` while none is free; the
     clock time the grant was recorded at (its begin, for a rate).
 
+    A denied request waits in the store's queue of the scope's waiters, first come,
+    first served across processes (see :meth:`~cantata.store.roles.flow.FlowStore.
+    acquire_slot`), and asks again at least every :func:`ask_period` to keep its place.
     ``wait`` returns early when something may have freed a slot (a store
-    notification); it may raise (a cancelled run), and then nothing is held. News that
-    came while the store was asked (too late for its answer, too early for ``wait``)
-    sends the request again at once.
+    notification): the waiter asks again at once if it may be next by now (see
+    :func:`may_be_next`), else it sleeps on. ``wait`` may raise (a cancelled run): the
+    request is then withdrawn from the queue and nothing is held. News that came while
+    the store was asked (too late for its answer, too early for ``wait``) counts too.
     """
     store, clock, flow = engine.store, engine.clock, engine.flow
     while True:
@@ -53,16 +74,70 @@ async def acquire(
         seen = flow.releases if flow is not None else 0
         grant = await store.acquire_slot(
             engine.app, scope, holder, engine.worker_id, concurrency=concurrency, rate=rate,
-            now=now, stale_before=now - engine.lease,
+            now=now, stale_before=now - engine.lease, lapsed_before=now - waiter_lapse(engine),
         )
         if grant.granted:
             return now
-        if flow is not None and flow.releases != seen and grant.retry_at is None:
-            continue  # a slot may have been freed meanwhile (a rate's wait stays a wait)
-        pause = engine.poll_interval * 5
-        if grant.retry_at is not None:
-            pause = min(pause, max(grant.retry_at - now, 0.005))
-        await wait(pause)
+        try:
+            await _wait_for_turn(engine, wait, grant, now, seen, concurrency, rate)
+        except BaseException:
+            await _withdraw(engine, scope, holder)
+            raise
+
+
+async def _wait_for_turn(engine: Engine, wait: Any, grant: SlotGrant, asked: float,
+                         seen: int, concurrency: int | None, rate: Rate | None) -> None:
+    """After a denial: return when it is time to ask again (:func:`next_ask`), or
+    earlier on news after which this waiter may be next."""
+    flow, clock = engine.flow, engine.clock
+    until = asked + next_ask(engine, grant, asked)
+    while True:
+        news = flow.releases - seen if flow is not None else 0
+        if news and grant.retry_at is None and may_be_next(grant.ahead, news, concurrency,
+                                                           rate):
+            return
+        left = until - clock.now()
+        if left <= 0:
+            return
+        await wait(left)
+
+
+def may_be_next(ahead: int, news: int, concurrency: int | None, rate: Rate | None) -> bool:
+    """Whether a waiter told that ``ahead`` live waiters were before it may be served
+    after ``news`` releases since: each release lets at most the waiters of one round
+    (:func:`served_at_once`) through, so one far back sleeps through the first ones
+    instead of asking on every release with the rest."""
+    return ahead - news * served_at_once(concurrency, rate) < served_at_once(concurrency, rate)
+
+
+def served_at_once(concurrency: int | None, rate: Rate | None) -> int:
+    """How many waiters one release can let through: the slots of ``concurrency``
+    (or the begins of a rate's window)."""
+    limits = [n for n in (concurrency, rate.limit if rate is not None else None) if n]
+    return min(limits, default=1)
+
+
+def next_ask(engine: Engine, grant: SlotGrant, now: float) -> float:
+    """Seconds until a denied waiter asks again: :func:`ask_period`, or sooner when a
+    rate's window has room for it; without a rate's time, the poll interval for the
+    next two in line (a release in a process that cannot tell them, SQLite's, leaves
+    the slot idle until the head asks, and the one behind it is the head as soon as
+    that is granted)."""
+    pause = ask_period(engine)
+    if grant.retry_at is not None:
+        return min(pause, max(grant.retry_at - now, 0.005))
+    if grant.ahead <= 1:
+        return min(pause, engine.poll_interval)
+    return pause
+
+
+async def _withdraw(engine: Engine, scope: str, holder: str) -> None:
+    """Leave the waiters of ``scope`` (a store error only delays it: the row lapses)."""
+    try:
+        await engine.store.withdraw_slot_request(engine.app, scope, holder)
+    except Exception as exc:
+        log.warning("withdrawing the request of %s for a slot of %s failed (%s); it lapses "
+                    "in %.1f s", holder, scope, exc, waiter_lapse(engine))
 
 
 async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> float | None:
@@ -126,12 +201,16 @@ async def release_step_slot(execution: RunExecution, sdef: StepDef, key: str) ->
 
 def _news_wait(engine: Engine, extend: Any = None) -> Any:
     """A ``wait`` for :func:`acquire` outside a run: until ``seconds`` pass or the
-    flow service hears that a slot may be free (``extend()`` first, when given)."""
+    flow service hears that a slot may be free (``extend()`` first, when given, at most
+    once per :func:`ask_period`: a waiter far back is woken by news it sleeps through)."""
     news = engine.flow.released if engine.flow is not None else asyncio.Event()
+    extended = -math.inf
 
     async def wait(seconds: float) -> None:
+        nonlocal extended
         news.clear()  # (before the await: news meanwhile ends this wait at once)
-        if extend is not None:
+        if extend is not None and engine.clock.now() - extended >= ask_period(engine):
+            extended = engine.clock.now()
             await extend()
         sleeper = asyncio.ensure_future(engine.clock.sleep(seconds))
         waiter = asyncio.ensure_future(news.wait())

@@ -171,10 +171,12 @@ class QueuePosition:
 
 @dataclass(frozen=True, slots=True)
 class SlotGrant:
-    """The answer of a slot request: granted, or when to ask again (``None``: on news)."""
+    """The answer of a slot request: granted, or when to ask again (``None``: on news),
+    and how many live waiters are ahead of a denied one (0: it is next)."""
 
     granted: bool
     retry_at: float | None = None
+    ahead: int = 0
 
 
 def plan_admissions(
@@ -221,14 +223,34 @@ def plan_admissions(
     return admit, retry_at
 
 
+def waiters_live_since(stale_before: float, lapsed_before: float | None) -> float:
+    """The time since which a slot's waiter must have asked to keep its place ahead of
+    newcomers: ``lapsed_before`` (``None``: the lease's ``stale_before``), never before
+    ``stale_before``, when a row that has not asked is removed."""
+    return stale_before if lapsed_before is None else max(stale_before, lapsed_before)
+
+
 def plan_slot(
-    held: int, begins: Sequence[float], concurrency: int | None, rate: Rate | None
+    held: int,
+    begins: Sequence[float],
+    concurrency: int | None,
+    rate: Rate | None,
+    ahead: int = 0,
 ) -> SlotGrant:
-    """Whether one more holder fits ``concurrency`` and ``rate`` (begins oldest first)."""
-    if concurrency is not None and held >= concurrency:
-        return SlotGrant(False)
-    if rate is not None and len(begins) >= rate.limit:
-        return SlotGrant(False, begins[len(begins) - rate.limit] + rate.window)
+    """Whether one more holder fits ``concurrency`` and ``rate`` (begins oldest first)
+    once the ``ahead`` live waiters that asked before it are served: first come, first
+    served, so a newcomer never takes a slot an older waiter is owed.
+
+    Denied by the rate, the answer says when the window has room for this request
+    (``None`` when the waiters ahead take every begin the window frees: ask again
+    when they have).
+    """
+    if concurrency is not None and held + ahead >= concurrency:
+        return SlotGrant(False, None, ahead)
+    if rate is not None and len(begins) + ahead >= rate.limit:
+        turn = len(begins) + ahead - rate.limit
+        retry_at = begins[turn] + rate.window if turn < len(begins) else None
+        return SlotGrant(False, retry_at, ahead)
     return SlotGrant(True)
 
 

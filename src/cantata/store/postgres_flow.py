@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    waiters_live_since,
 )
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord
@@ -45,6 +46,47 @@ _R_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
 # that meets it). Rows of queue_runs only: a join with runs, planned on a new store's
 # empty tables, scanned every live run once per waiting row.
 _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NULL"
+
+
+# The waiters of a slot scope (flow_waiters, first come first served), with $1 app,
+# $2 scope, $3 holder, $4 the asking worker, $5 ``stale``: whose worker is live (or
+# asking), and the rows that wait no more (their worker's lease lapsed, or they have not
+# asked since ``stale``), which the next request removes.
+_WAITER_LIVE = ("(w.worker_id=$4 OR EXISTS (SELECT 1 FROM workers k WHERE k.app=w.app AND "
+                "k.worker_id=w.worker_id AND k.heartbeat_at>=$5))")
+_WAITER_GONE = f"w.holder<>$3 AND (w.asked_at<$5 OR NOT {_WAITER_LIVE})"
+_MY_PLACE = "(SELECT seq FROM flow_waiters WHERE app=$1 AND scope=$2 AND holder=$3)"
+# What a slot request is decided on, in one statement (one count on the uncontended
+# path, as before waiters): slots held; this holder's place, if it waits already; the
+# live waiters ahead of it (that asked since $6); the rows to remove.
+_SLOT_STATE = (
+    "SELECT (SELECT count(*) FROM flow_slots WHERE app=$1 AND scope=$2), "
+    f"{_MY_PLACE}, "
+    "(SELECT count(*) FROM flow_waiters w WHERE w.app=$1 AND w.scope=$2 AND w.holder<>$3 "
+    f"AND w.seq < coalesce({_MY_PLACE}, 9223372036854775807) AND w.asked_at>=$6 "
+    f"AND {_WAITER_LIVE}), "
+    f"(SELECT count(*) FROM flow_waiters w WHERE w.app=$1 AND w.scope=$2 AND {_WAITER_GONE})"
+)
+
+
+async def _mind_waiters(c: Conn, key: tuple[str, str, str, str, float], now: float,
+                        granted: bool, waits: bool, gone: int) -> None:
+    """After a slot request is decided: a granted holder leaves the waiters (if it was
+    one), a denied one joins them at the back or keeps its place (its ask noted), and
+    the rows that wait no more are removed (``key``: app, scope, holder, worker,
+    stale)."""
+    if not granted:
+        await c.execute(
+            "INSERT INTO flow_waiters (app, scope, holder, worker_id, since, asked_at) "
+            "VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (app, scope, holder) DO UPDATE "
+            "SET worker_id=excluded.worker_id, asked_at=excluded.asked_at",
+            *key[:4], now,
+        )
+    if gone or (granted and waits):
+        leaving = f"w.holder=$3 OR ({_WAITER_GONE})" if granted else _WAITER_GONE
+        await c.execute(
+            f"DELETE FROM flow_waiters w WHERE w.app=$1 AND w.scope=$2 AND ({leaving})", *key
+        )
 
 
 def queue_spec(row: Row) -> QueueSpec:
@@ -260,6 +302,7 @@ class PostgresFlow(PostgresCore):
         rate: Rate | None,
         now: float,
         stale_before: float,
+        lapsed_before: float | None = None,
     ) -> SlotGrant:
         async with self._db.tx() as c:
             await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"slot:{app}:{scope}")
@@ -285,22 +328,26 @@ class PostgresFlow(PostgresCore):
                 # Its begin left the window: it asks again as a new holder (counted).
                 await c.execute("DELETE FROM flow_slots WHERE app=$1 AND scope=$2 AND "
                                 "holder=$3", app, scope, holder)
-            held = await c.fetchval(
-                "SELECT count(*) FROM flow_slots WHERE app=$1 AND scope=$2", app, scope
-            )
+            key = (app, scope, holder, worker_id, stale_before)
+            state = await c.fetchrow(_SLOT_STATE, *key,
+                                     waiters_live_since(stale_before, lapsed_before))
+            assert state is not None
+            held, place, ahead, gone = state
             begins: list[float] = []
             if rate is not None:
                 begins = [r[0] for r in await c.fetch(
                     "SELECT at FROM flow_begins WHERE app=$1 AND scope=$2 ORDER BY at",
                     app, scope,
                 )]
-            grant = plan_slot(held, begins, concurrency, rate)
+            grant = plan_slot(held, begins, concurrency, rate, ahead)
             if grant.granted:
                 await c.execute("INSERT INTO flow_slots VALUES ($1,$2,$3,$4,$5)",
                                 app, scope, holder, worker_id, now)
                 if rate is not None:
                     await c.execute("INSERT INTO flow_begins VALUES ($1,$2,$3,$4)",
                                     app, scope, now, holder)
+            if place is not None or gone or not grant.granted:
+                await _mind_waiters(c, key, now, grant.granted, place is not None, gone)
             return grant
 
     async def release_slot(self, app: str, scope: str, holder: str) -> None:
@@ -308,6 +355,14 @@ class PostgresFlow(PostgresCore):
             await c.execute("DELETE FROM flow_slots WHERE app=$1 AND scope=$2 AND holder=$3",
                             app, scope, holder)
             await self._db.notify(c, app, RUNS)
+
+    async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
+        async with self._db.tx() as c:
+            if await c.fetchval(
+                "DELETE FROM flow_waiters WHERE app=$1 AND scope=$2 AND holder=$3 RETURNING 1",
+                app, scope, holder,
+            ):
+                await self._db.notify(c, app, RUNS)
 
     async def slots_held(self, app: str, scope: str) -> int:
         row = await self._db.fetchrow(

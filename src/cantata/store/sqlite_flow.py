@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    waiters_live_since,
 )
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
@@ -41,6 +42,44 @@ _Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
 # Rows waiting to begin (one whose run was cancelled meanwhile is dropped by the claim
 # that meets it, see _admit).
 _WAITING = "FROM queue_runs q WHERE q.app=? AND q.queue=? AND q.began_at IS NULL"
+
+
+# The waiters of a slot scope (flow_waiters, first come first served): whose worker is
+# live (or asking), and the rows that wait no more (their worker's lease lapsed, or
+# they have not asked since ``stale``), which the next request removes.
+_WAITER_LIVE = ("(worker_id=:worker OR worker_id IN (SELECT worker_id FROM workers "
+                "WHERE app=:app AND heartbeat_at>=:stale))")
+_WAITER_GONE = f"holder<>:holder AND (asked_at<:stale OR NOT {_WAITER_LIVE})"
+_MY_PLACE = "(SELECT seq FROM flow_waiters WHERE app=:app AND scope=:scope AND holder=:holder)"
+# What a slot request is decided on, in one statement (one count on the uncontended
+# path, as before waiters): slots held; this holder's place, if it waits already; the
+# live waiters ahead of it (that asked since ``lapsed``); the rows to remove.
+_SLOT_STATE = (
+    "SELECT (SELECT count(*) FROM flow_slots WHERE app=:app AND scope=:scope), "
+    f"{_MY_PLACE}, "
+    "(SELECT count(*) FROM flow_waiters WHERE app=:app AND scope=:scope AND holder<>:holder "
+    f"AND seq < coalesce({_MY_PLACE}, 9223372036854775807) AND asked_at>=:lapsed "
+    f"AND {_WAITER_LIVE}), "
+    f"(SELECT count(*) FROM flow_waiters WHERE app=:app AND scope=:scope AND {_WAITER_GONE})"
+)
+
+
+def _mind_waiters(c: sqlite3.Connection, args: dict[str, object], granted: bool,
+                  waits: bool, gone: int) -> None:
+    """After a slot request is decided: a granted holder leaves the waiters (if it was
+    one), a denied one joins them at the back or keeps its place (its ask noted), and
+    the rows that wait no more are removed."""
+    if not granted:
+        c.execute(
+            "INSERT INTO flow_waiters (app, scope, holder, worker_id, since, asked_at) "
+            "VALUES (:app, :scope, :holder, :worker, :now, :now) ON CONFLICT (app, scope, "
+            "holder) DO UPDATE SET worker_id=excluded.worker_id, asked_at=excluded.asked_at",
+            args,
+        )
+    if gone or (granted and waits):
+        leaving = f"holder=:holder OR ({_WAITER_GONE})" if granted else _WAITER_GONE
+        c.execute(f"DELETE FROM flow_waiters WHERE app=:app AND scope=:scope AND ({leaving})",
+                  args)
 
 
 def queue_spec(row: tuple[object, ...]) -> QueueSpec:
@@ -264,6 +303,7 @@ class SQLiteFlow(SQLiteCore):
         rate: Rate | None,
         now: float,
         stale_before: float,
+        lapsed_before: float | None = None,
     ) -> SlotGrant:
         def op(c: sqlite3.Connection) -> SlotGrant:
             c.execute(
@@ -289,21 +329,25 @@ class SQLiteFlow(SQLiteCore):
                 # Its begin left the window: it asks again as a new holder (counted).
                 c.execute("DELETE FROM flow_slots WHERE app=? AND scope=? AND holder=?",
                           (app, scope, holder))
-            held = c.execute("SELECT count(*) FROM flow_slots WHERE app=? AND scope=?",
-                             (app, scope)).fetchone()[0]
+            args = {"app": app, "scope": scope, "holder": holder, "worker": worker_id,
+                    "now": now, "stale": stale_before,
+                    "lapsed": waiters_live_since(stale_before, lapsed_before)}
+            held, place, ahead, gone = c.execute(_SLOT_STATE, args).fetchone()
             begins: list[float] = []
             if rate is not None:
                 begins = [r[0] for r in c.execute(
                     "SELECT at FROM flow_begins WHERE app=? AND scope=? ORDER BY at",
                     (app, scope),
                 )]
-            grant = plan_slot(held, begins, concurrency, rate)
+            grant = plan_slot(held, begins, concurrency, rate, ahead)
             if grant.granted:
                 c.execute("INSERT INTO flow_slots VALUES (?,?,?,?,?)",
                           (app, scope, holder, worker_id, now))
                 if rate is not None:
                     c.execute("INSERT INTO flow_begins VALUES (?,?,?,?)",
                               (app, scope, now, holder))
+            if place is not None or gone or not grant.granted:
+                _mind_waiters(c, args, grant.granted, place is not None, gone)
             return grant
 
         return await self._t.write(op)
@@ -311,6 +355,11 @@ class SQLiteFlow(SQLiteCore):
     async def release_slot(self, app: str, scope: str, holder: str) -> None:
         await self._t.write(lambda c: c.execute(
             "DELETE FROM flow_slots WHERE app=? AND scope=? AND holder=?", (app, scope, holder)
+        ), RUNS)
+
+    async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
+        await self._t.write(lambda c: c.execute(
+            "DELETE FROM flow_waiters WHERE app=? AND scope=? AND holder=?", (app, scope, holder)
         ), RUNS)
 
     async def slots_held(self, app: str, scope: str) -> int:

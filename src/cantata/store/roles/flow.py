@@ -94,8 +94,10 @@ class FlowStore(Protocol):
         rate: Rate | None,
         now: float,
         stale_before: float,
+        lapsed_before: float | None = None,
     ) -> SlotGrant:
-        """Take a slot of ``scope`` for ``holder`` if ``concurrency`` and ``rate`` allow.
+        """Take a slot of ``scope`` for ``holder`` if ``concurrency`` and ``rate`` allow,
+        first come, first served.
 
         Slots of other workers whose heartbeat is older than ``stale_before`` (or
         that are gone) are freed first. A holder that already has a slot keeps it
@@ -103,10 +105,27 @@ class FlowStore(Protocol):
         to ``now`` (its code begins again, or later than first recorded), or, if that
         begin has left the window, it asks as a new holder. A grant records a begin for
         the rate.
+
+        Waiters: a request that is denied registers ``holder`` as a waiter of ``scope``
+        (or keeps its place, noting that it asked at ``now``). A request is granted
+        only if the free slots (and the rate's free begins) outnumber the live waiters
+        that registered before it: a newcomer never takes a slot an older waiter is
+        owed, whichever asks first after a release, in whichever process. A waiter is
+        live if it asked at or after ``lapsed_before`` (``None``: ``stale_before``) and
+        its worker is live (or is ``worker_id``); one that has not asked since
+        ``stale_before``, or whose worker's lease lapsed, is removed. A grant removes
+        the holder's waiter row. Denied by the rate, ``retry_at`` is when the window
+        has room for this waiter's turn (the oldest waiter: the next begin it frees).
         """
 
     async def release_slot(self, app: str, scope: str, holder: str) -> None:
         """Free ``holder``'s slot of ``scope`` (nothing if it holds none)."""
+
+    async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
+        """``holder`` stops waiting for a slot of ``scope`` (its run was cancelled, its
+        handler's message lost): its waiter row is removed, so the waiters behind it
+        move up, and the waiting processes hear of it as of a release (nothing if it
+        does not wait)."""
 
     async def slots_held(self, app: str, scope: str) -> int:
         """How many slots of ``scope`` are held (by live or not-yet-expired workers)."""

@@ -223,6 +223,107 @@ class FlowContract(StoreFixtures):
         await store.release_slot(self.app, "step:y", "a")
         assert (await take("b", now + 3 + rate.window + 0.01))[0]
 
+    async def test_slot_waiters_are_served_first_come(self, store: Store, peer: Store) -> None:
+        now = await self.live(store, "w1", "w2")
+
+        async def take(s: Store, holder: str, worker: str, at: float = now,
+                       lapse: float = 5.0) -> bool:
+            grant = await s.acquire_slot(self.app, "step:one", holder, worker, concurrency=1,
+                                         rate=None, now=at, stale_before=at - 10,
+                                         lapsed_before=at - lapse)
+            return grant.granted
+
+        assert await take(store, "h", "w1")
+        assert not await take(store, "a", "w1", now + 1)  # A waits
+        await store.release_slot(self.app, "step:one", "h")
+        # Newcomer B asks first after the release, from another worker: A is owed it.
+        assert not await take(peer, "b", "w2", now + 2)
+        assert not await take(peer, "b", "w2", now + 2.5)  # (asking again changes nothing)
+        assert await take(store, "a", "w1", now + 3)
+        assert await store.slots_held(self.app, "step:one") == 1
+        await store.release_slot(self.app, "step:one", "a")
+        # B waits since now + 2: ahead of C, a newcomer on B's own worker.
+        assert not await take(peer, "c", "w2", now + 4)
+        assert await take(store, "b", "w2", now + 4.5)
+        await store.release_slot(self.app, "step:one", "b")
+        # C stops asking (since now + 4): once its waiter lapses, D is let through.
+        await self.live(store, "w1", "w2")
+        assert not await take(store, "d", "w1", now + 8)
+        assert await take(store, "d", "w1", now + 9.5, lapse=5.0)
+
+    async def test_a_lapsed_waiter_that_asks_again_keeps_its_place(self, store: Store) -> None:
+        now = await self.live(store, "w")
+
+        async def take(holder: str, at: float, lapse: float = 1.0) -> bool:
+            grant = await store.acquire_slot(self.app, "handler:g", holder, "w", concurrency=1,
+                                             rate=None, now=at, stale_before=at - 10,
+                                             lapsed_before=at - lapse)
+            return grant.granted
+
+        assert await take("h", now)
+        assert not await take("a", now + 1)
+        assert not await take("b", now + 3)  # A lapsed: it blocks no one, B is the head
+        assert not await take("a", now + 3.5)  # A asks again within the lease: first again
+        await store.release_slot(self.app, "handler:g", "h")
+        assert not await take("b", now + 4)
+        assert await take("a", now + 4)
+
+    async def test_a_withdrawn_waiter_blocks_no_one(self, store: Store, peer: Store) -> None:
+        now = await self.live(store, "w1", "w2")
+
+        async def take(s: Store, holder: str, worker: str) -> bool:
+            grant = await s.acquire_slot(self.app, "step:two", holder, worker, concurrency=2,
+                                         rate=None, now=now, stale_before=now - 10)
+            return grant.granted
+
+        assert await take(store, "h1", "w1") and await take(store, "h2", "w1")
+        assert not await take(store, "a", "w1")
+        await store.release_slot(self.app, "step:two", "h1")
+        assert not await take(peer, "b", "w2")
+        await store.withdraw_slot_request(self.app, "step:two", "a")  # A's run was cancelled
+        await store.withdraw_slot_request(self.app, "step:two", "nobody")  # (nothing)
+        assert await take(peer, "b", "w2")
+
+    async def test_waiters_of_a_dead_worker_block_no_one(self, store: Store) -> None:
+        now = await self.live(store, "w1", "w2")
+
+        async def take(holder: str, worker: str, at: float) -> bool:
+            grant = await store.acquire_slot(self.app, "step:three", holder, worker,
+                                             concurrency=1, rate=None, now=at,
+                                             stale_before=at - 10)
+            return grant.granted
+
+        assert await take("h", "w1", now)
+        assert not await take("a", "w2", now)
+        await store.release_slot(self.app, "step:three", "h")
+        assert not await take("b", "w1", now + 1)
+        # w2 stops heartbeating (A was its): after the lease, B is the head.
+        await store.heartbeat(self.app, "w1", now + 11, None)
+        assert await take("b", "w1", now + 11)
+
+    async def test_the_oldest_rate_waiter_gets_the_next_begin(self, store: Store) -> None:
+        now = await self.live(store, "w")
+        rate = Rate(1, per=10.0)
+
+        async def take(holder: str, at: float) -> tuple[bool, float | None]:
+            g = await store.acquire_slot(self.app, "step:r", holder, "w", concurrency=None,
+                                         rate=rate, now=at, stale_before=at - 100)
+            if g.granted:
+                await store.release_slot(self.app, "step:r", holder)
+            return g.granted, g.retry_at
+
+        assert (await take("h", now))[0]
+        ok, retry = await take("a", now + 1)
+        assert not ok and retry == pytest.approx(now + rate.window)
+        # B waits behind A: the window's next begin is A's, B's is the one after it.
+        assert await take("b", now + 2) == (False, None)
+        opened = now + rate.window + 0.01
+        assert not (await take("b", opened))[0]  # B asks first as the window opens
+        assert not (await take("c", opened))[0]
+        assert (await take("a", opened + 0.01))[0]
+        ok, retry = await take("b", opened + 0.02)
+        assert not ok and retry == pytest.approx(opened + 0.01 + rate.window)
+
     async def test_racing_slot_takers_never_exceed(self, store: Store, peer: Store) -> None:
         now = await self.live(store, *[f"w{i}" for i in range(10)])
         grants = await asyncio.gather(*[
