@@ -53,7 +53,7 @@ async def acquire(
         seen = flow.releases if flow is not None else 0
         grant = await store.acquire_slot(
             engine.app, scope, holder, engine.worker_id, concurrency=concurrency, rate=rate,
-            now=now, stale_before=now - engine.lease,
+            now=now, stale_before=now,
         )
         if grant.granted:
             return now

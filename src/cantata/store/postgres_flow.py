@@ -106,7 +106,7 @@ class PostgresFlow(PostgresCore):
                 if theirs == spec:
                     return
                 if by != worker_id and await c.fetchval(
-                    "SELECT 1 FROM workers WHERE app=$1 AND worker_id=$2 AND heartbeat_at>=$3",
+                    "SELECT 1 FROM workers WHERE app=$1 AND worker_id=$2 AND expires_at>=$3",
                     app, by, stale_before,
                 ):
                     raise _conflict(app, spec, theirs, by)
@@ -266,7 +266,7 @@ class PostgresFlow(PostgresCore):
             await c.execute(
                 "DELETE FROM flow_slots s WHERE s.app=$1 AND s.scope=$2 AND s.worker_id<>$4 "
                 "AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=s.app AND "
-                "w.worker_id=s.worker_id AND w.heartbeat_at>=$3)",
+                "w.worker_id=s.worker_id AND w.expires_at>=$3)",
                 app, scope, stale_before, worker_id,
             )
             if rate is not None:

@@ -98,7 +98,7 @@ class SQLiteFlow(SQLiteCore):
                 if theirs == spec:
                     return
                 alive = by != worker_id and c.execute(
-                    "SELECT 1 FROM workers WHERE app=? AND worker_id=? AND heartbeat_at>=?",
+                    "SELECT 1 FROM workers WHERE app=? AND worker_id=? AND expires_at>=?",
                     (app, by, stale_before),
                 ).fetchone()
                 if alive:
@@ -268,7 +268,7 @@ class SQLiteFlow(SQLiteCore):
         def op(c: sqlite3.Connection) -> SlotGrant:
             c.execute(
                 "DELETE FROM flow_slots WHERE app=? AND scope=? AND worker_id<>? AND worker_id "
-                "NOT IN (SELECT worker_id FROM workers WHERE app=? AND heartbeat_at>=?)",
+                "NOT IN (SELECT worker_id FROM workers WHERE app=? AND expires_at>=?)",
                 (app, scope, worker_id, app, stale_before),
             )
             if rate is not None:

@@ -36,8 +36,9 @@ class FlowStore(Protocol):
         """Record ``spec``; replaces a definition whose declarer is gone or is ``worker_id``.
 
         Raises:
-            QueueConflict: a live worker (heartbeat at or after ``stale_before``)
-                declared the queue with other limits; the message names each one.
+            QueueConflict: a live worker (its expiry, heartbeat + its own lease, at or
+                after ``stale_before``: the current time) declared the queue with other
+                limits; the message names each one.
         """
 
     async def queues(self, app: str) -> list[QueueSpec]:
@@ -97,9 +98,10 @@ class FlowStore(Protocol):
     ) -> SlotGrant:
         """Take a slot of ``scope`` for ``holder`` if ``concurrency`` and ``rate`` allow.
 
-        Slots of other workers whose heartbeat is older than ``stale_before`` (or
-        that are gone) are freed first. A holder that already has a slot keeps it
-        (granted again, nothing counted twice); with a rate, its latest begin is re-timed
+        Slots of other workers whose expiry (heartbeat + their own lease) is before
+        ``stale_before``, the current time (or that are gone), are freed first. A
+        holder that already has a slot keeps it (granted again, nothing counted
+        twice); with a rate, its latest begin is re-timed
         to ``now`` (its code begins again, or later than first recorded), or, if that
         begin has left the window, it asks as a new holder. A grant records a begin for
         the rate.

@@ -12,7 +12,7 @@ from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
-from cantata.testing.contract.support import StoreFixtures, new_run
+from cantata.testing.contract.support import LEASE, StoreFixtures, new_run
 
 
 class FlowContract(StoreFixtures):
@@ -52,8 +52,9 @@ class FlowContract(StoreFixtures):
         other = QueueSpec("q", concurrency=3, rate=Rate(5, per=1.0))
         with pytest.raises(QueueConflict, match=r"concurrency: 3 vs 2"):
             await store.declare_queue(self.app, other, worker_id="w2", stale_before=0)
-        # The declarer is gone (its heartbeat is stale): the new limits replace its own.
-        await store.declare_queue(self.app, other, worker_id="w2", stale_before=time.time() + 1)
+        # The declarer is gone (its lease ran out): the new limits replace its own.
+        await store.declare_queue(self.app, other, worker_id="w2",
+                                  stale_before=time.time() + LEASE + 1)
         assert await store.queues(self.app) == [other]
 
     async def test_queued_runs_wait_for_their_queue_not_claim_runs(self, store: Store) -> None:
@@ -177,7 +178,7 @@ class FlowContract(StoreFixtures):
         async def take(holder: str, worker: str, at: float = now) -> bool:
             grant = await store.acquire_slot(self.app, "step:pay", holder, worker,
                                              concurrency=2, rate=None, now=at,
-                                             stale_before=at - 10)
+                                             stale_before=at)
             return grant.granted
 
         assert await take("a", "w1") and await take("b", "w2")
@@ -187,7 +188,7 @@ class FlowContract(StoreFixtures):
         assert await take("c", "w1")
         assert await store.slots_held(self.app, "step:pay") == 2
         # w2 stops heartbeating: after the lease its slot is free again.
-        await store.heartbeat(self.app, "w1", now + 20, None)
+        await store.heartbeat(self.app, "w1", now + 20, None, lease=LEASE)
         assert await take("d", "w1", at=now + 20)
 
     async def test_slot_rate_is_a_sliding_window(self, store: Store) -> None:
@@ -196,7 +197,7 @@ class FlowContract(StoreFixtures):
 
         async def take(holder: str, at: float) -> tuple[bool, float | None]:
             g = await store.acquire_slot(self.app, "step:x", holder, "w", concurrency=None,
-                                         rate=rate, now=at, stale_before=now - 10)
+                                         rate=rate, now=at, stale_before=now)
             await store.release_slot(self.app, "step:x", holder)
             return g.granted, g.retry_at
 
@@ -213,7 +214,7 @@ class FlowContract(StoreFixtures):
 
         async def take(holder: str, at: float) -> tuple[bool, float | None]:
             g = await store.acquire_slot(self.app, "step:y", holder, "w", concurrency=None,
-                                         rate=rate, now=at, stale_before=now - 10)
+                                         rate=rate, now=at, stale_before=now)
             return g.granted, g.retry_at
 
         assert (await take("a", now))[0]
@@ -227,7 +228,7 @@ class FlowContract(StoreFixtures):
         now = await self.live(store, *[f"w{i}" for i in range(10)])
         grants = await asyncio.gather(*[
             s.acquire_slot(self.app, "handler:g", f"h{i}", f"w{i}", concurrency=3, rate=None,
-                           now=now, stale_before=now - 10)
+                           now=now, stale_before=now)
             for i, s in enumerate([store, peer] * 5)
         ])
         assert sum(g.granted for g in grants) == 3
