@@ -75,7 +75,9 @@ class App(RouterFacade):
         broker: ``embedded``, ``nats://…`` or a :class:`~cantata.broker.base.Broker`;
             defaults to ``$CANTATA_BROKER`` then ``embedded``.
         clock: where timers read time (``cantata.testing`` passes a skipping clock).
-        lease: seconds after which work of a silent worker is taken over.
+        lease: seconds after which this worker's work is taken over once it falls
+            silent; recorded with each heartbeat, so other workers judge it by this
+            lease whatever their own (docs/leases.md).
         poll_interval: seconds between looks for work committed by other processes.
         services: serve only these services' workflows, steps and handler groups.
         signing_keys: key id -> secret; events this app publishes or emits are signed

@@ -66,7 +66,7 @@ async def test_stopping_during_a_claim_loses_no_delivery() -> None:
     try:
         # The app's part before subscribing: the group declared, the worker's row alive.
         await real.declare("shop", [Declaration("handler", "billing", "order.placed")])
-        await real.heartbeat("shop", "w1", time.time(), None)
+        await real.heartbeat("shop", "w1", time.time(), None, lease=10.0)
         sub = await broker.subscribe("shop", "billing", ["order.placed"], handle, worker_id="w1")
         await asyncio.sleep(0.1)
         store.armed = True

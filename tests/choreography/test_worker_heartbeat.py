@@ -40,7 +40,7 @@ async def test_a_handler_draining_past_the_lease_keeps_its_delivery(sqlite_url: 
         assert not closing.done()
         now = time.time()
         stolen = await store.claim_deliveries(
-            "shop", "thief", ["work"], now=now, stale_before=now - LEASE, limit=10
+            "shop", "thief", ["work"], now=now, stale_before=now, limit=10
         )
         assert stolen == [], "a draining worker's delivery was taken over"
     finally:
@@ -56,9 +56,9 @@ async def test_the_worker_row_is_kept_by_one_heartbeat(sqlite_url: str) -> None:
         beats: list[str] = []
         real = app.store.heartbeat
 
-        async def counted(app_name: str, worker_id: str, *args: Any) -> Any:
+        async def counted(app_name: str, worker_id: str, *args: Any, **kw: Any) -> Any:
             beats.append(worker_id)
-            return await real(app_name, worker_id, *args)
+            return await real(app_name, worker_id, *args, **kw)
 
         app.store.heartbeat = counted  # type: ignore[method-assign]
         await asyncio.sleep(3.0)

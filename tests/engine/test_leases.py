@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from pathlib import Path
 
 import pytest
 
 import cantata
 from cantata import App, ConfigurationError
 from cantata.quietlog import QuietLog
+from tests.flow.helpers import max_overlap
+from tests.helpers import with_schema
 
 from .helpers import eventually, make_app
 
@@ -63,7 +67,8 @@ async def test_an_execution_whose_run_was_taken_over_stops(store_url: str) -> No
     async with app:
         h = await app.start("one")
         await eventually(lambda: calls == [1])
-        await app.engine.store.heartbeat(app.name, "other", app.clock.now() + 3600, None)
+        await app.engine.store.heartbeat(app.name, "other", app.clock.now() + 3600, None,
+                                         lease=app.lease)
         await app.store.claim_runs(app.name, "other", ["one"],
                                    stale_before=app.clock.now() + 60, limit=1)
         # The worker notices (its periodic check with the store) and stops its execution.
@@ -195,3 +200,65 @@ async def test_a_claim_loads_its_runs_histories_in_one_read(
     assert results == ["0:done", "10:done", "20:done"]
     assert firsts2 == []  # replayed from the loaded history, not run again
     assert reads == [("many", 3)]
+
+
+# -- workers with different leases (a rolling change of App(lease=...)) ----------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One store two apps share: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/cantata.db"
+    postgres: str = request.getfixturevalue("postgres_url")
+    schema: str = request.getfixturevalue("fresh_schema")
+    return with_schema(postgres, schema)
+
+
+def limited_app(url: str, lease: float, bodies: list[tuple[str, int, float, float]]) -> App:
+    """An app (the embedded broker) whose one step allows one body at a time in the
+    cluster and sleeps 3 s; each body appends (its app's lease, run, begin, end)."""
+    app = make_app(url, "mixed", lease=lease, broker="embedded")
+    who = f"lease={lease:g}"
+
+    @app.step(concurrency=1)
+    async def pay(i: int) -> int:
+        begin = time.time()
+        await asyncio.sleep(3.0)
+        bodies.append((who, i, begin, time.time()))
+        return i
+
+    @app.workflow
+    async def order(ctx: cantata.WorkflowContext, i: int) -> int:
+        return int(await ctx.run(pay, i))
+
+    return app
+
+
+async def test_a_short_lease_worker_leaves_a_long_lease_worker_its_slot_and_run(
+    shared_url: str,
+) -> None:
+    """Each worker is judged by its own lease: a worker with lease 1 s must not take the
+    slot (nor the run) of a live worker with lease 30 s, which heartbeats only every
+    7.5 s. Judged by the short lease, the long one looked dead after 1 s: the short one
+    ran the step a second time beside it, and a second body of a concurrency=1 step."""
+    bodies: list[tuple[str, int, float, float]] = []
+    long_app = limited_app(shared_url, 30.0, bodies)
+    short_app = limited_app(shared_url, 1.0, bodies)
+    async with long_app:
+        first = await long_app.start("order", 1)
+        await eventually(lambda: _in_step(long_app, first.run_id), timeout=10)
+        async with short_app:
+            second = await short_app.start("order", 2)
+            assert await first.result(timeout=30) == 1
+            assert await short_app.get_handle(second.run_id).result(timeout=30) == 2
+    assert min(bodies, key=lambda b: b[2])[:2] == ("lease=30", 1), bodies
+    assert sorted(i for _, i, _, _ in bodies) == [1, 2], bodies  # each step ran once
+    assert max_overlap([(begin, end) for _, _, begin, end in bodies]) == 1, bodies
+
+
+async def _in_step(app: App, run_id: str) -> bool:
+    """True once ``app``'s worker owns ``run_id`` and holds the step's one slot."""
+    run = await app.store.get_run(app.name, run_id)
+    held = await app.store.slots_held(app.name, "step:pay")
+    return run is not None and run.owner == app.engine.worker_id and held == 1

@@ -494,12 +494,12 @@ CLAIMER = textwrap.dedent(
     async def main(url, app, worker, start_at):
         store = PostgresStore(url)
         await store.open()
-        await store.heartbeat(app, worker, time.time(), None)
+        await store.heartbeat(app, worker, time.time(), None, lease=60.0)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         got = []
         while True:
             runs = await store.claim_runs(
-                app, worker, ["wf"], stale_before=time.time() - 60, limit=3
+                app, worker, ["wf"], stale_before=time.time(), limit=3
             )
             if not runs:
                 break

@@ -58,7 +58,7 @@ async def test_settlements_store_outcomes_events_holds_and_audit(store: Postgres
     assert await store.append_events(app, [first]) == [1]
     now = time.time()
     [claimed] = await store.claim_deliveries(
-        app, "w1", ["g1"], now=now, stale_before=now - 30, limit=10
+        app, "w1", ["g1"], now=now, stale_before=now, limit=10
     )
     assert (claimed.group, claimed.attempts, claimed.fence) == ("g1", 1, 1)
     sent = statements(store)
@@ -148,10 +148,10 @@ async def test_claims_of_many_workers_in_one_round_trip(store: PostgresStore) ->
     await store.append_events(app, events)
     now = time.time()
     for i in range(4):  # live: a claim in the same transaction does not take another's
-        await store.heartbeat(app, f"w{i}", now, None)
+        await store.heartbeat(app, f"w{i}", now, None, lease=30.0)
     sent = statements(store)
     got = await asyncio.gather(*(
-        store.claim_deliveries(app, f"w{i}", ["g2"], now=now, stale_before=now - 30, limit=2)
+        store.claim_deliveries(app, f"w{i}", ["g2"], now=now, stale_before=now, limit=2)
         for i in range(4)
     ))
     if store._w._one is not None:
@@ -168,13 +168,13 @@ async def test_settlements_and_claims_of_one_batch_go_together(store: PostgresSt
     await store.append_events(app, [first, waiting])
     now = time.time()
     for worker in ("w1", "w2"):
-        await store.heartbeat(app, worker, now, None)
-    await store.claim_deliveries(app, "w1", ["g1"], now=now, stale_before=now - 30, limit=1)
+        await store.heartbeat(app, worker, now, None, lease=30.0)
+    await store.claim_deliveries(app, "w1", ["g1"], now=now, stale_before=now, limit=1)
     sent = statements(store)
     emitted = Event("pay.done", {"i": 1})
     settled, claimed = await asyncio.gather(
         store.settle_delivery(app, "g1", first.id, Settlement("done", 1, events=[emitted])),
-        store.claim_deliveries(app, "w2", ["g2"], now=now, stale_before=now - 30, limit=5),
+        store.claim_deliveries(app, "w2", ["g2"], now=now, stale_before=now, limit=5),
     )
     assert settled
     if store._w._one is not None:
@@ -183,6 +183,39 @@ async def test_settlements_and_claims_of_one_batch_go_together(store: PostgresSt
     assert sorted(d.event.id for d in claimed) == sorted([waiting.id, emitted.id])
     assert [d.event for d in claimed if d.event.id == emitted.id] == [emitted]
     assert all((d.group, d.attempts, d.fence) == ("g2", 1, 1) for d in claimed)
+
+
+async def test_claims_with_settlements_judge_each_holder_by_its_own_lease(
+    store: PostgresStore,
+) -> None:
+    """A claim batched with a settlement (cantata_settle's claims, migration 0030) takes
+    a delivery only once its holder's own expiry (heartbeat + its lease) has passed:
+    a holder with lease 30 that heartbeat at t0 keeps it at t0 + 5 against a claimer
+    whose own lease is 2 s, and loses it at t0 + 31."""
+    app = f"app-{new_id()[-8:]}"
+    await store.declare(app, declarations())
+    held, first, second = Event("pay.done", {"i": 0}), Event("order.a", 1), Event("order.b", 2)
+    await store.append_events(app, [held, first, second])
+    t0 = time.time()
+    await store.heartbeat(app, "long", t0, None, lease=30.0)
+    await store.heartbeat(app, "short", t0, None, lease=2.0)
+    [d] = await store.claim_deliveries(app, "long", ["g2"], now=t0, stale_before=t0, limit=1)
+    assert d.event.id == held.id
+    await store.claim_deliveries(app, "w1", ["g1"], now=t0, stale_before=0, limit=2)
+
+    async def batched(event: Event[Any], at: float) -> list[str]:
+        sent = statements(store)
+        settled, claimed = await asyncio.gather(
+            store.settle_delivery(app, "g1", event.id, Settlement("done", 1)),
+            store.claim_deliveries(app, "short", ["g2"], now=at, stale_before=at, limit=5),
+        )
+        assert settled
+        if store._w._one is not None:
+            assert sent == ["SELECT * FROM cantata_settle($1,"]
+        return [c.event.id for c in claimed]
+
+    assert await batched(first, t0 + 5) == []
+    assert await batched(second, t0 + 31) == [held.id]
 
 
 async def test_appends_go_with_settlements_and_count_their_groups(store: PostgresStore) -> None:
@@ -237,7 +270,7 @@ async def test_an_append_holds_the_deliveries_it_created_in_one_round_trip(
     before, nor one of a group the event does not go to (both paths)."""
     app = f"app-{new_id()[-8:]}"
     await store.declare(app, declarations())
-    await store.heartbeat(app, "w1", time.time(), None)
+    await store.heartbeat(app, "w1", time.time(), None, lease=30.0)
     before, placed, paid = Event("order.a", 1), Event("order.b", 2), Event("pay.done", 3)
     assert await store.append_events(app, [before]) == [1]
     sent = statements(store)

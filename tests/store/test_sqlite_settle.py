@@ -72,7 +72,7 @@ async def test_settlements_store_outcomes_events_holds_and_audit(store: SQLiteSt
     assert await store.append_events(app, [first]) == [1]
     now = time.time()
     [claimed] = await store.claim_deliveries(
-        app, "w1", ["g1"], now=now, stale_before=now - 30, limit=10
+        app, "w1", ["g1"], now=now, stale_before=now, limit=10
     )
     assert (claimed.group, claimed.attempts, claimed.fence) == ("g1", 1, 1)
     paid, other, deeper = Event("pay.done", {"x": "é"}), Event("x.q.y", None), Event(
@@ -196,7 +196,7 @@ async def test_an_append_holds_the_deliveries_it_created(store: SQLiteStore) -> 
     await store.declare(app, declarations())
     before, placed, paid = Event("order.a", 1), Event("order.b", 2), Event("pay.done", 3)
     for worker in ("w1", "w2"):
-        await store.heartbeat(app, worker, time.time(), None)
+        await store.heartbeat(app, worker, time.time(), None, lease=30.0)
     assert await store.append_events(app, [before]) == [1]
     hold = [("g1", before.id), ("g1", placed.id), ("g4", placed.id), ("g2", placed.id)]
     (counts, held), (counts2, held2) = await asyncio.gather(
@@ -213,7 +213,7 @@ async def test_an_append_holds_the_deliveries_it_created(store: SQLiteStore) -> 
     }
     now = time.time()
     claimed = await store.claim_deliveries(app, "w3", ["g1", "g2", "g4"], now=now,
-                                           stale_before=now - 30, limit=10)
+                                           stale_before=now, limit=10)
     assert sorted((d.group, d.event.id) for d in claimed) == sorted(
         [("g1", before.id), ("g4", paid.id)]
     )  # held ones are their (live) holders'
@@ -227,7 +227,7 @@ async def test_a_hop_runs_fewer_statements(store: SQLiteStore) -> None:
     firsts = [Event("order.created", {"n": i}) for i in range(3)]
     await store.append_events(app, firsts)
     now = time.time()
-    await store.claim_deliveries(app, "w1", ["g1"], now=now, stale_before=now - 30, limit=10)
+    await store.claim_deliveries(app, "w1", ["g1"], now=now, stale_before=now, limit=10)
     seen = statements(store)
     paid = [Event("pay.done", {"n": i}) for i in range(3)]
     settlements = [Settlement("done", 1, events=[p], hold_for="w1", hold=[("g2", p.id)])

@@ -106,10 +106,12 @@ class Broker(Protocol):
         self, *, lease: float, poll_interval: float,
         may_take_over: Callable[[], bool] | None = None, clock: Clock | None = None,
     ) -> None:
-        """Take the app's lease (and poll interval) for deliveries, unless the broker
-        was given its own: a dead worker's deliveries are taken over after the same
-        time as its runs, and only when ``may_take_over()`` says this worker's own
-        hold is sound (see docs/leases.md). ``clock``: the app's, for the due times of
+        """Take the app's lease (and poll interval) for what the broker times itself
+        (NATS: its ``ack_wait``), unless the broker was given its own. A dead worker's
+        deliveries held in the store are taken over after the same time as its runs
+        (its expiry: its last heartbeat + the lease it heartbeats with), and only
+        when ``may_take_over()`` says this worker's own hold is sound (see
+        docs/leases.md). ``clock``: the app's, for the due times of
         handler retries the broker keeps itself (a broker whose server keeps them
         ignores it)."""
 

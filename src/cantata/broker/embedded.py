@@ -134,9 +134,8 @@ class _EmbeddedSubscription:
             if free > 0:
                 now = self.broker.now()
                 careful = self.broker.may_take_over
-                stale_before = (
-                    now - self.broker.lease if careful is None or careful() else float("-inf")
-                )
+                # holders past their own expiry are gone (each judged by its own lease)
+                stale_before = now if careful is None or careful() else float("-inf")
                 try:
                     claimed = await store.claim_deliveries(
                         self.app, self.worker_id, [self.group], now=now,
@@ -258,10 +257,13 @@ class EmbeddedBroker:
     Args:
         poll_interval: seconds between looks at the store for work committed by other
             processes (work committed by this process wakes consumers at once).
-        lease: seconds after which a delivery owned by a silent worker is taken over.
+        lease: accepted for compatibility, and unused: a delivery held by a silent
+            worker is taken over once that worker's own lease (``App(lease=...)``,
+            recorded with each of its heartbeats) has passed since its last heartbeat,
+            whatever the lease of the worker that takes it (docs/leases.md).
 
-    Either left out takes the app's value (see :meth:`adopt_timing`), or else 0.2 s
-    and 10 s. Handler retries are due on the app's clock too.
+    Left out, the poll interval is the app's (see :meth:`adopt_timing`), or else
+    0.2 s. Handler retries are due on the app's clock too.
     """
 
     relays_outbox = False
@@ -269,9 +271,9 @@ class EmbeddedBroker:
     def __init__(self, url: str = "embedded", *, poll_interval: float | None = None,
                  lease: float | None = None) -> None:
         self.url = url
-        self._given = (poll_interval is not None, lease is not None)
+        del lease  # see the class docstring
+        self._poll_given = poll_interval is not None
         self.poll_interval = 0.2 if poll_interval is None else poll_interval
-        self.lease = 10.0 if lease is None else lease
         self.may_take_over: Callable[[], bool] | None = None
         self.clock: Clock = _WallClock()
         self._store: BrokerStore | None = None
@@ -285,21 +287,20 @@ class EmbeddedBroker:
         self, *, lease: float, poll_interval: float,
         may_take_over: Callable[[], bool] | None = None, clock: Clock | None = None,
     ) -> None:
-        """Use the app's lease and poll interval, unless this broker was given its own.
+        """Use the app's poll interval, unless this broker was given its own.
 
-        A worker's runs and deliveries are kept by one heartbeat row, so a silent
-        worker's deliveries must be taken over after the same lease as its runs, and
-        under the same rule: ``may_take_over()`` false (this worker's own hold lapsed
-        in a store outage or a pause, see docs/leases.md) claims only deliveries that
-        nobody holds.
+        A worker's runs and deliveries are kept by one heartbeat row, which records the
+        worker's own lease (``lease``, not needed here): a silent worker's deliveries
+        are taken over when its runs are, once that lease has passed since its last
+        heartbeat, and under the same rule: ``may_take_over()`` false (this worker's
+        own hold lapsed in a store outage or a pause, see docs/leases.md) claims only
+        deliveries that nobody holds.
         """
+        del lease  # each holder is judged by the lease it heartbeats with
         self.may_take_over = may_take_over
         if clock is not None:
             self.clock = clock
-        given_poll, given_lease = self._given
-        if not given_lease:
-            self.lease = lease
-        if not given_poll:
+        if not self._poll_given:
             self.poll_interval = poll_interval
 
     def now(self) -> float:
@@ -449,7 +450,7 @@ class EmbeddedBroker:
         The group must be declared in the store (the store addresses each new event
         to the groups declared then) and ``worker_id`` kept alive by its heartbeat:
         the app does both (docs/architecture.md); a delivery this worker claims is
-        taken over once its heartbeat is older than the lease.
+        taken over once its heartbeat is older than its own lease.
         """
         for p in patterns:
             check_pattern(p)

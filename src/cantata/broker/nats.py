@@ -550,12 +550,13 @@ class NatsBroker:
         task.add_done_callback(self._recovering.discard)
 
     def stale_before(self) -> float:
-        """Holders whose heartbeat is older than this are presumed dead; none is while
-        this worker's own hold may have lapsed (docs/leases.md)."""
+        """Holders whose expiry (heartbeat + their own lease) is before this, the current
+        time, are presumed dead; none is while this worker's own hold may have lapsed
+        (docs/leases.md)."""
         careful = self.may_take_over
         if careful is not None and not careful():
             return float("-inf")
-        return time.time() - self.lease
+        return time.time()
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:

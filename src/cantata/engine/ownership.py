@@ -2,7 +2,8 @@
 
 The rules, with the reasons (docs/leases.md):
 
-- A worker holds its runs while its heartbeat is younger than the lease; each claim
+- A worker holds its runs while its heartbeat is younger than its own lease (recorded
+  with the heartbeat: workers with other leases judge it by this one); each claim
   of a run increments the run's fence, and every checkpoint is written only if its
   fence still holds (a worker that lost a run cannot commit anything for it).
 - A worker that could not heartbeat for ``FENCE_AT`` of the lease (cut off from the
@@ -159,7 +160,7 @@ class Ownership:
         engine = self.engine
         sent = time.monotonic()
         await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(),
-                                     versioning.worker_info(engine))
+                                     versioning.worker_info(engine), lease=engine.lease)
         if self.lapsed or sent - self.beat_at > engine.lease:
             self.lapsed = False
             self._healthy.set()
@@ -239,10 +240,9 @@ class Ownership:
         while True:
             claimed = []
             if workflows and not self.expired():
-                # While this worker's own hold is in doubt, only runs nobody owns.
-                stale_before = (
-                    engine.clock.now() - engine.lease if self.may_take_over() else 0.0
-                )
+                # Owners past their own expiry are gone (each is judged by its own
+                # lease); while this worker's own hold is in doubt, only runs nobody owns.
+                stale_before = engine.clock.now() if self.may_take_over() else 0.0
                 try:
                     claimed = await versioning.claim(
                         engine, workflows, stale_before=stale_before, limit=100

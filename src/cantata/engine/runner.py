@@ -514,7 +514,7 @@ class RunExecution:
             return
         now = self.engine.clock.now()
         await self.engine.store.withdraw_tasks(
-            self.run.app, self.run.run_id, stale_before=now - self.engine.lease,
+            self.run.app, self.run.run_id, stale_before=now,
             actor=self.engine.worker_id,
             error=f"{TASK_WITHDRAWN}: run {self.run.run_id} {what} before a worker took "
                   "this step; it never ran",

@@ -308,7 +308,7 @@ async def await_task(
         who = (f"a worker of service {service!r}" if service
                else f"a service declaring step {entry.name!r}")
         gone = await engine.store.withdraw_tasks(
-            run.app, run.run_id, stale_before=now - engine.lease, actor=engine.worker_id,
+            run.app, run.run_id, stale_before=now, actor=engine.worker_id,
             task_ids=[task_id],
             error=f"{TASK_WITHDRAWN}: run {run.run_id} {why} before {who} took this step; "
                   "it never ran",

@@ -85,7 +85,7 @@ class TaskServer:
                 try:
                     claimed = await engine.store.claim_tasks(
                         engine.app, engine.worker_id, self.services, now=now,
-                        stale_before=now - engine.lease, limit=free, steps=self._steps(),
+                        stale_before=now, limit=free, steps=self._steps(),
                     )
                 except Exception as exc:
                     engine.quiet.warning("tasks", "claiming step tasks failed (%s); retrying",

@@ -189,8 +189,8 @@ async def current_version(store: Store, app: str) -> str | None:
 async def claim(
     engine: Engine, workflows: Sequence[str], *, stale_before: float, limit: int
 ) -> list[RunRecord]:
-    """Claim the runs this worker may execute (see the module docstring); owners silent
-    since before ``stale_before`` count as gone."""
+    """Claim the runs this worker may execute (see the module docstring); owners whose
+    expiry (heartbeat + their own lease) is before ``stale_before`` count as gone."""
     store, app, me = engine.store, engine.app, engine.worker_id
     stale = stale_before
     now = engine.clock.now()  # parked runs due by now are claimable (engine/parking.py)

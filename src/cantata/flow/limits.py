@@ -74,7 +74,8 @@ async def acquire(
         seen = flow.releases if flow is not None else 0
         grant = await store.acquire_slot(
             engine.app, scope, holder, engine.worker_id, concurrency=concurrency, rate=rate,
-            now=now, stale_before=now - engine.lease, lapsed_before=now - waiter_lapse(engine),
+            now=now, stale_before=now, lapsed_before=now - waiter_lapse(engine),
+            forget_before=now - engine.lease,
         )
         if grant.granted:
             return now

@@ -26,7 +26,7 @@ async def declare_queues(engine: Engine, router: Router) -> None:
     now = engine.clock.now()
     for spec in router.queues.values():
         await engine.store.declare_queue(
-            engine.app, spec, worker_id=engine.worker_id, stale_before=now - engine.lease
+            engine.app, spec, worker_id=engine.worker_id, stale_before=now
         )
 
 

@@ -223,11 +223,18 @@ def plan_admissions(
     return admit, retry_at
 
 
-def waiters_live_since(stale_before: float, lapsed_before: float | None) -> float:
+def waiters_live_since(forget_before: float | None, lapsed_before: float | None) -> float:
     """The time since which a slot's waiter must have asked to keep its place ahead of
-    newcomers: ``lapsed_before`` (``None``: the lease's ``stale_before``), never before
-    ``stale_before``, when a row that has not asked is removed."""
-    return stale_before if lapsed_before is None else max(stale_before, lapsed_before)
+    newcomers: ``lapsed_before`` (``None``: ``forget_before``), never before
+    ``forget_before``, when a row that has not asked is removed (``None``: no such
+    time, a waiter of a live worker keeps its place)."""
+    forget = -math.inf if forget_before is None else forget_before
+    return forget if lapsed_before is None else max(forget, lapsed_before)
+
+
+def waiters_forgotten_before(forget_before: float | None) -> float:
+    """The ``asked_at`` below which a waiter's row is removed (``-inf``: none)."""
+    return -math.inf if forget_before is None else forget_before
 
 
 def plan_slot(

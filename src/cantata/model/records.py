@@ -333,12 +333,23 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
-    """A worker process and its last heartbeat."""
+    """A worker process, its last heartbeat and its own lease.
+
+    It is live while :attr:`expires_at` (its last heartbeat + its lease) is at or after
+    the current time: each worker is judged by the lease it heartbeats with, never by
+    the lease of the worker looking at it (docs/leases.md).
+    """
 
     worker_id: str
     heartbeat_at: float
     started_at: float
     info: str | None = None
+    lease: float = field(kw_only=True)
+
+    @property
+    def expires_at(self) -> float:
+        """When the worker may be taken for dead if it does not heartbeat again."""
+        return self.heartbeat_at + self.lease
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,22 +165,19 @@ def _stalls_with_runs(
     return out
 
 
-# A worker silent this long is gone (leases are seconds): its version serves no run.
-LIVE_WORKER = 60.0
-
-
 async def _version_hints(
     store: Store, app: str, stuck: list[tuple[Stall, str | None]], now: float
 ) -> list[Stall]:
     """The stalls, a run's with a hint when live workers run but none of them may take
     it (its version is newer than all of theirs): nothing is said without live
-    workers (no worker serves it, which ``pending_step`` says already)."""
+    workers (no worker serves it, which ``pending_step`` says already). A worker is
+    live while its expiry (last heartbeat + its own lease) is at or after ``now``."""
     runs = [r for s, r in stuck if r is not None and s.reason in (PENDING_STEP, WAITING_EVENT)]
     if not runs:
         return [s for s, _ in stuck]
     live = []
     for w in await store.workers(app):
-        if w.heartbeat_at >= now - LIVE_WORKER and w.info:
+        if w.expires_at >= now and w.info:
             info = codec.loads(w.info)
             if isinstance(info, dict):
                 live.append((info.get("version"), bool(info.get("any_version"))))

@@ -12,6 +12,7 @@ from abc import abstractmethod
 from collections.abc import Iterable
 from typing import TypeVar
 
+from cantata.model.checks import check_seconds
 from cantata.model.records import TASK_WITHDRAWN, AuditRecord, AuditReport
 from cantata.store import audit
 from cantata.store.roles import TASK_OUTCOMES, ChangeListener
@@ -46,6 +47,19 @@ def check_task_outcome(outcome: str) -> None:
     """
     if outcome not in TASK_OUTCOMES:
         raise ValueError(f"task outcome {outcome!r} is none of {', '.join(TASK_OUTCOMES)}")
+
+
+def worker_lease(lease: object) -> float:
+    """A heartbeat's ``lease`` (:meth:`~cantata.store.roles.WorkerStore.heartbeat`)
+    as seconds: its worker's expiry is its heartbeat plus this.
+
+    Raises:
+        ConfigurationError: not a number of seconds > 0 (NaN or infinity would make
+            the worker live, or dead, for good).
+    """
+    seconds = check_seconds("the lease of a worker's heartbeat", lease, none=False)
+    assert seconds is not None  # none=False
+    return seconds
 
 
 class StoreBase:

@@ -46,7 +46,7 @@ from cantata.store.base import (
     RUNS,
     TASKS,
 )
-from cantata.store.common import check_task_outcome
+from cantata.store.common import check_task_outcome, worker_lease
 from cantata.store.postgres_console import PostgresConsole
 from cantata.store.postgres_events import PostgresEvents
 from cantata.store.postgres_flow import PostgresFlow
@@ -106,11 +106,14 @@ class PostgresStore(
         )
         return [Declaration(*r) for r in rows]
 
-    async def heartbeat(self, app: str, worker_id: str, now: float, info: str | None) -> None:
+    async def heartbeat(
+        self, app: str, worker_id: str, now: float, info: str | None, *, lease: float
+    ) -> None:
         await self._db.execute(
-            "INSERT INTO workers VALUES ($1,$2,$3,$3,$4) ON CONFLICT (app, worker_id) DO "
-            "UPDATE SET heartbeat_at=excluded.heartbeat_at, info=excluded.info",
-            app, worker_id, now, info,
+            "INSERT INTO workers (app, worker_id, started_at, heartbeat_at, info, lease) "
+            "VALUES ($1,$2,$3,$3,$4,$5) ON CONFLICT (app, worker_id) DO UPDATE SET "
+            "heartbeat_at=excluded.heartbeat_at, info=excluded.info, lease=excluded.lease",
+            app, worker_id, now, info, worker_lease(lease),
         )
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
@@ -127,11 +130,11 @@ class PostgresStore(
 
     async def workers(self, app: str) -> list[WorkerInfo]:
         rows = await self._db.fetch(
-            "SELECT worker_id, heartbeat_at, started_at, info FROM workers WHERE app=$1 "
-            "ORDER BY started_at",
+            "SELECT worker_id, heartbeat_at, started_at, info, lease FROM workers "
+            "WHERE app=$1 ORDER BY started_at",
             app,
         )
-        return [WorkerInfo(*r) for r in rows]
+        return [WorkerInfo(*r[:4], lease=r[4]) for r in rows]
 
     async def identity(self) -> str:
         row = await self._db.fetchrow("SELECT id FROM store_identity")

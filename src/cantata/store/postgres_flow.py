@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    waiters_forgotten_before,
     waiters_live_since,
 )
 from cantata.model.parking import FOREVER
@@ -49,32 +50,32 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 
 
 # The waiters of a slot scope (flow_waiters, first come first served), with $1 app,
-# $2 scope, $3 holder, $4 the asking worker, $5 ``stale``: whose worker is live (or
-# asking), and the rows that wait no more (their worker's lease lapsed, or they have not
-# asked since ``stale``), which the next request removes.
+# $2 scope, $3 holder, $4 the asking worker, $5 ``stale`` (now), $6 ``forget``: whose
+# worker is live (or asking), and the rows that wait no more (their worker's lease
+# lapsed, or they have not asked since ``forget``), which the next request removes.
 _WAITER_LIVE = ("(w.worker_id=$4 OR EXISTS (SELECT 1 FROM workers k WHERE k.app=w.app AND "
-                "k.worker_id=w.worker_id AND k.heartbeat_at>=$5))")
-_WAITER_GONE = f"w.holder<>$3 AND (w.asked_at<$5 OR NOT {_WAITER_LIVE})"
+                "k.worker_id=w.worker_id AND k.expires_at>=$5))")
+_WAITER_GONE = f"w.holder<>$3 AND (w.asked_at<$6 OR NOT {_WAITER_LIVE})"
 _MY_PLACE = "(SELECT seq FROM flow_waiters WHERE app=$1 AND scope=$2 AND holder=$3)"
 # What a slot request is decided on, in one statement (one count on the uncontended
 # path, as before waiters): slots held; this holder's place, if it waits already; the
-# live waiters ahead of it (that asked since $6); the rows to remove.
+# live waiters ahead of it (that asked since $7); the rows to remove.
 _SLOT_STATE = (
     "SELECT (SELECT count(*) FROM flow_slots WHERE app=$1 AND scope=$2), "
     f"{_MY_PLACE}, "
     "(SELECT count(*) FROM flow_waiters w WHERE w.app=$1 AND w.scope=$2 AND w.holder<>$3 "
-    f"AND w.seq < coalesce({_MY_PLACE}, 9223372036854775807) AND w.asked_at>=$6 "
+    f"AND w.seq < coalesce({_MY_PLACE}, 9223372036854775807) AND w.asked_at>=$7 "
     f"AND {_WAITER_LIVE}), "
     f"(SELECT count(*) FROM flow_waiters w WHERE w.app=$1 AND w.scope=$2 AND {_WAITER_GONE})"
 )
 
 
-async def _mind_waiters(c: Conn, key: tuple[str, str, str, str, float], now: float,
+async def _mind_waiters(c: Conn, key: tuple[str, str, str, str, float, float], now: float,
                         granted: bool, waits: bool, gone: int) -> None:
     """After a slot request is decided: a granted holder leaves the waiters (if it was
     one), a denied one joins them at the back or keeps its place (its ask noted), and
     the rows that wait no more are removed (``key``: app, scope, holder, worker,
-    stale)."""
+    stale, forget)."""
     if not granted:
         await c.execute(
             "INSERT INTO flow_waiters (app, scope, holder, worker_id, since, asked_at) "
@@ -148,7 +149,7 @@ class PostgresFlow(PostgresCore):
                 if theirs == spec:
                     return
                 if by != worker_id and await c.fetchval(
-                    "SELECT 1 FROM workers WHERE app=$1 AND worker_id=$2 AND heartbeat_at>=$3",
+                    "SELECT 1 FROM workers WHERE app=$1 AND worker_id=$2 AND expires_at>=$3",
                     app, by, stale_before,
                 ):
                     raise _conflict(app, spec, theirs, by)
@@ -303,13 +304,14 @@ class PostgresFlow(PostgresCore):
         now: float,
         stale_before: float,
         lapsed_before: float | None = None,
+        forget_before: float | None = None,
     ) -> SlotGrant:
         async with self._db.tx() as c:
             await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"slot:{app}:{scope}")
             await c.execute(
                 "DELETE FROM flow_slots s WHERE s.app=$1 AND s.scope=$2 AND s.worker_id<>$4 "
                 "AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=s.app AND "
-                "w.worker_id=s.worker_id AND w.heartbeat_at>=$3)",
+                "w.worker_id=s.worker_id AND w.expires_at>=$3)",
                 app, scope, stale_before, worker_id,
             )
             if rate is not None:
@@ -328,9 +330,10 @@ class PostgresFlow(PostgresCore):
                 # Its begin left the window: it asks again as a new holder (counted).
                 await c.execute("DELETE FROM flow_slots WHERE app=$1 AND scope=$2 AND "
                                 "holder=$3", app, scope, holder)
-            key = (app, scope, holder, worker_id, stale_before)
+            key = (app, scope, holder, worker_id, stale_before,
+                   waiters_forgotten_before(forget_before))
             state = await c.fetchrow(_SLOT_STATE, *key,
-                                     waiters_live_since(stale_before, lapsed_before))
+                                     waiters_live_since(forget_before, lapsed_before))
             assert state is not None
             held, place, ahead, gone = state
             begins: list[float] = []

@@ -44,7 +44,7 @@ class PostgresHolds(PostgresCore):
             return {}
         rows = await self._db.fetch(
             "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
-            f"w.heartbeat_at >= $4 THEN d.owner END, e.id IS NOT NULL, {E_EVENT_COLS} "
+            f"w.expires_at >= $4 THEN d.owner END, e.id IS NOT NULL, {E_EVENT_COLS} "
             "FROM deliveries d LEFT JOIN workers w ON w.app=d.app AND w.worker_id=d.owner "
             "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id "
             "WHERE d.app=$1 AND d.grp=$2 AND d.event_id = ANY($3::text[])",

@@ -50,7 +50,7 @@ async def foreign_runs(
         "AND r.workflow = ANY($2::text[]) AND r.version IS NOT NULL "
         "AND NOT (r.version = ANY($3::text[])) "
         "AND (r.owner IS NULL OR (r.owner<>$4 AND NOT EXISTS (SELECT 1 FROM workers w "
-        " WHERE w.app=r.app AND w.worker_id=r.owner AND w.heartbeat_at >= $5))) "
+        " WHERE w.app=r.app AND w.worker_id=r.owner AND w.expires_at >= $5))) "
         f"UNION ALL SELECT {_R_RUN_COLS} FROM runs r WHERE $7::float8 IS NOT NULL "
         "AND r.app=$1 AND r.wake_at IS NOT NULL AND r.wake_at <= $7::float8 "
         f"AND r.status IN {LIVE_SQL} AND r.owner IS NULL "

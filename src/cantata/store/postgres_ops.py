@@ -289,7 +289,7 @@ async def claim_tasks(
         f"  AND t.service = ANY($2::text[]) AND t.next_at <= $3"
         f"  AND ($7::text[] IS NULL OR t.step = ANY($7::text[]))"
         f"  AND (t.owner IS NULL OR (t.owner<>$4 AND NOT EXISTS (SELECT 1 FROM workers w"
-        f"   WHERE w.app=t.app AND w.worker_id=t.owner AND w.heartbeat_at >= $5)))"
+        f"   WHERE w.app=t.app AND w.worker_id=t.owner AND w.expires_at >= $5)))"
         f" ORDER BY t.next_at, t.created_at LIMIT $6 FOR UPDATE SKIP LOCKED),"
         f" gone AS (UPDATE tasks t SET status='failed', error=$9::text || t.run_id || $10::text,"
         f"  error_type=$11, owner=NULL, updated_at=$12"

@@ -121,7 +121,7 @@ async def claim_runs(
         f"  AND c.wake_at IS NULL"
         f"  AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR (c.owner<>$3 AND"
         f"  NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app"
-        f"   AND w.worker_id=c.owner AND w.heartbeat_at >= $4)))"
+        f"   AND w.worker_id=c.owner AND w.expires_at >= $4)))"
         f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[]))"
         f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
         # a run waiting in a queue begins through claim_queued_runs (or is cancelled)

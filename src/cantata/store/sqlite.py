@@ -33,6 +33,7 @@ from cantata.store.base import (
     RUNS,
     TASKS,
 )
+from cantata.store.common import worker_lease
 from cantata.store.sqlite_console import SQLiteConsole
 from cantata.store.sqlite_events import SQLiteEvents
 from cantata.store.sqlite_flow import SQLiteFlow
@@ -93,12 +94,16 @@ class SQLiteStore(
         )
         return [Declaration(*r) for r in rows]
 
-    async def heartbeat(self, app: str, worker_id: str, now: float, info: str | None) -> None:
+    async def heartbeat(
+        self, app: str, worker_id: str, now: float, info: str | None, *, lease: float
+    ) -> None:
+        seconds = worker_lease(lease)
         await self._t.write(
             lambda c: c.execute(
-                "INSERT INTO workers VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-                "heartbeat_at=excluded.heartbeat_at, info=excluded.info",
-                (app, worker_id, now, now, info),
+                "INSERT INTO workers (app, worker_id, started_at, heartbeat_at, info, lease) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "heartbeat_at=excluded.heartbeat_at, info=excluded.info, lease=excluded.lease",
+                (app, worker_id, now, now, info, seconds),
             )
         )
 
@@ -117,12 +122,12 @@ class SQLiteStore(
     async def workers(self, app: str) -> list[WorkerInfo]:
         rows = await self._t.read(
             lambda c: c.execute(
-                "SELECT worker_id, heartbeat_at, started_at, info FROM workers WHERE app=? "
-                "ORDER BY started_at",
+                "SELECT worker_id, heartbeat_at, started_at, info, lease FROM workers "
+                "WHERE app=? ORDER BY started_at",
                 (app,),
             ).fetchall()
         )
-        return [WorkerInfo(*r) for r in rows]
+        return [WorkerInfo(*r[:4], lease=r[4]) for r in rows]
 
     async def identity(self) -> str:
         row = await self._t.read(

@@ -141,7 +141,7 @@ class SQLiteEvents(SQLiteCore):
                 f"  ON w.app=d.app AND w.worker_id=d.owner"
                 f" WHERE d.app=? AND d.status='pending' AND d.grp IN ({marks}) AND d.next_at<=?"
                 f"  AND (d.owner IS NULL OR (d.owner<>? AND"
-                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?)))"
+                f"   (w.worker_id IS NULL OR w.expires_at < ?)))"
                 f" ORDER BY d.next_at LIMIT ?)"
                 f" RETURNING grp, event_id, attempts, next_at, error, fence",
                 (worker_id, now, app, *groups, now, worker_id, stale_before, limit),
@@ -269,7 +269,7 @@ class SQLiteEvents(SQLiteCore):
                 chunk = ids[i : i + 500]
                 for row in c.execute(
                     "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
-                    f"w.heartbeat_at >= ? THEN d.owner END, e.id IS NOT NULL, {E_EVENT_COLS} "
+                    f"w.expires_at >= ? THEN d.owner END, e.id IS NOT NULL, {E_EVENT_COLS} "
                     "FROM deliveries d LEFT JOIN workers w"
                     " ON w.app=d.app AND w.worker_id=d.owner"
                     " LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id"

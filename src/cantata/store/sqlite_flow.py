@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    waiters_forgotten_before,
     waiters_live_since,
 )
 from cantata.model.parking import FOREVER
@@ -46,10 +47,10 @@ _WAITING = "FROM queue_runs q WHERE q.app=? AND q.queue=? AND q.began_at IS NULL
 
 # The waiters of a slot scope (flow_waiters, first come first served): whose worker is
 # live (or asking), and the rows that wait no more (their worker's lease lapsed, or
-# they have not asked since ``stale``), which the next request removes.
+# they have not asked since ``forget``), which the next request removes.
 _WAITER_LIVE = ("(worker_id=:worker OR worker_id IN (SELECT worker_id FROM workers "
-                "WHERE app=:app AND heartbeat_at>=:stale))")
-_WAITER_GONE = f"holder<>:holder AND (asked_at<:stale OR NOT {_WAITER_LIVE})"
+                "WHERE app=:app AND expires_at>=:stale))")
+_WAITER_GONE = f"holder<>:holder AND (asked_at<:forget OR NOT {_WAITER_LIVE})"
 _MY_PLACE = "(SELECT seq FROM flow_waiters WHERE app=:app AND scope=:scope AND holder=:holder)"
 # What a slot request is decided on, in one statement (one count on the uncontended
 # path, as before waiters): slots held; this holder's place, if it waits already; the
@@ -137,7 +138,7 @@ class SQLiteFlow(SQLiteCore):
                 if theirs == spec:
                     return
                 alive = by != worker_id and c.execute(
-                    "SELECT 1 FROM workers WHERE app=? AND worker_id=? AND heartbeat_at>=?",
+                    "SELECT 1 FROM workers WHERE app=? AND worker_id=? AND expires_at>=?",
                     (app, by, stale_before),
                 ).fetchone()
                 if alive:
@@ -304,11 +305,12 @@ class SQLiteFlow(SQLiteCore):
         now: float,
         stale_before: float,
         lapsed_before: float | None = None,
+        forget_before: float | None = None,
     ) -> SlotGrant:
         def op(c: sqlite3.Connection) -> SlotGrant:
             c.execute(
                 "DELETE FROM flow_slots WHERE app=? AND scope=? AND worker_id<>? AND worker_id "
-                "NOT IN (SELECT worker_id FROM workers WHERE app=? AND heartbeat_at>=?)",
+                "NOT IN (SELECT worker_id FROM workers WHERE app=? AND expires_at>=?)",
                 (app, scope, worker_id, app, stale_before),
             )
             if rate is not None:
@@ -331,7 +333,8 @@ class SQLiteFlow(SQLiteCore):
                           (app, scope, holder))
             args = {"app": app, "scope": scope, "holder": holder, "worker": worker_id,
                     "now": now, "stale": stale_before,
-                    "lapsed": waiters_live_since(stale_before, lapsed_before)}
+                    "forget": waiters_forgotten_before(forget_before),
+                    "lapsed": waiters_live_since(forget_before, lapsed_before)}
             held, place, ahead, gone = c.execute(_SLOT_STATE, args).fetchone()
             begins: list[float] = []
             if rate is not None:

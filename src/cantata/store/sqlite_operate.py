@@ -43,7 +43,7 @@ def foreign_runs(
         "ON w.app=r.app AND w.worker_id=r.owner "
         f"WHERE r.app=? AND {LIVE_R} AND r.wake_at IS NULL "
         f"AND r.workflow IN ({wfs}) AND r.version IS NOT NULL AND r.version NOT IN ({vs}) "
-        "AND (r.owner IS NULL OR (r.owner<>? AND (w.worker_id IS NULL OR w.heartbeat_at < ?))) "
+        "AND (r.owner IS NULL OR (r.owner<>? AND (w.worker_id IS NULL OR w.expires_at < ?))) "
     )
     params: list[object] = [app, *workflows, *versions, worker_id, stale_before]
     if now is not None:

@@ -255,7 +255,7 @@ class SQLiteRuns(SQLiteCore):
                 f"  WHERE r.app=? AND {LIVE_R} AND r.wake_at IS NULL"
                 f"  AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
-                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
+                f"   (w.worker_id IS NULL OR w.expires_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
                 f"  ORDER BY r.created_at LIMIT ?){due} LIMIT ?) RETURNING {RUN_COLS}",
                 (worker_id, app, *workflows, worker_id, stale_before, *more, limit,
                  *due_params, limit),

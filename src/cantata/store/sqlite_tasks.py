@@ -58,7 +58,7 @@ class SQLiteTasks(SQLiteCore):
                 f" WHERE t.app=? AND t.status='pending' AND t.service IN ({marks}) AND t.next_at<=?"
                 f"{only}"
                 f"  AND (t.owner IS NULL OR (t.owner<>? AND"
-                f"   (w.worker_id IS NULL OR w.heartbeat_at < ?)))"
+                f"   (w.worker_id IS NULL OR w.expires_at < ?)))"
                 f" ORDER BY t.next_at, t.created_at LIMIT ?",
                 (*ENDED, app, *addressed, now, *(steps or ()), worker_id, stale_before, limit),
             ).fetchall()
@@ -189,7 +189,7 @@ class SQLiteTasks(SQLiteCore):
                 " SELECT t.task_id FROM tasks t LEFT JOIN workers w"
                 "  ON w.app=t.app AND w.worker_id=t.owner"
                 f" WHERE t.app=? AND t.run_id=? AND t.status='pending'{only}"
-                "  AND (t.owner IS NULL OR w.worker_id IS NULL OR w.heartbeat_at < ?))"
+                "  AND (t.owner IS NULL OR w.worker_id IS NULL OR w.expires_at < ?))"
                 " RETURNING task_id, step, service, attempts",
                 (error, TASK_WITHDRAWN, now, app, app, run_id, *(task_ids or ()),
                  stale_before),

@@ -344,7 +344,7 @@ async def crash_test(
             # out at once (a dead process's heartbeat stops; here the clock does not
             # wait for it): what it held (runs, held deliveries) is taken over now.
             store.revive()
-            await store.heartbeat(app.name, dead, 0.0, None)
+            await store.heartbeat(app.name, dead, 0.0, None, lease=app.lease)
             async with app:
                 outcome = await _outcome(app, handle.run_id, timeout)
             return outcome, effects() if effects else None, store.commits, store.creations

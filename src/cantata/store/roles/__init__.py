@@ -24,6 +24,15 @@ role                      what it holds                                   module
 
 :class:`TransactionalStore` (``transaction``) is not part of ``Store``: only
 stores that can share their transaction with a service's tables have it.
+
+**Liveness** (docs/leases.md, docs/backends.md). Each worker is judged by its own
+lease: :meth:`WorkerStore.heartbeat` records the worker's lease with its heartbeat,
+and the worker is live while its expiry (heartbeat + lease) is at or after the time it
+is judged at. The methods that take work from dead workers keep their parameter
+``stale_before``, which is that time: the caller's current time, not the current time
+minus a lease (its meaning before SQLite schema 23 / PostgreSQL schema 30). A
+``stale_before`` of ``0`` or ``float("-inf")`` counts every worker with a row as live
+(only work nobody holds is taken).
 """
 
 from cantata.store.roles.audit import AuditStore

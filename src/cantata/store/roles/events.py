@@ -153,6 +153,10 @@ class EventStore(Protocol):
     ) -> list[Delivery]:
         """Take pending deliveries of ``groups`` that are due and not owned by a live worker.
 
+        A delivery is claimable when ``next_at <= now`` and its owner is ``None`` or
+        another worker whose expiry (last heartbeat + its own lease) is before
+        ``stale_before``, the current time (or unknown).
+
         Each claim counts one attempt (``attempts`` is incremented before it is
         returned), so a handler that kills its worker is not retried forever.
         """
@@ -184,11 +188,12 @@ class EventStore(Protocol):
         self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
     ) -> dict[str, DeliveryHold]:
         """``event id -> DeliveryHold`` of ``group``'s deliveries of these events (absent:
-        not addressed to the group, or not stored), in one read. A holder whose heartbeat
-        is older than ``stale_before`` is reported as none (``float("-inf")``: any holder
-        counts). Each carries the stored event (``DeliveryHold.event``). The NATS
-        broker looks here before it runs a copy of an event another worker may hold,
-        and to check that the copy carries the stored content (docs/performance.md)."""
+        not addressed to the group, or not stored), in one read. A holder whose expiry
+        (heartbeat + its own lease) is before ``stale_before``, the current time, is
+        reported as none (``float("-inf")``: any holder counts). Each carries the
+        stored event (``DeliveryHold.event``). The NATS broker looks here before it
+        runs a copy of an event another worker may hold, and to check that the copy
+        carries the stored content (docs/performance.md)."""
 
     async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""

@@ -36,8 +36,9 @@ class FlowStore(Protocol):
         """Record ``spec``; replaces a definition whose declarer is gone or is ``worker_id``.
 
         Raises:
-            QueueConflict: a live worker (heartbeat at or after ``stale_before``)
-                declared the queue with other limits; the message names each one.
+            QueueConflict: a live worker (its expiry, heartbeat + its own lease, at or
+                after ``stale_before``: the current time) declared the queue with other
+                limits; the message names each one.
         """
 
     async def queues(self, app: str) -> list[QueueSpec]:
@@ -95,13 +96,15 @@ class FlowStore(Protocol):
         now: float,
         stale_before: float,
         lapsed_before: float | None = None,
+        forget_before: float | None = None,
     ) -> SlotGrant:
         """Take a slot of ``scope`` for ``holder`` if ``concurrency`` and ``rate`` allow,
         first come, first served.
 
-        Slots of other workers whose heartbeat is older than ``stale_before`` (or
-        that are gone) are freed first. A holder that already has a slot keeps it
-        (granted again, nothing counted twice); with a rate, its latest begin is re-timed
+        Slots of other workers whose expiry (heartbeat + their own lease) is before
+        ``stale_before``, the current time (or that are gone), are freed first. A
+        holder that already has a slot keeps it (granted again, nothing counted
+        twice); with a rate, its latest begin is re-timed
         to ``now`` (its code begins again, or later than first recorded), or, if that
         begin has left the window, it asks as a new holder. A grant records a begin for
         the rate.
@@ -111,9 +114,10 @@ class FlowStore(Protocol):
         only if the free slots (and the rate's free begins) outnumber the live waiters
         that registered before it: a newcomer never takes a slot an older waiter is
         owed, whichever asks first after a release, in whichever process. A waiter is
-        live if it asked at or after ``lapsed_before`` (``None``: ``stale_before``) and
+        live if it asked at or after ``lapsed_before`` (``None``: ``forget_before``) and
         its worker is live (or is ``worker_id``); one that has not asked since
-        ``stale_before``, or whose worker's lease lapsed, is removed. A grant removes
+        ``forget_before`` (the asking worker's ``now - lease``; ``None``: never for
+        that), or whose worker's lease lapsed, is removed. A grant removes
         the holder's waiter row. Denied by the rate, ``retry_at`` is when the window
         has room for this waiter's turn (the oldest waiter: the next begin it frees).
         """

@@ -90,8 +90,18 @@ class WorkerStore(Protocol):
     async def declarations(self, app: str) -> list[Declaration]:
         """Everything declared in ``app`` by any process."""
 
-    async def heartbeat(self, app: str, worker_id: str, now: float, info: str | None) -> None:
-        """Record that ``worker_id`` is alive at ``now``."""
+    async def heartbeat(
+        self, app: str, worker_id: str, now: float, info: str | None, *, lease: float
+    ) -> None:
+        """Record that ``worker_id`` is alive at ``now`` and stays so for ``lease``
+        seconds: its expiry is ``now + lease``. Other workers take its runs, slots,
+        deliveries and tasks only once their ``stale_before`` (their current time) is
+        past that expiry, whatever their own lease (see the module docs of
+        :mod:`cantata.store.roles`).
+
+        Raises:
+            ConfigurationError: ``lease`` is not a number of seconds > 0.
+        """
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
         """Forget a worker that stopped cleanly and release what it owned.
@@ -101,4 +111,4 @@ class WorkerStore(Protocol):
         """
 
     async def workers(self, app: str) -> list[WorkerInfo]:
-        """Workers of ``app`` and their last heartbeat."""
+        """Workers of ``app``, their last heartbeat and lease (so their expiry)."""

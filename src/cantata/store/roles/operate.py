@@ -50,9 +50,10 @@ class OperateStore(Protocol):
         limit: int,
         now: float | None = None,
     ) -> list[RunRecord]:
-        """Runs :meth:`claim_runs` could give ``worker_id`` (with the same ``now``) but
-        that are pinned to a version not in ``versions`` (read only: a worker checks
-        it can replay them)."""
+        """Runs :meth:`claim_runs` could give ``worker_id`` (with the same ``now`` and
+        ``stale_before``, the current time: an owner is gone once its expiry is before
+        it) but that are pinned to a version not in ``versions`` (read only: a worker
+        checks it can replay them)."""
 
     async def retry_run(
         self,

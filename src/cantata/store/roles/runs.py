@@ -76,7 +76,8 @@ class RunStore(Protocol):
         """Take ownership of live runs of ``workflows`` that nobody owns.
 
         A run is claimable when it is live and its owner is ``None`` or a worker
-        whose last heartbeat is older than ``stale_before`` (or unknown). Runs
+        whose expiry (last heartbeat + its own lease) is before ``stale_before``, the
+        current time (or unknown). Runs
         already owned by ``worker_id`` are never returned. Each claim increments the
         run's ``fence``; writes with an older fence fail with ``LeaseLost``.
         ``versions`` keeps only runs pinned to one of them or to no version;

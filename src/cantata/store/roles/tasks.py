@@ -31,8 +31,9 @@ class TaskStore(Protocol):
         """Take pending tasks of ``services`` that are due and not owned by a live worker.
 
         Exactly like :meth:`claim_deliveries`: a task is claimable when
-        ``next_at <= now`` and its owner is ``None`` or another worker whose last
-        heartbeat is older than ``stale_before`` (or unknown). Each claim sets the
+        ``next_at <= now`` and its owner is ``None`` or another worker whose expiry
+        (last heartbeat + its own lease) is before ``stale_before`` (or unknown):
+        ``stale_before`` is the current time, as ``now`` usually is. Each claim sets the
         owner and increments ``attempts`` and ``fence``; the updated records are
         returned, due first.
 
@@ -91,10 +92,11 @@ class TaskStore(Protocol):
         task_ids: Sequence[str] | None = None,
     ) -> list[str]:
         """Withdraw the pending tasks of ``run_id`` (those of ``task_ids`` when given)
-        that no live worker holds (no owner, or one whose heartbeat is older than
-        ``stale_before``): each becomes ``failed`` with ``error_type`` ``"Withdrawn"``
-        and ``error``, unowned, audited as ``task.withdrawn`` by ``actor`` (a worker
-        id). A task a live worker holds is left to finish. Returns the ids withdrawn.
+        that no live worker holds (no owner, or one whose expiry, heartbeat + its own
+        lease, is before ``stale_before``, the current time): each becomes ``failed``
+        with ``error_type`` ``"Withdrawn"`` and ``error``, unowned, audited as
+        ``task.withdrawn`` by ``actor`` (a worker id). A task a live worker holds is
+        left to finish. Returns the ids withdrawn.
         """
 
     async def get_task(self, app: str, task_id: str) -> TaskRecord | None:

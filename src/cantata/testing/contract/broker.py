@@ -28,6 +28,7 @@ from cantata.model.event import Event
 from cantata.model.records import DELIVERY_DONE, Declaration
 from cantata.store.base import Settlement, Store
 from cantata.store.factory import store_from_url
+from cantata.testing.contract.support import LEASE
 from cantata.testing.wait import eventually
 
 Action = Callable[[BrokerMessage], Awaitable[Any]]
@@ -82,7 +83,7 @@ class Env:
         # addresses new events to it) and the worker's row is alive (it owns what it
         # claims); the broker does neither (docs/architecture.md).
         await self.store.declare(self.app, [Declaration("handler", group, p) for p in patterns])
-        await self.store.heartbeat(self.app, worker, time.time(), None)
+        await self.store.heartbeat(self.app, worker, time.time(), None, lease=LEASE)
         sub = await self.broker.subscribe(
             self.app, group, patterns, self.handler(worker, action),
             worker_id=worker, concurrency=concurrency,

@@ -17,7 +17,7 @@ from cantata.model.records import (
     RunWrite,
 )
 from cantata.store.base import Settlement, Store
-from cantata.testing.contract.support import StoreFixtures, ev, new_run
+from cantata.testing.contract.support import LEASE, StoreFixtures, ev, new_run
 
 
 class EventsContract(StoreFixtures):
@@ -146,13 +146,13 @@ class EventsContract(StoreFixtures):
         first, placed, paid = ev("order.placed"), ev("order.placed"), ev("order.paid")
         await store.append_events(self.app, [first])
         now = time.time()
-        await store.heartbeat(self.app, "w1", now, None)
+        await store.heartbeat(self.app, "w1", now, None, lease=LEASE)
         held = Settlement("done", 1, [placed, paid], hold_for="w1",
                           hold=[("g", placed.id), ("h", placed.id)])
         assert await store.settle_delivery(self.app, "g", first.id, held)
         assert sorted(held.held) == [("g", placed.id), ("h", placed.id)]
         ids = [placed.id, paid.id, "never-stored"]
-        got = await store.delivery_holds(self.app, "g", ids, stale_before=now - 10)
+        got = await store.delivery_holds(self.app, "g", ids, stale_before=now)
         assert set(got) == {placed.id, paid.id}
         assert (got[placed.id].status, got[placed.id].attempts) == (DELIVERY_PENDING, 1)
         assert got[placed.id].holder == "w1"
@@ -164,10 +164,13 @@ class EventsContract(StoreFixtures):
         assert await store.settle_delivery(self.app, "g", "not-stored", Settlement("retry", 1,
                                            error="E: x", retry_at=now))
         [bare] = (await store.delivery_holds(self.app, "g", ["not-stored"],
-                                             stale_before=now - 10)).values()
+                                             stale_before=now)).values()
         assert (bare.status, bare.event) == (DELIVERY_PENDING, None)
-        # a holder whose heartbeat is older than stale_before is presumed dead
-        stale = await store.delivery_holds(self.app, "g", ids, stale_before=now + 10)
+        # a holder whose expiry (heartbeat + its own lease) is before stale_before, the
+        # time it is judged at, is presumed dead
+        still = await store.delivery_holds(self.app, "g", ids, stale_before=now + LEASE)
+        assert still[placed.id].holder == "w1"
+        stale = await store.delivery_holds(self.app, "g", ids, stale_before=now + LEASE + 1)
         assert stale[placed.id].holder is None
         anyone = await store.delivery_holds(self.app, "g", ids, stale_before=float("-inf"))
         assert anyone[placed.id].holder == "w1"
@@ -176,7 +179,7 @@ class EventsContract(StoreFixtures):
             self.app, "h", placed.id, Settlement("retry", 1, error="E: x", retry_at=now + 50)
         )
         [h] = (await store.delivery_holds(self.app, "h", [placed.id],
-                                          stale_before=now - 10)).values()
+                                          stale_before=now)).values()
         assert (h.status, h.attempts, h.holder, h.next_at) == (DELIVERY_PENDING, 1, None,
                                                                  now + 50)
         assert await store.delivery_holds(self.app, "g", [], stale_before=0) == {}
@@ -189,7 +192,7 @@ class EventsContract(StoreFixtures):
         await self.handlers(store, ("g", "order.*"), ("h", "order.paid"))
         first, before, fresh = ev("order.placed"), ev("order.paid"), ev("order.paid")
         await store.append_events(self.app, [first, before])
-        await store.heartbeat(self.app, "w1", time.time(), None)
+        await store.heartbeat(self.app, "w1", time.time(), None, lease=LEASE)
         held = Settlement("done", 1, [before, fresh], hold_for="w1",
                           hold=[("h", before.id), ("h", fresh.id)])
         assert await store.settle_delivery(self.app, "g", first.id, held)
@@ -202,7 +205,7 @@ class EventsContract(StoreFixtures):
         await self.handlers(store, ("g", "order.*"), ("h", "order.placed"))
         before, placed = ev("order.placed"), ev("order.placed")
         await store.append_events(self.app, [before])
-        await store.heartbeat(self.app, "w1", time.time(), None)
+        await store.heartbeat(self.app, "w1", time.time(), None, lease=LEASE)
         hold = [("g", placed.id), ("g", before.id), ("x", placed.id)]
         counts, held = await store.append_held(self.app, [before, placed], hold_for="w1",
                                                hold=hold)
@@ -235,7 +238,7 @@ class EventsContract(StoreFixtures):
             DELIVERY_PENDING, 1, "E: x", now + 100
         )
         assert await self.claim_d(store, "w1", ["g"], now) == []  # not due yet
-        await store.heartbeat(self.app, "w1", now + 100, None)  # alive at claim time
+        await store.heartbeat(self.app, "w1", now + 100, None, lease=LEASE)  # alive at claim time
         [again] = await self.claim_d(store, "w2", ["g"], now + 100)  # due, and released
         assert again.attempts == 2 and again.fence > d.fence
 
@@ -245,7 +248,7 @@ class EventsContract(StoreFixtures):
         await store.append_events(self.app, [ev(), ev()])
         assert len(await self.claim_d(store, "w1", ["g"])) == 2
         assert await self.claim_d(store, "w2", ["g"]) == []
-        await store.heartbeat(self.app, "w1", now - 60, None)
+        await store.heartbeat(self.app, "w1", now - 60, None, lease=LEASE)
         taken = await self.claim_d(store, "w2", ["g"])
         assert len(taken) == 2 and all(d.attempts == 2 for d in taken)
 
@@ -260,9 +263,9 @@ class EventsContract(StoreFixtures):
         now = time.time()
         while True:
             a, b = await asyncio.gather(
-                store.claim_deliveries(self.app, "w1", ["g"], now=now, stale_before=now - 10,
+                store.claim_deliveries(self.app, "w1", ["g"], now=now, stale_before=now,
                                        limit=4),
-                peer.claim_deliveries(self.app, "w2", ["g"], now=now, stale_before=now - 10,
+                peer.claim_deliveries(self.app, "w2", ["g"], now=now, stale_before=now,
                                       limit=4),
             )
             if not a and not b:

@@ -12,7 +12,7 @@ from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
-from cantata.testing.contract.support import StoreFixtures, new_run
+from cantata.testing.contract.support import LEASE, StoreFixtures, new_run
 
 
 class FlowContract(StoreFixtures):
@@ -52,8 +52,9 @@ class FlowContract(StoreFixtures):
         other = QueueSpec("q", concurrency=3, rate=Rate(5, per=1.0))
         with pytest.raises(QueueConflict, match=r"concurrency: 3 vs 2"):
             await store.declare_queue(self.app, other, worker_id="w2", stale_before=0)
-        # The declarer is gone (its heartbeat is stale): the new limits replace its own.
-        await store.declare_queue(self.app, other, worker_id="w2", stale_before=time.time() + 1)
+        # The declarer is gone (its lease ran out): the new limits replace its own.
+        await store.declare_queue(self.app, other, worker_id="w2",
+                                  stale_before=time.time() + LEASE + 1)
         assert await store.queues(self.app) == [other]
 
     async def test_queued_runs_wait_for_their_queue_not_claim_runs(self, store: Store) -> None:
@@ -177,7 +178,7 @@ class FlowContract(StoreFixtures):
         async def take(holder: str, worker: str, at: float = now) -> bool:
             grant = await store.acquire_slot(self.app, "step:pay", holder, worker,
                                              concurrency=2, rate=None, now=at,
-                                             stale_before=at - 10)
+                                             stale_before=at)
             return grant.granted
 
         assert await take("a", "w1") and await take("b", "w2")
@@ -187,7 +188,7 @@ class FlowContract(StoreFixtures):
         assert await take("c", "w1")
         assert await store.slots_held(self.app, "step:pay") == 2
         # w2 stops heartbeating: after the lease its slot is free again.
-        await store.heartbeat(self.app, "w1", now + 20, None)
+        await store.heartbeat(self.app, "w1", now + 20, None, lease=LEASE)
         assert await take("d", "w1", at=now + 20)
 
     async def test_slot_rate_is_a_sliding_window(self, store: Store) -> None:
@@ -196,7 +197,7 @@ class FlowContract(StoreFixtures):
 
         async def take(holder: str, at: float) -> tuple[bool, float | None]:
             g = await store.acquire_slot(self.app, "step:x", holder, "w", concurrency=None,
-                                         rate=rate, now=at, stale_before=now - 10)
+                                         rate=rate, now=at, stale_before=now)
             await store.release_slot(self.app, "step:x", holder)
             return g.granted, g.retry_at
 
@@ -213,7 +214,7 @@ class FlowContract(StoreFixtures):
 
         async def take(holder: str, at: float) -> tuple[bool, float | None]:
             g = await store.acquire_slot(self.app, "step:y", holder, "w", concurrency=None,
-                                         rate=rate, now=at, stale_before=now - 10)
+                                         rate=rate, now=at, stale_before=now)
             return g.granted, g.retry_at
 
         assert (await take("a", now))[0]
@@ -229,8 +230,8 @@ class FlowContract(StoreFixtures):
         async def take(s: Store, holder: str, worker: str, at: float = now,
                        lapse: float = 5.0) -> bool:
             grant = await s.acquire_slot(self.app, "step:one", holder, worker, concurrency=1,
-                                         rate=None, now=at, stale_before=at - 10,
-                                         lapsed_before=at - lapse)
+                                         rate=None, now=at, stale_before=at,
+                                         lapsed_before=at - lapse, forget_before=at - 10)
             return grant.granted
 
         assert await take(store, "h", "w1")
@@ -256,8 +257,8 @@ class FlowContract(StoreFixtures):
 
         async def take(holder: str, at: float, lapse: float = 1.0) -> bool:
             grant = await store.acquire_slot(self.app, "handler:g", holder, "w", concurrency=1,
-                                             rate=None, now=at, stale_before=at - 10,
-                                             lapsed_before=at - lapse)
+                                             rate=None, now=at, stale_before=at,
+                                             lapsed_before=at - lapse, forget_before=at - 10)
             return grant.granted
 
         assert await take("h", now)
@@ -273,7 +274,8 @@ class FlowContract(StoreFixtures):
 
         async def take(s: Store, holder: str, worker: str) -> bool:
             grant = await s.acquire_slot(self.app, "step:two", holder, worker, concurrency=2,
-                                         rate=None, now=now, stale_before=now - 10)
+                                         rate=None, now=now, stale_before=now,
+                                         forget_before=now - 10)
             return grant.granted
 
         assert await take(store, "h1", "w1") and await take(store, "h2", "w1")
@@ -290,7 +292,7 @@ class FlowContract(StoreFixtures):
         async def take(holder: str, worker: str, at: float) -> bool:
             grant = await store.acquire_slot(self.app, "step:three", holder, worker,
                                              concurrency=1, rate=None, now=at,
-                                             stale_before=at - 10)
+                                             stale_before=at, forget_before=at - 10)
             return grant.granted
 
         assert await take("h", "w1", now)
@@ -298,7 +300,7 @@ class FlowContract(StoreFixtures):
         await store.release_slot(self.app, "step:three", "h")
         assert not await take("b", "w1", now + 1)
         # w2 stops heartbeating (A was its): after the lease, B is the head.
-        await store.heartbeat(self.app, "w1", now + 11, None)
+        await store.heartbeat(self.app, "w1", now + 11, None, lease=LEASE)
         assert await take("b", "w1", now + 11)
 
     async def test_the_oldest_rate_waiter_gets_the_next_begin(self, store: Store) -> None:
@@ -307,7 +309,8 @@ class FlowContract(StoreFixtures):
 
         async def take(holder: str, at: float) -> tuple[bool, float | None]:
             g = await store.acquire_slot(self.app, "step:r", holder, "w", concurrency=None,
-                                         rate=rate, now=at, stale_before=at - 100)
+                                         rate=rate, now=at, stale_before=at,
+                                         forget_before=at - 100)
             if g.granted:
                 await store.release_slot(self.app, "step:r", holder)
             return g.granted, g.retry_at
@@ -328,7 +331,7 @@ class FlowContract(StoreFixtures):
         now = await self.live(store, *[f"w{i}" for i in range(10)])
         grants = await asyncio.gather(*[
             s.acquire_slot(self.app, "handler:g", f"h{i}", f"w{i}", concurrency=3, rate=None,
-                           now=now, stale_before=now - 10)
+                           now=now, stale_before=now)
             for i, s in enumerate([store, peer] * 5)
         ])
         assert sum(g.granted for g in grants) == 3

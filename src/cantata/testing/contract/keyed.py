@@ -98,12 +98,12 @@ class KeyedChainContract(StoreFixtures):
         await store.commit_run(self.app, owned.run_id, 1, RunWrite(tasks=[
             _task(owned.run_id, k) for k in ("r#1", "r#2", "r#3")]))
         done, failed = await store.claim_tasks(self.app, "inv", ["inventory"], now=now,
-                                               stale_before=now - 10, limit=2)
+                                               stale_before=now, limit=2)
         await store.finish_task(self.app, done.task_id, done.fence, outcome="done",
                                 result="1", attempts=[])
         await store.finish_task(self.app, failed.task_id, failed.fence, outcome="failed",
                                 error="E: x", error_type="E", attempts=[])
-        await store.withdraw_tasks(self.app, owned.run_id, stale_before=now - 10,
+        await store.withdraw_tasks(self.app, owned.run_id, stale_before=now,
                                    error="Withdrawn: cancelled", actor="w1")
 
         # Deliveries: done (emitting), dead (one after the other and at once), then the

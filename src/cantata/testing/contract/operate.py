@@ -127,22 +127,22 @@ class OperateContract(StoreFixtures):
         anyv, _ = await store.create_run(new_run(self.app))
         now = await self.live(store, "w1", "w2")
         foreign = await store.foreign_runs(
-            self.app, "w1", ["wf"], versions=["v2"], stale_before=now - 10, limit=10
+            self.app, "w1", ["wf"], versions=["v2"], stale_before=now, limit=10
         )
         assert [r.run_id for r in foreign] == [v1.run_id]  # pinned elsewhere; not "any"
         mine = await store.claim_runs(
-            self.app, "w1", ["wf"], stale_before=now - 10, limit=10, versions=["v2"]
+            self.app, "w1", ["wf"], stale_before=now, limit=10, versions=["v2"]
         )
         assert sorted(r.run_id for r in mine) == sorted([v2.run_id, anyv.run_id])
         assert await store.claim_runs(
-            self.app, "w2", ["wf"], stale_before=now - 10, limit=10, run_ids=[v2.run_id]
+            self.app, "w2", ["wf"], stale_before=now, limit=10, run_ids=[v2.run_id]
         ) == []  # owned by a live worker
         [got] = await store.claim_runs(
-            self.app, "w2", ["wf"], stale_before=now - 10, limit=10, run_ids=[v1.run_id]
+            self.app, "w2", ["wf"], stale_before=now, limit=10, run_ids=[v1.run_id]
         )
         assert got.run_id == v1.run_id and got.version == "v1"
         assert await store.foreign_runs(
-            self.app, "w1", ["wf"], versions=["v2"], stale_before=now - 10, limit=10
+            self.app, "w1", ["wf"], versions=["v2"], stale_before=now, limit=10
         ) == []  # now owned by w2, alive
 
     # -- retry -------------------------------------------------------------------------

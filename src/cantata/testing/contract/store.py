@@ -9,7 +9,8 @@ fresh random app name, so backends on a shared database (PostgreSQL) do not see
 each other's leftovers. One module per role: the event log in ``events.py``, tasks
 in ``tasks.py``, the audit log in ``audit.py`` (whose tampering tests need each
 backend's ``tamper``) and its keyed chain through every write in ``keyed.py``, trace
-reads in ``trace.py``, ...; fixtures and helpers are in ``support.py``.
+reads in ``trace.py``, liveness by each worker's own lease in ``leases.py``, ...;
+fixtures and helpers are in ``support.py``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from cantata.testing.contract.console import ConsoleContract
 from cantata.testing.contract.events import EventsContract
 from cantata.testing.contract.flow import FlowContract
 from cantata.testing.contract.keyed import KeyedChainContract
+from cantata.testing.contract.leases import LeasesContract
 from cantata.testing.contract.operate import OperateContract
 from cantata.testing.contract.outbox import OutboxContract
 from cantata.testing.contract.parking import ParkingContract
-from cantata.testing.contract.support import entry, ev, json_values, new_run
+from cantata.testing.contract.support import LEASE, entry, ev, json_values, new_run
 from cantata.testing.contract.tasks import TasksContract
 from cantata.testing.contract.trace import TraceContract
 from cantata.testing.contract.wfapi import WorkflowApiContract
@@ -62,6 +64,7 @@ class StoreContract(
     OperateContract,
     FlowContract,
     ParkingContract,
+    LeasesContract,
 ):
     """Behaviour every store backend must have.
 
@@ -214,9 +217,9 @@ class StoreContract(
         ]
 
     async def test_heartbeat_workers_and_remove(self, store: Store) -> None:
-        await store.heartbeat(self.app, "w1", 100.0, "host-a")
-        await store.heartbeat(self.app, "w2", 150.0, None)
-        await store.heartbeat(self.app, "w1", 200.0, "host-b")
+        await store.heartbeat(self.app, "w1", 100.0, "host-a", lease=LEASE)
+        await store.heartbeat(self.app, "w2", 150.0, None, lease=LEASE)
+        await store.heartbeat(self.app, "w1", 200.0, "host-b", lease=LEASE)
         workers = {w.worker_id: w for w in await store.workers(self.app)}
         assert set(workers) == {"w1", "w2"}
         assert (workers["w1"].started_at, workers["w1"].heartbeat_at) == (100.0, 200.0)
@@ -400,11 +403,11 @@ class StoreContract(
 
     async def test_claim_runs_takes_over_stale_or_unknown_owners(self, store: Store) -> None:
         now = await self.live(store, "alive")
-        await store.heartbeat(self.app, "stale", now - 60, None)
+        await store.heartbeat(self.app, "stale", now - 60, None, lease=LEASE)
         for owner in ("alive", "stale", "ghost"):
             await store.create_run(new_run(self.app, owner=owner, fence=3, service=owner))
         claimed = await store.claim_runs(
-            self.app, "w2", ["wf"], stale_before=now - 10, limit=10
+            self.app, "w2", ["wf"], stale_before=now, limit=10
         )
         assert sorted(r.service or "" for r in claimed) == ["ghost", "stale"]
         assert all(r.owner == "w2" and r.fence == 4 for r in claimed)
@@ -617,7 +620,7 @@ class StoreContract(
         a, b = self.app, self.app + "-b"
         for app in (a, b):
             await store.declare(app, [Declaration("handler", "g", "order.placed")])
-            await store.heartbeat(app, f"w-{app}", time.time(), None)
+            await store.heartbeat(app, f"w-{app}", time.time(), None, lease=LEASE)
         run, _ = await store.create_run(new_run(a))
         shared = ev()
         assert await store.append_events(a, [shared]) == [1]
@@ -639,7 +642,7 @@ class StoreContract(
         await store.create_run(new_run(names[0]))
         await store.declare(names[1], [Declaration("workflow", "wf")])
         await store.append_events(names[2], [ev()])
-        await store.heartbeat(names[3], "w", time.time(), None)
+        await store.heartbeat(names[3], "w", time.time(), None, lease=LEASE)
         got = await store.apps()
         assert got == sorted(got) and len(got) == len(set(got))
         assert set(names) <= set(got)

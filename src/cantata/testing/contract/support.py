@@ -27,6 +27,11 @@ from cantata.store.base import Store
 
 _clock = itertools.count(1)
 
+#: The lease the contract's workers heartbeat with: a worker is live until its heartbeat
+#: + this, and the stores' ``stale_before`` is the time it is judged at (the current
+#: time), so a heartbeat 60 s old is long expired.
+LEASE = 10.0
+
 #: Arbitrary JSON values the codec can encode (orjson: 64-bit integers, finite floats).
 json_values = st.recursive(
     st.none()
@@ -155,7 +160,7 @@ class StoreFixtures:
     async def live(self, store: Store, *workers: str) -> float:
         now = time.time()
         for w in workers:
-            await store.heartbeat(self.app, w, now, None)
+            await store.heartbeat(self.app, w, now, None, lease=LEASE)
         return now
 
     async def handlers(self, store: Store, *decls: tuple[str, str]) -> None:
@@ -163,7 +168,7 @@ class StoreFixtures:
 
     async def claim(self, store: Store, worker: str, limit: int = 100) -> list[RunRecord]:
         return await store.claim_runs(
-            self.app, worker, ["wf"], stale_before=time.time() - 10, limit=limit
+            self.app, worker, ["wf"], stale_before=time.time(), limit=limit
         )
 
     async def claim_d(
@@ -171,5 +176,5 @@ class StoreFixtures:
     ) -> list[Any]:
         now = time.time() if now is None else now
         return await store.claim_deliveries(
-            self.app, worker, groups, now=now, stale_before=now - 10, limit=100
+            self.app, worker, groups, now=now, stale_before=now, limit=100
         )

@@ -21,7 +21,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store.base import TASKS, Store
-from cantata.testing.contract.support import StoreFixtures, new_run
+from cantata.testing.contract.support import LEASE, StoreFixtures, new_run
 from cantata.testing.wait import eventually
 
 
@@ -59,7 +59,7 @@ class TasksContract(StoreFixtures):
         now = time.time() if now is None else now
         return await store.claim_tasks(
             self.app, worker, ["inventory"] if services is None else services, now=now,
-            stale_before=now - 10, limit=limit,
+            stale_before=now, limit=limit,
         )
 
     async def test_commit_run_creates_tasks_once(self, store: Store) -> None:
@@ -125,7 +125,7 @@ class TasksContract(StoreFixtures):
         [rest] = await self.claim_t(store, "w2")
         assert rest.owner == "w2"
         assert await self.claim_t(store, "w3") == []  # both owners are alive
-        await store.heartbeat(self.app, "w1", now - 60, None)
+        await store.heartbeat(self.app, "w1", now - 60, None, lease=LEASE)
         taken = await self.claim_t(store, "w3")
         assert len(taken) == 2 and all(
             (t.owner, t.fence, t.attempts) == ("w3", 2, 2) for t in taken
@@ -268,9 +268,9 @@ class TasksContract(StoreFixtures):
         run_id, _ = await self.started(store, "inventory.reserve#1", "inventory.release#1")
         now = time.time()
         claim = store.claim_tasks
-        assert await claim(self.app, "old", ["inventory"], now=now, stale_before=now - 10,
+        assert await claim(self.app, "old", ["inventory"], now=now, stale_before=now,
                            limit=9, steps=[]) == []
-        [got] = await claim(self.app, "old", ["inventory"], now=now, stale_before=now - 10,
+        [got] = await claim(self.app, "old", ["inventory"], now=now, stale_before=now,
                             limit=9, steps=["inventory.release", "inventory.other"])
         assert got.step == "inventory.release"
         # The step the old code lacks was not claimed: no claim counted against it.
@@ -278,7 +278,7 @@ class TasksContract(StoreFixtures):
                      if t.step == "inventory.reserve"]
         assert (reserve.owner, reserve.attempts, reserve.fence) == (None, 0, 0)
         [taken] = await claim(self.app, "new", ["inventory"], now=now,
-                              stale_before=now - 10, limit=9, steps=["inventory.reserve"])
+                              stale_before=now, limit=9, steps=["inventory.reserve"])
         assert (taken.step, taken.attempts) == ("inventory.reserve", 1)
 
     async def test_a_task_for_no_service_yet_goes_to_the_service_declaring_its_step(
@@ -293,7 +293,7 @@ class TasksContract(StoreFixtures):
 
         async def claim(steps: list[str] | None) -> list[TaskRecord]:
             return await store.claim_tasks(self.app, "inv-w", ["inventory"], now=now,
-                                           stale_before=now - 10, limit=9, steps=steps)
+                                           stale_before=now, limit=9, steps=steps)
 
         assert await claim(None) == []  # a claim of any step takes addressed tasks only
         assert await claim(["inventory.reserve"]) == []  # not a step this worker has
@@ -307,7 +307,7 @@ class TasksContract(StoreFixtures):
         self, store: Store
     ) -> None:
         now = await self.live(store, "live", "w1")
-        await store.heartbeat(self.app, "dead", now - 60, None)
+        await store.heartbeat(self.app, "dead", now - 60, None, lease=LEASE)
         run_id, fence = await self.started(store, "a#1", "b#1", "c#1")
         [a] = await self.claim_t(store, "live", limit=1)
         [b] = await self.claim_t(store, "dead", limit=1)  # its worker died since
@@ -340,7 +340,7 @@ class TasksContract(StoreFixtures):
         heard: list[str] = []
         store.add_listener(heard.append)
         now = await self.live(store, "live")
-        await store.heartbeat(self.app, "dead", now - 60, None)
+        await store.heartbeat(self.app, "dead", now - 60, None, lease=LEASE)
         run_id, _ = await self.started(store, "a#1", "b#1", "c#1", "d#1")
         [a] = await self.claim_t(store, "live", limit=1)
         [c] = await self.claim_t(store, "w", limit=1)  # b#1, waiting for its retry
@@ -351,11 +351,11 @@ class TasksContract(StoreFixtures):
         other, _ = await self.started(store, "a#1")
         heard.clear()
         assert await store.withdraw_tasks(
-            self.app, run_id, stale_before=now - 10, error="Withdrawn: the run was cancelled",
+            self.app, run_id, stale_before=now, error="Withdrawn: the run was cancelled",
             actor="orders-w", task_ids=[],
         ) == []
         got = await store.withdraw_tasks(
-            self.app, run_id, stale_before=now - 10, error="Withdrawn: the run was cancelled",
+            self.app, run_id, stale_before=now, error="Withdrawn: the run was cancelled",
             actor="orders-w",
         )
         assert got == sorted([b.task_id, c.task_id, f"{run_id}:d#1"])
@@ -373,13 +373,13 @@ class TasksContract(StoreFixtures):
             await store.get_task(self.app, f"{other}:a#1")]  # only the other run's task
         # One of them, by id: withdrawn once.
         [a_left] = [t for t in await store.tasks_of_run(self.app, run_id) if t.owner == "live"]
-        await store.heartbeat(self.app, "live", now - 60, None)
+        await store.heartbeat(self.app, "live", now - 60, None, lease=LEASE)
         assert await store.withdraw_tasks(
-            self.app, run_id, stale_before=now - 10, error="Withdrawn: x",
+            self.app, run_id, stale_before=now, error="Withdrawn: x",
             task_ids=[a_left.task_id],
         ) == [a_left.task_id]
         assert await store.withdraw_tasks(
-            self.app, run_id, stale_before=now - 10, error="Withdrawn: x",
+            self.app, run_id, stale_before=now, error="Withdrawn: x",
         ) == []
 
     async def test_an_attempt_starts_under_the_fence_and_a_count_is_kept(
