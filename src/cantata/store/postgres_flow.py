@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    stored_rate,
 )
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord
@@ -48,7 +49,7 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 
 
 def queue_spec(row: Row) -> QueueSpec:
-    rate = None if row[3] is None else Rate(int(row[3]), float(row[4]))
+    rate = None if row[3] is None else stored_rate(int(row[3]), float(row[4]))
     return QueueSpec(row[0], row[1], row[2], rate, bool(row[5]))
 
 

@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    stored_rate,
 )
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
@@ -45,7 +46,7 @@ _WAITING = "FROM queue_runs q WHERE q.app=? AND q.queue=? AND q.began_at IS NULL
 
 def queue_spec(row: tuple[object, ...]) -> QueueSpec:
     name, conc, per_worker, rate_limit, rate_per, prio = row
-    rate = None if rate_limit is None else Rate(int(rate_limit), float(rate_per))  # type: ignore[call-overload, arg-type]
+    rate = None if rate_limit is None else stored_rate(int(rate_limit), float(rate_per))  # type: ignore[call-overload, arg-type]
     return QueueSpec(str(name), conc, per_worker, rate, bool(prio))  # type: ignore[arg-type]
 
 
