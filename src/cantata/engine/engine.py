@@ -14,7 +14,7 @@ from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.checks import check_key
 from cantata.model.event import MAX_ATTRIBUTE, Event
-from cantata.model.idempotency import args_hash
+from cantata.model.idempotency import KEY_ADVICE, args_hash
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
@@ -205,9 +205,7 @@ class Engine:
             The run, and whether this call created it (``False``: the key's run existed,
             nothing was started).
         """
-        check_key("idempotency_key", idempotency_key, "the business key that makes this "
-                  "start unique (e.g. 'order-42'), or None for a new run each time",
-                  empty=False)
+        check_key("idempotency_key", idempotency_key, KEY_ADVICE, empty=False)
         # (bounded as an event's: the events the run emits carry it)
         check_key("correlation_id", correlation_id, "the id of the business transaction to "
                   "join, or None to begin a new one", longest=MAX_ATTRIBUTE)

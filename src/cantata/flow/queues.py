@@ -13,7 +13,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from cantata.errors import ConfigurationError, UnknownQueue
-from cantata.model.checks import check_text
+from cantata.model.checks import check_key
+from cantata.model.event import MAX_ATTRIBUTE
 from cantata.model.flow import QueueEntry, make_spec  # noqa: F401 (make_spec re-exported)
 from cantata.quietlog import QuietLog, outage_interval, reason
 
@@ -38,8 +39,8 @@ async def entry_for(
 
     Raises:
         UnknownQueue: no process of the app declared the queue.
-        ConfigurationError: ``priority`` is not an int or ``partition`` not a string,
-            or either is given without a queue.
+        ConfigurationError: ``priority`` is not an int or ``partition`` not a string
+            of 1-500 characters, or either is given without a queue.
     """
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ConfigurationError(f"priority must be an integer, got {priority!r}")
@@ -47,10 +48,9 @@ async def entry_for(
         raise ConfigurationError(
             f"priority={priority!r} is out of range: use an integer from -2**63 to 2**63-1"
         )
-    if partition is not None and (not isinstance(partition, str) or not partition):
-        raise ConfigurationError(f"partition must be a non-empty string, got {partition!r}")
-    if partition is not None:
-        check_text("partition", partition)
+    # (bounded as an event's attributes: the store indexes it with the queue)
+    check_key("partition", partition, "the key the queue's limits apply per (e.g. a "
+              "customer id), or None", empty=False, longest=MAX_ATTRIBUTE)
     if queue is None:
         wdef = engine.router.workflows.get(workflow)
         queue = wdef.queue if wdef is not None else None
@@ -69,7 +69,7 @@ async def entry_for(
                 f"no queue named {queue!r} in app {engine.app!r} (known: "
                 f"{', '.join(sorted(known)) or 'none'}); declare it with app.queue({queue!r})"
             )
-    return QueueEntry(queue, partition or "", priority)
+    return QueueEntry(queue, "" if partition is None else str(partition), priority)
 
 
 class QueueLoop:
