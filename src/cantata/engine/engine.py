@@ -31,6 +31,7 @@ from .runner import RunExecution
 from .shutdown import drain
 
 if TYPE_CHECKING:
+    from cantata.flow.queues import DeclaredQueues
     from cantata.flow.service import FlowService
     from cantata.model.flow import QueueEntry
 
@@ -116,6 +117,8 @@ class Engine:
         # outside of those types for them: broker/nats_outside.py).
         self.waits_reached: Callable[[list[str]], Awaitable[None]] | None = None
         self._known_remote: set[str] = set()
+        # The queues of workflows whose code is not here (a start by name: flow/queues.py)
+        self.declared_queues: DeclaredQueues | None = None
         self._remote_steps: dict[str, StepDef] = {}
         # (monotonic time, patterns every service declared): the orphan check's cache
         self.declared_patterns: tuple[float, list[str]] | None = None
