@@ -112,8 +112,9 @@ async def test_the_api_without_the_code_starts_and_triggers_in_the_declared_queu
         tokens, _ = await make_tokens(console)
         transport = httpx.ASGITransport(app=console.asgi())
         headers = {"Authorization": f"Bearer {tokens['operator']}"}
-        async with httpx.AsyncClient(transport=transport, base_url="http://c",
-                                     headers=headers) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://c", headers=headers
+        ) as client:
             started = await client.post("/api/workflows/slow/runs", json={})
             triggered = await client.post("/api/schedules/hourly/trigger")
             plain = await client.post("/api/workflows/plain/runs", json={"input": 1})
@@ -132,8 +133,9 @@ async def test_a_declaration_that_does_not_tell_the_queue_is_warned_about(
     with sqlite3.connect(project.removeprefix("sqlite:///")) as db:
         db.execute("UPDATE declarations SET detail=NULL WHERE kind='workflow'")
     command = [sys.executable, "-m", "cantata", "start", "bareapp:app", "slow"]
-    started = await asyncio.to_thread(subprocess.run, command, capture_output=True,
-                                      text=True, timeout=60)
+    started = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60
+    )
     assert started.returncode == 0, started.stderr
     assert await queue_of(project, started.stdout.strip()) is None
     err = started.stderr

@@ -31,8 +31,10 @@ from cantata.model.records import RunRecord
 #: The longest idempotency key a caller gives, in characters: an event attribute's
 #: bound (500 characters of up to 4 bytes each fit the store's index).
 MAX_GIVEN_KEY = MAX_ATTRIBUTE
-KEY_ADVICE = ("the business key that makes this start unique (e.g. 'order-42'), or None "
-              "for a new run each time")
+KEY_ADVICE = (
+    "the business key that makes this start unique (e.g. 'order-42'), or None "
+    "for a new run each time"
+)
 
 
 def check_given_key(key: object) -> None:
