@@ -31,6 +31,7 @@ from cantata.errors import (
 from cantata.model import codec, secrets
 from cantata.model.checks import actor_or, check_seconds, check_text
 from cantata.model.event import Event
+from cantata.model.idempotency import check_given_key
 from cantata.model.records import DeadLetter, RunInfo
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus, parse_status
@@ -398,8 +399,10 @@ class App(RouterFacade):
             UnknownWorkflow: no service of this app declares it.
             UnknownQueue: no process of this app declares ``queue``.
             ConfigurationError: ``priority`` is not an int, ``partition`` not a string;
-                ``idempotency_key``, ``correlation_id``, ``partition`` or ``actor`` holds
-                a NUL character or a lone surrogate (no store keeps it as given).
+                ``idempotency_key``, ``correlation_id`` or ``partition`` is longer than
+                500 characters (the store indexes it); ``idempotency_key``,
+                ``correlation_id``, ``partition`` or ``actor`` holds a NUL character or
+                a lone surrogate (no store keeps it as given).
             SerializationError: an argument is not JSON-serialisable (nothing is stored).
             IdempotencyConflict: the key was used with other arguments.
         """
@@ -438,6 +441,7 @@ class App(RouterFacade):
                 "register it with @app.workflow in a service of this app"
             )
         check_seconds("deadline", deadline)
+        check_given_key(idempotency_key)
         if (queue is None and priority == 0 and partition is None and wdef is not None
                 and wdef.queue is None and type(priority) is int):
             entry = None  # no queue: what entry_for says, without its checks' coroutine

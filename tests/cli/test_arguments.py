@@ -126,6 +126,25 @@ async def test_start_refuses_arguments_the_workflow_cannot_take_as_the_api_does(
         assert code == 0, err
 
 
+async def test_start_refuses_an_idempotency_key_longer_than_the_store_indexes(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--idempotency-key`` is bounded as ``app.start``'s: at most 500 characters,
+    refused in one line naming the length, before anything is stored."""
+    async with the_app().client():
+        pass
+    code, out, err = await cli(capsys, "start", "argsapp:app", "echo", "--input", "1",
+                               "--idempotency-key", "k" * 501)
+    assert code == 1 and out == "" and one_line(err), err
+    assert err.startswith("cantata: error: idempotency_key is 501 characters long "), err
+    assert "at most 500 are kept (the store indexes it)" in err
+    assert await stored() == ([], [])
+    code, out, err = await cli(capsys, "start", "argsapp:app", "echo", "--input", "1",
+                               "--idempotency-key", "k" * 500)
+    assert code == 0, err
+    assert (await stored())[0] == ["[1]"]
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def any_store(request: pytest.FixtureRequest, project: Path,
               monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:

@@ -21,6 +21,7 @@ from cantata import (
     WorkflowContext,
     WorkflowFailed,
 )
+from tests.helpers import with_schema
 
 from .helpers import eventually, make_app
 
@@ -175,6 +176,41 @@ async def test_wake_latency_of_a_parked_timer(store_url: str) -> None:
             await handle.result(timeout=5)
         assert time.monotonic() - t0 < 3.0
         assert (await handle.status()) == RunStatus.CANCELLED
+
+
+class ClockBehind:
+    """The ``time`` module of a process whose wall clock is ``seconds`` behind."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def time(self) -> float:
+        return time.time() - self.seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.postgres
+async def test_a_parked_wait_wakes_for_an_event_whose_writer_clock_is_behind(
+    postgres_url: str, fresh_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each writer stamps ``stored_at`` with its own clock: an event stored by a host
+    whose clock is 2 s behind the worker's is older, by the worker's clock, than its
+    last look. The look for parked waits follows the log's own order (its sequence),
+    not the clocks, so the event wakes the wait at once, not at its timeout."""
+    from cantata.store import postgres_event_writes
+
+    url = with_schema(postgres_url, fresh_schema)
+    async with build(url, poll_interval=0.05) as app:
+        handle = await app.start("waiter", 11, 0.0)
+        await eventually(lambda: parked(app, handle.run_id), timeout=5)
+        # (the run's own wait takes events stored since it was created, by the clocks)
+        await asyncio.sleep(2.5)
+        monkeypatch.setattr(postgres_event_writes, "time", ClockBehind(2.0))
+        await app.publish("invoice.approved", {"order": 11, "amount": 3})
+        monkeypatch.undo()
+        assert await handle.result(timeout=10) == {"amount": 3}  # the timeout: 30 s
 
 
 def _spawn(store: str) -> subprocess.Popen[str]:

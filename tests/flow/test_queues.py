@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import pytest
 
 from cantata import App, Rate, RunStatus
 from cantata.errors import ConfigurationError, QueueConflict, UnknownQueue
+from cantata.store.factory import store_from_url
 from cantata.testing import environment
 from tests.flow.helpers import max_in_window, max_overlap, until
 
@@ -149,7 +151,7 @@ async def test_bad_queue_input_names_the_value() -> None:
         app.queue("z", per_worker=-1)
     with pytest.raises(ConfigurationError, match=r"Rate limit .* got 0"):
         Rate(0, per=1)
-    with pytest.raises(ConfigurationError, match=r"per= must be seconds > 0, got -5"):
+    with pytest.raises(ConfigurationError, match=r"per= must be .* seconds .*, got -5"):
         Rate(1, per=-5)
     async with environment(app):
         with pytest.raises(UnknownQueue, match="'nope'"):
@@ -177,6 +179,49 @@ def test_limits_above_int64_are_refused_at_declaration() -> None:
         app.step(concurrency=2**63)
     # the largest value passes
     assert app.queue("c", concurrency=top, per_worker=top, rate=Rate(top)) == "c"
+
+
+@pytest.mark.parametrize("per", [
+    1e-12, 0.0009, 0, 0.0, -5, -1e-3, float("nan"), float("inf"), float("-inf"),
+    3_155_760_001, 10**30, 10**400, True, "1", None,
+])
+def test_a_rate_window_out_of_range_is_refused_naming_it_and_the_range(per: object) -> None:
+    """A window from 1 ms to 100 years, as every other duration: ``per=1e-12`` (a limit
+    that nothing can keep, and a window no clock measures) is refused where the Rate is
+    made, with the value and the range in the message."""
+    with pytest.raises(ConfigurationError) as caught:
+        Rate(5, per=per)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert f"got {per!r}" in message
+    assert "from 0.001 seconds (1 ms) to 3155760000 seconds (100 years)" in message
+
+
+def test_a_rate_window_at_either_end_of_the_range_is_taken() -> None:
+    assert Rate(5, per=0.001).per == 0.001
+    assert Rate(5, per=3_155_760_000).per == 3_155_760_000
+    assert str(Rate(2, per=0.5)) == "2/0.5s"
+
+
+async def test_a_window_an_older_version_stored_still_reads(sqlite_url: str) -> None:
+    """Older versions took any ``per > 0``: a queue row keeping such a window is read as
+    it is (shown, compared), not refused as a declaration would be, and the next open
+    that declares the queue replaces it."""
+    app, _, _ = queue_app(rate=Rate(2, per=1))
+    app.configure(store=sqlite_url)
+    async with app.client():
+        pass
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE queues SET rate_per=1e-12 WHERE name='q'")
+    store = store_from_url(sqlite_url)
+    await store.open()
+    try:
+        [old] = await store.queues(app.name)
+    finally:
+        await store.close()
+    assert old.rate is not None and (old.rate.limit, old.rate.per) == (2, 1e-12)
+    async with app.client():
+        [spec] = await app.engine.store.queues(app.name)
+    assert spec.rate == Rate(2, per=1)
 
 
 def test_priorities_must_be_a_bool() -> None:

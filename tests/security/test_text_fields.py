@@ -60,9 +60,10 @@ async def test_start_and_publish_refuse_it_naming_the_field(
 
 
 async def test_ids_too_long_to_index_are_refused_and_the_longest_kept(store_url: str) -> None:
-    """Ids, types and correlation ids are indexed: PostgreSQL cannot index text of more
-    than 2,704 bytes. At most 500 characters are taken, where they are given (the same
-    bound as on an event from the broker); 500 characters of 4 bytes each are kept."""
+    """Ids, types, correlation ids, idempotency keys and queue partitions are indexed:
+    PostgreSQL cannot index text of more than 2,704 bytes. At most 500 characters are
+    taken, where they are given (the same bound as on an event from the broker); 500
+    characters of 4 bytes each are kept."""
     app = make_app(store_url)
 
     @app.workflow
@@ -70,13 +71,26 @@ async def test_ids_too_long_to_index_are_refused_and_the_longest_kept(store_url:
         await ctx.emit("order.echoed", {"x": x})
         return x
 
+    app.queue("per-customer", concurrency=1)
+
+    @app.workflow(queue="per-customer")
+    async def queued(ctx: WorkflowContext, x: int) -> int:
+        return x
+
     # random, so that PostgreSQL cannot compress it under its limit
     long = secrets.token_hex(5000)
     wide = "".join(chr(0x1F600 + secrets.randbelow(0x40)) for _ in range(MAX_ATTRIBUTE))
     async with app:
+        for field in ("correlation_id", "idempotency_key"):
+            with pytest.raises(ConfigurationError,
+                               match=rf"{field} is 10000 characters long .*at most 500"):
+                await app.start(echo, 1, **{field: long})
         with pytest.raises(ConfigurationError,
-                           match=r"correlation_id is 10000 characters long .*at most 500"):
-            await app.start(echo, 1, correlation_id=long)
+                           match=r"idempotency_key is 10000000 characters long .*at most 500"):
+            await app.start(echo, 1, idempotency_key="x" * 10_000_000)
+        with pytest.raises(ConfigurationError,
+                           match=r"partition is 10000 characters long .*at most 500"):
+            await app.start(queued, 1, partition=long)
         for field in ("id", "correlation_id"):
             with pytest.raises(InvalidEvent,
                                match=rf"'{field}' is 10000 characters long .*at most 500"):
@@ -87,8 +101,12 @@ async def test_ids_too_long_to_index_are_refused_and_the_longest_kept(store_url:
         # the longest, of characters of 4 bytes in UTF-8
         event = await app.publish("order.placed", {"n": 1}, id=wide, correlation_id=wide)
         assert (await app.store.get_event(app.name, event.id)) == event
-        run = await app.start(echo, 2, correlation_id=wide)
+        run = await app.start(echo, 2, correlation_id=wide, idempotency_key=wide)
         assert await run.result(timeout=10) == 2
+        assert (await app.start(echo, 2, idempotency_key=wide)).run_id == run.run_id
+        assert [r.run_id for r in await app.find_runs(idempotency_key=wide)] == [run.run_id]
+        waited = await app.start(queued, 3, partition=wide)
+        assert await waited.result(timeout=10) == 3
         assert (await app.trace(wide)).kind in ("event", "run")
 
 

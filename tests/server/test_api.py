@@ -516,3 +516,21 @@ async def test_a_long_attr_is_cut_short_in_the_message(shop: Shop) -> None:
         assert r.status_code == 422 and r.json()["error"]["field"] == "attr", r.text[:200]
         message = r.json()["error"]["message"]
         assert len(message) < 400 and "…" in message, message[:500]
+
+
+async def test_an_idempotency_key_longer_than_the_api_takes_is_refused_naming_it(
+    shop: Shop,
+) -> None:
+    """The API takes ids of at most 200 printable characters (``ID_PATTERN``): a longer
+    key, up to a body of ten million characters, is a 4xx naming the field, and no run
+    is stored."""
+    start = "/api/workflows/place_order/runs"
+    for key in ("k" * 201, "k" * 10_000_000):
+        r = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": key})
+        assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+        error = r.json()["error"]
+        assert error["field"] == "idempotency_key", error
+        assert len(r.content) < 2000  # the key is not echoed back whole
+    assert await shop.app.list_runs() == []
+    ok = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": "k" * 200})
+    assert ok.status_code == 201, ok.text

@@ -3,15 +3,18 @@ the session cookie of the dashboard, security headers, secrets never shown."""
 
 from __future__ import annotations
 
+import ast
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from cantata import App
+from cantata.server import deps
 from tests.server.conftest import Shop
 
 ID = "0123456789abcdef0123456789abcdef"
@@ -234,3 +237,20 @@ async def test_the_store_password_is_never_shown(pg_with_password: str) -> None:
                 seen.append(r.text)
             session = (await c.get("/api/session", headers=h)).json()
     assert "***" in session["store"] and "Sup3rSecretPw" not in "".join(seen)
+
+
+def test_the_role_of_a_route_is_spelled_in_one_place() -> None:
+    """``Viewer``, ``Operator`` and ``Admin`` (a route's caller with that role) are
+    defined once, in server/deps.py, next to the role table the gate reads: a route
+    module imports them, none declares its own ``Annotated[Principal, Depends(...)]``."""
+    server = Path(deps.__file__).parent
+    for path in sorted(server.glob("*.py")):
+        if path.name == "deps.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Depends":
+                names = {a.id for a in node.args if isinstance(a, ast.Name)}
+                assert not names & {"viewer", "operator", "admin"}, (
+                    f"{path.name}:{node.lineno} declares a role dependency of its own: "
+                    "import Viewer / Operator / Admin from cantata.server.deps")
+    assert all(hasattr(deps, alias) for alias in ("Viewer", "Operator", "Admin"))

@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
         # what the broker says of itself (NATS unreachable: events wait in the outbox,
-        # docs/deploy.md) is shown by every command; a worker's --log-level resets it
+        # docs/deploy.md) is shown by every command, and so is a run started outside
+        # its workflow's queue (flow/queues.py); a worker's --log-level resets them
         logging.getLogger("cantata.broker").setLevel(logging.WARNING)
+        logging.getLogger("cantata.queues").setLevel(logging.WARNING)
     secrets.install_log_masking()
     try:
         # (without standalone mode, click returns a typer.Exit's code instead of raising)

@@ -14,7 +14,7 @@ from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.checks import check_key
 from cantata.model.event import MAX_ATTRIBUTE, Event
-from cantata.model.idempotency import args_hash
+from cantata.model.idempotency import KEY_ADVICE, args_hash
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
@@ -31,6 +31,7 @@ from .runner import RunExecution
 from .shutdown import drain
 
 if TYPE_CHECKING:
+    from cantata.flow.queues import DeclaredQueues
     from cantata.flow.service import FlowService
     from cantata.model.flow import QueueEntry
 
@@ -116,6 +117,8 @@ class Engine:
         # outside of those types for them: broker/nats_outside.py).
         self.waits_reached: Callable[[list[str]], Awaitable[None]] | None = None
         self._known_remote: set[str] = set()
+        # The queues of workflows whose code is not here (a start by name: flow/queues.py)
+        self.declared_queues: DeclaredQueues | None = None
         self._remote_steps: dict[str, StepDef] = {}
         # (monotonic time, patterns every service declared): the orphan check's cache
         self.declared_patterns: tuple[float, list[str]] | None = None
@@ -205,9 +208,7 @@ class Engine:
             The run, and whether this call created it (``False``: the key's run existed,
             nothing was started).
         """
-        check_key("idempotency_key", idempotency_key, "the business key that makes this "
-                  "start unique (e.g. 'order-42'), or None for a new run each time",
-                  empty=False)
+        check_key("idempotency_key", idempotency_key, KEY_ADVICE, empty=False)
         # (bounded as an event's: the events the run emits carry it)
         check_key("correlation_id", correlation_id, "the id of the business transaction to "
                   "join, or None to begin a new one", longest=MAX_ATTRIBUTE)

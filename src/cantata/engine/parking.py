@@ -14,7 +14,8 @@ The wake-ups, and why none is lost:
 - a timer: ``Store.claim_runs(now=...)`` takes due runs; each worker's claim loop
   sleeps until the next ``wake_at`` (``Store.next_wake``).
 - an event: every poll, :func:`wake_for_events` reads the new events of each type
-  parked runs wait for and wakes the waits they match (``Store.wake_waiting``). An
+  parked runs wait for (new in the log's order, whatever the writers' clocks) and
+  wakes the waits they match (``Store.wake_waiting``). An
   event stored before the run was parked is found by the look made right after the
   park commit (:func:`evict`), which wakes the run again if it matches.
 - a child's end: the child's final checkpoint wakes its parent in the same
@@ -83,6 +84,7 @@ class HotRuns:
         self.enabled = park_after is not None and isinstance(engine.clock, SystemClock)
         self._idle: dict[str, RunExecution] = {}  # insertion order: oldest first
         self.checked_at = 0.0  # wall time of the last look for parked waits' events
+        self.position: int | None = None  # where the log ended when that look began
         self.seen: dict[str, set[str]] = {}  # event type -> ids seen by that look
 
     def enter(self, x: RunExecution) -> None:
@@ -159,11 +161,21 @@ async def evict(
 
 
 async def wake_for_events(engine: Engine) -> None:
-    """Wake the parked waits that the events stored since the last look match."""
+    """Wake the parked waits that the events stored since the last look match.
+
+    "Since" is the log's own order: what was stored after the log position read as
+    the last look began, whatever the clocks of the processes that wrote it (each
+    stamps ``stored_at`` with its own: one whose clock is behind this worker's stores
+    events "older" than this worker's last look). The look also takes what was stored
+    in the last second by this worker's clock (a write under way as the position was
+    read may come before it in the log); the ids it saw last time are left out.
+    """
     hot = engine.hot
     now = time.time()
     since = (hot.checked_at or now) - 1.0  # margin: late commits
     hot.checked_at = now
+    position = hot.position
+    hot.position = await engine.store.log_position(engine.app)  # before the look
     waits = await engine.store.parked_waits(engine.app)
     by_type: dict[str, list[str]] = {}
     for waits_for in waits:
@@ -175,6 +187,7 @@ async def wake_for_events(engine: Engine) -> None:
         while True:  # all of them: one not read now would be behind the next look
             events = await engine.store.find_events(
                 engine.app, event_type, since=since, exclude=sorted(seen), limit=limit,
+                position=position,
             )
             if len(events) < limit:
                 break

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from typing import TYPE_CHECKING
 
+from cantata.declare.records import declared_queues
 from cantata.errors import ConfigurationError, UnknownQueue
-from cantata.model.checks import check_text
+from cantata.model.checks import check_key
+from cantata.model.event import MAX_ATTRIBUTE
 from cantata.model.flow import QueueEntry, make_spec  # noqa: F401 (make_spec re-exported)
 from cantata.quietlog import QuietLog, outage_interval, reason
 
@@ -34,12 +38,14 @@ async def entry_for(
 ) -> QueueEntry | None:
     """Where a new run of ``workflow`` waits (``None``: it begins at once).
 
-    ``queue`` defaults to the workflow's ``@app.workflow(queue=...)``.
+    ``queue`` defaults to the workflow's ``@app.workflow(queue=...)``: where this
+    process does not have the workflow's code, as the code that declared it recorded it
+    (:func:`declared_queue`).
 
     Raises:
         UnknownQueue: no process of the app declared the queue.
-        ConfigurationError: ``priority`` is not an int or ``partition`` not a string,
-            or either is given without a queue.
+        ConfigurationError: ``priority`` is not an int or ``partition`` not a string
+            of 1-500 characters, or either is given without a queue.
     """
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ConfigurationError(f"priority must be an integer, got {priority!r}")
@@ -47,13 +53,12 @@ async def entry_for(
         raise ConfigurationError(
             f"priority={priority!r} is out of range: use an integer from -2**63 to 2**63-1"
         )
-    if partition is not None and (not isinstance(partition, str) or not partition):
-        raise ConfigurationError(f"partition must be a non-empty string, got {partition!r}")
-    if partition is not None:
-        check_text("partition", partition)
+    # (bounded as an event's attributes: the store indexes it with the queue)
+    check_key("partition", partition, "the key the queue's limits apply per (e.g. a "
+              "customer id), or None", empty=False, longest=MAX_ATTRIBUTE)
     if queue is None:
         wdef = engine.router.workflows.get(workflow)
-        queue = wdef.queue if wdef is not None else None
+        queue = wdef.queue if wdef is not None else await declared_queue(engine, workflow)
     if queue is None:
         if priority != 0 or partition is not None:
             raise ConfigurationError(
@@ -69,7 +74,62 @@ async def entry_for(
                 f"no queue named {queue!r} in app {engine.app!r} (known: "
                 f"{', '.join(sorted(known)) or 'none'}); declare it with app.queue({queue!r})"
             )
-    return QueueEntry(queue, partition or "", priority)
+    return QueueEntry(queue, "" if partition is None else str(partition), priority)
+
+
+#: Seconds a process keeps the queues it read from the declarations before it reads
+#: them again: a start by name follows a deploy that changed a workflow's queue.
+DECLARED_TTL = 5.0
+
+
+class DeclaredQueues:
+    """The queues of the workflows whose code this process does not have, as the
+    processes with the code declared them (``cantata.declare.records``), read at most
+    every :data:`DECLARED_TTL` seconds."""
+
+    def __init__(self) -> None:
+        self.read_at = -math.inf
+        self.queues: dict[str, str | None] = {}
+        self.warned: set[str] = set()  # workflows whose unknown queue was warned about
+
+    async def of(self, engine: Engine, workflow: str) -> str | None:
+        """The queue of ``workflow`` (``None``: none, or none recorded)."""
+        now = time.monotonic()
+        if now - self.read_at > DECLARED_TTL or workflow not in self.queues:
+            self.queues = declared_queues(await engine.store.declarations(engine.app))
+            self.read_at = now
+        if workflow not in self.queues:
+            return None  # not declared: the caller tells (UnknownWorkflow)
+        queue = self.queues[workflow]
+        if queue is None:
+            await self._not_recorded(engine, workflow)
+        return queue or None
+
+    async def _not_recorded(self, engine: Engine, workflow: str) -> None:
+        """Warn (once per workflow) that a run of ``workflow`` may skip its queue: the
+        code that declared it did not record one, and the app has queues."""
+        if workflow in self.warned:
+            return
+        known = sorted(q.name for q in await engine.store.queues(engine.app))
+        if not known:
+            return  # no queue to skip
+        self.warned.add(workflow)
+        log.warning(
+            "workflow %r is started by name without its code here, and the code that "
+            "declared it does not record its queue (an older Cantata version); app %r has "
+            "queues: %s. The run begins outside any queue: to keep a queue's limits, start "
+            "it from a process with the workflow's code, pass queue=NAME to app.start, or "
+            "open the app's workers on this version (their declarations record it)",
+            workflow, engine.app, ", ".join(known),
+        )
+
+
+async def declared_queue(engine: Engine, workflow: str) -> str | None:
+    """The queue of ``workflow``, whose code this process does not have, as the code
+    that declared it recorded it (``None``: none; warned about when not recorded)."""
+    if engine.declared_queues is None:
+        engine.declared_queues = DeclaredQueues()
+    return await engine.declared_queues.of(engine, workflow)
 
 
 class QueueLoop:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 
 from cantata.errors import ConfigurationError
+from cantata.model.checks import LONGEST, MAX_SECONDS
 from cantata.model.records import RunRecord
 
 # The largest limit: the stores keep limits as signed 64-bit integers.
@@ -37,12 +39,42 @@ def check_limit(what: str, value: object) -> int | None:
     return value
 
 
+#: The shortest window of a :class:`Rate`, in seconds: a millisecond. A shorter one
+#: is no window the stores' begin times (wall-clock seconds) and the workers' wake-ups
+#: can keep a limit in; the longest is any duration's, :data:`MAX_SECONDS`.
+MIN_WINDOW = 0.001
+WINDOWS = f"from {MIN_WINDOW} seconds (1 ms) to {LONGEST}"
+
+
+def check_window(per: object) -> None:
+    """``per`` is a :class:`Rate`'s window: a number of seconds in :data:`WINDOWS`.
+
+    Raises:
+        ConfigurationError: naming the value and the range (a bool, a string, NaN or
+            infinity is out of it too).
+    """
+    if isinstance(per, bool) or not isinstance(per, Real) or not _in_windows(per):
+        raise ConfigurationError(
+            f"Rate per= must be a number of seconds {WINDOWS}, got {per!r}: pass the "
+            "window the limit counts begins in, e.g. Rate(50, per=60) for 50 a minute"
+        )
+
+
+def _in_windows(per: Real) -> bool:
+    try:
+        seconds = float(per)
+    except OverflowError:  # an int too large for a float
+        return False
+    return MIN_WINDOW <= seconds <= MAX_SECONDS  # (False for NaN)
+
+
 @dataclass(frozen=True, slots=True)
 class Rate:
     """At most ``limit`` begins in any window of ``per`` seconds (a sliding window).
 
     Raises:
-        ConfigurationError: ``limit`` is not a whole number > 0 or ``per`` is not > 0.
+        ConfigurationError: ``limit`` is not a whole number from 1 to 2**63-1, or
+            ``per`` is not a number of seconds from 0.001 (1 ms) to 100 years.
     """
 
     limit: int
@@ -50,9 +82,7 @@ class Rate:
 
     def __post_init__(self) -> None:
         check_limit("Rate limit", self.limit)
-        if (isinstance(self.per, bool) or not isinstance(self.per, int | float)
-                or not math.isfinite(self.per) or self.per <= 0):
-            raise ConfigurationError(f"Rate per= must be seconds > 0, got {self.per!r}")
+        check_window(self.per)
 
     @property
     def window(self) -> float:
@@ -65,6 +95,16 @@ class Rate:
 
     def __str__(self) -> str:
         return f"{self.limit}/{self.per:g}s"
+
+
+def stored_rate(limit: int, per: float) -> Rate:
+    """A queue's rate as a store kept it, unchecked: older versions took any window
+    above 0 (``per=1e-12``), and such a row must still read (shown by ``cantata
+    queues``, compared by the next declaration, which replaces it)."""
+    rate = object.__new__(Rate)
+    object.__setattr__(rate, "limit", limit)
+    object.__setattr__(rate, "per", per)
+    return rate
 
 
 @dataclass(frozen=True, slots=True)

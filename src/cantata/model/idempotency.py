@@ -11,6 +11,10 @@ hashes were canonical) still matches its retry.
 A run that ``app.start_on`` starts for an event has a key of its own
 (:func:`trigger_keys`): ``event:<event id>`` for the first workflow started by
 that event, ``event:<workflow>:<event id>`` for each other one.
+
+A key a caller gives (``app.start``, ``cantata start``, the console's API) is at
+most :data:`MAX_GIVEN_KEY` characters (:func:`check_given_key`): the store indexes
+it, and PostgreSQL cannot index text of more than 2,704 bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,28 @@ import hashlib
 import orjson
 
 from cantata.errors import IdempotencyConflict
+from cantata.model.checks import check_key
+from cantata.model.event import MAX_ATTRIBUTE
 from cantata.model.records import RunRecord
+
+#: The longest idempotency key a caller gives, in characters: an event attribute's
+#: bound (500 characters of up to 4 bytes each fit the store's index).
+MAX_GIVEN_KEY = MAX_ATTRIBUTE
+KEY_ADVICE = (
+    "the business key that makes this start unique (e.g. 'order-42'), or None "
+    "for a new run each time"
+)
+
+
+def check_given_key(key: object) -> None:
+    """``key`` as a caller's ``idempotency_key``: ``None``, or a non-empty string of at
+    most :data:`MAX_GIVEN_KEY` characters the store keeps as it is. (Keys Cantata makes,
+    :func:`trigger_keys`, a child's or a schedule tick's, are not bounded here.)
+
+    Raises:
+        ConfigurationError: naming the key (cut), its length and what to pass.
+    """
+    check_key("idempotency_key", key, KEY_ADVICE, empty=False, longest=MAX_GIVEN_KEY)
 
 
 def canonical_args(args_json: str) -> str:

@@ -455,8 +455,9 @@ def workflow_items(router: Router, workflow: str) -> tuple[list[FlowItem], str] 
     return (items, "from code (static analysis)") if items else None
 
 
-def workflow_shape(router: Router, workflow: str) -> str | None:
-    """``workflow``'s map as its declaration keeps it in the store (JSON), for consoles
+def workflow_shape(router: Router, workflow: str) -> dict[str, Any] | None:
+    """``workflow``'s map as its declaration keeps it in the store (the ``map`` and
+    ``origin`` of its JSON detail, see :mod:`cantata.declare.records`), for consoles
     and tools without the code; ``None`` when the code cannot tell it."""
     known = workflow_items(router, workflow)
     if known is None:
@@ -464,7 +465,7 @@ def workflow_shape(router: Router, workflow: str) -> str | None:
     items, origin = known
     calls = [{"kind": i.kind, "name": i.name, "compensate": i.compensate, "note": i.note}
              for i in items]
-    return codec.dumps({"map": calls, "origin": origin}, f"the map of workflow {workflow!r}")
+    return {"map": calls, "origin": origin}
 
 
 def declared_items(declarations: Sequence[Declaration], workflow: str
@@ -480,7 +481,7 @@ def declared_items(declarations: Sequence[Declaration], workflow: str
                               str(c["compensate"]) if c.get("compensate") else None,
                               str(c.get("note") or "")) for c in info["map"]]
         except (SerializationError, KeyError, TypeError, AttributeError):
-            return None  # not a map this version wrote
+            return None  # no map kept (the code could not tell it), or not one we read
         if items:
             return items, f"{info.get('origin', 'from code')}, as declared in the store"
     return None

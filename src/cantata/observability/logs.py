@@ -154,5 +154,5 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(number)
-    for name in ("cantata", "cantata.broker"):  # (the CLI raises the broker's)
+    for name in ("cantata", "cantata.broker", "cantata.queues"):  # (the CLI raises these)
         logging.getLogger(name).setLevel(logging.NOTSET)  # inherit the root's level

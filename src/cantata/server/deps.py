@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
-from fastapi import Request, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cantata.model.access import Role
@@ -43,6 +44,11 @@ def needs(role: Role) -> Callable[..., Awaitable[Principal]]:
 viewer = needs(Role.VIEWER)
 operator = needs(Role.OPERATOR)
 admin = needs(Role.ADMIN)
+
+# A route's caller, as a parameter: ``who: Operator`` makes the route need that role.
+Viewer = Annotated[Principal, Depends(viewer)]
+Operator = Annotated[Principal, Depends(operator)]
+Admin = Annotated[Principal, Depends(admin)]
 
 
 def route_role(request: Request) -> Role | None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from cantata.model.access import Role
 from cantata.model.status import RunStatus
 from cantata.server import params
-from cantata.server.auth import CSRF_HEADER, SESSION_COOKIE, Principal, authenticate_token
-from cantata.server.deps import ERRORS, admin, viewer
+from cantata.server.auth import CSRF_HEADER, SESSION_COOKIE, authenticate_token
+from cantata.server.deps import ERRORS, Admin, Viewer
 from cantata.server.errors import ApiError
 from cantata.server.models import (
     AuditPage,
@@ -28,8 +28,6 @@ from cantata.server.stream import frames
 
 router = APIRouter(responses=ERRORS)
 
-Viewer = Annotated[Principal, Depends(viewer)]
-Admin = Annotated[Principal, Depends(admin)]
 SESSION_MAX_AGE = 8 * 3600
 
 

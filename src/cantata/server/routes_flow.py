@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 
 from cantata.errors import ConfigurationError, UnknownSchedule
 from cantata.model.checks import check_text
 from cantata.server.auth import Principal
-from cantata.server.deps import ERRORS, operator, viewer
+from cantata.server.deps import ERRORS, Operator, Viewer
 from cantata.server.errors import ApiError
 from cantata.server.models import (
     QueueOut,
@@ -28,8 +28,6 @@ from cantata.server.state import console_of
 
 router = APIRouter(prefix="/api", tags=["flow"], responses=ERRORS)
 
-Viewer = Annotated[Principal, Depends(viewer)]
-Operator = Annotated[Principal, Depends(operator)]
 # A schedule's name is 1-100 characters of any text (a '/' too: the path converter
 # takes it, the dashboard encodes it).
 ScheduleName = Annotated[str, Path(min_length=1, max_length=100,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 
 from cantata.declare.defs import Parameters, WorkflowDef
 from cantata.engine.recovery import check_attribute_names
@@ -21,8 +21,7 @@ from cantata.errors import (
 from cantata.model.access import RunQuery
 from cantata.model.status import RunStatus
 from cantata.server import params
-from cantata.server.auth import Principal
-from cantata.server.deps import ERRORS, operator, viewer
+from cantata.server.deps import ERRORS, Operator, Viewer
 from cantata.server.errors import ApiError, bad_input, caused_by
 from cantata.server.models import (
     CancelOut,
@@ -45,8 +44,6 @@ from cantata.store.base import Store
 
 router = APIRouter(prefix="/api", tags=["runs"], responses=ERRORS)
 
-Viewer = Annotated[Principal, Depends(viewer)]
-Operator = Annotated[Principal, Depends(operator)]
 RunId = Annotated[str, Path(pattern=params.ID_PATTERN, description="A run id")]
 IdFilter = Annotated[str | None, Query(pattern=params.ID_PATTERN)]
 

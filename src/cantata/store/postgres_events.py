@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cantata.errors import DeadLetterNotFound
+from cantata.errors import ConfigurationError, DeadLetterNotFound
 from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
     DeadLetter,
@@ -55,30 +55,42 @@ class PostgresEvents(PostgresCore):
 
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int,
-        after: str | None = None,
+        after: str | None = None, position: int | None = None,
     ) -> list[Event[Any]]:
         wildcard = "*" in event_type
-        sql = (
-            f"SELECT {EVENT_COLS} FROM events WHERE app=$1 AND "
+        of_type = (
+            f"SELECT {EVENT_COLS}, seq FROM events WHERE app=$1 AND "
             + ("type LIKE $2 ESCAPE '\\'" if wildcard else "type=$2")
-            + " AND stored_at>=$3 AND NOT (id = ANY($4::text[]))"
+            + " AND NOT (id = ANY($4::text[]))"
         )
+        sql = of_type + " AND stored_at>=$3"
         args: list[Any] = [
             app, like_pattern(event_type) if wildcard else event_type, since, list(exclude),
             limit,
         ]
+        if position is not None and after is not None:
+            raise ConfigurationError("find_events takes after= or position=, not both")
+        if position is not None:
+            # Those stored after ``position`` by the clocks too early for ``since``: a
+            # range of the seq index (what was stored since), whatever the clocks.
+            sql = f"{sql} UNION ALL {of_type} AND seq>$6 AND stored_at<$3"
+            args.append(position)
         place = None if after is None else await self._event_place(app, after)
         if place is not None:
             # The events after ``after`` in the log (seq: one order for every writer,
             # whatever their clocks), looked for from AFTER_SKEW before it by the
             # clocks: the scan stays a range of the (app, type, stored_at) index.
             seq, stored_at = place
-            sql += " AND (stored_at>=$6 OR seq>$7)"
-            args[2] = min(since, stored_at - AFTER_SKEW)
-            args += [since, seq]
+            sql = of_type + " AND stored_at>=$3 AND (stored_at>=$6 OR seq>$7)"
+            args[2:] = [min(since, stored_at - AFTER_SKEW), list(exclude), limit, since, seq]
         rows = await self._db.fetch(sql + " ORDER BY seq LIMIT $5", *args)
         found = [event_row(r) for r in rows]
         return [e for e in found if matches(event_type, e.type)] if wildcard else found
+
+    async def log_position(self, app: str) -> int:
+        # (the store's log: the seq index answers it at once, whatever the apps)
+        row = await self._db.fetchrow("SELECT coalesce(max(seq), 0) FROM events")
+        return 0 if row is None else int(row[0])
 
     async def _event_place(self, app: str, event_id: str) -> tuple[int, float] | None:
         """The seq and stored_at of a stored event (``None`` if it is not stored), kept

@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    stored_rate,
     waiters_forgotten_before,
     waiters_live_since,
 )
@@ -91,7 +92,7 @@ async def _mind_waiters(c: Conn, key: tuple[str, str, str, str, float, float], n
 
 
 def queue_spec(row: Row) -> QueueSpec:
-    rate = None if row[3] is None else Rate(int(row[3]), float(row[4]))
+    rate = None if row[3] is None else stored_rate(int(row[3]), float(row[4]))
     return QueueSpec(row[0], row[1], row[2], rate, bool(row[5]))
 
 

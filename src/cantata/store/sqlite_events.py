@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from cantata.errors import DeadLetterNotFound
+from cantata.errors import ConfigurationError, DeadLetterNotFound
 from cantata.model import codec
 from cantata.model.event import Event, like_pattern, matches
 from cantata.model.records import (
@@ -88,8 +88,10 @@ class SQLiteEvents(SQLiteCore):
 
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int,
-        after: str | None = None,
+        after: str | None = None, position: int | None = None,
     ) -> list[Event[Any]]:
+        if position is not None and after is not None:
+            raise ConfigurationError("find_events takes after= or position=, not both")
         skip = list(exclude)
         wildcard = "*" in event_type
         bound: tuple[Any, ...] = (since,)
@@ -104,19 +106,31 @@ class SQLiteEvents(SQLiteCore):
                 "FROM events WHERE app=? AND id=?))"
             )
             bound = (since, app, after, AFTER_SKEW, since, since, app, after)
-        sql = (
-            f"SELECT {EVENT_COLS} FROM events WHERE app=? AND "
+        of_type = (
+            f"SELECT {EVENT_COLS}, seq FROM events WHERE app=? AND "
             + ("type LIKE ? ESCAPE '\\'" if wildcard else "type=?")
-            + stored
             + (f" AND id NOT IN ({','.join('?' * len(skip))})" if skip else "")
-            + " ORDER BY seq LIMIT ?"
         )
         wanted = like_pattern(event_type) if wildcard else event_type
+        sql = of_type + stored
+        params: tuple[Any, ...] = (app, wanted, *skip, *bound)
+        if position is not None:
+            # Those stored after ``position`` by the clocks too early for ``since``
+            # (a range of seq, the rowid), whatever the clocks.
+            sql += f" UNION ALL {of_type} AND seq>? AND stored_at<?"
+            params += (app, wanted, *skip, position, since)
         rows = await self._t.read(
-            lambda c: c.execute(sql, (app, wanted, *bound, *skip, limit)).fetchall()
+            lambda c: c.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         )
         found = [event_row(r) for r in rows]
         return [e for e in found if matches(event_type, e.type)] if wildcard else found
+
+    async def log_position(self, app: str) -> int:
+        # (the store's log: seq is the rowid, its largest is read at once)
+        row = await self._t.read(
+            lambda c: c.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+        )
+        return int(row[0])
 
     async def claim_deliveries(
         self,

@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    stored_rate,
     waiters_forgotten_before,
     waiters_live_since,
 )
@@ -85,7 +86,7 @@ def _mind_waiters(c: sqlite3.Connection, args: dict[str, object], granted: bool,
 
 def queue_spec(row: tuple[object, ...]) -> QueueSpec:
     name, conc, per_worker, rate_limit, rate_per, prio = row
-    rate = None if rate_limit is None else Rate(int(rate_limit), float(rate_per))  # type: ignore[call-overload, arg-type]
+    rate = None if rate_limit is None else stored_rate(int(rate_limit), float(rate_per))  # type: ignore[call-overload, arg-type]
     return QueueSpec(str(name), conc, per_worker, rate, bool(prio))  # type: ignore[arg-type]
 
 

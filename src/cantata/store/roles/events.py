@@ -128,7 +128,7 @@ class EventStore(Protocol):
 
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int,
-        after: str | None = None,
+        after: str | None = None, position: int | None = None,
     ) -> list[Event[Any]]:
         """Events of ``event_type`` stored at or after ``since``, oldest first.
 
@@ -139,7 +139,16 @@ class EventStore(Protocol):
         processes only roughly). A store may look for them only among those stored
         at most :data:`AFTER_SKEW` seconds before it by the clocks. An ``after`` not
         stored adds nothing.
+        ``position``: a :meth:`log_position` read earlier; the events stored after it
+        count too, whatever their ``stored_at`` (not given with ``after``).
         """
+
+    async def log_position(self, app: str) -> int:
+        """Where the log ends now (0 when empty): the events stored later are after it
+        in the log's own order, whatever their writers' clocks, but for those whose
+        write was under way at that moment (a reader keeps a margin of time for them).
+        The position may be the store's, shared by its apps: it only compares with
+        other positions of the store."""
 
     async def claim_deliveries(
         self,

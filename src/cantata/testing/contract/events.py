@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cantata.errors import DeadLetterNotFound
+from cantata.errors import ConfigurationError, DeadLetterNotFound
 from cantata.model.records import (
     DELIVERY_DEAD,
     DELIVERY_DONE,
@@ -117,6 +117,41 @@ class EventsContract(StoreFixtures):
         assert await ids(after="not-stored") == []
         assert await ids(after="not-stored", since=0.0) == [early.id, reply.id, later.id]
         assert await ids(after=early.id) == [reply.id, later.id]
+
+    async def test_find_events_after_a_log_position_follows_the_log_not_the_clocks(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        start = await store.log_position(self.app)
+        assert start >= 0
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() - 20.0)  # a writer 20 s slow
+        early = ev("t.a")
+        await store.append_events(self.app, [early])
+        position = await store.log_position(self.app)
+        assert position > start
+        monkeypatch.setattr(time, "time", lambda: real() - 10.0)  # a writer 10 s slow
+        slow = ev("t.a")
+        await store.append_events(self.app, [slow])
+        monkeypatch.setattr(time, "time", real)
+        later, other = ev("t.a"), ev("t.b")
+        await store.append_events(self.app, [later, other])
+        assert await store.log_position(self.app) > position
+        cut = time.time() - 5.0  # after the slow writer's stamp, before the others'
+
+        async def ids(kind: str = "t.a", **kw: Any) -> list[str]:
+            args: dict[str, Any] = {"since": cut, "exclude": [], "limit": 100} | kw
+            return [e.id for e in await store.find_events(self.app, kind, **args)]
+
+        assert await ids() == [later.id]  # by the clocks alone, the slow one is missed
+        assert await ids(position=position) == [slow.id, later.id]
+        assert await ids("t.*", position=position) == [slow.id, later.id, other.id]
+        assert await ids(position=position, exclude=[slow.id]) == [later.id]
+        assert await ids(position=position, limit=1) == [slow.id]
+        assert await ids(position=position, since=0.0) == [early.id, slow.id, later.id]
+        assert await ids(position=start) == [early.id, slow.id, later.id]
+        assert await ids(position=await store.log_position(self.app)) == [later.id]
+        with pytest.raises(ConfigurationError, match="after= or position="):
+            await ids(position=position, after=early.id)
 
     async def test_delivery_states_of_a_group_for_many_events(self, store: Store) -> None:
         await self.handlers(store, ("g", "order.*"), ("h", "order.placed"))
