@@ -3,6 +3,9 @@ one per core by default, one where several make no sense."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from cantata import App
@@ -74,3 +77,24 @@ def test_many_processes_per_core_are_run_with_a_warning() -> None:
     count, why = worker.process_count(app, 17)  # (4 cores)
     assert count == 17 and why is not None and "17 worker processes on 4 cores" in why
     assert worker.process_count(app, 16) == (16, None)
+
+
+def test_a_worker_process_imports_no_other_commands_modules() -> None:
+    """A supervisor starts one worker process per core (and restarts them): `cantata
+    worker` runs without importing the other commands' modules, among them the API's
+    pydantic models; `cantata --help` still lists every command."""
+    probe = (
+        "import sys\n"
+        "from cantata.cli.main import main\n"
+        "code = main(['worker', 'shop:app', '--grace', '-1'])\n"  # refused: serves nothing
+        "loaded = sorted(m for m in sys.modules if m.startswith('cantata.cli.'))\n"
+        "print(code, loaded, 'cantata.server.models' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == (
+        "2 ['cantata.cli.common', 'cantata.cli.main', 'cantata.cli.worker'] False"
+    ), (done.stdout, done.stderr)
+    listed = subprocess.run([sys.executable, "-m", "cantata", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert all(f" {name} " in listed.stdout for name in ("worker", "runs", "serve", "audit"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -208,15 +209,71 @@ PATCHED = """if ctx.patched("fraud-check"):
         out.append(f"checked={await ctx.run(fraud_check, order_id)}")"""
 
 
-def _worker(spec: str, url: str, folder: Path) -> subprocess.Popen[bytes]:
-    """``cantata worker SPEC`` in its own process (it inherits PYTHONPATH)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "cantata", "worker", spec, "--store", url],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+# Seconds a worker process may take to serve, or to stop: it imports the app and
+# cantata and opens the store; on a loaded machine (the suite's other processes) that
+# is many seconds of waiting for a core.
+WORKER_START = 90.0
+
+
+def _worker(spec: str, url: str, folder: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``cantata worker SPEC`` in its own process (it inherits PYTHONPATH), and the pipe
+    on which it says it serves (``--ready-fd``, as to a supervisor; see
+    :func:`_served`). Its stderr goes to ``worker.log`` in ``folder`` (:func:`_log`)."""
+    read, write = os.pipe()
+    try:
+        with (folder / "worker.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cantata", "worker", spec, "--store", url,
+                 "--processes", "1", "--ready-fd", str(write)],
+                cwd=folder, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(write,),
+            )
+    finally:
+        os.close(write)
+    return proc, read
+
+
+async def _served(proc: subprocess.Popen[bytes], ready: int, folder: Path) -> None:
+    """Wait until the worker ``proc`` serves (it writes to its ready pipe): up to
+    :data:`WORKER_START` seconds. Raises AssertionError with its log otherwise."""
+    try:
+        said = await _read_byte(ready, WORKER_START)
+    finally:
+        os.close(ready)
+    if said == b"r":
+        return
+    if said is None:
+        proc.kill()
+    ended = await asyncio.to_thread(proc.wait, WORKER_START)
+    why = (f"did not serve within {WORKER_START:g} s" if said is None
+           else f"ended (exit status {ended}) before it served")
+    raise AssertionError(f"the worker {why}: {_log(folder)}")
+
+
+async def _read_byte(fd: int, timeout: float) -> bytes | None:
+    """The first byte written to ``fd`` (b"" once every writer closed it); None when
+    nothing came within ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if not got.done():
+            got.set_result(os.read(fd, 1))
+
+    loop.add_reader(fd, readable)
+    try:
+        return await asyncio.wait_for(got, timeout)
+    except TimeoutError:
+        return None
+    finally:
+        loop.remove_reader(fd)
+
+
+def _log(folder: Path) -> str:
+    return (folder / "worker.log").read_text(errors="replace")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * WORKER_START)
 async def test_old_worker_process_parks_runs_and_new_code_finishes_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,7 +283,8 @@ async def test_old_worker_process_parks_runs_and_new_code_finishes_them(
     (tmp_path / "shop_v2.py").write_text(V1.replace("PATCH", PATCHED))
     monkeypatch.syspath_prepend(str(tmp_path))
     url = f"sqlite:///{tmp_path}/shop.db"
-    old = _worker("shop_v1:app", url, tmp_path)
+    old, ready = _worker("shop_v1:app", url, tmp_path)
+    await _served(old, ready, tmp_path)
     try:
         v1 = importlib.import_module("shop_v1").app
         v1.configure(store=url)
@@ -236,8 +294,7 @@ async def test_old_worker_process_parks_runs_and_new_code_finishes_them(
                 await eventually(lambda h=h: _waiting(v1, h.run_id), timeout=30)
     finally:
         old.terminate()
-        _, err = old.communicate(timeout=20)
-        assert old.returncode == 0, err.decode()
+        assert await asyncio.to_thread(old.wait, WORKER_START) == 0, _log(tmp_path)
     v2 = importlib.import_module("shop_v2").app
     v2.configure(store=url)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
@@ -12,40 +13,42 @@ import typer
 from cantata.errors import CantataError
 from cantata.model import secrets
 
-from . import (
-    audit,
-    bench,
-    compare,
-    demo,
-    events,
-    flow,
-    observe,
-    recover,
-    replay,
-    runs,
-    serve,
-    worker,
+# The modules of cantata.cli that register commands, in the order `cantata --help`
+# lists them.
+COMMAND_MODULES = (
+    "demo", "worker", "runs", "recover", "replay", "events", "observe", "audit", "bench",
+    "compare", "serve", "flow",
 )
+# Commands run as many processes, started often (a supervisor starts one worker
+# process per core, and restarts them): `cantata worker ...` imports only its own
+# module, not the other commands' (the API's pydantic models, the console's views),
+# which were about a fifth of a worker's start (docs/architecture.md, `cli/`).
+LEAN_COMMANDS = {"worker": "worker"}
 
-cli = typer.Typer(
-    name="cantata",
-    help="Orchestration and choreography on one durable log, with one trace across both.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-demo.register(cli)
-worker.register(cli)
-runs.register(cli)
-recover.register(cli)
-replay.register(cli)
-events.register(cli)
-observe.register(cli)
-audit.register(cli)
-bench.register(cli)
-compare.register(cli)
-serve.register(cli)
-flow.register(cli)
+
+def build(args: list[str]) -> typer.Typer:
+    """The ``cantata`` command group, with the commands ``args`` may run: every one,
+    or only the command they name when it is one of :data:`LEAN_COMMANDS`."""
+    lean = LEAN_COMMANDS.get(args[0]) if args else None
+    cli = typer.Typer(
+        name="cantata",
+        help="Orchestration and choreography on one durable log, with one trace across "
+        "both.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    if lean is not None:
+        # A group still (with one command and no callback, Typer would make the command
+        # the whole program, and read its name as the command's first argument).
+        cli.callback()(_group)
+    for name in (lean,) if lean is not None else COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").register(cli)
+    return cli
+
+
+def _group() -> None:
+    """Orchestration and choreography on one durable log, with one trace across both."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     secrets.install_log_masking()
     try:
         # (without standalone mode, click returns a typer.Exit's code instead of raising)
-        returned = cli(args=args, prog_name="cantata", standalone_mode=False)
+        returned = build(args)(args=args, prog_name="cantata", standalone_mode=False)
     except typer.Abort:
         print("cantata: aborted", file=sys.stderr)
         return 130
