@@ -45,6 +45,16 @@ _R_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
 # that meets it). Rows of queue_runs only: a join with runs, planned on a new store's
 # empty tables, scanned every live run once per waiting row.
 _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NULL"
+# Of those, the rows whose run can still begin: pending, no cancel asked. The depth and
+# the places count only these (a claim may not have met a cancelled row for hours). A
+# scalar subquery on the run's primary key, one lookup per waiting row whatever the
+# tables' statistics: its WHERE names only the key, so neither a join order nor another
+# index of runs (runs_status_newest, runs_live) can be picked for it. (A join or EXISTS
+# is planned, on a new store's tables, as a scan of every pending run per waiting row.)
+_CAN_BEGIN = (
+    "(SELECT r.status='pending' AND NOT r.cancel_requested FROM runs r "
+    "WHERE r.app=q.app AND r.run_id=q.run_id)"
+)
 
 
 def queue_spec(row: Row) -> QueueSpec:
@@ -210,7 +220,8 @@ class PostgresFlow(PostgresCore):
             ):
                 spec = queue_spec(row)
                 waiting = await c.fetchrow(
-                    f"SELECT count(*), min(q.seq)::float8 / 1e6 {_WAITING}", app, spec.name
+                    f"SELECT count(*), min(q.seq)::float8 / 1e6 {_WAITING} AND {_CAN_BEGIN}",
+                    app, spec.name,
                 )
                 assert waiting is not None
                 active = await c.fetchval(
@@ -242,7 +253,7 @@ class PostgresFlow(PostgresCore):
             before = (f"(q.priority < $4 OR (q.priority = $4 AND {older}))" if priorities
                       else f"{older} AND $4::bigint IS NOT NULL")
             ahead = await c.fetchval(
-                f"SELECT count(*) {_WAITING} AND q.partition_key=$3 AND {before}",
+                f"SELECT count(*) {_WAITING} AND q.partition_key=$3 AND {before} AND {_CAN_BEGIN}",
                 app, queue, part, prio, seq, run_id,
             )
         return QueuePosition(queue, ahead, part)
