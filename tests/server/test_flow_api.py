@@ -18,6 +18,7 @@ from tests.helpers import eventually
 from tests.server.conftest import Shop, make_tokens
 from tests.server.shop import make_shop
 from tests.server.test_api import audit_records
+from tests.server.test_cli_json import cli_json
 
 YEARLY = "0 3 1 1 *"  # Jan 1st, 03:00: a code schedule that never ticks during a test
 
@@ -218,3 +219,28 @@ async def test_queues_show_limits_depth_in_progress_and_the_oldest_wait(shop: Sh
     assert abs(since.timestamp() - shop.app.clock.now()) < 60
     for h in handles:
         await h.cancel()
+
+
+async def test_the_clis_json_is_the_apis_for_schedules_and_queues(
+    shop: Shop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cantata schedules list --json` and `cantata queues --json` print the objects
+    `GET /api/schedules` and `GET /api/queues` answer, field for field."""
+    await shop.app.schedules.create("every-second", None, "yearly_report", every=1)
+    await eventually(lambda: _has_last_run(shop), timeout=15)
+    await shop.app.schedules.pause("every-second")  # (its ticks stay put between the reads)
+    api = (await shop.get("/api/schedules")).json()
+    cli = await cli_json(capsys, shop, "schedules", "list")
+    # the CLI opens the app by name, without its code: whether the code declares a
+    # code schedule is unknown there (null), as for any console without the code
+    assert by_name(cli)["yearly_report"]["in_code"] is None
+    assert by_name(api)["yearly_report"]["in_code"] is True
+    by_name(cli)["yearly_report"]["in_code"] = True
+    assert cli == api
+    assert by_name(api)["every-second"]["last_run"]["status"] is not None
+    assert await cli_json(capsys, shop, "queues") == (await shop.get("/api/queues")).json()
+
+
+async def _has_last_run(shop: Shop) -> bool:
+    return any(s.name == "every-second" and s.last_run_id is not None
+               for s in await shop.app.schedules.list())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.table import Table
@@ -10,9 +11,15 @@ from rich.text import Text
 
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model.flow import QueueStats
+from cantata.server.flow_out import queues_out, schedules_out
 
-from .common import client_app, console, fmt_date, fmt_duration, iso, operator, print_json, run, say
+from .common import client_app, console, fmt_date, fmt_duration, operator, print_json, run, say
 from .runs import AppOpt, StoreOpt
+
+if TYPE_CHECKING:
+    from cantata.app import App
+
+T = TypeVar("T")
 
 NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -33,20 +40,15 @@ def register(cli: typer.Typer) -> None:
 def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Queues: runs waiting (depth), in progress, begun in the rate window, oldest waiting."""
     the_app = client_app(app, store)
+    if as_json:  # the API's objects (GET /api/queues)
+        print_json(run(lambda: _read(the_app, queues_out)))
+        return
 
     async def go() -> tuple[float, list[QueueStats]]:
         async with the_app.client():
             return the_app.clock.now(), list(await the_app.queue_stats())
 
     now, stats = run(go)
-    if as_json:
-        print_json([{
-            "queue": q.name, "waiting": q.waiting, "in_progress": q.in_progress,
-            "recent_begins": q.began_last_window,
-            "oldest_waiting_seconds": None if q.oldest_waiting_at is None
-            else round(now - q.oldest_waiting_at, 3),
-        } for q in stats])
-        return
     table = Table("queue", "waiting", "in progress", "rate", "oldest waiting", "limits")
     for q in stats:
         spec = q.spec
@@ -66,21 +68,15 @@ def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False)
 def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Every schedule: when it ticks, its policies, whether paused, its next tick."""
     the_app = client_app(app, store)
+    if as_json:  # the API's objects (GET /api/schedules)
+        print_json(run(lambda: _read(the_app, schedules_out)))
+        return
 
     async def go() -> list[ScheduleInfo]:
         async with the_app.client():
             return list(await the_app.schedules.list())
 
     rows = run(go)
-    if as_json:
-        print_json([{
-            "name": s.name, "workflow": s.workflow, "when": s.when,
-            "timezone": s.timezone, "overlap": s.overlap,
-            "catch_up": s.catch_up, "paused": s.paused,
-            "source": s.source, "in_code": s.in_code, "last_run_id": s.last_run_id,
-            "next_tick": None if s.next_tick is None else iso(s.next_tick.timestamp()),
-        } for s in rows])
-        return
     table = Table("schedule", "workflow", "when", "zone", "overlap", "catch-up", "state",
                   "next tick (UTC)")
     for s in rows:
@@ -91,6 +87,11 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
             "-" if s.next_tick is None else fmt_date(s.next_tick.timestamp()),
         )
     console.print(table if rows else "no schedules")
+
+
+async def _read(app: App, read: Callable[[App], Awaitable[list[T]]]) -> list[T]:
+    async with app.client():
+        return await read(app)
 
 
 def pause(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:

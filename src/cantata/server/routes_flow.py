@@ -20,13 +20,8 @@ from cantata.model.schedule import MAX_NAME
 from cantata.server.auth import Principal
 from cantata.server.deps import ERRORS, operator, viewer
 from cantata.server.errors import ApiError
-from cantata.server.models import (
-    QueueOut,
-    ScheduleOut,
-    TriggerOut,
-    queue_out,
-    schedule_out,
-)
+from cantata.server.flow_out import queues_out, schedules_out
+from cantata.server.models import QueueOut, ScheduleOut, TriggerOut
 from cantata.server.state import console_of
 
 if TYPE_CHECKING:
@@ -51,15 +46,10 @@ async def schedules(request: Request, _: Viewer) -> list[ScheduleOut]:
 
 async def _listed(request: Request, name: str | None = None) -> list[ScheduleOut]:
     app = await console_of(request).open()
-    found = [s for s in await app.schedules.list() if name is None or s.name == name]
+    found = await schedules_out(app, name)
     if name is not None and not found:
         raise _unknown(app.name, name)
-    out = []
-    for s in found:
-        last = None if s.last_run_id is None else await app.store.get_run(app.name,
-                                                                          s.last_run_id)
-        out.append(schedule_out(s, last))
-    return out
+    return found
 
 
 def _unknown(app: str, name: str) -> UnknownSchedule:
@@ -148,7 +138,4 @@ async def queues(request: Request, _: Viewer) -> list[QueueOut]:
     """Every queue of the app: its limits, runs waiting (the depth), in progress, begun
     recently, and how long the oldest waiting run has waited. Counted per queue, across
     its partitions (the limits apply per partition)."""
-    app = await console_of(request).open()
-    stats = await app.queue_stats()
-    now = app.clock.now()
-    return [queue_out(q, now) for q in stats]
+    return await queues_out(await console_of(request).open())
