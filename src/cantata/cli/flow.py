@@ -11,7 +11,7 @@ from rich.text import Text
 
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model.flow import QueueStats
-from cantata.server.flow_out import queues_out, schedules_out
+from cantata.server.flow_out import queues_out, schedules_out, served
 
 from .common import client_app, console, fmt_date, fmt_duration, operator, print_json, run, say
 from .runs import AppOpt, StoreOpt
@@ -44,25 +44,52 @@ def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False)
         print_json(run(lambda: _read(the_app, queues_out)))
         return
 
-    async def go() -> tuple[float, list[QueueStats]]:
+    async def go() -> tuple[float, list[QueueStats], bool]:
         async with the_app.client():
-            return the_app.clock.now(), list(await the_app.queue_stats())
+            now, stats = the_app.clock.now(), list(await the_app.queue_stats())
+            return now, stats, await served(the_app)
 
-    now, stats = run(go)
+    now, stats, is_served = run(go)
     table = Table("queue", "waiting", "in progress", "rate", "oldest waiting", "limits")
     for q in stats:
         spec = q.spec
-        rate = f"{q.began_last_window} of {spec.rate}" if spec.rate else (
-            f"{q.began_last_window} in 60s")
         limits = ", ".join(
             f"{k}={v}" for k, v in (("concurrency", spec.concurrency),
                                     ("per_worker", spec.per_worker),
                                     ("priorities", spec.priorities or None)) if v is not None
         ) or "-"
         oldest = None if q.oldest_waiting_at is None else now - q.oldest_waiting_at
-        table.add_row(Text(q.name), str(q.waiting), str(q.in_progress), rate,
+        table.add_row(Text(q.name), str(q.waiting), _in_progress(q), _began(q),
                       fmt_duration(oldest), limits)
     console.print(table if stats else "no queues")
+    if stats and not is_served:
+        _unserved(the_app.name, "no queued run begins")
+
+
+def _in_progress(q: QueueStats) -> str:
+    """Runs in progress; of a partitioned queue, with its busiest partition's count
+    (read against the concurrency, which holds per partition)."""
+    if not q.partitioned:
+        return str(q.in_progress)
+    of = "" if q.spec.concurrency is None else f" of {q.spec.concurrency}"
+    return f"{q.in_progress} (busiest partition {q.partition_peak_in_progress}{of})"
+
+
+def _began(q: QueueStats) -> str:
+    """Runs begun in the window, of the rate if the queue has one; of a partitioned
+    queue, the sum is not read against the rate (it holds per partition): its busiest
+    partition's count is."""
+    rate = q.spec.rate
+    if not q.partitioned:
+        return f"{q.began_last_window} of {rate}" if rate else f"{q.began_last_window} in 60s"
+    window = f"{rate.per:g}s" if rate else "60s"
+    of = f" of {rate}" if rate else ""
+    return f"{q.began_last_window} in {window} (busiest partition {q.partition_peak_began}{of})"
+
+
+def _unserved(app: str, consequence: str) -> None:
+    say(f"no worker is serving app {app!r} (no live worker heartbeat): {consequence} "
+        "until a worker runs (cantata worker MODULE:app)")
 
 
 def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
@@ -72,11 +99,11 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
         print_json(run(lambda: _read(the_app, schedules_out)))
         return
 
-    async def go() -> list[ScheduleInfo]:
+    async def go() -> tuple[list[ScheduleInfo], bool]:
         async with the_app.client():
-            return list(await the_app.schedules.list())
+            return list(await the_app.schedules.list()), await served(the_app)
 
-    rows = run(go)
+    rows, is_served = run(go)
     table = Table("schedule", "workflow", "when", "zone", "overlap", "catch-up", "state",
                   "next tick (UTC)")
     for s in rows:
@@ -87,6 +114,8 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
             "-" if s.next_tick is None else fmt_date(s.next_tick.timestamp()),
         )
     console.print(table if rows else "no schedules")
+    if rows and not is_served:
+        _unserved(the_app.name, "no schedule ticks (the next ticks pass without a run)")
 
 
 async def _read(app: App, read: Callable[[App], Awaitable[list[T]]]) -> list[T]:

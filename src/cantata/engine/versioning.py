@@ -161,8 +161,10 @@ async def versions(store: Store, app: str) -> dict[str, float]:
 
 
 def worker_info(engine: Engine) -> str:
-    """What a worker's heartbeat records of it: the runs it may take (its version)."""
-    return codec.dumps({"version": engine.version, "any_version": engine.any_version})
+    """What a worker's heartbeat records of it: the runs it may take (its version), and
+    its lease (how long it counts as live after a heartbeat: identity.live_workers)."""
+    return codec.dumps({"version": engine.version, "any_version": engine.any_version,
+                        "lease": engine.lease})
 
 
 def may_take(

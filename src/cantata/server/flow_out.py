@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from cantata.engine.identity import live_workers
 from cantata.server.models import QueueOut, ScheduleOut, queue_out, schedule_out
 
 if TYPE_CHECKING:
@@ -15,18 +16,27 @@ if TYPE_CHECKING:
 async def schedules_out(app: App, name: str | None = None) -> list[ScheduleOut]:
     """Every schedule of the open ``app`` (only ``name``'s if given: none if it has no
     such schedule), each with the run its ticks started last, read now."""
+    is_served = await served(app)
     out = []
     for s in await app.schedules.list():
         if name is not None and s.name != name:
             continue
         last = None if s.last_run_id is None else await app.store.get_run(app.name,
                                                                           s.last_run_id)
-        out.append(schedule_out(s, last))
+        out.append(schedule_out(s, last, is_served))
     return out
 
 
 async def queues_out(app: App) -> list[QueueOut]:
     """Every queue of the open ``app`` with its figures now (``app.queue_stats()``)."""
     stats = await app.queue_stats()
+    now, is_served = app.clock.now(), await served(app)
+    return [queue_out(q, now, is_served) for q in stats]
+
+
+async def served(app: App) -> bool:
+    """Whether a live worker serves ``app`` now (its heartbeat within its lease): one
+    ticks the schedules and begins the queued runs. A console (or the CLI) alone is
+    no worker."""
     now = app.clock.now()
-    return [queue_out(q, now) for q in stats]
+    return bool(await live_workers(app.store, app.name, now=now, lease=app.lease))

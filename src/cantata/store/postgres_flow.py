@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    queue_stats,
 )
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord
@@ -224,17 +225,20 @@ class PostgresFlow(PostgresCore):
                     app, spec.name,
                 )
                 assert waiting is not None
-                active = await c.fetchval(
-                    "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
-                    "r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NOT "
-                    f"NULL AND NOT q.done AND r.status IN {LIVE_SQL}", app, spec.name,
+                active = await c.fetch(
+                    "SELECT q.partition_key, count(*) FROM queue_runs q JOIN runs r ON "
+                    "r.app=q.app AND r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND "
+                    f"q.began_at IS NOT NULL AND NOT q.done AND r.status IN {LIVE_SQL} "
+                    "GROUP BY q.partition_key", app, spec.name,
                 )
-                window = spec.stats_window
-                began = await c.fetchval(
-                    "SELECT count(*) FROM queue_runs WHERE app=$1 AND queue=$2 AND began_at > $3",
-                    app, spec.name, now - window,
+                began = await c.fetch(
+                    "SELECT partition_key, count(*) FROM queue_runs WHERE app=$1 AND queue=$2 "
+                    "AND began_at > $3 GROUP BY partition_key",
+                    app, spec.name, now - spec.stats_window,
                 )
-                out.append(QueueStats(spec.name, waiting[0], active, began, waiting[1], spec))
+                out.append(queue_stats(spec, waiting[0], waiting[1],
+                                       [(r[0], r[1]) for r in active],
+                                       [(r[0], r[1]) for r in began]))
         return out
 
     async def queue_position(self, app: str, run_id: str) -> QueuePosition | None:

@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    queue_stats,
 )
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
@@ -226,16 +227,17 @@ class SQLiteFlow(SQLiteCore):
                     (app, spec.name),
                 ).fetchone()
                 active = c.execute(
-                    "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
-                    "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
-                    f"AND q.done=0 AND {LIVE_R}", (app, spec.name),
-                ).fetchone()[0]
-                window = spec.stats_window
+                    "SELECT q.partition_key, count(*) FROM queue_runs q JOIN runs r ON "
+                    "r.app=q.app AND r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND "
+                    f"q.began_at IS NOT NULL AND q.done=0 AND {LIVE_R} GROUP BY q.partition_key",
+                    (app, spec.name),
+                ).fetchall()
                 began = c.execute(
-                    "SELECT count(*) FROM queue_runs WHERE app=? AND queue=? AND began_at > ?",
-                    (app, spec.name, now - window),
-                ).fetchone()[0]
-                out.append(QueueStats(spec.name, waiting, active, began, oldest, spec))
+                    "SELECT partition_key, count(*) FROM queue_runs WHERE app=? AND queue=? "
+                    "AND began_at > ? GROUP BY partition_key",
+                    (app, spec.name, now - spec.stats_window),
+                ).fetchall()
+                out.append(queue_stats(spec, waiting, oldest, active, began))
             return out
 
         return await self._t.read(op)
