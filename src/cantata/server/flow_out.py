@@ -21,8 +21,7 @@ async def schedules_out(app: App, name: str | None = None) -> list[ScheduleOut]:
     for s in await app.schedules.list():
         if name is not None and s.name != name:
             continue
-        last = None if s.last_run_id is None else await app.store.get_run(app.name,
-                                                                          s.last_run_id)
+        last = None if s.last_run_id is None else await app.store.get_run(app.name, s.last_run_id)
         out.append(schedule_out(s, last, is_served))
     return out
 
