@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cantata import App, Rate, RunStatus
+from cantata import App, Rate, RunHandle, RunStatus
 from cantata.errors import ConfigurationError, QueueConflict, UnknownQueue
 from cantata.store.factory import store_from_url
 from cantata.testing import environment
@@ -16,12 +16,12 @@ from tests.flow.helpers import max_in_window, max_overlap, until
 
 
 def queue_app(
-    hold: bool = False, **queue: object
+    hold: bool = False, store: str | None = None, **queue: object
 ) -> tuple[App, list[tuple[float, float]], list[int]]:
-    """An app whose ``job(i)`` workflow runs in queue ``q``; spans of its step (clock
-    time) and the order in which jobs began are recorded. With ``hold``, job 0 keeps
-    its slot until the test sets ``app.gate``."""
-    app = App("flow")
+    """An app whose ``job(i)`` workflow runs in queue ``q`` (on ``store``, the default
+    one if None); spans of its step (clock time) and the order in which jobs began are
+    recorded. With ``hold``, job 0 keeps its slot until the test sets ``app.gate``."""
+    app = App("flow") if store is None else App("flow", store=store)
     app.queue("q", **queue)  # type: ignore[arg-type]
     spans: list[tuple[float, float]] = []
     order: list[int] = []
@@ -141,6 +141,44 @@ async def test_cancelling_a_waiting_run_ends_it() -> None:
             await asyncio.sleep(0.02)
         assert await waiting.status() == RunStatus.CANCELLED
     assert order == [0]
+
+
+async def _ended(handles: list[RunHandle], status: RunStatus) -> None:
+    for h in handles:
+        for _ in range(500):
+            if await h.status() == status:
+                break
+            await asyncio.sleep(0.02)
+        assert await h.status() == status
+
+
+async def test_cancelled_waiting_runs_leave_the_depth_and_positions(store_url: str) -> None:
+    """A run cancelled while it waited is no longer waiting: the depth, the oldest
+    waiting time and the trace's place in the queue count pending runs only, even
+    while no claim has met the cancelled rows (the slot stays taken)."""
+    app, _, order = queue_app(hold=True, store=store_url, concurrency=1)
+    async with app:
+        first = await app.start("job", 0)
+        await until(lambda: order)  # job 0 holds the one slot
+        waiting = []
+        for i in range(1, 6):
+            waiting.append(await app.start("job", i))
+            await asyncio.sleep(0.002)  # distinct creation times: a stable order
+        for h in (waiting[0], waiting[1], waiting[3]):
+            await h.cancel()
+        await _ended([waiting[0], waiting[1], waiting[3]], RunStatus.CANCELLED)
+        last = await app.start("job", 6)
+        [stats] = await app.queue_stats()
+        oldest = await app.store.get_run(app.name, waiting[2].run_id)
+        assert oldest is not None
+        assert (stats.waiting, stats.in_progress) == (3, 1)
+        assert stats.oldest_waiting_at == pytest.approx(oldest.created_at, abs=1e-5)
+        assert (await app.trace(waiting[4].run_id)).detail == "queued in 'q' behind 1 run(s)"
+        assert (await app.trace(last.run_id)).detail == "queued in 'q' behind 2 run(s)"
+        app.gate.set()  # type: ignore[attr-defined]
+        for h in (first, waiting[2], waiting[4], last):
+            await h.result(timeout=30)
+    assert sorted(order) == [0, 3, 5, 6]
 
 
 async def test_bad_queue_input_names_the_value() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cantata import App
+from cantata import App, Rate
 from tests.server import test_browser as base  # (skips this module without chromium)
 from tests.server.conftest import ServerThread, make_tokens
 from tests.server.shop import make_shop
@@ -168,4 +168,110 @@ def test_at_phone_width_the_pages_do_not_scroll_sideways(
         assert boxes and all(left >= 0 and right <= 390 for left, right in boxes), (path, boxes)
     trigger = page.get_by_role("button", name="Trigger").first.bounding_box()
     assert trigger is not None and trigger["x"] + trigger["width"] <= 390
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+# -- with no live worker: a console opened as a client (cantata serve without a worker) ----
+
+SPACED = "  spaced  name "  # spaces at both ends and doubled: shown exactly
+
+
+def with_partitions(app: App) -> App:
+    """The shop's flow plus a queue whose rate holds per customer (partition)."""
+    with_flow(app)
+    app.queue("per-customer", rate=Rate(2, per=3600))
+    return app
+
+
+async def seed_unserved(app: App) -> dict[str, Any]:
+    """A worker begins partitioned runs (2 of each of 3 customers, the rate; the third
+    of each waits an hour) and stops cleanly: no live worker is left, the console alone
+    serves the pages."""
+    tokens, names = await make_tokens(app)
+    await app.schedules.create(SPACED, "0 3 1 1 *", "yearly_report")
+    worker = with_partitions(make_shop(str(app._store_spec)))
+    async with worker:
+        for i in range(9):
+            await worker.start("await_approval", {"id": f"P-{i}"}, queue="per-customer",
+                               partition=f"customer-{i % 3}")
+        for _ in range(400):
+            stats = {q.name: q for q in await app.queue_stats()}
+            if stats["per-customer"].in_progress == 6:
+                break
+            await asyncio.sleep(0.05)
+    return {"tokens": tokens, "names": names}
+
+
+@pytest.fixture(scope="module")
+def unserved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    path = tmp_path_factory.mktemp("browser-unserved") / "shop.db"
+    app = with_partitions(make_shop(f"sqlite:///{path}"))
+    with ServerThread(app, serve=False, setup=seed_unserved) as srv:
+        yield srv
+
+
+def test_a_partitioned_queues_figures_are_not_read_against_its_limits(
+    browser: Browser, unserved: ServerThread, img: Any
+) -> None:
+    """6 runs began in the hour of Rate(2, per=3600), held per customer: the sum is said
+    to be of all partitions, and the busiest partition's 2 is what is read against 2."""
+    page = login(browser, unserved, "viewer", img)
+    page.goto(f"{unserved.url}/queues")
+    queue = page.locator('tr[data-queue="per-customer"]')
+    began = queue.locator("td.began")
+    expect(began).to_contain_text("6 in 1.0 h in all partitions")
+    expect(began.locator(".per-partition")).to_have_text("busiest partition: 2 of 2")
+    assert "of 2 in" not in began.inner_text()  # (the old "6 of 2 in 1 min")
+    expect(queue.locator("td.in-progress")).to_contain_text("6 in all partitions")
+    expect(queue.locator("td.in-progress .per-partition")).to_have_text("busiest partition: 2")
+    expect(queue.locator("td.limits")).to_have_text("rate 2 per 3600 s (each partition)")
+    # a queue whose runs have no partition key reads as before
+    fragile = page.locator('tr[data-queue="fragile"]')
+    expect(fragile.locator("td.limits")).to_have_text("concurrency 1 · rate 5 per 60 s")
+    expect(fragile.locator("td.began")).to_have_text("0 of 5 in 1 min")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_names_with_spaces_at_their_ends_or_doubled_are_shown_exactly(
+    browser: Browser, unserved: ServerThread, img: Any
+) -> None:
+    page = login(browser, unserved, "operator", img)
+    page.goto(f"{unserved.url}/schedules")
+    name = row(page, SPACED).locator("td.name strong")
+    expect(name).to_be_visible()
+    # as rendered (innerText follows the CSS): not collapsed to "spaced name"
+    assert name.inner_text() == SPACED
+    # outlined, its exact text in a tooltip
+    expect(name.locator("[title]")).to_have_attribute("title", 'Exact name: "  spaced  name "')
+    row(page, SPACED).get_by_role("button", name="Pause").click()
+    done = page.get_by_role("status").filter(has_text="Paused")
+    expect(done).to_be_visible()
+    assert done.inner_text() == f"Paused {SPACED}."
+    row(page, SPACED).get_by_role("button", name="Resume").click()
+    expect(page.get_by_role("status").filter(has_text="Resumed")).to_be_visible()
+    for width in (1360, 390):  # on a phone too (the rows are blocks there)
+        page.set_viewport_size({"width": width, "height": 844})
+        assert row(page, SPACED).locator("td.name strong").inner_text() == SPACED
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_without_a_live_worker_the_pages_say_nothing_ticks_or_begins(
+    browser: Browser, unserved: ServerThread, img: Any
+) -> None:
+    page = login(browser, unserved, "operator", img)
+    page.goto(f"{unserved.url}/schedules")
+    banner = page.locator("#no-worker")
+    expect(banner).to_contain_text("No worker is serving this app")
+    expect(banner).to_contain_text("no schedule ticks")
+    expect(row(page, SPACED).locator("td.status")).to_contain_text("no worker: not ticking")
+
+    page.goto(f"{unserved.url}/queues")
+    expect(banner).to_contain_text("no queued run begins")
+    # a worker starts: the page says so at its next read (every 5 s)
+    worker = with_partitions(make_shop(str(unserved.app._store_spec)))
+    unserved.run(lambda: worker.open(serve=True))
+    try:
+        expect(banner).to_have_count(0, timeout=15_000)
+    finally:
+        unserved.run(worker.close)
     assert page.errors == []  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@ SQLite and on PostgreSQL (docs/console.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 import zoneinfo
@@ -13,11 +14,14 @@ import httpx
 import pytest
 
 from cantata import App, Rate
+from cantata.cli import common
+from cantata.cli.main import main
 from cantata.server.stream import change_of
 from tests.helpers import eventually
 from tests.server.conftest import Shop, make_tokens
 from tests.server.shop import make_shop
 from tests.server.test_api import audit_records
+from tests.server.test_cli_json import cli_json
 
 YEARLY = "0 3 1 1 *"  # Jan 1st, 03:00: a code schedule that never ticks during a test
 
@@ -64,10 +68,11 @@ async def test_schedules_are_listed_with_their_spec_state_and_next_ticks(shop: S
     code, api = by_name(listed)["yearly_report"], by_name(listed)["weekly-sync"]
     assert {k: code[k] for k in ("workflow", "cron", "every", "when", "timezone", "overlap",
                                  "catch_up", "catch_up_limit", "paused", "source",
-                                 "in_code", "last_run")} == {
+                                 "in_code", "last_run", "served")} == {
         "workflow": "yearly_report", "cron": YEARLY, "every": None, "when": YEARLY,
         "timezone": "UTC", "overlap": "skip", "catch_up": "skip", "catch_up_limit": None,
-        "paused": False, "source": "code", "in_code": True, "last_run": None}
+        "paused": False, "source": "code", "in_code": True, "last_run": None,
+        "served": True}  # (the fixture's app is a worker too)
     ticks = [parse(t) for t in code["next_ticks"]]
     assert len(ticks) == 3 and ticks == sorted(ticks) and parse(code["next_tick"]) == ticks[0]
     assert all((t.month, t.day, t.hour, t.minute) == (1, 1, 3, 0) for t in ticks)
@@ -139,17 +144,17 @@ async def test_the_last_run_of_a_schedules_ticks_is_shown_with_its_tick_and_stat
 
 
 async def test_an_unknown_schedule_is_a_404_in_the_error_shape(shop: Shop) -> None:
+    # a name longer than any schedule's (over 100 characters) is simply unknown too
     for path in ("nope/pause", "nope/resume", "nope/trigger", "a%00b/pause",
-                 "x" * 100 + "/trigger"):
+                 "x" * 100 + "/trigger", "x" * 101 + "/pause", "y" * 5000 + "/resume"):
         r = await shop.post(f"/api/schedules/{path}")
-        assert r.status_code == 404, (path, r.text)
+        assert r.status_code == 404, (path[:20], r.text[:200])
         error = r.json()["error"]
-        assert error["code"] == "unknown_schedule", path
-        assert "schedule" in error["message"] and error["field"] is None
-    assert "nope" in (await shop.post("/api/schedules/nope/pause")).json()["error"]["message"]
-    # over 100 characters, no schedule can have the name: refused before the store
-    r = await shop.post("/api/schedules/" + "x" * 101 + "/pause")
-    assert r.status_code == 400 and r.json()["error"]["field"] == "name"
+        assert error["code"] == "unknown_schedule", path[:20]
+        assert error["field"] is None
+        # the API's own way to see the names, not the CLI's
+        assert error["message"].endswith("GET /api/schedules lists them"), error["message"]
+    assert "'nope'" in (await shop.post("/api/schedules/nope/pause")).json()["error"]["message"]
     # nothing was audited for them
     assert not [x for x in await audit_records(shop) if x["action"].startswith("schedule.")
                 and x["actor"].startswith("token:")]
@@ -199,7 +204,8 @@ async def test_queues_show_limits_depth_in_progress_and_the_oldest_wait(shop: Sh
     assert q == {"name": "fragile", "concurrency": 1, "per_worker": None,
                  "rate": {"limit": 5, "per": 60.0}, "priorities": False, "waiting": 0,
                  "in_progress": 0, "began_recently": 0, "window_seconds": q["window_seconds"],
-                 "oldest_waiting_since": None, "oldest_waiting_seconds": None}
+                 "oldest_waiting_since": None, "oldest_waiting_seconds": None,
+                 "partitioned": False, "per_partition_max": None, "served": True}
     assert 60 <= q["window_seconds"] <= 61
     # runs that wait for an approval hold the queue's one slot: the others wait
     handles = [await shop.app.start("await_approval", {"id": f"Q-{i}"}, queue="fragile")
@@ -218,3 +224,129 @@ async def test_queues_show_limits_depth_in_progress_and_the_oldest_wait(shop: Sh
     assert abs(since.timestamp() - shop.app.clock.now()) < 60
     for h in handles:
         await h.cancel()
+
+
+async def test_the_clis_json_is_the_apis_for_schedules_and_queues(
+    shop: Shop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cantata schedules list --json` and `cantata queues --json` print the objects
+    `GET /api/schedules` and `GET /api/queues` answer, field for field."""
+    await shop.app.schedules.create("every-second", None, "yearly_report", every=1)
+    await eventually(lambda: _has_last_run(shop), timeout=15)
+    await shop.app.schedules.pause("every-second")  # (its ticks stay put between the reads)
+    api = (await shop.get("/api/schedules")).json()
+    cli = await cli_json(capsys, shop, "schedules", "list")
+    # the CLI opens the app by name, without its code: whether the code declares a
+    # code schedule is unknown there (null), as for any console without the code
+    assert by_name(cli)["yearly_report"]["in_code"] is None
+    assert by_name(api)["yearly_report"]["in_code"] is True
+    by_name(cli)["yearly_report"]["in_code"] = True
+    assert cli == api
+    assert by_name(api)["every-second"]["last_run"]["status"] is not None
+    assert await cli_json(capsys, shop, "queues") == (await shop.get("/api/queues")).json()
+
+
+async def _has_last_run(shop: Shop) -> bool:
+    return any(s.name == "every-second" and s.last_run_id is not None
+               for s in await shop.app.schedules.list())
+
+
+async def cli_text(capsys: pytest.CaptureFixture[str], app: App, *args: str) -> str:
+    """What `cantata ARGS --app NAME --store URL` prints (a client: no worker)."""
+    store = app._store_spec
+    assert isinstance(store, str)
+    code = await asyncio.get_running_loop().run_in_executor(
+        None, main, [*args, "--app", app.name, "--store", store])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+async def test_served_says_whether_a_live_worker_serves_the_app(
+    store_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schedules and queues say `served: false` while no worker's heartbeat is within
+    its lease (the console alone is no worker): nothing ticks or begins then. The
+    CLI's tables say it under them."""
+    monkeypatch.setattr(common.console, "_width", 250)
+    app = with_flow(make_shop(store_url))  # (its lease: 5 s)
+    async with app.client():
+        tokens, names = await make_tokens(app)
+        await app.schedules.create("weekly-sync", "15 4 * * 1", "yearly_report")
+        transport = httpx.ASGITransport(app=app.asgi(stream_interval=0.05))
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            shop = Shop(app, {}, client, tokens, names)
+
+            async def served() -> set[bool]:
+                flags = set()
+                for path in ("/api/schedules", "/api/queues"):
+                    r = await shop.get(path)
+                    assert r.status_code == 200, r.text
+                    assert r.json(), path
+                    flags |= {item["served"] for item in r.json()}
+                return flags
+
+            async def beat(seconds_ago: float, lease: float) -> set[bool]:
+                await app.store.remove_worker(app.name, "w-1")
+                await app.store.heartbeat(app.name, "w-1", app.clock.now() - seconds_ago,
+                                          None, lease=lease)
+                return await served()
+
+            assert await served() == {False}  # no worker has ever run
+            unserved = f"no worker is serving app {app.name!r} (no live worker heartbeat)"
+            listed = await cli_text(capsys, app, "schedules", "list")
+            assert f"{unserved}: no schedule ticks" in listed
+            assert f"{unserved}: no queued run begins" in await cli_text(capsys, app, "queues")
+            assert await beat(0, 30.0) == {True}
+            assert await beat(20, 30.0) == {True}  # within its own lease (not the console's)
+            assert await beat(20, 5.0) == {False}  # its lease ran out: it is gone
+            await app.store.remove_worker(app.name, "w-1")
+            worker = with_flow(make_shop(store_url))
+            async with worker:  # a real worker process
+                assert await served() == {True}
+                for args in (("schedules", "list"), ("queues",)):
+                    assert "no worker" not in await cli_text(capsys, app, *args)
+            assert await served() == {False}  # stopped cleanly: its row is gone
+
+
+async def test_a_partitioned_queue_gives_the_busiest_partitions_figures(
+    store_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limits hold per partition: next to the sums, the highest figures of one
+    partition are given, to read against them; a queue without keys has none. The
+    CLI's table reads the same way."""
+    monkeypatch.setattr(common.console, "_width", 250)
+    app = make_shop(store_url)
+    app.queue("per-customer", rate=Rate(2, per=60))
+    app.queue("plain", concurrency=1)
+    async with app:
+        tokens, names = await make_tokens(app)
+        for i in range(9):  # 3 customers, 3 runs each: 2 of each begin (the rate), 1 waits
+            await app.start("await_approval", {"id": f"P-{i}"}, queue="per-customer",
+                            partition=f"customer-{i % 3}")
+        await app.start("await_approval", {"id": "plain-1"}, queue="plain")
+        transport = httpx.ASGITransport(app=app.asgi(stream_interval=0.05))
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            shop = Shop(app, {}, client, tokens, names)
+            seen: dict[str, Any] = {}
+
+            async def settled() -> bool:
+                seen.update(by_name((await shop.get("/api/queues")).json()))
+                q = seen["per-customer"]
+                return (q["in_progress"], q["waiting"], seen["plain"]["in_progress"]) == (6, 3, 1)
+
+            await eventually(settled, timeout=20)
+            q, plain = seen["per-customer"], seen["plain"]
+            assert (q["began_recently"], q["partitioned"], q["served"]) == (6, True, True)
+            assert q["per_partition_max"] == {"in_progress": 2, "began_recently": 2}
+            assert (plain["partitioned"], plain["per_partition_max"]) == (False, None)
+            assert (plain["in_progress"], plain["began_recently"]) == (1, 1)
+            table = await cli_text(capsys, app, "queues")
+            lines = {name: line for line in table.splitlines()
+                     for name in ("per-customer", "plain") if f" {name} " in line}
+            assert "6 (busiest partition 2)" in lines["per-customer"]
+            assert "6 in 60s (busiest partition 2 of 2/60s)" in lines["per-customer"]
+            assert "1 of 5/60s" not in lines["plain"] and "busiest" not in lines["plain"]
+            assert " 1 in 60s " in lines["plain"]
+            for h in await app.list_runs(limit=20):
+                await app.get_handle(h.run_id).cancel()

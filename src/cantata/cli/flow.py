@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.table import Table
@@ -10,9 +11,15 @@ from rich.text import Text
 
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model.flow import QueueStats
+from cantata.server.flow_out import queues_out, schedules_out, served
 
-from .common import client_app, console, fmt_date, fmt_duration, iso, operator, print_json, run, say
+from .common import client_app, console, fmt_date, fmt_duration, operator, print_json, run, say
 from .runs import AppOpt, StoreOpt
+
+if TYPE_CHECKING:
+    from cantata.app import App
+
+T = TypeVar("T")
 
 NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -33,54 +40,70 @@ def register(cli: typer.Typer) -> None:
 def queues(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Queues: runs waiting (depth), in progress, begun in the rate window, oldest waiting."""
     the_app = client_app(app, store)
-
-    async def go() -> tuple[float, list[QueueStats]]:
-        async with the_app.client():
-            return the_app.clock.now(), list(await the_app.queue_stats())
-
-    now, stats = run(go)
-    if as_json:
-        print_json([{
-            "queue": q.name, "waiting": q.waiting, "in_progress": q.in_progress,
-            "recent_begins": q.began_last_window,
-            "oldest_waiting_seconds": None if q.oldest_waiting_at is None
-            else round(now - q.oldest_waiting_at, 3),
-        } for q in stats])
+    if as_json:  # the API's objects (GET /api/queues)
+        print_json(run(lambda: _read(the_app, queues_out)))
         return
+
+    async def go() -> tuple[float, list[QueueStats], bool]:
+        async with the_app.client():
+            now, stats = the_app.clock.now(), list(await the_app.queue_stats())
+            return now, stats, await served(the_app)
+
+    now, stats, is_served = run(go)
     table = Table("queue", "waiting", "in progress", "rate", "oldest waiting", "limits")
     for q in stats:
         spec = q.spec
-        rate = f"{q.began_last_window} of {spec.rate}" if spec.rate else (
-            f"{q.began_last_window} in 60s")
         limits = ", ".join(
             f"{k}={v}" for k, v in (("concurrency", spec.concurrency),
                                     ("per_worker", spec.per_worker),
                                     ("priorities", spec.priorities or None)) if v is not None
         ) or "-"
         oldest = None if q.oldest_waiting_at is None else now - q.oldest_waiting_at
-        table.add_row(Text(q.name), str(q.waiting), str(q.in_progress), rate,
+        table.add_row(Text(q.name), str(q.waiting), _in_progress(q), _began(q),
                       fmt_duration(oldest), limits)
     console.print(table if stats else "no queues")
+    if stats and not is_served:
+        _unserved(the_app.name, "no queued run begins")
+
+
+def _in_progress(q: QueueStats) -> str:
+    """Runs in progress; of a partitioned queue, with its busiest partition's count
+    (read against the concurrency, which holds per partition)."""
+    if not q.partitioned:
+        return str(q.in_progress)
+    of = "" if q.spec.concurrency is None else f" of {q.spec.concurrency}"
+    return f"{q.in_progress} (busiest partition {q.partition_peak_in_progress}{of})"
+
+
+def _began(q: QueueStats) -> str:
+    """Runs begun in the window, of the rate if the queue has one; of a partitioned
+    queue, the sum is not read against the rate (it holds per partition): its busiest
+    partition's count is."""
+    rate = q.spec.rate
+    if not q.partitioned:
+        return f"{q.began_last_window} of {rate}" if rate else f"{q.began_last_window} in 60s"
+    window = f"{rate.per:g}s" if rate else "60s"
+    of = f" of {rate}" if rate else ""
+    return f"{q.began_last_window} in {window} (busiest partition {q.partition_peak_began}{of})"
+
+
+def _unserved(app: str, consequence: str) -> None:
+    say(f"no worker is serving app {app!r} (no live worker heartbeat): {consequence} "
+        "until a worker runs (cantata worker MODULE:app)")
 
 
 def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Every schedule: when it ticks, its policies, whether paused, its next tick."""
     the_app = client_app(app, store)
-
-    async def go() -> list[ScheduleInfo]:
-        async with the_app.client():
-            return list(await the_app.schedules.list())
-
-    rows = run(go)
-    if as_json:
-        print_json([{
-            "name": s.name, "workflow": s.workflow, "when": s.when,
-            "timezone": s.timezone, "overlap": s.overlap,
-            "catch_up": s.catch_up, "paused": s.paused,
-            "source": s.source, "in_code": s.in_code, "last_run_id": s.last_run_id,
-            "next_tick": None if s.next_tick is None else iso(s.next_tick.timestamp()),
-        } for s in rows])
+    if as_json:  # the API's objects (GET /api/schedules)
+        print_json(run(lambda: _read(the_app, schedules_out)))
         return
+
+    async def go() -> tuple[list[ScheduleInfo], bool]:
+        async with the_app.client():
+            return list(await the_app.schedules.list()), await served(the_app)
+
+    rows, is_served = run(go)
     table = Table("schedule", "workflow", "when", "zone", "overlap", "catch-up", "state",
                   "next tick (UTC)")
     for s in rows:
@@ -91,6 +114,13 @@ def list_schedules(app: AppOpt = None, store: StoreOpt = None, as_json: JsonOpt 
             "-" if s.next_tick is None else fmt_date(s.next_tick.timestamp()),
         )
     console.print(table if rows else "no schedules")
+    if rows and not is_served:
+        _unserved(the_app.name, "no schedule ticks (the next ticks pass without a run)")
+
+
+async def _read(app: App, read: Callable[[App], Awaitable[list[T]]]) -> list[T]:
+    async with app.client():
+        return await read(app)
 
 
 def pause(name: NameArg, app: AppOpt = None, store: StoreOpt = None) -> None:

@@ -190,7 +190,13 @@ STATS_WINDOW = 60.0  # seconds of recent begins counted for a queue without a ra
 @dataclass(frozen=True, slots=True)
 class QueueStats:
     """The figures ``cantata queues`` shows for one queue (``began_last_window``: in
-    the last ``spec.stats_window`` seconds)."""
+    the last ``spec.stats_window`` seconds), summed over its partitions.
+
+    The limits hold per partition, so ``partition_peak_in_progress`` and
+    ``partition_peak_began`` are the highest figures of any one partition (each of its
+    own), the ones to read against them; ``partitioned``: a run counted in progress or
+    begun carries a partition key (without one, the peaks are the sums).
+    """
 
     name: str
     waiting: int
@@ -198,6 +204,28 @@ class QueueStats:
     began_last_window: int
     oldest_waiting_at: float | None
     spec: QueueSpec
+    partition_peak_in_progress: int = 0
+    partition_peak_began: int = 0
+    partitioned: bool = False
+
+
+def queue_stats(
+    spec: QueueSpec,
+    waiting: int,
+    oldest_waiting_at: float | None,
+    in_progress: Sequence[tuple[str, int]],
+    began: Sequence[tuple[str, int]],
+) -> QueueStats:
+    """A queue's figures from its waiting runs and, per partition key, its runs in
+    progress and begun in the window (``(key, count)`` rows)."""
+    keys = {key for key, _ in in_progress} | {key for key, _ in began}
+    return QueueStats(
+        spec.name, waiting, sum(n for _, n in in_progress), sum(n for _, n in began),
+        oldest_waiting_at, spec,
+        partition_peak_in_progress=max((n for _, n in in_progress), default=0),
+        partition_peak_began=max((n for _, n in began), default=0),
+        partitioned=bool(keys - {""}),
+    )
 
 
 @dataclass(frozen=True, slots=True)

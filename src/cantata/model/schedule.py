@@ -26,6 +26,7 @@ from cantata.model.codec import Signature
 OVERLAP = ("skip", "buffer_one", "allow")
 CATCH_UP = ("skip", "last", "all")
 MAX_TICKS = 100_000  # ticks computed per pass at most (a long downtime of every=1)
+MAX_NAME = 100  # characters of a schedule's name at most (a longer name is nobody's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +49,10 @@ class ScheduleSpec:
     has_input: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or len(self.name) > 100:
-            raise ConfigurationError(f"schedule name {self.name!r} must be 1-100 characters")
+        if not isinstance(self.name, str) or not self.name or len(self.name) > MAX_NAME:
+            raise ConfigurationError(
+                f"schedule name {self.name!r} must be 1-{MAX_NAME} characters"
+            )
         check_text("schedule name", self.name)
         if (self.cron is None) == (self.every is None):
             raise ConfigurationError(

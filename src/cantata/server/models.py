@@ -294,6 +294,11 @@ class SessionOut(BaseModel):
     store: str = Field(description="The store URL, its password masked.")
 
 
+SERVED = ("Whether a live worker serves the app (a worker is live while its heartbeat is "
+          "within its lease; a console is none): without one no schedule ticks and no "
+          "queued run begins.")
+
+
 class LastRunOut(BaseModel):
     """The run a schedule's ticks started last."""
 
@@ -326,6 +331,7 @@ class ScheduleOut(BaseModel):
     next_ticks: list[dt.datetime] = Field(description="The next few ticks, soonest first.")
     last_run: LastRunOut | None = Field(description="The run its ticks started last (a "
                                                     "triggered run is not counted).")
+    served: bool = Field(description=SERVED)
 
 
 class TriggerOut(BaseModel):
@@ -336,6 +342,12 @@ class TriggerOut(BaseModel):
 class RateOut(BaseModel):
     limit: int
     per: float = Field(description="Seconds of the sliding window.")
+
+
+class PartitionMaxOut(BaseModel):
+    in_progress: int = Field(description="Runs in progress in the busiest partition.")
+    began_recently: int = Field(description="Runs begun in the last `window_seconds` in "
+                                            "the partition where most began.")
 
 
 class QueueOut(BaseModel):
@@ -354,6 +366,14 @@ class QueueOut(BaseModel):
     oldest_waiting_since: dt.datetime | None = Field(description="When the run waiting "
                                                                  "longest was queued.")
     oldest_waiting_seconds: float | None = Field(description="How long it has waited.")
+    partitioned: bool = Field(description="Runs counted in progress or begun carry a "
+                                          "partition key: the limits hold per key and the "
+                                          "figures above are summed over the keys.")
+    per_partition_max: PartitionMaxOut | None = Field(description=(
+        "The highest figures of any one partition (each figure of its own), to read "
+        "against the limits; null when not partitioned (the figures above are then "
+        "the partition's)."))
+    served: bool = Field(description=SERVED)
 
 
 class Overview(BaseModel):
@@ -490,8 +510,9 @@ def verify_out(r: AuditReport) -> VerifyOut:
     return VerifyOut(ok=r.ok, records=r.records, first_bad_seq=r.first_bad_seq, reason=r.reason)
 
 
-def schedule_out(s: ScheduleInfo, last: RunRecord | None) -> ScheduleOut:
-    """A schedule as JSON; ``last`` is the record of its last run (``None``: gone)."""
+def schedule_out(s: ScheduleInfo, last: RunRecord | None, served: bool) -> ScheduleOut:
+    """A schedule as JSON; ``last`` is the record of its last run (``None``: gone),
+    ``served``: a live worker serves the app."""
     last_run = None
     if s.last_run_id is not None:
         last_run = LastRunOut(
@@ -503,11 +524,12 @@ def schedule_out(s: ScheduleInfo, last: RunRecord | None) -> ScheduleOut:
         timezone=s.timezone, overlap=s.overlap, catch_up=s.catch_up,
         catch_up_limit=s.catch_up_limit, paused=s.paused, source=s.source,
         in_code=s.in_code, next_tick=s.next_tick, next_ticks=list(s.upcoming),
-        last_run=last_run)
+        last_run=last_run, served=served)
 
 
-def queue_out(q: QueueStats, now: float) -> QueueOut:
-    """A queue's figures as JSON (``now``: the app's clock, for the oldest run's age)."""
+def queue_out(q: QueueStats, now: float, served: bool) -> QueueOut:
+    """A queue's figures as JSON (``now``: the app's clock, for the oldest run's age;
+    ``served``: a live worker serves the app)."""
     spec = q.spec
     oldest = q.oldest_waiting_at
     return QueueOut(
@@ -517,4 +539,9 @@ def queue_out(q: QueueStats, now: float) -> QueueOut:
         began_recently=q.began_last_window,
         window_seconds=spec.stats_window,
         oldest_waiting_since=utc(oldest),
-        oldest_waiting_seconds=None if oldest is None else round(max(now - oldest, 0.0), 3))
+        oldest_waiting_seconds=None if oldest is None else round(max(now - oldest, 0.0), 3),
+        partitioned=q.partitioned,
+        per_partition_max=PartitionMaxOut(in_progress=q.partition_peak_in_progress,
+                                          began_recently=q.partition_peak_began)
+        if q.partitioned else None,
+        served=served)

@@ -8,30 +8,31 @@ a schedule is left to the CLI and the library: see docs/console.md.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Path, Request
 
 from cantata.errors import ConfigurationError, UnknownSchedule
 from cantata.model.checks import check_text
+from cantata.model.schedule import MAX_NAME
 from cantata.server.auth import Principal
 from cantata.server.deps import ERRORS, Operator, Viewer
 from cantata.server.errors import ApiError
-from cantata.server.models import (
-    QueueOut,
-    ScheduleOut,
-    TriggerOut,
-    queue_out,
-    schedule_out,
-)
+from cantata.server.flow_out import queues_out, schedules_out
+from cantata.server.models import QueueOut, ScheduleOut, TriggerOut
 from cantata.server.state import console_of
+
+if TYPE_CHECKING:
+    from cantata import App
 
 router = APIRouter(prefix="/api", tags=["flow"], responses=ERRORS)
 
 # A schedule's name is 1-100 characters of any text (a '/' too: the path converter
-# takes it, the dashboard encodes it).
-ScheduleName = Annotated[str, Path(min_length=1, max_length=100,
-                                   description="A schedule's name")]
+# takes it, the dashboard encodes it). A longer one is no schedule's: a 404, as any
+# unknown name (not a 400: nothing in the request is malformed).
+ScheduleName = Annotated[str, Path(min_length=1, description="A schedule's name")]
 
 
 @router.get("/schedules", response_model=list[ScheduleOut], summary="Schedules, by name")
@@ -43,28 +44,46 @@ async def schedules(request: Request, _: Viewer) -> list[ScheduleOut]:
 
 async def _listed(request: Request, name: str | None = None) -> list[ScheduleOut]:
     app = await console_of(request).open()
-    found = [s for s in await app.schedules.list() if name is None or s.name == name]
+    found = await schedules_out(app, name)
     if name is not None and not found:
         raise _unknown(app.name, name)
-    out = []
-    for s in found:
-        last = None if s.last_run_id is None else await app.store.get_run(app.name,
-                                                                          s.last_run_id)
-        out.append(schedule_out(s, last))
-    return out
+    return found
 
 
 def _unknown(app: str, name: str) -> UnknownSchedule:
-    return UnknownSchedule(f"no schedule named {name!r} in app {app!r}: GET /api/schedules "
-                           "lists them")
+    return UnknownSchedule(f"no schedule named {_shown(name)} in app {app!r}: "
+                           "GET /api/schedules lists them")
+
+
+def _shown(name: str) -> str:
+    """``name`` quoted for a message; one too long for any schedule is cut short."""
+    if len(name) <= MAX_NAME:
+        return repr(name)
+    return f"{name[:MAX_NAME]!r}... ({len(name)} characters, more than any schedule's name)"
 
 
 def _check(app: str, name: str) -> None:
-    """A 404 for a name no schedule can have (a NUL, a lone surrogate), before the store
-    is asked (PostgreSQL would refuse the text)."""
+    """A 404 for a name no schedule can have (longer than any, a NUL, a lone surrogate),
+    before the store is asked (PostgreSQL would refuse the text)."""
+    if len(name) > MAX_NAME:
+        raise _unknown(app, name)
     check_text("schedule name", name, error=UnknownSchedule,
                hint=f"no schedule of app {app!r} has such a name; GET /api/schedules "
                     "lists them")
+
+
+@contextmanager
+def _known(app: App, name: str) -> Iterator[None]:
+    """The library's :class:`UnknownSchedule` (it points to the CLI) as the API's 404,
+    which says how to see the names here; one declared in code but not recorded yet
+    keeps its explanation."""
+    try:
+        yield
+    except UnknownSchedule as exc:
+        if name in app.router.schedule_specs:
+            raise UnknownSchedule(f"{exc}; GET /api/schedules lists the recorded ones") \
+                from None
+        raise _unknown(app.name, name) from None
 
 
 @router.post("/schedules/{name:path}/pause", response_model=ScheduleOut,
@@ -89,7 +108,8 @@ async def _set(request: Request, name: str, who: Principal, *, paused: bool) -> 
     app = await console_of(request).open()
     _check(app.name, name)
     act = app.schedules.pause if paused else app.schedules.resume
-    await act(name, actor=who.actor)  # UnknownSchedule: 404
+    with _known(app, name):
+        await act(name, actor=who.actor)
     return (await _listed(request, name))[0]
 
 
@@ -104,7 +124,8 @@ async def trigger(request: Request, name: ScheduleName, who: Operator) -> Trigge
     app = await console_of(request).open()
     _check(app.name, name)
     try:
-        handle = await app.schedules.trigger(name, actor=who.actor)  # UnknownSchedule: 404
+        with _known(app, name):
+            handle = await app.schedules.trigger(name, actor=who.actor)
     except ConfigurationError as exc:  # the library refused the run
         raise ApiError(409, "trigger_refused", console_of(request).redact(str(exc))) from None
     return TriggerOut(schedule=name, run_id=handle.run_id)
@@ -115,7 +136,4 @@ async def queues(request: Request, _: Viewer) -> list[QueueOut]:
     """Every queue of the app: its limits, runs waiting (the depth), in progress, begun
     recently, and how long the oldest waiting run has waited. Counted per queue, across
     its partitions (the limits apply per partition)."""
-    app = await console_of(request).open()
-    stats = await app.queue_stats()
-    now = app.clock.now()
-    return [queue_out(q, now) for q in stats]
+    return await queues_out(await console_of(request).open())

@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    queue_stats,
     stored_rate,
     waiters_forgotten_before,
     waiters_live_since,
@@ -48,6 +49,16 @@ _R_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
 # that meets it). Rows of queue_runs only: a join with runs, planned on a new store's
 # empty tables, scanned every live run once per waiting row.
 _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NULL"
+# Of those, the rows whose run can still begin: pending, no cancel asked. The depth and
+# the places count only these (a claim may not have met a cancelled row for hours). A
+# scalar subquery on the run's primary key, one lookup per waiting row whatever the
+# tables' statistics: its WHERE names only the key, so neither a join order nor another
+# index of runs (runs_status_newest, runs_live) can be picked for it. (A join or EXISTS
+# is planned, on a new store's tables, as a scan of every pending run per waiting row.)
+_CAN_BEGIN = (
+    "(SELECT r.status='pending' AND NOT r.cancel_requested FROM runs r "
+    "WHERE r.app=q.app AND r.run_id=q.run_id)"
+)
 
 
 # The waiters of a slot scope (flow_waiters, first come first served), with $1 app,
@@ -254,20 +265,24 @@ class PostgresFlow(PostgresCore):
             ):
                 spec = queue_spec(row)
                 waiting = await c.fetchrow(
-                    f"SELECT count(*), min(q.seq)::float8 / 1e6 {_WAITING}", app, spec.name
+                    f"SELECT count(*), min(q.seq)::float8 / 1e6 {_WAITING} AND {_CAN_BEGIN}",
+                    app, spec.name,
                 )
                 assert waiting is not None
-                active = await c.fetchval(
-                    "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
-                    "r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NOT "
-                    f"NULL AND NOT q.done AND r.status IN {LIVE_SQL}", app, spec.name,
+                active = await c.fetch(
+                    "SELECT q.partition_key, count(*) FROM queue_runs q JOIN runs r ON "
+                    "r.app=q.app AND r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND "
+                    f"q.began_at IS NOT NULL AND NOT q.done AND r.status IN {LIVE_SQL} "
+                    "GROUP BY q.partition_key", app, spec.name,
                 )
-                window = spec.stats_window
-                began = await c.fetchval(
-                    "SELECT count(*) FROM queue_runs WHERE app=$1 AND queue=$2 AND began_at > $3",
-                    app, spec.name, now - window,
+                began = await c.fetch(
+                    "SELECT partition_key, count(*) FROM queue_runs WHERE app=$1 AND queue=$2 "
+                    "AND began_at > $3 GROUP BY partition_key",
+                    app, spec.name, now - spec.stats_window,
                 )
-                out.append(QueueStats(spec.name, waiting[0], active, began, waiting[1], spec))
+                out.append(queue_stats(spec, waiting[0], waiting[1],
+                                       [(r[0], r[1]) for r in active],
+                                       [(r[0], r[1]) for r in began]))
         return out
 
     async def queue_position(self, app: str, run_id: str) -> QueuePosition | None:
@@ -286,7 +301,7 @@ class PostgresFlow(PostgresCore):
             before = (f"(q.priority < $4 OR (q.priority = $4 AND {older}))" if priorities
                       else f"{older} AND $4::bigint IS NOT NULL")
             ahead = await c.fetchval(
-                f"SELECT count(*) {_WAITING} AND q.partition_key=$3 AND {before}",
+                f"SELECT count(*) {_WAITING} AND q.partition_key=$3 AND {before} AND {_CAN_BEGIN}",
                 app, queue, part, prio, seq, run_id,
             )
         return QueuePosition(queue, ahead, part)

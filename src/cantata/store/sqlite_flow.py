@@ -23,6 +23,7 @@ from cantata.model.flow import (
     SlotGrant,
     plan_admissions,
     plan_slot,
+    queue_stats,
     stored_rate,
     waiters_forgotten_before,
     waiters_live_since,
@@ -42,8 +43,22 @@ if TYPE_CHECKING:
 CANDIDATES = 500
 _Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
 # Rows waiting to begin (one whose run was cancelled meanwhile is dropped by the claim
-# that meets it, see _admit).
+# that meets it, see claim_queued_runs).
 _WAITING = "FROM queue_runs q WHERE q.app=? AND q.queue=? AND q.began_at IS NULL"
+# Of those, the rows whose run can still begin: pending, no cancel asked. The depth and
+# the places count only these (a claim may not have met a cancelled row for hours). The
+# waiting rows are read through their partial index (without statistics SQLite picks
+# the primary key, every row the app's queues ever had), and the run of each by its
+# primary key, one lookup per waiting row (the subquery's WHERE names only the key),
+# last, after the cheaper filters.
+_WAITING_INDEXED = (
+    "FROM queue_runs q INDEXED BY queue_runs_waiting WHERE q.app=? AND q.queue=? "
+    "AND q.began_at IS NULL"
+)
+_CAN_BEGIN = (
+    "(SELECT r.status='pending' AND r.cancel_requested=0 FROM runs r "
+    "WHERE r.app=q.app AND r.run_id=q.run_id)"
+)
 
 
 # The waiters of a slot scope (flow_waiters, first come first served): whose worker is
@@ -249,19 +264,21 @@ class SQLiteFlow(SQLiteCore):
             ).fetchall():
                 spec = queue_spec(row)
                 waiting, oldest = c.execute(
-                    f"SELECT count(*), min(q.seq) / 1e6 {_WAITING}", (app, spec.name)
+                    f"SELECT count(*), min(q.seq) / 1e6 {_WAITING_INDEXED} AND {_CAN_BEGIN}",
+                    (app, spec.name),
                 ).fetchone()
                 active = c.execute(
-                    "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
-                    "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
-                    f"AND q.done=0 AND {LIVE_R}", (app, spec.name),
-                ).fetchone()[0]
-                window = spec.stats_window
+                    "SELECT q.partition_key, count(*) FROM queue_runs q JOIN runs r ON "
+                    "r.app=q.app AND r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND "
+                    f"q.began_at IS NOT NULL AND q.done=0 AND {LIVE_R} GROUP BY q.partition_key",
+                    (app, spec.name),
+                ).fetchall()
                 began = c.execute(
-                    "SELECT count(*) FROM queue_runs WHERE app=? AND queue=? AND began_at > ?",
-                    (app, spec.name, now - window),
-                ).fetchone()[0]
-                out.append(QueueStats(spec.name, waiting, active, began, oldest, spec))
+                    "SELECT partition_key, count(*) FROM queue_runs WHERE app=? AND queue=? "
+                    "AND began_at > ? GROUP BY partition_key",
+                    (app, spec.name, now - spec.stats_window),
+                ).fetchall()
+                out.append(queue_stats(spec, waiting, oldest, active, began))
             return out
 
         return await self._t.read(op)
@@ -285,7 +302,8 @@ class SQLiteFlow(SQLiteCore):
                 if priorities else (older, (seq, seq, run_id))
             )
             ahead = c.execute(
-                f"SELECT count(*) {_WAITING} AND q.partition_key=? AND {before[0]}",
+                f"SELECT count(*) {_WAITING_INDEXED} AND q.partition_key=? AND {before[0]} "
+                f"AND {_CAN_BEGIN}",
                 (app, queue, part, *before[1]),
             ).fetchone()[0]
             return QueuePosition(queue, ahead, part)

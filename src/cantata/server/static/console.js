@@ -546,19 +546,35 @@
     return wrap;
   }
 
+  // A schedule's or queue's name as it is: spaces at its ends or doubled are kept (not
+  // collapsed as HTML text is) and such a name is outlined, its exact text in a tooltip.
+  function exactName(name) {
+    const odd = /^\s|\s$|\s\s/.test(name);
+    return h("span", { class: odd ? "exact spaced" : "exact",
+                       title: odd ? `Exact name: ${JSON.stringify(name)}` : null }, name);
+  }
+  // Nothing ticks or begins without a live worker (the API's `served`): said above the table.
+  function noWorker(list, consequence) {
+    if (!list.some((x) => !x.served)) return null;
+    return h("div", { class: "notice warn", role: "status", id: "no-worker" },
+      h("strong", {}, "No worker is serving this app"), ` (no live worker heartbeat): ${consequence} ` +
+      "until a worker runs (cantata worker MODULE:app).");
+  }
+
   pages.schedules = async () => {
+    const banner = h("div", {});
     const msg = h("div", {});
     const holder = h("div", {});
     show(h("p", { class: "muted" }, "Each tick starts one run of the schedule's workflow. " +
-      "Times are the ticks' UTC times; a cron is read in its own time zone."), msg, holder);
+      "Times are the ticks' UTC times; a cron is read in its own time zone."), banner, msg, holder);
     async function act(s, action, button) {
-      if (action === "trigger" && !confirm(`Start a run of ${s.workflow} now, for schedule ${s.name}?`)) return;
+      if (action === "trigger" && !confirm(`Start a run of ${s.workflow} now, for schedule ${JSON.stringify(s.name)}?`)) return;
       button.disabled = true;
       try {
         const r = await api(`/api/schedules/${encodeURIComponent(s.name)}/${action}`, { method: "POST" });
         msg.replaceChildren(action === "trigger"
-          ? h("div", { class: "notice ok", role: "status" }, `Triggered ${s.name}: started run `, runLink(r.run_id))
-          : h("div", { class: "notice ok", role: "status" }, `${action === "pause" ? "Paused" : "Resumed"} ${s.name}.`));
+          ? h("div", { class: "notice ok", role: "status" }, "Triggered ", exactName(s.name), ": started run ", runLink(r.run_id))
+          : h("div", { class: "notice ok", role: "status" }, `${action === "pause" ? "Paused" : "Resumed"} `, exactName(s.name), "."));
         await render();
       } catch (e) { msg.replaceChildren(notice(e.message, "error")); button.disabled = false; }
     }
@@ -566,12 +582,14 @@
       if (s.paused) return badge("paused");
       if (s.in_code === false) return h("span", { class: "badge s-not_in_code",
         title: "Declared in code that no longer declares it: no worker of this code starts its runs" }, "not in code");
+      if (!s.served) return [badge("active"), h("div", { class: "muted unserved" }, "no worker: not ticking")];
       return badge("active");
     }
     async function render() {
       const list = await api("/api/schedules");
+      banner.replaceChildren(noWorker(list, "no schedule ticks (the next ticks below pass without a run)") || "");
       const rows = list.map((s) => h("tr", { "data-schedule": s.name },
-        h("td", { class: "name" }, h("strong", {}, s.name),
+        h("td", { class: "name" }, h("strong", {}, exactName(s.name)),
           h("div", { class: "muted" }, s.source === "code" ? "in code" : "made at run time")),
         h("td", {}, s.workflow),
         h("td", { class: "spec" }, h("span", { class: "mono" }, s.when), s.cron ? ` (${s.timezone})` : "",
@@ -602,27 +620,48 @@
   };
 
   pages.queues = async () => {
+    const banner = h("div", {});
     const msg = h("div", {});
     const holder = h("div", {});
     show(h("p", { class: "muted" }, "Runs started in a queue (queue=NAME, or a workflow declared with one) " +
       "wait here until its limits let them begin. Figures are per queue, across its partitions; " +
-      "the limits apply to each partition."), msg, holder);
+      "the limits apply to each partition."), banner, msg, holder);
     function limits(q) {
-      const parts = [];
-      if (q.concurrency !== null) parts.push(`concurrency ${q.concurrency}`);
+      const each = [];  // the limits that hold per partition
+      if (q.concurrency !== null) each.push(`concurrency ${q.concurrency}`);
+      if (q.rate) each.push(`rate ${q.rate.limit} per ${q.rate.per} s`);
+      const parts = each.length && q.partitioned ? [`${each.join(" · ")} (each partition)`] : each;
       if (q.per_worker !== null) parts.push(`${q.per_worker} per worker`);
-      if (q.rate) parts.push(`rate ${q.rate.limit} per ${q.rate.per} s`);
       if (q.priorities) parts.push("priorities");
       return parts.length ? parts.join(" · ") : "none";
     }
+    // A partitioned queue's sums are not read against its limits (they hold per
+    // partition): the busiest partition's figure is, on a line of its own.
+    function busiest(figure, limit) {
+      return h("div", { class: "muted per-partition" },
+        `busiest partition: ${figure}${limit === null ? "" : ` of ${limit}`}`);
+    }
+    function inProgress(q) {
+      if (!q.per_partition_max) return String(q.in_progress);
+      return [String(q.in_progress), h("span", { class: "muted" }, " in all partitions"),
+              busiest(q.per_partition_max.in_progress, q.concurrency)];
+    }
+    function began(q) {
+      const span = ` in ${duration(q.rate ? q.rate.per : q.window_seconds)}`;
+      if (!q.per_partition_max) {
+        return [String(q.began_recently), h("span", { class: "muted" }, q.rate ? ` of ${q.rate.limit}` : "", span)];
+      }
+      return [String(q.began_recently), h("span", { class: "muted" }, `${span} in all partitions`),
+              busiest(q.per_partition_max.began_recently, q.rate ? q.rate.limit : null)];
+    }
     async function render() {
       const list = await api("/api/queues");
+      banner.replaceChildren(noWorker(list, "no queued run begins") || "");
       const rows = list.map((q) => h("tr", { "data-queue": q.name },
-        h("td", {}, h("strong", {}, q.name)),
+        h("td", { class: "name" }, h("strong", {}, exactName(q.name))),
         h("td", { class: "num waiting" }, String(q.waiting)),
-        h("td", { class: "num in-progress" }, String(q.in_progress)),
-        h("td", { class: "num began" }, String(q.began_recently),
-          h("span", { class: "muted" }, q.rate ? ` of ${q.rate.limit}` : "", ` in ${duration(q.rate ? q.rate.per : q.window_seconds)}`)),
+        h("td", { class: "num in-progress" }, inProgress(q)),
+        h("td", { class: "num began" }, began(q)),
         h("td", { class: "oldest" }, q.oldest_waiting_seconds === null ? "—"
           : [duration(q.oldest_waiting_seconds), h("div", { class: "muted" }, "since ", when(q.oldest_waiting_since))]),
         h("td", { class: "limits" }, limits(q))));

@@ -106,6 +106,29 @@ class FlowContract(StoreFixtures):
         assert [r.run_id for r in await self.claim(store, "w")] == [ids[1]]
         assert await self.claim_q(store, "w") == ids[:1]
 
+    async def test_a_run_cancelled_while_it_waits_no_longer_counts_as_waiting(
+        self, store: Store
+    ) -> None:
+        """From its cancel on (before any worker ends it, before any claim meets its
+        row), a waiting run leaves the depth, the oldest waiting time and the places
+        of the runs behind it; so does one that ended."""
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=1), worker_id="w",
+                                  stale_before=0)
+        ids = await self.queued(store, 5)
+        assert await self.claim_q(store, "w") == ids[:1]  # holds the one slot
+        await store.request_cancel(self.app, ids[1])
+        [ended] = [r for r in await self.claim(store, "w2") if r.run_id == ids[1]]
+        await store.commit_run(self.app, ended.run_id, ended.fence,
+                               RunWrite(status=RunStatus.CANCELLED, release=True))
+        await store.request_cancel(self.app, ids[3])  # asked, not ended yet
+        [stats] = await store.queue_stats(self.app, now=time.time())
+        third = await store.get_run(self.app, ids[2])
+        assert third is not None
+        assert (stats.waiting, stats.in_progress) == (2, 1)
+        assert stats.oldest_waiting_at == pytest.approx(third.created_at, abs=1e-5)
+        assert [(await store.queue_position(self.app, i)).ahead  # type: ignore[union-attr]
+                for i in (ids[2], ids[4])] == [0, 1]
+
     async def test_sliding_window_rate(self, store: Store) -> None:
         rate = Rate(2, per=10.0)
         await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",
@@ -141,6 +164,9 @@ class FlowContract(StoreFixtures):
         assert await self.claim_q(store, "w") == []
         stats = await store.queue_stats(self.app, now=time.time())
         assert [(s.name, s.waiting, s.in_progress) for s in stats] == [("q", 2, 2)]
+        # the sums are of both keys; each limit is read against one key's figure
+        assert (stats[0].partitioned, stats[0].partition_peak_in_progress,
+                stats[0].began_last_window, stats[0].partition_peak_began) == (True, 1, 2, 1)
 
     async def test_queue_stats_give_the_oldest_waiting_run_as_posix_seconds(
         self, store: Store

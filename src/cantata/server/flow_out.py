@@ -1,0 +1,41 @@
+"""The schedules and queues of an app as ``GET /api/schedules`` and ``GET /api/queues``
+answer them, and as ``cantata schedules list --json`` and ``cantata queues --json``
+print them (no web framework here: the CLI imports it)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cantata.engine.identity import live_workers
+from cantata.server.models import QueueOut, ScheduleOut, queue_out, schedule_out
+
+if TYPE_CHECKING:
+    from cantata.app import App
+
+
+async def schedules_out(app: App, name: str | None = None) -> list[ScheduleOut]:
+    """Every schedule of the open ``app`` (only ``name``'s if given: none if it has no
+    such schedule), each with the run its ticks started last, read now."""
+    is_served = await served(app)
+    out = []
+    for s in await app.schedules.list():
+        if name is not None and s.name != name:
+            continue
+        last = None if s.last_run_id is None else await app.store.get_run(app.name, s.last_run_id)
+        out.append(schedule_out(s, last, is_served))
+    return out
+
+
+async def queues_out(app: App) -> list[QueueOut]:
+    """Every queue of the open ``app`` with its figures now (``app.queue_stats()``)."""
+    stats = await app.queue_stats()
+    now, is_served = app.clock.now(), await served(app)
+    return [queue_out(q, now, is_served) for q in stats]
+
+
+async def served(app: App) -> bool:
+    """Whether a live worker serves ``app`` now (its expiry not passed): one
+    ticks the schedules and begins the queued runs. A console (or the CLI) alone is
+    no worker."""
+    now = app.clock.now()
+    return bool(await live_workers(app.store, app.name, now=now))
