@@ -146,8 +146,7 @@ class _Session:
             if closing is not None and not closing.done():
                 with _registry:
                     _unfinished[self.app] = self
-                closing.add_done_callback(
-                    lambda _: self.loop.call_soon_threadsafe(self.loop.stop))
+                closing.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self.loop.stop))
             else:
                 self._stop()
 
@@ -425,8 +424,9 @@ class SyncSchedules:
         self._owner._call(self._owner.app.schedules.resume(name, actor=actor))
 
     def trigger(self, name: str, *, actor: str | None = None) -> SyncHandle:
-        return self._owner._wrap(self._owner._call(
-            self._owner.app.schedules.trigger(name, actor=actor)))
+        return self._owner._wrap(
+            self._owner._call(self._owner.app.schedules.trigger(name, actor=actor))
+        )
 
     def delete(self, name: str, *, actor: str | None = None) -> None:
         self._owner._call(self._owner.app.schedules.delete(name, actor=actor))
@@ -500,33 +500,59 @@ class SyncApp:
         self._open()
         return self._wrap(self.app.get_handle(run_id))
 
-    def list_runs(self, status: RunStatus | str | None = None, workflow: str | None = None,
-                  limit: int = 50) -> list[RunInfo]:
+    def list_runs(
+        self, status: RunStatus | str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunInfo]:
         """Blocking ``app.list_runs``."""
         return self._call(self.app.list_runs(status=status, workflow=workflow, limit=limit))
 
-    def find_runs(self, idempotency_key: str | None = None,
-                  attributes: Mapping[str, Any] | None = None, workflow: str | None = None,
-                  status: RunStatus | str | None = None, limit: int = 100) -> list[RunInfo]:
+    def find_runs(
+        self,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 100,
+    ) -> list[RunInfo]:
         """Blocking ``app.find_runs``."""
-        return self._call(self.app.find_runs(
-            idempotency_key=idempotency_key, attributes=attributes, workflow=workflow,
-            status=status, limit=limit,
-        ))
+        return self._call(
+            self.app.find_runs(
+                idempotency_key=idempotency_key,
+                attributes=attributes,
+                workflow=workflow,
+                status=status,
+                limit=limit,
+            )
+        )
 
     def fork(self, run_id: str, from_step: str, *, actor: str | None = None) -> SyncHandle:
         """Blocking ``app.fork``."""
         return self._wrap(self._call(self.app.fork(run_id, from_step, actor=actor)))
 
-    def publish(self, type: str, data: Any = None, *, subject: str | None = None,
-                correlation_id: str | None = None, source: str | None = None,
-                id: str | None = None, actor: str | None = None) -> Event[Any]:
+    def publish(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        subject: str | None = None,
+        correlation_id: str | None = None,
+        source: str | None = None,
+        id: str | None = None,
+        actor: str | None = None,
+    ) -> Event[Any]:
         """Blocking ``app.publish`` (``tx=`` belongs to a step's transaction: async only);
         ``actor`` is audited."""
-        return self._call(self.app.publish(
-            type, data, subject=subject, correlation_id=correlation_id, source=source, id=id,
-            actor=actor,
-        ))
+        return self._call(
+            self.app.publish(
+                type,
+                data,
+                subject=subject,
+                correlation_id=correlation_id,
+                source=source,
+                id=id,
+                actor=actor,
+            )
+        )
 
     def trace(self, correlation_id: str) -> TraceNode:
         """Blocking ``app.trace``."""
