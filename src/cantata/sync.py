@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
@@ -74,6 +75,8 @@ class _Session:
         self._calls_lock = threading.Lock()  # never held while waiting for the loop
         self.hurry = False  # a Ctrl-C came while the app closed: no more grace
         self.closing: concurrent.futures.Future[None] | None = None
+        # Done once the close is, or once a block's end stops waiting for it (Ctrl-C).
+        self._waiting: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=_run_loop, args=(self.loop,), name=f"cantata-sync-{app.name}", daemon=True
@@ -121,15 +124,15 @@ class _Session:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def end(self) -> None:
+    def end(self, ctrl_c: _CtrlC) -> None:
         """Cancel the calls still waiting, close the app, stop the loop.
 
-        A KeyboardInterrupt (Ctrl-C) while the app closes ends the close's grace at once
-        (as a second signal does to a worker: what still runs is released now) and goes
-        on up once the close has finished. One more (or a close still not done after
-        ``_FORCED_CLOSE`` seconds) stops the waiting, not the close: it finishes on
-        this session's loop in the background, and the next block of the app waits for
-        it (:meth:`finish_closing`) before opening the app anew.
+        A Ctrl-C while the app closes (``ctrl_c``'s presses, made before the close or
+        during it) ends the close's grace at once (as a second signal does to a
+        worker: what still runs is released now). One more (or a close still not done
+        after ``_FORCED_CLOSE`` seconds) stops the waiting, not the close: it finishes
+        on this session's loop in the background, and the next block of the app waits
+        for it (:meth:`finish_closing`) before opening the app anew.
         """
         with self._calls_lock:
             self.closed = True
@@ -137,26 +140,35 @@ class _Session:
         for fut in waiting:
             fut.cancel()
         try:
-            self._close_app()
+            self._close_app(ctrl_c)
         finally:
             closing = self.closing
             if closing is not None and not closing.done():
                 with _registry:
                     _unfinished[self.app] = self
-                closing.add_done_callback(
-                    lambda _: self.loop.call_soon_threadsafe(self.loop.stop))
+                closing.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self.loop.stop))
             else:
                 self._stop()
 
-    def _close_app(self) -> None:
+    def _close_app(self, ctrl_c: _CtrlC) -> None:
+        """Close the app on the loop and wait until the close is done or given up."""
         self.closing = asyncio.run_coroutine_threadsafe(self._close_all(), self.loop)
-        try:
+        self.closing.add_done_callback(lambda _: _settle(self._waiting))
+        ctrl_c.watch(self)
+        while True:
+            try:
+                self._waiting.result()
+                break
+            except KeyboardInterrupt:  # no handler of ours (not the main thread's own)
+                ctrl_c.press()
+        if self.closing.done():  # not given up: its error, if it failed
             self.closing.result()
-        except KeyboardInterrupt:
-            self.loop.call_soon_threadsafe(self._hurry)
-            with contextlib.suppress(BaseException):  # another Ctrl-C: stop waiting
-                self.closing.result(timeout=_FORCED_CLOSE)
-            raise
+
+    def interrupt(self, presses: int) -> None:
+        """Ctrl-C number ``presses`` while the app closes; safe in a signal handler (it
+        takes no lock: the loop does the work)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to stop
+            self.loop.call_soon_threadsafe(self._hurry if presses == 1 else self._give_up)
 
     async def _close_all(self) -> None:
         """The ``app.close()`` for each ``app.open`` made here."""
@@ -167,8 +179,14 @@ class _Session:
                 await self.app.close()
 
     def _hurry(self) -> None:  # on the loop
+        if self.hurry:
+            return
         self.hurry = True
         self.app.force_stop()
+        self.loop.call_later(_FORCED_CLOSE, self._give_up)
+
+    def _give_up(self) -> None:  # on the loop
+        _settle(self._waiting)
 
     def _stop(self) -> None:
         with contextlib.suppress(RuntimeError):  # stopped and closed already
@@ -195,6 +213,69 @@ class _Session:
         with _registry:
             _unfinished.pop(self.app, None)
         self._stop()
+
+
+def _settle(fut: concurrent.futures.Future[None]) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # settled already
+        fut.set_result(None)
+
+
+class _CtrlC:
+    """The Ctrl-C presses while a block ends (as ``asyncio.Runner`` takes them).
+
+    In the main thread, if SIGINT has Python's default handler, a handler of its own
+    stands in for it from the start of the block's end until the app's close stopped:
+    it counts the presses, tells the closing session at once (the first ends the
+    grace, the second stops the waiting) and raises nothing, so that no press is lost
+    or cuts the end short half-way. The caller raises ``KeyboardInterrupt`` afterwards
+    if any came. Elsewhere, a ``KeyboardInterrupt`` raised during the close counts as a
+    press (see :meth:`_Session._close_app`).
+    """
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self._session: _Session | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def install(self) -> None:
+        """Take SIGINT over, if this is the main thread and its handler the default."""
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:
+            return
+        self._previous, self._installed = previous, True
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def restore(self) -> None:
+        """Give SIGINT its previous handler back."""
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self.press()
+
+    def press(self) -> None:
+        self.presses += 1
+        session = self._session
+        if session is not None:
+            session.interrupt(self.presses)
+
+    def watch(self, session: _Session) -> None:
+        """Tell ``session``, which now closes, of the presses so far and those to come."""
+        self._session = session
+        for presses in range(1, min(self.presses, 2) + 1):
+            session.interrupt(presses)
+
+
+def _taking_ctrl_c(presses: int) -> _CtrlC:
+    """A :class:`_CtrlC` with SIGINT taken over, counting ``presses`` made already."""
+    ctrl_c = _CtrlC()
+    ctrl_c.presses = presses
+    ctrl_c.install()
+    return ctrl_c
 
 
 async def _close_at_once(app: App) -> None:
@@ -227,7 +308,10 @@ def _begin(app: App, serve: bool) -> _Session:
                 session.open(serve)
             except BaseException:
                 session.opened = 0
-                session.end()
+                ctrl_c = _CtrlC()
+                session.end(ctrl_c)
+                if ctrl_c.presses:
+                    raise KeyboardInterrupt from None
                 raise
             with _registry:
                 _sessions[app] = session
@@ -242,14 +326,14 @@ def _begin(app: App, serve: bool) -> _Session:
         return session
 
 
-def _finish(session: _Session) -> None:
+def _finish(session: _Session, ctrl_c: _CtrlC) -> None:
     with _lock_of(session.app):
         session.blocks -= 1
         if session.blocks > 0:
             return
         with _registry:
             del _sessions[session.app]
-        session.end()
+        session.end(ctrl_c)
 
 
 def _session_of(app: App) -> _Session:
@@ -340,8 +424,9 @@ class SyncSchedules:
         self._owner._call(self._owner.app.schedules.resume(name, actor=actor))
 
     def trigger(self, name: str, *, actor: str | None = None) -> SyncHandle:
-        return self._owner._wrap(self._owner._call(
-            self._owner.app.schedules.trigger(name, actor=actor)))
+        return self._owner._wrap(
+            self._owner._call(self._owner.app.schedules.trigger(name, actor=actor))
+        )
 
     def delete(self, name: str, *, actor: str | None = None) -> None:
         self._owner._call(self._owner.app.schedules.delete(name, actor=actor))
@@ -368,10 +453,24 @@ class SyncApp:
         self._session = _begin(self.app, self.serve)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            _finish(session)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """End the block (the last one closes the app); a Ctrl-C meanwhile hurries the
+        close (see :meth:`_Session.end`) and is raised once the close stopped."""
+        presses = 0
+        while True:
+            try:
+                ctrl_c = _taking_ctrl_c(presses)
+                break
+            except KeyboardInterrupt:  # a Ctrl-C before the handler was in place
+                presses += 1
+        try:
+            session, self._session = self._session, None
+            if session is not None:
+                _finish(session, ctrl_c)
+        finally:
+            ctrl_c.restore()
+        if ctrl_c.presses and not (exc_type and issubclass(exc_type, KeyboardInterrupt)):
+            raise KeyboardInterrupt
 
     def _open(self) -> _Session:
         if self._session is None:
@@ -401,33 +500,59 @@ class SyncApp:
         self._open()
         return self._wrap(self.app.get_handle(run_id))
 
-    def list_runs(self, status: RunStatus | str | None = None, workflow: str | None = None,
-                  limit: int = 50) -> list[RunInfo]:
+    def list_runs(
+        self, status: RunStatus | str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunInfo]:
         """Blocking ``app.list_runs``."""
         return self._call(self.app.list_runs(status=status, workflow=workflow, limit=limit))
 
-    def find_runs(self, idempotency_key: str | None = None,
-                  attributes: Mapping[str, Any] | None = None, workflow: str | None = None,
-                  status: RunStatus | str | None = None, limit: int = 100) -> list[RunInfo]:
+    def find_runs(
+        self,
+        idempotency_key: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        workflow: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 100,
+    ) -> list[RunInfo]:
         """Blocking ``app.find_runs``."""
-        return self._call(self.app.find_runs(
-            idempotency_key=idempotency_key, attributes=attributes, workflow=workflow,
-            status=status, limit=limit,
-        ))
+        return self._call(
+            self.app.find_runs(
+                idempotency_key=idempotency_key,
+                attributes=attributes,
+                workflow=workflow,
+                status=status,
+                limit=limit,
+            )
+        )
 
     def fork(self, run_id: str, from_step: str, *, actor: str | None = None) -> SyncHandle:
         """Blocking ``app.fork``."""
         return self._wrap(self._call(self.app.fork(run_id, from_step, actor=actor)))
 
-    def publish(self, type: str, data: Any = None, *, subject: str | None = None,
-                correlation_id: str | None = None, source: str | None = None,
-                id: str | None = None, actor: str | None = None) -> Event[Any]:
+    def publish(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        subject: str | None = None,
+        correlation_id: str | None = None,
+        source: str | None = None,
+        id: str | None = None,
+        actor: str | None = None,
+    ) -> Event[Any]:
         """Blocking ``app.publish`` (``tx=`` belongs to a step's transaction: async only);
         ``actor`` is audited."""
-        return self._call(self.app.publish(
-            type, data, subject=subject, correlation_id=correlation_id, source=source, id=id,
-            actor=actor,
-        ))
+        return self._call(
+            self.app.publish(
+                type,
+                data,
+                subject=subject,
+                correlation_id=correlation_id,
+                source=source,
+                id=id,
+                actor=actor,
+            )
+        )
 
     def trace(self, correlation_id: str) -> TraceNode:
         """Blocking ``app.trace``."""

@@ -305,11 +305,9 @@ def _sat_out(timers: list[threading.Timer]) -> None:
         time.sleep(0.1)  # a signal sent last is handled at the next bytecode
 
 
-@pytest.mark.parametrize("presses", [1, 2, 3])
-def test_a_ctrl_c_while_a_block_closes_leaves_the_app_usable(url: str, presses: int) -> None:
-    """The block's end waits for a step in progress (shutdown_grace); Ctrl-C there stops
-    the close at once (once more: gives the close up) and the KeyboardInterrupt goes on
-    up; the app is not left bound to the block's dead loop: it opens again."""
+def _app_with_a_slow_step(url: str) -> tuple[App, threading.Event, threading.Event]:
+    """An app whose workflow ``hold`` runs a step that sets ``started`` and then waits
+    for ``release``; its close would wait for that step (shutdown_grace ``WAIT``)."""
     app = _app(url)
     app.shutdown_grace = WAIT
     started, release = threading.Event(), threading.Event()
@@ -324,6 +322,31 @@ def test_a_ctrl_c_while_a_block_closes_leaves_the_app_usable(url: str, presses: 
     async def hold(ctx: WorkflowContext) -> str:
         return str(await ctx.run(slow))
 
+    return app, started, release
+
+
+def _ctrl_c_here() -> None:
+    """A Ctrl-C to this (the main) thread, handled right here: at the next instruction."""
+    signal.raise_signal(signal.SIGINT)
+
+
+def _closed_here(app: App) -> list[str]:
+    """The workflows of ``app``'s runs, read on a new event loop: only a closed app
+    opens there."""
+
+    async def read() -> list[str]:
+        async with app.client():
+            return [str(r.workflow) for r in await app.list_runs()]
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("presses", [1, 2, 3])
+def test_a_ctrl_c_while_a_block_closes_leaves_the_app_usable(url: str, presses: int) -> None:
+    """The block's end waits for a step in progress (shutdown_grace); Ctrl-C there stops
+    the close at once (once more: gives the close up) and the KeyboardInterrupt goes on
+    up; the app is not left bound to the block's dead loop: it opens again."""
+    app, started, release = _app_with_a_slow_step(url)
     began, timers = time.monotonic(), []
     try:
         with pytest.raises(KeyboardInterrupt), sync.connect(app, serve=True) as c:
@@ -338,6 +361,78 @@ def test_a_ctrl_c_while_a_block_closes_leaves_the_app_usable(url: str, presses: 
         assert [r.workflow for r in c.list_runs()] == ["hold"]
     with sync.connect(app, serve=True) as c:
         assert c.start("echo", 7).result(timeout=WAIT) == 7
+
+
+def test_a_ctrl_c_as_a_block_ends_before_the_close_began_still_closes_the_app(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C landing in the block's end before the app's close began (here: as the
+    end takes the app's lock) does not leave the app open and serving: it closes at
+    once (no grace) and the KeyboardInterrupt goes on up."""
+    app, started, release = _app_with_a_slow_step(url)
+    lock_of = sync._lock_of
+
+    def ctrl_c_then_lock(of: App) -> threading.Lock:
+        _ctrl_c_here()
+        return lock_of(of)
+
+    began = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt), sync.connect(app, serve=True) as c:
+            c.start("hold")
+            assert started.wait(WAIT)
+            monkeypatch.setattr(sync, "_lock_of", ctrl_c_then_lock)
+        monkeypatch.undo()
+        assert time.monotonic() - began < WAIT  # it did not wait out the grace
+        assert _closed_here(app) == ["hold"]
+    finally:
+        release.set()
+
+
+def test_a_second_ctrl_c_as_the_first_is_handled_still_ends_the_grace(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C twice while the block's end waits for a step in progress, the second
+    landing as the first is being handled (here: as the end tells the app's loop about
+    the first): the waiting stops, the close still ends its grace at once, so the app's
+    next block opens at once although the step still runs."""
+    app, started, release = _app_with_a_slow_step(url)
+    main = threading.main_thread()
+    assert threading.current_thread() is main
+    first_sent, second_sent = threading.Event(), threading.Event()
+    call_soon_threadsafe = asyncio.BaseEventLoop.call_soon_threadsafe
+
+    def second_ctrl_c_first(loop: asyncio.BaseEventLoop, *args: Any, **kw: Any) -> Any:
+        at_first = threading.current_thread() is main and first_sent.is_set()
+        if at_first and not second_sent.is_set():
+            second_sent.set()
+            _ctrl_c_here()
+        return call_soon_threadsafe(loop, *args, **kw)
+
+    def first_ctrl_c_once_closing() -> None:
+        deadline = time.monotonic() + WAIT
+        while app._force_stop is None and time.monotonic() < deadline:  # close under way
+            time.sleep(0.01)
+        time.sleep(0.2)  # the end waits for the close
+        first_sent.set()
+        signal.pthread_kill(main.ident or 0, signal.SIGINT)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "call_soon_threadsafe", second_ctrl_c_first)
+    began = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt), sync.connect(app, serve=True) as c:
+            c.start("hold")
+            assert started.wait(WAIT)
+            sender = threading.Thread(target=first_ctrl_c_once_closing, daemon=True)
+            sender.start()
+        sender.join(WAIT)
+        assert second_sent.is_set()
+        monkeypatch.undo()
+        assert time.monotonic() - began < WAIT  # it did not wait out the grace
+        with sync.connect(app) as c:  # the step still runs: only a hurried close ended
+            assert [r.workflow for r in c.list_runs()] == ["hold"]
+    finally:
+        release.set()
 
 
 def test_an_app_left_open_on_a_closed_event_loop_opens_again(tmp_path: Path) -> None:
