@@ -408,5 +408,10 @@ class Cancelled(BaseException):
 
 
 def error_text(exc: BaseException) -> str:
-    """Return the ``"Type: message"`` form used in history, dead letters and traces."""
-    return f"{type(exc).__name__}: {exc}"
+    """Return the ``"Type: message"`` form used in history, dead letters and traces
+    (an exception group's is followed by each of its exceptions', ``"; "``-separated:
+    an ``asyncio.TaskGroup``'s message alone names none of them)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, BaseExceptionGroup):
+        text += ": " + "; ".join(error_text(inner) for inner in exc.exceptions)
+    return text

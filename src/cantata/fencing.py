@@ -25,6 +25,12 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+#: True in the context an :class:`InlineBody` runs its body in (and so in what the body
+#: starts: its timeouts, task groups, tasks). A cancel of the run's task asked from
+#: there is the body's own; one asked from elsewhere comes from the workflow's code
+#: (see cantata.engine.branches.RunTask).
+IN_BODY: contextvars.ContextVar[bool] = contextvars.ContextVar("cantata_in_body", default=False)
+
 
 class PauseClock:
     """A thread that ticks every ``every`` seconds. A gap in its ticks is a stall of
@@ -156,10 +162,11 @@ class InlineBody(_Guard, Generic[T]):
     in context variables stays its own).
 
     :meth:`cancel` stops it as cancelling a body's task would: it cancels ``task``,
-    which is suspended in the body whenever another task can call it. The awaiting
-    code tells that cancel (``cancelled``) and the guard's own throw (``thrown``) from
-    a cancel of ``task`` by anyone else, and takes its own cancel back
-    (``task.uncancel()``).
+    which is suspended in the body whenever another task can call it (through the
+    task's ``engine_cancel`` when it has one: a run's task holds back other cancels
+    while a step runs). The awaiting code tells that cancel (``cancelled``) and the
+    guard's own throw (``thrown``) from a cancel of ``task`` by anyone else, and takes
+    its own cancel back (``task.uncancel()``). The body runs with :data:`IN_BODY` set.
     """
 
     __slots__ = ("_context", "cancelled", "task")
@@ -174,6 +181,7 @@ class InlineBody(_Guard, Generic[T]):
     ) -> None:
         super().__init__(coro, fenced, stalled, stall)
         self._context = contextvars.copy_context()
+        self._context.run(IN_BODY.set, True)
         self.task = task
         self.cancelled = False  # cancel() cancelled the task
 
@@ -181,7 +189,7 @@ class InlineBody(_Guard, Generic[T]):
         """Stop the body now (its worker's hold may have lapsed)."""
         if not self.cancelled:
             self.cancelled = True
-            self.task.cancel()
+            getattr(self.task, "engine_cancel", self.task.cancel)()
 
     def __await__(self) -> Generator[Any, Any, T]:
         # The hot path, as GuardedBody.send: locals only, no allocation but the readings.

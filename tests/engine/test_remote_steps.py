@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 import cantata
-from cantata import App, Retry
+from cantata import App, Retry, RunStatus
 from cantata.cli.main import main
+from cantata.model.records import RunWrite
 
 from .helpers import eventually, make_app
 
@@ -320,19 +321,19 @@ async def test_a_parallel_branch_whose_service_is_down_is_withdrawn_when_the_run
 
 
 async def test_the_task_of_an_ended_run_left_by_its_worker_is_withdrawn(url: str) -> None:
-    """A run that stopped waiting for a step of another service ended while a worker
-    held the step's task; that worker went away without finishing it. The next worker
-    of the service withdraws the task instead of leaving it pending for good (or
-    running it for a run that is over)."""
+    """A run ended while a worker held the task of one of its steps, and that worker
+    went away without finishing it. The next worker of the service withdraws the task
+    instead of leaving it pending for good (or running it for a run that is over).
+
+    The engine no longer ends a run before its steps in progress have ended (a timeout
+    in the workflow's code around the step takes effect once it has: test_branches.py),
+    so the run is ended here as an older version or an outside write could leave it."""
     log: list[Any] = []
     orders = make_app(url, services=["orders"])
 
     @orders.workflow(service="orders")
     async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
-        try:
-            return await asyncio.wait_for(ctx.run("inventory.reserve", order), 0.5)
-        except TimeoutError:
-            return "gave up"
+        return await ctx.run("inventory.reserve", order)
 
     stuck = make_app(url, services=["inventory"])
 
@@ -342,18 +343,25 @@ async def test_the_task_of_an_ended_run_left_by_its_worker_is_withdrawn(url: str
         await asyncio.Event().wait()  # until its worker goes
         return {}
 
-    async with orders:
-        async with stuck:
+    async with stuck:
+        async with orders:
             handle = await orders.start(place_order, {"sku": "I"})
-            assert await handle.result(timeout=10) == "gave up"
-            [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
-            assert (task.status, task.owner) == ("pending", stuck.engine.worker_id)
+            await eventually(lambda: _held_by(orders, handle.run_id, stuck.engine.worker_id))
+        run = await stuck.store.get_run(stuck.name, handle.run_id)
+        assert run is not None
+        await stuck.store.commit_run(stuck.name, run.run_id, run.fence, RunWrite(
+            status=RunStatus.FAILED, error="RuntimeError: ended elsewhere", release=True))
+    async with orders.client():
         # its worker stopped (past its grace): the task of the ended run is left over
         [task] = await orders.store.tasks_of_run(orders.name, handle.run_id)
         assert (task.status, task.owner) == ("pending", None)
         async with inventory_app(url, log):
             await eventually(lambda: _withdrawn(orders, handle.run_id))
     assert log == ["stuck reserve"]  # not run again
+
+
+async def _held_by(app: App, run_id: str, worker: str) -> bool:
+    return [t.owner for t in await app.store.tasks_of_run(app.name, run_id)] == [worker]
 
 
 async def _withdrawn(app: App, run_id: str) -> bool:
@@ -413,6 +421,80 @@ async def _reserved(app: App, run_id: str) -> bool:
     history = await app.store.load_history(app.name, run_id)
     return [(e.key, e.status, e.attempts) for e in history][:1] == [
         ("inventory.reserve#1", "completed", 1)]
+
+
+async def test_a_remote_step_held_in_a_branch_a_taskgroup_cancels_is_awaited_and_undone(
+    url: str,
+) -> None:
+    """An asyncio.TaskGroup cancels the reservation's branch when the charge is
+    declined; the reservation, a step another service's worker is running, still
+    completes there. The run waits for it and undoes it through that service."""
+    log: list[Any] = []
+    go = asyncio.Event()
+    orders = make_app(url, services=["orders"])
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(
+                ctx.run("inventory.reserve", order, compensate="inventory.release"))
+            group.create_task(ctx.run(orders.remote_step("payments.charge"), order))
+
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(service="inventory")
+    async def reserve(order: dict) -> dict:
+        log.append(("reserve",))
+        await go.wait()
+        return {"sku": order["sku"]}
+
+    @inventory.step(service="inventory")
+    def release(order: dict) -> None:
+        log.append(("release",))
+
+    async with inventory, payments_app(url, log), orders:
+        handle = await orders.start(place_order, {"sku": "J", "decline": True})
+        await eventually(lambda: _failed(orders, handle.run_id, "payments.charge#1"))
+        await asyncio.sleep(0.3)
+        assert ("reserve",) in log
+        assert await handle.status() == "running"  # waiting for the reservation
+        go.set()
+        with pytest.raises(cantata.WorkflowCompensated, match="ValueError: card declined"):
+            await handle.result(timeout=10)
+        history = await orders.store.load_history(orders.name, handle.run_id)
+    assert sorted(x[0] for x in log[:2]) == ["charge", "reserve"]
+    assert log[2:] == [("release",)]
+    assert [(e.key, e.status) for e in history] == [
+        ("inventory.reserve#1", "completed"), ("payments.charge#1", "failed"),
+        ("compensate:inventory.release#1", "completed")]
+    assert json.loads(history[0].detail or "{}")["cancelled"] is True
+
+
+async def test_a_remote_step_no_worker_holds_in_a_cancelled_taskgroup_branch_is_withdrawn(
+    url: str,
+) -> None:
+    log: list[Any] = []
+    orders = make_app(url, services=["orders"])
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(
+                ctx.run("inventory.reserve", order, compensate="inventory.release"))
+            group.create_task(ctx.run(orders.remote_step("payments.charge"), order))
+
+    async with inventory_app(url, log).client():  # declared, not served
+        pass
+    async with payments_app(url, log), orders:
+        handle = await orders.start(place_order, {"sku": "K", "decline": True})
+        with pytest.raises(cantata.WorkflowFailed, match="ValueError: card declined"):
+            await handle.result(timeout=10)
+        tasks = {t.step: t for t in await orders.store.tasks_of_run(orders.name, handle.run_id)}
+    reserve = tasks["inventory.reserve"]
+    assert (reserve.status, reserve.error_type, reserve.attempts) == ("failed", "Withdrawn", 0)
+    assert (f"run {handle.run_id} cancelled the branch of this step before a worker of "
+            "service 'inventory'") in (reserve.error or "")
+    assert log == [("charge", 1)]
 
 
 async def test_a_worker_without_the_step_leaves_its_task_to_one_that_has_it(url: str) -> None:

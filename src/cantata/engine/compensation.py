@@ -21,6 +21,7 @@ from cantata.model.records import EntryKind
 from cantata.model.status import RunStatus
 
 if TYPE_CHECKING:
+    from .branches import OpenStep
     from .runtime import WorkflowRuntime
 
 log = logging.getLogger("cantata.engine")
@@ -37,10 +38,11 @@ class ApiState:
     failed_steps: int = 0  # StepFailed raised into the workflow (it may catch them)
     cancel_delivered: bool = False  # Cancelled was raised into the workflow once
     cleanup_timeout: float | None = None
-    # ctx.run calls in progress (in branches of an asyncio.gather, several): the unwind
-    # waits for them, so a step that completes meanwhile is compensated too
-    open_steps: int = 0
-    steps_settled: asyncio.Event = field(default_factory=asyncio.Event)  # set at 0
+    # ctx.run calls in progress, by key (in branches of an asyncio.gather or a
+    # TaskGroup, several): the run's end waits for them, so a step that completes
+    # meanwhile is recorded first, and compensated if the run unwinds (branches.py)
+    open_steps: dict[str, OpenStep] = field(default_factory=dict)
+    steps_settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when none
 
 
 def compensation_key(x: WorkflowRuntime, name: str) -> str:

@@ -20,7 +20,6 @@ from cantata.declare.defs import (
     workflow_name,
 )
 from cantata.errors import (
-    StepFailed,
     UnknownStep,
     UnknownWorkflow,
     WaitTimeout,
@@ -136,6 +135,11 @@ class WorkflowContext:
 
         Raises:
             StepFailed: the step exhausted its attempts (the same error on every replay).
+            asyncio.CancelledError: the workflow's own code cancelled the task awaiting
+                this call (an ``asyncio.TaskGroup`` whose other branch failed, a
+                timeout around it) while the step was in progress: the step ended
+                first, its outcome recorded and its compensation registered if it
+                completed (docs/guide.md).
         """
         steps = self._x.engine.router.steps
         # The usual case without a coroutine: a function of this app's router.
@@ -149,19 +153,7 @@ class WorkflowContext:
         plain = codec.plain_args(args, f"arguments of step {sdef.name}",
                                  limit=x.engine.max_payload)
         key = x.journal.next_key(sdef.name)
-        api = x.api
-        api.open_steps += 1
-        try:
-            value = await x.call_step(sdef, plain, key)
-            if comp is not None:  # (before the unwind that may be waiting for this step)
-                x.compensations.append((comp, plain))
-        except StepFailed:
-            api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
-            raise
-        finally:
-            api.open_steps -= 1
-            if not api.open_steps:
-                api.steps_settled.set()
+        value = await x.run_step(sdef, plain, key, comp)
         if sdef.sig.plain_result:
             return value
         return codec.restore(value, sdef.sig.result, f"result of step {sdef.name}")

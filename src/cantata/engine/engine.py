@@ -22,6 +22,7 @@ from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
 
 from . import gcpolicy
+from .branches import RunTask
 from .clock import Clock
 from .hooks import Hooks
 from .metrics import Metrics
@@ -327,8 +328,7 @@ class Engine:
             log.info("run %s: re-taken with fence %d; a fresh execution replaces the stale "
                      "one (fence %d)", run.run_id, run.fence, current.run.fence)
             previous = current.task
-            if previous is not None:
-                previous.cancel()
+            current.let_go()
         wdef = self.router.workflows[run.workflow]
         execution = RunExecution(self, run, wdef)
         execution.fresh = fresh or create
@@ -337,9 +337,8 @@ class Engine:
         launched = self._launched.pop(run.run_id, None)
         if launched is not None and not launched.done():
             launched.set_result(None)
-        task = asyncio.create_task(
-            execution.execute(after=previous), name=f"cantata-run:{run.run_id}"
-        )
+        task = RunTask(execution.execute(after=previous), execution,
+                       name=f"cantata-run:{run.run_id}")
         execution.task = task
         self._tasks.add(task)
         if create:
@@ -402,8 +401,7 @@ class Engine:
 
     def drop(self, execution: RunExecution) -> None:
         """Stop one execution whose run this worker no longer owns."""
-        if execution.task is not None:
-            execution.task.cancel()
+        execution.let_go()
 
     def background(self) -> list[asyncio.Task[Any]]:
         """Every task of this engine still alive (executions, flushes, checks)."""

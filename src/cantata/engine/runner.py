@@ -31,7 +31,8 @@ from cantata.model.records import (
 from cantata.model.schedule import tick_signature
 from cantata.model.status import RunStatus
 
-from . import checkpoint, cleanup, steps
+from . import branches, checkpoint, cleanup, steps
+from .branches import OpenStep, RunTask
 from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
 from .journal import Journal
 from .parking import Evicted, can_evict, evict, with_deadline
@@ -52,6 +53,34 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("cantata.engine")
+
+
+def signal_in(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a run acts on when its code raised a task group's errors: the engine's
+    signal among them if a branch met one (the worker lost the run, the store failed,
+    the deadline passed, the run was cancelled...), as if raised alone; else the
+    group itself (the workflow failed with those errors)."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    for kind in (_Abandon, _StoreFailed, _DeadlinePassed, Cancelled):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    for leaf in leaves:  # any other signal (not a branch stopped: the run ends anyway)
+        if not isinstance(leaf, (Exception, _BranchStopped)):
+            return leaf
+    if isinstance(group, Exception):
+        return group
+    errors = [leaf for leaf in leaves if isinstance(leaf, Exception)]
+    return ExceptionGroup(group.message, errors) if errors else leaves[0]
 
 
 class RunExecution:
@@ -105,6 +134,14 @@ class RunExecution:
         self.evict_now = False  # pushed out of the hot cache (see parking.HotRuns)
         self.evicting = False  # being parked: released on purpose (engine/parking.py)
         self.evicted = False  # parked in the store: this execution commits nothing more
+        # Branches (branches.py): the step the run's own task is in (a cancel of the
+        # task by the workflow's code waits for it to end), the tasks of steps awaited
+        # by other tasks, replays waiting for the cancel history records.
+        self.inline_step: OpenStep | None = None
+        self.step_tasks: set[asyncio.Future[Any]] = set()
+        self.cancel_waiters: set[asyncio.Future[None]] = set()
+        self.letting_go = False  # the worker stops this execution: nothing is waited for
+        self.code_ended = False  # the workflow's code returned or raised: no new call
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -147,6 +184,19 @@ class RunExecution:
         (The coroutine of :func:`checkpoint.commit` itself: one layer less.)"""
         return checkpoint.commit(self, write)
 
+    def let_go(self) -> None:
+        """Stop this execution at once (the run is taken over, or released at a stop):
+        its task and its steps' tasks are cancelled; no step in progress is waited for
+        (another worker resumes the run from its history)."""
+        self.letting_go = True
+        task = self.task
+        if isinstance(task, RunTask):
+            task.engine_cancel()
+        elif task is not None:
+            task.cancel()
+        for step in list(self.step_tasks):
+            step.cancel()
+
     def expect_creation(self) -> None:
         """This run is not stored yet: store it with its first checkpoint."""
         checkpoint.expect_creation(self)
@@ -185,6 +235,8 @@ class RunExecution:
         return not self.compensating and self.interrupt.done()
 
     def new_call(self, key: str) -> None:
+        if self.code_ended:  # a branch the workflow left running: it begins nothing new
+            raise _BranchStopped()
         self.check_interrupt()
 
     @contextlib.contextmanager
@@ -286,6 +338,15 @@ class RunExecution:
 
         (The coroutine of :func:`steps.call_step` itself: one layer less.)"""
         return steps.call_step(self, sdef, args, key, kind)
+
+    def run_step(
+        self, sdef: StepDef, args: list[Any], key: str, compensate: StepDef | None
+    ) -> Coroutine[Any, Any, Any]:
+        """``ctx.run`` of one step: its result, its compensation registered once it
+        completed; a cancel of its branch by the workflow's code waits for it to end.
+
+        (The coroutine of :func:`branches.run_step` itself.)"""
+        return branches.run_step(self, sdef, args, key, compensate)
 
     # -- the run ---------------------------------------------------------------------
 
@@ -414,7 +475,12 @@ class RunExecution:
             if run.idempotency_key and run.idempotency_key.startswith("schedule:"):
                 sig = tick_signature(sig)  # whichever way the schedule was made
             args = sig.restore_args(codec.loads(run.args), f"workflow {self.wdef.name}")
-            value = await self.wdef.fn(ctx, *args)
+            try:
+                value = await self.wdef.fn(ctx, *args)
+            except BaseExceptionGroup as group:  # a TaskGroup's: act on an engine signal
+                raise signal_in(group) from None
+            finally:
+                self._code_ended()
             if self.journal.divergence is not None:
                 raise self.journal.divergence
             if run.deadline_at is not None:
@@ -423,6 +489,7 @@ class RunExecution:
                 # a cancel (or the deadline) that came while the last call ran: the
                 # run's end is its next durable point, so it stops there and compensates
                 self.check_interrupt()
+            await self._settle_returned()
             self.journal.check_all_replayed()
             result = codec.dumps(
                 value, f"result of workflow {self.wdef.name}", limit=self.engine.max_payload
@@ -461,6 +528,51 @@ class RunExecution:
         status, error, flagged = returned_ending(self)  # ctx.compensate() may have run
         await self._finish(status, result=result, error=error, flagged=flagged)
 
+    def _code_ended(self) -> None:
+        """The workflow's code returned or raised: a branch it left running begins no
+        new call (new_call); a replay waiting for a branch's recorded cancel that the
+        code no longer made stops waiting."""
+        self.code_ended = True
+        for waiter in self.cancel_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _settle_returned(self) -> None:
+        """The workflow returned: a step still in progress in a branch it did not await
+        is waited for (its outcome recorded before the run's end), with a warning
+        naming it; the branches begin nothing new (and stop waiting)."""
+        if not self.interrupt.done():
+            self.interrupt.set_result(_BranchStopped("returned"))
+        self.wakeup.set()
+        await self._replay_branches()
+        api = self.api
+        if api.open_steps:
+            log.warning(
+                "workflow %s (run %s) returned while step %s was in progress in a branch "
+                "it did not await: the run ends once it has ended; await every branch "
+                "(asyncio.gather, asyncio.TaskGroup)", self.wdef.name, self.run.run_id,
+                ", ".join(sorted(s.key for s in api.open_steps.values())),
+            )
+            await self._open_steps_ended()
+
+    async def _replay_branches(self) -> None:
+        """In a replay, give the branches the code did not await the loop turns they take
+        to replay their recorded calls (and resume a step they had in progress), so
+        that the run's end is decided on the history as recorded."""
+        journal, idle = self.journal, 0
+        while idle < 3 and len(journal.consumed) < len(journal.history):
+            if not journal.has_unreplayed_calls():
+                return
+            before = len(journal.consumed)
+            await asyncio.sleep(0)
+            idle = 0 if len(journal.consumed) > before else idle + 1
+
+    async def _open_steps_ended(self) -> None:
+        api = self.api
+        while api.open_steps:
+            api.steps_settled.clear()
+            await api.steps_settled.wait()
+
     async def _unwind(self, final: RunStatus, error: str) -> None:
         """Run registered compensations in reverse order, then end the run."""
         await self._settle_branches()
@@ -492,19 +604,23 @@ class RunExecution:
 
     async def _settle_branches(self) -> None:
         """The workflow's code failed while steps of its other branches (an
-        ``asyncio.gather``) were in progress: each branch stops at its next durable
-        point (no new step begins; a task no live worker holds is withdrawn), and the
-        steps in progress end as they will. Waits for them, so that the unwind
-        compensates every step that completed, in reverse order of completion."""
+        ``asyncio.gather``, or one it did not await) were in progress: each branch
+        stops at its next durable point (no new step begins; a task no live worker
+        holds is withdrawn), and the steps in progress end as they will. Waits for
+        them, so that the unwind compensates every step that completed, in reverse
+        order of completion."""
+        await self._replay_branches()
         api = self.api
         if not api.open_steps:
             return
         if not self.interrupt.done():  # (a cancel or a deadline stops them already)
-            self.interrupt.set_result(_BranchStopped())
+            self.interrupt.set_result(_BranchStopped("failed"))
         self.wakeup.set()
-        while api.open_steps:
-            api.steps_settled.clear()
-            await api.steps_settled.wait()
+        log.info("workflow %s (run %s) failed while step %s was in progress in another "
+                 "branch: the run waits for it, and undoes it if it completes",
+                 self.wdef.name, self.run.run_id,
+                 ", ".join(sorted(s.key for s in api.open_steps.values())))
+        await self._open_steps_ended()
 
     async def _withdraw_tasks(self, what: str) -> None:
         """Before the run ends or unwinds: its remote steps' tasks that no live worker
@@ -528,6 +644,8 @@ class RunExecution:
         error: str | None = None,
         flagged: bool | None = None,
     ) -> None:
+        if self.api.open_steps:  # never an end recorded before a step's outcome
+            await self._settle_branches()
         await self._withdraw_tasks(f"ended {status}")
         await self.commit(RunWrite(
             status=status, result=result, error=error, flagged=flagged, release=True,

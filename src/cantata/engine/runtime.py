@@ -109,3 +109,11 @@ class WorkflowRuntime(JournalRuntime, Protocol):
     ) -> Any:
         """Run (or replay) one step or compensation; its decoded JSON result."""
         ...
+
+    async def run_step(
+        self, sdef: StepDef, args: list[Any], key: str, compensate: StepDef | None
+    ) -> Any:
+        """``ctx.run`` of one step: its decoded JSON result, ``compensate`` registered
+        once it completed (engine/branches.py: a cancel of its branch by the
+        workflow's code waits for it to end)."""
+        ...

@@ -50,8 +50,7 @@ async def drain(engine: Engine, deadline: float, force: asyncio.Event) -> None:
         log.warning("stopping: releasing %d run(s) whose step did not finish in time; "
                     "another worker resumes them at once", len(running))
     for execution in left:
-        if execution.task is not None:
-            execution.task.cancel()
+        execution.let_go()
     tasks = [e.task for e in left if e.task is not None]
     if tasks:
         await asyncio.wait(tasks, timeout=2.0)

@@ -37,8 +37,10 @@ class _StoreFailed(BaseException):
 
 class _BranchStopped(BaseException):
     """Internal: raised at a durable point of a branch of the workflow (an
-    ``asyncio.gather``) still running once the workflow's code failed: the run unwinds,
-    so the branch begins nothing new."""
+    ``asyncio.gather``, a task it did not await) still running once the workflow's code
+    failed or returned: the run ends, so the branch begins nothing new. Its message
+    says what the run did ("failed", "returned"); none when a step's branch was
+    cancelled before the step began (engine/branches.py)."""
 
 
 class _Fenced(BaseException):

@@ -86,6 +86,9 @@ async def call_step(
     if x.engine.is_remote(sdef):
         return await call_remote(x, sdef, args, entry)
     clock = x.engine.clock
+    # in progress when the run was last left (a crash, a stop): it goes on even if its
+    # branch is to begin nothing new (it had begun)
+    resuming = path and in_flight(x, key)
     write, last, n, number, lost = prior_attempts(x, key)
     retry = sdef.retry
     while True:
@@ -100,16 +103,22 @@ async def call_step(
             return await step_failed(x, entry, write, last, n)
         if x.engine.draining:  # (park_if_stopping's own test: no coroutine otherwise)
             await x.park_if_stopping()
-        if path:
-            x.check_interrupt()
+        if path and stops(x, key, resuming):
+            return await step_stopped(x, entry, write, last, n)
         if entry.wake_at is not None:  # the backoff after a failed attempt
-            await backoff(x, entry.wake_at, path)
+            await backoff(x, entry.wake_at, path, key)
+            if path and stops(x, key, resuming):
+                return await step_stopped(x, entry, write, last, n)
         # A limited step waits for its slot here, before the attempt is recorded
         # (released when execute_body ends; a slot left by a lost commit is this
         # holder's again when the run goes on, or lapses with this worker).
         stamped = None
         if sdef.concurrency is not None or sdef.rate is not None:
             stamped = await take_step_slot(x, sdef, key)
+            if path and stops(x, key, resuming):
+                await release_step_slot(x, sdef, key)
+                return await step_stopped(x, entry, write, last, n)
+        resuming = False
         n += 1
         number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
@@ -173,16 +182,68 @@ async def call_step(
         return codec.loads(result)
 
 
-async def backoff(x: RunExecution, due: float, path: bool) -> None:
+async def backoff(x: RunExecution, due: float, path: bool, key: str) -> None:
     """Wait until ``due``, when a step's next attempt may start (its entry's stored
     ``wake_at``). A step of the workflow's code path waits as a sleep does: a cancel
     or the deadline ends the wait, and a long one parks the run in the store until it
-    is due (engine/parking.py). A compensation's next attempt always comes."""
+    is due (engine/parking.py); so does its branch being stopped (see :func:`stops`).
+    A compensation's next attempt always comes."""
     clock = x.engine.clock
     if not path:
         await clock.sleep(due - clock.now())
-    else:
-        await x.wait_until(due, park=parking_for(due))
+        return
+
+    async def stopped() -> bool:
+        return stop_asked(x, key)
+
+    if not stop_asked(x, key):
+        await x.wait_until(due, stopped, poll=False, park=parking_for(due),
+                           interrupt="return")
+
+
+def stop_asked(x: RunExecution, key: str) -> bool:
+    """The branch of step ``key`` is to begin nothing new: the workflow's code cancelled
+    it (engine/branches.py), or the run stopped its branches (it failed or returned)."""
+    step = x.api.open_steps.get(key)
+    if step is not None and step.cancelled:
+        return True
+    return x.interrupted() and isinstance(x.interrupt.result(), _BranchStopped)
+
+
+def stops(x: RunExecution, key: str, resuming: bool) -> bool:
+    """At a durable point of step ``key``, before an attempt: True if the step stops
+    here (its branch is to begin nothing new, and no attempt of it was in progress
+    when the run was last left); a cancel or the deadline is raised."""
+    if stop_asked(x, key):
+        return not resuming
+    x.check_interrupt()
+    return False
+
+
+def in_flight(x: RunExecution, key: str) -> bool:
+    """The last recorded attempt of ``key`` was cut short (a crash, a graceful stop, a
+    pause): the step was in progress when the run was last left."""
+    recorded = x.attempts.get(key)
+    if not recorded:
+        return False
+    last = recorded[-1]
+    return last.ended_at is None or last.error_type in (
+        WORKER_LOST[0], INTERRUPTED[0], PAUSED[0])
+
+
+async def step_stopped(
+    x: RunExecution, entry: HistoryEntry, write: RunWrite, last: tuple[str, str] | None, n: int
+) -> Any:
+    """Step ``entry`` stops before its next attempt, its branch to begin nothing new.
+
+    Not begun yet: nothing of it was recorded, and ``_BranchStopped`` is raised. Else
+    (it waited to retry) it fails for good with its last attempt's error, recorded, so
+    that a replay meets the same outcome."""
+    if n == 0 or last is None:
+        raise _BranchStopped()
+    entry.wake_at = None
+    note = f" (its branch stopped before attempt {n + 1}: not attempted again)"
+    return await step_failed(x, entry, write, (last[0], last[1] + note), n)
 
 
 def prior_attempts(
@@ -274,23 +335,31 @@ async def await_task(
     """Wait for a remote step's task to end; its record.
 
     A cancel or deadline meeting the run here withdraws the task if no live worker
-    holds it (its record then says ``Withdrawn``): no worker ever starts it. A task a
-    worker is running is awaited as a local step in progress would be: its outcome is
-    recorded (and compensated with the run if it succeeded), and the interrupt is
-    raised at the run's next durable point. If that worker lets the task go (a retry
-    waits, the worker died), it is withdrawn then.
+    holds it (its record then says ``Withdrawn``): no worker ever starts it; so does
+    the step's branch being stopped (the run failed or returned, or the workflow's
+    code cancelled the branch: engine/branches.py). A task a worker is running is
+    awaited as a local step in progress would be: its outcome is recorded (and
+    compensated with the run if it succeeded), and the interrupt is raised at the
+    run's next durable point. If that worker lets the task go (a retry waits, the
+    worker died), it is withdrawn then.
     """
     engine, run = x.engine, x.run
     found: list[TaskRecord] = []
     ending = False
+    step = x.api.open_steps.get(entry.key)  # (None for a compensation)
+
+    def cancelled() -> bool:
+        return step is not None and step.cancelled
 
     async def look() -> bool:
         rec = await engine.store.get_task(run.app, task_id)
         if rec is not None and rec.status != TaskStatus.PENDING:
             found.append(rec)
             return True
+        if not ending:
+            return cancelled()
         # ending: a task no live worker holds any more is withdrawn next
-        return ending and rec is not None and rec.owner is None
+        return rec is not None and rec.owner is None
 
     watch = Watch("run", task_id)
     while True:
@@ -298,12 +367,14 @@ async def await_task(
                                     interrupt="ignore" if ending else "return")
         if found:
             return found[0]
-        if not (ending or x.interrupted()):
+        if not (ending or x.interrupted() or cancelled()):
             continue
         ending = True
         now = engine.clock.now()
-        why = ("was cancelled" if x.cancel_pending()
-               else "failed" if isinstance(x.interrupt.result(), _BranchStopped)
+        stopped = x.interrupt.result() if x.interrupted() else None
+        why = ("cancelled the branch of this step" if cancelled()
+               else "was cancelled" if x.cancel_pending()
+               else (str(stopped) or "failed") if isinstance(stopped, _BranchStopped)
                else "passed its deadline")
         who = (f"a worker of service {service!r}" if service
                else f"a service declaring step {entry.name!r}")

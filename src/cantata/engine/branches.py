@@ -1,0 +1,231 @@
+"""Steps of a workflow's branches, and cancels of a branch by the workflow's own code.
+
+A workflow runs steps concurrently in branches (``asyncio.gather``,
+``asyncio.TaskGroup``, ``asyncio.create_task``). asyncio cancels a branch on the
+workflow's behalf: a ``TaskGroup`` cancels the others when one fails, a timeout in the
+workflow's code cancels what it wraps. A step in progress then would be cut, though
+its effect may still complete (a sync body's thread goes on, another service
+completes its task), and it would never be compensated. Here a cancel of a step's
+branch by the workflow's code does not reach the step (docs/guide.md, "Steps run
+concurrently"):
+
+- the step ends as it will (its attempt in progress, or its task a worker of another
+  service holds) and its outcome is recorded; it begins nothing new (no further
+  attempt; a task no worker holds is withdrawn);
+- its compensation is registered if it completed, so the run's unwind undoes it;
+- then the cancel is raised in the branch (``asyncio.CancelledError``, instead of the
+  step's result), and its history entry says so (``"cancelled": true`` in its
+  detail): a replay raises the cancel there again, once the code cancels the branch
+  again, instead of going on past the step.
+
+How the cancel is kept from the step:
+
+- in the run's own task (:class:`RunTask`) a step's body runs inline
+  (:class:`cantata.fencing.InlineBody`); the task holds back a cancel asked while one
+  of the workflow's steps is in progress, unless the body asked it (its timeouts and
+  task groups, the step's own ``timeout=``: :data:`cantata.fencing.IN_BODY`) or the
+  engine did (a fence, the run's deadline, the worker letting the run go), and
+  raises it once the step has ended;
+- in any other task (a branch) a step runs in a task of its own, which the branch's
+  cancel does not reach: the branch waits for it, then is cancelled.
+
+The engine's own cancels (``RunExecution.let_go``) are never held back: they stop the
+run's task and the steps' tasks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from cantata.errors import StepFailed
+from cantata.fencing import IN_BODY
+from cantata.model import codec
+from cantata.model.records import RunWrite
+
+from .journal import FINAL
+from .signals import _BranchStopped
+
+if TYPE_CHECKING:
+    from cantata.declare.defs import StepDef
+
+    from .runner import RunExecution
+
+#: The key of a step's entry detail saying its branch was cancelled while it ran.
+CANCELLED = "cancelled"
+
+
+@dataclass(slots=True)
+class OpenStep:
+    """A ``ctx.run`` in progress."""
+
+    key: str
+    name: str
+    cancelled: bool = False  # the workflow's code cancelled its branch meanwhile
+
+
+class RunTask(asyncio.Task[None]):
+    """The task executing one run: a cancel asked by the workflow's code while one of
+    its steps is in progress in this task is held back until the step has ended."""
+
+    def __init__(
+        self, coro: Coroutine[Any, Any, None], execution: RunExecution, *, name: str
+    ) -> None:
+        super().__init__(coro, name=name)
+        self.execution = execution
+        self.held = 0  # cancels held back while the step in progress ends
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        x = self.execution
+        step = x.inline_step
+        if step is None or x.letting_go or IN_BODY.get() or self.done():
+            return super().cancel(msg)
+        step.cancelled = True  # it stops at its next durable point
+        self.held += 1
+        x.wakeup.set()  # a wait of the step (a backoff, another service's task) looks
+        return True
+
+    def engine_cancel(self) -> bool:
+        """A cancel of the engine's own (a fence, the deadline, letting the run go)."""
+        return super().cancel()
+
+    def release_held(self) -> None:
+        """Deliver the cancels held back (raised at the task's next suspension)."""
+        held, self.held = self.held, 0
+        for _ in range(held):
+            super().cancel()
+
+
+async def run_step(
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, comp: StepDef | None
+) -> Any:
+    """``ctx.run`` of one step whose key is taken: its decoded result, its compensation
+    ``comp`` registered once it has completed.
+
+    Raises:
+        StepFailed: the step failed for good.
+        asyncio.CancelledError: the workflow's code cancelled the step's branch while
+            the step was in progress (now or, in a replay, when history says so).
+    """
+    api = x.api
+    step = OpenStep(key, sdef.name)
+    api.open_steps[key] = step
+    try:
+        return await _run_open(x, sdef, args, step, comp)
+    finally:
+        del api.open_steps[key]
+        if not api.open_steps:
+            api.steps_settled.set()
+
+
+async def _run_open(
+    x: RunExecution, sdef: StepDef, args: list[Any], step: OpenStep, comp: StepDef | None
+) -> Any:
+    task = asyncio.current_task()
+    inline = isinstance(task, RunTask) and task is x.task
+    failure: StepFailed | None = None
+    value: Any = None
+    if inline:
+        x.inline_step = step
+    try:
+        try:
+            value = await (
+                x.call_step(sdef, args, step.key) if inline else _in_own_task(x, sdef, args, step)
+            )
+        except StepFailed as exc:
+            failure = exc
+        except _BranchStopped:
+            if not step.cancelled:  # (a cancel before it began: nothing was recorded)
+                raise
+        else:
+            if comp is not None:  # (before the unwind that may be waiting for it)
+                x.compensations.append((comp, args))
+        if step.cancelled:
+            await _record_cancel(x, step, inline)
+            if inline:
+                assert isinstance(task, RunTask)
+                x.inline_step = None
+                task.release_held()
+                await asyncio.sleep(0)  # raises the cancel held back
+            raise asyncio.CancelledError()
+    finally:
+        if inline:
+            x.inline_step = None
+            assert isinstance(task, RunTask)
+            task.held = 0  # (dropped when something else ended the step)
+    if _was_cancelled(x, step.key):  # a replay: the branch was cancelled here
+        await _replayed_cancel(x)
+    if failure is not None:
+        x.api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
+        raise failure
+    return value
+
+
+async def _in_own_task(x: RunExecution, sdef: StepDef, args: list[Any], step: OpenStep) -> Any:
+    """A step of a branch, in a task of its own: a cancel of the branch does not reach
+    it; the branch waits for its outcome."""
+    inner = asyncio.ensure_future(x.call_step(sdef, args, step.key))
+    x.step_tasks.add(inner)
+    try:
+        await _outlast(x, inner, step)
+    finally:
+        x.step_tasks.discard(inner)
+    return inner.result()
+
+
+async def _outlast(x: RunExecution, fut: asyncio.Future[Any], step: OpenStep) -> None:
+    """Wait for ``fut``. A cancel of the waiting branch by the workflow's code marks the
+    step cancelled (it stops at its next durable point) and the wait goes on; the
+    engine letting the run go stops ``fut`` too."""
+    while not fut.done():
+        try:
+            await asyncio.wait((fut,))
+        except asyncio.CancelledError:
+            if x.letting_go:
+                fut.cancel()
+                raise
+            step.cancelled = True
+            x.wakeup.set()
+
+
+async def _record_cancel(x: RunExecution, step: OpenStep, inline: bool) -> None:
+    """Record in the step's entry that its branch was cancelled while it ran (nothing
+    when the step never began: nothing of it was recorded)."""
+    entry = x.journal.history.get(step.key)
+    if entry is None or entry.status not in FINAL:
+        return
+    info = codec.loads(entry.detail) if entry.detail else {}
+    entry.detail = codec.dumps({**info, CANCELLED: True})
+    held = any(e is entry for e in x.pending)  # its result waits for the next write
+    write = RunWrite() if held else RunWrite(entries=[entry])
+    if inline:  # (the run's task holds back further cancels meanwhile)
+        await x.commit(write)
+    else:  # a further cancel of the branch must not cut the write
+        await _outlast(x, asyncio.ensure_future(x.commit(write)), step)
+
+
+def _was_cancelled(x: RunExecution, key: str) -> bool:
+    """History says the workflow's code cancelled this step's branch while it ran."""
+    entry = x.journal.history.get(key)
+    detail = None if entry is None else entry.detail
+    if detail is None or CANCELLED not in detail:
+        return False
+    info = codec.loads(detail)
+    return isinstance(info, dict) and info.get(CANCELLED) is True
+
+
+async def _replayed_cancel(x: RunExecution) -> NoReturn:
+    """A replay of a step whose branch was cancelled while it ran: the branch gets the
+    cancel, not the result, once the code cancels it again (as it did, replaying the
+    same calls). If the code ends first, or the run is cancelled or passes its
+    deadline meanwhile, that is raised instead."""
+    waiter = asyncio.get_running_loop().create_future()
+    x.cancel_waiters.add(waiter)
+    try:
+        await asyncio.wait((waiter, x.interrupt), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        x.cancel_waiters.discard(waiter)
+    x.check_interrupt()
+    raise asyncio.CancelledError()
