@@ -246,6 +246,27 @@ async def test_a_relay_stopped_before_the_delay_publishes_what_it_held_back(
     assert await store.unpublished_events(APP, limit=10) == []
 
 
+async def test_a_relay_stopped_before_its_first_pass_on_an_unreached_nats_says_nothing(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that publishes and exits at once (its relay stopped before its first
+    pass, as under load) while NATS is unreachable: the broker's open said so once, the
+    event waits in the outbox, and stopping the relay adds no second warning."""
+    broker = NatsBroker("nats://127.0.0.1:1", connect_attempts=1, reconnect_time_wait=30.0)
+    await broker.open(store)
+    try:
+        relay = OutboxRelay(store, broker, APP, poll_interval=30)
+        [event] = events(1)
+        await store.append_events(APP, [event])
+        caplog.clear()
+        await relay.start()
+        await relay.stop()  # (before the relay's task ran a pass)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+        assert [e.id for e in await store.unpublished_events(APP, limit=10)] == [event.id]
+    finally:
+        await broker.close()
+
+
 async def test_relay_polls_for_events_of_other_processes(tmp_path: Any) -> None:
     url = f"sqlite:///{tmp_path / 'cantata.db'}"
     mine, theirs = store_from_url(url), store_from_url(url)

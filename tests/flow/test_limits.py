@@ -6,11 +6,14 @@ import asyncio
 import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cantata import App, Rate, Retry
 from cantata.errors import ConfigurationError, RegistrationError
+from cantata.model.flow import SlotGrant
+from cantata.store.sqlite import SQLiteStore
 from cantata.testing import environment
 from tests.flow.helpers import max_in_window, max_overlap
 
@@ -122,6 +125,54 @@ def test_bad_limits_name_the_value() -> None:
         app.step(rate=5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=r"'billing' concurrency .* got -2"):
         app.on("a.b", group="billing", concurrency=-2)
+
+
+class SlowSlotsStore(SQLiteStore):
+    """A SQLite store whose slot requests take 0.2 s more (0.1 s on the way there, 0.1 s
+    on the way back) for the first ``slow_for`` seconds after the first one, then none:
+    a cold pool, a busy moment."""
+
+    def __init__(self, path: str, slow_for: float) -> None:
+        super().__init__(path)
+        self.slow_for = slow_for
+        self.slow_until: float | None = None
+        self.slow_calls = 0
+
+    async def acquire_slot(self, *args: Any, **kwargs: Any) -> SlotGrant:
+        if self.slow_until is None:
+            self.slow_until = time.monotonic() + self.slow_for
+        lag = 0.1 if time.monotonic() < self.slow_until else 0.0
+        self.slow_calls += lag > 0
+        await asyncio.sleep(lag)
+        grant = await super().acquire_slot(*args, **kwargs)
+        await asyncio.sleep(lag)
+        return grant
+
+
+async def test_step_rate_holds_as_the_bodies_see_it_with_a_slow_store(tmp_path: Path) -> None:
+    """Slot requests 0.2 s slower than the window's margin (0.1 s) for a while: the
+    bodies' starts, timed in the bodies, still keep the rate. (Re-timed three times
+    and then let go 0.2 s after its last recorded begin, the first bodies began so late
+    that the next ones, asking once the store was fast, began less than ``per`` after
+    them.)"""
+    store = SlowSlotsStore(str(tmp_path / "slow.db"), slow_for=0.9)
+    app = App("rate", store=store, poll_interval=0.1, lease=2.0)
+    starts: list[float] = []
+
+    @app.step(rate=Rate(2, per=1))
+    async def call(i: int) -> int:
+        starts.append(time.time())
+        return i
+
+    @app.workflow
+    async def wf(ctx: object, i: int) -> int:
+        return await ctx.run(call, i)  # type: ignore[attr-defined, no-any-return]
+
+    async with app:
+        handles = [await app.start(wf, i) for i in range(4)]
+        assert [await h.result(timeout=60) for h in handles] == list(range(4))
+    assert store.slow_calls >= 4  # (the slow store was asked)
+    assert max_in_window(starts, 1.0) <= 2, sorted(b - min(starts) for b in starts)
 
 
 @pytest.mark.postgres

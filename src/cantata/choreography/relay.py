@@ -151,7 +151,9 @@ class OutboxRelay:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop relaying; a batch being published is finished (and marked) first and,
         unless the broker was failing, what the outbox holds then is sent too (so a
-        client that publishes and exits delivers), within ``timeout`` seconds."""
+        client that publishes and exits delivers), within ``timeout`` seconds. A broker
+        not reached yet (it said so at open) leaves the events in the outbox without
+        another warning, even if the relay had no pass to find that out before."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -164,6 +166,8 @@ class OutboxRelay:
                 await asyncio.wait_for(self._drain(), timeout)
         except TimeoutError:
             log.warning("outbox relay of app %s did not stop in %ss", self.app, timeout)
+        except BrokerNotConnected:
+            pass  # (the broker said so once at open: the events wait in the outbox)
         except Exception as exc:  # the events stay in the outbox for the next relay
             log.warning("outbox relay of app %s: last publish failed (%s)", self.app,
                         error_text(exc))

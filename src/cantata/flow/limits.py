@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cantata.model.flow import Rate, SlotGrant
@@ -48,6 +49,15 @@ def waiter_lapse(engine: Engine) -> float:
     return min(engine.lease, max(3 * ask_period(engine), 2.0))
 
 
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """A slot granted: the clock time its begin was recorded at (for a rate) and how
+    long the store took to answer the request that was granted."""
+
+    begin: float
+    trip: float
+
+
 async def acquire(
     engine: Engine,
     scope: str,
@@ -68,6 +78,21 @@ async def acquire(
     request is then withdrawn from the queue and nothing is held. News that came while
     the store was asked (too late for its answer, too early for ``wait``) counts too.
     """
+    granted = await acquire_ahead(engine, scope, holder, concurrency, rate, wait, 0.0)
+    return granted.begin
+
+
+async def acquire_ahead(
+    engine: Engine,
+    scope: str,
+    holder: str,
+    concurrency: int | None,
+    rate: Rate | None,
+    wait: Any,
+    lead: float,
+) -> Granted:
+    """:func:`acquire`, the begin recorded ``lead`` seconds after each request is sent
+    (when the caller will begin its code, a store's round trip later)."""
     store, clock, flow = engine.store, engine.clock, engine.flow
     while True:
         now = clock.now()
@@ -75,10 +100,10 @@ async def acquire(
         grant = await store.acquire_slot(
             engine.app, scope, holder, engine.worker_id, concurrency=concurrency, rate=rate,
             now=now, stale_before=now, lapsed_before=now - waiter_lapse(engine),
-            forget_before=now - engine.lease,
+            forget_before=now - engine.lease, begin_at=now + lead,
         )
         if grant.granted:
-            return now
+            return Granted(now + lead, clock.now() - now)
         try:
             await _wait_for_turn(engine, wait, grant, now, seen, concurrency, rate)
         except BaseException:
@@ -146,6 +171,14 @@ async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> fl
     the step has no limit)."""
     if sdef.concurrency is None and sdef.rate is None:
         return None
+    return await acquire(execution.engine, step_scope(sdef.name),
+                         f"{execution.run.run_id}:{key}", sdef.concurrency, sdef.rate,
+                         _step_wait(execution))
+
+
+def _step_wait(execution: RunExecution) -> Any:
+    """A ``wait`` for :func:`acquire` in a run: until ``seconds`` pass or the flow
+    service wakes the execution (a slot may be free)."""
     engine = execution.engine
     waiting = engine.flow.slot_waiters if engine.flow is not None else set()
 
@@ -165,28 +198,59 @@ async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> fl
         finally:
             waiting.discard(execution)
 
-    return await acquire(engine, step_scope(sdef.name), f"{execution.run.run_id}:{key}",
-                         sdef.concurrency, sdef.rate, wait)
+    return wait
 
 
 async def retime_step_begin(execution: RunExecution, sdef: StepDef, key: str,
                             stamped: float) -> None:
-    """Just before a rate-limited step's body: if it begins later than its recorded
-    begin by more than half the window's margin (a slow store round trip, a cold
-    connection, the attempt's own write), record the begin again at the current time.
-
-    The rate counts recorded begins; this keeps each within the margin of when the
-    body really begins, so the limit holds for starts timed in the body.
-    """
+    """Just before a rate-limited step's body: make its recorded begin that of the body
+    (:func:`retime_begin`)."""
     rate = sdef.rate
     if rate is None:
         return
-    clock = execution.engine.clock
+    scope, holder = step_scope(sdef.name), f"{execution.run.run_id}:{key}"
+
+    async def ask(lead: float) -> Granted:
+        return await acquire_ahead(execution.engine, scope, holder, sdef.concurrency, rate,
+                                   _step_wait(execution), lead)
+
+    await retime_begin(execution.engine, rate, stamped, ask)
+
+
+async def retime_begin(engine: Engine, rate: Rate, stamped: float, ask: Any) -> None:
+    """Return when the body of a rate-limited call may begin: within half the window's
+    margin (``slack``) after its recorded begin ``stamped``, and not before it.
+
+    A body that would begin later than that (a slow store round trip, a cold
+    connection, the attempt's own write) has its begin recorded again (``ask(lead)``,
+    the holder's own request), ``lead`` seconds after the request is sent: the store's
+    last round trip and a half, so that the answer comes before the new begin, which
+    the body then waits for. Each miss lengthens the lead (up to the lease); a begin
+    that left the window meanwhile is asked for anew, as a waiter. The rate counts
+    recorded begins; this keeps each body's start within ``slack`` of its own, however
+    slow the store, so the limit holds for starts timed in the body
+    (docs/flow-control.md).
+    """
+    clock = engine.clock
     slack = (rate.window - rate.per) / 2
-    for _ in range(3):  # (a re-timing is one short write; a busy store may need another)
-        if clock.now() - stamped <= slack:
+    lead = 0.0
+    while True:
+        late = clock.now() - stamped
+        if late < 0:
+            await clock.sleep(-late)
             return
-        stamped = await take_step_slot(execution, sdef, key) or clock.now()
+        if late <= slack:
+            return
+        granted = await ask(lead)
+        stamped = granted.begin
+        lead = next_lead(lead, granted.trip, engine.lease)
+
+
+def next_lead(lead: float, trip: float, longest: float) -> float:
+    """How far ahead of its request a late body's begin is recorded next: the last
+    round trip and a half, at least twice the lead that was too short, at most
+    ``longest``."""
+    return min(max(1.5 * trip, 2 * lead), longest)
 
 
 async def release_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> None:
@@ -236,16 +300,16 @@ async def take_task_slot(engine: Engine, sdef: StepDef, holder: str) -> float | 
 
 async def retime_task_begin(engine: Engine, sdef: StepDef, holder: str,
                             stamped: float) -> None:
-    """:func:`retime_step_begin` for a task: its begin recorded again when the body
-    begins more than half the rate's margin after its grant."""
+    """:func:`retime_step_begin` for a task: its recorded begin made the body's."""
     rate = sdef.rate
     if rate is None:
         return
-    slack = (rate.window - rate.per) / 2
-    for _ in range(3):
-        if engine.clock.now() - stamped <= slack:
-            return
-        stamped = await take_task_slot(engine, sdef, holder) or engine.clock.now()
+    scope, wait = step_scope(sdef.name), _news_wait(engine)
+
+    async def ask(lead: float) -> Granted:
+        return await acquire_ahead(engine, scope, holder, sdef.concurrency, rate, wait, lead)
+
+    await retime_begin(engine, rate, stamped, ask)
 
 
 async def release_task_slot(engine: Engine, sdef: StepDef, holder: str) -> None:

@@ -321,7 +321,9 @@ class PostgresFlow(PostgresCore):
         stale_before: float,
         lapsed_before: float | None = None,
         forget_before: float | None = None,
+        begin_at: float | None = None,
     ) -> SlotGrant:
+        begin = now if begin_at is None else begin_at
         async with self._db.tx() as c:
             await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"slot:{app}:{scope}")
             await c.execute(
@@ -340,7 +342,7 @@ class PostgresFlow(PostgresCore):
                 if rate is None or await c.fetchval(
                     "UPDATE flow_begins SET at=greatest(at, $4) WHERE app=$1 AND scope=$2 AND "
                     "holder=$3 AND at=(SELECT max(at) FROM flow_begins WHERE app=$1 AND "
-                    "scope=$2 AND holder=$3) RETURNING 1", app, scope, holder, now,
+                    "scope=$2 AND holder=$3) RETURNING 1", app, scope, holder, begin,
                 ):
                     return SlotGrant(True)
                 # Its begin left the window: it asks again as a new holder (counted).
@@ -364,7 +366,7 @@ class PostgresFlow(PostgresCore):
                                 app, scope, holder, worker_id, now)
                 if rate is not None:
                     await c.execute("INSERT INTO flow_begins VALUES ($1,$2,$3,$4)",
-                                    app, scope, now, holder)
+                                    app, scope, begin, holder)
             if place is not None or gone or not grant.granted:
                 await _mind_waiters(c, key, now, grant.granted, place is not None, gone)
             return grant

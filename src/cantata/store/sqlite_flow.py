@@ -325,7 +325,10 @@ class SQLiteFlow(SQLiteCore):
         stale_before: float,
         lapsed_before: float | None = None,
         forget_before: float | None = None,
+        begin_at: float | None = None,
     ) -> SlotGrant:
+        begin = now if begin_at is None else begin_at
+
         def op(c: sqlite3.Connection) -> SlotGrant:
             c.execute(
                 "DELETE FROM flow_slots WHERE app=? AND scope=? AND worker_id<>? AND worker_id "
@@ -344,7 +347,7 @@ class SQLiteFlow(SQLiteCore):
                 if rate is None or c.execute(
                     "UPDATE flow_begins SET at=max(at, ?) WHERE app=? AND scope=? AND "
                     "holder=? AND at=(SELECT max(at) FROM flow_begins WHERE app=? AND "
-                    "scope=? AND holder=?)", (now, app, scope, holder, app, scope, holder),
+                    "scope=? AND holder=?)", (begin, app, scope, holder, app, scope, holder),
                 ).rowcount:
                     return SlotGrant(True)
                 # Its begin left the window: it asks again as a new holder (counted).
@@ -367,7 +370,7 @@ class SQLiteFlow(SQLiteCore):
                           (app, scope, holder, worker_id, now))
                 if rate is not None:
                     c.execute("INSERT INTO flow_begins VALUES (?,?,?,?)",
-                              (app, scope, now, holder))
+                              (app, scope, begin, holder))
             if place is not None or gone or not grant.granted:
                 _mind_waiters(c, args, grant.granted, place is not None, gone)
             return grant

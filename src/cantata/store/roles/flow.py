@@ -97,6 +97,7 @@ class FlowStore(Protocol):
         stale_before: float,
         lapsed_before: float | None = None,
         forget_before: float | None = None,
+        begin_at: float | None = None,
     ) -> SlotGrant:
         """Take a slot of ``scope`` for ``holder`` if ``concurrency`` and ``rate`` allow,
         first come, first served.
@@ -104,10 +105,14 @@ class FlowStore(Protocol):
         Slots of other workers whose expiry (heartbeat + their own lease) is before
         ``stale_before``, the current time (or that are gone), are freed first. A
         holder that already has a slot keeps it (granted again, nothing counted
-        twice); with a rate, its latest begin is re-timed
-        to ``now`` (its code begins again, or later than first recorded), or, if that
-        begin has left the window, it asks as a new holder. A grant records a begin for
-        the rate.
+        twice); with a rate, its latest begin is re-timed to ``begin_at`` (its code
+        begins again, or later than first recorded), or, if that begin has left the
+        window, it asks as a new holder. A grant records a begin for the rate at
+        ``begin_at`` (``None``: ``now``; a later time when the caller will begin its
+        code then, a slow store's round trip ahead). A begin is recorded only while
+        fewer than ``limit`` begins are kept (those after ``now`` minus the window,
+        future ones included), and a re-timing only moves a kept one later: so no
+        window ever holds more than ``limit``, wherever the begins fall.
 
         Waiters: a request that is denied registers ``holder`` as a waiter of ``scope``
         (or keeps its place, noting that it asked at ``now``). A request is granted

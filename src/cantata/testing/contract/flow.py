@@ -8,7 +8,7 @@ import time
 import pytest
 
 from cantata.errors import IdempotencyConflict, QueueConflict
-from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow
+from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow, SlotGrant
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.base import Store
@@ -352,6 +352,27 @@ class FlowContract(StoreFixtures):
         assert (await take("a", opened + 0.01))[0]
         ok, retry = await take("b", opened + 0.02)
         assert not ok and retry == pytest.approx(opened + 0.01 + rate.window)
+
+    async def test_a_begin_recorded_ahead_counts_from_its_own_time(self, store: Store) -> None:
+        """``begin_at``: a grant (or a holder's re-timing) records its begin at a later
+        time than it asked (the caller begins its code then, after a slow round trip);
+        the window frees that begin ``window`` seconds after it, not after the ask."""
+        now = await self.live(store, "w")
+        rate = Rate(1, per=1.0)  # (a window of 1.1 s)
+
+        async def take(holder: str, at: float, begin_at: float | None = None) -> SlotGrant:
+            return await store.acquire_slot(self.app, "step:ahead", holder, "w",
+                                            concurrency=None, rate=rate, now=at,
+                                            stale_before=at, forget_before=at - 100,
+                                            begin_at=begin_at)
+
+        assert (await take("a", now, begin_at=now + 0.3)).granted
+        late = await take("b", now + 0.1)
+        assert not late.granted and late.retry_at == pytest.approx(now + 0.3 + rate.window)
+        assert (await take("a", now + 0.4, begin_at=now + 0.7)).granted  # re-timed ahead
+        late = await take("b", now + 1.45)  # (a's first begin would have left by now)
+        assert not late.granted and late.retry_at == pytest.approx(now + 0.7 + rate.window)
+        assert (await take("b", now + 0.7 + rate.window + 0.01)).granted
 
     async def test_racing_slot_takers_never_exceed(self, store: Store, peer: Store) -> None:
         now = await self.live(store, *[f"w{i}" for i in range(10)])
