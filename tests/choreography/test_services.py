@@ -1,5 +1,5 @@
 """``App(services=[...])`` (``cantata worker --service``) serves only those services'
-handler groups: a group is the reacting service (DESIGN §4), so a handler is served
+handler groups: a group is the reacting service (docs/guide.md §3), so a handler is served
 when its group, or the service of the Router that declared it, is listed."""
 
 from __future__ import annotations

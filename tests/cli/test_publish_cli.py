@@ -1,5 +1,5 @@
 """``cantata publish`` of a type nothing listens to: stored, and a warning on stderr
-(DESIGN §4 Orphans), whether the app is given as code or by name (the store's
+(docs/guide.md §3, orphans), whether the app is given as code or by name (the store's
 declarations answer then)."""
 
 from __future__ import annotations
