@@ -10,6 +10,7 @@ no sense (memory://) and with --processes 1 (no supervisor).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -300,3 +301,23 @@ async def test_a_worker_that_cannot_start_ends_the_supervisor_at_once(tmp_path: 
     assert "before it served (its error is above); no worker runs" in text
     assert text.count("cantata: error:") == 2  # the child's own line, then the supervisor's
     assert "Traceback" not in text
+
+
+async def test_a_supervised_child_ignores_sigterms_that_come_as_it_ends(tmp_path: Path) -> None:
+    """Under ``KillMode=control-group`` a child gets SIGTERM from the service manager
+    and another from the supervisor; the later one can land once the child's event loop
+    is gone (an idle child drains at once). A supervised child takes only FORCE_SIGNAL
+    as a second signal: such a late SIGTERM must not kill it (exit status -15, read by
+    the supervisor as a failure), however late it comes."""
+    child = start(f"sqlite:///{tmp_path}/c.db", tmp_path, "--processes", "1",
+                  "--child-of", str(os.getpid()))
+    try:
+        await until(lambda: "serving app share" in output(tmp_path), 60, "the banner")
+        deadline = time.monotonic() + 30
+        while child.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)  # one, then one more every 1 ms
+            await asyncio.sleep(0.001)
+        assert await exited(child, 5) == 0, output(tmp_path)
+    finally:
+        end(child, [])

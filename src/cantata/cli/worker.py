@@ -286,11 +286,24 @@ def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> in
             stop.set()
             force()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, on_signal)
         if supervised:
             loop.add_signal_handler(FORCE_SIGNAL, on_force)
+
+            def on_os_signal(signum: int, frame: object) -> None:
+                # A plain handler, not the loop's: closing the loop resets the signals
+                # it handles to their default (SIGTERM: die), and a SIGTERM landing
+                # then (the service manager's and the supervisor's come close
+                # together; an idle child ends at once) killed a child that had
+                # drained. This one outlives the loop and ignores what comes after it.
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(on_signal)
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, on_os_signal)
+        else:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, on_signal)
         async with the_app:
             engine = the_app.engine
             console.print(
@@ -310,4 +323,10 @@ def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> in
             task.cancel()
         return engine.cut_short
 
-    return asyncio.run(main())
+    cut_short = asyncio.run(main())
+    if supervised:
+        # ... and the interpreter's exit resets Python's handlers to the default, not an
+        # ignored signal: from here on, SIGTERM and SIGINT no longer concern this child.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    return cut_short
