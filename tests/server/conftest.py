@@ -109,7 +109,9 @@ class ServerThread:
 
         self._thread = threading.Thread(target=self._main, name="console-server", daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 30
+        # (``setup`` runs first: seeding may start a worker and wait for its runs, which
+        # takes its time on a loaded machine)
+        deadline = time.monotonic() + 120
         while not (self._server is not None and self._server.started):
             if self._error is not None:
                 raise self._error

@@ -194,10 +194,12 @@ async def seed_unserved(app: App) -> dict[str, Any]:
         for i in range(9):
             await worker.start("await_approval", {"id": f"P-{i}"}, queue="per-customer",
                                partition=f"customer-{i % 3}")
-        for _ in range(400):
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
             stats = {q.name: q for q in await app.queue_stats()}
             if stats["per-customer"].in_progress == 6:
                 break
+            assert asyncio.get_running_loop().time() < deadline, stats
             await asyncio.sleep(0.05)
     return {"tokens": tokens, "names": names}
 
