@@ -247,10 +247,11 @@ def test_names_with_spaces_at_their_ends_or_doubled_are_shown_exactly(
     expect(name.locator("[title]")).to_have_attribute("title", 'Exact name: "  spaced  name "')
     row(page, SPACED).get_by_role("button", name="Pause").click()
     done = page.get_by_role("status").filter(has_text="Paused")
-    expect(done).to_be_visible()
+    # (the action's POST and the page's read after it: seconds on a loaded machine)
+    expect(done).to_be_visible(timeout=15_000)
     assert done.inner_text() == f"Paused {SPACED}."
     row(page, SPACED).get_by_role("button", name="Resume").click()
-    expect(page.get_by_role("status").filter(has_text="Resumed")).to_be_visible()
+    expect(page.get_by_role("status").filter(has_text="Resumed")).to_be_visible(timeout=15_000)
     for width in (1360, 390):  # on a phone too (the rows are blocks there)
         page.set_viewport_size({"width": width, "height": 844})
         assert row(page, SPACED).locator("td.name strong").inner_text() == SPACED
