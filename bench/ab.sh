@@ -5,7 +5,7 @@
 # prints one line per run: the folder, p50/p99 (ms), throughput (wf/s), CPU use.
 set -u
 ARGS="$1"; ROUNDS=$2; shift 2; DIRS=("$@")
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 for ((i = 0; i < ROUNDS; i++)); do
   if (( i % 2 == 0 )); then order=("${DIRS[@]}"); else order=($(printf '%s\n' "${DIRS[@]}" | tac)); fi
   for d in "${order[@]}"; do
