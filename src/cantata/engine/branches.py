@@ -104,63 +104,60 @@ async def run_step(
     """``ctx.run`` of one step whose key is taken: its decoded result, its compensation
     ``comp`` registered once it has completed.
 
+    (One coroutine, not two: this is on every step's path.)
+
     Raises:
         StepFailed: the step failed for good.
         asyncio.CancelledError: the workflow's code cancelled the step's branch while
             the step was in progress (now or, in a replay, when history says so).
     """
     api = x.api
+    open_steps = api.open_steps
     step = OpenStep(key, sdef.name)
-    api.open_steps[key] = step
-    try:
-        return await _run_open(x, sdef, args, step, comp)
-    finally:
-        del api.open_steps[key]
-        if not api.open_steps:
-            api.steps_settled.set()
-
-
-async def _run_open(
-    x: RunExecution, sdef: StepDef, args: list[Any], step: OpenStep, comp: StepDef | None
-) -> Any:
-    task = asyncio.current_task()
-    inline = isinstance(task, RunTask) and task is x.task
+    open_steps[key] = step
+    task = x.task
+    inline = task is not None and task is asyncio.current_task()  # (x.task: a RunTask)
     failure: StepFailed | None = None
     value: Any = None
-    if inline:
-        x.inline_step = step
     try:
-        try:
-            value = await (
-                x.call_step(sdef, args, step.key) if inline else _in_own_task(x, sdef, args, step)
-            )
-        except StepFailed as exc:
-            failure = exc
-        except _BranchStopped:
-            if not step.cancelled:  # (a cancel before it began: nothing was recorded)
-                raise
-        else:
-            if comp is not None:  # (before the unwind that may be waiting for it)
-                x.compensations.append((comp, args))
-        if step.cancelled:
-            await _record_cancel(x, step, inline)
-            if inline:
-                assert isinstance(task, RunTask)
-                x.inline_step = None
-                task.release_held()
-                await asyncio.sleep(0)  # raises the cancel held back
-            raise asyncio.CancelledError()
-    finally:
         if inline:
-            x.inline_step = None
-            assert isinstance(task, RunTask)
-            task.held = 0  # (dropped when something else ended the step)
-    if _was_cancelled(x, step.key):  # a replay: the branch was cancelled here
-        await _replayed_cancel(x)
-    if failure is not None:
-        x.api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
-        raise failure
-    return value
+            x.inline_step = step
+        try:
+            try:
+                value = await (
+                    x.call_step(sdef, args, key) if inline else _in_own_task(x, sdef, args, step)
+                )
+            except StepFailed as exc:
+                failure = exc
+            except _BranchStopped:
+                if not step.cancelled:  # (a cancel before it began: nothing was recorded)
+                    raise
+            else:
+                if comp is not None:  # (before the unwind that may be waiting for it)
+                    x.compensations.append((comp, args))
+            if step.cancelled:
+                await _record_cancel(x, step, inline)
+                if inline:
+                    assert isinstance(task, RunTask)
+                    x.inline_step = None
+                    task.release_held()
+                    await asyncio.sleep(0)  # raises the cancel held back
+                raise asyncio.CancelledError()
+        finally:
+            if inline:
+                x.inline_step = None
+                assert isinstance(task, RunTask)
+                task.held = 0  # (dropped when something else ended the step)
+        if _was_cancelled(x, key):  # a replay: the branch was cancelled here
+            await _replayed_cancel(x)
+        if failure is not None:
+            api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
+            raise failure
+        return value
+    finally:
+        del open_steps[key]
+        if not open_steps:
+            api.steps_settled.set()
 
 
 async def _in_own_task(x: RunExecution, sdef: StepDef, args: list[Any], step: OpenStep) -> Any:

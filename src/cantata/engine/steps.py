@@ -214,6 +214,9 @@ def stops(x: RunExecution, key: str, resuming: bool) -> bool:
     """At a durable point of step ``key``, before an attempt: True if the step stops
     here (its branch is to begin nothing new, and no attempt of it was in progress
     when the run was last left); a cancel or the deadline is raised."""
+    if not x.interrupt.done():  # the usual case, in short
+        step = x.api.open_steps.get(key)
+        return step is not None and step.cancelled and not resuming
     if stop_asked(x, key):
         return not resuming
     x.check_interrupt()
