@@ -192,6 +192,82 @@ async def test_commits_of_held_offered_events_do_not_each_read_the_outbox(
     assert await store.unpublished_events(APP, limit=10) == []
 
 
+async def test_held_events_published_before_their_delay_wake_no_later_outbox_read(
+    store: Store,
+) -> None:
+    # A full batch of held events goes out at once, before offer_delay has passed: the
+    # moment they were due then wakes nothing (it used to wake a pass that found nothing
+    # offered and read the outbox; under load the same happened when the wait for them
+    # ended a loop turn before that wake-up).
+    chain = events(5)
+    broker = HoldingBroker({e.id for e in chain})
+    counting = CountingReads(store)
+    relay = OutboxRelay(counting, broker, APP, poll_interval=30,  # type: ignore[arg-type]
+                        batch=5, offer_delay=0.2, mark_delay=5.0)
+    await relay.start()
+    try:
+        await eventually(lambda: counting.reads == 1, 5.0, "the first pass's read")
+        for e in chain:
+            await store.append_events(APP, [e])
+            relay.offer([e])
+        await eventually(lambda: len(broker.published) == len(chain), 5.0, "the full batch")
+        # (the moment the first was due comes before this sleep ends: asyncio runs the
+        # earlier timer first, whatever the load)
+        await asyncio.sleep(0.3)
+        assert counting.reads == 1
+    finally:
+        await relay.stop()
+    assert sorted(broker.published) == sorted(e.id for e in chain)
+
+
+class GatedBroker(HoldingBroker):
+    """A holding broker whose publish waits until the test opens its gate."""
+
+    def __init__(self, local: set[str]) -> None:
+        super().__init__(local)
+        self.gate = asyncio.Event()
+        self.waiting = False
+
+    async def publish(self, app: str, evs: Sequence[Event[Any]]) -> None:
+        self.waiting = True
+        await self.gate.wait()
+        self.waiting = False
+        await super().publish(app, evs)
+
+
+async def test_a_commit_heard_while_the_relay_runs_is_offered_before_it_reads(
+    store: Store,
+) -> None:
+    # A hop commits while the relay is publishing held events (as under load): the
+    # commit's notification comes before the committer resumes to offer what it stored,
+    # and the relay, already running, would have read the outbox for those events.
+    first, hop = events(2)
+    broker = GatedBroker({first.id, hop.id})
+    counting = CountingReads(store)
+    relay = OutboxRelay(counting, broker, APP, poll_interval=30,  # type: ignore[arg-type]
+                        offer_delay=0.05, mark_delay=5.0)
+    await relay.start()
+    try:
+        await eventually(lambda: counting.reads == 1, 5.0, "the first pass's read")
+        await store.append_events(APP, [first])
+        relay.offer([first])
+        await eventually(lambda: broker.waiting, 5.0, "the held event's publish")
+
+        async def commit_and_offer() -> None:  # a hop: commit, then offer what it stored
+            await store.append_events(APP, [hop])
+            relay.offer([hop])
+
+        committer = asyncio.create_task(commit_and_offer())
+        await asyncio.sleep(0)  # (its write is submitted: committed in the next turn)
+        broker.gate.set()  # the relay runs on in the same turn as the commit
+        await committer
+        await eventually(lambda: len(broker.published) == 2, 5.0, "both events")
+        assert counting.reads == 1
+    finally:
+        await relay.stop()
+    assert sorted(broker.published) == sorted([first.id, hop.id])
+
+
 class Unheard:
     """A store whose commits do not wake the relay (it reads on offers and polls)."""
 

@@ -130,6 +130,10 @@ class OutboxRelay:
         self.offer_delay = offer_delay
         self._later: list[Event[Any]] = []  # offered and held here: published soon
         self._later_since = 0.0
+        # wakes the relay when they are due; cancelled when a pass publishes them first
+        # (a full batch, or a wait that ended then), so that it wakes no pass that
+        # finds nothing offered and reads the outbox for nothing
+        self._later_timer: asyncio.TimerHandle | None = None
         self._unmarked: dict[str, None] = {}  # published, not yet marked (in order)
         self._unmarked_since = 0.0
         self.read_delay = read_delay
@@ -174,7 +178,13 @@ class OutboxRelay:
         finally:
             self._fresh.clear()
             self._later.clear()
+            self._cancel_later_timer()
             self._unmarked.clear()
+
+    def _cancel_later_timer(self) -> None:
+        if self._later_timer is not None:
+            self._later_timer.cancel()
+            self._later_timer = None
 
     async def _drain(self) -> None:
         while await relay_once(self.store, self.broker, self.app, self.batch) >= self.batch:
@@ -194,7 +204,8 @@ class OutboxRelay:
                 if not self._later:
                     self._later_since = time.monotonic()
                     if self._loop is not None:
-                        self._loop.call_later(self.offer_delay, self.wake)
+                        self._later_timer = self._loop.call_later(self.offer_delay,
+                                                                  self.wake)
                 self._later.extend(e for e in events if e.id not in ids)
                 if len(self._later) >= self.batch:
                     self.wake()
@@ -226,10 +237,18 @@ class OutboxRelay:
     async def _pass(self) -> int:
         """Publish what was offered, then what the outbox holds besides; mark what is
         due. Returns how many events the outbox read gave."""
+        if not (self._offered or self._fresh):
+            # Woken by a commit of this process, most likely: its notification comes
+            # before the committer resumes to offer what it stored, and a relay that was
+            # running already (a pass that yielded, a timer) runs first. A loop turn lets
+            # the committer offer them, so that this pass does not read the outbox for
+            # them (it reads it all the same when nothing was offered).
+            await asyncio.sleep(0)
         if self._later and (len(self._later) >= self.batch or
                             time.monotonic() - self._later_since >= self.offer_delay):
             self._fresh.extend(self._later)
             self._later = []
+            self._cancel_later_timer()
         # Offered since the last pass, held ones (published a moment later) included:
         # the commit that woke this pass most likely stored just those.
         offered, self._offered = self._offered or bool(self._fresh), False
