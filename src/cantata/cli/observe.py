@@ -15,6 +15,7 @@ from rich.text import Text
 from cantata.app import App
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound, StoreUnavailable
 from cantata.model.records import utc_datetime
+from cantata.model.status import RunStatus
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
 from cantata.observability.graph import code_mermaid, workflow_mermaid
@@ -22,6 +23,7 @@ from cantata.observability.node import UNADDRESSED_TASK, TraceNode, TraceNotFoun
 from cantata.observability.stalled import Stall, find_stalls
 from cantata.observability.timeline import fmt_seconds, render_timeline
 from cantata.observability.trace import DEFAULT_LIMIT, build_trace
+from cantata.server.flow_out import served
 from cantata.server.models import stall_out, stall_where, trace_out
 from cantata.store.factory import mask_url
 
@@ -128,6 +130,8 @@ def _detail(stall: Stall, app: str | None, store: str | None, width: int = 0) ->
         return f"{waiting}; last error: {n.error}" if n.error else waiting
     if n.kind in ("step", "compensation") and n.detail == UNADDRESSED_TASK:
         return f"waiting for a service that declares step {n.name}"
+    if n.kind == "run" and n.detail:  # its queue and place, or a cancel not applied yet
+        return f"{n.detail}; last error: {n.error}" if n.error else n.detail
     return n.error or ""
 
 
@@ -150,12 +154,14 @@ def stalled(
             stalls = await find_stalls(
                 the_app.store, the_app.name, older_than=seconds, now=now, limit=limit
             )
+            unserved = 0 if as_json else await _unserved_runs(the_app)
         if as_json:  # as GET /api/stalled answers them
             print_json([stall_out(s) for s in stalls])
             return
         if not stalls:
             say(f"no stalled transactions in app {the_app.name} (no progress for "
                 f"{older_than} or more)")
+            _say_unserved(the_app.name, unserved)
             return
         table = Table(title=f"stalled transactions of {the_app.name} (older than {older_than})")
         table.add_column("correlation id", no_wrap=True)
@@ -171,8 +177,25 @@ def stalled(
         show(table)
         console.print(Text(f"{len(stalls)} stall(s); see one whole: "
                            + again("trace", stalls[0].correlation_id, app, store)))
+        _say_unserved(the_app.name, unserved)
 
     run(go)
+
+
+async def _unserved_runs(app: App) -> int:
+    """How many live runs (pending, running, compensating) make no progress because no
+    live worker serves ``app`` (0 while one does): they count as stalled only later."""
+    if await served(app):
+        return 0
+    counts = await app.store.count_runs(app.name)
+    return sum(counts.get(str(s), 0) for s in RunStatus if not s.is_final)
+
+
+def _say_unserved(app: str, runs: int) -> None:
+    """Say, as the console's overview does, that no worker serves the live runs."""
+    if runs:
+        say(f"no worker is serving app {app!r} (no live worker heartbeat): {runs} live "
+            "run(s) make no progress until a worker runs (cantata worker MODULE:app)")
 
 
 def _has_store(the_app: App) -> bool:

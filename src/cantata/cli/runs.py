@@ -15,8 +15,9 @@ from cantata.engine.values import SET_VALUE, values_of
 from cantata.errors import CantataError, ConfigurationError, RunNotFound
 from cantata.model import codec
 from cantata.model.attributes import parse_attr
-from cantata.model.records import ENTRY_FAILED, RunRecord
+from cantata.model.records import ENTRY_FAILED, RunRecord, branch_cancelled
 from cantata.model.status import call_status
+from cantata.observability.timeline import BRANCH_CANCELLED
 from cantata.server.models import run_detail, run_out, steps_out
 
 from .common import (
@@ -267,6 +268,8 @@ async def print_run(app: App, run_id: str) -> None:
             detail = e.result[:60]
         if e.wake_at is not None and status == "waiting":
             detail = f"until {fmt_stamp(e.wake_at)}"
+        if branch_cancelled(e):  # it ended as it did, then its branch got the cancel
+            detail = f"{BRANCH_CANCELLED}; {detail}" if detail else BRANCH_CANCELLED
         out.add_row(
             str(e.seq), Text(e.key), e.kind, styled(status), str(e.attempts or ""),
             fmt_time(e.started_at), fmt_duration(took),

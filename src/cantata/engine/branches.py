@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from cantata.errors import StepFailed
 from cantata.fencing import IN_BODY
 from cantata.model import codec
-from cantata.model.records import RunWrite
+from cantata.model.records import BRANCH_CANCELLED, RunWrite, branch_cancelled
 
 from .journal import FINAL
 from .signals import _BranchStopped
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .runner import RunExecution
 
 #: The key of a step's entry detail saying its branch was cancelled while it ran.
-CANCELLED = "cancelled"
+CANCELLED = BRANCH_CANCELLED
 
 
 @dataclass(slots=True)
@@ -206,11 +206,7 @@ async def _record_cancel(x: RunExecution, step: OpenStep, inline: bool) -> None:
 def _was_cancelled(x: RunExecution, key: str) -> bool:
     """History says the workflow's code cancelled this step's branch while it ran."""
     entry = x.journal.history.get(key)
-    detail = None if entry is None else entry.detail
-    if detail is None or CANCELLED not in detail:
-        return False
-    info = codec.loads(detail)
-    return isinstance(info, dict) and info.get(CANCELLED) is True
+    return entry is not None and branch_cancelled(entry)
 
 
 async def _replayed_cancel(x: RunExecution) -> NoReturn:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.status import RunStatus
 
@@ -173,6 +174,21 @@ class HistoryEntry:
             self.kind = EntryKind(self.kind)
         if type(self.status) is not EntryStatus:
             self.status = EntryStatus(self.status)
+
+
+#: The key of a step entry's detail saying the workflow's own code cancelled the step's
+#: branch while it ran (engine/branches.py records it; traces and the console show it).
+BRANCH_CANCELLED = "cancelled"
+
+
+def branch_cancelled(entry: HistoryEntry) -> bool:
+    """Whether history says the workflow's code cancelled ``entry``'s branch while the
+    step ran (the step ended as it did, then the branch got the cancel)."""
+    detail = entry.detail
+    if detail is None or BRANCH_CANCELLED not in detail:
+        return False
+    info = codec.loads(detail)
+    return isinstance(info, dict) and info.get(BRANCH_CANCELLED) is True
 
 
 @dataclass(slots=True)

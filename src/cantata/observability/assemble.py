@@ -34,12 +34,14 @@ from cantata.model.records import (
     Delivery,
     HistoryEntry,
     RunRecord,
+    branch_cancelled,
 )
 from cantata.model.status import CUT_SHORT, RunStatus, call_status
 from cantata.store.base import Store, TraceRecords
 
 from .bound import MAX_NODES, bound, truncation_notice
 from .node import (
+    CANCEL_REQUESTED,
     COMPENSATION,
     COMPLETED,
     DEAD,
@@ -111,20 +113,30 @@ async def assemble(
     """:func:`build_trace` with the app's declarations already loaded."""
     cid, records = await load_records(store, app, correlation_id, limit)
     root = Builder(app, records, declarations).build(cid)
-    await note_queued(store, app, root)
+    cancelling = {r.run_id for r in records.runs if r.cancel_requested}
+    await note_queued(store, app, root, cancelling)
     if records_truncated(records, limit):
         root.children.append(truncation_notice(limit))
     root.correlation_id = cid
     return bound(root, max_nodes)
 
 
-async def note_queued(store: Store, app: str, root: TraceNode) -> None:
-    """Say on each run that waits in a queue where it waits and behind how many runs."""
+async def note_queued(
+    store: Store, app: str, root: TraceNode, cancelling: frozenset[str] | set[str] = frozenset()
+) -> None:
+    """Say on each run that waits in a queue where it waits and behind how many runs;
+    of one whose cancel was asked meanwhile (a run id in ``cancelling``), that it ends
+    without beginning once a worker takes it: it no longer waits for a place."""
     for node in root.walk():
         if node.kind == RUN and node.status == "pending" and node.ref is not None:
             pos = await store.queue_position(app, node.ref)
-            if pos is not None:
-                part = f" (partition {pos.partition!r})" if pos.partition else ""
+            if pos is None:
+                continue
+            part = f" (partition {pos.partition!r})" if pos.partition else ""
+            if node.ref in cancelling:
+                node.detail = (f"{CANCEL_REQUESTED} while queued in {pos.queue!r}{part}: it "
+                               "ends cancelled, without beginning, once a worker takes it")
+            else:
                 node.detail = f"queued in {pos.queue!r}{part} behind {pos.ahead} run(s)"
 
 
@@ -321,6 +333,10 @@ class Builder:
         node.touched = stamp(run.updated_at)
         if run.flagged:
             node.detail = "flagged for an operator"
+        elif run.cancel_requested and not run.status.is_final:
+            # (one waiting in a queue is said so by note_queued)
+            node.detail = (f"{CANCEL_REQUESTED}, not applied yet: a worker of its "
+                           "workflow applies it at the run's next durable point")
         return node
 
     def _fill_run(self, run: RunRecord) -> None:
@@ -352,6 +368,7 @@ class Builder:
         )
         node.ref = entry.key
         node.due = stamp(entry.wake_at)
+        node.cancelled = branch_cancelled(entry)
         times = [t for a in attempts for t in (a.started_at, a.ended_at) if t is not None]
         node.touched = stamp(max(times)) if times else node.started_at
         info = codec.loads(entry.detail) if entry.detail else None

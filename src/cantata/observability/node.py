@@ -35,6 +35,10 @@ REPLAYED = "replayed"  # a dead letter an operator replayed (no longer in the qu
 # to whichever service declares the step (the node names no group until then).
 UNADDRESSED_TASK = "task for the service that declares this step (none has yet)"
 
+# The detail of a live run whose cancel was asked and not applied yet: it ends when a
+# worker of its workflow takes it up (one queued then ends without beginning).
+CANCEL_REQUESTED = "cancel requested"
+
 # Statuses that mean "not finished yet" (work is still owed).
 OPEN_STATUSES = frozenset({PENDING, RUNNING, WAITING, "compensating"})
 
@@ -68,7 +72,9 @@ class TraceNode:
 
     Besides these fields each node carries diagnostic extras that are not part of
     the contract: ``ref`` (run id, event id, dead-letter id or history key),
-    ``detail`` (event source, wait pattern, ...), ``due`` (timer wake-up, wait
+    ``detail`` (event source, wait pattern, a cancel requested, ...), ``cancelled`` (a
+    step whose branch the workflow's own code cancelled while it ran: it ended as its
+    ``status`` says, then the branch got the cancel), ``due`` (timer wake-up, wait
     timeout or next retry), ``touched`` (last progress) and, on the summary nodes of a
     truncated tree, ``elided`` (how many nodes it stands for) and ``hidden`` (the open
     nodes among them, so stall detection still sees them).
@@ -87,6 +93,7 @@ class TraceNode:
     def __post_init__(self) -> None:
         self.ref: str | None = None
         self.detail: str | None = None
+        self.cancelled: bool = False
         self.due: dt.datetime | None = None
         self.touched: dt.datetime | None = None
         self.elided: int = 0

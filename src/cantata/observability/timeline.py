@@ -14,6 +14,7 @@ from cantata.model.records import utc_datetime
 
 from .bound import count
 from .node import (
+    CANCEL_REQUESTED,
     COMPENSATION,
     DEAD_LETTER,
     EVENT,
@@ -39,6 +40,8 @@ from .stalled import (
 )
 
 MAX_STALL_LINES = 12
+# A step whose branch the workflow's own code cancelled while it ran (``node.cancelled``)
+BRANCH_CANCELLED = "branch cancelled while it ran"
 RECENT = 5.0  # seconds: open items younger than this read "in progress"
 
 _STYLE = {
@@ -191,6 +194,8 @@ class _Renderer:
         elif node.kind in (STEP, COMPENSATION) and node.status == RUNNING \
                 and node.due is not None and node.due > self.now:
             out.append(f"next attempt {_clock(node.due, self.now)}")  # in its backoff
+        elif node.kind in (STEP, COMPENSATION) and node.cancelled:
+            out.append(BRANCH_CANCELLED)
         elif node.kind in (HANDLER, COMPENSATION) and node.status == "pending":
             if node.attempts == 0:
                 out.append("not picked up yet")
@@ -265,8 +270,10 @@ class _Renderer:
         elif stall.reason == PENDING_STEP:
             line.append("… pending: ", style="bold blue")
             if n.kind == RUN:
-                line.append(f"run {n.name} ({_short(n.ref)}) is {n.status}, no progress for "
-                            f"{self.ago(stall.since)}")
+                line.append(f"run {n.name} ({_short(n.ref)}) is {n.status}")
+                if n.detail and n.detail.startswith(CANCEL_REQUESTED):
+                    line.append(f", {n.detail}")
+                line.append(f", no progress for {self.ago(stall.since)}")
                 if n.status == "pending":
                     line.append(" — is a worker serving this workflow running?")
             else:

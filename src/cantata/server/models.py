@@ -25,6 +25,7 @@ from cantata.model.records import (
     DeadLetter,
     HistoryEntry,
     RunRecord,
+    branch_cancelled,
     to_datetime,
 )
 from cantata.model.schedule import key_tick
@@ -89,6 +90,12 @@ class AttemptOut(BaseModel):
     error: str | None
 
 
+BRANCH_CANCELLED = ("True for a step whose branch the workflow's own code cancelled while "
+                    "it ran (an asyncio.TaskGroup after another branch failed, a timeout "
+                    "around ctx.run): the step ended as it did (`status`), then its branch "
+                    "got the cancel instead of its result.")
+
+
 class StepOut(BaseModel):
     """One durable call of a run: a step, a compensation, a sleep, a wait, an emit, a child."""
 
@@ -101,6 +108,7 @@ class StepOut(BaseModel):
     ended_at: dt.datetime | None
     error: str | None
     attempts: list[AttemptOut]
+    cancelled: bool = Field(description=BRANCH_CANCELLED)
 
 
 class RunDetail(RunOut):
@@ -189,7 +197,9 @@ class TraceNodeOut(BaseModel):
     ref: str | None = Field(description="Run id, event id, dead-letter id or history key.")
     detail: str | None = Field(None, description="What the node waits for or comes from "
                                                  "(a wait's pattern, a task's service, a "
-                                                 "queue and its depth, an event's source)")
+                                                 "queue and its depth, an event's source, "
+                                                 "a cancel requested and not applied yet)")
+    cancelled: bool = Field(False, description=BRANCH_CANCELLED)
     children: list[TraceNodeOut]
 
 
@@ -383,6 +393,8 @@ class Overview(BaseModel):
     stalled: list[StallOut]
     dead_letters: int
     workflows: list[str]
+    served: bool = Field(description=SERVED + " Live runs (`counts` of pending, running, "
+                         "compensating) make no progress then.")
 
 
 # -- builders ------------------------------------------------------------------------
@@ -412,7 +424,7 @@ def steps_out(history: list[HistoryEntry], attempts: list[Attempt],
             name=e.name, key=e.key, kind=e.kind,
             status=e.status if status is None else call_status(e.status, status),
             compensation=e.kind == COMPENSATION, started_at=utc(e.started_at),
-            ended_at=utc(e.ended_at), error=e.error,
+            ended_at=utc(e.ended_at), error=e.error, cancelled=branch_cancelled(e),
             attempts=[
                 AttemptOut(attempt=a.attempt, started_at=utc(a.started_at),
                            ended_at=utc(a.ended_at),
@@ -445,7 +457,8 @@ def node_out(node: TraceNode, *, depth: int | None = None) -> TraceNodeOut:
     def one(n: TraceNode) -> TraceNodeOut:
         return TraceNodeOut(kind=n.kind, name=n.name, status=n.status, group=n.group,
                             started_at=n.started_at, ended_at=n.ended_at, attempts=n.attempts,
-                            error=n.error, ref=n.ref, detail=n.detail, children=[])
+                            error=n.error, ref=n.ref, detail=n.detail,
+                            cancelled=n.cancelled, children=[])
 
     root = one(node)
     stack = [(node, root, 0)]

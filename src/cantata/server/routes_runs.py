@@ -23,6 +23,7 @@ from cantata.model.status import RunStatus
 from cantata.server import params
 from cantata.server.deps import ERRORS, Operator, Viewer
 from cantata.server.errors import ApiError, bad_input, caused_by
+from cantata.server.flow_out import served
 from cantata.server.models import (
     CancelOut,
     ErrorOut,
@@ -282,7 +283,9 @@ async def workflows(request: Request, _: Viewer) -> list[str]:
 
 @router.get("/overview", response_model=Overview, summary="Counts, failures, stalls")
 async def overview(request: Request, _: Viewer) -> Overview:
-    """What the dashboard's first page shows: runs by status, recent failures, stalls."""
+    """What the dashboard's first page shows: runs by status, recent failures, stalls,
+    and whether a live worker serves the app (`served`: without one no live run
+    progresses, long before it counts as stalled)."""
     console = console_of(request)
     app = await console.open()
     store = app.store
@@ -297,4 +300,4 @@ async def overview(request: Request, _: Viewer) -> Overview:
     stalled: list[StallOut] = [stall_out(s) for s in stalls[:20]]
     return Overview(app=app.name, counts=await console.counts(),
                     recent_failures=[run_out(r) for r in failures], stalled=stalled,
-                    dead_letters=len(dead), workflows=names)
+                    dead_letters=len(dead), workflows=names, served=await served(app))

@@ -217,7 +217,15 @@
         h("a", { class: "card s-dead", href: "/dead-letters" },
           h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "Dead-lettered")));
       failures.replaceChildren(table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
-      stuck.replaceChildren(table(STALL_HEADERS, stallRows(o.stalled), "Nothing is stuck."));
+      // Runs count as stalled after 5 min; without a live worker (the API's `served`)
+      // none of the live ones moves from the start, which the panel says at once.
+      const live = [...LIVE].reduce((n, st) => n + (o.counts[st] || 0), 0);
+      const idle = !o.served && live > 0 ? h("div", { class: "notice warn", role: "status", id: "no-worker" },
+        h("strong", {}, "No worker is serving this app"),
+        `: ${live} run${live === 1 ? " is" : "s are"} waiting or running and none progresses ` +
+        "until a worker runs (cantata worker MODULE:app).") : null;
+      stuck.replaceChildren(...[idle, idle && !o.stalled.length ? null
+        : table(STALL_HEADERS, stallRows(o.stalled), "Nothing is stuck.")].filter(Boolean));
       if (!canOperate) return;
       if (!start) {
         start = startForm(o.workflows);
@@ -323,6 +331,15 @@
     });
   };
 
+  // A step whose branch the workflow's own code cancelled while it ran (the API's
+  // `cancelled`): it ended as its status says, then the branch got the cancel.
+  const BRANCH_CANCELLED = "Its branch was cancelled by the workflow's own code while it ran " +
+    "(an asyncio.TaskGroup after another branch failed, a timeout around ctx.run): the step " +
+    "ended as it did, then the branch got the cancel instead of its result.";
+  function branchCancelled() {
+    return h("span", { class: "badge s-cancelled branch-cancelled", title: BRANCH_CANCELLED }, "branch cancelled");
+  }
+
   // The calls a run may be forked from: its steps, waits, sleeps, emits and child runs
   // (FORKABLE_KINDS in cantata/model/records.py); not compensations, nor what the run
   // records about itself (set_attributes, patch markers, set values).
@@ -403,7 +420,8 @@
         const last = st.attempts.length ? st.attempts[st.attempts.length - 1] : null;
         rows.push(h("tr", { "data-key": st.key, class: st.compensation ? "compensation" : "" },
           h("td", {}, st.compensation ? "↩ " : "", st.name, " ", h("span", { class: "muted mono" }, st.key)),
-          h("td", {}, st.compensation ? "compensation" : st.kind), h("td", {}, badge(st.status)),
+          h("td", {}, st.compensation ? "compensation" : st.kind), h("td", { class: "status" }, badge(st.status),
+            st.cancelled ? [" ", branchCancelled()] : null),
           h("td", {}, String(st.attempts.length || "")), h("td", {}, when(st.started_at)),
           h("td", {}, took(st.started_at, st.ended_at)), h("td", { class: "err" }, st.error || "")));
         for (const a of st.attempts) {

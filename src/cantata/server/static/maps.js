@@ -217,12 +217,16 @@
     }
     rows.forEach(([n, depth], i) => {
       const y = TOP + i * ROW;
-      const g = s("g", { class: "tl-row", "data-kind": n.kind, "data-status": n.status },
-                  s("title", {}, `${n.kind} ${n.name} — ${n.status}` + (n.error ? `\n${n.error}` : "")));
+      // (a step whose branch the workflow's code cancelled while it ran: `cancelled`)
+      const mark = n.cancelled ? " · branch cancelled" : "";
+      const g = s("g", { class: "tl-row", "data-kind": n.kind, "data-status": n.status,
+                         "data-cancelled": n.cancelled ? "true" : null },
+                  s("title", {}, `${n.kind} ${n.name} — ${n.status}${mark}` +
+                    (n.detail ? `\n${n.detail}` : "") + (n.error ? `\n${n.error}` : "")));
       g.append(s("rect", { x: 0, y, width, height: ROW, class: "hover" }));
       const label = `${n.kind === "handler" && n.group ? n.group + ": " : ""}${n.name}`;
       g.append(s("text", { x: PAD + depth * 16, y: y + ROW / 2 },
-                 s("tspan", { class: "meta" }, n.kind + " "), clip(label, 44 - depth * 2)));
+                 s("tspan", { class: "meta" }, n.kind + " "), clip(label, (mark ? 30 : 44) - depth * 2)));
       const a = t(n.started_at);
       if (!isNaN(a)) {
         const b = isNaN(t(n.ended_at)) ? (open ? now : a) : t(n.ended_at);
@@ -231,7 +235,7 @@
                              class: cls("bar", "s-" + n.status, "k-" + n.kind) }));
       }
       g.append(s("text", { x: LABEL - 4, y: y + ROW / 2, class: "meta", "text-anchor": "end" },
-                 n.status + (n.attempts > 1 ? ` ×${n.attempts}` : "")));
+                 n.status + (n.attempts > 1 ? ` ×${n.attempts}` : "") + mark));
       if (onNode) onNode(g, n);
       svg.append(g);
     });
