@@ -310,6 +310,31 @@ class SQLiteFlow(SQLiteCore):
 
         return await self._t.read(op)
 
+    async def run_queue(self, app: str, run_id: str) -> QueueEntry | None:
+        row = await self._t.read(lambda c: c.execute(
+            "SELECT queue, partition_key, priority FROM queue_runs WHERE app=? AND run_id=?",
+            (app, run_id),
+        ).fetchone())
+        return None if row is None else QueueEntry(row[0], row[1], int(row[2]))
+
+    async def prune_queue_runs(
+        self, app: str, queue: str, *, before: float, limit: int
+    ) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            # The begun rows by their partial index, oldest first (the run of each by its
+            # primary key): only the runs still in progress, bounded by the queue's
+            # concurrency, are read again at every pass.
+            return int(c.execute(
+                "DELETE FROM queue_runs WHERE app=? AND run_id IN (SELECT q.run_id FROM "
+                "queue_runs q INDEXED BY queue_runs_began WHERE q.app=? AND q.queue=? "
+                "AND q.began_at IS NOT NULL AND q.began_at < ? AND NOT EXISTS (SELECT 1 "
+                f"FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id AND {LIVE_R}) "
+                "ORDER BY q.began_at LIMIT ?)",
+                (app, app, queue, before, limit),
+            ).rowcount)
+
+        return await self._t.write(op)
+
     # -- slots --------------------------------------------------------------------------
 
     async def acquire_slot(
