@@ -93,7 +93,8 @@ class FlowStore(Protocol):
         """Delete at most ``limit`` rows of ``queue`` that can no longer matter: their
         run has ended (or is gone) and began before ``before`` (the caller's time less
         the longest window the queue's begins are counted in: its rate's, and that of
-        :meth:`queue_stats`). Returns how many were deleted.
+        :meth:`queue_stats`). A row that never began (its run cancelled while it
+        waited) is left until a claim meets it. Returns how many were deleted.
 
         Rows are picked by their key and deleted once: two pruners at once delete
         each row once between them, a claim of the queue at the same time counts as
