@@ -60,6 +60,13 @@ class QueueConflict(ConfigurationError):
     code = "queue_conflict"
 
 
+class QueueDeadlock(ConfigurationError):
+    """``ctx.call`` of a child that would wait in the queue slot its own parent holds
+    (the queue's one slot of that partition): the child could never begin."""
+
+    code = "queue_deadlock"
+
+
 class UnknownSchedule(CantataError):
     """No schedule of that name in the app."""
 

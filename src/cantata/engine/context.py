@@ -25,6 +25,7 @@ from cantata.errors import (
     WaitTimeout,
     WorkflowCallError,
 )
+from cantata.flow.queues import check_call, default_entry
 from cantata.model import codec
 from cantata.model.attributes import index_attributes
 from cantata.model.checks import check_seconds
@@ -415,12 +416,16 @@ class WorkflowContext:
                 raise UnknownWorkflow(
                     f"child workflow {name!r} is not registered in app {engine.app!r}"
                 )
+            # The child waits in its workflow's queue, as any start of it does.
+            queue = await default_entry(engine, name)
+            if queue is not None and wait:
+                await check_call(engine, x.run.run_id, x.wdef.name, name, queue)
             child, _ = await engine.create_run(
                 # A retried run's new call is a new child (the old one ended for good).
                 name, list(args), idempotency_key=f"child:{x.run.run_id}:{call.key}"
                 + (f"@{x.run.epoch}" if x.run.epoch else ""),
                 correlation_id=x.run.correlation_id, causation_id=x.run.run_id,
-                parent_run_id=x.run.run_id,
+                parent_run_id=x.run.run_id, queue=queue,
             )
             now = x.now()
             entry = await j.begin(

@@ -12,6 +12,7 @@ from cantata.declare.defs import HandlerDef, TriggerDef
 from cantata.declare.router import Router
 from cantata.errors import IdempotencyConflict
 from cantata.flow.limits import release_handler_slot, take_handler_slot
+from cantata.flow.queues import default_entry
 from cantata.model.event import Event
 from cantata.model.idempotency import trigger_keys
 from cantata.quietlog import QuietLog
@@ -91,11 +92,14 @@ class EngineHost:
         # One run per (workflow, event id): the event's shared key, unless the run of
         # another workflow the event also starts took it (model/idempotency.py).
         shared, own = trigger_keys(trigger.workflow, event.id)
+        # The run waits in its workflow's queue, as any start of it does.
+        queue = await default_entry(self._engine, trigger.workflow)
         for key in (shared, own):
             try:
                 await self._engine.create_run(
                     trigger.workflow, [event.data], idempotency_key=key,
                     correlation_id=event.correlation_id or event.id, causation_id=event.id,
+                    queue=queue,
                 )
                 return
             except IdempotencyConflict as exc:

@@ -15,10 +15,10 @@ import time
 from typing import TYPE_CHECKING
 
 from cantata.declare.records import declared_queues
-from cantata.errors import ConfigurationError, UnknownQueue
+from cantata.errors import ConfigurationError, QueueDeadlock, UnknownQueue
 from cantata.model.checks import check_key
 from cantata.model.event import MAX_ATTRIBUTE
-from cantata.model.flow import QueueEntry, make_spec  # noqa: F401 (make_spec re-exported)
+from cantata.model.flow import QueueEntry, QueueSpec, make_spec  # noqa: F401 (make_spec re-exported)
 from cantata.quietlog import QuietLog, outage_interval, reason
 
 if TYPE_CHECKING:
@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("cantata.queues")
 
 CLAIM_LIMIT = 50  # runs one claim admits at most
+#: Seconds of the app's clock between two prunings of the rows of ended runs
+#: (``queue_runs``), once those rows have left every window they count in.
+PRUNE_EVERY = 60.0
+#: Rows one pruning deletes from one queue at most (one short write); after a full
+#: batch, the next pass of the loop prunes again.
+PRUNE_BATCH = 1000
 
 
 async def entry_for(
@@ -75,6 +81,44 @@ async def entry_for(
                 f"{', '.join(sorted(known)) or 'none'}); declare it with app.queue({queue!r})"
             )
     return QueueEntry(queue, "" if partition is None else str(partition), priority)
+
+
+async def default_entry(engine: Engine, workflow: str) -> QueueEntry | None:
+    """Where a run of ``workflow`` started by Cantata itself waits (a trigger's run, a
+    child, a schedule's tick): the workflow's own queue, default partition and
+    priority; ``None`` when it has none."""
+    wdef = engine.router.workflows.get(workflow)
+    if wdef is not None and wdef.queue is None:
+        return None  # (the common case, without entry_for's checks)
+    return await entry_for(engine, workflow, None, 0, None)
+
+
+async def check_call(
+    engine: Engine, parent: str, parent_workflow: str, child: str, entry: QueueEntry
+) -> None:
+    """Refuse a ``ctx.call`` whose child could never begin: it would wait in the
+    partition of a queue of concurrency 1 whose slot its parent, waiting for it, holds.
+
+    Raises:
+        QueueDeadlock: naming the queue, the two workflows and what to do instead.
+    """
+    held = await engine.store.run_queue(engine.app, parent)
+    if held is None or (held.queue, held.partition) != (entry.queue, entry.partition):
+        return
+    spec = engine.router.queues.get(entry.queue)
+    if spec is None:
+        spec = next((q for q in await engine.store.queues(engine.app)
+                     if q.name == entry.queue), None)
+    if spec is None or spec.concurrency != 1:
+        return
+    part = f" (partition {entry.partition!r})" if entry.partition else ""
+    raise QueueDeadlock(
+        f"run {parent} of workflow {parent_workflow!r} holds the one slot of queue "
+        f"{entry.queue!r}{part} (concurrency=1), and ctx.call({child!r}) would wait for a "
+        f"child that waits in that queue behind it: the child could never begin. Start it "
+        "with ctx.start_child (the parent does not wait), give one of the two workflows "
+        "another queue (or none), or raise the queue's concurrency"
+    )
 
 
 #: Seconds a process keeps the queues it read from the declarations before it reads
@@ -142,7 +186,9 @@ class QueueLoop:
         self._queued_here = False  # ...since the last claim (queued, cleared each pass)
         self._waiting = True  # some run waits behind a limit (so a run's end matters)
         self._queues: list[str] = []
+        self._specs: list[QueueSpec] = []
         self._listed_at: float | None = None
+        self._pruned_at: float | None = None  # (the app's clock)
         # a store outage fails every claim: one line per max(10 s, lease), docs/leases.md
         self.quiet = QuietLog(log, every=outage_interval(engine.lease))
 
@@ -165,6 +211,12 @@ class QueueLoop:
                 continue
             if self._listed_at is not None:  # (the store answered: not a claim skipped)
                 self.quiet.recovered("claim", "claiming queued runs works again")
+            try:
+                await self.prune()
+            except Exception as exc:
+                self._pruned_at = engine.clock.now()  # (not again at every pass)
+                self.quiet.warning("prune", "pruning the rows of ended queued runs failed "
+                                   "(%s); trying again later", reason(exc))
             if self._waiting:
                 wait, timed = engine.poll_interval * 5, False
                 if retry_at is not None and retry_at - engine.clock.now() < wait:
@@ -203,7 +255,8 @@ class QueueLoop:
         # An app without queues is not asked every pass.
         if (self._listed_at is None or now - self._listed_at > engine.poll_interval * 5
                 or (not self._queues and self._queued_here)):
-            self._queues = [q.name for q in await engine.store.queues(engine.app)]
+            self._specs = await engine.store.queues(engine.app)
+            self._queues = [q.name for q in self._specs]
             self._listed_at = now
         self._queued_here = False
         workflows = engine.served_workflows()
@@ -224,3 +277,24 @@ class QueueLoop:
                 if len(claim.runs) < CLAIM_LIMIT:
                     break
         return retry_at
+
+    async def prune(self) -> None:
+        """Every :data:`PRUNE_EVERY` seconds, delete the queues' rows that can no longer
+        matter (``Store.prune_queue_runs``): of ended runs, begun before the longest
+        window their begins count in (the rate's, the stats'), less a lease for the
+        workers' clocks, which may differ by that much (docs/leases.md). At most
+        :data:`PRUNE_BATCH` rows per queue and pass: a queue that had more is pruned
+        again at the next pass."""
+        engine = self.engine
+        now = engine.clock.now()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY:
+            return
+        more = False
+        for spec in self._specs:
+            before = now - spec.stats_window - engine.lease
+            gone = await engine.store.prune_queue_runs(
+                engine.app, spec.name, before=before, limit=PRUNE_BATCH
+            )
+            more = more or gone >= PRUNE_BATCH
+        if not more:
+            self._pruned_at = now

@@ -306,6 +306,32 @@ class PostgresFlow(PostgresCore):
             )
         return QueuePosition(queue, ahead, part)
 
+    async def run_queue(self, app: str, run_id: str) -> QueueEntry | None:
+        row = await self._db.fetchrow(
+            "SELECT queue, partition_key, priority FROM queue_runs WHERE app=$1 AND run_id=$2",
+            app, run_id,
+        )
+        return None if row is None else QueueEntry(row[0], row[1], int(row[2]))
+
+    async def prune_queue_runs(
+        self, app: str, queue: str, *, before: float, limit: int
+    ) -> int:
+        # SKIP LOCKED: a row a claim of the queue holds (closing it) is left for the next
+        # pass, so the pruner never waits for a claim, and holding nothing else while it
+        # locks, never deadlocks with one.
+        async with self._db.conn() as c:
+            gone = await c.fetchval(
+                "WITH pick AS (SELECT q.app, q.run_id FROM queue_runs q WHERE q.app=$1 "
+                "AND q.queue=$2 AND q.began_at IS NOT NULL AND q.began_at < $3 "
+                "AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
+                f"r.run_id=q.run_id AND r.status IN {LIVE_SQL}) ORDER BY q.began_at "
+                "LIMIT $4 FOR UPDATE OF q SKIP LOCKED), "
+                "gone AS (DELETE FROM queue_runs d USING pick p WHERE d.app=p.app "
+                "AND d.run_id=p.run_id RETURNING 1) SELECT count(*) FROM gone",
+                app, queue, before, limit,
+            )
+        return int(gone)
+
     # -- slots --------------------------------------------------------------------------
 
     async def acquire_slot(

@@ -43,14 +43,12 @@ if TYPE_CHECKING:
 CANDIDATES = 500
 _Q_COLS = "name, concurrency, per_worker, rate_limit, rate_per, priorities"
 # Rows waiting to begin (one whose run was cancelled meanwhile is dropped by the claim
-# that meets it, see claim_queued_runs).
-_WAITING = "FROM queue_runs q WHERE q.app=? AND q.queue=? AND q.began_at IS NULL"
-# Of those, the rows whose run can still begin: pending, no cancel asked. The depth and
-# the places count only these (a claim may not have met a cancelled row for hours). The
-# waiting rows are read through their partial index (without statistics SQLite picks
-# the primary key, every row the app's queues ever had), and the run of each by its
-# primary key, one lookup per waiting row (the subquery's WHERE names only the key),
-# last, after the cheaper filters.
+# that meets it, see claim_queued_runs). Of those, the rows whose run can still begin:
+# pending, no cancel asked. The depth and the places count only these (a claim may not
+# have met a cancelled row for hours). The waiting rows are read through their partial
+# index (without statistics SQLite picks the primary key, every row the app's queues
+# ever had), and the run of each by its primary key, one lookup per waiting row (the
+# subquery's WHERE names only the key), last, after the cheaper filters.
 _WAITING_INDEXED = (
     "FROM queue_runs q INDEXED BY queue_runs_waiting WHERE q.app=? AND q.queue=? "
     "AND q.began_at IS NULL"
@@ -119,13 +117,20 @@ def _conflict(app: str, mine: QueueSpec, theirs: QueueSpec, by: str) -> QueueCon
     )
 
 
+# The rows in progress (begun, not done) of a queue, by their partial index: without
+# statistics SQLite reads them by the primary key, every row the app's queues ever had.
+_ACTIVE_INDEXED = (
+    "FROM queue_runs q INDEXED BY queue_runs_active JOIN runs r ON r.app=q.app AND "
+    "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL AND q.done=0"
+)
+
+
 def _close_ended(c: sqlite3.Connection, app: str, queue: str) -> None:
     """Mark done the begun rows whose run has ended (their slot is free)."""
     c.execute(
         "UPDATE queue_runs SET done=1 WHERE app=? AND queue=? AND began_at IS NOT NULL "
-        "AND done=0 AND run_id IN (SELECT q.run_id FROM queue_runs q JOIN runs r "
-        f" ON r.app=q.app AND r.run_id=q.run_id WHERE q.app=? AND q.queue=? "
-        f" AND q.began_at IS NOT NULL AND q.done=0 AND r.status NOT IN {LIVE_SQL})",
+        f"AND done=0 AND run_id IN (SELECT q.run_id {_ACTIVE_INDEXED} "
+        f"AND r.status NOT IN {LIVE_SQL})",
         (app, queue, app, queue),
     )
 
@@ -221,9 +226,7 @@ class SQLiteFlow(SQLiteCore):
                 "AND began_at IS NOT NULL AND done=0 GROUP BY partition_key", (app, queue),
             ).fetchall())
             mine = 0 if spec.per_worker is None else c.execute(
-                "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
-                "r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
-                "AND q.done=0 AND r.owner=?", (app, queue, worker_id),
+                f"SELECT count(*) {_ACTIVE_INDEXED} AND r.owner=?", (app, queue, worker_id),
             ).fetchone()[0]
             begins: dict[str, list[float]] = {}
             if spec.rate is not None:
@@ -232,10 +235,14 @@ class SQLiteFlow(SQLiteCore):
                     "AND began_at > ? ORDER BY began_at", (app, queue, now - spec.rate.window),
                 ):
                     begins.setdefault(part, []).append(at)
-            order = "q.priority, q.seq, q.run_id" if spec.priorities else "q.seq, q.run_id"
+            # The waiting rows in the order of the index read (migration 0025: without
+            # statistics, SQLite read the primary key, every row the queues ever had).
+            order, index = (("q.priority, q.seq, q.run_id", "queue_runs_waiting")
+                            if spec.priorities else ("q.seq, q.run_id", "queue_runs_waiting_seq"))
             candidates = c.execute(
-                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow IN ({marks}) "
-                f"ORDER BY {order} LIMIT {CANDIDATES}", (app, queue, *workflows),
+                f"SELECT q.run_id, q.partition_key FROM queue_runs q INDEXED BY {index} "
+                f"WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND q.workflow IN "
+                f"({marks}) ORDER BY {order} LIMIT {CANDIDATES}", (app, queue, *workflows),
             ).fetchall()
             admit, retry_at = plan_admissions(
                 spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
@@ -309,6 +316,31 @@ class SQLiteFlow(SQLiteCore):
             return QueuePosition(queue, ahead, part)
 
         return await self._t.read(op)
+
+    async def run_queue(self, app: str, run_id: str) -> QueueEntry | None:
+        row = await self._t.read(lambda c: c.execute(
+            "SELECT queue, partition_key, priority FROM queue_runs WHERE app=? AND run_id=?",
+            (app, run_id),
+        ).fetchone())
+        return None if row is None else QueueEntry(row[0], row[1], int(row[2]))
+
+    async def prune_queue_runs(
+        self, app: str, queue: str, *, before: float, limit: int
+    ) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            # The begun rows by their partial index, oldest first (the run of each by its
+            # primary key): only the runs still in progress, bounded by the queue's
+            # concurrency, are read again at every pass.
+            return int(c.execute(
+                "DELETE FROM queue_runs WHERE app=? AND run_id IN (SELECT q.run_id FROM "
+                "queue_runs q INDEXED BY queue_runs_began WHERE q.app=? AND q.queue=? "
+                "AND q.began_at IS NOT NULL AND q.began_at < ? AND NOT EXISTS (SELECT 1 "
+                f"FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id AND {LIVE_R}) "
+                "ORDER BY q.began_at LIMIT ?)",
+                (app, app, queue, before, limit),
+            ).rowcount)
+
+        return await self._t.write(op)
 
     # -- slots --------------------------------------------------------------------------
 

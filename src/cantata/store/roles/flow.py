@@ -82,6 +82,27 @@ class FlowStore(Protocol):
         """Where a run waits, and how many waiting runs of its partition go first
         (``None`` if it does not wait in a queue)."""
 
+    async def run_queue(self, app: str, run_id: str) -> QueueEntry | None:
+        """The queue, partition and priority a run waits or runs in (``None``: it was
+        not started in a queue, or its row was pruned after the run ended, see
+        :meth:`prune_queue_runs`)."""
+
+    async def prune_queue_runs(
+        self, app: str, queue: str, *, before: float, limit: int
+    ) -> int:
+        """Delete at most ``limit`` rows of ``queue`` that can no longer matter: their
+        run has ended (or is gone) and began before ``before`` (the caller's time less
+        the longest window the queue's begins are counted in: its rate's, and that of
+        :meth:`queue_stats`). A row that never began (its run cancelled while it
+        waited) is left until a claim meets it. Returns how many were deleted.
+
+        Rows are picked by their key and deleted once: two pruners at once delete
+        each row once between them, a claim of the queue at the same time counts as
+        if the rows were still there (they are outside its windows and not in
+        progress), and a pruner never waits for a claim's locks (nor a claim for long
+        for a pruner's).
+        """
+
     # -- slots of limited steps and handler groups -----------------------------------
 
     async def acquire_slot(

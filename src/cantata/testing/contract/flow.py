@@ -196,6 +196,73 @@ class FlowContract(StoreFixtures):
         assert sum(len(g) for g in got) == 4
         assert len({r for g in got for r in g}) == 4
 
+    async def test_run_queue_tells_where_a_run_waits_or_runs(self, store: Store) -> None:
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=1, priorities=True),
+                                  worker_id="w", stale_before=0)
+        [a] = await self.queued(store, 1, partition="p", priority=-3)
+        assert await store.run_queue(self.app, a) == QueueEntry("q", "p", -3)
+        assert await self.claim_q(store, "w") == [a]
+        assert await store.run_queue(self.app, a) == QueueEntry("q", "p", -3)  # in progress
+        plain, _ = await store.create_run(new_run(self.app))
+        assert await store.run_queue(self.app, plain.run_id) is None
+        assert await store.run_queue(self.app, "no-such-run") is None
+
+    async def test_pruning_deletes_only_ended_runs_rows_begun_before_the_cutoff(
+        self, store: Store
+    ) -> None:
+        await store.declare_queue(self.app, QueueSpec("q"), worker_id="w", stale_before=0)
+        t0 = 1_000.0
+        old = await self.queued(store, 4)
+        assert sorted(await self.claim_q(store, "w", now=t0)) == sorted(old)
+        recent = await self.queued(store, 1)
+        assert await self.claim_q(store, "w", now=t0 + 50) == recent
+        waiting = await self.queued(store, 1)
+        for rid in (*old[:3], *recent):
+            await self.end(store, rid)
+        await store.request_cancel(self.app, waiting[0])  # ended, never began
+        [cancelled] = [r for r in await self.claim(store, "w") if r.run_id == waiting[0]]
+        await store.commit_run(self.app, cancelled.run_id, cancelled.fence,
+                               RunWrite(status=RunStatus.CANCELLED, release=True))
+        # At most ``limit`` a pass; the row of old[3] stays (its run is in progress), as
+        # do those of runs begun after the cutoff or never begun (no claim met it yet).
+        assert await store.prune_queue_runs(self.app, "q", before=t0 + 10, limit=2) == 2
+        assert await store.prune_queue_runs(self.app, "q", before=t0 + 10, limit=2) == 1
+        assert await store.prune_queue_runs(self.app, "q", before=t0 + 10, limit=2) == 0
+        assert [await store.run_queue(self.app, r) is None for r in old] == [True] * 3 + [False]
+        assert await store.run_queue(self.app, recent[0]) is not None
+        assert await store.run_queue(self.app, waiting[0]) is not None
+        assert await store.prune_queue_runs(self.app, "other", before=t0 + 100, limit=9) == 0
+        await self.end(store, old[3])
+        assert await store.prune_queue_runs(self.app, "q", before=t0 + 100, limit=9) == 2
+        assert await store.run_queue(self.app, recent[0]) is None
+
+    async def test_pruning_keeps_a_rate_and_the_stats_counting_the_same(
+        self, store: Store
+    ) -> None:
+        rate = Rate(2, per=10.0)
+        await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",
+                                  stale_before=0)
+        ids = await self.queued(store, 5)
+        t0 = 1_000.25
+        assert await self.claim_q(store, "w", now=t0) == ids[:2]
+        assert await self.claim_q(store, "w", now=t0 + rate.window + 0.01) == ids[2:4]
+        for rid in ids[:4]:
+            await self.end(store, rid)
+        now = t0 + rate.window + 1
+        [before] = await store.queue_stats(self.app, now=now)
+        # Only the rows that left every window go (the caller's cutoff: now less the
+        # longest window), twice over: a second pruner finds nothing left to do.
+        cutoff = now - max(rate.window, QueueSpec("q", rate=rate).stats_window)
+        pruned = await asyncio.gather(*[
+            store.prune_queue_runs(self.app, "q", before=cutoff, limit=10) for _ in range(2)
+        ])
+        assert sum(pruned) == 2
+        assert await store.prune_queue_runs(self.app, "q", before=cutoff, limit=10) == 0
+        assert await store.queue_stats(self.app, now=now) == [before]
+        assert before.began_last_window == 2 and before.waiting == 1
+        assert await self.claim_q(store, "w", now=now) == []  # the window is still full
+        assert await self.claim_q(store, "w", now=t0 + 2 * rate.window + 0.02) == ids[4:]
+
     # -- slots ------------------------------------------------------------------------
 
     async def test_slots_limit_release_and_lapse_with_the_worker(self, store: Store) -> None:

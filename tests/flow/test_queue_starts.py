@@ -1,0 +1,141 @@
+"""Every start of a workflow declared with a queue waits in it: a trigger's run
+(``app.start_on``), a child started with ``ctx.start_child`` and one called with
+``ctx.call``, as ``app.start`` does. A ``ctx.call`` of a run that holds the only slot
+of a queue, for a child that would wait behind it, fails at once (it could never
+begin)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cantata import App, WorkflowContext, WorkflowFailed
+from cantata.errors import QueueDeadlock
+
+TIMEOUT = 15.0
+
+
+def gated_app(store: str) -> App:
+    """An app whose ``job(i)`` waits in queue ``q`` (concurrency 1); job 0 holds the
+    slot until the test sets ``app.gate``; ``app.order`` lists the jobs that began."""
+    app = App("flowstarts", store=store, poll_interval=0.05)
+    app.queue("q", concurrency=1)
+    gate = asyncio.Event()
+    order: list[int] = []
+    app.gate = gate  # type: ignore[attr-defined]
+    app.order = order  # type: ignore[attr-defined]
+
+    @app.step
+    async def work(i: int) -> int:
+        order.append(i)
+        if i == 0:
+            await gate.wait()
+        return i
+
+    @app.workflow(queue="q")
+    async def job(ctx: WorkflowContext, i: int) -> int:
+        return await ctx.run(work, i)  # type: ignore[no-any-return]
+
+    return app
+
+
+async def _waits_behind_job_0(app: App, waiting: int = 1) -> None:
+    """Job 0 holds the slot and ``waiting`` runs wait in ``q`` (none of them began)."""
+    order: list[int] = app.order  # type: ignore[attr-defined]
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        [stats] = await app.queue_stats()
+        if order == [0] and (stats.in_progress, stats.waiting) == (1, waiting):
+            break
+        assert order in ([], [0]), f"began while job 0 held the queue's slot: {order}"
+        assert time.monotonic() < deadline, (
+            f"no run waits in the queue: {stats}, began {order}"
+        )
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # and they go on waiting
+    assert order == [0]
+
+
+async def test_a_triggered_run_waits_in_its_workflows_queue(store_url: str) -> None:
+    app = gated_app(store_url)
+    app.start_on("job.wanted", "job")
+    async with app:
+        first = await app.start("job", 0)
+        await app.publish("job.wanted", 1)
+        await _waits_behind_job_0(app)
+        app.gate.set()  # type: ignore[attr-defined]
+        assert await first.result(timeout=TIMEOUT) == 0
+        [triggered] = [r for r in await app.list_runs(workflow="job") if r.run_id != first.run_id]
+        assert await app.get_handle(triggered.run_id).result(timeout=TIMEOUT) == 1
+    assert app.order == [0, 1]  # type: ignore[attr-defined]
+
+
+async def test_a_started_child_waits_in_its_workflows_queue(store_url: str) -> None:
+    app = gated_app(store_url)
+
+    @app.workflow
+    async def spawner(ctx: WorkflowContext) -> str:
+        return await ctx.start_child("job", 1)
+
+    async with app:
+        first = await app.start("job", 0)
+        parent = await app.start(spawner)
+        child_id = await parent.result(timeout=TIMEOUT)
+        await _waits_behind_job_0(app)
+        app.gate.set()  # type: ignore[attr-defined]
+        assert await app.get_handle(child_id).result(timeout=TIMEOUT) == 1
+        assert await first.result(timeout=TIMEOUT) == 0
+    assert app.order == [0, 1]  # type: ignore[attr-defined]
+
+
+async def test_a_called_child_waits_in_its_workflows_queue(store_url: str) -> None:
+    app = gated_app(store_url)
+
+    @app.workflow
+    async def caller(ctx: WorkflowContext) -> int:
+        return await ctx.call("job", 1) + 10  # type: ignore[no-any-return]
+
+    async with app:
+        first = await app.start("job", 0)
+        parent = await app.start(caller)
+        await _waits_behind_job_0(app)
+        assert not (await parent.status()).is_final
+        app.gate.set()  # type: ignore[attr-defined]
+        assert await parent.result(timeout=TIMEOUT) == 11
+        assert await first.result(timeout=TIMEOUT) == 0
+    assert app.order == [0, 1]  # type: ignore[attr-defined]
+
+
+async def test_a_call_that_could_never_begin_fails_naming_the_queue(store_url: str) -> None:
+    """A run holding the only slot of ``q`` calls a child that waits in ``q`` (same
+    partition): the child could begin only once the parent ended, which waits for it."""
+    app = gated_app(store_url)
+
+    @app.workflow(queue="q")
+    async def nested(ctx: WorkflowContext) -> int:
+        try:
+            return await ctx.call("job", 1)  # type: ignore[no-any-return]
+        except QueueDeadlock as exc:
+            raise RuntimeError(str(exc)) from None
+
+    async with app:
+        h = await app.start(nested)
+        with pytest.raises(WorkflowFailed, match=r"queue 'q'.*concurrency=1.*start_child"):
+            await h.result(timeout=TIMEOUT)
+        assert [r.workflow for r in await app.list_runs()] == ["nested"]  # no child stored
+
+
+async def test_a_call_into_another_partition_is_no_deadlock(store_url: str) -> None:
+    """The parent holds the slot of its own partition: a child in the default one
+    begins."""
+    app = gated_app(store_url)
+
+    @app.workflow(queue="q")
+    async def nested(ctx: WorkflowContext) -> int:
+        return await ctx.call("job", 1) + 10  # type: ignore[no-any-return]
+
+    async with app:
+        h = await app.start(nested, partition="customer-1")
+        assert await h.result(timeout=TIMEOUT) == 11
