@@ -217,6 +217,8 @@ class RunExecution:
         if self.compensating or not self.interrupt.done():
             return
         exc = self.interrupt.result()
+        if isinstance(exc, _BranchStopped):  # (in a branch, as the run ends)
+            raise branches.branch_stopped(self, str(exc))
         cleanup.deliver(self, exc)
         raise exc
 
@@ -236,7 +238,7 @@ class RunExecution:
 
     def new_call(self, key: str) -> None:
         if self.code_ended:  # a branch the workflow left running: it begins nothing new
-            raise _BranchStopped()
+            raise branches.branch_stopped(self)
         self.check_interrupt()
 
     @contextlib.contextmanager
