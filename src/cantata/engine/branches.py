@@ -45,6 +45,7 @@ from cantata.fencing import IN_BODY
 from cantata.model import codec
 from cantata.model.records import RunWrite
 
+from .compensation import register
 from .journal import FINAL
 from .signals import _BranchStopped
 
@@ -177,7 +178,7 @@ async def _run_open(
                 raise
         else:
             if comp is not None:  # (before the unwind that may be waiting for it)
-                x.compensations.append((comp, args))
+                register(x, comp, args, step.key)
         if step.cancelled:
             await _record_cancel(x, step, inline)
             if inline:

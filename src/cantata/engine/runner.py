@@ -33,7 +33,13 @@ from cantata.model.status import RunStatus
 
 from . import branches, checkpoint, cleanup, steps
 from .branches import OpenStep, RunTask
-from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
+from .compensation import (
+    ApiState,
+    compensation_key,
+    registered,
+    returned_ending,
+    unwound_ending,
+)
 from .journal import Journal
 from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
@@ -587,7 +593,7 @@ class RunExecution:
             await self._withdraw_tasks("began compensating")
             await self.commit(RunWrite(status=RunStatus.COMPENSATING, error=error))
         failures: list[str] = []
-        for sdef, args in reversed(self.compensations):
+        for sdef, args in reversed(registered(self)):
             key = compensation_key(self, sdef.name)
             try:
                 await self.call_step(sdef, args, key, kind=EntryKind.COMPENSATION)
