@@ -270,16 +270,19 @@ class NonDeterminismError(CantataError):
 
     code = "non_determinism"
 
-    def __init__(self, run_id: str, position: int, recorded: str, new: str) -> None:
+    def __init__(
+        self, run_id: str, position: int, recorded: str, new: str, *, detail: str | None = None
+    ) -> None:
         self.run_id = run_id
         self.position = position
         self.recorded = recorded
         self.new = new
+        self.differs = differs = detail or (
+            f"history recorded {recorded!r} but the workflow code now calls {new!r}")
         super().__init__(
-            f"run {run_id}: replay diverged from history at call {position}: history recorded "
-            f"{recorded!r} but the workflow code now calls {new!r}. Workflow code must be "
-            "deterministic apart from ctx calls; deploy the old code to finish this run, or "
-            "cancel it. Run `cantata check-replay` before deploying."
+            f"run {run_id}: replay diverged from history at call {position}: {differs}. "
+            "Workflow code must be deterministic apart from ctx calls; deploy the old code "
+            "to finish this run, or cancel it. Run `cantata check-replay` before deploying."
         )
 
 

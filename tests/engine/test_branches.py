@@ -6,6 +6,7 @@ a replay meets the cancel where the first execution did (engine/branches.py)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -470,3 +471,102 @@ async def test_a_replay_of_a_run_waiting_for_a_step_it_did_not_await_ends_the_sa
         history = await second.store.load_history(second.name, handle.run_id)
     assert calls == ["hold", "quick", "hold", "held"]
     assert sorted(_steps(history)) == [("hold#1", "completed"), ("quick#1", "completed")]
+
+
+def _timeout_app(sqlite_url: str, calls: list[str], *, cancels: bool) -> App:
+    """``order`` runs ``hold`` under a timeout shorter than the step (``cancels``), then
+    sleeps; the newer code (not ``cancels``) awaits ``hold`` without one."""
+    app = make_app(sqlite_url)
+
+    @app.step(retry=ONCE)
+    async def hold(n: int) -> int:
+        calls.append("hold")
+        await asyncio.sleep(0.3)
+        return n
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> str:
+        if cancels:
+            try:
+                async with asyncio.timeout(0.05):
+                    await ctx.run(hold, n)
+            except TimeoutError:
+                pass
+        else:
+            await ctx.run(hold, n)
+        await ctx.sleep(60)
+        return "placed"
+
+    return app
+
+
+async def test_a_replay_whose_code_no_longer_cancels_the_branch_is_non_determinism(
+    sqlite_url: str,
+) -> None:
+    """History says the code's timeout cancelled the branch of ``hold#1``; code that now
+    awaits ``hold`` to its end diverged from that history: the replay (and check-replay)
+    says so, naming the step, instead of waiting at the step for good."""
+    calls: list[str] = []
+    first = _timeout_app(sqlite_url, calls, cancels=True)
+    async with first:
+        handle = await first.start("order", 1)
+        await _entry_recorded(first, handle.run_id, "sleep#1")
+        history = await first.store.load_history(first.name, handle.run_id)
+    assert _cancelled(history, "hold#1")
+    checker = _timeout_app(sqlite_url, calls, cancels=False)
+    async with checker.client():
+        report = await asyncio.wait_for(replay_report(checker), 10)
+    [problem] = report.problems
+    assert (problem.problem, problem.recorded) == ("non_determinism", "hold#1")
+    assert "cancelled the branch of step 'hold#1'" in problem.detail
+    second = _timeout_app(sqlite_url, calls, cancels=False)
+    async with second:
+        with pytest.raises(WorkflowFailed, match=r"NonDeterminismError.*cancelled the branch "
+                                                 r"of step 'hold#1'.*now awaits its result"):
+            await second.get_handle(handle.run_id).result(timeout=10)
+        run = await second.get_handle(handle.run_id).info()
+    assert run.flagged
+    assert calls == ["hold"]  # replayed, never run again
+
+
+async def _entry_recorded(app: App, run_id: str, key: str) -> None:
+    async def check() -> bool:
+        return any(e.key == key for e in await app.store.load_history(app.name, run_id))
+
+    await eventually(check)
+
+
+async def test_a_stopped_branch_it_did_not_await_logs_no_unretrieved_exception(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The branch the run stopped (it returned, or failed, while the branch's step was in
+    progress) ends with the engine's signal, which nobody awaits: asyncio must not log
+    it as "Task exception was never retrieved". A branch's own error still is logged,
+    and so is the warning naming the step the run waited for."""
+    calls: list[str] = []
+    app = _unawaited_app(sqlite_url, calls, None)
+
+    @app.workflow
+    async def buggy(ctx: WorkflowContext, n: int) -> str:
+        async def holding() -> None:
+            await ctx.run("hold", n)
+            raise RuntimeError("a bug in the branch")
+
+        asyncio.create_task(holding())  # noqa: RUF006 (the mistake this test is about)
+        await ctx.run("quick", n)
+        return "placed"
+
+    async with app:
+        with caplog.at_level(logging.WARNING):
+            assert await (await app.start("order", 1)).result(timeout=10) == "placed"
+            with pytest.raises(WorkflowCompensated, match="negative order"):
+                await (await app.start("order", -1)).result(timeout=10)
+            calls[:] = []
+            assert await (await app.start(buggy, 2)).result(timeout=10) == "placed"
+            await eventually(lambda: "held" in calls)
+            for _ in range(3):
+                await asyncio.sleep(0.05)
+                gc.collect()  # (asyncio logs an unretrieved exception when its task goes)
+    unretrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert [str(r.exc_info[1]) for r in unretrieved if r.exc_info] == ["a bug in the branch"]
+    assert [r for r in caplog.records if "did not await" in r.getMessage()]

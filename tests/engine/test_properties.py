@@ -218,3 +218,90 @@ def test_ids_made_by_one_process_strictly_increase_even_when_the_clock_stands_st
     for text in ids:
         u = uuid.UUID(text)
         assert u.version == 7 and u.variant == uuid.RFC_4122
+
+
+BRANCHES = ("a", "b", "c")
+
+
+def undo_app(url: str, finish: list[str], undone: list[str], stop_at: str | None) -> App:
+    """``order``: three ``asyncio.gather`` branches whose steps complete in the order of
+    ``finish``, then ``gate`` fails: the run undoes them. ``stop_at`` (``"gate"``, or
+    ``"undo"``: the first compensation) blocks there, for the worker to stop."""
+    app = make_app(url)
+    done: list[str] = []
+
+    def make(name: str) -> None:
+        async def step(n: int) -> int:
+            turn = finish.index(name)
+            await eventually(lambda: done == finish[:turn])  # the ones before it ended
+            await asyncio.sleep(0.02)
+            done.append(name)
+            return n
+
+        async def undo(n: int) -> None:
+            undone.append(name)
+            if stop_at == "undo":
+                await asyncio.Event().wait()  # the worker stops here
+
+        step.__name__, undo.__name__ = name, f"undo_{name}"
+        app.step(retry=cantata.Retry(max_attempts=1))(step)
+        app.step(undo)
+
+    for name in BRANCHES:
+        make(name)
+
+    @app.step(retry=cantata.Retry(max_attempts=1))
+    async def gate(n: int) -> None:
+        if stop_at == "gate":
+            await asyncio.Event().wait()  # the worker stops here
+        raise RuntimeError("declined")
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> None:
+        await asyncio.gather(*(ctx.run(b, n, compensate=f"undo_{b}") for b in BRANCHES))
+        await ctx.run(gate, n)
+
+    return app
+
+
+def test_compensations_run_in_reverse_completion_order_with_or_without_a_restart() -> None:
+    """Branches completing in any order are undone newest completion first, also by a
+    worker that resumes the run (replaying the branches' results in the code's order)
+    after the first one stopped before the undo or in its middle."""
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(finish=st.permutations(BRANCHES),
+           stop_at=st.sampled_from([None, "gate", "undo"]))
+    def check(finish: list[str], stop_at: str | None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{Path(tmp) / 'c.db'}"
+            undone: list[str] = []
+
+            async def scenario() -> None:
+                first = undo_app(url, finish, undone, stop_at)
+                async with first:
+                    h = await first.start("order", 1)
+                    if stop_at is None:
+                        with pytest.raises(cantata.WorkflowCompensated):
+                            await h.result(timeout=10)
+                        return
+
+                    async def stopped_there() -> bool:
+                        history = await first.store.load_history(first.name, h.run_id)
+                        keys = [e.key for e in history]
+                        return ("gate#1" in keys if stop_at == "gate"
+                                else any(k.startswith("compensate:") for k in keys))
+
+                    await eventually(stopped_there)
+                second = undo_app(url, finish, undone, None)  # resumes from the history
+                async with second:
+                    with pytest.raises(cantata.WorkflowCompensated):
+                        await second.get_handle(h.run_id).result(timeout=10)
+
+            asyncio.run(scenario())
+            if stop_at == "undo":  # the compensation cut short ran again, first
+                assert undone[:1] == undone[1:2]
+                undone.pop(0)
+            assert undone == list(reversed(finish))
+
+    check()

@@ -628,3 +628,54 @@ async def test_a_stop_that_meets_a_wakeup_still_stops_the_task_loop(url: str) ->
             loop_task.cancel()  # a second cancel ends it: the first one was lost
             await stopping
             pytest.fail("the task loop went on after its stop")
+
+
+@pytest.mark.parametrize("stop", ["cancel", "deadline"])
+async def test_a_cancel_or_deadline_ends_a_run_whose_remote_step_waits_for_a_slot(
+    url: str, stop: str
+) -> None:
+    """The task of a limited step waits at its service's worker for the step's slot:
+    the run's cancel (or deadline) ends that wait at once, the task is withdrawn and
+    never runs, and the run's completed steps are undone; not once the slot is free."""
+    calls: list[str] = []
+    hold = asyncio.Event()
+    orders = make_app(url, services=["orders"])
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(service="inventory", concurrency=1)
+    async def reserve(key: str) -> str:
+        calls.append(f"reserve {key}")
+        if key == "holder":
+            await hold.wait()
+        return key
+
+    @orders.step
+    async def book(key: str) -> None:
+        calls.append(f"book {key}")
+
+    @orders.step
+    async def unbook(key: str) -> None:
+        calls.append(f"unbook {key}")
+
+    @orders.workflow(service="orders")
+    async def place(ctx: cantata.WorkflowContext, key: str) -> str:
+        await ctx.run(book, key, compensate=unbook)
+        return str(await ctx.run("inventory.reserve", key))
+
+    async with inventory, orders:
+        holder = await orders.start(place, "holder")
+        await eventually(lambda: "reserve holder" in calls)
+        doomed = await orders.start(place, "doomed",
+                                    **({"deadline": 0.5} if stop == "deadline" else {}))
+        await eventually(lambda: "book doomed" in calls)
+        await asyncio.sleep(0.3)  # its task was claimed and waits for the slot
+        if stop == "cancel":
+            await doomed.cancel()
+        with pytest.raises(cantata.WorkflowError,
+                           match="cancelled" if stop == "cancel" else "DeadlineExceeded"):
+            await doomed.result(timeout=5)
+        [task] = await orders.store.tasks_of_run(orders.name, doomed.run_id)
+        hold.set()
+        assert await holder.result(timeout=10) == "holder"
+    assert (task.status, task.error_type) == ("failed", "Withdrawn")
+    assert "reserve doomed" not in calls and "unbook doomed" in calls

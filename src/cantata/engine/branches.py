@@ -45,6 +45,7 @@ from cantata.fencing import IN_BODY
 from cantata.model import codec
 from cantata.model.records import BRANCH_CANCELLED, RunWrite, branch_cancelled
 
+from .compensation import register
 from .journal import FINAL
 from .signals import _BranchStopped
 
@@ -98,6 +99,42 @@ class RunTask(asyncio.Task[None]):
             super().cancel()
 
 
+def branch_stopped(x: RunExecution, why: str = "") -> _BranchStopped:
+    """The signal to raise at a durable point of a branch that is to begin nothing new.
+
+    A branch the workflow did not await (``asyncio.create_task``) ends with it once the
+    run's code has ended, and nobody retrieves it: asyncio would log "Task exception
+    was never retrieved" for the engine's own signal. The branch's task retrieves it
+    once done; any other exception it ends with is reported as asyncio would (the
+    warning naming the step that run's end waited for is the runner's)."""
+    _retrieved_when_done(x)
+    return _BranchStopped(why) if why else _BranchStopped()
+
+
+def _retrieved_when_done(x: RunExecution) -> None:
+    """The current task (a branch) ends with the engine's stop: retrieve it then."""
+    task = asyncio.current_task()
+    if task is not None and task is not x.task:
+        task.add_done_callback(_retrieve_stop)
+
+
+def _retrieve_stop(task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()  # (retrieved: asyncio logs nothing for it)
+    if exc is None or _only_stops(exc):
+        return
+    task.get_loop().call_exception_handler({
+        "message": "Task exception was never retrieved", "exception": exc, "future": task,
+    })
+
+
+def _only_stops(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_stops(e) for e in exc.exceptions)
+    return isinstance(exc, _BranchStopped)
+
+
 async def run_step(
     x: RunExecution, sdef: StepDef, args: list[Any], key: str, comp: StepDef | None
 ) -> Any:
@@ -134,7 +171,7 @@ async def run_step(
                     raise
             else:
                 if comp is not None:  # (before the unwind that may be waiting for it)
-                    x.compensations.append((comp, args))
+                    register(x, comp, args, key)
             if step.cancelled:
                 await _record_cancel(x, step, inline)
                 if inline:
@@ -149,7 +186,7 @@ async def run_step(
                 assert isinstance(task, RunTask)
                 task.held = 0  # (dropped when something else ended the step)
         if _was_cancelled(x, key):  # a replay: the branch was cancelled here
-            await _replayed_cancel(x)
+            await _replayed_cancel(x, key)
         if failure is not None:
             api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
             raise failure
@@ -169,7 +206,11 @@ async def _in_own_task(x: RunExecution, sdef: StepDef, args: list[Any], step: Op
         await _outlast(x, inner, step)
     finally:
         x.step_tasks.discard(inner)
-    return inner.result()
+    try:
+        return inner.result()
+    except _BranchStopped:
+        _retrieved_when_done(x)  # (the branch's task ends with it too)
+        raise
 
 
 async def _outlast(x: RunExecution, fut: asyncio.Future[Any], step: OpenStep) -> None:
@@ -209,16 +250,43 @@ def _was_cancelled(x: RunExecution, key: str) -> bool:
     return entry is not None and branch_cancelled(entry)
 
 
-async def _replayed_cancel(x: RunExecution) -> NoReturn:
+async def _replayed_cancel(x: RunExecution, key: str) -> NoReturn:
     """A replay of a step whose branch was cancelled while it ran: the branch gets the
     cancel, not the result, once the code cancels it again (as it did, replaying the
     same calls). If the code ends first, or the run is cancelled or passes its
-    deadline meanwhile, that is raised instead."""
+    deadline meanwhile, that is raised instead.
+
+    Code that no longer cancels the branch there would leave the replay waiting for
+    good: past :func:`cancel_grace` without the cancel, the replay has diverged from
+    history (``NonDeterminismError``, naming the step).
+
+    Raises:
+        NonDeterminismError: the code did not cancel the branch again in time.
+    """
     waiter = asyncio.get_running_loop().create_future()
     x.cancel_waiters.add(waiter)
     try:
-        await asyncio.wait((waiter, x.interrupt), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((waiter, x.interrupt), timeout=cancel_grace(x, key),
+                           return_when=asyncio.FIRST_COMPLETED)
     finally:
         x.cancel_waiters.discard(waiter)
     x.check_interrupt()
+    if not waiter.done():
+        x.journal.diverged(
+            x.journal.position(key), key, key,
+            f"history recorded that the workflow's code cancelled the branch of step "
+            f"{key!r} while it ran (an asyncio.TaskGroup, a timeout), but the code now "
+            f"awaits its result: it did not cancel the branch there within "
+            f"{cancel_grace(x, key):.1f} s",
+        )
     raise asyncio.CancelledError()
+
+
+def cancel_grace(x: RunExecution, key: str) -> float:
+    """How long a replay waits for the code to cancel step ``key``'s branch again (loop
+    seconds): a timer of the code's own (``asyncio.timeout``) that cancelled it was set
+    after the run was created and went off before the step ended, so it goes off again
+    within that span of the replay; the rest of the code replays at once."""
+    entry = x.journal.history[key]
+    ended = entry.ended_at if entry.ended_at is not None else x.now()
+    return max(ended - x.run.created_at, 0.0) * 1.1 + 0.5

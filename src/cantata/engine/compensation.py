@@ -12,15 +12,18 @@ ran this way ends ``compensated`` with its returned value as the run's result.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cantata.errors import StepFailed
 from cantata.model.records import EntryKind
 from cantata.model.status import RunStatus
 
 if TYPE_CHECKING:
+    from cantata.declare.defs import StepDef
+
     from .branches import OpenStep
     from .runtime import WorkflowRuntime
 
@@ -43,6 +46,32 @@ class ApiState:
     # meanwhile is recorded first, and compensated if the run unwinds (branches.py)
     open_steps: dict[str, OpenStep] = field(default_factory=dict)
     steps_settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when none
+    # The completion rank (end, seq) of each registered compensation's step, in the
+    # order of ``compensations`` (see register); a saga's registrations come last.
+    compensation_ranks: list[tuple[float, int]] = field(default_factory=list)
+
+
+def register(x: WorkflowRuntime, comp: StepDef, args: list[Any], key: str) -> None:
+    """Register the compensation of step ``key``, which completed, in the order of the
+    steps' recorded completion (its entry's end, then its place in history), so that a
+    replay after a crash undoes branches that completed out of order (an
+    ``asyncio.gather``, a ``TaskGroup``) in the order the first execution would have,
+    not in the order the replay hands their results back."""
+    entry = x.journal.history.get(key)
+    rank = (float("inf"), 0) if entry is None else (
+        entry.ended_at if entry.ended_at is not None else float("inf"), entry.seq)
+    ranks = x.api.compensation_ranks
+    at = bisect.bisect_right(ranks, rank)
+    ranks.insert(at, rank)
+    x.compensations.insert(at, (comp, args))
+
+
+def registered(x: WorkflowRuntime) -> list[tuple[StepDef, list[Any]]]:
+    """Take the compensations registered so far (oldest completion first)."""
+    todo = list(x.compensations)
+    x.compensations.clear()
+    x.api.compensation_ranks.clear()
+    return todo
 
 
 def compensation_key(x: WorkflowRuntime, name: str) -> str:
@@ -63,8 +92,7 @@ async def compensate(x: WorkflowRuntime) -> int:
         StepFailed: a compensation failed for good (after the others were tried);
             the first such failure.
     """
-    todo = list(reversed(x.compensations))
-    x.compensations.clear()
+    todo = list(reversed(registered(x)))
     x.api.compensate_calls += 1
     failures: list[StepFailed] = []
     for sdef, args in todo:

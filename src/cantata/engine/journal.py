@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cantata.errors import NonDeterminismError
 from cantata.model import codec
@@ -247,6 +247,12 @@ class Journal:
                 "the end of the workflow",
             )
 
+    def position(self, key: str) -> int:
+        """The 1-based place of recorded call ``key`` among the recorded calls."""
+        calls = sorted((e for e in self.history.values() if e.kind not in NOT_CALLS),
+                       key=lambda e: e.seq)
+        return next((i for i, e in enumerate(calls, 1) if e.key == key), len(calls))
+
     def has_unreplayed_calls(self) -> bool:
         """History holds calls (not compensations or markers) not replayed yet."""
         return any(
@@ -254,8 +260,11 @@ class Journal:
             for k, e in self.history.items()
         )
 
-    def diverged(self, position: int, recorded: str, current: str) -> None:
-        err = NonDeterminismError(self.rt.run.run_id, position, recorded, current)
+    def diverged(
+        self, position: int, recorded: str, current: str, detail: str | None = None
+    ) -> NoReturn:
+        err = NonDeterminismError(self.rt.run.run_id, position, recorded, current,
+                                  detail=detail)
         self.divergence = err
         raise err
 

@@ -256,6 +256,13 @@ async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> Replay
         await dry._execute_run()
     for _ in range(3):  # let parallel branches (asyncio.gather) note their calls too
         await asyncio.sleep(0)
+    diverged = dry.journal.divergence
+    if diverged is not None and diverged.recorded == diverged.new:
+        # the code makes the recorded call but meets it otherwise (a branch it no longer
+        # cancels there): the calls themselves do not differ
+        return ReplayProblem(run.run_id, run.workflow, str(run.status), "non_determinism",
+                             f"call {diverged.position}: {diverged.differs}", run.version,
+                             diverged.position, diverged.recorded, diverged.new)
     found = compare(run, dry.recorded, dry.new_calls(), dry.shapes, dry.ended,
                     dry.failure)
     if found is None and dry.failure is not None and not _failed_so(run, dry.failure):

@@ -33,7 +33,13 @@ from cantata.model.status import RunStatus
 
 from . import branches, checkpoint, cleanup, steps
 from .branches import OpenStep, RunTask
-from .compensation import ApiState, compensation_key, returned_ending, unwound_ending
+from .compensation import (
+    ApiState,
+    compensation_key,
+    registered,
+    returned_ending,
+    unwound_ending,
+)
 from .journal import Journal
 from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
@@ -217,6 +223,8 @@ class RunExecution:
         if self.compensating or not self.interrupt.done():
             return
         exc = self.interrupt.result()
+        if isinstance(exc, _BranchStopped):  # (in a branch, as the run ends)
+            raise branches.branch_stopped(self, str(exc))
         cleanup.deliver(self, exc)
         raise exc
 
@@ -236,7 +244,7 @@ class RunExecution:
 
     def new_call(self, key: str) -> None:
         if self.code_ended:  # a branch the workflow left running: it begins nothing new
-            raise _BranchStopped()
+            raise branches.branch_stopped(self)
         self.check_interrupt()
 
     @contextlib.contextmanager
@@ -585,7 +593,7 @@ class RunExecution:
             await self._withdraw_tasks("began compensating")
             await self.commit(RunWrite(status=RunStatus.COMPENSATING, error=error))
         failures: list[str] = []
-        for sdef, args in reversed(self.compensations):
+        for sdef, args in reversed(registered(self)):
             key = compensation_key(self, sdef.name)
             try:
                 await self.call_step(sdef, args, key, kind=EntryKind.COMPENSATION)

@@ -24,6 +24,7 @@ from cantata.model.records import (
     TaskStatus,
 )
 
+from .branches import branch_stopped
 from .heartbeat import beat_for, first_beat
 from .invoke import invoke_step
 from .ownership import FENCE_AT
@@ -243,7 +244,7 @@ async def step_stopped(
     (it waited to retry) it fails for good with its last attempt's error, recorded, so
     that a replay meets the same outcome."""
     if n == 0 or last is None:
-        raise _BranchStopped()
+        raise branch_stopped(x)
     entry.wake_at = None
     note = f" (its branch stopped before attempt {n + 1}: not attempted again)"
     return await step_failed(x, entry, write, (last[0], last[1] + note), n)

@@ -12,10 +12,12 @@ from cantata.flow.limits import release_task_slot, retime_task_begin, take_task_
 from cantata.graceful import wait_or_force
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
+from cantata.model.status import RunStatus
 from cantata.quietlog import reason
 from cantata.store.base import TASKS
 from cantata.store.faults import wait_out
 
+from .cleanup import MARKER
 from .heartbeat import Beat, beat_for
 from .invoke import invoke_step
 from .pauses import PAUSED
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("cantata.tasks")
+
+
+class _Unwanted(Exception):
+    """Internal: the run of a task waiting for a slot no longer wants it begun."""
 
 
 class TaskServer:
@@ -179,11 +185,43 @@ class TaskServer:
         # A limited step waits for its slot before the attempt is recorded (not an
         # attempt), in the scope its local calls take (docs/flow-control.md).
         holder = f"{rec.run_id}:{rec.key}"
-        stamped = await take_task_slot(engine, sdef, holder)
+        try:
+            stamped = await take_task_slot(engine, sdef, holder, lambda: self._unwanted(rec))
+        except _Unwanted as why:
+            # Not begun: the task goes back, unowned, for the run to withdraw it (it
+            # waits for no holder any more); due only after a lease, so that no worker
+            # takes it again meanwhile.
+            log.info("step task %s: %s while it waited for a slot of step %s; given back "
+                     "to be withdrawn", rec.task_id, why, sdef.name)
+            await self._settle(
+                engine.app, rec.task_id, rec.fence, outcome="retry", attempts=closing,
+                error=rec.error, error_type=rec.error_type,
+                next_at=clock.now() + engine.lease, count=n,
+            )
+            return
         try:
             await self._attempt(rec, sdef, closing, n + 1, top + 1, stamped)
         finally:
             await release_task_slot(engine, sdef, holder)
+
+    async def _unwanted(self, rec: TaskRecord) -> None:
+        """Raise ``_Unwanted`` if the run of ``rec`` no longer wants its step begun: the
+        run ended, or it is cancelled (before any cleanup of its code) or past its
+        deadline and the step is not one of its compensations (those always run).
+        Asked while the task waits for a slot: the run withdraws a task no worker
+        holds, not one a worker holds (docs/flow-control.md)."""
+        engine = self.engine
+        run = await engine.store.get_run(engine.app, rec.run_id)
+        if run is None or run.status.is_final:
+            raise _Unwanted(f"run {rec.run_id} has ended")
+        if rec.key.startswith("compensate:") or run.status == RunStatus.COMPENSATING:
+            return
+        if run.deadline_at is not None and engine.clock.now() >= run.deadline_at:
+            raise _Unwanted(f"run {rec.run_id} passed its deadline")
+        if run.cancel_requested:
+            history = await engine.store.load_history(engine.app, rec.run_id)
+            if not any(e.key == MARKER for e in history):  # (not its cleanup's step)
+                raise _Unwanted(f"run {rec.run_id} was cancelled")
 
     async def _attempt(
         self, rec: TaskRecord, sdef: StepDef, closing: list[Attempt], n: int, number: int,

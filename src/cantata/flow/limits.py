@@ -288,14 +288,27 @@ def _news_wait(engine: Engine, extend: Any = None) -> Any:
     return wait
 
 
-async def take_task_slot(engine: Engine, sdef: StepDef, holder: str) -> float | None:
+async def take_task_slot(engine: Engine, sdef: StepDef, holder: str,
+                         check: Any = None) -> float | None:
     """Wait for a slot of a limited step called from another service (a task): the
     same scope and holder (``run_id:key``) as a local call of the step, so one limit
-    holds for both. The clock time its begin was recorded at (``None``: no limit)."""
+    holds for both. The clock time its begin was recorded at (``None``: no limit).
+
+    ``check()`` (when given) is awaited before each wait: what it raises ends the wait,
+    the request withdrawn (the task's run no longer wants it, say)."""
     if sdef.concurrency is None and sdef.rate is None:
         return None
+    wait = _news_wait(engine)
+    if check is not None:
+        news_wait = wait
+
+        async def wait(seconds: float) -> None:
+            await check()
+            await news_wait(min(seconds, ask_period(engine)))
+            await check()
+
     return await acquire(engine, step_scope(sdef.name), holder, sdef.concurrency, sdef.rate,
-                         _news_wait(engine))
+                         wait)
 
 
 async def retime_task_begin(engine: Engine, sdef: StepDef, holder: str,

@@ -78,4 +78,7 @@ async def _call(
 
 def _register(ctx: WorkflowContext, comp: StepDef | None, data: Any, value: Any) -> None:
     if comp is not None:
+        # (in declaration order, after every step registered before: docstring above)
         ctx._x.compensations.append((comp, undo_args(comp, data, value)))
+        ranks = ctx._x.api.compensation_ranks
+        ranks.append(ranks[-1] if ranks else (float("-inf"), 0))
