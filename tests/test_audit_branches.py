@@ -521,12 +521,6 @@ def test_transactional_steps_in_parallel_branches_are_exactly_once_across_a_kill
     assert sorted(w.tx_rows()) == [("txhold", 1), ("txhold", 2)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: an unwind resumed after a crash registers the compensations of parallel "
-    "steps in the order the replay returns them (the code's order), not the order the "
-    "steps completed; compensate:<name>#n keys then pair recorded compensations with "
-    "other arguments: release(1) runs twice, release(2) never, and the run ends "
-    "'compensated'"))
 def test_a_kill_mid_unwind_compensates_each_completed_parallel_step_once(
     url: str, tmp_path: Path
 ) -> None:
@@ -543,9 +537,6 @@ def test_a_kill_mid_unwind_compensates_each_completed_parallel_step_once(
     assert releases == [1, 2]  # actual: [1, 1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: an unwind that begins in a replay after a crash undoes parallel steps in "
-    "the code's order reversed, not the last to complete first (docs/guide.md)"))
 def test_an_unwind_begun_after_a_kill_undoes_the_last_completed_step_first(
     url: str, tmp_path: Path
 ) -> None:
@@ -559,13 +550,6 @@ def test_an_unwind_begun_after_a_kill_undoes_the_last_completed_step_first(
     assert [arg for step, arg in w.effects() if step == "release"] == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect (since the merge of fix-branches, aafe0a1; passes on 6542f3a): a replay of "
-    "asyncio.gather branches of several steps fails the run with a spurious "
-    "NonDeterminismError ('history recorded a3#1 but the workflow code now calls b2#1'): "
-    "a replayed step of a branch now takes several loop turns (a task of its own), "
-    "but Journal.check_new_call / check_replayed_before give the sibling branches only "
-    "one asyncio.sleep(0) to replay their recorded calls"))
 @pytest.mark.parametrize("kill", [
     {"step": "b2", "nth": 1, "when": "before"},  # b2 in progress: resumed
     {"commit": "slow#1", "status": "completed"},  # b2 not begun: a new call

@@ -38,6 +38,8 @@ FINAL = (EntryStatus.COMPLETED, EntryStatus.FAILED)
 NOT_CALLS = frozenset({EntryKind.VALUE, EntryKind.COMPENSATION, EntryKind.PATCH, EntryKind.ATTRS})
 # Also not awaited by the end of the workflow: a timer may be left behind by a branch.
 NOT_AWAITED_AT_END = NOT_CALLS | {EntryKind.SLEEP}
+#: Loop turns without a replayed call after which sibling branches count as stuck.
+IDLE_TURNS = 8
 
 
 class Save(Enum):
@@ -218,8 +220,7 @@ class Journal:
         if not self.history or len(self.consumed) >= len(self.history):
             rt.new_call(key)
             return
-        await asyncio.sleep(0)  # let sibling tasks (asyncio.gather) replay their calls
-        left = self._unreplayed(NOT_CALLS, final_only=True)
+        left = await self.siblings_replayed(lambda: self._unreplayed(NOT_CALLS, final_only=True))
         if left and key not in self.history:
             self.diverged(len(self.consumed) + 1, left[0].key, key)
         rt.new_call(key)
@@ -229,10 +230,28 @@ class Journal:
         have been replayed first, or the code changed under it (a call before it was
         deleted or moved) and running it again would act on a diverged history."""
         if self._unreplayed(NOT_CALLS, before=entry.seq):
-            await asyncio.sleep(0)  # let sibling tasks (asyncio.gather) replay their calls
-            left = self._unreplayed(NOT_CALLS, before=entry.seq)
+            left = await self.siblings_replayed(
+                lambda: self._unreplayed(NOT_CALLS, before=entry.seq))
             if left:
                 self.diverged(left[0].seq, left[0].key, entry.key)
+
+    async def siblings_replayed(
+        self, left: Callable[[], list[HistoryEntry]]
+    ) -> list[HistoryEntry]:
+        """Give sibling branches (``asyncio.gather``, task groups) the loop turns they
+        take to replay their recorded calls, as long as they make progress: a replayed
+        step of a branch runs in a task of its own (engine/branches.py), a few turns
+        each. What ``left`` still finds unreplayed then (a divergence)."""
+        idle = 0
+        while True:
+            before = len(self.consumed)
+            await asyncio.sleep(0)
+            found = left()
+            if not found:
+                return found
+            idle = 0 if len(self.consumed) > before else idle + 1
+            if idle >= IDLE_TURNS:
+                return found
 
     def check_all_replayed(self) -> None:
         """The workflow returned: every recorded call must have been replayed."""

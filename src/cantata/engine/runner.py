@@ -40,7 +40,7 @@ from .compensation import (
     returned_ending,
     unwound_ending,
 )
-from .journal import Journal
+from .journal import IDLE_TURNS, Journal
 from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
 from .runtime import Interrupt, Watch
@@ -568,7 +568,7 @@ class RunExecution:
         to replay their recorded calls (and resume a step they had in progress), so
         that the run's end is decided on the history as recorded."""
         journal, idle = self.journal, 0
-        while idle < 3 and len(journal.consumed) < len(journal.history):
+        while idle < IDLE_TURNS and len(journal.consumed) < len(journal.history):
             if not journal.has_unreplayed_calls():
                 return
             before = len(journal.consumed)
