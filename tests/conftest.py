@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +27,20 @@ os.environ.setdefault("CANTATA_PROCESSES", "1")
 # says nothing about the property). Tests that set their own settings keep them.
 settings.register_profile("cantata", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("cantata")
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """Each test leaves SIGINT's and SIGTERM's handlers as it found them: code run in
+    the test process (a worker's or supervisor's signal set-up) must not change what a
+    later test in the same xdist worker sees (the Ctrl-C tests of tests/wfapi/test_sync.py
+    need Python's default SIGINT handler)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+
+
 
 POSTGRES_URL = os.environ.get(
     "CANTATA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"

@@ -234,6 +234,13 @@ async def test_the_clis_json_is_the_apis_for_schedules_and_queues(
     await shop.app.schedules.create("every-second", None, "yearly_report", every=1)
     await eventually(lambda: _has_last_run(shop), timeout=15)
     await shop.app.schedules.pause("every-second")  # (its ticks stay put between the reads)
+
+    async def last_run_ended() -> bool:  # (else its status may change between the reads)
+        [got] = [s for s in (await shop.get("/api/schedules")).json()
+                 if s["name"] == "every-second"]
+        return got["last_run"]["status"] not in ("pending", "running")
+
+    await eventually(last_run_ended, timeout=15)
     api = (await shop.get("/api/schedules")).json()
     cli = await cli_json(capsys, shop, "schedules", "list")
     # the CLI opens the app by name, without its code: whether the code declares a
