@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 
     from .runner import RunExecution
 
-#: The key of a step's entry detail saying its branch was cancelled while it ran.
-CANCELLED = BRANCH_CANCELLED
 
 
 @dataclass(slots=True)
@@ -235,7 +233,7 @@ async def _record_cancel(x: RunExecution, step: OpenStep, inline: bool) -> None:
     if entry is None or entry.status not in FINAL:
         return
     info = codec.loads(entry.detail) if entry.detail else {}
-    entry.detail = codec.dumps({**info, CANCELLED: True})
+    entry.detail = codec.dumps({**info, BRANCH_CANCELLED: True})
     held = any(e is entry for e in x.pending)  # its result waits for the next write
     write = RunWrite() if held else RunWrite(entries=[entry])
     if inline:  # (the run's task holds back further cancels meanwhile)

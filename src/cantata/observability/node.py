@@ -125,32 +125,3 @@ def stamp(ts: float | None) -> dt.datetime | None:
     """POSIX seconds to an aware UTC datetime (out of range: see ``to_datetime``)."""
     return to_datetime(ts)
 
-
-def node_dict(node: TraceNode) -> dict[str, object]:
-    """A JSON-ready dict of a tree (times as ISO 8601; the extra ``ref`` included)."""
-
-    def one(n: TraceNode) -> dict[str, object]:
-        return {
-            "kind": n.kind,
-            "name": n.name,
-            "status": n.status,
-            "group": n.group,
-            "started_at": None if n.started_at is None else n.started_at.isoformat(),
-            "ended_at": None if n.ended_at is None else n.ended_at.isoformat(),
-            "attempts": n.attempts,
-            "error": n.error,
-            "ref": n.ref,
-            "children": [],
-        }
-
-    out = one(node)
-    stack = [(node, out)]
-    while stack:
-        n, d = stack.pop()
-        kids = d["children"]
-        assert isinstance(kids, list)
-        for child in n.children:
-            cd = one(child)
-            kids.append(cd)
-            stack.append((child, cd))
-    return out
