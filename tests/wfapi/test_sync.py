@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +285,21 @@ async def test_the_async_api_from_another_loop_is_refused_while_a_block_is_open(
         assert len(await app.list_runs()) == 1
 
 
+@pytest.fixture
+def ctrl_c_reaches_python() -> Iterator[None]:
+    """SIGINT handled as a terminal's Ctrl-C is: by Python's default handler. A test
+    process started in the background (``cmd &``, ``nohup``) inherits SIGINT ignored,
+    and Python then installs no handler at all, so a Ctrl-C would reach nothing."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_main_after(*delays: float) -> list[threading.Timer]:
     """A Ctrl-C (SIGINT to the main thread, as a terminal sends it) after each delay."""
     main = threading.main_thread().ident
@@ -342,6 +357,7 @@ def _closed_here(app: App) -> list[str]:
 
 
 @pytest.mark.parametrize("presses", [1, 2, 3])
+@pytest.mark.usefixtures("ctrl_c_reaches_python")
 def test_a_ctrl_c_while_a_block_closes_leaves_the_app_usable(url: str, presses: int) -> None:
     """The block's end waits for a step in progress (shutdown_grace); Ctrl-C there stops
     the close at once (once more: gives the close up) and the KeyboardInterrupt goes on
@@ -363,6 +379,7 @@ def test_a_ctrl_c_while_a_block_closes_leaves_the_app_usable(url: str, presses: 
         assert c.start("echo", 7).result(timeout=WAIT) == 7
 
 
+@pytest.mark.usefixtures("ctrl_c_reaches_python")
 def test_a_ctrl_c_as_a_block_ends_before_the_close_began_still_closes_the_app(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -389,6 +406,7 @@ def test_a_ctrl_c_as_a_block_ends_before_the_close_began_still_closes_the_app(
         release.set()
 
 
+@pytest.mark.usefixtures("ctrl_c_reaches_python")
 def test_a_second_ctrl_c_as_the_first_is_handled_still_ends_the_grace(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
