@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import re
@@ -33,15 +34,23 @@ def parser() -> Path:
             pytest.fail("node and npm are needed for the AsyncAPI parser check")
         pytest.skip("node and npm are not installed: the AsyncAPI parser check needs them")
     lock = (HERE / "package-lock.json").read_bytes()
-    digest = hashlib.sha256(lock).hexdigest()[:12]
+    digest = hashlib.sha256(lock + (HERE / "validate.mjs").read_bytes()).hexdigest()[:12]
     target = Path.home() / ".cache" / "cantata" / f"asyncapi-{digest}"
-    if not (target / "node_modules" / "@asyncapi" / "parser").exists():
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("package.json", "package-lock.json", "validate.mjs"):
-            shutil.copy(HERE / name, target / name)
-        subprocess.run([npm, "ci", "--silent", "--no-audit", "--no-fund"], cwd=target,
-                       check=True, timeout=600)
-    shutil.copy(HERE / "validate.mjs", target / "validate.mjs")
+    target.mkdir(parents=True, exist_ok=True)
+    # xdist workers share the folder: one installs while the others wait, and a file
+    # is never rewritten in place under a node that reads it (it is replaced whole).
+    with (target / ".lock").open("w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if not (target / "node_modules" / "@asyncapi" / "parser").exists():
+            for name in ("package.json", "package-lock.json"):
+                shutil.copy(HERE / name, target / name)
+            subprocess.run([npm, "ci", "--silent", "--no-audit", "--no-fund"], cwd=target,
+                           check=True, timeout=600)
+        script = target / "validate.mjs"
+        if not script.exists():
+            staged = target / f".validate-{os.getpid()}.mjs"
+            shutil.copy(HERE / "validate.mjs", staged)
+            os.replace(staged, script)
     return target
 
 
@@ -50,6 +59,8 @@ def parse(parser: Path, doc: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     path.write_bytes(orjson.dumps(doc))
     done = subprocess.run(["node", str(parser / "validate.mjs"), str(path)],
                           capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip(), (
+        f"the AsyncAPI parser printed nothing (exit {done.returncode}): {done.stderr}")
     result: dict[str, Any] = orjson.loads(done.stdout)
     return result
 

@@ -43,6 +43,10 @@ async def seed(app: App) -> dict[str, Any]:
             break
         await asyncio.sleep(0.05)
     await app.schedules.pause("every-second")
+    # the page shows that run's status: let it end first (under load it may still run)
+    [ticked] = [s for s in await app.schedules.list() if s.name == "every-second"]
+    assert ticked.last_run_id is not None
+    await app.get_handle(ticked.last_run_id).result(timeout=60)
     # one approval holds the fragile queue's one slot: two runs wait behind it
     for i in range(3):
         await app.start("await_approval", {"id": f"Q-{i}"}, queue="fragile")
