@@ -199,6 +199,12 @@ def build(url: str, logdir: str, kill: dict[str, Any]) -> App:
         await body("quick", n)
         return n
 
+    @app.step(retry=Retry(max_attempts=1))
+    async def flaky(n: int) -> None:
+        begun("hold").set()
+        await body("flaky", n, 0.8)
+        raise RuntimeError(f"flaky for {n}")
+
     @app.transaction(retry=R3)
     async def txhold(tx: cantata.Tx, n: int) -> int:
         begun("hold").set()
@@ -250,6 +256,32 @@ def build(url: str, logdir: str, kill: dict[str, Any]) -> App:
         async with asyncio.TaskGroup() as group:
             group.create_task(holding())
             group.create_task(ctx.run(boom, n))
+
+    @app.workflow
+    async def fail_taskgroup(ctx: WorkflowContext, n: int) -> None:
+        """A step of a branch the TaskGroup cancels fails: the branch gets the cancel,
+        not the failure, so its except clause never runs."""
+
+        async def holding() -> None:
+            try:
+                await ctx.run(flaky, n)
+            except cantata.StepFailed:
+                await ctx.run(after, n)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(holding())
+            group.create_task(ctx.run(boom, n))
+
+    @app.workflow
+    async def tx_timed(ctx: WorkflowContext, n: int) -> str:
+        """The workflow's own timeout cancels txhold while its transaction runs."""
+        try:
+            async with asyncio.timeout(0.1):
+                await ctx.run(txhold, n, compensate=unhold)
+        except TimeoutError:
+            await ctx.run(fallback, n)
+            return "timed out"
+        return "in time"
 
     @app.workflow
     async def inline_tg(ctx: WorkflowContext, n: int) -> None:
@@ -570,19 +602,14 @@ def test_a_replay_of_gather_branches_of_several_steps_does_not_diverge(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: a transactional step whose branch the TaskGroup cancelled commits its "
-    "completion in its own transaction and the 'cancelled' mark in a later checkpoint; "
-    "a kill -9 between the two leaves a completed entry without the mark, and the "
-    "recovered run goes on in the cancelled branch: step after#1 begins and runs, "
-    "which no execution without the crash can do (the failure that cancelled the branch "
-    "was recorded before the step completed)"))
 def test_a_kill_after_a_transactional_step_of_a_cancelled_branch_begins_nothing_more(
     postgres_url: str, fresh_schema: str, tmp_path: Path
 ) -> None:
     """TaskGroup(txhold -> after, boom): boom fails (recorded) while txhold's
     transaction runs; the worker dies right after that transaction commits. Expected
-    after recovery: txhold's row once, after never begun, unhold once, compensated."""
+    after recovery: txhold's row once, after never begun, unhold once, compensated.
+    (PostgreSQL only: on SQLite the transaction holds the write lock, so boom's
+    failure is recorded after it commits, and the branch is not cancelled by then.)"""
     from tests.helpers import with_schema
 
     w = Worker(with_schema(postgres_url, fresh_schema), tmp_path)
@@ -592,6 +619,42 @@ def test_a_kill_after_a_transactional_step_of_a_cancelled_branch_begins_nothing_
     assert out["status"] == "compensated" and "carrier down" in out["error"], out
     done = Counter(step for step, _ in w.effects())
     assert (done["unhold"], done["after"]) == (1, 0), w.effects()  # actual: after ran
+
+
+
+def test_a_kill_after_a_transactional_step_a_timeout_cancelled_replays_the_timeout(
+    url: str, tmp_path: Path
+) -> None:
+    """asyncio.timeout(0.1) around txhold (0.3 s): the timeout cancels the step's
+    branch while its transaction runs (no store write needed: SQLite too); the worker
+    dies right after that transaction commits. The step's entry says its branch was
+    cancelled, so the recovered run times out there again: "timed out", fallback
+    once, txhold's row once."""
+    w = Worker(url, tmp_path)
+    w.killed("tx_timed", {"tx": "txhold#1"})
+    out = w.outcome("tx_timed")
+    assert w.tx_rows() == [("txhold", 1)]
+    assert out == {**out, "status": "completed", "result": "timed out"}, out
+    done = Counter(step for step, _ in w.effects())
+    assert (done["fallback"], done["unhold"]) == (1, 0), w.effects()
+    assert _cancelled(w.history(out["run_id"]), "txhold#1")
+
+
+def test_a_kill_after_a_failed_step_of_a_cancelled_branch_begins_nothing_more(
+    url: str, tmp_path: Path
+) -> None:
+    """TaskGroup(try flaky except StepFailed: after, boom): boom fails while flaky
+    runs, so flaky's branch gets the cancel, not flaky's failure, and its except
+    clause never runs. The worker dies right after flaky's failure is durable. The
+    recovered run ends the same: after never begun, flaky's entry marked."""
+    w = Worker(url, tmp_path)
+    w.killed("fail_taskgroup", {"commit": "flaky#1", "status": "failed"})
+    out = w.outcome("fail_taskgroup")
+    assert out["status"] == "failed" and "(1 sub-exception)" in out["error"], out
+    assert "carrier down" in out["error"], out
+    done = Counter(step for step, _ in w.effects())
+    assert (done["boom"], done["flaky"], done["after"]) == (1, 1, 0), w.effects()
+    assert _cancelled(w.history(out["run_id"]), "flaky#1")
 
 
 if __name__ == "__main__":

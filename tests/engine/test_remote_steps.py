@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import pytest
 import cantata
 from cantata import App, Retry, RunStatus
 from cantata.cli.main import main
-from cantata.model.records import RunWrite
+from cantata.model.records import RunWrite, branch_cancelled
+from cantata.store.factory import store_from_url
 
 from .helpers import eventually, make_app
 
@@ -495,6 +497,74 @@ async def test_a_remote_step_no_worker_holds_in_a_cancelled_taskgroup_branch_is_
     assert (f"run {handle.run_id} cancelled the branch of this step before a worker of "
             "service 'inventory'") in (reserve.error or "")
     assert log == [("charge", 1)]
+
+
+class OutcomeWatch:
+    """A real store that notes, for every ``commit_run`` carrying history entry
+    ``key`` in a final state, whether the entry was marked cancelled."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self._inner = store_from_url(url)
+        self.url = url
+        self.key = key
+        self.marks: list[tuple[str, bool]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        await self._inner.commit_run(app, run_id, fence, write)
+        self.marks += [(str(e.status), branch_cancelled(e)) for e in write.entries
+                       if e.key == self.key and e.status in ("completed", "failed")]
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["completed", "withdrawn"])
+async def test_a_remote_steps_outcome_in_a_cancelled_branch_is_committed_with_the_mark(
+    url: str, served: bool
+) -> None:
+    """The TaskGroup cancels the reservation's branch while its task is held by a
+    worker of inventory (it completes) or by none (it is withdrawn): the entry's
+    outcome is committed with the branch's cancelled mark, never before it (a crash
+    in between would leave a recovered run going on in the cancelled branch)."""
+    log: list[Any] = []
+    go = asyncio.Event()
+    watch = OutcomeWatch(url, "inventory.reserve#1")
+    orders = make_app(watch, services=["orders"])  # type: ignore[arg-type]
+
+    @orders.workflow(service="orders")
+    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(
+                ctx.run("inventory.reserve", order, compensate="inventory.release"))
+            group.create_task(ctx.run(orders.remote_step("payments.charge"), order))
+
+    inventory = make_app(url, services=["inventory"])
+
+    @inventory.step(service="inventory")
+    async def reserve(order: dict) -> dict:
+        log.append(("reserve",))
+        await go.wait()
+        return {"sku": order["sku"]}
+
+    @inventory.step(service="inventory")
+    def release(order: dict) -> None:
+        log.append(("release",))
+
+    async with contextlib.AsyncExitStack() as stack:
+        if served:
+            await stack.enter_async_context(inventory)
+        else:
+            async with inventory.client():  # declared, not served
+                pass
+        await stack.enter_async_context(payments_app(url, log))
+        await stack.enter_async_context(orders)
+        handle = await orders.start(place_order, {"sku": "M", "decline": True})
+        if served:
+            await eventually(lambda: _failed(orders, handle.run_id, "payments.charge#1"))
+            go.set()
+        with pytest.raises(cantata.WorkflowError, match="ValueError: card declined"):
+            await handle.result(timeout=10)
+    assert watch.marks[0] == ("completed" if served else "failed", True), watch.marks
 
 
 async def test_a_worker_without_the_step_leaves_its_task_to_one_that_has_it(url: str) -> None:

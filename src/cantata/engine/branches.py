@@ -16,7 +16,14 @@ concurrently"):
 - then the cancel is raised in the branch (``asyncio.CancelledError``, instead of the
   step's result), and its history entry says so (``"cancelled": true`` in its
   detail): a replay raises the cancel there again, once the code cancels the branch
-  again, instead of going on past the step.
+  again, instead of going on past the step. The mark is committed with the step's
+  outcome whenever the cancel came first (:func:`marked`): a step's completion
+  waits for the run's next write, which the mark's is; a failure, a remote step's
+  outcome and a transactional step's completion (in its own transaction) carry it.
+  Written in a later checkpoint, a crash in between would leave an outcome without
+  its mark, and the recovered run would go on in the cancelled branch. Only a
+  cancel that comes while that outcome is being committed is recorded later (the
+  step then ended before the cancel, as far as its history tells).
 
 How the cancel is kept from the step:
 
@@ -42,8 +49,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cantata.errors import StepFailed
 from cantata.fencing import IN_BODY
-from cantata.model import codec
-from cantata.model.records import BRANCH_CANCELLED, RunWrite, branch_cancelled
+from cantata.model.records import RunWrite, branch_cancelled, mark_branch_cancelled
 
 from .compensation import register
 from .journal import FINAL
@@ -195,6 +201,13 @@ async def run_step(
             api.steps_settled.set()
 
 
+def marked(x: RunExecution, key: str, detail: str | None) -> str | None:
+    """The ``detail`` to write with step ``key``'s outcome: marked if the workflow's
+    code has cancelled the step's branch meanwhile (for a compensation, as it is)."""
+    step = x.api.open_steps.get(key)
+    return mark_branch_cancelled(detail) if step is not None and step.cancelled else detail
+
+
 async def _in_own_task(x: RunExecution, sdef: StepDef, args: list[Any], step: OpenStep) -> Any:
     """A step of a branch, in a task of its own: a cancel of the branch does not reach
     it; the branch waits for its outcome."""
@@ -232,8 +245,7 @@ async def _record_cancel(x: RunExecution, step: OpenStep, inline: bool) -> None:
     entry = x.journal.history.get(step.key)
     if entry is None or entry.status not in FINAL:
         return
-    info = codec.loads(entry.detail) if entry.detail else {}
-    entry.detail = codec.dumps({**info, BRANCH_CANCELLED: True})
+    entry.detail = mark_branch_cancelled(entry.detail)
     held = any(e is entry for e in x.pending)  # its result waits for the next write
     write = RunWrite() if held else RunWrite(entries=[entry])
     if inline:  # (the run's task holds back further cancels meanwhile)

@@ -24,7 +24,7 @@ from cantata.model.records import (
     TaskStatus,
 )
 
-from .branches import branch_stopped
+from .branches import branch_stopped, marked
 from .heartbeat import beat_for, first_beat
 from .invoke import invoke_step
 from .ownership import FENCE_AT
@@ -154,8 +154,8 @@ async def call_step(
             if x.past_deadline and isinstance(exc, DeadlineExceeded):
                 # cut at the run's deadline (cut_at_deadline): failed, not retried;
                 # the run stops (with the interrupt the deadline set)
-                with contextlib.suppress(StepFailed):
-                    await step_failed(x, entry, write, last, n)
+                with contextlib.suppress(StepFailed):  # (not marked: no cancel raised)
+                    await step_failed(x, entry, write, last, n, mark=False)
                 x.check_interrupt()
                 raise _DeadlinePassed() from None
             retryable = retry.is_retryable(exc)
@@ -313,20 +313,21 @@ async def call_remote(x: RunExecution, sdef: StepDef, args: list[Any], entry: Hi
         await x.commit(RunWrite(entries=[entry], tasks=[task]))
     x.made_tasks = True
     rec = await await_task(x, entry, task_id, service)
-    known: dict[str, Any] = {}
+    detail = entry.detail
     if not service and rec.service:  # addressed when it was claimed: say to which service
-        known["detail"] = codec.dumps(
-            {**codec.loads(entry.detail or "{}"), "service": rec.service})
+        detail = codec.dumps({**codec.loads(detail or "{}"), "service": rec.service})
+    detail = marked(x, entry.key, detail)  # (with its outcome: see engine/branches.py)
     if rec.status == TaskStatus.DONE:
         await x.journal.settle(
-            entry, EntryStatus.COMPLETED, attempts=rec.attempts, result=rec.result, **known
+            entry, EntryStatus.COMPLETED, attempts=rec.attempts, result=rec.result,
+            detail=detail,
         )
         return codec.loads(rec.result)
     etype = rec.error_type or "Error"
     emsg = (rec.error or "").removeprefix(f"{etype}: ")
     await x.journal.settle(
         entry, EntryStatus.FAILED, attempts=rec.attempts, error=f"{etype}: {emsg}",
-        error_type=etype, **known,
+        error_type=etype, detail=detail,
     )
     if etype == TASK_WITHDRAWN:
         x.check_interrupt()  # withdrawn for the cancel or deadline raised here
@@ -395,10 +396,16 @@ async def await_task(
 
 
 async def step_failed(
-    x: RunExecution, entry: HistoryEntry, write: RunWrite, last: tuple[str, str], n: int
+    x: RunExecution, entry: HistoryEntry, write: RunWrite, last: tuple[str, str], n: int,
+    *, mark: bool = True,
 ) -> Any:
+    """Record that step ``entry`` failed for good and raise ``StepFailed``: with the
+    mark of a cancel of its branch that came meanwhile if ``mark`` (the branch then
+    gets that cancel, see engine/branches.py)."""
     entry.status, entry.ended_at = EntryStatus.FAILED, x.engine.clock.now()
     entry.error, entry.error_type, entry.attempts = f"{last[0]}: {last[1]}", last[0], n
+    if mark:
+        entry.detail = marked(x, entry.key, entry.detail)
     write.entries.append(entry)
     await x.commit(write)
     raise StepFailed(entry.name, last[0], last[1], n)

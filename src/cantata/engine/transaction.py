@@ -10,9 +10,10 @@ from cantata.choreography.orphans import check_orphans
 from cantata.declare.defs import StepDef
 from cantata.errors import TransactionUnsupported
 from cantata.model import codec
-from cantata.model.records import ENTRY_COMPLETED, Attempt, RunWrite
+from cantata.model.records import ENTRY_COMPLETED, Attempt, HistoryEntry, RunWrite
 from cantata.store.tx import Tx
 
+from .branches import marked
 from .heartbeat import Beat
 from .invoke import invoke_step
 
@@ -24,7 +25,8 @@ async def run_transactional(
     x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, beat: Beat
 ) -> Any:
     """Run one attempt of a transactional step; on success its completion is committed
-    (with the step's writes) before this returns.
+    (with the step's writes) before this returns, marked if the workflow's code
+    cancelled the step's branch meanwhile (see engine/branches.py).
 
     Raises:
         TransactionUnsupported: the store cannot share its transaction (``memory://``).
@@ -39,6 +41,7 @@ async def run_transactional(
         )
 
     published: list[Any] = []
+    committed: list[HistoryEntry] = []
 
     async def body(tx: Tx) -> tuple[RunWrite, Any]:
         tx.run_id, tx.step, tx.correlation_id = run.run_id, sdef.name, run.correlation_id
@@ -46,18 +49,24 @@ async def run_transactional(
                                   leading=(tx,))
         result = codec.dumps(value, f"result of step {sdef.name}")
         now = engine.clock.now()
+        entry = x.journal.history[key]
+        # (marked if the workflow's code cancelled the step's branch meanwhile: a
+        # later checkpoint would leave a window for a crash, engine/branches.py)
         entry = dataclasses.replace(
-            x.journal.history[key], status=ENTRY_COMPLETED, result=result, ended_at=now,
-            error=None, error_type=None, attempts=attempt,
+            entry, status=ENTRY_COMPLETED, result=result, ended_at=now, error=None,
+            error_type=None, attempts=attempt, detail=marked(x, key, entry.detail),
         )
         done = Attempt(key, attempt, now, ended_at=now)  # started_at: kept as recorded
         published[:] = tx.events
+        committed[:] = [entry]
         return RunWrite(entries=[entry], attempts=[done], events=list(tx.events)), value
 
     try:
         value = await runner(run.app, run.run_id, run.fence, body)
     except TransactionUnsupported as exc:
         raise TransactionUnsupported(f"step {sdef.name}: {exc}") from None
+    # The run's next checkpoint writes the entry again: never without the mark.
+    x.journal.history[key].detail = committed[0].detail
     if published:
         engine.events_appended(published)
         await check_orphans(engine, published)

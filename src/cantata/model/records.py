@@ -191,6 +191,12 @@ def branch_cancelled(entry: HistoryEntry) -> bool:
     return isinstance(info, dict) and info.get(BRANCH_CANCELLED) is True
 
 
+def mark_branch_cancelled(detail: str | None) -> str:
+    """A step entry's ``detail`` with the mark :func:`branch_cancelled` reads added."""
+    info = codec.loads(detail) if detail else {}
+    return codec.dumps({**info, BRANCH_CANCELLED: True})
+
+
 @dataclass(slots=True)
 class Attempt:
     """One attempt of a step (or compensation)."""
