@@ -650,14 +650,15 @@ class App(RouterFacade):
             tx.publish(event)  # appended with the step's checkpoint, orphans checked then
             return event, False
         event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
+        # An id the caller chose may be taken by another publish of it at the same moment
+        # (after the look-up below found nothing): the store says whether this one's
+        # append stored the event, and if not, this publish is a repeat of that one.
+        stored: list[bool] | None = None
         if id is not None:
             earlier = await self.store.get_event(self.name, id)
             if earlier is not None:  # nothing is published: an orphan still, not counted
-                event = repeated(earlier, event)
-                if who is not None:  # an operator's publish: recorded as the repeat it is
-                    await self.store.record_action(
-                        self.name, *publish_repeated_entry(who, event.id, event.type))
-                return event, bool(await find_orphans(self.engine, [event]))
+                return await self._repeated(earlier, event, who)
+            stored = []
         event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
@@ -667,11 +668,33 @@ class App(RouterFacade):
             # operator's publish is audited by the append that stores the event, in its
             # transaction: a crash leaves both or neither, a retry records it once.
             broker = self._broker
-            counts = await (self.store.append_events(self.name, [event], actor=who)
-                            if broker is None else broker.append(self.name, [event], actor=who))
+            counts = await (
+                self.store.append_events(self.name, [event], actor=who, stored=stored)
+                if broker is None
+                else broker.append(self.name, [event], actor=who, stored=stored))
+        if stored == [False]:  # another publish of the id stored it first
+            earlier = await self.store.get_event(self.name, event.id)
+            if earlier is not None:
+                return await self._repeated(earlier, event, who)
         self._emitted([event])
         orphan = bool(counts and counts[0] == 0 and await check_orphans(self.engine, [event]))
         return event, orphan
+
+    async def _repeated(
+        self, earlier: Event[Any], event: Event[Any], who: str | None
+    ) -> tuple[Event[Any], bool]:
+        """A publish of an id already stored: the stored event (``duplicate``) and
+        whether it is an orphan, as :meth:`_publish` answers; an operator's is recorded
+        as ``event.publish_repeated``. Nothing is published.
+
+        Raises:
+            DuplicateEventId: ``event`` has other content than ``earlier``.
+        """
+        event = repeated(earlier, event)
+        if who is not None:  # an operator's publish: recorded as the repeat it is
+            await self.store.record_action(
+                self.name, *publish_repeated_entry(who, event.id, event.type))
+        return event, bool(await find_orphans(self.engine, [event]))
 
     # -- observability --------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import nats
 import nats.js.errors
 import pytest
 
+from cantata.broker.nats_names import OUTBOX_HEADER, outbox_mark
 from cantata.broker.nats_publish import Publisher, safe
 from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event
 from cantata.store.factory import store_from_url
@@ -38,6 +39,9 @@ async def test_publish_stores_each_event_once_with_its_id_and_content_type(
             assert first.headers is not None
             assert first.headers["Nats-Msg-Id"] == events[0].id
             assert first.headers["Content-Type"] == STRUCTURED_CONTENT_TYPE
+            # the relay's mark: this store on this stream, written alike by both paths
+            mark = outbox_mark(await store.identity(), stream)
+            assert first.headers[OUTBOX_HEADER] == mark == broker.outbox_mark(name)
             assert Event.from_json(first.data or b"").id == events[0].id
             if fast:
                 assert broker._pub is not None and broker._pub._waiting == {}
@@ -62,18 +66,20 @@ async def test_a_server_error_fails_the_ack_and_unsafe_text_is_not_written(
             nc = broker._nc
             assert nc is not None
             pub = Publisher(nc, STRUCTURED_CONTENT_TYPE)
-            ok = await pub.publish([(subject, "id-1", b"{}"), (subject, "id-1b", b"{}")], stream)
+            ok = await pub.publish([(subject, "id-1", b"{}"), (subject, "id-1b", b"{}")], stream,
+                                   "m/s")
             await ok.done
             # the stream it is for is not the one that stores the subject
-            bad = await pub.publish([(subject, "id-2", b"{}")], stream + "-other")
+            bad = await pub.publish([(subject, "id-2", b"{}")], stream + "-other", "m/s")
             with pytest.raises(nats.js.errors.APIError):
                 await bad.done
             # a window forgotten before its acks came leaves nothing waiting
-            gone = await pub.publish([(subject, "id-4", b"{}")], stream)
+            gone = await pub.publish([(subject, "id-4", b"{}")], stream, "m/s")
             pub.forget(gone)
             assert gone.done.cancelled() and pub._waiting == {}
             with pytest.raises(nats.errors.MaxPayloadError):
-                await pub.publish([(subject, "id-3", b"x" * (nc.max_payload + 1))], stream)
+                await pub.publish([(subject, "id-3", b"x" * (nc.max_payload + 1))], stream,
+                                  "m/s")
             assert pub._waiting == {}
         finally:
             await broker.close()

@@ -128,6 +128,31 @@ def test_payload_schema_from_the_pydantic_model_and_cloudevents_headers() -> Non
     assert "$ref" not in untyped["payload"]["allOf"][1]["properties"]["data"]
 
 
+@pytest.mark.parametrize("broker", ["embedded", "nats://nats.internal:4222?prefix=staging"])
+def test_the_relays_header_is_documented_as_its_store_mark_on_the_apps_stream(
+    broker: str,
+) -> None:
+    """The relay's ``Cantata-Outbox`` names its store and the app's stream
+    (nats_names.outbox_mark), not a constant: a schema that matches the relay's real
+    values and no other stream's."""
+    import re
+
+    from cantata.broker.nats_names import Names, outbox_mark
+
+    doc = asyncapi_document(make_app("memory://", broker=broker))
+    outbox = doc["components"]["schemas"]["NatsHeaders"]["properties"]["Cantata-Outbox"]
+    assert "const" not in outbox
+    stream = Names("shop", "staging" if "prefix" in broker else "").stream
+    assert stream in outbox["description"]
+    pattern = re.compile(outbox["pattern"])
+    assert pattern.search(outbox_mark("0" * 32, stream))
+    assert pattern.search(outbox_mark("a strange store id!" * 9, stream))  # (hashed)
+    for other in ("1", "", outbox_mark("0" * 32, Names("billing").stream),
+                  outbox_mark("0" * 32, Names("shop", "prod").stream),
+                  f"{outbox_mark('0' * 32, stream)}x", f"a b/{stream}"):
+        assert not pattern.search(other), other
+
+
 def test_an_app_without_events_gives_an_empty_but_valid_document() -> None:
     doc = asyncapi_document(make_app("memory://"))
     assert doc["channels"] == {} and doc["operations"] == {}

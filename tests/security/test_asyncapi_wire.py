@@ -128,11 +128,13 @@ async def test_every_subject_on_the_wire_is_a_channel(nats_url: str, tmp_path: P
     addresses = [re.compile("^" + re.sub(r"\\\{token\d+\\\}", r"[^.]+", re.escape(c["address"]))
                             + "$") for c in doc["channels"].values()]
     seen: list[str] = []
+    marks: list[str] = []
     async with streams_removed(nats_url, name), app:
         nc = await nats.connect(nats_url)
         try:
             async def capture(msg: Any) -> None:
                 seen.append(msg.subject)
+                marks.append((msg.headers or {}).get("Cantata-Outbox", ""))
 
             await nc.subscribe(f"wire.cantata.{name}.>", cb=capture)
             await nc.flush()
@@ -147,3 +149,6 @@ async def test_every_subject_on_the_wire_is_a_channel(nats_url: str, tmp_path: P
                                         f"wire.cantata.{name}.invoice.sent"})
     for subject in seen:
         assert any(a.match(subject) for a in addresses), subject
+    # the relay's header on the wire is what the document says it is
+    outbox = doc["components"]["schemas"]["NatsHeaders"]["properties"]["Cantata-Outbox"]
+    assert marks and all(re.search(outbox["pattern"], m) for m in marks), marks

@@ -276,9 +276,9 @@ def count_transactions(store: PostgresStore) -> list[int]:
     writer = store._w
     run = writer._transaction
 
-    async def counted(c: Any, todo: list[Any], grouped: bool) -> Any:
+    async def counted(c: Any, todo: list[Any], *rest: Any) -> Any:
         sizes.append(len(todo))
-        return await run(c, todo, grouped)
+        return await run(c, todo, *rest)
 
     writer._transaction = counted  # type: ignore[method-assign]
     return sizes

@@ -70,8 +70,8 @@ def statements(store: PostgresStore) -> list[str]:
 
             return counted
 
-    async def wrapped(c: Any, todo: list[Any], grouped: bool) -> Any:
-        return await run(Counted(c), todo, grouped)
+    async def wrapped(c: Any, todo: list[Any], *rest: Any) -> Any:
+        return await run(Counted(c), todo, *rest)
 
     writer._transaction = wrapped  # type: ignore[method-assign]
     return sent

@@ -147,13 +147,15 @@ class Broker(Protocol):
         """
 
     async def append(
-        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> list[int]:
         """Store events this process publishes (``store.append_events``, same result).
         A broker that hands events off holds, in the same transaction, the deliveries
         this process's subscribers take at once (``store.append_held``) and starts them
         (docs/performance.md); it may just append. ``actor`` (an operator's publish)
-        goes to the store, which audits each event it stores in the same transaction."""
+        goes to the store, which audits each event it stores in the same transaction;
+        ``stored`` goes to the store too, which says in it which events it stored."""
 
     async def subscribe(
         self,

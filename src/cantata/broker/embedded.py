@@ -343,7 +343,8 @@ class EmbeddedBroker:
         subscribers."""
 
     async def append(
-        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> list[int]:
         """Store events this process publishes; the deliveries this worker's
         subscribers take are claimed for it in the same transaction and started at
@@ -351,11 +352,11 @@ class EmbeddedBroker:
         sub = next((s for s in self._subs if s.app == app and not s.stopping), None)
         hold = sub.holds(events) if sub is not None and events else []
         if sub is None or not hold:
-            return await self.store.append_events(app, events, actor=actor)
+            return await self.store.append_events(app, events, actor=actor, stored=stored)
         try:
             counts, held = await self.store.append_held(
                 app, events, hold_for=sub.worker_id, hold=hold,
-                wake=not self.holds_all(sub, events, hold), actor=actor,
+                wake=not self.holds_all(sub, events, hold), actor=actor, stored=stored,
             )
         except BaseException as exc:
             if not isinstance(exc, LeaseLost):  # it may have committed all the same

@@ -18,7 +18,9 @@ consuming side in :mod:`cantata.broker.nats_consumer`.
   :meth:`NatsBroker.redeliver` (dead-letter replay to that group only);
 - one durable consumer per type that workflows wait for, which stores the events
   other systems put there (:mod:`cantata.broker.nats_outside`): the relay's own
-  copies carry a ``Cantata-Outbox: 1`` header and are acked unread.
+  copies carry a ``Cantata-Outbox`` header with this store's mark
+  (``<store id>/<stream>``, :func:`~cantata.broker.nats_names.outbox_mark`) and are
+  acked unread; a message with another value is read as one from outside.
 
 Competing subscribers of a group share its durable consumers, which start at the
 beginning of the stream; those keeping events from outside for waits start at the
@@ -55,6 +57,7 @@ from cantata.broker.nats_names import (
     check_prefix,
     consumer_name,
     event_subject,
+    outbox_mark,
     replay_subject,
     stream_name,
     subject_prefix,
@@ -213,6 +216,7 @@ class NatsBroker:
         self._subs: list[NatsSubscription] = []
         self._keepers: dict[str, OutsideKeeper] = {}  # app -> its waited-for types' keeper
         self._names: dict[str, Names] = {}
+        self._marks: dict[str, str] = {}  # stream -> this store's outbox mark on it
         self._limits: Limits | None = None
         # (app, worker id, event type) -> this process's subscriptions it goes to
         self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
@@ -234,6 +238,20 @@ class NatsBroker:
         if names is None or names.prefix != self.prefix:
             names = self._names[app] = Names(app, self.prefix)
         return names
+
+    def outbox_mark(self, app: str) -> str | None:
+        """The ``Cantata-Outbox`` value this store's relay writes on ``app``'s stream
+        (:func:`~cantata.broker.nats_names.outbox_mark`: the store's id and the
+        stream's name); ``None`` until a stream was first looked at (the store's id is
+        read then)."""
+        stream = self.names(app).stream
+        mark = self._marks.get(stream)
+        if mark is None:
+            identity = self._streams.identity
+            if identity is None:
+                return None
+            mark = self._marks[stream] = outbox_mark(identity, stream)
+        return mark
 
     @property
     def limits(self) -> Limits:
@@ -450,7 +468,8 @@ class NatsBroker:
         at the same time)."""
 
     async def append(
-        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> list[int]:
         """Store events this process publishes; the deliveries this worker's
         subscribers take are held for it in the same transaction and handed to them at
@@ -458,10 +477,11 @@ class NatsBroker:
         sub = next((s for s in self._subs if s.app == app and not s.stopping), None)
         hold = sub.holds(events) if sub is not None and events else []
         if sub is None or not hold:
-            return await self.store.append_events(app, events, actor=actor)
+            return await self.store.append_events(app, events, actor=actor, stored=stored)
         try:
             counts, held = await self.store.append_held(
-                app, events, hold_for=sub.worker_id, hold=hold, actor=actor
+                app, events, hold_for=sub.worker_id, hold=hold, actor=actor,
+                stored=stored,
             )
         except BaseException as exc:
             if not isinstance(exc, LeaseLost):  # it may have committed all the same
@@ -760,8 +780,10 @@ class NatsBroker:
                 self._handling.published(event.id, payload)
         with self._translate(f"publishing {len(events)} event(s) of app {app!r}"):
             stream = await self._stream(app)
+            mark = self.outbox_mark(app)
+            assert mark is not None  # (_stream read the store's id)
             try:
-                await self._send(names, stream, sendable, again)
+                await self._send(names, stream, mark, sendable, again)
             except Exception as exc:
                 if refusal(exc) is None:
                     self._forget_stream(app)  # it may be gone: look at it again next time
@@ -769,7 +791,7 @@ class NatsBroker:
                 # One of them is refused: send them one by one to learn which.
                 for event, payload in sendable:
                     try:
-                        await self._send(names, stream, [(event, payload)], again)
+                        await self._send(names, stream, mark, [(event, payload)], again)
                     except Exception as one:
                         reason = refusal(one)
                         if reason is None:
@@ -779,8 +801,8 @@ class NatsBroker:
             raise EventsRefused(refused)
 
     async def _send(
-        self, names: Names, stream: str, batch: Sequence[tuple[Event[Any], bytes]],
-        again: bool = False,
+        self, names: Names, stream: str, mark: str,
+        batch: Sequence[tuple[Event[Any], bytes]], again: bool = False,
     ) -> None:
         # Pipelined: the messages leave in order on the one connection (so the stream
         # keeps that order) and their acks come back to one reply subscription
@@ -796,10 +818,10 @@ class NatsBroker:
             try:
                 items = [(names.event(e.type), e.id + tail, p)
                          for e, p in batch[i : i + _PUBLISH_WINDOW]]
-                if publisher is not None and safe(stream) and all(
+                if publisher is not None and safe(stream) and safe(mark) and all(
                     safe(s) and safe(m) for s, m, _ in items
                 ):
-                    window = await publisher.publish(items, stream)
+                    window = await publisher.publish(items, stream, mark)
                     acks.append(window.done)
                 else:
                     for subject, msg_id, payload in items:
@@ -807,7 +829,7 @@ class NatsBroker:
                             subject, payload, stream=stream,
                             headers={"Nats-Msg-Id": msg_id,
                                      "Content-Type": STRUCTURED_CONTENT_TYPE,
-                                     OUTBOX_HEADER: "1"},
+                                     OUTBOX_HEADER: mark},
                         ))
                 try:
                     async with asyncio.timeout(_PUBLISH_TIMEOUT):

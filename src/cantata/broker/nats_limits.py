@@ -18,7 +18,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from cantata.broker.nats_names import OUTBOX_HEADER, Names
+from cantata.broker.nats_names import OUTBOX_HEADER, Names, mark_size
 from cantata.errors import ConfigurationError, InvalidEvent, PayloadTooLarge
 from cantata.model.event import STRUCTURED_CONTENT_TYPE, Event, check_pattern
 
@@ -56,7 +56,8 @@ class Limits:
                 f"control line limit ({self.max_control_line} bytes); use a type of at most "
                 f"{room - len(names.subjects) - 1} characters"
             )
-        size = len(payload if payload is not None else event.to_json()) + header_size(event.id)
+        size = len(payload if payload is not None else event.to_json()) + header_size(
+            event.id, names)
         if size > self.max_payload:
             raise PayloadTooLarge(
                 f"event {event.id} of type {event.type} is {size} bytes as a NATS message, "
@@ -93,18 +94,19 @@ class Limits:
                 )
 
 
-def header_size(event_id: str) -> int:
+def header_size(event_id: str, names: Names) -> int:
     """Bytes of the header block nats-py adds to a published event (its message id,
     with room for a re-drive's suffix, the CloudEvents content type and the relay's
-    own header)."""
-    return _HEADER_ROOM + len(event_id.encode())
+    own header, its mark as long as any store's on ``names.stream``)."""
+    return _HEADER_ROOM + len(event_id.encode()) + mark_size(names.stream)
 
 
-# header_size without the id: "NATS/1.0", "Nats-Msg-Id: <id>:again-" + 32 digits,
-# the content type, the relay's header, the blank line (worked out once: it is asked for per event)
+# header_size without the id and the mark: "NATS/1.0", "Nats-Msg-Id: <id>:again-" + 32
+# digits, the content type, the relay's header, the blank line (worked out once: it is
+# asked for per event)
 _HEADER_ROOM = len(
     f"NATS/1.0\r\nNats-Msg-Id: :again-{'0' * 32}\r\n"
-    f"Content-Type: {STRUCTURED_CONTENT_TYPE}\r\n{OUTBOX_HEADER}: 1\r\n\r\n".encode()
+    f"Content-Type: {STRUCTURED_CONTENT_TYPE}\r\n{OUTBOX_HEADER}: \r\n\r\n".encode()
 )
 
 

@@ -16,6 +16,15 @@ environments can use one server: stream ``CANTATA-staging_shop``, subjects
 ``staging.cantata.shop.>``, consumers ``staging_<group>-<digest>``. The prefix may
 hold letters, digits and ``-`` only, so a prefixed stream name can never be an
 unprefixed one (``CANTATA_`` + app) nor another prefix's.
+
+The outbox relay marks its own messages with a ``Cantata-Outbox`` header whose value
+is :func:`outbox_mark`: the store's id and the stream's name (``<store id>/<stream>``).
+A stream belongs to one store (nats_streams), so the pair says "a copy of an event
+this store holds for this app": the consumer keeping events from outside for waits
+acks only those unread. A copy another store's relay published (another
+environment's stream, another app's, a clone of this store under another prefix),
+carried here by a tool that kept the headers, has another mark and is read as an
+outside message.
 """
 
 from __future__ import annotations
@@ -29,8 +38,12 @@ from cantata.errors import ConfigurationError
 # No event type or pattern may start with it (model.event.RESERVED_FIRST_TOKENS), so a
 # replay subject is never an event's subject.
 REPLAY = "_replay"
-#: The header of the outbox relay's messages: a copy of an event the store holds.
+#: The header of the outbox relay's messages: a copy of an event the store holds. Its
+#: value is :func:`outbox_mark` (Cantata before it wrote ``1``).
 OUTBOX_HEADER = "Cantata-Outbox"
+#: The longest store-id part of an outbox mark (a longer or odd id is hashed).
+MARK_ID_MAX = 64
+_MARK_ID_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MARK_ID_MAX}}}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9-]{1,32}$")
 # Longer names are shortened with a hash: JetStream names are at most 255 characters,
@@ -76,6 +89,7 @@ class Names:
     prefix: str = ""
     _subjects: str = field(default="", init=False, repr=False, compare=False)
     _replays: str = field(default="", init=False, repr=False, compare=False)
+    _stream: str = field(default="", init=False, repr=False, compare=False)
     _events: dict[str, str] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -85,13 +99,14 @@ class Names:
         subjects = f"{self.prefix}.{base}" if self.prefix else base
         object.__setattr__(self, "_subjects", subjects)
         object.__setattr__(self, "_replays", f"{subjects}.{REPLAY}.")
+        stream = (f"CANTATA-{self.prefix}_{token(self.app)}" if self.prefix
+                  else f"CANTATA_{token(self.app)}")
+        object.__setattr__(self, "_stream", stream)
 
     @property
     def stream(self) -> str:
         """The JetStream stream that holds the app's events."""
-        if self.prefix:
-            return f"CANTATA-{self.prefix}_{token(self.app)}"
-        return f"CANTATA_{token(self.app)}"
+        return self._stream
 
     @property
     def subjects(self) -> str:
@@ -125,6 +140,21 @@ class Names:
         workflows wait for), shared by every worker of the app."""
         name = f"_cantata-outside-{digest('', 'outside', pattern)}"
         return f"{self.prefix}_{name}" if self.prefix else name
+
+
+def outbox_mark(store_id: str, stream: str) -> str:
+    """The ``Cantata-Outbox`` value of the relay of store ``store_id`` on ``stream``:
+    ``<store id>/<stream>`` (an id longer than :data:`MARK_ID_MAX` characters, or with
+    characters other than letters, digits, ``_`` and ``-``, as a digest of it). Only
+    letters, digits, ``_``, ``-`` and one ``/``: it goes into a header as it is."""
+    if not _MARK_ID_RE.fullmatch(store_id):
+        store_id = digest(store_id, n=32)
+    return f"{store_id}/{stream}"
+
+
+def mark_size(stream: str) -> int:
+    """The most bytes :func:`outbox_mark` takes for ``stream`` (whatever the store)."""
+    return MARK_ID_MAX + 1 + len(stream)
 
 
 # The unprefixed names, as functions (what tests and tools outside a broker use).

@@ -9,9 +9,16 @@ durable consumer per type shared by every worker of the app
 (``_cantata-outside-<digest>``, :meth:`Names.outside`), and stores each event from
 outside that is not stored yet, as external (idempotent by event id: one row however
 many consumers see it). The outbox relay's own copies carry the ``Cantata-Outbox``
-header: the store has those, so they are acked unread, in batches, without a store
-read or a task each. An event on another type's subject is not kept
-(:func:`~cantata.broker.nats_consumer.misrouted`).
+header with this store's mark on this stream (:func:`~cantata.broker.nats_names.outbox_mark`:
+the store's id and the stream's name): the store has those, so they are acked unread,
+in batches, without a store read or a task each. A message whose header holds any
+other value — another store's relay copy brought here by a tool that kept the headers
+(another environment on the server, another app, a clone of this store under another
+prefix), a value made up, or the ``1`` of Cantata before the mark — is read like any
+message from outside: stored unless the store has its event (then acked, nothing
+stored twice). So a copy an older relay published during an upgrade costs one store
+read, and is never taken for an event the store holds when it is not. An event on
+another type's subject is not kept (:func:`~cantata.broker.nats_consumer.misrouted`).
 
 Such a consumer, made for the first time (or again, deleted on the server), does not
 read the stream from its start: a wait counts the events published since its run
@@ -107,12 +114,16 @@ class OutsideKeeper(NatsSubscription):
         ))
 
     def _done_already(self, m: Msg, replay: bool) -> bool:
-        """The relay's copy of a stored event, or a replay to some group that a
-        wildcard matched: acked unread."""
+        """This store's relay's copy of a stored event (its header holds this store's
+        mark on this stream, nothing else), or a replay to some group that a wildcard
+        matched: acked unread."""
         if self.names.is_replay(m.subject):
             return True
         headers = m.headers
-        return headers is not None and OUTBOX_HEADER in headers
+        if headers is None:
+            return False
+        mark = headers.get(OUTBOX_HEADER)
+        return mark is not None and mark == self.broker.outbox_mark(self.app)
 
     async def _handle(self, m: Msg, replay: bool) -> None:
         try:

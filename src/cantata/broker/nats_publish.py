@@ -33,7 +33,7 @@ from cantata.broker.nats_inbound import route, status
 from cantata.broker.nats_names import OUTBOX_HEADER
 
 _NO_RESPONDERS = "503"
-_OUTBOX = OUTBOX_HEADER.encode() + b": 1"  # (nats_names: the relay's own copy)
+_OUTBOX = OUTBOX_HEADER.encode() + b": "  # (nats_names: the relay's own copy, its mark)
 _NO_RESPONDERS_B = b"503"
 _NEEDED = ("_pending", "_pending_data_size", "_flush_pending", "_flush_queue",
            "_max_payload", "_max_pending_size", "new_inbox")
@@ -125,12 +125,14 @@ class Publisher:
         window.acked()
 
     async def publish(
-        self, messages: Sequence[tuple[str, str, bytes]], stream: str
+        self, messages: Sequence[tuple[str, str, bytes]], stream: str, mark: str
     ) -> Window:
-        """Write (subject, message id, payload) messages for ``stream`` and flush them;
+        """Write (subject, message id, payload) messages for ``stream`` and flush them,
+        with ``mark`` as their ``Cantata-Outbox`` header (nats_names.outbox_mark);
         the window's future is done once the server acked them all (or failed with
         the first error). The caller checks that subjects,
-        ids and ``stream`` are :func:`safe` and payloads within the server's limit."""
+        ids, ``stream`` and ``mark`` are :func:`safe` and payloads within the server's
+        limit."""
         await self._start()
         nc = self._nc
         if nc.is_closed:
@@ -138,7 +140,7 @@ class Publisher:
         if nc.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
         content_type, prefix = self._content_type, self._prefix_b
-        tail = b"\r\nContent-Type: " + content_type + b"\r\n" + _OUTBOX + \
+        tail = b"\r\nContent-Type: " + content_type + b"\r\n" + _OUTBOX + mark.encode() + \
             b"\r\nNats-Expected-Stream: " + stream.encode() + b"\r\n\r\n"
         cmds: list[bytes] = []
         size = 0

@@ -113,6 +113,11 @@ class Streams:
         self._identity: str | None = None
         self._location: tuple[str, ...] = ()
 
+    @property
+    def identity(self) -> str | None:
+        """The store's id, read as the first stream was looked at (``None`` before)."""
+        return self._identity
+
     def forget(self, names: Names) -> None:
         """Look the stream up again next time (it may be gone)."""
         self._known.discard(names.stream)

@@ -10,7 +10,7 @@ a ``receive`` operation per handler group, workflow trigger and
 envelope in structured JSON mode (the payload: every attribute and ``data``, whose
 schema is the pydantic model a handler declares, ``Event[OrderPlaced]``); the NATS
 headers are ``Content-Type`` and ``Nats-Msg-Id`` (and ``Cantata-Outbox`` on the relay's
-own messages).
+own messages: its store's mark on the app's stream, ``<store id>/<stream>``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pydantic
 
-from cantata.broker.nats_names import Names
+from cantata.broker.nats_names import MARK_ID_MAX, Names
 from cantata.model.event import matches
 from cantata.store.factory import mask_url, url_options
 
@@ -35,21 +35,33 @@ ASYNCAPI_VERSION = "3.0.0"
 CONTENT_TYPE = "application/cloudevents+json"
 _ID_RE = re.compile(r"[^A-Za-z0-9._\-]")
 
-NATS_HEADERS: dict[str, Any] = {
-    "type": "object",
-    "description": "The NATS message headers.",
-    "required": ["Content-Type", "Nats-Msg-Id"],
-    "properties": {
-        "Content-Type": {"type": "string", "const": CONTENT_TYPE,
-                         "description": "CloudEvents structured mode (the NATS binding)."},
-        "Nats-Msg-Id": {"type": "string",
-                        "description": "The event id: JetStream drops a repeat within its "
-                                       "duplicate window."},
-        "Cantata-Outbox": {"type": "string", "const": "1",
-                           "description": "Set by Cantata's outbox relay: a copy of an event "
-                                          "its store holds. Other publishers leave it out."},
-    },
-}
+
+
+def nats_headers(names: Names) -> dict[str, Any]:
+    """The schema of the NATS headers of ``names``' stream's messages."""
+    stream = names.stream  # (letters, digits, '_' and '-': nothing to escape)
+    return {
+        "type": "object",
+        "description": "The NATS message headers.",
+        "required": ["Content-Type", "Nats-Msg-Id"],
+        "properties": {
+            "Content-Type": {"type": "string", "const": CONTENT_TYPE,
+                             "description": "CloudEvents structured mode (the NATS binding)."},
+            "Nats-Msg-Id": {"type": "string",
+                            "description": "The event id: JetStream drops a repeat within "
+                                           "its duplicate window."},
+            "Cantata-Outbox": {
+                "type": "string",
+                "pattern": f"^[A-Za-z0-9_-]{{1,{MARK_ID_MAX}}}/{stream}$",
+                "description": "Set by Cantata's outbox relay: a copy of an event its "
+                               "store holds, marked <store id>/<stream> (the id of the "
+                               f"store that owns stream {stream}). The consumer keeping "
+                               "events from outside for waits acks unread only its own "
+                               "store's mark; a message with any other value is read as "
+                               "one from outside. Other publishers leave it out.",
+            },
+        },
+    }
 
 CLOUDEVENT_ENVELOPE: dict[str, Any] = {
     "type": "object",
@@ -108,10 +120,10 @@ class _Channel:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, names: Names) -> None:
         self.channels: dict[str, _Channel] = {}
         self.schemas: dict[str, Any] = {
-            "CloudEvent": CLOUDEVENT_ENVELOPE, "NatsHeaders": NATS_HEADERS,
+            "CloudEvent": CLOUDEVENT_ENVELOPE, "NatsHeaders": nats_headers(names),
         }
 
     def channel(self, pattern: str) -> _Channel:
@@ -175,8 +187,8 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
     Args:
         version: the ``info.version`` of the document (the app's API version).
     """
-    b = _Builder()
     names = _names(app)
+    b = _Builder(names)
     for h in app.handlers:
         ch = b.channel(h.pattern)
         ch.receivers[h.group] = f"{h.group} handles it ({h.name})"

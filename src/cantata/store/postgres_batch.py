@@ -32,6 +32,17 @@ at its end, in the same transaction: the audit records of one app in operation
 order, apps in name order (so writers of two processes never lock audit heads in
 opposite orders), and every chain head stays locked only from that statement to
 the COMMIT. NOTIFY goes in the COMMIT's round trip.
+
+The audit records of every app are one statement, yet one app's records that cannot
+be appended fail only the writes they belong to: the transaction is rolled back and
+the others run again without them. A record forged past an app's chain head names
+the app in the error (:func:`~cantata.store.audit.forged_past_head`): every write with
+a record for that app fails with it. Any other refusal (a record PostgreSQL cannot
+store) is looked for write by write: the batch runs again with each write on its own
+and each write's records appended by a statement of their own (apps still in name
+order), and the write whose statement fails is the one that fails, with an error
+that names its record (:func:`refused_record`). Before, such a statement failed every
+write of the batch, of every app, with the first app's error.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
-from cantata.errors import StoreUnavailable
+from cantata.errors import StoreError, StoreUnavailable
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store.faults import postgres_fault
@@ -81,11 +92,15 @@ class Refused(Exception):
 class Batch:
     """One transaction of the writer, as its operations see it."""
 
-    __slots__ = ("_subs", "audits", "notices")
+    __slots__ = ("_subs", "audits", "by", "notices", "writing")
 
     def __init__(self) -> None:
         self.notices: set[tuple[str, str]] = set()
         self.audits: list[tuple[str, audit.Entry]] = []
+        # who wrote each of ``audits`` (the writer's operations: several for a grouped
+        # call), and who is running now
+        self.by: list[Sequence[object]] = []
+        self.writing: Sequence[object] = ()
         self._subs: dict[str, list[tuple[str, str]]] = {}
 
     def notify(self, app: str, *channels: str) -> None:
@@ -96,6 +111,7 @@ class Batch:
         """Append ``entry`` to ``app``'s audit chain at the end of this transaction."""
         if entry is not None:
             self.audits.append((app, entry))
+            self.by.append(self.writing)
 
     async def subscriptions(self, c: Conn, app: str) -> list[tuple[str, str]]:
         """(group, pattern) of ``app``'s handlers and triggers, read once per transaction.
@@ -133,6 +149,16 @@ class OneStatement(Protocol):
 
     def falls_back(self, exc: BaseException) -> bool:
         """Whether ``exc`` from :meth:`write` asks for a transaction instead."""
+
+
+@dataclass(slots=True)
+class _Failed:
+    """What undid a transaction: the operations it is the error of (``None``: not
+    known yet; the transaction runs again in smaller parts to find them)."""
+
+    items: list[_Item] | None
+    error: Exception
+    audits: bool = False  # the audit records' statement failed (by whose record?)
 
 
 @dataclass(slots=True, eq=False)
@@ -252,18 +278,18 @@ class BatchWriter:
 
     async def _apply(self, items: list[_Item]) -> None:
         """Commit ``items`` (dropping those that fail), then resolve every future."""
-        todo, retries, grouped = items, 0, True
+        todo, retries, grouped, apart = items, 0, True, False
         try:
             while todo:
                 async with self._db.conn() as c:
-                    failed = await self._transaction(c, todo, grouped)
+                    failed = await self._transaction(c, todo, grouped, apart)
                     if failed is None:
                         # Committed: answer the callers before the connection goes back
                         # to the pool (asyncpg releases it in a task of its own, a turn
                         # of the event loop each caller would otherwise wait for).
                         _resolve(items)
                         break
-                bad, exc = failed
+                bad, exc = failed.items, failed.error
                 if isinstance(exc, _RETRY_ERRORS) and retries < MAX_RETRIES:
                     retries += 1
                     log.info("store write batch: %s; running it again", exc)
@@ -271,11 +297,18 @@ class BatchWriter:
                     for i in todo:  # disk full, read-only: every write fails alike
                         i.error = fault
                     todo = []
-                elif bad is None:  # a grouped call failed: find out whose share did it
+                elif bad is None and not grouped and (apart or not failed.audits):
+                    for i in todo:  # nothing smaller to run (a deadlock again and again)
+                        i.error = exc
+                    todo = []
+                elif bad is None:  # a grouped call or the audit failed: find out whose
+                    if failed.audits:
+                        apart = True  # each write's records in a statement of their own
                     grouped = False
                 else:
-                    bad.error = exc
-                    todo = [i for i in todo if i is not bad]
+                    for i in bad:
+                        i.error = exc
+                    todo = [i for i in todo if all(i is not b for b in bad)]
         except Exception as exc:  # a lost connection (StoreUnavailable), a failed COMMIT
             for i in todo:
                 i.error = exc
@@ -290,13 +323,15 @@ class BatchWriter:
         _resolve(items)
 
     async def _transaction(
-        self, c: Conn, todo: list[_Item], grouped: bool
-    ) -> tuple[_Item | None, Exception] | None:
+        self, c: Conn, todo: list[_Item], grouped: bool, apart: bool = False
+    ) -> _Failed | None:
         """Run ``todo`` in one transaction and COMMIT it.
 
         Returns ``None`` once committed; after rolling everything back, the
-        operation that failed (``None`` for a grouped call) and its error. A lost
-        connection or a failed COMMIT raises.
+        operations that failed (``None`` when not known: a grouped call, an audit
+        statement) and their error. A lost connection or a failed COMMIT raises.
+        ``apart``: each operation's audit records in a statement of their own (to
+        find the one whose record PostgreSQL refuses).
         """
         if grouped and self._one is not None and all(i.many is not None for i in todo):
             shares = [(i.many, i.arg) for i in todo]
@@ -311,7 +346,10 @@ class BatchWriter:
                     await c.execute("ROLLBACK")
                     return failed
             if batch.audits:
-                await ops.audit_append_many(c, batch.audits, self.audit_keys)
+                failed = await self._audit(c, batch, apart)
+                if failed is not None:
+                    await c.execute("ROLLBACK")
+                    return failed
             await c.execute(_commit_sql(batch.notices, self._db.channel))
         except BaseException:
             if not c.is_closed() and c.is_in_transaction():
@@ -322,9 +360,61 @@ class BatchWriter:
             raise
         return None
 
+    async def _audit(self, c: Conn, batch: Batch, apart: bool) -> _Failed | None:
+        """Append the batch's audit records; if they cannot be, whose they are (the
+        transaction is then rolled back, and runs again without those operations)."""
+        if apart:
+            return await self._audit_apart(c, batch)
+        try:
+            await ops.write_audit(c, batch.audits, self.audit_keys)
+        except CONN_ERRORS:
+            raise
+        except Exception as exc:
+            if not self._refused(exc):
+                return _Failed(None, exc)  # (run again, or a fault: all fail alike)
+            place = ops.forged_place(exc)
+            forged, seq = place if place is not None else (None, None)
+            if forged is not None:  # that app's chain is forged: its writes fail
+                writers = _writers(batch, lambda i: batch.audits[i][0] == forged)
+                return _Failed(writers or None, audit.forged_past_head(forged, seq),
+                               audits=not writers)
+            writers = _writers(batch, lambda i: True)
+            if writers is not None and len(writers) == 1:  # the one operation audited
+                return _Failed(writers, _refusal(batch.audits, exc, place))
+            return _Failed(None, exc, audits=True)
+        return None
+
+    async def _audit_apart(self, c: Conn, batch: Batch) -> _Failed | None:
+        """:meth:`_audit` with each operation's records in a statement of their own,
+        apps in name order (each app's in operation order): the first statement that
+        fails names its operation (each is on its own here: ``by`` is one)."""
+        parts: dict[tuple[str, int], list[int]] = {}
+        for i, ((app, _), by) in enumerate(zip(batch.audits, batch.by, strict=True)):
+            parts.setdefault((app, id(by[0]) if len(by) == 1 else -1 - i), []).append(i)
+        for _, where in sorted(parts.items(), key=lambda kv: (kv[0][0], kv[1][0])):
+            entries = [batch.audits[i] for i in where]
+            try:
+                await ops.write_audit(c, entries, self.audit_keys)
+            except CONN_ERRORS:
+                raise
+            except Exception as exc:
+                if not self._refused(exc):
+                    return _Failed(None, exc)
+                by = batch.by[where[0]]
+                items = [i for i in by if isinstance(i, _Item)]
+                return _Failed(items if len(items) == 1 else None,
+                               _refusal(entries, exc, ops.forged_place(exc)), audits=True)
+        return None
+
+    def _refused(self, exc: Exception) -> bool:
+        """Whether ``exc`` is the database refusing some record (rather than a deadlock
+        to run again, or a fault that fails every write alike)."""
+        return not isinstance(exc, _RETRY_ERRORS) and (
+            postgres_fault(exc, self._db.masked_url) is None)
+
     async def _one_statement(
         self, c: Conn, todo: list[_Item], shares: list[tuple[Any, Any]]
-    ) -> tuple[_Item | None, Exception] | None:
+    ) -> _Failed | None:
         """:meth:`_transaction` as one statement: nothing is written if it fails."""
         assert self._one is not None
         try:
@@ -334,7 +424,7 @@ class BatchWriter:
         except Exception as exc:  # like a failed grouped call: run each one in turn
             if not self._one.falls_back(exc):
                 log.debug("one-statement write batch failed: %s", exc)
-            return None, exc
+            return _Failed(None, exc)
         for item, out in zip(todo, outs, strict=True):
             item.result, item.refusal = (
                 (None, out.error) if isinstance(out, Refused) else (out, None)
@@ -357,11 +447,10 @@ def _groups(todo: list[_Item], grouped: bool) -> list[list[_Item]]:
     return groups
 
 
-async def _run_group(
-    c: Conn, batch: Batch, group: list[_Item]
-) -> tuple[_Item | None, Exception] | None:
+async def _run_group(c: Conn, batch: Batch, group: list[_Item]) -> _Failed | None:
     """Run one call; on an error that undoes the transaction, who failed and why."""
     first = group[0]
+    batch.writing = group
     try:
         if first.many is not None:  # refusals come back in ``outs``, never raised
             outs = await first.many(c, batch, [i.arg for i in group])
@@ -377,13 +466,27 @@ async def _run_group(
                 first.result = await first.op(c, batch)
             except Refused as r:
                 if (len(batch.notices), len(batch.audits)) != marks:  # it wrote after all
-                    return first, r.error
+                    return _Failed([first], r.error)
                 first.result, first.refusal = None, r.error
     except CONN_ERRORS:
         raise
     except Exception as exc:
-        return (first if len(group) == 1 else None), exc
+        return _Failed([first] if len(group) == 1 else None, exc)
     return None
+
+
+def _writers(batch: Batch, which: Callable[[int], bool]) -> list[_Item] | None:
+    """The operations that wrote the audit records ``which`` picks (by index), if each
+    is known (``None`` when one came from a grouped call of several)."""
+    found: list[_Item] = []
+    for i, by in enumerate(batch.by):
+        if not which(i):
+            continue
+        if len(by) != 1 or not isinstance(by[0], _Item):
+            return None
+        if all(by[0] is not f for f in found):
+            found.append(by[0])
+    return found
 
 
 def _resolve(items: list[_Item]) -> None:
@@ -417,3 +520,34 @@ def _commit_sql(notices: set[tuple[str, str]], channel: str) -> str:
         for app, ch in sorted(notices)
     )
     return f"SELECT {calls}; COMMIT"
+
+
+def _refusal(
+    entries: Sequence[tuple[str, audit.Entry]], exc: Exception,
+    place: tuple[str | None, int | None] | None,
+) -> StoreError:
+    """The error of the write whose audit records are ``entries``, refused with
+    ``exc`` (``place``: where :func:`ops.forged_place` says a record lies past the
+    chain head)."""
+    app = entries[0][0]
+    if place is not None:
+        return audit.forged_past_head(place[0] or app, place[1])
+    return refused_record(entries, exc)
+
+
+def refused_record(entries: Sequence[tuple[str, audit.Entry]], exc: Exception) -> StoreError:
+    """The error of a write whose audit records (``entries``, of its app) PostgreSQL
+    refused with ``exc``: it names the record, what was wrong and what to do."""
+    holding = [(app, e) for app, e in entries if any("\x00" in t for t in e[:3])]
+    app, (actor, action, target, _) = (holding or list(entries))[0]
+    nul = bool(holding) or "0x00" in str(exc)
+    what = (
+        "a text of its record (actor, action, target or data) holds a NUL character, "
+        "which PostgreSQL text cannot hold: write it again without one"
+        if nul else "correct the value the database names, then write again"
+    )
+    return StoreError(
+        f"PostgreSQL refused the audit record of a write to app {app!r} ({action!r} by "
+        f"{actor!r} on {target!r}: {type(exc).__name__}: {exc}), so nothing of that write "
+        f"was stored (the other writes committed with it were not affected); {what}"
+    )

@@ -121,33 +121,38 @@ async def append_held_many(
     return out
 
 
-# An operator's append: app, events, the operator, and the worker to hold deliveries
-# for with the (group, event id) pairs to hold (``None`` and none: an append alone).
-Published = tuple[str, Sequence[Event[Any]], str, str | None, Sequence[tuple[str, str]]]
+# An operator's append (or one whose caller asks which events it stored): app, events,
+# the operator (``None``: nothing audited), and the worker to hold deliveries for with
+# the (group, event id) pairs to hold (``None`` and none: an append alone).
+Published = tuple[
+    str, Sequence[Event[Any]], str | None, str | None, Sequence[tuple[str, str]]]
 
 
 async def published_many(
     c: Conn, b: Batch, calls: list[Published]
-) -> list[tuple[list[int], list[tuple[str, str]]] | Refused]:
-    """:meth:`PostgresStore.append_events` (and ``append_held``) with an ``actor``, for
-    many callers in turn: each call's events appended, each one it stored audited as
-    ``event.published`` by its operator in this transaction (the batch's audit
-    records, written at its end: if they fail, nothing of it commits), then the
-    deliveries of its ``hold`` claimed. Never one statement (:func:`eligible` leaves it
-    out): an operator's publish is rare, and its record takes the transaction's path."""
-    out: list[tuple[list[int], list[tuple[str, str]]] | Refused] = []
+) -> list[tuple[list[int], list[tuple[str, str]], list[bool]] | Refused]:
+    """:meth:`PostgresStore.append_events` (and ``append_held``) with an ``actor`` or
+    ``stored``, for many callers in turn: each call's events appended, each one it
+    stored audited as ``event.published`` by its operator in this transaction (the
+    batch's audit records, written at its end: if they fail, nothing of it commits),
+    then the deliveries of its ``hold`` claimed; per call, the counts, the pairs held
+    and per event whether it stored it. Never one statement (:func:`eligible` leaves
+    it out): an operator's publish, or one of an id its caller chose, is rare, and
+    what it says takes the transaction's path."""
+    out: list[tuple[list[int], list[tuple[str, str]], list[bool]] | Refused] = []
     for app, events, actor, hold_for, hold in calls:
         stored: list[bool] = []
         counts = await append(c, b, app, events, stored)
-        for ev, new in zip(events, stored, strict=True):
-            if new:
-                b.audit(app, audit.published_entry(actor, ev.id, ev.type))
+        if actor is not None:
+            for ev, new in zip(events, stored, strict=True):
+                if new:
+                    b.audit(app, audit.published_entry(actor, ev.id, ev.type))
         held: list[tuple[str, str]] = []
         if hold_for is not None and hold:
             fanned = {e.id for e, n in zip(events, counts, strict=True) if n}
             mine = [(g, e) for g, e in hold if e in fanned]
             held = await _take_holds(c, app, hold_for, mine, time.time())
-        out.append((counts, held))
+        out.append((counts, held, stored))
     return out
 
 

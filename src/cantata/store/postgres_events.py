@@ -37,13 +37,20 @@ class PostgresEvents(PostgresCore):
     """The events, deliveries and outbox roles of :class:`~cantata.store.postgres.PostgresStore`."""
 
     async def append_events(
-        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> list[int]:
         if not events:
+            if stored is not None:
+                stored.clear()
             return []
-        if actor is not None:  # an operator's publish, audited in the same transaction
+        if actor is not None or stored is not None:
+            # an operator's publish, audited in the same transaction (or one whose
+            # caller asks which events it stored)
             call: event_writes.Published = (app, events, actor, None, ())
-            counts, _ = await self._w.run_many(event_writes.published_many, call)
+            counts, _, new = await self._w.run_many(event_writes.published_many, call)
+            if stored is not None:
+                stored[:] = new
             return counts
         return await self._w.run_many(event_writes.append_many, (app, events))
 

@@ -21,16 +21,24 @@ class PostgresHolds(PostgresCore):
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
         hold: Sequence[tuple[str, str]], wake: bool = True, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> tuple[list[int], list[tuple[str, str]]]:
         # (``wake`` is not used: every commit that stores events sends ``claims``.)
         # The deliveries the append created claimed in its own transaction (one
         # statement with the other writes of its batch: cantata_settle, migration 0015;
         # alone in its batch, cantata_settle_one, 0020).
         if not events:
+            if stored is not None:
+                stored.clear()
             return [], []
-        if actor is not None:  # an operator's publish, audited in the same transaction
+        if actor is not None or stored is not None:
+            # an operator's publish, audited in the same transaction (or one whose
+            # caller asks which events it stored)
             call: event_writes.Published = (app, events, actor, hold_for, hold)
-            return await self._w.run_many(event_writes.published_many, call)
+            counts, held, new = await self._w.run_many(event_writes.published_many, call)
+            if stored is not None:
+                stored[:] = new
+            return counts, held
         if not hold:
             return await self._w.run_many(event_writes.append_many, (app, events)), []
         return await self._w.run_many(

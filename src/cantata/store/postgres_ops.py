@@ -182,7 +182,26 @@ async def audit_append_many(
 
     Apps in name order, so that every writer locks the chain heads it needs in
     the same order; each app's records in the order given.
+
+    Raises:
+        StoreCorrupt: a record lies past an app's chain head (added outside Cantata).
     """
+    try:
+        await write_audit(c, entries, keys)
+    except asyncpg.UniqueViolationError as exc:
+        place = forged_place(exc)
+        if place is None:
+            raise
+        app, seq = place
+        raise audit.forged_past_head(app or sorted({a for a, _ in entries})[0], seq) from exc
+
+
+async def write_audit(
+    c: Conn,
+    entries: Sequence[tuple[str, audit.Entry]],
+    keys: Mapping[str, audit.AuditKey] | None = None,
+) -> None:
+    """:func:`audit_append_many` with the driver's errors as they are."""
     plain: list[tuple[Any, ...]] = []
     keyed: list[tuple[Any, ...]] = []
     for app, (actor, action, target, data) in sorted(entries, key=lambda e: e[0]):
@@ -195,18 +214,20 @@ async def audit_append_many(
             plain.append(row)
         else:
             keyed.append((*row, key.inner, key.outer))
-    try:
-        if plain:
-            await c.executemany(_APPEND_SQL, plain)
-        if keyed:
-            await c.executemany(_KEYED_APPEND_SQL, keyed)
-    except asyncpg.UniqueViolationError as exc:
-        if exc.constraint_name != "audit_pkey":
-            raise
-        # (app, seq) taken: a record lies past the head ("Key (app, seq)=(a, 5) ...")
-        found = re.search(r"\)=\((.*), (\d+)\) already exists", exc.detail or "")
-        app = found.group(1) if found else sorted({app for app, _ in entries})[0]
-        raise audit.forged_past_head(app, int(found.group(2)) if found else None) from exc
+    if plain:
+        await c.executemany(_APPEND_SQL, plain)
+    if keyed:
+        await c.executemany(_KEYED_APPEND_SQL, keyed)
+
+
+def forged_place(exc: BaseException) -> tuple[str | None, int | None] | None:
+    """``(app, seq)`` when ``exc`` says an appended record's place, ``seq`` of ``app``'s
+    chain, was taken (a record lies past the head: ``None`` for what the error does
+    not say); ``None`` when ``exc`` is another error."""
+    if not isinstance(exc, asyncpg.UniqueViolationError) or exc.constraint_name != "audit_pkey":
+        return None
+    found = re.search(r"\)=\((.*), (\d+)\) already exists", exc.detail or "")
+    return (found.group(1), int(found.group(2))) if found else (None, None)
 
 
 async def unaudited_runs(c: Conn, app: str) -> tuple[list[str], list[str]]:

@@ -47,36 +47,48 @@ class SQLiteEvents(SQLiteCore):
     """The events, deliveries and outbox roles of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
     async def append_events(
-        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> list[int]:
+        if stored is not None:  # (told once committed: a write may run again)
+            counts, new = await self._t.write(
+                lambda c: self._published(c, app, events, actor), *_CHANGED)
+            stored[:] = new
+            return counts
         if actor is None:
             return await self._t.write(lambda c: self._append(c, app, events), *_CHANGED)
-        return await self._t.write(lambda c: self._published(c, app, events, actor), *_CHANGED)
+        return await self._t.write(
+            lambda c: self._published(c, app, events, actor)[0], *_CHANGED)
 
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
         hold: Sequence[tuple[str, str]], wake: bool = True, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> tuple[list[int], list[tuple[str, str]]]:
-        def op(c: sqlite3.Connection) -> tuple[list[int], list[tuple[str, str]]]:
+        def op(c: sqlite3.Connection) -> tuple[list[int], list[tuple[str, str]], list[bool]]:
             held = Hold(hold_for, hold, time.time())
-            counts = self._published(c, app, events, actor, held)
-            return counts, held.finish(c, app, events, counts)
+            counts, new = self._published(c, app, events, actor, held)
+            return counts, held.finish(c, app, events, counts), new
 
-        return await self._t.write(op, *_CHANGED if wake else _CHANGED_HELD)
+        counts, held, new = await self._t.write(op, *_CHANGED if wake else _CHANGED_HELD)
+        if stored is not None:
+            stored[:] = new
+        return counts, held
 
     def _published(
         self, c: sqlite3.Connection, app: str, events: Sequence[Event[Any]],
         actor: str | None, hold: Hold | None = None,
-    ) -> list[int]:
+    ) -> tuple[list[int], list[bool]]:
         """:meth:`_append`, and (with ``actor``) each event it stored audited as
-        ``event.published`` by them in the same transaction."""
+        ``event.published`` by them in the same transaction; the counts, and per event
+        whether it was stored here."""
         stored: list[bool] = []
         counts = self._append(c, app, events, hold, stored)
         if actor is not None:
             for ev, new in zip(events, stored, strict=True):
                 if new:
                     audit_append(c, app, audit.published_entry(actor, ev.id, ev.type))
-        return counts
+        return counts, stored
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         row = await self._t.read(

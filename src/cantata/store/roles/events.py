@@ -96,7 +96,8 @@ class EventStore(Protocol):
     """The event log, deliveries and dead letters."""
 
     async def append_events(
-        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None
+        self, app: str, events: Sequence[Event[Any]], *, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> list[int]:
         """Append events to the log (idempotent by id) and fan out deliveries.
 
@@ -110,18 +111,27 @@ class EventStore(Protocol):
         stored before (a retried or repeated publish) gets no second record. A record
         that cannot be appended (``StoreCorrupt``: the chain was tampered with) stores
         no event either.
+
+        ``stored``: a list the store sets, once the call committed, to say per event
+        whether this call stored it (``False``: stored before, by another call — one
+        at the same moment too — or its id repeated in ``events``). A count of 0 does
+        not tell: an event stored here may go to no group. ``app.publish`` of an id its
+        caller chose asks, so that of two publishes of one new id at the same moment
+        the one that did not store it ends as a repeat (docs/security.md).
         """
 
     async def append_held(
         self, app: str, events: Sequence[Event[Any]], *, hold_for: str,
         hold: Sequence[tuple[str, str]], wake: bool = True, actor: str | None = None,
+        stored: list[bool] | None = None,
     ) -> tuple[list[int], list[tuple[str, str]]]:
         """:meth:`append_events`, holding for worker ``hold_for`` the new deliveries
         ``hold`` ((group, event id) pairs) as :attr:`Settlement.hold` does (claimed,
         first attempt counted). Returns the counts and the pairs it did hold (a new
         delivery, pending, nobody's, no attempt). A store may hold none (it then
         returns an empty list): nothing is handed off, the broker delivers them.
-        ``wake`` as :attr:`Settlement.wake`; ``actor`` as in :meth:`append_events`."""
+        ``wake`` as :attr:`Settlement.wake`; ``actor`` and ``stored`` as in
+        :meth:`append_events`."""
 
     async def get_event(self, app: str, event_id: str) -> Event[Any] | None:
         """One stored event."""

@@ -203,6 +203,42 @@ class AuditContract(StoreFixtures):
         ]
         assert (await store.verify_audit(self.app)).ok
 
+    async def test_an_append_says_which_events_it_stored(
+        self, store: Store, peer: Store
+    ) -> None:
+        """``stored=``: set, per event, to whether this call stored it (a count of 0
+        does not tell: an event stored here may go to no group). Of appends of one new
+        id at the same moment, exactly one says so: ``app.publish`` ends the others as
+        repeats of it (docs/security.md)."""
+        await self.handlers(store, ("g", "order.*"))
+        await self.live(store, "w1")
+        placed, lonely = ev("order.placed"), ev("nobody.listens")
+        said: list[bool] = [True]  # (set, not appended to)
+        assert await store.append_events(self.app, [placed, placed, lonely],
+                                         stored=said) == [1, 0, 0]
+        assert said == [True, False, True]
+        again: list[bool] = []
+        assert await peer.append_events(self.app, [lonely], actor="cli:ann@host",
+                                        stored=again) == [0]
+        assert again == [False]
+        held, fresh = ev("order.held"), ev("order.fresh")
+        told: list[bool] = []
+        counts, _ = await peer.append_held(
+            self.app, [held, placed, fresh], hold_for="w1",
+            hold=[("g", held.id), ("g", placed.id)], stored=told)
+        assert counts == [1, 0, 1] and told == [True, False, True]
+        for actor in (None, "cli:ann@host"):
+            raced = ev("order.raced")
+            lists: list[list[bool]] = [[] for _ in range(4)]
+            await asyncio.gather(*(
+                (store if i % 2 else peer).append_events(
+                    self.app, [raced], actor=actor, stored=lists[i])
+                for i in range(4)))
+            assert sorted(one[0] for one in lists) == [False, False, False, True], lists
+        records = await self.log(store)
+        assert [r.action for r in records].count("event.published") == 1
+        assert (await store.verify_audit(self.app)).ok
+
     async def test_an_operator_publish_that_cannot_be_audited_stores_nothing(
         self, store: Store
     ) -> None:
