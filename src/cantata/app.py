@@ -355,12 +355,20 @@ class App(RouterFacade):
             await self.close()
 
     async def run_worker(self) -> None:
-        """Serve this app's workflows and handlers until cancelled (``cantata worker``)."""
+        """Serve this app's workflows and handlers until cancelled (``cantata worker``).
+
+        Raises:
+            StoreUpgraded: a newer Cantata migrated the store while this worker served
+                (raised after the graceful stop): restart it with the new release.
+        """
         await self.open(serve=True)
+        engine = self.engine
         try:
-            await asyncio.Event().wait()
+            await engine.must_stop.wait()
         finally:
             await self.close()
+        if engine.upgraded is not None:
+            raise engine.upgraded
 
     def _emitted(self, events: list[Event[Any]]) -> None:
         if self._runtime is not None:

@@ -211,6 +211,17 @@ class StoreCorrupt(StoreError):
     code = "store_corrupt"
 
 
+class StoreUpgraded(StoreCorrupt):
+    """The store's schema is newer than this Cantata knows: a newer release migrated it.
+
+    Raised when a process opens such a store (upgrade cantata), and by the heartbeat of
+    a worker that was running when the store was upgraded under it: that worker stops
+    claiming, drains and ends (``cantata worker`` exits with status 4); restart it with
+    the new release (docs/deploy.md, "Upgrading Cantata")."""
+
+    code = "store_upgraded"
+
+
 class LeaseLost(StoreError):
     """This worker no longer owns the run: another worker took it over."""
 

@@ -16,21 +16,28 @@ from pathlib import Path
 import pytest
 
 from cantata.supervisor import Supervisor, WorkerCrashLoop, describe
-from cantata.supervisor.parent import worst
+from cantata.supervisor.parent import STORE_UPGRADED, worst
 
 # argv: mode, parent pid, ready fd, marks folder. "serve" says it is ready, then exits 0
-# at SIGTERM (leaving a mark); "crash" exits 3 before it says anything.
+# at SIGTERM (leaving a mark); "crash" exits 3 before it says anything; "upgraded" exits
+# 4 (STORE_UPGRADED) at start-up; "serve-upgraded" serves, then exits 4 (a worker whose
+# store a newer Cantata upgraded).
 CHILD = textwrap.dedent("""
     import os, signal, sys, time
     mode, parent, fd, marks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if mode == "crash":
         sys.exit(3)
+    if mode == "upgraded":
+        sys.exit(4)
     def on_term(*_):
         open(os.path.join(marks, f"term-{os.getpid()}"), "w").close()
         sys.exit(0)
     signal.signal(signal.SIGTERM, on_term)
     os.write(fd, b"r")
     os.close(fd)
+    if mode == "serve-upgraded":
+        time.sleep(0.3)
+        sys.exit(4)
     while True:
         time.sleep(0.05)
 """)
@@ -68,6 +75,8 @@ def test_the_exit_status_is_the_worst_of_the_children() -> None:
     assert worst([0, 0]) == 0
     assert worst([0, 3, 3]) == 3  # work released past the grace, nothing worse
     assert worst([3, 1]) == 1 and worst([0, -9]) == 1
+    assert STORE_UPGRADED == 4
+    assert worst([0, 4, 3]) == 4 and worst([1, 4]) == 4  # the store was upgraded: restart
 
 
 def test_describe_names_a_code_or_a_signal() -> None:
@@ -127,6 +136,35 @@ async def test_a_crash_loop_after_start_up_gives_up_and_stops_the_others(
     delays = [r.getMessage().rsplit(" in ", 1)[-1] for r in caplog.records
               if "restarting it" in r.getMessage()]
     assert delays == ["0.01 s", "0.02 s", "0.04 s"]  # the delay doubles
+
+
+async def test_a_child_told_the_store_was_upgraded_stops_every_child(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker process that exits with STORE_UPGRADED (a newer Cantata migrated the
+    store under it) is not restarted: its code is old, every restart would be refused.
+    The others are stopped gracefully and the supervisor exits with that status."""
+    commands = Commands(tmp_path, "serve", "serve-upgraded")
+    ready: list[list[int]] = []
+    sup = Supervisor(commands, 2, on_ready=ready.append, first_delay=0.01)
+    code = await asyncio.wait_for(sup.run(), 20)
+    assert code == STORE_UPGRADED
+    assert commands.spawned == 2  # no restart
+    survivor = ready[0][0]
+    assert (tmp_path / f"term-{survivor}").exists()  # stopped gracefully, not killed
+    assert not alive(survivor)
+    assert "store was upgraded by a newer Cantata" in caplog.text
+
+
+async def test_a_child_refused_by_a_newer_store_at_start_up_ends_the_supervisor(
+    tmp_path: Path,
+) -> None:
+    """The first worker process is refused at start-up by a store of a newer schema
+    (STORE_UPGRADED): no restart, no crash loop, the supervisor exits with that status."""
+    commands = Commands(tmp_path, "upgraded")
+    sup = Supervisor(commands, 3)
+    assert await asyncio.wait_for(sup.run(), 20) == STORE_UPGRADED
+    assert commands.spawned == 1
 
 
 def test_processes_must_be_positive() -> None:

@@ -14,11 +14,11 @@ import typer
 from rich.markup import escape
 
 from cantata.app import App
-from cantata.errors import ConfigurationError
+from cantata.errors import ConfigurationError, StoreUpgraded
 from cantata.observability import logs
 from cantata.store.factory import mask_url
 from cantata.supervisor import FORCE_SIGNAL, Supervisor, die_with_parent, notify_ready
-from cantata.supervisor.parent import CUT_SHORT
+from cantata.supervisor.parent import CUT_SHORT, STORE_UPGRADED
 
 from .common import STORE_HELP, console, load_app, say, store_url
 
@@ -107,7 +107,13 @@ def worker(
                   *(["--grace", repr(grace)] if grace is not None else []),
                   *(["--any-version"] if any_version else [])]
         raise typer.Exit(supervise(the_app, app, passed, count))
-    cut_short = serve(the_app, ready_fd, supervised=child_of is not None)
+    try:
+        cut_short = serve(the_app, ready_fd, supervised=child_of is not None)
+    except StoreUpgraded as exc:
+        # A newer Cantata migrated the store (before the start, or under this worker,
+        # which then drained): a status of its own, which a supervisor does not restart.
+        print(f"cantata: error: {exc}", file=sys.stderr)
+        raise typer.Exit(STORE_UPGRADED) from None
     if cut_short:
         console.print(
             f"stopped: {cut_short} step(s) or handler(s) did not finish within the grace "
@@ -246,12 +252,23 @@ def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
     code = asyncio.run(supervisor.run())
     console.print(f"cantata supervisor {os.getpid()}: every worker process has ended",
                   soft_wrap=True)
+    if code == STORE_UPGRADED:
+        print(
+            f"cantata: error: the store {mask_url(str(app._store_spec))} was upgraded by a "
+            "newer Cantata (see the worker processes' messages above): restart cantata "
+            f"worker with the new release (exit status {STORE_UPGRADED})",
+            file=sys.stderr,
+        )
     return code
 
 
 def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> int:
     """Serve in this process until SIGTERM or SIGINT (a second one forces the stop);
     the number of steps and handlers the stop released past its grace.
+
+    Raises:
+        StoreUpgraded: the store's schema is newer than this code (at the start; or a
+            newer Cantata migrated it while this worker served: it stopped gracefully).
 
     Under a supervisor only its FORCE_SIGNAL forces: a second SIGTERM may be the
     service manager's own, sent to every process besides the supervisor's
@@ -313,20 +330,32 @@ def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> in
                 f"on {escape(mask_url(the_app.store.url))}"
             )
             notify_ready(ready_fd)
-            await stop.wait()
+            # A signal, or the store upgraded under this worker by a newer Cantata
+            # (engine.store_upgraded): both stop gracefully.
+            upgraded = asyncio.ensure_future(engine.must_stop.wait())
+            upgraded.add_done_callback(lambda _: stop.set())
+            try:
+                await stop.wait()
+            finally:
+                upgraded.cancel()
+            why = "the store was upgraded by a newer Cantata: " if engine.upgraded else ""
             console.print(
-                f"stopping: steps and handlers in progress get up to "
+                f"stopping: {why}steps and handlers in progress get up to "
                 f"{the_app.shutdown_grace:g} s to finish (a second signal stops at once); "
                 "what is left is released to the other workers"
             )
         for task in forcing:
             task.cancel()
+        if engine.upgraded is not None:
+            raise engine.upgraded
         return engine.cut_short
 
-    cut_short = asyncio.run(main())
-    if supervised:
-        # ... and the interpreter's exit resets Python's handlers to the default, not an
-        # ignored signal: from here on, SIGTERM and SIGINT no longer concern this child.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-    return cut_short
+    try:
+        return asyncio.run(main())
+    finally:
+        if supervised:
+            # ... and the interpreter's exit resets Python's handlers to the default, not
+            # an ignored signal: from here on, SIGTERM and SIGINT no longer concern this
+            # child.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)

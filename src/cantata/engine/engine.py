@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef, remote_step_def
 from cantata.declare.router import Router
-from cantata.errors import Cancelled
+from cantata.errors import Cancelled, StoreUpgraded
 from cantata.model import codec
 from cantata.model.checks import check_key
 from cantata.model.event import MAX_ATTRIBUTE, Event
@@ -136,6 +136,11 @@ class Engine:
         self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
         self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
         self.hot = HotRuns(self, park_after, hot_runs)  # which waiting runs stay in memory
+        # A newer Cantata migrated the store under this serving worker (its heartbeat
+        # said so): the error, and the event the process's serving loop waits on to stop
+        # gracefully (`cantata worker`, App.run_worker). See store_upgraded.
+        self.upgraded: StoreUpgraded | None = None
+        self.must_stop = asyncio.Event()
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -394,6 +399,27 @@ class Engine:
         for execution in list(self.executions.values()):
             for body in list(execution.bodies):
                 body.cancel()
+
+    def store_upgraded(self, exc: StoreUpgraded) -> None:
+        """A newer Cantata migrated the store under this worker (its heartbeat said so,
+        docs/deploy.md "Upgrading Cantata"): say it once, as an error naming the store,
+        both schema versions and what to do; claim and admit nothing more; and ask the
+        process to stop gracefully (:attr:`must_stop`, which ``cantata worker`` and
+        ``App.run_worker`` wait on): steps in progress finish within the grace, what is
+        left is released to the workers of the new release."""
+        if self.upgraded is not None:
+            return
+        self.upgraded = exc
+        log.error("worker %s: %s", self.worker_id, exc)
+        self.must_stop.set()
+
+        async def claim_nothing_more() -> None:
+            if self.flow is not None:  # queue admissions and schedule ticks
+                await self.flow.stop()
+            await self.ownership.stop_claiming()
+
+        if self.serving:
+            self.track(asyncio.ensure_future(claim_nothing_more()))
 
     def forget_ended(self, run_id: str) -> None:
         """A retry makes ``run_id`` live again: no answer from memory for it."""

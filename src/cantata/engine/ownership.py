@@ -22,6 +22,8 @@ The rules, with the reasons (docs/leases.md):
   worker reconciles with the store: a run it owns but does not execute is resumed
   (so no run is stranded under a live owner); an execution of a run it no longer
   owns is stopped.
+- A heartbeat that finds the store migrated by a newer Cantata (``StoreUpgraded``)
+  stops the claims; the worker's process stops gracefully (``Engine.store_upgraded``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from cantata.errors import StoreUpgraded
 from cantata.model.records import Attempt, HistoryEntry, RunRecord
 from cantata.quietlog import QuietLog, outage_interval, reason
 
@@ -213,7 +216,13 @@ class Ownership:
                 engine.fence_self()
             try:
                 async with asyncio.timeout(max(engine.lease / 2, 1.0)):
-                    await self.beat()
+                    try:
+                        await self.beat()
+                    except StoreUpgraded as exc:
+                        # A newer Cantata migrated the store (said once, nothing written):
+                        # this worker stops gracefully, and heartbeats on meanwhile.
+                        engine.store_upgraded(exc)
+                        await self.beat()
             except Exception as exc:
                 failing = True
                 self.quiet.warning(

@@ -35,6 +35,7 @@ _STATUS = {
     "store": 503,
     "store_unavailable": 503,
     "store_corrupt": 503,
+    "store_upgraded": 503,
     "broker": 503,
     "broker_mismatch": 503,
 }

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
+from cantata.errors import StoreUnavailable, StoreUpgraded
 from cantata.model.checks import check_seconds
 from cantata.model.records import TASK_WITHDRAWN, AuditRecord, AuditReport
 from cantata.store import audit
@@ -62,10 +63,39 @@ def worker_lease(lease: object) -> float:
     return seconds
 
 
+# A worker's heartbeat reads the schema version the store records once every this many
+# heartbeats (a heartbeat goes every lease / 4: once a lease), and after a heartbeat that
+# failed: a newer Cantata may have migrated the store under the running worker
+# (docs/deploy.md, "Upgrading Cantata"). One cheap read, never on a checkpoint's path.
+SCHEMA_CHECK_EVERY = 4
+
+
+def newer_schema(where: str, found: int, known: int) -> StoreUpgraded:
+    """The refusal to open a store whose schema a newer Cantata made."""
+    return StoreUpgraded(
+        f"{where} has schema version {found}, newer than this Cantata ({known}); "
+        "upgrade cantata"
+    )
+
+
+def upgraded_under(where: str, found: int, known: int) -> StoreUpgraded:
+    """What a running worker's heartbeat says once a newer Cantata migrated its store."""
+    return StoreUpgraded(
+        f"{where} was upgraded by a newer Cantata while this worker ran on it: it has "
+        f"schema version {found}, newer than this Cantata ({known}); this worker claims "
+        "nothing more, lets what it runs finish and stops: restart it with the new release "
+        "(upgrade cantata)"
+    )
+
+
 class StoreBase:
     """Listeners, audit keys and the audit verification of a backend."""
 
     url: str
+    #: The schema version this code knows (set by a backend that records one).
+    schema_version: int | None = None
+    _schema_beats = 0  # heartbeats since the schema version was last read
+    _schema_said = False  # StoreUpgraded was raised: heartbeats no longer look
 
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
@@ -91,6 +121,52 @@ class StoreBase:
 
     def adopt_timing(self, *, lease: float) -> None:
         """Nothing to warn about here (see :meth:`StoreLifecycle.adopt_timing`)."""
+
+    # -- a newer schema under a running worker ------------------------------------------
+
+    async def _recorded_schema(self) -> int | None:
+        """The schema version the store records now (``None``: not known)."""
+        return None
+
+    def _schema_where(self) -> str:
+        """The store, as the messages about its schema name it."""
+        return f"store {self.url}"
+
+    async def _upgraded(self) -> StoreUpgraded | None:
+        """The error to raise when the store's schema is newer than this code's."""
+        try:
+            found = await self._recorded_schema()
+        except Exception:
+            return None  # unreadable now: the heartbeat's own outcome tells
+        known = self.schema_version
+        if found is None or known is None or found <= known:
+            return None
+        self._schema_said = True
+        return upgraded_under(self._schema_where(), found, known)
+
+    async def _beat(self, write: Callable[[], Awaitable[object]]) -> None:
+        """A heartbeat's ``write``, with a look at the schema version every
+        :data:`SCHEMA_CHECK_EVERY` heartbeats (before the write) and after a write that
+        failed other than by an outage: raises :class:`StoreUpgraded` once, without
+        writing, when a newer Cantata migrated the store (see
+        :meth:`WorkerStore.heartbeat`); the heartbeats after it are written without a
+        look (the worker drains meanwhile)."""
+        if not self._schema_said:
+            self._schema_beats += 1
+            if self._schema_beats >= SCHEMA_CHECK_EVERY:
+                self._schema_beats = 0
+                newer = await self._upgraded()
+                if newer is not None:
+                    raise newer
+        try:
+            await write()
+        except (StoreUnavailable, OSError, TimeoutError):
+            raise  # an outage: the version cannot be read either
+        except Exception:
+            newer = None if self._schema_said else await self._upgraded()
+            if newer is None:
+                raise
+            raise newer from None
 
     # -- audit ----------------------------------------------------------------------
 

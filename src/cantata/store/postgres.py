@@ -92,7 +92,8 @@ class PostgresStore(
             return
         async with self._db.tx() as c:
             await c.executemany(
-                "INSERT INTO declarations VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT "
+                "INSERT INTO declarations (app, kind, name, pattern, service, detail) "
+                "VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT "
                 "(app, kind, name, pattern) DO UPDATE SET service=excluded.service, "
                 "detail=excluded.detail",
                 [(app, d.kind, d.name, d.pattern, d.service, d.detail) for d in declarations],
@@ -109,12 +110,13 @@ class PostgresStore(
     async def heartbeat(
         self, app: str, worker_id: str, now: float, info: str | None, *, lease: float
     ) -> None:
-        await self._db.execute(
+        seconds = worker_lease(lease)
+        await self._beat(lambda: self._db.execute(
             "INSERT INTO workers (app, worker_id, started_at, heartbeat_at, info, lease) "
             "VALUES ($1,$2,$3,$3,$4,$5) ON CONFLICT (app, worker_id) DO UPDATE SET "
             "heartbeat_at=excluded.heartbeat_at, info=excluded.info, lease=excluded.lease",
-            app, worker_id, now, info, worker_lease(lease),
-        )
+            app, worker_id, now, info, seconds,
+        ))
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
         async with self._db.tx() as c:

@@ -18,7 +18,7 @@ from cantata.store import postgres_event_writes as event_writes
 from cantata.store import postgres_onetrip as onetrip
 from cantata.store.common import StoreBase
 from cantata.store.postgres_batch import BatchWriter
-from cantata.store.postgres_pool import Conn, PgPool
+from cantata.store.postgres_pool import SCHEMA_VERSION, Conn, PgPool
 
 
 class _OneStatement:
@@ -44,6 +44,8 @@ class _OneStatement:
 class PostgresCore(StoreBase):
     """The pool, the batch writer, opening and closing."""
 
+    schema_version = SCHEMA_VERSION
+
     def __init__(
         self, url: str, *, pool_size: int = 10, connect_timeout: float = 3.0, writers: int = 2,
         create: bool = True,
@@ -68,6 +70,13 @@ class PostgresCore(StoreBase):
     def adopt_timing(self, *, lease: float) -> None:
         """The listener's outage warnings: at most every ``max(10 s, lease)``."""
         self._db.quiet.every = outage_interval(lease)
+
+    async def _recorded_schema(self) -> int | None:
+        row = await self._db.fetchrow("SELECT max(version) FROM schema_version")
+        return None if row is None or row[0] is None else int(row[0])
+
+    def _schema_where(self) -> str:
+        return f"the Cantata store in {self._db.masked_url}"
 
     async def close(self) -> None:
         """Commit queued writes, let operations in flight finish, close every connection."""

@@ -296,7 +296,8 @@ async def settle_many(c: Conn, b: Batch, calls: list[Settle]) -> list[bool | Ref
         elif s.outcome != "retry":
             dead_letter_id = s.dead_letter_id or codec.new_id()
             await c.execute(
-                "INSERT INTO dead_letters VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                "INSERT INTO dead_letters (app, id, grp, event_id, error, attempts, failed_at) "
+                "VALUES ($1,$2,$3,$4,$5,$6,$7)",
                 app, dead_letter_id, group, event_id, s.error or "unknown error", s.attempts,
                 now,
             )

@@ -166,7 +166,8 @@ class PostgresFlow(PostgresCore):
                 ):
                     raise _conflict(app, spec, theirs, by)
             await c.execute(
-                "INSERT INTO queues VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, name) "
+                "INSERT INTO queues (app, name, concurrency, per_worker, rate_limit, rate_per, "
+                "priorities, declared_by) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, name) "
                 "DO UPDATE SET concurrency=excluded.concurrency, per_worker=excluded.per_worker,"
                 " rate_limit=excluded.rate_limit, rate_per=excluded.rate_per, "
                 "priorities=excluded.priorities, declared_by=excluded.declared_by",
@@ -388,10 +389,12 @@ class PostgresFlow(PostgresCore):
                 )]
             grant = plan_slot(held, begins, concurrency, rate, ahead)
             if grant.granted:
-                await c.execute("INSERT INTO flow_slots VALUES ($1,$2,$3,$4,$5)",
+                await c.execute("INSERT INTO flow_slots (app, scope, holder, worker_id, "
+                                "acquired_at) VALUES ($1,$2,$3,$4,$5)",
                                 app, scope, holder, worker_id, now)
                 if rate is not None:
-                    await c.execute("INSERT INTO flow_begins VALUES ($1,$2,$3,$4)",
+                    await c.execute("INSERT INTO flow_begins (app, scope, at, holder) "
+                                    "VALUES ($1,$2,$3,$4)",
                                     app, scope, begin, holder)
             if place is not None or gone or not grant.granted:
                 await _mind_waiters(c, key, now, grant.granted, place is not None, gone)
@@ -425,7 +428,8 @@ class PostgresFlow(PostgresCore):
     ) -> bool:
         async with self._db.tx() as c:
             new = bool(await c.fetchval(
-                "INSERT INTO schedules VALUES ($1,$2,$3,$4,$5,$6,1) ON CONFLICT (app, name) "
+                "INSERT INTO schedules (app, name, spec, source, paused, state, version) "
+                "VALUES ($1,$2,$3,$4,$5,$6,1) ON CONFLICT (app, name) "
                 "DO NOTHING RETURNING 1", app, row.name, row.spec, row.source, row.paused,
                 row.state,
             ))

@@ -24,7 +24,7 @@ from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.quietlog import QuietLog, reason
 from cantata.store import migrations
 from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, TASKS
-from cantata.store.common import NEW_STORE_HINT
+from cantata.store.common import NEW_STORE_HINT, newer_schema
 from cantata.store.factory import mask_url
 from cantata.store.faults import postgres_fault
 
@@ -254,15 +254,17 @@ class PgPool:
                 )
             version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
             if version > SCHEMA_VERSION:
-                raise StoreCorrupt(
-                    f"the Cantata store in {self.masked_url} has schema version {version}, "
-                    f"newer than this Cantata ({SCHEMA_VERSION}); upgrade cantata"
+                raise newer_schema(
+                    f"the Cantata store in {self.masked_url}", version, SCHEMA_VERSION
                 )
             for n, script in sorted(migrations.scripts("postgres").items()):
                 if n <= version:
                     continue
                 await conn.execute(script.read_text())
-                await conn.execute("INSERT INTO schema_version VALUES ($1, $2)", n, time.time())
+                await conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+                    n, time.time(),
+                )
 
     async def open(self) -> None:
         """Connect (retrying briefly), migrate, open the pool and start listening."""

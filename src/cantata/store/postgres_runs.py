@@ -197,7 +197,8 @@ class PostgresRuns(PostgresCore):
 
     async def record_step_heartbeat(self, app: str, run_id: str, beat: StepHeartbeat) -> None:
         await self._db.execute(
-            "INSERT INTO step_heartbeats VALUES ($1,$2,$3,$4,$5,$6) "
+            "INSERT INTO step_heartbeats (app, run_id, key, attempt, at, details) "
+            "VALUES ($1,$2,$3,$4,$5,$6) "
             "ON CONFLICT (app, run_id, key) DO UPDATE SET attempt=excluded.attempt, "
             "at=excluded.at, details=excluded.details "
             "WHERE excluded.attempt >= step_heartbeats.attempt",

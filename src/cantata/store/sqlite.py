@@ -71,12 +71,14 @@ class SQLiteStore(
     async def declare(self, app: str, declarations: Sequence[Declaration]) -> None:
         def op(c: sqlite3.Connection) -> None:
             c.executemany(
-                "INSERT INTO declarations VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "INSERT INTO declarations (app, kind, name, pattern, service, detail) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
                 "service=excluded.service, detail=excluded.detail",
                 [(app, d.kind, d.name, d.pattern, d.service, d.detail) for d in declarations],
             )
             c.execute(
-                "INSERT INTO cantata_meta VALUES (?, ?) ON CONFLICT DO UPDATE SET value=?",
+                "INSERT INTO cantata_meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT DO UPDATE SET value=?",
                 (f"decl:{app}", codec.new_id(), codec.new_id()),
             )
             if isinstance(c, TxConnection):  # this transaction's appends read it anew
@@ -98,14 +100,14 @@ class SQLiteStore(
         self, app: str, worker_id: str, now: float, info: str | None, *, lease: float
     ) -> None:
         seconds = worker_lease(lease)
-        await self._t.write(
+        await self._beat(lambda: self._t.write(
             lambda c: c.execute(
                 "INSERT INTO workers (app, worker_id, started_at, heartbeat_at, info, lease) "
                 "VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
                 "heartbeat_at=excluded.heartbeat_at, info=excluded.info, lease=excluded.lease",
                 (app, worker_id, now, now, info, seconds),
             )
-        )
+        ))
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
         def op(c: sqlite3.Connection) -> None:

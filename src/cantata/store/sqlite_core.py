@@ -22,7 +22,7 @@ from cantata.model import codec
 from cantata.model.event import Event, matches
 from cantata.store.common import StoreBase
 from cantata.store.faults import sqlite_fault
-from cantata.store.sqlite_open import connect
+from cantata.store.sqlite_open import SCHEMA_VERSION, connect, recorded_version
 from cantata.store.sqlite_ops import (
     EVENT_COLS,
     HOLD_SQL,
@@ -34,6 +34,8 @@ _DECL_VERSION = "SELECT value FROM cantata_meta WHERE key=?"
 
 class SQLiteCore(StoreBase):
     """The connection thread, the subscriptions cache and the event append."""
+
+    schema_version = SCHEMA_VERSION
 
     def __init__(
         self, path: str, *, synchronous: str = "FULL", url: str | None = None,
@@ -79,6 +81,9 @@ class SQLiteCore(StoreBase):
         if self._thread is not None:
             self._thread.stop()
             self._thread = None
+
+    async def _recorded_schema(self) -> int | None:
+        return await self._t.read(recorded_version)
 
     @property
     def _t(self) -> ConnectionThread:

@@ -222,7 +222,8 @@ class SQLiteEvents(SQLiteCore):
             elif s.outcome != "retry":
                 dead_letter_id = s.dead_letter_id or codec.new_id()
                 c.execute(
-                    "INSERT INTO dead_letters VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO dead_letters (app, id, grp, event_id, error, attempts, failed_at) "
+                    "VALUES (?,?,?,?,?,?,?)",
                     (
                         app,
                         dead_letter_id,

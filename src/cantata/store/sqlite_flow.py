@@ -165,7 +165,8 @@ class SQLiteFlow(SQLiteCore):
                 if alive:
                     raise _conflict(app, spec, theirs, by)
             c.execute(
-                "INSERT INTO queues VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "INSERT INTO queues (app, name, concurrency, per_worker, rate_limit, rate_per, "
+                "priorities, declared_by) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
                 "concurrency=excluded.concurrency, per_worker=excluded.per_worker, "
                 "rate_limit=excluded.rate_limit, rate_per=excluded.rate_per, "
                 "priorities=excluded.priorities, declared_by=excluded.declared_by",
@@ -398,10 +399,11 @@ class SQLiteFlow(SQLiteCore):
                 )]
             grant = plan_slot(held, begins, concurrency, rate, ahead)
             if grant.granted:
-                c.execute("INSERT INTO flow_slots VALUES (?,?,?,?,?)",
+                c.execute("INSERT INTO flow_slots (app, scope, holder, worker_id, acquired_at) "
+                          "VALUES (?,?,?,?,?)",
                           (app, scope, holder, worker_id, now))
                 if rate is not None:
-                    c.execute("INSERT INTO flow_begins VALUES (?,?,?,?)",
+                    c.execute("INSERT INTO flow_begins (app, scope, at, holder) VALUES (?,?,?,?)",
                               (app, scope, begin, holder))
             if place is not None or gone or not grant.granted:
                 _mind_waiters(c, args, grant.granted, place is not None, gone)
@@ -432,7 +434,8 @@ class SQLiteFlow(SQLiteCore):
     ) -> bool:
         def op(c: sqlite3.Connection) -> bool:
             new = c.execute(
-                "INSERT INTO schedules VALUES (?,?,?,?,?,?,1) ON CONFLICT DO NOTHING",
+                "INSERT INTO schedules (app, name, spec, source, paused, state, version) "
+                "VALUES (?,?,?,?,?,?,1) ON CONFLICT DO NOTHING",
                 (app, row.name, row.spec, row.source, int(row.paused), row.state),
             ).rowcount > 0
             if not new:

@@ -17,7 +17,7 @@ from typing import Any
 
 from cantata.errors import StoreCorrupt, StoreFull, StoreReadOnly, StoreUnavailable
 from cantata.store import migrations
-from cantata.store.common import NEW_STORE_HINT
+from cantata.store.common import NEW_STORE_HINT, newer_schema
 from cantata.store.faults import sqlite_fault
 from cantata.store.sqlite_thread import TxConnection
 
@@ -197,10 +197,14 @@ def _version(conn: sqlite3.Connection) -> int | None:
 
 def _check_version(url: str, version: int) -> None:
     if version > SCHEMA_VERSION:
-        raise StoreCorrupt(
-            f"{url} has schema version {version}, newer than this Cantata "
-            f"({SCHEMA_VERSION}); upgrade cantata"
-        )
+        raise newer_schema(url, version, SCHEMA_VERSION)
+
+
+def recorded_version(conn: sqlite3.Connection) -> int | None:
+    """The schema version an open store's file records now (a newer Cantata may have
+    migrated it since it was opened)."""
+    row = conn.execute("SELECT value FROM cantata_meta WHERE key='schema_version'").fetchone()
+    return None if row is None else int(row[0])
 
 
 def migrate(url: str, conn: sqlite3.Connection) -> None:
@@ -221,7 +225,7 @@ def migrate(url: str, conn: sqlite3.Connection) -> None:
                 "CREATE TABLE cantata_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
             )
             conn.execute(
-                "INSERT INTO cantata_meta VALUES ('mark', ?), ('schema_version', '0')",
+                "INSERT INTO cantata_meta (key, value) VALUES ('mark', ?), ('schema_version', '0')",
                 (STORE_MARK,),
             )
         row = conn.execute("SELECT value FROM cantata_meta WHERE key='mark'").fetchone()

@@ -205,7 +205,8 @@ def reindex_attributes(c: sqlite3.Connection, app: str, run_id: str) -> None:
 
 
 _UPSERT_ATTEMPTS = (
-    "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+    "INSERT INTO attempts (app, run_id, key, attempt, started_at, ended_at, error_type, "
+    "error) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
     "ended_at=excluded.ended_at, error_type=excluded.error_type, "
     f"error=excluded.error {KEEP_EXCUSED}"
 )
@@ -269,7 +270,8 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
         heads[app] = (seq, prev_hash, hash_)
         return
     c.execute(
-        "INSERT INTO audit_head VALUES (?,?,?,?) ON CONFLICT (app) DO UPDATE SET "
+        "INSERT INTO audit_head (app, seq, prev_hash, hash) VALUES (?,?,?,?) "
+        "ON CONFLICT (app) DO UPDATE SET "
         "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
         (app, seq, prev_hash, hash_),
     )

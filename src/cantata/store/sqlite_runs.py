@@ -443,7 +443,8 @@ class SQLiteRuns(SQLiteCore):
     async def record_step_heartbeat(self, app: str, run_id: str, beat: StepHeartbeat) -> None:
         await self._t.write(
             lambda c: c.execute(
-                "INSERT INTO step_heartbeats VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "INSERT INTO step_heartbeats (app, run_id, key, attempt, at, details) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
                 "attempt=excluded.attempt, at=excluded.at, details=excluded.details "
                 "WHERE excluded.attempt >= step_heartbeats.attempt",
                 (app, run_id, beat.key, beat.attempt, beat.at, beat.details),

@@ -81,7 +81,8 @@ class TxConnection(sqlite3.Connection):
     def before_commit(self) -> None:
         if self.audit_heads:
             self.executemany(
-                "INSERT INTO audit_head VALUES (?,?,?,?) ON CONFLICT (app) DO UPDATE SET "
+                "INSERT INTO audit_head (app, seq, prev_hash, hash) VALUES (?,?,?,?) "
+                "ON CONFLICT (app) DO UPDATE SET "
                 "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
                 [(app, *head) for app, head in self.audit_heads.items()],
             )

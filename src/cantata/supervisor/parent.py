@@ -6,6 +6,8 @@ terminal reaches the supervisor only, which forwards exactly one SIGTERM), and:
 - starts the first child alone and the others once it serves: the first one creates
   or migrates the store's schema without a race, and a mistake every child would make
   (a store that cannot be reached) ends the supervisor at once, as it ends one worker;
+- stops every child and exits with :data:`STORE_UPGRADED` when one ends with it (a
+  newer Cantata migrated the store: restarting this code would be refused);
 - restarts a child that ends while nothing asked it to stop, at once after a long run,
   after a growing delay (0.5 s, 1 s, 2 s ... up to 10 s) after a short one; a child that
   ends within ``stable_after`` seconds of its start ``max_quick_exits`` times in a row is
@@ -50,14 +52,22 @@ class WorkerCrashLoop(CantataError):
 # A worker's exit status after a stop that released steps or handlers past its grace
 # (docs/leases.md; `cantata worker` exits with it too).
 CUT_SHORT = 3
+# A worker's exit status when its store's schema is newer than its code: a newer Cantata
+# migrated it, before the start or while the worker served (StoreUpgraded). A worker
+# that ends so is not restarted: the same code would be refused at once. The supervisor
+# stops the others and exits with it too (docs/deploy.md, "Upgrading Cantata").
+STORE_UPGRADED = 4
 
 
 def worst(codes: list[int]) -> int:
     """The supervisor's exit status from its children's: 0 when every one drained
-    cleanly, 3 when the only trouble was work released past the grace, else 1."""
+    cleanly, 3 when the only trouble was work released past the grace, 4 when the store
+    was upgraded by a newer Cantata (restart with it), else 1."""
     bad = {c for c in codes if c != 0}
     if not bad:
         return 0
+    if STORE_UPGRADED in bad:
+        return STORE_UPGRADED
     return CUT_SHORT if bad == {CUT_SHORT} else 1
 
 
@@ -186,6 +196,14 @@ class Supervisor:
             code = await child.wait()
             self._children.pop(slot, None)
             if self._stopping.is_set():
+                break
+            if code == STORE_UPGRADED:
+                log.error(
+                    "worker process %d stopped: its store was upgraded by a newer Cantata "
+                    "(its message is above); stopping the other worker processes, none is "
+                    "restarted: restart cantata worker with the new release", child.pid,
+                )
+                self.stop()
                 break
             what = f"worker process {child.pid} {describe(code)}"
             if not self._first_ready.is_set():

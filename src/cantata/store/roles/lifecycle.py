@@ -99,8 +99,16 @@ class WorkerStore(Protocol):
         past that expiry, whatever their own lease (see the module docs of
         :mod:`cantata.store.roles`).
 
+        A backend that records a schema version also reads it, cheaply, every few
+        heartbeats (``SCHEMA_CHECK_EVERY`` in :mod:`cantata.store.common`) and after a
+        heartbeat that failed: a newer Cantata may have migrated the store under this
+        running worker (docs/deploy.md, "Upgrading Cantata").
+
         Raises:
             ConfigurationError: ``lease`` is not a number of seconds > 0.
+            StoreUpgraded: the store's schema is newer than this code knows (raised
+                once, and that heartbeat is not written; the heartbeats after it are,
+                while the worker drains).
         """
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
