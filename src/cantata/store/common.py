@@ -66,6 +66,7 @@ class StoreBase:
     """Listeners, audit keys and the audit verification of a backend."""
 
     url: str
+    hears_others = False  # (in-process listeners only: see StoreLifecycle.hears_others)
 
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
