@@ -204,24 +204,26 @@ class TaskServer:
         finally:
             await release_task_slot(engine, sdef, holder)
 
-    async def _unwanted(self, rec: TaskRecord) -> None:
+    async def _unwanted(self, rec: TaskRecord) -> float | None:
         """Raise ``_Unwanted`` if the run of ``rec`` no longer wants its step begun: the
         run ended, or it is cancelled (before any cleanup of its code) or past its
         deadline and the step is not one of its compensations (those always run).
         Asked while the task waits for a slot: the run withdraws a task no worker
-        holds, not one a worker holds (docs/flow-control.md)."""
+        holds, not one a worker holds (docs/flow-control.md). Else the run's deadline
+        (clock time), when it has one that would end the wait: the time to ask again."""
         engine = self.engine
         run = await engine.store.get_run(engine.app, rec.run_id)
         if run is None or run.status.is_final:
             raise _Unwanted(f"run {rec.run_id} has ended")
         if rec.key.startswith("compensate:") or run.status == RunStatus.COMPENSATING:
-            return
+            return None
         if run.deadline_at is not None and engine.clock.now() >= run.deadline_at:
             raise _Unwanted(f"run {rec.run_id} passed its deadline")
         if run.cancel_requested:
             history = await engine.store.load_history(engine.app, rec.run_id)
             if not any(e.key == MARKER for e in history):  # (not its cleanup's step)
                 raise _Unwanted(f"run {rec.run_id} was cancelled")
+        return run.deadline_at
 
     async def _attempt(
         self, rec: TaskRecord, sdef: StepDef, closing: list[Attempt], n: int, number: int,

@@ -145,16 +145,25 @@ def served_at_once(concurrency: int | None, rate: Rate | None) -> int:
 
 def next_ask(engine: Engine, grant: SlotGrant, now: float) -> float:
     """Seconds until a denied waiter asks again: :func:`ask_period`, or sooner when a
-    rate's window has room for it; without a rate's time, the poll interval for the
-    next two in line (a release in a process that cannot tell them, SQLite's, leaves
-    the slot idle until the head asks, and the one behind it is the head as soon as
-    that is granted)."""
+    rate's window has room for it; without a rate's time, on a store whose listeners do
+    not hear other processes (SQLite), the poll interval for the next two in line (a
+    release in another process leaves the slot idle until the head asks, and the one
+    behind it is the head as soon as that is granted). On a store that tells every
+    process of a release (PostgreSQL), the waiters sleep until they hear it:
+    :func:`ask_period` is then only their safety net for a lost notification (and how
+    they keep their place)."""
     pause = ask_period(engine)
     if grant.retry_at is not None:
         return min(pause, max(grant.retry_at - now, 0.005))
-    if grant.ahead <= 1:
+    if grant.ahead <= 1 and not hears_others(engine):
         return min(pause, engine.poll_interval)
     return pause
+
+
+def hears_others(engine: Engine) -> bool:
+    """Whether the engine's store tells this process of other processes' releases
+    (``StoreLifecycle.hears_others``; a store without the attribute: no)."""
+    return bool(getattr(engine.store, "hears_others", False))
 
 
 async def _withdraw(engine: Engine, scope: str, holder: str) -> None:
@@ -264,26 +273,31 @@ async def release_step_slot(execution: RunExecution, sdef: StepDef, key: str) ->
         log.warning("releasing the slot of step %s failed (%s)", sdef.name, exc)
 
 
-def _news_wait(engine: Engine, extend: Any = None) -> Any:
+def _news_wait(engine: Engine, extend: Any = None, cancels: bool = False) -> Any:
     """A ``wait`` for :func:`acquire` outside a run: until ``seconds`` pass or the
-    flow service hears that a slot may be free (``extend()`` first, when given, at most
-    once per :func:`ask_period`: a waiter far back is woken by news it sleeps through)."""
-    news = engine.flow.released if engine.flow is not None else asyncio.Event()
+    flow service hears that a slot may be free (with ``cancels``, or that a run was
+    cancelled); ``extend()`` first, when given, at most once per :func:`ask_period`: a
+    waiter far back is woken by news it sleeps through."""
+    flow = engine.flow
+    news = [flow.released] if flow is not None else []
+    if cancels and flow is not None:
+        news.append(flow.cancelled)
     extended = -math.inf
 
     async def wait(seconds: float) -> None:
         nonlocal extended
-        news.clear()  # (before the await: news meanwhile ends this wait at once)
+        for event in news:
+            event.clear()  # (before the await: news meanwhile ends this wait at once)
         if extend is not None and engine.clock.now() - extended >= ask_period(engine):
             extended = engine.clock.now()
             await extend()
-        sleeper = asyncio.ensure_future(engine.clock.sleep(seconds))
-        waiter = asyncio.ensure_future(news.wait())
+        waits = [asyncio.ensure_future(engine.clock.sleep(seconds)),
+                 *(asyncio.ensure_future(event.wait()) for event in news)]
         try:
-            await asyncio.wait([sleeper, waiter], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sleeper.cancel()
-            waiter.cancel()
+            for w in waits:
+                w.cancel()
 
     return wait
 
@@ -294,21 +308,49 @@ async def take_task_slot(engine: Engine, sdef: StepDef, holder: str,
     same scope and holder (``run_id:key``) as a local call of the step, so one limit
     holds for both. The clock time its begin was recorded at (``None``: no limit).
 
-    ``check()`` (when given) is awaited before each wait: what it raises ends the wait,
-    the request withdrawn (the task's run no longer wants it, say)."""
+    ``check()`` (when given) is awaited as the wait begins, then whenever this process
+    hears of a cancel, when the clock time it returned (a deadline, or ``None``) comes,
+    and at least every :func:`ask_period`: what it raises ends the wait, the request
+    withdrawn (the task's run no longer wants it, say)."""
     if sdef.concurrency is None and sdef.rate is None:
         return None
-    wait = _news_wait(engine)
+    wait = _news_wait(engine, cancels=check is not None)
     if check is not None:
-        news_wait = wait
-
-        async def wait(seconds: float) -> None:
-            await check()
-            await news_wait(min(seconds, ask_period(engine)))
-            await check()
-
+        wait = _checked_wait(engine, wait, check)
     return await acquire(engine, step_scope(sdef.name), holder, sdef.concurrency, sdef.rate,
                          wait)
+
+
+def _checked_wait(engine: Engine, news_wait: Any, check: Any) -> Any:
+    """``news_wait`` with ``check()`` awaited when it is due (see
+    :func:`take_task_slot`): not on every wake-up, so a release elsewhere costs the
+    waiter no look at its run."""
+    flow, clock = engine.flow, engine.clock
+    checked = -math.inf  # clock time of the last check
+    cancels = -1  # the flow service's count of cancels heard at the last check
+    due: float | None = None  # what the last check returned (the run's deadline)
+
+    async def look_if_due() -> None:
+        nonlocal checked, cancels, due
+        now = clock.now()
+        heard = flow.cancels if flow is not None else 0
+        if (heard != cancels or now - checked >= ask_period(engine)
+                or (due is not None and now >= due)):
+            checked, cancels = now, heard
+            due = await check()
+
+    async def wait(seconds: float) -> None:
+        heard = (flow.releases, flow.cancels) if flow is not None else None
+        await look_if_due()
+        if flow is not None and heard != (flow.releases, flow.cancels):
+            return  # news while it looked (the wait would not see it): the caller decides
+        span = min(seconds, max(checked + ask_period(engine) - clock.now(), 0.0))
+        if due is not None:
+            span = min(span, max(due - clock.now(), 0.0))
+        await news_wait(span)
+        await look_if_due()  # (before the caller may ask: a cancel heard, or the deadline)
+
+    return wait
 
 
 async def retime_task_begin(engine: Engine, sdef: StepDef, holder: str,

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from cantata.store.base import RUNS
+from cantata.store.base import CANCEL, RUNS, SLOTS
 
 from .queues import QueueLoop
 from .schedules import Scheduler, new_row
@@ -50,6 +50,10 @@ class FlowService:
         self.slot_waiters: set[RunExecution] = set()
         self.released = asyncio.Event()
         self.releases = 0  # news that may have freed a slot, counted (flow.limits.acquire)
+        # cancels heard (a remote step's task waiting for a slot looks at its run then:
+        # flow.limits.take_task_slot)
+        self.cancelled = asyncio.Event()
+        self.cancels = 0
         self._tasks: list[asyncio.Task[None]] = []
         engine.store.add_listener(self._on_change)
 
@@ -73,13 +77,17 @@ class FlowService:
         self.queues.wakeup.set()
 
     def _on_change(self, channel: str) -> None:
-        # A run ended, a slot was freed or a run was queued (here or, with
-        # PostgreSQL, anywhere): a waiting run or step may fit now.
-        if channel != RUNS or not self._tasks:
+        # (here or, with PostgreSQL, in any process)
+        if not self._tasks:
             return
-        self.queues.wakeup.set()
-        self.releases += 1
-        self.released.set()
-        self.scheduler.run_ended.set()
-        for execution in self.slot_waiters:
-            execution.wakeup.set()
+        if channel == RUNS:  # a run ended or was queued: a queued run may begin now
+            self.queues.wakeup.set()
+            self.scheduler.run_ended.set()
+        elif channel == SLOTS:  # a slot was freed or a waiter left: one may be next
+            self.releases += 1
+            self.released.set()
+            for execution in self.slot_waiters:
+                execution.wakeup.set()
+        elif channel == CANCEL:
+            self.cancels += 1
+            self.cancelled.set()

@@ -96,6 +96,7 @@ class StoreBase:
     schema_version: int | None = None
     _schema_beats = 0  # heartbeats since the schema version was last read
     _schema_said = False  # StoreUpgraded was raised: heartbeats no longer look
+    hears_others = False  # (in-process listeners only: see StoreLifecycle.hears_others)
 
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []

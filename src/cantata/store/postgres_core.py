@@ -45,6 +45,7 @@ class PostgresCore(StoreBase):
     """The pool, the batch writer, opening and closing."""
 
     schema_version = SCHEMA_VERSION
+    hears_others = True  # LISTEN/NOTIFY on the schema's channel (postgres_pool.py)
 
     def __init__(
         self, url: str, *, pool_size: int = 10, connect_timeout: float = 3.0, writers: int = 2,

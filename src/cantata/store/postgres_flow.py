@@ -31,7 +31,7 @@ from cantata.model.flow import (
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord
 from cantata.store import audit
-from cantata.store.base import RUNS
+from cantata.store.base import SLOTS
 from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row
@@ -404,7 +404,7 @@ class PostgresFlow(PostgresCore):
         async with self._db.tx() as c:
             await c.execute("DELETE FROM flow_slots WHERE app=$1 AND scope=$2 AND holder=$3",
                             app, scope, holder)
-            await self._db.notify(c, app, RUNS)
+            await self._db.notify(c, app, SLOTS)
 
     async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
         async with self._db.tx() as c:
@@ -412,7 +412,7 @@ class PostgresFlow(PostgresCore):
                 "DELETE FROM flow_waiters WHERE app=$1 AND scope=$2 AND holder=$3 RETURNING 1",
                 app, scope, holder,
             ):
-                await self._db.notify(c, app, RUNS)
+                await self._db.notify(c, app, SLOTS)
 
     async def slots_held(self, app: str, scope: str) -> int:
         row = await self._db.fetchrow(

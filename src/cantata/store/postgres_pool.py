@@ -23,7 +23,7 @@ from asyncpg.pool import PoolConnectionProxy
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.quietlog import QuietLog, reason
 from cantata.store import migrations
-from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, TASKS
+from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, SLOTS, TASKS
 from cantata.store.common import NEW_STORE_HINT, newer_schema
 from cantata.store.factory import mask_url
 from cantata.store.faults import postgres_fault
@@ -335,7 +335,7 @@ class PgPool:
                     continue
                 self.quiet.recovered(key, "PostgreSQL listener at %s listens again",
                                 self.masked_url)
-                for channel in (RUNS, EVENTS, CLAIMS, CANCEL, TASKS):
+                for channel in (RUNS, EVENTS, CLAIMS, CANCEL, TASKS, SLOTS):
                     self._on_change(channel)
                 return
         finally:

@@ -31,7 +31,7 @@ from cantata.model.flow import (
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store import audit
-from cantata.store.base import RUNS
+from cantata.store.base import RUNS, SLOTS
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import LIVE_R, LIVE_SQL, RUN_COLS, audit_append, run_row
 from cantata.store.sqlite_parking import UNPARK
@@ -414,12 +414,12 @@ class SQLiteFlow(SQLiteCore):
     async def release_slot(self, app: str, scope: str, holder: str) -> None:
         await self._t.write(lambda c: c.execute(
             "DELETE FROM flow_slots WHERE app=? AND scope=? AND holder=?", (app, scope, holder)
-        ), RUNS)
+        ), SLOTS)
 
     async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
         await self._t.write(lambda c: c.execute(
             "DELETE FROM flow_waiters WHERE app=? AND scope=? AND holder=?", (app, scope, holder)
-        ), RUNS)
+        ), SLOTS)
 
     async def slots_held(self, app: str, scope: str) -> int:
         row = await self._t.read(lambda c: c.execute(

@@ -149,13 +149,15 @@ class FlowStore(Protocol):
         """
 
     async def release_slot(self, app: str, scope: str, holder: str) -> None:
-        """Free ``holder``'s slot of ``scope`` (nothing if it holds none)."""
+        """Free ``holder``'s slot of ``scope`` (nothing if it holds none); the
+        listeners hear ``slots`` (:data:`~cantata.store.roles.lifecycle.SLOTS`), those of
+        other processes too where the store can tell them (``hears_others``)."""
 
     async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
         """``holder`` stops waiting for a slot of ``scope`` (its run was cancelled, its
         handler's message lost): its waiter row is removed, so the waiters behind it
-        move up, and the waiting processes hear of it as of a release (nothing if it
-        does not wait)."""
+        move up, and the waiting processes hear of it as of a release, ``slots``
+        (nothing if it does not wait)."""
 
     async def slots_held(self, app: str, scope: str) -> int:
         """How many slots of ``scope`` are held (by live or not-yet-expired workers)."""

@@ -27,6 +27,10 @@ TASKS = "tasks"
 # and, to the other processes, one that made no delivery claimable at all (PostgreSQL:
 # every delivery it made held for its worker; docs/performance.md, round nine).
 CLAIMS = "claims"
+# A slot of a limited step or handler group was freed, or a waiter for one left the
+# line (``release_slot``, ``withdraw_slot_request``): a waiter may be next. Apart from
+# ``runs`` so that a slot's waiters are not woken by every run's change.
+SLOTS = "slots"
 
 ChangeListener = Callable[[str], None]
 
@@ -35,6 +39,11 @@ class StoreLifecycle(Protocol):
     """Open, close, listen and say which store it is."""
 
     url: str
+    #: Whether the listeners also hear the writes of other processes (PostgreSQL's
+    #: LISTEN/NOTIFY): then a slot's waiters sleep until they hear ``slots``, asking
+    #: the store only to keep their place, instead of the next ones in line polling
+    #: every ``poll_interval`` (docs/flow-control.md). ``StoreBase``: ``False``.
+    hears_others: bool
 
     async def open(self) -> None:
         """Connect and migrate the schema.
@@ -48,7 +57,8 @@ class StoreLifecycle(Protocol):
         """Release connections; pending writes are committed first."""
 
     def add_listener(self, listener: ChangeListener) -> None:
-        """Call ``listener(channel)`` when runs, events, cancellations or tasks change.
+        """Call ``listener(channel)`` when runs, events, cancellations, tasks or slots
+        change.
 
         Backends call it for their own writes and, where the database can say so
         (PostgreSQL LISTEN/NOTIFY), for other processes' writes too. ``runs`` is
@@ -60,6 +70,8 @@ class StoreLifecycle(Protocol):
         worker, that nobody else can need to hear of (PostgreSQL's
         ``cantata_settle_one``: no delivery pending, no wait declared for its events'
         types); the process that wrote them learns of its events in process.
+        ``slots`` is called when a slot is released and when a waiter for one
+        withdraws (see :data:`SLOTS`).
         """
 
     def adopt_timing(self, *, lease: float) -> None:

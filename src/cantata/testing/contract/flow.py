@@ -11,8 +11,9 @@ from cantata.errors import IdempotencyConflict, QueueConflict
 from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow, SlotGrant
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
-from cantata.store.base import Store
+from cantata.store.base import SLOTS, Store
 from cantata.testing.contract.support import LEASE, StoreFixtures, new_run
+from cantata.testing.wait import eventually
 
 
 class FlowContract(StoreFixtures):
@@ -283,6 +284,35 @@ class FlowContract(StoreFixtures):
         # w2 stops heartbeating: after the lease its slot is free again.
         await store.heartbeat(self.app, "w1", now + 20, None, lease=LEASE)
         assert await take("d", "w1", at=now + 20)
+
+    async def test_a_release_and_a_withdrawal_say_slots(self, store: Store,
+                                                        peer: Store) -> None:
+        """The waiters of a slot wake on ``slots``: a release and a withdrawal say it to
+        the store's listeners, and to those of another instance of the store (another
+        process) where the store says it ``hears_others``. A waiter there asks the
+        store only to keep its place meanwhile (docs/flow-control.md)."""
+        now = await self.live(store, "w1", "w2")
+        heard: list[str] = []
+        elsewhere: list[str] = []
+        store.add_listener(heard.append)
+        if peer is not store:
+            peer.add_listener(elsewhere.append)
+        grant = await store.acquire_slot(self.app, "step:s", "h", "w1", concurrency=1,
+                                         rate=None, now=now, stale_before=now)
+        assert grant.granted
+        assert not (await peer.acquire_slot(self.app, "step:s", "a", "w2", concurrency=1,
+                                            rate=None, now=now, stale_before=now)).granted
+        await store.release_slot(self.app, "step:s", "h")
+        await eventually(lambda: SLOTS in heard)
+        if peer is not store and peer.hears_others:
+            await eventually(lambda: SLOTS in elsewhere)
+        heard.clear()
+        elsewhere.clear()
+        await peer.withdraw_slot_request(self.app, "step:s", "a")
+        if peer is store or peer.hears_others:
+            await eventually(lambda: SLOTS in heard)
+        else:
+            await eventually(lambda: SLOTS in elsewhere)
 
     async def test_slot_rate_is_a_sliding_window(self, store: Store) -> None:
         now = await self.live(store, "w")
