@@ -20,8 +20,9 @@ import pytest
 
 import cantata
 from cantata import Retry
+from cantata.model.records import Attempt, RunWrite
 
-from .helpers import make_app
+from .helpers import eventually, make_app
 
 LEASE = 1.0
 
@@ -220,6 +221,119 @@ async def test_a_body_the_engine_fences_stops_at_once_and_the_run_goes_on(
         ("pay#1", 1, None), ("ship#1", 1, None)]
     assert entered == [handle.run_id]  # one execution went on: not ended and launched anew
 
+
+async def test_a_fenced_step_outwaits_a_slow_first_heartbeat_without_a_cancel(
+    sqlite_url: str,
+) -> None:
+    """After a pause the fenced step waits for its worker's next heartbeat, a quarter
+    lease at a time (Ownership.regained). When that heartbeat takes longer (the store
+    busy with every worker coming back at once, as in
+    tests/faults/test_pause.py::test_pause_of_every_worker_past_lease_sqlite), the wait
+    times out and looks again; its timeout must not cancel the run's task, which takes
+    a cancel during a step for the workflow code's own (engine/branches.py, RunTask).
+    Before the fix it did: the run's task ended cancelled, the run, still owned here,
+    was launched anew, and the attempt the pause cut was charged ``WorkerLost``; with
+    one attempt, the run failed although no worker was lost."""
+    app = make_app(sqlite_url, lease=LEASE)
+    began = asyncio.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def pay() -> str:
+        attempt = cantata.step_info().attempt
+        began.set()
+        try:
+            await asyncio.sleep(0.3 if outcomes else 60)
+        except asyncio.CancelledError:
+            outcomes.append((attempt, "stopped"))
+            raise
+        outcomes.append((attempt, "charged"))
+        return "paid"
+
+    entered: list[str] = []
+
+    @app.workflow
+    async def checkout(ctx: cantata.WorkflowContext) -> str:
+        entered.append(ctx.run_id)
+        return str(await ctx.run(pay))
+
+    async with app:
+        handle = await app.start(checkout)
+        await asyncio.wait_for(began.wait(), 10)
+        store = app.store
+        real = store.heartbeat
+        slow_until = time.monotonic() + LEASE * 0.6  # past two of the step's waits
+
+        async def slow_heartbeat(*args: object, **kwargs: object) -> None:
+            await real(*args, **kwargs)  # type: ignore[arg-type]
+            await asyncio.sleep(max(0.0, slow_until - time.monotonic()))
+
+        store.heartbeat = slow_heartbeat  # type: ignore[method-assign]
+        try:
+            # As a pause past the fence leaves it: the last heartbeat a lease ago,
+            # the watchdog stopping the bodies.
+            app.engine.ownership.beat_at = time.monotonic() - LEASE
+            app.engine.fence_self()
+            assert await handle.result(timeout=10) == "paid"
+        finally:
+            store.heartbeat = real  # type: ignore[method-assign]
+        attempts = await app.store.load_attempts(app.name, handle.run_id)
+    assert outcomes == [(1, "stopped"), (1, "charged")]
+    assert [(a.key, a.attempt, a.error_type) for a in attempts] == [("pay#1", 1, None)]
+    assert entered == [handle.run_id]  # one execution went on: not ended and launched anew
+
+
+
+async def test_a_step_begun_again_after_a_pause_is_excused_under_its_first_start(
+    sqlite_url: str,
+) -> None:
+    """A step stopped by a pause begins again under the same attempt number, and the
+    store keeps that attempt's first start time (the store contract). When the run is
+    then taken from this worker (its hold lapsed once more: a host starved of CPU, as
+    in the fault suite under heavy load), the new owner charges the attempt
+    ``WorkerLost`` under that first start time, and this worker's excuse, which names
+    the attempt by its start time, must name the same. Before the fix it named the
+    second begin's time, matched nothing, and the attempt stayed charged."""
+    app = make_app(sqlite_url, lease=LEASE)
+    begins: list[int] = []
+    gate = asyncio.Event()
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def pay() -> str:
+        begins.append(cantata.step_info().attempt)
+        await gate.wait()
+        return "paid"
+
+    @app.workflow
+    async def checkout(ctx: cantata.WorkflowContext) -> str:
+        return str(await ctx.run(pay))
+
+    async with app:
+        handle = await app.start(checkout)
+        await eventually(lambda: begins == [1])
+        await asyncio.sleep(0.05)  # the second begin's clock is not the first's
+        app.engine.ownership.beat_at = time.monotonic() - LEASE  # a pause past the fence
+        app.engine.fence_self()
+        await eventually(lambda: begins == [1, 1], 10, "the same attempt begun again")
+        # Another worker takes the run over and charges the attempt in progress, under
+        # the start time the store has (as steps.prior_attempts does).
+        store, now = app.store, app.clock.now()
+        await store.heartbeat(app.name, "other", now, None, lease=3600)
+        [taken] = await store.claim_runs(app.name, "other", ["checkout"],
+                                         stale_before=now + 60, limit=1)
+        [stored] = await store.load_attempts(app.name, handle.run_id)
+        await store.commit_run(app.name, handle.run_id, taken.fence, RunWrite(attempts=[
+            Attempt(stored.key, stored.attempt, stored.started_at, now, "WorkerLost", "lost")]))
+        gate.set()  # this worker's body ends; its checkpoint finds the run taken
+
+        async def excused() -> bool:
+            [a] = await store.load_attempts(app.name, handle.run_id)
+            return a.error_type == "Paused"
+
+        await eventually(excused, 10, "the attempt excused (Paused)")
+        [after] = await store.load_attempts(app.name, handle.run_id)
+    assert (after.attempt, after.started_at, after.error_type) == (
+        1, stored.started_at, "Paused")
 
 
 async def test_a_body_whose_hold_lapsed_before_it_began_never_runs_its_first_line() -> None:

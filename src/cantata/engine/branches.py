@@ -37,7 +37,11 @@ How the cancel is kept from the step:
   cancel does not reach: the branch waits for it, then is cancelled.
 
 The engine's own cancels (``RunExecution.let_go``) are never held back: they stop the
-run's task and the steps' tasks at once.
+run's task and the steps' tasks at once. The engine's code that runs in a run's task
+during a step must therefore not time out by cancelling that task (``asyncio.timeout``,
+and ``asyncio.wait_for`` from Python 3.12): the task would take that cancel for the
+workflow code's own. It waits with ``asyncio.wait(..., timeout=...)`` instead
+(``ownership.wait_event``).
 """
 
 from __future__ import annotations

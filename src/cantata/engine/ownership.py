@@ -29,7 +29,6 @@ The rules, with the reasons (docs/leases.md):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -52,11 +51,23 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
     """Wait until ``event`` is set or ``timeout`` seconds pass.
 
     Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives
-    just as the event is set, so a loop using it could not be stopped.
+    just as the event is set, so a loop using it could not be stopped. Nor
+    ``asyncio.timeout``: it ends the wait by cancelling the waiting task, and a run's
+    task takes a cancel while one of its steps is in progress for its workflow code's
+    own (engine/branches.py, ``RunTask``). A step stopped by a pause waits here for its
+    worker's next heartbeat (:meth:`Ownership.regained`); when that heartbeat took more
+    than one wait, the timeout's cancel made the run's task end cancelled, and the run,
+    still this worker's, was launched anew with the cut attempt charged ``WorkerLost``.
+    ``asyncio.wait`` times out without cancelling anyone; a cancel of the waiting task
+    still ends the wait at once.
     """
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            await event.wait()
+    if event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((waiter,), timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 class Ownership:

@@ -123,7 +123,7 @@ async def call_step(
         n += 1
         number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
-        attempt = Attempt(key, number, now)
+        attempt = Attempt(key, number, begun_at(x, key, number, now))
         entry.attempts, entry.status = n, EntryStatus.RUNNING
         entry.started_at = entry.started_at or now
         entry.wake_at = None  # its backoff is over
@@ -248,6 +248,23 @@ async def step_stopped(
     entry.wake_at = None
     note = f" (its branch stopped before attempt {n + 1}: not attempted again)"
     return await step_failed(x, entry, write, (last[0], last[1] + note), n)
+
+
+def begun_at(x: RunExecution, key: str, number: int, now: float) -> float:
+    """The start time of attempt ``number`` of step ``key`` beginning ``now``: the time it
+    first began if that number was written before (begun again here after a fence,
+    or taking the number of an attempt cut short, interrupted or excused), since the
+    store keeps an attempt's first start time and an excuse names the attempt by it
+    (:meth:`~cantata.store.base.Store.excuse_attempts`); else ``now``. (With the
+    second begin's time, a worker whose run was taken after it began a fenced step
+    again excused nothing, and that attempt stayed charged ``WorkerLost``.)"""
+    earlier = x.mine.get((key, number))
+    if earlier is not None:
+        return earlier.started_at
+    for a in x.attempts.get(key, ()):
+        if a.attempt == number:
+            return a.started_at
+    return now
 
 
 def prior_attempts(
