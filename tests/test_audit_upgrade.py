@@ -597,20 +597,16 @@ def test_sqlite_older_process_is_told_to_restart(sqlite_rolled: Rolled) -> None:
     assert any("restart" in ln or "upgrade" in ln or "schema" in ln for ln in lines), lines
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "SQLite 0023: while an older worker is still open on the upgraded file (the window "
-        "docs/leases.md describes), a concurrency=1 step runs twice at once: the older "
-        "worker's stale execution of a run the new worker took over asks for the step's "
-        "slot under the same holder (run id and step key), is granted the new owner's row "
-        "(the holder matches) and deletes it when it lets the run go (release_slot deletes "
-        "by holder alone), so the new worker grants the slot to the next run while the "
-        "first one's body still runs"
-    ),
-)
 def test_sqlite_limit_holds_while_older_process_open(sqlite_rolled: Rolled) -> None:
-    """The concurrency=1 step never runs twice at once, in any process."""
+    """The concurrency=1 step never runs twice at once, in any process.
+
+    The older worker's stale execution of a run the new worker took over asks for the
+    step's slot under its holder (run id and step key) and deletes that holder's row
+    when it lets the run go. It used to find the new owner's row (same holder) and free
+    it while the new owner's body ran. This release takes a slot under a holder of one
+    execution alone (run id and step key with the fence of the run's claim,
+    flow/limits.py), which the older code never names, and its store frees only the
+    releasing worker's rows (docs/flow-control.md)."""
     assert not overlaps(sqlite_rolled.rows, "limited"), overlaps(sqlite_rolled.rows, "limited")
 
 

@@ -8,7 +8,8 @@ environment, so workers and the test's client build the same app:
 - ``FAULT_LEDGER``: the ledger file; ``FAULT_NAME``: the app name (``faults``);
 - ``FAULT_LEASE``, ``FAULT_POLL``: the lease and poll interval (seconds);
 - ``FAULT_STEP_SECONDS``: how long each saga step works; ``FAULT_LONG_SECONDS``: the
-  long step of ``long_run``; ``FAULT_HANDLER_SECONDS``: how long a handler works;
+  long step of ``long_run``; ``FAULT_SINGLE_SECONDS``: the ``concurrency=1`` step of
+  ``one_at_a_time``; ``FAULT_HANDLER_SECONDS``: how long a handler works;
 - ``FAULT_PATIENT``: ``1`` for 50 attempts per step and handler (else the defaults);
 - ``FAULT_GRACE``: ``App(shutdown_grace=...)`` when set (default: the App's own);
 - ``FAULT_BROKEN``: a defect on purpose, to prove a counter catches it
@@ -33,7 +34,7 @@ from cantata import App, Event, HandlerContext, Retry, WorkflowContext
 STEPS = ("reserve", "charge", "ship")
 # The steps of each workflow, in order (what a completed run's result lists).
 STEPS_OF = {"saga": STEPS, "long_run": ("slow", "ship"), "last_chance": ("once",),
-            "waits_forever": ()}
+            "waits_forever": (), "one_at_a_time": ("single",)}
 # With FAULT_PATIENT=1 (the SIGKILL storm), a step whose worker is killed in its middle
 # again and again does not fail its run (a kill is an attempt). Otherwise the library's
 # defaults apply: a fault that is not a death (a pause, an outage, a stop, a full disk)
@@ -92,6 +93,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
     handler_retry = Retry(max_attempts=1) if "handler-fails" in broken else retry
     step_seconds = env_float("FAULT_STEP_SECONDS", 0.05)
     long_seconds = env_float("FAULT_LONG_SECONDS", 2.0)
+    single_seconds = env_float("FAULT_SINGLE_SECONDS", 2.0)
     handler_seconds = env_float("FAULT_HANDLER_SECONDS", 0.02)
 
     async def work(step: str, order: dict[str, Any], seconds: float) -> str:
@@ -167,6 +169,15 @@ def build(env: Mapping[str, str] | None = None) -> App:
     async def last_chance(ctx: WorkflowContext, order: dict[str, Any]) -> list[str]:
         """One attempt only: a takeover's ``WorkerLost`` would fail it at once."""
         return [await ctx.run(once, order)]
+
+    @app.step(concurrency=1, retry=retry)
+    async def single(order: dict[str, Any]) -> str:
+        """One body at a time across the cluster (the ledger shows any overlap)."""
+        return await work("single", order, single_seconds)
+
+    @app.workflow
+    async def one_at_a_time(ctx: WorkflowContext, order: dict[str, Any]) -> list[str]:
+        return [await ctx.run(single, order)]
 
     @app.workflow
     async def long_run(ctx: WorkflowContext, order: dict[str, Any]) -> list[str]:

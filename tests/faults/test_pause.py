@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from .counters import Execution, read_ledger
-from .harness import Cluster, assert_zero, scaled, time_limit, within
+from tests.flow.helpers import max_overlap, until
+
+from .counters import Execution, begun_before_pauses, read_ledger
+from .harness import Cluster, Worker, assert_zero, scaled, time_limit, within
 from .servers import PrivateNats
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(300))]
@@ -143,3 +145,75 @@ async def test_a_paused_workers_last_attempt_is_excused_before_the_run_fails(
     print(f"\nlast attempt taken over from a paused worker: {settled}")
     assert counts.runs_failed == 0 and settled.worker_lost_attempts == 0, settled
     assert_zero(settled)
+
+
+async def slot_kept_by_the_new_owner(c: Cluster) -> None:
+    """A worker paused past its lease in the body of a ``concurrency=1`` step, holding
+    its one slot; the other worker takes the run over and runs the step, holding the
+    slot in turn, with more runs waiting for it; the paused worker resumes, its stale
+    body is cut, and its execution lets the run go. It must free only its own slot,
+    not the new owner's (the same holder: run id and step key): else the new owner's
+    slot is free while its body runs, the next run's step begins beside it, and the
+    step runs twice at once."""
+    c.start_workers(2)
+    await c.ready()
+    async with c.client():
+        first = await c.start_saga(0, "one_at_a_time")
+        victim = await c.busy_worker()
+        stopped = time.time()
+        victim.proc.send_signal(signal.SIGSTOP)
+        try:
+            # Until the other worker has taken the run over and holds the slot for it
+            # (bounded: a SQLite worker paused inside a write holds the file's lock).
+            await c.wait_ledger(lambda ex: any(e.run == first and e.pid != victim.pid
+                                               for e in ex), timeout=30)
+            # More runs, claimed by the other worker: they wait for the slot.
+            for i in range(1, 4):
+                await c.start_saga(i, "one_at_a_time")
+            others = set(c.runs) - {first}
+            await until(lambda: _owned(c, others, victim), timeout=30)
+            await asyncio.sleep(0.3)  # (their waiters ask for the slot)
+        finally:
+            victim.proc.send_signal(signal.SIGCONT)
+            c.faults.paused.setdefault(victim.pid, []).append((stopped, time.time()))
+        counts = await c.recover(time.monotonic(), budget=within(4 * 3.0 + 4 * c.lease + 10))
+        await asyncio.sleep(c.lease)  # let the excuse land before counting attempts
+        settled = await c.counts()
+        settled.recover_seconds = counts.recover_seconds
+    spans = []
+    for e in begun_before_pauses(read_ledger(c.ledger), c.faults):
+        end = e.ended if e.ended is not None else float("inf")
+        # A body the pause froze, cut by its guard as the process resumed, made no
+        # progress after the pause began.
+        froze = [stop for stop, _ in c.faults.paused.get(e.pid, ())
+                 if e.cut and e.began <= stop < end]
+        spans.append((e.began, min(froze, default=end), e.pid, e.run[-8:]))
+    print(f"\nslot of a paused worker's step: {settled}; bodies {spans}")
+    assert any(pid == victim.pid and r == first[-8:] for _, _, pid, r in spans), \
+        "the pause cut no body of the step short: the scenario proves nothing"
+    assert max_overlap([(b, e) for b, e, _, _ in spans]) == 1, spans
+    assert_zero(settled)
+
+
+async def _owned(c: Cluster, runs: set[str], victim: Worker) -> bool:
+    """True once every run of ``runs`` is owned by a worker other than ``victim``."""
+    mine = f":{victim.pid}:"
+    for run_id in runs:
+        run = await c.app.store.get_run(c.app.name, run_id)
+        if run is None or run.owner is None or mine in run.owner:
+            return False
+    return True
+
+
+async def test_a_paused_worker_leaves_the_new_owner_its_slot_sqlite(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    await slot_kept_by_the_new_owner(cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=1.5,
+                                             FAULT_SINGLE_SECONDS=3.0))
+
+
+async def test_a_paused_worker_leaves_the_new_owner_its_slot_postgres(
+    cluster: Callable[..., Cluster], postgres_store: str
+) -> None:
+    await slot_kept_by_the_new_owner(cluster(postgres_store, FAULT_LEASE=1.5,
+                                             FAULT_SINGLE_SECONDS=3.0))

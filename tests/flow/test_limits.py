@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from cantata import App, Rate, Retry
-from cantata.errors import ConfigurationError, RegistrationError
+from cantata.errors import ConfigurationError, RegistrationError, StoreUnavailable
 from cantata.model.flow import SlotGrant
 from cantata.store.sqlite import SQLiteStore
 from cantata.testing import environment
 from tests.flow.helpers import max_in_window, max_overlap
+from tests.helpers import eventually
 
 
 async def test_step_concurrency_across_runs_and_waiting_is_not_an_attempt() -> None:
@@ -95,6 +96,45 @@ async def test_step_rate_and_slot_freed_on_failure() -> None:
     # Timed in the bodies: a body that begins late after its grant has its begin
     # recorded again (unlimited, the nine would begin within a few milliseconds).
     assert max_in_window(begins, 0.4) <= 3, sorted(b - min(begins) for b in begins)
+
+
+async def test_a_slot_release_the_store_refused_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A release that meets an outage is retried until the store takes it: a live
+    worker's slot is freed by no one else (each execution's holder is its own), so a
+    release given up would hold the slot for as long as the worker lives."""
+    app = App("limits", store="memory://")
+
+    @app.step(concurrency=1)
+    async def pay(i: int) -> int:
+        return i
+
+    @app.workflow
+    async def order(ctx: object, i: int) -> int:
+        return await ctx.run(pay, i)  # type: ignore[attr-defined, no-any-return]
+
+    async with app:
+        real = app.store.release_slot
+        refused: list[tuple[Any, ...]] = []
+
+        async def flaky(*args: Any, **kw: Any) -> None:
+            if not refused:
+                refused.append(args)
+                raise StoreUnavailable("the store is away for a moment (on purpose)")
+            await real(*args, **kw)
+
+        monkeypatch.setattr(app.store, "release_slot", flaky)
+        first = await app.start(order, 1)
+        assert await first.result(timeout=10) == 1
+        second = await app.start(order, 2)
+        assert await second.result(timeout=10) == 2
+        assert refused
+        await eventually(lambda: _no_slot(app, "step:pay"), timeout=5)
+
+
+async def _no_slot(app: App, scope: str) -> bool:
+    return await app.store.slots_held(app.name, scope) == 0
 
 
 async def test_handler_group_concurrency() -> None:

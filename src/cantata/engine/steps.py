@@ -111,10 +111,12 @@ async def call_step(
             if path and stops(x, key, resuming):
                 return await step_stopped(x, entry, write, last, n)
         # A limited step waits for its slot here, before the attempt is recorded
-        # (released when execute_body ends; a slot left by a lost commit is this
-        # holder's again when the run goes on, or lapses with this worker).
+        # (released when execute_body ends, or when the attempt's start cannot be
+        # committed: the run was taken over meanwhile, its new owner asks for a slot of
+        # its own, flow/limits.py).
         stamped = None
-        if sdef.concurrency is not None or sdef.rate is not None:
+        limited = sdef.concurrency is not None or sdef.rate is not None
+        if limited:
             stamped = await take_step_slot(x, sdef, key)
             if path and stops(x, key, resuming):
                 await release_step_slot(x, sdef, key)
@@ -129,7 +131,12 @@ async def call_step(
         entry.wake_at = None  # its backoff is over
         write.attempts.append(attempt)
         write.entries.append(entry)
-        await x.commit(write)
+        try:
+            await x.commit(write)
+        except BaseException:
+            if limited:  # the attempt never began
+                await release_step_slot(x, sdef, key)
+            raise
         write = RunWrite()
         x.inflight[key] = attempt
         x.mine[(key, number)] = attempt

@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import UnknownStep
-from cantata.flow.limits import release_task_slot, retime_task_begin, take_task_slot
+from cantata.flow.limits import release_task_slot, retime_task_begin, take_task_slot, task_holder
 from cantata.graceful import wait_or_force
 from cantata.model import codec
 from cantata.model.records import Attempt, TaskRecord
@@ -184,7 +184,7 @@ class TaskServer:
             return
         # A limited step waits for its slot before the attempt is recorded (not an
         # attempt), in the scope its local calls take (docs/flow-control.md).
-        holder = f"{rec.run_id}:{rec.key}"
+        holder = task_holder(rec.run_id, rec.key, rec.fence)  # (this claim's own)
         try:
             stamped = await take_task_slot(engine, sdef, holder, lambda: self._unwanted(rec))
         except _Unwanted as why:
@@ -242,7 +242,8 @@ class TaskServer:
         ):
             return  # claimed since by another worker (this one was taken for dead)
         if stamped is not None:
-            await retime_task_begin(engine, sdef, f"{rec.run_id}:{rec.key}", stamped)
+            await retime_task_begin(engine, sdef, task_holder(rec.run_id, rec.key, rec.fence),
+                                    stamped)
         beat = await beat_for(engine.store, engine.app, rec.run_id, sdef.name, rec.key, number)
         try:
             value = await invoke_step(

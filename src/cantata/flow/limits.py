@@ -5,6 +5,14 @@ A slot is a row in the store held by this worker (so it is lost with the worker'
 lease if the worker dies) and released when the attempt ends, however it ends.
 Waiting for a slot comes before the attempt is recorded: it is neither an attempt
 nor a failure. See docs/flow-control.md.
+
+Each slot is asked for, re-timed and released under a holder of one execution alone:
+a step's run id and key with the fence of the execution's claim of the run (a task's:
+the fence of its claim of the task), a handler's group and event id with a token of
+its own. A stale execution of a run another worker took over (its worker paused past
+its lease, then resumed) therefore never asks for, nor frees, the new owner's slot;
+and the store grants and frees a holder's slot only for the worker that holds it
+(:meth:`~cantata.store.roles.flow.FlowStore.acquire_slot`).
 """
 
 from __future__ import annotations
@@ -12,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cantata.errors import StoreFull, StoreUnavailable
 from cantata.model.flow import Rate, SlotGrant
+from cantata.quietlog import reason
 
 if TYPE_CHECKING:
     from cantata.declare.defs import HandlerDef, StepDef
@@ -31,6 +42,17 @@ def step_scope(name: str) -> str:
 
 def handler_scope(group: str) -> str:
     return f"handler:{group}"
+
+
+def step_holder(run_id: str, key: str, fence: int) -> str:
+    """The holder of a step's slot in one execution of its run: its run and key, and
+    the fence of the claim that execution runs under."""
+    return f"{run_id}:{key}@{fence}"
+
+
+def task_holder(run_id: str, key: str, fence: int) -> str:
+    """The holder of the slot of a step run as a task, in one claim of the task."""
+    return f"{run_id}:{key}@task{fence}"
 
 
 def ask_period(engine: Engine) -> float:
@@ -97,11 +119,17 @@ async def acquire_ahead(
     while True:
         now = clock.now()
         seen = flow.releases if flow is not None else 0
-        grant = await store.acquire_slot(
-            engine.app, scope, holder, engine.worker_id, concurrency=concurrency, rate=rate,
-            now=now, stale_before=now, lapsed_before=now - waiter_lapse(engine),
-            forget_before=now - engine.lease, begin_at=now + lead,
-        )
+        try:
+            grant = await store.acquire_slot(
+                engine.app, scope, holder, engine.worker_id, concurrency=concurrency,
+                rate=rate, now=now, stale_before=now, lapsed_before=now - waiter_lapse(engine),
+                forget_before=now - engine.lease, begin_at=now + lead,
+            )
+        except BaseException:
+            # The grant may have been committed with its answer lost (or the request
+            # cut short): free what this holder may hold (only its own).
+            await free(engine, scope, holder, f"{scope} ({holder})")
+            raise
         if grant.granted:
             return Granted(now + lead, clock.now() - now)
         try:
@@ -169,7 +197,7 @@ def hears_others(engine: Engine) -> bool:
 async def _withdraw(engine: Engine, scope: str, holder: str) -> None:
     """Leave the waiters of ``scope`` (a store error only delays it: the row lapses)."""
     try:
-        await engine.store.withdraw_slot_request(engine.app, scope, holder)
+        await engine.store.withdraw_slot_request(engine.app, scope, holder, engine.worker_id)
     except Exception as exc:
         log.warning("withdrawing the request of %s for a slot of %s failed (%s); it lapses "
                     "in %.1f s", holder, scope, exc, waiter_lapse(engine))
@@ -180,9 +208,13 @@ async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> fl
     the step has no limit)."""
     if sdef.concurrency is None and sdef.rate is None:
         return None
-    return await acquire(execution.engine, step_scope(sdef.name),
-                         f"{execution.run.run_id}:{key}", sdef.concurrency, sdef.rate,
-                         _step_wait(execution))
+    return await acquire(execution.engine, step_scope(sdef.name), _holder(execution, key),
+                         sdef.concurrency, sdef.rate, _step_wait(execution))
+
+
+def _holder(execution: RunExecution, key: str) -> str:
+    run = execution.run
+    return step_holder(run.run_id, key, run.fence)
 
 
 def _step_wait(execution: RunExecution) -> Any:
@@ -217,7 +249,7 @@ async def retime_step_begin(execution: RunExecution, sdef: StepDef, key: str,
     rate = sdef.rate
     if rate is None:
         return
-    scope, holder = step_scope(sdef.name), f"{execution.run.run_id}:{key}"
+    scope, holder = step_scope(sdef.name), _holder(execution, key)
 
     async def ask(lead: float) -> Granted:
         return await acquire_ahead(execution.engine, scope, holder, sdef.concurrency, rate,
@@ -263,14 +295,43 @@ def next_lead(lead: float, trip: float, longest: float) -> float:
 
 
 async def release_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> None:
-    """Free the slot of a finished attempt (a store error only delays it: the slot is
-    this holder's again on its next attempt, or lapses with this worker's lease)."""
-    try:
-        await execution.engine.store.release_slot(
-            execution.run.app, step_scope(sdef.name), f"{execution.run.run_id}:{key}"
-        )
-    except Exception as exc:
-        log.warning("releasing the slot of step %s failed (%s)", sdef.name, exc)
+    """Free the slot of a finished attempt (see :func:`free`)."""
+    await free(execution.engine, step_scope(sdef.name), _holder(execution, key),
+               f"step {sdef.name}")
+
+
+async def free(engine: Engine, scope: str, holder: str, what: str) -> None:
+    """Free ``holder``'s slot of ``scope`` (this worker's, nothing if it holds none).
+
+    Once asked, the release goes on even if the caller is cancelled meanwhile (a run let
+    go while it frees its step's slot). An outage or a full disk does not keep the slot
+    held: the release is retried in the background until the store takes it (or this
+    worker stops, and its slots go with its row), for no one else frees a live worker's
+    slot. Returns after the first try."""
+    tried: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    engine.track(asyncio.ensure_future(_free(engine, scope, holder, what, tried)))
+    await asyncio.shield(tried)
+
+
+async def _free(engine: Engine, scope: str, holder: str, what: str,
+                tried: asyncio.Future[None]) -> None:
+    delay = 0.05
+    while True:
+        try:
+            await engine.store.release_slot(engine.app, scope, holder, engine.worker_id)
+            return
+        except (StoreUnavailable, StoreFull) as exc:
+            engine.quiet.warning("slot-release", "releasing the slot of %s failed (%s); "
+                                 "retrying until it is freed", what, reason(exc))
+        except Exception as exc:
+            log.warning("releasing the slot of %s failed (%s); it is freed when this "
+                        "worker stops or its lease lapses", what, reason(exc))
+            return
+        finally:
+            if not tried.done():
+                tried.set_result(None)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max(engine.lease / 4, 0.05))
 
 
 def _news_wait(engine: Engine, extend: Any = None, cancels: bool = False) -> Any:
@@ -305,8 +366,9 @@ def _news_wait(engine: Engine, extend: Any = None, cancels: bool = False) -> Any
 async def take_task_slot(engine: Engine, sdef: StepDef, holder: str,
                          check: Any = None) -> float | None:
     """Wait for a slot of a limited step called from another service (a task): the
-    same scope and holder (``run_id:key``) as a local call of the step, so one limit
-    holds for both. The clock time its begin was recorded at (``None``: no limit).
+    same scope as a local call of the step, so one limit holds for both; ``holder``
+    is :func:`task_holder`'s. The clock time its begin was recorded at (``None``: no
+    limit).
 
     ``check()`` (when given) is awaited as the wait begins, then whenever this process
     hears of a cancel, when the clock time it returned (a deadline, or ``None``) comes,
@@ -368,13 +430,10 @@ async def retime_task_begin(engine: Engine, sdef: StepDef, holder: str,
 
 
 async def release_task_slot(engine: Engine, sdef: StepDef, holder: str) -> None:
-    """Free the slot a task's attempt held (a store error: it lapses with the lease)."""
+    """Free the slot a task's attempt held (see :func:`free`)."""
     if sdef.concurrency is None and sdef.rate is None:
         return
-    try:
-        await engine.store.release_slot(engine.app, step_scope(sdef.name), holder)
-    except Exception as exc:
-        log.warning("releasing the slot of step %s failed (%s)", sdef.name, exc)
+    await free(engine, step_scope(sdef.name), holder, f"step {sdef.name}")
 
 
 async def take_handler_slot(engine: Engine, hdef: HandlerDef, event_id: str,
@@ -382,7 +441,7 @@ async def take_handler_slot(engine: Engine, hdef: HandlerDef, event_id: str,
     """Wait for a slot of a limited handler group; the holder to release (or ``None``)."""
     if hdef.concurrency is None:
         return None
-    holder = f"{hdef.group}:{event_id}"
+    holder = f"{hdef.group}:{event_id}@{secrets.token_hex(6)}"  # (this handling's own)
     # (extend: a broker message stays ours while it waits)
     await acquire(engine, handler_scope(hdef.group), holder, hdef.concurrency, None,
                   _news_wait(engine, extend))
@@ -390,8 +449,5 @@ async def take_handler_slot(engine: Engine, hdef: HandlerDef, event_id: str,
 
 
 async def release_handler_slot(engine: Engine, hdef: HandlerDef, holder: str) -> None:
-    """Free a handler's slot (on a store error it lapses with this worker's lease)."""
-    try:
-        await engine.store.release_slot(engine.app, handler_scope(hdef.group), holder)
-    except Exception as exc:
-        log.warning("releasing the slot of group %s failed (%s)", hdef.group, exc)
+    """Free a handler's slot (see :func:`free`)."""
+    await free(engine, handler_scope(hdef.group), holder, f"group {hdef.group}")

@@ -362,10 +362,14 @@ class PostgresFlow(PostgresCore):
             if rate is not None:
                 await c.execute("DELETE FROM flow_begins WHERE app=$1 AND scope=$2 AND at <= $3",
                                 app, scope, now - rate.window)
-            if await c.fetchval(
-                "UPDATE flow_slots SET worker_id=$4 WHERE app=$1 AND scope=$2 AND holder=$3 "
-                "RETURNING 1", app, scope, holder, worker_id,
-            ):
+            owner = await c.fetchval(
+                "SELECT worker_id FROM flow_slots WHERE app=$1 AND scope=$2 AND holder=$3",
+                app, scope, holder,
+            )
+            # The holder's slot, if any: kept if this worker holds it; one another live
+            # worker holds (stale ones were freed above) is never taken over.
+            taken = owner is not None and owner != worker_id
+            if owner is not None and not taken:
                 if rate is None or await c.fetchval(
                     "UPDATE flow_begins SET at=greatest(at, $4) WHERE app=$1 AND scope=$2 AND "
                     "holder=$3 AND at=(SELECT max(at) FROM flow_begins WHERE app=$1 AND "
@@ -387,7 +391,8 @@ class PostgresFlow(PostgresCore):
                     "SELECT at FROM flow_begins WHERE app=$1 AND scope=$2 ORDER BY at",
                     app, scope,
                 )]
-            grant = plan_slot(held, begins, concurrency, rate, ahead)
+            grant = (SlotGrant(False, None, ahead) if taken
+                     else plan_slot(held, begins, concurrency, rate, ahead))
             if grant.granted:
                 await c.execute("INSERT INTO flow_slots (app, scope, holder, worker_id, "
                                 "acquired_at) VALUES ($1,$2,$3,$4,$5)",
@@ -400,17 +405,19 @@ class PostgresFlow(PostgresCore):
                 await _mind_waiters(c, key, now, grant.granted, place is not None, gone)
             return grant
 
-    async def release_slot(self, app: str, scope: str, holder: str) -> None:
+    async def release_slot(self, app: str, scope: str, holder: str, worker_id: str) -> None:
         async with self._db.tx() as c:
-            await c.execute("DELETE FROM flow_slots WHERE app=$1 AND scope=$2 AND holder=$3",
-                            app, scope, holder)
+            await c.execute("DELETE FROM flow_slots WHERE app=$1 AND scope=$2 AND holder=$3 "
+                            "AND worker_id=$4", app, scope, holder, worker_id)
             await self._db.notify(c, app, SLOTS)
 
-    async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
+    async def withdraw_slot_request(
+        self, app: str, scope: str, holder: str, worker_id: str
+    ) -> None:
         async with self._db.tx() as c:
             if await c.fetchval(
-                "DELETE FROM flow_waiters WHERE app=$1 AND scope=$2 AND holder=$3 RETURNING 1",
-                app, scope, holder,
+                "DELETE FROM flow_waiters WHERE app=$1 AND scope=$2 AND holder=$3 "
+                "AND worker_id=$4 RETURNING 1", app, scope, holder, worker_id,
             ):
                 await self._db.notify(c, app, SLOTS)
 

@@ -371,12 +371,14 @@ class SQLiteFlow(SQLiteCore):
             if rate is not None:
                 c.execute("DELETE FROM flow_begins WHERE app=? AND scope=? AND at <= ?",
                           (app, scope, now - rate.window))
-            if c.execute(
-                "SELECT 1 FROM flow_slots WHERE app=? AND scope=? AND holder=?",
+            row = c.execute(
+                "SELECT worker_id FROM flow_slots WHERE app=? AND scope=? AND holder=?",
                 (app, scope, holder),
-            ).fetchone():
-                c.execute("UPDATE flow_slots SET worker_id=? WHERE app=? AND scope=? AND "
-                          "holder=?", (worker_id, app, scope, holder))
+            ).fetchone()
+            # The holder's slot, if any: kept if this worker holds it; one another live
+            # worker holds (stale ones were freed above) is never taken over.
+            taken = row is not None and row[0] != worker_id
+            if row is not None and not taken:
                 if rate is None or c.execute(
                     "UPDATE flow_begins SET at=max(at, ?) WHERE app=? AND scope=? AND "
                     "holder=? AND at=(SELECT max(at) FROM flow_begins WHERE app=? AND "
@@ -397,7 +399,8 @@ class SQLiteFlow(SQLiteCore):
                     "SELECT at FROM flow_begins WHERE app=? AND scope=? ORDER BY at",
                     (app, scope),
                 )]
-            grant = plan_slot(held, begins, concurrency, rate, ahead)
+            grant = (SlotGrant(False, None, ahead) if taken
+                     else plan_slot(held, begins, concurrency, rate, ahead))
             if grant.granted:
                 c.execute("INSERT INTO flow_slots (app, scope, holder, worker_id, acquired_at) "
                           "VALUES (?,?,?,?,?)",
@@ -411,14 +414,18 @@ class SQLiteFlow(SQLiteCore):
 
         return await self._t.write(op)
 
-    async def release_slot(self, app: str, scope: str, holder: str) -> None:
+    async def release_slot(self, app: str, scope: str, holder: str, worker_id: str) -> None:
         await self._t.write(lambda c: c.execute(
-            "DELETE FROM flow_slots WHERE app=? AND scope=? AND holder=?", (app, scope, holder)
+            "DELETE FROM flow_slots WHERE app=? AND scope=? AND holder=? AND worker_id=?",
+            (app, scope, holder, worker_id),
         ), SLOTS)
 
-    async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
+    async def withdraw_slot_request(
+        self, app: str, scope: str, holder: str, worker_id: str
+    ) -> None:
         await self._t.write(lambda c: c.execute(
-            "DELETE FROM flow_waiters WHERE app=? AND scope=? AND holder=?", (app, scope, holder)
+            "DELETE FROM flow_waiters WHERE app=? AND scope=? AND holder=? AND worker_id=?",
+            (app, scope, holder, worker_id),
         ), SLOTS)
 
     async def slots_held(self, app: str, scope: str) -> int:

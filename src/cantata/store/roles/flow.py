@@ -125,15 +125,19 @@ class FlowStore(Protocol):
 
         Slots of other workers whose expiry (heartbeat + their own lease) is before
         ``stale_before``, the current time (or that are gone), are freed first. A
-        holder that already has a slot keeps it (granted again, nothing counted
-        twice); with a rate, its latest begin is re-timed to ``begin_at`` (its code
-        begins again, or later than first recorded), or, if that begin has left the
-        window, it asks as a new holder. A grant records a begin for the rate at
-        ``begin_at`` (``None``: ``now``; a later time when the caller will begin its
-        code then, a slow store's round trip ahead). A begin is recorded only while
-        fewer than ``limit`` begins are kept (those after ``now`` minus the window,
-        future ones included), and a re-timing only moves a kept one later: so no
-        window ever holds more than ``limit``, wherever the begins fall.
+        holder that already has a slot of ``worker_id`` keeps it (granted again,
+        nothing counted twice); with a rate, its latest begin is re-timed to
+        ``begin_at`` (its code begins again, or later than first recorded), or, if that
+        begin has left the window, it asks as a new holder. A slot of ``holder`` that
+        another live worker holds is never taken over: the request is denied as when no
+        slot is free (it waits), so a stale execution of a run another worker took
+        over, asking under the same holder, is not granted the new owner's slot (nor
+        the new owner the stale one's while that worker lives). A grant records a
+        begin for the rate at ``begin_at`` (``None``: ``now``; a later time when the
+        caller will begin its code then, a slow store's round trip ahead). A begin is
+        recorded only while fewer than ``limit`` begins are kept (those after ``now``
+        minus the window, future ones included), and a re-timing only moves a kept one
+        later: so no window ever holds more than ``limit``, wherever the begins fall.
 
         Waiters: a request that is denied registers ``holder`` as a waiter of ``scope``
         (or keeps its place, noting that it asked at ``now``). A request is granted
@@ -148,15 +152,20 @@ class FlowStore(Protocol):
         has room for this waiter's turn (the oldest waiter: the next begin it frees).
         """
 
-    async def release_slot(self, app: str, scope: str, holder: str) -> None:
-        """Free ``holder``'s slot of ``scope`` (nothing if it holds none); the
-        listeners hear ``slots`` (:data:`~cantata.store.roles.lifecycle.SLOTS`), those of
-        other processes too where the store can tell them (``hears_others``)."""
+    async def release_slot(self, app: str, scope: str, holder: str, worker_id: str) -> None:
+        """Free ``holder``'s slot of ``scope`` if ``worker_id`` holds it (nothing if it
+        holds none): a worker never frees a slot another worker was granted, even under
+        the same holder. The listeners hear ``slots``
+        (:data:`~cantata.store.roles.lifecycle.SLOTS`), those of other processes too
+        where the store can tell them (``hears_others``)."""
 
-    async def withdraw_slot_request(self, app: str, scope: str, holder: str) -> None:
+    async def withdraw_slot_request(
+        self, app: str, scope: str, holder: str, worker_id: str
+    ) -> None:
         """``holder`` stops waiting for a slot of ``scope`` (its run was cancelled, its
-        handler's message lost): its waiter row is removed, so the waiters behind it
-        move up, and the waiting processes hear of it as of a release, ``slots``
+        handler's message lost): its waiter row, if ``worker_id``'s, is removed, so the
+        waiters behind it move up, and the waiting processes hear of it as of a release,
+        ``slots``
         (nothing if it does not wait)."""
 
     async def slots_held(self, app: str, scope: str) -> int:

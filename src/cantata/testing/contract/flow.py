@@ -278,7 +278,7 @@ class FlowContract(StoreFixtures):
         assert await take("a", "w1") and await take("b", "w2")
         assert not await take("c", "w1")
         assert await take("a", "w1")  # the holder keeps its slot
-        await store.release_slot(self.app, "step:pay", "a")
+        await store.release_slot(self.app, "step:pay", "a", "w1")
         assert await take("c", "w1")
         assert await store.slots_held(self.app, "step:pay") == 2
         # w2 stops heartbeating: after the lease its slot is free again.
@@ -302,13 +302,13 @@ class FlowContract(StoreFixtures):
         assert grant.granted
         assert not (await peer.acquire_slot(self.app, "step:s", "a", "w2", concurrency=1,
                                             rate=None, now=now, stale_before=now)).granted
-        await store.release_slot(self.app, "step:s", "h")
+        await store.release_slot(self.app, "step:s", "h", "w1")
         await eventually(lambda: SLOTS in heard)
         if peer is not store and peer.hears_others:
             await eventually(lambda: SLOTS in elsewhere)
         heard.clear()
         elsewhere.clear()
-        await peer.withdraw_slot_request(self.app, "step:s", "a")
+        await peer.withdraw_slot_request(self.app, "step:s", "a", "w2")
         if peer is store or peer.hears_others:
             await eventually(lambda: SLOTS in heard)
         else:
@@ -321,7 +321,7 @@ class FlowContract(StoreFixtures):
         async def take(holder: str, at: float) -> tuple[bool, float | None]:
             g = await store.acquire_slot(self.app, "step:x", holder, "w", concurrency=None,
                                          rate=rate, now=at, stale_before=now)
-            await store.release_slot(self.app, "step:x", holder)
+            await store.release_slot(self.app, "step:x", holder, "w")
             return g.granted, g.retry_at
 
         assert (await take("a", now))[0] and (await take("b", now + 1))[0]
@@ -344,7 +344,7 @@ class FlowContract(StoreFixtures):
         assert (await take("a", now + 3))[0]  # its code begins later than first recorded
         ok, retry = await take("b", now + rate.window + 1)
         assert not ok and retry == pytest.approx(now + 3 + rate.window)
-        await store.release_slot(self.app, "step:y", "a")
+        await store.release_slot(self.app, "step:y", "a", "w")
         assert (await take("b", now + 3 + rate.window + 0.01))[0]
 
     async def test_slot_waiters_are_served_first_come(self, store: Store, peer: Store) -> None:
@@ -359,17 +359,17 @@ class FlowContract(StoreFixtures):
 
         assert await take(store, "h", "w1")
         assert not await take(store, "a", "w1", now + 1)  # A waits
-        await store.release_slot(self.app, "step:one", "h")
+        await store.release_slot(self.app, "step:one", "h", "w1")
         # Newcomer B asks first after the release, from another worker: A is owed it.
         assert not await take(peer, "b", "w2", now + 2)
         assert not await take(peer, "b", "w2", now + 2.5)  # (asking again changes nothing)
         assert await take(store, "a", "w1", now + 3)
         assert await store.slots_held(self.app, "step:one") == 1
-        await store.release_slot(self.app, "step:one", "a")
+        await store.release_slot(self.app, "step:one", "a", "w1")
         # B waits since now + 2: ahead of C, a newcomer on B's own worker.
         assert not await take(peer, "c", "w2", now + 4)
         assert await take(store, "b", "w2", now + 4.5)
-        await store.release_slot(self.app, "step:one", "b")
+        await store.release_slot(self.app, "step:one", "b", "w2")
         # C stops asking (since now + 4): once its waiter lapses, D is let through.
         await self.live(store, "w1", "w2")
         assert not await take(store, "d", "w1", now + 8)
@@ -388,7 +388,7 @@ class FlowContract(StoreFixtures):
         assert not await take("a", now + 1)
         assert not await take("b", now + 3)  # A lapsed: it blocks no one, B is the head
         assert not await take("a", now + 3.5)  # A asks again within the lease: first again
-        await store.release_slot(self.app, "handler:g", "h")
+        await store.release_slot(self.app, "handler:g", "h", "w")
         assert not await take("b", now + 4)
         assert await take("a", now + 4)
 
@@ -403,10 +403,10 @@ class FlowContract(StoreFixtures):
 
         assert await take(store, "h1", "w1") and await take(store, "h2", "w1")
         assert not await take(store, "a", "w1")
-        await store.release_slot(self.app, "step:two", "h1")
+        await store.release_slot(self.app, "step:two", "h1", "w1")
         assert not await take(peer, "b", "w2")
-        await store.withdraw_slot_request(self.app, "step:two", "a")  # A's run was cancelled
-        await store.withdraw_slot_request(self.app, "step:two", "nobody")  # (nothing)
+        await store.withdraw_slot_request(self.app, "step:two", "a", "w1")  # A's run was cancelled
+        await store.withdraw_slot_request(self.app, "step:two", "nobody", "w1")  # (nothing)
         assert await take(peer, "b", "w2")
 
     async def test_waiters_of_a_dead_worker_block_no_one(self, store: Store) -> None:
@@ -420,7 +420,7 @@ class FlowContract(StoreFixtures):
 
         assert await take("h", "w1", now)
         assert not await take("a", "w2", now)
-        await store.release_slot(self.app, "step:three", "h")
+        await store.release_slot(self.app, "step:three", "h", "w1")
         assert not await take("b", "w1", now + 1)
         # w2 stops heartbeating (A was its): after the lease, B is the head.
         await store.heartbeat(self.app, "w1", now + 11, None, lease=LEASE)
@@ -435,7 +435,7 @@ class FlowContract(StoreFixtures):
                                          rate=rate, now=at, stale_before=at,
                                          forget_before=at - 100)
             if g.granted:
-                await store.release_slot(self.app, "step:r", holder)
+                await store.release_slot(self.app, "step:r", holder, "w")
             return g.granted, g.retry_at
 
         assert (await take("h", now))[0]
@@ -470,6 +470,58 @@ class FlowContract(StoreFixtures):
         late = await take("b", now + 1.45)  # (a's first begin would have left by now)
         assert not late.granted and late.retry_at == pytest.approx(now + 0.7 + rate.window)
         assert (await take("b", now + 0.7 + rate.window + 0.01)).granted
+
+    async def test_a_slot_held_by_another_live_worker_is_not_taken_over(
+        self, store: Store, peer: Store
+    ) -> None:
+        """A grant belongs to the worker it was granted to: another live worker asking
+        under the same holder (the run's new owner while a stale execution of it still
+        holds the slot, or that stale execution) is not granted that row, and its
+        release or withdrawal frees nothing of the holding worker's."""
+        now = await self.live(store, "w1", "w2")
+
+        async def take(s: Store, holder: str, worker: str) -> bool:
+            grant = await s.acquire_slot(self.app, "step:own", holder, worker, concurrency=2,
+                                         rate=None, now=now, stale_before=now)
+            return grant.granted
+
+        assert await take(store, "run-1:pay#1", "w1")
+        assert not await take(peer, "run-1:pay#1", "w2")  # not w2's: no takeover
+        await peer.release_slot(self.app, "step:own", "run-1:pay#1", "w2")
+        await peer.withdraw_slot_request(self.app, "step:own", "run-1:pay#1", "w2")
+        assert await store.slots_held(self.app, "step:own") == 1  # still w1's
+        assert await take(store, "run-1:pay#1", "w1")  # w1 keeps it (nothing counted twice)
+        assert await take(peer, "run-2:pay#1", "w2")
+        assert await store.slots_held(self.app, "step:own") == 2
+        await store.release_slot(self.app, "step:own", "run-1:pay#1", "w1")
+        assert await store.slots_held(self.app, "step:own") == 1
+
+    async def test_a_stale_holder_frees_only_its_own_slot(self, store: Store, peer: Store) -> None:
+        """A worker paused past its lease held the one slot of a step; another worker
+        took the run over and its slot (the same holder: run and step). The paused
+        worker resumes, asks again under that holder and lets the run go: the new
+        owner's slot stays held, and no one else is granted it while it is."""
+        now = await self.live(store, "w1", "w2")
+        h = "run-1:pay#1"
+
+        async def take(s: Store, holder: str, worker: str, at: float) -> bool:
+            grant = await s.acquire_slot(self.app, "step:one", holder, worker, concurrency=1,
+                                         rate=None, now=at, stale_before=at,
+                                         forget_before=at - LEASE)
+            return grant.granted
+
+        assert await take(store, h, "w1", now)
+        later = now + LEASE + 1  # w1 silent past its lease: w2 takes the run and the slot
+        await peer.heartbeat(self.app, "w2", later, None, lease=LEASE)
+        assert await take(peer, h, "w2", later)
+        await store.heartbeat(self.app, "w1", later + 0.1, None, lease=LEASE)  # w1 resumes
+        assert not await take(store, h, "w1", later + 0.1)
+        await store.withdraw_slot_request(self.app, "step:one", h, "w1")
+        await store.release_slot(self.app, "step:one", h, "w1")
+        assert await store.slots_held(self.app, "step:one") == 1
+        assert not await take(store, "run-2:pay#1", "w1", later + 0.2)  # still w2's
+        await peer.release_slot(self.app, "step:one", h, "w2")
+        assert await take(store, "run-2:pay#1", "w1", later + 0.3)
 
     async def test_racing_slot_takers_never_exceed(self, store: Store, peer: Store) -> None:
         now = await self.live(store, *[f"w{i}" for i in range(10)])
