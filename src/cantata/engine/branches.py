@@ -37,33 +37,47 @@ How the cancel is kept from the step:
   cancel does not reach: the branch waits for it, then is cancelled.
 
 The engine's own cancels (``RunExecution.let_go``) are never held back: they stop the
-run's task and the steps' tasks at once. The engine's code that runs in a run's task
-during a step must therefore not time out by cancelling that task (``asyncio.timeout``,
-and ``asyncio.wait_for`` from Python 3.12): the task would take that cancel for the
-workflow code's own. It waits with ``asyncio.wait(..., timeout=...)`` instead
-(``ownership.wait_event``).
+run's task and the steps' tasks at once. Nor is a cancel asked from the engine's own
+code while it runs in the run's task for a step (its slot, its checkpoints, a remote
+step's reads: :data:`IN_ENGINE`): that is a timeout of the engine's or of a store
+driver's (``asyncio.timeout``, and ``asyncio.wait_for`` from Python 3.12, cancel the
+task they run in), and it is passed on, so that the timeout ends as its code expects
+(``TimeoutError``, a store error the engine retries), never taken for a cancel of the
+step's branch. Held back, it would have stopped the step, raised ``CancelledError`` in
+the workflow's code and marked the step cancelled in history for a store that was
+only slow. The engine's code still prefers ``asyncio.wait(..., timeout=...)``, which
+cancels no one (``ownership.wait_event``; the store's connects,
+``store/postgres_pool.py``'s ``connect_apart``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from cantata.errors import StepFailed
+from cantata.errors import StepFailed, StoreError
 from cantata.fencing import IN_BODY
 from cantata.model.records import RunWrite, branch_cancelled, mark_branch_cancelled
 
 from .compensation import register
 from .journal import FINAL
-from .signals import _BranchStopped
+from .signals import _BranchStopped, _StoreFailed
 
 if TYPE_CHECKING:
     from cantata.declare.defs import StepDef
 
     from .runner import RunExecution
 
+
+
+#: True while the engine's own code runs in a run's task for a step of the workflow's
+#: (:func:`run_step`): a cancel of the run's task asked from there (a timeout's, whose
+#: timer runs in the context it was set in) is the engine's, not the workflow code's.
+IN_ENGINE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "cantata_in_engine", default=False)
 
 
 @dataclass(slots=True)
@@ -89,7 +103,7 @@ class RunTask(asyncio.Task[None]):
     def cancel(self, msg: Any | None = None) -> bool:
         x = self.execution
         step = x.inline_step
-        if step is None or x.letting_go or IN_BODY.get() or self.done():
+        if step is None or x.letting_go or IN_BODY.get() or IN_ENGINE.get() or self.done():
             return super().cancel(msg)
         step.cancelled = True  # it stops at its next durable point
         self.held += 1
@@ -164,9 +178,11 @@ async def run_step(
     inline = task is not None and task is asyncio.current_task()  # (x.task: a RunTask)
     failure: StepFailed | None = None
     value: Any = None
+    engine_code = None
     try:
         if inline:
             x.inline_step = step
+            engine_code = IN_ENGINE.set(True)
         try:
             try:
                 value = await (
@@ -174,6 +190,11 @@ async def run_step(
                 )
             except StepFailed as exc:
                 failure = exc
+            except StoreError as exc:
+                # The engine's own read or write for the step (its slot, a remote step's
+                # task) met a store outage: not the workflow's failure, which its code
+                # could catch and compensate; the run goes on from its history.
+                raise _StoreFailed(exc) from exc
             except _BranchStopped:
                 if not step.cancelled:  # (a cancel before it began: nothing was recorded)
                     raise
@@ -189,6 +210,8 @@ async def run_step(
                     await asyncio.sleep(0)  # raises the cancel held back
                 raise asyncio.CancelledError()
         finally:
+            if engine_code is not None:
+                IN_ENGINE.reset(engine_code)
             if inline:
                 x.inline_step = None
                 assert isinstance(task, RunTask)

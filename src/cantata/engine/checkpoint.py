@@ -71,6 +71,7 @@ async def commit_run(x: RunExecution, write: RunWrite) -> None:
         x.lost = True
         raise _Abandon() from None
     except StoreError as exc:
+        x.uncommitted.extend(write.attempts)  # not charged when the run is resumed here
         raise _StoreFailed(exc) from exc
 
 

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from cantata.errors import NonDeterminismError
+from cantata.errors import NonDeterminismError, StoreError
 from cantata.model import codec
 from cantata.model.event import Event
 from cantata.model.parking import Parking
 from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunWrite, TaskRecord
+
+from .signals import _StoreFailed
 
 if TYPE_CHECKING:
     from .runtime import Interrupt, JournalRuntime, Watch
@@ -185,11 +187,17 @@ class Journal:
         (engine/parking.py); ``interrupt`` what a cancel or deadline does (raised,
         or see :meth:`JournalRuntime.wait_until`)."""
         with self.rt.watching(watch):
-            if interrupt == "raise":  # (the default of every runtime)
-                await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park)
-            else:
-                await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park,
-                                         interrupt=interrupt)
+            try:
+                if interrupt == "raise":  # (the default of every runtime)
+                    await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park)
+                else:
+                    await self.rt.wait_until(entry.wake_at, look, poll=poll, park=park,
+                                             interrupt=interrupt)
+            except StoreError as exc:
+                # ``look()`` met a store outage (or a store slower than its driver's
+                # timeouts): not the workflow's failure, which its code could catch and
+                # compensate; the run goes on from its history.
+                raise _StoreFailed(exc) from exc
 
     async def settle(
         self,

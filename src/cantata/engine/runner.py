@@ -100,6 +100,7 @@ class RunExecution:
         self.attempts: dict[str, list[Attempt]] = {}
         self.pending: list[HistoryEntry] = []
         self.pending_attempts: list[Attempt] = []
+        self.uncommitted: list[Attempt] = []  # attempts of a checkpoint the store failed
         self.pending_status: RunStatus | None = None
         self.commit_lock = asyncio.Lock()
         self.flush_failed: BaseException | None = None
@@ -402,10 +403,13 @@ class RunExecution:
             log.exception("run %s: internal error; it will be retried", self.run.run_id)
         finally:
             # Steps cut short here by this live worker do not count as attempts when
-            # it resumes the run (see steps.prior_attempts).
-            self.engine.note_cut_short(
-                self.run.run_id, {(a.key, a.attempt) for a in self.inflight.values()}
-            )
+            # it resumes the run (see steps.prior_attempts); nor do those that ended
+            # here but whose end was never committed (held for the run's next write
+            # when the store failed): the worker did not die in them.
+            self.engine.note_cut_short(self.run.run_id, {
+                *((a.key, a.attempt) for a in self.inflight.values()),
+                *((a.key, a.attempt) for a in (*self.pending_attempts, *self.uncommitted)),
+            })
             # Taken from this live worker (a pause past its lease): the attempts it was
             # cut off in are excused, unless their own body stalled it.
             cut = [a for k, a in self.mine.items() if k not in self.stalled]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import StoreFull, StoreUnavailable
 from cantata.model.flow import Rate, SlotGrant
 from cantata.quietlog import reason
+from cantata.store.faults import wait_out
 
 if TYPE_CHECKING:
     from cantata.declare.defs import HandlerDef, StepDef
@@ -208,8 +209,15 @@ async def take_step_slot(execution: RunExecution, sdef: StepDef, key: str) -> fl
     the step has no limit)."""
     if sdef.concurrency is None and sdef.rate is None:
         return None
-    return await acquire(execution.engine, step_scope(sdef.name), _holder(execution, key),
-                         sdef.concurrency, sdef.rate, _step_wait(execution))
+    engine = execution.engine
+    # An outage (or a store that answers slower than its driver's timeouts) is waited
+    # out here, as a checkpoint's is: the run's steps held for its next write stay held.
+    return await wait_out(
+        lambda: acquire(engine, step_scope(sdef.name), _holder(execution, key),
+                        sdef.concurrency, sdef.rate, _step_wait(execution)),
+        quiet=engine.quiet, key="slot", what=f"taking a slot of step {sdef.name}",
+        give_up=lambda: not engine.serving, max_delay=engine.lease / 4,
+    )
 
 
 def _holder(execution: RunExecution, key: str) -> str:

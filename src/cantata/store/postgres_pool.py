@@ -13,8 +13,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -81,12 +81,51 @@ _SETTING_REFUSED = (
 )
 _REFUSED_NAME = re.compile(r'parameter "([^"]+)"')
 
+T = TypeVar("T")
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Row: TypeAlias = "asyncpg.Record | tuple[Any, ...]"
 
 
 _REPLAN_FIRST = 0.5  # seconds after a connection's first use that its plans are redone
 _REPLAN_MAX = 300.0
+
+
+async def connect_apart(connecting: Awaitable[T], timeout: float) -> T:
+    """Await ``connecting`` (a new connection) in a task of its own, giving up after
+    ``timeout`` seconds with ``TimeoutError``.
+
+    Not asyncpg's own ``timeout=``: that is an ``asyncio.timeout`` in the caller's task,
+    which ends the wait by cancelling the caller. The pool connects in whichever task
+    acquires a connection, a run's own task too (a read of its step's slot, its remote
+    step's task), and a cancel of a run's task during a step is taken for the workflow
+    code's cancel of the step's branch (engine/branches.py). Here the caller is never
+    cancelled by the timeout; a cancel of the caller still stops the connecting at
+    once. A connection that comes after the timeout is closed. (``connecting`` may
+    have its driver's own timeout too: it cancels only the task made here.)
+    """
+    task = asyncio.ensure_future(connecting)
+    try:
+        await asyncio.wait((task,), timeout=timeout)
+    except BaseException:  # the caller was cancelled
+        _give_up(task)
+        raise
+    if not task.done():
+        _give_up(task)
+        raise TimeoutError(f"no connection to PostgreSQL within {timeout:g} s")
+    return task.result()
+
+
+def _give_up(task: asyncio.Future[Any]) -> None:
+    """Nobody takes ``task``'s connection: stop it, or close what it made."""
+    task.cancel()
+    task.add_done_callback(_close_late)
+
+
+def _close_late(task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        return
+    if task.exception() is None:  # (retrieved: asyncio logs nothing for it)
+        task.result().terminate()
 
 
 async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
@@ -161,8 +200,10 @@ class PgPool:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                return await asyncpg.connect(
-                    self._dsn, timeout=max(0.5, remaining), server_settings=self._settings
+                bound = max(0.5, remaining)
+                return await connect_apart(
+                    asyncpg.connect(self._dsn, timeout=bound, server_settings=self._settings),
+                    bound,
                 )
             except asyncpg.InvalidPasswordError:
                 raise StoreUnavailable(
@@ -294,7 +335,7 @@ class PgPool:
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self.pool_size, server_settings=self._settings,
-                timeout=max(1.0, self.connect_timeout), reset=_keep_session,
+                reset=_keep_session, connect=self._pool_connect,
             )
             await self._listen()
         except CONN_ERRORS as exc:
@@ -302,6 +343,14 @@ class PgPool:
             raise StoreUnavailable(
                 f"cannot connect to PostgreSQL at {self.masked_url}: {exc}"
             ) from None
+
+    async def _pool_connect(
+        self, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> asyncpg.Connection[asyncpg.Record]:
+        """How the pool makes a connection: as asyncpg would, its timeout kept apart
+        from the task that acquires it (:func:`connect_apart`)."""
+        bound = timeout if timeout is not None else max(1.0, self.connect_timeout)
+        return await connect_apart(asyncpg.connect(*args, timeout=bound, **kwargs), bound)
 
     async def _listen(self) -> None:
         conn = await self.connect()
@@ -381,8 +430,10 @@ class PgPool:
                 except CONN_ERRORS:
                     # Its protocol state is unknown (a query may be half done): never
                     # hand it out again. (The pool runs no reset query that would
-                    # notice, see _keep_session.)
-                    conn.terminate()
+                    # notice, see _keep_session.) asyncpg may have taken it back already
+                    # (a connection it saw closed): then there is nothing to terminate.
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
                     raise
         except CONN_ERRORS as exc:
             raise StoreUnavailable(

@@ -1,0 +1,171 @@
+"""A store slower than its driver's timeouts, met in a run's own task, is waited out.
+
+A timeout that ends by cancelling the task it runs in (``asyncio.timeout``, asyncpg's
+connect timeout) must never be taken for the workflow's code cancelling a step's
+branch (engine/branches.py): the run goes on and completes; the workflow's code sees
+no ``CancelledError``, no step runs twice, no attempt is charged ``WorkerLost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from cantata import App, StoreUnavailable, WorkflowContext
+from cantata.model.records import EntryKind
+from cantata.store.postgres import PostgresStore
+from cantata.store.sqlite import SQLiteStore
+from tests.helpers import eventually, with_schema
+from tests.stall_proxy import stall_proxy
+
+STALL = 2.5  # seconds: longer than the store's timeout (1 s)
+
+
+def stall_app(store: Any, gate: asyncio.Event, entered: asyncio.Event,
+              seen: list[str]) -> App:
+    """Step ``first`` waits for ``gate``; then the limited step ``second`` asks the
+    store for its slot, in the run's own task."""
+    app = App("stall", store=store, lease=10, poll_interval=0.05, shutdown_grace=1)
+
+    @app.step
+    async def first() -> int:
+        seen.append("first")
+        entered.set()
+        await gate.wait()
+        return 1
+
+    @app.step(concurrency=1)
+    async def second(n: int) -> int:
+        return n + 1
+
+    @app.workflow
+    async def flow(ctx: WorkflowContext) -> int:
+        a = await ctx.run(first)
+        try:
+            return int(await ctx.run(second, a))
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    return app
+
+
+async def check_run(app: App, run_id: str, seen: list[str]) -> None:
+    attempts = await app.store.load_attempts(app.name, run_id)
+    history = await app.store.load_history(app.name, run_id)
+    assert seen == ["first"], f"the workflow's code saw {seen}"
+    assert [(a.key, a.error_type) for a in attempts] == [
+        ("first#1", None), ("second#1", None)], attempts
+    assert all("cancelled" not in (e.detail or "") for e in history), history
+
+
+@pytest.mark.postgres
+async def test_a_connect_slower_than_its_timeout_for_a_steps_slot_is_waited_out(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    seen: list[str] = []
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with stall_proxy(postgres_url) as proxy:
+        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+                              connect_timeout=1.0)
+        app = stall_app(store, gate, entered, seen)
+        async with app:
+            handle = await app.start("flow")
+            await asyncio.wait_for(entered.wait(), 10)
+            proxy.cut()  # every pooled connection is lost: the next use connects...
+            proxy.stall()  # ...and connecting takes longer than its timeout
+            await asyncio.sleep(0.2)
+            gate.set()
+            await asyncio.sleep(STALL)
+            assert proxy.held, "nothing tried to connect during the stall"
+            proxy.resume()
+            assert await handle.result(timeout=20) == 2
+            await check_run(app, handle.run_id, seen)
+
+
+class SlowSlots(SQLiteStore):
+    """A store whose slot requests go through a timeout of its own
+    (``asyncio.timeout``), as a store backend of another package may write them; while
+    ``answering`` is clear, an answer takes longer than that timeout."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.answering = asyncio.Event()
+        self.answering.set()
+
+    async def acquire_slot(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(1.0):
+                await self.answering.wait()
+                return await super().acquire_slot(*args, **kwargs)
+        except TimeoutError:
+            raise StoreUnavailable("the store did not answer within 1 s") from None
+
+
+async def test_a_store_timeout_in_a_runs_task_is_not_a_cancel_of_the_step(
+    tmp_path: Any,
+) -> None:
+    seen: list[str] = []
+    gate, entered = asyncio.Event(), asyncio.Event()
+    store = SlowSlots(str(tmp_path / "slow.db"))
+    app = stall_app(store, gate, entered, seen)
+    async with app:
+        handle = await app.start("flow")
+        await asyncio.wait_for(entered.wait(), 10)
+        store.answering.clear()
+        gate.set()
+        await asyncio.sleep(STALL)
+        store.answering.set()
+        assert await handle.result(timeout=20) == 2
+        await check_run(app, handle.run_id, seen)
+
+
+async def waits_for_child(app: App, run_id: str) -> bool:
+    """The run has recorded its call of a child and waits for it."""
+    history = await app.store.load_history(app.name, run_id)
+    return any(e.kind == EntryKind.CHILD for e in history)
+
+
+@pytest.mark.postgres
+async def test_a_store_error_met_by_a_waits_look_is_not_raised_in_the_workflows_code(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    seen: list[str] = []
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with stall_proxy(postgres_url) as proxy:
+        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+                              connect_timeout=1.0)
+        app = App("stall", store=store, lease=10, poll_interval=0.05, shutdown_grace=1)
+
+        @app.step
+        async def slow() -> int:
+            entered.set()
+            await gate.wait()
+            return 7
+
+        @app.workflow
+        async def child(ctx: WorkflowContext) -> int:
+            return int(await ctx.run(slow))
+
+        @app.workflow
+        async def parent(ctx: WorkflowContext) -> str:
+            try:  # (a workflow that takes any error of its child for the child's failure)
+                return f"child said {await ctx.call(child)}"
+            except Exception as exc:
+                seen.append(f"{type(exc).__name__}: {exc}")
+                return "gave up"
+
+        async with app:
+            handle = await app.start("parent")
+            await asyncio.wait_for(entered.wait(), 10)
+            await eventually(lambda: waits_for_child(app, handle.run_id), what="the call recorded")
+            proxy.cut()  # the parent's wait looks at its child in the store meanwhile
+            proxy.stall()
+            await asyncio.sleep(STALL)
+            assert proxy.held, "nothing tried to connect during the stall"
+            proxy.resume()
+            gate.set()
+            assert await handle.result(timeout=20) == "child said 7", seen
+        assert seen == []

@@ -1,0 +1,108 @@
+"""A TCP proxy in the test's event loop that can cut and stall the way to a server.
+
+Tests put it between a store and the real PostgreSQL server to make the server slow
+for real: :meth:`StallProxy.stall` holds every new connection (accepted, nothing
+forwarded) and every byte in flight until :meth:`StallProxy.resume`; :meth:`cut`
+closes the connections open now, as a lost network does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+
+class StallProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``target`` (host, port)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._open = asyncio.Event()
+        self._open.set()
+        self._links: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.held = 0  # connections accepted while stalled, not forwarded yet
+
+    def url(self, server_url: str) -> str:
+        """``server_url`` pointed at the proxy instead."""
+        parts = urlsplit(server_url)
+        host = parts.netloc.rpartition("@")
+        user = f"{host[0]}@" if host[1] else ""
+        return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{self.port}"))
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self._open.set()
+        if self._server is not None:
+            self._server.close()
+        self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def stall(self) -> None:
+        """From now on nothing goes through (new connections wait to be forwarded)."""
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    def cut(self) -> None:
+        """Close every connection open now (both ends)."""
+        for writer in list(self._links):
+            writer.transport.abort()
+        self._links.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._links.add(writer)
+        ends = [writer]
+        try:
+            if not self._open.is_set():
+                self.held += 1
+                await self._open.wait()
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            ends.append(up_writer)
+            self._links.add(up_writer)
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            for end in ends:
+                self._links.discard(end)
+                end.transport.abort()
+            self._tasks.discard(task)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                await self._open.wait()  # a stall holds what is in flight too
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def stall_proxy(server_url: str) -> AsyncIterator[StallProxy]:
+    """A started :class:`StallProxy` to the server of ``server_url``."""
+    parts = urlsplit(server_url)
+    proxy = StallProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
