@@ -78,13 +78,17 @@ async def test_sigterm_lets_the_step_in_progress_finish_and_records_it_once(
     try:
         async with client.client():
             h = await client.start("chain", {"id": 1, "seconds": 1.5, "steps": "ab"})
-            await eventually(lambda: marks(tmp_path, "start"), 20, "the first step start")
+            # (generous deadlines: a worker process takes 10-15 s to start on a machine
+            # loaded as a full test run loads it)
+            await eventually(lambda: marks(tmp_path, "start"), 60, "the first step start")
             first.send_signal(signal.SIGTERM)
-            assert await exited(first, 10) == 0
+            assert await exited(first, 30) == 0
             run = await client.store.get_run(client.name, h.run_id)
             assert run is not None and run.owner is None  # released, not left to the lease
             procs.append(start_worker(store, tmp_path, log, broker=broker, grace=10))
-            assert await h.result(timeout=20) == ["a:1", "b:1"]
+            await eventually(lambda: log.read_text().count("serving app") >= 2, 60,
+                             "the second worker's banner")
+            assert await h.result(timeout=60) == ["a:1", "b:1"]
             tried = await attempts_of(client, h.run_id)
     finally:
         for p in procs:

@@ -55,6 +55,11 @@ async def workers_up(app: App, n: int, timeout: float = 30) -> None:
         await asyncio.sleep(0.1)
 
 
+def running_on(folder: Path) -> set[int]:
+    """The worker processes that began a step."""
+    return {m.pid for m in marks(folder, "start")}
+
+
 async def test_workers_paused_past_their_lease_leave_no_run_stuck(
     lease_app: App, backend: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -71,16 +76,24 @@ async def test_workers_paused_past_their_lease_leave_no_run_stuck(
     try:
         async with lease_app.client():
             await workers_up(lease_app, 2)
+            # Both fully up (a registered worker may still be starting, for seconds on a
+            # loaded machine, while the other claims every run).
+            end = time.monotonic() + 60
+            while log.read_text(errors="replace").count("serving app") < 2:
+                assert time.monotonic() < end, "the workers printed no banners within 60 s"
+                await asyncio.sleep(0.1)
             handles = []
-            for i in range(12):  # a few at a time, so that both workers claim some
-                handles.append(
-                    await lease_app.start("chain", {"id": i, "seconds": 6.0, "steps": "ab"})
-                )
-                await asyncio.sleep(0.15)
-            end = time.monotonic() + 20
-            while {m.pid for m in marks(tmp_path, "start")} != {w.pid for w in workers}:
+            # A few at a time, so that both workers claim some: at least 12, and more
+            # while one worker runs them all (a worker starved of CPU loses each claim).
+            end = time.monotonic() + 60
+            while len(handles) < 12 or running_on(tmp_path) != {w.pid for w in workers}:
                 assert time.monotonic() < end, "both workers should be running steps"
-                await asyncio.sleep(0.05)
+                if len(handles) < 40:
+                    i = len(handles)
+                    handles.append(
+                        await lease_app.start("chain", {"id": i, "seconds": 6.0, "steps": "ab"})
+                    )
+                await asyncio.sleep(0.15)
             await asyncio.sleep(0.5)
             for worker in workers:
                 worker.send_signal(signal.SIGSTOP)
@@ -92,7 +105,7 @@ async def test_workers_paused_past_their_lease_leave_no_run_stuck(
     finally:
         for worker in workers:
             stop(worker)
-    assert results == [[f"{s}:{i}" for s in "ab"] for i in range(12)]
+    assert results == [[f"{s}:{i}" for s in "ab"] for i in range(len(handles))]
     assert stuck == []
     # A paused worker may finish a body it was running when paused (nothing stops it
     # before it runs again; its result is never recorded). Nothing else runs twice.

@@ -115,18 +115,28 @@ def test_the_worker_banner_and_logs_hide_the_password(
             return await ctx.run(hello, x)
     """))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cantata.cli.main", "worker", "secret_app:app", "--store", url,
-         "--broker", "embedded"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    printed = tmp_path / "worker.out"
+    with printed.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cantata.cli.main", "worker", "secret_app:app", "--store",
+             url, "--broker", "embedded"],
+            cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )
     try:
-        time.sleep(3)
+        # The stop comes once the worker serves (its banner): a SIGTERM that lands while
+        # the interpreter still imports (seconds on a loaded machine) ends it unprinted.
+        deadline = time.monotonic() + 60
+        while "serving app" not in printed.read_text(errors="replace"):
+            assert proc.poll() is None, printed.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the worker printed no banner within 60 s"
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         asyncio.run(drop_schema(postgres_url, schema))  # the worker made it
+    out = printed.read_text(errors="replace")
     assert "secretshop" in out, out
+    assert "stopping:" in out, out  # everything it printed, to its stop
     assert SECRET not in out
     # a start against a refused port also prints nothing secret
     bad = subprocess.run(

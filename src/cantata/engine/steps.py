@@ -25,7 +25,7 @@ from cantata.model.records import (
 )
 
 from .branches import branch_stopped, marked
-from .heartbeat import beat_for, first_beat
+from .heartbeat import Beat, beat_for, first_beat
 from .invoke import invoke_step
 from .ownership import FENCE_AT
 from .parking import parking_for
@@ -502,24 +502,29 @@ async def execute_body(
 ) -> Any:
     if sdef.concurrency is not None or sdef.rate is not None:
         try:
+            beat = None
             if stamped is not None:  # (the rate counts the body's begin, not the grant's)
+                # The heartbeat's read first: nothing may be awaited between the
+                # re-timing's last look at the clock and the body (flow/limits.py).
+                beat = await beat_of(x, sdef, key, attempt)
                 await retime_step_begin(x, sdef, key, stamped)
-            return await with_hooks(x, sdef, args, key, attempt, kind)
+            return await with_hooks(x, sdef, args, key, attempt, kind, beat)
         finally:
             await release_step_slot(x, sdef, key)
     return await with_hooks(x, sdef, args, key, attempt, kind)
 
 
 async def with_hooks(
-    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: EntryKind
+    x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int, kind: EntryKind,
+    beat: Beat | None = None,
 ) -> Any:
     hooks = x.engine.hooks
     if not hooks:
-        return await invoke(x, sdef, args, key, attempt)
+        return await invoke(x, sdef, args, key, attempt, beat)
     started = time.perf_counter()
     with hooks.step(x.run, sdef.name, key, attempt, kind):
         try:
-            value = await invoke(x, sdef, args, key, attempt)
+            value = await invoke(x, sdef, args, key, attempt, beat)
         except Exception as exc:
             hooks.notify(
                 "step_finished", x.run, sdef.name, attempt, time.perf_counter() - started, exc
@@ -529,12 +534,22 @@ async def with_hooks(
     return value
 
 
-async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int) -> Any:
-    """One attempt: heartbeats kept for the next attempt, transactional or not."""
+async def beat_of(x: RunExecution, sdef: StepDef, key: str, attempt: int) -> Beat:
+    """The :class:`Beat` of an attempt (a store read after the first attempt: the
+    details an earlier one left)."""
+    run, store = x.run, x.engine.store
+    if attempt == 1:
+        return first_beat(store, run.app, run.run_id, sdef.name, key, attempt)
+    return await beat_for(store, run.app, run.run_id, sdef.name, key, attempt)
+
+
+async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int,
+                 beat: Beat | None = None) -> Any:
+    """One attempt: heartbeats kept for the next attempt, transactional or not (``beat``:
+    the attempt's, when the caller has it already)."""
     run = x.run
-    store = x.engine.store
-    beat = (first_beat(store, run.app, run.run_id, sdef.name, key, attempt) if attempt == 1
-            else await beat_for(store, run.app, run.run_id, sdef.name, key, attempt))
+    if beat is None:
+        beat = await beat_of(x, sdef, key, attempt)
     failed = True
     try:
         if sdef.transactional:

@@ -241,10 +241,12 @@ class TaskServer:
             give_up=lambda: self._loop is None, max_delay=engine.lease / 4,
         ):
             return  # claimed since by another worker (this one was taken for dead)
+        # The heartbeat's read before the re-timing: nothing may be awaited between the
+        # re-timing's last look at the clock and the body (flow/limits.py).
+        beat = await beat_for(engine.store, engine.app, rec.run_id, sdef.name, rec.key, number)
         if stamped is not None:
             await retime_task_begin(engine, sdef, task_holder(rec.run_id, rec.key, rec.fence),
                                     stamped)
-        beat = await beat_for(engine.store, engine.app, rec.run_id, sdef.name, rec.key, number)
         try:
             value = await invoke_step(
                 sdef, codec.loads(rec.args), rec.run_id, rec.key, number, beat=beat

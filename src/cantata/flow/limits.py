@@ -275,10 +275,16 @@ async def retime_begin(engine: Engine, rate: Rate, stamped: float, ask: Any) -> 
     the holder's own request), ``lead`` seconds after the request is sent: the store's
     last round trip and a half, so that the answer comes before the new begin, which
     the body then waits for. Each miss lengthens the lead (up to the lease); a begin
-    that left the window meanwhile is asked for anew, as a waiter. The rate counts
-    recorded begins; this keeps each body's start within ``slack`` of its own, however
-    slow the store, so the limit holds for starts timed in the body
+    that left the window meanwhile is asked for anew, as a waiter. A wait for a begin
+    ahead is a miss too when it ends more than ``slack`` past that begin (a busy event
+    loop or a loaded machine wakes its sleepers late): the time is looked at again after
+    every wait, and the body begins only within ``slack``. The rate counts recorded
+    begins; this keeps each body's start within ``slack`` of its own, however slow the
+    store or the wake-ups, so the limit holds for starts timed in the body
     (docs/flow-control.md).
+
+    Returns right after its last look at the clock (no ``await`` between), so the
+    caller must begin the body without awaiting anything first.
     """
     clock = engine.clock
     slack = (rate.window - rate.per) / 2
@@ -287,12 +293,20 @@ async def retime_begin(engine: Engine, rate: Rate, stamped: float, ask: Any) -> 
         late = clock.now() - stamped
         if late < 0:
             await clock.sleep(-late)
-            return
+            if slack < TIMER_GRAIN:
+                return  # (a margin finer than the loop's timers: as close as it gets)
+            continue  # (look again: the wake-up itself may come late)
         if late <= slack:
             return
         granted = await ask(lead)
         stamped = granted.begin
         lead = next_lead(lead, granted.trip, engine.lease)
+
+
+# How late an idle event loop may wake a sleeper (its selector counts milliseconds):
+# a rate whose margin is finer than this (``per`` under 40 ms) is not looked at again
+# after a wait, which could then miss for ever.
+TIMER_GRAIN = 0.002
 
 
 def next_lead(lead: float, trip: float, longest: float) -> float:
