@@ -670,7 +670,9 @@ class App(RouterFacade):
         event = self.signer.sign(event)
         with self.hooks.publish(event):
             if self.hooks:
-                event = dataclasses.replace(event, traceparent=self.hooks.traceparent())
+                traceparent = self.hooks.traceparent()
+                if traceparent != event.traceparent:  # (no new event for the same None)
+                    event = dataclasses.replace(event, traceparent=traceparent)
             self.engine.check_event(event)
             # (through the broker: it may hand the event to this worker's handlers). An
             # operator's publish is audited by the append that stores the event, in its

@@ -8,7 +8,8 @@ rules are in docs/leases.md ("Paused past the lease") and :mod:`cantata.engine.p
   lapsed (``time.monotonic()`` keeps counting through SIGSTOP), before any other code
   of the process runs.
 - :class:`InlineBody` is the same guard for a body awaited in the awaiting task itself
-  (a workflow's step: no task of its own to create, schedule and wake on every step).
+  (a workflow's step, a handler's body: no task of its own to create, schedule and
+  wake on every step or delivery).
 - :class:`PauseClock` tells a pause of the whole process (SIGSTOP, a VM stall) from a
   body that blocks the event loop itself.
 """
@@ -166,7 +167,9 @@ class InlineBody(_Guard, Generic[T]):
     task's ``engine_cancel`` when it has one: a run's task holds back other cancels
     while a step runs). The awaiting code tells that cancel (``cancelled``) and the
     guard's own throw (``thrown``) from a cancel of ``task`` by anyone else, and takes
-    its own cancel back (``task.uncancel()``). The body runs with :data:`IN_BODY` set.
+    its own cancel back (``task.uncancel()``). The body runs with :data:`IN_BODY` set
+    (``in_body``: a step's body; a handler's body runs without it, as in a task of its
+    own).
     """
 
     __slots__ = ("_context", "cancelled", "task")
@@ -178,10 +181,13 @@ class InlineBody(_Guard, Generic[T]):
         stalled: Callable[[float], None],
         stall: float,
         task: asyncio.Task[Any],
+        *,
+        in_body: bool = True,
     ) -> None:
         super().__init__(coro, fenced, stalled, stall)
         self._context = contextvars.copy_context()
-        self._context.run(IN_BODY.set, True)
+        if in_body:
+            self._context.run(IN_BODY.set, True)
         self.task = task
         self.cancelled = False  # cancel() cancelled the task
 
@@ -227,14 +233,30 @@ class BodyFenced(BaseException):
 
 
 async def guarded(coro: Coroutine[Any, Any, T], fenced: Callable[[], bool], stall: float) -> T:
-    """Await a body as a :class:`GuardedBody` task. Raises :class:`BodyFenced` when the
-    guard stopped it (a cancel of the awaiting task is passed on as usual)."""
-    body: asyncio.Future[T] = asyncio.ensure_future(
-        GuardedBody(coro, fenced, lambda seconds: None, stall))
+    """Await a handler's body, guarded as a :class:`GuardedBody` task would be, in the
+    awaiting task itself (:class:`InlineBody`: no task to create, schedule and wake per
+    delivery), in a copy of the context as a task would run it. Raises
+    :class:`BodyFenced` when the body ended cancelled while the awaiting task was not
+    (the guard stopped it, or it raised ``CancelledError`` of its own, as a task of its
+    own would have ended cancelled); a cancel of the awaiting task is passed on as
+    usual."""
+    me = asyncio.current_task()
+    if me is None:  # (not in a task: as a task of its own)
+        body: asyncio.Future[T] = asyncio.ensure_future(
+            GuardedBody(coro, fenced, _not_told, stall))
+        try:
+            return await body
+        except asyncio.CancelledError:
+            if body.cancelled():
+                raise BodyFenced() from None
+            raise
     try:
-        return await body
+        return await InlineBody(coro, fenced, _not_told, stall, me, in_body=False)
     except asyncio.CancelledError:
-        me = asyncio.current_task()
-        if body.cancelled() and me is not None and me.cancelling() == 0:
+        if me.cancelling() == 0:
             raise BodyFenced() from None
         raise
+
+
+def _not_told(seconds: float) -> None:
+    """A handler's body that held the loop is not reported (as before: no hook for it)."""

@@ -11,7 +11,14 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from cantata.broker.nats_inbound import is_status, route, status, to_queue, unroute
+from cantata.broker.nats_inbound import (
+    is_status,
+    parse_headers,
+    route,
+    status,
+    to_queue,
+    unroute,
+)
 from cantata.broker.nats_pull import direct, fetch, indirect
 from tests.broker.nats_support import bind_pull
 
@@ -25,12 +32,27 @@ def test_status_is_read_as_nats_py_reads_it() -> None:
     assert status(b"NATS/1.0\r\nStatus: 503\r\n\r\n") is None
 
 
+def test_header_blocks_are_read_as_nats_py_reads_them() -> None:
+    # (lines nats-py's publish never writes, as another client or a server may send)
+    blocks = [
+        b"Nats-Msg-Id: e-1\r\nContent-Type: application/cloudevents+json\r\n\r\n",
+        b"A:b\r\nX Bad: v\r\n\xc3\xbcber: x\r\n  Sp : \t v \r\nno colon\r\n:empty\r\n"
+        b"K: \xff\xfe\r\nTab\t:x\r\nA: again\r\n\x1cSep: f\r\nV: caf\xc3\xa9\r\n\r\n",
+        b"", b"\r\n",
+    ]
+    for _ in range(2):  # (the second time, the names are remembered)
+        for block in blocks:
+            assert parse_headers(block) == Client._parse_header_lines(block), block
+
+
 async def test_copies_come_direct_with_the_headers_nats_py_would_give(
     stream: tuple[Client, JetStreamContext, str],
 ) -> None:
     nc, js, name = stream
+    # (a value that is not ASCII: the fast parser decodes it as nats-py does)
     headers = {"Nats-Msg-Id": "e-1", "Content-Type": "application/cloudevents+json",
-               "X-Odd": " spaced  value "}
+               "X-Odd": " spaced  value ",
+               "X-Latin": "caf\u00e9"}
     await js.publish(f"{name}.a", b"one", headers=headers)
     await js.publish(f"{name}.a", b"two")  # (no headers of its own: JetStream adds none)
     plain = await bind_pull(js, name, "plain")

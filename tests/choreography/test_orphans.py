@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 import pytest
 
@@ -128,3 +130,26 @@ def test_the_types_a_router_matches_are_worked_out_anew_as_it_declares_more() ->
     router.waits.add(("refunds", "order.refunded"))  # (a wait declared later)
     assert _local_types(router).known("order.refunded")
     assert not _local_types(Router()).known("order.refunded")  # (per router)
+
+
+async def test_orphans_reported_at_once_read_the_declarations_once(store_url: str) -> None:
+    app = make_app(store_url)
+
+    @app.on("order.placed", group="inventory")
+    async def reserve(event: cantata.Event) -> None: ...
+
+    async with app:
+        store = app.store
+        read = store.declarations
+        reads = 0
+
+        async def counted(name: str) -> list[Any]:
+            nonlocal reads
+            reads += 1
+            return await read(name)
+
+        store.declarations = counted  # type: ignore[method-assign]
+        # (a burst: each check finds the brief cache empty while the first read runs)
+        await asyncio.gather(*(app.publish("order.refunded", {"n": n}) for n in range(20)))
+        assert app.metrics.orphans == {"order.refunded": 20}
+        assert reads == 1

@@ -79,12 +79,52 @@ def status(headers: bytes | None) -> bytes | None:
     return headers[_HDR_LINE + 1:_HDR_LINE + 4].strip()
 
 
+def parse_headers(raw: bytes) -> dict[str, str]:
+    """A header block's lines (after ``NATS/1.0\\r\\n``) as nats-py 2.16's
+    ``Client._parse_header_lines`` reads them: ``Name: Value`` split at the first
+    ``:``, both stripped, a line without ``:``, a name that is not ASCII or holds
+    whitespace skipped, the value decoded as UTF-8 with replacement. The same, faster:
+    a name's check (nats-py's is a generator over its characters, ~2 µs a header) is
+    remembered per name, and a chain's copies carry the same three names
+    (docs/performance.md, the choreography path)."""
+    out: dict[str, str] = {}
+    names = _NAMES
+    for line in raw.split(b"\r\n"):
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        key = names.get(name, _UNSEEN)
+        if key is _UNSEEN:
+            key = _header_name(name)
+            if len(names) < _NAMES_KEPT:
+                names[name] = key
+        if key is not None:
+            out[key] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+def _header_name(name: bytes) -> str | None:
+    """A header line's name as nats-py keeps it, ``None`` for one it skips."""
+    try:
+        key = name.strip().decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return None if any(c.isspace() for c in key) else key
+
+
+_NAMES: dict[bytes, str | None] = {}  # a header line's raw name -> its key (None: skipped)
+_NAMES_KEPT = 256
+_UNSEEN: Any = object()
+
+
 def to_queue(nc: Client, sub: Any) -> Direct | None:
     """A handler that puts the messages of ``sub`` (a plain subscription: no callback,
     no JetStream push state) on its queue as nats-py would, its headers read with
-    nats-py's own line parser; a status goes nats-py's way. ``None`` when ``sub`` is
-    not what this expects."""
-    parse_lines = getattr(Client, "_parse_header_lines", None)
+    nats-py's own rules (:func:`parse_headers`); a status goes nats-py's way. ``None``
+    when ``sub`` is not what this expects."""
+    parse_lines = parse_headers if hasattr(Client, "_parse_header_lines") else None
     if (parse_lines is None or getattr(sub, "_jsi", True) is not None
             or getattr(sub, "_cb", True) is not None
             or getattr(sub, "_future", True) is not None

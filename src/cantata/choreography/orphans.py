@@ -7,6 +7,7 @@ or a handler's ``ctx.emit``) reports it here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
@@ -127,11 +128,30 @@ def _local_types(router: Router) -> _LocalTypes:
 
 
 async def _declared_patterns(engine: Emitter) -> list[str]:
-    """Patterns every service of the app declared, cached briefly (one read per burst)."""
+    """Patterns every service of the app declared, cached briefly (one read per burst:
+    the checks that find the cache stale while a read is under way share it, rather
+    than each reading the store; a chain's last hops report their orphans by the
+    hundred at once)."""
     cached = engine.declared_patterns
     now = time.monotonic()
     if cached is not None and now - cached[0] < _CACHE_SECONDS:
         return list(cached[1])
+    key = id(engine)
+    loop = asyncio.get_running_loop()
+    reading = _reading.get(key)
+    if reading is None or reading[0] is not engine or reading[1].get_loop() is not loop:
+        task = loop.create_task(_read_declared(engine, now))
+        reading = _reading[key] = (engine, task)
+        task.add_done_callback(lambda t: _reading.pop(key, None)
+                               if _reading.get(key, (None, None))[1] is t else None)
+    return list(await asyncio.shield(reading[1]))
+
+
+async def _read_declared(engine: Emitter, now: float) -> list[str]:
     patterns = [d.pattern for d in await engine.store.declarations(engine.app) if d.pattern]
     engine.declared_patterns = (now, patterns)
     return patterns
+
+
+# id(engine) -> (the engine, its read of the declarations under way)
+_reading: dict[int, tuple[Emitter, asyncio.Task[list[str]]]] = {}

@@ -83,7 +83,8 @@ class EngineHost:
         e = self._engine
         return HandlerContext(
             e.app, hdef.group, event, f"cantata/{e.app}/{hdef.group}",
-            traceparent=e.hooks.traceparent if e.hooks else None, check=e.check_event,
+            traceparent=e.hooks.traceparent if e.hooks.takers("traceparent") else None,
+            check=e.check_event,
             store=e.store, sign=e.signer.sign if e.signer else None,
             max_payload=e.max_payload,
         )

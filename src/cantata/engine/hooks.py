@@ -77,21 +77,35 @@ class Hook:
 
 
 class Hooks:
-    """The hooks installed in one app; calls each, isolating their failures."""
+    """The hooks installed in one app; calls each, isolating their failures.
+
+    Only the hooks that override a method are called for it (worked out once per
+    method): a hook that only counts emitted events costs a handler attempt or a
+    publish no wrapper (docs/performance.md, the choreography path)."""
 
     def __init__(self) -> None:
         self.hooks: list[Hook] = []
+        self._takers: dict[str, list[Hook]] = {}  # method -> the hooks that override it
 
     def add(self, hook: Hook) -> None:
         self.hooks.append(hook)
+        self._takers.clear()
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
 
+    def takers(self, method: str) -> list[Hook]:
+        """The hooks whose ``method`` is their own (not :class:`Hook`'s, which does
+        nothing), in the order they were added."""
+        found = self._takers.get(method)
+        if found is None:
+            found = self._takers[method] = [h for h in self.hooks if _overrides(h, method)]
+        return found
+
     @contextlib.contextmanager
-    def _wrap(self, method: str, *args: Any) -> Iterator[None]:
+    def _wrap(self, hooks: list[Hook], method: str, *args: Any) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            for hook in self.hooks:
+            for hook in hooks:
                 try:
                     cm = getattr(hook, method)(*args)
                     if cm is not None:
@@ -101,34 +115,32 @@ class Hooks:
             yield
 
     def run(self, run: RunRecord, traceparent: str | None) -> AbstractContextManager[None]:
-        return self._wrap("run", run, traceparent) if self.hooks else contextlib.nullcontext()
+        hooks = self.takers("run")
+        return self._wrap(hooks, "run", run, traceparent) if hooks else _NOTHING
 
     def step(self, run: RunRecord, name: str, key: str, attempt: int,
              kind: EntryKind) -> AbstractContextManager[None]:
-        return (
-            self._wrap("step", run, name, key, attempt, kind) if self.hooks
-            else contextlib.nullcontext()
-        )
+        hooks = self.takers("step")
+        return self._wrap(hooks, "step", run, name, key, attempt, kind) if hooks else _NOTHING
 
     def handler(self, group: str, event: Event[Any], attempt: int) -> AbstractContextManager[None]:
-        return (
-            self._wrap("handler", group, event, attempt) if self.hooks
-            else contextlib.nullcontext()
-        )
+        hooks = self.takers("handler")
+        return self._wrap(hooks, "handler", group, event, attempt) if hooks else _NOTHING
 
     def publish(self, event: Event[Any]) -> AbstractContextManager[None]:
-        return self._wrap("publish", event) if self.hooks else contextlib.nullcontext()
+        hooks = self.takers("publish")
+        return self._wrap(hooks, "publish", event) if hooks else _NOTHING
 
     def notify(self, method: str, *args: Any) -> None:
         """Call ``method`` on every hook (for the ``*_finished`` notifications)."""
-        for hook in self.hooks:
+        for hook in self.takers(method):
             try:
                 getattr(hook, method)(*args)
             except Exception:
                 log.exception("hook %r failed in %s", hook, method)
 
     def traceparent(self) -> str | None:
-        for hook in self.hooks:
+        for hook in self.takers("traceparent"):
             try:
                 value = hook.traceparent()
             except Exception:
@@ -137,3 +149,15 @@ class Hooks:
             if value:
                 return value
         return None
+
+
+# (stateless: one for every call that has no hook to wrap it)
+_NOTHING: AbstractContextManager[None] = contextlib.nullcontext()
+
+
+def _overrides(hook: Any, method: str) -> bool:
+    """Whether ``hook`` has a ``method`` of its own: set on the object, or defined by
+    a class other than :class:`Hook` (a hook not made from :class:`Hook` counts)."""
+    if method in getattr(hook, "__dict__", ()):
+        return True
+    return getattr(type(hook), method, None) is not getattr(Hook, method)
