@@ -125,12 +125,12 @@ def _server_cpu(pid: int) -> None:
 def _install() -> None:
     transaction = postgres_batch.BatchWriter._transaction
 
-    async def timed_transaction(self: Any, c: Any, todo: Any, grouped: bool) -> Any:
+    async def timed_transaction(self: Any, c: Any, todo: Any, grouped: bool, *rest: Any) -> Any:
         pid = c.get_server_pid()
         _server_cpu(pid)
         started = time.perf_counter()
         try:
-            return await transaction(self, _Timed(c), todo, grouped)
+            return await transaction(self, _Timed(c), todo, grouped, *rest)
         finally:
             total["whole transaction"] += time.perf_counter() - started
             count["whole transaction"] += 1
@@ -196,10 +196,10 @@ def _install_phases() -> None:
         phases["pool release"].append(time.perf_counter() - left)
 
     def timed(write: Any) -> Any:
-        async def timed_write(c: Any, shares: Any, keys: Any) -> Any:
+        async def timed_write(c: Any, shares: Any, keys: Any, *rest: Any) -> Any:
             _at["write"] = time.perf_counter()
             try:
-                return await write(_Phased(c), shares, keys)
+                return await write(_Phased(c), shares, keys, *rest)
             finally:
                 _at["answered"] = time.perf_counter()
                 if "fetched" in _at:

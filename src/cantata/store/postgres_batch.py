@@ -143,9 +143,11 @@ class OneStatement(Protocol):
         """Whether these ``(many, arg)`` shares can go as one statement."""
 
     async def write(
-        self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
+        self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey],
+        later: list[str] | None = None,
     ) -> list[Any]:
-        """One result (or :class:`Refused`) per share."""
+        """One result (or :class:`Refused`) per share; notices (``'<app>:<channel>'``)
+        the writer is to send after answering its callers appended to ``later``."""
 
     def falls_back(self, exc: BaseException) -> bool:
         """Whether ``exc`` from :meth:`write` asks for a transaction instead."""
@@ -279,15 +281,19 @@ class BatchWriter:
     async def _apply(self, items: list[_Item]) -> None:
         """Commit ``items`` (dropping those that fail), then resolve every future."""
         todo, retries, grouped, apart = items, 0, True, False
+        later: list[str] = []
         try:
             while todo:
                 async with self._db.conn() as c:
-                    failed = await self._transaction(c, todo, grouped, apart)
+                    later.clear()
+                    failed = await self._transaction(c, todo, grouped, apart, later)
                     if failed is None:
                         # Committed: answer the callers before the connection goes back
                         # to the pool (asyncpg releases it in a task of its own, a turn
                         # of the event loop each caller would otherwise wait for).
                         _resolve(items)
+                        if later:
+                            await self._notify_after(c, later)
                         break
                 bad, exc = failed.items, failed.error
                 if isinstance(exc, _RETRY_ERRORS) and retries < MAX_RETRIES:
@@ -323,7 +329,8 @@ class BatchWriter:
         _resolve(items)
 
     async def _transaction(
-        self, c: Conn, todo: list[_Item], grouped: bool, apart: bool = False
+        self, c: Conn, todo: list[_Item], grouped: bool, apart: bool = False,
+        later: list[str] | None = None,
     ) -> _Failed | None:
         """Run ``todo`` in one transaction and COMMIT it.
 
@@ -331,12 +338,13 @@ class BatchWriter:
         operations that failed (``None`` when not known: a grouped call, an audit
         statement) and their error. A lost connection or a failed COMMIT raises.
         ``apart``: each operation's audit records in a statement of their own (to
-        find the one whose record PostgreSQL refuses).
+        find the one whose record PostgreSQL refuses). ``later``: where a one-statement
+        write leaves the notices to send after its callers are answered.
         """
         if grouped and self._one is not None and all(i.many is not None for i in todo):
             shares = [(i.many, i.arg) for i in todo]
             if self._one.eligible(shares):
-                return await self._one_statement(c, todo, shares)
+                return await self._one_statement(c, todo, shares, later)
         batch = Batch()
         await c.execute(_BEGIN)
         try:
@@ -406,6 +414,27 @@ class BatchWriter:
                                _refusal(entries, exc, ops.forged_place(exc)), audits=True)
         return None
 
+    async def _notify_after(self, c: Conn, notices: list[str]) -> None:
+        """Send ``notices`` on the schema's channel, once the callers answered before
+        this have run (a turn of the event loop: the statement's round trip and the
+        server's signals to its listeners are then no longer on their path).
+
+        These are a run's end (or its let-go) heard by other processes' ``result()``,
+        queues, schedules and claimers, and by this one's: wake-ups, not data. Its
+        commit stands whatever happens here; a notice lost with the connection is
+        made up for by the listeners' polls, as one lost with the listening
+        connection is (docs/architecture.md).
+        """
+        await asyncio.sleep(0)
+        try:
+            calls = ", ".join(f"pg_notify({_literal(self._db.channel)}, {_literal(n)})"
+                              for n in sorted(set(notices)))
+            await c.execute(f"SELECT {calls}")
+        except CONN_ERRORS:
+            raise  # the connection is dropped (PgPool.conn); the callers have their answer
+        except Exception:
+            log.debug("notifying %s after a commit failed", notices, exc_info=True)
+
     def _refused(self, exc: Exception) -> bool:
         """Whether ``exc`` is the database refusing some record (rather than a deadlock
         to run again, or a fault that fails every write alike)."""
@@ -413,12 +442,13 @@ class BatchWriter:
             postgres_fault(exc, self._db.masked_url) is None)
 
     async def _one_statement(
-        self, c: Conn, todo: list[_Item], shares: list[tuple[Any, Any]]
+        self, c: Conn, todo: list[_Item], shares: list[tuple[Any, Any]],
+        later: list[str] | None = None,
     ) -> _Failed | None:
         """:meth:`_transaction` as one statement: nothing is written if it fails."""
         assert self._one is not None
         try:
-            outs = await self._one.write(c, shares, self.audit_keys)
+            outs = await self._one.write(c, shares, self.audit_keys, later)
         except CONN_ERRORS:
             raise
         except Exception as exc:  # like a failed grouped call: run each one in turn
