@@ -59,7 +59,7 @@ from cantata.errors import StoreError, StoreUnavailable
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store.faults import postgres_fault
-from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool
+from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool, sql_literal
 
 log = logging.getLogger("cantata.store")
 
@@ -292,8 +292,8 @@ class BatchWriter:
                         # to the pool (asyncpg releases it in a task of its own, a turn
                         # of the event loop each caller would otherwise wait for).
                         _resolve(items)
-                        if later:
-                            await self._notify_after(c, later)
+                        if later:  # (their round trip off the callers' path)
+                            self._db.notify_later(later)
                         break
                 bad, exc = failed.items, failed.error
                 if isinstance(exc, _RETRY_ERRORS) and retries < MAX_RETRIES:
@@ -414,27 +414,6 @@ class BatchWriter:
                                _refusal(entries, exc, ops.forged_place(exc)), audits=True)
         return None
 
-    async def _notify_after(self, c: Conn, notices: list[str]) -> None:
-        """Send ``notices`` on the schema's channel, once the callers answered before
-        this have run (a turn of the event loop: the statement's round trip and the
-        server's signals to its listeners are then no longer on their path).
-
-        These are a run's end (or its let-go) heard by other processes' ``result()``,
-        queues, schedules and claimers, and by this one's: wake-ups, not data. Its
-        commit stands whatever happens here; a notice lost with the connection is
-        made up for by the listeners' polls, as one lost with the listening
-        connection is (docs/architecture.md).
-        """
-        await asyncio.sleep(0)
-        try:
-            calls = ", ".join(f"pg_notify({_literal(self._db.channel)}, {_literal(n)})"
-                              for n in sorted(set(notices)))
-            await c.execute(f"SELECT {calls}")
-        except CONN_ERRORS:
-            raise  # the connection is dropped (PgPool.conn); the callers have their answer
-        except Exception:
-            log.debug("notifying %s after a commit failed", notices, exc_info=True)
-
     def _refused(self, exc: Exception) -> bool:
         """Whether ``exc`` is the database refusing some record (rather than a deadlock
         to run again, or a fault that fails every write alike)."""
@@ -531,14 +510,6 @@ def _resolve(items: list[_Item]) -> None:
             item.future.set_result(item.result)
 
 
-def _literal(text: str) -> str:
-    """``text`` as an SQL string literal (an ``E''`` string: the same whatever
-    ``standard_conforming_strings`` says)."""
-    if "\x00" in text:
-        raise ValueError("PostgreSQL text cannot hold NUL characters")
-    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
 def _commit_sql(notices: set[tuple[str, str]], channel: str) -> str:
     """COMMIT, preceded in the same round trip by the batch's notifications on
     ``channel`` (the schema's, ``PgPool.channel``: a literal, as this text is planned
@@ -546,7 +517,7 @@ def _commit_sql(notices: set[tuple[str, str]], channel: str) -> str:
     if not notices:
         return "COMMIT"
     calls = ", ".join(
-        f"pg_notify({_literal(channel)}, {_literal(f'{app}:{ch}')})"
+        f"pg_notify({sql_literal(channel)}, {sql_literal(f'{app}:{ch}')})"
         for app, ch in sorted(notices)
     )
     return f"SELECT {calls}; COMMIT"
