@@ -10,13 +10,9 @@ from collections.abc import AsyncIterator, Awaitable
 import pytest
 
 from cantata.model.codec import new_id
-from cantata.model.records import Declaration, RunWrite
-from cantata.model.status import RunStatus
-from cantata.store import postgres_onetrip
+from cantata.model.records import Declaration
 from cantata.store.base import CLAIMS, EVENTS, RUNS, Settlement
 from cantata.store.postgres import PostgresStore
-from cantata.store.postgres_batch import Refused
-from cantata.store.postgres_writes import commit_runs
 from cantata.testing.contract.support import ev, new_run
 from cantata.testing.wait import eventually
 from tests.helpers import with_schema
@@ -113,52 +109,3 @@ async def test_an_append_that_holds_nothing_is_heard_by_its_own_store(
     await here.append_held(app, [placed], hold_for="w1", hold=[("g1", placed.id)])
     assert await heard_by(here, here, app, here.settle_delivery(
         app, "g1", placed.id, Settlement("done", 1, events=[last]))) == []
-
-
-async def test_a_runs_end_is_told_once_its_writer_has_answered(
-    pair: tuple[PostgresStore, PostgresStore, str],
-) -> None:
-    """The run's end (``runs``: other processes' ``result()``, queues and claimers wait
-    for it) is no longer sent by the statement of its lean checkpoint, inside the
-    commit its caller waits for: the statement leaves the notice to its writer, which
-    sends it once that caller has its answer (docs/performance.md). Every process,
-    this one included, still hears it."""
-    here, there, app = pair
-    ends = RunWrite(status=RunStatus.COMPLETED, result="1", release=True)
-
-    # the statement itself: applied, its notice left to the caller, nothing sent
-    run = new_run(app, owner="w1", fence=1, status=RunStatus.RUNNING)
-    await here.create_run(run)
-    later: list[str] = []
-
-    async def checkpoint() -> None:
-        async with here._db.conn() as c:
-            assert await postgres_onetrip.write(
-                c, [(commit_runs, (app, run.run_id, 1, ends))], {}, later) == [None]
-
-    heard: list[str] = []
-    there.add_listener(heard.append)
-    await checkpoint()
-    await here.append_events(app, [ev("nobody.listens")])  # a mark after it: EVENTS
-    await eventually(lambda: EVENTS in heard)
-    assert heard[: heard.index(EVENTS)] == []
-    assert later == [f"{app}:{RUNS}"]
-    # refused (a stale fence): no notice at all
-    other = new_run(app, owner="w1", fence=2, status=RunStatus.RUNNING)
-    await here.create_run(other)
-    later.clear()
-    async with here._db.conn() as c:
-        (refused,) = await postgres_onetrip.write(
-            c, [(commit_runs, (app, other.run_id, 1, ends))], {}, later)
-    assert isinstance(refused, Refused) and later == []
-
-    # through the store: the caller answered first, then every process told
-    heard_here: list[str] = []
-    heard_there: list[str] = []
-    here.add_listener(heard_here.append)
-    there.add_listener(heard_there.append)
-    await here.commit_run(app, other.run_id, 2, ends)
-    assert RUNS not in heard_there and RUNS not in heard_here  # (no await since)
-    await eventually(lambda: RUNS in heard_there and RUNS in heard_here)
-    done = await there.get_run(app, other.run_id)
-    assert done is not None and done.status == RunStatus.COMPLETED and done.owner is None

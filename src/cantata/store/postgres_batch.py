@@ -59,7 +59,7 @@ from cantata.errors import StoreError, StoreUnavailable
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store.faults import postgres_fault
-from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool, sql_literal
+from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool
 
 log = logging.getLogger("cantata.store")
 
@@ -143,11 +143,9 @@ class OneStatement(Protocol):
         """Whether these ``(many, arg)`` shares can go as one statement."""
 
     async def write(
-        self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey],
-        later: list[str] | None = None,
+        self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
     ) -> list[Any]:
-        """One result (or :class:`Refused`) per share; notices (``'<app>:<channel>'``)
-        the writer is to send after answering its callers appended to ``later``."""
+        """One result (or :class:`Refused`) per share."""
 
     def falls_back(self, exc: BaseException) -> bool:
         """Whether ``exc`` from :meth:`write` asks for a transaction instead."""
@@ -281,19 +279,15 @@ class BatchWriter:
     async def _apply(self, items: list[_Item]) -> None:
         """Commit ``items`` (dropping those that fail), then resolve every future."""
         todo, retries, grouped, apart = items, 0, True, False
-        later: list[str] = []
         try:
             while todo:
                 async with self._db.conn() as c:
-                    later.clear()
-                    failed = await self._transaction(c, todo, grouped, apart, later)
+                    failed = await self._transaction(c, todo, grouped, apart)
                     if failed is None:
                         # Committed: answer the callers before the connection goes back
                         # to the pool (asyncpg releases it in a task of its own, a turn
                         # of the event loop each caller would otherwise wait for).
                         _resolve(items)
-                        if later:  # (their round trip off the callers' path)
-                            self._db.notify_later(later)
                         break
                 bad, exc = failed.items, failed.error
                 if isinstance(exc, _RETRY_ERRORS) and retries < MAX_RETRIES:
@@ -329,8 +323,7 @@ class BatchWriter:
         _resolve(items)
 
     async def _transaction(
-        self, c: Conn, todo: list[_Item], grouped: bool, apart: bool = False,
-        later: list[str] | None = None,
+        self, c: Conn, todo: list[_Item], grouped: bool, apart: bool = False
     ) -> _Failed | None:
         """Run ``todo`` in one transaction and COMMIT it.
 
@@ -338,13 +331,12 @@ class BatchWriter:
         operations that failed (``None`` when not known: a grouped call, an audit
         statement) and their error. A lost connection or a failed COMMIT raises.
         ``apart``: each operation's audit records in a statement of their own (to
-        find the one whose record PostgreSQL refuses). ``later``: where a one-statement
-        write leaves the notices to send after its callers are answered.
+        find the one whose record PostgreSQL refuses).
         """
         if grouped and self._one is not None and all(i.many is not None for i in todo):
             shares = [(i.many, i.arg) for i in todo]
             if self._one.eligible(shares):
-                return await self._one_statement(c, todo, shares, later)
+                return await self._one_statement(c, todo, shares)
         batch = Batch()
         await c.execute(_BEGIN)
         try:
@@ -421,13 +413,12 @@ class BatchWriter:
             postgres_fault(exc, self._db.masked_url) is None)
 
     async def _one_statement(
-        self, c: Conn, todo: list[_Item], shares: list[tuple[Any, Any]],
-        later: list[str] | None = None,
+        self, c: Conn, todo: list[_Item], shares: list[tuple[Any, Any]]
     ) -> _Failed | None:
         """:meth:`_transaction` as one statement: nothing is written if it fails."""
         assert self._one is not None
         try:
-            outs = await self._one.write(c, shares, self.audit_keys, later)
+            outs = await self._one.write(c, shares, self.audit_keys)
         except CONN_ERRORS:
             raise
         except Exception as exc:  # like a failed grouped call: run each one in turn
@@ -510,6 +501,14 @@ def _resolve(items: list[_Item]) -> None:
             item.future.set_result(item.result)
 
 
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (an ``E''`` string: the same whatever
+    ``standard_conforming_strings`` says)."""
+    if "\x00" in text:
+        raise ValueError("PostgreSQL text cannot hold NUL characters")
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 def _commit_sql(notices: set[tuple[str, str]], channel: str) -> str:
     """COMMIT, preceded in the same round trip by the batch's notifications on
     ``channel`` (the schema's, ``PgPool.channel``: a literal, as this text is planned
@@ -517,7 +516,7 @@ def _commit_sql(notices: set[tuple[str, str]], channel: str) -> str:
     if not notices:
         return "COMMIT"
     calls = ", ".join(
-        f"pg_notify({sql_literal(channel)}, {sql_literal(f'{app}:{ch}')})"
+        f"pg_notify({_literal(channel)}, {_literal(f'{app}:{ch}')})"
         for app, ch in sorted(notices)
     )
     return f"SELECT {calls}; COMMIT"

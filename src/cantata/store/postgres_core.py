@@ -31,12 +31,11 @@ class _OneStatement:
         return event_writes.eligible(shares) or onetrip.eligible(shares)
 
     async def write(
-        self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey],
-        later: list[str] | None = None,
+        self, c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
     ) -> list[Any]:
         if event_writes.eligible(shares):
             return await event_writes.write(c, shares, keys)
-        return await onetrip.write(c, shares, keys, later)
+        return await onetrip.write(c, shares, keys)
 
     def falls_back(self, exc: BaseException) -> bool:
         return onetrip.falls_back(exc) or isinstance(exc, event_writes.NotHere)

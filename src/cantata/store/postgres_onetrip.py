@@ -268,44 +268,29 @@ def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
 
 
 def _checkpoint_args(
-    now: float, call: writes.Checkpoint, keys: Mapping[str, audit.AuditKey],
-    later: list[str] | None = None,
+    now: float, call: writes.Checkpoint, keys: Mapping[str, audit.AuditKey]
 ) -> tuple[Any, ...]:
-    """cantata_checkpoint_one's parameters. With ``later``, the checkpoint's notice
-    (``'<app>:runs'``: the run ended or was let go) is appended to it instead of
-    being sent by the function: the writer sends it once the caller is answered."""
     app, run_id, _, w = call
     key = keys.get(app)
     history = writes.merged(writes.history_rows([call]), 15, writes.HISTORY_KEPT, key=3)
     attempts = writes.merged(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, key=4)
-    record = _checkpointed(run_id, w, app)
-    if later is not None and record[-1] is not None:
-        later.append(record[-1])
-        record = (*record[:-1], None)
     return (
         *writes.run_args(0, call)[:8], now, *history[2:], *attempts[2:],
-        audit.canonical(now), *record,
+        audit.canonical(now), *_checkpointed(run_id, w, app),
         None if key is None else key.inner, None if key is None else key.outer,
         audit.GENESIS_HASH,
     )
 
 
 async def _write_lean(
-    c: Conn, many: Any, arg: Any, keys: Mapping[str, audit.AuditKey],
-    later: list[str] | None = None,
+    c: Conn, many: Any, arg: Any, keys: Mapping[str, audit.AuditKey]
 ) -> list[Any]:
     """:func:`write` for a batch :func:`lean` takes: one call with scalar parameters."""
     now = time.time()
     if many is writes.commit_runs:
-        notices: list[str] = []
-        rows = await c.fetch(
-            _CHECKPOINT_ONE, *_checkpoint_args(now, arg, keys, None if later is None else notices))
+        rows = await c.fetch(_CHECKPOINT_ONE, *_checkpoint_args(now, arg, keys))
         _, run_id, fence, _ = arg
-        if not rows[0][-1]:  # refused (the fence did not hold): nothing changed
-            return [writes.lease_lost(run_id, fence)]
-        if later is not None:
-            later.extend(notices)
-        return [None]
+        return [None if rows[0][-1] else writes.lease_lost(run_id, fence)]
     run, first = arg
     if first is not None and FOLD_FIRST:
         rows = await c.fetch(_CREATE_FIRST, *_create_first_args(now, run, first, keys))
@@ -327,22 +312,17 @@ async def _write_lean(
 
 
 async def write(
-    c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey],
-    later: list[str] | None = None,
+    c: Conn, shares: Sequence[tuple[Any, Any]], keys: Mapping[str, audit.AuditKey]
 ) -> list[Any]:
     """Apply ``shares`` (see :func:`eligible`) in one statement; one result (or
     :class:`~cantata.store.postgres_batch.Refused`) per share, as the transactional path would give.
-
-    ``later``: a lean checkpoint's notice (its run ended or was let go) is not sent by
-    the statement but appended here, for the caller to send once its callers are
-    answered (:meth:`~cantata.store.postgres_batch.BatchWriter._apply`).
 
     Raises:
         asyncpg.PostgresError: the statement failed (nothing was written); SQLSTATE
             :data:`NOT_HERE` when the batch must run as a transaction instead.
     """
     if LEAN and lean(shares):
-        return await _write_lean(c, *shares[0], keys, later)
+        return await _write_lean(c, *shares[0], keys)
     now = time.time()
     creates: list[tuple[int, RunRecord]] = []
     checkpoints: list[tuple[int, writes.Checkpoint]] = []

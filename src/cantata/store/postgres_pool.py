@@ -85,14 +85,6 @@ Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Row: TypeAlias = "asyncpg.Record | tuple[Any, ...]"
 
 
-def sql_literal(text: str) -> str:
-    """``text`` as an SQL string literal (an ``E''`` string: the same whatever
-    ``standard_conforming_strings`` says)."""
-    if "\x00" in text:
-        raise ValueError("PostgreSQL text cannot hold NUL characters")
-    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
 _REPLAN_FIRST = 0.5  # seconds after a connection's first use that its plans are redone
 _REPLAN_MAX = 300.0
 
@@ -148,9 +140,6 @@ class PgPool:
         self._listen_conn: asyncpg.Connection[asyncpg.Record] | None = None
         self.channel = ""  # the schema's NOTIFY channel (cantata_channel()), read by open()
         self._listen_task: asyncio.Task[None] | None = None
-        # notices to send after a commit (notify_later), and the task sending them
-        self._later: set[str] = set()
-        self._notifier: asyncio.Task[None] | None = None
         self._closing = False
         self._inflight = 0
         # server pid -> (when its plans are next dropped, the interval that led there)
@@ -352,40 +341,6 @@ class PgPool:
         finally:
             self._listen_task = None
 
-    def notify_later(self, notices: list[str]) -> None:
-        """Send ``notices`` (``'<app>:<channel>'``) on the schema's channel soon, from a
-        task of their own: after the callers answered so far have run, on the
-        listening connection (no writer or pooled connection is held for them).
-        Notices waiting together go as one statement, each once.
-
-        For notices of writes already committed: wake-ups, not data. One lost (the
-        connection gone, the process ended first) is made up for by the listeners'
-        polls, as one missed while a listener reconnects is.
-        """
-        self._later.update(notices)
-        if self._notifier is None:
-            self._notifier = asyncio.get_running_loop().create_task(
-                self._notify_later(), name="cantata-pg-notify")
-
-    async def _notify_later(self) -> None:
-        try:
-            while self._later:
-                await asyncio.sleep(0)  # the callers just answered run first
-                notices, self._later = sorted(self._later), set()
-                try:
-                    channel = sql_literal(self.channel)
-                    calls = ", ".join(f"pg_notify({channel}, {sql_literal(n)})" for n in notices)
-                    conn = self._listen_conn
-                    if conn is not None and not conn.is_closed():
-                        await conn.execute(f"SELECT {calls}")
-                    else:  # (the listener reconnecting)
-                        async with self.conn() as c:
-                            await c.execute(f"SELECT {calls}")
-                except Exception as exc:
-                    log.debug("notifying %s after their commit failed: %s", notices, exc)
-        finally:
-            self._notifier = None
-
     async def close(self) -> None:
         """Wait for operations in flight, then close the listener and the pool."""
         self._closing = True
@@ -393,9 +348,6 @@ class PgPool:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 30)
-        if self._notifier is not None:  # the notices of the last commits
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._notifier), 5)
         if self._listen_task is not None:
             self._listen_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
