@@ -11,7 +11,9 @@ mean): queued until the writer takes it, the pool's acquire, the Python before t
 statement call (``postgres_onetrip.write``, ``postgres_event_writes.write``), the call's
 round trip and, inside it, the server's execution (``clock_timestamp() -
 statement_timestamp()`` read with the rows; the rest of the round trip is the COMMIT's
-WAL flush and the wire), the Python after it, the connection's release, and the caller's
+WAL flush and the wire), the round trip by the write's kind (a run's creation, a
+checkpoint in between, a run's last checkpoint: within one run, so the machine's drift
+cancels), the Python after it, the connection's release, and the caller's
 wake-up once answered (the phases are meant for the latency workload, one write at a
 time). See docs/performance.md. The last line gives the statements sent per transaction
 (each a round trip: ``fetchmany`` pipelines its rows) and the server CPU time of the
@@ -125,12 +127,12 @@ def _server_cpu(pid: int) -> None:
 def _install() -> None:
     transaction = postgres_batch.BatchWriter._transaction
 
-    async def timed_transaction(self: Any, c: Any, todo: Any, grouped: bool) -> Any:
+    async def timed_transaction(self: Any, c: Any, todo: Any, grouped: bool, *rest: Any) -> Any:
         pid = c.get_server_pid()
         _server_cpu(pid)
         started = time.perf_counter()
         try:
-            return await transaction(self, _Timed(c), todo, grouped)
+            return await transaction(self, _Timed(c), todo, grouped, *rest)
         finally:
             total["whole transaction"] += time.perf_counter() - started
             count["whole transaction"] += 1
@@ -159,11 +161,31 @@ class _Phased:
             finally:
                 _at["fetched"] = time.perf_counter()
                 phases["the call (round trip)"].append(_at["fetched"] - started)
+                if _kind:
+                    phases[f"  the call of {_kind[0]}"].append(_at["fetched"] - started)
             if rows:
                 phases["  of which server execution"].append(rows[0][0])
             return [tuple(r)[1:] for r in rows]
 
         return fetch
+
+
+_kind: list[str] = []  # the kind of the write being timed (a batch of one)
+
+
+def _kind_of(shares: Any) -> str:
+    """A lone write's kind: a run's creation, a checkpoint that ends (or lets go) its
+    run, or one in between (the last one's round trip less the others' is what its
+    status change and notice cost)."""
+    from cantata.store import postgres_writes
+
+    many, arg = shares[0]
+    if many is postgres_writes.create_runs:
+        return "a run's creation"
+    if many is postgres_writes.commit_runs:
+        ends = postgres_writes.wakes_runs(arg[3])
+        return "a run's last checkpoint" if ends else "a checkpoint in between"
+    return "a hop's settlement or append"
 
 
 def _install_phases() -> None:
@@ -196,10 +218,11 @@ def _install_phases() -> None:
         phases["pool release"].append(time.perf_counter() - left)
 
     def timed(write: Any) -> Any:
-        async def timed_write(c: Any, shares: Any, keys: Any) -> Any:
+        async def timed_write(c: Any, shares: Any, keys: Any, *rest: Any) -> Any:
             _at["write"] = time.perf_counter()
+            _kind[:] = [_kind_of(shares)] if len(shares) == 1 else []
             try:
-                return await write(_Phased(c), shares, keys)
+                return await write(_Phased(c), shares, keys, *rest)
             finally:
                 _at["answered"] = time.perf_counter()
                 if "fetched" in _at:
