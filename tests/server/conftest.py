@@ -152,10 +152,11 @@ class ServerThread:
                 server = uvicorn.Server(config)
                 self._server = server
                 await server.serve()
-                # uvicorn cancels the requests still running after its grace period
-                # (a stream, a page's events), but a connection whose response did not
-                # end can stay open: close them all before the loop ends, so no socket
-                # outlives it.
+                # uvicorn cancels the requests still running after its grace period (a
+                # stream, a page's events) and closes their connections, but a close
+                # waits until the connection's unsent data is written: a client that
+                # stopped reading would keep its socket open past the end of the loop.
+                # Abort what is left, so no socket outlives the loop.
                 for connection in list(server.server_state.connections):
                     connection.transport.abort()
                 await asyncio.sleep(0.01)  # (connection_lost runs; the sockets close)
