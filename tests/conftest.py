@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import _pytest.assertion.rewrite
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -40,6 +43,30 @@ def _signal_handlers_restored() -> Iterator[None]:
         if handler is not None and signal.getsignal(sig) is not handler:
             signal.signal(sig, handler)
 
+
+def _without_gc(rewrite: Callable[..., Any]) -> Callable[..., Any]:
+    def rewrite_without_gc(*args: Any, **kwargs: Any) -> Any:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return rewrite(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    rewrite_without_gc.__wrapped__ = rewrite  # type: ignore[attr-defined]
+    return rewrite_without_gc
+
+
+# pytest rewrites the asserts of every module of a pytest plugin (hypothesis, schemathesis,
+# anyio, ...) when it is imported, which is often lazily, in the middle of a test. A
+# garbage collection during that ``ast.parse`` can finalize an object left unclosed
+# elsewhere; its ResourceWarning reaches pytest's hook, which formats a traceback, which
+# parses source again: CPython 3.11 then fails the outer parse with "SystemError: AST
+# constructor recursion depth mismatch" (a bug of the AST state of CPython 3.11). The
+# rewriting runs with the collector off: the leak is reported at the next collection.
+if not hasattr(_pytest.assertion.rewrite._rewrite_test, "__wrapped__"):
+    _pytest.assertion.rewrite._rewrite_test = _without_gc(_pytest.assertion.rewrite._rewrite_test)
 
 
 POSTGRES_URL = os.environ.get(

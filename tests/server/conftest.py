@@ -120,9 +120,17 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import gc
+
         if self._server is not None:
             self._server.should_exit = True
         self._thread.join(30)
+        # An object left unclosed (a socket, a transport) is reported by its finalizer
+        # when the garbage collector gets to it: here, in this test's teardown, rather
+        # than during a later test, where the report can land inside pytest's rewriting
+        # of a lazily imported plugin module (``ast.parse``) and trip a CPython 3.11 bug
+        # ("SystemError: AST constructor recursion depth mismatch").
+        gc.collect()
 
     def run(self, coro_fn: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``coro_fn()`` in the server's loop and return its result."""
@@ -144,6 +152,14 @@ class ServerThread:
                 server = uvicorn.Server(config)
                 self._server = server
                 await server.serve()
+                # uvicorn cancels the requests still running after its grace period (a
+                # stream, a page's events) and closes their connections, but a close
+                # waits until the connection's unsent data is written: a client that
+                # stopped reading would keep its socket open past the end of the loop.
+                # Abort what is left, so no socket outlives the loop.
+                for connection in list(server.server_state.connections):
+                    connection.transport.abort()
+                await asyncio.sleep(0.01)  # (connection_lost runs; the sockets close)
             finally:
                 await self.app.close()
 

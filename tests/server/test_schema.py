@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,32 @@ from tests.server.conftest import ServerThread, make_tokens
 from tests.server.shop import make_shop
 
 EXAMPLES = 25  # per operation: bounded, the whole test stays within seconds
+
+# schemathesis and hypothesis are pytest plugins: pytest rewrites the asserts of every
+# module of theirs it imports, which it parses with ``ast.parse``. Imported lazily, in
+# the middle of the test, a garbage collection during that parse that finalizes an
+# object left unclosed elsewhere (a socket transport warns, pytest formats the warning's
+# traceback, which parses again) trips a CPython 3.11 bug: "SystemError: AST constructor
+# recursion depth mismatch". So the modules the test would load lazily are loaded now,
+# at collection, and the fixture collects garbage before the test starts.
+for _module in (
+    "hypothesis.internal.conjecture.optimiser", "hypothesis.strategies._internal.flatmapped",
+    "hypothesis.strategies._internal.random", "hypothesis.strategies._internal.regex",
+    "schemathesis.specs.openapi.schemas", "schemathesis.specs.openapi.checks",
+    "schemathesis.specs.openapi._hypothesis", "schemathesis.specs.openapi.stateful",
+    "schemathesis.specs.openapi.coverage", "schemathesis.specs.openapi.negative",
+    "schemathesis.specs.openapi.adapter.v2", "schemathesis.specs.openapi.adapter.v3_1",
+    "schemathesis.specs.openapi.adapter.v3_2", "schemathesis.specs.openapi.auth_jwt",
+    "schemathesis.specs.openapi.object_authorization",
+    "schemathesis.specs.openapi.semantic_pool", "schemathesis.specs.openapi.extra_data_source",
+    "schemathesis.openapi.generation.filters", "schemathesis.generation.jsonschema.strategy",
+    "schemathesis.generation.hypothesis._response_matching", "schemathesis.engine.supervisor",
+    "schemathesis.generation.body_overrides", "schemathesis.generation.dictionaries",
+    "schemathesis.engine.link_calibration", "schemathesis.transport.requests",
+    "schemathesis.transport.asgi", "schemathesis.transport.wsgi", "schemathesis.wfc.escalation",
+):
+    with contextlib.suppress(ImportError):  # another schemathesis version: best effort
+        importlib.import_module(_module)
 
 
 async def seed(app: App) -> dict[str, str]:
@@ -47,6 +75,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
             await asyncio.sleep(0.05)
         return tokens
 
+    gc.collect()  # (see above: what earlier tests left behind is finalized here, not mid-test)
     with ServerThread(app, setup=setup) as srv:
         yield srv
 
