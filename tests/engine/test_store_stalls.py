@@ -322,3 +322,57 @@ async def test_a_store_error_met_by_an_emit_is_an_outage_and_the_event_is_emitte
                                               exclude=[], limit=10)
         assert len(events) == 1, events
         await no_worker_lost(app, handle.run_id)
+
+
+@pytest.mark.postgres
+async def test_a_connect_slower_than_its_timeout_for_a_childs_creation_is_an_outage(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    seen: list[str] = []
+    ran: list[str] = []
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with stall_proxy(postgres_url) as proxy:
+        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+                              connect_timeout=1.0)
+        app = App("stall", store=store, lease=10, poll_interval=0.05, shutdown_grace=1)
+
+        @app.step
+        async def first() -> int:
+            ran.append("first")
+            entered.set()
+            await gate.wait()
+            return 3
+
+        @app.step
+        async def work(n: int) -> int:
+            ran.append(f"work {n}")
+            return n * 10
+
+        @app.workflow
+        async def child(ctx: WorkflowContext, n: int) -> int:
+            return int(await ctx.run(work, n))
+
+        @app.workflow
+        async def parent(ctx: WorkflowContext) -> str:
+            n = await ctx.run(first)
+            try:  # (its first store call after the step: the child's creation)
+                return f"child said {await ctx.call(child, n)}"
+            except Exception as exc:
+                seen.append(f"{type(exc).__name__}: {exc}")
+                return "gave up"
+
+        async with app:
+            handle = await app.start("parent")
+            await asyncio.wait_for(entered.wait(), 10)
+            proxy.cut()  # every pooled connection is lost: the next use connects...
+            proxy.stall()  # ...and connecting takes longer than its timeout
+            await asyncio.sleep(0.2)
+            gate.set()
+            await asyncio.sleep(STALL)
+            assert proxy.held, "nothing tried to connect during the stall"
+            proxy.resume()
+            assert await handle.result(timeout=20) == "child said 30", seen
+            assert seen == []
+            assert ran == ["first", "work 3"], "a step ran twice"
+            assert len(await app.find_runs(workflow="child")) == 1
+            await no_worker_lost(app, handle.run_id)
