@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from cantata import App, StoreUnavailable, WorkflowContext
+from cantata.engine.branches import RunTask
 from cantata.model.records import EntryKind
 from cantata.store.postgres import PostgresStore
 from cantata.store.sqlite import SQLiteStore
@@ -169,3 +170,209 @@ async def test_a_store_error_met_by_a_waits_look_is_not_raised_in_the_workflows_
             gate.set()
             assert await handle.result(timeout=20) == "child said 7", seen
         assert seen == []
+
+
+# -- store errors met by the engine's code behind a ``ctx`` call --------------------------
+
+
+class FailsOnce(SQLiteStore):
+    """A store one of whose calls fails once, as in an outage, when ``arm`` asked for it:
+    ``declare`` of a wait, ``create_run`` of a child (``after``: once stored, its answer
+    lost), or ``declarations`` (read by ``ctx.emit`` for its orphan count), in a run's
+    own task."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.armed: dict[str, bool] = {}  # method -> fail after doing it
+        self.failed = asyncio.Event()
+
+    def arm(self, method: str, after: bool = False) -> None:
+        self.armed[method] = after
+
+    async def _once(self, method: str, call: Any) -> Any:
+        if method not in self.armed or not isinstance(asyncio.current_task(), RunTask):
+            return await call
+        after = self.armed.pop(method)
+        if after:
+            await call
+        else:
+            call.close()
+        self.failed.set()
+        raise StoreUnavailable(f"the store failed {method} (a test's outage)")
+
+    async def declare(self, app: str, declarations: Any) -> None:
+        if any(d.kind == "wait" for d in declarations):
+            return await self._once("declare", super().declare(app, declarations))
+        return await super().declare(app, declarations)
+
+    async def create_run(self, run: Any, *args: Any, **kwargs: Any) -> Any:
+        if run.parent_run_id is not None:
+            return await self._once("create_run", super().create_run(run, *args, **kwargs))
+        return await super().create_run(run, *args, **kwargs)
+
+    async def declarations(self, app: str) -> Any:
+        return await self._once("declarations", super().declarations(app))
+
+
+def outage_app(store: FailsOnce, seen: list[str], ran: list[str]) -> App:
+    """Workflows that take any error of a ``ctx`` call for a business failure."""
+    app = App("outage", store=store, lease=3, poll_interval=0.05, shutdown_grace=1)
+
+    @app.step
+    async def work(n: int) -> int:
+        ran.append(f"work {n}")
+        return n * 10
+
+    @app.workflow
+    async def child(ctx: WorkflowContext, n: int) -> int:
+        return int(await ctx.run(work, n))
+
+    @app.workflow
+    async def waiter(ctx: WorkflowContext, kind: str) -> str:
+        try:  # (the type is not a literal: no worker declared this wait when it opened)
+            event = await ctx.wait_for_event(kind)
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+            return "gave up"
+        return f"got {event.data}"
+
+    @app.workflow
+    async def parent(ctx: WorkflowContext, n: int) -> str:
+        await ctx.run(work, 0)  # (stored: a run's first write may be its child's entry)
+        try:
+            return f"child said {await ctx.call(child, n)}"
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+            return "gave up"
+
+    @app.workflow
+    async def emitter(ctx: WorkflowContext, kind: str) -> str:
+        try:
+            event = await ctx.emit(kind, {"n": 1})
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+            return "gave up"
+        return f"emitted {event.type}"
+
+    return app
+
+
+async def no_worker_lost(app: App, run_id: str) -> None:
+    attempts = await app.store.load_attempts(app.name, run_id)
+    assert all(a.error_type != "WorkerLost" for a in attempts), attempts
+
+
+async def test_a_store_error_declaring_a_wait_is_an_outage_and_the_wait_is_declared(
+    tmp_path: Any,
+) -> None:
+    seen: list[str] = []
+    store = FailsOnce(str(tmp_path / "outage.db"))
+    app = outage_app(store, seen, [])
+    async with app:
+        store.arm("declare")
+        handle = await app.start("waiter", "order.paid")
+        await asyncio.wait_for(store.failed.wait(), 10)
+
+        async def declared() -> bool:
+            return any(d.kind == "wait" and d.name == "waiter" and d.pattern == "order.paid"
+                       for d in await app.store.declarations(app.name))
+
+        # The run goes on from its history and declares its wait again.
+        await eventually(declared, timeout=10, what="the wait declared after the outage")
+        await app.publish("order.paid", {"id": 7})
+        assert await handle.result(timeout=10) == "got {'id': 7}", seen
+        assert seen == []
+        await no_worker_lost(app, handle.run_id)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["refused", "answer-lost"])
+async def test_a_store_error_starting_a_child_is_an_outage_and_the_child_starts_once(
+    tmp_path: Any, after: bool,
+) -> None:
+    seen: list[str] = []
+    ran: list[str] = []
+    store = FailsOnce(str(tmp_path / "outage.db"))
+    app = outage_app(store, seen, ran)
+    async with app:
+        store.arm("create_run", after=after)
+        handle = await app.start("parent", 4)
+        assert await handle.result(timeout=12) == "child said 40", seen
+        assert store.failed.is_set()
+        assert seen == []
+        children = await app.find_runs(workflow="child")
+        assert len(children) == 1, children
+        assert ran == ["work 0", "work 4"]
+        await no_worker_lost(app, handle.run_id)
+
+
+async def test_a_store_error_met_by_an_emit_is_an_outage_and_the_event_is_emitted_once(
+    tmp_path: Any,
+) -> None:
+    seen: list[str] = []
+    store = FailsOnce(str(tmp_path / "outage.db"))
+    app = outage_app(store, seen, [])
+    async with app:
+        await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+        store.arm("declarations")  # read for the orphan count of a type none declares
+        handle = await app.start("emitter", "parcel.sent")
+        assert await handle.result(timeout=10) == "emitted parcel.sent", seen
+        assert store.failed.is_set()
+        assert seen == []
+        events = await app.store.find_events(app.name, "parcel.sent", since=0,
+                                              exclude=[], limit=10)
+        assert len(events) == 1, events
+        await no_worker_lost(app, handle.run_id)
+
+
+@pytest.mark.postgres
+async def test_a_connect_slower_than_its_timeout_for_a_childs_creation_is_an_outage(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    seen: list[str] = []
+    ran: list[str] = []
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with stall_proxy(postgres_url) as proxy:
+        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+                              connect_timeout=1.0)
+        app = App("stall", store=store, lease=10, poll_interval=0.05, shutdown_grace=1)
+
+        @app.step
+        async def first() -> int:
+            ran.append("first")
+            entered.set()
+            await gate.wait()
+            return 3
+
+        @app.step
+        async def work(n: int) -> int:
+            ran.append(f"work {n}")
+            return n * 10
+
+        @app.workflow
+        async def child(ctx: WorkflowContext, n: int) -> int:
+            return int(await ctx.run(work, n))
+
+        @app.workflow
+        async def parent(ctx: WorkflowContext) -> str:
+            n = await ctx.run(first)
+            try:  # (its first store call after the step: the child's creation)
+                return f"child said {await ctx.call(child, n)}"
+            except Exception as exc:
+                seen.append(f"{type(exc).__name__}: {exc}")
+                return "gave up"
+
+        async with app:
+            handle = await app.start("parent")
+            await asyncio.wait_for(entered.wait(), 10)
+            proxy.cut()  # every pooled connection is lost: the next use connects...
+            proxy.stall()  # ...and connecting takes longer than its timeout
+            await asyncio.sleep(0.2)
+            gate.set()
+            await asyncio.sleep(STALL)
+            assert proxy.held, "nothing tried to connect during the stall"
+            proxy.resume()
+            assert await handle.result(timeout=20) == "child said 30", seen
+            assert seen == []
+            assert ran == ["first", "work 3"], "a step ran twice"
+            assert len(await app.find_runs(workflow="child")) == 1
+            await no_worker_lost(app, handle.run_id)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import random as _random
 import uuid as _uuid
-from collections.abc import Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine, Generator, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from cantata.choreography.orphans import check_orphans
 from cantata.declare.defs import (
@@ -20,6 +21,7 @@ from cantata.declare.defs import (
     workflow_name,
 )
 from cantata.errors import (
+    StoreError,
     UnknownStep,
     UnknownWorkflow,
     WaitTimeout,
@@ -39,6 +41,7 @@ from .heartbeat import workflow_run
 from .journal import Save
 from .parking import parking_for
 from .runtime import Watch
+from .signals import _StoreFailed
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -60,6 +63,29 @@ def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
         if value != expected:
             return False
     return True
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _outage_resumes(
+    call: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A ``ctx`` call whose engine code reads or writes the store (a child's creation,
+    a wait's declaration, an emit's orphan count...): a store error met there is an
+    outage, raised as ``_StoreFailed`` (the run goes on from its history, where the
+    call is replayed or made again), never in the workflow's code, where an ``except
+    Exception`` could take it for a business failure and compensate."""
+
+    @functools.wraps(call)
+    async def outage_resumes(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await call(*args, **kwargs)
+        except StoreError as exc:
+            raise _StoreFailed(exc) from exc
+
+    return outage_resumes
 
 
 class _Recorded:
@@ -143,13 +169,16 @@ class WorkflowContext:
                 completed (docs/guide.md).
         """
         steps = self._x.engine.router.steps
-        # The usual case without a coroutine: a function of this app's router.
-        sdef = steps.get(step_name(step)) or await self._step_def(step, "step")
-        comp = (
-            None if compensate is None
-            else steps.get(step_name(compensate))
-            or await self._step_def(compensate, "compensation")
-        )
+        try:
+            # The usual case without a coroutine: a function of this app's router.
+            sdef = steps.get(step_name(step)) or await self._step_def(step, "step")
+            comp = (
+                None if compensate is None
+                else steps.get(step_name(compensate))
+                or await self._step_def(compensate, "compensation")
+            )
+        except StoreError as exc:  # a remote step's declaration read: see _outage_resumes
+            raise _StoreFailed(exc) from exc
         x = self._x
         plain = codec.plain_args(args, f"arguments of step {sdef.name}",
                                  limit=x.engine.max_payload)
@@ -159,6 +188,7 @@ class WorkflowContext:
             return value
         return codec.restore(value, sdef.sig.result, f"result of step {sdef.name}")
 
+    @_outage_resumes
     async def compensate(self) -> int:
         """Run the compensations registered so far, newest first, durably; returns how
         many ran.
@@ -177,6 +207,7 @@ class WorkflowContext:
 
     # -- values published to clients ---------------------------------------------------
 
+    @_outage_resumes
     async def set_value(self, key: str, value: Any) -> None:
         """Record ``value`` (JSON) under ``key``, durably, for ``handle.get_value(key)``
         and queries in any process. Setting a key again replaces its value.
@@ -251,6 +282,7 @@ class WorkflowContext:
 
     # -- timers ------------------------------------------------------------------------
 
+    @_outage_resumes
     async def sleep(self, seconds: float) -> None:
         """Durable timer: the wake time is stored, so a crash does not restart the wait.
 
@@ -274,6 +306,7 @@ class WorkflowContext:
 
     # -- events ---------------------------------------------------------------------------
 
+    @_outage_resumes
     async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> Event[Any]:
         """Publish an event from the workflow, exactly once (recorded in history)."""
         check_publish(type, subject=subject)  # as app.publish checks them
@@ -304,6 +337,7 @@ class WorkflowContext:
         await check_orphans(x.engine, [event])
         return event
 
+    @_outage_resumes
     async def wait_for_event(
         self,
         type: str,
@@ -383,11 +417,13 @@ class WorkflowContext:
 
     # -- child workflows ----------------------------------------------------------------
 
+    @_outage_resumes
     async def start_child(self, workflow: Callable[..., Any] | str, *args: Any) -> str:
         """Start a child workflow (durably, exactly once) without waiting; returns its run id."""
         run_id, _ = await self._child(workflow, args, wait=False)
         return run_id
 
+    @_outage_resumes
     async def call(self, workflow: Callable[..., Any] | str, *args: Any) -> Any:
         """Run a child workflow durably and return its result.
 

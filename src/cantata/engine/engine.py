@@ -609,8 +609,10 @@ class Engine:
         """Record that ``workflow`` waits for ``event_type`` (so it is not an orphan)."""
         if (workflow, event_type) in self._declared_waits:
             return
-        self._declared_waits.add((workflow, event_type))
         await self.store.declare(self.app, [Declaration("wait", workflow, event_type)])
+        # Only once stored: a declaration the store failed is made again by the next
+        # wait (the run's, resumed from its history after the outage).
+        self._declared_waits.add((workflow, event_type))
         if self.waits_reached is not None:
             try:
                 await self.waits_reached([event_type])

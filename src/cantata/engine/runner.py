@@ -399,6 +399,12 @@ class RunExecution:
                 "run-store", "run %s: the store failed (%s); the run will be resumed from "
                 "its history", self.run.run_id, cause,
             )
+            # A checkpoint still under way (a step's end flushed in the background,
+            # waiting out the outage) lands, or fails, before the run is resumed: a
+            # history read before it would run that step again, its attempt charged
+            # WorkerLost. (This execution stays the run's meanwhile: not resumed.)
+            async with self.commit_lock:
+                pass
         except Exception:
             log.exception("run %s: internal error; it will be retried", self.run.run_id)
         finally:
