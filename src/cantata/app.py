@@ -647,17 +647,14 @@ class App(RouterFacade):
         event = new_event(
             self.name, type, data, subject=subject, correlation_id=correlation_id,
             source=source, id=id, max_payload=self.engine.max_payload,
+            correlate=tx.correlation_id if tx is not None else None,
+            causation_id=(tx.run_id or None) if tx is not None else None,
         )
         if tx is not None:
-            event = dataclasses.replace(
-                event, correlation_id=correlation_id or tx.correlation_id or event.id,
-                causation_id=tx.run_id or None,
-            )
             event = self.signer.sign(event)
             self.engine.check_event(event)
             tx.publish(event)  # appended with the step's checkpoint, orphans checked then
             return event, False
-        event = dataclasses.replace(event, correlation_id=correlation_id or event.id)
         # An id the caller chose may be taken by another publish of it at the same moment
         # (after the look-up below found nothing): the store says whether this one's
         # append stored the event, and if not, this publish is a repeat of that one.

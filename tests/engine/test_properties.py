@@ -305,3 +305,28 @@ def test_compensations_run_in_reverse_completion_order_with_or_without_a_restart
             assert undone == list(reversed(finish))
 
     check()
+
+
+@settings(max_examples=3000, deadline=None)
+@given(whole=st.integers(min_value=0, max_value=253_402_300_796),  # (to 9999-12-31)
+       micro=st.integers(min_value=0, max_value=1_999_999),
+       nudge=st.sampled_from([0.0, 5e-7, -5e-7, 1e-9, 0.49e-6]),
+       other=st.floats(min_value=0, max_value=4e9))
+def test_event_times_are_what_datetime_writes(
+    whole: int, micro: int, nudge: float, other: float
+) -> None:
+    """``now_iso`` (every event's ``time``) gives what
+    ``datetime.fromtimestamp(ts, UTC).isoformat()`` gives, ``Z`` for ``+00:00``: the
+    same rounding to the microsecond (half to even, up into the next second), no
+    fraction on a whole second, for a timestamp just after another in the same second
+    (its date and time of day kept) and for any other."""
+    import datetime as dt
+
+    from cantata.model.codec import now_iso
+
+    def written(ts: float) -> str:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+    for ts in (whole + micro / 1e6 + nudge, whole + 0.9999995, float(whole), other):
+        if ts >= 0:
+            assert now_iso(ts) == written(ts), ts

@@ -37,6 +37,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -221,10 +222,10 @@ class NatsBroker:
         # (app, worker id, event type) -> this process's subscriptions it goes to
         self._routes: dict[tuple[str, str, str], list[NatsSubscription]] = {}
         # event id -> (the event, its message body), made by check_event for publish
-        self._wired: dict[str, tuple[Event[Any], bytes]] = {}
+        self._wired: OrderedDict[str, tuple[Event[Any], bytes]] = OrderedDict()
         self._wired_bytes = 0  # the size of the bodies kept in _wired
         # ids of events every delivery of which this worker held (see held_here)
-        self._local: dict[str, None] = {}
+        self._local: OrderedDict[str, None] = OrderedDict()
         self.check_interval = check_interval
         self.clock_skew = max(0.0, clock_skew)
         self._watches: dict[str, asyncio.Task[None]] = {}
@@ -505,7 +506,7 @@ class NatsBroker:
             if n == per_event.get(event.id, 0):
                 local[event.id] = None
         while len(local) > _WIRED_KEPT:
-            del local[next(iter(local))]
+            local.popitem(last=False)
 
     def held_here(self, event_id: str) -> bool:
         """Whether every delivery of ``event_id`` was held by this worker as it was
@@ -735,7 +736,7 @@ class NatsBroker:
         self._wired_bytes += len(payload) - (len(gone[1]) if gone is not None else 0)
         wired[event.id] = (event, payload)
         while len(wired) > _WIRED_KEPT or (self._wired_bytes > _WIRED_BYTES and len(wired) > 1):
-            self._wired_bytes -= len(wired.pop(next(iter(wired)))[1])
+            self._wired_bytes -= len(wired.popitem(last=False)[1][1])
 
     def wire(self, app: str, event: Event[Any]) -> bytes:
         """The message body of ``event``: its CloudEvent, or a claim check when it is

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -284,7 +285,7 @@ class NatsSubscription:
         self._held: dict[int, Msg] = {}
         self._keeper = asyncio.create_task(self._keep_alive(), name=f"cantata-nats:{group}:wip")
         # "stream:sequence" -> failures of that message here (see _failed)
-        self._crashes: dict[str, int] = {}
+        self._crashes: OrderedDict[str, int] = OrderedDict()
         # event id -> callers waiting for the group's delivery state (see _delivery_state)
         self._lookups: dict[str, list[asyncio.Future[DeliveryHold | None]]] = {}
         self._loops = [
@@ -500,7 +501,7 @@ class NatsSubscription:
         if failures < GIVE_UP_AFTER:
             self._crashes[where] = failures
             while len(self._crashes) > _CRASHES_KEPT:
-                del self._crashes[next(iter(self._crashes))]
+                self._crashes.popitem(last=False)
             quiet.warning(
                 f"crash:{self.app}:{self.group}", "%s a message of %s failed (%s); NATS "
                 "delivers it again (given up after %d such failures)", what, who,

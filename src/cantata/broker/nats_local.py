@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -170,14 +171,14 @@ class Handing:
         self.held: dict[Key, asyncio.Future[None] | None] = {}
         # hand-offs whose delivery was settled for good (done or dead) in the store:
         # the broker's copy is acked without a store read (the newest few thousand)
-        self.done: dict[Key, None] = {}
+        self.done: OrderedDict[Key, None] = OrderedDict()
         # event id -> digest of the body published for it here (the newest few thousand)
-        self.bodies: dict[str, bytes] = {}
+        self.bodies: OrderedDict[str, bytes] = OrderedDict()
 
     def settled(self, key: Key) -> None:
         self.done[key] = None
         if len(self.done) > _DONE_KEPT:
-            del self.done[next(iter(self.done))]
+            self.done.popitem(last=False)
 
     def published(self, event_id: str, body: bytes) -> None:
         """This process published ``body`` for the event ``event_id`` (remembered as a
@@ -185,7 +186,7 @@ class Handing:
         bodies = self.bodies
         bodies[event_id] = body_digest(body)
         if len(bodies) > _DONE_KEPT:
-            del bodies[next(iter(bodies))]
+            bodies.popitem(last=False)
 
     def settled_copy(self, key: Key, body: bytes) -> bool:
         """Whether a message carrying ``body``, whose ``Nats-Msg-Id`` is ``key``'s event
@@ -254,3 +255,7 @@ def body_digest(body: bytes) -> bytes:
 
 _FREE: Any = object()
 _DONE_KEPT = 16384
+# The bounded memories here and in nats.py drop their oldest entry with
+# OrderedDict.popitem(last=False): a dict's ``next(iter(d))`` walks past every slot
+# deleted at its front since it was last resized, ~20 µs at this size on every event
+# once full (docs/performance.md, round fifteen).

@@ -211,7 +211,8 @@ class Consumer:
             event = event.with_data(data)
         ctx = self.host.handler_context(hdef, event)
         ctx.attempt = msg.attempt
-        slot = await self.host.take_slot(hdef, event.id, msg.extend)
+        slot = (None if hdef.concurrency is None  # (no slot to wait for, nor coroutines)
+                else await self.host.take_slot(hdef, event.id, msg.extend))
         try:
             await self._invoke(hdef, msg, event, ctx, retry)
         finally:

@@ -92,7 +92,8 @@ class ConsumerHost(Protocol):
     async def take_slot(
         self, hdef: HandlerDef, event_id: str, extend: Callable[[], Awaitable[None]]
     ) -> str | None:
-        """Wait for a slot of a limited handler group; the holder to release (or ``None``)."""
+        """Wait for a slot of a limited handler group (asked only for a group with a
+        ``concurrency``); the holder to release (or ``None``)."""
         ...
 
     async def release_slot(self, hdef: HandlerDef, holder: str) -> None: ...

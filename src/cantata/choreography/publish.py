@@ -8,6 +8,7 @@ from typing import Any
 
 from cantata.errors import DuplicateEventId
 from cantata.model import codec
+from cantata.model.codec import new_id
 from cantata.model.event import Event, check_publish
 
 
@@ -21,21 +22,28 @@ def new_event(
     source: str | None,
     id: str | None,
     max_payload: int | None,
+    correlate: str | None = None,
+    causation_id: str | None = None,
 ) -> Event[Any]:
-    """An event of ``app`` with checked attributes and JSON data (not yet correlated
-    when ``correlation_id`` is ``None``).
+    """An event of ``app`` with checked attributes and JSON data, made once: its
+    correlation id is ``correlation_id`` if given, else ``correlate`` (a transaction
+    step's run), else its own id.
 
     Raises:
         SerializationError: ``data`` is not JSON (or holds NaN or an infinity).
     """
     check_publish(type, id=id, subject=subject, source=source, correlation_id=correlation_id)
-    event = Event(
+    plain = codec.loads(codec.dumps(data, f"data of event {type}", limit=max_payload))
+    event_id = id if id is not None else new_id()
+    return Event(
         type=type,
-        data=codec.loads(codec.dumps(data, f"data of event {type}", limit=max_payload)),
+        data=plain,
+        id=event_id,
         source=source or f"cantata/{app}",
         subject=subject,
+        correlation_id=correlation_id or correlate or event_id,
+        causation_id=causation_id,
     )
-    return dataclasses.replace(event, id=id) if id is not None else event
 
 
 def repeated(earlier: Event[Any], event: Event[Any]) -> Event[Any]:

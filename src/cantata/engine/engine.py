@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +108,7 @@ class Engine:
         self._completions: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
         # run id -> (when, final record) of runs that ended here lately, oldest first:
         # a result() asked for after the end needs no read (see completion)
-        self._ended: dict[str, tuple[float, RunRecord]] = {}
+        self._ended: OrderedDict[str, tuple[float, RunRecord]] = OrderedDict()
         self._type_checked: dict[str, float] = {}
         self._type_seen: dict[str, set[str]] = {}
         self._runs_pulse = asyncio.Event()
@@ -369,7 +370,7 @@ class Engine:
             if execution.run.status is RunStatus.COMPLETED:
                 self._ended[run_id] = (time.monotonic(), execution.run)
                 if len(self._ended) > ENDED_KEPT:
-                    del self._ended[next(iter(self._ended))]
+                    self._ended.popitem(last=False)
             elif self.serving and not execution.evicted:
                 # Let go while this worker lives (lease lost, store failure, internal
                 # error): the store decides whether it is still ours to resume.

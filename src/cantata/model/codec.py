@@ -249,8 +249,30 @@ def signature_of(fn: Callable[..., Any], skip: int = 0) -> Signature:
 
 
 def now_iso(ts: float) -> str:
-    """RFC 3339 UTC timestamp for a POSIX time."""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    """RFC 3339 UTC timestamp for a POSIX time: what
+    ``datetime.fromtimestamp(ts, UTC).isoformat()`` gives (``Z`` for ``+00:00``), its
+    date and time of day made once per second (every event is stamped with one)."""
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)  # (as fromtimestamp rounds: half to even, the float's product)
+    if us >= 1_000_000:
+        us -= 1_000_000
+        whole += 1.0
+    if not 0 <= us < 1_000_000 or not 0 <= whole < 253_402_300_800:  # (< 0, past 9999)
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    second = int(whole)
+    cached = _iso_second
+    if cached[0] != second:
+        cached = _set_second(second)
+    return f"{cached[1]}.{us:06d}Z" if us else f"{cached[1]}Z"
+
+
+def _set_second(second: int) -> tuple[int, str]:
+    global _iso_second
+    _iso_second = (second, dt.datetime.fromtimestamp(second, dt.UTC).isoformat()[:-6])
+    return _iso_second
+
+
+_iso_second: tuple[int, str] = (-1, "")  # (a second, its date and time of day)
 
 
 def new_id() -> str:

@@ -86,6 +86,8 @@ def check_attribute(name: str, value: Any) -> Any:
     a NUL or a lone surrogate cannot be stored: :func:`check_text`).
     """
     if value is not None:
+        if type(value) is str and value and value.isascii() and "\x00" not in value:
+            return value  # (what check_text lets through, without making its message)
         if not isinstance(value, str) or not value:
             raise InvalidEvent(
                 f"event attribute {name!r} must be a non-empty string, got {value!r}"
@@ -111,12 +113,24 @@ def check_length(name: str, value: str | None) -> None:
 def check_publish(event_type: str, **attributes: Any) -> None:
     """What every publisher checks before it builds an event (``app.publish`` and a
     workflow's ``ctx.emit``): the type, and each attribute the caller gave."""
-    check_type(event_type)
-    check_length("type", event_type)
+    if type(event_type) is not str or event_type not in _CHECKED_TYPES:
+        check_type(event_type)
+        check_length("type", event_type)
+        if type(event_type) is str:
+            if len(_CHECKED_TYPES) >= _CHECKED_KEPT:
+                _CHECKED_TYPES.clear()
+            _CHECKED_TYPES[event_type] = None
     for name, value in attributes.items():
-        check_attribute(name, value)
-        if name in BOUNDED_ATTRIBUTES:
-            check_length(name, value)
+        if value is not None:
+            check_attribute(name, value)
+            if name in BOUNDED_ATTRIBUTES:
+                check_length(name, value)
+
+
+# Event types that passed check_publish's checks of a type (a program publishes and
+# emits a few types over and over, each checked once): the check is a regex and more.
+_CHECKED_TYPES: dict[str, None] = {}
+_CHECKED_KEPT = 4096
 
 
 def _is_json_type(content_type: Any) -> bool:
@@ -273,8 +287,9 @@ class Event(Generic[T]):
                     f"{type(ce[key]).__name__}"
                 )
         # (the syntax only: an event stored, recorded or sent before a first token was
-        # reserved still reads)
-        _check_type_syntax(ce["type"])
+        # reserved still reads; one published or emitted here passed it already)
+        if type(ce["type"]) is not str or ce["type"] not in _CHECKED_TYPES:
+            _check_type_syntax(ce["type"])
         if ce.get("signaturekeyid") is not None and not isinstance(ce["signaturekeyid"], str):
             raise InvalidEvent("CloudEvent attribute 'signaturekeyid' must be a string")
         data = _data_of(ce)
