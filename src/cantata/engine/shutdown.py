@@ -5,7 +5,9 @@ running finish within the grace and their results are committed; what is left is
 released (owner cleared) so another worker resumes it without waiting for the lease,
 and the attempts cut short are marked ``Interrupted``, which does not count as an
 attempt. Nothing new starts once the stop began: claims end, and each run parks at
-its next durable point (a new step, a sleep, a wait).
+its next durable point (a new step, a sleep, a wait). The results of the steps that
+finished are committed through a store outage until the stop's bound (:func:`release`);
+any that could not be are counted as cut short, never passed off as a clean stop.
 """
 
 from __future__ import annotations
