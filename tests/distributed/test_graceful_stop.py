@@ -143,6 +143,36 @@ async def test_a_drained_step_is_committed_through_a_store_outage_during_the_sto
     assert tried == [("work#1", 1, None), ("work#2", 1, None)]
 
 
+@pytest.mark.postgres
+@pytest.mark.nats
+async def test_a_drained_step_whose_result_cannot_be_stored_is_not_a_clean_stop(
+    client: App, tmp_path: Path, distributed_url: str, broker_url: str
+) -> None:
+    """The store stays away past the stop's bound as a drained step ends: the worker
+    gives up on it, but says so and exits 3 (cut short), not 0 as after a clean stop."""
+    client.configure(store=distributed_url, broker=broker_url)
+    log = tmp_path / "workers.log"
+    async with stall_proxy(distributed_url) as proxy:
+        first = start_worker(proxy.url(distributed_url), tmp_path, log, broker=broker_url,
+                             lease=60, grace=2, grace_flag=True)
+        try:
+            async with client.client():
+                await client.start("chain", {"id": 2, "seconds": 1.0, "steps": "ab"})
+                await eventually(lambda: marks(tmp_path, "start"), 60, "the first step start")
+                first.send_signal(signal.SIGTERM)
+                await eventually(lambda: "stopping: waiting up to" in log.read_text(), 20,
+                                 "the drain")
+                proxy.stall()
+                await eventually(lambda: marks(tmp_path, "end"), 20, "the first step end")
+                await asyncio.sleep(0.5)
+                proxy.cut()  # the store is gone for good (as far as this stop goes)
+                code = await exited(first, 90)
+        finally:
+            stop(first)
+    assert code == 3
+    assert "could not commit what the steps of 1 run(s) finished" in log.read_text()
+
+
 async def test_past_the_grace_a_step_is_released_at_once_and_not_counted(
     client: App, tmp_path: Path
 ) -> None:
