@@ -20,6 +20,7 @@ import pytest
 
 from cantata import App
 from tests.helpers import eventually
+from tests.stall_proxy import stall_proxy
 
 from .procs import HERE, marks, run_twice, start_worker, stop
 
@@ -97,6 +98,79 @@ async def test_sigterm_lets_the_step_in_progress_finish_and_records_it_once(
     assert ends == {"1.a": first.pid, "1.b": procs[1].pid}  # the drained step ran once
     assert tried == [("work#1", 1, None), ("work#2", 1, None)]
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.postgres
+@pytest.mark.nats
+async def test_a_drained_step_is_committed_through_a_store_outage_during_the_stop(
+    client: App, tmp_path: Path, distributed_url: str, broker_url: str
+) -> None:
+    """The outcome of a step that finished during the grace is committed even when the
+    store is lost for a moment right then (connections cut, connecting slower than its
+    timeout): the stop waits the outage out as a live worker does, within its bound, and
+    no step runs twice. (A stopping worker used to give up at the first failure: the
+    step's outcome was dropped, the run released, exit status 0, the step run again.)"""
+    client.configure(store=distributed_url, broker=broker_url)
+    log = tmp_path / "workers.log"
+    async with stall_proxy(distributed_url) as proxy:
+        first = start_worker(proxy.url(distributed_url), tmp_path, log, broker=broker_url,
+                             lease=60, grace=30, grace_flag=True)
+        procs = [first]
+        try:
+            async with client.client():
+                h = await client.start("chain", {"id": 1, "seconds": 2.0, "steps": "ab"})
+                await eventually(lambda: marks(tmp_path, "start"), 60, "the first step start")
+                first.send_signal(signal.SIGTERM)
+                await eventually(lambda: "stopping: waiting up to" in log.read_text(), 20,
+                                 "the drain")
+                proxy.stall()  # the store stops answering as the step ends...
+                await eventually(lambda: marks(tmp_path, "end"), 20, "the first step end")
+                await asyncio.sleep(0.5)
+                proxy.cut()  # ...its commit is lost with the connections...
+                await asyncio.sleep(5.0)  # ...and connecting again times out meanwhile
+                assert proxy.held, "nothing tried to connect during the stall"
+                proxy.resume()
+                assert await exited(first, 60) == 0
+                procs.append(start_worker(distributed_url, tmp_path, log, broker=broker_url,
+                                          lease=60, grace=10))
+                assert await h.result(timeout=60) == ["a:1", "b:1"]
+                tried = await attempts_of(client, h.run_id)
+        finally:
+            for p in procs:
+                stop(p)
+    ends = sorted((m.key, m.pid) for m in marks(tmp_path, "end"))
+    assert ends == [("1.a", first.pid), ("1.b", procs[1].pid)]  # the drained step ran once
+    assert tried == [("work#1", 1, None), ("work#2", 1, None)]
+
+
+@pytest.mark.postgres
+@pytest.mark.nats
+async def test_a_drained_step_whose_result_cannot_be_stored_is_not_a_clean_stop(
+    client: App, tmp_path: Path, distributed_url: str, broker_url: str
+) -> None:
+    """The store stays away past the stop's bound as a drained step ends: the worker
+    gives up on it, but says so and exits 3 (cut short), not 0 as after a clean stop."""
+    client.configure(store=distributed_url, broker=broker_url)
+    log = tmp_path / "workers.log"
+    async with stall_proxy(distributed_url) as proxy:
+        first = start_worker(proxy.url(distributed_url), tmp_path, log, broker=broker_url,
+                             lease=60, grace=2, grace_flag=True)
+        try:
+            async with client.client():
+                await client.start("chain", {"id": 2, "seconds": 1.0, "steps": "ab"})
+                await eventually(lambda: marks(tmp_path, "start"), 60, "the first step start")
+                first.send_signal(signal.SIGTERM)
+                await eventually(lambda: "stopping: waiting up to" in log.read_text(), 20,
+                                 "the drain")
+                proxy.stall()
+                await eventually(lambda: marks(tmp_path, "end"), 20, "the first step end")
+                await asyncio.sleep(0.5)
+                proxy.cut()  # the store is gone for good (as far as this stop goes)
+                code = await exited(first, 90)
+        finally:
+            stop(first)
+    assert code == 3
+    assert "could not commit what the steps of 1 run(s) finished" in log.read_text()
 
 
 async def test_past_the_grace_a_step_is_released_at_once_and_not_counted(

@@ -63,7 +63,7 @@ async def commit_run(x: RunExecution, write: RunWrite) -> None:
                 quiet=engine.quiet,
                 key="commit",
                 what="checkpointing runs",
-                give_up=lambda: not engine.serving,
+                give_up=lambda: not engine.waits_out_outages(),
                 max_delay=engine.lease / 4,
             )
     except LeaseLost:

@@ -100,6 +100,9 @@ class Engine:
         # A graceful stop is under way: runs park at their next durable point, and
         # ``quiesce`` is set whenever one parks or ends (see shutdown.drain).
         self.draining = False
+        # The stop gave up on the store (past its bound, or a second signal): a
+        # checkpoint failing on an outage is no longer retried (see waits_out_outages).
+        self.cutting = False
         self.cut_short = 0  # steps and handlers a stop released past its grace
         self.quiesce = asyncio.Event()
         # run id -> (step key, attempt) this worker started but cut short itself (a
@@ -429,6 +432,13 @@ class Engine:
     def drop(self, execution: RunExecution) -> None:
         """Stop one execution whose run this worker no longer owns."""
         execution.let_go()
+
+    def waits_out_outages(self) -> bool:
+        """Whether a checkpoint that fails on a store outage is tried again: while
+        serving, and during a graceful stop until it gives up (shutdown.drain): the
+        outcomes of the steps that finished during the grace are committed, not
+        dropped (their steps would run again elsewhere)."""
+        return self.serving or (self.draining and not self.cutting)
 
     def background(self) -> list[asyncio.Task[Any]]:
         """Every task of this engine still alive (executions, flushes, checks)."""

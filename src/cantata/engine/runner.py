@@ -169,21 +169,34 @@ class RunExecution:
         self.engine.quiesce.set()
         await asyncio.get_running_loop().create_future()  # cancelled by the release
 
-    async def release(self) -> None:
+    async def release(self) -> bool:
         """Give the run up after a graceful stop: commit what is held, mark the attempts
-        cut short ``Interrupted`` (not attempts), clear the owner (docs/leases.md)."""
+        cut short ``Interrupted`` (not attempts), clear the owner (docs/leases.md).
+
+        Returns False when outcomes of steps that ended here may not be stored (their
+        commit failed), so those steps run again elsewhere: the stop cut them short."""
         if not self.stored or self.run.status.is_final:
-            return
+            return True
         now = self.engine.clock.now()
         cut = [Attempt(a.key, a.attempt, a.started_at, now, *INTERRUPTED)
                for a in self.inflight.values()]
         self.inflight.clear()
-        self.flush_failed = None
-        try:
-            await self.commit(RunWrite(attempts=cut, release=True))
-        except (_Abandon, _StoreFailed, Exception) as exc:
-            log.warning("run %s: could not release it (%s); another worker takes it over "
-                        "after the lease", self.run.run_id, type(exc).__name__)
+        kept = True
+        while True:
+            if self.flush_failed is not None:
+                # A commit of held outcomes (checkpoint.flush) failed: it dropped them.
+                kept = False
+                self.flush_failed = None
+            held = bool(self.pending or self.pending_attempts)
+            try:
+                await self.commit(RunWrite(attempts=list(cut), release=True))
+                return kept
+            except (_Abandon, _StoreFailed, Exception) as exc:
+                if exc is self.flush_failed:
+                    continue  # a flush that failed while this waited for it: release now
+                log.warning("run %s: could not release it (%s); another worker takes it "
+                            "over after the lease", self.run.run_id, type(exc).__name__)
+                return kept and not held
 
     def commit(self, write: RunWrite) -> Coroutine[Any, Any, None]:
         """Flush lazily recorded entries and write one checkpoint (fenced).

@@ -5,7 +5,9 @@ running finish within the grace and their results are committed; what is left is
 released (owner cleared) so another worker resumes it without waiting for the lease,
 and the attempts cut short are marked ``Interrupted``, which does not count as an
 attempt. Nothing new starts once the stop began: claims end, and each run parks at
-its next durable point (a new step, a sleep, a wait).
+its next durable point (a new step, a sleep, a wait). The results of the steps that
+finished are committed through a store outage until the stop's bound (:func:`release`);
+any that could not be are counted as cut short, never passed off as a clean stop.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from cantata.graceful import wait_or_force
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .runner import RunExecution
 
 log = logging.getLogger("cantata.worker")
+
+# Seconds the releases get at least (past the grace, if it is over already): their
+# commits carry the outcomes of the steps that finished during the grace.
+RELEASE_WAIT = 5.0
 
 
 async def drain(engine: Engine, deadline: float, force: asyncio.Event) -> None:
@@ -27,6 +34,7 @@ async def drain(engine: Engine, deadline: float, force: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     engine.serving = False
     engine.draining = True
+    engine.cutting = False
     await engine.ownership.stop_claiming()
     server_stop = None
     if engine.task_server is not None:
@@ -55,9 +63,7 @@ async def drain(engine: Engine, deadline: float, force: asyncio.Event) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=2.0)
     if left:
-        await asyncio.wait(
-            [asyncio.ensure_future(e.release()) for e in left], timeout=5.0
-        )
+        await release(engine, left, max(deadline, loop.time() + RELEASE_WAIT), force)
     if server_stop is not None:
         await server_stop
     # What else is left (a checkpoint flush, a relaunch): give it a moment, then cancel.
@@ -67,3 +73,35 @@ async def drain(engine: Engine, deadline: float, force: asyncio.Event) -> None:
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+
+
+async def release(
+    engine: Engine, left: list[RunExecution], until: float, force: asyncio.Event
+) -> None:
+    """Release ``left``: commit the outcomes their steps left held (waiting out a store
+    outage, as a live worker does) and clear their owners, until ``until`` (loop time)
+    or ``force``. Then the stop gives up on the store; a run whose steps' outcomes may
+    not be stored is counted as cut short (those steps run again elsewhere), so the stop
+    does not pass for a clean one (``cantata worker`` exits with status 3)."""
+    releases = [asyncio.ensure_future(e.release()) for e in left]
+    done = asyncio.Event()
+    pending = set(releases)
+
+    def ended(fut: asyncio.Future[bool]) -> None:
+        pending.discard(fut)
+        if not pending:
+            done.set()
+
+    for fut in releases:
+        fut.add_done_callback(ended)
+    await wait_or_force(done, until, force)
+    if pending:
+        engine.cutting = True  # commits waiting out an outage give up now
+        await asyncio.wait(pending, timeout=2.0)  # (their commits raise, or hang)
+    lost = [fut for fut in releases if not fut.done() or fut.cancelled()
+            or fut.exception() is not None or not fut.result()]
+    if lost:
+        engine.cut_short += len(lost)
+        log.warning("stopping: could not commit what the steps of %d run(s) finished "
+                    "(the store did not answer in time); those steps run again on "
+                    "another worker", len(lost))
