@@ -53,6 +53,18 @@ def stall_app(store: Any, gate: asyncio.Event, entered: asyncio.Event,
     return app
 
 
+async def connects_stalled(proxy: Any, gate: asyncio.Event) -> None:
+    """Every pooled connection is lost and connecting takes longer than its timeout
+    while the workflow goes on past ``gate``; then the store answers again."""
+    proxy.cut()  # every pooled connection is lost: the next use connects...
+    proxy.stall()  # ...and connecting takes longer than its timeout
+    await asyncio.sleep(0.2)
+    gate.set()
+    await asyncio.sleep(STALL)
+    assert proxy.held, "nothing tried to connect during the stall"
+    proxy.resume()
+
+
 async def check_run(app: App, run_id: str, seen: list[str]) -> None:
     attempts = await app.store.load_attempts(app.name, run_id)
     history = await app.store.load_history(app.name, run_id)
@@ -75,13 +87,7 @@ async def test_a_connect_slower_than_its_timeout_for_a_steps_slot_is_waited_out(
         async with app:
             handle = await app.start("flow")
             await asyncio.wait_for(entered.wait(), 10)
-            proxy.cut()  # every pooled connection is lost: the next use connects...
-            proxy.stall()  # ...and connecting takes longer than its timeout
-            await asyncio.sleep(0.2)
-            gate.set()
-            await asyncio.sleep(STALL)
-            assert proxy.held, "nothing tried to connect during the stall"
-            proxy.resume()
+            await connects_stalled(proxy, gate)
             assert await handle.result(timeout=20) == 2
             await check_run(app, handle.run_id, seen)
 
@@ -367,13 +373,7 @@ async def test_a_connect_slower_than_its_timeout_for_a_childs_creation_is_an_out
         async with app:
             handle = await app.start("parent")
             await asyncio.wait_for(entered.wait(), 10)
-            proxy.cut()  # every pooled connection is lost: the next use connects...
-            proxy.stall()  # ...and connecting takes longer than its timeout
-            await asyncio.sleep(0.2)
-            gate.set()
-            await asyncio.sleep(STALL)
-            assert proxy.held, "nothing tried to connect during the stall"
-            proxy.resume()
+            await connects_stalled(proxy, gate)
             assert await handle.result(timeout=20) == "child said 30", seen
             assert seen == []
             assert ran == ["first", "work 3"], "a step ran twice"
