@@ -223,9 +223,9 @@ class FailsOnce(SQLiteStore):
         return await self._once("declarations", super().declarations(app), any_task=True)
 
 
-def outage_app(store: FailsOnce, seen: list[str], ran: list[str]) -> App:
-    """Workflows that take any error of a ``ctx`` call for a business failure."""
-    app = App("outage", store=store, lease=3, poll_interval=0.05, shutdown_grace=1)
+def add_child(app: App, ran: list[str]) -> tuple[Any, Any]:
+    """A step ``work`` (noted in ``ran`` each time it runs) and a workflow ``child`` of
+    that one step."""
 
     @app.step
     async def work(n: int) -> int:
@@ -235,6 +235,15 @@ def outage_app(store: FailsOnce, seen: list[str], ran: list[str]) -> App:
     @app.workflow
     async def child(ctx: WorkflowContext, n: int) -> int:
         return int(await ctx.run(work, n))
+
+    return work, child
+
+
+def outage_app(store: FailsOnce, seen: list[str], ran: list[str]) -> App:
+    """Workflows that take any error of a ``ctx`` call for a business failure."""
+    app = App("outage", store=store, lease=3, poll_interval=0.05, shutdown_grace=1)
+
+    work, child = add_child(app, ran)
 
     @app.workflow
     async def waiter(ctx: WorkflowContext, kind: str) -> str:
@@ -352,14 +361,7 @@ async def test_a_connect_slower_than_its_timeout_for_a_childs_creation_is_an_out
             await gate.wait()
             return 3
 
-        @app.step
-        async def work(n: int) -> int:
-            ran.append(f"work {n}")
-            return n * 10
-
-        @app.workflow
-        async def child(ctx: WorkflowContext, n: int) -> int:
-            return int(await ctx.run(work, n))
+        _, child = add_child(app, ran)
 
         @app.workflow
         async def parent(ctx: WorkflowContext) -> str:
