@@ -43,6 +43,8 @@ class Emitter(Protocol):
 
     # (monotonic time, patterns every service declared), or None: the cache
     declared_patterns: tuple[float, list[str]] | None
+    # the read of the declarations under way, shared by the checks that wait for it
+    declared_reading: asyncio.Task[list[str]] | None
 
 
 async def check_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[Event[Any]]:
@@ -136,22 +138,14 @@ async def _declared_patterns(engine: Emitter) -> list[str]:
     now = time.monotonic()
     if cached is not None and now - cached[0] < _CACHE_SECONDS:
         return list(cached[1])
-    key = id(engine)
     loop = asyncio.get_running_loop()
-    reading = _reading.get(key)
-    if reading is None or reading[0] is not engine or reading[1].get_loop() is not loop:
-        task = loop.create_task(_read_declared(engine, now))
-        reading = _reading[key] = (engine, task)
-        task.add_done_callback(lambda t: _reading.pop(key, None)
-                               if _reading.get(key, (None, None))[1] is t else None)
-    return list(await asyncio.shield(reading[1]))
+    reading = engine.declared_reading
+    if reading is None or reading.done() or reading.get_loop() is not loop:
+        reading = engine.declared_reading = loop.create_task(_read_declared(engine, now))
+    return list(await asyncio.shield(reading))
 
 
 async def _read_declared(engine: Emitter, now: float) -> list[str]:
     patterns = [d.pattern for d in await engine.store.declarations(engine.app) if d.pattern]
     engine.declared_patterns = (now, patterns)
     return patterns
-
-
-# id(engine) -> (the engine, its read of the declarations under way)
-_reading: dict[int, tuple[Emitter, asyncio.Task[list[str]]]] = {}
