@@ -411,9 +411,11 @@ async def test_a_writer_connection_killed_mid_batch(pg_session_url: str) -> None
                 status=RunStatus.COMPLETED)))
 
             async def writer_pid() -> int | None:
+                # (the one blocked by this lock: a test running beside this one may have
+                # a connection of its own waiting on a lock, not to be killed)
                 pid: int | None = await admin.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE application_name='cantata' "
-                    "AND wait_event_type='Lock'"
+                    "AND $1 = ANY(pg_blocking_pids(pid))", admin.get_server_pid()
                 )
                 return pid
 
