@@ -1,8 +1,9 @@
 """The connections of a :class:`~cantata.store.postgres.PostgresStore`.
 
 Connecting (retried with backoff, driver errors turned into messages that say
-what to do), versioned migrations under an advisory lock, the connection pool, and
-the one dedicated connection that LISTENs on the schema's channel,
+what to do), versioned migrations under an advisory lock (each bounded in how long
+it queues for a table lock), the connection pool, and the one dedicated connection
+that LISTENs on the schema's channel,
 ``cantata_changes.<schema>`` (``cantata_channel()``, migration 0027).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,6 +62,10 @@ def _quiet_driver_log() -> None:
 
 SCHEMA_VERSION = migrations.latest("postgres")
 DEFAULT_SCHEMA = "cantata"
+# A migration of a store in use waits at most this long for a table lock, then rolls
+# back, lets the workers through and tries again, for up to MIGRATE_PATIENCE seconds.
+MIGRATE_LOCK_WAIT = 0.2
+MIGRATE_PATIENCE = 60.0
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Errors that mean "the server or the connection is gone", not "the SQL is wrong".
 CONN_ERRORS = (
@@ -253,10 +259,15 @@ class PgPool:
     async def _migrate(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
         """Bring the schema to SCHEMA_VERSION; concurrent processes wait on one lock.
 
-        A current schema is only read, so a read-only server (a standby) opens.
+        A current schema is only read, so a read-only server (a standby) opens. A fresh
+        schema gets every script in one transaction; a store in use gets one transaction
+        per script, each waiting at most :data:`MIGRATE_LOCK_WAIT` for a table lock
+        (:meth:`_apply`), so workers of the older release serving on it never queue
+        behind the migration for longer than that.
 
         Raises:
-            StoreUnavailable: not ``create`` and the schema holds no Cantata store.
+            StoreUnavailable: not ``create`` and the schema holds no Cantata store, or
+                the tables stayed locked for :data:`MIGRATE_PATIENCE`.
         """
         table = f'"{self.schema}".schema_version'
         if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
@@ -271,10 +282,28 @@ class PgPool:
             raise StoreUnavailable(
                 f"store schema {self.schema!r} {what} in {self.masked_url}: {NEW_STORE_HINT}"
             )
+        key = f"cantata-migrate:{self.schema}"
+        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", key)
+        try:
+            version = await self._version_locked(conn)
+            pending = [
+                (n, script.read_text())
+                for n, script in sorted(migrations.scripts("postgres").items()) if n > version
+            ]
+            # Nobody serves on a fresh schema: one transaction. A store in use: one per
+            # script, so no transaction holds one script's locks while the next waits.
+            steps = [pending] if version == 0 else [[p] for p in pending]
+            for step in steps:
+                if step:
+                    await self._apply(conn, step)
+        finally:
+            with contextlib.suppress(*CONN_ERRORS):
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+    async def _version_locked(self, conn: asyncpg.Connection[asyncpg.Record]) -> int:
+        """The schema's version, read under the migration lock; the schema and its
+        version table are made when missing."""
         async with conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"cantata-migrate:{self.schema}"
-            )
             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
             tables = {
@@ -293,19 +322,49 @@ class PgPool:
                     "CREATE TABLE schema_version (version integer PRIMARY KEY, "
                     "applied_at double precision NOT NULL)"
                 )
-            version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
-            if version > SCHEMA_VERSION:
-                raise newer_schema(
-                    f"the Cantata store in {self.masked_url}", version, SCHEMA_VERSION
-                )
-            for n, script in sorted(migrations.scripts("postgres").items()):
-                if n <= version:
-                    continue
-                await conn.execute(script.read_text())
-                await conn.execute(
-                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
-                    n, time.time(),
-                )
+            version: int = await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_version"
+            )
+        if version > SCHEMA_VERSION:
+            raise newer_schema(f"the Cantata store in {self.masked_url}", version, SCHEMA_VERSION)
+        return version
+
+    async def _apply(
+        self, conn: asyncpg.Connection[asyncpg.Record], scripts: list[tuple[int, str]]
+    ) -> None:
+        """Run ``scripts`` and record their versions, in one transaction whose every
+        lock wait is bounded by :data:`MIGRATE_LOCK_WAIT`.
+
+        A migration that waits for a table lock queues every later statement on that
+        table behind it: the older release's heartbeats and checkpoints, which time out.
+        So a wait that runs out (or a deadlock with such a transaction) rolls the
+        script back, lets the others through and tries again, for up to
+        :data:`MIGRATE_PATIENCE`.
+        """
+        until = time.monotonic() + MIGRATE_PATIENCE
+        wait_ms = int(MIGRATE_LOCK_WAIT * 1000)
+        while True:
+            try:
+                async with conn.transaction():
+                    await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+                    await conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                    for n, sql in scripts:
+                        await conn.execute(sql)
+                        await conn.execute(
+                            "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+                            n, time.time(),
+                        )
+                return
+            except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
+                if time.monotonic() > until:
+                    raise StoreUnavailable(
+                        f"cannot migrate the Cantata store in schema {self.schema!r} of "
+                        f"{self.masked_url} to version {scripts[-1][0]}: its tables stayed "
+                        f"locked by other sessions for {MIGRATE_PATIENCE:.0f} s ({exc}); "
+                        "look for long transactions in pg_stat_activity, end them, and "
+                        "start the worker again"
+                    ) from None
+                await asyncio.sleep(random.uniform(0.5, 1.5) * MIGRATE_LOCK_WAIT)
 
     async def open(self) -> None:
         """Connect (retrying briefly), migrate, open the pool and start listening."""
