@@ -264,10 +264,9 @@ class Consumer:
                 self.on_emitted(emitted)
                 if hooks:
                     hooks.notify("emitted", emitted, "handler")
-                try:
-                    await self.host.report_orphans(emitted)
-                except Exception as exc:  # the delivery is settled: only the report failed
-                    log.warning("checking emitted events for orphans failed: %s", exc)
+                # (best-effort: the delivery is settled, a failed check is logged, rate-
+                # limited, and tried again with the next emit)
+                await self.host.report_orphans(emitted)
 
     async def _failed(
         self, msg: BrokerMessage, retry: Any, exc: Exception, *, retryable: bool

@@ -128,6 +128,7 @@ class Engine:
         # (monotonic time, patterns every service declared): the orphan check's cache
         self.declared_patterns: tuple[float, list[str]] | None = None
         self.declared_reading: asyncio.Task[list[str]] | None = None  # (orphans.py)
+        self.orphans_unchecked: list[Event[Any]] = []  # (orphans.py, report_orphans)
         self.task_server: TaskServer | None = None
         # Raises if the broker would refuse an event (the App sets the broker's check).
         self.check_event: Callable[[Event[Any]], None] = lambda event: None
