@@ -104,6 +104,9 @@ class Engine:
         # checkpoint failing on an outage is no longer retried (see waits_out_outages).
         self.cutting = False
         self.cut_short = 0  # steps and handlers a stop released past its grace
+        # of which: what finished but could not be stored (the store away past the
+        # stop's bound: shutdown.release), not what the grace cut
+        self.unstored = 0
         self.quiesce = asyncio.Event()
         # run id -> (step key, attempt) this worker started but cut short itself (a
         # re-take, an outage, a self-fence): not attempts, this worker is alive.
