@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cantata import App, Event, HandlerContext, StoreUnavailable, WorkflowContext
+from cantata import App, Event, HandlerContext, StoreUnavailable, Tx, WorkflowContext
 from cantata.engine.branches import RunTask
 from cantata.model.records import EntryKind
 from cantata.store.postgres import PostgresStore
@@ -274,6 +274,22 @@ def outage_app(store: FailsOnce, seen: list[str], ran: list[str]) -> App:
             return "gave up"
         return f"emitted {event.type}"
 
+    @app.transaction
+    async def record(tx: Tx, kind: str) -> str:
+        ran.append(f"record {kind}")
+        await tx.execute("CREATE TABLE IF NOT EXISTS parcels (kind TEXT)")
+        await tx.execute("INSERT INTO parcels (kind) VALUES (?)", kind)
+        await app.publish(kind, {"n": 1}, tx=tx)
+        return kind
+
+    @app.workflow
+    async def recorder(ctx: WorkflowContext, kind: str) -> str:
+        try:
+            return f"recorded {await ctx.run(record, kind)}"
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+            return "gave up"
+
     @app.on("parcel.handed", group="relay")
     async def relay(event: Event[Any], ctx: HandlerContext) -> None:
         await ctx.emit(str(event.data["kind"]), {"n": 1})
@@ -367,6 +383,31 @@ async def test_a_store_error_met_by_an_emits_orphan_check_neither_fails_nor_rest
                 events = await app.store.find_events(app.name, kind, since=0, exclude=[],
                                                       limit=10)
                 assert len(events) == 1, events
+    assert len(orphan_read_failures(caplog)) == 1, orphan_read_failures(caplog)
+
+
+async def test_a_store_error_met_by_a_transactional_steps_orphan_check_is_no_failure(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The step's writes, checkpoint and event are committed: the failed check neither
+    # fails the attempt nor runs the step (its SQL) again.
+    seen: list[str] = []
+    ran: list[str] = []
+    store = FailsOnce(str(tmp_path / "outage.db"))
+    app = outage_app(store, seen, ran)
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app:
+            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            store.arm("declarations")
+            handle = await app.start("recorder", "parcel.sent")
+            assert await handle.result(timeout=10) == "recorded parcel.sent", seen
+            assert store.failed.is_set()
+            assert seen == [] and ran == ["record parcel.sent"], (seen, ran)
+            attempts = await app.store.load_attempts(app.name, handle.run_id)
+            assert [(a.key, a.error_type) for a in attempts] == [("record#1", None)], attempts
+            handle = await app.start("emitter", "parcel.found")  # the store answers again
+            assert await handle.result(timeout=10) == "emitted parcel.found", seen
+            assert app.metrics.orphans == {"parcel.sent": 1, "parcel.found": 1}
     assert len(orphan_read_failures(caplog)) == 1, orphan_read_failures(caplog)
 
 
