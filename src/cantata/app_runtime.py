@@ -178,6 +178,7 @@ class Runtime:
         await asyncio.gather(*stops)
         if consumer is not None:
             self.engine.cut_short += consumer.cut_short
+            self.engine.unstored += consumer.unstored
             self.consumer = None
             await self.engine.ownership.release()  # the heartbeat ends with the drain
         # Only now: while handlers drain, the worker's row keeps their deliveries its own.

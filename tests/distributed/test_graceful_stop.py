@@ -49,6 +49,16 @@ def any_client(request: pytest.FixtureRequest, client: App) -> App:
     return client
 
 
+GRACE_RAN_OUT = "did not finish within the grace"
+STORE_AWAY = "the store ("
+
+
+def stop_message(log: Path) -> str:
+    """The line ``cantata worker`` printed as it exited with status 3."""
+    [line] = [x for x in log.read_text().splitlines() if x.startswith("stopped: ")]
+    return line
+
+
 def broker_of(app: App) -> str:
     return app._broker_spec if isinstance(app._broker_spec, str) else "embedded"
 
@@ -171,6 +181,44 @@ async def test_a_drained_step_whose_result_cannot_be_stored_is_not_a_clean_stop(
             stop(first)
     assert code == 3
     assert "could not commit what the steps of 1 run(s) finished" in log.read_text()
+    # The exit's message names the cause: not the grace, the store.
+    message = stop_message(log)
+    assert GRACE_RAN_OUT not in message, message
+    assert "could not be reached to store the results of 1 run(s)' steps or " \
+        "handler(s) that had finished" in message, message
+    assert "check that the store is up" in message, message
+
+
+@pytest.mark.postgres
+@pytest.mark.nats
+async def test_a_handler_whose_outcome_cannot_be_stored_is_not_said_cut_by_the_grace(
+    client: App, tmp_path: Path, distributed_url: str, broker_url: str
+) -> None:
+    """A handler finishes within the grace but its outcome cannot be recorded (the store
+    gone): the stop is cut short (exit 3), and its message names the store, not the
+    grace."""
+    client.configure(store=distributed_url, broker=broker_url)
+    log = tmp_path / "workers.log"
+    async with stall_proxy(distributed_url) as proxy:
+        worker = start_worker(proxy.url(distributed_url), tmp_path, log, broker=broker_url,
+                              lease=60, grace=3, grace_flag=True)
+        try:
+            async with client.client():
+                await client.publish("job.requested", {"id": 4, "seconds": 1.0})
+                await eventually(lambda: marks(tmp_path, "hstart"), 60, "the handler start")
+                worker.send_signal(signal.SIGTERM)
+                proxy.stall()  # the store stops answering as the handler ends...
+                await eventually(lambda: marks(tmp_path, "hend"), 20, "the handler end")
+                await asyncio.sleep(0.3)
+                proxy.cut()  # ...and is gone for good (as far as this stop goes)
+                code = await exited(worker, 60)
+        finally:
+            stop(worker)
+    assert code == 3
+    message = stop_message(log)
+    assert GRACE_RAN_OUT not in message, message
+    assert "could not be reached to store the results of 1 run(s)' steps or " \
+        "handler(s)" in message, message
 
 
 async def test_past_the_grace_a_step_is_released_at_once_and_not_counted(
@@ -200,6 +248,9 @@ async def test_past_the_grace_a_step_is_released_at_once_and_not_counted(
         for p in procs:
             stop(p)
     assert taken_over_in < 3.0  # the grace (0.5 s) and a poll, not the lease (60 s)
+    message = stop_message(log)  # (the cause: the grace, not the store)
+    assert f"1 step(s) or handler(s) {GRACE_RAN_OUT} (0.5 s, --grace)" in message, message
+    assert "give a longer --grace" in message and STORE_AWAY not in message, message
     assert tried == [("work#1", 1, None)]  # the released attempt is not counted
     assert [m.pid for m in marks(tmp_path, "end")] == [other.pid]
 
@@ -241,6 +292,9 @@ async def test_a_handler_is_bounded_by_the_grace(any_client: App, tmp_path: Path
     finally:
         stop(worker)
     assert code == 3 and took < 5.0  # the handler was cut short past the grace
+    message = stop_message(log)
+    assert f"1 step(s) or handler(s) {GRACE_RAN_OUT}" in message, message
+    assert STORE_AWAY not in message, message
 
 
 async def test_three_rolling_restarts_during_one_long_step_do_not_fail_the_run(

@@ -9,11 +9,12 @@ no ``CancelledError``, no step runs twice, no attempt is charged ``WorkerLost``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
 
-from cantata import App, StoreUnavailable, WorkflowContext
+from cantata import App, Event, HandlerContext, StoreUnavailable, Tx, WorkflowContext
 from cantata.engine.branches import RunTask
 from cantata.model.records import EntryKind
 from cantata.store.postgres import PostgresStore
@@ -265,12 +266,33 @@ def outage_app(store: FailsOnce, seen: list[str], ran: list[str]) -> App:
 
     @app.workflow
     async def emitter(ctx: WorkflowContext, kind: str) -> str:
+        ran.append(f"emitter {kind}")  # (again if the run restarts from its history)
         try:
             event = await ctx.emit(kind, {"n": 1})
         except Exception as exc:
             seen.append(f"{type(exc).__name__}: {exc}")
             return "gave up"
         return f"emitted {event.type}"
+
+    @app.transaction
+    async def record(tx: Tx, kind: str) -> str:
+        ran.append(f"record {kind}")
+        await tx.execute("CREATE TABLE IF NOT EXISTS parcels (kind TEXT)")
+        await tx.execute("INSERT INTO parcels (kind) VALUES (?)", kind)
+        await app.publish(kind, {"n": 1}, tx=tx)
+        return kind
+
+    @app.workflow
+    async def recorder(ctx: WorkflowContext, kind: str) -> str:
+        try:
+            return f"recorded {await ctx.run(record, kind)}"
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+            return "gave up"
+
+    @app.on("parcel.handed", group="relay")
+    async def relay(event: Event[Any], ctx: HandlerContext) -> None:
+        await ctx.emit(str(event.data["kind"]), {"n": 1})
 
     return app
 
@@ -323,23 +345,101 @@ async def test_a_store_error_starting_a_child_is_an_outage_and_the_child_starts_
         await no_worker_lost(app, handle.run_id)
 
 
-async def test_a_store_error_met_by_an_emit_is_an_outage_and_the_event_is_emitted_once(
-    tmp_path: Any,
+ORPHAN_READ_FAILED = "checking emitted events for orphans failed"
+
+
+def orphan_read_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if ORPHAN_READ_FAILED in r.getMessage()]
+
+
+async def test_a_store_error_met_by_an_emits_orphan_check_neither_fails_nor_restarts_the_run(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # The orphan count is a diagnostic: its read failing leaves the emit (stored with
+    # its checkpoint) and the run alone; the event is checked with the next emit.
     seen: list[str] = []
+    ran: list[str] = []
     store = FailsOnce(str(tmp_path / "outage.db"))
-    app = outage_app(store, seen, [])
-    async with app:
-        await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
-        store.arm("declarations")  # read for the orphan count of a type none declares
-        handle = await app.start("emitter", "parcel.sent")
-        assert await handle.result(timeout=10) == "emitted parcel.sent", seen
-        assert store.failed.is_set()
-        assert seen == []
-        events = await app.store.find_events(app.name, "parcel.sent", since=0,
-                                              exclude=[], limit=10)
-        assert len(events) == 1, events
-        await no_worker_lost(app, handle.run_id)
+    app = outage_app(store, seen, ran)
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app:
+            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            for kind in ("parcel.sent", "parcel.lost"):  # (two failures: one warning)
+                store.failed.clear()
+                store.arm("declarations")  # read for the orphan count of a type none declares
+                handle = await app.start("emitter", kind)
+                assert await handle.result(timeout=10) == f"emitted {kind}", seen
+                assert store.failed.is_set()
+                await no_worker_lost(app, handle.run_id)
+            assert seen == []
+            assert ran == ["emitter parcel.sent", "emitter parcel.lost"], "a run restarted"
+            assert app.metrics.orphans == {}  # not known yet
+            assert len(orphan_read_failures(caplog)) == 1, orphan_read_failures(caplog)
+            handle = await app.start("emitter", "parcel.found")  # the store answers again
+            assert await handle.result(timeout=10) == "emitted parcel.found", seen
+            assert app.metrics.orphans == {"parcel.sent": 1, "parcel.lost": 1,
+                                           "parcel.found": 1}
+            for kind in ("parcel.sent", "parcel.lost", "parcel.found"):
+                events = await app.store.find_events(app.name, kind, since=0, exclude=[],
+                                                      limit=10)
+                assert len(events) == 1, events
+    assert len(orphan_read_failures(caplog)) == 1, orphan_read_failures(caplog)
+
+
+async def test_a_store_error_met_by_a_transactional_steps_orphan_check_is_no_failure(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The step's writes, checkpoint and event are committed: the failed check neither
+    # fails the attempt nor runs the step (its SQL) again.
+    seen: list[str] = []
+    ran: list[str] = []
+    store = FailsOnce(str(tmp_path / "outage.db"))
+    app = outage_app(store, seen, ran)
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app:
+            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            store.arm("declarations")
+            handle = await app.start("recorder", "parcel.sent")
+            assert await handle.result(timeout=10) == "recorded parcel.sent", seen
+            assert store.failed.is_set()
+            assert seen == [] and ran == ["record parcel.sent"], (seen, ran)
+            attempts = await app.store.load_attempts(app.name, handle.run_id)
+            assert [(a.key, a.error_type) for a in attempts] == [("record#1", None)], attempts
+            handle = await app.start("emitter", "parcel.found")  # the store answers again
+            assert await handle.result(timeout=10) == "emitted parcel.found", seen
+            assert app.metrics.orphans == {"parcel.sent": 1, "parcel.found": 1}
+    assert len(orphan_read_failures(caplog)) == 1, orphan_read_failures(caplog)
+
+
+async def test_a_store_error_met_by_a_handlers_orphan_check_is_reported_as_a_workflows(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The same for an emit of a handler: its delivery is settled, the warning
+    # rate-limited, the events checked with the next emit.
+    store = FailsOnce(str(tmp_path / "outage.db"))
+    app = outage_app(store, [], [])
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app:
+            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            for n, kind in enumerate(("parcel.sent", "parcel.lost"), 1):
+                store.failed.clear()
+                store.arm("declarations")
+                await app.publish("parcel.handed", {"kind": kind})
+
+                def settled(n: int = n) -> bool:
+                    return store.failed.is_set() and app.metrics.handled == n
+
+                await eventually(settled, timeout=10,
+                                 what=f"delivery {n} settled, its orphan check failed")
+            await asyncio.sleep(0.2)  # (the report after the delivery's settlement)
+            assert app.metrics.orphans == {}
+            await app.publish("parcel.handed", {"kind": "parcel.found"})
+            await eventually(lambda: len(app.metrics.orphans) == 3, timeout=10,
+                             what="the orphans counted")
+            assert app.metrics.orphans == {"parcel.sent": 1, "parcel.lost": 1,
+                                           "parcel.found": 1}
+            assert app.metrics.handled == 3
+    assert len(orphan_read_failures(caplog)) == 1, orphan_read_failures(caplog)
 
 
 @pytest.mark.postgres

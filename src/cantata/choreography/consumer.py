@@ -64,6 +64,9 @@ class Consumer:
         self._active: set[asyncio.Task[Any]] = set()  # tasks running a delivery here
         self._cutting = False  # a stop past its grace is cancelling handlers
         self.cut_short = 0  # handlers a stop cancelled past its grace
+        # of which: handlers that had finished, their outcome not stored yet (_settle)
+        self.unstored = 0
+        self._settling: set[asyncio.Task[Any]] = set()
 
     def groups(self) -> dict[str, list[str]]:
         """group -> patterns, for the handlers and triggers this process serves."""
@@ -99,11 +102,14 @@ class Consumer:
             stopping.add_done_callback(lambda _: stopped.set())
             await wait_or_force(stopped, deadline, force or asyncio.Event())
             if not stopping.done() and self._active:
-                log.warning("stopping: %d handler(s) still running after the grace; "
-                            "cancelling them and handing their events back",
-                            len(self._active))
+                unstored = len(self._active & self._settling)
+                log.warning("stopping: %d handler(s) still running after the grace (%d of "
+                            "them finished, their outcome not stored: the store did not "
+                            "answer); cancelling them and handing their events back",
+                            len(self._active), unstored)
                 self._cutting = True
                 self.cut_short += len(self._active)
+                self.unstored += unstored
                 for task in list(self._active):
                     task.cancel()
         await stopping
@@ -264,10 +270,9 @@ class Consumer:
                 self.on_emitted(emitted)
                 if hooks:
                     hooks.notify("emitted", emitted, "handler")
-                try:
-                    await self.host.report_orphans(emitted)
-                except Exception as exc:  # the delivery is settled: only the report failed
-                    log.warning("checking emitted events for orphans failed: %s", exc)
+                # (best-effort: the delivery is settled, a failed check is logged, rate-
+                # limited, and tried again with the next emit)
+                await self.host.report_orphans(emitted)
 
     async def _failed(
         self, msg: BrokerMessage, retry: Any, exc: Exception, *, retryable: bool
@@ -290,9 +295,14 @@ class Consumer:
         """Record a handler's outcome, waiting out a store outage or a full disk: the
         handler ran, and running it again because its commit failed would repeat its
         side effects (the delivery stays this live worker's meanwhile). A stop past its
-        grace hands the event back instead."""
-        return await wait_out(
-            record, quiet=self.host.quiet, key="handler-settle",
-            what="recording handler outcomes", give_up=lambda: self._cutting,
-            max_delay=self.host.lease / 4,
-        )
+        grace hands the event back instead (counted in ``unstored``)."""
+        tasks = {t for t in [asyncio.current_task()] if t is not None}
+        self._settling |= tasks
+        try:
+            return await wait_out(
+                record, quiet=self.host.quiet, key="handler-settle",
+                what="recording handler outcomes", give_up=lambda: self._cutting,
+                max_delay=self.host.lease / 4,
+            )
+        finally:
+            self._settling -= tasks

@@ -99,5 +99,6 @@ class ConsumerHost(Protocol):
     async def release_slot(self, hdef: HandlerDef, holder: str) -> None: ...
 
     async def report_orphans(self, events: Sequence[Event[Any]]) -> None:
-        """Count and log emitted events that nothing in the app listens to."""
+        """Count and log emitted events that nothing in the app listens to, best-effort
+        (never raises: the events are stored; see choreography/orphans.py)."""
         ...

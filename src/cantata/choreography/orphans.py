@@ -1,8 +1,8 @@
 """Orphans: events nothing in the app listens to, counted and logged.
 
 An event no handler group, workflow trigger or wait declares is silently never
-delivered — the classic failure of choreography. Whoever emits it (``app.publish``
-or a handler's ``ctx.emit``) reports it here.
+delivered — the classic failure of choreography. Whoever emits it (``app.publish``,
+a handler's or a workflow's ``ctx.emit``, a transactional step) reports it here.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from cantata.declare.router import Router
 from cantata.model.event import Event, matches
+from cantata.quietlog import QuietLog, reason
 from cantata.store.base import Store
 
 log = logging.getLogger("cantata.orphans")
@@ -41,10 +42,16 @@ class Emitter(Protocol):
     @property
     def metrics(self) -> OrphanCounts: ...
 
+    @property
+    def quiet(self) -> QuietLog: ...  # its rate-limited warnings
+
     # (monotonic time, patterns every service declared), or None: the cache
     declared_patterns: tuple[float, list[str]] | None
     # the read of the declarations under way, shared by the checks that wait for it
     declared_reading: asyncio.Task[list[str]] | None
+    # events emitted while the declarations could not be read: checked with the next
+    # report (report_orphans)
+    orphans_unchecked: list[Event[Any]]
 
 
 async def check_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[Event[Any]]:
@@ -55,6 +62,10 @@ async def check_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[E
 
     Returns:
         the orphan events.
+
+    Raises:
+        StoreError: the store's declarations could not be read (nothing is counted);
+            an emit that goes on all the same calls :func:`report_orphans`.
     """
     orphans = await find_orphans(engine, events)
     for event in orphans:
@@ -68,6 +79,28 @@ async def check_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[E
             event.type, event.id, engine.app,
         )
     return orphans
+
+
+_UNCHECKED_KEPT = 1000  # events kept for the next report while the check fails
+
+
+async def report_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> None:
+    """:func:`check_orphans` for events already stored, best-effort: the check is a
+    diagnostic, and its read of the store failing never fails the emit (nor restarts
+    the run that emitted). The failure is logged (rate-limited, ``engine.quiet``) and
+    the events are checked with the next report (the last :data:`_UNCHECKED_KEPT`)."""
+    batch = [*engine.orphans_unchecked, *events]
+    engine.orphans_unchecked = []
+    try:
+        await check_orphans(engine, batch)
+    except Exception as exc:  # (a store error, most likely: the events are stored)
+        kept = [*engine.orphans_unchecked, *batch]  # (and those of reports meanwhile)
+        engine.orphans_unchecked = kept[-_UNCHECKED_KEPT:]
+        engine.quiet.warning(
+            "orphans", "checking emitted events for orphans failed (%s); %d event(s) will "
+            "be checked with the next emit", reason(exc), len(engine.orphans_unchecked))
+        return
+    engine.quiet.recovered("orphans", "checking emitted events for orphans works again")
 
 
 async def find_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[Event[Any]]:

@@ -108,19 +108,39 @@ def worker(
                   *(["--any-version"] if any_version else [])]
         raise typer.Exit(supervise(the_app, app, passed, count))
     try:
-        cut_short = serve(the_app, ready_fd, supervised=child_of is not None)
+        cut_short, unstored = serve(the_app, ready_fd, supervised=child_of is not None)
     except StoreUpgraded as exc:
         # A newer Cantata migrated the store (before the start, or under this worker,
         # which then drained): a status of its own, which a supervisor does not restart.
         print(f"cantata: error: {exc}", file=sys.stderr)
         raise typer.Exit(STORE_UPGRADED) from None
     if cut_short:
-        console.print(
-            f"stopped: {cut_short} step(s) or handler(s) did not finish within the grace "
-            f"({the_app.shutdown_grace:g} s, --grace) and were released to the other "
-            f"workers (exit status {CUT_SHORT})"
-        )
+        console.print(cut_short_message(the_app, cut_short, unstored), soft_wrap=True)
         raise typer.Exit(CUT_SHORT)
+
+
+def cut_short_message(app: App, cut_short: int, unstored: int) -> str:
+    """Why a stop was cut short (exit status 3), and what to do: the grace ran out on
+    steps and handlers still running, or the store could not be reached to store what
+    finished (``unstored`` of the ``cut_short``: shutdown.release, the consumer)."""
+    grace = f"{app.shutdown_grace:g} s"
+    store = app.backends[0]  # (the app is closed: its URL, or the store object's)
+    url = mask_url(store if isinstance(store, str) else store.url)
+    parts = []
+    if cut_short > unstored:
+        parts.append(
+            f"{cut_short - unstored} step(s) or handler(s) did not finish within the grace "
+            f"({grace}, --grace) and were released to the other workers, which run them "
+            "again: give a longer --grace (or App(shutdown_grace=...)) to let such work "
+            "finish on a stop")
+    if unstored:
+        parts.append(
+            f"the store ({escape(url)}) could not be reached to store the results of "
+            f"{unstored} run(s)' steps or handler(s) that had finished (the stop waited for "
+            f"it through the grace, {grace}), so other workers run "
+            "them again: check that the store is up and reachable from this worker (see "
+            "the warnings above)")
+    return f"stopped: {'; '.join(parts)} (exit status {CUT_SHORT})"
 
 
 def known_services(app: App) -> list[str]:
@@ -262,9 +282,12 @@ def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
     return code
 
 
-def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> int:
+def serve(
+    the_app: App, ready_fd: int | None, *, supervised: bool = False
+) -> tuple[int, int]:
     """Serve in this process until SIGTERM or SIGINT (a second one forces the stop);
-    the number of steps and handlers the stop released past its grace.
+    the number of steps and handlers the stop cut short, and of those the number whose
+    results the store could not take (the rest: released past the grace).
 
     Raises:
         StoreUpgraded: the store's schema is newer than this code (at the start; or a
@@ -275,7 +298,7 @@ def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> in
     (cantata.supervisor.parent).
     """
 
-    async def main() -> int:
+    async def main() -> tuple[int, int]:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -348,7 +371,7 @@ def serve(the_app: App, ready_fd: int | None, *, supervised: bool = False) -> in
             task.cancel()
         if engine.upgraded is not None:
             raise engine.upgraded
-        return engine.cut_short
+        return engine.cut_short, engine.unstored
 
     try:
         return asyncio.run(main())

@@ -10,7 +10,7 @@ import uuid as _uuid
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from cantata.choreography.orphans import check_orphans
+from cantata.choreography.orphans import report_orphans
 from cantata.declare.defs import (
     DECLARED_ATTR,
     REMOTE_SERVICE_ATTR,
@@ -73,7 +73,7 @@ def _outage_resumes(
     call: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
     """A ``ctx`` call whose engine code reads or writes the store (a child's creation,
-    a wait's declaration, an emit's orphan count...): a store error met there is an
+    a wait's declaration, an emit's write...): a store error met there is an
     outage, raised as ``_StoreFailed`` (the run goes on from its history, where the
     call is replayed or made again), never in the workflow's code, where an ``except
     Exception`` could take it for a business failure and compensate."""
@@ -334,7 +334,9 @@ class WorkflowContext:
                               result=event.to_json().decode(), started_at=now, ended_at=now)
         if x.engine.hooks:
             x.engine.hooks.notify("emitted", [event], "workflow")
-        await check_orphans(x.engine, [event])
+        # A diagnostic, best-effort: the event is stored; a failed read of the store's
+        # declarations is logged and tried again with the next emit, never an outage.
+        await report_orphans(x.engine, [event])
         return event
 
     @_outage_resumes

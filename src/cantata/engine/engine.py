@@ -104,6 +104,9 @@ class Engine:
         # checkpoint failing on an outage is no longer retried (see waits_out_outages).
         self.cutting = False
         self.cut_short = 0  # steps and handlers a stop released past its grace
+        # of which: what finished but could not be stored (the store away past the
+        # stop's bound: shutdown.release), not what the grace cut
+        self.unstored = 0
         self.quiesce = asyncio.Event()
         # run id -> (step key, attempt) this worker started but cut short itself (a
         # re-take, an outage, a self-fence): not attempts, this worker is alive.
@@ -128,6 +131,7 @@ class Engine:
         # (monotonic time, patterns every service declared): the orphan check's cache
         self.declared_patterns: tuple[float, list[str]] | None = None
         self.declared_reading: asyncio.Task[list[str]] | None = None  # (orphans.py)
+        self.orphans_unchecked: list[Event[Any]] = []  # (orphans.py, report_orphans)
         self.task_server: TaskServer | None = None
         # Raises if the broker would refuse an event (the App sets the broker's check).
         self.check_event: Callable[[Event[Any]], None] = lambda event: None

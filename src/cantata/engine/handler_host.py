@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.choreography.context import HandlerContext
-from cantata.choreography.orphans import check_orphans
+from cantata.choreography.orphans import report_orphans
 from cantata.declare.defs import HandlerDef, TriggerDef
 from cantata.declare.router import Router
 from cantata.errors import IdempotencyConflict
@@ -116,4 +116,4 @@ class EngineHost:
         await release_handler_slot(self._engine, hdef, holder)
 
     async def report_orphans(self, events: Sequence[Event[Any]]) -> None:
-        await check_orphans(self._engine, events)
+        await report_orphans(self._engine, events)

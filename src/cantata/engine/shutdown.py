@@ -102,6 +102,7 @@ async def release(
             or fut.exception() is not None or not fut.result()]
     if lost:
         engine.cut_short += len(lost)
+        engine.unstored += len(lost)
         log.warning("stopping: could not commit what the steps of %d run(s) finished "
                     "(the store did not answer in time); those steps run again on "
                     "another worker", len(lost))

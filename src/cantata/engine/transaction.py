@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from cantata.choreography.orphans import check_orphans
+from cantata.choreography.orphans import report_orphans
 from cantata.declare.defs import StepDef
 from cantata.errors import TransactionUnsupported
 from cantata.model import codec
@@ -69,5 +69,5 @@ async def run_transactional(
     x.journal.history[key].detail = committed[0].detail
     if published:
         engine.events_appended(published)
-        await check_orphans(engine, published)
+        await report_orphans(engine, published)  # (best-effort: the step committed)
     return value
