@@ -43,11 +43,14 @@ the server CPU per call (from ``/proc``) and each function's time.
     python -m bench.pg_breakdown commit [--n 200]
 
 Where a write's round trip goes beyond the server's execution: on one connection, a
-saga's checkpoint through the lean function, a one-row INSERT and ``SELECT 1``, each
-with ``synchronous_commit`` on and off, interleaved: the round trip's p50 and the
-server CPU per call (from ``/proc``, as above). On minus off is the COMMIT's WAL flush
-(the disk's fdatasync, shared with whatever else writes to it); ``SELECT 1`` is the
-wire, the driver and the event loop.
+saga's checkpoint through the lean function, a one-row INSERT, ``SELECT 1`` and a
+plpgsql function that does nothing called with the checkpoint's 39 parameters, each
+with ``synchronous_commit`` on and off, interleaved: the round trip's p50, the server
+CPU per call (from ``/proc``, as above: clock ticks, a sample, so ~20 % either way at
+a few hundred calls of a millisecond) and this process' CPU per call. On minus off is
+the COMMIT's WAL flush (the disk's fdatasync, shared with whatever else writes to it);
+``SELECT 1`` is the wire, the driver and the event loop; the no-op less ``SELECT 1``
+is the parameters (asyncpg's encoding, the server's decoding) and a function call.
 """
 
 from __future__ import annotations
@@ -107,7 +110,10 @@ class _Timed:
 
 # The CPU time (user + system, clock ticks) of the server processes behind the
 # writer's connections, when each was first and last seen: what the writes cost the
-# server whatever else keeps the machine busy (it must run on this machine).
+# server whatever else keeps the machine busy (it must run on this machine). Read
+# after a transaction once its callers are answered (a timer), not before they are:
+# a read of /proc costs 50-150 us of this process, which the caller of each write
+# waited for (it was most of "caller woken after the answer").
 _cpu_first: dict[int, int] = {}
 _cpu_last: dict[int, int] = {}
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -129,7 +135,8 @@ def _install() -> None:
 
     async def timed_transaction(self: Any, c: Any, todo: Any, grouped: bool, *rest: Any) -> Any:
         pid = c.get_server_pid()
-        _server_cpu(pid)
+        if pid not in _cpu_first:
+            _server_cpu(pid)
         started = time.perf_counter()
         try:
             return await transaction(self, _Timed(c), todo, grouped, *rest)
@@ -137,7 +144,7 @@ def _install() -> None:
             total["whole transaction"] += time.perf_counter() - started
             count["whole transaction"] += 1
             count["operations"] += len(todo)
-            _server_cpu(pid)
+            asyncio.get_running_loop().call_later(0, _server_cpu, pid)
 
     postgres_batch.BatchWriter._transaction = timed_transaction  # type: ignore[method-assign]
 
@@ -427,16 +434,27 @@ async def _commit(n: int) -> None:
             await store.create_run(run)
         conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
         await conn.execute("CREATE TABLE bench_rows (id bigserial PRIMARY KEY, v text)")
+        # the checkpoint function's parameters, and nothing done with them: the call's
+        # cost (the driver's encoding, the server's decoding) without the writes
+        signature = await conn.fetchval(
+            "SELECT pg_get_function_identity_arguments(p.oid) FROM pg_proc p "
+            "WHERE proname = 'cantata_checkpoint_one' AND pronamespace = $1::regnamespace",
+            schema)
+        await conn.execute(f"CREATE FUNCTION bench_noop({signature}) RETURNS bool "
+                           "LANGUAGE plpgsql AS $$BEGIN RETURN true; END$$")
+        noop = postgres_onetrip._CHECKPOINT_ONE.replace("cantata_checkpoint_one", "bench_noop")
         pid = conn.get_server_pid()
         times: dict[str, list[float]] = collections.defaultdict(list)
         cpu: collections.Counter[str] = collections.Counter()
+        client: collections.Counter[str] = collections.Counter()
 
         async def timed(name: str, call: Any) -> Any:
             _cpu_first.clear()
             _server_cpu(pid)
-            started = time.perf_counter()
+            started, used = time.perf_counter(), time.process_time()
             out = await call
             times[name].append(time.perf_counter() - started)
+            client[name] += time.process_time() - used
             _server_cpu(pid)
             cpu[name] += _cpu_last[pid] - _cpu_first[pid]
             return out
@@ -453,14 +471,19 @@ async def _commit(n: int) -> None:
             (done,) = await timed(f"checkpoint, sync {sync}",
                                   postgres_onetrip.write(conn, [share], keys))
             assert done is None
+            args = postgres_onetrip._checkpoint_args(time.time(), share[1], keys)
+            await timed(f"no-op, the checkpoint's parameters, sync {sync}",
+                        conn.fetch(noop, *args))
             await timed(f"INSERT one row, sync {sync}",
                         conn.fetch("INSERT INTO bench_rows (v) VALUES ($1)", run.run_id))
             await timed(f"SELECT 1, sync {sync}", conn.fetch("SELECT 1"))
-        print(f"{'p50 ms':>8} {'mean ms':>8} {'cpu ms':>8}  round trip (server CPU per call)")
+        print(f"{'p50 ms':>8} {'mean ms':>8} {'cpu ms':>8} {'ours ms':>8}  round trip "
+              "(server CPU, this process' CPU per call)")
         for name in sorted(times):
             values = sorted(times[name])
             print(f"{1e3 * values[len(values) // 2]:8.3f} {1e3 * sum(values) / len(values):8.3f} "
-                  f"{1e3 * cpu[name] / _TICK / len(values):8.3f}  {name}")
+                  f"{1e3 * cpu[name] / _TICK / len(values):8.3f} "
+                  f"{1e3 * client[name] / len(values):8.3f}  {name}")
     finally:
         if conn is not None:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -479,8 +502,9 @@ modes:
   functions [--n N]  the server's time in cantata_write_runs vs the lean
                  cantata_checkpoint_one (N saga checkpoints each, interleaved)
   settle [--n N]     cantata_settle vs the lean cantata_settle_one (N hop settlements each)
-  commit [--n N]     one connection's round trip of a checkpoint, an INSERT and SELECT 1,
-                 with synchronous_commit on and off (the COMMIT's WAL flush)
+  commit [--n N]     one connection's round trip of a checkpoint, an INSERT, SELECT 1 and
+                 a no-op with the checkpoint's parameters, with synchronous_commit on
+                 and off (the COMMIT's WAL flush)
 
   --n N          runs or events (saga|chain: the scenario's --n), or writes per side
                  (functions, settle, commit: default 200)
