@@ -14,7 +14,7 @@ from cantata.app_options import check_backend, check_options, served
 from cantata.app_router import RouterFacade
 from cantata.app_runtime import Runtime
 from cantata.broker.base import Broker
-from cantata.choreography.orphans import check_orphans, find_orphans
+from cantata.choreography.orphans import find_orphans, report_orphans
 from cantata.choreography.publish import new_event, repeated
 from cantata.choreography.redrive import redrive
 from cantata.declare.defs import workflow_name
@@ -684,8 +684,13 @@ class App(RouterFacade):
             if earlier is not None:
                 return await self._repeated(earlier, event, who)
         self._emitted([event])
-        orphan = bool(counts and counts[0] == 0 and await check_orphans(self.engine, [event]))
-        return event, orphan
+        if not counts or counts[0] != 0:
+            return event, False
+        # The event is stored: a failed read of the declarations is no failed publish
+        # (a caller retrying it would publish the event twice), it is logged and the
+        # event checked with the next emit; meanwhile it is not told an orphan.
+        orphans = await report_orphans(self.engine, [event])
+        return event, any(o.id == event.id for o in orphans or ())
 
     async def _repeated(
         self, earlier: Event[Any], event: Event[Any], who: str | None

@@ -481,3 +481,26 @@ async def test_a_connect_slower_than_its_timeout_for_a_childs_creation_is_an_out
             assert ran == ["first", "work 3"], "a step ran twice"
             assert len(await app.find_runs(workflow="child")) == 1
             await no_worker_lost(app, handle.run_id)
+
+
+async def test_a_store_error_met_by_a_publishs_orphan_check_is_no_failed_publish(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The event is stored when its orphan check reads the declarations: a failed read
+    # raised from app.publish would have the caller publish it again (a new id, a
+    # second event). It is logged, and the event checked with the next emit.
+    store = FailsOnce(str(tmp_path / "outage.db"))
+    app = outage_app(store, [], [])
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app:
+            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            store.arm("declarations")
+            event = await app.publish("parcel.misrouted", {"n": 1})
+            assert store.failed.is_set()
+            assert app.metrics.orphans == {}  # not known yet
+            assert len(orphan_read_failures(caplog)) == 1, orphan_read_failures(caplog)
+            again = await app.publish("parcel.misrouted", {"n": 2})  # the store answers
+            assert app.metrics.orphans == {"parcel.misrouted": 2}
+            events = await app.store.find_events(app.name, "parcel.misrouted", since=0,
+                                                  exclude=[], limit=10)
+            assert sorted(e.id for e in events) == sorted([event.id, again.id])

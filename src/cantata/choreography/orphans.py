@@ -84,23 +84,31 @@ async def check_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[E
 _UNCHECKED_KEPT = 1000  # events kept for the next report while the check fails
 
 
-async def report_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> None:
+async def report_orphans(
+    engine: Emitter, events: Sequence[Event[Any]]
+) -> list[Event[Any]] | None:
     """:func:`check_orphans` for events already stored, best-effort: the check is a
     diagnostic, and its read of the store failing never fails the emit (nor restarts
     the run that emitted). The failure is logged (rate-limited, ``engine.quiet``) and
-    the events are checked with the next report (the last :data:`_UNCHECKED_KEPT`)."""
+    the events are checked with the next report (the last :data:`_UNCHECKED_KEPT`).
+
+    Returns:
+        the orphans among ``events`` (and the earlier unchecked ones), or ``None``:
+        the check failed, which are orphans is not known yet.
+    """
     batch = [*engine.orphans_unchecked, *events]
     engine.orphans_unchecked = []
     try:
-        await check_orphans(engine, batch)
+        orphans = await check_orphans(engine, batch)
     except Exception as exc:  # (a store error, most likely: the events are stored)
         kept = [*engine.orphans_unchecked, *batch]  # (and those of reports meanwhile)
         engine.orphans_unchecked = kept[-_UNCHECKED_KEPT:]
         engine.quiet.warning(
             "orphans", "checking emitted events for orphans failed (%s); %d event(s) will "
             "be checked with the next emit", reason(exc), len(engine.orphans_unchecked))
-        return
+        return None
     engine.quiet.recovered("orphans", "checking emitted events for orphans works again")
+    return orphans
 
 
 async def find_orphans(engine: Emitter, events: Sequence[Event[Any]]) -> list[Event[Any]]:
