@@ -51,12 +51,12 @@ async def run_transaction(
     """:meth:`~cantata.store.base.TransactionalStore.run_transaction` on PostgreSQL;
     ``keys``: the apps' audit keys (a keyed chain stays keyed).
 
-    ``body``'s own error is raised as it is once rolled back, past the pool, which
-    would take an ``OSError`` or a ``TimeoutError`` of the step's code (its call to
-    another service) for a lost connection; unless the connection was lost under it
-    (the step's statements, or the rollback, found it gone): then that is raised
-    (``StoreUnavailable``), as when connecting, beginning, the checkpoint or the
-    COMMIT lost it.
+    The step's own error (``body``'s) is raised as it is, after the rollback, not
+    through the pool, which takes an ``OSError`` or a ``TimeoutError`` for a lost
+    connection (the step's code may meet them calling another service). If the
+    connection was lost under it (found gone after it, or at the rollback),
+    ``StoreUnavailable`` is raised instead, as when connecting, beginning, the
+    checkpoint or the COMMIT lost the connection.
     """
     failed: Exception | None = None  # the step's own error
     async with db.conn() as c:
