@@ -14,9 +14,19 @@ from typing import Any
 
 import pytest
 
-from cantata import App, Event, HandlerContext, StoreUnavailable, Tx, WorkflowContext
+from cantata import (
+    App,
+    Event,
+    HandlerContext,
+    Hook,
+    Retry,
+    StoreUnavailable,
+    Tx,
+    WorkflowCompensated,
+    WorkflowContext,
+)
 from cantata.engine.branches import RunTask
-from cantata.model.records import EntryKind
+from cantata.model.records import EntryKind, RunWrite
 from cantata.store.postgres import PostgresStore
 from cantata.store.sqlite import SQLiteStore
 from tests.helpers import eventually, with_schema
@@ -504,3 +514,175 @@ async def test_a_store_error_met_by_a_publishs_orphan_check_is_no_failed_publish
             events = await app.store.find_events(app.name, "parcel.misrouted", since=0,
                                                   exclude=[], limit=10)
             assert sorted(e.id for e in events) == sorted([event.id, again.id])
+
+
+# -- a transactional step's own transaction (engine/transaction.py) -----------------------
+
+
+class FailsTxOnce(FailsOnce):
+    """:class:`FailsOnce` whose ``run_transaction`` (a transactional step's transaction)
+    fails once when armed: refused before it began, or (``after``) committed, its
+    answer lost, as when the connection is lost at its COMMIT."""
+
+    async def run_transaction(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._once("run_transaction", super().run_transaction(*args, **kwargs))
+
+
+def tx_app(store: Any, seen: list[str], ran: list[str], in_step: Any = None) -> App:
+    """A workflow that reserves (compensated by ``undo``), then records a booking in a
+    transactional step of one attempt (``in_step(tx)`` runs in it after the insert)
+    and takes any error of it for a business failure."""
+    app = App("txstall", store=store, lease=10, poll_interval=0.05, shutdown_grace=1)
+
+    @app.step
+    async def reserve() -> int:
+        ran.append("reserve")
+        return 1
+
+    @app.step
+    async def undo() -> None:
+        ran.append("undo")
+
+    @app.transaction(retry=Retry(max_attempts=1))
+    async def book(tx: Tx, n: int) -> int:
+        ran.append("book")
+        await tx.execute("CREATE TABLE IF NOT EXISTS bookings (n INTEGER)")
+        await tx.execute("INSERT INTO bookings (n) VALUES (?)", n)
+        if in_step is not None:
+            await in_step(tx)
+        row = await tx.fetchone("SELECT count(*) FROM bookings")
+        assert row is not None
+        return int(row[0])
+
+    @app.workflow
+    async def booking(ctx: WorkflowContext, n: int) -> str:
+        await ctx.run(reserve, compensate=undo)
+        try:
+            return f"booked, {await ctx.run(book, n)} booking(s)"
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+            raise
+
+    return app
+
+
+async def check_booked(app: App, run_id: str, seen: list[str], ran: list[str],
+                       booked: int = 1) -> None:
+    """The booking committed once, its one attempt never charged, nothing undone."""
+    assert seen == []
+    assert "undo" not in ran, ran
+    attempts = await app.store.load_attempts(app.name, run_id)
+    assert [(a.key, a.error_type) for a in attempts] == [
+        ("reserve#1", None), ("book#1", None)], attempts
+    run = await app.store.get_run(app.name, run_id)
+    assert run is not None
+
+    async def rows(tx: Tx) -> tuple[RunWrite, Any]:
+        return RunWrite(), await tx.fetch("SELECT n FROM bookings")
+
+    tx_store: Any = app.store
+    assert await tx_store.run_transaction(app.name, run_id, run.fence, rows) == [(booked,)]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["refused", "answer-lost"])
+async def test_a_store_error_of_a_transactional_steps_transaction_is_an_outage(
+    tmp_path: Any, after: bool,
+) -> None:
+    seen: list[str] = []
+    ran: list[str] = []
+    store = FailsTxOnce(str(tmp_path / "outage.db"))
+    app = tx_app(store, seen, ran)
+    async with app:
+        store.arm("run_transaction", after=after)
+        handle = await app.start("booking", 5)
+        assert await handle.result(timeout=12) == "booked, 1 booking(s)", seen
+        assert store.failed.is_set()
+        # refused: the step runs again once the store answers; its answer lost: the
+        # resumed run finds the step's completion in history (committed with it)
+        assert ran == ["reserve", "book"], ran
+        await check_booked(app, handle.run_id, seen, ran, booked=5)
+
+
+class StallAtStep(Hook):
+    """Cuts every connection to the store and stalls new ones for ``STALL`` seconds as
+    step ``name``'s first attempt begins (before its transaction has a connection)."""
+
+    def __init__(self, proxy: Any, name: str) -> None:
+        self.proxy, self.name = proxy, name
+        self.began, self.over = asyncio.Event(), asyncio.Event()
+
+    def step(self, run: Any, name: str, key: str, attempt: int, kind: Any) -> None:
+        if name == self.name and not self.began.is_set():
+            self.began.set()
+            self.proxy.cut()
+            self.proxy.stall()
+            asyncio.get_running_loop().call_later(STALL, self.resume)
+
+    def resume(self) -> None:
+        self.proxy.resume()
+        self.over.set()
+
+
+@pytest.mark.postgres
+async def test_a_store_stall_as_a_transactional_step_connects_is_waited_out(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    seen: list[str] = []
+    ran: list[str] = []
+    async with stall_proxy(postgres_url) as proxy:
+        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+                              connect_timeout=1.0)
+        app = tx_app(store, seen, ran)
+        stall = StallAtStep(proxy, "book")
+        app.add_hook(stall)
+        async with app:
+            handle = await app.start("booking", 3)
+            await asyncio.wait_for(stall.over.wait(), 10)  # (the handle's reads: after it)
+            assert proxy.held, "nothing tried to connect during the stall"
+            assert await handle.result(timeout=20) == "booked, 1 booking(s)", seen
+            await check_booked(app, handle.run_id, seen, ran, booked=3)
+            assert ran == ["reserve", "book"], "the step's body began before its transaction"
+
+
+@pytest.mark.postgres
+async def test_a_connection_lost_under_a_transactional_steps_code_is_an_outage(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    seen: list[str] = []
+    ran: list[str] = []
+    async with stall_proxy(postgres_url) as proxy:
+
+        async def cut_once(tx: Tx) -> None:
+            if ran.count("book") == 1:
+                proxy.cut()  # the step's next statement meets a lost connection
+
+        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+                              connect_timeout=1.0)
+        app = tx_app(store, seen, ran, in_step=cut_once)
+        async with app:
+            handle = await app.start("booking", 4)
+            assert await handle.result(timeout=20) == "booked, 1 booking(s)", seen
+            # run again once the store answered: the lost transaction left nothing
+            assert ran == ["reserve", "book", "book"], ran
+            await check_booked(app, handle.run_id, seen, ran, booked=4)
+
+
+@pytest.mark.postgres
+async def test_a_transactional_steps_own_connection_error_stays_its_failure(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    seen: list[str] = []
+    ran: list[str] = []
+
+    async def refused(tx: Tx) -> None:  # (its own call to another service)
+        raise ConnectionRefusedError("the payment API refused the connection")
+
+    store = PostgresStore(with_schema(postgres_url, fresh_schema))
+    app = tx_app(store, seen, ran, in_step=refused)
+    async with app:
+        handle = await app.start("booking", 2)
+        with pytest.raises(WorkflowCompensated):
+            await handle.result(timeout=20)
+        assert len(seen) == 1 and seen[0].endswith(
+            "ConnectionRefusedError: the payment API refused the connection"), seen
+        assert ran == ["reserve", "book", "undo"], ran

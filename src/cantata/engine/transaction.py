@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.choreography.orphans import report_orphans
 from cantata.declare.defs import StepDef
-from cantata.errors import TransactionUnsupported
+from cantata.errors import LeaseLost, StoreError, TransactionUnsupported
 from cantata.model import codec
 from cantata.model.records import ENTRY_COMPLETED, Attempt, HistoryEntry, RunWrite
 from cantata.store.tx import Tx
@@ -16,6 +16,7 @@ from cantata.store.tx import Tx
 from .branches import marked
 from .heartbeat import Beat
 from .invoke import invoke_step
+from .signals import _StoreFailed
 
 if TYPE_CHECKING:
     from .runner import RunExecution
@@ -30,6 +31,8 @@ async def run_transactional(
 
     Raises:
         TransactionUnsupported: the store cannot share its transaction (``memory://``).
+        _StoreFailed: the store failed the transaction, not the step's code: an outage
+            (docs/workflow-api.md).
     """
     engine, run = x.engine, x.run
     runner = getattr(engine.store, "run_transaction", None)
@@ -42,12 +45,17 @@ async def run_transactional(
 
     published: list[Any] = []
     committed: list[HistoryEntry] = []
+    failed: list[Exception] = []  # the step's own error
 
     async def body(tx: Tx) -> tuple[RunWrite, Any]:
         tx.run_id, tx.step, tx.correlation_id = run.run_id, sdef.name, run.correlation_id
-        value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
-                                  leading=(tx,))
-        result = codec.dumps(value, f"result of step {sdef.name}")
+        try:
+            value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
+                                      leading=(tx,))
+            result = codec.dumps(value, f"result of step {sdef.name}")
+        except Exception as exc:
+            failed.append(exc)
+            raise
         now = engine.clock.now()
         entry = x.journal.history[key]
         # (marked if the workflow's code cancelled the step's branch meanwhile: a
@@ -65,6 +73,16 @@ async def run_transactional(
         value = await runner(run.app, run.run_id, run.fence, body)
     except TransactionUnsupported as exc:
         raise TransactionUnsupported(f"step {sdef.name}: {exc}") from None
+    except StoreError as exc:
+        if isinstance(exc, LeaseLost) or exc in failed:
+            raise  # (the run was taken over; the step's own error: its attempt failed)
+        # The transaction's connection failed (before the step's code ran, under its
+        # statements, or at the COMMIT): an outage, not the step's failure, whatever
+        # the error the step's code then raised. No attempt is charged; the run goes on
+        # from its history once the store answers. That history is right even when
+        # the COMMIT's outcome is unknown: the step's completion commits with its
+        # writes, so it is replayed if they committed, and run again if not.
+        raise _StoreFailed(exc) from exc
     # The run's next checkpoint writes the entry again: never without the mark.
     x.journal.history[key].detail = committed[0].detail
     if published:

@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+import asyncpg
+
+from cantata.errors import StoreUnavailable
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
 from cantata.store.postgres_batch import Batch, _commit_sql
-from cantata.store.postgres_pool import Conn, PgPool
+from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool
 from cantata.store.tx import Tx, TxBody, to_numbered
 
 R = TypeVar("R")
@@ -46,23 +49,66 @@ async def run_transaction(
     keys: Mapping[str, audit.AuditKey] | None = None,
 ) -> R:
     """:meth:`~cantata.store.base.TransactionalStore.run_transaction` on PostgreSQL;
-    ``keys``: the apps' audit keys (a keyed chain stays keyed)."""
+    ``keys``: the apps' audit keys (a keyed chain stays keyed).
+
+    The step's own error (``body``'s) is raised as it is, after the rollback, not
+    through the pool, which takes an ``OSError`` or a ``TimeoutError`` for a lost
+    connection (the step's code may meet them calling another service). If the
+    connection was lost under it (found gone after it, or at the rollback),
+    ``StoreUnavailable`` is raised instead, as when connecting, beginning, the
+    checkpoint or the COMMIT lost the connection.
+    """
+    failed: Exception | None = None  # the step's own error
     async with db.conn() as c:
         await c.execute("BEGIN")
         tx = PostgresTx(c)
         try:
-            write, value = await body(tx)
+            try:
+                write, value = await body(tx)
+            except Exception as exc:
+                failed = exc
             tx.close()
-            batch = Batch()
-            refused = await writes.commit_runs(c, batch, [(app, run_id, fence, write)])
-            if refused[0] is not None:
-                raise refused[0].error
-            if batch.audits:
-                await ops.audit_append_many(c, batch.audits, keys)
-            await c.execute(_commit_sql(batch.notices, db.channel))
+            if failed is None:
+                batch = Batch()
+                refused = await writes.commit_runs(c, batch, [(app, run_id, fence, write)])
+                if refused[0] is not None:
+                    raise refused[0].error
+                if batch.audits:
+                    await ops.audit_append_many(c, batch.audits, keys)
+                await c.execute(_commit_sql(batch.notices, db.channel))
         except BaseException:
             tx.close()
-            if not c.is_closed() and c.is_in_transaction():
+            if not _lost(c) and c.is_in_transaction():
                 await c.execute("ROLLBACK")
             raise
+        if failed is not None and await _rolled_back_lost(c):
+            raise StoreUnavailable(
+                f"lost the connection to PostgreSQL at {db.masked_url} in the transaction "
+                f"of step {tx.step} of run {run_id} ({type(failed).__name__}: {failed}); "
+                "nothing of it was committed"
+            ) from failed
+    if failed is not None:
+        raise failed
     return value
+
+
+def _lost(c: Conn) -> bool:
+    """``c`` is gone (the server or the network closed it: asyncpg then gives a pooled
+    connection back to its pool, and the proxy's calls raise ``InterfaceError``)."""
+    try:
+        return c.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
+async def _rolled_back_lost(c: Conn) -> bool:
+    """Roll back after the step's own error: True if the connection was lost (under
+    the step's statements, or at the rollback)."""
+    try:
+        if not _lost(c) and c.is_in_transaction():
+            await c.execute("ROLLBACK")
+    except CONN_ERRORS:
+        if not _lost(c):  # still busy with a statement the step left running
+            c.terminate()  # (never handed out again)
+            return False
+    return _lost(c)

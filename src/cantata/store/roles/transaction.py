@@ -21,7 +21,13 @@ class TransactionalStore(Protocol):
         Whatever ``body`` did with the tx, and the checkpoint with its events, commit
         together or not at all.
 
+        ``body``'s own exceptions are raised as they are, after the rollback.
+
         Raises:
+            StoreUnavailable: the store's connection failed (it could not be had, or
+                was lost while beginning, under ``body``'s statements, or at the
+                checkpoint or the COMMIT, where the outcome is unknown): an outage,
+                not the step's failure (docs/workflow-api.md).
             LeaseLost: the run's fence is no longer ``fence`` (nothing is committed).
             TransactionUnsupported: this store cannot share its transaction.
         """
