@@ -3,7 +3,8 @@
 Tests put it between a store and the real PostgreSQL server to make the server slow
 for real: :meth:`StallProxy.stall` holds every new connection (accepted, nothing
 forwarded) and every byte in flight until :meth:`StallProxy.resume`; :meth:`cut`
-closes the connections open now, as a lost network does.
+closes the connections open now, as a lost network does; :meth:`stall_after` stalls
+right after a request holding given bytes reached the server (its answer held).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class StallProxy:
         self._links: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.held = 0  # connections accepted while stalled, not forwarded yet
+        self._marker: bytes | None = None
+        self.marked = asyncio.Event()  # the request of stall_after reached the server
 
     def url(self, server_url: str) -> str:
         """``server_url`` pointed at the proxy instead."""
@@ -53,6 +56,12 @@ class StallProxy:
         """From now on nothing goes through (new connections wait to be forwarded)."""
         self._open.clear()
 
+    def stall_after(self, marker: bytes) -> None:
+        """Once a client sends bytes holding ``marker``, forward them to the server,
+        then :meth:`stall` (the server's answer to them is held) and set :attr:`marked`."""
+        self._marker = marker
+        self.marked.clear()
+
     def resume(self) -> None:
         self._open.set()
 
@@ -75,7 +84,8 @@ class StallProxy:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
             ends.append(up_writer)
             self._links.add(up_writer)
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, up_writer, upstream=True),
+                                 self._pipe(up_reader, writer))
         except OSError:
             pass
         finally:
@@ -84,11 +94,16 @@ class StallProxy:
                 end.transport.abort()
             self._tasks.discard(task)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    upstream: bool = False) -> None:
         try:
             while data := await src.read(65536):
                 await self._open.wait()  # a stall holds what is in flight too
                 dst.write(data)
+                if upstream and self._marker is not None and self._marker in data:
+                    self._marker = None
+                    self.stall()  # before anything else is forwarded, the answer too
+                    self.marked.set()
                 await dst.drain()
         except OSError:
             pass

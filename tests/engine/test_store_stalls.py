@@ -267,7 +267,7 @@ def outage_app(store: FailsOnce, seen: list[str], ran: list[str]) -> App:
 
     @app.workflow
     async def parent(ctx: WorkflowContext, n: int) -> str:
-        await ctx.run(work, 0)  # (stored: a run's first write may be its child's entry)
+        await ctx.run(work, 0)  # (stored already: the outage meets the child's creation)
         try:
             return f"child said {await ctx.call(child, n)}"
         except Exception as exc:
@@ -686,3 +686,78 @@ async def test_a_transactional_steps_own_connection_error_stays_its_failure(
         assert len(seen) == 1 and seen[0].endswith(
             "ConnectionRefusedError: the payment API refused the connection"), seen
         assert ran == ["reserve", "book", "undo"], ran
+
+
+async def stored_runs(server_url: str, schema: str, workflow: str) -> list[tuple[str, str]]:
+    """(run_id, parent_run_id) of the runs of ``workflow`` committed in the server, read
+    apart from the store under test (not through the proxy)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url)
+    try:
+        rows = await conn.fetch(
+            f'SELECT run_id, parent_run_id FROM "{schema}".runs WHERE workflow=$1', workflow)
+    finally:
+        await conn.close()
+    return [(r[0], r[1]) for r in rows]
+
+
+@pytest.mark.postgres
+async def test_a_childs_creation_whose_answer_is_lost_leaves_no_child_without_its_parent(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    """A run started here is stored with its first checkpoint. When its first store call
+    is its child's creation and the connection is cut once that creation reached the
+    server (its answer lost: an outage), the parent must be stored already: else the
+    starter is told to start it again, and a child whose parent never existed runs
+    anyway, its result delivered to nobody."""
+    marker = "lost-answer-child-3f9c"  # (the child's argument: in its creation only)
+    seen: list[str] = []
+    ran: list[str] = []
+    async with stall_proxy(postgres_url) as proxy:
+        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+                              connect_timeout=1.0)
+        app = App("stall", store=store, lease=3, poll_interval=0.05, shutdown_grace=1)
+
+        @app.step
+        async def work(tag: str) -> str:
+            ran.append(tag)
+            return "done"
+
+        @app.workflow
+        async def kid(ctx: WorkflowContext, tag: str) -> str:
+            return str(await ctx.run(work, tag))
+
+        @app.workflow
+        async def parent(ctx: WorkflowContext) -> str:
+            try:  # (its first store call: its child's creation)
+                return f"child said {await ctx.call(kid, marker)}"
+            except Exception as exc:
+                seen.append(f"{type(exc).__name__}: {exc}")
+                return "gave up"
+
+        async with app:
+            proxy.stall_after(marker.encode())
+            start = asyncio.ensure_future(app.start(parent))
+            await asyncio.wait_for(proxy.marked.wait(), 10)
+            await eventually(lambda: stored_runs(postgres_url, fresh_schema, "kid"),
+                             what="the child's creation committed in the server")
+            proxy.cut()  # its answer, held, is lost with the connection
+            await asyncio.sleep(STALL)  # connecting again takes longer than its timeout
+            proxy.resume()
+            try:
+                handle, start_failed = await start, None
+            except Exception as exc:
+                start_failed = exc
+            kids = await stored_runs(postgres_url, fresh_schema, "kid")
+            parents = {r for r, _ in await stored_runs(postgres_url, fresh_schema, "parent")}
+            for child_id, parent_id in kids:
+                assert parent_id in parents, (
+                    f"child {child_id} exists, but its parent {parent_id} was never stored "
+                    f"(its starter was told: {start_failed!r})")
+            assert start_failed is None
+            assert await handle.result(timeout=20) == "child said done", seen
+            assert seen == []
+            assert len(await stored_runs(postgres_url, fresh_schema, "kid")) == 1
+            assert ran == [marker], "the child ran more than once"
+            await no_worker_lost(app, handle.run_id)

@@ -88,6 +88,27 @@ def expect_creation(x: RunExecution) -> None:
     flush_later(x)
 
 
+async def store_first(x: RunExecution) -> None:
+    """Before a store write that names this run as its parent (a child's creation):
+    the run itself is stored, so that no child ever exists in the store without it.
+
+    A run stored already (the usual case) costs nothing. A run not stored yet is
+    stored now, with what it holds, or, when a commit storing it is under way (a
+    flush, another branch), once that has landed. Its creation failed: ``_Abandon``
+    (the caller of start() was told; see :func:`create`).
+    """
+    created = x.created
+    if created is None:
+        return
+    if x.create_pending:
+        await x.commit(RunWrite())
+    elif not created.done():  # being stored by a commit that holds the lock
+        async with x.commit_lock:
+            pass
+    if not created.done() or created.cancelled() or created.exception() is not None:
+        raise _Abandon()
+
+
 async def create(x: RunExecution, write: RunWrite) -> None:
     assert x.created is not None
     try:

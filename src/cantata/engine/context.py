@@ -458,6 +458,11 @@ class WorkflowContext:
             queue = await default_entry(engine, name)
             if queue is not None and wait:
                 await check_call(engine, x.run.run_id, x.wdef.name, name, queue)
+            # Never a child without its parent: a parent started here and not stored
+            # yet is stored first (a crash, or a lost answer, between the two writes
+            # would leave a child whose parent never existed). The child's key makes
+            # its creation, made again after a lost answer, return the same child.
+            await x.store_first()
             child, _ = await engine.create_run(
                 # A retried run's new call is a new child (the old one ended for good).
                 name, list(args), idempotency_key=f"child:{x.run.run_id}:{call.key}"

@@ -221,6 +221,11 @@ class RunExecution:
         """This run is not stored yet: store it with its first checkpoint."""
         checkpoint.expect_creation(self)
 
+    def store_first(self) -> Coroutine[Any, Any, None]:
+        """Before a child's creation names this run as its parent: the run is stored
+        (at once when it is already: :func:`checkpoint.store_first`)."""
+        return checkpoint.store_first(self)
+
     def defer(self, write: RunWrite) -> None:
         """Hold a finished step's checkpoint to commit it with the run's next write."""
         checkpoint.defer(self, write)
@@ -308,6 +313,9 @@ class RunExecution:
             hot.enter(self)
         try:
             while True:
+                # Cleared before looking, not after: news that arrives while ``wake()``
+                # reads the store (a child ending meanwhile) ends the sleep below.
+                self.wakeup.clear()
                 await self.park_if_stopping()
                 if interrupt == "raise":
                     self.check_interrupt()
@@ -332,7 +340,6 @@ class RunExecution:
                 if wake is not None and poll:
                     every = self.engine.wait_poll_interval
                     remaining = every if remaining is None else min(remaining, every)
-                self.wakeup.clear()
                 sleeper = (None if remaining is None
                            else asyncio.ensure_future(clock.sleep(remaining)))
                 waiter = asyncio.ensure_future(self.wakeup.wait())

@@ -104,6 +104,11 @@ class WorkflowRuntime(JournalRuntime, Protocol):
     patches: dict[str, bool]  # ctx.patched answers, fixed for the whole run
     compensating: bool  # only the undoing goes on: no interrupt is raised any more
 
+    async def store_first(self) -> None:
+        """The run is stored (a run started here is stored with its first checkpoint):
+        before anything that names it as its parent is written."""
+        ...
+
     async def call_step(
         self, sdef: StepDef, args: list[Any], key: str, kind: EntryKind = EntryKind.STEP
     ) -> Any:
