@@ -17,6 +17,7 @@ from cantata.model.event import Event, check_pattern, matches
 from cantata.model.records import DELIVERY_PENDING, Delivery, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import CLAIMS, Settlement
+from cantata.store.common import idle_wait
 
 log = logging.getLogger("cantata.broker")
 quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no tracebacks
@@ -169,7 +170,10 @@ class _EmbeddedSubscription:
         if self.dues:
             waits.append(asyncio.ensure_future(clock.sleep(self.dues[0] - now)))
         try:
-            await asyncio.wait(waits, timeout=self.broker.poll_interval,
+            # While the store hears other processes, commits that store events wake
+            # this loop (CLAIMS), and another worker's expiry does (Engine.wake_claimers)
+            await asyncio.wait(waits, timeout=idle_wait(self.broker.store,
+                                                        self.broker.poll_interval),
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:

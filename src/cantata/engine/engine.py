@@ -21,13 +21,14 @@ from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
+from cantata.store.common import idle_wait
 
 from . import gcpolicy
 from .branches import RunTask
 from .clock import Clock
 from .hooks import Hooks
 from .metrics import Metrics
-from .ownership import Ownership
+from .ownership import Ownership, wait_event
 from .parking import HotRuns, wake_for_events
 from .runner import RunExecution
 from .shutdown import drain
@@ -95,6 +96,10 @@ class Engine:
         # yield (checkpoint.defer): one loop callback for all of them, not one each.
         self.to_flush: list[RunExecution] = []
         self._loops: list[asyncio.Task[Any]] = []
+        # Called when another worker's expiry passes (Ownership._expiry_loop), besides
+        # this engine's own claimers: the embedded broker's consumers (app_runtime.py).
+        self.claimer_wakers: list[Callable[[], None]] = []
+        self._watch_wakeup = asyncio.Event()  # events or cancellations heard
         self.ownership = Ownership(self)
         self.quiet = QuietLog(log, every=outage_interval(lease))
         # A graceful stop is under way: runs park at their next durable point, and
@@ -503,11 +508,28 @@ class Engine:
             log.warning("worker %s: could not release its work on stop (%s); other workers "
                         "take it over after the lease", self.worker_id, reason(exc))
 
+    def wake_claimers(self) -> None:
+        """Let every loop that claims work look now (another worker's work may be free
+        to take over)."""
+        self.ownership.claim_wakeup.set()
+        if self.task_server is not None:
+            self.task_server.wakeup.set()
+        for wake in list(self.claimer_wakers):
+            wake()
+
     async def _watch_loop(self) -> None:
-        """Notice what other processes did: cancellations, and events runs here wait for."""
+        """Notice what other processes did: cancellations, and events runs here wait for.
+
+        Every poll interval at most; while the store hears other processes, only once
+        it heard of events or cancellations, or after a safety-net wait (idle_wait)."""
         last_cancel_check = 0.0
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.poll_interval)
+            await wait_event(self._watch_wakeup, idle_wait(self.store, self.poll_interval))
+            self._watch_wakeup.clear()
+            # (no more often than before: a busy store notifies at every commit)
+            await asyncio.sleep(max(0.0, last + self.poll_interval - time.monotonic()))
+            last = time.monotonic()
             try:
                 await self._poll_waited_types()
                 await wake_for_events(self)  # the waits of parked runs
@@ -556,6 +578,7 @@ class Engine:
                 for execution in group:
                     execution.wakeup.set()
         elif channel == CANCEL:
+            self._watch_wakeup.set()
             self._runs_pulse.set()
             self.ownership.claim_wakeup.set()  # a parked run, woken to be cancelled
             if self.executions:
@@ -565,6 +588,7 @@ class Engine:
                 for execution in group:
                     execution.wakeup.set()
         elif channel == EVENTS:
+            self._watch_wakeup.set()
             for group in self._waiters.values():
                 for execution in group:
                     execution.wakeup.set()

@@ -15,6 +15,7 @@ from cantata.model.records import Attempt, TaskRecord
 from cantata.model.status import RunStatus
 from cantata.quietlog import reason
 from cantata.store.base import TASKS
+from cantata.store.common import idle_wait
 from cantata.store.faults import wait_out
 
 from .cleanup import MARKER
@@ -107,7 +108,7 @@ class TaskServer:
             # Not asyncio.wait_for: on Python 3.11 it returns, instead of raising, a
             # cancel (the stop) that comes as the wakeup is set, and the loop never ends.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(engine.poll_interval):
+                async with asyncio.timeout(idle_wait(engine.store, engine.poll_interval)):
                     await self.wakeup.wait()
 
     def _steps(self) -> list[str]:

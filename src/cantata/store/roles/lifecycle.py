@@ -45,6 +45,16 @@ class StoreLifecycle(Protocol):
     #: every ``poll_interval`` (docs/flow-control.md). ``StoreBase``: ``False``.
     hears_others: bool
 
+    @property
+    def listening(self) -> bool:
+        """Whether the listeners hear other processes' writes right now (PostgreSQL: its
+        listening connection is up). While true, the loops that look for work committed
+        elsewhere wait for what they hear, and look on their own only every few seconds
+        (:func:`cantata.store.common.idle_wait`); when the listener is lost they go back
+        to every ``poll_interval``, and the store calls every listener on every channel
+        both when it is lost and when it listens again (docs/performance.md, "Idle
+        workers"). ``StoreBase``: ``False``."""
+
     async def open(self) -> None:
         """Connect and migrate the schema.
 
