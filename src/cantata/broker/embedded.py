@@ -171,10 +171,13 @@ class _EmbeddedSubscription:
             waits.append(asyncio.ensure_future(clock.sleep(self.dues[0] - now)))
         try:
             # While the store hears other processes, commits that store events wake
-            # this loop (CLAIMS), and another worker's expiry does (Engine.wake_claimers)
-            await asyncio.wait(waits, timeout=idle_wait(self.broker.store,
-                                                        self.broker.poll_interval),
-                               return_when=asyncio.FIRST_COMPLETED)
+            # this loop (CLAIMS), and another worker's expiry does (Engine.wake_claimers);
+            # not while this worker may not take over yet (it may soon)
+            wait = self.broker.poll_interval
+            careful = self.broker.may_take_over
+            if careful is None or careful():
+                wait = idle_wait(self.broker.store, wait)
+            await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()

@@ -524,6 +524,10 @@ class Engine:
         it heard of events or cancellations, or after a safety-net wait (idle_wait)."""
         last_cancel_check = 0.0
         last = time.monotonic()
+        # The first look one poll interval after the start, whatever was heard: it
+        # reads where the log ends, from which the next look takes what was stored
+        # (engine/parking.py, wake_for_events)
+        self._watch_wakeup.set()
         while True:
             await wait_event(self._watch_wakeup, idle_wait(self.store, self.poll_interval))
             self._watch_wakeup.clear()
@@ -536,6 +540,7 @@ class Engine:
             except Exception as exc:
                 self.quiet.warning("events", "looking for awaited events failed (%s); "
                                    "retrying", reason(exc))
+                self._watch_wakeup.set()  # again in a poll interval
             # With many runs in flight, look for cancellations less often (in-process and
             # PostgreSQL cancellations arrive by notification at once anyway).
             every = self.poll_interval * max(1.0, len(self.executions) / 500)

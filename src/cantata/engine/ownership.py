@@ -291,7 +291,9 @@ class Ownership:
             # While the store hears other processes, new work wakes this loop: it looks
             # on its own only every few seconds (idle_wait), and at the times it knows
             # work comes due without a notification (docs/performance.md, "Idle workers").
-            wait = idle_wait(engine.store, engine.poll_interval * 5)
+            wait = engine.poll_interval * 5
+            if self.may_take_over():  # (else it may soon: look at the old cadence)
+                wait = idle_wait(engine.store, wait)
             if workflows:  # until the next parked run is due (engine/parking.py)
                 try:
                     now = engine.clock.now()
