@@ -333,10 +333,12 @@ class Ownership:
         for notifications then, and a worker that dies writes none. A heartbeat only
         moves a worker's expiry later, so the earliest one read is the first moment a
         takeover may be due: read again then (about once every 3/4 of a lease when
-        other workers live, every safety-net wait when none is known). Without a
+        other workers live, every safety-net wait when none is known), and wake the
+        claimers if a worker live at the last read is past its expiry now. Without a
         listener the claimers look every poll interval anyway, and this loop only
         waits."""
         engine = self.engine
+        live: set[str] = set()  # other workers live at the last read
         while True:
             wait = engine.poll_interval * 5
             if getattr(engine.store, "listening", False):
@@ -344,21 +346,26 @@ class Ownership:
                 now = engine.clock.now()
                 due = self.next_expiry
                 if due is None or due <= now:
-                    if due is not None:  # passed: take over what that worker held
-                        engine.wake_claimers()
                     try:
                         workers = await engine.store.workers(engine.app)
                     except Exception:
-                        workers = []  # (the claims' own warnings say the store fails)
-                        engine.wake_claimers()  # ...and they look every poll interval
+                        workers = None  # (the claims' own warnings say the store fails)
                     now = engine.clock.now()
-                    later = [w.expires_at for w in workers
-                             if w.worker_id != engine.worker_id and w.expires_at > now]
-                    due = self.next_expiry = min(later) if later else None
+                    if workers is None:
+                        self.next_expiry, live = None, set()
+                        engine.wake_claimers()  # they look every poll interval anyway
+                    else:
+                        others = [w for w in workers if w.worker_id != engine.worker_id]
+                        if any(w.worker_id in live and w.expires_at <= now for w in others):
+                            engine.wake_claimers()  # its work is free to take over now
+                        live = {w.worker_id for w in others if w.expires_at > now}
+                        later = [w.expires_at for w in others if w.expires_at > now]
+                        self.next_expiry = min(later) if later else None
+                    due = self.next_expiry
                 if due is not None:
                     wait = min(wait, max(due - now, 0.0) + 0.001)
             else:
-                self.next_expiry = None
+                self.next_expiry, live = None, set()
             await asyncio.sleep(wait)
 
     # -- reconciliation -------------------------------------------------------------------
