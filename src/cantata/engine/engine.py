@@ -567,6 +567,16 @@ class Engine:
                 for execution in list(group):
                     execution.wakeup.set()
 
+    async def _check_cancellations_heard(self) -> None:
+        """:meth:`check_cancellations` for a ``cancel`` heard. The store also calls every
+        listener when its listening connection is lost (then the store is often
+        unreachable): a failure is one quiet warning, and the watch loop looks again."""
+        try:
+            await self.check_cancellations()
+        except Exception as exc:
+            self.quiet.warning("cancellations", "checking cancellations failed (%s); "
+                               "retrying", reason(exc))
+
     async def check_cancellations(self) -> None:
         if not self.executions:
             return
@@ -587,7 +597,7 @@ class Engine:
             self._runs_pulse.set()
             self.ownership.claim_wakeup.set()  # a parked run, woken to be cancelled
             if self.executions:
-                self.track(asyncio.create_task(self.check_cancellations()))
+                self.track(asyncio.create_task(self._check_cancellations_heard()))
         elif channel == TASKS:
             for group in self._run_waiters.values():
                 for execution in group:
