@@ -17,7 +17,7 @@ from cantata.model.event import Event, check_pattern, matches
 from cantata.model.records import DELIVERY_PENDING, Delivery, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import CLAIMS, Settlement
-from cantata.store.common import idle_wait
+from cantata.store.roles.lifecycle import idle_wait
 
 log = logging.getLogger("cantata.broker")
 quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no tracebacks

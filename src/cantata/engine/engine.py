@@ -21,7 +21,7 @@ from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
-from cantata.store.common import idle_wait
+from cantata.store.roles.lifecycle import idle_wait
 
 from . import gcpolicy
 from .branches import RunTask

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import StoreUpgraded
 from cantata.model.records import Attempt, HistoryEntry, RunRecord
 from cantata.quietlog import QuietLog, outage_interval, reason
-from cantata.store.common import idle_wait
+from cantata.store.roles.lifecycle import idle_wait
 
 from . import versioning
 

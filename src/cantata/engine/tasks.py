@@ -15,8 +15,8 @@ from cantata.model.records import Attempt, TaskRecord
 from cantata.model.status import RunStatus
 from cantata.quietlog import reason
 from cantata.store.base import TASKS
-from cantata.store.common import idle_wait
 from cantata.store.faults import wait_out
+from cantata.store.roles.lifecycle import idle_wait
 
 from .cleanup import MARKER
 from .heartbeat import Beat, beat_for

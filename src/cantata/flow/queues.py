@@ -20,7 +20,7 @@ from cantata.model.checks import check_key
 from cantata.model.event import MAX_ATTRIBUTE
 from cantata.model.flow import QueueEntry, QueueSpec, make_spec  # noqa: F401 (make_spec re-exported)
 from cantata.quietlog import QuietLog, outage_interval, reason
-from cantata.store.common import idle_wait
+from cantata.store.roles.lifecycle import idle_wait
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine

@@ -8,7 +8,6 @@ docs/architecture.md, "Seams").
 from __future__ import annotations
 
 import logging
-import random
 from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
@@ -87,23 +86,6 @@ def upgraded_under(where: str, found: int, known: int) -> StoreUpgraded:
         "nothing more, lets what it runs finish and stops: restart it with the new release "
         "(upgrade cantata)"
     )
-
-
-# While a store hears other processes' writes (``StoreLifecycle.listening``), how long
-# a loop that looks for work committed elsewhere waits for a notification before it
-# looks anyway (a notification lost to a network cut the listener has not noticed yet,
-# work whose time came without a write): seconds, each wait drawn within +-20 %, so a
-# fleet of idle workers does not look in step (docs/performance.md, "Idle workers").
-SAFETY_NET = 5.0
-
-
-def idle_wait(store: object, poll: float) -> float:
-    """How long a loop waits for news of work before it looks on its own: ``poll``
-    (its cadence of looking) while ``store`` does not hear other processes' writes,
-    else the safety net (never shorter than ``poll``)."""
-    if not getattr(store, "listening", False):
-        return poll
-    return max(poll, SAFETY_NET * random.uniform(0.8, 1.2))
 
 
 class StoreBase:
