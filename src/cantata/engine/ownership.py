@@ -263,6 +263,9 @@ class Ownership:
         engine = self.engine
         workflows = engine.served_workflows()
         while True:
+            # Cleared before claiming: a notification heard during the claim must not be
+            # lost (the next look may be a safety-net wait away, idle_wait)
+            self.claim_wakeup.clear()
             claimed = []
             if workflows and not self.expired():
                 # Owners past their own expiry are gone (each is judged by its own
@@ -287,7 +290,6 @@ class Ownership:
                 engine.launch(run, history=loaded.get(run.run_id))
             if len(claimed) == 100:
                 continue
-            self.claim_wakeup.clear()
             # While the store hears other processes, new work wakes this loop: it looks
             # on its own only every few seconds (idle_wait), and at the times it knows
             # work comes due without a notification (docs/performance.md, "Idle workers").

@@ -85,6 +85,9 @@ class TaskServer:
     async def _run(self) -> None:
         engine = self.engine
         while True:
+            # Cleared before claiming: a wake-up during the claim must not be lost (the
+            # next look may be a safety-net wait away, docs/performance.md)
+            self.wakeup.clear()
             free = self.concurrency - len(self._inflight)
             claimed: list[TaskRecord] = []
             if free > 0:
@@ -104,7 +107,6 @@ class TaskServer:
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)
                 continue
-            self.wakeup.clear()
             # Not asyncio.wait_for: on Python 3.11 it returns, instead of raising, a
             # cancel (the stop) that comes as the wakeup is set, and the loop never ends.
             with contextlib.suppress(TimeoutError):
