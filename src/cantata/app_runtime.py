@@ -131,6 +131,7 @@ class Runtime:
         self.broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval,
                                  may_take_over=engine.ownership.may_take_over,
                                  clock=engine.clock)
+        engine.claimer_wakers.append(self.broker.wake)  # (the embedded broker's claims)
         engine.ownership.hold()  # released once the consumer has drained (close)
         self.consumer = Consumer(
             EngineHost(engine), self.broker, on_emitted=self.emitted,

@@ -17,6 +17,7 @@ from cantata.model.event import Event, check_pattern, matches
 from cantata.model.records import DELIVERY_PENDING, Delivery, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import CLAIMS, Settlement
+from cantata.store.roles.lifecycle import idle_wait
 
 log = logging.getLogger("cantata.broker")
 quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no tracebacks
@@ -169,8 +170,14 @@ class _EmbeddedSubscription:
         if self.dues:
             waits.append(asyncio.ensure_future(clock.sleep(self.dues[0] - now)))
         try:
-            await asyncio.wait(waits, timeout=self.broker.poll_interval,
-                               return_when=asyncio.FIRST_COMPLETED)
+            # While the store hears other processes, commits that store events wake
+            # this loop (CLAIMS), and another worker's expiry does (Engine.wake_claimers);
+            # not while this worker may not take over yet (it may soon)
+            wait = self.broker.poll_interval
+            careful = self.broker.may_take_over
+            if careful is None or careful():
+                wait = idle_wait(self.broker.store, wait)
+            await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()

@@ -21,13 +21,14 @@ from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
+from cantata.store.roles.lifecycle import idle_wait
 
 from . import gcpolicy
 from .branches import RunTask
 from .clock import Clock
 from .hooks import Hooks
 from .metrics import Metrics
-from .ownership import Ownership
+from .ownership import Ownership, wait_event
 from .parking import HotRuns, wake_for_events
 from .runner import RunExecution
 from .shutdown import drain
@@ -95,6 +96,10 @@ class Engine:
         # yield (checkpoint.defer): one loop callback for all of them, not one each.
         self.to_flush: list[RunExecution] = []
         self._loops: list[asyncio.Task[Any]] = []
+        # Called when another worker's expiry passes (Ownership._expiry_loop), besides
+        # this engine's own claimers: the embedded broker's consumers (app_runtime.py).
+        self.claimer_wakers: list[Callable[[], None]] = []
+        self._watch_wakeup = asyncio.Event()  # events or cancellations heard
         self.ownership = Ownership(self)
         self.quiet = QuietLog(log, every=outage_interval(lease))
         # A graceful stop is under way: runs park at their next durable point, and
@@ -507,17 +512,39 @@ class Engine:
             log.warning("worker %s: could not release its work on stop (%s); other workers "
                         "take it over after the lease", self.worker_id, reason(exc))
 
+    def wake_claimers(self) -> None:
+        """Let every loop that claims work look now (another worker's work may be free
+        to take over)."""
+        self.ownership.claim_wakeup.set()
+        if self.task_server is not None:
+            self.task_server.wakeup.set()
+        for wake in list(self.claimer_wakers):
+            wake()
+
     async def _watch_loop(self) -> None:
-        """Notice what other processes did: cancellations, and events runs here wait for."""
+        """Notice what other processes did: cancellations, and events runs here wait for.
+
+        Every poll interval at most; while the store hears other processes, only once
+        it heard of events or cancellations, or after a safety-net wait (idle_wait)."""
         last_cancel_check = 0.0
+        last = time.monotonic()
+        # The first look one poll interval after the start, whatever was heard: it
+        # reads where the log ends, from which the next look takes what was stored
+        # (engine/parking.py, wake_for_events)
+        self._watch_wakeup.set()
         while True:
-            await asyncio.sleep(self.poll_interval)
+            await wait_event(self._watch_wakeup, idle_wait(self.store, self.poll_interval))
+            self._watch_wakeup.clear()
+            # (no more often than before: a busy store notifies at every commit)
+            await asyncio.sleep(max(0.0, last + self.poll_interval - time.monotonic()))
+            last = time.monotonic()
             try:
                 await self._poll_waited_types()
                 await wake_for_events(self)  # the waits of parked runs
             except Exception as exc:
                 self.quiet.warning("events", "looking for awaited events failed (%s); "
                                    "retrying", reason(exc))
+                self._watch_wakeup.set()  # again in a poll interval
             # With many runs in flight, look for cancellations less often (in-process and
             # PostgreSQL cancellations arrive by notification at once anyway).
             every = self.poll_interval * max(1.0, len(self.executions) / 500)
@@ -544,6 +571,16 @@ class Engine:
                 for execution in list(group):
                     execution.wakeup.set()
 
+    async def _check_cancellations_heard(self) -> None:
+        """:meth:`check_cancellations` for a ``cancel`` heard. The store also calls every
+        listener when its listening connection is lost (then the store is often
+        unreachable): a failure is one quiet warning, and the watch loop looks again."""
+        try:
+            await self.check_cancellations()
+        except Exception as exc:
+            self.quiet.warning("cancellations", "checking cancellations failed (%s); "
+                               "retrying", reason(exc))
+
     async def check_cancellations(self) -> None:
         if not self.executions:
             return
@@ -560,15 +597,17 @@ class Engine:
                 for execution in group:
                     execution.wakeup.set()
         elif channel == CANCEL:
+            self._watch_wakeup.set()
             self._runs_pulse.set()
             self.ownership.claim_wakeup.set()  # a parked run, woken to be cancelled
             if self.executions:
-                self.track(asyncio.create_task(self.check_cancellations()))
+                self.track(asyncio.create_task(self._check_cancellations_heard()))
         elif channel == TASKS:
             for group in self._run_waiters.values():
                 for execution in group:
                     execution.wakeup.set()
         elif channel == EVENTS:
+            self._watch_wakeup.set()
             for group in self._waiters.values():
                 for execution in group:
                     execution.wakeup.set()

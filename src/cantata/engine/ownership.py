@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import StoreUpgraded
 from cantata.model.records import Attempt, HistoryEntry, RunRecord
 from cantata.quietlog import QuietLog, outage_interval, reason
+from cantata.store.roles.lifecycle import idle_wait
 
 from . import versioning
 
@@ -93,6 +94,9 @@ class Ownership:
         # consumer's deliveries): while any holds it, a stop keeps the heartbeat going.
         self._holds = 0
         self._stopped = False
+        # While the store hears other processes (idle_wait): when the earliest expiry of
+        # another worker comes (the app's clock; None: not known), see _expiry_loop.
+        self.next_expiry: float | None = None
 
     # -- state ----------------------------------------------------------------------------
 
@@ -118,6 +122,7 @@ class Ownership:
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="cantata-claim"),
             asyncio.create_task(self._repair_loop(), name="cantata-reconcile"),
+            asyncio.create_task(self._expiry_loop(), name="cantata-expiries"),
         ]
 
     async def stop_claiming(self) -> None:
@@ -258,6 +263,9 @@ class Ownership:
         engine = self.engine
         workflows = engine.served_workflows()
         while True:
+            # Cleared before claiming: a notification heard during the claim must not be
+            # lost (the next look may be a safety-net wait away, idle_wait)
+            self.claim_wakeup.clear()
             claimed = []
             if workflows and not self.expired():
                 # Owners past their own expiry are gone (each is judged by its own
@@ -282,8 +290,12 @@ class Ownership:
                 engine.launch(run, history=loaded.get(run.run_id))
             if len(claimed) == 100:
                 continue
-            self.claim_wakeup.clear()
+            # While the store hears other processes, new work wakes this loop: it looks
+            # on its own only every few seconds (idle_wait), and at the times it knows
+            # work comes due without a notification (docs/performance.md, "Idle workers").
             wait = engine.poll_interval * 5
+            if self.may_take_over():  # (else it may soon: look at the old cadence)
+                wait = idle_wait(engine.store, wait)
             if workflows:  # until the next parked run is due (engine/parking.py)
                 try:
                     now = engine.clock.now()
@@ -314,6 +326,49 @@ class Ownership:
             log.debug("loading the histories of %d claimed runs failed (%s); each loads its "
                       "own", len(claimed), reason(exc))
             return {}
+
+    # -- other workers' expiries ----------------------------------------------------------
+
+    async def _expiry_loop(self) -> None:
+        """Wake this worker's claimers when another worker's expiry passes (its work may
+        be taken over then), while the store hears other processes: their loops wait
+        for notifications then, and a worker that dies writes none. A heartbeat only
+        moves a worker's expiry later, so the earliest one read is the first moment a
+        takeover may be due: read again then (about once every 3/4 of a lease when
+        other workers live, every safety-net wait when none is known), and wake the
+        claimers if a worker live at the last read is past its expiry now. Without a
+        listener the claimers look every poll interval anyway, and this loop only
+        waits."""
+        engine = self.engine
+        live: set[str] = set()  # other workers live at the last read
+        while True:
+            wait = engine.poll_interval * 5
+            if getattr(engine.store, "listening", False):
+                wait = idle_wait(engine.store, wait)
+                now = engine.clock.now()
+                due = self.next_expiry
+                if due is None or due <= now:
+                    try:
+                        workers = await engine.store.workers(engine.app)
+                    except Exception:
+                        workers = None  # (the claims' own warnings say the store fails)
+                    now = engine.clock.now()
+                    if workers is None:
+                        self.next_expiry, live = None, set()
+                        engine.wake_claimers()  # they look every poll interval anyway
+                    else:
+                        others = [w for w in workers if w.worker_id != engine.worker_id]
+                        if any(w.worker_id in live and w.expires_at <= now for w in others):
+                            engine.wake_claimers()  # its work is free to take over now
+                        live = {w.worker_id for w in others if w.expires_at > now}
+                        later = [w.expires_at for w in others if w.expires_at > now]
+                        self.next_expiry = min(later) if later else None
+                    due = self.next_expiry
+                if due is not None:
+                    wait = min(wait, max(due - now, 0.0) + 0.001)
+            else:
+                self.next_expiry, live = None, set()
+            await asyncio.sleep(wait)
 
     # -- reconciliation -------------------------------------------------------------------
 

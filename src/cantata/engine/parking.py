@@ -157,6 +157,9 @@ async def evict(
         except Exception:
             log.warning("run %s: could not wake it; it wakes at its due time", run.run_id)
     engine.metrics.parked += 1
+    # Its wake time may come before the one the claim loop sleeps until: it looks again
+    # (no notification tells of a park, docs/performance.md, "Idle workers").
+    engine.ownership.claim_wakeup.set()
     raise Evicted()
 
 

@@ -16,6 +16,7 @@ from cantata.model.status import RunStatus
 from cantata.quietlog import reason
 from cantata.store.base import TASKS
 from cantata.store.faults import wait_out
+from cantata.store.roles.lifecycle import idle_wait
 
 from .cleanup import MARKER
 from .heartbeat import Beat, beat_for
@@ -84,6 +85,9 @@ class TaskServer:
     async def _run(self) -> None:
         engine = self.engine
         while True:
+            # Cleared before claiming: a wake-up during the claim must not be lost (the
+            # next look may be a safety-net wait away, docs/performance.md)
+            self.wakeup.clear()
             free = self.concurrency - len(self._inflight)
             claimed: list[TaskRecord] = []
             if free > 0:
@@ -103,11 +107,10 @@ class TaskServer:
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)
                 continue
-            self.wakeup.clear()
             # Not asyncio.wait_for: on Python 3.11 it returns, instead of raising, a
             # cancel (the stop) that comes as the wakeup is set, and the loop never ends.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(engine.poll_interval):
+                async with asyncio.timeout(idle_wait(engine.store, engine.poll_interval)):
                     await self.wakeup.wait()
 
     def _steps(self) -> list[str]:

@@ -20,6 +20,7 @@ from cantata.model.checks import check_key
 from cantata.model.event import MAX_ATTRIBUTE
 from cantata.model.flow import QueueEntry, QueueSpec, make_spec  # noqa: F401 (make_spec re-exported)
 from cantata.quietlog import QuietLog, outage_interval, reason
+from cantata.store.roles.lifecycle import idle_wait
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine
@@ -188,6 +189,8 @@ class QueueLoop:
         self._queues: list[str] = []
         self._specs: list[QueueSpec] = []
         self._listed_at: float | None = None
+        self._list_every = 0.0  # seconds the list is kept while the store listens
+        self._heard = False  # the pass was woken by a change heard (or a run queued)
         self._pruned_at: float | None = None  # (the app's clock)
         # a store outage fails every claim: one line per max(10 s, lease), docs/leases.md
         self.quiet = QuietLog(log, every=outage_interval(engine.lease))
@@ -195,6 +198,7 @@ class QueueLoop:
     async def run(self) -> None:
         engine = self.engine
         while True:
+            self._heard = self.wakeup.is_set()
             self.wakeup.clear()
             self._queued_here = self._queued_here or self.queued.is_set()
             self.queued.clear()
@@ -218,10 +222,22 @@ class QueueLoop:
                 self.quiet.warning("prune", "pruning the rows of ended queued runs failed "
                                    "(%s); trying again later", reason(exc))
             if self._waiting:
-                wait, timed = engine.poll_interval * 5, False
+                wait, timed = idle_wait(engine.store, engine.poll_interval * 5), False
                 if retry_at is not None and retry_at - engine.clock.now() < wait:
                     wait, timed = max(retry_at - engine.clock.now(), 0.005), True
                 await self._wait(wait, self.wakeup, timed)
+            elif getattr(engine.store, "listening", False):
+                # Nothing waits, and the store hears other processes: a run queued
+                # anywhere wakes the loop (``runs``), at most once a poll interval (the
+                # end of a run frees nothing anyone waits for, and a busy store says
+                # ``runs`` at every one); a run queued here at once.
+                passed = time.monotonic()
+                await self._wait(idle_wait(engine.store, engine.poll_interval), self.wakeup)
+                if not self.queued.is_set():
+                    await self._wait(
+                        max(0.0, passed + engine.poll_interval - time.monotonic()),
+                        self.queued,
+                    )
             else:
                 # Nothing waits: the end of a run frees nothing anyone waits for, so only
                 # a run queued here wakes the loop, and runs queued by other processes
@@ -253,11 +269,18 @@ class QueueLoop:
         # Listed again every few poll intervals (queues other processes declared), or
         # at once when this process queued a run (its queue may be new to this list).
         # An app without queues is not asked every pass.
-        if (self._listed_at is None or now - self._listed_at > engine.poll_interval * 5
-                or (not self._queues and self._queued_here)):
+        # While the store hears other processes, listed again only when one changed a
+        # run (it may have queued it in a queue new to this list) or after the safety
+        # net's wait (idle_wait: a queue declared elsewhere, no run queued in it yet).
+        every = engine.poll_interval * 5
+        age = math.inf if self._listed_at is None else now - self._listed_at
+        if getattr(engine.store, "listening", False) and not self._heard:
+            every = max(every, self._list_every)
+        if age > every or (not self._queues and self._queued_here):
             self._specs = await engine.store.queues(engine.app)
             self._queues = [q.name for q in self._specs]
             self._listed_at = now
+            self._list_every = idle_wait(engine.store, engine.poll_interval * 5)
         self._queued_here = False
         workflows = engine.served_workflows()
         retry_at: float | None = None

@@ -104,6 +104,11 @@ class StoreBase:
 
     # -- listeners ------------------------------------------------------------------
 
+    @property
+    def listening(self) -> bool:
+        """In-process listeners only (see ``StoreLifecycle.listening``)."""
+        return False
+
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
 

@@ -68,6 +68,11 @@ class PostgresCore(StoreBase):
         await self._db.open()
         self._w.reopen()
 
+    @property
+    def listening(self) -> bool:
+        """Whether the listening connection is up (see ``StoreLifecycle.listening``)."""
+        return self._db.listening
+
     def adopt_timing(self, *, lease: float) -> None:
         """The listener's outage warnings: at most every ``max(10 s, lease)``."""
         self._db.quiet.every = outage_interval(lease)

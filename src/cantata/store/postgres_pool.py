@@ -425,9 +425,25 @@ class PgPool:
         if changed == EVENTS:  # (every commit that stores events may make claims)
             self._on_change(CLAIMS)
 
+    @property
+    def listening(self) -> bool:
+        """Whether notifications arrive: the listening connection is up, and not being
+        replaced (:meth:`_relisten`)."""
+        conn = self._listen_conn
+        return (conn is not None and not conn.is_closed() and self._listen_task is None
+                and not self._closing)
+
     def _on_listen_lost(self, conn: object) -> None:
         if not self._closing and self._listen_task is None:
             self._listen_task = asyncio.get_running_loop().create_task(self._relisten())
+            # Nothing is heard until it listens again: the loops that waited for
+            # notifications look now, then at their own cadence (``listening`` is
+            # false), until _relisten wakes them once more.
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        for channel in (RUNS, EVENTS, CLAIMS, CANCEL, TASKS, SLOTS):
+            self._on_change(channel)
 
     async def _relisten(self) -> None:
         """Reconnect the listening connection; wake everyone for what was missed."""
@@ -443,8 +459,8 @@ class PgPool:
                     continue
                 self.quiet.recovered(key, "PostgreSQL listener at %s listens again",
                                 self.masked_url)
-                for channel in (RUNS, EVENTS, CLAIMS, CANCEL, TASKS, SLOTS):
-                    self._on_change(channel)
+                self._listen_task = None  # (listening again: see ``listening``)
+                self._wake_all()
                 return
         finally:
             self._listen_task = None

@@ -8,6 +8,7 @@ that its workers are alive (docs/leases.md).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -35,6 +36,23 @@ SLOTS = "slots"
 ChangeListener = Callable[[str], None]
 
 
+# While a store hears other processes' writes (``StoreLifecycle.listening``), how long
+# a loop that looks for work committed elsewhere waits for a notification before it
+# looks anyway (a notification lost to a network cut the listener has not noticed yet,
+# work whose time came without a write): seconds, each wait drawn within +-20 %, so a
+# fleet of idle workers does not look in step (docs/performance.md, "Idle workers").
+SAFETY_NET = 5.0
+
+
+def idle_wait(store: object, poll: float) -> float:
+    """How long a loop waits for news of work before it looks on its own: ``poll``
+    (its cadence of looking) while ``store`` does not hear other processes' writes,
+    else the safety net (never shorter than ``poll``)."""
+    if not getattr(store, "listening", False):
+        return poll
+    return max(poll, SAFETY_NET * random.uniform(0.8, 1.2))
+
+
 class StoreLifecycle(Protocol):
     """Open, close, listen and say which store it is."""
 
@@ -44,6 +62,16 @@ class StoreLifecycle(Protocol):
     #: the store only to keep their place, instead of the next ones in line polling
     #: every ``poll_interval`` (docs/flow-control.md). ``StoreBase``: ``False``.
     hears_others: bool
+
+    @property
+    def listening(self) -> bool:
+        """Whether the listeners hear other processes' writes right now (PostgreSQL: its
+        listening connection is up). While true, the loops that look for work committed
+        elsewhere wait for what they hear, and look on their own only every few seconds
+        (:func:`idle_wait`); when the listener is lost they go back
+        to every ``poll_interval``, and the store calls every listener on every channel
+        both when it is lost and when it listens again (docs/performance.md, "Idle
+        workers"). ``StoreBase``: ``False``."""
 
     async def open(self) -> None:
         """Connect and migrate the schema.

@@ -1,0 +1,60 @@
+"""A worker that waits for PostgreSQL's notifications still takes over a dead worker's
+run at once at its expiry (a dead worker notifies nothing): its claimers are woken
+when the other worker's expiry passes, not at their next safety-net look, seconds
+later (docs/performance.md, "Idle workers")."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from cantata import App
+from tests.helpers import with_schema
+
+from .procs import marks, start_worker, stop
+from .test_leases import lease_app, workers_up  # noqa: F401 (a fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+
+async def test_a_dead_workers_run_is_taken_over_at_its_expiry(
+    lease_app: App, postgres_url: str, fresh_schema: str, tmp_path: Path  # noqa: F811
+) -> None:
+    store = with_schema(postgres_url, fresh_schema)
+    lease_app.configure(store=store, broker="embedded")
+    log = tmp_path / "workers.log"
+    first = start_worker(store, tmp_path, log, lease=1.0)
+    second = None
+    try:
+        async with lease_app.client() as client:
+            await workers_up(client, 1)
+            await client.start("chain", {"id": 1, "steps": "a", "seconds": 60})
+            end = time.monotonic() + 30
+            while not marks(tmp_path, "start"):
+                assert time.monotonic() < end, log.read_text()
+                await asyncio.sleep(0.05)
+            second = start_worker(store, tmp_path, log, lease=1.0)
+            await workers_up(client, 2)
+            end = time.monotonic() + 60
+            while log.read_text(errors="replace").count("serving app") < 2:
+                assert time.monotonic() < end, "the second worker printed no banner"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(3.0)  # its loops wait for notifications by now
+            first.send_signal(signal.SIGKILL)
+            killed = time.time()
+            end = time.monotonic() + 30
+            while len(marks(tmp_path, "start")) < 2:
+                assert time.monotonic() < end, log.read_text()
+                await asyncio.sleep(0.05)
+            taken = max(m.at for m in marks(tmp_path, "start"))
+            # the lease (1 s from the last heartbeat, at most 1 s after the kill), a
+            # claim and the run's start: not 1 s + a safety-net wait of up to 6 s
+            assert taken - killed < 2.0, taken - killed
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)

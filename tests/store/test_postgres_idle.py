@@ -1,0 +1,132 @@
+"""An idle worker on PostgreSQL waits for the store's notifications instead of polling
+(docs/performance.md, "Idle workers"): it sends few statements, still takes work
+started by another process at once, and when its listening connection is killed it
+takes work all the same and listens again."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import cantata
+from cantata import App, Event, HandlerContext
+from cantata.testing.wait import eventually
+from tests.helpers import with_schema
+
+pytestmark = pytest.mark.postgres
+
+_SENT = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
+
+
+def idle_app(url: str, picked: dict[int, float]) -> App:
+    """An app with a workflow and a handler (so every loop that claims work runs)."""
+    app = App("idle", store=url, broker="embedded", poll_interval=0.2, lease=10)
+
+    @app.workflow
+    async def note(ctx: cantata.WorkflowContext, n: int) -> int:
+        picked.setdefault(n, time.monotonic())
+        return n
+
+    @app.on("thing.done", group="things")
+    async def on_thing(event: Event[Any], ctx: HandlerContext) -> None:
+        return None
+
+    return app
+
+
+@pytest.fixture
+async def worker_url(postgres_url: str, fresh_schema: str) -> AsyncIterator[str]:
+    yield with_schema(postgres_url, fresh_schema)
+
+
+async def test_an_idle_worker_sends_few_statements(
+    worker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: collections.Counter[str] = collections.Counter()
+    for name in _SENT:
+        original = getattr(asyncpg.connection.Connection, name)
+
+        def counted(original: Any = original) -> Any:
+            async def call(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+                sent[" ".join(str(query).split())[:50]] += 1
+                return await original(self, query, *args, **kwargs)
+            return call
+
+        monkeypatch.setattr(asyncpg.connection.Connection, name, counted())
+    async with idle_app(worker_url, {}):
+        await asyncio.sleep(2.0)  # started: its first claims, declarations, plans
+        before, started = sum(sent.values()), time.monotonic()
+        await asyncio.sleep(6.0)
+        rate = (sum(sent.values()) - before) / (time.monotonic() - started)
+    # ~23 a second when every loop polled; now the heartbeat, the schedules' pass and a
+    # look of each loop every few seconds
+    assert rate < 8.0, (rate, sent.most_common(8))
+
+
+async def test_work_started_by_another_process_is_taken_at_once(worker_url: str) -> None:
+    picked: dict[int, float] = {}
+    async with idle_app(worker_url, picked):
+        client = idle_app(worker_url, {})
+        await client.open(serve=False)
+        try:
+            for n in range(4):
+                await asyncio.sleep(1.5)  # the worker's loops idle in their long waits
+                started = time.monotonic()
+                await client.start("note", n)
+                await eventually(lambda n=n: n in picked, timeout=10)
+                # woken by the notification (plus the claim's 50 ms to coalesce a
+                # burst), not by the next safety-net look, seconds later
+                assert picked[n] - started < 0.5, picked[n] - started
+        finally:
+            await client.close()
+
+
+async def _listen_pids(admin: asyncpg.Connection[Any], schema: str) -> list[int]:
+    rows = await admin.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+        f'LISTEN "cantata_changes.{schema}"%',
+    )
+    return [r[0] for r in rows]
+
+
+async def test_a_killed_listener_neither_strands_work_nor_stays_down(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    url = with_schema(postgres_url, fresh_schema)
+    picked: dict[int, float] = {}
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        async with idle_app(url, picked) as worker:
+            client = idle_app(url, {})
+            await client.open(serve=False)
+            try:
+                await asyncio.sleep(1.5)
+                # the client's store listens too: the worker's listener is the one that
+                # is not there once the worker's store has closed
+                pids = await _listen_pids(admin, fresh_schema)
+                assert len(pids) == 2
+                for pid in pids:
+                    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+                started = time.monotonic()
+                await client.start("note", 1)  # its notification may be lost with them
+                await eventually(lambda: 1 in picked, timeout=10)
+                assert picked[1] - started < 2.5, picked[1] - started
+                # listening again: new listening connections, and work is taken at once
+                await eventually(lambda: worker.store.listening, timeout=10)
+                new = await _listen_pids(admin, fresh_schema)
+                assert len(new) == 2 and not set(new) & set(pids)
+                await asyncio.sleep(1.5)
+                started = time.monotonic()
+                await client.start("note", 2)
+                await eventually(lambda: 2 in picked, timeout=10)
+                assert picked[2] - started < 0.5, picked[2] - started
+            finally:
+                await client.close()
+    finally:
+        await admin.close()
