@@ -51,6 +51,7 @@ from bench.common import (
     WARMUP,
     count_outcomes,
     cpu_seconds,
+    drop_schema,
     emit,
     expected_outcomes,
     latency_summary,
@@ -306,16 +307,6 @@ async def _drop_stream(app_name: str) -> None:
         await nc.close()
 
 
-async def _drop_schema(schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 async def main_async(a: argparse.Namespace) -> None:
     from bench.cantata_app import make_app
 
@@ -361,7 +352,7 @@ async def main_async(a: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if a.store == "postgres":
             with contextlib.suppress(Exception):
-                await _drop_schema(schema)
+                await drop_schema(schema)
         if a.broker == "nats":
             with contextlib.suppress(Exception):
                 await _drop_stream(name)

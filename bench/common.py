@@ -144,3 +144,14 @@ def unavailable(reason: str) -> NoReturn:
     """Report that the system cannot run here, and exit."""
     print(UNAVAILABLE_PREFIX + " ".join(reason.split()), flush=True)
     sys.exit(UNAVAILABLE_EXIT)
+
+
+async def drop_schema(schema: str) -> None:
+    """Drop a scenario's PostgreSQL schema (at ``PG_URL``) with everything in it."""
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

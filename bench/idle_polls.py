@@ -34,7 +34,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import PG_URL
+from bench.common import PG_URL, drop_schema
 
 _COUNTED = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
 counts: collections.Counter[str] = collections.Counter()
@@ -92,14 +92,6 @@ async def _kill_listener(schema: str) -> int:
         await conn.close()
 
 
-async def _drop_schema(schema: str) -> None:
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.idle_polls")
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -134,7 +126,7 @@ def main() -> None:
     except SystemExit:
         pass
     finally:
-        asyncio.run(_drop_schema(schema))
+        asyncio.run(drop_schema(schema))
     if "counts" not in window:
         sys.exit("the worker stopped before the window ended")
     got: collections.Counter[str] = window["counts"]
