@@ -296,8 +296,9 @@ class Consumer:
         handler ran, and running it again because its commit failed would repeat its
         side effects (the delivery stays this live worker's meanwhile). A stop past its
         grace hands the event back instead (counted in ``unstored``)."""
-        tasks = {t for t in [asyncio.current_task()] if t is not None}
-        self._settling |= tasks
+        task = asyncio.current_task()  # (the delivery's task, in self._active)
+        assert task is not None
+        self._settling.add(task)
         try:
             return await wait_out(
                 record, quiet=self.host.quiet, key="handler-settle",
@@ -305,4 +306,4 @@ class Consumer:
                 max_delay=self.host.lease / 4,
             )
         finally:
-            self._settling -= tasks
+            self._settling.discard(task)
