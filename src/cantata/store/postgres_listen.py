@@ -121,6 +121,7 @@ class Listener:
             )
 
     async def close(self) -> None:
+        """Stop probing and reconnecting; close the connection."""
         self._closing = True
         for task in (self._relisten_task, self._watch_task):
             if task is not None:
