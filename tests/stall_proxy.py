@@ -4,7 +4,9 @@ Tests put it between a store and the real PostgreSQL server to make the server s
 for real: :meth:`StallProxy.stall` holds every new connection (accepted, nothing
 forwarded) and every byte in flight until :meth:`StallProxy.resume`; :meth:`cut`
 closes the connections open now, as a lost network does; :meth:`stall_after` stalls
-right after a request holding given bytes reached the server (its answer held).
+right after a request holding given bytes reached the server (its answer held);
+:meth:`blackhole` silences, for good, the connections that sent given bytes, leaving
+them open (a half-open connection: a NAT that dropped its mapping, a vanished host).
 """
 
 from __future__ import annotations
@@ -13,6 +15,21 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
+
+
+class _Link:
+    """One client's connection through the proxy."""
+
+    KEPT = 65536  # bytes of what the client sent that are kept to match blackhole()
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+    def record(self, data: bytes) -> None:
+        if len(self.sent) < self.KEPT:
+            self.sent += data[: self.KEPT - len(self.sent)]
 
 
 class StallProxy:
@@ -25,6 +42,7 @@ class StallProxy:
         self._open = asyncio.Event()
         self._open.set()
         self._links: set[asyncio.StreamWriter] = set()
+        self._clients: list[_Link] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.held = 0  # connections accepted while stalled, not forwarded yet
         self._marker: bytes | None = None
@@ -43,6 +61,8 @@ class StallProxy:
 
     async def close(self) -> None:
         self._open.set()
+        for link in self._clients:  # (their pipes end on the cut, not by a cancel)
+            link.flowing.set()
         if self._server is not None:
             self._server.close()
         self.cut()
@@ -65,6 +85,15 @@ class StallProxy:
     def resume(self) -> None:
         self._open.set()
 
+    def blackhole(self, marker: bytes) -> int:
+        """Every connection open now whose client sent bytes holding ``marker`` (in
+        its first 64 KiB) forwards nothing more either way, and is not closed: what
+        each end sends is held for good. Returns how many connections."""
+        hit = [link for link in self._clients if marker in link.sent]
+        for link in hit:
+            link.flowing.clear()
+        return len(hit)
+
     def cut(self) -> None:
         """Close every connection open now (both ends)."""
         for writer in list(self._links):
@@ -77,6 +106,8 @@ class StallProxy:
         self._tasks.add(task)
         self._links.add(writer)
         ends = [writer]
+        link = _Link()
+        self._clients.append(link)
         try:
             if not self._open.is_set():
                 self.held += 1
@@ -84,21 +115,25 @@ class StallProxy:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
             ends.append(up_writer)
             self._links.add(up_writer)
-            await asyncio.gather(self._pipe(reader, up_writer, upstream=True),
-                                 self._pipe(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, up_writer, link, upstream=True),
+                                 self._pipe(up_reader, writer, link))
         except OSError:
             pass
         finally:
+            self._clients.remove(link)
             for end in ends:
                 self._links.discard(end)
                 end.transport.abort()
             self._tasks.discard(task)
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    upstream: bool = False) -> None:
+                    link: _Link, upstream: bool = False) -> None:
         try:
             while data := await src.read(65536):
+                if upstream:
+                    link.record(data)
                 await self._open.wait()  # a stall holds what is in flight too
+                await link.flowing.wait()
                 dst.write(data)
                 if upstream and self._marker is not None and self._marker in data:
                     self._marker = None

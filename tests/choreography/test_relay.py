@@ -20,7 +20,7 @@ from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.store.base import Store
 from cantata.store.factory import store_from_url
-from tests.helpers import eventually
+from tests.helpers import eventually, with_schema
 
 APP = "shop"
 
@@ -355,6 +355,36 @@ async def test_relay_polls_for_events_of_other_processes(tmp_path: Any) -> None:
         [event] = events(1)
         await theirs.append_events(APP, [event])  # no notification reaches `mine`
         await eventually(lambda: broker.published == [event.id], 5.0, "the poll")
+    finally:
+        await relay.stop()
+        await mine.close()
+        await theirs.close()
+
+
+@pytest.mark.postgres
+async def test_a_listening_relay_reads_the_outbox_when_told(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    """On PostgreSQL another process's commit of events is heard: the relay reads the
+    outbox then, not every poll interval while nothing happens (docs/performance.md,
+    "Idle workers")."""
+    url = with_schema(postgres_url, fresh_schema)
+    mine, theirs = store_from_url(url), store_from_url(url)
+    await mine.open()
+    await theirs.open()
+    broker = RecordingBroker()
+    counting = CountingReads(mine)
+    relay = OutboxRelay(counting, broker, APP, poll_interval=0.2)  # type: ignore[arg-type]
+    await relay.start()
+    try:
+        await eventually(lambda: counting.reads == 1, 5.0, "the first pass's read")
+        await asyncio.sleep(3.0)
+        assert counting.reads == 1  # (15 more at the poll interval)
+        [event] = events(1)
+        committed = time.monotonic()
+        await theirs.append_events(APP, [event])  # not offered to this relay
+        await eventually(lambda: event.id in broker.published, 5.0, "the notification")
+        assert time.monotonic() - committed < 0.5
     finally:
         await relay.stop()
         await mine.close()

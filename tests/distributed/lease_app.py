@@ -18,6 +18,7 @@ app = App(
     "leases",
     lease=float(os.environ.get("CANTATA_TEST_LEASE", "1.0")),
     poll_interval=0.05,
+    park_after=float(os.environ.get("CANTATA_TEST_PARK_AFTER", "60")),
 )
 app.shutdown_grace = float(os.environ.get("CANTATA_TEST_GRACE", "30"))
 MARKS = Path(os.environ.get("CANTATA_TEST_MARKS", "/tmp"))
@@ -39,6 +40,15 @@ async def work(order: dict, step: str) -> str:
 @app.workflow
 async def chain(ctx: cantata.WorkflowContext, order: dict) -> list[str]:
     return [await ctx.run(work, order, step) for step in order.get("steps", "abc")]
+
+
+@app.workflow
+async def napper(ctx: cantata.WorkflowContext, seconds: float) -> None:
+    """A step (so that its sleep begins a moment after the run was claimed), then a
+    sleep (parked at once with ``CANTATA_TEST_PARK_AFTER=0``), then a mark."""
+    await ctx.run(work, {"id": "nap", "seconds": 0.5}, "n")
+    await ctx.sleep(seconds)
+    mark("woke", "nap")
 
 
 @app.on("job.requested", group="jobs")

@@ -1,7 +1,8 @@
 """A worker that waits for PostgreSQL's notifications still takes over a dead worker's
 run at once at its expiry (a dead worker notifies nothing): its claimers are woken
 when the other worker's expiry passes, not at their next safety-net look, seconds
-later (docs/performance.md, "Idle workers")."""
+later; and a run that the dead worker parked is woken at its time when that comes
+after the expiry (docs/performance.md, "Idle workers")."""
 
 from __future__ import annotations
 
@@ -58,3 +59,46 @@ async def test_a_dead_workers_run_is_taken_over_at_its_expiry(
         stop(first)
         if second is not None:
             stop(second)
+
+
+async def test_a_run_parked_by_a_worker_that_dies_wakes_on_time(
+    lease_app: App, postgres_url: str, fresh_schema: str, tmp_path: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A park notifies nobody: the other worker learns the run's time when it next reads
+    # the parked runs' next wake-up, here at the dead worker's expiry (its claimers
+    # woken by the expiry loop), before the run is due; not at a safety-net look.
+    store = with_schema(postgres_url, fresh_schema)
+    lease_app.configure(store=store, broker="embedded")
+    monkeypatch.setenv("CANTATA_TEST_PARK_AFTER", "0")
+    log = tmp_path / "workers.log"
+    workers = [start_worker(store, tmp_path, log, lease=1.0) for _ in range(2)]
+    try:
+        async with lease_app.client() as client:
+            await workers_up(client, 2)
+            end = time.monotonic() + 60
+            while log.read_text(errors="replace").count("serving app") < 2:
+                assert time.monotonic() < end, "a worker printed no banner"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(3.0)  # their loops wait for notifications by now
+            await client.start("napper", 2.0)
+            end = time.monotonic() + 30
+            while not marks(tmp_path, "end"):  # the step, just before the sleep
+                assert time.monotonic() < end, log.read_text()
+                await asyncio.sleep(0.02)
+            [step] = marks(tmp_path, "end")
+            await asyncio.sleep(0.2)  # parked (at once: park_after=0)
+            napper = next(w for w in workers if w.pid == step.pid)
+            napper.send_signal(signal.SIGKILL)
+            end = time.monotonic() + 30
+            while not marks(tmp_path, "woke"):
+                assert time.monotonic() < end, log.read_text()
+                await asyncio.sleep(0.02)
+            [woke] = marks(tmp_path, "woke")
+            assert woke.pid != step.pid
+            # due 2 s after the step (the dead worker's expiry came about 1.2 s after
+            # it); at the other worker's next safety-net look it would be 1-4 s late
+            assert woke.at - step.at - 2.0 < 0.5, woke.at - step.at
+    finally:
+        for w in workers:
+            stop(w)

@@ -237,8 +237,8 @@ async def test_listener_and_pool_survive_killed_connections(pg_session_url: str)
         heard: list[str] = []
         store.add_listener(heard.append)
         db = store._db  # fault injection needs the server pids of this store's connections
-        assert db._listen_conn is not None
-        listen_pid = db._listen_conn.get_server_pid()
+        listen_pid = db.listener.server_pid
+        assert listen_pid is not None
         async with db.conn() as c:
             pool_pid = await c.fetchval("SELECT pg_backend_pid()")
         await admin.execute("SELECT pg_terminate_backend($1)", listen_pid)

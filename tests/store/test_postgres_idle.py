@@ -1,12 +1,13 @@
 """An idle worker on PostgreSQL waits for the store's notifications instead of polling
 (docs/performance.md, "Idle workers"): it sends few statements, still takes work
-started by another process at once, and when its listening connection is killed it
-takes work all the same and listens again."""
+started by another process at once, and when its listening connection is killed, or
+goes silent without being closed, it takes work all the same and listens again."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as dt
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,15 +19,16 @@ import cantata
 from cantata import App, Event, HandlerContext
 from cantata.testing.wait import eventually
 from tests.helpers import with_schema
+from tests.stall_proxy import stall_proxy
 
 pytestmark = pytest.mark.postgres
 
 _SENT = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
 
 
-def idle_app(url: str, picked: dict[int, float]) -> App:
+def idle_app(url: str, picked: dict[int, float], lease: float = 10.0) -> App:
     """An app with a workflow and a handler (so every loop that claims work runs)."""
-    app = App("idle", store=url, broker="embedded", poll_interval=0.2, lease=10)
+    app = App("idle", store=url, broker="embedded", poll_interval=0.2, lease=lease)
 
     @app.workflow
     async def note(ctx: cantata.WorkflowContext, n: int) -> int:
@@ -45,28 +47,75 @@ async def worker_url(postgres_url: str, fresh_schema: str) -> AsyncIterator[str]
     yield with_schema(postgres_url, fresh_schema)
 
 
-async def test_an_idle_worker_sends_few_statements(
-    worker_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    sent: collections.Counter[str] = collections.Counter()
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Every statement sent on any connection of this process, by its text."""
+    counts: collections.Counter[str] = collections.Counter()
     for name in _SENT:
         original = getattr(asyncpg.connection.Connection, name)
 
         def counted(original: Any = original) -> Any:
             async def call(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-                sent[" ".join(str(query).split())[:50]] += 1
+                counts[" ".join(str(query).split())] += 1
                 return await original(self, query, *args, **kwargs)
             return call
 
         monkeypatch.setattr(asyncpg.connection.Connection, name, counted())
+    return counts
+
+
+def _schedule_reads(sent: collections.Counter[str]) -> int:
+    return sum(n for query, n in sent.items() if "FROM schedules" in query)
+
+
+async def test_an_idle_worker_sends_few_statements(
+    worker_url: str, sent: collections.Counter[str]
+) -> None:
     async with idle_app(worker_url, {}):
         await asyncio.sleep(2.0)  # started: its first claims, declarations, plans
         before, started = sum(sent.values()), time.monotonic()
+        reads = _schedule_reads(sent)
         await asyncio.sleep(6.0)
         rate = (sum(sent.values()) - before) / (time.monotonic() - started)
-    # ~23 a second when every loop polled; now the heartbeat, the schedules' pass and a
-    # look of each loop every few seconds
-    assert rate < 8.0, (rate, sent.most_common(8))
+        reads = _schedule_reads(sent) - reads
+    # ~23 a second when every loop polled; now the heartbeat and a look of each loop
+    # every few seconds
+    assert rate < 8.0, (rate, [(q[:50], n) for q, n in sent.most_common(8)])
+    # the schedules too (once a second before: nothing tells of another process's)
+    assert reads <= 2, reads
+
+
+def ticking_app(url: str, ticks: list[tuple[float, float]]) -> App:
+    """An app whose workflow notes each tick it is started for, and when it ran."""
+    app = App("idle", store=url, broker="embedded", poll_interval=0.2, lease=10)
+
+    @app.workflow
+    async def ticked(ctx: cantata.WorkflowContext, tick: dt.datetime) -> None:
+        ticks.append((tick.timestamp(), time.time()))
+
+    return app
+
+
+async def test_a_schedule_made_by_another_process_ticks_on_time(worker_url: str) -> None:
+    """An idle worker hears of a schedule that another process creates (it would
+    otherwise look only at its next safety-net pass, seconds later), and starts each
+    tick at its time."""
+    ticks: list[tuple[float, float]] = []
+    async with ticking_app(worker_url, ticks):
+        client = ticking_app(worker_url, [])
+        await client.open(serve=False)
+        try:
+            await asyncio.sleep(1.5)  # the worker's scheduler idles in its long wait
+            asked = time.time()
+            await client.schedules.create("often", None, "ticked", every=2)
+            made = time.time()
+            await eventually(lambda: len(ticks) >= 2, timeout=10)
+        finally:
+            await client.close()
+    # the first tick after it was made (none left out), then the next
+    assert asked < ticks[0][0] <= made + 2 and ticks[1][0] == ticks[0][0] + 2, ticks
+    for tick, ran in ticks[:2]:
+        assert 0 <= ran - tick < 0.5, (tick, ran)
 
 
 async def test_work_started_by_another_process_is_taken_at_once(worker_url: str) -> None:
@@ -126,6 +175,47 @@ async def test_a_killed_listener_neither_strands_work_nor_stays_down(
                 await client.start("note", 2)
                 await eventually(lambda: 2 in picked, timeout=10)
                 assert picked[2] - started < 0.5, picked[2] - started
+            finally:
+                await client.close()
+    finally:
+        await admin.close()
+
+
+async def test_a_listener_cut_off_in_silence_is_found_and_replaced(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    """A half-open listening connection (a NAT that dropped it: nothing closes it, no
+    byte passes either way) is found by its probe within about a lease and a half
+    (lease 1 s), and replaced: the work its notification was lost for is taken then,
+    and later work at once again, not at each safety-net look."""
+    url = with_schema(postgres_url, fresh_schema)
+    picked: dict[int, float] = {}
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        async with stall_proxy(url) as proxy, idle_app(proxy.url(url), picked, lease=1.0):
+            client = idle_app(url, {})
+            await client.open(serve=False)
+            try:
+                await asyncio.sleep(1.5)
+                before = await _listen_pids(admin, fresh_schema)  # the worker's, the client's
+                assert len(before) == 2
+                assert proxy.blackhole(b"LISTEN") == 1  # the worker's listener, silenced
+                started = time.monotonic()
+                await client.start("note", 1)  # its notification never reaches the worker
+                # a new listening connection (the silenced one's backend stays, as a
+                # server does not know the network dropped it)
+                async def replaced() -> bool:
+                    return len(await _listen_pids(admin, fresh_schema)) == 3
+
+                await eventually(replaced, timeout=5, what="a new listening connection")
+                await eventually(lambda: 1 in picked, timeout=10)
+                assert picked[1] - started < 3.5, picked[1] - started
+                for n in (2, 3):
+                    await asyncio.sleep(1.5)
+                    started = time.monotonic()
+                    await client.start("note", n)
+                    await eventually(lambda n=n: n in picked, timeout=10)
+                    assert picked[n] - started < 0.5, (n, picked[n] - started)
             finally:
                 await client.close()
     finally:

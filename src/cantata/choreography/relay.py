@@ -21,6 +21,7 @@ from cantata.model.event import Event
 from cantata.model.records import DELIVERY_PENDING, DeliveryOutcome
 from cantata.store.base import EVENTS, Settlement
 from cantata.store.roles import EventStore
+from cantata.store.roles.lifecycle import idle_wait
 
 log = logging.getLogger("cantata.broker")
 
@@ -82,8 +83,11 @@ class OutboxRelay:
 
     Events this process commits are offered to it (:meth:`offer`) and published at
     once, without reading the outbox first; it also reads the outbox when the store
-    reports new events in this process and every ``poll_interval`` seconds, for events
-    committed by other processes (or offered to a relay that was down). Events are
+    reports new events, for events committed by other processes (or offered to a relay
+    that was down): every ``poll_interval`` seconds besides, or, while the store hears
+    other processes' commits (PostgreSQL's ``listening``), only after a safety-net wait
+    (``idle_wait``; docs/performance.md, "Idle workers"), and every ``poll_interval``
+    while the broker fails. Events are
     marked published in batches, up to ``mark_delay`` seconds after the broker took
     them, so that marking costs no commit per hop: if the process dies before the
     mark, they are published again, and the broker drops the ids it has seen (and the
@@ -328,6 +332,8 @@ class OutboxRelay:
 
     def _wait_time(self) -> float:
         now, wait = time.monotonic(), self.poll_interval
+        if not self._failing:  # (a failing broker is tried again every poll_interval)
+            wait = idle_wait(self.store, wait)
         if self._unmarked:
             wait = min(wait, self._unmarked_since + self.mark_delay - now)
         if self._read_pending:

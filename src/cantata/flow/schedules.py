@@ -32,6 +32,7 @@ from cantata.model.schedule import (  # noqa: F401 (re-exported: the spec lives 
     zone,
 )
 from cantata.quietlog import QuietLog, outage_interval, reason
+from cantata.store.roles.lifecycle import idle_wait
 
 if TYPE_CHECKING:
     from cantata.engine.engine import Engine
@@ -40,9 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("cantata.schedules")
 
 # Seconds of silence after which ticks nobody looked at count as missed (catch-up
-# policy) rather than late (started as usual): longer than a busy worker's pass.
+# policy) rather than late (started as usual): longer than a busy worker's pass. A
+# scheduler that waits for notifications (far apart: idle_wait) also looks MAX_PASS
+# before each tick, so that around a tick the schedule's checked_at is as fresh as
+# when it looked every MAX_PASS.
 WATCH_GAP = 3.0
-MAX_PASS = 1.0  # seconds between passes at most
+MAX_PASS = 1.0  # seconds between passes at most, unless the store hears other processes
 
 
 @dataclass
@@ -84,17 +88,26 @@ class Scheduler:
         self.engine = engine
         self.started_at = engine.clock.now()
         self.run_ended = asyncio.Event()  # set by the store's notifications
+        self.changed = asyncio.Event()  # a schedule changed (``schedules``), anywhere
         self._backlog = False  # a tick waits for a run in progress to end
         # a store outage fails every pass: one line per max(10 s, lease), docs/leases.md
         self.quiet = QuietLog(log, every=outage_interval(engine.lease))
 
     async def run(self) -> None:
         """Passes until cancelled: at the next tick (the app's clock, so a skipping
-        clock jumps to it) or after ``MAX_PASS`` real seconds (schedules created,
-        paused or changed by other processes, runs that ended), whichever is first."""
-        clock = self.engine.clock
+        clock jumps to it), when a schedule changed (created, replaced, paused, resumed
+        or deleted, by any process while the store hears other processes' writes), when
+        a run ended while a tick waits for it, and on their own: every ``MAX_PASS`` real
+        seconds, or, while the store hears other processes, after a safety-net wait
+        (``idle_wait``) and ``MAX_PASS`` before each tick (see WATCH_GAP)."""
+        engine = self.engine
+        clock = engine.clock
         while True:
             due: float | None = None
+            # cleared before the pass: news heard during it wakes the wait below
+            self.changed.clear()
+            self.run_ended.clear()
+            every = MAX_PASS  # (after a failed pass too: the store may answer again)
             try:
                 due = await self.pass_once()
             except Exception as exc:
@@ -102,19 +115,25 @@ class Scheduler:
                                    reason(exc))
             else:
                 self.quiet.recovered("pass", "schedules: passes work again")
-            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.sleep(MAX_PASS))]
-            self.run_ended.clear()
+                every = idle_wait(engine.store, MAX_PASS)
+            waits: list[asyncio.Future[Any]] = [
+                asyncio.ensure_future(asyncio.sleep(every)),
+                asyncio.ensure_future(self.changed.wait()),
+            ]
             if self._backlog:  # the end of the run in progress lets the next tick start
                 waits.append(asyncio.ensure_future(self.run_ended.wait()))
             if due is not None:
-                waits.append(asyncio.ensure_future(
-                    clock.sleep(max(due - clock.now(), 0.01))
-                ))
+                wait = due - clock.now()
+                if every > MAX_PASS and wait > MAX_PASS:
+                    wait -= MAX_PASS  # a look just before the tick (WATCH_GAP)
+                waits.append(asyncio.ensure_future(clock.sleep(max(wait, 0.01))))
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
+            if self.changed.is_set():  # let a burst (a deploy declaring many) coalesce
+                await asyncio.sleep(min(0.05, engine.poll_interval))
 
     async def pass_once(self) -> float | None:
         """Decide and start due ticks; returns when the next one is due (clock time)."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from cantata.store.base import CANCEL, RUNS, SLOTS
+from cantata.store.base import CANCEL, RUNS, SCHEDULES, SLOTS
 
 from .queues import QueueLoop
 from .schedules import Scheduler, new_row
@@ -91,3 +91,5 @@ class FlowService:
         elif channel == CANCEL:
             self.cancels += 1
             self.cancelled.set()
+        elif channel == SCHEDULES:  # created, changed or deleted, here or elsewhere
+            self.scheduler.changed.set()

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cantata.quietlog import outage_interval
 from cantata.store import audit
 from cantata.store import postgres_event_writes as event_writes
 from cantata.store import postgres_onetrip as onetrip
@@ -74,8 +73,9 @@ class PostgresCore(StoreBase):
         return self._db.listening
 
     def adopt_timing(self, *, lease: float) -> None:
-        """The listener's outage warnings: at most every ``max(10 s, lease)``."""
-        self._db.quiet.every = outage_interval(lease)
+        """The listener's outage warnings at most every ``max(10 s, lease)``; its probe
+        after a lease heard nothing (``store/postgres_listen.py``)."""
+        self._db.listener.adopt_timing(lease)
 
     async def _recorded_schema(self) -> int | None:
         row = await self._db.fetchrow("SELECT max(version) FROM schema_version")

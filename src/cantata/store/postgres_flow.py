@@ -31,7 +31,7 @@ from cantata.model.flow import (
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord
 from cantata.store import audit
-from cantata.store.base import SLOTS
+from cantata.store.base import SCHEDULES, SLOTS
 from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row
@@ -446,6 +446,7 @@ class PostgresFlow(PostgresCore):
             if actor is not None:
                 await audit_append(c, app, audit.schedule_put_entry(
                     actor, row.name, row.spec, new), self._audit_keys.get(app))
+            await self._db.notify(c, app, SCHEDULES)
             return new
 
     async def schedules(self, app: str) -> list[ScheduleRow]:
@@ -467,13 +468,15 @@ class PostgresFlow(PostgresCore):
     ) -> bool:
         sql = ("UPDATE schedules SET state=coalesce($4, state), paused=coalesce($5, paused), "
                "version=version+1 WHERE app=$1 AND name=$2 AND version=$3 RETURNING 1")
-        if actor is None or paused is None:  # the scheduler's own bookkeeping: not audited
+        if paused is None:  # a scheduler's own bookkeeping: not audited, tells nobody
             return await self._db.fetchrow(sql, app, name, version, state, paused) is not None
         async with self._db.tx() as c:
             row = await c.fetchrow(sql, app, name, version, state, paused)
             if row is not None:
-                await audit_append(c, app, audit.schedule_pause_entry(actor, name, paused),
-                                   self._audit_keys.get(app))
+                if actor is not None:
+                    await audit_append(c, app, audit.schedule_pause_entry(actor, name, paused),
+                                       self._audit_keys.get(app))
+                await self._db.notify(c, app, SCHEDULES)
             return row is not None
 
     async def delete_schedule(self, app: str, name: str, *, actor: str | None = None) -> bool:
@@ -481,7 +484,9 @@ class PostgresFlow(PostgresCore):
             row = await c.fetchrow(
                 "DELETE FROM schedules WHERE app=$1 AND name=$2 RETURNING 1", app, name
             )
-            if row is not None and actor is not None:
-                await audit_append(c, app, audit.schedule_deleted_entry(actor, name),
-                                   self._audit_keys.get(app))
+            if row is not None:
+                if actor is not None:
+                    await audit_append(c, app, audit.schedule_deleted_entry(actor, name),
+                                       self._audit_keys.get(app))
+                await self._db.notify(c, app, SCHEDULES)
             return row is not None

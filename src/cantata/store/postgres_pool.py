@@ -3,8 +3,7 @@
 Connecting (retried with backoff, driver errors turned into messages that say
 what to do), versioned migrations under an advisory lock (each bounded in how long
 it queues for a table lock), the connection pool, and the one dedicated connection
-that LISTENs on the schema's channel,
-``cantata_changes.<schema>`` (``cantata_channel()``, migration 0027).
+that LISTENs on the schema's channel (:mod:`cantata.store.postgres_listen`).
 """
 
 from __future__ import annotations
@@ -23,12 +22,11 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
-from cantata.quietlog import QuietLog, reason
 from cantata.store import migrations
-from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, SLOTS, TASKS
 from cantata.store.common import NEW_STORE_HINT, newer_schema
 from cantata.store.factory import mask_url
 from cantata.store.faults import postgres_fault
+from cantata.store.postgres_listen import Listener
 
 log = logging.getLogger("cantata.store")
 
@@ -153,8 +151,9 @@ class PgPool:
         url: ``postgresql://…``; ``?schema=name`` picks the schema (default ``cantata``).
         pool_size: most connections the pool opens.
         connect_timeout: seconds :meth:`open` keeps retrying an unreachable server.
-        on_change: called with a channel (``runs``, ``events``, ``cancel``, ``tasks``)
-            for every notification, from any process; on the event loop.
+        on_change: called with a change channel (``runs``, ``events``, ...: see
+            ``store/roles/lifecycle.py``) for every notification, from any process; on
+            the event loop.
         create: make the schema and its tables when they are missing (``False``:
             :meth:`open` refuses a schema that holds no Cantata store).
     """
@@ -179,21 +178,14 @@ class PgPool:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.create = create
-        self._on_change = on_change
         self._settings = {"search_path": f'"{self.schema}"', "application_name": "cantata"}
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
-        self._listen_conn: asyncpg.Connection[asyncpg.Record] | None = None
-        self.channel = ""  # the schema's NOTIFY channel (cantata_channel()), read by open()
-        self._listen_task: asyncio.Task[None] | None = None
+        self.listener = Listener(self.connect, on_change, self.masked_url)
         self._closing = False
         self._inflight = 0
         # server pid -> (when its plans are next dropped, the interval that led there)
         self._replan_at: dict[int, tuple[float, float]] = {}
         self._idle = asyncio.Event()
-        # the listener's reconnection during an outage: one line at most every
-        # max(10 s, lease) (docs/leases.md): 10 s until the app's lease comes
-        # (PostgresStore.adopt_timing)
-        self.quiet = QuietLog(log, every=10.0)
 
     @property
     def is_open(self) -> bool:
@@ -373,7 +365,7 @@ class PgPool:
         conn = await self.connect()
         try:
             await self._migrate(conn)
-            self.channel = await conn.fetchval("SELECT cantata_channel()")
+            self.listener.channel = await conn.fetchval("SELECT cantata_channel()")
         except CONN_ERRORS as exc:
             raise StoreUnavailable(
                 f"lost PostgreSQL at {self.masked_url} while migrating: {exc}"
@@ -396,7 +388,7 @@ class PgPool:
                 self._dsn, min_size=1, max_size=self.pool_size, server_settings=self._settings,
                 reset=_keep_session, connect=self._pool_connect,
             )
-            await self._listen()
+            await self.listener.start()
         except CONN_ERRORS as exc:
             await self.close()
             raise StoreUnavailable(
@@ -411,59 +403,16 @@ class PgPool:
         bound = timeout if timeout is not None else max(1.0, self.connect_timeout)
         return await connect_apart(asyncpg.connect(*args, timeout=bound, **kwargs), bound)
 
-    async def _listen(self) -> None:
-        conn = await self.connect()
-        conn.add_termination_listener(self._on_listen_lost)
-        # the schema's own channel (migration 0027, read by open()): the stores of
-        # other schemas in the database notify theirs
-        await conn.add_listener(self.channel, self._on_notify)
-        self._listen_conn = conn
-
-    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
-        changed = str(payload).rpartition(":")[2]
-        self._on_change(changed)
-        if changed == EVENTS:  # (every commit that stores events may make claims)
-            self._on_change(CLAIMS)
+    @property
+    def channel(self) -> str:
+        """The schema's NOTIFY channel (``cantata_channel()``), read by :meth:`open`."""
+        return self.listener.channel
 
     @property
     def listening(self) -> bool:
-        """Whether notifications arrive: the listening connection is up, and not being
-        replaced (:meth:`_relisten`)."""
-        conn = self._listen_conn
-        return (conn is not None and not conn.is_closed() and self._listen_task is None
-                and not self._closing)
-
-    def _on_listen_lost(self, conn: object) -> None:
-        if not self._closing and self._listen_task is None:
-            self._listen_task = asyncio.get_running_loop().create_task(self._relisten())
-            # Nothing is heard until it listens again: the loops that waited for
-            # notifications look now, then at their own cadence (``listening`` is
-            # false), until _relisten wakes them once more.
-            self._wake_all()
-
-    def _wake_all(self) -> None:
-        for channel in (RUNS, EVENTS, CLAIMS, CANCEL, TASKS, SLOTS):
-            self._on_change(channel)
-
-    async def _relisten(self) -> None:
-        """Reconnect the listening connection; wake everyone for what was missed."""
-        try:
-            while not self._closing:
-                key = f"listen:{self.masked_url}:{self.schema}"
-                try:
-                    await self._listen()
-                except Exception as exc:
-                    self.quiet.warning(key, "PostgreSQL listener at %s lost (%s); reconnecting",
-                                  self.masked_url, reason(exc))
-                    await asyncio.sleep(1.0)
-                    continue
-                self.quiet.recovered(key, "PostgreSQL listener at %s listens again",
-                                self.masked_url)
-                self._listen_task = None  # (listening again: see ``listening``)
-                self._wake_all()
-                return
-        finally:
-            self._listen_task = None
+        """Whether notifications arrive (:attr:`Listener.listening`), and the pool is not
+        closing."""
+        return not self._closing and self.listener.listening
 
     async def close(self) -> None:
         """Wait for operations in flight, then close the listener and the pool."""
@@ -472,15 +421,7 @@ class PgPool:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 30)
-        if self._listen_task is not None:
-            self._listen_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listen_task
-        if self._listen_conn is not None:
-            conn, self._listen_conn = self._listen_conn, None
-            conn.remove_termination_listener(self._on_listen_lost)
-            with contextlib.suppress(*CONN_ERRORS):
-                await conn.close(timeout=5)
+        await self.listener.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:

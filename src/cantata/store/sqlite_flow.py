@@ -31,7 +31,7 @@ from cantata.model.flow import (
 from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store import audit
-from cantata.store.base import RUNS, SLOTS
+from cantata.store.base import RUNS, SCHEDULES, SLOTS
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import LIVE_R, LIVE_SQL, RUN_COLS, audit_append, run_row
 from cantata.store.sqlite_parking import UNPARK
@@ -452,7 +452,7 @@ class SQLiteFlow(SQLiteCore):
                 audit_append(c, app, audit.schedule_put_entry(actor, row.name, row.spec, new))
             return new
 
-        return await self._t.write(op)
+        return await self._t.write(op, SCHEDULES)
 
     async def schedules(self, app: str) -> list[ScheduleRow]:
         rows = await self._t.read(lambda c: c.execute(
@@ -481,7 +481,8 @@ class SQLiteFlow(SQLiteCore):
                 audit_append(c, app, audit.schedule_pause_entry(actor, name, paused))
             return applied
 
-        return await self._t.write(op)
+        # (a scheduler's own bookkeeping of its ticks, state only, tells nobody)
+        return await self._t.write(op, *(() if paused is None else (SCHEDULES,)))
 
     async def delete_schedule(self, app: str, name: str, *, actor: str | None = None) -> bool:
         def op(c: sqlite3.Connection) -> bool:
@@ -492,4 +493,4 @@ class SQLiteFlow(SQLiteCore):
                 audit_append(c, app, audit.schedule_deleted_entry(actor, name))
             return gone
 
-        return await self._t.write(op)
+        return await self._t.write(op, SCHEDULES)

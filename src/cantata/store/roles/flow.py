@@ -180,7 +180,7 @@ class FlowStore(Protocol):
         (keeping its state and pause). Returns True when it was new. With ``actor``
         (an operator's change), one audit record in the same transaction:
         ``schedule.created`` or ``schedule.replaced`` (:func:`~cantata.store.audit.
-        schedule_put_entry`)."""
+        schedule_put_entry`). The listeners hear ``schedules`` (``SCHEDULES``)."""
 
     async def schedules(self, app: str) -> list[ScheduleRow]:
         """Every schedule of ``app``, by name."""
@@ -198,8 +198,11 @@ class FlowStore(Protocol):
         """Compare-and-set: apply if the schedule's version is still ``version`` (then
         version + 1). False if it changed meanwhile or is gone. With ``actor`` and
         ``paused``, an applied change writes ``schedule.paused`` or
-        ``schedule.resumed`` to the audit log in the same transaction."""
+        ``schedule.resumed`` to the audit log in the same transaction. An applied
+        change of ``paused`` makes the listeners hear ``schedules``; one of ``state``
+        alone (a scheduler's bookkeeping) does not."""
 
     async def delete_schedule(self, app: str, name: str, *, actor: str | None = None) -> bool:
         """Remove a schedule; False if there was none. With ``actor``, a removal writes
-        ``schedule.deleted`` to the audit log in the same transaction."""
+        ``schedule.deleted`` to the audit log in the same transaction. A removal makes
+        the listeners hear ``schedules``."""

@@ -32,6 +32,10 @@ CLAIMS = "claims"
 # line (``release_slot``, ``withdraw_slot_request``): a waiter may be next. Apart from
 # ``runs`` so that a slot's waiters are not woken by every run's change.
 SLOTS = "slots"
+# A schedule was created, replaced, paused, resumed or deleted (not the schedulers' own
+# bookkeeping of their ticks): the schedulers look at the schedules again
+# (flow/schedules.py).
+SCHEDULES = "schedules"
 
 ChangeListener = Callable[[str], None]
 
@@ -85,8 +89,8 @@ class StoreLifecycle(Protocol):
         """Release connections; pending writes are committed first."""
 
     def add_listener(self, listener: ChangeListener) -> None:
-        """Call ``listener(channel)`` when runs, events, cancellations, tasks or slots
-        change.
+        """Call ``listener(channel)`` when runs, events, cancellations, tasks, slots or
+        schedules change.
 
         Backends call it for their own writes and, where the database can say so
         (PostgreSQL LISTEN/NOTIFY), for other processes' writes too. ``runs`` is
@@ -99,7 +103,8 @@ class StoreLifecycle(Protocol):
         ``cantata_settle_one``: no delivery pending, no wait declared for its events'
         types); the process that wrote them learns of its events in process.
         ``slots`` is called when a slot is released and when a waiter for one
-        withdraws (see :data:`SLOTS`).
+        withdraws (see :data:`SLOTS`); ``schedules`` when a schedule is created,
+        replaced, paused, resumed or deleted (see :data:`SCHEDULES`).
         """
 
     def adopt_timing(self, *, lease: float) -> None:

@@ -11,7 +11,7 @@ from cantata.errors import IdempotencyConflict, QueueConflict
 from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow, SlotGrant
 from cantata.model.records import RunWrite
 from cantata.model.status import RunStatus
-from cantata.store.base import SLOTS, Store
+from cantata.store.base import SCHEDULES, SLOTS, Store
 from cantata.testing.contract.support import LEASE, StoreFixtures, new_run
 from cantata.testing.wait import eventually
 
@@ -551,6 +551,42 @@ class FlowContract(StoreFixtures):
         assert await store.delete_schedule(self.app, "nightly")
         assert not await store.delete_schedule(self.app, "nightly")
         assert await store.schedules(self.app) == []
+
+    async def test_a_schedules_change_says_schedules(self, store: Store, peer: Store) -> None:
+        """Schedulers wait for ``schedules`` while the store hears other processes
+        (docs/flow-control.md): a schedule created, replaced, paused, resumed or deleted
+        says it to the store's listeners, and to those of another instance (another
+        process) where the store ``hears_others``; a scheduler's bookkeeping of its
+        ticks (the state alone) says nothing."""
+        heard: list[str] = []
+        elsewhere: list[str] = []
+        store.add_listener(heard.append)
+        told = [heard]
+        if peer is not store:
+            peer.add_listener(elsewhere.append)
+            if peer.hears_others:
+                told.append(elsewhere)
+
+        async def said(times: int = 1) -> None:
+            for got in told:
+                await eventually(lambda got=got: got.count(SCHEDULES) >= times)
+                await asyncio.sleep(0.05)  # (and no more)
+                assert got.count(SCHEDULES) == times, got
+                got.clear()
+
+        row = ScheduleRow("s", '{"a":1}', "api", False, "{}")
+        assert await store.put_schedule(self.app, row)
+        await said()
+        assert not await store.put_schedule(self.app, row)
+        await said()
+        [got] = await store.schedules(self.app)
+        # the state alone, then a pause: only the pause is heard (in commit order)
+        assert await store.update_schedule(self.app, "s", got.version, state='{"x":1}')
+        assert await store.update_schedule(self.app, "s", got.version + 1, paused=True)
+        assert await store.update_schedule(self.app, "s", got.version + 2, paused=False)
+        await said(2)
+        assert await store.delete_schedule(self.app, "s")
+        await said()
 
     async def test_schedule_changes_with_an_actor_are_audited(self, store: Store) -> None:
         spec = '{"workflow": "wf", "cron": null, "every": 60.0}'
