@@ -5,8 +5,9 @@ rules are in docs/leases.md ("Paused past the lease") and :mod:`cantata.engine.p
 
 - :class:`GuardedBody` asks a ``fenced()`` predicate before every resumption of a
   body and throws ``CancelledError`` into it instead when the worker's hold may have
-  lapsed (``time.monotonic()`` keeps counting through SIGSTOP), before any other code
-  of the process runs.
+  lapsed (by ``time.monotonic()``, which keeps counting through SIGSTOP, or by the wall
+  clock, which jumps ahead when a paused VM resumes), before any other code of the
+  process runs.
 - :class:`InlineBody` is the same guard for a body awaited in the awaiting task itself
   (a workflow's step, a handler's body: no task of its own to create, schedule and
   wake on every step or delivery).

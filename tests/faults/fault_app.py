@@ -65,11 +65,12 @@ def lapsed(app: App, *, handler: bool = False) -> dict[str, bool]:
     The guard stops it at its first ``await``; the counters take its begin for the
     stall's start."""
     engine = app._engine
-    if engine is None or not engine.serving:
+    if engine is None:
         return {}
     from cantata.engine.pauses import handler_fenced
 
-    fenced = handler_fenced(engine) if handler else engine.ownership.expired()
+    # (the guards hold while the worker serves, and while it drains in a graceful stop)
+    fenced = handler_fenced(engine) if handler else engine.ownership.in_doubt()
     return {"lapsed": True} if fenced else {}
 
 

@@ -33,6 +33,8 @@ def max_in_window(begins: Sequence[float], per: float) -> int:
 class ManualClock:
     """A clock that moves only when the test calls :meth:`advance` (sleeps wait for it)."""
 
+    virtual = True  # its jumps are the test's, not a pause (cantata.engine.clock.wall_time)
+
     def __init__(self, start: float) -> None:
         self._now = start
         self._sleepers: list[tuple[float, asyncio.Future[None]]] = []

@@ -236,7 +236,7 @@ class Consumer:
             try:
                 # Guarded: never resumed past a pause of this worker longer than the
                 # fence, when another worker may have the delivery (docs/leases.md).
-                fenced, stall = self.host.paused_past_fence, self.host.lease * 0.75
+                fenced, stall = self.host.pause_fence(), self.host.lease * 0.75
                 if hdef.is_async:
                     body = hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event)
                     await guarded(body, fenced, stall)

@@ -71,9 +71,10 @@ class ConsumerHost(Protocol):
         """True if this process runs the handler (or starts the trigger's workflow)."""
         ...
 
-    def paused_past_fence(self) -> bool:
-        """True while this worker's hold may have lapsed by a pause of the whole
-        process (SIGSTOP, a VM stall): a handler body is then not resumed
+    def pause_fence(self) -> Callable[[], bool]:
+        """The guard of a handler body beginning now: true once this worker's hold may
+        have lapsed by a pause of the whole process (SIGSTOP, a VM paused), or once a
+        pause past the fence was noticed since: the body is then not resumed
         (:func:`cantata.fencing.guarded`, docs/leases.md)."""
         ...
 

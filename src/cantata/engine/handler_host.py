@@ -18,7 +18,7 @@ from cantata.model.idempotency import trigger_keys
 from cantata.quietlog import QuietLog
 
 from .hooks import Hooks
-from .pauses import handler_fenced
+from .pauses import handler_fence
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -73,8 +73,8 @@ class EngineHost:
             return declaration.service in services
         return declaration.workflow is not None and self._engine.serves(declaration.workflow)
 
-    def paused_past_fence(self) -> bool:
-        return handler_fenced(self._engine)
+    def pause_fence(self) -> Callable[[], bool]:
+        return handler_fence(self._engine)
 
     def signature_problem(self, event: Event[Any], *, required: bool) -> Exception | None:
         return self._engine.signer.problem(event, required=required)

@@ -11,9 +11,16 @@ The rules, with the reasons (docs/leases.md):
   live workers never run one step at once. Its executions keep their state and wait;
   once the store answers, each stopped attempt starts again (not counted) if a fenced
   checkpoint proves the run is still its own.
-- A worker that was paused (SIGSTOP, a VM stall: its own loop woke far too late)
-  checks at once, after its first heartbeat, which runs it still owns, and stops the
-  executions of the others.
+- A worker judges its own hold by two clocks: monotonic time (which keeps counting
+  through SIGSTOP) and the wall clock its heartbeats are stamped with, which the store
+  and the other workers judge it by (a paused VM's monotonic clock stands still while
+  its wall clock jumps ahead when it resumes). Its hold may have lapsed once either
+  says more than ``FENCE_AT`` of the lease has passed since its last heartbeat.
+- A worker that was paused (SIGSTOP, a VM stall: its own loop woke far too late, or
+  its wall clock ran far ahead of its monotonic clock) stops its step bodies at once
+  and begins no handler body, nor goes on with one begun before the pause;
+  it heartbeats at once, checks which runs it still owns, and stops the executions
+  of the others.
 - A worker whose heartbeat lapsed takes no other worker's runs for one lease after
   it reaches the store again: in a store outage every worker lapsed at once, and the
   live ones need that long to heartbeat again. Only a worker that stays silent is
@@ -34,11 +41,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import StoreUpgraded
+from cantata.fencing import pause_clock
 from cantata.model.records import Attempt, HistoryEntry, RunRecord
 from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.roles.lifecycle import idle_wait
 
 from . import versioning
+from .clock import wall_time
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -77,7 +86,18 @@ class Ownership:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.quiet = QuietLog(log, every=outage_interval(engine.lease))
-        self.beat_at = time.monotonic()  # when the last successful heartbeat was sent
+        self._wall = wall_time(engine.clock)
+        # When the last successful heartbeat was sent: monotonic, and by the wall clock
+        # the store judges it by (the same reading, as near as two clocks can be read)
+        self.beat_at = time.monotonic()
+        self.beat_wall = self._wall()
+        # Pauses of the whole process past the fence noticed so far: a handler begun
+        # before one is not resumed after it (pauses.handler_fence), even once the
+        # heartbeat got through.
+        self.pauses = 0
+        self._noticed_at = float("nan")  # beat_wall when the last pause was noticed
+        self._pause_seen = False  # the heartbeat loop reconciles after its next beat
+        self._beat_now = asyncio.Event()  # a pause was noticed: heartbeat at once
         self.regained_at = float("-inf")  # when the store answered after a lapse
         self.lapsed = False
         self._healthy = asyncio.Event()  # cleared while lapsed
@@ -90,6 +110,7 @@ class Ownership:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watch_every = 0.05
         self._watch_due = 0.0
+        self._watch_wall_due = 0.0
         # Other parts of this worker that own work on its row (the choreography
         # consumer's deliveries): while any holds it, a stop keeps the heartbeat going.
         self._holds = 0
@@ -101,8 +122,29 @@ class Ownership:
     # -- state ----------------------------------------------------------------------------
 
     def expired(self) -> bool:
-        """True when this worker may have lost its runs (no heartbeat for a while)."""
-        return time.monotonic() - self.beat_at > self.engine.lease * FENCE_AT
+        """True when this worker may have lost its runs (no heartbeat for a while):
+        more than ``FENCE_AT`` of the lease since the last heartbeat that got through,
+        by monotonic time or by the wall clock (a VM paused: its monotonic clock stood
+        still). A wall clock set back makes it no later than monotonic time says."""
+        fence = self.engine.lease * FENCE_AT
+        return (time.monotonic() - self.beat_at > fence
+                or self._wall() - self.beat_wall > fence)
+
+    def in_doubt(self) -> bool:
+        """True when a body must not go on: this worker heartbeats (it serves, or it
+        drains in a graceful stop) and its hold may have lapsed (:meth:`expired`)."""
+        return self._heartbeat is not None and self.expired()
+
+    def process_paused(self) -> bool:
+        """True when the whole process stood still for a quarter lease or more since the
+        last heartbeat that got through, not only its event loop (held by a body's own
+        code) nor its store (an outage): the pause clock's thread stood still too
+        (SIGSTOP), or the wall clock ran ahead of monotonic time (a paused VM, whose
+        monotonic clock stood still; a wall clock set ahead looks the same)."""
+        now, quarter = time.monotonic(), self.engine.lease / 4
+        if (self._wall() - self.beat_wall) - (now - self.beat_at) >= quarter:
+            return True
+        return pause_clock().stood_still(self.beat_at, now) >= quarter
 
     def may_take_over(self) -> bool:
         """True when silent workers' runs may be claimed (see the module docstring)."""
@@ -115,6 +157,9 @@ class Ownership:
 
     async def start(self) -> None:
         self._stopped = False
+        # The hold begins here, not when the engine was made (a client that starts to
+        # serve later has not lapsed, nor been paused).
+        self.beat_at, self.beat_wall = time.monotonic(), self._wall()
         await self.beat()
         self._watch_every = min(0.05, self.engine.lease / 20)
         self._watchdog = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
@@ -145,15 +190,17 @@ class Ownership:
             await self._stop_heartbeat()
 
     async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
         await self.stop_claiming()
         self._stopped = True
         if self._holds <= 0:
             await self._stop_heartbeat()
 
     async def _stop_heartbeat(self) -> None:
+        # The watchdog goes with the heartbeat: while the consumer's handlers drain
+        # (hold), a pause still stops them.
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -177,10 +224,15 @@ class Ownership:
 
     async def beat(self) -> None:
         engine = self.engine
-        sent = time.monotonic()
+        sent, wall = time.monotonic(), self._wall()
+        if self.expired() and self.process_paused():
+            # Paused past the fence (a VM's: its monotonic timers were not late), noticed
+            # here before the watchdog could: stop what runs before it may go on.
+            self._paused(wall - self.beat_wall)
         await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(),
                                      versioning.worker_info(engine), lease=engine.lease)
-        if self.lapsed or sent - self.beat_at > engine.lease:
+        if (self.lapsed or sent - self.beat_at > engine.lease
+                or wall - self.beat_wall > engine.lease):
             self.lapsed = False
             self._healthy.set()
             self.regained_at = time.monotonic()
@@ -190,7 +242,7 @@ class Ownership:
                 engine.worker_id, engine.lease,
             )
             self.repair_soon()
-        self.beat_at = sent
+        self.beat_at, self.beat_wall = sent, wall
         self._beaten.set()
         self.quiet.recovered("heartbeat", "worker %s: heartbeat works again", engine.worker_id)
 
@@ -200,26 +252,47 @@ class Ownership:
         hold may have lapsed meanwhile, the step bodies are cancelled right there, so a
         body that was waiting does not go on to its side effect in a run another
         worker may own by now. Each starts again only once its fenced start checkpoint
-        proves the run is still this worker's (not counted as an attempt)."""
+        proves the run is still this worker's (not counted as an attempt).
+        A paused VM's monotonic clock stands still, so the timer is not late by it when
+        the VM resumes: the wall clock, which jumped ahead, tells (due within one tick;
+        until then the bodies' guards stop them, :meth:`expired`)."""
         loop = asyncio.get_running_loop()
-        late = loop.time() - self._watch_due if self._watch_due else 0.0
-        if late > self.engine.lease / 4 and self.expired():
-            log.warning("worker %s was paused for %.1f s, past its lease: stopping its step "
-                        "bodies until it knows which runs it still owns",
-                        self.engine.worker_id, late)
-            self.engine.fence_self()
-        self._watch_due = loop.time() + self._watch_every
+        now, wall = loop.time(), self._wall()
+        if self._watch_due:
+            late = max(now - self._watch_due, wall - self._watch_wall_due)
+            if late > self.engine.lease / 4 and self.expired():
+                self._paused(late)
+        self._watch_due, self._watch_wall_due = now + self._watch_every, wall + self._watch_every
         self._watchdog = loop.call_later(self._watch_every, self._watch)
+
+    def _paused(self, seconds: float) -> None:
+        """This worker was paused past the fence (or its wall clock set ahead that far,
+        which looks the same): stop its step bodies, let no handler body begun before
+        go on, heartbeat at once and then check which runs it still owns."""
+        if self.beat_wall == self._noticed_at:
+            return  # noticed already, since the same last heartbeat
+        self._noticed_at = self.beat_wall
+        log.warning("worker %s was paused for %.1f s, past its lease (or its wall clock was "
+                    "set ahead): stopping its step and handler bodies until it knows which "
+                    "runs it still owns", self.engine.worker_id, seconds)
+        if self.process_paused():  # (not a body holding the loop: handlers go on then)
+            self.pauses += 1
+        self._pause_seen = True
+        self._beat_now.set()
+        self.engine.fence_self()
 
     async def _heartbeat_loop(self) -> None:
         engine = self.engine
         failing = False
         while True:
-            due = time.monotonic() + engine.lease / 4
-            await asyncio.sleep(engine.lease / 4)
-            # Woken far too late: this process did not run (SIGSTOP, a VM or GC stall),
-            # so its runs may belong to another worker by now.
-            stalled = time.monotonic() - due > engine.lease / 2
+            due, wall_due = time.monotonic() + engine.lease / 4, self._wall() + engine.lease / 4
+            await wait_event(self._beat_now, engine.lease / 4)  # (at once after a pause)
+            self._beat_now.clear()
+            # Woken far too late (by either clock: a paused VM's monotonic clock stands
+            # still), or the watchdog noticed a pause: this process did not run
+            # (SIGSTOP, a VM or GC stall), so its runs may belong to another worker.
+            late = max(time.monotonic() - due, self._wall() - wall_due)
+            stalled = late > engine.lease / 2 or self._pause_seen
             if failing and not self.lapsed and self.expired():
                 # Cut off from the store: stop before another worker may take over.
                 self.lapsed = True
@@ -248,8 +321,9 @@ class Ownership:
                 continue
             failing = False
             if stalled:
-                log.warning("worker %s was paused for %.1f s: checking which runs it still "
-                            "owns", engine.worker_id, time.monotonic() - due)
+                self._pause_seen = False
+                log.warning("worker %s was paused: checking which runs it still owns",
+                            engine.worker_id)
                 try:
                     await self.reconcile()
                 except Exception as exc:

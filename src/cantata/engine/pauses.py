@@ -5,8 +5,10 @@ The rules, with the reasons (docs/leases.md, "Paused past the lease"):
 - **The body guard.** Every step body runs through
   :class:`~cantata.fencing.GuardedBody`, which checks
   the owner's fence before it lets the body go on after an ``await``: when more than
-  ``FENCE_AT`` of the lease has passed (``time.monotonic()``, which keeps counting
-  through SIGSTOP) since the last heartbeat that got through, it throws
+  ``FENCE_AT`` of the lease has passed since the last heartbeat that got through, by
+  ``time.monotonic()`` (which keeps counting through SIGSTOP) or by the wall clock the
+  store judges the worker by (which jumps ahead when a paused VM resumes, its
+  monotonic clock having stood still), it throws
   ``CancelledError`` into the body instead of resuming it. So a body never goes on
   past a pause longer than that, before any other code of the process runs: another
   worker may own the run by now. Only a pause inside the body's own synchronous code
@@ -32,11 +34,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cantata.errors import CantataError
-from cantata.fencing import GuardedBody, PauseClock, pause_clock
+from cantata.fencing import GuardedBody, PauseClock
 from cantata.model.records import Attempt
 from cantata.quietlog import reason
 
@@ -133,12 +135,26 @@ def handler_fenced(engine: Engine) -> bool:
     """Whether a handler body must not be resumed: this worker's hold may have lapsed
     by a pause of the whole process. Only a pause, not a store outage: in an outage a
     handler runs on and its outcome waits for the store, the delivery staying this
-    live worker's (docs/leases.md); stopping it would only spend its attempts."""
-    if not (engine.serving and engine.ownership.expired()):
-        return False
-    since = engine.ownership.beat_at
-    return pause_clock().stood_still(since, time.monotonic()) >= engine.lease / 4
+    live worker's (docs/leases.md); stopping it would only spend its attempts
+    (``Ownership.process_paused``: SIGSTOP, or a paused VM)."""
+    ownership = engine.ownership
+    return ownership.in_doubt() and ownership.process_paused()
+
+
+def handler_fence(engine: Engine) -> Callable[[], bool]:
+    """The guard of a handler body beginning now: true once it must not be resumed,
+    :func:`handler_fenced`, or once this worker noticed a pause past the fence since
+    it began (``Ownership.pauses``). The body of a paused VM may resume only after its
+    worker's first heartbeat got through (its timers stood still with its monotonic
+    clock), when its delivery may be another worker's by now."""
+    ownership = engine.ownership
+    began = ownership.pauses
+
+    def fenced() -> bool:
+        return ownership.pauses != began or handler_fenced(engine)
+
+    return fenced
 
 
 __all__ = ["PAUSED", "GuardedBody", "PauseClock", "StepStalled", "await_excuses", "excuse",
-           "handler_fenced"]
+           "handler_fence", "handler_fenced"]

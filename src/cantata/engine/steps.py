@@ -446,8 +446,7 @@ async def execute_fenced(
     attempt counts). A cancel of this task by anyone else is passed on."""
     engine = x.engine
 
-    def fenced() -> bool:
-        return engine.serving and engine.ownership.expired()
+    fenced = engine.ownership.in_doubt  # (serving, or draining in a graceful stop)
 
     def stalled(seconds: float) -> None:
         x.stalled[(key, attempt)] = max(seconds, x.stalled.get((key, attempt), 0.0))

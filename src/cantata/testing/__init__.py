@@ -44,8 +44,12 @@ class SkipClock:
     """A clock whose sleeps complete as soon as nothing else is runnable.
 
     Virtual time starts at the wall-clock time and jumps straight to the earliest
-    pending wake time whenever the event loop has had a few idle turns.
+    pending wake time whenever the event loop has had a few idle turns. Its jumps are
+    not a pause of the worker (``virtual``): the worker judges its own hold by the
+    system's clocks (docs/leases.md).
     """
+
+    virtual = True
 
     def __init__(self, start: float | None = None, *, idle_turns: int = 5) -> None:
         self._now = time.time() if start is None else start
