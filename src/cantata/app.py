@@ -413,6 +413,11 @@ class App(RouterFacade):
                 a lone surrogate (no store keeps it as given).
             SerializationError: an argument is not JSON-serialisable (nothing is stored).
             IdempotencyConflict: the key was used with other arguments.
+            StoreUnavailable: the store could not store the run. When its answer to the
+                run's creation was lost (the run may be stored), start finds out by the
+                run's id for up to one lease first, and returns the run if it is stored;
+                only after that does it raise, naming the run's id and how to find out
+                (starting again with the same ``idempotency_key`` is safe).
         """
         handle, _ = await self._start(
             workflow, *args, idempotency_key=idempotency_key, deadline=deadline,

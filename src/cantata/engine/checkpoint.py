@@ -10,6 +10,7 @@ from cantata.errors import LeaseLost, StoreError, StoreFull, StoreUnavailable
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store.faults import wait_out
 
+from .creation import create_once
 from .signals import _Abandon, _StoreFailed
 
 if TYPE_CHECKING:
@@ -112,7 +113,8 @@ async def store_first(x: RunExecution) -> None:
 async def create(x: RunExecution, write: RunWrite) -> None:
     assert x.created is not None
     try:
-        stored, created = await x.engine.store.create_run(x.run, write)
+        stored, created, _ = await create_once(
+            x.engine, x.run, lambda: x.engine.store.create_run(x.run, write))
     except Exception as exc:  # the caller of start() gets it (cancelled: see execute)
         resolve_created(x, error=exc)
         raise _Abandon() from exc

@@ -26,6 +26,7 @@ from cantata.store.roles.lifecycle import idle_wait
 from . import gcpolicy
 from .branches import RunTask
 from .clock import Clock
+from .creation import create_once
 from .hooks import Hooks
 from .metrics import Metrics
 from .ownership import Ownership, wait_event
@@ -226,7 +227,8 @@ class Engine:
 
         Returns:
             The run, and whether this call created it (``False``: the key's run existed,
-            nothing was started).
+            nothing was started). A creation whose answer was lost is found out by the
+            run's id (:func:`~cantata.engine.creation.create_once`).
         """
         check_key("idempotency_key", idempotency_key, KEY_ADVICE, empty=False)
         # (bounded as an event's: the events the run emits carry it)
@@ -258,16 +260,22 @@ class Engine:
             service=wdef.service if wdef else None,
             version=self.version if wdef else None,
         )
+        # Each creation below goes through create_once: an answer lost after the run
+        # was stored is found out by the run's id (engine/creation.py).
         if queue is not None:
+            entry = queue
             if actor is None:
-                stored, created = await self.store.create_queued_run(run, queue)
+                creation = await create_once(
+                    self, run, lambda: self.store.create_queued_run(run, entry))
             else:
-                stored, created = await self.store.create_queued_run(run, queue, actor=actor)
-            if created and self.flow is not None:
+                creation = await create_once(
+                    self, run, lambda: self.store.create_queued_run(run, entry, actor=actor))
+            if creation.created and self.flow is not None:
                 self.flow.wake()
-            return stored, created
+            return creation.run, creation.created
         if actor is not None:  # an operator's start: its record names them, not system
-            stored, created = await self.store.create_run(run, actor=actor)
+            creation = await create_once(
+                self, run, lambda: self.store.create_run(run, actor=actor))
         elif local and idempotency_key is None:
             # Executed here at once, and new for sure: the run is stored with its first
             # checkpoint, in one transaction, when its workflow reaches it.
@@ -281,11 +289,21 @@ class Engine:
             starter = execution.starter = asyncio.get_running_loop().create_future()
             return await starter
         else:
-            stored, created = await self.store.create_run(run)
-        if created and local:
+            creation = await create_once(self, run, lambda: self.store.create_run(run))
+        stored, created, read_back = creation
+        if created and local and not read_back:
             self.launch(stored, fresh=True)
+        elif created and local:
+            # Stored with its answer lost: maybe resumed here by reconciling meanwhile
+            # (launch keeps that execution), maybe ended already (nothing to launch).
+            if stored.owner == self.worker_id and not stored.status.is_final:
+                self.launch(stored)
         elif created:
             self.ownership.claim_wakeup.set()
+        elif stored.owner == self.worker_id and stored.run_id not in self.executions:
+            # The key's run, stored by an earlier start here whose answer was lost: owned
+            # by this worker, not executed yet (reconciling resumes it).
+            self.ownership.repair_soon()
         return stored, created
 
     def completion(self, run_id: str) -> asyncio.Future[RunRecord | None] | None:

@@ -46,8 +46,10 @@ async def run_transactional(
     published: list[Any] = []
     committed: list[HistoryEntry] = []
     failed: list[Exception] = []  # the step's own error
+    txs: list[Tx] = []
 
     async def body(tx: Tx) -> tuple[RunWrite, Any]:
+        txs.append(tx)
         tx.run_id, tx.step, tx.correlation_id = run.run_id, sdef.name, run.correlation_id
         try:
             value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
@@ -74,14 +76,16 @@ async def run_transactional(
     except TransactionUnsupported as exc:
         raise TransactionUnsupported(f"step {sdef.name}: {exc}") from None
     except StoreError as exc:
-        if isinstance(exc, LeaseLost) or exc in failed:
+        if isinstance(exc, LeaseLost) or (exc in failed and not any(t.met(exc) for t in txs)):
             raise  # (the run was taken over; the step's own error: its attempt failed)
         # The transaction's connection failed (before the step's code ran, under its
-        # statements, or at the COMMIT): an outage, not the step's failure, whatever
-        # the error the step's code then raised. No attempt is charged; the run goes on
-        # from its history once the store answers. That history is right even when
-        # the COMMIT's outcome is unknown: the step's completion commits with its
-        # writes, so it is replayed if they committed, and run again if not.
+        # statements, or at the COMMIT), or the store refused its writes (disk full,
+        # read-only: met by the step's statements, raised by the step as they gave it,
+        # or at the checkpoint or the COMMIT): an outage, not the step's failure,
+        # whatever the error the step's code then raised. No attempt is charged; the
+        # run goes on from its history once the store answers. That history is right
+        # even when the COMMIT's outcome is unknown: the step's completion commits
+        # with its writes, so it is replayed if they committed, and run again if not.
         raise _StoreFailed(exc) from exc
     # The run's next checkpoint writes the entry again: never without the mark.
     x.journal.history[key].detail = committed[0].detail

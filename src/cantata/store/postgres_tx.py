@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from cantata.errors import StoreUnavailable
+from cantata.errors import StoreError, StoreUnavailable
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
+from cantata.store.faults import postgres_fault
 from cantata.store.postgres_batch import Batch, _commit_sql
 from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool
 from cantata.store.tx import Tx, TxBody, to_numbered
@@ -30,9 +31,13 @@ class PostgresTx(Tx):
 
     dialect = "postgresql"
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, where: str) -> None:
         super().__init__()
         self._conn = conn
+        self._where = where
+
+    def _fault(self, exc: Exception) -> StoreError | None:
+        return postgres_fault(exc, self._where)  # disk full, read-only, damaged
 
     async def _execute(self, sql: str, params: Sequence[Any]) -> int:
         status = await self._conn.execute(to_numbered(sql, "$"), *params)
@@ -53,7 +58,9 @@ async def run_transaction(
 
     The step's own error (``body``'s) is raised as it is, after the rollback, not
     through the pool, which takes an ``OSError`` or a ``TimeoutError`` for a lost
-    connection (the step's code may meet them calling another service). If the
+    connection (the step's code may meet them calling another service); a disk-full
+    or read-only error of its statements reaches it as ``StoreFull`` or
+    ``StoreReadOnly`` already (:meth:`PostgresTx._fault`, as the pool names them). If the
     connection was lost under it (found gone after it, or at the rollback),
     ``StoreUnavailable`` is raised instead, as when connecting, beginning, the
     checkpoint or the COMMIT lost the connection.
@@ -61,7 +68,7 @@ async def run_transaction(
     failed: Exception | None = None  # the step's own error
     async with db.conn() as c:
         await c.execute("BEGIN")
-        tx = PostgresTx(c)
+        tx = PostgresTx(c, db.masked_url)
         try:
             try:
                 write, value = await body(tx)

@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cantata.errors import LeaseLost, TransactionUnsupported
+from cantata.errors import LeaseLost, StoreError, TransactionUnsupported
 from cantata.store.base import CLAIMS, EVENTS, RUNS, TASKS
+from cantata.store.faults import sqlite_fault
 from cantata.store.sqlite_open import connect
 from cantata.store.sqlite_thread import TxConnection
 from cantata.store.tx import Tx, TxBody, to_numbered
@@ -38,6 +39,8 @@ class _Lane:
         self.lock = asyncio.Lock()
 
     async def call(self, fn: Callable[[TxConnection], R]) -> R:
+        """``fn`` on the lane's connection, in its thread; a fault of the database (disk
+        full, read-only, damaged, locked too long) raised as Cantata's error."""
         def go() -> R:
             if self.conn is None:
                 self.conn = connect(self.store.path, self.store.url, self.store.synchronous,
@@ -45,7 +48,13 @@ class _Lane:
                 self.conn.audit_keys = self.store._audit_keys  # a keyed chain stays keyed
             return fn(self.conn)
 
-        return await asyncio.get_running_loop().run_in_executor(self.pool, go)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, go)
+        except sqlite3.Error as exc:
+            fault = sqlite_fault(exc, self.store.path)
+            if fault is None:
+                raise
+            raise fault from exc
 
     def close(self) -> None:
         def shut() -> None:
@@ -65,6 +74,9 @@ class SQLiteTx(Tx):
     def __init__(self, lane: _Lane) -> None:
         super().__init__()
         self._lane = lane
+
+    def _fault(self, exc: Exception) -> StoreError | None:
+        return exc if isinstance(exc, StoreError) else None  # (named by the lane)
 
     async def _execute(self, sql: str, params: Sequence[Any]) -> int:
         text = to_numbered(sql, "?")

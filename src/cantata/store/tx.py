@@ -14,7 +14,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from cantata.errors import TransactionClosed
+from cantata.errors import StoreError, TransactionClosed
 from cantata.model.event import Event
 from cantata.model.records import RunWrite
 
@@ -53,6 +53,8 @@ class Tx:
         dialect: ``"sqlite"`` or ``"postgresql"``.
         run_id: the run whose step this is.
         step: the step's name.
+        faults: the store's errors its statements raised for a fault of the database
+            (``StoreFull``, ``StoreReadOnly``, ...), in order.
     """
 
     dialect = ""
@@ -62,6 +64,9 @@ class Tx:
         self.step = ""
         self.correlation_id: str | None = None
         self.events: list[Event[Any]] = []
+        # The store's faults its statements met (disk full, read-only, ...), raised to
+        # the step as Cantata's errors: the store's condition, not the step's failure.
+        self.faults: list[StoreError] = []
         self._open = True
 
     def _check(self, call: str) -> None:
@@ -72,14 +77,43 @@ class Tx:
             )
 
     async def execute(self, sql: str, *params: Any) -> int:
-        """Run one statement; returns the number of rows it changed (where known)."""
+        """Run one statement; returns the number of rows it changed (where known).
+
+        Raises:
+            StoreFull: the database's disk is full (a store condition, as are the two
+                below: the step's attempt is not charged, docs/workflow-api.md).
+            StoreReadOnly: the database refuses writes.
+            StoreError: another fault of the store (damaged, unreachable).
+        """
         self._check("execute")
-        return await self._execute(sql, params)
+        return await self._faults_named(self._execute(sql, params))
 
     async def fetch(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Run a query; returns its rows as tuples."""
+        """Run a query; returns its rows as tuples (raises as :meth:`execute`)."""
         self._check("fetch")
-        return await self._fetch(sql, params)
+        return await self._faults_named(self._fetch(sql, params))
+
+    def met(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a fault of the store that this transaction's statements met
+        (raised to the step as it is)."""
+        return any(exc is fault for fault in self.faults)
+
+    async def _faults_named(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except Exception as exc:
+            fault = self._fault(exc)
+            if fault is None:
+                raise
+            self.faults.append(fault)
+            if fault is exc:
+                raise
+            raise fault from exc
+
+    def _fault(self, exc: Exception) -> StoreError | None:
+        """The Cantata error for a fault of the store raised by a statement (``None``:
+        the statement's own error, raised as it is)."""
+        return None
 
     async def fetchone(self, sql: str, *params: Any) -> tuple[Any, ...] | None:
         """The first row of a query, or ``None``."""

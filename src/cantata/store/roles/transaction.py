@@ -21,13 +21,20 @@ class TransactionalStore(Protocol):
         Whatever ``body`` did with the tx, and the checkpoint with its events, commit
         together or not at all.
 
-        ``body``'s own exceptions are raised as they are, after the rollback.
+        ``body``'s own exceptions are raised as they are, after the rollback. A fault
+        of the database met by a statement of ``body`` (disk full, read-only, damaged)
+        is raised to ``body`` as the store's error for it (``StoreFull``,
+        ``StoreReadOnly``, ...), never the driver's, and recorded in ``tx.faults``
+        (:meth:`~cantata.store.tx.Tx.met`): the engine takes it for the store's
+        condition, not the step's failure.
 
         Raises:
             StoreUnavailable: the store's connection failed (it could not be had, or
                 was lost while beginning, under ``body``'s statements, or at the
                 checkpoint or the COMMIT, where the outcome is unknown): an outage,
                 not the step's failure (docs/workflow-api.md).
+            StoreFull, StoreReadOnly: the database refused the checkpoint or the
+                COMMIT (or ``body``'s statements, which ``body`` let through).
             LeaseLost: the run's fence is no longer ``fence`` (nothing is committed).
             TransactionUnsupported: this store cannot share its transaction.
         """
