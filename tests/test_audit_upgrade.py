@@ -549,6 +549,11 @@ def test_sqlite_older_process_refused_by_a_newer_schema(
 # -- SQLite: an older process still open on the file when it reaches schema 23 --------------
 
 
+#: The tests reading ``sqlite_rolled`` run in one xdist worker: the fixture (a rolling
+#: upgrade of half a minute) is then made once, not once per worker that gets one of them.
+ROLLED = pytest.mark.xdist_group("sqlite-rolled")
+
+
 @pytest.fixture(scope="module")
 def sqlite_rolled(
     releases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
@@ -565,6 +570,7 @@ def sqlite_rolled(
         setup.stop_all()
 
 
+@ROLLED
 def test_sqlite_older_process_beside_upgraded_one(sqlite_rolled: Rolled) -> None:
     """Every run finishes (the older worker's are taken over once its heartbeat, which
     it can no longer write, is a default lease old), no completed step runs again, each
@@ -574,6 +580,7 @@ def test_sqlite_older_process_beside_upgraded_one(sqlite_rolled: Rolled) -> None
     assert sqlite_rolled.new.stop() == 0, sqlite_rolled.new.text()
 
 
+@ROLLED
 @pytest.mark.xfail(
     strict=True,
     reason=(
@@ -597,6 +604,7 @@ def test_sqlite_older_process_is_told_to_restart(sqlite_rolled: Rolled) -> None:
     assert any("restart" in ln or "upgrade" in ln or "schema" in ln for ln in lines), lines
 
 
+@ROLLED
 def test_sqlite_limit_holds_while_older_process_open(sqlite_rolled: Rolled) -> None:
     """The concurrency=1 step never runs twice at once, in any process.
 

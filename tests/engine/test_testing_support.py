@@ -103,7 +103,9 @@ async def test_a_compensation_that_is_not_idempotent_is_reported() -> None:
 async def test_a_simulated_crash_is_a_kill_the_cut_attempt_counts() -> None:
     """After its crash the worker writes nothing (it excuses no attempt): a step that
     ran but whose result was not stored is a WorkerLost attempt, as under kill -9."""
-    app = App("t")
+    # Before failing the run for its lost attempts, the engine waits up to one lease (of
+    # real time) for an excuse that never comes (docs/leases.md): a 1 s lease, not 10 s.
+    app = App("t", lease=1.0)
     charges: list[int] = []
 
     @app.step(retry=Retry(max_attempts=1))

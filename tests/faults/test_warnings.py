@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 
 import pytest
 
 from cantata import App
+from tests.helpers import eventually
 
 from .harness import time_limit
 from .servers import PrivateNats, PrivatePostgres
@@ -27,6 +30,24 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def _repeated(lines: list[str], cause: str) -> int:
     return sum(cause in line for line in lines)
+
+
+async def _until(done: Callable[[], bool], timeout: float) -> None:
+    """Until ``done()`` or ``timeout`` s on; the assertions that follow say which, with
+    the lines logged (what a test waits for is waited for, not slept through)."""
+    with contextlib.suppress(AssertionError):
+        await eventually(done, timeout, interval=0.05)
+
+
+async def _until_logged(caplog: pytest.LogCaptureFixture, what: list[str],
+                        timeout: float) -> list[str]:
+    """The warnings once each of ``what`` is in one of them (or ``timeout`` s on)."""
+    def logged() -> bool:
+        lines = _warnings(caplog)
+        return all(any(w in ln for ln in lines) for w in what)
+
+    await _until(logged, timeout)
+    return _warnings(caplog)
 
 
 async def test_a_store_outage_warns_once_per_cause(
@@ -48,8 +69,9 @@ async def test_a_store_outage_warns_once_per_cause(
             await asyncio.sleep(6.0)
             during = _warnings(caplog)
             private_postgres.start()
-            await asyncio.sleep(4.0)
-            after = _warnings(caplog)[len(during):]
+            after = (await _until_logged(
+                caplog, ["schedules: passes work again", "claiming queued runs works again"],
+                4.0))[len(during):]
     for cause in ("schedules: a pass failed", "claiming queued runs failed",
                   "PostgreSQL listener at"):
         assert _repeated(during, cause) <= 1, "\n".join(during)
@@ -78,8 +100,7 @@ async def test_a_nats_outage_warns_once(
             await asyncio.sleep(5.0)
             during = _warnings(caplog)
             private_nats.start()
-            await asyncio.sleep(4.0)
-            after = _warnings(caplog)[len(during):]
+            after = (await _until_logged(caplog, ["reconnected to NATS"], 4.0))[len(during):]
     assert _repeated(during, "ConnectionRefusedError") <= 1, "\n".join(during)
     assert any("reconnected to NATS" in line for line in after), "\n".join(during + after)
 
@@ -89,21 +110,30 @@ async def test_the_postgresql_listener_warns_at_the_workers_interval(
 ) -> None:
     """The store's listening connection is one more cause: during an outage it says so at
     most every ``max(10 s, lease)``, as the worker's loops do (it said so every 30 s).
-    Its reconnection is tried every few seconds (3 s connect timeout, 1 s pause), so a
-    20 s outage gives a first line at once and a second, counting the repeats, ~10 s on."""
+    Its reconnection is tried every few seconds (3 s connect timeout, 1 s pause), so an
+    outage gives a first line at once and a second, counting the repeats, ~10 s on (not
+    sooner); the outage lasts until that second line (20 s at most)."""
     app = App(f"warn{uuid.uuid4().hex[:6]}", store=postgres_store, broker="embedded",
               lease=1.0, poll_interval=0.05)
+
+    def listener_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name.startswith("cantata")
+                and r.levelno >= logging.WARNING and "PostgreSQL listener at" in r.getMessage()]
 
     with caplog.at_level(logging.WARNING, logger="cantata"):
         async with app.client():
             await asyncio.sleep(0.5)
             caplog.clear()
             private_postgres.stop()
-            await asyncio.sleep(20.0)
-            during = [line for line in _warnings(caplog) if "PostgreSQL listener at" in line]
+            await _until(lambda: len(listener_lines()) >= 2, 20.0)
+            # a moment more: a third line right behind the second would be seen
+            await asyncio.sleep(1.0)
+            records = listener_lines()
+            during = [r.getMessage() for r in records]
             private_postgres.start()
-            await asyncio.sleep(6.0)
-            after = _warnings(caplog)
+            after = await _until_logged(caplog, ["listens again"], 6.0)
     assert len(during) == 2, "\n".join(during)
+    assert records[1].created - records[0].created >= 9.5, "\n".join(
+        f"{r.created:.2f} {r.getMessage()}" for r in records)
     assert "similar warning(s) in the last 10 s" in during[1], during[1]
     assert any("listens again" in line for line in after), "\n".join(after)

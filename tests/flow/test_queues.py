@@ -16,11 +16,12 @@ from tests.flow.helpers import max_in_window, max_overlap, until
 
 
 def queue_app(
-    hold: bool = False, store: str | None = None, **queue: object
+    hold: bool = False, store: str | None = None, step: float = 1.0, **queue: object
 ) -> tuple[App, list[tuple[float, float]], list[int]]:
     """An app whose ``job(i)`` workflow runs in queue ``q`` (on ``store``, the default
-    one if None); spans of its step (clock time) and the order in which jobs began are
-    recorded. With ``hold``, job 0 keeps its slot until the test sets ``app.gate``."""
+    one if None); spans of its step (``step`` s of clock time) and the order in which
+    jobs began are recorded. With ``hold``, job 0 keeps its slot until the test sets
+    ``app.gate``."""
     app = App("flow") if store is None else App("flow", store=store)
     app.queue("q", **queue)  # type: ignore[arg-type]
     spans: list[tuple[float, float]] = []
@@ -36,7 +37,7 @@ def queue_app(
         order.append(i)
         if i == 0 and not gate.is_set():
             await gate.wait()
-        await app.clock.sleep(1.0)
+        await app.clock.sleep(step)
         spans.append((begin, app.clock.now()))
         return i
 
@@ -156,7 +157,8 @@ async def test_cancelled_waiting_runs_leave_the_depth_and_positions(store_url: s
     """A run cancelled while it waited is no longer waiting: the depth, the oldest
     waiting time and the trace's place in the queue count pending runs only, even
     while no claim has met the cancelled rows (the slot stays taken)."""
-    app, _, order = queue_app(hold=True, store=store_url, concurrency=1)
+    # (no spans measured: a short step, the four jobs left run one after another)
+    app, _, order = queue_app(hold=True, store=store_url, step=0.05, concurrency=1)
     async with app:
         first = await app.start("job", 0)
         await until(lambda: order)  # job 0 holds the one slot

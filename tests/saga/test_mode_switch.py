@@ -142,8 +142,9 @@ async def test_a_run_begun_before_modes_were_recorded_finishes_as_it_began(
     calls: list[str] = []
     gate = asyncio.Event()
 
-    def shop() -> App:
-        app = App("shop", store=store, lease=1.0, poll_interval=0.05)
+    def shop(shutdown_grace: float = 30.0) -> App:
+        app = App("shop", store=store, lease=1.0, poll_interval=0.05,
+                  shutdown_grace=shutdown_grace)
 
         @app.step
         async def reserve(order: dict[str, int]) -> str:
@@ -158,7 +159,9 @@ async def test_a_run_begun_before_modes_were_recorded_finishes_as_it_began(
 
         return app
 
-    old = shop()
+    # The old process stops with hold in progress: its step is cut at once (no grace to
+    # wait out, the gate opens only later) and released for the new deploy to run again.
+    old = shop(shutdown_grace=0.1)
 
     @old.workflow(name="order")
     async def generated(ctx: WorkflowContext, data: dict[str, int]) -> None:

@@ -40,7 +40,9 @@ if not Path(CHROMIUM).exists():
 
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module: its server (seeded) and Chromium are module
+# fixtures, made once instead of once per worker that gets one of its tests.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
 
 
 async def seed(app: App) -> dict[str, Any]:

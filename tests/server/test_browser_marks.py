@@ -20,7 +20,9 @@ from tests.server.shop import make_shop
 from tests.server.test_flow_api import with_flow
 from tests.server.test_run_marks import with_split
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module: its server (seeded) and Chromium are module
+# fixtures, made once instead of once per worker that gets one of its tests.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser-marks")]
 
 from playwright.sync_api import Browser, expect  # noqa: E402 (once chromium is known there)
 

@@ -19,7 +19,9 @@ from tests.server.conftest import ServerThread, make_tokens
 from tests.server.shop import make_shop
 from tests.server.test_flow_api import with_flow
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module: its server (seeded) and Chromium are module
+# fixtures, made once instead of once per worker that gets one of its tests.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser-schedules")]
 
 from playwright.sync_api import Browser, expect  # noqa: E402 (once chromium is known there)
 
