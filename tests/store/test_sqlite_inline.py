@@ -156,3 +156,61 @@ async def test_a_turn_with_more_writes_than_a_batch_commits_them_in_order_in_sev
     assert [k for k, _ in seen] == [f"k{i}" for i in range(n)]
     assert {ident for _, ident in seen} == {threading.get_ident()}
     assert await keys(thread) == [f"k{i}" for i in range(n)]
+
+
+def count_of(key: str, where: list[int]) -> Callable[[sqlite3.Connection], int]:
+    def op(c: sqlite3.Connection) -> int:
+        where.append(threading.get_ident())
+        return int(c.execute("SELECT count(*) FROM cantata_meta WHERE key=?",
+                             (key,)).fetchone()[0])
+    return op
+
+
+async def test_a_lookup_by_key_is_answered_on_the_loops_thread_when_the_connection_is_free(
+    home: tuple[ConnectionThread, list[set[str]]],
+) -> None:
+    thread, _ = home
+    await thread.write(meta("k1", []))
+    where: list[int] = []
+    assert await thread.lookup(count_of("k1", where)) == 1
+    assert where == [threading.get_ident()]  # no hand-off to the store's thread
+
+
+async def test_a_lookup_never_sees_a_write_the_thread_has_not_committed(
+    home: tuple[ConnectionThread, list[set[str]]],
+) -> None:
+    """While the store's thread holds the connection in a write transaction (here
+    another loop's write, which then fails and is rolled back), a lookup made on the
+    home loop waits its turn in the thread: it never reads the open transaction."""
+    thread, _ = home
+    inside, release = threading.Event(), threading.Event()
+
+    def doomed(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO cantata_meta VALUES ('kdoomed', 'x')")
+        inside.set()
+        release.wait(10)
+        raise ValueError("this write fails after writing: rolled back")
+
+    box: dict[str, Any] = {}
+
+    def elsewhere() -> None:
+        async def go() -> None:
+            try:
+                await thread.write(doomed)
+            except ValueError as exc:
+                box["error"] = exc
+        asyncio.run(go())
+
+    runner = threading.Thread(target=elsewhere)
+    runner.start()
+    try:
+        assert await asyncio.to_thread(inside.wait, 10)
+        where: list[int] = []
+        seen = thread.lookup(count_of("kdoomed", where))
+    finally:
+        release.set()
+    assert await seen == 0
+    await asyncio.to_thread(runner.join, 10)
+    assert isinstance(box.get("error"), ValueError)
+    assert where and where[0] != threading.get_ident()  # answered by the thread
+    assert await thread.lookup(count_of("kdoomed", [])) == 0

@@ -178,7 +178,7 @@ class SQLiteRuns(SQLiteCore):
         return run, True
 
     async def get_run(self, app: str, run_id: str) -> RunRecord | None:
-        row = await self._t.read(
+        row = await self._t.lookup(
             lambda c: c.execute(
                 f"SELECT {RUN_COLS} FROM runs WHERE app=? AND run_id=?", (app, run_id)
             ).fetchone()

@@ -18,7 +18,9 @@ waits for no one (the connection's busy timeout is 0 unless the thread runs a
 batch), the thread may wait the full busy timeout. While the thread has writes of
 the home loop unanswered, later writes wait on the loop until they are answered
 (so writes stay in the order they were made, and the next batch runs inline
-again). Reads always go to the thread: a long query never blocks the loop.
+again). Reads go to the thread, so that a long query never blocks the loop; a lookup
+of a row by its key (:meth:`ConnectionThread.lookup`) runs on the loop's thread when
+the connection is free.
 """
 
 from __future__ import annotations
@@ -159,6 +161,32 @@ class ConnectionThread:
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``fn`` outside any write transaction."""
         return self._submit(fn, False, ())
+
+    def lookup(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """:meth:`read` of a few rows by key: run at once on the home loop's thread when
+        the connection is free (a lookup by key is shorter than the hand-off to the
+        thread and back: two thread wake-ups and the GIL passed twice), else in the
+        thread. It sees what :meth:`read` would: what was committed."""
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if (loop is not self._home or conn is None
+                or not self._lock.acquire(blocking=False)):
+            return self._submit(fn, False, ())
+        fut: asyncio.Future[T] = loop.create_future()
+        try:
+            if conn.in_transaction:  # (never between the loop's batches: be safe)
+                return self._submit(fn, False, ())
+            fut.set_result(fn(conn))
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in _LOCKED:
+                fut.set_exception(self._fault(exc))
+            else:  # (a WAL being recovered by another process): the thread may wait
+                return self._submit(fn, False, ())
+        except Exception as exc:
+            fut.set_exception(self._fault(exc))
+        finally:
+            self._lock.release()
+        return fut
 
     def write(self, fn: Callable[[sqlite3.Connection], T], *channels: str) -> asyncio.Future[T]:
         """Run ``fn`` in the next group-committed transaction."""
