@@ -12,6 +12,7 @@ import pytest
 
 from cantata import App, RunStatus, WorkflowContext, WorkflowFailed
 from tests.flow.helpers import until
+from tests.helpers import with_schema
 
 # Seconds from a slot freed to the next run's begin that count as "at once": far above
 # a claim's round trips, well below the loop's own look (1 s in process with the default
@@ -69,3 +70,47 @@ async def test_a_freed_slot_begins_the_next_run_at_once_past_cancelled_ones(
 
 async def _is(handle: object, status: RunStatus) -> bool:
     return await handle.status() == status  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.postgres
+async def test_a_run_ending_in_another_process_begins_the_next_one_at_once(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    """PostgreSQL: the end of a run wakes the queue loops of the other processes too
+    (the store's ``runs`` notification), not only after their safety-net wait. Two
+    workers of one app, each with the code of one of the queue's two workflows: a run
+    of ``wb`` can begin only on B, when the run of ``wa`` that held the slot ends on A."""
+    url = with_schema(postgres_url, fresh_schema)
+    begun: dict[str, float] = {}
+    ended: dict[str, float] = {}
+    gate = asyncio.Event()
+
+    def worker(workflow: str) -> App:
+        app = App("wake2", store=url, broker="embedded")
+        app.queue("q", concurrency=1)
+
+        @app.step
+        async def work(key: str) -> str:
+            begun[key] = time.monotonic()
+            if key == "held":
+                await gate.wait()
+            ended[key] = time.monotonic()
+            return key
+
+        async def body(ctx: WorkflowContext, key: str) -> str:
+            return await ctx.run(work, key)  # type: ignore[no-any-return]
+
+        body.__name__ = body.__qualname__ = workflow
+        app.workflow(queue="q")(body)
+        return app
+
+    a, b = worker("wa"), worker("wb")
+    async with a, b:
+        held = await a.start("wa", "held")
+        await until(lambda: "held" in begun)
+        queued = await a.start("wb", "next")
+        await asyncio.sleep(0.2)  # B's loop has looked and waits (its safety net: ~5 s)
+        gate.set()
+        assert await held.result(timeout=30) == "held"
+        assert await queued.result(timeout=30) == "next"
+    assert begun["next"] - ended["held"] < AT_ONCE, begun["next"] - ended["held"]
