@@ -103,9 +103,11 @@ async def test_a_compensation_that_is_not_idempotent_is_reported() -> None:
 async def test_a_simulated_crash_is_a_kill_the_cut_attempt_counts() -> None:
     """After its crash the worker writes nothing (it excuses no attempt): a step that
     ran but whose result was not stored is a WorkerLost attempt, as under kill -9."""
-    # Before failing the run for its lost attempts, the engine waits up to one lease (of
-    # real time) for an excuse that never comes (docs/leases.md): a 1 s lease, not 10 s.
-    app = App("t", lease=1.0)
+    # Before failing the run for its lost attempts, the engine waits up to one lease
+    # for an excuse that never comes (docs/leases.md): of the skip clock's time, so the
+    # default 10 s lease costs no real time.
+    app = App("t")
+    began = time.monotonic()
     charges: list[int] = []
 
     @app.step(retry=Retry(max_attempts=1))
@@ -126,3 +128,4 @@ async def test_a_simulated_crash_is_a_kill_the_cut_attempt_counts() -> None:
     assert cut.effects == [1] and not cut.same  # charged once, never again
     stored = next(p for p in report.points if (p.checkpoint, p.when) == (2, "after"))
     assert stored.outcome.status == "completed" and stored.effects == [1] and stored.same
+    assert time.monotonic() - began < 5.0  # (a lease of real time: 10 s and more)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cantata.errors import CantataError
@@ -109,10 +109,20 @@ async def await_excuses(execution: RunExecution, key: str, lost: Sequence[Attemp
 
     Returns how many of them were excused (marked ``Paused``); they are marked so in
     ``lost`` too. Called only before a step fails for running out of attempts.
+
+    The lease is waited in real time, except under a virtual clock (a test's
+    ``SkipClock``, whose time moves on its own account): in the app's time then, as the
+    step's retries and sleeps are, so a crash test's cut attempt does not cost a lease
+    of real time per point.
     """
     engine, run = execution.engine, execution.run
     wanted = {(a.attempt, a.started_at): a for a in lost}
-    deadline = time.monotonic() + engine.lease
+    virtual = getattr(engine.clock, "virtual", False)
+    now: Callable[[], float] = engine.clock.now if virtual else time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = (
+        engine.clock.sleep if virtual else asyncio.sleep
+    )
+    deadline = now() + engine.lease
     while True:
         try:
             rows = await engine.store.load_attempts(run.app, run.run_id)
@@ -123,12 +133,12 @@ async def await_excuses(execution: RunExecution, key: str, lost: Sequence[Attemp
             for a in rows
             if a.key == key and a.error_type == PAUSED[0] and (a.attempt, a.started_at) in wanted
         ]
-        if excused or time.monotonic() >= deadline:
+        if excused or now() >= deadline:
             for a in excused:
                 mine = wanted[(a.attempt, a.started_at)]
                 mine.ended_at, mine.error_type, mine.error = a.ended_at, a.error_type, a.error
             return len(excused)
-        await asyncio.sleep(min(engine.lease / 4, max(0.0, deadline - time.monotonic())))
+        await sleep(min(engine.lease / 4, max(0.0, deadline - now())))
 
 
 def handler_fenced(engine: Engine) -> bool:

@@ -291,6 +291,68 @@ def plan_admissions(
     return admit, retry_at
 
 
+class Admissions:
+    """A claim's admissions, planned again past the runs planned that could not begin.
+
+    A run cancelled while it waited keeps its row until a claim meets it (the claim
+    drops the row, and the run never begins); planned, it takes no slot after all, so
+    the claim plans again, at once, with the places it left, instead of leaving them
+    to the queue loop's next look (docs/flow-control.md). Use::
+
+        plan = Admissions(spec, candidates, running, mine, begins, now, limit)
+        while admit := plan.next():
+            plan.began(admit, <the ids of admit that began>)
+    """
+
+    def __init__(
+        self,
+        spec: QueueSpec,
+        candidates: Sequence[tuple[str, str]],
+        running: dict[str, int],
+        mine: int,
+        begins: dict[str, list[float]],
+        now: float,
+        limit: int,
+    ) -> None:
+        self.spec, self.now = spec, now
+        self.pool = list(candidates)  # not planned yet, best first
+        self.running, self.mine, self.begins, self.limit = running, mine, begins, limit
+        self.retry_at: float | None = None
+        self._done = False
+
+    @property
+    def waiting(self) -> bool:
+        """Whether candidates are left that neither began nor were dropped."""
+        return bool(self.pool)
+
+    def next(self) -> list[str]:
+        """The runs to try to begin now, in order (empty: no more this claim)."""
+        if self._done:
+            return []
+        running = dict(self.running)
+        begins = {part: list(times) for part, times in self.begins.items()}
+        admit, self.retry_at = plan_admissions(
+            self.spec, self.pool, running, self.mine, begins, self.now, self.limit
+        )
+        self._done = not admit
+        return admit
+
+    def began(self, admit: Sequence[str], began: Sequence[str]) -> None:
+        """Of the runs :meth:`next` returned, those in ``began`` began; the others were
+        dropped. Their places count for the next plan only if any was dropped."""
+        tried, started = set(admit), set(began)
+        parts = dict(self.pool)
+        self.pool = [c for c in self.pool if c[0] not in tried]
+        for run_id in started:
+            part = parts[run_id]
+            self.running[part] = self.running.get(part, 0) + 1
+            if self.spec.rate is not None:
+                self.begins.setdefault(part, []).append(self.now)
+        self.mine += len(started)
+        self.limit -= len(started)
+        self._done = len(started) == len(tried) or self.limit <= 0
+
+
 def waiters_live_since(forget_before: float | None, lapsed_before: float | None) -> float:
     """The time since which a slot's waiter must have asked to keep its place ahead of
     newcomers: ``lapsed_before`` (``None``: ``forget_before``), never before

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from cantata.errors import QueueConflict
 from cantata.model.flow import (
+    Admissions,
     QueueClaim,
     QueueEntry,
     QueuePosition,
@@ -21,7 +22,6 @@ from cantata.model.flow import (
     Rate,
     ScheduleRow,
     SlotGrant,
-    plan_admissions,
     plan_slot,
     queue_stats,
     stored_rate,
@@ -234,29 +234,34 @@ class PostgresFlow(PostgresCore):
                 f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = ANY($3::text[]) "
                 f"ORDER BY {order} LIMIT {CANDIDATES}", app, queue, workflows,
             )
-            admit, retry_at = plan_admissions(
+            plan = Admissions(
                 spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
             )
-            waiting = len(candidates) > len(admit)
-            if not admit:
-                return QueueClaim([], retry_at, waiting)
-            rows = await c.fetch(
-                f"UPDATE runs r SET owner=$2, fence=r.fence+1, {UNPARK} WHERE r.app=$1 "
-                f"AND r.run_id = ANY($3::text[]) AND r.status='pending' "
-                f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
-                app, worker_id, admit,
-            )
-            began = [r[0] for r in rows]
-            # A run cancelled while it waited (ended by claim_runs) never begins.
-            await c.execute(
-                # ($2 typed: next to an integer 0, PostgreSQL would make it one, truncating)
-                "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
-                "THEN $2::double precision ELSE 0.0 END, "
-                "done = NOT (run_id = ANY($3::text[])) "
-                "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
-            )
-        by_id = {r[0]: run_row(r) for r in rows}
-        return QueueClaim([by_id[i] for i in admit if i in by_id], retry_at, waiting)
+            by_id: dict[str, RunRecord] = {}
+            order_of: list[str] = []
+            while admit := plan.next():
+                rows = await c.fetch(
+                    f"UPDATE runs r SET owner=$2, fence=r.fence+1, {UNPARK} WHERE r.app=$1 "
+                    f"AND r.run_id = ANY($3::text[]) AND r.status='pending' "
+                    f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
+                    app, worker_id, admit,
+                )
+                began = [r[0] for r in rows]
+                # A run cancelled while it waited (ended by claim_runs) never begins:
+                # its row is dropped, and the plan goes on past it (model.flow.Admissions).
+                await c.execute(
+                    # ($2 typed: next to an integer 0, PostgreSQL would make it one)
+                    "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
+                    "THEN $2::double precision ELSE 0.0 END, "
+                    "done = NOT (run_id = ANY($3::text[])) "
+                    "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
+                )
+                by_id.update((r[0], run_row(r)) for r in rows)
+                order_of += admit
+                plan.began(admit, began)
+        runs = [by_id[i] for i in order_of if i in by_id]
+        # (a full page of candidates, all planned: more may wait past it)
+        return QueueClaim(runs, plan.retry_at, plan.waiting or len(candidates) == CANDIDATES)
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:
         out = []

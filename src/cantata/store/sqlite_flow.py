@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from cantata.errors import QueueConflict
 from cantata.model.flow import (
+    Admissions,
     QueueClaim,
     QueueEntry,
     QueuePosition,
@@ -21,7 +22,6 @@ from cantata.model.flow import (
     Rate,
     ScheduleRow,
     SlotGrant,
-    plan_admissions,
     plan_slot,
     queue_stats,
     stored_rate,
@@ -245,22 +245,31 @@ class SQLiteFlow(SQLiteCore):
                 f"WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND q.workflow IN "
                 f"({marks}) ORDER BY {order} LIMIT {CANDIDATES}", (app, queue, *workflows),
             ).fetchall()
-            admit, retry_at = plan_admissions(
+            plan = Admissions(
                 spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
             )
             runs: list[RunRecord] = []
-            for run_id in admit:
-                got = c.execute(
-                    f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE app=? AND run_id=? "
-                    f"AND status='pending' AND cancel_requested=0 AND owner IS NULL "
-                    f"RETURNING {RUN_COLS}", (worker_id, app, run_id),
-                ).fetchone()
-                # A run cancelled while it waited (ended by claim_runs) never begins.
-                c.execute("UPDATE queue_runs SET began_at=?, done=? WHERE app=? AND run_id=?",
-                          (now, 0, app, run_id) if got else (0.0, 1, app, run_id))
-                if got:
-                    runs.append(run_row(got))
-            return QueueClaim(runs, retry_at, waiting=len(candidates) > len(admit))
+            while admit := plan.next():
+                began = []
+                for run_id in admit:
+                    got = c.execute(
+                        f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE app=? AND "
+                        f"run_id=? AND status='pending' AND cancel_requested=0 AND owner IS "
+                        f"NULL RETURNING {RUN_COLS}", (worker_id, app, run_id),
+                    ).fetchone()
+                    # A run cancelled while it waited (ended by claim_runs) never begins:
+                    # its row is dropped, and the plan goes on past it (Admissions).
+                    c.execute(
+                        "UPDATE queue_runs SET began_at=?, done=? WHERE app=? AND run_id=?",
+                        (now, 0, app, run_id) if got else (0.0, 1, app, run_id),
+                    )
+                    if got:
+                        runs.append(run_row(got))
+                        began.append(run_id)
+                plan.began(admit, began)
+            # (a full page of candidates, all planned: more may wait past it)
+            return QueueClaim(runs, plan.retry_at,
+                              waiting=plan.waiting or len(candidates) == CANDIDATES)
 
         return await self._t.write(op)
 

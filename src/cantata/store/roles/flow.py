@@ -72,7 +72,10 @@ class FlowStore(Protocol):
         ``rate.window`` seconds below ``rate.limit``; in progress on this worker
         below ``per_worker``. With ``priorities``, lower numbers first; then
         oldest first. Admitted runs are owned by ``worker_id`` (fence + 1), with
-        their begin time recorded.
+        their begin time recorded. A waiting run that can no longer begin (its cancel
+        asked, or ended) that the claim meets has its row dropped and takes no slot:
+        the claim admits the runs past it instead (``model.flow.Admissions``), so a
+        freed slot is not left to a later claim.
         """
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:

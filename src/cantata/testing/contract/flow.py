@@ -130,6 +130,29 @@ class FlowContract(StoreFixtures):
         assert [(await store.queue_position(self.app, i)).ahead  # type: ignore[union-attr]
                 for i in (ids[2], ids[4])] == [0, 1]
 
+    async def test_one_claim_begins_the_next_runs_past_cancelled_waiting_ones(
+        self, store: Store
+    ) -> None:
+        """A freed slot goes to the next run that can begin, in the claim that meets the
+        cancelled runs ahead of it (ended or only asked), not in a later one."""
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=2), worker_id="w",
+                                  stale_before=0)
+        ids = await self.queued(store, 7)
+        assert await self.claim_q(store, "w") == ids[:2]  # holds both slots
+        await store.request_cancel(self.app, ids[2])
+        [ended] = [r for r in await self.claim(store, "w2") if r.run_id == ids[2]]
+        await store.commit_run(self.app, ended.run_id, ended.fence,
+                               RunWrite(status=RunStatus.CANCELLED, release=True))
+        for i in (3, 5):
+            await store.request_cancel(self.app, ids[i])  # asked, not ended yet
+        await self.end(store, ids[0])
+        await self.end(store, ids[1])
+        claim = await store.claim_queued_runs(self.app, "w", "q", ["wf"], now=time.time(),
+                                              limit=50)
+        assert [r.run_id for r in claim.runs] == [ids[4], ids[6]]
+        assert not claim.waiting
+        assert await self.claim_q(store, "w") == []
+
     async def test_sliding_window_rate(self, store: Store) -> None:
         rate = Rate(2, per=10.0)
         await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",
