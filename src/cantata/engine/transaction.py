@@ -47,11 +47,11 @@ async def run_transactional(
     published: list[Any] = []
     committed: list[HistoryEntry] = []
     failed: list[Exception] = []  # the step's own error
-    txs: list[tuple[Tx, Any]] = []  # the transaction, and the step's result
+    ended: list[tuple[Tx, Any]] = []  # the transaction, and the step's result
 
     async def body(tx: Tx) -> tuple[RunWrite, Any]:
         tx.run_id, tx.step, tx.correlation_id = run.run_id, sdef.name, run.correlation_id
-        txs[:] = [(tx, None)]
+        ended[:] = [(tx, None)]
         try:
             value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
                                       leading=(tx,))
@@ -70,13 +70,13 @@ async def run_transactional(
         done = Attempt(key, attempt, now, ended_at=now)  # started_at: kept as recorded
         published[:] = tx.events
         committed[:] = [entry]
-        txs[:] = [(tx, value)]
+        ended[:] = [(tx, value)]
         return RunWrite(entries=[entry], attempts=[done], events=list(tx.events)), value
 
     def settle() -> None:
         """The transaction committed: the step completed, even if a stop of its body
         comes now (execute_fenced takes its result then, engine/steps.py)."""
-        x.tx_done[(key, attempt)] = txs[0][1]
+        x.tx_done[(key, attempt)] = ended[0][1]
         # The run's next checkpoint writes the entry again: never without the mark.
         x.journal.history[key].detail = committed[0].detail
         if published:
@@ -85,7 +85,7 @@ async def run_transactional(
     try:
         value = await runner(run.app, run.run_id, run.fence, body)
     except asyncio.CancelledError:
-        if txs and txs[0][0].committed:  # stopped during its COMMIT, which went through
+        if ended and ended[0][0].committed:  # stopped during its COMMIT, which went through
             settle()
         raise
     except TransactionUnsupported as exc:
