@@ -528,11 +528,12 @@ class FailsTxOnce(FailsOnce):
         return await self._once("run_transaction", super().run_transaction(*args, **kwargs))
 
 
-def tx_app(store: Any, seen: list[str], ran: list[str], in_step: Any = None) -> App:
+def tx_app(store: Any, seen: list[str], ran: list[str], in_step: Any = None,
+           lease: float = 10) -> App:
     """A workflow that reserves (compensated by ``undo``), then records a booking in a
     transactional step of one attempt (``in_step(tx)`` runs in it after the insert)
     and takes any error of it for a business failure."""
-    app = App("txstall", store=store, lease=10, poll_interval=0.05, shutdown_grace=1)
+    app = App("txstall", store=store, lease=lease, poll_interval=0.05, shutdown_grace=1)
 
     @app.step
     async def reserve() -> int:

@@ -133,6 +133,9 @@ class RunExecution:
         self.bodies: dict[InlineBody[Any], bool] = {}
         self.past_deadline = False  # the deadline passed: the bodies running were cut
         self.cut: set[InlineBody[Any]] = set()  # the bodies the deadline cut
+        # (step key, attempt) -> result of a transactional attempt whose transaction
+        # committed, while its body runs on (a stop coming now does not undo it)
+        self.tx_done: dict[tuple[str, int], Any] = {}
         self.parked = False  # waiting, during a graceful stop, to be released
         self.patches: dict[str, bool] = {}  # ctx.patched answers, fixed for the whole run
         self._deadline_timer: asyncio.Task[None] | None = None

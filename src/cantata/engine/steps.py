@@ -443,7 +443,9 @@ async def execute_fenced(
     hold lapses (see :meth:`Engine.fence_self`), and it is never resumed once that may
     have happened (:class:`~cantata.fencing.InlineBody`): raises ``_Fenced`` then, or
     ``StepStalled`` when the body's own code held the event loop past the fence (that
-    attempt counts). A cancel of this task by anyone else is passed on."""
+    attempt counts), unless it was a transactional step whose transaction committed
+    first: its result is returned then (it completed). A cancel of this task by anyone
+    else is passed on."""
     engine = x.engine
 
     fenced = engine.ownership.in_doubt  # (serving, or draining in a graceful stop)
@@ -467,12 +469,16 @@ async def execute_fenced(
         if body.cancelled:  # the engine's own cancel, taken back: not a cancel of the run
             body.cancelled = False
             me.uncancel()
-            if body in x.cut and me.cancelling() == 0:  # cut at the run's deadline
+        if stopped and me.cancelling() == 0:  # (else someone else cancelled the run too)
+            if (key, attempt) in x.tx_done:
+                # A transactional step stopped once its transaction committed (the stop
+                # waited for its COMMIT, store/tx.py): it completed, with this result.
+                return x.tx_done[(key, attempt)]
+            if body in x.cut:  # cut at the run's deadline
                 raise DeadlineExceeded(
                     f"step {sdef.name} attempt {attempt} was still running when run "
                     f"{x.run.run_id} passed its deadline: it was stopped"
                 ) from None
-        if stopped and me.cancelling() == 0:  # (else someone else cancelled the run too)
             held = x.stalled.get((key, attempt))
             if held is not None:  # its own code held the loop: the attempt counts
                 raise StepStalled(
@@ -486,6 +492,7 @@ async def execute_fenced(
     finally:
         x.bodies.pop(body, None)
         x.cut.discard(body)
+        x.tx_done.pop((key, attempt), None)
         if body.cancelled:  # the body swallowed the engine's cancel: take it back
             me.uncancel()
 

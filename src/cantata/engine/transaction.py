@@ -3,6 +3,7 @@ transaction of the store's database (see docs/workflow-api.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +47,11 @@ async def run_transactional(
     published: list[Any] = []
     committed: list[HistoryEntry] = []
     failed: list[Exception] = []  # the step's own error
-    txs: list[Tx] = []
+    ended: list[tuple[Tx, Any]] = []  # the transaction, and the step's result
 
     async def body(tx: Tx) -> tuple[RunWrite, Any]:
-        txs.append(tx)
         tx.run_id, tx.step, tx.correlation_id = run.run_id, sdef.name, run.correlation_id
+        ended[:] = [(tx, None)]
         try:
             value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
                                       leading=(tx,))
@@ -69,14 +70,28 @@ async def run_transactional(
         done = Attempt(key, attempt, now, ended_at=now)  # started_at: kept as recorded
         published[:] = tx.events
         committed[:] = [entry]
+        ended[:] = [(tx, value)]
         return RunWrite(entries=[entry], attempts=[done], events=list(tx.events)), value
+
+    def settle() -> None:
+        """The transaction committed: the step completed, even if a stop of its body
+        comes now (execute_fenced takes its result then, engine/steps.py)."""
+        x.tx_done[(key, attempt)] = ended[0][1]
+        # The run's next checkpoint writes the entry again: never without the mark.
+        x.journal.history[key].detail = committed[0].detail
+        if published:
+            engine.events_appended(published)
 
     try:
         value = await runner(run.app, run.run_id, run.fence, body)
+    except asyncio.CancelledError:
+        if ended and ended[0][0].committed:  # stopped during its COMMIT, which went through
+            settle()
+        raise
     except TransactionUnsupported as exc:
         raise TransactionUnsupported(f"step {sdef.name}: {exc}") from None
     except StoreError as exc:
-        if isinstance(exc, LeaseLost) or (exc in failed and not any(t.met(exc) for t in txs)):
+        if isinstance(exc, LeaseLost) or (exc in failed and not any(t.met(exc) for t, _ in ended)):
             raise  # (the run was taken over; the step's own error: its attempt failed)
         # The transaction's connection failed (before the step's code ran, under its
         # statements, or at the COMMIT), or the store refused its writes (disk full,
@@ -87,9 +102,7 @@ async def run_transactional(
         # even when the COMMIT's outcome is unknown: the step's completion commits
         # with its writes, so it is replayed if they committed, and run again if not.
         raise _StoreFailed(exc) from exc
-    # The run's next checkpoint writes the entry again: never without the mark.
-    x.journal.history[key].detail = committed[0].detail
+    settle()
     if published:
-        engine.events_appended(published)
         await report_orphans(engine, published)  # (best-effort: the step committed)
     return value

@@ -15,13 +15,14 @@ from typing import Any, TypeVar
 import asyncpg
 
 from cantata.errors import StoreError, StoreUnavailable
+from cantata.model.records import RunWrite
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
 from cantata.store.faults import postgres_fault
 from cantata.store.postgres_batch import Batch, _commit_sql
 from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool
-from cantata.store.tx import Tx, TxBody, to_numbered
+from cantata.store.tx import Tx, TxBody, commit_through, to_numbered
 
 R = TypeVar("R")
 
@@ -63,7 +64,8 @@ async def run_transaction(
     ``StoreReadOnly`` already (:meth:`PostgresTx._fault`, as the pool names them). If the
     connection was lost under it (found gone after it, or at the rollback),
     ``StoreUnavailable`` is raised instead, as when connecting, beginning, the
-    checkpoint or the COMMIT lost the connection.
+    checkpoint or the COMMIT lost the connection. A cancel that comes during the
+    checkpoint and COMMIT is raised once they have ended (:func:`commit_through`).
     """
     failed: Exception | None = None  # the step's own error
     async with db.conn() as c:
@@ -76,13 +78,8 @@ async def run_transaction(
                 failed = exc
             tx.close()
             if failed is None:
-                batch = Batch()
-                refused = await writes.commit_runs(c, batch, [(app, run_id, fence, write)])
-                if refused[0] is not None:
-                    raise refused[0].error
-                if batch.audits:
-                    await ops.audit_append_many(c, batch.audits, keys)
-                await c.execute(_commit_sql(batch.notices, db.channel))
+                await commit_through(tx, _commit(db, c, app, run_id, fence, write, keys),
+                                     c.terminate)
         except BaseException:
             tx.close()
             if not _lost(c) and c.is_in_transaction():
@@ -97,6 +94,20 @@ async def run_transaction(
     if failed is not None:
         raise failed
     return value
+
+
+async def _commit(
+    db: PgPool, c: Conn, app: str, run_id: str, fence: int, write: RunWrite,
+    keys: Mapping[str, audit.AuditKey] | None,
+) -> None:
+    """The step's checkpoint (fenced), its audit record and the COMMIT."""
+    batch = Batch()
+    refused = await writes.commit_runs(c, batch, [(app, run_id, fence, write)])
+    if refused[0] is not None:
+        raise refused[0].error
+    if batch.audits:
+        await ops.audit_append_many(c, batch.audits, keys)
+    await c.execute(_commit_sql(batch.notices, db.channel))
 
 
 def _lost(c: Conn) -> bool:

@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cantata.errors import LeaseLost, StoreError, TransactionUnsupported
+from cantata.model.records import RunWrite
 from cantata.store.base import CLAIMS, EVENTS, RUNS, TASKS
 from cantata.store.faults import sqlite_fault
 from cantata.store.sqlite_open import connect
 from cantata.store.sqlite_thread import TxConnection
-from cantata.store.tx import Tx, TxBody, to_numbered
+from cantata.store.tx import Tx, TxBody, commit_through, to_numbered
 
 if TYPE_CHECKING:
     from cantata.store.sqlite import SQLiteStore
@@ -124,18 +125,26 @@ async def run_transaction(
                 c.before_commit()
                 c.execute("COMMIT")
 
-            await lane.call(finish)
+            await commit_through(tx, lane.call(finish))
         except BaseException:
             tx.close()
-            await asyncio.shield(lane.call(_rollback))
+            if tx.committed:  # a cancel came during the COMMIT: raised after it
+                _notify(store, write)
+            else:
+                await asyncio.shield(lane.call(_rollback))
             raise
+    _notify(store, write)
+    return value
+
+
+def _notify(store: SQLiteStore, write: RunWrite) -> None:
+    """Wake what waits for the committed step's writes."""
     channels = {RUNS}
     if write.events:
         channels.update((EVENTS, CLAIMS))
     if write.tasks:
         channels.add(TASKS)
     store._notify(channels)
-    return value
 
 
 def _rollback(c: sqlite3.Connection) -> None:

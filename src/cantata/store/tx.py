@@ -10,11 +10,12 @@ backends; they are rewritten to the database's own style.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from cantata.errors import StoreError, TransactionClosed
+from cantata.errors import StoreError, StoreUnavailable, TransactionClosed
 from cantata.model.event import Event
 from cantata.model.records import RunWrite
 
@@ -68,6 +69,7 @@ class Tx:
         # the step as Cantata's errors: the store's condition, not the step's failure.
         self.faults: list[StoreError] = []
         self._open = True
+        self.committed = False  # set by the store once its COMMIT went through
 
     def _check(self, call: str) -> None:
         if not self._open:
@@ -133,3 +135,51 @@ class Tx:
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         raise NotImplementedError
+
+
+#: Seconds a stopped step waits for its transaction's COMMIT to end before it gives up
+#: knowing its outcome (a connection gone silent would hold it for good).
+STOP_PATIENCE = 5.0
+
+
+async def commit_through(
+    tx: Tx, commit: Coroutine[Any, Any, None], abandon: Callable[[], None] | None = None,
+) -> None:
+    """Run ``commit`` (a step's transaction's checkpoint and COMMIT) to its end, and
+    set ``tx.committed`` if it went through.
+
+    A cancel of the awaiting task that comes meanwhile (the engine stopping the step's
+    body: a fence, the run's deadline, the run let go; a body guard's throw) never
+    lands in it, where it would leave the transaction's outcome unknown: it is raised
+    once the commit has ended, and the caller tells from ``tx.committed`` whether
+    the step completed (engine/transaction.py). The commit's own error, if any, is
+    raised instead (it says what became of the transaction). A commit still under way
+    :data:`STOP_PATIENCE` seconds after the cancel is abandoned (``abandon()``, which
+    must end it, else it is cancelled) and ``StoreUnavailable`` raised: its outcome
+    is unknown, and the run's history tells it (an outage, docs/workflow-api.md)."""
+    loop = asyncio.get_running_loop()
+    ending = asyncio.ensure_future(commit)
+    stop: asyncio.CancelledError | None = None
+    give_up: float | None = None  # (once stopped)
+    abandoned = False
+    while not ending.done():
+        if give_up is not None and loop.time() >= give_up and not abandoned:
+            abandoned = True
+            (abandon or ending.cancel)()
+        try:  # (a cancel of this wait leaves ``ending`` alone)
+            await asyncio.wait([ending], timeout=None if give_up is None or abandoned
+                               else max(0.0, give_up - loop.time()))
+        except asyncio.CancelledError as exc:
+            if stop is None:
+                give_up = loop.time() + STOP_PATIENCE
+            stop = exc
+    if abandoned and (ending.cancelled() or ending.exception() is not None):
+        raise StoreUnavailable(
+            f"the COMMIT of step {tx.step} of run {tx.run_id} had not ended {STOP_PATIENCE:g} "
+            "s after the step was stopped (its connection silent?): whether it committed is "
+            "unknown; the run goes on from its history, which tells"
+        ) from None
+    ending.result()
+    tx.committed = True
+    if stop is not None:
+        raise stop
