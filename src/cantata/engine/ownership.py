@@ -409,16 +409,21 @@ class Ownership:
         for notifications then, and a worker that dies writes none. A heartbeat only
         moves a worker's expiry later, so the earliest one read is the first moment a
         takeover may be due: read again then (about once every 3/4 of a lease when
-        other workers live, every safety-net wait when none is known), and wake the
-        claimers if a worker live at the last read is past its expiry now. Without a
+        other workers live; when none is known, after a safety-net wait or 3/4 of a
+        lease, whichever is shorter), and wake the claimers if a worker is past its
+        expiry now that was not at the last read (one that registered after that read
+        and died at once included). Without a
         listener the claimers look every poll interval anyway, and this loop only
         waits."""
         engine = self.engine
-        live: set[str] = set()  # other workers live at the last read
+        expired: set[str] | None = None  # other workers past their expiry at the last read
         while True:
             wait = engine.poll_interval * 5
             if getattr(engine.store, "listening", False):
-                wait = idle_wait(engine.store, wait)
+                # With no other worker known live, read again within 3/4 of a lease: a
+                # worker that registers after a read, claims work and dies at once is
+                # seen past its expiry then, not a safety-net wait later.
+                wait = min(idle_wait(engine.store, wait), engine.lease * FENCE_AT)
                 now = engine.clock.now()
                 due = self.next_expiry
                 if due is None or due <= now:
@@ -428,20 +433,21 @@ class Ownership:
                         workers = None  # (the claims' own warnings say the store fails)
                     now = engine.clock.now()
                     if workers is None:
-                        self.next_expiry, live = None, set()
+                        self.next_expiry, expired = None, None
                         engine.wake_claimers()  # they look every poll interval anyway
                     else:
                         others = [w for w in workers if w.worker_id != engine.worker_id]
-                        if any(w.worker_id in live and w.expires_at <= now for w in others):
+                        gone = {w.worker_id for w in others if w.expires_at <= now}
+                        if expired is not None and gone - expired:
                             engine.wake_claimers()  # its work is free to take over now
-                        live = {w.worker_id for w in others if w.expires_at > now}
+                        expired = gone
                         later = [w.expires_at for w in others if w.expires_at > now]
                         self.next_expiry = min(later) if later else None
                     due = self.next_expiry
                 if due is not None:
                     wait = min(wait, max(due - now, 0.0) + 0.001)
             else:
-                self.next_expiry, live = None, set()
+                self.next_expiry, expired = None, None
             await asyncio.sleep(wait)
 
     # -- reconciliation -------------------------------------------------------------------
