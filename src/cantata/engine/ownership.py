@@ -416,7 +416,7 @@ class Ownership:
         listener the claimers look every poll interval anyway, and this loop only
         waits."""
         engine = self.engine
-        expired: set[str] | None = None  # other workers past their expiry at the last read
+        past: set[str] | None = None  # other workers past their expiry at the last read
         while True:
             wait = engine.poll_interval * 5
             if getattr(engine.store, "listening", False):
@@ -433,21 +433,21 @@ class Ownership:
                         workers = None  # (the claims' own warnings say the store fails)
                     now = engine.clock.now()
                     if workers is None:
-                        self.next_expiry, expired = None, None
+                        self.next_expiry, past = None, None
                         engine.wake_claimers()  # they look every poll interval anyway
                     else:
                         others = [w for w in workers if w.worker_id != engine.worker_id]
                         gone = {w.worker_id for w in others if w.expires_at <= now}
-                        if expired is not None and gone - expired:
+                        if past is not None and gone - past:
                             engine.wake_claimers()  # its work is free to take over now
-                        expired = gone
+                        past = gone
                         later = [w.expires_at for w in others if w.expires_at > now]
                         self.next_expiry = min(later) if later else None
                     due = self.next_expiry
                 if due is not None:
                     wait = min(wait, max(due - now, 0.0) + 0.001)
             else:
-                self.next_expiry, expired = None, None
+                self.next_expiry, past = None, None
             await asyncio.sleep(wait)
 
     # -- reconciliation -------------------------------------------------------------------
