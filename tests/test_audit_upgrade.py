@@ -435,7 +435,23 @@ def roll(
     done = results(
         setup.client(new_src, "new", "wait", "0,100", str(n), str(wait), timeout=wait + 15)
     )
-    return Rolled(setup, old, new, done, setup.rows(), joined)
+    return Rolled(setup, old, new, done, handled_rows(setup), joined)
+
+
+def handled_rows(setup: Setup, timeout: float = 20) -> list[dict[str, Any]]:
+    """The ledger once the event of every job whose ``limited`` step ended has been
+    handled, or after ``timeout`` (``check_finished_once`` then says which were not):
+    a handler runs after the run that emitted its event, on its own time, so a run's
+    result comes before its event's handling, by seconds on a loaded machine."""
+    until = time.monotonic() + timeout
+    while True:
+        rows = setup.rows()
+        ended = {r["i"] for r in rows if r["kind"] == "end" and r["step"] == "limited"}
+        if ended <= {r["i"] for r in rows if r["kind"] == "handled"}:
+            return rows
+        if time.monotonic() > until:
+            return rows
+        time.sleep(0.1)
 
 
 def check_finished_once(r: Rolled) -> None:
