@@ -357,6 +357,18 @@ def completed_twice(rows: list[dict[str, Any]]) -> dict[tuple[str, Any], int]:
     return {k: n for k, n in ends.items() if n > 1}
 
 
+def twice_told(rows: list[dict[str, Any]]) -> str:
+    """The ledger rows of the steps :func:`completed_twice` finds (which release and
+    process began, ended or was cut in each, when), for an assertion's message."""
+    twice = completed_twice(rows)
+    lines = [f"completed twice: {twice}"]
+    for r in sorted(rows, key=lambda r: r["t"]):
+        if (r.get("step"), r.get("i")) in twice:
+            lines.append(f"  {r['t']:.3f} {r['release']} pid {r['pid']} {r['kind']} "
+                         f"{r['step']} {r['i']}")
+    return "\n".join(lines)
+
+
 def overlaps(rows: list[dict[str, Any]], step: str) -> list[tuple[Any, Any]]:
     """Pairs of ``step`` bodies in progress at once (begin to end or cut)."""
     spans: list[tuple[float, float, Any, str]] = []
@@ -459,7 +471,7 @@ def check_finished_once(r: Rolled) -> None:
     assert not errors, (
         f"runs that did not finish: {errors}\nold:\n{r.old.text()}\nnew:\n{r.new.text()}"
     )
-    assert not completed_twice(r.rows), completed_twice(r.rows)
+    assert not completed_twice(r.rows), twice_told(r.rows)
     handled = collections.Counter(row["i"] for row in r.rows if row["kind"] == "handled")
     assert set(handled) == {
         row["i"] for row in r.rows if row["kind"] == "end" and row["step"] == "limited"
@@ -511,7 +523,7 @@ def test_postgres_older_worker_keeps_serving_after_the_migration(
         assert all(v[0] == "done" for v in done.values()), done
         check_finished_once(r)
         rows = setup.rows()
-        assert not completed_twice(rows)
+        assert not completed_twice(rows), twice_told(rows)
         assert not overlaps(rows, "limited"), overlaps(rows, "limited")
         # The older worker did serve after the migration (its steps, not just its stop).
         assert any(
@@ -766,7 +778,7 @@ def check_told_to_restart(setup: Setup, processes: int, known: int) -> None:
     assert setup.client(NEW_SRC, "new", "publish", "0", "4", timeout=60).returncode == 0
     done = results(setup.client(NEW_SRC, "new", "wait", "0", "4", "40", timeout=60))
     assert all(v[0] == "done" for v in done.values()), (done, newer.text())
-    assert not completed_twice(setup.rows()), completed_twice(setup.rows())
+    assert not completed_twice(setup.rows()), twice_told(setup.rows())
     assert newer.stop() == 0, newer.text()
 
 
