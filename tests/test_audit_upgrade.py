@@ -472,10 +472,45 @@ def check_finished_once(r: Rolled) -> None:
         f"runs that did not finish: {errors}\nold:\n{r.old.text()}\nnew:\n{r.new.text()}"
     )
     assert not completed_twice(r.rows), twice_told(r.rows)
-    handled = collections.Counter(row["i"] for row in r.rows if row["kind"] == "handled")
-    assert set(handled) == {
-        row["i"] for row in r.rows if row["kind"] == "end" and row["step"] == "limited"
-    }
+    handled = {row["i"] for row in r.rows if row["kind"] == "handled"}
+    ended = {row["i"] for row in r.rows if row["kind"] == "end" and row["step"] == "limited"}
+    assert handled <= ended, handled - ended
+    # Every job's event handled, but for those the older worker left open on a SQLite
+    # file dead-lettered (docs/deploy.md, "Upgrading Cantata"): its release claims them
+    # on, and once its pause clock saw a stall past its fence it hands each back
+    # unhandled, takes it again (usually first) when due, and dead-letters it after its
+    # attempts.
+    missing = ended - handled
+    excused = dead_lettered_by_older(r) if missing else {}
+    assert missing <= set(excused), (
+        f"job events not handled: {sorted(missing - set(excused))} (dead-lettered by the "
+        f"older worker: {excused})\nold:\n{r.old.text()}\nnew:\n{r.new.text()}"
+    )
+
+
+def dead_lettered_by_older(r: Rolled) -> dict[int, str]:
+    """On SQLite: job -> the error with which the older worker dead-lettered its event's
+    delivery as cut short (the store's audit record names the worker that did)."""
+    if not r.setup.store.startswith("sqlite:///"):
+        return {}
+    banner = re.search(r"cantata worker (\S+) serving app", r.old.text())
+    if banner is None:
+        return {}
+    conn = sqlite3.connect(r.setup.store[len("sqlite:///"):], timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT e.data, a.data FROM audit a JOIN events e ON a.target = 'audit:' || e.id"
+            " WHERE a.action = 'delivery.dead' AND a.actor = ? AND e.type = 'job.done'",
+            (f"worker:{banner.group(1)}",),
+        ).fetchall()
+    finally:
+        conn.close()
+    out: dict[int, str] = {}
+    for data, detail in rows:
+        error = str(json.loads(detail).get("error", ""))
+        if "cut short" in error:
+            out[int(json.loads(data)["i"])] = error
+    return out
 
 
 def check_quiet(worker: Worker) -> None:
