@@ -357,6 +357,24 @@ def completed_twice(rows: list[dict[str, Any]]) -> dict[tuple[str, Any], int]:
     return {k: n for k, n in ends.items() if n > 1}
 
 
+def twice_unexcused(rows: list[dict[str, Any]], old: Worker) -> dict[tuple[str, Any], int]:
+    """:func:`completed_twice`, but for the steps one process of the older release ran to
+    their end each time, when it logged a pause: releases before this one's fix threw
+    away the result of a limited step whose body had returned when a pause (a loaded
+    machine will do) was noticed during its slot's release, and ran the body again
+    (docs/leases.md, "Pauses and store outages"). A repeat with any end of this
+    release's, or over two processes, is not excused."""
+    twice = completed_twice(rows)
+    paused = "was paused" in old.text()
+    out = {}
+    for key, n in twice.items():
+        ends = [r for r in rows if r["kind"] == "end" and (r["step"], r["i"]) == key]
+        if not (paused and {r["release"] for r in ends} == {"old"}
+                and len({r["pid"] for r in ends}) == 1):
+            out[key] = n
+    return out
+
+
 def twice_told(rows: list[dict[str, Any]]) -> str:
     """The ledger rows of the steps :func:`completed_twice` finds (which release and
     process began, ended or was cut in each, when), for an assertion's message."""
@@ -471,7 +489,7 @@ def check_finished_once(r: Rolled) -> None:
     assert not errors, (
         f"runs that did not finish: {errors}\nold:\n{r.old.text()}\nnew:\n{r.new.text()}"
     )
-    assert not completed_twice(r.rows), twice_told(r.rows)
+    assert not twice_unexcused(r.rows, r.old), twice_told(r.rows)
     handled = {row["i"] for row in r.rows if row["kind"] == "handled"}
     ended = {row["i"] for row in r.rows if row["kind"] == "end" and row["step"] == "limited"}
     assert handled <= ended, handled - ended
@@ -558,7 +576,7 @@ def test_postgres_older_worker_keeps_serving_after_the_migration(
         assert all(v[0] == "done" for v in done.values()), done
         check_finished_once(r)
         rows = setup.rows()
-        assert not completed_twice(rows), twice_told(rows)
+        assert not twice_unexcused(rows, r.old), twice_told(rows)
         assert not overlaps(rows, "limited"), overlaps(rows, "limited")
         # The older worker did serve after the migration (its steps, not just its stop).
         assert any(
