@@ -357,6 +357,36 @@ def completed_twice(rows: list[dict[str, Any]]) -> dict[tuple[str, Any], int]:
     return {k: n for k, n in ends.items() if n > 1}
 
 
+def twice_unexcused(rows: list[dict[str, Any]], old: Worker) -> dict[tuple[str, Any], int]:
+    """:func:`completed_twice`, but for the steps one process of the older release ran to
+    their end each time, when it logged a pause: releases before this one's fix threw
+    away the result of a limited step whose body had returned when a pause (a loaded
+    machine will do) was noticed during its slot's release, and ran the body again
+    (docs/leases.md, "Pauses and store outages"). A repeat with any end of this
+    release's, or over two processes, is not excused."""
+    twice = completed_twice(rows)
+    paused = "was paused" in old.text()
+    out = {}
+    for key, n in twice.items():
+        ends = [r for r in rows if r["kind"] == "end" and (r["step"], r["i"]) == key]
+        if not (paused and {r["release"] for r in ends} == {"old"}
+                and len({r["pid"] for r in ends}) == 1):
+            out[key] = n
+    return out
+
+
+def twice_told(rows: list[dict[str, Any]]) -> str:
+    """The ledger rows of the steps :func:`completed_twice` finds (which release and
+    process began, ended or was cut in each, when), for an assertion's message."""
+    twice = completed_twice(rows)
+    lines = [f"completed twice: {twice}"]
+    for r in sorted(rows, key=lambda r: r["t"]):
+        if (r.get("step"), r.get("i")) in twice:
+            lines.append(f"  {r['t']:.3f} {r['release']} pid {r['pid']} {r['kind']} "
+                         f"{r['step']} {r['i']}")
+    return "\n".join(lines)
+
+
 def overlaps(rows: list[dict[str, Any]], step: str) -> list[tuple[Any, Any]]:
     """Pairs of ``step`` bodies in progress at once (begin to end or cut)."""
     spans: list[tuple[float, float, Any, str]] = []
@@ -435,7 +465,23 @@ def roll(
     done = results(
         setup.client(new_src, "new", "wait", "0,100", str(n), str(wait), timeout=wait + 15)
     )
-    return Rolled(setup, old, new, done, setup.rows(), joined)
+    return Rolled(setup, old, new, done, handled_rows(setup), joined)
+
+
+def handled_rows(setup: Setup, timeout: float = 20) -> list[dict[str, Any]]:
+    """The ledger once the event of every job whose ``limited`` step ended has been
+    handled, or after ``timeout`` (``check_finished_once`` then says which were not):
+    a handler runs after the run that emitted its event, on its own time, so a run's
+    result comes before its event's handling, by seconds on a loaded machine."""
+    until = time.monotonic() + timeout
+    while True:
+        rows = setup.rows()
+        ended = {r["i"] for r in rows if r["kind"] == "end" and r["step"] == "limited"}
+        if ended <= {r["i"] for r in rows if r["kind"] == "handled"}:
+            return rows
+        if time.monotonic() > until:
+            return rows
+        time.sleep(0.1)
 
 
 def check_finished_once(r: Rolled) -> None:
@@ -443,11 +489,46 @@ def check_finished_once(r: Rolled) -> None:
     assert not errors, (
         f"runs that did not finish: {errors}\nold:\n{r.old.text()}\nnew:\n{r.new.text()}"
     )
-    assert not completed_twice(r.rows), completed_twice(r.rows)
-    handled = collections.Counter(row["i"] for row in r.rows if row["kind"] == "handled")
-    assert set(handled) == {
-        row["i"] for row in r.rows if row["kind"] == "end" and row["step"] == "limited"
-    }
+    assert not twice_unexcused(r.rows, r.old), twice_told(r.rows)
+    handled = {row["i"] for row in r.rows if row["kind"] == "handled"}
+    ended = {row["i"] for row in r.rows if row["kind"] == "end" and row["step"] == "limited"}
+    assert handled <= ended, handled - ended
+    # Every job's event handled, but for those the older worker left open on a SQLite
+    # file dead-lettered (docs/deploy.md, "Upgrading Cantata"): its release claims them
+    # on, and once its pause clock saw a stall past its fence it hands each back
+    # unhandled, takes it again (usually first) when due, and dead-letters it after its
+    # attempts.
+    missing = ended - handled
+    excused = dead_lettered_by_older(r) if missing else {}
+    assert missing <= set(excused), (
+        f"job events not handled: {sorted(missing - set(excused))} (dead-lettered by the "
+        f"older worker: {excused})\nold:\n{r.old.text()}\nnew:\n{r.new.text()}"
+    )
+
+
+def dead_lettered_by_older(r: Rolled) -> dict[int, str]:
+    """On SQLite: job -> the error with which the older worker dead-lettered its event's
+    delivery as cut short (the store's audit record names the worker that did)."""
+    if not r.setup.store.startswith("sqlite:///"):
+        return {}
+    banner = re.search(r"cantata worker (\S+) serving app", r.old.text())
+    if banner is None:
+        return {}
+    conn = sqlite3.connect(r.setup.store[len("sqlite:///"):], timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT e.data, a.data FROM audit a JOIN events e ON a.target = 'audit:' || e.id"
+            " WHERE a.action = 'delivery.dead' AND a.actor = ? AND e.type = 'job.done'",
+            (f"worker:{banner.group(1)}",),
+        ).fetchall()
+    finally:
+        conn.close()
+    out: dict[int, str] = {}
+    for data, detail in rows:
+        error = str(json.loads(detail).get("error", ""))
+        if "cut short" in error:
+            out[int(json.loads(data)["i"])] = error
+    return out
 
 
 def check_quiet(worker: Worker) -> None:
@@ -495,7 +576,7 @@ def test_postgres_older_worker_keeps_serving_after_the_migration(
         assert all(v[0] == "done" for v in done.values()), done
         check_finished_once(r)
         rows = setup.rows()
-        assert not completed_twice(rows)
+        assert not twice_unexcused(rows, r.old), twice_told(rows)
         assert not overlaps(rows, "limited"), overlaps(rows, "limited")
         # The older worker did serve after the migration (its steps, not just its stop).
         assert any(
@@ -750,7 +831,7 @@ def check_told_to_restart(setup: Setup, processes: int, known: int) -> None:
     assert setup.client(NEW_SRC, "new", "publish", "0", "4", timeout=60).returncode == 0
     done = results(setup.client(NEW_SRC, "new", "wait", "0", "4", "40", timeout=60))
     assert all(v[0] == "done" for v in done.values()), (done, newer.text())
-    assert not completed_twice(setup.rows()), completed_twice(setup.rows())
+    assert not completed_twice(setup.rows()), twice_told(setup.rows())
     assert newer.stop() == 0, newer.text()
 
 

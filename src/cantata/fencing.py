@@ -34,6 +34,23 @@ T = TypeVar("T")
 IN_BODY: contextvars.ContextVar[bool] = contextvars.ContextVar("cantata_in_body", default=False)
 
 
+def body_ended() -> None:
+    """Tell the :class:`InlineBody` this runs in (if any) that the step's own code has
+    returned or raised: what its awaiting code still does (close the attempt's
+    heartbeat, release a limited step's slot) is the engine's bookkeeping, which the
+    guard neither cuts nor lets the engine cancel any more. Cut there, a body that
+    returned would have its result thrown away and run again (its worker paused past
+    the fence after the body's last line); kept, the result goes to the run's fenced
+    checkpoint, which fails if another worker took the run over meanwhile."""
+    body = _BODY.get()
+    if body is not None:
+        body.ended = True
+
+
+_BODY: contextvars.ContextVar[InlineBody[Any] | None] = contextvars.ContextVar(
+    "cantata_body", default=None)
+
+
 class PauseClock:
     """A thread that ticks every ``every`` seconds. A gap in its ticks is a stall of
     the whole process (SIGSTOP, a VM stall), not of the event loop alone: a step body
@@ -173,7 +190,7 @@ class InlineBody(_Guard, Generic[T]):
     own).
     """
 
-    __slots__ = ("_context", "cancelled", "task")
+    __slots__ = ("_context", "cancelled", "ended", "task")
 
     def __init__(
         self,
@@ -189,12 +206,15 @@ class InlineBody(_Guard, Generic[T]):
         self._context = contextvars.copy_context()
         if in_body:
             self._context.run(IN_BODY.set, True)
+            self._context.run(_BODY.set, self)
         self.task = task
         self.cancelled = False  # cancel() cancelled the task
+        self.ended = False  # the step's own code returned or raised (body_ended)
 
     def cancel(self) -> None:
-        """Stop the body now (its worker's hold may have lapsed)."""
-        if not self.cancelled:
+        """Stop the body now (its worker's hold may have lapsed), unless the step's own
+        code ended already (:func:`body_ended`)."""
+        if not self.cancelled and not self.ended:
             self.cancelled = True
             getattr(self.task, "engine_cancel", self.task.cancel)()
 
@@ -210,7 +230,7 @@ class InlineBody(_Guard, Generic[T]):
             try:
                 if exc is not None:
                     yielded = run(throw, exc)
-                elif not self.thrown and fenced():
+                elif not self.thrown and not self.ended and fenced():
                     self.thrown = True
                     yielded = run(throw, asyncio.CancelledError())
                 else:

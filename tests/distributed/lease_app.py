@@ -22,6 +22,13 @@ app = App(
 )
 app.shutdown_grace = float(os.environ.get("CANTATA_TEST_GRACE", "30"))
 MARKS = Path(os.environ.get("CANTATA_TEST_MARKS", "/tmp"))
+if os.environ.get("CANTATA_TEST_SAFETY_NET"):
+    # How long an idle worker's loops wait for news on PostgreSQL before they look on
+    # their own (5 s): a test widens it, so that what such a look finds is clearly
+    # apart from what the worker sees within a lease.
+    from cantata.store.roles import lifecycle
+
+    lifecycle.SAFETY_NET = float(os.environ["CANTATA_TEST_SAFETY_NET"])
 
 
 def mark(kind: str, key: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -28,12 +29,39 @@ def start_worker(
     lease: float = 1.0,
     grace: float | None = None,
     grace_flag: bool = False,
+    safety_net: float | None = None,
 ) -> subprocess.Popen[bytes]:
     """``cantata worker lease_app:app`` in its own process (this checkout's code).
 
-    ``grace`` goes to ``App.shutdown_grace`` (or, with ``grace_flag``, to ``--grace``).
+    ``grace`` goes to ``App.shutdown_grace`` (or, with ``grace_flag``, to ``--grace``);
+    ``safety_net`` replaces the 5 s an idle worker waits for news on PostgreSQL.
     """
-    env = {
+    env = _env(marks, lease)
+    args = [sys.executable, "-m", "cantata", "worker", "lease_app:app", "--store", store,
+            "--broker", broker]
+    if grace is not None and grace_flag:
+        args += ["--grace", str(grace)]
+    elif grace is not None:
+        env["CANTATA_TEST_GRACE"] = str(grace)
+    if safety_net is not None:
+        env["CANTATA_TEST_SAFETY_NET"] = str(safety_net)
+    with log.open("ab") as out:
+        return subprocess.Popen(args, env=env, cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_run_here(
+    store: str, marks: Path, log: Path, order: dict[str, object], *, lease: float = 1.0
+) -> subprocess.Popen[bytes]:
+    """A worker process of ``lease_app`` (embedded broker) that starts one run of
+    ``chain`` with ``order`` itself: the run is its own from the start (start_here.py)."""
+    args = [sys.executable, str(HERE / "start_here.py"), store, json.dumps(order)]
+    with log.open("ab") as out:
+        return subprocess.Popen(args, env=_env(marks, lease), cwd=HERE, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def _env(marks: Path, lease: float) -> dict[str, str]:
+    return {
         **os.environ,
         "CANTATA_TEST_MARKS": str(marks),
         "CANTATA_TEST_LEASE": str(lease),
@@ -43,14 +71,6 @@ def start_worker(
             str(HERE), os.environ.get("CANTATA_TEST_WORKER_SRC"), os.environ.get("PYTHONPATH"),
         ])),
     }
-    args = [sys.executable, "-m", "cantata", "worker", "lease_app:app", "--store", store,
-            "--broker", broker]
-    if grace is not None and grace_flag:
-        args += ["--grace", str(grace)]
-    elif grace is not None:
-        env["CANTATA_TEST_GRACE"] = str(grace)
-    with log.open("ab") as out:
-        return subprocess.Popen(args, env=env, cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -360,3 +361,43 @@ async def test_a_body_whose_hold_lapsed_before_it_began_never_runs_its_first_lin
     assert ran == []
     assert await asyncio.create_task(run(lapsed=False)) == "done"
     assert ran == ["first line"]
+
+
+@pytest.mark.parametrize("limit", ["concurrency", "rate"])
+async def test_a_limited_step_whose_body_returned_before_a_pause_is_not_run_again(
+    sqlite_url: str, limit: str
+) -> None:
+    """This process is really stopped (SIGSTOP) past the fence in the last line of a
+    limited step's body: once it runs again the body returns, and what follows (its
+    slot's release) is the engine's, not the body's: the result is kept and recorded
+    by the run's fenced checkpoint (no other worker could take the run: this one is
+    alone), not thrown away with the step run a second time. (It was, when the pause
+    was noticed during the slot's release.)"""
+    app = make_app(sqlite_url, lease=LEASE)
+    calls: list[int] = []
+    wakers: list[subprocess.Popen[bytes]] = []
+    limits: dict[str, Any] = (
+        {"concurrency": 1} if limit == "concurrency" else {"rate": cantata.Rate(100, 1.0)})
+
+    @app.step(retry=Retry(max_attempts=3), **limits)
+    async def charge() -> str:
+        calls.append(cantata.step_info().attempt)
+        await asyncio.sleep(0.05)
+        if len(calls) == 1:
+            waker = f"sleep {LEASE * 1.5}; kill -CONT {os.getpid()}"
+            wakers.append(subprocess.Popen(["sh", "-c", waker]))  # noqa: ASYNC220 - on purpose
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return "charged"
+
+    @app.workflow
+    async def wf(ctx: cantata.WorkflowContext) -> str:
+        return str(await ctx.run(charge))
+
+    async with app:
+        handle = await app.start(wf)
+        assert await handle.result(timeout=20) == "charged"
+        attempts = await app.store.load_attempts(app.name, handle.run_id)
+    for waker in wakers:
+        waker.wait()
+    assert calls == [1]  # the body ran once
+    assert [(a.attempt, a.error_type) for a in attempts] == [(1, None)]

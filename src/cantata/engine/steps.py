@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef
 from cantata.errors import DeadlineExceeded, StepFailed
-from cantata.fencing import InlineBody
+from cantata.fencing import InlineBody, body_ended
 from cantata.flow.limits import release_step_slot, retime_step_begin, take_step_slot
 from cantata.model import codec
 from cantata.model.records import (
@@ -567,5 +567,6 @@ async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, atte
         failed = False
         return value
     finally:
+        body_ended()  # what follows is bookkeeping: not cut (cantata.fencing)
         if not beat.close_now(failed):
             await beat.close(failed)
