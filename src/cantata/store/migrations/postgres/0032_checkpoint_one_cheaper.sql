@@ -7,7 +7,8 @@
 --   generate_series, not by unnest: unnest of n arrays is n set-returning functions,
 --   each with its own tuple descriptor set up and its rows materialized at every call
 --   (13 for history), the costliest part of a checkpoint's executor set-up. One
---   attempt is still one row of VALUES.
+--   attempt is still one row of VALUES. (The rows are as many as the keys: the
+--   arrays are always of one length, which unnest would have padded with NULLs.)
 -- * A checkpoint that neither sets the status nor releases the run (a step's end, the
 --   middle of a saga) locks and writes its run with one fenced UPDATE that returns
 --   the owner (unchanged by it), where it took a SELECT ... FOR UPDATE (the fence
