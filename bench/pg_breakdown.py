@@ -46,8 +46,9 @@ Where a write's round trip goes beyond the server's execution: on one connection
 saga's checkpoint through the lean function, a one-row INSERT, ``SELECT 1`` and a
 plpgsql function that does nothing called with the checkpoint's 39 parameters, each
 with ``synchronous_commit`` on and off, interleaved: the round trip's p50, the server
-CPU per call (from ``/proc``, as above: clock ticks, a sample, so ~20 % either way at
-a few hundred calls of a millisecond) and this process' CPU per call. On minus off is
+CPU per call (from ``/proc``, as above: ``schedstat``'s nanoseconds where the kernel
+has them, else clock ticks, a sample, so ~20 % either way at a few hundred calls of a
+millisecond) and this process' CPU per call. On minus off is
 the COMMIT's WAL flush (the disk's fdatasync, shared with whatever else writes to it);
 ``SELECT 1`` is the wire, the driver and the event loop; the no-op less ``SELECT 1``
 is the parameters (asyncpg's encoding, the server's decoding) and a function call.
@@ -108,24 +109,32 @@ class _Timed:
         return timed
 
 
-# The CPU time (user + system, clock ticks) of the server processes behind the
+# The CPU time (in clock ticks, fractional from schedstat) of the server processes behind the
 # writer's connections, when each was first and last seen: what the writes cost the
 # server whatever else keeps the machine busy (it must run on this machine). Read
 # after a transaction once its callers are answered (a timer), not before they are:
 # a read of /proc costs 50-150 us of this process, which the caller of each write
 # waited for (it was most of "caller woken after the answer").
-_cpu_first: dict[int, int] = {}
-_cpu_last: dict[int, int] = {}
+_cpu_first: dict[int, float] = {}
+_cpu_last: dict[int, float] = {}
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _server_cpu(pid: int) -> None:
+    """Note a backend's CPU time so far, in clock ticks: from ``/proc/<pid>/schedstat``
+    (nanoseconds: the time on a CPU) where the kernel has it, else from
+    ``/proc/<pid>/stat`` (whole ticks of 10 ms: a sample, ~20 % either way over a few
+    hundred calls of a millisecond)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        with open(f"/proc/{pid}/schedstat") as f:
+            ticks = int(f.read().split()[0]) * _TICK / 1e9
+    except (OSError, ValueError, IndexError):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
     _cpu_first.setdefault(pid, ticks)
     _cpu_last[pid] = ticks
 
@@ -366,7 +375,7 @@ async def _settle(n: int) -> None:
         conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
         await conn.execute("SET track_functions = 'pl'")
         pid = conn.get_server_pid()
-        cpu = [0, 0]
+        cpu = [0.0, 0.0]
         for i, event in enumerate(firsts):
             lean = i % 2
             postgres_event_writes.LEAN = bool(lean)
@@ -445,7 +454,7 @@ async def _commit(n: int) -> None:
         noop = postgres_onetrip._CHECKPOINT_ONE.replace("cantata_checkpoint_one", "bench_noop")
         pid = conn.get_server_pid()
         times: dict[str, list[float]] = collections.defaultdict(list)
-        cpu: collections.Counter[str] = collections.Counter()
+        cpu: dict[str, float] = collections.defaultdict(float)
         client: collections.Counter[str] = collections.Counter()
 
         async def timed(name: str, call: Any) -> Any:
