@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.helpers import drop_schema, with_schema
+from tests.schema_pool import SchemaPool
 
 # A test that starts `cantata worker` means one worker process (it kills it, crashes it at
 # marks, reads its banner): not the default of one per core under a supervisor. The tests
@@ -126,6 +127,15 @@ def pg_session_url(postgres_url: str) -> Iterator[str]:
     asyncio.run(drop_schema(postgres_url, schema))
 
 
+@pytest.fixture(scope="session")
+def schema_pool(postgres_url: str) -> Iterator[SchemaPool]:
+    """Migrated PostgreSQL schemas, made ahead while tests run and dropped after them
+    (tests/schema_pool.py): for tests that need a store of their own, not its making."""
+    pool = SchemaPool(postgres_url)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
 async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
     """A schema name nobody has used yet (dropped after the test)."""
@@ -166,18 +176,19 @@ async def broker_url(nats_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def distributed_url(
-    postgres_url: str, broker_url: str, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, broker_url: str, schema_pool: SchemaPool, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[str]:
-    """A fresh PostgreSQL schema as the store, with ``CANTATA_BROKER`` set to NATS
-    (``broker_url``: this test's name space on the server).
+    """A PostgreSQL schema of this test's own as the store (migrated ahead:
+    ``schema_pool``), with ``CANTATA_BROKER`` set to NATS (``broker_url``: this test's
+    name space on the server).
 
     Apps built without an explicit broker then run on PostgreSQL + NATS JetStream: the
     same behaviour tests run on the distributed backends.
     """
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    schema = schema_pool.take()
     monkeypatch.setenv("CANTATA_BROKER", broker_url)
-    yield f"{postgres_url}?schema={schema}"
-    await drop_schema(postgres_url, schema)
+    yield with_schema(postgres_url, schema)
+    schema_pool.give_back(schema)
 
 
 @pytest.fixture(

@@ -17,26 +17,23 @@ import pytest
 from cantata import App
 from cantata.model.access import Role
 from cantata.server.auth import create_token
-from tests.helpers import free_port
+from tests.helpers import free_port, with_schema
+from tests.schema_pool import SchemaPool
 from tests.server.shop import make_shop
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh store: a SQLite file, or a PostgreSQL schema of this test's own."""
+    """A fresh store: a SQLite file, or a PostgreSQL schema of this test's own (migrated
+    ahead: ``schema_pool`` in tests/conftest.py)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/shop.db"
         return
     base: str = request.getfixturevalue("postgres_url")
-    schema = f"console_{uuid.uuid4().hex[:10]}"
-    yield f"{base}{'&' if '?' in base else '?'}schema={schema}"
-    import asyncpg
-
-    conn = await asyncpg.connect(base)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    pool: SchemaPool = request.getfixturevalue("schema_pool")
+    schema = pool.take()
+    yield with_schema(base, schema)
+    pool.give_back(schema)
 
 
 @dataclass
