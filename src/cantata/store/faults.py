@@ -67,7 +67,10 @@ def sqlite_fault(exc: BaseException, where: str) -> StoreError | None:
         )
     if primary == _SQLITE_BUSY:
         return StoreUnavailable(
-            f"store {where} stayed locked by another process ({text}); retry"
+            f"store {where} stayed locked by another process past the busy timeout "
+            f"({text}): a long write transaction of another process (a transactional "
+            "step, a sqlite3 shell) holds it; retry once it ended, or have writes wait "
+            "longer with the store URL's ?busy_timeout= (milliseconds; 30000 by default)"
         )
     return None
 
