@@ -99,11 +99,13 @@ async def test_a_full_or_read_only_store_under_a_steps_sql_is_an_outage_not_its_
 
 # Another process: takes the file's write lock (BEGIN IMMEDIATE) when told "lock" on
 # its standard input, says "locked", and ends its transaction when told "release".
+# (It opens the file only then: opened before the store made it, the file would be
+# left empty, which the store refuses as a truncated store.)
 LOCK_HOLDER = """
 import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
 for line in sys.stdin:
     if line.strip() == "lock":
+        conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
         conn.execute("BEGIN IMMEDIATE")
         print("locked", flush=True)
     elif line.strip() == "release":
@@ -140,6 +142,9 @@ class LockHolder:
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture
