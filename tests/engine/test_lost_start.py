@@ -169,3 +169,47 @@ async def test_a_start_whose_answer_is_lost_returns_its_run_on_either_store(
         assert await handle.result(timeout=10) == f"done {how}"
         assert ran == [how]
         assert [r.run_id for r in await app.list_runs()] == [handle.run_id]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("key", [None, "order-8"], ids=["first-checkpoint", "keyed"])
+async def test_closing_the_app_ends_a_start_finding_out_its_lost_answer(
+    postgres_url: str, fresh_schema: str, key: str | None
+) -> None:
+    """The app closed while start finds out whether its run was stored (the store
+    unreachable): start stops at once, not a lease later, and says which run may have
+    been stored and whether starting again is safe."""
+    marker = f"lost-start-closed-{key or 'nokey'}-2b7e"
+    ran: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with stall_proxy(postgres_url) as proxy:
+        app = lost_app(proxied(proxy, postgres_url, fresh_schema), ran, lease=20)
+        await app.open()
+        closing: asyncio.Future[None] | None = None
+        try:
+            proxy.stall_after(marker.encode())
+            start = asyncio.ensure_future(app.start("order", marker, idempotency_key=key))
+            await asyncio.wait_for(proxy.marked.wait(), 10)
+            await eventually(lambda: stored_runs(postgres_url, fresh_schema, "order"),
+                             what="the run's creation committed in the server")
+            proxy.cut()  # its answer lost; new connections stall until resumed
+            await asyncio.sleep(1.0)
+            assert not start.done(), "start did not wait to find out"
+            began = loop.time()
+            closing = asyncio.ensure_future(app.close())
+            with pytest.raises(StoreUnavailable) as caught:  # (before: a lease later)
+                await asyncio.wait_for(start, 15)
+            took = loop.time() - began
+            assert took < 2.0, f"start ended {took:.1f} s after the close began"
+            [(run_id, _)] = await stored_runs(postgres_url, fresh_schema, "order")
+            text = str(caught.value)
+            assert f"run {run_id} of order may have been stored" in text, text
+            assert "the app was closed" in text, text
+            assert f"app.get_handle('{run_id}').status()" in text, text
+            safe = ("the same idempotency key is safe" if key is not None
+                    else "without an idempotency key may start a second run")
+            assert safe in text, text
+        finally:
+            proxy.resume()
+            await asyncio.wait_for(closing if closing is not None else app.close(), 60)
+        assert ran == [], "the run was executed by a closing app"

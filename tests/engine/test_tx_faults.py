@@ -7,16 +7,24 @@ store takes writes (docs/workflow-api.md). Real server errors: PostgreSQL's SQLS
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cantata import StoreError, StoreFull, StoreReadOnly, Tx
+from cantata.engine.hooks import Hook
+from cantata.model.records import EntryKind, RunRecord
 from cantata.store.postgres import PostgresStore
 from cantata.store.sqlite import SQLiteStore
 from tests.engine.test_store_stalls import check_booked, tx_app
-from tests.helpers import with_schema
+from tests.helpers import eventually, with_schema
 
 
 async def disk_full(tx: Tx) -> None:
@@ -87,3 +95,107 @@ async def test_a_full_or_read_only_store_under_a_steps_sql_is_an_outage_not_its_
         # run again once the store took writes; its first run was not charged
         assert ran == ["reserve", "book", "book"], ran
         await check_booked(app, handle.run_id, seen, ran, booked=6)
+
+
+# Another process: takes the file's write lock (BEGIN IMMEDIATE) when told "lock" on
+# its standard input, says "locked", and ends its transaction when told "release".
+# (It opens the file only then: opened before the store made it, the file would be
+# left empty, which the store refuses as a truncated store.)
+LOCK_HOLDER = """
+import sqlite3, sys
+for line in sys.stdin:
+    if line.strip() == "lock":
+        conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+        conn.execute("BEGIN IMMEDIATE")
+        print("locked", flush=True)
+    elif line.strip() == "release":
+        conn.execute("ROLLBACK")
+        print("released", flush=True)
+        break
+"""
+
+
+class LockHolder:
+    """A process of its own that holds a SQLite file's write lock when told."""
+
+    def __init__(self, path: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LOCK_HOLDER, str(path)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        self.locked_at: float | None = None
+        self.released_at: float | None = None
+
+    def _say(self, word: str, answer: str) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{word}\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == answer
+
+    def lock(self) -> None:
+        self._say("lock", "locked")
+        self.locked_at = time.monotonic()
+
+    def release(self) -> None:
+        self._say("release", "released")
+        self.released_at = time.monotonic()
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def lock_holder(tmp_path: Path) -> Iterator[LockHolder]:
+    holder = LockHolder(tmp_path / "busy.db")
+    yield holder
+    holder.stop()
+
+
+class LockBeforeBooking(Hook):
+    """Has the other process take the write lock as step ``book`` begins, the first
+    time only: after its attempt's start is committed, before its transaction begins
+    (a step hook wraps the attempt's body)."""
+
+    def __init__(self, holder: LockHolder) -> None:
+        self.holder = holder
+        self.began: list[float] = []
+
+    def step(self, run: RunRecord, name: str, key: str, attempt: int,
+             kind: EntryKind) -> None:
+        if name == "book":
+            self.began.append(time.monotonic())
+            if len(self.began) == 1:
+                self.holder.lock()
+
+
+async def test_a_write_lock_held_past_the_busy_timeout_is_an_outage_for_a_transactional_step(
+    tmp_path: Path, lock_holder: LockHolder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the SQLite file's write lock as a transactional step begins,
+    for longer than the store's busy timeout (?busy_timeout=300, milliseconds): the
+    step's transaction cannot begin. An outage, not the step's failure: no attempt
+    charged, nothing compensated; once the lock is released the step runs, once."""
+    caplog.set_level(logging.WARNING)
+    seen: list[str] = []
+    ran: list[str] = []
+    app = tx_app(f"sqlite:///{tmp_path / 'busy.db'}?busy_timeout=300", seen, ran)
+    hook = LockBeforeBooking(lock_holder)
+    app.add_hook(hook)
+    async with app:
+        handle = await app.start("booking", 4)
+        await eventually(lambda: lock_holder.locked_at is not None, what="the lock taken")
+        await asyncio.sleep(1.5)  # five busy timeouts
+        assert ran == ["reserve"], ran  # the step's transaction never began
+        await asyncio.to_thread(lock_holder.release)
+        assert await handle.result(timeout=20) == "booked, 1 booking(s)", seen
+        await check_booked(app, handle.run_id, seen, ran, booked=4)
+    assert ran == ["reserve", "book"], ran
+    assert lock_holder.released_at is not None and hook.began[-1] > lock_holder.released_at
+    # the step's own transaction met the lock, and was told so
+    failed = [r.getMessage() for r in caplog.records
+              if "the store failed" in r.getMessage() and handle.run_id in r.getMessage()]
+    assert any("stayed locked by another process past the busy timeout" in m
+               for m in failed), [r.getMessage() for r in caplog.records]

@@ -55,7 +55,9 @@ class PrivatePostgres:
     initdb refuses to run as root, so as root the cluster belongs to ``postgres``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        """``settings``: server settings of this cluster (``-c name=value``)."""
+        self.settings = dict(settings or {})
         self.bin = _pg_bin()
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cantata-faults-pg-"))
@@ -80,6 +82,7 @@ class PrivatePostgres:
     def start(self) -> None:
         options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
                    "-c fsync=off -c max_connections=200")
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
                    str(self.dir / "log"), "-w", "-t", "60", "-o", options, "start"], timeout=90)
 

@@ -106,6 +106,9 @@ class Engine:
         # A graceful stop is under way: runs park at their next durable point, and
         # ``quiesce`` is set whenever one parks or ends (see shutdown.drain).
         self.draining = False
+        # The app is closing (set as its stop begins): a start still finding out
+        # whether its run was stored stops at once (engine/creation.py).
+        self.closing = asyncio.Event()
         # The stop gave up on the store (past its bound, or a second signal): a
         # checkpoint failing on an outage is no longer retried (see waits_out_outages).
         self.cutting = False
@@ -506,6 +509,7 @@ class Engine:
         :meth:`forget_worker` once they are done.
         """
         loop = asyncio.get_running_loop()
+        self.closing.set()
         if self.flow is not None:  # admit no more queued runs, start no more ticks
             await self.flow.stop()
             self.flow = None

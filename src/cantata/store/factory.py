@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -77,15 +78,23 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         if not path:
             raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///cantata.db")
         opts = url_options(url, query, "store")
-        _refuse_unknown(url, opts, ("synchronous",),
-                        f"only ?synchronous={'|'.join(SYNCHRONOUS_MODES)} is understood")
+        _refuse_unknown(url, opts, ("synchronous", "busy_timeout"),
+                        f"the options are ?synchronous={'|'.join(SYNCHRONOUS_MODES)} and "
+                        "?busy_timeout=MILLISECONDS (or 5s)")
         synchronous = opts.get("synchronous", "FULL")
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ConfigurationError(
                 f"store URL {url!r}: synchronous={synchronous!r} is not a SQLite "
                 f"synchronous mode: use {', '.join(SYNCHRONOUS_MODES)}"
             )
-        return SQLiteStore(path, synchronous=synchronous, url=url, create=create)
+        if "busy_timeout" not in opts:
+            return SQLiteStore(path, synchronous=synchronous, url=url, create=create)
+        from cantata.store.sqlite_open import check_busy_timeout
+
+        said = f"store URL {url!r}: busy_timeout={opts['busy_timeout']!r}"
+        busy = check_busy_timeout(_milliseconds(opts["busy_timeout"], said), said)
+        return SQLiteStore(path, synchronous=synchronous, url=url, create=create,
+                           busy_timeout=busy)
     if scheme in ("postgresql", "postgres"):
         try:
             parts = urlsplit(url)
@@ -114,6 +123,21 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         f"unknown store URL scheme {scheme!r} in {mask_url(url)!r}: use sqlite:///file.db, "
         f"memory:// or postgresql://…{others} (or install the package of that backend)"
     )
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)?\s*", re.IGNORECASE)
+
+
+def _milliseconds(value: str, what: str) -> float:
+    """A URL option's duration in milliseconds: ``5000``, ``5000ms`` or ``5s``."""
+    found = _DURATION.fullmatch(value)
+    if found is None:
+        raise ConfigurationError(
+            f"{what} is not a duration: give milliseconds (?busy_timeout=5000) or "
+            "seconds (?busy_timeout=5s)"
+        )
+    number = float(found[1])
+    return number * 1000 if (found[2] or "ms").lower() == "s" else number
 
 
 def _refuse_unknown(url: str, opts: dict[str, str], known: tuple[str, ...],

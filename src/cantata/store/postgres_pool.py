@@ -236,6 +236,10 @@ class PgPool:
             except (*CONN_ERRORS, asyncpg.TooManyConnectionsError) as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if isinstance(exc, asyncpg.TooManyConnectionsError):
+                        fault = postgres_fault(exc, self.masked_url)
+                        assert fault is not None
+                        raise fault from None
                     raise StoreUnavailable(
                         f"cannot reach PostgreSQL at {self.masked_url} "
                         f"({type(exc).__name__}: {exc}); check that the server is running and "

@@ -19,7 +19,7 @@ from cantata.model.records import RunWrite
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store import postgres_writes as writes
-from cantata.store.faults import postgres_fault
+from cantata.store.faults import is_step_shortage, postgres_statement_fault
 from cantata.store.postgres_batch import Batch, _commit_sql
 from cantata.store.postgres_pool import CONN_ERRORS, Conn, PgPool
 from cantata.store.tx import Tx, TxBody, commit_through, to_numbered
@@ -38,7 +38,8 @@ class PostgresTx(Tx):
         self._where = where
 
     def _fault(self, exc: Exception) -> StoreError | None:
-        return postgres_fault(exc, self._where)  # disk full, read-only, damaged
+        # disk full, read-only, damaged; not a shortage the step's transaction caused
+        return postgres_statement_fault(exc, self._where)
 
     async def _execute(self, sql: str, params: Sequence[Any]) -> int:
         status = await self._conn.execute(to_numbered(sql, "$"), *params)
@@ -61,7 +62,12 @@ async def run_transaction(
     through the pool, which takes an ``OSError`` or a ``TimeoutError`` for a lost
     connection (the step's code may meet them calling another service); a disk-full
     or read-only error of its statements reaches it as ``StoreFull`` or
-    ``StoreReadOnly`` already (:meth:`PostgresTx._fault`, as the pool names them). If the
+    ``StoreReadOnly`` already (:meth:`PostgresTx._fault`, as the pool names them), and
+    a shortage its transaction can cause (out of memory or shared memory, a configured
+    limit: SQLSTATE 53200, 53400, 53000) as the driver's error, the step's own: so is
+    such a shortage met by the checkpoint or the COMMIT, raised after the rollback
+    (the step's locks or memory may have caused it: waiting it out would fail for
+    ever). If the
     connection was lost under it (found gone after it, or at the rollback),
     ``StoreUnavailable`` is raised instead, as when connecting, beginning, the
     checkpoint or the COMMIT lost the connection. A cancel that comes during the
@@ -78,8 +84,13 @@ async def run_transaction(
                 failed = exc
             tx.close()
             if failed is None:
-                await commit_through(tx, _commit(db, c, app, run_id, fence, write, keys),
-                                     c.terminate)
+                try:
+                    await commit_through(
+                        tx, _commit(db, c, app, run_id, fence, write, keys), c.terminate)
+                except asyncpg.PostgresError as exc:
+                    if not is_step_shortage(exc):
+                        raise
+                    failed = exc  # (the transaction's own shortage: the step's error)
         except BaseException:
             tx.close()
             if not _lost(c) and c.is_in_transaction():

@@ -64,6 +64,9 @@ class SQLiteStore(
             every commit, so a committed checkpoint survives power loss.
         create: make the file if it does not exist (``False``: opening a missing file
             is an error, as for the CLI's query commands).
+        busy_timeout: milliseconds a write waits for another process's write lock
+            (SQLite's busy timeout; 30000 by default) before it fails as an outage
+            (``StoreUnavailable``); the URL's ``?busy_timeout=``.
     """
 
     # -- declarations and workers -------------------------------------------------------

@@ -22,7 +22,13 @@ from cantata.model import codec
 from cantata.model.event import Event, matches
 from cantata.store.common import StoreBase
 from cantata.store.faults import sqlite_fault
-from cantata.store.sqlite_open import SCHEMA_VERSION, connect, recorded_version
+from cantata.store.sqlite_open import (
+    BUSY_TIMEOUT_MS,
+    SCHEMA_VERSION,
+    check_busy_timeout,
+    connect,
+    recorded_version,
+)
 from cantata.store.sqlite_ops import (
     EVENT_COLS,
     HOLD_SQL,
@@ -39,11 +45,12 @@ class SQLiteCore(StoreBase):
 
     def __init__(
         self, path: str, *, synchronous: str = "FULL", url: str | None = None,
-        create: bool = True,
+        create: bool = True, busy_timeout: float = BUSY_TIMEOUT_MS,
     ) -> None:
         self.path = path
         self.create = create
         self.url = url or f"sqlite:///{path}"
+        self.busy_timeout = check_busy_timeout(busy_timeout, f"busy_timeout={busy_timeout!r}")
         self.synchronous = synchronous.upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(
@@ -61,7 +68,8 @@ class SQLiteCore(StoreBase):
         if self._thread is not None:
             return
         def keyed_connect() -> TxConnection:
-            conn = connect(self.path, self.url, self.synchronous, create=self.create)
+            conn = connect(self.path, self.url, self.synchronous, create=self.create,
+                           busy_ms=self.busy_timeout)
             conn.audit_keys = self._audit_keys
             return conn
 

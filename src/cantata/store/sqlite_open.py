@@ -15,7 +15,13 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cantata.errors import StoreCorrupt, StoreFull, StoreReadOnly, StoreUnavailable
+from cantata.errors import (
+    ConfigurationError,
+    StoreCorrupt,
+    StoreFull,
+    StoreReadOnly,
+    StoreUnavailable,
+)
 from cantata.store import migrations
 from cantata.store.common import NEW_STORE_HINT, newer_schema
 from cantata.store.faults import sqlite_fault
@@ -23,12 +29,38 @@ from cantata.store.sqlite_thread import TxConnection
 
 SCHEMA_VERSION = migrations.latest("sqlite")
 STORE_MARK = "cantata-store"
+# How long a write waits for another process's write lock before it fails as an
+# outage (StoreUnavailable), by default; a store URL's ?busy_timeout= sets it.
 BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_MAX_MS = 2**31 - 1  # (SQLite's busy_timeout is a C int of milliseconds)
 _EMPTY_GRACE = 1.0  # seconds an empty file may take to get its header (a concurrent open)
 
 
-def connect(path: str, url: str, synchronous: str, *, create: bool = True) -> TxConnection:
-    """Open ``path``, refuse foreign or emptied files, switch to WAL and migrate.
+def check_busy_timeout(ms: object, what: str) -> int:
+    """``ms`` (milliseconds another process's write lock is waited for) as an int.
+
+    Raises:
+        ConfigurationError: not a number, or outside 1 ms .. about 24.8 days (0 would
+            fail every write that meets another process's lock at once).
+    """
+    if isinstance(ms, bool) or not isinstance(ms, int | float) or ms != ms:
+        raise ConfigurationError(
+            f"{what} is not a number of milliseconds: give the busy timeout in "
+            "milliseconds, such as 5000"
+        )
+    if not 1 <= round(ms) <= BUSY_TIMEOUT_MAX_MS:
+        raise ConfigurationError(
+            f"{what} is out of range: the busy timeout is from 1 ms to "
+            f"{BUSY_TIMEOUT_MAX_MS} ms (0 would fail every write that meets another "
+            f"process's lock at once; the default is {BUSY_TIMEOUT_MS} ms)"
+        )
+    return round(ms)
+
+
+def connect(path: str, url: str, synchronous: str, *, create: bool = True,
+            busy_ms: int = BUSY_TIMEOUT_MS) -> TxConnection:
+    """Open ``path``, refuse foreign or emptied files, switch to WAL and migrate;
+    ``busy_ms``: how long it and its writes wait for another process's write lock.
 
     A file that cannot be written (read-only file, folder or file system) is opened
     read-only when its schema is current: reading works, writes raise StoreReadOnly.
@@ -44,18 +76,18 @@ def connect(path: str, url: str, synchronous: str, *, create: bool = True) -> Tx
         check_file(path, url, create)
     new = path != ":memory:" and not os.path.exists(path)
     try:
-        return _connect(path, url, synchronous)
+        return _connect(path, url, synchronous, busy_ms)
     except BaseException:
         if new:
             _remove_empty(path)  # a failed creation must not leave an "emptied" store
         raise
 
 
-def _connect(path: str, url: str, synchronous: str) -> TxConnection:
+def _connect(path: str, url: str, synchronous: str, busy_ms: int) -> TxConnection:
     try:
         conn = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False,
-            timeout=BUSY_TIMEOUT_MS / 1000, factory=TxConnection,
+            timeout=busy_ms / 1000, factory=TxConnection,
         )
     except sqlite3.Error as exc:
         raise StoreUnavailable(
@@ -64,14 +96,14 @@ def _connect(path: str, url: str, synchronous: str) -> TxConnection:
         ) from None
     try:
         try:
-            _set_up(conn, path, url, synchronous)
+            _set_up(conn, path, url, synchronous, busy_ms)
         except sqlite3.Error as exc:
             fault = sqlite_fault(exc, path)
             if path == ":memory:" or not isinstance(fault, (StoreReadOnly, StoreUnavailable)):
                 raise
             # A read-only folder or file system: SQLite cannot make the WAL's side files.
             conn.close()
-            conn = _open_read_only(path, url)
+            conn = _open_read_only(path, url, busy_ms)
     except sqlite3.Error as exc:
         conn.close()
         fault = sqlite_fault(exc, path)
@@ -123,18 +155,18 @@ def check_file(path: str, url: str, create: bool) -> None:
         time.sleep(0.05)
 
 
-def _set_up(conn: TxConnection, path: str, url: str, synchronous: str) -> None:
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+def _set_up(conn: TxConnection, path: str, url: str, synchronous: str, busy_ms: int) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     if path != ":memory:":
         # Refuse another application's file before WAL (a persistent change) touches it.
-        retry_locked(lambda: refuse_foreign(url, conn))
-        retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+        retry_locked(lambda: refuse_foreign(url, conn), busy_ms)
+        retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"), busy_ms)
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = OFF")
-    retry_locked(lambda: migrate(url, conn))
+    retry_locked(lambda: migrate(url, conn), busy_ms)
 
 
-def _open_read_only(path: str, url: str) -> TxConnection:
+def _open_read_only(path: str, url: str, busy_ms: int) -> TxConnection:
     """Open an existing store for reading only; its schema must be current."""
     uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
     last: sqlite3.Error | None = None
@@ -142,7 +174,7 @@ def _open_read_only(path: str, url: str) -> TxConnection:
     for suffix in ("", "&immutable=1"):
         conn = sqlite3.connect(
             uri + suffix, uri=True, isolation_level=None, check_same_thread=False,
-            timeout=BUSY_TIMEOUT_MS / 1000, factory=TxConnection,
+            timeout=busy_ms / 1000, factory=TxConnection,
         )
         try:
             refuse_foreign(url, conn)
@@ -163,9 +195,10 @@ def _open_read_only(path: str, url: str) -> TxConnection:
     raise last
 
 
-def retry_locked(fn: Callable[[], Any]) -> Any:
-    """Call ``fn``, retrying while another process holds the file locked."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+def retry_locked(fn: Callable[[], Any], busy_ms: int = BUSY_TIMEOUT_MS) -> Any:
+    """Call ``fn``, retrying while another process holds the file locked (for up to
+    ``busy_ms`` milliseconds)."""
+    deadline = time.monotonic() + busy_ms / 1000
     while True:
         try:
             return fn()

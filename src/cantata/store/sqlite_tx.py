@@ -45,7 +45,7 @@ class _Lane:
         def go() -> R:
             if self.conn is None:
                 self.conn = connect(self.store.path, self.store.url, self.store.synchronous,
-                                    create=False)
+                                    create=False, busy_ms=self.store.busy_timeout)
                 self.conn.audit_keys = self.store._audit_keys  # a keyed chain stays keyed
             return fn(self.conn)
 

@@ -86,6 +86,10 @@ class Tx:
                 below: the step's attempt is not charged, docs/workflow-api.md).
             StoreReadOnly: the database refuses writes.
             StoreError: another fault of the store (damaged, unreachable).
+
+        A shortage the step's transaction may cause (PostgreSQL out of memory or
+        shared memory, a configured limit: SQLSTATE 53200, 53400, 53000) is raised as
+        the driver's error: the step's own, as any SQL error of it.
         """
         self._check("execute")
         return await self._faults_named(self._execute(sql, params))

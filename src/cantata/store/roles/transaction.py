@@ -26,7 +26,10 @@ class TransactionalStore(Protocol):
         is raised to ``body`` as the store's error for it (``StoreFull``,
         ``StoreReadOnly``, ...), never the driver's, and recorded in ``tx.faults``
         (:meth:`~cantata.store.tx.Tx.met`): the engine takes it for the store's
-        condition, not the step's failure.
+        condition, not the step's failure. A shortage the transaction may have caused
+        itself (PostgreSQL out of memory or shared memory, a configured limit), met by
+        ``body``'s statements, the checkpoint or the COMMIT, is raised as the driver's
+        error, the step's own.
 
         Raises:
             StoreUnavailable: the store's connection failed (it could not be had, or
