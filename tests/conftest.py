@@ -144,6 +144,16 @@ async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
     await drop_schema(postgres_url, schema)
 
 
+@pytest.fixture
+def pooled_schema(schema_pool: SchemaPool) -> Iterator[str]:
+    """The name of a schema of this test's own, already migrated (``schema_pool``; given
+    back and dropped off the test's path afterwards): a store opened there finds it at
+    the current version. Tests of making or migrating a schema take ``fresh_schema``."""
+    schema = schema_pool.take()
+    yield schema
+    schema_pool.give_back(schema)
+
+
 def broker_prefix() -> str:
     """A NATS name space of one test's own (``?prefix=``): tests run side by side on the
     shared server (pytest-xdist), so none may touch another's streams."""

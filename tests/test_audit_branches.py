@@ -441,7 +441,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/audit.db"
     from tests.helpers import with_schema
 
-    schema: str = request.getfixturevalue("fresh_schema")
+    schema: str = request.getfixturevalue("pooled_schema")
     return with_schema(request.getfixturevalue("postgres_url"), schema)
 
 
@@ -603,7 +603,7 @@ def test_a_replay_of_gather_branches_of_several_steps_does_not_diverge(
 
 @pytest.mark.postgres
 def test_a_kill_after_a_transactional_step_of_a_cancelled_branch_begins_nothing_more(
-    postgres_url: str, fresh_schema: str, tmp_path: Path
+    postgres_url: str, pooled_schema: str, tmp_path: Path
 ) -> None:
     """TaskGroup(txhold -> after, boom): boom fails (recorded) while txhold's
     transaction runs; the worker dies right after that transaction commits. Expected
@@ -612,7 +612,7 @@ def test_a_kill_after_a_transactional_step_of_a_cancelled_branch_begins_nothing_
     failure is recorded after it commits, and the branch is not cancelled by then.)"""
     from tests.helpers import with_schema
 
-    w = Worker(with_schema(postgres_url, fresh_schema), tmp_path)
+    w = Worker(with_schema(postgres_url, pooled_schema), tmp_path)
     w.killed("tx_taskgroup", {"tx": "txhold#1"})
     out = w.outcome("tx_taskgroup")
     assert w.tx_rows() == [("txhold", 1)]  # exactly-once: this holds

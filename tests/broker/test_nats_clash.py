@@ -26,7 +26,6 @@ from cantata.store.roles.events import DeliveryHold
 from cantata.store.sqlite import SQLiteStore
 from tests.broker.nats_support import app_name, nats_broker, streams_removed
 from tests.choreography.helpers import eventually
-from tests.helpers import drop_schema
 
 pytestmark = pytest.mark.nats
 
@@ -37,9 +36,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield f"sqlite:///{tmp_path}/a.db"
         return
     url = request.getfixturevalue("postgres_url")
-    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
+    schema = request.getfixturevalue("pooled_schema")
     yield f"{url}?schema={schema}"
-    await drop_schema(url, schema)
 
 
 async def test_a_forged_copy_first_is_dead_lettered_and_the_stored_event_handled(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from cantata.broker.nats import NatsBroker
 from cantata.broker.nats_names import OUTBOX_HEADER
 from tests.broker.nats_support import app_name, nats_broker, streams_removed
 from tests.choreography.helpers import eventually
-from tests.helpers import drop_schema
 
 pytestmark = pytest.mark.nats
 
@@ -42,9 +40,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield f"sqlite:///{tmp_path}/a.db"
         return
     url = request.getfixturevalue("postgres_url")
-    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
+    schema = request.getfixturevalue("pooled_schema")
     yield f"{url}?schema={schema}"
-    await drop_schema(url, schema)
 
 
 @pytest.fixture

@@ -363,12 +363,12 @@ async def test_relay_polls_for_events_of_other_processes(tmp_path: Any) -> None:
 
 @pytest.mark.postgres
 async def test_a_listening_relay_reads_the_outbox_when_told(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     """On PostgreSQL another process's commit of events is heard: the relay reads the
     outbox then, not every poll interval while nothing happens (docs/performance.md,
     "Idle workers")."""
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     mine, theirs = store_from_url(url), store_from_url(url)
     await mine.open()
     await theirs.open()

@@ -25,9 +25,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
 async def test_a_dead_workers_run_is_taken_over_at_its_expiry(
-    lease_app: App, postgres_url: str, fresh_schema: str, tmp_path: Path  # noqa: F811
+    lease_app: App, postgres_url: str, pooled_schema: str, tmp_path: Path  # noqa: F811
 ) -> None:
-    store = with_schema(postgres_url, fresh_schema)
+    store = with_schema(postgres_url, pooled_schema)
     lease_app.configure(store=store, broker="embedded")
     log = tmp_path / "workers.log"
     first = start_worker(store, tmp_path, log, lease=1.0)
@@ -64,13 +64,13 @@ async def test_a_dead_workers_run_is_taken_over_at_its_expiry(
 
 
 async def test_a_run_parked_by_a_worker_that_dies_wakes_on_time(
-    lease_app: App, postgres_url: str, fresh_schema: str, tmp_path: Path,  # noqa: F811
+    lease_app: App, postgres_url: str, pooled_schema: str, tmp_path: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A park notifies nobody: the other worker learns the run's time when it next reads
     # the parked runs' next wake-up, here at the dead worker's expiry (its claimers
     # woken by the expiry loop), before the run is due; not at a safety-net look.
-    store = with_schema(postgres_url, fresh_schema)
+    store = with_schema(postgres_url, pooled_schema)
     lease_app.configure(store=store, broker="embedded")
     monkeypatch.setenv("CANTATA_TEST_PARK_AFTER", "0")
     log = tmp_path / "workers.log"
@@ -107,7 +107,7 @@ async def test_a_run_parked_by_a_worker_that_dies_wakes_on_time(
 
 
 async def test_a_worker_that_came_and_died_between_two_reads_is_taken_over_at_its_expiry(
-    lease_app: App, postgres_url: str, fresh_schema: str, tmp_path: Path  # noqa: F811
+    lease_app: App, postgres_url: str, pooled_schema: str, tmp_path: Path  # noqa: F811
 ) -> None:
     # The idle worker reads the workers as it starts, and sees nobody else; the second
     # one registers after that read, starts a run of its own and dies in its step. No
@@ -116,7 +116,7 @@ async def test_a_worker_that_came_and_died_between_two_reads_is_taken_over_at_it
     # here, so the two are far apart: it used to be the only look that found such a
     # worker, one it had never seen live).
     lease = 2.0
-    store = with_schema(postgres_url, fresh_schema)
+    store = with_schema(postgres_url, pooled_schema)
     lease_app.configure(store=store, broker="embedded")
     log = tmp_path / "workers.log"
     idle = start_worker(store, tmp_path, log, lease=lease, safety_net=30.0)

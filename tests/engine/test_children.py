@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from cantata import (
 )
 from cantata.engine.branches import RunTask
 from cantata.store.sqlite import SQLiteStore
-from tests.helpers import drop_schema, with_schema
+from tests.helpers import with_schema
 
 from .helpers import eventually, make_app
 
@@ -271,9 +270,8 @@ def probed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         yield url, ChildProbe(url, None)
         return
     server: str = request.getfixturevalue("postgres_url")
-    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
+    schema: str = request.getfixturevalue("pooled_schema")
     yield with_schema(server, schema), ChildProbe(server, schema)
-    asyncio.run(drop_schema(server, schema))
 
 
 @pytest.mark.parametrize("parent", [

@@ -193,7 +193,7 @@ class ClockBehind:
 
 @pytest.mark.postgres
 async def test_a_parked_wait_wakes_for_an_event_whose_writer_clock_is_behind(
-    postgres_url: str, fresh_schema: str, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, pooled_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each writer stamps ``stored_at`` with its own clock: an event stored by a host
     whose clock is 2 s behind the worker's is older, by the worker's clock, than its
@@ -201,7 +201,7 @@ async def test_a_parked_wait_wakes_for_an_event_whose_writer_clock_is_behind(
     not the clocks, so the event wakes the wait at once, not at its timeout."""
     from cantata.store import postgres_event_writes
 
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     async with build(url, poll_interval=0.05) as app:
         handle = await app.start("waiter", 11, 0.0)
         await eventually(lambda: parked(app, handle.run_id), timeout=5)

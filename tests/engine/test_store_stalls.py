@@ -87,12 +87,12 @@ async def check_run(app: App, run_id: str, seen: list[str]) -> None:
 
 @pytest.mark.postgres
 async def test_a_connect_slower_than_its_timeout_for_a_steps_slot_is_waited_out(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     seen: list[str] = []
     gate, entered = asyncio.Event(), asyncio.Event()
     async with stall_proxy(postgres_url) as proxy:
-        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+        store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema),
                               connect_timeout=1.0)
         app = stall_app(store, gate, entered, seen)
         async with app:
@@ -148,12 +148,12 @@ async def waits_for_child(app: App, run_id: str) -> bool:
 
 @pytest.mark.postgres
 async def test_a_store_error_met_by_a_waits_look_is_not_raised_in_the_workflows_code(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     seen: list[str] = []
     gate, entered = asyncio.Event(), asyncio.Event()
     async with stall_proxy(postgres_url) as proxy:
-        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+        store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema),
                               connect_timeout=1.0)
         app = App("stall", store=store, lease=10, poll_interval=0.05, shutdown_grace=1)
 
@@ -454,13 +454,13 @@ async def test_a_store_error_met_by_a_handlers_orphan_check_is_reported_as_a_wor
 
 @pytest.mark.postgres
 async def test_a_connect_slower_than_its_timeout_for_a_childs_creation_is_an_outage(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     seen: list[str] = []
     ran: list[str] = []
     gate, entered = asyncio.Event(), asyncio.Event()
     async with stall_proxy(postgres_url) as proxy:
-        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+        store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema),
                               connect_timeout=1.0)
         app = App("stall", store=store, lease=10, poll_interval=0.05, shutdown_grace=1)
 
@@ -626,12 +626,12 @@ class StallAtStep(Hook):
 
 @pytest.mark.postgres
 async def test_a_store_stall_as_a_transactional_step_connects_is_waited_out(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     seen: list[str] = []
     ran: list[str] = []
     async with stall_proxy(postgres_url) as proxy:
-        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+        store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema),
                               connect_timeout=1.0)
         app = tx_app(store, seen, ran)
         stall = StallAtStep(proxy, "book")
@@ -647,7 +647,7 @@ async def test_a_store_stall_as_a_transactional_step_connects_is_waited_out(
 
 @pytest.mark.postgres
 async def test_a_connection_lost_under_a_transactional_steps_code_is_an_outage(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     seen: list[str] = []
     ran: list[str] = []
@@ -657,7 +657,7 @@ async def test_a_connection_lost_under_a_transactional_steps_code_is_an_outage(
             if ran.count("book") == 1:
                 proxy.cut()  # the step's next statement meets a lost connection
 
-        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+        store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema),
                               connect_timeout=1.0)
         app = tx_app(store, seen, ran, in_step=cut_once)
         async with app:
@@ -670,7 +670,7 @@ async def test_a_connection_lost_under_a_transactional_steps_code_is_an_outage(
 
 @pytest.mark.postgres
 async def test_a_transactional_steps_own_connection_error_stays_its_failure(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     seen: list[str] = []
     ran: list[str] = []
@@ -678,7 +678,7 @@ async def test_a_transactional_steps_own_connection_error_stays_its_failure(
     async def refused(tx: Tx) -> None:  # (its own call to another service)
         raise ConnectionRefusedError("the payment API refused the connection")
 
-    store = PostgresStore(with_schema(postgres_url, fresh_schema))
+    store = PostgresStore(with_schema(postgres_url, pooled_schema))
     app = tx_app(store, seen, ran, in_step=refused)
     async with app:
         handle = await app.start("booking", 2)
@@ -705,7 +705,7 @@ async def stored_runs(server_url: str, schema: str, workflow: str) -> list[tuple
 
 @pytest.mark.postgres
 async def test_a_childs_creation_whose_answer_is_lost_leaves_no_child_without_its_parent(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     """A run started here is stored with its first checkpoint. When its first store call
     is its child's creation and the connection is cut once that creation reached the
@@ -716,7 +716,7 @@ async def test_a_childs_creation_whose_answer_is_lost_leaves_no_child_without_it
     seen: list[str] = []
     ran: list[str] = []
     async with stall_proxy(postgres_url) as proxy:
-        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema),
+        store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema),
                               connect_timeout=1.0)
         app = App("stall", store=store, lease=3, poll_interval=0.05, shutdown_grace=1)
 
@@ -741,7 +741,7 @@ async def test_a_childs_creation_whose_answer_is_lost_leaves_no_child_without_it
             proxy.stall_after(marker.encode())
             start = asyncio.ensure_future(app.start(parent))
             await asyncio.wait_for(proxy.marked.wait(), 10)
-            await eventually(lambda: stored_runs(postgres_url, fresh_schema, "kid"),
+            await eventually(lambda: stored_runs(postgres_url, pooled_schema, "kid"),
                              what="the child's creation committed in the server")
             proxy.cut()  # its answer, held, is lost with the connection
             await asyncio.sleep(STALL)  # connecting again takes longer than its timeout
@@ -750,8 +750,8 @@ async def test_a_childs_creation_whose_answer_is_lost_leaves_no_child_without_it
                 handle, start_failed = await start, None
             except Exception as exc:
                 start_failed = exc
-            kids = await stored_runs(postgres_url, fresh_schema, "kid")
-            parents = {r for r, _ in await stored_runs(postgres_url, fresh_schema, "parent")}
+            kids = await stored_runs(postgres_url, pooled_schema, "kid")
+            parents = {r for r, _ in await stored_runs(postgres_url, pooled_schema, "parent")}
             for child_id, parent_id in kids:
                 assert parent_id in parents, (
                     f"child {child_id} exists, but its parent {parent_id} was never stored "
@@ -759,6 +759,6 @@ async def test_a_childs_creation_whose_answer_is_lost_leaves_no_child_without_it
             assert start_failed is None
             assert await handle.result(timeout=20) == "child said done", seen
             assert seen == []
-            assert len(await stored_runs(postgres_url, fresh_schema, "kid")) == 1
+            assert len(await stored_runs(postgres_url, pooled_schema, "kid")) == 1
             assert ran == [marker], "the child ran more than once"
             await no_worker_lost(app, handle.run_id)

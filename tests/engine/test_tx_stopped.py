@@ -77,7 +77,7 @@ async def check_once(app: App, handle: Any, stop: str, seen: list[str], ran: lis
 @pytest.mark.postgres
 @pytest.mark.parametrize("stop", STOPS)
 async def test_a_stop_while_a_transactional_steps_commit_is_in_flight_postgres(
-    postgres_url: str, fresh_schema: str, stop: str,
+    postgres_url: str, pooled_schema: str, stop: str,
 ) -> None:
     seen: list[str] = []
     ran: list[str] = []
@@ -87,7 +87,7 @@ async def test_a_stop_while_a_transactional_steps_commit_is_in_flight_postgres(
             if ran.count("book") == 1:  # its COMMIT reaches the server, the answer held
                 proxy.stall_after(b"COMMIT")
 
-        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema))
+        store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema))
         app = tx_app(store, seen, ran, in_step=hold_commit, lease=LEASE.get(stop, 10))
         async with app:
             started = time.monotonic()
@@ -143,7 +143,7 @@ async def test_a_stop_while_a_transactional_steps_commit_is_in_flight_sqlite(
 
 @pytest.mark.postgres
 async def test_a_stopped_transactional_steps_commit_gone_silent_is_an_outage(
-    postgres_url: str, fresh_schema: str, monkeypatch: pytest.MonkeyPatch,
+    postgres_url: str, pooled_schema: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Its COMMIT reached the server, whose answer never comes back (the connection
     silent for good): the stop waits for it a while only, then the run goes on from
@@ -157,7 +157,7 @@ async def test_a_stopped_transactional_steps_commit_gone_silent_is_an_outage(
             if ran.count("book") == 1:
                 proxy.stall_after(b"COMMIT")
 
-        store = PostgresStore(with_schema(proxy.url(postgres_url), fresh_schema))
+        store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema))
         app = tx_app(store, seen, ran, in_step=hold_commit)
         async with app:
             handle = await start(app, "fence", 7)

@@ -26,7 +26,7 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/fair.db"
     url: str = request.getfixturevalue("postgres_url")
-    return with_schema(url, request.getfixturevalue("fresh_schema"))
+    return with_schema(url, request.getfixturevalue("pooled_schema"))
 
 
 def worker_app(url: str, begins: list[str], hold: asyncio.Event, poll_interval: float = 0.1) -> App:

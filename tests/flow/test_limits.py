@@ -248,11 +248,11 @@ async def test_step_rate_holds_as_the_bodies_see_it_with_a_slow_store(tmp_path: 
 @pytest.mark.postgres
 @pytest.mark.parametrize("round_", range(3))  # (it failed one round in six)
 async def test_step_rate_holds_as_the_bodies_see_it_on_postgres(
-    postgres_url: str, fresh_schema: str, round_: int
+    postgres_url: str, pooled_schema: str, round_: int
 ) -> None:
     """No window of ``per`` seconds holds more than ``limit`` starts of the step's body,
     timed in the body (the cold first calls of a fresh pool once let a third in)."""
-    app = App("rate", store=f"{postgres_url}?schema={fresh_schema}", poll_interval=0.1,
+    app = App("rate", store=f"{postgres_url}?schema={pooled_schema}", poll_interval=0.1,
               lease=2.0)
     starts: list[float] = []
 

@@ -26,7 +26,7 @@ def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/cantata.db"
     postgres_url: str = request.getfixturevalue("postgres_url")
-    schema: str = request.getfixturevalue("fresh_schema")
+    schema: str = request.getfixturevalue("pooled_schema")
     return with_schema(postgres_url, schema)
 
 

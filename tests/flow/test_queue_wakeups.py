@@ -74,13 +74,13 @@ async def _is(handle: object, status: RunStatus) -> bool:
 
 @pytest.mark.postgres
 async def test_a_run_ending_in_another_process_begins_the_next_one_at_once(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     """PostgreSQL: the end of a run wakes the queue loops of the other processes too
     (the store's ``runs`` notification), not only after their safety-net wait. Two
     workers of one app, each with the code of one of the queue's two workflows: a run
     of ``wb`` can begin only on B, when the run of ``wa`` that held the slot ends on A."""
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     begun: dict[str, float] = {}
     ended: dict[str, float] = {}
     gate = asyncio.Event()

@@ -26,8 +26,8 @@ POLL = 0.2  # the default: a waiter's asking period (its safety poll) is 1 s
 
 
 @pytest.fixture
-def pg_url(postgres_url: str, fresh_schema: str) -> str:
-    return with_schema(postgres_url, fresh_schema)
+def pg_url(postgres_url: str, pooled_schema: str) -> str:
+    return with_schema(postgres_url, pooled_schema)
 
 
 class Asks:
@@ -119,7 +119,7 @@ async def test_waiters_sleep_until_the_release_then_the_next_begins_at_once(
 
 @pytest.mark.postgres
 async def test_a_release_whose_notification_is_lost_is_found_by_the_slow_poll(
-    pg_url: str, postgres_url: str, fresh_schema: str
+    pg_url: str, postgres_url: str, pooled_schema: str
 ) -> None:
     """A slot freed with no notification (here: its row deleted behind the store's back)
     is taken by the next waiter at its next ask, within the asking period (1 s)."""
@@ -134,7 +134,7 @@ async def test_a_release_whose_notification_is_lost_is_found_by_the_slow_poll(
         asked = asks.since(t0)
         conn = await asyncpg.connect(postgres_url)
         try:
-            await conn.execute(f'DELETE FROM "{fresh_schema}".flow_slots')  # no NOTIFY
+            await conn.execute(f'DELETE FROM "{pooled_schema}".flow_slots')  # no NOTIFY
         finally:
             await conn.close()
         freed = time.monotonic()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Db
         yield Db(f"sqlite:///{path}", run_sqlite, "sqlite")
         return
     base: str = request.getfixturevalue("postgres_url")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    schema: str = request.getfixturevalue("pooled_schema")
 
     async def run_pg(statement: str, args: tuple[Any, ...]) -> Any:
         conn = await asyncpg.connect(base, server_settings={"search_path": schema})
@@ -76,11 +75,6 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Db
             await conn.close()
 
     yield Db(f"{base}?schema={schema}", run_pg, "postgres")
-    conn = await asyncpg.connect(base)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 async def populate(url: str, runs: int = 3, key: str | None = KEY) -> None:

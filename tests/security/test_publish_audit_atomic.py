@@ -166,11 +166,11 @@ async def _blocked_by(url: str, holder: int, timeout: float = 30.0) -> int:
 @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 async def test_cantata_publish_killed_while_its_record_waits_leaves_no_event(
     postgres_url: str,
-    fresh_schema: str,
+    pooled_schema: str,
 ) -> None:
     """`cantata publish` is killed while its audit record waits for the chain head (held
     by another transaction): the event it wrote is rolled back with the record."""
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     app = shop(url)
     async with app:
         await app.publish("order.placed", {"n": 0}, id="evt-0", actor=ACTOR)
@@ -179,7 +179,7 @@ async def test_cantata_publish_killed_while_its_record_waits_leaves_no_event(
         tx = conn.transaction()
         await tx.start()
         await conn.execute(
-            f'SELECT 1 FROM "{fresh_schema}".audit_head WHERE app=$1 FOR UPDATE', APP
+            f'SELECT 1 FROM "{pooled_schema}".audit_head WHERE app=$1 FOR UPDATE', APP
         )
         env = {**child_env(), "CANTATA_AUDIT_KEY": KEY}
         proc = await asyncio.create_subprocess_exec(

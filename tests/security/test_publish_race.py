@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 
 from cantata import App, Event
 from cantata.errors import DuplicateEventId
-from tests.helpers import drop_schema, with_schema
+from tests.helpers import with_schema
 
 KEY = "publish-race-key-0123456789abcdef"
 APP = "raceshop"
@@ -44,9 +43,8 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
         yield f"sqlite:///{tmp_path}/race.db"
         return
     base: str = request.getfixturevalue("postgres_url")
-    schema = f"pubrace_{uuid.uuid4().hex[:10]}"
+    schema: str = request.getfixturevalue("pooled_schema")
     yield with_schema(base, schema)
-    await drop_schema(base, schema)
 
 
 async def publish_records(app: App) -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from cantata.store.base import Settlement, Store
 from cantata.store.postgres import PostgresStore
 from cantata.store.sqlite import SQLiteStore
 from cantata.testing.contract.support import ev
-from tests.helpers import drop_schema, with_schema
+from tests.helpers import with_schema
 from tests.store.test_postgres import opened
 from tests.store.test_sqlite import assert_latest_version
 
@@ -179,12 +179,8 @@ async def test_sqlite_replay_never_reopens_a_handled_delivery(tmp_path: Path) ->
 
 
 @pytest.fixture
-def pg_url(postgres_url: str) -> Iterator[str]:
-    schema = f"cantata_dlq_{new_id()[-10:]}"
-    yield with_schema(postgres_url, schema)
-    import asyncio
-
-    asyncio.run(drop_schema(postgres_url, schema))
+def pg_url(postgres_url: str, pooled_schema: str) -> str:
+    return with_schema(postgres_url, pooled_schema)
 
 
 @pytest.fixture(params=["one statement", "transaction"])

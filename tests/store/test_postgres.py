@@ -575,11 +575,11 @@ async def test_checkpoints_of_many_runs_in_one_statement(pg_session_url: str) ->
 
 
 async def test_lookups_by_key_stay_on_the_key_as_a_new_store_grows(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     """Plans made while a new store's tables are empty are made again as they grow: a
     checkpoint finds its run by its key, not by scanning an index of every run."""
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     app = f"app-{new_id()[-8:]}"
     async with opened(url, writers=1) as store:
         first, _ = await store.create_run(new_run(app))
@@ -596,7 +596,7 @@ async def test_lookups_by_key_stay_on_the_key_as_a_new_store_grows(
             "WHERE schemaname=$1 AND relname='runs' AND indexrelname <> 'runs_pkey') + "
             "(SELECT coalesce(sum(seq_tup_read), 0) FROM pg_stat_user_tables "
             "WHERE schemaname=$1 AND relname='runs')",
-            fresh_schema,
+            pooled_schema,
         )
     finally:
         await conn.close()
@@ -631,14 +631,14 @@ async def _past_every_older_snapshot(url: str) -> None:
 
 
 async def test_a_checkpoint_that_keeps_the_indexed_columns_is_a_hot_update(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     """Pages of runs, history and attempts keep room for their rows' next versions
     (migration 0021): a checkpoint that changes no indexed column of its run (no
     status, no owner) is a HOT update, which adds no entry to runs' indexes; so are
     the updates of its history entry and attempt. Every row of a page updated in one
     batch, as the saga's writer does (at fillfactor 100: ~5 % HOT; at 70, ~45 %)."""
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     app = f"app-{new_id()[-8:]}"
     async with opened(url, writers=1) as store:
         runs = await asyncio.gather(*(store.create_run(new_run(app)) for _ in range(600)))
@@ -659,7 +659,7 @@ async def test_a_checkpoint_that_keeps_the_indexed_columns_is_a_hot_update(
                 "(SELECT reloptions FROM pg_class c WHERE c.oid = s.relid) AS options "
                 "FROM pg_stat_user_tables s WHERE schemaname=$1 "
                 "AND relname IN ('runs', 'history', 'attempts')",
-                fresh_schema,
+                pooled_schema,
             )
             got = {r["relname"]: (r["n_tup_upd"], r["n_tup_hot_upd"], r["options"])
                    for r in rows}

@@ -25,7 +25,7 @@ from cantata.store.audit import AuditKey
 from cantata.store.base import Settlement
 from cantata.store.postgres import PostgresStore
 from cantata.testing.contract.support import entry, ev, new_run
-from tests.helpers import drop_schema, with_schema
+from tests.helpers import with_schema
 from tests.store.tamper import pg_tamper, record
 
 pytestmark = pytest.mark.postgres
@@ -34,10 +34,8 @@ KEY = AuditKey("audit-batch-key-0123456789abcdef")
 
 
 @pytest.fixture
-async def schema(postgres_url: str) -> AsyncIterator[str]:
-    name = f"auditbatch_{uuid.uuid4().hex[:10]}"
-    yield name
-    await drop_schema(postgres_url, name)
+def schema(pooled_schema: str) -> str:
+    return pooled_schema
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ READ_ONLY = "&default_transaction_read_only=on"
 
 
 async def test_a_read_only_server_reads_and_refuses_writes(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     store = PostgresStore(url)
     await store.open()
     event = Event("order.placed", {"n": 1})

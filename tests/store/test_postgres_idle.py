@@ -43,8 +43,8 @@ def idle_app(url: str, picked: dict[int, float], lease: float = 10.0) -> App:
 
 
 @pytest.fixture
-async def worker_url(postgres_url: str, fresh_schema: str) -> AsyncIterator[str]:
-    yield with_schema(postgres_url, fresh_schema)
+async def worker_url(postgres_url: str, pooled_schema: str) -> AsyncIterator[str]:
+    yield with_schema(postgres_url, pooled_schema)
 
 
 @pytest.fixture
@@ -145,9 +145,9 @@ async def _listen_pids(admin: asyncpg.Connection[Any], schema: str) -> list[int]
 
 
 async def test_a_killed_listener_neither_strands_work_nor_stays_down(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     picked: dict[int, float] = {}
     admin = await asyncpg.connect(postgres_url)
     try:
@@ -158,7 +158,7 @@ async def test_a_killed_listener_neither_strands_work_nor_stays_down(
                 await asyncio.sleep(1.5)
                 # the client's store listens too: the worker's listener is the one that
                 # is not there once the worker's store has closed
-                pids = await _listen_pids(admin, fresh_schema)
+                pids = await _listen_pids(admin, pooled_schema)
                 assert len(pids) == 2
                 for pid in pids:
                     await admin.execute("SELECT pg_terminate_backend($1)", pid)
@@ -168,7 +168,7 @@ async def test_a_killed_listener_neither_strands_work_nor_stays_down(
                 assert picked[1] - started < 2.5, picked[1] - started
                 # listening again: new listening connections, and work is taken at once
                 await eventually(lambda: worker.store.listening, timeout=10)
-                new = await _listen_pids(admin, fresh_schema)
+                new = await _listen_pids(admin, pooled_schema)
                 assert len(new) == 2 and not set(new) & set(pids)
                 await asyncio.sleep(1.5)
                 started = time.monotonic()
@@ -182,13 +182,13 @@ async def test_a_killed_listener_neither_strands_work_nor_stays_down(
 
 
 async def test_a_listener_cut_off_in_silence_is_found_and_replaced(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     """A half-open listening connection (a NAT that dropped it: nothing closes it, no
     byte passes either way) is found by its probe within about a lease and a half
     (lease 1 s), and replaced: the work its notification was lost for is taken then,
     and later work at once again, not at each safety-net look."""
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     picked: dict[int, float] = {}
     admin = await asyncpg.connect(postgres_url)
     try:
@@ -197,7 +197,7 @@ async def test_a_listener_cut_off_in_silence_is_found_and_replaced(
             await client.open(serve=False)
             try:
                 await asyncio.sleep(1.5)
-                before = await _listen_pids(admin, fresh_schema)  # the worker's, the client's
+                before = await _listen_pids(admin, pooled_schema)  # the worker's, the client's
                 assert len(before) == 2
                 assert proxy.blackhole(b"LISTEN") == 1  # the worker's listener, silenced
                 started = time.monotonic()
@@ -205,7 +205,7 @@ async def test_a_listener_cut_off_in_silence_is_found_and_replaced(
                 # a new listening connection (the silenced one's backend stays, as a
                 # server does not know the network dropped it)
                 async def replaced() -> bool:
-                    return len(await _listen_pids(admin, fresh_schema)) == 3
+                    return len(await _listen_pids(admin, pooled_schema)) == 3
 
                 await eventually(replaced, timeout=5, what="a new listening connection")
                 await eventually(lambda: 1 in picked, timeout=10)

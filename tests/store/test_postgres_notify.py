@@ -23,12 +23,12 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 async def pair(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> AsyncIterator[tuple[PostgresStore, PostgresStore, str]]:
     """The store of the process that writes, and another process's, on one schema of
     the test's own: only its stores notify its channel (migration 0027)."""
     app = f"app-{new_id()[-8:]}"
-    url = with_schema(postgres_url, fresh_schema)
+    url = with_schema(postgres_url, pooled_schema)
     async with opened(url) as here, opened(url) as there:
         await here.declare(app, [
             Declaration("handler", "g1", "order.*"),
