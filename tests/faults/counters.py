@@ -9,7 +9,11 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
 - ``runs_failed``: runs that ended other than ``completed`` or with a wrong result;
 - ``steps_twice_live``: a step (or handler) executed again although an earlier
   execution's process was neither killed nor paused past the lease before it began,
-  and did not fail: two live workers ran it (at once or one after the other);
+  and did not fail: two live workers ran it (at once or one after the other). An
+  earlier handler execution whose worker itself recorded that its hold had lapsed (a heartbeat
+  that got through more than a lease after the one before: CPU starvation) before the
+  other began is not counted: the store took that worker for gone then, as it takes
+  a paused one (docs/leases.md); the count of those is ``info["reruns_after_lapse"]``;
 - ``steps_after_result``: a step executed again after its result was recorded;
 - ``steps_finished_late``: a step body that went on to its end after another process
   had begun the same step (a paused worker's body resumed past its fence);
@@ -45,6 +49,9 @@ class FaultLog:
     paused: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     stopped: set[int] = field(default_factory=set)  # asked to stop (SIGTERM), or to refuse
     exited: dict[int, float] = field(default_factory=dict)  # pid -> when it was seen gone
+    # pid -> (last heartbeat, when the next got through) where more than a lease apart:
+    # written by the worker itself (fault_app.record_lapses), read by read_lapses
+    lapses: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     lease: float = 2.0
 
     def about(self, pid: int, t: float) -> str:
@@ -57,6 +64,15 @@ class FaultLog:
                   for other, spans in self.paused.items() if other != pid
                   for stop, cont in spans if stop <= t <= cont + self.lease]
         return f" [pid {pid}: {'; '.join(notes)}]" if notes else ""
+
+    def lapsed_while(self, pid: int, began: float, t: float) -> bool:
+        """True if ``pid``'s own hold had lapsed by time ``t`` during an execution of
+        its that began at ``began``: a heartbeat of ``pid`` got through only after its
+        last one plus the lease, that moment (when the store took ``pid`` for gone)
+        was no later than ``t``, and the execution had begun before the heartbeat got
+        through again. Only what the worker recorded excuses: never a guess."""
+        return any(last + self.lease <= t and began < back
+                   for last, back in self.lapses.get(pid, ()))
 
     def crashed(self) -> dict[int, float]:
         """Workers that exited by themselves: neither killed nor asked to stop."""
@@ -103,6 +119,8 @@ def read_ledger(path: Path) -> list[Execution]:
         if not line.strip():
             continue
         rec = json.loads(line)
+        if rec["k"] == "lapse":  # (a worker's note about its hold: read_lapses)
+            continue
         ident = (rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"])
         if rec["k"] == "begin":
             ex = Execution(rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"],
@@ -160,6 +178,19 @@ class Counts:
         return f"{shown}, recover_seconds={self.recover_seconds}" + (f"; {more}" if more else "")
 
 
+def read_lapses(path: Path) -> dict[int, list[tuple[float, float]]]:
+    """The ``lapse`` lines of the ledger, by pid (see :attr:`FaultLog.lapses`)."""
+    lapses: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    if not path.exists():
+        return lapses
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec["k"] == "lapse":
+                lapses[rec["pid"]].append((rec["last"], rec["back"]))
+    return lapses
+
+
 def begun_before_pauses(executions: list[Execution], log: FaultLog) -> list[Execution]:
     """The executions with the begin of each one that passed its guard before a pause
     moved back to that pause's start, in begin order.
@@ -182,11 +213,16 @@ def begun_before_pauses(executions: list[Execution], log: FaultLog) -> list[Exec
     return sorted(executions, key=lambda e: e.began)
 
 
-def twice_live(executions: list[Execution], log: FaultLog) -> tuple[int, int, list[str]]:
+def twice_live(
+    executions: list[Execution], log: FaultLog, *, after_lapse: list[str] | None = None
+) -> tuple[int, int, list[str]]:
     """Executions of one step or (group, event) that a live earlier execution did not allow.
 
     Returns that count, the count of all executions after a call's first (a re-run after
-    a kill is allowed: it shows the suite did kill work in progress), and details.
+    a kill is allowed: it shows the suite did kill work in progress), and details. An
+    execution in another process after one whose worker's hold had lapsed meanwhile
+    (:meth:`FaultLog.lapsed_while`) is not counted, but described in ``after_lapse``
+    when given; one in the same process always counts.
     """
     by_call: dict[tuple[str, str, str], list[Execution]] = defaultdict(list)
     for ex in executions:
@@ -197,6 +233,20 @@ def twice_live(executions: list[Execution], log: FaultLog) -> tuple[int, int, li
         for i, later in enumerate(group[1:], start=1):
             live = [e for e in group[:i]
                     if not e.failed and not log.presumed_dead_before(e.pid, later.began)]
+            # (handlers only: a handler body is stopped on a lapse only when the whole
+            # process was paused, else it runs on; a step body is stopped at its next
+            # await whatever the cause, and one that held its own worker's loop past
+            # the lease is a defect: test_counters' blocking step)
+            held = [e for e in live
+                    if e.pid == later.pid or e.what != "handler"
+                    or not log.lapsed_while(e.pid, e.began, later.began)]
+            if live and not held and after_lapse is not None:
+                first = live[0]
+                after_lapse.append(
+                    f"{call[0]} {call[2]} of {call[1][-8:]} ran in pid {later.pid} after "
+                    f"pid {first.pid}, whose hold had lapsed (its heartbeat past the lease)"
+                )
+            live = held
             if live:
                 count += 1
                 first = live[0]

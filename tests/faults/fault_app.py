@@ -56,6 +56,36 @@ def record(**fields: Any) -> None:
         os.close(fd)
 
 
+def record_lapses() -> None:
+    """Write a ``lapse`` line to the ledger whenever this worker's heartbeat gets through
+    after its hold had lapsed in the store's eyes: the last heartbeat that got through
+    (``last``, its wall time) plus the lease was before this one reached the store
+    (``back``). Meanwhile another worker could take this worker's runs and deliveries
+    although it lived (docs/leases.md: a hold is judged by the heartbeat alone), as
+    when CPU starvation holds its heartbeat back past the lease. Written by the worker
+    itself, after the fact, so the counters (``twice_live``) can tell such a takeover
+    from two live workers running one handler while the first still held it."""
+    from cantata.engine.ownership import Ownership
+
+    if getattr(Ownership.beat, "_fault_ledger", False):
+        return
+    beat = Ownership.beat
+
+    async def recording_beat(self: Ownership) -> None:
+        last = self.beat_wall
+        await beat(self)
+        back = time.time()  # (the new heartbeat is in the store by now)
+        if back > last + self.engine.lease:
+            record(k="lapse", last=last, back=back, lease=self.engine.lease)
+
+    recording_beat._fault_ledger = True  # type: ignore[attr-defined]
+    Ownership.beat = recording_beat  # type: ignore[method-assign]
+
+
+if os.environ.get("FAULT_LEDGER"):  # (a worker of the suite, not the test's client)
+    record_lapses()
+
+
 def lapsed(app: App, *, handler: bool = False) -> dict[str, bool]:
     """``{"lapsed": True}`` when the body guard would stop this body now: its worker's
     hold lapsed between the guard's check (just before the body's first line) and

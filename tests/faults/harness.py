@@ -32,6 +32,7 @@ from .counters import (
     count_events,
     count_runs,
     finished_late,
+    read_lapses,
     read_ledger,
     twice_live,
 )
@@ -293,9 +294,14 @@ class Cluster:
     async def counts(self) -> Counts:
         """The counts as the store and the ledger have them now."""
         counts = Counts()
+        self.faults.lapses = read_lapses(self.ledger)
         executions = begun_before_pauses(read_ledger(self.ledger), self.faults)
-        counts.steps_twice_live, reruns, details = twice_live(executions, self.faults)
+        after_lapse: list[str] = []
+        counts.steps_twice_live, reruns, details = twice_live(executions, self.faults,
+                                                              after_lapse=after_lapse)
         counts.info["reruns"] = reruns
+        counts.info["reruns_after_lapse"] = len(after_lapse)
+        counts.details.extend(after_lapse[:3])
         counts.info["kills"] = len(self.faults.killed)
         crashed = self.faults.crashed()
         counts.workers_crashed = len(crashed)

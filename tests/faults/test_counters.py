@@ -141,3 +141,32 @@ def test_a_body_that_passed_its_guard_before_a_pause_is_not_a_live_double() -> N
     for late in ([_ex(1, 10.0, 10.3), _ex(2, 15.0, 15.1, lapsed=True)],
                  [_ex(1, 10.0, 10.3), _ex(3, 12.5, 12.51, cut=True, lapsed=True)]):
         assert twice_live(begun_before_pauses(late, log), log)[0] == 1
+
+
+def _handler(pid: int, began: float, ended: float | None) -> Execution:
+    return Execution("handler", "event-1", "inventory", pid, 1, began, ended)
+
+
+def test_a_handler_run_again_after_its_workers_own_recorded_lapse_is_not_a_live_double(
+) -> None:
+    """Worker 1 handles an event from t=10; its heartbeats at 9.9 and then only at 11.8
+    (lease 1.5: the store took it for gone from 11.4, say CPU starvation held it back),
+    and it recorded that lapse itself. Worker 2 took the delivery and began the handler
+    at 11.5: the documented takeover of a lapsed hold, not two live holders. The same
+    run without the lapse, a lapse recorded after worker 2 began, one that ended before
+    worker 1 began, or a second run in worker 1 itself each count."""
+    lapsed = FaultLog(lapses={1: [(9.9, 11.8)]}, lease=1.5)
+    runs = [_handler(1, 10.0, 11.9), _handler(2, 11.5, 11.8)]
+    assert twice_live(runs, lapsed)[0] == 0
+    noted: list[str] = []
+    twice_live(runs, lapsed, after_lapse=noted)
+    assert len(noted) == 1, noted
+    assert twice_live(runs, FaultLog(lease=1.5))[0] == 1  # its heartbeats on time
+    too_late = FaultLog(lapses={1: [(10.2, 12.0)]}, lease=1.5)  # lapsed from 11.7 only
+    assert twice_live(runs, too_late)[0] == 1
+    before = FaultLog(lapses={1: [(8.0, 9.95)]}, lease=1.5)  # back before it began
+    assert twice_live(runs, before)[0] == 1
+    same_worker = [_handler(1, 10.0, 11.9), _handler(1, 11.5, 11.8)]
+    assert twice_live(same_worker, lapsed)[0] == 1
+    # Another worker's lapse excuses nothing.
+    assert twice_live(runs, FaultLog(lapses={3: [(9.9, 11.8)]}, lease=1.5))[0] == 1
