@@ -531,11 +531,26 @@ def dead_lettered_by_older(r: Rolled) -> dict[int, str]:
     return out
 
 
+# A heartbeat that timed out once and then got through: the store was slow for a moment
+# (on a loaded machine, another process's commit on the shared SQLite file), which the
+# worker waits out as documented (docs/leases.md); not an error of the upgrade.
+_HEARTBEAT_RETRIED = re.compile(
+    r"^.*WARNING +cantata\.worker: worker (\S+): heartbeat failed \(timed out\); "
+    r"retrying\n(?=(?:.*\n)*?.*worker \1: heartbeat works again)", re.MULTILINE)
+
+
+def quiet_text(text: str) -> str:
+    """A worker's log without the heartbeat retries it recovered from."""
+    return _HEARTBEAT_RETRIED.sub("", text)
+
+
 def check_quiet(worker: Worker) -> None:
-    """No traceback, no error, no failed store call in a worker's log."""
+    """No traceback, no error, no failed store call in a worker's log (but for a
+    heartbeat that timed out and then got through: :func:`quiet_text`)."""
     text = worker.text()
+    kept = quiet_text(text)
     for bad in ("Traceback", "ERROR", "failed", "Error:"):
-        assert bad not in text, f"{bad!r} in the log:\n{text}"
+        assert bad not in kept, f"{bad!r} in the log:\n{text}"
 
 
 @pytest.mark.postgres
