@@ -87,12 +87,12 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
                 f"store URL {url!r}: synchronous={synchronous!r} is not a SQLite "
                 f"synchronous mode: use {', '.join(SYNCHRONOUS_MODES)}"
             )
-        if "busy_timeout" not in opts:
-            return SQLiteStore(path, synchronous=synchronous, url=url, create=create)
-        from cantata.store.sqlite_open import check_busy_timeout
+        from cantata.store.sqlite_open import BUSY_TIMEOUT_MS, check_busy_timeout
 
-        said = f"store URL {url!r}: busy_timeout={opts['busy_timeout']!r}"
-        busy = check_busy_timeout(_milliseconds(opts["busy_timeout"], said), said)
+        busy = BUSY_TIMEOUT_MS
+        if "busy_timeout" in opts:  # checked here too, so that the error names the URL
+            said = f"store URL {url!r}: busy_timeout={opts['busy_timeout']!r}"
+            busy = check_busy_timeout(_milliseconds(opts["busy_timeout"], said), said)
         return SQLiteStore(path, synchronous=synchronous, url=url, create=create,
                            busy_timeout=busy)
     if scheme in ("postgresql", "postgres"):
