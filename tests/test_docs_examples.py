@@ -1,0 +1,704 @@
+"""The code the docs show works as written: users copy it.
+
+Scans README.md, docs/*.md and the example's README.
+
+- Every ```python block compiles (top-level ``await`` allowed: the docs show client
+  calls out of context), every ``cantata`` name it imports or reaches
+  (``from cantata import X``, ``cantata.X.Y``, ``testing.environment``) exists, and
+  every call of App, its decorators, its client methods, the workflow and handler
+  contexts, the handles and the public classes (``Retry(...)``, ``Saga(...)``) binds
+  to the signature: no unknown keyword, no missing or extra argument. The type of a
+  name is told by its annotation, by what it was assigned (``handle = await
+  app.start(...)``: the return annotation of ``App.start``), or by convention
+  (``app``, ``ctx`` in a workflow or in a handler, ``event``, ``handle``, ``tx``).
+- A block marked ``<!-- test: run -->`` (the line before its fence) is a complete
+  program: it runs in a subprocess in a temporary folder (its store there) and must
+  exit 0; each ``print(...)  # shown`` line's comment is what it must print.
+  ``<!-- test: file NAME -->`` writes the block to NAME in the page's folder and
+  imports it; a following ```text block marked ``<!-- test: output -->`` begins with
+  ``$ cantata ...``, which runs there and must print the rest of the block.
+- Every ``cantata ...`` command line in a code block (also after ``$ ``) or in an
+  inline code span names commands that exist and options each one takes, and, with
+  the placeholders (``ID``, ``URL``, ``[--opt X]``, ``a|b``) filled in, parses
+  against the real command-line parser (nothing runs).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import re
+import shlex
+import subprocess
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+
+import cantata
+from cantata import App, Event, HandlerContext, RunHandle, RunState, Tx, WorkflowContext
+from cantata.cli.main import build
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [p for p in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                     ROOT / "src" / "cantata" / "examples" / "orders" / "README.md")
+         if p.exists()]
+MARK = re.compile(r"<!--\s*test:\s*(run|file\s+\S+|output)\s*-->")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # of the first line of code
+    lang: str
+    code: str
+    mark: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def blocks(page: Path) -> Iterator[Block]:
+    lines = page.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"\s*```(\w*)", lines[i])
+        if not m:
+            i += 1
+            continue
+        j = i + 1
+        while not lines[j].lstrip().startswith("```"):
+            j += 1
+        mark = MARK.search(lines[i - 1]) if i else None
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        code = "\n".join(x[indent:] for x in lines[i + 1:j])
+        yield Block(page, i + 2, m.group(1), code, mark.group(1) if mark else "")
+        i = j + 1
+
+
+ALL = [b for p in PAGES for b in blocks(p)]
+PYTHON = [b for b in ALL if b.lang == "python"]
+
+
+# --- python blocks: names and signatures -------------------------------------------
+
+# What a bare name stands for when nothing in the block says (the docs' conventions).
+CONVENTIONS: dict[str, Any] = {
+    "app": App, "handle": RunHandle, "event": Event, "ev": Event, "tx": Tx,
+    "state": RunState,
+}
+# Public classes whose calls are checked against their signatures.
+CALLABLE_TYPES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    """Type hints of a function or class, resolving names imported only for typing."""
+    try:
+        return typing.get_type_hints(obj)
+    except Exception:
+        pass
+    module = sys.modules.get(getattr(obj, "__module__", ""), None)
+    ns = {**vars(cantata), **(vars(module) if module else {})}
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("cantata") and mod is not module:
+            for k, v in vars(mod).items():
+                if isinstance(v, type) and k not in ns:
+                    ns[k] = v
+    out = {}
+    for k, v in getattr(obj, "__annotations__", {}).items():
+        try:
+            out[k] = eval(v, ns) if isinstance(v, str) else v
+        except Exception:
+            continue
+    return out
+
+
+def _as_type(t: Any) -> Any:
+    """The class a hint names (``X | None`` -> X, ``list[X]`` -> list)."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return _as_type(args[0]) if len(args) == 1 else None
+    if origin is not None:
+        return origin
+    return t if isinstance(t, type) else None
+
+
+def _element(t: Any) -> Any:
+    args = typing.get_args(t)
+    return _as_type(args[0]) if len(args) == 1 else None
+
+
+def has_attribute(cls: type, name: str) -> bool:
+    if hasattr(cls, name):
+        return True
+    for klass in cls.__mro__:
+        if name in getattr(klass, "__annotations__", {}):
+            return True
+        if name in getattr(klass, "__slots__", ()) or name in getattr(
+            klass, "__dataclass_fields__", {}
+        ):
+            return True
+        if name in getattr(klass, "model_fields", {}):
+            return True
+    # attributes an __init__ sets
+    for klass in cls.__mro__:
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if re.search(rf"self\.{re.escape(name)}\s*[:=]", src):
+            return True
+    return False
+
+
+@dataclass
+class Checker:
+    block: Block
+    problems: list[str] = field(default_factory=list)
+    env: dict[str, Any] = field(default_factory=dict)  # name -> module, class or ("of", T)
+
+    def problem(self, node: ast.AST, text: str) -> None:
+        line = self.block.line + getattr(node, "lineno", 1) - 1
+        self.problems.append(f"{self.block.page.relative_to(ROOT)}:{line}: {text}")
+
+    # What an expression is: ("value", obj) for a module, class or function reached by
+    # name; ("of", cls) for an instance; ("method", cls, name) for a bound method.
+    def kind(self, node: ast.expr) -> tuple[Any, ...] | None:
+        if isinstance(node, ast.Await):
+            return self.kind(node.value)
+        if isinstance(node, ast.Name):
+            if node.id in self.env:
+                return self.env[node.id]
+            if node.id in CONVENTIONS:
+                return ("of", CONVENTIONS[node.id])
+            # the docs leave out imports: a public name, or `cantata.` itself
+            if node.id in cantata.__all__:
+                return ("value", getattr(cantata, node.id))
+            return ("value", cantata) if node.id == "cantata" else None
+        if isinstance(node, ast.Attribute):
+            base = self.kind(node.value)
+            if base is None:
+                return None
+            if base[0] == "value":
+                obj = base[1]
+                if not (isinstance(obj, types.ModuleType) or isinstance(obj, type)):
+                    return None
+                if not hasattr(obj, node.attr):
+                    if isinstance(obj, types.ModuleType):
+                        try:  # a submodule not imported yet
+                            __import__(f"{obj.__name__}.{node.attr}")
+                        except ImportError:
+                            pass
+                    if not hasattr(obj, node.attr):
+                        self.problem(node, f"{_name(obj)} has no attribute {node.attr!r}")
+                        return None
+                return ("value", getattr(obj, node.attr))
+            if base[0] == "of":
+                cls = base[1]
+                if not has_attribute(cls, node.attr):
+                    self.problem(node, f"{cls.__name__} has no attribute {node.attr!r}")
+                    return None
+                member = inspect.getattr_static(cls, node.attr, None)
+                if isinstance(member, property):
+                    t = _as_type(_hints(member.fget).get("return"))
+                    return ("of", t) if t else None
+                if callable(member) or isinstance(member, (staticmethod, classmethod)):
+                    return ("method", cls, node.attr)
+                hint = None
+                for klass in cls.__mro__:
+                    if node.attr in _hints(klass):
+                        hint = _as_type(_hints(klass)[node.attr])
+                        break
+                return ("of", hint) if hint else None
+            return None
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        return None
+
+    def call(self, node: ast.Call) -> tuple[Any, ...] | None:
+        f = self.kind(node.func)
+        target: Callable[..., Any] | None = None
+        returns: Any = None
+        if f is None:
+            return None
+        if f[0] == "value" and isinstance(f[1], type):
+            target, returns = f[1], f[1]
+        elif f[0] == "value" and isinstance(f[1], CALLABLE_TYPES):
+            target = f[1]
+            returns = _as_type(_hints(f[1]).get("return"))
+        elif f[0] == "method":
+            cls, name = f[1], f[2]
+            target = getattr(cls, name)
+            returns = _as_type(_hints(target).get("return"))
+            if name in ("step", "transaction", "workflow") and not node.args:
+                returns = None  # the decorator factory
+        if target is not None and _name(target).startswith("cantata"):
+            self.bind(node, target, method=f[0] == "method")
+        return ("of", returns) if isinstance(returns, type) else None
+
+    def bind(self, node: ast.Call, target: Callable[..., Any], method: bool) -> None:
+        try:
+            sig = inspect.signature(target)
+        except (TypeError, ValueError):
+            return
+        if method:
+            params = list(sig.parameters.values())[1:]
+            sig = sig.replace(parameters=params)
+        starred = any(isinstance(a, ast.Starred) for a in node.args) or any(
+            k.arg is None for k in node.keywords
+        )
+        args = [] if starred else [object()] * len(node.args)
+        kwargs = {k.arg: object() for k in node.keywords if k.arg is not None}
+        try:
+            (sig.bind_partial if starred else sig.bind)(*args, **kwargs)
+        except TypeError as exc:
+            self.problem(node, f"{_name(target)}{sig}: {exc}")
+
+    def check(self) -> list[str]:
+        try:
+            tree = compile(self.block.code, self.block.where, "exec",
+                           flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+                           dont_inherit=True)
+            compile(self.block.code, self.block.where, "exec",
+                    flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+        except SyntaxError as exc:
+            return [f"{self.block.where}: does not compile: {exc}"]
+        self.visit(tree.body, context=None)
+        return self.problems
+
+    def visit(self, body: list[ast.stmt], context: type | None) -> None:
+        for stmt in body:
+            self.statement(stmt, context)
+
+    def statement(self, stmt: ast.stmt, context: type | None) -> None:
+        if isinstance(stmt, ast.ImportFrom) and (stmt.module or "").split(".")[0] == "cantata":
+            try:
+                module = __import__(stmt.module or "", fromlist=["*"])
+            except ImportError as exc:
+                self.problem(stmt, f"no module {stmt.module}: {exc}")
+                return
+            for alias in stmt.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        __import__(f"{stmt.module}.{alias.name}")
+                    except ImportError:
+                        self.problem(stmt, f"cannot import {alias.name} from {stmt.module}")
+                        continue
+                self.env[alias.asname or alias.name] = ("value", getattr(module, alias.name))
+            return
+        if isinstance(stmt, ast.Import):
+            for alias in stmt.names:
+                if alias.name.split(".")[0] == "cantata":
+                    try:
+                        module = __import__(alias.name)
+                    except ImportError:
+                        self.problem(stmt, f"no module {alias.name}")
+                        continue
+                    self.env[alias.asname or "cantata"] = ("value", module)
+            return
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for dec in stmt.decorator_list:
+                self.expr(dec)
+            inner = self.function_context(stmt)
+            saved = dict(self.env)
+            for arg in [*stmt.args.posonlyargs, *stmt.args.args, *stmt.args.kwonlyargs]:
+                t = self.annotation(arg.annotation)
+                if t is None and arg.arg == "ctx" and inner is not None:
+                    t = inner
+                if t is not None:
+                    self.env[arg.arg] = ("of", t)
+                else:
+                    self.env.pop(arg.arg, None)
+            self.visit(stmt.body, inner)
+            self.env = saved
+            return
+        if isinstance(stmt, ast.Assign):
+            k = self.expr(stmt.value)
+            for tgt in stmt.targets:
+                if isinstance(tgt, ast.Name):
+                    if k is not None and k[0] in ("of", "value"):
+                        self.env[tgt.id] = k
+                    else:
+                        self.env.pop(tgt.id, None)
+            return
+        if isinstance(stmt, (ast.For, ast.AsyncFor)):
+            it = self.expr(stmt.iter)
+            elem = self.iterated(stmt.iter)
+            if isinstance(stmt.target, ast.Name):
+                if elem is not None:
+                    self.env[stmt.target.id] = ("of", elem)
+                else:
+                    self.env.pop(stmt.target.id, None)
+            del it
+            self.visit(stmt.body, context)
+            self.visit(stmt.orelse, context)
+            return
+        if isinstance(stmt, (ast.With, ast.AsyncWith)):
+            for item in stmt.items:
+                k = self.expr(item.context_expr)
+                if isinstance(item.optional_vars, ast.Name):
+                    entered = self.entered(item.context_expr, k)
+                    if entered is not None:
+                        self.env[item.optional_vars.id] = ("of", entered)
+            self.visit(stmt.body, context)
+            return
+        if isinstance(stmt, ast.Try):
+            self.visit(stmt.body, context)
+            for handler in stmt.handlers:
+                t = self.expr(handler.type) if handler.type is not None else None
+                if handler.name and t and t[0] == "value" and isinstance(t[1], type):
+                    self.env[handler.name] = ("of", t[1])
+                self.visit(handler.body, context)
+            self.visit(stmt.orelse, context)
+            self.visit(stmt.finalbody, context)
+            return
+        if isinstance(stmt, ast.ClassDef):
+            saved = dict(self.env)
+            self.visit(stmt.body, None)
+            self.env = saved
+            return
+        for child in ast.iter_child_nodes(stmt):
+            if isinstance(child, ast.expr):
+                self.expr(child)
+            elif isinstance(child, ast.stmt):
+                self.statement(child, context)
+        for attr in ("body", "orelse"):
+            pass
+
+    def expr(self, node: ast.expr) -> tuple[Any, ...] | None:
+        """Check every attribute and call in ``node``; return what it is."""
+        result = self.kind(node)
+        # calls and attributes nested in arguments and operands
+        for child in ast.walk(node):
+            if child is node or not isinstance(child, ast.expr):
+                continue
+            if isinstance(child, (ast.Call, ast.Attribute)) and not self._inside_chain(
+                node, child
+            ):
+                self.kind(child)
+        return result
+
+    @staticmethod
+    def _inside_chain(root: ast.expr, child: ast.expr) -> bool:
+        """Whether ``child`` is a link of the chain ``kind(root)`` already walked."""
+        node: ast.expr | None = root
+        while node is not None:
+            if node is child:
+                return True
+            if isinstance(node, ast.Await):
+                node = node.value
+            elif isinstance(node, ast.Call):
+                node = node.func
+            elif isinstance(node, ast.Attribute):
+                node = node.value
+            else:
+                node = None
+        return False
+
+    def annotation(self, node: ast.expr | None) -> type | None:
+        if node is None:
+            return None
+        k = self.kind(node)
+        return k[1] if k and k[0] == "value" and isinstance(k[1], type) else None
+
+    def function_context(self, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> type | None:
+        for dec in fn.decorator_list:
+            f = dec.func if isinstance(dec, ast.Call) else dec
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                if f.attr == "workflow":
+                    return WorkflowContext
+                if f.attr == "on":
+                    return HandlerContext
+        return None
+
+    def iterated(self, node: ast.expr) -> type | None:
+        call = node.value if isinstance(node, ast.Await) else node
+        if isinstance(call, ast.Call):
+            f = self.kind(call.func)
+            if f and f[0] == "method":
+                return _element(_hints(getattr(f[1], f[2])).get("return"))
+        return None
+
+    def entered(self, node: ast.expr, k: tuple[Any, ...] | None) -> type | None:
+        if k and k[0] == "of" and k[1] is not None:
+            enter = getattr(k[1], "__enter__", None) or getattr(k[1], "__aenter__", None)
+            if enter is not None:
+                t = _as_type(_hints(enter).get("return"))
+                return t or k[1]
+        return None
+
+
+def _name(obj: Any) -> str:
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def python_problems(block: Block) -> list[str]:
+    return Checker(block).check()
+
+
+@pytest.mark.parametrize("block", PYTHON, ids=[b.where for b in PYTHON])
+def test_python_block_names_and_calls(block: Block) -> None:
+    problems = python_problems(block)
+    assert not problems, "\n".join(problems)
+
+
+# --- python blocks that run ---------------------------------------------------------
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANTATA_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(tmp)])
+    env["CANTATA_STORE"] = f"sqlite:///{tmp / 'cantata.db'}"
+    return env
+
+
+def shown_prints(code: str) -> list[str]:
+    """What a program's ``print(...)  # shown`` lines say it prints, in order."""
+    return [m.group(1).strip() for m in re.finditer(r"^\s*print\(.*\)\s*#\s*(.+)$", code, re.M)]
+
+
+RUN = [b for b in PYTHON if b.mark == "run"]
+
+
+@pytest.mark.parametrize("block", RUN, ids=[b.where for b in RUN])
+def test_program_runs(block: Block, tmp_path: Path) -> None:
+    (tmp_path / "example.py").write_text(block.code)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{block.where}: exit {proc.returncode}\n{proc.stderr}"
+    shown = shown_prints(block.code)
+    if shown:
+        assert proc.stdout.splitlines() == shown, (
+            f"{block.where}: the doc shows {shown}, the program printed {proc.stdout!r}"
+        )
+
+
+def sessions() -> Iterator[tuple[Path, list[Block]]]:
+    """Per page, its ``file`` blocks and ``output`` blocks, in order."""
+    for page in PAGES:
+        marked = [b for b in ALL if b.page == page and (b.mark.startswith("file")
+                                                       or b.mark == "output")]
+        if marked:
+            yield page, marked
+
+
+SESSIONS = list(sessions())
+
+
+@pytest.mark.parametrize(("page", "marked"), SESSIONS,
+                         ids=[str(p.relative_to(ROOT)) for p, _ in SESSIONS])
+def test_shown_output(page: Path, marked: list[Block], tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    for block in marked:
+        if block.mark.startswith("file"):
+            name = block.mark.split()[1]
+            (tmp_path / name).write_text(block.code)
+            module = Path(name).stem
+            proc = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=tmp_path,
+                                  env=env, capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, f"{block.where}: {name} does not import\n{proc.stderr}"
+            continue
+        first, _, shown = block.code.partition("\n")
+        assert first.startswith("$ cantata "), f"{block.where}: an output block begins with $"
+        argv = shlex.split(first[2:])
+        proc = subprocess.run([sys.executable, "-m", "cantata", *argv[1:]], cwd=tmp_path,
+                              env={**env, "COLUMNS": "200"}, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, f"{block.where}: {first} exits {proc.returncode}\n{proc.stderr}"
+        got = [x.rstrip() for x in proc.stdout.rstrip("\n").splitlines()]
+        assert got == [x.rstrip() for x in shown.splitlines()], (
+            f"{block.where}: `{first[2:]}` prints\n{proc.stdout}\nnot what the doc shows"
+        )
+
+
+# --- command lines ------------------------------------------------------------------
+
+def command_lines() -> Iterator[tuple[str, str]]:
+    """(where, line) of every ``cantata ...`` command line the docs show."""
+    for page in PAGES:
+        name = page.relative_to(ROOT)
+        for b in (b for b in ALL if b.page == page and b.lang != "python"):
+            pending = ""
+            for n, raw in enumerate(b.code.splitlines()):
+                text = raw.strip()
+                if pending:  # a line continued (`[--json]` under `cantata compare ...`)
+                    if text.startswith("["):
+                        pending += " " + text
+                        continue
+                    yield pending_where, pending
+                    pending = ""
+                m = re.match(r"(?:\$ )?(?:.*&& )?(cantata (?:[a-z-]+).*)", text)
+                if m and not text.startswith("cantata dlq replay 0") or (
+                    m and b.mark == "output"
+                ):
+                    pending, pending_where = m.group(1), f"{name}:{b.line + n}"
+                elif m:
+                    pending, pending_where = m.group(1), f"{name}:{b.line + n}"
+            if pending:
+                yield pending_where, pending
+        fence = False
+        for n, line in enumerate(page.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                fence = not fence
+                continue
+            if fence:
+                continue
+            for span in re.findall(r"`(cantata [^`]+)`", line):
+                yield f"{name}:{n}", span
+
+
+def _strip_comment(line: str) -> str:
+    out, quote = [], ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] == " "):
+            break
+        out.append(ch)
+    return "".join(out).strip()
+
+
+def _root() -> Any:
+    """The ``cantata`` command group (Typer's own copy of click: told by duck typing)."""
+    cmd = typer.main.get_command(build([]))
+    assert hasattr(cmd, "commands")
+    return cmd
+
+
+def _is_group(cmd: Any) -> bool:
+    return hasattr(cmd, "commands")
+
+
+ROOT_COMMAND = _root()
+# What a placeholder stands for, where an option's type needs a real value.
+PLACEHOLDER_VALUES = {"N": "2", "R": "0.1", "S": "1", "L": "INFO", "JSON": "{}",
+                      "JSON-LIST": "[]", "5m": "5m"}
+
+
+def _variants(tokens: list[str]) -> Iterator[list[str]]:
+    """The command lines a line with ``a|b`` alternatives stands for. In ``ID|--key K``
+    the placeholder after the alternatives is the last one's (the option's value)."""
+    for i, tok in enumerate(tokens):
+        if "|" in tok and not tok.startswith(("{", "[", "'")):
+            alts = [a for a in tok.split("|") if a]
+            value = alts[-1].startswith("--") and i + 1 < len(tokens) and _placeholder(
+                tokens[i + 1])
+            for n, alt in enumerate(alts):
+                after = tokens[i + 2:] if value and n < len(alts) - 1 else tokens[i + 1:]
+                yield from _variants([*tokens[:i], alt, *after])
+            return
+    yield tokens
+
+
+def _placeholder(token: str) -> bool:
+    return re.fullmatch(r"[A-Z][A-Z_-]*", token) is not None
+
+
+def _tokens(line: str) -> list[str] | None:
+    line = _strip_comment(line.replace("\\|", "|"))
+    line = line.split(" > ")[0]  # `cantata audit head > head.json`
+    line = re.sub(r"\[([^\[\]]*)\]", r" \1 ", line)  # optional parts, checked too
+    line = line.replace("…", "").replace("...", "")
+    try:
+        return shlex.split(line)
+    except ValueError:
+        return None
+
+
+def cli_problems(line: str) -> list[str]:
+    tokens = _tokens(line)
+    if tokens is None:
+        return [f"cannot split {line!r}"]
+    problems: list[str] = []
+    for variant in _variants(tokens[1:]):
+        problems += _check_variant(variant)
+    return problems
+
+
+def _check_variant(args: list[str]) -> list[str]:
+    cmd = ROOT_COMMAND
+    path = ["cantata"]
+    rest = list(args)
+    if rest and rest[0] == "--debug":  # read by main() before the parser
+        rest = rest[1:]
+    while _is_group(cmd) and rest and not rest[0].startswith("-"):
+        sub = cmd.commands.get(rest[0])
+        if sub is None:
+            return [f"`{' '.join(path)}` has no command {rest[0]!r}"]
+        cmd, path, rest = sub, [*path, rest[0]], rest[1:]
+    if _is_group(cmd):
+        return [] if not rest else [f"`{' '.join(path)}` needs a command, not {rest[0]!r}"]
+    options = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    options.add("--help")
+    problems = []
+    for tok in rest:
+        if tok.startswith("--"):
+            name = tok.split("=")[0]
+            if name not in options:
+                problems.append(f"`{' '.join(path)}` has no option {name}")
+    if problems or len(rest) < len(args) - len(path) + 1 and False:
+        return problems
+    filled = [PLACEHOLDER_VALUES.get(t, t) for t in rest]
+    try:
+        ctx = cmd.make_context(" ".join(path), filled, resilient_parsing=False)
+        ctx.close()
+    except Exception as exc:  # click's exceptions, in Typer's copy: told by their names
+        kind = type(exc).__name__
+        if kind == "MissingParameter" or (
+            kind == "BadOptionUsage" and "requires an argument" in str(exc)
+            and rest[-1].startswith("--")
+        ):
+            pass  # a shortened form (`cantata fork`, `cantata worker --service`): its
+            # names and options are checked
+        elif kind == "BadParameter" and any(_placeholder(t) for t in rest):
+            pass  # a placeholder (`--older-than DURATION`) where a value of a type goes
+        elif kind in ("BadParameter", "UsageError", "NoSuchOption", "BadOptionUsage",
+                      "BadArgumentUsage"):
+            problems.append(f"`{' '.join(path)} {' '.join(rest)}`: {exc.format_message()}")
+        else:
+            raise
+    return problems
+
+
+LINES = list(command_lines())
+
+
+@pytest.mark.parametrize(("where", "line"), LINES, ids=[f"{w} {l}" for w, l in LINES])
+def test_command_line_parses(where: str, line: str) -> None:
+    problems = cli_problems(line)
+    assert not problems, f"{where}: {line}\n" + "\n".join(problems)
+
+
+# --- the checks see mistakes --------------------------------------------------------
+
+def _fake(code: str) -> Block:
+    return Block(ROOT / "README.md", 1, "python", code)
+
+
+def test_the_checks_see_broken_examples() -> None:
+    assert python_problems(_fake("from cantata import NoSuchName\n"))
+    assert python_problems(_fake("app.start_workflow(place_order, 1)\n"))
+    assert python_problems(_fake("@app.step(retries=3)\nasync def s() -> None: ...\n"))
+    assert python_problems(_fake("h = await app.start(w, 1)\nawait h.result(wait=3)\n"))
+    assert python_problems(_fake("import cantata\ncantata.stepinfo()\n"))
+    assert python_problems(_fake("@app.workflow\nasync def w(ctx):\n    ctx.sleeep(1)\n"))
+    assert python_problems(_fake("x = (\n"))
+    assert not python_problems(_fake("h = await app.start(w, 1)\nawait h.result(timeout=3)\n"))
+    assert cli_problems("cantata runz")
+    assert cli_problems("cantata runs --atr k=v")
+    assert cli_problems("cantata dlq list|replay|purge")
+    assert cli_problems("cantata cancel a b c")
+    assert not cli_problems("cantata runs [--attr k=v] [--json]")
+    assert shown_prints("print(x)  # 42\nprint(y)\n") == ["42"]
