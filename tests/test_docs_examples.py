@@ -26,6 +26,7 @@ Scans README.md, docs/*.md and the example's README.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import os
 import re
@@ -47,9 +48,15 @@ from cantata import App, Event, HandlerContext, RunHandle, RunState, Tx, Workflo
 from cantata.cli.main import build
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [p for p in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
-                     ROOT / "src" / "cantata" / "examples" / "orders" / "README.md")
-         if p.exists()]
+PAGES = [
+    p
+    for p in (
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "src" / "cantata" / "examples" / "orders" / "README.md",
+    )
+    if p.exists()
+]
 MARK = re.compile(r"<!--\s*test:\s*(run|file\s+\S+|output)\s*-->")
 
 
@@ -79,7 +86,7 @@ def blocks(page: Path) -> Iterator[Block]:
             j += 1
         mark = MARK.search(lines[i - 1]) if i else None
         indent = len(lines[i]) - len(lines[i].lstrip())
-        code = "\n".join(x[indent:] for x in lines[i + 1:j])
+        code = "\n".join(x[indent:] for x in lines[i + 1 : j])
         yield Block(page, i + 2, m.group(1), code, mark.group(1) if mark else "")
         i = j + 1
 
@@ -92,7 +99,11 @@ PYTHON = [b for b in ALL if b.lang == "python"]
 
 # What a bare name stands for when nothing in the block says (the docs' conventions).
 CONVENTIONS: dict[str, Any] = {
-    "app": App, "handle": RunHandle, "event": Event, "ev": Event, "tx": Tx,
+    "app": App,
+    "handle": RunHandle,
+    "event": Event,
+    "ev": Event,
+    "tx": Tx,
     "state": RunState,
 }
 # Public classes whose calls are checked against their signatures.
@@ -190,14 +201,12 @@ class Checker:
                 return None
             if base[0] == "value":
                 obj = base[1]
-                if not (isinstance(obj, types.ModuleType) or isinstance(obj, type)):
+                if not isinstance(obj, (types.ModuleType, type)):
                     return None
                 if not hasattr(obj, node.attr):
                     if isinstance(obj, types.ModuleType):
-                        try:  # a submodule not imported yet
+                        with contextlib.suppress(ImportError):  # a submodule not imported
                             __import__(f"{obj.__name__}.{node.attr}")
-                        except ImportError:
-                            pass
                     if not hasattr(obj, node.attr):
                         self.problem(node, f"{_name(obj)} has no attribute {node.attr!r}")
                         return None
@@ -265,11 +274,20 @@ class Checker:
 
     def check(self) -> list[str]:
         try:
-            tree = compile(self.block.code, self.block.where, "exec",
-                           flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
-                           dont_inherit=True)
-            compile(self.block.code, self.block.where, "exec",
-                    flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+            tree = compile(
+                self.block.code,
+                self.block.where,
+                "exec",
+                flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+                dont_inherit=True,
+            )
+            compile(
+                self.block.code,
+                self.block.where,
+                "exec",
+                flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+                dont_inherit=True,
+            )
         except SyntaxError as exc:
             return [f"{self.block.where}: does not compile: {exc}"]
         self.visit(tree.body, context=None)
@@ -331,14 +349,13 @@ class Checker:
                         self.env.pop(tgt.id, None)
             return
         if isinstance(stmt, (ast.For, ast.AsyncFor)):
-            it = self.expr(stmt.iter)
+            self.expr(stmt.iter)
             elem = self.iterated(stmt.iter)
             if isinstance(stmt.target, ast.Name):
                 if elem is not None:
                     self.env[stmt.target.id] = ("of", elem)
                 else:
                     self.env.pop(stmt.target.id, None)
-            del it
             self.visit(stmt.body, context)
             self.visit(stmt.orelse, context)
             return
@@ -371,8 +388,6 @@ class Checker:
                 self.expr(child)
             elif isinstance(child, ast.stmt):
                 self.statement(child, context)
-        for attr in ("body", "orelse"):
-            pass
 
     def expr(self, node: ast.expr) -> tuple[Any, ...] | None:
         """Check every attribute and call in ``node``; return what it is."""
@@ -381,9 +396,7 @@ class Checker:
         for child in ast.walk(node):
             if child is node or not isinstance(child, ast.expr):
                 continue
-            if isinstance(child, (ast.Call, ast.Attribute)) and not self._inside_chain(
-                node, child
-            ):
+            if isinstance(child, (ast.Call, ast.Attribute)) and not self._inside_chain(node, child):
                 self.kind(child)
         return result
 
@@ -455,6 +468,7 @@ def test_python_block_names_and_calls(block: Block) -> None:
 
 # --- python blocks that run ---------------------------------------------------------
 
+
 def _env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANTATA_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(tmp)])
@@ -473,8 +487,14 @@ RUN = [b for b in PYTHON if b.mark == "run"]
 @pytest.mark.parametrize("block", RUN, ids=[b.where for b in RUN])
 def test_program_runs(block: Block, tmp_path: Path) -> None:
     (tmp_path / "example.py").write_text(block.code)
-    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, f"{block.where}: exit {proc.returncode}\n{proc.stderr}"
     shown = shown_prints(block.code)
     if shown:
@@ -486,8 +506,9 @@ def test_program_runs(block: Block, tmp_path: Path) -> None:
 def sessions() -> Iterator[tuple[Path, list[Block]]]:
     """Per page, its ``file`` blocks and ``output`` blocks, in order."""
     for page in PAGES:
-        marked = [b for b in ALL if b.page == page and (b.mark.startswith("file")
-                                                       or b.mark == "output")]
+        marked = [
+            b for b in ALL if b.page == page and (b.mark.startswith("file") or b.mark == "output")
+        ]
         if marked:
             yield page, marked
 
@@ -495,8 +516,9 @@ def sessions() -> Iterator[tuple[Path, list[Block]]]:
 SESSIONS = list(sessions())
 
 
-@pytest.mark.parametrize(("page", "marked"), SESSIONS,
-                         ids=[str(p.relative_to(ROOT)) for p, _ in SESSIONS])
+@pytest.mark.parametrize(
+    ("page", "marked"), SESSIONS, ids=[str(p.relative_to(ROOT)) for p, _ in SESSIONS]
+)
 def test_shown_output(page: Path, marked: list[Block], tmp_path: Path) -> None:
     env = _env(tmp_path)
     for block in marked:
@@ -504,17 +526,30 @@ def test_shown_output(page: Path, marked: list[Block], tmp_path: Path) -> None:
             name = block.mark.split()[1]
             (tmp_path / name).write_text(block.code)
             module = Path(name).stem
-            proc = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=tmp_path,
-                                  env=env, capture_output=True, text=True, timeout=60)
+            proc = subprocess.run(
+                [sys.executable, "-c", f"import {module}"],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert proc.returncode == 0, f"{block.where}: {name} does not import\n{proc.stderr}"
             continue
         first, _, shown = block.code.partition("\n")
         assert first.startswith("$ cantata "), f"{block.where}: an output block begins with $"
         argv = shlex.split(first[2:])
-        proc = subprocess.run([sys.executable, "-m", "cantata", *argv[1:]], cwd=tmp_path,
-                              env={**env, "COLUMNS": "200"}, capture_output=True, text=True,
-                              timeout=60)
-        assert proc.returncode == 0, f"{block.where}: {first} exits {proc.returncode}\n{proc.stderr}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "cantata", *argv[1:]],
+            cwd=tmp_path,
+            env={**env, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, (
+            f"{block.where}: {first} exits {proc.returncode}\n{proc.stderr}"
+        )
         got = [x.rstrip() for x in proc.stdout.rstrip("\n").splitlines()]
         assert got == [x.rstrip() for x in shown.splitlines()], (
             f"{block.where}: `{first[2:]}` prints\n{proc.stdout}\nnot what the doc shows"
@@ -523,12 +558,13 @@ def test_shown_output(page: Path, marked: list[Block], tmp_path: Path) -> None:
 
 # --- command lines ------------------------------------------------------------------
 
+
 def command_lines() -> Iterator[tuple[str, str]]:
     """(where, line) of every ``cantata ...`` command line the docs show."""
     for page in PAGES:
         name = page.relative_to(ROOT)
         for b in (b for b in ALL if b.page == page and b.lang != "python"):
-            pending = ""
+            pending, pending_where = "", ""
             for n, raw in enumerate(b.code.splitlines()):
                 text = raw.strip()
                 if pending:  # a line continued (`[--json]` under `cantata compare ...`)
@@ -537,12 +573,8 @@ def command_lines() -> Iterator[tuple[str, str]]:
                         continue
                     yield pending_where, pending
                     pending = ""
-                m = re.match(r"(?:\$ )?(?:.*&& )?(cantata (?:[a-z-]+).*)", text)
-                if m and not text.startswith("cantata dlq replay 0") or (
-                    m and b.mark == "output"
-                ):
-                    pending, pending_where = m.group(1), f"{name}:{b.line + n}"
-                elif m:
+                m = re.match(r"(?:\$ )?(?:.*&& )?(cantata [a-z-]+.*)", text)
+                if m:
                     pending, pending_where = m.group(1), f"{name}:{b.line + n}"
             if pending:
                 yield pending_where, pending
@@ -583,8 +615,15 @@ def _is_group(cmd: Any) -> bool:
 
 ROOT_COMMAND = _root()
 # What a placeholder stands for, where an option's type needs a real value.
-PLACEHOLDER_VALUES = {"N": "2", "R": "0.1", "S": "1", "L": "INFO", "JSON": "{}",
-                      "JSON-LIST": "[]", "5m": "5m"}
+PLACEHOLDER_VALUES = {
+    "N": "2",
+    "R": "0.1",
+    "S": "1",
+    "L": "INFO",
+    "JSON": "{}",
+    "JSON-LIST": "[]",
+    "5m": "5m",
+}
 
 
 def _variants(tokens: list[str]) -> Iterator[list[str]]:
@@ -593,10 +632,11 @@ def _variants(tokens: list[str]) -> Iterator[list[str]]:
     for i, tok in enumerate(tokens):
         if "|" in tok and not tok.startswith(("{", "[", "'")):
             alts = [a for a in tok.split("|") if a]
-            value = alts[-1].startswith("--") and i + 1 < len(tokens) and _placeholder(
-                tokens[i + 1])
+            value = (
+                alts[-1].startswith("--") and i + 1 < len(tokens) and _placeholder(tokens[i + 1])
+            )
             for n, alt in enumerate(alts):
-                after = tokens[i + 2:] if value and n < len(alts) - 1 else tokens[i + 1:]
+                after = tokens[i + 2 :] if value and n < len(alts) - 1 else tokens[i + 1 :]
                 yield from _variants([*tokens[:i], alt, *after])
             return
     yield tokens
@@ -648,7 +688,7 @@ def _check_variant(args: list[str]) -> list[str]:
             name = tok.split("=")[0]
             if name not in options:
                 problems.append(f"`{' '.join(path)}` has no option {name}")
-    if problems or len(rest) < len(args) - len(path) + 1 and False:
+    if problems:
         return problems
     filled = [PLACEHOLDER_VALUES.get(t, t) for t in rest]
     try:
@@ -657,15 +697,21 @@ def _check_variant(args: list[str]) -> list[str]:
     except Exception as exc:  # click's exceptions, in Typer's copy: told by their names
         kind = type(exc).__name__
         if kind == "MissingParameter" or (
-            kind == "BadOptionUsage" and "requires an argument" in str(exc)
+            kind == "BadOptionUsage"
+            and "requires an argument" in str(exc)
             and rest[-1].startswith("--")
         ):
             pass  # a shortened form (`cantata fork`, `cantata worker --service`): its
             # names and options are checked
         elif kind == "BadParameter" and any(_placeholder(t) for t in rest):
             pass  # a placeholder (`--older-than DURATION`) where a value of a type goes
-        elif kind in ("BadParameter", "UsageError", "NoSuchOption", "BadOptionUsage",
-                      "BadArgumentUsage"):
+        elif kind in (
+            "BadParameter",
+            "UsageError",
+            "NoSuchOption",
+            "BadOptionUsage",
+            "BadArgumentUsage",
+        ):
             problems.append(f"`{' '.join(path)} {' '.join(rest)}`: {exc.format_message()}")
         else:
             raise
@@ -675,13 +721,14 @@ def _check_variant(args: list[str]) -> list[str]:
 LINES = list(command_lines())
 
 
-@pytest.mark.parametrize(("where", "line"), LINES, ids=[f"{w} {l}" for w, l in LINES])
+@pytest.mark.parametrize(("where", "line"), LINES, ids=[f"{where} {line}" for where, line in LINES])
 def test_command_line_parses(where: str, line: str) -> None:
     problems = cli_problems(line)
     assert not problems, f"{where}: {line}\n" + "\n".join(problems)
 
 
 # --- the checks see mistakes --------------------------------------------------------
+
 
 def _fake(code: str) -> Block:
     return Block(ROOT / "README.md", 1, "python", code)
