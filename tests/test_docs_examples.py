@@ -696,9 +696,10 @@ def command_lines() -> Iterator[tuple[str, str]]:
                         continue
                     yield pending_where, pending
                     pending = ""
-                m = re.match(r"(?:\$ )?(?:.*&& )?(cantata [a-z-]+.*)", text)
+                # at the start, after a prompt, `&&` or a diagram's `│`; up to a `│`
+                m = re.match(r"(?:.*(?:\$|&&|│) )?(cantata [a-z-]+[^│]*)", text)
                 if m:
-                    pending, pending_where = m.group(1), f"{name}:{b.line + n}"
+                    pending, pending_where = m.group(1).strip(), f"{name}:{b.line + n}"
             if pending:
                 yield pending_where, pending
         fence = False
