@@ -875,3 +875,11 @@ def test_the_checks_see_broken_examples() -> None:
     assert cli_problems("cantata cancel a b c")
     assert not cli_problems("cantata runs [--attr k=v] [--json]")
     assert shown_prints("print(x)  # 42\nprint(y)\n") == ["42"]
+    a, b = "0" * 32, "f" * 32
+    assert masked(f"run {a} (12.5 ms)") == masked(f"run {b} (480 µs)")
+    assert masked(f"run {a}") != masked("run …00000000")
+    table = ["│ x │ " + a[:20] + " │", "│   │ " + a[20:] + " " * 9 + "│"]
+    assert _cells(table) == [f"x | {a}"]
+    assert _cells(["│ x │ replay: cantata │", "│   │ --app shop      │"]) == [
+        "x | replay: cantata --app shop"
+    ]
