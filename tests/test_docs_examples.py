@@ -16,7 +16,11 @@ Scans README.md, docs/*.md and the example's README.
   exit 0; each ``print(...)  # shown`` line's comment is what it must print.
   ``<!-- test: file NAME -->`` writes the block to NAME in the page's folder and
   imports it; a following ```text block marked ``<!-- test: output -->`` begins with
-  ``$ cantata ...``, which runs there and must print the rest of the block.
+  ``$ cantata ...``, which runs there and must print the rest of the block, exactly.
+  One marked ``<!-- test: output masked SCENARIO -->`` shows a run's output: the test
+  makes that run (``SCENARIOS``: the state the doc describes, beside the page's files),
+  runs the command on its ids, and compares the output with ids, times and durations
+  masked and folded lines and table rows joined again.
 - Every ``cantata ...`` command line in a code block (also after ``$ ``) or in an
   inline code span names commands that exist and options each one takes, and, with
   the placeholders (``ID``, ``URL``, ``[--opt X]``, ``a|b``) filled in, parses
@@ -26,9 +30,9 @@ Scans README.md, docs/*.md and the example's README.
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import inspect
-import json
 import os
 import re
 import shlex
@@ -46,7 +50,16 @@ import pytest
 import typer
 
 import cantata
-from cantata import App, Event, HandlerContext, RunHandle, RunState, Tx, WorkflowContext
+from cantata import (
+    App,
+    Event,
+    HandlerContext,
+    RunHandle,
+    RunState,
+    Stall,
+    Tx,
+    WorkflowContext,
+)
 from cantata.cli.main import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +72,7 @@ PAGES = [
     )
     if p.exists()
 ]
-MARK = re.compile(r"<!--\s*test:\s*(run|file\s+\S+|output(?: masked)?)\s*-->")
+MARK = re.compile(r"<!--\s*test:\s*(run|file\s+\S+|output(?: masked [\w-]+)?)\s*-->")
 
 
 @dataclass
@@ -505,12 +518,35 @@ def test_program_runs(block: Block, tmp_path: Path) -> None:
         )
 
 
-def sessions() -> Iterator[tuple[Path, list[Block]]]:
-    """Per page, its ``file`` blocks and ``output`` blocks, in order."""
+@dataclass
+class Session:
+    """A page's ``file`` blocks and those of its ``output`` blocks shown in one
+    scenario (``None``: outputs that need none), run in a folder of their own."""
+
+    page: Path
+    scenario: str | None
+    files: list[Block]
+    outputs: list[Block]
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.scenario or 'files'}"
+
+
+def sessions() -> Iterator[Session]:
     for page in PAGES:
-        marked = [b for b in ALL if b.page == page and b.mark.startswith(("file", "output"))]
-        if marked:
-            yield page, marked
+        files = [b for b in ALL if b.page == page and b.mark.startswith("file")]
+        outputs = [b for b in ALL if b.page == page and b.mark.startswith("output")]
+        names = list(dict.fromkeys(_scenario(b) for b in outputs))
+        if files and None not in names:
+            names.insert(0, None)
+        for name in names:
+            yield Session(page, name, files, [b for b in outputs if _scenario(b) == name])
+
+
+def _scenario(block: Block) -> str | None:
+    words = block.mark.split()
+    return words[2] if len(words) > 2 else None
 
 
 SESSIONS = list(sessions())
@@ -572,9 +608,12 @@ def _run_cli(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comp
     )
 
 
-# The state a page's masked outputs were captured in, made before the first of them.
-# docs/trace-example.md: the loyalty service declared by another module opened once
-# as a client, one order placed, and a worker of shop.py running.
+# The state a masked output was captured in (``<!-- test: output masked NAME -->``),
+# made in a folder of its own with the page's files. Each yields the id its outputs'
+# commands are given (in place of the ids the doc shows).
+#
+# stalled-order (docs/trace-example.md): the loyalty service declared by another module
+# opened once as a client, one order placed, and a worker of shop.py running.
 LOYALTY = """from cantata import Event
 from shop import app
 
@@ -596,10 +635,57 @@ async def main() -> None:
             await asyncio.sleep(0.1)
 asyncio.run(main())
 """
+# saga-orchestrated, saga-choreographed (docs/trace-example.md): book_trip in the same
+# store, its hotel fully booked (two attempts), the seat released.
+TRIP = """import asyncio, sys
+from cantata import App, Retry, Saga, Step
+
+app = App("shop", store="sqlite:///shop.db")
+
+
+@app.step
+async def reserve_seat(trip: dict) -> None: ...
+
+
+@app.step
+async def release_seat(trip: dict) -> None: ...
+
+
+@app.step(retry=Retry(max_attempts=2, initial_interval=0.02))
+async def book_hotel(trip: dict) -> None:
+    raise RuntimeError("hotel fully booked")
+
+
+if sys.argv[1] == "orchestrated":
+    @app.workflow
+    async def book_trip(ctx, trip: dict) -> None:
+        await ctx.run(reserve_seat, trip, compensate=release_seat)
+        await ctx.run(book_hotel, trip)
+else:
+    app.include(Saga("book_trip", Step(reserve_seat, compensate=release_seat),
+                     Step(book_hotel, retry=Retry(max_attempts=2, initial_interval=0.02)),
+                     mode="choreographed"))
+
+
+async def main() -> None:
+    async with app:
+        handle = await app.start("book_trip", {})
+        try:
+            await handle.result(timeout=30)
+        except Exception:
+            print(handle.run_id)
+asyncio.run(main())
+"""
+
+
+async def _stalls(store: str) -> list[Stall]:
+    app = App("shop", store=store)
+    async with app.client():
+        return await app.stalled(older_than=1)
 
 
 @contextlib.contextmanager
-def trace_example(tmp: Path, env: dict[str, str]) -> Iterator[str]:
+def stalled_order(tmp: Path, env: dict[str, str]) -> Iterator[str]:
     (tmp / "loyalty.py").write_text(LOYALTY)
     subprocess.run([sys.executable, "-c", CLIENT], cwd=tmp, env=env, check=True, timeout=60)
     worker = subprocess.Popen(
@@ -607,15 +693,12 @@ def trace_example(tmp: Path, env: dict[str, str]) -> Iterator[str]:
     )
     try:
         deadline = time.monotonic() + 45
-        stalls: list[dict[str, Any]] = []
+        stalls: list[Stall] = []
         while len(stalls) < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)
-            proc = _run_cli(
-                ["stalled", "--older-than", "1s", "--app", "shop:app", "--json"], tmp, env
-            )
-            stalls = json.loads(proc.stdout) if proc.returncode == 0 else []
+            time.sleep(0.3)
+            stalls = asyncio.run(_stalls(f"sqlite:///{tmp / 'shop.db'}"))
         assert len(stalls) == 3, f"the trace example's three stalls did not come: {stalls}"
-        yield stalls[0]["correlation_id"]
+        yield stalls[0].correlation_id
     finally:
         (tmp / "stop").touch()
         try:
@@ -625,55 +708,71 @@ def trace_example(tmp: Path, env: dict[str, str]) -> Iterator[str]:
             worker.wait()
 
 
-SCENARIOS = {"docs/trace-example.md": trace_example}
+def _trip(mode: str) -> Callable[[Path, dict[str, str]], contextlib.AbstractContextManager[str]]:
+    @contextlib.contextmanager
+    def scenario(tmp: Path, env: dict[str, str]) -> Iterator[str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", TRIP, mode],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+        yield proc.stdout.strip()
+
+    return scenario
 
 
-@pytest.mark.parametrize(
-    ("page", "marked"), SESSIONS, ids=[str(p.relative_to(ROOT)) for p, _ in SESSIONS]
-)
-def test_shown_output(page: Path, marked: list[Block], tmp_path: Path) -> None:
+SCENARIOS = {
+    "stalled-order": stalled_order,
+    "saga-orchestrated": _trip("orchestrated"),
+    "saga-choreographed": _trip("choreographed"),
+}
+
+
+@pytest.mark.parametrize("session", SESSIONS, ids=[s.id for s in SESSIONS])
+def test_shown_output(session: Session, tmp_path: Path) -> None:
     env = _env(tmp_path)
+    for block in session.files:
+        name = block.mark.split()[1]
+        (tmp_path / name).write_text(block.code)
+        if session.scenario is None:  # (checked once)
+            proc = subprocess.run(
+                [sys.executable, "-c", f"import {Path(name).stem}"],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 0, f"{block.where}: {name} does not import\n{proc.stderr}"
     with contextlib.ExitStack() as stack:
-        correlation_id = None
-        for block in marked:
-            if block.mark.startswith("file"):
-                name = block.mark.split()[1]
-                (tmp_path / name).write_text(block.code)
-                proc = subprocess.run(
-                    [sys.executable, "-c", f"import {Path(name).stem}"],
-                    cwd=tmp_path,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-                assert proc.returncode == 0, f"{block.where}: {name} does not import\n{proc.stderr}"
-                continue
+        made = None
+        if session.scenario is not None:
+            made = stack.enter_context(SCENARIOS[session.scenario](tmp_path, env))
+        for block in session.outputs:
             first, _, shown = block.code.partition("\n")
             assert first.startswith("$ cantata "), f"{block.where}: an output block begins with $"
             argv = shlex.split(first[2:])[1:]
-            fuzzy = block.mark == "output masked"
-            if fuzzy and correlation_id is None:
-                scenario = SCENARIOS[str(page.relative_to(ROOT))]
-                correlation_id = stack.enter_context(scenario(tmp_path, env))
-            if fuzzy:  # the ids of this run, not the doc's
-                argv = [correlation_id if ID.fullmatch(a) else a for a in argv]
+            if made is not None:  # the ids of this run, not the doc's
+                argv = [made if ID.fullmatch(a) else a for a in argv]
+            fuzzy = session.scenario is not None
             proc = _run_cli(argv, tmp_path, {**env, "COLUMNS": "112" if fuzzy else "200"})
             assert proc.returncode == 0, (
                 f"{block.where}: {first} exits {proc.returncode}\n{proc.stderr}"
             )
             if fuzzy:
-                same = masked(proc.stdout) == masked(shown)
                 got, doc = masked(proc.stdout), masked(shown)
             else:
                 got = [x.rstrip() for x in proc.stdout.rstrip("\n").splitlines()]
                 doc = [x.rstrip() for x in shown.splitlines()]
-                same = got == doc
             at = next(
                 (i for i, (a, b) in enumerate(zip(got, doc, strict=False)) if a != b),
                 min(len(got), len(doc)),
             )
-            assert same, (
+            assert got == doc, (
                 f"{block.where}: `{first[2:]}` prints\n{proc.stdout}\nnot what the doc shows"
                 f" (from {got[at : at + 8]}, where the doc has {doc[at : at + 8]})"
             )
