@@ -33,6 +33,7 @@ import ast
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import re
 import shlex
@@ -1015,3 +1016,46 @@ def test_the_checks_see_broken_examples() -> None:
     assert _cells(["│ x │ replay: cantata │", "│   │ --app shop      │"]) == [
         "x | replay: cantata --app shop"
     ]
+
+
+def test_console_stream_frames_as_shown() -> None:
+    """docs/console.md's frames of ``GET /api/stream`` are those the server sends for
+    such changes: the same lines, the same keys in the same order, compact JSON, and
+    every value shown that is not ``…`` the one sent."""
+    from cantata.model.records import AuditRecord
+    from cantata.server.stream import change_of
+
+    text = (ROOT / "docs" / "console.md").read_text()
+    block = next(b for b in ALL if b.page.name == "console.md" and "event: run" in b.code)
+    records = {
+        "run": AuditRecord(
+            41, 1.0e9, "system", "run.status", "r1", '{"status":"compensating"}', "", ""
+        ),
+        "dead_letter": AuditRecord(
+            42,
+            1.0e9,
+            "system",
+            "delivery.dead",
+            "emails:e1",
+            '{"dead_letter_id":"d1","error":"boom"}',
+            "",
+            "",
+        ),
+    }
+    assert "GET /api/stream" in text
+    for frame in block.code.strip().split("\n\n"):
+        lines = frame.splitlines()
+        fields = dict(x.split(": ", 1) for x in lines)
+        change = change_of(records[fields["event"]])
+        assert change is not None
+        sent = change.frame().decode().rstrip("\n").splitlines()
+        where = f"{block.where}: the {fields['event']} frame"
+        assert [x.split(":")[0] for x in lines] == [x.split(":")[0] for x in sent], (
+            f"{where}: the server sends {sent}"
+        )
+        shown = json.loads(fields["data"])
+        assert list(shown) == list(change.data), f"{where}: keys {list(change.data)}"
+        compact = json.dumps(shown, separators=(",", ":"), ensure_ascii=False)
+        assert fields["data"] == compact, f"{where}: the server sends compact JSON"
+        wrong = {k: v for k, v in shown.items() if v not in ("…", change.data[k])}
+        assert not wrong, f"{where}: {wrong} is not what the server sends"
