@@ -122,7 +122,7 @@ CONVENTIONS: dict[str, Any] = {
     "tx": Tx,
     "state": RunState,
 }
-# Public classes whose calls are checked against their signatures.
+# What a call may reach besides a method: a class or a function (checked when it is cantata's).
 CALLABLE_TYPES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
 
 
@@ -798,7 +798,12 @@ def test_shown_output(session: Session, tmp_path: Path) -> None:
                 f"{block.where}: {first} exits {proc.returncode}\n{proc.stderr}"
             )
             if fuzzy:
-                got, doc = masked(proc.stdout), masked(shown)
+                out = proc.stdout
+                if "no worker is serving" not in shown:
+                    # the scenario's worker runs the doc's lease=1.0: a heartbeat late on a
+                    # loaded machine adds this last line (cantata stalled), not the doc's case
+                    out = out.partition("no worker is serving app")[0]
+                got, doc = masked(out), masked(shown)
             else:
                 got = [x.rstrip() for x in proc.stdout.rstrip("\n").splitlines()]
                 doc = [x.rstrip() for x in shown.splitlines()]
@@ -879,7 +884,6 @@ PLACEHOLDER_VALUES = {
     "L": "INFO",
     "JSON": "{}",
     "JSON-LIST": "[]",
-    "5m": "5m",
 }
 
 
