@@ -140,6 +140,34 @@ async def test_a_lookup_by_such_an_id_finds_nothing(store_url: str, bad: str, wh
             await run.cancel(actor=bad)
 
 
+async def test_a_lookup_given_an_object_for_its_id_says_what_to_pass(tmp_path: Any) -> None:
+    """``app.publish`` returns the Event and ``app.start`` a RunHandle: one passed where
+    its id goes is the lookup's error naming the attribute to pass, not a TypeError from
+    deep inside (``argument of type 'Event' is not iterable``)."""
+    app = make_app(f"sqlite:///{tmp_path}/c.db")
+
+    @app.workflow
+    async def echo(ctx: WorkflowContext, x: int) -> int:
+        return x
+
+    async with app:
+        event = await app.publish("order.placed", {"n": 1})
+        handle = await app.start(echo, 1)
+        await handle.result(timeout=10)
+        with pytest.raises(TraceNotFound, match=r"^correlation id must be a str, got Event: "
+                                                r"pass its \.id$"):
+            await app.trace(event)  # type: ignore[arg-type]
+        with pytest.raises(RunNotFound, match=r"^run id must be a str, got RunHandle: pass "
+                                              r"its \.run_id$"):
+            await app.fork(handle, "echo#1")  # type: ignore[arg-type]
+        with pytest.raises(RunNotFound, match=r"^run id must be a str, got int: pass the "
+                                              r"text itself$"):
+            await app.get_handle(42).status()  # type: ignore[arg-type]
+        with pytest.raises(DeadLetterNotFound, match="dead letter id must be a str"):
+            await app.discard(event)  # type: ignore[arg-type]
+        assert (await app.trace(event.id)).kind == "event"
+
+
 @pytest.mark.parametrize(("bad", "what"), BAD)
 async def test_a_search_attribute_holding_it_is_refused_not_stored_cut(
     store_url: str, bad: str, what: str

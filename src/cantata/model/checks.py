@@ -90,8 +90,17 @@ def check_text(
     ``hint`` replaces the advice of the message (for a lookup: "no run has such an id").
 
     Raises:
-        ConfigurationError (or ``error``): naming ``what`` and showing the value.
+        ConfigurationError (or ``error``): naming ``what`` and showing the value; also
+            for a value that is no str (an ``Event`` or a ``RunHandle`` where its id
+            goes), naming what to pass instead.
     """
+    if not isinstance(value, str):
+        own = next((a for a in ("run_id", "id") if isinstance(getattr(value, a, None), str)),
+                   None)
+        raise error(
+            f"{what} must be a str, got {type(value).__name__}: "
+            + (f"pass its .{own}" if own else "pass the text itself")
+        )
     if "\x00" in value:
         raise error(
             f"{what} {value!r} holds a NUL character ('\\x00'): "
