@@ -12,6 +12,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import cantata
 from cantata import App
 from cantata.testing.wait import eventually
@@ -49,7 +51,59 @@ async def test_an_ended_runs_execution_is_freed_without_the_garbage_collector(
             assert await handle.result(timeout=20) == 2
             await eventually(lambda: handle.run_id not in app.engine.executions)
             await asyncio.sleep(0.05)  # (the run's task's last callbacks)
-            assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
+            assert gone() is None, _holders(gone())
         finally:
             if enabled:
                 gc.enable()
+
+
+async def test_a_compensated_runs_execution_is_freed_without_the_garbage_collector(
+    tmp_path: Path,
+) -> None:
+    """A step that failed for good (its ``StepFailed`` kept in a frame its traceback
+    holds) and the outcome raised by ``result()`` leave no cycle either."""
+    app = App("freed", store=f"sqlite:///{tmp_path}/freed.db", broker="embedded")
+    go = asyncio.Event()
+    undone: list[int] = []
+
+    @app.step
+    async def reserve(n: int) -> int:
+        await go.wait()
+        return n
+
+    @app.step
+    async def release(n: int) -> None:
+        undone.append(n)
+
+    @app.step(retry=cantata.Retry(max_attempts=1))
+    async def charge(n: int) -> int:
+        raise ValueError(f"card {n} declined")
+
+    @app.workflow
+    async def order(ctx: Any, n: int) -> int:
+        await ctx.run(reserve, n, compensate=release)
+        return int(await ctx.run(charge, n))
+
+    async with app:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            handle = await app.start(order, 1)
+            await eventually(lambda: handle.run_id in app.engine.executions)
+            gone = weakref.ref(app.engine.executions[handle.run_id])
+            go.set()
+            with pytest.raises(cantata.WorkflowCompensated, match="card 1 declined"):
+                await handle.result(timeout=20)
+            assert undone == [1]
+            await eventually(lambda: handle.run_id not in app.engine.executions)
+            await asyncio.sleep(0.05)  # (the run's task's last callbacks)
+            assert gone() is None, _holders(gone())
+        finally:
+            if enabled:
+                gc.enable()
+
+
+def _holders(obj: object) -> list[str]:
+    """What refers to ``obj``, frames by their function's name (the message of a failure)."""
+    return [f"frame {r.f_code.co_qualname}" if hasattr(r, "f_code") else type(r).__name__
+            for r in gc.get_referrers(obj)]
