@@ -92,8 +92,11 @@ async def test_a_compensated_runs_execution_is_freed_without_the_garbage_collect
             await eventually(lambda: handle.run_id in app.engine.executions)
             gone = weakref.ref(app.engine.executions[handle.run_id])
             go.set()
-            with pytest.raises(cantata.WorkflowCompensated, match="card 1 declined"):
+            with pytest.raises(cantata.WorkflowCompensated, match="card 1 declined") as info:
                 await handle.result(timeout=20)
+            del info  # the outcome raised is freed with it: result() kept no cycle
+            assert not [o for o in gc.get_objects()
+                        if isinstance(o, cantata.WorkflowCompensated) and handle.run_id in str(o)]
             assert undone == [1]
             await eventually(lambda: handle.run_id not in app.engine.executions)
             await asyncio.sleep(0.05)  # (the run's task's last callbacks)
