@@ -225,28 +225,38 @@ class InlineBody(_Guard, Generic[T]):
         send, throw = coro.send, coro.throw
         value: Any = None
         exc: BaseException | None = None
-        while True:
-            began = monotonic()
-            try:
-                if exc is not None:
-                    yielded = run(throw, exc)
-                elif not self.thrown and not self.ended and fenced():
-                    self.thrown = True
-                    yielded = run(throw, asyncio.CancelledError())
-                else:
-                    yielded = run(send, value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            finally:
-                if monotonic() - began > stall:
-                    _report_held(began, stall, self._stalled)
-            try:
-                value, exc = (yield yielded), None
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as thrown:  # a cancel of the task, passed on to the body
-                value, exc = None, thrown
+        try:
+            while True:
+                began = monotonic()
+                try:
+                    if exc is not None:
+                        yielded = run(throw, exc)
+                    elif not self.thrown and not self.ended and fenced():
+                        self.thrown = True
+                        yielded = run(throw, asyncio.CancelledError())
+                    else:
+                        yielded = run(send, value)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                finally:
+                    if monotonic() - began > stall:
+                        _report_held(began, stall, self._stalled)
+                try:
+                    value, exc = (yield yielded), None
+                except GeneratorExit:
+                    coro.close()
+                    raise
+                except BaseException as thrown:  # a cancel of the task, passed on to the body
+                    value, exc = None, thrown
+        finally:
+            # The body's context holds this guard (_BODY): let go of it once the body has
+            # ended, so that the guard (and the run's state it reaches: its task, the
+            # execution) is freed by reference counting, not left in a cycle for the
+            # garbage collector to find (every step of every run, docs/performance.md).
+            self._context = _DONE
+
+
+_DONE = contextvars.Context()  # an ended InlineBody's context (it holds none of its own)
 
 
 class BodyFenced(BaseException):

@@ -220,7 +220,12 @@ async def run_step(
             await _replayed_cancel(x, key)
         if failure is not None:
             api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
-            raise failure
+            try:
+                raise failure
+            finally:
+                # Its traceback holds this frame: no cycle through this local, which
+                # would keep the run's state for the garbage collector to free.
+                failure = None
         return value
     finally:
         del open_steps[key]

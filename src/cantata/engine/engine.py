@@ -389,6 +389,10 @@ class Engine:
         def done(t: asyncio.Task[Any], run_id: str = run.run_id) -> None:
             self._tasks.discard(t)
             self.quiesce.set()
+            # The execution and its task refer to each other: let go of that now, so that
+            # the run's state is freed by reference counting, not left for the garbage
+            # collector to find (docs/performance.md, round nineteen).
+            execution.task = None
             if self.executions.get(run_id) is not execution:
                 return  # superseded: the fresh execution answers for the run
             del self.executions[run_id]

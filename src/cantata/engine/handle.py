@@ -170,7 +170,10 @@ class RunHandle:
         err = _ERRORS[run.status](run.run_id, str(run.status), run.error)
         if run.result is not None:  # a run that compensated (ctx.compensate) and returned
             err.result = codec.loads(run.result)
-        raise err
+        try:
+            raise err
+        finally:
+            del err  # (its traceback holds this frame: no cycle through the local)
 
     async def cancel(self, *, actor: str | None = None) -> None:
         """Ask the run to stop at its next durable point and compensate.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ T = TypeVar("T")
 THROTTLE = 2.0  # seconds between two writes of one attempt's heartbeat details
 
 Persist = Callable[[StepHeartbeat], Awaitable[None]]
+_NEVER = float("-inf")  # (parsed once, not per attempt)
 
 
 class Beat:
@@ -70,7 +72,7 @@ class Beat:
         self._details_json: str | None = None
         self._persist = persist
         self._throttle = throttle
-        self._written_at = float("-inf")
+        self._written_at = _NEVER
         self._dirty = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -237,7 +239,6 @@ def first_beat(
     """The :class:`Beat` of an attempt no earlier attempt left details for (the first:
     no store read, so no await)."""
 
-    async def persist(record: StepHeartbeat) -> None:
-        await store.record_step_heartbeat(app, run_id, record)
-
+    # (a partial, not a closure: made for every attempt, and called by few)
+    persist: Persist = functools.partial(store.record_step_heartbeat, app, run_id)
     return Beat((step, run_id), key, attempt, previous, persist)

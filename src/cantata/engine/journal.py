@@ -18,6 +18,7 @@ Steps run their attempts in ``steps.py`` once their entry is begun here.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -72,7 +73,10 @@ class Journal:
     """A run's history as its workflow replays it, and the calls it adds."""
 
     def __init__(self, runtime: JournalRuntime) -> None:
-        self.rt = runtime
+        # Weak: the runtime (the run's execution) holds this journal, and a cycle of the
+        # two would keep a run's whole state alive after its end until the garbage
+        # collector finds it (docs/performance.md, round nineteen).
+        self.rt: JournalRuntime = weakref.proxy(runtime)
         self.history: dict[str, HistoryEntry] = {}
         self.consumed: set[str] = set()  # keys replayed or recorded by this execution
         self.consumed_events: set[str] = set()  # ids of events a wait of the run took

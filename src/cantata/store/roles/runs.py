@@ -105,7 +105,9 @@ class RunStore(Protocol):
         flags; ``release`` clears the owner; ``wake`` wakes that run if parked
         (a parent waiting for this run in ``ctx.call``). Writes one audit record when the
         checkpoint is a state change (see the module docstring); listeners hear
-        ``runs``, plus ``events`` and ``tasks`` when there were any.
+        ``runs`` when the run ends or is let go (a backend may leave it out for the
+        checkpoints in between, see ``add_listener``), plus ``events`` and ``tasks``
+        when there were any.
 
         Raises:
             LeaseLost: the run's fence is no longer ``fence``.
