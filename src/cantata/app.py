@@ -29,7 +29,7 @@ from cantata.errors import (
     UnknownWorkflow,
 )
 from cantata.model import codec, secrets
-from cantata.model.checks import actor_or, check_seconds, check_text
+from cantata.model.checks import actor_or, check_run_id, check_seconds, check_text
 from cantata.model.event import Event
 from cantata.model.idempotency import check_given_key
 from cantata.model.records import DeadLetter, RunInfo
@@ -549,7 +549,13 @@ class App(RouterFacade):
         return await self.store.queue_stats(self.name, now=self.clock.now())
 
     def get_handle(self, run_id: str) -> RunHandle:
-        """A handle on an existing run (from any process sharing the store)."""
+        """A handle on an existing run (from any process sharing the store).
+
+        Raises:
+            RunNotFound: ``run_id`` is no str (a handle or an event passed for its id).
+        """
+        if not isinstance(run_id, str):
+            check_run_id(run_id)  # names the attribute to pass
         return self._handle(self.engine, run_id)
 
     def _handle(self, engine: Engine, run_id: str, workflow: str | None = None) -> RunHandle:

@@ -163,6 +163,9 @@ async def test_a_lookup_given_an_object_for_its_id_says_what_to_pass(tmp_path: A
         with pytest.raises(RunNotFound, match=r"^run id must be a str, got int: pass the "
                                               r"text itself$"):
             await app.get_handle(42).status()  # type: ignore[arg-type]
+        with pytest.raises(RunNotFound, match=r"^run id must be a str, got RunHandle: pass "
+                                              r"its \.run_id$"):
+            app.get_handle(handle)  # type: ignore[arg-type]  # refused where it is given
         with pytest.raises(DeadLetterNotFound, match="dead letter id must be a str"):
             await app.discard(event)  # type: ignore[arg-type]
         assert (await app.trace(event.id)).kind == "event"
