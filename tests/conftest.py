@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import gc
 import os
+import shutil
 import signal
 import socket
+import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -25,6 +28,22 @@ from tests.schema_pool import SchemaPool
 # marks, reads its banner): not the default of one per core under a supervisor. The tests
 # of --processes pass it (tests/distributed/test_processes.py, tests/supervisor/).
 os.environ.setdefault("CANTATA_PROCESSES", "1")
+
+# Hundreds of tests start Python processes (workers, clients, crashing apps), each of which
+# imports cantata from src. With PYTHONDONTWRITEBYTECODE set (as on some machines and CI
+# images) no process keeps the bytecode it compiled: each one compiled every module of
+# cantata again, a third of its start-up. The processes the tests start write it instead
+# to a cache in this user's home, outside the checkout (PYTHONPYCACHEPREFIX): the source
+# tree stays free of __pycache__ as asked, and a process reads what an earlier one wrote
+# (recompiled when the source changes, as any bytecode). A prefix set already is kept.
+# The bytecode of files under the temporary directory (apps the tests write there, older
+# releases extracted from git) is thrown away at the next session's start.
+if sys.dont_write_bytecode and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    _PYCACHE = Path.home() / ".cache" / "cantata" / "pycache"
+    _TEMP = Path(tempfile.gettempdir()).resolve()
+    shutil.rmtree(_PYCACHE.joinpath(*_TEMP.parts[1:]), ignore_errors=True)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(_PYCACHE)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # Property tests check what is generated, not how fast: on a loaded 2-core machine an
 # example can take more than hypothesis's default 200 ms deadline (a flaky failure that

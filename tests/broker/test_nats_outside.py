@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import secrets
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from cantata.broker.nats_consumer import INVALID_TYPE
 from cantata.store.sqlite import SQLiteStore
 from tests.broker.nats_support import app_name, nats_broker, streams_removed
 from tests.choreography.helpers import SETTLE, eventually
-from tests.helpers import drop_schema
 
 pytestmark = pytest.mark.nats
 
@@ -95,10 +93,10 @@ async def test_an_outside_event_with_text_no_store_keeps_is_dead_lettered(
     """A NUL or a lone surrogate in an id, a subject or a source: PostgreSQL refuses such
     text and SQLite cuts it, so the event is dead-lettered as a payload that is not a
     valid event (its stand-in), not retried for ever against the store."""
-    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
     if backend == "sqlite":
         store = f"sqlite:///{tmp_path}/a.db"
-    else:
+    else:  # a schema of its own, migrated ahead (pooled_schema, tests/conftest.py)
+        schema = request.getfixturevalue("pooled_schema")
         store = f"{request.getfixturevalue('postgres_url')}?schema={schema}"
     name = app_name("outside")
     broker = nats_broker(nats_url)
@@ -133,8 +131,6 @@ async def test_an_outside_event_with_text_no_store_keeps_is_dead_lettered(
         letters = await app.dead_letters()
         assert {d.event.type for d in letters} == {INVALID_TYPE}
         assert all("NUL" in d.error or "surrogate" in d.error for d in letters), letters
-    if backend == "postgres":
-        await drop_schema(request.getfixturevalue("postgres_url"), schema)
 
 
 @pytest.mark.parametrize(
@@ -147,10 +143,10 @@ async def test_an_outside_event_with_an_attribute_too_long_to_index_is_dead_lett
     """An id, type or correlation id of 10,000 characters (random: PostgreSQL would
     compress a repeated one under its index limit) is refused as not a valid event,
     as app.publish refuses it: dead-lettered once, no handler run, no traceback."""
-    schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
     if backend == "sqlite":
         store = f"sqlite:///{tmp_path}/a.db"
-    else:
+    else:  # a schema of its own, migrated ahead (pooled_schema, tests/conftest.py)
+        schema = request.getfixturevalue("pooled_schema")
         store = f"{request.getfixturevalue('postgres_url')}?schema={schema}"
     name = app_name("outside")
     broker = nats_broker(nats_url)
@@ -191,8 +187,6 @@ async def test_an_outside_event_with_an_attribute_too_long_to_index_is_dead_lett
                for d in letters)
     assert handled == [good.id]
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
-    if backend == "postgres":
-        await drop_schema(request.getfixturevalue("postgres_url"), schema)
 
 
 class FaultyStore(SQLiteStore):

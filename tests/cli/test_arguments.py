@@ -10,7 +10,6 @@ import os
 import socket
 import sys
 import textwrap
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from cantata.cli.main import main
-from tests.helpers import drop_schema, with_schema
+from tests.helpers import with_schema
 
 APP = """
 import cantata
@@ -153,10 +152,9 @@ def any_store(request: pytest.FixtureRequest, project: Path,
         yield os.environ["CANTATA_STORE"]
         return
     base: str = request.getfixturevalue("postgres_url")
-    schema = f"cantata_cli_{uuid.uuid4().hex[:10]}"
+    schema: str = request.getfixturevalue("pooled_schema")  # migrated ahead (tests/conftest.py)
     monkeypatch.setenv("CANTATA_STORE", with_schema(base, schema))
     yield os.environ["CANTATA_STORE"]
-    asyncio.run(drop_schema(base, schema))
 
 
 async def test_a_run_id_that_is_not_text_is_no_run(

@@ -55,41 +55,41 @@ async def lose_the_answer(proxy: StallProxy, postgres_url: str, schema: str,
 @pytest.mark.postgres
 @pytest.mark.parametrize("key", [None, "order-7"], ids=["first-checkpoint", "keyed"])
 async def test_a_start_whose_answer_is_lost_returns_the_one_run_it_stored(
-    postgres_url: str, fresh_schema: str, key: str | None
+    postgres_url: str, pooled_schema: str, key: str | None
 ) -> None:
     marker = f"lost-start-{key or 'nokey'}-8c1e"  # (the run's argument: in its creation)
     ran: list[str] = []
     async with stall_proxy(postgres_url) as proxy:
-        app = lost_app(proxied(proxy, postgres_url, fresh_schema), ran, lease=10)
+        app = lost_app(proxied(proxy, postgres_url, pooled_schema), ran, lease=10)
         async with app:
             proxy.stall_after(marker.encode())
             start = asyncio.ensure_future(app.start("order", marker, idempotency_key=key))
-            await lose_the_answer(proxy, postgres_url, fresh_schema, STALL)
+            await lose_the_answer(proxy, postgres_url, pooled_schema, STALL)
             handle = await asyncio.wait_for(start, 20)  # (raised StoreUnavailable before)
-            runs = await stored_runs(postgres_url, fresh_schema, "order")
+            runs = await stored_runs(postgres_url, pooled_schema, "order")
             assert [r for r, _ in runs] == [handle.run_id]
             assert await handle.result(timeout=20) == f"done {marker}"
             assert ran == [marker], "the run's step ran more than once"
-            assert len(await stored_runs(postgres_url, fresh_schema, "order")) == 1
+            assert len(await stored_runs(postgres_url, pooled_schema, "order")) == 1
             await no_worker_lost(app, handle.run_id)
 
 
 @pytest.mark.postgres
 async def test_a_start_whose_answer_stays_lost_names_its_run_and_a_keyed_retry_is_safe(
-    postgres_url: str, fresh_schema: str
+    postgres_url: str, pooled_schema: str
 ) -> None:
     marker = "lost-start-for-good-51d0"
     ran: list[str] = []
     async with stall_proxy(postgres_url) as proxy:
-        app = lost_app(proxied(proxy, postgres_url, fresh_schema), ran, lease=1.5)
+        app = lost_app(proxied(proxy, postgres_url, pooled_schema), ran, lease=1.5)
         async with app:
             proxy.stall_after(marker.encode())
             start = asyncio.ensure_future(app.start("order", marker, idempotency_key="k-9"))
             # unreachable for longer than start waits (one lease)
-            await lose_the_answer(proxy, postgres_url, fresh_schema, 3.5)
+            await lose_the_answer(proxy, postgres_url, pooled_schema, 3.5)
             with pytest.raises(StoreUnavailable) as caught:
                 await asyncio.wait_for(start, 20)
-            [(run_id, _)] = await stored_runs(postgres_url, fresh_schema, "order")
+            [(run_id, _)] = await stored_runs(postgres_url, pooled_schema, "order")
             text = str(caught.value)
             assert f"run {run_id} of order may have been stored" in text, text
             assert f"app.get_handle('{run_id}').status()" in text, text
@@ -99,7 +99,7 @@ async def test_a_start_whose_answer_stays_lost_names_its_run_and_a_keyed_retry_i
             assert handle.run_id == run_id
             assert await handle.result(timeout=20) == f"done {marker}"
             assert ran == [marker], "the run's step ran more than once"
-            assert len(await stored_runs(postgres_url, fresh_schema, "order")) == 1
+            assert len(await stored_runs(postgres_url, pooled_schema, "order")) == 1
 
 
 class LosesCreation:
@@ -149,7 +149,7 @@ def losing_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "sqlite":
         return SQLiteLosing(str(tmp_path / "lost.db"))
     postgres_url = request.getfixturevalue("postgres_url")
-    return PostgresLosing(with_schema(postgres_url, request.getfixturevalue("fresh_schema")))
+    return PostgresLosing(with_schema(postgres_url, request.getfixturevalue("pooled_schema")))
 
 
 @pytest.mark.parametrize("how", ["first-checkpoint", "keyed", "queued", "raced"])
@@ -174,7 +174,7 @@ async def test_a_start_whose_answer_is_lost_returns_its_run_on_either_store(
 @pytest.mark.postgres
 @pytest.mark.parametrize("key", [None, "order-8"], ids=["first-checkpoint", "keyed"])
 async def test_closing_the_app_ends_a_start_finding_out_its_lost_answer(
-    postgres_url: str, fresh_schema: str, key: str | None
+    postgres_url: str, pooled_schema: str, key: str | None
 ) -> None:
     """The app closed while start finds out whether its run was stored (the store
     unreachable): start stops at once, not a lease later, and says which run may have
@@ -183,14 +183,14 @@ async def test_closing_the_app_ends_a_start_finding_out_its_lost_answer(
     ran: list[str] = []
     loop = asyncio.get_running_loop()
     async with stall_proxy(postgres_url) as proxy:
-        app = lost_app(proxied(proxy, postgres_url, fresh_schema), ran, lease=20)
+        app = lost_app(proxied(proxy, postgres_url, pooled_schema), ran, lease=20)
         await app.open()
         closing: asyncio.Future[None] | None = None
         try:
             proxy.stall_after(marker.encode())
             start = asyncio.ensure_future(app.start("order", marker, idempotency_key=key))
             await asyncio.wait_for(proxy.marked.wait(), 10)
-            await eventually(lambda: stored_runs(postgres_url, fresh_schema, "order"),
+            await eventually(lambda: stored_runs(postgres_url, pooled_schema, "order"),
                              what="the run's creation committed in the server")
             proxy.cut()  # its answer lost; new connections stall until resumed
             await asyncio.sleep(1.0)
@@ -201,7 +201,7 @@ async def test_closing_the_app_ends_a_start_finding_out_its_lost_answer(
                 await asyncio.wait_for(start, 15)
             took = loop.time() - began
             assert took < 2.0, f"start ended {took:.1f} s after the close began"
-            [(run_id, _)] = await stored_runs(postgres_url, fresh_schema, "order")
+            [(run_id, _)] = await stored_runs(postgres_url, pooled_schema, "order")
             text = str(caught.value)
             assert f"run {run_id} of order may have been stored" in text, text
             assert "the app was closed" in text, text

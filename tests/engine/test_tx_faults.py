@@ -63,7 +63,7 @@ def tx_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "sqlite":
         return SQLiteStore(str(tmp_path / "faults.db"))
     postgres_url = request.getfixturevalue("postgres_url")
-    schema = request.getfixturevalue("fresh_schema")
+    schema = request.getfixturevalue("pooled_schema")
     return PostgresStore(with_schema(postgres_url, schema))
 
 

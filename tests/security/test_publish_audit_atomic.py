@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from cantata.store.base import Store
 from cantata.store.postgres import PostgresStore
 from cantata.store.sqlite import SQLiteStore
 from cantata.testing.contract.support import forged_after
-from tests.helpers import drop_schema, eventually, with_schema
+from tests.helpers import eventually, with_schema
 from tests.security.publish_child import ACTOR, APP, KEY
 from tests.store.tamper import pg_tamper, record, sqlite_tamper
 
@@ -98,9 +97,8 @@ async def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         yield f"sqlite:///{tmp_path}/pub.db"
         return
     base: str = request.getfixturevalue("postgres_url")
-    schema = f"pubaudit_{uuid.uuid4().hex[:10]}"
+    schema: str = request.getfixturevalue("pooled_schema")  # migrated ahead (tests/conftest.py)
     yield with_schema(base, schema)
-    await drop_schema(base, schema)
 
 
 def child_env() -> dict[str, str]:

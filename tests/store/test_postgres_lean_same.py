@@ -6,7 +6,6 @@ owner released by its worker's removal, and a stale fence."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +27,8 @@ from cantata.model.status import RunStatus
 from cantata.store import audit, postgres_onetrip
 from cantata.store.postgres import PostgresStore
 from cantata.testing.contract.support import entry, new_run
-from tests.helpers import drop_schema, with_schema
+from tests.helpers import with_schema
+from tests.schema_pool import SchemaPool
 from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
@@ -38,10 +38,11 @@ KEYS = ("a#1", "b#1", "c#1", "d#1")
 
 
 @pytest.fixture(scope="module")
-def url(postgres_url: str) -> Iterator[str]:
-    schema = f"cantata_lean_same_{new_id()[-10:]}"
+def url(postgres_url: str, schema_pool: SchemaPool) -> Iterator[str]:
+    """A schema of this module's own, migrated ahead (``schema_pool``, tests/conftest.py)."""
+    schema = schema_pool.take()
     yield with_schema(postgres_url, schema)
-    asyncio.run(drop_schema(postgres_url, schema))
+    schema_pool.give_back(schema)
 
 
 _times = st.sampled_from([1.0, 2.5, 7.0])

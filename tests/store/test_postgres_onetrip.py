@@ -17,7 +17,8 @@ from cantata.model.status import RunStatus
 from cantata.store import audit, postgres_onetrip
 from cantata.store.postgres import PostgresStore
 from cantata.testing.contract.support import entry, ev, new_run
-from tests.helpers import drop_schema, with_schema
+from tests.helpers import with_schema
+from tests.schema_pool import SchemaPool
 from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
@@ -43,10 +44,11 @@ def encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture(scope="module")
-def url(postgres_url: str) -> Iterator[str]:
-    schema = f"cantata_onetrip_{new_id()[-10:]}"
+def url(postgres_url: str, schema_pool: SchemaPool) -> Iterator[str]:
+    """A schema of this module's own, migrated ahead (``schema_pool``, tests/conftest.py)."""
+    schema = schema_pool.take()
     yield with_schema(postgres_url, schema)
-    asyncio.run(drop_schema(postgres_url, schema))
+    schema_pool.give_back(schema)
 
 
 def statements(store: PostgresStore) -> list[str]:

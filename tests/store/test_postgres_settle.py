@@ -17,7 +17,8 @@ from cantata.model.records import Declaration
 from cantata.store import audit, postgres_event_writes
 from cantata.store.base import Settlement
 from cantata.store.postgres import PostgresStore
-from tests.helpers import drop_schema, with_schema
+from tests.helpers import with_schema
+from tests.schema_pool import SchemaPool
 from tests.store.test_postgres import opened
 from tests.store.test_postgres_onetrip import statements
 
@@ -26,10 +27,11 @@ KEY = audit.AuditKey("0123456789abcdef-settle-test")
 
 
 @pytest.fixture(scope="module")
-def url(postgres_url: str) -> Iterator[str]:
-    schema = f"cantata_settle_{new_id()[-10:]}"
+def url(postgres_url: str, schema_pool: SchemaPool) -> Iterator[str]:
+    """A schema of this module's own, migrated ahead (``schema_pool``, tests/conftest.py)."""
+    schema = schema_pool.take()
     yield with_schema(postgres_url, schema)
-    asyncio.run(drop_schema(postgres_url, schema))
+    schema_pool.give_back(schema)
 
 
 @pytest.fixture(params=["one statement", "transaction"])
