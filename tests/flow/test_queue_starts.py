@@ -1,6 +1,7 @@
 """Every start of a workflow declared with a queue waits in it: a trigger's run
 (``app.start_on``), a child started with ``ctx.start_child`` and one called with
-``ctx.call``, as ``app.start`` does. A ``ctx.call`` of a run that holds the only slot
+``ctx.call``, a fork (``app.fork``) and a retried run (``handle.retry``), as
+``app.start`` does. A ``ctx.call`` of a run that holds the only slot
 of a queue, for a child that would wait behind it, fails at once (it could never
 begin)."""
 
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from cantata import App, WorkflowContext, WorkflowFailed
+from cantata import App, Retry, WorkflowContext, WorkflowFailed
 from cantata.errors import QueueDeadlock
 
 TIMEOUT = 15.0
@@ -19,17 +20,22 @@ TIMEOUT = 15.0
 
 def gated_app(store: str) -> App:
     """An app whose ``job(i)`` waits in queue ``q`` (concurrency 1); job 0 holds the
-    slot until the test sets ``app.gate``; ``app.order`` lists the jobs that began."""
+    slot until the test sets ``app.gate``; ``app.order`` lists the jobs that began; a job
+    in ``app.broken`` fails (at its first attempt)."""
     app = App("flowstarts", store=store, poll_interval=0.05)
     app.queue("q", concurrency=1)
     gate = asyncio.Event()
     order: list[int] = []
+    broken: set[int] = set()
     app.gate = gate  # type: ignore[attr-defined]
     app.order = order  # type: ignore[attr-defined]
+    app.broken = broken  # type: ignore[attr-defined]
 
-    @app.step
+    @app.step(retry=Retry(max_attempts=1))
     async def work(i: int) -> int:
         order.append(i)
+        if i in broken:
+            raise RuntimeError(f"job {i} is broken")
         if i == 0:
             await gate.wait()
         return i
@@ -104,6 +110,44 @@ async def test_a_called_child_waits_in_its_workflows_queue(store_url: str) -> No
         assert not (await parent.status()).is_final
         app.gate.set()  # type: ignore[attr-defined]
         assert await parent.result(timeout=TIMEOUT) == 11
+        assert await first.result(timeout=TIMEOUT) == 0
+    assert app.order == [0, 1]  # type: ignore[attr-defined]
+
+
+async def test_a_forked_run_waits_in_its_workflows_queue(store_url: str) -> None:
+    """A fork is a new run of the workflow: it waits in the queue as a start does, not
+    beside it (the queue's one slot is job 0's)."""
+    app = gated_app(store_url)
+    async with app:
+        done = await app.start("job", 1)
+        assert await done.result(timeout=TIMEOUT) == 1
+        app.order.clear()  # type: ignore[attr-defined]
+        first = await app.start("job", 0)
+        fork = await app.fork(done.run_id, from_step="work#1")
+        await _waits_behind_job_0(app)
+        app.gate.set()  # type: ignore[attr-defined]
+        assert await fork.result(timeout=TIMEOUT) == 1
+        assert await first.result(timeout=TIMEOUT) == 0
+    assert app.order == [0, 1]  # type: ignore[attr-defined]
+
+
+async def test_a_retried_run_waits_in_its_workflows_queue(store_url: str) -> None:
+    """A failed run retried after a fix waits in its queue again, behind the runs
+    in progress, rather than begin beside them."""
+    app = gated_app(store_url)
+    app.broken.add(1)  # type: ignore[attr-defined]
+    async with app:
+        failed = await app.start("job", 1)
+        with pytest.raises(WorkflowFailed):
+            await failed.result(timeout=TIMEOUT)
+        app.order.clear()  # type: ignore[attr-defined]
+        app.broken.clear()  # type: ignore[attr-defined]  # the fix
+        first = await app.start("job", 0)
+        await _waits_behind_job_0(app, waiting=0)
+        await failed.retry()
+        await _waits_behind_job_0(app)
+        app.gate.set()  # type: ignore[attr-defined]
+        assert await failed.result(timeout=TIMEOUT) == 1
         assert await first.result(timeout=TIMEOUT) == 0
     assert app.order == [0, 1]  # type: ignore[attr-defined]
 
