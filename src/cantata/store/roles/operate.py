@@ -85,7 +85,13 @@ class OperateStore(Protocol):
         """
 
     async def fork_run(
-        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str,
+        self,
+        app: str,
+        source_run_id: str,
+        run: RunRecord,
+        *,
+        before_key: str,
+        actor: str,
         queue: QueueEntry | None = None,
     ) -> RunRecord:
         """Create ``run`` (a new pending run) with the source run's recorded history
