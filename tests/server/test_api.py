@@ -534,3 +534,27 @@ async def test_an_idempotency_key_longer_than_the_api_takes_is_refused_naming_it
     assert await shop.app.list_runs() == []
     ok = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": "k" * 200})
     assert ok.status_code == 201, ok.text
+
+
+async def test_a_filter_the_api_does_not_take_is_refused_not_ignored(shop: Shop) -> None:
+    """A misspelt filter (``key=`` for ``idempotency_key=``, ``stauts=``) is a 400
+    naming it and the ones the route takes: ignored, it would answer every run (or every
+    dead letter), and a script acting on the answer would act on all of them."""
+    run_id = await start(shop, "place_order", {"id": "F-1"}, idempotency_key="f-1")
+    await finished(shop, run_id)
+    for path, params, field in (
+        ("/api/runs", {"key": "f-1"}, "key"),
+        ("/api/runs", {"status": "completed", "stauts": "failed"}, "stauts"),
+        ("/api/dead-letters", {"grp": "emails"}, "grp"),
+        ("/api/stalled", {"older": "5"}, "older"),
+        ("/api/schedules", {"name": "x"}, "name"),
+    ):
+        r = await shop.get(path, params=params)
+        assert r.status_code == 400, (path, r.status_code, r.text[:300])
+        error = r.json()["error"]
+        assert error["code"] == "invalid_input" and error["field"] == field, error
+        assert f"unknown query parameter {field!r}" in error["message"], error
+    message = (await shop.get("/api/runs", params={"key": "f-1"})).json()["error"]["message"]
+    assert "idempotency_key" in message and "attr" in message, message
+    ok = await shop.get("/api/runs", params={"idempotency_key": "f-1", "limit": 5})
+    assert [r["run_id"] for r in ok.json()["runs"]] == [run_id]
