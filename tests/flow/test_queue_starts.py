@@ -183,3 +183,76 @@ async def test_a_call_into_another_partition_is_no_deadlock(store_url: str) -> N
     async with app:
         h = await app.start(nested, partition="customer-1")
         assert await h.result(timeout=TIMEOUT) == 11
+
+
+def two_step_app(store: str, version: str | None = None) -> App:
+    """``pair(i)`` waits in queue ``q`` and runs ``first`` then ``second``; ``app.calls``
+    lists the steps run, ``app.broken`` the jobs whose ``second`` fails."""
+    app = App("flowpairs", store=store, poll_interval=0.05, version=version)
+    app.queue("q", concurrency=1)
+    calls: list[str] = []
+    broken: set[int] = set()
+    app.calls = calls  # type: ignore[attr-defined]
+    app.broken = broken  # type: ignore[attr-defined]
+
+    @app.step
+    async def first(i: int) -> int:
+        calls.append(f"first {i}")
+        return i
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def second(i: int) -> int:
+        calls.append(f"second {i}")
+        if i in broken:
+            raise RuntimeError(f"job {i} is broken")
+        return i * 10
+
+    @app.workflow(queue="q")
+    async def pair(ctx: WorkflowContext, i: int) -> int:
+        a: int = await ctx.run(first, i)
+        b: int = await ctx.run(second, i)
+        return a + b
+
+    return app
+
+
+async def test_a_queued_fork_or_retry_replays_the_steps_it_keeps(store_url: str) -> None:
+    """Admitted from the queue, a fork and a retried run go on from their history: the
+    steps recorded before the fork's step, or before the failed one, are not run again."""
+    app = two_step_app(store_url)
+    app.broken.add(1)  # type: ignore[attr-defined]
+    async with app:
+        failed = await app.start("pair", 1)
+        with pytest.raises(WorkflowFailed):
+            await failed.result(timeout=TIMEOUT)
+        app.broken.clear()  # type: ignore[attr-defined]
+        done = await app.start("pair", 2)
+        assert await done.result(timeout=TIMEOUT) == 22
+        app.calls.clear()  # type: ignore[attr-defined]
+        await failed.retry()
+        assert await failed.result(timeout=TIMEOUT) == 11
+        fork = await app.fork(done.run_id, from_step="second#1")
+        assert await fork.result(timeout=TIMEOUT) == 22
+    assert app.calls == ["second 1", "second 2"]  # type: ignore[attr-defined]
+
+
+async def test_an_older_worker_does_not_begin_a_queued_run_of_a_newer_version(
+    store_url: str,
+) -> None:
+    """docs/operating.md, versions: older code never takes the runs of a newer version
+    that has served. A run waiting in a queue is no exception: a worker of the old
+    version leaves it waiting for one of its version."""
+    if store_url == "memory://":
+        pytest.skip("two apps share the store: memory:// is one process's own")
+    old, new = two_step_app(store_url, version="v1"), two_step_app(store_url, version="v2")
+    async with old:
+        async with new:  # v2 serves after v1 did: it is the newer version
+            pass
+        async with new.client():
+            run = await new.start("pair", 3)
+        await asyncio.sleep(1.5)  # the old worker's queue loop looks many times meanwhile
+        assert old.calls == []  # type: ignore[attr-defined]
+        assert not (await old.get_handle(run.run_id).status()).is_final
+    async with new:
+        assert await new.get_handle(run.run_id).result(timeout=TIMEOUT) == 33
+    assert new.calls == ["first 3", "second 3"]  # type: ignore[attr-defined]
