@@ -253,6 +253,10 @@ async def test_an_older_worker_does_not_begin_a_queued_run_of_a_newer_version(
         await asyncio.sleep(1.5)  # the old worker's queue loop looks many times meanwhile
         assert old.calls == []  # type: ignore[attr-defined]
         assert not (await old.get_handle(run.run_id).status()).is_final
+        # and `cantata stalled` says why it waits, as for a run outside a queue
+        [stall] = await old.stalled(older_than=0)
+        assert stall.reason == "queued" and stall.hint is not None, stall
+        assert "no live worker takes version v2 of this run" in stall.hint, stall
     async with new:
         assert await new.get_handle(run.run_id).result(timeout=TIMEOUT) == 33
     assert new.calls == ["first 3", "second 3"]  # type: ignore[attr-defined]
