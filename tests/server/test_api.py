@@ -558,3 +558,20 @@ async def test_a_filter_the_api_does_not_take_is_refused_not_ignored(shop: Shop)
     assert "idempotency_key" in message and "attr" in message, message
     ok = await shop.get("/api/runs", params={"idempotency_key": "f-1", "limit": 5})
     assert [r["run_id"] for r in ok.json()["runs"]] == [run_id]
+
+
+async def test_a_body_sent_as_a_form_says_to_send_json(shop: Shop) -> None:
+    """``curl -d '{"from_step": ...}'`` sends the JSON as a form (its default
+    Content-Type): the 400 says what to send, not "Input should be a valid dictionary"."""
+    run_id = await start(shop, "place_order", {"id": "B-1"})
+    await finished(shop, run_id)
+    for path, text in ((f"/api/runs/{run_id}/fork", '{"from_step": "reserve#1"}'),
+                       ("/api/workflows/place_order/runs", '{"input": {"id": "B-2"}}'),
+                       ("/api/events", '{"type": "x.y", "data": {}}')):
+        r = await shop.client.post(path, content=text, headers={
+            **shop.auth("operator"), "Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["field"] == "body", error
+        assert "Content-Type: application/json" in error["message"], error
+        assert "application/x-www-form-urlencoded" in error["message"], error
