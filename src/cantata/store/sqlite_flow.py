@@ -223,9 +223,10 @@ class SQLiteFlow(SQLiteCore):
                       f"r.run_id=q.run_id AND r.version IN ({','.join('?' * len(skip))}))")
         if only_versions is not None:
             skip += list(only_versions)
+            outside = (f" AND r.version NOT IN ({','.join('?' * len(only_versions))})"
+                       if only_versions else "")  # (none listed: every version is outside)
             not_theirs += (" AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
-                           "r.run_id=q.run_id AND r.version IS NOT NULL AND r.version NOT IN "
-                           f"({','.join('?' * len(only_versions)) or 'NULL'}))")
+                           f"r.run_id=q.run_id AND r.version IS NOT NULL{outside})")
 
         def op(c: sqlite3.Connection) -> QueueClaim:
             row = c.execute(
