@@ -92,5 +92,8 @@ async def known_query(request: Request) -> None:
     for name in request.query_params:
         if name not in taken:
             listed = ", ".join(taken) if taken else "none"
-            raise bad_input(name[:SHOWN], f"unknown query parameter {brief(name)}: "
-                                          f"{request.method} {request.url.path} takes {listed}")
+            raise bad_input(
+                name[:SHOWN],
+                f"unknown query parameter {brief(name)}: "
+                f"{request.method} {request.url.path} takes {listed}",
+            )
