@@ -534,3 +534,44 @@ async def test_an_idempotency_key_longer_than_the_api_takes_is_refused_naming_it
     assert await shop.app.list_runs() == []
     ok = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": "k" * 200})
     assert ok.status_code == 201, ok.text
+
+
+async def test_a_filter_the_api_does_not_take_is_refused_not_ignored(shop: Shop) -> None:
+    """A misspelt filter (``key=`` for ``idempotency_key=``, ``stauts=``) is a 400
+    naming it and the ones the route takes: ignored, it would answer every run (or every
+    dead letter), and a script acting on the answer would act on all of them."""
+    run_id = await start(shop, "place_order", {"id": "F-1"}, idempotency_key="f-1")
+    await finished(shop, run_id)
+    for path, params, field in (
+        ("/api/runs", {"key": "f-1"}, "key"),
+        ("/api/runs", {"status": "completed", "stauts": "failed"}, "stauts"),
+        ("/api/dead-letters", {"grp": "emails"}, "grp"),
+        ("/api/stalled", {"older": "5"}, "older"),
+        ("/api/schedules", {"name": "x"}, "name"),
+    ):
+        r = await shop.get(path, params=params)
+        assert r.status_code == 400, (path, r.status_code, r.text[:300])
+        error = r.json()["error"]
+        assert error["code"] == "invalid_input" and error["field"] == field, error
+        assert f"unknown query parameter {field!r}" in error["message"], error
+    message = (await shop.get("/api/runs", params={"key": "f-1"})).json()["error"]["message"]
+    assert "idempotency_key" in message and "attr" in message, message
+    ok = await shop.get("/api/runs", params={"idempotency_key": "f-1", "limit": 5})
+    assert [r["run_id"] for r in ok.json()["runs"]] == [run_id]
+
+
+async def test_a_body_sent_as_a_form_says_to_send_json(shop: Shop) -> None:
+    """``curl -d '{"from_step": ...}'`` sends the JSON as a form (its default
+    Content-Type): the 400 says what to send, not "Input should be a valid dictionary"."""
+    run_id = await start(shop, "place_order", {"id": "B-1"})
+    await finished(shop, run_id)
+    for path, text in ((f"/api/runs/{run_id}/fork", '{"from_step": "reserve#1"}'),
+                       ("/api/workflows/place_order/runs", '{"input": {"id": "B-2"}}'),
+                       ("/api/events", '{"type": "x.y", "data": {}}')):
+        r = await shop.client.post(path, content=text, headers={
+            **shop.auth("operator"), "Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["field"] == "body", error
+        assert "Content-Type: application/json" in error["message"], error
+        assert "application/x-www-form-urlencoded" in error["message"], error

@@ -151,6 +151,7 @@ class Engine:
         self.replay_verdicts: dict[str, tuple[float, bool]] = {}  # run id -> (updated, ok)
         self.version_order: tuple[float, dict[str, float]] | None = None  # (read at, order)
         self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
+        self.versions_checked_at = -1e9  # monotonic time the served versions were last read
         self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
         self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
         self.hot = HotRuns(self, park_after, hot_runs)  # which waiting runs stay in memory

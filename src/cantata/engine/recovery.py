@@ -17,6 +17,7 @@ from cantata.errors import ConfigurationError, RunNotFound, UnknownAttribute
 from cantata.model import codec
 from cantata.model.attributes import check_name, index_value
 from cantata.model.checks import actor_or, check_run_id, check_text
+from cantata.model.flow import QueueEntry
 from cantata.model.records import RunInfo, RunRecord
 from cantata.model.status import RunStatus, parse_status
 
@@ -37,6 +38,18 @@ async def _version_for(engine: Engine, workflow: str) -> str | None:
     return await current_version(engine.store, engine.app)
 
 
+async def _queue_for(engine: Engine, run_id: str, workflow: str) -> QueueEntry | None:
+    """Where a retried or forked run waits to begin: the queue (partition, priority) the
+    run ``run_id`` waited in while its row is kept, else its workflow's queue
+    (``@app.workflow(queue=...)``, as a start by name finds it), else none."""
+    from cantata.flow.queues import entry_for
+
+    entry = await engine.store.run_queue(engine.app, run_id)
+    if entry is not None:
+        return entry
+    return await entry_for(engine, workflow, None, 0, None)
+
+
 async def retry(
     engine: Engine, run_id: str, *, include_compensated: bool = False, actor: str | None = None
 ) -> RunRecord:
@@ -50,7 +63,7 @@ async def retry(
     return await engine.store.retry_run(
         engine.app, run_id, include_compensated=include_compensated,
         version=await _version_for(engine, run.workflow),
-        actor=who, now=engine.clock.now(),
+        actor=who, now=engine.clock.now(), queue=await _queue_for(engine, run_id, run.workflow),
     )
 
 
@@ -76,7 +89,10 @@ async def fork(
         causation_id=source.run_id, args_hash=source.args_hash, service=source.service,
         version=await _version_for(engine, source.workflow),
     )
-    return await engine.store.fork_run(engine.app, run_id, run, before_key=key, actor=who)
+    return await engine.store.fork_run(
+        engine.app, run_id, run, before_key=key, actor=who,
+        queue=await _queue_for(engine, run_id, source.workflow),
+    )
 
 
 async def find_runs(engine: Engine, **filters: Any) -> list[RunInfo]:

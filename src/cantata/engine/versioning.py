@@ -216,6 +216,31 @@ async def claim(
     return claimed
 
 
+async def queue_versions(engine: Engine) -> tuple[list[str], list[str] | None]:
+    """``(exclude_versions, only_versions)`` for this worker's queue claims
+    (``Store.claim_queued_runs``): the runs of versions that first served after this one
+    did stay for their own workers (:func:`may_take`). Between reads of the served
+    versions (at most one a second), a run of a version this worker has not seen serve
+    is left waiting too (it may have begun to serve since): the claim takes only this
+    version and the older ones it knows; after a fresh read, every version but the
+    newer ones (a version that never served has nobody else to take its runs).
+    ``([], None)``: every run (``any_version``, or no version)."""
+    version = engine.version
+    if engine.any_version or version is None:
+        return [], None
+    fresh = time.monotonic() - engine.versions_checked_at >= 1.0
+    if fresh:
+        engine.versions_checked_at = time.monotonic()
+    order = await _order(engine, fresh=fresh)
+    mine = order.get(version)
+    if mine is None:  # not served yet: it takes its own runs (and those of none) only
+        return [], [version]
+    newer = sorted(v for v, t in order.items() if t >= mine and v != version)
+    if fresh:
+        return newer, None
+    return [], sorted(v for v, t in order.items() if t < mine or v == version)
+
+
 async def _order(engine: Engine, *, fresh: bool = False) -> dict[str, float]:
     """:func:`versions`, read again at most every lease (deploys are rare), or now
     with ``fresh``."""

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from cantata.declare.records import declared_queues
+from cantata.engine.versioning import queue_versions
 from cantata.errors import ConfigurationError, QueueDeadlock, UnknownQueue
 from cantata.model.checks import check_key
 from cantata.model.event import MAX_ATTRIBUTE
@@ -285,14 +286,18 @@ class QueueLoop:
         workflows = engine.served_workflows()
         retry_at: float | None = None
         self._waiting = False
+        # Runs of newer code that has served wait for its workers (docs/operating.md).
+        newer, known = await queue_versions(engine) if self._queues else ([], None)
         for name in self._queues:
             while True:
                 claim = await engine.store.claim_queued_runs(
                     engine.app, engine.worker_id, name, workflows, now=engine.clock.now(),
-                    limit=CLAIM_LIMIT,
+                    limit=CLAIM_LIMIT, exclude_versions=newer, only_versions=known,
                 )
                 for run in claim.runs:
-                    engine.launch(run, fresh=True)  # it never began: no history to load
+                    # A run started here never began: no history to load. A retried run
+                    # (epoch > 0) or a fork (caused by its source run) has one.
+                    engine.launch(run, fresh=run.epoch == 0 and run.causation_id is None)
                 self._waiting = self._waiting or claim.waiting
                 if claim.retry_at is not None:
                     retry_at = claim.retry_at if retry_at is None else min(retry_at,

@@ -172,7 +172,8 @@ async def _version_hints(
     it (its version is newer than all of theirs): nothing is said without live
     workers (no worker serves it, which ``pending_step`` says already). A worker is
     live while its expiry (last heartbeat + its own lease) is at or after ``now``."""
-    runs = [r for s, r in stuck if r is not None and s.reason in (PENDING_STEP, WAITING_EVENT)]
+    hinted = (PENDING_STEP, WAITING_EVENT, QUEUED)  # (a queued run of a newer version waits too)
+    runs = [r for s, r in stuck if r is not None and s.reason in hinted]
     if not runs:
         return [s for s, _ in stuck]
     live = []
@@ -186,7 +187,7 @@ async def _version_hints(
     order = await versions(store, app)
     out = []
     for stall, run_id in stuck:
-        rec = None if run_id is None or stall.reason not in (PENDING_STEP, WAITING_EVENT) \
+        rec = None if run_id is None or stall.reason not in hinted \
             else await store.get_run(app, run_id)
         if (rec is not None and rec.owner is None and rec.version is not None
                 and not any(may_take(v, anyv, rec.version, order) for v, anyv in live)):

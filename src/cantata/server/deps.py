@@ -70,3 +70,30 @@ async def gate(request: Request) -> None:
     role = route_role(request)
     if role is not None:
         await console_of(request).principal(request, role)
+
+
+async def known_query(request: Request) -> None:
+    """Nothing, if every query parameter is one the route takes: a filter the route
+    does not take (a typo, ``key=`` for ``idempotency_key=``) is a 400 naming it, rather
+    than ignored, which would answer as if no filter had been given."""
+    from cantata.model.checks import SHOWN, brief
+    from cantata.server.errors import bad_input
+
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    taken: list[str] = []
+    todo = [dependant]
+    while todo:  # the route's parameters, and those of its dependencies
+        d = todo.pop()
+        taken += [p.alias for p in d.query_params if p.alias not in taken]
+        todo += d.dependencies
+    for name in request.query_params:
+        if name not in taken:
+            listed = ", ".join(taken) if taken else "none"
+            raise bad_input(
+                name[:SHOWN],
+                f"unknown query parameter {brief(name)}: "
+                f"{request.method} {request.url.path} takes {listed}",
+            )

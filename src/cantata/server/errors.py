@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cantata.errors import CantataError
+from cantata.model.checks import brief
 
 log = logging.getLogger("cantata.server")
 
@@ -75,6 +76,10 @@ def respond(status: int, code: str, message: str, field: str | None = None,
 UNREADABLE_BODY = "There was an error parsing the body"
 SEND_JSON = ("send one JSON object with Content-Type: application/json "
              "(each route's fields are in /openapi.json)")
+
+
+# Pydantic's error types for a body that is not an object (a string, a list, a number).
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type"})
 
 
 def not_json(error: dict[str, Any]) -> str:
@@ -141,6 +146,12 @@ def install(app: Any, redact: Redactor,
         if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
             return respond(400, "invalid_input", f"the request body is empty: {SEND_JSON}",
                            "body")
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") in _NOT_AN_OBJECT:
+            # (a JSON text sent as a form, curl -d's default, or a body that is no object)
+            kind = request.headers.get("content-type") or "none"
+            return respond(400, "invalid_input", redact(
+                f"the request body is not a JSON object (Content-Type: {brief(kind)}): "
+                f"{SEND_JSON}"), "body")
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         field = ".".join(loc) or ("body" if first.get("loc", ("",))[0] == "body" else None)
         message = str(first.get("msg", "invalid request"))

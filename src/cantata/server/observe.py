@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from cantata.broker import binding
 from cantata.errors import DeadLetterNotFound, DuplicateEventId, PayloadTooLarge, RunNotFound
@@ -14,7 +14,7 @@ from cantata.observability.stalled import find_stalls
 from cantata.observability.trace import build_trace
 from cantata.server import params
 from cantata.server.auth import Principal
-from cantata.server.deps import ERRORS, Operator, Viewer
+from cantata.server.deps import ERRORS, Operator, Viewer, known_query
 from cantata.server.errors import caused_by
 from cantata.server.maps import events_map, workflow_map
 from cantata.server.models import (
@@ -30,7 +30,8 @@ from cantata.server.models import (
 )
 from cantata.server.state import console_of
 
-router = APIRouter(prefix="/api", responses=ERRORS)
+router = APIRouter(prefix="/api", responses=ERRORS,
+                   dependencies=[Depends(known_query)])
 
 MAX_DEAD_LETTERS = 1000
 AnId = Annotated[str, Path(pattern=params.ID_PATTERN)]

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Depends, Path, Request
 
 from cantata.errors import ConfigurationError, UnknownSchedule
 from cantata.model.checks import check_text
 from cantata.model.schedule import MAX_NAME
 from cantata.server.auth import Principal
-from cantata.server.deps import ERRORS, Operator, Viewer
+from cantata.server.deps import ERRORS, Operator, Viewer, known_query
 from cantata.server.errors import ApiError
 from cantata.server.flow_out import queues_out, schedules_out
 from cantata.server.models import QueueOut, ScheduleOut, TriggerOut
@@ -27,7 +27,8 @@ from cantata.server.state import console_of
 if TYPE_CHECKING:
     from cantata import App
 
-router = APIRouter(prefix="/api", tags=["flow"], responses=ERRORS)
+router = APIRouter(prefix="/api", tags=["flow"], responses=ERRORS,
+                   dependencies=[Depends(known_query)])
 
 # A schedule's name is 1-100 characters of any text (a '/' too: the path converter
 # takes it, the dashboard encodes it). A longer one is no schedule's: a 404, as any

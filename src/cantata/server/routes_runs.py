@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
 from cantata.declare.defs import Parameters, WorkflowDef
 from cantata.engine.recovery import check_attribute_names
@@ -21,7 +21,7 @@ from cantata.errors import (
 from cantata.model.access import RunQuery
 from cantata.model.status import RunStatus
 from cantata.server import params
-from cantata.server.deps import ERRORS, Operator, Viewer
+from cantata.server.deps import ERRORS, Operator, Viewer, known_query
 from cantata.server.errors import ApiError, bad_input, caused_by
 from cantata.server.flow_out import served
 from cantata.server.models import (
@@ -43,7 +43,8 @@ from cantata.server.models import (
 from cantata.server.state import console_of
 from cantata.store.base import Store
 
-router = APIRouter(prefix="/api", tags=["runs"], responses=ERRORS)
+router = APIRouter(prefix="/api", tags=["runs"], responses=ERRORS,
+                   dependencies=[Depends(known_query)])
 
 RunId = Annotated[str, Path(pattern=params.ID_PATTERN, description="A run id")]
 IdFilter = Annotated[str | None, Query(pattern=params.ID_PATTERN)]

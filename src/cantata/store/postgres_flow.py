@@ -9,6 +9,7 @@ committed. Claimers of different queues do not wait for each other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cantata.errors import QueueConflict
@@ -197,9 +198,18 @@ class PostgresFlow(PostgresCore):
         *,
         now: float,
         limit: int,
+        exclude_versions: Sequence[str] = (),
+        only_versions: Sequence[str] | None = None,
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
+        # Runs pinned to a version this worker must leave to its own workers.
+        skip = list(exclude_versions)
+        only = None if only_versions is None else list(only_versions)
+        not_theirs = (" AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
+                      "r.run_id=q.run_id AND (r.version = ANY($4::text[]) OR ($5::text[] "
+                      "IS NOT NULL AND r.version IS NOT NULL AND r.version <> ALL($5))))"
+                      if skip or only is not None else "")
         async with self._db.tx() as c:
             row = await c.fetchrow(
                 f"SELECT {_Q_COLS} FROM queues WHERE app=$1 AND name=$2 FOR UPDATE", app, queue
@@ -231,8 +241,9 @@ class PostgresFlow(PostgresCore):
             order = ("q.priority, q.seq, q.run_id COLLATE \"C\"" if spec.priorities
                      else "q.seq, q.run_id COLLATE \"C\"")
             candidates = await c.fetch(
-                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = ANY($3::text[]) "
-                f"ORDER BY {order} LIMIT {CANDIDATES}", app, queue, workflows,
+                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = ANY($3::text[])"
+                f"{not_theirs} ORDER BY {order} LIMIT {CANDIDATES}",
+                app, queue, workflows, *([skip, only] if not_theirs else []),
             )
             plan = Admissions(
                 spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
+from cantata.model.flow import QueueEntry
+from cantata.model.parking import FOREVER
 from cantata.model.records import ATTRS, Attempt, DeadLetter, HistoryEntry, RunRecord
 from cantata.model.status import RunStatus
 from cantata.store import audit
@@ -76,6 +78,19 @@ async def _lock_run(c: Conn, app: str, run_id: str) -> RunRecord | None:
         f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND run_id=$2 FOR UPDATE", app, run_id
     )
     return None if row is None else run_row(row)
+
+
+async def _enqueue(
+    c: Conn, app: str, run_id: str, workflow: str, entry: QueueEntry, at: float
+) -> None:
+    """Put a pending run in ``entry``'s queue, last of those waiting since ``at``, parked
+    until the queue admits it (as ``create_queued_run`` does)."""
+    await c.execute(
+        "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, priority, seq) "
+        "VALUES ($1,$2,$3,$4,$5,$6,$7)",
+        app, run_id, entry.queue, workflow, entry.partition, entry.priority, int(at * 1e6),
+    )
+    await c.execute("UPDATE runs SET wake_at=$3 WHERE app=$1 AND run_id=$2", app, run_id, FOREVER)
 
 
 class PostgresOperate(PostgresCore):
@@ -176,6 +191,7 @@ class PostgresOperate(PostgresCore):
         version: str | None,
         actor: str,
         now: float,
+        queue: QueueEntry | None = None,
     ) -> RunRecord:
         async with self._db.tx() as c:
             run = rules.check_retryable(
@@ -220,6 +236,9 @@ class PostgresOperate(PostgresCore):
                 run_id,
                 ATTRS,
             )
+            if queue is not None:  # it waits in its queue again, behind the runs there
+                await c.execute("DELETE FROM queue_runs WHERE app=$1 AND run_id=$2", app, run_id)
+                await _enqueue(c, app, run_id, run.workflow, queue, time.time())
             row = await c.fetchrow(
                 "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=false, "
                 "owner=NULL, cancel_requested=false, epoch=$3, version=$4, updated_at=$5, "
@@ -241,7 +260,8 @@ class PostgresOperate(PostgresCore):
             return run_row(row)
 
     async def fork_run(
-        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str,
+        queue: QueueEntry | None = None,
     ) -> RunRecord:
         async with self._db.tx() as c:
             source = await _lock_run(c, app, source_run_id)
@@ -273,6 +293,8 @@ class PostgresOperate(PostgresCore):
                     run.run_id,
                     keys,
                 )
+            if queue is not None:  # it waits in the queue as a start does
+                await _enqueue(c, app, run.run_id, run.workflow, queue, run.created_at)
             await PgPool.notify(c, app, RUNS)
             key = self._audit_keys.get(app)
             await audit_append(c, app, audit.run_created_entry(

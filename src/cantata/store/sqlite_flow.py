@@ -9,6 +9,7 @@ lock, so two claimers never exceed a limit.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cantata.errors import QueueConflict
@@ -209,10 +210,23 @@ class SQLiteFlow(SQLiteCore):
         *,
         now: float,
         limit: int,
+        exclude_versions: Sequence[str] = (),
+        only_versions: Sequence[str] | None = None,
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
         marks = ",".join("?" * len(workflows))
+        # Runs pinned to a version this worker must leave to its own workers.
+        skip = list(exclude_versions)
+        not_theirs = ("" if not skip else
+                      " AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
+                      f"r.run_id=q.run_id AND r.version IN ({','.join('?' * len(skip))}))")
+        if only_versions is not None:
+            skip += list(only_versions)
+            outside = (f" AND r.version NOT IN ({','.join('?' * len(only_versions))})"
+                       if only_versions else "")  # (none listed: every version is outside)
+            not_theirs += (" AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
+                           f"r.run_id=q.run_id AND r.version IS NOT NULL{outside})")
 
         def op(c: sqlite3.Connection) -> QueueClaim:
             row = c.execute(
@@ -243,7 +257,8 @@ class SQLiteFlow(SQLiteCore):
             candidates = c.execute(
                 f"SELECT q.run_id, q.partition_key FROM queue_runs q INDEXED BY {index} "
                 f"WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND q.workflow IN "
-                f"({marks}) ORDER BY {order} LIMIT {CANDIDATES}", (app, queue, *workflows),
+                f"({marks}){not_theirs} ORDER BY {order} LIMIT {CANDIDATES}",
+                (app, queue, *workflows, *skip),
             ).fetchall()
             plan = Admissions(
                 spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit

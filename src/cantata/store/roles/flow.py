@@ -10,6 +10,7 @@ is the executable definition.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from cantata.model.flow import (
@@ -64,6 +65,8 @@ class FlowStore(Protocol):
         *,
         now: float,
         limit: int,
+        exclude_versions: Sequence[str] = (),
+        only_versions: Sequence[str] | None = None,
     ) -> QueueClaim:
         """Let waiting runs of ``workflows`` in ``queue`` begin on ``worker_id``.
 
@@ -75,7 +78,11 @@ class FlowStore(Protocol):
         their begin time recorded. A waiting run that can no longer begin (its cancel
         asked, or ended) that the claim meets has its row dropped and takes no slot:
         the claim admits the runs past it instead (``model.flow.Admissions``), so a
-        freed slot is not left to a later claim.
+        freed slot is not left to a later claim. Runs pinned to one of
+        ``exclude_versions`` (newer code than the worker's, docs/operating.md), or,
+        with ``only_versions``, to a version not in it, are not candidates: they keep
+        waiting, in their place, for a worker that takes them. Runs pinned to no
+        version are candidates whatever these say.
         """
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from cantata.model.flow import QueueEntry
 from cantata.model.records import (
     Attempt,
     DeadLetter,
@@ -64,6 +65,7 @@ class OperateStore(Protocol):
         version: str | None,
         actor: str,
         now: float,
+        queue: QueueEntry | None = None,
     ) -> RunRecord:
         """Make a failed (or, with ``include_compensated``, compensated) run live again.
 
@@ -72,7 +74,9 @@ class OperateStore(Protocol):
         superseded history under the run's next ``epoch``; the run's attributes are
         those its remaining history set; it becomes ``pending``, unowned, with no
         result, error, flag or cancel request, pinned to ``version``, and a deadline
-        already passed is dropped. Audited as ``run.retried`` by ``actor``.
+        already passed is dropped. Audited as ``run.retried`` by ``actor``. With
+        ``queue``, the run waits in that queue again, as a queued start does (its old row
+        there replaced, last of the runs waiting, parked until the queue admits it).
 
         Raises:
             RunNotFound: no such run.
@@ -81,12 +85,21 @@ class OperateStore(Protocol):
         """
 
     async def fork_run(
-        self, app: str, source_run_id: str, run: RunRecord, *, before_key: str, actor: str
+        self,
+        app: str,
+        source_run_id: str,
+        run: RunRecord,
+        *,
+        before_key: str,
+        actor: str,
+        queue: QueueEntry | None = None,
     ) -> RunRecord:
         """Create ``run`` (a new pending run) with the source run's recorded history
         before entry ``before_key``: entries of lower ``seq`` that ended (completed or
         failed), compensations left out, with their attempts. Audited as
-        ``run.created`` and ``run.forked``, both by ``actor``, in one transaction.
+        ``run.created`` and ``run.forked``, both by ``actor``, in one transaction. With
+        ``queue``, the new run waits in that queue, as one :meth:`create_queued_run`
+        made.
 
         Raises:
             RunNotFound: no such source run.

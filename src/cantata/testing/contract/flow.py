@@ -153,6 +153,27 @@ class FlowContract(StoreFixtures):
         assert not claim.waiting
         assert await self.claim_q(store, "w") == []
 
+    async def test_a_queue_claim_leaves_the_runs_of_excluded_versions_waiting(
+        self, store: Store
+    ) -> None:
+        """``exclude_versions`` and ``only_versions`` keep a newer version's runs waiting
+        in their place (docs/operating.md, versions); runs of no version are taken."""
+        await store.declare_queue(self.app, QueueSpec("q"), worker_id="w", stale_before=0)
+        ids = {}
+        for v in ("v1", "v2", None, "v3"):
+            run, _ = await store.create_queued_run(new_run(self.app, version=v), QueueEntry("q"))
+            ids[v] = run.run_id
+
+        async def claim(**versions: object) -> list[str]:
+            got = await store.claim_queued_runs(self.app, "w", "q", ["wf"], now=time.time(),
+                                                limit=50, **versions)  # type: ignore[arg-type]
+            return [r.run_id for r in got.runs]
+
+        assert await claim(only_versions=[]) == [ids[None]]
+        assert await claim(exclude_versions=["v2"], only_versions=["v1", "v2"]) == [ids["v1"]]
+        assert await claim(exclude_versions=["v2"]) == [ids["v3"]]
+        assert await claim() == [ids["v2"]]  # it kept its place, and begins for its own
+
     async def test_sliding_window_rate(self, store: Store) -> None:
         rate = Rate(2, per=10.0)
         await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",
