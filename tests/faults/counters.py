@@ -79,18 +79,23 @@ class FaultLog:
         return {pid: t for pid, t in self.exited.items()
                 if pid not in self.killed and pid not in self.stopped}
 
-    def presumed_dead_before(self, pid: int, t: float) -> bool:
-        """True if ``pid`` was killed, or paused past its lease, before time ``t``.
+    def presumed_dead_before(self, pid: int, t: float, since: float = float("-inf")) -> bool:
+        """True if ``pid`` was killed, or paused past its lease, before time ``t``, in
+        an execution of its that began at ``since``.
 
         A paused worker's last heartbeat may be up to a heartbeat period (a quarter of
         the lease) older than the pause, so a takeover may come that much sooner: any
         takeover from half a lease into a pause on is the pause's, not a live double.
+        A pause that was over before the execution began excuses nothing: the worker
+        had resumed, its heartbeat had got through, and what it began then it held
+        (a body begins only once its hold is sure again; one let in just before the
+        pause has its begin moved to the pause's start, :func:`begun_before_pauses`).
         """
         if pid in self.killed and self.killed[pid] <= t:
             return True
         if self.crashed().get(pid, t + 1) <= t:  # dead all the same (and counted apart)
             return True
-        return any(stop + self.lease / 2 <= t and stop + self.lease <= cont
+        return any(stop + self.lease / 2 <= t and stop + self.lease <= cont and since <= cont
                    for stop, cont in self.paused.get(pid, ()))
 
 
@@ -232,7 +237,8 @@ def twice_live(
         reruns += len(group) - 1
         for i, later in enumerate(group[1:], start=1):
             live = [e for e in group[:i]
-                    if not e.failed and not log.presumed_dead_before(e.pid, later.began)]
+                    if not e.failed
+                    and not log.presumed_dead_before(e.pid, later.began, since=e.began)]
             # (handlers only: a handler body is stopped on a lapse only when the whole
             # process was paused, else it runs on; a step body is stopped at its next
             # await whatever the cause, and one that held its own worker's loop past

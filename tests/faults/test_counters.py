@@ -143,8 +143,8 @@ def test_a_body_that_passed_its_guard_before_a_pause_is_not_a_live_double() -> N
         assert twice_live(begun_before_pauses(late, log), log)[0] == 1
 
 
-def _handler(pid: int, began: float, ended: float | None) -> Execution:
-    return Execution("handler", "event-1", "inventory", pid, 1, began, ended)
+def _handler(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
+    return Execution("handler", "event-1", "inventory", pid, 1, began, ended, **kw)
 
 
 def test_a_handler_run_again_after_its_workers_own_recorded_lapse_is_not_a_live_double(
@@ -170,3 +170,20 @@ def test_a_handler_run_again_after_its_workers_own_recorded_lapse_is_not_a_live_
     assert twice_live(same_worker, lapsed)[0] == 1
     # Another worker's lapse excuses nothing.
     assert twice_live(runs, FaultLog(lapses={3: [(9.9, 11.8)]}, lease=1.5))[0] == 1
+
+
+def test_a_pause_excuses_only_what_its_worker_ran_when_it_came() -> None:
+    """Worker 1 was paused from t=5 to t=9.5 (lease 1.5), resumed, and from t=20 ran a
+    step and a handler with its hold sure again; worker 2, live, ran both again at
+    t=30: two live workers, whatever worker 1 went through before. The old pause
+    excuses only an execution of worker 1's that was in progress when it came (begun
+    by its end), as a kill excuses only what its process ran before it."""
+    log = FaultLog(paused={1: [(5.0, 9.5)]}, lease=1.5)
+    for make in (_ex, _handler):
+        after_resume = [make(1, 20.0, 20.3), make(2, 30.0, 30.3)]
+        assert twice_live(after_resume, log)[0] == 1
+        cut_by_it = [make(1, 4.9, None), make(2, 6.0, 6.3)]
+        assert twice_live(cut_by_it, log)[0] == 0
+        # (let in by its guard just before the pause, written as it resumed: moved back)
+        let_in = [make(2, 6.0, 6.3), make(1, 9.5, 9.51, cut=True, lapsed=True)]
+        assert twice_live(begun_before_pauses(let_in, log), log)[0] == 0
