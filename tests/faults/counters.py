@@ -8,8 +8,9 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
 - ``runs_stuck``: runs not final when the recovery time is up;
 - ``runs_failed``: runs that ended other than ``completed`` or with a wrong result;
 - ``steps_twice_live``: a step (or handler) executed again although an earlier
-  execution's process was neither killed nor paused past the lease before it began,
-  and did not fail: two live workers ran it (at once or one after the other). An
+  execution's process was neither killed nor paused past the lease before it began
+  (a pause that had ended before the earlier execution began does not count), and
+  did not fail: two live workers ran it (at once or one after the other). An
   earlier handler execution whose worker itself recorded that its hold had lapsed (a heartbeat
   that got through more than a lease after the one before: CPU starvation) before the
   other began is not counted: the store took that worker for gone then, as it takes
