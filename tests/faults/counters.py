@@ -125,7 +125,7 @@ def read_ledger(path: Path) -> list[Execution]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec["k"] == "lapse":  # (a worker's note about its hold: read_lapses)
+        if rec["k"] in ("lapse", "beat"):  # (a worker's notes about its hold: read_lapses)
             continue
         ident = (rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"])
         if rec["k"] == "begin":
@@ -195,6 +195,20 @@ def read_lapses(path: Path) -> dict[int, list[tuple[float, float]]]:
             if rec["k"] == "lapse":
                 lapses[rec["pid"]].append((rec["last"], rec["back"]))
     return lapses
+
+
+def read_beats(path: Path) -> dict[int, float]:
+    """When the last heartbeat of each worker got through (its latest ``beat`` line):
+    every lapse of its hold before then is in the ledger (fault_app.record_lapses)."""
+    beats: dict[int, float] = {}
+    if not path.exists():
+        return beats
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec["k"] == "beat":
+                beats[rec["pid"]] = max(beats.get(rec["pid"], 0.0), rec["back"])
+    return beats
 
 
 def begun_before_pauses(executions: list[Execution], log: FaultLog) -> list[Execution]:

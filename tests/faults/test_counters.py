@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from .counters import Execution, FaultLog, begun_before_pauses, finished_late, twice_live
+from .counters import (
+    Execution,
+    FaultLog,
+    begun_before_pauses,
+    finished_late,
+    read_lapses,
+    twice_live,
+)
 from .harness import Cluster, assert_zero, time_limit
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(120))]
@@ -118,6 +125,43 @@ async def test_counts_catch_lost_events_dead_letters_worker_lost_attempts_and_a_
     assert counts.worker_lost_attempts >= 1, counts
     assert counts.workers_crashed == 1, counts
     assert "worker_lost_attempts" not in counts.zeros(worker_lost=False)
+
+
+async def test_a_worker_starved_past_its_lease_is_counted_once_its_lapse_is_known(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A worker stalled behind the harness's back (as CPU starvation stalls it: no
+    pause the harness did) while its handler runs: the other worker takes the delivery
+    over after the lease and completes the event's chain while the first one is still
+    stalled, so its lapse is not in the ledger yet. The count waits until it is heard
+    from (its lapse written, once its heartbeat gets through): the re-run is then the
+    documented takeover of a lapsed hold, not two live workers. Counted at once, as
+    ``recover`` did, it was ``steps_twice_live=1`` (the tests/faults/test_handoff.py
+    flake's signature)."""
+    c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=1.0, FAULT_HANDLER_SECONDS=1.5)
+    c.start_workers(2)
+    await c.ready()
+    async with c.client():
+        await c.submit(0, 1)
+        starved = await c.busy_worker("handler")
+        starved.proc.send_signal(signal.SIGSTOP)  # (not c.pause: the harness knows nothing)
+
+        async def taken_over_then_resumed() -> None:
+            await c.wait_ledger(lambda ex: sum(e.what == "handler" and e.key == "shipping"
+                                               and e.ended is not None for e in ex) == 1, 30)
+            await asyncio.sleep(1.0)  # the chain is complete: the count could be taken
+            starved.proc.send_signal(signal.SIGCONT)
+
+        resume = asyncio.ensure_future(taken_over_then_resumed())
+        try:
+            counts = await c.recover(time.monotonic(), budget=30)
+        finally:
+            starved.proc.send_signal(signal.SIGCONT)
+            await resume
+    print(f"\na worker starved past its lease: {counts}")
+    assert starved.pid in read_lapses(c.ledger), "the stalled worker recorded no lapse"
+    assert counts.info["reruns_after_lapse"] == 1, counts
+    assert_zero(counts)
 
 
 def _ex(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
