@@ -337,7 +337,8 @@ class Cluster:
     async def recover(self, fault_ended: float, budget: float) -> Counts:
         """Wait until every run is final and every event's chain done, or ``budget``
         seconds past ``fault_ended`` (a ``time.monotonic()``); then count, once the
-        live workers have been heard from (:meth:`heard_from`, a few leases at most)."""
+        live workers have been heard from (:meth:`heard_from`: until the same deadline,
+        or four leases on if that is sooner)."""
         deadline = fault_ended + budget
         while True:
             try:
