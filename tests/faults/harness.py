@@ -338,7 +338,7 @@ class Cluster:
         """Wait until every run is final and every event's chain done, or ``budget``
         seconds past ``fault_ended`` (a ``time.monotonic()``); then count, once the
         live workers have been heard from (:meth:`heard_from`: until the same deadline,
-        or four leases on if that is sooner)."""
+        or four leases from now if that is later)."""
         deadline = fault_ended + budget
         while True:
             try:
