@@ -8,8 +8,9 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
 - ``runs_stuck``: runs not final when the recovery time is up;
 - ``runs_failed``: runs that ended other than ``completed`` or with a wrong result;
 - ``steps_twice_live``: a step (or handler) executed again although an earlier
-  execution's process was neither killed nor paused past the lease before it began,
-  and did not fail: two live workers ran it (at once or one after the other). An
+  execution's process was neither killed nor paused past the lease before it began
+  (a pause that had ended before the earlier execution began does not count), and
+  did not fail: two live workers ran it (at once or one after the other). An
   earlier handler execution whose worker itself recorded that its hold had lapsed (a heartbeat
   that got through more than a lease after the one before: CPU starvation) before the
   other began is not counted: the store took that worker for gone then, as it takes
@@ -79,18 +80,23 @@ class FaultLog:
         return {pid: t for pid, t in self.exited.items()
                 if pid not in self.killed and pid not in self.stopped}
 
-    def presumed_dead_before(self, pid: int, t: float) -> bool:
-        """True if ``pid`` was killed, or paused past its lease, before time ``t``.
+    def presumed_dead_before(self, pid: int, t: float, since: float = float("-inf")) -> bool:
+        """True if ``pid`` was killed, or paused past its lease, before time ``t``, in
+        an execution of its that began at ``since``.
 
         A paused worker's last heartbeat may be up to a heartbeat period (a quarter of
         the lease) older than the pause, so a takeover may come that much sooner: any
         takeover from half a lease into a pause on is the pause's, not a live double.
+        A pause that was over before the execution began excuses nothing: the worker
+        had resumed, its heartbeat had got through, and what it began then it held
+        (a body begins only once its hold is sure again; one let in just before the
+        pause has its begin moved to the pause's start, :func:`begun_before_pauses`).
         """
         if pid in self.killed and self.killed[pid] <= t:
             return True
         if self.crashed().get(pid, t + 1) <= t:  # dead all the same (and counted apart)
             return True
-        return any(stop + self.lease / 2 <= t and stop + self.lease <= cont
+        return any(stop + self.lease / 2 <= t and stop + self.lease <= cont and since <= cont
                    for stop, cont in self.paused.get(pid, ()))
 
 
@@ -119,7 +125,7 @@ def read_ledger(path: Path) -> list[Execution]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec["k"] == "lapse":  # (a worker's note about its hold: read_lapses)
+        if rec["k"] in ("lapse", "beat"):  # (a worker's notes about its hold: read_lapses)
             continue
         ident = (rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"])
         if rec["k"] == "begin":
@@ -191,6 +197,20 @@ def read_lapses(path: Path) -> dict[int, list[tuple[float, float]]]:
     return lapses
 
 
+def read_beats(path: Path) -> dict[int, float]:
+    """When the last heartbeat of each worker got through (its latest ``beat`` line):
+    every lapse of its hold before then is in the ledger (fault_app.record_lapses)."""
+    beats: dict[int, float] = {}
+    if not path.exists():
+        return beats
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec["k"] == "beat":
+                beats[rec["pid"]] = max(beats.get(rec["pid"], 0.0), rec["back"])
+    return beats
+
+
 def begun_before_pauses(executions: list[Execution], log: FaultLog) -> list[Execution]:
     """The executions with the begin of each one that passed its guard before a pause
     moved back to that pause's start, in begin order.
@@ -232,7 +252,8 @@ def twice_live(
         reruns += len(group) - 1
         for i, later in enumerate(group[1:], start=1):
             live = [e for e in group[:i]
-                    if not e.failed and not log.presumed_dead_before(e.pid, later.began)]
+                    if not e.failed
+                    and not log.presumed_dead_before(e.pid, later.began, since=e.began)]
             # (handlers only: a handler body is stopped on a lapse only when the whole
             # process was paused, else it runs on; a step body is stopped at its next
             # await whatever the cause, and one that held its own worker's loop past

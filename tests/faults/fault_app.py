@@ -42,8 +42,9 @@ STEPS_OF = {"saga": STEPS, "long_run": ("slow", "ship"), "last_chance": ("once",
 PATIENT = Retry(max_attempts=50, initial_interval=0.05, max_interval=0.5)
 
 
-def record(**fields: Any) -> None:
-    """Append one line to the ledger: a single ``write`` on an O_APPEND file, fsynced."""
+def record(*, sync: bool = True, **fields: Any) -> None:
+    """Append one line to the ledger: a single ``write`` on an O_APPEND file, fsynced
+    unless ``sync`` is false (a line only the test reads while this process lives)."""
     path = os.environ.get("FAULT_LEDGER")
     if not path:
         return
@@ -51,7 +52,8 @@ def record(**fields: Any) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -64,7 +66,9 @@ def record_lapses() -> None:
     although it lived (docs/leases.md: a hold is judged by the heartbeat alone), as
     when CPU starvation holds its heartbeat back past the lease. Written by the worker
     itself, after the fact, so the counters (``twice_live``) can tell such a takeover
-    from two live workers running one handler while the first still held it."""
+    from two live workers running one handler while the first still held it; and a
+    ``beat`` line for every heartbeat that got through (``back``), so the harness knows
+    when a worker's lapses up to some time are all written."""
     from cantata.engine.ownership import Ownership
 
     if getattr(Ownership.beat, "_fault_ledger", False):
@@ -77,6 +81,10 @@ def record_lapses() -> None:
         back = time.time()  # (the new heartbeat is in the store by now)
         if back > last + self.engine.lease:
             record(k="lapse", last=last, back=back, lease=self.engine.lease)
+        # Every heartbeat that got through, after its lapse if any: once a worker's
+        # 'beat' is past a time, every lapse of its hold before then is in the ledger
+        # (Cluster.heard_from waits for that before a count)
+        record(k="beat", back=back, sync=False)
 
     recording_beat._fault_ledger = True  # type: ignore[attr-defined]
     Ownership.beat = recording_beat  # type: ignore[method-assign]

@@ -32,6 +32,7 @@ from .counters import (
     count_events,
     count_runs,
     finished_late,
+    read_beats,
     read_lapses,
     read_ledger,
     twice_live,
@@ -314,9 +315,30 @@ class Cluster:
             await count_events(self.app, self.event_ids, counts, poison=self.poison)
         return counts
 
+    async def heard_from(self, deadline: float) -> None:
+        """Wait until every live worker that ran a step or handler has had a heartbeat
+        get through after the last execution began (or until ``deadline``, a
+        ``time.monotonic()``). Only then is each lapse of its hold that may explain a
+        re-run of what it ran in the ledger (a worker writes it once its heartbeat gets
+        through again, ``fault_app.record_lapses``): counted sooner, a worker starved
+        of CPU past its lease looks like a live one."""
+        while time.monotonic() < deadline:
+            executions = read_ledger(self.ledger)
+            if not executions:
+                return
+            last = max(e.began for e in executions)
+            ran = {e.pid for e in executions}
+            beats = read_beats(self.ledger)
+            if all(beats.get(w.pid, 0.0) >= last for w in self.workers
+                   if w.pid in ran and w.proc.poll() is None):
+                return
+            await asyncio.sleep(0.05)
+
     async def recover(self, fault_ended: float, budget: float) -> Counts:
         """Wait until every run is final and every event's chain done, or ``budget``
-        seconds past ``fault_ended`` (a ``time.monotonic()``); then count."""
+        seconds past ``fault_ended`` (a ``time.monotonic()``); then count, once the
+        live workers have been heard from (:meth:`heard_from`: until the same deadline,
+        or four leases from now if that is later)."""
         deadline = fault_ended + budget
         while True:
             try:
@@ -324,7 +346,10 @@ class Cluster:
             except CantataError:  # the store is still coming back
                 counts = None
             if counts is not None and not counts.runs_stuck and not counts.events_lost:
-                counts.recover_seconds = round(time.monotonic() - fault_ended, 2)
+                done = round(time.monotonic() - fault_ended, 2)
+                await self.heard_from(max(deadline, time.monotonic() + 4 * self.lease))
+                counts = await self.counts()
+                counts.recover_seconds = done
                 return counts
             if time.monotonic() > deadline:
                 return counts if counts is not None else await self.counts()

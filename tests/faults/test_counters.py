@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from .counters import Execution, FaultLog, begun_before_pauses, finished_late, twice_live
+from .counters import (
+    Execution,
+    FaultLog,
+    begun_before_pauses,
+    finished_late,
+    read_lapses,
+    twice_live,
+)
 from .harness import Cluster, assert_zero, time_limit
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(time_limit(120))]
@@ -120,6 +127,43 @@ async def test_counts_catch_lost_events_dead_letters_worker_lost_attempts_and_a_
     assert "worker_lost_attempts" not in counts.zeros(worker_lost=False)
 
 
+async def test_a_worker_starved_past_its_lease_is_counted_once_its_lapse_is_known(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A worker stalled behind the harness's back (as CPU starvation stalls it: no
+    pause the harness did) while its handler runs: the other worker takes the delivery
+    over after the lease and completes the event's chain while the first one is still
+    stalled, so its lapse is not in the ledger yet. The count waits until it is heard
+    from (its lapse written, once its heartbeat gets through): the re-run is then the
+    documented takeover of a lapsed hold, not two live workers. Counted at once, as
+    ``recover`` did, it was ``steps_twice_live=1`` (the tests/faults/test_handoff.py
+    flake's signature)."""
+    c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=1.0, FAULT_HANDLER_SECONDS=1.5)
+    c.start_workers(2)
+    await c.ready()
+    async with c.client():
+        await c.submit(0, 1)
+        starved = await c.busy_worker("handler")
+        starved.proc.send_signal(signal.SIGSTOP)  # (not c.pause: the harness knows nothing)
+
+        async def taken_over_then_resumed() -> None:
+            await c.wait_ledger(lambda ex: sum(e.what == "handler" and e.key == "shipping"
+                                               and e.ended is not None for e in ex) == 1, 30)
+            await asyncio.sleep(1.0)  # the chain is complete: the count could be taken
+            starved.proc.send_signal(signal.SIGCONT)
+
+        resume = asyncio.ensure_future(taken_over_then_resumed())
+        try:
+            counts = await c.recover(time.monotonic(), budget=30)
+        finally:
+            starved.proc.send_signal(signal.SIGCONT)
+            await resume
+    print(f"\na worker starved past its lease: {counts}")
+    assert starved.pid in read_lapses(c.ledger), "the stalled worker recorded no lapse"
+    assert counts.info["reruns_after_lapse"] == 1, counts
+    assert_zero(counts)
+
+
 def _ex(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
     return Execution("step", "run-1", "reserve#1", pid, 1, began, ended, **kw)
 
@@ -143,8 +187,8 @@ def test_a_body_that_passed_its_guard_before_a_pause_is_not_a_live_double() -> N
         assert twice_live(begun_before_pauses(late, log), log)[0] == 1
 
 
-def _handler(pid: int, began: float, ended: float | None) -> Execution:
-    return Execution("handler", "event-1", "inventory", pid, 1, began, ended)
+def _handler(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
+    return Execution("handler", "event-1", "inventory", pid, 1, began, ended, **kw)
 
 
 def test_a_handler_run_again_after_its_workers_own_recorded_lapse_is_not_a_live_double(
@@ -170,3 +214,20 @@ def test_a_handler_run_again_after_its_workers_own_recorded_lapse_is_not_a_live_
     assert twice_live(same_worker, lapsed)[0] == 1
     # Another worker's lapse excuses nothing.
     assert twice_live(runs, FaultLog(lapses={3: [(9.9, 11.8)]}, lease=1.5))[0] == 1
+
+
+def test_a_pause_excuses_only_what_its_worker_ran_when_it_came() -> None:
+    """Worker 1 was paused from t=5 to t=9.5 (lease 1.5), resumed, and from t=20 ran a
+    step and a handler with its hold sure again; worker 2, live, ran both again at
+    t=30: two live workers, whatever worker 1 went through before. The old pause
+    excuses only an execution of worker 1's that was in progress when it came (begun
+    by its end), as a kill excuses only what its process ran before it."""
+    log = FaultLog(paused={1: [(5.0, 9.5)]}, lease=1.5)
+    for make in (_ex, _handler):
+        after_resume = [make(1, 20.0, 20.3), make(2, 30.0, 30.3)]
+        assert twice_live(after_resume, log)[0] == 1
+        cut_by_it = [make(1, 4.9, None), make(2, 6.0, 6.3)]
+        assert twice_live(cut_by_it, log)[0] == 0
+        # (let in by its guard just before the pause, written as it resumed: moved back)
+        let_in = [make(2, 6.0, 6.3), make(1, 9.5, 9.51, cut=True, lapsed=True)]
+        assert twice_live(begun_before_pauses(let_in, log), log)[0] == 0
