@@ -114,8 +114,12 @@ async def test_a_schedule_made_by_another_process_ticks_on_time(worker_url: str)
             await client.close()
     # the first tick after it was made (none left out), then the next
     assert asked < ticks[0][0] <= made + 2 and ticks[1][0] == ticks[0][0] + 2, ticks
+    # Each began at its time: within 1.5 s (a loaded machine delays a run's start by
+    # a fraction of a second; 0.67 s was seen with six test processes on two cores).
+    # Not heard of, the schedule would wait for the scheduler's safety-net pass, 4-6 s
+    # after its last one: the first tick would begin seconds late, or be past.
     for tick, ran in ticks[:2]:
-        assert 0 <= ran - tick < 0.5, (tick, ran)
+        assert 0 <= ran - tick < 1.5, (tick, ran)
 
 
 async def test_work_started_by_another_process_is_taken_at_once(worker_url: str) -> None:
