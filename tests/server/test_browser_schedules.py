@@ -177,6 +177,52 @@ def test_at_phone_width_the_pages_do_not_scroll_sideways(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_an_answer_read_before_a_change_is_not_drawn_over_one_read_after_it(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    """The page draws again on live events, on its timer and after its buttons, so
+    draws overlap: an answer read before a change that comes back last (a busy server)
+    must not put the old state back on the page (it stayed until the next change or
+    the 15 s timer: a resumed schedule shown paused)."""
+    app = server.app
+    server.run(lambda: app.schedules.create("overlap", "0 5 * * *", "yearly_report"))
+    server.run(lambda: app.schedules.pause("overlap", actor="cli:ann@host"))
+    page = login(browser, server, "operator", img)
+    page.goto(f"{server.url}/schedules")
+    overlap = row(page, "overlap")
+    expect(overlap.locator("td.status")).to_have_text("paused")
+    expect(page.locator("#live")).to_be_visible()
+    held: list[tuple[Any, Any]] = []
+
+    def hold_the_first_read(route: Any) -> None:
+        if held or route.request.method != "GET":
+            route.continue_()
+        else:  # read now ("overlap" paused), answered once the page has moved on
+            held.append((route, route.fetch()))
+
+    page.route("**/api/schedules", hold_the_first_read)
+    try:
+        # a change made elsewhere: the page reads the list again, and that read is held
+        server.run(lambda: app.schedules.pause("weekly-sync", actor="cli:ann@host"))
+        for _ in range(400):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the page did not read the schedules again after a live change"
+        overlap.get_by_role("button", name="Resume").click()
+        expect(overlap.locator("td.status")).to_have_text("active")
+        page.wait_for_timeout(1500)  # (the resume's own live redraw, if any, is drawn)
+        stale, answer = held[0]
+        stale.fulfill(response=answer)
+        page.wait_for_timeout(1000)
+        expect(overlap.locator("td.status")).to_have_text("active", timeout=100)
+    finally:
+        page.unroute("**/api/schedules")
+        server.run(lambda: app.schedules.resume("weekly-sync", actor="cli:ann@host"))
+        server.run(lambda: app.schedules.delete("overlap"))
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 # -- with no live worker: a console opened as a client (cantata serve without a worker) ----
 
 SPACED = "  spaced  name "  # spaces at both ends and doubled: shown exactly

@@ -126,6 +126,10 @@
     }
   }
   function debounce(fn, ms) { let t = null; return () => { clearTimeout(t); t = setTimeout(fn, ms); }; }
+  // A page's draws can overlap (a live event's, a button's, the timer's), and an answer
+  // read before a change can come back after one read after it: each draw takes a
+  // ticket before it reads, and only the newest ticket's answer is drawn.
+  function tickets() { let n = 0; return () => { const mine = ++n; return () => mine === n; }; }
 
   /* -- forms shared by pages ------------------------------------------------------- */
   function startForm(workflows) {
@@ -208,8 +212,11 @@
     const failures = h("div", {});
     const stuck = h("div", {});
     let start = null;
+    const ticket = tickets();
     async function render() {
+      const current = ticket();
       const o = await api("/api/overview");
+      if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       cards.replaceChildren(...STATUSES.map((st) =>
         h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
           h("span", { class: "n" }, String(o.counts[st] || 0)),
@@ -371,8 +378,11 @@
 
   pages.run = async () => {
     const id = arg;
+    const ticket = tickets();
     async function render() {
+      const current = ticket();
       const r = await api("/api/runs/" + encodeURIComponent(id));
+      if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       const head = h("div", { class: "headline" },
         h("span", { class: "title" }, r.workflow), badge(r.status),
         r.flagged ? h("span", { class: "badge s-failed" }, "needs an operator") : null,
@@ -448,8 +458,11 @@
   };
 
   pages.trace = async () => {
+    const ticket = tickets();
     async function render() {
+      const current = ticket();
       const t = await api("/api/trace/" + encodeURIComponent(arg));
+      if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       const box = h("div", { class: "map" });
       show(h("div", { class: "where", role: "status" }, h("strong", {}, "Where it stands: "), t.where),
         h("div", { class: "headline" }, h("span", { class: "muted" }, "Transaction "),
@@ -495,10 +508,13 @@
     const msg = h("div", {});
     const holder = h("div", {});
     show(filters, msg, holder);
+    const ticket = tickets();
     async function render() {
       const p = new URLSearchParams();
       for (const k of ["group", "type"]) if ((q.get(k) || "").trim()) p.set(k, q.get(k).trim());
+      const current = ticket();
       const list = await api("/api/dead-letters" + (p.toString() ? "?" + p : ""));
+      if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       const rows = list.map((d) => h("tr", { "data-dead-letter-id": d.id },
         h("td", {}, when(d.failed_at)), h("td", {}, d.group), h("td", {}, d.event.type),
         h("td", {}, traceLink(d.event.correlation_id || d.event.id)),
@@ -540,8 +556,11 @@
       h("button", { type: "submit", class: "primary" }, "Show"));
     const holder = h("div", {});
     show(filters, holder);
+    const ticket = tickets();
     async function render() {
+      const current = ticket();
       const stalls = await api("/api/stalled?older_than=" + encodeURIComponent(older));
+      if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       holder.replaceChildren(table(STALL_HEADERS, stallRows(stalls), "Nothing is stuck."));
     }
     await render();
@@ -603,8 +622,11 @@
       if (!s.served) return [badge("active"), h("div", { class: "muted unserved" }, "no worker: not ticking")];
       return badge("active");
     }
+    const ticket = tickets();
     async function render() {
+      const current = ticket();
       const list = await api("/api/schedules");
+      if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       banner.replaceChildren(noWorker(list, "no schedule ticks (the next ticks below pass without a run)") || "");
       const rows = list.map((s) => h("tr", { "data-schedule": s.name },
         h("td", { class: "name" }, h("strong", {}, exactName(s.name)),
@@ -672,8 +694,11 @@
       return [String(q.began_recently), h("span", { class: "muted" }, `${span} in all partitions`),
               busiest(q.per_partition_max.began_recently, q.rate ? q.rate.limit : null)];
     }
+    const ticket = tickets();
     async function render() {
+      const current = ticket();
       const list = await api("/api/queues");
+      if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       banner.replaceChildren(noWorker(list, "no queued run begins") || "");
       const rows = list.map((q) => h("tr", { "data-queue": q.name },
         h("td", { class: "name" }, h("strong", {}, exactName(q.name))),
