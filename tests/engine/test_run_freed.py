@@ -7,8 +7,10 @@ context its body ran in."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +42,10 @@ async def test_an_ended_runs_execution_is_freed_without_the_garbage_collector(
         await ctx.run(reserve, n)
         return int(await ctx.run(charge, n))
 
-    async with app:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            handle = await app.start(order, 1)
-            await eventually(lambda: handle.run_id in app.engine.executions)
-            gone = weakref.ref(app.engine.executions[handle.run_id])
-            go.set()
-            assert await handle.result(timeout=20) == 2
-            await eventually(lambda: handle.run_id not in app.engine.executions)
-            await asyncio.sleep(0.05)  # (the run's task's last callbacks)
-            assert gone() is None, _holders(gone())
-        finally:
-            if enabled:
-                gc.enable()
+    async with app, _no_collector():
+        handle, gone = await _started(app, order, go)
+        assert await handle.result(timeout=20) == 2
+        await _freed(app, handle, gone)
 
 
 async def test_a_compensated_runs_execution_is_freed_without_the_garbage_collector(
@@ -84,26 +75,43 @@ async def test_a_compensated_runs_execution_is_freed_without_the_garbage_collect
         await ctx.run(reserve, n, compensate=release)
         return int(await ctx.run(charge, n))
 
-    async with app:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            handle = await app.start(order, 1)
-            await eventually(lambda: handle.run_id in app.engine.executions)
-            gone = weakref.ref(app.engine.executions[handle.run_id])
-            go.set()
-            with pytest.raises(cantata.WorkflowCompensated, match="card 1 declined") as info:
-                await handle.result(timeout=20)
-            del info  # the outcome raised is freed with it: result() kept no cycle
-            assert not [o for o in gc.get_objects()
-                        if isinstance(o, cantata.WorkflowCompensated) and handle.run_id in str(o)]
-            assert undone == [1]
-            await eventually(lambda: handle.run_id not in app.engine.executions)
-            await asyncio.sleep(0.05)  # (the run's task's last callbacks)
-            assert gone() is None, _holders(gone())
-        finally:
-            if enabled:
-                gc.enable()
+    async with app, _no_collector():
+        handle, gone = await _started(app, order, go)
+        with pytest.raises(cantata.WorkflowCompensated, match="card 1 declined") as info:
+            await handle.result(timeout=20)
+        del info  # the outcome raised is freed with it: result() kept no cycle
+        assert not [o for o in gc.get_objects()
+                    if isinstance(o, cantata.WorkflowCompensated) and handle.run_id in str(o)]
+        assert undone == [1]
+        await _freed(app, handle, gone)
+
+
+@contextlib.asynccontextmanager
+async def _no_collector() -> AsyncIterator[None]:
+    """The garbage collector off: what is freed is freed by reference counting."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+async def _started(app: App, order: Any, go: asyncio.Event) -> tuple[Any, weakref.ref[Any]]:
+    """A run of ``order`` started, a weak reference to its execution, then let go on."""
+    handle = await app.start(order, 1)
+    await eventually(lambda: handle.run_id in app.engine.executions)
+    gone = weakref.ref(app.engine.executions[handle.run_id])
+    go.set()
+    return handle, gone
+
+
+async def _freed(app: App, handle: Any, gone: weakref.ref[Any]) -> None:
+    """The run's execution is gone from the engine and freed."""
+    await eventually(lambda: handle.run_id not in app.engine.executions)
+    await asyncio.sleep(0.05)  # (the run's task's last callbacks)
+    assert gone() is None, _holders(gone())
 
 
 def _holders(obj: object) -> list[str]:
