@@ -136,6 +136,19 @@ def _close_ended(c: sqlite3.Connection, app: str, queue: str) -> None:
     )
 
 
+def enqueue(
+    c: sqlite3.Connection, app: str, run_id: str, workflow: str, entry: QueueEntry, at: float
+) -> None:
+    """Put a pending run in ``entry``'s queue, last of those waiting since ``at``, parked
+    until the queue admits it: claims do not look at it (store/roles/parking.py)."""
+    c.execute(
+        "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, priority, seq) "
+        "VALUES (?,?,?,?,?,?,?)",
+        (app, run_id, entry.queue, workflow, entry.partition, entry.priority, int(at * 1e6)),
+    )
+    c.execute("UPDATE runs SET wake_at=? WHERE app=? AND run_id=?", (FOREVER, app, run_id))
+
+
 class SQLiteFlow(SQLiteCore):
     """Flow-control operations of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
@@ -188,15 +201,7 @@ class SQLiteFlow(SQLiteCore):
         def op(c: sqlite3.Connection) -> tuple[RunRecord, bool]:
             stored, created = self._create(c, run, None, actor)
             if created:
-                c.execute(
-                    "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, "
-                    "priority, seq) VALUES (?,?,?,?,?,?,?)",
-                    (run.app, run.run_id, entry.queue, run.workflow, entry.partition,
-                     entry.priority, int(run.created_at * 1e6)),
-                )
-                # Parked until admitted: claims do not look at it (store/roles/parking.py).
-                c.execute("UPDATE runs SET wake_at=? WHERE app=? AND run_id=?",
-                          (FOREVER, run.app, run.run_id))
+                enqueue(c, run.app, run.run_id, run.workflow, entry, run.created_at)
             return stored, created
 
         return await self._t.write(op, RUNS)

@@ -11,13 +11,13 @@ from typing import Any
 
 from cantata.errors import DeadLetterNotFound
 from cantata.model.flow import QueueEntry
-from cantata.model.parking import FOREVER
 from cantata.model.records import Attempt, DeadLetter, HistoryEntry, RunRecord
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
 from cantata.store.sqlite_core import SQLiteCore
+from cantata.store.sqlite_flow import enqueue
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
     E_EVENT_COLS,
@@ -75,19 +75,6 @@ def _get_run(c: sqlite3.Connection, app: str, run_id: str) -> RunRecord | None:
         f"SELECT {RUN_COLS} FROM runs WHERE app=? AND run_id=?", (app, run_id)
     ).fetchone()
     return None if row is None else run_row(row)
-
-
-def _enqueue(
-    c: sqlite3.Connection, app: str, run_id: str, workflow: str, entry: QueueEntry, at: float
-) -> None:
-    """Put a pending run in ``entry``'s queue, last of those waiting since ``at``, parked
-    until the queue admits it (as ``create_queued_run`` does)."""
-    c.execute(
-        "INSERT INTO queue_runs (app, run_id, queue, workflow, partition_key, priority, seq) "
-        "VALUES (?,?,?,?,?,?,?)",
-        (app, run_id, entry.queue, workflow, entry.partition, entry.priority, int(at * 1e6)),
-    )
-    c.execute("UPDATE runs SET wake_at=? WHERE app=? AND run_id=?", (FOREVER, app, run_id))
 
 
 class SQLiteOperate(SQLiteCore):
@@ -221,7 +208,7 @@ class SQLiteOperate(SQLiteCore):
             reindex_attributes(c, app, run_id)
             if queue is not None:  # it waits in its queue again, behind the runs there
                 c.execute("DELETE FROM queue_runs WHERE app=? AND run_id=?", (app, run_id))
-                _enqueue(c, app, run_id, run.workflow, queue, time.time())
+                enqueue(c, app, run_id, run.workflow, queue, time.time())
             row = c.execute(
                 "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=0, owner=NULL, "
                 "cancel_requested=0, epoch=?, version=?, updated_at=?, "
@@ -264,7 +251,7 @@ class SQLiteOperate(SQLiteCore):
                 )
             reindex_attributes(c, app, run.run_id)
             if queue is not None:  # it waits in the queue as a start does
-                _enqueue(c, app, run.run_id, run.workflow, queue, run.created_at)
+                enqueue(c, app, run.run_id, run.workflow, queue, run.created_at)
             audit_append(c, app, audit.run_created_entry(
                 run.run_id, run.workflow, run.correlation_id, None, actor))
             audit_append(c, app, rules.fork_entry(run.run_id, actor, source_run_id, before_key))
