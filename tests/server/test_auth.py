@@ -102,6 +102,9 @@ async def test_401_without_a_valid_token_on_every_route(shop: Shop) -> None:
             for raw in (b"{not json", b'"\xff"'):  # not JSON; not even UTF-8
                 r = await call(shop.client, method, path, {}, raw=raw)
                 assert r.status_code == 401, (method, path, raw)
+        if method == "GET":  # nor does a query parameter the route does not take
+            r = await shop.client.get(path, params={"stauts": "x"})
+            assert r.status_code == 401, (method, path, r.text)
 
 
 async def test_403_below_the_role_and_allowed_at_or_above_it(shop: Shop) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -75,25 +75,39 @@ async def gate(request: Request) -> None:
 async def known_query(request: Request) -> None:
     """Nothing, if every query parameter is one the route takes: a filter the route
     does not take (a typo, ``key=`` for ``idempotency_key=``) is a 400 naming it, rather
-    than ignored, which would answer as if no filter had been given."""
+    than ignored, which would answer as if no filter had been given. A caller the route
+    would refuse gets its 401/403 first, as for any other malformed request."""
     from cantata.model.checks import SHOWN, brief
     from cantata.server.errors import bad_input
 
     route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
-    if dependant is None:
+    if route is None:
         return
-    taken: list[str] = []
-    todo = [dependant]
-    while todo:  # the route's parameters, and those of its dependencies
-        d = todo.pop()
-        taken += [p.alias for p in d.query_params if p.alias not in taken]
-        todo += d.dependencies
+    taken = query_names(route)
     for name in request.query_params:
         if name not in taken:
+            await gate(request)
             listed = ", ".join(taken) if taken else "none"
             raise bad_input(
                 name[:SHOWN],
                 f"unknown query parameter {brief(name)}: "
                 f"{request.method} {request.url.path} takes {listed}",
             )
+
+
+def query_names(route: Any) -> tuple[str, ...]:
+    """The query parameters ``route`` takes, its dependencies' included (worked out
+    once per route and kept on it)."""
+    taken: tuple[str, ...] | None = getattr(route, "_cantata_query", None)
+    if taken is not None:
+        return taken
+    names: list[str] = []
+    todo = [getattr(route, "dependant", None)]
+    while todo:
+        d = todo.pop()
+        if d is None:
+            continue
+        names += [p.alias for p in d.query_params if p.alias not in names]
+        todo += d.dependencies
+    taken = route._cantata_query = tuple(names)
+    return taken
