@@ -16,6 +16,9 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
   other began is not counted: the store took that worker for gone then, as it takes
   a paused one (docs/leases.md); the count of those is ``info["reruns_after_lapse"]``;
 - ``steps_after_result``: a step executed again after its result was recorded;
+- ``handlers_after_settled``: a handler executed again after its delivery was settled
+  (stored ``done``), whatever befell the worker that settled it: a kill excuses a
+  re-run only of what the killed worker had not settled;
 - ``steps_finished_late``: a step body that went on to its end after another process
   had begun the same step (a paused worker's body resumed past its fence);
 - ``duplicate_effects``: a step's effect made under two idempotency keys, or a
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from cantata import App
+from cantata.model.records import DELIVERY_DONE
 
 FINAL = {"completed", "compensated", "failed", "cancelled"}
 
@@ -160,6 +164,7 @@ class Counts:
     runs_failed: int = 0
     steps_twice_live: int = 0
     steps_after_result: int = 0
+    handlers_after_settled: int = 0
     steps_finished_late: int = 0
     duplicate_effects: int = 0
     events_lost: int = 0
@@ -355,6 +360,24 @@ async def count_runs(
                 counts.steps_after_result += 1
                 counts.details.append(f"step {ex.key} of {run_id[-8:]} ran after its result")
     counts.details.extend(charged[:3])
+
+
+async def count_settled(app: App, executions: list[Execution], counts: Counts) -> None:
+    """Fill ``handlers_after_settled``: a handler execution (its ledger ``run`` is the
+    event's id, its ``key`` the group) that began after the store had that delivery
+    settled ``done``."""
+    handled = [e for e in executions if e.what == "handler"]
+    settled: dict[tuple[str, str], float] = {}
+    for event_id in dict.fromkeys(e.run for e in handled):
+        for d in await app.store.deliveries(app.name, event_id):
+            if d.status == DELIVERY_DONE:
+                settled[(event_id, d.group)] = d.updated_at
+    for ex in handled:
+        at = settled.get((ex.run, ex.key))
+        if at is not None and ex.began > at + 0.001:
+            counts.handlers_after_settled += 1
+            counts.details.append(f"handler {ex.key} of event {ex.run[-8:]} ran in pid "
+                                  f"{ex.pid} {ex.began - at:.2f} s after it was settled")
 
 
 async def count_events(

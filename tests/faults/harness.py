@@ -31,6 +31,7 @@ from .counters import (
     begun_before_pauses,
     count_events,
     count_runs,
+    count_settled,
     finished_late,
     read_beats,
     read_lapses,
@@ -311,6 +312,7 @@ class Cluster:
         counts.steps_finished_late, late = finished_late(executions)
         counts.details.extend(late)
         await count_runs(self.app, self.runs, executions, self.faults, counts)
+        await count_settled(self.app, executions, counts)
         if self.event_ids:
             await count_events(self.app, self.event_ids, counts, poison=self.poison)
         return counts

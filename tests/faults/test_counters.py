@@ -5,8 +5,8 @@ The defects are real (a run deleted from the store, a run that never ends, a ste
 blocks its worker past the lease, a step that makes its effect under a fresh key per
 attempt, a handler that publishes outside its transaction, a handler that always
 fails, a worker killed mid-step, a worker killed behind the harness's back), except
-one: a step run after its result was recorded is a forged ledger line, since no
-working Cantata can be made to do it.
+two: a step run after its result was recorded and a handler run after its delivery
+was settled are forged ledger lines, since no working Cantata can be made to do them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .counters import (
     begun_before_pauses,
     finished_late,
     read_lapses,
+    read_ledger,
     twice_live,
 )
 from .harness import Cluster, assert_zero, time_limit
@@ -42,9 +43,10 @@ async def test_counts_catch_lost_stuck_failed_runs_and_a_step_after_its_result(
     c = cluster(f"sqlite:///{db}", FAULT_LEASE=1.0)
     c.start_workers(1)
     async with c.client():
-        await c.submit(3, 0)
+        await c.submit(3, 1)
         clean = await c.recover(time.monotonic(), budget=20)
         assert_zero(clean)
+        handled = next(e for e in read_ledger(c.ledger) if e.what == "handler")
         lost, done = list(c.runs)[:2]
         with sqlite3.connect(db) as conn:  # the store loses a run
             conn.execute("DELETE FROM runs WHERE run_id = ?", (lost,))
@@ -54,12 +56,17 @@ async def test_counts_catch_lost_stuck_failed_runs_and_a_step_after_its_result(
         # A step of a finished run begins again.
         forged = {"k": "begin", "what": "step", "run": done, "key": "reserve#1",
                   "attempt": 9, "pid": 1, "t": time.time()}
+        # A handler begins again after its delivery was settled (by a worker killed
+        # since, say: the kill excuses nothing it had settled).
+        again = {"k": "begin", "what": "handler", "run": handled.run, "key": handled.key,
+                 "attempt": 9, "pid": 1, "t": time.time()}
         with c.ledger.open("a") as f:
-            f.write(json.dumps(forged) + "\n")
+            f.write(json.dumps(forged) + "\n" + json.dumps(again) + "\n")
         counts = await c.recover(time.monotonic(), budget=3)
     print(f"\ndefects on purpose: {counts}")
     assert (counts.runs_lost, counts.runs_stuck, counts.runs_failed) == (1, 1, 1), counts
     assert counts.steps_after_result == 1, counts
+    assert counts.handlers_after_settled == 1, counts
     with pytest.raises(AssertionError):
         assert_zero(counts)
 
