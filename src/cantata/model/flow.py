@@ -230,11 +230,13 @@ def queue_stats(
 
 @dataclass(frozen=True, slots=True)
 class QueuePosition:
-    """A waiting run's place: its queue and how many runs begin before it."""
+    """A waiting run's place: its queue and how many runs begin before it, and since
+    when it waits there (POSIX seconds: when it was queued, or queued again by a retry)."""
 
     queue: str
     ahead: int
     partition: str = ""
+    since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,8 @@ async def assemble(
 async def note_queued(
     store: Store, app: str, root: TraceNode, cancelling: frozenset[str] | set[str] = frozenset()
 ) -> None:
-    """Say on each run that waits in a queue where it waits and behind how many runs;
+    """Say on each run that waits in a queue where it waits and behind how many runs
+    (and, as its last progress, since when it waits there);
     of one whose cancel was asked meanwhile (a run id in ``cancelling``), that it ends
     without beginning once a worker takes it: it no longer waits for a place."""
     for node in root.walk():
@@ -138,6 +139,9 @@ async def note_queued(
                                "ends cancelled, without beginning, once a worker takes it")
             else:
                 node.detail = f"queued in {pos.queue!r}{part} behind {pos.ahead} run(s)"
+                # it waits since it was queued: a retried run since the retry, not since
+                # it was created
+                node.touched = stamp(pos.since) if pos.since is not None else node.touched
 
 
 async def load_records(

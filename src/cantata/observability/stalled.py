@@ -92,7 +92,7 @@ def _run_stall(run: TraceNode, now: dt.datetime) -> tuple[str, TraceNode, dt.dat
     if run.status not in _LIVE_RUN:
         return None
     if run.status == "pending" and run.detail and run.detail.startswith("queued"):
-        return QUEUED, run, run.started_at or now
+        return QUEUED, run, run.touched or run.started_at or now  # (since it was queued)
     for child in run.children:
         if child.kind == WAIT and child.status == WAITING:
             return WAITING_EVENT, child, child.started_at or now

@@ -40,6 +40,25 @@ ENDED_RUN_ERROR = (
 )
 
 
+
+def cancelled_in_queue(run: str) -> str:
+    """SQL (SQLite and PostgreSQL alike), true of the run aliased ``run`` when it was
+    cancelled while it waited in its queue, never begun (its row waits still, or a queue
+    claim that met it dropped it: begun at 0): a claim of runs (``RunStore.claim_runs``)
+    takes it whatever its version, to end it cancelled (it has run no code of its
+    version and has nothing to undo, docs/flow-control.md#queues)."""
+    return (f"({run}.cancel_requested AND {run}.status='pending' AND EXISTS (SELECT 1 FROM "
+            f"queue_runs q WHERE q.app={run}.app AND q.run_id={run}.run_id "
+            "AND coalesce(q.began_at, 0) = 0))")
+
+
+def earlier_begin_key(run_id: str, epoch: int) -> str:
+    """The key a retried run's queue row is kept under once the run waits again
+    (``OperateStore.retry_run``): the begin of its epoch ``epoch`` still counts in the
+    queue's rate window and figures until it is pruned, as an ended run's row. (Run ids
+    hold no ``@``; a task of a retried step is named the same way, ``run:key@epoch``.)"""
+    return f"{run_id}@{epoch}"
+
 def check_task_outcome(outcome: str) -> None:
     """Refuse an outcome :meth:`~cantata.store.roles.TaskStore.finish_task` does not know.
 

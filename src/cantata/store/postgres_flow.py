@@ -56,10 +56,8 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 # tables' statistics: its WHERE names only the key, so neither a join order nor another
 # index of runs (runs_status_newest, runs_live) can be picked for it. (A join or EXISTS
 # is planned, on a new store's tables, as a scan of every pending run per waiting row.)
-_CAN_BEGIN = (
-    "(SELECT r.status='pending' AND NOT r.cancel_requested FROM runs r "
-    "WHERE r.app=q.app AND r.run_id=q.run_id)"
-)
+_MAY_BEGIN = "r.status='pending' AND NOT r.cancel_requested"
+_CAN_BEGIN = f"(SELECT {_MAY_BEGIN} FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id)"
 
 
 # The waiters of a slot scope (flow_waiters, first come first served), with $1 app,
@@ -206,9 +204,12 @@ class PostgresFlow(PostgresCore):
         # Runs pinned to a version this worker must leave to its own workers.
         skip = list(exclude_versions)
         only = None if only_versions is None else list(only_versions)
+        # (while they can begin: the row of one cancelled or ended meanwhile is met, and
+        # dropped)
         not_theirs = (" AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
-                      "r.run_id=q.run_id AND (r.version = ANY($4::text[]) OR ($5::text[] "
-                      "IS NOT NULL AND r.version IS NOT NULL AND r.version <> ALL($5))))"
+                      f"r.run_id=q.run_id AND {_MAY_BEGIN} AND (r.version = ANY($4::text[]) "
+                      "OR ($5::text[] IS NOT NULL AND r.version IS NOT NULL "
+                      "AND r.version <> ALL($5))))"
                       if skip or only is not None else "")
         async with self._db.tx() as c:
             row = await c.fetchrow(
@@ -321,7 +322,7 @@ class PostgresFlow(PostgresCore):
                 f"SELECT count(*) {_WAITING} AND q.partition_key=$3 AND {before} AND {_CAN_BEGIN}",
                 app, queue, part, prio, seq, run_id,
             )
-        return QueuePosition(queue, ahead, part)
+        return QueuePosition(queue, ahead, part, seq / 1e6)
 
     async def run_queue(self, app: str, run_id: str) -> QueueEntry | None:
         row = await self._db.fetchrow(

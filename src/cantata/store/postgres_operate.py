@@ -16,6 +16,7 @@ from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
+from cantata.store.common import earlier_begin_key
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
@@ -91,6 +92,19 @@ async def _enqueue(
         app, run_id, entry.queue, workflow, entry.partition, entry.priority, int(at * 1e6),
     )
     await c.execute("UPDATE runs SET wake_at=$3 WHERE app=$1 AND run_id=$2", app, run_id, FOREVER)
+
+
+async def _requeue(c: Conn, app: str, run: RunRecord, entry: QueueEntry, at: float) -> None:
+    """Put a retried run in ``entry``'s queue again, last of those waiting since ``at``.
+    The begin of the epoch that failed keeps counting in the queue's rate window and
+    figures: its row stays, done, under ``earlier_begin_key`` (pruned as an ended run's
+    row); a row that never began goes."""
+    await c.execute(
+        "UPDATE queue_runs SET run_id=$3, done=true WHERE app=$1 AND run_id=$2 AND began_at>0",
+        app, run.run_id, earlier_begin_key(run.run_id, run.epoch),
+    )
+    await c.execute("DELETE FROM queue_runs WHERE app=$1 AND run_id=$2", app, run.run_id)
+    await _enqueue(c, app, run.run_id, run.workflow, entry, at)
 
 
 class PostgresOperate(PostgresCore):
@@ -237,8 +251,7 @@ class PostgresOperate(PostgresCore):
                 ATTRS,
             )
             if queue is not None:  # it waits in its queue again, behind the runs there
-                await c.execute("DELETE FROM queue_runs WHERE app=$1 AND run_id=$2", app, run_id)
-                await _enqueue(c, app, run_id, run.workflow, queue, time.time())
+                await _requeue(c, app, run, queue, now)
             row = await c.fetchrow(
                 "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=false, "
                 "owner=NULL, cancel_requested=false, epoch=$3, version=$4, updated_at=$5, "

@@ -25,6 +25,7 @@ from cantata.model.records import (
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store.base import RUNS, TASKS
+from cantata.store.common import cancelled_in_queue
 from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_event_writes import append
 from cantata.store.postgres_ops import (
@@ -122,7 +123,9 @@ async def claim_runs(
         f"  AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR (c.owner<>$3 AND"
         f"  NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app"
         f"   AND w.worker_id=c.owner AND w.expires_at >= $4)))"
-        f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[]))"
+        # (and whatever its version, a run cancelled while it waited in its queue)
+        f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[])"
+        f"   OR {cancelled_in_queue('c')})"
         f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
         # a run waiting in a queue begins through claim_queued_runs (or is cancelled)
         f"  AND (c.cancel_requested OR NOT EXISTS (SELECT 1 FROM queue_runs q"

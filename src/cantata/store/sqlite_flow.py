@@ -33,6 +33,7 @@ from cantata.model.parking import FOREVER
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store import audit
 from cantata.store.base import RUNS, SCHEDULES, SLOTS
+from cantata.store.common import earlier_begin_key
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import LIVE_R, LIVE_SQL, RUN_COLS, audit_append, run_row
 from cantata.store.sqlite_parking import UNPARK
@@ -54,10 +55,8 @@ _WAITING_INDEXED = (
     "FROM queue_runs q INDEXED BY queue_runs_waiting WHERE q.app=? AND q.queue=? "
     "AND q.began_at IS NULL"
 )
-_CAN_BEGIN = (
-    "(SELECT r.status='pending' AND r.cancel_requested=0 FROM runs r "
-    "WHERE r.app=q.app AND r.run_id=q.run_id)"
-)
+_MAY_BEGIN = "r.status='pending' AND r.cancel_requested=0"
+_CAN_BEGIN = f"(SELECT {_MAY_BEGIN} FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id)"
 
 
 # The waiters of a slot scope (flow_waiters, first come first served): whose worker is
@@ -149,6 +148,19 @@ def enqueue(
     c.execute("UPDATE runs SET wake_at=? WHERE app=? AND run_id=?", (FOREVER, app, run_id))
 
 
+def requeue(
+    c: sqlite3.Connection, app: str, run: RunRecord, entry: QueueEntry, at: float
+) -> None:
+    """Put a retried run in ``entry``'s queue again, last of those waiting since ``at``.
+    The begin of the epoch that failed keeps counting in the queue's rate window and
+    figures: its row stays, done, under :func:`earlier_begin_key` (pruned as an ended
+    run's row); a row that never began goes."""
+    c.execute("UPDATE queue_runs SET run_id=?, done=1 WHERE app=? AND run_id=? AND began_at>0",
+              (earlier_begin_key(run.run_id, run.epoch), app, run.run_id))
+    c.execute("DELETE FROM queue_runs WHERE app=? AND run_id=?", (app, run.run_id))
+    enqueue(c, app, run.run_id, run.workflow, entry, at)
+
+
 class SQLiteFlow(SQLiteCore):
     """Flow-control operations of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
@@ -221,17 +233,17 @@ class SQLiteFlow(SQLiteCore):
         if not workflows:
             return QueueClaim()
         marks = ",".join("?" * len(workflows))
-        # Runs pinned to a version this worker must leave to its own workers.
+        # Runs pinned to a version this worker must leave to its own workers, while they
+        # can begin (the row of one cancelled or ended meanwhile is met, and dropped).
         skip = list(exclude_versions)
+        theirs = f"SELECT 1 FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id AND {_MAY_BEGIN}"
         not_theirs = ("" if not skip else
-                      " AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
-                      f"r.run_id=q.run_id AND r.version IN ({','.join('?' * len(skip))}))")
+                      f" AND NOT EXISTS ({theirs} AND r.version IN ({','.join('?' * len(skip))}))")
         if only_versions is not None:
             skip += list(only_versions)
             outside = (f" AND r.version NOT IN ({','.join('?' * len(only_versions))})"
                        if only_versions else "")  # (none listed: every version is outside)
-            not_theirs += (" AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
-                           f"r.run_id=q.run_id AND r.version IS NOT NULL{outside})")
+            not_theirs += f" AND NOT EXISTS ({theirs} AND r.version IS NOT NULL{outside})"
 
         def op(c: sqlite3.Connection) -> QueueClaim:
             row = c.execute(
@@ -343,7 +355,7 @@ class SQLiteFlow(SQLiteCore):
                 f"AND {_CAN_BEGIN}",
                 (app, queue, part, *before[1]),
             ).fetchone()[0]
-            return QueuePosition(queue, ahead, part)
+            return QueuePosition(queue, ahead, part, seq / 1e6)
 
         return await self._t.read(op)
 

@@ -17,7 +17,7 @@ from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
 from cantata.store.sqlite_core import SQLiteCore
-from cantata.store.sqlite_flow import enqueue
+from cantata.store.sqlite_flow import enqueue, requeue
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
     E_EVENT_COLS,
@@ -207,8 +207,7 @@ class SQLiteOperate(SQLiteCore):
             # The attributes are those the remaining history set (a superseded entry's are gone).
             reindex_attributes(c, app, run_id)
             if queue is not None:  # it waits in its queue again, behind the runs there
-                c.execute("DELETE FROM queue_runs WHERE app=? AND run_id=?", (app, run_id))
-                enqueue(c, app, run_id, run.workflow, queue, time.time())
+                requeue(c, app, run, queue, now)
             row = c.execute(
                 "UPDATE runs SET status='pending', result=NULL, error=NULL, flagged=0, owner=NULL, "
                 "cancel_requested=0, epoch=?, version=?, updated_at=?, "

@@ -30,6 +30,7 @@ from cantata.store.base import (
     RUNS,
     TASKS,
 )
+from cantata.store.common import cancelled_in_queue
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
@@ -241,7 +242,9 @@ class SQLiteRuns(SQLiteCore):
         marks = ",".join("?" * len(workflows))
         extra, more = "", []
         if versions is not None:
-            extra += f" AND (r.version IS NULL OR r.version IN ({','.join('?' * len(versions))}))"
+            # (and whatever its version, a run cancelled while it waited in its queue)
+            extra += (f" AND (r.version IS NULL OR r.version IN ({','.join('?' * len(versions))})"
+                      f" OR {cancelled_in_queue('r')})")
             more += list(versions)
         if run_ids is not None:
             extra += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"

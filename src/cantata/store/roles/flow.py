@@ -81,16 +81,18 @@ class FlowStore(Protocol):
         freed slot is not left to a later claim. Runs pinned to one of
         ``exclude_versions`` (newer code than the worker's, docs/operating.md), or,
         with ``only_versions``, to a version not in it, are not candidates: they keep
-        waiting, in their place, for a worker that takes them. Runs pinned to no
-        version are candidates whatever these say.
+        waiting, in their place, for a worker that takes them (while they can still
+        begin: the row of one cancelled or ended meanwhile is met, and dropped, as
+        above). Runs pinned to no version are candidates whatever these say.
         """
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:
         """Depth, in progress, begins in the rate window and oldest waiting, per queue."""
 
     async def queue_position(self, app: str, run_id: str) -> QueuePosition | None:
-        """Where a run waits, and how many waiting runs of its partition go first
-        (``None`` if it does not wait in a queue)."""
+        """Where a run waits, how many waiting runs of its partition go first, and
+        since when it waits (``since``: when it was queued, or queued again by a
+        retry); ``None`` if it does not wait in a queue."""
 
     async def run_queue(self, app: str, run_id: str) -> QueueEntry | None:
         """The queue, partition and priority a run waits or runs in (``None``: it was

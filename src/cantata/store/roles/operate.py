@@ -75,8 +75,10 @@ class OperateStore(Protocol):
         those its remaining history set; it becomes ``pending``, unowned, with no
         result, error, flag or cancel request, pinned to ``version``, and a deadline
         already passed is dropped. Audited as ``run.retried`` by ``actor``. With
-        ``queue``, the run waits in that queue again, as a queued start does (its old row
-        there replaced, last of the runs waiting, parked until the queue admits it).
+        ``queue``, the run waits in that queue again, as a queued start does (last of
+        the runs waiting since ``now``, parked until the queue admits it); its old row
+        there, if it began, is kept under ``common.earlier_begin_key``, done, so that
+        begin still counts in the queue's rate window until it is pruned.
 
         Raises:
             RunNotFound: no such run.

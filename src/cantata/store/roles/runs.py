@@ -80,7 +80,9 @@ class RunStore(Protocol):
         current time (or unknown). Runs
         already owned by ``worker_id`` are never returned. Each claim increments the
         run's ``fence``; writes with an older fence fail with ``LeaseLost``.
-        ``versions`` keeps only runs pinned to one of them or to no version;
+        ``versions`` keeps only runs pinned to one of them or to no version, and runs
+        cancelled while they waited in a queue, never begun, whatever their version
+        (ending one runs none of its code: docs/flow-control.md#queues);
         ``run_ids`` only those runs (see docs/operating.md, versions). A parked run
         (:mod:`cantata.store.roles.parking`) is claimable only once woken, or, with
         ``now``, once its ``wake_at`` is at or before ``now``; the claim clears its

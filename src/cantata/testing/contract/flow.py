@@ -9,7 +9,7 @@ import pytest
 
 from cantata.errors import IdempotencyConflict, QueueConflict
 from cantata.model.flow import QueueEntry, QueueSpec, Rate, ScheduleRow, SlotGrant
-from cantata.model.records import RunWrite
+from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.base import SCHEDULES, SLOTS, Store
 from cantata.testing.contract.support import LEASE, StoreFixtures, new_run
@@ -655,3 +655,129 @@ class FlowContract(StoreFixtures):
             ("cli:a@h", "schedule.deleted", "s", "{}"),
         ]
         assert (await store.verify_audit(self.app)).ok and c.name == "c"
+
+    # -- queued runs retried, forked and cancelled (docs/flow-control.md#queues) -----
+
+    async def fail(self, store: Store, run_id: str) -> None:
+        run = await store.get_run(self.app, run_id)
+        assert run is not None
+        await store.commit_run(self.app, run_id, run.fence,
+                               RunWrite(status=RunStatus.FAILED, error="E: x", release=True))
+
+    async def test_a_retried_runs_earlier_begin_still_counts_in_the_rate_window(
+        self, store: Store
+    ) -> None:
+        """The window holds every begin inside it: a retry does not take back the begin
+        of the attempt that failed, and the retry's own begin counts once admitted."""
+        rate = Rate(2, per=60.0)
+        await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",
+                                  stale_before=0)
+        t0 = time.time()
+        [a] = await self.queued(store, 1)
+        assert await self.claim_q(store, "w", now=t0) == [a]
+        await self.fail(store, a)
+        await store.retry_run(self.app, a, include_compensated=False, version=None,
+                              actor="ops", now=t0 + 1, queue=QueueEntry("q"))
+        [b] = await self.queued(store, 1)
+        # a's first begin is in the window: one more may begin (b, the older in line)
+        assert await self.claim_q(store, "w", now=t0 + 2) == [b]
+        [stats] = await store.queue_stats(self.app, now=t0 + 2)
+        assert (stats.began_last_window, stats.waiting, stats.in_progress) == (2, 1, 1)
+        assert await self.claim_q(store, "w", now=t0 + 3) == []
+        assert await store.run_queue(self.app, a) == QueueEntry("q")
+        # once the first begin leaves the window, the retry begins, and its begin counts
+        assert await self.claim_q(store, "w", now=t0 + rate.window + 0.5) == [a]
+        [stats] = await store.queue_stats(self.app, now=t0 + rate.window + 0.5)
+        assert (stats.began_last_window, stats.waiting, stats.in_progress) == (2, 0, 2)
+        # the earlier begin's row goes with the pruning, as an ended run's row does
+        await self.end(store, a)
+        await self.end(store, b)
+        assert await store.prune_queue_runs(self.app, "q", before=t0 + 1, limit=10) == 1
+        assert await store.run_queue(self.app, a) == QueueEntry("q")
+
+    async def test_a_fork_keeps_its_sources_begin_and_counts_its_own(
+        self, store: Store
+    ) -> None:
+        rate = Rate(2, per=60.0)
+        await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",
+                                  stale_before=0)
+        t0 = time.time()
+        [a] = await self.queued(store, 1)
+        assert await self.claim_q(store, "w", now=t0) == [a]
+        run = await store.get_run(self.app, a)
+        assert run is not None
+        await store.commit_run(self.app, a, run.fence, RunWrite(
+            entries=[HistoryEntry("s#1", EntryKind.STEP, "s", EntryStatus.COMPLETED, seq=1)],
+            status=RunStatus.COMPLETED, release=True,
+        ))
+        fork = new_run(self.app)
+        await store.fork_run(self.app, a, fork, before_key="s#1", actor="ops",
+                             queue=QueueEntry("q"))
+        [b] = await self.queued(store, 1)
+        assert await self.claim_q(store, "w", now=t0 + 2) == [fork.run_id]
+        assert await self.claim_q(store, "w", now=t0 + 3) == []
+        assert await self.claim_q(store, "w", now=t0 + rate.window + 0.5) == [b]
+
+    async def test_a_retried_runs_place_tells_since_when_it_waits(self, store: Store) -> None:
+        """The wait of a retried run is the retry's own, not the time since the run was
+        created (a trace's queued run says how long it waits)."""
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=1), worker_id="w",
+                                  stale_before=0)
+        [a, b] = await self.queued(store, 2)
+        created = await store.get_run(self.app, b)
+        assert created is not None
+        pos = await store.queue_position(self.app, b)
+        assert pos is not None and pos.since == pytest.approx(created.created_at, abs=1e-5)
+        assert await self.claim_q(store, "w") == [a]
+        await self.fail(store, a)
+        t = time.time() + 100
+        await store.retry_run(self.app, a, include_compensated=False, version=None,
+                              actor="ops", now=t, queue=QueueEntry("q"))
+        pos = await store.queue_position(self.app, a)
+        assert pos is not None and pos.ahead == 1
+        assert pos.since == pytest.approx(t, abs=1e-5)
+
+    async def test_a_cancelled_queued_run_that_never_began_is_any_versions_to_end(
+        self, store: Store
+    ) -> None:
+        """A run pinned to a version that no live worker runs, cancelled while it waits in
+        its queue, is claimed by a worker of another version (to end it cancelled: it
+        never began, nothing of its code is needed); one that began is left for its own
+        version (its code compensates), and so is one that waits without a cancel."""
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=2), worker_id="w",
+                                  stale_before=0)
+        began, _ = await store.create_queued_run(new_run(self.app, version="v2"),
+                                                 QueueEntry("q"))
+        got = await store.claim_queued_runs(self.app, "w2", "q", ["wf"], now=time.time(),
+                                            limit=1)
+        assert [r.run_id for r in got.runs] == [began.run_id]
+        await store.commit_run(self.app, began.run_id, got.runs[0].fence,
+                               RunWrite(status=RunStatus.RUNNING, release=True))
+        waiting, _ = await store.create_queued_run(new_run(self.app, version="v2"),
+                                                   QueueEntry("q"))
+        cancelled, _ = await store.create_queued_run(new_run(self.app, version="v2"),
+                                                     QueueEntry("q"))
+        for rid in (began.run_id, cancelled.run_id):
+            await store.request_cancel(self.app, rid)
+
+        async def claim(**versions: object) -> list[str]:
+            got = await store.claim_runs(self.app, "w1", ["wf"], stale_before=time.time(),
+                                         limit=10, **versions)  # type: ignore[arg-type]
+            return [r.run_id for r in got]
+
+        # Its row is met (and dropped, never begun) by a queue claim that leaves the
+        # version's waiting runs in their place: it is still to be ended by any version.
+        got = await store.claim_queued_runs(self.app, "w1", "q", ["wf"], now=time.time(),
+                                            limit=9, exclude_versions=["v2"])
+        assert got.runs == []
+        assert await claim(versions=["v1"]) == [cancelled.run_id]
+        assert await claim(versions=["v1"]) == []
+        assert await claim(versions=["v1"], run_ids=[began.run_id, waiting.run_id]) == []
+        # Ended, its row goes with the pruning; the run waiting keeps its place.
+        run = await store.get_run(self.app, cancelled.run_id)
+        assert run is not None
+        await store.commit_run(self.app, run.run_id, run.fence,
+                               RunWrite(status=RunStatus.CANCELLED, release=True))
+        assert await store.prune_queue_runs(self.app, "q", before=time.time(), limit=9) == 1
+        assert await store.run_queue(self.app, cancelled.run_id) is None
+        assert await store.queue_position(self.app, waiting.run_id) is not None
