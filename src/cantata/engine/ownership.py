@@ -370,6 +370,7 @@ class Ownership:
             wait = engine.poll_interval * 5
             if self.may_take_over():  # (else it may soon: look at the old cadence)
                 wait = idle_wait(engine.store, wait)
+            due = None
             if workflows:  # until the next parked run is due (engine/parking.py)
                 try:
                     now = engine.clock.now()
@@ -381,8 +382,12 @@ class Ownership:
             await wait_event(self.claim_wakeup, wait)
             if self.claim_wakeup.is_set():
                 # Woken by a change notification: let a burst of them coalesce, so a
-                # busy store is not asked to claim once per commit.
-                await asyncio.sleep(min(0.05, engine.poll_interval))
+                # busy store is not asked to claim once per commit; but not past the
+                # time a parked run comes due (its timer would wait for the burst).
+                pause = min(0.05, engine.poll_interval)
+                if due is not None:
+                    pause = min(pause, max(due - engine.clock.now(), 0.0))
+                await asyncio.sleep(pause)
 
     async def _histories(
         self, claimed: list[RunRecord]
