@@ -192,6 +192,66 @@ async def test_commits_of_held_offered_events_do_not_each_read_the_outbox(
     assert await store.unpublished_events(APP, limit=10) == []
 
 
+class CountingPasses(OutboxRelay):
+    """A relay that counts its passes (each a turn of its task)."""
+
+    passes = 0
+
+    async def _pass(self) -> int:
+        self.passes += 1
+        return await super()._pass()
+
+
+async def test_commits_of_held_offered_events_wake_no_pass_of_the_relay_each(
+    store: Store,
+) -> None:
+    # A chain of hops handed off here: each commit is heard, and what it stored is
+    # offered (held: published a moment later) as its committer resumes. Nothing is to
+    # be done before then but the outbox read already put off: no pass of the relay's
+    # task per hop (it ran between a hop's commit and the next hop's handler).
+    chain = events(10)
+    broker = HoldingBroker({e.id for e in chain})
+    relay = CountingPasses(store, broker, APP, poll_interval=30,  # type: ignore[arg-type]
+                           offer_delay=0.5, mark_delay=2.0)
+    await relay.start()
+    try:
+        await eventually(lambda: relay.passes == 1, 5.0, "the first pass")
+        await asyncio.sleep(0.01)
+        for e in chain:
+            await store.append_events(APP, [e])
+            relay.offer([e])
+            await asyncio.sleep(0.01)
+        assert relay.passes == 1
+        await eventually(lambda: len(broker.published) == len(chain), 5.0, "the held events")
+    finally:
+        await relay.stop()
+    assert sorted(broker.published) == sorted(e.id for e in chain)
+    assert await store.unpublished_events(APP, limit=10) == []
+
+
+async def test_an_event_not_offered_after_held_hops_is_read_at_once(store: Store) -> None:
+    # Hops whose events were offered and held put the outbox read off (mark_delay here);
+    # a later commit whose event nobody offers (a workflow's, say) is read at once all
+    # the same, not when the put-off read is due.
+    chain = events(3)
+    [lost] = events(1, "order.lost")
+    broker = HoldingBroker({e.id for e in chain})
+    relay = OutboxRelay(store, broker, APP, poll_interval=30,  # type: ignore[arg-type]
+                        offer_delay=5.0, mark_delay=5.0)
+    await relay.start()
+    try:
+        await asyncio.sleep(0.05)  # (its first read, of an empty outbox)
+        for e in chain:
+            await store.append_events(APP, [e])
+            relay.offer([e])
+            await asyncio.sleep(0.01)
+        await store.append_events(APP, [lost])
+        await eventually(lambda: lost.id in broker.published, 1.0, "the event not offered")
+        assert not set(broker.published) & {e.id for e in chain}  # (held back still)
+    finally:
+        await relay.stop()
+
+
 async def test_held_events_published_before_their_delay_wake_no_later_outbox_read(
     store: Store,
 ) -> None:

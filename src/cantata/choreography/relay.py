@@ -94,10 +94,13 @@ class OutboxRelay:
     inbox makes a later duplicate harmless); a due mark goes before an outbox read, so
     that the read does not return (and decode) them again. After a pass that published
     offered events, the next outbox read waits up to ``read_delay`` seconds, or up to
-    ``mark_delay`` when the last read found nothing that was not offered. An offered event
-    every delivery of which this worker holds (the broker's ``held_here``: handed off
-    here, nobody else waits for it) is published up to ``offer_delay`` seconds later, in
-    a batch, so that publishing stays off the hops that handle it here. An outbox
+    ``mark_delay`` when the last read found nothing that was not offered; a commit heard
+    while that read is put off, whose events were offered as their committer resumed,
+    wakes no pass at all (a hop here is not followed by a turn of the relay's task). An
+    offered event every delivery of which this worker holds (the broker's
+    ``held_here``: handed off here, nobody else waits for it) is published up to
+    ``offer_delay`` seconds later, in a batch, so that publishing stays off the hops
+    that handle it here. An outbox
     read returns the oldest ``batch`` unpublished events, those it knows (offered,
     published but not yet marked) skipped: one that was not offered is found once
     what is before it left the outbox. When the broker is unreachable it logs once
@@ -144,6 +147,10 @@ class OutboxRelay:
         self._read_after = 0.0  # monotonic time: a pass with offered events reads then
         self._read_pending = False
         self._offered = False  # events offered since the last pass (published now or soon)
+        self._offers = 0  # offers made so far (a commit heard looks whether one followed)
+        self._heard_due = False  # a look after a commit heard is scheduled (_after_heard)
+        self._heard_offers = 0  # ``_offers`` when that commit was heard
+        self._waiting: asyncio.Timeout | None = None  # the wait between passes, if waiting
 
     async def start(self) -> None:
         """Start relaying in a background task (call from a running event loop)."""
@@ -200,6 +207,7 @@ class OutboxRelay:
         if self._task is None or not events:
             return
         self._offered = True
+        self._offers += 1
         held_here = getattr(self.broker, "held_here", None)  # (NatsBroker)
         if held_here is not None and self.offer_delay > 0:
             now = [e for e in events if not held_here(e.id)]
@@ -224,19 +232,49 @@ class OutboxRelay:
         loop = self._loop
         if loop is None or self._task is None:
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
+        if _running_loop() is loop:
             self._wakeup.set()
         else:
             with contextlib.suppress(RuntimeError):  # loop closed
                 loop.call_soon_threadsafe(self._wakeup.set)
 
     def _on_change(self, channel: str) -> None:
-        if channel == EVENTS:
+        if channel != EVENTS:
+            return
+        loop = self._loop
+        if (self._waiting is None or self._task is None or loop is None
+                or _running_loop() is not loop):
+            self.wake()  # (a pass under way sees it: it runs again)
+            return
+        # Most often a commit of this process whose committer offers what it stored once
+        # it resumes, right after this notification: a callback looks then whether the
+        # relay has anything to do, rather than a pass of the relay's task per hop.
+        if not self._heard_due:
+            self._heard_due = True
+            self._heard_offers = self._offers
+            loop.call_soon(self._after_heard)
+
+    def _after_heard(self) -> None:
+        """After a commit heard while waiting: wake the relay, unless what the commit
+        stored was offered since (as a pass would find, :meth:`_pass`) and there is
+        nothing to do but the outbox read put off until ``_read_after``: the wait then
+        ends by that time, no pass now."""
+        self._heard_due = False
+        waiting = self._waiting
+        if waiting is None or self._wakeup.is_set():
+            return  # a pass is under way or due: it sees what was offered
+        now = time.monotonic()
+        later_due = bool(self._later) and now - self._later_since >= self.offer_delay
+        if (self._offers == self._heard_offers or self._fresh or later_due
+                or now >= self._read_after):
             self.wake()
+            return
+        self._offered = False  # (taken into account, as a pass takes it)
+        self._read_pending = True
+        deadline = asyncio.get_running_loop().time() + (self._read_after - now)
+        when = waiting.when()
+        if when is None or when > deadline:
+            waiting.reschedule(deadline)
 
     async def _pass(self) -> int:
         """Publish what was offered, then what the outbox holds besides; mark what is
@@ -365,5 +403,16 @@ class OutboxRelay:
             if count >= self.batch:
                 continue
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._wait_time()):  # (no task, unlike wait_for)
-                    await self._wakeup.wait()
+                async with asyncio.timeout(self._wait_time()) as waiting:  # (no task)
+                    self._waiting = waiting
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        self._waiting = None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
