@@ -145,17 +145,39 @@ def report(ids: list[str]) -> str:
     return "\n".join(out)
 
 
-async def main_async(a: argparse.Namespace) -> None:
-    from bench.cantata_app import TERMINAL, make_app
-    from cantata import Hook
+async def open_chain(a: argparse.Namespace, tag: str) -> tuple[Any, str]:
+    """The chain scenario's app on ``a.store`` and ``a.broker``, serving, and its name
+    (a fresh SQLite file, PostgreSQL schema or NATS stream: see :func:`close_chain`)."""
+    from bench.cantata_app import make_app
 
-    tmp = tempfile.mkdtemp(prefix="cantata-breakdown-")
-    name = f"bench_bd_{uuid.uuid4().hex[:8]}"
+    tmp = tempfile.mkdtemp(prefix=f"cantata-{tag}-")
+    name = f"bench_{tag}_{uuid.uuid4().hex[:8]}"
     sep = "&" if "?" in PG_URL else "?"
     store = f"sqlite:///{tmp}/b.db" if a.store == "sqlite" else f"{PG_URL}{sep}schema={name}"
     broker = f"{NATS_URL}?prefix={BENCH_PREFIX}" if a.broker == "nats" else "embedded"
     app = make_app("chain", store, broker, name)
     await app.open(serve=True)
+    return app, name
+
+
+async def close_chain(app: Any, a: argparse.Namespace, name: str) -> None:
+    """Close :func:`open_chain`'s app and drop its PostgreSQL schema and NATS stream."""
+    from bench.common import drop_schema
+
+    await app.close()
+    if a.store == "postgres":
+        await drop_schema(name)
+    if a.broker == "nats":
+        from bench.cantata_scenario import _drop_stream
+
+        await _drop_stream(name)
+
+
+async def main_async(a: argparse.Namespace) -> None:
+    from bench.cantata_app import TERMINAL
+    from cantata import Hook
+
+    app, name = await open_chain(a, "bd")
     instrument(app)
     hop_ids: list[str] = []
     totals = []
@@ -188,17 +210,7 @@ async def main_async(a: argparse.Namespace) -> None:
                 hop_ids.append(ev.id)
                 hop_ids.extend(e.id for e in emitted if e.type not in TERMINAL and e.id != ev.id)
     finally:
-        await app.close()
-        if a.store == "postgres":
-            import asyncpg
-
-            c = await asyncpg.connect(PG_URL)
-            await c.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-            await c.close()
-        if a.broker == "nats":
-            from bench.cantata_scenario import _drop_stream
-
-            await _drop_stream(name)
+        await close_chain(app, a, name)
     print(f"{a.store}+{a.broker}: end-to-end p50 {statistics.median(totals):.3f} ms "
           f"over {len(totals)} orders (3 hops each)")
     print(report(hop_ids))

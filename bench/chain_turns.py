@@ -21,12 +21,9 @@ import asyncio
 import collections
 import selectors
 import statistics
-import tempfile
 import time
-import uuid
 from typing import Any
 
-from bench.common import BENCH_PREFIX, NATS_URL, PG_URL
 from bench.loop_top import _name
 
 Record = tuple[float, float, str]  # start, end, what
@@ -65,16 +62,11 @@ def _install() -> None:
 
 async def _orders(a: argparse.Namespace) -> list[tuple[float, float]]:
     """Run the workload; the (start, end) of each measured order."""
-    from bench.cantata_app import TERMINAL, make_app
+    from bench.cantata_app import TERMINAL
+    from bench.chain_breakdown import open_chain
     from cantata import Hook
 
-    tmp = tempfile.mkdtemp(prefix="cantata-turns-")
-    name = f"bench_turns_{uuid.uuid4().hex[:8]}"
-    sep = "&" if "?" in PG_URL else "?"
-    store = f"sqlite:///{tmp}/b.db" if a.store == "sqlite" else f"{PG_URL}{sep}schema={name}"
-    broker = f"{NATS_URL}?prefix={BENCH_PREFIX}" if a.broker == "nats" else "embedded"
-    app = make_app("chain", store, broker, name)
-    await app.open(serve=True)
+    app, name = await open_chain(a, "turns")
     ended: dict[int, asyncio.Future[None]] = {}
 
     class Ends(Hook):
@@ -98,17 +90,9 @@ async def _orders(a: argparse.Namespace) -> list[tuple[float, float]]:
             _on[0] = False
             del ended[order]
     finally:
-        await app.close()
-        if a.store == "postgres":
-            import asyncpg
+        from bench.chain_breakdown import close_chain
 
-            c = await asyncpg.connect(PG_URL)
-            await c.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-            await c.close()
-        if a.broker == "nats":
-            from bench.cantata_scenario import _drop_stream
-
-            await _drop_stream(name)
+        await close_chain(app, a, name)
     return spans
 
 

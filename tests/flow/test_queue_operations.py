@@ -11,9 +11,14 @@ import time
 
 import pytest
 
-from cantata import App, ResultTimeout, WorkflowCancelled, WorkflowFailed
+from cantata import App, ResultTimeout, WorkflowCancelled
 from cantata.model import codec
-from tests.flow.test_queue_starts import _waits_behind_job_0, gated_app, two_step_app
+from tests.flow.test_queue_starts import (
+    _waits_behind_job_0,
+    failed_job,
+    gated_app,
+    two_step_app,
+)
 
 TIMEOUT = 15.0
 
@@ -87,13 +92,8 @@ async def test_a_retried_runs_wait_counts_from_the_retry(store_url: str) -> None
     """The trace (and ``cantata stalled``) of a retried run waiting in its queue says how
     long it has waited since the retry, not since the run was created."""
     app = gated_app(store_url)
-    app.broken.add(1)  # type: ignore[attr-defined]
     async with app:
-        failed = await app.start("job", 1)
-        with pytest.raises(WorkflowFailed):
-            await failed.result(timeout=TIMEOUT)
-        app.order.clear()  # type: ignore[attr-defined]
-        app.broken.clear()  # type: ignore[attr-defined]
+        failed = await failed_job(app)
         first = await app.start("job", 0)
         await _waits_behind_job_0(app, waiting=0)
         await asyncio.sleep(1.5)  # the run was created long before its retry
@@ -123,13 +123,8 @@ async def test_a_fork_or_retry_of_a_pruned_row_waits_in_the_workflows_queue(
     if how == "fork without the code":
         _two_apps(store_url)
     app = gated_app(store_url)
-    app.broken.add(1)  # type: ignore[attr-defined]
     async with app:
-        source = await app.start("job", 1)
-        with pytest.raises(WorkflowFailed):
-            await source.result(timeout=TIMEOUT)
-        app.order.clear()  # type: ignore[attr-defined]
-        app.broken.clear()  # type: ignore[attr-defined]
+        source = await failed_job(app)
         assert await app.store.prune_queue_runs(app.name, "q", before=time.time() + 3600,
                                                 limit=10) == 1
         assert await app.store.run_queue(app.name, source.run_id) is None

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from cantata import App, Retry, WorkflowContext, WorkflowFailed
+from cantata import App, Retry, RunHandle, WorkflowContext, WorkflowFailed
 from cantata.errors import QueueDeadlock
 
 TIMEOUT = 15.0
@@ -45,6 +45,19 @@ def gated_app(store: str) -> App:
         return await ctx.run(work, i)  # type: ignore[no-any-return]
 
     return app
+
+
+async def failed_job(app: App) -> RunHandle:
+    """Job 1, failed (its step broken at its only attempt), then fixed: ``app.order``
+    cleared and nothing broken any more."""
+    broken: set[int] = app.broken  # type: ignore[attr-defined]
+    broken.add(1)
+    handle = await app.start("job", 1)
+    with pytest.raises(WorkflowFailed):
+        await handle.result(timeout=TIMEOUT)
+    app.order.clear()  # type: ignore[attr-defined]
+    broken.clear()  # the fix
+    return handle
 
 
 async def _waits_behind_job_0(app: App, waiting: int = 1) -> None:
@@ -135,13 +148,8 @@ async def test_a_retried_run_waits_in_its_workflows_queue(store_url: str) -> Non
     """A failed run retried after a fix waits in its queue again, behind the runs
     in progress, rather than begin beside them."""
     app = gated_app(store_url)
-    app.broken.add(1)  # type: ignore[attr-defined]
     async with app:
-        failed = await app.start("job", 1)
-        with pytest.raises(WorkflowFailed):
-            await failed.result(timeout=TIMEOUT)
-        app.order.clear()  # type: ignore[attr-defined]
-        app.broken.clear()  # type: ignore[attr-defined]  # the fix
+        failed = await failed_job(app)
         first = await app.start("job", 0)
         await _waits_behind_job_0(app, waiting=0)
         await failed.retry()
