@@ -94,6 +94,8 @@ _CALL = _CALLS[_ALL]
 # joined with _SEP, their NULLs spelled ``None``; the other arrays are orjson's lists
 # without their brackets (``null``: NULL), read by each element type's input function.
 _SEP = "\x1f"  # ASCII unit separator
+_NULL = "None"  # a NULL of a text array, as its text (str(None))
+_NULL_AMID = _SEP + _NULL + _SEP
 _KINDS = tuple(arg.split()[1] for arg in _ARGS)
 
 
@@ -101,7 +103,7 @@ def _split(j: int, kind: str) -> str:
     if kind == "float8":  # (k_now, a scalar)
         return f"${j}::float8"
     if kind == "text[]":
-        return f"string_to_array(${j}::text, E'\\x1f', 'None')"
+        return f"string_to_array(${j}::text, E'\\x1f', '{_NULL}')"
     return f"string_to_array(${j}::text, ',', 'null')::{kind}"
 
 
@@ -110,10 +112,9 @@ _CALL_TEXT = (
     f"cantata_write_runs({', '.join(_split(j + 1, kind) for j, kind in enumerate(_KINDS))}, "
     f"{', '.join(f'${j}' for j in range(len(_ARGS) + 1, len(_ARGS) + 5))}) w"
 )
-# Batches of this many shares or more go as texts: the server spends about 0.1 ms more
-# reading them than the arrays (measured for JSON, migration 0013), which a batch of one
-# (a run waiting on its own write) would feel, while the driver saves ~15 us per share
-# of a big batch.
+# Batches of this many shares or more go as texts (the threshold the JSON document had:
+# it cost the server ~0.1 ms more than the arrays, which a batch of one, a run waiting on
+# its own write, would feel, while the driver saves ~15 us per share of a big batch).
 TEXT_FROM = 8
 # Whether a batch of one checkpoint or one run creation takes the lean functions of
 # migration 0017 (scalar parameters) instead of cantata_write_runs.
@@ -143,17 +144,38 @@ def _texts(arrays: list[Any]) -> list[Any] | None:
                 out.append(col)
             elif not col:
                 out.append("")
-            elif text:
-                joined = _SEP.join(map(str, col))
-                if joined.count(_SEP) != len(col) - 1 or "None" in col or col == [""]:
-                    return None
+            elif not text:
+                out.append(orjson.dumps(col)[1:-1].decode())
+            elif (joined := _joined(col)) is not None:
                 out.append(joined)
             else:
-                out.append(orjson.dumps(col)[1:-1].decode())
+                return None
         return out
     # orjson.JSONEncodeError (a TypeError): an int over 64 bits
     except (TypeError, OverflowError):
         return None
+
+
+def _joined(col: list[str | None]) -> str | None:
+    """A text array (not empty) as one text, or ``None`` when it cannot be."""
+    try:
+        joined = _SEP.join(col)  # type: ignore[arg-type]
+    except TypeError:  # NULLs among them
+        nulls = col.count(None)
+        if nulls == len(col):
+            return _SEP.join([_NULL] * nulls)
+        if _NULL in col:
+            return None
+        joined = _SEP.join(map(str, col))
+    else:  # (a whole element ``None``: at either end, or between two separators)
+        if _NULL in joined and (
+            joined == _NULL or joined.startswith(_NULL + _SEP)
+            or joined.endswith(_SEP + _NULL) or _NULL_AMID in joined
+        ):
+            return None
+    if joined.count(_SEP) != len(col) - 1 or (joined == "" and len(col) == 1):
+        return None
+    return joined
 
 
 # Raised by the function for a record it cannot spell as Python does: run the batch
