@@ -37,7 +37,7 @@ import orjson
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store import audit
 from cantata.store import postgres_writes as writes
-from cantata.store.base import RUNS
+from cantata.store.postgres_listen import runs_notice
 from cantata.store.postgres_ops import columns, run_values
 from cantata.store.postgres_pool import Conn
 
@@ -236,7 +236,7 @@ def _created(now: float, run: RunRecord) -> tuple[Any, ...]:
         audit.tail(now, actor, action, target, text),
         action,
         text,
-        f"{run.app}:{RUNS}" if run.owner is None else None,
+        runs_notice(run.app, ended=False) if run.owner is None else None,
     )
 
 
@@ -244,7 +244,16 @@ def _checkpointed(run_id: str, w: RunWrite, app: str) -> tuple[Any, ...]:
     """A checkpoint's record, both variants (action, data, rest), and its notice."""
     changed = _record_variant(run_id, w, "") if w.status is not None else (None,) * 3
     same = _record_variant(run_id, w, "" if w.status is None else str(w.status))
-    return (*same, *changed, f"{app}:{RUNS}" if writes.wakes_runs(w) else None)
+    return (*same, *changed, _notice(app, w))
+
+
+def _notice(app: str, w: RunWrite) -> str | None:
+    """A checkpoint's ``runs`` notice (``None``: none), ``ended`` for a run's end: the
+    one-statement path takes no write that wakes a parked run (:func:`_simple`), so a
+    run's end makes no run claimable."""
+    if not writes.wakes_runs(w):
+        return None
+    return runs_notice(app, ended=w.status is not None and w.status.is_final)
 
 
 # -- the lean path: one checkpoint, or one run creation with its first (migration 0017)
@@ -309,7 +318,7 @@ def _create_first_args(
     key = keys.get(run.app)
     return (
         *values, *_created(now, run), *history[2:], *attempts[2:], *record,
-        f"{run.app}:{RUNS}" if writes.wakes_runs(w) else None,
+        _notice(run.app, w),
         None if key is None else key.inner, None if key is None else key.outer,
         audit.GENESIS_HASH,
     )
