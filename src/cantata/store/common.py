@@ -16,7 +16,7 @@ from cantata.errors import StoreUnavailable, StoreUpgraded
 from cantata.model.checks import check_seconds
 from cantata.model.records import TASK_WITHDRAWN, AuditRecord, AuditReport
 from cantata.store import audit
-from cantata.store.roles import RUNNABLE, RUNS, TASK_OUTCOMES, ChangeListener
+from cantata.store.roles import TASK_OUTCOMES, ChangeListener
 
 log = logging.getLogger("cantata.store")
 
@@ -99,8 +99,8 @@ class StoreBase:
     hears_others = False  # (in-process listeners only: see StoreLifecycle.hears_others)
     #: Whether listeners hear ``runnable`` whenever a run may have become claimable
     #: (see store.roles.lifecycle.RUNNABLE): then the claim loops wake at that, not at
-    #: every ``runs``. A store without this attribute is taken to say ``False``.
-    says_runnable = True
+    #: every ``runs``. ``False`` here (and for a store without the attribute).
+    says_runnable = False
 
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
@@ -128,8 +128,6 @@ class StoreBase:
     def _notify(self, channels: Iterable[str]) -> None:
         for channel in channels:
             self._emit(channel)
-            if channel == RUNS:  # (no difference made here between a run's end and others)
-                self._emit(RUNNABLE)
 
     def adopt_timing(self, *, lease: float) -> None:
         """Nothing to warn about here (see :meth:`StoreLifecycle.adopt_timing`)."""
