@@ -23,22 +23,22 @@ from tests.store.test_postgres import opened
 
 pytestmark = pytest.mark.postgres
 KEY = audit.AuditKey("0123456789abcdef-onetrip-test")
-# The one statement's first words, by path: its arrays sent as arrays or as one JSON
-# document, or the lean functions' (a batch of one, migrations 0017 and 0019).
+# The one statement's first words, by path: its arrays sent as arrays or each as one
+# text, or the lean functions' (a batch of one, migrations 0017 and 0019).
 FIRST = {
     "arrays": ("SELECT out_kind",),
-    "json": ("SELECT w.out_kind",),
+    "text": ("SELECT w.out_kind",),
     "lean": ("SELECT cantata_checkpoint_one", "SELECT cantata_create_one",
              "SELECT cantata_create_first", "SELECT c.created, k.applied"),
 }
 ONE = tuple(words for path in FIRST.values() for words in path)
 
 
-@pytest.fixture(autouse=True, params=["arrays", "json", "lean"])
+@pytest.fixture(autouse=True, params=["arrays", "text", "lean"])
 def encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test with the arrays as arrays and as JSON (migration 0013), whatever the
-    size of its batches, and with batches of one through the lean functions (0017)."""
-    monkeypatch.setattr(postgres_onetrip, "JSON_FROM", 10**9 if request.param == "arrays" else 1)
+    """Every test with the arrays as arrays and as texts split on the server, whatever
+    the size of its batches, and with batches of one through the lean functions (0017)."""
+    monkeypatch.setattr(postgres_onetrip, "TEXT_FROM", 10**9 if request.param == "arrays" else 1)
     monkeypatch.setattr(postgres_onetrip, "LEAN", request.param == "lean")
     return str(request.param)
 
@@ -162,18 +162,27 @@ async def test_values_arrive_exactly_as_written(url: str, encoding: str) -> None
         assert await store.verify_audit(app) == AuditReport(True, 2)
 
 
-async def test_what_json_cannot_carry_goes_as_arrays(url: str, encoding: str) -> None:
+@pytest.mark.parametrize("odd", [
+    {"deadline_at": float("inf")}, {"args": "a\x1fb"}, {"args": "None"}, {"args": ""},
+])
+async def test_what_texts_cannot_carry_goes_as_arrays(
+    url: str, encoding: str, odd: dict[str, Any]
+) -> None:
+    """An infinity (orjson would write null), the separator, the text that spells NULL
+    and the one empty text of an array (which splits into none) go as arrays, and
+    arrive as written."""
     app = f"app-{new_id()[-8:]}"
     async with opened(url) as store:
         sent = statements(store)
-        run = new_run(app, owner="w", fence=1, deadline_at=float("inf"))
+        run = new_run(app, owner="w", fence=1, **odd)
         await store.create_run(run)
-        # (the lean function's parameters are scalars: no JSON to fall back from)
+        # (the lean function's parameters are scalars: nothing to fall back from)
         words = "SELECT cantata_create_one($1, $2, $3," if encoding == "lean" else (
             "SELECT out_kind, out_i, out_owner,")
         assert sent == [words], sent
         got = await store.get_run(app, run.run_id)
-        assert got is not None and got.deadline_at == float("inf")
+        assert got is not None
+        assert {name: getattr(got, name) for name in odd} == odd
 
 
 async def test_a_checkpoint_that_keeps_the_status_records_no_status(url: str) -> None:
@@ -263,30 +272,49 @@ def test_the_arrays_are_those_of_the_composite_type() -> None:
     assert tuple(fields) == postgres_onetrip._ARGS
 
 
-def test_json_carries_only_what_it_carries_exactly() -> None:
-    """NaN and infinities (orjson would write null), lone surrogates and ints over 64
-    bits make the batch go as arrays; everything else reads back the same."""
-    import orjson
+async def test_texts_carry_exactly_what_they_carry(url: str) -> None:
+    """Each array as its text, split by the call's own expression on the server: the
+    same values (quotes, separators of the other kind, non-ASCII, empty texts among
+    others, NULLs, floats to the last bit, -0.0, big ints); what they cannot carry
+    exactly (NaN, infinities, the separator, the text ``None``, one empty text, ints
+    over 64 bits) makes the batch go as arrays."""
+    import asyncpg
 
     fields = postgres_onetrip._FIELDS
     arrays: list[Any] = [[] for _ in fields]
-    k_now = fields.index("k_now")
-    arrays[k_now] = 1764621000.1234567
-    arrays[fields.index("h_started_at")] = [0.1 + 0.2, None, 1e300]
-    arrays[fields.index("k_result")] = ['"é\\\n\u4e2d', None]
-    doc = postgres_onetrip._document(arrays)
-    assert doc is not None and orjson.loads(doc) == dict(zip(fields, arrays, strict=True))
+    arrays[fields.index("k_now")] = 1764621000.1234567
+    arrays[fields.index("h_started_at")] = [0.1 + 0.2, None, 1e300, -0.0, 5e-324, 7.0]
+    arrays[fields.index("k_result")] = ['"é\\\n\u4e2d,{x}', None, "", "none", "NULL", "null"]
+    arrays[fields.index("n_fence")] = [2**63 - 1, -(2**63), None]
+    arrays[fields.index("k_i")] = [0, 2**31 - 1]
+    arrays[fields.index("k_release")] = [True, False, None]
+    texts = postgres_onetrip._texts(arrays)
+    assert texts is not None
+    conn = await asyncpg.connect(url.split("?", 1)[0])
+    try:
+        for j, (name, kind) in enumerate(zip(fields, postgres_onetrip._KINDS, strict=True)):
+            # the expression that reads this array in the call (postgres_onetrip._CALL_TEXT)
+            sql = postgres_onetrip._split(1, kind)
+            got = await conn.fetchval(f"SELECT {sql}", texts[j])
+            want = arrays[j]
+            assert got == want, name
+            if name == "h_started_at":  # -0.0 == 0.0: the sign too
+                assert [str(x) for x in got] == [str(x) for x in want]
+    finally:
+        await conn.close()
     for name, bad in [
         ("h_started_at", [1.0, float("nan")]),
         ("n_created_at", [float("inf")]),
         ("a_ended_at", [None, float("-inf")]),
         ("k_now", float("nan")),
-        ("k_result", ["\ud800"]),
+        ("k_result", ["a\x1fb", None]),
+        ("k_result", ["None"]),
+        ("k_result", [""]),
         ("n_fence", [2**64]),
     ]:
         broken = list(arrays)
         broken[fields.index(name)] = bad
-        assert postgres_onetrip._document(broken) is None, name
+        assert postgres_onetrip._texts(broken) is None, name
 
 
 async def test_a_saga_one_write_at_a_time_takes_the_lean_path(url: str, encoding: str) -> None:

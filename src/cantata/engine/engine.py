@@ -20,7 +20,7 @@ from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
 from cantata.quietlog import QuietLog, outage_interval, reason
-from cantata.store.base import CANCEL, EVENTS, RUNS, TASKS, Store
+from cantata.store.base import CANCEL, EVENTS, RUNNABLE, RUNS, TASKS, Store
 from cantata.store.roles.lifecycle import idle_wait
 
 from . import gcpolicy
@@ -160,6 +160,9 @@ class Engine:
         # gracefully (`cantata worker`, App.run_worker). See store_upgraded.
         self.upgraded: StoreUpgraded | None = None
         self.must_stop = asyncio.Event()
+        # The store says ``runnable`` (store.base.RUNNABLE) when a run may have become
+        # claimable: the claim loop wakes at that, not at every ``runs`` (a run's end).
+        self._hears_runnable = bool(getattr(store, "says_runnable", False))
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -619,10 +622,13 @@ class Engine:
     def _on_store_change(self, channel: str) -> None:
         if channel == RUNS:
             self._runs_pulse.set()
-            self.ownership.claim_wakeup.set()
+            if not self._hears_runnable:  # (a store that never says which runs are news)
+                self.ownership.claim_wakeup.set()
             for group in self._run_waiters.values():
                 for execution in group:
                     execution.wakeup.set()
+        elif channel == RUNNABLE:  # (a run's end alone is not news to the claim loop)
+            self.ownership.claim_wakeup.set()
         elif channel == CANCEL:
             self._watch_wakeup.set()
             self._runs_pulse.set()

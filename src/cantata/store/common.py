@@ -116,6 +116,10 @@ class StoreBase:
     _schema_beats = 0  # heartbeats since the schema version was last read
     _schema_said = False  # StoreUpgraded was raised: heartbeats no longer look
     hears_others = False  # (in-process listeners only: see StoreLifecycle.hears_others)
+    #: Whether listeners hear ``runnable`` whenever a run may have become claimable
+    #: (see store.roles.lifecycle.RUNNABLE): then the claim loops wake at that, not at
+    #: every ``runs``. ``False`` here (and for a store without the attribute).
+    says_runnable = False
 
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []

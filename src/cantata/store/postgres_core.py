@@ -45,6 +45,7 @@ class PostgresCore(StoreBase):
 
     schema_version = SCHEMA_VERSION
     hears_others = True  # LISTEN/NOTIFY on the schema's channel (postgres_pool.py)
+    says_runnable = True  # (postgres_listen.runs_notice)
 
     def __init__(
         self, url: str, *, pool_size: int = 10, connect_timeout: float = 3.0, writers: int = 2,

@@ -38,6 +38,7 @@ from cantata.store.roles.lifecycle import (
     CANCEL,
     CLAIMS,
     EVENTS,
+    RUNNABLE,
     RUNS,
     SCHEDULES,
     SLOTS,
@@ -48,7 +49,17 @@ log = logging.getLogger("cantata.store")
 
 PROBE_AFTER = 10.0  # seconds heard nothing before a probe, until the app's lease comes
 PROBE_LEAST = 1.0  # seconds: the shortest wait before a probe, and a probe's least time
-ALL_CHANNELS = (RUNS, EVENTS, CLAIMS, CANCEL, TASKS, SLOTS, SCHEDULES)
+ALL_CHANNELS = (RUNS, RUNNABLE, EVENTS, CLAIMS, CANCEL, TASKS, SLOTS, SCHEDULES)
+# A notice of runs that only ended ('<app>:ended:runs', :func:`runs_notice`): ``runs``
+# without ``runnable``. Workers that predate it read the last part alone, ``runs``, and
+# wake their claim loops as before.
+ENDED = "ended"
+
+
+def runs_notice(app: str, ended: bool) -> str:
+    """The ``runs`` notice of ``app``'s write: ``ended`` when all it did to its runs that
+    is news is end them (nothing became claimable)."""
+    return f"{app}:{ENDED}:{RUNS}" if ended else f"{app}:{RUNS}"
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -155,10 +166,12 @@ class Listener:
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         self.heard_at = time.monotonic()
-        changed = str(payload).rpartition(":")[2]
+        rest, _, changed = str(payload).rpartition(":")
         self._on_change(changed)
         if changed == EVENTS:  # (every commit that stores events may make claims)
             self._on_change(CLAIMS)
+        elif changed == RUNS and rest.rpartition(":")[2] != ENDED:  # (app names hold no ':')
+            self._on_change(RUNNABLE)
 
     def _on_lost(self, conn: object) -> None:
         if conn is not self._conn or self._closing or self._relisten_task is not None:

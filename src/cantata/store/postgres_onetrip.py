@@ -37,7 +37,7 @@ import orjson
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store import audit
 from cantata.store import postgres_writes as writes
-from cantata.store.base import RUNS
+from cantata.store.postgres_listen import runs_notice
 from cantata.store.postgres_ops import columns, run_values
 from cantata.store.postgres_pool import Conn
 
@@ -87,41 +87,95 @@ def _call(sent: range) -> str:
 _ALL, _CREATES, _CHECKPOINTS = range(len(_ARGS)), range(_NEW), range(_NEW, len(_ARGS))
 _CALLS = {sent: _call(sent) for sent in (_ALL, _CREATES, _CHECKPOINTS)}
 _CALL = _CALLS[_ALL]
-# The same call with those arrays as one JSON document (see migration 0013): the
-# driver encodes one text instead of every element of 69 arrays.
-_CALL_JSON = (
+# The same call with each array as one text parameter, split on the server
+# (``string_to_array``): the driver encodes 69 texts instead of every element of 69
+# arrays, and the server splits them in a fraction of what parsing the same values as
+# JSON (migration 0013's document, json_populate_record) cost it. Text arrays are
+# joined with _SEP, their NULLs spelled ``None``; the other arrays are orjson's lists
+# without their brackets (``null``: NULL), read by each element type's input function.
+_SEP = "\x1f"  # ASCII unit separator
+_NULL = "None"  # a NULL of a text array, as its text (str(None))
+_NULL_AMID = _SEP + _NULL + _SEP
+_KINDS = tuple(arg.split()[1] for arg in _ARGS)
+
+
+def _split(j: int, kind: str) -> str:
+    if kind == "float8":  # (k_now, a scalar)
+        return f"${j}::float8"
+    if kind == "text[]":
+        return f"string_to_array(${j}::text, E'\\x1f', '{_NULL}')"
+    return f"string_to_array(${j}::text, ',', 'null')::{kind}"
+
+
+_CALL_TEXT = (
     "SELECT w.out_kind, w.out_i, w.out_owner, w.out_status, w.out_correlation_id FROM "
-    "json_populate_record(NULL::cantata_write_args, $1::json) a, LATERAL "
-    f"cantata_write_runs({', '.join(f'a.{f}' for f in _FIELDS)}, "
-    "$2::text[], $3::bytea[], $4::bytea[], $5::text) w"
+    f"cantata_write_runs({', '.join(_split(j + 1, kind) for j, kind in enumerate(_KINDS))}, "
+    f"{', '.join(f'${j}' for j in range(len(_ARGS) + 1, len(_ARGS) + 5))}) w"
 )
-# Batches of this many shares or more go as JSON: the server spends about 0.1 ms more
-# reading the document than the arrays, which a batch of one (a run waiting on its
-# own write) would feel, while the driver saves ~15 us per share of a big batch.
-JSON_FROM = 8
+# Batches of this many shares or more go as texts (the threshold the JSON document had:
+# it cost the server ~0.1 ms more than the arrays, which a batch of one, a run waiting on
+# its own write, would feel, while the driver saves ~15 us per share of a big batch).
+TEXT_FROM = 8
 # Whether a batch of one checkpoint or one run creation takes the lean functions of
 # migration 0017 (scalar parameters) instead of cantata_write_runs.
 LEAN = True
-_FLOATS = tuple(j for j, arg in enumerate(_ARGS) if arg.split()[1].startswith("float8"))
+_FLOATS = tuple(j for j, kind in enumerate(_KINDS) if kind.startswith("float8"))
+_TEXTS = tuple(kind == "text[]" for kind in _KINDS)
 
 
-def _document(arrays: list[Any]) -> str | None:
-    """The arrays as the JSON of a ``cantata_write_args``, or ``None`` when JSON cannot
-    carry them exactly.
+def _texts(arrays: list[Any]) -> list[Any] | None:
+    """The arrays as :data:`_CALL_TEXT`'s parameters, or ``None`` when texts cannot
+    carry them exactly (they go as arrays then).
 
-    orjson writes a float as its shortest round-trip text (float8 reads back the same
-    double) but NaN and infinities as ``null``: a float column whose finite values do
-    not sum to a finite number (those, or an overflow) goes as arrays instead.
+    A text array cannot hold the separator, the text ``None`` (its NULL) or be the one
+    empty text (``''`` splits into no element). orjson writes a number as its shortest
+    round-trip text (float8 reads back the same double) but NaN and infinities as
+    ``null``: a float column whose finite values do not sum to a finite number (those,
+    or an overflow) cannot go either, nor an int over 64 bits (orjson refuses it).
     """
     try:
         for j in _FLOATS:
             col = arrays[j]
             if not isfinite(sum(filter(None, col)) if isinstance(col, list) else col):
                 return None
-        return orjson.dumps(dict(zip(_FIELDS, arrays, strict=True))).decode()
-    # orjson.JSONEncodeError (a TypeError): a lone surrogate, an int over 64 bits
+        out: list[Any] = []
+        for col, text in zip(arrays, _TEXTS, strict=True):
+            if not isinstance(col, list):
+                out.append(col)
+            elif not col:
+                out.append("")
+            elif not text:
+                out.append(orjson.dumps(col)[1:-1].decode())
+            elif (joined := _joined(col)) is not None:
+                out.append(joined)
+            else:
+                return None
+        return out
+    # orjson.JSONEncodeError (a TypeError): an int over 64 bits
     except (TypeError, OverflowError):
         return None
+
+
+def _joined(col: list[str | None]) -> str | None:
+    """A text array (not empty) as one text, or ``None`` when it cannot be."""
+    try:
+        joined = _SEP.join(col)  # type: ignore[arg-type]
+    except TypeError:  # NULLs among them
+        nulls = col.count(None)
+        if nulls == len(col):
+            return _SEP.join([_NULL] * nulls)
+        if _NULL in col:
+            return None
+        joined = _SEP.join(map(str, col))
+    else:  # (a whole element ``None``: at either end, or between two separators)
+        if _NULL in joined and (
+            joined == _NULL or joined.startswith(_NULL + _SEP)
+            or joined.endswith(_SEP + _NULL) or _NULL_AMID in joined
+        ):
+            return None
+    if joined.count(_SEP) != len(col) - 1 or (joined == "" and len(col) == 1):
+        return None
+    return joined
 
 
 # Raised by the function for a record it cannot spell as Python does: run the batch
@@ -182,7 +236,7 @@ def _created(now: float, run: RunRecord) -> tuple[Any, ...]:
         audit.tail(now, actor, action, target, text),
         action,
         text,
-        f"{run.app}:{RUNS}" if run.owner is None else None,
+        runs_notice(run.app, ended=False) if run.owner is None else None,
     )
 
 
@@ -190,7 +244,16 @@ def _checkpointed(run_id: str, w: RunWrite, app: str) -> tuple[Any, ...]:
     """A checkpoint's record, both variants (action, data, rest), and its notice."""
     changed = _record_variant(run_id, w, "") if w.status is not None else (None,) * 3
     same = _record_variant(run_id, w, "" if w.status is None else str(w.status))
-    return (*same, *changed, f"{app}:{RUNS}" if writes.wakes_runs(w) else None)
+    return (*same, *changed, _notice(app, w))
+
+
+def _notice(app: str, w: RunWrite) -> str | None:
+    """A checkpoint's ``runs`` notice (``None``: none), ``ended`` for a run's end: the
+    one-statement path takes no write that wakes a parked run (:func:`_simple`), so a
+    run's end makes no run claimable."""
+    if not writes.wakes_runs(w):
+        return None
+    return runs_notice(app, ended=w.status is not None and w.status.is_final)
 
 
 # -- the lean path: one checkpoint, or one run creation with its first (migration 0017)
@@ -255,7 +318,7 @@ def _create_first_args(
     key = keys.get(run.app)
     return (
         *values, *_created(now, run), *history[2:], *attempts[2:], *record,
-        f"{run.app}:{RUNS}" if writes.wakes_runs(w) else None,
+        _notice(run.app, w),
         None if key is None else key.inner, None if key is None else key.outer,
         audit.GENESIS_HASH,
     )
@@ -356,12 +419,12 @@ async def write(
         key_apps, [keys[a].inner for a in key_apps], [keys[a].outer for a in key_apps],
         audit.GENESIS_HASH,
     )
-    doc = _document(arrays) if len(shares) >= JSON_FROM else None
-    if doc is None:
+    texts = _texts(arrays) if len(shares) >= TEXT_FROM else None
+    if texts is None:
         sent = _CHECKPOINTS if not creates else _CREATES if not calls else _ALL
         rows = await c.fetch(_CALLS[sent], *arrays[sent.start:sent.stop], *key_args)
     else:
-        rows = await c.fetch(_CALL_JSON, doc, *key_args)
+        rows = await c.fetch(_CALL_TEXT, *texts, *key_args)
     inserted = {r[1] for r in rows if r[0] == "n"}
     applied = {r[1] for r in rows if r[0] == "k"}
     out: list[Any] = [None] * len(shares)

@@ -36,6 +36,12 @@ SLOTS = "slots"
 # bookkeeping of their ticks): the schedulers look at the schedules again
 # (flow/schedules.py).
 SCHEDULES = "schedules"
+# A run may have become claimable (created with no owner, let go, woken from its park):
+# PostgreSQL says it right after ``runs`` for every notice but that of runs that only
+# ended (an ended run is nobody's to claim: docs/performance.md, round twenty). The
+# claim loops wake at it instead of at every ``runs`` where the store says so
+# (``says_runnable``, PostgreSQL's); elsewhere (SQLite) they wake at every ``runs``.
+RUNNABLE = "runnable"
 
 ChangeListener = Callable[[str], None]
 
@@ -96,6 +102,8 @@ class StoreLifecycle(Protocol):
         (PostgreSQL LISTEN/NOTIFY), for other processes' writes too. ``runs`` is
         called at least when a run nobody owns is created, when a run ends and when
         its owner lets it go; a backend may leave out the checkpoints in between.
+        A store whose ``says_runnable`` is true follows ``runs`` with ``runnable``
+        whenever a run may have become claimable (see :data:`RUNNABLE`).
         ``claims`` comes with ``events`` (see :data:`CLAIMS`): the embedded broker's
         consumers look for deliveries to claim when they hear it. A backend may leave
         ``events`` out for a settlement, or an append that held deliveries for its
