@@ -37,7 +37,9 @@
     const res = await fetch(path, init);
     if (res.status === 401) {
       location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
-      throw new Error("not logged in");
+      const err = new Error("not logged in");
+      err.status = 401;
+      throw err;
     }
     const data = res.status === 204 ? null : await res.json().catch(() => null);
     if (!res.ok) {
@@ -97,6 +99,10 @@
   /* -- live updates ---------------------------------------------------------------- */
   const liveHandlers = [];
   function onLive(fn) { liveHandlers.push(fn); }
+  // Shown above the page while its live feed is away (the store or the console is
+  // down): the page is not following changes, and says why.
+  const offline = h("div", { id: "offline", class: "notice warn", role: "status", hidden: true });
+  content.before(offline);
   function connectLive() {
     if (!window.EventSource) return;
     const es = new EventSource("/api/stream");
@@ -106,17 +112,24 @@
     // event of its own, so each page draws itself again ("open").
     es.onopen = () => {
       if (mark) mark.hidden = false;
+      offline.hidden = true;
       for (const fn of liveHandlers) fn("open", {});
     };
     // The stream ends when the session's token is revoked (the server checks it every
     // few seconds) and cannot be reopened (401): ask who is logged in, and a 401 goes
     // to the login page (api() does). Otherwise the browser reconnects by itself; a
-    // stream it gave up on (an answer other than 200) is opened again a little later.
+    // stream it gave up on (an answer other than 200: the store is down, the console
+    // restarts) is opened again a little later, until the server answers again.
     es.onerror = () => {
       if (mark) mark.hidden = true;
-      api("/api/session").then(() => {
-        if (es.readyState === EventSource.CLOSED) setTimeout(connectLive, 5000);
-      }, () => {});
+      const retry = () => { if (es.readyState === EventSource.CLOSED) setTimeout(connectLive, 3000); };
+      api("/api/session").then(retry, (e) => {
+        if (e.status === 401) return;  // (going to the login page)
+        offline.replaceChildren(h("strong", {}, "Live updates stopped"),
+          `: ${e.message}. This page shows what it read last; it follows changes again once the console answers.`);
+        offline.hidden = false;
+        retry();
+      });
     };
     for (const kind of ["run", "dead_letter", "schedule"]) {
       es.addEventListener(kind, (ev) => {
@@ -295,16 +308,22 @@
     const status = h("div", {});
     const fresh = h("div", { class: "fresh-bar" });
     show(filters, status, fresh, wrap, more);
-    async function load(cursor) {
+    // "Load more" is disabled while its page loads: pressed twice (a double click),
+    // it loads the next page once, not twice over.
+    async function load(cursor, button) {
       const p = new URLSearchParams(params);
       if (cursor) p.set("cursor", cursor);
+      if (button) button.disabled = true;
       try {
         const page = await api("/api/runs?" + p.toString());
         tbody.append(...page.runs.map(runRow));
         if (!tbody.children.length) status.replaceChildren(notice("No runs match these filters."));
-        more.replaceChildren(page.next_cursor
-          ? h("button", { type: "button", onclick: () => load(page.next_cursor) }, "Load more") : "");
-      } catch (e) { status.replaceChildren(notice(e.message, "error")); }
+        more.replaceChildren(page.next_cursor ? h("button", { type: "button",
+          onclick: (ev) => load(page.next_cursor, ev.currentTarget) }, "Load more") : "");
+      } catch (e) {
+        status.replaceChildren(notice(e.message, "error"));
+        if (button) button.disabled = false;
+      }
     }
     await load(null);
     // New runs are not slipped into the table (the operator may be reading it, and the

@@ -1,0 +1,156 @@
+"""The console as an on-call operator uses it during an incident, in a real browser
+(Debian's chromium, as tests/server/test_browser.py drives it): a link to filtered runs
+shared in a chat still shows those runs after logging in, "Load more" pressed twice
+loads the next page once, and a store that goes down (PostgreSQL behind a proxy that
+refuses connections) gives pages that say so, and live pages that follow again once
+it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cantata import App
+from tests.helpers import drop_schema, with_schema
+from tests.server import test_browser as base  # (skips this module without chromium)
+from tests.server.conftest import ServerThread, make_tokens
+from tests.server.shop import make_shop
+from tests.stall_proxy import StallProxy
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser-incident")]
+
+from playwright.sync_api import Browser, Page, Request, expect  # noqa: E402
+
+browser = base.browser
+RUNS = 60  # more than a page of the runs table (50)
+
+
+async def seed(app: App) -> dict[str, Any]:
+    tokens, names = await make_tokens(app)
+    for i in range(RUNS):  # (no worker: they stay pending, listed all the same)
+        await app.start("invoice", {"id": f"I-{i}", "customer": "c-7"}, idempotency_key=f"inv-{i}")
+    return {"tokens": tokens, "names": names}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    path = tmp_path_factory.mktemp("incident") / "shop.db"
+    with ServerThread(make_shop(f"sqlite:///{path}"), serve=False, setup=seed) as srv:
+        yield srv
+
+
+def log_in_at(browser: Browser, server: ServerThread, address: str) -> Page:
+    """A fresh browser (no session) opens ``address``, logs in as a viewer."""
+    page = browser.new_context(viewport={"width": 1360, "height": 860}).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.errors = errors  # type: ignore[attr-defined]
+    page.goto(server.url + address)
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    page.get_by_label("Token").fill(server.result["tokens"]["viewer"])
+    page.get_by_role("button", name="Log in").click()
+    return page
+
+
+def test_a_shared_link_to_filtered_runs_keeps_its_filters_through_the_login(
+    browser: Browser, server: ServerThread
+) -> None:
+    # (a link followed from another site carries no SameSite=Strict cookie: the login
+    # page comes first, whoever is logged in)
+    address = "/runs?workflow=invoice&status=pending&idempotency_key=inv-7"
+    page = log_in_at(browser, server, address)
+    expect(page.get_by_role("heading", name="Runs")).to_be_visible()
+    assert page.url == server.url + address
+    expect(page.get_by_label("Idempotency key")).to_have_value("inv-7")
+    expect(page.get_by_label("Status")).to_have_value("pending")
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("inv-7")
+    assert page.errors == []  # type: ignore[attr-defined]
+    page.context.close()
+
+
+def test_load_more_pressed_twice_loads_the_next_page_once(
+    browser: Browser, server: ServerThread
+) -> None:
+    page = log_in_at(browser, server, "/runs?workflow=invoice")
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(50)
+    pages: list[Request] = []
+    page.on("request", lambda r: pages.append(r) if "cursor=" in r.url else None)
+    page.get_by_role("button", name="Load more").dblclick()
+    expect(rows).to_have_count(RUNS)
+    expect(page.get_by_role("button", name="Load more")).to_have_count(0)
+    ids = rows.evaluate_all("rows => rows.map((r) => r.dataset.runId)")
+    assert len(pages) == 1, [r.url for r in pages]
+    assert len(ids) == len(set(ids)) == RUNS
+    page.context.close()
+
+
+@pytest.fixture
+def proxied_server(postgres_url: str) -> Iterator[tuple[ServerThread, StallProxy]]:
+    """The shop on a PostgreSQL schema of its own, reached through a proxy (in a loop
+    of its own) that the test makes refuse connections: a store that goes down."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="store-proxy", daemon=True)
+    thread.start()
+
+    def call(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    proxy = StallProxy(("127.0.0.1", 5432))
+    call(proxy.start())
+    proxy.loop = loop  # type: ignore[attr-defined]
+    schema = f"cantata_console_{uuid.uuid4().hex[:10]}"
+    app = make_shop(with_schema(proxy.url(postgres_url), schema))
+    try:
+        with ServerThread(app, serve=False, setup=seed) as srv:
+            yield srv, proxy
+    finally:
+        call(proxy.close())
+        call(drop_schema(postgres_url, schema))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.mark.postgres
+def test_while_the_store_is_down_pages_say_so_and_live_pages_follow_again_after(
+    browser: Browser, proxied_server: tuple[ServerThread, StallProxy]
+) -> None:
+    server, proxy = proxied_server
+    loop: asyncio.AbstractEventLoop = proxy.loop  # type: ignore[attr-defined]
+    page = log_in_at(browser, server, "/runs")
+    expect(page.get_by_role("heading", name="Runs")).to_be_visible()
+    expect(page.locator("#live")).to_be_visible()
+
+    refused = lambda r: "/api/stream" in r.url and r.status == 503  # noqa: E731
+    with page.expect_response(refused, timeout=15_000):  # (the browser gave up on it)
+        loop.call_soon_threadsafe(proxy.refuse)
+    # the open page: its live feed stopped, and it says so
+    expect(page.locator("#live")).to_be_hidden()
+    expect(page.locator("#offline")).to_contain_text("Live updates stopped")
+    # a page opened meanwhile is a page of the console saying what is wrong, not JSON
+    other = page.context.new_page()
+    answer = other.goto(server.url + "/runs?workflow=invoice")
+    assert answer is not None and answer.status == 503
+    assert answer.headers["content-type"].startswith("text/html")
+    expect(other.get_by_role("heading", name="The store cannot be reached")).to_be_visible()
+    expect(other.get_by_role("alert")).to_contain_text("PostgreSQL")
+    expect(other.get_by_role("alert")).to_contain_text("reload")
+
+    asyncio.run_coroutine_threadsafe(proxy.reopen(), loop).result(10)
+    # the open page follows the changes again, by itself
+    expect(page.locator("#live")).to_be_visible(timeout=15_000)
+    expect(page.locator("#offline")).to_be_hidden()
+    handle = server.run(lambda: server.app.start("invoice", {"id": "late"}))
+    expect(page.get_by_role("button", name="1 new run — show")).to_be_visible(timeout=15_000)
+    other.reload()
+    expect(other.get_by_role("heading", name="Runs")).to_be_visible()
+    expect(other.locator(f'tr[data-run-id="{handle.run_id}"]')).to_be_visible()
+    assert page.errors == []  # type: ignore[attr-defined]
+    page.context.close()
