@@ -147,11 +147,11 @@ async def run(request: Request, run_id: str) -> Response:
     return await _page(request, f"Run {run_id}", "Run", "run", arg=run_id, active="/runs")
 
 
-@router.get("/trace/{correlation_id}")
+@router.get("/trace/{correlation_id:path}")
 async def trace(request: Request, correlation_id: str) -> Response:
     """A business transaction as a timeline."""
     try:
-        params.required_ident("correlation_id", correlation_id)
+        params.key("correlation_id", correlation_id)
     except ApiError:
         return await not_found(request)
     return await _page(request, "Trace", "Trace", "trace", arg=correlation_id)

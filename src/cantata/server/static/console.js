@@ -348,12 +348,28 @@
         `${n}${more} new run${n === 1 && !more ? "" : "s"} — show`) : "");
     }
     const lookSoon = debounce(() => look().catch((e) => status.replaceChildren(notice(e.message, "error"))), 500);
+    // A run shown that changed gets its new status at once, then its row is read again
+    // whole: when it was updated, and its error (gone once a retried run completes).
+    const changed = new Set();
+    const rowOf = (id) => tbody.querySelector(`tr[data-run-id="${CSS.escape(id)}"]`);
+    const redrawRows = debounce(() => {
+      const ids = [...changed];
+      changed.clear();
+      for (const id of ids) {
+        api("/api/runs/" + encodeURIComponent(id)).then((r) => {
+          const row = rowOf(id);
+          if (row) row.replaceWith(runRow(r));
+        }, () => {});  // (gone, or the store is away: the row keeps what it shows)
+      }
+    }, 300);
     onLive((kind, d) => {
       if (kind === "open") { lookSoon(); return; }
       if (kind !== "run") return;
-      const row = tbody.querySelector(`tr[data-run-id="${CSS.escape(d.run_id)}"]`);
-      if (row && d.status) row.querySelector("td.status").replaceChildren(badge(d.status));
-      if (!row) lookSoon();
+      const row = rowOf(d.run_id);
+      if (!row) { lookSoon(); return; }
+      if (d.status) row.querySelector("td.status").replaceChildren(badge(d.status));
+      changed.add(d.run_id);
+      redrawRows();
     });
   };
 
