@@ -136,6 +136,17 @@ def test_a_failed_run_retried_elsewhere_is_redrawn_whole_in_the_runs_table(
     page.context.close()
 
 
+def test_a_link_to_stalled_transactions_shows_its_own_threshold(
+    browser: Browser, server: ServerThread
+) -> None:
+    page = log_in_at(browser, server, "/stalled?older_than=120")
+    expect(page.get_by_role("heading", name="Stalled transactions")).to_be_visible()
+    threshold = page.get_by_label("No progress for")
+    expect(threshold).to_have_value("120")  # not "any time", the first choice
+    expect(threshold.locator("option:checked")).to_have_text("2 min")
+    page.context.close()
+
+
 @pytest.fixture
 def proxied_server(postgres_url: str) -> Iterator[tuple[ServerThread, StallProxy]]:
     """The shop on a PostgreSQL schema of its own, reached through a proxy (in a loop

@@ -584,10 +584,15 @@
   pages.stalled = async () => {
     const q = new URLSearchParams(location.search);
     const older = q.get("older_than") || "300";
+    const choices = [["0", "any time"], ["60", "1 minute"], ["300", "5 minutes"], ["3600", "1 hour"], ["86400", "1 day"]];
+    // a link's own threshold (older_than=120) is shown as chosen, not as the first choice
+    if (!choices.some(([v]) => v === older)) {
+      const n = Number(older);
+      choices.push([older, Number.isFinite(n) && n >= 0 ? duration(n) : older]);
+    }
     const filters = h("form", { class: "filters", method: "get", action: "/stalled" },
       h("label", {}, "No progress for", h("select", { name: "older_than" },
-        [["0", "any time"], ["60", "1 minute"], ["300", "5 minutes"], ["3600", "1 hour"], ["86400", "1 day"]]
-          .map(([v, t]) => h("option", { value: v, selected: v === older }, t)))),
+        choices.map(([v, t]) => h("option", { value: v, selected: v === older }, t)))),
       h("button", { type: "submit", class: "primary" }, "Show"));
     const holder = h("div", {});
     show(filters, holder);
