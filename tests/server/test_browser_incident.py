@@ -198,6 +198,13 @@ def test_while_the_store_is_down_pages_say_so_and_live_pages_follow_again_after(
     expect(other.get_by_role("heading", name="The store cannot be reached")).to_be_visible()
     expect(other.get_by_role("alert")).to_contain_text("PostgreSQL")
     expect(other.get_by_role("alert")).to_contain_text("reload")
+    # logging in meanwhile: the form says the store is down, not "unknown token"
+    fresh = browser.new_context().new_page()
+    fresh.goto(server.url + "/login")
+    fresh.get_by_label("Token").fill(server.result["tokens"]["viewer"])
+    fresh.get_by_role("button", name="Log in").click()
+    expect(fresh.get_by_role("alert")).to_contain_text("Try again once the store answers")
+    fresh.context.close()
 
     asyncio.run_coroutine_threadsafe(proxy.reopen(), loop).result(10)
     # the open page follows the changes again, by itself
