@@ -30,6 +30,7 @@ from playwright.sync_api import Browser, Page, Request, expect  # noqa: E402
 browser = base.browser
 RUNS = 60  # more than a page of the runs table (50)
 KEY, CORRELATION = "Bestellung Ä-12 #3 / Kunde", "Kunde 42 / März"  # (app.start takes them)
+LONG_NAME = "reconcile_" + "x" * 140  # (the API takes names of up to 200 characters)
 
 
 async def seed(app: App) -> dict[str, Any]:
@@ -37,14 +38,22 @@ async def seed(app: App) -> dict[str, Any]:
     for i in range(RUNS):
         await app.start("invoice", {"id": f"I-{i}", "customer": "c-7"}, idempotency_key=f"inv-{i}")
     await app.start("place_order", {"id": "K-1"}, idempotency_key=KEY, correlation_id=CORRELATION)
-    return {"tokens": tokens, "names": names}
+    long = await app.start(LONG_NAME, {"id": "L-1"}, idempotency_key="k" * 200,
+                           correlation_id="c" * 180)
+    return {"tokens": tokens, "names": names, "long": long.run_id}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     path = tmp_path_factory.mktemp("incident") / "shop.db"
     state: dict[str, Any] = {"emails_broken": False}
-    with ServerThread(make_shop(f"sqlite:///{path}", state=state), setup=seed) as srv:
+    shop = make_shop(f"sqlite:///{path}", state=state)
+
+    @shop.workflow(name=LONG_NAME)
+    async def long_named(ctx: Any, order: dict[str, Any]) -> dict[str, Any]:
+        return order
+
+    with ServerThread(shop, setup=seed) as srv:
         srv.state = state  # type: ignore[attr-defined]
         yield srv
 
@@ -144,6 +153,21 @@ def test_a_link_to_stalled_transactions_shows_its_own_threshold(
     threshold = page.get_by_label("No progress for")
     expect(threshold).to_have_value("120")  # not "any time", the first choice
     expect(threshold.locator("option:checked")).to_have_text("2 min")
+    page.context.close()
+
+
+def test_long_names_keys_and_ids_do_not_push_the_pages_sideways(
+    browser: Browser, server: ServerThread
+) -> None:
+    page = log_in_at(browser, server, f"/runs?workflow={LONG_NAME}")
+    sideways = "(e) => e.scrollWidth > e.clientWidth"
+    expect(page.locator("tbody tr")).to_have_count(1)
+    # the table fits its page: the error column is in sight without scrolling
+    assert not page.locator(".table-wrap").evaluate(sideways)
+    for address in (f"/runs/{server.result['long']}", "/trace/" + "c" * 180):
+        page.goto(server.url + address)
+        expect(page.locator(".headline")).to_be_visible()
+        assert not page.evaluate(f"({sideways})(document.documentElement)"), address
     page.context.close()
 
 

@@ -53,7 +53,10 @@
   const badge = (status) => h("span", { class: "badge s-" + String(status || "none").replace(/[^a-z_]/g, "_") }, String(status || "—").replace(/_/g, " "));
   // Ids are shown whole: operators copy them into the CLI and into tickets.
   const runLink = (id) => h("a", { href: "/runs/" + encodeURIComponent(id), class: "mono" }, String(id));
-  const traceLink = (id, text) => h("a", { href: "/trace/" + encodeURIComponent(id), class: "mono" }, text || String(id));
+  const traceLink = (id, text) => h("a", { href: "/trace/" + encodeURIComponent(id), class: "mono long" }, text || String(id));
+  // A name or key that may be long (up to 200 characters of a workflow's name, 500 of a
+  // key) wraps within its column instead of pushing the table's other columns away.
+  const long = (text) => h("span", { class: "long" }, text);
   // Every time is shown in UTC and says so (as the API and the trace's "where it
   // stands" line do); the tooltip gives it in the browser's own zone.
   const UTC_OPTS = { month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit",
@@ -198,9 +201,9 @@
 
   function runRow(r) {
     return h("tr", { "data-run-id": r.run_id },
-      h("td", {}, runLink(r.run_id)), h("td", {}, r.workflow),
+      h("td", {}, runLink(r.run_id)), h("td", {}, long(r.workflow)),
       h("td", { class: "status" }, badge(r.status)),
-      h("td", { class: "mono" }, r.idempotency_key || ""),
+      h("td", { class: "mono" }, r.idempotency_key ? long(r.idempotency_key) : ""),
       h("td", { class: "when" }, when(r.created_at)), h("td", { class: "when" }, when(r.updated_at)),
       h("td", { class: "err" }, r.error || ""));
   }
