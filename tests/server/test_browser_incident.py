@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cantata import App
+from cantata import App, Retry
 from tests.helpers import drop_schema, with_schema
 from tests.server import test_browser as base  # (skips this module without chromium)
 from tests.server.conftest import ServerThread, make_tokens
@@ -31,6 +31,7 @@ browser = base.browser
 RUNS = 60  # more than a page of the runs table (50)
 KEY, CORRELATION = "Bestellung Ä-12 #3 / Kunde", "Kunde 42 / März"  # (app.start takes them)
 LONG_NAME = "reconcile_" + "x" * 140  # (the API takes names of up to 200 characters)
+INVALID = "2 validation errors for Order\nid\n  Field required\ntotal\n  Input should be a number"
 
 
 async def seed(app: App) -> dict[str, Any]:
@@ -52,6 +53,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     @shop.workflow(name=LONG_NAME)
     async def long_named(ctx: Any, order: dict[str, Any]) -> dict[str, Any]:
         return order
+
+    @shop.step(retry=Retry(max_attempts=1))
+    async def check(order: dict[str, Any]) -> None:
+        raise ValueError(INVALID)
+
+    @shop.workflow
+    async def validate(ctx: Any, order: dict[str, Any]) -> None:
+        await ctx.run(check, order)
 
     with ServerThread(shop, setup=seed) as srv:
         srv.state = state  # type: ignore[attr-defined]
@@ -168,6 +177,23 @@ def test_long_names_keys_and_ids_do_not_push_the_pages_sideways(
         page.goto(server.url + address)
         expect(page.locator(".headline")).to_be_visible()
         assert not page.evaluate(f"({sideways})(document.documentElement)"), address
+    page.context.close()
+
+
+def test_an_error_of_several_lines_is_shown_with_its_lines(
+    browser: Browser, server: ServerThread
+) -> None:
+    handle = server.run(lambda: server.app.start("validate", {"id": "V-1"}))
+    with contextlib.suppress(Exception):
+        server.run(lambda: handle.result(10))
+    page = log_in_at(browser, server, "/runs?workflow=validate")
+    cell = page.locator(f'tr[data-run-id="{handle.run_id}"] td.err')
+    expect(cell).to_contain_text("validation errors")
+    assert "for Order\nid\n  Field required\ntotal" in cell.inner_text()
+    page.goto(f"{server.url}/runs/{handle.run_id}")
+    step = page.locator('tr[data-key="check#1"] td.err')
+    expect(step).to_contain_text("validation errors")
+    assert "for Order\nid\n  Field required\ntotal" in step.inner_text()
     page.context.close()
 
 
