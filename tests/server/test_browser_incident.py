@@ -44,6 +44,11 @@ async def seed(app: App) -> dict[str, Any]:
     return {"tokens": tokens, "names": names, "long": long.run_id}
 
 
+async def seed_tokens(app: App) -> dict[str, Any]:
+    tokens, names = await make_tokens(app)
+    return {"tokens": tokens, "names": names}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     path = tmp_path_factory.mktemp("incident") / "shop.db"
@@ -214,7 +219,7 @@ def proxied_server(postgres_url: str) -> Iterator[tuple[ServerThread, StallProxy
     schema = f"cantata_console_{uuid.uuid4().hex[:10]}"
     app = make_shop(with_schema(proxy.url(postgres_url), schema))
     try:
-        with ServerThread(app, serve=False, setup=seed) as srv:
+        with ServerThread(app, serve=False, setup=seed_tokens) as srv:
             yield srv, proxy
     finally:
         call(proxy.close())
