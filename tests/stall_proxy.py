@@ -5,8 +5,10 @@ for real: :meth:`StallProxy.stall` holds every new connection (accepted, nothing
 forwarded) and every byte in flight until :meth:`StallProxy.resume`; :meth:`cut`
 closes the connections open now, as a lost network does; :meth:`stall_after` stalls
 right after a request holding given bytes reached the server (its answer held);
-:meth:`blackhole` silences, for good, the connections that sent given bytes, leaving
-them open (a half-open connection: a NAT that dropped its mapping, a vanished host).
+:meth:`refuse` closes every connection and the port (a server down) until
+:meth:`reopen`; :meth:`blackhole` silences, for good, the connections that sent given
+bytes, leaving them open (a half-open connection: a NAT that dropped its mapping, a
+vanished host).
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ class StallProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+
+    def refuse(self) -> None:
+        """The server is down: connections open now are closed, new ones refused (the
+        port listens no more) until :meth:`reopen`."""
+        if self._server is not None:
+            self._server.close()
+        self.cut()
+
+    async def reopen(self) -> None:
+        """The server is back: listen again on the same port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
 
     def stall(self) -> None:
         """From now on nothing goes through (new connections wait to be forwarded)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from typing import Any
+from urllib.parse import quote
 
 from cantata import App
 from tests.helpers import eventually
@@ -575,3 +576,25 @@ async def test_a_body_sent_as_a_form_says_to_send_json(shop: Shop) -> None:
         assert error["field"] == "body", error
         assert "Content-Type: application/json" in error["message"], error
         assert "application/x-www-form-urlencoded" in error["message"], error
+
+
+async def test_runs_and_traces_are_found_by_any_key_the_library_takes(shop: Shop) -> None:
+    """An idempotency key or correlation id with spaces, a slash or letters outside
+    ASCII (``app.start`` takes any text) is found by the runs filters and its trace,
+    as the runs table shows it; a NUL (no key holds one) or a key longer than any is
+    a 400 naming the filter."""
+    key, corr = "Bestellung Ä-12 #3 / Kunde", "Kunde 42 / März"
+    handle = await shop.app.start("place_order", {"id": "K-1"}, idempotency_key=key,
+                                  correlation_id=corr)
+    for name, value in (("idempotency_key", key), ("correlation_id", corr)):
+        r = await shop.get("/api/runs", params={name: value})
+        assert r.status_code == 200, r.text
+        assert [run["run_id"] for run in r.json()["runs"]] == [handle.run_id]
+    r = await shop.get("/api/trace/" + quote(corr, safe=""))
+    assert r.status_code == 200, r.text
+    assert r.json()["correlation_id"] == corr
+    for bad in ("a\x00b", "k" * 2001):
+        r = await shop.get("/api/runs", params={"idempotency_key": bad})
+        assert r.status_code == 400, r.text[:300]
+        assert r.json()["error"]["field"] == "idempotency_key"
+        assert len(r.content) < 2000

@@ -47,7 +47,7 @@ async def test_named_fields_of_known_bad_values(shop: Shop) -> None:
                           ({"since": "yesterday"}, "since"), ({"until": "2026-01-01"}, "until"),
                           ({"cursor": "not-a-cursor"}, "cursor"), ({"cursor": "W10"}, "cursor"),
                           ({"cursor": "WzEsMl0"}, "cursor"),
-                          ({"correlation_id": "a b"}, "correlation_id"),
+                          ({"correlation_id": "a\x00b"}, "correlation_id"),
                           ({"workflow": "x" * 201}, "workflow")]:
         assert_error(await shop.get("/api/runs", params=params), field)
     assert_error(await shop.get("/api/stalled", params={"older_than": "-5"}), "older_than")

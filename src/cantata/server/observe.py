@@ -36,15 +36,17 @@ router = APIRouter(prefix="/api", responses=ERRORS,
 MAX_DEAD_LETTERS = 1000
 AnId = Annotated[str, Path(pattern=params.ID_PATTERN)]
 AName = Annotated[str, Path(pattern=params.NAME_PATTERN)]
+AKey = Annotated[str, Path(max_length=params.MAX_KEY)]
 
 
-@router.get("/trace/{correlation_id}", response_model=TraceOut, tags=["observe"],
+@router.get("/trace/{correlation_id:path}", response_model=TraceOut, tags=["observe"],
             summary="A business transaction as a tree")
-async def trace(request: Request, correlation_id: AnId, _: Viewer) -> TraceOut:
+async def trace(request: Request, correlation_id: AKey, _: Viewer) -> TraceOut:
     """Runs, steps, events, handlers and dead letters of one transaction, and where it
-    stands. Any run or event id of the transaction finds it too."""
+    stands. Any run or event id of the transaction finds it too. The correlation id is
+    any text (percent-encoded: a `/` as `%2F`)."""
     console = console_of(request)
-    params.required_ident("correlation_id", correlation_id)
+    params.key("correlation_id", correlation_id)
     app = await console.open()
     root = await build_trace(app.store, app.name, correlation_id)
     return trace_out(root, correlation_id, app.clock.now())

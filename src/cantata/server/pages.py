@@ -28,12 +28,14 @@ NAV = (("/", "Overview"), ("/runs", "Runs"), ("/events", "Events"),
        ("/dead-letters", "Dead letters"), ("/stalled", "Stalled"),
        ("/schedules", "Schedules"), ("/queues", "Queues"))
 MAX_FORM = 4096
+STORE_DOWN_RETRY = 10  # seconds between a store-down page's reloads
 
 
 def _shell(title: str, heading: str, page: str, *, arg: str = "", app: str = "",
            store: str = "", who: str = "", role: str = "", active: str = "",
-           body: str = "") -> str:
-    """A page; ``body`` is HTML put in its content (only ever markup of this module)."""
+           body: str = "", refresh: int | None = None) -> str:
+    """A page; ``body`` is HTML put in its content (only ever markup of this module);
+    ``refresh``: seconds after which the page reloads itself."""
     e = html.escape
     current = ' aria-current="page"'
     nav = "".join(
@@ -50,6 +52,7 @@ def _shell(title: str, heading: str, page: str, *, arg: str = "", app: str = "",
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{e(title)} · Cantata</title>
+{f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""}
 <link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
 <link rel="stylesheet" href="/static/console.css">
 <script src="/static/maps.js" defer></script>
@@ -72,15 +75,33 @@ def _shell(title: str, heading: str, page: str, *, arg: str = "", app: str = "",
 """
 
 
+def _store_down(request: Request, exc: CantataError) -> Response:
+    """A page asked for while the store cannot be read: the console's own page saying
+    so (``503``), which reloads itself until the store answers, never the API's JSON."""
+    console = console_of(request)
+    body = ('<div class="notice error" role="alert">'
+            f'{html.escape(console.redact(str(exc)))}. This page reloads itself every '
+            f'{STORE_DOWN_RETRY} seconds until the store answers (or reload it).</div>')
+    text = _shell("Store unavailable", "The store cannot be reached", "store-down",
+                  app=console.app.name, store=console.store_url, body=body,
+                  refresh=STORE_DOWN_RETRY)
+    return HTMLResponse(text, status_code=503, headers={"Cache-Control": "no-store",
+                                                        "Retry-After": str(STORE_DOWN_RETRY)})
+
+
 async def _page(request: Request, title: str, heading: str, page: str, *, arg: str = "",
                 active: str = "") -> Response:
     console = console_of(request)
     try:
         who = await console.principal(request, Role.VIEWER)
+    except CantataError as exc:  # the store is down
+        return _store_down(request, exc)
     except ApiError as exc:
         if exc.status != 401:
             raise
-        target = quote(request.url.path, safe="/")
+        # the whole address, filters included: a shared link shows what it was shared for
+        url = request.url
+        target = quote(url.path + (f"?{url.query}" if url.query else ""), safe="/")
         return RedirectResponse(f"/login?next={target}", status_code=303)
     body = _shell(title, heading, page, arg=arg, app=console.app.name,
                   store=console.store_url, who=who.name, role=str(who.role), active=active)
@@ -126,11 +147,11 @@ async def run(request: Request, run_id: str) -> Response:
     return await _page(request, f"Run {run_id}", "Run", "run", arg=run_id, active="/runs")
 
 
-@router.get("/trace/{correlation_id}")
+@router.get("/trace/{correlation_id:path}")
 async def trace(request: Request, correlation_id: str) -> Response:
     """A business transaction as a timeline."""
     try:
-        params.required_ident("correlation_id", correlation_id)
+        params.key("correlation_id", correlation_id)
     except ApiError:
         return await not_found(request)
     return await _page(request, "Trace", "Trace", "trace", arg=correlation_id)
@@ -228,6 +249,9 @@ async def login(request: Request) -> Response:
         await authenticate_token(await console.store(), token)
     except ApiError:
         return HTMLResponse(_login_form(nxt, "Unknown or revoked token."), 401)
+    except CantataError as exc:  # the store is down: the token cannot be checked now
+        return HTMLResponse(_login_form(nxt, f"{console.redact(str(exc))}. Try again once "
+                                        "the store answers."), 503)
     response = RedirectResponse(nxt, status_code=303)
     response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_MAX_AGE, httponly=True,
                         samesite="strict", secure=request.url.scheme == "https", path="/")

@@ -11,9 +11,9 @@ import re
 
 import orjson
 
-from cantata.errors import UnknownAttribute
+from cantata.errors import CantataError, UnknownAttribute
 from cantata.model.attributes import index_value, parse_attr
-from cantata.model.checks import brief
+from cantata.model.checks import brief, check_text
 from cantata.model.codec import nonfinite_path
 from cantata.model.status import RunStatus
 from cantata.server.errors import ApiError, bad_input
@@ -23,6 +23,10 @@ ID_PATTERN = r"^[\x21-\x7e]{1,200}$"
 NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 _ID_RE = re.compile(ID_PATTERN)
 _NAME_RE = re.compile(NAME_PATTERN)
+# Keys a caller chose (idempotency keys, correlation ids): any text, bounded. App.start
+# takes up to 500 characters; keys Cantata makes from them (a schedule's tick, a child
+# run's) may be longer.
+MAX_KEY = 2000
 MAX_LIMIT = 500
 MAX_ATTRS = 20  # attr= filters of one query (each is one index look-up)
 HALF_MICROSECOND = 5e-7
@@ -34,6 +38,22 @@ def ident(field: str, value: str | None) -> str | None:
         return None
     if not _ID_RE.fullmatch(value):
         raise bad_input(field, f"{field} must be 1-200 printable characters without spaces")
+    return value
+
+
+def key(field: str, value: str | None) -> str | None:
+    """A key a caller chose to find runs by (idempotency key, correlation id): any text
+    ``app.start`` takes (spaces, ``/``, letters outside ASCII), of 1 to :data:`MAX_KEY`
+    characters, without a NUL or a lone surrogate (no key holds one)."""
+    if value is None:
+        return None
+    if not 1 <= len(value) <= MAX_KEY:
+        raise bad_input(field, f"{field} must be 1-{MAX_KEY} characters, got {len(value)}")
+    try:
+        check_text(field, value)
+    except CantataError:
+        raise bad_input(field, f"{field} {brief(value)} holds a NUL character or a lone "
+                        "surrogate, which no key holds: check the value") from None
     return value
 
 

@@ -47,7 +47,8 @@ router = APIRouter(prefix="/api", tags=["runs"], responses=ERRORS,
                    dependencies=[Depends(known_query)])
 
 RunId = Annotated[str, Path(pattern=params.ID_PATTERN, description="A run id")]
-IdFilter = Annotated[str | None, Query(pattern=params.ID_PATTERN)]
+KeyFilter = Annotated[str | None, Query(max_length=params.MAX_KEY, description=(
+    "the exact text (any characters; spaces and letters outside ASCII too)"))]
 
 
 def _unprocessable(what: str) -> dict[int | str, dict[str, Any]]:
@@ -65,8 +66,8 @@ async def list_runs(
                                                    "created at or after")] = None,
     until: Annotated[str | None, Query(description="RFC 3339 time (or POSIX seconds): "
                                                    "created before")] = None,
-    idempotency_key: IdFilter = None,
-    correlation_id: IdFilter = None,
+    idempotency_key: KeyFilter = None,
+    correlation_id: KeyFilter = None,
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page",
                                         max_length=600)] = None,
@@ -82,8 +83,8 @@ async def list_runs(
         status=status,
         since=params.timestamp("since", since),
         until=params.timestamp("until", until),
-        idempotency_key=params.ident("idempotency_key", idempotency_key),
-        correlation_id=params.ident("correlation_id", correlation_id),
+        idempotency_key=params.key("idempotency_key", idempotency_key),
+        correlation_id=params.key("correlation_id", correlation_id),
         after=params.run_cursor(cursor),
         limit=limit + 1,  # one more tells whether a next page exists
         attributes=attributes,

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from fastapi import Request
 
 from cantata.app import App
+from cantata.errors import CantataError
 from cantata.model.access import Role
 from cantata.server.auth import Principal, authenticate, authorize, presented_key
 from cantata.server.errors import ApiError, Redactor
@@ -82,7 +83,7 @@ class Console:
         try:
             await self.principal(request, needed)
             allowed = True
-        except ApiError:
+        except (ApiError, CantataError):  # revoked; or the store is down: the stream ends
             allowed = False
         if len(self._rechecks) > 1000:
             self._rechecks = {k: v for k, v in self._rechecks.items()

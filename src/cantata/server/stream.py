@@ -188,7 +188,9 @@ async def frames(
     feed: ChangeFeed, still_allowed: Callable[[], Awaitable[bool]],
     *, recheck: float = RECHECK, keepalive: float = KEEPALIVE,
 ) -> AsyncIterator[bytes]:
-    """The SSE byte stream of one client; ends when its token stops being valid.
+    """The SSE byte stream of one client; ends when its token stops being valid, or
+    when the store cannot be read to check it (the browser's page says so and
+    reconnects once the store answers).
 
     The token is checked again every ``recheck`` seconds, whether changes flow or not
     (before the next change is sent once that long has passed): a revoked token's

@@ -37,7 +37,9 @@
     const res = await fetch(path, init);
     if (res.status === 401) {
       location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
-      throw new Error("not logged in");
+      const err = new Error("not logged in");
+      err.status = 401;
+      throw err;
     }
     const data = res.status === 204 ? null : await res.json().catch(() => null);
     if (!res.ok) {
@@ -51,7 +53,10 @@
   const badge = (status) => h("span", { class: "badge s-" + String(status || "none").replace(/[^a-z_]/g, "_") }, String(status || "—").replace(/_/g, " "));
   // Ids are shown whole: operators copy them into the CLI and into tickets.
   const runLink = (id) => h("a", { href: "/runs/" + encodeURIComponent(id), class: "mono" }, String(id));
-  const traceLink = (id, text) => h("a", { href: "/trace/" + encodeURIComponent(id), class: "mono" }, text || String(id));
+  const traceLink = (id, text) => h("a", { href: "/trace/" + encodeURIComponent(id), class: "mono long" }, text || String(id));
+  // A name or key that may be long (up to 200 characters of a workflow's name, 500 of a
+  // key) wraps within its column instead of pushing the table's other columns away.
+  const long = (text) => h("span", { class: "long" }, text);
   // Every time is shown in UTC and says so (as the API and the trace's "where it
   // stands" line do); the tooltip gives it in the browser's own zone.
   const UTC_OPTS = { month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit",
@@ -97,6 +102,10 @@
   /* -- live updates ---------------------------------------------------------------- */
   const liveHandlers = [];
   function onLive(fn) { liveHandlers.push(fn); }
+  // Shown above the page while its live feed is away (the store or the console is
+  // down): the page is not following changes, and says why.
+  const offline = h("div", { id: "offline", class: "notice warn", role: "status", hidden: true });
+  content.before(offline);
   function connectLive() {
     if (!window.EventSource) return;
     const es = new EventSource("/api/stream");
@@ -106,17 +115,24 @@
     // event of its own, so each page draws itself again ("open").
     es.onopen = () => {
       if (mark) mark.hidden = false;
+      offline.hidden = true;
       for (const fn of liveHandlers) fn("open", {});
     };
     // The stream ends when the session's token is revoked (the server checks it every
     // few seconds) and cannot be reopened (401): ask who is logged in, and a 401 goes
     // to the login page (api() does). Otherwise the browser reconnects by itself; a
-    // stream it gave up on (an answer other than 200) is opened again a little later.
+    // stream it gave up on (an answer other than 200: the store is down, the console
+    // restarts) is opened again a little later, until the server answers again.
     es.onerror = () => {
       if (mark) mark.hidden = true;
-      api("/api/session").then(() => {
-        if (es.readyState === EventSource.CLOSED) setTimeout(connectLive, 5000);
-      }, () => {});
+      const retry = () => { if (es.readyState === EventSource.CLOSED) setTimeout(connectLive, 3000); };
+      api("/api/session").then(retry, (e) => {
+        if (e.status === 401) return;  // (going to the login page)
+        offline.replaceChildren(h("strong", {}, "Live updates stopped"),
+          `: ${e.message}. This page shows what it read last; it follows changes again once the console answers.`);
+        offline.hidden = false;
+        retry();
+      });
     };
     for (const kind of ["run", "dead_letter", "schedule"]) {
       es.addEventListener(kind, (ev) => {
@@ -185,9 +201,9 @@
 
   function runRow(r) {
     return h("tr", { "data-run-id": r.run_id },
-      h("td", {}, runLink(r.run_id)), h("td", {}, r.workflow),
+      h("td", {}, runLink(r.run_id)), h("td", {}, long(r.workflow)),
       h("td", { class: "status" }, badge(r.status)),
-      h("td", { class: "mono" }, r.idempotency_key || ""),
+      h("td", { class: "mono" }, r.idempotency_key ? long(r.idempotency_key) : ""),
       h("td", { class: "when" }, when(r.created_at)), h("td", { class: "when" }, when(r.updated_at)),
       h("td", { class: "err" }, r.error || ""));
   }
@@ -295,16 +311,22 @@
     const status = h("div", {});
     const fresh = h("div", { class: "fresh-bar" });
     show(filters, status, fresh, wrap, more);
-    async function load(cursor) {
+    // "Load more" is disabled while its page loads: pressed twice (a double click),
+    // it loads the next page once, not twice over.
+    async function load(cursor, button) {
       const p = new URLSearchParams(params);
       if (cursor) p.set("cursor", cursor);
+      if (button) button.disabled = true;
       try {
         const page = await api("/api/runs?" + p.toString());
         tbody.append(...page.runs.map(runRow));
         if (!tbody.children.length) status.replaceChildren(notice("No runs match these filters."));
-        more.replaceChildren(page.next_cursor
-          ? h("button", { type: "button", onclick: () => load(page.next_cursor) }, "Load more") : "");
-      } catch (e) { status.replaceChildren(notice(e.message, "error")); }
+        more.replaceChildren(page.next_cursor ? h("button", { type: "button",
+          onclick: (ev) => load(page.next_cursor, ev.currentTarget) }, "Load more") : "");
+      } catch (e) {
+        status.replaceChildren(notice(e.message, "error"));
+        if (button) button.disabled = false;
+      }
     }
     await load(null);
     // New runs are not slipped into the table (the operator may be reading it, and the
@@ -329,12 +351,28 @@
         `${n}${more} new run${n === 1 && !more ? "" : "s"} — show`) : "");
     }
     const lookSoon = debounce(() => look().catch((e) => status.replaceChildren(notice(e.message, "error"))), 500);
+    // A run shown that changed gets its new status at once, then its row is read again
+    // whole: when it was updated, and its error (gone once a retried run completes).
+    const changed = new Set();
+    const rowOf = (id) => tbody.querySelector(`tr[data-run-id="${CSS.escape(id)}"]`);
+    const redrawRows = debounce(() => {
+      const ids = [...changed];
+      changed.clear();
+      for (const id of ids) {
+        api("/api/runs/" + encodeURIComponent(id)).then((r) => {
+          const row = rowOf(id);
+          if (row) row.replaceWith(runRow(r));
+        }, () => {});  // (gone, or the store is away: the row keeps what it shows)
+      }
+    }, 300);
     onLive((kind, d) => {
       if (kind === "open") { lookSoon(); return; }
       if (kind !== "run") return;
-      const row = tbody.querySelector(`tr[data-run-id="${CSS.escape(d.run_id)}"]`);
-      if (row && d.status) row.querySelector("td.status").replaceChildren(badge(d.status));
-      if (!row) lookSoon();
+      const row = rowOf(d.run_id);
+      if (!row) { lookSoon(); return; }
+      if (d.status) row.querySelector("td.status").replaceChildren(badge(d.status));
+      changed.add(d.run_id);
+      redrawRows();
     });
   };
 
@@ -549,10 +587,15 @@
   pages.stalled = async () => {
     const q = new URLSearchParams(location.search);
     const older = q.get("older_than") || "300";
+    const choices = [["0", "any time"], ["60", "1 minute"], ["300", "5 minutes"], ["3600", "1 hour"], ["86400", "1 day"]];
+    // a link's own threshold (older_than=120) is shown as chosen, not as the first choice
+    if (!choices.some(([v]) => v === older)) {
+      const n = Number(older);
+      choices.push([older, Number.isFinite(n) && n >= 0 ? duration(n) : older]);
+    }
     const filters = h("form", { class: "filters", method: "get", action: "/stalled" },
       h("label", {}, "No progress for", h("select", { name: "older_than" },
-        [["0", "any time"], ["60", "1 minute"], ["300", "5 minutes"], ["3600", "1 hour"], ["86400", "1 day"]]
-          .map(([v, t]) => h("option", { value: v, selected: v === older }, t)))),
+        choices.map(([v, t]) => h("option", { value: v, selected: v === older }, t)))),
       h("button", { type: "submit", class: "primary" }, "Show"));
     const holder = h("div", {});
     show(filters, holder);
