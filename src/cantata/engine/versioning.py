@@ -161,8 +161,11 @@ async def versions(store: Store, app: str) -> dict[str, float]:
 
 
 def worker_info(engine: Engine) -> str:
-    """What a worker's heartbeat records of it: the runs it may take (its version)."""
-    return codec.dumps({"version": engine.version, "any_version": engine.any_version})
+    """What a worker's heartbeat records of it: the runs it may take (its version, and
+    the workflows it serves), which ``cantata stalled`` reads to say why no live worker
+    takes a run (observability/stall_hints.py)."""
+    return codec.dumps({"version": engine.version, "any_version": engine.any_version,
+                        "workflows": sorted(engine.served_workflows())})
 
 
 def may_take(

@@ -1,0 +1,94 @@
+"""Why no live worker takes a stuck run: the ``hint`` of a :class:`~.stalled.Stall`.
+
+Workers record in their heartbeat the version of their code, whether they take every
+version (``--any-version``) and the workflows they serve
+(:func:`cantata.engine.versioning.worker_info`). A run nobody owns that no live worker
+may take gets a hint naming the cause and what to do:
+
+- its workflow is in no live worker's code (a workflow removed by a deploy);
+- its version is newer than every live worker's (a rollback);
+- its version is older, and no live worker runs it: they take it only if their code
+  replays its history (a change not guarded by ``ctx.patched``).
+
+Nothing is said without live workers (no worker serves the app, which ``cantata
+stalled`` says under its answer) or of a run a worker owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cantata.engine.versioning import may_take, versions
+from cantata.model import codec
+from cantata.model.records import RunRecord
+from cantata.store.base import Store
+
+
+@dataclass(frozen=True, slots=True)
+class LiveWorker:
+    """What a live worker's heartbeat says of the runs it takes."""
+
+    version: str | None
+    any_version: bool
+    workflows: frozenset[str] | None  # None: a worker of a release that did not say
+
+
+async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
+    """The workers of ``app`` whose expiry (last heartbeat + their lease) is at or after
+    ``now``."""
+    out = []
+    for w in await store.workers(app):
+        if w.expires_at >= now and w.info:
+            info = codec.loads(w.info)
+            if isinstance(info, dict):
+                flows = info.get("workflows")
+                out.append(LiveWorker(
+                    info.get("version"), bool(info.get("any_version")),
+                    frozenset(flows) if isinstance(flows, list) else None,
+                ))
+    return out
+
+
+def run_hint(
+    rec: RunRecord, live: list[LiveWorker], order: dict[str, float], *, due: bool
+) -> str | None:
+    """Why none of ``live`` takes the unowned run ``rec`` (``None``: one may, or it is
+    not known). ``order``: :func:`~cantata.engine.versioning.versions`; ``due``: the run
+    is waiting for a worker now (not for an event), so a worker that may take it only
+    after replaying it would have taken it by now if it could."""
+    seen = ", ".join(sorted({str(w.version) for w in live}))
+    if all(w.workflows is not None and rec.workflow not in w.workflows for w in live):
+        return (f"no live worker has workflow {rec.workflow!r} in its code (live workers run "
+                f"{seen}): deploy code that declares it, or cancel the run")
+    if rec.version is None:
+        return None
+    takers = [w for w in live if w.workflows is None or rec.workflow in w.workflows]
+    if not any(may_take(w.version, w.any_version, rec.version, order) for w in takers):
+        return (f"no live worker takes version {rec.version} of this run (live workers run "
+                f"{seen}): deploy that version, or run a worker with --any-version")
+    if due and not any(w.any_version or w.version in (None, rec.version) for w in takers):
+        return (f"no live worker runs version {rec.version} of this run (live workers run "
+                f"{seen}, which take it only if their code replays its history: cantata "
+                f"check-replay APP names the first call that differs): deploy version "
+                f"{rec.version}, or guard the change with ctx.patched")
+    return None
+
+
+async def hints(
+    store: Store, app: str, runs: dict[str, bool], now: float
+) -> dict[str, str]:
+    """``run id -> hint`` for the stuck runs ``runs`` (``run id -> due``, see
+    :func:`run_hint`) that are unowned and that no live worker takes."""
+    live = await live_workers(store, app, now) if runs else []
+    if not live:
+        return {}
+    order = await versions(store, app)
+    out = {}
+    for run_id, due in runs.items():
+        rec = await store.get_run(app, run_id)
+        if rec is None or rec.owner is not None:
+            continue
+        hint = run_hint(rec, live, order, due=due)
+        if hint is not None:
+            out[run_id] = hint
+    return out

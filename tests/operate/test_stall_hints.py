@@ -1,0 +1,82 @@
+"""`cantata stalled` after a deploy: a run no live worker may take says why.
+
+A run whose history the deployed code cannot replay, and a run of a workflow the
+deployed code no longer has, make no progress while workers serve the app; the stall
+names the cause and what to do (docs/operating.md, versions), as it does for a run of
+a newer version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from cantata import App, RunStatus, WorkflowContext
+from tests.engine.helpers import eventually, make_app
+
+
+def _napper(url: str, version: str, *, insert: bool = False, keep: bool = True) -> App:
+    """v1: ``first`` then a sleep. ``insert``: a step inserted before ``first`` (old runs
+    no longer replay). ``keep=False``: the workflow ``old_flow`` is removed."""
+    app = make_app(url, version=version, park_after=0.0)
+
+    @app.step
+    async def first() -> str:
+        return "first"
+
+    @app.step
+    async def inserted() -> str:
+        return "inserted"
+
+    @app.workflow
+    async def nap(ctx: WorkflowContext) -> str:
+        if insert:
+            await ctx.run(inserted)
+        await ctx.run(first)
+        await ctx.sleep(0.5)
+        return version
+
+    if keep:
+        @app.workflow
+        async def old_flow(ctx: WorkflowContext) -> str:
+            await ctx.sleep(0.5)
+            return version
+
+    return app
+
+
+async def _released(app: App, run_id: str) -> bool:
+    run = await app.get_handle(run_id).info()
+    return run.status == RunStatus.RUNNING and run.owner is None
+
+
+async def _stall_of(app: App, run_id: str) -> str | None:
+    found = [s for s in await app.stalled(older_than=0) if s.node.ref == run_id
+             or s.correlation_id == run_id]
+    assert len(found) == 1, found
+    return found[0].hint
+
+
+async def test_a_run_the_deployed_code_cannot_replay_or_lacks_says_so(sqlite_url: str) -> None:
+    old = _napper(sqlite_url, "v1")
+    async with old:  # v1 serves, its runs park in their sleep
+        changed = await old.start("nap")
+        removed = await old.start("old_flow")
+        for h in (changed, removed):
+            await eventually(lambda h=h: _released(old, h.run_id), timeout=10)
+    new = _napper(sqlite_url, "v2", insert=True, keep=False)
+    async with new:  # only v2 is deployed: it replays neither run
+        await asyncio.sleep(1.5)  # both runs are due; v2 heartbeats and looks
+        assert (await new.get_handle(changed.run_id).info()).owner is None
+        assert await _stall_of(new, changed.run_id) == (
+            "no live worker runs version v1 of this run (live workers run v2, which take "
+            "it only if their code replays its history: cantata check-replay APP names "
+            "the first call that differs): deploy version v1, or guard the change with "
+            "ctx.patched"
+        )
+        assert await _stall_of(new, removed.run_id) == (
+            "no live worker has workflow 'old_flow' in its code (live workers run v2): "
+            "deploy code that declares it, or cancel the run"
+        )
+    async with old:  # the rollback finishes both, with the code that matches them
+        assert await old.get_handle(changed.run_id).result(timeout=10) == "v1"
+        assert await old.get_handle(removed.run_id).result(timeout=10) == "v1"
