@@ -9,15 +9,20 @@ a newer version.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from cantata import App, RunStatus, WorkflowContext
+import pytest
+
+from cantata import App, RunStatus, WorkflowContext, WorkflowFailed
 from tests.engine.helpers import eventually, make_app
 
 
-def _napper(url: str, version: str, *, insert: bool = False, keep: bool = True) -> App:
+def _napper(
+    url: str, version: str, *, insert: bool = False, keep: bool = True, **kw: Any
+) -> App:
     """v1: ``first`` then a sleep. ``insert``: a step inserted before ``first`` (old runs
     no longer replay). ``keep=False``: the workflow ``old_flow`` is removed."""
-    app = make_app(url, version=version, park_after=0.0)
+    app = make_app(url, version=version, park_after=0.0, **kw)
 
     @app.step
     async def first() -> str:
@@ -80,3 +85,26 @@ async def test_a_run_the_deployed_code_cannot_replay_or_lacks_says_so(sqlite_url
     async with old:  # the rollback finishes both, with the code that matches them
         assert await old.get_handle(changed.run_id).result(timeout=10) == "v1"
         assert await old.get_handle(removed.run_id).result(timeout=10) == "v1"
+
+
+async def test_a_run_failed_by_a_code_change_says_how_to_finish_it(sqlite_url: str) -> None:
+    """A worker told ``--any-version`` fails a run its code cannot replay; the error
+    says what finishes it (a retry from code that replays it), and that works. It said
+    "deploy the old code to finish this run, or cancel it": a failed run cannot be
+    cancelled, and the old code alone does not take a failed run."""
+    old = _napper(sqlite_url, "v1")
+    async with old:
+        h = await old.start("nap")
+        await eventually(lambda: _released(old, h.run_id), timeout=10)
+    forced = _napper(sqlite_url, "v2", insert=True, any_version=True)
+    async with forced:
+        with pytest.raises(WorkflowFailed) as failed:
+            await forced.get_handle(h.run_id).result(timeout=10)
+    message = str(failed.value)
+    assert "NonDeterminismError" in message and "or cancel it" not in message, message
+    assert ("the run fails: retry it from code that replays its history (the old code, "
+            "or the change guarded by ctx.patched): cantata retry --app MODULE:app ID"
+            ) in message, message
+    async with old:  # the advice, followed
+        await old.get_handle(h.run_id).retry()
+        assert await old.get_handle(h.run_id).result(timeout=10) == "v1"
