@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cantata import App, RunStatus, WorkflowContext, WorkflowFailed
+from cantata import App, Event, RunStatus, WorkflowContext, WorkflowFailed
 from tests.engine.helpers import eventually, make_app
 
 
@@ -108,3 +108,40 @@ async def test_a_run_failed_by_a_code_change_says_how_to_finish_it(sqlite_url: s
     async with old:  # the advice, followed
         await old.get_handle(h.run_id).retry()
         assert await old.get_handle(h.run_id).result(timeout=10) == "v1"
+
+
+def _billing(url: str, *, audit: bool) -> App:
+    """Handler groups of one app: ``billing``, and ``audit`` unless a deploy removed it."""
+    app = make_app(url)
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: Event, ctx: object) -> None: ...
+
+    if audit:
+        @app.on("order.placed", group="audit")
+        async def keep(event: Event, ctx: object) -> None: ...
+
+    return app
+
+
+async def test_an_event_for_a_group_no_live_worker_serves_says_so(sqlite_url: str) -> None:
+    async with _billing(sqlite_url, audit=True):
+        pass  # both groups declared
+    new = _billing(sqlite_url, audit=False)
+    async with new:  # the deploy that removed the audit group
+        event = await new.publish("order.placed", {"order_id": 1})
+        await asyncio.sleep(0.5)  # billing handles it, audit never will
+        [stall] = await new.stalled(older_than=0)
+        assert (stall.correlation_id, stall.reason, stall.node.group) == (
+            event.id, "unhandled_event", "audit")
+        assert stall.hint == (
+            "no live worker serves group 'audit' (live workers serve: billing): start the "
+            "service that declares it; a group removed from the code still gets the events "
+            "it was declared for"
+        )
+    async with _billing(sqlite_url, audit=True) as both:  # the service that serves it
+        await eventually(lambda: _none_stalled(both), timeout=10)
+
+
+async def _none_stalled(app: App) -> bool:
+    return await app.stalled(older_than=0) == []

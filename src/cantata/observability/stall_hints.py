@@ -10,6 +10,10 @@ may take gets a hint naming the cause and what to do:
 - its version is older, and no live worker runs it: they take it only if their code
   replays its history (a change not guarded by ``ctx.patched``).
 
+And an event no live worker handles gets one when no live worker serves the group it
+waits for (a service down, or a group a deploy removed: its declaration stays, so
+its events keep waiting for it).
+
 Nothing is said without live workers (no worker serves the app, which ``cantata
 stalled`` says under its answer) or of a run a worker owns.
 """
@@ -31,6 +35,7 @@ class LiveWorker:
     version: str | None
     any_version: bool
     workflows: frozenset[str] | None  # None: a worker of a release that did not say
+    groups: frozenset[str] | None  # None: not said (a consumer not started, an older release)
 
 
 async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
@@ -41,12 +46,26 @@ async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
         if w.expires_at >= now and w.info:
             info = codec.loads(w.info)
             if isinstance(info, dict):
-                flows = info.get("workflows")
                 out.append(LiveWorker(
                     info.get("version"), bool(info.get("any_version")),
-                    frozenset(flows) if isinstance(flows, list) else None,
+                    _names(info.get("workflows")), _names(info.get("groups")),
                 ))
     return out
+
+
+def _names(value: object) -> frozenset[str] | None:
+    return frozenset(str(v) for v in value) if isinstance(value, list) else None
+
+
+def group_hint(group: str, live: list[LiveWorker]) -> str | None:
+    """Why no live worker handles an event pending for ``group`` (``None``: one serves
+    it, or it is not known)."""
+    if not live or any(w.groups is None or group in w.groups for w in live):
+        return None
+    served = ", ".join(sorted({g for w in live for g in w.groups or ()})) or "none"
+    return (f"no live worker serves group {group!r} (live workers serve: {served}): start "
+            f"the service that declares it; a group removed from the code still gets the "
+            f"events it was declared for")
 
 
 def run_hint(
@@ -74,13 +93,12 @@ def run_hint(
     return None
 
 
-async def hints(
-    store: Store, app: str, runs: dict[str, bool], now: float
+async def run_hints(
+    store: Store, app: str, runs: dict[str, bool], live: list[LiveWorker]
 ) -> dict[str, str]:
     """``run id -> hint`` for the stuck runs ``runs`` (``run id -> due``, see
-    :func:`run_hint`) that are unowned and that no live worker takes."""
-    live = await live_workers(store, app, now) if runs else []
-    if not live:
+    :func:`run_hint`) that are unowned and that none of ``live`` takes."""
+    if not live or not runs:
         return {}
     order = await versions(store, app)
     out = {}

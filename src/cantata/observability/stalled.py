@@ -39,7 +39,7 @@ from .node import (
     TraceNode,
     TraceNotFound,
 )
-from .stall_hints import hints
+from .stall_hints import group_hint, live_workers, run_hints
 
 PENDING_STEP = "pending_step"
 QUEUED = "queued"  # a run waiting in a queue (node.detail: which, behind how many);
@@ -171,14 +171,24 @@ def _stalls_with_runs(
 async def _with_hints(
     store: Store, app: str, stuck: list[tuple[Stall, str | None]], now: float
 ) -> list[Stall]:
-    """The stalls, a run's with a hint when live workers run but none of them may take
-    it (:mod:`.stall_hints`)."""
+    """The stalls, with a hint where live workers run but none of them may take the
+    run, or serves the group an event waits for (:mod:`.stall_hints`)."""
     runs: dict[str, bool] = {}
     for stall, run_id in stuck:
         if run_id is not None and stall.reason in _HINTED:
             runs[run_id] = runs.get(run_id, False) or stall.reason != WAITING_EVENT
-    found = await hints(store, app, runs, now)
-    return [dataclasses.replace(s, hint=found[r]) if r in found else s for s, r in stuck]
+    events = any(s.reason == UNHANDLED_EVENT for s, _ in stuck)
+    live = await live_workers(store, app, now) if runs or events else []
+    found = await run_hints(store, app, runs, live)
+    out = []
+    for stall, run_id in stuck:
+        hint = None
+        if run_id is not None and stall.reason in _HINTED:
+            hint = found.get(run_id)
+        elif stall.reason == UNHANDLED_EVENT and stall.node.group:
+            hint = group_hint(stall.node.group, live)
+        out.append(stall if hint is None else dataclasses.replace(stall, hint=hint))
+    return out
 
 
 async def find_stalls(
