@@ -79,8 +79,8 @@ async def test_a_run_the_deployed_code_cannot_replay_or_lacks_says_so(sqlite_url
             "ctx.patched"
         )
         assert await _stall_of(new, removed.run_id) == (
-            "no live worker has workflow 'old_flow' in its code (live workers run v2): "
-            "deploy code that declares it, or cancel the run"
+            "no live worker serves workflow 'old_flow' (live workers run v2): deploy code "
+            "that declares it (or run a worker of its service), or cancel the run"
         )
     async with old:  # the rollback finishes both, with the code that matches them
         assert await old.get_handle(changed.run_id).result(timeout=10) == "v1"

@@ -1,11 +1,11 @@
-"""Why no live worker takes a stuck run: the ``hint`` of a :class:`~.stalled.Stall`.
+"""Why no live worker takes a stuck run or event: the ``hint`` of a :class:`~.stalled.Stall`.
 
 Workers record in their heartbeat the version of their code, whether they take every
-version (``--any-version``) and the workflows they serve
+version (``--any-version``), the workflows and the handler groups they serve
 (:func:`cantata.engine.versioning.worker_info`). A run nobody owns that no live worker
 may take gets a hint naming the cause and what to do:
 
-- its workflow is in no live worker's code (a workflow removed by a deploy);
+- no live worker serves its workflow (a workflow removed by a deploy);
 - its version is newer than every live worker's (a rollback);
 - its version is older, and no live worker runs it: they take it only if their code
   replays its history (a change not guarded by ``ctx.patched``).
@@ -30,7 +30,7 @@ from cantata.store.base import Store
 
 @dataclass(frozen=True, slots=True)
 class LiveWorker:
-    """What a live worker's heartbeat says of the runs it takes."""
+    """What a live worker's heartbeat says of the runs and events it takes."""
 
     version: str | None
     any_version: bool
@@ -77,8 +77,9 @@ def run_hint(
     after replaying it would have taken it by now if it could."""
     seen = ", ".join(sorted({str(w.version) for w in live}))
     if all(w.workflows is not None and rec.workflow not in w.workflows for w in live):
-        return (f"no live worker has workflow {rec.workflow!r} in its code (live workers run "
-                f"{seen}): deploy code that declares it, or cancel the run")
+        return (f"no live worker serves workflow {rec.workflow!r} (live workers run {seen}): "
+                f"deploy code that declares it (or run a worker of its service), or cancel "
+                f"the run")
     if rec.version is None:
         return None
     takers = [w for w in live if w.workflows is None or rec.workflow in w.workflows]

@@ -69,8 +69,8 @@ class Stall:
         node: the stuck node of the trace (``node.group`` names the group of a
             handler or dead letter).
         hint: the cause, when the store tells it: a run no live worker takes
-            because none has its workflow or runs a version that may (``None``
-            otherwise).
+            because none serves its workflow or runs a version that may, an event
+            for a group no live worker serves (``None`` otherwise).
     """
 
     correlation_id: str
