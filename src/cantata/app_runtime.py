@@ -137,6 +137,7 @@ class Runtime:
             EngineHost(engine), self.broker, on_emitted=self.emitted,
             concurrency=app.concurrency,
         )
+        engine.handler_groups = sorted(self.consumer.groups())
         await self.consumer.start()
         keep = getattr(self.broker, "keep_outside", None)
         if keep is not None:

@@ -292,8 +292,10 @@ class NonDeterminismError(CantataError):
             f"history recorded {recorded!r} but the workflow code now calls {new!r}")
         super().__init__(
             f"run {run_id}: replay diverged from history at call {position}: {differs}. "
-            "Workflow code must be deterministic apart from ctx calls; deploy the old code "
-            "to finish this run, or cancel it. Run `cantata check-replay` before deploying."
+            "Workflow code must be deterministic apart from ctx calls; the run fails: retry "
+            "it from code that replays its history (the old code, or the change guarded by "
+            "ctx.patched): cantata retry --app MODULE:app ID. Run `cantata check-replay` "
+            "before deploying."
         )
 
 

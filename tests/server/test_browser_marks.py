@@ -1,8 +1,9 @@
 """The dashboard in a real browser (as tests/server/test_browser.py drives it) with no
 live worker: the overview says no worker serves the live runs (long before they count
-as stalled), a run cancelled while it waited in a queue says its cancel is pending, and
-a step whose branch the workflow's own code cancelled is marked on the run's page and
-in its trace."""
+as stalled), a run cancelled while it waited in a queue says its cancel is pending, a
+stalled run says on the stalled page why (its detail, as `cantata stalled`), and a step
+whose branch the workflow's own code cancelled is marked on the run's page and in its
+trace."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ async def seed(app: App) -> dict[str, Any]:
               for i in range(2)]
     await queued[0].cancel()
     return {"tokens": tokens, "names": names, "split": split.run_id,
-            "cancelled": queued[0].run_id}
+            "cancelled": queued[0].run_id, "queued": queued[1].run_id}
 
 
 @pytest.fixture(scope="module")
@@ -102,4 +103,16 @@ def test_a_step_whose_branch_was_cancelled_is_marked(
     expect(marked).to_have_count(1, timeout=WAIT)
     expect(marked).to_contain_text("pack", timeout=WAIT)
     expect(marked).to_contain_text("completed · branch cancelled", timeout=WAIT)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_the_stalled_page_says_why_each_transaction_is_stuck(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    """The queued run's place, as the detail column of `cantata stalled` shows it (the
+    page showed only a last error, empty here)."""
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/stalled?older_than=0")
+    row = page.locator("tr").filter(has_text=server.result["queued"])
+    expect(row).to_contain_text("queued in 'fragile' behind 0 run(s)", timeout=WAIT)
     assert page.errors == []  # type: ignore[attr-defined]

@@ -103,10 +103,11 @@ class Consumer:
             await wait_or_force(stopped, deadline, force or asyncio.Event())
             if not stopping.done() and self._active:
                 unstored = len(self._active & self._settling)
-                log.warning("stopping: %d handler(s) still running after the grace (%d of "
-                            "them finished, their outcome not stored: the store did not "
-                            "answer); cancelling them and handing their events back",
-                            len(self._active), unstored)
+                log.warning("stopping: %d handler(s) still running after the grace%s; "
+                            "cancelling them and handing their events back",
+                            len(self._active), f" ({unstored} of them finished, their "
+                            "outcome not stored: the store did not answer)" if unstored
+                            else "")
                 self._cutting = True
                 self.cut_short += len(self._active)
                 self.unstored += unstored

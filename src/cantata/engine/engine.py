@@ -85,6 +85,9 @@ class Engine:
         self.poll_interval = poll_interval
         self.wait_poll_interval = max(poll_interval, 0.5)
         self.services = services
+        # The handler groups this worker's consumer serves, once it has started (its
+        # heartbeat records them: observability/stall_hints.py); None until then.
+        self.handler_groups: list[str] | None = None
         self.metrics = Metrics()
         self.hooks = hooks if hooks is not None else Hooks()
         self.signer = signer if signer is not None else Signer(None)

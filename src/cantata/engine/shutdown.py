@@ -41,7 +41,7 @@ async def drain(engine: Engine, deadline: float, force: asyncio.Event) -> None:
         server_stop = asyncio.ensure_future(engine.task_server.stop(deadline, force))
     for execution in list(engine.executions.values()):
         execution.wakeup.set()  # a sleep or a wait parks at once
-    busy = [e for e in engine.executions.values() if not e.parked]
+    busy = [e for e in engine.executions.values() if e.inflight]  # (the others park)
     if busy:
         log.info("stopping: waiting up to %.1f s for %d run(s) in a step",
                  max(0.0, deadline - loop.time()), len(busy))

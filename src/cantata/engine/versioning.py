@@ -161,8 +161,15 @@ async def versions(store: Store, app: str) -> dict[str, float]:
 
 
 def worker_info(engine: Engine) -> str:
-    """What a worker's heartbeat records of it: the runs it may take (its version)."""
-    return codec.dumps({"version": engine.version, "any_version": engine.any_version})
+    """What a worker's heartbeat records of it: the runs it may take (its version, and
+    the workflows it serves) and the handler groups it serves (once its consumer has
+    started), which ``cantata stalled`` reads to say why no live worker takes a run or
+    an event (observability/stall_hints.py)."""
+    info: dict[str, Any] = {"version": engine.version, "any_version": engine.any_version,
+                            "workflows": sorted(engine.served_workflows())}
+    if engine.handler_groups is not None:
+        info["groups"] = engine.handler_groups
+    return codec.dumps(info)
 
 
 def may_take(

@@ -240,6 +240,17 @@ class QueuePosition:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotWait:
+    """A run's step waiting for a slot of a limited step: its scope (``step:NAME``),
+    when it began waiting (POSIX seconds) and how many waiters of the scope asked
+    before it."""
+
+    scope: str
+    since: float
+    ahead: int
+
+
+@dataclass(frozen=True, slots=True)
 class SlotGrant:
     """The answer of a slot request: granted, or when to ask again (``None``: on news),
     and how many live waiters are ahead of a denied one (0: it is next)."""

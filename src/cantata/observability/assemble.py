@@ -53,6 +53,7 @@ from .node import (
     PUBLISHED,
     REPLAYED,
     RUN,
+    SLOT_WAIT,
     STEP,
     TIMER,
     UNADDRESSED_TASK,
@@ -65,6 +66,7 @@ from .node import (
 DEFAULT_LIMIT = 10_000
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 TRIGGER_PREFIX = "start:"
+_LIVE = frozenset({"pending", "running", "compensating"})
 
 _ENTRY_KINDS = {
     "step": STEP,
@@ -127,21 +129,32 @@ async def note_queued(
     """Say on each run that waits in a queue where it waits and behind how many runs
     (and, as its last progress, since when it waits there);
     of one whose cancel was asked meanwhile (a run id in ``cancelling``), that it ends
-    without beginning once a worker takes it: it no longer waits for a place."""
+    without beginning once a worker takes it: it no longer waits for a place. Say on
+    each other live run whose step waits for a slot of a limited step which step, and
+    behind how many waiters."""
+    waiting: dict[str, TraceNode] = {}
     for node in root.walk():
-        if node.kind == RUN and node.status == "pending" and node.ref is not None:
+        if node.kind != RUN or node.ref is None or node.status not in _LIVE:
+            continue
+        pos = None
+        if node.status == "pending":
             pos = await store.queue_position(app, node.ref)
-            if pos is None:
-                continue
-            part = f" (partition {pos.partition!r})" if pos.partition else ""
-            if node.ref in cancelling:
-                node.detail = (f"{CANCEL_REQUESTED} while queued in {pos.queue!r}{part}: it "
-                               "ends cancelled, without beginning, once a worker takes it")
-            else:
-                node.detail = f"queued in {pos.queue!r}{part} behind {pos.ahead} run(s)"
-                # it waits since it was queued: a retried run since the retry, not since
-                # it was created
-                node.touched = stamp(pos.since) if pos.since is not None else node.touched
+        if pos is None:
+            if node.detail is None:
+                waiting[node.ref] = node
+            continue
+        part = f" (partition {pos.partition!r})" if pos.partition else ""
+        if node.ref in cancelling:
+            node.detail = (f"{CANCEL_REQUESTED} while queued in {pos.queue!r}{part}: it "
+                           "ends cancelled, without beginning, once a worker takes it")
+        else:
+            node.detail = f"queued in {pos.queue!r}{part} behind {pos.ahead} run(s)"
+            # it waits since it was queued: a retried run since the retry, not since it
+            # was created
+            node.touched = stamp(pos.since) if pos.since is not None else node.touched
+    for run_id, wait in (await store.slot_waits(app, list(waiting))).items():
+        kind, _, name = wait.scope.partition(":")
+        waiting[run_id].detail = f"{SLOT_WAIT} of {kind} {name!r} behind {wait.ahead} run(s)"
 
 
 async def load_records(

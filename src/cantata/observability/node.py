@@ -38,6 +38,8 @@ UNADDRESSED_TASK = "task for the service that declares this step (none has yet)"
 # The detail of a live run whose cancel was asked and not applied yet: it ends when a
 # worker of its workflow takes it up (one queued then ends without beginning).
 CANCEL_REQUESTED = "cancel requested"
+# The detail of a run whose step waits for a slot of a limited step (assemble.py)
+SLOT_WAIT = "waiting for a slot"
 
 # Statuses that mean "not finished yet" (work is still owed).
 OPEN_STATUSES = frozenset({PENDING, RUNNING, WAITING, "compensating"})

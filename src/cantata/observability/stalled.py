@@ -19,8 +19,6 @@ import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cantata.engine.versioning import may_take, versions
-from cantata.model import codec
 from cantata.model.records import utc_datetime
 from cantata.store.base import Store
 
@@ -41,6 +39,7 @@ from .node import (
     TraceNode,
     TraceNotFound,
 )
+from .stall_hints import group_hint, live_workers, run_hints
 
 PENDING_STEP = "pending_step"
 QUEUED = "queued"  # a run waiting in a queue (node.detail: which, behind how many);
@@ -50,6 +49,9 @@ DEAD_LETTERED = "dead_letter"
 UNHANDLED_EVENT = "unhandled_event"
 COMPENSATION_FAILED = "compensation_failed"
 REASONS = (PENDING_STEP, WAITING_EVENT, DEAD_LETTERED, UNHANDLED_EVENT, COMPENSATION_FAILED)
+# The stalls of a run that may be no live worker's to take (a queued one of a newer
+# version waits too): they get a hint when so (stall_hints.py).
+_HINTED = (PENDING_STEP, WAITING_EVENT, QUEUED)
 
 _LIVE_RUN = frozenset({"pending", "running", "compensating"})
 
@@ -67,7 +69,8 @@ class Stall:
         node: the stuck node of the trace (``node.group`` names the group of a
             handler or dead letter).
         hint: the cause, when the store tells it: a run no live worker takes
-            because none runs a version that may (``None`` otherwise).
+            because none serves its workflow or runs a version that may, an event
+            for a group no live worker serves (``None`` otherwise).
     """
 
     correlation_id: str
@@ -165,38 +168,26 @@ def _stalls_with_runs(
     return out
 
 
-async def _version_hints(
+async def _with_hints(
     store: Store, app: str, stuck: list[tuple[Stall, str | None]], now: float
 ) -> list[Stall]:
-    """The stalls, a run's with a hint when live workers run but none of them may take
-    it (its version is newer than all of theirs): nothing is said without live
-    workers (no worker serves it, which ``pending_step`` says already). A worker is
-    live while its expiry (last heartbeat + its own lease) is at or after ``now``."""
-    hinted = (PENDING_STEP, WAITING_EVENT, QUEUED)  # (a queued run of a newer version waits too)
-    runs = [r for s, r in stuck if r is not None and s.reason in hinted]
-    if not runs:
-        return [s for s, _ in stuck]
-    live = []
-    for w in await store.workers(app):
-        if w.expires_at >= now and w.info:
-            info = codec.loads(w.info)
-            if isinstance(info, dict):
-                live.append((info.get("version"), bool(info.get("any_version"))))
-    if not live:
-        return [s for s, _ in stuck]
-    order = await versions(store, app)
+    """The stalls, with a hint where live workers run but none of them may take the
+    run, or serves the group an event waits for (:mod:`.stall_hints`)."""
+    runs: dict[str, bool] = {}
+    for stall, run_id in stuck:
+        if run_id is not None and stall.reason in _HINTED:
+            runs[run_id] = runs.get(run_id, False) or stall.reason != WAITING_EVENT
+    events = any(s.reason == UNHANDLED_EVENT for s, _ in stuck)
+    live = await live_workers(store, app, now) if runs or events else []
+    found = await run_hints(store, app, runs, live)
     out = []
     for stall, run_id in stuck:
-        rec = None if run_id is None or stall.reason not in hinted \
-            else await store.get_run(app, run_id)
-        if (rec is not None and rec.owner is None and rec.version is not None
-                and not any(may_take(v, anyv, rec.version, order) for v, anyv in live)):
-            seen = ", ".join(sorted({str(v) for v, _ in live}))
-            stall = dataclasses.replace(stall, hint=(
-                f"no live worker takes version {rec.version} of this run (live workers run "
-                f"{seen}): deploy that version, or run a worker with --any-version"
-            ))
-        out.append(stall)
+        hint = None
+        if run_id is not None and stall.reason in _HINTED:
+            hint = found.get(run_id)
+        elif stall.reason == UNHANDLED_EVENT and stall.node.group:
+            hint = group_hint(stall.node.group, live)
+        out.append(stall if hint is None else dataclasses.replace(stall, hint=hint))
     return out
 
 
@@ -228,4 +219,4 @@ async def find_stalls(
             continue  # removed meanwhile
         found.extend(_stalls_with_runs(root, older_than, now, correlation_id=cid))
     found.sort(key=lambda s: s[0].since)
-    return await _version_hints(store, app, found[:limit], now)
+    return await _with_hints(store, app, found[:limit], now)

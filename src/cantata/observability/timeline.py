@@ -22,6 +22,7 @@ from .node import (
     REPLAYED,
     RUN,
     RUNNING,
+    SLOT_WAIT,
     STEP,
     TIMER,
     WAIT,
@@ -271,10 +272,11 @@ class _Renderer:
             line.append("… pending: ", style="bold blue")
             if n.kind == RUN:
                 line.append(f"run {n.name} ({_short(n.ref)}) is {n.status}")
-                if n.detail and n.detail.startswith(CANCEL_REQUESTED):
+                slot = bool(n.detail and n.detail.startswith(SLOT_WAIT))
+                if n.detail and (slot or n.detail.startswith(CANCEL_REQUESTED)):
                     line.append(f", {n.detail}")
                 line.append(f", no progress for {self.ago(stall.since)}")
-                if n.status == "pending":
+                if n.status == "pending" and not slot:
                     line.append(" — is a worker serving this workflow running?")
             else:
                 run = self.owner(n, RUN)

@@ -218,7 +218,8 @@ class StallOut(BaseModel):
     where: str
     node: TraceNodeOut
     hint: str | None = Field(None, description="the cause, when the store tells it (a "
-                                               "run no live worker's version may take)")
+                                               "run no live worker takes, an event for a "
+                                               "group no live worker serves)")
 
 
 class EventOut(BaseModel):

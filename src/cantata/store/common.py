@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from cantata.errors import StoreUnavailable, StoreUpgraded
 from cantata.model.checks import check_seconds
+from cantata.model.flow import SlotWait
 from cantata.model.records import TASK_WITHDRAWN, AuditRecord, AuditReport
 from cantata.store import audit
 from cantata.store.roles import TASK_OUTCOMES, ChangeListener
@@ -256,4 +257,16 @@ def first_per_run(
         kept = out[run_id]
         if len(kept) < limit:
             kept.append(item)
+    return out
+
+
+def first_slot_waits(rows: Iterable[tuple[str, str, float, int]]) -> dict[str, SlotWait]:
+    """``run id -> its SlotWait`` of ``(run_id, scope, since, ahead)`` rows, the wait a
+    run began first where it has several (parallel branches): the reduction of
+    :meth:`~cantata.store.roles.TraceStore.slot_waits`, written once for both backends."""
+    out: dict[str, SlotWait] = {}
+    for run_id, scope, since, ahead in rows:
+        known = out.get(run_id)
+        if known is None or since < known.since:
+            out[run_id] = SlotWait(scope, float(since), int(ahead))
     return out

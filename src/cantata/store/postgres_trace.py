@@ -3,12 +3,15 @@ snapshot) and stale work (see :class:`~cantata.store.roles.TraceStore`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from cantata.model.flow import SlotWait
 from cantata.model.records import (
     Attempt,
     HistoryEntry,
 )
 from cantata.store.base import TraceRecords
-from cantata.store.common import first_per_run
+from cantata.store.common import first_per_run, first_slot_waits
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
@@ -23,6 +26,15 @@ from cantata.store.postgres_ops import (
     event_row,
     run_row,
     task_row,
+)
+
+# The slots a run's execution waits for: the rows of its holders ("run_id:key@fence",
+# flow/limits.py) asked by the run's owner, each with the waiters before it.
+_SLOT_WAITS = (
+    "SELECT r.run_id, w.scope, w.since, (SELECT count(*) FROM flow_waiters a "
+    "WHERE a.app=w.app AND a.scope=w.scope AND a.seq<w.seq) "
+    "FROM runs r JOIN flow_waiters w ON w.app=r.app AND w.worker_id=r.owner "
+    "AND starts_with(w.holder, r.run_id || ':') WHERE r.app=$1 AND r.run_id=ANY($2::text[])"
 )
 
 
@@ -46,6 +58,12 @@ class PostgresTrace(PostgresCore):
                 " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
             )
             return sorted(r[0] for r in rows if r[0] is not None)
+
+    async def slot_waits(self, app: str, run_ids: Sequence[str]) -> dict[str, SlotWait]:
+        if not run_ids:
+            return {}
+        rows = await self._db.fetch(_SLOT_WAITS, app, list(run_ids))
+        return first_slot_waits((r[0], r[1], r[2], r[3]) for r in rows)
 
     async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
         """One query per part, in one read-only repeatable-read snapshot."""

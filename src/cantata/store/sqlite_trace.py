@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from cantata.model import codec
+from cantata.model.flow import SlotWait
 from cantata.model.records import (
     Attempt,
     DeadLetter,
@@ -13,7 +15,7 @@ from cantata.model.records import (
     to_datetime,
 )
 from cantata.store.base import TraceRecords
-from cantata.store.common import first_per_run
+from cantata.store.common import first_per_run, first_slot_waits
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
@@ -26,6 +28,15 @@ from cantata.store.sqlite_ops import (
     event_row,
     run_row,
     task_row,
+)
+
+# The slots a run's execution waits for: the rows of its holders (their text between
+# "run_id:" and "run_id;") asked by the run's owner, each with the waiters before it.
+_SLOT_WAITS = (
+    "SELECT r.run_id, w.scope, w.since, (SELECT count(*) FROM flow_waiters a "
+    "WHERE a.app=w.app AND a.scope=w.scope AND a.seq<w.seq) "
+    "FROM runs r JOIN flow_waiters w ON w.app=r.app AND w.worker_id=r.owner "
+    "WHERE r.app=? AND r.run_id=? AND w.holder>=? AND w.holder<?"
 )
 
 
@@ -50,6 +61,18 @@ class SQLiteTrace(SQLiteCore):
                 " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
             ).fetchall()
             return sorted(r[0] for r in rows if r[0] is not None)
+
+        return await self._t.read(op)
+
+    async def slot_waits(self, app: str, run_ids: Sequence[str]) -> dict[str, SlotWait]:
+        if not run_ids:
+            return {}
+
+        def op(c: sqlite3.Connection) -> dict[str, SlotWait]:
+            rows: list[tuple[str, str, float, int]] = []
+            for run_id in run_ids:  # a holder is "run_id:key@fence" (flow/limits.py)
+                rows += c.execute(_SLOT_WAITS, (app, run_id, run_id + ":", run_id + ";"))
+            return first_slot_waits(rows)
 
         return await self._t.read(op)
 

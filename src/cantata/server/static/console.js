@@ -213,9 +213,15 @@
     return stalls.map((st) => h("tr", {},
       h("td", {}, traceLink(st.correlation_id)), h("td", {}, badge(st.reason)),
       h("td", {}, st.where), h("td", {}, ago(st.since)),
-      h("td", { class: "err" }, st.node.error || "")));
+      h("td", {}, stallDetail(st)), h("td", { class: "err" }, st.node.error || "")));
   }
-  const STALL_HEADERS = ["Transaction", "Reason", "Where", "Stuck for", "Last error"];
+  // Why it is stuck, as `cantata stalled` says it: the node's detail (a queue's place, a
+  // step's slot, a wait's match) and the cause the store tells (a version or workflow
+  // no live worker takes, a group none serves).
+  function stallDetail(st) {
+    return [st.node.detail, st.hint && `(${st.hint})`].filter(Boolean).join(" ");
+  }
+  const STALL_HEADERS = ["Transaction", "Reason", "Where", "Stuck for", "Detail", "Last error"];
 
   /* -- pages ------------------------------------------------------------------------- */
   const pages = {};

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cantata.model.event import Event
+from cantata.model.flow import SlotWait
 from cantata.model.records import (
     Attempt,
     DeadLetter,
@@ -49,6 +51,11 @@ class TraceStore(Protocol):
 
     async def apps(self) -> list[str]:
         """The names of the apps that have anything in this store, sorted."""
+
+    async def slot_waits(self, app: str, run_ids: Sequence[str]) -> dict[str, SlotWait]:
+        """``run id -> SlotWait`` for those of ``run_ids`` whose execution (under the
+        run's current owner) waits for a slot of a limited step: the wait it began
+        first, if it waits for several. Runs that wait for none are left out."""
 
     async def trace_records(self, app: str, correlation_id: str, *, limit: int) -> TraceRecords:
         """Runs, history, tasks, events, deliveries and dead letters of one transaction.
