@@ -112,6 +112,17 @@ async def test_a_retried_runs_wait_counts_from_the_retry(store_url: str) -> None
         assert await first.result(timeout=TIMEOUT) == 0
 
 
+async def pruned(app: App) -> None:
+    """Prune the queue's row of the ended run, as retention would. The pruner skips a
+    row a claim of the queue holds at that moment (the worker's, woken by the run's
+    end): it is pruned at a next pass."""
+    deadline = time.monotonic() + TIMEOUT
+    while not await app.store.prune_queue_runs(app.name, "q", before=time.time() + 3600,
+                                               limit=10):
+        assert time.monotonic() < deadline, "the ended run's queue row was never pruned"
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.parametrize("how", ["fork", "retry", "fork without the code"])
 async def test_a_fork_or_retry_of_a_pruned_row_waits_in_the_workflows_queue(
     store_url: str, how: str,
@@ -125,8 +136,7 @@ async def test_a_fork_or_retry_of_a_pruned_row_waits_in_the_workflows_queue(
     app = gated_app(store_url)
     async with app:
         source = await failed_job(app)
-        assert await app.store.prune_queue_runs(app.name, "q", before=time.time() + 3600,
-                                                limit=10) == 1
+        await pruned(app)
         assert await app.store.run_queue(app.name, source.run_id) is None
         first = await app.start("job", 0)
         await _waits_behind_job_0(app, waiting=0)
