@@ -178,7 +178,12 @@ class PgPool:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.create = create
-        self._settings = {"search_path": f'"{self.schema}"', "application_name": "cantata"}
+        # JIT off: Cantata's statements are short, and a plan whose estimate grows with
+        # a table (a skip scan of a million parked runs: estimated 7.7 M, run in 0.05 ms)
+        # was JIT-compiled at each execution, ~1.1 s of the server's CPU each time
+        # (docs/performance.md, "A million parked runs").
+        self._settings = {"search_path": f'"{self.schema}"', "application_name": "cantata",
+                          "jit": "off"}
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self.listener = Listener(self.connect, on_change, self.masked_url)
         self._closing = False
