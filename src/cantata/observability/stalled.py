@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cantata.engine.versioning import may_take, versions
 from cantata.model import codec
-from cantata.model.records import utc_datetime
+from cantata.model.records import Declaration, utc_datetime
 from cantata.store.base import Store
 
 from .assemble import assemble
@@ -41,6 +41,7 @@ from .node import (
     TraceNode,
     TraceNotFound,
 )
+from .sagahints import saga_hop_hint
 
 PENDING_STEP = "pending_step"
 QUEUED = "queued"  # a run waiting in a queue (node.detail: which, behind how many);
@@ -67,7 +68,9 @@ class Stall:
         node: the stuck node of the trace (``node.group`` names the group of a
             handler or dead letter).
         hint: the cause, when the store tells it: a run no live worker takes
-            because none runs a version that may (``None`` otherwise).
+            because none runs a version that may; a choreographed saga's step that
+            only a worker of its service whose app includes the saga handles
+            (``None`` otherwise).
     """
 
     correlation_id: str
@@ -228,4 +231,12 @@ async def find_stalls(
             continue  # removed meanwhile
         found.extend(_stalls_with_runs(root, older_than, now, correlation_id=cid))
     found.sort(key=lambda s: s[0].since)
-    return await _version_hints(store, app, found[:limit], now)
+    found = [(_with_saga_hint(s, declarations), r) for s, r in found[:limit]]
+    return await _version_hints(store, app, found, now)
+
+
+def _with_saga_hint(stall: Stall, declarations: list[Declaration]) -> Stall:
+    if stall.reason != UNHANDLED_EVENT:
+        return stall
+    hint = saga_hop_hint(stall.node.group, declarations)
+    return stall if hint is None else dataclasses.replace(stall, hint=hint)
