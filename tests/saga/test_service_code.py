@@ -21,6 +21,16 @@ from ..engine.helpers import make_app
 MODES = ("orchestrated", "choreographed")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
+                                                                      pytest.mark.nats])])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store the services share (with PostgreSQL, NATS as the broker of both)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shop.db"
+    distributed: str = request.getfixturevalue("distributed_url")
+    return distributed
+
+
 def shared_saga(mode: str) -> Saga:
     """The map both services can import (steps named by their services)."""
     return Saga("order", Step("orders.reserve", compensate="orders.release"),
@@ -56,17 +66,15 @@ def payments_app(url: str, *, with_saga: str | None) -> App:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_service_that_includes_the_saga_serves_its_step_in_both_modes(
-    tmp_path: Path, mode: str
+    url: str, mode: str
 ) -> None:
-    url = f"sqlite:///{tmp_path}/shop.db"
     orders, payments = orders_app(url, mode), payments_app(url, with_saga="orchestrated")
     async with payments, orders:
         handle = await orders.start("order", {"id": 1})
         assert await handle.result(20) == {"orders.reserve": "r-1", "payments.charge": "c-1"}
 
 
-async def test_a_service_without_the_saga_is_named_in_the_stall(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/shop.db"
+async def test_a_service_without_the_saga_is_named_in_the_stall(url: str) -> None:
     orders, payments = orders_app(url, "choreographed"), payments_app(url, with_saga=None)
     async with payments, orders:
         handle = await orders.start("order", {"id": 1})
@@ -100,9 +108,8 @@ def orders_serving_everything(url: str) -> App:
 
 
 async def test_a_worker_without_the_steps_code_leaves_its_hop_to_one_that_has_it(
-    tmp_path: Path,
+    url: str,
 ) -> None:
-    url = f"sqlite:///{tmp_path}/shop.db"
     orders, payments = orders_serving_everything(url), payments_app(url, with_saga="orchestrated")
     async with payments, orders:
         handle = await orders.start("order", {"id": 1})
