@@ -142,6 +142,9 @@ class HandlerDef:
     # The workflow a handler belongs to (a choreographed saga's own, of a step without a
     # service): under services=, it is served wherever that workflow is.
     workflow: str | None = None
+    # The step a choreographed saga's hop runs: a process whose code lacks it leaves
+    # the hop to one that has it, as it leaves a step task (whatever its services=).
+    step: str | None = None
 
     @property
     def name(self) -> str:

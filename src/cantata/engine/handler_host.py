@@ -60,6 +60,9 @@ class EngineHost:
         return self._engine.quiet
 
     def serves(self, declaration: HandlerDef | TriggerDef) -> bool:
+        if isinstance(declaration, HandlerDef) and declaration.step is not None \
+                and declaration.step not in self.router.steps:
+            return False  # a saga's hop whose step this code lacks (another service's)
         services = self._engine.services
         if services is None:
             return True

@@ -19,7 +19,7 @@ import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cantata.model.records import utc_datetime
+from cantata.model.records import Declaration, utc_datetime
 from cantata.store.base import Store
 
 from .assemble import assemble
@@ -39,6 +39,7 @@ from .node import (
     TraceNode,
     TraceNotFound,
 )
+from .saga_hints import saga_hop_hint
 from .stall_hints import group_hint, live_workers, run_hints
 
 PENDING_STEP = "pending_step"
@@ -70,7 +71,9 @@ class Stall:
             handler or dead letter).
         hint: the cause, when the store tells it: a run no live worker takes
             because none serves its workflow or runs a version that may, an event
-            for a group no live worker serves (``None`` otherwise).
+            for a group no live worker serves, and a choreographed saga's step that
+            only a worker of its service whose app includes the saga handles (``None``
+            otherwise).
     """
 
     correlation_id: str
@@ -169,7 +172,8 @@ def _stalls_with_runs(
 
 
 async def _with_hints(
-    store: Store, app: str, stuck: list[tuple[Stall, str | None]], now: float
+    store: Store, app: str, stuck: list[tuple[Stall, str | None]], now: float,
+    declarations: list[Declaration],
 ) -> list[Stall]:
     """The stalls, with a hint where live workers run but none of them may take the
     run, or serves the group an event waits for (:mod:`.stall_hints`)."""
@@ -187,6 +191,8 @@ async def _with_hints(
             hint = found.get(run_id)
         elif stall.reason == UNHANDLED_EVENT and stall.node.group:
             hint = group_hint(stall.node.group, live)
+            if hint is not None or not live:  # nobody live serves it: a saga's hop says why
+                hint = saga_hop_hint(stall.node.group, declarations) or hint
         out.append(stall if hint is None else dataclasses.replace(stall, hint=hint))
     return out
 
@@ -219,4 +225,4 @@ async def find_stalls(
             continue  # removed meanwhile
         found.extend(_stalls_with_runs(root, older_than, now, correlation_id=cid))
     found.sort(key=lambda s: s[0].since)
-    return await _with_hints(store, app, found[:limit], now)
+    return await _with_hints(store, app, found[:limit], now, declarations)

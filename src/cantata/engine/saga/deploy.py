@@ -111,7 +111,7 @@ def _attach_handlers(saga: Saga, router: Router) -> None:
             _add(saga, router, saga.trigger(stage), group, fwd, service,
                  _with_lost_attempt(_step_retry(router, step, step.name)),
                  (done, saga.event_type(step.name, "failed"), saga.failed_event(stage),
-                  finished))
+                  finished), step.name)
             if step.compensation is None:
                 continue
             undo = undo_handler(saga, router, step)
@@ -122,7 +122,8 @@ def _attach_handlers(saga: Saga, router: Router) -> None:
                      *(saga.compensate_event(t) for t in saga.undo_before(stage)[:1]),
                      finished)
             for pattern in triggers[step.name]:
-                _add(saga, router, pattern, group, undo, service, retry, emits)
+                _add(saga, router, pattern, group, undo, service, retry, emits,
+                     step.compensation)
         if stage.parallel:
             _attach_join(saga, router, stage, after)
 
@@ -140,10 +141,10 @@ def _attach_join(saga: Saga, router: Router, stage: Stage, after: str) -> None:
 
 def _add(
     saga: Saga, router: Router, pattern: str, group: str, fn: Any, service: str | None,
-    retry: Retry, emits: tuple[str, ...],
+    retry: Retry, emits: tuple[str, ...], step: str | None = None,
 ) -> None:
     router._add_handler(HandlerDef(
         pattern=pattern, group=group, fn=fn, retry=retry, model=None, is_async=True,
         wants_ctx=True, emits=tuple(dict.fromkeys(emits)), service=service,
-        workflow=None if service is not None else saga.name,
+        workflow=None if service is not None else saga.name, step=step,
     ))
