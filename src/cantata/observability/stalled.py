@@ -190,9 +190,11 @@ async def _with_hints(
         if run_id is not None and stall.reason in _HINTED:
             hint = found.get(run_id)
         elif stall.reason == UNHANDLED_EVENT and stall.node.group:
-            hint = group_hint(stall.node.group, live)
-            if hint is not None or not live:  # nobody live serves it: a saga's hop says why
-                hint = saga_hop_hint(stall.node.group, declarations) or hint
+            group = stall.node.group
+            hint = group_hint(group, live)
+            if not any(w.groups is not None and group in w.groups for w in live):
+                # no live worker is known to serve it: a saga's hop says why
+                hint = saga_hop_hint(group, declarations) or hint
         out.append(stall if hint is None else dataclasses.replace(stall, hint=hint))
     return out
 
