@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import json
 from typing import Any
 from urllib.parse import quote
 
-from cantata import App
+from cantata import App, ConfigurationError
 from tests.helpers import eventually
 from tests.server.conftest import Shop
 
@@ -522,19 +524,49 @@ async def test_a_long_attr_is_cut_short_in_the_message(shop: Shop) -> None:
 async def test_an_idempotency_key_longer_than_the_api_takes_is_refused_naming_it(
     shop: Shop,
 ) -> None:
-    """The API takes ids of at most 200 printable characters (``ID_PATTERN``): a longer
+    """The API takes the keys ``app.start`` takes, of at most 500 characters: a longer
     key, up to a body of ten million characters, is a 4xx naming the field, and no run
     is stored."""
     start = "/api/workflows/place_order/runs"
-    for key in ("k" * 201, "k" * 10_000_000):
+    for key in ("k" * 501, "k" * 10_000_000):
         r = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": key})
         assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
         error = r.json()["error"]
         assert error["field"] == "idempotency_key", error
         assert len(r.content) < 2000  # the key is not echoed back whole
     assert await shop.app.list_runs() == []
-    ok = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": "k" * 200})
+    ok = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": "k" * 500})
     assert ok.status_code == 201, ok.text
+
+
+async def test_a_start_takes_exactly_the_keys_app_start_takes(shop: Shop) -> None:
+    """``idempotency_key`` and ``correlation_id`` of a start are checked by
+    ``app.start``'s own rule: any text (spaces at the ends, ``/``, letters outside
+    ASCII) of up to 500 characters is taken and kept exactly; what ``app.start``
+    refuses (a NUL, a lone surrogate, 501 characters, an empty key) is a 400 naming
+    the field, and no run is stored."""
+    start = "/api/workflows/place_order/runs"
+    for field in ("idempotency_key", "correlation_id"):
+        for value in ("  Bestellung Ä-12 / Kunde  ", "x" * 500, "\u65e5\u672c 注文"):
+            r = await shop.post(start, json={"input": {"id": "K-1"}, field: value})
+            assert r.status_code == 201, (field, value[:20], r.text[:300])
+            run = (await shop.get(f"/api/runs/{r.json()['run_id']}")).json()
+            assert run[field] == value
+            found = await shop.get("/api/runs", params={field: value})
+            assert r.json()["run_id"] in [x["run_id"] for x in found.json()["runs"]]
+    runs = len(await shop.app.list_runs(limit=500))
+    for field, value in (("idempotency_key", "a\x00b"), ("correlation_id", "a\x00b"),
+                         ("idempotency_key", "x" * 501), ("correlation_id", "x" * 501),
+                         ("idempotency_key", ""), ("idempotency_key", "a\ud800b")):
+        with contextlib.suppress(ConfigurationError):  # (what app.start does with it)
+            await shop.app.start("place_order", {"id": "K-2"}, **{field: value})
+            raise AssertionError(f"app.start took {field}={value[:20]!r}")
+        body = json.dumps({"input": {"id": "K-2"}, field: value})  # (a lone surrogate too)
+        r = await shop.client.post(start, content=body, headers={
+            **shop.auth("operator"), "Content-Type": "application/json"})
+        assert r.status_code == 400, (field, value[:20], r.text[:300])
+        assert r.json()["error"]["field"] == field, r.text[:300]
+    assert len(await shop.app.list_runs(limit=500)) == runs
 
 
 async def test_a_filter_the_api_does_not_take_is_refused_not_ignored(shop: Shop) -> None:

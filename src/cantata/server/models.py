@@ -154,8 +154,11 @@ class StartIn(BaseModel):
 
     input: Any = None
     args: list[Any] | None = None
-    idempotency_key: str | None = Field(default=None, pattern=ID_PATTERN)
-    correlation_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    idempotency_key: str | None = Field(default=None, description=(
+        "Any text `app.start` takes: 1-500 characters, without a NUL or a lone surrogate."))
+    correlation_id: str | None = Field(default=None, description=(
+        "Any text `app.start` takes: up to 500 characters, without a NUL or a lone surrogate "
+        "(empty: the run begins a transaction of its own)."))
 
 
 class StartOut(BaseModel):

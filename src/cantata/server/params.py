@@ -11,10 +11,11 @@ import re
 
 import orjson
 
-from cantata.errors import CantataError, UnknownAttribute
+from cantata.errors import CantataError, ConfigurationError, UnknownAttribute
 from cantata.model.attributes import index_value, parse_attr
 from cantata.model.checks import brief, check_text
 from cantata.model.codec import nonfinite_path
+from cantata.model.idempotency import check_correlation_id, check_given_key
 from cantata.model.status import RunStatus
 from cantata.server.errors import ApiError, bad_input
 
@@ -55,6 +56,18 @@ def key(field: str, value: str | None) -> str | None:
         raise bad_input(field, f"{field} {brief(value)} holds a NUL character or a lone "
                         "surrogate, which no key holds: check the value") from None
     return value
+
+
+def start_keys(idempotency_key: str | None, correlation_id: str | None) -> None:
+    """A start's ``idempotency_key`` and ``correlation_id`` as ``app.start`` takes them
+    (its own checks: any text of up to 500 characters without a NUL or a lone
+    surrogate; a key not empty), else a 400 naming the field."""
+    for field, value, check in (("idempotency_key", idempotency_key, check_given_key),
+                                ("correlation_id", correlation_id, check_correlation_id)):
+        try:
+            check(value)
+        except ConfigurationError as exc:
+            raise bad_input(field, str(exc)) from None
 
 
 def required_ident(field: str, value: str) -> str:

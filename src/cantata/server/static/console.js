@@ -160,7 +160,8 @@
         const payload = {};
         const value = parseJson(input.value, "Input");
         if (value !== undefined) payload.input = value;
-        if (key.value.trim()) payload.idempotency_key = key.value.trim();
+        // a key is exact (spaces at its ends are part of it): sent as typed
+        if (key.value) payload.idempotency_key = key.value;
         const r = await api("/api/workflows/" + encodeURIComponent(wf.value) + "/runs", { method: "POST", body: payload });
         out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Started run ", runLink(r.run_id)));
       } catch (e) { out.replaceChildren(notice(e.message, "error")); }
@@ -297,12 +298,16 @@
         h("input", { name: "attr", value: v, placeholder: "customer_id=42" }))),
       h("button", { type: "submit", class: "primary" }, "Filter"),
       h("a", { href: "/runs" }, "Clear"));
+    // Names and times are trimmed (a space typed around one is no part of it); keys are
+    // exact, spaces at their ends included, as app.start took them; an attribute's
+    // value too (its name is trimmed by the server).
     const params = new URLSearchParams();
-    for (const k of ["workflow", "status", "since", "until", "idempotency_key", "correlation_id"]) {
+    for (const k of ["workflow", "status", "since", "until"]) {
       const v = (q.get(k) || "").trim();
       if (v) params.set(k, v);
     }
-    for (const v of q.getAll("attr")) if (v.trim()) params.append("attr", v.trim());
+    for (const k of ["idempotency_key", "correlation_id"]) if (q.get(k)) params.set(k, q.get(k));
+    for (const v of q.getAll("attr")) if (v.trim()) params.append("attr", v.trimStart());
     params.set("limit", "50");
     const tbody = h("tbody", {});
     const more = h("div", { class: "actions" });
@@ -764,9 +769,22 @@
 
   /* -- start ------------------------------------------------------------------------- */
   const logout = document.getElementById("logout");
+  // Logging out ends the session on the server: when the console does not answer (or
+  // refuses), the page says so and stays (the session may still be open).
   if (logout) logout.addEventListener("click", async () => {
-    await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: { "X-Cantata-CSRF": "1" } });
-    location.assign("/login");
+    logout.disabled = true;
+    try {
+      const res = await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: { "X-Cantata-CSRF": "1" } });
+      if (!res.ok && res.status !== 401) throw new Error(`the console answered HTTP ${res.status}`);
+      location.assign("/login");
+    } catch (e) {
+      logout.disabled = false;
+      const why = e instanceof TypeError ? "the console did not answer" : e.message;
+      const said = h("div", { id: "logout-error", class: "notice error", role: "alert" },
+        h("strong", {}, "Log out failed"), `: ${why}. You are still logged in; try again once the console answers.`);
+      const was = document.getElementById("logout-error");
+      if (was) was.replaceWith(said); else content.before(said);
+    }
   });
   const run = pages[page];
   if (run) {
