@@ -9,6 +9,8 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+import pytest
+
 from cantata import App, ConfigurationError
 from tests.helpers import eventually
 from tests.server.conftest import Shop
@@ -630,3 +632,38 @@ async def test_runs_and_traces_are_found_by_any_key_the_library_takes(shop: Shop
         assert r.status_code == 400, r.text[:300]
         assert r.json()["error"]["field"] == "idempotency_key"
         assert len(r.content) < 2000
+
+
+async def test_pages_of_runs_created_at_one_time_have_no_duplicate_nor_gap(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs created at the very same time (a burst within one clock tick) are paged by
+    their ids: whatever the page size, every page boundary inside the tie gives each
+    run once, and none is skipped; other runs before and after the tie too."""
+    engine = shop.app.engine
+    made: list[str] = []
+    for _ in range(2):  # (before the tie, on the real clock)
+        made.append(await start(shop, "invoice", {"id": "T-0"}))
+    tie = engine.clock.now()
+    monkeypatch.setattr(engine.clock, "now", lambda: tie)
+    for i in range(9):
+        made.append(await start(shop, "invoice", {"id": f"T-{i}"}))
+    monkeypatch.undo()
+    made.append(await start(shop, "invoice", {"id": "T-9"}))
+    listed = (await shop.get("/api/runs", params={"workflow": "invoice"})).json()["runs"]
+    times = [r["created_at"] for r in listed]
+    assert max(times.count(t) for t in times) == 9  # (the tie is real)
+    for size in (1, 2, 3, 4, 8, 9, 12):
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:
+            p: dict[str, Any] = {"workflow": "invoice", "limit": size}
+            if cursor:
+                p["cursor"] = cursor
+            page = (await shop.get("/api/runs", params=p)).json()
+            seen += [r["run_id"] for r in page["runs"]]
+            cursor = page["next_cursor"]
+            if cursor is None or len(seen) > 2 * len(made):  # (a cursor that never ends)
+                break
+        assert len(seen) == len(set(seen)), size
+        assert sorted(seen) == sorted(made), size
