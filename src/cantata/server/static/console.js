@@ -775,7 +775,10 @@
     logout.disabled = true;
     try {
       const res = await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: { "X-Cantata-CSRF": "1" } });
-      if (!res.ok && res.status !== 401) throw new Error(`the console answered HTTP ${res.status}`);
+      if (!res.ok && res.status !== 401) {  // (401: no session left to end)
+        const data = await res.json().catch(() => null);
+        throw new Error((data && data.error && data.error.message) || `the console answered HTTP ${res.status}`);
+      }
       location.assign("/login");
     } catch (e) {
       logout.disabled = false;
