@@ -667,3 +667,28 @@ async def test_pages_of_runs_created_at_one_time_have_no_duplicate_nor_gap(
                 break
         assert len(seen) == len(set(seen)), size
         assert sorted(seen) == sorted(made), size
+
+
+async def test_a_publish_takes_exactly_the_attributes_app_publish_takes(shop: Shop) -> None:
+    """An event's ``correlation_id``, ``subject`` and ``id`` are checked by
+    ``app.publish``'s own rule: a transaction whose correlation id holds spaces or
+    letters outside ASCII (as ``app.start`` took it) is joined by a published event,
+    shown in its trace; what ``app.publish`` refuses (empty, a NUL, 501 characters) is
+    a 400 naming the field."""
+    corr = "  Kunde 42 / März  "
+    await start(shop, "place_order", {"id": "P-1"}, correlation_id=corr)
+    r = await shop.post("/api/events", json={"type": "order.placed", "data": {"order_id": "P-1"},
+                                             "correlation_id": corr, "subject": "Bestellung 7",
+                                             "id": "Ereignis Ä-1"})
+    assert r.status_code == 201, r.text[:300]
+    assert r.json()["id"] == "Ereignis Ä-1"
+    trace = (await shop.get("/api/trace/" + quote(corr, safe=""))).json()
+    assert trace["correlation_id"] == corr
+    assert "Ereignis Ä-1" in json.dumps(trace, ensure_ascii=False)
+    for field, value in (("correlation_id", ""), ("correlation_id", "a\x00b"),
+                         ("id", "x" * 501), ("subject", ""), ("id", "a\ud800b")):
+        r = await shop.client.post("/api/events", content=json.dumps(
+            {"type": "order.placed", field: value}), headers={
+            **shop.auth("operator"), "Content-Type": "application/json"})
+        assert r.status_code == 400, (field, value[:20], r.text[:300])
+        assert r.json()["error"]["field"] == field, r.text[:300]

@@ -7,9 +7,11 @@ keyboard alone reaches every control (focus visible) and submits forms with Ente
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -25,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser-walk")]
 from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
 browser = base.browser
+CORRELATION = " Kunde 9 / März "
 PAGES = ("/", "/runs", "/events", "/dead-letters", "/stalled", "/schedules", "/queues")
 
 
@@ -32,7 +35,8 @@ async def seed(app: App) -> dict[str, Any]:
     tokens, names = await make_tokens(app)
     await app.schedules.create("tokyo-close", "0 15 * * *", "yearly_report",
                                timezone="Asia/Tokyo")
-    placed = await app.start("place_order", {"id": "N-1", "total": 3})
+    placed = await app.start("place_order", {"id": "N-1", "total": 3},
+                             correlation_id=CORRELATION)
     await placed.result(20)
     for i in range(3):  # one holds the fragile queue's one slot: two wait behind it
         await app.start("await_approval", {"id": f"Q-{i}"}, queue="fragile")
@@ -72,7 +76,7 @@ def open_as(browser: Browser, server: ServerThread, role: str) -> Page:
 def test_every_page_draws_without_an_error(browser: Browser, server: ServerThread) -> None:
     page = open_as(browser, server, "operator")
     for address in (*PAGES, f"/runs/{server.result['placed']}",
-                    f"/trace/{server.result['placed']}"):
+                    "/trace/" + quote(CORRELATION, safe="")):
         page.goto(server.url + address)
         expect(page.locator("#live")).to_be_visible()  # (drawn, then the stream opened)
     assert page.errors == []  # type: ignore[attr-defined]
@@ -86,8 +90,13 @@ def test_the_events_page_maps_what_crossed_nats(browser: Browser, server: Server
     expect(page.locator(".map")).to_contain_text("order.placed")
     page.get_by_label("Type").fill("order.placed")
     page.get_by_label("Data (JSON)").fill('{"order_id": "N-2"}')
+    # into a transaction whose id app.start took (spaces, '/', letters outside ASCII)
+    page.get_by_label("Correlation id").fill(CORRELATION)
     page.get_by_label("Correlation id").press("Enter")  # (Enter submits the form)
     expect(page.get_by_role("status").filter(has_text="Published event")).to_be_visible()
+    trace = page.request.get(f"{server.url}/api/trace/{quote(CORRELATION, safe='')}").json()
+    assert trace["correlation_id"] == CORRELATION
+    assert page.locator("#content .notice.ok a").inner_text() in json.dumps(trace)
     assert page.errors == []  # type: ignore[attr-defined]
     page.context.close()
 

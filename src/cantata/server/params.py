@@ -11,10 +11,11 @@ import re
 
 import orjson
 
-from cantata.errors import CantataError, ConfigurationError, UnknownAttribute
+from cantata.errors import CantataError, ConfigurationError, InvalidEvent, UnknownAttribute
 from cantata.model.attributes import index_value, parse_attr
 from cantata.model.checks import brief, check_text
 from cantata.model.codec import nonfinite_path
+from cantata.model.event import check_publish
 from cantata.model.idempotency import check_correlation_id, check_given_key
 from cantata.model.status import RunStatus
 from cantata.server.errors import ApiError, bad_input
@@ -67,6 +68,18 @@ def start_keys(idempotency_key: str | None, correlation_id: str | None) -> None:
         try:
             check(value)
         except ConfigurationError as exc:
+            raise bad_input(field, str(exc)) from None
+
+
+def event_attributes(event_type: str, **given: str | None) -> None:
+    """An event's attributes a publisher gives (``correlation_id``, ``subject``, ``id``)
+    as ``app.publish`` takes them (its own check: any text, not empty, without a NUL or
+    a lone surrogate; up to 500 characters where the store indexes it), else a 400
+    naming the field."""
+    for field, value in given.items():
+        try:
+            check_publish(event_type, **{field: value})
+        except InvalidEvent as exc:
             raise bad_input(field, str(exc)) from None
 
 

@@ -187,7 +187,7 @@
           const payload = { type: type.value.trim() };
           const value = parseJson(data.value, "Data");
           if (value !== undefined) payload.data = value;
-          if (corr.value.trim()) payload.correlation_id = corr.value.trim();
+          if (corr.value) payload.correlation_id = corr.value;  // (exact, as a key)
           const r = await api("/api/events", { method: "POST", body: payload });
           out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Published event ", traceLink(r.id, r.id)),
             ...(r.orphan ? [notice("Nothing in this app listens to " + payload.type + " (an orphan event): check the type.")] : []));
