@@ -101,6 +101,15 @@ def test_the_runs_form_finds_a_key_with_spaces_at_its_ends(
     expect(page.get_by_label("Idempotency key")).to_have_value(SPACED)
     expect(rows).to_have_count(1)
     expect(rows.first).to_have_attribute("data-run-id", server.result["spaced"])
+    # shown exactly (not collapsed as HTML text is), to be told from the trimmed key
+    key_cell = rows.first.locator("td.mono .exact")
+    quoted = json.dumps(SPACED, ensure_ascii=False)
+    expect(key_cell).to_have_attribute("title", f"Exact key: {quoted}")
+    assert key_cell.inner_text() == SPACED
+    rows.first.get_by_role("link").first.click()
+    expect(page.locator("dd.key .exact")).to_be_visible()
+    assert page.locator("dd.key .exact").inner_text() == SPACED
+    page.go_back()
     # the trimmed key is another key, found by itself
     page.goto(server.url + "/runs?idempotency_key=" + quote(SPACED.strip()))
     expect(rows).to_have_count(1)

@@ -57,6 +57,15 @@
   // A name or key that may be long (up to 200 characters of a workflow's name, 500 of a
   // key) wraps within its column instead of pushing the table's other columns away.
   const long = (text) => h("span", { class: "long" }, text);
+  // A name or key as it is: spaces at its ends or doubled are kept (not collapsed as
+  // HTML text is) and such a one is outlined, its exact text in a tooltip, so that
+  // "  order 7 " is told from "order 7" (a key is exact: the one is not the other).
+  function exactName(name, what) {
+    const odd = /^\s|\s$|\s\s/.test(name);
+    return h("span", { class: (what ? "long " : "") + (odd ? "exact spaced" : "exact"),
+                       title: odd ? `Exact ${what || "name"}: ${JSON.stringify(name)}` : null }, name);
+  }
+  const exactKey = (key) => exactName(key, "key");
   // Every time is shown in UTC and says so (as the API and the trace's "where it
   // stands" line do); the tooltip gives it in the browser's own zone.
   const UTC_OPTS = { month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit",
@@ -204,7 +213,7 @@
     return h("tr", { "data-run-id": r.run_id },
       h("td", {}, runLink(r.run_id)), h("td", {}, long(r.workflow)),
       h("td", { class: "status" }, badge(r.status)),
-      h("td", { class: "mono" }, r.idempotency_key ? long(r.idempotency_key) : ""),
+      h("td", { class: "mono" }, r.idempotency_key ? exactKey(r.idempotency_key) : ""),
       h("td", { class: "when" }, when(r.created_at)), h("td", { class: "when" }, when(r.updated_at)),
       h("td", { class: "err" }, r.error || ""));
   }
@@ -453,8 +462,8 @@
             } }, "Retry") : null);
       const facts = h("dl", { class: "facts" },
         h("dt", {}, "Run id"), h("dd", { class: "mono" }, r.run_id),
-        h("dt", {}, "Transaction"), h("dd", {}, traceLink(r.correlation_id, r.correlation_id)),
-        h("dt", {}, "Idempotency key"), h("dd", { class: "mono" }, r.idempotency_key || "—"),
+        h("dt", {}, "Transaction"), h("dd", {}, traceLink(r.correlation_id, exactKey(r.correlation_id))),
+        h("dt", {}, "Idempotency key"), h("dd", { class: "mono key" }, r.idempotency_key ? exactKey(r.idempotency_key) : "—"),
         r.parent_run_id ? [h("dt", {}, "Parent run"), h("dd", {}, runLink(r.parent_run_id))] : null,
         h("dt", {}, "Created"), h("dd", {}, when(r.created_at)),
         h("dt", {}, "Updated"), h("dd", {}, when(r.updated_at)),
@@ -509,7 +518,7 @@
       const box = h("div", { class: "map" });
       show(h("div", { class: "where", role: "status" }, h("strong", {}, "Where it stands: "), t.where),
         h("div", { class: "headline" }, h("span", { class: "muted" }, "Transaction "),
-          h("span", { class: "mono" }, t.correlation_id), badge(t.status)),
+          h("span", { class: "mono" }, exactKey(t.correlation_id)), badge(t.status)),
         box);
       // A run's row is a link (an SVG <a>): reached with Tab, opened with Enter or a click.
       const runs = [];
@@ -631,13 +640,6 @@
     return wrap;
   }
 
-  // A schedule's or queue's name as it is: spaces at its ends or doubled are kept (not
-  // collapsed as HTML text is) and such a name is outlined, its exact text in a tooltip.
-  function exactName(name) {
-    const odd = /^\s|\s$|\s\s/.test(name);
-    return h("span", { class: odd ? "exact spaced" : "exact",
-                       title: odd ? `Exact name: ${JSON.stringify(name)}` : null }, name);
-  }
   // Nothing ticks or begins without a live worker (the API's `served`): said above the table.
   function noWorker(list, consequence) {
     if (!list.some((x) => !x.served)) return null;
