@@ -20,7 +20,9 @@ from cantata.model.idempotency import check_correlation_id, check_given_key
 from cantata.model.status import RunStatus
 from cantata.server.errors import ApiError, bad_input
 
-# Ids, correlation ids, idempotency keys, names: printable, no spaces, bounded.
+# Ids Cantata makes (run ids, dead letters'), names: printable, no spaces, bounded. Keys
+# a caller chose (idempotency keys, correlation ids, event ids) are any text: see key(),
+# start_keys() and event_attributes().
 ID_PATTERN = r"^[\x21-\x7e]{1,200}$"
 NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -35,7 +37,7 @@ HALF_MICROSECOND = 5e-7
 
 
 def ident(field: str, value: str | None) -> str | None:
-    """An id-like value (run id, event id, correlation id, idempotency key)."""
+    """An id Cantata makes (a run's, a dead letter's) or an event type."""
     if value is None:
         return None
     if not _ID_RE.fullmatch(value):
