@@ -12,12 +12,12 @@ from cantata import App, Event, Retry
 
 
 def make_shop(store: str, *, name: str = "shop", state: dict[str, Any] | None = None,
-              audit_key: str | None = None) -> App:
-    """A shop app on ``store``; ``state["emails_broken"]`` makes the email handler fail,
-    ``state["billing_down"]`` the invoice's ``bill`` step (``state["billing_delay"]``:
-    seconds it takes)."""
+              audit_key: str | None = None, broker: str = "embedded") -> App:
+    """A shop app on ``store`` (its events on ``broker``); ``state["emails_broken"]``
+    makes the email handler fail, ``state["billing_down"]`` the invoice's ``bill`` step
+    (``state["billing_delay"]``: seconds it takes)."""
     flags = state if state is not None else {"emails_broken": False}
-    app = App(name, store=store, broker="embedded", poll_interval=0.05, lease=5.0,
+    app = App(name, store=store, broker=broker, poll_interval=0.05, lease=5.0,
               audit_key=audit_key)
 
     @app.step

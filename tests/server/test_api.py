@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import json
 from typing import Any
 from urllib.parse import quote
 
-from cantata import App
+import pytest
+
+from cantata import App, ConfigurationError
 from tests.helpers import eventually
 from tests.server.conftest import Shop
 
@@ -522,19 +526,49 @@ async def test_a_long_attr_is_cut_short_in_the_message(shop: Shop) -> None:
 async def test_an_idempotency_key_longer_than_the_api_takes_is_refused_naming_it(
     shop: Shop,
 ) -> None:
-    """The API takes ids of at most 200 printable characters (``ID_PATTERN``): a longer
+    """The API takes the keys ``app.start`` takes, of at most 500 characters: a longer
     key, up to a body of ten million characters, is a 4xx naming the field, and no run
     is stored."""
     start = "/api/workflows/place_order/runs"
-    for key in ("k" * 201, "k" * 10_000_000):
+    for key in ("k" * 501, "k" * 10_000_000):
         r = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": key})
         assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
         error = r.json()["error"]
         assert error["field"] == "idempotency_key", error
         assert len(r.content) < 2000  # the key is not echoed back whole
     assert await shop.app.list_runs() == []
-    ok = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": "k" * 200})
+    ok = await shop.post(start, json={"input": {"id": "L-1"}, "idempotency_key": "k" * 500})
     assert ok.status_code == 201, ok.text
+
+
+async def test_a_start_takes_exactly_the_keys_app_start_takes(shop: Shop) -> None:
+    """``idempotency_key`` and ``correlation_id`` of a start are checked by
+    ``app.start``'s own rule: any text (spaces at the ends, ``/``, letters outside
+    ASCII) of up to 500 characters is taken and kept exactly; what ``app.start``
+    refuses (a NUL, a lone surrogate, 501 characters, an empty key) is a 400 naming
+    the field, and no run is stored."""
+    start = "/api/workflows/place_order/runs"
+    for field in ("idempotency_key", "correlation_id"):
+        for value in ("  Bestellung Ä-12 / Kunde  ", "x" * 500, "\u65e5\u672c 注文"):
+            r = await shop.post(start, json={"input": {"id": "K-1"}, field: value})
+            assert r.status_code == 201, (field, value[:20], r.text[:300])
+            run = (await shop.get(f"/api/runs/{r.json()['run_id']}")).json()
+            assert run[field] == value
+            found = await shop.get("/api/runs", params={field: value})
+            assert r.json()["run_id"] in [x["run_id"] for x in found.json()["runs"]]
+    runs = len(await shop.app.list_runs(limit=500))
+    for field, value in (("idempotency_key", "a\x00b"), ("correlation_id", "a\x00b"),
+                         ("idempotency_key", "x" * 501), ("correlation_id", "x" * 501),
+                         ("idempotency_key", ""), ("idempotency_key", "a\ud800b")):
+        with contextlib.suppress(ConfigurationError):  # (what app.start does with it)
+            await shop.app.start("place_order", {"id": "K-2"}, **{field: value})
+            raise AssertionError(f"app.start took {field}={value[:20]!r}")
+        body = json.dumps({"input": {"id": "K-2"}, field: value})  # (a lone surrogate too)
+        r = await shop.client.post(start, content=body, headers={
+            **shop.auth("operator"), "Content-Type": "application/json"})
+        assert r.status_code == 400, (field, value[:20], r.text[:300])
+        assert r.json()["error"]["field"] == field, r.text[:300]
+    assert len(await shop.app.list_runs(limit=500)) == runs
 
 
 async def test_a_filter_the_api_does_not_take_is_refused_not_ignored(shop: Shop) -> None:
@@ -598,3 +632,63 @@ async def test_runs_and_traces_are_found_by_any_key_the_library_takes(shop: Shop
         assert r.status_code == 400, r.text[:300]
         assert r.json()["error"]["field"] == "idempotency_key"
         assert len(r.content) < 2000
+
+
+async def test_pages_of_runs_created_at_one_time_have_no_duplicate_nor_gap(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs created at the very same time (a burst within one clock tick) are paged by
+    their ids: whatever the page size, every page boundary inside the tie gives each
+    run once, and none is skipped; other runs before and after the tie too."""
+    engine = shop.app.engine
+    made: list[str] = []
+    for _ in range(2):  # (before the tie, on the real clock)
+        made.append(await start(shop, "invoice", {"id": "T-0"}))
+    tie = engine.clock.now()
+    monkeypatch.setattr(engine.clock, "now", lambda: tie)
+    for i in range(9):
+        made.append(await start(shop, "invoice", {"id": f"T-{i}"}))
+    monkeypatch.undo()
+    made.append(await start(shop, "invoice", {"id": "T-9"}))
+    listed = (await shop.get("/api/runs", params={"workflow": "invoice"})).json()["runs"]
+    times = [r["created_at"] for r in listed]
+    assert max(times.count(t) for t in times) == 9  # (the tie is real)
+    for size in (1, 2, 3, 4, 8, 9, 12):
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:
+            p: dict[str, Any] = {"workflow": "invoice", "limit": size}
+            if cursor:
+                p["cursor"] = cursor
+            page = (await shop.get("/api/runs", params=p)).json()
+            seen += [r["run_id"] for r in page["runs"]]
+            cursor = page["next_cursor"]
+            if cursor is None or len(seen) > 2 * len(made):  # (a cursor that never ends)
+                break
+        assert len(seen) == len(set(seen)), size
+        assert sorted(seen) == sorted(made), size
+
+
+async def test_a_publish_takes_exactly_the_attributes_app_publish_takes(shop: Shop) -> None:
+    """An event's ``correlation_id``, ``subject`` and ``id`` are checked by
+    ``app.publish``'s own rule: a transaction whose correlation id holds spaces or
+    letters outside ASCII (as ``app.start`` took it) is joined by a published event,
+    shown in its trace; what ``app.publish`` refuses (empty, a NUL, 501 characters) is
+    a 400 naming the field."""
+    corr = "  Kunde 42 / März  "
+    await start(shop, "place_order", {"id": "P-1"}, correlation_id=corr)
+    r = await shop.post("/api/events", json={"type": "order.placed", "data": {"order_id": "P-1"},
+                                             "correlation_id": corr, "subject": "Bestellung 7",
+                                             "id": "Ereignis Ä-1"})
+    assert r.status_code == 201, r.text[:300]
+    assert r.json()["id"] == "Ereignis Ä-1"
+    trace = (await shop.get("/api/trace/" + quote(corr, safe=""))).json()
+    assert trace["correlation_id"] == corr
+    assert "Ereignis Ä-1" in json.dumps(trace, ensure_ascii=False)
+    for field, value in (("correlation_id", ""), ("correlation_id", "a\x00b"),
+                         ("id", "x" * 501), ("subject", ""), ("id", "a\ud800b")):
+        r = await shop.client.post("/api/events", content=json.dumps(
+            {"type": "order.placed", field: value}), headers={
+            **shop.auth("operator"), "Content-Type": "application/json"})
+        assert r.status_code == 400, (field, value[:20], r.text[:300])
+        assert r.json()["error"]["field"] == field, r.text[:300]

@@ -97,7 +97,8 @@ async def test_known_bad_bodies_name_their_field(shop: Shop) -> None:
         ("/api/events", {"type": "order.placed", "correlation_id": ""}, "correlation_id"),
         ("/api/events", {"type": "order.placed", "id": 5}, "id"),
         ("/api/workflows/place_order/runs", {"args": "one"}, "args"),
-        ("/api/workflows/place_order/runs", {"idempotency_key": "has space"}, "idempotency_key"),
+        ("/api/workflows/place_order/runs", {"idempotency_key": ""}, "idempotency_key"),
+        ("/api/workflows/place_order/runs", {"correlation_id": "x" * 501}, "correlation_id"),
         ("/api/workflows/place_order/runs", [1, 2], "body"),
     ]
     for path, body, field in cases:

@@ -14,8 +14,8 @@ from cantata.declare.router import Router
 from cantata.errors import Cancelled, StoreUpgraded
 from cantata.model import codec
 from cantata.model.checks import check_key
-from cantata.model.event import MAX_ATTRIBUTE, Event
-from cantata.model.idempotency import KEY_ADVICE, args_hash
+from cantata.model.event import Event
+from cantata.model.idempotency import KEY_ADVICE, args_hash, check_correlation_id
 from cantata.model.records import Attempt, Declaration, HistoryEntry, RunRecord
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus
@@ -241,9 +241,7 @@ class Engine:
             run's id (:func:`~cantata.engine.creation.create_once`).
         """
         check_key("idempotency_key", idempotency_key, KEY_ADVICE, empty=False)
-        # (bounded as an event's: the events the run emits carry it)
-        check_key("correlation_id", correlation_id, "the id of the business transaction to "
-                  "join, or None to begin a new one", longest=MAX_ATTRIBUTE)
+        check_correlation_id(correlation_id)
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )

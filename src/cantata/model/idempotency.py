@@ -35,6 +35,7 @@ KEY_ADVICE = (
     "the business key that makes this start unique (e.g. 'order-42'), or None "
     "for a new run each time"
 )
+CORRELATION_ADVICE = "the id of the business transaction to join, or None to begin a new one"
 
 
 def check_given_key(key: object) -> None:
@@ -46,6 +47,17 @@ def check_given_key(key: object) -> None:
         ConfigurationError: naming the key (cut), its length and what to pass.
     """
     check_key("idempotency_key", key, KEY_ADVICE, empty=False, longest=MAX_GIVEN_KEY)
+
+
+def check_correlation_id(correlation_id: object) -> None:
+    """``correlation_id`` as a new run takes it: ``None`` or ``""`` (the run begins a
+    transaction of its own), or a string of at most :data:`MAX_ATTRIBUTE` characters
+    (the events the run emits carry it) the store keeps as it is.
+
+    Raises:
+        ConfigurationError: naming the id (cut), its length and what to pass.
+    """
+    check_key("correlation_id", correlation_id, CORRELATION_ADVICE, longest=MAX_ATTRIBUTE)
 
 
 def canonical_args(args_json: str) -> str:

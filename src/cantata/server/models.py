@@ -34,7 +34,6 @@ from cantata.observability.node import TraceNode
 from cantata.observability.stalled import Stall
 from cantata.observability.timeline import where_it_stands
 
-ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # as cantata.server.params
 TYPE_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"  # as cantata.model.event
 
 
@@ -154,8 +153,11 @@ class StartIn(BaseModel):
 
     input: Any = None
     args: list[Any] | None = None
-    idempotency_key: str | None = Field(default=None, pattern=ID_PATTERN)
-    correlation_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    idempotency_key: str | None = Field(default=None, description=(
+        "Any text `app.start` takes: 1-500 characters, without a NUL or a lone surrogate."))
+    correlation_id: str | None = Field(default=None, description=(
+        "Any text `app.start` takes: up to 500 characters, without a NUL or a lone surrogate "
+        "(empty: the run begins a transaction of its own)."))
 
 
 class StartOut(BaseModel):
@@ -168,9 +170,12 @@ class PublishIn(BaseModel):
     type: str = Field(pattern=TYPE_PATTERN, max_length=200,
                       description="Dot-separated tokens, e.g. `order.placed`.")
     data: Any = None
-    correlation_id: str | None = Field(default=None, pattern=ID_PATTERN)
-    subject: str | None = Field(default=None, pattern=ID_PATTERN)
-    id: str | None = Field(default=None, pattern=ID_PATTERN)
+    # (any text app.publish takes: checked by its own rule, params.event_attributes)
+    correlation_id: str | None = Field(default=None, description=(
+        "Any text `app.publish` takes: 1-500 characters, without a NUL or a lone surrogate."))
+    subject: str | None = None
+    id: str | None = Field(default=None, description=(
+        "Any text `app.publish` takes: 1-500 characters, without a NUL or a lone surrogate."))
 
 
 class PublishOut(BaseModel):

@@ -144,6 +144,8 @@ async def publish(request: Request, response: Response, body: PublishIn,
     (nothing is published again); with other content it is a 400 naming ``id``."""
     console = console_of(request)
     params.finite("data", body.data)
+    params.event_attributes(body.type, correlation_id=body.correlation_id,
+                            subject=body.subject, id=body.id)
     app = await console.open()
     if app._broker is not None:  # relayed to a NATS name space no worker reads: 503
         await binding.check(app.store, app.name, app._broker, publishing=True)

@@ -11,14 +11,18 @@ import re
 
 import orjson
 
-from cantata.errors import CantataError, UnknownAttribute
+from cantata.errors import CantataError, ConfigurationError, InvalidEvent, UnknownAttribute
 from cantata.model.attributes import index_value, parse_attr
 from cantata.model.checks import brief, check_text
 from cantata.model.codec import nonfinite_path
+from cantata.model.event import check_publish
+from cantata.model.idempotency import check_correlation_id, check_given_key
 from cantata.model.status import RunStatus
 from cantata.server.errors import ApiError, bad_input
 
-# Ids, correlation ids, idempotency keys, names: printable, no spaces, bounded.
+# Ids Cantata makes (run ids, dead letters'), names: printable, no spaces, bounded. Keys
+# a caller chose (idempotency keys, correlation ids, event ids) are any text: see key(),
+# start_keys() and event_attributes().
 ID_PATTERN = r"^[\x21-\x7e]{1,200}$"
 NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -33,7 +37,7 @@ HALF_MICROSECOND = 5e-7
 
 
 def ident(field: str, value: str | None) -> str | None:
-    """An id-like value (run id, event id, correlation id, idempotency key)."""
+    """An id Cantata makes (a run's, a dead letter's) or an event type."""
     if value is None:
         return None
     if not _ID_RE.fullmatch(value):
@@ -55,6 +59,30 @@ def key(field: str, value: str | None) -> str | None:
         raise bad_input(field, f"{field} {brief(value)} holds a NUL character or a lone "
                         "surrogate, which no key holds: check the value") from None
     return value
+
+
+def start_keys(idempotency_key: str | None, correlation_id: str | None) -> None:
+    """A start's ``idempotency_key`` and ``correlation_id`` as ``app.start`` takes them
+    (its own checks: any text of up to 500 characters without a NUL or a lone
+    surrogate; a key not empty), else a 400 naming the field."""
+    for field, value, check in (("idempotency_key", idempotency_key, check_given_key),
+                                ("correlation_id", correlation_id, check_correlation_id)):
+        try:
+            check(value)
+        except ConfigurationError as exc:
+            raise bad_input(field, str(exc)) from None
+
+
+def event_attributes(event_type: str, **given: str | None) -> None:
+    """An event's attributes a publisher gives (``correlation_id``, ``subject``, ``id``)
+    as ``app.publish`` takes them (its own check: any text, not empty, without a NUL or
+    a lone surrogate; up to 500 characters where the store indexes it), else a 400
+    naming the field."""
+    for field, value in given.items():
+        try:
+            check_publish(event_type, **{field: value})
+        except InvalidEvent as exc:
+            raise bad_input(field, str(exc)) from None
 
 
 def required_ident(field: str, value: str) -> str:

@@ -227,8 +227,7 @@ async def start_run(
         args, sent = body.args, "args"
     elif "input" in body.model_fields_set:
         args, sent = [body.input], "input"
-    params.ident("idempotency_key", body.idempotency_key)
-    params.ident("correlation_id", body.correlation_id)
+    params.start_keys(body.idempotency_key, body.correlation_id)
     if sent is not None:  # the value as sent: a NaN's place is told within it
         params.finite(sent, body.args if sent == "args" else body.input)
     app = await console.open()

@@ -57,6 +57,15 @@
   // A name or key that may be long (up to 200 characters of a workflow's name, 500 of a
   // key) wraps within its column instead of pushing the table's other columns away.
   const long = (text) => h("span", { class: "long" }, text);
+  // A name or key as it is: spaces at its ends or doubled are kept (not collapsed as
+  // HTML text is) and such a one is outlined, its exact text in a tooltip, so that
+  // "  order 7 " is told from "order 7" (a key is exact: the one is not the other).
+  function exactName(name, what) {
+    const odd = /^\s|\s$|\s\s/.test(name);
+    return h("span", { class: (what ? "long " : "") + (odd ? "exact spaced" : "exact"),
+                       title: odd ? `Exact ${what || "name"}: ${JSON.stringify(name)}` : null }, name);
+  }
+  const exactKey = (key) => exactName(key, "key");
   // Every time is shown in UTC and says so (as the API and the trace's "where it
   // stands" line do); the tooltip gives it in the browser's own zone.
   const UTC_OPTS = { month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit",
@@ -160,7 +169,8 @@
         const payload = {};
         const value = parseJson(input.value, "Input");
         if (value !== undefined) payload.input = value;
-        if (key.value.trim()) payload.idempotency_key = key.value.trim();
+        // a key is exact (spaces at its ends are part of it): sent as typed
+        if (key.value) payload.idempotency_key = key.value;
         const r = await api("/api/workflows/" + encodeURIComponent(wf.value) + "/runs", { method: "POST", body: payload });
         out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Started run ", runLink(r.run_id)));
       } catch (e) { out.replaceChildren(notice(e.message, "error")); }
@@ -186,7 +196,7 @@
           const payload = { type: type.value.trim() };
           const value = parseJson(data.value, "Data");
           if (value !== undefined) payload.data = value;
-          if (corr.value.trim()) payload.correlation_id = corr.value.trim();
+          if (corr.value) payload.correlation_id = corr.value;  // (exact, as a key)
           const r = await api("/api/events", { method: "POST", body: payload });
           out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Published event ", traceLink(r.id, r.id)),
             ...(r.orphan ? [notice("Nothing in this app listens to " + payload.type + " (an orphan event): check the type.")] : []));
@@ -203,7 +213,7 @@
     return h("tr", { "data-run-id": r.run_id },
       h("td", {}, runLink(r.run_id)), h("td", {}, long(r.workflow)),
       h("td", { class: "status" }, badge(r.status)),
-      h("td", { class: "mono" }, r.idempotency_key ? long(r.idempotency_key) : ""),
+      h("td", { class: "mono" }, r.idempotency_key ? exactKey(r.idempotency_key) : ""),
       h("td", { class: "when" }, when(r.created_at)), h("td", { class: "when" }, when(r.updated_at)),
       h("td", { class: "err" }, r.error || ""));
   }
@@ -303,12 +313,16 @@
         h("input", { name: "attr", value: v, placeholder: "customer_id=42" }))),
       h("button", { type: "submit", class: "primary" }, "Filter"),
       h("a", { href: "/runs" }, "Clear"));
+    // Names and times are trimmed (a space typed around one is no part of it); keys are
+    // exact, spaces at their ends included, as app.start took them; an attribute's
+    // value too (its name is trimmed by the server).
     const params = new URLSearchParams();
-    for (const k of ["workflow", "status", "since", "until", "idempotency_key", "correlation_id"]) {
+    for (const k of ["workflow", "status", "since", "until"]) {
       const v = (q.get(k) || "").trim();
       if (v) params.set(k, v);
     }
-    for (const v of q.getAll("attr")) if (v.trim()) params.append("attr", v.trim());
+    for (const k of ["idempotency_key", "correlation_id"]) if (q.get(k)) params.set(k, q.get(k));
+    for (const v of q.getAll("attr")) if (v.trim()) params.append("attr", v.trimStart());
     params.set("limit", "50");
     const tbody = h("tbody", {});
     const more = h("div", { class: "actions" });
@@ -454,8 +468,8 @@
             } }, "Retry") : null);
       const facts = h("dl", { class: "facts" },
         h("dt", {}, "Run id"), h("dd", { class: "mono" }, r.run_id),
-        h("dt", {}, "Transaction"), h("dd", {}, traceLink(r.correlation_id, r.correlation_id)),
-        h("dt", {}, "Idempotency key"), h("dd", { class: "mono" }, r.idempotency_key || "—"),
+        h("dt", {}, "Transaction"), h("dd", {}, traceLink(r.correlation_id, exactKey(r.correlation_id))),
+        h("dt", {}, "Idempotency key"), h("dd", { class: "mono key" }, r.idempotency_key ? exactKey(r.idempotency_key) : "—"),
         r.parent_run_id ? [h("dt", {}, "Parent run"), h("dd", {}, runLink(r.parent_run_id))] : null,
         h("dt", {}, "Created"), h("dd", {}, when(r.created_at)),
         h("dt", {}, "Updated"), h("dd", {}, when(r.updated_at)),
@@ -510,7 +524,7 @@
       const box = h("div", { class: "map" });
       show(h("div", { class: "where", role: "status" }, h("strong", {}, "Where it stands: "), t.where),
         h("div", { class: "headline" }, h("span", { class: "muted" }, "Transaction "),
-          h("span", { class: "mono" }, t.correlation_id), badge(t.status)),
+          h("span", { class: "mono" }, exactKey(t.correlation_id)), badge(t.status)),
         box);
       // A run's row is a link (an SVG <a>): reached with Tab, opened with Enter or a click.
       const runs = [];
@@ -632,13 +646,6 @@
     return wrap;
   }
 
-  // A schedule's or queue's name as it is: spaces at its ends or doubled are kept (not
-  // collapsed as HTML text is) and such a name is outlined, its exact text in a tooltip.
-  function exactName(name) {
-    const odd = /^\s|\s$|\s\s/.test(name);
-    return h("span", { class: odd ? "exact spaced" : "exact",
-                       title: odd ? `Exact name: ${JSON.stringify(name)}` : null }, name);
-  }
   // Nothing ticks or begins without a live worker (the API's `served`): said above the table.
   function noWorker(list, consequence) {
     if (!list.some((x) => !x.served)) return null;
@@ -770,9 +777,25 @@
 
   /* -- start ------------------------------------------------------------------------- */
   const logout = document.getElementById("logout");
+  // Logging out ends the session on the server: when the console does not answer (or
+  // refuses), the page says so and stays (the session may still be open).
   if (logout) logout.addEventListener("click", async () => {
-    await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: { "X-Cantata-CSRF": "1" } });
-    location.assign("/login");
+    logout.disabled = true;
+    try {
+      const res = await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: { "X-Cantata-CSRF": "1" } });
+      if (!res.ok && res.status !== 401) {  // (401: no session left to end)
+        const data = await res.json().catch(() => null);
+        throw new Error((data && data.error && data.error.message) || `the console answered HTTP ${res.status}`);
+      }
+      location.assign("/login");
+    } catch (e) {
+      logout.disabled = false;
+      const why = e instanceof TypeError ? "the console did not answer" : e.message;
+      const said = h("div", { id: "logout-error", class: "notice error", role: "alert" },
+        h("strong", {}, "Log out failed"), `: ${why}. You are still logged in; try again once the console answers.`);
+      const was = document.getElementById("logout-error");
+      if (was) was.replaceWith(said); else content.before(said);
+    }
   });
   const run = pages[page];
   if (run) {
