@@ -203,6 +203,17 @@ async def broker_url(nats_url: str) -> AsyncIterator[str]:
     await _purge_nats_streams(nats_url, prefix)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
+                                                                      pytest.mark.nats])])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store several apps (or processes) share: one SQLite file, or PostgreSQL with
+    NATS as the broker of all of them (``distributed_url``)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shop.db"
+    url: str = request.getfixturevalue("distributed_url")
+    return url
+
+
 @pytest.fixture
 async def distributed_url(
     postgres_url: str, broker_url: str, schema_pool: SchemaPool, monkeypatch: pytest.MonkeyPatch

@@ -4,24 +4,11 @@ and concurrent waits of one run."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 import cantata
 from cantata import App, HandlerContext, WaitTimeout, WorkflowContext
 from tests.choreography.helpers import SETTLE, eventually, make_app
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
-                                                                      pytest.mark.nats])])
-def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store several apps open in turn (with PostgreSQL, NATS as their broker)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shop.db"
-    url: str = request.getfixturevalue("distributed_url")
-    return url
 
 
 async def _ended(app: App, workflow: str, n: int) -> list[cantata.RunInfo]:

@@ -55,15 +55,6 @@ async def mode_of(app: App, run_id: str) -> str:
     return str(json.loads(value.result or "null"))
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
-                                                                      pytest.mark.nats])])
-def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store both processes share (with PostgreSQL, NATS as the broker of both)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shop.db"
-    url: str = request.getfixturevalue("distributed_url")
-    return url
-
 
 @pytest.mark.parametrize(("before", "after"), [("orchestrated", "choreographed"),
                                                ("choreographed", "orchestrated")])

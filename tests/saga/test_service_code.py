@@ -8,7 +8,6 @@ group has not reacted."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,15 +19,6 @@ from ..engine.helpers import make_app
 
 MODES = ("orchestrated", "choreographed")
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres+nats", marks=[pytest.mark.postgres,
-                                                                      pytest.mark.nats])])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store the services share (with PostgreSQL, NATS as the broker of both)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shop.db"
-    distributed: str = request.getfixturevalue("distributed_url")
-    return distributed
 
 
 def shared_saga(mode: str) -> Saga:
@@ -66,16 +56,18 @@ def payments_app(url: str, *, with_saga: str | None) -> App:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_service_that_includes_the_saga_serves_its_step_in_both_modes(
-    url: str, mode: str
+    shared_store: str, mode: str
 ) -> None:
-    orders, payments = orders_app(url, mode), payments_app(url, with_saga="orchestrated")
+    orders = orders_app(shared_store, mode)
+    payments = payments_app(shared_store, with_saga="orchestrated")
     async with payments, orders:
         handle = await orders.start("order", {"id": 1})
         assert await handle.result(20) == {"orders.reserve": "r-1", "payments.charge": "c-1"}
 
 
-async def test_a_service_without_the_saga_is_named_in_the_stall(url: str) -> None:
-    orders, payments = orders_app(url, "choreographed"), payments_app(url, with_saga=None)
+async def test_a_service_without_the_saga_is_named_in_the_stall(shared_store: str) -> None:
+    orders = orders_app(shared_store, "choreographed")
+    payments = payments_app(shared_store, with_saga=None)
     async with payments, orders:
         handle = await orders.start("order", {"id": 1})
 
@@ -108,9 +100,10 @@ def orders_serving_everything(url: str) -> App:
 
 
 async def test_a_worker_without_the_steps_code_leaves_its_hop_to_one_that_has_it(
-    url: str,
+    shared_store: str,
 ) -> None:
-    orders, payments = orders_serving_everything(url), payments_app(url, with_saga="orchestrated")
+    orders = orders_serving_everything(shared_store)
+    payments = payments_app(shared_store, with_saga="orchestrated")
     async with payments, orders:
         handle = await orders.start("order", {"id": 1})
         assert await handle.result(20) == {"orders.reserve": "r-1", "payments.charge": "c-1"}
