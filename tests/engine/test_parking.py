@@ -268,12 +268,13 @@ async def test_any_worker_resumes_a_parked_run_and_none_runs_a_step_twice(
 ) -> None:
     executed: list[int] = []
 
-    def worker() -> App:
-        app = make_app(sqlite_url, "parkshare", park_after=0.0)
+    def worker(concurrency: int = 256) -> App:
+        app = make_app(sqlite_url, "parkshare", park_after=0.0, concurrency=concurrency)
 
         @app.step
         async def once(n: int) -> int:
             executed.append(n)
+            await asyncio.sleep(0.05)
             return n
 
         @app.workflow
@@ -285,7 +286,9 @@ async def test_any_worker_resumes_a_parked_run_and_none_runs_a_step_twice(
 
         return app
 
-    first = worker()
+    # The first worker knows its own runs' wake times and could claim all twenty
+    # the moment they are due; two slots leave the second worker a share.
+    first = worker(concurrency=2)
     async with first:
         handles = [await first.start("two_naps", i) for i in range(20)]
         async with worker() as second:
