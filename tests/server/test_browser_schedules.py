@@ -257,6 +257,11 @@ def test_an_operator_creates_a_schedule_from_the_form_and_deletes_it(
     for tick in made.locator("td.next time").all():
         expect(tick).to_have_text(re.compile(r", 0[45]:30:00 UTC$"))
 
+    # every row's buttons (Delete the third) are in sight: the table does not scroll
+    wrap = page.locator(".table-wrap").first
+    assert wrap.evaluate("w => w.scrollWidth <= w.clientWidth"), wrap.evaluate(
+        "w => [w.scrollWidth, w.clientWidth]")
+
     # the same name again: the 409, inline, at the name; the schedule is left as it is
     page.locator("#sched-name").fill("from the form")
     page.locator("#sched-every").fill("60")

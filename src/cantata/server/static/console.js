@@ -766,12 +766,12 @@
           ? [h("div", {}, runLink(s.last_run.run_id), " ", badge(s.last_run.status || "gone")),
              s.last_run.tick ? h("div", { class: "muted" }, "tick ", when(s.last_run.tick)) : null]
           : "—"),
-        canOperate ? h("td", { class: "buttons" },
+        canOperate ? h("td", { class: "buttons" }, h("div", { class: "btns" },
           s.paused
             ? h("button", { type: "button", class: "primary", onclick: (ev) => act(s, "resume", ev.currentTarget) }, "Resume")
             : h("button", { type: "button", onclick: (ev) => act(s, "pause", ev.currentTarget) }, "Pause"),
           h("button", { type: "button", onclick: (ev) => act(s, "trigger", ev.currentTarget) }, "Trigger"),
-          deletable(s) ? h("button", { type: "button", class: "danger", onclick: (ev) => act(s, "delete", ev.currentTarget) }, "Delete") : null) : null));
+          deletable(s) ? h("button", { type: "button", class: "danger", onclick: (ev) => act(s, "delete", ev.currentTarget) }, "Delete") : null)) : null));
       const headers = ["Schedule", "Workflow", "When", "State", "Next ticks", "Last run"];
       holder.replaceChildren(stacked(table(canOperate ? [...headers, ""] : headers, rows,
         "No schedules. Declare one with @app.schedule, or make one with app.schedules.create" +
