@@ -73,6 +73,13 @@ class UnknownSchedule(CantataError):
     code = "unknown_schedule"
 
 
+class ScheduleExists(ConfigurationError):
+    """``app.schedules.create(..., replace=False)`` of a name a schedule of the app has
+    (delete it first, or choose another name)."""
+
+    code = "schedule_exists"
+
+
 class SerializationError(CantataError):
     """A value cannot be turned into JSON (or back into the declared type)."""
 

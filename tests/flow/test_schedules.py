@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cantata import App
-from cantata.errors import ConfigurationError, UnknownSchedule
+from cantata.errors import ConfigurationError, ScheduleExists, UnknownSchedule
 from cantata.flow.schedules import ScheduleSpec, tick_key
 from cantata.testing import SkipClock, environment
 from tests.flow.helpers import ManualClock, until
@@ -182,6 +182,33 @@ async def test_api_create_pause_resume_trigger_delete() -> None:
             await app.schedules.pause("n")
         with pytest.raises(ConfigurationError, match="invalid cron expression 'nope'"):
             await app.schedules.create("bad", "nope", nightly)
+
+
+async def test_create_without_replace_leaves_a_schedule_of_that_name_as_it_is() -> None:
+    """``replace=False`` (the console's create): a name in use raises ScheduleExists,
+    saying what to do, and nothing changes or is recorded; the default replaces."""
+    app = App("sched")
+
+    @app.schedule("0 3 * * *")
+    @app.workflow
+    async def nightly(ctx: object, tick: dt.datetime) -> None:
+        pass
+
+    async with environment(app):
+        await app.schedules.create("n", "0 2 * * *", nightly, replace=False)
+        with pytest.raises(ScheduleExists, match=r"a schedule named 'n' exists in app "
+                           r"'sched': choose another name, or delete it first") as made:
+            await app.schedules.create("n", None, nightly, every=60, replace=False)
+        assert "declared in code" not in str(made.value)
+        with pytest.raises(ScheduleExists, match=r"declared in code with @app\.schedule"):
+            await app.schedules.create("nightly", None, nightly, every=60, replace=False)
+        specs = {s.name: s.when for s in await app.schedules.list()}
+        assert specs == {"n": "0 2 * * *", "nightly": "0 3 * * *"}
+        actions = [r.action for r in await app.store.audit_records(app.name)
+                   if r.action.startswith("schedule.")]
+        assert actions == ["schedule.created"]
+        await app.schedules.create("n", None, nightly, every=60)  # replace=True: replaced
+        assert {s.name: s.when for s in await app.schedules.list()}["n"] == "every 60s"
 
 
 def test_bad_schedules_name_the_value() -> None:

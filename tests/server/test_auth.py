@@ -39,6 +39,8 @@ ROLES: dict[tuple[str, str], str | None] = {
     ("GET", "/api/maps/workflows/{name}"): "viewer",
     ("GET", "/api/maps/events"): "viewer",
     ("GET", "/api/schedules"): "viewer",
+    ("POST", "/api/schedules"): "operator",
+    ("DELETE", "/api/schedules/{name}"): "operator",
     ("POST", "/api/schedules/{name}/pause"): "operator",
     ("POST", "/api/schedules/{name}/resume"): "operator",
     ("POST", "/api/schedules/{name}/trigger"): "operator",
@@ -54,7 +56,8 @@ ROLES: dict[tuple[str, str], str | None] = {
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
 BODIES = {"/api/workflows/{name}/runs": {"input": {"id": "X"}},
           "/api/events": {"type": "order.checked", "data": {}},
-          "/api/runs/{run_id}/fork": {"from_step": "charge#1"}}
+          "/api/runs/{run_id}/fork": {"from_step": "charge#1"},
+          "/api/schedules": {"name": "place_order", "workflow": "place_order", "every": 60}}
 
 
 def concrete(path: str) -> str:

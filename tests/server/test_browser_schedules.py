@@ -30,7 +30,7 @@ browser = base.browser
 img = base.img
 login = base.login
 shot = base.shot
-SCHEDULE_BUTTONS = ("Pause", "Resume", "Trigger")
+SCHEDULE_BUTTONS = ("Pause", "Resume", "Trigger", "Delete", "Create")
 
 
 async def seed(app: App) -> dict[str, Any]:
@@ -133,6 +133,7 @@ def test_a_viewer_sees_no_schedule_buttons(
         page.wait_for_load_state("networkidle")
         for name in (*SCHEDULE_BUTTONS, *base.OPERATOR_BUTTONS):
             expect(page.get_by_role("button", name=name, exact=True)).to_have_count(0)
+        expect(page.locator("#new-schedule")).to_have_count(0)  # no New schedule form
     assert page.errors == []  # type: ignore[attr-defined]
 
 
@@ -221,6 +222,79 @@ def test_an_answer_read_before_a_change_is_not_drawn_over_one_read_after_it(
         server.run(lambda: app.schedules.resume("weekly-sync", actor="cli:ann@host"))
         server.run(lambda: app.schedules.delete("overlap"))
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_an_operator_creates_a_schedule_from_the_form_and_deletes_it(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    page = login(browser, server, "operator", img)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Schedules").click()
+    form = page.locator("#new-schedule")
+    expect(form).to_be_visible()
+    out = form.locator("#sched-out")
+    # a bad cron: the server's error, shown at the form, its field marked; nothing made
+    page.locator("#sched-name").fill("from the form")
+    page.locator("#sched-workflow").select_option("yearly_report")
+    page.locator("#sched-cron").fill("61 * * * *")
+    form.get_by_role("button", name="Create").click()
+    expect(out.get_by_role("alert")).to_contain_text("invalid cron expression '61 * * * *'")
+    expect(page.locator("#sched-cron")).to_have_attribute("aria-invalid", "true")
+    expect(row(page, "from the form")).to_have_count(0)
+
+    page.locator("#sched-cron").fill("30 6 * * *")
+    page.locator("#sched-timezone").fill("Europe/Berlin")
+    page.locator("#sched-overlap").select_option("buffer_one")
+    form.get_by_role("button", name="Create").click()
+    expect(out.get_by_role("status")).to_have_text("Created from the form.")
+    expect(page.locator("#sched-cron")).not_to_have_attribute("aria-invalid", "true")
+    made = row(page, "from the form")
+    expect(made.locator("td.status")).to_have_text("active")
+    expect(made.locator("td.spec")).to_contain_text("30 6 * * * (Europe/Berlin)")
+    expect(made.locator("td.spec")).to_contain_text("overlap buffer_one")
+    expect(made.locator("td.name")).to_contain_text("made at run time")
+    # its next ticks: 06:30 in Berlin is 05:30 UTC in winter, 04:30 in summer
+    expect(made.locator("td.next time")).to_have_count(3)
+    for tick in made.locator("td.next time").all():
+        expect(tick).to_have_text(re.compile(r", 0[45]:30:00 UTC$"))
+
+    # every row's buttons (Delete the third) are in sight: the table does not scroll
+    wrap = page.locator(".table-wrap").first
+    assert wrap.evaluate("w => w.scrollWidth <= w.clientWidth"), wrap.evaluate(
+        "w => [w.scrollWidth, w.clientWidth]")
+
+    # the same name again: the 409, inline, at the name; the schedule is left as it is
+    page.locator("#sched-name").fill("from the form")
+    page.locator("#sched-every").fill("60")
+    form.get_by_role("button", name="Create").click()
+    expect(out.get_by_role("alert")).to_contain_text("a schedule named 'from the form' exists")
+    expect(page.locator("#sched-name")).to_have_attribute("aria-invalid", "true")
+    expect(made.locator("td.spec")).to_contain_text("30 6 * * *")
+
+    # Delete is offered for schedules made at run time, not for one still in code
+    expect(row(page, "yearly_report").get_by_role("button", name="Delete")).to_have_count(0)
+    asked: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", answer)  # Delete asks first
+    made.get_by_role("button", name="Delete").click()
+    expect(made).to_have_count(0)
+    expect(page.get_by_role("status").filter(has_text="Deleted from the form.")).to_be_visible()
+    assert asked and asked[0].startswith('Delete schedule "from the form"?')
+    assert "from the form" not in [s.name for s in server.run(server.app.schedules.list)]
+
+    token = f"token:{server.result['names']['operator']}"
+    records = server.run(lambda: server.app.store.audit_records(server.app.name, after_seq=0,
+                                                                limit=10_000))
+    assert [(r.action, r.target) for r in records
+            if r.actor == token and r.target == "from the form"] == [
+        ("schedule.created", "from the form"), ("schedule.deleted", "from the form")]
+    # (the browser logs the refused requests themselves, the 400 and the 409: no more)
+    assert [e for e in page.errors  # type: ignore[attr-defined]
+            if not re.search(r"status of (400 \(Bad Request\)|409 \(Conflict\))", e)] == []
+    assert len(page.errors) == 2  # type: ignore[attr-defined]
 
 
 # -- with no live worker: a console opened as a client (cantata serve without a worker) ----

@@ -18,7 +18,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cantata.errors import ConfigurationError, IdempotencyConflict, UnknownSchedule
+from cantata.errors import (
+    ConfigurationError,
+    IdempotencyConflict,
+    ScheduleExists,
+    UnknownSchedule,
+)
 from cantata.model.checks import actor_or, check_text
 from cantata.model.flow import ScheduleRow
 from cantata.model.records import to_datetime
@@ -311,14 +316,18 @@ class Schedules:
         catch_up: str = "skip",
         catch_up_limit: int | None = None,
         actor: str | None = None,
+        replace: bool = True,
     ) -> None:
         """Create (or replace the spec of) a schedule at run time; it survives restarts.
         Audited (``schedule.created`` or ``schedule.replaced``) with ``actor`` (default:
-        this process), as are pause, resume, trigger and delete.
+        this process), as are pause, resume, trigger and delete. With
+        ``replace=False`` a schedule of that name is left as it is and
+        :class:`ScheduleExists` raised (nothing is recorded).
 
         Raises:
             ConfigurationError: a bad cron, time zone, policy or limit (named).
             UnknownWorkflow: no service of this app declares ``workflow``.
+            ScheduleExists: ``replace=False`` and the name is taken.
         """
         from cantata.declare.defs import workflow_name
         from cantata.declare.schedules import check_takes_tick
@@ -334,8 +343,12 @@ class Schedules:
         wdef = engine.router.workflows.get(wf)
         if wdef is not None:  # (one of another service's: its own code is not here)
             check_takes_tick(wdef, spec.has_input, ConfigurationError, f"schedule {name!r}")
-        await engine.store.put_schedule(engine.app, new_row(spec, "api", engine.clock.now()),
-                                        actor=_who(engine, actor))
+        if not await engine.store.put_schedule(
+            engine.app, new_row(spec, "api", engine.clock.now()), actor=_who(engine, actor),
+            replace=replace,
+        ) and not replace:
+            rows = {r.name: r for r in await engine.store.schedules(engine.app)}
+            raise _exists(engine, name, getattr(rows.get(name), "source", None) == "code")
 
     async def list(self) -> list[ScheduleInfo]:
         """Every schedule of the app, by name."""
@@ -418,6 +431,16 @@ class Schedules:
         if not await engine.store.delete_schedule(engine.app, name,
                                                   actor=_who(engine, actor)):
             raise _unknown(engine, name)
+
+
+def _exists(engine: Engine, name: str, in_code: bool) -> ScheduleExists:
+    code = (" (declared in code with @app.schedule: deleted, it comes back when a worker "
+            "of that code opens the app)" if in_code else "")
+    return ScheduleExists(
+        f"a schedule named {name!r} exists in app {engine.app!r}{code}: choose another "
+        "name, or delete it first (`cantata schedules delete`), or create with "
+        "replace=True to replace its spec"
+    )
 
 
 def _unknown(engine: Engine, name: str) -> UnknownSchedule:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model import codec
@@ -348,6 +348,26 @@ class ScheduleOut(BaseModel):
     last_run: LastRunOut | None = Field(description="The run its ticks started last (a "
                                                     "triggered run is not counted).")
     served: bool = Field(description=SERVED)
+
+
+class ScheduleIn(BaseModel):
+    """A schedule to create, as `app.schedules.create` takes it: a `cron` expression or
+    `every` seconds (one of them), and the `input` each run gets after its tick."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt policy is refused, not ignored
+
+    name: str = Field(description="1-100 characters, not one a schedule of the app has.")
+    workflow: str = Field(description="A workflow of the app (`GET /api/workflows`); it is "
+                                      "called `wf(ctx, tick)`, or `wf(ctx, tick, input)`.")
+    cron: str | None = Field(None, description="Five fields (minute hour day month "
+                                               "weekday), read in `timezone`.")
+    every: float | None = Field(None, strict=True, description="Seconds between ticks, > 0.")
+    timezone: str = Field("UTC", description="An IANA time zone, e.g. `Europe/Berlin`.")
+    overlap: str = Field("skip", description="skip, buffer_one or allow")
+    catch_up: str = Field("skip", description="skip, last or all")
+    catch_up_limit: int | None = Field(None, strict=True, description="With `catch_up` "
+                                                                       "all: the latest N.")
+    input: Any = Field(None, description="Given to each run after its tick (null: none).")
 
 
 class TriggerOut(BaseModel):

@@ -1,27 +1,39 @@
 """``/api/schedules`` and ``/api/queues``: what runs when, and what waits where.
 
-Schedules are listed, paused, resumed and triggered through ``app.schedules`` (as
-``cantata schedules`` does), with the caller's ``token:NAME`` as the ``actor`` its
-audit records name; queues are ``app.queue_stats()`` (as ``cantata queues``). Deleting
-a schedule is left to the CLI and the library: see docs/console.md.
+Schedules are listed, created, paused, resumed, triggered and deleted through
+``app.schedules`` (as ``cantata schedules`` does), with the caller's ``token:NAME`` as
+the ``actor`` its audit records name, and checked by its own checks (a bad cron, zone,
+policy or workflow is the library's error, answered as a 400 naming the body field);
+queues are ``app.queue_stats()`` (as ``cantata queues``). Deleting a schedule declared
+in code is the library's delete too: it is gone until a worker of that code opens the
+app again (docs/console.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Body, Depends, Path, Request, Response
 
-from cantata.errors import ConfigurationError, UnknownSchedule
+from cantata.errors import (
+    CantataError,
+    ConfigurationError,
+    ScheduleExists,
+    SerializationError,
+    UnknownSchedule,
+    UnknownWorkflow,
+)
 from cantata.model.checks import check_text
-from cantata.model.schedule import MAX_NAME
+from cantata.model.schedule import MAX_NAME, ScheduleSpec
+from cantata.server import params
 from cantata.server.auth import Principal
 from cantata.server.deps import ERRORS, Operator, Viewer, known_query
-from cantata.server.errors import ApiError
+from cantata.server.errors import ApiError, caused_by
 from cantata.server.flow_out import queues_out, schedules_out
-from cantata.server.models import QueueOut, ScheduleOut, TriggerOut
+from cantata.server.models import QueueOut, ScheduleIn, ScheduleOut, TriggerOut
 from cantata.server.state import console_of
 
 if TYPE_CHECKING:
@@ -85,6 +97,101 @@ def _known(app: App, name: str) -> Iterator[None]:
             raise UnknownSchedule(f"{exc}; GET /api/schedules lists the recorded ones") \
                 from None
         raise _unknown(app.name, name) from None
+
+
+@router.post("/schedules", status_code=201, response_model=ScheduleOut,
+             summary="Create a schedule")
+async def create(
+    request: Request,
+    who: Operator,
+    body: Annotated[ScheduleIn, Body(openapi_examples={
+        "cron": {"value": {"name": "nightly-report", "workflow": "report",
+                           "cron": "0 3 * * *", "timezone": "Europe/Berlin"}},
+        "every": {"value": {"name": "poll", "workflow": "poll", "every": 30,
+                            "input": {"source": "erp"}}},
+    })],
+) -> ScheduleOut:
+    """Creates a schedule, as `app.schedules.create` (source `api`; 201, the schedule
+    as listed). A name a schedule has is a 409 (`schedule_exists`): nothing is
+    replaced; delete that one first or choose another name. A bad cron expression,
+    interval, time zone, policy or limit, an unknown workflow, or a workflow that
+    cannot take the tick (and the input) is a 400 naming the field, by the library's
+    own checks. Audited as `schedule.created` by the token."""
+    console = console_of(request)
+    params.finite("input", body.input)
+    spec = _spec(body)
+    params.name("workflow", body.workflow)
+    app = await console.open()
+    try:
+        await app.schedules.create(
+            spec.name, spec.cron, spec.workflow, input=body.input, every=spec.every,
+            timezone=spec.timezone, overlap=spec.overlap, catch_up=spec.catch_up,
+            catch_up_limit=spec.catch_up_limit, actor=who.actor, replace=False)
+    except ScheduleExists:
+        raise await _exists(app, spec.name) from None
+    except UnknownWorkflow as exc:  # (a 400: the body's field, not the path, is wrong)
+        raise ApiError(400, exc.code, console.redact(f"{exc}; GET /api/workflows lists "
+                                                     "them"), "workflow") from None
+    except ConfigurationError as exc:  # the workflow cannot take what each tick passes
+        field = "input" if body.input is not None else "workflow"
+        raise ApiError(400, exc.code, console.redact(str(exc)), field) from None
+    return (await _listed(request, spec.name))[0]
+
+
+def _spec(body: ScheduleIn) -> ScheduleSpec:
+    """The spec of ``body``, checked by :class:`ScheduleSpec` (the library's own
+    checks) one field at a time first, so that the 400 names the field that is wrong."""
+    name = body.name
+    fine = {"cron": None, "every": 60.0}  # (a valid stand-in for the fields not probed)
+    when = "every" if body.cron is None and body.every is not None else "cron"
+    probes: list[tuple[str, dict[str, Any]]] = [
+        ("name", fine),
+        (when, {"cron": body.cron, "every": body.every}),
+        ("timezone", {**fine, "timezone": body.timezone}),
+        ("overlap", {**fine, "overlap": body.overlap}),
+        ("catch_up", {**fine, "catch_up": body.catch_up}),
+        ("catch_up_limit", {**fine, "catch_up_limit": body.catch_up_limit}),
+        ("input", {**fine, "input": body.input, "has_input": body.input is not None}),
+    ]
+    for field, given in probes:
+        try:
+            ScheduleSpec(name, body.workflow, **given)
+        except (ConfigurationError, SerializationError) as exc:
+            raise caused_by(field, exc) from None
+    try:
+        return ScheduleSpec(name, body.workflow, body.cron, body.every, body.timezone,
+                            body.overlap, body.catch_up, body.catch_up_limit, body.input,
+                            body.input is not None)
+    except CantataError as exc:  # (each field passed alone: none should be left)
+        raise caused_by("body", exc) from None
+
+
+async def _exists(app: App, name: str) -> ApiError:
+    """The 409 of a name in use: how to free it, or to choose another."""
+    code = next((s.source == "code" for s in await app.schedules.list() if s.name == name),
+                False)
+    also = (" It is declared in code (@app.schedule): deleted, it comes back when a worker "
+            "of that code opens the app; pause it instead, or choose another name."
+            if code else "")
+    return ApiError(409, "schedule_exists", (
+        f"a schedule named {_shown(name)} exists in app {app.name!r}: choose another name, "
+        f"or delete it first (DELETE /api/schedules/{quote(name, safe='')}); nothing was "
+        f"replaced.{also}"), "name")
+
+
+@router.delete("/schedules/{name:path}", status_code=204, response_class=Response,
+               summary="Delete a schedule")
+async def delete(request: Request, name: ScheduleName, who: Operator) -> Response:
+    """Removes the schedule, as `cantata schedules delete` (204): it starts no more
+    runs; its runs are kept. One declared in code (source `code`) is recorded anew,
+    with a fresh state, when a worker whose code declares it next opens the app (a
+    deploy, a restart): to be rid of it, remove its `@app.schedule` too, or pause it.
+    Audited as `schedule.deleted` by the token."""
+    app = await console_of(request).open()
+    _check(app.name, name)
+    with _known(app, name):
+        await app.schedules.delete(name, actor=who.actor)
+    return Response(status_code=204)
 
 
 @router.post("/schedules/{name:path}/pause", response_model=ScheduleOut,

@@ -448,7 +448,7 @@ class PostgresFlow(PostgresCore):
     # -- schedules --------------------------------------------------------------------------
 
     async def put_schedule(
-        self, app: str, row: ScheduleRow, *, actor: str | None = None
+        self, app: str, row: ScheduleRow, *, actor: str | None = None, replace: bool = True
     ) -> bool:
         async with self._db.tx() as c:
             new = bool(await c.fetchval(
@@ -457,6 +457,8 @@ class PostgresFlow(PostgresCore):
                 "DO NOTHING RETURNING 1", app, row.name, row.spec, row.source, row.paused,
                 row.state,
             ))
+            if not new and not replace:
+                return False  # (the name is taken: nothing written, nobody told)
             if not new:
                 await c.execute("UPDATE schedules SET spec=$3, source=$4, version=version+1 "
                                 "WHERE app=$1 AND name=$2", app, row.name, row.spec, row.source)

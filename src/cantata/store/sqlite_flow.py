@@ -161,6 +161,11 @@ def requeue(
     enqueue(c, app, run.run_id, run.workflow, entry, at)
 
 
+class _Kept(Exception):
+    """``put_schedule(replace=False)`` met the name: its transaction writes nothing and
+    announces nothing (an error leaves the channels unsaid)."""
+
+
 class SQLiteFlow(SQLiteCore):
     """Flow-control operations of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
@@ -478,7 +483,7 @@ class SQLiteFlow(SQLiteCore):
     # -- schedules --------------------------------------------------------------------------
 
     async def put_schedule(
-        self, app: str, row: ScheduleRow, *, actor: str | None = None
+        self, app: str, row: ScheduleRow, *, actor: str | None = None, replace: bool = True
     ) -> bool:
         def op(c: sqlite3.Connection) -> bool:
             new = c.execute(
@@ -486,6 +491,8 @@ class SQLiteFlow(SQLiteCore):
                 "VALUES (?,?,?,?,?,?,1) ON CONFLICT DO NOTHING",
                 (app, row.name, row.spec, row.source, int(row.paused), row.state),
             ).rowcount > 0
+            if not new and not replace:
+                raise _Kept
             if not new:
                 c.execute("UPDATE schedules SET spec=?, source=?, version=version+1 "
                           "WHERE app=? AND name=?", (row.spec, row.source, app, row.name))
@@ -493,7 +500,10 @@ class SQLiteFlow(SQLiteCore):
                 audit_append(c, app, audit.schedule_put_entry(actor, row.name, row.spec, new))
             return new
 
-        return await self._t.write(op, SCHEDULES)
+        try:
+            return await self._t.write(op, SCHEDULES)
+        except _Kept:  # (nothing written: nobody is told)
+            return False
 
     async def schedules(self, app: str) -> list[ScheduleRow]:
         rows = await self._t.read(lambda c: c.execute(

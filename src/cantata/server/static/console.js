@@ -45,6 +45,7 @@
     if (!res.ok) {
       const err = new Error((data && data.error && data.error.message) || `HTTP ${res.status}`);
       err.status = res.status;
+      err.field = (data && data.error && data.error.field) || null;  // the body field at fault
       throw err;
     }
     return data;
@@ -654,23 +655,90 @@
       "until a worker runs (cantata worker MODULE:app).");
   }
 
+  // The schedules page's "New schedule" form (operators): what app.schedules.create
+  // takes; the server checks it (the library's own checks) and names the field at
+  // fault, which is marked here. `created(name)` redraws the list.
+  function scheduleForm(workflows, created) {
+    const out = h("div", { id: "sched-out" });
+    const name = h("input", { id: "sched-name", name: "name", required: true, placeholder: "nightly-report" });
+    const wf = h("select", { id: "sched-workflow", name: "workflow", required: true },
+      workflows.map((w) => h("option", { value: w }, w)));
+    const cron = h("input", { id: "sched-cron", name: "cron", placeholder: "0 3 * * *", class: "mono" });
+    const every = h("input", { id: "sched-every", name: "every", inputmode: "decimal", placeholder: "or seconds, e.g. 30" });
+    const zone = h("input", { id: "sched-timezone", name: "timezone", value: "UTC" });
+    const choice = (id, nm, values) => h("select", { id, name: nm }, values.map((v) => h("option", { value: v }, v.replace(/_/g, " "))));
+    const overlap = choice("sched-overlap", "overlap", ["skip", "buffer_one", "allow"]);
+    const catchUp = choice("sched-catch-up", "catch_up", ["skip", "last", "all"]);
+    const input = h("textarea", { id: "sched-input", name: "input", placeholder: '{"source": "erp"}  (optional: each run gets it after its tick)' });
+    const fields = { name, workflow: wf, cron, every, timezone: zone, overlap, catch_up: catchUp, input };
+    const form = h("form", { class: "stack", id: "new-schedule", onsubmit: async (ev) => {
+      ev.preventDefault();
+      for (const el of Object.values(fields)) el.removeAttribute("aria-invalid");
+      const submit = form.querySelector("button[type=submit]");
+      submit.disabled = true;
+      try {
+        // the name is exact (spaces at its ends are part of it): sent as typed
+        const payload = { name: name.value, workflow: wf.value, timezone: zone.value.trim() || "UTC",
+                          overlap: overlap.value, catch_up: catchUp.value };
+        if (cron.value.trim()) payload.cron = cron.value.trim();
+        if (every.value.trim()) {
+          const n = Number(every.value.trim());  // (text that is no number: the server names it)
+          payload.every = Number.isFinite(n) ? n : every.value.trim();
+        }
+        let value;
+        try { value = parseJson(input.value, "Input"); } catch (e) { e.field = "input"; throw e; }
+        if (value !== undefined) payload.input = value;
+        const s = await api("/api/schedules", { method: "POST", body: payload });
+        out.replaceChildren(h("div", { class: "notice ok", role: "status" }, "Created ", exactName(s.name), "."));
+        for (const el of [name, cron, every, input]) el.value = "";
+        await created(s.name);
+      } catch (e) {
+        const at = e.field && fields[e.field];
+        if (at) at.setAttribute("aria-invalid", "true");
+        out.replaceChildren(notice(e.message, "error"));
+      } finally { submit.disabled = false; }
+    } },
+      h("label", { for: "sched-name" }, "Name", name),
+      h("label", { for: "sched-workflow" }, "Workflow", wf),
+      h("label", { for: "sched-cron" }, "Cron (minute hour day month weekday)", cron),
+      h("label", { for: "sched-every" }, "Every (seconds, instead of a cron)", every),
+      h("label", { for: "sched-timezone" }, "Time zone of the cron", zone),
+      h("label", { for: "sched-overlap" }, "Overlap (a tick while its last run is in progress)", overlap),
+      h("label", { for: "sched-catch-up" }, "Catch-up (ticks missed while no worker ran)", catchUp),
+      h("label", { for: "sched-input" }, "Input (JSON)", input),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Create")),
+      out);
+    return h("section", { class: "panel", id: "new-schedule-panel" }, h("h2", {}, "New schedule"),
+      workflows.length ? form : h("p", { class: "muted" }, "No workflow is declared in this app yet."));
+  }
+
   pages.schedules = async () => {
     const banner = h("div", {});
     const msg = h("div", {});
     const holder = h("div", {});
     show(h("p", { class: "muted" }, "Each tick starts one run of the schedule's workflow. " +
       "Times are the ticks' UTC times; a cron is read in its own time zone."), banner, msg, holder);
+    if (canOperate) content.append(scheduleForm(await api("/api/workflows"), () => render()));
     async function act(s, action, button) {
       if (action === "trigger" && !confirm(`Start a run of ${s.workflow} now, for schedule ${JSON.stringify(s.name)}?`)) return;
+      if (action === "delete" && !confirm(`Delete schedule ${JSON.stringify(s.name)}? It starts no more runs ` +
+        "(the runs it started are kept)." + (s.source === "code" ? " Declared in code: a worker whose code " +
+        "still declares it records it again when it opens the app." : ""))) return;
       button.disabled = true;
       try {
-        const r = await api(`/api/schedules/${encodeURIComponent(s.name)}/${action}`, { method: "POST" });
+        const path = `/api/schedules/${encodeURIComponent(s.name)}`;
+        const r = await (action === "delete" ? api(path, { method: "DELETE" }) : api(`${path}/${action}`, { method: "POST" }));
+        const done = { pause: "Paused", resume: "Resumed", delete: "Deleted" }[action];
         msg.replaceChildren(action === "trigger"
           ? h("div", { class: "notice ok", role: "status" }, "Triggered ", exactName(s.name), ": started run ", runLink(r.run_id))
-          : h("div", { class: "notice ok", role: "status" }, `${action === "pause" ? "Paused" : "Resumed"} `, exactName(s.name), "."));
+          : h("div", { class: "notice ok", role: "status" }, `${done} `, exactName(s.name), "."));
         await render();
       } catch (e) { msg.replaceChildren(notice(e.message, "error")); button.disabled = false; }
     }
+    // Delete is offered for a schedule made at run time, and for one whose declaration
+    // left the console's code (it starts no runs; deleted, it stays gone). One still in
+    // code would come back at its workers' next start: pause it instead.
+    const deletable = (s) => s.source === "api" || s.in_code === false;
     function state(s) {
       if (s.paused) return badge("paused");
       if (s.in_code === false) return h("span", { class: "badge s-not_in_code",
@@ -698,14 +766,16 @@
           ? [h("div", {}, runLink(s.last_run.run_id), " ", badge(s.last_run.status || "gone")),
              s.last_run.tick ? h("div", { class: "muted" }, "tick ", when(s.last_run.tick)) : null]
           : "—"),
-        canOperate ? h("td", { class: "buttons" },
+        canOperate ? h("td", { class: "buttons" }, h("div", { class: "btns" },
           s.paused
             ? h("button", { type: "button", class: "primary", onclick: (ev) => act(s, "resume", ev.currentTarget) }, "Resume")
             : h("button", { type: "button", onclick: (ev) => act(s, "pause", ev.currentTarget) }, "Pause"),
-          h("button", { type: "button", onclick: (ev) => act(s, "trigger", ev.currentTarget) }, "Trigger")) : null));
+          h("button", { type: "button", onclick: (ev) => act(s, "trigger", ev.currentTarget) }, "Trigger"),
+          deletable(s) ? h("button", { type: "button", class: "danger", onclick: (ev) => act(s, "delete", ev.currentTarget) }, "Delete") : null)) : null));
       const headers = ["Schedule", "Workflow", "When", "State", "Next ticks", "Last run"];
       holder.replaceChildren(stacked(table(canOperate ? [...headers, ""] : headers, rows,
-        "No schedules. Declare one with @app.schedule, or make one with app.schedules.create."), headers));
+        "No schedules. Declare one with @app.schedule, or make one with app.schedules.create" +
+        (canOperate ? " or the form below." : ".")), headers));
     }
     await render();
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));

@@ -186,13 +186,16 @@ class FlowStore(Protocol):
     # -- schedules ------------------------------------------------------------------------
 
     async def put_schedule(
-        self, app: str, row: ScheduleRow, *, actor: str | None = None
+        self, app: str, row: ScheduleRow, *, actor: str | None = None, replace: bool = True
     ) -> bool:
         """Insert ``row``, or replace the spec and source of the schedule of that name
         (keeping its state and pause). Returns True when it was new. With ``actor``
         (an operator's change), one audit record in the same transaction:
         ``schedule.created`` or ``schedule.replaced`` (:func:`~cantata.store.audit.
-        schedule_put_entry`). The listeners hear ``schedules`` (``SCHEDULES``)."""
+        schedule_put_entry`). The listeners hear ``schedules`` (``SCHEDULES``).
+        With ``replace=False`` a schedule of that name is left as it is (no record,
+        nothing heard) and False returned: of simultaneous creations of one name,
+        exactly one inserts."""
 
     async def schedules(self, app: str) -> list[ScheduleRow]:
         """Every schedule of ``app``, by name."""

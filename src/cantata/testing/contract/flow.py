@@ -596,6 +596,35 @@ class FlowContract(StoreFixtures):
         assert not await store.delete_schedule(self.app, "nightly")
         assert await store.schedules(self.app) == []
 
+    async def test_a_schedule_put_without_replace_keeps_the_one_there(
+        self, store: Store, peer: Store
+    ) -> None:
+        """``replace=False`` (``app.schedules.create(..., replace=False)``, the console's
+        create): a name taken is left as it is, unrecorded; of simultaneous puts of one
+        name, exactly one inserts."""
+        one, two = ('{"workflow": "wf", "cron": "0 1 * * *"}',
+                    '{"workflow": "wf", "cron": null, "every": 60.0}')
+        row = ScheduleRow("s", one, "api", False, '{"s":1}')
+        assert await store.put_schedule(self.app, row, actor="t:a", replace=False)
+        assert not await store.put_schedule(self.app, ScheduleRow(
+            "s", two, "api", False, "{}"), actor="t:b", replace=False)
+        [got] = await store.schedules(self.app)
+        assert (got.spec, got.state, got.version) == (one, '{"s":1}', 1)
+
+        def spec(i: int) -> str:
+            return f'{{"workflow": "wf{i}", "cron": "0 1 * * *"}}'
+
+        made = await asyncio.gather(*[
+            each.put_schedule(self.app, ScheduleRow("race", spec(i), "api", False, "{}"),
+                              actor=f"t:{i}", replace=False)
+            for i, each in enumerate([store, peer] * 4)])
+        assert made.count(True) == 1
+        [winner] = [i for i, m in enumerate(made) if m]
+        assert {r.name: r.spec for r in await store.schedules(self.app)}["race"] == spec(winner)
+        records = await store.audit_records(self.app)
+        assert [(r.actor, r.action, r.target) for r in records] == [
+            ("t:a", "schedule.created", "s"), (f"t:{winner}", "schedule.created", "race")]
+
     async def test_a_schedules_change_says_schedules(self, store: Store, peer: Store) -> None:
         """Schedulers wait for ``schedules`` while the store hears other processes
         (docs/flow-control.md): a schedule created, replaced, paused, resumed or deleted
