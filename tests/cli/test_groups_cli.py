@@ -17,6 +17,7 @@ import pytest
 
 from cantata.cli import common
 from cantata.cli.main import main
+from cantata.observability.eventmap import Handlers, edges_of_records
 from cantata.testing.wait import eventually
 
 # The first deploy: a ledger and a mailer react to order.placed.
@@ -144,6 +145,12 @@ async def test_a_removed_group_is_listed_and_retired_once_no_live_worker_serves_
         assert handlers["ledger"].status == "retired"
         assert handlers["ledger"].detail and "ops:ann" in handlers["ledger"].detail
         assert handlers["mailer"].status == "completed"
+        # and the observed event map does not draw the ledger as reached
+        records = await v2.store.trace_records(v2.name, first.correlation_id or first.id,
+                                               limit=100)
+        seen = edges_of_records(v2.name, records,
+                                Handlers(v2.router, await v2.store.declarations(v2.name)))
+        assert sorted(e.target[1] for e in seen) == ["mailer: mail"]
 
         # a new event gets no delivery for the retired group; the mailer still handles it
         third = await v2.publish("order.placed", {"n": 3})
