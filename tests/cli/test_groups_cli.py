@@ -48,11 +48,14 @@ async def mail(event) -> None:
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_store: str
+) -> Iterator[Path]:
+    """A SQLite file, or PostgreSQL with NATS (``$CANTATA_BROKER``), for both deploys."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("CANTATA_APP", raising=False)
-    monkeypatch.setenv("CANTATA_STORE", f"sqlite:///{tmp_path}/g.db")
+    monkeypatch.setenv("CANTATA_STORE", shared_store)
     monkeypatch.setattr(common.console, "_width", 250)
     (tmp_path / "groupsv1.py").write_text(textwrap.dedent(V1))
     (tmp_path / "groupsv2.py").write_text(textwrap.dedent(V2))

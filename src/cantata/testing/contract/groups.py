@@ -3,9 +3,12 @@ its backlog, and retiring one (docs/operating.md, "Retiring a group")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from typing import Any
 
+from cantata.model.event import Event
 from cantata.model.records import (
     DELIVERY_DONE,
     DELIVERY_PENDING,
@@ -154,3 +157,32 @@ class GroupsContract(StoreFixtures):
         assert (done.declarations, done.ended, done.held, done.changed) == ((), 0, 0, False)
         assert await self._statuses(store, e.id) == {"g": "pending"}
         assert len(await store.audit_records(self.app, limit=10_000)) == audited
+
+    async def test_no_delivery_for_the_group_outlives_a_retire_among_appends(
+        self, store: Store, peer: Store
+    ) -> None:
+        """Events appended while the group is retired (by other connections too) either
+        got their delivery before the retire, which ends it, or get none: none is left
+        pending for the retired group. (Several rounds: a race is seldom met at once.)"""
+        await store.declare(self.app, [Declaration("handler", "audit", "order.placed")])
+        rounds, each = 10, 120
+        for n in range(rounds):
+            group = f"ledger-{n}"
+            await store.declare(self.app, [Declaration("handler", group, "order.placed")])
+            events = [ev("order.placed") for _ in range(each)]
+            started = asyncio.Event()
+
+            async def append(i: int, events: list[Event[Any]] = events,
+                             started: asyncio.Event = started) -> None:
+                if i == each // 3:
+                    started.set()
+                await (store if i % 2 else peer).append_events(self.app, [events[i]])
+
+            async def retire(group: str = group, started: asyncio.Event = started) -> None:
+                await started.wait()
+                await peer.retire_group(self.app, group, now=time.time(), actor="ops")
+
+            await asyncio.gather(retire(), *(append(i) for i in range(each)))
+        stats = {s.group: s for s in await store.group_stats(self.app, now=time.time())}
+        assert stats["audit"].pending == rounds * each
+        assert {g: s.pending for g, s in stats.items() if g != "audit" and s.pending} == {}
