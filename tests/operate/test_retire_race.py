@@ -7,6 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
+from cantata.errors import GroupInUse
 from cantata.model import codec
 from cantata.model.records import Declaration, GroupRetired
 from cantata.observability.groups import retire
@@ -50,5 +53,30 @@ async def test_a_worker_started_during_the_retire_keeps_the_group(tmp_path: Path
         assert sorted(d.group for d in await store.deliveries(APP, after.id)) == [
             "ledger", "mailer",
         ]
+    finally:
+        await store.close()
+
+
+async def test_a_live_worker_that_does_not_say_what_it_serves_blocks_the_retire(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(str(tmp_path / "unsure.db"))
+    await store.open()
+    try:
+        await store.declare(APP, [Declaration("handler", "ledger", "order.placed")])
+        await store.append_events(APP, [ev("order.placed")])
+        # a worker whose consumer has not started yet (or of an older release)
+        await store.heartbeat(APP, "starting", time.time(),
+                              codec.dumps({"version": "v1", "workflows": []}), lease=10)
+        with pytest.raises(GroupInUse, match="starting do not say which groups"):
+            await retire(store, APP, "ledger", now=time.time(), actor="ops")
+        assert [d.name for d in await store.declarations(APP)] == ["ledger"]
+        [stats] = await store.group_stats(APP, now=time.time())
+        assert stats.pending == 1
+        # once it says (it serves other groups), the retire goes ahead
+        await store.heartbeat(APP, "starting", time.time(), codec.dumps(
+            {"version": "v1", "workflows": [], "groups": ["mailer"]}), lease=10)
+        done = await retire(store, APP, "ledger", now=time.time(), actor="ops")
+        assert (done.ended, await store.declarations(APP)) == (1, [])
     finally:
         await store.close()

@@ -120,7 +120,7 @@ def retire(
                 "unhandled")
         if done.held:
             say(f"{done.held} deliver{'y is' if done.held == 1 else 'ies are'} held by a "
-                "live worker that started serving the group meanwhile: it handles them")
+                "live worker (one that started serving the group meanwhile): left to it")
         if done.dead_letters:
             say(f"its {done.dead_letters} dead letter(s) stay: `cantata dlq list --group "
                 f"{group}`, then replay or discard them")

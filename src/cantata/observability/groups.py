@@ -59,7 +59,8 @@ async def retire(store: Store, app: str, group: str, *, now: float, actor: str) 
     stored from then on.
 
     Raises:
-        GroupInUse: a live worker serves the group (it is named); nothing is changed.
+        GroupInUse: a live worker serves the group (it is named), or a live worker does
+            not say which groups it serves; nothing is changed.
     """
     live = await live_workers(store, app, now)
     by = _serving(group, live)
@@ -69,6 +70,14 @@ async def retire(store: Store, app: str, group: str, *, now: float, actor: str) 
             "retire only a group no code serves any more; deploy code without it (or stop "
             "those workers) and retire it once they are gone (`cantata groups` says when "
             "no live worker serves it)"
+        )
+    unsure = sorted(w.worker_id for w in live if w.groups is None)
+    if unsure:
+        raise GroupInUse(
+            f"cannot tell whether group {group!r} of app {app!r} is served: live worker(s) "
+            f"{', '.join(unsure)} do not say which groups they serve (starting, or of a "
+            "release older than their heartbeats' groups): try again once they have "
+            "started, or once they are gone"
         )
     done = await store.retire_group(app, group, now=now, actor=actor)
     if done.declarations and _serving(group, await live_workers(store, app, now)):
