@@ -148,6 +148,10 @@ async def test_a_removed_group_is_listed_and_retired_once_no_live_worker_serves_
         assert handlers["ledger"].status == "retired"
         assert handlers["ledger"].detail and "ops:ann" in handlers["ledger"].detail
         assert handlers["mailer"].status == "completed"
+        code, out, err = await cli(capsys, "trace", first.id)
+        assert code == 0, err
+        [line] = [ln for ln in out.splitlines() if "handler ledger" in ln]
+        assert "retired" in line and "cantata:retired by ops:ann" in line
         # and the observed event map does not draw the ledger as reached
         records = await v2.store.trace_records(v2.name, first.correlation_id or first.id,
                                                limit=100)

@@ -62,9 +62,10 @@ def list_groups(
     unserved = [g.stats.group for g in found
                 if g.served is False and g.stats.kind is not None and g.stats.pending]
     if unserved:
+        which = "it" if len(unserved) == 1 else "each"
         say(f"no live worker serves {', '.join(unserved)}: start the service that declares "
-            "it, or retire a group no code serves any more with `cantata groups retire "
-            "GROUP`")
+            f"{which}, or retire a group no code serves any more with `cantata groups "
+            "retire GROUP`")
 
 
 def _served(g: GroupInfo) -> str:
