@@ -16,8 +16,8 @@ import cantata
 
 SRC = Path(cantata.__file__).resolve().parent
 DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
-ACTION = re.compile(r"^(run|task|delivery|dead_letter|event|schedule|token)\.[a-z_]+$")
-FAMILY = re.compile(r"^(run|task|delivery|dead_letter|event|schedule|token)\.$")
+ACTION = re.compile(r"^(run|task|delivery|dead_letter|event|group|schedule|token)\.[a-z_]+$")
+FAMILY = re.compile(r"^(run|task|delivery|dead_letter|event|group|schedule|token)\.$")
 
 
 def code_actions() -> tuple[set[str], set[str]]:

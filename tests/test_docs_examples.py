@@ -939,8 +939,9 @@ def _check_variant(args: list[str]) -> list[str]:
         if sub is None:
             return [f"`{' '.join(path)}` has no command {rest[0]!r}"]
         cmd, path, rest = sub, [*path, rest[0]], rest[1:]
-    if _is_group(cmd):
+    if _is_group(cmd) and not getattr(cmd, "invoke_without_command", False):
         return [] if not rest else [f"`{' '.join(path)}` needs a command, not {rest[0]!r}"]
+    # (a group that runs without a command, `cantata groups --json`: its own options)
     options = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
     options.add("--help")
     problems = []

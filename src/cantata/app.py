@@ -32,7 +32,7 @@ from cantata.model import codec, secrets
 from cantata.model.checks import actor_or, check_run_id, check_seconds, check_text
 from cantata.model.event import Event
 from cantata.model.idempotency import check_given_key
-from cantata.model.records import DeadLetter, RunInfo
+from cantata.model.records import DeadLetter, GroupRetired, RunInfo
 from cantata.model.signing import Signer
 from cantata.model.status import RunStatus, parse_status
 from cantata.store.audit import AuditKey, key_from_env, make_key, publish_repeated_entry
@@ -42,6 +42,7 @@ from cantata.store.tx import Tx
 if TYPE_CHECKING:
     from cantata.flow.schedules import Schedules
     from cantata.model.flow import QueueStats
+    from cantata.observability.groups import GroupInfo
     from cantata.observability.node import TraceNode
     from cantata.observability.stalled import Stall
 
@@ -783,6 +784,34 @@ class App(RouterFacade):
             actor=actor_or(actor, f"process:{self.engine.worker_id}"),
         )
 
+
+    # -- handler groups -------------------------------------------------------------------
+
+    async def groups(self) -> list[GroupInfo]:
+        """Every handler group and ``start_on`` trigger declared in this app (by any of
+        its processes), by name: the event types it is declared for, its pending
+        deliveries (how many, the oldest's time, how many a live worker is handling),
+        its dead letters, and the live workers that serve it now."""
+        from cantata.observability.groups import groups
+
+        return await groups(self.store, self.name, now=self.clock.now())
+
+    async def retire_group(self, group: str, *, actor: str | None = None) -> GroupRetired:
+        """Retire a handler group (or a trigger: ``"start:<workflow>"``) no code serves
+        any more: its declaration is removed, so new events get no delivery for it, and
+        its pending deliveries are ended as retired (the trace shows them so); its dead
+        letters stay. ``actor`` is audited (default: this process). Retiring it again
+        changes nothing.
+
+        Raises:
+            GroupInUse: a live worker serves the group (named in the message).
+        """
+        from cantata.observability.groups import retire
+
+        return await retire(
+            self.store, self.name, check_text("group", group), now=self.clock.now(),
+            actor=actor_or(actor, f"process:{self.engine.worker_id}"),
+        )
 
 def _dead_letter_id(dead_letter_id: str) -> str:
     """A dead letter id to look up: one holding a NUL or a lone surrogate is no id."""

@@ -185,6 +185,12 @@ class DeadLetterNotFound(CantataError):
     code = "dead_letter_not_found"
 
 
+class GroupInUse(CantataError):
+    """A handler group (or trigger) cannot be retired: a live worker serves it."""
+
+    code = "group_in_use"
+
+
 class TokenExists(ConfigurationError):
     """An active API token already has that name (revoke it first)."""
 

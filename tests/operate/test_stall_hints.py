@@ -137,7 +137,7 @@ async def test_an_event_for_a_group_no_live_worker_serves_says_so(sqlite_url: st
         assert stall.hint == (
             "no live worker serves group 'audit' (live workers serve: billing): start the "
             "service that declares it; a group removed from the code still gets the events "
-            "it was declared for"
+            "it was declared for: retire it with `cantata groups retire audit`"
         )
     async with _billing(sqlite_url, audit=True) as both:  # the service that serves it
         await eventually(lambda: _none_stalled(both), timeout=10)

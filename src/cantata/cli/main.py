@@ -16,7 +16,8 @@ from cantata.model import secrets
 # The modules of cantata.cli that register commands, in the order `cantata --help`
 # lists them.
 COMMAND_MODULES = (
-    "demo", "worker", "runs", "recover", "replay", "events", "observe", "audit", "bench",
+    "demo", "worker", "runs", "recover", "replay", "events", "groups", "observe", "audit",
+    "bench",
     "compare", "serve", "flow",
 )
 # Commands run as many processes, started often (a supervisor starts one worker

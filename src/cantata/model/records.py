@@ -302,6 +302,66 @@ class Declaration:
     detail: str | None = None  # JSON: emitted types, handler function, ...
 
 
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """One handler group or trigger of an app, as ``cantata groups`` lists it.
+
+    ``kind``: ``handler`` or ``trigger`` (a ``start_on`` trigger's group is
+    ``start:<workflow>``); ``None`` for a group no longer declared that still has pending
+    deliveries or dead letters (retired, with deliveries a live worker held then).
+    ``patterns``: the event type patterns it is declared for. ``pending``: its pending
+    deliveries, of which ``in_progress`` are held by a live worker now;
+    ``oldest_pending_at``: when the event of the oldest one was stored (``None``: none
+    pending). ``dead_letters``: its dead letters (``cantata dlq``).
+    """
+
+    group: str
+    kind: str | None
+    patterns: tuple[str, ...]
+    pending: int = 0
+    in_progress: int = 0
+    oldest_pending_at: float | None = None
+    dead_letters: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRetired:
+    """What retiring a group did (``Store.retire_group``).
+
+    ``declarations``: the rows removed (none: it was not declared). ``ended``: its
+    pending deliveries settled as retired; ``held``: those left pending because a live
+    worker held them (it handles them); ``dead_letters``: its dead letters, kept.
+    """
+
+    group: str
+    declarations: tuple[Declaration, ...]
+    ended: int
+    held: int
+    dead_letters: int
+
+    @property
+    def changed(self) -> bool:
+        """Whether the retire removed or ended anything (a second retire does not)."""
+        return bool(self.declarations or self.ended)
+
+
+#: The start of the ``error`` of a delivery a retire ended (``status`` ``done``, its
+#: handler never ran for it): ``cantata:retired by <actor>: ...``. The trace shows such a
+#: delivery's handler as ``retired`` (docs/operating.md, "Retiring a group").
+RETIRED_MARK = "cantata:retired"
+
+
+def retired_error(actor: str) -> str:
+    """The ``error`` a retire writes on each delivery it ends."""
+    return (f"{RETIRED_MARK} by {actor}: the group was retired (cantata groups retire); "
+            "its handler did not handle this event")
+
+
+def is_retired(status: str, error: str | None) -> bool:
+    """Whether a delivery was ended by a retire of its group, not handled."""
+    return status == "done" and error is not None and error.startswith(RETIRED_MARK)
+
+
 class DeliveryStatus(StrEnum):
     """Where one event's delivery to one group stands (stored values)."""
 

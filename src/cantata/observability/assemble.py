@@ -35,6 +35,7 @@ from cantata.model.records import (
     HistoryEntry,
     RunRecord,
     branch_cancelled,
+    is_retired,
 )
 from cantata.model.status import CUT_SHORT, RunStatus, call_status
 from cantata.store.base import Store, TraceRecords
@@ -52,6 +53,7 @@ from .node import (
     PENDING,
     PUBLISHED,
     REPLAYED,
+    RETIRED,
     RUN,
     SLOT_WAIT,
     STEP,
@@ -464,7 +466,8 @@ class Builder:
             replayed = [
                 self._replayed_node(dl, at) for dl, at in self.replayed.get((event.id, d.group), [])
             ]
-            if d.group.startswith(TRIGGER_PREFIX) and d.status == DELIVERY_DONE:
+            retired = is_retired(d.status, d.error)
+            if d.group.startswith(TRIGGER_PREFIX) and d.status == DELIVERY_DONE and not retired:
                 node.children.extend(replayed)  # the start failed before: kept in view
                 workflow = d.group[len(TRIGGER_PREFIX):]
                 for run in self.caused_runs.get(event.id, []):
@@ -501,6 +504,9 @@ class Builder:
 
     def _handler_node(self, event: Event[Any], d: Delivery) -> TraceNode:
         status = _DELIVERY_STATUS.get(d.status, d.status)
+        retired = is_retired(d.status, d.error)
+        if retired:
+            status = RETIRED  # ended by `cantata groups retire`, not handled
         if d.group.startswith(TRIGGER_PREFIX):
             name = f"start {d.group[len(TRIGGER_PREFIX):]}"
         else:
@@ -508,8 +514,11 @@ class Builder:
         _, stored = self.events[event.id]
         node = TraceNode(
             HANDLER, name, status, d.group, stamp(stored),
-            None if status == PENDING else stamp(d.updated_at), d.attempts, d.error,
+            None if status == PENDING else stamp(d.updated_at), d.attempts,
+            None if retired else d.error,
         )
+        if retired:
+            node.detail = d.error
         node.ref = f"{d.group}/{event.id}"
         node.touched = stamp(d.updated_at)
         if status == PENDING and d.next_at > 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cantata.declare.router import Router
 from cantata.model import codec
 from cantata.model.event import matches
-from cantata.model.records import Declaration
+from cantata.model.records import Declaration, is_retired
 from cantata.store.base import Store, TraceRecords
 
 from .assemble import TRIGGER_PREFIX, short_name
@@ -104,8 +104,10 @@ def edges_of_records(app: str, records: TraceRecords, handlers: Handlers) -> set
     runs = {r.run_id: r for r in records.runs}
     prefix = f"cantata/{app}/"
     for d in records.deliveries:
-        # reached the group: handled, or at least attempted (a dead letter counts)
-        reached = d.status in ("done", "dead") or d.attempts > 0
+        # reached the group: handled, or at least attempted (a dead letter counts); a
+        # delivery its group's retire ended was not handled
+        handled = d.status in ("done", "dead") and not is_retired(d.status, d.error)
+        reached = handled or d.attempts > 0
         if reached and not d.group.startswith(TRIGGER_PREFIX):
             edges.add(Edge((EVENT, d.event.type), handlers.node(d.group, d.event.type)))
     for e in events.values():

@@ -30,6 +30,7 @@ DEAD = "dead"
 PUBLISHED = "published"  # an event no group was addressed to
 MIXED = "mixed"  # a summary of nodes with different statuses
 REPLAYED = "replayed"  # a dead letter an operator replayed (no longer in the queue)
+RETIRED = "retired"  # a handler whose group an operator retired before it handled the event
 
 # The detail of a step called as a task before any service declared it: the task goes
 # to whichever service declares the step (the node names no group until then).
@@ -61,7 +62,9 @@ class TraceNode:
         name: the workflow, step or handler name, or the event type.
         status: a plain string: a run status, ``completed`` / ``failed`` / ``running``
             / ``waiting`` for history entries, ``pending`` / ``completed`` / ``dead``
-            for handlers and events, ``dead`` / ``replayed`` for dead letters.
+            for handlers and events (``retired`` for a handler whose group was retired
+            before it handled the event: ``cantata groups retire``), ``dead`` /
+            ``replayed`` for dead letters.
         group: the reacting service, for handler and dead-letter nodes.
         started_at, ended_at: aware UTC datetimes (``ended_at`` is ``None`` while open;
             a replayed dead letter's is the time of the replay).

@@ -36,6 +36,7 @@ class LiveWorker:
     any_version: bool
     workflows: frozenset[str] | None  # None: a worker of a release that did not say
     groups: frozenset[str] | None  # None: not said (a consumer not started, an older release)
+    worker_id: str = ""
 
 
 async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
@@ -48,7 +49,7 @@ async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
             if isinstance(info, dict):
                 out.append(LiveWorker(
                     info.get("version"), bool(info.get("any_version")),
-                    _names(info.get("workflows")), _names(info.get("groups")),
+                    _names(info.get("workflows")), _names(info.get("groups")), w.worker_id,
                 ))
     return out
 
@@ -65,7 +66,7 @@ def group_hint(group: str, live: list[LiveWorker]) -> str | None:
     served = ", ".join(sorted({g for w in live for g in w.groups or ()})) or "none"
     return (f"no live worker serves group {group!r} (live workers serve: {served}): start "
             f"the service that declares it; a group removed from the code still gets the "
-            f"events it was declared for")
+            f"events it was declared for: retire it with `cantata groups retire {group}`")
 
 
 def run_hint(

@@ -20,6 +20,7 @@ from .node import (
     EVENT,
     HANDLER,
     REPLAYED,
+    RETIRED,
     RUN,
     RUNNING,
     SLOT_WAIT,
@@ -197,6 +198,8 @@ class _Renderer:
             out.append(f"next attempt {_clock(node.due, self.now)}")  # in its backoff
         elif node.kind in (STEP, COMPENSATION) and node.cancelled:
             out.append(BRANCH_CANCELLED)
+        elif node.kind == HANDLER and node.status == RETIRED and node.detail:
+            out.append(node.detail)  # who retired its group, and that it did not run
         elif node.kind in (HANDLER, COMPENSATION) and node.status == "pending":
             if node.attempts == 0:
                 out.append("not picked up yet")

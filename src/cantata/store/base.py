@@ -12,8 +12,9 @@ Audit: the store itself appends one :class:`~cantata.model.records.AuditRecord`,
 in the transaction of the change, for every run created, every checkpoint that
 changes a run's status, completes or fails history entries, creates tasks or
 emits events (not for attempt starts), every cancel request, every delivery
-settled ``done`` or ``dead``, every dead letter replayed and every task finished
-``done`` or ``failed``. Records are chained per app (see :mod:`cantata.store.audit`).
+settled ``done`` or ``dead``, every dead letter replayed, every group retired and
+every task finished ``done`` or ``failed``. Records are chained per app (see
+:mod:`cantata.store.audit`).
 
 The methods are specified, one protocol per role, in :mod:`cantata.store.roles`;
 ``Store`` is their union. :mod:`cantata.testing.contract` is the executable

@@ -18,6 +18,7 @@ from cantata.model.records import (
     ENTRY_FAILED,
     FORKABLE_KINDS,
     EntryKind,
+    GroupStats,
     RunRecord,
 )
 from cantata.model.status import RunStatus
@@ -129,3 +130,43 @@ def discard_entry(group: str, event_id: str, dead_letter_id: str, actor: str) ->
     return actor, "dead_letter.discarded", f"{group}:{event_id}", {
         "dead_letter_id": dead_letter_id
     }
+
+
+def retire_entry(
+    group: str, actor: str, declarations: Sequence[tuple[str, str]], ended: int, held: int,
+    dead_letters: int,
+) -> audit.Entry:
+    """The audit record of a group's retire (``group.retired``): the ``(kind, pattern)``
+    rows it removed, the deliveries it ended and left to a live holder, the dead letters
+    it kept."""
+    return actor, "group.retired", group, {
+        "declarations": [list(d) for d in declarations], "ended": ended, "held": held,
+        "dead_letters": dead_letters,
+    }
+
+
+def group_stats(
+    declared: Sequence[tuple[str, str, str]],
+    pending: Sequence[tuple[str, int, int, float | None]],
+    dead: Sequence[tuple[str, int]],
+) -> list[GroupStats]:
+    """The groups of :meth:`Store.group_stats` from the rows a backend read:
+    ``(kind, group, pattern)`` declarations, ``(group, pending, in progress, oldest
+    stored_at)`` and ``(group, dead letters)``."""
+    kinds: dict[str, str] = {}
+    patterns: dict[str, list[str]] = {}
+    for kind, name, pattern in declared:
+        kinds.setdefault(name, kind)
+        patterns.setdefault(name, []).append(pattern)
+    waiting = {g: (n, held, oldest) for g, n, held, oldest in pending}
+    letters = dict(dead)
+    out = []
+    for name in sorted(set(kinds) | set(waiting) | set(letters)):
+        n, held, oldest = waiting.get(name, (0, 0, None))
+        out.append(GroupStats(
+            name, kinds.get(name), tuple(sorted(set(patterns.get(name, [])))),
+            pending=int(n), in_progress=int(held),
+            oldest_pending_at=None if oldest is None else float(oldest),
+            dead_letters=int(letters.get(name, 0)),
+        ))
+    return out

@@ -4,14 +4,28 @@ pooled connection, outside the group-committed hot path."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cantata.errors import DeadLetterNotFound
+import asyncpg
+
+from cantata.errors import DeadLetterNotFound, StoreUnavailable
 from cantata.model.flow import QueueEntry
 from cantata.model.parking import FOREVER
-from cantata.model.records import ATTRS, Attempt, DeadLetter, HistoryEntry, RunRecord
+from cantata.model.records import (
+    ATTRS,
+    Attempt,
+    DeadLetter,
+    Declaration,
+    GroupRetired,
+    GroupStats,
+    HistoryEntry,
+    RunRecord,
+    retired_error,
+)
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
@@ -31,6 +45,12 @@ from cantata.store.postgres_ops import (
     run_values,
 )
 from cantata.store.postgres_pool import Conn, PgPool
+
+# A retire locks the declarations against every reader (the fan-out of each append
+# reads them in its transaction): how long one try waits for the lock (milliseconds),
+# and for how long it tries (seconds) before it gives up.
+_RETIRE_LOCK_WAIT_MS = 500
+_RETIRE_PATIENCE = 10.0
 
 _RUN_MARKS = ', '.join(f'${i}' for i in range(1, 23))
 _R_RUN_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
@@ -362,3 +382,84 @@ class PostgresOperate(PostgresCore):
             await audit_append(c, app, rules.discard_entry(row[1], row[2], dead_letter_id, actor),
                                self._audit_keys.get(app))
             return dead_letter_row(row, event_row(ev_row))
+
+    # -- handler groups ----------------------------------------------------------------
+
+    async def group_stats(self, app: str, *, now: float) -> list[GroupStats]:
+        async with self._db.conn() as c:
+            declared = await c.fetch(
+                "SELECT kind, name, pattern FROM declarations WHERE app=$1 "
+                "AND kind IN ('handler','trigger')", app,
+            )
+            pending = await c.fetch(
+                "SELECT d.grp, count(*), count(w.worker_id), min(e.stored_at) "
+                "FROM deliveries d "
+                "LEFT JOIN workers w ON w.app=d.app AND w.worker_id=d.owner "
+                " AND w.expires_at >= $2 "
+                "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id "
+                "WHERE d.app=$1 AND d.status='pending' GROUP BY d.grp", app, now,
+            )
+            dead = await c.fetch(
+                "SELECT grp, count(*) FROM dead_letters WHERE app=$1 GROUP BY grp", app,
+            )
+        return rules.group_stats(
+            [tuple(r) for r in declared], [tuple(r) for r in pending], [tuple(r) for r in dead],
+        )
+
+    async def retire_group(
+        self, app: str, group: str, *, now: float, actor: str
+    ) -> GroupRetired:
+        until = time.monotonic() + _RETIRE_PATIENCE
+        while True:
+            try:
+                return await self._retire(app, group, now, actor)
+            except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
+                if time.monotonic() > until:
+                    raise StoreUnavailable(
+                        f"cannot retire group {group!r} of app {app!r}: the declarations "
+                        f"stayed in use by other transactions for {_RETIRE_PATIENCE:.0f} s "
+                        f"({exc}); look for long transactions in pg_stat_activity, and try "
+                        "again"
+                    ) from None
+                await asyncio.sleep(random.uniform(0.05, 0.2))
+
+    async def _retire(self, app: str, group: str, now: float, actor: str) -> GroupRetired:
+        async with self._db.tx() as c:
+            # Every transaction that fans an event out reads the declarations: this lock
+            # waits for those under way and holds the next ones until the commit, so no
+            # event gets a delivery for the group once its declaration is gone. A
+            # delivery another transaction has locked right now (a claim or a settlement
+            # in flight) is skipped, never waited for: it stays with its holder.
+            await c.execute(f"SET LOCAL lock_timeout = {_RETIRE_LOCK_WAIT_MS}")
+            await c.execute("LOCK TABLE declarations IN ACCESS EXCLUSIVE MODE")
+            rows = await c.fetch(
+                "DELETE FROM declarations WHERE app=$1 AND name=$2 "
+                "AND kind IN ('handler','trigger') RETURNING kind, name, pattern, service, detail",
+                app, group,
+            )
+            removed = tuple(sorted((Declaration(*r) for r in rows),
+                                   key=lambda d: (d.kind, d.pattern)))
+            ended = await c.fetchval(
+                "WITH e AS (UPDATE deliveries d SET status='done', error=$3, owner=NULL, "
+                " updated_at=$4 WHERE (d.app, d.grp, d.event_id) IN ("
+                "  SELECT p.app, p.grp, p.event_id FROM deliveries p WHERE p.app=$1 "
+                "  AND p.grp=$2 AND p.status='pending' AND (p.owner IS NULL OR NOT EXISTS "
+                "   (SELECT 1 FROM workers w WHERE w.app=p.app AND w.worker_id=p.owner "
+                "    AND w.expires_at >= $4)) FOR UPDATE SKIP LOCKED) "
+                " AND d.status='pending' RETURNING 1) SELECT count(*) FROM e",
+                app, group, retired_error(actor), now,
+            )
+            held = await c.fetchval(
+                "SELECT count(*) FROM deliveries WHERE app=$1 AND grp=$2 AND status='pending'",
+                app, group,
+            )
+            dead = await c.fetchval(
+                "SELECT count(*) FROM dead_letters WHERE app=$1 AND grp=$2", app, group,
+            )
+            done = GroupRetired(group, removed, int(ended), int(held), int(dead))
+            if done.changed:
+                await audit_append(c, app, rules.retire_entry(
+                    group, actor, [(d.kind, d.pattern) for d in removed], done.ended,
+                    done.held, done.dead_letters,
+                ), self._audit_keys.get(app))
+            return done

@@ -10,8 +10,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
+from cantata.model import codec
 from cantata.model.flow import QueueEntry
-from cantata.model.records import Attempt, DeadLetter, HistoryEntry, RunRecord
+from cantata.model.records import (
+    Attempt,
+    DeadLetter,
+    Declaration,
+    GroupRetired,
+    GroupStats,
+    HistoryEntry,
+    RunRecord,
+    retired_error,
+)
 from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
@@ -30,6 +40,7 @@ from cantata.store.sqlite_ops import (
     run_row,
     run_values,
 )
+from cantata.store.sqlite_thread import TxConnection
 
 
 def foreign_runs(
@@ -300,3 +311,71 @@ class SQLiteOperate(SQLiteCore):
             return dl
 
         return await self._t.write(op)
+
+    # -- handler groups ----------------------------------------------------------------
+
+    async def group_stats(self, app: str, *, now: float) -> list[GroupStats]:
+        def op(c: sqlite3.Connection) -> list[GroupStats]:
+            declared = c.execute(
+                "SELECT kind, name, pattern FROM declarations WHERE app=? "
+                "AND kind IN ('handler','trigger')", (app,),
+            ).fetchall()
+            pending = c.execute(
+                "SELECT d.grp, count(*), "
+                " sum(CASE WHEN w.expires_at >= ? THEN 1 ELSE 0 END), min(e.stored_at) "
+                "FROM deliveries d "
+                "LEFT JOIN workers w ON w.app=d.app AND w.worker_id=d.owner "
+                "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id "
+                "WHERE d.app=? AND d.status='pending' GROUP BY d.grp", (now, app),
+            ).fetchall()
+            dead = c.execute(
+                "SELECT grp, count(*) FROM dead_letters WHERE app=? GROUP BY grp", (app,),
+            ).fetchall()
+            return rules.group_stats(declared, pending, dead)
+
+        return await self._t.read(op)
+
+    async def retire_group(
+        self, app: str, group: str, *, now: float, actor: str
+    ) -> GroupRetired:
+        def op(c: sqlite3.Connection) -> GroupRetired:
+            rows = c.execute(
+                "DELETE FROM declarations WHERE app=? AND name=? "
+                "AND kind IN ('handler','trigger') RETURNING kind, name, pattern, service, detail",
+                (app, group),
+            ).fetchall()
+            removed = tuple(sorted((Declaration(*r) for r in rows), key=_row_order))
+            if removed:  # every process's fan-out reads the declarations anew
+                c.execute(
+                    "INSERT INTO cantata_meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT DO UPDATE SET value=excluded.value",
+                    (f"decl:{app}", codec.new_id()),
+                )
+                if isinstance(c, TxConnection):
+                    c.decl_versions.pop(app, None)
+            ended = c.execute(
+                "UPDATE deliveries SET status='done', error=?, owner=NULL, updated_at=? "
+                "WHERE app=? AND grp=? AND status='pending' AND (owner IS NULL OR NOT EXISTS "
+                " (SELECT 1 FROM workers w WHERE w.app=deliveries.app "
+                "  AND w.worker_id=deliveries.owner AND w.expires_at >= ?))",
+                (retired_error(actor), now, app, group, now),
+            ).rowcount
+            held = c.execute(
+                "SELECT count(*) FROM deliveries WHERE app=? AND grp=? AND status='pending'",
+                (app, group),
+            ).fetchone()[0]
+            dead = c.execute(
+                "SELECT count(*) FROM dead_letters WHERE app=? AND grp=?", (app, group),
+            ).fetchone()[0]
+            done = GroupRetired(group, removed, ended, held, dead)
+            if done.changed:
+                audit_append(c, app, rules.retire_entry(
+                    group, actor, [(d.kind, d.pattern) for d in removed], ended, held, dead,
+                ))
+            return done
+
+        return await self._t.write(op)
+
+
+def _row_order(d: Declaration) -> tuple[str, str]:
+    return d.kind, d.pattern

@@ -1,4 +1,5 @@
-"""Operating runs: finding, retrying and forking them (docs/operating.md)."""
+"""Operating runs and groups: finding, retrying and forking runs, discarding dead
+letters, listing and retiring handler groups (docs/operating.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from cantata.model.flow import QueueEntry
 from cantata.model.records import (
     Attempt,
     DeadLetter,
+    GroupRetired,
+    GroupStats,
     HistoryEntry,
     RunRecord,
 )
@@ -127,4 +130,32 @@ class OperateStore(Protocol):
 
         Raises:
             DeadLetterNotFound: no such dead letter in ``app``.
+        """
+
+    async def group_stats(self, app: str, *, now: float) -> list[GroupStats]:
+        """Every handler group and trigger declared in ``app``, and every group no longer
+        declared that has pending deliveries or dead letters (``kind`` ``None``), by
+        name: the patterns it is declared for, its pending deliveries (those held by a
+        worker whose expiry is at or after ``now`` counted as in progress), the time
+        the oldest one's event was stored, and its dead letters. Read only."""
+
+    async def retire_group(
+        self, app: str, group: str, *, now: float, actor: str
+    ) -> GroupRetired:
+        """Retire handler group (or trigger group, ``start:<workflow>``) ``group``.
+
+        In one transaction: its declarations (kinds ``handler`` and ``trigger``) are
+        removed, so an event stored after the commit gets no delivery for it (until a
+        process declares it again: the declaration wins, and the events stored from
+        then on are addressed to it); each of its pending deliveries that no worker
+        whose expiry is at or after ``now`` holds is settled ``done``, not handled, its
+        ``error`` :func:`~cantata.model.records.retired_error` ``(actor)`` and no
+        owner; those a live worker holds stay pending (``held``: that worker handles
+        them). Its dead letters stay (``dead_letters`` counts them). Audited as
+        ``group.retired`` by ``actor`` when it removed or ended anything; a retire of a
+        group with nothing left to retire changes nothing and records nothing.
+
+        Which processes serve the group is not the store's to judge (their heartbeats'
+        ``info``): the caller refuses first while one does
+        (:func:`cantata.observability.groups.retire`).
         """

@@ -40,6 +40,7 @@ from cantata.testing.contract.audit import AuditContract
 from cantata.testing.contract.console import ConsoleContract
 from cantata.testing.contract.events import EventsContract
 from cantata.testing.contract.flow import FlowContract
+from cantata.testing.contract.groups import GroupsContract
 from cantata.testing.contract.keyed import KeyedChainContract
 from cantata.testing.contract.leases import LeasesContract
 from cantata.testing.contract.operate import OperateContract
@@ -62,6 +63,7 @@ class StoreContract(
     TraceContract,
     ConsoleContract,
     OperateContract,
+    GroupsContract,
     FlowContract,
     ParkingContract,
     LeasesContract,
