@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from cantata import App
-from cantata.errors import ConfigurationError, ScheduleExists, UnknownSchedule
+from cantata.errors import (
+    ConfigurationError,
+    PayloadTooLarge,
+    ScheduleExists,
+    UnknownSchedule,
+)
 from cantata.flow.schedules import ScheduleSpec, tick_key
 from cantata.testing import SkipClock, environment
 from tests.flow.helpers import ManualClock, until
@@ -209,6 +214,25 @@ async def test_create_without_replace_leaves_a_schedule_of_that_name_as_it_is() 
         assert actions == ["schedule.created"]
         await app.schedules.create("n", None, nightly, every=60)  # replace=True: replaced
         assert {s.name: s.when for s in await app.schedules.list()}["n"] == "every 60s"
+
+
+async def test_an_input_over_max_payload_is_refused_when_the_schedule_is_made() -> None:
+    """Each tick's run takes the input as its argument, and a run's arguments are held
+    to ``max_payload``: a schedule whose input is over it could start no run, so it is
+    refused when it is made, not at every tick."""
+    app = App("sched", max_payload=1024)
+
+    @app.workflow
+    async def feed(ctx: object, tick: dt.datetime, source: str) -> None:
+        pass
+
+    async with environment(app):
+        with pytest.raises(PayloadTooLarge, match=r"input of schedule 'big'.*over the "
+                           r"app's max_payload of 1024 bytes"):
+            await app.schedules.create("big", None, feed, every=60, input="x" * 1100)
+        assert await app.schedules.list() == []
+        await app.schedules.create("small", None, feed, every=60, input="x" * 900)
+        assert [s.name for s in await app.schedules.list()] == ["small"]
 
 
 def test_bad_schedules_name_the_value() -> None:

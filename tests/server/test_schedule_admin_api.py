@@ -185,6 +185,12 @@ async def test_a_bad_body_is_a_400_naming_its_field_and_makes_nothing(shop: Shop
             **shop.auth("operator"), "Content-Type": "application/json"})
         assert r.status_code == 400, (raw, r.text)
         assert r.json()["error"]["field"] == field, (raw, r.json())
+    # an input each tick's run could not take (over max_payload): a 413, as for a start
+    r = await shop.post("/api/schedules", json={**good, "workflow": "remind",
+                                                "input": {"n": "x" * (1 << 20)}})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["field"] == "input"
+    assert "over the app's max_payload" in r.json()["error"]["message"]
     listed = {s["name"] for s in (await shop.get("/api/schedules")).json()}
     assert listed == {"yearly_report"}
     assert await schedule_records(shop) == []

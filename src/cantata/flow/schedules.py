@@ -24,6 +24,7 @@ from cantata.errors import (
     ScheduleExists,
     UnknownSchedule,
 )
+from cantata.model import codec
 from cantata.model.checks import actor_or, check_text
 from cantata.model.flow import ScheduleRow
 from cantata.model.records import to_datetime
@@ -326,6 +327,8 @@ class Schedules:
 
         Raises:
             ConfigurationError: a bad cron, time zone, policy or limit (named).
+            PayloadTooLarge: ``input`` and a tick, each run's arguments, are over the
+                app's ``max_payload``.
             UnknownWorkflow: no service of this app declares ``workflow``.
             ScheduleExists: ``replace=False`` and the name is taken.
         """
@@ -337,6 +340,10 @@ class Schedules:
         wf = workflow_name(workflow)
         spec = ScheduleSpec(name, wf, cron, every, timezone, overlap, catch_up, catch_up_limit,
                             input, input is not None)
+        if spec.has_input:  # each tick's run takes (tick, input): held to max_payload
+            codec.dumps([dt.datetime.now(dt.UTC), input],
+                        f"input of schedule {name!r} (with its tick, each run's arguments)",
+                        limit=engine.max_payload)
         if not await engine.knows_workflow(wf):
             raise UnknownWorkflow(f"schedule {name!r}: no workflow named {wf!r} in app "
                                   f"{engine.app!r}")

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Body, Depends, Path, Request, Response
 from cantata.errors import (
     CantataError,
     ConfigurationError,
+    PayloadTooLarge,
     ScheduleExists,
     SerializationError,
     UnknownSchedule,
@@ -129,6 +130,8 @@ async def create(
             catch_up_limit=spec.catch_up_limit, actor=who.actor, replace=False)
     except ScheduleExists:
         raise await _exists(app, spec.name) from None
+    except PayloadTooLarge as exc:  # (each tick's run takes the input as its argument)
+        raise caused_by("input", exc) from None
     except UnknownWorkflow as exc:  # (a 400: the body's field, not the path, is wrong)
         raise ApiError(400, exc.code, console.redact(f"{exc}; GET /api/workflows lists "
                                                      "them"), "workflow") from None
