@@ -111,12 +111,17 @@ async def assemble(
     *,
     limit: int = DEFAULT_LIMIT,
     max_nodes: int = MAX_NODES,
+    now: float | None = None,
 ) -> TraceNode:
-    """:func:`build_trace` with the app's declarations already loaded."""
+    """:func:`build_trace` with the app's declarations already loaded (``now``: POSIX
+    seconds a worker's lease is judged at, the wall clock by default)."""
+    from .saga_hints import note_lost_hops  # (it names handlers as this module does)
+
     cid, records = await load_records(store, app, correlation_id, limit)
     root = Builder(app, records, declarations).build(cid)
     cancelling = {r.run_id for r in records.runs if r.cancel_requested}
     await note_queued(store, app, root, cancelling)
+    await note_lost_hops(store, app, root, declarations, records.runs, now)
     if records_truncated(records, limit):
         root.children.append(truncation_notice(limit))
     root.correlation_id = cid

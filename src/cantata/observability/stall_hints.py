@@ -36,6 +36,8 @@ class LiveWorker:
     any_version: bool
     workflows: frozenset[str] | None  # None: a worker of a release that did not say
     groups: frozenset[str] | None  # None: not said (a consumer not started, an older release)
+    # saga -> its hop groups in the worker's code (None: an older release did not say)
+    sagas: dict[str, frozenset[str]] | None = None
 
 
 async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
@@ -49,7 +51,24 @@ async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
                 out.append(LiveWorker(
                     info.get("version"), bool(info.get("any_version")),
                     _names(info.get("workflows")), _names(info.get("groups")),
+                    _sagas(info.get("sagas")),
                 ))
+    return out
+
+
+def _sagas(value: object) -> dict[str, frozenset[str]] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): _names(v) or frozenset() for k, v in value.items()}
+
+
+def sagas_in_code(live: list[LiveWorker]) -> dict[str, frozenset[str]]:
+    """saga -> the hop groups any live worker's code has of it (sagas no worker told of
+    are left out)."""
+    out: dict[str, frozenset[str]] = {}
+    for w in live:
+        for saga, groups in (w.sagas or {}).items():
+            out[saga] = out.get(saga, frozenset()) | groups
     return out
 
 

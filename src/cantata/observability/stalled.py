@@ -39,7 +39,7 @@ from .node import (
     TraceNode,
     TraceNotFound,
 )
-from .saga_hints import saga_hop_hint
+from .saga_hints import LOST_HOP, saga_hop_hint
 from .stall_hints import group_hint, live_workers, run_hints
 
 PENDING_STEP = "pending_step"
@@ -72,8 +72,9 @@ class Stall:
         hint: the cause, when the store tells it: a run no live worker takes
             because none serves its workflow or runs a version that may, an event
             for a group no live worker serves, and a choreographed saga's step that
-            only a worker of its service whose app includes the saga handles (``None``
-            otherwise).
+            only a worker of its service whose app includes the saga handles, or that no
+            live worker's code has (a step renamed or removed by a deploy while the
+            run's hop for it was in flight; ``None`` otherwise).
     """
 
     correlation_id: str
@@ -189,6 +190,9 @@ async def _with_hints(
         hint = None
         if run_id is not None and stall.reason in _HINTED:
             hint = found.get(run_id)
+        elif stall.reason == UNHANDLED_EVENT and stall.node.detail \
+                and stall.node.detail.startswith(LOST_HOP):
+            hint = stall.node.detail  # a saga's hop no live worker's code has (the trace's)
         elif stall.reason == UNHANDLED_EVENT and stall.node.group:
             group = stall.node.group
             hint = group_hint(group, live)
@@ -222,7 +226,7 @@ async def find_stalls(
     found: list[tuple[Stall, str | None]] = []
     for cid in cids:
         try:
-            root = await assemble(store, app, cid, declarations)
+            root = await assemble(store, app, cid, declarations, now=now)
         except TraceNotFound:
             continue  # removed meanwhile
         found.extend(_stalls_with_runs(root, older_than, now, correlation_id=cid))

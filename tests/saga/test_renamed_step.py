@@ -1,0 +1,100 @@
+"""A choreographed saga's step renamed by a deploy while a run's hop for the old step
+is in flight.
+
+The new code has no handler for the old step's group, so the run waits there, as an
+orchestrated run whose recorded step the code no longer makes waits for a worker of
+its version. What an operator sees says so: ``cantata stalled`` and the trace name the
+step no live worker's code has and what to do, and ``cantata check-replay`` lists the
+run. The new code's own runs are not held up, and the old group's delivery of their
+events is told as a leftover."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cantata import App, Saga, Step
+from cantata.engine.replaycheck import replay_report
+from cantata.observability.timeline import where_it_stands
+from tests.helpers import eventually
+
+from ..engine.helpers import make_app
+
+
+def before(url: str) -> App:
+    """The old deploy: reserve, then charge. Its workers serve the orders service only
+    (the payments worker that would take the charge hop is gone by the deploy)."""
+    app = make_app(url, services=["orders"])
+
+    @app.step(service="orders")
+    async def reserve(order: dict[str, Any]) -> str:
+        return f"r-{order['id']}"
+
+    @app.step(service="payments")
+    async def charge(order: dict[str, Any]) -> str:
+        return f"c-{order['id']}"
+
+    app.include(Saga("order", Step(reserve), Step(charge), mode="choreographed"))
+    return app
+
+
+def after(url: str) -> App:
+    """The new deploy: charge renamed bill; its workers serve every service."""
+    app = make_app(url)
+
+    @app.step(service="orders")
+    async def reserve(order: dict[str, Any]) -> str:
+        return f"r-{order['id']}"
+
+    @app.step(service="payments")
+    async def bill(order: dict[str, Any]) -> str:
+        return f"b-{order['id']}"
+
+    app.include(Saga("order", Step(reserve), Step(bill), mode="choreographed"))
+    return app
+
+
+OLD_GROUP = "order.payments_charge"
+
+
+async def test_a_hop_in_flight_for_a_renamed_step_says_why_it_waits(shared_store: str) -> None:
+    old = before(shared_store)
+    async with old:
+        handle = await old.start("order", {"id": 1})
+
+        async def charge_pending() -> list[Any]:
+            return [s for s in await old.stalled(older_than=0)
+                    if s.reason == "unhandled_event" and s.node.group == OLD_GROUP]
+
+        await eventually(charge_pending, 20.0, "the charge hop in flight")
+    new = after(shared_store)
+    async with new:
+        fresh = await new.start("order", {"id": 2})
+        assert await fresh.result(20) == {"orders.reserve": "r-2", "payments.bill": "b-2"}
+
+        async def hops() -> dict[str, str | None]:
+            return {s.correlation_id: s.hint for s in await new.stalled(older_than=0)
+                    if s.reason == "unhandled_event" and s.node.group == OLD_GROUP}
+
+        # (once the old worker's lease has passed: till then a live worker's code has it)
+        found = await eventually(lambda: _both(hops), 20.0, "both runs' old hops told")
+        stuck = await new.get_handle(handle.run_id).info()
+        done = await new.get_handle(fresh.run_id).info()
+        waits, leftover = found[stuck.correlation_id] or "", found[done.correlation_id] or ""
+        for words in ("no live worker's code has step 'payments.charge' of saga 'order'",
+                      "renamed or removed", "waits for it", "check-replay"):
+            assert words in waits, waits
+        assert "left over" in leftover and "waits for it" not in leftover, leftover
+
+        where = where_it_stands(await new.trace(stuck.correlation_id))
+        assert "no live worker's code has step 'payments.charge'" in where, where
+
+        report = await replay_report(new)
+        assert [(p.run_id, p.problem, p.recorded) for p in report.problems] == [
+            (handle.run_id, "non_determinism", OLD_GROUP)]
+        assert "'payments.charge'" in report.problems[0].detail
+
+
+async def _both(hops: Any) -> dict[str, str | None] | None:
+    found: dict[str, str | None] = await hops()
+    told = [h for h in found.values() if h and h.startswith("no live worker's code")]
+    return found if len(told) == 2 else None
