@@ -55,7 +55,7 @@ from cantata.model.status import LIVE_STATUSES, RunStatus
 from . import cleanup
 from .journal import FINAL, Journal
 from .runner import RunExecution
-from .saga.hops import lost_hop
+from .saga.hops import is_stray, lost_hop
 from .versioning import args_shape
 
 if TYPE_CHECKING:
@@ -340,10 +340,21 @@ async def check_hops(engine: Engine, run: RunRecord, saga: Saga) -> ReplayProble
         delivered.setdefault(d.event.id, []).append(d.group)
     names = {d.name: d.detail for d in await engine.store.declarations(engine.app)
              if d.kind == "handler"}
+    hops = set(code[saga.name])
+    reacted = {p for g, p in patterns if g in hops}
     for d in records.deliveries:
         event = mine.get(d.event.id)
         if event is None or d.status != DELIVERY_PENDING:
             continue
+        if d.group in hops and is_stray(saga.name, event.type, reacted):
+            return ReplayProblem(
+                run.run_id, run.workflow, str(run.status), "non_determinism",
+                f"the run's event {event.type} waits for group {d.group}, but no hop of "
+                f"saga {saga.name} in this code reacts to it (an event of an earlier map "
+                "of the saga: a step renamed or removed), so the run would wait there; "
+                "let it pass that hop on the old code first",
+                run.version, None, f"{d.group}: {event.type}", None,
+            )
         hop = lost_hop(d.group, event.type, delivered[event.id], code, patterns)
         if hop is None or not hop.waits:
             continue

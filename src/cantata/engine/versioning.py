@@ -172,8 +172,13 @@ def worker_info(engine: Engine) -> str:
         info["groups"] = engine.handler_groups
     # The hop groups of each saga in its code, served or not: a run's hop for a step
     # the code lacks is told from a service down by them (engine/saga/hops.py).
-    info["sagas"] = {name: w.spec.hop_groups() for name, w in engine.router.workflows.items()
-                     if w.spec is not None}
+    router = engine.router
+    sagas = {name: w.spec.hop_groups() for name, w in router.workflows.items()
+             if w.spec is not None}
+    info["sagas"] = sagas
+    # and the event types those hops react to (an event of none is of an earlier map)
+    info["saga_events"] = {name: sorted({h.pattern for h in router.handlers if h.group in hops})
+                           for name, hops in sagas.items()}
     return codec.dumps(info)
 
 

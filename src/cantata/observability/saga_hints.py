@@ -12,7 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from cantata.engine.saga.hops import LOST_HOP, lost_hop, lost_hop_text, saga_of
+from cantata.engine.saga.hops import (
+    LOST_HOP,
+    STRAY_HOP,
+    is_stray,
+    lost_hop,
+    lost_hop_text,
+    saga_of,
+    stray_text,
+)
 from cantata.model.records import Declaration, RunRecord
 from cantata.store.base import Store
 
@@ -20,7 +28,9 @@ from .assemble import short_name
 from .node import COMPENSATION, HANDLER, PENDING, RUN, TraceNode
 from .stall_hints import live_workers, sagas_in_code
 
-__all__ = ["LOST_HOP", "note_lost_hops", "saga_hop_hint"]
+__all__ = ["HOP_HINTS", "note_lost_hops", "saga_hop_hint"]
+
+HOP_HINTS = (LOST_HOP, STRAY_HOP)  # how the hints note_lost_hops leaves on a node begin
 
 
 def saga_hop_hint(group: str | None, declarations: Sequence[Declaration]) -> str | None:
@@ -61,22 +71,30 @@ async def note_lost_hops(
     if not hops:
         return
     live = await live_workers(store, app, time.time() if now is None else now)
-    if not live or any(w.sagas is None for w in live):
+    if not live or any(w.sagas is None or w.saga_events is None for w in live):
         return  # none, or one of a release that does not tell its sagas
     code = sagas_in_code(live)
+    reacted = sagas_in_code(live, events=True)
     patterns = [(d.name, d.pattern) for d in declarations if d.kind == "handler"]
     versions = {r.run_id: r.version for r in runs}
     for node in hops:
         group, event = node.group, parent.get(id(node))
-        if group is None or event is None or any(
-                w.groups is None or group in w.groups for w in live):
-            continue
-        delivered = [c.group for c in event.children if c.group]
-        hop = lost_hop(group, event.name, delivered, code, patterns)
-        if hop is None:
+        if group is None or event is None:
             continue
         run = event
         while run.kind != RUN and id(run) in parent:
             run = parent[id(run)]
         version = versions.get(run.ref or "") if run.kind == RUN else None
-        node.detail = lost_hop_text(node.name, hop, code, version)
+        saga = saga_of(group, code)
+        if saga is not None and group in code[saga]:
+            # a hop the code has, for an event none of its hops reacts to (on NATS such
+            # a delivery is never fetched; the embedded broker dead-letters it)
+            if is_stray(saga, event.name, reacted.get(saga, ())):
+                node.detail = stray_text(saga, group, event.name, version)
+            continue
+        if any(w.groups is None or group in w.groups for w in live):
+            continue
+        delivered = [c.group for c in event.children if c.group]
+        hop = lost_hop(group, event.name, delivered, code, patterns)
+        if hop is not None:
+            node.detail = lost_hop_text(node.name, hop, code, version)

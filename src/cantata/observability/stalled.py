@@ -39,7 +39,7 @@ from .node import (
     TraceNode,
     TraceNotFound,
 )
-from .saga_hints import LOST_HOP, saga_hop_hint
+from .saga_hints import HOP_HINTS, saga_hop_hint
 from .stall_hints import group_hint, live_workers, run_hints
 
 PENDING_STEP = "pending_step"
@@ -191,7 +191,7 @@ async def _with_hints(
         if run_id is not None and stall.reason in _HINTED:
             hint = found.get(run_id)
         elif stall.reason == UNHANDLED_EVENT and stall.node.detail \
-                and stall.node.detail.startswith(LOST_HOP):
+                and stall.node.detail.startswith(HOP_HINTS):
             hint = stall.node.detail  # a saga's hop no live worker's code has (the trace's)
         elif stall.reason == UNHANDLED_EVENT and stall.node.group:
             group = stall.node.group
