@@ -26,7 +26,7 @@ from cantata.store.base import Store
 
 from .assemble import short_name
 from .node import COMPENSATION, HANDLER, PENDING, RUN, TraceNode
-from .stall_hints import live_workers, sagas_in_code
+from .stall_hints import LiveWorker, live_workers, sagas_in_code
 
 __all__ = ["HOP_HINTS", "note_lost_hops", "saga_hop_hint"]
 
@@ -54,11 +54,14 @@ def saga_hop_hint(group: str | None, declarations: Sequence[Declaration]) -> str
 async def note_lost_hops(
     store: Store, app: str, root: TraceNode, declarations: Sequence[Declaration],
     runs: Sequence[RunRecord], now: float | None = None,
+    live: list[LiveWorker] | None = None,
 ) -> None:
     """Say on each pending hop of a choreographed saga that no live worker's code has
-    (a step renamed or removed by a deploy) why it waits, or that nothing waits for it
-    (``node.detail``; :mod:`cantata.engine.saga.hops`). The live workers are read only
-    when such a hop is pending and no live worker serves its group."""
+    (a step renamed or removed by a deploy) why it waits, or that nothing waits for it,
+    and on each pending delivery of an event no hop of the saga in their code reacts
+    to (an event of an earlier map) that the run waits for it (``node.detail``;
+    :mod:`cantata.engine.saga.hops`). The live workers (``live``, else read at
+    ``now``) are read only when a saga's hop is pending."""
     sagas = [d.name for d in declarations if d.kind == "workflow"]
     parent: dict[int, TraceNode] = {}
     hops: list[TraceNode] = []
@@ -70,7 +73,8 @@ async def note_lost_hops(
             hops.append(node)
     if not hops:
         return
-    live = await live_workers(store, app, time.time() if now is None else now)
+    if live is None:
+        live = await live_workers(store, app, time.time() if now is None else now)
     if not live or any(w.sagas is None or w.saga_events is None for w in live):
         return  # none, or one of a release that does not tell its sagas
     code = sagas_in_code(live)
