@@ -156,6 +156,11 @@ class Consumer:
         )
         hdef = None if trigger is not None else self.host.router.handler_for(group, event.type)
         if trigger is None and hdef is None:
+            stray = self.host.stray(group, event)
+            if stray is not None:
+                log.warning("dead-lettering event %s for group %s: %s", event.id, group, stray)
+                await self._dead(group, msg, event, stray)
+                return
             await msg.complete()
             return
         refused = self.host.signature_problem(

@@ -78,6 +78,12 @@ class ConsumerHost(Protocol):
         (:func:`cantata.fencing.guarded`, docs/leases.md)."""
         ...
 
+    def stray(self, group: str, event: Event[Any]) -> str | None:
+        """Why ``event``, which no handler or trigger of ``group`` matches, must be
+        dead-lettered rather than settled unhandled (``None``: settle it), e.g. an
+        event of an earlier map of a choreographed saga, which its run waits for."""
+        ...
+
     def signature_problem(self, event: Event[Any], *, required: bool) -> Exception | None:
         """Why ``event`` must be refused for its signature (``None``: it may pass)."""
         ...

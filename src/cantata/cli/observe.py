@@ -114,6 +114,8 @@ def _detail(stall: Stall, app: str | None, store: str | None, width: int = 0) ->
     """What a stall is stuck on; a dead letter's with the command that replays it (as
     :func:`again`). ``width``: cut the error, never the command, to about that."""
     n = stall.node
+    if stall.hint is not None and stall.hint == n.detail:  # (a saga's hop the code lacks)
+        return stall.hint
     if stall.hint is not None:  # the cause, when the store tells it
         return f"{n.detail or n.error or ''} ({stall.hint})".lstrip()
     if n.kind == "wait":

@@ -19,6 +19,7 @@ from cantata.quietlog import QuietLog
 
 from .hooks import Hooks
 from .pauses import handler_fence
+from .saga.hops import stray_event
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -75,6 +76,9 @@ class EngineHost:
         if declaration.service is not None:
             return declaration.service in services
         return declaration.workflow is not None and self._engine.serves(declaration.workflow)
+
+    def stray(self, group: str, event: Event[Any]) -> str | None:
+        return stray_event(self.router, group, event.type)
 
     def pause_fence(self) -> Callable[[], bool]:
         return handler_fence(self._engine)

@@ -21,6 +21,10 @@ A run whose cancellation reached its code (history records where: the
 code at the first call history has no outcome for, as a resumed run meets it, so
 the cleanup the code ran replays too and the marker is compared in its place.
 
+A choreographed saga run is also reported when a hop of it in flight is for a step
+its saga no longer has in the code (:func:`check_hops`): its workflow replays, but no
+worker of the code handles that hop.
+
 Compensations and ``ctx.patched`` markers are not compared: they are not calls of
 the workflow's code path. Nor are recorded values the code makes anew (a ``ctx.now()``
 added where history has none): they have no effect and nothing recorded to differ
@@ -39,16 +43,26 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cantata.declare.defs import StepDef, WorkflowDef
 from cantata.errors import Cancelled
 from cantata.model import codec
-from cantata.model.records import EntryKind, HistoryEntry, RunRecord, RunWrite
+from cantata.model.records import (
+    DELIVERY_PENDING,
+    EntryKind,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+)
 from cantata.model.status import LIVE_STATUSES, RunStatus
 
 from . import cleanup
 from .journal import FINAL, Journal
 from .runner import RunExecution
+from .saga.hops import is_stray, lost_hop
 from .versioning import args_shape
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .saga.declaration import Saga
+
+_HOPS_READ = 10_000  # records of a run's transaction read to find its hops in flight
 
 
 class App(Protocol):
@@ -68,8 +82,9 @@ class ReplayProblem:
     """A stored run the current code would break.
 
     ``problem`` is ``non_determinism`` (the calls differ: ``call`` is the 1-based
-    position of the first difference, ``recorded`` and ``current`` the two calls),
-    ``would_fail`` or ``unknown_workflow``.
+    position of the first difference, ``recorded`` and ``current`` the two calls; or
+    a choreographed saga's hop in flight is for a step the code's saga lacks: no
+    ``call``, ``recorded`` the hop's group), ``would_fail`` or ``unknown_workflow``.
     """
 
     run_id: str
@@ -303,9 +318,58 @@ async def replay_report(app: App, *, all_runs: bool = False, limit: int = 1000) 
             ))
             continue
         found = await check_run(app.engine, run, wdef)
+        if found is None and wdef.spec is not None and run.status in LIVE_STATUSES:
+            found = await check_hops(app.engine, run, wdef.spec)
         if found is not None:
             report.problems.append(found)
     return report
+
+
+async def check_hops(engine: Engine, run: RunRecord, saga: Saga) -> ReplayProblem | None:
+    """A choreographed saga run whose hop in flight is for a step this code's saga does
+    not have (renamed or removed): no worker of this code handles it, so the run would
+    wait there (:mod:`.saga.hops`). Its workflow replays fine: the hops are the calls."""
+    code = {saga.name: saga.hop_groups()}
+    patterns = [(h.group, h.pattern) for h in engine.router.handlers]
+    records = await engine.store.trace_records(engine.app, run.correlation_id,
+                                               limit=_HOPS_READ)
+    mine = {e.id: e for e, _ in records.events
+            if isinstance(e.data, dict) and e.data.get("run_id") == run.run_id}
+    delivered: dict[str, list[str]] = {}
+    for d in records.deliveries:
+        delivered.setdefault(d.event.id, []).append(d.group)
+    names = {d.name: d.detail for d in await engine.store.declarations(engine.app)
+             if d.kind == "handler"}
+    hops = set(code[saga.name])
+    reacted = {p for g, p in patterns if g in hops}
+    for d in records.deliveries:
+        event = mine.get(d.event.id)
+        if event is None or d.status != DELIVERY_PENDING:
+            continue
+        if d.group in hops and is_stray(saga.name, event.type, reacted):
+            return ReplayProblem(
+                run.run_id, run.workflow, str(run.status), "non_determinism",
+                f"the run's event {event.type} waits for group {d.group}, but no hop of "
+                f"saga {saga.name} in this code reacts to it (an event of an earlier map "
+                "of the saga: a step renamed or removed), so the run would wait there; "
+                "let it pass that hop on the old code first",
+                run.version, None, f"{d.group}: {event.type}", None,
+            )
+        hop = lost_hop(d.group, event.type, delivered[event.id], code, patterns)
+        if hop is None or not hop.waits:
+            continue
+        info = codec.loads(names[d.group]) if names.get(d.group) else None
+        step = info.get("handler") if isinstance(info, dict) else None
+        step = str(step or d.group).rsplit("<locals>.", 1)[-1]
+        return ReplayProblem(
+            run.run_id, run.workflow, str(run.status), "non_determinism",
+            f"the run's hop for step {step!r} of saga {saga.name} (group {d.group}, event "
+            f"{event.type}) is in flight, but the saga in this code has no such step "
+            f"(its hops: {', '.join(code[saga.name])}): no worker of this code handles it, "
+            "so the run would wait there; let it pass that hop on the old code first",
+            run.version, None, d.group, None,
+        )
+    return None
 
 
 async def check_replay(

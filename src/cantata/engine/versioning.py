@@ -162,13 +162,23 @@ async def versions(store: Store, app: str) -> dict[str, float]:
 
 def worker_info(engine: Engine) -> str:
     """What a worker's heartbeat records of it: the runs it may take (its version, and
-    the workflows it serves) and the handler groups it serves (once its consumer has
-    started), which ``cantata stalled`` reads to say why no live worker takes a run or
-    an event (observability/stall_hints.py)."""
+    the workflows it serves), the handler groups it serves (once its consumer has
+    started) and the hop groups of the sagas in its code, which ``cantata stalled``
+    reads to say why no live worker takes a run or an event
+    (observability/stall_hints.py, observability/saga_hints.py)."""
     info: dict[str, Any] = {"version": engine.version, "any_version": engine.any_version,
                             "workflows": sorted(engine.served_workflows())}
     if engine.handler_groups is not None:
         info["groups"] = engine.handler_groups
+    # The hop groups of each saga in its code, served or not: a run's hop for a step
+    # the code lacks is told from a service down by them (engine/saga/hops.py).
+    router = engine.router
+    sagas = {name: w.spec.hop_groups() for name, w in router.workflows.items()
+             if w.spec is not None}
+    info["sagas"] = sagas
+    # and the event types those hops react to (an event of none is of an earlier map)
+    info["saga_events"] = {name: sorted({h.pattern for h in router.handlers if h.group in hops})
+                           for name, hops in sagas.items()}
     return codec.dumps(info)
 
 

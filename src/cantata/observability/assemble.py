@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cantata.model import codec
 from cantata.model.checks import check_text
@@ -39,6 +39,9 @@ from cantata.model.records import (
 )
 from cantata.model.status import CUT_SHORT, RunStatus, call_status
 from cantata.store.base import Store, TraceRecords
+
+if TYPE_CHECKING:
+    from .stall_hints import LiveWorker
 
 from .bound import MAX_NODES, bound, truncation_notice
 from .node import (
@@ -113,12 +116,19 @@ async def assemble(
     *,
     limit: int = DEFAULT_LIMIT,
     max_nodes: int = MAX_NODES,
+    now: float | None = None,
+    live: list[LiveWorker] | None = None,
 ) -> TraceNode:
-    """:func:`build_trace` with the app's declarations already loaded."""
+    """:func:`build_trace` with the app's declarations already loaded (``now``: POSIX
+    seconds a worker's lease is judged at, the wall clock by default; ``live``: the
+    live workers, when read already)."""
+    from .saga_hints import note_lost_hops  # (it names handlers as this module does)
+
     cid, records = await load_records(store, app, correlation_id, limit)
     root = Builder(app, records, declarations).build(cid)
     cancelling = {r.run_id for r in records.runs if r.cancel_requested}
     await note_queued(store, app, root, cancelling)
+    await note_lost_hops(store, app, root, declarations, records.runs, now, live)
     if records_truncated(records, limit):
         root.children.append(truncation_notice(limit))
     root.correlation_id = cid

@@ -9,11 +9,28 @@ tell which group is such a hop, so ``cantata stalled`` can say so.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
-from cantata.model.records import Declaration
+from cantata.engine.saga.hops import (
+    LOST_HOP,
+    STRAY_HOP,
+    is_stray,
+    lost_hop,
+    lost_hop_text,
+    saga_of,
+    stray_text,
+)
+from cantata.model.records import Declaration, RunRecord
+from cantata.store.base import Store
 
 from .assemble import short_name
+from .node import COMPENSATION, HANDLER, PENDING, RUN, TraceNode
+from .stall_hints import LiveWorker, live_workers, sagas_in_code
+
+__all__ = ["HOP_HINTS", "note_lost_hops", "saga_hop_hint"]
+
+HOP_HINTS = (LOST_HOP, STRAY_HOP)  # how the hints note_lost_hops leaves on a node begin
 
 
 def saga_hop_hint(group: str | None, declarations: Sequence[Declaration]) -> str | None:
@@ -32,3 +49,56 @@ def saga_hop_hint(group: str | None, declarations: Sequence[Declaration]) -> str
                 f"app.include(...) of saga {saga} in that service's code (orchestrated, "
                 "the step alone is enough)")
     return None
+
+
+async def note_lost_hops(
+    store: Store, app: str, root: TraceNode, declarations: Sequence[Declaration],
+    runs: Sequence[RunRecord], now: float | None = None,
+    live: list[LiveWorker] | None = None,
+) -> None:
+    """Say on each pending hop of a choreographed saga that no live worker's code has
+    (a step renamed or removed by a deploy) why it waits, or that nothing waits for it,
+    and on each pending delivery of an event no hop of the saga in their code reacts
+    to (an event of an earlier map) that the run waits for it (``node.detail``;
+    :mod:`cantata.engine.saga.hops`). The live workers (``live``, else read at
+    ``now``) are read only when a saga's hop is pending."""
+    sagas = [d.name for d in declarations if d.kind == "workflow"]
+    parent: dict[int, TraceNode] = {}
+    hops: list[TraceNode] = []
+    for node in root.walk():
+        for child in node.children:
+            parent[id(child)] = node
+        if node.kind in (HANDLER, COMPENSATION) and node.status == PENDING and node.group \
+                and saga_of(node.group, sagas) is not None:
+            hops.append(node)
+    if not hops:
+        return
+    if live is None:
+        live = await live_workers(store, app, time.time() if now is None else now)
+    if not live or any(w.sagas is None or w.saga_events is None for w in live):
+        return  # none, or one of a release that does not tell its sagas
+    code = sagas_in_code(live)
+    reacted = sagas_in_code(live, events=True)
+    patterns = [(d.name, d.pattern) for d in declarations if d.kind == "handler"]
+    versions = {r.run_id: r.version for r in runs}
+    for node in hops:
+        group, event = node.group, parent.get(id(node))
+        if group is None or event is None:
+            continue
+        run = event
+        while run.kind != RUN and id(run) in parent:
+            run = parent[id(run)]
+        version = versions.get(run.ref or "") if run.kind == RUN else None
+        saga = saga_of(group, code)
+        if saga is not None and group in code[saga]:
+            # a hop the code has, for an event none of its hops reacts to (on NATS such
+            # a delivery is never fetched; the embedded broker dead-letters it)
+            if is_stray(saga, event.name, reacted.get(saga, ())):
+                node.detail = stray_text(saga, group, event.name, version)
+            continue
+        if any(w.groups is None or group in w.groups for w in live):
+            continue
+        delivered = [c.group for c in event.children if c.group]
+        hop = lost_hop(group, event.name, delivered, code, patterns)
+        if hop is not None:
+            node.detail = lost_hop_text(node.name, hop, code, version)

@@ -37,6 +37,9 @@ class LiveWorker:
     workflows: frozenset[str] | None  # None: a worker of a release that did not say
     groups: frozenset[str] | None  # None: not said (a consumer not started, an older release)
     worker_id: str = ""
+    # saga -> its hop groups in the worker's code (None: an older release did not say)
+    sagas: dict[str, frozenset[str]] | None = None
+    saga_events: dict[str, frozenset[str]] | None = None  # saga -> types its hops react to
 
 
 async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
@@ -50,7 +53,24 @@ async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
                 out.append(LiveWorker(
                     info.get("version"), bool(info.get("any_version")),
                     _names(info.get("workflows")), _names(info.get("groups")), w.worker_id,
+                    _sagas(info.get("sagas")), _sagas(info.get("saga_events")),
                 ))
+    return out
+
+
+def _sagas(value: object) -> dict[str, frozenset[str]] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): _names(v) or frozenset() for k, v in value.items()}
+
+
+def sagas_in_code(live: list[LiveWorker], *, events: bool = False) -> dict[str, frozenset[str]]:
+    """saga -> the hop groups any live worker's code has of it, or with ``events`` the
+    event types they react to (sagas no worker told of are left out)."""
+    out: dict[str, frozenset[str]] = {}
+    for w in live:
+        for saga, names in ((w.saga_events if events else w.sagas) or {}).items():
+            out[saga] = out.get(saga, frozenset()) | names
     return out
 
 

@@ -39,8 +39,8 @@ from .node import (
     TraceNode,
     TraceNotFound,
 )
-from .saga_hints import saga_hop_hint
-from .stall_hints import group_hint, live_workers, run_hints
+from .saga_hints import HOP_HINTS, saga_hop_hint
+from .stall_hints import LiveWorker, group_hint, live_workers, run_hints
 
 PENDING_STEP = "pending_step"
 QUEUED = "queued"  # a run waiting in a queue (node.detail: which, behind how many);
@@ -72,8 +72,9 @@ class Stall:
         hint: the cause, when the store tells it: a run no live worker takes
             because none serves its workflow or runs a version that may, an event
             for a group no live worker serves, and a choreographed saga's step that
-            only a worker of its service whose app includes the saga handles (``None``
-            otherwise).
+            only a worker of its service whose app includes the saga handles, or that no
+            live worker's code has (a step renamed or removed by a deploy while the
+            run's hop for it was in flight; ``None`` otherwise).
     """
 
     correlation_id: str
@@ -173,7 +174,7 @@ def _stalls_with_runs(
 
 async def _with_hints(
     store: Store, app: str, stuck: list[tuple[Stall, str | None]], now: float,
-    declarations: list[Declaration],
+    declarations: list[Declaration], live: list[LiveWorker] | None = None,
 ) -> list[Stall]:
     """The stalls, with a hint where live workers run but none of them may take the
     run, or serves the group an event waits for (:mod:`.stall_hints`)."""
@@ -182,13 +183,17 @@ async def _with_hints(
         if run_id is not None and stall.reason in _HINTED:
             runs[run_id] = runs.get(run_id, False) or stall.reason != WAITING_EVENT
     events = any(s.reason == UNHANDLED_EVENT for s, _ in stuck)
-    live = await live_workers(store, app, now) if runs or events else []
+    if live is None:
+        live = await live_workers(store, app, now) if runs or events else []
     found = await run_hints(store, app, runs, live)
     out = []
     for stall, run_id in stuck:
         hint = None
         if run_id is not None and stall.reason in _HINTED:
             hint = found.get(run_id)
+        elif stall.reason == UNHANDLED_EVENT and stall.node.detail \
+                and stall.node.detail.startswith(HOP_HINTS):
+            hint = stall.node.detail  # a saga's hop no live worker's code has (the trace's)
         elif stall.reason == UNHANDLED_EVENT and stall.node.group:
             group = stall.node.group
             hint = group_hint(group, live)
@@ -220,11 +225,13 @@ async def find_stalls(
     cids = await store.stale_correlations(app, older_than=now - older_than, limit=limit)
     declarations = await store.declarations(app)
     found: list[tuple[Stall, str | None]] = []
+    # read once for every trace (a saga's hop no live worker's code has) and the hints
+    live = await live_workers(store, app, now) if cids else []
     for cid in cids:
         try:
-            root = await assemble(store, app, cid, declarations)
+            root = await assemble(store, app, cid, declarations, now=now, live=live)
         except TraceNotFound:
             continue  # removed meanwhile
         found.extend(_stalls_with_runs(root, older_than, now, correlation_id=cid))
     found.sort(key=lambda s: s[0].since)
-    return await _with_hints(store, app, found[:limit], now, declarations)
+    return await _with_hints(store, app, found[:limit], now, declarations, live)

@@ -10,6 +10,7 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 from rich.tree import Tree
 
+from cantata.engine.saga.hops import LOST_HOP_WAITS
 from cantata.model.records import utc_datetime
 
 from .bound import count
@@ -205,6 +206,8 @@ class _Renderer:
                 out.append("not picked up yet")
             elif node.due is not None:
                 out.append(f"next attempt {_clock(node.due, self.now)}")
+            if node.detail:  # why it waits (a saga's hop no live worker's code has)
+                out.append(node.detail)
         elif node.kind == DEAD_LETTER and node.ref:
             out.append(f"id {_short(node.ref)}")
             if node.status == REPLAYED and node.ended_at is not None:
@@ -260,6 +263,8 @@ class _Renderer:
             line.append(f", {n.attempts} attempt(s))" if n.attempts else ")")
             if n.error:
                 line.append(f" — last error {n.error}", style="red")
+            if n.detail:
+                line.append(f" — {n.detail}")
         elif stall.reason == WAITING_EVENT:
             run = self.owner(n, RUN)
             line.append("⏸ waiting: ", style="bold blue")
@@ -407,6 +412,8 @@ def where_it_stands(root: TraceNode, *, now: float | None = None) -> str:
     if not stalls or (root.kind == RUN and not root.is_open):
         return r.outcome().plain.removeprefix("where it stands: ")
     state = "in progress" if r.moving(stalls) else "stalled"
-    first = min(stalls, key=lambda s: s.since)
+    # a saga's hop no live worker's code has, which the run waits for, says why it waits
+    lost = [s for s in stalls if s.node.detail and LOST_HOP_WAITS in s.node.detail]
+    first = min(lost or stalls, key=lambda s: s.since)
     detail = r.describe(first).plain.strip().split("\n")[0]
     return f"{state}, {count(len(stalls))} item(s) not done; {detail}"

@@ -16,11 +16,11 @@ from dataclasses import replace
 from typing import Any
 
 from cantata.declare.defs import StepDef, _runs_elsewhere
-from cantata.errors import SagaStateTooLarge, SerializationError
+from cantata.errors import SagaStateTooLarge, SerializationError, UnknownStep
 from cantata.model import codec
 
 from ..stepinfo import step_info
-from .declaration import Saga, Step
+from .declaration import Saga, Stage, Step
 
 
 def takes_second(sdef: StepDef) -> bool:
@@ -107,3 +107,25 @@ def saga_step_def(
 def is_final_error(retry: Any, exc: BaseException) -> bool:
     """True if ``exc`` fails the attempt for good (not retryable)."""
     return not retry.is_retryable(exc) or isinstance(exc, SerializationError)
+
+
+def undeclared(saga: Saga, app: str, name: str, what: str = "step") -> UnknownStep:
+    """The error of a saga's step (or compensation) that no service declares, the same
+    in both modes: orchestrated, the run raises it when it reaches the step;
+    choreographed, the hop before the step fails the step with it."""
+    return UnknownStep(
+        f"saga {saga.name}: no service declares {what} {name!r} in app {app!r}: register "
+        "it with @app.step (service=... for another service's step) in the service that "
+        "runs it and start that service, or correct the saga's Step(...)"
+    )
+
+
+def stage_names(stage: Stage) -> list[tuple[Step, str, str]]:
+    """``(step, name, what)`` of every step and compensation of ``stage``, in the order
+    both modes resolve them before the stage begins."""
+    out: list[tuple[Step, str, str]] = []
+    for step in stage.steps:
+        out.append((step, step.name, "step"))
+        if step.compensation is not None:
+            out.append((step, step.compensation, "compensation"))
+    return out

@@ -34,7 +34,7 @@ from ..invoke import invoke_step
 from ..runtime import Watch
 from ..signals import CompensatedElsewhere, _DeadlinePassed
 from ..steps import WORKER_LOST
-from .calls import is_final_error, saga_step_def, step_args, undo_args
+from .calls import is_final_error, saga_step_def, stage_names, step_args, undeclared, undo_args
 from .declaration import Saga, Stage, Step
 
 if TYPE_CHECKING:
@@ -46,9 +46,18 @@ if TYPE_CHECKING:
 
 
 async def run_choreographed(saga: Saga, ctx: WorkflowContext, data: Any) -> dict[str, Any]:
-    """Start the chain of handlers and wait for ``<saga>.finished``."""
-    await ctx.emit(saga.event_type("started"), {"run_id": ctx.run_id, "input": data,
-                                                "results": {}})
+    """Start the chain of handlers and wait for ``<saga>.finished``.
+
+    Raises:
+        UnknownStep: a step of the first stage (or its compensation) is declared by no
+            service, found before the chain starts, as an orchestrated run finds it.
+    """
+    started = saga.event_type("started")
+    if f"emit:{started}#1" not in ctx._x.journal.history:  # (a replay started it already)
+        from .orchestrated import resolve_stage
+
+        await resolve_stage(saga, ctx, saga.stages[0])
+    await ctx.emit(started, {"run_id": ctx.run_id, "input": data, "results": {}})
     try:
         end = await wait_finished(saga, ctx)
     except (Cancelled, _DeadlinePassed) as exc:
@@ -153,8 +162,10 @@ def end_of(data: dict[str, Any]) -> dict[str, Any]:
     failure = data.get("failure")
     if failure is None:
         return {**data, "outcome": "completed"}
-    error = error_text(StepFailed(failure["step"], failure["type"], failure["message"],
-                                  failure["attempts"]))
+    # A step that never began (see stage_failure) fails the run with its own error, as
+    # the orchestrated run raises it.
+    error = failure.get("error") or error_text(StepFailed(
+        failure["step"], failure["type"], failure["message"], failure["attempts"]))
     failures = list(data.get("failures") or [])
     if failures:
         return {**data, "outcome": "failed", "flagged": True,
@@ -181,6 +192,49 @@ async def fail_stage(
         await emit(ctx, saga.failed_event(stage), state, cause)
 
 
+async def stage_failure(
+    saga: Saga, router: Router, ctx: HandlerContext, stage: Stage, known: set[str]
+) -> dict[str, Any] | None:
+    """The failure of ``stage`` before it begins when one of its steps (or of their
+    compensations) is declared by no service (``None`` when each is), which the hop
+    before the stage says instead of starting it: an orchestrated run fails there with
+    the same error (``orchestrated.resolve_stage``), and no service would ever react to
+    the stage's event.
+
+    A step is known if this process registered it or a service declared it (the
+    store's declarations, read only for a step not known yet: ``known`` keeps the
+    names found, for this app's later hops).
+    """
+    names = stage_names(stage)
+    if all(name in router.steps or name in known for _, name, _ in names):
+        return None
+    store = ctx._store
+    if store is None:
+        return None
+    known.update(d.name for d in await store.declarations(ctx.app)
+                 if d.kind == "step" and d.service)
+    for step, name, what in names:
+        if name not in router.steps and name not in known:
+            exc = undeclared(saga, ctx.app, name, what)
+            return {"step": step.name, "type": type(exc).__name__, "message": str(exc),
+                    "attempts": 0, "error": error_text(exc)}
+    return None
+
+
+async def next_stage(
+    saga: Saga, router: Router, ctx: HandlerContext, stage: Stage, state: dict[str, Any],
+    known: set[str], cause: Event[Any] | None = None,
+) -> None:
+    """``stage`` is done (not the last): emit ``<stage>.done``, which starts the next
+    stage, or the next stage's failure when a step of it is declared by no service."""
+    after = saga.stages[stage.index + 1]
+    failure = await stage_failure(saga, router, ctx, after, known)
+    if failure is None:
+        await emit(ctx, saga.event_type(stage.name, "done"), state, cause)
+    else:
+        await fail_stage(saga, ctx, after, {**state, "failure": failure}, [], cause)
+
+
 def resolve(saga: Saga, router: Router, name: str) -> StepDef:
     sdef = router.steps.get(name)
     if sdef is None:
@@ -194,8 +248,11 @@ def resolve(saga: Saga, router: Router, name: str) -> StepDef:
 # -- handlers ---------------------------------------------------------------------------
 
 
-def forward_handler(saga: Saga, router: Router, stage: Stage, step: Step) -> Any:
-    """The handler that runs ``step`` when its stage's trigger arrives."""
+def forward_handler(
+    saga: Saga, router: Router, stage: Stage, step: Step, known: set[str]
+) -> Any:
+    """The handler that runs ``step`` when its stage's trigger arrives (``known``: see
+    :func:`stage_failure`)."""
     last = stage.index == len(saga.stages) - 1
 
     async def forward(event: Event[Any], ctx: HandlerContext) -> None:
@@ -231,8 +288,10 @@ def forward_handler(saga: Saga, router: Router, stage: Stage, step: Step) -> Any
         state = {**data, "results": results}
         if last and not stage.parallel:
             await emit(ctx, saga.event_type("finished"), end_of(state))
-        else:
+        elif stage.parallel:  # to the stage's join
             await emit(ctx, saga.event_type(step.name, "done"), state)
+        else:
+            await next_stage(saga, router, ctx, stage, state, known)
 
     # Named as the step it runs, so a trace reads the same in both modes.
     forward.__name__ = forward.__qualname__ = step.name

@@ -226,6 +226,12 @@ class Saga:
         """The handler group of a step (or of a parallel stage's join) in choreography."""
         return self.event_type(name)
 
+    def hop_groups(self) -> list[str]:
+        """Every handler group of this saga's choreography: each step's (its hop and its
+        undo) and each parallel stage's join."""
+        return [*(self.group(s.name) for s in self.steps),
+                *(self.group(st.name) for st in self.stages if st.parallel)]
+
     def stage_of(self, step: str) -> Stage:
         return next(st for st in self.stages if any(s.name == step for s in st.steps))
 

@@ -96,9 +96,22 @@ def _service(router: Router, name: str) -> str | None:
     return name.split(".", 1)[0] if "." in name else None
 
 
+def _next_failed(saga: Saga, stage: Stage) -> tuple[str, ...]:
+    """What the hop that ends ``stage`` emits instead of ``<stage>.done`` when the next
+    stage's step is declared by no service (``choreographed.next_stage``)."""
+    if stage.index == len(saga.stages) - 1:
+        return ()
+    after = saga.stages[stage.index + 1]
+    first = saga.undo_before(after)[:1]
+    if after.parallel:
+        return tuple(saga.compensate_event(n) for n in first)
+    return (saga.failed_event(after),) if first else ()
+
+
 def _attach_handlers(saga: Saga, router: Router) -> None:
     triggers = saga.undo_triggers()
     finished = saga.event_type("finished")
+    known: set[str] = set()  # steps some service declared (choreographed.stage_failure)
     for stage in saga.stages:
         after = (
             finished if stage.index == len(saga.stages) - 1
@@ -106,11 +119,12 @@ def _attach_handlers(saga: Saga, router: Router) -> None:
         )
         for step in stage.steps:
             group, service = saga.group(step.name), _service(router, step.name)
-            done = saga.event_type(step.name, "done") if stage.parallel else after
-            fwd = forward_handler(saga, router, stage, step)
+            done = ((saga.event_type(step.name, "done"),) if stage.parallel
+                    else (after, *_next_failed(saga, stage)))
+            fwd = forward_handler(saga, router, stage, step, known)
             _add(saga, router, saga.trigger(stage), group, fwd, service,
                  _with_lost_attempt(_step_retry(router, step, step.name)),
-                 (done, saga.event_type(step.name, "failed"), saga.failed_event(stage),
+                 (*done, saga.event_type(step.name, "failed"), saga.failed_event(stage),
                   finished), step.name)
             if step.compensation is None:
                 continue
@@ -125,14 +139,15 @@ def _attach_handlers(saga: Saga, router: Router) -> None:
                 _add(saga, router, pattern, group, undo, service, retry, emits,
                      step.compensation)
         if stage.parallel:
-            _attach_join(saga, router, stage, after)
+            _attach_join(saga, router, stage, after, known)
 
 
-def _attach_join(saga: Saga, router: Router, stage: Stage, after: str) -> None:
-    join = join_handler(saga, stage)
+def _attach_join(saga: Saga, router: Router, stage: Stage, after: str, known: set[str]) -> None:
+    join = join_handler(saga, router, stage, known)
     firsts = [*(b.name for b in stage.steps if b.compensation is not None),
               *saga.undo_before(stage)[:1]]
-    emits = (after, *(saga.compensate_event(n) for n in firsts), saga.event_type("finished"))
+    emits = (after, *_next_failed(saga, stage), *(saga.compensate_event(n) for n in firsts),
+             saga.event_type("finished"))
     for step in stage.steps:
         for outcome in ("done", "failed"):
             _add(saga, router, saga.event_type(step.name, outcome), saga.group(stage.name), join,

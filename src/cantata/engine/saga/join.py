@@ -17,15 +17,17 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import CantataError
 from cantata.model.event import Event
 
-from .choreographed import emit, end_of, event_id, fail_stage
+from .choreographed import emit, end_of, event_id, fail_stage, next_stage
 from .declaration import Saga, Stage
 
 if TYPE_CHECKING:
     from cantata.choreography.context import HandlerContext
+    from cantata.declare.router import Router
 
 
-def join_handler(saga: Saga, stage: Stage) -> Any:
-    """The handler of ``stage``'s join group."""
+def join_handler(saga: Saga, router: Router, stage: Stage, known: set[str]) -> Any:
+    """The handler of ``stage``'s join group (``known``: see
+    :func:`.choreographed.stage_failure`)."""
     last = stage.index == len(saga.stages) - 1
 
     async def join(event: Event[Any], ctx: HandlerContext) -> None:
@@ -59,7 +61,7 @@ def join_handler(saga: Saga, stage: Stage) -> Any:
         elif last:
             await emit(ctx, saga.event_type("finished"), end_of(state), cause)
         else:
-            await emit(ctx, saga.event_type(stage.name, "done"), state, cause)
+            await next_stage(saga, router, ctx, stage, state, known, cause)
 
     join.__name__ = join.__qualname__ = f"join {stage.name}"
     return join

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from .calls import saga_step_def, step_args, undo_args
-from .declaration import Saga, Step
+from cantata.errors import UnknownStep
+
+from .calls import saga_step_def, stage_names, step_args, undeclared, undo_args
+from .declaration import Saga, Stage, Step
 
 if TYPE_CHECKING:
     from cantata.declare.defs import StepDef
@@ -28,7 +30,8 @@ async def run_orchestrated(saga: Saga, ctx: WorkflowContext, data: Any) -> dict[
     results: dict[str, Any] = {}
     for stage in saga.stages:
         before = dict(results)
-        calls = [_call(saga, ctx, step, data, before) for step in stage.steps]
+        defs = await resolve_stage(saga, ctx, stage)
+        calls = [_call(saga, ctx, step, data, before, defs) for step in stage.steps]
         if not stage.parallel:
             value, comp = await calls[0]
             results[stage.steps[0].name] = value
@@ -56,15 +59,33 @@ def _first_failure(outcomes: list[Any]) -> BaseException | None:
     return errors[0] if errors else None
 
 
+async def resolve_stage(saga: Saga, ctx: WorkflowContext, stage: Stage) -> dict[str, StepDef]:
+    """The definitions of ``stage``'s steps and compensations, by name, before any of
+    them begins.
+
+    Raises:
+        UnknownStep: one of them is declared by no service (nor registered here): no
+            branch of the stage begins, as in choreographed mode, where the hop before
+            the stage finds the same (``docs/styles.md``).
+    """
+    found: dict[str, StepDef] = {}
+    for step, name, what in stage_names(stage):
+        fn = step.action if what == "step" else step.compensate
+        assert fn is not None
+        try:
+            found[name] = await ctx._step_def(fn, what)
+        except UnknownStep:
+            raise undeclared(saga, ctx._x.engine.app, name, what) from None
+    return found
+
+
 async def _call(
-    saga: Saga, ctx: WorkflowContext, step: Step, data: Any, results: dict[str, Any]
+    saga: Saga, ctx: WorkflowContext, step: Step, data: Any, results: dict[str, Any],
+    defs: dict[str, StepDef],
 ) -> tuple[Any, StepDef | None]:
     """Run one step durably; returns its result and its resolved compensation."""
-    sdef = await ctx._step_def(step.action, "step")
-    comp = (
-        await ctx._step_def(step.compensate, "compensation")
-        if step.compensate is not None else None
-    )
+    sdef = defs[step.name]
+    comp = defs[step.compensation] if step.compensation is not None else None
     x = ctx._x
     args = step_args(sdef, data, results)
     key = x.journal.next_key(sdef.name)

@@ -1,0 +1,143 @@
+"""A choreographed saga's hop that the code no longer has (no I/O).
+
+A deploy that renames or removes a step of a choreographed saga changes its map: the
+new code has no handler for the old step's group. A run whose hop for the old step
+was in flight (its event delivered to the old group, not handled yet) then waits for
+a worker whose code has that step, as an orchestrated run whose history records a
+step the code no longer makes waits for a worker of its version. The new code's own
+runs are not held up by the old group: the events they emit go to the new groups too
+(the old one is still declared, so it gets a delivery that nothing needs).
+
+:func:`lost_hop` tells the two apart from the event's deliveries: a delivery for a
+group the code lacks is what the run waits for when a group of the code that reacts
+to the event did not get it (the event was stored before the new code declared its
+groups). ``cantata stalled``, the trace and ``cantata check-replay`` say so
+(``docs/styles.md``).
+
+A run that had passed the old step is in the same position one hop later: its
+``done`` event waits for the next step's group, which the new code serves for another
+event. No hop of the code reacts to it (:func:`is_stray`), so the consumer
+dead-letters it with the cause (:func:`stray_event`) rather than settling it
+unhandled; on NATS, whose consumers no longer fetch that subject, it stays pending and
+the same three say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cantata.model.event import matches
+
+if TYPE_CHECKING:
+    from cantata.declare.router import Router
+
+LOST_HOP = "no live worker's code has step "  # how lost_hop_text begins
+STRAY_HOP = "no hop of saga "  # how stray_text begins
+LOST_HOP_WAITS = "and the run waits for it"  # in its text when the run waits for the hop
+
+
+@dataclass(frozen=True, slots=True)
+class LostHop:
+    """A pending delivery to a group of saga ``saga`` that the code does not have.
+
+    ``waits``: the run waits for it (no group of the code got the event instead);
+    ``False``: a leftover of an earlier map, which nothing waits for.
+    """
+
+    saga: str
+    group: str
+    waits: bool
+
+
+def saga_of(group: str, sagas: Iterable[str]) -> str | None:
+    """The saga whose hops ``group`` belongs to (by its ``<saga>.`` prefix)."""
+    found = [s for s in sagas if group.startswith(f"{s}.")]
+    return max(found, key=len) if found else None
+
+
+def lost_hop(
+    group: str, event_type: str, delivered: Collection[str],
+    code: Mapping[str, Collection[str]], patterns: Iterable[tuple[str, str]],
+) -> LostHop | None:
+    """Whether ``group``'s delivery of an event of ``event_type`` is a hop the code
+    lacks (``None``: the group is no saga's, or the code has it).
+
+    Args:
+        delivered: the groups the event was delivered to.
+        code: saga name -> the hop groups of that saga in the code
+            (:meth:`~cantata.engine.saga.declaration.Saga.hop_groups`).
+        patterns: ``(group, event type pattern)`` of the handlers declared.
+    """
+    saga = saga_of(group, code)
+    if saga is None or group in code[saga]:
+        return None
+    current = set(code[saga])
+    reactors = {g for g, p in patterns if g in current and matches(p, event_type)}
+    return LostHop(saga, group, waits=not reactors or not reactors <= set(delivered))
+
+
+def lost_hop_text(
+    name: str, hop: LostHop, code: Mapping[str, Collection[str]], version: str | None
+) -> str:
+    """What to tell an operator of ``hop`` (``name``: the step or compensation the
+    group's handler ran)."""
+    groups = ", ".join(sorted(code[hop.saga]))
+    head = (f"{LOST_HOP}{name!r} of saga {hop.saga!r} (group "
+            f"{hop.group}; the saga's hops in their code: {groups})")
+    if not hop.waits:
+        return (f"{head}: left over from an earlier map of the saga; this run does not "
+                "wait for it (the code's own hop got the event)")
+    of = f" {version}" if version else ""
+    return (f"{head}: a deploy renamed or removed it while this run's hop for it was in "
+            f"flight, {LOST_HOP_WAITS} (a cancel too, which this hop would read). "
+            f"Run a worker whose code has the step (the run's version{of}) until the run "
+            "has passed it, as for an orchestrated run whose recorded step the code no "
+            "longer makes; cantata check-replay APP lists such runs")
+
+
+def is_stray(saga: str, event_type: str, reacted: Collection[str]) -> bool:
+    """True if ``event_type``, an event of ``saga``, is one no hop of the saga in the
+    code reacts to (``reacted``: the types they react to), other than its end."""
+    return (event_type.startswith(f"{saga}.") and event_type != f"{saga}.finished"
+            and event_type not in reacted)
+
+
+def stray_text(saga: str, group: str, event_type: str, version: str | None) -> str:
+    """What to tell an operator of a pending delivery to ``group`` of an event of an
+    earlier map of ``saga`` (:func:`is_stray`)."""
+    of = f" {version}" if version else ""
+    return (f"{STRAY_HOP}{saga!r} in the live workers' code reacts to {event_type} (group "
+            f"{group} no longer does): the event is of an earlier map of the saga (a step "
+            f"renamed or removed by a deploy while this run was on its way), "
+            f"{LOST_HOP_WAITS}. Run a worker whose code has that map (the run's "
+            f"version{of}) until the run has passed it; cantata check-replay APP lists "
+            "such runs")
+
+
+def stray_event(router: Router, group: str, event_type: str) -> str | None:
+    """Why a delivery to ``group`` of an event no handler of the group matches is to be
+    dead-lettered (``None``: settle it unhandled, as for any group moved to another
+    pattern).
+
+    The group is a hop of a saga in the code and no hop of that saga reacts to the
+    event: the event is of an earlier map of the saga (the ``done`` event of a step a
+    deploy renamed or removed, the run having passed it on the old code), and its run
+    waits for the hop that would have handled it. The code's own runs never emit such
+    an event, so this never dead-letters one of theirs.
+    """
+    for wdef in router.workflows.values():
+        saga = wdef.spec
+        if saga is None:
+            continue
+        hops = set(saga.hop_groups())
+        reacted = {h.pattern for h in router.handlers if h.group in hops}
+        if group not in hops or not is_stray(saga.name, event_type, reacted):
+            continue
+        return (f"{STRAY_HOP}{saga.name!r} in this code reacts to {event_type} (group "
+                f"{group} no longer does): the event is of an earlier map of the saga (a "
+                f"step renamed or removed by a deploy while this run was on its way), "
+                f"{LOST_HOP_WAITS}. Run a worker whose code has that map (the run's "
+                "version) and replay this dead letter to it: cantata dlq replay ID")
+    return None
