@@ -45,8 +45,20 @@ class UnknownApp(ConfigurationError):
 
     code = "unknown_app"
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+class _Console(Console):
+    """A console that never wraps a message (text alone: ``str`` or ``Text``). To a pipe
+    or a log file Rich wraps at 80 columns, which cut a URL, an id or a JSON value in
+    two for grep and scripts; a terminal wraps a long line itself. Tables and trees
+    (renderables) still fit the terminal's width."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if "soft_wrap" not in kwargs and all(isinstance(o, str | Text) for o in objects):
+            kwargs["soft_wrap"] = True
+        super().print(*objects, **kwargs)
+
+
+console = _Console(highlight=False)
+err_console = _Console(stderr=True, highlight=False)
 
 
 def load_app(spec: str) -> App:
