@@ -8,7 +8,6 @@ import typer
 from rich.text import Text
 
 from cantata.errors import ConfigurationError
-from cantata.model.records import DeadLetter
 from cantata.server.models import dead_letter_out
 
 from .common import (
@@ -89,7 +88,7 @@ def dlq_list(
 
     async def go() -> None:
         async with the_app.client():
-            letters = _matching(await the_app.dead_letters(limit=limit), group, type)
+            letters = await the_app.dead_letters(limit=limit, group=group, type=type)
         if as_json:  # as GET /api/dead-letters answers them
             print_json([dead_letter_out(d) for d in letters])
             return
@@ -103,11 +102,6 @@ def dlq_list(
         show(out)
 
     run(go)
-
-
-def _matching(letters: list[DeadLetter], group: str | None, type: str | None) -> list[DeadLetter]:
-    return [d for d in letters
-            if (group is None or d.group == group) and (type is None or d.event.type == type)]
 
 
 def dlq_replay(
@@ -143,10 +137,9 @@ def dlq_replay(
                 return
             who, seen = operator(), set()
             while True:  # page: each replay takes its letter off the list
-                page = await the_app.dead_letters(limit=1000)
+                page = await the_app.dead_letters(limit=1000, group=group, type=type)
                 # once per (group, event): one that fails again at once is not looped on
-                batch = [d for d in _matching(page, group, type)
-                         if (d.group, d.event.id) not in seen]
+                batch = [d for d in page if (d.group, d.event.id) not in seen]
                 for dl in batch:
                     await the_app.replay(dl.id, actor=who)
                     seen.add((dl.group, dl.event.id))
