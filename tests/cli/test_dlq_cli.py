@@ -83,3 +83,40 @@ async def test_dlq_list_filters_before_the_limit(
                                "--json")
     assert code == 0, err
     assert [d["event"]["data"]["n"] for d in json.loads(out)] == [0, 1]
+
+
+async def test_a_group_no_code_declares_is_an_error_not_an_empty_answer(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lettersapp
+
+    async with lettersapp.app:
+        pass  # declares billing and shipping
+    for command in (["dlq", "list"], ["dlq", "replay", "--all"]):
+        code, out, err = await cli(capsys, *command, "--group", "biling")
+        assert code == 1 and out == "", (command, out)
+        assert err == ("cantata: error: no handler group 'biling' in app 'letters' (known: "
+                       "billing, shipping): check --group\n"), err
+    code, out, err = await cli(capsys, "dlq", "list", "--group", "billing", "--json")
+    assert (code, json.loads(out)) == (0, []), err  # a known group without letters
+
+
+async def test_a_workflow_the_app_never_had_is_an_error_not_an_empty_answer(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lettersapp
+
+    app = lettersapp.app
+
+    @app.workflow
+    async def settle(ctx: Any) -> None:
+        return None
+
+    async with app:
+        pass
+    code, out, err = await cli(capsys, "runs", "--workflow", "setle")
+    assert code == 1 and out == "", out
+    assert err == ("cantata: error: no workflow 'setle' in app 'letters' (known: settle): "
+                   "check --workflow\n"), err
+    code, out, err = await cli(capsys, "runs", "--workflow", "settle", "--json")
+    assert (code, json.loads(out)) == (0, []), err  # a known workflow without runs

@@ -378,6 +378,27 @@ async def resolve_run(app: App, ref: str | None, key: str | None = None) -> RunR
 MAX_CANDIDATES = 10
 
 
+async def check_known(app: App, kind: str, name: str, option: str) -> None:
+    """Refuse a workflow (``kind`` ``"workflow"``) or a handler group (``"handler"``)
+    that the app's code does not have and no process of the app ever declared: a
+    filter that names one is a typo, an error rather than an empty answer. Called
+    when the filter found nothing (a name that found something is known).
+
+    Raises:
+        ConfigurationError: naming the known ones, and ``option``.
+    """
+    kinds = ("handler", "trigger") if kind == "handler" else (kind,)
+    known = {d.name for d in await app.store.declarations(app.name) if d.kind in kinds}
+    known |= set(app.workflows) if kind == "workflow" else {h.group for h in app.handlers}
+    if name in known:
+        return
+    what = "workflow" if kind == "workflow" else "handler group"
+    raise ConfigurationError(
+        f"no {what} {name!r} in app {app.name!r} (known: {', '.join(sorted(known)) or 'none'}"
+        f"): check {option}"
+    )
+
+
 def iso(ts: float | None) -> str | None:
     """POSIX seconds as RFC 3339 UTC (``None`` stays ``None``)."""
     if ts is None:

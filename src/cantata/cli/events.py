@@ -13,6 +13,7 @@ from cantata.server.models import dead_letter_out
 from .common import (
     BROKER_HELP,
     check_broker,
+    check_known,
     client_app,
     console,
     fmt_date,
@@ -89,6 +90,8 @@ def dlq_list(
     async def go() -> None:
         async with the_app.client():
             letters = await the_app.dead_letters(limit=limit, group=group, type=type)
+            if not letters and group is not None:
+                await check_known(the_app, "handler", group, "--group")
         if as_json:  # as GET /api/dead-letters answers them
             print_json([dead_letter_out(d) for d in letters])
             return
@@ -135,6 +138,8 @@ def dlq_replay(
                 console.print(Text(f"redelivering {dl.event.type} {dl.event.id} to group "
                                    f"{dl.group}"))
                 return
+            if group is not None and not await the_app.dead_letters(limit=1, group=group):
+                await check_known(the_app, "handler", group, "--group")
             who, seen = operator(), set()
             while True:  # page: each replay takes its letter off the list
                 page = await the_app.dead_letters(limit=1000, group=group, type=type)

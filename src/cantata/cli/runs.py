@@ -22,6 +22,7 @@ from cantata.server.models import run_detail, run_out, steps_out
 
 from .common import (
     STORE_HELP,
+    check_known,
     client_app,
     console,
     fmt_date,
@@ -166,6 +167,10 @@ def list_runs(
                 the_app.engine, idempotency_key=key, attributes=wanted or None,
                 workflow=workflow, status=status, limit=limit,
             )
+            if not found and workflow is not None and not await find_records(
+                the_app.engine, workflow=workflow, limit=1
+            ):
+                await check_known(the_app, "workflow", workflow, "--workflow")
         if as_json:  # each run as GET /api/runs lists it
             print_json([run_out(r) for r, _ in found])
             return
