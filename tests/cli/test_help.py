@@ -87,3 +87,14 @@ def test_no_restructuredtext_markup_in_any_help(capsys: pytest.CaptureFixture[st
     for path, _ in commands():
         out = help_of(capsys, path)
         assert not re.search(r"``|:(func|class|meth|data):`", out), (path, out)
+
+
+def test_every_option_and_argument_says_what_it_is() -> None:
+    bare = [
+        (" ".join(path), param.name)
+        for path, cmd in commands()
+        for param in cmd.params
+        if not getattr(param, "help", None) and param.name != "help"
+        and not getattr(param, "hidden", False)
+    ]
+    assert bare == [], bare

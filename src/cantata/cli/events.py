@@ -47,8 +47,14 @@ def register(cli: typer.Typer) -> None:
 def publish(
     type: Annotated[str, typer.Argument(help="Event type, e.g. order.placed.")],
     data: Annotated[str, typer.Option("--data", help="JSON data of the event.")] = "null",
-    subject: Annotated[str | None, typer.Option("--subject")] = None,
-    correlation_id: Annotated[str | None, typer.Option("--correlation-id")] = None,
+    subject: Annotated[
+        str | None, typer.Option("--subject", help="The event's subject (CloudEvents).")
+    ] = None,
+    correlation_id: Annotated[
+        str | None,
+        typer.Option("--correlation-id", help="Join this business transaction (default: "
+                     "a new one, the event's id)."),
+    ] = None,
     app: AppOpt = None,
     store: StoreOpt = None,
     broker: BrokerOpt = None,
@@ -81,7 +87,9 @@ def dlq_list(
     store: StoreOpt = None,
     group: Annotated[str | None, typer.Option("--group", help="Only this group's.")] = None,
     type: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="At most this many (the oldest).")
+    ] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """List dead letters, oldest first."""

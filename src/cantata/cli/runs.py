@@ -99,7 +99,11 @@ def start(
     args: Annotated[
         str | None, typer.Option("--args", help="JSON list of arguments (for several).")
     ] = None,
-    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="The same key returns the same run (at most "
+                     "one run per key)."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
     store: CodeStoreOpt = None,
 ) -> None:
@@ -147,14 +151,22 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 def list_runs(
     app: AppOpt = None,
     store: StoreOpt = None,
-    status: Annotated[str | None, typer.Option("--status")] = None,
-    workflow: Annotated[str | None, typer.Option("--workflow")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help="pending, running, compensating, completed, "
+                     "compensated, failed or cancelled."),
+    ] = None,
+    workflow: Annotated[
+        str | None, typer.Option("--workflow", help="Only this workflow's runs.")
+    ] = None,
     attr: Annotated[
         list[str] | None,
         typer.Option("--attr", help="NAME=VALUE: runs with this search attribute (repeatable)."),
     ] = None,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=10_000, help="At most this many (the newest).")
+    ] = 50,
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first (filtered by status, workflow, attributes, key)."""

@@ -136,7 +136,10 @@ def serve(
                                                "store's only app).")
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535,
+                          help="Port to listen on (0: one the system chooses, printed).")
+    ] = 8080,
     broker: Annotated[
         str | None, typer.Option("--broker", help=BROKER_HELP.format(app="APP"))
     ] = None,
