@@ -191,6 +191,7 @@ def _token_store(store: str | None, app: str | None) -> tuple[Store, AuditKey | 
     new one)."""
     if store:
         return existing_store(store_url(store)), env_audit_key()
+    app = app or os.environ.get("CANTATA_APP")  # as every command that takes --app
     if app and ":" in app:
         the_app = load_app(app)
         spec = the_app._store_spec
@@ -225,8 +226,9 @@ async def _audited_apps(store: Store, key: AuditKey | None) -> list[str]:
 
 
 AppOpt = Annotated[
-    str | None, typer.Option("--app", help="module:attribute whose store to use (tokens "
-                                           "belong to the store: they open each of its apps).")
+    str | None, typer.Option("--app", help="module:attribute whose store to use (default: "
+                                           "$CANTATA_APP; tokens belong to the store: they "
+                                           "open each of its apps).")
 ]
 
 
