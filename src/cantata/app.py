@@ -740,9 +740,12 @@ class App(RouterFacade):
             self.store, self.name, older_than=older_than, now=self.clock.now()
         )
 
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Deliveries that failed for good, oldest first."""
-        return await self.store.dead_letters(self.name, limit=limit)
+    async def dead_letters(
+        self, limit: int = 100, *, group: str | None = None, type: str | None = None
+    ) -> list[DeadLetter]:
+        """Deliveries that failed for good, oldest first: the first ``limit`` of
+        ``group``'s (default: every group's) whose event is of ``type`` (default: any)."""
+        return await self.store.dead_letters(self.name, limit=limit, group=group, type=type)
 
     async def redrive(self, older_than: float = 60.0) -> int:
         """Publish again the events a group has had pending for over ``older_than``

@@ -566,9 +566,11 @@ class SyncApp:
         """Blocking ``app.queue_stats``."""
         return self._call(self.app.queue_stats())
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+    def dead_letters(
+        self, limit: int = 100, *, group: str | None = None, type: str | None = None
+    ) -> list[DeadLetter]:
         """Blocking ``app.dead_letters``."""
-        return self._call(self.app.dead_letters(limit=limit))
+        return self._call(self.app.dead_letters(limit=limit, group=group, type=type))
 
     def replay(self, dead_letter_id: str, *, actor: str | None = None) -> DeadLetter:
         """Blocking ``app.replay``; ``actor`` is audited."""

@@ -202,3 +202,35 @@ async def test_each_group_dead_letters_separately(store_url: str) -> None:
 async def _when_count(app: cantata.App, n: int) -> list[DeadLetter]:
     dls = await app.dead_letters()
     return dls if len(dls) == n else []
+
+
+async def test_dead_letters_filtered_by_group_and_type_before_the_limit(store_url: str) -> None:
+    """``dead_letters(group=, type=)`` finds a group's letters however many older ones
+    other groups have (the limit counts the matching ones, not all)."""
+    app = make_app(store_url)
+
+    @app.on("order.*", group="billing", retry=Retry(max_attempts=1))
+    async def bill(event: cantata.Event) -> None:
+        raise RuntimeError("billing broke")
+
+    @app.on("order.refunded", group="shipping", retry=Retry(max_attempts=1))
+    async def ship(event: cantata.Event) -> None:
+        raise RuntimeError("shipping broke")
+
+    async with app:
+        for n in range(3):
+            await app.publish("order.placed", {"n": n})
+        await eventually(lambda: _when_count(app, 3), what="billing's three letters")
+        last = await app.publish("order.refunded", {"n": 3})
+        await eventually(lambda: _when_count(app, 5), what="both groups' letters of it")
+        [shipping] = await app.dead_letters(limit=1, group="shipping")
+        [refunded] = await app.dead_letters(limit=1, type="order.refunded")
+        [both] = await app.dead_letters(limit=2, group="billing", type="order.refunded")
+        placed = await app.dead_letters(limit=10, type="order.placed")
+        assert await app.dead_letters(group="nobody") == []
+
+    assert (shipping.group, shipping.event.id) == ("shipping", last.id)
+    assert refunded.event.id == last.id
+    assert (both.group, both.event.id) == ("billing", last.id)
+    assert sorted(d.event.data["n"] for d in placed) == [0, 1, 2]
+    assert {d.group for d in placed} == {"billing"}

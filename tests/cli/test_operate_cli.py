@@ -188,8 +188,9 @@ async def test_dead_letters_discarded_and_replayed_in_bulk(
     assert code == 1 and "no dead letter" in err
     code, _, err = await cli(capsys, "dlq", "replay")
     assert code == 1 and "either a dead letter ID or --all" in err
+    # a group no code declares is a typo: an error, not "redelivering 0"
     code, out, err = await cli(capsys, "dlq", "replay", "--all", "--group", "nobody")
-    assert code == 0 and "redelivering 0" in out
+    assert code == 1 and out == "" and "no handler group 'nobody'" in err, err
     (project / "fixed").write_text("")
     code, out, err = await cli(capsys, "dlq", "replay", "--all", "--type", "order.placed")
     assert code == 0 and "redelivering 2 dead letter(s)" in out, err

@@ -154,3 +154,28 @@ async def test_table_times_are_utc_and_say_so(
     assert code == 0, err
     assert f"{created.strftime('%H:%M:%S')}" in out and " UTC" in out
     assert local.strftime("%H:%M:%S") not in out
+
+
+async def test_messages_are_not_wrapped_at_the_width_of_a_pipe(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Output to a pipe or a log file is 80 columns wide for Rich: a message, a URL or a
+    JSON value longer than that stays on one line (a script or grep reads it whole; a
+    terminal wraps it itself)."""
+    app = served()
+    async with app:
+        handle = await app.start("echo", LONG)
+        assert await handle.result(timeout=10) == LONG
+        await app.publish("note.sent", {"n": 1})
+        for _ in range(200):
+            if letters := await app.dead_letters():
+                break
+            await asyncio.sleep(0.05)
+    code, out, err = await cli(capsys, "run", handle.run_id)
+    assert code == 0, err
+    assert f"args   {json.dumps([LONG])}\n" in out.replace('", "', '","'), out
+    assert f"result {json.dumps(LONG)}\n" in out, out
+    code, out, err = await cli(capsys, "dlq", "discard", letters[0].id)
+    assert code == 0, err
+    assert out == (f"discarded {letters[0].id}: note.sent {letters[0].event.id} of group "
+                   "[red]notes[/red]\n"), out

@@ -87,6 +87,56 @@ async def test_a_run_the_deployed_code_cannot_replay_or_lacks_says_so(sqlite_url
         assert await old.get_handle(removed.run_id).result(timeout=10) == "v1"
 
 
+def _waiter(url: str, version: str, *, insert: bool = False) -> App:
+    """v1: ``first`` then a wait for ``go`` matching the run's ``n``. ``insert``: a step
+    inserted before ``first`` (old runs no longer replay)."""
+    app = make_app(url, version=version, park_after=0.0)
+
+    @app.step
+    async def first() -> str:
+        return "first"
+
+    @app.step
+    async def inserted() -> str:
+        return "inserted"
+
+    @app.workflow
+    async def waits(ctx: WorkflowContext, n: int) -> str:
+        if insert:
+            await ctx.run(inserted)
+        await ctx.run(first)
+        await ctx.wait_for_event("go", match={"n": n}, timeout=3600)
+        return version
+
+    return app
+
+
+async def test_a_run_whose_event_came_but_no_live_worker_replays_says_so(
+    sqlite_url: str,
+) -> None:
+    """The event a parked run waited for came: the run is due, but no live worker may
+    take it. Its stall says why (it said only that the run waits for the event,
+    matching what was published: the operator looked for a wrong match)."""
+    old = _waiter(sqlite_url, "v1")
+    async with old:
+        h = await old.start("waits", 7)
+        await eventually(lambda: _released(old, h.run_id), timeout=10)
+    new = _waiter(sqlite_url, "v2", insert=True)
+    async with new:
+        assert await _stall_of(new, h.run_id) is None  # waits, as it should: no hint
+        await new.publish("go", {"n": 7})
+        await asyncio.sleep(1.5)  # v2 wakes the run; it does not replay it
+        assert (await new.get_handle(h.run_id).info()).owner is None
+        assert await _stall_of(new, h.run_id) == (
+            "no live worker runs version v1 of this run (live workers run v2, which take "
+            "it only if their code replays its history: cantata check-replay APP names "
+            "the first call that differs): deploy version v1, or guard the change with "
+            "ctx.patched"
+        )
+    async with old:  # the rollback finishes it: the event is there
+        assert await old.get_handle(h.run_id).result(timeout=10) == "v1"
+
+
 async def test_a_run_failed_by_a_code_change_says_how_to_finish_it(sqlite_url: str) -> None:
     """A worker told ``--any-version`` fails a run its code cannot replay; the error
     says what finishes it (a retry from code that replays it), and that works. It said

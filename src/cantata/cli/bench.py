@@ -32,7 +32,7 @@ def bench(
     ctx: typer.Context,
     quick: Annotated[bool, typer.Option("--quick", help="Small counts (a smoke run).")] = False,
 ) -> None:
-    """Cantata and its peers side by side (options as ``python -m bench --help``)."""
+    """Cantata and its peers side by side (options as `python -m bench --help`)."""
     args = [sys.executable, "-m", "bench", *(["--quick"] if quick else []), *ctx.args]
     code = subprocess.call(args, cwd=_checkout())
     if code:

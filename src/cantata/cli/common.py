@@ -45,8 +45,20 @@ class UnknownApp(ConfigurationError):
 
     code = "unknown_app"
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+class _Console(Console):
+    """A console that never wraps a message (text alone: ``str`` or ``Text``). To a pipe
+    or a log file Rich wraps at 80 columns, which cut a URL, an id or a JSON value in
+    two for grep and scripts; a terminal wraps a long line itself. Tables and trees
+    (renderables) still fit the terminal's width."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if "soft_wrap" not in kwargs and all(isinstance(o, str | Text) for o in objects):
+            kwargs["soft_wrap"] = True
+        super().print(*objects, **kwargs)
+
+
+console = _Console(highlight=False)
+err_console = _Console(stderr=True, highlight=False)
 
 
 def load_app(spec: str) -> App:
@@ -364,6 +376,27 @@ async def resolve_run(app: App, ref: str | None, key: str | None = None) -> RunR
 
 
 MAX_CANDIDATES = 10
+
+
+async def check_known(app: App, kind: str, name: str, option: str) -> None:
+    """Refuse a workflow (``kind`` ``"workflow"``) or a handler group (``"handler"``)
+    that the app's code does not have and no process of the app ever declared: a
+    filter that names one is a typo, an error rather than an empty answer. Called
+    when the filter found nothing (a name that found something is known).
+
+    Raises:
+        ConfigurationError: naming the known ones, and ``option``.
+    """
+    kinds = ("handler", "trigger") if kind == "handler" else (kind,)
+    known = {d.name for d in await app.store.declarations(app.name) if d.kind in kinds}
+    known |= set(app.workflows) if kind == "workflow" else {h.group for h in app.handlers}
+    if name in known:
+        return
+    what = "workflow" if kind == "workflow" else "handler group"
+    raise ConfigurationError(
+        f"no {what} {name!r} in app {app.name!r} (known: {', '.join(sorted(known)) or 'none'}"
+        f"): check {option}"
+    )
 
 
 def iso(ts: float | None) -> str | None:

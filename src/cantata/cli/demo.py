@@ -40,7 +40,9 @@ class Outcome:
 
 
 def demo(
-    orders: Annotated[int, typer.Option("--orders", min=1, max=100_000)] = 20,
+    orders: Annotated[
+        int, typer.Option("--orders", min=1, max=100_000, help="Orders placed in each style.")
+    ] = 20,
     store: Annotated[
         str | None, typer.Option("--store", help="Store URL (default: ./cantata-demo.db).")
     ] = None,

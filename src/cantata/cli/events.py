@@ -8,12 +8,12 @@ import typer
 from rich.text import Text
 
 from cantata.errors import ConfigurationError
-from cantata.model.records import DeadLetter
 from cantata.server.models import dead_letter_out
 
 from .common import (
     BROKER_HELP,
     check_broker,
+    check_known,
     client_app,
     console,
     fmt_date,
@@ -47,8 +47,14 @@ def register(cli: typer.Typer) -> None:
 def publish(
     type: Annotated[str, typer.Argument(help="Event type, e.g. order.placed.")],
     data: Annotated[str, typer.Option("--data", help="JSON data of the event.")] = "null",
-    subject: Annotated[str | None, typer.Option("--subject")] = None,
-    correlation_id: Annotated[str | None, typer.Option("--correlation-id")] = None,
+    subject: Annotated[
+        str | None, typer.Option("--subject", help="The event's subject (CloudEvents).")
+    ] = None,
+    correlation_id: Annotated[
+        str | None,
+        typer.Option("--correlation-id", help="Join this business transaction (default: "
+                     "a new one, the event's id)."),
+    ] = None,
     app: AppOpt = None,
     store: StoreOpt = None,
     broker: BrokerOpt = None,
@@ -81,7 +87,9 @@ def dlq_list(
     store: StoreOpt = None,
     group: Annotated[str | None, typer.Option("--group", help="Only this group's.")] = None,
     type: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="At most this many (the oldest).")
+    ] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """List dead letters, oldest first."""
@@ -89,7 +97,9 @@ def dlq_list(
 
     async def go() -> None:
         async with the_app.client():
-            letters = _matching(await the_app.dead_letters(limit=limit), group, type)
+            letters = await the_app.dead_letters(limit=limit, group=group, type=type)
+            if not letters and group is not None:
+                await check_known(the_app, "handler", group, "--group")
         if as_json:  # as GET /api/dead-letters answers them
             print_json([dead_letter_out(d) for d in letters])
             return
@@ -103,11 +113,6 @@ def dlq_list(
         show(out)
 
     run(go)
-
-
-def _matching(letters: list[DeadLetter], group: str | None, type: str | None) -> list[DeadLetter]:
-    return [d for d in letters
-            if (group is None or d.group == group) and (type is None or d.event.type == type)]
 
 
 def dlq_replay(
@@ -141,12 +146,13 @@ def dlq_replay(
                 console.print(Text(f"redelivering {dl.event.type} {dl.event.id} to group "
                                    f"{dl.group}"))
                 return
+            if group is not None and not await the_app.dead_letters(limit=1, group=group):
+                await check_known(the_app, "handler", group, "--group")
             who, seen = operator(), set()
             while True:  # page: each replay takes its letter off the list
-                page = await the_app.dead_letters(limit=1000)
+                page = await the_app.dead_letters(limit=1000, group=group, type=type)
                 # once per (group, event): one that fails again at once is not looped on
-                batch = [d for d in _matching(page, group, type)
-                         if (d.group, d.event.id) not in seen]
+                batch = [d for d in page if (d.group, d.event.id) not in seen]
                 for dl in batch:
                     await the_app.replay(dl.id, actor=who)
                     seen.add((dl.group, dl.event.id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import sys
 import traceback
@@ -45,7 +46,33 @@ def build(args: list[str]) -> typer.Typer:
         cli.callback()(_group)
     for name in (lean,) if lean is not None else COMMAND_MODULES:
         importlib.import_module(f"{__package__}.{name}").register(cli)
+    reflow(cli)
     return cli
+
+
+def reflow(cli: typer.Typer) -> None:
+    """Give every command and group of ``cli`` (and of its groups) its docstring as help
+    with each paragraph on one line. Typer's rich help keeps a docstring's single line
+    breaks (in the summary a group lists, and in a command's own help), so a paragraph
+    wrapped in the source would print wrapped there too, whatever the terminal's width;
+    joined, the terminal wraps it."""
+    for command in cli.registered_commands:
+        command.help = _paragraphs(command.help or inspect.getdoc(command.callback) or "")
+    for group in cli.registered_groups:
+        sub = group.typer_instance
+        if sub is None:
+            continue
+        if sub.info.help:
+            sub.info.help = _paragraphs(str(sub.info.help))
+        if group.help:
+            group.help = _paragraphs(str(group.help))
+        reflow(sub)
+
+
+def _paragraphs(text: str) -> str:
+    """``text`` with each paragraph (blank-line separated) on one line."""
+    paras = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paras if p.strip())
 
 
 def _group() -> None:

@@ -143,7 +143,10 @@ def stalled(
     ] = "5m",
     app: AppOpt = None,
     store: StoreOpt = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 100,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=10_000,
+                          help="At most this many stalls (and transactions looked at).")
+    ] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """List business transactions that made no progress for a while, and why."""

@@ -31,7 +31,9 @@ def check(
     all_runs: Annotated[
         bool, typer.Option("--all", help="Also replay finished runs, not only live ones.")
     ] = False,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="At most this many runs checked.")
+    ] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay stored histories against the current code, call for call; list every run

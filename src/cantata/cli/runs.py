@@ -22,6 +22,7 @@ from cantata.server.models import run_detail, run_out, steps_out
 
 from .common import (
     STORE_HELP,
+    check_known,
     client_app,
     console,
     fmt_date,
@@ -98,7 +99,11 @@ def start(
     args: Annotated[
         str | None, typer.Option("--args", help="JSON list of arguments (for several).")
     ] = None,
-    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="The same key returns the same run (at most "
+                     "one run per key)."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
     store: CodeStoreOpt = None,
 ) -> None:
@@ -146,14 +151,22 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 def list_runs(
     app: AppOpt = None,
     store: StoreOpt = None,
-    status: Annotated[str | None, typer.Option("--status")] = None,
-    workflow: Annotated[str | None, typer.Option("--workflow")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help="pending, running, compensating, completed, "
+                     "compensated, failed or cancelled."),
+    ] = None,
+    workflow: Annotated[
+        str | None, typer.Option("--workflow", help="Only this workflow's runs.")
+    ] = None,
     attr: Annotated[
         list[str] | None,
         typer.Option("--attr", help="NAME=VALUE: runs with this search attribute (repeatable)."),
     ] = None,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=10_000, help="At most this many (the newest).")
+    ] = 50,
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first (filtered by status, workflow, attributes, key)."""
@@ -166,6 +179,10 @@ def list_runs(
                 the_app.engine, idempotency_key=key, attributes=wanted or None,
                 workflow=workflow, status=status, limit=limit,
             )
+            if not found and workflow is not None and not await find_records(
+                the_app.engine, workflow=workflow, limit=1
+            ):
+                await check_known(the_app, "workflow", workflow, "--workflow")
         if as_json:  # each run as GET /api/runs lists it
             print_json([run_out(r) for r, _ in found])
             return

@@ -136,7 +136,10 @@ def serve(
                                                "store's only app).")
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535,
+                          help="Port to listen on (0: one the system chooses, printed).")
+    ] = 8080,
     broker: Annotated[
         str | None, typer.Option("--broker", help=BROKER_HELP.format(app="APP"))
     ] = None,
@@ -188,6 +191,7 @@ def _token_store(store: str | None, app: str | None) -> tuple[Store, AuditKey | 
     new one)."""
     if store:
         return existing_store(store_url(store)), env_audit_key()
+    app = app or os.environ.get("CANTATA_APP")  # as every command that takes --app
     if app and ":" in app:
         the_app = load_app(app)
         spec = the_app._store_spec
@@ -222,8 +226,9 @@ async def _audited_apps(store: Store, key: AuditKey | None) -> list[str]:
 
 
 AppOpt = Annotated[
-    str | None, typer.Option("--app", help="module:attribute whose store to use (tokens "
-                                           "belong to the store: they open each of its apps).")
+    str | None, typer.Option("--app", help="module:attribute whose store to use (default: "
+                                           "$CANTATA_APP; tokens belong to the store: they "
+                                           "open each of its apps).")
 ]
 
 

@@ -74,7 +74,7 @@ def worker(
 ) -> None:
     """Run a worker: resume unfinished runs, execute new ones, handle events.
 
-    Every logger's records (the app's own too) go to stderr at ``--log-level``; those
+    Every logger's records (the app's own too) go to stderr at --log-level; those
     logged inside a step or handler carry its run id, step and attempt (or event id
     and group).
     """

@@ -178,13 +178,21 @@ async def _with_hints(
 ) -> list[Stall]:
     """The stalls, with a hint where live workers run but none of them may take the
     run, or serves the group an event waits for (:mod:`.stall_hints`)."""
-    runs: dict[str, bool] = {}
-    for stall, run_id in stuck:
-        if run_id is not None and stall.reason in _HINTED:
-            runs[run_id] = runs.get(run_id, False) or stall.reason != WAITING_EVENT
+    hinted: list[tuple[Stall, str]] = [
+        (s, r) for s, r in stuck if r is not None and s.reason in _HINTED]
     events = any(s.reason == UNHANDLED_EVENT for s, _ in stuck)
     if live is None:
-        live = await live_workers(store, app, now) if runs or events else []
+        live = await live_workers(store, app, now) if hinted or events else []
+    # A run in an event wait is due once its event came (the run was woken) or its
+    # timeout passed: no longer parked, nobody owns it, and a worker would have taken it
+    # by now if one could.
+    waiting = {r for s, r in hinted if s.reason == WAITING_EVENT}
+    parked = await store.parked_runs(app, sorted(waiting), now=now) if live and waiting \
+        else set()
+    runs: dict[str, bool] = {}
+    for stall, waiter in hinted:
+        due = stall.reason != WAITING_EVENT or waiter not in parked
+        runs[waiter] = runs.get(waiter, False) or due
     found = await run_hints(store, app, runs, live)
     out = []
     for stall, run_id in stuck:

@@ -84,11 +84,9 @@ async def dead_letters(
     params.name("group", group)
     params.ident("type", type)
     app = await console.open()
-    found = await app.store.dead_letters(app.name, limit=MAX_DEAD_LETTERS)
-    return [
-        dead_letter_out(d) for d in found
-        if (group is None or d.group == group) and (type is None or d.event.type == type)
-    ]
+    found = await app.store.dead_letters(app.name, limit=MAX_DEAD_LETTERS, group=group,
+                                         type=type)
+    return [dead_letter_out(d) for d in found]
 
 
 @router.post("/dead-letters/{dead_letter_id}/replay", response_model=DeadLetterOut,

@@ -159,12 +159,16 @@ class PostgresEvents(PostgresCore):
         )
         return {r[0]: (r[1], r[2]) for r in rows}
 
-    async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
+    async def dead_letters(
+        self, app: str, *, limit: int = 100, group: str | None = None,
+        type: str | None = None,
+    ) -> list[DeadLetter]:
         rows = await self._db.fetch(
             f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
             f"{E_EVENT_COLS} FROM dead_letters d JOIN events e ON e.app=d.app "
-            "AND e.id=d.event_id WHERE d.app=$1 ORDER BY d.failed_at LIMIT $2",
-            app, limit,
+            "AND e.id=d.event_id WHERE d.app=$1 AND ($3::text IS NULL OR d.grp=$3) "
+            "AND ($4::text IS NULL OR e.type=$4) ORDER BY d.failed_at LIMIT $2",
+            app, limit, group, type,
         )
         return [dead_letter_row(r, event_row(r[6:])) for r in rows]
 

@@ -79,6 +79,16 @@ class PostgresParking:
         )
         return [str(r[0]) for r in rows]
 
+    async def parked_runs(self, app: str, run_ids: Sequence[str], *, now: float) -> set[str]:
+        if not run_ids:
+            return set()
+        rows = await self._db.fetch(
+            "SELECT run_id FROM runs WHERE app=$1 AND run_id = ANY($2::text[]) "
+            "AND wake_at IS NOT NULL AND wake_at > $3",
+            app, list(run_ids), now,
+        )
+        return {str(r[0]) for r in rows}
+
     async def next_wake(
         self, app: str, workflows: Sequence[str], *, after: float
     ) -> float | None:

@@ -310,14 +310,18 @@ class SQLiteEvents(SQLiteCore):
 
         return await self._t.read(op) if ids else {}
 
-    async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
+    async def dead_letters(
+        self, app: str, *, limit: int = 100, group: str | None = None,
+        type: str | None = None,
+    ) -> list[DeadLetter]:
         rows = await self._t.read(
             lambda c: c.execute(
                 f"SELECT d.id, d.grp, d.event_id, d.error, d.attempts, d.failed_at, "
                 f"{E_EVENT_COLS} "
                 "FROM dead_letters d JOIN events e ON e.app=d.app AND e.id=d.event_id "
-                "WHERE d.app=? ORDER BY d.failed_at LIMIT ?",
-                (app, limit),
+                "WHERE d.app=? AND (? IS NULL OR d.grp=?) AND (? IS NULL OR e.type=?) "
+                "ORDER BY d.failed_at LIMIT ?",
+                (app, group, group, type, type, limit),
             ).fetchall()
         )
         return [dead_letter_row(r) for r in rows]

@@ -105,6 +105,22 @@ class SQLiteParking:
         ).fetchall())
         return [str(r[0]) for r in rows]
 
+    async def parked_runs(self, app: str, run_ids: Sequence[str], *, now: float) -> set[str]:
+        ids = list(run_ids)
+
+        def op(c: sqlite3.Connection) -> set[str]:
+            out: set[str] = set()
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                out.update(str(r[0]) for r in c.execute(
+                    "SELECT run_id FROM runs WHERE app=? AND wake_at IS NOT NULL AND "
+                    f"wake_at > ? AND run_id IN ({','.join('?' * len(chunk))})",
+                    (app, now, *chunk),
+                ))
+            return out
+
+        return await self._t.read(op) if ids else set()
+
     async def next_wake(
         self, app: str, workflows: Sequence[str], *, after: float
     ) -> float | None:

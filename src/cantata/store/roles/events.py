@@ -214,8 +214,12 @@ class EventStore(Protocol):
         runs a copy of an event another worker may hold, and to check that the copy
         carries the stored content (docs/performance.md)."""
 
-    async def dead_letters(self, app: str, *, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters, oldest first."""
+    async def dead_letters(
+        self, app: str, *, limit: int = 100, group: str | None = None,
+        type: str | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first: the first ``limit`` of ``group``'s (of every
+        group with ``None``) whose event is of ``type`` (of any type with ``None``)."""
 
     async def replay_dead_letter(
         self, app: str, dead_letter_id: str, now: float, *, actor: str = "system"

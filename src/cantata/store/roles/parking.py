@@ -42,6 +42,12 @@ class ParkingStore(Protocol):
     async def parked_waits(self, app: str) -> list[str]:
         """The distinct ``waits_for`` of runs parked in an event wait."""
 
+    async def parked_runs(self, app: str, run_ids: Sequence[str], *, now: float) -> set[str]:
+        """Those of ``run_ids`` that are parked and not due at ``now`` (neither woken nor
+        past their ``wake_at``): the others, live and unowned, are claimable now.
+        ``cantata stalled`` asks it of runs that wait for an event, to tell one still
+        waiting from one whose event came (:mod:`cantata.observability.stall_hints`)."""
+
     async def next_wake(
         self, app: str, workflows: Sequence[str], *, after: float
     ) -> float | None:

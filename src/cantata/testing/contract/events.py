@@ -395,6 +395,31 @@ class EventsContract(StoreFixtures):
         with pytest.raises(DeadLetterNotFound):
             await store.replay_dead_letter(self.app + "-b", dls[1].id, now)
 
+    async def test_dead_letters_filtered_by_group_and_type_before_the_limit(
+        self, store: Store
+    ) -> None:
+        await self.handlers(store, ("a", "order.*"), ("b", "order.refunded"))
+        placed = [ev("order.placed") for _ in range(3)]
+        refunded = ev("order.refunded")
+        await store.append_events(self.app, [*placed, refunded])
+        for e in placed:
+            await store.settle_delivery(self.app, "a", e.id, Settlement("dead", 1, error="E"))
+        for g in ("a", "b"):
+            await store.settle_delivery(self.app, g, refunded.id,
+                                        Settlement("dead", 1, error="E"))
+
+        async def ids(**kw: Any) -> list[tuple[str, str]]:
+            return [(d.group, d.event.id) for d in await store.dead_letters(self.app, **kw)]
+
+        assert await ids(limit=1, group="b") == [("b", refunded.id)]
+        assert sorted(await ids(limit=2, type="order.refunded")) == [
+            ("a", refunded.id), ("b", refunded.id)]
+        assert await ids(limit=1, group="a", type="order.refunded") == [("a", refunded.id)]
+        assert sorted(await ids(limit=10, type="order.placed")) == sorted(
+            ("a", e.id) for e in placed)
+        assert await ids(group="c") == []
+        assert await ids(limit=10, group="b", type="order.placed") == []
+
     async def test_a_delivery_handled_after_its_dead_letter_leaves_none_to_replay(
         self, store: Store
     ) -> None:

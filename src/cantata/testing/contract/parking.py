@@ -135,3 +135,18 @@ class ParkingContract(StoreFixtures):
         assert await found(None) == {running.run_id}
         assert await found(now) == {running.run_id}
         assert await found(now + 61) == {running.run_id, waiting}
+
+    async def test_parked_runs_are_those_neither_woken_nor_due(self, store: Store) -> None:
+        now = time.time()
+        kind, match = event_wait("go", {"n": 1})
+        waiting = await self.parked(store, Parking(FOREVER, kind, match))
+        woken = await self.parked(store, Parking(FOREVER, kind, match))
+        later = await self.parked(store, Parking(now + 60))
+        running = new_run(self.app, status=RunStatus.RUNNING)
+        await store.create_run(running)
+        assert await store.wake_runs(self.app, [woken]) == 1
+        ids = [waiting, woken, later, running.run_id, "nope"]
+        assert await store.parked_runs(self.app, ids, now=now) == {waiting, later}
+        assert await store.parked_runs(self.app, ids, now=now + 61) == {waiting}
+        assert await store.parked_runs(self.app + "-b", ids, now=now) == set()
+        assert await store.parked_runs(self.app, [], now=now) == set()
