@@ -97,6 +97,17 @@ class HotRuns:
         self.waited: set[str] = set()
         self._parked_since: set[str] | None = None  # types parked here during a look
 
+    def reading(self) -> None:
+        """A look begins to read the parked waits: note the runs parked from now on."""
+        self._parked_since = set()
+
+    def read(self, event_types: set[str] | None) -> None:
+        """The look read that parked runs wait for ``event_types`` (``None``: it
+        failed); those parked here since it began to read wait too."""
+        if event_types is not None and self._parked_since is not None:
+            self.waited = event_types | self._parked_since
+        self._parked_since = None
+
     def parked(self, waits_for: str) -> None:
         """A run was parked here in an event wait ``waits_for``."""
         event_type, _ = rules.split_waits_for(waits_for)
@@ -210,19 +221,16 @@ async def wake_for_events(engine: Engine) -> int:
     hot.checked_at = now
     position = hot.position
     hot.position = await engine.store.log_position(engine.app)  # before the look
-    hot._parked_since = set()
+    hot.reading()
+    waits: list[str] | None = None
     try:
         waits = await engine.store.parked_waits(engine.app)
-    except BaseException:
-        hot._parked_since = None
-        raise
+    finally:
+        hot.read(None if waits is None else {rules.split_waits_for(w)[0] for w in waits})
     by_type: dict[str, list[str]] = {}
     for waits_for in waits:
         event_type, _ = rules.split_waits_for(waits_for)
         by_type.setdefault(event_type, []).append(waits_for)
-    # (a run parked here after that read waits too: kept until the next look reads it)
-    hot.waited = set(by_type) | hot._parked_since
-    hot._parked_since = None
     woken = 0
     for event_type, kinds in by_type.items():
         seen = hot.seen.get(event_type, {})
@@ -236,10 +244,11 @@ async def wake_for_events(engine: Engine) -> int:
                 break
             limit *= 4
         # What the next look could read again (stored from ``now`` less a second on):
-        # what this one read, and what earlier ones first saw from two seconds ago on
-        # (a second more for a writer whose clock is ahead; one left out earlier is
-        # read again, as every look once read again what the one before it saw).
-        kept = {i: at for i, at in seen.items() if at >= now - 2.0}
+        # what this one read, and what earlier ones first saw from 1.5 s ago on (half a
+        # second more for the commits that ended as a look read, and writers whose
+        # clocks are ahead; one left out earlier is read again, as every look once read
+        # again what the one before it saw).
+        kept = {i: at for i, at in seen.items() if at >= now - 1.5}
         kept.update((e.id, now) for e in events)
         hot.seen[event_type] = kept
         datas = [e.data for e in events if engine.signer.accepts(e)]
@@ -247,9 +256,9 @@ async def wake_for_events(engine: Engine) -> int:
             continue
         for waits_for in kinds:
             _, keys = rules.split_waits_for(waits_for)
-            matches_ = rules.candidates(keys, datas)
-            if matches_:
-                woken += await engine.store.wake_waiting(engine.app, waits_for, matches_)
+            found = rules.candidates(keys, datas)
+            if found:
+                woken += await engine.store.wake_waiting(engine.app, waits_for, found)
     for event_type in list(hot.seen):
         if event_type not in by_type:
             del hot.seen[event_type]
