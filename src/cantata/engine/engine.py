@@ -104,6 +104,9 @@ class Engine:
         # this engine's own claimers: the embedded broker's consumers (app_runtime.py).
         self.claimer_wakers: list[Callable[[], None]] = []
         self._watch_wakeup = asyncio.Event()  # events or cancellations heard
+        # An event parked runs may wait for was committed: the watch loop looks at once,
+        # not at its poll_interval cadence (see look_for_parked)
+        self._watch_now = asyncio.Event()
         self.ownership = Ownership(self)
         self.quiet = QuietLog(log, every=outage_interval(lease))
         # A graceful stop is under way: runs park at their next durable point, and
@@ -166,6 +169,7 @@ class Engine:
         # The store says ``runnable`` (store.base.RUNNABLE) when a run may have become
         # claimable: the claim loop wakes at that, not at every ``runs`` (a run's end).
         self._hears_runnable = bool(getattr(store, "says_runnable", False))
+        self._hears_others = bool(getattr(store, "hears_others", False))
         store.add_listener(self._on_store_change)
 
     # -- what this worker serves --------------------------------------------------------
@@ -556,9 +560,15 @@ class Engine:
         """Notice what other processes did: cancellations, and events runs here wait for.
 
         Every poll interval at most; while the store hears other processes, only once
-        it heard of events or cancellations, or after a safety-net wait (idle_wait)."""
+        it heard of events or cancellations, or after a safety-net wait (idle_wait).
+        But the look for the events of parked runs' waits goes at once, as often as
+        such events come (one look at a time, and one more right after it for those
+        committed during it), while runs are parked in waits for their types: for an
+        event committed in this process (events_appended), and for every event another
+        process commits on a store that hears them (PostgreSQL says not its type)."""
         last_cancel_check = 0.0
         last = time.monotonic()
+        now = self._watch_now
         # The first look one poll interval after the start, whatever was heard: it
         # reads where the log ends, from which the next look takes what was stored
         # (engine/parking.py, wake_for_events)
@@ -566,16 +576,29 @@ class Engine:
         while True:
             await wait_event(self._watch_wakeup, idle_wait(self.store, self.poll_interval))
             self._watch_wakeup.clear()
-            # (no more often than before: a busy store notifies at every commit)
-            await asyncio.sleep(max(0.0, last + self.poll_interval - time.monotonic()))
-            last = time.monotonic()
+            if not now.is_set():
+                # (no more often than before: a busy store notifies at every commit)
+                await wait_event(now, max(0.0, last + self.poll_interval - time.monotonic()))
+            # The look for parked waits goes at once for an event they may wait for
+            # (look_for_parked), the rest only at the poll_interval cadence. One asked
+            # for during this look is made right after it (the flag is cleared first).
+            urgent = now.is_set()
+            now.clear()
+            due = not urgent or time.monotonic() >= last + self.poll_interval
+            if due:
+                last = time.monotonic()
+            else:  # the rest at its time, as if this look had not been asked for
+                self._watch_wakeup.set()
             try:
-                await self._poll_waited_types()
-                await wake_for_events(self)  # the waits of parked runs
+                if due:
+                    await self._poll_waited_types()
+                if await wake_for_events(self):  # the waits of parked runs
+                    self.ownership.claim_now()  # the woken runs: claimed at once
             except Exception as exc:
                 self.quiet.warning("events", "looking for awaited events failed (%s); "
                                    "retrying", reason(exc))
                 self._watch_wakeup.set()  # again in a poll interval
+                last = time.monotonic()
             # With many runs in flight, look for cancellations less often (in-process and
             # PostgreSQL cancellations arrive by notification at once anyway).
             every = self.poll_interval * max(1.0, len(self.executions) / 500)
@@ -642,6 +665,10 @@ class Engine:
                     execution.wakeup.set()
         elif channel == EVENTS:
             self._watch_wakeup.set()
+            # Another process's event (a store that hears them, PostgreSQL, says not
+            # which type): looked for at once while parked runs wait for events.
+            if self._hears_others and self.hot.waited:
+                self._watch_now.set()
             for group in self._waiters.values():
                 for execution in group:
                     execution.wakeup.set()
@@ -689,10 +716,21 @@ class Engine:
                 del self._run_waiters[run_id]
 
     def events_appended(self, events: Sequence[Event[Any]]) -> None:
-        """Wake the waits of this process that may match ``events``."""
+        """Wake the waits of this process that may match ``events``, and look at once
+        for the parked waits they may match."""
+        hot = self.hot
         for ev in events:
             for execution in self._waiters.get(ev.type, ()):
                 execution.wakeup.set()
+            if hot.waited and hot.wanted(ev.type):
+                self.look_for_parked()
+
+    def look_for_parked(self) -> None:
+        """Have the watch loop look for the events parked runs wait for now, or right
+        after the look under way (docs/performance.md, "A million parked runs")."""
+        if self._loops:  # (serving)
+            self._watch_now.set()
+            self._watch_wakeup.set()
 
     async def declare_wait(self, workflow: str, event_type: str) -> None:
         """Record that ``workflow`` waits for ``event_type`` (so it is not an orphan)."""

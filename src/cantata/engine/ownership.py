@@ -104,6 +104,9 @@ class Ownership:
         self._healthy.set()
         self._beaten = asyncio.Event()  # set by every heartbeat that gets through
         self.claim_wakeup = asyncio.Event()
+        # Runs this worker woke are claimable: claim at once, not after the pause in
+        # which a burst of notifications gathers (see claim_now)
+        self._claim_now = asyncio.Event()
         self._repair_wakeup = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[Any]] = []
@@ -340,6 +343,7 @@ class Ownership:
             # Cleared before claiming: a notification heard during the claim must not be
             # lost (the next look may be a safety-net wait away, idle_wait)
             self.claim_wakeup.clear()
+            self._claim_now.clear()
             claimed = []
             if workflows and not self.expired():
                 # Owners past their own expiry are gone (each is judged by its own
@@ -380,14 +384,20 @@ class Ownership:
                 if due is not None:
                     wait = min(wait, max(due - engine.clock.now(), 0.0) + 0.001)
             await wait_event(self.claim_wakeup, wait)
-            if self.claim_wakeup.is_set():
+            if self.claim_wakeup.is_set() and not self._claim_now.is_set():
                 # Woken by a change notification: let a burst of them coalesce, so a
                 # busy store is not asked to claim once per commit; but not past the
                 # time a parked run comes due (its timer would wait for the burst).
                 pause = min(0.05, engine.poll_interval)
                 if due is not None:
                     pause = min(pause, max(due - engine.clock.now(), 0.0))
-                await asyncio.sleep(pause)
+                await wait_event(self._claim_now, pause)  # (ended by claim_now)
+
+    def claim_now(self) -> None:
+        """This worker woke parked runs (the watch loop, engine/parking.py): the claim
+        loop claims at once, without letting other notifications gather first."""
+        self._claim_now.set()
+        self.claim_wakeup.set()
 
     async def _histories(
         self, claimed: list[RunRecord]

@@ -15,7 +15,10 @@ The wake-ups, and why none is lost:
   sleeps until the next ``wake_at`` (``Store.next_wake``).
 - an event: every poll, :func:`wake_for_events` reads the new events of each type
   parked runs wait for (new in the log's order, whatever the writers' clocks) and
-  wakes the waits they match (``Store.wake_waiting``). An
+  wakes the waits they match (``Store.wake_waiting``); and at once, not at the next
+  poll, when an event of such a type (:meth:`HotRuns.wanted`) is committed in this
+  process, or another process's event is heard (PostgreSQL): one look at a time, one
+  more right after it for what came during it, the woken runs claimed at once. An
   event stored before the run was parked is found by the look made right after the
   park commit (:func:`evict`), which wakes the run again if it matches.
 - a child's end: the child's final checkpoint wakes its parent in the same
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.errors import LeaseLost, StoreError
 from cantata.model import parking as rules
+from cantata.model.event import matches
 from cantata.model.parking import FOREVER, Parking
 from cantata.model.records import RunWrite
 from cantata.quietlog import reason
@@ -85,7 +89,40 @@ class HotRuns:
         self._idle: dict[str, RunExecution] = {}  # insertion order: oldest first
         self.checked_at = 0.0  # wall time of the last look for parked waits' events
         self.position: int | None = None  # where the log ended when that look began
-        self.seen: dict[str, set[str]] = {}  # event type -> ids seen by that look
+        # event type -> {id: when first seen} of the events the last looks saw
+        self.seen: dict[str, dict[str, float]] = {}
+        # The event types (or patterns) parked runs wait for, as far as this worker
+        # knows: the last look's parked waits, and the runs it parked since. An event
+        # of such a type committed here makes the watch loop look at once (wanted).
+        self.waited: set[str] = set()
+        self._parked_since: set[str] | None = None  # types parked here during a look
+
+    def reading(self) -> None:
+        """A look begins to read the parked waits: note the runs parked from now on."""
+        self._parked_since = set()
+
+    def read(self, event_types: set[str] | None) -> None:
+        """The look read that parked runs wait for ``event_types`` (``None``: it
+        failed); those parked here since it began to read wait too."""
+        if event_types is not None and self._parked_since is not None:
+            self.waited = event_types | self._parked_since
+        self._parked_since = None
+
+    def parked(self, waits_for: str) -> None:
+        """A run was parked here in an event wait ``waits_for``."""
+        event_type, _ = rules.split_waits_for(waits_for)
+        self.waited.add(event_type)
+        if self._parked_since is not None:
+            self._parked_since.add(event_type)
+
+    def wanted(self, event_type: str) -> bool:
+        """Whether a parked run may wait for an event of ``event_type``."""
+        waited = self.waited
+        if not waited:
+            return False
+        if event_type in waited:
+            return True
+        return any("*" in t and matches(t, event_type) for t in waited)
 
     def enter(self, x: RunExecution) -> None:
         """``x`` waits in a wait it may be evicted from."""
@@ -145,6 +182,8 @@ async def evict(
                                  run.run_id, reason(exc))
             return
         x.evicted = True
+    if parking.waits_for is not None:
+        engine.hot.parked(parking.waits_for)
     # What arrived before the park commit: the look the wait would have made.
     try:
         if wake is not None and await wake():
@@ -163,15 +202,18 @@ async def evict(
     raise Evicted()
 
 
-async def wake_for_events(engine: Engine) -> None:
-    """Wake the parked waits that the events stored since the last look match.
+async def wake_for_events(engine: Engine) -> int:
+    """Wake the parked waits that the events stored since the last look match; returns
+    how many runs it woke.
 
     "Since" is the log's own order: what was stored after the log position read as
     the last look began, whatever the clocks of the processes that wrote it (each
     stamps ``stored_at`` with its own: one whose clock is behind this worker's stores
     events "older" than this worker's last look). The look also takes what was stored
     in the last second by this worker's clock (a write under way as the position was
-    read may come before it in the log); the ids it saw last time are left out.
+    read may come before it in the log); the ids the looks of that second saw are
+    left out, so that looks made one right after another (the watch loop looks at
+    once for an event committed here) read each event once.
     """
     hot = engine.hot
     now = time.time()
@@ -179,13 +221,19 @@ async def wake_for_events(engine: Engine) -> None:
     hot.checked_at = now
     position = hot.position
     hot.position = await engine.store.log_position(engine.app)  # before the look
-    waits = await engine.store.parked_waits(engine.app)
+    hot.reading()
+    waits: list[str] | None = None
+    try:
+        waits = await engine.store.parked_waits(engine.app)
+    finally:
+        hot.read(None if waits is None else {rules.split_waits_for(w)[0] for w in waits})
     by_type: dict[str, list[str]] = {}
     for waits_for in waits:
         event_type, _ = rules.split_waits_for(waits_for)
         by_type.setdefault(event_type, []).append(waits_for)
+    woken = 0
     for event_type, kinds in by_type.items():
-        seen = hot.seen.get(event_type, set())
+        seen = hot.seen.get(event_type, {})
         limit = 1000
         while True:  # all of them: one not read now would be behind the next look
             events = await engine.store.find_events(
@@ -195,15 +243,23 @@ async def wake_for_events(engine: Engine) -> None:
             if len(events) < limit:
                 break
             limit *= 4
-        hot.seen[event_type] = {e.id for e in events}
+        # What the next look could read again (stored from ``now`` less a second on):
+        # what this one read, and what earlier ones first saw from 1.5 s ago on (half a
+        # second more for the commits that ended as a look read, and writers whose
+        # clocks are ahead; one left out earlier is read again, as every look once read
+        # again what the one before it saw).
+        kept = {i: at for i, at in seen.items() if at >= now - 1.5}
+        kept.update((e.id, now) for e in events)
+        hot.seen[event_type] = kept
         datas = [e.data for e in events if engine.signer.accepts(e)]
         if not datas:
             continue
         for waits_for in kinds:
             _, keys = rules.split_waits_for(waits_for)
-            matches = rules.candidates(keys, datas)
-            if matches:
-                await engine.store.wake_waiting(engine.app, waits_for, matches)
+            found = rules.candidates(keys, datas)
+            if found:
+                woken += await engine.store.wake_waiting(engine.app, waits_for, found)
     for event_type in list(hot.seen):
         if event_type not in by_type:
             del hot.seen[event_type]
+    return woken
