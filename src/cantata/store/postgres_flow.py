@@ -35,7 +35,7 @@ from cantata.store import audit
 from cantata.store.base import SCHEDULES, SLOTS
 from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_core import PostgresCore
-from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row
+from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row, unindexed
 from cantata.store.postgres_parking import UNPARK
 from cantata.store.postgres_writes import create_runs_by
 
@@ -56,7 +56,12 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 # tables' statistics: its WHERE names only the key, so neither a join order nor another
 # index of runs (runs_status_newest, runs_live) can be picked for it. (A join or EXISTS
 # is planned, on a new store's tables, as a scan of every pending run per waiting row.)
-_MAY_BEGIN = "r.status='pending' AND NOT r.cancel_requested"
+# The status is unindexed for the lookups by key that test it in their WHERE (the
+# claim's NOT EXISTS of runs pinned to other versions, the admission's UPDATE): else
+# runs_live, whose predicate it implies, can be read instead of the key, every parked
+# run filtered out.
+_PENDING = unindexed("r.status='pending'")
+_MAY_BEGIN = f"{_PENDING} AND NOT r.cancel_requested"
 _CAN_BEGIN = f"(SELECT {_MAY_BEGIN} FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id)"
 
 
@@ -254,7 +259,7 @@ class PostgresFlow(PostgresCore):
             while admit := plan.next():
                 rows = await c.fetch(
                     f"UPDATE runs r SET owner=$2, fence=r.fence+1, {UNPARK} WHERE r.app=$1 "
-                    f"AND r.run_id = ANY($3::text[]) AND r.status='pending' "
+                    f"AND r.run_id = ANY($3::text[]) AND {_PENDING} "
                     f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
                     app, worker_id, admit,
                 )
