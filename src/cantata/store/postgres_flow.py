@@ -35,7 +35,7 @@ from cantata.store import audit
 from cantata.store.base import SCHEDULES, SLOTS
 from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_core import PostgresCore
-from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row
+from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row, unindexed
 from cantata.store.postgres_parking import UNPARK
 from cantata.store.postgres_writes import create_runs_by
 
@@ -56,7 +56,14 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 # tables' statistics: its WHERE names only the key, so neither a join order nor another
 # index of runs (runs_status_newest, runs_live) can be picked for it. (A join or EXISTS
 # is planned, on a new store's tables, as a scan of every pending run per waiting row.)
-_MAY_BEGIN = "r.status='pending' AND NOT r.cancel_requested"
+# The status is unindexed for the lookups by key that test it in their WHERE (the
+# claim's NOT EXISTS of runs pinned to other versions, the admission's UPDATE, the
+# pruner's NOT EXISTS, the joins of the figures and the place in a queue): else
+# runs_live, whose predicate it implies, can be read instead of the key, every parked
+# run filtered out once per queue row (20,000 parked: 22-26 ms against 0.05-0.14).
+_PENDING = unindexed("r.status='pending'")
+_LIVE = unindexed(f"r.status IN {LIVE_SQL}")
+_MAY_BEGIN = f"{_PENDING} AND NOT r.cancel_requested"
 _CAN_BEGIN = f"(SELECT {_MAY_BEGIN} FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id)"
 
 
@@ -254,7 +261,7 @@ class PostgresFlow(PostgresCore):
             while admit := plan.next():
                 rows = await c.fetch(
                     f"UPDATE runs r SET owner=$2, fence=r.fence+1, {UNPARK} WHERE r.app=$1 "
-                    f"AND r.run_id = ANY($3::text[]) AND r.status='pending' "
+                    f"AND r.run_id = ANY($3::text[]) AND {_PENDING} "
                     f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
                     app, worker_id, admit,
                 )
@@ -290,7 +297,7 @@ class PostgresFlow(PostgresCore):
                 active = await c.fetch(
                     "SELECT q.partition_key, count(*) FROM queue_runs q JOIN runs r ON "
                     "r.app=q.app AND r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND "
-                    f"q.began_at IS NOT NULL AND NOT q.done AND r.status IN {LIVE_SQL} "
+                    f"q.began_at IS NOT NULL AND NOT q.done AND {_LIVE} "
                     "GROUP BY q.partition_key", app, spec.name,
                 )
                 began = await c.fetch(
@@ -309,7 +316,7 @@ class PostgresFlow(PostgresCore):
                 "SELECT q.queue, q.partition_key, q.priority, q.seq, coalesce(u.priorities, "
                 "false) FROM queue_runs q JOIN runs r ON r.app=q.app AND r.run_id=q.run_id "
                 "LEFT JOIN queues u ON u.app=q.app AND u.name=q.queue "
-                "WHERE q.app=$1 AND q.run_id=$2 AND q.began_at IS NULL AND r.status='pending'",
+                f"WHERE q.app=$1 AND q.run_id=$2 AND q.began_at IS NULL AND {_PENDING}",
                 app, run_id,
             )
             if row is None:
@@ -342,7 +349,7 @@ class PostgresFlow(PostgresCore):
                 "WITH pick AS (SELECT q.app, q.run_id FROM queue_runs q WHERE q.app=$1 "
                 "AND q.queue=$2 AND q.began_at IS NOT NULL AND q.began_at < $3 "
                 "AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
-                f"r.run_id=q.run_id AND r.status IN {LIVE_SQL}) ORDER BY q.began_at "
+                f"r.run_id=q.run_id AND {_LIVE}) ORDER BY q.began_at "
                 "LIMIT $4 FOR UPDATE OF q SKIP LOCKED), "
                 "gone AS (DELETE FROM queue_runs d USING pick p WHERE d.app=p.app "
                 "AND d.run_id=p.run_id RETURNING 1) SELECT count(*) FROM gone",

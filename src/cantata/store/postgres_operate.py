@@ -43,6 +43,7 @@ from cantata.store.postgres_ops import (
     event_row,
     run_row,
     run_values,
+    unindexed,
 )
 from cantata.store.postgres_pool import Conn, PgPool
 
@@ -66,7 +67,8 @@ async def foreign_runs(
     stale_before: float, limit: int, now: float | None = None,
 ) -> list[RunRecord]:
     # Runs that are not parked, and (with ``now``) parked runs that are due: each by
-    # its index, never a scan of the parked runs (store/roles/parking.py).
+    # its index, never a scan of the parked runs (store/roles/parking.py); the due
+    # ones by runs_parked alone, whatever the statistics (postgres_ops.unindexed).
     rows = await c.fetch(
         f"SELECT * FROM (SELECT {_R_RUN_COLS} FROM runs r WHERE r.app=$1 "
         f"AND r.status IN {LIVE_SQL} AND r.wake_at IS NULL "
@@ -76,8 +78,8 @@ async def foreign_runs(
         " WHERE w.app=r.app AND w.worker_id=r.owner AND w.expires_at >= $5))) "
         f"UNION ALL SELECT {_R_RUN_COLS} FROM runs r WHERE $7::float8 IS NOT NULL "
         "AND r.app=$1 AND r.wake_at IS NOT NULL AND r.wake_at <= $7::float8 "
-        f"AND r.status IN {LIVE_SQL} AND r.owner IS NULL "
-        "AND r.workflow = ANY($2::text[]) AND r.version IS NOT NULL "
+        f"AND {unindexed(f'r.status IN {LIVE_SQL}')} AND r.owner IS NULL "
+        f"AND {unindexed('r.workflow = ANY($2::text[])')} AND r.version IS NOT NULL "
         "AND NOT (r.version = ANY($3::text[]))) f "
         "ORDER BY f.created_at LIMIT $6",
         app, list(workflows), list(versions), worker_id, stale_before, limit, now,

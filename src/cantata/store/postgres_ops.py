@@ -42,6 +42,24 @@ from cantata.store.postgres_pool import Conn, Row
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
 
+
+def unindexed(cond: str) -> str:
+    """``cond`` as a filter that no index can serve, for a statement that must read
+    ``runs`` by one index whatever the table's statistics.
+
+    Planned without statistics (a table that grew from empty and was not analyzed
+    since), PostgreSQL prices every condition by default selectivities: two
+    equalities (``app``, ``workflow``: 0.005 each) look far more selective than an
+    equality and a range (``app``, ``wake_at <= now``: 0.005 and 0.33), and a
+    partial index whose predicate a condition implies (``runs_live``, by ``status IN
+    ...``) counts as smaller still. So a read of the due parked runs went through
+    ``runs_live`` or ``runs_workflow_newest`` and filtered out every parked run
+    (docs/performance.md, "A million parked runs"). Wrapped in ``coalesce(..., false)``
+    (the same in a WHERE: NULL and false both drop the row) a condition matches no
+    index column and implies no index predicate, and is priced as an opaque filter
+    (half the rows), so an ordered read of the index left stops at its LIMIT."""
+    return f"coalesce({cond}, false)"
+
 # Column lists in the field order of the records they make (rows unpack into them).
 RUN_COLS = (
     "run_id, app, workflow, status, args, created_at, updated_at, correlation_id, "

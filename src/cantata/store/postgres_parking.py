@@ -9,12 +9,28 @@ from typing import TYPE_CHECKING
 from cantata.errors import LeaseLost
 from cantata.model.parking import Parking
 from cantata.store.base import RUNS
-from cantata.store.postgres_ops import LIVE_SQL
+from cantata.store.postgres_ops import LIVE_SQL, unindexed
 
 if TYPE_CHECKING:
     from cantata.store.postgres_pool import Conn, PgPool
 
 UNPARK = "wake_at=NULL, waits_for=NULL, wait_match=NULL"
+
+# Park a run: by its key only (no index of live runs read, whatever the statistics).
+PARK = (
+    "UPDATE runs SET owner=NULL, updated_at=$1, "
+    " wake_at=CASE WHEN cancel_requested THEN NULL ELSE $2::float8 END,"
+    " waits_for=CASE WHEN cancel_requested THEN NULL ELSE $3::text END,"
+    " wait_match=CASE WHEN cancel_requested THEN NULL ELSE $4::text END "
+    f"WHERE app=$5 AND run_id=$6 AND fence=$7 AND {unindexed(f'status IN {LIVE_SQL}')}"
+)
+# The next parked run due after $2 of the workflows $3: the first entry of the
+# runs_parked range, whatever the statistics (not every parked run of the workflows
+# read through runs_workflow_newest and sorted).
+NEXT_WAKE = (
+    "SELECT wake_at FROM runs WHERE app=$1 AND wake_at IS NOT NULL AND wake_at > $2 "
+    f"AND {unindexed('workflow = ANY($3::text[])')} ORDER BY wake_at LIMIT 1"
+)
 
 # Wake the parents (parked in ctx.call) of runs that ended, in their checkpoint's
 # transaction.
@@ -31,12 +47,7 @@ class PostgresParking:
 
     async def park_run(self, app: str, run_id: str, fence: int, parking: Parking) -> None:
         status = await self._db.execute(
-            "UPDATE runs SET owner=NULL, updated_at=$1, "
-            " wake_at=CASE WHEN cancel_requested THEN NULL ELSE $2::float8 END,"
-            " waits_for=CASE WHEN cancel_requested THEN NULL ELSE $3::text END,"
-            " wait_match=CASE WHEN cancel_requested THEN NULL ELSE $4::text END "
-            f"WHERE app=$5 AND run_id=$6 AND fence=$7 AND status IN {LIVE_SQL}",
-            time.time(), parking.wake_at, parking.waits_for, parking.wait_match,
+            PARK, time.time(), parking.wake_at, parking.waits_for, parking.wait_match,
             app, run_id, fence,
         )
         if status == "UPDATE 0":
@@ -94,11 +105,7 @@ class PostgresParking:
     ) -> float | None:
         if not workflows:
             return None
-        row = await self._db.fetchrow(
-            "SELECT wake_at FROM runs WHERE app=$1 AND wake_at IS NOT NULL AND wake_at > $2 "
-            "AND workflow = ANY($3::text[]) ORDER BY wake_at LIMIT 1",
-            app, after, list(workflows),
-        )
+        row = await self._db.fetchrow(NEXT_WAKE, app, after, list(workflows))
         return None if row is None else float(row[0])
 
 

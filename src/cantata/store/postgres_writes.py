@@ -35,6 +35,7 @@ from cantata.store.postgres_ops import (
     columns,
     run_row,
     run_values,
+    unindexed,
 )
 from cantata.store.postgres_parking import wake_parents
 from cantata.store.postgres_pool import Conn, Row
@@ -115,7 +116,9 @@ async def claim_runs(
     # yields more rows). The owner's liveness is a correlated subquery, not a join,
     # so that when a locked row was claimed meanwhile, the READ COMMITTED re-check
     # sees the new owner's heartbeat. Parked runs (wake_at set) are picked apart, by
-    # the runs_parked index up to ``now``, only when due.
+    # the runs_parked index up to ``now``, only when due: its (app, wake_at) are the
+    # only conditions of ``due`` that an index can take (postgres_ops.unindexed), so
+    # no plan, with or without fresh statistics, reads the parked runs not yet due.
     rows = await c.fetch(
         f"WITH pick AS MATERIALIZED ("
         f" SELECT run_id FROM runs c WHERE c.app=$1 AND c.status IN {LIVE_SQL}"
@@ -134,7 +137,8 @@ async def claim_runs(
         f" due AS MATERIALIZED ("
         f" SELECT run_id FROM runs c WHERE $8::float8 IS NOT NULL AND c.app=$1"
         f"  AND c.wake_at IS NOT NULL AND c.wake_at <= $8::float8 AND c.owner IS NULL"
-        f"  AND c.status IN {LIVE_SQL} AND c.workflow = ANY($2::text[])"
+        f"  AND {unindexed(f'c.status IN {LIVE_SQL}')}"
+        f"  AND {unindexed('c.workflow = ANY($2::text[])')}"
         f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[]))"
         f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
         f" ORDER BY c.wake_at LIMIT greatest($5 - (SELECT count(*) FROM pick), 0)"
