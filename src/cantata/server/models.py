@@ -428,7 +428,7 @@ class GroupOut(BaseModel):
     oldest_pending_at: dt.datetime | None = Field(description="When the event of the "
                                                               "oldest pending one was "
                                                               "stored.")
-    oldest_pending_seconds: float | None = Field(description="How long ago, by the app's "
+    oldest_pending_age: float | None = Field(description="How long ago, by the app's "
                                                              "clock.")
     dead_letters: int = Field(description="Its dead letters (GET /api/dead-letters?group=).")
     served: bool | None = Field(description="Whether a live worker serves it; null when a "
@@ -636,7 +636,7 @@ def group_out(g: GroupInfo, now: float) -> GroupOut:
     return GroupOut(
         group=s.group, kind=s.kind, patterns=list(s.patterns), pending=s.pending,
         in_progress=s.in_progress, oldest_pending_at=utc(oldest),
-        oldest_pending_seconds=None if oldest is None else round(max(now - oldest, 0.0), 3),
+        oldest_pending_age=None if oldest is None else round(max(now - oldest, 0.0), 3),
         dead_letters=s.dead_letters, served=g.served, served_by=list(g.served_by))
 
 

@@ -891,8 +891,8 @@
         h("td", { class: "kind" }, g.kind || h("span", { class: "badge s-not_declared" }, "not declared")),
         h("td", { class: "patterns mono" }, g.patterns.length ? g.patterns.join(", ") : "—"),
         h("td", { class: "num pending" }, String(g.pending),
-          g.oldest_pending_seconds === null ? null
-            : h("div", { class: "muted oldest" }, "oldest ", duration(g.oldest_pending_seconds), " (", when(g.oldest_pending_at), ")")),
+          g.oldest_pending_age === null ? null
+            : h("div", { class: "muted oldest" }, "oldest ", duration(g.oldest_pending_age), " (", when(g.oldest_pending_at), ")")),
         h("td", { class: "num held" }, String(g.in_progress)),
         h("td", { class: "num dead" }, g.dead_letters && FILTERABLE.test(g.group)
           ? h("a", { href: "/dead-letters?group=" + encodeURIComponent(g.group) }, String(g.dead_letters))
