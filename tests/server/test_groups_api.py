@@ -120,9 +120,11 @@ async def test_a_group_name_is_sent_percent_encoded_and_one_with_a_nul_is_refuse
 
     await eventually(started, timeout=15, what="the shop's worker to say its groups")
     # any text is a group's name: one no group has is nothing to retire
-    r = await retire(shop, "billing%2Feu%20west")
-    assert r.status_code == 200, r.text
-    assert (r.json()["group"], r.json()["retired"]) == ("billing/eu west", False)
+    for sent, name in (("billing%2Feu%20west", "billing/eu west"),
+                       ("start%3Areport%0A", "start:report\n")):
+        r = await retire(shop, sent)
+        assert r.status_code == 200, r.text
+        assert (r.json()["group"], r.json()["retired"]) == (name, False)
     r = await retire(shop, "led%00ger")
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["field"], r.json()["error"]["code"]) == ("name", "invalid_input")

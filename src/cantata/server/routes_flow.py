@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, Path, Request, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from cantata.errors import (
     CantataError,
@@ -30,7 +31,7 @@ from cantata.errors import (
     UnknownSchedule,
     UnknownWorkflow,
 )
-from cantata.model.checks import check_text
+from cantata.model.checks import brief, check_text
 from cantata.model.schedule import MAX_NAME, ScheduleSpec
 from cantata.server import params
 from cantata.server.auth import Principal
@@ -262,8 +263,23 @@ async def queues(request: Request, _: Viewer) -> list[QueueOut]:
     return await queues_out(await console_of(request).open())
 
 
+class _Text(Convertor[str]):
+    """A path parameter of any text, '/' and line breaks included (Starlette's ``path``
+    converter stops at a line break: such a name would find no route, a bare 404)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("cantata_text", _Text())
+
 # A group's name is any text without a NUL (`@app.on(..., group=...)`; a trigger's is
-# `start:WORKFLOW`): sent percent-encoded, '/' included (the path converter takes it).
+# `start:WORKFLOW`): sent percent-encoded, '/' and line breaks included.
 GroupName = Annotated[str, Path(min_length=1, description="A handler group, or a "
                                                           "trigger's `start:WORKFLOW`")]
 
@@ -282,7 +298,7 @@ async def groups(request: Request, _: Viewer) -> list[GroupOut]:
     return [group_out(g, now) for g in found]
 
 
-@router.post("/groups/{name:path}/retire", response_model=GroupRetiredOut,
+@router.post("/groups/{name:cantata_text}/retire", response_model=GroupRetiredOut,
              summary="Retire a group no code serves any more")
 async def retire_group(request: Request, name: GroupName, who: Operator) -> GroupRetiredOut:
     """Retires the group, as `cantata groups retire`: its declaration is removed (an
@@ -294,13 +310,20 @@ async def retire_group(request: Request, name: GroupName, who: Operator) -> Grou
     `group.retired` by the token."""
     console = console_of(request)
     try:
-        check_text("group name", name)
+        check_text("group name", name, hint="no group has such a name; GET /api/groups "
+                                            "lists them")
     except ConfigurationError as exc:
-        raise bad_input("name", console.redact(str(exc))) from None
+        raise bad_input("name", console.redact(_cut(str(exc), name))) from None
     app = await console.open()
     try:
         done = await app.retire_group(name, actor=who.actor)
     except GroupInUse as exc:
         raise ApiError(409, exc.code, console.redact(
-            f"{exc}; GET /api/groups lists who serves each group")) from None
+            f"{_cut(str(exc), name)}; GET /api/groups lists who serves each group")) from None
     return group_retired_out(done)
+
+
+def _cut(message: str, name: str) -> str:
+    """``message`` with the group's name quoted as the API quotes what it was sent: cut
+    to its first characters when long (a name may be any text of any length)."""
+    return message.replace(repr(name), brief(name))
