@@ -45,6 +45,8 @@ ROLES: dict[tuple[str, str], str | None] = {
     ("POST", "/api/schedules/{name}/resume"): "operator",
     ("POST", "/api/schedules/{name}/trigger"): "operator",
     ("GET", "/api/queues"): "viewer",
+    ("GET", "/api/groups"): "viewer",
+    ("POST", "/api/groups/{name}/retire"): "operator",
     ("GET", "/api/audit"): "admin",
     ("GET", "/api/audit/verify"): "admin",
     ("GET", "/api/stream"): "viewer",

@@ -28,7 +28,8 @@ from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
 browser = base.browser
 CORRELATION = " Kunde 9 / März "
-PAGES = ("/", "/runs", "/events", "/dead-letters", "/stalled", "/schedules", "/queues")
+PAGES = ("/", "/runs", "/events", "/dead-letters", "/stalled", "/schedules", "/queues",
+         "/groups")
 
 
 async def seed(app: App) -> dict[str, Any]:

@@ -73,6 +73,27 @@ async def test_ids_and_names_in_paths(shop: Shop, value: str) -> None:
 
 
 @FUZZ
+@given(value=text)
+async def test_group_names_in_the_retire_path(shop: Shop, value: str) -> None:
+    # any text is a group's name: one no group has is nothing to retire (200, a no-op)
+    r = await shop.post(f"/api/groups/{quote(value, safe='')}/retire")
+    if r.status_code == 200:
+        assert (r.json()["group"], r.json()["retired"], r.json()["ended"]) == (value, False, 0)
+        return
+    assert_error(r)
+    code = r.json()["error"]["code"]
+    if value in (".", ".."):  # (the client resolves the segment: no such route)
+        assert r.status_code == 404
+    elif r.status_code == 409:  # the shop's worker has not said yet which groups it serves
+        assert code == "group_in_use"
+    else:  # an empty name, one holding a NUL
+        assert (r.status_code, code, r.json()["error"]["field"]) == (400, "invalid_input",
+                                                                     "name"), value
+    if len(value) > 40:  # a long name is cut short in the message, as any value sent
+        assert value not in r.json()["error"]["message"]
+
+
+@FUZZ
 @given(body=st.one_of(
     st.binary(max_size=200),
     st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),

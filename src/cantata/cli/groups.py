@@ -3,15 +3,16 @@ one that no code serves any more (docs/operating.md, "Retiring a group")."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.text import Text
 
 from cantata.observability.groups import GroupInfo
 from cantata.observability.timeline import fmt_seconds
+from cantata.server.models import group_out
 
-from .common import client_app, iso, operator, print_json, run, say, show, table
+from .common import client_app, operator, print_json, run, say, show, table
 from .runs import AppOpt, JsonOpt, StoreOpt
 
 
@@ -45,7 +46,7 @@ def list_groups(
 
     found, now = run(go)
     if as_json:
-        print_json([_json(g, now) for g in found])
+        print_json([group_out(g, now) for g in found])  # (as GET /api/groups answers)
         return
     if not found:
         say(f"no handler group or trigger is declared in app {the_app.name}")
@@ -72,18 +73,6 @@ def _served(g: GroupInfo) -> str:
     if g.served_by:
         return ", ".join(g.served_by)
     return "unknown" if g.served is None else "no live worker"
-
-
-def _json(g: GroupInfo, now: float) -> dict[str, Any]:
-    s = g.stats
-    return {
-        "group": s.group, "kind": s.kind, "patterns": list(s.patterns),
-        "pending": s.pending, "in_progress": s.in_progress,
-        "oldest_pending_at": iso(s.oldest_pending_at),
-        "oldest_pending_age": None if s.oldest_pending_at is None
-        else round(now - s.oldest_pending_at, 3),
-        "dead_letters": s.dead_letters, "served": g.served, "served_by": list(g.served_by),
-    }
 
 
 def retire(

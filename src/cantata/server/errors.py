@@ -32,6 +32,7 @@ _STATUS = {
     "step_not_in_history": 422,
     "unknown_attribute": 422,
     "token_exists": 409,
+    "group_in_use": 409,
     "payload_too_large": 413,
     "store": 503,
     "store_unavailable": 503,

@@ -23,6 +23,7 @@ from cantata.model.records import (
     AuditRecord,
     AuditReport,
     DeadLetter,
+    GroupRetired,
     HistoryEntry,
     RunRecord,
     branch_cancelled,
@@ -30,6 +31,7 @@ from cantata.model.records import (
 )
 from cantata.model.schedule import key_tick
 from cantata.model.status import RunStatus, call_status
+from cantata.observability.groups import GroupInfo
 from cantata.observability.node import TraceNode
 from cantata.observability.stalled import Stall
 from cantata.observability.timeline import where_it_stands
@@ -412,6 +414,47 @@ class QueueOut(BaseModel):
     served: bool = Field(description=SERVED)
 
 
+class GroupOut(BaseModel):
+    """A handler group or `start_on` trigger (as `cantata groups` lists it): what it is
+    declared for, its backlog and the live workers that serve it now."""
+
+    group: str = Field(description="The group; a trigger's is `start:WORKFLOW`.")
+    kind: str | None = Field(description="`handler` or `trigger`; null for a group no "
+                                         "longer declared that still has pending "
+                                         "deliveries or dead letters.")
+    patterns: list[str] = Field(description="The event type patterns it is declared for.")
+    pending: int = Field(description="Its pending deliveries (events not handled yet).")
+    in_progress: int = Field(description="Of those, the ones a live worker holds now.")
+    oldest_pending_at: dt.datetime | None = Field(description="When the event of the "
+                                                              "oldest pending one was "
+                                                              "stored.")
+    oldest_pending_age: float | None = Field(description="How long ago, by the app's "
+                                                             "clock.")
+    dead_letters: int = Field(description="Its dead letters (GET /api/dead-letters?group=).")
+    served: bool | None = Field(description="Whether a live worker serves it; null when a "
+                                            "live worker does not say which groups it "
+                                            "serves (starting, or an older release).")
+    served_by: list[str] = Field(description="The ids of the live workers serving it.")
+
+
+class DeclarationOut(BaseModel):
+    kind: str = Field(description="`handler` or `trigger`.")
+    pattern: str = Field(description="The event type pattern it was declared for.")
+
+
+class GroupRetiredOut(BaseModel):
+    """What retiring a group did (`app.retire_group`)."""
+
+    group: str
+    retired: bool = Field(description="Whether anything was removed or ended (false: "
+                                      "nothing was left to retire, a no-op).")
+    declarations_removed: list[DeclarationOut] = Field(description="The declarations "
+                                                                    "removed.")
+    ended: int = Field(description="Pending deliveries ended as retired (not handled).")
+    held: int = Field(description="Pending deliveries a live worker held: left to it.")
+    dead_letters: int = Field(description="Its dead letters, kept.")
+
+
 class Overview(BaseModel):
     app: str
     counts: dict[str, int]
@@ -584,3 +627,23 @@ def queue_out(q: QueueStats, now: float, served: bool) -> QueueOut:
                                           began_recently=q.partition_peak_began)
         if q.partitioned else None,
         served=served)
+
+
+def group_out(g: GroupInfo, now: float) -> GroupOut:
+    """A group as JSON (``now``: the app's clock, for the oldest pending delivery's age)."""
+    s = g.stats
+    oldest = s.oldest_pending_at
+    return GroupOut(
+        group=s.group, kind=s.kind, patterns=list(s.patterns), pending=s.pending,
+        in_progress=s.in_progress, oldest_pending_at=utc(oldest),
+        oldest_pending_age=None if oldest is None else round(max(now - oldest, 0.0), 3),
+        dead_letters=s.dead_letters, served=g.served, served_by=list(g.served_by))
+
+
+def group_retired_out(done: GroupRetired) -> GroupRetiredOut:
+    """What a retire did, as JSON."""
+    return GroupRetiredOut(
+        group=done.group, retired=done.changed,
+        declarations_removed=[DeclarationOut(kind=d.kind, pattern=d.pattern)
+                              for d in done.declarations],
+        ended=done.ended, held=done.held, dead_letters=done.dead_letters)

@@ -26,7 +26,7 @@ router = APIRouter(include_in_schema=False)
 
 NAV = (("/", "Overview"), ("/runs", "Runs"), ("/events", "Events"),
        ("/dead-letters", "Dead letters"), ("/stalled", "Stalled"),
-       ("/schedules", "Schedules"), ("/queues", "Queues"))
+       ("/schedules", "Schedules"), ("/queues", "Queues"), ("/groups", "Groups"))
 MAX_FORM = 4096
 STORE_DOWN_RETRY = 10  # seconds between a store-down page's reloads
 
@@ -187,6 +187,12 @@ async def schedules(request: Request) -> Response:
 async def queues(request: Request) -> Response:
     """Queues: limits, depth, in progress, rate."""
     return await _page(request, "Queues", "Queues", "queues", active="/queues")
+
+
+@router.get("/groups")
+async def groups(request: Request) -> Response:
+    """Handler groups and triggers: backlog, who serves them; Retire."""
+    return await _page(request, "Groups", "Handler groups", "groups", active="/groups")
 
 
 def _safe_next(value: str | None) -> str:

@@ -1,10 +1,12 @@
-"""``/api/schedules`` and ``/api/queues``: what runs when, and what waits where.
+"""``/api/schedules``, ``/api/queues`` and ``/api/groups``: what runs when, what waits
+where, and which handler groups events wait for.
 
 Schedules are listed, created, paused, resumed, triggered and deleted through
 ``app.schedules`` (as ``cantata schedules`` does), with the caller's ``token:NAME`` as
 the ``actor`` its audit records name, and checked by its own checks (a bad cron, zone,
 policy or workflow is the library's error, answered as a 400 naming the body field);
-queues are ``app.queue_stats()`` (as ``cantata queues``). Deleting a schedule declared
+queues are ``app.queue_stats()`` (as ``cantata queues``); groups are ``app.groups()``
+and ``app.retire_group`` (as ``cantata groups [retire]``). Deleting a schedule declared
 in code is the library's delete too: it is gone until a worker of that code opens the
 app again (docs/console.md).
 """
@@ -17,24 +19,35 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, Path, Request, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from cantata.errors import (
     CantataError,
     ConfigurationError,
+    GroupInUse,
     PayloadTooLarge,
     ScheduleExists,
     SerializationError,
     UnknownSchedule,
     UnknownWorkflow,
 )
-from cantata.model.checks import check_text
+from cantata.model.checks import brief, check_text
 from cantata.model.schedule import MAX_NAME, ScheduleSpec
 from cantata.server import params
 from cantata.server.auth import Principal
 from cantata.server.deps import ERRORS, Operator, Viewer, known_query
-from cantata.server.errors import ApiError, caused_by
+from cantata.server.errors import ApiError, bad_input, caused_by
 from cantata.server.flow_out import queues_out, schedules_out
-from cantata.server.models import QueueOut, ScheduleIn, ScheduleOut, TriggerOut
+from cantata.server.models import (
+    GroupOut,
+    GroupRetiredOut,
+    QueueOut,
+    ScheduleIn,
+    ScheduleOut,
+    TriggerOut,
+    group_out,
+    group_retired_out,
+)
 from cantata.server.state import console_of
 
 if TYPE_CHECKING:
@@ -248,3 +261,69 @@ async def queues(request: Request, _: Viewer) -> list[QueueOut]:
     recently, and how long the oldest waiting run has waited. Counted per queue, across
     its partitions (the limits apply per partition)."""
     return await queues_out(await console_of(request).open())
+
+
+class _Text(Convertor[str]):
+    """A path parameter of any text, '/' and line breaks included (Starlette's ``path``
+    converter stops at a line break: such a name would find no route, a bare 404)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("cantata_text", _Text())
+
+# A group's name is any text without a NUL (`@app.on(..., group=...)`; a trigger's is
+# `start:WORKFLOW`): sent percent-encoded, '/' and line breaks included.
+GroupName = Annotated[str, Path(min_length=1, description="A handler group, or a "
+                                                          "trigger's `start:WORKFLOW`")]
+
+
+@router.get("/groups", response_model=list[GroupOut], summary="Handler groups and triggers")
+async def groups(request: Request, _: Viewer) -> list[GroupOut]:
+    """Every handler group and `start_on` trigger of the app (declared by any of its
+    processes), by name, as `cantata groups`: the event type patterns it is declared
+    for, its pending deliveries (how many, the oldest's age, how many a live worker
+    holds), its dead letters and the live workers that serve it now. A group no longer
+    declared that still has pending deliveries or dead letters is listed too (`kind`
+    null)."""
+    app = await console_of(request).open()
+    found = await app.groups()
+    now = app.clock.now()
+    return [group_out(g, now) for g in found]
+
+
+@router.post("/groups/{name:cantata_text}/retire", response_model=GroupRetiredOut,
+             summary="Retire a group no code serves any more")
+async def retire_group(request: Request, name: GroupName, who: Operator) -> GroupRetiredOut:
+    """Retires the group, as `cantata groups retire`: its declaration is removed (an
+    event stored from now on gets no delivery for it) and its pending deliveries are
+    ended as retired, not handled (a delivery a live worker holds is left to it:
+    `held`); its dead letters stay. `retired` is false when there was nothing to retire
+    (not declared, nothing pending): a no-op, nothing is recorded. 409 (`group_in_use`)
+    while a live worker serves the group (the message names the workers). Audited as
+    `group.retired` by the token."""
+    console = console_of(request)
+    try:
+        check_text("group name", name, hint="no group has such a name; GET /api/groups "
+                                            "lists them")
+    except ConfigurationError as exc:
+        raise bad_input("name", console.redact(_cut(str(exc), name))) from None
+    app = await console.open()
+    try:
+        done = await app.retire_group(name, actor=who.actor)
+    except GroupInUse as exc:
+        raise ApiError(409, exc.code, console.redact(
+            f"{_cut(str(exc), name)}; GET /api/groups lists who serves each group")) from None
+    return group_retired_out(done)
+
+
+def _cut(message: str, name: str) -> str:
+    """``message`` with the group's name quoted as the API quotes what it was sent: cut
+    to its first characters when long (a name may be any text of any length)."""
+    return message.replace(repr(name), brief(name))

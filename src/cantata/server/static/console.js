@@ -845,6 +845,71 @@
     everyWhileShown(again, 5000);
   };
 
+  // Handler groups and start_on triggers (`cantata groups`): what each is declared for,
+  // the deliveries waiting for it and who serves it; Retire (operators) for one no live
+  // worker serves (`cantata groups retire`).
+  pages.groups = async () => {
+    const msg = h("div", {});
+    const holder = h("div", {});
+    show(h("p", { class: "muted" }, "Each event gets one delivery per handler group (and start_on " +
+      "trigger, start:WORKFLOW) declared for its type. A group no code serves any more keeps " +
+      "getting them until it is retired."), msg, holder);
+    // The dead letters page filters by a name of these characters (the API's filter).
+    const FILTERABLE = /^[A-Za-z0-9_.:-]{1,200}$/;
+    // Retire is offered for a group no live worker serves (the server refuses it while
+    // one does) that has something to retire: a declaration, or pending deliveries.
+    const retirable = (g) => g.served === false && (g.kind !== null || g.pending > 0);
+    const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+    async function retire(g, button) {
+      if (!confirm(`Retire group ${JSON.stringify(g.group)}? Its declaration is removed (new events get no ` +
+        `delivery for it) and its ${plural(g.pending, "pending delivery ends", "pending deliveries end")} ` +
+        "unhandled; its dead letters stay.")) return;
+      button.disabled = true;
+      try {
+        const r = await api(`/api/groups/${encodeURIComponent(g.group)}/retire`, { method: "POST" });
+        const said = r.retired
+          ? ["Retired ", exactName(r.group), `: ${plural(r.ended, "pending delivery", "pending deliveries")} ended unhandled.`]
+          : ["Nothing to retire: ", exactName(r.group), " is not declared and has no pending delivery."];
+        if (r.held) said.push(` ${plural(r.held, "delivery is", "deliveries are")} held by a live worker: left to it.`);
+        if (r.dead_letters) said.push(` Its ${plural(r.dead_letters, "dead letter stays", "dead letters stay")}.`);
+        msg.replaceChildren(h("div", { class: "notice ok", role: "status" }, ...said));
+        await render();
+      } catch (e) { msg.replaceChildren(notice(e.message, "error")); button.disabled = false; }
+    }
+    function servedBy(g) {
+      if (g.served_by.length) return g.served_by.map((w) => h("div", { class: "mono" }, w));
+      if (g.served === null) return h("span", { class: "muted", title: "A live worker does not say which groups it serves (starting, or an older release)" }, "unknown");
+      return h("span", { class: g.pending ? "unserved lagging" : "unserved muted" }, "no live worker");
+    }
+    const ticket = tickets();
+    async function render() {
+      const current = ticket();
+      const list = await api("/api/groups");
+      if (!current()) return;  // a newer draw began meanwhile: it shows its answer
+      const rows = list.map((g) => h("tr", { "data-group": g.group },
+        h("td", { class: "name" }, h("strong", {}, exactName(g.group))),
+        h("td", { class: "kind" }, g.kind || h("span", { class: "badge s-not_declared" }, "not declared")),
+        h("td", { class: "patterns mono" }, g.patterns.length ? g.patterns.join(", ") : "—"),
+        h("td", { class: "num pending" }, String(g.pending),
+          g.oldest_pending_age === null ? null
+            : h("div", { class: "muted oldest" }, "oldest ", duration(g.oldest_pending_age), " (", when(g.oldest_pending_at), ")")),
+        h("td", { class: "num held" }, String(g.in_progress)),
+        h("td", { class: "num dead" }, g.dead_letters && FILTERABLE.test(g.group)
+          ? h("a", { href: "/dead-letters?group=" + encodeURIComponent(g.group) }, String(g.dead_letters))
+          : String(g.dead_letters)),
+        h("td", { class: "served" }, servedBy(g)),
+        canOperate ? h("td", { class: "buttons" }, retirable(g)
+          ? h("button", { type: "button", class: "danger", onclick: (ev) => retire(g, ev.currentTarget) }, "Retire") : null) : null));
+      const headers = ["Group", "Kind", "Event types", "Pending", "Held", "Dead letters", "Served by"];
+      holder.replaceChildren(stacked(table(canOperate ? [...headers, ""] : headers, rows,
+        "No handler group or trigger is declared in this app."), headers));
+    }
+    await render();
+    const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
+    onLive(debounce(again, 500));  // runs and dead letters come and go with deliveries
+    everyWhileShown(again, 5000);  // ages grow and workers come and go with time alone
+  };
+
   /* -- start ------------------------------------------------------------------------- */
   const logout = document.getElementById("logout");
   // Logging out ends the session on the server: when the console does not answer (or
