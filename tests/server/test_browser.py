@@ -432,6 +432,10 @@ def test_the_runs_of_a_trace_are_links_reached_with_the_keyboard(
             break
     else:
         raise AssertionError("Tab never reached the run's row in the trace")
+    # a live update (another order's run, elsewhere) redraws nothing under the focus
+    server.run(lambda: server.app.start("place_order", {"id": "K-1"}))
+    page.wait_for_timeout(1_500)
+    assert page.evaluate("document.activeElement.getAttribute('href')") == f"/runs/{declined}"
     page.keyboard.press("Enter")
     expect(page).to_have_url(re.compile(f"/runs/{declined}$"))
     expect(page.get_by_role("heading", name="Run")).to_be_visible()

@@ -518,10 +518,17 @@
 
   pages.trace = async () => {
     const ticket = tickets();
+    let drawn = null;  // the answer drawn last: a live update that changed nothing redraws nothing
     async function render() {
       const current = ticket();
       const t = await api("/api/trace/" + encodeURIComponent(arg));
       if (!current()) return;  // a newer draw began meanwhile: it shows its answer
+      const answer = JSON.stringify(t);
+      if (answer === drawn) return;
+      drawn = answer;
+      // A run's link that has the keyboard's focus keeps it through the redraw.
+      const held = document.activeElement;
+      const focused = held && held.classList && held.classList.contains("tl-link") ? held.getAttribute("href") : null;
       const box = h("div", { class: "map" });
       show(h("div", { class: "where", role: "status" }, h("strong", {}, "Where it stands: "), t.where),
         h("div", { class: "headline" }, h("span", { class: "muted" }, "Transaction "),
@@ -537,6 +544,7 @@
         a.setAttribute("aria-label", `run ${n.name} ${n.ref} — ${n.status}`);
         g.replaceWith(a);
         a.append(g);
+        if (a.getAttribute("href") === focused) a.focus();
       }
     }
     await render();
