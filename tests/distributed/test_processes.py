@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from cantata import App, RunHandle
+from tests.helpers import with_schema
+from tests.schema_pool import SchemaPool
 
 from .procs import HERE, marks, run_twice
 
@@ -175,12 +177,18 @@ async def test_a_killed_child_is_restarted_and_its_runs_are_taken_over(
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def embedded_client(request: pytest.FixtureRequest, client: App) -> App:
-    """The app on a SQLite file or on PostgreSQL, with the embedded broker: event
-    deliveries are in the store too."""
-    if request.param != "sqlite":
-        client.configure(store=request.getfixturevalue("distributed_url"), broker="embedded")
-    return client
+def embedded_client(request: pytest.FixtureRequest, client: App) -> Iterator[App]:
+    """The app on a SQLite file or on PostgreSQL (a schema of this test's own), with the
+    embedded broker: event deliveries are in the store too."""
+    if request.param == "sqlite":
+        yield client
+        return
+    pool: SchemaPool = request.getfixturevalue("schema_pool")
+    schema = pool.take()
+    client.configure(store=with_schema(request.getfixturevalue("postgres_url"), schema),
+                     broker="embedded")
+    yield client
+    pool.give_back(schema)
 
 
 async def test_a_killed_childs_runs_and_deliveries_move_on_at_once_not_after_the_lease(
