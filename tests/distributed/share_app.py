@@ -1,9 +1,12 @@
 """The app the ``--processes`` tests run (tests/distributed/test_processes.py).
 
 As ``lease_app``, each step leaves ``start``/``end`` marks named with its key and the
-process id. Its workflow runs in a queue that lets one worker process hold at most 4
-runs: without such a bound the first worker to look claims every pending run (up to
-100 at a time), so a burst would not reach the other processes (docs/guide.md).
+process id (``gated`` and the ``gate_job`` handler wait for the file ``gate`` in the
+marks folder, so that a test can kill the process that holds them). Its ``chain`` runs
+in a queue that lets one worker process hold at most 4 runs: without such a bound the
+first worker to look claims every pending run (up to 100 at a time), so a burst would
+not reach the other processes (docs/guide.md). The lease is ``CANTATA_TEST_LEASE``
+seconds (default 1).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import time
 from pathlib import Path
 
 import cantata
-from cantata import App, Retry
+from cantata import App, Event, Retry
 
-app = App("share", lease=1.0, poll_interval=0.05)
+app = App("share", lease=float(os.environ.get("CANTATA_TEST_LEASE", "1.0")),
+          poll_interval=0.05)
 MARKS = Path(os.environ.get("CANTATA_TEST_MARKS", "/tmp"))
 app.queue("burst", per_worker=4)
 
@@ -37,3 +41,27 @@ async def work(order: dict, step: str) -> str:
 @app.workflow(queue="burst")
 async def chain(ctx: cantata.WorkflowContext, order: dict) -> list[str]:
     return [await ctx.run(work, order, step) for step in order.get("steps", "abc")]
+
+
+async def gate(kind: str, key: str) -> None:
+    """Mark ``kind``-start, wait for the file ``gate``, mark ``kind``-end."""
+    mark(f"{kind}start", key)
+    while not (MARKS / "gate").exists():  # noqa: ASYNC110 - another process makes it
+        await asyncio.sleep(0.02)
+    mark(f"{kind}end", key)
+
+
+@app.step(retry=Retry(max_attempts=3, initial_interval=0.05))
+async def wait_gate(run: int) -> int:
+    await gate("g", str(run))
+    return run
+
+
+@app.workflow
+async def gated(ctx: cantata.WorkflowContext, run: int) -> int:
+    return await ctx.run(wait_gate, run)
+
+
+@app.on("gate.requested", group="gates")
+async def gate_job(event: Event) -> None:
+    await gate("h", str(event.data["id"]))

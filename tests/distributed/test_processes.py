@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from cantata import App
+from cantata import App, RunHandle
+from tests.helpers import with_schema
+from tests.schema_pool import SchemaPool
 
 from .procs import HERE, marks, run_twice
 
@@ -30,10 +32,10 @@ pytestmark = pytest.mark.slow
 
 
 def start(store: str, folder: Path, *extra: str, broker: str = "embedded",
-          unset: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+          unset: tuple[str, ...] = (), lease: float = 1.0) -> subprocess.Popen[bytes]:
     """``cantata worker share_app:app EXTRA`` (its output in ``folder/out.log``), with
-    the variables ``unset`` removed from its environment."""
-    full = {**os.environ, "CANTATA_TEST_MARKS": str(folder),
+    the variables ``unset`` removed from its environment and the app's lease."""
+    full = {**os.environ, "CANTATA_TEST_MARKS": str(folder), "CANTATA_TEST_LEASE": str(lease),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE),
                                                         os.environ.get("PYTHONPATH")]))}
     for name in unset:
@@ -172,6 +174,81 @@ async def test_a_killed_child_is_restarted_and_its_runs_are_taken_over(
     assert cut_short  # it died mid-step, and that step was run again elsewhere:
     assert cut_short <= {m.key for m in marks(tmp_path, "end") if m.pid != victim}
     assert run_twice(tmp_path) == {}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def embedded_client(request: pytest.FixtureRequest, client: App) -> Iterator[App]:
+    """The app on a SQLite file or on PostgreSQL (a schema of this test's own), with the
+    embedded broker: event deliveries are in the store too."""
+    if request.param == "sqlite":
+        yield client
+        return
+    pool: SchemaPool = request.getfixturevalue("schema_pool")
+    schema = pool.take()
+    client.configure(store=with_schema(request.getfixturevalue("postgres_url"), schema),
+                     broker="embedded")
+    yield client
+    pool.give_back(schema)
+
+
+async def test_a_killed_childs_runs_and_deliveries_move_on_at_once_not_after_the_lease(
+    embedded_client: App, tmp_path: Path
+) -> None:
+    """The supervisor sees a child die (waitpid) and tells the store its worker is gone:
+    the runs and the delivery it held are taken by another process within moments, not
+    after the lease (10 s here), and the cut attempts count as WorkerLost, as after an
+    expired lease (docs/operating.md, "A worker process that dies")."""
+    client = embedded_client
+    store, _ = urls(client)
+    lease = 10.0
+    sup = start(store, tmp_path, "--processes", "2", lease=lease)
+    pids: list[int] = []
+    try:
+        pids = await children(tmp_path)
+        async with client.client():
+            await client.publish("gate.requested", {"id": 1})
+            await until(lambda: marks(tmp_path, "hstart"), 30, "the handler waiting")
+            victim = marks(tmp_path, "hstart")[0].pid  # it holds the delivery
+            handles: list[RunHandle] = []
+            while not any(m.pid == victim for m in marks(tmp_path, "gstart")):
+                # either process may claim a run: until the victim holds some too
+                assert len(handles) < 30, "the victim never took a run"
+                handles += [await client.start("gated", len(handles) + j) for j in range(3)]
+                await until(lambda: len(marks(tmp_path, "gstart")) == len(handles), 30,  # noqa: B023
+                            "every step waiting")
+            runs = len(handles)
+            held = {m.key for m in marks(tmp_path, "gstart") if m.pid == victim}
+            handled = {m.key for m in marks(tmp_path, "hstart") if m.pid == victim}
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.time()
+
+            def again(kind: str, keys: set[str]) -> list[float]:
+                return [m.at for m in marks(tmp_path, kind) if m.key in keys and m.pid != victim]
+
+            await until(lambda: len(again("gstart", held)) == len(held)
+                        and len(again("hstart", handled)) == len(handled), 2 * lease,
+                        "the takeover")
+            resumed_in = max(again("gstart", held) + again("hstart", handled)) - killed_at
+            (tmp_path / "gate").touch()
+            results = [await h.result(timeout=60) for h in handles]
+            await until(lambda: marks(tmp_path, "hend"), 30, "the handler's end")
+            tried = {h.run_id: sorted((a.attempt, a.error_type) for a in
+                                      await client.store.load_attempts(client.name, h.run_id))
+                     for h in handles}
+            lost = {h.run_id for h, i in zip(handles, range(runs), strict=True)
+                    if str(i) in held}
+    finally:
+        end(sup, pids)
+    print(f"{store.split(':')[0]}: resumed {len(held)} run(s) and {len(handled)} delivery(ies) "
+          f"{resumed_in:.2f} s after the kill")
+    assert resumed_in < 3.0, f"taken over {resumed_in:.2f} s after the kill (lease {lease:g} s)"
+    assert results == list(range(runs))
+    for run_id, attempts in tried.items():  # the cut attempt is WorkerLost, then one more
+        assert attempts == ([(1, "WorkerLost"), (2, None)] if run_id in lost else [(1, None)])
+    ends = [m.key for m in marks(tmp_path, "gend")]
+    assert sorted(ends) == sorted(str(i) for i in range(runs))  # each step ended once
+    assert [m.key for m in marks(tmp_path, "hend")] == ["1"]  # the handler ended once
+    assert victim not in {m.pid for m in marks(tmp_path, "gend") + marks(tmp_path, "hend")}
 
 
 async def test_sigterm_drains_every_child_and_a_second_signal_forces(

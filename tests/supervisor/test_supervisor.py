@@ -18,10 +18,10 @@ import pytest
 from cantata.supervisor import Supervisor, WorkerCrashLoop, describe
 from cantata.supervisor.parent import STORE_UPGRADED, worst
 
-# argv: mode, parent pid, ready fd, marks folder. "serve" says it is ready, then exits 0
-# at SIGTERM (leaving a mark); "crash" exits 3 before it says anything; "upgraded" exits
-# 4 (STORE_UPGRADED) at start-up; "serve-upgraded" serves, then exits 4 (a worker whose
-# store a newer Cantata upgraded).
+# argv: mode, parent pid, ready fd, marks folder. "serve" says it is ready (as worker
+# "worker-<its pid>"), then exits 0 at SIGTERM (leaving a mark); "crash" exits 3 before
+# it says anything; "upgraded" exits 4 (STORE_UPGRADED) at start-up; "serve-upgraded"
+# serves, then exits 4 (a worker whose store a newer Cantata upgraded).
 CHILD = textwrap.dedent("""
     import os, signal, sys, time
     mode, parent, fd, marks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
         open(os.path.join(marks, f"term-{os.getpid()}"), "w").close()
         sys.exit(0)
     signal.signal(signal.SIGTERM, on_term)
-    os.write(fd, b"r")
+    os.write(fd, b"rworker-%d\\n" % os.getpid())
     os.close(fd)
     if mode == "serve-upgraded":
         time.sleep(0.3)
@@ -107,6 +107,73 @@ async def test_a_dead_child_is_restarted_and_a_stop_reaches_every_child(
     assert len(ready) == 1  # announced once
 
 
+async def test_a_dead_childs_worker_is_said_gone_once_it_ended_not_holding_up_its_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``on_gone`` gets the worker id a child reported, only once its process has ended
+    (a stopped, merely slow child is not given up), beside its restart: a store that
+    does not answer delays nothing and is given up after ``gone_timeout``."""
+    caplog.set_level(logging.INFO, "cantata.supervisor")
+    ready: list[list[int]] = []
+    gone: list[tuple[str, bool]] = []  # (worker id, whether its process still ran then)
+
+    async def on_gone(worker_id: str) -> None:
+        gone.append((worker_id, alive(int(worker_id.split("-")[1]))))
+        if len(gone) == 1:
+            await asyncio.sleep(60)  # a store that does not answer
+
+    sup = Supervisor(Commands(tmp_path, "serve"), 2, on_ready=ready.append,
+                     first_delay=0.05, on_gone=on_gone, gone_timeout=3.0)
+    running = asyncio.create_task(sup.run())
+    await until(lambda: ready, 20, "both children serving")
+    first = ready[0]
+    os.kill(first[1], signal.SIGSTOP)  # slow, not dead: never given up
+    await asyncio.sleep(1.0)
+    assert gone == [] and sup.pids == first
+    os.kill(first[1], signal.SIGKILL)
+    await until(lambda: gone, 20, "on_gone")
+    assert gone == [(f"worker-{first[1]}", False)]
+    # restarted while on_gone still waits for its store
+    await until(lambda: len(sup.pids) == 2 and sup.pids[1] not in first, 20, "the restart")
+    assert len(gone) == 1 and "telling the store" not in caplog.text
+    await until(lambda: "telling the store that it is gone failed" in caplog.text, 20,
+                "the timeout")
+    await until(lambda: "serves (restarted)" in caplog.text, 20, "the restarted child serving")
+    assert (f"worker process {first[1]} (worker worker-{first[1]}) was killed by SIGKILL; "
+            "telling the store that it is gone failed (no answer within 3 s)") in caplog.text
+    pids = sup.pids
+    sup.stop()
+    assert await asyncio.wait_for(running, 20) == 0
+    # a stop too: each child's worker is said gone once it ended (it may have failed to
+    # forget itself)
+    assert sorted(gone[1:]) == sorted((f"worker-{p}", False) for p in pids)
+
+
+async def test_a_failure_to_say_a_worker_gone_is_logged_and_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "cantata.supervisor")
+    ready: list[list[int]] = []
+
+    async def on_gone(worker_id: str) -> None:
+        raise OSError("connection refused")
+
+    sup = Supervisor(Commands(tmp_path, "serve"), 2, on_ready=ready.append,
+                     first_delay=0.05, on_gone=on_gone)
+    running = asyncio.create_task(sup.run())
+    await until(lambda: ready, 20, "both children serving")
+    victim = ready[0][0]
+    os.kill(victim, signal.SIGKILL)
+    await until(lambda: len(sup.pids) == 2 and victim not in sup.pids, 20, "the restart")
+    await until(lambda: "serves (restarted)" in caplog.text, 20, "the restarted child serving")
+    await until(lambda: "OSError: connection refused" in caplog.text, 20, "the warning")
+    assert (f"worker process {victim} (worker worker-{victim}) was killed by SIGKILL; telling "
+            "the store that it is gone failed (OSError: connection refused): the other "
+            "worker processes take over what it held when its lease runs out") in caplog.text
+    sup.stop()
+    assert await asyncio.wait_for(running, 20) == 0
+
+
 async def test_a_child_that_never_serves_at_the_first_start_ends_the_supervisor(
     tmp_path: Path,
 ) -> None:
@@ -146,9 +213,15 @@ async def test_a_child_told_the_store_was_upgraded_stops_every_child(
     The others are stopped gracefully and the supervisor exits with that status."""
     commands = Commands(tmp_path, "serve", "serve-upgraded")
     ready: list[list[int]] = []
-    sup = Supervisor(commands, 2, on_ready=ready.append, first_delay=0.01)
+    gone: list[str] = []
+
+    async def on_gone(worker_id: str) -> None:
+        gone.append(worker_id)
+
+    sup = Supervisor(commands, 2, on_ready=ready.append, first_delay=0.01, on_gone=on_gone)
     code = await asyncio.wait_for(sup.run(), 20)
     assert code == STORE_UPGRADED
+    assert gone == []  # they forgot themselves, and this code cannot open that store
     assert commands.spawned == 2  # no restart
     survivor = ready[0][0]
     assert (tmp_path / f"term-{survivor}").exists()  # stopped gracefully, not killed

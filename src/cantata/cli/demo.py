@@ -147,8 +147,8 @@ def _spawn_workers(store: str, broker: str) -> list[subprocess.Popen[bytes]]:
 
 
 def _start(command: list[str]) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``command --ready-fd N`` (a worker writes ``r`` to N once it serves, as
-    under the supervisor); the process and the read end of its pipe."""
+    """Start ``command --ready-fd N`` (a worker writes ``r``, then its worker id, to N
+    once it serves, as under the supervisor); the process and the read end of its pipe."""
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.Popen([*command, "--ready-fd", str(write_fd)],

@@ -20,7 +20,7 @@ from cantata.store.factory import mask_url
 from cantata.supervisor import FORCE_SIGNAL, Supervisor, die_with_parent, notify_ready
 from cantata.supervisor.parent import CUT_SHORT, STORE_UPGRADED
 
-from .common import STORE_HELP, console, load_app, say, store_url
+from .common import STORE_HELP, console, existing_store, load_app, say, store_url
 
 # Stores several processes can share (docs/guide.md: "several processes may share" a
 # SQLite file; PostgreSQL is the distributed store). Others run one process unless asked.
@@ -268,7 +268,23 @@ def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
             soft_wrap=True,
         )
 
-    supervisor = Supervisor(command, count, on_ready=on_ready, on_stop=on_stop)
+    url = str(app._store_spec)
+
+    async def on_gone(worker_id: str) -> None:
+        # The child's process has ended: its worker is gone. Forgetting it (what a
+        # worker does itself on a clean stop) lets the others take its runs,
+        # deliveries, tasks and slots now rather than when its lease runs out; the
+        # attempts it was in count as WorkerLost when they are taken, as after a lease.
+        store = existing_store(url)
+        try:
+            await store.open()
+            await store.remove_worker(app.name, worker_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await store.close()
+
+    supervisor = Supervisor(command, count, on_ready=on_ready, on_stop=on_stop,
+                            on_gone=on_gone)
     code = asyncio.run(supervisor.run())
     console.print(f"cantata supervisor {os.getpid()}: every worker process has ended",
                   soft_wrap=True)
@@ -352,7 +368,7 @@ def serve(
                 f"{len(the_app.handlers)} handlers, version {escape(str(the_app.version))}) "
                 f"on {escape(mask_url(the_app.store.url))}"
             )
-            notify_ready(ready_fd)
+            notify_ready(ready_fd, engine.worker_id)
             # A signal, or the store upgraded under this worker by a newer Cantata
             # (engine.store_upgraded): both stop gracefully.
             upgraded = asyncio.ensure_future(engine.must_stop.wait())

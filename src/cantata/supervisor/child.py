@@ -4,8 +4,9 @@ A worker process started by the supervisor must not outlive it: if the superviso
 killed with SIGKILL, nothing is left to stop its children, so each child asks Linux to
 kill it when its parent dies (``prctl(PR_SET_PDEATHSIG)``) and, on every platform,
 watches its parent's pid and kills itself when it changes. The child also tells the
-supervisor when it serves (one byte on a pipe), so that the supervisor can tell a
-start-up failure from a crash of a running worker.
+supervisor when it serves, and as which worker (one line on a pipe), so that the
+supervisor can tell a start-up failure from a crash of a running worker, and tell the
+store at once that a worker it saw die is gone.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def notify_ready(fd: int | None) -> None:
-    """Tell the supervisor that this worker serves (``fd``: the pipe it passed)."""
+def notify_ready(fd: int | None, worker_id: str = "") -> None:
+    """Tell the supervisor that this worker serves, as ``worker_id`` (``fd``: the pipe it
+    passed): once this process has died, the supervisor tells the store that this
+    worker is gone, so that what it held is taken over at once."""
     if fd is None:
         return
     with contextlib.suppress(OSError):
-        os.write(fd, b"r")
+        # One write, far below PIPE_BUF: the supervisor never reads half of it.
+        os.write(fd, b"r" + worker_id.encode() + b"\n")
     with contextlib.suppress(OSError):
         os.close(fd)

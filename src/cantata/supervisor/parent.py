@@ -20,6 +20,16 @@ terminal reaches the supervisor only, which forwards exactly one SIGTERM), and:
   child one SIGTERM itself while the supervisor forwards another, and that must drain,
   not force.
 
+Whenever a child that served has ended, crashed or stopped, the supervisor hands the
+worker id it reported (on its ready pipe) to ``on_gone``: ``cantata worker`` tells the
+store that this worker is gone (``remove_worker``), so the runs, deliveries and tasks it
+held are taken over by the other children (and its restarted self) at once instead of
+when its lease runs out. Only after ``waitpid`` said the process ended: a child that is
+merely slow is never given up. The call runs beside the restart, bounded by
+``gone_timeout``; when it fails the lease still frees that work. (None once a child
+ended with :data:`STORE_UPGRADED`: every child drains and forgets itself then, and this
+code cannot open a store a newer Cantata migrated.)
+
 Children end with the supervisor even when it is killed with SIGKILL: each one watches
 its parent (:mod:`cantata.supervisor.child`).
 """
@@ -32,15 +42,18 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from cantata.errors import CantataError
+from cantata.quietlog import reason
 
 log = logging.getLogger("cantata.supervisor")
 
 FORCE_SIGNAL = signal.SIGUSR2  # a supervised child: stop at once
 Command = Callable[[int, int], list[str]]
 """(the supervisor's pid, the fd of the ready pipe) -> a child's argv."""
+Gone = Callable[[str], Awaitable[None]]
+"""Called with the worker id of a child that has ended (see :class:`Supervisor`)."""
 
 
 class WorkerCrashLoop(CantataError):
@@ -95,6 +108,9 @@ class Supervisor:
         stable_after: a child that ends sooner than this after its start ended quickly.
         max_quick_exits: this many quick ends in a row of one child is a crash loop.
         first_delay, max_delay: the restart delay after quick ends (doubling).
+        on_gone: called with the worker id a child reported once it served, after the
+            child has ended (whatever the reason: a crash, a kill, a stop), beside its
+            restart; given up after ``gone_timeout`` seconds. An error is logged.
     """
 
     def __init__(
@@ -109,6 +125,8 @@ class Supervisor:
         max_quick_exits: int = 5,
         first_delay: float = 0.5,
         max_delay: float = 10.0,
+        on_gone: Gone | None = None,
+        gone_timeout: float = 10.0,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
@@ -127,6 +145,10 @@ class Supervisor:
         self._signals = 0
         self._stopping: asyncio.Event | None = None
         self._first_ready: asyncio.Event | None = None
+        self._on_gone = on_gone
+        self.gone_timeout = gone_timeout
+        self._gone: set[asyncio.Task[None]] = set()
+        self._upgraded = False
 
     @property
     def pids(self) -> list[int]:
@@ -157,6 +179,8 @@ class Supervisor:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if self._gone:  # (each bounded by gone_timeout)
+                await asyncio.gather(*self._gone, return_exceptions=True)
         return worst(codes)
 
     def stop(self) -> None:
@@ -190,11 +214,20 @@ class Supervisor:
         while not self._stopping.is_set():
             child, ready_fd = await self._spawn(slot)
             started = time.monotonic()
-            ready = await self._ready(ready_fd)
+            worker_id = await self._ready(ready_fd)
+            ready = worker_id is not None
             if ready:
                 self._served(slot, child.pid)
             code = await child.wait()
             self._children.pop(slot, None)
+            # The process has ended (waitpid said so): its worker can no longer run,
+            # heartbeat or commit anything, so what it still held may go at once. (Not
+            # once a child was told that a newer Cantata upgraded the store: the
+            # children drain and forget themselves, and this code cannot open it.)
+            if code == STORE_UPGRADED:
+                self._upgraded = True
+            if worker_id and not self._upgraded:
+                self._gone_worker(child.pid, code, worker_id)
             if self._stopping.is_set():
                 break
             if code == STORE_UPGRADED:
@@ -226,6 +259,32 @@ class Supervisor:
                 break
         return code
 
+    def _gone_worker(self, pid: int, code: int, worker_id: str) -> None:
+        """Hand the worker id of child ``pid``, which ended with ``code``, to
+        ``on_gone``, beside what the supervisor does next."""
+        if self._on_gone is None:
+            return
+        task = asyncio.ensure_future(self._tell_gone(self._on_gone, pid, code, worker_id))
+        self._gone.add(task)
+        task.add_done_callback(self._gone.discard)
+
+    async def _tell_gone(self, on_gone: Gone, pid: int, code: int, worker_id: str) -> None:
+        try:
+            async with asyncio.timeout(self.gone_timeout):
+                await on_gone(worker_id)
+        except Exception as exc:
+            log.warning(
+                "worker process %d (worker %s) %s; telling the store that it is gone "
+                "failed (%s): the other worker processes take over what it held when its "
+                "lease runs out", pid, worker_id, describe(code),
+                f"no answer within {self.gone_timeout:g} s"
+                if isinstance(exc, TimeoutError) else reason(exc),
+            )
+        else:
+            if code != 0:
+                log.info("worker process %d (worker %s) %s: what it held is free for the "
+                         "other worker processes now", pid, worker_id, describe(code))
+
     async def _either(self, event: asyncio.Event, timeout: float | None = None) -> bool:
         """Wait for ``event`` or the stop (or ``timeout``); whether ``event`` is set."""
         assert self._stopping is not None
@@ -256,18 +315,24 @@ class Supervisor:
                 child.send_signal(signal.SIGTERM)
         return child, read_fd
 
-    async def _ready(self, fd: int) -> bool:
-        """Whether the child says it serves before it ends (EOF on its pipe)."""
+    async def _ready(self, fd: int) -> str | None:
+        """The worker id the child says it serves as (``""`` if it names none), or
+        ``None`` if it ends first (EOF on its pipe)."""
         loop = asyncio.get_running_loop()
-        said: asyncio.Future[bool] = loop.create_future()
+        said: asyncio.Future[str | None] = loop.create_future()
+        got = bytearray()
 
         def readable() -> None:
             try:
-                data = os.read(fd, 1)
+                data = os.read(fd, 4096)
             except OSError:
                 data = b""
-            if not said.done():
-                said.set_result(data == b"r")
+            got.extend(data)
+            if said.done() or (data and b"\n" not in got):
+                return  # (the rest of the line is still to come)
+            line = bytes(got).partition(b"\n")[0]
+            said.set_result(line[1:].decode(errors="replace").strip()
+                            if line[:1] == b"r" else None)
 
         loop.add_reader(fd, readable)
         try:
