@@ -211,18 +211,22 @@ async def test_commits_of_held_offered_events_wake_no_pass_of_the_relay_each(
     # task per hop (it ran between a hop's commit and the next hop's handler).
     chain = events(10)
     broker = HoldingBroker({e.id for e in chain})
+    # (the held events are due offer_delay after their offer: long enough that the ten
+    # commits of a loaded machine all come before, when a pass is right to run)
     relay = CountingPasses(store, broker, APP, poll_interval=30,  # type: ignore[arg-type]
-                           offer_delay=0.5, mark_delay=2.0)
+                           offer_delay=3.0, mark_delay=6.0)
     await relay.start()
     try:
         await eventually(lambda: relay.passes == 1, 5.0, "the first pass")
         await asyncio.sleep(0.01)
+        began = asyncio.get_running_loop().time()
         for e in chain:
             await store.append_events(APP, [e])
             relay.offer([e])
             await asyncio.sleep(0.01)
+        assert asyncio.get_running_loop().time() - began < 3.0, "too slow to tell"
         assert relay.passes == 1
-        await eventually(lambda: len(broker.published) == len(chain), 5.0, "the held events")
+        await eventually(lambda: len(broker.published) == len(chain), 10.0, "the held events")
     finally:
         await relay.stop()
     assert sorted(broker.published) == sorted(e.id for e in chain)
