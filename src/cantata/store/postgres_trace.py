@@ -3,6 +3,8 @@ snapshot) and stale work (see :class:`~cantata.store.roles.TraceStore`)."""
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Sequence
 
 from cantata.model.flow import SlotWait
@@ -26,6 +28,7 @@ from cantata.store.postgres_ops import (
     event_row,
     run_row,
     task_row,
+    unindexed,
 )
 
 # The slots a run's execution waits for: the rows of its holders ("run_id:key@fence",
@@ -161,11 +164,24 @@ class PostgresTrace(PostgresCore):
                 runs, entries, attempts, events, deliveries, dead, tasks, replayed
             )
 
-    async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
+    async def stale_correlations(
+        self, app: str, *, older_than: float, limit: int, now: float | None = None
+    ) -> list[str]:
+        at = time.time() if now is None else now
         async with self._db.conn() as c:
+            # The live runs in three parts, each by its index whatever the statistics
+            # (the other conditions through ``unindexed``), so that none reads the runs
+            # parked until later that wait for no event (docs/performance.md, "A
+            # million parked runs"): those not parked (runs_claimable), the parked ones
+            # that are due (runs_parked), the parked event waits (runs_waiting).
+            live = f"status IN {LIVE_SQL} AND updated_at < $2"
             rows = await c.fetch(
-                f"SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
-                f"{LIVE_SQL} AND updated_at < $2 "
+                "SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
+                f"{LIVE_SQL} AND wake_at IS NULL AND updated_at < $2 "
+                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
+                f"AND wake_at <= $4 AND {unindexed(live)} "
+                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
+                f"AND waits_for IS NOT NULL AND {unindexed(f'wake_at > $4 AND {live}')} "
                 "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
                 "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
                 "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
@@ -176,6 +192,7 @@ class PostgresTrace(PostgresCore):
                 app,
                 older_than,
                 limit * 4,
+                at,
             )
             seen: dict[str, None] = {}
             for r in rows:

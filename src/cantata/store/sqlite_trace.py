@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 
 from cantata.model import codec
@@ -85,8 +86,10 @@ class SQLiteTrace(SQLiteCore):
             runs = [
                 run_row(r)
                 for r in c.execute(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=? AND correlation_id=? "
-                    "ORDER BY created_at, run_id LIMIT ?",
+                    # by its index (not runs_newest, in order, filtering out every
+                    # other run of the app: a million parked ones)
+                    f"SELECT {RUN_COLS} FROM runs INDEXED BY runs_correlation "
+                    "WHERE app=? AND correlation_id=? ORDER BY created_at, run_id LIMIT ?",
                     (app, correlation_id, limit),
                 )
             ]
@@ -169,10 +172,24 @@ class SQLiteTrace(SQLiteCore):
 
         return await self._t.read(op)
 
-    async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
+    async def stale_correlations(
+        self, app: str, *, older_than: float, limit: int, now: float | None = None
+    ) -> list[str]:
+        at = time.time() if now is None else now
+
         def op(c: sqlite3.Connection) -> list[str]:
+            # The live runs in three parts, each by its index, so that none reads the
+            # runs parked until later that wait for no event (docs/performance.md, "A
+            # million parked runs"): those not parked, the parked ones that are due,
+            # the parked event waits.
             rows = c.execute(
-                f"SELECT correlation_id, updated_at FROM runs WHERE app=? AND {LIVE} "
+                "SELECT correlation_id, updated_at FROM runs INDEXED BY runs_claimable "
+                f"WHERE app=? AND {LIVE} AND wake_at IS NULL AND updated_at < ? "
+                "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_parked "
+                f"WHERE app=? AND wake_at IS NOT NULL AND wake_at <= ? AND {LIVE} "
+                "AND updated_at < ? "
+                "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_waiting "
+                f"WHERE app=? AND waits_for IS NOT NULL AND wake_at > ? AND {LIVE} "
                 "AND updated_at < ? "
                 "UNION SELECT correlation_id, updated_at FROM runs WHERE app=? AND flagged=1 "
                 "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
@@ -181,7 +198,8 @@ class SQLiteTrace(SQLiteCore):
                 "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=? "
                 "AND status='pending' AND updated_at < ? "
                 "ORDER BY 2 LIMIT ?",
-                (app, older_than, app, app, older_than, app, older_than, limit * 4),
+                (app, older_than, app, at, older_than, app, at, older_than, app, app,
+                 older_than, app, older_than, limit * 4),
             ).fetchall()
             seen: dict[str, None] = {}
             for r in rows:
