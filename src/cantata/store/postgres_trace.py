@@ -4,7 +4,6 @@ snapshot) and stale work (see :class:`~cantata.store.roles.TraceStore`)."""
 from __future__ import annotations
 
 import time
-
 from collections.abc import Sequence
 
 from cantata.model.flow import SlotWait
