@@ -39,6 +39,36 @@ _SLOT_WAITS = (
     "AND starts_with(w.holder, r.run_id || ':') WHERE r.app=$1 AND r.run_id=ANY($2::text[])"
 )
 
+_LIVE_OLD = f"status IN {LIVE_SQL} AND updated_at < $2"
+
+# The correlations with live work older than a time (:meth:`stale_correlations`; args:
+# app, older_than, limit, now). The live runs in three parts, each by its index whatever
+# the statistics (the other conditions through ``unindexed``), so that none reads the
+# runs parked until later that wait for no event (docs/performance.md, "A million parked
+# runs"): those not parked (runs_claimable), the parked ones that are due (runs_parked),
+# the parked event waits (runs_waiting).
+STALE_CORRELATIONS = (
+    "SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
+    f"{LIVE_SQL} AND wake_at IS NULL AND updated_at < $2 "
+    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
+    f"AND wake_at <= $4 AND {unindexed(_LIVE_OLD)} "
+    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
+    f"AND waits_for IS NOT NULL AND {unindexed(f'wake_at > $4 AND {_LIVE_OLD}')} "
+    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
+    "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
+    "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
+    "('pending','dead') AND d.updated_at < $2 "
+    "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=$1 "
+    "AND status='pending' AND updated_at < $2 "
+    "ORDER BY 2 LIMIT $3"
+)
+
+# The runs of one correlation id (args: app, correlation_id, limit).
+TRACE_RUNS = (
+    f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
+    'ORDER BY created_at, run_id COLLATE "C" LIMIT $3'
+)
+
 
 class PostgresTrace(PostgresCore):
     """The trace-reading role of :class:`~cantata.store.postgres.PostgresStore`."""
@@ -73,8 +103,7 @@ class PostgresTrace(PostgresCore):
             runs = [
                 run_row(r)
                 for r in await c.fetch(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
-                    'ORDER BY created_at, run_id COLLATE "C" LIMIT $3',
+                    TRACE_RUNS,
                     app,
                     correlation_id,
                     limit,
@@ -168,26 +197,8 @@ class PostgresTrace(PostgresCore):
     ) -> list[str]:
         at = time.time() if now is None else now
         async with self._db.conn() as c:
-            # The live runs in three parts, each by its index whatever the statistics
-            # (the other conditions through ``unindexed``), so that none reads the runs
-            # parked until later that wait for no event (docs/performance.md, "A
-            # million parked runs"): those not parked (runs_claimable), the parked ones
-            # that are due (runs_parked), the parked event waits (runs_waiting).
-            live = f"status IN {LIVE_SQL} AND updated_at < $2"
             rows = await c.fetch(
-                "SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
-                f"{LIVE_SQL} AND wake_at IS NULL AND updated_at < $2 "
-                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
-                f"AND wake_at <= $4 AND {unindexed(live)} "
-                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
-                f"AND waits_for IS NOT NULL AND {unindexed(f'wake_at > $4 AND {live}')} "
-                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
-                "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
-                "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
-                "('pending','dead') AND d.updated_at < $2 "
-                "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=$1 "
-                "AND status='pending' AND updated_at < $2 "
-                "ORDER BY 2 LIMIT $3",
+                STALE_CORRELATIONS,
                 app,
                 older_than,
                 limit * 4,

@@ -40,6 +40,36 @@ _SLOT_WAITS = (
     "WHERE r.app=? AND r.run_id=? AND w.holder>=? AND w.holder<?"
 )
 
+# The correlations with live work older than a time (:meth:`stale_correlations`; args:
+# app, older_than, now, limit). The live runs in three parts, each by its index, so that
+# none reads the runs parked until later that wait for no event (docs/performance.md,
+# "A million parked runs"): those not parked, the parked ones that are due, the parked
+# event waits.
+STALE_CORRELATIONS = (
+    "SELECT correlation_id, updated_at FROM runs INDEXED BY runs_claimable "
+    f"WHERE app=:app AND {LIVE} AND wake_at IS NULL AND updated_at < :older "
+    "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_parked "
+    f"WHERE app=:app AND wake_at IS NOT NULL AND wake_at <= :now AND {LIVE} "
+    "AND updated_at < :older "
+    "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_waiting "
+    f"WHERE app=:app AND waits_for IS NOT NULL AND wake_at > :now AND {LIVE} "
+    "AND updated_at < :older "
+    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=:app AND flagged=1 "
+    "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
+    "ON e.app=d.app AND e.id=d.event_id WHERE d.app=:app AND d.status IN "
+    "('pending','dead') AND d.updated_at < :older "
+    "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=:app "
+    "AND status='pending' AND updated_at < :older "
+    "ORDER BY 2 LIMIT :limit"
+)
+
+# The runs of one correlation id (args: app, correlation_id, limit), by its index (not
+# runs_newest in order, filtering out every other run of the app: a million parked).
+TRACE_RUNS = (
+    f"SELECT {RUN_COLS} FROM runs INDEXED BY runs_correlation "
+    "WHERE app=? AND correlation_id=? ORDER BY created_at, run_id LIMIT ?"
+)
+
 
 class SQLiteTrace(SQLiteCore):
     """The trace-reading role of :class:`~cantata.store.sqlite.SQLiteStore`."""
@@ -86,10 +116,7 @@ class SQLiteTrace(SQLiteCore):
             runs = [
                 run_row(r)
                 for r in c.execute(
-                    # by its index (not runs_newest, in order, filtering out every
-                    # other run of the app: a million parked ones)
-                    f"SELECT {RUN_COLS} FROM runs INDEXED BY runs_correlation "
-                    "WHERE app=? AND correlation_id=? ORDER BY created_at, run_id LIMIT ?",
+                    TRACE_RUNS,
                     (app, correlation_id, limit),
                 )
             ]
@@ -178,28 +205,9 @@ class SQLiteTrace(SQLiteCore):
         at = time.time() if now is None else now
 
         def op(c: sqlite3.Connection) -> list[str]:
-            # The live runs in three parts, each by its index, so that none reads the
-            # runs parked until later that wait for no event (docs/performance.md, "A
-            # million parked runs"): those not parked, the parked ones that are due,
-            # the parked event waits.
             rows = c.execute(
-                "SELECT correlation_id, updated_at FROM runs INDEXED BY runs_claimable "
-                f"WHERE app=? AND {LIVE} AND wake_at IS NULL AND updated_at < ? "
-                "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_parked "
-                f"WHERE app=? AND wake_at IS NOT NULL AND wake_at <= ? AND {LIVE} "
-                "AND updated_at < ? "
-                "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_waiting "
-                f"WHERE app=? AND waits_for IS NOT NULL AND wake_at > ? AND {LIVE} "
-                "AND updated_at < ? "
-                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=? AND flagged=1 "
-                "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
-                "ON e.app=d.app AND e.id=d.event_id WHERE d.app=? AND d.status IN "
-                "('pending','dead') AND d.updated_at < ? "
-                "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=? "
-                "AND status='pending' AND updated_at < ? "
-                "ORDER BY 2 LIMIT ?",
-                (app, older_than, app, at, older_than, app, at, older_than, app, app,
-                 older_than, app, older_than, limit * 4),
+                STALE_CORRELATIONS,
+                {"app": app, "older": older_than, "now": at, "limit": limit * 4},
             ).fetchall()
             seen: dict[str, None] = {}
             for r in rows:
