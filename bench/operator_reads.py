@@ -150,6 +150,12 @@ async def main(args: argparse.Namespace) -> None:
                     await timed("GET /api/groups", lambda: get("/api/groups"), out)
                     await timed("GET /api/trace/{cid}", lambda: get(f"/api/trace/{cid}"), out)
                     await timed("GET /metrics", lambda: get("/metrics"), out)
+
+                    async def counts() -> str:
+                        return f"{sum((await reader.store.count_runs(name)).values())} runs"
+
+                    # (the console keeps the counts for a few seconds: their read alone)
+                    await timed("the counts by status (count_runs)", counts, out)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
