@@ -30,7 +30,10 @@ async def test_stalled_reads_the_live_runs_by_their_indexes(tmp_path: Path) -> N
     assert any(due in s for s in runs), steps
     assert any("runs USING INDEX runs_waiting (app=?" in s for s in runs), steps
     # none reads every live run (runs_live, runs_status_newest: the parked ones too)
-    assert not any("runs_live" in s or "runs_status_newest" in s for s in runs), steps
+    assert not any("runs_live" in s or "runs_status_newest" in s for s in steps), steps
+    # the runs waiting in a queue: from the queue's index, each run by its key
+    assert any("SEARCH r USING INDEX sqlite_autoindex_runs_1 (app=? AND run_id=?)" in s
+               for s in steps), steps
 
 
 async def test_a_trace_reads_its_runs_by_correlation_id(tmp_path: Path) -> None:

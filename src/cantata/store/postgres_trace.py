@@ -46,7 +46,8 @@ _LIVE_OLD = f"status IN {LIVE_SQL} AND updated_at < $2"
 # the statistics (the other conditions through ``unindexed``), so that none reads the
 # runs parked until later that wait for no event (docs/performance.md, "A million parked
 # runs"): those not parked (runs_claimable), the parked ones that are due (runs_parked),
-# the parked event waits (runs_waiting).
+# the parked event waits (runs_waiting); and the runs waiting in a queue (parked until
+# it admits them), by their key.
 STALE_CORRELATIONS = (
     "SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
     f"{LIVE_SQL} AND wake_at IS NULL AND updated_at < $2 "
@@ -54,6 +55,9 @@ STALE_CORRELATIONS = (
     f"AND wake_at <= $4 AND {unindexed(_LIVE_OLD)} "
     "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
     f"AND waits_for IS NOT NULL AND {unindexed(f'wake_at > $4 AND {_LIVE_OLD}')} "
+    "UNION SELECT r.correlation_id, r.updated_at FROM queue_runs q JOIN runs r "
+    "ON r.app=q.app AND r.run_id=q.run_id WHERE q.app=$1 AND q.began_at IS NULL "
+    f"AND {unindexed(f'r.status IN {LIVE_SQL} AND r.updated_at < $2')} "
     "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
     "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
     "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "

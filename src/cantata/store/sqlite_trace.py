@@ -23,6 +23,7 @@ from cantata.store.sqlite_ops import (
     EVENT_COLS,
     HISTORY_COLS,
     LIVE,
+    LIVE_R,
     RUN_COLS,
     TASK_COLS,
     entry_row,
@@ -44,7 +45,7 @@ _SLOT_WAITS = (
 # app, older_than, now, limit). The live runs in three parts, each by its index, so that
 # none reads the runs parked until later that wait for no event (docs/performance.md,
 # "A million parked runs"): those not parked, the parked ones that are due, the parked
-# event waits.
+# event waits; and the runs waiting in a queue (parked until it admits them).
 STALE_CORRELATIONS = (
     "SELECT correlation_id, updated_at FROM runs INDEXED BY runs_claimable "
     f"WHERE app=:app AND {LIVE} AND wake_at IS NULL AND updated_at < :older "
@@ -54,6 +55,10 @@ STALE_CORRELATIONS = (
     "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_waiting "
     f"WHERE app=:app AND waits_for IS NOT NULL AND wake_at > :now AND {LIVE} "
     "AND updated_at < :older "
+    # (CROSS JOIN: the queue's waiting runs first, then each run by its key)
+    "UNION SELECT r.correlation_id, r.updated_at FROM queue_runs q CROSS JOIN runs r "
+    "ON r.app=q.app AND r.run_id=q.run_id WHERE q.app=:app AND q.began_at IS NULL "
+    f"AND {LIVE_R} AND r.updated_at < :older "
     "UNION SELECT correlation_id, updated_at FROM runs WHERE app=:app AND flagged=1 "
     "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
     "ON e.app=d.app AND e.id=d.event_id WHERE d.app=:app AND d.status IN "
