@@ -25,6 +25,7 @@ from cantata.store import postgres_parking, postgres_writes
 from cantata.store.postgres_batch import Batch
 from cantata.store.postgres_operate import foreign_runs
 from cantata.store.postgres_pool import Conn
+from cantata.store.postgres_trace import STALE_CORRELATIONS
 from tests.helpers import eventually, with_schema
 
 pytestmark = pytest.mark.postgres
@@ -132,3 +133,61 @@ async def test_the_per_pass_statements_read_no_parked_run_without_statistics(
     assert version_check[0] <= 2 and "runs_parked" in version_check[2], version_check
     # The next wake-up is the first entry of runs_parked (not every parked run sorted).
     assert next_wake[0] <= 2 and next_wake[2] == {"runs_parked"}, next_wake
+
+
+def read_live(plan: dict[str, Any]) -> tuple[int, set[str]]:
+    """:func:`read`, but of the parts of ``plan`` that read live runs: without the scan
+    for flagged runs (no index serves it, it reads every run of the app once)."""
+    rows = 0
+    indexes: set[str] = set()
+    nodes = [(plan, "")]
+    while nodes:
+        node, parent = nodes.pop()
+        relation = node.get("Relation Name", parent)
+        children = node.get("Plans", [])
+        if relation == "runs" and "flagged" in node.get("Filter", "") + node.get(
+                "Index Cond", ""):
+            continue
+        nodes += [(child, relation) for child in children]
+        if relation != "runs":
+            continue
+        loops = node.get("Actual Loops", 1)
+        rows += (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
+                 + node.get("Rows Removed by Index Recheck", 0)) * loops
+        if "Index Name" in node:
+            indexes.add(node["Index Name"])
+    return rows, indexes
+
+
+async def test_stalled_reads_no_parked_sleeper_without_statistics(
+    postgres_url: str, pooled_schema: str
+) -> None:
+    async with build(with_schema(postgres_url, pooled_schema)) as app:
+        db = app.store._db  # type: ignore[attr-defined]
+        await db.execute("ALTER TABLE runs SET (autovacuum_enabled = false)")
+        for first in range(0, PARKED, 500):
+            await asyncio.gather(*(app.start("long_sleep", i)
+                                   for i in range(first, first + 500)))
+
+        async def all_parked() -> bool:
+            n = await db.fetchrow(
+                "SELECT count(*) FROM runs WHERE app=$1 AND wake_at IS NOT NULL "
+                "AND owner IS NULL", app.name,
+            )
+            return bool(n[0] == PARKED)
+
+        await eventually(all_parked, timeout=30)
+        async with db.conn() as conn:
+            assert not await conn.fetchval(
+                "SELECT last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL "
+                "FROM pg_stat_user_tables WHERE relid = 'runs'::regclass"
+            ), "this test needs a runs table that was never analyzed"
+            c = Explaining(conn)
+            now = time.time() + 600  # the sleepers made no progress for 10 minutes
+            await c.fetch(STALE_CORRELATIONS, app.name, now - 300, 400, now)
+    rows, indexes = read_live(c.plans[0])
+    # The parked sleepers, not due, are not read (the old statement read all 3,000
+    # through runs_live or runs_status_newest): the parked runs by runs_parked (due)
+    # and runs_waiting (event waits).
+    assert rows <= 2, (rows, indexes)
+    assert {"runs_parked", "runs_waiting"} <= indexes, indexes

@@ -230,7 +230,8 @@ async def find_stalls(
     Returns:
         The stalls, oldest first.
     """
-    cids = await store.stale_correlations(app, older_than=now - older_than, limit=limit)
+    cids = await store.stale_correlations(app, older_than=now - older_than, limit=limit,
+                                           now=now)
     declarations = await store.declarations(app)
     found: list[tuple[Stall, str | None]] = []
     # read once for every trace (a saga's hop no live worker's code has) and the hints

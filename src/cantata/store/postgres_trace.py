@@ -3,6 +3,7 @@ snapshot) and stale work (see :class:`~cantata.store.roles.TraceStore`)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from cantata.model.flow import SlotWait
@@ -26,6 +27,7 @@ from cantata.store.postgres_ops import (
     event_row,
     run_row,
     task_row,
+    unindexed,
 )
 
 # The slots a run's execution waits for: the rows of its holders ("run_id:key@fence",
@@ -35,6 +37,40 @@ _SLOT_WAITS = (
     "WHERE a.app=w.app AND a.scope=w.scope AND a.seq<w.seq) "
     "FROM runs r JOIN flow_waiters w ON w.app=r.app AND w.worker_id=r.owner "
     "AND starts_with(w.holder, r.run_id || ':') WHERE r.app=$1 AND r.run_id=ANY($2::text[])"
+)
+
+_LIVE_OLD = f"status IN {LIVE_SQL} AND updated_at < $2"
+
+# The correlations with live work older than a time (:meth:`stale_correlations`; args:
+# app, older_than, limit, now). The live runs in three parts, each by its index whatever
+# the statistics (the other conditions through ``unindexed``), so that none reads the
+# runs parked until later that wait for no event (docs/performance.md, "A million parked
+# runs"): those not parked (runs_claimable), the parked ones that are due (runs_parked),
+# the parked event waits (runs_waiting); and the runs waiting in a queue (parked until
+# it admits them), by their key.
+STALE_CORRELATIONS = (
+    "SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
+    f"{LIVE_SQL} AND wake_at IS NULL AND updated_at < $2 "
+    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
+    f"AND wake_at <= $4 AND {unindexed(_LIVE_OLD)} "
+    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 "
+    f"AND waits_for IS NOT NULL AND {unindexed(f'wake_at > $4 AND {_LIVE_OLD}')} "
+    "UNION SELECT r.correlation_id, r.updated_at FROM queue_runs q JOIN runs r "
+    "ON r.app=q.app AND r.run_id=q.run_id WHERE q.app=$1 AND q.began_at IS NULL "
+    f"AND {unindexed(f'r.status IN {LIVE_SQL} AND r.updated_at < $2')} "
+    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
+    "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
+    "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
+    "('pending','dead') AND d.updated_at < $2 "
+    "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=$1 "
+    "AND status='pending' AND updated_at < $2 "
+    "ORDER BY 2 LIMIT $3"
+)
+
+# The runs of one correlation id (args: app, correlation_id, limit).
+TRACE_RUNS = (
+    f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
+    'ORDER BY created_at, run_id COLLATE "C" LIMIT $3'
 )
 
 
@@ -71,8 +107,7 @@ class PostgresTrace(PostgresCore):
             runs = [
                 run_row(r)
                 for r in await c.fetch(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND correlation_id=$2 "
-                    'ORDER BY created_at, run_id COLLATE "C" LIMIT $3',
+                    TRACE_RUNS,
                     app,
                     correlation_id,
                     limit,
@@ -161,21 +196,17 @@ class PostgresTrace(PostgresCore):
                 runs, entries, attempts, events, deliveries, dead, tasks, replayed
             )
 
-    async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
+    async def stale_correlations(
+        self, app: str, *, older_than: float, limit: int, now: float | None = None
+    ) -> list[str]:
+        at = time.time() if now is None else now
         async with self._db.conn() as c:
             rows = await c.fetch(
-                f"SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
-                f"{LIVE_SQL} AND updated_at < $2 "
-                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND flagged "
-                "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
-                "ON e.app=d.app AND e.id=d.event_id WHERE d.app=$1 AND d.status IN "
-                "('pending','dead') AND d.updated_at < $2 "
-                "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=$1 "
-                "AND status='pending' AND updated_at < $2 "
-                "ORDER BY 2 LIMIT $3",
+                STALE_CORRELATIONS,
                 app,
                 older_than,
                 limit * 4,
+                at,
             )
             seen: dict[str, None] = {}
             for r in rows:

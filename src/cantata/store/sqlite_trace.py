@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 
 from cantata.model import codec
@@ -22,6 +23,7 @@ from cantata.store.sqlite_ops import (
     EVENT_COLS,
     HISTORY_COLS,
     LIVE,
+    LIVE_R,
     RUN_COLS,
     TASK_COLS,
     entry_row,
@@ -37,6 +39,40 @@ _SLOT_WAITS = (
     "WHERE a.app=w.app AND a.scope=w.scope AND a.seq<w.seq) "
     "FROM runs r JOIN flow_waiters w ON w.app=r.app AND w.worker_id=r.owner "
     "WHERE r.app=? AND r.run_id=? AND w.holder>=? AND w.holder<?"
+)
+
+# The correlations with live work older than a time (:meth:`stale_correlations`; args:
+# app, older_than, now, limit). The live runs in three parts, each by its index, so that
+# none reads the runs parked until later that wait for no event (docs/performance.md,
+# "A million parked runs"): those not parked, the parked ones that are due, the parked
+# event waits; and the runs waiting in a queue (parked until it admits them).
+STALE_CORRELATIONS = (
+    "SELECT correlation_id, updated_at FROM runs INDEXED BY runs_claimable "
+    f"WHERE app=:app AND {LIVE} AND wake_at IS NULL AND updated_at < :older "
+    "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_parked "
+    f"WHERE app=:app AND wake_at IS NOT NULL AND wake_at <= :now AND {LIVE} "
+    "AND updated_at < :older "
+    "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_waiting "
+    f"WHERE app=:app AND waits_for IS NOT NULL AND wake_at > :now AND {LIVE} "
+    "AND updated_at < :older "
+    # (CROSS JOIN: the queue's waiting runs first, then each run by its key)
+    "UNION SELECT r.correlation_id, r.updated_at FROM queue_runs q CROSS JOIN runs r "
+    "ON r.app=q.app AND r.run_id=q.run_id WHERE q.app=:app AND q.began_at IS NULL "
+    f"AND {LIVE_R} AND r.updated_at < :older "
+    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=:app AND flagged=1 "
+    "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
+    "ON e.app=d.app AND e.id=d.event_id WHERE d.app=:app AND d.status IN "
+    "('pending','dead') AND d.updated_at < :older "
+    "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=:app "
+    "AND status='pending' AND updated_at < :older "
+    "ORDER BY 2 LIMIT :limit"
+)
+
+# The runs of one correlation id (args: app, correlation_id, limit), by its index (not
+# runs_newest in order, filtering out every other run of the app: a million parked).
+TRACE_RUNS = (
+    f"SELECT {RUN_COLS} FROM runs INDEXED BY runs_correlation "
+    "WHERE app=? AND correlation_id=? ORDER BY created_at, run_id LIMIT ?"
 )
 
 
@@ -85,8 +121,7 @@ class SQLiteTrace(SQLiteCore):
             runs = [
                 run_row(r)
                 for r in c.execute(
-                    f"SELECT {RUN_COLS} FROM runs WHERE app=? AND correlation_id=? "
-                    "ORDER BY created_at, run_id LIMIT ?",
+                    TRACE_RUNS,
                     (app, correlation_id, limit),
                 )
             ]
@@ -169,19 +204,15 @@ class SQLiteTrace(SQLiteCore):
 
         return await self._t.read(op)
 
-    async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
+    async def stale_correlations(
+        self, app: str, *, older_than: float, limit: int, now: float | None = None
+    ) -> list[str]:
+        at = time.time() if now is None else now
+
         def op(c: sqlite3.Connection) -> list[str]:
             rows = c.execute(
-                f"SELECT correlation_id, updated_at FROM runs WHERE app=? AND {LIVE} "
-                "AND updated_at < ? "
-                "UNION SELECT correlation_id, updated_at FROM runs WHERE app=? AND flagged=1 "
-                "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
-                "ON e.app=d.app AND e.id=d.event_id WHERE d.app=? AND d.status IN "
-                "('pending','dead') AND d.updated_at < ? "
-                "UNION SELECT correlation_id, updated_at FROM tasks WHERE app=? "
-                "AND status='pending' AND updated_at < ? "
-                "ORDER BY 2 LIMIT ?",
-                (app, older_than, app, app, older_than, app, older_than, limit * 4),
+                STALE_CORRELATIONS,
+                {"app": app, "older": older_than, "now": at, "limit": limit * 4},
             ).fetchall()
             seen: dict[str, None] = {}
             for r in rows:

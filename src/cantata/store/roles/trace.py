@@ -75,9 +75,15 @@ class TraceStore(Protocol):
         Read from one snapshot where the database offers one (PostgreSQL).
         """
 
-    async def stale_correlations(self, app: str, *, older_than: float, limit: int) -> list[str]:
-        """Correlation ids with live work older than a time.
+    async def stale_correlations(
+        self, app: str, *, older_than: float, limit: int, now: float | None = None
+    ) -> list[str]:
+        """Correlation ids with live work older than a time, oldest first.
 
         Live work: live runs, flagged runs, pending or dead deliveries, pending tasks
-        (a service whose workers are down leaves its tasks pending).
+        (a service whose workers are down leaves its tasks pending). A run parked until
+        a time after ``now`` (default: the system's clock) that waits for no event (a
+        ``ctx.sleep``, a child's end, a retry's backoff) is not live work until then: it
+        waits as it was told to, and a worker may hold a million such runs; it is read
+        once due. A parked run waiting for an event is live work.
         """
