@@ -44,6 +44,7 @@ from cantata.store import postgres_ops as ops
 from cantata.store.base import (
     EVENTS,
     RUNS,
+    SLOTS,
     TASKS,
 )
 from cantata.store.common import check_task_outcome, worker_lease
@@ -128,7 +129,7 @@ class PostgresStore(
                     "AND status='pending'",
                     app, worker_id,
                 )
-            await self._db.notify(c, app, RUNS, EVENTS, TASKS)
+            await self._db.notify(c, app, RUNS, EVENTS, TASKS, SLOTS)
 
     async def workers(self, app: str) -> list[WorkerInfo]:
         rows = await self._db.fetch(

@@ -31,6 +31,7 @@ from cantata.store.base import (
     CLAIMS,
     EVENTS,
     RUNS,
+    SLOTS,
     TASKS,
 )
 from cantata.store.common import worker_lease
@@ -122,7 +123,7 @@ class SQLiteStore(
                     (app, worker_id),
                 )
 
-        await self._t.write(op, RUNS, EVENTS, CLAIMS, TASKS)
+        await self._t.write(op, RUNS, EVENTS, CLAIMS, TASKS, SLOTS)
 
     async def workers(self, app: str) -> list[WorkerInfo]:
         rows = await self._t.read(

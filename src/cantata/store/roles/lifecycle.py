@@ -110,8 +110,9 @@ class StoreLifecycle(Protocol):
         worker, that nobody else can need to hear of (PostgreSQL's
         ``cantata_settle_one``: no delivery pending, no wait declared for its events'
         types); the process that wrote them learns of its events in process.
-        ``slots`` is called when a slot is released and when a waiter for one
-        withdraws (see :data:`SLOTS`); ``schedules`` when a schedule is created,
+        ``slots`` is called when a slot is released, when a waiter for one
+        withdraws, and when a worker is removed (its slots are free; see
+        :data:`SLOTS`); ``schedules`` when a schedule is created,
         replaced, paused, resumed or deleted (see :data:`SCHEDULES`).
         """
 
@@ -165,10 +166,13 @@ class WorkerStore(Protocol):
         """
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
-        """Forget a worker that stopped cleanly and release what it owned.
+        """Forget a worker that stopped cleanly (or whose process its supervisor saw
+        end) and release what it owned.
 
         Its runs, and its pending deliveries and tasks, lose their owner, so other
-        workers can claim them at once instead of waiting for the lease to expire.
+        workers can claim them at once instead of waiting for the lease to expire; the
+        slots it held are free (a holder's worker must be live), and the listeners hear
+        ``slots`` with the others, so that waiters ask again now.
         """
 
     async def workers(self, app: str) -> list[WorkerInfo]:

@@ -358,6 +358,28 @@ class FlowContract(StoreFixtures):
         else:
             await eventually(lambda: SLOTS in elsewhere)
 
+    async def test_a_removed_workers_slots_are_free_and_say_slots(self, store: Store,
+                                                                   peer: Store) -> None:
+        """A worker removed from the store (a clean stop, or its supervisor once its
+        process died) holds no slot any more, and its removal says ``slots``, so that a
+        waiter takes the slot now rather than at its next periodic ask."""
+        now = await self.live(store, "w1", "w2")
+        heard: list[str] = []
+        elsewhere: list[str] = []
+        store.add_listener(heard.append)
+        if peer is not store:
+            peer.add_listener(elsewhere.append)
+        assert (await store.acquire_slot(self.app, "step:s", "h", "w1", concurrency=1,
+                                         rate=None, now=now, stale_before=now)).granted
+        assert not (await peer.acquire_slot(self.app, "step:s", "a", "w2", concurrency=1,
+                                            rate=None, now=now, stale_before=now)).granted
+        await store.remove_worker(self.app, "w1")
+        await eventually(lambda: SLOTS in heard)
+        if peer is not store and peer.hears_others:
+            await eventually(lambda: SLOTS in elsewhere)
+        assert (await peer.acquire_slot(self.app, "step:s", "a", "w2", concurrency=1,
+                                        rate=None, now=now, stale_before=now)).granted
+
     async def test_slot_rate_is_a_sliding_window(self, store: Store) -> None:
         now = await self.live(store, "w")
         rate = Rate(2, per=10.0)
