@@ -627,6 +627,12 @@ async def test_runs_and_traces_are_found_by_any_key_the_library_takes(shop: Shop
     r = await shop.get("/api/trace/" + quote(corr, safe=""))
     assert r.status_code == 200, r.text
     assert r.json()["correlation_id"] == corr
+    # a line break too (the library takes it): its trace, not a route that is not there
+    lines = "Kunde 43\nZeile 2"
+    await shop.app.start("place_order", {"id": "K-2"}, correlation_id=lines)
+    r = await shop.get("/api/trace/" + quote(lines, safe=""))
+    assert r.status_code == 200, r.text
+    assert r.json()["correlation_id"] == lines
     for bad in ("a\x00b", "k" * 2001):
         r = await shop.get("/api/runs", params={"idempotency_key": bad})
         assert r.status_code == 400, r.text[:300]

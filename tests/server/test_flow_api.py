@@ -9,6 +9,7 @@ import uuid
 import zoneinfo
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -166,6 +167,15 @@ async def test_a_name_with_a_slash_or_a_space_is_addressed_encoded(shop: Shop) -
     r = await shop.post(f"/api/schedules/{name.replace('/', '%2F').replace(' ', '%20')}/pause")
     assert r.status_code == 200, r.text
     assert r.json()["name"] == name and r.json()["paused"] is True
+    lines = f"nightly\nsecond line {uuid.uuid4().hex[:4]}"  # (any text the library takes)
+    await shop.app.schedules.create(lines, YEARLY, "yearly_report")
+    for action in ("pause", "resume"):
+        r = await shop.post(f"/api/schedules/{quote(lines, safe='')}/{action}")
+        assert r.status_code == 200, r.text
+        assert r.json()["name"] == lines
+    r = await shop.client.delete(f"/api/schedules/{quote(lines, safe='')}",
+                                 headers=shop.auth("operator"))
+    assert r.status_code == 204, r.text
 
 
 async def test_roles_viewers_read_operators_act(shop: Shop) -> None:

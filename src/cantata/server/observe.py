@@ -39,7 +39,7 @@ AName = Annotated[str, Path(pattern=params.NAME_PATTERN)]
 AKey = Annotated[str, Path(max_length=params.MAX_KEY)]
 
 
-@router.get("/trace/{correlation_id:path}", response_model=TraceOut, tags=["observe"],
+@router.get("/trace/{correlation_id:cantata_text}", response_model=TraceOut, tags=["observe"],
             summary="A business transaction as a tree")
 async def trace(request: Request, correlation_id: AKey, _: Viewer) -> TraceOut:
     """Runs, steps, events, handlers and dead letters of one transaction, and where it

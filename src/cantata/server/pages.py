@@ -147,7 +147,7 @@ async def run(request: Request, run_id: str) -> Response:
     return await _page(request, f"Run {run_id}", "Run", "run", arg=run_id, active="/runs")
 
 
-@router.get("/trace/{correlation_id:path}")
+@router.get("/trace/{correlation_id:cantata_text}")
 async def trace(request: Request, correlation_id: str) -> Response:
     """A business transaction as a timeline."""
     try:

@@ -10,6 +10,7 @@ import math
 import re
 
 import orjson
+from starlette.convertors import Convertor, register_url_convertor
 
 from cantata.errors import CantataError, ConfigurationError, InvalidEvent, UnknownAttribute
 from cantata.model.attributes import index_value, parse_attr
@@ -34,6 +35,24 @@ MAX_KEY = 2000
 MAX_LIMIT = 500
 MAX_ATTRS = 20  # attr= filters of one query (each is one index look-up)
 HALF_MICROSECOND = 5e-7
+
+
+class _Text(Convertor[str]):
+    """A path parameter of any text, '/' and line breaks included (Starlette's ``path``
+    converter stops at a line break: a schedule's name, a group's or a correlation id
+    holding one would find no route, a bare 404). Routes name it ``{x:cantata_text}``;
+    registered when this module is imported, before any route is made."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("cantata_text", _Text())
 
 
 def ident(field: str, value: str | None) -> str | None:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, Path, Request, Response
-from starlette.convertors import Convertor, register_url_convertor
 
 from cantata.errors import (
     CantataError,
@@ -195,7 +194,7 @@ async def _exists(app: App, name: str) -> ApiError:
         f"replaced.{also}"), "name")
 
 
-@router.delete("/schedules/{name:path}", status_code=204, response_class=Response,
+@router.delete("/schedules/{name:cantata_text}", status_code=204, response_class=Response,
                summary="Delete a schedule")
 async def delete(request: Request, name: ScheduleName, who: Operator) -> Response:
     """Removes the schedule, as `cantata schedules delete` (204): it starts no more
@@ -210,7 +209,7 @@ async def delete(request: Request, name: ScheduleName, who: Operator) -> Respons
     return Response(status_code=204)
 
 
-@router.post("/schedules/{name:path}/pause", response_model=ScheduleOut,
+@router.post("/schedules/{name:cantata_text}/pause", response_model=ScheduleOut,
              summary="Pause a schedule")
 async def pause(request: Request, name: ScheduleName, who: Operator) -> ScheduleOut:
     """Starts no run of the schedule until it is resumed, as `cantata schedules pause`;
@@ -219,7 +218,7 @@ async def pause(request: Request, name: ScheduleName, who: Operator) -> Schedule
     return await _set(request, name, who, paused=True)
 
 
-@router.post("/schedules/{name:path}/resume", response_model=ScheduleOut,
+@router.post("/schedules/{name:cantata_text}/resume", response_model=ScheduleOut,
              summary="Resume a schedule")
 async def resume(request: Request, name: ScheduleName, who: Operator) -> ScheduleOut:
     """Starts its runs again from its next tick (the ticks while it was paused are
@@ -237,7 +236,7 @@ async def _set(request: Request, name: str, who: Principal, *, paused: bool) -> 
     return (await _listed(request, name))[0]
 
 
-@router.post("/schedules/{name:path}/trigger", status_code=201, response_model=TriggerOut,
+@router.post("/schedules/{name:cantata_text}/trigger", status_code=201, response_model=TriggerOut,
              summary="Start one run of a schedule now")
 async def trigger(request: Request, name: ScheduleName, who: Operator) -> TriggerOut:
     """Starts one run of the schedule's workflow now (its tick: the current time),
@@ -263,20 +262,6 @@ async def queues(request: Request, _: Viewer) -> list[QueueOut]:
     return await queues_out(await console_of(request).open())
 
 
-class _Text(Convertor[str]):
-    """A path parameter of any text, '/' and line breaks included (Starlette's ``path``
-    converter stops at a line break: such a name would find no route, a bare 404)."""
-
-    regex = r"[\s\S]*"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("cantata_text", _Text())
 
 # A group's name is any text without a NUL (`@app.on(..., group=...)`; a trigger's is
 # `start:WORKFLOW`): sent percent-encoded, '/' and line breaks included.
