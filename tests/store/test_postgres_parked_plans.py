@@ -13,9 +13,10 @@ schema that was never analyzed, and what it read is counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -90,10 +91,11 @@ def build(url: str) -> App:
     return app
 
 
-async def test_the_per_pass_statements_read_no_parked_run_without_statistics(
-    postgres_url: str, pooled_schema: str
-) -> None:
-    async with build(with_schema(postgres_url, pooled_schema)) as app:
+@contextlib.asynccontextmanager
+async def parked_unanalyzed(postgres_url: str, schema: str) -> AsyncIterator[Any]:
+    """A connection to ``schema`` holding PARKED runs parked in ``ctx.sleep`` by
+    ``app.start``, in a ``runs`` table that was never analyzed."""
+    async with build(with_schema(postgres_url, schema)) as app:
         db = app.store._db  # type: ignore[attr-defined]
         # (this test's own table: no autovacuum's ANALYZE comes meanwhile on a server
         # that has it on)
@@ -115,17 +117,24 @@ async def test_the_per_pass_statements_read_no_parked_run_without_statistics(
                 "SELECT last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL "
                 "FROM pg_stat_user_tables WHERE relid = 'runs'::regclass"
             ), "this test needs a runs table that was never analyzed"
-            c = Explaining(conn)
-            now = time.time()
-            workflows = ["long_sleep"]
-            # the claim (no run due), the version check of parked runs that are due,
-            # the next wake-up
-            await postgres_writes.claim_runs(
-                c, Batch(), app.name, "explainer", workflows, now, 10, now=now
-            )
-            await foreign_runs(c, app.name, "explainer", workflows, ["v-other"], now, 10,
-                               now=now)
-            await c.fetchrow(postgres_parking.NEXT_WAKE, app.name, now, workflows)
+            yield app, conn
+
+
+async def test_the_per_pass_statements_read_no_parked_run_without_statistics(
+    postgres_url: str, pooled_schema: str
+) -> None:
+    async with parked_unanalyzed(postgres_url, pooled_schema) as (app, conn):
+        c = Explaining(conn)
+        now = time.time()
+        workflows = ["long_sleep"]
+        # the claim (no run due), the version check of parked runs that are due,
+        # the next wake-up
+        await postgres_writes.claim_runs(
+            c, Batch(), app.name, "explainer", workflows, now, 10, now=now
+        )
+        await foreign_runs(c, app.name, "explainer", workflows, ["v-other"], now, 10,
+                           now=now)
+        await c.fetchrow(postgres_parking.NEXT_WAKE, app.name, now, workflows)
     claim, version_check, next_wake = (read(p) for p in c.plans)
     # Nothing is due: the claim and the version check read no run at all (the old
     # plans filtered out all 3,000), by runs_parked for the due ones.
@@ -162,29 +171,10 @@ def read_live(plan: dict[str, Any]) -> tuple[int, set[str]]:
 async def test_stalled_reads_no_parked_sleeper_without_statistics(
     postgres_url: str, pooled_schema: str
 ) -> None:
-    async with build(with_schema(postgres_url, pooled_schema)) as app:
-        db = app.store._db  # type: ignore[attr-defined]
-        await db.execute("ALTER TABLE runs SET (autovacuum_enabled = false)")
-        for first in range(0, PARKED, 500):
-            await asyncio.gather(*(app.start("long_sleep", i)
-                                   for i in range(first, first + 500)))
-
-        async def all_parked() -> bool:
-            n = await db.fetchrow(
-                "SELECT count(*) FROM runs WHERE app=$1 AND wake_at IS NOT NULL "
-                "AND owner IS NULL", app.name,
-            )
-            return bool(n[0] == PARKED)
-
-        await eventually(all_parked, timeout=30)
-        async with db.conn() as conn:
-            assert not await conn.fetchval(
-                "SELECT last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL "
-                "FROM pg_stat_user_tables WHERE relid = 'runs'::regclass"
-            ), "this test needs a runs table that was never analyzed"
-            c = Explaining(conn)
-            now = time.time() + 600  # the sleepers made no progress for 10 minutes
-            await c.fetch(STALE_CORRELATIONS, app.name, now - 300, 400, now)
+    async with parked_unanalyzed(postgres_url, pooled_schema) as (app, conn):
+        c = Explaining(conn)
+        now = time.time() + 600  # the sleepers made no progress for 10 minutes
+        await c.fetch(STALE_CORRELATIONS, app.name, now - 300, 400, now)
     rows, indexes = read_live(c.plans[0])
     # The parked sleepers, not due, are not read (the old statement read all 3,000
     # through runs_live or runs_status_newest): the parked runs by runs_parked (due)
