@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cantata.cli.main import main
+from tests.cli.project import cli, project_with
 from tests.helpers import with_schema
 
 APP = """
@@ -44,20 +44,7 @@ async def note(event) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("CANTATA_APP", "CANTATA_BROKER", "CANTATA_AUDIT_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CANTATA_STORE", f"sqlite:///{tmp_path}/c.db")
-    (tmp_path / "argsapp.py").write_text(textwrap.dedent(APP))
-    yield tmp_path
-    sys.modules.pop("argsapp", None)
-
-
-async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = await asyncio.get_running_loop().run_in_executor(None, main, list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
+    yield from project_with(tmp_path, monkeypatch, "argsapp", APP)
 
 
 def one_line(err: str) -> bool:

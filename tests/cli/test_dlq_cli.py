@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cantata.cli.main import main
+from tests.cli.project import cli, project_with
 
 APP = """
 import cantata
@@ -34,20 +32,7 @@ async def ship(event) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("CANTATA_APP", "CANTATA_BROKER", "CANTATA_AUDIT_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CANTATA_STORE", f"sqlite:///{tmp_path}/c.db")
-    (tmp_path / "lettersapp.py").write_text(textwrap.dedent(APP))
-    yield tmp_path
-    sys.modules.pop("lettersapp", None)
-
-
-async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = await asyncio.get_running_loop().run_in_executor(None, main, list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
+    yield from project_with(tmp_path, monkeypatch, "lettersapp", APP)
 
 
 async def letters(app: Any, n: int) -> None:

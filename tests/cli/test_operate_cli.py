@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from cantata.cli import common
-from cantata.cli.main import main
 from cantata.errors import WorkflowCancelled, WorkflowFailed
+from tests.cli.project import cli
 
 APP = """
 import os
@@ -60,10 +60,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     sys.modules.pop("shopmod", None)
 
 
-async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = await asyncio.get_running_loop().run_in_executor(None, main, list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def shop() -> Any:

@@ -3,7 +3,6 @@ with the operator (``cli:user@host``), on a keyed chain that still verifies."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cantata.cli import common
-from cantata.cli.main import main
+from tests.cli.project import cli
 
 KEY = "cli-operator-audit-key-0123456789"
 APP = """
@@ -44,10 +43,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     sys.modules.pop("opclimod", None)
 
 
-async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = await asyncio.get_running_loop().run_in_executor(None, main, list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 async def test_start_publish_and_tokens_name_the_operator(
