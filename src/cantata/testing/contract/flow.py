@@ -329,23 +329,30 @@ class FlowContract(StoreFixtures):
         await store.heartbeat(self.app, "w1", now + 20, None, lease=LEASE)
         assert await take("d", "w1", at=now + 20)
 
-    async def test_a_release_and_a_withdrawal_say_slots(self, store: Store,
-                                                        peer: Store) -> None:
-        """The waiters of a slot wake on ``slots``: a release and a withdrawal say it to
-        the store's listeners, and to those of another instance of the store (another
-        process) where the store says it ``hears_others``. A waiter there asks the
-        store only to keep its place meanwhile (docs/flow-control.md)."""
+    async def _slot_held_and_awaited(
+        self, store: Store, peer: Store
+    ) -> tuple[float, list[str], list[str]]:
+        """Worker w1 holds the one slot of step ``s`` (through ``store``), w2 waits for
+        it (through ``peer``); the changes each instance's listeners hear are listed."""
         now = await self.live(store, "w1", "w2")
         heard: list[str] = []
         elsewhere: list[str] = []
         store.add_listener(heard.append)
         if peer is not store:
             peer.add_listener(elsewhere.append)
-        grant = await store.acquire_slot(self.app, "step:s", "h", "w1", concurrency=1,
-                                         rate=None, now=now, stale_before=now)
-        assert grant.granted
+        assert (await store.acquire_slot(self.app, "step:s", "h", "w1", concurrency=1,
+                                         rate=None, now=now, stale_before=now)).granted
         assert not (await peer.acquire_slot(self.app, "step:s", "a", "w2", concurrency=1,
                                             rate=None, now=now, stale_before=now)).granted
+        return now, heard, elsewhere
+
+    async def test_a_release_and_a_withdrawal_say_slots(self, store: Store,
+                                                        peer: Store) -> None:
+        """The waiters of a slot wake on ``slots``: a release and a withdrawal say it to
+        the store's listeners, and to those of another instance of the store (another
+        process) where the store says it ``hears_others``. A waiter there asks the
+        store only to keep its place meanwhile (docs/flow-control.md)."""
+        _, heard, elsewhere = await self._slot_held_and_awaited(store, peer)
         await store.release_slot(self.app, "step:s", "h", "w1")
         await eventually(lambda: SLOTS in heard)
         if peer is not store and peer.hears_others:
@@ -363,16 +370,7 @@ class FlowContract(StoreFixtures):
         """A worker removed from the store (a clean stop, or its supervisor once its
         process died) holds no slot any more, and its removal says ``slots``, so that a
         waiter takes the slot now rather than at its next periodic ask."""
-        now = await self.live(store, "w1", "w2")
-        heard: list[str] = []
-        elsewhere: list[str] = []
-        store.add_listener(heard.append)
-        if peer is not store:
-            peer.add_listener(elsewhere.append)
-        assert (await store.acquire_slot(self.app, "step:s", "h", "w1", concurrency=1,
-                                         rate=None, now=now, stale_before=now)).granted
-        assert not (await peer.acquire_slot(self.app, "step:s", "a", "w2", concurrency=1,
-                                            rate=None, now=now, stale_before=now)).granted
+        now, heard, elsewhere = await self._slot_held_and_awaited(store, peer)
         await store.remove_worker(self.app, "w1")
         await eventually(lambda: SLOTS in heard)
         if peer is not store and peer.hears_others:
