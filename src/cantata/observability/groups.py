@@ -35,10 +35,10 @@ async def groups(store: Store, app: str, *, now: float) -> list[GroupInfo]:
     """Every declared handler group and trigger of ``app`` (and every group no longer
     declared with pending deliveries or dead letters), by name, and who serves it."""
     live = await live_workers(store, app, now)
+    unknown = any(w.groups is None for w in live)
     out = []
     for stats in await store.group_stats(app, now=now):
         by = _serving(stats.group, live)
-        unknown = any(w.groups is None for w in live)
         out.append(GroupInfo(stats, by, True if by else (None if unknown else False)))
     return out
 

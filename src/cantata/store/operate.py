@@ -8,7 +8,7 @@ transaction, so a refusal changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cantata.errors import RunInProgress, RunNotFound, RunNotRetryable, StepNotInHistory
@@ -17,6 +17,7 @@ from cantata.model.records import (
     ENTRY_COMPLETED,
     ENTRY_FAILED,
     FORKABLE_KINDS,
+    Declaration,
     EntryKind,
     GroupStats,
     RunRecord,
@@ -130,6 +131,12 @@ def discard_entry(group: str, event_id: str, dead_letter_id: str, actor: str) ->
     return actor, "dead_letter.discarded", f"{group}:{event_id}", {
         "dead_letter_id": dead_letter_id
     }
+
+
+def removed_declarations(rows: Iterable[Any]) -> tuple[Declaration, ...]:
+    """The declarations a retire removed (rows of kind, name, pattern, service,
+    detail), in a stable order: by kind, then pattern."""
+    return tuple(sorted((Declaration(*r) for r in rows), key=lambda d: (d.kind, d.pattern)))
 
 
 def retire_entry(

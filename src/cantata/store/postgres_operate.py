@@ -19,7 +19,6 @@ from cantata.model.records import (
     ATTRS,
     Attempt,
     DeadLetter,
-    Declaration,
     GroupRetired,
     GroupStats,
     HistoryEntry,
@@ -439,8 +438,7 @@ class PostgresOperate(PostgresCore):
                 "AND kind IN ('handler','trigger') RETURNING kind, name, pattern, service, detail",
                 app, group,
             )
-            removed = tuple(sorted((Declaration(*r) for r in rows),
-                                   key=lambda d: (d.kind, d.pattern)))
+            removed = rules.removed_declarations(rows)
             ended = await c.fetchval(
                 "WITH e AS (UPDATE deliveries d SET status='done', error=$3, owner=NULL, "
                 " updated_at=$4 WHERE (d.app, d.grp, d.event_id) IN ("

@@ -20,7 +20,6 @@ import os
 import sqlite3
 from collections.abc import Sequence
 
-from cantata.model import codec
 from cantata.model.records import (
     AuditRecord,
     Declaration,
@@ -36,13 +35,13 @@ from cantata.store.base import (
 )
 from cantata.store.common import worker_lease
 from cantata.store.sqlite_console import SQLiteConsole
+from cantata.store.sqlite_core import declarations_changed
 from cantata.store.sqlite_events import SQLiteEvents
 from cantata.store.sqlite_flow import SQLiteFlow
 from cantata.store.sqlite_operate import SQLiteOperate
 from cantata.store.sqlite_parking import SQLiteParking
 from cantata.store.sqlite_runs import SQLiteRuns
 from cantata.store.sqlite_tasks import SQLiteTasks
-from cantata.store.sqlite_thread import TxConnection
 from cantata.store.sqlite_trace import SQLiteTrace
 from cantata.store.tx import T, TxBody
 
@@ -80,13 +79,7 @@ class SQLiteStore(
                 "service=excluded.service, detail=excluded.detail",
                 [(app, d.kind, d.name, d.pattern, d.service, d.detail) for d in declarations],
             )
-            c.execute(
-                "INSERT INTO cantata_meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT DO UPDATE SET value=?",
-                (f"decl:{app}", codec.new_id(), codec.new_id()),
-            )
-            if isinstance(c, TxConnection):  # this transaction's appends read it anew
-                c.decl_versions.pop(app, None)
+            declarations_changed(c, app)
 
         await self._t.write(op)
 

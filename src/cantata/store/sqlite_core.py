@@ -38,6 +38,18 @@ from cantata.store.sqlite_thread import ConnectionThread, TxConnection
 _DECL_VERSION = "SELECT value FROM cantata_meta WHERE key=?"
 
 
+def declarations_changed(c: sqlite3.Connection, app: str) -> None:
+    """``app``'s declarations changed in this write: a new version, so that every
+    process's fan-out reads them anew (and this transaction's appends too)."""
+    c.execute(
+        "INSERT INTO cantata_meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT DO UPDATE SET value=excluded.value",
+        (f"decl:{app}", codec.new_id()),
+    )
+    if isinstance(c, TxConnection):
+        c.decl_versions.pop(app, None)
+
+
 class SQLiteCore(StoreBase):
     """The connection thread, the subscriptions cache and the event append."""
 

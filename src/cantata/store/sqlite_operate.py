@@ -10,12 +10,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
-from cantata.model import codec
 from cantata.model.flow import QueueEntry
 from cantata.model.records import (
     Attempt,
     DeadLetter,
-    Declaration,
     GroupRetired,
     GroupStats,
     HistoryEntry,
@@ -26,7 +24,7 @@ from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
-from cantata.store.sqlite_core import SQLiteCore
+from cantata.store.sqlite_core import SQLiteCore, declarations_changed
 from cantata.store.sqlite_flow import enqueue, requeue
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
@@ -40,7 +38,6 @@ from cantata.store.sqlite_ops import (
     run_row,
     run_values,
 )
-from cantata.store.sqlite_thread import TxConnection
 
 
 def foreign_runs(
@@ -344,15 +341,9 @@ class SQLiteOperate(SQLiteCore):
                 "AND kind IN ('handler','trigger') RETURNING kind, name, pattern, service, detail",
                 (app, group),
             ).fetchall()
-            removed = tuple(sorted((Declaration(*r) for r in rows), key=_row_order))
-            if removed:  # every process's fan-out reads the declarations anew
-                c.execute(
-                    "INSERT INTO cantata_meta (key, value) VALUES (?, ?) "
-                    "ON CONFLICT DO UPDATE SET value=excluded.value",
-                    (f"decl:{app}", codec.new_id()),
-                )
-                if isinstance(c, TxConnection):
-                    c.decl_versions.pop(app, None)
+            removed = rules.removed_declarations(rows)
+            if removed:
+                declarations_changed(c, app)
             ended = c.execute(
                 "UPDATE deliveries SET status='done', error=?, owner=NULL, updated_at=? "
                 "WHERE app=? AND grp=? AND status='pending' AND (owner IS NULL OR NOT EXISTS "
@@ -375,7 +366,3 @@ class SQLiteOperate(SQLiteCore):
             return done
 
         return await self._t.write(op)
-
-
-def _row_order(d: Declaration) -> tuple[str, str]:
-    return d.kind, d.pattern
