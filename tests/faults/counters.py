@@ -119,16 +119,22 @@ class Execution:
     lapsed: bool = False  # its worker's hold had lapsed at its first line (fault_app.lapsed)
 
 
+def ledger_records(path: Path) -> list[dict[str, Any]]:
+    """The ledger's complete lines, parsed. A worker appends each line with one
+    ``write``, but a read beside it may see the line half copied: a last line with no
+    newline yet is left for the next read."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
+            if line.strip()]
+
+
 def read_ledger(path: Path) -> list[Execution]:
     """Executions in the order they began (a begin line opens one, end/fail/effect close)."""
     executions: list[Execution] = []
     open_: dict[tuple[str, str, str, int, int], Execution] = {}
-    if not path.exists():
-        return executions
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in ledger_records(path):
         if rec["k"] in ("lapse", "beat"):  # (a worker's notes about its hold: read_lapses)
             continue
         ident = (rec["what"], rec["run"], rec["key"], rec["pid"], rec["attempt"])
@@ -192,13 +198,9 @@ class Counts:
 def read_lapses(path: Path) -> dict[int, list[tuple[float, float]]]:
     """The ``lapse`` lines of the ledger, by pid (see :attr:`FaultLog.lapses`)."""
     lapses: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    if not path.exists():
-        return lapses
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if rec["k"] == "lapse":
-                lapses[rec["pid"]].append((rec["last"], rec["back"]))
+    for rec in ledger_records(path):
+        if rec["k"] == "lapse":
+            lapses[rec["pid"]].append((rec["last"], rec["back"]))
     return lapses
 
 
@@ -206,13 +208,9 @@ def read_beats(path: Path) -> dict[int, float]:
     """When the last heartbeat of each worker got through (its latest ``beat`` line):
     every lapse of its hold before then is in the ledger (fault_app.record_lapses)."""
     beats: dict[int, float] = {}
-    if not path.exists():
-        return beats
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if rec["k"] == "beat":
-                beats[rec["pid"]] = max(beats.get(rec["pid"], 0.0), rec["back"])
+    for rec in ledger_records(path):
+        if rec["k"] == "beat":
+            beats[rec["pid"]] = max(beats.get(rec["pid"], 0.0), rec["back"])
     return beats
 
 

@@ -238,3 +238,20 @@ def test_a_pause_excuses_only_what_its_worker_ran_when_it_came() -> None:
         # (let in by its guard just before the pause, written as it resumed: moved back)
         let_in = [make(2, 6.0, 6.3), make(1, 9.5, 9.51, cut=True, lapsed=True)]
         assert twice_live(begun_before_pauses(let_in, log), log)[0] == 0
+
+
+def test_a_line_half_written_when_the_ledger_is_read_waits_for_the_next_read(
+    tmp_path: Path,
+) -> None:
+    """A worker's line seen half copied (a read beside its ``write``) is not an error."""
+    ledger = tmp_path / "ledger"
+    begin = {"k": "begin", "what": "step", "run": "r1", "key": "charge#1", "pid": 7,
+             "attempt": 1, "t": 1.0}
+    end = json.dumps({**begin, "k": "end", "t": 2.0}) + "\n"
+    ledger.write_text(json.dumps(begin) + "\n" + end[:30])
+    (only,) = read_ledger(ledger)
+    assert only.ended is None
+    assert read_lapses(ledger) == {}
+    ledger.write_text(json.dumps(begin) + "\n" + end)
+    (only,) = read_ledger(ledger)
+    assert only.ended == 2.0
