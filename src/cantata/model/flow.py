@@ -304,6 +304,39 @@ def plan_admissions(
     return admit, retry_at
 
 
+#: Seconds a claim leaves between two reads past the partitions held back in a queue
+#: when the last one found no run of another partition waiting (see ReadsOn).
+READ_ON_EVERY = 1.0
+
+
+class ReadsOn:
+    """When a claim reads on past the partitions whose own limits hold back a full
+    page of waiting runs, so that one key's backlog does not starve another's.
+
+    Such a read walks the held-back runs (no index orders the waiting runs by
+    partition), so a queue whose waiting runs are all held back (an unpartitioned queue
+    at its limit, with a long backlog) would be walked whole at every claim. After a
+    read that found nothing past them, the store's claims in that queue read on again
+    only :data:`READ_ON_EVERY` seconds later: a run of another key queued meanwhile
+    begins within about that, not after the whole backlog.
+    """
+
+    def __init__(self) -> None:
+        self._found_none: dict[tuple[str, str], float] = {}
+
+    def due(self, app: str, queue: str, now: float) -> float | None:
+        """``None`` if a claim at ``now`` reads on, else when one may (a time for the
+        claim's ``retry_at``: the queue loop looks again then)."""
+        at = self._found_none.get((app, queue))
+        return None if at is None or not 0 <= now - at < READ_ON_EVERY else at + READ_ON_EVERY
+
+    def read(self, app: str, queue: str, now: float, found: bool) -> None:
+        if found:
+            self._found_none.pop((app, queue), None)
+        else:
+            self._found_none[(app, queue)] = now
+
+
 class Admissions:
     """A claim's admissions, planned again past the runs planned that could not begin.
 
@@ -337,6 +370,18 @@ class Admissions:
     def waiting(self) -> bool:
         """Whether candidates are left that neither began nor were dropped."""
         return bool(self.pool)
+
+    def held_back(self) -> set[str] | None:
+        """Once planned, the partitions whose candidates are left because a limit of
+        their own holds them back (their ``concurrency`` or ``rate``); ``None`` when
+        candidates are left for want of room in the claim (its ``limit``) or in the
+        worker (``per_worker``): then no run past them could begin either."""
+        if not self.pool:
+            return set()
+        spec = self.spec
+        if self.limit <= 0 or (spec.per_worker is not None and self.mine >= spec.per_worker):
+            return None
+        return {part for _, part in self.pool}
 
     def next(self) -> list[str]:
         """The runs to try to begin now, in order (empty: no more this claim)."""
