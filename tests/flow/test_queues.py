@@ -358,7 +358,8 @@ async def test_one_keys_backlog_past_a_claims_page_does_not_starve_another_key(
         await until(lambda: begun)  # A0 took A's slot (or the window's one begin)
         backlog = [await app.start(job, f"A{i}", partition="A") for i in range(1, 9)]
         other = await app.start(job, "B", partition="B")
-        assert await other.result(timeout=3) == "B"
+        # (within about a second: a claim reads past a held-back key at most that often)
+        assert await other.result(timeout=10) == "B"
         assert [await h.status() for h in backlog] == [RunStatus.PENDING] * 8
         gate.set()
         for h in backlog:

@@ -305,8 +305,10 @@ def plan_admissions(
 
 
 #: Seconds a claim leaves between two reads past the partitions held back in a queue
-#: when the last one found no run of another partition waiting (see ReadsOn).
+#: when the last one found no run of another partition waiting: doubled after each
+#: such read, up to READ_ON_MOST (see ReadsOn).
 READ_ON_EVERY = 1.0
+READ_ON_MOST = 8.0
 
 
 class ReadsOn:
@@ -317,24 +319,31 @@ class ReadsOn:
     partition), so a queue whose waiting runs are all held back (an unpartitioned queue
     at its limit, with a long backlog) would be walked whole at every claim. After a
     read that found nothing past them, the store's claims in that queue read on again
-    only :data:`READ_ON_EVERY` seconds later: a run of another key queued meanwhile
-    begins within about that, not after the whole backlog.
+    only :data:`READ_ON_EVERY` seconds later, then twice as long after each further read
+    that found nothing, at most :data:`READ_ON_MOST`; a read that found runs resets it.
+    A run of another key queued behind such a backlog begins within that time.
     """
 
     def __init__(self) -> None:
-        self._found_none: dict[tuple[str, str], float] = {}
+        self._found_none: dict[tuple[str, str], tuple[float, float]] = {}
 
     def due(self, app: str, queue: str, now: float) -> float | None:
         """``None`` if a claim at ``now`` reads on, else when one may (a time for the
         claim's ``retry_at``: the queue loop looks again then)."""
-        at = self._found_none.get((app, queue))
-        return None if at is None or not 0 <= now - at < READ_ON_EVERY else at + READ_ON_EVERY
+        last = self._found_none.get((app, queue))
+        if last is None:
+            return None
+        at, wait = last
+        return None if not 0 <= now - at < wait else at + wait
 
     def read(self, app: str, queue: str, now: float, found: bool) -> None:
+        """A claim at ``now`` read on past the partitions held back and ``found`` runs."""
         if found:
             self._found_none.pop((app, queue), None)
-        else:
-            self._found_none[(app, queue)] = now
+            return
+        last = self._found_none.get((app, queue))
+        wait = READ_ON_EVERY if last is None else min(last[1] * 2, READ_ON_MOST)
+        self._found_none[(app, queue)] = (now, wait)
 
 
 class Admissions:
