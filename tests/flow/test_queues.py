@@ -236,6 +236,12 @@ def test_a_rate_window_out_of_range_is_refused_naming_it_and_the_range(per: obje
     assert "from 0.001 seconds (1 ms) to 3155760000 seconds (100 years)" in message
 
 
+def test_a_rate_without_a_limit_is_refused_where_it_is_made() -> None:
+    # (it was taken, and every run of a step or queue with it failed with a TypeError)
+    with pytest.raises(ConfigurationError, match=r"Rate limit .*got None"):
+        Rate(None)  # type: ignore[arg-type]
+
+
 def test_a_rate_window_at_either_end_of_the_range_is_taken() -> None:
     assert Rate(5, per=0.001).per == 0.001
     assert Rate(5, per=3_155_760_000).per == 3_155_760_000

@@ -81,6 +81,12 @@ class Rate:
     per: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.limit is None:  # (a limit of none is no limit for check_limit)
+            raise ConfigurationError(
+                "Rate limit must be a whole number > 0 (the begins each window of per "
+                "seconds allows), got None: e.g. Rate(50, per=60) for 50 a minute, or "
+                "pass no rate at all"
+            )
         check_limit("Rate limit", self.limit)
         check_window(self.per)
 
