@@ -236,6 +236,12 @@ def test_a_rate_window_out_of_range_is_refused_naming_it_and_the_range(per: obje
     assert "from 0.001 seconds (1 ms) to 3155760000 seconds (100 years)" in message
 
 
+def test_a_rate_without_a_limit_is_refused_where_it_is_made() -> None:
+    # (it was taken, and every run of a step or queue with it failed with a TypeError)
+    with pytest.raises(ConfigurationError, match=r"Rate limit .*got None"):
+        Rate(None)  # type: ignore[arg-type]
+
+
 def test_a_rate_window_at_either_end_of_the_range_is_taken() -> None:
     assert Rate(5, per=0.001).per == 0.001
     assert Rate(5, per=3_155_760_000).per == 3_155_760_000
@@ -324,3 +330,43 @@ async def test_an_app_without_queues_does_not_ask_the_store_for_them_every_pass(
         store.queues = counted  # type: ignore[method-assign,assignment]
         await asyncio.sleep(1.0)
     assert 1 <= asked <= 6, asked  # (about 4: once every 0.25 s)
+
+
+@pytest.mark.parametrize("limit", ["concurrency", "rate"])
+async def test_one_keys_backlog_past_a_claims_page_does_not_starve_another_key(
+    store_url: str, limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim reads a page of the waiting runs, best first (500 of them); here a page of
+    # 4, so that a backlog longer than a page is a few runs. Customer A's backlog fills
+    # the page and A is at its limit: B, queued behind it, must begin all the same.
+    from cantata.store import postgres_flow, sqlite_flow
+
+    monkeypatch.setattr(sqlite_flow, "CANDIDATES", 4)
+    monkeypatch.setattr(postgres_flow, "CANDIDATES", 4)
+    app = App("flow", store=store_url, poll_interval=0.05)
+    app.queue("q", **({"concurrency": 1} if limit == "concurrency"
+                      else {"rate": Rate(1, per=60)}))  # type: ignore[arg-type]
+    gate, begun = asyncio.Event(), []
+
+    @app.step
+    async def work(key: str) -> str:
+        begun.append(key)
+        if key == "A0" and limit == "concurrency":
+            await gate.wait()  # A's one slot stays taken
+        return key
+
+    @app.workflow(queue="q")
+    async def job(ctx: object, key: str) -> str:
+        return await ctx.run(work, key)  # type: ignore[attr-defined, no-any-return]
+
+    async with app:
+        await app.start(job, "A0", partition="A")
+        await until(lambda: begun)  # A0 took A's slot (or the window's one begin)
+        backlog = [await app.start(job, f"A{i}", partition="A") for i in range(1, 9)]
+        other = await app.start(job, "B", partition="B")
+        # (within about a second: a claim reads past a held-back key at most that often)
+        assert await other.result(timeout=10) == "B"
+        assert [await h.status() for h in backlog] == [RunStatus.PENDING] * 8
+        gate.set()
+        for h in backlog:
+            await h.cancel()

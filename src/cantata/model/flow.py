@@ -81,6 +81,12 @@ class Rate:
     per: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.limit is None:  # (a limit of none is no limit for check_limit)
+            raise ConfigurationError(
+                "Rate limit must be a whole number > 0 (the begins each window of per "
+                "seconds allows), got None: e.g. Rate(50, per=60) for 50 a minute, or "
+                "pass no rate at all"
+            )
         check_limit("Rate limit", self.limit)
         check_window(self.per)
 
@@ -304,6 +310,48 @@ def plan_admissions(
     return admit, retry_at
 
 
+#: Seconds a claim leaves between two reads past the partitions held back in a queue
+#: when the last one found no run of another partition waiting: doubled after each
+#: such read, up to READ_ON_MOST (see ReadsOn).
+READ_ON_EVERY = 1.0
+READ_ON_MOST = 8.0
+
+
+class ReadsOn:
+    """When a claim reads on past the partitions whose own limits hold back a full
+    page of waiting runs, so that one key's backlog does not starve another's.
+
+    Such a read walks the held-back runs (no index orders the waiting runs by
+    partition), so a queue whose waiting runs are all held back (an unpartitioned queue
+    at its limit, with a long backlog) would be walked whole at every claim. After a
+    read that found nothing past them, the store's claims in that queue read on again
+    only :data:`READ_ON_EVERY` seconds later, then twice as long after each further read
+    that found nothing, at most :data:`READ_ON_MOST`; a read that found runs resets it.
+    A run of another key queued behind such a backlog begins within that time.
+    """
+
+    def __init__(self) -> None:
+        self._found_none: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def due(self, app: str, queue: str, now: float) -> float | None:
+        """``None`` if a claim at ``now`` reads on, else when one may (a time for the
+        claim's ``retry_at``: the queue loop looks again then)."""
+        last = self._found_none.get((app, queue))
+        if last is None:
+            return None
+        at, wait = last
+        return None if not 0 <= now - at < wait else at + wait
+
+    def read(self, app: str, queue: str, now: float, found: bool) -> None:
+        """A claim at ``now`` read on past the partitions held back and ``found`` runs."""
+        if found:
+            self._found_none.pop((app, queue), None)
+            return
+        last = self._found_none.get((app, queue))
+        wait = READ_ON_EVERY if last is None else min(last[1] * 2, READ_ON_MOST)
+        self._found_none[(app, queue)] = (now, wait)
+
+
 class Admissions:
     """A claim's admissions, planned again past the runs planned that could not begin.
 
@@ -337,6 +385,18 @@ class Admissions:
     def waiting(self) -> bool:
         """Whether candidates are left that neither began nor were dropped."""
         return bool(self.pool)
+
+    def held_back(self) -> set[str] | None:
+        """Once planned, the partitions whose candidates are left because a limit of
+        their own holds them back (their ``concurrency`` or ``rate``); ``None`` when
+        candidates are left for want of room in the claim (its ``limit``) or in the
+        worker (``per_worker``): then no run past them could begin either."""
+        if not self.pool:
+            return set()
+        spec = self.spec
+        if self.limit <= 0 or (spec.per_worker is not None and self.mine >= spec.per_worker):
+            return None
+        return {part for _, part in self.pool}
 
     def next(self) -> list[str]:
         """The runs to try to begin now, in order (empty: no more this claim)."""

@@ -21,6 +21,7 @@ from cantata.model.flow import (
     QueueSpec,
     QueueStats,
     Rate,
+    ReadsOn,
     ScheduleRow,
     SlotGrant,
     plan_slot,
@@ -248,39 +249,66 @@ class PostgresFlow(PostgresCore):
                     begins.setdefault(r[0], []).append(r[1])
             order = ("q.priority, q.seq, q.run_id COLLATE \"C\"" if spec.priorities
                      else "q.seq, q.run_id COLLATE \"C\"")
-            candidates = await c.fetch(
-                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = ANY($3::text[])"
-                f"{not_theirs} ORDER BY {order} LIMIT {CANDIDATES}",
-                app, queue, workflows, *([skip, only] if not_theirs else []),
-            )
-            plan = Admissions(
-                spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
-            )
             by_id: dict[str, RunRecord] = {}
             order_of: list[str] = []
-            while admit := plan.next():
-                rows = await c.fetch(
-                    f"UPDATE runs r SET owner=$2, fence=r.fence+1, {UNPARK} WHERE r.app=$1 "
-                    f"AND r.run_id = ANY($3::text[]) AND {_PENDING} "
-                    f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
-                    app, worker_id, admit,
+            retry_at: float | None = None
+            waiting = False
+            passed: list[str] = []  # partitions held back by their own limits
+            n = 6 if not_theirs else 4  # the number of the parameter of ``passed``
+            while True:
+                past = f" AND q.partition_key <> ALL(${n}::text[])" if passed else ""
+                candidates = await c.fetch(
+                    f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = "
+                    f"ANY($3::text[]){not_theirs}{past} ORDER BY {order} LIMIT {CANDIDATES}",
+                    app, queue, workflows, *([skip, only] if not_theirs else []),
+                    *([passed] if passed else []),
                 )
-                began = [r[0] for r in rows]
-                # A run cancelled while it waited (ended by claim_runs) never begins:
-                # its row is dropped, and the plan goes on past it (model.flow.Admissions).
-                await c.execute(
-                    # ($2 typed: next to an integer 0, PostgreSQL would make it one)
-                    "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
-                    "THEN $2::double precision ELSE 0.0 END, "
-                    "done = NOT (run_id = ANY($3::text[])) "
-                    "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
+                if passed:  # (a read past the partitions held back)
+                    _reads_on(self).read(app, queue, now, bool(candidates))
+                plan = Admissions(
+                    spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
                 )
-                by_id.update((r[0], run_row(r)) for r in rows)
-                order_of += admit
-                plan.began(admit, began)
+                while admit := plan.next():
+                    rows = await c.fetch(
+                        f"UPDATE runs r SET owner=$2, fence=r.fence+1, {UNPARK} WHERE "
+                        f"r.app=$1 AND r.run_id = ANY($3::text[]) AND {_PENDING} "
+                        f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
+                        app, worker_id, admit,
+                    )
+                    began = [r[0] for r in rows]
+                    # A run cancelled while it waited (ended by claim_runs) never begins:
+                    # its row is dropped, and the plan goes on past it
+                    # (model.flow.Admissions).
+                    await c.execute(
+                        # ($2 typed: next to an integer 0, PostgreSQL would make it one)
+                        "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
+                        "THEN $2::double precision ELSE 0.0 END, "
+                        "done = NOT (run_id = ANY($3::text[])) "
+                        "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
+                    )
+                    by_id.update((r[0], run_row(r)) for r in rows)
+                    order_of += admit
+                    plan.began(admit, began)
+                if plan.retry_at is not None:
+                    retry_at = plan.retry_at if retry_at is None else min(retry_at,
+                                                                          plan.retry_at)
+                # (a full page of candidates, all planned: more may wait past it)
+                full = len(candidates) == CANDIDATES
+                waiting = waiting or plan.waiting or full
+                # A full page whose runs a partition's own limit holds back: the runs of
+                # other partitions past it may begin (one key's backlog must not starve
+                # another's), so read on past the partitions held back.
+                held = plan.held_back()
+                if not full or not held or held <= set(passed):
+                    break
+                later = _reads_on(self).due(app, queue, now)
+                if later is not None:
+                    retry_at = later if retry_at is None else min(retry_at, later)
+                    break
+                passed = sorted(set(passed) | held)
+                running, mine, begins, limit = plan.running, plan.mine, plan.begins, plan.limit
         runs = [by_id[i] for i in order_of if i in by_id]
-        # (a full page of candidates, all planned: more may wait past it)
-        return QueueClaim(runs, plan.retry_at, plan.waiting or len(candidates) == CANDIDATES)
+        return QueueClaim(runs, retry_at, waiting)
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:
         out = []
@@ -516,3 +544,12 @@ class PostgresFlow(PostgresCore):
                                        self._audit_keys.get(app))
                 await self._db.notify(c, app, SCHEDULES)
             return row is not None
+
+
+def _reads_on(store: object) -> ReadsOn:
+    """The store's :class:`ReadsOn` (made on first use)."""
+    reads_on: ReadsOn | None = getattr(store, "_queue_reads_on", None)
+    if reads_on is None:
+        reads_on = ReadsOn()
+        setattr(store, "_queue_reads_on", reads_on)  # noqa: B010 (a mixin's state)
+    return reads_on

@@ -21,6 +21,7 @@ from cantata.model.flow import (
     QueueSpec,
     QueueStats,
     Rate,
+    ReadsOn,
     ScheduleRow,
     SlotGrant,
     plan_slot,
@@ -276,37 +277,63 @@ class SQLiteFlow(SQLiteCore):
             # statistics, SQLite read the primary key, every row the queues ever had).
             order, index = (("q.priority, q.seq, q.run_id", "queue_runs_waiting")
                             if spec.priorities else ("q.seq, q.run_id", "queue_runs_waiting_seq"))
-            candidates = c.execute(
-                f"SELECT q.run_id, q.partition_key FROM queue_runs q INDEXED BY {index} "
-                f"WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND q.workflow IN "
-                f"({marks}){not_theirs} ORDER BY {order} LIMIT {CANDIDATES}",
-                (app, queue, *workflows, *skip),
-            ).fetchall()
-            plan = Admissions(
-                spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
-            )
             runs: list[RunRecord] = []
-            while admit := plan.next():
-                began = []
-                for run_id in admit:
-                    got = c.execute(
-                        f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE app=? AND "
-                        f"run_id=? AND status='pending' AND cancel_requested=0 AND owner IS "
-                        f"NULL RETURNING {RUN_COLS}", (worker_id, app, run_id),
-                    ).fetchone()
-                    # A run cancelled while it waited (ended by claim_runs) never begins:
-                    # its row is dropped, and the plan goes on past it (Admissions).
-                    c.execute(
-                        "UPDATE queue_runs SET began_at=?, done=? WHERE app=? AND run_id=?",
-                        (now, 0, app, run_id) if got else (0.0, 1, app, run_id),
-                    )
-                    if got:
-                        runs.append(run_row(got))
-                        began.append(run_id)
-                plan.began(admit, began)
-            # (a full page of candidates, all planned: more may wait past it)
-            return QueueClaim(runs, plan.retry_at,
-                              waiting=plan.waiting or len(candidates) == CANDIDATES)
+            retry_at: float | None = None
+            waiting = False
+            room = limit
+            passed: list[str] = []  # partitions held back by their own limits
+            while True:
+                past = ("" if not passed else
+                        f" AND q.partition_key NOT IN ({','.join('?' * len(passed))})")
+                candidates = c.execute(
+                    f"SELECT q.run_id, q.partition_key FROM queue_runs q INDEXED BY {index} "
+                    f"WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND q.workflow IN "
+                    f"({marks}){not_theirs}{past} ORDER BY {order} LIMIT {CANDIDATES}",
+                    (app, queue, *workflows, *skip, *passed),
+                ).fetchall()
+                if passed:  # (a read past the partitions held back)
+                    _reads_on(self).read(app, queue, now, bool(candidates))
+                plan = Admissions(
+                    spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, room
+                )
+                while admit := plan.next():
+                    began = []
+                    for run_id in admit:
+                        got = c.execute(
+                            f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE app=? "
+                            f"AND run_id=? AND status='pending' AND cancel_requested=0 AND "
+                            f"owner IS NULL RETURNING {RUN_COLS}", (worker_id, app, run_id),
+                        ).fetchone()
+                        # A run cancelled while it waited (ended by claim_runs) never
+                        # begins: its row is dropped, and the plan goes on past it
+                        # (Admissions).
+                        c.execute(
+                            "UPDATE queue_runs SET began_at=?, done=? WHERE app=? AND run_id=?",
+                            (now, 0, app, run_id) if got else (0.0, 1, app, run_id),
+                        )
+                        if got:
+                            runs.append(run_row(got))
+                            began.append(run_id)
+                    plan.began(admit, began)
+                if plan.retry_at is not None:
+                    retry_at = plan.retry_at if retry_at is None else min(retry_at,
+                                                                          plan.retry_at)
+                # (a full page of candidates, all planned: more may wait past it)
+                full = len(candidates) == CANDIDATES
+                waiting = waiting or plan.waiting or full
+                # A full page whose runs a partition's own limit holds back: the runs of
+                # other partitions past it may begin (one key's backlog must not starve
+                # another's), so read on past the partitions held back.
+                held = plan.held_back()
+                if not full or not held or held <= set(passed):
+                    break
+                later = _reads_on(self).due(app, queue, now)
+                if later is not None:
+                    retry_at = later if retry_at is None else min(retry_at, later)
+                    break
+                passed = sorted(set(passed) | held)
+                running, mine, begins, room = plan.running, plan.mine, plan.begins, plan.limit
+            return QueueClaim(runs, retry_at, waiting=waiting)
 
         return await self._t.write(op)
 
@@ -545,3 +572,12 @@ class SQLiteFlow(SQLiteCore):
             return gone
 
         return await self._t.write(op, SCHEDULES)
+
+
+def _reads_on(store: object) -> ReadsOn:
+    """The store's :class:`ReadsOn` (made on first use)."""
+    reads_on: ReadsOn | None = getattr(store, "_queue_reads_on", None)
+    if reads_on is None:
+        reads_on = ReadsOn()
+        setattr(store, "_queue_reads_on", reads_on)  # noqa: B010 (a mixin's state)
+    return reads_on
