@@ -333,6 +333,15 @@ class ReadsOn:
     def __init__(self) -> None:
         self._found_none: dict[tuple[str, str], tuple[float, float]] = {}
 
+    @staticmethod
+    def of(store: object) -> ReadsOn:
+        """The store's own (made on its first claim that reads on)."""
+        reads_on: ReadsOn | None = getattr(store, "_queue_reads_on", None)
+        if reads_on is None:
+            reads_on = ReadsOn()
+            setattr(store, "_queue_reads_on", reads_on)  # noqa: B010 (a mixin's state)
+        return reads_on
+
     def due(self, app: str, queue: str, now: float) -> float | None:
         """``None`` if a claim at ``now`` reads on, else when one may (a time for the
         claim's ``retry_at``: the queue loop looks again then)."""

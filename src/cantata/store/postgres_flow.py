@@ -264,7 +264,7 @@ class PostgresFlow(PostgresCore):
                     *([passed] if passed else []),
                 )
                 if passed:  # (a read past the partitions held back)
-                    _reads_on(self).read(app, queue, now, bool(candidates))
+                    ReadsOn.of(self).read(app, queue, now, bool(candidates))
                 plan = Admissions(
                     spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
                 )
@@ -301,7 +301,7 @@ class PostgresFlow(PostgresCore):
                 held = plan.held_back()
                 if not full or not held or held <= set(passed):
                     break
-                later = _reads_on(self).due(app, queue, now)
+                later = ReadsOn.of(self).due(app, queue, now)
                 if later is not None:
                     retry_at = later if retry_at is None else min(retry_at, later)
                     break
@@ -545,11 +545,3 @@ class PostgresFlow(PostgresCore):
                 await self._db.notify(c, app, SCHEDULES)
             return row is not None
 
-
-def _reads_on(store: object) -> ReadsOn:
-    """The store's :class:`ReadsOn` (made on first use)."""
-    reads_on: ReadsOn | None = getattr(store, "_queue_reads_on", None)
-    if reads_on is None:
-        reads_on = ReadsOn()
-        setattr(store, "_queue_reads_on", reads_on)  # noqa: B010 (a mixin's state)
-    return reads_on

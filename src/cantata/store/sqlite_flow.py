@@ -292,7 +292,7 @@ class SQLiteFlow(SQLiteCore):
                     (app, queue, *workflows, *skip, *passed),
                 ).fetchall()
                 if passed:  # (a read past the partitions held back)
-                    _reads_on(self).read(app, queue, now, bool(candidates))
+                    ReadsOn.of(self).read(app, queue, now, bool(candidates))
                 plan = Admissions(
                     spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, room
                 )
@@ -327,7 +327,7 @@ class SQLiteFlow(SQLiteCore):
                 held = plan.held_back()
                 if not full or not held or held <= set(passed):
                     break
-                later = _reads_on(self).due(app, queue, now)
+                later = ReadsOn.of(self).due(app, queue, now)
                 if later is not None:
                     retry_at = later if retry_at is None else min(retry_at, later)
                     break
@@ -573,11 +573,3 @@ class SQLiteFlow(SQLiteCore):
 
         return await self._t.write(op, SCHEDULES)
 
-
-def _reads_on(store: object) -> ReadsOn:
-    """The store's :class:`ReadsOn` (made on first use)."""
-    reads_on: ReadsOn | None = getattr(store, "_queue_reads_on", None)
-    if reads_on is None:
-        reads_on = ReadsOn()
-        setattr(store, "_queue_reads_on", reads_on)  # noqa: B010 (a mixin's state)
-    return reads_on
