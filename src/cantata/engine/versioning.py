@@ -9,7 +9,8 @@
   versions that never served, whose recorded history its code replays call for call
   (the check of :mod:`cantata.engine.replaycheck`); with ``any_version``, every run.
   Older code never takes the runs of a newer version that has served, so a run
-  retried for a fix stays with the fix.
+  retried for a fix stays with the fix. A claimed run is pinned to the claiming
+  worker's version: its history holds that code's calls from then on.
 - :func:`args_shape`: the shape of a call's arguments, recorded with each step so a
   replay check notices arguments that changed structure.
 """
@@ -211,12 +212,17 @@ async def claim(
     store, app, me = engine.store, engine.app, engine.worker_id
     stale = stale_before
     now = engine.clock.now()  # parked runs due by now are claimable (engine/parking.py)
+    # Each claimed run is pinned to this worker's version: its code goes on with the run,
+    # so from now on the history holds this code's calls, and a worker of the run's
+    # former version (a rolling deploy: older code still up) may take it back only if
+    # its code replays them, as any other version's run (docs/operating.md, versions).
+    pin = engine.version
     if engine.any_version or engine.version is None:
         return await store.claim_runs(app, me, workflows, stale_before=stale, limit=limit,
-                                      now=now)
+                                      now=now, pin_version=pin)
     claimed = await store.claim_runs(
         app, me, workflows, stale_before=stale, limit=limit, versions=[engine.version],
-        now=now,
+        now=now, pin_version=pin,
     )
     # Runs of older versions are looked for at most once a second or so: they are
     # few (deploys are rare), and the hot claim path stays one statement.
@@ -228,7 +234,8 @@ async def claim(
         ok = await _replayable(engine, workflows, stale, limit - len(claimed))
         if ok:
             claimed += await store.claim_runs(
-                app, me, workflows, stale_before=stale, limit=len(ok), run_ids=ok, now=now
+                app, me, workflows, stale_before=stale, limit=len(ok), run_ids=ok, now=now,
+                pin_version=pin,
             )
     return claimed
 

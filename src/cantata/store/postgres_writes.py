@@ -111,6 +111,7 @@ async def claim_runs(
     c: Conn, b: Batch, app: str, worker_id: str, workflows: Sequence[str],
     stale_before: float, limit: int, versions: Sequence[str] | None = None,
     run_ids: Sequence[str] | None = None, now: float | None = None,
+    pin_version: str | None = None,
 ) -> list[RunRecord]:
     # MATERIALIZED: the pick runs once (a rescanned LIMIT ... SKIP LOCKED subquery
     # yields more rows). The owner's liveness is a correlated subquery, not a join,
@@ -144,12 +145,13 @@ async def claim_runs(
         f" ORDER BY c.wake_at LIMIT greatest($5 - (SELECT count(*) FROM pick), 0)"
         f" FOR UPDATE SKIP LOCKED)"
         f" UPDATE runs r SET owner=$3, fence=r.fence+1, wake_at=NULL, waits_for=NULL,"
-        f" wait_match=NULL FROM (SELECT run_id FROM pick UNION ALL SELECT run_id FROM due) p"
+        f" wait_match=NULL, version=coalesce($9::text, r.version)"
+        f" FROM (SELECT run_id FROM pick UNION ALL SELECT run_id FROM due) p"
         f" WHERE r.app=$1 AND r.run_id=p.run_id"
         f" RETURNING {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))}",
         app, list(workflows), worker_id, stale_before, limit,
         None if versions is None else list(versions), None if run_ids is None else list(run_ids),
-        now,
+        now, pin_version,
     )
     return [run_row(r) for r in rows]
 

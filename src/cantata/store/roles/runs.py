@@ -72,6 +72,7 @@ class RunStore(Protocol):
         versions: Sequence[str] | None = None,
         run_ids: Sequence[str] | None = None,
         now: float | None = None,
+        pin_version: str | None = None,
     ) -> list[RunRecord]:
         """Take ownership of live runs of ``workflows`` that nobody owns.
 
@@ -86,7 +87,9 @@ class RunStore(Protocol):
         ``run_ids`` only those runs (see docs/operating.md, versions). A parked run
         (:mod:`cantata.store.roles.parking`) is claimable only once woken, or, with
         ``now``, once its ``wake_at`` is at or before ``now``; the claim clears its
-        parking.
+        parking. With ``pin_version``, each claimed run is pinned to that version (the
+        claiming worker's code goes on with it: from then on its history holds that
+        code's calls), in the same statement.
         """
 
     async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:

@@ -145,6 +145,22 @@ class OperateContract(StoreFixtures):
             self.app, "w1", ["wf"], versions=["v2"], stale_before=now, limit=10
         ) == []  # now owned by w2, alive
 
+    async def test_a_claim_pins_the_runs_it_takes_to_a_version(self, store: Store) -> None:
+        v1, _ = await store.create_run(new_run(self.app, version="v1"))
+        none, _ = await store.create_run(new_run(self.app))
+        kept, _ = await store.create_run(new_run(self.app, version="v1"))
+        now = await self.live(store, "w2")
+        got = await store.claim_runs(self.app, "w2", ["wf"], stale_before=now, limit=10,
+                                     run_ids=[v1.run_id, none.run_id], pin_version="v2")
+        assert sorted((r.run_id, r.version) for r in got) == sorted(
+            [(v1.run_id, "v2"), (none.run_id, "v2")]
+        )
+        for run_id, version in ((v1.run_id, "v2"), (none.run_id, "v2"), (kept.run_id, "v1")):
+            stored = await store.get_run(self.app, run_id)
+            assert stored is not None and stored.version == version
+        [same] = await store.claim_runs(self.app, "w2", ["wf"], stale_before=now, limit=10)
+        assert (same.run_id, same.version) == (kept.run_id, "v1")  # no pin: kept as it was
+
     # -- retry -------------------------------------------------------------------------
 
     async def test_retry_supersedes_the_failed_step_and_what_followed(
