@@ -237,17 +237,23 @@ class SQLiteRuns(SQLiteCore):
         run_ids: Sequence[str] | None = None,
         now: float | None = None,
         pin_version: str | None = None,
+        unchanged: Sequence[float] | None = None,
     ) -> list[RunRecord]:
         if not workflows or (run_ids is not None and not run_ids):
             return []
         marks = ",".join("?" * len(workflows))
-        extra, more = "", []
+        extra, more = "", list[Any]()
         if versions is not None:
             # (and whatever its version, a run cancelled while it waited in its queue)
             extra += (f" AND (r.version IS NULL OR r.version IN ({','.join('?' * len(versions))})"
                       f" OR {cancelled_in_queue('r')})")
             more += list(versions)
-        if run_ids is not None:
+        if run_ids is not None and unchanged is not None:
+            # (each run as it was when the caller read it)
+            pairs = ",".join(["(?,?)"] * len(run_ids))
+            extra += f" AND (r.run_id, r.updated_at) IN (VALUES {pairs})"
+            more += [v for pair in zip(run_ids, unchanged, strict=True) for v in pair]
+        elif run_ids is not None:
             extra += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"
             more += list(run_ids)
         # Runs that are not parked (runs_claimable), and parked runs that are due

@@ -73,6 +73,7 @@ class RunStore(Protocol):
         run_ids: Sequence[str] | None = None,
         now: float | None = None,
         pin_version: str | None = None,
+        unchanged: Sequence[float] | None = None,
     ) -> list[RunRecord]:
         """Take ownership of live runs of ``workflows`` that nobody owns.
 
@@ -89,7 +90,10 @@ class RunStore(Protocol):
         ``now``, once its ``wake_at`` is at or before ``now``; the claim clears its
         parking. With ``pin_version``, each claimed run is pinned to that version (the
         claiming worker's code goes on with it: from then on its history holds that
-        code's calls), in the same statement.
+        code's calls), in the same statement. With ``unchanged`` (one per ``run_ids``,
+        in their order), a run is claimed only if its ``updated_at`` is still that one:
+        a run another worker moved on since the caller read it (and checked that its
+        code replays it) is left alone.
         """
 
     async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:
