@@ -376,14 +376,14 @@ async def _waits(app: App, run_id: str, n: int) -> bool:
 
 
 async def test_a_run_adopted_by_newer_code_is_not_given_back_to_the_old(
-    shared_url: str,
+    sqlite_url: str,
 ) -> None:
     """A rolling deploy: v2 adopts a v1 run (it replays it) and records its own new call
     in it; a v1 worker still up must not take that run back as its own, unchecked (its
     code cannot replay what v2 recorded: the run would fail NonDeterminismError)."""
     calls: Counter[str] = Counter()
-    old = two_waits(shared_url, "v1", calls, extra=False)
-    new = two_waits(shared_url, "v2", calls, extra=True)
+    old = two_waits(sqlite_url, "v1", calls, extra=False)
+    new = two_waits(sqlite_url, "v2", calls, extra=True)
     async with old:
         h = await old.start("flow")
         await eventually(lambda: _waits(old, h.run_id, 1), timeout=10)
