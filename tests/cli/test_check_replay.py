@@ -51,10 +51,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-async def start_sleeping_run(project: Path) -> str:
+async def start_sleeping_run(project: Path, module: str = "v1") -> str:
     import importlib
 
-    mod = importlib.import_module("v1")
+    mod = importlib.import_module(module)
     app = mod.app
     async with app:
         handle = await app.start("place_order", {"id": 1})
@@ -90,5 +90,33 @@ async def test_unchanged_code_passes_and_changed_code_is_reported(
     assert code == 1
     assert run_id in out.out and "non_determinism" in out.out
     assert "1 run(s) would break" in out.err
+    for name in ("v1", "v2_same", "v2_changed"):
+        sys.modules.pop(name, None)
+
+
+async def test_a_check_cut_short_by_its_limit_does_not_pass(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate checks the newest runs up to --limit: when live runs were left out, it
+    says so and fails, rather than passing on the runs it saw (the oldest runs, left
+    out, are the likeliest to break)."""
+    from cantata.cli import common
+
+    monkeypatch.setattr(common.console, "_width", 200)
+    await start_sleeping_run(project, "v1")  # would break under v2_changed
+    await start_sleeping_run(project, "v2_changed")  # newer; replays
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    code = await loop.run_in_executor(None, main, ["check-replay", "v2_changed:app",
+                                                   "--limit", "1"])
+    out = capsys.readouterr()
+    assert code == 1, out
+    assert "more live runs than --limit 1" in out.err, out
+    assert "ok" not in out.out
+    code = await loop.run_in_executor(None, main, ["check-replay", "v2_changed:app",
+                                                   "--limit", "2"])
+    out = capsys.readouterr()
+    assert code == 1 and "1 run(s) would break" in out.err, out
     for name in ("v1", "v2_same", "v2_changed"):
         sys.modules.pop(name, None)

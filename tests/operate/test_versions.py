@@ -79,7 +79,8 @@ async def test_patched_old_and_new_runs_in_flight_both_finish(shared_url: str) -
         assert calls == Counter({"reserve:1": 1, "ship:1": 1, "reserve:2": 1, "fraud:2": 1,
                                  "ship:2": 1})
         first_run, second_run = await new.get_handle(first.run_id).info(), await second.info()
-        assert (first_run.version, second_run.version) == (old.version, new.version)
+        # the old run, adopted by the new code (it replays), is pinned to it
+        assert (first_run.version, second_run.version) == (new.version, new.version)
         keys = [e.key for e in await new.store.load_history(new.name, second.run_id)]
         assert "patch:fraud-check#1" in keys
         # replayed again (as after a crash), each run keeps its answer
@@ -335,6 +336,116 @@ async def test_runs_of_a_served_newer_version_stay_with_it(sqlite_url: str) -> N
         await asyncio.sleep(0.5)  # v1 looks for runs it may take: not v2's
         run = await old.get_handle(h.run_id).info()
         assert (run.owner, run.version, run.status) == (None, "v2", RunStatus.RUNNING)
+
+
+def two_waits(url: str, version: str, calls: Counter[str], *, extra: bool) -> App:
+    """a, wait go1, b, wait go2; with ``extra``, a step ``x`` before ``b`` (no patch)."""
+    app = make_app(url, version=version)
+
+    @app.step
+    async def a() -> str:
+        calls[f"a@{version}"] += 1
+        return "a"
+
+    @app.step
+    async def x() -> str:
+        calls[f"x@{version}"] += 1
+        return "x"
+
+    @app.step
+    async def b() -> str:
+        calls[f"b@{version}"] += 1
+        return "b"
+
+    @app.workflow
+    async def flow(ctx: WorkflowContext) -> list[str]:
+        out = [await ctx.run(a)]
+        await ctx.wait_for_event("go1")
+        if extra:
+            out.append(await ctx.run(x))
+        out.append(await ctx.run(b))
+        await ctx.wait_for_event("go2")
+        return out
+
+    return app
+
+
+async def _waits(app: App, run_id: str, n: int) -> bool:
+    history = await app.store.load_history(app.name, run_id)
+    return sum(e.kind == "wait" for e in history) >= n
+
+
+async def test_a_run_adopted_by_newer_code_is_not_given_back_to_the_old(
+    sqlite_url: str,
+) -> None:
+    """A rolling deploy: v2 adopts a v1 run (it replays it) and records its own new call
+    in it; a v1 worker still up must not take that run back as its own, unchecked (its
+    code cannot replay what v2 recorded: the run would fail NonDeterminismError)."""
+    calls: Counter[str] = Counter()
+    old = two_waits(sqlite_url, "v1", calls, extra=False)
+    new = two_waits(sqlite_url, "v2", calls, extra=True)
+    async with old:
+        h = await old.start("flow")
+        await eventually(lambda: _waits(old, h.run_id, 1), timeout=10)
+    async with new:  # v2 serves, adopts the run and goes on with its code
+        await new.publish("go1", {})
+        await eventually(lambda: _waits(new, h.run_id, 2), timeout=10)
+        assert (await new.get_handle(h.run_id).info()).version == "v2"
+    async with old:  # the old worker, still up, sees the run due
+        await old.publish("go2", {})
+        await asyncio.sleep(1.0)
+        run = await old.get_handle(h.run_id).info()
+        assert (run.status, run.error) == (RunStatus.RUNNING, None)
+    async with new:
+        assert await new.get_handle(h.run_id).result(timeout=10) == ["a", "x", "b"]
+    assert calls == Counter({"a@v1": 1, "x@v2": 1, "b@v2": 1})
+
+
+def queued(url: str, version: str, calls: Counter[str], *, extra: bool) -> App:
+    """A queued workflow: a, wait go; with ``extra``, a step ``x`` before the wait."""
+    app = make_app(url, version=version)
+    app.queue("q", concurrency=5)
+
+    @app.step
+    async def a() -> str:
+        calls[f"a@{version}"] += 1
+        return "a"
+
+    @app.step
+    async def x() -> str:
+        calls[f"x@{version}"] += 1
+        return "x"
+
+    @app.workflow(queue="q")
+    async def qflow(ctx: WorkflowContext) -> list[str]:
+        out = [await ctx.run(a)]
+        if extra:
+            out.append(await ctx.run(x))
+        await ctx.wait_for_event("go")
+        return out
+
+    return app
+
+
+async def test_a_queued_run_begun_by_other_code_stays_with_that_code(sqlite_url: str) -> None:
+    """A client of new code (v2, no worker of it yet) starts a queued run; the v1 worker
+    begins it. Once v2 serves, the run is not v2's to take unchecked: v1's code recorded
+    its history, which v2 does not replay."""
+    calls: Counter[str] = Counter()
+    old = queued(sqlite_url, "v1", calls, extra=False)
+    new = queued(sqlite_url, "v2", calls, extra=True)
+    async with old:
+        async with new.client():
+            h = await new.start("qflow")
+        await eventually(lambda: _waits(old, h.run_id, 1), timeout=10)
+    async with new:  # v2 serves; the run's event comes
+        await new.publish("go", {})
+        await asyncio.sleep(1.5)  # v2 looks for runs of other versions (once a second)
+        run = await new.get_handle(h.run_id).info()
+        assert (run.status, run.error) == (RunStatus.RUNNING, None)
+    async with old:
+        assert await old.get_handle(h.run_id).result(timeout=10) == ["a"]
+    assert calls == Counter({"a@v1": 1})
 
 
 def stamped(url: str, version: str, *, bug: bool = False, **kw: Any) -> App:

@@ -21,6 +21,12 @@ class ReplayCheckFailed(CantataError):
     code = "replay_check_failed"
 
 
+class ReplayCheckIncomplete(CantataError):
+    """More runs than ``--limit`` were there: the check did not see them all."""
+
+    code = "replay_check_incomplete"
+
+
 def register(cli: typer.Typer) -> None:
     cli.command("check-replay")(check)
 
@@ -53,28 +59,39 @@ def check(
                 "versions": {v: {"checked": n, "broken": report.broken(v)}
                              for v, n in sorted(report.checked.items())},
                 "problems": [dataclasses.asdict(p) for p in report.problems],
+                "incomplete": report.incomplete,
             })
         else:
             for v, n in sorted(report.checked.items()):
                 mark = "this code" if v == version else ("no version" if v == "-" else "")
                 console.print(Text(f"version {v}{f' ({mark})' if mark else ''}: {n} {checked}, "
                                    f"{report.broken(v)} would break"))
-            if not report.problems:
+            if not report.problems and not report.incomplete:
                 console.print(Text.assemble(("ok", "green"), (
                     f": the current code (version {version}) replays every checked run "
                     f"({which} runs of {the_app.name}, {sum(report.checked.values())} checked)"
                 )))
                 return
-            out = table("runs the current code would break", "run id", "workflow", "version",
-                        "status", "problem", "first difference")
-            for p in report.problems:
-                out.add_row(Text(p.run_id), Text(p.workflow), Text(p.version or "-"),
-                            p.status, p.problem, Text(p.detail))
-            show(out)
+            if report.problems:
+                out = table("runs the current code would break", "run id", "workflow",
+                            "version", "status", "problem", "first difference")
+                for p in report.problems:
+                    out.add_row(Text(p.run_id), Text(p.workflow), Text(p.version or "-"),
+                                p.status, p.problem, Text(p.detail))
+                show(out)
+        # A gate that did not see every run does not pass: the runs left out are the
+        # oldest, the likeliest to break.
+        left_out = (
+            f"there are more {which} runs than --limit {limit}: only the newest {limit} were "
+            "checked; raise --limit to check them all"
+        )
         if report.problems:
             raise ReplayCheckFailed(
                 f"{len(report.problems)} run(s) would break: deploy the old code until they "
                 "finish, guard the change with ctx.patched, or cancel them"
+                + (f" (and {left_out})" if report.incomplete else "")
             )
+        if report.incomplete:
+            raise ReplayCheckIncomplete(left_out)
 
     run(go)

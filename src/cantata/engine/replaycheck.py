@@ -104,6 +104,8 @@ class ReplayReport:
 
     checked: dict[str, int] = field(default_factory=dict)  # version ("-": none) -> runs
     problems: list[ReplayProblem] = field(default_factory=list)
+    # More runs than the limit were there: the oldest were not checked (not a pass).
+    incomplete: bool = False
 
     def broken(self, version: str) -> int:
         return sum(1 for p in self.problems if (p.version or "-") == version)
@@ -294,20 +296,25 @@ def _failed_so(run: RunRecord, failure: str) -> bool:
     return recorded == failure or recorded.startswith(f"{failure}; compensation failed")
 
 
-async def _runs_to_check(app: App, all_runs: bool, limit: int) -> list[RunRecord]:
+async def _runs_to_check(app: App, all_runs: bool, limit: int) -> tuple[list[RunRecord], bool]:
+    """The newest ``limit`` runs to check, and whether more were there."""
     store, name = app.engine.store, app.engine.app
     if all_runs:
-        return await store.list_runs(name, limit=limit)
-    runs: list[RunRecord] = []
-    for status in LIVE_STATUSES:
-        runs += await store.find_runs(name, status=status, limit=limit)
-    return sorted(runs, key=lambda r: r.created_at, reverse=True)[:limit]
+        runs = await store.list_runs(name, limit=limit + 1)
+    else:
+        runs = []
+        for status in LIVE_STATUSES:
+            runs += await store.find_runs(name, status=status, limit=limit + 1)
+        runs.sort(key=lambda r: r.created_at, reverse=True)
+    return runs[:limit], len(runs) > limit
 
 
 async def replay_report(app: App, *, all_runs: bool = False, limit: int = 1000) -> ReplayReport:
-    """Dry-replay stored runs of ``app`` (live ones unless ``all_runs``) with its code."""
+    """Dry-replay stored runs of ``app`` (live ones unless ``all_runs``) with its code:
+    the newest ``limit`` of them (``incomplete`` says when more were there)."""
     report = ReplayReport()
-    for run in await _runs_to_check(app, all_runs, limit):
+    runs, report.incomplete = await _runs_to_check(app, all_runs, limit)
+    for run in runs:
         version = run.version or "-"
         report.checked[version] = report.checked.get(version, 0) + 1
         wdef = app.engine.router.workflows.get(run.workflow)

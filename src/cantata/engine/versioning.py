@@ -9,7 +9,8 @@
   versions that never served, whose recorded history its code replays call for call
   (the check of :mod:`cantata.engine.replaycheck`); with ``any_version``, every run.
   Older code never takes the runs of a newer version that has served, so a run
-  retried for a fix stays with the fix.
+  retried for a fix stays with the fix. A claimed run is pinned to the claiming
+  worker's version: its history holds that code's calls from then on.
 - :func:`args_shape`: the shape of a call's arguments, recorded with each step so a
   replay check notices arguments that changed structure.
 """
@@ -211,12 +212,17 @@ async def claim(
     store, app, me = engine.store, engine.app, engine.worker_id
     stale = stale_before
     now = engine.clock.now()  # parked runs due by now are claimable (engine/parking.py)
+    # Each claimed run is pinned to this worker's version: its code goes on with the run,
+    # so from now on the history holds this code's calls, and a worker of the run's
+    # former version (a rolling deploy: older code still up) may take it back only if
+    # its code replays them, as any other version's run (docs/operating.md, versions).
+    pin = engine.version
     if engine.any_version or engine.version is None:
         return await store.claim_runs(app, me, workflows, stale_before=stale, limit=limit,
-                                      now=now)
+                                      now=now, pin_version=pin)
     claimed = await store.claim_runs(
         app, me, workflows, stale_before=stale, limit=limit, versions=[engine.version],
-        now=now,
+        now=now, pin_version=pin,
     )
     # Runs of older versions are looked for at most once a second or so: they are
     # few (deploys are rare), and the hot claim path stays one statement.
@@ -227,8 +233,10 @@ async def claim(
         engine.foreign_checked_at = tick
         ok = await _replayable(engine, workflows, stale, limit - len(claimed))
         if ok:
+            # each as checked: one another worker moved on since is checked again later
             claimed += await store.claim_runs(
-                app, me, workflows, stale_before=stale, limit=len(ok), run_ids=ok, now=now
+                app, me, workflows, stale_before=stale, limit=len(ok), run_ids=list(ok),
+                now=now, pin_version=pin, unchanged=list(ok.values()),
             )
     return claimed
 
@@ -271,8 +279,9 @@ async def _order(engine: Engine, *, fresh: bool = False) -> dict[str, float]:
 
 async def _replayable(
     engine: Engine, workflows: Sequence[str], stale: float, limit: int
-) -> list[str]:
-    """Ids of claimable runs of other versions whose history this code replays."""
+) -> dict[str, float]:
+    """Claimable runs of other versions whose history this code replays: run id ->
+    the ``updated_at`` of the run as checked."""
     from .replaycheck import check_run
 
     version = engine.version
@@ -280,7 +289,7 @@ async def _replayable(
     order = await _order(engine)
     mine = order.get(version)
     if mine is None:
-        return []
+        return {}
     # Newer versions that have served keep their runs; a version that never served
     # (a client's, whose workers are not deployed) has nobody else to take them.
     newer = {v for v, t in order.items() if t >= mine}
@@ -298,19 +307,19 @@ async def _replayable(
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:
         verdicts.clear()
-    ok: list[str] = []
+    ok: dict[str, float] = {}
     for run in found:
         seen = verdicts.get(run.run_id)
         if seen is not None and seen[0] == run.updated_at:
             if seen[1]:
-                ok.append(run.run_id)
+                ok[run.run_id] = run.updated_at
             continue
         wdef = engine.router.workflows.get(run.workflow)
         problem = None if wdef is None else await check_run(engine, run, wdef)
         good = wdef is not None and problem is None
         verdicts[run.run_id] = (run.updated_at, good)
         if good:
-            ok.append(run.run_id)
+            ok[run.run_id] = run.updated_at
         elif problem is not None:
             log.warning(
                 "run %s of %s (version %s) is left for a worker of its version: this worker "

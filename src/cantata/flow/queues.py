@@ -293,6 +293,7 @@ class QueueLoop:
                 claim = await engine.store.claim_queued_runs(
                     engine.app, engine.worker_id, name, workflows, now=engine.clock.now(),
                     limit=CLAIM_LIMIT, exclude_versions=newer, only_versions=known,
+                    pin_version=engine.version,  # the code that begins it (versioning.claim)
                 )
                 for run in claim.runs:
                     # A run started here never began: no history to load. A retried run

@@ -206,6 +206,7 @@ class PostgresFlow(PostgresCore):
         limit: int,
         exclude_versions: Sequence[str] = (),
         only_versions: Sequence[str] | None = None,
+        pin_version: str | None = None,
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
@@ -270,10 +271,11 @@ class PostgresFlow(PostgresCore):
                 )
                 while admit := plan.next():
                     rows = await c.fetch(
-                        f"UPDATE runs r SET owner=$2, fence=r.fence+1, {UNPARK} WHERE "
+                        f"UPDATE runs r SET owner=$2, fence=r.fence+1, "
+                        f"version=coalesce($4::text, r.version), {UNPARK} WHERE "
                         f"r.app=$1 AND r.run_id = ANY($3::text[]) AND {_PENDING} "
                         f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
-                        app, worker_id, admit,
+                        app, worker_id, admit, pin_version,
                     )
                     began = [r[0] for r in rows]
                     # A run cancelled while it waited (ended by claim_runs) never begins:

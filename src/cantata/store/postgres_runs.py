@@ -91,12 +91,14 @@ class PostgresRuns(PostgresCore):
         versions: Sequence[str] | None = None,
         run_ids: Sequence[str] | None = None,
         now: float | None = None,
+        pin_version: str | None = None,
+        unchanged: Sequence[float] | None = None,
     ) -> list[RunRecord]:
         if not workflows or (run_ids is not None and not run_ids):
             return []
         return await self._w.run(
             lambda c, b: writes.claim_runs(c, b, app, worker_id, workflows, stale_before, limit,
-                                           versions, run_ids, now)
+                                           versions, run_ids, now, pin_version, unchanged)
         )
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:

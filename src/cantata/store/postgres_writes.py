@@ -111,6 +111,7 @@ async def claim_runs(
     c: Conn, b: Batch, app: str, worker_id: str, workflows: Sequence[str],
     stale_before: float, limit: int, versions: Sequence[str] | None = None,
     run_ids: Sequence[str] | None = None, now: float | None = None,
+    pin_version: str | None = None, unchanged: Sequence[float] | None = None,
 ) -> list[RunRecord]:
     # MATERIALIZED: the pick runs once (a rescanned LIMIT ... SKIP LOCKED subquery
     # yields more rows). The owner's liveness is a correlated subquery, not a join,
@@ -130,6 +131,8 @@ async def claim_runs(
         f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[])"
         f"   OR {cancelled_in_queue('c')})"
         f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
+        f"  AND ($10::float8[] IS NULL OR (c.run_id, c.updated_at) IN"
+        f"   (SELECT * FROM unnest($7::text[], $10::float8[])))"
         # a run waiting in a queue begins through claim_queued_runs (or is cancelled)
         f"  AND (c.cancel_requested OR NOT EXISTS (SELECT 1 FROM queue_runs q"
         f"   WHERE q.app=c.app AND q.run_id=c.run_id AND q.began_at IS NULL))"
@@ -141,15 +144,18 @@ async def claim_runs(
         f"  AND {unindexed('c.workflow = ANY($2::text[])')}"
         f"  AND ($6::text[] IS NULL OR c.version IS NULL OR c.version = ANY($6::text[]))"
         f"  AND ($7::text[] IS NULL OR c.run_id = ANY($7::text[]))"
+        f"  AND ($10::float8[] IS NULL OR (c.run_id, c.updated_at) IN"
+        f"   (SELECT * FROM unnest($7::text[], $10::float8[])))"
         f" ORDER BY c.wake_at LIMIT greatest($5 - (SELECT count(*) FROM pick), 0)"
         f" FOR UPDATE SKIP LOCKED)"
         f" UPDATE runs r SET owner=$3, fence=r.fence+1, wake_at=NULL, waits_for=NULL,"
-        f" wait_match=NULL FROM (SELECT run_id FROM pick UNION ALL SELECT run_id FROM due) p"
+        f" wait_match=NULL, version=coalesce($9::text, r.version)"
+        f" FROM (SELECT run_id FROM pick UNION ALL SELECT run_id FROM due) p"
         f" WHERE r.app=$1 AND r.run_id=p.run_id"
         f" RETURNING {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))}",
         app, list(workflows), worker_id, stale_before, limit,
         None if versions is None else list(versions), None if run_ids is None else list(run_ids),
-        now,
+        now, pin_version, None if unchanged is None else list(unchanged),
     )
     return [run_row(r) for r in rows]
 

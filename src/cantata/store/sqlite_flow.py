@@ -235,6 +235,7 @@ class SQLiteFlow(SQLiteCore):
         limit: int,
         exclude_versions: Sequence[str] = (),
         only_versions: Sequence[str] | None = None,
+        pin_version: str | None = None,
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
@@ -300,9 +301,10 @@ class SQLiteFlow(SQLiteCore):
                     began = []
                     for run_id in admit:
                         got = c.execute(
-                            f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE app=? "
-                            f"AND run_id=? AND status='pending' AND cancel_requested=0 AND "
-                            f"owner IS NULL RETURNING {RUN_COLS}", (worker_id, app, run_id),
+                            f"UPDATE runs SET owner=?, fence=fence+1, version=coalesce(?, "
+                            f"version), {UNPARK} WHERE app=? AND run_id=? AND status='pending' "
+                            f"AND cancel_requested=0 AND owner IS NULL RETURNING {RUN_COLS}",
+                            (worker_id, pin_version, app, run_id),
                         ).fetchone()
                         # A run cancelled while it waited (ended by claim_runs) never
                         # begins: its row is dropped, and the plan goes on past it

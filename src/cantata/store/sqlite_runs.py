@@ -236,17 +236,24 @@ class SQLiteRuns(SQLiteCore):
         versions: Sequence[str] | None = None,
         run_ids: Sequence[str] | None = None,
         now: float | None = None,
+        pin_version: str | None = None,
+        unchanged: Sequence[float] | None = None,
     ) -> list[RunRecord]:
         if not workflows or (run_ids is not None and not run_ids):
             return []
         marks = ",".join("?" * len(workflows))
-        extra, more = "", []
+        extra, more = "", list[Any]()
         if versions is not None:
             # (and whatever its version, a run cancelled while it waited in its queue)
             extra += (f" AND (r.version IS NULL OR r.version IN ({','.join('?' * len(versions))})"
                       f" OR {cancelled_in_queue('r')})")
             more += list(versions)
-        if run_ids is not None:
+        if run_ids is not None and unchanged is not None:
+            # (each run as it was when the caller read it)
+            pairs = ",".join(["(?,?)"] * len(run_ids))
+            extra += f" AND (r.run_id, r.updated_at) IN (VALUES {pairs})"
+            more += [v for pair in zip(run_ids, unchanged, strict=True) for v in pair]
+        elif run_ids is not None:
             extra += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"
             more += list(run_ids)
         # Runs that are not parked (runs_claimable), and parked runs that are due
@@ -266,7 +273,8 @@ class SQLiteRuns(SQLiteCore):
         def op(c: sqlite3.Connection) -> list[RunRecord]:
             rows = c.execute(
                 # By rowid alone: with ``app=?`` here the planner scanned the app's runs.
-                f"UPDATE runs SET owner=?, fence=fence+1, {UNPARK} WHERE rowid IN ("
+                f"UPDATE runs SET owner=?, fence=fence+1, version=coalesce(?, version), "
+                f"{UNPARK} WHERE rowid IN ("
                 f" SELECT rid FROM (SELECT r.rowid AS rid FROM runs r INDEXED BY runs_claimable"
                 f"  LEFT JOIN workers w ON w.app=r.app AND w.worker_id=r.owner"
                 f"  WHERE r.app=? AND {LIVE_R} AND r.wake_at IS NULL"
@@ -274,7 +282,7 @@ class SQLiteRuns(SQLiteCore):
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.expires_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
                 f"  ORDER BY r.created_at LIMIT ?){due} LIMIT ?) RETURNING {RUN_COLS}",
-                (worker_id, app, *workflows, worker_id, stale_before, *more, limit,
+                (worker_id, pin_version, app, *workflows, worker_id, stale_before, *more, limit,
                  *due_params, limit),
             ).fetchall()
             return [run_row(r) for r in rows]

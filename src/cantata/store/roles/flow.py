@@ -67,6 +67,7 @@ class FlowStore(Protocol):
         limit: int,
         exclude_versions: Sequence[str] = (),
         only_versions: Sequence[str] | None = None,
+        pin_version: str | None = None,
     ) -> QueueClaim:
         """Let waiting runs of ``workflows`` in ``queue`` begin on ``worker_id``.
 
@@ -83,7 +84,9 @@ class FlowStore(Protocol):
         with ``only_versions``, to a version not in it, are not candidates: they keep
         waiting, in their place, for a worker that takes them (while they can still
         begin: the row of one cancelled or ended meanwhile is met, and dropped, as
-        above). Runs pinned to no version are candidates whatever these say.
+        above). Runs pinned to no version are candidates whatever these say. With
+        ``pin_version``, each admitted run is pinned to that version (the code that begins
+        it), as :meth:`Store.claim_runs` does.
         """
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:

@@ -72,6 +72,8 @@ class RunStore(Protocol):
         versions: Sequence[str] | None = None,
         run_ids: Sequence[str] | None = None,
         now: float | None = None,
+        pin_version: str | None = None,
+        unchanged: Sequence[float] | None = None,
     ) -> list[RunRecord]:
         """Take ownership of live runs of ``workflows`` that nobody owns.
 
@@ -86,7 +88,12 @@ class RunStore(Protocol):
         ``run_ids`` only those runs (see docs/operating.md, versions). A parked run
         (:mod:`cantata.store.roles.parking`) is claimable only once woken, or, with
         ``now``, once its ``wake_at`` is at or before ``now``; the claim clears its
-        parking.
+        parking. With ``pin_version``, each claimed run is pinned to that version (the
+        claiming worker's code goes on with it: from then on its history holds that
+        code's calls), in the same statement. With ``unchanged`` (one per ``run_ids``,
+        in their order), a run is claimed only if its ``updated_at`` is still that one:
+        a run another worker moved on since the caller read it (and checked that its
+        code replays it) is left alone.
         """
 
     async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:

@@ -174,6 +174,24 @@ class FlowContract(StoreFixtures):
         assert await claim(exclude_versions=["v2"]) == [ids["v3"]]
         assert await claim() == [ids["v2"]]  # it kept its place, and begins for its own
 
+    async def test_a_queue_claim_pins_the_runs_it_begins(self, store: Store) -> None:
+        """``pin_version``: each run begun is pinned to the version of the code that
+        begins it (docs/operating.md, versions); the runs left waiting are not."""
+        await store.declare_queue(self.app, QueueSpec("q", concurrency=2), worker_id="w",
+                                  stale_before=0)
+        ids = []
+        for v in ("v9", None, "v0"):
+            run, _ = await store.create_queued_run(new_run(self.app, version=v), QueueEntry("q"))
+            ids.append(run.run_id)
+        claim = await store.claim_queued_runs(self.app, "w", "q", ["wf"], now=time.time(),
+                                              limit=50, pin_version="v1")
+        assert [(r.run_id, r.version) for r in claim.runs] == [(ids[0], "v1"), (ids[1], "v1")]
+        for run_id, version in zip(ids, ("v1", "v1", "v0"), strict=True):
+            stored = await store.get_run(self.app, run_id)
+            assert stored is not None and stored.version == version
+        waiting = await store.get_run(self.app, ids[2])
+        assert waiting is not None and waiting.owner is None  # not begun: over the limit
+
     async def test_sliding_window_rate(self, store: Store) -> None:
         rate = Rate(2, per=10.0)
         await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",

@@ -4,6 +4,7 @@ letters (docs/operating.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -144,6 +145,48 @@ class OperateContract(StoreFixtures):
         assert await store.foreign_runs(
             self.app, "w1", ["wf"], versions=["v2"], stale_before=now, limit=10
         ) == []  # now owned by w2, alive
+
+    async def test_a_claim_pins_the_runs_it_takes_to_a_version(self, store: Store) -> None:
+        v1, _ = await store.create_run(new_run(self.app, version="v1"))
+        none, _ = await store.create_run(new_run(self.app))
+        kept, _ = await store.create_run(new_run(self.app, version="v1"))
+        now = await self.live(store, "w2")
+        got = await store.claim_runs(self.app, "w2", ["wf"], stale_before=now, limit=10,
+                                     run_ids=[v1.run_id, none.run_id], pin_version="v2")
+        assert sorted((r.run_id, r.version) for r in got) == sorted(
+            [(v1.run_id, "v2"), (none.run_id, "v2")]
+        )
+        for run_id, version in ((v1.run_id, "v2"), (none.run_id, "v2"), (kept.run_id, "v1")):
+            stored = await store.get_run(self.app, run_id)
+            assert stored is not None and stored.version == version
+        [same] = await store.claim_runs(self.app, "w2", ["wf"], stale_before=now, limit=10)
+        assert (same.run_id, same.version) == (kept.run_id, "v1")  # no pin: kept as it was
+
+    async def test_a_claim_of_runs_as_read_leaves_a_run_moved_on_since(
+        self, store: Store
+    ) -> None:
+        """``unchanged``: a worker that checked a run as it read it does not claim it once
+        another worker has moved it on (its check no longer holds)."""
+        run, _ = await store.create_run(new_run(self.app, version="v1"))
+        now = await self.live(store, "w1", "w2")
+        [read] = await store.foreign_runs(self.app, "w2", ["wf"], versions=["v2"],
+                                          stale_before=now, limit=10)
+        [mine] = await store.claim_runs(self.app, "w1", ["wf"], stale_before=now, limit=10,
+                                        versions=["v1"])  # the run's own worker, meanwhile
+        await asyncio.sleep(0.01)  # (a later time than the read)
+        await store.commit_run(self.app, run.run_id, mine.fence, RunWrite(
+            entries=[entry("a#1", 1)], release=True))
+        assert await store.claim_runs(
+            self.app, "w2", ["wf"], stale_before=now, limit=10, run_ids=[run.run_id],
+            unchanged=[read.updated_at], pin_version="v2",
+        ) == []
+        moved = await store.get_run(self.app, run.run_id)
+        assert moved is not None and (moved.owner, moved.version) == (None, "v1")
+        [got] = await store.claim_runs(
+            self.app, "w2", ["wf"], stale_before=now, limit=10, run_ids=[run.run_id],
+            unchanged=[moved.updated_at], pin_version="v2",
+        )
+        assert (got.run_id, got.owner, got.version) == (run.run_id, "w2", "v2")
 
     # -- retry -------------------------------------------------------------------------
 
