@@ -28,7 +28,7 @@ import time
 import uuid
 from typing import Any
 
-from bench.common import PG_URL
+from bench.common import PG_URL, drop_schema
 
 AHEAD = 3600.0
 
@@ -78,12 +78,13 @@ async def main(args: argparse.Namespace) -> None:
     from cantata.server.auth import create_token
 
     name = f"ops-{uuid.uuid4().hex[:6]}"
-    tmp = None
+    tmp = schema = None
     if args.store == "sqlite":
         tmp = tempfile.mkdtemp()
         url = f"sqlite:///{tmp}/ops.db"
     else:
-        url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema=ops_{uuid.uuid4().hex[:8]}"
+        schema = f"ops_{uuid.uuid4().hex[:8]}"
+        url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}"
     worker = build(name, url, park_after=0.0)
     try:
         async with worker:
@@ -159,6 +160,8 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+        if schema:  # (its 200,000 runs are not left on the server)
+            await drop_schema(schema)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,15 @@ async def test_stalled_reads_the_live_runs_by_their_indexes(tmp_path: Path) -> N
     steps = await plan(tmp_path / "p.db", STALE_CORRELATIONS,
                        {"app": "a", "older": 1.0, "now": 2.0, "limit": 10})
     runs = [s for s in steps if " runs " in f"{s} "]
-    # not parked, parked and due, parked in an event wait; the flagged runs
+    # not parked, parked and due, parked in an event wait
     assert any("runs USING INDEX runs_claimable" in s for s in runs), steps
     due = "runs USING INDEX runs_parked (app=? AND wake_at>? AND wake_at<?)"
     assert any(due in s for s in runs), steps
     assert any("runs USING INDEX runs_waiting (app=?" in s for s in runs), steps
     # none reads every live run (runs_live, runs_status_newest: the parked ones too)
     assert not any("runs_live" in s or "runs_status_newest" in s for s in steps), steps
+    # nor every run of the app for the few flagged ones (schema 26's partial index)
+    assert any("runs USING INDEX runs_flagged (app=?)" in s for s in runs), steps
     # the runs waiting in a queue: from the queue's index, each run by its key
     assert any("SEARCH r USING INDEX sqlite_autoindex_runs_1 (app=? AND run_id=?)" in s
                for s in steps), steps

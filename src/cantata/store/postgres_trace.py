@@ -47,7 +47,8 @@ _LIVE_OLD = f"status IN {LIVE_SQL} AND updated_at < $2"
 # runs parked until later that wait for no event (docs/performance.md, "A million parked
 # runs"): those not parked (runs_claimable), the parked ones that are due (runs_parked),
 # the parked event waits (runs_waiting); and the runs waiting in a queue (parked until
-# it admits them), by their key.
+# it admits them), by their key. The flagged runs by their partial index, runs_flagged
+# (schema 33; before, a read of every run of the app).
 STALE_CORRELATIONS = (
     "SELECT correlation_id, updated_at FROM runs WHERE app=$1 AND status IN "
     f"{LIVE_SQL} AND wake_at IS NULL AND updated_at < $2 "

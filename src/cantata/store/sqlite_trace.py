@@ -45,7 +45,8 @@ _SLOT_WAITS = (
 # app, older_than, now, limit). The live runs in three parts, each by its index, so that
 # none reads the runs parked until later that wait for no event (docs/performance.md,
 # "A million parked runs"): those not parked, the parked ones that are due, the parked
-# event waits; and the runs waiting in a queue (parked until it admits them).
+# event waits; and the runs waiting in a queue (parked until it admits them). The
+# flagged runs by their partial index (schema 26), not a read of every run.
 STALE_CORRELATIONS = (
     "SELECT correlation_id, updated_at FROM runs INDEXED BY runs_claimable "
     f"WHERE app=:app AND {LIVE} AND wake_at IS NULL AND updated_at < :older "
@@ -59,7 +60,8 @@ STALE_CORRELATIONS = (
     "UNION SELECT r.correlation_id, r.updated_at FROM queue_runs q CROSS JOIN runs r "
     "ON r.app=q.app AND r.run_id=q.run_id WHERE q.app=:app AND q.began_at IS NULL "
     f"AND {LIVE_R} AND r.updated_at < :older "
-    "UNION SELECT correlation_id, updated_at FROM runs WHERE app=:app AND flagged=1 "
+    "UNION SELECT correlation_id, updated_at FROM runs INDEXED BY runs_flagged "
+    "WHERE app=:app AND flagged=1 "
     "UNION SELECT e.correlation_id, d.updated_at FROM deliveries d JOIN events e "
     "ON e.app=d.app AND e.id=d.event_id WHERE d.app=:app AND d.status IN "
     "('pending','dead') AND d.updated_at < :older "

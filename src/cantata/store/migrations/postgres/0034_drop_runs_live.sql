@@ -1,0 +1,15 @@
+-- Version 34 of the PostgreSQL schema: runs_live (app, workflow, created_at) WHERE the
+-- status is live is dropped. No statement needs it: the claim, the version check and
+-- stale_correlations read the live runs that are not parked by runs_claimable (the same
+-- columns, a narrower predicate), the parked ones by runs_parked and runs_waiting; a
+-- worker's own runs by runs_owner; the oldest live run, and the pages of runs by a
+-- status, by runs_status_newest; parking, cancelling and the queues' checks by the key
+-- (their status conditions written so that no partial index can serve them:
+-- postgres_ops.unindexed). The one statement that still read it, a page of one
+-- workflow's runs by a live status (the console, find_runs), read and sorted every live
+-- run of the workflow through it on a never-analyzed table of 160,000 runs (100,000 of
+-- them parked: 60-130 ms, against 0.1 ms by runs_status_newest without it); and every
+-- new run, and every update that is not HOT while the run is live (a claim, a park, a
+-- status change), added an entry to it (docs/performance.md, "The operator's reads
+-- with many runs parked").
+DROP INDEX IF EXISTS runs_live;
