@@ -161,3 +161,38 @@ async def test_stalled_reads_no_parked_sleeper_without_statistics(
         # (none here), by runs_flagged (before schema 33, every run of the app).
         assert rows <= 2, (rows, indexes)
         assert {"runs_parked", "runs_waiting", "runs_flagged"} <= indexes, indexes
+
+
+async def test_the_claim_reads_no_parked_or_ended_run_once_analyzed(
+    postgres_url: str, pooled_schema: str
+) -> None:
+    """Analyzed, with parked runs beside ended ones, PostgreSQL took the live share and
+    the not-parked share of ``runs`` as independent and expected many claimable runs:
+    the claim's pick read every run of the app in ``runs_newest`` order (5,461 rows
+    here) to find the few that are. It reads them by ``runs_claimable`` per workflow."""
+    now = time.time()
+    async with App("parks", store=with_schema(postgres_url, pooled_schema)).client() as app:
+        db = app.store._db  # type: ignore[attr-defined]
+        async with db.conn() as conn:
+            await conn.execute("ALTER TABLE runs SET (autovacuum_enabled = false)")
+            for prefix, workflow, status, n, wake, age in [  # (the claimable ones newest)
+                ("sleep", "long_sleep", "running", PARKED, now + 3600, 7200),
+                ("done", "saga", "completed", 2000, None, 3600),
+                ("new", "saga", "pending", 100, None, 60),
+            ]:
+                await conn.execute(
+                    "INSERT INTO runs (app, run_id, workflow, status, args, correlation_id, "
+                    "created_at, updated_at, wake_at) SELECT 'parks', $1 || i, $2, $3, '[]', "
+                    "'c-' || $1 || i, "
+                    "$4::float8 + i * 0.001, $4::float8, $5 FROM generate_series(1, $6::int) i",
+                    f"{prefix}-", workflow, status, now - age, wake, n,
+                )
+            await conn.execute("ANALYZE runs")
+            c = Explaining(conn)
+            await postgres_writes.claim_runs(
+                c, Batch(), "parks", "explainer", ["long_sleep", "saga"], now, 10, now=now
+            )
+    rows, _, indexes = read(c.plans[0])
+    # (a few rows per claimed run: the pick, the lock, the update by key; none of the
+    # 5,000 parked and ended)
+    assert rows <= 300 and "runs_claimable" in indexes, (rows, indexes)

@@ -120,11 +120,21 @@ async def claim_runs(
     # the runs_parked index up to ``now``, only when due: its (app, wake_at) are the
     # only conditions of ``due`` that an index can take (postgres_ops.unindexed), so
     # no plan, with or without fresh statistics, reads the parked runs not yet due.
+    #
+    # The pick reads each workflow's runs by runs_claimable in created_at order (a
+    # LATERAL per workflow: with ``workflow = ANY(...)`` no index gives that order), so
+    # it stops at the LIMIT whatever the statistics. Analyzed, with many parked runs
+    # beside many ended ones, PostgreSQL took the live and the not-parked shares as
+    # independent, expected thousands of claimable runs and read every run of the app
+    # through runs_newest in created_at order (docs/performance.md, the operator's
+    # reads). Each workflow's part locks at most LIMIT rows; the oldest LIMIT of them
+    # are claimed, the others are let go at the statement's end.
     rows = await c.fetch(
         f"WITH pick AS MATERIALIZED ("
-        f" SELECT run_id FROM runs c WHERE c.app=$1 AND c.status IN {LIVE_SQL}"
-        f"  AND c.wake_at IS NULL"
-        f"  AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR (c.owner<>$3 AND"
+        f" SELECT p.run_id FROM unnest($2::text[]) w(name) CROSS JOIN LATERAL ("
+        f" SELECT c.run_id, c.created_at FROM runs c WHERE c.app=$1"
+        f"  AND c.status IN {LIVE_SQL} AND c.wake_at IS NULL"
+        f"  AND c.workflow = w.name AND (c.owner IS NULL OR (c.owner<>$3 AND"
         f"  NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app"
         f"   AND w.worker_id=c.owner AND w.expires_at >= $4)))"
         # (and whatever its version, a run cancelled while it waited in its queue)
@@ -136,7 +146,8 @@ async def claim_runs(
         # a run waiting in a queue begins through claim_queued_runs (or is cancelled)
         f"  AND (c.cancel_requested OR NOT EXISTS (SELECT 1 FROM queue_runs q"
         f"   WHERE q.app=c.app AND q.run_id=c.run_id AND q.began_at IS NULL))"
-        f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED),"
+        f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED) p"
+        f" ORDER BY p.created_at LIMIT $5),"
         f" due AS MATERIALIZED ("
         f" SELECT run_id FROM runs c WHERE $8::float8 IS NOT NULL AND c.app=$1"
         f"  AND c.wake_at IS NOT NULL AND c.wake_at <= $8::float8 AND c.owner IS NULL"
