@@ -1,6 +1,7 @@
 """Live changes for ``GET /api/stream``: one feed per server follows the app's audit log
-(every run status change, dead letter and operator change of a schedule is recorded
-there, by whichever process made it) and fans each change out to every connected client.
+(every run status change, step checkpoint, handled delivery, dead letter and operator
+change of a schedule or a handler group is recorded there, by whichever process made it)
+and fans each change out to every connected client.
 
 The feed reads new audit records when the store says something changed (its change
 listeners) and otherwise every ``interval`` seconds, so changes made by other
@@ -36,7 +37,8 @@ FORGED_KEPT = 64  # records past the head a feed remembers having logged
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One server-sent event: ``kind`` is ``run``, ``dead_letter`` or ``schedule``."""
+    """One server-sent event: ``kind`` is ``run``, ``step``, ``delivery``,
+    ``dead_letter``, ``schedule`` or ``group``."""
 
     seq: int
     kind: str
@@ -73,6 +75,18 @@ def change_of(rec: AuditRecord) -> Change | None:
     if rec.action == "run.cancel_requested" and data.get("applied"):
         return Change(rec.seq, "run", {"run_id": rec.target, "status": data.get("status"),
                                        "cancel_requested": True, "time": when})
+    if rec.action == "run.checkpoint":  # steps ended, its status unchanged
+        return Change(rec.seq, "step", {
+            "run_id": rec.target, "completed": data.get("completed", []),
+            "failed": data.get("failed", []), "time": when,
+        })
+    if rec.action == "delivery.done":  # a group handled an event
+        group, _, event_id = rec.target.rpartition(":")  # (a group may hold ":")
+        return Change(rec.seq, "delivery", {"group": group, "event_id": event_id,
+                                            "state": "done", "time": when})
+    if rec.action == "group.retired":  # an operator retired a handler group
+        return Change(rec.seq, "group", {"name": rec.target, "action": "retired",
+                                         "ended": data.get("ended", 0), "time": when})
     if rec.action.startswith("schedule."):  # an operator's change of a schedule
         return Change(rec.seq, "schedule", {
             "name": rec.target, "action": rec.action.partition(".")[2],
@@ -80,7 +94,7 @@ def change_of(rec: AuditRecord) -> Change | None:
         })
     state = _DEAD_LETTER_STATES.get(rec.action)
     if state is not None:
-        group, _, event_id = rec.target.partition(":")
+        group, _, event_id = rec.target.rpartition(":")  # (a group may hold ":")
         return Change(rec.seq, "dead_letter", {
             "id": data.get("dead_letter_id"), "group": group, "event_id": event_id,
             "state": state, "error": data.get("error"), "time": when,

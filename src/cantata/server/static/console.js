@@ -144,14 +144,20 @@
         retry();
       });
     };
-    for (const kind of ["run", "dead_letter", "schedule"]) {
+    for (const kind of ["run", "step", "delivery", "dead_letter", "schedule", "group"]) {
       es.addEventListener(kind, (ev) => {
         let data; try { data = JSON.parse(ev.data); } catch (e) { return; }
         for (const fn of liveHandlers) fn(kind, data);
       });
     }
   }
-  function debounce(fn, ms) { let t = null; return () => { clearTimeout(t); t = setTimeout(fn, ms); }; }
+  // Calls within `ms` of the first one share one call of `fn`, `ms` after it. Not a
+  // debounce, which waits for `ms` of quiet: on a busy app (a run changes every few
+  // hundred ms) quiet never comes, and a page would never redraw from its live feed.
+  function coalesce(fn, ms) {
+    let t = null;
+    return () => { if (t === null) t = setTimeout(() => { t = null; fn(); }, ms); };
+  }
   // A page's draws can overlap (a live event's, a button's, the timer's), and an answer
   // read before a change can come back after one read after it: each draw takes a
   // ticket before it reads, and only the newest ticket's answer is drawn.
@@ -290,8 +296,8 @@
     const redraw = () => render().then(() => problem.replaceChildren(),
       (e) => problem.replaceChildren(notice(e.message, "error")));
     // once soon, and once more after the server's 2 s cache of the counts has expired
-    onLive(debounce(redraw, 1000));
-    onLive(debounce(redraw, 3000));
+    onLive(coalesce(redraw, 1000));
+    onLive(coalesce(redraw, 3000));
   };
 
   pages.runs = async () => {
@@ -371,12 +377,12 @@
       fresh.replaceChildren(n ? h("button", { type: "button", class: "fresh", onclick: showNew },
         `${n}${more} new run${n === 1 && !more ? "" : "s"} — show`) : "");
     }
-    const lookSoon = debounce(() => look().catch((e) => status.replaceChildren(notice(e.message, "error"))), 500);
+    const lookSoon = coalesce(() => look().catch((e) => status.replaceChildren(notice(e.message, "error"))), 500);
     // A run shown that changed gets its new status at once, then its row is read again
     // whole: when it was updated, and its error (gone once a retried run completes).
     const changed = new Set();
     const rowOf = (id) => tbody.querySelector(`tr[data-run-id="${CSS.escape(id)}"]`);
-    const redrawRows = debounce(() => {
+    const redrawRows = coalesce(() => {
       const ids = [...changed];
       changed.clear();
       for (const id of ids) {
@@ -388,6 +394,7 @@
     }, 300);
     onLive((kind, d) => {
       if (kind === "open") { lookSoon(); return; }
+      if (kind === "step" && rowOf(d.run_id)) { changed.add(d.run_id); redrawRows(); return; }  // (its Updated)
       if (kind !== "run") return;
       const row = rowOf(d.run_id);
       if (!row) { lookSoon(); return; }
@@ -512,8 +519,9 @@
       } catch (e) { mapBox.replaceChildren(h("span", { class: "muted" }, e.message)); }
     }
     await render();
-    const again = debounce(() => render().catch(fail), 250);
-    onLive((kind, d) => { if (kind === "open" || (kind === "run" && d.run_id === id)) again(); });
+    const again = coalesce(() => render().catch(fail), 250);
+    // its status changes, and steps that end while its status stays (running)
+    onLive((kind, d) => { if (kind === "open" || ((kind === "run" || kind === "step") && d.run_id === id)) again(); });
   };
 
   pages.trace = async () => {
@@ -548,7 +556,7 @@
       }
     }
     await render();
-    onLive(debounce(() => render().catch(fail), 400));
+    onLive(coalesce(() => render().catch(fail), 400));
   };
 
   pages.events = async () => {
@@ -610,7 +618,7 @@
         rows, "No dead letters. Every delivery was handled."));
     }
     await render();
-    onLive(debounce(() => { render().catch(fail); }, 300));
+    onLive(coalesce(() => { render().catch(fail); }, 300));
   };
 
   pages.stalled = async () => {
@@ -636,7 +644,7 @@
       holder.replaceChildren(table(STALL_HEADERS, stallRows(stalls), "Nothing is stuck."));
     }
     await render();
-    onLive(debounce(() => render().catch(fail), 1000));
+    onLive(coalesce(() => render().catch(fail), 1000));
   };
 
   // Pages whose figures change with time alone (a tick passes, a waiting run ages, the
@@ -787,8 +795,8 @@
     }
     await render();
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
-    const soon = debounce(again, 300);
-    const later = debounce(again, 1000);  // a run of a tick (or any run) started or ended
+    const soon = coalesce(again, 300);
+    const later = coalesce(again, 1000);  // a run of a tick (or any run) started or ended
     onLive((kind) => { if (kind === "schedule" || kind === "open") soon(); else if (kind === "run") later(); });
     everyWhileShown(again, 15000);
   };
@@ -849,7 +857,7 @@
     }
     await render();
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
-    onLive(debounce(again, 500));
+    onLive(coalesce(again, 500));
     everyWhileShown(again, 5000);
   };
 
@@ -914,7 +922,7 @@
     }
     await render();
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
-    onLive(debounce(again, 500));  // runs and dead letters come and go with deliveries
+    onLive(coalesce(again, 500));  // runs and dead letters come and go with deliveries
     everyWhileShown(again, 5000);  // ages grow and workers come and go with time alone
   };
 
