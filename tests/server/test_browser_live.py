@@ -1,0 +1,151 @@
+"""Live updates in a real browser (Debian's chromium, as tests/server/test_browser.py
+drives it): a step that completes shows on its run's page while the run keeps
+running, a page redraws on a busy app (whose changes never pause), and a group retired
+elsewhere leaves the Groups page at once, not at its 5 s timer (docs/console.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cantata import App
+from tests.server import test_browser as base  # (skips this module without chromium)
+from tests.server.conftest import ServerThread, make_tokens
+from tests.server.shop import make_shop
+from tests.server.test_groups_api import ledger_worker
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser-live")]
+
+from playwright.sync_api import Browser, expect  # noqa: E402 (once chromium is known there)
+
+browser = base.browser
+img = base.img
+login = base.login
+
+GATES = {"first": threading.Event(), "second": threading.Event()}
+
+
+def live_shop(url: str, state: dict[str, Any]) -> App:
+    app = make_shop(url, state=state)
+
+    @app.step
+    def first(n: int) -> int:  # (sync: runs in a thread, waits for the test)
+        GATES["first"].wait(10)
+        return n
+
+    @app.step
+    def second(n: int) -> int:
+        GATES["second"].wait(10)
+        return n
+
+    @app.workflow
+    async def gated(ctx: Any, n: int) -> int:
+        await ctx.run(first, n)
+        return int(await ctx.run(second, n))
+
+    @app.workflow
+    async def quick(ctx: Any, n: int) -> int:
+        return n
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('browser-live') / 'shop.db'}"
+    state: dict[str, Any] = {"emails_broken": False}
+
+    async def seed(app: App) -> dict[str, Any]:
+        async with ledger_worker(url):  # a service that ran, then went away
+            pass
+        tokens, names = await make_tokens(app)
+        return {"tokens": tokens, "names": names, "state": state}
+
+    with ServerThread(live_shop(url, state), setup=seed) as srv:
+        yield srv
+
+
+def test_a_step_that_completes_shows_while_its_run_keeps_running(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    app = server.app
+    handle = server.run(lambda: app.start("gated", 1))
+
+    async def running() -> None:
+        while str(await handle.status()) != "running":
+            await asyncio.sleep(0.02)
+
+    server.run(running)
+    page = login(browser, server, "viewer", img)
+    try:
+        page.goto(f"{server.url}/runs/{handle.run_id}")
+        first = page.locator('tr[data-key="first#1"] td.status')
+        expect(first).to_have_text("running")
+        expect(page.locator("#live")).to_be_visible()  # (the page's redraw on connecting,
+        page.wait_for_timeout(400)                      # drawn before first completes)
+        GATES["first"].set()  # first completes; the run runs on, in second
+        expect(first).to_have_text("completed", timeout=2000)
+        expect(page.locator(".headline .badge").first).to_have_text("running")
+        expect(page.locator('tr[data-key="second#1"] td.status')).to_have_text("running")
+    finally:
+        GATES["first"].set()
+        GATES["second"].set()
+        page.close()
+
+
+def test_a_page_redraws_while_the_app_never_pauses(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    app = server.app
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/dead-letters")
+    expect(page.get_by_text("No dead letters")).to_be_visible()
+
+    async def busy() -> asyncio.Task[None]:
+        async def traffic() -> None:  # a run every 100 ms: its changes never pause
+            n = 0
+            while True:
+                n += 1
+                await app.start("quick", n)
+                await asyncio.sleep(0.1)
+
+        task = asyncio.create_task(traffic())
+        await asyncio.sleep(0.5)
+        server.result["state"]["emails_broken"] = True
+        await app.publish("order.placed", {"order_id": "busy-1"})
+        return task
+
+    task = server.run(busy)
+    try:
+        expect(page.locator("td", has_text="SMTP server refused")).to_be_visible(timeout=3000)
+    finally:
+        assert server.loop is not None
+        server.loop.call_soon_threadsafe(task.cancel)
+        server.result["state"]["emails_broken"] = False
+        page.close()
+
+
+def test_a_group_retired_elsewhere_leaves_the_groups_page_at_once(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    app = server.app
+
+    async def known() -> None:  # once this app's worker says which groups it serves
+        while not any(g.stats.group == "emails" and g.served for g in await app.groups()):
+            await asyncio.sleep(0.05)
+
+    server.run(known)
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/groups")
+    ledger = page.locator('tr[data-group="ledger"]')
+    expect(ledger.locator("td.served")).to_have_text("no live worker")
+    expect(page.locator("#live")).to_be_visible()
+    # (its 5 s timer reads nothing while the tab is hidden: only the stream may tell)
+    page.evaluate("Object.defineProperty(document, 'hidden', { get: () => true })")
+    server.run(lambda: app.retire_group("ledger", actor="cli:elsewhere"))
+    expect(ledger).to_have_count(0, timeout=2000)
+    page.close()
