@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cantata import App
+from tests.helpers import eventually
 from tests.server import test_browser as base  # (skips this module without chromium)
 from tests.server.conftest import ServerThread, make_tokens
 from tests.server.shop import make_shop
@@ -75,11 +76,10 @@ def test_a_step_that_completes_shows_while_its_run_keeps_running(
     app = server.app
     handle = server.run(lambda: app.start("gated", 1))
 
-    async def running() -> None:
-        while str(await handle.status()) != "running":
-            await asyncio.sleep(0.02)
+    async def running() -> bool:
+        return str(await handle.status()) == "running"
 
-    server.run(running)
+    server.run(lambda: eventually(running, timeout=10, what="the run running"))
     page = login(browser, server, "viewer", img)
     try:
         page.goto(f"{server.url}/runs/{handle.run_id}")
@@ -134,11 +134,10 @@ def test_a_group_retired_elsewhere_leaves_the_groups_page_at_once(
 ) -> None:
     app = server.app
 
-    async def known() -> None:  # once this app's worker says which groups it serves
-        while not any(g.stats.group == "emails" and g.served for g in await app.groups()):
-            await asyncio.sleep(0.05)
+    async def known() -> bool:  # once this app's worker says which groups it serves
+        return any(g.stats.group == "emails" and g.served for g in await app.groups())
 
-    server.run(known)
+    server.run(lambda: eventually(known, timeout=10, what="the app's groups known"))
     page = login(browser, server, "viewer", img)
     page.goto(f"{server.url}/groups")
     ledger = page.locator('tr[data-group="ledger"]')
@@ -150,3 +149,37 @@ def test_a_group_retired_elsewhere_leaves_the_groups_page_at_once(
     server.run(lambda: app.retire_group("ledger", actor="cli:elsewhere"))
     expect(ledger).to_have_count(0, timeout=2000)
     page.close()
+
+
+def test_an_admin_reads_the_audit_log_and_others_get_no_audit_page(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    app = server.app
+    run = server.run(lambda: app.start("quick", 7, actor="token:ann"))
+    page = login(browser, server, "admin", img)
+    try:
+        page.get_by_role("navigation", name="Main").get_by_role("link", name="Audit").click()
+        expect(page.get_by_role("heading", name="Audit log")).to_be_visible()
+        rows = page.locator("tbody tr")
+        expect(rows.first).to_be_visible()
+        seqs = [int(s) for s in rows.evaluate_all("rs => rs.map(r => r.dataset.seq)")]
+        assert seqs == sorted(seqs, reverse=True)  # newest first
+        created = page.locator("tr", has_text="run.created").filter(has_text="token:ann")
+        expect(created.get_by_role("link", name=run.run_id)).to_be_visible()
+        page.get_by_label("Find in the records read").fill("token:ann")
+        expect(page.locator("tbody tr:visible")).to_have_count(1)
+        page.get_by_role("button", name="Verify").click()
+        expect(page.locator("#audit-verified")).to_contain_text("is intact")
+    finally:
+        page.close()
+    for role in ("operator",):  # (a viewer is refused as an operator is)
+        page = login(browser, server, role, img)
+        try:
+            nav = page.get_by_role("navigation", name="Main")
+            expect(nav.get_by_role("link", name="Groups")).to_be_visible()
+            expect(nav.get_by_role("link", name="Audit")).to_have_count(0)
+            page.goto(f"{server.url}/audit")
+            expect(page.get_by_role("alert")).to_contain_text("read by admins")
+            expect(page.get_by_role("button", name="Verify")).to_have_count(0)
+        finally:
+            page.close()

@@ -47,7 +47,8 @@ async def test_steps_deliveries_and_a_retired_group_reach_the_stream(store_url: 
 
                 async def retired() -> bool:  # once the shop's worker says what it serves
                     try:
-                        return bool((await shop.retire_group("ledger", actor="token:x")).declarations)
+                        done = await shop.retire_group("ledger", actor="token:x")
+                        return bool(done.declarations)
                     except GroupInUse:
                         return False
 

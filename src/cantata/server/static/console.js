@@ -926,6 +926,93 @@
     everyWhileShown(again, 5000);  // ages grow and workers come and go with time alone
   };
 
+  // The audit log (admins): newest first, older by "Load older"; a filter on the rows
+  // read so far (actor, action, target); Verify checks the whole hash chain.
+  pages.audit = async () => {
+    if (role !== "admin") {  // (the API answers 403: no form, no Verify to press in vain)
+      show(notice(`The audit log is read by admins: you are logged in as ${role}. ` +
+        "An admin creates an admin token with `cantata token create --name NAME --role admin`.", "error"));
+      return;
+    }
+    const msg = h("div", {});
+    const checked = h("div", { id: "audit-verified" });
+    const find = h("input", { id: "audit-find", name: "find", type: "search",
+      placeholder: "token:alice, run.retried, a run id…" });
+    const tbody = h("tbody", {});
+    const more = h("div", { class: "actions" });
+    const verify = h("button", { type: "button", onclick: async (ev) => {
+      ev.currentTarget.disabled = true;
+      const button = ev.currentTarget;
+      try {
+        const v = await api("/api/audit/verify");
+        checked.replaceChildren(v.ok
+          ? h("div", { class: "notice ok", role: "status" }, `The chain of ${v.records} records is intact.`)
+          : notice(`The chain is broken at record #${v.first_bad_seq}: ${v.reason}. ` +
+              "Run `cantata audit verify` and restore the store from a backup.", "error"));
+      } catch (e) { checked.replaceChildren(notice(e.message, "error")); }
+      button.disabled = false;
+    } }, "Verify");
+    const filters = h("form", { class: "filters", onsubmit: (ev) => { ev.preventDefault(); filter(); } },
+      h("label", { for: "audit-find" }, "Find in the records read", find),
+      h("button", { type: "submit", class: "primary" }, "Find"), verify);
+    find.addEventListener("input", () => filter());
+    show(h("p", { class: "muted" }, "Every state change and operator action of this app, newest first, " +
+      "with who did it (operators: token:NAME, the CLI: cli:USER@HOST, workers: worker:ID)."),
+      filters, checked, msg, h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, ["#", "Time", "Actor", "Action", "Target", "Data"].map((t) => h("th", { scope: "col" }, t)))),
+        tbody)), more);
+    // A target that is a run (run.* records, `<run id>:<step key>` of a task) links to it.
+    const RUN_ID = /^[0-9a-f]{32}(?=$|:)/;
+    function target(r) {
+      const run = (r.action.startsWith("run.") || r.action.startsWith("task.")) && RUN_ID.exec(r.target);
+      return run ? [runLink(run[0]), r.target.slice(run[0].length)] : h("span", { class: "mono long" }, r.target);
+    }
+    function row(r) {
+      return h("tr", { "data-seq": String(r.seq), class: r.past_head ? "past-head" : "" },
+        h("td", { class: "num" }, String(r.seq)), h("td", { class: "when" }, when(r.time)),
+        h("td", { class: "mono" }, r.actor), h("td", { class: "mono" }, r.action,
+          r.past_head ? [" ", h("span", { class: "badge s-failed", title: "Added outside Cantata: " +
+            "no Cantata process wrote it (Verify reports the log tampered with)" }, "past the head")] : null),
+        h("td", {}, target(r)),
+        h("td", {}, Object.keys(r.data || {}).length ? h("code", { class: "mono long" }, JSON.stringify(r.data)) : ""));
+    }
+    function filter() {
+      const words = find.value.trim().toLowerCase();
+      let shown = 0;
+      for (const tr of tbody.children) {
+        const hit = !words || tr.textContent.toLowerCase().includes(words);
+        tr.hidden = !hit;
+        if (hit) shown += 1;
+      }
+      msg.replaceChildren(words && !shown ? notice("No record read so far matches: load older ones.") : "");
+    }
+    async function load(cursor, button) {
+      const p = new URLSearchParams({ order: "newest", limit: "100" });
+      if (cursor) p.set("cursor", cursor);
+      if (button) button.disabled = true;
+      try {
+        const got = await api("/api/audit?" + p.toString());
+        tbody.append(...got.records.map(row));
+        if (!tbody.children.length) msg.replaceChildren(notice("The audit log is empty."));
+        more.replaceChildren(got.next_cursor ? h("button", { type: "button",
+          onclick: (ev) => load(got.next_cursor, ev.currentTarget) }, "Load older") : "");
+        filter();
+      } catch (e) {
+        msg.replaceChildren(notice(e.message, "error"));
+        if (button) button.disabled = false;
+      }
+    }
+    await load(null);
+    // Records written since come on top as the stream tells of changes (the newest 100).
+    async function newer() {
+      const top = tbody.firstElementChild ? Number(tbody.firstElementChild.dataset.seq) : 0;
+      const got = await api("/api/audit?order=newest&limit=100");
+      tbody.prepend(...got.records.filter((r) => r.seq > top).map(row));
+      filter();
+    }
+    onLive(coalesce(() => newer().catch((e) => msg.replaceChildren(notice(e.message, "error"))), 1000));
+  };
+
   /* -- start ------------------------------------------------------------------------- */
   const logout = document.getElementById("logout");
   // Logging out ends the session on the server: when the console does not answer (or
