@@ -1,18 +1,21 @@
-"""Live updates in a real browser (Debian's chromium, as tests/server/test_browser.py
-drives it): a step that completes shows on its run's page while the run keeps
-running, a page redraws on a busy app (whose changes never pause), and a group retired
-elsewhere leaves the Groups page at once, not at its 5 s timer (docs/console.md)."""
+"""The console in a real browser (Debian's chromium, as tests/server/test_browser.py
+drives it): live updates (a step that completes shows on its run's page while the run
+keeps running, a page redraws on a busy app whose changes never pause, a group retired
+elsewhere leaves the Groups page at once, not at its 5 s timer), the Audit page for
+admins, and the choreography map of an app with a choreographed saga (a graph with
+cycles) drawn in as many columns as it needs (docs/console.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from cantata import App
+from cantata import App, Saga, Step
 from tests.helpers import eventually
 from tests.server import test_browser as base  # (skips this module without chromium)
 from tests.server.conftest import ServerThread, make_tokens
@@ -52,6 +55,28 @@ def live_shop(url: str, state: dict[str, Any]) -> App:
     async def quick(ctx: Any, n: int) -> int:
         return n
 
+    @app.step
+    def pack(order: dict[str, Any]) -> None:
+        return None
+
+    @app.step
+    def unpack(order: dict[str, Any]) -> None:
+        return None
+
+    @app.step
+    def post(order: dict[str, Any]) -> None:
+        return None
+
+    for kind in ("refund", "return", "review", "rating"):  # (other services' handlers)
+        async def noted(event: Any) -> None:
+            return None
+
+        app.on(f"order.{kind}ed", group=f"{kind}s")(noted)
+
+    # (its map has cycles: the workflow emits delivery.started and waits for
+    # delivery.finished, which its hops emit)
+    app.include(Saga("delivery", Step(pack, compensate=unpack), Step(post),
+                     mode="choreographed"))
     return app
 
 
@@ -183,3 +208,36 @@ def test_an_admin_reads_the_audit_log_and_others_get_no_audit_page(
             expect(page.get_by_role("button", name="Verify")).to_have_count(0)
         finally:
             page.close()
+
+
+def test_a_choreography_with_cycles_is_drawn_without_empty_columns(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    app = server.app
+
+    async def delivered() -> None:  # (then its start event is seen emitted by its run)
+        await (await app.start("delivery", {"id": "D-1"})).result(timeout=10)
+
+    server.run(delivered)
+    page = login(browser, server, "viewer", img)
+    try:
+        page.goto(f"{server.url}/events")
+        pack = page.locator('svg.event-map g.node[data-name="delivery.pack: pack"]')
+        expect(pack).to_be_visible()
+        drawn = page.evaluate("""() => {
+            const svg = document.querySelector('svg.event-map');
+            const x = (rect) => Number(rect.getAttribute('x'));
+            const at = (name) => x(svg.querySelector(`g.node[data-name="${name}"] rect`));
+            const xs = [...new Set([...svg.querySelectorAll('g.node rect')].map(x))];
+            return { xs: xs.sort((a, b) => a - b), width: Number(svg.getAttribute('width')),
+                     started: at('delivery.started'), pack: at('delivery.pack: pack'),
+                     done: at('delivery.pack.done'), post: at('delivery.post: post') };
+        }""")
+        xs = drawn["xs"]
+        steps = {b - a for a, b in itertools.pairwise(xs)}
+        assert steps == {178 + 54}, xs  # one column after another, none left empty
+        assert drawn["width"] == xs[-1] + 178 + 16
+        # the saga's hops read left to right, in their order
+        assert drawn["started"] < drawn["pack"] < drawn["done"] < drawn["post"]
+    finally:
+        page.close()
