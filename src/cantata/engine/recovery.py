@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cantata.errors import ConfigurationError, RunNotFound, UnknownAttribute
+from cantata.errors import ConfigurationError, RunNotFound, RunNotRetryable, UnknownAttribute
 from cantata.model import codec
 from cantata.model.attributes import check_name, index_value
 from cantata.model.checks import actor_or, check_run_id, check_text
@@ -59,12 +59,28 @@ async def retry(
     run = await engine.store.get_run(engine.app, run_id)
     if run is None:
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
+    if run.status in (RunStatus.FAILED, RunStatus.COMPENSATED) \
+            and await _choreographed(engine.store, run):
+        start = f"emit:{run.workflow}.started#1"
+        raise RunNotRetryable(
+            f"run {run_id} is a choreographed saga run ({run.workflow}): its steps ran as "
+            "handlers of other services, and a retry would only replay the end its run "
+            f"recorded ({run.status}), running no step again; to run it again with the "
+            f"deployed code, fork it from its start: `cantata fork {run_id} --from-step "
+            f"{start}` (the console's Fork, from {start}), or start a new run")
     engine.forget_ended(run_id)
     return await engine.store.retry_run(
         engine.app, run_id, include_compensated=include_compensated,
         version=await _version_for(engine, run.workflow),
         actor=who, now=engine.clock.now(), queue=await _queue_for(engine, run_id, run.workflow),
     )
+
+
+async def _choreographed(store: Store, run: RunRecord) -> bool:
+    """Whether ``run`` ran as a choreographed saga: its history is the saga's start
+    event and its wait for the saga's end (its steps are other services' handlers)."""
+    keys = {e.key for e in await store.load_history(run.app, run.run_id)}
+    return {f"emit:{run.workflow}.started#1", f"wait:{run.workflow}.finished#1"} <= keys
 
 
 async def fork(
