@@ -73,3 +73,38 @@ async def test_steps_deliveries_and_a_retired_group_reach_the_stream(store_url: 
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+async def test_a_worker_coming_and_going_reaches_the_stream(store_url: str) -> None:
+    """What serves the groups, ticks the schedules and begins queued runs: the Groups,
+    Schedules and Queues pages read them again when a worker comes or goes."""
+    console_app = App("shop", store=store_url)
+    with ServerThread(console_app, serve=False) as server:
+        shop = make_shop(store_url)
+        async with shop:  # (the store made, and a token)
+            token = await create_token(shop.store, "stream-workers", Role.VIEWER)
+        seen: list[tuple[str, dict[str, Any]]] = []
+        ready = asyncio.Event()
+        task = asyncio.create_task(listen(server.url, token, seen, ready))
+        try:
+            await asyncio.wait_for(ready.wait(), 10)
+            await asyncio.sleep(1.2)  # (the feed has seen who was live when it began)
+            ledger = ledger_worker(store_url)
+            async with ledger:
+                worker = ledger.engine.worker_id
+                await eventually(lambda: ("worker", {"id": worker, "state": "up"})
+                                 in [(k, {"id": d["id"], "state": d["state"]})
+                                     for k, d in seen if k == "worker"],
+                                 timeout=10, what="the worker up")
+
+            def gone() -> bool:
+                return any(k == "worker" and d["id"] == worker and d["state"] == "gone"
+                           for k, d in seen)
+
+            await eventually(gone, timeout=15, what="the worker gone")
+            up = next(d for k, d in seen if k == "worker")
+            assert up["time"].endswith("Z")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,19 +35,23 @@ PAGE = 500
 KEEPALIVE = 15.0
 RECHECK = 2.0  # seconds between checks that a client's token is still valid
 FORGED_KEPT = 64  # records past the head a feed remembers having logged
+WORKERS = 1.0  # seconds between reads of the live workers (worker changes)
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
     """One server-sent event: ``kind`` is ``run``, ``step``, ``delivery``,
-    ``dead_letter``, ``schedule`` or ``group``."""
+    ``dead_letter``, ``schedule``, ``group`` or ``worker`` (``seq`` 0: a worker's
+    heartbeats are not in the audit log)."""
 
     seq: int
     kind: str
     data: dict[str, Any]
 
     def frame(self) -> bytes:
-        return (f"id: {self.seq}\nevent: {self.kind}\ndata: ".encode()
+        # (a change that is no audit record, a worker's, has no place in the log: no id)
+        head = f"id: {self.seq}\n" if self.seq > 0 else ""
+        return (f"{head}event: {self.kind}\ndata: ".encode()
                 + orjson.dumps(self.data) + b"\n\n")
 
 
@@ -116,6 +122,8 @@ class ChangeFeed:
         self._listening: Store | None = None
         self._starting = asyncio.Lock()
         self._forged: set[tuple[int, str]] = set()  # (seq, hash) past the head, logged
+        self._live: set[str] | None = None  # the live workers seen last (None: not yet)
+        self._looked = 0.0  # when the live workers were read last (the loop's clock)
 
     @property
     def clients(self) -> int:
@@ -168,9 +176,32 @@ class ChangeFeed:
                     self._publish(change)
             if len(records) == PAGE and after == records[-1].seq:
                 continue
+            await self._workers(store)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    async def _workers(self, store: Store) -> None:
+        """Publish a ``worker`` change for each worker that came up or went (stopped, or
+        its lease ran out) since the last look, at most once per ``WORKERS`` seconds:
+        what serves the groups, ticks the schedules and begins queued runs changes with
+        them, and no audit record says so."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._looked < WORKERS:
+            return
+        self._looked = loop.time()
+        try:
+            now = time.time()
+            live = {w.worker_id for w in await store.workers(self.app) if w.expires_at >= now}
+        except Exception:  # the store is down: the audit read says so
+            return
+        before, self._live = self._live, live
+        if before is None:
+            return
+        stamp = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+        for worker, state in sorted([(w, "up") for w in live - before]
+                                    + [(w, "gone") for w in before - live]):
+            self._publish(Change(0, "worker", {"id": worker, "state": state, "time": stamp}))
 
     def _past_head(self, rec: AuditRecord, head: int) -> None:
         """Leave out ``rec``, which lies past the chain's head: every append moves the

@@ -144,7 +144,7 @@
         retry();
       });
     };
-    for (const kind of ["run", "step", "delivery", "dead_letter", "schedule", "group"]) {
+    for (const kind of ["run", "step", "delivery", "dead_letter", "schedule", "group", "worker"]) {
       es.addEventListener(kind, (ev) => {
         let data; try { data = JSON.parse(ev.data); } catch (e) { return; }
         for (const fn of liveHandlers) fn(kind, data);
@@ -797,7 +797,8 @@
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
     const soon = coalesce(again, 300);
     const later = coalesce(again, 1000);  // a run of a tick (or any run) started or ended
-    onLive((kind) => { if (kind === "schedule" || kind === "open") soon(); else if (kind === "run") later(); });
+    // (a worker that comes or goes starts or stops the ticks: "no worker: not ticking")
+    onLive((kind) => { if (kind === "schedule" || kind === "worker" || kind === "open") soon(); else if (kind === "run") later(); });
     everyWhileShown(again, 15000);
   };
 
