@@ -241,3 +241,19 @@ def test_a_choreography_with_cycles_is_drawn_without_empty_columns(
         assert drawn["started"] < drawn["pack"] < drawn["done"] < drawn["post"]
     finally:
         page.close()
+
+
+def test_an_action_the_console_never_answered_says_so_not_failed_to_fetch(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    page = login(browser, server, "operator", img)
+    try:
+        page.route("**/api/workflows/*/runs", lambda route: route.abort())  # (no answer)
+        page.select_option("#start-workflow", "quick")
+        page.fill("#start-input", "1")
+        page.get_by_role("button", name="Start").click()
+        said = page.locator("#start-out").get_by_role("alert")
+        expect(said).to_contain_text("the console did not answer")
+        expect(said).to_contain_text("cantata serve")
+    finally:
+        page.close()

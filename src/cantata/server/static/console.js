@@ -34,7 +34,15 @@
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(options.body);
     }
-    const res = await fetch(path, init);
+    let res;
+    try {
+      res = await fetch(path, init);
+    } catch (e) {  // no answer at all (the console stopped, the network is down): say so
+      const err = new Error(`the console did not answer (${e.message}): check that ` +
+        "`cantata serve` is running and reachable, then try again");
+      err.status = 0;
+      throw err;
+    }
     if (res.status === 401) {
       location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
       const err = new Error("not logged in");
