@@ -257,3 +257,23 @@ def test_an_action_the_console_never_answered_says_so_not_failed_to_fetch(
         expect(said).to_contain_text("cantata serve")
     finally:
         page.close()
+
+
+def test_a_choreographed_run_points_to_its_hops_and_forks_from_its_start(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    app = server.app
+    run = server.run(lambda: app.start("delivery", {"id": "D-9"}))
+    server.run(lambda: run.result(timeout=10))
+    page = login(browser, server, "operator", img)
+    try:
+        page.goto(f"{server.url}/runs/{run.run_id}")
+        hops = page.locator("#hops")
+        expect(hops).to_contain_text("choreographed saga")
+        expect(hops.get_by_role("link", name="its trace")).to_have_attribute(
+            "href", f"/trace/{run.run_id}")
+        # not from its wait (the fork would wait for an end that never comes)
+        assert page.locator("#fork-step option").evaluate_all(
+            "os => os.map(o => o.value)") == ["emit:delivery.started#1"]
+    finally:
+        page.close()

@@ -1,7 +1,9 @@
 """A choreographed saga run that failed is not "retried" into the same end: its steps
 ran as handlers, so a retry would replay its recorded end and run nothing. The retry is
-refused (``409 run_not_retryable``) saying to fork it from its start, and that fork runs
-its steps again with the fixed code (docs/console.md, "Fixing flows")."""
+refused (``409 run_not_retryable``) saying to fork it from its start, a fork from its
+wait (which would run no step and wait forever) is refused naming the start, and the
+fork from its start runs its steps again with the fixed code (docs/console.md, "Fixing
+flows")."""
 
 from __future__ import annotations
 
@@ -54,6 +56,14 @@ async def test_a_failed_choreographed_run_is_forked_from_its_start_not_retried(
             assert "choreographed saga" in error["message"]
             assert "emit:delivery.started#1" in error["message"]
             assert str(await run.status()) == "compensated"  # left as it was
+
+            # from its wait, a fork would reuse its start, run no hop and wait forever
+            r = await client.post(f"/api/runs/{run.run_id}/fork", headers=auth,
+                                  json={"from_step": "wait:delivery.finished#1"})
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert (error["code"], error["field"]) == ("step_not_in_history", "from_step")
+            assert "emit:delivery.started#1" in error["message"]
 
             r = await client.post(f"/api/runs/{run.run_id}/fork", headers=auth,
                                   json={"from_step": "emit:delivery.started#1"})

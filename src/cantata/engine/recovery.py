@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cantata.errors import ConfigurationError, RunNotFound, RunNotRetryable, UnknownAttribute
+from cantata.errors import (
+    ConfigurationError,
+    RunNotFound,
+    RunNotRetryable,
+    StepNotInHistory,
+    UnknownAttribute,
+)
 from cantata.model import codec
 from cantata.model.attributes import check_name, index_value
 from cantata.model.checks import actor_or, check_run_id, check_text
@@ -97,6 +103,14 @@ async def fork(
     source = await engine.store.get_run(engine.app, run_id)
     if source is None:
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
+    start = f"emit:{source.workflow}.started#1"
+    if key != start and await _choreographed(engine.store, source):
+        # forked from its wait, the new run would reuse its start without emitting it,
+        # so no hop runs, and wait for an end that never comes
+        raise StepNotInHistory(
+            f"run {run_id} is a choreographed saga run ({source.workflow}): its steps ran "
+            f"as handlers, not as calls of its history; fork it from its start, {start}, "
+            "to run its steps again")
     now = engine.clock.now()
     new_id = codec.new_id()
     run = RunRecord(

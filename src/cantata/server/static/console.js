@@ -428,8 +428,17 @@
 
   // A new run reusing this one's recorded results before the chosen call; the page
   // goes to it.
+  // A choreographed saga's run: its history is its start event and its wait for its
+  // end; its steps are other services' handlers (shown on its trace and its map).
+  function choreographed(r) {
+    const keys = new Set(r.steps.map((st) => st.key));
+    return keys.has(`emit:${r.workflow}.started#1`) && keys.has(`wait:${r.workflow}.finished#1`);
+  }
   function forkForm(r) {
-    const calls = r.steps.filter((st) => FORKABLE.has(st.kind) && !st.compensation);
+    let calls = r.steps.filter((st) => FORKABLE.has(st.kind) && !st.compensation);
+    // forked from its wait, a run would reuse its start without emitting it again and
+    // wait for an end that never comes: it forks from its start (its steps run again)
+    if (choreographed(r)) calls = calls.filter((st) => st.key === `emit:${r.workflow}.started#1`);
     if (!calls.length) return null;
     const failed = calls.find((st) => st.status === "failed");
     const choice = (failed || calls[calls.length - 1]).key;
@@ -520,6 +529,9 @@
           canOperate && !LIVE.has(r.status) ? forkForm(r) : null),
         h("section", { class: "panel" }, h("h2", {}, "Map"), mapBox, legend)),
         h("h2", {}, "Steps"),
+        choreographed(r) ? h("p", { class: "notice", id: "hops" }, "A choreographed saga: its steps run as " +
+          "handlers of the services (the groups ", `${r.workflow}.STEP`, "), not as calls of this run; their " +
+          "attempts and errors are on ", traceLink(r.correlation_id, "its trace"), ", their states on the map.") : null,
         table(["Step", "Kind", "Status", "Attempts", "Started", "Took", "Error"], rows, "No steps yet."));
       try {
         const map = await api(`/api/maps/workflows/${encodeURIComponent(r.workflow)}?run_id=${encodeURIComponent(id)}`);
