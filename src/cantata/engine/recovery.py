@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cantata.errors import ConfigurationError, RunNotFound, UnknownAttribute
+from cantata.errors import (
+    ConfigurationError,
+    RunNotFound,
+    RunNotRetryable,
+    StepNotInHistory,
+    UnknownAttribute,
+)
 from cantata.model import codec
 from cantata.model.attributes import check_name, index_value
 from cantata.model.checks import actor_or, check_run_id, check_text
@@ -59,12 +65,28 @@ async def retry(
     run = await engine.store.get_run(engine.app, run_id)
     if run is None:
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
+    if run.status in (RunStatus.FAILED, RunStatus.COMPENSATED) \
+            and await _choreographed(engine.store, run):
+        start = f"emit:{run.workflow}.started#1"
+        raise RunNotRetryable(
+            f"run {run_id} is a choreographed saga run ({run.workflow}): its steps ran as "
+            "handlers of other services, and a retry would only replay the end its run "
+            f"recorded ({run.status}), running no step again; to run it again with the "
+            f"deployed code, fork it from its start: `cantata fork {run_id} --from-step "
+            f"{start}` (the console's Fork, from {start}), or start a new run")
     engine.forget_ended(run_id)
     return await engine.store.retry_run(
         engine.app, run_id, include_compensated=include_compensated,
         version=await _version_for(engine, run.workflow),
         actor=who, now=engine.clock.now(), queue=await _queue_for(engine, run_id, run.workflow),
     )
+
+
+async def _choreographed(store: Store, run: RunRecord) -> bool:
+    """Whether ``run`` ran as a choreographed saga: its history is the saga's start
+    event and its wait for the saga's end (its steps are other services' handlers)."""
+    keys = {e.key for e in await store.load_history(run.app, run.run_id)}
+    return {f"emit:{run.workflow}.started#1", f"wait:{run.workflow}.finished#1"} <= keys
 
 
 async def fork(
@@ -81,6 +103,14 @@ async def fork(
     source = await engine.store.get_run(engine.app, run_id)
     if source is None:
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
+    start = f"emit:{source.workflow}.started#1"
+    if key != start and await _choreographed(engine.store, source):
+        # forked from its wait, the new run would reuse its start without emitting it,
+        # so no hop runs, and wait for an end that never comes
+        raise StepNotInHistory(
+            f"run {run_id} is a choreographed saga run ({source.workflow}): its steps ran "
+            f"as handlers, not as calls of its history; fork it from its start, {start}, "
+            "to run its steps again")
     now = engine.clock.now()
     new_id = codec.new_id()
     run = RunRecord(

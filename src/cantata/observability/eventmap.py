@@ -20,7 +20,7 @@ from cantata.model.records import Declaration, is_retired
 from cantata.store.base import Store, TraceRecords
 
 from .assemble import TRIGGER_PREFIX, short_name
-from .graph import EMIT, WAIT, items_from_code, label
+from .graph import EMIT, WAIT, FlowItem, declared_items, items_from_code, label
 
 EVENT, HANDLER, WORKFLOW = "event", "handler", "workflow"
 SAMPLE = 200  # transactions read to observe traffic
@@ -88,12 +88,24 @@ def declared_edges(
         elif d.kind == "wait":
             edges.add(Edge((EVENT, d.pattern), (WORKFLOW, d.name)))
     edges.update(Edge((EVENT, p), (WORKFLOW, wf)) for p, wf in triggers)
-    for wdef in router.workflows.values():
-        for item in items_from_code(wdef.fn) or ():
+    calls: dict[str, list[FlowItem]] = {
+        wdef.name: items_from_code(wdef.fn) or [] for wdef in router.workflows.values()}
+    for d in declarations:  # (a console without the code: the maps the store keeps)
+        if d.kind == "workflow" and d.name not in calls:
+            kept = declared_items(declarations, d.name)
+            calls[d.name] = kept[0] if kept is not None else []
+    for name, items in calls.items():
+        for item in items:
             if item.kind == EMIT and not item.name.endswith("?"):
-                edges.add(Edge((WORKFLOW, wdef.name), (EVENT, item.name)))
+                edges.add(Edge((WORKFLOW, name), (EVENT, item.name)))
             elif item.kind == WAIT and not item.name.endswith("?"):
-                edges.add(Edge((EVENT, item.name), (WORKFLOW, wdef.name)))
+                edges.add(Edge((EVENT, item.name), (WORKFLOW, name)))
+    # A choreographed saga's workflow emits its start event, to which its first hops
+    # (the groups `<saga>.<step>`) react: Cantata declares it, not the user's code.
+    for group, pattern, _, _ in handlers.table:
+        saga = pattern.removesuffix(".started")
+        if pattern.endswith(".started") and group.startswith(f"{saga}.") and saga in calls:
+            edges.add(Edge((WORKFLOW, saga), (EVENT, pattern)))
     return edges
 
 

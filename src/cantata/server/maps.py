@@ -7,8 +7,10 @@ and :mod:`cantata.observability.eventmap` write, node ids included.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cantata.app import App
-from cantata.errors import UnknownWorkflow
+from cantata.errors import CantataError, UnknownWorkflow
 from cantata.model.records import HistoryEntry, RunRecord
 from cantata.observability.eventmap import (
     EVENT,
@@ -19,6 +21,7 @@ from cantata.observability.eventmap import (
     observed_edges,
 )
 from cantata.observability.graph import (
+    STEP,
     GraphUnavailable,
     declared_items,
     flow_map,
@@ -26,6 +29,7 @@ from cantata.observability.graph import (
     run_states,
     workflow_items,
 )
+from cantata.observability.node import TraceNode
 from cantata.server.models import MapEdge, MapNode, MapOut
 
 
@@ -68,6 +72,15 @@ async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut
     comp_states: dict[str, str] = {}
     if run is not None:
         items, comp_states = run_states(items, history)
+        if known is not None and not any(i.status for i in items if i.kind == STEP):
+            # a choreographed saga's steps are handlers, not calls of its history (which
+            # holds its start event and its wait for the end): their states are the
+            # handlers' of its trace
+            steps, undone = await _hop_states(app, workflow, run)
+            if steps or undone:
+                items = [replace(i, status=steps.get(i.name, "")) if i.kind == STEP else i
+                         for i in items]
+                comp_states.update(undone)
     drawn = flow_map(workflow, items, str(source.status) if source is not None else None,
                      whole=known is not None, comp_states=comp_states)
     coloured = run is not None  # a plain map drawn from a run's history shows no states
@@ -76,6 +89,50 @@ async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut
     edges = [MapEdge(source=e.source, target=e.target, kind=e.kind, label=e.label)
              for e in drawn.edges]
     return MapOut(mermaid=drawn.mermaid(origin), nodes=nodes, edges=edges)
+
+
+_HOP_STATUS = {"completed": "completed", "failed": "failed", "dead": "failed",
+               "pending": "running", "retired": "failed"}
+
+
+async def _hop_states(app: App, workflow: str, run: RunRecord
+                      ) -> tuple[dict[str, str], dict[str, str]]:
+    """The states of a choreographed saga run's steps and of its compensations, by
+    name: its trace's handler and compensation nodes under the run, whose groups are
+    the saga's hops (``<saga>.<step>``). Empty for another run."""
+    try:
+        root = await app.trace(run.correlation_id)
+    except CantataError:  # (gone meanwhile, or the store is away: the map says less)
+        return {}, {}
+    prefix = f"{workflow}."
+
+    def find(node: TraceNode) -> TraceNode | None:
+        if node.kind == "run" and node.ref == run.run_id:
+            return node
+        for child in node.children:
+            found = find(child)
+            if found is not None:
+                return found
+        return None
+
+    steps: dict[str, str] = {}
+    undone: dict[str, str] = {}
+    below = find(root)
+    todo = list(below.children) if below is not None else []
+    while todo:
+        node = todo.pop(0)
+        if node.kind == "run":  # (a child run's own hops are its own)
+            continue
+        todo.extend(node.children)
+        group = node.group or ""
+        if not group.startswith(prefix):
+            continue
+        state = _HOP_STATUS.get(node.status, node.status)
+        if node.kind == "handler":
+            steps[node.name] = state
+        elif node.kind == "compensation":
+            undone[node.name] = state
+    return steps, undone
 
 
 # -- the choreography -----------------------------------------------------------------------

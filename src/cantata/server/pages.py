@@ -27,6 +27,7 @@ router = APIRouter(include_in_schema=False)
 NAV = (("/", "Overview"), ("/runs", "Runs"), ("/events", "Events"),
        ("/dead-letters", "Dead letters"), ("/stalled", "Stalled"),
        ("/schedules", "Schedules"), ("/queues", "Queues"), ("/groups", "Groups"))
+ADMIN_NAV = (("/audit", "Audit"),)  # (the audit log is read by admins only)
 MAX_FORM = 4096
 STORE_DOWN_RETRY = 10  # seconds between a store-down page's reloads
 
@@ -40,7 +41,7 @@ def _shell(title: str, heading: str, page: str, *, arg: str = "", app: str = "",
     current = ' aria-current="page"'
     nav = "".join(
         f'<a href="{href}"{current if href == active else ""}>{e(text)}</a>'
-        for href, text in NAV
+        for href, text in NAV + (ADMIN_NAV if role == str(Role.ADMIN) else ())
     )
     user = ""
     if who:
@@ -193,6 +194,12 @@ async def queues(request: Request) -> Response:
 async def groups(request: Request) -> Response:
     """Handler groups and triggers: backlog, who serves them; Retire."""
     return await _page(request, "Groups", "Handler groups", "groups", active="/groups")
+
+
+@router.get("/audit")
+async def audit(request: Request) -> Response:
+    """The audit log, newest first, and its verification (admins)."""
+    return await _page(request, "Audit", "Audit log", "audit", active="/audit")
 
 
 def _safe_next(value: str | None) -> str:

@@ -3,7 +3,7 @@ audit log, live changes, Prometheus, liveness and the dashboard's session cookie
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -25,6 +25,7 @@ from cantata.server.models import (
 )
 from cantata.server.state import console_of
 from cantata.server.stream import frames
+from cantata.store.base import Store
 
 router = APIRouter(responses=ERRORS)
 
@@ -39,19 +40,23 @@ async def health() -> Health:
 
 
 @router.get("/api/audit", response_model=AuditPage, tags=["admin"],
-            summary="The audit log, oldest first")
+            summary="The audit log, oldest first (or newest first)")
 async def audit(
     request: Request,
     _: Admin,
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 100,
     cursor: Annotated[str | None, Query(max_length=600)] = None,
+    order: Annotated[Literal["oldest", "newest"], Query()] = "oldest",
 ) -> AuditPage:
     """Every state change and operator action with its actor (operators: `token:NAME`).
     A record past the chain's head (`past_head`: added outside Cantata) is marked, not
-    served as part of the chain."""
+    served as part of the chain. `order=newest` reads from the latest record back (what
+    an operator looks at first); pass `next_cursor` back with the same `order`."""
     console = console_of(request)
     after = params.audit_cursor(cursor)
     store = await console.store()
+    if order == "newest":
+        return await _audit_newest(store, console.app.name, limit, after or None)
     records = await store.audit_records(console.app.name, after_seq=after, limit=limit + 1)
     # The head read after the records: one appended meanwhile is within it, not past it.
     head = await store.audit_head_seq(console.app.name)
@@ -59,6 +64,23 @@ async def audit(
     records = records[:limit]
     next_cursor = params.encode_cursor(records[-1].seq) if more else None
     return AuditPage(records=[audit_out(r, head) for r in records], next_cursor=next_cursor)
+
+
+async def _audit_newest(store: Store, app: str, limit: int, before: int | None) -> AuditPage:
+    """A page of ``limit`` records, newest first, of those before ``before`` (``None``:
+    from the latest, records past the head included, marked)."""
+    head = await store.audit_head_seq(app)
+    if before is None:  # (room for records past the head: they come first, marked)
+        low = max(0, head - limit)
+        records = (await store.audit_records(app, after_seq=low, limit=2 * limit))[-limit:]
+    else:
+        low = max(0, before - 1 - limit)
+        records = [r for r in await store.audit_records(app, after_seq=low, limit=limit + 1)
+                   if r.seq < before][-limit:]
+    more = bool(records) and records[0].seq > 1
+    next_cursor = params.encode_cursor(records[0].seq) if more else None
+    return AuditPage(records=[audit_out(r, head) for r in reversed(records)],
+                     next_cursor=next_cursor)
 
 
 @router.get("/api/audit/verify", response_model=VerifyOut, tags=["admin"],

@@ -162,8 +162,8 @@ async def retry_run(
                                            include_compensated=body.include_compensated)
     except RunNotRetryable as exc:
         run = await app.store.get_run(app.name, run_id)
-        if run is None or run.status != RunStatus.COMPENSATED:
-            raise
+        if run is None or run.status != RunStatus.COMPENSATED or body.include_compensated:
+            raise  # (another reason than the flag: the library's message says it)
         raise ApiError(409, exc.code, f"run {run_id} ended compensated: send "
                        '{"include_compensated": true} to retry it anyway (its compensations '
                        "are superseded; the steps they undid are not redone)",

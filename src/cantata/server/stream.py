@@ -1,6 +1,7 @@
 """Live changes for ``GET /api/stream``: one feed per server follows the app's audit log
-(every run status change, dead letter and operator change of a schedule is recorded
-there, by whichever process made it) and fans each change out to every connected client.
+(every run status change, step checkpoint, handled delivery, dead letter and operator
+change of a schedule or a handler group is recorded there, by whichever process made it)
+and fans each change out to every connected client.
 
 The feed reads new audit records when the store says something changed (its change
 listeners) and otherwise every ``interval`` seconds, so changes made by other
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,18 +35,23 @@ PAGE = 500
 KEEPALIVE = 15.0
 RECHECK = 2.0  # seconds between checks that a client's token is still valid
 FORGED_KEPT = 64  # records past the head a feed remembers having logged
+WORKERS = 1.0  # seconds between reads of the live workers (worker changes)
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One server-sent event: ``kind`` is ``run``, ``dead_letter`` or ``schedule``."""
+    """One server-sent event: ``kind`` is ``run``, ``step``, ``delivery``,
+    ``dead_letter``, ``schedule``, ``group`` or ``worker`` (``seq`` 0: a worker's
+    heartbeats are not in the audit log)."""
 
     seq: int
     kind: str
     data: dict[str, Any]
 
     def frame(self) -> bytes:
-        return (f"id: {self.seq}\nevent: {self.kind}\ndata: ".encode()
+        # (a change that is no audit record, a worker's, has no place in the log: no id)
+        head = f"id: {self.seq}\n" if self.seq > 0 else ""
+        return (f"{head}event: {self.kind}\ndata: ".encode()
                 + orjson.dumps(self.data) + b"\n\n")
 
 
@@ -73,6 +81,18 @@ def change_of(rec: AuditRecord) -> Change | None:
     if rec.action == "run.cancel_requested" and data.get("applied"):
         return Change(rec.seq, "run", {"run_id": rec.target, "status": data.get("status"),
                                        "cancel_requested": True, "time": when})
+    if rec.action == "run.checkpoint":  # steps ended, its status unchanged
+        return Change(rec.seq, "step", {
+            "run_id": rec.target, "completed": data.get("completed", []),
+            "failed": data.get("failed", []), "time": when,
+        })
+    if rec.action == "delivery.done":  # a group handled an event
+        group, _, event_id = rec.target.rpartition(":")  # (a group may hold ":")
+        return Change(rec.seq, "delivery", {"group": group, "event_id": event_id,
+                                            "state": "done", "time": when})
+    if rec.action == "group.retired":  # an operator retired a handler group
+        return Change(rec.seq, "group", {"name": rec.target, "action": "retired",
+                                         "ended": data.get("ended", 0), "time": when})
     if rec.action.startswith("schedule."):  # an operator's change of a schedule
         return Change(rec.seq, "schedule", {
             "name": rec.target, "action": rec.action.partition(".")[2],
@@ -80,7 +100,7 @@ def change_of(rec: AuditRecord) -> Change | None:
         })
     state = _DEAD_LETTER_STATES.get(rec.action)
     if state is not None:
-        group, _, event_id = rec.target.partition(":")
+        group, _, event_id = rec.target.rpartition(":")  # (a group may hold ":")
         return Change(rec.seq, "dead_letter", {
             "id": data.get("dead_letter_id"), "group": group, "event_id": event_id,
             "state": state, "error": data.get("error"), "time": when,
@@ -102,6 +122,8 @@ class ChangeFeed:
         self._listening: Store | None = None
         self._starting = asyncio.Lock()
         self._forged: set[tuple[int, str]] = set()  # (seq, hash) past the head, logged
+        self._live: set[str] | None = None  # the live workers seen last (None: not yet)
+        self._looked = 0.0  # when the live workers were read last (the loop's clock)
 
     @property
     def clients(self) -> int:
@@ -154,9 +176,32 @@ class ChangeFeed:
                     self._publish(change)
             if len(records) == PAGE and after == records[-1].seq:
                 continue
+            await self._workers(store)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    async def _workers(self, store: Store) -> None:
+        """Publish a ``worker`` change for each worker that came up or went (stopped, or
+        its lease ran out) since the last look, at most once per ``WORKERS`` seconds:
+        what serves the groups, ticks the schedules and begins queued runs changes with
+        them, and no audit record says so."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._looked < WORKERS:
+            return
+        self._looked = loop.time()
+        try:
+            now = time.time()
+            live = {w.worker_id for w in await store.workers(self.app) if w.expires_at >= now}
+        except Exception:  # the store is down: the audit read says so
+            return
+        before, self._live = self._live, live
+        if before is None:
+            return
+        stamp = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+        for worker, state in sorted([(w, "up") for w in live - before]
+                                    + [(w, "gone") for w in before - live]):
+            self._publish(Change(0, "worker", {"id": worker, "state": state, "time": stamp}))
 
     def _past_head(self, rec: AuditRecord, head: int) -> None:
         """Leave out ``rec``, which lies past the chain's head: every append moves the

@@ -34,7 +34,15 @@
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(options.body);
     }
-    const res = await fetch(path, init);
+    let res;
+    try {
+      res = await fetch(path, init);
+    } catch (e) {  // no answer at all (the console stopped, the network is down): say so
+      const err = new Error(`the console did not answer (${e.message}): check that ` +
+        "`cantata serve` is running and reachable, then try again");
+      err.status = 0;
+      throw err;
+    }
     if (res.status === 401) {
       location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
       const err = new Error("not logged in");
@@ -144,14 +152,20 @@
         retry();
       });
     };
-    for (const kind of ["run", "dead_letter", "schedule"]) {
+    for (const kind of ["run", "step", "delivery", "dead_letter", "schedule", "group", "worker"]) {
       es.addEventListener(kind, (ev) => {
         let data; try { data = JSON.parse(ev.data); } catch (e) { return; }
         for (const fn of liveHandlers) fn(kind, data);
       });
     }
   }
-  function debounce(fn, ms) { let t = null; return () => { clearTimeout(t); t = setTimeout(fn, ms); }; }
+  // Calls within `ms` of the first one share one call of `fn`, `ms` after it. Not a
+  // debounce, which waits for `ms` of quiet: on a busy app (a run changes every few
+  // hundred ms) quiet never comes, and a page would never redraw from its live feed.
+  function coalesce(fn, ms) {
+    let t = null;
+    return () => { if (t === null) t = setTimeout(() => { t = null; fn(); }, ms); };
+  }
   // A page's draws can overlap (a live event's, a button's, the timer's), and an answer
   // read before a change can come back after one read after it: each draw takes a
   // ticket before it reads, and only the newest ticket's answer is drawn.
@@ -290,8 +304,8 @@
     const redraw = () => render().then(() => problem.replaceChildren(),
       (e) => problem.replaceChildren(notice(e.message, "error")));
     // once soon, and once more after the server's 2 s cache of the counts has expired
-    onLive(debounce(redraw, 1000));
-    onLive(debounce(redraw, 3000));
+    onLive(coalesce(redraw, 1000));
+    onLive(coalesce(redraw, 3000));
   };
 
   pages.runs = async () => {
@@ -371,12 +385,12 @@
       fresh.replaceChildren(n ? h("button", { type: "button", class: "fresh", onclick: showNew },
         `${n}${more} new run${n === 1 && !more ? "" : "s"} — show`) : "");
     }
-    const lookSoon = debounce(() => look().catch((e) => status.replaceChildren(notice(e.message, "error"))), 500);
+    const lookSoon = coalesce(() => look().catch((e) => status.replaceChildren(notice(e.message, "error"))), 500);
     // A run shown that changed gets its new status at once, then its row is read again
     // whole: when it was updated, and its error (gone once a retried run completes).
     const changed = new Set();
     const rowOf = (id) => tbody.querySelector(`tr[data-run-id="${CSS.escape(id)}"]`);
-    const redrawRows = debounce(() => {
+    const redrawRows = coalesce(() => {
       const ids = [...changed];
       changed.clear();
       for (const id of ids) {
@@ -388,6 +402,7 @@
     }, 300);
     onLive((kind, d) => {
       if (kind === "open") { lookSoon(); return; }
+      if (kind === "step" && rowOf(d.run_id)) { changed.add(d.run_id); redrawRows(); return; }  // (its Updated)
       if (kind !== "run") return;
       const row = rowOf(d.run_id);
       if (!row) { lookSoon(); return; }
@@ -413,8 +428,17 @@
 
   // A new run reusing this one's recorded results before the chosen call; the page
   // goes to it.
+  // A choreographed saga's run: its history is its start event and its wait for its
+  // end; its steps are other services' handlers (shown on its trace and its map).
+  function choreographed(r) {
+    const keys = new Set(r.steps.map((st) => st.key));
+    return keys.has(`emit:${r.workflow}.started#1`) && keys.has(`wait:${r.workflow}.finished#1`);
+  }
   function forkForm(r) {
-    const calls = r.steps.filter((st) => FORKABLE.has(st.kind) && !st.compensation);
+    let calls = r.steps.filter((st) => FORKABLE.has(st.kind) && !st.compensation);
+    // forked from its wait, a run would reuse its start without emitting it again and
+    // wait for an end that never comes: it forks from its start (its steps run again)
+    if (choreographed(r)) calls = calls.filter((st) => st.key === `emit:${r.workflow}.started#1`);
     if (!calls.length) return null;
     const failed = calls.find((st) => st.status === "failed");
     const choice = (failed || calls[calls.length - 1]).key;
@@ -505,6 +529,9 @@
           canOperate && !LIVE.has(r.status) ? forkForm(r) : null),
         h("section", { class: "panel" }, h("h2", {}, "Map"), mapBox, legend)),
         h("h2", {}, "Steps"),
+        choreographed(r) ? h("p", { class: "notice", id: "hops" }, "A choreographed saga: its steps run as " +
+          "handlers of the services (the groups ", `${r.workflow}.STEP`, "), not as calls of this run; their " +
+          "attempts and errors are on ", traceLink(r.correlation_id, "its trace"), ", their states on the map.") : null,
         table(["Step", "Kind", "Status", "Attempts", "Started", "Took", "Error"], rows, "No steps yet."));
       try {
         const map = await api(`/api/maps/workflows/${encodeURIComponent(r.workflow)}?run_id=${encodeURIComponent(id)}`);
@@ -512,8 +539,9 @@
       } catch (e) { mapBox.replaceChildren(h("span", { class: "muted" }, e.message)); }
     }
     await render();
-    const again = debounce(() => render().catch(fail), 250);
-    onLive((kind, d) => { if (kind === "open" || (kind === "run" && d.run_id === id)) again(); });
+    const again = coalesce(() => render().catch(fail), 250);
+    // its status changes, and steps that end while its status stays (running)
+    onLive((kind, d) => { if (kind === "open" || ((kind === "run" || kind === "step") && d.run_id === id)) again(); });
   };
 
   pages.trace = async () => {
@@ -548,7 +576,7 @@
       }
     }
     await render();
-    onLive(debounce(() => render().catch(fail), 400));
+    onLive(coalesce(() => render().catch(fail), 400));
   };
 
   pages.events = async () => {
@@ -610,7 +638,7 @@
         rows, "No dead letters. Every delivery was handled."));
     }
     await render();
-    onLive(debounce(() => { render().catch(fail); }, 300));
+    onLive(coalesce(() => { render().catch(fail); }, 300));
   };
 
   pages.stalled = async () => {
@@ -636,7 +664,7 @@
       holder.replaceChildren(table(STALL_HEADERS, stallRows(stalls), "Nothing is stuck."));
     }
     await render();
-    onLive(debounce(() => render().catch(fail), 1000));
+    onLive(coalesce(() => render().catch(fail), 1000));
   };
 
   // Pages whose figures change with time alone (a tick passes, a waiting run ages, the
@@ -787,9 +815,10 @@
     }
     await render();
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
-    const soon = debounce(again, 300);
-    const later = debounce(again, 1000);  // a run of a tick (or any run) started or ended
-    onLive((kind) => { if (kind === "schedule" || kind === "open") soon(); else if (kind === "run") later(); });
+    const soon = coalesce(again, 300);
+    const later = coalesce(again, 1000);  // a run of a tick (or any run) started or ended
+    // (a worker that comes or goes starts or stops the ticks: "no worker: not ticking")
+    onLive((kind) => { if (kind === "schedule" || kind === "worker" || kind === "open") soon(); else if (kind === "run") later(); });
     everyWhileShown(again, 15000);
   };
 
@@ -849,7 +878,7 @@
     }
     await render();
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
-    onLive(debounce(again, 500));
+    onLive(coalesce(again, 500));
     everyWhileShown(again, 5000);
   };
 
@@ -914,8 +943,95 @@
     }
     await render();
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
-    onLive(debounce(again, 500));  // runs and dead letters come and go with deliveries
+    onLive(coalesce(again, 500));  // runs and dead letters come and go with deliveries
     everyWhileShown(again, 5000);  // ages grow and workers come and go with time alone
+  };
+
+  // The audit log (admins): newest first, older by "Load older"; a filter on the rows
+  // read so far (actor, action, target); Verify checks the whole hash chain.
+  pages.audit = async () => {
+    if (role !== "admin") {  // (the API answers 403: no form, no Verify to press in vain)
+      show(notice(`The audit log is read by admins: you are logged in as ${role}. ` +
+        "An admin creates an admin token with `cantata token create --name NAME --role admin`.", "error"));
+      return;
+    }
+    const msg = h("div", {});
+    const checked = h("div", { id: "audit-verified" });
+    const find = h("input", { id: "audit-find", name: "find", type: "search",
+      placeholder: "token:alice, run.retried, a run id…" });
+    const tbody = h("tbody", {});
+    const more = h("div", { class: "actions" });
+    const verify = h("button", { type: "button", onclick: async (ev) => {
+      ev.currentTarget.disabled = true;
+      const button = ev.currentTarget;
+      try {
+        const v = await api("/api/audit/verify");
+        checked.replaceChildren(v.ok
+          ? h("div", { class: "notice ok", role: "status" }, `The chain of ${v.records} records is intact.`)
+          : notice(`The chain is broken at record #${v.first_bad_seq}: ${v.reason}. ` +
+              "Run `cantata audit verify` and restore the store from a backup.", "error"));
+      } catch (e) { checked.replaceChildren(notice(e.message, "error")); }
+      button.disabled = false;
+    } }, "Verify");
+    const filters = h("form", { class: "filters", onsubmit: (ev) => { ev.preventDefault(); filter(); } },
+      h("label", { for: "audit-find" }, "Find in the records read", find),
+      h("button", { type: "submit", class: "primary" }, "Find"), verify);
+    find.addEventListener("input", () => filter());
+    show(h("p", { class: "muted" }, "Every state change and operator action of this app, newest first, " +
+      "with who did it (operators: token:NAME, the CLI: cli:USER@HOST, workers: worker:ID)."),
+      filters, checked, msg, h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, ["#", "Time", "Actor", "Action", "Target", "Data"].map((t) => h("th", { scope: "col" }, t)))),
+        tbody)), more);
+    // A target that is a run (run.* records, `<run id>:<step key>` of a task) links to it.
+    const RUN_ID = /^[0-9a-f]{32}(?=$|:)/;
+    function target(r) {
+      const run = (r.action.startsWith("run.") || r.action.startsWith("task.")) && RUN_ID.exec(r.target);
+      return run ? [runLink(run[0]), r.target.slice(run[0].length)] : h("span", { class: "mono long" }, r.target);
+    }
+    function row(r) {
+      return h("tr", { "data-seq": String(r.seq), class: r.past_head ? "past-head" : "" },
+        h("td", { class: "num" }, String(r.seq)), h("td", { class: "when" }, when(r.time)),
+        h("td", { class: "mono" }, r.actor), h("td", { class: "mono" }, r.action,
+          r.past_head ? [" ", h("span", { class: "badge s-failed", title: "Added outside Cantata: " +
+            "no Cantata process wrote it (Verify reports the log tampered with)" }, "past the head")] : null),
+        h("td", {}, target(r)),
+        h("td", {}, Object.keys(r.data || {}).length ? h("code", { class: "mono long" }, JSON.stringify(r.data)) : ""));
+    }
+    function filter() {
+      const words = find.value.trim().toLowerCase();
+      let shown = 0;
+      for (const tr of tbody.children) {
+        const hit = !words || tr.textContent.toLowerCase().includes(words);
+        tr.hidden = !hit;
+        if (hit) shown += 1;
+      }
+      msg.replaceChildren(words && !shown ? notice("No record read so far matches: load older ones.") : "");
+    }
+    async function load(cursor, button) {
+      const p = new URLSearchParams({ order: "newest", limit: "100" });
+      if (cursor) p.set("cursor", cursor);
+      if (button) button.disabled = true;
+      try {
+        const got = await api("/api/audit?" + p.toString());
+        tbody.append(...got.records.map(row));
+        if (!tbody.children.length) msg.replaceChildren(notice("The audit log is empty."));
+        more.replaceChildren(got.next_cursor ? h("button", { type: "button",
+          onclick: (ev) => load(got.next_cursor, ev.currentTarget) }, "Load older") : "");
+        filter();
+      } catch (e) {
+        msg.replaceChildren(notice(e.message, "error"));
+        if (button) button.disabled = false;
+      }
+    }
+    await load(null);
+    // Records written since come on top as the stream tells of changes (the newest 100).
+    async function newer() {
+      const top = tbody.firstElementChild ? Number(tbody.firstElementChild.dataset.seq) : 0;
+      const got = await api("/api/audit?order=newest&limit=100");
+      tbody.prepend(...got.records.filter((r) => r.seq > top).map(row));
+      filter();
+    }
+    onLive(coalesce(() => newer().catch((e) => msg.replaceChildren(notice(e.message, "error"))), 1000));
   };
 
   /* -- start ------------------------------------------------------------------------- */

@@ -131,23 +131,41 @@
     }
     const layer = {};
     const order = map.nodes.map((n) => n.id);
+    // A choreography has cycles (a saga's workflow emits its start event and waits for
+    // its end event, which its steps' handlers emit): the edges that close a cycle, found
+    // by a depth-first walk from the sources, are left out of the layering (and drawn
+    // as arcs back), so the rest is acyclic and no cycle pushes nodes far to the right.
+    const back = new Set();
+    const state = {};  // 1: on the walk's path, 2: done
+    function walk(id) {
+      state[id] = 1;
+      for (const t of out[id]) {
+        if (state[t] === 1) back.add(id + "\u0000" + t);
+        else if (!state[t]) walk(t);
+      }
+      state[id] = 2;
+    }
+    for (const id of order) if (!incoming[id].length && !state[id]) walk(id);
+    for (const id of order) if (!state[id]) walk(id);
+    const forward = map.edges.filter((e) => e.source in out && e.target in out
+      && !back.has(e.source + "\u0000" + e.target));
     for (const id of order) layer[id] = 0;
-    for (let pass = 0; pass < order.length; pass++) {  // longest path, bounded (cycles)
+    for (let pass = 0; pass < order.length; pass++) {  // longest path over the acyclic rest
       let changed = false;
-      for (const e of map.edges) {
-        if (layer[e.target] < layer[e.source] + 1 && layer[e.source] + 1 < order.length) {
-          layer[e.target] = layer[e.source] + 1; changed = true;
-        }
+      for (const e of forward) {
+        if (layer[e.target] < layer[e.source] + 1) { layer[e.target] = layer[e.source] + 1; changed = true; }
       }
       if (!changed) break;
     }
     const columns = [];
     for (const id of order) (columns[layer[id]] = columns[layer[id]] || []).push(id);
+    for (let i = columns.length - 1; i >= 0; i--) if (!columns[i]) columns.splice(i, 1);  // (none empty)
     const pos = {};
     let height = 0;
+    const top = back.size ? PAD + 48 : PAD;  // (room above the first row for the arcs back)
     columns.forEach((col, i) => {
       (col || []).forEach((id, j) => {
-        pos[id] = { x: PAD + i * (W + XGAP), y: PAD + j * (H + YGAP) };
+        pos[id] = { x: PAD + i * (W + XGAP), y: top + j * (H + YGAP) };
         height = Math.max(height, pos[id].y + H + PAD);
       });
     });
