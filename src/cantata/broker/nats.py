@@ -322,6 +322,14 @@ class NatsBroker:
         """Whether the client has connected (it may be reconnecting after an outage)."""
         return self._js is not None
 
+    @property
+    def reachable(self) -> bool:
+        """Whether the client is connected right now (not before its first connection,
+        not while it reconnects after an outage): what is sent meanwhile waits for the
+        server, or for a timeout if it does not come back."""
+        nc = self._nc
+        return nc is not None and nc.is_connected
+
     async def wait_connected(self) -> None:
         """Until the client has connected (at once if it has)."""
         await self._up.wait()

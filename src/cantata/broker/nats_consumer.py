@@ -33,6 +33,7 @@ from cantata.broker.nats_names import Names, digest
 from cantata.broker.nats_publish import ack_all
 from cantata.broker.nats_pull import direct, fetch, indirect, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
+from cantata.graceful import finish_unless
 from cantata.model.checks import check_text
 from cantata.model.codec import new_id
 from cantata.model.event import BOUNDED_ATTRIBUTES, Event, check_length, is_claim
@@ -55,6 +56,9 @@ _MAX_INVALID_TEXT = 64 * 1024
 # fault (which is waited out) is given up: NATS stops delivering it (docs/deploy.md).
 GIVE_UP_AFTER = 5
 _CRASHES_KEPT = 1024  # messages whose failures a subscription counts
+# Seconds past ``fetch_timeout`` a stopping subscription waits for its pull loops while
+# the server answers (a consumer's check, an unsubscribe), before it cancels them
+STOP_PULL_EXTRA = 5.0
 
 #: Where a consumer a subscription makes starts reading: a POSIX time (asked only when
 #: the consumer is made); a subscription without one reads from the stream's start.
@@ -740,10 +744,13 @@ class NatsSubscription:
 
     async def stop(self) -> None:
         """Stop pulling (a fetch under way ends within ``fetch_timeout``), then wait for
-        the handlers that are running."""
+        the handlers that are running. A pull loop waiting on a server that is gone (a
+        fetch, a consumer's check) is cancelled at once: its wait could only end in a
+        timeout, and a message fetched meanwhile is redelivered after its ack wait."""
         self._stopping.set()
         self._capacity.set()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await finish_unless(self._loops, self.broker.fetch_timeout + STOP_PULL_EXTRA,
+                            lambda: not self.broker.reachable)
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         self._keeper.cancel()
