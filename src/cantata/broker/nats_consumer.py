@@ -40,6 +40,7 @@ from cantata.model.event import BOUNDED_ATTRIBUTES, Event, check_length, is_clai
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import Settlement
+from cantata.store.faults import wait_out
 from cantata.store.roles.events import DeliveryHold
 
 if TYPE_CHECKING:
@@ -456,7 +457,7 @@ class NatsSubscription:
                     # copy) is checked against the store below.
                     await m.ack()
                     return
-                if not await self._addressed(msg, msg.event, m):
+                if not await self._addressed_once_read(msg, msg.event, m):
                     if not msg.settled:  # (a refused duplicate was dead-lettered, a copy
                         await m.ack()  # held elsewhere handed back)
                     return
@@ -683,6 +684,20 @@ class NatsSubscription:
         # of 1: the attempts the store recorded are the floor.
         msg.attempt = max(msg.attempt, state.attempts + 1)
         return True
+
+    async def _addressed_once_read(self, msg: NatsMessage, event: Event[Any], m: Msg) -> bool:
+        """:meth:`_addressed`, waiting out a store outage (or a full or read-only
+        store) while holding the message: told "in progress" meanwhile, NATS does not
+        deliver it again. Each delivery counts as an attempt (a handler cut short by a
+        worker crash is charged so), so leaving it to NATS would charge every ack wait of
+        the outage, and an outage of five dead-lettered the event as cut short by
+        crashes though no worker died. A stop hands it back (the store's error)."""
+        self._held[id(m)] = m
+        return await wait_out(
+            lambda: self._addressed(msg, event, m), quiet=quiet,
+            key=f"settle:{self.group}", what=f"group {self.group} reading a delivery",
+            give_up=self._stopping.is_set, max_delay=max(0.05, self.broker.lease / 4),
+        )
 
     async def _keep(self, event: Event[Any]) -> tuple[DeliveryHold | None, Event[Any]]:
         """This group's delivery of ``event`` and the stored event, for a copy whose
