@@ -392,8 +392,10 @@ class NatsBroker:
                 if failures >= attempts or not unreachable(exc):
                     raise _GiveUp(error_text(exc))
             else:
+                # (a connection attempt that timed out says nothing: "TimeoutError: ")
                 self.quiet.warning("connection", "NATS at %s: %s; reconnecting",
-                                   self.masked_url, error_text(exc))
+                                   self.masked_url, error_text(exc) if str(exc).strip()
+                                   else f"{type(exc).__name__} (no answer in time)")
 
         async def on_disconnect() -> None:
             if not opening and self._nc is not None:  # not when close() disconnects
