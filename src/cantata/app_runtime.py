@@ -54,6 +54,9 @@ class Runtime:
         store.set_audit_key(app.name, app.audit_key)
         store.adopt_timing(lease=app.lease)  # its own outage warnings, as the worker's
         broker = broker_from_url(broker_spec) if isinstance(broker_spec, str) else broker_spec
+        # The app's lease before connecting (NATS pings its server by it, see
+        # broker/nats.py PING_LEAST); the worker's own hold is given once it serves.
+        broker.adopt_timing(lease=app.lease, poll_interval=app.poll_interval)
         try:
             await broker.open(store)
             try:

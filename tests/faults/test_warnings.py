@@ -137,3 +137,34 @@ async def test_the_postgresql_listener_warns_at_the_workers_interval(
         f"{r.created:.2f} {r.getMessage()}" for r in records)
     assert "similar warning(s) in the last 10 s" in during[1], during[1]
     assert any("listens again" in line for line in after), "\n".join(after)
+
+
+# nats-py leaves the socket of a connection attempt that timed out for the collector
+# to close (a ResourceWarning then): its business, not this test's.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_nats_server_that_stops_answering_is_said_so(
+    private_nats: PrivateNats, sqlite_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NATS paused (SIGSTOP: connections stay open, nothing answers): the client finds
+    it by its pings and its reconnection attempts time out; the line says so, not
+    ``TimeoutError: ;`` (a timeout's empty message), and once, not per attempt."""
+    import signal
+
+    app = App(f"warn{uuid.uuid4().hex[:6]}", store=sqlite_url, broker=private_nats.url,
+              lease=1.0, poll_interval=0.05)
+    with caplog.at_level(logging.WARNING, logger="cantata"):
+        async with app:
+            await asyncio.sleep(0.5)
+            caplog.clear()
+            assert private_nats.proc is not None
+            private_nats.proc.send_signal(signal.SIGSTOP)
+            try:
+                during = await _until_logged(caplog, ["no answer in time"], 8.0)
+            finally:
+                private_nats.proc.send_signal(signal.SIGCONT)
+            after = (await _until_logged(caplog, ["reconnected to NATS"], 6.0))[len(during):]
+    timeouts = [line for line in during if "TimeoutError" in line and "NATS at" in line]
+    assert timeouts and all("no answer in time" in line for line in timeouts), "\n".join(during)
+    assert not any("TimeoutError: ;" in line for line in during + after), "\n".join(during)
+    assert len(timeouts) <= 1, "\n".join(during)
+    assert any("reconnected to NATS" in line for line in after), "\n".join(during + after)

@@ -97,6 +97,13 @@ _NOT_HELD: Any = object()
 # the max_payload assumed before the server was reached (it tells its own on connecting)
 _UNKNOWN_PAYLOAD = 2**62
 _CONSUMER_NOT_FOUND = 10014  # JetStream's err_code (10059: the stream is not found)
+# A connection silently gone (half-open: a dropped NAT mapping, a vanished host, a
+# blackholing network) is found by pings it does not answer: one every half lease (at
+# least every PING_LEAST seconds), and the client connects again when PINGS_UNANSWERED
+# are outstanding as the next is due, so within about 1.5 leases, as the PostgreSQL
+# listener's probe finds it (docs/leases.md); the client's default is 2 pings 120 s apart.
+PING_LEAST = 1.0
+PINGS_UNANSWERED = 2
 
 
 class _GiveUp(Exception):
@@ -322,6 +329,14 @@ class NatsBroker:
         """Whether the client has connected (it may be reconnecting after an outage)."""
         return self._js is not None
 
+    @property
+    def reachable(self) -> bool:
+        """Whether the client is connected right now (not before its first connection,
+        not while it reconnects after an outage): what is sent meanwhile waits for the
+        server, or for a timeout if it does not come back."""
+        nc = self._nc
+        return nc is not None and nc.is_connected
+
     async def wait_connected(self) -> None:
         """Until the client has connected (at once if it has)."""
         await self._up.wait()
@@ -377,8 +392,10 @@ class NatsBroker:
                 if failures >= attempts or not unreachable(exc):
                     raise _GiveUp(error_text(exc))
             else:
+                # (a connection attempt that timed out says nothing: "TimeoutError: ")
                 self.quiet.warning("connection", "NATS at %s: %s; reconnecting",
-                                   self.masked_url, error_text(exc))
+                                   self.masked_url, error_text(exc) if str(exc).strip()
+                                   else f"{type(exc).__name__} (no answer in time)")
 
         async def on_disconnect() -> None:
             if not opening and self._nc is not None:  # not when close() disconnects
@@ -395,6 +412,8 @@ class NatsBroker:
                 reconnected_cb=on_reconnect, max_reconnect_attempts=-1,
                 reconnect_time_wait=self.reconnect_time_wait,  # type: ignore[arg-type]
                 connect_timeout=2,
+                ping_interval=self.ping_interval,  # type: ignore[arg-type]
+                max_outstanding_pings=PINGS_UNANSWERED,
             )
         except BaseException as exc:
             cause = last if isinstance(exc, _GiveUp) and last is not None else exc
@@ -699,11 +718,20 @@ class NatsBroker:
     ) -> None:
         """Take the app's lease as ``ack_wait`` unless this broker was given one, so a
         dead worker's messages are handled elsewhere after the same time as its runs
-        (consumers made before keep theirs)."""
+        (consumers made before keep theirs), and ping the server every half lease, so
+        a connection silently gone is replaced within about 1.5 leases."""
         self.lease, self.may_take_over = lease, may_take_over
         self.quiet.every = max(10.0, lease)
         if not self._ack_wait_given:
             self.ack_wait = max(1.0, lease)
+        if self._nc is not None:  # (from its next ping on)
+            self._nc.options["ping_interval"] = self.ping_interval
+
+    @property
+    def ping_interval(self) -> float:
+        """Seconds between the client's pings: half the app's lease, at least
+        :data:`PING_LEAST` (see :data:`PINGS_UNANSWERED`)."""
+        return max(PING_LEAST, self.lease / 2)
 
     # -- the Broker protocol --------------------------------------------------------------
 

@@ -33,12 +33,14 @@ from cantata.broker.nats_names import Names, digest
 from cantata.broker.nats_publish import ack_all
 from cantata.broker.nats_pull import direct, fetch, indirect, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
+from cantata.graceful import finish_unless
 from cantata.model.checks import check_text
 from cantata.model.codec import new_id
 from cantata.model.event import BOUNDED_ATTRIBUTES, Event, check_length, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
 from cantata.quietlog import QuietLog
 from cantata.store.base import Settlement
+from cantata.store.faults import wait_out
 from cantata.store.roles.events import DeliveryHold
 
 if TYPE_CHECKING:
@@ -55,6 +57,9 @@ _MAX_INVALID_TEXT = 64 * 1024
 # fault (which is waited out) is given up: NATS stops delivering it (docs/deploy.md).
 GIVE_UP_AFTER = 5
 _CRASHES_KEPT = 1024  # messages whose failures a subscription counts
+# Seconds past ``fetch_timeout`` a stopping subscription waits for its pull loops while
+# the server answers (a consumer's check, an unsubscribe), before it cancels them
+STOP_PULL_EXTRA = 5.0
 
 #: Where a consumer a subscription makes starts reading: a POSIX time (asked only when
 #: the consumer is made); a subscription without one reads from the stream's start.
@@ -452,7 +457,7 @@ class NatsSubscription:
                     # copy) is checked against the store below.
                     await m.ack()
                     return
-                if not await self._addressed(msg, msg.event, m):
+                if not await self._addressed_once_read(msg, msg.event, m):
                     if not msg.settled:  # (a refused duplicate was dead-lettered, a copy
                         await m.ack()  # held elsewhere handed back)
                     return
@@ -680,6 +685,20 @@ class NatsSubscription:
         msg.attempt = max(msg.attempt, state.attempts + 1)
         return True
 
+    async def _addressed_once_read(self, msg: NatsMessage, event: Event[Any], m: Msg) -> bool:
+        """:meth:`_addressed`, waiting out a store outage (or a full or read-only
+        store) while holding the message: told "in progress" meanwhile, NATS does not
+        deliver it again. Each delivery counts as an attempt (a handler cut short by a
+        worker crash is charged so), so leaving it to NATS would charge every ack wait of
+        the outage, and an outage of five dead-lettered the event as cut short by
+        crashes though no worker died. A stop hands it back (the store's error)."""
+        self._held[id(m)] = m
+        return await wait_out(
+            lambda: self._addressed(msg, event, m), quiet=quiet,
+            key=f"settle:{self.group}", what=f"group {self.group} reading a delivery",
+            give_up=self._stopping.is_set, max_delay=max(0.05, self.broker.lease / 4),
+        )
+
     async def _keep(self, event: Event[Any]) -> tuple[DeliveryHold | None, Event[Any]]:
         """This group's delivery of ``event`` and the stored event, for a copy whose
         delivery the batch lookup did not find with its event: most often an event from
@@ -740,10 +759,13 @@ class NatsSubscription:
 
     async def stop(self) -> None:
         """Stop pulling (a fetch under way ends within ``fetch_timeout``), then wait for
-        the handlers that are running."""
+        the handlers that are running. A pull loop waiting on a server that is gone (a
+        fetch, a consumer's check) is cancelled at once: its wait could only end in a
+        timeout, and a message fetched meanwhile is redelivered after its ack wait."""
         self._stopping.set()
         self._capacity.set()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await finish_unless(self._loops, self.broker.fetch_timeout + STOP_PULL_EXTRA,
+                            lambda: not self.broker.reachable)
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         self._keeper.cancel()

@@ -16,6 +16,7 @@ from typing import Any
 
 from cantata.broker.base import Broker, BrokerStore
 from cantata.errors import BrokerNotConnected, EventsRefused, error_text
+from cantata.graceful import finish_unless
 from cantata.model.codec import new_id
 from cantata.model.event import Event
 from cantata.model.records import DELIVERY_PENDING, DeliveryOutcome
@@ -168,17 +169,30 @@ class OutboxRelay:
         unless the broker was failing, what the outbox holds then is sent too (so a
         client that publishes and exits delivers), within ``timeout`` seconds. A broker
         not reached yet (it said so at open) leaves the events in the outbox without
-        another warning, even if the relay had no pass to find that out before."""
+        another warning, even if the relay had no pass to find that out before; so does
+        a broker that is gone (a NATS client reconnecting), at once: the stop does not
+        wait out its publish timeouts."""
         task, self._task = self._task, None
         if task is None:
             return
         self._stopping.set()
         self._wakeup.set()
         try:
-            await asyncio.wait_for(task, timeout)
+            # A broker that is gone (not connected now) cannot take the batch under way
+            # or the rest: it is not waited for (its publish would end in a timeout); the
+            # events stay in the outbox, and what was published and not yet marked is
+            # published again by the next relay (the broker drops the ids it has seen).
+            ended = await finish_unless({task}, timeout, self._broker_gone)
+            if not ended and not self._broker_gone():
+                raise TimeoutError
             await asyncio.wait_for(self._mark(force=True), timeout)
-            if not self._failing:
-                await asyncio.wait_for(self._drain(), timeout)
+            if ended and not self._failing and not self._broker_gone():
+                drain = asyncio.ensure_future(self._drain())
+                if not await finish_unless({drain}, timeout, self._broker_gone):
+                    if not self._broker_gone():
+                        raise TimeoutError
+                    return
+                drain.result()  # (what it raised)
         except TimeoutError:
             log.warning("outbox relay of app %s did not stop in %ss", self.app, timeout)
         except BrokerNotConnected:
@@ -191,6 +205,12 @@ class OutboxRelay:
             self._later.clear()
             self._cancel_later_timer()
             self._unmarked.clear()
+
+    def _broker_gone(self) -> bool:
+        """Whether the broker says it is not connected now (a NATS client reconnecting,
+        or not reached yet); a broker that cannot tell is taken for connected."""
+        reachable = getattr(self.broker, "reachable", None)  # (NatsBroker)
+        return reachable is not None and not reachable
 
     def _cancel_later_timer(self) -> None:
         if self._later_timer is not None:

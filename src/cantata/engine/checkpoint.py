@@ -6,9 +6,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from cantata.errors import LeaseLost, StoreError, StoreFull, StoreUnavailable
+from cantata.errors import LeaseLost, StoreError
 from cantata.model.records import RunRecord, RunWrite
-from cantata.store.faults import wait_out
+from cantata.store.faults import WAITED_OUT, wait_out
 
 from .creation import create_once
 from .signals import _Abandon, _StoreFailed
@@ -58,7 +58,7 @@ async def commit_run(x: RunExecution, write: RunWrite) -> None:
     try:
         try:  # the usual case first, without the retry loop's layers
             await engine.store.commit_run(run.app, run.run_id, run.fence, write)
-        except (StoreUnavailable, StoreFull):
+        except WAITED_OUT:
             await wait_out(
                 lambda: engine.store.commit_run(run.app, run.run_id, run.fence, write),
                 quiet=engine.quiet,

@@ -152,6 +152,12 @@ def _said(exc: BaseException) -> str:
     return f"SQLSTATE {getattr(exc, 'sqlstate', '?')}: {lines}"
 
 
+# What a write waits out (it is retried until the store takes it): the machine's
+# condition, not the write's; a read-only store among them, since it is one for a while
+# (a failover) as often as for good (a read-only file refuses a worker at its start).
+WAITED_OUT = (StoreUnavailable, StoreFull, StoreReadOnly)
+
+
 async def wait_out(
     record: Callable[[], Awaitable[T]],
     *,
@@ -161,16 +167,17 @@ async def wait_out(
     give_up: Callable[[], bool],
     max_delay: float,
 ) -> T:
-    """Call ``record`` until the store takes it, waiting out an outage or a full disk
-    (the work it records is done: doing it again because its commit failed would
-    repeat its side effects). ``give_up()`` true (a stop) raises the store's error.
-    Other errors are raised at once.
+    """Call ``record`` until the store takes it, waiting out an outage, a full disk or
+    a store turned read-only (a demoted primary, a server in recovery: the work it
+    records is done, and doing it again because its commit failed would repeat its
+    side effects). ``give_up()`` true (a stop) raises the store's error. Other errors
+    are raised at once.
     """
     delay = 0.05
     while True:
         try:
             return await record()
-        except (StoreUnavailable, StoreFull) as exc:
+        except WAITED_OUT as exc:
             if give_up():
                 raise
             quiet.warning(key, f"{what} failed (%s); retrying", reason(exc))
