@@ -62,8 +62,9 @@ async def test_a_stop_while_nats_is_down_is_not_held_by_the_broker(
         c.start_worker()
         counts = await c.recover(time.monotonic(), budget=20)
     print(f"\nstop with NATS down ({signals} signal(s)): exit after {took:.1f} s: {counts}")
-    # the work in progress ends within 1 s; the second signal cuts it at once
-    assert took < 2.5, f"the worker took {took:.1f} s to stop with NATS down: {c.logs()}"
+    # the work in progress ends within 1 s; the second signal cuts it at once (5 s: a
+    # loaded machine's margin, still well under the 8-9 s NATS's timeouts took)
+    assert took < 5.0, f"the worker took {took:.1f} s to stop with NATS down: {c.logs()}"
     assert victim.proc.returncode == (0 if signals == 1 else 3), c.logs()
     assert_zero(counts, worker_lost=signals == 1)
     if signals == 1:
