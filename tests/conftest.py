@@ -106,6 +106,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("faults") is not None:
             item.add_marker(pytest.mark.xdist_group("faults"))
+    if hasattr(config, "workerinput"):
+        _slow_first(items)
+
+
+def _slow_first(items: list[pytest.Item]) -> None:
+    """In an xdist worker: the tests marked ``slow`` (seconds to a minute each) first,
+    the others after them, each in collection order.
+
+    ``--dist loadgroup`` hands out the tests of no group in the order the workers
+    collected them. In file order the slowest files (tests/test_audit_upgrade.py,
+    tests/test_audit_branches.py) came near the end, so the last of their tests could
+    begin when the other workers had nearly nothing left, and the run waited for it.
+    Long tests first, short ones last: the workers run out of work at about the same
+    time. (Not in a run without workers: there a module's tests stay together, and
+    its module-scoped fixtures are made once.)"""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _reachable(url: str, default_port: int) -> bool:

@@ -17,6 +17,7 @@ class _ParsesWhenCollected:
         ast.parse("def f(a):\n    return [a + (1 if a else 2) for _ in a]\n")
 
 
+@pytest.mark.slow
 def test_a_collection_during_the_rewrite_does_not_break_the_parse(
     tmp_path: Path, pytestconfig: pytest.Config
 ) -> None:

@@ -120,6 +120,7 @@ async def parked_unanalyzed(postgres_url: str, schema: str) -> AsyncIterator[Any
             yield app, conn
 
 
+@pytest.mark.slow
 async def test_the_per_pass_statements_read_no_parked_run_without_statistics(
     postgres_url: str, pooled_schema: str
 ) -> None:
@@ -168,6 +169,7 @@ def read_live(plan: dict[str, Any]) -> tuple[int, set[str]]:
     return rows, indexes
 
 
+@pytest.mark.slow
 async def test_stalled_reads_no_parked_sleeper_without_statistics(
     postgres_url: str, pooled_schema: str
 ) -> None:
