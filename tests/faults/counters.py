@@ -119,13 +119,21 @@ class Execution:
     lapsed: bool = False  # its worker's hold had lapsed at its first line (fault_app.lapsed)
 
 
+def ledger_lines(path: Path) -> list[str]:
+    """The ledger's complete lines. A worker appends each line with one ``write``, but a
+    read at the same moment can see the first part of it (the copy into the file is not
+    atomic for readers): a last line without its newline is left for the next read."""
+    text = path.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
 def read_ledger(path: Path) -> list[Execution]:
     """Executions in the order they began (a begin line opens one, end/fail/effect close)."""
     executions: list[Execution] = []
     open_: dict[tuple[str, str, str, int, int], Execution] = {}
     if not path.exists():
         return executions
-    for line in path.read_text().splitlines():
+    for line in ledger_lines(path):
         if not line.strip():
             continue
         rec = json.loads(line)
@@ -194,7 +202,7 @@ def read_lapses(path: Path) -> dict[int, list[tuple[float, float]]]:
     lapses: dict[int, list[tuple[float, float]]] = defaultdict(list)
     if not path.exists():
         return lapses
-    for line in path.read_text().splitlines():
+    for line in ledger_lines(path):
         if line.strip():
             rec = json.loads(line)
             if rec["k"] == "lapse":
@@ -208,7 +216,7 @@ def read_beats(path: Path) -> dict[int, float]:
     beats: dict[int, float] = {}
     if not path.exists():
         return beats
-    for line in path.read_text().splitlines():
+    for line in ledger_lines(path):
         if line.strip():
             rec = json.loads(line)
             if rec["k"] == "beat":
