@@ -106,34 +106,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("faults") is not None:
             item.add_marker(pytest.mark.xdist_group("faults"))
-    if hasattr(config, "workerinput"):
-        _slow_first(items)
-
-
-#: Where the last test marked ``slow`` is handed out: after this share of the others.
-SLOW_SPREAD = 0.6
-
-
-def _slow_first(items: list[pytest.Item]) -> None:
-    """In an xdist worker: the tests marked ``slow`` (seconds to a minute each) spread
-    over the first 60 % of the others, each kind in collection order.
-
-    ``--dist loadgroup`` hands out the tests of no group in the order the workers
-    collected them. In file order the slowest files (tests/test_audit_upgrade.py,
-    tests/test_audit_branches.py) came near the end, so the last of their tests could
-    begin when the other workers had nearly nothing left, and the run waited for it.
-    Now the last 40 % of the short tests are what is left at the end: the workers run
-    out of work at about the same time. The slow tests are mixed with short ones, not
-    all first, so that the fault suite (one worker, from the start) never runs beside
-    three workers busy with processes only. (Not in a run without workers: there a
-    module's tests stay together, and its module-scoped fixtures are made once.)"""
-    slow = [item for item in items if item.get_closest_marker("slow") is not None]
-    if not slow or len(slow) == len(items):
-        return
-    others = [item for item in items if item.get_closest_marker("slow") is None]
-    place = {id(item): (i + 0.5) / len(slow) * SLOW_SPREAD for i, item in enumerate(slow)}
-    place.update({id(item): (i + 0.5) / len(others) for i, item in enumerate(others)})
-    items.sort(key=lambda item: place[id(item)])
 
 
 def _reachable(url: str, default_port: int) -> bool:
