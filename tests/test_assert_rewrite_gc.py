@@ -21,7 +21,9 @@ def test_a_collection_during_the_rewrite_does_not_break_the_parse(
     tmp_path: Path, pytestconfig: pytest.Config
 ) -> None:
     module = tmp_path / "plugin_module.py"
-    module.write_text("def g(x):\n    assert x, (x + 1) * [y for y in x]\n" * 2000)
+    # 400 lines: each rewrite's parse allocates enough for collections to run inside it
+    # (without the fix of tests/conftest.py this fails every time; 4,000 took 10x longer)
+    module.write_text("def g(x):\n    assert x, (x + 1) * [y for y in x]\n" * 200)
     threshold = gc.get_threshold()
     gc.set_threshold(50)  # a collection soon after the parse starts allocating
     try:

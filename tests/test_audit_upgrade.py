@@ -294,7 +294,9 @@ class Setup:
     def rows(self) -> list[dict[str, Any]]:
         if not self.ledger.exists():
             return []
-        return [json.loads(line) for line in self.ledger.read_text().splitlines() if line]
+        text = self.ledger.read_text()
+        # (complete lines: a read as a step body appends one can see its first part)
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
 
     def stop_all(self) -> None:
         for proc in self.procs:

@@ -500,6 +500,7 @@ def shown_prints(code: str) -> list[str]:
 RUN = [b for b in PYTHON if b.mark == "run"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", RUN, ids=[b.where for b in RUN])
 def test_program_runs(block: Block, tmp_path: Path) -> None:
     (tmp_path / "example.py").write_text(block.code)
@@ -766,6 +767,7 @@ SCENARIOS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("session", SESSIONS, ids=[s.id for s in SESSIONS])
 def test_shown_output(session: Session, tmp_path: Path) -> None:
     env = _env(tmp_path)

@@ -25,6 +25,7 @@ from cantata import (
     WorkflowCompensated,
     WorkflowContext,
 )
+from cantata.choreography import orphans
 from cantata.engine.branches import RunTask
 from cantata.model.records import EntryKind, RunWrite
 from cantata.store.postgres import PostgresStore
@@ -358,12 +359,19 @@ async def test_a_store_error_starting_a_child_is_an_outage_and_the_child_starts_
 ORPHAN_READ_FAILED = "checking emitted events for orphans failed"
 
 
+@pytest.fixture
+def brief_declarations_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's declarations are cached 0.2 s, not 2 s: a test that makes their next
+    read fail waits out the cache of the read made at the app's start in 0.3 s."""
+    monkeypatch.setattr(orphans, "_CACHE_SECONDS", 0.2)
+
+
 def orphan_read_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if ORPHAN_READ_FAILED in r.getMessage()]
 
 
 async def test_a_store_error_met_by_an_emits_orphan_check_neither_fails_nor_restarts_the_run(
-    tmp_path: Any, caplog: pytest.LogCaptureFixture,
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, brief_declarations_cache: None,
 ) -> None:
     # The orphan count is a diagnostic: its read failing leaves the emit (stored with
     # its checkpoint) and the run alone; the event is checked with the next emit.
@@ -373,7 +381,7 @@ async def test_a_store_error_met_by_an_emits_orphan_check_neither_fails_nor_rest
     app = outage_app(store, seen, ran)
     with caplog.at_level(logging.WARNING, logger="cantata"):
         async with app:
-            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            await asyncio.sleep(0.3)  # past the cache of the declarations read when it opened
             for kind in ("parcel.sent", "parcel.lost"):  # (two failures: one warning)
                 store.failed.clear()
                 store.arm("declarations")  # read for the orphan count of a type none declares
@@ -397,7 +405,7 @@ async def test_a_store_error_met_by_an_emits_orphan_check_neither_fails_nor_rest
 
 
 async def test_a_store_error_met_by_a_transactional_steps_orphan_check_is_no_failure(
-    tmp_path: Any, caplog: pytest.LogCaptureFixture,
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, brief_declarations_cache: None,
 ) -> None:
     # The step's writes, checkpoint and event are committed: the failed check neither
     # fails the attempt nor runs the step (its SQL) again.
@@ -407,7 +415,7 @@ async def test_a_store_error_met_by_a_transactional_steps_orphan_check_is_no_fai
     app = outage_app(store, seen, ran)
     with caplog.at_level(logging.WARNING, logger="cantata"):
         async with app:
-            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            await asyncio.sleep(0.3)  # past the cache of the declarations read when it opened
             store.arm("declarations")
             handle = await app.start("recorder", "parcel.sent")
             assert await handle.result(timeout=10) == "recorded parcel.sent", seen
@@ -422,7 +430,7 @@ async def test_a_store_error_met_by_a_transactional_steps_orphan_check_is_no_fai
 
 
 async def test_a_store_error_met_by_a_handlers_orphan_check_is_reported_as_a_workflows(
-    tmp_path: Any, caplog: pytest.LogCaptureFixture,
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, brief_declarations_cache: None,
 ) -> None:
     # The same for an emit of a handler: its delivery is settled, the warning
     # rate-limited, the events checked with the next emit.
@@ -430,7 +438,7 @@ async def test_a_store_error_met_by_a_handlers_orphan_check_is_reported_as_a_wor
     app = outage_app(store, [], [])
     with caplog.at_level(logging.WARNING, logger="cantata"):
         async with app:
-            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            await asyncio.sleep(0.3)  # past the cache of the declarations read when it opened
             for n, kind in enumerate(("parcel.sent", "parcel.lost"), 1):
                 store.failed.clear()
                 store.arm("declarations")
@@ -494,7 +502,7 @@ async def test_a_connect_slower_than_its_timeout_for_a_childs_creation_is_an_out
 
 
 async def test_a_store_error_met_by_a_publishs_orphan_check_is_no_failed_publish(
-    tmp_path: Any, caplog: pytest.LogCaptureFixture,
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, brief_declarations_cache: None,
 ) -> None:
     # The event is stored when its orphan check reads the declarations: a failed read
     # raised from app.publish would have the caller publish it again (a new id, a
@@ -503,7 +511,7 @@ async def test_a_store_error_met_by_a_publishs_orphan_check_is_no_failed_publish
     app = outage_app(store, [], [])
     with caplog.at_level(logging.WARNING, logger="cantata"):
         async with app:
-            await asyncio.sleep(2.1)  # past the cache of the declarations read when it opened
+            await asyncio.sleep(0.3)  # past the cache of the declarations read when it opened
             store.arm("declarations")
             event = await app.publish("parcel.misrouted", {"n": 1})
             assert store.failed.is_set()

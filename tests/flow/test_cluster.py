@@ -89,7 +89,9 @@ class Cluster:
     def lines(self, kind: str) -> list[list[str]]:
         if not self.ledger.exists():
             return []
-        return [ln.split() for ln in self.ledger.read_text().splitlines()
+        text = self.ledger.read_text()
+        # (complete lines: a read as a worker appends one can see its first part)
+        return [ln.split() for ln in text[: text.rfind("\n") + 1].splitlines()
                 if ln.startswith(kind + " ")]
 
     def spans(self, kind: str) -> dict[str, tuple[float, float]]:

@@ -195,6 +195,7 @@ def programs_app(url: str, programs: dict[str, list[Op]]) -> App:
     return app
 
 
+@pytest.mark.slow
 def test_every_edit_that_breaks_replay_is_reported(tmp_path: Path) -> None:
     programs: dict[str, list[Op]] = {}
     app = programs_app(f"sqlite:///{tmp_path}/prop.db", programs)

@@ -82,6 +82,7 @@ def shop(store: str, broker: str, name: str = "shop") -> Any:
     return app
 
 
+@pytest.mark.slow
 def test_the_official_parser_accepts_the_document(parser: Path, tmp_path: Path) -> None:
     app = shop("memory://", "nats://u:pw-secret@nats.internal:4222?prefix=staging")
     doc = asyncapi_document(app)
@@ -93,6 +94,7 @@ def test_the_official_parser_accepts_the_document(parser: Path, tmp_path: Path) 
     assert "pw-secret" not in orjson.dumps(doc).decode()
 
 
+@pytest.mark.slow
 def test_the_parser_accepts_a_wildcard_beside_a_type_spelled_like_its_key(
     parser: Path, tmp_path: Path
 ) -> None:
@@ -113,6 +115,7 @@ def test_the_parser_accepts_a_wildcard_beside_a_type_spelled_like_its_key(
             "cantata.shop.order._any_"} <= set(result["channels"])
 
 
+@pytest.mark.slow
 def test_the_parser_check_catches_a_broken_document(parser: Path, tmp_path: Path) -> None:
     doc = asyncapi_document(shop("memory://", "embedded"))
     doc["channels"]["order.placed"]["messages"]["order.placed"]["$ref"] = "#/nowhere"

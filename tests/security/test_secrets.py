@@ -72,6 +72,7 @@ def test_log_records_are_masked(caplog: pytest.LogCaptureFixture) -> None:
     assert SECRET not in record.getMessage()
 
 
+@pytest.mark.slow
 def test_cli_errors_hide_the_password(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"postgresql://u:{SECRET}@127.0.0.1:1/nowhere"
     for args in (["runs", "--app", "shop", "--store", url],
@@ -91,6 +92,7 @@ def test_app_repr_and_errors_hide_the_password() -> None:
     assert SECRET not in repr(app)
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_the_worker_banner_and_logs_hide_the_password(
     postgres_url: str, tmp_path: Path

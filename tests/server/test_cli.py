@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from cantata.store.factory import store_from_url
 from tests.helpers import free_port
@@ -34,6 +35,7 @@ def shop_store(url: str) -> str:
     return url
 
 
+@pytest.mark.slow
 def test_tokens_are_printed_once_listed_by_name_and_revoked(tmp_path: Path) -> None:
     store = shop_store(f"sqlite:///{tmp_path}/t.db")
     made = cantata("token", "create", "--name", "alice", "--role", "operator", "--store", store)
@@ -84,6 +86,7 @@ def _serving(args: list[str], env: dict[str, str], port: int, token: str) -> Non
     assert token not in out + err
 
 
+@pytest.mark.slow
 def test_serve_from_the_store_alone_and_from_the_code(tmp_path: Path) -> None:
     store = shop_store(f"sqlite:///{tmp_path}/s.db")
     token = cantata("token", "create", "--name", "ops", "--role", "admin",

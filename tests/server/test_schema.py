@@ -91,6 +91,7 @@ def operations(server: ServerThread) -> list[Any]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["admin", "viewer"])
 def test_every_operation_answers_as_documented(server: ServerThread, role: str) -> None:
     token = server.result[role]

@@ -28,6 +28,7 @@ def _reference(value: Any) -> str:
                       allow_nan=False)
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(_VALUES)
 def test_canonical_is_json_dumps_with_its_options(value: Any) -> None:

@@ -110,6 +110,7 @@ async def _apply(
     ]
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(first=st.none() | _writes.filter(lambda w: not w.release), steps=_steps,

@@ -120,6 +120,7 @@ async def parked_unanalyzed(postgres_url: str, schema: str) -> AsyncIterator[Any
             yield app, conn
 
 
+@pytest.mark.slow
 async def test_the_per_pass_statements_read_no_parked_run_without_statistics(
     postgres_url: str, pooled_schema: str
 ) -> None:
@@ -144,6 +145,7 @@ async def test_the_per_pass_statements_read_no_parked_run_without_statistics(
     assert next_wake[0] <= 2 and next_wake[2] == {"runs_parked"}, next_wake
 
 
+@pytest.mark.slow
 async def test_stalled_reads_no_parked_sleeper_without_statistics(
     postgres_url: str, pooled_schema: str
 ) -> None:

@@ -9,6 +9,8 @@ import statistics
 import time
 from pathlib import Path
 
+import pytest
+
 from cantata.model.flow import QueueEntry, QueueSpec
 from cantata.store import migrations
 from cantata.store.sqlite import SQLiteStore
@@ -50,6 +52,7 @@ async def median_claim(store: SQLiteStore, rounds: int = 30) -> float:
     return statistics.median(took)
 
 
+@pytest.mark.slow
 async def test_a_claim_does_not_slow_down_with_finished_rows(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     store = SQLiteStore(str(path))
