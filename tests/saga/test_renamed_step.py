@@ -123,13 +123,13 @@ def three_steps(url: str, middle: str, services: list[str] | None) -> App:
     return app
 
 
-async def test_the_event_of_a_renamed_step_is_not_dropped_silently(
+async def test_the_event_of_a_renamed_step_waits_for_a_worker_of_its_map(
     shared_store: str,
 ) -> None:
     """The old step finished before the deploy: its ``done`` event waits for the next
-    hop, whose group the new code still serves but under the new step's event. Settled
-    unhandled (embedded broker) or never fetched (NATS), the run would wait for ever
-    with nothing to say why; it is dead-lettered, or its stall says why."""
+    hop, whose group the new code still serves but under the new step's event. It is
+    neither settled unhandled nor run by the new code: it waits, pending, for a worker
+    whose code has the run's map, and its stall says so; once one runs, the run ends."""
     old = three_steps(shared_store, "charge", ["orders"])
     async with old:
         handle = await old.start("order", {"id": 1})
@@ -145,29 +145,27 @@ async def test_the_event_of_a_renamed_step_is_not_dropped_silently(
         assert await fresh.result(20) == {"orders.reserve": "r-2", "orders.bill": "p-2",
                                           "shipping.ship": "s-2"}
 
-        async def dead() -> list[Any]:
-            return [s for s in await new.stalled(older_than=0)
-                    if s.reason == "dead_letter" and s.node.group == "order.shipping_ship"]
-
         async def told() -> list[Any]:
-            # the embedded broker's consumer gets the delivery and dead-letters it; on
-            # NATS the group's consumers no longer fetch the event's subject, so it
-            # stays pending, and the stall says why
             return [s for s in await new.stalled(older_than=0)
                     if s.node.group == "order.shipping_ship" and (
                         s.reason == "dead_letter" or (s.reason == "unhandled_event" and (
-                            s.hint or "").startswith("no hop of saga")))]
+                            s.hint or "").startswith("no live worker's code has map")))]
 
-        [stall] = await eventually(told, 20.0, "the old event dead-lettered or told")
+        [stall] = await eventually(told, 20.0, "the old event's wait told")
         run = await new.get_handle(handle.run_id).info()
         assert stall.correlation_id == run.correlation_id  # not the new code's run
-        said = (stall.node.error if stall.reason == "dead_letter" else stall.hint) or ""
-        for words in ("order.orders_charge.done", "no hop of saga 'order'", "renamed or removed",
+        assert stall.reason == "unhandled_event"  # not dead-lettered: it waits
+        said = stall.hint or ""
+        for words in ("order.orders_charge.done", "group order.shipping_ship", "this run's map",
                       "the run waits for it", "the run's version"):
             assert words in said, said
         assert run.status == "running"
-        if stall.reason == "unhandled_event":
-            report = await replay_report(new)
-            assert [(p.run_id, p.problem) for p in report.problems] == [
-                (handle.run_id, "non_determinism")]
-            assert "order.orders_charge.done" in report.problems[0].detail
+        assert await new.dead_letters() == []
+        report = await replay_report(new)
+        assert [(p.run_id, p.problem) for p in report.problems] == [
+            (handle.run_id, "non_determinism")]
+        assert "order.orders_charge.done" in report.problems[0].detail
+    back = three_steps(shared_store, "charge", None)  # a worker of the run's map
+    async with back:
+        assert await back.get_handle(handle.run_id).result(20) == {
+            "orders.reserve": "r-1", "orders.charge": "p-1", "shipping.ship": "s-1"}

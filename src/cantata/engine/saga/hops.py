@@ -26,15 +26,19 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cantata.model.event import matches
+from cantata.model.event import Event, matches
+
+from .choreographed import HOPS, MAP, own_hop
 
 if TYPE_CHECKING:
     from cantata.declare.router import Router
 
 LOST_HOP = "no live worker's code has step "  # how lost_hop_text begins
 STRAY_HOP = "no hop of saga "  # how stray_text begins
+MAP_HOP = "no live worker's code has map "  # how map_hop_text begins
+NOT_ITS_MAP = "not a hop of this run's map "  # how not_its_map begins
 LOST_HOP_WAITS = "and the run waits for it"  # in its text when the run waits for the hop
 
 
@@ -60,6 +64,7 @@ def saga_of(group: str, sagas: Iterable[str]) -> str | None:
 def lost_hop(
     group: str, event_type: str, delivered: Collection[str],
     code: Mapping[str, Collection[str]], patterns: Iterable[tuple[str, str]],
+    hops: Collection[str] | None = None,
 ) -> LostHop | None:
     """Whether ``group``'s delivery of an event of ``event_type`` is a hop the code
     lacks (``None``: the group is no saga's, or the code has it).
@@ -69,10 +74,14 @@ def lost_hop(
         code: saga name -> the hop groups of that saga in the code
             (:meth:`~cantata.engine.saga.declaration.Saga.hop_groups`).
         patterns: ``(group, event type pattern)`` of the handlers declared.
+        hops: the groups of the run's map that react to the event, when the event says
+            (:data:`~.choreographed.HOPS`): the run waits for the group if it is one.
     """
     saga = saga_of(group, code)
     if saga is None or group in code[saga]:
         return None
+    if hops is not None:
+        return LostHop(saga, group, waits=group in hops)
     current = set(code[saga])
     reactors = {g for g, p in patterns if g in current and matches(p, event_type)}
     return LostHop(saga, group, waits=not reactors or not reactors <= set(delivered))
@@ -97,6 +106,38 @@ def lost_hop_text(
             "longer makes; cantata check-replay APP lists such runs")
 
 
+def map_hop_text(
+    saga: str, group: str, event_type: str, run_map: str, maps: Collection[str],
+    version: str | None,
+) -> str:
+    """What to tell an operator of a run's hop that waits for a worker whose code has
+    the run's map ``run_map`` (``maps``: those of the live workers' code)."""
+    of = f" {version}" if version else ""
+    theirs = ", ".join(sorted(maps)) or "none"
+    return (f"{MAP_HOP}{run_map} of saga {saga!r}, this run's map (its event {event_type} "
+            f"waits for group {group}; the live workers' code has map {theirs}): a deploy "
+            f"changed the saga's steps while this run was on its way, {LOST_HOP_WAITS}. "
+            f"Workers of another map leave the run's hops to a worker whose code has its map "
+            f"(so no step runs twice): run one (the run's version{of}) until the run has "
+            "finished; cantata check-replay APP lists such runs")
+
+
+def not_its_map(group: str, event_type: str, data: Any, sagas: Iterable[str]) -> str | None:
+    """Why a delivery of a run's event to ``group`` was settled without its handler
+    running, when ``group`` is a hop of a saga but not of the run's map for the event
+    (:func:`~.choreographed.own_hop`); ``None`` otherwise (``sagas``: the workflows'
+    names)."""
+    if not isinstance(data, dict) or data.get(MAP) is None:
+        return None
+    hops = data.get(HOPS) or ()
+    saga = saga_of(group, sagas)
+    if saga is None or not event_type.startswith(f"{saga}.") or group in hops:
+        return None
+    return (f"{NOT_ITS_MAP}{data[MAP]} of saga {saga!r} (its hops for {event_type}: "
+            f"{', '.join(hops) or 'none'}): settled without running, the group being of "
+            "another map of the saga, which the run's own hops do not need")
+
+
 def is_stray(saga: str, event_type: str, reacted: Collection[str]) -> bool:
     """True if ``event_type``, an event of ``saga``, is one no hop of the saga in the
     code reacts to (``reacted``: the types they react to), other than its end."""
@@ -116,10 +157,15 @@ def stray_text(saga: str, group: str, event_type: str, version: str | None) -> s
             "such runs")
 
 
-def stray_event(router: Router, group: str, event_type: str) -> str | None:
+def stray_event(router: Router, group: str, event: Event[Any]) -> str | None:
     """Why a delivery to ``group`` of an event no handler of the group matches is to be
     dead-lettered (``None``: settle it unhandled, as for any group moved to another
     pattern).
+
+    An event of a run whose map (carried in its data) is not the code's is settled when
+    ``group`` is no hop of the run's map for it, and handed back for a worker of the
+    run's map when it is (the group reacts to another event in this code's map): see
+    :func:`~.choreographed.own_hop`. What follows is for runs that carry no map.
 
     The group is a hop of a saga in the code and no hop of that saga reacts to the
     event: the event is of an earlier map of the saga (the ``done`` event of a step a
@@ -127,11 +173,17 @@ def stray_event(router: Router, group: str, event_type: str) -> str | None:
     waits for the hop that would have handled it. The code's own runs never emit such
     an event, so this never dead-letters one of theirs.
     """
+    event_type = event.type
     for wdef in router.workflows.values():
         saga = wdef.spec
         if saga is None:
             continue
         hops = set(saga.hop_groups())
+        data = event.data if isinstance(event.data, dict) else {}
+        if group in hops and data.get(MAP) is not None and event_type.startswith(
+                f"{saga.name}."):
+            own_hop(saga, group, data)  # (raises HandBack for a hop of the run's map)
+            return None
         reacted = {h.pattern for h in router.handlers if h.group in hops}
         if group not in hops or not is_stray(saga.name, event_type, reacted):
             continue
