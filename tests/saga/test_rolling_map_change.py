@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cantata import App, Saga, Step
+from cantata import App, Saga, Step, step_info
 
 from ..engine.helpers import make_app
 
@@ -30,6 +30,8 @@ def shop(url: str, steps: list[str], effects: Counter[tuple[int, str]]) -> App:
     def effect(name: str) -> Callable[[dict[str, Any]], Any]:
         async def step(order: dict[str, Any]) -> str:
             effects[(order["id"], name)] += 1
+            # a delivery handed back to a worker of the run's map is no failed attempt
+            assert step_info().attempt == 1, step_info()
             await asyncio.sleep(0)
             return f"{name}-{order['id']}"
 
