@@ -6,7 +6,8 @@ orchestrated run whose recorded step the code no longer makes waits for a worker
 its version. What an operator sees says so: ``cantata stalled`` and the trace name the
 step no live worker's code has and what to do, and ``cantata check-replay`` lists the
 run. The new code's own runs are not held up, and the old group's delivery of their
-events is told as a leftover."""
+events is told as a leftover. A run one hop further waits for a worker of its map
+(the new code hands its event back), and goes on once one runs."""
 
 from __future__ import annotations
 

@@ -1,25 +1,25 @@
-"""A choreographed saga's hop that the code no longer has (no I/O).
+"""A choreographed saga's hop that the code does not run for a run (no I/O).
 
-A deploy that renames or removes a step of a choreographed saga changes its map: the
-new code has no handler for the old step's group. A run whose hop for the old step
-was in flight (its event delivered to the old group, not handled yet) then waits for
-a worker whose code has that step, as an orchestrated run whose history records a
-step the code no longer makes waits for a worker of its version. The new code's own
-runs are not held up by the old group: the events they emit go to the new groups too
-(the old one is still declared, so it gets a delivery that nothing needs).
+A deploy that changes a choreographed saga's map (a step renamed, removed, added or
+moved) leaves old and new workers live side by side, both maps' groups declared. Each
+run's events carry its map (``choreographed.MAP``) and the groups of that map that
+react to them (``choreographed.HOPS``): a hop of another map settles a delivery the
+run's map does not need and hands back one it does (``choreographed.own_hop``; here
+:func:`stray_event` for a group that reacts to other events in this code). A run whose
+map no live worker's code has waits, as an orchestrated run waits for a worker of its
+version; ``cantata stalled``, the trace and ``cantata check-replay`` say so
+(:func:`map_hop_text`, :func:`lost_hop_text` when its group is gone from the code, and
+:func:`not_its_map` on a delivery settled without running; ``docs/styles.md``).
 
-:func:`lost_hop` tells the two apart from the event's deliveries: a delivery for a
-group the code lacks is what the run waits for when a group of the code that reacts
-to the event did not get it (the event was stored before the new code declared its
-groups). ``cantata stalled``, the trace and ``cantata check-replay`` say so
-(``docs/styles.md``).
-
-A run that had passed the old step is in the same position one hop later: its
-``done`` event waits for the next step's group, which the new code serves for another
-event. No hop of the code reacts to it (:func:`is_stray`), so the consumer
-dead-letters it with the cause (:func:`stray_event`) rather than settling it
-unhandled; on NATS, whose consumers no longer fetch that subject, it stays pending and
-the same three say so.
+A run begun before runs carried their map follows the older rules. Its hop for a step
+the new code lacks (its event delivered to the old group, not handled yet) waits;
+:func:`lost_hop` tells it from a leftover by the event's deliveries (a group of the
+code that reacts to the event did not get it: the event was stored before the new code
+declared its groups). One hop later, its ``done`` event waits for the next step's
+group, which the new code serves for another event: no hop of the code reacts to it
+(:func:`is_stray`), so the consumer dead-letters it with the cause
+(:func:`stray_event`) rather than settling it unhandled; on NATS, whose consumers no
+longer fetch that subject, it stays pending and the same three say so.
 """
 
 from __future__ import annotations
