@@ -184,8 +184,8 @@ def event_id(app: str, run_id: str, event_type: str) -> str:
 
 
 async def emit(
-    saga: Saga, ctx: HandlerContext, event_type: str, data: dict[str, Any],
-    cause: Event[Any] | None = None,
+    ctx: HandlerContext, event_type: str, data: dict[str, Any],
+    cause: Event[Any] | None = None, *, saga: Saga | None = None,
 ) -> None:
     """Emit a saga event with its run-derived id (and, for a run that carries its map,
     the groups of the map that react to it).
@@ -194,7 +194,7 @@ async def emit(
     causation and traceparent come from ``cause``, so two handlers that both complete a
     join emit the very same event.
     """
-    if MAP in data:
+    if saga is not None and MAP in data:
         data = {**data, HOPS: list(saga.reactors().get(event_type, ()))}
     ev = await ctx.emit(event_type, data)
     fixed = dataclasses.replace(ev, id=event_id(ctx.app, data["run_id"], event_type))
@@ -232,11 +232,11 @@ async def fail_stage(
     plan = saga.undo_plan(stage, finished)
     state = {**state, "undo": plan, "undone": [], "failures": []}
     if not plan:
-        await emit(saga, ctx, saga.event_type("finished"), end_of(state), cause)
+        await emit(ctx, saga.event_type("finished"), end_of(state), cause, saga=saga)
     elif stage.parallel:  # which branch is undone first depends on which finished
-        await emit(saga, ctx, saga.compensate_event(plan[0]), state, cause)
+        await emit(ctx, saga.compensate_event(plan[0]), state, cause, saga=saga)
     else:
-        await emit(saga, ctx, saga.failed_event(stage), state, cause)
+        await emit(ctx, saga.failed_event(stage), state, cause, saga=saga)
 
 
 async def stage_failure(
@@ -277,7 +277,7 @@ async def next_stage(
     after = saga.stages[stage.index + 1]
     failure = await stage_failure(saga, router, ctx, after, known)
     if failure is None:
-        await emit(saga, ctx, saga.event_type(stage.name, "done"), state, cause)
+        await emit(ctx, saga.event_type(stage.name, "done"), state, cause, saga=saga)
     else:
         await fail_stage(saga, ctx, after, {**state, "failure": failure}, [], cause)
 
@@ -329,16 +329,16 @@ def forward_handler(
         if failure is not None:
             state = {**data, "failure": failure}
             if stage.parallel:
-                await emit(saga, ctx, saga.event_type(step.name, "failed"), state)
+                await emit(ctx, saga.event_type(step.name, "failed"), state, saga=saga)
             else:
                 await fail_stage(saga, ctx, stage, state, [])
             return
         results[sdef.name] = codec.loads(codec.dumps(value, f"result of step {sdef.name}"))
         state = {**data, "results": results}
         if last and not stage.parallel:
-            await emit(saga, ctx, saga.event_type("finished"), end_of(state))
+            await emit(ctx, saga.event_type("finished"), end_of(state), saga=saga)
         elif stage.parallel:  # to the stage's join
-            await emit(saga, ctx, saga.event_type(step.name, "done"), state)
+            await emit(ctx, saga.event_type(step.name, "done"), state, saga=saga)
         else:
             await next_stage(saga, router, ctx, stage, state, known)
 
@@ -389,9 +389,9 @@ def undo_handler(saga: Saga, router: Router, step: Step) -> Any:
         state = {**data, "undo": plan[1:], "undone": [*undone, step.name], "failures": failures}
         if plan[1:]:
             failed = data["failure"]["step"]
-            await emit(saga, ctx, saga.next_undo_event(step.name, failed, plan[1:]), state)
+            await emit(ctx, saga.next_undo_event(step.name, failed, plan[1:]), state, saga=saga)
         else:
-            await emit(saga, ctx, saga.event_type("finished"), end_of(state))
+            await emit(ctx, saga.event_type("finished"), end_of(state), saga=saga)
 
     undo.__name__ = undo.__qualname__ = comp_name
     return undo

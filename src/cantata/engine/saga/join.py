@@ -63,7 +63,7 @@ def join_handler(saga: Saga, router: Router, stage: Stage, known: set[str]) -> A
             await fail_stage(saga, ctx, stage, {**state, "failure": failed[0].data["failure"]},
                              finished, cause)
         elif last:
-            await emit(saga, ctx, saga.event_type("finished"), end_of(state), cause)
+            await emit(ctx, saga.event_type("finished"), end_of(state), cause, saga=saga)
         else:
             await next_stage(saga, router, ctx, stage, state, known, cause)
 
