@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cantata import App, Saga, Step
+from cantata import App, GroupInUse, Saga, Step
 from cantata.engine.replaycheck import replay_report
 from cantata.observability.timeline import where_it_stands
 from tests.helpers import eventually
@@ -21,10 +21,10 @@ from tests.helpers import eventually
 from ..engine.helpers import make_app
 
 
-def before(url: str) -> App:
+def before(url: str, services: list[str] | None = None) -> App:
     """The old deploy: reserve, then charge. Its workers serve the orders service only
     (the payments worker that would take the charge hop is gone by the deploy)."""
-    app = make_app(url, services=["orders"])
+    app = make_app(url, services=services or ["orders"])
 
     @app.step(service="orders")
     async def reserve(order: dict[str, Any]) -> str:
@@ -93,6 +93,46 @@ async def test_a_hop_in_flight_for_a_renamed_step_says_why_it_waits(shared_store
         assert [(p.run_id, p.problem, p.recorded) for p in report.problems] == [
             (handle.run_id, "non_determinism", OLD_GROUP)]
         assert "'payments.charge'" in report.problems[0].detail
+
+
+async def test_the_old_group_is_not_retired_while_a_run_waits_on_it(shared_store: str) -> None:
+    old = before(shared_store)
+    async with old:
+        handle = await old.start("order", {"id": 1})
+
+        async def charge_pending() -> list[Any]:
+            return [s for s in await old.stalled(older_than=0)
+                    if s.reason == "unhandled_event" and s.node.group == OLD_GROUP]
+
+        await eventually(charge_pending, 20.0, "the charge hop in flight")
+    new = after(shared_store)
+    async with new:
+        async def refused() -> str | None:
+            try:
+                await new.retire_group(OLD_GROUP)
+            except GroupInUse as exc:
+                # (once the old worker's lease has passed: till then it serves the group)
+                return str(exc) if "wait on its pending deliveries" in str(exc) else None
+            raise AssertionError("the old group was retired under a waiting run")
+
+        said = await eventually(refused, 20.0, "the retire refused for the waiting run")
+        for words in ("choreographed saga 'order'", "1 live run(s)", handle.run_id,
+                      "run a worker whose code has the group"):
+            assert words in said, said
+        assert [g.stats.pending for g in await new.groups() if g.stats.group == OLD_GROUP] == [1]
+        back = before(shared_store, ["orders", "payments"])  # a worker of the old code
+        async with back:
+            assert await back.get_handle(handle.run_id).result(20) == {
+                "orders.reserve": "r-1", "payments.charge": "c-1"}
+
+        async def retired() -> bool:
+            try:
+                return (await new.retire_group(OLD_GROUP)).declarations != ()
+            except GroupInUse as exc:
+                assert "wait on its pending deliveries" not in str(exc), exc
+                return False  # (the old worker's lease has not passed yet)
+
+        assert await eventually(retired, 20.0, "the old group retired once no run waits")
 
 
 async def _both(hops: Any) -> dict[str, str | None] | None:
