@@ -24,6 +24,7 @@ from cantata.engine.saga.hops import (
     map_hop_text,
     saga_of,
     stray_text,
+    undoing,
 )
 from cantata.model.event import Event
 from cantata.model.records import Declaration, RunRecord
@@ -109,7 +110,8 @@ async def note_lost_hops(
                 maps = {(w.saga_maps or {}).get(named) for w in live} - {None}
                 if data[MAP] not in maps:
                     node.detail = map_hop_text(named, group, event.name, str(data[MAP]),
-                                               {str(m) for m in maps}, version)
+                                               {str(m) for m in maps}, version,
+                                               undoing(named, group, data))
                 continue
         saga = saga_of(group, code)
         if saga is not None and group in code[saga]:

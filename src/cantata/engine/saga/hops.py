@@ -39,6 +39,7 @@ LOST_HOP = "no live worker's code has step "  # how lost_hop_text begins
 STRAY_HOP = "no hop of saga "  # how stray_text begins
 MAP_HOP = "no live worker's code has map "  # how map_hop_text begins
 NOT_ITS_MAP = "not a hop of this run's map "  # how not_its_map begins
+NO_UNDO = "no compensation of step "  # how stray_event's text of a removed undo begins
 LOST_HOP_WAITS = "and the run waits for it"  # in its text when the run waits for the hop
 
 
@@ -106,17 +107,35 @@ def lost_hop_text(
             "longer makes; cantata check-replay APP lists such runs")
 
 
+def undoing(saga: str, group: str, data: Any) -> str | None:
+    """The step a run's event asks ``group`` to undo (the first of its undo plan, when
+    that step's group is ``group``), else ``None``."""
+    undo = data.get("undo") if isinstance(data, dict) else None
+    if not isinstance(undo, list) or not undo:
+        return None
+    step = str(undo[0])
+    return step if f"{saga}.{step.replace('.', '_')}" == group else None
+
+
 def map_hop_text(
     saga: str, group: str, event_type: str, run_map: str, maps: Collection[str],
-    version: str | None,
+    version: str | None, undo: str | None = None,
 ) -> str:
     """What to tell an operator of a run's hop that waits for a worker whose code has
-    the run's map ``run_map`` (``maps``: those of the live workers' code)."""
+    the run's map ``run_map`` (``maps``: those of the live workers' code; ``undo``: the
+    step the hop undoes, for a compensation's hop)."""
     of = f" {version}" if version else ""
     theirs = ", ".join(sorted(maps)) or "none"
-    return (f"{MAP_HOP}{run_map} of saga {saga!r}, this run's map (its event {event_type} "
-            f"waits for group {group}; the live workers' code has map {theirs}): a deploy "
-            f"changed the saga's steps while this run was on its way, {LOST_HOP_WAITS}. "
+    if undo is not None:
+        what = (f"its compensation of step {undo!r}, event {event_type}, waits for group "
+                f"{group}; the live workers' code has map {theirs}): a deploy changed the "
+                "saga's steps (removed that step's compensate=, or the step) while this run "
+                f"was compensating, {LOST_HOP_WAITS}. ")
+    else:
+        what = (f"its event {event_type} waits for group {group}; the live workers' code "
+                f"has map {theirs}): a deploy changed the saga's steps while this run was "
+                f"on its way, {LOST_HOP_WAITS}. ")
+    return (f"{MAP_HOP}{run_map} of saga {saga!r}, this run's map ({what}"
             f"Workers of another map leave the run's hops to a worker whose code has its map "
             f"(so no step runs twice): run one (the run's version{of}) until the run has "
             "finished; cantata check-replay APP lists such runs")
@@ -184,6 +203,14 @@ def stray_event(router: Router, group: str, event: Event[Any]) -> str | None:
                 f"{saga.name}."):
             own_hop(saga, group, data)  # (raises HandBack for a hop of the run's map)
             return None
+        step = undoing(saga.name, group, data) if group in hops else None
+        if step is not None:
+            # the run's turn to undo ``step`` here, and no undo of this code takes it
+            return (f"{NO_UNDO}{step!r} of saga {saga.name!r} in this code reacts to "
+                    f"{event_type} (group {group}): a deploy removed the step's "
+                    "compensate= (or the step) while this run was compensating, "
+                    f"{LOST_HOP_WAITS}. Run a worker whose code has it (the run's "
+                    "version) and replay this dead letter to it: cantata dlq replay ID")
         reacted = {h.pattern for h in router.handlers if h.group in hops}
         if group not in hops or not is_stray(saga.name, event_type, reacted):
             continue
