@@ -59,10 +59,10 @@ async def test_each_step_runs_once_per_run_with_old_and_new_code_live(
 
 
 async def test_a_rename_with_old_and_new_code_live_on_every_backend(shared_store: str) -> None:
-    await both_live(shared_store, *CHANGES["rename"])
+    await both_live(shared_store, *CHANGES["rename"], runs=2)
 
 
-async def both_live(url: str, before: list[str], after: list[str]) -> None:
+async def both_live(url: str, before: list[str], after: list[str], runs: int = RUNS) -> None:
     """Old and new code live side by side, each starting runs: every run completes,
     having run each step of one of the two maps once, and nothing else."""
     effects: Counter[tuple[int, str]] = Counter()
@@ -70,8 +70,15 @@ async def both_live(url: str, before: list[str], after: list[str]) -> None:
     new = shop(url, after, effects)
     async with old, new:
         handles = [await (old if i % 2 else new).start("order", {"id": i})
-                   for i in range(2 * RUNS)]
+                   for i in range(2 * runs)]
         results = await asyncio.gather(*(h.result(30) for h in handles))
+        # the other map's group got each run's event too, and settled it without running:
+        # the trace says so on that handler
+        for h in handles:
+            cid = (await new.get_handle(h.run_id).info()).correlation_id
+            told = [n for n in (await new.trace(cid)).walk() if n.kind == "handler"
+                    and (n.detail or "").startswith("not a hop of this run's map")]
+            assert told and all(n.status == "completed" for n in told), h.run_id
     for i, result in enumerate(results):
         # the run followed one map, the one of the code that started its chain
         assert list(result) in (before, after), (i, result)
