@@ -176,8 +176,6 @@ def own_hop(saga: Saga, group: str, data: dict[str, Any]) -> bool:
     )
 
 
-
-
 def event_id(app: str, run_id: str, event_type: str) -> str:
     """The id of a run's event of ``event_type`` (each type happens once per run)."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cantata:{app}:saga:{run_id}:{event_type}"))

@@ -184,7 +184,12 @@ def stray_event(router: Router, group: str, event: Event[Any]) -> str | None:
     An event of a run whose map (carried in its data) is not the code's is settled when
     ``group`` is no hop of the run's map for it, and handed back for a worker of the
     run's map when it is (the group reacts to another event in this code's map): see
-    :func:`~.choreographed.own_hop`. What follows is for runs that carry no map.
+    :func:`~.choreographed.own_hop`. What follows is for runs that carry no map: an
+    event asking this group's step to be undone when this code has no undo of it for
+    that event (its ``compensate=`` removed), or one no hop of the saga reacts to.
+
+    Raises:
+        HandBack: the delivery is a hop of its run's map, which is not this code's.
 
     The group is a hop of a saga in the code and no hop of that saga reacts to the
     event: the event is of an earlier map of the saga (the ``done`` event of a step a
@@ -203,7 +208,8 @@ def stray_event(router: Router, group: str, event: Event[Any]) -> str | None:
                 f"{saga.name}."):
             own_hop(saga, group, data)  # (raises HandBack for a hop of the run's map)
             return None
-        step = undoing(saga.name, group, data) if group in hops else None
+        ours = group in hops and event_type.startswith(f"{saga.name}.")
+        step = undoing(saga.name, group, data) if ours else None
         if step is not None:
             # the run's turn to undo ``step`` here, and no undo of this code takes it
             return (f"{NO_UNDO}{step!r} of saga {saga.name!r} in this code reacts to "
