@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from cantata import App, NonRetryable, Saga, Step, WorkflowCompensated
@@ -93,3 +94,60 @@ async def test_a_failure_in_flight_when_its_compensation_is_removed_says_why_it_
         else:
             raise AssertionError("the run did not end compensated")
     assert effects == Counter(reserve=1, charge=1, release=1)
+
+
+def three(url: str, undo_check: bool) -> App:
+    """reserve (undone by release) → check (undone by uncheck when ``undo_check``) →
+    charge."""
+    app = make_app(url)
+
+    @app.step(service="orders")
+    async def reserve(order: dict[str, Any]) -> str:
+        return "r"
+
+    @app.step(service="orders")
+    async def release(order: dict[str, Any]) -> None:
+        return None
+
+    @app.step(service="orders")
+    async def check(order: dict[str, Any]) -> str:
+        return "c"
+
+    @app.step(service="orders")
+    async def uncheck(order: dict[str, Any]) -> None:
+        return None
+
+    @app.step(service="payments")
+    async def charge(order: dict[str, Any]) -> str:
+        raise NonRetryable("card declined")
+
+    app.include(Saga("order", Step(reserve, compensate=release),
+                     Step(check, compensate=uncheck if undo_check else None), Step(charge),
+                     mode="choreographed"))
+    return app
+
+
+async def test_a_run_begun_before_maps_were_carried_gets_the_cause_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """The failure event of a run of an older release (its events carry no map) asks
+    for the compensation of ``check``, which the deploy removed; other hops of the new
+    code react to the event (reserve's undo), so it is no stray event: it is
+    dead-lettered with the cause rather than settled unhandled, which would lose it."""
+    url = f"sqlite:///{tmp_path}/shop.db"
+    async with three(url, True).client():
+        pass  # the old code declared its groups (and check's undo of the failure)
+    new = three(url, False)
+    async with new:
+        await new.publish("order.payments_charge.failed", {
+            "run_id": "r-old", "input": {"id": 1},
+            "results": {"orders.reserve": "r", "orders.check": "c"},
+            "failure": {"step": "payments.charge", "type": "NonRetryable",
+                        "message": "card declined", "attempts": 1},
+            "undo": ["orders.check", "orders.reserve"], "undone": [], "failures": []})
+        [letter] = await eventually(new.dead_letters, 20.0, "the undo's event dead-lettered")
+        assert letter.group == "order.orders_check"
+        for words in ("no compensation of step 'orders.check' of saga 'order'",
+                      "order.payments_charge.failed", "removed the step's compensate=",
+                      "the run waits for it", "cantata dlq replay"):
+            assert words in letter.error, letter.error
