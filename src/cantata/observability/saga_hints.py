@@ -108,7 +108,8 @@ async def note_lost_hops(
             named = saga_of(group, sagas)
             if named is not None and group in waits_for and group in code.get(named, ()):
                 maps = {(w.saga_maps or {}).get(named) for w in live} - {None}
-                if data[MAP] not in maps:
+                # (a worker of a release that does not tell its maps runs any run's hop)
+                if data[MAP] not in maps and all(w.saga_maps is not None for w in live):
                     node.detail = map_hop_text(named, group, event.name, str(data[MAP]),
                                                {str(m) for m in maps}, version,
                                                undoing(named, group, data))
