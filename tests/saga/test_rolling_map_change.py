@@ -75,6 +75,11 @@ async def both_live(url: str, before: list[str], after: list[str], runs: int = R
         handles = [await (old if i % 2 else new).start("order", {"id": i})
                    for i in range(2 * runs)]
         results = await asyncio.gather(*(h.result(30) for h in handles))
+        for i, result in enumerate(results):
+            # the run followed one map, the one of the code that started its chain
+            assert list(result) in (before, after), (i, result)
+            ran = {step: n for (order, step), n in effects.items() if order == i}
+            assert ran == dict.fromkeys(result, 1), (i, result, ran)
         # the other map's group got each run's event too, and settled it without running:
         # the trace says so on that handler
         for h in handles:
@@ -87,8 +92,3 @@ async def both_live(url: str, before: list[str], after: list[str], runs: int = R
             # (the other map's copy may be settled after the run has ended)
             nodes = await eventually(told, 20.0, f"run {h.run_id}'s other-map copy told")
             assert all(n.status == "completed" for n in nodes), h.run_id
-    for i, result in enumerate(results):
-        # the run followed one map, the one of the code that started its chain
-        assert list(result) in (before, after), (i, result)
-        ran = {step: n for (order, step), n in effects.items() if order == i}
-        assert ran == dict.fromkeys(result, 1), (i, result, ran)
