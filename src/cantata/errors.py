@@ -186,7 +186,8 @@ class DeadLetterNotFound(CantataError):
 
 
 class GroupInUse(CantataError):
-    """A handler group (or trigger) cannot be retired: a live worker serves it."""
+    """A handler group (or trigger) cannot be retired: a live worker serves it, or live
+    runs of a choreographed saga wait on its pending deliveries."""
 
     code = "group_in_use"
 

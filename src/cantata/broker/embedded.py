@@ -86,6 +86,20 @@ class EmbeddedMessage:
         if sub is not None:
             sub.due(due)
 
+    async def hand_back(self, error: str, delay: float) -> None:
+        """Give the delivery back to its group, due after ``delay``, not counted as an
+        attempt (its claim counted one), for another worker (the consumer's ``HandBack``).
+        Unlike a retry, this worker does not look again at once when it is due: the
+        group's other workers find it first as often as this one does."""
+        self.settled = True
+        self.attempt = max(0, self.attempt - 1)
+        await self.store.settle_delivery(
+            self.app, self.group, self.delivery.event.id,
+            Settlement(DeliveryOutcome.RETRY, self.attempt, error=error,
+                       retry_at=(time.time() if self.sub is None else self.sub.broker.now())
+                       + delay),
+        )
+
     async def dead(self, error: str) -> None:
         self.settled = True
         await self.store.settle_delivery(

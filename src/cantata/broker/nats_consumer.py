@@ -129,6 +129,18 @@ _TEXT_ATTRIBUTES = ("id", "source", "subject", "correlation_id", "causation_id",
                     "traceparent", "signature")
 
 
+HANDED_BACK = "(handed back at JetStream delivery "  # ends a hand-back's recorded error
+
+
+def handed_back_at(error: str | None) -> int | None:
+    """The JetStream delivery count at which a delivery was last handed back, read from
+    its recorded ``error`` (``None``: its last settlement was no hand-back)."""
+    if not error or not error.endswith(")") or HANDED_BACK not in error:
+        return None
+    count = error.rpartition(HANDED_BACK)[2][:-1]
+    return int(count) if count.isdigit() else None
+
+
 class NatsMessage:
     """One JetStream delivery of one event to one group."""
 
@@ -140,6 +152,7 @@ class NatsMessage:
         self.sub = sub  # holds and hands off what the handler emits (nats_local)
         self.raw: bytes = msg.data
         self.attempt = attempt
+        self.delivered = attempt  # JetStream's count of deliveries of this message
         self.settled = False
         self.stored_emitted: list[Event[Any]] | None = None  # what complete() stored
         self._msg = msg
@@ -183,6 +196,15 @@ class NatsMessage:
                 await self._ack("ack")
                 return
         await self._ack("nak", delay)
+
+    async def hand_back(self, error: str, delay: float) -> None:
+        """Give the delivery back to its group for another worker (the consumer's
+        ``HandBack``), due after ``delay``, not counted as an attempt: the store keeps
+        the attempts before this one, and the error says at which of JetStream's
+        deliveries it was handed back, which the next copy subtracts
+        (:func:`handed_back_at`)."""
+        self.attempt = max(0, self.attempt - 1)
+        await self.retry(f"{error} {HANDED_BACK}{self.delivered})", delay)
 
     async def dead(self, error: str) -> None:
         self.settled = True
@@ -683,6 +705,11 @@ class NatsSubscription:
         # nats-server 2.9 sometimes redelivers a nak'ed message with a delivery count
         # of 1: the attempts the store recorded are the floor.
         msg.attempt = max(msg.attempt, state.attempts + 1)
+        handed = handed_back_at(state.error)
+        if handed is not None and msg.delivered > handed:
+            # (JetStream counts the hand-backs as deliveries: only the copies since the
+            # last one that did not settle, cut short by a crash, are attempts)
+            msg.attempt = state.attempts + msg.delivered - handed
         return True
 
     async def _addressed_once_read(self, msg: NatsMessage, event: Event[Any], m: Msg) -> bool:

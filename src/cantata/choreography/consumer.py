@@ -21,7 +21,7 @@ from cantata.model.records import DeliveryOutcome
 from cantata.model.retry import HANDLER_RETRY
 from cantata.store.faults import wait_out
 
-from .context import HandlerContext
+from .context import HandBack, HandlerContext
 from .host import ConsumerHost
 from .logcontext import handler_context
 
@@ -156,7 +156,11 @@ class Consumer:
         )
         hdef = None if trigger is not None else self.host.router.handler_for(group, event.type)
         if trigger is None and hdef is None:
-            stray = self.host.stray(group, event)
+            try:
+                stray = self.host.stray(group, event)
+            except HandBack as back:
+                await self._hand_back(msg, event, back)
+                return
             if stray is not None:
                 log.warning("dead-lettering event %s for group %s: %s", event.id, group, stray)
                 await self._dead(group, msg, event, stray)
@@ -249,6 +253,9 @@ class Consumer:
                 else:
                     args = (event, ctx) if hdef.wants_ctx else (event,)
                     await guarded(asyncio.to_thread(hdef.fn, *args), fenced, stall)
+            except HandBack as back:
+                await self._hand_back(msg, event, back)
+                return
             except BodyFenced:
                 # Not a failure: hand the event back (refused if another worker has it),
                 # for after a lease: not to this worker again before its heartbeat has
@@ -279,6 +286,20 @@ class Consumer:
                 # (best-effort: the delivery is settled, a failed check is logged, rate-
                 # limited, and tried again with the next emit)
                 await self.host.report_orphans(emitted)
+
+    async def _hand_back(self, msg: BrokerMessage, event: Event[Any], back: HandBack) -> None:
+        """Hand the delivery back to its group for another worker (:class:`HandBack`):
+        not an attempt (its claim counted one, taken back here), due again after a
+        delay that grows with the event's age (0.2 s for a fresh one, at most 30 s), so
+        a delivery that waits long for a worker of its kind costs little."""
+        age = max(0.0, time.time() - event.timestamp)
+        text, delay = error_text(back), min(30.0, max(0.2, age / 10))
+        hand_back = getattr(msg, "hand_back", None)  # (the embedded broker's: see there)
+        if hand_back is not None:
+            await self._settle(lambda: hand_back(text, delay))
+            return
+        msg.attempt = max(0, msg.attempt - 1)
+        await self._settle(lambda: msg.retry(text, delay))
 
     async def _failed(
         self, msg: BrokerMessage, retry: Any, exc: Exception, *, retryable: bool

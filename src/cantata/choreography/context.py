@@ -5,8 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cantata.errors import CantataError
 from cantata.model import codec
 from cantata.model.event import Event, check_publish
+
+
+class HandBack(CantataError):
+    """Raised by a handler (or the consumer's host) to say the delivery is another
+    worker's to handle: the consumer hands it back to its group, not counted as an
+    attempt, for a worker whose code it is (a choreographed saga's hop of a run of
+    another map: ``engine/saga/choreographed.own_hop``). The text is recorded as the
+    delivery's error, so ``cantata stalled`` and the trace say why it waits."""
+
+    code = "handed_back"
 
 
 class HandlerContext:

@@ -81,7 +81,12 @@ class ConsumerHost(Protocol):
     def stray(self, group: str, event: Event[Any]) -> str | None:
         """Why ``event``, which no handler or trigger of ``group`` matches, must be
         dead-lettered rather than settled unhandled (``None``: settle it), e.g. an
-        event of an earlier map of a choreographed saga, which its run waits for."""
+        event of an earlier map of a choreographed saga, which its run waits for.
+
+        Raises:
+            HandBack: the delivery is another worker's to handle (a choreographed saga's
+                hop of a run whose map is not this code's).
+        """
         ...
 
     def signature_problem(self, event: Event[Any], *, required: bool) -> Exception | None:

@@ -78,7 +78,7 @@ class EngineHost:
         return declaration.workflow is not None and self._engine.serves(declaration.workflow)
 
     def stray(self, group: str, event: Event[Any]) -> str | None:
-        return stray_event(self.router, group, event.type)
+        return stray_event(self.router, group, event)
 
     def pause_fence(self) -> Callable[[], bool]:
         return handler_fence(self._engine)

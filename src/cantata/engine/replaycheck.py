@@ -55,6 +55,7 @@ from cantata.model.status import LIVE_STATUSES, RunStatus
 from . import cleanup
 from .journal import FINAL, Journal
 from .runner import RunExecution
+from .saga.choreographed import HOPS, MAP
 from .saga.hops import is_stray, lost_hop
 from .versioning import args_shape
 
@@ -353,6 +354,21 @@ async def check_hops(engine: Engine, run: RunRecord, saga: Saga) -> ReplayProble
         event = mine.get(d.event.id)
         if event is None or d.status != DELIVERY_PENDING:
             continue
+        data = event.data
+        run_map = data.get(MAP)
+        run_hops = None if run_map is None else list(data.get(HOPS) or ())
+        if run_hops is not None and d.group not in run_hops:
+            continue  # a group of another map: settled, nothing waits for it
+        if run_map is not None and run_map != saga.map_id and d.group in hops:
+            return ReplayProblem(
+                run.run_id, run.workflow, str(run.status), "non_determinism",
+                f"the run's hop of group {d.group} (event {event.type}) is in flight, but "
+                f"the run is of map {run_map} of saga {saga.name} and this code has map "
+                f"{saga.map_id} (a deploy changed the saga's steps): workers of this code "
+                "leave the run's hops to a worker whose code has its map, so the run would "
+                "wait there; let it finish on the old code first",
+                run.version, None, d.group, None,
+            )
         if d.group in hops and is_stray(saga.name, event.type, reacted):
             return ReplayProblem(
                 run.run_id, run.workflow, str(run.status), "non_determinism",
@@ -362,7 +378,7 @@ async def check_hops(engine: Engine, run: RunRecord, saga: Saga) -> ReplayProble
                 "let it pass that hop on the old code first",
                 run.version, None, f"{d.group}: {event.type}", None,
             )
-        hop = lost_hop(d.group, event.type, delivered[event.id], code, patterns)
+        hop = lost_hop(d.group, event.type, delivered[event.id], code, patterns, run_hops)
         if hop is None or not hop.waits:
             continue
         info = codec.loads(names[d.group]) if names.get(d.group) else None

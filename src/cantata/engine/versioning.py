@@ -180,6 +180,9 @@ def worker_info(engine: Engine) -> str:
     # and the event types those hops react to (an event of none is of an earlier map)
     info["saga_events"] = {name: sorted({h.pattern for h in router.handlers if h.group in hops})
                            for name, hops in sagas.items()}
+    # and the map of each (a run's hop waits for a worker whose code has the run's map)
+    info["saga_maps"] = {name: w.spec.map_id for name, w in router.workflows.items()
+                         if w.spec is not None}
     return codec.dumps(info)
 
 

@@ -17,6 +17,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from cantata.engine.saga.hops import not_its_map
 from cantata.model import codec
 from cantata.model.checks import check_text
 from cantata.model.event import Event, matches
@@ -128,7 +129,8 @@ async def assemble(
     root = Builder(app, records, declarations).build(cid)
     cancelling = {r.run_id for r in records.runs if r.cancel_requested}
     await note_queued(store, app, root, cancelling)
-    await note_lost_hops(store, app, root, declarations, records.runs, now, live)
+    await note_lost_hops(store, app, root, declarations, records.runs, now, live,
+                         [e for e, _ in records.events])
     if records_truncated(records, limit):
         root.children.append(truncation_notice(limit))
     root.correlation_id = cid
@@ -265,6 +267,7 @@ class Builder:
             (d.name, d.pattern, short_name(d))
             for d in declarations if d.kind == "handler"
         ]
+        self.workflows = [d.name for d in declarations if d.kind == "workflow"]
         self.nodes: dict[str, TraceNode] = {}
         self.holder: dict[str, TraceNode] = {}  # record key -> the node it hangs under
 
@@ -529,6 +532,9 @@ class Builder:
         )
         if retired:
             node.detail = d.error
+        elif d.status == DELIVERY_DONE:
+            # a saga's hop of another map than its run's, settled without running
+            node.detail = not_its_map(d.group, event.type, event.data, self.workflows)
         node.ref = f"{d.group}/{event.id}"
         node.touched = stamp(d.updated_at)
         if status == PENDING and d.next_at > 0:

@@ -5,13 +5,16 @@ What an app's processes declare is kept as a union (``Store.declare``): the stor
 tell a group whose service is down from one a deploy removed, so the events of its
 types keep getting deliveries for it. Retiring it removes its declaration and ends its
 pending deliveries (``Store.retire_group``), refused while a live worker says in its
-heartbeat that it serves the group (:mod:`.stall_hints`).
+heartbeat that it serves the group (:mod:`.stall_hints`), and while live runs of a
+choreographed saga wait on a pending delivery of the group (one of their hops).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cantata.engine.saga.choreographed import HOPS, MAP
+from cantata.engine.saga.hops import saga_of
 from cantata.errors import GroupInUse
 from cantata.model.records import GroupRetired, GroupStats
 from cantata.store.base import Store
@@ -60,7 +63,8 @@ async def retire(store: Store, app: str, group: str, *, now: float, actor: str) 
 
     Raises:
         GroupInUse: a live worker serves the group (it is named), or a live worker does
-            not say which groups it serves; nothing is changed.
+            not say which groups it serves, or live runs of a choreographed saga wait on
+            its pending deliveries (how many is said); nothing is changed.
     """
     live = await live_workers(store, app, now)
     by = _serving(group, live)
@@ -79,8 +83,51 @@ async def retire(store: Store, app: str, group: str, *, now: float, actor: str) 
             "release older than their heartbeats' groups): try again once they have "
             "started, or once they are gone"
         )
+    saga, waiting = await waiting_runs(store, app, group)
+    if waiting:
+        some = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+        raise GroupInUse(
+            f"group {group!r} of app {app!r} is a hop of the choreographed saga {saga!r}, "
+            f"and {len(waiting)} live run(s) of it wait on its pending deliveries ({some}): "
+            "retired, they would wait for ever (a cancel, too, passes through the hop). "
+            "Let them pass it first: run a worker whose code has the group (the runs' "
+            "version) until `cantata groups` shows no pending delivery for it, then retire "
+            "it"
+        )
     done = await store.retire_group(app, group, now=now, actor=actor)
     if done.declarations and _serving(group, await live_workers(store, app, now)):
         # A worker of the group started meanwhile: its declaration wins.
         await store.declare(app, list(done.declarations))
     return done
+
+
+WAITING_READ = 10_000  # pending deliveries read to find the runs waiting on a group
+
+
+async def waiting_runs(store: Store, app: str, group: str) -> tuple[str | None, list[str]]:
+    """The choreographed saga ``group`` is a hop of, and the live runs of it that wait on
+    one of the group's pending deliveries (``None, []`` for a group of no saga).
+
+    A run waits on a delivery that is a hop of its map (its events say which groups are,
+    ``choreographed.HOPS``); the delivery of a run begun before runs carried their map
+    counts while the run is live (nothing tells whether it needs it).
+    """
+    sagas = [d.name for d in await store.declarations(app) if d.kind == "workflow"]
+    saga = saga_of(group, sagas)
+    if saga is None:
+        return None, []
+    runs: dict[str, None] = {}
+    for event in await store.pending_events(app, group, limit=WAITING_READ):
+        data = event.data
+        if not (isinstance(data, dict) and event.type.startswith(f"{saga}.")
+                and isinstance(data.get("run_id"), str)):
+            continue
+        if data.get(MAP) is not None and group not in (data.get(HOPS) or ()):
+            continue  # a group of another map than its run's: nothing waits for it
+        runs[data["run_id"]] = None
+    live = []
+    for run_id in runs:
+        run = await store.get_run(app, run_id)
+        if run is not None and not run.status.is_final:
+            live.append(run_id)
+    return saga, live

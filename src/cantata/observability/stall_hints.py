@@ -40,6 +40,7 @@ class LiveWorker:
     # saga -> its hop groups in the worker's code (None: an older release did not say)
     sagas: dict[str, frozenset[str]] | None = None
     saga_events: dict[str, frozenset[str]] | None = None  # saga -> types its hops react to
+    saga_maps: dict[str, str] | None = None  # saga -> the map of it in the worker's code
 
 
 async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
@@ -54,6 +55,7 @@ async def live_workers(store: Store, app: str, now: float) -> list[LiveWorker]:
                     info.get("version"), bool(info.get("any_version")),
                     _names(info.get("workflows")), _names(info.get("groups")), w.worker_id,
                     _sagas(info.get("sagas")), _sagas(info.get("saga_events")),
+                    _maps(info.get("saga_maps")),
                 ))
     return out
 
@@ -62,6 +64,12 @@ def _sagas(value: object) -> dict[str, frozenset[str]] | None:
     if not isinstance(value, dict):
         return None
     return {str(k): _names(v) or frozenset() for k, v in value.items()}
+
+
+def _maps(value: object) -> dict[str, str] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def sagas_in_code(live: list[LiveWorker], *, events: bool = False) -> dict[str, frozenset[str]]:

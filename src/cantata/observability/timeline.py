@@ -17,6 +17,7 @@ from .bound import count
 from .node import (
     CANCEL_REQUESTED,
     COMPENSATION,
+    COMPLETED,
     DEAD_LETTER,
     EVENT,
     HANDLER,
@@ -199,8 +200,9 @@ class _Renderer:
             out.append(f"next attempt {_clock(node.due, self.now)}")  # in its backoff
         elif node.kind in (STEP, COMPENSATION) and node.cancelled:
             out.append(BRANCH_CANCELLED)
-        elif node.kind == HANDLER and node.status == RETIRED and node.detail:
-            out.append(node.detail)  # who retired its group, and that it did not run
+        elif node.kind == HANDLER and node.status in (RETIRED, COMPLETED) and node.detail:
+            # who retired its group, or why a saga's hop of another map did not run
+            out.append(node.detail)
         elif node.kind in (HANDLER, COMPENSATION) and node.status == "pending":
             if node.attempts == 0:
                 out.append("not picked up yet")

@@ -52,11 +52,11 @@ class PostgresHolds(PostgresCore):
             return {}
         rows = await self._db.fetch(
             "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
-            f"w.expires_at >= $4 THEN d.owner END, e.id IS NOT NULL, {E_EVENT_COLS} "
+            f"w.expires_at >= $4 THEN d.owner END, e.id IS NOT NULL, d.error, {E_EVENT_COLS} "
             "FROM deliveries d LEFT JOIN workers w ON w.app=d.app AND w.worker_id=d.owner "
             "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id "
             "WHERE d.app=$1 AND d.grp=$2 AND d.event_id = ANY($3::text[])",
             app, group, list(dict.fromkeys(event_ids)), stale_before,
         )
         return {r[0]: DeliveryHold(r[1], r[2], r[3], r[4],
-                                   event_row(tuple(r)[6:]) if r[5] else None) for r in rows}
+                                   event_row(tuple(r)[7:]) if r[5] else None, r[6]) for r in rows}

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from cantata.errors import DeadLetterNotFound, StoreUnavailable
+from cantata.model.event import Event
 from cantata.model.flow import QueueEntry
 from cantata.model.parking import FOREVER
 from cantata.model.records import (
@@ -406,6 +407,16 @@ class PostgresOperate(PostgresCore):
         return rules.group_stats(
             [tuple(r) for r in declared], [tuple(r) for r in pending], [tuple(r) for r in dead],
         )
+
+    async def pending_events(self, app: str, group: str, *, limit: int) -> list[Event[Any]]:
+        cols = ", ".join(f"e.{c.strip()}" for c in EVENT_COLS.split(","))
+        rows = await self._db.fetch(
+            f"SELECT {cols} FROM deliveries d JOIN events e "
+            "ON e.app=d.app AND e.id=d.event_id "
+            "WHERE d.app=$1 AND d.grp=$2 AND d.status='pending' ORDER BY e.seq LIMIT $3",
+            app, group, limit,
+        )
+        return [event_row(tuple(r)) for r in rows]
 
     async def retire_group(
         self, app: str, group: str, *, now: float, actor: str

@@ -296,7 +296,8 @@ class SQLiteEvents(SQLiteCore):
                 chunk = ids[i : i + 500]
                 for row in c.execute(
                     "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
-                    f"w.expires_at >= ? THEN d.owner END, e.id IS NOT NULL, {E_EVENT_COLS} "
+                    "w.expires_at >= ? THEN d.owner END, e.id IS NOT NULL, d.error, "
+                    f"{E_EVENT_COLS} "
                     "FROM deliveries d LEFT JOIN workers w"
                     " ON w.app=d.app AND w.worker_id=d.owner"
                     " LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id"
@@ -305,7 +306,8 @@ class SQLiteEvents(SQLiteCore):
                     (stale_before, app, group, *chunk),
                 ):
                     out[row[0]] = DeliveryHold(row[1], row[2], row[3], row[4],
-                                               event_row(tuple(row)[6:]) if row[5] else None)
+                                               event_row(tuple(row)[7:]) if row[5] else None,
+                                               row[6])
             return out
 
         return await self._t.read(op) if ids else {}

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import DeadLetterNotFound
+from cantata.model.event import Event
 from cantata.model.flow import QueueEntry
 from cantata.model.records import (
     Attempt,
@@ -34,6 +35,7 @@ from cantata.store.sqlite_ops import (
     RUN_COLS,
     audit_append,
     dead_letter_row,
+    event_row,
     reindex_attributes,
     run_row,
     run_values,
@@ -331,6 +333,15 @@ class SQLiteOperate(SQLiteCore):
             return rules.group_stats(declared, pending, dead)
 
         return await self._t.read(op)
+
+    async def pending_events(self, app: str, group: str, *, limit: int) -> list[Event[Any]]:
+        rows = await self._t.read(lambda c: c.execute(
+            f"SELECT {E_EVENT_COLS} FROM deliveries d JOIN events e "
+            "ON e.app=d.app AND e.id=d.event_id "
+            "WHERE d.app=? AND d.grp=? AND d.status='pending' ORDER BY e.seq LIMIT ?",
+            (app, group, limit),
+        ).fetchall())
+        return [event_row(r) for r in rows]
 
     async def retire_group(
         self, app: str, group: str, *, now: float, actor: str

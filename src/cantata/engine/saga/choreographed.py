@@ -12,6 +12,15 @@ is meant for the one service whose turn it is (see ``Saga.undo_triggers``). Ever
 event of a run has an id derived from the run and its type: a hop repeated after a
 crash emits the same event again, which the log keeps once.
 
+Every event of a run also carries the run's map (``map``: :attr:`Saga.map_id` of the
+code that started the chain) and the hop groups of that map that react to it
+(``hops``). A deploy that changes the map (a step renamed, removed, added, moved, a
+compensation changed) leaves old and new code live side by side, both maps' groups
+declared, so an event goes to the groups of both: each hop runs only for the runs of
+its own code's map (:func:`own_hop`), so a step runs once per run, under the run's
+map. A run whose events carry no map (begun before maps were carried) is run by any
+code, as before.
+
 A handler that keeps killing its worker is charged like an orchestrated step: its
 handler allows one attempt more than the step's retry policy, and that extra
 attempt, which only happens when the last one was cut short, records ``WorkerLost``
@@ -24,6 +33,7 @@ import dataclasses
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from cantata.choreography.context import HandBack
 from cantata.errors import Cancelled, DeadlineExceeded, StepFailed, UnknownStep, error_text
 from cantata.model import codec
 from cantata.model.event import Event
@@ -57,7 +67,8 @@ async def run_choreographed(saga: Saga, ctx: WorkflowContext, data: Any) -> dict
         from .orchestrated import resolve_stage
 
         await resolve_stage(saga, ctx, saga.stages[0])
-    await ctx.emit(started, {"run_id": ctx.run_id, "input": data, "results": {}})
+    await ctx.emit(started, {"run_id": ctx.run_id, "input": data, "results": {},
+                             MAP: saga.map_id, HOPS: list(saga.reactors().get(started, ()))})
     try:
         end = await wait_finished(saga, ctx)
     except (Cancelled, _DeadlinePassed) as exc:
@@ -134,6 +145,36 @@ async def wait_finished(saga: Saga, ctx: WorkflowContext) -> dict[str, Any]:
 
 # -- events -----------------------------------------------------------------------------
 
+MAP = "map"  # in a run's events: the run's map (Saga.map_id)
+OTHER_MAP = "run"  # how a hand-back's text begins (after "HandBack: "): "run R has map M"
+HOPS = "hops"  # in a run's event: the hop groups of the run's map that react to it
+
+
+def own_hop(saga: Saga, group: str, data: dict[str, Any]) -> bool:
+    """Whether this code runs ``group``'s hop for a run's event carrying ``data``.
+
+    ``True`` when the run's map is this code's (or unknown: a run begun before maps
+    were carried); ``False`` when ``group`` is no hop of the run's map for this event:
+    the delivery is settled without running anything (a group of another map, whose
+    event the groups of the run's own map got too; the trace says so).
+
+    Raises:
+        HandBack: ``group`` is a hop of the run's map for this event but this code's
+            map is another: the delivery is left for a worker whose code has the run's
+            map (the group is in both maps, served by old and new workers alike).
+    """
+    run_map = data.get(MAP)
+    if run_map is None or run_map == saga.map_id:
+        return True
+    if group not in (data.get(HOPS) or ()):
+        return False
+    raise HandBack(
+        f"{OTHER_MAP} {data.get('run_id')} has map {run_map} of saga {saga.name!r}, and this "
+        f"worker's code has map {saga.map_id} (a deploy changed the saga's steps): "
+        f"its hop of group {group} is left for a worker whose code has the run's map (the "
+        "run's version); the run waits for one"
+    )
+
 
 def event_id(app: str, run_id: str, event_type: str) -> str:
     """The id of a run's event of ``event_type`` (each type happens once per run)."""
@@ -141,14 +182,18 @@ def event_id(app: str, run_id: str, event_type: str) -> str:
 
 
 async def emit(
-    ctx: HandlerContext, event_type: str, data: dict[str, Any], cause: Event[Any] | None = None
+    ctx: HandlerContext, event_type: str, data: dict[str, Any],
+    cause: Event[Any] | None = None, *, saga: Saga | None = None,
 ) -> None:
-    """Emit a saga event with its run-derived id.
+    """Emit a saga event with its run-derived id (and, for a run that carries its map,
+    the groups of the map that react to it).
 
     ``cause`` (the join) makes the event a function of stored events only: its time,
     causation and traceparent come from ``cause``, so two handlers that both complete a
     join emit the very same event.
     """
+    if saga is not None and MAP in data:
+        data = {**data, HOPS: list(saga.reactors().get(event_type, ()))}
     ev = await ctx.emit(event_type, data)
     fixed = dataclasses.replace(ev, id=event_id(ctx.app, data["run_id"], event_type))
     if cause is not None:
@@ -185,11 +230,11 @@ async def fail_stage(
     plan = saga.undo_plan(stage, finished)
     state = {**state, "undo": plan, "undone": [], "failures": []}
     if not plan:
-        await emit(ctx, saga.event_type("finished"), end_of(state), cause)
+        await emit(ctx, saga.event_type("finished"), end_of(state), cause, saga=saga)
     elif stage.parallel:  # which branch is undone first depends on which finished
-        await emit(ctx, saga.compensate_event(plan[0]), state, cause)
+        await emit(ctx, saga.compensate_event(plan[0]), state, cause, saga=saga)
     else:
-        await emit(ctx, saga.failed_event(stage), state, cause)
+        await emit(ctx, saga.failed_event(stage), state, cause, saga=saga)
 
 
 async def stage_failure(
@@ -230,7 +275,7 @@ async def next_stage(
     after = saga.stages[stage.index + 1]
     failure = await stage_failure(saga, router, ctx, after, known)
     if failure is None:
-        await emit(ctx, saga.event_type(stage.name, "done"), state, cause)
+        await emit(ctx, saga.event_type(stage.name, "done"), state, cause, saga=saga)
     else:
         await fail_stage(saga, ctx, after, {**state, "failure": failure}, [], cause)
 
@@ -257,6 +302,8 @@ def forward_handler(
 
     async def forward(event: Event[Any], ctx: HandlerContext) -> None:
         data = dict(event.data)
+        if not own_hop(saga, ctx.group, data):
+            return
         run_id, given, results = data["run_id"], data["input"], dict(data["results"])
         sdef = resolve(saga, router, step.name)
         call_def = saga_step_def(saga, step, sdef, given, results)
@@ -280,16 +327,16 @@ def forward_handler(
         if failure is not None:
             state = {**data, "failure": failure}
             if stage.parallel:
-                await emit(ctx, saga.event_type(step.name, "failed"), state)
+                await emit(ctx, saga.event_type(step.name, "failed"), state, saga=saga)
             else:
                 await fail_stage(saga, ctx, stage, state, [])
             return
         results[sdef.name] = codec.loads(codec.dumps(value, f"result of step {sdef.name}"))
         state = {**data, "results": results}
         if last and not stage.parallel:
-            await emit(ctx, saga.event_type("finished"), end_of(state))
+            await emit(ctx, saga.event_type("finished"), end_of(state), saga=saga)
         elif stage.parallel:  # to the stage's join
-            await emit(ctx, saga.event_type(step.name, "done"), state)
+            await emit(ctx, saga.event_type(step.name, "done"), state, saga=saga)
         else:
             await next_stage(saga, router, ctx, stage, state, known)
 
@@ -314,6 +361,8 @@ def undo_handler(saga: Saga, router: Router, step: Step) -> Any:
 
     async def undo(event: Event[Any], ctx: HandlerContext) -> None:
         data = dict(event.data)
+        if not own_hop(saga, ctx.group, data):
+            return
         plan = list(data.get("undo") or [])
         if not plan or plan[0] != step.name:
             return  # not this step's turn (never sent so; kept as a guard)
@@ -338,9 +387,9 @@ def undo_handler(saga: Saga, router: Router, step: Step) -> Any:
         state = {**data, "undo": plan[1:], "undone": [*undone, step.name], "failures": failures}
         if plan[1:]:
             failed = data["failure"]["step"]
-            await emit(ctx, saga.next_undo_event(step.name, failed, plan[1:]), state)
+            await emit(ctx, saga.next_undo_event(step.name, failed, plan[1:]), state, saga=saga)
         else:
-            await emit(ctx, saga.event_type("finished"), end_of(state))
+            await emit(ctx, saga.event_type("finished"), end_of(state), saga=saga)
 
     undo.__name__ = undo.__qualname__ = comp_name
     return undo

@@ -7,6 +7,7 @@ which a failure at any position undoes what finished (see ``docs/styles.md``).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,12 @@ class Saga:
         self.max_state = max_state
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.steps: tuple[Step, ...] = tuple(flat)
+        self._reactors: dict[str, tuple[str, ...]] | None = None
+        routing = "; ".join(f"{' | '.join(f'{s.name}/{s.compensation}' for s in st.steps)}"
+                            f" @{st.name}" for st in self.stages)
+        #: The fingerprint of the map (see :meth:`reactors`), carried by every event of a
+        #: choreographed run: which code may run the run's hops (choreographed.own_hop).
+        self.map_id = hashlib.sha256(f"{name}: {routing}".encode()).hexdigest()[:12]
 
     def __repr__(self) -> str:
         return f"{self.map_text()[:-1]}, mode={self.mode!r})"
@@ -231,6 +238,28 @@ class Saga:
         undo) and each parallel stage's join."""
         return [*(self.group(s.name) for s in self.steps),
                 *(self.group(st.name) for st in self.stages if st.parallel)]
+
+    def reactors(self) -> dict[str, tuple[str, ...]]:
+        """event type -> the hop groups of this map's choreography that react to it.
+
+        A function of the map alone (the stages, their steps and names, each step's
+        compensation), which :attr:`map_id` fingerprints: two maps with the same
+        fingerprint route every event of a run alike.
+        """
+        if self._reactors is None:
+            out: dict[str, list[str]] = {}
+            for stage in self.stages:
+                for step in stage.steps:
+                    out.setdefault(self.trigger(stage), []).append(self.group(step.name))
+                    if stage.parallel:
+                        for outcome in ("done", "failed"):
+                            out.setdefault(self.event_type(step.name, outcome), []).append(
+                                self.group(stage.name))
+            for undone, patterns in self.undo_triggers().items():
+                for pattern in patterns:
+                    out.setdefault(pattern, []).append(self.group(undone))
+            self._reactors = {t: tuple(dict.fromkeys(g)) for t, g in out.items()}
+        return self._reactors
 
     def stage_of(self, step: str) -> Stage:
         return next(st for st in self.stages if any(s.name == step for s in st.steps))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from cantata.errors import CantataError
 from cantata.model.event import Event
 
-from .choreographed import emit, end_of, event_id, fail_stage, next_stage
+from .choreographed import MAP, emit, end_of, event_id, fail_stage, next_stage, own_hop
 from .declaration import Saga, Stage
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ def join_handler(saga: Saga, router: Router, stage: Stage, known: set[str]) -> A
     last = stage.index == len(saga.stages) - 1
 
     async def join(event: Event[Any], ctx: HandlerContext) -> None:
+        if not own_hop(saga, ctx.group, event.data):
+            return
         run_id = event.data["run_id"]
         store = ctx._store
         if store is None:
@@ -52,6 +54,8 @@ def join_handler(saga: Saga, router: Router, stage: Stage, known: set[str]) -> A
         for _, ev in arrivals:
             results.update(ev.data["results"])
         state = {"run_id": run_id, "input": event.data["input"], "results": results}
+        if MAP in event.data:
+            state[MAP] = event.data[MAP]
         failed = [ev for outcome, ev in arrivals if outcome == "failed"]
         if failed:
             finished = [b.name for b, (outcome, _) in zip(stage.steps, arrivals, strict=True)
@@ -59,7 +63,7 @@ def join_handler(saga: Saga, router: Router, stage: Stage, known: set[str]) -> A
             await fail_stage(saga, ctx, stage, {**state, "failure": failed[0].data["failure"]},
                              finished, cause)
         elif last:
-            await emit(ctx, saga.event_type("finished"), end_of(state), cause)
+            await emit(ctx, saga.event_type("finished"), end_of(state), cause, saga=saga)
         else:
             await next_stage(saga, router, ctx, stage, state, known, cause)
 

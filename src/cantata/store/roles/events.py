@@ -82,7 +82,8 @@ class DeliveryHold:
     (``None`` for a delivery whose event the store does not hold: an event from another
     system that an older version settled without storing it), read in the same query:
     the broker hands a copy to a handler only if it carries the stored content (an id
-    reused with other content is refused, docs/security.md).
+    reused with other content is refused, docs/security.md). ``error``: the last one
+    recorded (a NATS consumer reads there how often a copy was handed back).
     """
 
     status: str
@@ -90,6 +91,7 @@ class DeliveryHold:
     next_at: float
     holder: str | None
     event: Event[Any] | None = field(default=None, compare=False, repr=False)
+    error: str | None = field(default=None, compare=False)  # its last recorded error
 
 
 class EventStore(Protocol):

@@ -4,8 +4,9 @@ letters, listing and retiring handler groups (docs/operating.md)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+from cantata.model.event import Event
 from cantata.model.flow import QueueEntry
 from cantata.model.records import (
     Attempt,
@@ -138,6 +139,11 @@ class OperateStore(Protocol):
         name: the patterns it is declared for, its pending deliveries (those held by a
         worker whose expiry is at or after ``now`` counted as in progress), the time
         the oldest one's event was stored, and its dead letters. Read only."""
+
+    async def pending_events(self, app: str, group: str, *, limit: int) -> list[Event[Any]]:
+        """The events of ``group``'s pending deliveries (held by a worker or not), the
+        first stored first, at most ``limit``. Read only (what a retire would end, for
+        the caller to judge: :func:`cantata.observability.groups.retire`)."""
 
     async def retire_group(
         self, app: str, group: str, *, now: float, actor: str

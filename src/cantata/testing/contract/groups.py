@@ -128,6 +128,32 @@ class GroupsContract(StoreFixtures):
         await store.append_events(self.app, [back])
         assert await self._statuses(store, back.id) == {"audit": "pending", "ledger": "pending"}
 
+    async def test_pending_events_are_a_groups_pending_deliveries_first_stored_first(
+        self, store: Store
+    ) -> None:
+        await store.declare(self.app, [Declaration("handler", "ledger", "order.*"),
+                                       Declaration("handler", "mail", "order.paid")])
+        first, second, third = ev("order.placed"), ev("order.paid"), ev("order.shipped")
+        await store.append_events(self.app, [first])
+        await store.append_events(self.app, [second, third])
+        assert [e.id for e in await store.pending_events(self.app, "ledger", limit=10)] == [
+            first.id, second.id, third.id]
+        now = time.time()
+        await store.heartbeat(self.app, "w1", now, None, lease=LEASE)
+        [held] = await store.claim_deliveries(self.app, "w1", ["ledger"], now=now,
+                                              stale_before=now, limit=1)
+        assert await store.settle_delivery(self.app, "ledger", second.id,
+                                           Settlement("done", 1))
+        pending = await store.pending_events(self.app, "ledger", limit=10)
+        assert [e.id for e in pending] == [first.id, third.id]  # held ones too
+        assert pending[0].data == first.data and pending[0].type == "order.placed"
+        assert [e.id for e in await store.pending_events(self.app, "ledger", limit=1)] == [
+            first.id]
+        assert [e.id for e in await store.pending_events(self.app, "mail", limit=10)] == [
+            second.id]
+        assert await store.pending_events(self.app, "nobody", limit=10) == []
+        assert held.event.id == first.id
+
     async def test_retire_a_trigger_keeps_dead_letters(self, store: Store) -> None:
         await store.declare(self.app, [
             Declaration("trigger", "start:wf", "order.placed"),
