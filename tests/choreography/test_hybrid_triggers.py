@@ -4,10 +4,12 @@ and concurrent waits of one run."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import cantata
-from cantata import App, HandlerContext, WaitTimeout, WorkflowContext
+from cantata import App, HandlerContext, StoreUnavailable, WaitTimeout, WorkflowContext
+from cantata.store.sqlite import SQLiteStore
 from tests.choreography.helpers import SETTLE, eventually, make_app
 
 
@@ -292,3 +294,48 @@ async def _one_done(app: App, run_id: str) -> bool:
 
 async def _status_is(app: App, run_id: str, status: str) -> bool:
     return str(await app.get_handle(run_id).status()) == status
+
+
+# -- a store outage while a trigger creates its run is not an attempt -------------------
+
+
+class CreationsFail(SQLiteStore):
+    """A SQLite store whose creations of runs are lost to an outage until ``fail_until``
+    (a ``time.monotonic()``); ``failed`` counts them."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.fail_until = 0.0
+        self.failed = 0
+
+    async def create_run(self, run: Any, *args: Any, **kwargs: Any) -> Any:
+        if time.monotonic() < self.fail_until:
+            self.failed += 1
+            await asyncio.sleep(0.01)
+            raise StoreUnavailable("the store did not answer (a test's outage)")
+        return await super().create_run(run, *args, **kwargs)
+
+
+async def test_a_store_outage_while_a_trigger_creates_its_run_uses_no_attempt(
+    tmp_path: Any,
+) -> None:
+    """The run's creation is keyed by the event, so the trigger waits out an outage
+    longer than a lease (for a lease a failed creation finds out by itself whether it
+    was stored): before, each lease of outage was charged to the trigger as a handler's
+    failed attempt, and five such dead-lettered the event."""
+    store = CreationsFail(str(tmp_path / "outage.db"))
+    app = App("outage", store=store, poll_interval=0.05, lease=0.2)
+
+    @app.workflow
+    async def fulfil(ctx: WorkflowContext, order: dict[str, Any]) -> int:
+        return int(order["id"])
+
+    app.start_on("order.placed", fulfil)
+    async with app:
+        store.fail_until = time.monotonic() + 1.0  # five leases
+        await app.publish("order.placed", {"id": 7})
+        [run] = await eventually(lambda: _ended(app, "fulfil", 1), what="the run to end")
+        assert await app.get_handle(run.run_id).result(timeout=5) == 7
+        assert await app.dead_letters() == []
+        assert (app.metrics.handler_failures, app.metrics.retries) == (0, 0)
+    assert store.failed > 0

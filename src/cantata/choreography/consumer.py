@@ -197,7 +197,10 @@ class Consumer:
         started = time.perf_counter()
         with hooks.handler(trigger.group, event, msg.attempt):
             try:
-                await self.host.start_run(trigger, event)
+                # Waited out like a settlement (an outage, a full disk): the creation is
+                # keyed by the event, so trying it again changes nothing once it is
+                # stored, and a store away is no failure of the trigger's.
+                await self._settle(lambda: self.host.start_run(trigger, event))
             except Exception as exc:
                 outcome = await self._failed(msg, HANDLER_RETRY, exc, retryable=True)
                 if hooks:
