@@ -235,13 +235,27 @@ async def claim(
     ):
         engine.foreign_checked_at = tick
         ok = await _replayable(engine, workflows, stale, limit - len(claimed))
-        if ok:
-            # each as checked: one another worker moved on since is checked again later
-            claimed += await store.claim_runs(
-                app, me, workflows, stale_before=stale, limit=len(ok), run_ids=list(ok),
-                now=now, pin_version=pin, unchanged=list(ok.values()),
-            )
+        # A saga's run is not pinned: its calls are its map's (the check compared them),
+        # the same in every version with that map, and a choreographed run's hops go by
+        # the map its events carry. Pinned, a choreographed run a newer worker took while
+        # its hop waited for the old code's step (a renamed step) would be left by that
+        # old code, the one worker that can move it on (docs/styles.md).
+        sagas = {r: t for r, (t, wf) in ok.items() if _is_saga(engine, wf)}
+        for runs, pinned in (({r: t for r, (t, _) in ok.items() if r not in sagas}, pin),
+                             (sagas, None)):
+            if runs:
+                # each as checked: one another worker moved on since is checked again
+                claimed += await store.claim_runs(
+                    app, me, workflows, stale_before=stale, limit=len(runs),
+                    run_ids=list(runs), now=now, pin_version=pinned,
+                    unchanged=list(runs.values()),
+                )
     return claimed
+
+
+def _is_saga(engine: Engine, workflow: str) -> bool:
+    wdef = engine.router.workflows.get(workflow)
+    return wdef is not None and wdef.spec is not None
 
 
 async def queue_versions(engine: Engine) -> tuple[list[str], list[str] | None]:
@@ -282,9 +296,9 @@ async def _order(engine: Engine, *, fresh: bool = False) -> dict[str, float]:
 
 async def _replayable(
     engine: Engine, workflows: Sequence[str], stale: float, limit: int
-) -> dict[str, float]:
+) -> dict[str, tuple[float, str]]:
     """Claimable runs of other versions whose history this code replays: run id ->
-    the ``updated_at`` of the run as checked."""
+    the ``updated_at`` of the run as checked, and its workflow."""
     from .replaycheck import check_run
 
     version = engine.version
@@ -310,19 +324,19 @@ async def _replayable(
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:
         verdicts.clear()
-    ok: dict[str, float] = {}
+    ok: dict[str, tuple[float, str]] = {}
     for run in found:
         seen = verdicts.get(run.run_id)
         if seen is not None and seen[0] == run.updated_at:
             if seen[1]:
-                ok[run.run_id] = run.updated_at
+                ok[run.run_id] = (run.updated_at, run.workflow)
             continue
         wdef = engine.router.workflows.get(run.workflow)
         problem = None if wdef is None else await check_run(engine, run, wdef)
         good = wdef is not None and problem is None
         verdicts[run.run_id] = (run.updated_at, good)
         if good:
-            ok[run.run_id] = run.updated_at
+            ok[run.run_id] = (run.updated_at, run.workflow)
         elif problem is not None:
             log.warning(
                 "run %s of %s (version %s) is left for a worker of its version: this worker "
