@@ -38,6 +38,9 @@ def test_text_and_binary_data_base64() -> None:
     raw = bytes(range(256))
     event = Event.from_json(ce(data_base64=b64(raw), datacontenttype="application/octet-stream"))
     assert event.data == raw
+    assert Event.from_json(event.to_json()).data == raw  # (it was its base64 text)
+    empty = Event.from_cloudevent({**BASE, "data_base64": "", "datacontenttype": ""})
+    assert Event.from_json(empty.to_json()).data == b""
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,12 @@ class Event(Generic[T]):
             "datacontenttype": "application/json",
             "data": self.data,
         }
+        if isinstance(self.data, (bytes, bytearray, memoryview)):
+            # binary data (a data_base64 of a content type neither JSON nor text) goes
+            # out as it came in, so that from_json gives it back as bytes
+            del ce["data"]
+            ce["datacontenttype"] = "application/octet-stream"
+            ce["data_base64"] = base64.b64encode(bytes(self.data)).decode("ascii")
         if self.subject is not None:
             ce["subject"] = self.subject
         if self.correlation_id is not None:
