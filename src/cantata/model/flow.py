@@ -361,6 +361,42 @@ class ReadsOn:
         self._found_none[(app, queue)] = (now, wait)
 
 
+class ClaimPages:
+    """The pages of waiting runs one queue claim reads: what their plans leave to the
+    claim's answer (``retry_at``, ``waiting``), and whether to read on past the
+    partitions a full page's own limits hold back (``passed``), so that one key's
+    backlog does not starve another's (:class:`ReadsOn` spaces such reads)."""
+
+    def __init__(self, reads_on: ReadsOn, app: str, queue: str, now: float) -> None:
+        self.reads_on, self.app, self.queue, self.now = reads_on, app, queue, now
+        self.retry_at: float | None = None
+        self.waiting = False
+        self.passed: list[str] = []  # partitions held back by their own limits
+
+    def read(self, found: int) -> None:
+        """A page of ``found`` candidates was read (past ``passed``, if any)."""
+        if self.passed:
+            self.reads_on.read(self.app, self.queue, self.now, found > 0)
+
+    def read_on(self, plan: Admissions, found: int, page: int) -> bool:
+        """Take what ``plan`` of a page of ``found`` candidates (at most ``page``) left;
+        whether to read another page, past the partitions now in ``passed``."""
+        if plan.retry_at is not None:
+            self.retry_at = (plan.retry_at if self.retry_at is None
+                             else min(self.retry_at, plan.retry_at))
+        full = found == page  # (a full page, all planned: more may wait past it)
+        self.waiting = self.waiting or plan.waiting or full
+        held = plan.held_back()
+        if not full or not held or held <= set(self.passed):
+            return False
+        later = self.reads_on.due(self.app, self.queue, self.now)
+        if later is not None:
+            self.retry_at = later if self.retry_at is None else min(self.retry_at, later)
+            return False
+        self.passed = sorted(set(self.passed) | held)
+        return True
+
+
 class Admissions:
     """A claim's admissions, planned again past the runs planned that could not begin.
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from cantata.errors import QueueConflict
 from cantata.model.flow import (
     Admissions,
+    ClaimPages,
     QueueClaim,
     QueueEntry,
     QueuePosition,
@@ -252,11 +253,10 @@ class PostgresFlow(PostgresCore):
                      else "q.seq, q.run_id COLLATE \"C\"")
             by_id: dict[str, RunRecord] = {}
             order_of: list[str] = []
-            retry_at: float | None = None
-            waiting = False
-            passed: list[str] = []  # partitions held back by their own limits
+            pages = ClaimPages(ReadsOn.of(self), app, queue, now)
             n = 6 if not_theirs else 4  # the number of the parameter of ``passed``
             while True:
+                passed = pages.passed
                 past = f" AND q.partition_key <> ALL(${n}::text[])" if passed else ""
                 candidates = await c.fetch(
                     f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = "
@@ -264,8 +264,7 @@ class PostgresFlow(PostgresCore):
                     app, queue, workflows, *([skip, only] if not_theirs else []),
                     *([passed] if passed else []),
                 )
-                if passed:  # (a read past the partitions held back)
-                    ReadsOn.of(self).read(app, queue, now, bool(candidates))
+                pages.read(len(candidates))
                 plan = Admissions(
                     spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
                 )
@@ -291,26 +290,11 @@ class PostgresFlow(PostgresCore):
                     by_id.update((r[0], run_row(r)) for r in rows)
                     order_of += admit
                     plan.began(admit, began)
-                if plan.retry_at is not None:
-                    retry_at = plan.retry_at if retry_at is None else min(retry_at,
-                                                                          plan.retry_at)
-                # (a full page of candidates, all planned: more may wait past it)
-                full = len(candidates) == CANDIDATES
-                waiting = waiting or plan.waiting or full
-                # A full page whose runs a partition's own limit holds back: the runs of
-                # other partitions past it may begin (one key's backlog must not starve
-                # another's), so read on past the partitions held back.
-                held = plan.held_back()
-                if not full or not held or held <= set(passed):
+                if not pages.read_on(plan, len(candidates), CANDIDATES):
                     break
-                later = ReadsOn.of(self).due(app, queue, now)
-                if later is not None:
-                    retry_at = later if retry_at is None else min(retry_at, later)
-                    break
-                passed = sorted(set(passed) | held)
                 running, mine, begins, limit = plan.running, plan.mine, plan.begins, plan.limit
         runs = [by_id[i] for i in order_of if i in by_id]
-        return QueueClaim(runs, retry_at, waiting)
+        return QueueClaim(runs, pages.retry_at, pages.waiting)
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:
         out = []

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from cantata.errors import QueueConflict
 from cantata.model.flow import (
     Admissions,
+    ClaimPages,
     QueueClaim,
     QueueEntry,
     QueuePosition,
@@ -279,11 +280,10 @@ class SQLiteFlow(SQLiteCore):
             order, index = (("q.priority, q.seq, q.run_id", "queue_runs_waiting")
                             if spec.priorities else ("q.seq, q.run_id", "queue_runs_waiting_seq"))
             runs: list[RunRecord] = []
-            retry_at: float | None = None
-            waiting = False
             room = limit
-            passed: list[str] = []  # partitions held back by their own limits
+            pages = ClaimPages(ReadsOn.of(self), app, queue, now)
             while True:
+                passed = pages.passed
                 past = ("" if not passed else
                         f" AND q.partition_key NOT IN ({','.join('?' * len(passed))})")
                 candidates = c.execute(
@@ -292,8 +292,7 @@ class SQLiteFlow(SQLiteCore):
                     f"({marks}){not_theirs}{past} ORDER BY {order} LIMIT {CANDIDATES}",
                     (app, queue, *workflows, *skip, *passed),
                 ).fetchall()
-                if passed:  # (a read past the partitions held back)
-                    ReadsOn.of(self).read(app, queue, now, bool(candidates))
+                pages.read(len(candidates))
                 plan = Admissions(
                     spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, room
                 )
@@ -317,25 +316,10 @@ class SQLiteFlow(SQLiteCore):
                             runs.append(run_row(got))
                             began.append(run_id)
                     plan.began(admit, began)
-                if plan.retry_at is not None:
-                    retry_at = plan.retry_at if retry_at is None else min(retry_at,
-                                                                          plan.retry_at)
-                # (a full page of candidates, all planned: more may wait past it)
-                full = len(candidates) == CANDIDATES
-                waiting = waiting or plan.waiting or full
-                # A full page whose runs a partition's own limit holds back: the runs of
-                # other partitions past it may begin (one key's backlog must not starve
-                # another's), so read on past the partitions held back.
-                held = plan.held_back()
-                if not full or not held or held <= set(passed):
+                if not pages.read_on(plan, len(candidates), CANDIDATES):
                     break
-                later = ReadsOn.of(self).due(app, queue, now)
-                if later is not None:
-                    retry_at = later if retry_at is None else min(retry_at, later)
-                    break
-                passed = sorted(set(passed) | held)
                 running, mine, begins, room = plan.running, plan.mine, plan.begins, plan.limit
-            return QueueClaim(runs, retry_at, waiting=waiting)
+            return QueueClaim(runs, pages.retry_at, waiting=pages.waiting)
 
         return await self._t.write(op)
 
