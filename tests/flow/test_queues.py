@@ -185,7 +185,8 @@ async def test_cancelled_waiting_runs_leave_the_depth_and_positions(store_url: s
 
 async def test_bad_queue_input_names_the_value() -> None:
     app, _, _ = queue_app(concurrency=1)
-    with pytest.raises(ConfigurationError, match=r"concurrency must be a whole number > 0, got 0"):
+    with pytest.raises(ConfigurationError, match=r"concurrency must be a whole number > 0, got 0: "
+                       r"pass a positive int \(e\.g\. 5\), or leave it out for no limit"):
         app.queue("z", concurrency=0)
     with pytest.raises(ConfigurationError, match=r"got -1"):
         app.queue("z", per_worker=-1)

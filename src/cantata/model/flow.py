@@ -30,7 +30,10 @@ def check_limit(what: str, value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigurationError(f"{what} must be a whole number > 0, got {value!r}")
+        raise ConfigurationError(
+            f"{what} must be a whole number > 0, got {value!r}: pass a positive int "
+            "(e.g. 5), or leave it out for no limit"
+        )
     if value > MAX_LIMIT:
         raise ConfigurationError(
             f"{what} must be a whole number from 1 to 2**63-1 (the stores keep it as a "
