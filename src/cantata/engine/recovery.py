@@ -27,6 +27,7 @@ from cantata.model.flow import QueueEntry
 from cantata.model.records import RunInfo, RunRecord
 from cantata.model.status import RunStatus, parse_status
 
+from .saga.choreographed import ran_choreographed, start_key
 from .versioning import current_version
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ async def retry(
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
     if run.status in (RunStatus.FAILED, RunStatus.COMPENSATED) \
             and await _choreographed(engine.store, run):
-        start = f"emit:{run.workflow}.started#1"
+        start = start_key(run.workflow)
         raise RunNotRetryable(
             f"run {run_id} is a choreographed saga run ({run.workflow}): its steps ran as "
             "handlers of other services, and a retry would only replay the end its run "
@@ -85,8 +86,8 @@ async def retry(
 async def _choreographed(store: Store, run: RunRecord) -> bool:
     """Whether ``run`` ran as a choreographed saga: its history is the saga's start
     event and its wait for the saga's end (its steps are other services' handlers)."""
-    keys = {e.key for e in await store.load_history(run.app, run.run_id)}
-    return {f"emit:{run.workflow}.started#1", f"wait:{run.workflow}.finished#1"} <= keys
+    return ran_choreographed(
+        run.workflow, {e.key for e in await store.load_history(run.app, run.run_id)})
 
 
 async def fork(
@@ -103,7 +104,7 @@ async def fork(
     source = await engine.store.get_run(engine.app, run_id)
     if source is None:
         raise RunNotFound(f"no run {run_id!r} in app {engine.app!r}: check the id")
-    start = f"emit:{source.workflow}.started#1"
+    start = start_key(source.workflow)
     if key != start and await _choreographed(engine.store, source):
         # forked from its wait, the new run would reuse its start without emitting it,
         # so no hop runs, and wait for an end that never comes

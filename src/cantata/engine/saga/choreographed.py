@@ -55,6 +55,22 @@ if TYPE_CHECKING:
     from ..context import WorkflowContext
 
 
+def start_key(workflow: str) -> str:
+    """The history key of a choreographed saga run's start event (its first call)."""
+    return f"emit:{workflow}.started#1"
+
+
+def end_key(workflow: str) -> str:
+    """The history key of a choreographed saga run's wait for its end."""
+    return f"wait:{workflow}.finished#1"
+
+
+def ran_choreographed(workflow: str, keys: set[str]) -> bool:
+    """Whether a run of ``workflow`` whose history holds ``keys`` ran as a choreographed
+    saga: its start event and its wait for the end (its steps: other services' handlers)."""
+    return start_key(workflow) in keys and end_key(workflow) in keys
+
+
 async def run_choreographed(saga: Saga, ctx: WorkflowContext, data: Any) -> dict[str, Any]:
     """Start the chain of handlers and wait for ``<saga>.finished``.
 
@@ -63,7 +79,7 @@ async def run_choreographed(saga: Saga, ctx: WorkflowContext, data: Any) -> dict
             service, found before the chain starts, as an orchestrated run finds it.
     """
     started = saga.event_type("started")
-    if f"emit:{started}#1" not in ctx._x.journal.history:  # (a replay started it already)
+    if start_key(saga.name) not in ctx._x.journal.history:  # (a replay started it already)
         from .orchestrated import resolve_stage
 
         await resolve_stage(saga, ctx, saga.stages[0])
