@@ -9,8 +9,8 @@ committed. Claimers of different queues do not wait for each other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cantata.errors import QueueConflict
 from cantata.model.flow import (
@@ -66,6 +66,9 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 _PENDING = unindexed("r.status='pending'")
 _LIVE = unindexed(f"r.status IN {LIVE_SQL}")
 _MAY_BEGIN = f"{_PENDING} AND NOT r.cancel_requested"
+# A run ``r`` with recorded history: a retried run's, or a fork's (a run queued by a
+# start has none until it begins).
+HAS_HISTORY = "EXISTS (SELECT 1 FROM history h WHERE h.app=r.app AND h.run_id=r.run_id)"
 _CAN_BEGIN = f"(SELECT {_MAY_BEGIN} FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id)"
 
 
@@ -208,6 +211,7 @@ class PostgresFlow(PostgresCore):
         exclude_versions: Sequence[str] = (),
         only_versions: Sequence[str] | None = None,
         pin_version: str | None = None,
+        replay_checked: Mapping[str, float] | None = None,
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
@@ -216,11 +220,23 @@ class PostgresFlow(PostgresCore):
         only = None if only_versions is None else list(only_versions)
         # (while they can begin: the row of one cancelled or ended meanwhile is met, and
         # dropped)
-        not_theirs = (" AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
-                      f"r.run_id=q.run_id AND {_MAY_BEGIN} AND (r.version = ANY($4::text[]) "
-                      "OR ($5::text[] IS NOT NULL AND r.version IS NOT NULL "
-                      "AND r.version <> ALL($5))))"
-                      if skip or only is not None else "")
+        theirs = ("SELECT 1 FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id AND "
+                  f"{_MAY_BEGIN}")
+        not_theirs, params = "", list[Any]()
+        if skip or only is not None:
+            not_theirs = (f" AND NOT EXISTS ({theirs} AND (r.version = ANY($4::text[]) "
+                          "OR ($5::text[] IS NOT NULL AND r.version IS NOT NULL "
+                          "AND r.version <> ALL($5))))")
+            params += [skip, only]
+        if replay_checked is not None:
+            # A run with history of another version waits until its history was checked
+            # to replay on this code, as it was then (docs/operating.md, versions).
+            n = 4 + len(params)
+            not_theirs += (
+                f" AND NOT EXISTS ({theirs} AND r.version IS NOT NULL AND r.version IS "
+                f"DISTINCT FROM ${n}::text AND {HAS_HISTORY} AND (r.run_id, r.updated_at) "
+                f"NOT IN (SELECT * FROM unnest(${n + 1}::text[], ${n + 2}::float8[])))")
+            params += [pin_version, list(replay_checked), list(replay_checked.values())]
         async with self._db.tx() as c:
             row = await c.fetchrow(
                 f"SELECT {_Q_COLS} FROM queues WHERE app=$1 AND name=$2 FOR UPDATE", app, queue
@@ -254,15 +270,14 @@ class PostgresFlow(PostgresCore):
             by_id: dict[str, RunRecord] = {}
             order_of: list[str] = []
             pages = ClaimPages(ReadsOn.of(self), app, queue, now)
-            n = 6 if not_theirs else 4  # the number of the parameter of ``passed``
+            n = 4 + len(params)  # the number of the parameter of ``passed``
             while True:
                 passed = pages.passed
                 past = f" AND q.partition_key <> ALL(${n}::text[])" if passed else ""
                 candidates = await c.fetch(
                     f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = "
                     f"ANY($3::text[]){not_theirs}{past} ORDER BY {order} LIMIT {CANDIDATES}",
-                    app, queue, workflows, *([skip, only] if not_theirs else []),
-                    *([passed] if passed else []),
+                    app, queue, workflows, *params, *([passed] if passed else []),
                 )
                 pages.read(len(candidates))
                 plan = Admissions(
