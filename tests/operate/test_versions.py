@@ -744,3 +744,33 @@ async def test_a_rollback_repins_the_runs_old_code_replays_and_no_one_holds(
         await asyncio.sleep(1.5)  # v1 looks at older and newer runs (once a second)
         run = await old.get_handle(bad.run_id).info()
         assert (run.version, run.status) == ("v2", RunStatus.RUNNING)
+
+
+async def test_a_queued_run_without_history_waiting_its_turn_gets_no_version_hint(
+    sqlite_url: str,
+) -> None:
+    """A queued run of an older version that never began has nothing to replay: a newer
+    worker begins it when the queue lets it, so ``stalled`` does not blame its version
+    while it waits its turn (it does for one with history, above)."""
+    def gated(version: str) -> App:
+        app = make_app(sqlite_url, version=version)
+        app.queue("one", concurrency=1)
+
+        @app.workflow(queue="one")
+        async def gate(ctx: WorkflowContext) -> str:
+            await ctx.wait_for_event("open")
+            return version
+
+        return app
+
+    old, new = gated("v1"), gated("v2")
+    async with old:
+        first = await old.start("gate")
+        await eventually(lambda: _waiting(old, first.run_id), timeout=10)
+        second = await old.start("gate")  # behind it, in the queue's one slot
+    async with new:
+        await asyncio.sleep(1.5)  # v2 takes the first (it replays), the second waits
+        [stall] = [s for s in await new.stalled(older_than=0) if s.node.ref == second.run_id]
+        assert stall.reason == "queued" and stall.hint is None
+        await new.publish("open", {})
+        assert await new.get_handle(second.run_id).result(timeout=10) == "v2"

@@ -124,10 +124,14 @@ def run_hint(
 
 
 async def run_hints(
-    store: Store, app: str, runs: dict[str, bool], live: list[LiveWorker]
+    store: Store, app: str, runs: dict[str, bool], live: list[LiveWorker],
+    queued: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """``run id -> hint`` for the stuck runs ``runs`` (``run id -> due``, see
-    :func:`run_hint`) that are unowned and that none of ``live`` takes."""
+    :func:`run_hint`) that are unowned and that none of ``live`` takes. Of the runs
+    waiting in a queue (``queued``), only one with history (retried or forked) is due
+    for a replay: one that never began has none, and any worker that may take its
+    version begins it when the queue lets it."""
     if not live or not runs:
         return {}
     order = await versions(store, app)
@@ -136,6 +140,8 @@ async def run_hints(
         rec = await store.get_run(app, run_id)
         if rec is None or rec.owner is not None:
             continue
+        if run_id in queued and due:
+            due = bool(await store.load_history(app, run_id))
         hint = run_hint(rec, live, order, due=due)
         if hint is not None:
             out[run_id] = hint

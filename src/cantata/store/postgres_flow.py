@@ -228,15 +228,16 @@ class PostgresFlow(PostgresCore):
                           "OR ($5::text[] IS NOT NULL AND r.version IS NOT NULL "
                           "AND r.version <> ALL($5))))")
             params += [skip, only]
+        # A run with history of another version begins only once its history was
+        # checked to replay on this code, as it was then (docs/operating.md, versions):
+        # decided as each run begins (a candidate's page costs no look at its run).
+        unchecked, unchecked_params = "", list[Any]()
         if replay_checked is not None:
-            # A run with history of another version waits until its history was checked
-            # to replay on this code, as it was then (docs/operating.md, versions).
-            n = 4 + len(params)
-            not_theirs += (
-                f" AND NOT EXISTS ({theirs} AND r.version IS NOT NULL AND r.version IS "
-                f"DISTINCT FROM ${n}::text AND {HAS_HISTORY} AND (r.run_id, r.updated_at) "
-                f"NOT IN (SELECT * FROM unnest(${n + 1}::text[], ${n + 2}::float8[])))")
-            params += [pin_version, list(replay_checked), list(replay_checked.values())]
+            unchecked = (
+                " AND NOT (r.version IS NOT NULL AND r.version IS DISTINCT FROM $4::text "
+                f"AND {HAS_HISTORY} AND (r.run_id, r.updated_at) NOT IN "
+                "(SELECT * FROM unnest($5::text[], $6::float8[])))")
+            unchecked_params = [list(replay_checked), list(replay_checked.values())]
         async with self._db.tx() as c:
             row = await c.fetchrow(
                 f"SELECT {_Q_COLS} FROM queues WHERE app=$1 AND name=$2 FOR UPDATE", app, queue
@@ -288,10 +289,21 @@ class PostgresFlow(PostgresCore):
                         f"UPDATE runs r SET owner=$2, fence=r.fence+1, "
                         f"version=coalesce($4::text, r.version), {UNPARK} WHERE "
                         f"r.app=$1 AND r.run_id = ANY($3::text[]) AND {_PENDING} "
-                        f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
+                        f"AND NOT r.cancel_requested AND r.owner IS NULL{unchecked} "
+                        f"RETURNING {_R_COLS}",
                         app, worker_id, admit, pin_version,
+                        *unchecked_params,
                     )
                     began = [r[0] for r in rows]
+                    tried = admit
+                    if unchecked and len(began) < len(admit):
+                        # not checked yet: it keeps its place (not begun, not dropped)
+                        held = {r[0] for r in await c.fetch(
+                            f"SELECT r.run_id FROM runs r WHERE r.app=$1 AND r.run_id = "
+                            f"ANY($2::text[]) AND {_MAY_BEGIN} AND r.owner IS NULL",
+                            app, [i for i in admit if i not in set(began)],
+                        )}
+                        tried = [i for i in admit if i not in held]
                     # A run cancelled while it waited (ended by claim_runs) never begins:
                     # its row is dropped, and the plan goes on past it
                     # (model.flow.Admissions).
@@ -300,7 +312,7 @@ class PostgresFlow(PostgresCore):
                         "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
                         "THEN $2::double precision ELSE 0.0 END, "
                         "done = NOT (run_id = ANY($3::text[])) "
-                        "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
+                        "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, tried,
                     )
                     by_id.update((r[0], run_row(r)) for r in rows)
                     order_of += admit

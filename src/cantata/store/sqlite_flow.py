@@ -256,14 +256,18 @@ class SQLiteFlow(SQLiteCore):
             outside = (f" AND r.version NOT IN ({','.join('?' * len(only_versions))})"
                        if only_versions else "")  # (none listed: every version is outside)
             not_theirs += f" AND NOT EXISTS ({theirs} AND r.version IS NOT NULL{outside})"
+        # A run with history of another version begins only once its history was
+        # checked to replay on this code, as it was then (docs/operating.md, versions):
+        # decided as each run begins (a candidate's page costs no look at its run).
+        unchecked, unchecked_params = "", list[Any]()
         if replay_checked is not None:
-            # A run with history of another version waits until its history was checked
-            # to replay on this code, as it was then (docs/operating.md, versions).
-            checked = ("" if not replay_checked else " AND (r.run_id, r.updated_at) NOT IN "
+            checked = ("" if not replay_checked else " AND (run_id, updated_at) NOT IN "
                        f"(VALUES {','.join(['(?,?)'] * len(replay_checked))})")
-            not_theirs += (f" AND NOT EXISTS ({theirs} AND r.version IS NOT NULL AND "
-                           f"r.version IS NOT ? AND {HAS_HISTORY}{checked})")
-            skip += [pin_version, *(v for pair in replay_checked.items() for v in pair)]
+            unchecked = (" AND NOT (version IS NOT NULL AND version IS NOT ? AND EXISTS "
+                         "(SELECT 1 FROM history h WHERE h.app=runs.app AND "
+                         f"h.run_id=runs.run_id){checked})")
+            unchecked_params = [pin_version,
+                                *(v for pair in replay_checked.items() for v in pair)]
 
         def op(c: sqlite3.Connection) -> QueueClaim:
             row = c.execute(
@@ -314,9 +318,15 @@ class SQLiteFlow(SQLiteCore):
                         got = c.execute(
                             f"UPDATE runs SET owner=?, fence=fence+1, version=coalesce(?, "
                             f"version), {UNPARK} WHERE app=? AND run_id=? AND status='pending' "
-                            f"AND cancel_requested=0 AND owner IS NULL RETURNING {RUN_COLS}",
-                            (worker_id, pin_version, app, run_id),
+                            f"AND cancel_requested=0 AND owner IS NULL{unchecked} "
+                            f"RETURNING {RUN_COLS}",
+                            (worker_id, pin_version, app, run_id, *unchecked_params),
                         ).fetchone()
+                        if not got and unchecked and c.execute(
+                            "SELECT 1 FROM runs WHERE app=? AND run_id=? AND status='pending' "
+                            "AND cancel_requested=0 AND owner IS NULL", (app, run_id),
+                        ).fetchone():
+                            continue  # not checked yet: it keeps its place (not begun)
                         # A run cancelled while it waited (ended by claim_runs) never
                         # begins: its row is dropped, and the plan goes on past it
                         # (Admissions).
