@@ -204,6 +204,7 @@ async def test_a_retry_by_code_that_cannot_replay_the_run_is_refused(
     code, out, err = await cli(capsys, "retry", other, "--app", "shopnew:app", "--force")
     assert code == 0, err
     assert f"run {other} (order) is pending again (retry 1)" in out
+    sys.modules.pop("shopnew", None)
 
 
 async def _stored_run(run_id: str) -> Any:
@@ -218,11 +219,11 @@ async def test_runs_repin_moves_a_newer_versions_runs_to_the_old_code(
     """`cantata runs repin`: a dry run says what would move; the re-pin moves the runs
     nobody holds to the version of --app's code, lists the one a live worker holds as
     left, and exits 1 saying so."""
-    (project / "shopnew.py").write_text(textwrap.dedent(APP).replace(
+    (project / "shopv2.py").write_text(textwrap.dedent(APP).replace(
         'cantata.App("shop",', 'cantata.App("shop", version="v-new",'))
     import importlib
 
-    new = importlib.import_module("shopnew").app
+    new = importlib.import_module("shopv2").app
     async with new.client():
         free = await new.start("order", {"customer": 1, "total": 1})
         held = await new.start("order", {"customer": 2, "total": 2})
@@ -255,7 +256,7 @@ async def test_runs_repin_moves_a_newer_versions_runs_to_the_old_code(
     code, out, err = await cli(capsys, "runs", "repin", "--from-version", "v-new",
                                "--to-version", "v-other", "--app", "shopmod:app")
     assert code == 1 and f"this code is version {old}, not v-other" in err
-    sys.modules.pop("shopnew", None)
+    sys.modules.pop("shopv2", None)
 
 
 async def test_dead_letters_discarded_and_replayed_in_bulk(
