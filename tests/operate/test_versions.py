@@ -547,7 +547,8 @@ async def test_stalled_names_a_run_no_live_worker_may_take(sqlite_url: str) -> N
     assert stall.reason == "pending_step"
     assert stall.hint == (
         "no live worker takes version v2 of this run (live workers run v1): deploy that "
-        "version, or run a worker with --any-version"
+        "version, re-pin its runs to the live code (`cantata runs repin --from-version v2 "
+        "--app MODULE:app`), or run a worker with --any-version"
     )
 
 

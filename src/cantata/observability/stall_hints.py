@@ -114,7 +114,9 @@ def run_hint(
     takers = [w for w in live if w.workflows is None or rec.workflow in w.workflows]
     if not any(may_take(w.version, w.any_version, rec.version, order) for w in takers):
         return (f"no live worker takes version {rec.version} of this run (live workers run "
-                f"{seen}): deploy that version, or run a worker with --any-version")
+                f"{seen}): deploy that version, re-pin its runs to the live code "
+                f"(`cantata runs repin --from-version {rec.version} --app MODULE:app`), or "
+                f"run a worker with --any-version")
     if due and not any(w.any_version or w.version in (None, rec.version) for w in takers):
         return (f"no live worker runs version {rec.version} of this run (live workers run "
                 f"{seen}, which take it only if their code replays its history: cantata "
