@@ -40,6 +40,7 @@ from cantata.store.base import Store
 from cantata.store.tx import Tx
 
 if TYPE_CHECKING:
+    from cantata.engine.repin import RepinReport
     from cantata.flow.schedules import Schedules
     from cantata.model.flow import QueueStats
     from cantata.observability.groups import GroupInfo
@@ -503,11 +504,13 @@ class App(RouterFacade):
         workflow: str | None = None,
         status: RunStatus | str | None = None,
         limit: int = 100,
+        version: str | None = None,
     ) -> list[RunInfo]:
         """Runs matching every given filter, newest first, with their attributes.
 
         ``attributes`` are search attributes set by ``ctx.set_attributes``; a run must
-        hold all of them (numbers and strings match by text: 42 finds "42").
+        hold all of them (numbers and strings match by text: 42 finds "42"). ``version``:
+        the runs pinned to that code version (docs/operating.md, versions).
 
         Raises:
             UnknownAttribute: a name no run of this app has set, or malformed.
@@ -516,8 +519,36 @@ class App(RouterFacade):
 
         return await find_runs(
             self.engine, idempotency_key=idempotency_key, attributes=attributes,
-            workflow=workflow, status=status, limit=limit,
+            workflow=workflow, status=status, limit=limit, version=version,
         )
+
+    async def repin_runs(
+        self,
+        from_version: str,
+        to_version: str | None = None,
+        *,
+        workflow: str | None = None,
+        dry_run: bool = False,
+        actor: str | None = None,
+        limit: int = 1000,
+    ) -> RepinReport:
+        """Pin the live runs of ``from_version`` to this code's version (a rollback's
+        way back to older code), each only once this code replays its whole history
+        and while no live worker holds it; audited as ``run.repinned`` by ``actor``.
+        ``to_version``, if given, must be this code's version. With ``dry_run``, the
+        runs are checked and nothing is changed. See docs/operating.md, versions.
+
+        Returns:
+            The runs it moved (or would move) and those it left, each with why.
+
+        Raises:
+            ConfigurationError: this app has no workflow code, or is not of
+                ``to_version``; or ``workflow`` is not in its code.
+        """
+        from cantata.engine.repin import repin_runs
+
+        return await repin_runs(self.engine, from_version, to_version, workflow=workflow,
+                                dry_run=dry_run, actor=actor, limit=limit)
 
     async def fork(
         self, run_id: str, from_step: str, *, actor: str | None = None

@@ -128,6 +128,14 @@ class RunNotRetryable(CantataError):
     code = "run_not_retryable"
 
 
+class HistoryNotReplayable(CantataError):
+    """An operator action would hand a run to code that cannot replay its recorded
+    history (a retry, a re-pin): refused, the message naming the first call that
+    differs and what to do instead."""
+
+    code = "history_not_replayable"
+
+
 class StepNotInHistory(CantataError):
     """A fork named a step the run never reached, or a recorded call that is not a step
     (the message lists the steps it did reach)."""

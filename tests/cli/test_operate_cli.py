@@ -104,6 +104,26 @@ async def test_runs_by_attribute_and_key_as_json_without_app(
         assert err.startswith(f"cantata: error: {message}") and err.count("\n") == 1
 
 
+async def test_runs_show_and_filter_the_version_each_run_is_pinned_to(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await failed_runs(2)
+    version = shop().version
+    code, out, err = await cli(capsys, "runs")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if "run id" in line)
+    assert "version" in header and header.index("status") < header.index("version")
+    assert all(version in line for line in out.splitlines() if ids[0] in line or ids[1] in line)
+    code, out, err = await cli(capsys, "runs", "--json")
+    assert code == 0, err
+    assert [(r["run_id"], r["version"]) for r in json.loads(out)] == [
+        (ids[1], version), (ids[0], version)]
+    code, out, err = await cli(capsys, "runs", "--version", version, "--json")
+    assert code == 0 and len(json.loads(out)) == 2, err
+    code, out, err = await cli(capsys, "runs", "--version", "0123abcd0123", "--json")
+    assert code == 0 and json.loads(out) == [], err
+
+
 async def test_run_ids_by_prefix_ambiguous_prefixes_list_the_candidates(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -158,6 +178,85 @@ async def test_retry_and_fork_from_the_cli(
     assert set(attempt) == set(detail["steps"][-1]["attempts"][0])  # the steps' form
     code, out, _ = await cli(capsys, "audit", "verify")
     assert code == 0 and "chain intact" in out
+
+
+async def test_a_retry_by_code_that_cannot_replay_the_run_is_refused(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Code that does not replay what a retry keeps of the run's history (a step
+    inserted before the completed ones) refuses the retry, saying what to do, unless
+    ``--force``; the code that ran it retries it."""
+    run_id, other = await failed_runs(2)
+    (project / "shopnew.py").write_text(textwrap.dedent(APP).replace(
+        "    await ctx.run(reserve, order)\n",
+        "    await ctx.run(charge, order)\n    await ctx.run(reserve, order)\n"))
+    code, out, err = await cli(capsys, "retry", run_id, "--app", "shopnew:app")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"cantata: error: run {run_id} (order) cannot be retried with "
+                          "this code (version ")
+    assert "call 2: history recorded 'reserve#1' but the code now calls 'charge#1'" in err
+    assert "fork it" in err and "--force" in err
+    rec = await _stored_run(run_id)
+    assert (rec.status, rec.epoch) == ("failed", 0)  # nothing changed
+    code, out, err = await cli(capsys, "retry", run_id, "--app", "shopmod:app")
+    assert code == 0, err  # the code that ran it replays it
+    assert (await _stored_run(run_id)).status == "pending"
+    code, out, err = await cli(capsys, "retry", other, "--app", "shopnew:app", "--force")
+    assert code == 0, err
+    assert f"run {other} (order) is pending again (retry 1)" in out
+    sys.modules.pop("shopnew", None)
+
+
+async def _stored_run(run_id: str) -> Any:
+    app = shop()
+    async with app.client():
+        return await app.get_handle(run_id).info()
+
+
+async def test_runs_repin_moves_a_newer_versions_runs_to_the_old_code(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cantata runs repin`: a dry run says what would move; the re-pin moves the runs
+    nobody holds to the version of --app's code, lists the one a live worker holds as
+    left, and exits 1 saying so."""
+    (project / "shopv2.py").write_text(textwrap.dedent(APP).replace(
+        'cantata.App("shop",', 'cantata.App("shop", version="v-new",'))
+    import importlib
+
+    new = importlib.import_module("shopv2").app
+    async with new.client():
+        free = await new.start("order", {"customer": 1, "total": 1})
+        held = await new.start("order", {"customer": 2, "total": 2})
+        now = new.clock.now()
+        await new.store.heartbeat(new.name, "busy-worker", now, None, lease=60.0)
+        await new.store.claim_runs(new.name, "busy-worker", ["order"], stale_before=now,
+                                   limit=1, run_ids=[held.run_id])
+    old = shop().version
+    code, out, err = await cli(capsys, "runs", "repin", "--from-version", "v-new",
+                               "--app", "shop")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "re-pinning runs needs the code they go to" in err
+    code, out, err = await cli(capsys, "runs", "repin", "--from-version", "v-new",
+                               "--app", "shopmod:app", "--dry-run")
+    assert code == 1, err
+    assert f"{free.run_id}" in out and "would move" in out
+    assert "left: in progress: live worker busy-worker holds it" in out
+    assert f"1 live run(s) of version v-new would move to version {old}, 1 left (dry run" \
+        in out
+    assert "1 run(s) of version v-new were left where they are" in err
+    code, out, err = await cli(capsys, "runs", "--version", "v-new", "--json")
+    assert len(json.loads(out)) == 2  # nothing changed
+    code, out, err = await cli(capsys, "runs", "repin", "--from-version", "v-new",
+                               "--app", "shopmod:app", "--actor", "ops:ann", "--json")
+    assert code == 1 and err.startswith("cantata: error: 1 run(s) of version v-new")
+    report = json.loads(out)
+    assert (report["moved"], report["left"], report["to_version"]) == (1, 1, old)
+    code, out, err = await cli(capsys, "runs", "--version", old, "--json")
+    assert [r["run_id"] for r in json.loads(out)] == [free.run_id]
+    code, out, err = await cli(capsys, "runs", "repin", "--from-version", "v-new",
+                               "--to-version", "v-other", "--app", "shopmod:app")
+    assert code == 1 and f"this code is version {old}, not v-other" in err
+    sys.modules.pop("shopv2", None)
 
 
 async def test_dead_letters_discarded_and_replayed_in_bulk(

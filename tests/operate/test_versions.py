@@ -547,7 +547,8 @@ async def test_stalled_names_a_run_no_live_worker_may_take(sqlite_url: str) -> N
     assert stall.reason == "pending_step"
     assert stall.hint == (
         "no live worker takes version v2 of this run (live workers run v1): deploy that "
-        "version, or run a worker with --any-version"
+        "version, re-pin its runs to the live code (`cantata runs repin --from-version v2 "
+        "--app MODULE:app`), or run a worker with --any-version"
     )
 
 
@@ -595,3 +596,182 @@ def test_a_sagas_version_covers_its_steps_options_not_its_mode() -> None:
     }
     assert all(v != base for v in changed.values()), changed
     assert len(set(changed.values())) == len(changed), changed
+
+
+def retried_queued(url: str, version: str, calls: Counter[str], *, bug: bool = False,
+                   first: str | None = None) -> App:
+    """A queued workflow: a, then b (which fails with ``bug``); with ``first``, a step
+    of that name before a (code that does not replay a history recorded without it)."""
+    app = make_app(url, version=version)
+    app.queue("q", concurrency=5)
+
+    @app.step
+    async def a() -> str:
+        calls[f"a@{version}"] += 1
+        return "a"
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def b() -> str:
+        calls[f"b@{version}"] += 1
+        if bug:
+            raise RuntimeError(f"the {version} bug")
+        return "b"
+
+    @app.step(name=first or "unused")
+    async def extra() -> str:
+        calls[f"{first}@{version}"] += 1
+        return "extra"
+
+    @app.workflow(queue="q")
+    async def rq(ctx: WorkflowContext) -> list[str]:
+        out = [await ctx.run(extra)] if first else []
+        out.append(await ctx.run(a))
+        out.append(await ctx.run(b))
+        return out
+
+    return app
+
+
+async def _retried_in_queue(url: str, calls: Counter[str]) -> str:
+    """A run of v1 failed in b, retried by v1's code (pinned to v1, back in its queue
+    with its history: a#1), while v1's workers are gone."""
+    old = retried_queued(url, "v1", calls, bug=True)
+    async with old:
+        h = await old.start("rq")
+        with pytest.raises(WorkflowFailed, match="the v1 bug"):
+            await h.result(timeout=10)
+    async with old.client():  # v1's code retries it: pinned to v1
+        await old.get_handle(h.run_id).retry(actor="ops")
+        run = await old.store.get_run(old.name, h.run_id)
+    assert run is not None and (run.version, run.status) == ("v1", RunStatus.PENDING)
+    return h.run_id
+
+
+async def test_a_retried_queued_run_is_begun_by_other_code_only_if_it_replays(
+    sqlite_url: str,
+) -> None:
+    """A queued run with history, of another version, goes through the replay check
+    as a run outside a queue does: code that does not replay it leaves it waiting for
+    a worker of its version (and ``stalled`` says so); code that replays it begins it
+    and pins it to its own version."""
+    calls: Counter[str] = Counter()
+    run_id = await _retried_in_queue(sqlite_url, calls)
+    other = retried_queued(sqlite_url, "v2", calls, first="x")  # inserts x before a
+    async with other:
+        await asyncio.sleep(2.5)  # v2 claims its queue, and looks at older runs
+        run = await other.store.get_run(other.name, run_id)
+        assert run is not None
+        assert (run.status, run.owner, run.version) == (RunStatus.PENDING, None, "v1")
+        assert calls["x@v2"] == 0 and calls["a@v2"] == 0
+        [stall] = [s for s in await other.stalled(older_than=0) if s.node.ref == run_id]
+        assert stall.hint is not None and "no live worker runs version v1" in stall.hint
+    fixed = retried_queued(sqlite_url, "v3", calls)  # replays a#1, b fixed
+    async with fixed:
+        assert await fixed.get_handle(run_id).result(timeout=10) == ["a", "b"]
+        run = await fixed.store.get_run(fixed.name, run_id)
+        assert run is not None and run.version == "v3"
+    assert calls == Counter({"a@v1": 1, "b@v1": 1, "b@v3": 1})
+
+
+def rollback_app(url: str, version: str, *, newer: bool, **kw: Any) -> App:
+    """a, then (newer code, for a run started with ``extra``) x, a wait for go, then b."""
+    app = make_app(url, version=version, **kw)
+
+    @app.step
+    async def a() -> str:
+        return f"a@{version}"
+
+    @app.step
+    async def x() -> str:
+        return f"x@{version}"
+
+    @app.step
+    async def b() -> str:
+        return f"b@{version}"
+
+    @app.workflow
+    async def flow(ctx: WorkflowContext, extra: bool) -> list[str]:
+        out = [await ctx.run(a)]
+        if extra and newer:
+            out.append(await ctx.run(x))
+        await ctx.wait_for_event("go")
+        out.append(await ctx.run(b))
+        return out
+
+    return app
+
+
+async def test_a_rollback_repins_the_runs_old_code_replays_and_no_one_holds(
+    sqlite_url: str,
+) -> None:
+    """``app.repin_runs``: after a rollback, the runs of the newer version that the old
+    code replays move to it (a dry run first changes nothing); a run it does not replay
+    and a run a live worker holds stay, each with why. The old code's workers then take
+    the moved runs without --any-version."""
+    old = rollback_app(sqlite_url, "v1", newer=False)
+    async with old:  # v1 served first
+        pass
+    new = rollback_app(sqlite_url, "v2", newer=True, park_after=0.0)
+    async with new:
+        ok, bad = await new.start("flow", False), await new.start("flow", True)
+        for h in (ok, bad):
+            await eventually(lambda h=h: _parked(new, h.run_id), timeout=10)
+    async with new.client():  # (not begun yet: a worker may claim it at once)
+        held = await new.start("flow", False)
+    async with old.client():  # the rollback's operator, with the old code
+        now = old.clock.now()
+        await old.store.heartbeat(old.name, "busy-worker", now, None, lease=60.0)
+        await old.store.claim_runs(old.name, "busy-worker", ["flow"], stale_before=now,
+                                   limit=1, run_ids=[held.run_id])
+        dry = await old.repin_runs("v2", dry_run=True, actor="ops")
+        outcome = {r.run_id: (r.moved, r.reason or "") for r in dry.runs}
+        assert outcome[ok.run_id] == (True, "")
+        assert outcome[bad.run_id][0] is False
+        assert "does not replay on this code: call 2: history recorded 'x#1'" in \
+            outcome[bad.run_id][1]
+        assert outcome[held.run_id][0] is False
+        assert "live worker busy-worker holds it" in outcome[held.run_id][1]
+        assert {r.version for r in await old.find_runs(workflow="flow")} == {"v2"}
+        report = await old.repin_runs("v2", "v1", actor="ops")
+        assert [r.run_id for r in report.moved] == [ok.run_id]
+        assert {r.run_id for r in report.left} == {bad.run_id, held.run_id}
+        assert [r.run_id for r in await old.find_runs(version="v1")] == [ok.run_id]
+        [record] = [r for r in await old.store.audit_records(old.name)
+                    if r.action == "run.repinned"]
+        assert (record.actor, record.target) == ("ops", ok.run_id)
+    async with old:  # v1's workers take the moved run, as their own
+        await old.publish("go", {})
+        assert await old.get_handle(ok.run_id).result(timeout=10) == ["a@v2", "b@v1"]
+        await asyncio.sleep(1.5)  # v1 looks at older and newer runs (once a second)
+        run = await old.get_handle(bad.run_id).info()
+        assert (run.version, run.status) == ("v2", RunStatus.RUNNING)
+
+
+async def test_a_queued_run_without_history_waiting_its_turn_gets_no_version_hint(
+    sqlite_url: str,
+) -> None:
+    """A queued run of an older version that never began has nothing to replay: a newer
+    worker begins it when the queue lets it, so ``stalled`` does not blame its version
+    while it waits its turn (it does for one with history, above)."""
+    def gated(version: str) -> App:
+        app = make_app(sqlite_url, version=version)
+        app.queue("one", concurrency=1)
+
+        @app.workflow(queue="one")
+        async def gate(ctx: WorkflowContext) -> str:
+            await ctx.wait_for_event("open")
+            return version
+
+        return app
+
+    old, new = gated("v1"), gated("v2")
+    async with old:
+        first = await old.start("gate")
+        await eventually(lambda: _waiting(old, first.run_id), timeout=10)
+        second = await old.start("gate")  # behind it, in the queue's one slot
+    async with new:
+        await asyncio.sleep(1.5)  # v2 takes the first (it replays), the second waits
+        [stall] = [s for s in await new.stalled(older_than=0) if s.node.ref == second.run_id]
+        assert stall.reason == "queued" and stall.hint is None
+        await new.publish("open", {})
+        assert await new.get_handle(second.run_id).result(timeout=10) == "v2"

@@ -96,7 +96,7 @@ async def test_runs_filter_and_page_newest_first(shop: Shop) -> None:
     assert future == {"runs": [], "next_cursor": None}
     keys = set(window["runs"][0])
     assert keys == {"run_id", "workflow", "status", "created_at", "updated_at",
-                    "idempotency_key", "correlation_id", "error", "result"}
+                    "idempotency_key", "correlation_id", "error", "result", "version"}
     assert window["runs"][0]["result"] == {"status": "shipped", "order": "A-4"}
 
 

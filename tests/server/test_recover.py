@@ -212,3 +212,31 @@ async def test_the_session_cookie_needs_the_csrf_header_for_the_new_actions(
     r = await c.post(f"/api/runs/{run_id}/retry", headers={"X-Cantata-CSRF": "1"})
     assert r.status_code == 200, r.text
     c.cookies.clear()
+
+
+async def test_retry_refuses_a_history_the_consoles_code_does_not_replay(shop: Shop) -> None:
+    """A console served with the app's code checks that this code replays what a retry
+    keeps of the run's history (here a call of other code recorded first): 409
+    ``history_not_replayable`` naming the call, unless ``force``."""
+    from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunWrite
+
+    run_id = await failed_invoice(shop, "R-9")
+    app = shop.app
+    history = await app.store.load_history(app.name, run_id)
+    run = await app.store.get_run(app.name, run_id)
+    assert run is not None
+    # other code called audit#1 first: this code does not
+    await app.store.commit_run(app.name, run_id, run.fence, RunWrite(entries=[
+        HistoryEntry("audit#1", EntryKind.STEP, "audit", EntryStatus.COMPLETED,
+                     seq=min(e.seq for e in history) - 1, result="null"),
+    ]))
+    r = await shop.post(f"/api/runs/{run_id}/retry")
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "history_not_replayable"
+    assert "call 1: history recorded 'audit#1' but the code now calls 'set_attributes#1'" \
+        in error["message"]
+    assert '"force": true' not in error["message"] and "force=True" in error["message"]
+    assert (await shop.get(f"/api/runs/{run_id}")).json()["status"] == "failed"
+    forced = await shop.post(f"/api/runs/{run_id}/retry", json={"force": True})
+    assert forced.status_code == 200, forced.text

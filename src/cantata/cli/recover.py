@@ -32,12 +32,17 @@ def retry(
     include_compensated: Annotated[
         bool, typer.Option("--include-compensated", help="Retry a compensated run too.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Retry even if the app's code (module:app) "
+                           "does not replay the run's history.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a failed run from its failed step with the deployed code.
 
     Completed steps are not run again. Deploy the fix first: the run is taken by a
-    worker whose code replays its history.
+    worker whose code replays its history. Given the app's code (--app module:app), the
+    retry is refused when that code does not replay the run's history (--force: anyway).
     """
     the_app = client_app(app, store)
 
@@ -45,7 +50,8 @@ def retry(
         async with the_app.client():
             rec = await resolve_run(the_app, run_id, key)
             handle = the_app.get_handle(rec.run_id)
-            await handle.retry(actor=operator(), include_compensated=include_compensated)
+            await handle.retry(actor=operator(), include_compensated=include_compensated,
+                               force=force)
             after = await handle.info()
             shown = await run_details(the_app, after) if as_json else None
         if shown is not None:  # the run as `cantata run --json` shows it

@@ -84,8 +84,17 @@ def styled(status: str) -> str:
 
 
 def register(cli: typer.Typer) -> None:
+    from .repin import repin
+
     cli.command("start")(start)
-    cli.command("runs")(list_runs)
+    runs = typer.Typer(
+        help="List runs (filtered by status, workflow, attributes, key, version); re-pin "
+        "the live runs of a version to older code, for a rollback.",
+        invoke_without_command=True,
+    )
+    runs.callback()(list_runs)
+    runs.command("repin")(repin)
+    cli.add_typer(runs, name="runs")
     cli.command("run")(show_run)
     cli.command("cancel")(cancel)
 
@@ -149,6 +158,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def list_runs(
+    ctx: typer.Context,
     app: AppOpt = None,
     store: StoreOpt = None,
     status: Annotated[
@@ -164,12 +174,18 @@ def list_runs(
         typer.Option("--attr", help="NAME=VALUE: runs with this search attribute (repeatable)."),
     ] = None,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Only the runs pinned to this code "
+                                 "version (the version column).")
+    ] = None,
     limit: Annotated[
         int, typer.Option("--limit", min=1, max=10_000, help="At most this many (the newest).")
     ] = 50,
     as_json: JsonOpt = False,
 ) -> None:
-    """List runs, newest first (filtered by status, workflow, attributes, key)."""
+    """List runs, newest first (filtered by status, workflow, attributes, key, version)."""
+    if ctx.invoked_subcommand is not None:
+        return
     wanted = dict(parse_attr(a) for a in attr or [])
     the_app = client_app(app, store)
 
@@ -177,7 +193,7 @@ def list_runs(
         async with the_app.client():
             found = await find_records(
                 the_app.engine, idempotency_key=key, attributes=wanted or None,
-                workflow=workflow, status=status, limit=limit,
+                workflow=workflow, status=status, limit=limit, version=version,
             )
             if not found and workflow is not None and not await find_records(
                 the_app.engine, workflow=workflow, limit=1
@@ -186,11 +202,12 @@ def list_runs(
         if as_json:  # each run as GET /api/runs lists it
             print_json([run_out(r) for r, _ in found])
             return
-        out = table(f"runs of {the_app.name}", "run id", "workflow", "status",
-                    "created (UTC)", "updated (UTC)", "key", "error")
+        out = table(f"runs of {the_app.name}", "run id", "workflow", "status", "version",
+                    "created (UTC)", "updated (UTC)", "key", "error",
+                    ids=("run id", "version"))
         for r, _ in found:
             out.add_row(
-                Text(r.run_id), Text(r.workflow), styled(str(r.status)),
+                Text(r.run_id), Text(r.workflow), styled(str(r.status)), Text(r.version or ""),
                 fmt_date(r.created_at), fmt_time(r.updated_at), Text(r.idempotency_key or ""),
                 Text(r.error or ""),
             )

@@ -158,6 +158,10 @@ class Engine:
         self.version_order: tuple[float, dict[str, float]] | None = None  # (read at, order)
         self.foreign_checked_at = -1e9  # monotonic time of the last look at older runs
         self.versions_checked_at = -1e9  # monotonic time the served versions were last read
+        # queued runs of other versions whose history this code replays (run id ->
+        # updated_at as checked), and the monotonic time of the last look for them
+        self.queue_checked: dict[str, float] = {}
+        self.queue_checked_at = -1e9
         self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
         self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
         self.hot = HotRuns(self, park_after, hot_runs)  # which waiting runs stay in memory

@@ -195,25 +195,33 @@ class RunHandle:
                     actor=who
                 )
 
-    async def retry(self, actor: str | None = None, include_compensated: bool = False) -> None:
+    async def retry(
+        self, actor: str | None = None, include_compensated: bool = False, *,
+        force: bool = False,
+    ) -> None:
         """Continue a failed run with the current code from its failed step.
 
         Completed steps are not run again (their recorded results replay); the failed
         step and what followed it are kept apart as superseded history. With
         ``include_compensated`` a compensated run is retried too (its compensations are
         superseded; the steps they undid are not redone). ``actor`` is audited
-        (default: this process). See docs/operating.md.
+        (default: this process). When this process has the workflow's code, the retry
+        is accepted only if that code replays the history the retry keeps (``force``:
+        retried anyway). See docs/operating.md.
 
         Raises:
             RunNotFound: no such run.
             RunInProgress: the run has not ended.
             RunNotRetryable: it ended completed, cancelled, or compensated without
                 ``include_compensated``.
+            HistoryNotReplayable: this process's code does not replay what the retry
+                keeps of the run's history (without ``force``).
         """
         from .recovery import retry
 
         run = await retry(
-            self._engine, self.run_id, include_compensated=include_compensated, actor=actor
+            self._engine, self.run_id, include_compensated=include_compensated, actor=actor,
+            force=force,
         )
         self.workflow = run.workflow
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.errors import (
     ConfigurationError,
+    HistoryNotReplayable,
     RunNotFound,
     RunNotRetryable,
     StepNotInHistory,
@@ -31,6 +32,7 @@ from .saga.choreographed import ran_choreographed, start_key
 from .versioning import current_version
 
 if TYPE_CHECKING:
+    from cantata.declare.defs import WorkflowDef
     from cantata.store.base import Store
 
     from .engine import Engine
@@ -58,7 +60,8 @@ async def _queue_for(engine: Engine, run_id: str, workflow: str) -> QueueEntry |
 
 
 async def retry(
-    engine: Engine, run_id: str, *, include_compensated: bool = False, actor: str | None = None
+    engine: Engine, run_id: str, *, include_compensated: bool = False, actor: str | None = None,
+    force: bool = False,
 ) -> RunRecord:
     """Make a failed run live again from its failed step (see the module docstring)."""
     check_run_id(run_id)
@@ -75,11 +78,39 @@ async def retry(
             f"recorded ({run.status}), running no step again; to run it again with the "
             f"deployed code, fork it from its start: `cantata fork {run_id} --from-step "
             f"{start}` (the console's Fork, from {start}), or start a new run")
+    wdef = engine.router.workflows.get(run.workflow)
+    if wdef is not None and not force and (run.status == RunStatus.FAILED or (
+            include_compensated and run.status == RunStatus.COMPENSATED)):
+        await _check_retry(engine, run, wdef)
     engine.forget_ended(run_id)
     return await engine.store.retry_run(
         engine.app, run_id, include_compensated=include_compensated,
         version=await _version_for(engine, run.workflow),
         actor=who, now=engine.clock.now(), queue=await _queue_for(engine, run_id, run.workflow),
+    )
+
+
+async def _check_retry(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> None:
+    """Nothing, if this code (the version a retry from here pins the run to) replays what
+    the retry keeps of the run's history.
+
+    Raises:
+        HistoryNotReplayable: naming the first call that differs and what to do.
+    """
+    from .replaycheck import check_kept
+
+    problem = await check_kept(engine, run, wdef, retry=True)
+    if problem is None:
+        return
+    where = f" at or before {problem.recorded}" if problem.recorded else ""
+    raise HistoryNotReplayable(
+        f"run {run.run_id} ({run.workflow}) cannot be retried with this code (version "
+        f"{engine.version}): the history the retry keeps does not replay on it "
+        f"({problem.detail}), so the run would wait for ever or fail with "
+        f"NonDeterminismError; retry it from code that replays its history (the code that "
+        f"ran it, version {run.version or 'unknown'}, or this change guarded by "
+        f"ctx.patched), fork it from a step{where} (`cantata fork {run.run_id} --from-step "
+        "KEY`), or retry it anyway with force=True (`cantata retry --force`)"
     )
 
 
@@ -140,6 +171,7 @@ async def find_records(
     workflow: str | None = None,
     status: RunStatus | str | None = None,
     limit: int = 100,
+    version: str | None = None,
 ) -> list[tuple[RunRecord, dict[str, str]]]:
     """Stored runs matching every filter, newest first, with their search attributes.
 
@@ -151,14 +183,15 @@ async def find_records(
     st = parse_status(status)
     if limit < 1:
         raise ConfigurationError(f"limit must be >= 1, got {limit}")
-    for what, text in (("idempotency_key", idempotency_key), ("workflow", workflow)):
+    for what, text in (("idempotency_key", idempotency_key), ("workflow", workflow),
+                       ("version", version)):
         if isinstance(text, str):  # a NUL key was refused at start: say so, match nothing
             check_text(f"find_runs({what}=...)", text, hint="no run has one; check the filter")
     wanted = {check_name(name): index_value(name, value)
               for name, value in (attributes or {}).items()}
     runs = await engine.store.find_runs(
         engine.app, idempotency_key=idempotency_key, attributes=wanted or None,
-        workflow=workflow, status=st, limit=limit,
+        workflow=workflow, status=st, limit=limit, version=version,
     )
     if wanted and not runs:  # nothing found: say so if a name is unknown (a typo)
         await check_attribute_names(engine.store, engine.app, wanted)

@@ -45,10 +45,12 @@ from cantata.errors import Cancelled
 from cantata.model import codec
 from cantata.model.records import (
     DELIVERY_PENDING,
+    Attempt,
     EntryKind,
     HistoryEntry,
     RunRecord,
     RunWrite,
+    superseded_keys,
 )
 from cantata.model.status import LIVE_STATUSES, RunStatus
 
@@ -267,9 +269,14 @@ def compare(
     return None
 
 
-async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> ReplayProblem | None:
-    """Dry-replay one stored run with ``engine``'s code; the problem found, if any."""
+async def check_run(
+    engine: Engine, run: RunRecord, wdef: WorkflowDef,
+    loaded: tuple[list[HistoryEntry], list[Attempt]] | None = None,
+) -> ReplayProblem | None:
+    """Dry-replay one stored run with ``engine``'s code; the problem found, if any
+    (``loaded``: the history and attempts to replay, instead of the stored ones)."""
     dry = _DryRun(engine, run, wdef)
+    dry.preloaded = loaded
     with contextlib.suppress(_Frontier):
         await dry._execute_run()
     for _ in range(3):  # let parallel branches (asyncio.gather) note their calls too
@@ -287,6 +294,22 @@ async def check_run(engine: Engine, run: RunRecord, wdef: WorkflowDef) -> Replay
         found = ReplayProblem(run.run_id, run.workflow, str(run.status), "would_fail",
                               dry.failure, run.version)
     return found
+
+
+async def check_kept(
+    engine: Engine, run: RunRecord, wdef: WorkflowDef, *, retry: bool = False
+) -> ReplayProblem | None:
+    """:func:`check_run` of ``run`` as it is, or with ``retry`` of the history a retry
+    would keep of it (``superseded_keys``: the failed entry and what followed go), as
+    an operator's retry or re-pin is checked before it is accepted."""
+    store = engine.store
+    history = await store.load_history(run.app, run.run_id)
+    attempts = await store.load_attempts(run.app, run.run_id)
+    if retry:
+        gone = set(superseded_keys([(e.key, e.seq, e.kind, e.status) for e in history]))
+        history = [e for e in history if e.key not in gone]
+        attempts = [a for a in attempts if a.key not in gone]
+    return await check_run(engine, run, wdef, loaded=(history, attempts))
 
 
 def _failed_so(run: RunRecord, failure: str) -> bool:

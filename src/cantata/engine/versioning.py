@@ -299,8 +299,6 @@ async def _replayable(
 ) -> dict[str, tuple[float, str]]:
     """Claimable runs of other versions whose history this code replays: run id ->
     the ``updated_at`` of the run as checked, and its workflow."""
-    from .replaycheck import check_run
-
     version = engine.version
     assert version is not None
     order = await _order(engine)
@@ -321,6 +319,48 @@ async def _replayable(
         order = await _order(engine, fresh=True)
         newer = {v for v, t in order.items() if t >= mine}
         found = [run for run in found if run.version not in newer]
+    return await _replaying(engine, found)
+
+
+async def queue_checked(engine: Engine, workflows: Sequence[str]) -> dict[str, float] | None:
+    """``replay_checked`` for this worker's queue claims (``Store.claim_queued_runs``):
+    the queued runs with history (retried or forked) of older versions, or of versions
+    that never served, whose history this code replays (run id -> ``updated_at`` as
+    checked), looked for at most once a second or so, as :func:`claim` does outside the
+    queues; runs this code cannot replay keep their place for a worker of their version.
+    ``None``: every run, unchecked (``any_version``, or no version)."""
+    version = engine.version
+    if engine.any_version or version is None:
+        return None
+    tick = time.monotonic()
+    if tick - engine.queue_checked_at < max(1.0, engine.poll_interval * 5):
+        return engine.queue_checked
+    engine.queue_checked_at = tick
+    order = await _order(engine)
+    mine = order.get(version)
+    if mine is None:
+        engine.queue_checked = {}  # not served yet: it takes its own runs only
+        return engine.queue_checked
+    # (the runs of newer versions that have served are not candidates anyway)
+    newer = sorted({v for v, t in order.items() if t >= mine} | {version})
+    found = await engine.store.foreign_runs(
+        engine.app, engine.worker_id, workflows, versions=newer, stale_before=0.0,
+        limit=_QUEUED_CHECKS, queued=True,
+    )
+    engine.queue_checked = {r: t for r, (t, _) in (await _replaying(engine, found)).items()}
+    return engine.queue_checked
+
+
+_QUEUED_CHECKS = 100  # queued runs of other versions checked per look at most
+
+
+async def _replaying(engine: Engine, found: Sequence[RunRecord]) -> dict[str, tuple[float, str]]:
+    """Those of ``found`` (runs of other versions) whose history this code replays: run
+    id -> the ``updated_at`` of the run as checked, and its workflow. Each verdict is
+    kept while the run stays as it was checked."""
+    from .replaycheck import check_run
+
+    version = engine.version
     verdicts = engine.replay_verdicts
     if len(verdicts) > 10_000:
         verdicts.clear()

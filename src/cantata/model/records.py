@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -478,3 +478,20 @@ class StepHeartbeat:
     attempt: int
     at: float
     details: str | None  # JSON
+
+
+# (key, seq, kind, status) of one history row: all the rules of retry and fork need.
+Row = tuple[str, int, str, str]
+
+
+def superseded_keys(rows: Sequence[Row]) -> list[str]:
+    """The entries a retry supersedes: the first failed one (not a compensation) and
+    every entry after it — the compensations the failure ran among them. With no failed
+    entry (the workflow's own code failed), the compensations after its last call: the
+    whole history replays. Compensations the workflow ran itself before that point
+    (``ctx.compensate``) stay done."""
+    failed = [seq for _, seq, kind, status in rows
+              if status == ENTRY_FAILED and kind != COMPENSATION]
+    calls = [seq for _, seq, kind, _ in rows if kind != COMPENSATION]
+    cut = min(failed) if failed else (max(calls) + 1 if calls else 0)
+    return [key for key, seq, _, _ in rows if seq >= cut]

@@ -114,7 +114,9 @@ def run_hint(
     takers = [w for w in live if w.workflows is None or rec.workflow in w.workflows]
     if not any(may_take(w.version, w.any_version, rec.version, order) for w in takers):
         return (f"no live worker takes version {rec.version} of this run (live workers run "
-                f"{seen}): deploy that version, or run a worker with --any-version")
+                f"{seen}): deploy that version, re-pin its runs to the live code "
+                f"(`cantata runs repin --from-version {rec.version} --app MODULE:app`), or "
+                f"run a worker with --any-version")
     if due and not any(w.any_version or w.version in (None, rec.version) for w in takers):
         return (f"no live worker runs version {rec.version} of this run (live workers run "
                 f"{seen}, which take it only if their code replays its history: cantata "
@@ -124,10 +126,14 @@ def run_hint(
 
 
 async def run_hints(
-    store: Store, app: str, runs: dict[str, bool], live: list[LiveWorker]
+    store: Store, app: str, runs: dict[str, bool], live: list[LiveWorker],
+    queued: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """``run id -> hint`` for the stuck runs ``runs`` (``run id -> due``, see
-    :func:`run_hint`) that are unowned and that none of ``live`` takes."""
+    :func:`run_hint`) that are unowned and that none of ``live`` takes. Of the runs
+    waiting in a queue (``queued``), only one with history (retried or forked) is due
+    for a replay: one that never began has none, and any worker that may take its
+    version begins it when the queue lets it."""
     if not live or not runs:
         return {}
     order = await versions(store, app)
@@ -136,6 +142,8 @@ async def run_hints(
         rec = await store.get_run(app, run_id)
         if rec is None or rec.owner is not None:
             continue
+        if run_id in queued and due:
+            due = bool(await store.load_history(app, run_id))
         hint = run_hint(rec, live, order, due=due)
         if hint is not None:
             out[run_id] = hint

@@ -193,7 +193,8 @@ async def _with_hints(
     for stall, waiter in hinted:
         due = stall.reason != WAITING_EVENT or waiter not in parked
         runs[waiter] = runs.get(waiter, False) or due
-    found = await run_hints(store, app, runs, live)
+    queued = frozenset(r for s, r in hinted if s.reason == QUEUED)
+    found = await run_hints(store, app, runs, live, queued)
     out = []
     for stall, run_id in stuck:
         hint = None

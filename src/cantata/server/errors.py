@@ -29,6 +29,7 @@ _STATUS = {
     "idempotency_conflict": 409,
     "run_in_progress": 409,
     "run_not_retryable": 409,
+    "history_not_replayable": 409,
     "step_not_in_history": 422,
     "unknown_attribute": 422,
     "token_exists": 409,

@@ -76,6 +76,9 @@ class RunOut(BaseModel):
     error: str | None = Field(description="`Type: message` of a failed, compensated or "
                                           "cancelled run.")
     result: Any = Field(description="The run's JSON result, once completed.")
+    version: str | None = Field(default=None, description=(
+        "The code version the run is pinned to: the worker that last took it, else the "
+        "code that started it (null: none known)."))
 
 
 class RunsPage(BaseModel):
@@ -138,6 +141,9 @@ class RetryIn(BaseModel):
     include_compensated: bool = Field(default=False, strict=True, description=(
         "Retry a compensated run too (its compensations are superseded; the steps they "
         "undid are not redone)."))
+    force: bool = Field(default=False, strict=True, description=(
+        "Retry even when the console's code (served with module:app) does not replay the "
+        "history the retry keeps (409 `history_not_replayable` otherwise)."))
 
 
 class ForkIn(BaseModel):
@@ -477,6 +483,7 @@ def run_out(r: RunRecord) -> RunOut:
         run_id=r.run_id, workflow=r.workflow, status=r.status, created_at=created,
         updated_at=updated, idempotency_key=r.idempotency_key,
         correlation_id=r.correlation_id, error=r.error, result=_json(r.result),
+        version=r.version,
     )
 
 

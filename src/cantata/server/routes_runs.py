@@ -153,13 +153,16 @@ async def retry_run(
     """Continues a failed run from its failed step with the deployed code (completed steps
     are not run again), as `cantata retry`; answers the run as GET /api/runs/{run_id}.
     409 if the run is live (`run_in_progress`) or ended otherwise (`run_not_retryable`):
-    a compensated run only with `include_compensated`."""
+    a compensated run only with `include_compensated`; 409 `history_not_replayable` when
+    the console has the workflow's code and it does not replay the run's history (unless
+    `force`)."""
     console = console_of(request)
     params.required_ident("run_id", run_id)
     app = await console.open()
     try:
         await app.get_handle(run_id).retry(actor=who.actor,
-                                           include_compensated=body.include_compensated)
+                                           include_compensated=body.include_compensated,
+                                           force=body.force)
     except RunNotRetryable as exc:
         run = await app.store.get_run(app.name, run_id)
         if run is None or run.status != RunStatus.COMPENSATED or body.include_compensated:

@@ -22,11 +22,13 @@ from cantata.model.records import (
     GroupStats,
     RunRecord,
 )
+
+# (a history row, and what a retry supersedes, live in the model: the engine checks a
+# retry's replay by them too)
+from cantata.model.records import Row as Row
+from cantata.model.records import superseded_keys as superseded_keys
 from cantata.model.status import RunStatus
 from cantata.store import audit
-
-# (key, seq, kind, status) of one history row: all the rules need.
-Row = tuple[str, int, str, str]
 
 # What a recorded call that is not a step is, as a fork refusal names it.
 _CALLS: dict[str, str] = {
@@ -61,19 +63,6 @@ def check_retryable(
             f"run {run_id} ended {run.status}: only failed runs can be retried{hint}"
         )
     return run
-
-
-def superseded_keys(rows: Sequence[Row]) -> list[str]:
-    """The entries a retry supersedes: the first failed one (not a compensation) and
-    every entry after it — the compensations the failure ran among them. With no failed
-    entry (the workflow's own code failed), the compensations after its last call: the
-    whole history replays. Compensations the workflow ran itself before that point
-    (``ctx.compensate``) stay done."""
-    failed = [seq for _, seq, kind, status in rows
-              if status == ENTRY_FAILED and kind != COMPENSATION]
-    calls = [seq for _, seq, kind, _ in rows if kind != COMPENSATION]
-    cut = min(failed) if failed else (max(calls) + 1 if calls else 0)
-    return [key for key, seq, _, _ in rows if seq >= cut]
 
 
 def check_fork(
@@ -121,6 +110,11 @@ def retry_entry(
     if version is not None:
         data["version"] = version
     return actor, "run.retried", run_id, data
+
+
+def repin_entry(run_id: str, actor: str, from_version: str, to_version: str) -> audit.Entry:
+    return actor, "run.repinned", run_id, {"from_version": from_version,
+                                           "to_version": to_version}
 
 
 def fork_entry(run_id: str, actor: str, source_run_id: str, before_key: str) -> audit.Entry:

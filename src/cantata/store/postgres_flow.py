@@ -9,8 +9,8 @@ committed. Claimers of different queues do not wait for each other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cantata.errors import QueueConflict
 from cantata.model.flow import (
@@ -66,6 +66,9 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 _PENDING = unindexed("r.status='pending'")
 _LIVE = unindexed(f"r.status IN {LIVE_SQL}")
 _MAY_BEGIN = f"{_PENDING} AND NOT r.cancel_requested"
+# A run ``r`` with recorded history: a retried run's, or a fork's (a run queued by a
+# start has none until it begins).
+HAS_HISTORY = "EXISTS (SELECT 1 FROM history h WHERE h.app=r.app AND h.run_id=r.run_id)"
 _CAN_BEGIN = f"(SELECT {_MAY_BEGIN} FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id)"
 
 
@@ -208,6 +211,7 @@ class PostgresFlow(PostgresCore):
         exclude_versions: Sequence[str] = (),
         only_versions: Sequence[str] | None = None,
         pin_version: str | None = None,
+        replay_checked: Mapping[str, float] | None = None,
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
@@ -216,11 +220,24 @@ class PostgresFlow(PostgresCore):
         only = None if only_versions is None else list(only_versions)
         # (while they can begin: the row of one cancelled or ended meanwhile is met, and
         # dropped)
-        not_theirs = (" AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.app=q.app AND "
-                      f"r.run_id=q.run_id AND {_MAY_BEGIN} AND (r.version = ANY($4::text[]) "
-                      "OR ($5::text[] IS NOT NULL AND r.version IS NOT NULL "
-                      "AND r.version <> ALL($5))))"
-                      if skip or only is not None else "")
+        theirs = ("SELECT 1 FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id AND "
+                  f"{_MAY_BEGIN}")
+        not_theirs, params = "", list[Any]()
+        if skip or only is not None:
+            not_theirs = (f" AND NOT EXISTS ({theirs} AND (r.version = ANY($4::text[]) "
+                          "OR ($5::text[] IS NOT NULL AND r.version IS NOT NULL "
+                          "AND r.version <> ALL($5))))")
+            params += [skip, only]
+        # A run with history of another version begins only once its history was
+        # checked to replay on this code, as it was then (docs/operating.md, versions):
+        # decided as each run begins (a candidate's page costs no look at its run).
+        unchecked, unchecked_params = "", list[Any]()
+        if replay_checked is not None:
+            unchecked = (
+                " AND NOT (r.version IS NOT NULL AND r.version IS DISTINCT FROM $4::text "
+                f"AND {HAS_HISTORY} AND (r.run_id, r.updated_at) NOT IN "
+                "(SELECT * FROM unnest($5::text[], $6::float8[])))")
+            unchecked_params = [list(replay_checked), list(replay_checked.values())]
         async with self._db.tx() as c:
             row = await c.fetchrow(
                 f"SELECT {_Q_COLS} FROM queues WHERE app=$1 AND name=$2 FOR UPDATE", app, queue
@@ -254,15 +271,14 @@ class PostgresFlow(PostgresCore):
             by_id: dict[str, RunRecord] = {}
             order_of: list[str] = []
             pages = ClaimPages(ReadsOn.of(self), app, queue, now)
-            n = 6 if not_theirs else 4  # the number of the parameter of ``passed``
+            n = 4 + len(params)  # the number of the parameter of ``passed``
             while True:
                 passed = pages.passed
                 past = f" AND q.partition_key <> ALL(${n}::text[])" if passed else ""
                 candidates = await c.fetch(
                     f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = "
                     f"ANY($3::text[]){not_theirs}{past} ORDER BY {order} LIMIT {CANDIDATES}",
-                    app, queue, workflows, *([skip, only] if not_theirs else []),
-                    *([passed] if passed else []),
+                    app, queue, workflows, *params, *([passed] if passed else []),
                 )
                 pages.read(len(candidates))
                 plan = Admissions(
@@ -273,10 +289,21 @@ class PostgresFlow(PostgresCore):
                         f"UPDATE runs r SET owner=$2, fence=r.fence+1, "
                         f"version=coalesce($4::text, r.version), {UNPARK} WHERE "
                         f"r.app=$1 AND r.run_id = ANY($3::text[]) AND {_PENDING} "
-                        f"AND NOT r.cancel_requested AND r.owner IS NULL RETURNING {_R_COLS}",
+                        f"AND NOT r.cancel_requested AND r.owner IS NULL{unchecked} "
+                        f"RETURNING {_R_COLS}",
                         app, worker_id, admit, pin_version,
+                        *unchecked_params,
                     )
                     began = [r[0] for r in rows]
+                    tried = admit
+                    if unchecked and len(began) < len(admit):
+                        # not checked yet: it keeps its place (not begun, not dropped)
+                        held = {r[0] for r in await c.fetch(
+                            f"SELECT r.run_id FROM runs r WHERE r.app=$1 AND r.run_id = "
+                            f"ANY($2::text[]) AND {_MAY_BEGIN} AND r.owner IS NULL",
+                            app, [i for i in admit if i not in set(began)],
+                        )}
+                        tried = [i for i in admit if i not in held]
                     # A run cancelled while it waited (ended by claim_runs) never begins:
                     # its row is dropped, and the plan goes on past it
                     # (model.flow.Admissions).
@@ -285,7 +312,7 @@ class PostgresFlow(PostgresCore):
                         "UPDATE queue_runs SET began_at = CASE WHEN run_id = ANY($3::text[]) "
                         "THEN $2::double precision ELSE 0.0 END, "
                         "done = NOT (run_id = ANY($3::text[])) "
-                        "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, admit,
+                        "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, tried,
                     )
                     by_id.update((r[0], run_row(r)) for r in rows)
                     order_of += admit

@@ -32,6 +32,7 @@ from cantata.store import operate as rules
 from cantata.store.base import RUNS
 from cantata.store.common import earlier_begin_key
 from cantata.store.postgres_core import PostgresCore
+from cantata.store.postgres_flow import HAS_HISTORY
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
     EVENT_COLS,
@@ -83,6 +84,23 @@ async def foreign_runs(
         "AND NOT (r.version = ANY($3::text[]))) f "
         "ORDER BY f.created_at LIMIT $6",
         app, list(workflows), list(versions), worker_id, stale_before, limit, now,
+    )
+    return [run_row(r) for r in rows]
+
+
+async def queued_foreign_runs(
+    c: Conn, app: str, workflows: Sequence[str], versions: Sequence[str], limit: int
+) -> list[RunRecord]:
+    """Runs waiting in a queue that may begin, with history, pinned to a version not in
+    ``versions`` (``Store.foreign_runs(queued=True)``), first queued first."""
+    rows = await c.fetch(
+        f"SELECT {_R_RUN_COLS} FROM queue_runs q JOIN runs r ON r.app=q.app "
+        "AND r.run_id=q.run_id WHERE q.app=$1 AND q.began_at IS NULL "
+        "AND q.workflow = ANY($2::text[]) AND r.status='pending' AND NOT r.cancel_requested "
+        "AND r.owner IS NULL AND r.version IS NOT NULL "
+        f"AND NOT (r.version = ANY($3::text[])) AND {HAS_HISTORY} "
+        'ORDER BY q.seq, q.run_id COLLATE "C" LIMIT $4',
+        app, list(workflows), list(versions), limit,
     )
     return [run_row(r) for r in rows]
 
@@ -141,6 +159,7 @@ class PostgresOperate(PostgresCore):
         workflow: str | None = None,
         status: RunStatus | None = None,
         limit: int = 100,
+        version: str | None = None,
     ) -> list[RunRecord]:
         async with self._db.conn() as c:
             sql = f"SELECT {RUN_COLS} FROM runs WHERE app=$1"
@@ -150,6 +169,8 @@ class PostgresOperate(PostgresCore):
                 params.append(value)
                 return f"${len(params)}"
 
+            if version is not None:
+                sql += f" AND version={arg(version)}"
             if idempotency_key is not None:
                 sql += f" AND idempotency_key={arg(idempotency_key)}"
             if workflow is not None:
@@ -210,13 +231,43 @@ class PostgresOperate(PostgresCore):
         stale_before: float,
         limit: int,
         now: float | None = None,
+        queued: bool = False,
     ) -> list[RunRecord]:
         if not workflows:
             return []
         async with self._db.conn() as c:
+            if queued:
+                return await queued_foreign_runs(c, app, workflows, versions, limit)
             return await foreign_runs(
                 c, app, worker_id, workflows, versions, stale_before, limit, now
             )
+
+    async def repin_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        from_version: str,
+        to_version: str,
+        unchanged: float,
+        stale_before: float,
+        actor: str,
+    ) -> RunRecord | None:
+        async with self._db.tx() as c:
+            row = await c.fetchrow(
+                "UPDATE runs r SET version=$3, updated_at=$4 WHERE r.app=$1 AND r.run_id=$2 "
+                f"AND r.version=$5 AND r.updated_at=$6 AND r.status IN {LIVE_SQL} "
+                "AND (r.owner IS NULL OR NOT EXISTS (SELECT 1 FROM workers w WHERE "
+                "w.app=r.app AND w.worker_id=r.owner AND w.expires_at >= $7)) "
+                f"RETURNING {RUN_COLS}",
+                app, run_id, to_version, time.time(), from_version, unchanged, stale_before,
+            )
+            if row is None:
+                return None
+            await PgPool.notify(c, app, RUNS)
+            await audit_append(c, app, rules.repin_entry(run_id, actor, from_version,
+                                                         to_version), self._audit_keys.get(app))
+            return run_row(row)
 
     async def retry_run(
         self,

@@ -9,8 +9,8 @@ lock, so two claimers never exceed a limit.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cantata.errors import QueueConflict
 from cantata.model.flow import (
@@ -58,6 +58,9 @@ _WAITING_INDEXED = (
     "AND q.began_at IS NULL"
 )
 _MAY_BEGIN = "r.status='pending' AND r.cancel_requested=0"
+# A run ``r`` with recorded history: a retried run's, or a fork's (a run queued by a
+# start has none until it begins).
+HAS_HISTORY = "EXISTS (SELECT 1 FROM history h WHERE h.app=r.app AND h.run_id=r.run_id)"
 _CAN_BEGIN = f"(SELECT {_MAY_BEGIN} FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id)"
 
 
@@ -237,13 +240,14 @@ class SQLiteFlow(SQLiteCore):
         exclude_versions: Sequence[str] = (),
         only_versions: Sequence[str] | None = None,
         pin_version: str | None = None,
+        replay_checked: Mapping[str, float] | None = None,
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
         marks = ",".join("?" * len(workflows))
         # Runs pinned to a version this worker must leave to its own workers, while they
         # can begin (the row of one cancelled or ended meanwhile is met, and dropped).
-        skip = list(exclude_versions)
+        skip: list[Any] = list(exclude_versions)
         theirs = f"SELECT 1 FROM runs r WHERE r.app=q.app AND r.run_id=q.run_id AND {_MAY_BEGIN}"
         not_theirs = ("" if not skip else
                       f" AND NOT EXISTS ({theirs} AND r.version IN ({','.join('?' * len(skip))}))")
@@ -252,6 +256,18 @@ class SQLiteFlow(SQLiteCore):
             outside = (f" AND r.version NOT IN ({','.join('?' * len(only_versions))})"
                        if only_versions else "")  # (none listed: every version is outside)
             not_theirs += f" AND NOT EXISTS ({theirs} AND r.version IS NOT NULL{outside})"
+        # A run with history of another version begins only once its history was
+        # checked to replay on this code, as it was then (docs/operating.md, versions):
+        # decided as each run begins (a candidate's page costs no look at its run).
+        unchecked, unchecked_params = "", list[Any]()
+        if replay_checked is not None:
+            checked = ("" if not replay_checked else " AND (run_id, updated_at) NOT IN "
+                       f"(VALUES {','.join(['(?,?)'] * len(replay_checked))})")
+            unchecked = (" AND NOT (version IS NOT NULL AND version IS NOT ? AND EXISTS "
+                         "(SELECT 1 FROM history h WHERE h.app=runs.app AND "
+                         f"h.run_id=runs.run_id){checked})")
+            unchecked_params = [pin_version,
+                                *(v for pair in replay_checked.items() for v in pair)]
 
         def op(c: sqlite3.Connection) -> QueueClaim:
             row = c.execute(
@@ -302,9 +318,15 @@ class SQLiteFlow(SQLiteCore):
                         got = c.execute(
                             f"UPDATE runs SET owner=?, fence=fence+1, version=coalesce(?, "
                             f"version), {UNPARK} WHERE app=? AND run_id=? AND status='pending' "
-                            f"AND cancel_requested=0 AND owner IS NULL RETURNING {RUN_COLS}",
-                            (worker_id, pin_version, app, run_id),
+                            f"AND cancel_requested=0 AND owner IS NULL{unchecked} "
+                            f"RETURNING {RUN_COLS}",
+                            (worker_id, pin_version, app, run_id, *unchecked_params),
                         ).fetchone()
+                        if not got and unchecked and c.execute(
+                            "SELECT 1 FROM runs WHERE app=? AND run_id=? AND status='pending' "
+                            "AND cancel_requested=0 AND owner IS NULL", (app, run_id),
+                        ).fetchone():
+                            continue  # not checked yet: it keeps its place (not begun)
                         # A run cancelled while it waited (ended by claim_runs) never
                         # begins: its row is dropped, and the plan goes on past it
                         # (Admissions).

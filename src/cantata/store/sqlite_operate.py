@@ -26,11 +26,12 @@ from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
 from cantata.store.sqlite_core import SQLiteCore, declarations_changed
-from cantata.store.sqlite_flow import enqueue, requeue
+from cantata.store.sqlite_flow import HAS_HISTORY, enqueue, requeue
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
     E_EVENT_COLS,
     HISTORY_COLS,
+    LIVE,
     LIVE_R,
     RUN_COLS,
     audit_append,
@@ -70,6 +71,25 @@ def foreign_runs(
     return [run_row(r) for r in rows]
 
 
+def queued_foreign_runs(
+    c: sqlite3.Connection, app: str, workflows: Sequence[str], versions: Sequence[str],
+    limit: int,
+) -> list[RunRecord]:
+    """Runs waiting in a queue that may begin, with history, pinned to a version not in
+    ``versions`` (``Store.foreign_runs(queued=True)``), first queued first."""
+    cols = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
+    wfs, vs = ",".join("?" * len(workflows)), ",".join("?" * len(versions))
+    rows = c.execute(
+        f"SELECT {cols} FROM queue_runs q JOIN runs r ON r.app=q.app AND r.run_id=q.run_id "
+        f"WHERE q.app=? AND q.began_at IS NULL AND q.workflow IN ({wfs}) "
+        "AND r.status='pending' AND r.cancel_requested=0 AND r.owner IS NULL "
+        f"AND r.version IS NOT NULL AND r.version NOT IN ({vs}) AND {HAS_HISTORY} "
+        "ORDER BY q.seq, q.run_id LIMIT ?",
+        (app, *workflows, *versions, limit),
+    ).fetchall()
+    return [run_row(r) for r in rows]
+
+
 def _history_rows(c: sqlite3.Connection, app: str, run_id: str) -> list[rules.Row]:
     return [
         (r[0], r[1], r[2], r[3])
@@ -99,10 +119,14 @@ class SQLiteOperate(SQLiteCore):
         workflow: str | None = None,
         status: RunStatus | None = None,
         limit: int = 100,
+        version: str | None = None,
     ) -> list[RunRecord]:
         def op(c: sqlite3.Connection) -> list[RunRecord]:
             sql = f"SELECT {RUN_COLS} FROM runs WHERE app=?"
             params: list[Any] = [app]
+            if version is not None:
+                sql += " AND version=?"
+                params.append(version)
             if idempotency_key is not None:
                 sql += " AND idempotency_key=?"
                 params.append(idempotency_key)
@@ -174,14 +198,45 @@ class SQLiteOperate(SQLiteCore):
         stale_before: float,
         limit: int,
         now: float | None = None,
+        queued: bool = False,
     ) -> list[RunRecord]:
         if not workflows:
             return []
+        if queued:
+            return await self._t.read(
+                lambda c: queued_foreign_runs(c, app, workflows, versions or [""], limit)
+            )
         return await self._t.read(
             lambda c: foreign_runs(
                 c, app, worker_id, workflows, versions or [""], stale_before, limit, now
             )
         )
+
+    async def repin_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        from_version: str,
+        to_version: str,
+        unchanged: float,
+        stale_before: float,
+        actor: str,
+    ) -> RunRecord | None:
+        def op(c: sqlite3.Connection) -> RunRecord | None:
+            row = c.execute(
+                "UPDATE runs SET version=?, updated_at=? WHERE app=? AND run_id=? "
+                f"AND version=? AND updated_at=? AND {LIVE} AND (owner IS NULL OR NOT EXISTS "
+                "(SELECT 1 FROM workers w WHERE w.app=runs.app AND w.worker_id=runs.owner "
+                f"AND w.expires_at >= ?)) RETURNING {RUN_COLS}",
+                (to_version, time.time(), app, run_id, from_version, unchanged, stale_before),
+            ).fetchone()
+            if row is None:
+                return None
+            audit_append(c, app, rules.repin_entry(run_id, actor, from_version, to_version))
+            return run_row(row)
+
+        return await self._t.write(op, RUNS)
 
     async def retry_run(
         self,

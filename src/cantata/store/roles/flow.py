@@ -10,7 +10,7 @@ is the executable definition.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from cantata.model.flow import (
@@ -68,6 +68,7 @@ class FlowStore(Protocol):
         exclude_versions: Sequence[str] = (),
         only_versions: Sequence[str] | None = None,
         pin_version: str | None = None,
+        replay_checked: Mapping[str, float] | None = None,
     ) -> QueueClaim:
         """Let waiting runs of ``workflows`` in ``queue`` begin on ``worker_id``.
 
@@ -86,7 +87,13 @@ class FlowStore(Protocol):
         begin: the row of one cancelled or ended meanwhile is met, and dropped, as
         above). Runs pinned to no version are candidates whatever these say. With
         ``pin_version``, each admitted run is pinned to that version (the code that begins
-        it), as :meth:`Store.claim_runs` does.
+        it), as :meth:`Store.claim_runs` does. With ``replay_checked`` (run id ->
+        ``updated_at``), a run with recorded history (retried, or forked) pinned to a
+        version other than ``pin_version`` (and not to none) is a candidate only if it is
+        listed there and its ``updated_at`` is still the one listed: the caller checked
+        that its code replays that history (:meth:`Store.foreign_runs` with ``queued``
+        finds them); the others keep waiting, in their place, as above. Without it
+        (``None``), such runs begin unchecked (a worker told ``--any-version``).
         """
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:

@@ -31,9 +31,11 @@ class OperateStore(Protocol):
         workflow: str | None = None,
         status: RunStatus | None = None,
         limit: int = 100,
+        version: str | None = None,
     ) -> list[RunRecord]:
         """Runs matching every given filter, newest first; ``attributes`` are
-        ``{name: indexed text}`` pairs a run must all hold."""
+        ``{name: indexed text}`` pairs a run must all hold; ``version``: the runs pinned
+        to that version (docs/operating.md, versions)."""
 
     async def run_attributes(self, app: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
         """``run id -> {name: indexed text}`` for those of ``run_ids`` that have any."""
@@ -54,11 +56,40 @@ class OperateStore(Protocol):
         stale_before: float,
         limit: int,
         now: float | None = None,
+        queued: bool = False,
     ) -> list[RunRecord]:
         """Runs :meth:`claim_runs` could give ``worker_id`` (with the same ``now`` and
         ``stale_before``, the current time: an owner is gone once its expiry is before
         it) but that are pinned to a version not in ``versions`` (read only: a worker
-        checks it can replay them)."""
+        checks it can replay them). With ``queued``, instead, the runs waiting in a queue
+        that may begin (never begun, unowned, no cancel asked) with recorded history (a
+        retry's or a fork's), pinned to a version not in ``versions``, first queued
+        first: those ``claim_queued_runs(replay_checked=...)`` leaves waiting until
+        checked (``stale_before`` and ``now`` do not matter then)."""
+
+    async def repin_run(
+        self,
+        app: str,
+        run_id: str,
+        *,
+        from_version: str,
+        to_version: str,
+        unchanged: float,
+        stale_before: float,
+        actor: str,
+    ) -> RunRecord | None:
+        """Pin a live run of ``from_version`` to ``to_version`` (an operator's re-pin,
+        for a rollback: docs/operating.md, versions).
+
+        In one transaction, and only while the run is live, pinned to
+        ``from_version``, its ``updated_at`` still ``unchanged`` (the run as the caller
+        read it, and checked that ``to_version``'s code replays its history), and held
+        by nobody (no owner, or one whose expiry is before ``stale_before``, the
+        current time): its version becomes ``to_version``, its ``updated_at`` the
+        store's time, the audit log records ``run.repinned`` by ``actor`` (with
+        ``from_version`` and ``to_version``), and listeners hear ``runs``. Returns the
+        run as re-pinned, or ``None``, changing nothing, when one of these does not
+        hold (read it again to tell which)."""
 
     async def retry_run(
         self,

@@ -192,6 +192,44 @@ class FlowContract(StoreFixtures):
         waiting = await store.get_run(self.app, ids[2])
         assert waiting is not None and waiting.owner is None  # not begun: over the limit
 
+    async def test_a_queued_run_with_history_of_another_version_begins_once_checked(
+        self, store: Store
+    ) -> None:
+        """``replay_checked``: a queued run with history (here a retry's) pinned to
+        another version than the claimer's waits in its place until the caller has
+        checked that its code replays that history, as it was then;
+        ``foreign_runs(queued=True)`` finds it. A run without history begins unchecked
+        (docs/operating.md, versions)."""
+        await store.declare_queue(self.app, QueueSpec("q"), worker_id="w", stale_before=0)
+        old, _ = await store.create_queued_run(new_run(self.app, version="v1"), QueueEntry("q"))
+        claim = await store.claim_queued_runs(self.app, "w", "q", ["wf"], now=time.time(),
+                                              limit=50, pin_version="v1")
+        assert [r.run_id for r in claim.runs] == [old.run_id]
+        await store.commit_run(self.app, old.run_id, claim.runs[0].fence, RunWrite(
+            entries=[HistoryEntry("s#1", EntryKind.STEP, "s", EntryStatus.COMPLETED, seq=1)],
+            status=RunStatus.FAILED, error="E: x", release=True,
+        ))
+        await store.retry_run(self.app, old.run_id, include_compensated=False, version="v1",
+                              actor="ops", now=time.time(), queue=QueueEntry("q"))
+        fresh, _ = await store.create_queued_run(new_run(self.app, version="v1"),
+                                                 QueueEntry("q"))
+        [read] = await store.foreign_runs(self.app, "w2", ["wf"], versions=["v2"],
+                                          stale_before=0.0, limit=10, queued=True)
+        assert (read.run_id, read.version) == (old.run_id, "v1")  # (fresh: no history)
+
+        async def claim_checked(checked: dict[str, float]) -> list[tuple[str, str | None]]:
+            got = await store.claim_queued_runs(self.app, "w2", "q", ["wf"], now=time.time(),
+                                                limit=50, pin_version="v2",
+                                                replay_checked=checked)
+            return [(r.run_id, r.version) for r in got.runs]
+
+        assert await claim_checked({}) == [(fresh.run_id, "v2")]
+        # checked as it was at another time: not the run as it is now
+        assert await claim_checked({old.run_id: read.updated_at - 1.0}) == []
+        assert await claim_checked({old.run_id: read.updated_at}) == [(old.run_id, "v2")]
+        assert await store.foreign_runs(self.app, "w2", ["wf"], versions=["v2"],
+                                        stale_before=0.0, limit=10, queued=True) == []
+
     async def test_sliding_window_rate(self, store: Store) -> None:
         rate = Rate(2, per=10.0)
         await store.declare_queue(self.app, QueueSpec("q", rate=rate), worker_id="w",

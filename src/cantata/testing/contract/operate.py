@@ -31,7 +31,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store.base import Settlement, Store
-from cantata.testing.contract.support import StoreFixtures, entry, ev, new_run
+from cantata.testing.contract.support import LEASE, StoreFixtures, entry, ev, new_run
 
 
 def attrs(key: str, seq: int, **values: str) -> HistoryEntry:
@@ -68,9 +68,9 @@ class OperateContract(StoreFixtures):
 
     async def test_find_runs_by_key_workflow_status_and_attributes(self, store: Store) -> None:
         a = await self._run(store, attrs("set_attributes#1", 1, customer_id="42", tier="gold"),
-                            idempotency_key="order-1")
+                            idempotency_key="order-1", version="v1")
         b = await self._run(store, attrs("set_attributes#1", 1, customer_id="42"),
-                            status=RunStatus.COMPLETED, workflow="other")
+                            status=RunStatus.COMPLETED, workflow="other", version="v2")
         await self._run(store, attrs("set_attributes#1", 1, customer_id="7"))
 
         def ids(runs: list[RunRecord]) -> list[str]:
@@ -87,6 +87,10 @@ class OperateContract(StoreFixtures):
             status=RunStatus.COMPLETED,
         )) == [b.run_id]
         assert await store.find_runs(self.app, attributes={"customer_id": "9"}) == []
+        assert ids(await store.find_runs(self.app, version="v1")) == [a.run_id]
+        assert ids(await store.find_runs(
+            self.app, version="v2", attributes={"customer_id": "42"})) == [b.run_id]
+        assert await store.find_runs(self.app, version="v3") == []
         assert len(await store.find_runs(self.app, limit=2)) == 2
         assert await store.find_runs(self.app + "-b", idempotency_key="order-1") == []
         assert await store.attribute_names(self.app) == ["customer_id", "tier"]
@@ -187,6 +191,53 @@ class OperateContract(StoreFixtures):
             unchanged=[moved.updated_at], pin_version="v2",
         )
         assert (got.run_id, got.owner, got.version) == (run.run_id, "w2", "v2")
+
+    async def test_a_repin_moves_a_live_run_held_by_nobody_as_it_was_read(
+        self, store: Store
+    ) -> None:
+        """``repin_run`` (a rollback's re-pin, docs/operating.md): a live run of
+        ``from_version`` that nobody holds, as the caller read it, is pinned to
+        ``to_version`` and audited; a run held by a live worker, moved on since, of
+        another version, or ended, is left as it is."""
+        now = await self.live(store, "w1")
+        free, _ = await store.create_run(new_run(self.app, version="v2"))
+        held, _ = await store.create_run(new_run(self.app, version="v2"))
+        other, _ = await store.create_run(new_run(self.app, version="v3"))
+        ended = await self._run(store, status=RunStatus.FAILED, version="v2")
+        [mine] = await store.claim_runs(self.app, "w1", ["wf"], stale_before=now, limit=1,
+                                        run_ids=[held.run_id])
+        before = len(await store.audit_records(self.app))
+
+        async def repin(run: RunRecord, unchanged: float | None = None) -> RunRecord | None:
+            return await store.repin_run(
+                self.app, run.run_id, from_version="v2", to_version="v1",
+                unchanged=run.updated_at if unchanged is None else unchanged,
+                stale_before=time.time(), actor="ops:ann",
+            )
+
+        assert await repin(free, unchanged=free.updated_at - 1.0) is None  # read before
+        assert await repin(mine) is None  # a live worker holds it
+        assert await repin(other) is None  # pinned to another version
+        assert await repin(ended) is None  # not live
+        got = await repin(free)
+        assert got is not None and (got.run_id, got.version, got.owner) == (
+            free.run_id, "v1", None)
+        for run, version in ((free, "v1"), (held, "v2"), (other, "v3"), (ended, "v2")):
+            stored = await store.get_run(self.app, run.run_id)
+            assert stored is not None and stored.version == version
+        assert await repin(free) is None  # (no longer of v2)
+        records = await store.audit_records(self.app, after_seq=before)
+        assert [(r.actor, r.action, r.target, codec.loads(r.data)) for r in records] == [
+            ("ops:ann", "run.repinned", free.run_id,
+             {"from_version": "v2", "to_version": "v1"})]
+        assert (await store.verify_audit(self.app)).ok
+        # once its holder is gone (its lease ran out), the held run may be re-pinned too
+        stored = await store.get_run(self.app, held.run_id)
+        assert stored is not None
+        assert (await store.repin_run(
+            self.app, held.run_id, from_version="v2", to_version="v1",
+            unchanged=stored.updated_at, stale_before=time.time() + LEASE + 1, actor="ops",
+        )) is not None
 
     # -- retry -------------------------------------------------------------------------
 
