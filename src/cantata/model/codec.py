@@ -143,6 +143,35 @@ def plain_args(args: tuple[Any, ...] | list[Any], what: str, *,
     return list(loads(dumps(list(args), what, limit=limit)))
 
 
+#: What a stored event's data text starts with when the data is bytes (a CloudEvent's
+#: ``data_base64``): the JSON string of their base64 text follows. JSON allows
+#: whitespace before a value and :func:`dumps` never writes any, so no JSON value is
+#: read as bytes, and a reader that does not know the mark gets the base64 text.
+BYTES_MARK = "\t"
+
+
+def dumps_event_data(data: Any, what: str) -> str:
+    """An event's data as a store keeps it: :func:`dumps`, marked with
+    :data:`BYTES_MARK` when it is bytes, so :func:`loads_event_data` gives bytes back."""
+    text = dumps(data, what)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return BYTES_MARK + text
+    return text
+
+
+def loads_event_data(text: str | None) -> Any:
+    """An event's data from the text :func:`dumps_event_data` made."""
+    if text is not None and text.startswith(BYTES_MARK):
+        encoded = loads(text)
+        if isinstance(encoded, str):
+            try:
+                return base64.b64decode(encoded, validate=True)
+            except ValueError:  # (binascii.Error) not written by dumps_event_data
+                return encoded
+        return encoded
+    return loads(text)
+
+
 def loads(text: str | bytes | None) -> Any:
     """Decode JSON text (``None`` stays ``None``)."""
     if text is None:
