@@ -150,3 +150,28 @@ async def test_a_body_that_is_not_json_is_named_body_and_says_where(shop: Shop) 
         r = await shop.client.post(path, headers=headers, content=b"")
         assert_error(r, "body")
         assert r.json()["error"]["message"].startswith("the request body is empty: send")
+
+
+async def test_an_event_field_the_route_does_not_take_is_refused_not_dropped(
+    shop: Shop,
+) -> None:
+    """A CloudEvent posted as it is (``correlationid``, ``source``, ``data_base64``...)
+    or a misspelt field: a 400 naming the field, and nothing published without it."""
+    before = len(await shop.app.store.find_events(shop.app.name, "order.placed", since=0,
+                                                  exclude=[], limit=1000))
+    cloudevent = {"specversion": "1.0", "id": "ce-1", "source": "https://legacy.example",
+                  "type": "order.placed", "correlationid": "biz-1",
+                  "datacontenttype": "application/octet-stream", "data_base64": "aGk="}
+    for body, field in [(cloudevent, "specversion"),
+                        ({"type": "order.placed", "data": {}, "corelation_id": "b"},
+                         "corelation_id"),
+                        ({"type": "order.placed", "data_base64": "aGk="}, "data_base64")]:
+        r = await shop.post("/api/events", json=body)
+        assert_error(r, field)
+        message = r.json()["error"]["message"]
+        assert "type, data, correlation_id, subject, id" in message, message
+    r = await shop.post("/api/events", json={"type": "_replay.x"})
+    assert_error(r, "type")
+    after = await shop.app.store.find_events(shop.app.name, "order.placed", since=0,
+                                             exclude=[], limit=1000)
+    assert len(after) == before

@@ -169,6 +169,10 @@ class StartOut(BaseModel):
 
 
 class PublishIn(BaseModel):
+    # A field this route does not take (a CloudEvent's ``correlationid``, ``source``,
+    # ``data_base64``, or a misspelling) is refused: dropped, it would change the event.
+    model_config = ConfigDict(extra="forbid")
+
     type: str = Field(pattern=TYPE_PATTERN, max_length=200,
                       description="Dot-separated tokens, e.g. `order.placed`.")
     data: Any = None
