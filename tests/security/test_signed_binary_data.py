@@ -167,3 +167,31 @@ async def test_a_non_ascii_signature_is_dead_lettered_and_waits_go_on(
 async def _waiting(app: App, run_id: str) -> bool:
     trace = await app.trace(run_id)
     return any(child.kind == "wait" for child in trace.children)
+
+
+@pytest.mark.nats
+async def test_an_outside_binary_event_sent_twice_is_one_event(
+    nats_url: str, tmp_path: Any
+) -> None:
+    """The same binary event twice on NATS (another system's retry: a new message id)
+    is a repeat of the stored one, not a clash of ids (docs/security.md)."""
+    from tests.broker.nats_support import app_name, nats_broker, streams_removed
+
+    app = App(app_name("bin"), store=f"sqlite:///{tmp_path}/a.db", broker=nats_broker(nats_url),
+              poll_interval=0.05)
+    seen: list[Any] = []
+
+    @app.on("scan.done", group="archive")
+    async def archive(event: Event[Any]) -> None:
+        seen.append(event.data)
+
+    async with streams_removed(nats_url, app.name), app:
+        ce = binary_cloudevent("scan-twice")
+        await arrive(app, ce)
+        await eventually(lambda: seen, what="the binary event handled")
+        await arrive(app, ce)
+        other = binary_cloudevent("scan-after", b"after")
+        await arrive(app, other)
+        await eventually(lambda: len(seen) == 2, what="the next one handled")
+        assert await app.dead_letters() == []
+    assert seen == [RAW, b"after"]
