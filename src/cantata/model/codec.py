@@ -66,6 +66,41 @@ def nonfinite_path(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _json_key(key: Any) -> str:
+    text: str = next(iter(orjson.loads(orjson.dumps({key: 0}, option=orjson.OPT_NON_STR_KEYS))))
+    return text
+
+
+def key_clash(value: Any, path: str = "") -> str | None:
+    """What is wrong when two keys of one mapping in ``value`` are one key in JSON
+    (``1`` and ``'1'``, ``True`` and ``'true'``): one of their values would be lost.
+    ``None`` when no two are."""
+    if isinstance(value, dict):
+        if not all(type(k) is str for k in value):
+            seen: dict[str, Any] = {}
+            for key in value:
+                text = _json_key(key)
+                if text in seen:
+                    return (
+                        f"has keys {seen[text]!r} and {key!r} at {path or 'the value'} that "
+                        f"are the same key in JSON ({text!r}): one of their values would be "
+                        "lost; use one key for each value (JSON keys are strings)"
+                    )
+                seen[text] = key
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    else:
+        return None
+    for key, item in items:
+        found = key_clash(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
     """Encode ``value`` as JSON text.
 
@@ -78,7 +113,13 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
         PayloadTooLarge: the JSON is over ``limit`` (or the store's bound).
     """
     try:
-        data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+        try:
+            data = orjson.dumps(value, default=_default)
+        except TypeError:  # (orjson.JSONEncodeError is one) a key that is not a str
+            data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+            clash = key_clash(value)
+            if clash is not None:
+                raise SerializationError(f"{what} {clash}") from None
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise SerializationError(
             f"{what} is not JSON-serialisable ({exc}); pass plain JSON values (dict, list, "
