@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cantata import App, Event
 from cantata.broker.nats import NatsBroker
@@ -195,3 +197,30 @@ async def test_an_outside_binary_event_sent_twice_is_one_event(
         await eventually(lambda: len(seen) == 2, what="the next one handled")
         assert await app.dead_letters() == []
     assert seen == [RAW, b"after"]
+
+
+texts = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=20)
+datas = st.binary(max_size=64) | st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+CHANGES = ["id", "source", "type", "subject", "correlation_id", "causation_id", "data", "time"]
+
+
+@given(data=datas, other=datas, text=texts, change=st.sampled_from(CHANGES))
+def test_any_change_to_a_signed_event_is_caught_and_the_wire_keeps_it(
+    data: Any, other: Any, text: str, change: str
+) -> None:
+    signer = Signer({"k1": KEY})
+    event = signer.sign(Event("scan.done", data, subject="s", correlation_id="c",
+                              causation_id="d"))
+    assert signer.problem(Event.from_json(event.to_json()), required=True) is None
+    value: Any = {"data": other, "type": "scan.other", "time": "2020-01-01T00:00:00Z"}.get(
+        change, text)
+    changed = dataclasses.replace(event, **{change: value})
+    if getattr(changed, change) == getattr(event, change) and (
+            type(getattr(changed, change)) is type(getattr(event, change))):
+        return  # (no change drawn)
+    assert signer.problem(changed) is not None, change
