@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cantata import App, Event
+from cantata import App, Event, Retry
 from cantata.broker.nats import NatsBroker
 from cantata.model.signing import Signer
 from tests.choreography.helpers import eventually, make_app
@@ -224,3 +224,25 @@ def test_any_change_to_a_signed_event_is_caught_and_the_wire_keeps_it(
             type(getattr(changed, change)) is type(getattr(event, change))):
         return  # (no change drawn)
     assert signer.problem(changed) is not None, change
+
+
+async def test_a_replayed_binary_dead_letter_is_bytes_and_still_verifies(
+    store_url: str,
+) -> None:
+    app = make_app(store_url, signing_keys={"k1": KEY}, require_signatures=True)
+    seen: list[Any] = []
+
+    @app.on("scan.done", group="archive", retry=Retry(max_attempts=1))
+    async def archive(event: Event[Any]) -> None:
+        seen.append(event.data)
+        if len(seen) == 1:
+            raise RuntimeError("archive down")
+
+    async with app:
+        await arrive(app, binary_cloudevent("scan-replayed"))
+        [dead] = await eventually(app.dead_letters, what="the first attempt dead-lettered")
+        assert dead.error.startswith("RuntimeError: ") and dead.event.data == RAW
+        await app.replay(dead.id)
+        await eventually(lambda: len(seen) == 2, what="the replay handled")
+        assert await app.dead_letters() == []
+    assert seen == [RAW, RAW]
