@@ -246,3 +246,25 @@ async def test_a_replayed_binary_dead_letter_is_bytes_and_still_verifies(
         await eventually(lambda: len(seen) == 2, what="the replay handled")
         assert await app.dead_letters() == []
     assert seen == [RAW, RAW]
+
+
+async def test_bytes_reach_a_workflow_and_its_steps_as_bytes() -> None:
+    """Bytes data stays bytes where a parameter or a return is typed ``bytes``: the
+    data of a binary event a ``start_on`` run takes, a step's recorded result."""
+    app = make_app("memory://", signing_keys={"k1": KEY})
+
+    @app.step
+    async def checksum(blob: bytes) -> bytes:
+        assert isinstance(blob, bytes)
+        return hashlib.sha256(blob).digest()
+
+    @app.workflow
+    async def scanned(ctx: Any, blob: bytes) -> list[Any]:
+        digest = await ctx.run(checksum, blob)
+        return [blob == RAW, digest == hashlib.sha256(RAW).digest(), list(blob[:3])]
+
+    app.start_on("scan.done", scanned)
+    async with app:
+        await arrive(app, binary_cloudevent("scan-run"))
+        [run] = await eventually(app.list_runs, what="the run started")
+        assert await app.get_handle(run.run_id).result(timeout=20) == [True, True, [0, 1, 2]]

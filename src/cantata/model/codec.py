@@ -223,11 +223,19 @@ def loads(text: str | bytes | None) -> Any:
         raise SerializationError(f"stored value is not valid JSON ({exc})") from None
 
 
+# Bytes are kept as their base64 text (``_default``): a ``bytes`` annotation reads it
+# back as base64, not as the text's UTF-8 (which would give other bytes, silently).
+_BYTES_BASE64 = pydantic.ConfigDict(val_json_bytes="base64")
+
+
 @functools.lru_cache(maxsize=512)
 def adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
     """The pydantic adapter of a type, built once (building one costs far more than
     validating a value with it)."""
-    return pydantic.TypeAdapter(annotation)
+    try:
+        return pydantic.TypeAdapter(annotation, config=_BYTES_BASE64)
+    except pydantic.PydanticUserError:  # a model or dataclass: its own config rules
+        return pydantic.TypeAdapter(annotation)
 
 
 _NEEDS: dict[Any, bool] = {}  # annotation -> _needs_restoring (hashable ones, few per app)
