@@ -7,6 +7,7 @@ The CLI's ``--json`` prints the same models (``cantata run``, ``runs``, ``trace`
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from typing import Any
 
@@ -239,7 +240,8 @@ class EventOut(BaseModel):
     source: str
     subject: str | None
     time: str
-    data: Any
+    data: Any = Field(description="The event's data; bytes data (a CloudEvent's "
+                                  "`data_base64`) as its base64 text.")
     correlation_id: str | None
     causation_id: str | None
 
@@ -571,8 +573,11 @@ def stall_out(stall: Stall) -> StallOut:
 
 def event_out(e: Event[Any]) -> EventOut:
     """An event as JSON."""
+    data = e.data
+    if isinstance(data, (bytes, bytearray, memoryview)):  # JSON has no bytes
+        data = base64.b64encode(bytes(data)).decode("ascii")
     return EventOut(id=e.id, type=e.type, source=e.source, subject=e.subject, time=e.time,
-                    data=e.data, correlation_id=e.correlation_id, causation_id=e.causation_id)
+                    data=data, correlation_id=e.correlation_id, causation_id=e.causation_id)
 
 
 def dead_letter_out(d: DeadLetter) -> DeadLetterOut:
