@@ -57,9 +57,9 @@ async def test_publish_and_start_refuse_nan() -> None:
 
 
 @pytest.mark.parametrize(("value", "where"), [
-    ({1: "a", "1": "b"}, "the value"),
-    ({"order": {True: 1, "true": 2}}, "['order']"),
-    ([{None: 1, "null": 2}], "[0]"),
+    ({1: "a", "1": "b"}, "has keys 1 and '1' that"),
+    ({"order": {True: 1, "true": 2}}, "has keys True and 'true' at ['order'] that"),
+    ([{None: 1, "null": 2}], "at [0] that"),
 ])
 def test_keys_that_become_one_json_key_are_refused(value: object, where: str) -> None:
     """JSON keys are strings: ``1`` and ``'1'`` would both be ``"1"``, and one of the two

@@ -82,9 +82,9 @@ def key_clash(value: Any, path: str = "") -> str | None:
                 text = _json_key(key)
                 if text in seen:
                     return (
-                        f"has keys {seen[text]!r} and {key!r} at {path or 'the value'} that "
-                        f"are the same key in JSON ({text!r}): one of their values would be "
-                        "lost; use one key for each value (JSON keys are strings)"
+                        f"has keys {seen[text]!r} and {key!r}{f' at {path}' if path else ''}"
+                        f" that are the same key in JSON ({text!r}): one of their values "
+                        "would be lost; use one key for each value (JSON keys are strings)"
                     )
                 seen[text] = key
         items: Any = value.items()
