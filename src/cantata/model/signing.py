@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from cantata.errors import ConfigurationError, SignatureInvalid, SignatureMissing
@@ -58,6 +58,24 @@ def signed_content(event: Event[Any], *, legacy: bool = False) -> bytes:
         content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
         default=str,
     ).encode("ascii")
+
+
+def _signed_forms(event: Event[Any]) -> Iterator[bytes]:
+    """What ``event``'s signature may cover, the likeliest first (made as asked for).
+
+    An event from another system that carried no correlation id is given its own id
+    as one when it arrives (docs/guide.md): it was signed without one. Bytes data
+    signed by an earlier Cantata was signed in the legacy form.
+    """
+    yield signed_content(event)
+    bare = dataclasses.replace(event, correlation_id=None) \
+        if event.correlation_id == event.id else None
+    if bare is not None:
+        yield signed_content(bare)
+    if isinstance(event.data, _BINARY):
+        yield signed_content(event, legacy=True)
+        if bare is not None:
+            yield signed_content(bare, legacy=True)
 
 
 class Signer:
@@ -137,19 +155,10 @@ class Signer:
                 f"which is not among this app's signing keys ({', '.join(self.keys) or 'none'})"
                 ": add the key or re-sign the event"
             )
-        # An event from another system that carried no correlation id is given its own
-        # id as one when it arrives (docs/guide.md): it was signed without one. Bytes
-        # data signed by an earlier Cantata was signed in the legacy form.
-        forms = [event]
-        if event.correlation_id == event.id:
-            forms.append(dataclasses.replace(event, correlation_id=None))
-        contents = [signed_content(form) for form in forms]
-        if isinstance(event.data, _BINARY):
-            contents += [signed_content(form, legacy=True) for form in forms]
         # (compare_digest raises on a non-ASCII text: anyone on the broker can send one)
         if not digest.isascii() or not any(
             hmac.compare_digest(hmac.new(key, content, hashlib.sha256).hexdigest(), digest)
-            for content in contents
+            for content in _signed_forms(event)
         ):
             return SignatureInvalid(
                 f"event {event.id} ({event.type}) has a signature that does not match its "
