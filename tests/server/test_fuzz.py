@@ -204,3 +204,14 @@ async def test_a_body_larger_than_any_request_needs_is_refused_before_it_is_read
     # a body within the bound is read as before
     r = await shop.post("/api/events", json={"type": "order.placed", "data": {"n": 1}})
     assert r.status_code == 201
+
+
+async def test_a_start_field_the_route_does_not_take_is_refused_not_dropped(
+    shop: Shop,
+) -> None:
+    """``{"imput": ...}`` would start the run without its input: a 400 naming it."""
+    before = len(await shop.app.list_runs(limit=500))
+    r = await shop.post("/api/workflows/place_order/runs", json={"imput": {"id": 1}})
+    assert_error(r, "imput")
+    assert "it takes input, args, idempotency_key" in r.json()["error"]["message"]
+    assert len(await shop.app.list_runs(limit=500)) == before

@@ -154,6 +154,9 @@ class ForkOut(BaseModel):
 class StartIn(BaseModel):
     """Start a workflow: `input` is its single argument, or `args` the list of them."""
 
+    # (a misspelt field is refused: dropped, the run would start without it)
+    model_config = ConfigDict(extra="forbid")
+
     input: Any = None
     args: list[Any] | None = None
     idempotency_key: str | None = Field(default=None, description=(
