@@ -47,6 +47,10 @@ async def test_publish_refuses_what_the_server_would_refuse_before_storing_it(
             await app.publish(LONG_TYPE, {"n": 1})
         with pytest.raises(PayloadTooLarge, match="max_payload of 1048576 bytes"):
             await app.publish("order.placed", {"blob": "x" * 1_100_000})
+        # within the app's max_payload, over the server's once in its envelope: the
+        # message says how to send it all the same (a claim check)
+        with pytest.raises(PayloadTooLarge, match=r"as a NATS message.*offload_above"):
+            await app.publish("order.placed", "x" * 1_048_500)
         assert await app.store.unpublished_events(name, limit=10) == []
         assert await app.store.apps() in ([], [name])
         ok = await app.publish("order.placed", {"blob": "x" * 1000})

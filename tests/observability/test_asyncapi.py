@@ -206,3 +206,34 @@ def test_a_broker_prefix_given_twice_is_refused_as_the_app_refuses_it() -> None:
     app.configure(broker="nats://127.0.0.1:4222?prefix=ok&prefix=ko")
     with pytest.raises(ConfigurationError, match="prefix is given twice"):
         asyncapi_document(app)
+
+
+def _conforms(envelope: dict[str, Any], ce: dict[str, Any]) -> list[str]:
+    """Where a CloudEvent breaks the envelope's attributes (required, string, const),
+    or carries an attribute the envelope does not describe."""
+    props = envelope["properties"]
+    wrong = [f"missing {k}" for k in envelope["required"] if k not in ce]
+    for key, value in ce.items():
+        schema = props.get(key)
+        if schema is None:
+            wrong.append(f"{key} is not described")
+        elif schema.get("type") == "string" and not isinstance(value, str):
+            wrong.append(f"{key} is not a string")
+        elif "const" in schema and value != schema["const"]:
+            wrong.append(f"{key}={value!r}, the document says {schema['const']!r}")
+    return wrong
+
+
+def test_the_envelope_describes_binary_data_as_it_travels() -> None:
+    """Bytes data goes out (a replayed outside event) as ``data_base64`` with
+    ``datacontenttype`` ``application/octet-stream``, and consumers take any media type:
+    the envelope must not say only ``application/json`` with ``data``."""
+    doc = asyncapi_document(typed_app())
+    envelope = resolve(doc, "#/components/schemas/CloudEvent")
+    signed = Event("order.placed", b"\x00\x01", correlation_id="c", causation_id="d",
+                   subject="s", traceparent="00-ab-cd-01", signature="k1:00")
+    for ce in (signed.to_cloudevent(), Event("order.placed", {"a": 1}).to_cloudevent(),
+               {"specversion": "1.0", "id": "e", "source": "s", "type": "order.placed",
+                "datacontenttype": "text/plain", "data_base64": "aGk="}):
+        assert _conforms(envelope, ce) == [], ce
+    assert envelope["properties"]["data_base64"]["contentEncoding"] == "base64"

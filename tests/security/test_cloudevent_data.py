@@ -97,3 +97,19 @@ def test_any_envelope_is_accepted_or_refused_cleanly(fields: dict[str, object]) 
 def test_data_json_cannot_carry_is_refused_with_the_reason(data: object) -> None:
     with pytest.raises(InvalidEvent, match="is not JSON"):
         Event.from_cloudevent({**BASE, "data": data})
+
+
+@pytest.mark.parametrize(("raw", "wrong", "todo"), [
+    (b"{nope", "not JSON", "structured JSON mode"),
+    (b"", "not JSON", "structured JSON mode"),
+    (b"[" + ce() + b"]", "expected a JSON object, got list", "each event as its own message"),
+    (b'"order.placed"', "expected a JSON object, got str", "structured JSON mode"),
+    (orjson.dumps({"type": "order.placed"}), "missing attribute(s) specversion, id, source",
+     "needs specversion '1.0', id, source and type"),
+])
+def test_garbage_is_refused_saying_what_was_wrong_and_what_to_send(
+    raw: bytes, wrong: str, todo: str
+) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        Event.from_json(raw)
+    assert wrong in str(info.value) and todo in str(info.value), str(info.value)

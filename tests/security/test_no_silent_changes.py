@@ -54,3 +54,37 @@ async def test_publish_and_start_refuse_nan() -> None:
         with pytest.raises(SerializationError, match="NaN or infinite"):
             await app.start(flow, {"x": [1.0, float("-inf")]})
         assert await app.list_runs() == []
+
+
+@pytest.mark.parametrize(("value", "where"), [
+    ({1: "a", "1": "b"}, "has keys 1 and '1' that"),
+    ({"order": {True: 1, "true": 2}}, "has keys True and 'true' at ['order'] that"),
+    ([{None: 1, "null": 2}], "at [0] that"),
+])
+def test_keys_that_become_one_json_key_are_refused(value: object, where: str) -> None:
+    """JSON keys are strings: ``1`` and ``'1'`` would both be ``"1"``, and one of the two
+    values would be lost without a word."""
+    with pytest.raises(SerializationError, match="same key in JSON") as info:
+        codec.dumps(value, "data of event order.placed")
+    assert where in str(info.value)
+    assert "use one key" in str(info.value)
+
+
+@given(st.dictionaries(
+    st.integers(-5, 5) | st.booleans() | st.none() | st.sampled_from(["1", "true", "null"]),
+    st.integers(-9, 9),
+))
+def test_keys_that_are_not_strings_become_their_json_text(value: dict[object, int]) -> None:
+    try:
+        text = codec.dumps(value, "data")
+    except SerializationError:
+        assert len({str(k).lower() if k is not None else "null" for k in value}) < len(value)
+        return
+    assert list(codec.loads(text).values()) == list(value.values())
+
+
+async def test_publish_refuses_keys_that_clash_in_json() -> None:
+    app = App("shop", store="memory://")
+    async with app.client():
+        with pytest.raises(SerializationError, match=r"data of event order.placed"):
+            await app.publish("order.placed", {1: "first", "1": "second"})

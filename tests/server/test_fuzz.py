@@ -150,3 +150,68 @@ async def test_a_body_that_is_not_json_is_named_body_and_says_where(shop: Shop) 
         r = await shop.client.post(path, headers=headers, content=b"")
         assert_error(r, "body")
         assert r.json()["error"]["message"].startswith("the request body is empty: send")
+
+
+async def test_an_event_field_the_route_does_not_take_is_refused_not_dropped(
+    shop: Shop,
+) -> None:
+    """A CloudEvent posted as it is (``correlationid``, ``source``, ``data_base64``...)
+    or a misspelt field: a 400 naming the field, and nothing published without it."""
+    before = len(await shop.app.store.find_events(shop.app.name, "order.placed", since=0,
+                                                  exclude=[], limit=1000))
+    cloudevent = {"specversion": "1.0", "id": "ce-1", "source": "https://legacy.example",
+                  "type": "order.placed", "correlationid": "biz-1",
+                  "datacontenttype": "application/octet-stream", "data_base64": "aGk="}
+    for body, field in [(cloudevent, "specversion"),
+                        ({"type": "order.placed", "data": {}, "corelation_id": "b"},
+                         "corelation_id"),
+                        ({"type": "order.placed", "data_base64": "aGk="}, "data_base64")]:
+        r = await shop.post("/api/events", json=body)
+        assert_error(r, field)
+        message = r.json()["error"]["message"]
+        assert "type, data, correlation_id, subject, id" in message, message
+    r = await shop.post("/api/events", json={"type": "_replay.x"})
+    assert_error(r, "type")
+    after = await shop.app.store.find_events(shop.app.name, "order.placed", since=0,
+                                             exclude=[], limit=1000)
+    assert len(after) == before
+
+
+async def test_a_body_larger_than_any_request_needs_is_refused_before_it_is_read(
+    shop: Shop,
+) -> None:
+    """FastAPI decodes a JSON body before it checks the token: without a bound, anyone
+    could make the console hold gigabytes. Over the bound: a 413, token or not."""
+    from cantata.server.limits import MAX_BODY
+
+    huge = b'{"type": "order.placed", "data": "' + b"x" * MAX_BODY + b'"}'
+    chunks_sent: list[int] = []
+
+    async def chunked() -> Any:  # no Content-Length: the bound holds as chunks arrive
+        for i in range(0, len(huge), 1 << 20):
+            chunks_sent.append(i)
+            yield huge[i:i + (1 << 20)]
+
+    for headers in ({}, shop.auth("operator")):
+        r = await shop.client.post("/api/events", content=huge,
+                                   headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert_error(r, "body")
+        assert "send less" in r.json()["error"]["message"]
+    r = await shop.client.post("/api/events", content=chunked(), headers={
+        **shop.auth("operator"), "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+    # a body within the bound is read as before
+    r = await shop.post("/api/events", json={"type": "order.placed", "data": {"n": 1}})
+    assert r.status_code == 201
+
+
+async def test_a_start_field_the_route_does_not_take_is_refused_not_dropped(
+    shop: Shop,
+) -> None:
+    """``{"imput": ...}`` would start the run without its input: a 400 naming it."""
+    before = len(await shop.app.list_runs(limit=500))
+    r = await shop.post("/api/workflows/place_order/runs", json={"imput": {"id": 1}})
+    assert_error(r, "imput")
+    assert "it takes input, args, idempotency_key" in r.json()["error"]["message"]
+    assert len(await shop.app.list_runs(limit=500)) == before

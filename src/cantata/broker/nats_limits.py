@@ -62,8 +62,9 @@ class Limits:
             raise PayloadTooLarge(
                 f"event {event.id} of type {event.type} is {size} bytes as a NATS message, "
                 f"over the server's max_payload of {self.max_payload} bytes; send less data "
-                "(store the rest elsewhere and pass a reference) or raise max_payload in "
-                "the server's configuration"
+                "(store the rest elsewhere and pass a reference), set App(offload_above=...) "
+                "so that large events travel as a claim check (kept in the store), or raise "
+                "max_payload in the server's configuration"
             )
 
     def check_subscription(self, names: Names, group: str, patterns: Sequence[str]) -> None:

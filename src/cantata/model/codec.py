@@ -66,6 +66,41 @@ def nonfinite_path(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _json_key(key: Any) -> str:
+    text: str = next(iter(orjson.loads(orjson.dumps({key: 0}, option=orjson.OPT_NON_STR_KEYS))))
+    return text
+
+
+def key_clash(value: Any, path: str = "") -> str | None:
+    """What is wrong when two keys of one mapping in ``value`` are one key in JSON
+    (``1`` and ``'1'``, ``True`` and ``'true'``): one of their values would be lost.
+    ``None`` when no two are."""
+    if isinstance(value, dict):
+        if not all(type(k) is str for k in value):
+            seen: dict[str, Any] = {}
+            for key in value:
+                text = _json_key(key)
+                if text in seen:
+                    return (
+                        f"has keys {seen[text]!r} and {key!r}{f' at {path}' if path else ''}"
+                        f" that are the same key in JSON ({text!r}): one of their values "
+                        "would be lost; use one key for each value (JSON keys are strings)"
+                    )
+                seen[text] = key
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    else:
+        return None
+    for key, item in items:
+        found = key_clash(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
     """Encode ``value`` as JSON text.
 
@@ -78,7 +113,13 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
         PayloadTooLarge: the JSON is over ``limit`` (or the store's bound).
     """
     try:
-        data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+        try:
+            data = orjson.dumps(value, default=_default)
+        except TypeError:  # (orjson.JSONEncodeError is one) a key that is not a str
+            data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+            clash = key_clash(value)
+            if clash is not None:
+                raise SerializationError(f"{what} {clash}") from None
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise SerializationError(
             f"{what} is not JSON-serialisable ({exc}); pass plain JSON values (dict, list, "
@@ -143,6 +184,35 @@ def plain_args(args: tuple[Any, ...] | list[Any], what: str, *,
     return list(loads(dumps(list(args), what, limit=limit)))
 
 
+#: What a stored event's data text starts with when the data is bytes (a CloudEvent's
+#: ``data_base64``): the JSON string of their base64 text follows. JSON allows
+#: whitespace before a value and :func:`dumps` never writes any, so no JSON value is
+#: read as bytes, and a reader that does not know the mark gets the base64 text.
+BYTES_MARK = "\t"
+
+
+def dumps_event_data(data: Any, what: str) -> str:
+    """An event's data as a store keeps it: :func:`dumps`, marked with
+    :data:`BYTES_MARK` when it is bytes, so :func:`loads_event_data` gives bytes back."""
+    text = dumps(data, what)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return BYTES_MARK + text
+    return text
+
+
+def loads_event_data(text: str | None) -> Any:
+    """An event's data from the text :func:`dumps_event_data` made."""
+    if text is not None and text.startswith(BYTES_MARK):
+        encoded = loads(text)
+        if isinstance(encoded, str):
+            try:
+                return base64.b64decode(encoded, validate=True)
+            except ValueError:  # (binascii.Error) not written by dumps_event_data
+                return encoded
+        return encoded
+    return loads(text)
+
+
 def loads(text: str | bytes | None) -> Any:
     """Decode JSON text (``None`` stays ``None``)."""
     if text is None:
@@ -153,11 +223,19 @@ def loads(text: str | bytes | None) -> Any:
         raise SerializationError(f"stored value is not valid JSON ({exc})") from None
 
 
+# Bytes are kept as their base64 text (``_default``): a ``bytes`` annotation reads it
+# back as base64, not as the text's UTF-8 (which would give other bytes, silently).
+_BYTES_BASE64 = pydantic.ConfigDict(val_json_bytes="base64")
+
+
 @functools.lru_cache(maxsize=512)
 def adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
     """The pydantic adapter of a type, built once (building one costs far more than
     validating a value with it)."""
-    return pydantic.TypeAdapter(annotation)
+    try:
+        return pydantic.TypeAdapter(annotation, config=_BYTES_BASE64)
+    except pydantic.PydanticUserError:  # a model or dataclass: its own config rules
+        return pydantic.TypeAdapter(annotation)
 
 
 _NEEDS: dict[Any, bool] = {}  # annotation -> _needs_restoring (hashable ones, few per app)

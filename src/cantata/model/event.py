@@ -33,6 +33,13 @@ MAX_ATTRIBUTE = 500
 BOUNDED_ATTRIBUTES = ("id", "type", "correlation_id", "causation_id")
 
 
+#: What to do about a message that is no CloudEvent (said in its error).
+SEND_CLOUDEVENT = ("send a CloudEvent 1.0 in structured JSON mode (one JSON object, "
+                   "Content-Type: application/cloudevents+json) or in binary mode (ce- "
+                   "headers, the data as the body)")
+BATCH_NOT_TAKEN = ("a batch (application/cloudevents-batch+json) is not taken: publish "
+                   "each event as its own message")
+
 #: First tokens of event types kept for Cantata's own use. The NATS broker sends a
 #: group's dead-letter replays to ``<app subjects>._replay.<group>``: an event of type
 #: ``_replay.billing`` would travel there, not where a group listening to it reads.
@@ -272,11 +279,15 @@ class Event(Generic[T]):
         """Build an event from a CloudEvents JSON object, validating required attributes."""
         if not isinstance(ce, dict):
             raise InvalidEvent(
-                f"not a CloudEvent: expected a JSON object, got {type(ce).__name__}"
+                f"not a CloudEvent: expected a JSON object, got {type(ce).__name__}: "
+                + (BATCH_NOT_TAKEN if isinstance(ce, list) else SEND_CLOUDEVENT)
             )
         missing = [k for k in ("specversion", "id", "source", "type") if not ce.get(k)]
         if missing:
-            raise InvalidEvent(f"not a CloudEvent: missing attribute(s) {', '.join(missing)}")
+            raise InvalidEvent(
+                f"not a CloudEvent: missing attribute(s) {', '.join(missing)}: a CloudEvent "
+                "needs specversion '1.0', id, source and type (non-empty strings)"
+            )
         if ce["specversion"] != SPECVERSION:
             raise InvalidEvent(
                 f"unsupported CloudEvents specversion {ce['specversion']!r}: only '1.0'"
@@ -358,7 +369,7 @@ class Event(Generic[T]):
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise InvalidEvent(f"not JSON: {exc}") from None
+            raise InvalidEvent(f"not JSON: {exc}: {SEND_CLOUDEVENT}") from None
         return cls.from_cloudevent(obj)
 
     def same_content(self, other: Event[Any]) -> bool:

@@ -75,7 +75,13 @@ CLOUDEVENT_ENVELOPE: dict[str, Any] = {
         "type": {"type": "string", "description": "The event type, e.g. order.placed."},
         "subject": {"type": "string"},
         "time": {"type": "string", "format": "date-time"},
-        "datacontenttype": {"type": "string", "const": "application/json"},
+        "datacontenttype": {
+            "type": "string", "default": "application/json",
+            "description": "The media type of the data: application/json for JSON data "
+                           "(what an app publishes and emits); application/octet-stream "
+                           "with data_base64 for bytes data (an event from another system, "
+                           "replayed). Consumers take any: JSON types parsed, text/* as "
+                           "text, other types as bytes."},
         "correlationid": {"type": "string",
                           "description": "The business transaction (CloudEvents correlation "
                                          "extension)."},
@@ -85,6 +91,9 @@ CLOUDEVENT_ENVELOPE: dict[str, Any] = {
                       "description": "HMAC-SHA256 of the event's content (hex), when signed."},
         "signaturekeyid": {"type": "string", "description": "Which signing key signed it."},
         "data": {"description": "The event's data (see each message's payload)."},
+        "data_base64": {"type": "string", "contentEncoding": "base64",
+                        "description": "The data as base64, in place of data: bytes data, "
+                                       "or any data of the type datacontenttype names."},
     },
 }
 

@@ -16,6 +16,7 @@ from cantata.app import App
 from cantata.server import (
     deps,
     errors,
+    limits,
     observe,
     pages,
     routes_admin,
@@ -109,7 +110,8 @@ def create_app(app: App, *, stream_interval: float = 0.5) -> FastAPI:
     api.include_router(routes_admin.router)
     api.include_router(pages.router)
     api.mount("/static", StaticFiles(directory=STATIC), name="static")
-    api.add_middleware(SecurityHeaders)
+    api.add_middleware(limits.BodyLimit)
+    api.add_middleware(SecurityHeaders)  # (the outermost: on a 413 too)
     return api
 
 

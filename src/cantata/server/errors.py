@@ -4,12 +4,13 @@ from Cantata's errors to HTTP statuses. No stack trace ever reaches a client."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cantata.errors import CantataError
@@ -101,6 +102,22 @@ def wants_page(request: Request) -> bool:
             and "text/html" in request.headers.get("accept", ""))
 
 
+def unknown_fields(request: Request, errors: Sequence[Any]) -> str:
+    """What to say of body fields a route does not take (``extra_forbidden``): each
+    of them, and the fields the route takes."""
+    extra = [".".join(str(p) for p in e["loc"][1:]) for e in errors
+             if e.get("type") == "extra_forbidden" and e.get("loc", ("",))[0] == "body"]
+    shown = ", ".join(brief(name) for name in extra[:8]) + (", ..." if len(extra) > 8 else "")
+    takes = ""
+    body = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(body, "field_info", None), "annotation", None)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        takes = f": it takes {', '.join(model.model_fields)}"
+    return (f"the request body holds {'a field' if len(extra) == 1 else 'fields'} this "
+            f"route does not take ({shown}){takes}; remove {'it' if len(extra) == 1 else 'them'}"
+            " or correct its spelling (nothing was done; the fields are in /openapi.json)")
+
+
 class Redactor:
     """Takes the store URL's password out of any message shown to a client."""
 
@@ -154,6 +171,9 @@ def install(app: Any, redact: Redactor,
             return respond(400, "invalid_input", redact(
                 f"the request body is not a JSON object (Content-Type: {brief(kind)}): "
                 f"{SEND_JSON}"), "body")
+        if first.get("type") == "extra_forbidden":
+            return respond(400, "invalid_input", redact(unknown_fields(request, errors)),
+                           ".".join(str(p) for p in first["loc"][1:]))
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         field = ".".join(loc) or ("body" if first.get("loc", ("",))[0] == "body" else None)
         message = str(first.get("msg", "invalid request"))

@@ -7,6 +7,7 @@ The CLI's ``--json`` prints the same models (``cantata run``, ``runs``, ``trace`
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from typing import Any
 
@@ -159,6 +160,9 @@ class ForkOut(BaseModel):
 class StartIn(BaseModel):
     """Start a workflow: `input` is its single argument, or `args` the list of them."""
 
+    # (a misspelt field is refused: dropped, the run would start without it)
+    model_config = ConfigDict(extra="forbid")
+
     input: Any = None
     args: list[Any] | None = None
     idempotency_key: str | None = Field(default=None, description=(
@@ -175,6 +179,10 @@ class StartOut(BaseModel):
 
 
 class PublishIn(BaseModel):
+    # A field this route does not take (a CloudEvent's ``correlationid``, ``source``,
+    # ``data_base64``, or a misspelling) is refused: dropped, it would change the event.
+    model_config = ConfigDict(extra="forbid")
+
     type: str = Field(pattern=TYPE_PATTERN, max_length=200,
                       description="Dot-separated tokens, e.g. `order.placed`.")
     data: Any = None
@@ -241,7 +249,8 @@ class EventOut(BaseModel):
     source: str
     subject: str | None
     time: str
-    data: Any
+    data: Any = Field(description="The event's data; bytes data (a CloudEvent's "
+                                  "`data_base64`) as its base64 text.")
     correlation_id: str | None
     causation_id: str | None
 
@@ -574,8 +583,11 @@ def stall_out(stall: Stall) -> StallOut:
 
 def event_out(e: Event[Any]) -> EventOut:
     """An event as JSON."""
+    data = e.data
+    if isinstance(data, (bytes, bytearray, memoryview)):  # JSON has no bytes
+        data = base64.b64encode(bytes(data)).decode("ascii")
     return EventOut(id=e.id, type=e.type, source=e.source, subject=e.subject, time=e.time,
-                    data=e.data, correlation_id=e.correlation_id, causation_id=e.causation_id)
+                    data=data, correlation_id=e.correlation_id, causation_id=e.causation_id)
 
 
 def dead_letter_out(d: DeadLetter) -> DeadLetterOut:

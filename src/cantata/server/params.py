@@ -97,6 +97,10 @@ def event_attributes(event_type: str, **given: str | None) -> None:
     as ``app.publish`` takes them (its own check: any text, not empty, without a NUL or
     a lone surrogate; up to 500 characters where the store indexes it), else a 400
     naming the field."""
+    try:  # (the type first: an attribute's check checks it too, and would be named)
+        check_publish(event_type)
+    except InvalidEvent as exc:
+        raise bad_input("type", str(exc)) from None
     for field, value in given.items():
         try:
             check_publish(event_type, **{field: value})

@@ -62,7 +62,7 @@ async def append(
             groups[ev.id] = sorted({s[0] for s in subs if matches(s[1], ev.type)})
     fan = [(g, event_id) for event_id, gs in groups.items() for g in gs]
     values = [
-        (ev.type, codec.dumps(ev.data, f"data of event {ev.type}"), ev.id, ev.source,
+        (ev.type, codec.dumps_event_data(ev.data, f"data of event {ev.type}"), ev.id, ev.source,
          ev.subject, ev.time, ev.correlation_id, ev.causation_id, ev.traceparent,
          ev.signature)
         for ev in events
@@ -532,7 +532,7 @@ Append = tuple[str, Sequence[Event[Any]]]  # app, events
 
 def _event_row(i: int, ev: Event[Any]) -> tuple[Any, ...]:
     try:
-        data = codec.dumps(ev.data, f"data of event {ev.type}")
+        data = codec.dumps_event_data(ev.data, f"data of event {ev.type}")
     except Exception as exc:
         raise NotHere(str(exc)) from exc
     return (

@@ -104,7 +104,7 @@ def run_row(row: Row) -> RunRecord:
 
 
 def event_row(row: Row) -> Event[Any]:
-    return Event(row[0], codec.loads(row[1]), *row[2:10])
+    return Event(row[0], codec.loads_event_data(row[1]), *row[2:10])
 
 
 def dead_letter_row(row: Row, event: Event[Any]) -> DeadLetter:

@@ -150,7 +150,7 @@ class SQLiteCore(StoreBase):
                 _INSERT_EVENT,
                 (
                     app, ev.id, ev.type, ev.source, ev.subject, ev.time,
-                    codec.dumps(ev.data, f"data of event {ev.type}"), ev.correlation_id,
+                    codec.dumps_event_data(ev.data, f"data of event {ev.type}"), ev.correlation_id,
                     ev.causation_id, ev.traceparent, ev.signature, now,
                 ),
             )

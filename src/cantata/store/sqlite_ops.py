@@ -128,7 +128,7 @@ def event_row(row: Row) -> Event[Any]:
         source=row[2],
         subject=row[3],
         time=row[4],
-        data=codec.loads(row[5]),
+        data=codec.loads_event_data(row[5]),
         correlation_id=row[6],
         causation_id=row[7],
         traceparent=row[8],
