@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
+from cantata.app import App
 from cantata.declare.defs import Parameters, WorkflowDef
 from cantata.engine.recovery import check_attribute_names
 from cantata.errors import (
@@ -23,7 +24,7 @@ from cantata.model.status import RunStatus
 from cantata.server import params
 from cantata.server.deps import ERRORS, Operator, Viewer, known_query
 from cantata.server.errors import ApiError, bad_input, caused_by
-from cantata.server.flow_out import served
+from cantata.server.flow_out import run_queue, served
 from cantata.server.models import (
     CancelOut,
     ErrorOut,
@@ -41,7 +42,6 @@ from cantata.server.models import (
     stall_out,
 )
 from cantata.server.state import console_of
-from cantata.store.base import Store
 
 router = APIRouter(prefix="/api", tags=["runs"], responses=ERRORS,
                    dependencies=[Depends(known_query)])
@@ -106,20 +106,22 @@ async def list_runs(
 
 @router.get("/runs/{run_id}", response_model=RunDetail, summary="One run with its steps")
 async def get_run(request: Request, run_id: RunId, _: Viewer) -> RunDetail:
-    """The run, each step with its attempts and errors, compensations flagged."""
+    """The run, each step with its attempts and errors, compensations flagged; for a
+    run started in a queue, its place there and the queue's limits."""
     console = console_of(request)
     params.required_ident("run_id", run_id)
-    return await _detail(await console.store(), console.app.name, run_id)
+    return await _detail(await console.open(), run_id)
 
 
-async def _detail(store: Store, app: str, run_id: str) -> RunDetail:
-    run = await store.get_run(app, run_id)
+async def _detail(app: App, run_id: str) -> RunDetail:
+    store = app.store
+    run = await store.get_run(app.name, run_id)
     if run is None:
-        raise RunNotFound(f"no run {run_id!r} in app {app!r}")
-    history = await store.load_history(app, run_id)
-    attempts = await store.load_attempts(app, run_id)
-    attributes = (await store.run_attributes(app, [run_id])).get(run_id, {})
-    return run_detail(run, history, attempts, attributes)
+        raise RunNotFound(f"no run {run_id!r} in app {app.name!r}")
+    history = await store.load_history(app.name, run_id)
+    attempts = await store.load_attempts(app.name, run_id)
+    attributes = (await store.run_attributes(app.name, [run_id])).get(run_id, {})
+    return run_detail(run, history, attempts, attributes, await run_queue(app, run))
 
 
 @router.post("/runs/{run_id}/cancel", response_model=CancelOut, summary="Cancel a run")
@@ -168,7 +170,7 @@ async def retry_run(
                        '{"include_compensated": true} to retry it anyway (its compensations '
                        "are superseded; the steps they undid are not redone)",
                        "include_compensated") from None
-    return await _detail(app.store, app.name, run_id)
+    return await _detail(app, run_id)
 
 
 @router.post("/runs/{run_id}/fork", status_code=201, response_model=ForkOut,

@@ -459,13 +459,39 @@
       h("button", { type: "submit" }, "Fork"), out);
   }
 
+  // A queued run's queue (a link to it on the queues page), its place there and the
+  // queue's limits.
+  function queueFacts(q) {
+    const place = q.state === "waiting"
+      ? [`waiting: ${ordinal(q.position)} in line`, h("span", { class: "muted" },
+          ` (${q.position - 1} run${q.position === 2 ? "" : "s"} begin${q.position === 2 ? "s" : ""} before it` +
+          `${q.partition !== null ? " in its partition" : ""}), since `), when(q.waiting_since)]
+      : q.state === "running" ? "running (begun: it holds a place of the queue's limits)" : "ended";
+    return [
+      h("dt", {}, "Queue"), h("dd", { class: "queue" },
+        h("a", { href: "/queues?queue=" + encodeURIComponent(q.name), title: "The queue's figures" }, exactName(q.name)),
+        q.partition !== null ? [h("span", { class: "muted" }, " partition "), exactKey(q.partition)] : null,
+        h("span", { class: "muted" }, ` priority ${q.priority}`)),
+      h("dt", {}, "Place in queue"), h("dd", { class: "queue-place" }, place),
+      h("dt", {}, "Queue limits"), h("dd", { class: "queue-limits" },
+        q.limits ? queueLimits(q.limits, q.partition !== null) : "not declared by any service"),
+    ];
+  }
+  function ordinal(n) {
+    const tens = n % 100, ones = n % 10;
+    const suffix = tens >= 11 && tens <= 13 ? "th" : ones === 1 ? "st" : ones === 2 ? "nd" : ones === 3 ? "rd" : "th";
+    return `${n}${suffix}`;
+  }
+
   pages.run = async () => {
     const id = arg;
     const ticket = tickets();
+    let waitingInQueue = false;
     async function render() {
       const current = ticket();
       const r = await api("/api/runs/" + encodeURIComponent(id));
       if (!current()) return;  // a newer draw began meanwhile: it shows its answer
+      waitingInQueue = Boolean(r.queue && r.queue.state === "waiting");
       const head = h("div", { class: "headline" },
         h("span", { class: "title" }, r.workflow), badge(r.status),
         r.flagged ? h("span", { class: "badge s-failed" }, "needs an operator") : null,
@@ -503,6 +529,7 @@
           ? Object.entries(r.attributes).map(([k, v]) => h("a", { class: "attr mono",
               href: "/runs?attr=" + encodeURIComponent(`${k}=${v}`), title: "Runs with this attribute" }, `${k}=${v}`))
           : "—"),
+        r.queue ? queueFacts(r.queue) : null,
         r.error ? [h("dt", {}, "Error"), h("dd", { class: "err" }, r.error)] : null,
         r.status === "completed" ? [h("dt", {}, "Result"), h("dd", {}, json(r.result))] : null);
       const mapBox = h("div", { class: "map", id: "run-map" }, h("span", { class: "muted" }, "Drawing the map…"));
@@ -541,7 +568,11 @@
     await render();
     const again = coalesce(() => render().catch(fail), 250);
     // its status changes, and steps that end while its status stays (running)
-    onLive((kind, d) => { if (kind === "open" || ((kind === "run" || kind === "step") && d.run_id === id)) again(); });
+    // (and, while it waits in a queue, any run's change: runs before it begin or leave)
+    onLive((kind, d) => {
+      if (kind === "open" || ((kind === "run" || kind === "step") && d.run_id === id)) again();
+      else if (kind === "run" && waitingInQueue) again();
+    });
   };
 
   pages.trace = async () => {
@@ -822,6 +853,18 @@
     everyWhileShown(again, 15000);
   };
 
+  // A queue's limits in one line: those that hold per partition say so for a
+  // partitioned queue (or run).
+  function queueLimits(q, partitioned) {
+    const each = [];  // the limits that hold per partition
+    if (q.concurrency !== null) each.push(`concurrency ${q.concurrency}`);
+    if (q.rate) each.push(`rate ${q.rate.limit} per ${q.rate.per} s`);
+    const parts = each.length && partitioned ? [`${each.join(" · ")} (each partition)`] : each;
+    if (q.per_worker !== null) parts.push(`${q.per_worker} per worker`);
+    if (q.priorities) parts.push("priorities");
+    return parts.length ? parts.join(" · ") : "none";
+  }
+
   pages.queues = async () => {
     const banner = h("div", {});
     const msg = h("div", {});
@@ -829,15 +872,7 @@
     show(h("p", { class: "muted" }, "Runs started in a queue (queue=NAME, or a workflow declared with one) " +
       "wait here until its limits let them begin. Figures are per queue, across its partitions; " +
       "the limits apply to each partition."), banner, msg, holder);
-    function limits(q) {
-      const each = [];  // the limits that hold per partition
-      if (q.concurrency !== null) each.push(`concurrency ${q.concurrency}`);
-      if (q.rate) each.push(`rate ${q.rate.limit} per ${q.rate.per} s`);
-      const parts = each.length && q.partitioned ? [`${each.join(" · ")} (each partition)`] : each;
-      if (q.per_worker !== null) parts.push(`${q.per_worker} per worker`);
-      if (q.priorities) parts.push("priorities");
-      return parts.length ? parts.join(" · ") : "none";
-    }
+    const limits = (q) => queueLimits(q, q.partitioned);
     // A partitioned queue's sums are not read against its limits (they hold per
     // partition): the busiest partition's figure is, on a line of its own.
     function busiest(figure, limit) {
@@ -857,13 +892,14 @@
       return [String(q.began_recently), h("span", { class: "muted" }, `${span} in all partitions`),
               busiest(q.per_partition_max.began_recently, q.rate ? q.rate.limit : null)];
     }
+    const chosen = new URLSearchParams(location.search).get("queue");  // (a run's page links here)
     const ticket = tickets();
     async function render() {
       const current = ticket();
       const list = await api("/api/queues");
       if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       banner.replaceChildren(noWorker(list, "no queued run begins") || "");
-      const rows = list.map((q) => h("tr", { "data-queue": q.name },
+      const rows = list.map((q) => h("tr", { "data-queue": q.name, class: q.name === chosen ? "chosen" : null },
         h("td", { class: "name" }, h("strong", {}, exactName(q.name))),
         h("td", { class: "num waiting" }, String(q.waiting)),
         h("td", { class: "num in-progress" }, inProgress(q)),
@@ -877,6 +913,8 @@
       msg.replaceChildren();
     }
     await render();
+    const mark = holder.querySelector("tr.chosen");
+    if (mark) mark.scrollIntoView({ block: "center" });
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
     onLive(coalesce(again, 500));
     everyWhileShown(again, 5000);
