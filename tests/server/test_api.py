@@ -378,6 +378,38 @@ async def test_publishing_a_type_nothing_listens_to_says_it_is_an_orphan(shop: S
     assert heard.status_code == 201 and heard.json()["orphan"] is False
 
 
+async def test_a_limit_out_of_range_is_refused_with_the_range(shop: Shop) -> None:
+    """`limit` is 1-500: out of it, a 422 that names `limit`, says the range and the
+    value sent (not a page of another size); a page of runs is `limit` runs, the next
+    ones by `next_cursor`, newest first with none twice (docs/console.md)."""
+    for bad in ("0", "501", "-3"):
+        r = await shop.get("/api/runs", params={"limit": bad})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert (error["code"], error["field"]) == ("out_of_range", "limit")
+        assert f"limit must be from 1 to 500 (got '{bad}')" in error["message"]
+        assert "next_cursor" in error["message"]
+    audit = await shop.get("/api/audit", "admin", params={"limit": "0"})
+    assert audit.status_code == 422 and "from 1 to 500" in audit.json()["error"]["message"]
+    for i in range(5):
+        await shop.app.start("place_order", {"id": f"L-{i}", "total": 1})
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await shop.get("/api/runs", params=params)).json()
+        assert len(page["runs"]) <= 2
+        seen += page["runs"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        assert len(page["runs"]) == 2
+    ids = [r["run_id"] for r in seen]
+    assert len(ids) == len(set(ids)) >= 5
+    order = [(r["created_at"], r["run_id"]) for r in seen]
+    assert order == sorted(order, reverse=True)
+
+
 async def audit_records(shop: Shop, page: int = 500) -> list[dict[str, Any]]:
     """Every audit record of the app, in chain order, read ``page`` at a time."""
     records: list[dict[str, Any]] = []

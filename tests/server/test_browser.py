@@ -348,6 +348,35 @@ def test_new_runs_matching_the_filters_are_offered_above_the_runs_table(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_the_runs_page_honours_its_limit_and_pages_by_next_page_links(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    """`/runs?limit=2` shows 2 runs; **Next page** opens the next 2 at an address of
+    their own (its cursor and limit kept), newest first with no run twice; **First
+    page** goes back; a limit out of range is refused with the range (docs/console.md)."""
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/runs?workflow=place_order&limit=2")
+    rows = page.locator("tbody tr[data-run-id]")
+    expect(rows).to_have_count(2)
+    first = [rows.nth(i).get_attribute("data-run-id") for i in range(2)]
+    page.get_by_role("link", name="Next page").click()
+    expect(page).to_have_url(re.compile(r"/runs\?workflow=place_order&limit=2&cursor=\w+"))
+    expect(rows).to_have_count(2)
+    second = [rows.nth(i).get_attribute("data-run-id") for i in range(2)]
+    assert not set(first) & set(second)
+    # newest first across the pages, as the API's one page of 4 lists them
+    four = page.request.get(f"{server.url}/api/runs?workflow=place_order&limit=4").json()
+    assert [r["run_id"] for r in four["runs"]] == first + second
+    expect(page.locator("button.fresh")).to_have_count(0)  # (newer runs: the first page's)
+    page.reload()  # the address is the page: the same runs again
+    expect(rows.first).to_have_attribute("data-run-id", second[0])
+    page.get_by_role("link", name="First page").click()
+    expect(rows.first).to_have_attribute("data-run-id", first[0])
+    page.goto(f"{server.url}/runs?limit=0")
+    expect(page.get_by_role("alert")).to_contain_text("limit must be from 1 to 500")
+    assert [e for e in page.errors if "422" not in e] == []  # type: ignore[attr-defined]
+
+
 def test_times_are_utc_and_say_so_with_the_local_time_in_a_tooltip(
     browser: Browser, server: ServerThread
 ) -> None:

@@ -326,6 +326,8 @@
       // of which a run must hold, as `cantata runs --attr`
       (q.getAll("attr").length ? q.getAll("attr") : [""]).map((v) => h("label", {}, "Attribute",
         h("input", { name: "attr", value: v, placeholder: "customer_id=42" }))),
+      // (a page size asked for in the address is kept; new filters start at the first page)
+      q.get("limit") ? h("input", { type: "hidden", name: "limit", value: q.get("limit") }) : null,
       h("button", { type: "submit", class: "primary" }, "Filter"),
       h("a", { href: "/runs" }, "Clear"));
     // Names and times are trimmed (a space typed around one is no part of it); keys are
@@ -338,7 +340,15 @@
     }
     for (const k of ["idempotency_key", "correlation_id"]) if (q.get(k)) params.set(k, q.get(k));
     for (const v of q.getAll("attr")) if (v.trim()) params.append("attr", v.trimStart());
-    params.set("limit", "50");
+    // The page's size and place are the address's (?limit=, ?cursor=): a page of a
+    // list can be shared and reloaded as it is; the API refuses a limit out of range.
+    params.set("limit", (q.get("limit") || "").trim() || "50");
+    const start = q.get("cursor");
+    const pageLink = (cursor) => {
+      const at = new URLSearchParams(location.search);
+      if (cursor) at.set("cursor", cursor); else at.delete("cursor");
+      return "/runs?" + at.toString();
+    };
     const tbody = h("tbody", {});
     const more = h("div", { class: "actions" });
     const wrap = h("div", { class: "table-wrap" }, h("table", {},
@@ -356,14 +366,19 @@
         const page = await api("/api/runs?" + p.toString());
         tbody.append(...page.runs.map(runRow));
         if (!tbody.children.length) status.replaceChildren(notice("No runs match these filters."));
-        more.replaceChildren(page.next_cursor ? h("button", { type: "button",
-          onclick: (ev) => load(page.next_cursor, ev.currentTarget) }, "Load more") : "");
+        // "Load more" adds the next page below; "Next page" opens it on its own (an
+        // address of its own, in the same newest-first order)
+        more.replaceChildren(
+          page.next_cursor ? h("button", { type: "button",
+            onclick: (ev) => load(page.next_cursor, ev.currentTarget) }, "Load more") : "",
+          page.next_cursor ? h("a", { href: pageLink(page.next_cursor), class: "next-page" }, "Next page") : "",
+          start ? h("a", { href: pageLink(null), class: "first-page" }, "First page") : "");
       } catch (e) {
         status.replaceChildren(notice(e.message, "error"));
         if (button) button.disabled = false;
       }
     }
-    await load(null);
+    await load(start);
     // New runs are not slipped into the table (the operator may be reading it, and the
     // cursor of "Load more" stays the one of the last row shown): a bar above it says
     // how many runs matching the filters are newer than its first row; it shows them.
@@ -375,6 +390,7 @@
       status.replaceChildren();
     }
     async function look() {
+      if (start) return;  // (a later page: the runs newer than it are on the first one)
       const newest = await api("/api/runs?" + params.toString());
       const shown = new Set([...tbody.querySelectorAll("tr[data-run-id]")].map((tr) => tr.dataset.runId));
       const firstShown = newest.runs.findIndex((r) => shown.has(r.run_id));
