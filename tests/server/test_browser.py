@@ -649,3 +649,32 @@ def test_publishing_a_mistyped_event_type_says_nothing_listens_to_it(
     expect(page.get_by_role("status").filter(has_text="Published event")).to_be_visible()
     expect(page.get_by_role("status").filter(has_text="Nothing in this app")).to_have_count(0)
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_the_overview_leads_with_stalls_dead_letters_and_the_last_hours_failures(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    """The overview's first cards count what an operator looks at first, each a link to
+    the list it counts: stalled transactions, dead letters, runs of the last hour that
+    failed (docs/console.md)."""
+    run_id = failed_invoice(server, "OV-1")
+    page = login(browser, server, "viewer", img)
+    attention = page.get_by_role("group", name="Needs attention")
+    failed = attention.locator('a[data-attention="failed_last_hour"]')
+    expect(failed).to_contain_text("Failed, started in the last hour")
+    shown = int(failed.locator(".n").inner_text())
+    assert shown >= 1
+    stalled = attention.locator('a[data-attention="stalled"]')
+    expect(stalled).to_contain_text("Stalled (no progress for 5 min)")
+    expect(stalled).to_have_attribute("href", "/stalled?older_than=300")
+    expect(stalled.locator(".n")).to_have_text("0")  # (nothing is 5 minutes old here)
+    dead = attention.locator('a[data-attention="dead_letters"]')
+    expect(dead).to_have_attribute("href", "/dead-letters")
+    expect(dead.locator(".n")).to_have_text(re.compile(r"^\d+$"))
+    failed.click()
+    expect(page).to_have_url(re.compile(r"/runs\?status=failed&since=\d{4}-"))
+    rows = page.locator("tbody tr[data-run-id]")
+    expect(rows.first).to_be_visible()
+    expect(page.locator(f'tr[data-run-id="{run_id}"]')).to_be_visible()
+    assert rows.count() == shown
+    assert page.errors == []  # type: ignore[attr-defined]

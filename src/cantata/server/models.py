@@ -486,12 +486,27 @@ class GroupRetiredOut(BaseModel):
     dead_letters: int = Field(description="Its dead letters, kept.")
 
 
+class AttentionOut(BaseModel):
+    """What an operator looks at first, each counted by an index and each the count of
+    a list the dashboard links to."""
+
+    stalled: int = Field(description="Transactions with no progress for 5 minutes, as "
+                         "`cantata stalled` finds them (`GET /api/stalled`), up to 100.")
+    stalled_more: bool = Field(description="100 were found: there may be more.")
+    dead_letters: int = Field(description="Dead letters waiting (`GET /api/dead-letters`).")
+    failed_last_hour: int = Field(description=(
+        "Runs created in the last hour that failed (`GET /api/runs?status=failed&since=` "
+        "`failed_since`)."))
+    failed_since: dt.datetime = Field(description="An hour ago: the `since` of that list.")
+
+
 class Overview(BaseModel):
     app: str
     counts: dict[str, int]
     recent_failures: list[RunOut]
     stalled: list[StallOut]
     dead_letters: int
+    attention: AttentionOut
     workflows: list[str]
     served: bool = Field(description=SERVED + " Live runs (`counts` of pending, running, "
                          "compensating) make no progress then.")

@@ -21,11 +21,13 @@ from cantata.errors import (
 )
 from cantata.model.access import RunQuery
 from cantata.model.status import RunStatus
+from cantata.observability.stalled import find_stalls
 from cantata.server import params
 from cantata.server.deps import ERRORS, Operator, Viewer, known_query
 from cantata.server.errors import ApiError, bad_input, caused_by
 from cantata.server.flow_out import run_queue, served
 from cantata.server.models import (
+    AttentionOut,
     CancelOut,
     ErrorOut,
     ForkIn,
@@ -40,6 +42,7 @@ from cantata.server.models import (
     run_detail,
     run_out,
     stall_out,
+    utc,
 )
 from cantata.server.state import console_of
 
@@ -284,6 +287,10 @@ async def workflows(request: Request, _: Viewer) -> list[str]:
     return sorted(declared | set(app.workflows))
 
 
+STALLED_AFTER = 300.0  # seconds without progress: the overview's stalls, as `cantata stalled`
+STALLED_COUNTED = 100  # stalls the overview counts at most (`stalled_more` past it)
+
+
 @router.get("/overview", response_model=Overview, summary="Counts, failures, stalls")
 async def overview(request: Request, _: Viewer) -> Overview:
     """What the dashboard's first page shows: runs by status, recent failures, stalls,
@@ -297,10 +304,19 @@ async def overview(request: Request, _: Viewer) -> Overview:
         failures += await store.query_runs(app.name, RunQuery(status=params.status(status),
                                                               limit=10))
     failures = sorted(failures, key=lambda r: (r.created_at, r.run_id), reverse=True)[:10]
-    stalls = await app.stalled(older_than=300)
-    dead = await store.dead_letters(app.name, limit=1000)
+    stalls = await find_stalls(store, app.name, older_than=STALLED_AFTER,
+                               now=app.clock.now(), limit=STALLED_COUNTED)
+    hour_ago = app.clock.now() - 3600
+    counted = await store.attention_counts(app.name, failed_since=hour_ago)
+    since = utc(hour_ago)
+    assert since is not None
+    attention = AttentionOut(
+        stalled=len(stalls), stalled_more=len(stalls) >= STALLED_COUNTED,
+        dead_letters=counted.dead_letters, failed_last_hour=counted.failed_since,
+        failed_since=since)
     names = await workflows(request, _)
     stalled: list[StallOut] = [stall_out(s) for s in stalls[:20]]
     return Overview(app=app.name, counts=await console.counts(),
                     recent_failures=[run_out(r) for r in failures], stalled=stalled,
-                    dead_letters=len(dead), workflows=names, served=await served(app))
+                    dead_letters=counted.dead_letters, attention=attention, workflows=names,
+                    served=await served(app))

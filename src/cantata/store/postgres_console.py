@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import TokenExists
-from cantata.model.access import RunQuery, TokenRecord
+from cantata.model.access import AttentionCounts, RunQuery, TokenRecord
 from cantata.model.records import RunRecord
 from cantata.store import audit
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
@@ -35,6 +35,16 @@ class PostgresConsole(PostgresCore):
                 "SELECT status, count(*) FROM runs WHERE app=$1 GROUP BY status", app
             )
             return {r[0]: int(r[1]) for r in rows}
+
+    async def attention_counts(self, app: str, *, failed_since: float) -> AttentionCounts:
+        async with self._db.conn() as c:
+            # (the dead letters by their key; the failed runs by runs_status_newest)
+            row = await c.fetchrow(
+                "SELECT (SELECT count(*) FROM dead_letters WHERE app=$1), "
+                "(SELECT count(*) FROM runs WHERE app=$1 AND status='failed' "
+                "AND created_at>=$2)", app, failed_since)
+            assert row is not None
+            return AttentionCounts(int(row[0]), int(row[1]))
 
     async def record_action(
         self, app: str, actor: str, action: str, target: str, data: dict[str, Any]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import TokenExists
-from cantata.model.access import RunQuery, TokenRecord
+from cantata.model.access import AttentionCounts, RunQuery, TokenRecord
 from cantata.model.records import RunRecord
 from cantata.store import audit
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
@@ -47,6 +47,16 @@ class SQLiteConsole(SQLiteCore):
                 "SELECT status, count(*) FROM runs WHERE app=? GROUP BY status", (app,)
             ).fetchall()
             return {r[0]: r[1] for r in rows}
+
+        return await self._t.read(op)
+
+    async def attention_counts(self, app: str, *, failed_since: float) -> AttentionCounts:
+        def op(c: sqlite3.Connection) -> AttentionCounts:
+            dead = c.execute("SELECT count(*) FROM dead_letters WHERE app=?", (app,))
+            failed = c.execute(
+                "SELECT count(*) FROM runs INDEXED BY runs_status_newest "
+                "WHERE app=? AND status='failed' AND created_at>=?", (app, failed_since))
+            return AttentionCounts(int(dead.fetchone()[0]), int(failed.fetchone()[0]))
 
         return await self._t.read(op)
 

@@ -255,6 +255,7 @@
   // the Start form (an operator may be filling it in) nor the notice under it.
   pages.overview = async () => {
     const cards = h("div", { class: "cards" });
+    const attention = h("div", { class: "cards attention", role: "group", "aria-label": "Needs attention" });
     const problem = h("div", {});
     const failures = h("div", {});
     const stuck = h("div", {});
@@ -264,12 +265,20 @@
       const current = ticket();
       const o = await api("/api/overview");
       if (!current()) return;  // a newer draw began meanwhile: it shows its answer
+      // What an operator looks at first, each a link to the list it counts
+      const at = o.attention;
+      const attn = (key, cls, href, n, label) => h("a", { class: `card ${cls}${n ? "" : " none"}`,
+        href, "data-attention": key }, h("span", { class: "n" }, n), h("span", { class: "l" }, label));
+      attention.replaceChildren(
+        attn("stalled", "s-stalled", "/stalled?older_than=300", `${at.stalled}${at.stalled_more ? "+" : ""}`,
+          "Stalled (no progress for 5 min)"),
+        attn("dead_letters", "s-dead", "/dead-letters", String(at.dead_letters), "Dead letters"),
+        attn("failed_last_hour", "s-failed", "/runs?" + new URLSearchParams({ status: "failed", since: at.failed_since }),
+          String(at.failed_last_hour), "Failed, started in the last hour"));
       cards.replaceChildren(...STATUSES.map((st) =>
         h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
           h("span", { class: "n" }, String(o.counts[st] || 0)),
-          h("span", { class: "l" }, st[0].toUpperCase() + st.slice(1)))),
-        h("a", { class: "card s-dead", href: "/dead-letters" },
-          h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "Dead-lettered")));
+          h("span", { class: "l" }, st[0].toUpperCase() + st.slice(1)))));
       failures.replaceChildren(table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
       // Runs count as stalled after 5 min; without a live worker (the API's `served`)
       // none of the live ones moves from the start, which the panel says at once.
@@ -298,7 +307,7 @@
         start = again;
       }
     }
-    show(cards, problem, h("section", { class: "panel" }, h("h2", {}, "Recent failures"), failures),
+    show(attention, cards, problem, h("section", { class: "panel" }, h("h2", {}, "Recent failures"), failures),
       h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"), stuck));
     await render();
     const redraw = () => render().then(() => problem.replaceChildren(),
