@@ -124,9 +124,25 @@
   // down): the page is not following changes, and says why.
   const offline = h("div", { id: "offline", class: "notice warn", role: "status", hidden: true });
   content.before(offline);
+  // The kinds of change each page follows (?kinds= of the stream): a page is sent only
+  // what it redraws for. A busy app's steps and deliveries go to the pages that show
+  // them (a run, its trace, the runs table's rows, the groups); a page not listed
+  // (the audit log) gets every kind.
+  const STREAM_KINDS = {
+    overview: "run,dead_letter,worker",
+    runs: "run,step",
+    run: "run,step",
+    trace: "run,step,delivery,dead_letter,group",
+    "dead-letters": "dead_letter",
+    stalled: "run,dead_letter,worker",
+    events: "worker",
+    schedules: "run,schedule,worker",
+    queues: "run,worker",
+    groups: "run,delivery,dead_letter,group,worker",
+  };
   function connectLive() {
     if (!window.EventSource) return;
-    const es = new EventSource("/api/stream");
+    const es = new EventSource("/api/stream" + (STREAM_KINDS[page] ? "?kinds=" + STREAM_KINDS[page] : ""));
     const mark = document.getElementById("live");
     // Connected (at first, and again after a drop): what changed before the feed
     // reached this page, since it was drawn or while the feed was away, comes with no
@@ -315,6 +331,8 @@
     // once soon, and once more after the server's 2 s cache of the counts has expired
     onLive(coalesce(redraw, 1000));
     onLive(coalesce(redraw, 3000));
+    // (a transaction becomes stalled, or moves on, with no run changing status)
+    everyWhileShown(redraw, 15000);
   };
 
   pages.runs = async () => {
@@ -721,6 +739,8 @@
     }
     await render();
     onLive(coalesce(() => render().catch(fail), 1000));
+    // (a transaction becomes stalled, or moves on, with no run changing status)
+    everyWhileShown(() => render().catch(fail), 15000);
   };
 
   // Pages whose figures change with time alone (a tick passes, a waiting run ages, the
