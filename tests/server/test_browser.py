@@ -152,7 +152,7 @@ def test_replay_a_dead_letter_after_fixing_the_handler(
     state = server.state  # type: ignore[attr-defined]
     state["emails_broken"] = True
     page = login(browser, server, "operator", img)
-    page.get_by_role("link", name="Dead letters").click()
+    page.get_by_role("link", name="Dead letters", exact=True).click()
     expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
     event = server.run(lambda: server.app.publish("order.placed", {"order_id": "E-1"},
                                                   correlation_id="order-E-1"))
@@ -183,8 +183,8 @@ def test_a_dead_letter_made_before_the_live_feed_connects_is_shown(
     page = login(browser, server, "operator", img)
     expect(page.locator("#live")).to_be_visible()  # the overview's own feed is open
     held: list[Any] = []
-    page.route("**/api/stream", lambda route: held.append(route))
-    page.get_by_role("link", name="Dead letters").click()
+    page.route("**/api/stream*", lambda route: held.append(route))
+    page.get_by_role("link", name="Dead letters", exact=True).click()
     expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
     for _ in range(100):  # the page asked for its feed
         if held:
@@ -207,7 +207,7 @@ def test_a_dead_letter_made_before_the_live_feed_connects_is_shown(
         expect(page.locator('tr:has-text("order.placed")')).to_have_count(1, timeout=10_000)
     finally:
         state["emails_broken"] = False
-        page.unroute("**/api/stream")
+        page.unroute("**/api/stream*")
         for letter in server.run(server.app.dead_letters):  # as the replay test expects
             server.run(lambda letter=letter: server.app.replay(letter.id))
     page.close()
@@ -581,7 +581,7 @@ def test_fork_a_failed_run_from_its_failed_step(
 def test_discard_a_dead_letter(browser: Browser, server: ServerThread, img: Path) -> None:
     state = server.state  # type: ignore[attr-defined]
     page = login(browser, server, "operator", img)
-    page.get_by_role("link", name="Dead letters").click()
+    page.get_by_role("link", name="Dead letters", exact=True).click()
     expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
     state["emails_broken"] = True
     try:
