@@ -20,6 +20,14 @@ def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
     return runs_page(app, q, RUN_COLS, lambda n: f"${n}", ' COLLATE "C"')
 
 
+# The overview's counts of what needs attention, each by an index: the dead letters by
+# their key, the failed runs created since a time by runs_status_newest (a range).
+ATTENTION = (
+    "SELECT (SELECT count(*) FROM dead_letters WHERE app=$1), "
+    "(SELECT count(*) FROM runs WHERE app=$1 AND status='failed' AND created_at>=$2)"
+)
+
+
 class PostgresConsole(PostgresCore):
     """The console role of :class:`~cantata.store.postgres.PostgresStore` (docs/md)."""
 
@@ -38,11 +46,7 @@ class PostgresConsole(PostgresCore):
 
     async def attention_counts(self, app: str, *, failed_since: float) -> AttentionCounts:
         async with self._db.conn() as c:
-            # (the dead letters by their key; the failed runs by runs_status_newest)
-            row = await c.fetchrow(
-                "SELECT (SELECT count(*) FROM dead_letters WHERE app=$1), "
-                "(SELECT count(*) FROM runs WHERE app=$1 AND status='failed' "
-                "AND created_at>=$2)", app, failed_since)
+            row = await c.fetchrow(ATTENTION, app, failed_since)
             assert row is not None
             return AttentionCounts(int(row[0]), int(row[1]))
 

@@ -30,6 +30,15 @@ def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
     return sql, params
 
 
+# The overview's counts of what needs attention, each by an index: the dead letters by
+# their key, the failed runs created since a time by runs_status_newest (a range).
+ATTENTION = (
+    "SELECT (SELECT count(*) FROM dead_letters WHERE app=?), "
+    "(SELECT count(*) FROM runs INDEXED BY runs_status_newest "
+    "WHERE app=? AND status='failed' AND created_at>=?)"
+)
+
+
 class SQLiteConsole(SQLiteCore):
     """The console role of :class:`~cantata.store.sqlite.SQLiteStore` (docs/md)."""
 
@@ -52,11 +61,8 @@ class SQLiteConsole(SQLiteCore):
 
     async def attention_counts(self, app: str, *, failed_since: float) -> AttentionCounts:
         def op(c: sqlite3.Connection) -> AttentionCounts:
-            dead = c.execute("SELECT count(*) FROM dead_letters WHERE app=?", (app,))
-            failed = c.execute(
-                "SELECT count(*) FROM runs INDEXED BY runs_status_newest "
-                "WHERE app=? AND status='failed' AND created_at>=?", (app, failed_since))
-            return AttentionCounts(int(dead.fetchone()[0]), int(failed.fetchone()[0]))
+            row = c.execute(ATTENTION, (app, app, failed_since)).fetchone()
+            return AttentionCounts(int(row[0]), int(row[1]))
 
         return await self._t.read(op)
 
