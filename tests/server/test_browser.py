@@ -668,6 +668,9 @@ def test_the_overview_leads_with_stalls_dead_letters_and_the_last_hours_failures
     expect(stalled).to_contain_text("Stalled (no progress for 5 min)")
     expect(stalled).to_have_attribute("href", "/stalled?older_than=300")
     expect(stalled.locator(".n")).to_have_text("0")  # (nothing is 5 minutes old here)
+    # a card with nothing to look at is marked so (green); one with something is not
+    expect(stalled).to_have_class(re.compile(r"\bnone\b"))
+    expect(failed).not_to_have_class(re.compile(r"\bnone\b"))
     dead = attention.locator('a[data-attention="dead_letters"]')
     expect(dead).to_have_attribute("href", "/dead-letters")
     expect(dead.locator(".n")).to_have_text(re.compile(r"^\d+$"))

@@ -283,14 +283,15 @@
       if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       // What an operator looks at first, each a link to the list it counts
       const at = o.attention;
-      const attn = (key, cls, href, n, label) => h("a", { class: `card ${cls}${n ? "" : " none"}`,
-        href, "data-attention": key }, h("span", { class: "n" }, n), h("span", { class: "l" }, label));
+      // (a card with nothing to look at is marked so: green, not red)
+      const attn = (key, cls, href, n, more, label) => h("a", { class: `card ${cls}${n ? "" : " none"}`,
+        href, "data-attention": key }, h("span", { class: "n" }, `${n}${more ? "+" : ""}`), h("span", { class: "l" }, label));
       attention.replaceChildren(
-        attn("stalled", "s-stalled", "/stalled?older_than=300", `${at.stalled}${at.stalled_more ? "+" : ""}`,
+        attn("stalled", "s-stalled", "/stalled?older_than=300", at.stalled, at.stalled_more,
           "Stalled (no progress for 5 min)"),
-        attn("dead_letters", "s-dead", "/dead-letters", String(at.dead_letters), "Dead letters"),
+        attn("dead_letters", "s-dead", "/dead-letters", at.dead_letters, false, "Dead letters"),
         attn("failed_last_hour", "s-failed", "/runs?" + new URLSearchParams({ status: "failed", since: at.failed_since }),
-          String(at.failed_last_hour), "Failed, started in the last hour"));
+          at.failed_last_hour, false, "Failed, started in the last hour"));
       cards.replaceChildren(...STATUSES.map((st) =>
         h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
           h("span", { class: "n" }, String(o.counts[st] || 0)),
