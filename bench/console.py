@@ -295,6 +295,39 @@ def latencies(base: str, token: str, n: int, sample_ids: list[str]) -> dict[str,
     return out
 
 
+async def overview_parts(url: str, reads: int = 40) -> list[str]:
+    """``GET /api/overview`` read in process (httpx over ASGI, no network) ``reads``
+    times, and the store reads it is made of, each timed alone: p50 and p90 in ms."""
+    from cantata import App
+    from cantata.observability.stalled import find_stalls
+
+    app = App(APP, store=url)
+    parts: dict[str, list[float]] = {"GET /api/overview (in process)": [],
+                                     "counts by status (kept 2 s by the console)": [],
+                                     "stalled (find_stalls, limit 100)": [],
+                                     "attention counts (attention_counts)": []}
+    async with app.client():
+        token = await create_token(app.store, f"parts-{time.time()}", Role.VIEWER)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.asgi()),
+                                     base_url="http://console",
+                                     headers={"Authorization": f"Bearer {token}"}) as c:
+            for _ in range(5):
+                assert (await c.get("/api/overview")).status_code == 200
+            for _ in range(reads):
+                steps = [lambda: c.get("/api/overview"),
+                         lambda: app.store.count_runs(APP),
+                         lambda: find_stalls(app.store, APP, older_than=300,
+                                             now=time.time(), limit=100),
+                         lambda: app.store.attention_counts(APP,
+                                                            failed_since=time.time() - 3600)]
+                for took, step in zip(parts.values(), steps, strict=True):
+                    t = time.perf_counter()
+                    await step()
+                    took.append((time.perf_counter() - t) * 1000)
+    return [f"{label}: p50 {percentile(v, 50):.2f} ms, p90 {percentile(v, 90):.2f} ms"
+            for label, v in parts.items()]
+
+
 async def sse_capacity(url: str, base: str, token: str, sizes: list[int]) -> list[str]:
     """For each client count: do all clients get 20 changes, each within 2 s?"""
     store = store_from_url(url)
@@ -485,6 +518,10 @@ async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path,
             print("| request | p50 ms | p99 ms |\n|---|---:|---:|")
             for label, (p50, p99) in results.items():
                 print(f"| {label} | {p50:.1f} | {p99:.1f} |")
+        if requests:
+            print("\nthe overview's parts, in process:")
+            for line in await overview_parts(url):
+                print(f"  {line}")
         if traffic:
             print("\nthe live stream on a busy app:")
             for line in await stream_traffic(url, served, token, *traffic):
