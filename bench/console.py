@@ -2,6 +2,8 @@
 
     python -m bench.console [--runs 1000000] [--store sqlite|postgres|both]
                             [--requests 300] [--sse 100,500,1000,2000] [--reuse]
+                            [--traffic RUNS_PER_S [--traffic-seconds 10]
+                             [--traffic-clients 20]]
 
 Builds a store of ``--runs`` runs with SQL (bulk inserts / COPY, not ``app.start``):
 five workflows, 90 % completed, 5 % compensated, 3 % failed, 2 % running, spread over 30
@@ -9,7 +11,10 @@ days, one run in ten with a 3-step history and attempts. Then serves it with
 ``cantata serve`` (a separate process) and measures, over HTTP with a bearer token, the
 p50/p99 of pages of runs (first page, deep pages by cursor, each filter) and of the run
 detail; prints the query plans the pages use; and counts how many server-sent-event
-clients one server feeds with every change arriving within 2 s. Reports; asserts nothing.
+clients one server feeds with every change arriving within 2 s; with ``--traffic``, the
+events and bytes a second each client of a busy app's stream gets (every kind, and the
+kinds the runs table and the overview ask for) and the server's CPU. Reports; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -72,7 +77,12 @@ def history_of(run: tuple[Any, ...]) -> tuple[list[tuple[Any, ...]], list[tuple[
     return entries, attempts
 
 
-RUN_MARKS = ",".join("?" * 20)
+# The columns ``rows`` fills, by name: later migrations add columns with defaults.
+RUN_COLUMNS = ("app", "run_id", "workflow", "status", "args", "result", "error",
+               "idempotency_key", "args_hash", "correlation_id", "causation_id",
+               "parent_run_id", "service", "created_at", "updated_at", "deadline_at",
+               "cancel_requested", "owner", "fence", "flagged")
+RUN_MARKS = ",".join("?" * len(RUN_COLUMNS))
 
 
 async def build_sqlite(path: Path, n: int) -> str:
@@ -103,7 +113,7 @@ async def build_sqlite(path: Path, n: int) -> str:
 
 def _flush_sqlite(conn: sqlite3.Connection, batch: list[Any], hist: list[Any],
                   atts: list[Any]) -> None:
-    conn.executemany(f"INSERT INTO runs VALUES ({RUN_MARKS})", batch)
+    conn.executemany(f"INSERT INTO runs ({','.join(RUN_COLUMNS)}) VALUES ({RUN_MARKS})", batch)
     conn.executemany(f"INSERT INTO history VALUES ({','.join('?' * 15)})", hist)
     conn.executemany(f"INSERT INTO attempts VALUES ({','.join('?' * 8)})", atts)
     batch.clear()
@@ -143,7 +153,7 @@ async def build_postgres(n: int) -> str:
 
 
 async def _copy(conn: Any, batch: list[Any], hist: list[Any], atts: list[Any]) -> None:
-    await conn.copy_records_to_table("runs", records=batch)
+    await conn.copy_records_to_table("runs", records=batch, columns=list(RUN_COLUMNS))
     await conn.copy_records_to_table("history", records=hist)
     await conn.copy_records_to_table("attempts", records=atts)
     batch.clear()
@@ -281,7 +291,41 @@ def latencies(base: str, token: str, n: int, sample_ids: list[str]) -> dict[str,
             c, [f"/api/runs?correlation_id=corr-{random.randrange(150_000)}" for _ in range(n)])
         out["run detail"] = measure(c, [f"/api/runs/{random.choice(sample_ids)}"
                                         for _ in range(n)])
+        out["overview"] = measure(c, ["/api/overview"] * n)
     return out
+
+
+async def overview_parts(url: str, reads: int = 40) -> list[str]:
+    """``GET /api/overview`` read in process (httpx over ASGI, no network) ``reads``
+    times, and the store reads it is made of, each timed alone: p50 and p90 in ms."""
+    from cantata import App
+    from cantata.observability.stalled import find_stalls
+
+    app = App(APP, store=url)
+    parts: dict[str, list[float]] = {"GET /api/overview (in process)": [],
+                                     "counts by status (kept 2 s by the console)": [],
+                                     "stalled (find_stalls, limit 100)": [],
+                                     "attention counts (attention_counts)": []}
+    async with app.client():
+        token = await create_token(app.store, f"parts-{time.time()}", Role.VIEWER)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.asgi()),
+                                     base_url="http://console",
+                                     headers={"Authorization": f"Bearer {token}"}) as c:
+            for _ in range(5):
+                assert (await c.get("/api/overview")).status_code == 200
+            for _ in range(reads):
+                steps = [lambda: c.get("/api/overview"),
+                         lambda: app.store.count_runs(APP),
+                         lambda: find_stalls(app.store, APP, older_than=300,
+                                             now=time.time(), limit=100),
+                         lambda: app.store.attention_counts(APP,
+                                                            failed_since=time.time() - 3600)]
+                for took, step in zip(parts.values(), steps, strict=True):
+                    t = time.perf_counter()
+                    await step()
+                    took.append((time.perf_counter() - t) * 1000)
+    return [f"{label}: p50 {percentile(v, 50):.2f} ms, p90 {percentile(v, 90):.2f} ms"
+            for label, v in parts.items()]
 
 
 async def sse_capacity(url: str, base: str, token: str, sizes: list[int]) -> list[str]:
@@ -340,6 +384,92 @@ async def sse_capacity(url: str, base: str, token: str, sizes: list[int]) -> lis
     return lines
 
 
+# What a busy app records for each run, in order (the audit log the stream follows):
+# its creation, its start, three steps ending, two handlers handling its events, its end.
+RUN_LIFE = [("run.created", {"workflow": "place_order"}), ("run.status", {"status": "running"}),
+            ("run.checkpoint", {"completed": ["reserve#1"], "failed": []}),
+            ("delivery.done", {}), ("run.checkpoint", {"completed": ["charge#1"], "failed": []}),
+            ("delivery.done", {}), ("run.checkpoint", {"completed": ["ship#1"], "failed": []}),
+            ("run.status", {"status": "completed"})]
+# The streams measured: every kind (the default, what every page asked for before
+# ?kinds=), and what the runs table and the overview ask for now.
+STREAMS = {"every kind (default)": None, "runs table (run,step)": "run,step",
+           "overview (run,dead_letter,worker)": "run,dead_letter,worker"}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def stream_traffic(url: str, served: Served, token: str, rate: float, seconds: float,
+                         clients: int) -> list[str]:
+    """A busy app: ``rate`` runs a second, each recording :data:`RUN_LIFE`, for
+    ``seconds``, with ``clients`` clients of each of :data:`STREAMS`. Per client of
+    each: events and bytes a second; and the server's CPU over the window."""
+    store = store_from_url(url)
+    await store.open()
+    got = {label: [[0, 0] for _ in range(clients)] for label in STREAMS}
+    ready = asyncio.Event()
+    connected = 0
+    limits = httpx.Limits(max_connections=len(STREAMS) * clients + 10,
+                          max_keepalive_connections=0)
+
+    async def listen(kinds: str | None, tally: list[int]) -> None:
+        nonlocal connected
+        h = {"Authorization": f"Bearer {token}"}
+        params = {"kinds": kinds} if kinds else None
+        async with http.stream("GET", f"{served.base}/api/stream", headers=h,
+                               params=params) as r:
+            async for line in r.aiter_lines():
+                if line.startswith(": connected"):
+                    connected += 1
+                    if connected == len(STREAMS) * clients:
+                        ready.set()
+                tally[0] += line.startswith("event: ")
+                tally[1] += len(line.encode()) + 1
+
+    try:
+        async with httpx.AsyncClient(timeout=None, limits=limits) as http:
+            tasks = [asyncio.create_task(listen(kinds, got[label][i]))
+                     for label, kinds in STREAMS.items() for i in range(clients)]
+            await asyncio.wait_for(ready.wait(), 120)
+            for tallies in got.values():
+                for t in tallies:
+                    t[0] = t[1] = 0
+            cpu0, t0 = cpu_seconds(served.proc.pid), time.monotonic()
+            n = 0
+            while time.monotonic() - t0 < seconds:
+                n += 1
+                for action, data in RUN_LIFE:
+                    target = f"run-{n}" if action != "delivery.done" else f"emails:evt-{n}"
+                    await store.record_action(APP, "worker:bench", action, target, data)
+                await asyncio.sleep(max(0.0, t0 + n / rate - time.monotonic()))
+            await asyncio.sleep(1.0)  # (the last changes reach the clients)
+            took = time.monotonic() - t0
+            cpu = cpu_seconds(served.proc.pid) - cpu0
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await store.close()
+    lines = [f"{n} runs in {seconds:.0f} s ({n * len(RUN_LIFE) / seconds:.0f} changes/s), "
+             f"{clients} clients of each stream; server CPU {cpu / took * 100:.0f}% of a "
+             f"core, {cpu / n * 1000:.1f} ms a run"]
+    figures = [f"runs={n}", f"cpu_pct={cpu / took * 100:.1f}",
+               f"cpu_ms_per_run={cpu / n * 1000:.2f}"]
+    for label, tallies in got.items():
+        events = statistics.median(t[0] for t in tallies)
+        size = statistics.median(t[1] for t in tallies)
+        lines.append(f"{label}: {events / took:.0f} events/s, {size / took / 1024:.1f} KiB/s "
+                     f"a client ({events / n:.2f} events, {size / n:.0f} bytes a run)")
+        figures += [f"{label.split()[0]}_events_per_run={events / n:.2f}",
+                    f"{label.split()[0]}_bytes_per_run={size / n:.0f}"]
+    lines.append("BENCH-TRAFFIC " + " ".join(figures))
+    return lines
+
+
 async def existing(url: str, n: int) -> bool:
     """True when the store at ``url`` already holds the ``n`` runs of a previous build."""
     store = store_from_url(url)
@@ -354,7 +484,7 @@ async def existing(url: str, n: int) -> bool:
 
 
 async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path,
-              reuse: bool) -> None:
+              reuse: bool, traffic: tuple[float, float, int] | None = None) -> None:
     t = time.perf_counter()
     if kind == "sqlite":
         path = workdir / "console-bench.db"
@@ -380,13 +510,22 @@ async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path,
     for label, plan in plans.items():
         print(f"  {label:16} {plan}")
     with Served(url) as served:
-        results = await asyncio.to_thread(latencies, served.base, token, requests, sample)
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"\nlatency over HTTP ({requests} requests each; target p50 < 20 ms, p99 < 100 ms;"
-              f" load average before: {load} on {os.cpu_count()} cores):")
-        print("| request | p50 ms | p99 ms |\n|---|---:|---:|")
-        for label, (p50, p99) in results.items():
-            print(f"| {label} | {p50:.1f} | {p99:.1f} |")
+        if requests:
+            results = await asyncio.to_thread(latencies, served.base, token, requests, sample)
+            load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+            print(f"\nlatency over HTTP ({requests} requests each; target p50 < 20 ms, p99 "
+                  f"< 100 ms; load average before: {load} on {os.cpu_count()} cores):")
+            print("| request | p50 ms | p99 ms |\n|---|---:|---:|")
+            for label, (p50, p99) in results.items():
+                print(f"| {label} | {p50:.1f} | {p99:.1f} |")
+        if requests:
+            print("\nthe overview's parts, in process:")
+            for line in await overview_parts(url):
+                print(f"  {line}")
+        if traffic:
+            print("\nthe live stream on a busy app:")
+            for line in await stream_traffic(url, served, token, *traffic):
+                print(f"  {line}")
         if sse:
             print("\nserver-sent events (one server, 20 changes 100 ms apart):")
             for line in await sse_capacity(url, served.base, token, sse):
@@ -401,13 +540,21 @@ def main() -> None:
     parser.add_argument("--sse", default="100,500,1000,2000",
                         help="client counts to try, comma-separated ('' to skip)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--traffic", type=float, default=0.0, metavar="RUNS_PER_S",
+                        help="measure the live stream of a busy app of this many runs a "
+                             "second (each 8 changes; 0: not measured)")
+    parser.add_argument("--traffic-seconds", type=float, default=10.0)
+    parser.add_argument("--traffic-clients", type=int, default=20,
+                        help="clients of each stream measured")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a store of the same size built by an earlier run")
     args = parser.parse_args()
     sse = [int(x) for x in args.sse.split(",") if x.strip()]
     kinds = ["sqlite", "postgres"] if args.store == "both" else [args.store]
     for kind in kinds:
-        asyncio.run(one(kind, args.runs, args.requests, sse, args.dir, args.reuse))
+        traffic = ((args.traffic, args.traffic_seconds, args.traffic_clients)
+                   if args.traffic else None)
+        asyncio.run(one(kind, args.runs, args.requests, sse, args.dir, args.reuse, traffic))
 
 
 if __name__ == "__main__":

@@ -252,6 +252,73 @@ async def test_metrics_count_runs_by_status(shop: Shop) -> None:
     assert 'cantata_dead_letters{app="shop"} 0' in r.text
 
 
+class Later:
+    """The system clock, ``ahead`` seconds later: a console reading the store then."""
+
+    def __init__(self, ahead: float) -> None:
+        self.ahead = ahead
+
+    def now(self) -> float:
+        import time
+
+        return time.time() + self.ahead
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(seconds, 0.0))
+
+
+async def test_the_overview_counts_stalls_dead_letters_and_the_last_hours_failures(
+    shop: Shop, store_url: str
+) -> None:
+    """`attention` counts what an operator looks at first: transactions stalled for 5
+    minutes (as `GET /api/stalled` finds them), dead letters, runs created in the last
+    hour that failed; each is the length of the list the dashboard links to."""
+    import httpx
+
+    shop.state["billing_down"] = True
+    failed = await start(shop, "invoice", {"id": "F-1"})
+    assert (await finished(shop, failed))["status"] == "failed"
+    waiting = await start(shop, "await_approval", {"id": "F-2"})
+    shop.state["emails_broken"] = True
+    assert (await shop.post("/api/events", json={"type": "order.placed",
+                                                 "data": {"order_id": "F-3"}})).status_code == 201
+    await eventually(lambda: _dead(shop))
+    now = (await shop.get("/api/overview")).json()
+    hour_ago = dt.datetime.fromisoformat(now["attention"]["failed_since"])
+    assert abs(hour_ago.timestamp() - (shop.app.clock.now() - 3600)) < 60
+    assert now["attention"] == {"stalled": 0, "stalled_more": False, "dead_letters": 1,
+                                "failed_last_hour": 1,
+                                "failed_since": now["attention"]["failed_since"]}
+    assert now["dead_letters"] == 1
+    listed = (await shop.get("/api/runs", params={
+        "status": "failed", "since": now["attention"]["failed_since"]})).json()["runs"]
+    assert [r["run_id"] for r in listed] == [failed]
+    # ten minutes later: the waiting run and the dead letter's transaction made no
+    # progress for 5 minutes; the failure is still within the hour
+    later = App("shop", store=store_url, clock=Later(600))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=later.asgi()),
+                                 base_url="http://later") as client:
+        h = shop.auth("viewer")
+        seen = (await client.get("/api/overview", headers=h)).json()
+        stalls = (await client.get("/api/stalled", headers=h,
+                                   params={"older_than": 300})).json()
+        await later.close()
+    assert seen["attention"]["stalled"] == len(stalls) >= 2
+    assert any(s["correlation_id"] == waiting for s in stalls)
+    assert (seen["attention"]["dead_letters"], seen["attention"]["failed_last_hour"]) == (1, 1)
+    # seventy minutes later: the failure is older than an hour
+    later = App("shop", store=store_url, clock=Later(4200))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=later.asgi()),
+                                 base_url="http://later") as client:
+        seen = (await client.get("/api/overview", headers=shop.auth("viewer"))).json()
+        await later.close()
+    assert seen["attention"]["failed_last_hour"] == 0
+
+
+async def _dead(shop: Shop) -> bool:
+    return len((await shop.get("/api/dead-letters")).json()) == 1
+
+
 async def test_the_console_works_from_the_store_alone(shop: Shop, store_url: str) -> None:
     """No code: a bare App(name, store) lists, shows, maps from history and starts by name
     (the run waits in the store for the shop's workers, which take it)."""
@@ -376,6 +443,38 @@ async def test_publishing_a_type_nothing_listens_to_says_it_is_an_orphan(shop: S
     assert typo.json()["id"]  # stored all the same
     heard = await shop.post("/api/events", json={"type": "order.placed", "data": {}})
     assert heard.status_code == 201 and heard.json()["orphan"] is False
+
+
+async def test_a_limit_out_of_range_is_refused_with_the_range(shop: Shop) -> None:
+    """`limit` is 1-500: out of it, a 422 that names `limit`, says the range and the
+    value sent (not a page of another size); a page of runs is `limit` runs, the next
+    ones by `next_cursor`, newest first with none twice (docs/console.md)."""
+    for bad in ("0", "501", "-3"):
+        r = await shop.get("/api/runs", params={"limit": bad})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert (error["code"], error["field"]) == ("out_of_range", "limit")
+        assert f"limit must be from 1 to 500 (got '{bad}')" in error["message"]
+        assert "next_cursor" in error["message"]
+    audit = await shop.get("/api/audit", "admin", params={"limit": "0"})
+    assert audit.status_code == 422 and "from 1 to 500" in audit.json()["error"]["message"]
+    for i in range(5):
+        await shop.app.start("place_order", {"id": f"L-{i}", "total": 1})
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await shop.get("/api/runs", params=params)).json()
+        assert len(page["runs"]) <= 2
+        seen += page["runs"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        assert len(page["runs"]) == 2
+    ids = [r["run_id"] for r in seen]
+    assert len(ids) == len(set(ids)) >= 5
+    order = [(r["created_at"], r["run_id"]) for r in seen]
+    assert order == sorted(order, reverse=True)
 
 
 async def audit_records(shop: Shop, page: int = 500) -> list[dict[str, Any]]:

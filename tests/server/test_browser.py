@@ -152,7 +152,7 @@ def test_replay_a_dead_letter_after_fixing_the_handler(
     state = server.state  # type: ignore[attr-defined]
     state["emails_broken"] = True
     page = login(browser, server, "operator", img)
-    page.get_by_role("link", name="Dead letters").click()
+    page.get_by_role("link", name="Dead letters", exact=True).click()
     expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
     event = server.run(lambda: server.app.publish("order.placed", {"order_id": "E-1"},
                                                   correlation_id="order-E-1"))
@@ -183,8 +183,8 @@ def test_a_dead_letter_made_before_the_live_feed_connects_is_shown(
     page = login(browser, server, "operator", img)
     expect(page.locator("#live")).to_be_visible()  # the overview's own feed is open
     held: list[Any] = []
-    page.route("**/api/stream", lambda route: held.append(route))
-    page.get_by_role("link", name="Dead letters").click()
+    page.route("**/api/stream*", lambda route: held.append(route))
+    page.get_by_role("link", name="Dead letters", exact=True).click()
     expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
     for _ in range(100):  # the page asked for its feed
         if held:
@@ -207,7 +207,7 @@ def test_a_dead_letter_made_before_the_live_feed_connects_is_shown(
         expect(page.locator('tr:has-text("order.placed")')).to_have_count(1, timeout=10_000)
     finally:
         state["emails_broken"] = False
-        page.unroute("**/api/stream")
+        page.unroute("**/api/stream*")
         for letter in server.run(server.app.dead_letters):  # as the replay test expects
             server.run(lambda letter=letter: server.app.replay(letter.id))
     page.close()
@@ -346,6 +346,35 @@ def test_new_runs_matching_the_filters_are_offered_above_the_runs_table(
     server.run(handle.cancel)
     expect(rows.first.locator("td.status")).to_have_text("cancelled", timeout=15_000)
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_the_runs_page_honours_its_limit_and_pages_by_next_page_links(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    """`/runs?limit=2` shows 2 runs; **Next page** opens the next 2 at an address of
+    their own (its cursor and limit kept), newest first with no run twice; **First
+    page** goes back; a limit out of range is refused with the range (docs/console.md)."""
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/runs?workflow=place_order&limit=2")
+    rows = page.locator("tbody tr[data-run-id]")
+    expect(rows).to_have_count(2)
+    first = [rows.nth(i).get_attribute("data-run-id") for i in range(2)]
+    page.get_by_role("link", name="Next page").click()
+    expect(page).to_have_url(re.compile(r"/runs\?workflow=place_order&limit=2&cursor=\w+"))
+    expect(rows).to_have_count(2)
+    second = [rows.nth(i).get_attribute("data-run-id") for i in range(2)]
+    assert not set(first) & set(second)
+    # newest first across the pages, as the API's one page of 4 lists them
+    four = page.request.get(f"{server.url}/api/runs?workflow=place_order&limit=4").json()
+    assert [r["run_id"] for r in four["runs"]] == first + second
+    expect(page.locator("button.fresh")).to_have_count(0)  # (newer runs: the first page's)
+    page.reload()  # the address is the page: the same runs again
+    expect(rows.first).to_have_attribute("data-run-id", second[0])
+    page.get_by_role("link", name="First page").click()
+    expect(rows.first).to_have_attribute("data-run-id", first[0])
+    page.goto(f"{server.url}/runs?limit=0")
+    expect(page.get_by_role("alert")).to_contain_text("limit must be from 1 to 500")
+    assert [e for e in page.errors if "422" not in e] == []  # type: ignore[attr-defined]
 
 
 def test_times_are_utc_and_say_so_with_the_local_time_in_a_tooltip(
@@ -552,7 +581,7 @@ def test_fork_a_failed_run_from_its_failed_step(
 def test_discard_a_dead_letter(browser: Browser, server: ServerThread, img: Path) -> None:
     state = server.state  # type: ignore[attr-defined]
     page = login(browser, server, "operator", img)
-    page.get_by_role("link", name="Dead letters").click()
+    page.get_by_role("link", name="Dead letters", exact=True).click()
     expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
     state["emails_broken"] = True
     try:
@@ -619,4 +648,36 @@ def test_publishing_a_mistyped_event_type_says_nothing_listens_to_it(
     page.get_by_role("button", name="Publish").click()
     expect(page.get_by_role("status").filter(has_text="Published event")).to_be_visible()
     expect(page.get_by_role("status").filter(has_text="Nothing in this app")).to_have_count(0)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_the_overview_leads_with_stalls_dead_letters_and_the_last_hours_failures(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    """The overview's first cards count what an operator looks at first, each a link to
+    the list it counts: stalled transactions, dead letters, runs of the last hour that
+    failed (docs/console.md)."""
+    run_id = failed_invoice(server, "OV-1")
+    page = login(browser, server, "viewer", img)
+    attention = page.get_by_role("group", name="Needs attention")
+    failed = attention.locator('a[data-attention="failed_last_hour"]')
+    expect(failed).to_contain_text("Failed, started in the last hour")
+    shown = int(failed.locator(".n").inner_text())
+    assert shown >= 1
+    stalled = attention.locator('a[data-attention="stalled"]')
+    expect(stalled).to_contain_text("Stalled (no progress for 5 min)")
+    expect(stalled).to_have_attribute("href", "/stalled?older_than=300")
+    expect(stalled.locator(".n")).to_have_text("0")  # (nothing is 5 minutes old here)
+    # a card with nothing to look at is marked so (green); one with something is not
+    expect(stalled).to_have_class(re.compile(r"\bnone\b"))
+    expect(failed).not_to_have_class(re.compile(r"\bnone\b"))
+    dead = attention.locator('a[data-attention="dead_letters"]')
+    expect(dead).to_have_attribute("href", "/dead-letters")
+    expect(dead.locator(".n")).to_have_text(re.compile(r"^\d+$"))
+    failed.click()
+    expect(page).to_have_url(re.compile(r"/runs\?status=failed&since=\d{4}-"))
+    rows = page.locator("tbody tr[data-run-id]")
+    expect(rows.first).to_be_visible()
+    expect(page.locator(f'tr[data-run-id="{run_id}"]')).to_be_visible()
+    assert rows.count() == shown
     assert page.errors == []  # type: ignore[attr-defined]

@@ -277,3 +277,23 @@ def test_a_choreographed_run_points_to_its_hops_and_forks_from_its_start(
             "os => os.map(o => o.value)") == ["emit:delivery.started#1"]
     finally:
         page.close()
+
+
+def test_each_page_asks_the_stream_for_what_it_draws(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    """A page's live stream carries the kinds of change it redraws for: the overview
+    no step or delivery (the most frequent changes of a busy app), a run's page its
+    steps; the audit log every kind (docs/console.md, "Live changes")."""
+    page = login(browser, server, "admin", img)
+    asked: dict[str, str] = {}
+    page.on("request", lambda r: asked.__setitem__(page.url, r.url)
+            if "/api/stream" in r.url else None)
+    run_id = server.run(lambda: server.app.start("quick", 1)).run_id
+    for path, kinds in (("/", "?kinds=run,dead_letter,worker"),
+                        (f"/runs/{run_id}", "?kinds=run,step"),
+                        ("/audit", "")):
+        page.goto(f"{server.url}{path}")
+        expect(page.locator("#live")).to_be_visible()
+        assert asked[page.url].endswith("/api/stream" + kinds), (path, asked)
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -50,9 +50,9 @@ async def seed(app: App) -> dict[str, Any]:
     assert ticked.last_run_id is not None
     await app.get_handle(ticked.last_run_id).result(timeout=60)
     # one approval holds the fragile queue's one slot: two runs wait behind it
-    for i in range(3):
-        await app.start("await_approval", {"id": f"Q-{i}"}, queue="fragile")
-    return {"tokens": tokens, "names": names}
+    queued = [await app.start("await_approval", {"id": f"Q-{i}"}, queue="fragile")
+              for i in range(3)]
+    return {"tokens": tokens, "names": names, "queued": [h.run_id for h in queued]}
 
 
 @pytest.fixture(scope="module")
@@ -407,4 +407,31 @@ def test_without_a_live_worker_the_pages_say_nothing_ticks_or_begins(
         expect(banner).to_have_count(0, timeout=15_000)
     finally:
         unserved.run(worker.close)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_queued_runs_page_shows_its_queue_its_place_and_follows_it(
+    browser: Browser, server: ServerThread, img: Any
+) -> None:
+    """A run started in a queue shows the queue (a link to it on the queues page), its
+    place among the runs waiting there, `running` once it began, and the queue's limits;
+    its place moves up live as the runs before it begin. (Last of the module: it lets
+    the seeded queue move on.)"""
+    first, _, third = server.result["queued"]
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/runs/{first}")
+    expect(page.locator("dd.queue-place")).to_have_text(re.compile(r"^running"))
+    page.goto(f"{server.url}/runs/{third}")
+    expect(page.locator("dd.queue")).to_have_text("fragile priority 0")
+    expect(page.locator("dd.queue-limits")).to_have_text("concurrency 1 · rate 5 per 60 s")
+    place = page.locator("dd.queue-place")
+    expect(place).to_contain_text("waiting: 2nd in line (1 run begins before it), since")
+    expect(page.locator("#live")).to_be_visible()
+    # the running run ends: the next one begins, and this one is next
+    server.run(lambda: server.app.publish("invoice.approved", {"order_id": "Q-0"}))
+    expect(place).to_contain_text("waiting: 1st in line (0 runs begin before it)",
+                                  timeout=10_000)
+    page.locator("dd.queue").get_by_role("link", name="fragile").click()
+    expect(page).to_have_url(re.compile(r"/queues\?queue=fragile$"))
+    expect(page.locator('tr.chosen[data-queue="fragile"]')).to_be_visible()
     assert page.errors == []  # type: ignore[attr-defined]

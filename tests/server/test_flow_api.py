@@ -236,6 +236,74 @@ async def test_queues_show_limits_depth_in_progress_and_the_oldest_wait(shop: Sh
         await h.cancel()
 
 
+async def test_a_queued_runs_page_says_its_queue_its_place_and_the_queues_limits(
+    shop: Shop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`GET /api/runs/{id}` of a run started in a queue says the queue, partition key,
+    priority, its place among the runs waiting there (1 begins next), `running` once it
+    began, and the queue's limits; a run of no queue has `queue: null`. `cantata run
+    --json` says the same (docs/console.md)."""
+    limits = {"concurrency": 1, "per_worker": None, "rate": {"limit": 5, "per": 60.0},
+              "priorities": False}
+    # the first holds the queue's one slot (it waits for an approval): the others wait
+    handles = [await shop.app.start("await_approval", {"id": f"W-{i}"}, queue="fragile")
+               for i in range(3)]
+    ids = [h.run_id for h in handles]
+    seen: dict[str, Any] = {}
+
+    async def settled() -> bool:
+        for run_id in ids:
+            r = await shop.get(f"/api/runs/{run_id}")
+            assert r.status_code == 200, r.text
+            seen[run_id] = r.json()["queue"]
+        return seen[ids[0]]["state"] == "running"
+
+    await eventually(settled, timeout=15)
+    assert seen[ids[0]] == {"name": "fragile", "partition": None, "priority": 0,
+                            "state": "running", "position": None, "waiting_since": None,
+                            "limits": limits}
+    for place, run_id in enumerate(ids[1:], start=1):
+        q = seen[run_id]
+        assert (q["state"], q["position"], q["name"], q["limits"]) == (
+            "waiting", place, "fragile", limits), q
+        assert abs(parse(q["waiting_since"]).timestamp() - shop.app.clock.now()) < 60
+    assert (await cli_json(capsys, shop, "run", ids[2]))["queue"] == seen[ids[2]]
+    plain = await shop.app.start("await_approval", {"id": "W-plain"})
+    assert (await shop.get(f"/api/runs/{plain.run_id}")).json()["queue"] is None
+    for h in [*handles, plain]:
+        await h.cancel()
+    await eventually(lambda: _ended(shop, ids[2]), timeout=15)
+    ended = (await shop.get(f"/api/runs/{ids[2]}")).json()["queue"]
+    assert (ended["state"], ended["position"]) == ("ended", None)
+
+
+async def _ended(shop: Shop, run_id: str) -> bool:
+    return (await shop.get(f"/api/runs/{run_id}")).json()["status"] == "cancelled"
+
+
+async def test_a_partitioned_runs_place_counts_its_partition_only(store_url: str) -> None:
+    """A partitioned run's place is among the runs waiting in its partition; with
+    priorities, by priority first (docs/flow-control.md#queues)."""
+    app = make_shop(store_url)
+    app.queue("per-customer", concurrency=1, priorities=True)
+    async with app.client():  # no worker: every run waits
+        tokens, names = await make_tokens(app)
+        a1 = await app.start("await_approval", {"id": "a1"}, queue="per-customer",
+                             partition="a", priority=5)
+        await app.start("await_approval", {"id": "b1"}, queue="per-customer", partition="b")
+        a2 = await app.start("await_approval", {"id": "a2"}, queue="per-customer",
+                             partition="a", priority=1)
+        transport = httpx.ASGITransport(app=app.asgi(stream_interval=0.05))
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            shop = Shop(app, {}, client, tokens, names)
+            first = (await shop.get(f"/api/runs/{a2.run_id}")).json()["queue"]
+            second = (await shop.get(f"/api/runs/{a1.run_id}")).json()["queue"]
+    assert (first["partition"], first["priority"], first["position"]) == ("a", 1, 1)
+    assert (second["partition"], second["priority"], second["position"]) == ("a", 5, 2)
+    assert first["state"] == second["state"] == "waiting"
+    assert first["limits"]["priorities"] is True
+
+
 async def test_the_clis_json_is_the_apis_for_schedules_and_queues(
     shop: Shop, capsys: pytest.CaptureFixture[str]
 ) -> None:

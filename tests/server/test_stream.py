@@ -21,10 +21,11 @@ from tests.server.shop import make_shop
 
 
 async def listen(url: str, token: str, into: list[tuple[str, dict[str, Any]]],
-                 ready: asyncio.Event) -> None:
+                 ready: asyncio.Event, kinds: str | None = None) -> None:
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+    query = {"kinds": kinds} if kinds is not None else None
     async with httpx.AsyncClient(timeout=None) as client, \
-            client.stream("GET", f"{url}/api/stream", headers=headers) as r:
+            client.stream("GET", f"{url}/api/stream", headers=headers, params=query) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         kind = None

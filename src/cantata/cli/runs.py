@@ -18,6 +18,7 @@ from cantata.model.attributes import parse_attr
 from cantata.model.records import ENTRY_FAILED, RunRecord, branch_cancelled
 from cantata.model.status import call_status
 from cantata.observability.timeline import BRANCH_CANCELLED
+from cantata.server.flow_out import run_queue
 from cantata.server.models import run_detail, run_out, steps_out
 
 from .common import (
@@ -245,7 +246,8 @@ async def run_details(app: App, rec: RunRecord) -> dict[str, Any]:
     history = await store.load_history(app.name, rec.run_id)
     attempts = await store.load_attempts(app.name, rec.run_id)
     attrs = (await store.run_attributes(app.name, [rec.run_id])).get(rec.run_id, {})
-    out = run_detail(rec, history, attempts, attrs).model_dump(mode="json")
+    queue = await run_queue(app, rec)
+    out = run_detail(rec, history, attempts, attrs, queue).model_dump(mode="json")
     set_aside = await store.superseded_history(app.name, rec.run_id)
     tried = await store.superseded_attempts(app.name, rec.run_id) if rec.epoch else []
     out["superseded"] = [

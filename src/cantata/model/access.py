@@ -59,6 +59,15 @@ def hash_token(token: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class AttentionCounts:
+    """What an operator looks at first, counted by indexes (the console's overview):
+    the dead letters waiting, and the runs created since a time that failed."""
+
+    dead_letters: int
+    failed_since: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunQuery:
     """One page of runs, newest first (by ``created_at``, then ``run_id``).
 

@@ -56,6 +56,31 @@ class ApiError(Exception):
         self.field = field
 
 
+_OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def out_of_range(request: Request, name: str, error: dict[str, Any]) -> str:
+    """What a query parameter's number out of its range is told: the range the route
+    declares for it (both bounds, whichever was crossed) and the value sent."""
+    bounds: dict[str, Any] = {}
+    route = request.scope.get("route")
+    for param in getattr(getattr(route, "dependant", None), "query_params", []):
+        if param.alias == name:
+            for rule in param.field_info.metadata:
+                for bound in ("ge", "gt", "le", "lt"):
+                    if getattr(rule, bound, None) is not None:
+                        bounds[bound] = getattr(rule, bound)
+    low = (f"from {bounds['ge']}" if "ge" in bounds
+           else f"over {bounds['gt']}" if "gt" in bounds else "")
+    high = (f"to {bounds['le']}" if "le" in bounds
+            else f"under {bounds['lt']}" if "lt" in bounds else "")
+    allowed = " ".join(b for b in (low, high) if b) or "within its range"
+    got = brief(str(error.get("input", "")))
+    hint = (f": ask for at most {bounds['le']} runs a page and follow next_cursor for more"
+            if name == "limit" and "le" in bounds else "")
+    return f"{name} must be {allowed} (got {got}){hint}"
+
+
 def bad_input(field: str, message: str) -> ApiError:
     """A 400 naming the field that was wrong."""
     return ApiError(400, "invalid_input", message, field)
@@ -176,6 +201,9 @@ def install(app: Any, redact: Redactor,
                            ".".join(str(p) for p in first["loc"][1:]))
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         field = ".".join(loc) or ("body" if first.get("loc", ("",))[0] == "body" else None)
+        if first.get("type") in _OUT_OF_RANGE and tuple(first.get("loc", ()))[:1] == ("query",):
+            return respond(422, "out_of_range", redact(out_of_range(request, field or "",
+                                                                    first)), field)
         message = str(first.get("msg", "invalid request"))
         if field:
             message = f"{field}: {message}"

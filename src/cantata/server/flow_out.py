@@ -1,13 +1,23 @@
 """The schedules and queues of an app as ``GET /api/schedules`` and ``GET /api/queues``
 answer them, and as ``cantata schedules list --json`` and ``cantata queues --json``
-print them (no web framework here: the CLI imports it)."""
+print them, and a run's place in its queue (no web framework here: the CLI imports
+it)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from cantata.engine.identity import live_workers
-from cantata.server.models import QueueOut, ScheduleOut, queue_out, schedule_out
+from cantata.model.records import RunRecord
+from cantata.model.status import RunStatus
+from cantata.server.models import (
+    QueueOut,
+    RunQueueOut,
+    ScheduleOut,
+    queue_out,
+    run_queue_out,
+    schedule_out,
+)
 
 if TYPE_CHECKING:
     from cantata.app import App
@@ -39,3 +49,17 @@ async def served(app: App) -> bool:
     no worker."""
     now = app.clock.now()
     return bool(await live_workers(app.store, app.name, now=now))
+
+
+async def run_queue(app: App, run: RunRecord) -> RunQueueOut | None:
+    """Where ``run`` stands in the queue it was started in (None for a run started in
+    none, or one whose queue row was pruned long after it began): its place while it
+    waits, and the queue's limits. ``GET /api/runs/{run_id}`` and ``cantata run
+    --json`` answer it."""
+    entry = await app.store.run_queue(app.name, run.run_id)
+    if entry is None:
+        return None
+    place = (await app.store.queue_position(app.name, run.run_id)
+             if run.status == RunStatus.PENDING else None)
+    specs = {q.name: q for q in await app.store.queues(app.name)}
+    return run_queue_out(run, entry, place, specs.get(entry.queue))

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cantata.flow.schedules import ScheduleInfo
 from cantata.model import codec
 from cantata.model.event import Event
-from cantata.model.flow import QueueStats
+from cantata.model.flow import QueueEntry, QueuePosition, QueueSpec, QueueStats
 from cantata.model.records import (
     COMPENSATION,
     VALUE,
@@ -116,6 +116,39 @@ class StepOut(BaseModel):
     cancelled: bool = Field(description=BRANCH_CANCELLED)
 
 
+class RateOut(BaseModel):
+    limit: int
+    per: float = Field(description="Seconds of the sliding window.")
+
+
+class QueueLimitsOut(BaseModel):
+    """A queue's limits, as ``app.queue`` declared them (per partition)."""
+
+    concurrency: int | None = Field(description="Runs in progress at most (per partition).")
+    per_worker: int | None = Field(description="Runs in progress on one worker at most.")
+    rate: RateOut | None = Field(description="Begins at most per window (per partition).")
+    priorities: bool
+
+
+class RunQueueOut(BaseModel):
+    """Where a run started in a queue stands there (docs/flow-control.md#queues)."""
+
+    name: str = Field(description="The queue.")
+    partition: str | None = Field(description="Its partition key (null: none).")
+    priority: int
+    state: Literal["waiting", "running", "ended"] = Field(description=(
+        "`waiting` to begin, `running` once begun (it holds a place of the queue's "
+        "limits), `ended` once the run ended."))
+    position: int | None = Field(description=(
+        "While `waiting`: its place among the runs waiting in its queue (its partition's, "
+        "for a partitioned run), 1 = begins next; by priority first when the queue has "
+        "priorities. Null otherwise."))
+    waiting_since: dt.datetime | None = Field(description=(
+        "While `waiting`: since when (queued, or queued again by a retry)."))
+    limits: QueueLimitsOut | None = Field(description=(
+        "The queue's limits; null when no service of the app declares the queue."))
+
+
 class RunDetail(RunOut):
     """One run with its steps, attempts and errors."""
 
@@ -128,6 +161,9 @@ class RunDetail(RunOut):
     steps: list[StepOut]
     attributes: dict[str, str] = Field(description="The run's search attributes "
                                        "(`ctx.set_attributes`), as indexed text.")
+    queue: RunQueueOut | None = Field(default=None, description=(
+        "The queue the run was started in, its place there and the queue's limits; "
+        "null for a run started in no queue."))
 
 
 class CancelOut(BaseModel):
@@ -392,11 +428,6 @@ class TriggerOut(BaseModel):
     run_id: str = Field(description="The run started now.")
 
 
-class RateOut(BaseModel):
-    limit: int
-    per: float = Field(description="Seconds of the sliding window.")
-
-
 class PartitionMaxOut(BaseModel):
     in_progress: int = Field(description="Runs in progress in the busiest partition.")
     began_recently: int = Field(description="Runs begun in the last `window_seconds` in "
@@ -470,12 +501,27 @@ class GroupRetiredOut(BaseModel):
     dead_letters: int = Field(description="Its dead letters, kept.")
 
 
+class AttentionOut(BaseModel):
+    """What an operator looks at first, each counted by an index and each the count of
+    a list the dashboard links to."""
+
+    stalled: int = Field(description="Transactions with no progress for 5 minutes, as "
+                         "`cantata stalled` finds them (`GET /api/stalled`), up to 100.")
+    stalled_more: bool = Field(description="100 were found: there may be more.")
+    dead_letters: int = Field(description="Dead letters waiting (`GET /api/dead-letters`).")
+    failed_last_hour: int = Field(description=(
+        "Runs created in the last hour that failed (`GET /api/runs?status=failed&since=` "
+        "`failed_since`)."))
+    failed_since: dt.datetime = Field(description="An hour ago: the `since` of that list.")
+
+
 class Overview(BaseModel):
     app: str
     counts: dict[str, int]
     recent_failures: list[RunOut]
     stalled: list[StallOut]
     dead_letters: int
+    attention: AttentionOut
     workflows: list[str]
     served: bool = Field(description=SERVED + " Live runs (`counts` of pending, running, "
                          "compensating) make no progress then.")
@@ -522,8 +568,10 @@ def steps_out(history: list[HistoryEntry], attempts: list[Attempt],
 
 
 def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt],
-               attributes: dict[str, str] | None = None) -> RunDetail:
-    """A run with its steps (:func:`steps_out`) and its search attributes."""
+               attributes: dict[str, str] | None = None,
+               queue: RunQueueOut | None = None) -> RunDetail:
+    """A run with its steps (:func:`steps_out`), its search attributes and its queue
+    (:func:`run_queue_out`)."""
     steps = steps_out(history, attempts, r.status)
     args = _json(r.args)
     return RunDetail(
@@ -531,8 +579,25 @@ def run_detail(r: RunRecord, history: list[HistoryEntry], attempts: list[Attempt
         causation_id=r.causation_id, parent_run_id=r.parent_run_id,
         cancel_requested=r.cancel_requested, flagged=r.flagged,
         compensated=any(s.compensation for s in steps), steps=steps,
-        attributes=dict(attributes or {}),
+        attributes=dict(attributes or {}), queue=queue,
     )
+
+
+def run_queue_out(r: RunRecord, entry: QueueEntry, place: QueuePosition | None,
+                  spec: QueueSpec | None) -> RunQueueOut:
+    """Where run ``r`` stands in the queue of ``entry``: ``place`` is its place while it
+    waits there (None once it began), ``spec`` the queue's declared limits."""
+    state: Literal["waiting", "running", "ended"] = (
+        "ended" if r.status.is_final else "waiting" if place is not None else "running")
+    waiting = place is not None and state == "waiting"
+    limits = None if spec is None else QueueLimitsOut(
+        concurrency=spec.concurrency, per_worker=spec.per_worker,
+        rate=RateOut(limit=spec.rate.limit, per=spec.rate.per) if spec.rate else None,
+        priorities=spec.priorities)
+    return RunQueueOut(
+        name=entry.queue, partition=entry.partition or None, priority=entry.priority,
+        state=state, position=place.ahead + 1 if waiting and place else None,
+        waiting_since=utc(place.since) if waiting and place else None, limits=limits)
 
 
 def node_out(node: TraceNode, *, depth: int | None = None) -> TraceNodeOut:

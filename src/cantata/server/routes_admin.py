@@ -9,11 +9,12 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from cantata.model.access import Role
+from cantata.model.checks import brief
 from cantata.model.status import RunStatus
 from cantata.server import params
 from cantata.server.auth import CSRF_HEADER, SESSION_COOKIE, authenticate_token
 from cantata.server.deps import ERRORS, Admin, Viewer
-from cantata.server.errors import ApiError
+from cantata.server.errors import ApiError, bad_input
 from cantata.server.models import (
     AuditPage,
     Health,
@@ -24,7 +25,7 @@ from cantata.server.models import (
     verify_out,
 )
 from cantata.server.state import console_of
-from cantata.server.stream import frames
+from cantata.server.stream import KINDS, frames
 from cantata.store.base import Store
 
 router = APIRouter(responses=ERRORS)
@@ -97,20 +98,43 @@ async def verify(request: Request, _: Admin) -> VerifyOut:
             response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                              "description": "`event: run` (run_id, status), "
-                                            "`event: dead_letter` (id, group, state) and "
-                                            "`event: schedule` (name, action)"}})
-async def stream(request: Request, who: Viewer) -> StreamingResponse:
-    """Run status changes, dead letters and schedules paused, resumed or triggered as they
-    happen, from any process."""
+                                            "`event: step` (run_id, completed, failed), "
+                                            "`event: delivery`, `event: dead_letter` (id, "
+                                            "group, state), `event: schedule` (name, "
+                                            "action), `event: group`, `event: worker`"}})
+async def stream(
+    request: Request,
+    who: Viewer,
+    kinds: Annotated[str | None, Query(max_length=200, description=(
+        "The kinds of change to get, comma-separated (`run,dead_letter`); every kind "
+        "when left out"))] = None,
+) -> StreamingResponse:
+    """Run status changes, steps, deliveries, dead letters, schedules, groups and
+    workers as they happen, from any process; only the `kinds` asked for, if given."""
     console = console_of(request)
+    wanted = stream_kinds(kinds)
 
     async def still_allowed() -> bool:
         return await console.still_allowed(request, Role.VIEWER)
 
     return StreamingResponse(
-        frames(console.feed, still_allowed), media_type="text/event-stream",
+        frames(console.feed, still_allowed, kinds=wanted), media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+def stream_kinds(kinds: str | None) -> frozenset[str] | None:
+    """The kinds of change a stream asked for (None: every kind); one no stream has
+    is a 400 naming ``kinds`` and listing them."""
+    if kinds is None:
+        return None
+    wanted = frozenset(k.strip() for k in kinds.split(",") if k.strip())
+    unknown = sorted(wanted - set(KINDS))
+    if unknown or not wanted:
+        said = f"no kind of change is {brief(unknown[0])}" if unknown else "no kind given"
+        raise bad_input("kinds", f"{said}: give some of {', '.join(KINDS)}, separated by "
+                        "commas, or leave kinds out for every kind")
+    return wanted
 
 
 def _label(value: str) -> str:
@@ -126,7 +150,8 @@ async def metrics(request: Request, _: Viewer) -> PlainTextResponse:
     console = console_of(request)
     app = await console.open()
     counts = await console.counts()
-    dead = len(await app.store.dead_letters(app.name, limit=100_000))
+    # (counted by the dead letters' key, not read)
+    dead = (await app.store.attention_counts(app.name, failed_since=app.clock.now())).dead_letters
     a = _label(app.name)
     lines = ["# HELP cantata_runs Runs of the app by status.", "# TYPE cantata_runs gauge"]
     for status in RunStatus:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
+from cantata.app import App
 from cantata.declare.defs import Parameters, WorkflowDef
 from cantata.engine.recovery import check_attribute_names
 from cantata.errors import (
@@ -20,11 +21,13 @@ from cantata.errors import (
 )
 from cantata.model.access import RunQuery
 from cantata.model.status import RunStatus
+from cantata.observability.stalled import find_stalls
 from cantata.server import params
 from cantata.server.deps import ERRORS, Operator, Viewer, known_query
 from cantata.server.errors import ApiError, bad_input, caused_by
-from cantata.server.flow_out import served
+from cantata.server.flow_out import run_queue, served
 from cantata.server.models import (
+    AttentionOut,
     CancelOut,
     ErrorOut,
     ForkIn,
@@ -39,9 +42,9 @@ from cantata.server.models import (
     run_detail,
     run_out,
     stall_out,
+    utc,
 )
 from cantata.server.state import console_of
-from cantata.store.base import Store
 
 router = APIRouter(prefix="/api", tags=["runs"], responses=ERRORS,
                    dependencies=[Depends(known_query)])
@@ -106,20 +109,22 @@ async def list_runs(
 
 @router.get("/runs/{run_id}", response_model=RunDetail, summary="One run with its steps")
 async def get_run(request: Request, run_id: RunId, _: Viewer) -> RunDetail:
-    """The run, each step with its attempts and errors, compensations flagged."""
+    """The run, each step with its attempts and errors, compensations flagged; for a
+    run started in a queue, its place there and the queue's limits."""
     console = console_of(request)
     params.required_ident("run_id", run_id)
-    return await _detail(await console.store(), console.app.name, run_id)
+    return await _detail(await console.open(), run_id)
 
 
-async def _detail(store: Store, app: str, run_id: str) -> RunDetail:
-    run = await store.get_run(app, run_id)
+async def _detail(app: App, run_id: str) -> RunDetail:
+    store = app.store
+    run = await store.get_run(app.name, run_id)
     if run is None:
-        raise RunNotFound(f"no run {run_id!r} in app {app!r}")
-    history = await store.load_history(app, run_id)
-    attempts = await store.load_attempts(app, run_id)
-    attributes = (await store.run_attributes(app, [run_id])).get(run_id, {})
-    return run_detail(run, history, attempts, attributes)
+        raise RunNotFound(f"no run {run_id!r} in app {app.name!r}")
+    history = await store.load_history(app.name, run_id)
+    attempts = await store.load_attempts(app.name, run_id)
+    attributes = (await store.run_attributes(app.name, [run_id])).get(run_id, {})
+    return run_detail(run, history, attempts, attributes, await run_queue(app, run))
 
 
 @router.post("/runs/{run_id}/cancel", response_model=CancelOut, summary="Cancel a run")
@@ -171,7 +176,7 @@ async def retry_run(
                        '{"include_compensated": true} to retry it anyway (its compensations '
                        "are superseded; the steps they undid are not redone)",
                        "include_compensated") from None
-    return await _detail(app.store, app.name, run_id)
+    return await _detail(app, run_id)
 
 
 @router.post("/runs/{run_id}/fork", status_code=201, response_model=ForkOut,
@@ -285,6 +290,10 @@ async def workflows(request: Request, _: Viewer) -> list[str]:
     return sorted(declared | set(app.workflows))
 
 
+STALLED_AFTER = 300.0  # seconds without progress: the overview's stalls, as `cantata stalled`
+STALLED_COUNTED = 100  # stalls the overview counts at most (`stalled_more` past it)
+
+
 @router.get("/overview", response_model=Overview, summary="Counts, failures, stalls")
 async def overview(request: Request, _: Viewer) -> Overview:
     """What the dashboard's first page shows: runs by status, recent failures, stalls,
@@ -298,10 +307,19 @@ async def overview(request: Request, _: Viewer) -> Overview:
         failures += await store.query_runs(app.name, RunQuery(status=params.status(status),
                                                               limit=10))
     failures = sorted(failures, key=lambda r: (r.created_at, r.run_id), reverse=True)[:10]
-    stalls = await app.stalled(older_than=300)
-    dead = await store.dead_letters(app.name, limit=1000)
+    stalls = await find_stalls(store, app.name, older_than=STALLED_AFTER,
+                               now=app.clock.now(), limit=STALLED_COUNTED)
+    hour_ago = app.clock.now() - 3600
+    counted = await store.attention_counts(app.name, failed_since=hour_ago)
+    since = utc(hour_ago)
+    assert since is not None
+    attention = AttentionOut(
+        stalled=len(stalls), stalled_more=len(stalls) >= STALLED_COUNTED,
+        dead_letters=counted.dead_letters, failed_last_hour=counted.failed_since,
+        failed_since=since)
     names = await workflows(request, _)
     stalled: list[StallOut] = [stall_out(s) for s in stalls[:20]]
     return Overview(app=app.name, counts=await console.counts(),
                     recent_failures=[run_out(r) for r in failures], stalled=stalled,
-                    dead_letters=len(dead), workflows=names, served=await served(app))
+                    dead_letters=counted.dead_letters, attention=attention, workflows=names,
+                    served=await served(app))

@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,23 +36,60 @@ KEEPALIVE = 15.0
 RECHECK = 2.0  # seconds between checks that a client's token is still valid
 FORGED_KEPT = 64  # records past the head a feed remembers having logged
 WORKERS = 1.0  # seconds between reads of the live workers (worker changes)
+# Seconds the feed lets pass after a read that found changes before it reads again,
+# however soon the store says something changed (PostgreSQL notifies at each commit):
+# a busy app's changes then come in batches, in which one run's step events are one.
+GATHER = 0.1
+KINDS = ("run", "step", "delivery", "dead_letter", "schedule", "group", "worker")
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One server-sent event: ``kind`` is ``run``, ``step``, ``delivery``,
-    ``dead_letter``, ``schedule``, ``group`` or ``worker`` (``seq`` 0: a worker's
+    """One server-sent event: ``kind`` is one of :data:`KINDS` (``seq`` 0: a worker's
     heartbeats are not in the audit log)."""
 
     seq: int
     kind: str
     data: dict[str, Any]
+    # its frame, made once for all its clients
+    encoded: bytes = field(default=b"", init=False, repr=False, compare=False)
 
-    def frame(self) -> bytes:
+    def __post_init__(self) -> None:
         # (a change that is no audit record, a worker's, has no place in the log: no id)
         head = f"id: {self.seq}\n" if self.seq > 0 else ""
-        return (f"{head}event: {self.kind}\ndata: ".encode()
-                + orjson.dumps(self.data) + b"\n\n")
+        object.__setattr__(self, "encoded", f"{head}event: {self.kind}\ndata: ".encode()
+                           + orjson.dumps(self.data) + b"\n\n")
+
+    def frame(self) -> bytes:
+        return self.encoded
+
+
+def coalesced(changes: list[Change]) -> list[Change]:
+    """``changes`` (read together) with the ``step`` changes of each run made one: the
+    steps that ended, in order, at the place (and with the ``seq`` and ``time``) of the
+    last of them. A run's page redraws once for them all, and a busy app's feed carries
+    one event per run and read, not one per checkpoint."""
+    last: dict[Any, int] = {}
+    for i, change in enumerate(changes):
+        if change.kind == "step":
+            last[change.data.get("run_id")] = i
+    if len(last) == sum(1 for c in changes if c.kind == "step"):
+        return changes  # (no run has two)
+    merged: dict[Any, dict[str, Any]] = {}
+    for change in changes:
+        if change.kind == "step":
+            into = merged.setdefault(change.data.get("run_id"),
+                                     {"completed": [], "failed": []})
+            for key in ("completed", "failed"):
+                into[key] += [k for k in change.data.get(key) or [] if k not in into[key]]
+    out = []
+    for i, change in enumerate(changes):
+        if change.kind != "step":
+            out.append(change)
+        elif last[change.data.get("run_id")] == i:
+            steps = merged[change.data.get("run_id")]
+            out.append(Change(change.seq, "step", {**change.data, **steps}))
+    return out
 
 
 _DEAD_LETTER_STATES = {"delivery.dead": "dead", "dead_letter.replayed": "replayed",
@@ -116,7 +153,8 @@ class ChangeFeed:
         self._store_of = store_of
         self.app = app
         self.interval = interval
-        self._clients: set[asyncio.Queue[Change | None]] = set()
+        # each client's queue, and the kinds it asked for (None: every kind)
+        self._clients: dict[asyncio.Queue[Change | None], frozenset[str] | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._listening: Store | None = None
@@ -133,8 +171,11 @@ class ChangeFeed:
         self._wake.set()
 
     @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Change | None]]:
-        """A queue of changes from now on (``None`` means: you fell behind, reconnect)."""
+    async def subscribe(
+        self, kinds: frozenset[str] | None = None
+    ) -> AsyncIterator[asyncio.Queue[Change | None]]:
+        """A queue of changes from now on, of ``kinds`` only if given (``None`` means:
+        you fell behind, reconnect)."""
         queue: asyncio.Queue[Change | None] = asyncio.Queue(QUEUE)
         async with self._starting:
             if self._task is None or self._task.done():
@@ -145,11 +186,11 @@ class ChangeFeed:
                 start = await store.audit_head_seq(self.app)
                 self._task = asyncio.create_task(self._follow(store, start),
                                                  name=f"cantata-console-feed:{self.app}")
-            self._clients.add(queue)
+            self._clients[queue] = kinds
         try:
             yield queue
         finally:
-            self._clients.discard(queue)
+            self._clients.pop(queue, None)
             if not self._clients and self._task is not None and not self._starting.locked():
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -166,6 +207,7 @@ class ChangeFeed:
                 log.warning("console: change feed cannot read the store (%s); retrying",
                             type(exc).__name__)
                 records, head = [], after
+            changes = []
             for rec in records:
                 if rec.seq > head:  # so are the ones after it: none of them is streamed
                     self._past_head(rec, head)
@@ -173,13 +215,18 @@ class ChangeFeed:
                 after = rec.seq
                 change = change_of(rec)
                 if change is not None:
-                    self._publish(change)
+                    changes.append(change)
+            for change in coalesced(changes):
+                self._publish(change)
             if len(records) == PAGE and after == records[-1].seq:
                 continue
             await self._workers(store)
             self._wake.clear()
+            gathered = min(GATHER, self.interval) if changes else 0.0
+            if gathered:  # (a change said meanwhile sets the wake: it is read right after)
+                await asyncio.sleep(gathered)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), self.interval - gathered)
 
     async def _workers(self, store: Store) -> None:
         """Publish a ``worker`` change for each worker that came up or went (stopped, or
@@ -219,11 +266,13 @@ class ChangeFeed:
             "store", rec.seq, self.app, head)
 
     def _publish(self, change: Change) -> None:
-        for queue in list(self._clients):
+        for queue, kinds in list(self._clients.items()):
+            if kinds is not None and change.kind not in kinds:
+                continue
             try:
                 queue.put_nowait(change)
             except asyncio.QueueFull:
-                self._clients.discard(queue)
+                self._clients.pop(queue, None)
                 with contextlib.suppress(asyncio.QueueFull):
                     queue.get_nowait()
                     queue.put_nowait(None)
@@ -232,6 +281,7 @@ class ChangeFeed:
 async def frames(
     feed: ChangeFeed, still_allowed: Callable[[], Awaitable[bool]],
     *, recheck: float = RECHECK, keepalive: float = KEEPALIVE,
+    kinds: frozenset[str] | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE byte stream of one client; ends when its token stops being valid, or
     when the store cannot be read to check it (the browser's page says so and
@@ -240,10 +290,11 @@ async def frames(
     The token is checked again every ``recheck`` seconds, whether changes flow or not
     (before the next change is sent once that long has passed): a revoked token's
     stream ends within a few seconds (``recheck``, plus the second for which the
-    console shares one check between the streams of a token).
+    console shares one check between the streams of a token). ``kinds``: the kinds of
+    change it gets (None: every kind).
     """
     loop = asyncio.get_running_loop()
-    async with feed.subscribe() as queue:
+    async with feed.subscribe(kinds) as queue:
         yield b"retry: 2000\n: connected\n\n"
         checked = sent = loop.time()
         while True:

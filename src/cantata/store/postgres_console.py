@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import TokenExists
-from cantata.model.access import RunQuery, TokenRecord
+from cantata.model.access import AttentionCounts, RunQuery, TokenRecord
 from cantata.model.records import RunRecord
 from cantata.store import audit
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
@@ -18,6 +18,14 @@ from cantata.store.postgres_ops import RUN_COLS, audit_append, audit_append_many
 def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
     """The query of one page of runs (``bench/console.py`` EXPLAINs it too)."""
     return runs_page(app, q, RUN_COLS, lambda n: f"${n}", ' COLLATE "C"')
+
+
+# The overview's counts of what needs attention, each by an index: the dead letters by
+# their key, the failed runs created since a time by runs_status_newest (a range).
+ATTENTION = (
+    "SELECT (SELECT count(*) FROM dead_letters WHERE app=$1), "
+    "(SELECT count(*) FROM runs WHERE app=$1 AND status='failed' AND created_at>=$2)"
+)
 
 
 class PostgresConsole(PostgresCore):
@@ -35,6 +43,12 @@ class PostgresConsole(PostgresCore):
                 "SELECT status, count(*) FROM runs WHERE app=$1 GROUP BY status", app
             )
             return {r[0]: int(r[1]) for r in rows}
+
+    async def attention_counts(self, app: str, *, failed_since: float) -> AttentionCounts:
+        async with self._db.conn() as c:
+            row = await c.fetchrow(ATTENTION, app, failed_since)
+            assert row is not None
+            return AttentionCounts(int(row[0]), int(row[1]))
 
     async def record_action(
         self, app: str, actor: str, action: str, target: str, data: dict[str, Any]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import TokenExists
-from cantata.model.access import RunQuery, TokenRecord
+from cantata.model.access import AttentionCounts, RunQuery, TokenRecord
 from cantata.model.records import RunRecord
 from cantata.store import audit
 from cantata.store.console_sql import TOKEN_COLS, runs_page, token_row
@@ -30,6 +30,15 @@ def runs_sql(app: str, q: RunQuery) -> tuple[str, list[Any]]:
     return sql, params
 
 
+# The overview's counts of what needs attention, each by an index: the dead letters by
+# their key, the failed runs created since a time by runs_status_newest (a range).
+ATTENTION = (
+    "SELECT (SELECT count(*) FROM dead_letters WHERE app=?), "
+    "(SELECT count(*) FROM runs INDEXED BY runs_status_newest "
+    "WHERE app=? AND status='failed' AND created_at>=?)"
+)
+
+
 class SQLiteConsole(SQLiteCore):
     """The console role of :class:`~cantata.store.sqlite.SQLiteStore` (docs/md)."""
 
@@ -47,6 +56,13 @@ class SQLiteConsole(SQLiteCore):
                 "SELECT status, count(*) FROM runs WHERE app=? GROUP BY status", (app,)
             ).fetchall()
             return {r[0]: r[1] for r in rows}
+
+        return await self._t.read(op)
+
+    async def attention_counts(self, app: str, *, failed_since: float) -> AttentionCounts:
+        def op(c: sqlite3.Connection) -> AttentionCounts:
+            row = c.execute(ATTENTION, (app, app, failed_since)).fetchone()
+            return AttentionCounts(int(row[0]), int(row[1]))
 
         return await self._t.read(op)
 

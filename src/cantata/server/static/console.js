@@ -124,9 +124,25 @@
   // down): the page is not following changes, and says why.
   const offline = h("div", { id: "offline", class: "notice warn", role: "status", hidden: true });
   content.before(offline);
+  // The kinds of change each page follows (?kinds= of the stream): a page is sent only
+  // what it redraws for. A busy app's steps and deliveries go to the pages that show
+  // them (a run, its trace, the runs table's rows, the groups); a page not listed
+  // (the audit log) gets every kind.
+  const STREAM_KINDS = {
+    overview: "run,dead_letter,worker",
+    runs: "run,step",
+    run: "run,step",
+    trace: "run,step,delivery,dead_letter,group",
+    "dead-letters": "dead_letter",
+    stalled: "run,dead_letter,worker",
+    events: "worker",
+    schedules: "run,schedule,worker",
+    queues: "run,worker",
+    groups: "run,delivery,dead_letter,group,worker",
+  };
   function connectLive() {
     if (!window.EventSource) return;
-    const es = new EventSource("/api/stream");
+    const es = new EventSource("/api/stream" + (STREAM_KINDS[page] ? "?kinds=" + STREAM_KINDS[page] : ""));
     const mark = document.getElementById("live");
     // Connected (at first, and again after a drop): what changed before the feed
     // reached this page, since it was drawn or while the feed was away, comes with no
@@ -255,6 +271,7 @@
   // the Start form (an operator may be filling it in) nor the notice under it.
   pages.overview = async () => {
     const cards = h("div", { class: "cards" });
+    const attention = h("div", { class: "cards attention", role: "group", "aria-label": "Needs attention" });
     const problem = h("div", {});
     const failures = h("div", {});
     const stuck = h("div", {});
@@ -264,12 +281,21 @@
       const current = ticket();
       const o = await api("/api/overview");
       if (!current()) return;  // a newer draw began meanwhile: it shows its answer
+      // What an operator looks at first, each a link to the list it counts
+      const at = o.attention;
+      // (a card with nothing to look at is marked so: green, not red)
+      const attn = (key, cls, href, n, more, label) => h("a", { class: `card ${cls}${n ? "" : " none"}`,
+        href, "data-attention": key }, h("span", { class: "n" }, `${n}${more ? "+" : ""}`), h("span", { class: "l" }, label));
+      attention.replaceChildren(
+        attn("stalled", "s-stalled", "/stalled?older_than=300", at.stalled, at.stalled_more,
+          "Stalled (no progress for 5 min)"),
+        attn("dead_letters", "s-dead", "/dead-letters", at.dead_letters, false, "Dead letters"),
+        attn("failed_last_hour", "s-failed", "/runs?" + new URLSearchParams({ status: "failed", since: at.failed_since }),
+          at.failed_last_hour, false, "Failed, started in the last hour"));
       cards.replaceChildren(...STATUSES.map((st) =>
         h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
           h("span", { class: "n" }, String(o.counts[st] || 0)),
-          h("span", { class: "l" }, st[0].toUpperCase() + st.slice(1)))),
-        h("a", { class: "card s-dead", href: "/dead-letters" },
-          h("span", { class: "n" }, String(o.dead_letters)), h("span", { class: "l" }, "Dead-lettered")));
+          h("span", { class: "l" }, st[0].toUpperCase() + st.slice(1)))));
       failures.replaceChildren(table(RUN_HEADERS, o.recent_failures.map(runRow), "No failed or compensated runs."));
       // Runs count as stalled after 5 min; without a live worker (the API's `served`)
       // none of the live ones moves from the start, which the panel says at once.
@@ -298,7 +324,7 @@
         start = again;
       }
     }
-    show(cards, problem, h("section", { class: "panel" }, h("h2", {}, "Recent failures"), failures),
+    show(attention, cards, problem, h("section", { class: "panel" }, h("h2", {}, "Recent failures"), failures),
       h("section", { class: "panel" }, h("h2", {}, "Stalled (no progress for 5 min)"), stuck));
     await render();
     const redraw = () => render().then(() => problem.replaceChildren(),
@@ -306,6 +332,8 @@
     // once soon, and once more after the server's 2 s cache of the counts has expired
     onLive(coalesce(redraw, 1000));
     onLive(coalesce(redraw, 3000));
+    // (a transaction becomes stalled, or moves on, with no run changing status)
+    everyWhileShown(redraw, 15000);
   };
 
   pages.runs = async () => {
@@ -326,6 +354,8 @@
       // of which a run must hold, as `cantata runs --attr`
       (q.getAll("attr").length ? q.getAll("attr") : [""]).map((v) => h("label", {}, "Attribute",
         h("input", { name: "attr", value: v, placeholder: "customer_id=42" }))),
+      // (a page size asked for in the address is kept; new filters start at the first page)
+      q.get("limit") ? h("input", { type: "hidden", name: "limit", value: q.get("limit") }) : null,
       h("button", { type: "submit", class: "primary" }, "Filter"),
       h("a", { href: "/runs" }, "Clear"));
     // Names and times are trimmed (a space typed around one is no part of it); keys are
@@ -338,7 +368,15 @@
     }
     for (const k of ["idempotency_key", "correlation_id"]) if (q.get(k)) params.set(k, q.get(k));
     for (const v of q.getAll("attr")) if (v.trim()) params.append("attr", v.trimStart());
-    params.set("limit", "50");
+    // The page's size and place are the address's (?limit=, ?cursor=): a page of a
+    // list can be shared and reloaded as it is; the API refuses a limit out of range.
+    params.set("limit", (q.get("limit") || "").trim() || "50");
+    const start = q.get("cursor");
+    const pageLink = (cursor) => {
+      const at = new URLSearchParams(location.search);
+      if (cursor) at.set("cursor", cursor); else at.delete("cursor");
+      return "/runs?" + at.toString();
+    };
     const tbody = h("tbody", {});
     const more = h("div", { class: "actions" });
     const wrap = h("div", { class: "table-wrap" }, h("table", {},
@@ -356,14 +394,19 @@
         const page = await api("/api/runs?" + p.toString());
         tbody.append(...page.runs.map(runRow));
         if (!tbody.children.length) status.replaceChildren(notice("No runs match these filters."));
-        more.replaceChildren(page.next_cursor ? h("button", { type: "button",
-          onclick: (ev) => load(page.next_cursor, ev.currentTarget) }, "Load more") : "");
+        // "Load more" adds the next page below; "Next page" opens it on its own (an
+        // address of its own, in the same newest-first order)
+        more.replaceChildren(
+          page.next_cursor ? h("button", { type: "button",
+            onclick: (ev) => load(page.next_cursor, ev.currentTarget) }, "Load more") : "",
+          page.next_cursor ? h("a", { href: pageLink(page.next_cursor), class: "next-page" }, "Next page") : "",
+          start ? h("a", { href: pageLink(null), class: "first-page" }, "First page") : "");
       } catch (e) {
         status.replaceChildren(notice(e.message, "error"));
         if (button) button.disabled = false;
       }
     }
-    await load(null);
+    await load(start);
     // New runs are not slipped into the table (the operator may be reading it, and the
     // cursor of "Load more" stays the one of the last row shown): a bar above it says
     // how many runs matching the filters are newer than its first row; it shows them.
@@ -375,6 +418,7 @@
       status.replaceChildren();
     }
     async function look() {
+      if (start) return;  // (a later page: the runs newer than it are on the first one)
       const newest = await api("/api/runs?" + params.toString());
       const shown = new Set([...tbody.querySelectorAll("tr[data-run-id]")].map((tr) => tr.dataset.runId));
       const firstShown = newest.runs.findIndex((r) => shown.has(r.run_id));
@@ -459,13 +503,39 @@
       h("button", { type: "submit" }, "Fork"), out);
   }
 
+  // A queued run's queue (a link to it on the queues page), its place there and the
+  // queue's limits.
+  function queueFacts(q) {
+    const place = q.state === "waiting"
+      ? [`waiting: ${ordinal(q.position)} in line`, h("span", { class: "muted" },
+          ` (${q.position - 1} run${q.position === 2 ? "" : "s"} begin${q.position === 2 ? "s" : ""} before it` +
+          `${q.partition !== null ? " in its partition" : ""}), since `), when(q.waiting_since)]
+      : q.state === "running" ? "running (begun: it holds a place of the queue's limits)" : "ended";
+    return [
+      h("dt", {}, "Queue"), h("dd", { class: "queue" },
+        h("a", { href: "/queues?queue=" + encodeURIComponent(q.name), title: "The queue's figures" }, exactName(q.name)),
+        q.partition !== null ? [h("span", { class: "muted" }, " partition "), exactKey(q.partition)] : null,
+        h("span", { class: "muted" }, ` priority ${q.priority}`)),
+      h("dt", {}, "Place in queue"), h("dd", { class: "queue-place" }, place),
+      h("dt", {}, "Queue limits"), h("dd", { class: "queue-limits" },
+        q.limits ? queueLimits(q.limits, q.partition !== null) : "not declared by any service"),
+    ];
+  }
+  function ordinal(n) {
+    const tens = n % 100, ones = n % 10;
+    const suffix = tens >= 11 && tens <= 13 ? "th" : ones === 1 ? "st" : ones === 2 ? "nd" : ones === 3 ? "rd" : "th";
+    return `${n}${suffix}`;
+  }
+
   pages.run = async () => {
     const id = arg;
     const ticket = tickets();
+    let waitingInQueue = false;
     async function render() {
       const current = ticket();
       const r = await api("/api/runs/" + encodeURIComponent(id));
       if (!current()) return;  // a newer draw began meanwhile: it shows its answer
+      waitingInQueue = Boolean(r.queue && r.queue.state === "waiting");
       const head = h("div", { class: "headline" },
         h("span", { class: "title" }, r.workflow), badge(r.status),
         r.flagged ? h("span", { class: "badge s-failed" }, "needs an operator") : null,
@@ -503,6 +573,7 @@
           ? Object.entries(r.attributes).map(([k, v]) => h("a", { class: "attr mono",
               href: "/runs?attr=" + encodeURIComponent(`${k}=${v}`), title: "Runs with this attribute" }, `${k}=${v}`))
           : "—"),
+        r.queue ? queueFacts(r.queue) : null,
         r.error ? [h("dt", {}, "Error"), h("dd", { class: "err" }, r.error)] : null,
         r.status === "completed" ? [h("dt", {}, "Result"), h("dd", {}, json(r.result))] : null);
       const mapBox = h("div", { class: "map", id: "run-map" }, h("span", { class: "muted" }, "Drawing the map…"));
@@ -541,7 +612,11 @@
     await render();
     const again = coalesce(() => render().catch(fail), 250);
     // its status changes, and steps that end while its status stays (running)
-    onLive((kind, d) => { if (kind === "open" || ((kind === "run" || kind === "step") && d.run_id === id)) again(); });
+    // (and, while it waits in a queue, any run's change: runs before it begin or leave)
+    onLive((kind, d) => {
+      if (kind === "open" || ((kind === "run" || kind === "step") && d.run_id === id)) again();
+      else if (kind === "run" && waitingInQueue) again();
+    });
   };
 
   pages.trace = async () => {
@@ -665,6 +740,8 @@
     }
     await render();
     onLive(coalesce(() => render().catch(fail), 1000));
+    // (a transaction becomes stalled, or moves on, with no run changing status)
+    everyWhileShown(() => render().catch(fail), 15000);
   };
 
   // Pages whose figures change with time alone (a tick passes, a waiting run ages, the
@@ -822,6 +899,18 @@
     everyWhileShown(again, 15000);
   };
 
+  // A queue's limits in one line: those that hold per partition say so for a
+  // partitioned queue (or run).
+  function queueLimits(q, partitioned) {
+    const each = [];  // the limits that hold per partition
+    if (q.concurrency !== null) each.push(`concurrency ${q.concurrency}`);
+    if (q.rate) each.push(`rate ${q.rate.limit} per ${q.rate.per} s`);
+    const parts = each.length && partitioned ? [`${each.join(" · ")} (each partition)`] : each;
+    if (q.per_worker !== null) parts.push(`${q.per_worker} per worker`);
+    if (q.priorities) parts.push("priorities");
+    return parts.length ? parts.join(" · ") : "none";
+  }
+
   pages.queues = async () => {
     const banner = h("div", {});
     const msg = h("div", {});
@@ -829,15 +918,7 @@
     show(h("p", { class: "muted" }, "Runs started in a queue (queue=NAME, or a workflow declared with one) " +
       "wait here until its limits let them begin. Figures are per queue, across its partitions; " +
       "the limits apply to each partition."), banner, msg, holder);
-    function limits(q) {
-      const each = [];  // the limits that hold per partition
-      if (q.concurrency !== null) each.push(`concurrency ${q.concurrency}`);
-      if (q.rate) each.push(`rate ${q.rate.limit} per ${q.rate.per} s`);
-      const parts = each.length && q.partitioned ? [`${each.join(" · ")} (each partition)`] : each;
-      if (q.per_worker !== null) parts.push(`${q.per_worker} per worker`);
-      if (q.priorities) parts.push("priorities");
-      return parts.length ? parts.join(" · ") : "none";
-    }
+    const limits = (q) => queueLimits(q, q.partitioned);
     // A partitioned queue's sums are not read against its limits (they hold per
     // partition): the busiest partition's figure is, on a line of its own.
     function busiest(figure, limit) {
@@ -857,13 +938,14 @@
       return [String(q.began_recently), h("span", { class: "muted" }, `${span} in all partitions`),
               busiest(q.per_partition_max.began_recently, q.rate ? q.rate.limit : null)];
     }
+    const chosen = new URLSearchParams(location.search).get("queue");  // (a run's page links here)
     const ticket = tickets();
     async function render() {
       const current = ticket();
       const list = await api("/api/queues");
       if (!current()) return;  // a newer draw began meanwhile: it shows its answer
       banner.replaceChildren(noWorker(list, "no queued run begins") || "");
-      const rows = list.map((q) => h("tr", { "data-queue": q.name },
+      const rows = list.map((q) => h("tr", { "data-queue": q.name, class: q.name === chosen ? "chosen" : null },
         h("td", { class: "name" }, h("strong", {}, exactName(q.name))),
         h("td", { class: "num waiting" }, String(q.waiting)),
         h("td", { class: "num in-progress" }, inProgress(q)),
@@ -877,6 +959,8 @@
       msg.replaceChildren();
     }
     await render();
+    const mark = holder.querySelector("tr.chosen");
+    if (mark) mark.scrollIntoView({ block: "center" });
     const again = () => render().catch((e) => msg.replaceChildren(notice(e.message, "error")));
     onLive(coalesce(again, 500));
     everyWhileShown(again, 5000);

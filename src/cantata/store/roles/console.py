@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from cantata.model.access import RunQuery, TokenRecord
+from cantata.model.access import AttentionCounts, RunQuery, TokenRecord
 from cantata.model.records import (
     RunRecord,
 )
@@ -20,6 +20,12 @@ class ConsoleStore(Protocol):
 
     async def count_runs(self, app: str) -> dict[str, int]:
         """How many runs of ``app`` have each status (statuses with none are absent)."""
+
+    async def attention_counts(self, app: str, *, failed_since: float) -> AttentionCounts:
+        """How many dead letters ``app`` has, and how many of its runs created at or
+        after ``failed_since`` (POSIX seconds) are ``failed``: each read by an index
+        (the dead letters' key, ``runs_status_newest``), in time bounded by the counts,
+        not by the app's runs."""
 
     async def create_token(
         self, token: TokenRecord, *, actor: str = "system", apps: Sequence[str] = ()
