@@ -15,6 +15,13 @@ page of each frame read from the WAL, named by ``dbstat`` once the run is over),
 the run's p50 split into commits, statements and the rest (the engine, the event
 loop and the benchmark's own awaits).
 
+    python -m bench.sqlite_breakdown chain [--n 300] [--broker nats|embedded]
+
+The same for the chain's latency workload (``bench.cantata_scenario chain latency``):
+for the orders that wrote four transactions (``app.publish`` and three hops, each a
+handler's settlement), each transaction's statements, ``COMMIT``, WAL pages (p50 and
+mean) and the pages of each b-tree per order.
+
     python -m bench.sqlite_breakdown disk [--rounds 200]
 
 The disk's floor under those commits: what a commit of ``k`` pages costs without
@@ -257,6 +264,86 @@ def _saga(tmp: str, n: int, keep: bool) -> str:
     return "\n".join(out)
 
 
+async def _chains(path: str, broker: str, n: int) -> list[tuple[float, float, int]]:
+    """Run the chain's warm-up and ``n`` orders one at a time, each ended when its
+    terminal event's settlement commits (as bench.cantata_scenario): (start, end, order)."""
+    from bench.cantata_app import TERMINAL, make_app
+    from bench.common import BENCH_PREFIX, NATS_URL
+    from cantata import Hook
+
+    name = f"bench_sc_{uuid.uuid4().hex[:8]}"
+    url = f"{NATS_URL}?prefix={BENCH_PREFIX}" if broker == "nats" else "embedded"
+    app = make_app("chain", f"sqlite:///{path}", url, name)
+    ended: dict[int, asyncio.Future[None]] = {}
+
+    class Ends(Hook):
+        def emitted(self, events: Any, origin: str) -> None:
+            for e in events:
+                fut = ended.get(e.data.get("order")) if e.type in TERMINAL else None
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    app.add_hook(Ends())
+    spans = []
+    try:
+        async with app:
+            for o in [*WARMUP, *range(1, n + 1)]:
+                fut = ended[o] = asyncio.get_running_loop().create_future()
+                t0 = time.perf_counter()
+                await app.publish("order.placed", {"order": o})
+                await asyncio.wait_for(fut, 60)
+                spans.append((t0, time.perf_counter(), o))
+                del ended[o]
+    finally:
+        if broker == "nats":
+            from bench.cantata_scenario import _drop_stream
+
+            await _drop_stream(name)
+    return spans[len(WARMUP):]
+
+
+def chain(n: int, broker: str) -> str:
+    tmp = tempfile.mkdtemp(prefix="cantata-breakdown-")
+    try:
+        path = f"{tmp}/b.db"
+        rec = Recorder(path)
+        rec.install()
+        spans = asyncio.run(_chains(path, broker, n))
+        names = rec.btrees()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    txs = sorted((t for t in rec.txs if t.end), key=lambda t: t.begin)
+    begins = [t.begin for t in txs]
+    per: dict[int, dict[str, list[float]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list))
+    trees: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    orders = 0
+    for t0, t1, _order in spans:
+        mine = txs[bisect.bisect_left(begins, t0):bisect.bisect_right(begins, t1)]
+        if len(mine) != 4:
+            continue  # a batch of the relay's marks or a heartbeat fell inside
+        orders += 1
+        for i, tx in enumerate(mine):
+            per[i]["sql"].append(tx.commit_at - tx.begin)
+            per[i]["commit"].append(tx.end - tx.commit_at)
+            per[i]["frames"].append(len(tx.frames))
+            trees[i].update(names.get(p, "?") for p in tx.frames)
+    if not orders:
+        return "no order had the expected four transactions"
+    what = ("app.publish", "hop 1 (inventory)", "hop 2 (payment)", "hop 3 (shipping)")
+    out = [f"SQLite + {broker} chain, one order at a time: {orders} of {n} orders with four "
+           "write transactions (p50 of each; WAL pages: p50 / mean)"]
+    for i, label in enumerate(what):
+        p = per[i]
+        mean = statistics.mean(p["frames"])
+        out.append(f"  transaction {i + 1} ({label}): statements {_us(p['sql'])}, COMMIT "
+                   f"{_us(p['commit'])}, {statistics.median(p['frames']):.0f} / {mean:.2f} "
+                   "WAL pages")
+        cells = ", ".join(f"{t} {c / orders:.2f}" for t, c in trees[i].most_common())
+        out.append(f"    pages per order: {cells}")
+    return "\n".join(out)
+
+
 def disk(rounds: int) -> str:
     raw = RawWal(tempfile.gettempdir())
     got: dict[int, list[float]] = {k: [] for k in SIZES}
@@ -286,10 +373,18 @@ def main() -> None:
     s = sub.add_parser("saga")
     s.add_argument("--n", type=int, default=300)
     s.add_argument("--keep", action="store_true", help="keep the store (its path is printed)")
+    c = sub.add_parser("chain")
+    c.add_argument("--n", type=int, default=300)
+    c.add_argument("--broker", choices=["nats", "embedded"], default="nats")
     d = sub.add_parser("disk")
     d.add_argument("--rounds", type=int, default=200)
     a = ap.parse_args()
-    print(saga(a.n, a.keep) if a.what == "saga" else disk(a.rounds))
+    if a.what == "saga":
+        print(saga(a.n, a.keep))
+    elif a.what == "chain":
+        print(chain(a.n, a.broker))
+    else:
+        print(disk(a.rounds))
 
 
 if __name__ == "__main__":

@@ -55,3 +55,16 @@ def test_the_saga_path_splits_a_run_into_its_four_commits_and_what_lies_between(
     run, *parts = (int(x) for x in total.groups())
     # p50s of sums need not add up exactly, but they describe the same runs
     assert 0.7 * run <= sum(parts) <= 1.3 * run, text
+
+
+def test_the_chain_breakdown_names_each_transactions_pages() -> None:
+    text = _run("chain", "--n", "20", "--broker", "embedded")
+    lines = [line for line in text.splitlines() if line.strip().startswith("transaction")]
+    assert len(lines) == 4, text
+    for line in lines:
+        pages = re.search(r"(\d+) / [\d.]+ WAL pages", line)
+        assert pages is not None and int(pages.group(1)) >= 1, line
+    # a hop's transaction writes the event it emits, its delivery and the audit record
+    hop = text.splitlines()[4]
+    for tree in ("events", "deliveries", "audit"):
+        assert re.search(rf"\b{tree} \d", hop), text

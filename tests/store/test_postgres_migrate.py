@@ -17,8 +17,11 @@ import asyncpg
 import pytest
 
 from cantata.errors import StoreUnavailable
+from cantata.model.event import Event
+from cantata.model.records import Declaration
 from cantata.store import migrations
 from cantata.store import postgres_pool as pool
+from cantata.store.base import Settlement
 from cantata.store.postgres import PostgresStore
 from tests.helpers import with_schema
 
@@ -132,3 +135,60 @@ async def test_an_upgrade_held_off_too_long_says_what_holds_it(
         await store.close()
     finally:
         await holder.close()
+
+
+async def test_deliveries_in_flight_keep_their_lookups_across_the_key_by_event(
+    postgres_url: str, fresh_schema: str
+) -> None:
+    """Migration 0037 keys the deliveries by event first: the deliveries of a store of
+    version 34 are found by event, by group, claimed (one of them taken over from a
+    worker that is gone) and settled as before, and a settlement's held delivery is
+    found by its event."""
+    await older_store(postgres_url, fresh_schema, version=34)
+    placed = [Event("order.placed", {"n": n}) for n in range(3)]
+    q = f'"{fresh_schema}"'
+    conn = await asyncpg.connect(postgres_url)
+    now = time.time()
+    try:
+        for e in placed:
+            await conn.execute(
+                f"INSERT INTO {q}.events (app, id, type, source, time, data, correlation_id, "
+                "stored_at) VALUES ('shop', $1, $2, 'test', $3, $4, $1, $5)",
+                e.id, e.type, e.time, '{"n": 1}', now)
+        for grp, e, status, owner in [("inventory", placed[0], "pending", None),
+                                      ("ledger", placed[0], "pending", "gone-worker"),
+                                      ("inventory", placed[1], "done", None),
+                                      ("inventory", placed[2], "pending", None)]:
+            await conn.execute(
+                f"INSERT INTO {q}.deliveries (app, grp, event_id, status, attempts, owner, "
+                "fence, updated_at) VALUES ('shop', $1, $2, $3, $4, $5, $6, $7)",
+                grp, e.id, status, 1 if owner else 0, owner, 1 if owner else 0, now)
+    finally:
+        await conn.close()
+    store = PostgresStore(with_schema(postgres_url, fresh_schema))
+    await store.open()
+    try:
+        await store.declare("shop", [Declaration("handler", "inventory", "order.placed"),
+                                     Declaration("handler", "ledger", "order.placed"),
+                                     Declaration("handler", "payment", "inventory.reserved")])
+        assert [(d.group, str(d.status)) for d in await store.deliveries("shop", placed[0].id)
+                ] == [("inventory", "pending"), ("ledger", "pending")]
+        assert await store.delivery_states("shop", "inventory", [e.id for e in placed]) == {
+            placed[0].id: ("pending", 0), placed[1].id: ("done", 0),
+            placed[2].id: ("pending", 0)}
+        assert [e.id for e in await store.pending_events("shop", "inventory", limit=10)] == [
+            placed[0].id, placed[2].id]
+        later = time.time() + 1
+        claimed = await store.claim_deliveries("shop", "w1", ["inventory", "ledger"],
+                                               now=later, stale_before=later, limit=10)
+        assert sorted((d.group, d.event.id) for d in claimed) == sorted(
+            [("inventory", placed[0].id), ("ledger", placed[0].id),
+             ("inventory", placed[2].id)])
+        reserved = Event("inventory.reserved", {"n": 0}, correlation_id=placed[0].id)
+        assert await store.settle_delivery("shop", "inventory", placed[0].id, Settlement(
+            "done", 1, events=[reserved], hold_for="w1", hold=[("payment", reserved.id)]))
+        [held] = await store.deliveries("shop", reserved.id)
+        assert (held.group, str(held.status), held.attempts) == ("payment", "pending", 1)
+        assert (await store.verify_audit("shop")).ok
+    finally:
+        await store.close()

@@ -255,7 +255,7 @@ class SQLiteEvents(SQLiteCore):
         rows = await self._t.read(
             lambda c: c.execute(
                 f"SELECT d.grp, d.status, d.attempts, d.next_at, d.error, d.updated_at, "
-                f"d.fence, {E_EVENT_COLS} FROM deliveries d INDEXED BY deliveries_event "
+                f"d.fence, {E_EVENT_COLS} FROM deliveries d "
                 "JOIN events e ON e.app=d.app AND e.id=d.event_id "
                 "WHERE d.app=? AND d.event_id=? ORDER BY d.grp",
                 (app, event_id),
@@ -409,7 +409,8 @@ class SQLiteEvents(SQLiteCore):
             rows = c.execute(
                 f"SELECT {EVENT_COLS} FROM events WHERE app=? AND published=1 AND external=0"
                 " AND stored_at < ? AND id IN (SELECT event_id FROM deliveries"
-                " WHERE app=? AND status='pending') ORDER BY seq LIMIT ?",
+                " INDEXED BY deliveries_due WHERE app=? AND status='pending')"
+                " ORDER BY seq LIMIT ?",
                 (app, stored_before, app, limit),
             ).fetchall()
             events = [event_row(r) for r in rows]

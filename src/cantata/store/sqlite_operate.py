@@ -391,7 +391,8 @@ class SQLiteOperate(SQLiteCore):
 
     async def pending_events(self, app: str, group: str, *, limit: int) -> list[Event[Any]]:
         rows = await self._t.read(lambda c: c.execute(
-            f"SELECT {E_EVENT_COLS} FROM deliveries d JOIN events e "
+            # (by deliveries_due: the key starts with the event since migration 0027)
+            f"SELECT {E_EVENT_COLS} FROM deliveries d INDEXED BY deliveries_due JOIN events e "
             "ON e.app=d.app AND e.id=d.event_id "
             "WHERE d.app=? AND d.grp=? AND d.status='pending' ORDER BY e.seq LIMIT ?",
             (app, group, limit),
@@ -411,14 +412,16 @@ class SQLiteOperate(SQLiteCore):
             if removed:
                 declarations_changed(c, app)
             ended = c.execute(
-                "UPDATE deliveries SET status='done', error=?, owner=NULL, updated_at=? "
+                "UPDATE deliveries INDEXED BY deliveries_due "
+                "SET status='done', error=?, owner=NULL, updated_at=? "
                 "WHERE app=? AND grp=? AND status='pending' AND (owner IS NULL OR NOT EXISTS "
                 " (SELECT 1 FROM workers w WHERE w.app=deliveries.app "
                 "  AND w.worker_id=deliveries.owner AND w.expires_at >= ?))",
                 (retired_error(actor), now, app, group, now),
             ).rowcount
             held = c.execute(
-                "SELECT count(*) FROM deliveries WHERE app=? AND grp=? AND status='pending'",
+                "SELECT count(*) FROM deliveries INDEXED BY deliveries_due "
+                "WHERE app=? AND grp=? AND status='pending'",
                 (app, group),
             ).fetchone()[0]
             dead = c.execute(

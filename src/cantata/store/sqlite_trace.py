@@ -174,7 +174,7 @@ class SQLiteTrace(SQLiteCore):
                 Delivery(r[0], by_id[r[1]], r[2], r[3], r[4], r[5], r[6], r[7])
                 for r in c.execute(
                     "SELECT grp, event_id, status, attempts, next_at, error, updated_at, fence "
-                    "FROM deliveries INDEXED BY deliveries_event WHERE app=? "
+                    "FROM deliveries WHERE app=? "
                     "AND event_id IN (SELECT value FROM json_each(?)) "
                     "ORDER BY updated_at, grp, event_id",
                     (app, event_ids),
