@@ -415,7 +415,15 @@ class ClaimPages:
         held = plan.held_back()
         if found < self.page or not held:
             return None  # (all read; or no room left in the claim or the worker)
-        return partitions_full(self.spec, plan.running, plan.begins)
+        full = partitions_full(self.spec, plan.running, plan.begins)
+        rate = self.spec.rate
+        if rate is not None:  # (their runs past the page are not read: when each frees)
+            for part in full:
+                times = plan.begins.get(part, [])
+                if len(times) >= rate.limit:
+                    free = times[len(times) - rate.limit] + rate.window
+                    self.retry_at = free if self.retry_at is None else min(self.retry_at, free)
+        return full
 
     def keys(self, full: set[str]) -> tuple[str | None, int]:
         """Where the skip scan of the waiting runs' partition keys starts (after which
