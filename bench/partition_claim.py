@@ -131,6 +131,9 @@ def _p90(xs: list[float]) -> float:
 
 
 async def _explain(kind: str, store: Any, url: str, path: str) -> None:
+    from cantata.model.flow import QueueEntry
+    from cantata.testing.contract.support import new_run
+
     if kind == "sqlite":
         from cantata.store import sqlite_flow
 
@@ -169,6 +172,14 @@ async def _explain(kind: str, store: Any, url: str, path: str) -> None:
         ex = Explaining(conn)
         ex.label = "skip scan of the keys"
         keys = await postgres_flow.partition_keys(ex, APP, QUEUE, None, 600)  # type: ignore[arg-type]
+        ex.label = "first page (500 waiting runs, best first)"
+        await ex.fetch(f"SELECT q.run_id, q.partition_key {postgres_flow._WAITING} AND "
+                       'q.workflow = ANY($3::text[]) ORDER BY q.seq, q.run_id COLLATE "C" '
+                       "LIMIT 500", APP, QUEUE, [WF])
+        at = time.time()
+        await store.create_queued_run(new_run(APP, created_at=at, updated_at=at),
+                                      QueueEntry(QUEUE, partition="zz-new"))
+        keys = await postgres_flow.partition_keys(conn, APP, QUEUE, None, 600)
         ex.label = f"heads of {min(len(keys), 500)} keys"
         await ex.fetch(postgres_flow.heads_sql('q.seq, q.run_id COLLATE "C"', "", 500),
                        APP, QUEUE, [WF], keys[:500], 1)

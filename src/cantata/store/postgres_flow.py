@@ -158,8 +158,13 @@ def heads_sql(order: str, not_theirs: str, most: int) -> str:
     return (
         f"SELECT h.run_id, h.partition_key FROM unnest(${n}::text[]) k(p) "
         f"CROSS JOIN LATERAL (SELECT q.run_id, q.partition_key, q.priority, q.seq "
-        f"{_WAITING} AND q.partition_key = k.p AND q.workflow = ANY($3::text[])"
-        f"{not_theirs} ORDER BY {order} LIMIT ${n + 1}) h "
+        # The key as a range of one value and the order by the key first: the order of
+        # the index by key, which only that index gives. (With the key as an equality,
+        # the key is a constant to the planner, and it may read the queue's order,
+        # queue_runs_waiting_seq, filtering out every other key's run before this one's.)
+        f"{_WAITING} AND q.partition_key >= k.p AND q.partition_key <= k.p AND "
+        f"q.workflow = ANY($3::text[]){not_theirs} ORDER BY q.partition_key, {order} "
+        f"LIMIT ${n + 1}) h "
         f"ORDER BY {order.replace('q.', 'h.')} LIMIT {most}"
     )
 

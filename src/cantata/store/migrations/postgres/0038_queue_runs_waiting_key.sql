@@ -9,3 +9,8 @@ CREATE INDEX IF NOT EXISTS queue_runs_waiting_key ON queue_runs (app, queue, par
     WHERE began_at IS NULL;
 CREATE INDEX IF NOT EXISTS queue_runs_waiting_key_priority
     ON queue_runs (app, queue, partition_key, priority, seq) WHERE began_at IS NULL;
+-- The waiting rows of a queue without priorities in the order it admits them (oldest
+-- first), as SQLite has had since its schema 25: the first page of a claim read every
+-- waiting row and sorted them (100,000 waiting: 48 ms per claim, analyzed).
+CREATE INDEX IF NOT EXISTS queue_runs_waiting_seq ON queue_runs (app, queue, seq)
+    WHERE began_at IS NULL;
