@@ -22,6 +22,7 @@ app.queue("conc", concurrency=2)
 app.queue("rated", rate=Rate(3, per=1.0))
 app.queue("prio", concurrency=1, priorities=True)
 app.queue("parts", concurrency=1)
+app.queue("perw", per_worker=2)
 
 
 def note(kind: str, key: object, what: str) -> None:

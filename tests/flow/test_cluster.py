@@ -234,6 +234,50 @@ async def test_worker_killed_holding_a_step_slot_frees_it_within_the_lease(
     assert max_overlap(spans) == 1
 
 
+async def test_a_worker_taking_over_a_killed_workers_runs_keeps_per_worker(
+    cluster_factory: object, client: object
+) -> None:
+    """Two workers each hold per_worker=2 runs of a queue; one is killed (-9). The
+    survivor takes its runs over only as its own end: never more than 2 step bodies at
+    once, the killed worker's runs before the runs still waiting, and every run ends."""
+    cluster: Cluster = cluster_factory()  # type: ignore[operator]
+    cluster.start(2)
+    await cluster.ready()
+    app = client
+    keys = [f"w{i}" for i in range(6)]
+    for key in keys:
+        touch(f"{cluster.ledger}.hold-{key}")
+    handles = [await app.start("job", "perw", key, 0.0, queue="perw")  # type: ignore[attr-defined]
+               for key in keys]
+    await until(lambda: len(cluster.lines("perw")) == 4)
+    await asyncio.sleep(0.5)  # (no fifth begins: each worker is at its per_worker)
+    begun = cluster.lines("perw")
+    by_pid = {pid: [key for _, key, _, _, p in begun if p == pid] for *_, pid in begun}
+    assert sorted(len(v) for v in by_pid.values()) == [2, 2], begun
+    killed, survivor = list(by_pid)
+    os.kill(int(killed), signal.SIGKILL)
+    # Past the killed worker's lease, the survivor (full) takes none of its runs.
+    await asyncio.sleep(LEASE + 2.0)
+    assert len(cluster.lines("perw")) == 4, cluster.lines("perw")
+    for key in keys:
+        remove(f"{cluster.ledger}.hold-{key}")
+    for h in handles:
+        await h.result(timeout=60)
+    mine = [ln for ln in cluster.lines("perw") if ln[4] == survivor]
+    spans: list[tuple[float, float]] = []
+    open_at: dict[str, float] = {}
+    for _, key, what, at, _ in mine:
+        if what == "begin":
+            open_at[key] = float(at)
+        else:
+            spans.append((open_at.pop(key), float(at)))
+    assert not open_at and max_overlap(spans) == 2, mine
+    later = [key for _, key, what, _, _ in mine if what == "begin"][2:]
+    # The killed worker's runs resumed first, then the two that waited.
+    assert sorted(later[:2]) == sorted(by_pid[killed]), later
+    assert sorted(later[2:]) == sorted(set(keys) - {k for v in by_pid.values() for k in v})
+
+
 async def test_each_tick_runs_once_with_three_workers(cluster_factory: object) -> None:
     cluster: Cluster = cluster_factory("skip")  # type: ignore[operator]
     cluster.start(3)

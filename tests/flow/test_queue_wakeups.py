@@ -114,3 +114,45 @@ async def test_a_run_ending_in_another_process_begins_the_next_one_at_once(
         assert await held.result(timeout=30) == "held"
         assert await queued.result(timeout=30) == "next"
     assert begun["next"] - ended["held"] < AT_ONCE, begun["next"] - ended["held"]
+
+
+async def test_a_new_keys_run_begins_at_once_behind_another_keys_long_backlog(
+    store_url: str,
+) -> None:
+    """Key A holds its one slot (``concurrency=1`` per key) with 700 runs waiting, more
+    than a claim's first page (500): a run of key B queued behind them begins at the
+    next claim, not after a back-off (up to 8 s before the claims read the partitions'
+    heads; more than 120 s before they read past a held-back page at all)."""
+    app = App("wake", store=store_url)  # the default poll interval
+    app.queue("q", concurrency=1)
+    begun: dict[str, float] = {}
+    gate = asyncio.Event()
+
+    @app.step
+    async def work(key: str) -> str:
+        begun[key] = time.monotonic()
+        if key == "A0":
+            await gate.wait()
+        return key
+
+    @app.workflow(queue="q")
+    async def job(ctx: WorkflowContext, key: str) -> str:
+        out: str = await ctx.run(work, key)
+        return out
+
+    async with app:
+        first = await app.start(job, "A0", partition="A")
+        await until(lambda: "A0" in begun)
+        backlog = [await app.start(job, f"A{i}", partition="A") for i in range(1, 701)]
+        # Long enough for claims to read past A's full page and find nothing (which
+        # made the claims of an older version wait 1, 2, then 4 s before reading again).
+        await asyncio.sleep(3.5)
+        started = time.monotonic()
+        other = await app.start(job, "B", partition="B")
+        assert await other.result(timeout=30) == "B"
+        assert begun["B"] - started < 1.0, begun["B"] - started
+        assert len(begun) == 2  # none of A's backlog began
+        gate.set()
+        assert await first.result(timeout=30) == "A0"
+        for h in backlog:
+            await h.cancel()

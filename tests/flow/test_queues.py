@@ -365,9 +365,53 @@ async def test_one_keys_backlog_past_a_claims_page_does_not_starve_another_key(
         await until(lambda: begun)  # A0 took A's slot (or the window's one begin)
         backlog = [await app.start(job, f"A{i}", partition="A") for i in range(1, 9)]
         other = await app.start(job, "B", partition="B")
-        # (within about a second: a claim reads past a held-back key at most that often)
+        # (at the next claim: it reads the other keys' heads past the held-back page)
         assert await other.result(timeout=10) == "B"
         assert [await h.status() for h in backlog] == [RunStatus.PENDING] * 8
+        gate.set()
+        for h in backlog:
+            await h.cancel()
+
+
+async def test_more_keys_behind_a_backlog_than_a_claim_reads_all_begin(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim's page and the keys it reads past a held-back page: 3 here (500 in use),
+    # so that 10 keys behind customer A's backlog take turns over several claims.
+    from cantata.store import postgres_flow, sqlite_flow
+
+    monkeypatch.setattr(sqlite_flow, "CANDIDATES", 3)
+    monkeypatch.setattr(postgres_flow, "CANDIDATES", 3)
+    app = App("flow", store=store_url, poll_interval=0.05)
+    app.queue("q", concurrency=1)
+    gate, begun = asyncio.Event(), []
+
+    @app.step
+    async def work(key: str) -> str:
+        begun.append(key)
+        if key.startswith("A"):
+            await gate.wait()  # A's one slot stays taken
+        return key
+
+    @app.workflow(queue="q")
+    async def job(ctx: object, key: str) -> str:
+        return await ctx.run(work, key)  # type: ignore[attr-defined, no-any-return]
+
+    async with app:
+        await app.start(job, "A0", partition="A")
+        await until(lambda: begun)
+        backlog = [await app.start(job, f"A{i}", partition="A") for i in range(1, 6)]
+        later = [await app.start(job, f"K{i}", partition=f"K{i}") for i in range(4, 10)]
+        assert sorted([await h.result(timeout=20) for h in later]) == [
+            f"K{i}" for i in range(4, 10)
+        ]
+        # Keys before those the last claims read (in key order) are read too: the reads
+        # go round.
+        earlier = [await app.start(job, f"K{i}", partition=f"K{i}") for i in range(4)]
+        assert sorted([await h.result(timeout=20) for h in earlier]) == [
+            f"K{i}" for i in range(4)
+        ]
+        assert [await h.status() for h in backlog] == [RunStatus.PENDING] * 5
         gate.set()
         for h in backlog:
             await h.cancel()

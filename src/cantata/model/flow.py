@@ -313,91 +313,150 @@ def plan_admissions(
     return admit, retry_at
 
 
-#: Seconds a claim leaves between two reads past the partitions held back in a queue
-#: when the last one found no run of another partition waiting: doubled after each
-#: such read, up to READ_ON_MOST (see ReadsOn).
-READ_ON_EVERY = 1.0
-READ_ON_MOST = 8.0
+def takeovers(
+    candidates: Sequence[tuple[str, str]], room: dict[str, int], limit: int
+) -> list[str]:
+    """Which runs in progress in queues with a ``per_worker`` limit, whose owner is gone,
+    a worker takes over: ``candidates`` (``(run_id, queue)``, oldest begin first), at most
+    ``room[queue]`` of each queue (its ``per_worker`` less the runs of the queue the
+    worker has in progress) and ``limit`` in all. The others stay with their gone owner,
+    claimable by a worker with room, or by this one once it has room (a queue claim
+    leaves that room to them first: docs/flow-control.md#queues)."""
+    left = dict(room)
+    out: list[str] = []
+    for run_id, queue in candidates:
+        if len(out) >= limit:
+            break
+        if left.get(queue, 0) > 0:
+            left[queue] -= 1
+            out.append(run_id)
+    return out
 
 
-class ReadsOn:
-    """When a claim reads on past the partitions whose own limits hold back a full
-    page of waiting runs, so that one key's backlog does not starve another's.
+def partitions_full(
+    spec: QueueSpec, running: dict[str, int], begins: dict[str, list[float]]
+) -> set[str]:
+    """The partitions whose own limits admit no run now: ``concurrency`` runs in
+    progress, or ``rate.limit`` begins in the window (``running`` and ``begins`` as
+    :func:`plan_admissions` takes them)."""
+    full: set[str] = set()
+    if spec.concurrency is not None:
+        full |= {part for part, n in running.items() if n >= spec.concurrency}
+    if spec.rate is not None:
+        full |= {part for part, times in begins.items() if len(times) >= spec.rate.limit}
+    return full
 
-    Such a read walks the held-back runs (no index orders the waiting runs by
-    partition), so a queue whose waiting runs are all held back (an unpartitioned queue
-    at its limit, with a long backlog) would be walked whole at every claim. After a
-    read that found nothing past them, the store's claims in that queue read on again
-    only :data:`READ_ON_EVERY` seconds later, then twice as long after each further read
-    that found nothing, at most :data:`READ_ON_MOST`; a read that found runs resets it.
-    A run of another key queued behind such a backlog begins within that time.
-    """
+
+class PartitionCursor:
+    """Where a claim's read of the partitions' heads (:class:`ClaimPages`) starts: after
+    the last partition key the previous such read of the queue visited, when it stopped
+    at its cap, so that the partitions behind a held-back backlog take turns (a store's
+    own, per app and queue; keys in the store's order)."""
 
     def __init__(self) -> None:
-        self._found_none: dict[tuple[str, str], tuple[float, float]] = {}
+        self._after: dict[tuple[str, str], str] = {}
 
     @staticmethod
-    def of(store: object) -> ReadsOn:
-        """The store's own (made on its first claim that reads on)."""
-        reads_on: ReadsOn | None = getattr(store, "_queue_reads_on", None)
-        if reads_on is None:
-            reads_on = ReadsOn()
-            setattr(store, "_queue_reads_on", reads_on)  # noqa: B010 (a mixin's state)
-        return reads_on
+    def of(store: object) -> PartitionCursor:
+        """The store's own (made on its first claim that reads the heads)."""
+        cursor: PartitionCursor | None = getattr(store, "_queue_partition_cursor", None)
+        if cursor is None:
+            cursor = PartitionCursor()
+            setattr(store, "_queue_partition_cursor", cursor)  # noqa: B010 (a mixin's state)
+        return cursor
 
-    def due(self, app: str, queue: str, now: float) -> float | None:
-        """``None`` if a claim at ``now`` reads on, else when one may (a time for the
-        claim's ``retry_at``: the queue loop looks again then)."""
-        last = self._found_none.get((app, queue))
+    def after(self, app: str, queue: str) -> str | None:
+        """The key the next read starts after (``None``: at the first key)."""
+        return self._after.get((app, queue))
+
+    def visited(self, app: str, queue: str, last: str | None) -> None:
+        """A read stopped at its cap after ``last`` (``None``: it reached the end)."""
         if last is None:
-            return None
-        at, wait = last
-        return None if not 0 <= now - at < wait else at + wait
-
-    def read(self, app: str, queue: str, now: float, found: bool) -> None:
-        """A claim at ``now`` read on past the partitions held back and ``found`` runs."""
-        if found:
-            self._found_none.pop((app, queue), None)
-            return
-        last = self._found_none.get((app, queue))
-        wait = READ_ON_EVERY if last is None else min(last[1] * 2, READ_ON_MOST)
-        self._found_none[(app, queue)] = (now, wait)
+            self._after.pop((app, queue), None)
+        else:
+            self._after[(app, queue)] = last
 
 
 class ClaimPages:
-    """The pages of waiting runs one queue claim reads: what their plans leave to the
-    claim's answer (``retry_at``, ``waiting``), and whether to read on past the
-    partitions a full page's own limits hold back (``passed``), so that one key's
-    backlog does not starve another's (:class:`ReadsOn` spaces such reads)."""
+    """The reads of waiting runs one queue claim makes, and what their plans leave to
+    the claim's answer (``retry_at``, ``waiting``).
 
-    def __init__(self, reads_on: ReadsOn, app: str, queue: str, now: float) -> None:
-        self.reads_on, self.app, self.queue, self.now = reads_on, app, queue, now
+    First a page of the waiting runs, best first (``page`` of them at most). When
+    that page was full and every run it left is held back by its own partition's limits
+    (``concurrency`` or ``rate``), a run of another partition may wait past it: the
+    claim then reads the **heads** of the partitions with room, each partition's best
+    waiting runs, found by a skip scan of the waiting runs' partition keys (an index on
+    the partition key, then the order), at most ``page`` keys with room from the
+    :class:`PartitionCursor` on, and plans them best first. So a run of a key queued behind
+    any backlog of another key begins at the next claim, and a claim reads at most a
+    page and the keys' heads, however long the backlog (docs/flow-control.md).
+    """
+
+    def __init__(
+        self, spec: QueueSpec, cursor: PartitionCursor, app: str, queue: str, page: int
+    ) -> None:
+        self.spec, self.cursor, self.app, self.queue = spec, cursor, app, queue
+        self.page = page
         self.retry_at: float | None = None
         self.waiting = False
-        self.passed: list[str] = []  # partitions held back by their own limits
 
-    def read(self, found: int) -> None:
-        """A page of ``found`` candidates was read (past ``passed``, if any)."""
-        if self.passed:
-            self.reads_on.read(self.app, self.queue, self.now, found > 0)
-
-    def read_on(self, plan: Admissions, found: int, page: int) -> bool:
-        """Take what ``plan`` of a page of ``found`` candidates (at most ``page``) left;
-        whether to read another page, past the partitions now in ``passed``."""
+    def took(self, plan: Admissions, found: int) -> None:
+        """Take what ``plan`` of a read of ``found`` candidates left."""
         if plan.retry_at is not None:
             self.retry_at = (plan.retry_at if self.retry_at is None
                              else min(self.retry_at, plan.retry_at))
-        full = found == page  # (a full page, all planned: more may wait past it)
-        self.waiting = self.waiting or plan.waiting or full
+        self.waiting = self.waiting or plan.waiting or found >= self.page
+
+    def heads(self, plan: Admissions, found: int) -> set[str] | None:
+        """After the first page (``found`` candidates, planned by ``plan``): ``None`` if
+        the claim is done, else the partitions the read of the heads passes over (those
+        with no room now)."""
+        self.took(plan, found)
         held = plan.held_back()
-        if not full or not held or held <= set(self.passed):
-            return False
-        later = self.reads_on.due(self.app, self.queue, self.now)
-        if later is not None:
-            self.retry_at = later if self.retry_at is None else min(self.retry_at, later)
-            return False
-        self.passed = sorted(set(self.passed) | held)
-        return True
+        if found < self.page or not held:
+            return None  # (all read; or no room left in the claim or the worker)
+        full = partitions_full(self.spec, plan.running, plan.begins)
+        rate = self.spec.rate
+        if rate is not None:  # (their runs past the page are not read: when each frees)
+            for part in full:
+                times = plan.begins.get(part, [])
+                if len(times) >= rate.limit:
+                    free = times[len(times) - rate.limit] + rate.window
+                    self.retry_at = free if self.retry_at is None else min(self.retry_at, free)
+        return full
+
+    def keys(self, full: set[str]) -> tuple[str | None, int]:
+        """Where the skip scan of the waiting runs' partition keys starts (after which
+        key; ``None``: at the first) and how many keys it visits at most: a page of keys
+        with room, besides the ``full`` ones it passes over."""
+        return self.cursor.after(self.app, self.queue), self.page + len(full)
+
+    def visited(
+        self, full: set[str], after: str | None, cap: int, keys: list[str],
+        again: list[str] | None = None,
+    ) -> list[str]:
+        """The keys to read the heads of, of the skip scan's ``keys`` (from ``after``, at
+        most ``cap``) and, when it started after a key and reached the end, ``again``
+        (the scan from the first key, at most ``cap - len(keys)``); moves the cursor."""
+        self.cursor.visited(self.app, self.queue, keys[-1] if len(keys) >= cap else None)
+        seen = set(keys)
+        every = keys + [k for k in again or () if k not in seen]
+        return [k for k in every if k not in full]
+
+    def wraps(self, after: str | None, cap: int, keys: list[str]) -> int:
+        """How many keys to read again from the first one (0: none): the scan started
+        after a key and reached the end before its cap."""
+        return cap - len(keys) if after is not None and len(keys) < cap else 0
+
+    def per_key(self, plan: Admissions) -> int:
+        """How many of each partition's best waiting runs its head is: the most one
+        partition may begin in this claim."""
+        most = max(plan.limit, 1)
+        if self.spec.concurrency is not None:
+            most = min(most, self.spec.concurrency)
+        if self.spec.rate is not None:
+            most = min(most, self.spec.rate.limit)
+        return most
 
 
 class Admissions:

@@ -53,6 +53,18 @@ def cancelled_in_queue(run: str) -> str:
             "AND coalesce(q.began_at, 0) = 0))")
 
 
+def in_progress_per_worker(run: str) -> str:
+    """SQL (SQLite and PostgreSQL alike), true of the run aliased ``run`` when it is in
+    progress in a queue with a ``per_worker`` limit (begun, its row not done): a claim of
+    runs (``RunStore.claim_runs``) takes such a run over from a gone owner only within
+    that limit, counted with the runs of the queue the claiming worker has in progress
+    (``model.flow.takeovers``), not with the others it claims."""
+    return (f"EXISTS (SELECT 1 FROM queue_runs q JOIN queues u ON u.app=q.app AND "
+            f"u.name=q.queue WHERE q.app={run}.app AND q.run_id={run}.run_id AND "
+            "q.began_at > 0 AND NOT q.done "
+            "AND u.per_worker IS NOT NULL)")
+
+
 def earlier_begin_key(run_id: str, epoch: int) -> str:
     """The key a retried run's queue row is kept under once the run waits again
     (``OperateStore.retry_run``): the begin of its epoch ``epoch`` still counts in the

@@ -16,13 +16,13 @@ from cantata.errors import QueueConflict
 from cantata.model.flow import (
     Admissions,
     ClaimPages,
+    PartitionCursor,
     QueueClaim,
     QueueEntry,
     QueuePosition,
     QueueSpec,
     QueueStats,
     Rate,
-    ReadsOn,
     ScheduleRow,
     SlotGrant,
     plan_slot,
@@ -152,6 +152,44 @@ async def _create_queued(
     return out
 
 
+def heads_sql(order: str, not_theirs: str, most: int) -> str:
+    """The best waiting runs (``order``) of each partition key in an array, at most a
+    given number per key (a LATERAL read per key, by migration 0038's index), then
+    best first, at most ``most`` in all. Parameters: $1 app, $2 queue, $3 workflows,
+    ($4, $5 the versions of ``not_theirs``,) then the keys and the number per key."""
+    n = 6 if not_theirs else 4
+    return (
+        f"SELECT h.run_id, h.partition_key FROM unnest(${n}::text[]) k(p) "
+        f"CROSS JOIN LATERAL (SELECT q.run_id, q.partition_key, q.priority, q.seq "
+        # The key as a range of one value and the order by the key first: the order of
+        # the index by key, which only that index gives. (With the key as an equality,
+        # the key is a constant to the planner, and it may read the queue's order,
+        # queue_runs_waiting_seq, filtering out every other key's run before this one's.)
+        f"{_WAITING} AND q.partition_key >= k.p AND q.partition_key <= k.p AND "
+        f"q.workflow = ANY($3::text[]){not_theirs} ORDER BY q.partition_key, {order} "
+        f"LIMIT ${n + 1}) h "
+        f"ORDER BY {order.replace('q.', 'h.')} LIMIT {most}"
+    )
+
+
+async def partition_keys(
+    c: Conn, app: str, queue: str, after: str | None, most: int
+) -> list[str]:
+    """The partition keys of ``queue``'s waiting rows, in order, after ``after`` (``None``:
+    from the first), at most ``most``: a skip scan (a recursive query), one probe of the
+    index by key (migration 0038) per key, however many rows each key has waiting."""
+    nxt = ("SELECT x.partition_key FROM queue_runs x WHERE x.app=$1 AND x.queue=$2 AND "
+           "x.began_at IS NULL AND x.partition_key")
+    first = f"{nxt} > $4" if after is not None else f"{nxt} >= ''"
+    rows = await c.fetch(
+        f"WITH RECURSIVE k(p, n) AS (SELECT ({first} ORDER BY x.partition_key LIMIT 1), 1 "
+        f"UNION ALL SELECT ({nxt} > k.p ORDER BY x.partition_key LIMIT 1), k.n + 1 FROM k "
+        "WHERE k.p IS NOT NULL AND k.n < $3) SELECT p FROM k WHERE p IS NOT NULL",
+        app, queue, most, *([after] if after is not None else []),
+    )
+    return [r[0] for r in rows]
+
+
 class PostgresFlow(PostgresCore):
     """Flow-control operations of :class:`~cantata.store.postgres.PostgresStore`."""
 
@@ -259,6 +297,21 @@ class PostgresFlow(PostgresCore):
                 "r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NOT NULL "
                 "AND NOT q.done AND r.owner=$3", app, queue, worker_id,
             )
+            if spec.per_worker is not None:
+                # The runs in progress whose owner is gone (its lease lapsed, or it let
+                # them go), that this worker would take over (claim_runs): their room
+                # comes first, so that new runs do not take every slot that frees and
+                # leave them stranded (docs/flow-control.md).
+                mine += await c.fetchval(
+                    "SELECT count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
+                    "r.run_id=q.run_id WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NOT "
+                    f"NULL AND NOT q.done AND {_LIVE} AND r.wake_at IS NULL AND "
+                    "r.workflow = ANY($3::text[]) AND ($4::text IS NULL OR r.version IS NULL "
+                    "OR r.version = $4) AND (r.owner IS NULL OR (r.owner<>$5 AND EXISTS "
+                    "(SELECT 1 FROM workers w WHERE w.app=r.app AND w.worker_id=r.owner AND "
+                    "w.expires_at < $6)))",
+                    app, queue, workflows, pin_version, worker_id, now,
+                )
             begins: dict[str, list[float]] = {}
             if spec.rate is not None:
                 for r in await c.fetch(
@@ -270,20 +323,8 @@ class PostgresFlow(PostgresCore):
                      else "q.seq, q.run_id COLLATE \"C\"")
             by_id: dict[str, RunRecord] = {}
             order_of: list[str] = []
-            pages = ClaimPages(ReadsOn.of(self), app, queue, now)
-            n = 4 + len(params)  # the number of the parameter of ``passed``
-            while True:
-                passed = pages.passed
-                past = f" AND q.partition_key <> ALL(${n}::text[])" if passed else ""
-                candidates = await c.fetch(
-                    f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = "
-                    f"ANY($3::text[]){not_theirs}{past} ORDER BY {order} LIMIT {CANDIDATES}",
-                    app, queue, workflows, *params, *([passed] if passed else []),
-                )
-                pages.read(len(candidates))
-                plan = Admissions(
-                    spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
-                )
+
+            async def admit_all(plan: Admissions) -> None:
                 while admit := plan.next():
                     rows = await c.fetch(
                         f"UPDATE runs r SET owner=$2, fence=r.fence+1, "
@@ -315,11 +356,38 @@ class PostgresFlow(PostgresCore):
                         "WHERE app=$1 AND run_id = ANY($4::text[])", app, now, began, tried,
                     )
                     by_id.update((r[0], run_row(r)) for r in rows)
-                    order_of += admit
+                    order_of.extend(admit)
                     plan.began(admit, began)
-                if not pages.read_on(plan, len(candidates), CANDIDATES):
-                    break
-                running, mine, begins, limit = plan.running, plan.mine, plan.begins, plan.limit
+
+            pages = ClaimPages(spec, PartitionCursor.of(self), app, queue, CANDIDATES)
+            candidates = await c.fetch(
+                f"SELECT q.run_id, q.partition_key {_WAITING} AND q.workflow = "
+                f"ANY($3::text[]){not_theirs} ORDER BY {order} LIMIT {CANDIDATES}",
+                app, queue, workflows, *params,
+            )
+            plan = Admissions(
+                spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
+            )
+            await admit_all(plan)
+            full = pages.heads(plan, len(candidates))
+            if full is not None:
+                # Every run the page left is held back by its own partition: the heads of
+                # the partitions with room, past them (model.flow.ClaimPages).
+                after, cap = pages.keys(full)
+                keys = await partition_keys(c, app, queue, after, cap)
+                again = pages.wraps(after, cap, keys)
+                keys = pages.visited(
+                    full, after, cap, keys,
+                    await partition_keys(c, app, queue, None, again) if again else None,
+                )
+                heads = await c.fetch(
+                    heads_sql(order, not_theirs, CANDIDATES),
+                    app, queue, workflows, *params, keys, pages.per_key(plan),
+                ) if keys else []
+                more = Admissions(spec, [(r[0], r[1]) for r in heads], plan.running,
+                                  plan.mine, plan.begins, now, plan.limit)
+                await admit_all(more)
+                pages.took(more, 0)
         runs = [by_id[i] for i in order_of if i in by_id]
         return QueueClaim(runs, pages.retry_at, pages.waiting)
 

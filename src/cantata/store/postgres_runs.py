@@ -44,6 +44,11 @@ _OLDEST_LIVE = (
 )
 
 
+#: Seconds a PostgreSQL store keeps its answer to whether an app has a queue with a
+#: ``per_worker`` limit (a claim of runs takes such a queue's runs over apart).
+PER_WORKER_LOOK_EVERY = 5.0
+
+
 class PostgresRuns(PostgresCore):
     """The runs role of :class:`~cantata.store.postgres.PostgresStore`."""
 
@@ -96,10 +101,31 @@ class PostgresRuns(PostgresCore):
     ) -> list[RunRecord]:
         if not workflows or (run_ids is not None and not run_ids):
             return []
-        return await self._w.run(
+        claimed = await self._w.run(
             lambda c, b: writes.claim_runs(c, b, app, worker_id, workflows, stale_before, limit,
                                            versions, run_ids, now, pin_version, unchanged)
         )
+        if len(claimed) < limit and await self._has_per_worker_queues(app):
+            # (apart from the batch: it locks queue rows, which a queue claim holds)
+            async with self._db.tx() as c:
+                claimed += await writes.take_over_in_queues(
+                    c, app, worker_id, workflows, stale_before, limit - len(claimed),
+                    versions, run_ids, pin_version, unchanged,
+                )
+        return claimed
+
+    async def _has_per_worker_queues(self, app: str) -> bool:
+        """Whether ``app`` has a queue with a ``per_worker`` limit, looked up again at
+        most every few seconds (queues are declared when an app opens): an app without
+        one pays no second round trip per claim of runs."""
+        known: dict[str, tuple[float, bool]] = self.__dict__.setdefault("_per_worker_seen", {})
+        seen = known.get(app)
+        if seen is None or time.monotonic() - seen[0] > PER_WORKER_LOOK_EVERY:
+            has = bool(await self._db.fetch(
+                "SELECT 1 FROM queues WHERE app=$1 AND per_worker IS NOT NULL LIMIT 1", app
+            ))
+            seen = known[app] = (time.monotonic(), has)
+        return seen[1]
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
         await self._w.run_many(writes.commit_runs, (app, run_id, fence, write))

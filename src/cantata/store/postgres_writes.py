@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cantata.errors import LeaseLost
+from cantata.model.flow import takeovers
 from cantata.model.idempotency import same_start, start_conflict
 from cantata.model.records import (
     RunRecord,
@@ -25,7 +26,7 @@ from cantata.model.records import (
 from cantata.store import audit
 from cantata.store import postgres_ops as ops
 from cantata.store.base import RUNS, TASKS
-from cantata.store.common import cancelled_in_queue
+from cantata.store.common import cancelled_in_queue, in_progress_per_worker
 from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_event_writes import append
 from cantata.store.postgres_ops import (
@@ -146,6 +147,9 @@ async def claim_runs(
         # a run waiting in a queue begins through claim_queued_runs (or is cancelled)
         f"  AND (c.cancel_requested OR NOT EXISTS (SELECT 1 FROM queue_runs q"
         f"   WHERE q.app=c.app AND q.run_id=c.run_id AND q.began_at IS NULL))"
+        # one in progress in a per_worker queue is taken over within the limit, apart
+        # (take_over_in_queues)
+        f"  AND NOT {in_progress_per_worker('c')}"
         f" ORDER BY c.created_at LIMIT $5 FOR UPDATE SKIP LOCKED) p"
         f" ORDER BY p.created_at LIMIT $5),"
         f" due AS MATERIALIZED ("
@@ -167,6 +171,64 @@ async def claim_runs(
         app, list(workflows), worker_id, stale_before, limit,
         None if versions is None else list(versions), None if run_ids is None else list(run_ids),
         now, pin_version, None if unchanged is None else list(unchanged),
+    )
+    return [run_row(r) for r in rows]
+
+
+_R_COLS = ", ".join("r." + col.strip() for col in RUN_COLS.split(","))
+
+
+async def take_over_in_queues(
+    c: Conn, app: str, worker_id: str, workflows: Sequence[str], stale_before: float,
+    limit: int, versions: Sequence[str] | None, run_ids: Sequence[str] | None,
+    pin_version: str | None, unchanged: Sequence[float] | None,
+) -> list[RunRecord]:
+    """The part of :func:`claim_runs` that takes over runs in progress in queues with a
+    ``per_worker`` limit (the claim's pick leaves them out), within each queue's room on
+    this worker (model.flow.takeovers), in the caller's transaction: the rows of those
+    queues are locked (``FOR UPDATE``, in name order) before this worker's runs in them
+    are counted, as a queue claim locks its queue's row, so the two take turns and
+    never count past the limit."""
+    # Runs of the claim's filters in progress in such a queue, whose owner is gone.
+    gone = ("FROM queue_runs q JOIN queues u ON u.app=q.app AND u.name=q.queue JOIN runs c "
+            "ON c.app=q.app AND c.run_id=q.run_id WHERE q.app=$1 AND u.per_worker IS NOT NULL "
+            f"AND q.began_at IS NOT NULL AND NOT q.done AND c.status IN {LIVE_SQL} "
+            "AND c.wake_at IS NULL AND c.workflow = ANY($2::text[]) AND (c.owner IS NULL OR "
+            "(c.owner<>$3 AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.app=c.app AND "
+            "w.worker_id=c.owner AND w.expires_at >= $4))) AND ($5::text[] IS NULL OR "
+            "c.version IS NULL OR c.version = ANY($5::text[])) AND ($6::text[] IS NULL OR "
+            "c.run_id = ANY($6::text[])) AND ($7::float8[] IS NULL OR (c.run_id, c.updated_at) "
+            "IN (SELECT * FROM unnest($6::text[], $7::float8[])))")
+    args = (app, list(workflows), worker_id, stale_before,
+            None if versions is None else list(versions),
+            None if run_ids is None else list(run_ids),
+            None if unchanged is None else list(unchanged))
+    queues = [r[0] for r in await c.fetch(f"SELECT DISTINCT q.queue {gone}", *args)]
+    if not queues:
+        return []
+    per_worker = {r[0]: r[1] for r in await c.fetch(
+        'SELECT name, per_worker FROM queues WHERE app=$1 AND name = ANY($2::text[]) '
+        'ORDER BY name COLLATE "C" FOR UPDATE', app, queues,
+    )}
+    mine = {r[0]: r[1] for r in await c.fetch(
+        "SELECT q.queue, count(*) FROM queue_runs q JOIN runs r ON r.app=q.app AND "
+        "r.run_id=q.run_id WHERE q.app=$1 AND q.queue = ANY($2::text[]) AND q.began_at IS "
+        f"NOT NULL AND NOT q.done AND r.owner=$3 AND r.status IN {LIVE_SQL} GROUP BY q.queue",
+        app, queues, worker_id,
+    )}
+    room = {q: n - mine.get(q, 0) for q, n in per_worker.items() if n is not None}
+    candidates = [(r[0], r[1]) for r in await c.fetch(
+        f"SELECT c.run_id, q.queue {gone} ORDER BY q.began_at, c.run_id COLLATE \"C\" "
+        "FOR UPDATE OF c SKIP LOCKED", *args,
+    )]
+    chosen = takeovers(candidates, room, limit)
+    if not chosen:
+        return []
+    rows = await c.fetch(
+        "UPDATE runs r SET owner=$3, fence=r.fence+1, wake_at=NULL, waits_for=NULL, "
+        "wait_match=NULL, version=coalesce($4::text, r.version) WHERE r.app=$1 AND "
+        f"r.run_id = ANY($2::text[]) RETURNING {_R_COLS}",
+        app, chosen, worker_id, pin_version,
     )
     return [run_row(r) for r in rows]
 

@@ -8,6 +8,7 @@ lock, so two claimers never exceed a limit.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,13 +17,13 @@ from cantata.errors import QueueConflict
 from cantata.model.flow import (
     Admissions,
     ClaimPages,
+    PartitionCursor,
     QueueClaim,
     QueueEntry,
     QueuePosition,
     QueueSpec,
     QueueStats,
     Rate,
-    ReadsOn,
     ScheduleRow,
     SlotGrant,
     plan_slot,
@@ -138,6 +139,38 @@ def _close_ended(c: sqlite3.Connection, app: str, queue: str) -> None:
         f"AND r.status NOT IN {LIVE_SQL})",
         (app, queue, app, queue),
     )
+
+
+def heads_sql(priorities: bool, marks: str, not_theirs: str, most: int) -> str:
+    """The best waiting runs of each partition key in a JSON array, at most a given
+    number per key (read by migration 0028's index of the queue's order), then best
+    first, at most ``most`` in all. Parameters: the keys (JSON), app, app, queue, the
+    workflows (``marks``), the versions of ``not_theirs``, the number per key."""
+    order, by_key = (("q.priority, q.seq, q.run_id", "queue_runs_waiting_key_priority")
+                     if priorities else ("q.seq, q.run_id", "queue_runs_waiting_key"))
+    return (
+        f"SELECT o.run_id, o.partition_key FROM json_each(?) k JOIN queue_runs o "
+        f"ON o.app=? AND o.run_id IN (SELECT q.run_id FROM queue_runs q INDEXED BY "
+        f"{by_key} WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND "
+        f"q.partition_key=k.value AND q.workflow IN ({marks}){not_theirs} "
+        f"ORDER BY {order} LIMIT ?) ORDER BY {order.replace('q.', 'o.')} LIMIT {most}"
+    )
+
+
+def partition_keys(
+    c: sqlite3.Connection, app: str, queue: str, after: str | None, most: int
+) -> list[str]:
+    """The partition keys of ``queue``'s waiting rows, in order, after ``after`` (``None``:
+    from the first), at most ``most``: a skip scan, one seek of the index by key
+    (migration 0028) per key, however many rows each key has waiting."""
+    nxt = ("SELECT min(x.partition_key) FROM queue_runs x INDEXED BY queue_runs_waiting_key "
+           "WHERE x.app=:app AND x.queue=:queue AND x.began_at IS NULL AND x.partition_key")
+    first = f"{nxt} > :after" if after is not None else f"{nxt} >= ''"
+    return [r[0] for r in c.execute(
+        f"WITH RECURSIVE k(p) AS (SELECT ({first}) UNION ALL SELECT ({nxt} > k.p) FROM k "
+        "WHERE k.p IS NOT NULL LIMIT :most) SELECT p FROM k WHERE p IS NOT NULL",
+        {"app": app, "queue": queue, "after": after, "most": most},
+    )]
 
 
 def enqueue(
@@ -284,6 +317,19 @@ class SQLiteFlow(SQLiteCore):
             mine = 0 if spec.per_worker is None else c.execute(
                 f"SELECT count(*) {_ACTIVE_INDEXED} AND r.owner=?", (app, queue, worker_id),
             ).fetchone()[0]
+            if spec.per_worker is not None:
+                # The runs in progress whose owner is gone (its lease lapsed, or it let
+                # them go), that this worker would take over (claim_runs): their room
+                # comes first, so that new runs do not take every slot that frees and
+                # leave them stranded (docs/flow-control.md).
+                mine += c.execute(
+                    f"SELECT count(*) {_ACTIVE_INDEXED} AND {LIVE_R} AND r.wake_at IS NULL "
+                    f"AND r.workflow IN ({marks}) AND (? IS NULL OR r.version IS NULL OR "
+                    "r.version=?) AND (r.owner IS NULL OR (r.owner<>? AND EXISTS (SELECT 1 "
+                    "FROM workers w WHERE w.app=r.app AND w.worker_id=r.owner AND "
+                    "w.expires_at < ?)))",
+                    (app, queue, *workflows, pin_version, pin_version, worker_id, now),
+                ).fetchone()[0]
             begins: dict[str, list[float]] = {}
             if spec.rate is not None:
                 for part, at in c.execute(
@@ -296,22 +342,8 @@ class SQLiteFlow(SQLiteCore):
             order, index = (("q.priority, q.seq, q.run_id", "queue_runs_waiting")
                             if spec.priorities else ("q.seq, q.run_id", "queue_runs_waiting_seq"))
             runs: list[RunRecord] = []
-            room = limit
-            pages = ClaimPages(ReadsOn.of(self), app, queue, now)
-            while True:
-                passed = pages.passed
-                past = ("" if not passed else
-                        f" AND q.partition_key NOT IN ({','.join('?' * len(passed))})")
-                candidates = c.execute(
-                    f"SELECT q.run_id, q.partition_key FROM queue_runs q INDEXED BY {index} "
-                    f"WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND q.workflow IN "
-                    f"({marks}){not_theirs}{past} ORDER BY {order} LIMIT {CANDIDATES}",
-                    (app, queue, *workflows, *skip, *passed),
-                ).fetchall()
-                pages.read(len(candidates))
-                plan = Admissions(
-                    spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, room
-                )
+
+            def admit_all(plan: Admissions) -> None:
                 while admit := plan.next():
                     began = []
                     for run_id in admit:
@@ -338,9 +370,36 @@ class SQLiteFlow(SQLiteCore):
                             runs.append(run_row(got))
                             began.append(run_id)
                     plan.began(admit, began)
-                if not pages.read_on(plan, len(candidates), CANDIDATES):
-                    break
-                running, mine, begins, room = plan.running, plan.mine, plan.begins, plan.limit
+
+            pages = ClaimPages(spec, PartitionCursor.of(self), app, queue, CANDIDATES)
+            candidates = c.execute(
+                f"SELECT q.run_id, q.partition_key FROM queue_runs q INDEXED BY {index} "
+                f"WHERE q.app=? AND q.queue=? AND q.began_at IS NULL AND q.workflow IN "
+                f"({marks}){not_theirs} ORDER BY {order} LIMIT {CANDIDATES}",
+                (app, queue, *workflows, *skip),
+            ).fetchall()
+            plan = Admissions(
+                spec, [(r[0], r[1]) for r in candidates], running, mine, begins, now, limit
+            )
+            admit_all(plan)
+            full = pages.heads(plan, len(candidates))
+            if full is None:
+                return QueueClaim(runs, pages.retry_at, waiting=pages.waiting)
+            # Every run the page left is held back by its own partition: the heads of the
+            # partitions with room, past them (model.flow.ClaimPages).
+            after, cap = pages.keys(full)
+            keys = partition_keys(c, app, queue, after, cap)
+            again = pages.wraps(after, cap, keys)
+            keys = pages.visited(full, after, cap, keys,
+                                 partition_keys(c, app, queue, None, again) if again else None)
+            heads = c.execute(
+                heads_sql(spec.priorities, marks, not_theirs, CANDIDATES),
+                (json.dumps(keys), app, app, queue, *workflows, *skip, pages.per_key(plan)),
+            ).fetchall() if keys else []
+            more = Admissions(spec, [(r[0], r[1]) for r in heads], plan.running, plan.mine,
+                              plan.begins, now, plan.limit)
+            admit_all(more)
+            pages.took(more, 0)
             return QueueClaim(runs, pages.retry_at, waiting=pages.waiting)
 
         return await self._t.write(op)

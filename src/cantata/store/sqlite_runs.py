@@ -12,6 +12,7 @@ from typing import Any, cast
 from cantata.errors import (
     LeaseLost,
 )
+from cantata.model.flow import takeovers
 from cantata.model.idempotency import same_start, start_conflict
 from cantata.model.records import (
     Attempt,
@@ -30,7 +31,7 @@ from cantata.store.base import (
     RUNS,
     TASKS,
 )
-from cantata.store.common import cancelled_in_queue
+from cantata.store.common import cancelled_in_queue, in_progress_per_worker
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
@@ -136,6 +137,44 @@ def _lost(run_id: str, fence: int) -> LeaseLost:
         f"run {run_id} was taken over by another worker (fence {fence} is stale); "
         "this worker stops executing it"
     )
+
+
+def _take_over_in_queues(
+    c: sqlite3.Connection, app: str, worker_id: str, marks: str, workflows: Sequence[str],
+    stale_before: float, extra: str, more: list[Any], limit: int, pin_version: str | None,
+) -> list[RunRecord]:
+    """The part of a claim of runs that takes over runs in progress in queues with a
+    ``per_worker`` limit (``claim_runs`` leaves them out): within each queue's room on
+    this worker (model.flow.takeovers), in the claim's write transaction, which a queue
+    claim of this worker's would wait for (so the two never count past the limit)."""
+    queues = c.execute(
+        "SELECT name, per_worker FROM queues WHERE app=? AND per_worker IS NOT NULL", (app,)
+    ).fetchall()
+    room: dict[str, int] = {}
+    candidates: list[tuple[str, str]] = []
+    for name, per_worker in queues:
+        # The queue's rows in progress by their partial index (the run of each by its key).
+        active = ("FROM queue_runs q INDEXED BY queue_runs_active JOIN runs r ON r.app=q.app "
+                  "AND r.run_id=q.run_id WHERE q.app=? AND q.queue=? AND q.began_at IS NOT NULL "
+                  f"AND q.done=0 AND {LIVE_R}")
+        gone = c.execute(
+            f"SELECT r.run_id {active} AND r.wake_at IS NULL AND r.workflow IN ({marks}) AND "
+            "(r.owner IS NULL OR (r.owner<>? AND NOT EXISTS (SELECT 1 FROM workers w WHERE "
+            f"w.app=r.app AND w.worker_id=r.owner AND w.expires_at >= ?))){extra} "
+            "ORDER BY q.began_at, q.run_id",
+            (app, name, *workflows, worker_id, stale_before, *more),
+        ).fetchall()
+        if not gone:
+            continue
+        mine = c.execute(f"SELECT count(*) {active} AND r.owner=?",
+                         (app, name, worker_id)).fetchone()[0]
+        room[name] = per_worker - mine
+        candidates += [(r[0], name) for r in gone]
+    chosen = takeovers(candidates, room, limit)
+    return [run_row(c.execute(
+        f"UPDATE runs SET owner=?, fence=fence+1, version=coalesce(?, version), {UNPARK} "
+        f"WHERE app=? AND run_id=? RETURNING {RUN_COLS}", (worker_id, pin_version, app, run_id),
+    ).fetchone()) for run_id in chosen]
 
 
 class SQLiteRuns(SQLiteCore):
@@ -281,11 +320,18 @@ class SQLiteRuns(SQLiteCore):
                 f"  AND r.workflow IN ({marks})"
                 f"  AND (r.owner IS NULL OR (r.owner<>? AND"
                 f"   (w.worker_id IS NULL OR w.expires_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
+                f"  AND NOT {in_progress_per_worker('r')}"
                 f"  ORDER BY r.created_at LIMIT ?){due} LIMIT ?) RETURNING {RUN_COLS}",
                 (worker_id, pin_version, app, *workflows, worker_id, stale_before, *more, limit,
                  *due_params, limit),
             ).fetchall()
-            return [run_row(r) for r in rows]
+            claimed = [run_row(r) for r in rows]
+            if len(claimed) < limit:
+                claimed += _take_over_in_queues(
+                    c, app, worker_id, marks, workflows, stale_before, extra, more,
+                    limit - len(claimed), pin_version,
+                )
+            return claimed
 
         return await self._t.write(op)
 

@@ -75,8 +75,15 @@ class FlowStore(Protocol):
         Within the recorded limits of the queue, per partition: in progress
         (begun, run still live) below ``concurrency``, begins in the last
         ``rate.window`` seconds below ``rate.limit``; in progress on this worker
-        below ``per_worker``. With ``priorities``, lower numbers first; then
-        oldest first. Admitted runs are owned by ``worker_id`` (fence + 1), with
+        below ``per_worker``, counting as this worker's the runs in progress that no
+        worker owns or whose owner's expiry is before ``now``, that it would take over
+        (:meth:`Store.claim_runs`: of ``workflows``, not parked, pinned to
+        ``pin_version`` or to none), so that the room that frees goes to them first.
+        With ``priorities``, lower numbers first; then oldest first. Past a first page
+        of waiting runs all held back by their own partitions' limits, the best runs
+        of each other partition with room are read (``model.flow.ClaimPages``), so a
+        run of a new partition key begins at the first claim after it is queued.
+        Admitted runs are owned by ``worker_id`` (fence + 1), with
         their begin time recorded. A waiting run that can no longer begin (its cancel
         asked, or ended) that the claim meets has its row dropped and takes no slot:
         the claim admits the runs past it instead (``model.flow.Admissions``), so a

@@ -94,6 +94,14 @@ class RunStore(Protocol):
         in their order), a run is claimed only if its ``updated_at`` is still that one:
         a run another worker moved on since the caller read it (and checked that its
         code replays it) is left alone.
+
+        A run in progress in a queue with a ``per_worker`` limit (begun, its owner gone)
+        is claimed only within that queue's room on ``worker_id``: ``per_worker`` less
+        the runs of the queue it has in progress (``model.flow.takeovers``, oldest
+        begin first), decided under the same serialization as
+        :meth:`claim_queued_runs` (SQLite: the write lock; PostgreSQL: the queue's
+        row locked), so the two never count past the limit together. The others stay
+        claimable (docs/flow-control.md#queues).
         """
 
     async def owned_runs(self, app: str, worker_id: str) -> dict[str, int]:

@@ -99,6 +99,37 @@ class FlowContract(StoreFixtures):
         await self.end(store, ids[0])
         assert await self.claim_q(store, "w3") == ids[3:4]
 
+    async def test_runs_of_a_dead_worker_are_taken_over_within_per_worker_first(
+        self, store: Store
+    ) -> None:
+        """A worker takes over the runs in progress of a worker whose lease lapsed only
+        within the queue's ``per_worker``, counted with its own runs of the queue; the
+        others stay claimable, and the room that frees goes to them before new runs."""
+        await store.declare_queue(self.app, QueueSpec("q", per_worker=2), worker_id="w",
+                                  stale_before=0)
+        now = time.time()
+        await store.heartbeat(self.app, "dead", now - 3 * LEASE, None, lease=LEASE)
+        await self.live(store, "w2")
+        ids = await self.queued(store, 5)
+        assert await self.claim_q(store, "w2", limit=1) == ids[:1]
+        assert await self.claim_q(store, "dead", now=now - 3 * LEASE) == ids[1:3]
+        dead = ids[1:3]
+        # w2 has room for one of the dead worker's two runs.
+        [first] = [r.run_id for r in await self.claim(store, "w2")]
+        assert first in dead
+        assert await self.claim(store, "w2") == []
+        assert await self.claim_q(store, "w2") == []
+        # Its own run ends: the room goes to the dead worker's other run, not to ids[3].
+        await self.end(store, ids[0])
+        assert await self.claim_q(store, "w2") == []
+        assert [r.run_id for r in await self.claim(store, "w2")] == [
+            next(i for i in dead if i != first)
+        ]
+        assert await self.claim_q(store, "w2") == []
+        for run_id in dead:
+            await self.end(store, run_id)
+        assert await self.claim_q(store, "w2") == ids[3:5]
+
     async def test_cancelled_waiting_run_goes_to_claim_runs(self, store: Store) -> None:
         await store.declare_queue(self.app, QueueSpec("q", concurrency=1), worker_id="w",
                                   stale_before=0)

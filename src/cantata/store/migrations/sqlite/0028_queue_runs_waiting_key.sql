@@ -1,0 +1,10 @@
+-- Version 28 of the SQLite schema: the waiting rows of a queue by partition key, then
+-- in the order each kind of queue admits them (oldest first; with priorities, lower
+-- first). A claim whose first page of waiting runs is all held back by their own
+-- partitions' limits reads, past them, the best waiting runs of each other partition:
+-- a skip scan of the keys (one index seek per key) and each key's best runs, read
+-- through these indexes, instead of a walk past the held-back runs (docs/flow-control.md).
+CREATE INDEX IF NOT EXISTS queue_runs_waiting_key ON queue_runs (app, queue, partition_key, seq)
+    WHERE began_at IS NULL;
+CREATE INDEX IF NOT EXISTS queue_runs_waiting_key_priority
+    ON queue_runs (app, queue, partition_key, priority, seq) WHERE began_at IS NULL;
