@@ -18,15 +18,26 @@
 -- The functions of 0032 stay, unchanged, for workers of an older release still
 -- running while this one migrates the store (docs/deploy.md).
 
-CREATE TYPE cantata_history_row AS (
-    key text, kind text, name text, status text, seq int4, result text, error text,
-    error_type text, attempts int4, started_at float8, ended_at float8, wake_at float8,
-    detail text
-);
-CREATE TYPE cantata_attempt_row AS (
-    key text, attempt int4, started_at float8, ended_at float8, error_type text,
-    error text
-);
+-- (A script may run again on a schema it already migrated: the types are made once.)
+DO $types$
+BEGIN
+    CREATE TYPE cantata_history_row AS (
+        key text, kind text, name text, status text, seq int4, result text, error text,
+        error_type text, attempts int4, started_at float8, ended_at float8,
+        wake_at float8, detail text
+    );
+EXCEPTION WHEN duplicate_object THEN NULL;
+END
+$types$;
+DO $types$
+BEGIN
+    CREATE TYPE cantata_attempt_row AS (
+        key text, attempt int4, started_at float8, ended_at float8, error_type text,
+        error text
+    );
+EXCEPTION WHEN duplicate_object THEN NULL;
+END
+$types$;
 
 CREATE OR REPLACE FUNCTION cantata_checkpoint_rows(
     k_app text, k_run_id text, k_fence int8, k_status text, k_result text, k_error text,
