@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -19,36 +20,54 @@ from cantata.model.codec import new_id
 from cantata.model.records import ENTRY_COMPLETED, ENTRY_RUNNING, Attempt, RunWrite
 from cantata.model.status import RunStatus
 from cantata.store import audit, postgres_onetrip
+from cantata.store import postgres_writes as writes
 from cantata.store.postgres import PostgresStore
 from cantata.store.postgres_pool import SCHEMA_VERSION
 from cantata.testing.contract.support import entry, new_run
 from tests.helpers import with_schema
+from tests.schema_pool import SchemaPool
 from tests.store.test_postgres import opened
 from tests.store.test_postgres_migrate import older_store
+from tests.store.test_postgres_onetrip import statements
 
 pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def url(postgres_url: str, schema_pool: SchemaPool) -> Iterator[str]:
+    schema = schema_pool.take()
+    yield with_schema(postgres_url, schema)
+    schema_pool.give_back(schema)
 
 KEY = audit.AuditKey("0123456789abcdef-lean-rows")
 # The release before 0035: its lean functions take 13 history and 6 attempt arrays.
 BEFORE_ROWS = 34
 
 
-def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    return [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * width
+def _columns(call: Any) -> list[list[Any]]:
+    """A checkpoint's history entries and attempts as 0032's 13 + 6 arrays."""
+    history = postgres_onetrip.merged_rows(
+        writes.history_rows([call]), 15, writes.HISTORY_KEPT, 3)
+    attempts = postgres_onetrip.merged_rows(
+        writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, 4)
+    return [*(list(c) for c in zip(*history, strict=True))] if history else [[]] * 13, [
+        *(list(c) for c in zip(*attempts, strict=True))] if attempts else [[]] * 6
 
 
 def _older_create(run: Any, first: RunWrite) -> tuple[str, tuple[Any, ...]]:
     """``cantata_create_first(...)`` as the older release calls it (0032's signature)."""
     a = postgres_onetrip._create_first_args(time.time(), run, first, {run.app: KEY})
-    history, attempts = a[27], a[28]
-    args = (*a[:27], *_columns(history, 13), *_columns(attempts, 6), *a[29:])
+    history, attempts = _columns((run.app, run.run_id, run.fence, first))
+    args = (*a[:27], *history, *attempts, *a[29:])
     return f"SELECT cantata_create_first({postgres_onetrip._params(1, 54)})", args
 
 
 def _older_checkpoint(app: str, run_id: str, w: RunWrite) -> tuple[str, tuple[Any, ...]]:
     """``cantata_checkpoint_one(...)`` as the older release calls it (0032's signature)."""
-    a = postgres_onetrip._checkpoint_args(time.time(), (app, run_id, 1, w), {app: KEY})
-    args = (*a[:9], *_columns(a[9], 13), *_columns(a[10], 6), *a[11:])
+    call = (app, run_id, 1, w)
+    a = postgres_onetrip._checkpoint_args(time.time(), call, {app: KEY})
+    history, attempts = _columns(call)
+    args = (*a[:9], *history, *attempts, *a[11:])
     return f"SELECT cantata_checkpoint_one({postgres_onetrip._params(1, 39)})", args
 
 
@@ -131,3 +150,44 @@ async def test_runs_in_flight_go_on_across_the_migration_and_older_workers_too(
     assert seen["newer"][0].status == RunStatus.COMPLETED and seen["newer"][0].owner is None
     assert [e.key for e in seen["newer"][1]] == ["a#1", "b#1", "c#1"]
     assert report.ok, report
+
+
+AWKWARD = ['', ' ', '"', '\\', '\\"', '""', 'a,b', '(x)', '(a,"b")', 'NULL', 'é\n\t😀',
+           '{"a":"é\\n"}', "it's"]
+
+
+async def test_texts_and_numbers_of_a_row_arrive_as_written(url: str) -> None:
+    """A row goes as its record's text (0035): quotes, backslashes, commas, brackets,
+    empty and blank texts, the text NULL, non-ASCII; floats to the last bit, -0.0 and
+    the infinities, NULLs: all read back as written, through both lean functions."""
+    app = f"app-{new_id()[-8:]}"
+    floats = [1.0, -0.0, 0.1 + 0.2, 5e-324, 1.7976931348623157e308, float("inf"),
+              float("-inf"), 1e-7, 123456789.123456789]
+    first = RunWrite(
+        entries=[entry(f"t{i}#1", i + 1, ENTRY_COMPLETED, result=text, error=text or None,
+                       error_type=text, started_at=floats[i % len(floats)], ended_at=None)
+                 for i, text in enumerate(AWKWARD)],
+        attempts=[Attempt(f"t{i}#1", 1, floats[i % len(floats)], None, error=text)
+                  for i, text in enumerate(AWKWARD)])
+    pairs = list(enumerate(zip(AWKWARD, floats, strict=False)))
+    later = RunWrite(
+        entries=[entry(f"u{i}#1", i + 1, ENTRY_RUNNING, result=None, detail=text, wake_at=f)
+                 for i, (text, f) in pairs],
+        attempts=[Attempt(f"u{i}#1", 2, f, f, error_type=text) for i, (text, f) in pairs])
+    run = new_run(app, owner="w1", fence=1, status=RunStatus.RUNNING)
+    async with opened(url) as store:
+        sent = statements(store)
+        assert (await store.create_run(run, first))[1]
+        await store.commit_run(app, run.run_id, 1, later)
+        # each in one call of the lean functions (a refused call would have gone on by
+        # the transactional path instead)
+        assert sent == ["SELECT cantata_create_rows($1, $2, $3,",
+                        "SELECT cantata_checkpoint_rows($1, $2, $3,"], sent
+        history = {e.key: e for e in await store.load_history(app, run.run_id)}
+        attempts = {(a.key, a.attempt): a for a in await store.load_attempts(app, run.run_id)}
+    for w in (first, later):
+        for e in w.entries:
+            assert history[e.key] == e, (history[e.key], e)
+        for a in w.attempts:
+            got = attempts[(a.key, a.attempt)]
+            assert got == a and repr(got.started_at) == repr(a.started_at), (got, a)

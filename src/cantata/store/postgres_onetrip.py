@@ -325,23 +325,41 @@ def _create_first_args(
     )
 
 
-def _rows(call: writes.Checkpoint) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+def _rows(call: writes.Checkpoint) -> tuple[list[str], list[str]]:
     """A checkpoint's history entries and attempts as the lean functions take them:
-    rows of ``cantata_history_row`` and ``cantata_attempt_row`` (migration 0035), one
-    per key (merged as :func:`postgres_writes.merged` merges them)."""
-    history = writes.history_rows([call])
-    attempts = writes.attempt_rows([call])
-    return _merged_rows(history, 15, writes.HISTORY_KEPT, 3), _merged_rows(
-        attempts, 8, writes.ATTEMPT_KEPT, 4)
+    one text per row, a ``cantata_history_row`` or ``cantata_attempt_row`` literal
+    (migration 0035), one row per key (merged as :func:`postgres_writes.merged`
+    merges them)."""
+    history = merged_rows(writes.history_rows([call]), 15, writes.HISTORY_KEPT, 3)
+    attempts = merged_rows(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, 4)
+    return [_record(row) for row in history], [_record(row) for row in attempts]
 
 
-def _merged_rows(
+def merged_rows(
     rows: list[tuple[Any, ...]], width: int, kept: frozenset[int], key: int
 ) -> list[tuple[Any, ...]]:
     """``rows`` without their app and run id, one per key (see ``merged``)."""
     if len({row[:key] for row in rows}) == len(rows):  # (the usual case: no key twice)
         return [row[2:] for row in rows]
     return list(zip(*writes.merged(rows, width, kept, key)[2:], strict=True))
+
+
+def _record(row: tuple[Any, ...]) -> str:
+    """``row`` as the text record_in reads back exactly: a NULL is nothing, a text is
+    quoted (its quotes and backslashes escaped by a backslash), a number is Python's
+    shortest exact spelling (``inf``, ``-inf`` and ``nan`` included, which float8in
+    reads)."""
+    return "(" + ",".join(_field(v) for v in row) + ")"
+
+
+def _field(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, bool):  # (no such column: as PostgreSQL spells one)
+        return "t" if v else "f"
+    return repr(float(v)) if isinstance(v, float) else str(int(v))
 
 
 def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
