@@ -21,8 +21,8 @@ the lean functions instead, with scalar parameters (``cantata_checkpoint_rows``,
 without the batch's arrays to unnest, join and materialize on the server. A new run
 with its first checkpoint goes through ``cantata_create_rows`` (migrations 0019,
 0035): the run inserted in its checkpointed state, both records spelled here. Their
-history entries and attempts go as arrays of rows (``cantata_history_row[]``,
-``cantata_attempt_row[]``), not one array per column.
+history entries and attempts go as one text per row (a ``cantata_history_row`` or
+``cantata_attempt_row`` literal, :func:`_record`), not one array per column.
 """
 
 from __future__ import annotations
