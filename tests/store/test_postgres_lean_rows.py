@@ -44,14 +44,17 @@ KEY = audit.AuditKey("0123456789abcdef-lean-rows")
 BEFORE_ROWS = 34
 
 
-def _columns(call: Any) -> list[list[Any]]:
+def _columns(call: Any) -> tuple[list[list[Any]], list[list[Any]]]:
     """A checkpoint's history entries and attempts as 0032's 13 + 6 arrays."""
     history = postgres_onetrip.merged_rows(
         writes.history_rows([call]), 15, writes.HISTORY_KEPT, 3)
     attempts = postgres_onetrip.merged_rows(
         writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, 4)
-    return [*(list(c) for c in zip(*history, strict=True))] if history else [[]] * 13, [
-        *(list(c) for c in zip(*attempts, strict=True))] if attempts else [[]] * 6
+    return _transposed(history, 13), _transposed(attempts, 6)
+
+
+def _transposed(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * width
 
 
 def _older_create(run: Any, first: RunWrite) -> tuple[str, tuple[Any, ...]]:
