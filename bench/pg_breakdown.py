@@ -225,9 +225,9 @@ def _install_phases() -> None:
         return await apply_(self, items)
 
     @contextlib.asynccontextmanager
-    async def timed_conn(self: Any) -> AsyncIterator[Any]:
+    async def timed_conn(self: Any, **kw: Any) -> AsyncIterator[Any]:
         started = time.perf_counter()
-        async with conn(self) as c:
+        async with conn(self, **kw) as c:
             phases["pool acquire"].append(time.perf_counter() - started)
             yield c
             left = time.perf_counter()

@@ -140,7 +140,7 @@ async def test_an_upgrade_held_off_too_long_says_what_holds_it(
 async def test_deliveries_in_flight_keep_their_lookups_across_the_key_by_event(
     postgres_url: str, fresh_schema: str
 ) -> None:
-    """Migration 0037 keys the deliveries by event first: the deliveries of a store of
+    """Migration 0035 keys the deliveries by event first: the deliveries of a store of
     version 34 are found by event, by group, claimed (one of them taken over from a
     worker that is gone) and settled as before, and a settlement's held delivery is
     found by its event."""

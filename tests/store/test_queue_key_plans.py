@@ -1,7 +1,7 @@
 """A queue claim past a backlog held back by its partition's own limit reads the heads of
 the other partitions, not the backlog (docs/flow-control.md, partitions): the waiting
 runs' keys by a skip scan, one index probe per key, and each key's best runs by the
-index of migration SQLite 0028 / PostgreSQL 0038, planned so with and without the
+index of migration SQLite 0028 / PostgreSQL 0036, planned so with and without the
 table's statistics, whatever the backlog's length."""
 
 from __future__ import annotations

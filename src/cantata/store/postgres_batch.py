@@ -281,7 +281,7 @@ class BatchWriter:
         todo, retries, grouped, apart = items, 0, True, False
         try:
             while todo:
-                async with self._db.conn() as c:
+                async with self._db.conn(keep=True) as c:
                     failed = await self._transaction(c, todo, grouped, apart)
                     if failed is None:
                         # Committed: answer the callers before the connection goes back

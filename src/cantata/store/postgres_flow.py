@@ -154,7 +154,7 @@ async def _create_queued(
 
 def heads_sql(order: str, not_theirs: str, most: int) -> str:
     """The best waiting runs (``order``) of each partition key in an array, at most a
-    given number per key (a LATERAL read per key, by migration 0038's index), then
+    given number per key (a LATERAL read per key, by migration 0036's index), then
     best first, at most ``most`` in all. Parameters: $1 app, $2 queue, $3 workflows,
     ($4, $5 the versions of ``not_theirs``,) then the keys and the number per key."""
     n = 6 if not_theirs else 4
@@ -177,7 +177,7 @@ async def partition_keys(
 ) -> list[str]:
     """The partition keys of ``queue``'s waiting rows, in order, after ``after`` (``None``:
     from the first), at most ``most``: a skip scan (a recursive query), one probe of the
-    index by key (migration 0038) per key, however many rows each key has waiting."""
+    index by key (migration 0036) per key, however many rows each key has waiting."""
     nxt = ("SELECT x.partition_key FROM queue_runs x WHERE x.app=$1 AND x.queue=$2 AND "
            "x.began_at IS NULL AND x.partition_key")
     first = f"{nxt} > $4" if after is not None else f"{nxt} >= ''"

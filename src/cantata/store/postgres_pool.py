@@ -92,6 +92,9 @@ Row: TypeAlias = "asyncpg.Record | tuple[Any, ...]"
 
 _REPLAN_FIRST = 0.5  # seconds after a connection's first use that its plans are redone
 _REPLAN_MAX = 300.0
+# How long the connection :meth:`PgPool.conn` keeps for the next ``keep=True`` caller
+# (the store's writer) waits for it before going back to the pool.
+KEEP_IDLE = 0.1
 
 
 async def connect_apart(connecting: Awaitable[T], timeout: float) -> T:
@@ -191,6 +194,12 @@ class PgPool:
         # server pid -> (when its plans are next dropped, the interval that led there)
         self._replan_at: dict[int, tuple[float, float]] = {}
         self._idle = asyncio.Event()
+        # The connection kept for the next conn(keep=True), when it was kept, the timer
+        # that gives it back once idle, and releases under way.
+        self._kept: Conn | None = None
+        self._kept_at = 0.0
+        self._kept_timer: asyncio.TimerHandle | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @property
     def is_open(self) -> bool:
@@ -431,6 +440,7 @@ class PgPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 30)
         await self.listener.close()
+        await self._let_go_kept()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -439,8 +449,16 @@ class PgPool:
                 pool.terminate()
 
     @contextlib.asynccontextmanager
-    async def conn(self) -> AsyncIterator[Conn]:
-        """A pooled connection; a lost server becomes :class:`StoreUnavailable`."""
+    async def conn(self, *, keep: bool = False) -> AsyncIterator[Conn]:
+        """A pooled connection; a lost server becomes :class:`StoreUnavailable`.
+
+        ``keep``: take the connection the last ``keep`` caller left, if any, and leave
+        this one for the next, instead of asyncpg's acquire and release (~65 us of this
+        process' CPU together, a task and a shield per release: docs/performance.md,
+        "Round twenty-two (saga)"). For the store's writer, whose next transaction usually
+        follows within a millisecond: one connection at most is kept, for
+        :data:`KEEP_IDLE` seconds idle, and none when the pool has only one.
+        """
         pool = self._pool
         if pool is None or self._closing:
             raise StoreUnavailable(
@@ -448,18 +466,25 @@ class PgPool:
             )
         self._inflight += 1
         try:
-            async with pool.acquire() as conn:
-                try:
-                    await self._replan_as_tables_grow(conn)
-                    yield conn
-                except CONN_ERRORS:
-                    # Its protocol state is unknown (a query may be half done): never
-                    # hand it out again. (The pool runs no reset query that would
-                    # notice, see _keep_session.) asyncpg may have taken it back already
-                    # (a connection it saw closed): then there is nothing to terminate.
-                    with contextlib.suppress(asyncpg.InterfaceError):
-                        conn.terminate()
-                    raise
+            conn = self._take_kept() if keep else None
+            if conn is None:
+                conn = await pool.acquire()
+            kept = False
+            try:
+                await self._replan_as_tables_grow(conn)
+                yield conn
+                kept = keep and self._keep(conn)
+            except CONN_ERRORS:
+                # Its protocol state is unknown (a query may be half done): never
+                # hand it out again. (The pool runs no reset query that would
+                # notice, see _keep_session.) asyncpg may have taken it back already
+                # (a connection it saw closed): then there is nothing to terminate.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
+                raise
+            finally:
+                if not kept:
+                    await pool.release(conn)
         except CONN_ERRORS as exc:
             raise StoreUnavailable(
                 f"lost the connection to PostgreSQL at {self.masked_url} "
@@ -474,6 +499,66 @@ class PgPool:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+
+    def _take_kept(self) -> Conn | None:
+        """The kept connection (now the caller's), or ``None``."""
+        conn, self._kept = self._kept, None
+        if conn is None:
+            return None
+        try:
+            closed = conn.is_closed()
+        except asyncpg.InterfaceError:  # asyncpg took it back when it was lost
+            return None
+        if closed:  # lost: give its place in the pool back, take another
+            conn.terminate()
+            return None
+        return conn
+
+    def _keep(self, conn: Conn) -> bool:
+        """Keep ``conn`` for the next ``keep`` caller, if it can be (idle, open, no
+        other kept, the pool not closing and larger than one)."""
+        if (self._kept is not None or self._closing or self.pool_size < 2
+                or conn.is_closed() or conn.is_in_transaction()):
+            return False
+        self._kept = conn
+        loop = asyncio.get_running_loop()
+        self._kept_at = loop.time()
+        if self._kept_timer is None:
+            self._kept_timer = loop.call_later(KEEP_IDLE, self._kept_idle)
+        return True
+
+    def _kept_idle(self) -> None:
+        """Timer: give the kept connection back once it has waited :data:`KEEP_IDLE`."""
+        self._kept_timer = None
+        if self._kept is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._kept_at + KEEP_IDLE - loop.time()
+        if left > 0:  # used since: look again when it has been idle long enough
+            self._kept_timer = loop.call_later(left, self._kept_idle)
+            return
+        conn = self._take_kept()
+        if conn is not None and self._pool is not None:
+            task = loop.create_task(self._pool.release(conn))
+            self._releasing.add(task)
+            task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("releasing an idle writer connection failed", exc_info=task.exception())
+
+    async def _let_go_kept(self) -> None:
+        """Give the kept connection back to the pool, and wait for releases under way."""
+        if self._kept_timer is not None:
+            self._kept_timer.cancel()
+            self._kept_timer = None
+        conn = self._take_kept()
+        if conn is not None and self._pool is not None:
+            with contextlib.suppress(*CONN_ERRORS):
+                await self._pool.release(conn)
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
 
     async def _replan_as_tables_grow(self, conn: Conn) -> None:
         """Drop a connection's cached query plans 0.5 s after it opened, then after 1 s,

@@ -1,4 +1,4 @@
--- Version 37 of the PostgreSQL schema: the deliveries keyed (app, event_id, grp), as
+-- Version 35 of the PostgreSQL schema: the deliveries keyed (app, event_id, grp), as
 -- SQLite's since its migration 0027 (docs/performance.md, "Round twenty-two (chain)").
 -- The key serves the lookups by event that deliveries_event (app, event_id) served, so
 -- that index goes: a hop's settlement wrote an entry to it twice (the delivery it
