@@ -26,6 +26,7 @@ class _Link:
 
     def __init__(self) -> None:
         self.sent = bytearray()
+        self.primed = False  # it sent stall_after's ``on`` since it was armed
         self.flowing = asyncio.Event()
         self.flowing.set()
 
@@ -48,6 +49,7 @@ class StallProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.held = 0  # connections accepted while stalled, not forwarded yet
         self._marker: bytes | None = None
+        self._on: bytes | None = None
         self.marked = asyncio.Event()  # the request of stall_after reached the server
 
     def url(self, server_url: str) -> str:
@@ -89,10 +91,15 @@ class StallProxy:
         """From now on nothing goes through (new connections wait to be forwarded)."""
         self._open.clear()
 
-    def stall_after(self, marker: bytes) -> None:
+    def stall_after(self, marker: bytes, *, on: bytes | None = None) -> None:
         """Once a client sends bytes holding ``marker``, forward them to the server,
-        then :meth:`stall` (the server's answer to them is held) and set :attr:`marked`."""
-        self._marker = marker
+        then :meth:`stall` (the server's answer to them is held) and set :attr:`marked`.
+
+        ``on``: only the client that sends bytes holding ``on`` from now on (then, or
+        later, ``marker``): not another connection's ``marker`` sent meanwhile."""
+        self._marker, self._on = marker, on
+        for link in self._clients:
+            link.primed = False
         self.marked.clear()
 
     def resume(self) -> None:
@@ -148,8 +155,11 @@ class StallProxy:
                 await self._open.wait()  # a stall holds what is in flight too
                 await link.flowing.wait()
                 dst.write(data)
-                if upstream and self._marker is not None and self._marker in data:
-                    self._marker = None
+                if upstream and self._on is not None and self._on in data:
+                    link.primed = True
+                if (upstream and self._marker is not None and self._marker in data
+                        and (self._on is None or link.primed)):
+                    self._marker = self._on = None
                     self.stall()  # before anything else is forwarded, the answer too
                     self.marked.set()
                 await dst.drain()

@@ -95,8 +95,12 @@ async def test_a_stop_while_a_transactional_steps_commit_is_in_flight_postgres(
     async with stall_proxy(postgres_url) as proxy:
 
         async def hold_commit(tx: Tx) -> None:
-            if ran.count("book") == 1:  # its COMMIT reaches the server, the answer held
-                proxy.stall_after(b"COMMIT")
+            if not proxy.marked.is_set():  # its COMMIT reaches the server, the answer held
+                # (this transaction's COMMIT: not another connection's sent meanwhile,
+                # which would hold this one's before the server; and the next attempt's,
+                # if a lease lapsed on a loaded machine stopped this one before it)
+                proxy.stall_after(b"COMMIT", on=b"hold_this_commit")
+                await tx.execute("SELECT 1 AS hold_this_commit")
 
         store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema))
         app = tx_app(store, seen, ran, in_step=hold_commit, lease=LEASE.get(stop, 10))
@@ -167,7 +171,8 @@ async def test_a_stopped_transactional_steps_commit_gone_silent_is_an_outage(
 
         async def hold_commit(tx: Tx) -> None:
             if ran.count("book") == 1:
-                proxy.stall_after(b"COMMIT")
+                proxy.stall_after(b"COMMIT", on=b"hold_this_commit")
+                await tx.execute("SELECT 1 AS hold_this_commit")
 
         store = PostgresStore(with_schema(proxy.url(postgres_url), pooled_schema))
         app = tx_app(store, seen, ran, in_step=hold_commit)
