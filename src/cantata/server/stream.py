@@ -200,17 +200,25 @@ class ChangeFeed:
     async def _follow(self, store: Store, after: int) -> None:
         while True:
             try:
+                # The head read before the records and after them: a record past the
+                # first is streamed only once a read of it begins below the head (a
+                # record forged past the head, taken out while the records were read and
+                # its seq taken by a genuine append, would be within the second).
+                before = await store.audit_head_seq(self.app)
                 records = await store.audit_records(self.app, after_seq=after, limit=PAGE)
-                # The head read after the records: one appended meanwhile is within it.
                 head = await store.audit_head_seq(self.app) if records else after
             except Exception as exc:  # the store is down: say so once per try, keep going
                 log.warning("console: change feed cannot read the store (%s); retrying",
                             type(exc).__name__)
-                records, head = [], after
+                records, head, before = [], after, after
             changes = []
+            again = False
             for rec in records:
                 if rec.seq > head:  # so are the ones after it: none of them is streamed
                     self._past_head(rec, head)
+                    break
+                if rec.seq > before:  # appended while they were read: read again now
+                    again = True
                     break
                 after = rec.seq
                 change = change_of(rec)
@@ -218,7 +226,7 @@ class ChangeFeed:
                     changes.append(change)
             for change in coalesced(changes):
                 self._publish(change)
-            if len(records) == PAGE and after == records[-1].seq:
+            if again or (len(records) == PAGE and after == records[-1].seq):
                 continue
             await self._workers(store)
             self._wake.clear()
