@@ -119,6 +119,37 @@ def test_load_more_pressed_twice_loads_the_next_page_once(
     page.context.close()
 
 
+def test_the_second_click_of_a_double_click_on_load_more_opens_no_run_it_lands_on(
+    browser: Browser, server: ServerThread
+) -> None:
+    # When the next page comes back between the two clicks of a double click (a fast
+    # server), its rows push "Load more" down and the second click lands on a new row's
+    # run link: it is the same double click, and must not open that run.
+    page = log_in_at(browser, server, "/runs?workflow=invoice")
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(50)
+    button = page.get_by_role("button", name="Load more")
+    button.scroll_into_view_if_needed()
+    box = button.bounding_box()
+    assert box is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.click(x, y)
+    expect(rows).to_have_count(RUNS)
+    landed_on = page.evaluate("([x, y]) => document.elementFromPoint(x, y)?.closest('a')?.href",
+                              [x, y])
+    assert landed_on and "/runs/" in landed_on  # (what the second click would open)
+    page.mouse.down(click_count=2)  # (the second press of the double click: its
+    page.mouse.up(click_count=2)  # `click` event has detail 2)
+    page.wait_for_timeout(300)
+    assert page.url == server.url + "/runs?workflow=invoice"
+    expect(rows).to_have_count(RUNS)
+    # a click of its own on a row (detail 1) still opens its run
+    page.mouse.click(x, y)
+    page.wait_for_url(landed_on)
+    assert page.errors == []  # type: ignore[attr-defined]
+    page.context.close()
+
+
 def test_a_run_is_found_by_a_key_with_spaces_and_accents_and_its_trace_opens(
     browser: Browser, server: ServerThread
 ) -> None:

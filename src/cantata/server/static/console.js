@@ -385,7 +385,14 @@
     const fresh = h("div", { class: "fresh-bar" });
     show(filters, status, fresh, wrap, more);
     // "Load more" is disabled while its page loads: pressed twice (a double click),
-    // it loads the next page once, not twice over.
+    // it loads the next page once, not twice over. When the page comes back between the
+    // two clicks, its rows push the button down and the second click (a click event's
+    // `detail` counts the clicks of one double click) lands on a new row: it opens
+    // nothing, as it belongs to the double click on the button.
+    let pressedAt = -Infinity;
+    tbody.addEventListener("click", (ev) => {
+      if (ev.detail > 1 && ev.timeStamp - pressedAt < 1000) { ev.preventDefault(); ev.stopPropagation(); }
+    }, true);
     async function load(cursor, button) {
       const p = new URLSearchParams(params);
       if (cursor) p.set("cursor", cursor);
@@ -398,7 +405,7 @@
         // address of its own, in the same newest-first order)
         more.replaceChildren(
           page.next_cursor ? h("button", { type: "button",
-            onclick: (ev) => load(page.next_cursor, ev.currentTarget) }, "Load more") : "",
+            onclick: (ev) => { pressedAt = ev.timeStamp; load(page.next_cursor, ev.currentTarget); } }, "Load more") : "",
           page.next_cursor ? h("a", { href: pageLink(page.next_cursor), class: "next-page" }, "Next page") : "",
           start ? h("a", { href: pageLink(null), class: "first-page" }, "First page") : "");
       } catch (e) {
