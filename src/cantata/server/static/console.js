@@ -245,7 +245,7 @@
       h("td", {}, runLink(r.run_id)), h("td", {}, long(r.workflow)),
       h("td", { class: "status" }, badge(r.status)),
       // the code version it is pinned to, as `cantata runs` shows it (a link: its runs)
-      h("td", { class: "mono version" }, r.version == null ? "" : h("a", {
+      h("td", { class: "version" }, r.version == null ? "" : h("a", { class: "mono",
         href: "/runs?" + new URLSearchParams({ version: r.version }), title: "Runs of this version" },
         exactName(r.version, "version"))),
       h("td", { class: "mono" }, r.idempotency_key ? exactKey(r.idempotency_key) : ""),

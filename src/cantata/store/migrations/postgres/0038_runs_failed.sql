@@ -4,27 +4,16 @@
 -- failed runs by creation, so a run created earlier that failed within the hour was
 -- either missed or found by reading every failed run.
 --
--- The index is on a column of its own, `failed_at` (the run's updated_at while it is
--- failed, else left as it was), not on updated_at: an index on updated_at, even a
--- partial one, would make every checkpoint's update of a live run non-HOT (updated_at
--- changes at each; migration 0021). `failed_at` changes only in an update of a failed
--- run, whose `status` (indexed by runs_status_newest) changed already or which is
--- rare. A BEFORE trigger sets it, for every path that writes runs (the functions of
--- 0032 and the statements of the store alike); its WHEN is evaluated on each row
--- written, the function called for failed rows only. runs_failed holds failed rows
--- only, so an earlier failure's `failed_at`, left on a run retried since, counts for
--- nothing.
-ALTER TABLE runs ADD COLUMN IF NOT EXISTS failed_at double precision;
-
-CREATE OR REPLACE FUNCTION cantata_runs_failed_at() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.failed_at := NEW.updated_at;
-    RETURN NEW;
-END $$;
-
-CREATE OR REPLACE TRIGGER runs_failed_at BEFORE INSERT OR UPDATE ON runs
-    FOR EACH ROW WHEN (NEW.status = 'failed') EXECUTE FUNCTION cantata_runs_failed_at();
-
-UPDATE runs SET failed_at = updated_at WHERE status = 'failed';
+-- The index is on a column of its own, `failed_at`: the run's updated_at while it is
+-- failed, else NULL, computed by the server on every write of a row (a generated
+-- column: every path that writes runs, the functions of 0032 and the store's
+-- statements alike, without a trigger). Not on updated_at itself: an index on
+-- updated_at, even a partial one, would make every checkpoint's update of a live run
+-- non-HOT (updated_at changes at each; migration 0021), where `failed_at` stays NULL
+-- and the update stays HOT. A BEFORE trigger would have done the same at the cost of a
+-- lock of the old row on every update of a run (PostgreSQL takes it before it looks at
+-- the trigger's WHEN). Adding the column rewrites the table once.
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS failed_at double precision
+    GENERATED ALWAYS AS (CASE WHEN status = 'failed' THEN updated_at END) STORED;
 
 CREATE INDEX IF NOT EXISTS runs_failed ON runs (app, failed_at) WHERE status = 'failed';
