@@ -7,7 +7,8 @@ over 30 days) in a temporary SQLite file or a PostgreSQL schema of its own (drop
 after), then times in process, each ``--reads`` times: ``attention_counts`` (the
 overview's dead letters and last hour's failures) and, where the code has it, the page
 ``GET /api/runs?failed_since=`` reads (``RunQuery(failed_since=...)``); p50 and p90 in
-ms, and what each found. Reports; asserts nothing.
+ms, and what each found; on PostgreSQL also the attention query's execution time in the
+server (``EXPLAIN ANALYZE``), without the round trip. Reports; asserts nothing.
 """
 
 from __future__ import annotations
@@ -82,9 +83,32 @@ async def measure(url: str, reads: int) -> list[str]:
             p50, p90, got = await timed(reads, lambda: store.query_runs(APP, q))
             lines.append(f"query_runs(failed_since=an hour ago): p50 {p50:.3f} ms, "
                          f"p90 {p90:.3f} ms ({len(got)} runs)")
+        if url.startswith("postgresql"):  # the server's own time, without the round trip
+            lines.append(await server_time(url, hour_ago, reads))
         return lines
     finally:
         await store.close()
+
+
+async def server_time(url: str, hour_ago: float, reads: int) -> str:
+    """The attention query's execution time in the server (``EXPLAIN ANALYZE``), p50."""
+    import asyncpg
+    import orjson
+
+    from cantata.store.postgres_console import ATTENTION
+
+    schema = url.rpartition("schema=")[2]
+    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        took = []
+        for _ in range(reads):
+            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {ATTENTION}", APP,
+                                       hour_ago)
+            took.append(orjson.loads(plan)[0]["Execution Time"])
+        return (f"attention query in the server: p50 {percentile(took, 50):.3f} ms, "
+                f"p90 {percentile(took, 90):.3f} ms")
+    finally:
+        await conn.close()
 
 
 async def main_async(args: argparse.Namespace) -> None:
