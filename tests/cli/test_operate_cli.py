@@ -303,6 +303,7 @@ async def test_ids_fold_instead_of_being_cut_at_80_columns(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = await failed_runs(1)
+    monkeypatch.setattr(common.console, "_force_terminal", True)  # (a pipe: not folded)
     monkeypatch.setattr(common.console, "_width", 80)
     code, out, _ = await cli(capsys, "runs")
     assert code == 0 and "…" not in out

@@ -179,3 +179,55 @@ async def test_messages_are_not_wrapped_at_the_width_of_a_pipe(
     assert code == 0, err
     assert out == (f"discarded {letters[0].id}: note.sent {letters[0].event.id} of group "
                    "[red]notes[/red]\n"), out
+
+
+async def _long_keyed_runs(n: int = 2) -> tuple[list[str], list[str]]:
+    """Runs with keys far wider than 80 columns: their ids and keys."""
+    app = served()
+    keys = [f"order-{i}-" + "k" * 150 for i in range(n)]
+    async with app:
+        handles = [await app.start("echo", i, idempotency_key=key) for i, key in enumerate(keys)]
+        for handle in handles:
+            await handle.result(timeout=10)
+    return [h.run_id for h in handles], keys
+
+
+async def test_runs_to_a_pipe_prints_every_value_whole_and_each_run_on_one_line(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not to a terminal and without $COLUMNS, `cantata runs` is as wide as its values
+    (`ps -ww`): a key far wider than 80 columns is whole, on its run's one line, for
+    grep, cut and awk (docs/operating.md)."""
+    ids, keys = await _long_keyed_runs()
+    code, out, err = await cli(capsys, "runs")
+    assert code == 0, err
+    for run_id, key in zip(ids, keys, strict=True):
+        [line] = [line for line in out.splitlines() if run_id in line]
+        assert key in line and "completed" in line, line
+    assert all(line == line.rstrip() for line in out.splitlines())  # (no padding)
+
+
+async def test_runs_to_a_pipe_fit_columns_when_it_is_set(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, keys = await _long_keyed_runs(1)
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setattr(common.console, "_width", None)  # (read $COLUMNS now)
+    code, out, err = await cli(capsys, "runs")
+    assert code == 0, err
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+    assert keys[0] not in out and "order" in out  # folded
+    assert ids[0] in out  # (an id is never folded)
+
+
+async def test_runs_in_a_terminal_fit_its_width(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, keys = await _long_keyed_runs(1)
+    monkeypatch.setattr(common.console, "_force_terminal", True)
+    monkeypatch.setattr(common.console, "_width", 100)
+    code, out, err = await cli(capsys, "runs")
+    assert code == 0, err
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+    assert keys[0] not in out and "order" in out  # folded, as before
+    assert ids[0] in out

@@ -100,6 +100,35 @@ async def test_runs_filter_and_page_newest_first(shop: Shop) -> None:
     assert window["runs"][0]["result"] == {"status": "shipped", "order": "A-4"}
 
 
+async def test_runs_filter_by_the_code_version_they_are_pinned_to(shop: Shop) -> None:
+    """`version=` lists the runs pinned to that version, as `cantata runs --version`
+    does, alone and with the other filters; each run says its version."""
+    mine = await start(shop, "place_order", {"id": "V-1"})
+    await finished(shop, mine)
+    # a run an older deployment ran (written as it stands: no worker of this code takes it)
+    from cantata.model.status import RunStatus
+    from cantata.testing.contract.support import new_run
+
+    older = (await shop.app.store.create_run(new_run(
+        "shop", "place_order", version="v-old 1", status=RunStatus.COMPLETED)))[0].run_id
+
+    async def ids(**filters: Any) -> list[str]:
+        r = await shop.get("/api/runs", params=filters)
+        assert r.status_code == 200, r.text
+        return [run["run_id"] for run in r.json()["runs"]]
+
+    assert await ids(version="v-old 1") == [older]
+    assert await ids(version=shop.app.version) == [mine]
+    assert await ids(version=shop.app.version, status="completed") == [mine]
+    assert await ids(version=shop.app.version, status="pending") == []
+    assert await ids(version="v-old") == []  # exact, not a prefix
+    assert await ids(version="v-old 1", limit=1, workflow="place_order") == [older]
+    got = (await shop.get("/api/runs", params={"version": "v-old 1"})).json()["runs"]
+    assert got[0]["version"] == "v-old 1"
+    r = await shop.get("/api/runs", params={"version": "a\x00b"})
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "version")
+
+
 async def test_cancel_a_waiting_run_then_409_once_it_ended(shop: Shop) -> None:
     run_id = await start(shop, "await_approval", {"id": "W-1"})
 
@@ -271,10 +300,22 @@ async def test_the_overview_counts_stalls_dead_letters_and_the_last_hours_failur
     shop: Shop, store_url: str
 ) -> None:
     """`attention` counts what an operator looks at first: transactions stalled for 5
-    minutes (as `GET /api/stalled` finds them), dead letters, runs created in the last
-    hour that failed; each is the length of the list the dashboard links to."""
+    minutes (as `GET /api/stalled` finds them), dead letters, runs that failed in the
+    last hour (whenever created); each is the length of the list the dashboard links to."""
     import httpx
 
+    # a run created two hours ago (its worker gone since) that fails now, and one that
+    # failed two hours ago
+    from cantata.model.records import RunWrite
+    from cantata.model.status import RunStatus
+    from cantata.testing.contract.support import new_run
+
+    two_hours_ago = shop.app.clock.now() - 7200
+    late, early = [(await shop.app.store.create_run(new_run(
+        "shop", "invoice", created_at=two_hours_ago, updated_at=two_hours_ago, status=st)))[0]
+        for st in (RunStatus.RUNNING, RunStatus.FAILED)]
+    await shop.app.store.commit_run("shop", late.run_id, 0, RunWrite(
+        status=RunStatus.FAILED, error="E: lost", release=True))
     shop.state["billing_down"] = True
     failed = await start(shop, "invoice", {"id": "F-1"})
     assert (await finished(shop, failed))["status"] == "failed"
@@ -287,12 +328,15 @@ async def test_the_overview_counts_stalls_dead_letters_and_the_last_hours_failur
     hour_ago = dt.datetime.fromisoformat(now["attention"]["failed_since"])
     assert abs(hour_ago.timestamp() - (shop.app.clock.now() - 3600)) < 60
     assert now["attention"] == {"stalled": 0, "stalled_more": False, "dead_letters": 1,
-                                "failed_last_hour": 1,
+                                "failed_last_hour": 2,
                                 "failed_since": now["attention"]["failed_since"]}
     assert now["dead_letters"] == 1
-    listed = (await shop.get("/api/runs", params={
-        "status": "failed", "since": now["attention"]["failed_since"]})).json()["runs"]
-    assert [r["run_id"] for r in listed] == [failed]
+    assert now["counts"]["failed"] == 3
+    for filters in ({"failed_since": now["attention"]["failed_since"]},
+                    {"failed_since": now["attention"]["failed_since"], "status": "failed"}):
+        listed = (await shop.get("/api/runs", params=filters)).json()["runs"]
+        assert [r["run_id"] for r in listed] == [failed, late.run_id], filters
+    assert early.run_id not in {r["run_id"] for r in listed}
     # ten minutes later: the waiting run and the dead letter's transaction made no
     # progress for 5 minutes; the failure is still within the hour
     later = App("shop", store=store_url, clock=Later(600))
@@ -305,7 +349,7 @@ async def test_the_overview_counts_stalls_dead_letters_and_the_last_hours_failur
         await later.close()
     assert seen["attention"]["stalled"] == len(stalls) >= 2
     assert any(s["correlation_id"] == waiting for s in stalls)
-    assert (seen["attention"]["dead_letters"], seen["attention"]["failed_last_hour"]) == (1, 1)
+    assert (seen["attention"]["dead_letters"], seen["attention"]["failed_last_hour"]) == (1, 2)
     # seventy minutes later: the failure is older than an hour
     later = App("shop", store=store_url, clock=Later(4200))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=later.asgi()),

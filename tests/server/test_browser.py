@@ -377,6 +377,32 @@ def test_the_runs_page_honours_its_limit_and_pages_by_next_page_links(
     assert [e for e in page.errors if "422" not in e] == []  # type: ignore[attr-defined]
 
 
+def test_the_runs_table_shows_each_runs_version_and_filters_by_it(
+    browser: Browser, server: ServerThread, img: Path
+) -> None:
+    """The runs table has the version column `cantata runs` has; a run's version links
+    to the runs of that version, and the **Version** filter finds them (docs/console.md)."""
+    version = server.app.version
+    page = login(browser, server, "viewer", img)
+    page.goto(f"{server.url}/runs?workflow=place_order&limit=3")
+    headers = page.locator("thead th")
+    expect(headers.nth(3)).to_have_text("Version")
+    rows = page.locator("tbody tr[data-run-id]")
+    expect(rows).to_have_count(3)
+    cell = rows.first.locator("td").nth(3)
+    expect(cell).to_have_text(version)
+    cell.get_by_role("link", name=version).click()
+    expect(page).to_have_url(re.compile(rf"/runs\?version={re.escape(version)}$"))
+    expect(page.get_by_label("Version")).to_have_value(version)
+    expect(rows.first).to_be_visible()
+    assert set(rows.locator("td:nth-child(4)").all_inner_texts()) == {version}
+    page.get_by_label("Version").fill("no-such-version")
+    page.get_by_role("button", name="Filter").click()
+    expect(page).to_have_url(re.compile(r"version=no-such-version"))
+    expect(page.get_by_text("No runs match these filters.")).to_be_visible()
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_times_are_utc_and_say_so_with_the_local_time_in_a_tooltip(
     browser: Browser, server: ServerThread
 ) -> None:
@@ -655,13 +681,13 @@ def test_the_overview_leads_with_stalls_dead_letters_and_the_last_hours_failures
     browser: Browser, server: ServerThread, img: Path
 ) -> None:
     """The overview's first cards count what an operator looks at first, each a link to
-    the list it counts: stalled transactions, dead letters, runs of the last hour that
-    failed (docs/console.md)."""
+    the list it counts: stalled transactions, dead letters, runs that failed in the last
+    hour (docs/console.md)."""
     run_id = failed_invoice(server, "OV-1")
     page = login(browser, server, "viewer", img)
     attention = page.get_by_role("group", name="Needs attention")
     failed = attention.locator('a[data-attention="failed_last_hour"]')
-    expect(failed).to_contain_text("Failed, started in the last hour")
+    expect(failed).to_contain_text("Failed in the last hour")
     shown = int(failed.locator(".n").inner_text())
     assert shown >= 1
     stalled = attention.locator('a[data-attention="stalled"]')
@@ -675,7 +701,8 @@ def test_the_overview_leads_with_stalls_dead_letters_and_the_last_hours_failures
     expect(dead).to_have_attribute("href", "/dead-letters")
     expect(dead.locator(".n")).to_have_text(re.compile(r"^\d+$"))
     failed.click()
-    expect(page).to_have_url(re.compile(r"/runs\?status=failed&since=\d{4}-"))
+    expect(page).to_have_url(re.compile(r"/runs\?status=failed&failed_since=\d{4}-"))
+    expect(page.get_by_label("Failed since")).to_have_value(re.compile(r"^\d{4}-"))
     rows = page.locator("tbody tr[data-run-id]")
     expect(rows.first).to_be_visible()
     expect(page.locator(f'tr[data-run-id="{run_id}"]')).to_be_visible()

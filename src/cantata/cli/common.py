@@ -440,10 +440,29 @@ def table(title: str, *columns: str, ids: tuple[str, ...] = ("run id", "id")) ->
 
 def show(t: Table) -> None:
     """Print a :func:`table`: its id columns as wide as their longest id, the other
-    columns folded into what is left of the terminal."""
+    columns folded into what is left of the terminal.
+
+    Not to a terminal (a pipe, a file, a log) and without ``$COLUMNS``, every value is
+    printed whole, each row on one line, however wide that makes it (as ``ps -ww``
+    does): Rich would fold the table into 80 columns there, cutting an error or a key
+    into pieces that ``grep``, ``cut`` and ``awk`` cannot read. ``$COLUMNS`` sets the
+    width, as in a terminal."""
     for col in t.columns:
         if col.no_wrap:
             widths = [Text.from_markup(c).cell_len if isinstance(c, str) else
                       c.cell_len if isinstance(c, Text) else 0 for c in col.cells]
             col.min_width = max([len(str(col.header)), *widths])
-    console.print(t)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        console.print(t)
+        return
+    for col in t.columns:
+        col.no_wrap = True
+    t.title_justify = "left"  # (not centred in a line of hundreds of columns)
+    natural = console.measure(t, options=console.options.update_width(1 << 20)).maximum
+    whole = Console(width=max(natural, 1), highlight=False, color_system=None,
+                    force_terminal=False)
+    with whole.capture() as out:
+        whole.print(t)
+    file = console.file  # (sys.stdout as it is now)
+    file.write("".join(line.rstrip() + "\n" for line in out.get().splitlines()))
+    file.flush()

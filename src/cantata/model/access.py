@@ -61,7 +61,8 @@ def hash_token(token: str) -> str:
 @dataclass(frozen=True, slots=True)
 class AttentionCounts:
     """What an operator looks at first, counted by indexes (the console's overview):
-    the dead letters waiting, and the runs created since a time that failed."""
+    the dead letters waiting, and the runs that failed since a time (whenever they
+    were created)."""
 
     dead_letters: int
     failed_since: int
@@ -74,7 +75,10 @@ class RunQuery:
     ``since``/``until`` bound ``created_at`` (POSIX seconds, inclusive / exclusive);
     ``after`` is the ``(created_at, run_id)`` of the last run of the previous page;
     ``attributes`` are ``(name, indexed text)`` search attributes a run must all hold
-    (:func:`cantata.model.attributes.index_value`).
+    (:func:`cantata.model.attributes.index_value`); ``version``: the code version the
+    run is pinned to (a filter of the rows read in that order, as ``find_runs``'s);
+    ``failed_since``: only runs that are failed and failed at or after it (POSIX seconds;
+    read by the failed runs' own index, then ordered).
     """
 
     workflow: str | None = None
@@ -86,3 +90,5 @@ class RunQuery:
     after: tuple[float, str] | None = None
     limit: int = 50
     attributes: tuple[tuple[str, str], ...] = ()
+    version: str | None = None
+    failed_since: float | None = None

@@ -510,9 +510,10 @@ class AttentionOut(BaseModel):
     stalled_more: bool = Field(description="100 were found: there may be more.")
     dead_letters: int = Field(description="Dead letters waiting (`GET /api/dead-letters`).")
     failed_last_hour: int = Field(description=(
-        "Runs created in the last hour that failed (`GET /api/runs?status=failed&since=` "
-        "`failed_since`)."))
-    failed_since: dt.datetime = Field(description="An hour ago: the `since` of that list.")
+        "Runs that failed in the last hour, whenever they were created "
+        "(`GET /api/runs?failed_since=` `failed_since`)."))
+    failed_since: dt.datetime = Field(description=(
+        "An hour ago: the `failed_since` of that list."))
 
 
 class Overview(BaseModel):

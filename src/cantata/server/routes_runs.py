@@ -69,8 +69,14 @@ async def list_runs(
                                                    "created at or after")] = None,
     until: Annotated[str | None, Query(description="RFC 3339 time (or POSIX seconds): "
                                                    "created before")] = None,
+    failed_since: Annotated[str | None, Query(description=(
+        "RFC 3339 time (or POSIX seconds): failed runs that failed at or after it "
+        "(whenever they were created)"))] = None,
     idempotency_key: KeyFilter = None,
     correlation_id: KeyFilter = None,
+    version: Annotated[str | None, Query(max_length=params.MAX_KEY, description=(
+        "the code version the runs are pinned to, exactly (as `cantata runs --version`)"
+    ))] = None,
     limit: Annotated[int, Query(ge=1, le=params.MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page",
                                         max_length=600)] = None,
@@ -86,8 +92,10 @@ async def list_runs(
         status=status,
         since=params.timestamp("since", since),
         until=params.timestamp("until", until),
+        failed_since=params.timestamp("failed_since", failed_since),
         idempotency_key=params.key("idempotency_key", idempotency_key),
         correlation_id=params.key("correlation_id", correlation_id),
+        version=params.key("version", version),
         after=params.run_cursor(cursor),
         limit=limit + 1,  # one more tells whether a next page exists
         attributes=attributes,

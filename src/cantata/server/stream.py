@@ -198,32 +198,36 @@ class ChangeFeed:
                 self._task = None
 
     async def _follow(self, store: Store, after: int) -> None:
+        # A record is streamed only when a head read made before the read of it covers
+        # it: a record forged past the head, taken out while the records were read and
+        # its seq taken by a genuine append, is within a head read made after them, never
+        # within one made before. ``known`` is the latest head read: heads only grow, so
+        # it was read before every later read of the records. The head is read again only
+        # when a record lies past it, so a read that finds nothing new is one read.
+        known = after
         while True:
             try:
-                # The head read before the records and after them: a record past the
-                # first is streamed only once a read of it begins below the head (a
-                # record forged past the head, taken out while the records were read and
-                # its seq taken by a genuine append, would be within the second).
-                before = await store.audit_head_seq(self.app)
                 records = await store.audit_records(self.app, after_seq=after, limit=PAGE)
-                head = await store.audit_head_seq(self.app) if records else after
+                head = (await store.audit_head_seq(self.app)
+                        if records and records[-1].seq > known else known)
             except Exception as exc:  # the store is down: say so once per try, keep going
                 log.warning("console: change feed cannot read the store (%s); retrying",
                             type(exc).__name__)
-                records, head, before = [], after, after
+                records, head = [], known
             changes = []
             again = False
             for rec in records:
                 if rec.seq > head:  # so are the ones after it: none of them is streamed
                     self._past_head(rec, head)
                     break
-                if rec.seq > before:  # appended while they were read: read again now
+                if rec.seq > known:  # appended since the last head read: read again now
                     again = True
                     break
                 after = rec.seq
                 change = change_of(rec)
                 if change is not None:
                     changes.append(change)
+            known = head
             for change in coalesced(changes):
                 self._publish(change)
             if again or (len(records) == PAGE and after == records[-1].seq):

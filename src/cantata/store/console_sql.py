@@ -18,7 +18,7 @@ TOKEN_COLS = "name, role, token_hash, created_at, revoked_at"
 
 def runs_page(
     app: str, q: RunQuery, cols: str, mark: Callable[[int], str], collate: str = "",
-    attributes_index: str = "",
+    attributes_index: str = "", failed_at: str = "updated_at",
 ) -> tuple[str, list[Any]]:
     """``SELECT cols FROM runs`` for one page of ``q``, newest first.
 
@@ -27,6 +27,8 @@ def runs_page(
     as an index bound on the (…, created_at, run_id) indexes of migration 0003.
     Each search attribute is a set of run ids read from the ``(app, name, value)``
     index of ``run_attributes`` (``attributes_index``: SQLite's ``INDEXED BY`` hint).
+    ``failed_at`` is the column the ``runs_failed`` index orders the failed runs by
+    (migrations: SQLite 0029, PostgreSQL 0038).
     """
     params: list[Any] = [app]
 
@@ -43,6 +45,10 @@ def runs_page(
         where.append(f"idempotency_key={p(q.idempotency_key)}")
     if q.correlation_id is not None:
         where.append(f"correlation_id={p(q.correlation_id)}")
+    if q.version is not None:
+        where.append(f"version={p(q.version)}")
+    if q.failed_since is not None:
+        where.append(f"status='failed' AND {failed_at}>={p(q.failed_since)}")
     if q.since is not None:
         where.append(f"created_at>={p(q.since)}")
     if q.until is not None:

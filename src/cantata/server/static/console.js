@@ -244,11 +244,15 @@
     return h("tr", { "data-run-id": r.run_id },
       h("td", {}, runLink(r.run_id)), h("td", {}, long(r.workflow)),
       h("td", { class: "status" }, badge(r.status)),
+      // the code version it is pinned to, as `cantata runs` shows it (a link: its runs)
+      h("td", { class: "version" }, r.version == null ? "" : h("a", { class: "mono",
+        href: "/runs?" + new URLSearchParams({ version: r.version }), title: "Runs of this version" },
+        exactName(r.version, "version"))),
       h("td", { class: "mono" }, r.idempotency_key ? exactKey(r.idempotency_key) : ""),
       h("td", { class: "when" }, when(r.created_at)), h("td", { class: "when" }, when(r.updated_at)),
       h("td", { class: "err" }, r.error || ""));
   }
-  const RUN_HEADERS = ["Run", "Workflow", "Status", "Key", "Created", "Updated", "Error"];
+  const RUN_HEADERS = ["Run", "Workflow", "Status", "Version", "Key", "Created", "Updated", "Error"];
 
   function stallRows(stalls) {
     return stalls.map((st) => h("tr", {},
@@ -290,8 +294,8 @@
         attn("stalled", "s-stalled", "/stalled?older_than=300", at.stalled, at.stalled_more,
           "Stalled (no progress for 5 min)"),
         attn("dead_letters", "s-dead", "/dead-letters", at.dead_letters, false, "Dead letters"),
-        attn("failed_last_hour", "s-failed", "/runs?" + new URLSearchParams({ status: "failed", since: at.failed_since }),
-          at.failed_last_hour, false, "Failed, started in the last hour"));
+        attn("failed_last_hour", "s-failed", "/runs?" + new URLSearchParams({ status: "failed", failed_since: at.failed_since }),
+          at.failed_last_hour, false, "Failed in the last hour"));
       cards.replaceChildren(...STATUSES.map((st) =>
         h("a", { class: "card s-" + st, href: "/runs?status=" + st, "data-status": st },
           h("span", { class: "n" }, String(o.counts[st] || 0)),
@@ -348,8 +352,11 @@
         STATUSES.map((st) => h("option", { value: st, selected: q.get("status") === st }, st)))),
       field("since", "Since", { placeholder: "2026-01-31T00:00:00Z" }),
       field("until", "Until", { placeholder: "2026-02-01T00:00:00Z" }),
+      // (when it failed, whenever it was created: the overview's "Failed in the last hour")
+      field("failed_since", "Failed since", { placeholder: "2026-01-31T00:00:00Z" }),
       field("idempotency_key", "Idempotency key"),
       field("correlation_id", "Correlation id"),
+      field("version", "Version", { placeholder: "as cantata runs shows it" }),
       // search attributes (ctx.set_attributes): one input per attr= of the address, all
       // of which a run must hold, as `cantata runs --attr`
       (q.getAll("attr").length ? q.getAll("attr") : [""]).map((v) => h("label", {}, "Attribute",
@@ -362,11 +369,11 @@
     // exact, spaces at their ends included, as app.start took them; an attribute's
     // value too (its name is trimmed by the server).
     const params = new URLSearchParams();
-    for (const k of ["workflow", "status", "since", "until"]) {
+    for (const k of ["workflow", "status", "since", "until", "failed_since"]) {
       const v = (q.get(k) || "").trim();
       if (v) params.set(k, v);
     }
-    for (const k of ["idempotency_key", "correlation_id"]) if (q.get(k)) params.set(k, q.get(k));
+    for (const k of ["idempotency_key", "correlation_id", "version"]) if (q.get(k)) params.set(k, q.get(k));
     for (const v of q.getAll("attr")) if (v.trim()) params.append("attr", v.trimStart());
     // The page's size and place are the address's (?limit=, ?cursor=): a page of a
     // list can be shared and reloaded as it is; the API refuses a limit out of range.

@@ -22,10 +22,11 @@ class ConsoleStore(Protocol):
         """How many runs of ``app`` have each status (statuses with none are absent)."""
 
     async def attention_counts(self, app: str, *, failed_since: float) -> AttentionCounts:
-        """How many dead letters ``app`` has, and how many of its runs created at or
-        after ``failed_since`` (POSIX seconds) are ``failed``: each read by an index
-        (the dead letters' key, ``runs_status_newest``), in time bounded by the counts,
-        not by the app's runs."""
+        """How many dead letters ``app`` has, and how many of its runs are ``failed``
+        and failed at or after ``failed_since`` (POSIX seconds; whenever they were
+        created: what ``query_runs`` lists with ``RunQuery(failed_since=...)``): each
+        read by an index (the dead letters' key, the failed runs' ``runs_failed``), in
+        time bounded by the counts, not by the app's runs."""
 
     async def create_token(
         self, token: TokenRecord, *, actor: str = "system", apps: Sequence[str] = ()

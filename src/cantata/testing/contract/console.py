@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import pytest
@@ -13,7 +14,14 @@ from hypothesis import strategies as st
 
 from cantata.errors import TokenExists
 from cantata.model import codec
-from cantata.model.access import Role, RunQuery, TokenRecord, hash_token, new_token
+from cantata.model.access import (
+    AttentionCounts,
+    Role,
+    RunQuery,
+    TokenRecord,
+    hash_token,
+    new_token,
+)
 from cantata.model.records import RunRecord, RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.audit import AuditKey
@@ -107,6 +115,40 @@ class ConsoleContract(StoreFixtures):
         assert await store.count_runs(self.app) == {}
         await self.seed(store)
         assert await store.count_runs(self.app) == {"pending": 10, "failed": 2}
+
+    async def test_the_runs_failed_since_a_time_are_counted_and_listed_whenever_created(
+        self, store: Store
+    ) -> None:
+        """The overview's "failed in the last hour": runs that failed at or after a
+        time, by when they failed, not when they were created (the seed's runs were
+        created long before they fail); a run retried since is not failed."""
+        assert await store.attention_counts(self.app, failed_since=0.0) == AttentionCounts(0, 0)
+        start = time.time() - 1  # (the store's clock may lag this one a little)
+        runs = await self.seed(store)  # created in 2023, two failed now
+        other, _ = await store.create_run(new_run(f"{self.app}-other"))
+        await store.commit_run(f"{self.app}-other", other.run_id, 0, RunWrite(
+            status=RunStatus.FAILED, error="E: z", release=True))
+        failed = [runs[7].run_id, runs[2].run_id]  # newest created first
+        assert (await store.attention_counts(self.app, failed_since=start)).failed_since == 2
+
+        async def ids(**kw: Any) -> list[str]:
+            return [r.run_id for r in await page_all(store, self.app, RunQuery(limit=1, **kw))]
+
+        assert await ids(failed_since=start) == failed
+        assert await ids(failed_since=start, status=RunStatus.FAILED) == failed
+        assert await ids(failed_since=start, status=RunStatus.PENDING) == []
+        assert await ids(failed_since=start, workflow="refund") == []
+        assert await ids(failed_since=start, until=runs[5].created_at) == [runs[2].run_id]
+        later = time.time() + 60
+        assert (await store.attention_counts(self.app, failed_since=later)).failed_since == 0
+        assert await ids(failed_since=later) == []
+        await store.retry_run(self.app, runs[2].run_id, include_compensated=False,
+                              version=None, actor="token:ann", now=time.time())
+        assert (await store.attention_counts(self.app, failed_since=start)).failed_since == 1
+        assert await ids(failed_since=start) == [runs[7].run_id]
+        await store.commit_run(self.app, runs[2].run_id, 0, RunWrite(
+            status=RunStatus.FAILED, error="E: again", release=True))  # failed again
+        assert (await store.attention_counts(self.app, failed_since=start)).failed_since == 2
 
     async def test_operator_actions_are_chained_into_the_audit_log(self, store: Store) -> None:
         assert await store.audit_head_seq(self.app) == 0

@@ -1,0 +1,11 @@
+-- Version 29 of the SQLite schema: the failed runs by the time they failed, by a
+-- partial index. The console's overview counts the runs that failed in the last hour
+-- (and GET /api/runs?failed_since= lists them) at every read; runs_status_newest orders
+-- the failed runs by creation, so a run created earlier that failed within the hour was
+-- either missed or found by reading every failed run. A failed run's updated_at is when
+-- it failed (a failed run is not written again until a retry makes it pending). Only
+-- failed rows have an entry: a checkpoint of a live run evaluates its WHERE (its
+-- updated_at changes) and has no entry to change. (`status` is in it too, so that the
+-- count reads the index alone: SQLite does not take a partial index's WHERE for a
+-- column it holds.)
+CREATE INDEX IF NOT EXISTS runs_failed ON runs (app, updated_at, status) WHERE status='failed';
