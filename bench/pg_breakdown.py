@@ -22,14 +22,14 @@ do not depend on how busy the machine is. ``--no-lean`` sends a batch of one thr
 ``cantata_write_runs`` (``cantata_settle``) as well, not the lean functions of migration
 0017 (0020: one settlement or append of events); ``--no-fold`` writes a new run and its
 first checkpoint with two calls (0017: the row inserted, then locked and updated), not
-``cantata_create_first`` (0019).
+``cantata_create_rows`` (0019, 0037).
 
     python -m bench.pg_breakdown functions [--n 200]
 
 The server's time in the write functions alone, less dependent on the machine's load
 than a round trip: ``n`` checkpoints of a keyed app (a step's end and the next one's
 start, one attempt: a saga's checkpoint) written one after another on a fresh schema through
-``cantata_write_runs`` and ``n`` through the lean ``cantata_checkpoint_one``
+``cantata_write_runs`` and ``n`` through the lean ``cantata_checkpoint_rows``
 (interleaved): each statement's server time (as above), and each function's from
 ``pg_stat_user_functions`` (``track_functions = 'pl'`` for that connection).
 
@@ -447,11 +447,11 @@ async def _commit(n: int) -> None:
         # cost (the driver's encoding, the server's decoding) without the writes
         signature = await conn.fetchval(
             "SELECT pg_get_function_identity_arguments(p.oid) FROM pg_proc p "
-            "WHERE proname = 'cantata_checkpoint_one' AND pronamespace = $1::regnamespace",
+            "WHERE proname = 'cantata_checkpoint_rows' AND pronamespace = $1::regnamespace",
             schema)
         await conn.execute(f"CREATE FUNCTION bench_noop({signature}) RETURNS bool "
                            "LANGUAGE plpgsql AS $$BEGIN RETURN true; END$$")
-        noop = postgres_onetrip._CHECKPOINT_ONE.replace("cantata_checkpoint_one", "bench_noop")
+        noop = postgres_onetrip._CHECKPOINT_ONE.replace("cantata_checkpoint_rows", "bench_noop")
         pid = conn.get_server_pid()
         times: dict[str, list[float]] = collections.defaultdict(list)
         cpu: dict[str, float] = collections.defaultdict(float)
@@ -509,7 +509,7 @@ modes:
                  statement of the store's writer by kind, then a write's phases (the
                  scenario's own options: python -m bench.cantata_scenario --help)
   functions [--n N]  the server's time in cantata_write_runs vs the lean
-                 cantata_checkpoint_one (N saga checkpoints each, interleaved)
+                 cantata_checkpoint_rows (N saga checkpoints each, interleaved)
   settle [--n N]     cantata_settle vs the lean cantata_settle_one (N hop settlements each)
   commit [--n N]     one connection's round trip of a checkpoint, an INSERT, SELECT 1 and
                  a no-op with the checkpoint's parameters, with synchronous_commit on
