@@ -43,8 +43,10 @@ the server CPU per call (from ``/proc``) and each function's time.
     python -m bench.pg_breakdown commit [--n 200]
 
 Where a write's round trip goes beyond the server's execution: on one connection, a
-saga's checkpoint through the lean function, a one-row INSERT, ``SELECT 1`` and a
-plpgsql function that does nothing called with the checkpoint's 39 parameters, each
+saga's checkpoint through the lean function (0037's ``cantata_checkpoint_rows``, and
+0032's ``cantata_checkpoint_one`` with one array per history and attempt column, as an
+older worker calls it, on runs of their own), a one-row INSERT, ``SELECT 1`` and a
+plpgsql function that does nothing called with the checkpoint's 22 parameters, each
 with ``synchronous_commit`` on and off, interleaved: the round trip's p50, the server
 CPU per call (from ``/proc``, as above: ``schedstat``'s nanoseconds where the kernel
 has them, else clock ticks, a sample, so ~20 % either way at a few hundred calls of a
@@ -439,10 +441,15 @@ async def _commit(n: int) -> None:
     try:
         runs = [new_run(app, owner="w1", fence=1, status=RunStatus.RUNNING)
                 for _ in range(2 * n)]
-        for run in runs:
+        older = [new_run(app, owner="w1", fence=1, status=RunStatus.RUNNING)
+                 for _ in range(2 * n)]
+        for run in runs + older:
             await store.create_run(run)
         conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
         await conn.execute("CREATE TABLE bench_rows (id bigserial PRIMARY KEY, v text)")
+        # 0032's function (kept for older workers): one array per history and attempt
+        # column, against 0037's texts of rows
+        columns = f"SELECT cantata_checkpoint_one({postgres_onetrip._params(1, 39)})"
         # the checkpoint function's parameters, and nothing done with them: the call's
         # cost (the driver's encoding, the server's decoding) without the writes
         signature = await conn.fetchval(
@@ -480,6 +487,10 @@ async def _commit(n: int) -> None:
             (done,) = await timed(f"checkpoint, sync {sync}",
                                   postgres_onetrip.write(conn, [share], keys))
             assert done is None
+            call = (app, older[i].run_id, 1, w)
+            a = postgres_onetrip._checkpoint_args(time.time(), call, keys)
+            await timed(f"checkpoint, one array per column (0032), sync {sync}",
+                        conn.fetch(columns, *a[:9], *_arrays(call), *a[11:]))
             args = postgres_onetrip._checkpoint_args(time.time(), share[1], keys)
             await timed(f"no-op, the checkpoint's parameters, sync {sync}",
                         conn.fetch(noop, *args))
@@ -500,6 +511,19 @@ async def _commit(n: int) -> None:
         await store.close()
 
 
+def _arrays(call: Any) -> list[list[Any]]:
+    """A checkpoint's history entries and attempts as 0032's 13 + 6 arrays."""
+    from cantata.store import postgres_writes as writes
+
+    out: list[list[Any]] = []
+    for rows, width, kept, key, n in (
+            (writes.history_rows([call]), 15, writes.HISTORY_KEPT, 3, 13),
+            (writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, 4, 6)):
+        merged = postgres_onetrip.merged_rows(rows, width, kept, key)
+        out += [list(c) for c in zip(*merged, strict=True)] if merged else [[]] * n
+    return out
+
+
 USAGE = """\
 usage: python -m bench.pg_breakdown MODE [options]     (PostgreSQL; see docs/performance.md)
 
@@ -511,7 +535,8 @@ modes:
   functions [--n N]  the server's time in cantata_write_runs vs the lean
                  cantata_checkpoint_rows (N saga checkpoints each, interleaved)
   settle [--n N]     cantata_settle vs the lean cantata_settle_one (N hop settlements each)
-  commit [--n N]     one connection's round trip of a checkpoint, an INSERT, SELECT 1 and
+  commit [--n N]     one connection's round trip of a checkpoint (0037's and 0032's
+                 functions), an INSERT, SELECT 1 and
                  a no-op with the checkpoint's parameters, with synchronous_commit on
                  and off (the COMMIT's WAL flush)
 
