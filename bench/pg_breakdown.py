@@ -475,6 +475,11 @@ async def _commit(n: int) -> None:
             cpu[name] += _cpu_last[pid] - _cpu_first[pid]
             return out
 
+        async def by_columns(call: Any) -> Any:
+            # (its parameters made in the timed call, as write() makes the lean one's)
+            a = postgres_onetrip._checkpoint_args(time.time(), call, keys)
+            return await conn.fetch(columns, *a[:9], *_arrays(call), *a[11:])
+
         for i, run in enumerate(runs):
             sync = "on" if i % 2 == 0 else "off"
             await conn.execute(f"SET synchronous_commit = {sync}")
@@ -487,10 +492,8 @@ async def _commit(n: int) -> None:
             (done,) = await timed(f"checkpoint, sync {sync}",
                                   postgres_onetrip.write(conn, [share], keys))
             assert done is None
-            call = (app, older[i].run_id, 1, w)
-            a = postgres_onetrip._checkpoint_args(time.time(), call, keys)
             await timed(f"checkpoint, one array per column (0032), sync {sync}",
-                        conn.fetch(columns, *a[:9], *_arrays(call), *a[11:]))
+                        by_columns((app, older[i].run_id, 1, w)))
             args = postgres_onetrip._checkpoint_args(time.time(), share[1], keys)
             await timed(f"no-op, the checkpoint's parameters, sync {sync}",
                         conn.fetch(noop, *args))
