@@ -22,14 +22,14 @@ do not depend on how busy the machine is. ``--no-lean`` sends a batch of one thr
 ``cantata_write_runs`` (``cantata_settle``) as well, not the lean functions of migration
 0017 (0020: one settlement or append of events); ``--no-fold`` writes a new run and its
 first checkpoint with two calls (0017: the row inserted, then locked and updated), not
-``cantata_create_first`` (0019).
+``cantata_create_rows`` (0019, 0037).
 
     python -m bench.pg_breakdown functions [--n 200]
 
 The server's time in the write functions alone, less dependent on the machine's load
 than a round trip: ``n`` checkpoints of a keyed app (a step's end and the next one's
 start, one attempt: a saga's checkpoint) written one after another on a fresh schema through
-``cantata_write_runs`` and ``n`` through the lean ``cantata_checkpoint_one``
+``cantata_write_runs`` and ``n`` through the lean ``cantata_checkpoint_rows``
 (interleaved): each statement's server time (as above), and each function's from
 ``pg_stat_user_functions`` (``track_functions = 'pl'`` for that connection).
 
@@ -43,8 +43,10 @@ the server CPU per call (from ``/proc``) and each function's time.
     python -m bench.pg_breakdown commit [--n 200]
 
 Where a write's round trip goes beyond the server's execution: on one connection, a
-saga's checkpoint through the lean function, a one-row INSERT, ``SELECT 1`` and a
-plpgsql function that does nothing called with the checkpoint's 39 parameters, each
+saga's checkpoint through the lean function (0037's ``cantata_checkpoint_rows``, and
+0032's ``cantata_checkpoint_one`` with one array per history and attempt column, as an
+older worker calls it, on runs of their own), a one-row INSERT, ``SELECT 1`` and a
+plpgsql function that does nothing called with the checkpoint's 22 parameters, each
 with ``synchronous_commit`` on and off, interleaved: the round trip's p50, the server
 CPU per call (from ``/proc``, as above: ``schedstat``'s nanoseconds where the kernel
 has them, else clock ticks, a sample, so ~20 % either way at a few hundred calls of a
@@ -439,19 +441,24 @@ async def _commit(n: int) -> None:
     try:
         runs = [new_run(app, owner="w1", fence=1, status=RunStatus.RUNNING)
                 for _ in range(2 * n)]
-        for run in runs:
+        older = [new_run(app, owner="w1", fence=1, status=RunStatus.RUNNING)
+                 for _ in range(2 * n)]
+        for run in runs + older:
             await store.create_run(run)
         conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
         await conn.execute("CREATE TABLE bench_rows (id bigserial PRIMARY KEY, v text)")
+        # 0032's function (kept for older workers): one array per history and attempt
+        # column, against 0037's texts of rows
+        columns = f"SELECT cantata_checkpoint_one({postgres_onetrip._params(1, 39)})"
         # the checkpoint function's parameters, and nothing done with them: the call's
         # cost (the driver's encoding, the server's decoding) without the writes
         signature = await conn.fetchval(
             "SELECT pg_get_function_identity_arguments(p.oid) FROM pg_proc p "
-            "WHERE proname = 'cantata_checkpoint_one' AND pronamespace = $1::regnamespace",
+            "WHERE proname = 'cantata_checkpoint_rows' AND pronamespace = $1::regnamespace",
             schema)
         await conn.execute(f"CREATE FUNCTION bench_noop({signature}) RETURNS bool "
                            "LANGUAGE plpgsql AS $$BEGIN RETURN true; END$$")
-        noop = postgres_onetrip._CHECKPOINT_ONE.replace("cantata_checkpoint_one", "bench_noop")
+        noop = postgres_onetrip._CHECKPOINT_ONE.replace("cantata_checkpoint_rows", "bench_noop")
         pid = conn.get_server_pid()
         times: dict[str, list[float]] = collections.defaultdict(list)
         cpu: dict[str, float] = collections.defaultdict(float)
@@ -468,6 +475,11 @@ async def _commit(n: int) -> None:
             cpu[name] += _cpu_last[pid] - _cpu_first[pid]
             return out
 
+        async def by_columns(call: Any) -> Any:
+            # (its parameters made in the timed call, as write() makes the lean one's)
+            a = postgres_onetrip._checkpoint_args(time.time(), call, keys)
+            return await conn.fetch(columns, *a[:9], *_arrays(call), *a[11:])
+
         for i, run in enumerate(runs):
             sync = "on" if i % 2 == 0 else "off"
             await conn.execute(f"SET synchronous_commit = {sync}")
@@ -480,6 +492,8 @@ async def _commit(n: int) -> None:
             (done,) = await timed(f"checkpoint, sync {sync}",
                                   postgres_onetrip.write(conn, [share], keys))
             assert done is None
+            await timed(f"checkpoint, one array per column (0032), sync {sync}",
+                        by_columns((app, older[i].run_id, 1, w)))
             args = postgres_onetrip._checkpoint_args(time.time(), share[1], keys)
             await timed(f"no-op, the checkpoint's parameters, sync {sync}",
                         conn.fetch(noop, *args))
@@ -500,6 +514,19 @@ async def _commit(n: int) -> None:
         await store.close()
 
 
+def _arrays(call: Any) -> list[list[Any]]:
+    """A checkpoint's history entries and attempts as 0032's 13 + 6 arrays."""
+    from cantata.store import postgres_writes as writes
+
+    out: list[list[Any]] = []
+    for rows, width, kept, key, n in (
+            (writes.history_rows([call]), 15, writes.HISTORY_KEPT, 3, 13),
+            (writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, 4, 6)):
+        merged = postgres_onetrip.merged_rows(rows, width, kept, key)
+        out += [list(c) for c in zip(*merged, strict=True)] if merged else [[]] * n
+    return out
+
+
 USAGE = """\
 usage: python -m bench.pg_breakdown MODE [options]     (PostgreSQL; see docs/performance.md)
 
@@ -509,9 +536,10 @@ modes:
                  statement of the store's writer by kind, then a write's phases (the
                  scenario's own options: python -m bench.cantata_scenario --help)
   functions [--n N]  the server's time in cantata_write_runs vs the lean
-                 cantata_checkpoint_one (N saga checkpoints each, interleaved)
+                 cantata_checkpoint_rows (N saga checkpoints each, interleaved)
   settle [--n N]     cantata_settle vs the lean cantata_settle_one (N hop settlements each)
-  commit [--n N]     one connection's round trip of a checkpoint, an INSERT, SELECT 1 and
+  commit [--n N]     one connection's round trip of a checkpoint (0037's and 0032's
+                 functions), an INSERT, SELECT 1 and
                  a no-op with the checkpoint's parameters, with synchronous_commit on
                  and off (the COMMIT's WAL flush)
 

@@ -31,7 +31,8 @@ import sys
 import time
 from typing import Any
 
-_FUNCTIONS = ("cantata_checkpoint_one", "cantata_create_first", "cantata_create_one")
+_FUNCTIONS = ("cantata_checkpoint_one", "cantata_create_first", "cantata_create_one",
+              "cantata_checkpoint_rows", "cantata_create_rows")
 _SERVER = "SELECT extract(epoch FROM clock_timestamp() - statement_timestamp())::float8, "
 
 
@@ -60,7 +61,7 @@ def _record(path: str, scenario: list[str]) -> None:
 
 
 def _kind(query: str, args: tuple[Any, ...]) -> str:
-    if "cantata_checkpoint_one" not in query:
+    if "cantata_checkpoint_" not in query:
         return "a run's creation"
     return "a last checkpoint (release)" if args[7] else "a checkpoint, no release"
 
@@ -91,7 +92,7 @@ async def _replay(
             seen: collections.Counter[str] = collections.Counter()
             by_phase: dict[int, list[tuple[str, tuple[Any, ...]]]] = collections.defaultdict(list)
             for query, args in calls:
-                run = args[1] if "cantata_checkpoint_one" in query else args[0]
+                run = args[1] if "cantata_checkpoint_" in query else args[0]
                 by_phase[seen[run]].append((query, args))
                 seen[run] += 1
             ordered = [by_phase[j] for j in sorted(by_phase)]

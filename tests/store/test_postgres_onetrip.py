@@ -28,8 +28,8 @@ KEY = audit.AuditKey("0123456789abcdef-onetrip-test")
 FIRST = {
     "arrays": ("SELECT out_kind",),
     "text": ("SELECT w.out_kind",),
-    "lean": ("SELECT cantata_checkpoint_one", "SELECT cantata_create_one",
-             "SELECT cantata_create_first", "SELECT c.created, k.applied"),
+    "lean": ("SELECT cantata_checkpoint_rows", "SELECT cantata_create_one",
+             "SELECT cantata_create_rows", "SELECT c.created, k.applied"),
 }
 ONE = tuple(words for path in FIRST.values() for words in path)
 
@@ -339,8 +339,8 @@ async def test_a_saga_one_write_at_a_time_takes_the_lean_path(url: str, encoding
             "ship#1", 3, status=RunStatus.COMPLETED, result="9", release=True))
         if encoding == "lean":
             assert [s.split("(")[0] for s in sent] == [
-                "SELECT cantata_create_first",
-                *["SELECT cantata_checkpoint_one"] * 5,
+                "SELECT cantata_create_rows",
+                *["SELECT cantata_checkpoint_rows"] * 5,
             ], sent
         # (a checkpoint of attempts alone records nothing, on every path)
         assert await store.verify_audit(app, key=KEY) == AuditReport(True, 4)
@@ -434,7 +434,7 @@ async def test_a_new_run_with_its_first_checkpoint_folded(
                         await store.load_attempts(app, run.run_id),
                     ))
                 if fold:
-                    assert sent == ["SELECT cantata_create_first($1, $2, $3,"] * len(FIRSTS)
+                    assert sent == ["SELECT cantata_create_rows($1, $2, $3,"] * len(FIRSTS)
                 records = await store.audit_records(app)
                 seen[fold] = [*got, [
                     (r.actor, r.action, r.target.split("-")[0], r.data)

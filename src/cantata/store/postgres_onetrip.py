@@ -16,11 +16,13 @@ tasks or wake a parked run, or two checkpoints of one run, take the transactiona
 path.
 
 A batch of ONE write (the latency case: a run waiting on its own checkpoint) calls
-the lean functions of migration 0017 instead, with scalar parameters
-(``cantata_checkpoint_one``, ``cantata_create_one``): the same rows, records and
-notices, without the batch's arrays to unnest, join and materialize on the server. A
-new run with its first checkpoint goes through ``cantata_create_first`` (migration
-0019): the run inserted in its checkpointed state, both records spelled here.
+the lean functions instead, with scalar parameters (``cantata_checkpoint_rows``,
+``cantata_create_one``; migrations 0017, 0037): the same rows, records and notices,
+without the batch's arrays to unnest, join and materialize on the server. A new run
+with its first checkpoint goes through ``cantata_create_rows`` (migrations 0019,
+0037): the run inserted in its checkpointed state, both records spelled here. Their
+history entries and attempts go as one text per row (a ``cantata_history_row`` or
+``cantata_attempt_row`` literal, :func:`_record`), not one array per column.
 """
 
 from __future__ import annotations
@@ -258,7 +260,7 @@ def _notice(app: str, w: RunWrite) -> str | None:
 
 # -- the lean path: one checkpoint, or one run creation with its first (migration 0017)
 
-_K = 39  # cantata_checkpoint_one's parameters
+_K = 22  # cantata_checkpoint_rows' parameters
 _N = 30  # cantata_create_one's
 
 
@@ -266,29 +268,30 @@ def _params(first: int, n: int) -> str:
     return ", ".join(f"${i}" for i in range(first, first + n))
 
 
-_CHECKPOINT_ONE = f"SELECT cantata_checkpoint_one({_params(1, _K)})"
+_CHECKPOINT_ONE = f"SELECT cantata_checkpoint_rows({_params(1, _K)})"
 _CREATE_ONE = f"SELECT cantata_create_one({_params(1, _N)})"
 # The creation first, then its first checkpoint (only if the run was inserted), in
 # that order (the checkpoint's record follows the run.created one in the chain).
 _CREATE_AND_FIRST = (
     f"SELECT c.created, k.applied FROM cantata_create_one({_params(1, _N)}) c(created), "
-    f"LATERAL (SELECT CASE WHEN c.created THEN cantata_checkpoint_one("
+    f"LATERAL (SELECT CASE WHEN c.created THEN cantata_checkpoint_rows("
     f"{_params(_N + 1, _K)}) END OFFSET 0) k(applied)"
 )
 
 
-# A new run and its first checkpoint through cantata_create_first (migration 0019):
-# the run inserted in its checkpointed state, not inserted and then locked and updated.
-_CREATE_FIRST = f"SELECT cantata_create_first({_params(1, 54)})"
+# A new run and its first checkpoint through cantata_create_rows (migrations 0019,
+# 0037): the run inserted in its checkpointed state, not inserted and then locked and
+# updated.
+_CREATE_FIRST = f"SELECT cantata_create_rows({_params(1, 37)})"
 # Whether the lean path folds a new run's first checkpoint into its creation (False:
-# cantata_create_one then cantata_checkpoint_one, for bench/pg_breakdown.py's A/B).
+# cantata_create_one then cantata_checkpoint_rows, for bench/pg_breakdown.py's A/B).
 FOLD_FIRST = True
 
 
 def _create_first_args(
     now: float, run: RunRecord, w: RunWrite, keys: Mapping[str, audit.AuditKey]
 ) -> tuple[Any, ...]:
-    """cantata_create_first's parameters: ``run`` with ``w`` applied as the checkpoint
+    """cantata_create_rows' parameters: ``run`` with ``w`` applied as the checkpoint
     statement would (each value ``w`` leaves ``None`` kept, the owner let go on
     release, ``updated_at`` now), its run.created record, ``w``'s history entries and
     attempts, and ``w``'s record as the new row would give it (the fence holds; the
@@ -306,8 +309,6 @@ def _create_first_args(
     if w.release:
         values[16] = None  # owner
     call = (run.app, run.run_id, run.fence, w)
-    history = writes.merged(writes.history_rows([call]), 15, writes.HISTORY_KEPT, key=3)
-    attempts = writes.merged(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, key=4)
     entry = audit.checkpoint_entry(run.run_id, run.owner, str(run.status), w)
     if entry is None:
         record: tuple[Any, ...] = (None, None, None, None)
@@ -317,11 +318,43 @@ def _create_first_args(
         record = (actor, action, text, audit.tail(now, actor, action, target, text))
     key = keys.get(run.app)
     return (
-        *values, *_created(now, run), *history[2:], *attempts[2:], *record,
+        *values, *_created(now, run), *_rows(call), *record,
         _notice(run.app, w),
         None if key is None else key.inner, None if key is None else key.outer,
         audit.GENESIS_HASH,
     )
+
+
+def _rows(call: writes.Checkpoint) -> tuple[list[str], list[str]]:
+    """A checkpoint's history entries and attempts as the lean functions take them:
+    one text per row, a ``cantata_history_row`` or ``cantata_attempt_row`` literal
+    (migration 0037), one row per key (merged as :func:`postgres_writes.merged`
+    merges them)."""
+    history = merged_rows(writes.history_rows([call]), 15, writes.HISTORY_KEPT, 3)
+    attempts = merged_rows(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, 4)
+    return [_record(row) for row in history], [_record(row) for row in attempts]
+
+
+def merged_rows(
+    rows: list[tuple[Any, ...]], width: int, kept: frozenset[int], key: int
+) -> list[tuple[Any, ...]]:
+    """``rows`` without their app and run id, one per key (see ``merged``)."""
+    if len({row[:key] for row in rows}) == len(rows):  # (the usual case: no key twice)
+        return [row[2:] for row in rows]
+    return list(zip(*writes.merged(rows, width, kept, key)[2:], strict=True))
+
+
+def _record(row: tuple[Any, ...]) -> str:
+    """``row`` as the text record_in reads back exactly: a NULL is nothing, a text is
+    quoted (its quotes and backslashes escaped by a backslash), a number is Python's
+    shortest exact spelling (``inf``, ``-inf`` and ``nan`` included, which float8in
+    reads). (One comprehension, no call per field: ~7 us a saga's checkpoint.)"""
+    return "(" + ",".join([
+        "" if v is None
+        else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if isinstance(v, str)
+        else repr(float(v)) if isinstance(v, float) else str(int(v))
+        for v in row
+    ]) + ")"
 
 
 def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
@@ -335,10 +368,8 @@ def _checkpoint_args(
 ) -> tuple[Any, ...]:
     app, run_id, _, w = call
     key = keys.get(app)
-    history = writes.merged(writes.history_rows([call]), 15, writes.HISTORY_KEPT, key=3)
-    attempts = writes.merged(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, key=4)
     return (
-        *writes.run_args(0, call)[:8], now, *history[2:], *attempts[2:],
+        *writes.run_args(0, call)[:8], now, *_rows(call),
         audit.canonical(now), *_checkpointed(run_id, w, app),
         None if key is None else key.inner, None if key is None else key.outer,
         audit.GENESIS_HASH,
