@@ -11,10 +11,7 @@ Writes of the store's own event loop (``home``) skip the thread when they can: t
 writes made in one turn of the loop are gathered and run as one batch on the
 loop's thread at the start of the next turn (one group commit, as the thread's),
 with no hand-off to the thread and back (two thread wake-ups per commit) and no GIL
-passed between two busy threads. When a task awaits one of them while nothing else is
-ready to run on the loop (no callback, no timer due), no other write can join the
-batch, and it runs at once in that task: no loop pass to reach it and none to wake the
-task (at most twice in a row before the loop polls its I/O). When the thread holds the connection (a read),
+passed between two busy threads. When the thread holds the connection (a read),
 the batch tries again half a millisecond later. When another connection holds the
 database's write lock, the thread runs the batch: the inline ``BEGIN IMMEDIATE``
 waits for no one (the connection's busy timeout is 0 unless the thread runs a
