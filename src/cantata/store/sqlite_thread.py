@@ -236,22 +236,18 @@ class ConnectionThread:
         scheduled for it is ready to run on the loop, no other write can join this
         turn's (the flush would run first in the next pass), so the flush runs now,
         in this task: the loop's pass to reach it and the pass to wake the task are
-        spared (two per checkpoint of a run executed alone). Never while a timer is
-        due; the loop polls its I/O at least every ``_AT_ONCE_MAX`` such flushes."""
+        spared (two per checkpoint of a run executed alone). The loop polls its I/O
+        and timers at least every ``_AT_ONCE_MAX`` such flushes."""
         handle = self._flush_soon
         if (handle is None or self._flushing or self._at_once >= _AT_ONCE_MAX
                 or handle.cancelled()):
             return
-        loop = self._home
-        ready = getattr(loop, "_ready", None)  # (asyncio's own loop; else never)
-        timers = getattr(loop, "_scheduled", None)
-        if ready is None or timers is None or loop is None:
+        ready = getattr(self._home, "_ready", None)  # (asyncio's own loop; else never)
+        if ready is None:
             return
         for other in ready:
             if other is not handle and not other.cancelled():
                 return
-        if timers and timers[0].when() <= loop.time():  # a timer due: the loop's pass first
-            return
         handle.cancel()
         at_once = self._at_once + 1
         contextvars.copy_context().run(self._flush)  # (as the callback would run)
@@ -468,8 +464,8 @@ class ConnectionThread:
 # How soon a flush that found the connection in the thread's hands tries again.
 _RETRY_S = 0.0005
 # Flushes run at once by awaiting tasks (ConnectionThread._flush_now) in a row, at most,
-# before the loop runs one itself (and polls its I/O first).
-_AT_ONCE_MAX = 2
+# before the loop runs one itself (and polls its I/O and timers first).
+_AT_ONCE_MAX = 4
 
 # SQLITE_BUSY and SQLITE_LOCKED: another connection holds the write lock.
 _LOCKED = (5, 6)
