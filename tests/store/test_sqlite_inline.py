@@ -60,46 +60,6 @@ async def test_the_writes_of_one_loop_turn_share_one_commit_on_the_loops_thread(
     assert await keys(thread) == ["k0", "k1", "k2"]
 
 
-async def test_a_write_awaited_with_nothing_else_ready_is_answered_before_the_loop_polls(
-    home: tuple[ConnectionThread, list[set[str]]],
-) -> None:
-    """A task awaits a write while nothing else is ready on the loop: no other write can
-    join its turn's, so they commit at once and the task goes on, before a timer that
-    is due already (no loop pass to reach the commit, none to wake the task)."""
-    thread, commits = home
-    await thread.write(meta("k0", []))  # the schema exists
-    await asyncio.sleep(0)
-    order: list[str] = []
-    asyncio.get_running_loop().call_later(0, order.append, "timer")
-    first = thread.write(meta("k1", []), "c1")
-    second = thread.write(meta("k2", []), "c2")
-    assert await first == "k1"
-    order.append("answered")
-    assert second.done() and second.result() == "k2"
-    assert commits[-1] == {"c1", "c2"}  # the turn's writes, one commit
-    await asyncio.sleep(0.01)
-    assert order == ["answered", "timer"]
-    assert await keys(thread) == ["k0", "k1", "k2"]
-
-
-async def test_writes_awaited_one_after_another_still_let_the_loop_run_its_timers(
-    home: tuple[ConnectionThread, list[set[str]]],
-) -> None:
-    """Writes awaited one after another, nothing else ready: each commits at once, but
-    the loop still polls its timers and I/O every few commits, so a task writing in a
-    loop never keeps the loop to itself."""
-    thread, _ = home
-    await thread.write(meta("k0", []))
-    await asyncio.sleep(0)
-    done = 0
-    fired: list[int] = []
-    asyncio.get_running_loop().call_later(0, lambda: fired.append(done))
-    for i in range(1, 21):
-        await thread.write(meta(f"k{i}", []))
-        done = i
-    assert fired and fired[0] <= 8
-
-
 async def test_a_failing_inline_write_undoes_only_itself(
     home: tuple[ConnectionThread, list[set[str]]],
 ) -> None:
