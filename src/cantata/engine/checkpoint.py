@@ -37,8 +37,6 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
         if x.pending_status is not None and write.status is None:
             write.status = x.pending_status
         x.pending_status = None
-        if x.flush_scheduled:
-            unschedule_flush(x)
         if x.create_pending:
             x.create_pending = False
             await create(x, write)
@@ -165,25 +163,10 @@ def defer(x: RunExecution, write: RunWrite) -> None:
 def flush_later(x: RunExecution) -> None:
     """:func:`flush_soon` once ``x``'s task has yielded: one loop callback for every run
     waiting for it (runs started or deferring in one pass), not one each."""
-    engine = x.engine
-    waiting = engine.to_flush
+    waiting = x.engine.to_flush
     if not waiting:  # the first since the last pass
-        engine.flush_handle = asyncio.get_running_loop().call_soon(flush_all, waiting)
+        asyncio.get_running_loop().call_soon(flush_all, waiting)
     waiting.append(x)
-
-
-def unschedule_flush(x: RunExecution) -> None:
-    """``x``'s commit takes what its scheduled flush was for (its held checkpoint, or its
-    creation): when ``x`` is the only run waiting for that callback, the callback is
-    cancelled, so that the loop has nothing left to run for it (a write awaited while
-    nothing else is ready commits at once: store.sqlite_thread)."""
-    engine = x.engine
-    waiting = engine.to_flush
-    if len(waiting) == 1 and waiting[0] is x and engine.flush_handle is not None:
-        engine.flush_handle.cancel()
-        engine.flush_handle = None
-        waiting.clear()
-        x.flush_scheduled = False
 
 
 def flush_all(waiting: list[RunExecution]) -> None:
@@ -193,8 +176,6 @@ def flush_all(waiting: list[RunExecution]) -> None:
     (its first pass usually stores it with its first checkpoint)."""
     runs = waiting[:]
     waiting.clear()
-    if runs:
-        runs[0].engine.flush_handle = None
     for x in runs:
         if not x.began and x.task is not None and not x.task.done():
             flush_later(x)

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -104,22 +103,6 @@ class _Item:
     counted: bool = False  # a write of the home loop counted in ConnectionThread._handed
 
 
-class _WriteFuture(asyncio.Future[Any]):
-    """The future of a write of the home loop. Awaited while the loop has nothing else
-    ready to run, it has this turn's writes committed at once, in the awaiting task
-    (:meth:`ConnectionThread._flush_now`)."""
-
-    __slots__ = ("_owner",)
-    _owner: ConnectionThread
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        if not self.done():
-            self._owner._flush_now()
-            if not self.done():
-                return (yield from super().__await__())
-        return self.result()
-
-
 @dataclass(slots=True)
 class _Stop:
     done: threading.Event = field(default_factory=threading.Event)
@@ -149,9 +132,6 @@ class ConnectionThread:
         self._lock = threading.Lock()  # held by whoever runs SQL on the connection
         self._pending: list[_Item] = []  # the home loop's writes of this turn
         self._flush_due = False  # a _flush is scheduled on the home loop
-        self._flush_soon: asyncio.Handle | None = None  # that callback (not a retry's timer)
-        self._flushing = False  # a _flush runs (its answers may write again)
-        self._at_once = 0  # flushes run at once (_flush_now) since the loop last ran one
         self._handed = 0  # home-loop writes handed to the thread and not yet answered
         self._busy_ms = 0  # the connection's busy timeout while the thread runs a batch
 
@@ -219,39 +199,16 @@ class ConnectionThread:
 
     def _submit(self, fn: Op, write: bool, channels: tuple[str, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        item = _Item(fn, fut, write, channels)
         if loop is not self._home or not write:
-            fut: asyncio.Future[Any] = loop.create_future()
-            self._queue.put(_Item(fn, fut, write, channels))  # (reads keep no order
-            return fut  # with writes: see _run_batch)
-        fut = _WriteFuture(loop=loop)
-        fut._owner = self
-        self._pending.append(_Item(fn, fut, write, channels))
-        if not self._flush_due and not self._handed:  # else: once they are answered
-            self._flush_due = True
-            self._flush_soon = loop.call_soon(self._flush)
+            self._queue.put(item)  # (reads keep no order with writes: see _run_batch)
+        else:
+            self._pending.append(item)
+            if not self._flush_due and not self._handed:  # else: once they are answered
+                self._flush_due = True
+                loop.call_soon(self._flush)
         return fut
-
-    def _flush_now(self) -> None:
-        """A task of the home loop awaits a write of this turn: if nothing but the flush
-        scheduled for it is ready to run on the loop, no other write can join this
-        turn's (the flush would run first in the next pass), so the flush runs now,
-        in this task: the loop's pass to reach it and the pass to wake the task are
-        spared (two per checkpoint of a run executed alone). The loop polls its I/O
-        and timers at least every ``_AT_ONCE_MAX`` such flushes."""
-        handle = self._flush_soon
-        if (handle is None or self._flushing or self._at_once >= _AT_ONCE_MAX
-                or handle.cancelled()):
-            return
-        ready = getattr(self._home, "_ready", None)  # (asyncio's own loop; else never)
-        if ready is None:
-            return
-        for other in ready:
-            if other is not handle and not other.cancelled():
-                return
-        handle.cancel()
-        at_once = self._at_once + 1
-        contextvars.copy_context().run(self._flush)  # (as the callback would run)
-        self._at_once = at_once
 
     # -- inline writes, on the home loop -------------------------------------
 
@@ -262,8 +219,6 @@ class ConnectionThread:
         (behind them, in their order) and :meth:`_resolve` flushes them once the last
         is answered: the thread does not keep every write for itself once it has one."""
         self._flush_due = False
-        self._flush_soon = None
-        self._at_once = 0
         if self._handed or not self._pending:
             return
         conn = self._conn
@@ -276,18 +231,16 @@ class ConnectionThread:
         # turn's (the loop is not held for one huge commit; the order is kept).
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         if conn is not None:
-            self._flushing = True
             try:
                 ran = self._run_inline(conn, batch)
             finally:
-                self._flushing = False
                 self._lock.release()
             if ran:
                 # (nothing was handed to the thread: checked above; a listener that
                 # wrote while the batch was answered may have scheduled the flush)
                 if self._pending and not self._flush_due:
                     self._flush_due = True
-                    self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
+                    asyncio.get_running_loop().call_soon(self._flush)
                 return
         self._hand_over(batch)
 
@@ -450,7 +403,7 @@ class ConnectionThread:
                 self._handed -= 1
                 if not self._handed and self._pending and not self._flush_due:
                     self._flush_due = True
-                    self._flush_soon = item.future.get_loop().call_soon(self._flush)
+                    item.future.get_loop().call_soon(self._flush)
             if item.future.done():
                 continue
             if item.error is not None:
@@ -463,9 +416,6 @@ class ConnectionThread:
 
 # How soon a flush that found the connection in the thread's hands tries again.
 _RETRY_S = 0.0005
-# Flushes run at once by awaiting tasks (ConnectionThread._flush_now) in a row, at most,
-# before the loop runs one itself (and polls its I/O and timers first).
-_AT_ONCE_MAX = 4
 
 # SQLITE_BUSY and SQLITE_LOCKED: another connection holds the write lock.
 _LOCKED = (5, 6)
