@@ -347,19 +347,6 @@ class Engine:
             waiters.append(fut)
         return fut
 
-    def answer_waiters(self, execution: RunExecution) -> None:
-        """``execution``'s run has ended, its final checkpoint durable: the local
-        ``result()`` waiters are answered now, from the run's own task, not a loop pass
-        later from the task's done callback (which answers those that come after)."""
-        run = execution.run
-        if not run.status.is_final or self.executions.get(run.run_id) is not execution:
-            return
-        waiters = self._completions.pop(run.run_id, None)
-        if waiters is not None:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(run)
-
     def ends_here(self, run_id: str) -> bool:
         """:meth:`completion` would give a future (without making one)."""
         if run_id in self.executions:

@@ -701,4 +701,3 @@ class RunExecution:
         self.engine.metrics.runs[str(status)] = self.engine.metrics.runs.get(str(status), 0) + 1
         if self.engine.hooks:
             self.engine.hooks.notify("run_finished", self.run, str(status), error)
-        self.engine.answer_waiters(self)
