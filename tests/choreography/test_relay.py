@@ -332,6 +332,34 @@ async def test_a_commit_heard_while_the_relay_runs_is_offered_before_it_reads(
     assert sorted(broker.published) == sorted([first.id, hop.id])
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["at-once", "held-here"])
+async def test_an_event_read_from_the_outbox_before_its_offer_is_published_once(
+    store: Store, held: bool,
+) -> None:
+    # Under load a hop's committer resumes to offer what it stored well after the
+    # commit's notification: the relay has read the event from the outbox, published
+    # it and marked it by then. The late offer must not publish it a second time (each
+    # event counted twice in cantata_events_relayed_total, a publish for nothing).
+    [hop] = events(1)
+    broker = HoldingBroker({hop.id} if held else set())
+    relay = OutboxRelay(store, broker, APP, poll_interval=30,  # type: ignore[arg-type]
+                        mark_delay=0.01, offer_delay=0.01, read_delay=0.0)
+    await relay.start()
+    try:
+        await store.append_events(APP, [hop])  # heard: read, published, then marked
+        await eventually(lambda: broker.published == [hop.id], 5.0, "the outbox read")
+        for _ in range(500):  # (marked mark_delay after the publish)
+            if not await store.unpublished_events(APP, limit=10):
+                break
+            await asyncio.sleep(0.01)
+        assert await store.unpublished_events(APP, limit=10) == []
+        relay.offer([hop])  # its committer resumes at last
+        await asyncio.sleep(0.1)  # (ten offer_delays: a second publish comes before)
+    finally:
+        await relay.stop()
+    assert broker.published == [hop.id]
+
+
 class Unheard:
     """A store whose commits do not wake the relay (it reads on offers and polls)."""
 

@@ -15,7 +15,7 @@ def make_shop(store: str, *, name: str = "shop", state: dict[str, Any] | None = 
               audit_key: str | None = None, broker: str = "embedded") -> App:
     """A shop app on ``store`` (its events on ``broker``); ``state["emails_broken"]``
     makes the email handler fail, ``state["billing_down"]`` the invoice's ``bill`` step
-    (``state["billing_delay"]``: seconds it takes)."""
+    (``state["billing_gate"]``, a ``threading.Event``: it waits until that is set)."""
     flags = state if state is not None else {"emails_broken": False}
     app = App(name, store=store, broker=broker, poll_interval=0.05, lease=5.0,
               audit_key=audit_key)
@@ -58,7 +58,9 @@ def make_shop(store: str, *, name: str = "shop", state: dict[str, Any] | None = 
 
     @app.step(retry=Retry(max_attempts=1))
     async def bill(order: dict[str, Any]) -> dict[str, Any]:
-        await asyncio.sleep(flags.get("billing_delay", 0))  # (a run seen while running)
+        gate = flags.get("billing_gate")  # (a run seen while running: set from a test)
+        if gate is not None:
+            await asyncio.to_thread(gate.wait, 60)
         if flags.get("billing_down"):
             raise RuntimeError(f"the billing service is down (order {order['id']})")
         return {"billed": order.get("total", 0)}

@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -528,16 +529,21 @@ def test_retry_a_failed_run_once_billing_is_back(
     page.goto(f"{server.url}/runs/{run_id}")
     expect(page.locator(".headline .badge").first).to_have_text("failed")
     shot(page, "run-failed.png")
-    server.state["billing_delay"] = 3  # type: ignore[attr-defined]
+    # Billing answers only once the page showed the retried run live: held for a few
+    # seconds instead, it could end before a loaded machine's page showed it running.
+    billing = threading.Event()
+    server.state["billing_gate"] = billing  # type: ignore[attr-defined]
     try:
         page.get_by_role("button", name="Retry").click()
         expect(page.locator(".headline .badge").first).to_have_text(
-            re.compile("^(pending|running)$"), timeout=5_000)
+            re.compile("^(pending|running)$"), timeout=15_000)
         expect(page.get_by_role("button", name="Retry")).to_have_count(0)
+        billing.set()
         expect(page.locator(".headline .badge").first).to_have_text("completed",
                                                                      timeout=15_000)
     finally:
-        server.state["billing_delay"] = 0  # type: ignore[attr-defined]
+        billing.set()
+        del server.state["billing_gate"]  # type: ignore[attr-defined]
     bill = page.locator('tr[data-key="bill#1"]')
     expect(bill).to_contain_text("completed")
     records = server.run(lambda: server.app.store.audit_records(server.app.name, after_seq=0,

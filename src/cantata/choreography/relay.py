@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,9 @@ from cantata.store.roles import EventStore
 from cantata.store.roles.lifecycle import idle_wait
 
 log = logging.getLogger("cantata.broker")
+
+# Batches of published ids a relay keeps to drop a late offer of one (OutboxRelay._sent).
+SENT_KEPT = 4
 
 
 async def relay_once(
@@ -104,8 +108,10 @@ class OutboxRelay:
     that handle it here. An outbox
     read returns the oldest ``batch`` unpublished events, those it knows (offered,
     published but not yet marked) skipped: one that was not offered is found once
-    what is before it left the outbox. When the broker is unreachable it logs once
-    and keeps trying.
+    what is before it left the outbox. An event read and published before its
+    committer offered it (the commit's notification came first) is not published
+    again by that offer. When the broker is unreachable it logs once and keeps
+    trying.
     """
 
     def __init__(
@@ -143,6 +149,12 @@ class OutboxRelay:
         # finds nothing offered and reads the outbox for nothing
         self._later_timer: asyncio.TimerHandle | None = None
         self._unmarked: dict[str, None] = {}  # published, not yet marked (in order)
+        # Published lately, marked or not: an event this process committed may be read
+        # from the outbox and published (and marked) before its committer resumes to
+        # offer it (its commit's notification came first, under load by far); that
+        # offer then publishes nothing. Each id is offered once: it is forgotten then,
+        # and the oldest beyond ``SENT_KEPT`` batches (events never offered here).
+        self._sent: dict[str, None] = {}
         self._unmarked_since = 0.0
         self.read_delay = read_delay
         self._read_after = 0.0  # monotonic time: a pass with offered events reads then
@@ -205,6 +217,7 @@ class OutboxRelay:
             self._later.clear()
             self._cancel_later_timer()
             self._unmarked.clear()
+            self._sent.clear()
 
     def _broker_gone(self) -> bool:
         """Whether the broker says it is not connected now (a NATS client reconnecting,
@@ -226,8 +239,17 @@ class OutboxRelay:
         loop the relay runs on)."""
         if self._task is None or not events:
             return
-        self._offered = True
         self._offers += 1
+        sent = self._sent
+        if sent:
+            late = {e.id for e in events if e.id in sent}
+            if late:  # published already: read from the outbox before this offer
+                for i in late:
+                    del sent[i]
+                events = [e for e in events if e.id not in late]
+                if not events:
+                    return  # (a commit heard for them needs no pass: _after_heard)
+        self._offered = True
         held_here = getattr(self.broker, "held_here", None)  # (NatsBroker)
         if held_here is not None and self.offer_delay > 0:
             now = [e for e in events if not held_here(e.id)]
@@ -320,7 +342,7 @@ class OutboxRelay:
             await asyncio.sleep(0)
             # If this fails they are not lost: the outbox read below finds them later.
             fresh, self._fresh = self._fresh, []
-            await self._publish([e for e in fresh if e.id not in self._unmarked])
+            await self._publish([e for e in fresh if e.id not in self._sent])
         now = time.monotonic()
         if offered and now < self._read_after:
             # The commit that woke this pass most likely stored just what was offered:
@@ -368,7 +390,13 @@ class OutboxRelay:
                     await dead_letter_refused(self.store, self.app, event, refused[event.id])
         if not self._unmarked:
             self._unmarked_since = time.monotonic()
-        self._unmarked.update(dict.fromkeys(e.id for e in events))
+        ids = dict.fromkeys(e.id for e in events)
+        self._unmarked.update(ids)
+        sent = self._sent
+        sent.update(ids)
+        if len(sent) > SENT_KEPT * self.batch:
+            for i in list(itertools.islice(sent, len(sent) - SENT_KEPT * self.batch)):
+                del sent[i]
         if self.on_relayed is not None:
             self.on_relayed([e for e in events if e.id not in refused])
 

@@ -345,15 +345,18 @@ class Ownership:
             self.claim_wakeup.clear()
             self._claim_now.clear()
             claimed = []
+            looked = None  # the claim took the parked runs due by then (engine/parking.py)
             if workflows and not self.expired():
                 # Owners past their own expiry are gone (each is judged by its own
                 # lease); while this worker's own hold is in doubt, only runs nobody owns.
                 stale_before = engine.clock.now() if self.may_take_over() else 0.0
+                looked = engine.clock.now()
                 try:
                     claimed = await versioning.claim(
                         engine, workflows, stale_before=stale_before, limit=100
                     )
                 except Exception as exc:
+                    looked = None
                     self.quiet.warning(
                         "claim", "worker %s: claiming runs failed (%s); retrying",
                         engine.worker_id, reason(exc),
@@ -377,8 +380,12 @@ class Ownership:
             due = None
             if workflows:  # until the next parked run is due (engine/parking.py)
                 try:
+                    # After the claim's time, not now: a run that came due since (while
+                    # the claimed runs were loaded and launched, long on a loaded
+                    # machine) is claimed at once, not at the next run's due time.
                     now = engine.clock.now()
-                    due = await engine.store.next_wake(engine.app, workflows, after=now)
+                    due = await engine.store.next_wake(
+                        engine.app, workflows, after=now if looked is None else looked)
                 except Exception:
                     due = None  # the claim's own warning says the store fails
                 if due is not None:
