@@ -350,14 +350,14 @@ def _dataclass_of(annotation: Any) -> type | None:
     return None
 
 
-def _reaches_bytes(annotation: Any, *, in_dataclass: bool, seen: set[int]) -> bool:
+def _reaches_bytes(annotation: Any, *, in_dataclass: bool, seen: set[type]) -> bool:
     if annotation in (bytes, bytearray):
         return in_dataclass
-    if id(annotation) in seen:
-        return False
-    seen.add(id(annotation))
     cls = _dataclass_of(annotation)
     if cls is not None:
+        if cls in seen:  # (a dataclass that holds itself: looked at already)
+            return False
+        seen.add(cls)
         return any(_reaches_bytes(t, in_dataclass=True, seen=seen)
                    for t in _field_types(cls).values())
     _, args = _parts(annotation)
