@@ -88,6 +88,12 @@ class App(RouterFacade):
         signing_key_id: the key that signs (default: the first of ``signing_keys``).
         require_signatures: dead-letter unsigned or forged events before any handler,
             trigger or wait sees them.
+        legacy_signatures: what to do with signatures of the legacy form, which bind an
+            event to no app (made by releases before signatures covered the app):
+            ``"accept"`` them (the default, so an upgrade keeps working), also ``"sign"``
+            in that form (while services of an earlier release still verify), or
+            ``"refuse"`` them once every service signs in the new form
+            (docs/security.md, docs/deploy.md).
         max_payload: the most bytes of JSON one argument, result or event may take;
             larger ones are refused with ``PayloadTooLarge`` naming both sizes.
         offload_above: events larger than this many bytes travel on the broker as a
@@ -128,6 +134,7 @@ class App(RouterFacade):
         signing_keys: Mapping[str, str | bytes] | None = None,
         signing_key_id: str | None = None,
         require_signatures: bool = False,
+        legacy_signatures: str = "accept",
         audit_key: str | bytes | None = None,
         audit_previous_keys: Sequence[str | bytes] | None = None,
         max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
@@ -161,7 +168,8 @@ class App(RouterFacade):
         self.poll_interval = poll_interval
         self.services = served(services)
         self.concurrency = concurrency
-        self.signer = Signer(signing_keys, signing_key_id, require=require_signatures)
+        self.signer = Signer(signing_keys, signing_key_id, require=require_signatures,
+                             app=name, legacy=legacy_signatures)
         self.audit_key = _audit_key(audit_key, audit_previous_keys)
         self.max_payload = max_payload
         self.offload_above = offload_above

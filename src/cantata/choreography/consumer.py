@@ -223,7 +223,7 @@ class Consumer:
             return
         if hdef.model is not None:
             try:
-                data = codec.adapter(hdef.model).validate_python(event.data)
+                data = codec.validate(hdef.model, event.data)
             except pydantic.ValidationError as exc:
                 await self._dead(hdef.group, msg, event, validation_text(exc))
                 return

@@ -10,7 +10,9 @@
   (the check of :mod:`cantata.engine.replaycheck`); with ``any_version``, every run.
   Older code never takes the runs of a newer version that has served, so a run
   retried for a fix stays with the fix. A claimed run is pinned to the claiming
-  worker's version: its history holds that code's calls from then on.
+  worker's version: its history holds that code's calls from then on; a saga's run
+  that has a version keeps it (its calls are its map's), whichever claim takes it —
+  of runs, or of a queue.
 - :func:`args_shape`: the shape of a call's arguments, recorded with each step so a
   replay check notices arguments that changed structure.
 """
@@ -219,13 +221,19 @@ async def claim(
     # so from now on the history holds this code's calls, and a worker of the run's
     # former version (a rolling deploy: older code still up) may take it back only if
     # its code replays them, as any other version's run (docs/operating.md, versions).
-    pin = engine.version
+    # A saga's run is not pinned (it keeps the version it has): its calls are its map's
+    # (the replay check compared them), the same in every version with that map, and a
+    # choreographed run's hops go by the map its events carry. Pinned, a choreographed
+    # run a newer worker took while its hop waited for the old code's step (a renamed
+    # step) would be left by that old code, the one worker that can move it on
+    # (docs/styles.md). A queue's claim does the same (flow/queues.py).
+    pin, keep = engine.version, saga_workflows(engine)
     if engine.any_version or engine.version is None:
         return await store.claim_runs(app, me, workflows, stale_before=stale, limit=limit,
-                                      now=now, pin_version=pin)
+                                      now=now, pin_version=pin, keep_versions_of=keep)
     claimed = await store.claim_runs(
         app, me, workflows, stale_before=stale, limit=limit, versions=[engine.version],
-        now=now, pin_version=pin,
+        now=now, pin_version=pin, keep_versions_of=keep,
     )
     # Runs of older versions are looked for at most once a second or so: they are
     # few (deploys are rare), and the hot claim path stays one statement.
@@ -235,27 +243,21 @@ async def claim(
     ):
         engine.foreign_checked_at = tick
         ok = await _replayable(engine, workflows, stale, limit - len(claimed))
-        # A saga's run is not pinned: its calls are its map's (the check compared them),
-        # the same in every version with that map, and a choreographed run's hops go by
-        # the map its events carry. Pinned, a choreographed run a newer worker took while
-        # its hop waited for the old code's step (a renamed step) would be left by that
-        # old code, the one worker that can move it on (docs/styles.md).
-        sagas = {r: t for r, (t, wf) in ok.items() if _is_saga(engine, wf)}
-        for runs, pinned in (({r: t for r, (t, _) in ok.items() if r not in sagas}, pin),
-                             (sagas, None)):
-            if runs:
-                # each as checked: one another worker moved on since is checked again
-                claimed += await store.claim_runs(
-                    app, me, workflows, stale_before=stale, limit=len(runs),
-                    run_ids=list(runs), now=now, pin_version=pinned,
-                    unchanged=list(runs.values()),
-                )
+        if ok:
+            # each as checked: one another worker moved on since is checked again
+            claimed += await store.claim_runs(
+                app, me, workflows, stale_before=stale, limit=len(ok),
+                run_ids=list(ok), now=now, pin_version=pin, keep_versions_of=keep,
+                unchanged=[t for t, _ in ok.values()],
+            )
     return claimed
 
 
-def _is_saga(engine: Engine, workflow: str) -> bool:
-    wdef = engine.router.workflows.get(workflow)
-    return wdef is not None and wdef.spec is not None
+def saga_workflows(engine: Engine) -> list[str]:
+    """The sagas among the app's workflows: a claim (of runs, or of a queue's) does not
+    pin their runs that are pinned to another version (``Store.claim_runs``'s
+    ``keep_versions_of``; :func:`claim`)."""
+    return [name for name, wdef in engine.router.workflows.items() if wdef.spec is not None]
 
 
 async def queue_versions(engine: Engine) -> tuple[list[str], list[str] | None]:

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from cantata.declare.records import declared_queues
-from cantata.engine.versioning import queue_checked, queue_versions
+from cantata.engine.versioning import queue_checked, queue_versions, saga_workflows
 from cantata.errors import ConfigurationError, QueueDeadlock, UnknownQueue
 from cantata.model.checks import check_key
 from cantata.model.event import MAX_ATTRIBUTE
@@ -291,12 +291,14 @@ class QueueLoop:
         # and queued runs with history of other versions begin only once checked
         checked = await queue_checked(engine, workflows) if self._queues and workflows \
             else None
+        sagas = saga_workflows(engine)
         for name in self._queues:
             while True:
                 claim = await engine.store.claim_queued_runs(
                     engine.app, engine.worker_id, name, workflows, now=engine.clock.now(),
                     limit=CLAIM_LIMIT, exclude_versions=newer, only_versions=known,
                     pin_version=engine.version,  # the code that begins it (versioning.claim)
+                    keep_versions_of=sagas,  # but a saga's run keeps its version (the same)
                     replay_checked=checked,
                 )
                 for run in claim.runs:

@@ -3,6 +3,12 @@
 Values are stored as JSON text. Pydantic models, dataclasses, dates and UUIDs are
 encoded to their JSON form; on the way back a value is restored to the type its
 function declares (a parameter's or a return annotation) when there is one.
+
+Bytes are written as their base64 text, wherever they are (a value, a list's item, a
+dataclass's field), and read back as bytes where the annotation says ``bytes``, at any
+depth (:func:`restore`). A pydantic model writes its fields itself, by its own config:
+bytes as UTF-8 text by default (bytes that are not UTF-8 are refused, naming the
+config that writes them as base64), and it reads them back by the same config.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import math
 import os
 import threading
 import time
+import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,6 +128,14 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
             if clash is not None:
                 raise SerializationError(f"{what} {clash}") from None
     except (TypeError, orjson.JSONEncodeError) as exc:
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # a model's bytes field
+            raise SerializationError(
+                f"{what} holds bytes that are not UTF-8 text in a pydantic model, which "
+                "writes bytes as UTF-8 text unless told otherwise: give the model "
+                "model_config = ConfigDict(ser_json_bytes='base64', "
+                "val_json_bytes='base64'), or pass a dataclass (its bytes are kept as "
+                "base64)"
+            ) from None
         raise SerializationError(
             f"{what} is not JSON-serialisable ({exc}); pass plain JSON values (dict, list, "
             "str, int, float, bool, None), pydantic models or dataclasses"
@@ -271,11 +286,116 @@ def restore(value: Any, annotation: Any, what: str = "value") -> Any:
     if not _needs_restoring(annotation):
         return value
     try:
-        return adapter(annotation).validate_python(value)
+        return validate(annotation, value)
     except pydantic.ValidationError as exc:
         raise SerializationError(f"{what} does not match its declared type: {exc}") from None
     except (TypeError, pydantic.PydanticSchemaGenerationError):
         return value
+
+
+def validate(annotation: Any, value: Any) -> Any:
+    """``value`` (decoded JSON) validated as ``annotation`` by pydantic, the base64
+    text of bytes inside dataclasses read back as bytes first (pydantic would read it
+    by the dataclass's config, as UTF-8: other bytes, silently).
+
+    Raises:
+        pydantic.ValidationError: ``value`` does not match ``annotation``.
+    """
+    if _bytes_in_dataclass(annotation):
+        value = _bytes_back(value, annotation)
+    return adapter(annotation).validate_python(value)
+
+
+_IN_DATACLASS: dict[Any, bool] = {}  # annotation -> _bytes_in_dataclass (as _NEEDS)
+
+
+def _bytes_in_dataclass(annotation: Any) -> bool:
+    """Whether ``annotation`` reaches a field typed ``bytes`` of a dataclass (at any
+    depth, not through a pydantic model, which reads its own fields)."""
+    try:
+        return _IN_DATACLASS[annotation]
+    except (KeyError, TypeError):
+        pass
+    found = _reaches_bytes(annotation, in_dataclass=False, seen=set())
+    try:
+        if len(_IN_DATACLASS) < 4096:
+            _IN_DATACLASS[annotation] = found
+    except TypeError:
+        pass
+    return found
+
+
+def _parts(annotation: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``(origin, args)`` of an annotation, through ``Annotated[...]``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _parts(args[0])
+    return origin, args
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's field name -> annotation (resolved where it can be)."""
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception:  # (a forward reference that does not resolve)
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    origin = typing.get_origin(annotation) or annotation
+    if isinstance(origin, type) and dataclasses.is_dataclass(origin) and not issubclass(
+            origin, pydantic.BaseModel):
+        return origin
+    return None
+
+
+def _reaches_bytes(annotation: Any, *, in_dataclass: bool, seen: set[type]) -> bool:
+    if annotation in (bytes, bytearray):
+        return in_dataclass
+    cls = _dataclass_of(annotation)
+    if cls is not None:
+        if cls in seen:  # (a dataclass that holds itself: looked at already)
+            return False
+        seen.add(cls)
+        return any(_reaches_bytes(t, in_dataclass=True, seen=seen)
+                   for t in _field_types(cls).values())
+    _, args = _parts(annotation)
+    return any(_reaches_bytes(a, in_dataclass=in_dataclass, seen=seen)
+               for a in args if a is not Ellipsis)
+
+
+def _bytes_back(value: Any, annotation: Any) -> Any:
+    """``value`` with the base64 text of each ``bytes`` that ``annotation`` places in
+    a dataclass decoded (what :func:`dumps` wrote); anything else as it is."""
+    if annotation in (bytes, bytearray):
+        if isinstance(value, str):
+            try:
+                return base64.b64decode(value, validate=True)
+            except ValueError:  # (binascii.Error) not base64: pydantic says what is wrong
+                return value
+        return value
+    cls = _dataclass_of(annotation)
+    if cls is not None:
+        if not isinstance(value, dict):
+            return value
+        fields = _field_types(cls)
+        return {k: _bytes_back(v, fields[k]) if k in fields else v for k, v in value.items()}
+    origin, args = _parts(annotation)
+    if not args:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        # (with several options, which one a value is cannot be told here)
+        return _bytes_back(value, options[0]) if len(options) == 1 else value
+    if isinstance(value, list):
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return [_bytes_back(v, a) for v, a in zip(value, args, strict=False)] + \
+                value[len(args):]
+        return [_bytes_back(v, args[0]) for v in value]
+    if isinstance(value, dict) and len(args) == 2:
+        return {k: _bytes_back(v, args[1]) for k, v in value.items()}
+    return value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -88,7 +88,9 @@ CLOUDEVENT_ENVELOPE: dict[str, Any] = {
         "causationid": {"type": "string", "description": "What directly caused this event."},
         "traceparent": {"type": "string", "description": "W3C trace context."},
         "signature": {"type": "string",
-                      "description": "HMAC-SHA256 of the event's content (hex), when signed."},
+                      "description": "When signed: 'v2.' and the HMAC-SHA256 (hex) of the "
+                                     "event's content and its app's name (a bare hex "
+                                     "digest: the legacy form, bound to no app)."},
         "signaturekeyid": {"type": "string", "description": "Which signing key signed it."},
         "data": {"description": "The event's data (see each message's payload)."},
         "data_base64": {"type": "string", "contentEncoding": "base64",

@@ -39,7 +39,7 @@ from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row, unindexed
 from cantata.store.postgres_parking import UNPARK
-from cantata.store.postgres_writes import create_runs_by
+from cantata.store.postgres_writes import create_runs_by, pin_version_sql
 
 if TYPE_CHECKING:
     from cantata.store.postgres_pool import Conn, Row
@@ -250,6 +250,7 @@ class PostgresFlow(PostgresCore):
         only_versions: Sequence[str] | None = None,
         pin_version: str | None = None,
         replay_checked: Mapping[str, float] | None = None,
+        keep_versions_of: Sequence[str] = (),
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
@@ -274,7 +275,7 @@ class PostgresFlow(PostgresCore):
             unchecked = (
                 " AND NOT (r.version IS NOT NULL AND r.version IS DISTINCT FROM $4::text "
                 f"AND {HAS_HISTORY} AND (r.run_id, r.updated_at) NOT IN "
-                "(SELECT * FROM unnest($5::text[], $6::float8[])))")
+                "(SELECT * FROM unnest($6::text[], $7::float8[])))")
             unchecked_params = [list(replay_checked), list(replay_checked.values())]
         async with self._db.tx() as c:
             row = await c.fetchrow(
@@ -327,12 +328,12 @@ class PostgresFlow(PostgresCore):
             async def admit_all(plan: Admissions) -> None:
                 while admit := plan.next():
                     rows = await c.fetch(
-                        f"UPDATE runs r SET owner=$2, fence=r.fence+1, "
-                        f"version=coalesce($4::text, r.version), {UNPARK} WHERE "
+                        "UPDATE runs r SET owner=$2, fence=r.fence+1, "
+                        f"{pin_version_sql('$4', '$5')}, {UNPARK} WHERE "
                         f"r.app=$1 AND r.run_id = ANY($3::text[]) AND {_PENDING} "
                         f"AND NOT r.cancel_requested AND r.owner IS NULL{unchecked} "
                         f"RETURNING {_R_COLS}",
-                        app, worker_id, admit, pin_version,
+                        app, worker_id, admit, pin_version, list(keep_versions_of),
                         *unchecked_params,
                     )
                     began = [r[0] for r in rows]

@@ -98,19 +98,21 @@ class PostgresRuns(PostgresCore):
         now: float | None = None,
         pin_version: str | None = None,
         unchanged: Sequence[float] | None = None,
+        keep_versions_of: Sequence[str] = (),
     ) -> list[RunRecord]:
         if not workflows or (run_ids is not None and not run_ids):
             return []
         claimed = await self._w.run(
             lambda c, b: writes.claim_runs(c, b, app, worker_id, workflows, stale_before, limit,
-                                           versions, run_ids, now, pin_version, unchanged)
+                                           versions, run_ids, now, pin_version, unchanged,
+                                           keep_versions_of)
         )
         if len(claimed) < limit and await self._has_per_worker_queues(app):
             # (apart from the batch: it locks queue rows, which a queue claim holds)
             async with self._db.tx() as c:
                 claimed += await writes.take_over_in_queues(
                     c, app, worker_id, workflows, stale_before, limit - len(claimed),
-                    versions, run_ids, pin_version, unchanged,
+                    versions, run_ids, pin_version, unchanged, keep_versions_of,
                 )
         return claimed
 

@@ -108,11 +108,21 @@ async def existing_run(c: Conn, run: RunRecord) -> tuple[RunRecord, bool] | Refu
     return existing, False
 
 
+def pin_version_sql(version: str, keep: str) -> str:
+    """A claim's ``SET`` of a run ``r``'s version: runs of the workflows of parameter
+    ``keep`` (``Store.claim_runs``'s ``keep_versions_of``: a saga's run,
+    docs/operating.md) pinned to a version keep it; the others are pinned to parameter
+    ``version``, when it is not null."""
+    return (f"version=coalesce(CASE WHEN r.workflow = ANY({keep}::text[]) THEN r.version "
+            f"END, {version}::text, r.version)")
+
+
 async def claim_runs(
     c: Conn, b: Batch, app: str, worker_id: str, workflows: Sequence[str],
     stale_before: float, limit: int, versions: Sequence[str] | None = None,
     run_ids: Sequence[str] | None = None, now: float | None = None,
     pin_version: str | None = None, unchanged: Sequence[float] | None = None,
+    keep_versions_of: Sequence[str] = (),
 ) -> list[RunRecord]:
     # MATERIALIZED: the pick runs once (a rescanned LIMIT ... SKIP LOCKED subquery
     # yields more rows). The owner's liveness is a correlated subquery, not a join,
@@ -164,13 +174,14 @@ async def claim_runs(
         f" ORDER BY c.wake_at LIMIT greatest($5 - (SELECT count(*) FROM pick), 0)"
         f" FOR UPDATE SKIP LOCKED)"
         f" UPDATE runs r SET owner=$3, fence=r.fence+1, wake_at=NULL, waits_for=NULL,"
-        f" wait_match=NULL, version=coalesce($9::text, r.version)"
+        f" wait_match=NULL, {pin_version_sql('$9', '$11')}"
         f" FROM (SELECT run_id FROM pick UNION ALL SELECT run_id FROM due) p"
         f" WHERE r.app=$1 AND r.run_id=p.run_id"
         f" RETURNING {', '.join('r.' + col.strip() for col in RUN_COLS.split(','))}",
         app, list(workflows), worker_id, stale_before, limit,
         None if versions is None else list(versions), None if run_ids is None else list(run_ids),
         now, pin_version, None if unchanged is None else list(unchanged),
+        list(keep_versions_of),
     )
     return [run_row(r) for r in rows]
 
@@ -182,6 +193,7 @@ async def take_over_in_queues(
     c: Conn, app: str, worker_id: str, workflows: Sequence[str], stale_before: float,
     limit: int, versions: Sequence[str] | None, run_ids: Sequence[str] | None,
     pin_version: str | None, unchanged: Sequence[float] | None,
+    keep_versions_of: Sequence[str] = (),
 ) -> list[RunRecord]:
     """The part of :func:`claim_runs` that takes over runs in progress in queues with a
     ``per_worker`` limit (the claim's pick leaves them out), within each queue's room on
@@ -226,9 +238,9 @@ async def take_over_in_queues(
         return []
     rows = await c.fetch(
         "UPDATE runs r SET owner=$3, fence=r.fence+1, wake_at=NULL, waits_for=NULL, "
-        "wait_match=NULL, version=coalesce($4::text, r.version) WHERE r.app=$1 AND "
+        f"wait_match=NULL, {pin_version_sql('$4', '$5')} WHERE r.app=$1 AND "
         f"r.run_id = ANY($2::text[]) RETURNING {_R_COLS}",
-        app, chosen, worker_id, pin_version,
+        app, chosen, worker_id, pin_version, list(keep_versions_of),
     )
     return [run_row(r) for r in rows]
 

@@ -38,7 +38,14 @@ from cantata.store import audit
 from cantata.store.base import RUNS, SCHEDULES, SLOTS
 from cantata.store.common import earlier_begin_key
 from cantata.store.sqlite_core import SQLiteCore
-from cantata.store.sqlite_ops import LIVE_R, LIVE_SQL, RUN_COLS, audit_append, run_row
+from cantata.store.sqlite_ops import (
+    LIVE_R,
+    LIVE_SQL,
+    RUN_COLS,
+    audit_append,
+    pin_version_sql,
+    run_row,
+)
 from cantata.store.sqlite_parking import UNPARK
 
 if TYPE_CHECKING:
@@ -274,10 +281,13 @@ class SQLiteFlow(SQLiteCore):
         only_versions: Sequence[str] | None = None,
         pin_version: str | None = None,
         replay_checked: Mapping[str, float] | None = None,
+        keep_versions_of: Sequence[str] = (),
     ) -> QueueClaim:
         if not workflows:
             return QueueClaim()
         marks = ",".join("?" * len(workflows))
+        keep = list(keep_versions_of)
+        pin = pin_version_sql(keep)
         # Runs pinned to a version this worker must leave to its own workers, while they
         # can begin (the row of one cancelled or ended meanwhile is met, and dropped).
         skip: list[Any] = list(exclude_versions)
@@ -348,11 +358,11 @@ class SQLiteFlow(SQLiteCore):
                     began = []
                     for run_id in admit:
                         got = c.execute(
-                            f"UPDATE runs SET owner=?, fence=fence+1, version=coalesce(?, "
-                            f"version), {UNPARK} WHERE app=? AND run_id=? AND status='pending' "
+                            f"UPDATE runs SET owner=?, fence=fence+1, {pin}, {UNPARK} "
+                            "WHERE app=? AND run_id=? AND status='pending' "
                             f"AND cancel_requested=0 AND owner IS NULL{unchecked} "
                             f"RETURNING {RUN_COLS}",
-                            (worker_id, pin_version, app, run_id, *unchecked_params),
+                            (worker_id, *keep, pin_version, app, run_id, *unchecked_params),
                         ).fetchone()
                         if not got and unchecked and c.execute(
                             "SELECT 1 FROM runs WHERE app=? AND run_id=? AND status='pending' "

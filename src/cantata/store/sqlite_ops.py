@@ -334,3 +334,12 @@ def insert_tasks(
 # -- observability ----------------------------------------------------------------------
 
 
+
+
+def pin_version_sql(keep: list[str]) -> str:
+    """A claim's ``SET`` of a run's version (its parameters: ``keep``, then the version
+    to pin to): runs of the workflows in ``keep`` pinned to a version keep it, the
+    others are pinned to the version given, when one is (``Store.claim_runs``'s
+    ``keep_versions_of``: a saga's run, docs/operating.md)."""
+    return (f"version=coalesce(CASE WHEN workflow IN ({','.join('?' * len(keep))}) "
+            "THEN version END, ?, version)")

@@ -142,6 +142,7 @@ def _lost(run_id: str, fence: int) -> LeaseLost:
 def _take_over_in_queues(
     c: sqlite3.Connection, app: str, worker_id: str, marks: str, workflows: Sequence[str],
     stale_before: float, extra: str, more: list[Any], limit: int, pin_version: str | None,
+    keep: list[str],
 ) -> list[RunRecord]:
     """The part of a claim of runs that takes over runs in progress in queues with a
     ``per_worker`` limit (``claim_runs`` leaves them out): within each queue's room on
@@ -172,8 +173,9 @@ def _take_over_in_queues(
         candidates += [(r[0], name) for r in gone]
     chosen = takeovers(candidates, room, limit)
     return [run_row(c.execute(
-        f"UPDATE runs SET owner=?, fence=fence+1, version=coalesce(?, version), {UNPARK} "
-        f"WHERE app=? AND run_id=? RETURNING {RUN_COLS}", (worker_id, pin_version, app, run_id),
+        f"UPDATE runs SET owner=?, fence=fence+1, {ops.pin_version_sql(keep)}, {UNPARK} "
+        f"WHERE app=? AND run_id=? RETURNING {RUN_COLS}",
+        (worker_id, *keep, pin_version, app, run_id),
     ).fetchone()) for run_id in chosen]
 
 
@@ -277,10 +279,12 @@ class SQLiteRuns(SQLiteCore):
         now: float | None = None,
         pin_version: str | None = None,
         unchanged: Sequence[float] | None = None,
+        keep_versions_of: Sequence[str] = (),
     ) -> list[RunRecord]:
         if not workflows or (run_ids is not None and not run_ids):
             return []
         marks = ",".join("?" * len(workflows))
+        keep = list(keep_versions_of)
         extra, more = "", list[Any]()
         if versions is not None:
             # (and whatever its version, a run cancelled while it waited in its queue)
@@ -312,7 +316,7 @@ class SQLiteRuns(SQLiteCore):
         def op(c: sqlite3.Connection) -> list[RunRecord]:
             rows = c.execute(
                 # By rowid alone: with ``app=?`` here the planner scanned the app's runs.
-                f"UPDATE runs SET owner=?, fence=fence+1, version=coalesce(?, version), "
+                f"UPDATE runs SET owner=?, fence=fence+1, {ops.pin_version_sql(keep)}, "
                 f"{UNPARK} WHERE rowid IN ("
                 f" SELECT rid FROM (SELECT r.rowid AS rid FROM runs r INDEXED BY runs_claimable"
                 f"  LEFT JOIN workers w ON w.app=r.app AND w.worker_id=r.owner"
@@ -322,14 +326,15 @@ class SQLiteRuns(SQLiteCore):
                 f"   (w.worker_id IS NULL OR w.expires_at < ?))) AND {WAITING_IN_QUEUE}{extra}"
                 f"  AND NOT {in_progress_per_worker('r')}"
                 f"  ORDER BY r.created_at LIMIT ?){due} LIMIT ?) RETURNING {RUN_COLS}",
-                (worker_id, pin_version, app, *workflows, worker_id, stale_before, *more, limit,
+                (worker_id, *keep, pin_version, app, *workflows, worker_id, stale_before,
+                 *more, limit,
                  *due_params, limit),
             ).fetchall()
             claimed = [run_row(r) for r in rows]
             if len(claimed) < limit:
                 claimed += _take_over_in_queues(
                     c, app, worker_id, marks, workflows, stale_before, extra, more,
-                    limit - len(claimed), pin_version,
+                    limit - len(claimed), pin_version, keep,
                 )
             return claimed
 

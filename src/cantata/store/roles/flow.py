@@ -69,6 +69,7 @@ class FlowStore(Protocol):
         only_versions: Sequence[str] | None = None,
         pin_version: str | None = None,
         replay_checked: Mapping[str, float] | None = None,
+        keep_versions_of: Sequence[str] = (),
     ) -> QueueClaim:
         """Let waiting runs of ``workflows`` in ``queue`` begin on ``worker_id``.
 
@@ -83,24 +84,24 @@ class FlowStore(Protocol):
         of waiting runs all held back by their own partitions' limits, the best runs
         of each other partition with room are read (``model.flow.ClaimPages``), so a
         run of a new partition key begins at the first claim after it is queued.
-        Admitted runs are owned by ``worker_id`` (fence + 1), with
-        their begin time recorded. A waiting run that can no longer begin (its cancel
-        asked, or ended) that the claim meets has its row dropped and takes no slot:
-        the claim admits the runs past it instead (``model.flow.Admissions``), so a
-        freed slot is not left to a later claim. Runs pinned to one of
-        ``exclude_versions`` (newer code than the worker's, docs/operating.md), or,
-        with ``only_versions``, to a version not in it, are not candidates: they keep
-        waiting, in their place, for a worker that takes them (while they can still
-        begin: the row of one cancelled or ended meanwhile is met, and dropped, as
-        above). Runs pinned to no version are candidates whatever these say. With
-        ``pin_version``, each admitted run is pinned to that version (the code that begins
-        it), as :meth:`Store.claim_runs` does. With ``replay_checked`` (run id ->
-        ``updated_at``), a run with recorded history (retried, or forked) pinned to a
-        version other than ``pin_version`` (and not to none) is a candidate only if it is
-        listed there and its ``updated_at`` is still the one listed: the caller checked
-        that its code replays that history (:meth:`Store.foreign_runs` with ``queued``
-        finds them); the others keep waiting, in their place, as above. Without it
-        (``None``), such runs begin unchecked (a worker told ``--any-version``).
+        Admitted runs are owned by ``worker_id`` (fence + 1), with their begin time
+        recorded. A waiting run that can no longer begin (its cancel asked, or ended) that
+        the claim meets has its row dropped and takes no slot: the claim admits the runs
+        past it instead (``model.flow.Admissions``), so a freed slot is not left to a later
+        claim. Runs pinned to one of ``exclude_versions`` (newer code than the worker's,
+        docs/operating.md), or, with ``only_versions``, to a version not in it, are not
+        candidates: they keep waiting, in their place, for a worker that takes them (while
+        they can still begin: the row of one cancelled or ended meanwhile is met, and
+        dropped, as above). Runs pinned to no version are candidates whatever these say.
+        With ``pin_version``, each admitted run is pinned to that version (the code that
+        begins it), as :meth:`Store.claim_runs` does, with the same exception: a run of one
+        of ``keep_versions_of`` already pinned to a version keeps it. With
+        ``replay_checked`` (run id -> ``updated_at``), a run with recorded history (retried,
+        or forked) pinned to a version other than ``pin_version`` (and not to none) is a
+        candidate only if it is listed there and its ``updated_at`` is still the one listed:
+        the caller checked that its code replays that history (:meth:`Store.foreign_runs`
+        with ``queued`` finds them); the others keep waiting, in their place, as above.
+        Without it (``None``), such runs begin unchecked (a worker told ``--any-version``).
         """
 
     async def queue_stats(self, app: str, *, now: float) -> list[QueueStats]:

@@ -74,6 +74,7 @@ class RunStore(Protocol):
         now: float | None = None,
         pin_version: str | None = None,
         unchanged: Sequence[float] | None = None,
+        keep_versions_of: Sequence[str] = (),
     ) -> list[RunRecord]:
         """Take ownership of live runs of ``workflows`` that nobody owns.
 
@@ -90,7 +91,10 @@ class RunStore(Protocol):
         ``now``, once its ``wake_at`` is at or before ``now``; the claim clears its
         parking. With ``pin_version``, each claimed run is pinned to that version (the
         claiming worker's code goes on with it: from then on its history holds that
-        code's calls), in the same statement. With ``unchanged`` (one per ``run_ids``,
+        code's calls), in the same statement, except the runs of the workflows in
+        ``keep_versions_of`` already pinned to a version, which keep it (a saga's run:
+        its calls are its map's, docs/operating.md, versions; pinned to none, it is
+        pinned as any run). With ``unchanged`` (one per ``run_ids``,
         in their order), a run is claimed only if its ``updated_at`` is still that one:
         a run another worker moved on since the caller read it (and checked that its
         code replays it) is left alone.

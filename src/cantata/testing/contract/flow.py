@@ -223,6 +223,28 @@ class FlowContract(StoreFixtures):
         waiting = await store.get_run(self.app, ids[2])
         assert waiting is not None and waiting.owner is None  # not begun: over the limit
 
+    async def test_a_queue_claim_keeps_the_version_of_the_runs_it_is_told_to(
+        self, store: Store
+    ) -> None:
+        """``keep_versions_of``: a run of one of those workflows (a saga's) pinned to
+        another version keeps it when it begins, one pinned to none is pinned, and the
+        runs of other workflows are pinned as ever: as ``Store.claim_runs`` does
+        (docs/operating.md, versions)."""
+        await store.declare_queue(self.app, QueueSpec("q"), worker_id="w", stale_before=0)
+        expected = []
+        for workflow, version, pinned in (("saga", "v0", "v0"), ("saga", None, "v1"),
+                                          ("wf", "v0", "v1")):
+            run, _ = await store.create_queued_run(
+                new_run(self.app, workflow, version=version), QueueEntry("q"))
+            expected.append((run.run_id, pinned))
+        claim = await store.claim_queued_runs(self.app, "w", "q", ["wf", "saga"],
+                                              now=time.time(), limit=50, pin_version="v1",
+                                              keep_versions_of=["saga"])
+        assert [(r.run_id, r.version) for r in claim.runs] == expected
+        for run_id, version in expected:
+            stored = await store.get_run(self.app, run_id)
+            assert stored is not None and stored.version == version
+
     async def test_a_queued_run_with_history_of_another_version_begins_once_checked(
         self, store: Store
     ) -> None:

@@ -166,6 +166,31 @@ class OperateContract(StoreFixtures):
         [same] = await store.claim_runs(self.app, "w2", ["wf"], stale_before=now, limit=10)
         assert (same.run_id, same.version) == (kept.run_id, "v1")  # no pin: kept as it was
 
+    async def test_a_claim_keeps_the_version_of_the_runs_it_is_told_to(
+        self, store: Store
+    ) -> None:
+        """``keep_versions_of``: a claimed run of one of those workflows (a saga's)
+        pinned to another version keeps it, one pinned to none is pinned, and the runs
+        of other workflows are pinned as ever (docs/operating.md, versions); a queue's
+        claim does the same (``claim_queued_runs``)."""
+        saga_v1, _ = await store.create_run(new_run(self.app, "saga", version="v1"))
+        saga_none, _ = await store.create_run(new_run(self.app, "saga"))
+        plain_v1, _ = await store.create_run(new_run(self.app, version="v1"))
+        now = await self.live(store, "w2")
+        got = await store.claim_runs(self.app, "w2", ["wf", "saga"], stale_before=now,
+                                     limit=10, pin_version="v2", keep_versions_of=["saga"])
+        expected = [(saga_v1.run_id, "v1"), (saga_none.run_id, "v2"), (plain_v1.run_id, "v2")]
+        assert sorted((r.run_id, r.version) for r in got) == sorted(expected)
+        for run_id, version in expected:
+            stored = await store.get_run(self.app, run_id)
+            assert stored is not None and stored.version == version
+        # as checked (run_ids, unchanged: a worker of another version takes it)
+        saga_v0, _ = await store.create_run(new_run(self.app, "saga", version="v0"))
+        [taken] = await store.claim_runs(
+            self.app, "w2", ["saga"], stale_before=now, limit=10, run_ids=[saga_v0.run_id],
+            unchanged=[saga_v0.updated_at], pin_version="v2", keep_versions_of=["saga"])
+        assert (taken.run_id, taken.version) == (saga_v0.run_id, "v0")
+
     async def test_a_claim_of_runs_as_read_leaves_a_run_moved_on_since(
         self, store: Store
     ) -> None:
