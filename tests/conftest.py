@@ -183,7 +183,9 @@ async def _purge_nats_streams(url: str, prefix: str) -> None:
     """Delete the streams of the broker prefix ``prefix`` (one test's name space)."""
     import nats
 
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    # (nats-py takes max_reconnect_attempts=0 as no limit: two tries, then give up)
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1,
+                            allow_reconnect=False)
     try:
         js = nc.jetstream()
         for info in await js.streams_info():

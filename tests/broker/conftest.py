@@ -43,7 +43,9 @@ def own_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 async def stream(nats_url: str) -> AsyncIterator[tuple[Client, JetStreamContext, str]]:
     """A client, its JetStream context and a stream of its own (``<name>.>``)."""
     name = f"s-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    # (nats-py takes max_reconnect_attempts=0 as no limit: two tries, then give up)
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=1,
+                            allow_reconnect=False)
     js = nc.jetstream()
     await js.add_stream(name=name, subjects=[f"{name}.>"])
     try:

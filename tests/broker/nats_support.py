@@ -39,7 +39,9 @@ async def streams_removed(url: str, *apps: str) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+        # (nats-py takes max_reconnect_attempts=0 as no limit: two tries, then give up)
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1,
+                                allow_reconnect=False)
         try:
             js = nc.jetstream()
             for info in await js.streams_info():

@@ -97,9 +97,12 @@ def pytest_runtest_makereport(
                         ignore=shutil.ignore_patterns("*.sock"))
         report.sections.append(("fault folder kept", str(kept)))
         for c in clusters:
-            if c.broker.startswith("nats"):
-                report.sections.append((f"NATS consumers of {c.tmp.name}",
-                                        asyncio.run(_consumers(c.broker))))
+            if c.broker.startswith("nats"):  # (a report that raises ends the session)
+                try:
+                    said = asyncio.run(asyncio.wait_for(_consumers(c.broker), 20))
+                except Exception as exc:
+                    said = f"cannot read the consumers of {c.broker}: {exc!r}"
+                report.sections.append((f"NATS consumers of {c.tmp.name}", said))
         for c in clusters:
             report.sections.append((f"workers' logs of {c.tmp.name}", c.logs(limit=16000)))
     return report
@@ -112,7 +115,9 @@ async def _consumers(url: str) -> str:
 
     lines: list[str] = []
     try:
-        nc = await nats.connect(url.split("?")[0], connect_timeout=2, max_reconnect_attempts=0)
+        # (nats-py takes max_reconnect_attempts=0 as no limit: two tries, then give up)
+        nc = await nats.connect(url.split("?")[0], connect_timeout=2,
+                                max_reconnect_attempts=1, allow_reconnect=False)
     except Exception as exc:
         return f"cannot reach {url}: {exc!r}"
     try:

@@ -145,8 +145,9 @@ async def drop_stream(broker: str, app_name: str) -> None:
     with contextlib.suppress(Exception):
         made = broker_from_url(broker)  # its ?prefix= is part of the stream's name
         assert isinstance(made, NatsBroker)
+        # (nats-py takes max_reconnect_attempts=0 as no limit: two tries, then give up)
         nc = await nats.connect(broker.split("?", 1)[0], connect_timeout=2,
-                                max_reconnect_attempts=0)
+                                max_reconnect_attempts=1, allow_reconnect=False)
         try:
             await nc.jetstream().delete_stream(made.names(app_name).stream)
         finally:
