@@ -307,7 +307,7 @@ def test_compensations_run_in_reverse_completion_order_with_or_without_a_restart
     check()
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(whole=st.integers(min_value=0, max_value=253_402_300_796),  # (to 9999-12-31)
        micro=st.integers(min_value=0, max_value=1_999_999),
        nudge=st.sampled_from([0.0, 5e-7, -5e-7, 1e-9, 0.49e-6]),
