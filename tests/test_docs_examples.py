@@ -915,9 +915,11 @@ def _tokens(line: str) -> list[str] | None:
     line = re.sub(r"\[([^\[\]]*)\]", r" \1 ", line)  # optional parts, checked too
     line = line.replace("…", "").replace("...", "")
     try:
-        return shlex.split(line)
+        tokens = shlex.split(line)
     except ValueError:
         return None
+    # `cantata runs | grep order-42`: a lone `|` is a pipe, not alternatives
+    return tokens[: tokens.index("|")] if "|" in tokens else tokens
 
 
 def cli_problems(line: str) -> list[str]:

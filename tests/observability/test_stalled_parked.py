@@ -8,7 +8,7 @@ import asyncio
 import time
 
 from cantata import App, WorkflowContext
-from cantata.observability.stalled import WAITING_EVENT, find_stalls
+from cantata.observability.stalled import WAITING_EVENT, Stall, find_stalls
 from tests.helpers import eventually
 
 SLEEPERS = 450  # more than the transactions `stalled` looks at (4 x its limit of 100)
@@ -43,9 +43,18 @@ async def test_parked_sleepers_do_not_hide_the_stalled_waits(store_url: str) -> 
             return counts.get("running", 0) == SLEEPERS + WAITERS
 
         await eventually(all_waiting, timeout=60)
-        # as `cantata stalled` sees them an hour later
-        stalls = await find_stalls(worker.store, worker.name, older_than=300,
-                                   now=time.time() + AHEAD)
+
+        # as `cantata stalled` sees them an hour later (a run is running once claimed,
+        # its wait recorded a moment later: on a loaded machine, after the count above)
+        async def stalled() -> list[Stall]:
+            return await find_stalls(worker.store, worker.name, older_than=300,
+                                     now=time.time() + AHEAD)
+
+        async def waits_recorded() -> bool:
+            return len(await stalled()) >= WAITERS
+
+        await eventually(waits_recorded, timeout=30)
+        stalls = await stalled()
         runs = [await worker.store.get_run(worker.name, h.run_id) for h in waiters]
         assert sorted(s.correlation_id for s in stalls) == sorted(
             r.correlation_id for r in runs if r is not None)
