@@ -304,18 +304,16 @@ async def test_the_overview_counts_stalls_dead_letters_and_the_last_hours_failur
     last hour (whenever created); each is the length of the list the dashboard links to."""
     import httpx
 
-    # a run created two hours ago (its worker gone since) that fails now, and one that
-    # failed two hours ago
-    from cantata.model.records import RunWrite
+    # a run created two hours ago that failed a moment ago, and one that failed two hours
+    # ago (written as they are: a running run of two hours ago, its worker gone, is the
+    # live worker's to take over before this test could fail it)
     from cantata.model.status import RunStatus
     from cantata.testing.contract.support import new_run
 
-    two_hours_ago = shop.app.clock.now() - 7200
+    now_, two_hours_ago = shop.app.clock.now(), shop.app.clock.now() - 7200
     late, early = [(await shop.app.store.create_run(new_run(
-        "shop", "invoice", created_at=two_hours_ago, updated_at=two_hours_ago, status=st)))[0]
-        for st in (RunStatus.RUNNING, RunStatus.FAILED)]
-    await shop.app.store.commit_run("shop", late.run_id, 0, RunWrite(
-        status=RunStatus.FAILED, error="E: lost", release=True))
+        "shop", "invoice", created_at=two_hours_ago, updated_at=at, status=RunStatus.FAILED,
+        error="E: lost")))[0] for at in (now_, two_hours_ago)]
     shop.state["billing_down"] = True
     failed = await start(shop, "invoice", {"id": "F-1"})
     assert (await finished(shop, failed))["status"] == "failed"
