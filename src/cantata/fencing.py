@@ -77,11 +77,19 @@ class PauseClock:
     def stood_still(self, began: float, ended: float) -> float:
         """Seconds between ``began`` and ``ended`` (monotonic) the whole process stood
         still, including a gap the thread has not had the chance to note yet."""
+        return sum(self._within(began, ended))
+
+    def longest(self, began: float, ended: float) -> float:
+        """The longest single stretch between ``began`` and ``ended`` (monotonic) the
+        whole process stood still (:meth:`stood_still` sums them)."""
+        return max(self._within(began, ended), default=0.0)
+
+    def _within(self, began: float, ended: float) -> list[float]:
         gaps = list(self._gaps)
         now, last = time.monotonic(), self._last
         if now - last > 4 * self._every:
             gaps.append((last, now))
-        return sum(max(0.0, min(e, ended) - max(s, began)) for s, e in gaps)
+        return [max(0.0, min(e, ended) - max(s, began)) for s, e in gaps]
 
 
 _clock: PauseClock | None = None

@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -153,14 +154,47 @@ class Cluster:
         self._gone(worker)
 
     async def pause(self, worker: Worker, seconds: float) -> None:
-        """SIGSTOP for ``seconds``, then SIGCONT: a GC pause or a VM stall."""
-        began = time.time()
-        worker.proc.send_signal(signal.SIGSTOP)
+        """SIGSTOP for ``seconds`` (outside a write of its own: :meth:`stop`), then
+        SIGCONT: a GC pause or a VM stall."""
+        began = await self.stop(worker)
         try:
             await asyncio.sleep(seconds)
         finally:
+            self.resume(worker, stopped=began)
+
+    async def stop(self, worker: Worker, *, tries: int = 50) -> float:
+        """SIGSTOP ``worker`` at a moment it holds no SQLite write lock; returns when (the
+        wall clock) the stop that held began, for the counters.
+
+        A SQLite worker stopped inside a write transaction of its own (a heartbeat, a
+        claim, a checkpoint) holds the file's one write lock until it runs again: no
+        other process can write meanwhile, heartbeats included, and the scenario is a
+        store outage instead of a stalled worker (inherent to SQLite, and not what a
+        pause scenario tests). So, on a SQLite store, each stop is probed: a fresh
+        connection's ``BEGIN IMMEDIATE`` (waiting 0.2 s at most), then ``ROLLBACK``.
+        Refused, the worker is let go on (SIGCONT) for a few milliseconds and stopped
+        again, ``tries`` times at most. (Those stops of 0.2 s are not recorded: far
+        shorter than any fence, they lapse no hold.) On another store, one SIGSTOP.
+        """
+        path = sqlite_file(self.store)
+        for _ in range(tries):
+            began = time.time()
+            worker.proc.send_signal(signal.SIGSTOP)
+            await asyncio.to_thread(wait_stopped, worker.pid)
+            if path is None or await asyncio.to_thread(write_lock_free, path):
+                return began
             worker.proc.send_signal(signal.SIGCONT)
-            self.faults.paused.setdefault(worker.pid, []).append((began, time.time()))
+            await asyncio.sleep(random.uniform(0.005, 0.02))
+        raise AssertionError(f"worker {worker.pid} held the write lock of {path} at each of "
+                             f"{tries} stops: it writes all the time, or another process "
+                             f"holds the lock (see the logs): {self.logs()}")
+
+    def resume(self, worker: Worker, *, stopped: float | None = None) -> None:
+        """SIGCONT; a pause that began at ``stopped`` (a :meth:`stop`'s answer) is
+        recorded for the counters (none: a stall behind the harness's back)."""
+        worker.proc.send_signal(signal.SIGCONT)
+        if stopped is not None:
+            self.faults.paused.setdefault(worker.pid, []).append((stopped, time.time()))
 
     async def terminate(self, worker: Worker, *, timeout: float = 60.0) -> float:
         """SIGTERM and wait for the process to exit; returns how long it took."""
@@ -356,6 +390,45 @@ class Cluster:
             if time.monotonic() > deadline:
                 return counts if counts is not None else await self.counts()
             await asyncio.sleep(0.25)
+
+
+def sqlite_file(store: str) -> Path | None:
+    """The file of a ``sqlite:///`` store URL (None for another store)."""
+    if not store.startswith("sqlite:///"):
+        return None
+    return Path(store.removeprefix("sqlite:///").split("?")[0])
+
+
+def write_lock_free(path: Path) -> bool:
+    """True if a write transaction can begin on the SQLite file ``path`` within 0.2 s
+    (no process holds its write lock): ``BEGIN IMMEDIATE`` on a fresh connection, then
+    ``ROLLBACK`` (nothing written)."""
+    conn = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return False
+        raise
+    finally:
+        conn.close()
+
+
+def wait_stopped(pid: int, timeout: float = 1.0) -> None:
+    """Return once process ``pid`` is stopped (SIGSTOP is delivered asynchronously: it
+    could begin a write between the signal and its stop); Linux's ``/proc`` tells."""
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return  # (no /proc, or the process is gone)
+        if state in ("T", "t", "Z", "X"):
+            return
+        time.sleep(0.001)
 
 
 async def retrying(call: Callable[[], Any], attempts: int = 40) -> Any:

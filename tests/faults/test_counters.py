@@ -151,19 +151,22 @@ async def test_a_worker_starved_past_its_lease_is_counted_once_its_lapse_is_know
     async with c.client():
         await c.submit(0, 1)
         starved = await c.busy_worker("handler")
-        starved.proc.send_signal(signal.SIGSTOP)  # (not c.pause: the harness knows nothing)
+        # Stopped outside a write of its own (else it holds the SQLite file's write
+        # lock, and the other worker can write nothing until it resumes: a store
+        # outage, not a starved worker); not recorded: the harness knows nothing.
+        await c.stop(starved)
 
         async def taken_over_then_resumed() -> None:
             await c.wait_ledger(lambda ex: sum(e.what == "handler" and e.key == "shipping"
                                                and e.ended is not None for e in ex) == 1, 30)
             await asyncio.sleep(1.0)  # the chain is complete: the count could be taken
-            starved.proc.send_signal(signal.SIGCONT)
+            c.resume(starved)
 
         resume = asyncio.ensure_future(taken_over_then_resumed())
         try:
             counts = await c.recover(time.monotonic(), budget=30)
         finally:
-            starved.proc.send_signal(signal.SIGCONT)
+            c.resume(starved)
             await resume
     print(f"\na worker starved past its lease: {counts}")
     assert starved.pid in read_lapses(c.ledger), "the stalled worker recorded no lapse"

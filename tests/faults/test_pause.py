@@ -8,7 +8,6 @@ worker has run: every run ends within the recovery time, no count above zero.
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,8 +122,7 @@ async def test_a_paused_workers_last_attempt_is_excused_before_the_run_fails(
         run_id = await c.start_saga(0, "last_chance")
         victim = await c.busy_worker()
         worker_id = await worker_of(c, victim.pid)
-        stopped = time.time()
-        victim.proc.send_signal(signal.SIGSTOP)
+        stopped = await c.stop(victim)  # (outside a write: the other worker must write)
         try:
             deadline = time.monotonic() + 10 * c.lease
             while True:  # until the other worker has taken the run over
@@ -137,8 +135,7 @@ async def test_a_paused_workers_last_attempt_is_excused_before_the_run_fails(
             # the counters take the takeover for the pause's).
             await asyncio.sleep(max(c.lease / 4, stopped + c.lease - time.time()))
         finally:
-            victim.proc.send_signal(signal.SIGCONT)
-            c.faults.paused.setdefault(victim.pid, []).append((stopped, time.time()))
+            c.resume(victim, stopped=stopped)
         counts = await c.recover(time.monotonic(), budget=within(4 * c.lease + 10))
         await asyncio.sleep(c.lease)  # let the excuse land before counting attempts
         settled = await c.counts()
@@ -160,11 +157,11 @@ async def slot_kept_by_the_new_owner(c: Cluster) -> None:
     async with c.client():
         first = await c.start_saga(0, "one_at_a_time")
         victim = await c.busy_worker()
-        stopped = time.time()
-        victim.proc.send_signal(signal.SIGSTOP)
+        # (outside a write: a SQLite worker stopped inside one holds the file's write
+        # lock, and the other worker could take nothing over until it resumed)
+        stopped = await c.stop(victim)
         try:
-            # Until the other worker has taken the run over and holds the slot for it
-            # (bounded: a SQLite worker paused inside a write holds the file's lock).
+            # Until the other worker has taken the run over and holds the slot for it.
             await c.wait_ledger(lambda ex: any(e.run == first and e.pid != victim.pid
                                                for e in ex), timeout=30)
             # More runs, claimed by the other worker: they wait for the slot.
@@ -174,8 +171,7 @@ async def slot_kept_by_the_new_owner(c: Cluster) -> None:
             await until(lambda: _owned(c, others, victim), timeout=30)
             await asyncio.sleep(0.3)  # (their waiters ask for the slot)
         finally:
-            victim.proc.send_signal(signal.SIGCONT)
-            c.faults.paused.setdefault(victim.pid, []).append((stopped, time.time()))
+            c.resume(victim, stopped=stopped)
         counts = await c.recover(time.monotonic(), budget=within(4 * 3.0 + 4 * c.lease + 10))
         await asyncio.sleep(c.lease)  # let the excuse land before counting attempts
         settled = await c.counts()

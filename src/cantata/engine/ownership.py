@@ -20,7 +20,9 @@ The rules, with the reasons (docs/leases.md):
   its wall clock ran far ahead of its monotonic clock) stops its step bodies at once
   and begins no handler body, nor goes on with one begun before the pause;
   it heartbeats at once, checks which runs it still owns, and stops the executions
-  of the others.
+  of the others. While the store is away (its heartbeat failing), only a stall past
+  the fence in one go is such a pause (:meth:`Ownership.pause_bar`): the outage put
+  the hold in doubt already, and its rules hold.
 - A worker whose heartbeat lapsed takes no other worker's runs for one lease after
   it reaches the store again: in a store outage every worker lapsed at once, and the
   live ones need that long to heartbeat again. Only a worker that stays silent is
@@ -100,6 +102,9 @@ class Ownership:
         self._beat_now = asyncio.Event()  # a pause was noticed: heartbeat at once
         self.regained_at = float("-inf")  # when the store answered after a lapse
         self.lapsed = False
+        # The last heartbeat tried failed (the store is away): a stall is a pause only
+        # past the fence then (pause_bar)
+        self.store_away = False
         self._healthy = asyncio.Event()  # cleared while lapsed
         self._healthy.set()
         self._beaten = asyncio.Event()  # set by every heartbeat that gets through
@@ -139,15 +144,33 @@ class Ownership:
         return self._heartbeat is not None and self.expired()
 
     def process_paused(self) -> bool:
-        """True when the whole process stood still for a quarter lease or more since the
-        last heartbeat that got through, not only its event loop (held by a body's own
-        code) nor its store (an outage): the pause clock's thread stood still too
-        (SIGSTOP), or the wall clock ran ahead of monotonic time (a paused VM, whose
-        monotonic clock stood still; a wall clock set ahead looks the same)."""
-        now, quarter = time.monotonic(), self.engine.lease / 4
-        if (self._wall() - self.beat_wall) - (now - self.beat_at) >= quarter:
+        """True when the whole process stood still for :meth:`pause_bar` or more since
+        the last heartbeat that got through (in one stall while the store is away), not
+        only its event loop (held by a body's own code) nor its store (an outage): the
+        pause clock's thread stood still too (SIGSTOP, CPU starvation), or the wall
+        clock ran ahead of monotonic time (a paused VM, whose monotonic clock stood
+        still; a wall clock set ahead looks the same)."""
+        now, bar = time.monotonic(), self.pause_bar()
+        if (self._wall() - self.beat_wall) - (now - self.beat_at) >= bar:
             return True
-        return pause_clock().stood_still(self.beat_at, now) >= quarter
+        if self.store_away:
+            return pause_clock().longest(self.beat_at, now) >= bar
+        return pause_clock().stood_still(self.beat_at, now) >= bar
+
+    def pause_bar(self) -> float:
+        """How long the whole process must have stood still to be taken for paused past
+        its fence. While its heartbeats get through, a quarter lease: the last one may
+        be a quarter lease old, and such a stall brings the fence near. While the store
+        is away (the last heartbeat tried failed), the fence itself, in one stall: the
+        hold is in doubt by the outage already, whose rules hold (step bodies stopped,
+        handlers run on, docs/leases.md), and a shorter stall lets no other worker in
+        that the outage did not: the other workers take over only one lease after
+        their own heartbeat got through again, and this one's, tried again every
+        quarter lease as the process runs on, gets through before that. (Taken for a
+        pause, a 0.8 s stall of a loaded machine after a full disk, lease 2 s, cut the
+        handlers running on through the outage, and the worker ran them again.) A stall
+        past the fence is a pause as ever: the store may have come back meanwhile."""
+        return self.engine.lease * (FENCE_AT if self.store_away else 0.25)
 
     def may_take_over(self) -> bool:
         """True when silent workers' runs may be claimed (see the module docstring)."""
@@ -234,6 +257,7 @@ class Ownership:
             self._paused(wall - self.beat_wall)
         await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(),
                                      versioning.worker_info(engine), lease=engine.lease)
+        self.store_away = False
         if (self.lapsed or sent - self.beat_at > engine.lease
                 or wall - self.beat_wall > engine.lease):
             self.lapsed = False
@@ -263,7 +287,7 @@ class Ownership:
         now, wall = loop.time(), self._wall()
         if self._watch_due:
             late = max(now - self._watch_due, wall - self._watch_wall_due)
-            if late > self.engine.lease / 4 and self.expired():
+            if late > self.pause_bar() and self.expired():
                 self._paused(late)
         self._watch_due, self._watch_wall_due = now + self._watch_every, wall + self._watch_every
         self._watchdog = loop.call_later(self._watch_every, self._watch)
@@ -286,7 +310,6 @@ class Ownership:
 
     async def _heartbeat_loop(self) -> None:
         engine = self.engine
-        failing = False
         while True:
             due, wall_due = time.monotonic() + engine.lease / 4, self._wall() + engine.lease / 4
             await wait_event(self._beat_now, engine.lease / 4)  # (at once after a pause)
@@ -296,7 +319,7 @@ class Ownership:
             # (SIGSTOP, a VM or GC stall), so its runs may belong to another worker.
             late = max(time.monotonic() - due, self._wall() - wall_due)
             stalled = late > engine.lease / 2 or self._pause_seen
-            if failing and not self.lapsed and self.expired():
+            if self.store_away and not self.lapsed and self.expired():
                 # Cut off from the store: stop before another worker may take over.
                 self.lapsed = True
                 self._healthy.clear()
@@ -316,13 +339,12 @@ class Ownership:
                         engine.store_upgraded(exc)
                         await self.beat()
             except Exception as exc:
-                failing = True
+                self.store_away = True
                 self.quiet.warning(
                     "heartbeat", "worker %s: heartbeat failed (%s); retrying",
                     engine.worker_id, reason(exc) if str(exc) else "timed out",
                 )
                 continue
-            failing = False
             if stalled:
                 self._pause_seen = False
                 log.warning("worker %s was paused: checking which runs it still owns",
