@@ -2,9 +2,9 @@
 
     python -m bench.attention [--runs 100000] [--store sqlite|postgres] [--reads 200]
 
-Builds the store ``bench.console`` builds (SQL inserts: 3 % of the runs failed, spread
-over 30 days) in a temporary SQLite file or a PostgreSQL schema of its own (dropped
-after), then times in process, each ``--reads`` times: ``attention_counts`` (the
+Builds the store ``bench.console`` builds (``bench.many_runs``: SQL inserts, 3 % of the
+runs failed, spread over 30 days) in a temporary SQLite file or a PostgreSQL schema of
+its own (dropped after), then times in process, each ``--reads`` times: ``attention_counts`` (the
 overview's dead letters and last hour's failures) and, where the code has it, the page
 ``GET /api/runs?failed_since=`` reads (``RunQuery(failed_since=...)``); p50 and p90 in
 ms, and what each found; on PostgreSQL also the attention query's execution time in the
@@ -23,39 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PG_URL, drop_schema
-from bench.console import APP, build_sqlite, history_of, percentile, rows
+from bench.console import percentile
+from bench.many_runs import APP, build_postgres, build_sqlite
 from cantata.model.access import RunQuery
 from cantata.store.factory import store_from_url
-
-
-async def build_postgres(n: int, schema: str) -> str:
-    """``bench.console``'s PostgreSQL store, in ``schema`` (analyzed)."""
-    import asyncpg
-
-    from bench.console import _copy
-
-    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}"
-    store = store_from_url(url)
-    await store.open()  # creates and migrates
-    await store.close()
-    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
-    try:
-        batch: list[tuple[Any, ...]] = []
-        hist: list[tuple[Any, ...]] = []
-        atts: list[tuple[Any, ...]] = []
-        for i, row in enumerate(rows(n)):
-            batch.append(row)
-            if i % 10 == 0:
-                e, a = history_of(row)
-                hist += e
-                atts += a
-            if len(batch) == 100_000:
-                await _copy(conn, batch, hist, atts)
-        await _copy(conn, batch, hist, atts)
-        await conn.execute("ANALYZE runs; ANALYZE history; ANALYZE attempts")
-    finally:
-        await conn.close()
-    return url
 
 
 async def timed(reads: int, read: Any) -> tuple[float, float, Any]:

@@ -5,9 +5,9 @@
                             [--traffic RUNS_PER_S [--traffic-seconds 10]
                              [--traffic-clients 20]]
 
-Builds a store of ``--runs`` runs with SQL (bulk inserts / COPY, not ``app.start``):
-five workflows, 90 % completed, 5 % compensated, 3 % failed, 2 % running, spread over 30
-days, one run in ten with a 3-step history and attempts. Then serves it with
+Builds a store of ``--runs`` runs with SQL (``bench.many_runs``: bulk inserts / COPY, not
+``app.start``; five workflows, 90 % completed, 5 % compensated, 3 % failed, 2 % running,
+spread over 30 days, one run in ten with a 3-step history and attempts). Then serves it with
 ``cantata serve`` (a separate process) and measures, over HTTP with a bearer token, the
 p50/p99 of pages of runs (first page, deep pages by cursor, each filter) and of the run
 detail; prints the query plans the pages use; and counts how many server-sent-event
@@ -29,136 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 
+from bench.common import PG_URL
+from bench.many_runs import APP, build_postgres, build_sqlite, postgres_url
 from cantata.model.access import Role, RunQuery
 from cantata.server.auth import create_token
 from cantata.store.factory import store_from_url
 
-APP = "bench"
-WORKFLOWS = ["place_order", "refund_order", "ship_order", "sync_stock", "send_invoice"]
-DAYS = 30
-PG = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rows(n: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
-    """``runs`` rows in creation order (ids begin with their time, as real ids do)."""
-    rnd = random.Random(seed)
-    start = time.time() - DAYS * 86400
-    step = DAYS * 86400 / n
-    for i in range(n):
-        at = start + i * step
-        ms = int(at * 1000)
-        run_id = f"{(ms & 0xFFFF_FFFF_FFFF) << 80 | rnd.getrandbits(80):032x}"
-        r = rnd.random()
-        status = ("completed" if r < 0.90 else "compensated" if r < 0.95
-                  else "failed" if r < 0.98 else "running")
-        error = None if status in ("completed", "running") else "ValueError: card declined"
-        result = '{"status": "shipped"}' if status == "completed" else None
-        key = f"order-{i}" if i % 2 == 0 else None
-        yield (APP, run_id, WORKFLOWS[i % len(WORKFLOWS)], status, f'[{{"id": {i}}}]', result,
-               error, key, None, run_id if i % 5 else f"corr-{i // 5}", None, None, None, at,
-               at + 1.5, None, False, None, 0, False)
-
-
-def history_of(run: tuple[Any, ...]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    run_id, at = run[1], run[13]
-    entries, attempts = [], []
-    for seq, name in enumerate(("reserve", "charge", "ship"), 1):
-        key = f"{name}#1"
-        entries.append((APP, run_id, key, seq, "step", name, "completed", '{"ok": true}', None,
-                        None, 1, at + seq * 0.1, at + seq * 0.1 + 0.05, None, None))
-        attempts.append((APP, run_id, key, 1, at + seq * 0.1, at + seq * 0.1 + 0.05, None, None))
-    return entries, attempts
-
-
-# The columns ``rows`` fills, by name: later migrations add columns with defaults.
-RUN_COLUMNS = ("app", "run_id", "workflow", "status", "args", "result", "error",
-               "idempotency_key", "args_hash", "correlation_id", "causation_id",
-               "parent_run_id", "service", "created_at", "updated_at", "deadline_at",
-               "cancel_requested", "owner", "fence", "flagged")
-RUN_MARKS = ",".join("?" * len(RUN_COLUMNS))
-
-
-async def build_sqlite(path: Path, n: int) -> str:
-    url = f"sqlite:///{path}"
-    store = store_from_url(url)
-    await store.open()  # creates and migrates
-    await store.close()
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=OFF")
-    conn.execute("BEGIN")
-    batch: list[tuple[Any, ...]] = []
-    hist: list[tuple[Any, ...]] = []
-    atts: list[tuple[Any, ...]] = []
-    for i, row in enumerate(rows(n)):
-        batch.append(row)
-        if i % 10 == 0:
-            e, a = history_of(row)
-            hist += e
-            atts += a
-        if len(batch) == 50_000:
-            _flush_sqlite(conn, batch, hist, atts)
-    _flush_sqlite(conn, batch, hist, atts)
-    conn.execute("COMMIT")
-    conn.close()
-    return url
-
-
-def _flush_sqlite(conn: sqlite3.Connection, batch: list[Any], hist: list[Any],
-                  atts: list[Any]) -> None:
-    conn.executemany(f"INSERT INTO runs ({','.join(RUN_COLUMNS)}) VALUES ({RUN_MARKS})", batch)
-    conn.executemany(f"INSERT INTO history VALUES ({','.join('?' * 15)})", hist)
-    conn.executemany(f"INSERT INTO attempts VALUES ({','.join('?' * 8)})", atts)
-    batch.clear()
-    hist.clear()
-    atts.clear()
-
-
-async def build_postgres(n: int) -> str:
-    import asyncpg
-
-    schema = "bench_console"
-    admin = await asyncpg.connect(PG)
-    await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    await admin.close()
-    url = f"{PG}{'&' if '?' in PG else '?'}schema={schema}"
-    store = store_from_url(url)
-    await store.open()
-    await store.close()
-    conn = await asyncpg.connect(PG, server_settings={"search_path": schema})
-    try:
-        batch: list[tuple[Any, ...]] = []
-        hist: list[tuple[Any, ...]] = []
-        atts: list[tuple[Any, ...]] = []
-        for i, row in enumerate(rows(n)):
-            batch.append(row)
-            if i % 10 == 0:
-                e, a = history_of(row)
-                hist += e
-                atts += a
-            if len(batch) == 100_000:
-                await _copy(conn, batch, hist, atts)
-        await _copy(conn, batch, hist, atts)
-        await conn.execute("ANALYZE runs; ANALYZE history; ANALYZE attempts")
-    finally:
-        await conn.close()
-    return url
-
-
-async def _copy(conn: Any, batch: list[Any], hist: list[Any], atts: list[Any]) -> None:
-    await conn.copy_records_to_table("runs", records=batch, columns=list(RUN_COLUMNS))
-    await conn.copy_records_to_table("history", records=hist)
-    await conn.copy_records_to_table("attempts", records=atts)
-    batch.clear()
-    hist.clear()
-    atts.clear()
 
 
 # -- plans ------------------------------------------------------------------------------------
@@ -195,7 +76,7 @@ async def postgres_plans(url: str) -> dict[str, str]:
     from cantata.model.status import RunStatus
     from cantata.store.postgres_console import runs_sql
 
-    conn = await asyncpg.connect(PG, server_settings={"search_path": "bench_console"})
+    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": "bench_console"})
     out = {}
     try:
         for label, q in QUERIES.items():
@@ -495,9 +376,9 @@ async def one(kind: str, n: int, requests: int, sse: list[int], workdir: Path,
             url = await build_sqlite(path, n)
         plans = sqlite_plans(path)
     else:
-        url = f"{PG}{'&' if '?' in PG else '?'}schema=bench_console"
+        url = postgres_url("bench_console")
         if not (reuse and await existing(url, n)):
-            url = await build_postgres(n)
+            url = await build_postgres(n, "bench_console")
         plans = await postgres_plans(url)
     built = time.perf_counter() - t
     store = store_from_url(url)

@@ -50,9 +50,11 @@ class Runtime:
 
         store_spec, broker_spec = app.backends
         store = store_from_url(store_spec) if isinstance(store_spec, str) else store_spec
+        # its own outage warnings, as the worker's, and its connections' limits, before
+        # it connects
+        store.adopt_timing(lease=app.lease)
         await store.open()
         store.set_audit_key(app.name, app.audit_key)
-        store.adopt_timing(lease=app.lease)  # its own outage warnings, as the worker's
         broker = broker_from_url(broker_spec) if isinstance(broker_spec, str) else broker_spec
         # The app's lease before connecting (NATS pings its server by it, see
         # broker/nats.py PING_LEAST); the worker's own hold is given once it serves.

@@ -137,3 +137,22 @@ async def test_an_app_that_refuses_legacy_signatures_dead_letters_them(
         await eventually(lambda: seen, what="the app's own event handled")
     assert dead.error.startswith("SignatureInvalid: ") and "legacy" in dead.error
     assert seen == [{"amount": 3}]
+
+
+def test_a_signer_with_keys_but_no_app_is_refused_not_silently_unbound() -> None:
+    """A Signer made outside an App (another Python system that publishes to the app)
+    signs for one app: without ``app=`` it used to sign the legacy form, bound to no
+    app, which an app with ``legacy_signatures='refuse'`` dead-letters and any app
+    holding the key takes. The legacy form is asked for by name (docs/security.md)."""
+    with pytest.raises(ConfigurationError) as caught:
+        Signer(KEYS)
+    message = str(caught.value)
+    assert "app=" in message and "legacy='sign'" in message and "\n" not in message
+    event = Event("payment.charged", {"amount": 99})
+    signed = Signer(KEYS, app="shop").sign(event)
+    assert Signer(KEYS, app="shop", legacy="refuse").problem(signed, required=True) is None
+    unbound = Signer(KEYS, legacy="sign").sign(event)  # asked for: as before
+    assert unbound.signature == legacy_signature(event)
+    assert Signer(None).sign(event) is event  # no keys: nothing to sign with, no app needed
+    with pytest.raises(ConfigurationError, match="app name"):
+        Signer(KEYS, app="")

@@ -49,7 +49,7 @@ def binary_cloudevent(event_id: str, raw: bytes = RAW) -> dict[str, Any]:
 
 
 def test_binary_data_is_signed_over_its_base64_text() -> None:
-    signer = Signer({"k1": KEY})
+    signer = Signer({"k1": KEY}, legacy="sign")  # (the outside system's form, no app)
     event = Event.from_cloudevent(binary_cloudevent("scan-1"))
     assert event.data == RAW
     assert signer.problem(event, required=True) is None
@@ -73,7 +73,7 @@ def test_a_signature_cantata_made_before_over_bytes_still_verifies() -> None:
     ).encode("ascii")
     digest = hmac.new(KEY.encode(), old, hashlib.sha256).hexdigest()
     signed = dataclasses.replace(event, signature=f"k1:{digest}")
-    signer = Signer({"k1": KEY})
+    signer = Signer({"k1": KEY}, app="scans")
     assert signer.problem(signed, required=True) is None
     assert signer.problem(dataclasses.replace(signed, data=RAW + b"!")) is not None
 
@@ -130,7 +130,7 @@ async def test_a_signed_binary_event_is_handled_as_bytes_on_every_backend(
 
 @pytest.mark.parametrize("digest", ["k1:" + "é" * 64, "k1:\u2603", "k1:" + "0" * 63 + "\u00e9"])
 def test_a_signature_that_is_not_hex_is_refused_not_a_crash(digest: str) -> None:
-    signer = Signer({"k1": KEY})
+    signer = Signer({"k1": KEY}, app="scans")
     problem = signer.problem(Event("scan.done", {"n": 1}, signature=digest))
     assert problem is not None and "does not match" in str(problem)
 
@@ -213,7 +213,7 @@ CHANGES = ["id", "source", "type", "subject", "correlation_id", "causation_id", 
 def test_any_change_to_a_signed_event_is_caught_and_the_wire_keeps_it(
     data: Any, other: Any, text: str, change: str
 ) -> None:
-    signer = Signer({"k1": KEY})
+    signer = Signer({"k1": KEY}, app="scans")
     event = signer.sign(Event("scan.done", data, subject="s", correlation_id="c",
                               causation_id="d"))
     assert signer.problem(Event.from_json(event.to_json()), required=True) is None

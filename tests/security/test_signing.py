@@ -91,8 +91,8 @@ async def test_a_handler_can_require_signatures_alone(store_url: str) -> None:
 
 async def test_keys_rotate(store_url: str) -> None:
     """Events signed with the old key still verify while it is listed."""
-    old = Signer({"k1": K1})
     app, seen = shop(store_url, signing_keys={"k2": K2, "k1": K1}, require_signatures=True)
+    old = Signer({"k1": K1}, app=app.name)
     async with app:
         signed_old = old.sign(Event("payment.charged", {"n": 1}))
         await app.store.append_events(app.name, [signed_old])
@@ -181,7 +181,7 @@ async def test_require_signature_without_keys_fails_at_start() -> None:
 
 
 def test_the_signature_covers_the_content() -> None:
-    signer = Signer({"k1": K1})
+    signer = Signer({"k1": K1}, app="shop")
     event = signer.sign(Event("a.b", {"amount": 1}, correlation_id="c"))
     assert signer.accepts(event, required=True)
     for change in ({"data": {"amount": 2}}, {"type": "a.c"}, {"correlation_id": "d"},
@@ -189,14 +189,14 @@ def test_the_signature_covers_the_content() -> None:
         assert not signer.accepts(dataclasses.replace(event, **change)), change
     round_trip = Event.from_json(event.to_json())
     assert signer.accepts(round_trip, required=True)
-    assert not Signer({"k1": K2}).accepts(event)
+    assert not Signer({"k1": K2}, app="shop").accepts(event)
 
 
 def test_an_event_signed_without_a_correlation_id_verifies_with_its_id_as_one() -> None:
     """Another system's signed event that carries no correlation id is given its own id
     as one when it arrives from the broker (docs/guide.md §4): its signature still holds;
     any other correlation id does not."""
-    signer = Signer({"k1": K1})
+    signer = Signer({"k1": K1}, app="shop")
     signed = signer.sign(Event("payment.charged", {"amount": 1}, id="pay-1"))
     assert signed.correlation_id is None
     arrived = dataclasses.replace(signed, correlation_id="pay-1")

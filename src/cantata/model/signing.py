@@ -116,10 +116,14 @@ class Signer:
         require: refuse (dead-letter) unsigned events for every handler, trigger and wait.
         app: the name of the app that signs and verifies: the current form of signature
             covers it, so an event signed for one app does not verify in another that
-            holds the same key. A signer of no app (``None``) signs in the legacy form,
-            as a release before this one did.
+            holds the same key. Required with keys, unless ``legacy="sign"``: a signer
+            of no app can make only the legacy form, and says so by that choice.
         legacy: what to do with the legacy form, bound to no app
             (:data:`LEGACY_CHOICES`; the module docstring).
+
+    Raises:
+        ConfigurationError: keys without ``app`` (and not ``legacy="sign"``), an empty
+            app name, a bad key, key id or ``legacy``.
     """
 
     def __init__(
@@ -136,6 +140,19 @@ class Signer:
                 f"legacy_signatures={legacy!r} is invalid: use 'accept' (the default: "
                 "verify signatures bound to no app, as earlier releases made them), 'sign' "
                 "(also sign so, while earlier releases still verify) or 'refuse'"
+            )
+        if app is not None and (not isinstance(app, str) or not app):
+            raise ConfigurationError(
+                f"Signer(app={app!r}) is not an app name: give the name of the app the "
+                "events are published to, as App(name) has it"
+            )
+        if keys and app is None and legacy != "sign":
+            # An app's own signer is always given its name; one made apart from an app
+            # would sign the legacy form, bound to no app, without anyone having chosen it.
+            raise ConfigurationError(
+                "a Signer with keys signs for one app: give app='name' (the app the events "
+                "are published to, whose handlers verify them), or legacy='sign' to make "
+                "legacy signatures, bound to no app (docs/security.md)"
             )
         self.app = app
         self.legacy = legacy

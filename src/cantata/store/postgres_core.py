@@ -75,8 +75,10 @@ class PostgresCore(StoreBase):
 
     def adopt_timing(self, *, lease: float) -> None:
         """The listener's outage warnings at most every ``max(10 s, lease)``; its probe
-        after a lease heard nothing (``store/postgres_listen.py``)."""
+        after a lease heard nothing (``store/postgres_listen.py``); the session limits
+        of the connections made from now on (``store/postgres_session.py``)."""
         self._db.listener.adopt_timing(lease)
+        self._db.adopt_lease(lease)
 
     async def _recorded_schema(self) -> int | None:
         row = await self._db.fetchrow("SELECT max(version) FROM schema_version")

@@ -23,8 +23,9 @@ from asyncpg.pool import PoolConnectionProxy
 
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.store import migrations
+from cantata.store import postgres_session as session
 from cantata.store.common import NEW_STORE_HINT, newer_schema
-from cantata.store.factory import mask_url
+from cantata.store.factory import mask_url, url_options
 from cantata.store.faults import postgres_fault
 from cantata.store.postgres_listen import Listener
 
@@ -151,7 +152,10 @@ class PgPool:
     """A pool of connections to one schema, plus a listening connection.
 
     Args:
-        url: ``postgresql://…``; ``?schema=name`` picks the schema (default ``cantata``).
+        url: ``postgresql://…``; ``?schema=name`` picks the schema (default ``cantata``),
+            ``?idle_in_transaction_session_timeout=``, ``?tcp_keepalives_idle=``,
+            ``?tcp_keepalives_interval=`` and ``?tcp_keepalives_count=`` replace the
+            settings made from the lease (:mod:`cantata.store.postgres_session`).
         pool_size: most connections the pool opens.
         connect_timeout: seconds :meth:`open` keeps retrying an unreachable server.
         on_change: called with a change channel (``runs``, ``events``, ...: see
@@ -168,13 +172,18 @@ class PgPool:
         self.masked_url = mask_url(url)
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
-        self.schema = next((v for k, v in query if k == "schema"), DEFAULT_SCHEMA)
+        options = url_options(url, parts.query, "store")
+        self.schema = options.get("schema", DEFAULT_SCHEMA)
         if not _SCHEMA_RE.fullmatch(self.schema):
             raise ConfigurationError(
                 f"schema {self.schema!r} in {self.masked_url} is not a plain lower-case SQL "
                 "name: use letters, digits and '_'"
             )
-        rest = urlencode([(k, v) for k, v in query if k != "schema"])
+        # (taken out of the URL: asyncpg would send them too, but the server_settings
+        # given beside the URL win over the URL's)
+        self._chosen = session.given(options, self.masked_url)
+        ours = ("schema", *session.OPTIONS)
+        rest = urlencode([(k, v) for k, v in query if k not in ours])
         self._dsn = urlunsplit(parts._replace(query=rest))
         self._user = unquote(parts.username) if parts.username else None
         self._database = unquote(parts.path.lstrip("/")) or self._user
@@ -185,8 +194,9 @@ class PgPool:
         # a table (a skip scan of a million parked runs: estimated 7.7 M, run in 0.05 ms)
         # was JIT-compiled at each execution, ~1.1 s of the server's CPU each time
         # (docs/performance.md, "A million parked runs").
-        self._settings = {"search_path": f'"{self.schema}"', "application_name": "cantata",
-                          "jit": "off"}
+        self._base_settings = {"search_path": f'"{self.schema}"',
+                               "application_name": "cantata", "jit": "off"}
+        self._settings = self._settings_for(session.DEFAULT_LEASE)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self.listener = Listener(self.connect, on_change, self.masked_url)
         self._closing = False
@@ -204,6 +214,19 @@ class PgPool:
     @property
     def is_open(self) -> bool:
         return self._pool is not None
+
+    def _settings_for(self, lease: float) -> dict[str, str]:
+        return {**self._base_settings, **session.settings(lease, self._chosen)}
+
+    def adopt_lease(self, lease: float) -> None:
+        """The session limits of the connections made from now on follow ``lease``
+        (:mod:`cantata.store.postgres_session`; those the URL gives stay)."""
+        self._settings = self._settings_for(lease)
+
+    @property
+    def session_settings(self) -> dict[str, str]:
+        """The server settings new connections are opened with."""
+        return dict(self._settings)
 
     async def connect(self) -> asyncpg.Connection[asyncpg.Record]:
         """One connection, retried with backoff while the server cannot be reached."""
@@ -417,8 +440,10 @@ class PgPool:
         self, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> asyncpg.Connection[asyncpg.Record]:
         """How the pool makes a connection: as asyncpg would, its timeout kept apart
-        from the task that acquires it (:func:`connect_apart`)."""
+        from the task that acquires it (:func:`connect_apart`), with the settings of the
+        lease adopted last."""
         bound = timeout if timeout is not None else max(1.0, self.connect_timeout)
+        kwargs["server_settings"] = self._settings  # (the lease's, adopted after open)
         return await connect_apart(asyncpg.connect(*args, timeout=bound, **kwargs), bound)
 
     @property

@@ -26,6 +26,11 @@ from cantata.store.tx import Tx, TxBody, commit_through, to_numbered
 
 R = TypeVar("R")
 
+# The step's code may await other work (another service) between its statements: its
+# transaction is exempt from the session's idle_in_transaction_session_timeout, which
+# bounds Cantata's own transactions (store/postgres_session.py), in the same round trip.
+_BEGIN = "BEGIN; SET LOCAL idle_in_transaction_session_timeout = 0"
+
 
 class PostgresTx(Tx):
     """A :class:`~cantata.store.tx.Tx` on one pooled asyncpg connection."""
@@ -75,7 +80,7 @@ async def run_transaction(
     """
     failed: Exception | None = None  # the step's own error
     async with db.conn() as c:
-        await c.execute("BEGIN")
+        await c.execute(_BEGIN)
         tx = PostgresTx(c, db.masked_url)
         try:
             try:

@@ -119,8 +119,11 @@ class StoreLifecycle(Protocol):
     def adopt_timing(self, *, lease: float) -> None:
         """Take the lease of the app that opened it: what the store warns about its own
         connections during an outage (PostgreSQL's listener) it says at most every
-        ``max(10 s, lease)``, as the worker's loops do (docs/leases.md). Called once
-        opened; a backend with nothing to warn about ignores it (``StoreBase`` does)."""
+        ``max(10 s, lease)``, as the worker's loops do (docs/leases.md), and PostgreSQL
+        bounds how long a silent client's session keeps its locks by it. Called before
+        :meth:`open` (a store given already open follows it in the connections it makes
+        from then on); a backend with nothing to warn about or bound ignores it
+        (``StoreBase`` does)."""
 
     async def identity(self) -> str:
         """This store's id, made once when the store was created (a broker records it

@@ -206,7 +206,7 @@ class BrokerContract:
     async def test_message_carries_binary_data_as_bytes_signed(self, env: Env) -> None:
         """Bytes data (a CloudEvent's ``data_base64``) arrives as the same bytes, and a
         signature made before it was stored verifies (docs/security.md)."""
-        signer = Signer({"k1": "contract-secret-0123456789"})
+        signer = Signer({"k1": "contract-secret-0123456789"}, app=env.app)
         await env.subscribe("archive", ["scan.done"])
         raw = bytes(range(256))
         [sent] = await env.publish(signer.sign(Event(type="scan.done", data=raw)))

@@ -483,7 +483,7 @@ class EventsContract(StoreFixtures):
         """An event whose data is bytes (a CloudEvent's ``data_base64``) is read back as
         the same bytes on every path that reads events, and a signature made before it
         was stored verifies after (docs/security.md)."""
-        signer = Signer({"k1": "contract-secret-0123456789"})
+        signer = Signer({"k1": "contract-secret-0123456789"}, app=self.app)
         await self.handlers(store, ("g", "blob.*"))
         raw = bytes(range(256))
         text = base64.b64encode(raw).decode()  # bytes vs the string of their base64
