@@ -437,12 +437,29 @@ class Worker:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store of a test whose store takes part in what it checks: a transaction
+    (``run_transaction``), or a checkpoint the kill follows (``commit_run``) and the
+    claim that takes over the killed worker's run. A test whose cases differ only in the
+    workflow's shape (how the engine replays, cancels and unwinds branches, the same
+    code over any store) runs every case on SQLite and the store's part once on
+    PostgreSQL: :func:`stores`."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/audit.db"
     from tests.helpers import with_schema
 
     schema: str = request.getfixturevalue("pooled_schema")
     return with_schema(request.getfixturevalue("postgres_url"), schema)
+
+
+def stores(cases: list[Any], ids: list[str], on_postgres: set[str]) -> list[Any]:
+    """``(url, case)`` parameters: every case on SQLite, those named in ``on_postgres``
+    on PostgreSQL too (``url`` is parametrized indirectly: the fixture makes the store)."""
+    out = [pytest.param("sqlite", case, id=f"sqlite-{i}") for case, i in zip(cases, ids,
+                                                                          strict=True)]
+    out += [pytest.param("postgres", case, id=f"postgres-{i}", marks=pytest.mark.postgres)
+            for case, i in zip(cases, ids, strict=True) if i in on_postgres]
+    assert len(out) == len(cases) + len(on_postgres), on_postgres  # (no id misspelt)
+    return out
 
 
 def _cancelled(history: list[Any], key: str) -> bool:
@@ -515,9 +532,17 @@ HELD_UP: list[tuple[str, int, dict[str, Any], str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case", HELD_UP, ids=[f"{c[0]}({c[1]})-{json.dumps(c[2], sort_keys=True)}" for c in HELD_UP]
-)
+HELD_UP_IDS = [f"{c[0]}({c[1]})-{json.dumps(c[2], sort_keys=True)}" for c in HELD_UP]
+
+
+# On PostgreSQL: a kill in a step body (the recovering worker claims the run once the
+# killed one's lease has lapsed) and one right after a checkpoint marking a cancelled
+# branch is durable (what the recovering worker reads back). The other cases kill at the
+# same two kinds of point in other shapes of workflow: engine code, the same on any store.
+@pytest.mark.parametrize(("url", "case"), stores(HELD_UP, HELD_UP_IDS, {
+    'taskgroup(1)-{"nth": 1, "step": "hold", "when": "mid"}',
+    'taskgroup(1)-{"cancelled": true, "commit": "hold#1", "status": "completed"}',
+}), indirect=["url"])
 def test_a_worker_killed_around_branch_steps_leaves_a_run_that_recovers_as_documented(
     url: str, tmp_path: Path, case: tuple[str, int, dict[str, Any], str, dict[str, Any]]
 ) -> None:
@@ -553,6 +578,8 @@ def test_transactional_steps_in_parallel_branches_are_exactly_once_across_a_kill
     assert sorted(w.tx_rows()) == [("txhold", 1), ("txhold", 2)]
 
 
+# SQLite: engine code, a recorded compensation is not run again (on PostgreSQL: the unwind below)
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
 def test_a_kill_mid_unwind_compensates_each_completed_parallel_step_once(
     url: str, tmp_path: Path
 ) -> None:
@@ -582,6 +609,8 @@ def test_an_unwind_begun_after_a_kill_undoes_the_last_completed_step_first(
     assert [arg for step, arg in w.effects() if step == "release"] == [1, 2]
 
 
+# SQLite: engine code, the replay of a gather (kills of both kinds on PostgreSQL: HELD_UP)
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("kill", [
     {"step": "b2", "nth": 1, "when": "before"},  # b2 in progress: resumed
     {"commit": "slow#1", "status": "completed"},  # b2 not begun: a new call
@@ -640,6 +669,8 @@ def test_a_kill_after_a_transactional_step_a_timeout_cancelled_replays_the_timeo
     assert _cancelled(w.history(out["run_id"]), "txhold#1")
 
 
+# SQLite: engine code, a checkpoint marking a cancelled branch (on PostgreSQL: HELD_UP)
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
 def test_a_kill_after_a_failed_step_of_a_cancelled_branch_begins_nothing_more(
     url: str, tmp_path: Path
 ) -> None:

@@ -153,7 +153,8 @@ async def tick(ctx: WorkflowContext, at: Any) -> None:
 '''
 
 CLIENT = '''
-"""start OFFSET N | publish OFFSET N | wait OFFSETS N TIMEOUT | open"""
+"""start OFFSET N | publish OFFSET N | wait OFFSETS N TIMEOUT | finish OFFSETS N TIMEOUT
+(publish, then wait: one process) | open"""
 
 from __future__ import annotations
 
@@ -174,11 +175,11 @@ async def main(mode: str, offsets: list[int], n: int, timeout: float) -> None:
                 handles.append(await app.start(job, i, idempotency_key=f"job-{i}"))
                 handles.append(await app.start(queued, i, idempotency_key=f"queued-{i}"))
                 handles.append(await app.start(waiter, i, idempotency_key=f"waiter-{i}"))
-        if mode == "publish":
+        if mode in ("publish", "finish"):
             for off in offsets:
                 for i in range(off, off + n):
                     await app.publish("go", {"i": i})
-        if mode == "wait":
+        if mode in ("wait", "finish"):
             out = {}
             loop = asyncio.get_running_loop()
             until = loop.time() + timeout
@@ -587,9 +588,7 @@ def test_postgres_older_worker_keeps_serving_after_the_migration(
     setup = _setup(pg_store, tmp_path / "app", step=0.4, limited=0.1)
     try:
         r = roll(setup, releases[PREVIOUS], NEW_SRC, n=4, stop_old=False)
-        more = setup.client(NEW_SRC, "new", "publish", "200", "6")
-        assert more.returncode == 0, more.stderr
-        done = results(setup.client(NEW_SRC, "new", "wait", "200", "6", "20", timeout=35))
+        done = results(setup.client(NEW_SRC, "new", "finish", "200", "6", "20", timeout=35))
         assert all(v[0] == "done" for v in done.values()), done
         check_finished_once(r)
         rows = setup.rows()
@@ -845,8 +844,7 @@ def check_told_to_restart(setup: Setup, processes: int, known: int) -> None:
     as_newer_release(setup.store, known)
     newer = setup.worker(NEW_SRC, "new", "newer")
     newer.wait_serving(60)
-    assert setup.client(NEW_SRC, "new", "publish", "0", "4", timeout=60).returncode == 0
-    done = results(setup.client(NEW_SRC, "new", "wait", "0", "4", "40", timeout=60))
+    done = results(setup.client(NEW_SRC, "new", "finish", "0", "4", "40", timeout=60))
     assert all(v[0] == "done" for v in done.values()), (done, newer.text())
     assert not completed_twice(setup.rows()), twice_told(setup.rows())
     assert newer.stop() == 0, newer.text()
@@ -921,8 +919,7 @@ def test_postgres_migrations_from_many_processes_at_once(
     new = setup.worker(NEW_SRC, "new", "new")
     try:
         new.wait_serving()
-        assert setup.client(NEW_SRC, "new", "publish", "0", "1").returncode == 0
-        done = results(setup.client(NEW_SRC, "new", "wait", "0", "1", "15", timeout=30))
+        done = results(setup.client(NEW_SRC, "new", "finish", "0", "1", "15", timeout=30))
         assert all(v[0] == "done" for v in done.values()), done
     finally:
         setup.stop_all()
@@ -942,8 +939,7 @@ def test_sqlite_migrations_from_many_processes_at_once(
     new = setup.worker(NEW_SRC, "new", "new")
     try:
         new.wait_serving()
-        assert setup.client(NEW_SRC, "new", "publish", "0", "1").returncode == 0
-        done = results(setup.client(NEW_SRC, "new", "wait", "0", "1", "15", timeout=30))
+        done = results(setup.client(NEW_SRC, "new", "finish", "0", "1", "15", timeout=30))
         assert all(v[0] == "done" for v in done.values()), done
     finally:
         setup.stop_all()
@@ -975,8 +971,7 @@ def test_postgres_older_short_lease_worker_leaves_upgraded_long_lease_worker_alo
         old.wait_serving()
         new = setup.worker(NEW_SRC, "new", "new", UPG_LEASE="30")
         new.wait_serving()
-        assert setup.client(NEW_SRC, "new", "publish", "0", "4").returncode == 0
-        done = results(setup.client(NEW_SRC, "new", "wait", "0", "4", "20", timeout=35))
+        done = results(setup.client(NEW_SRC, "new", "finish", "0", "4", "20", timeout=35))
         assert all(v[0] == "done" for v in done.values()), done
         rows = setup.rows()
         assert any(r["release"] == "new" and r["kind"] == "begin" for r in rows)

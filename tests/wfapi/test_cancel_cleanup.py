@@ -65,6 +65,30 @@ async def test_a_cancelled_workflow_runs_its_cleanup_steps_then_ends_cancelled(
         assert "notify_customer#1" in keys and "compensate:release#1" in keys
 
 
+async def test_a_cancelled_run_that_ended_leaves_no_cleanup_timer_behind(
+    store_url: str,
+) -> None:
+    """The cleanup window's timer ends with the run: left running until the window
+    closed (a minute by default), it held a stop of the worker a second (the drain
+    gives what is left of the engine's tasks a moment before it cancels them)."""
+    app = cleanup_app(store_url, [])
+    async with app:
+        handle = await app.start("order", 1)
+        await handle.get_value("stage", wait=10)
+        await handle.cancel()
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=20)
+
+        def timers() -> list[str]:
+            return [repr(t) for t in app.engine.background()
+                    if t.get_coro().__qualname__ == "_close_after"]
+
+        async def none_left() -> bool:
+            return not timers()
+
+        await eventually(none_left, timeout=5)
+
+
 async def test_a_workflow_that_returns_after_catching_cancelled_still_ends_cancelled(
     store_url: str,
 ) -> None:

@@ -66,7 +66,12 @@ def deliver(x: RunExecution, exc: BaseException) -> None:
     if delay <= 0:  # a replay after the window closed: closed before any durable call
         _close(x)
     else:
-        x.engine.track(asyncio.create_task(_close_after(x, delay)))
+        timer = asyncio.create_task(_close_after(x, delay))
+        x.engine.track(timer)
+        # A run that ends within its window leaves no timer behind (a stop of the
+        # worker would wait for it as for a flush: a second more for every such stop)
+        if x.task is not None:
+            x.task.add_done_callback(lambda _: timer.cancel())
 
 
 async def _close_after(x: RunExecution, delay: float) -> None:
