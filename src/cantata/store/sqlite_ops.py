@@ -27,12 +27,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store import audit
-from cantata.store.sqlite_thread import (
-    SELECT_AUDIT_HEAD,
-    UPSERT_AUDIT_HEAD,
-    TxConnection,
-    head_key,
-)
+from cantata.store.sqlite_thread import TxConnection
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
 
@@ -260,7 +255,7 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     if cached is not None:
         head: tuple[int, str] | None = (cached[0], cached[2])
     else:
-        row = c.execute(SELECT_AUDIT_HEAD, (head_key(app),)).fetchone()
+        row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
         head = None if row is None else (row[0], row[1])
     keys = c.audit_keys if isinstance(c, TxConnection) else {}
     now = time.time()
@@ -274,7 +269,12 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     if heads is not None:
         heads[app] = (seq, prev_hash, hash_)
         return
-    c.execute(UPSERT_AUDIT_HEAD, (head_key(app), str(seq), prev_hash, hash_))
+    c.execute(
+        "INSERT INTO audit_head (app, seq, prev_hash, hash) VALUES (?,?,?,?) "
+        "ON CONFLICT (app) DO UPDATE SET "
+        "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
+        (app, seq, prev_hash, hash_),
+    )
 
 
 def unaudited_runs(c: sqlite3.Connection, app: str) -> tuple[list[str], list[str]]:
@@ -297,7 +297,7 @@ def unaudited_runs(c: sqlite3.Connection, app: str) -> tuple[list[str], list[str
 
 
 def audit_head(c: sqlite3.Connection, app: str) -> tuple[int, str] | None:
-    row = c.execute(SELECT_AUDIT_HEAD, (head_key(app),)).fetchone()
+    row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
     return None if row is None else (row[0], row[1])
 
 

@@ -43,30 +43,13 @@ MAX_BATCH = 512  # writes in one transaction (inline or in the thread)
 if TYPE_CHECKING:
     from cantata.store.audit import AuditKey
 
-# The head of an app's audit chain is the row of ``audit`` keyed (app + "\x01", 0):
-# right after the app's records (app, 1..n), so that an append's record and the head it
-# moves share a leaf (schema 30). ``data`` holds the head's seq as text.
-_HEAD_MARK = "\x01"
-UPSERT_AUDIT_HEAD = (
-    "INSERT INTO audit (app, seq, time, actor, action, target, data, prev_hash, hash) "
-    "VALUES (?, 0, 0, 'cantata', 'audit.head', '', ?, ?, ?) ON CONFLICT (app, seq) DO "
-    "UPDATE SET data=excluded.data, prev_hash=excluded.prev_hash, hash=excluded.hash"
-)
-SELECT_AUDIT_HEAD = "SELECT CAST(data AS INTEGER), hash FROM audit WHERE app=? AND seq=0"
-
-
-def head_key(app: str) -> str:
-    """The ``app`` column of ``app``'s audit head row."""
-    return app + _HEAD_MARK
-
 
 class TxConnection(sqlite3.Connection):
     """A connection with state that lives as long as one write transaction.
 
     ``audit_heads`` holds the head of each app's audit chain as appended in this
     transaction (``app -> (seq, prev_hash, hash)``): operations read and advance it
-    instead of the head row (``audit`` keyed (app + "\\x01", 0)), which is written once,
-    just before COMMIT.
+    instead of the ``audit_head`` row, which is written once, just before COMMIT.
 
     ``decl_versions`` holds each app's declaration version (``cantata_meta``'s
     ``decl:<app>``) as read in this write transaction: inside ``BEGIN IMMEDIATE`` no
@@ -99,8 +82,12 @@ class TxConnection(sqlite3.Connection):
 
     def before_commit(self) -> None:
         if self.audit_heads:
-            for app, (seq, prev_hash, hash_) in self.audit_heads.items():
-                self.execute(UPSERT_AUDIT_HEAD, (head_key(app), str(seq), prev_hash, hash_))
+            self.executemany(
+                "INSERT INTO audit_head (app, seq, prev_hash, hash) VALUES (?,?,?,?) "
+                "ON CONFLICT (app) DO UPDATE SET "
+                "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
+                [(app, *head) for app, head in self.audit_heads.items()],
+            )
             self.audit_heads = {}
         self.decl_versions = {}
 
