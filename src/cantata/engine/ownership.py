@@ -150,12 +150,18 @@ class Ownership:
         pause clock's thread stood still too (SIGSTOP, CPU starvation), or the wall
         clock ran ahead of monotonic time (a paused VM, whose monotonic clock stood
         still; a wall clock set ahead looks the same)."""
-        now, bar = time.monotonic(), self.pause_bar()
-        if (self._wall() - self.beat_wall) - (now - self.beat_at) >= bar:
-            return True
+        return self.stood_still() >= self.pause_bar()
+
+    def stood_still(self) -> float:
+        """How long the whole process stood still since the last heartbeat that got
+        through, as :meth:`process_paused` judges it: the wall clock's lead over the
+        monotonic one, or the pause clock's stalls (summed; the longest one alone
+        while the store is away)."""
+        now = time.monotonic()
+        ahead = (self._wall() - self.beat_wall) - (now - self.beat_at)
         if self.store_away:
-            return pause_clock().longest(self.beat_at, now) >= bar
-        return pause_clock().stood_still(self.beat_at, now) >= bar
+            return max(ahead, pause_clock().longest(self.beat_at, now))
+        return max(ahead, pause_clock().stood_still(self.beat_at, now))
 
     def pause_bar(self) -> float:
         """How long the whole process must have stood still to be taken for paused past
@@ -253,8 +259,10 @@ class Ownership:
         sent, wall = time.monotonic(), self._wall()
         if self.expired() and self.process_paused():
             # Paused past the fence (a VM's: its monotonic timers were not late), noticed
-            # here before the watchdog could: stop what runs before it may go on.
-            self._paused(wall - self.beat_wall)
+            # here before the watchdog could: stop what runs before it may go on. (The
+            # stall is logged, not the time since the last heartbeat, which an outage
+            # before the stall lengthens.)
+            self._paused(self.stood_still())
         await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(),
                                      versioning.worker_info(engine), lease=engine.lease)
         self.store_away = False
