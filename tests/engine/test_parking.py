@@ -193,12 +193,20 @@ async def test_parked_timers_wake_on_time_while_other_runs_end(store_url: str) -
     such news gather before it claims; that pause must not run past a timer's due time
     (it did: each timer here woke ~30 ms late, the pause's 50 ms at random); nor may a
     run that came due while the claimed runs were launched wait for the next run's due
-    time (it did on a loaded machine: late by steps of the timers' 25 ms spacing)."""
+    time (it did on a loaded machine: late by steps of the timers' 25 ms spacing).
+
+    Both defects make every round late (the pause's median is 28-35 ms whatever the
+    load); a machine loaded by other processes makes a round late now and then (a
+    median of 53-68 ms at load average ~12, 2-5 ms in the rounds before and after):
+    the best of up to three rounds is judged."""
+    rounds: list[list[float]] = []
     async with build(store_url) as app:
-        base = time.time() + 1.5
-        handles = [await app.start("until", base + 0.025 * k) for k in range(40)]
-        late = sorted([await h.result(timeout=20) for h in handles])
-    assert late[len(late) // 2] < 0.02, [round(x * 1000, 1) for x in late]
+        while len(rounds) < 3 and not (rounds and rounds[-1][len(rounds[-1]) // 2] < 0.02):
+            base = time.time() + 1.5
+            handles = [await app.start("until", base + 0.025 * k) for k in range(40)]
+            rounds.append(sorted([await h.result(timeout=20) for h in handles]))
+    best = min(rounds, key=lambda late: late[len(late) // 2])
+    assert best[len(best) // 2] < 0.02, [[round(x * 1000, 1) for x in late] for late in rounds]
 
 
 async def _park_and_release(app: App, publisher: App, n: int = 50) -> list[float]:

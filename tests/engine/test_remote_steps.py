@@ -349,6 +349,9 @@ async def test_the_task_of_an_ended_run_left_by_its_worker_is_withdrawn(url: str
         async with orders:
             handle = await orders.start(place_order, {"sku": "I"})
             await eventually(lambda: _held_by(orders, handle.run_id, stuck.engine.worker_id))
+            # and the step begun: a claim is not yet the body (its attempt is loaded and
+            # written first; on a loaded machine the worker stopped before the body ran)
+            await eventually(lambda: log == ["stuck reserve"], what="the step begun")
         run = await stuck.store.get_run(stuck.name, handle.run_id)
         assert run is not None
         await stuck.store.commit_run(stuck.name, run.run_id, run.fence, RunWrite(
