@@ -11,10 +11,8 @@ and drops `AUTOINCREMENT` from the events (no `sqlite_sequence` row per commit).
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import statistics
-import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -32,10 +30,8 @@ from cantata.store.base import Settlement
 from cantata.store.sqlite import SQLiteStore
 from cantata.store.sqlite_open import STORE_MARK, script_statements
 from tests.helpers import eventually, make_app
+from tests.store.wal_frames import frame_pages, mx_frame
 
-PAGE = 4096
-FRAME = 24 + PAGE
-WAL_HEADER = 32
 CHAIN = (("inventory", "order.placed"), ("payment", "inventory.reserved"),
          ("shipping", "payment.charged"))
 WORKER = "w1"
@@ -49,25 +45,6 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
         yield s
     finally:
         await s.close()
-
-
-def _mx_frame(path: str) -> int:
-    """The WAL's last committed frame (the WAL index header's mxFrame)."""
-    fd = os.open(path + "-shm", os.O_RDONLY)
-    try:
-        return int(struct.unpack("=I", os.pread(fd, 4, 16))[0])
-    finally:
-        os.close(fd)
-
-
-def _pages(path: str, first: int, last: int) -> list[int]:
-    """The page numbers of WAL frames ``first`` to ``last`` (1-based, inclusive)."""
-    with open(path + "-wal", "rb") as f:
-        out = []
-        for n in range(first, last + 1):
-            f.seek(WAL_HEADER + (n - 1) * FRAME)
-            out.append(struct.unpack(">I", f.read(4))[0])
-        return out
 
 
 async def test_a_hops_commit_writes_one_page_of_each_tree_it_changes(
@@ -89,12 +66,12 @@ async def test_a_hops_commit_writes_one_page_of_each_tree_it_changes(
                 Event(CHAIN[i + 1][1], {"n": 1}, correlation_id=first.id,
                       causation_id=event.id)]
             hold = [(CHAIN[i + 1][0], e.id) for e in emitted]
-            before = _mx_frame(path)
+            before = mx_frame(path)
             assert await store.settle_delivery("shop", group, event.id, Settlement(
                 "done", 1, events=emitted, hold_for=WORKER, hold=hold, wake=False))
-            after = _mx_frame(path)
+            after = mx_frame(path)
             if i == 0 and after > before:  # a hop between two handlers (a WAL reset: skip)
-                hops.append(_pages(path, before + 1, after))
+                hops.append(frame_pages(path, before + 1, after))
             if emitted:
                 event = emitted[0]
     conn = sqlite3.connect(path)

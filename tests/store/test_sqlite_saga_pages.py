@@ -9,10 +9,8 @@ each wrote a page of.
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import statistics
-import struct
 from collections import Counter
 from pathlib import Path
 
@@ -20,30 +18,9 @@ import cantata
 from cantata import App
 from cantata.store import migrations
 from tests.helpers import make_app
+from tests.store.wal_frames import frame_pages, mx_frame
 
-PAGE = 4096
-FRAME = 24 + PAGE
-WAL_HEADER = 32
 KEY = "saga-pages-key-0123456789abcdef"
-
-
-def _mx_frame(path: str) -> int:
-    """The WAL's last committed frame (the WAL index header's mxFrame)."""
-    fd = os.open(path + "-shm", os.O_RDONLY)
-    try:
-        return int(struct.unpack("=I", os.pread(fd, 4, 16))[0])
-    finally:
-        os.close(fd)
-
-
-def _pages(path: str, first: int, last: int) -> list[int]:
-    """The page numbers of WAL frames ``first`` to ``last`` (1-based, inclusive)."""
-    with open(path + "-wal", "rb") as f:
-        out = []
-        for n in range(first, last + 1):
-            f.seek(WAL_HEADER + (n - 1) * FRAME)
-            out.append(struct.unpack(">I", f.read(4))[0])
-        return out
 
 
 def _saga_app(url: str) -> App:
@@ -85,12 +62,12 @@ async def test_a_sagas_commits_write_no_page_of_an_index_nothing_reads(
     commits: list[list[int]] = []
     async with app:
         for i in range(120):
-            before = _mx_frame(path)
+            before = mx_frame(path)
             handle = await app.start("saga", i)
             assert await handle.result(timeout=30) == i + 6
-            after = _mx_frame(path)
+            after = mx_frame(path)
             if after > before:  # (a WAL that started over: skip)
-                commits.append(_pages(path, before + 1, after))
+                commits.append(frame_pages(path, before + 1, after))
     conn = sqlite3.connect(path)
     try:
         tree = dict(conn.execute("SELECT pageno, name FROM dbstat").fetchall())
