@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -47,17 +48,23 @@ def cleanup_app(store_url: str, log: list[str], *, cleanup_timeout: float = 60.0
     return app
 
 
+async def _cancelled_in_its_cleanup(app: App) -> Any:
+    """Start an order, cancel it once it has reserved, and wait until it ended."""
+    handle = await app.start("order", 1)
+    await handle.get_value("stage", wait=10)
+    await handle.cancel()
+    with pytest.raises(WorkflowCancelled):
+        await handle.result(timeout=20)
+    return handle
+
+
 async def test_a_cancelled_workflow_runs_its_cleanup_steps_then_ends_cancelled(
     store_url: str,
 ) -> None:
     log: list[str] = []
     app = cleanup_app(store_url, log)
     async with app:
-        handle = await app.start("order", 1)
-        await handle.get_value("stage", wait=10)
-        await handle.cancel()
-        with pytest.raises(WorkflowCancelled):
-            await handle.result(timeout=20)
+        handle = await _cancelled_in_its_cleanup(app)
         assert await handle.status() == RunStatus.CANCELLED
         # cleanup ran, then the registered compensation (the unwind) ran
         assert log == ["reserve", "caught", "notify", "finally", "release"]
@@ -73,11 +80,7 @@ async def test_a_cancelled_run_that_ended_leaves_no_cleanup_timer_behind(
     gives what is left of the engine's tasks a moment before it cancels them)."""
     app = cleanup_app(store_url, [])
     async with app:
-        handle = await app.start("order", 1)
-        await handle.get_value("stage", wait=10)
-        await handle.cancel()
-        with pytest.raises(WorkflowCancelled):
-            await handle.result(timeout=20)
+        await _cancelled_in_its_cleanup(app)
 
         def timers() -> list[str]:
             return [repr(t) for t in app.engine.background()
