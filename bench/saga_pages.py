@@ -24,34 +24,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import contextlib
 import shutil
 import sqlite3
 import statistics
 import sys
 import tempfile
-import uuid
 
-from bench.common import WARMUP, fails
-from bench.sqlite_breakdown import Recorder
-
-
-async def _sagas(path: str, n: int) -> list[tuple[float, float, int]]:
-    import time
-
-    from bench.cantata_app import make_app, order_saga
-    from cantata import WorkflowCompensated
-
-    app = make_app("saga", f"sqlite:///{path}", "embedded", f"bench_sp_{uuid.uuid4().hex[:8]}")
-    spans = []
-    async with app:
-        for o in [*WARMUP, *range(1, n + 1)]:
-            t0 = time.perf_counter()
-            handle = await app.start(order_saga, o)
-            with contextlib.suppress(WorkflowCompensated):
-                await handle.result(timeout=60)
-            spans.append((t0, time.perf_counter(), o))
-    return spans[len(WARMUP):]
+from bench.common import fails
+from bench.sqlite_breakdown import Recorder, run_sagas
 
 
 def measure(n: int) -> str:
@@ -60,7 +40,7 @@ def measure(n: int) -> str:
         path = f"{tmp}/p.db"
         rec = Recorder(path)
         rec.install()
-        spans = asyncio.run(_sagas(path, n))
+        spans = asyncio.run(run_sagas(path, n))
         names = rec.btrees()
         c = sqlite3.connect(path)
         page_size = c.execute("PRAGMA page_size").fetchone()[0]

@@ -51,6 +51,7 @@ import struct
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,10 +180,12 @@ def _us(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1e6:6.0f} µs"
 
 
-async def _sagas(path: str, n: int, raw: RawWal, disk: list[float]) -> list[
-        tuple[float, float, int]]:
-    """Run the warm-up and ``n`` sagas one at a time: (start, end, order) of each; after
-    each, a raw commit of 5 pages (a middle transaction's) in ``disk``."""
+async def run_sagas(
+    path: str, n: int, after_each: Callable[[], object] | None = None
+) -> list[tuple[float, float, int]]:
+    """Run the warm-up and ``n`` sagas one at a time on a fresh app over the SQLite file
+    ``path``: (start, end, order) of each measured one; ``after_each`` called after each
+    saga (its time is not the saga's)."""
     from bench.cantata_app import make_app, order_saga
     from cantata import WorkflowCompensated
 
@@ -195,7 +198,8 @@ async def _sagas(path: str, n: int, raw: RawWal, disk: list[float]) -> list[
             with contextlib.suppress(WorkflowCompensated):
                 await handle.result(timeout=60)
             spans.append((t0, time.perf_counter(), o))
-            disk.append(raw.commit(5))
+            if after_each is not None:
+                after_each()
     return spans[len(WARMUP):]
 
 
@@ -214,7 +218,8 @@ def _saga(tmp: str, n: int, keep: bool) -> str:
     rec.install()
     raw, disk_5 = RawWal(tmp), list[float]()
     try:
-        spans = asyncio.run(_sagas(path, n, raw, disk_5))
+        # after each saga, a raw commit of 5 pages (a middle transaction's)
+        spans = asyncio.run(run_sagas(path, n, lambda: disk_5.append(raw.commit(5))))
     finally:
         raw.close()
     names = rec.btrees()
