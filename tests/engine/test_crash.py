@@ -146,6 +146,33 @@ def test_step_that_kills_its_worker_every_time_fails_with_worker_lost(tmp_path: 
     assert [(a.attempt, a.error_type) for a in doom] == [(1, "WorkerLost"), (2, "WorkerLost")]
 
 
+def test_a_first_attempt_cut_short_without_its_row_counts_from_history(
+    tmp_path: Path,
+) -> None:
+    """A step's first attempt whose ``attempts`` row is missing (a writer that leaves to
+    ``history`` what it says alone: docs/performance.md, "Round twenty-five") and whose
+    worker was killed in it is read from the step's entry on the takeover, closed
+    ``WorkerLost`` with its recorded start, and counts: the step still runs
+    ``max_attempts`` times, not once more."""
+    crashy = Crashy(tmp_path)
+    proc = crashy.run("kills_every_time", "order-7")
+    assert killed(proc), proc.stderr
+    with contextlib.closing(sqlite3.connect(crashy.db)) as db, db:
+        begun = db.execute("SELECT started_at FROM history WHERE key='doom#1'").fetchone()[0]
+        assert db.execute("DELETE FROM attempts WHERE key='doom#1'").rowcount == 1
+    proc = crashy.run("kills_every_time", "order-7")  # the second attempt, killed too
+    assert killed(proc), proc.stderr
+
+    out = crashy.outcome("kills_every_time", "order-7")  # does not run the step a third time
+
+    assert out["status"] == "compensated" and "WorkerLost" in out["error"]
+    assert [e["attempt"] for e in crashy.executions("doom")] == [1, 2]
+    _, attempts = crashy.inspect(out["run_id"])
+    doom = [(a.attempt, a.started_at, a.error_type) for a in attempts if a.key == "doom#1"]
+    assert doom[0] == (1, begun, "WorkerLost")
+    assert [(n, etype) for n, _, etype in doom] == [(1, "WorkerLost"), (2, "WorkerLost")]
+
+
 def test_a_worker_killed_in_a_retry_backoff_leaves_the_rest_of_it_to_wait(
     tmp_path: Path,
 ) -> None:

@@ -15,7 +15,14 @@ from typing import TypeVar
 from cantata.errors import StoreUnavailable, StoreUpgraded
 from cantata.model.checks import check_seconds
 from cantata.model.flow import SlotWait
-from cantata.model.records import TASK_WITHDRAWN, AuditRecord, AuditReport
+from cantata.model.records import (
+    TASK_WITHDRAWN,
+    Attempt,
+    AuditRecord,
+    AuditReport,
+    EntryStatus,
+    HistoryEntry,
+)
 from cantata.store import audit
 from cantata.store.roles import TASK_OUTCOMES, ChangeListener
 
@@ -282,3 +289,67 @@ def first_slot_waits(rows: Iterable[tuple[str, str, float, int]]) -> dict[str, S
         if known is None or since < known.since:
             out[run_id] = SlotWait(scope, float(since), int(ahead))
     return out
+
+
+# -- a step's first attempt, read from its history entry ---------------------------------
+
+#: The statuses of an entry whose first attempt its ``history`` row holds alone when
+#: the step has no ``attempts`` row: begun (in progress) or completed by it.
+FIRST_ATTEMPT_STATUSES = (EntryStatus.RUNNING, EntryStatus.COMPLETED)
+
+
+#: The history rows that may hold a first attempt (:func:`first_attempt` decides), as a
+#: condition both backends' reads add (columns of ``history``, unqualified).
+FIRST_ATTEMPT_ROWS = "attempts=1 AND status IN ('running', 'completed')"
+
+
+def first_attempt(entry: HistoryEntry) -> Attempt | None:
+    """The attempt ``entry``'s history row says alone, if it may: its step's only
+    attempt, begun at the entry's ``started_at`` and, once the entry completed, ended at
+    its ``ended_at``, without an error. ``None`` for any other entry (another kind of
+    call has no attempts; a failed attempt, a second one, an attempt cut short are
+    always written to ``attempts``). Whether the step's row of it is missing is the
+    caller's: see :func:`with_first_attempts`."""
+    if (entry.attempts != 1 or entry.started_at is None or entry.error_type is not None
+            or entry.status not in FIRST_ATTEMPT_STATUSES):
+        return None
+    ended = entry.ended_at if entry.status == EntryStatus.COMPLETED else None
+    return Attempt(entry.key, 1, entry.started_at, ended)
+
+
+def attempt_order(a: Attempt) -> tuple[float, int, str]:
+    """The order of a run's attempts (:meth:`~cantata.store.roles.RunStore.load_attempts`):
+    start, then number, then key."""
+    return (a.started_at, a.attempt, a.key)
+
+
+def with_first_attempts(entries: Iterable[HistoryEntry], attempts: list[Attempt]) -> list[Attempt]:
+    """``attempts`` (one run's rows, in :func:`attempt_order`) with the first attempt of
+    each entry of ``entries`` (the same run's history) that has none there, read from
+    the entry (:func:`first_attempt`), in that order: what the run's ``attempts`` rows
+    would be had each attempt been written. Written once for every reader of attempts
+    on both backends (a run's steps, the trace, the copies a retry superseded, a
+    resumed run's engine). ``attempts`` itself when nothing is missing."""
+    keys = {a.key for a in attempts}
+    extra = [a for e in entries if e.key not in keys and (a := first_attempt(e)) is not None]
+    if not extra:
+        return attempts
+    return sorted([*attempts, *extra], key=attempt_order)
+
+
+def superseded_with_first_attempts(
+    entries: Iterable[tuple[int, HistoryEntry]], attempts: list[tuple[int, Attempt]]
+) -> list[tuple[int, Attempt]]:
+    """:func:`with_first_attempts` of the entries and attempts a run's retries
+    superseded, epoch by epoch (``(epoch, item)`` pairs; ``attempts`` by epoch, then in
+    :func:`attempt_order`): :meth:`~cantata.store.roles.OperateStore.superseded_attempts`."""
+    by_epoch: dict[int, list[HistoryEntry]] = {}
+    for epoch, entry in entries:
+        by_epoch.setdefault(epoch, []).append(entry)
+    if not by_epoch:
+        return attempts
+    rows: dict[int, list[Attempt]] = {epoch: [] for epoch in by_epoch}
+    for epoch, a in attempts:
+        rows.setdefault(epoch, []).append(a)
+    return [(epoch, a) for epoch in sorted(rows)
+            for a in with_first_attempts(by_epoch.get(epoch, ()), rows[epoch])]

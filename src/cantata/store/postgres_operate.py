@@ -30,7 +30,11 @@ from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
-from cantata.store.common import earlier_begin_key
+from cantata.store.common import (
+    FIRST_ATTEMPT_ROWS,
+    earlier_begin_key,
+    superseded_with_first_attempts,
+)
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_flow import HAS_HISTORY
 from cantata.store.postgres_ops import (
@@ -408,7 +412,16 @@ class PostgresOperate(PostgresCore):
                 app,
                 run_id,
             )
-            return [(r[0], Attempt(*r[1:])) for r in rows]
+            firsts = await c.fetch(
+                f"SELECT epoch, {HISTORY_COLS} FROM history_superseded "
+                f"WHERE app=$1 AND run_id=$2 AND {FIRST_ATTEMPT_ROWS}",
+                app,
+                run_id,
+            )
+        return superseded_with_first_attempts(
+            [(r[0], HistoryEntry(*r[1:])) for r in firsts],
+            [(r[0], Attempt(*r[1:])) for r in rows],
+        )
 
     async def discard_dead_letter(
         self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM

@@ -22,6 +22,7 @@ from cantata.store import postgres_writes as writes
 from cantata.store.base import (
     CANCEL,
 )
+from cantata.store.common import FIRST_ATTEMPT_ROWS, with_first_attempts
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
@@ -179,12 +180,19 @@ class PostgresRuns(PostgresCore):
         return [HistoryEntry(*r) for r in rows]
 
     async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
-        rows = await self._db.fetch(
-            f"SELECT {ATTEMPT_COLS} FROM attempts WHERE app=$1 AND run_id=$2 "
-            "ORDER BY started_at, attempt",
-            app, run_id,
-        )
-        return [Attempt(*r) for r in rows]
+        async with self._db.conn() as c:
+            rows = await c.fetch(
+                f"SELECT {ATTEMPT_COLS} FROM attempts WHERE app=$1 AND run_id=$2 "
+                "ORDER BY started_at, attempt",
+                app, run_id,
+            )
+            firsts = await c.fetch(
+                f"SELECT {HISTORY_COLS} FROM history WHERE app=$1 AND run_id=$2 "
+                f"AND {FIRST_ATTEMPT_ROWS}",
+                app, run_id,
+            )
+        return with_first_attempts((HistoryEntry(*r) for r in firsts),
+                                   [Attempt(*r) for r in rows])
 
     async def load_histories(
         self, app: str, run_ids: Sequence[str]
@@ -204,6 +212,8 @@ class PostgresRuns(PostgresCore):
                 "AND run_id = ANY($2::text[]) ORDER BY run_id, started_at, attempt", app, ids,
             ):
                 out[r[0]][1].append(Attempt(*r[1:]))
+        for run_id, (entries, attempts) in out.items():
+            out[run_id] = (entries, with_first_attempts(entries, attempts))
         return out
 
     async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:

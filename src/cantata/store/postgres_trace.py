@@ -12,7 +12,7 @@ from cantata.model.records import (
     HistoryEntry,
 )
 from cantata.store.base import TraceRecords
-from cantata.store.common import first_per_run, first_slot_waits
+from cantata.store.common import first_per_run, first_slot_waits, with_first_attempts
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
@@ -142,6 +142,12 @@ class PostgresTrace(PostgresCore):
                 ids,
                 limit,
             )
+            # A step's first attempt its history row alone holds (no attempts row), as
+            # the other readers of attempts see it; the first `limit` again.
+            attempts = {
+                run_id: with_first_attempts(entries[run_id], found)[:limit]
+                for run_id, found in attempts.items()
+            }
             tasks = [
                 task_row(r)
                 for r in await c.fetch(

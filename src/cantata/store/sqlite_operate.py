@@ -25,6 +25,7 @@ from cantata.model.status import RunStatus
 from cantata.store import audit
 from cantata.store import operate as rules
 from cantata.store.base import RUNS
+from cantata.store.common import FIRST_ATTEMPT_ROWS, superseded_with_first_attempts
 from cantata.store.sqlite_core import SQLiteCore, declarations_changed
 from cantata.store.sqlite_flow import HAS_HISTORY, enqueue, requeue
 from cantata.store.sqlite_ops import (
@@ -335,14 +336,23 @@ class SQLiteOperate(SQLiteCore):
         return await self._t.read(op)
 
     async def superseded_attempts(self, app: str, run_id: str) -> list[tuple[int, Attempt]]:
-        rows = await self._t.read(
-            lambda c: c.execute(
+        def read(c: sqlite3.Connection) -> list[tuple[int, Attempt]]:
+            rows = c.execute(
                 f"SELECT epoch, {ATTEMPT_COLS} FROM attempts_superseded "
                 "WHERE app=? AND run_id=? ORDER BY epoch, started_at, attempt",
                 (app, run_id),
             ).fetchall()
-        )
-        return [(r[0], Attempt(*r[1:])) for r in rows]
+            firsts = c.execute(
+                f"SELECT epoch, {HISTORY_COLS} FROM history_superseded "
+                f"WHERE app=? AND run_id=? AND {FIRST_ATTEMPT_ROWS}",
+                (app, run_id),
+            ).fetchall()
+            return superseded_with_first_attempts(
+                [(r[0], HistoryEntry(*r[1:])) for r in firsts],
+                [(r[0], Attempt(*r[1:])) for r in rows],
+            )
+
+        return await self._t.read(read)
 
     async def discard_dead_letter(
         self, app: str, dead_letter_id: str, *, actor: str = audit.SYSTEM

@@ -31,7 +31,12 @@ from cantata.store.base import (
     RUNS,
     TASKS,
 )
-from cantata.store.common import cancelled_in_queue, in_progress_per_worker
+from cantata.store.common import (
+    FIRST_ATTEMPT_ROWS,
+    cancelled_in_queue,
+    in_progress_per_worker,
+    with_first_attempts,
+)
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
@@ -461,14 +466,20 @@ class SQLiteRuns(SQLiteCore):
         return [entry_row(r) for r in rows]
 
     async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
-        rows = await self._t.read(
-            lambda c: c.execute(
+        def read(c: sqlite3.Connection) -> list[Attempt]:
+            rows = c.execute(
                 f"SELECT {ATTEMPT_COLS} FROM attempts "
                 "WHERE app=? AND run_id=? ORDER BY started_at, attempt",
                 (app, run_id),
             ).fetchall()
-        )
-        return [Attempt(*r) for r in rows]
+            firsts = c.execute(
+                f"SELECT {HISTORY_COLS} FROM history WHERE app=? AND run_id=? "
+                f"AND {FIRST_ATTEMPT_ROWS}",
+                (app, run_id),
+            ).fetchall()
+            return with_first_attempts(map(entry_row, firsts), [Attempt(*r) for r in rows])
+
+        return await self._t.read(read)
 
     async def load_histories(
         self, app: str, run_ids: Sequence[str]
@@ -493,6 +504,8 @@ class SQLiteRuns(SQLiteCore):
                     "ORDER BY run_id, started_at, attempt", (app, *chunk),
                 ):
                     out[r[0]][1].append(Attempt(*r[1:]))
+            for run_id, (entries, attempts) in out.items():
+                out[run_id] = (entries, with_first_attempts(entries, attempts))
 
         await self._t.read(read)
         return out

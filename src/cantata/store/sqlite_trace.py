@@ -16,7 +16,7 @@ from cantata.model.records import (
     to_datetime,
 )
 from cantata.store.base import TraceRecords
-from cantata.store.common import first_per_run, first_slot_waits
+from cantata.store.common import first_per_run, first_slot_waits, with_first_attempts
 from cantata.store.sqlite_core import SQLiteCore
 from cantata.store.sqlite_ops import (
     ATTEMPT_COLS,
@@ -154,6 +154,12 @@ class SQLiteTrace(SQLiteCore):
                 ids,
                 limit,
             )
+            # A step's first attempt its history row alone holds (no attempts row), as
+            # the other readers of attempts see it; the first `limit` again.
+            attempts = {
+                run_id: with_first_attempts(entries[run_id], found)[:limit]
+                for run_id, found in attempts.items()
+            }
             tasks = [
                 task_row(r)
                 for r in c.execute(

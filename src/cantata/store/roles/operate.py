@@ -151,7 +151,9 @@ class OperateStore(Protocol):
 
     async def superseded_attempts(self, app: str, run_id: str) -> list[tuple[int, Attempt]]:
         """``(epoch, attempt)`` for each attempt of the entries retries superseded, by
-        epoch, then as :meth:`load_attempts` orders them (start, then number)."""
+        epoch, then as :meth:`load_attempts` orders them (start, then number); a
+        superseded step's first attempt read from its superseded entry where no row
+        holds it, as ``load_attempts`` reads it."""
 
     async def discard_dead_letter(
         self, app: str, dead_letter_id: str, *, actor: str = "system"

@@ -150,7 +150,12 @@ class RunStore(Protocol):
         """A run's history, in ``seq`` order."""
 
     async def load_attempts(self, app: str, run_id: str) -> list[Attempt]:
-        """Every attempt of every step of a run, in start order."""
+        """Every attempt of every step of a run, in start order (then number, then
+        key). A step with no ``attempts`` row whose history entry holds its only
+        attempt (begun, or completed by it, without an error: ``attempts`` 1) has that
+        attempt read from the entry (:func:`cantata.store.common.with_first_attempts`),
+        so that a writer may leave the row out; so do :meth:`load_histories`,
+        ``trace_records`` and ``superseded_attempts``."""
 
     async def load_histories(
         self, app: str, run_ids: Sequence[str]

@@ -65,7 +65,9 @@ class TraceStore(Protocol):
 
         - ``runs``: the ``limit`` oldest runs of ``correlation_id``;
         - ``entries`` and ``attempts``: for each of those runs, its first ``limit``
-          history entries and its first ``limit`` attempts;
+          history entries and its first ``limit`` attempts (a step's first attempt
+          read from its entry where no row holds it, as ``RunStore.load_attempts``
+          reads it: from the first ``limit`` entries);
         - ``tasks``: the first ``limit`` tasks over all those runs together;
         - ``events``: the first ``limit`` events of ``correlation_id`` in log order;
         - ``deliveries``, ``dead_letters`` and ``replayed_dead_letters`` (the letters

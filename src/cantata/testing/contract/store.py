@@ -39,6 +39,7 @@ from cantata.store.base import CANCEL, CLAIMS, EVENTS, RUNS, Settlement, Store
 from cantata.testing.contract.audit import AuditContract
 from cantata.testing.contract.console import ConsoleContract
 from cantata.testing.contract.events import EventsContract
+from cantata.testing.contract.first_attempts import FirstAttemptsContract
 from cantata.testing.contract.flow import FlowContract
 from cantata.testing.contract.groups import GroupsContract
 from cantata.testing.contract.keyed import KeyedChainContract
@@ -67,6 +68,7 @@ class StoreContract(
     FlowContract,
     ParkingContract,
     LeasesContract,
+    FirstAttemptsContract,
 ):
     """Behaviour every store backend must have.
 
