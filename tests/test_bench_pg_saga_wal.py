@@ -1,6 +1,10 @@
 """``python -m bench.pg_saga_wal``: the tool behind docs/performance.md's count of what a
 PostgreSQL saga writes still reads the store it measures (its wrappers name asyncpg's
-calls, its queries PostgreSQL's statistics)."""
+calls, its queries PostgreSQL's statistics).
+
+It runs without the tool's CHECKPOINT (``--no-checkpoint``): on the suite's shared server
+that flushes every test's pages, 58 of the test's 62 s at load 14, and the WAL figure of
+a shared server is checked only for being there."""
 
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ def test_a_saga_is_four_write_statements_with_its_wal_and_rows_counted(
     postgres_url: str,
 ) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.pg_saga_wal", "--n", "9", "--url", postgres_url],
+        [sys.executable, "-m", "bench.pg_saga_wal", "--n", "9", "--url", postgres_url,
+         "--no-checkpoint"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
     )
