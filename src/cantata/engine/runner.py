@@ -312,6 +312,11 @@ class RunExecution:
         parkable = park is not None and hot.enabled
         idle_since = clock.now()
         self.waiting += 1
+        engine = self.engine
+        if self.waiting == 1:  # the run only waits now: it leaves the count of max_runs
+            engine.waiting_runs += 1
+            if engine.bound_hit:
+                engine.slot_freed()
         if parkable:
             hot.enter(self)
         try:
@@ -358,6 +363,8 @@ class RunExecution:
                             f.cancel()
         finally:
             self.waiting -= 1
+            if self.waiting == 0:
+                engine.waiting_runs -= 1
             if parkable:
                 hot.leave(self)
 

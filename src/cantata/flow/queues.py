@@ -294,9 +294,18 @@ class QueueLoop:
         sagas = saga_workflows(engine)
         for name in self._queues:
             while True:
+                # App(max_runs=...): no more than the worker's room (its runs that end
+                # or wait wake this loop again: Engine.slot_freed)
+                limit, room = CLAIM_LIMIT, engine.room()
+                if room is not None and room < CLAIM_LIMIT:
+                    limit = room
+                    engine.bound_hit = True
+                    self._waiting = True  # (a run's end here matters: see run)
+                    if not limit:
+                        return retry_at
                 claim = await engine.store.claim_queued_runs(
                     engine.app, engine.worker_id, name, workflows, now=engine.clock.now(),
-                    limit=CLAIM_LIMIT, exclude_versions=newer, only_versions=known,
+                    limit=limit, exclude_versions=newer, only_versions=known,
                     pin_version=engine.version,  # the code that begins it (versioning.claim)
                     keep_versions_of=sagas,  # but a saga's run keeps its version (the same)
                     replay_checked=checked,
@@ -309,7 +318,7 @@ class QueueLoop:
                 if claim.retry_at is not None:
                     retry_at = claim.retry_at if retry_at is None else min(retry_at,
                                                                            claim.retry_at)
-                if len(claim.runs) < CLAIM_LIMIT:
+                if len(claim.runs) < limit:
                     break
         return retry_at
 
