@@ -38,8 +38,10 @@ def check_options(
         raise ConfigurationError(f"version must be a non-empty string, got {version!r}")
 
 
-# App(max_runs=...)'s default: runs in progress in one worker process at most
-DEFAULT_MAX_RUNS = 1000
+# App(max_runs=...)'s default: no bound (docs/flow-control.md, "Runs per worker": a
+# bound sends a burst past it through the store, a claim each, which a process that
+# serves alone pays for and gains nothing by)
+DEFAULT_MAX_RUNS: int | None = None
 
 
 def check_max_runs(max_runs: object) -> int | None:

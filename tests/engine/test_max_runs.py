@@ -67,9 +67,9 @@ def test_max_runs_is_checked(bad: object) -> None:
         App("bound", store="memory://", max_runs=bad)  # type: ignore[arg-type]
 
 
-def test_max_runs_defaults_to_a_thousand_and_none_is_no_bound() -> None:
-    assert App("bound", store="memory://").max_runs == 1000
-    assert App("bound", store="memory://", max_runs=None).max_runs is None
+def test_max_runs_is_no_bound_unless_given() -> None:
+    assert App("bound", store="memory://").max_runs is None
+    assert App("bound", store="memory://", max_runs=1).max_runs == 1
 
 
 async def test_a_worker_never_has_more_than_max_runs_in_progress(shared_store: str) -> None:

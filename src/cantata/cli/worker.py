@@ -65,7 +65,7 @@ def worker(
         typer.Option(
             "--max-runs", min=1,
             help="Runs in progress in each worker process at most; runs that only wait "
-            "do not count (default: the app's max_runs, 1000).",
+            "do not count (default: the app's max_runs, none).",
         ),
     ] = None,
     processes: Annotated[
