@@ -54,6 +54,11 @@ def build(url: str, gauge: Gauge, ran: list[int] | None = None, *, step_s: float
         return "woke"
 
     @app.workflow
+    async def nap(ctx: WorkflowContext, n: int) -> int:
+        await ctx.sleep(0.5)
+        return await ctx.run(work, n)
+
+    @app.workflow
     async def parent(ctx: WorkflowContext, n: int) -> int:
         return int(await ctx.call("short", n)) + 1000
 
@@ -147,3 +152,31 @@ async def test_a_slot_that_frees_claims_again_at_once(shared_store: str) -> None
         took = time.monotonic() - started
     assert gauge.peak == 1
     assert took < 2.5, f"5 runs of 0.05 s one after another took {took:.2f} s"
+
+
+async def test_parked_runs_that_come_due_are_claimed_within_max_runs(shared_store: str) -> None:
+    """3 K runs parked in a 0.5 s sleep (``park_after=0``) come due together: the
+    claims of their timers take no more than the room, and every run ends."""
+    k, gauge = 3, Gauge()
+    async with build(shared_store, gauge, max_runs=k, park_after=0.0) as app:
+        handles = await asyncio.gather(*(app.start("nap", n) for n in range(3 * k)))
+        results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+    assert sorted(results) == list(range(3 * k))
+    assert gauge.peak <= k, f"{gauge.peak} runs in progress at once, max_runs={k}"
+
+
+async def test_a_dead_workers_runs_are_taken_over_within_max_runs(shared_store: str) -> None:
+    """3 K runs claimed by a worker that then fell silent (its heartbeat long past its
+    lease): a worker of max_runs=K takes them over K at a time, and ends them all."""
+    k, gauge = 3, Gauge()
+    async with build(shared_store, Gauge()).client() as client:
+        handles = await asyncio.gather(*(client.start("short", n) for n in range(3 * k)))
+        store, now = client.store, time.time()
+        await store.heartbeat(client.name, "ghost", now - 100.0, None, lease=1.0)
+        taken = await store.claim_runs(client.name, "ghost", ["short"], stale_before=now,
+                                       limit=100, now=now)
+        assert len(taken) == 3 * k
+        async with build(shared_store, gauge, max_runs=k):
+            results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+    assert sorted(results) == list(range(3 * k))
+    assert gauge.peak <= k, f"{gauge.peak} runs in progress at once, max_runs={k}"
