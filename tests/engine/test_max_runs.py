@@ -36,6 +36,7 @@ def build(url: str, gauge: Gauge, ran: list[int] | None = None, *, step_s: float
           **kw: Any) -> App:
     kw.setdefault("park_after", None)
     app = make_app(url, "bound", **kw)
+    app.queue("q", per_worker=100)
 
     @app.step
     async def work(n: int) -> int:
@@ -180,3 +181,19 @@ async def test_a_dead_workers_runs_are_taken_over_within_max_runs(shared_store: 
             results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
     assert sorted(results) == list(range(3 * k))
     assert gauge.peak <= k, f"{gauge.peak} runs in progress at once, max_runs={k}"
+
+
+async def test_a_queue_admits_no_more_than_max_runs(shared_store: str) -> None:
+    """A queue whose own ``per_worker`` (100) is no bound here: 3 K runs queued at
+    once begin K at a time on a worker of max_runs=K, each as a run before it ends."""
+    k, gauge = 3, Gauge()
+    async with build(shared_store, gauge, max_runs=k, poll_interval=1.0) as app:
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        handles = await asyncio.gather(
+            *(app.start("short", n, queue="q") for n in range(3 * k)))
+        results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+        took = time.monotonic() - started
+    assert sorted(results) == list(range(3 * k))
+    assert gauge.peak <= k, f"{gauge.peak} runs in progress at once, max_runs={k}"
+    assert took < 4.0, f"3 rounds of 0.05 s steps took {took:.2f} s"

@@ -171,11 +171,13 @@ class Engine:
         self.hot = HotRuns(self, park_after, hot_runs)  # which waiting runs stay in memory
         # App(max_runs=...): the runs in progress here at most (docs/flow-control.md,
         # "Runs per worker"). ``waiting_runs``: executions whose code only waits now
-        # (RunExecution.wait_until), which do not count. ``bound_hit``: a claim or a
-        # start was cut short by the bound, so a slot that frees claims again at once.
+        # (RunExecution.wait_until), which do not count. ``claims_held`` /
+        # ``queue_held``: the bound held back the claim loop (or a start past it was
+        # left to it) / the queues' admissions, so a slot that frees wakes it at once.
         self.max_runs = max_runs
         self.waiting_runs = 0
-        self.bound_hit = False
+        self.claims_held = False
+        self.queue_held = False
         # A newer Cantata migrated the store under this serving worker (its heartbeat
         # said so): the error, and the event the process's serving loop waits on to stop
         # gracefully (`cantata worker`, App.run_worker). See store_upgraded.
@@ -273,7 +275,7 @@ class Engine:
                 # Past App(max_runs=...): stored for any worker with room to claim (this
                 # one too, once a run of its own ends or waits), not executed here now.
                 local = False
-                self.bound_hit = True
+                self.claims_held = True
         wdef = self.router.workflows.get(workflow)
         run = RunRecord(
             run_id=run_id,
@@ -391,9 +393,11 @@ class Engine:
         """A run here ended or began to wait: if a claim or a start was cut short by
         ``max_runs``, look for work again now, not at the next poll (the claim loop's
         coalescing pause gathers the slots that free meanwhile)."""
-        if self.bound_hit:
-            self.bound_hit = False
+        if self.claims_held:
+            self.claims_held = False
             self.ownership.claim_wakeup.set()
+        if self.queue_held:
+            self.queue_held = False
             if self.flow is not None:
                 self.flow.queues.wakeup.set()
 
@@ -447,7 +451,7 @@ class Engine:
             if self.executions.get(run_id) is not execution:
                 return  # superseded: the fresh execution answers for the run
             del self.executions[run_id]
-            if self.bound_hit:
+            if self.claims_held or self.queue_held:
                 self.slot_freed()
             self._runs_pulse.set()
             waiters = self._completions.pop(run_id, None)

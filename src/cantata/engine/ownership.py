@@ -382,7 +382,7 @@ class Ownership:
             limit, room = CLAIM_BATCH, engine.room()
             if room is not None and room < CLAIM_BATCH:
                 limit = room
-                engine.bound_hit = True
+            capped = limit < CLAIM_BATCH
             if workflows and limit and not self.expired():
                 # Owners past their own expiry are gone (each is judged by its own
                 # lease); while this worker's own hold is in doubt, only runs nobody owns.
@@ -402,14 +402,15 @@ class Ownership:
                 else:
                     self.quiet.recovered("claim", "worker %s: claiming runs works again",
                                          engine.worker_id)
+            # Held back by the bound: as full as its room (more may be claimable); a
+            # claim that found less than its room took all there was.
+            engine.claims_held = capped and len(claimed) == limit
             loaded = await self._histories(claimed)
             for run in claimed:
                 log.info("resuming run %s of %s", run.run_id, run.workflow)
                 engine.launch(run, history=loaded.get(run.run_id))
             if claimed and len(claimed) == limit:
                 continue  # more may be claimable (the bound: none, unless a slot freed)
-            if limit < CLAIM_BATCH and len(claimed) < limit:
-                engine.bound_hit = False  # all there was: its room is not what held it
             # While the store hears other processes, new work wakes this loop: it looks
             # on its own only every few seconds (idle_wait), and at the times it knows
             # work comes due without a notification (docs/performance.md, "Idle workers").

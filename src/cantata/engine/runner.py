@@ -315,7 +315,7 @@ class RunExecution:
         engine = self.engine
         if self.waiting == 1:  # the run only waits now: it leaves the count of max_runs
             engine.waiting_runs += 1
-            if engine.bound_hit:
+            if engine.claims_held or engine.queue_held:
                 engine.slot_freed()
         if parkable:
             hot.enter(self)
