@@ -45,9 +45,18 @@ def build(url: str, gauge: Gauge, ran: list[int] | None = None, *, step_s: float
             ran.append(n)
         return n
 
+    @app.step(concurrency=1)
+    async def narrow(n: int) -> int:
+        await gauge.hold(step_s)
+        return n
+
     @app.workflow
     async def short(ctx: WorkflowContext, n: int) -> int:
         return await ctx.run(work, n)
+
+    @app.workflow
+    async def through_narrow(ctx: WorkflowContext, n: int) -> int:
+        return await ctx.run(narrow, n)
 
     @app.workflow
     async def sleeper(ctx: WorkflowContext, seconds: float) -> str:
@@ -197,3 +206,29 @@ async def test_a_queue_admits_no_more_than_max_runs(shared_store: str) -> None:
     assert sorted(results) == list(range(3 * k))
     assert gauge.peak <= k, f"{gauge.peak} runs in progress at once, max_runs={k}"
     assert took < 4.0, f"3 rounds of 0.05 s steps took {took:.2f} s"
+
+
+async def test_runs_waiting_for_a_steps_slot_count(shared_store: str) -> None:
+    """A step of ``concurrency=1``: the runs waiting for its slot are about to run a
+    step and count, so a worker of max_runs=K holds K runs, not all 3 K (which would
+    wait in its memory, none for another worker to take)."""
+    k, gauge = 3, Gauge()
+    async with build(shared_store, gauge, max_runs=k, step_s=0.02) as app:
+        held = 0
+
+        async def sample() -> None:
+            nonlocal held
+            while True:
+                held = max(held, len(app.engine.executions))
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            handles = await asyncio.gather(
+                *(app.start("through_narrow", n) for n in range(3 * k)))
+            results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+        finally:
+            sampler.cancel()
+    assert sorted(results) == list(range(3 * k))
+    assert gauge.peak == 1
+    assert held <= k, f"{held} runs held at once, max_runs={k}"
