@@ -97,6 +97,35 @@ async def _ended_runs(app: Any) -> dict[str, int]:
             "compensated": counts.get("compensated", 0)}
 
 
+_ENDS_BY_WORKER = (
+    "SELECT actor, count(*) FROM {audit} WHERE app = {p1} AND action = 'run.status' "
+    "AND (data LIKE '%\"status\":\"completed\"%' OR data LIKE '%\"status\":\"compensated\"%') "
+    "GROUP BY actor")
+
+
+async def _ends_by_worker(a: argparse.Namespace, app_name: str) -> dict[str, int]:
+    """Runs each worker ended so far (its final checkpoint's audit record names it): how
+    evenly ``--processes N`` shares a burst (docs/performance.md, "All cores")."""
+    if a.store == "sqlite":
+        def count() -> dict[str, int]:
+            c = sqlite3.connect(f"file:{a.db_path}?mode=ro", uri=True)
+            try:
+                sql = _ENDS_BY_WORKER.format(audit="audit", p1="?")
+                return {str(r[0]): int(r[1]) for r in c.execute(sql, (app_name,))}
+            finally:
+                c.close()
+
+        return await asyncio.to_thread(count)
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        sql = _ENDS_BY_WORKER.format(audit=f'"{a.schema}".audit', p1="$1")
+        return {str(r[0]): int(r[1]) for r in await conn.fetch(sql, app_name)}
+    finally:
+        await conn.close()
+
+
 async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
     from bench.cantata_app import order_saga
     from cantata import WorkflowCompensated
@@ -113,6 +142,8 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
     orders = list(range(1, a.n + 1))
     if a.workload == "throughput":
         wcpu0 = a.workers.cpu() if a.workers is not None else None
+        ends0 = await _ends_by_worker(a, app.name) if a.workers is not None else {}
+        share: dict[str, Any] = {}
         cpu0, t0 = cpu_seconds(), now()
         if a.submit == "loop":
             handles = [await app.start(order_saga, o) for o in orders]
@@ -131,11 +162,14 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
             await _until(all_ended, "not every run ended")
             ended = await _ended_runs(app)
             got = {k: ended[k] - before[k] for k in ended}
+            by_worker = await _ends_by_worker(a, app.name)
+            ends = {w: n - ends0.get(w, 0) for w, n in by_worker.items()}
+            share = {"ended_by_worker": sorted(ends.values(), reverse=True)}
         wall = now() - t0
         cpu = cpu_seconds() - cpu0
         return {**throughput_summary(a.n, wall), "submit_s": round(t_sub, 3),
                 "cpu_s": round(cpu, 3), "cpu_util": round(cpu / wall, 3),
-                **_worker_cpu(a, wcpu0, wall),
+                **_worker_cpu(a, wcpu0, wall), **share,
                 "outcomes": got, "expected": expected_outcomes(orders)}
     lat, outs = [], []
     cpu0, t_all = cpu_seconds(), now()
@@ -330,10 +364,12 @@ async def main_async(a: argparse.Namespace) -> None:
             async with contextlib.AsyncExitStack() as stack:
                 if a.processes:
                     a.workers = await stack.enter_async_context(
-                        Workers(a.kind, store, broker, name, a.processes))
+                        Workers(a.kind, store, broker, name, a.processes, a.max_runs))
                 res = await (_saga(app, a) if a.kind == "saga" else _chain(app, a))
                 if a.workers is not None:
                     res["processes"] = a.processes
+                    if a.max_runs is not None:
+                        res["max_runs"] = a.max_runs
             res["orphans"] = sum(app.metrics.orphans.values())
         finally:
             await app.close()
@@ -369,6 +405,9 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=0,
                     help="serve with `cantata worker --processes N` in other processes "
                          "(0: this process serves, as before)")
+    ap.add_argument("--max-runs", type=int, default=None,
+                    help="with --processes: `cantata worker --max-runs N` (default: the "
+                         "app's max_runs)")
     ap.add_argument("--submit", choices=["at-once", "loop"], default="at-once",
                     help="throughput: start all runs (publish all orders) at once, or one "
                          "after another")

@@ -25,9 +25,11 @@ WORKER_POLL = "0.02"
 class Workers:
     """``async with Workers(...)``: the worker processes, up and serving."""
 
-    def __init__(self, kind: str, store: str, broker: str, name: str, processes: int) -> None:
+    def __init__(self, kind: str, store: str, broker: str, name: str, processes: int,
+                 max_runs: int | None = None) -> None:
         self.kind, self.store, self.broker, self.name = kind, store, broker, name
         self.processes = processes
+        self.max_runs = max_runs  # ``--max-runs`` (None: the app's own, App(max_runs=))
         self.pids: list[int] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
@@ -39,6 +41,7 @@ class Workers:
             sys.executable, "-m", "cantata", "worker", "bench.cantata_app:from_env",
             "--store", self.store, "--broker", self.broker, "--processes",
             str(self.processes), "--log-level", "WARNING",
+            *([] if self.max_runs is None else ["--max-runs", str(self.max_runs)]),
             env=env, stdout=asyncio.subprocess.PIPE,
         )
         assert self.proc.stdout is not None

@@ -10,7 +10,13 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cantata.app_options import check_backend, check_options, served
+from cantata.app_options import (
+    DEFAULT_MAX_RUNS,
+    check_backend,
+    check_max_runs,
+    check_options,
+    served,
+)
 from cantata.app_router import RouterFacade
 from cantata.app_runtime import Runtime
 from cantata.broker.base import Broker
@@ -118,6 +124,12 @@ class App(RouterFacade):
             the system clock.
         hot_runs: the most waiting runs kept in memory; past it the longest-waiting
             one is evicted at once (with ``park_after`` set).
+        max_runs: the most runs in progress in this worker process (``None``: no
+            bound). Its claims take no more than its room, and a start past it is
+            stored for any worker with room, so a burst spreads over the processes of
+            ``cantata worker --processes N``. A run that only waits (``ctx.sleep``,
+            ``ctx.wait_for_event``, ``ctx.call``, a step's retry backoff), in memory
+            or parked, does not count (docs/flow-control.md, "Runs per worker").
     """
 
     def __init__(
@@ -144,6 +156,7 @@ class App(RouterFacade):
         any_version: bool = False,
         park_after: float | None = 60.0,
         hot_runs: int = 10_000,
+        max_runs: int | None = DEFAULT_MAX_RUNS,
     ) -> None:
         check_options(
             name, lease=lease, poll_interval=poll_interval, shutdown_grace=shutdown_grace,
@@ -185,6 +198,7 @@ class App(RouterFacade):
             raise ConfigurationError(f"hot_runs must be a whole number >= 0, got {hot_runs!r}")
         self.park_after = None if park_after is None else float(park_after)
         self.hot_runs = hot_runs
+        self.max_runs = check_max_runs(max_runs)
         self._runtime: Runtime | None = None  # while open
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it is open on
         self._lock: asyncio.Lock | None = None  # opens and closes, one at a time

@@ -38,6 +38,25 @@ def check_options(
         raise ConfigurationError(f"version must be a non-empty string, got {version!r}")
 
 
+# App(max_runs=...)'s default: no bound (docs/flow-control.md, "Runs per worker": a
+# bound sends a burst past it through the store, a claim each, which a process that
+# serves alone pays for and gains nothing by)
+DEFAULT_MAX_RUNS: int | None = None
+
+
+def check_max_runs(max_runs: object) -> int | None:
+    """``App(max_runs=...)`` (or ``cantata worker --max-runs``) checked: ``None`` or a
+    whole number >= 1."""
+    if max_runs is None:
+        return None
+    if not isinstance(max_runs, int) or isinstance(max_runs, bool) or max_runs < 1:
+        raise ConfigurationError(
+            f"max_runs must be a whole number of runs >= 1, or None for no bound, got "
+            f"{max_runs!r}"
+        )
+    return max_runs
+
+
 def served(services: Iterable[str] | None) -> frozenset[str] | None:
     """``App(services=...)`` as a set, each name checked (``None``: serve everything).
 

@@ -75,7 +75,7 @@ class Runtime:
             hooks=app.hooks, signer=app.signer,
             max_payload=app.max_payload if app.offload_above is None else None,
             version=app.version, any_version=app.any_version,
-            park_after=app.park_after, hot_runs=app.hot_runs,
+            park_after=app.park_after, hot_runs=app.hot_runs, max_runs=app.max_runs,
         )
         runtime = cls(store, broker, engine)
         try:

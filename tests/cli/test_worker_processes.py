@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,43 @@ def test_a_worker_process_imports_no_other_commands_modules() -> None:
     listed = subprocess.run([sys.executable, "-m", "cantata", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert all(f" {name} " in listed.stdout for name in ("worker", "runs", "serve", "audit"))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_a_bad_max_runs_is_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", "x:app", "--max-runs", value]) == 2
+    err = capsys.readouterr().err
+    assert "--max-runs" in err and "Traceback" not in err
+
+
+def test_max_runs_bounds_the_app_of_each_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--max-runs N`` sets ``App(max_runs=)`` in the process that serves, and is passed
+    on to each of the ``--processes`` a supervisor starts."""
+    (tmp_path / "boundapp.py").write_text(
+        "from cantata import App\napp = App('b', broker='embedded', max_runs=7)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    store = f"sqlite:///{tmp_path}/b.db"
+    seen: dict[str, object] = {}
+
+    def serve(app: App, ready_fd: object, supervised: bool) -> tuple[int, int]:
+        seen["served"] = app.max_runs
+        return 0, 0
+
+    def supervise(app: App, spec: str, passed: list[str], count: int) -> int:
+        seen["supervised"], seen["passed"] = app.max_runs, passed
+        return 0
+
+    monkeypatch.setattr(worker, "serve", serve)
+    monkeypatch.setattr(worker, "supervise", supervise)
+    assert main(["worker", "boundapp:app", "--store", store, "--processes", "1"]) == 0
+    assert seen["served"] == 7  # (the app's own)
+    assert main(["worker", "boundapp:app", "--store", store, "--processes", "1",
+                 "--max-runs", "5"]) == 0
+    assert seen["served"] == 5
+    assert main(["worker", "boundapp:app", "--store", store, "--processes", "2",
+                 "--max-runs", "5"]) == 0
+    passed = seen["passed"]
+    assert seen["supervised"] == 5 and isinstance(passed, list)
+    assert passed[passed.index("--max-runs") + 1] == "5"

@@ -60,6 +60,14 @@ def worker(
         typer.Option("--any-version", help="Take runs of every code version, unchecked "
                      "(default: this version's, and others' this code replays)."),
     ] = False,
+    max_runs: Annotated[
+        int | None,
+        typer.Option(
+            "--max-runs", min=1,
+            help="Runs in progress in each worker process at most; runs that only wait "
+            "do not count (default: the app's max_runs, none).",
+        ),
+    ] = None,
     processes: Annotated[
         int | None,
         typer.Option(
@@ -96,6 +104,8 @@ def worker(
         the_app.shutdown_grace = grace
     if any_version:
         the_app.any_version = True
+    if max_runs is not None:
+        the_app.max_runs = max_runs
     count, note = process_count(the_app, processes)
     if note:
         say(note)
@@ -105,7 +115,8 @@ def worker(
                   *[x for s in service or [] for x in ("--service", s)],
                   "--log-level", log_level, "--log-format", log_format,
                   *(["--grace", repr(grace)] if grace is not None else []),
-                  *(["--any-version"] if any_version else [])]
+                  *(["--any-version"] if any_version else []),
+                  *(["--max-runs", str(max_runs)] if max_runs is not None else [])]
         raise typer.Exit(supervise(the_app, app, passed, count))
     try:
         cut_short, unstored = serve(the_app, ready_fd, supervised=child_of is not None)

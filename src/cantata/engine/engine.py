@@ -55,6 +55,9 @@ class Engine:
     Args:
         lease: seconds without a heartbeat after which another worker takes a run over.
         poll_interval: seconds between looks for work committed by other processes.
+        max_runs: runs in progress in this worker at most (``None``: no bound); a run
+            that only waits (``ctx.sleep``, ``ctx.wait_for_event``, ``ctx.call``, a
+            step's retry backoff), in memory or parked, does not count (see :meth:`room`).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Engine:
         any_version: bool = False,
         park_after: float | None = None,
         hot_runs: int = 10_000,
+        max_runs: int | None = None,
     ) -> None:
         self.app = app
         self.router = router
@@ -165,6 +169,15 @@ class Engine:
         self.flow: FlowService | None = None  # queues, schedules, slots (while serving)
         self._launched: dict[str, asyncio.Future[None]] = {}  # see wait_launched
         self.hot = HotRuns(self, park_after, hot_runs)  # which waiting runs stay in memory
+        # App(max_runs=...): the runs in progress here at most (docs/flow-control.md,
+        # "Runs per worker"). ``waiting_runs``: executions whose code only waits now
+        # (RunExecution.wait_until), which do not count. ``claims_held`` /
+        # ``queue_held``: the bound held back the claim loop (or a start past it was
+        # left to it) / the queues' admissions, so a slot that frees wakes it at once.
+        self.max_runs = max_runs
+        self.waiting_runs = 0
+        self.claims_held = False
+        self.queue_held = False
         # A newer Cantata migrated the store under this serving worker (its heartbeat
         # said so): the error, and the event the process's serving loop waits on to stop
         # gracefully (`cantata worker`, App.run_worker). See store_upgraded.
@@ -256,6 +269,13 @@ class Engine:
         run_id = codec.new_id()
         now = self.clock.now()
         local = self.serving and self.serves(workflow) and queue is None
+        if local and self.max_runs is not None:
+            room = self.room()
+            if not room:
+                # Past App(max_runs=...): stored for any worker with room to claim (this
+                # one too, once a run of its own ends or waits), not executed here now.
+                local = False
+                self.claims_held = True
         wdef = self.router.workflows.get(workflow)
         run = RunRecord(
             run_id=run_id,
@@ -359,6 +379,28 @@ class Engine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def room(self) -> int | None:
+        """How many more runs this worker may take on now under ``App(max_runs=...)``
+        (``None``: no bound): the bound less the runs it executes that do more than
+        wait (a run waiting in ``ctx.sleep``, ``ctx.wait_for_event``, ``ctx.call`` or a
+        step's backoff does not count, nor, parked, is it here at all)."""
+        if self.max_runs is None:
+            return None
+        busy = len(self.executions) - self.waiting_runs
+        return max(0, self.max_runs - max(0, busy))
+
+    def slot_freed(self) -> None:
+        """A run here ended or began to wait: if a claim or a start was cut short by
+        ``max_runs``, look for work again now, not at the next poll (the claim loop's
+        coalescing pause gathers the slots that free meanwhile)."""
+        if self.claims_held:
+            self.claims_held = False
+            self.ownership.claim_wakeup.set()
+        if self.queue_held:
+            self.queue_held = False
+            if self.flow is not None:
+                self.flow.queues.wakeup.set()
+
     def launch(
         self, run: RunRecord, *, fresh: bool = False, create: bool = False,
         history: tuple[list[HistoryEntry], list[Attempt]] | None = None,
@@ -409,6 +451,8 @@ class Engine:
             if self.executions.get(run_id) is not execution:
                 return  # superseded: the fresh execution answers for the run
             del self.executions[run_id]
+            if self.claims_held or self.queue_held:
+                self.slot_freed()
             self._runs_pulse.set()
             waiters = self._completions.pop(run_id, None)
             if waiters is not None:

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cantata.worker")
 
 FENCE_AT = 0.75  # of the lease: silent this long, a worker stops its own executions
+CLAIM_BATCH = 100  # runs one claim takes at most
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -376,14 +377,20 @@ class Ownership:
             self._claim_now.clear()
             claimed = []
             looked = None  # the claim took the parked runs due by then (engine/parking.py)
-            if workflows and not self.expired():
+            # App(max_runs=...): at most the room this worker has now; none while full
+            # (a run of its own that ends or waits wakes this loop: Engine.slot_freed)
+            limit, room = CLAIM_BATCH, engine.room()
+            if room is not None and room < CLAIM_BATCH:
+                limit = room
+            capped = limit < CLAIM_BATCH
+            if workflows and limit and not self.expired():
                 # Owners past their own expiry are gone (each is judged by its own
                 # lease); while this worker's own hold is in doubt, only runs nobody owns.
                 stale_before = engine.clock.now() if self.may_take_over() else 0.0
                 looked = engine.clock.now()
                 try:
                     claimed = await versioning.claim(
-                        engine, workflows, stale_before=stale_before, limit=100
+                        engine, workflows, stale_before=stale_before, limit=limit
                     )
                 except Exception as exc:
                     looked = None
@@ -395,12 +402,15 @@ class Ownership:
                 else:
                     self.quiet.recovered("claim", "worker %s: claiming runs works again",
                                          engine.worker_id)
+            # Held back by the bound: as full as its room (more may be claimable); a
+            # claim that found less than its room took all there was.
+            engine.claims_held = capped and len(claimed) == limit
             loaded = await self._histories(claimed)
             for run in claimed:
                 log.info("resuming run %s of %s", run.run_id, run.workflow)
                 engine.launch(run, history=loaded.get(run.run_id))
-            if len(claimed) == 100:
-                continue
+            if claimed and len(claimed) == limit:
+                continue  # more may be claimable (the bound: none, unless a slot freed)
             # While the store hears other processes, new work wakes this loop: it looks
             # on its own only every few seconds (idle_wait), and at the times it knows
             # work comes due without a notification (docs/performance.md, "Idle workers").

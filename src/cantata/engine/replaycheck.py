@@ -209,7 +209,7 @@ class _DryRun(RunExecution):
 
     async def wait_until(
         self, wake_at: float | None, wake: Any = None, *, poll: bool = True, park: Any = None,
-        interrupt: Any = "raise",
+        interrupt: Any = "raise", busy: bool = False,
     ) -> None:
         if interrupt == "raise":
             self.check_interrupt()  # as a real wait does first

@@ -141,6 +141,7 @@ class RunExecution:
         self._deadline_timer: asyncio.Task[None] | None = None
         self.api = ApiState()  # ctx.compensate and cleanup after cancel
         self.waiting = 0  # wait_until calls in progress (branches of a gather)
+        self.idle_waits = 0  # of which those that leave App(max_runs=...)'s count
         self.evict_now = False  # pushed out of the hot cache (see parking.HotRuns)
         self.evicting = False  # being parked: released on purpose (engine/parking.py)
         self.evicted = False  # parked in the store: this execution commits nothing more
@@ -296,6 +297,7 @@ class RunExecution:
         poll: bool = True,
         park: Parking | None = None,
         interrupt: Interrupt = "raise",
+        busy: bool = False,
     ) -> None:
         """Sleep until ``wake_at`` (clock time), an interrupt, or ``wake()`` returns True.
 
@@ -306,12 +308,22 @@ class RunExecution:
         every ``wait_poll_interval`` too (without it the engine wakes it on news).
         ``park``: what wakes the run if it is evicted from memory meanwhile (see
         :mod:`cantata.engine.parking`); without it the wait stays in memory.
+        ``busy``: the run still counts against ``App(max_runs=...)`` while it waits
+        (a step waiting for its slot: it is about to run, and never parks).
         """
         clock = self.engine.clock
         hot = self.engine.hot
         parkable = park is not None and hot.enabled
         idle_since = clock.now()
         self.waiting += 1
+        engine = self.engine
+        idle = not busy
+        if idle:
+            self.idle_waits += 1
+            if self.idle_waits == 1:  # the run only waits: it leaves max_runs' count
+                engine.waiting_runs += 1
+                if engine.claims_held or engine.queue_held:
+                    engine.slot_freed()
         if parkable:
             hot.enter(self)
         try:
@@ -358,6 +370,10 @@ class RunExecution:
                             f.cancel()
         finally:
             self.waiting -= 1
+            if idle:
+                self.idle_waits -= 1
+                if self.idle_waits == 0:
+                    engine.waiting_runs -= 1
             if parkable:
                 hot.leave(self)
 

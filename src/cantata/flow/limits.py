@@ -243,7 +243,10 @@ def _step_wait(execution: RunExecution) -> Any:
 
         waiting.add(execution)
         try:
-            await execution.wait_until(engine.clock.now() + seconds, woken, poll=False)
+            # busy: a run waiting for a step's slot counts against App(max_runs=...),
+            # else a worker would claim run after run that all wait for the slots
+            await execution.wait_until(engine.clock.now() + seconds, woken, poll=False,
+                                       busy=True)
         finally:
             waiting.discard(execution)
 

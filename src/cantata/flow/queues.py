@@ -292,11 +292,21 @@ class QueueLoop:
         checked = await queue_checked(engine, workflows) if self._queues and workflows \
             else None
         sagas = saga_workflows(engine)
+        engine.queue_held = False
         for name in self._queues:
             while True:
+                # App(max_runs=...): no more than the worker's room. Held back by it
+                # (full, or a claim as full as its room), the loop waits for a run here
+                # to end or wait (Engine.slot_freed), as for any run's end (run).
+                limit, room = CLAIM_LIMIT, engine.room()
+                if room is not None and room < CLAIM_LIMIT:
+                    limit = room
+                if not limit:
+                    engine.queue_held = self._waiting = True
+                    return retry_at
                 claim = await engine.store.claim_queued_runs(
                     engine.app, engine.worker_id, name, workflows, now=engine.clock.now(),
-                    limit=CLAIM_LIMIT, exclude_versions=newer, only_versions=known,
+                    limit=limit, exclude_versions=newer, only_versions=known,
                     pin_version=engine.version,  # the code that begins it (versioning.claim)
                     keep_versions_of=sagas,  # but a saga's run keeps its version (the same)
                     replay_checked=checked,
@@ -309,7 +319,9 @@ class QueueLoop:
                 if claim.retry_at is not None:
                     retry_at = claim.retry_at if retry_at is None else min(retry_at,
                                                                            claim.retry_at)
-                if len(claim.runs) < CLAIM_LIMIT:
+                if limit < CLAIM_LIMIT and len(claim.runs) == limit:
+                    engine.queue_held = self._waiting = True
+                if len(claim.runs) < limit:
                     break
         return retry_at
 
