@@ -255,8 +255,7 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     if cached is not None:
         head: tuple[int, str] | None = (cached[0], cached[2])
     else:
-        row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
-        head = None if row is None else (row[0], row[1])
+        head = audit_head(c, app)
     keys = c.audit_keys if isinstance(c, TxConnection) else {}
     now = time.time()
     seq, text, prev_hash, hash_ = audit.next_link(
@@ -296,8 +295,28 @@ def unaudited_runs(c: sqlite3.Connection, app: str) -> tuple[list[str], list[str
     return [r[0] for r in missing], [r[0] for r in gone]
 
 
+#: The mark that makes the key of an app's audit head row: ``(app + HEAD_MARK, 0)``.
+HEAD_MARK = "\x01"
+
+# The head of an app's chain, read from either layout (docs/performance.md, "Round
+# twenty-five (saga, SQLite): the audit head read from either layout"): the `audit_head`
+# row this release writes, and the `audit` row keyed (app || char(1), 0) that a later
+# release is to write instead, right after the app's last record (its seq as text in
+# `data`, its `prev_hash` and `hash`). Whichever is further along is the head (on a tie,
+# `audit_head`'s); either may be missing. Two index probes, no scan.
+_SELECT_HEAD = (
+    "SELECT seq, hash FROM (SELECT seq, hash, 1 AS o FROM audit_head WHERE app=?1 "
+    "UNION ALL SELECT CAST(data AS INTEGER), hash, 0 FROM audit WHERE app=?2 AND seq=0) "
+    "ORDER BY seq DESC, o DESC LIMIT 1"
+)
+
+
 def audit_head(c: sqlite3.Connection, app: str) -> tuple[int, str] | None:
-    row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
+    """``(seq, hash)`` of ``app``'s chain head (``None``: empty), from ``audit_head`` or
+    the head row in ``audit``, whichever is further along: every reader of the head
+    (the append, ``verify`` and its check for records past the head, ``cantata audit
+    head``, the console's feed and Audit page) reads it here."""
+    row = c.execute(_SELECT_HEAD, (app, app + HEAD_MARK)).fetchone()
     return None if row is None else (row[0], row[1])
 
 
