@@ -302,27 +302,31 @@ HEAD_MARK = "\x01"
 # twenty-five (saga, SQLite): the audit head read from either layout"): the `audit_head`
 # row this release writes, and the `audit` row keyed (app || char(1), 0) that a later
 # release is to write instead, right after the app's last record (its seq as text in
-# `data`, its `prev_hash` and `hash`). Whichever is further along is the head (on a tie,
-# `audit_head`'s); either may be missing. Two index probes, no scan.
-_SELECT_HEAD = (
-    "SELECT seq, hash FROM (SELECT seq, hash, 1 AS o FROM audit_head WHERE app=?1 "
-    "UNION ALL SELECT CAST(data AS INTEGER), hash, 0 FROM audit WHERE app=?2 AND seq=0) "
-    "ORDER BY seq DESC, o DESC LIMIT 1"
+# `data`, its `prev_hash` and `hash`). Either may be missing. Two index probes in one
+# statement, compared here (a UNION ALL ordered by seq cost twice as much: a temp b-tree).
+_SELECT_HEADS = (
+    "SELECT h.seq, h.hash, r.seq, r.hash FROM (SELECT 1) LEFT JOIN audit_head h ON h.app=?1 "
+    "LEFT JOIN (SELECT CAST(data AS INTEGER) AS seq, hash FROM audit WHERE app=?2 AND seq=0) r"
 )
 
 
 def audit_head(c: sqlite3.Connection, app: str) -> tuple[int, str] | None:
-    """``(seq, hash)`` of ``app``'s chain head (``None``: empty), from ``audit_head`` or
-    the head row in ``audit``, whichever is further along: every reader of the head
-    (the append, ``verify`` and its check for records past the head, ``cantata audit
-    head``, the console's feed and Audit page) reads it here."""
-    row = c.execute(_SELECT_HEAD, (app, app + HEAD_MARK)).fetchone()
-    return None if row is None else (row[0], row[1])
+    """``(seq, hash)`` of ``app``'s chain head (``None``: empty): ``audit_head``'s row or
+    the head row in ``audit``, whichever is further along (on a tie, ``audit_head``'s).
+    Every reader of the head reads it here: the append (which then writes
+    ``audit_head`` alone, as every release before), ``verify`` and its look for records
+    past the head, ``cantata audit head``, the console's feed and Audit page."""
+    seq, hash_, row_seq, row_hash = c.execute(_SELECT_HEADS, (app, app + HEAD_MARK)).fetchone()
+    if row_seq is not None and (seq is None or row_seq > seq):
+        return row_seq, row_hash
+    return None if seq is None else (seq, hash_)
 
 
 def audit_records(
     c: sqlite3.Connection, app: str, after_seq: int, limit: int
 ) -> list[AuditRecord]:
+    """``app``'s records after ``after_seq``, in order. ``WHERE app=?`` leaves the head
+    row out: its key is ``app + HEAD_MARK``."""
     rows = c.execute(
         f"SELECT {AUDIT_COLS} FROM audit WHERE app=? AND seq>? ORDER BY seq LIMIT ?",
         (app, after_seq, limit),
