@@ -105,6 +105,7 @@ class SQLiteTrace(SQLiteCore):
                 " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
                 " UNION SELECT substr(app, 1, length(app) - 1) FROM a"
                 " WHERE substr(app, -1) = char(1)"
+                " AND EXISTS (SELECT 1 FROM audit x WHERE x.app = a.app AND x.seq = 0)"
             ).fetchall()
             return sorted(r[0] for r in rows if r[0] is not None)
 
