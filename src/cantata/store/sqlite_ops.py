@@ -255,8 +255,7 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     if cached is not None:
         head: tuple[int, str] | None = (cached[0], cached[2])
     else:
-        row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
-        head = None if row is None else (row[0], row[1])
+        head = audit_head(c, app)
     keys = c.audit_keys if isinstance(c, TxConnection) else {}
     now = time.time()
     seq, text, prev_hash, hash_ = audit.next_link(
@@ -296,14 +295,38 @@ def unaudited_runs(c: sqlite3.Connection, app: str) -> tuple[list[str], list[str
     return [r[0] for r in missing], [r[0] for r in gone]
 
 
+#: The mark that makes the key of an app's audit head row: ``(app + HEAD_MARK, 0)``.
+HEAD_MARK = "\x01"
+
+# The head of an app's chain, read from either layout (docs/performance.md, "Round
+# twenty-five (saga, SQLite): the audit head read from either layout"): the `audit_head`
+# row this release writes, and the `audit` row keyed (app || char(1), 0) that a later
+# release is to write instead, right after the app's last record (its seq as text in
+# `data`, its `prev_hash` and `hash`). Either may be missing. Two index probes in one
+# statement, compared here (a UNION ALL ordered by seq cost twice as much: a temp b-tree).
+_SELECT_HEADS = (
+    "SELECT h.seq, h.hash, r.seq, r.hash FROM (SELECT 1) LEFT JOIN audit_head h ON h.app=?1 "
+    "LEFT JOIN (SELECT CAST(data AS INTEGER) AS seq, hash FROM audit WHERE app=?2 AND seq=0) r"
+)
+
+
 def audit_head(c: sqlite3.Connection, app: str) -> tuple[int, str] | None:
-    row = c.execute("SELECT seq, hash FROM audit_head WHERE app=?", (app,)).fetchone()
-    return None if row is None else (row[0], row[1])
+    """``(seq, hash)`` of ``app``'s chain head (``None``: empty): ``audit_head``'s row or
+    the head row in ``audit``, whichever is further along (on a tie, ``audit_head``'s).
+    Every reader of the head reads it here: the append (which then writes
+    ``audit_head`` alone, as every release before), ``verify`` and its look for records
+    past the head, ``cantata audit head``, the console's feed and Audit page."""
+    seq, hash_, row_seq, row_hash = c.execute(_SELECT_HEADS, (app, app + HEAD_MARK)).fetchone()
+    if row_seq is not None and (seq is None or row_seq > seq):
+        return row_seq, row_hash
+    return None if seq is None else (seq, hash_)
 
 
 def audit_records(
     c: sqlite3.Connection, app: str, after_seq: int, limit: int
 ) -> list[AuditRecord]:
+    """``app``'s records after ``after_seq``, in order. ``WHERE app=?`` leaves the head
+    row out: its key is ``app + HEAD_MARK``."""
     rows = c.execute(
         f"SELECT {AUDIT_COLS} FROM audit WHERE app=? AND seq>? ORDER BY seq LIMIT ?",
         (app, after_seq, limit),

@@ -82,7 +82,8 @@ class SQLiteTrace(SQLiteCore):
     """The trace-reading role of :class:`~cantata.store.sqlite.SQLiteStore`."""
 
     async def apps(self) -> list[str]:
-        """App names in runs, events, declarations, workers and audit heads.
+        """App names in runs, events, declarations, workers and audit chains' heads (either
+        layout: :func:`cantata.store.sqlite_ops.audit_head`).
 
         The big tables are read with a skip scan (one index probe per app).
         """
@@ -94,9 +95,17 @@ class SQLiteTrace(SQLiteCore):
                 " WHERE r.app IS NOT NULL),"
                 " e(app) AS (SELECT min(app) FROM events UNION ALL "
                 " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e"
-                " WHERE e.app IS NOT NULL)"
+                " WHERE e.app IS NOT NULL),"
+                # (the audit heads of either layout: `audit_head`'s rows, and the head rows
+                # of `audit`, keyed app || char(1), that a later release is to write)
+                " a(app) AS (SELECT min(app) FROM audit UNION ALL "
+                " SELECT (SELECT min(app) FROM audit WHERE app > a.app) FROM a"
+                " WHERE a.app IS NOT NULL)"
                 " SELECT app FROM r UNION SELECT app FROM e UNION SELECT app FROM declarations "
                 " UNION SELECT app FROM workers UNION SELECT app FROM audit_head"
+                " UNION SELECT substr(app, 1, length(app) - 1) FROM a"
+                " WHERE substr(app, -1) = char(1)"
+                " AND EXISTS (SELECT 1 FROM audit x WHERE x.app = a.app AND x.seq = 0)"
             ).fetchall()
             return sorted(r[0] for r in rows if r[0] is not None)
 
