@@ -250,19 +250,21 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     its row is written once before COMMIT; on a plain connection, here.
     """
     actor, action, target, data = entry
-    heads = c.audit_heads if isinstance(c, TxConnection) else None
+    tx = c if isinstance(c, TxConnection) else None
+    heads = None if tx is None else tx.audit_heads
     cached = None if heads is None else heads.get(app)
     if cached is not None:
         head: tuple[int, str] | None = (cached[0], cached[2])
     else:
         head = audit_head(c, app)
-    keys = c.audit_keys if isinstance(c, TxConnection) else {}
+    keys = {} if tx is None else tx.audit_keys
     now = time.time()
     seq, text, prev_hash, hash_ = audit.next_link(
         head, now, actor, action, target, data, keys.get(app)
     )
     try:
-        c.execute(_INSERT_AUDIT, (app, seq, now, actor, action, target, text, prev_hash, hash_))
+        (c if tx is None else tx.dml).execute(
+            _INSERT_AUDIT, (app, seq, now, actor, action, target, text, prev_hash, hash_))
     except sqlite3.IntegrityError as exc:  # (app, seq) taken: a record past the head
         raise audit.forged_past_head(app, seq) from exc
     if heads is not None:

@@ -85,6 +85,12 @@ _TOUCH_RUN = "UPDATE runs SET updated_at=?"
 _FENCED = " WHERE app=? AND run_id=? AND fence=? AND cantata_was(owner, status, correlation_id)"
 
 
+def _dml(c: sqlite3.Connection) -> sqlite3.Connection | sqlite3.Cursor:
+    """Where a write that returns no rows runs: the connection's write cursor
+    (:attr:`TxConnection.dml`: no cursor made for it), or the connection."""
+    return c.dml if isinstance(c, TxConnection) else c
+
+
 def _touch_only(write: RunWrite) -> bool:
     return (write.status is None and write.result is None and write.error is None
             and write.flagged is None and not write.release and write.wake is None)
@@ -229,7 +235,7 @@ class SQLiteRuns(SQLiteCore):
                 values[_FLAGGED] = int(first.flagged)
             if first.release:
                 values[_OWNER] = None
-            c.execute(_INSERT_RUN, values)
+            _dml(c).execute(_INSERT_RUN, values)
         ops.audit_append(c, run.app, audit.run_created_entry(
             run.run_id, run.workflow, run.correlation_id, run.parent_run_id, actor
         ))
@@ -377,7 +383,7 @@ class SQLiteRuns(SQLiteCore):
         else:
             sets, params = _run_sets(write)
             sql = f"UPDATE runs SET {sets}"
-        if c.execute(sql + _FENCED, (*params, app, run_id, fence)).rowcount != 1:
+        if c.dml.execute(sql + _FENCED, (*params, app, run_id, fence)).rowcount != 1:
             return False
         owner, status, correlation_id = c.was
         self._apply(c, app, run_id, write, owner, status, correlation_id)
@@ -398,7 +404,7 @@ class SQLiteRuns(SQLiteCore):
         if write.entries:
             # Enum members bound as plain str (exact types bind without sqlite3's
             # adapter lookup, which costs more than the rest of the row).
-            c.executemany(
+            _dml(c).executemany(
                 _UPSERT_HISTORY,
                 [
                     (app, run_id, e.key, str(e.kind), e.name, str(e.status), e.seq, e.result,
