@@ -99,6 +99,7 @@ class Engine:
         # Runs whose held checkpoint is committed on its own if still held once they
         # yield (checkpoint.defer): one loop callback for all of them, not one each.
         self.to_flush: list[RunExecution] = []
+        self.flush_handle: asyncio.Handle | None = None  # the callback for to_flush
         self._loops: list[asyncio.Task[Any]] = []
         # Called when another worker's expiry passes (Ownership._expiry_loop), besides
         # this engine's own claimers: the embedded broker's consumers (app_runtime.py).

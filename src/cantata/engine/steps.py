@@ -25,6 +25,7 @@ from cantata.model.records import (
 )
 
 from .branches import branch_stopped, marked
+from .checkpoint import defer_one
 from .heartbeat import Beat, beat_for, first_beat
 from .invoke import invoke_step
 from .ownership import FENCE_AT
@@ -72,7 +73,9 @@ async def call_step(
     Compensations skip the journal's checks: they run after the workflow's code path.
     """
     path = kind != EntryKind.COMPENSATION
-    call = await x.journal.replay_or_begin(kind, sdef.name, key=key, check=path, check_resumed=path)
+    call = (x.journal.replay_or_begin_now(kind, sdef.name, key, path)
+            or await x.journal.replay_or_begin(kind, sdef.name, key=key, check=path,
+                                               check_resumed=path))
     entry = call.entry
     if entry is not None and call.replayed:
         if entry.status == EntryStatus.COMPLETED:
@@ -137,7 +140,8 @@ async def call_step(
             if limited:  # the attempt never began
                 await release_step_slot(x, sdef, key)
             raise
-        write = RunWrite()
+        # (the next write is made where one is needed: the usual end defers its records
+        # without one)
         x.inflight[key] = attempt
         x.mine[(key, number)] = attempt
         try:
@@ -147,12 +151,14 @@ async def call_step(
             # Stopped because this worker's hold lapsed (a store outage): not an
             # attempt. Once the store answers, the same attempt starts again, after
             # its fenced start checkpoint proves the run is still ours.
+            write = RunWrite()
             del x.inflight[key]
             await x.engine.ownership.regained()
             n -= 1
             number -= 1
             continue
         except Exception as exc:
+            write = RunWrite()
             del x.inflight[key]
             attempt.ended_at = clock.now()
             attempt.error_type, attempt.error = type(exc).__name__, str(exc)
@@ -184,9 +190,7 @@ async def call_step(
         attempt.ended_at = clock.now()
         entry.status, entry.result, entry.ended_at = EntryStatus.COMPLETED, result, attempt.ended_at
         entry.error = entry.error_type = None
-        write.attempts.append(attempt)
-        write.entries.append(entry)
-        x.defer(write)
+        defer_one(x, entry, attempt)
         return codec.loads(result)
 
 
@@ -491,8 +495,10 @@ async def execute_fenced(
         raise
     finally:
         x.bodies.pop(body, None)
-        x.cut.discard(body)
-        x.tx_done.pop((key, attempt), None)
+        if x.cut:  # (both empty but for a deadline, a transactional step)
+            x.cut.discard(body)
+        if x.tx_done:
+            x.tx_done.pop((key, attempt), None)
         if body.cancelled:  # the body swallowed the engine's cancel: take it back
             me.uncancel()
 
@@ -554,8 +560,9 @@ async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, atte
     """One attempt: heartbeats kept for the next attempt, transactional or not (``beat``:
     the attempt's, when the caller has it already)."""
     run = x.run
-    if beat is None:
-        beat = await beat_of(x, sdef, key, attempt)
+    if beat is None:  # (a first attempt's without the coroutine of beat_of: no read)
+        beat = (first_beat(x.engine.store, run.app, run.run_id, sdef.name, key, attempt)
+                if attempt == 1 else await beat_of(x, sdef, key, attempt))
     failed = True
     try:
         if sdef.transactional:
