@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cantata.engine")
 
+# Enum members used on every run, as module constants (an enum class's attribute
+# goes through EnumType.__getattr__'s slow hook on Python 3.11: see steps.py).
+_PENDING, _RUNNING, _COMPLETED = RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPLETED
+
 
 def signal_in(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """What a run acts on when its code raised a task group's errors: the engine's
@@ -506,12 +510,12 @@ class RunExecution:
                 self.request_interrupt(_DeadlinePassed())
             else:
                 self._deadline_timer = asyncio.create_task(self._deadline_after(delay))
-        if run.status == RunStatus.PENDING:
+        if run.status == _PENDING:
             if run.cancel_requested:
                 await self._finish(RunStatus.CANCELLED, error="Cancelled: before it started")
                 return
-            self.pending_status = RunStatus.RUNNING
-            run.status = RunStatus.RUNNING
+            self.pending_status = _RUNNING
+            run.status = _RUNNING
         ctx = WorkflowContext(self)
         try:
             # Inside the try: arguments that do not match the declared types fail the run
@@ -700,7 +704,7 @@ class RunExecution:
         run.result, run.error, run.owner = result, error, None
         if flagged is not None:
             run.flagged = flagged
-        if status != RunStatus.COMPLETED:
+        if status != _COMPLETED:
             log.info("run %s of %s ended %s: %s", self.run.run_id, self.wdef.name, status, error)
         self.engine.metrics.runs[str(status)] = self.engine.metrics.runs.get(str(status), 0) + 1
         if self.engine.hooks:
