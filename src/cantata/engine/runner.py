@@ -40,7 +40,7 @@ from .compensation import (
     returned_ending,
     unwound_ending,
 )
-from .context import WorkflowContext  # (at the top: imported in each run, ~5 k instructions)
+from .context import WorkflowContext  # (at the top: imported in each run, ~11 k instructions)
 from .journal import IDLE_TURNS, Journal
 from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
