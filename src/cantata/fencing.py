@@ -27,11 +27,13 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-#: True in the context an :class:`InlineBody` runs its body in (and so in what the body
-#: starts: its timeouts, task groups, tasks). A cancel of the run's task asked from
-#: there is the body's own; one asked from elsewhere comes from the workflow's code
-#: (see cantata.engine.branches.RunTask).
-IN_BODY: contextvars.ContextVar[bool] = contextvars.ContextVar("cantata_in_body", default=False)
+def in_body() -> bool:
+    """True in the context an :class:`InlineBody` runs a step's body in (and so in what
+    the body starts: its timeouts, task groups, tasks). A cancel of the run's task asked
+    from there is the body's own; one asked from elsewhere comes from the workflow's code
+    (see cantata.engine.branches.RunTask). (The guard's own variable, ``_BODY``, tells
+    it: one variable set per step, not two.)"""
+    return _BODY.get() is not None
 
 
 def body_ended() -> None:
@@ -193,7 +195,7 @@ class InlineBody(_Guard, Generic[T]):
     task's ``engine_cancel`` when it has one: a run's task holds back other cancels
     while a step runs). The awaiting code tells that cancel (``cancelled``) and the
     guard's own throw (``thrown``) from a cancel of ``task`` by anyone else, and takes
-    its own cancel back (``task.uncancel()``). The body runs with :data:`IN_BODY` set
+    its own cancel back (``task.uncancel()``). The body runs with :func:`in_body` true
     (``in_body``: a step's body; a handler's body runs without it, as in a task of its
     own).
     """
@@ -213,7 +215,6 @@ class InlineBody(_Guard, Generic[T]):
         super().__init__(coro, fenced, stalled, stall)
         self._context = contextvars.copy_context()
         if in_body:
-            self._context.run(IN_BODY.set, True)
             self._context.run(_BODY.set, self)
         self.task = task
         self.cancelled = False  # cancel() cancelled the task

@@ -30,7 +30,7 @@ How the cancel is kept from the step:
 - in the run's own task (:class:`RunTask`) a step's body runs inline
   (:class:`cantata.fencing.InlineBody`); the task holds back a cancel asked while one
   of the workflow's steps is in progress, unless the body asked it (its timeouts and
-  task groups, the step's own ``timeout=``: :data:`cantata.fencing.IN_BODY`) or the
+  task groups, the step's own ``timeout=``: :func:`cantata.fencing.in_body`) or the
   engine did (a fence, the run's deadline, the worker letting the run go), and
   raises it once the step has ended;
 - in any other task (a branch) a step runs in a task of its own, which the branch's
@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from cantata.errors import StepFailed, StoreError
-from cantata.fencing import IN_BODY
+from cantata.fencing import in_body
 from cantata.model.records import RunWrite, branch_cancelled, mark_branch_cancelled
 
 from .compensation import register
@@ -103,7 +103,7 @@ class RunTask(asyncio.Task[None]):
     def cancel(self, msg: Any | None = None) -> bool:
         x = self.execution
         step = x.inline_step
-        if step is None or x.letting_go or IN_BODY.get() or IN_ENGINE.get() or self.done():
+        if step is None or x.letting_go or in_body() or IN_ENGINE.get() or self.done():
             return super().cancel(msg)
         step.cancelled = True  # it stops at its next durable point
         self.held += 1

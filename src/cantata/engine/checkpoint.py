@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cantata.errors import LeaseLost, StoreError
-from cantata.model.records import RunRecord, RunWrite
+from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite
 from cantata.store.faults import WAITED_OUT, wait_out
 
 from .creation import create_once
@@ -22,7 +22,8 @@ log = logging.getLogger("cantata.engine")
 async def commit(x: RunExecution, write: RunWrite) -> None:
     """Flush lazily recorded entries and write one checkpoint (fenced)."""
     lock = x.commit_lock
-    await lock.acquire()  # as ``async with``, two coroutines less on every checkpoint
+    if not lock.take_now():  # (free: taken without a coroutine)
+        await lock.acquire()  # as ``async with``, two coroutines less on every checkpoint
     try:
         if x.evicted:  # parked in the store by this execution (engine/parking.py)
             raise _Abandon()
@@ -34,6 +35,8 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
         if x.pending_attempts:
             write.attempts[:0] = x.pending_attempts
             x.pending_attempts = []
+        if x.flush_scheduled and not x.create_pending:  # (this commit takes it all)
+            unschedule(x)
         if x.pending_status is not None and write.status is None:
             write.status = x.pending_status
         x.pending_status = None
@@ -160,13 +163,54 @@ def defer(x: RunExecution, write: RunWrite) -> None:
         flush_later(x)
 
 
+def defer_one(x: RunExecution, entry: HistoryEntry, attempt: Attempt) -> None:
+    """:func:`defer` of a step's ended entry and attempt, without a ``RunWrite`` to
+    carry them."""
+    x.pending.append(entry)
+    x.pending_attempts.append(attempt)
+    if not x.flush_scheduled:
+        x.flush_scheduled = True
+        flush_later(x)
+
+
+class CommitLock(asyncio.Lock):
+    """A run's commit lock: an ``asyncio.Lock`` that a free lock hands over without a
+    coroutine (:meth:`take_now`), every checkpoint of every run (docs/performance.md,
+    round twenty-five)."""
+
+    def take_now(self) -> bool:
+        """Take the lock if it is free and nobody waits for it (whose turn comes first,
+        even if cancelled: ``acquire`` sorts that out); False: await :meth:`acquire`."""
+        if self.locked() or self._waiters:
+            return False
+        self._locked = True  # (as acquire() takes a free lock)
+        return True
+
+
 def flush_later(x: RunExecution) -> None:
     """:func:`flush_soon` once ``x``'s task has yielded: one loop callback for every run
     waiting for it (runs started or deferring in one pass), not one each."""
-    waiting = x.engine.to_flush
+    engine = x.engine
+    waiting = engine.to_flush
     if not waiting:  # the first since the last pass
-        asyncio.get_running_loop().call_soon(flush_all, waiting)
+        engine.flush_handle = asyncio.get_running_loop().call_soon(flush_all, waiting)
     waiting.append(x)
+
+
+def unschedule(x: RunExecution) -> None:
+    """A commit took what ``x`` held for its flush: when ``x`` is the only run the
+    flush's callback is for (a run executed alone), the callback is cancelled, as
+    :func:`flush_soon` would find nothing to flush (a commit defers after this one
+    schedules it again). With other runs waiting too, it is left to run (no search
+    of the list on every commit)."""
+    engine = x.engine
+    waiting = engine.to_flush  # (x is in it: x.flush_scheduled)
+    if len(waiting) == 1:
+        handle, engine.flush_handle = engine.flush_handle, None
+        if handle is not None:
+            handle.cancel()
+        waiting.clear()
+        x.flush_scheduled = False
 
 
 def flush_all(waiting: list[RunExecution]) -> None:
@@ -176,6 +220,8 @@ def flush_all(waiting: list[RunExecution]) -> None:
     (its first pass usually stores it with its first checkpoint)."""
     runs = waiting[:]
     waiting.clear()
+    if runs:
+        runs[0].engine.flush_handle = None
     for x in runs:
         if not x.began and x.task is not None and not x.task.done():
             flush_later(x)

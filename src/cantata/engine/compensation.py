@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cantata.engine")
 
+# Enum members used on every run, as module constants (an enum class's attribute
+# goes through EnumType.__getattr__'s slow hook on Python 3.11: see steps.py).
+_COMPLETED = RunStatus.COMPLETED
+
 
 @dataclass
 class ApiState:
@@ -119,7 +123,7 @@ def returned_ending(x: WorkflowRuntime) -> tuple[RunStatus, str | None, bool | N
             "ctx.compensate() and returned"
         ), None
     _warn_unrun(x)
-    return RunStatus.COMPLETED, None, None
+    return _COMPLETED, None, None
 
 
 def unwound_ending(

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from .tasks import TaskServer
 
 log = logging.getLogger("cantata.worker")
+
+# Enum members used on every run, as module constants (an enum class's attribute
+# goes through EnumType.__getattr__'s slow hook on Python 3.11: see steps.py).
+_PENDING, _COMPLETED = RunStatus.PENDING, RunStatus.COMPLETED
 # A run that completed here answers a later local result() from memory for this long
 # (the ENDED_KEPT newest). Only completed runs: a retry (docs/operating.md) makes a failed
 # or compensated run live again, and must never be answered with its old outcome.
@@ -103,6 +107,7 @@ class Engine:
         # Runs whose held checkpoint is committed on its own if still held once they
         # yield (checkpoint.defer): one loop callback for all of them, not one each.
         self.to_flush: list[RunExecution] = []
+        self.flush_handle: asyncio.Handle | None = None  # the callback for to_flush
         self._loops: list[asyncio.Task[Any]] = []
         # Called when another worker's expiry passes (Ownership._expiry_loop), besides
         # this engine's own claimers: the embedded broker's consumers (app_runtime.py).
@@ -281,7 +286,7 @@ class Engine:
             run_id=run_id,
             app=self.app,
             workflow=workflow,
-            status=RunStatus.PENDING,
+            status=_PENDING,
             args=args_json,
             created_at=now,
             updated_at=now,
@@ -462,7 +467,7 @@ class Engine:
                         waiter.set_result(ended)
             if execution.run.status.is_final:
                 self._cut_short.pop(run_id, None)
-            if execution.run.status is RunStatus.COMPLETED:
+            if execution.run.status is _COMPLETED:
                 self._ended[run_id] = (time.monotonic(), execution.run)
                 if len(self._ended) > ENDED_KEPT:
                     self._ended.popitem(last=False)

@@ -21,6 +21,7 @@ from cantata.model.status import RunStatus
 if TYPE_CHECKING:
     from .engine import Engine
 
+_COMPLETED = RunStatus.COMPLETED
 _ERRORS = {
     RunStatus.FAILED: WorkflowFailed,
     RunStatus.COMPENSATED: WorkflowCompensated,
@@ -161,7 +162,7 @@ class RunHandle:
                 await engine.wait_runs_changed(wait)
 
     def _outcome(self, run: RunRecord) -> Any:
-        if run.status == RunStatus.COMPLETED:
+        if run.status == _COMPLETED:  # (a global: see engine/steps.py on enum attributes)
             value = codec.loads(run.result)
             wdef = self._engine.router.workflows.get(run.workflow)
             if wdef is not None:

@@ -9,8 +9,9 @@ from typing import Any
 from cantata.declare.defs import StepDef
 from cantata.errors import StepTimeout
 
-from .heartbeat import Beat, reset_beat, set_beat, watched
-from .stepinfo import StepInfo, reset_step_info, set_step_info
+from .heartbeat import Beat, watched
+from .heartbeat import _current as _beat
+from .stepinfo import _current as _step_info
 
 
 async def invoke_step(
@@ -35,10 +36,10 @@ async def invoke_step(
     """
     if beat is None:
         beat = Beat(f"step {sdef.name} of run {run_id}", key, attempt)
-    token = set_step_info(
-        StepInfo(run_id, sdef.name, key, attempt, f"{run_id}:{key}", beat.previous)
-    )
-    beat_token = set_beat(beat)
+    # (the variables set here, not through set_step_info and set_beat: two calls fewer
+    # each way on every attempt)
+    token = _step_info.set((run_id, sdef.name, key, attempt, beat.previous))  # (StepInfo's)
+    beat_token = _beat.set(beat)
     try:
         call_args = (*leading, *sdef.sig.restore_args(args, f"step {sdef.name}"))
         coro = sdef.fn(*call_args) if sdef.is_async else asyncio.to_thread(sdef.fn, *call_args)
@@ -55,5 +56,5 @@ async def invoke_step(
                 f"{sdef.timeout} s"
             ) from None
     finally:
-        reset_beat(beat_token)
-        reset_step_info(token)
+        _beat.reset(beat_token)
+        _step_info.reset(token)

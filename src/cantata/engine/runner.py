@@ -40,6 +40,7 @@ from .compensation import (
     returned_ending,
     unwound_ending,
 )
+from .context import WorkflowContext  # (at the top: imported in each run, ~11 k instructions)
 from .journal import IDLE_TURNS, Journal
 from .parking import Evicted, can_evict, evict, with_deadline
 from .pauses import excuse
@@ -59,6 +60,10 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("cantata.engine")
+
+# Enum members used on every run, as module constants (an enum class's attribute
+# goes through EnumType.__getattr__'s slow hook on Python 3.11: see steps.py).
+_PENDING, _RUNNING, _COMPLETED = RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPLETED
 
 
 def signal_in(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -102,7 +107,7 @@ class RunExecution:
         self.pending_attempts: list[Attempt] = []
         self.uncommitted: list[Attempt] = []  # attempts of a checkpoint the store failed
         self.pending_status: RunStatus | None = None
-        self.commit_lock = asyncio.Lock()
+        self.commit_lock = checkpoint.CommitLock()
         self.flush_failed: BaseException | None = None
         self.flush_scheduled = False
         # Set when the run is not stored yet: its first commit creates it (and resolves
@@ -451,16 +456,21 @@ class RunExecution:
             # it resumes the run (see steps.prior_attempts); nor do those that ended
             # here but whose end was never committed (held for the run's next write
             # when the store failed): the worker did not die in them.
-            self.engine.note_cut_short(self.run.run_id, {
-                *((a.key, a.attempt) for a in self.inflight.values()),
-                *((a.key, a.attempt) for a in (*self.pending_attempts, *self.uncommitted)),
-            })
+            # (each looked at only when there is something: a run that ended as usual
+            # has none)
+            if self.inflight or self.pending_attempts or self.uncommitted:
+                self.engine.note_cut_short(self.run.run_id, {
+                    *((a.key, a.attempt) for a in self.inflight.values()),
+                    *((a.key, a.attempt)
+                      for a in (*self.pending_attempts, *self.uncommitted)),
+                })
             # Taken from this live worker (a pause past its lease): the attempts it was
             # cut off in are excused, unless their own body stalled it.
-            cut = [a for k, a in self.mine.items() if k not in self.stalled]
-            if self.lost and cut:
-                self.engine.track(asyncio.create_task(
-                    excuse(self.engine, self.run.run_id, self.run.app, cut)))
+            if self.lost:
+                cut = [a for k, a in self.mine.items() if k not in self.stalled]
+                if cut:
+                    self.engine.track(asyncio.create_task(
+                        excuse(self.engine, self.run.run_id, self.run.app, cut)))
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
             if self.created is not None and not self.created.done():
@@ -516,14 +526,12 @@ class RunExecution:
                 self.request_interrupt(_DeadlinePassed())
             else:
                 self._deadline_timer = asyncio.create_task(self._deadline_after(delay))
-        if run.status == RunStatus.PENDING:
+        if run.status == _PENDING:
             if run.cancel_requested:
                 await self._finish(RunStatus.CANCELLED, error="Cancelled: before it started")
                 return
-            self.pending_status = RunStatus.RUNNING
-            run.status = RunStatus.RUNNING
-        from .context import WorkflowContext
-
+            self.pending_status = _RUNNING
+            run.status = _RUNNING
         ctx = WorkflowContext(self)
         try:
             # Inside the try: arguments that do not match the declared types fail the run
@@ -712,7 +720,7 @@ class RunExecution:
         run.result, run.error, run.owner = result, error, None
         if flagged is not None:
             run.flagged = flagged
-        if status != RunStatus.COMPLETED:
+        if status != _COMPLETED:
             log.info("run %s of %s ended %s: %s", self.run.run_id, self.wdef.name, status, error)
         self.engine.metrics.runs[str(status)] = self.engine.metrics.runs.get(str(status), 0) + 1
         if self.engine.hooks:

@@ -31,9 +31,22 @@ class StepInfo:
     heartbeat_details: Any = None
 
 
-_current: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
+# A StepInfo, or the arguments to make one from (``StepInfo(*them)``): the engine sets
+# the tuple on every attempt, and the frozen dataclass (one ``object.__setattr__`` per
+# field) is made only when asked for (:func:`current`; most steps never ask,
+# docs/performance.md round twenty-five).
+_current: contextvars.ContextVar[StepInfo | tuple[Any, ...] | None] = contextvars.ContextVar(
     "cantata_step_info", default=None
 )
+
+
+def current() -> StepInfo | None:
+    """The :class:`StepInfo` of the step running here, or ``None`` outside a step."""
+    info = _current.get()
+    if type(info) is tuple:
+        run_id, step, key, attempt, previous = info
+        return StepInfo(run_id, step, key, attempt, f"{run_id}:{key}", previous)
+    return info  # type: ignore[return-value]
 
 
 def step_info() -> StepInfo:
@@ -42,7 +55,7 @@ def step_info() -> StepInfo:
     Raises:
         CantataError: when called outside a step.
     """
-    info = _current.get()
+    info = current()
     if info is None:
         raise CantataError(
             "cantata.step_info() was called outside a step: call it inside a function "
@@ -51,9 +64,13 @@ def step_info() -> StepInfo:
     return info
 
 
-def set_step_info(info: StepInfo | None) -> contextvars.Token[StepInfo | None]:
+def set_step_info(
+    info: StepInfo | tuple[Any, ...] | None,
+) -> contextvars.Token[StepInfo | tuple[Any, ...] | None]:
+    """``info``: a StepInfo, or the tuple ``(run_id, step, key, attempt,
+    heartbeat_details)`` to make one from when asked."""
     return _current.set(info)
 
 
-def reset_step_info(token: contextvars.Token[StepInfo | None]) -> None:
+def reset_step_info(token: contextvars.Token[StepInfo | tuple[Any, ...] | None]) -> None:
     _current.reset(token)

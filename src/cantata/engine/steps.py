@@ -13,6 +13,9 @@ from cantata.fencing import InlineBody, body_ended
 from cantata.flow.limits import release_step_slot, retime_step_begin, take_step_slot
 from cantata.model import codec
 from cantata.model.records import (
+    COMPENSATION,
+    ENTRY_COMPLETED,
+    ENTRY_RUNNING,
     TASK_WITHDRAWN,
     Attempt,
     EntryKind,
@@ -25,6 +28,7 @@ from cantata.model.records import (
 )
 
 from .branches import branch_stopped, marked
+from .checkpoint import defer_one
 from .heartbeat import Beat, beat_for, first_beat
 from .invoke import invoke_step
 from .ownership import FENCE_AT
@@ -50,6 +54,12 @@ INTERRUPTED = (
 
 _SHAPE_DETAILS: dict[str, str] = {}  # args_shape -> its entry's detail (few per app)
 
+# Enum members used on every step, as module constants: on Python 3.11 an enum
+# class's attribute (``EntryStatus.RUNNING``) goes through ``EnumType.__getattr__``'s
+# slow attribute hook, ~0.23 µs against ~0.01 µs for a global (docs/performance.md,
+# round twenty-five).
+_RUNNING, _COMPLETED, _COMPENSATION = ENTRY_RUNNING, ENTRY_COMPLETED, COMPENSATION
+
 
 def _shape_detail(text: str) -> str:
     detail = _SHAPE_DETAILS.get(text)
@@ -71,11 +81,13 @@ async def call_step(
 
     Compensations skip the journal's checks: they run after the workflow's code path.
     """
-    path = kind != EntryKind.COMPENSATION
-    call = await x.journal.replay_or_begin(kind, sdef.name, key=key, check=path, check_resumed=path)
+    path = kind != _COMPENSATION
+    call = (x.journal.replay_or_begin_now(kind, sdef.name, key, path)
+            or await x.journal.replay_or_begin(kind, sdef.name, key=key, check=path,
+                                               check_resumed=path))
     entry = call.entry
     if entry is not None and call.replayed:
-        if entry.status == EntryStatus.COMPLETED:
+        if entry.status == _COMPLETED:
             return codec.loads(entry.result)
         etype, _, emsg = (entry.error or "Error: ").partition(": ")
         if entry.error_type == TASK_WITHDRAWN:
@@ -83,7 +95,7 @@ async def call_step(
         raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
     if entry is None:  # committed with its first attempt
         shape = _shape_detail(args_shape(args)) if path else None
-        entry = x.journal.record(call, EntryStatus.RUNNING, detail=shape)
+        entry = x.journal.record(call, _RUNNING, detail=shape)
     if x.engine.is_remote(sdef):
         return await call_remote(x, sdef, args, entry)
     clock = x.engine.clock
@@ -126,7 +138,7 @@ async def call_step(
         number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
         attempt = Attempt(key, number, begun_at(x, key, number, now))
-        entry.attempts, entry.status = n, EntryStatus.RUNNING
+        entry.attempts, entry.status = n, _RUNNING
         entry.started_at = entry.started_at or now
         entry.wake_at = None  # its backoff is over
         write.attempts.append(attempt)
@@ -137,7 +149,8 @@ async def call_step(
             if limited:  # the attempt never began
                 await release_step_slot(x, sdef, key)
             raise
-        write = RunWrite()
+        # (the next write is made where one is needed: the usual end defers its records
+        # without one)
         x.inflight[key] = attempt
         x.mine[(key, number)] = attempt
         try:
@@ -147,12 +160,14 @@ async def call_step(
             # Stopped because this worker's hold lapsed (a store outage): not an
             # attempt. Once the store answers, the same attempt starts again, after
             # its fenced start checkpoint proves the run is still ours.
+            write = RunWrite()
             del x.inflight[key]
             await x.engine.ownership.regained()
             n -= 1
             number -= 1
             continue
         except Exception as exc:
+            write = RunWrite()
             del x.inflight[key]
             attempt.ended_at = clock.now()
             attempt.error_type, attempt.error = type(exc).__name__, str(exc)
@@ -182,11 +197,9 @@ async def call_step(
             continue  # (the backoff is waited at the top of the loop)
         del x.inflight[key]
         attempt.ended_at = clock.now()
-        entry.status, entry.result, entry.ended_at = EntryStatus.COMPLETED, result, attempt.ended_at
+        entry.status, entry.result, entry.ended_at = _COMPLETED, result, attempt.ended_at
         entry.error = entry.error_type = None
-        write.attempts.append(attempt)
-        write.entries.append(entry)
-        x.defer(write)
+        defer_one(x, entry, attempt)
         return codec.loads(result)
 
 
@@ -461,7 +474,7 @@ async def execute_fenced(
     me = asyncio.current_task()
     assert me is not None
     body = InlineBody(coro, fenced, stalled, engine.lease * FENCE_AT, me)
-    x.bodies[body] = kind != EntryKind.COMPENSATION  # the deadline cuts steps only
+    x.bodies[body] = kind != _COMPENSATION  # the deadline cuts steps only
     try:
         return await body
     except asyncio.CancelledError:
@@ -491,8 +504,10 @@ async def execute_fenced(
         raise
     finally:
         x.bodies.pop(body, None)
-        x.cut.discard(body)
-        x.tx_done.pop((key, attempt), None)
+        if x.cut:  # (both empty but for a deadline, a transactional step)
+            x.cut.discard(body)
+        if x.tx_done:
+            x.tx_done.pop((key, attempt), None)
         if body.cancelled:  # the body swallowed the engine's cancel: take it back
             me.uncancel()
 
@@ -554,8 +569,9 @@ async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, atte
     """One attempt: heartbeats kept for the next attempt, transactional or not (``beat``:
     the attempt's, when the caller has it already)."""
     run = x.run
-    if beat is None:
-        beat = await beat_of(x, sdef, key, attempt)
+    if beat is None:  # (a first attempt's without the coroutine of beat_of: no read)
+        beat = (first_beat(x.engine.store, run.app, run.run_id, sdef.name, key, attempt)
+                if attempt == 1 else await beat_of(x, sdef, key, attempt))
     failed = True
     try:
         if sdef.transactional:

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from cantata.choreography.logcontext import _handler
-from cantata.engine.stepinfo import _current as _step_info
+from cantata.engine.stepinfo import current as _step_info
 
 CONTEXT_FIELDS = ("run_id", "step", "attempt", "event_id", "group")
 
@@ -32,7 +32,7 @@ def context_fields() -> dict[str, Any]:
     handler = _handler.get()
     if handler is not None:
         out.update(event_id=handler.event_id, group=handler.group, attempt=handler.attempt)
-    info = _step_info.get()
+    info = _step_info()
     if info is not None:
         out.update(run_id=info.run_id, step=info.step, attempt=info.attempt)
     return out
