@@ -197,6 +197,29 @@ def test_a_body_that_passed_its_guard_before_a_pause_is_not_a_live_double() -> N
         assert twice_live(begun_before_pauses(late, log), log)[0] == 1
 
 
+def test_a_step_its_own_worker_stopped_for_a_hold_in_doubt_is_not_a_live_double() -> None:
+    """Worker 1 began reserve#1 at 10.0; starved of CPU, its heartbeat held back past
+    3/4 of the lease, its guard stopped the body at 11.2, and the worker recorded at
+    the stop that its hold was in doubt. At 12.0 the step began again, in worker 1 (the
+    stopped attempt started again) or in worker 2 (the run taken over): the documented
+    re-run, not two live workers. The same stop unmarked (a stop the worker did not
+    make for its hold), or a marked body that ended only after the other began (its
+    guard did not stop it in time), counts."""
+    log = FaultLog(lease=1.5)
+    for pid in (1, 2):
+        noted: list[str] = []
+        stopped = [_ex(1, 10.0, 11.2, cut=True, fenced=True), _ex(pid, 12.0, 12.3)]
+        assert twice_live(stopped, log, after_stop=noted)[0] == 0
+        assert len(noted) == 1, noted
+    unmarked = [_ex(1, 10.0, 11.2, cut=True), _ex(2, 12.0, 12.3)]
+    assert twice_live(unmarked, log)[0] == 1
+    went_on = [_ex(1, 10.0, 12.5, cut=True, fenced=True), _ex(2, 12.0, 12.3)]
+    assert twice_live(went_on, log)[0] == 1
+    # A third execution after one that was not stopped counts as ever.
+    again = [_ex(1, 10.0, 11.2, cut=True, fenced=True), _ex(2, 12.0, 12.3), _ex(1, 12.4, 12.6)]
+    assert twice_live(again, log)[0] == 1
+
+
 def _handler(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
     return Execution("handler", "event-1", "inventory", pid, 1, began, ended, **kw)
 
