@@ -203,8 +203,8 @@ async def test_parked_timers_wake_on_time_while_other_runs_end(store_url: str) -
     round trip, the history read and the replay (a shared PostgreSQL server's round
     trips), none of them the claim loop's doing; nor by the claim's ``now`` alone,
     which a machine starving the worker's process (load average 10 and two busy
-    loops on two cores) delays by 30-40 ms at the median, as it does the probe.
-    (All three are in the failure's message, in ms.)
+    loops on two cores) delayed by up to 30-40 ms at the median, as it does the probe.
+    (Each of these, every fourth value in ms, is in the failure's message.)
 
     Both defects make every round late (the pause's median is 28-35 ms whatever the
     load); a loaded machine makes a round late now and then: the best of up to three
