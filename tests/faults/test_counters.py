@@ -174,6 +174,32 @@ async def test_a_worker_starved_past_its_lease_is_counted_once_its_lapse_is_know
     assert_zero(counts)
 
 
+async def test_a_step_its_worker_stopped_for_a_stall_past_its_fence_is_not_a_live_double(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A lone worker stalled behind the harness's back (as CPU starvation stalls it: no
+    pause the harness did) past 3/4 of its lease, but not past the lease, while a step
+    runs: on resuming it stops the step's body (its hold in doubt, docs/leases.md) and,
+    the run still its own, starts the attempt again. The same step twice in one
+    process, the first stopped by its own guard: the documented re-run, which
+    ``steps_twice_live`` counted under load."""
+    c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=2.0, FAULT_STEP_SECONDS=1.0)
+    c.start_workers(1)
+    await c.ready()
+    async with c.client():
+        await c.submit(1, 0)
+        stalled = await c.busy_worker()
+        await c.stop(stalled)  # (outside a write of its own: see Cluster.stop)
+        try:
+            await asyncio.sleep(0.9 * c.lease)
+        finally:
+            c.resume(stalled)  # not recorded: the harness knows nothing
+        counts = await c.recover(time.monotonic(), budget=30)
+    print(f"\na step stopped by its own worker's guard: {counts}")
+    assert counts.info["reruns_after_own_stop"] >= 1, counts
+    assert_zero(counts)
+
+
 def _ex(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
     return Execution("step", "run-1", "reserve#1", pid, 1, began, ended, **kw)
 
