@@ -14,7 +14,10 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
   earlier handler execution whose worker itself recorded that its hold had lapsed (a heartbeat
   that got through more than a lease after the one before: CPU starvation) before the
   other began is not counted: the store took that worker for gone then, as it takes
-  a paused one (docs/leases.md); the count of those is ``info["reruns_after_lapse"]``;
+  a paused one (docs/leases.md); the count of those is ``info["reruns_after_lapse"]``.
+  Nor is one whose body its own worker's guard stopped, recording at the stop that
+  its hold was in doubt (CPU starvation past 3/4 of the lease), before the other
+  began: ``info["reruns_after_own_stop"]``;
 - ``steps_after_result``: a step executed again after its result was recorded;
 - ``handlers_after_settled``: a handler executed again after its delivery was settled
   (stored ``done``), whatever befell the worker that settled it: a kill excuses a
@@ -117,6 +120,7 @@ class Execution:
     cut: bool = False  # cancelled in the middle (a stop): not a death, not a failure
     effect: str | None = None
     lapsed: bool = False  # its worker's hold had lapsed at its first line (fault_app.lapsed)
+    fenced: bool = False  # cut by its own worker's guard, the hold in doubt (stopped_in_doubt)
 
 
 def ledger_records(path: Path) -> list[dict[str, Any]]:
@@ -156,6 +160,7 @@ def read_ledger(path: Path) -> list[Execution]:
             ex_found.ended = rec["t"]
         elif rec["k"] == "cut":
             ex_found.cut = True
+            ex_found.fenced = rec.get("fenced", False)
             ex_found.ended = rec["t"]
     executions.sort(key=lambda e: e.began)
     return executions
@@ -237,7 +242,8 @@ def begun_before_pauses(executions: list[Execution], log: FaultLog) -> list[Exec
 
 
 def twice_live(
-    executions: list[Execution], log: FaultLog, *, after_lapse: list[str] | None = None
+    executions: list[Execution], log: FaultLog, *, after_lapse: list[str] | None = None,
+    after_stop: list[str] | None = None,
 ) -> tuple[int, int, list[str]]:
     """Executions of one step or (group, event) that a live earlier execution did not allow.
 
@@ -245,7 +251,9 @@ def twice_live(
     a kill is allowed: it shows the suite did kill work in progress), and details. An
     execution in another process after one whose worker's hold had lapsed meanwhile
     (:meth:`FaultLog.lapsed_while`) is not counted, but described in ``after_lapse``
-    when given; one in the same process always counts.
+    when given; one in the same process always counts. Nor is one after an execution
+    its own worker stopped for a hold in doubt (:func:`stopped_itself`), described in
+    ``after_stop`` when given.
     """
     by_call: dict[tuple[str, str, str], list[Execution]] = defaultdict(list)
     for ex in executions:
@@ -254,9 +262,15 @@ def twice_live(
     for call, group in by_call.items():
         reruns += len(group) - 1
         for i, later in enumerate(group[1:], start=1):
+            stopped = [e for e in group[:i] if not e.failed and stopped_itself(e, later)]
             live = [e for e in group[:i]
-                    if not e.failed
+                    if not e.failed and not stopped_itself(e, later)
                     and not log.presumed_dead_before(e.pid, later.began, since=e.began)]
+            if stopped and not live and after_stop is not None:
+                after_stop.append(
+                    f"{call[0]} {call[2]} of {call[1][-8:]} ran in pid {later.pid} after "
+                    f"pid {stopped[0].pid} stopped it, its hold in doubt"
+                )
             # (handlers only: a handler body is stopped on a lapse only when the whole
             # process was paused, else it runs on; a step body is stopped at its next
             # await whatever the cause, and one that held its own worker's loop past
@@ -281,6 +295,19 @@ def twice_live(
                     f"pid {first.pid}{how}, neither killed{log.about(first.pid, later.began)}"
                 )
     return count, reruns, details
+
+
+def stopped_itself(earlier: Execution, later: Execution) -> bool:
+    """True if ``earlier`` was stopped by its own worker's guard for a hold in doubt
+    (the worker recorded so at the stop: ``fault_app.stopped_in_doubt``) before
+    ``later`` began. Its worker knew it might have lost the run or delivery (a
+    whole-process stall, CPU starvation past 3/4 of the lease) and the body went no
+    further: ``later`` is the documented re-run (the stopped attempt started again,
+    not counted, or the takeover by another worker), not two live workers. A body the
+    guard failed to stop ends past ``later``'s begin and counts, as does any earlier
+    execution of the call that was not so stopped."""
+    return (earlier.cut and earlier.fenced and earlier.ended is not None
+            and earlier.ended <= later.began)
 
 
 def finished_late(executions: list[Execution]) -> tuple[int, list[str]]:

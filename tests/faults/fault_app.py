@@ -112,6 +112,16 @@ def lapsed(app: App, *, handler: bool = False) -> dict[str, bool]:
     return {"lapsed": True} if fenced else {}
 
 
+def stopped_in_doubt(app: App, *, handler: bool = False) -> dict[str, bool]:
+    """``{"fenced": True}`` at a body's stop when its worker's own guard stops it: the
+    worker's hold is in doubt (no heartbeat through for 3/4 of the lease, or a pause;
+    docs/leases.md), as the guard judges it at the stop, with no ``await`` between.
+    The worker knew then that another one may take the run or delivery over, and the
+    body made no progress past the stop: the counters do not take a later execution
+    for a live double of it (``twice_live``)."""
+    return {"fenced": True} if lapsed(app, handler=handler) else {}
+
+
 def build(env: Mapping[str, str] | None = None) -> App:
     """The fault app, as ``env`` (default: the environment) describes it."""
     env = os.environ if env is None else env
@@ -152,7 +162,8 @@ def build(env: Mapping[str, str] | None = None) -> App:
             record(k="fail", **where)
             raise
         except BaseException:
-            record(k="cut", **where)  # cancelled: the worker stopped in the middle
+            # cancelled: the worker stopped in the middle (its guard, its hold in doubt?)
+            record(k="cut", **where, **stopped_in_doubt(app))
             raise
         record(k="end", **where)
         return f"{step}:{order['id']}"
@@ -262,7 +273,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
             record(k="fail", **where)
             raise
         except BaseException:
-            record(k="cut", **where)
+            record(k="cut", **where, **stopped_in_doubt(app, handler=True))
             raise
         record(k="end", **where)
 

@@ -333,11 +333,14 @@ class Cluster:
         self.faults.lapses = read_lapses(self.ledger)
         executions = begun_before_pauses(read_ledger(self.ledger), self.faults)
         after_lapse: list[str] = []
-        counts.steps_twice_live, reruns, details = twice_live(executions, self.faults,
-                                                              after_lapse=after_lapse)
+        after_stop: list[str] = []
+        counts.steps_twice_live, reruns, details = twice_live(
+            executions, self.faults, after_lapse=after_lapse, after_stop=after_stop)
         counts.info["reruns"] = reruns
         counts.info["reruns_after_lapse"] = len(after_lapse)
+        counts.info["reruns_after_own_stop"] = len(after_stop)
         counts.details.extend(after_lapse[:3])
+        counts.details.extend(after_stop[:3])
         counts.info["kills"] = len(self.faults.killed)
         crashed = self.faults.crashed()
         counts.workers_crashed = len(crashed)

@@ -174,6 +174,32 @@ async def test_a_worker_starved_past_its_lease_is_counted_once_its_lapse_is_know
     assert_zero(counts)
 
 
+async def test_a_step_its_worker_stopped_for_a_stall_past_its_fence_is_not_a_live_double(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A lone worker stalled behind the harness's back (as CPU starvation stalls it: no
+    pause the harness did) past 3/4 of its lease, but not past the lease, while a step
+    runs: on resuming it stops the step's body (its hold in doubt, docs/leases.md) and,
+    the run still its own, starts the attempt again. The same step twice in one
+    process, the first stopped by its own guard: the documented re-run, which
+    ``steps_twice_live`` counted under load."""
+    c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=2.0, FAULT_STEP_SECONDS=1.0)
+    c.start_workers(1)
+    await c.ready()
+    async with c.client():
+        await c.submit(1, 0)
+        stalled = await c.busy_worker()
+        await c.stop(stalled)  # (outside a write of its own: see Cluster.stop)
+        try:
+            await asyncio.sleep(0.9 * c.lease)
+        finally:
+            c.resume(stalled)  # not recorded: the harness knows nothing
+        counts = await c.recover(time.monotonic(), budget=30)
+    print(f"\na step stopped by its own worker's guard: {counts}")
+    assert counts.info["reruns_after_own_stop"] >= 1, counts
+    assert_zero(counts)
+
+
 def _ex(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
     return Execution("step", "run-1", "reserve#1", pid, 1, began, ended, **kw)
 
@@ -195,6 +221,29 @@ def test_a_body_that_passed_its_guard_before_a_pause_is_not_a_live_double() -> N
     for late in ([_ex(1, 10.0, 10.3), _ex(2, 15.0, 15.1, lapsed=True)],
                  [_ex(1, 10.0, 10.3), _ex(3, 12.5, 12.51, cut=True, lapsed=True)]):
         assert twice_live(begun_before_pauses(late, log), log)[0] == 1
+
+
+def test_a_step_its_own_worker_stopped_for_a_hold_in_doubt_is_not_a_live_double() -> None:
+    """Worker 1 began reserve#1 at 10.0; starved of CPU, its heartbeat held back past
+    3/4 of the lease, its guard stopped the body at 11.2, and the worker recorded at
+    the stop that its hold was in doubt. At 12.0 the step began again, in worker 1 (the
+    stopped attempt started again) or in worker 2 (the run taken over): the documented
+    re-run, not two live workers. The same stop unmarked (a stop the worker did not
+    make for its hold), or a marked body that ended only after the other began (its
+    guard did not stop it in time), counts."""
+    log = FaultLog(lease=1.5)
+    for pid in (1, 2):
+        noted: list[str] = []
+        stopped = [_ex(1, 10.0, 11.2, cut=True, fenced=True), _ex(pid, 12.0, 12.3)]
+        assert twice_live(stopped, log, after_stop=noted)[0] == 0
+        assert len(noted) == 1, noted
+    unmarked = [_ex(1, 10.0, 11.2, cut=True), _ex(2, 12.0, 12.3)]
+    assert twice_live(unmarked, log)[0] == 1
+    went_on = [_ex(1, 10.0, 12.5, cut=True, fenced=True), _ex(2, 12.0, 12.3)]
+    assert twice_live(went_on, log)[0] == 1
+    # A third execution after one that was not stopped counts as ever.
+    again = [_ex(1, 10.0, 11.2, cut=True, fenced=True), _ex(2, 12.0, 12.3), _ex(1, 12.4, 12.6)]
+    assert twice_live(again, log)[0] == 1
 
 
 def _handler(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
