@@ -6,10 +6,12 @@ it too); the folders' own ``helpers.py`` add only what is theirs.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from typing import Any
 
 from cantata import App
+from cantata.store import audit
 from cantata.testing import eventually
 
 __all__ = ["LEASE", "POLL", "drop_schema", "eventually", "free_port", "make_app", "with_schema"]
@@ -48,3 +50,20 @@ async def drop_schema(url: str, schema: str) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
+
+
+def rehashed_plain(rows: list[Any], changed: int = 2,
+                   actor: str = "someone-else") -> list[tuple[Any, ...]]:
+    """An audit chain forged without its key: the rows ``(seq, time, actor, action,
+    target, data)`` in order, record ``changed``'s actor replaced and every hash
+    recomputed with plain SHA-256; ``(actor, prev_hash, hash, seq)`` of each, for an
+    ``UPDATE audit SET actor=?, prev_hash=?, hash=? WHERE ... AND seq=?``."""
+    prev, out = audit.GENESIS_HASH, []
+    for seq, time, who, action, target, data in rows:
+        who = actor if seq == changed else who
+        h = hashlib.sha256(
+            f"{prev}[{seq},{audit.tail(time, who, action, target, data)}".encode("ascii")
+        ).hexdigest()
+        out.append((who, prev, h, seq))
+        prev = h
+    return out

@@ -8,7 +8,6 @@ database's credentials would), then runs ``cantata audit verify``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from cantata import App
 from cantata.cli import common
 from cantata.cli.main import main
-from cantata.store import audit
+from tests.helpers import rehashed_plain
 
 KEY = "audit-key-0123456789abcdef"
 
@@ -161,16 +160,10 @@ async def test_a_chain_rehashed_without_the_key_is_detected(
         "SELECT seq, time, actor, action, target, data FROM audit WHERE app='shop' ORDER BY seq"
     )
     await db.unprotected()
-    prev = audit.GENESIS_HASH
-    for seq, time, actor, action, target, data in rows:
-        if seq == 2:
-            actor = "someone-else"
-        h = hashlib.sha256(
-            f"{prev}[{seq},{audit.tail(time, actor, action, target, data)}".encode("ascii")
-        ).hexdigest()
+    for actor, prev, h, seq in (forged := rehashed_plain(rows)):
         await db.sql("UPDATE audit SET actor=?, prev_hash=?, hash=? WHERE app='shop' AND seq=?",
                      actor, prev, h, seq)
-        prev = h
+    prev = forged[-1][2]
     await db.sql("UPDATE audit_head SET hash=? WHERE app='shop'", prev)
     code, out = await cli(capsys, "audit", "verify", "--store", db.url, "--app", "shop")
     assert code == 1 and "TAMPERED" in out, out

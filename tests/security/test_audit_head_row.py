@@ -14,7 +14,6 @@ tests, the head row moved where they moved the ``audit_head`` row).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from cantata.store import audit
 from cantata.store.sqlite import SQLiteStore
 from cantata.store.sqlite_ops import AUDIT_COLS
 from cantata.testing.contract.support import forged_after, new_run
+from tests.helpers import rehashed_plain
 
 KEY = "audit-key-0123456789abcdef"
 APP = "shop"
@@ -246,16 +246,9 @@ async def test_a_chain_rehashed_without_the_key_is_detected(
     rows = sql(store, "SELECT seq, time, actor, action, target, data FROM audit WHERE app=? "
                "ORDER BY seq", APP)
     unprotected(store)
-    prev = audit.GENESIS_HASH
-    for seq, time, actor, action, target, data in rows:
-        if seq == 2:
-            actor = "someone-else"
-        h = hashlib.sha256(
-            f"{prev}[{seq},{audit.tail(time, actor, action, target, data)}".encode("ascii")
-        ).hexdigest()
+    for actor, prev, h, seq in rehashed_plain(rows):
         sql(store, "UPDATE audit SET actor=?, prev_hash=?, hash=? WHERE app=? AND seq=?",
             actor, prev, h, APP, seq)
-        prev = h
     move_head_row(store, rows[-1][0])
     code, out = await verify(capsys, store)
     assert code == 1 and "TAMPERED" in out, out
