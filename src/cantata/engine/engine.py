@@ -394,6 +394,12 @@ class Engine:
         busy = len(self.executions) - self.waiting_runs
         return max(0, self.max_runs - max(0, busy))
 
+    def claim_limit(self, most: int) -> int:
+        """How many runs a claim of at most ``most`` may take now: ``most``, or less
+        under ``App(max_runs=...)`` (:meth:`room`)."""
+        room = self.room()
+        return most if room is None else min(most, room)
+
     def slot_freed(self) -> None:
         """A run here ended or began to wait: if a claim or a start was cut short by
         ``max_runs``, look for work again now, not at the next poll (the claim loop's

@@ -379,9 +379,7 @@ class Ownership:
             looked = None  # the claim took the parked runs due by then (engine/parking.py)
             # App(max_runs=...): at most the room this worker has now; none while full
             # (a run of its own that ends or waits wakes this loop: Engine.slot_freed)
-            limit, room = CLAIM_BATCH, engine.room()
-            if room is not None and room < CLAIM_BATCH:
-                limit = room
+            limit = engine.claim_limit(CLAIM_BATCH)
             capped = limit < CLAIM_BATCH
             if workflows and limit and not self.expired():
                 # Owners past their own expiry are gone (each is judged by its own

@@ -298,9 +298,7 @@ class QueueLoop:
                 # App(max_runs=...): no more than the worker's room. Held back by it
                 # (full, or a claim as full as its room), the loop waits for a run here
                 # to end or wait (Engine.slot_freed), as for any run's end (run).
-                limit, room = CLAIM_LIMIT, engine.room()
-                if room is not None and room < CLAIM_LIMIT:
-                    limit = room
+                limit = engine.claim_limit(CLAIM_LIMIT)
                 if not limit:
                     engine.queue_held = self._waiting = True
                     return retry_at
