@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cantata.engine")
 
 # Enum members used on every run, as module constants (an enum class's attribute
-# goes through EnumType.__getattr__'s slow hook on Python 3.11: see steps.py).
+# goes through EnumType.__getattr__'s slow hook on Python 3.11: docs/performance.md,
+# round twenty-five).
 _COMPLETED = RunStatus.COMPLETED
 
 

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cantata.worker")
 
 # Enum members used on every run, as module constants (an enum class's attribute
-# goes through EnumType.__getattr__'s slow hook on Python 3.11: see steps.py).
+# goes through EnumType.__getattr__'s slow hook on Python 3.11: docs/performance.md,
+# round twenty-five).
 _PENDING, _COMPLETED = RunStatus.PENDING, RunStatus.COMPLETED
 # A run that completed here answers a later local result() from memory for this long
 # (the ENDED_KEPT newest). Only completed runs: a retry (docs/operating.md) makes a failed

@@ -54,12 +54,6 @@ INTERRUPTED = (
 
 _SHAPE_DETAILS: dict[str, str] = {}  # args_shape -> its entry's detail (few per app)
 
-# Enum members used on every step, as module constants: on Python 3.11 an enum
-# class's attribute (``EntryStatus.RUNNING``) goes through ``EnumType.__getattr__``'s
-# slow attribute hook, ~0.23 µs against ~0.01 µs for a global (docs/performance.md,
-# round twenty-five).
-_RUNNING, _COMPLETED, _COMPENSATION = ENTRY_RUNNING, ENTRY_COMPLETED, COMPENSATION
-
 
 def _shape_detail(text: str) -> str:
     detail = _SHAPE_DETAILS.get(text)
@@ -81,13 +75,15 @@ async def call_step(
 
     Compensations skip the journal's checks: they run after the workflow's code path.
     """
-    path = kind != _COMPENSATION
+    # (records' module constants, not EntryKind.X: an enum class's attribute is slow
+    # on Python 3.11, docs/performance.md round twenty-five)
+    path = kind != COMPENSATION
     call = (x.journal.replay_or_begin_now(kind, sdef.name, key, path)
             or await x.journal.replay_or_begin(kind, sdef.name, key=key, check=path,
                                                check_resumed=path))
     entry = call.entry
     if entry is not None and call.replayed:
-        if entry.status == _COMPLETED:
+        if entry.status == ENTRY_COMPLETED:
             return codec.loads(entry.result)
         etype, _, emsg = (entry.error or "Error: ").partition(": ")
         if entry.error_type == TASK_WITHDRAWN:
@@ -95,7 +91,7 @@ async def call_step(
         raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
     if entry is None:  # committed with its first attempt
         shape = _shape_detail(args_shape(args)) if path else None
-        entry = x.journal.record(call, _RUNNING, detail=shape)
+        entry = x.journal.record(call, ENTRY_RUNNING, detail=shape)
     if x.engine.is_remote(sdef):
         return await call_remote(x, sdef, args, entry)
     clock = x.engine.clock
@@ -138,7 +134,7 @@ async def call_step(
         number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
         attempt = Attempt(key, number, begun_at(x, key, number, now))
-        entry.attempts, entry.status = n, _RUNNING
+        entry.attempts, entry.status = n, ENTRY_RUNNING
         entry.started_at = entry.started_at or now
         entry.wake_at = None  # its backoff is over
         write.attempts.append(attempt)
@@ -197,7 +193,7 @@ async def call_step(
             continue  # (the backoff is waited at the top of the loop)
         del x.inflight[key]
         attempt.ended_at = clock.now()
-        entry.status, entry.result, entry.ended_at = _COMPLETED, result, attempt.ended_at
+        entry.status, entry.result, entry.ended_at = ENTRY_COMPLETED, result, attempt.ended_at
         entry.error = entry.error_type = None
         defer_one(x, entry, attempt)
         return codec.loads(result)
@@ -474,7 +470,7 @@ async def execute_fenced(
     me = asyncio.current_task()
     assert me is not None
     body = InlineBody(coro, fenced, stalled, engine.lease * FENCE_AT, me)
-    x.bodies[body] = kind != _COMPENSATION  # the deadline cuts steps only
+    x.bodies[body] = kind != COMPENSATION  # the deadline cuts steps only
     try:
         return await body
     except asyncio.CancelledError:
