@@ -144,6 +144,12 @@ class StoreBase:
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
         self._audit_keys: dict[str, audit.AuditKey] = {}
+        #: Apps on this store that no process of an older Cantata can still write to, so
+        #: that this release may leave out rows only those processes read (the first
+        #: attempts' rows, SQLite's separate audit head: docs/performance.md, round
+        #: twenty-six). Opened by the engine's gate; read by the writers. Empty: write
+        #: everything an older release expects.
+        self.lean_apps: set[str] = set()
 
     # -- listeners ------------------------------------------------------------------
 
