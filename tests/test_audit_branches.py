@@ -673,9 +673,11 @@ def test_a_kill_after_a_transactional_step_a_timeout_cancelled_replays_the_timeo
     the database's write lock, so the worker's own heartbeats wait for its COMMIT.
     With a 1 s lease a loaded machine (0.3 s of step, the lock taken late) left the
     last heartbeat more than 3/4 lease old: the worker stopped the step's body for its
-    hold in doubt (docs/leases.md), the transaction rolled back, and a step whose
-    branch was cancelled begins nothing new (docs/guide.md), not even the stopped
-    attempt again; the run ended "timed out" with no row and no kill."""
+    hold in doubt (docs/leases.md) and the transaction rolled back. A step whose branch
+    was cancelled then began nothing new, not even the stopped attempt again: the run
+    ended "timed out" with no row and no kill, txhold's entry left ``running``. (A
+    fenced attempt now starts again even in a cancelled branch, docs/leases.md:
+    tests/engine/test_pause_guard.py.)"""
     w = Worker(url, tmp_path)
     w.killed("tx_timed", {"tx": "txhold#1", "lease": 3.0})
     out = w.outcome("tx_timed")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 
 import cantata
 from cantata import Retry
-from cantata.model.records import Attempt, RunWrite
+from cantata.model.records import Attempt, RunWrite, branch_cancelled
 
 from .helpers import eventually, make_app
 
@@ -221,6 +222,84 @@ async def test_a_body_the_engine_fences_stops_at_once_and_the_run_goes_on(
     assert [(a.key, a.attempt, a.error_type) for a in attempts] == [
         ("pay#1", 1, None), ("ship#1", 1, None)]
     assert entered == [handle.run_id]  # one execution went on: not ended and launched anew
+
+
+@pytest.mark.parametrize("kind", ["plain", "transactional"])
+async def test_a_step_of_a_cancelled_branch_stopped_by_its_fence_ends_as_it_will(
+    sqlite_url: str, kind: str
+) -> None:
+    """A timeout of the workflow's code cancels the branch of a step in progress (it
+    ends as it will, docs/guide.md), then the engine's fence stops the step's body (its
+    worker's hold in doubt, docs/leases.md). The stopped attempt is still the one in
+    progress: it starts again once the hold is sure, as any fenced attempt does, and
+    the step ends as it will; its history entry says how (``completed``, its branch
+    cancelled), and so does the console's API. Before, the step was stopped for good
+    (its branch to begin nothing new): its entry stayed ``running`` and its attempt
+    open in a run that went on to its fallback and completed (shown ``interrupted``,
+    not ``cancelled``), and a transactional step's row was never written."""
+    from tests.server.test_cli_json import api_json
+    from tests.server.test_run_marks import console
+
+    app = make_app(sqlite_url, lease=LEASE)
+    began = asyncio.Event()
+    calls: list[str] = []
+
+    async def body(tx: cantata.Tx | None) -> int:
+        calls.append("began")
+        began.set()
+        await asyncio.sleep(0.2 if len(calls) > 1 else 60)
+        if tx is not None:
+            await tx.execute("INSERT INTO held (n) VALUES (?)", len(calls))
+        calls.append("ended")
+        return len(calls)
+
+    if kind == "transactional":
+        @app.transaction(name="hold", retry=Retry(max_attempts=1))
+        async def hold_tx(tx: cantata.Tx) -> int:
+            return await body(tx)
+        hold: Any = hold_tx
+    else:
+        @app.step(name="hold", retry=Retry(max_attempts=1))
+        async def hold_plain() -> int:
+            return await body(None)
+        hold = hold_plain
+
+    @app.step
+    async def fallback() -> str:
+        return "fell back"
+
+    @app.workflow
+    async def timed(ctx: cantata.WorkflowContext) -> str:
+        try:
+            async with asyncio.timeout(0.05):
+                await ctx.run(hold)
+        except TimeoutError:
+            return str(await ctx.run(fallback))
+        return "in time"
+
+    async with app, console(app) as shop:
+        lite = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=10)
+        lite.execute("CREATE TABLE held (n INTEGER)")
+        lite.commit()
+        handle = await app.start(timed)
+        await asyncio.wait_for(began.wait(), 10)
+        await asyncio.sleep(0.3)  # (the timeout's timer, due earlier, has gone off)
+        app.engine.fence_self()
+        assert await handle.result(timeout=10) == "fell back"
+        history = {e.key: e for e in await app.store.load_history(app.name, handle.run_id)}
+        attempts = await app.store.load_attempts(app.name, handle.run_id)
+        detail = await api_json(shop, f"/api/runs/{handle.run_id}")
+    rows = lite.execute("SELECT n FROM held").fetchall()
+    lite.close()
+    entry = history["hold#1"]
+    assert (entry.status, entry.result) == ("completed", "3"), entry
+    assert calls == ["began", "began", "ended"]  # stopped, then begun again as attempt 1
+    assert branch_cancelled(entry), entry
+    assert [(a.key, a.attempt, a.error_type, a.ended_at is not None) for a in attempts
+            if a.key == "hold#1"] == [("hold#1", 1, None, True)]
+    [step] = [s for s in detail["steps"] if s["key"] == "hold#1"]
+    assert (step["status"], step["cancelled"]) == ("completed", True), step
+    assert rows == ([(2,)] if kind == "transactional" else [])  # the stopped try left none
 
 
 async def test_a_fenced_step_outwaits_a_slow_first_heartbeat_without_a_cancel(

@@ -153,14 +153,19 @@ async def call_step(
             value = await execute_fenced(x, sdef, args, key, number, kind, stamped)
             result = codec.dumps(value, f"result of step {sdef.name}", limit=x.engine.max_payload)
         except _Fenced:
-            # Stopped because this worker's hold lapsed (a store outage): not an
-            # attempt. Once the store answers, the same attempt starts again, after
-            # its fenced start checkpoint proves the run is still ours.
+            # Stopped because this worker's hold lapsed (a store outage, a pause): not
+            # an attempt. Once the store answers, the same attempt starts again, after
+            # its fenced start checkpoint proves the run is still ours. It is still the
+            # attempt in progress, so it goes on even if its branch is to begin nothing
+            # new meanwhile (as after a crash: ``resuming``). Before, a step of a branch
+            # the workflow's code had cancelled was stopped here for good, its entry
+            # left ``running`` and its attempt open in a run that went on and ended.
             write = RunWrite()
             del x.inflight[key]
             await x.engine.ownership.regained()
             n -= 1
             number -= 1
+            resuming = path
             continue
         except Exception as exc:
             write = RunWrite()
