@@ -29,10 +29,12 @@ Skipped where git history is not available (a source tarball).
 from __future__ import annotations
 
 import collections
+import fcntl
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -206,6 +208,50 @@ def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=60)
 
 
+#: Where the older releases are kept once extracted and compiled, by full commit id (a
+#: commit's tree never changes): every xdist worker of every session on this machine
+#: reuses them, instead of each worker extracting the three releases again and its first
+#: processes of each compiling all of its modules (a second of CPU each).
+RELEASE_CACHE = Path.home() / ".cache" / "cantata" / "releases"
+
+
+def _release_src(commit: str, scratch: Path) -> Path | None:
+    """``src`` of ``commit``, extracted from git history and compiled once into
+    :data:`RELEASE_CACHE` (``scratch`` if that cannot be written); ``None`` if the
+    commit is not in this clone's history."""
+    full = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if full.returncode != 0:
+        return None
+    sha = full.stdout.decode().strip()
+    try:
+        RELEASE_CACHE.mkdir(parents=True, exist_ok=True)
+        lock = open(RELEASE_CACHE / f"{sha}.lock", "wb")  # noqa: SIM115 (closed below)
+    except OSError:
+        root, lock = scratch, None
+    else:
+        root = RELEASE_CACHE
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process of the session makes it
+        release = root / sha
+        if not (release / "complete").exists():
+            archive = _git("archive", "--format=tar", sha, "src")
+            if archive.returncode != 0:
+                return None
+            shutil.rmtree(release, ignore_errors=True)  # (a making cut short)
+            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                tar.extractall(release, filter="data")
+            # Compiled where its processes will look (PYTHONPYCACHEPREFIX, as
+            # tests/conftest.py sets it, or next to the source).
+            subprocess.run([PY, "-m", "compileall", "-q", str(release / "src")],
+                           capture_output=True, timeout=120, check=True)
+            (release / "complete").touch()
+        return release / "src"
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """``src`` of each older release, extracted from git history (skips without it)."""
@@ -218,18 +264,16 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pat
             "no git history here (a source tarball?): the older releases these "
             "tests run come from it"
         )
-    root = tmp_path_factory.mktemp("releases")
+    scratch = tmp_path_factory.mktemp("releases")
     out: dict[str, Path] = {}
     for commit in (PREVIOUS, BEFORE_CHANNEL, BEFORE_SETTLE):
-        archive = _git("archive", "--format=tar", commit, "src")
-        if archive.returncode != 0:
+        src = _release_src(commit, scratch)
+        if src is None:
             pytest.skip(
                 f"commit {commit} is not in this clone's history (a shallow clone?): "
                 "fetch the full history to run the upgrade tests"
             )
-        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-            tar.extractall(root / commit, filter="data")
-        out[commit] = root / commit / "src"
+        out[commit] = src
     yield out
 
 
