@@ -156,12 +156,15 @@ async def tick(ctx: WorkflowContext, at: Any) -> None:
 
 CLIENT = '''
 """start OFFSET N | publish OFFSET N | wait OFFSETS N TIMEOUT | finish OFFSETS N TIMEOUT
-(publish, then wait: one process) | open"""
+(publish, then wait: one process; between the two it makes a file ``published`` and,
+if there is a file ``hold``, waits until it is gone: the wait's timeout counts from
+then) | open"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import sys
 
 from upapp import app, job, queued, waiter
@@ -181,6 +184,9 @@ async def main(mode: str, offsets: list[int], n: int, timeout: float) -> None:
             for off in offsets:
                 for i in range(off, off + n):
                     await app.publish("go", {"i": i})
+            pathlib.Path("published").touch()
+            while pathlib.Path("hold").exists():  # (roll: the older worker stops now)
+                await asyncio.sleep(0.02)
         if mode in ("wait", "finish"):
             out = {}
             loop = asyncio.get_running_loop()
@@ -506,12 +512,30 @@ def roll(
     new = setup.worker(new_src, "new", "new")
     new.wait_serving()
     joined = time.time()
-    assert setup.client(new_src, "new", "publish", "0,100", str(n)).returncode == 0
+    # One client process publishes, then waits for every run (``finish``); the older
+    # worker is stopped once it has published, and the wait begins once it stopped
+    # (``hold``), as it did with a client process for each.
     if stop_old:
-        assert old.stop() == 0, f"the older worker did not drain cleanly:\n{old.text()}"
-    done = results(
-        setup.client(new_src, "new", "wait", "0,100", str(n), str(wait), timeout=wait + 15)
+        (setup.folder / "hold").touch()
+    client = subprocess.Popen(
+        [PY, "client.py", "finish", "0,100", str(n), str(wait)],
+        cwd=setup.folder, env=setup.env(new_src, "new"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    setup.procs.append(client)  # type: ignore[arg-type]
+    if stop_old:
+        wait_for(lambda: (setup.folder / "published").exists() or client.poll() is not None,
+                 60, "the client to publish")
+        assert client.poll() is None, client.communicate()
+        code = old.stop()
+        (setup.folder / "hold").unlink()
+        assert code == 0, f"the older worker did not drain cleanly:\n{old.text()}"
+    try:
+        out, err = client.communicate(timeout=wait + 15)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        out, err = client.communicate()
+    done = results(subprocess.CompletedProcess(client.args, client.returncode, out, err))
     return Rolled(setup, old, new, done, handled_rows(setup), joined)
 
 
