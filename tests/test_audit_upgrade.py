@@ -49,6 +49,8 @@ from typing import Any
 
 import pytest
 
+from tests.schema_pool import SchemaPool
+
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -391,14 +393,12 @@ def _setup(store: str, folder: Path, **kw: Any) -> Setup:
 
 
 @pytest.fixture
-def pg_store(postgres_url: str) -> Iterator[str]:
+def pg_store(postgres_url: str, schema_pool: SchemaPool) -> Iterator[str]:
+    """A PostgreSQL schema nobody used (the older release makes it), dropped after the
+    test off its path (``schema_pool``'s thread)."""
     schema = f"aupg_{uuid.uuid4().hex[:10]}"
     yield f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={schema}"
-    import asyncio
-
-    from tests.helpers import drop_schema
-
-    asyncio.run(drop_schema(postgres_url, schema))
+    schema_pool.give_back(schema)
 
 
 # -- what the ledger says -------------------------------------------------------------------
