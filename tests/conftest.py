@@ -156,11 +156,12 @@ def schema_pool(postgres_url: str) -> Iterator[SchemaPool]:
 
 
 @pytest.fixture
-async def fresh_schema(postgres_url: str) -> AsyncIterator[str]:
-    """A schema name nobody has used yet (dropped after the test)."""
+def fresh_schema(schema_pool: SchemaPool) -> Iterator[str]:
+    """A schema name nobody has used yet (dropped after the test, off its path:
+    ``schema_pool``'s thread)."""
     schema = f"cantata_fresh_{uuid.uuid4().hex[:10]}"
     yield schema
-    await drop_schema(postgres_url, schema)
+    schema_pool.give_back(schema)
 
 
 @pytest.fixture

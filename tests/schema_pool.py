@@ -57,11 +57,7 @@ class SchemaPool:
                 none came within ``timeout`` seconds.
         """
         with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="schema-pool", daemon=True
-                )
-                self._thread.start()
+            self._start()
             self._failure = None
             if not self._cond.wait_for(
                 lambda: bool(self._ready) or self._failure is not None, timeout
@@ -76,10 +72,18 @@ class SchemaPool:
             return schema
 
     def give_back(self, schema: str) -> None:
-        """Drop ``schema`` (and everything in it) soon, in the thread."""
+        """Drop ``schema`` (and everything in it) soon, in the thread: one this pool
+        handed out, or any other a test made (``fresh_schema`` in tests/conftest.py)."""
         with self._cond:
+            self._start()
             self._doomed.append(schema)
             self._cond.notify_all()
+
+    def _start(self) -> None:
+        """Start the thread if it is not running (the caller holds ``_cond``)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="schema-pool", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
         """Drop the schemas given back and those still ready; stop the thread."""

@@ -29,10 +29,12 @@ Skipped where git history is not available (a source tarball).
 from __future__ import annotations
 
 import collections
+import fcntl
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -46,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.schema_pool import SchemaPool
 
 pytestmark = [pytest.mark.slow]
 
@@ -154,12 +158,15 @@ async def tick(ctx: WorkflowContext, at: Any) -> None:
 
 CLIENT = '''
 """start OFFSET N | publish OFFSET N | wait OFFSETS N TIMEOUT | finish OFFSETS N TIMEOUT
-(publish, then wait: one process) | open"""
+(publish, then wait: one process; between the two it makes a file ``published`` and,
+if there is a file ``hold``, waits until it is gone: the wait's timeout counts from
+then) | open"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import sys
 
 from upapp import app, job, queued, waiter
@@ -179,6 +186,9 @@ async def main(mode: str, offsets: list[int], n: int, timeout: float) -> None:
             for off in offsets:
                 for i in range(off, off + n):
                     await app.publish("go", {"i": i})
+            pathlib.Path("published").touch()
+            while pathlib.Path("hold").exists():  # (roll: the older worker stops now)
+                await asyncio.sleep(0.02)
         if mode in ("wait", "finish"):
             out = {}
             loop = asyncio.get_running_loop()
@@ -206,6 +216,50 @@ def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=60)
 
 
+#: Where the older releases are kept once extracted and compiled, by full commit id (a
+#: commit's tree never changes): every xdist worker of every session on this machine
+#: reuses them, instead of each worker extracting the three releases again and its first
+#: processes of each compiling all of its modules (a second of CPU each).
+RELEASE_CACHE = Path.home() / ".cache" / "cantata" / "releases"
+
+
+def _release_src(commit: str, scratch: Path) -> Path | None:
+    """``src`` of ``commit``, extracted from git history and compiled once into
+    :data:`RELEASE_CACHE` (``scratch`` if that cannot be written); ``None`` if the
+    commit is not in this clone's history."""
+    full = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if full.returncode != 0:
+        return None
+    sha = full.stdout.decode().strip()
+    try:
+        RELEASE_CACHE.mkdir(parents=True, exist_ok=True)
+        lock = open(RELEASE_CACHE / f"{sha}.lock", "wb")  # noqa: SIM115 (closed below)
+    except OSError:
+        root, lock = scratch, None
+    else:
+        root = RELEASE_CACHE
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process of the session makes it
+        release = root / sha
+        if not (release / "complete").exists():
+            archive = _git("archive", "--format=tar", sha, "src")
+            if archive.returncode != 0:
+                return None
+            shutil.rmtree(release, ignore_errors=True)  # (a making cut short)
+            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                tar.extractall(release, filter="data")
+            # Compiled where its processes will look (PYTHONPYCACHEPREFIX, as
+            # tests/conftest.py sets it, or next to the source).
+            subprocess.run([PY, "-m", "compileall", "-q", str(release / "src")],
+                           capture_output=True, timeout=120, check=True)
+            (release / "complete").touch()
+        return release / "src"
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """``src`` of each older release, extracted from git history (skips without it)."""
@@ -218,18 +272,16 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pat
             "no git history here (a source tarball?): the older releases these "
             "tests run come from it"
         )
-    root = tmp_path_factory.mktemp("releases")
+    scratch = tmp_path_factory.mktemp("releases")
     out: dict[str, Path] = {}
     for commit in (PREVIOUS, BEFORE_CHANNEL, BEFORE_SETTLE):
-        archive = _git("archive", "--format=tar", commit, "src")
-        if archive.returncode != 0:
+        src = _release_src(commit, scratch)
+        if src is None:
             pytest.skip(
                 f"commit {commit} is not in this clone's history (a shallow clone?): "
                 "fetch the full history to run the upgrade tests"
             )
-        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-            tar.extractall(root / commit, filter="data")
-        out[commit] = root / commit / "src"
+        out[commit] = src
     yield out
 
 
@@ -341,14 +393,12 @@ def _setup(store: str, folder: Path, **kw: Any) -> Setup:
 
 
 @pytest.fixture
-def pg_store(postgres_url: str) -> Iterator[str]:
+def pg_store(postgres_url: str, schema_pool: SchemaPool) -> Iterator[str]:
+    """A PostgreSQL schema nobody used (the older release makes it), dropped after the
+    test off its path (``schema_pool``'s thread)."""
     schema = f"aupg_{uuid.uuid4().hex[:10]}"
     yield f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={schema}"
-    import asyncio
-
-    from tests.helpers import drop_schema
-
-    asyncio.run(drop_schema(postgres_url, schema))
+    schema_pool.give_back(schema)
 
 
 # -- what the ledger says -------------------------------------------------------------------
@@ -462,12 +512,30 @@ def roll(
     new = setup.worker(new_src, "new", "new")
     new.wait_serving()
     joined = time.time()
-    assert setup.client(new_src, "new", "publish", "0,100", str(n)).returncode == 0
+    # One client process publishes, then waits for every run (``finish``); the older
+    # worker is stopped once it has published, and the wait begins once it stopped
+    # (``hold``), as it did with a client process for each.
     if stop_old:
-        assert old.stop() == 0, f"the older worker did not drain cleanly:\n{old.text()}"
-    done = results(
-        setup.client(new_src, "new", "wait", "0,100", str(n), str(wait), timeout=wait + 15)
+        (setup.folder / "hold").touch()
+    client = subprocess.Popen(
+        [PY, "client.py", "finish", "0,100", str(n), str(wait)],
+        cwd=setup.folder, env=setup.env(new_src, "new"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    setup.procs.append(client)  # type: ignore[arg-type]
+    if stop_old:
+        wait_for(lambda: (setup.folder / "published").exists() or client.poll() is not None,
+                 60, "the client to publish")
+        assert client.poll() is None, client.communicate()
+        code = old.stop()
+        (setup.folder / "hold").unlink()
+        assert code == 0, f"the older worker did not drain cleanly:\n{old.text()}"
+    try:
+        out, err = client.communicate(timeout=wait + 15)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        out, err = client.communicate()
+    done = results(subprocess.CompletedProcess(client.args, client.returncode, out, err))
     return Rolled(setup, old, new, done, handled_rows(setup), joined)
 
 

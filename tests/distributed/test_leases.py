@@ -90,9 +90,10 @@ async def test_workers_paused_past_their_lease_leave_no_run_stuck(
                 assert time.monotonic() < end, "both workers should be running steps"
                 if len(handles) < 40:
                     i = len(handles)
-                    handles.append(
-                        await lease_app.start("chain", {"id": i, "seconds": 6.0, "steps": "ab"})
-                    )
+                    # (step a spans both pauses; b, which begins after them, need
+                    # not be as long)
+                    handles.append(await lease_app.start(
+                        "chain", {"id": i, "seconds": 6.0, "seconds_b": 0.3, "steps": "ab"}))
                 await asyncio.sleep(0.15)
             await asyncio.sleep(0.5)
             for worker in workers:
