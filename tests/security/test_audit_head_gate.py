@@ -236,3 +236,23 @@ async def test_a_sagas_commits_with_the_gate_open_write_no_audit_head_page(
         assert report.ok and report.records == row[0], report
     code, out = await verify_cli(capsys, path)
     assert code == 0 and "chain intact (keyed)" in out, out
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["gate-closed", "gate-open"])
+async def test_a_tail_cut_with_audit_head_alone_moved_back_is_detected(
+    store: SQLiteStore, lean: bool
+) -> None:
+    """Moving back the `audit_head` row alone (as it was the whole head before schema
+    32) no longer hides a tail cut: the head row still names the last record."""
+    if lean:
+        store.lean_apps.add(APP)
+    await busy(store)
+    n, _ = last_record(store.path)
+    sql(store.path, "DROP TRIGGER IF EXISTS audit_no_delete")
+    sql(store.path, "DELETE FROM audit WHERE app=? AND seq > ?", APP, n - 2)
+    sql(store.path, "INSERT INTO audit_head (app, seq, prev_hash, hash) SELECT app, seq, "
+        "prev_hash, hash FROM audit WHERE app=? AND seq=? ON CONFLICT (app) DO UPDATE SET "
+        "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash", APP, n - 2)
+    report = await store.verify_audit(APP, key=audit.AuditKey(KEY))
+    assert (report.ok, report.first_bad_seq) == (False, n - 1), report
+    assert report.reason is not None and "missing" in report.reason, report
