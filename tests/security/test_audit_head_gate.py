@@ -13,6 +13,7 @@ kinds of writers and across the gate opening and closing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import time
 from collections import Counter
@@ -120,7 +121,7 @@ async def check_one_chain(store: SQLiteStore, capsys: pytest.CaptureFixture[str]
     The number of records."""
     records = await store.audit_records(APP, limit=10_000)
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
-    for before, after in zip(records, records[1:], strict=False):
+    for before, after in itertools.pairwise(records):
         assert after.prev_hash == before.hash, after
     assert await store.audit_head(APP) == (records[-1].seq, records[-1].hash)
     report = await store.verify_audit(APP, key=audit.AuditKey(KEY))

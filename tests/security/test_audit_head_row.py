@@ -188,8 +188,8 @@ async def test_appends_continue_the_chain_from_the_head_row(
 async def test_an_app_whose_head_is_only_a_head_row_is_listed(store: SQLiteStore) -> None:
     await store.record_action("quiet", "cli:alice", "token.created", "t", {"role": "admin"})
     sql(store, "INSERT OR IGNORE INTO audit (app, seq, time, actor, action, target, data, "
-        "prev_hash, hash) SELECT app || char(1), 0, 0, 'cantata', 'audit.head', '', CAST(seq AS TEXT), "
-        "prev_hash, hash FROM audit_head WHERE app='quiet'")
+        "prev_hash, hash) SELECT app || char(1), 0, 0, 'cantata', 'audit.head', '', "
+        "CAST(seq AS TEXT), prev_hash, hash FROM audit_head WHERE app='quiet'")
     sql(store, "DELETE FROM audit_head WHERE app='quiet'")
     apps = await store.apps()
     assert "quiet" in apps and not any("\x01" in a for a in apps)
