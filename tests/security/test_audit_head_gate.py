@@ -208,31 +208,30 @@ def _saga_app(url: str) -> cantata.App:
 async def test_a_sagas_commits_with_the_gate_open_write_no_audit_head_page(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Gate closed, every saga writes an `audit_head` page (it is kept for older
-    processes); open, none does, and the chain verifies (store and CLI, keyed)."""
+    """Gate open, no saga's commits write a page of `audit_head` (before schema 32
+    every audited commit wrote one: ~1 a commit), the head row is the head, and the
+    chain verifies (store and CLI, keyed). (The gate is opened by hand: the engine's
+    own gate opens it at the worker's first heartbeat when no older worker is there.
+    The gate closed is tested without an engine, above.)"""
     path = str(tmp_path / "s.db")
     app = _saga_app(f"sqlite:///{path}")
-    commits: dict[bool, list[list[int]]] = {False: [], True: []}
+    commits: list[list[int]] = []
     async with app:
-        for i in range(60):
-            lean = i >= 20
-            if lean:
-                app.store.lean_apps.add(APP)
+        app.store.lean_apps.add(APP)
+        for i in range(50):
             before = mx_frame(path)
             assert await (await app.start("saga", i)).result(timeout=30) == i + 3
             after = mx_frame(path)
             if after > before:  # (a WAL that started over: skip)
-                commits[lean].append(frame_pages(path, before + 1, after))
+                commits.append(frame_pages(path, before + 1, after))
         with sqlite3.connect(path) as conn:
             tree = dict(conn.execute("SELECT pageno, name FROM dbstat").fetchall())
-        named = {lean: [Counter(tree.get(p, "?") for p in pages) for pages in sagas[5:]]
-                 for lean, sagas in commits.items()}
-        assert len(named[False]) >= 10 and len(named[True]) >= 30
-        assert all(n["audit_head"] >= 1 for n in named[False]), named[False][:3]
-        assert not [n for n in named[True] if "audit_head" in n], named[True][:3]
-        assert all(n["audit"] >= 1 for n in named[True]), named[True][:3]
+        named = [Counter(tree.get(p, "?") for p in pages) for pages in commits[5:]]
+        assert len(named) >= 30
+        assert not [n for n in named if "audit_head" in n], named[:3]
+        assert all(n["audit"] >= 1 for n in named), named[:3]
         old, row = heads(path)
-        assert row == last_record(path) and old is not None and old[0] < row[0]
+        assert row == last_record(path) and (old is None or old[0] < row[0])
         report = await app.store.verify_audit(APP, key=audit.AuditKey(KEY))
         assert report.ok and report.records == row[0], report
     code, out = await verify_cli(capsys, path)
