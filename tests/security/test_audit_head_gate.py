@@ -256,3 +256,41 @@ async def test_a_tail_cut_with_audit_head_alone_moved_back_is_detected(
     report = await store.verify_audit(APP, key=audit.AuditKey(KEY))
     assert (report.ok, report.first_bad_seq) == (False, n - 1), report
     assert report.reason is not None and "missing" in report.reason, report
+
+
+async def test_a_version_30_store_gets_head_rows_and_keeps_audit_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Migration 0032 on a store as releases before it left it (the head in
+    `audit_head` alone, records append-only to the last row): each head copied into its
+    head row, `audit_head` kept and still taking an older writer's rows, the head row
+    movable, the chain one."""
+    path = str(tmp_path / "c.db")
+    s = SQLiteStore(path)
+    await s.open()
+    s.set_audit_key(APP, audit.AuditKey(KEY))
+    await busy(s)
+    await s.close()
+    with sqlite3.connect(path) as conn:  # back to schema 30's layout
+        conn.execute("DELETE FROM audit WHERE seq=0")
+        for trigger in ("update", "delete"):
+            conn.execute(f"DROP TRIGGER audit_no_{trigger}")
+            conn.execute(f"CREATE TRIGGER audit_no_{trigger} BEFORE {trigger.upper()} ON audit "
+                         "BEGIN SELECT RAISE(ABORT, 'the Cantata audit log is append-only'); "
+                         "END")
+        conn.execute("UPDATE cantata_meta SET value='30' WHERE key='schema_version'")
+    assert heads(path) == (last_record(path), None)
+    s = SQLiteStore(path)
+    await s.open()
+    s.set_audit_key(APP, audit.AuditKey(KEY))
+    try:
+        assert await s.audit_head_seq(APP) == 6  # (opened: migrated)
+        assert heads(path) == (last_record(path),) * 2
+        older_append(path, "older.one")  # audit_head still takes an older writer's rows
+        await busy(s, 1)
+        assert heads(path) == (last_record(path),) * 2
+        assert await check_one_chain(s, capsys) == 6 + 1 + 3
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            sql(path, "UPDATE audit SET actor='mallory' WHERE app=? AND seq=2", APP)
+    finally:
+        await s.close()
