@@ -1,18 +1,26 @@
 """What a SQLite write transaction's statements cost, counted under callgrind.
 
-    python -m bench.sqlite_statements checkpoint K [--no-attempts]
+    python -m bench.sqlite_statements checkpoint K [--no-attempts] [--lean]
     python -m bench.sqlite_statements bind ints|nones K
     python -m bench.sqlite_statements cursor connection|cursor K
+    python -m bench.sqlite_statements head none|audit_head|both|row|both-upsert|row-upsert K
 
 ``checkpoint``: ``K`` middle checkpoints of one run (two history rows, the step that
 ended and the next begun, their two attempts, one audit record), each its own write
 transaction straight on the store's connection: ``BEGIN IMMEDIATE``, the fenced
 checkpoint (``SQLiteRuns._commit_fenced``), ``TxConnection.before_commit``, ``COMMIT``,
-with no event loop in between. It prints the statements of one (counted with a trace
+with no event loop in between (``--lean``: the app's gate open, ``store.lean_apps``, so
+that the audit head's ``audit_head`` row is not written: docs/performance.md, round
+twenty-six (audit head)). It prints the statements of one (counted with a trace
 callback over the first ten, which are outside nothing else) and the CPU time of each.
 ``bind``: ``K`` INSERTs of ten parameters, all ``1`` or all ``None``, into a table in
 memory. ``cursor``: ``K`` UPDATEs of one row by its key, by ``Connection.execute`` (a
-cursor made for each) or by one cursor's ``execute``.
+cursor made for each) or by one cursor's ``execute``. ``head``: ``K`` write transactions
+on a store's connection, each one audit record and then the chain head's writes as
+``TxConnection.before_commit`` makes them: ``audit_head`` alone (what releases before
+SQLite schema 32 wrote), ``both`` (the head row of ``audit`` and ``audit_head``: the
+gate closed), ``row`` (the head row alone: the gate open), the head row by an upsert
+instead of a REPLACE (``-upsert``), or ``none`` (the record alone, the baseline).
 
 Each is a count when run under callgrind twice with two values of ``K``: the
 difference of the two totals over the difference of ``K`` is the instructions of one
@@ -36,12 +44,15 @@ import time
 from cantata.model.records import Attempt, EntryKind, EntryStatus, HistoryEntry, RunWrite
 from cantata.model.status import RunStatus
 from cantata.store.sqlite import SQLiteStore
+from cantata.store.sqlite_ops import AUDIT_COLS
 from cantata.testing.contract.support import new_run
 
 
-def checkpoint(k: int, attempts: bool) -> str:
+def checkpoint(k: int, attempts: bool, lean: bool = False) -> str:
     folder = tempfile.mkdtemp(prefix="cantata-statements-")
     store = SQLiteStore(f"{folder}/s.db")
+    if lean:
+        store.lean_apps.add("stmts")
     run = new_run("stmts", status=RunStatus.RUNNING, owner="w1", fence=1)
 
     async def set_up() -> None:
@@ -101,23 +112,58 @@ def cursor(how: str, k: int) -> str:
     return f"{k} UPDATEs by {how}.execute"
 
 
+def head(how: str, k: int) -> str:
+    from cantata.store.sqlite_open import connect
+    from cantata.store.sqlite_thread import HEAD_MARK, UPSERT_HEAD, UPSERT_HEAD_ROW
+
+    upsert_row = ("INSERT INTO audit (app, seq, time, actor, action, target, data, prev_hash, "
+                  "hash) VALUES (?, 0, 0, 'cantata', 'audit.head', '', ?, ?, ?) ON CONFLICT "
+                  "(app, seq) DO UPDATE SET data=excluded.data, prev_hash=excluded.prev_hash, "
+                  "hash=excluded.hash")
+    row_sql = upsert_row if how.endswith("-upsert") else UPSERT_HEAD_ROW
+    kind = how.removesuffix("-upsert")
+    folder = tempfile.mkdtemp(prefix="cantata-statements-")
+    c = connect(f"{folder}/h.db", f"sqlite:///{folder}/h.db", "OFF")
+    run, h = c.dml.execute, "ab" * 32
+    began = time.thread_time()
+    for seq in range(1, k + 1):
+        c.begin_write()
+        run(f"INSERT INTO audit (app, {AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            ("app", seq, 0.0, "worker:w1", "run.checkpoint", "r", "{}", h, h))
+        if kind in ("both", "row"):
+            run(row_sql, ("app" + HEAD_MARK, seq, h, h))
+        if kind in ("both", "audit_head"):
+            run(UPSERT_HEAD, ("app", seq, h, h))
+        run("COMMIT")
+    spent = (time.thread_time() - began) / k * 1e6
+    c.close()
+    return f"{k} audited commits, head written as {how}: {spent:.1f} µs of CPU each"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sqlite_statements")
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("checkpoint")
     p.add_argument("k", type=int)
     p.add_argument("--no-attempts", action="store_true")
+    p.add_argument("--lean", action="store_true")
     p = sub.add_parser("bind")
     p.add_argument("kind", choices=["ints", "nones"])
     p.add_argument("k", type=int)
     p = sub.add_parser("cursor")
     p.add_argument("how", choices=["connection", "cursor"])
     p.add_argument("k", type=int)
+    p = sub.add_parser("head")
+    p.add_argument("how", choices=["none", "audit_head", "both", "row", "both-upsert",
+                                    "row-upsert"])
+    p.add_argument("k", type=int)
     args = parser.parse_args()
     if args.what == "checkpoint":
-        print(checkpoint(args.k, not args.no_attempts))
+        print(checkpoint(args.k, not args.no_attempts, args.lean))
     elif args.what == "bind":
         print(bind(args.kind, args.k))
+    elif args.what == "head":
+        print(head(args.how, args.k))
     else:
         print(cursor(args.how, args.k))
 

@@ -44,6 +44,24 @@ class Db:
             statement = "".join(f"${next(n)}" if ch == "?" else ch for ch in statement)
         return await self._run(statement, args)
 
+    async def set_head(self, app: str, hash_: str, seq: int | None = None) -> None:
+        """Move ``app``'s recorded chain head (its seq too, if given): on SQLite both
+        of its rows, ``audit_head``'s and the head row of ``audit`` keyed (app ||
+        char(1), 0) (schema 32: every commit moves that row, ``audit_head`` only while
+        an older process may read it), as an attacker who knows the layout would."""
+        if seq is None:
+            await self.sql("UPDATE audit_head SET hash=? WHERE app=?", hash_, app)
+        else:
+            await self.sql("UPDATE audit_head SET seq=?, hash=? WHERE app=?", seq, hash_, app)
+        if self.dialect == "sqlite":
+            await self.sql("UPDATE audit SET hash=?, data=coalesce(?, data) WHERE app=? "
+                           "AND seq=0", hash_, None if seq is None else str(seq), app + "\x01")
+
+    async def delete_head(self, app: str) -> None:
+        await self.sql("DELETE FROM audit_head WHERE app=?", app)
+        if self.dialect == "sqlite":
+            await self.sql("DELETE FROM audit WHERE app=? AND seq=0", app + "\x01")
+
     async def unprotected(self) -> None:
         if self.dialect == "postgres":
             await self.sql("ALTER TABLE audit DISABLE TRIGGER audit_append_only")
@@ -128,7 +146,7 @@ async def test_a_tail_deleted_with_the_head_updated_is_detected(
     await db.unprotected()
     await db.sql("DELETE FROM audit WHERE app='shop' AND seq > ?", last - 2)
     [(seq, h)] = await db.sql("SELECT seq, hash FROM audit WHERE app='shop' AND seq=?", last - 2)
-    await db.sql("UPDATE audit_head SET seq=?, hash=? WHERE app='shop'", seq, h)
+    await db.set_head("shop", h, seq)
     code, out = await cli(capsys, "audit", "verify", "--store", db.url, "--head", str(head))
     assert code == 1 and "TAMPERED" in out and "deleted after the export" in out, out
 
@@ -141,7 +159,7 @@ async def test_everything_deleted_is_detected(
     await export(capsys, db.url, head)
     await db.unprotected()
     await db.sql("DELETE FROM audit WHERE app='shop'")
-    await db.sql("DELETE FROM audit_head WHERE app='shop'")
+    await db.delete_head("shop")
     code, out = await cli(capsys, "audit", "verify", "--store", db.url, "--head", str(head))
     assert code == 1 and "TAMPERED" in out, out
     # even without the exported head: runs exist, their records are gone
@@ -164,7 +182,7 @@ async def test_a_chain_rehashed_without_the_key_is_detected(
         await db.sql("UPDATE audit SET actor=?, prev_hash=?, hash=? WHERE app='shop' AND seq=?",
                      actor, prev, h, seq)
     prev = forged[-1][2]
-    await db.sql("UPDATE audit_head SET hash=? WHERE app='shop'", prev)
+    await db.set_head("shop", prev)
     code, out = await cli(capsys, "audit", "verify", "--store", db.url, "--app", "shop")
     assert code == 1 and "TAMPERED" in out, out
     code, out = await cli(capsys, "audit", "verify", "--store", db.url, "--head", str(head))

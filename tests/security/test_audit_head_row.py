@@ -1,14 +1,16 @@
 """A SQLite audit chain whose head lives in the ``audit`` row ``(app || char(1), 0)``.
 
-A later release is to keep each chain's head there, right after the app's last record,
-instead of in ``audit_head`` (docs/performance.md, "Round twenty-four (saga, SQLite)"
-and "Round twenty-five (saga, SQLite): the audit head read from either layout"). This
-release still writes ``audit_head``, but reads the head from either place, whichever is
-further along, so that it keeps working beside that release on one file. Each test
-writes a chain with this release, moves its head into the head row by SQL as that
-release would write it (``audit_head`` left behind, or emptied), then appends, verifies
-or tampers (the cases of ``test_audit_anchor.py`` and of the store contract's tamper
-tests, the head row moved where they moved the ``audit_head`` row).
+Each chain's head is kept there, right after the app's last record (docs/performance.md,
+"Round twenty-four (saga, SQLite)", "Round twenty-five (saga, SQLite): the audit head
+read from either layout" and "Round twenty-six (audit head)"): since SQLite schema 32
+every audited commit moves it, and moves ``audit_head`` too while the app's gate is
+closed (``store.lean_apps``: an older process may read ``audit_head`` alone). The head
+is read from either place, whichever is further along. Each test writes a chain with
+this release (its gate closed, or open), sets the head row to the chain's head by SQL and
+``audit_head`` behind it or emptied (a file where the head row's writer went on without
+an older process), then appends, verifies or tampers (the cases of
+``test_audit_anchor.py`` and of the store contract's tamper tests, the head row moved
+where they moved the ``audit_head`` row).
 """
 
 from __future__ import annotations
@@ -50,11 +52,13 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(common.console, "_width", 300)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+@pytest.fixture(params=["gate-closed", "gate-open"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     s = SQLiteStore(str(tmp_path / "c.db"))
     await s.open()
     s.set_audit_key(APP, audit.AuditKey(KEY))
+    if request.param == "gate-open":  # no older process: audit_head is not written
+        s.lean_apps.add(APP)
     try:
         yield s
     finally:
@@ -84,20 +88,24 @@ async def busy(store: SQLiteStore, runs: int = 3) -> int:
 
 
 def to_head_row(store: SQLiteStore, behind: int | None) -> tuple[int, str]:
-    """The head of ``APP``'s chain written as the later release writes it: the row
-    ``(app || char(1), 0)`` of ``audit`` (its seq as text in ``data``, its
-    ``prev_hash`` and ``hash``); ``audit_head`` emptied (``behind`` ``None``) or set
-    ``behind`` records back. Returns the head ``(seq, hash)``."""
+    """The head of ``APP``'s chain (its last record) written as the head row writer
+    writes it: the row ``(app || char(1), 0)`` of ``audit`` (its seq as text in
+    ``data``, its ``prev_hash`` and ``hash``); ``audit_head`` emptied (``behind``
+    ``None``) or set ``behind`` records back. Returns the head ``(seq, hash)``."""
     [(seq, prev_hash, hash_)] = sql(
-        store, "SELECT seq, prev_hash, hash FROM audit_head WHERE app=?", APP)
+        store, "SELECT seq, prev_hash, hash FROM audit WHERE app=? ORDER BY seq DESC LIMIT 1",
+        APP)
     sql(store, "INSERT INTO audit (app, seq, time, actor, action, target, data, prev_hash, "
-        "hash) VALUES (? || char(1), 0, 0, 'cantata', 'audit.head', '', ?, ?, ?)",
-        APP, str(seq), prev_hash, hash_)
+        "hash) VALUES (? || char(1), 0, 0, 'cantata', 'audit.head', '', ?, ?, ?) "
+        "ON CONFLICT (app, seq) DO UPDATE SET data=excluded.data, "
+        "prev_hash=excluded.prev_hash, hash=excluded.hash", APP, str(seq), prev_hash, hash_)
     if behind is None:
         sql(store, "DELETE FROM audit_head WHERE app=?", APP)
     else:
-        sql(store, "UPDATE audit_head SET (seq, prev_hash, hash) = (SELECT seq, prev_hash, "
-            "hash FROM audit WHERE app=? AND seq=?) WHERE app=?", APP, seq - behind, APP)
+        sql(store, "INSERT INTO audit_head (app, seq, prev_hash, hash) SELECT app, seq, "
+            "prev_hash, hash FROM audit WHERE app=? AND seq=? ON CONFLICT (app) DO UPDATE "
+            "SET seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
+            APP, seq - behind)
     return seq, hash_
 
 
@@ -162,9 +170,13 @@ async def test_appends_continue_the_chain_from_the_head_row(
     records = await store.audit_records(APP, limit=1000)
     assert [r.seq for r in records] == list(range(1, n + 5))
     assert records[seq].prev_hash == hash_  # record #n+1 follows the head row's
-    # this release still writes audit_head: it is the head now, the head row behind it
-    assert sql(store, "SELECT seq, hash FROM audit_head WHERE app=?", APP) == [
-        (n + 4, records[-1].hash)]
+    # the head row is the head again; audit_head is too while the gate is closed, and
+    # stays where it was left once it is open
+    assert sql(store, "SELECT CAST(data AS INTEGER), hash FROM audit WHERE app=? || char(1) "
+               "AND seq=0", APP) == [(n + 4, records[-1].hash)]
+    assert sql(store, "SELECT seq, hash FROM audit_head WHERE app=?", APP) == (
+        [(n + 4, records[-1].hash)] if APP not in store.lean_apps
+        else [] if behind is None else [(seq - behind, records[seq - behind - 1].hash)])
     assert await store.audit_head(APP) == (n + 4, records[-1].hash)
     assert await store.verify_audit(APP, key=audit.AuditKey(KEY)) == AuditReport(True, n + 4)
     code, out = await verify(capsys, store, "--head", str(exported))
@@ -175,9 +187,9 @@ async def test_appends_continue_the_chain_from_the_head_row(
 
 async def test_an_app_whose_head_is_only_a_head_row_is_listed(store: SQLiteStore) -> None:
     await store.record_action("quiet", "cli:alice", "token.created", "t", {"role": "admin"})
-    sql(store, "INSERT INTO audit (app, seq, time, actor, action, target, data, prev_hash, "
-        "hash) SELECT app || char(1), 0, 0, 'cantata', 'audit.head', '', CAST(seq AS TEXT), "
-        "prev_hash, hash FROM audit_head WHERE app='quiet'")
+    sql(store, "INSERT OR IGNORE INTO audit (app, seq, time, actor, action, target, data, "
+        "prev_hash, hash) SELECT app || char(1), 0, 0, 'cantata', 'audit.head', '', "
+        "CAST(seq AS TEXT), prev_hash, hash FROM audit_head WHERE app='quiet'")
     sql(store, "DELETE FROM audit_head WHERE app='quiet'")
     apps = await store.apps()
     assert "quiet" in apps and not any("\x01" in a for a in apps)

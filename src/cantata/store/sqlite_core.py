@@ -83,6 +83,7 @@ class SQLiteCore(StoreBase):
             conn = connect(self.path, self.url, self.synchronous, create=self.create,
                            busy_ms=self.busy_timeout)
             conn.audit_keys = self._audit_keys
+            conn.lean_apps = self.lean_apps  # one set: the gate opens for the writer too
             return conn
 
         thread = ConnectionThread(

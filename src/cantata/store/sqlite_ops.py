@@ -27,7 +27,7 @@ from cantata.model.records import (
 )
 from cantata.model.status import RunStatus
 from cantata.store import audit
-from cantata.store.sqlite_thread import TxConnection
+from cantata.store.sqlite_thread import HEAD_MARK, UPSERT_HEAD, UPSERT_HEAD_ROW, TxConnection
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
 
@@ -247,7 +247,8 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     """Append one record to ``app``'s chain (the caller's transaction is the only writer).
 
     On a :class:`TxConnection` the chain head advances in the transaction's state and
-    its row is written once before COMMIT; on a plain connection, here.
+    its rows are written once before COMMIT (:meth:`TxConnection.before_commit`); on a
+    plain connection, here.
     """
     actor, action, target, data = entry
     tx = c if isinstance(c, TxConnection) else None
@@ -270,12 +271,10 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
     if heads is not None:
         heads[app] = (seq, prev_hash, hash_)
         return
-    c.execute(
-        "INSERT INTO audit_head (app, seq, prev_hash, hash) VALUES (?,?,?,?) "
-        "ON CONFLICT (app) DO UPDATE SET "
-        "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash",
-        (app, seq, prev_hash, hash_),
-    )
+    # (a plain connection knows no gate: both heads, as TxConnection.before_commit with
+    # the app's gate closed)
+    c.execute(UPSERT_HEAD_ROW, (app + HEAD_MARK, seq, prev_hash, hash_))
+    c.execute(UPSERT_HEAD, (app, seq, prev_hash, hash_))
 
 
 def unaudited_runs(c: sqlite3.Connection, app: str) -> tuple[list[str], list[str]]:
@@ -297,15 +296,14 @@ def unaudited_runs(c: sqlite3.Connection, app: str) -> tuple[list[str], list[str
     return [r[0] for r in missing], [r[0] for r in gone]
 
 
-#: The mark that makes the key of an app's audit head row: ``(app + HEAD_MARK, 0)``.
-HEAD_MARK = "\x01"
-
 # The head of an app's chain, read from either layout (docs/performance.md, "Round
-# twenty-five (saga, SQLite): the audit head read from either layout"): the `audit_head`
-# row this release writes, and the `audit` row keyed (app || char(1), 0) that a later
-# release is to write instead, right after the app's last record (its seq as text in
-# `data`, its `prev_hash` and `hash`). Either may be missing. Two index probes in one
-# statement, compared here (a UNION ALL ordered by seq cost twice as much: a temp b-tree).
+# twenty-five (saga, SQLite): the audit head read from either layout" and "Round
+# twenty-six (audit head)"): the `audit_head` row that releases before SQLite schema 32
+# read and move alone (this one moves it too while the app's gate is closed), and the
+# `audit` row keyed (app || char(1), 0) that this release moves in every audited commit,
+# right after the app's last record (its seq as text in `data`, its `prev_hash` and
+# `hash`). Either may be missing or behind. Two index probes in one statement, compared
+# here (a UNION ALL ordered by seq cost twice as much: a temp b-tree).
 _SELECT_HEADS = (
     "SELECT h.seq, h.hash, r.seq, r.hash FROM (SELECT 1) LEFT JOIN audit_head h ON h.app=?1 "
     "LEFT JOIN (SELECT CAST(data AS INTEGER) AS seq, hash FROM audit WHERE app=?2 AND seq=0) r"
@@ -315,9 +313,9 @@ _SELECT_HEADS = (
 def audit_head(c: sqlite3.Connection, app: str) -> tuple[int, str] | None:
     """``(seq, hash)`` of ``app``'s chain head (``None``: empty): ``audit_head``'s row or
     the head row in ``audit``, whichever is further along (on a tie, ``audit_head``'s).
-    Every reader of the head reads it here: the append (which then writes
-    ``audit_head`` alone, as every release before), ``verify`` and its look for records
-    past the head, ``cantata audit head``, the console's feed and Audit page."""
+    Every reader of the head reads it here: the append (which then moves the head row,
+    and ``audit_head`` too while the app's gate is closed), ``verify`` and its look for
+    records past the head, ``cantata audit head``, the console's feed and Audit page."""
     seq, hash_, row_seq, row_hash = c.execute(_SELECT_HEADS, (app, app + HEAD_MARK)).fetchone()
     if row_seq is not None and (seq is None or row_seq > seq):
         return row_seq, row_hash

@@ -74,7 +74,10 @@ class TxConnection(sqlite3.Connection):
 
     ``audit_heads`` holds the head of each app's audit chain as appended in this
     transaction (``app -> (seq, prev_hash, hash)``): operations read and advance it
-    instead of the ``audit_head`` row, which is written once, just before COMMIT.
+    instead of the head's rows, which are written once, just before COMMIT: the head
+    row of ``audit`` (keyed ``(app + HEAD_MARK, 0)``) always, and the ``audit_head``
+    row too unless the app is in ``lean_apps`` (the store's set, shared: the apps no
+    process of an older Cantata can still append to, which read ``audit_head`` alone).
 
     ``decl_versions`` holds each app's declaration version (``cantata_meta``'s
     ``decl:<app>``) as read in this write transaction: inside ``BEGIN IMMEDIATE`` no
@@ -101,6 +104,8 @@ class TxConnection(sqlite3.Connection):
         self.create_function("cantata_was", -1, self._capture)
         # app -> the key of its audit chain (shared with the store, which sets them)
         self.audit_keys: dict[str, AuditKey] = {}
+        # the store's StoreBase.lean_apps (shared: the engine's gate adds and discards)
+        self.lean_apps: set[str] = set()
 
     def _capture(self, *values: Any) -> int:
         self.was = values
@@ -114,16 +119,31 @@ class TxConnection(sqlite3.Connection):
     def before_commit(self) -> None:
         heads = self.audit_heads
         if heads:
-            if len(heads) == 1:  # (the usual: one app; execute costs less than executemany)
-                for app, head in heads.items():
-                    self.dml.execute(_UPSERT_HEAD, (app, *head))
-            else:
-                self.dml.executemany(_UPSERT_HEAD, [(app, *head) for app, head in heads.items()])
+            execute, lean = self.dml.execute, self.lean_apps
+            for app, (seq, prev_hash, hash_) in heads.items():
+                # (seq bound as an integer: the TEXT column stores it as text)
+                execute(UPSERT_HEAD_ROW, (app + HEAD_MARK, seq, prev_hash, hash_))
+                if app not in lean:  # a process of an older release may read it
+                    execute(UPSERT_HEAD, (app, seq, prev_hash, hash_))
             self.audit_heads = {}
         self.decl_versions = {}
 
 
-_UPSERT_HEAD = (
+#: The mark that makes the key of an app's audit head row: ``(app + HEAD_MARK, 0)``,
+#: right after the app's records ``(app, 1..n)`` (SQLite schema 32; docs/performance.md,
+#: "Round twenty-six (audit head)"). ``data`` holds the head's seq as text.
+HEAD_MARK = "\x01"
+
+#: The head row written: a REPLACE (the row deleted and inserted again, on its leaf)
+#: costs ~40 % fewer instructions than an upsert (ON CONFLICT DO UPDATE, which also
+#: enters the append-only trigger's program); it fires no trigger (no recursive_triggers).
+UPSERT_HEAD_ROW = (
+    "INSERT OR REPLACE INTO audit (app, seq, time, actor, action, target, data, prev_hash, "
+    "hash) VALUES (?, 0, 0, 'cantata', 'audit.head', '', ?, ?, ?)"
+)
+
+#: The ``audit_head`` row, which releases before SQLite schema 32 read and move alone.
+UPSERT_HEAD = (
     "INSERT INTO audit_head (app, seq, prev_hash, hash) VALUES (?,?,?,?) "
     "ON CONFLICT (app) DO UPDATE SET "
     "seq=excluded.seq, prev_hash=excluded.prev_hash, hash=excluded.hash"

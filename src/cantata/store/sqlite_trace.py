@@ -97,7 +97,7 @@ class SQLiteTrace(SQLiteCore):
                 " SELECT (SELECT min(app) FROM events WHERE app > e.app) FROM e"
                 " WHERE e.app IS NOT NULL),"
                 # (the audit heads of either layout: `audit_head`'s rows, and the head rows
-                # of `audit`, keyed app || char(1), that a later release is to write)
+                # of `audit`, keyed app || char(1), that SQLite schema 32 writes)
                 " a(app) AS (SELECT min(app) FROM audit UNION ALL "
                 " SELECT (SELECT min(app) FROM audit WHERE app > a.app) FROM a"
                 " WHERE a.app IS NOT NULL)"

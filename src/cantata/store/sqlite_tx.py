@@ -47,6 +47,7 @@ class _Lane:
                 self.conn = connect(self.store.path, self.store.url, self.store.synchronous,
                                     create=False, busy_ms=self.store.busy_timeout)
                 self.conn.audit_keys = self.store._audit_keys  # a keyed chain stays keyed
+                self.conn.lean_apps = self.store.lean_apps  # and the gate is the store's
             return fn(self.conn)
 
         try:
