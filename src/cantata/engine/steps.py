@@ -467,7 +467,8 @@ async def execute_fenced(
             else execute_body(x, sdef, args, key, attempt, kind, stamped))
     # Awaited here, not as a task of its own (issue 19: a task per step cost ~5 % of a
     # saga's time); the guard keeps a task's rules (docs/leases.md).
-    me = asyncio.current_task()
+    # (the run's task when it executes its code: FlushAtYield says so without a call)
+    me = x.task if x.riding else asyncio.current_task()
     assert me is not None
     body = InlineBody(coro, fenced, stalled, engine.lease * FENCE_AT, me)
     x.bodies[body] = kind != COMPENSATION  # the deadline cuts steps only
