@@ -212,7 +212,14 @@ class InlineBody(_Guard, Generic[T]):
         *,
         in_body: bool = True,
     ) -> None:
-        super().__init__(coro, fenced, stalled, stall)
+        # (_Guard.__init__'s, inline: one frame less on every step)
+        self._coro = coro
+        self._fenced = fenced
+        self._stalled = stalled
+        self._stall = stall
+        self.thrown = False
+        if _clock is None:
+            pause_clock()
         self._context = contextvars.copy_context()
         if in_body:
             self._context.run(_BODY.set, self)

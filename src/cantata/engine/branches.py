@@ -175,7 +175,8 @@ async def run_step(
     step = OpenStep(key, sdef.name)
     open_steps[key] = step
     task = x.task
-    inline = task is not None and task is asyncio.current_task()  # (x.task: a RunTask)
+    # (x.task: a RunTask; x.riding: it is the task running this, checkpoint.FlushAtYield)
+    inline = task is not None and (x.riding or task is asyncio.current_task())
     failure: StepFailed | None = None
     value: Any = None
     engine_code = None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cantata.errors import LeaseLost, StoreError
 from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from .runner import RunExecution
 
 log = logging.getLogger("cantata.engine")
+T = TypeVar("T")
 
 
 async def commit(x: RunExecution, write: RunWrite) -> None:
@@ -35,6 +37,7 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
         if x.pending_attempts:
             write.attempts[:0] = x.pending_attempts
             x.pending_attempts = []
+        x.flush_at_yield = False  # (this commit takes what a step's end deferred)
         if x.flush_scheduled and not x.create_pending:  # (this commit takes it all)
             unschedule(x)
         if x.pending_status is not None and write.status is None:
@@ -158,7 +161,9 @@ def defer(x: RunExecution, write: RunWrite) -> None:
     """
     x.pending.extend(write.entries)
     x.pending_attempts.extend(write.attempts)
-    if not x.flush_scheduled:
+    if x.riding:  # in the run's own task: looked at when it yields (FlushAtYield)
+        x.flush_at_yield = True
+    elif not x.flush_scheduled:
         x.flush_scheduled = True
         flush_later(x)
 
@@ -168,9 +173,58 @@ def defer_one(x: RunExecution, entry: HistoryEntry, attempt: Attempt) -> None:
     carry them."""
     x.pending.append(entry)
     x.pending_attempts.append(attempt)
-    if not x.flush_scheduled:
+    if x.riding:
+        x.flush_at_yield = True
+    elif not x.flush_scheduled:
         x.flush_scheduled = True
         flush_later(x)
+
+
+class FlushAtYield:
+    """Awaits a run's code in the run's own task (``await FlushAtYield(x, coro)``) and
+    schedules the flush of what a step's end deferred there (:func:`defer`) only if the
+    task yields to the event loop, or ends, with it still held: not on every step's
+    end. The usual next thing after a step's end in the run's task is the next step's
+    start (or the run's end), whose commit takes the deferred records in the same
+    turn: the flush's loop callback scheduled at the step's end and cancelled by that
+    commit (a ``Handle`` made, cancelled and dropped each step) is not made at all.
+
+    ``x.riding`` is true while the run's task executes through this (so a deferral in
+    any other task, a branch's, schedules its flush at once, as before); what is
+    deferred meanwhile sets ``x.flush_at_yield``, which a commit clears
+    (docs/performance.md, round twenty-six)."""
+
+    __slots__ = ("_coro", "_x")
+
+    def __init__(self, x: RunExecution, coro: Coroutine[Any, Any, T]) -> None:
+        self._x = x
+        self._coro = coro
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        x, coro = self._x, self._coro
+        send, throw = coro.send, coro.throw
+        value: Any = None
+        exc: BaseException | None = None
+        while True:
+            x.riding = True
+            try:
+                yielded = send(value) if exc is None else throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                x.riding = False
+                if x.flush_at_yield:  # held while the task yields or ends: flush it
+                    x.flush_at_yield = False
+                    if not x.flush_scheduled:
+                        x.flush_scheduled = True
+                        flush_later(x)
+            try:
+                value, exc = (yield yielded), None
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as thrown:  # a cancel of the task: passed on to the code
+                value, exc = None, thrown
 
 
 class CommitLock(asyncio.Lock):

@@ -111,6 +111,10 @@ class RunExecution:
         self.commit_lock = checkpoint.CommitLock()
         self.flush_failed: BaseException | None = None
         self.flush_scheduled = False
+        # The run's task is executing its code now (checkpoint.FlushAtYield), and what a
+        # step's end deferred there waits for the task to yield (or a commit).
+        self.riding = False
+        self.flush_at_yield = False
         # Set when the run is not stored yet: its first commit creates it (and resolves
         # this future with the stored run), see :meth:`expect_creation`.
         self.created: asyncio.Future[tuple[RunRecord, bool]] | None = None
@@ -430,9 +434,9 @@ class RunExecution:
         try:
             if self.engine.hooks:
                 with self.engine.hooks.run(self.run, await self._parent_traceparent()):
-                    await self._execute_run()
+                    await checkpoint.FlushAtYield(self, self._execute_run())
             else:
-                await self._execute_run()
+                await checkpoint.FlushAtYield(self, self._execute_run())
         except (_Abandon, Evicted):
             pass
         except asyncio.CancelledError:
@@ -712,7 +716,9 @@ class RunExecution:
     ) -> None:
         if self.api.open_steps:  # never an end recorded before a step's outcome
             await self._settle_branches()
-        await self._withdraw_tasks(f"ended {status}")
+        name = str(status)
+        if self.made_tasks:  # (no coroutine, no text, for a run that made none)
+            await self._withdraw_tasks(f"ended {name}")
         await self.commit(RunWrite(
             status=status, result=result, error=error, flagged=flagged, release=True,
             wake=self.run.parent_run_id,  # a parent parked in ctx.call (engine/parking.py)
@@ -723,6 +729,7 @@ class RunExecution:
             run.flagged = flagged
         if status != _COMPLETED:
             log.info("run %s of %s ended %s: %s", self.run.run_id, self.wdef.name, status, error)
-        self.engine.metrics.runs[str(status)] = self.engine.metrics.runs.get(str(status), 0) + 1
+        runs = self.engine.metrics.runs
+        runs[name] = runs.get(name, 0) + 1
         if self.engine.hooks:
-            self.engine.hooks.notify("run_finished", self.run, str(status), error)
+            self.engine.hooks.notify("run_finished", self.run, name, error)

@@ -468,11 +468,12 @@ async def execute_fenced(
         x.stalled[(key, attempt)] = max(seconds, x.stalled.get((key, attempt), 0.0))
 
     plain = not engine.hooks and sdef.concurrency is None and sdef.rate is None
-    coro = (invoke(x, sdef, args, key, attempt) if plain  # execute_body, with nothing to add
+    coro = (invoke(x, sdef, args, key, attempt, scoped=True) if plain  # execute_body, bare
             else execute_body(x, sdef, args, key, attempt, kind, stamped))
     # Awaited here, not as a task of its own (issue 19: a task per step cost ~5 % of a
     # saga's time); the guard keeps a task's rules (docs/leases.md).
-    me = asyncio.current_task()
+    # (the run's task when it executes its code: FlushAtYield says so without a call)
+    me = x.task if x.riding else asyncio.current_task()
     assert me is not None
     body = InlineBody(coro, fenced, stalled, engine.lease * FENCE_AT, me)
     x.bodies[body] = kind != COMPENSATION  # the deadline cuts steps only
@@ -566,9 +567,11 @@ async def beat_of(x: RunExecution, sdef: StepDef, key: str, attempt: int) -> Bea
 
 
 async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, attempt: int,
-                 beat: Beat | None = None) -> Any:
+                 beat: Beat | None = None, *, scoped: bool = False) -> Any:
     """One attempt: heartbeats kept for the next attempt, transactional or not (``beat``:
-    the attempt's, when the caller has it already)."""
+    the attempt's, when the caller has it already; ``scoped``: the body's guard awaits
+    this directly, in the context it copied for the body, which nothing else uses once
+    the body ended: see :func:`~cantata.engine.invoke.invoke_step`)."""
     run = x.run
     if beat is None:  # (a first attempt's without the coroutine of beat_of: no read)
         beat = (first_beat(x.engine.store, run.app, run.run_id, sdef.name, key, attempt)
@@ -580,7 +583,8 @@ async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, atte
 
             value = await run_transactional(x, sdef, args, key, attempt, beat)
         else:
-            value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat)
+            value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
+                                      scoped=scoped)
         failed = False
         return value
     finally:

@@ -39,11 +39,18 @@ def mask(text: str) -> str:
     """``text`` with every password replaced by ``***`` (URLs, DSNs, known secrets)."""
     if not isinstance(text, str):
         text = str(text)
-    out = _USERINFO.sub(lambda m: f"{m.group('head')}:{MASK}@", text)
-    out = _PARAM.sub(lambda m: f"{m.group('head')}{MASK}", out)
-    for secret in sorted(_known, key=len, reverse=True):
-        if secret in out:
-            out = out.replace(secret, MASK)
+    # Each pattern only where its literal part occurs: the searches cost ~5,000
+    # instructions each on a step's error text, which every StepFailed's str() masks
+    # (docs/performance.md, round twenty-six).
+    out = text
+    if "://" in out:
+        out = _USERINFO.sub(lambda m: f"{m.group('head')}:{MASK}@", out)
+    if "=" in out:
+        out = _PARAM.sub(lambda m: f"{m.group('head')}{MASK}", out)
+    if _known:
+        for secret in sorted(_known, key=len, reverse=True):
+            if secret in out:
+                out = out.replace(secret, MASK)
     return out
 
 

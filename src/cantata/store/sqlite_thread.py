@@ -287,7 +287,11 @@ class ConnectionThread:
             return
         # At most MAX_BATCH in one transaction, as the thread's: the rest is the next
         # turn's (the loop is not held for one huge commit; the order is kept).
-        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        batch = self._pending
+        if len(batch) <= MAX_BATCH:  # (the usual: no slices made)
+            self._pending = []
+        else:
+            batch, self._pending = batch[:MAX_BATCH], batch[MAX_BATCH:]
         if conn is not None:
             try:
                 ran = self._run_inline(conn, batch)
