@@ -3,9 +3,9 @@
 Once every worker of an app is of this release (the mark in each ``workers`` row's
 ``info``), a step's first attempt in progress or succeeded goes without its
 ``attempts`` row: its ``history`` entry says it, and every reader reads it from there
-(docs/leases.md, "Attempts"; docs/performance.md, "Round twenty-six (attempts)"). A
-row of an older worker keeps every row written; a failed attempt, a retry, a row
-written at an attempt's start keep theirs.
+(docs/leases.md, "Where an attempt is recorded"; docs/performance.md, "Round
+twenty-six (attempts)"). A row of an older worker keeps every row written; a failed
+attempt, a retry, a row written at an attempt's start keep theirs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import asyncpg
-import pytest
 
 from cantata import App, Retry, Tx, WorkflowContext
 from cantata.cli.runs import run_details

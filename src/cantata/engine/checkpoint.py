@@ -37,7 +37,7 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
             write.attempts[:0] = x.pending_attempts
             x.pending_attempts = []
         every = write.attempts
-        if every and (x.rowless or x.run.app in x.engine.store.lean_apps):
+        if every and (x.rowless or x.run.app in x.engine.lean_apps):
             write.attempts = lean_attempts(x, write)
         if x.flush_scheduled and not x.create_pending:  # (this commit takes it all)
             unschedule(x)
@@ -91,11 +91,11 @@ async def commit_run(
 
 def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
     """The attempts of ``write`` whose rows are written: all of them, but, while the
-    gate of the run's app is open (``store.lean_apps``, engine/gate.py), the first
+    gate of the run's app is open (``engine.lean_apps``, engine/gate.py), the first
     attempt of a step in progress or succeeded whose history entry in the same write
     says it alone (``store.common.first_attempt``: its start, its end once completed,
     no error, one attempt), which every reader reads from that entry
-    (``with_first_attempts``; docs/leases.md, "Attempts").
+    (``with_first_attempts``; docs/leases.md, "Where an attempt is recorded").
 
     Only from the attempt's first begin in this execution, of a step the run had no
     attempt of when it was loaded, on: a step whose row was written once (the gate
@@ -104,7 +104,7 @@ def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
     closes, an attempt left out so far is written whole (its start kept) with its
     next write. (A transactional step's ``done`` attempt goes through here too:
     engine/transaction.py.)"""
-    lean = x.run.app in x.engine.store.lean_apps
+    lean = x.run.app in x.engine.lean_apps
     rowless = x.rowless
     entries: dict[str, HistoryEntry] | None = None
     kept: list[Attempt] = []

@@ -2,10 +2,11 @@
 
 A release may leave out rows that only older releases read (the ``attempts`` row of a
 step's first attempt in progress or succeeded, which its ``history`` row says alone:
-docs/leases.md, "Attempts"), once no process of an older release can still write to
-the app's runs. This worker's engine decides it for its app and keeps the answer in
-:attr:`~cantata.store.common.StoreBase.lean_apps`, which the writers read
-(docs/deploy.md, "Upgrading Cantata"; docs/performance.md, round twenty-six):
+docs/leases.md, "Where an attempt is recorded"), once no process of an older release
+can still write to the app's runs. This worker's engine decides it for its app and
+keeps the answer in :attr:`~cantata.store.common.StoreBase.lean_apps`, which the
+writers read (docs/deploy.md, "Upgrading Cantata"; docs/performance.md, "Round
+twenty-six (attempts)"):
 
 - every worker of this release puts :data:`LEAN_MARK` in its heartbeat's ``info``
   (``versioning.worker_info``);
@@ -78,8 +79,10 @@ def open_for(workers: Iterable[WorkerInfo], now: float) -> bool:
 async def look(engine: Engine) -> bool:
     """Open or close the gate of ``engine``'s app (see the module docs); whether open."""
     store, app = engine.store, engine.app
-    lean = store.lean_apps
-    if store.schema_version is None:  # not versioned: nothing keeps older releases out
+    lean = engine.lean_apps  # (the store's StoreBase.lean_apps)
+    if getattr(store, "schema_version", None) is None or lean is not getattr(
+            store, "lean_apps", None):
+        # not versioned (nothing keeps older releases out), or a backend without the set
         lean.discard(app)
         return False
     try:

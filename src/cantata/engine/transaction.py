@@ -76,7 +76,7 @@ async def run_transactional(
         committed[:] = [entry]
         ended[:] = [(tx, value)]
         write = RunWrite(entries=[entry], attempts=[done], events=list(tx.events))
-        if x.rowless or run.app in engine.store.lean_apps:  # (as checkpoint.commit)
+        if x.rowless or run.app in engine.lean_apps:  # (as checkpoint.commit)
             write.attempts = lean_attempts(x, write)
         return write, value
 
