@@ -7,8 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cantata.errors import LeaseLost, StoreError
-from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite
-from cantata.store.common import first_attempt
+from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite, first_attempt
 from cantata.store.faults import WAITED_OUT, wait_out
 
 from .creation import create_once
@@ -93,7 +92,7 @@ def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
     """The attempts of ``write`` whose rows are written: all of them, but, while the
     gate of the run's app is open (``engine.lean_apps``, engine/gate.py), the first
     attempt of a step in progress or succeeded whose history entry in the same write
-    says it alone (``store.common.first_attempt``: its start, its end once completed,
+    says it alone (``records.first_attempt``: its start, its end once completed,
     no error, one attempt), which every reader reads from that entry
     (``with_first_attempts``; docs/leases.md, "Where an attempt is recorded").
 

@@ -12,7 +12,7 @@ twenty-six (attempts)"):
   (``versioning.worker_info``);
 - the gate opens for the app once every row of the app's ``workers`` table, live or
   expired, carries the mark, except a row expired for more than
-  :data:`~cantata.store.common.SCHEMA_CHECK_EVERY` of its own leases (a crashed
+  :data:`~cantata.store.roles.lifecycle.SCHEMA_CHECK_EVERY` of its own leases (a crashed
   older worker's row stays until someone removes it; a live older worker would have
   heartbeated since, and one running when the store was migrated has read the newer
   schema version within one of its leases and stopped claiming: it drains);
@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from cantata.model.records import WorkerInfo
-from cantata.store.common import SCHEMA_CHECK_EVERY
+from cantata.store.roles.lifecycle import SCHEMA_CHECK_EVERY
 
 if TYPE_CHECKING:
     from .engine import Engine
