@@ -103,8 +103,6 @@ def worker_lease(lease: object) -> float:
     return seconds
 
 
-
-
 def newer_schema(where: str, found: int, known: int) -> StoreUpgraded:
     """The refusal to open a store whose schema a newer Cantata made."""
     return StoreUpgraded(
