@@ -8,7 +8,7 @@ from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cantata.errors import LeaseLost, StoreError
-from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite
+from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite, first_attempt
 from cantata.store.faults import WAITED_OUT, wait_out
 
 from .creation import create_once
@@ -38,6 +38,9 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
             write.attempts[:0] = x.pending_attempts
             x.pending_attempts = []
         x.flush_at_yield = False  # (this commit takes what a step's end deferred)
+        every = write.attempts
+        if every and (x.rowless or x.run.app in x.engine.lean_apps):
+            write.attempts = lean_attempts(x, write)
         if x.flush_scheduled and not x.create_pending:  # (this commit takes it all)
             unschedule(x)
         if x.pending_status is not None and write.status is None:
@@ -47,7 +50,7 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
             x.create_pending = False
             await create(x, write)
         else:
-            await commit_run(x, write)
+            await commit_run(x, write, every)
     finally:
         lock.release()
     if write.status is not None:
@@ -56,7 +59,12 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
         x.engine.events_appended(write.events)
 
 
-async def commit_run(x: RunExecution, write: RunWrite) -> None:
+async def commit_run(
+    x: RunExecution, write: RunWrite, every: list[Attempt] | None = None
+) -> None:
+    """Commit ``write`` (fenced), waiting out an outage. ``every``: the attempts it
+    ended or began, those whose rows :func:`lean_attempts` left out too (not charged
+    when the run is resumed here if it fails); ``write.attempts`` if not given."""
     engine, run = x.engine, x.run
     # An outage is not the run's failure: the checkpoint waits and is retried
     # (fenced, so it is refused if another worker took the run meanwhile). A long
@@ -78,8 +86,45 @@ async def commit_run(x: RunExecution, write: RunWrite) -> None:
         x.lost = True
         raise _Abandon() from None
     except StoreError as exc:
-        x.uncommitted.extend(write.attempts)  # not charged when the run is resumed here
+        # not charged when the run is resumed here
+        x.uncommitted.extend(write.attempts if every is None else every)
         raise _StoreFailed(exc) from exc
+
+
+def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
+    """The attempts of ``write`` whose rows are written: all of them, but, while the
+    gate of the run's app is open (``engine.lean_apps``, engine/gate.py), the first
+    attempt of a step in progress or succeeded whose history entry in the same write
+    says it alone (``records.first_attempt``: its start, its end once completed,
+    no error, one attempt), which every reader reads from that entry
+    (``with_first_attempts``; docs/leases.md, "Where an attempt is recorded").
+
+    Only from the attempt's first begin in this execution, of a step the run had no
+    attempt of when it was loaded, on: a step whose row was written once (the gate
+    was closed, an attempt was cut short, failed or excused, a second began) keeps
+    its rows, each attempt's end written to the row its start wrote. Once the gate
+    closes, an attempt left out so far is written whole (its start kept) with its
+    next write. (A transactional step's ``done`` attempt goes through here too:
+    engine/transaction.py.)"""
+    lean = x.run.app in x.engine.lean_apps
+    rowless = x.rowless
+    entries: dict[str, HistoryEntry] | None = None
+    kept: list[Attempt] = []
+    for a in write.attempts:
+        key = a.key
+        if lean and a.attempt == 1 and a.error_type is None and (
+                key in rowless or (a.ended_at is None and key not in x.attempts
+                                   and (key, 1) not in x.mine)):
+            if entries is None:
+                entries = {e.key: e for e in write.entries}
+            entry = entries.get(key)
+            if entry is not None and first_attempt(entry) == a:
+                rowless.add(key)
+                continue
+        if rowless:
+            rowless.discard(key)
+        kept.append(a)
+    return kept
 
 
 def expect_creation(x: RunExecution) -> None:

@@ -88,6 +88,11 @@ class Engine:
         self.app = app
         self.router = router
         self.store = store
+        # The apps whose lean writes are open (engine/gate.py): the store's set
+        # (StoreBase.lean_apps, which its own writers read too), or one of this engine's
+        # for a backend without it (never opened: engine/gate.py).
+        lean = getattr(store, "lean_apps", None)
+        self.lean_apps: set[str] = set() if lean is None else lean
         self.clock = clock
         self.worker_id = worker_id
         self.lease = lease

@@ -48,7 +48,7 @@ from cantata.model.records import Attempt, HistoryEntry, RunRecord
 from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.roles.lifecycle import idle_wait
 
-from . import versioning
+from . import gate, versioning
 from .clock import wall_time
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class Ownership:
         # While the store hears other processes (idle_wait): when the earliest expiry of
         # another worker comes (the app's clock; None: not known), see _expiry_loop.
         self.next_expiry: float | None = None
+        self._gate_beats = 0  # heartbeats until the gate is looked at again (gate.look)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -267,6 +268,12 @@ class Ownership:
         await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(),
                                      versioning.worker_info(engine), lease=engine.lease)
         self.store_away = False
+        # The gate of the lean writes: on the first heartbeat, then once a lease
+        # (engine/gate.py).
+        self._gate_beats -= 1
+        if self._gate_beats <= 0:
+            self._gate_beats = gate.GATE_EVERY
+            await gate.look(engine)
         if (self.lapsed or sent - self.beat_at > engine.lease
                 or wall - self.beat_wall > engine.lease):
             self.lapsed = False

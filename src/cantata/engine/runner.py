@@ -137,6 +137,9 @@ class RunExecution:
         # Attempts started here, and those whose body held the loop past the fence: if
         # the run is taken from this live worker (``lost``), the others are excused.
         self.mine: dict[tuple[str, int], Attempt] = {}
+        # Steps whose first attempt's row was left out so far (its history entry says it:
+        # checkpoint.lean_attempts): its end goes without a row too while the gate is open.
+        self.rowless: set[str] = set()
         self.stalled: dict[tuple[str, int], float] = {}  # -> seconds it held the loop
         self.lost = False
         # the step bodies running -> whether the run's deadline cuts it (not an undoing)

@@ -15,6 +15,7 @@ from cantata.model.records import ENTRY_COMPLETED, Attempt, HistoryEntry, RunWri
 from cantata.store.tx import Tx
 
 from .branches import marked
+from .checkpoint import lean_attempts
 from .heartbeat import Beat
 from .invoke import invoke_step
 from .signals import _StoreFailed
@@ -67,11 +68,17 @@ async def run_transactional(
             entry, status=ENTRY_COMPLETED, result=result, ended_at=now, error=None,
             error_type=None, attempts=attempt, detail=marked(x, key, entry.detail),
         )
-        done = Attempt(key, attempt, now, ended_at=now)  # started_at: kept as recorded
+        # its recorded start (a row the store has keeps its own; one written now, the
+        # gate having closed since its start went without it, takes this one)
+        begun = x.mine.get((key, attempt))
+        done = Attempt(key, attempt, now if begun is None else begun.started_at, ended_at=now)
         published[:] = tx.events
         committed[:] = [entry]
         ended[:] = [(tx, value)]
-        return RunWrite(entries=[entry], attempts=[done], events=list(tx.events)), value
+        write = RunWrite(entries=[entry], attempts=[done], events=list(tx.events))
+        if x.rowless or run.app in engine.lean_apps:  # (as checkpoint.commit)
+            write.attempts = lean_attempts(x, write)
+        return write, value
 
     def settle() -> None:
         """The transaction committed: the step completed, even if a stop of its body

@@ -30,6 +30,7 @@ from cantata.errors import ConfigurationError
 from cantata.model import codec
 from cantata.model.records import Declaration, EntryKind, EntryStatus, RunRecord
 
+from .gate import LEAN_MARK
 from .journal import Save
 
 if TYPE_CHECKING:
@@ -168,9 +169,11 @@ def worker_info(engine: Engine) -> str:
     the workflows it serves), the handler groups it serves (once its consumer has
     started) and the hop groups of the sagas in its code, which ``cantata stalled``
     reads to say why no live worker takes a run or an event
-    (observability/stall_hints.py, observability/saga_hints.py)."""
+    (observability/stall_hints.py, observability/saga_hints.py), and the mark of this
+    release's lean writes, which the gate looks for in every worker's (engine/gate.py)."""
     info: dict[str, Any] = {"version": engine.version, "any_version": engine.any_version,
-                            "workflows": sorted(engine.served_workflows())}
+                            "workflows": sorted(engine.served_workflows()),
+                            "lean": LEAN_MARK}
     if engine.handler_groups is not None:
         info["groups"] = engine.handler_groups
     # The hop groups of each saga in its code, served or not: a run's hop for a step

@@ -291,6 +291,25 @@ class RunWrite:
     wake: str | None = None  # a run to wake if parked (the parent of a run that ends)
 
 
+#: The statuses of an entry whose first attempt its ``history`` row holds alone when
+#: the step has no ``attempts`` row: begun (in progress) or completed by it.
+FIRST_ATTEMPT_STATUSES = (EntryStatus.RUNNING, EntryStatus.COMPLETED)
+
+
+def first_attempt(entry: HistoryEntry) -> Attempt | None:
+    """The attempt ``entry``'s history row says alone, if it may: its step's only
+    attempt, begun at the entry's ``started_at`` and, once the entry completed, ended at
+    its ``ended_at``, without an error. ``None`` for any other entry (another kind of
+    call has no attempts; a failed attempt, a second one, an attempt cut short are
+    always written to ``attempts``). Whether the step's row of it is missing is the
+    caller's: see ``store.common.with_first_attempts``."""
+    if (entry.attempts != 1 or entry.started_at is None or entry.error_type is not None
+            or entry.status not in FIRST_ATTEMPT_STATUSES):
+        return None
+    ended = entry.ended_at if entry.status == EntryStatus.COMPLETED else None
+    return Attempt(entry.key, 1, entry.started_at, ended)
+
+
 @dataclass(frozen=True, slots=True)
 class Declaration:
     """Something an app declares when it opens: a workflow, a handler group or a trigger."""

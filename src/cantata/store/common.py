@@ -20,11 +20,12 @@ from cantata.model.records import (
     Attempt,
     AuditRecord,
     AuditReport,
-    EntryStatus,
     HistoryEntry,
+    first_attempt,
 )
 from cantata.store import audit
 from cantata.store.roles import TASK_OUTCOMES, ChangeListener
+from cantata.store.roles.lifecycle import SCHEMA_CHECK_EVERY
 
 log = logging.getLogger("cantata.store")
 
@@ -100,13 +101,6 @@ def worker_lease(lease: object) -> float:
     seconds = check_seconds("the lease of a worker's heartbeat", lease, none=False)
     assert seconds is not None  # none=False
     return seconds
-
-
-# A worker's heartbeat reads the schema version the store records once every this many
-# heartbeats (a heartbeat goes every lease / 4: once a lease), and after a heartbeat that
-# failed: a newer Cantata may have migrated the store under the running worker
-# (docs/deploy.md, "Upgrading Cantata"). One cheap read, never on a checkpoint's path.
-SCHEMA_CHECK_EVERY = 4
 
 
 def newer_schema(where: str, found: int, known: int) -> StoreUpgraded:
@@ -299,28 +293,9 @@ def first_slot_waits(rows: Iterable[tuple[str, str, float, int]]) -> dict[str, S
 
 # -- a step's first attempt, read from its history entry ---------------------------------
 
-#: The statuses of an entry whose first attempt its ``history`` row holds alone when
-#: the step has no ``attempts`` row: begun (in progress) or completed by it.
-FIRST_ATTEMPT_STATUSES = (EntryStatus.RUNNING, EntryStatus.COMPLETED)
-
-
 #: The history rows that may hold a first attempt (:func:`first_attempt` decides), as a
 #: condition both backends' reads add (columns of ``history``, unqualified).
 FIRST_ATTEMPT_ROWS = "attempts=1 AND status IN ('running', 'completed')"
-
-
-def first_attempt(entry: HistoryEntry) -> Attempt | None:
-    """The attempt ``entry``'s history row says alone, if it may: its step's only
-    attempt, begun at the entry's ``started_at`` and, once the entry completed, ended at
-    its ``ended_at``, without an error. ``None`` for any other entry (another kind of
-    call has no attempts; a failed attempt, a second one, an attempt cut short are
-    always written to ``attempts``). Whether the step's row of it is missing is the
-    caller's: see :func:`with_first_attempts`."""
-    if (entry.attempts != 1 or entry.started_at is None or entry.error_type is not None
-            or entry.status not in FIRST_ATTEMPT_STATUSES):
-        return None
-    ended = entry.ended_at if entry.status == EntryStatus.COMPLETED else None
-    return Attempt(entry.key, 1, entry.started_at, ended)
 
 
 def attempt_order(a: Attempt) -> tuple[float, int, str]:

@@ -137,6 +137,20 @@ EXCUSE_ATTEMPTS = (
     "WHERE a.app=$1 AND a.run_id=$2 AND a.key=u.key AND a.attempt=u.attempt "
     "AND a.started_at=u.started_at AND (a.ended_at IS NULL OR a.error_type = 'WorkerLost')"
 )
+# The rows of first attempts a lean writer left out (their history entry says them
+# alone: store.common.first_attempt), made for their excuse while the entry still says
+# it (one attempt, in progress, begun at the excused attempt's start) and the step has
+# no row. Before EXCUSE_ATTEMPTS, which then excuses a row another writer made meanwhile.
+EXCUSE_FIRST_ATTEMPTS = (
+    f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) "
+    "SELECT $1, $2, u.key, 1, h.started_at, u.ended_at, u.error_type, u.error "
+    "FROM unnest($3::text[], $4::int4[], $5::float8[], $6::float8[], $7::text[], "
+    "$8::text[]) AS u(key, attempt, started_at, ended_at, error_type, error) "
+    "JOIN history h ON h.app=$1 AND h.run_id=$2 AND h.key=u.key "
+    "WHERE u.attempt=1 AND h.attempts=1 AND h.status='running' "
+    "AND h.started_at=u.started_at AND NOT EXISTS (SELECT 1 FROM attempts a "
+    "WHERE a.app=$1 AND a.run_id=$2 AND a.key=u.key) ON CONFLICT DO NOTHING"
+)
 UPSERT_ATTEMPTS = (
     f"INSERT INTO attempts (app, run_id, {ATTEMPT_COLS}) VALUES "
     "($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (app, run_id, key, attempt) DO UPDATE "

@@ -219,13 +219,15 @@ class PostgresRuns(PostgresCore):
     async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
         if not attempts:
             return 0
-        status = await self._db.execute(
-            ops.EXCUSE_ATTEMPTS, app, run_id, [a.key for a in attempts],
-            [a.attempt for a in attempts], [a.started_at for a in attempts],
-            [a.ended_at for a in attempts], [a.error_type for a in attempts],
-            [a.error for a in attempts],
-        )
-        return int(status.rsplit(" ", 1)[-1])
+        args = (app, run_id, [a.key for a in attempts],
+                [a.attempt for a in attempts], [a.started_at for a in attempts],
+                [a.ended_at for a in attempts], [a.error_type for a in attempts],
+                [a.error for a in attempts])
+        n = 0
+        if any(a.attempt == 1 for a in attempts):  # (a lean writer's may have no row)
+            n = int((await self._db.execute(ops.EXCUSE_FIRST_ATTEMPTS, *args)).rsplit(" ", 1)[-1])
+        status = await self._db.execute(ops.EXCUSE_ATTEMPTS, *args)
+        return n + int(status.rsplit(" ", 1)[-1])
 
     async def child_runs(self, app: str, parent_run_id: str) -> list[RunRecord]:
         rows = await self._db.fetch(

@@ -157,6 +157,16 @@ KEEP_EXCUSED = (
     "AND COALESCE(excluded.error_type, '') = 'WorkerLost' "
     "AND attempts.started_at = excluded.started_at)"
 )
+# The row of a first attempt a lean writer left out (its history entry says it alone:
+# store.common.first_attempt), made for its excuse: while the entry still says it (one
+# attempt, in progress, begun at the excused attempt's start) and the step has no row.
+EXCUSE_FIRST_ATTEMPT = (
+    "INSERT INTO attempts (app, run_id, key, attempt, started_at, ended_at, error_type, "
+    "error) SELECT h.app, h.run_id, h.key, 1, h.started_at, ?, ?, ? FROM history h "
+    "WHERE h.app=? AND h.run_id=? AND h.key=? AND h.attempts=1 AND h.status='running' "
+    "AND h.started_at=? AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.app=h.app "
+    "AND a.run_id=h.run_id AND a.key=h.key) ON CONFLICT DO NOTHING"
+)
 EXCUSE_ATTEMPT = (
     "UPDATE attempts SET ended_at=?, error_type=?, error=? WHERE app=? AND run_id=? "
     "AND key=? AND attempt=? AND started_at=? "

@@ -518,11 +518,14 @@ class SQLiteRuns(SQLiteCore):
 
     async def excuse_attempts(self, app: str, run_id: str, attempts: Sequence[Attempt]) -> int:
         def op(c: sqlite3.Connection) -> int:
-            return sum(
-                c.execute(ops.EXCUSE_ATTEMPT, (a.ended_at, a.error_type, a.error, app, run_id,
-                                               a.key, a.attempt, a.started_at)).rowcount
-                for a in attempts
-            )
+            n = 0
+            for a in attempts:
+                marks = (a.ended_at, a.error_type, a.error, app, run_id, a.key)
+                one = c.execute(ops.EXCUSE_ATTEMPT, (*marks, a.attempt, a.started_at)).rowcount
+                if a.attempt == 1 and not one:  # (a lean writer's first attempt: no row)
+                    one = c.execute(ops.EXCUSE_FIRST_ATTEMPT, (*marks, a.started_at)).rowcount
+                n += one
+            return n
 
         return await self._t.write(op) if attempts else 0
 

@@ -53,6 +53,12 @@ ChangeListener = Callable[[str], None]
 # fleet of idle workers does not look in step (docs/performance.md, "Idle workers").
 SAFETY_NET = 5.0
 
+# A worker's heartbeat reads the schema version the store records once every this many
+# heartbeats (a heartbeat goes every lease / 4: once a lease), and after a heartbeat that
+# failed: a newer Cantata may have migrated the store under the running worker
+# (docs/deploy.md, "Upgrading Cantata"). One cheap read, never on a checkpoint's path.
+SCHEMA_CHECK_EVERY = 4
+
 
 def idle_wait(store: object, poll: float) -> float:
     """How long a loop waits for news of work before it looks on its own: ``poll``
@@ -157,7 +163,7 @@ class WorkerStore(Protocol):
         :mod:`cantata.store.roles`).
 
         A backend that records a schema version also reads it, cheaply, every few
-        heartbeats (``SCHEMA_CHECK_EVERY`` in :mod:`cantata.store.common`) and after a
+        heartbeats (``SCHEMA_CHECK_EVERY`` below) and after a
         heartbeat that failed: a newer Cantata may have migrated the store under this
         running worker (docs/deploy.md, "Upgrading Cantata").
 

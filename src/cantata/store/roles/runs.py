@@ -169,7 +169,10 @@ class RunStore(Protocol):
         """Record that a live worker was cut off in these attempts of its own (by a pause
         past its lease, the run taken over): each stored attempt with the same key,
         number and ``started_at`` that is still unfinished or marked ``WorkerLost`` takes
-        the given ``ended_at``, ``error_type`` and ``error``. Not fenced: the run is
+        the given ``ended_at``, ``error_type`` and ``error``; a first attempt without a
+        row (a lean writer leaves out the row its history entry says alone:
+        docs/leases.md, "Where an attempt is recorded") gets one, while that entry still
+        says it (one attempt, in progress, begun at the same ``started_at``). Not fenced: the run is
         another worker's by now. Returns how many attempts changed. A later write
         marking an excused attempt ``WorkerLost`` (same start time) leaves it excused;
         a later attempt under its number replaces it as usual (see docs/leases.md).

@@ -223,3 +223,29 @@ class FirstAttemptsContract(StoreFixtures):
             (1, Attempt("c#1", 1, t + 4, t + 5)),
         ]
         assert await self._readers(store, rowless) == retried_full
+
+    async def test_an_excuse_of_a_first_attempt_without_its_row_writes_it(
+        self, store: Store
+    ) -> None:
+        """A paused worker's excuse of its first attempt (``excuse_attempts``) marks the
+        attempt ``Paused`` whether or not its row was written: a lean writer's
+        (engine/gate.py) has none, and the excuse makes it from the step's entry. The new
+        owner's ``WorkerLost`` written after it leaves it excused, as with a row; an
+        excuse naming another start (an earlier epoch's attempt) changes nothing."""
+        t = time.time()
+        lost = Attempt("b#1", 1, t + 2, t + 7, "WorkerLost", "its worker was lost")
+        paused = Attempt("b#1", 1, t + 2, t + 4, "Paused", "its worker was paused")
+        full, rowless = await self._twins(
+            store, [*first_try("a#1", 1, t), *crashed("b#1", 2, t + 2, taken_over=False)])
+        for run_id in (full, rowless):
+            stale = Attempt("b#1", 1, t + 1, t + 4, "Paused", "an earlier attempt")
+            assert await store.excuse_attempts(self.app, run_id, [stale]) == 0
+            assert await store.excuse_attempts(self.app, run_id, [paused]) == 1
+            await store.commit_run(self.app, run_id, 0, RunWrite(
+                entries=[entry("b#1", 2, ENTRY_RUNNING, attempts=2, started_at=t + 2)],
+                attempts=[lost, Attempt("b#1", 2, t + 8)],
+            ))
+        with_rows = await self._readers(store, full)
+        assert with_rows["load_attempts"] == [
+            Attempt("a#1", 1, t, t + 1), paused, Attempt("b#1", 2, t + 8)]
+        assert await self._readers(store, rowless) == with_rows
