@@ -30,7 +30,7 @@ def test_the_saga_breakdown_times_four_transactions_and_names_their_pages() -> N
         assert pages is not None and int(pages.group(1)) >= 1, line
     # The frames read from the WAL belong to the run's tables (dbstat names them).
     first_pages = text.splitlines()[2]
-    for tree in ("runs", "history", "attempts", "audit"):
+    for tree in ("runs", "history", "audit"):
         assert re.search(rf"\b{tree}\b", first_pages), text
     assert re.search(r"the run: +\d+ µs = commits +\d+ µs", text), text
 
