@@ -33,7 +33,7 @@ OLDER_INFO = '{"version": null, "any_version": false, "workflows": ["order"]}'
 _ROWS = ("SELECT key, attempt, started_at, ended_at, error_type FROM attempts "
          "WHERE app={0} ORDER BY key, attempt")
 # The rows a writer of the release before would have written, from the entries that say
-# them alone (store.common.first_attempt), for the runs that lack them.
+# them alone (model.records.first_attempt), for the runs that lack them.
 _FILL = (
     "INSERT INTO attempts (app, run_id, key, attempt, started_at, ended_at, error_type, "
     "error) SELECT app, run_id, key, 1, started_at, CASE WHEN status='completed' THEN "

@@ -138,7 +138,7 @@ EXCUSE_ATTEMPTS = (
     "AND a.started_at=u.started_at AND (a.ended_at IS NULL OR a.error_type = 'WorkerLost')"
 )
 # The rows of first attempts a lean writer left out (their history entry says them
-# alone: store.common.first_attempt), made for their excuse while the entry still says
+# alone: model.records.first_attempt), made for their excuse while the entry still says
 # it (one attempt, in progress, begun at the excused attempt's start) and the step has
 # no row. Before EXCUSE_ATTEMPTS, which then excuses a row another writer made meanwhile.
 EXCUSE_FIRST_ATTEMPTS = (

@@ -158,7 +158,7 @@ KEEP_EXCUSED = (
     "AND attempts.started_at = excluded.started_at)"
 )
 # The row of a first attempt a lean writer left out (its history entry says it alone:
-# store.common.first_attempt), made for its excuse: while the entry still says it (one
+# model.records.first_attempt), made for its excuse: while the entry still says it (one
 # attempt, in progress, begun at the excused attempt's start) and the step has no row.
 EXCUSE_FIRST_ATTEMPT = (
     "INSERT INTO attempts (app, run_id, key, attempt, started_at, ended_at, error_type, "
