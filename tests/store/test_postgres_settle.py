@@ -359,24 +359,34 @@ async def _tables(store: PostgresStore, app: str) -> list[list[tuple[Any, ...]]]
     return [[tuple(r) for r in await store._db.fetch(q, app)] for q in queries]
 
 
+# The lean path's calls: cantata_settle_hop for at most one event (migration 0042) and
+# cantata_settle_one for the rest, or cantata_settle_one alone (HOP off).
+_LEAN_CALLS = {
+    True: ("SELECT * FROM cantata_settle_hop(", "SELECT * FROM cantata_settle_one("),
+    False: ("SELECT * FROM cantata_settle_one(",),
+}
+
+
+@pytest.mark.parametrize("hop", [True, False], ids=["hop", "settle_one"])
 async def test_the_lean_path_writes_what_cantata_settle_writes(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    url: str, monkeypatch: pytest.MonkeyPatch, hop: bool
 ) -> None:
     """A batch of one settlement or append through cantata_settle_one (migration 0020)
-    leaves the rows, results and keyed audit chain (hash for hash) that cantata_settle
-    leaves for it (at the same clock)."""
+    or cantata_settle_hop (0042, at most one event) leaves the rows, results and keyed
+    audit chain (hash for hash) that cantata_settle leaves for it (at the same clock)."""
     seen: dict[bool, tuple[list[Any], list[list[tuple[Any, ...]]]]] = {}
     async with opened(url) as store:
         for lean in (True, False):
             monkeypatch.setattr(postgres_event_writes, "LEAN", lean)
+            monkeypatch.setattr(postgres_event_writes, "HOP", hop)
             monkeypatch.setattr(postgres_event_writes, "time", _Clock())
             app = f"app-{lean}-{new_id()[-8:]}"
             sent = statements(store)
             results = await _one_at_a_time(store, app)
             assert sent, sent
             assert all(
-                s.startswith("SELECT * FROM cantata_settle_one(" if lean
-                             else "SELECT * FROM cantata_settle(") or "pick" in s
+                s.startswith(_LEAN_CALLS[hop] if lean
+                             else ("SELECT * FROM cantata_settle(",)) or "pick" in s
                 for s in sent if "cantata_settle" in s or not s.startswith("WITH")
             ), sent
             assert (await store.verify_audit(app, key=KEY)).ok
@@ -430,8 +440,9 @@ async def _hops(store: PostgresStore, app: str) -> list[Any]:
     return out
 
 
+@pytest.mark.parametrize("hop", [True, False], ids=["hop", "settle_one"])
 async def test_the_lean_path_holds_one_event_as_cantata_settle_does(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    url: str, monkeypatch: pytest.MonkeyPatch, hop: bool
 ) -> None:
     """The hops of a chain (one event each, a delivery of it held or not) through
     cantata_settle_one (migration 0022: the held delivery inserted held) leave what
@@ -440,6 +451,7 @@ async def test_the_lean_path_holds_one_event_as_cantata_settle_does(
     async with opened(url) as store:
         for lean in (True, False):
             monkeypatch.setattr(postgres_event_writes, "LEAN", lean)
+            monkeypatch.setattr(postgres_event_writes, "HOP", hop)
             monkeypatch.setattr(postgres_event_writes, "time", _Clock())
             app = f"hop-{lean}-{new_id()[-8:]}"
             results = await _hops(store, app)
@@ -481,7 +493,7 @@ async def test_a_delivery_owner_sql_cannot_spell_goes_as_a_transaction(url: str)
         paid = Event("pay.done", 2)
         s = Settlement("done", 1, events=[paid], hold_for="wörker\n1", hold=[("g2", paid.id)])
         assert await store.settle_delivery(app, "g1", first.id, s)
-        assert sent[0].startswith("SELECT * FROM cantata_settle_one("), sent
+        assert sent[0].startswith("SELECT * FROM cantata_settle_hop("), sent
         assert any(x.startswith("BEGIN") for x in sent), sent
         assert s.held == [("g2", paid.id)] and s.addressed == [1]
         records = await store.audit_records(app)
@@ -516,14 +528,19 @@ async def test_each_path_says_which_emitted_events_a_settlement_stored(
         assert (alone.stored, alone.addressed) == ([False], [0])
 
 
-async def test_a_hop_through_the_lean_path_notifies_and_writes_as_before(url: str) -> None:
-    """The hops of a chain through cantata_settle_one (migration 0042: the one event's
-    statements taken apart) write, answer and notify as migration 0026's definition
-    did: no notice when the only delivery it stored is held for the worker that
-    settles; a notice when a delivery is left pending, one was there before (not held),
-    a wait matches the event, the settlement is a retry or a dead letter; none for an
-    event stored before or a settlement done with nothing emitted; a dead letter's
-    delivery settled done drops its dead letter."""
+@pytest.mark.parametrize("hop", [True, False], ids=["hop", "settle_one"])
+async def test_a_hop_through_the_lean_path_notifies_and_writes_as_before(
+    url: str, monkeypatch: pytest.MonkeyPatch, hop: bool
+) -> None:
+    """The hops of a chain through cantata_settle_hop and cantata_settle_one (migration
+    0042: the one event's statements taken apart) write, answer and notify as
+    migration 0026's cantata_settle_one did: no notice when the only delivery it
+    stored is held for the worker that settles; a notice when a delivery is left
+    pending, one was there before (not held), a wait matches the event, the settlement
+    is a retry or a dead letter; none for an event stored before or a settlement done
+    with nothing emitted; a dead letter's delivery settled done drops its dead
+    letter."""
+    monkeypatch.setattr(postgres_event_writes, "HOP", hop)
     app = f"hop-notice-{new_id()[-8:]}"
     async with opened(url) as store:
         await store.declare(app, [
