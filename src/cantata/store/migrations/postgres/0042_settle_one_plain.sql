@@ -276,7 +276,7 @@ $fn$;
 -- subscript (postgres_event_writes._write_lean calls it for such a batch; anything
 -- else takes cantata_settle_one, which an older worker keeps calling). The same rows,
 -- answers, records, notices and errors as cantata_settle_one for the same writes.
-CREATE FUNCTION cantata_settle_hop(
+CREATE OR REPLACE FUNCTION cantata_settle_hop(
     s_app text, s_grp text, s_event_id text, s_outcome text, s_attempts int4,
     s_error text, s_retry_at float8, s_dead_letter_id text, s_now float8,
     s_time float8, s_time_json text, s_action text, s_data text, s_rest text,
