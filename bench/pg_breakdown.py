@@ -37,7 +37,8 @@ start, one attempt: a saga's checkpoint) written one after another on a fresh sc
 
 The same for a hop of a chain: ``n`` settlements (``done``, one emitted event held for
 its worker) written one after another through ``cantata_settle`` and ``n`` through the
-lean ``cantata_settle_one`` (migration 0020), interleaved: each statement's server time,
+lean path (``cantata_settle_hop``, migration 0042, for such a hop; ``cantata_settle_one``,
+0020, with ``postgres_event_writes.HOP`` off), interleaved: each statement's server time,
 the server CPU per call (from ``/proc``) and each function's time.
 
     python -m bench.pg_breakdown commit [--n 200]
@@ -399,7 +400,7 @@ async def _settle(n: int) -> None:
             "WHERE schemaname = $1 ORDER BY funcname", schema)
         for lean in (0, 1):
             ordered = sorted(_statement[lean])
-            print(f"{'cantata_settle_one' if lean else 'cantata_settle'}: the statement's "
+            print(f"{'lean' if lean else 'cantata_settle'}: the statement's "
                   f"server time p50 {1e3 * ordered[len(ordered) // 2]:.3f} ms, mean "
                   f"{1e3 * sum(ordered) / len(ordered):.3f} ms; server CPU "
                   f"{1e3 * cpu[lean] / _TICK / len(ordered):.3f} ms per call")
@@ -537,7 +538,7 @@ modes:
                  scenario's own options: python -m bench.cantata_scenario --help)
   functions [--n N]  the server's time in cantata_write_runs vs the lean
                  cantata_checkpoint_rows (N saga checkpoints each, interleaved)
-  settle [--n N]     cantata_settle vs the lean cantata_settle_one (N hop settlements each)
+  settle [--n N]     cantata_settle vs the lean path (N hop settlements each)
   commit [--n N]     one connection's round trip of a checkpoint (0037's and 0032's
                  functions), an INSERT, SELECT 1 and
                  a no-op with the checkpoint's parameters, with synchronous_commit on

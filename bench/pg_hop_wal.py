@@ -6,7 +6,8 @@ On a fresh schema of the server at ``--url`` (default ``BENCH_POSTGRES``), ``n``
 orders written through the store as the chain's latency workload writes them, one
 after another: the append of the first event, held for the first group, then three
 handlers' settlements ``done``, each emitting one event, held for the next group but
-the last (each write the store's one statement, ``cantata_settle_one``), after a ``CHECKPOINT`` (so
+the last (each write the store's one statement, ``cantata_settle_one``; ``cantata_settle_hop``
+since migration 0042), after a ``CHECKPOINT`` (so
 that both revisions of an A/B start with the same full-page images to write). Prints
 the WAL bytes per order (the server's WAL insert position before and after), which
 counts the whole server: run it on a server nothing else writes to (a private one:

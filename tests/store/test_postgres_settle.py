@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from cantata.model.codec import new_id
@@ -358,24 +359,34 @@ async def _tables(store: PostgresStore, app: str) -> list[list[tuple[Any, ...]]]
     return [[tuple(r) for r in await store._db.fetch(q, app)] for q in queries]
 
 
+# The lean path's calls: cantata_settle_hop for at most one event (migration 0042) and
+# cantata_settle_one for the rest, or cantata_settle_one alone (HOP off).
+_LEAN_CALLS = {
+    True: ("SELECT * FROM cantata_settle_hop(", "SELECT * FROM cantata_settle_one("),
+    False: ("SELECT * FROM cantata_settle_one(",),
+}
+
+
+@pytest.mark.parametrize("hop", [True, False], ids=["hop", "settle_one"])
 async def test_the_lean_path_writes_what_cantata_settle_writes(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    url: str, monkeypatch: pytest.MonkeyPatch, hop: bool
 ) -> None:
     """A batch of one settlement or append through cantata_settle_one (migration 0020)
-    leaves the rows, results and keyed audit chain (hash for hash) that cantata_settle
-    leaves for it (at the same clock)."""
+    or cantata_settle_hop (0042, at most one event) leaves the rows, results and keyed
+    audit chain (hash for hash) that cantata_settle leaves for it (at the same clock)."""
     seen: dict[bool, tuple[list[Any], list[list[tuple[Any, ...]]]]] = {}
     async with opened(url) as store:
         for lean in (True, False):
             monkeypatch.setattr(postgres_event_writes, "LEAN", lean)
+            monkeypatch.setattr(postgres_event_writes, "HOP", hop)
             monkeypatch.setattr(postgres_event_writes, "time", _Clock())
             app = f"app-{lean}-{new_id()[-8:]}"
             sent = statements(store)
             results = await _one_at_a_time(store, app)
             assert sent, sent
             assert all(
-                s.startswith("SELECT * FROM cantata_settle_one(" if lean
-                             else "SELECT * FROM cantata_settle(") or "pick" in s
+                s.startswith(_LEAN_CALLS[hop] if lean
+                             else ("SELECT * FROM cantata_settle(",)) or "pick" in s
                 for s in sent if "cantata_settle" in s or not s.startswith("WITH")
             ), sent
             assert (await store.verify_audit(app, key=KEY)).ok
@@ -429,8 +440,9 @@ async def _hops(store: PostgresStore, app: str) -> list[Any]:
     return out
 
 
+@pytest.mark.parametrize("hop", [True, False], ids=["hop", "settle_one"])
 async def test_the_lean_path_holds_one_event_as_cantata_settle_does(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    url: str, monkeypatch: pytest.MonkeyPatch, hop: bool
 ) -> None:
     """The hops of a chain (one event each, a delivery of it held or not) through
     cantata_settle_one (migration 0022: the held delivery inserted held) leave what
@@ -439,6 +451,7 @@ async def test_the_lean_path_holds_one_event_as_cantata_settle_does(
     async with opened(url) as store:
         for lean in (True, False):
             monkeypatch.setattr(postgres_event_writes, "LEAN", lean)
+            monkeypatch.setattr(postgres_event_writes, "HOP", hop)
             monkeypatch.setattr(postgres_event_writes, "time", _Clock())
             app = f"hop-{lean}-{new_id()[-8:]}"
             results = await _hops(store, app)
@@ -480,7 +493,7 @@ async def test_a_delivery_owner_sql_cannot_spell_goes_as_a_transaction(url: str)
         paid = Event("pay.done", 2)
         s = Settlement("done", 1, events=[paid], hold_for="wörker\n1", hold=[("g2", paid.id)])
         assert await store.settle_delivery(app, "g1", first.id, s)
-        assert sent[0].startswith("SELECT * FROM cantata_settle_one("), sent
+        assert sent[0].startswith("SELECT * FROM cantata_settle_hop("), sent
         assert any(x.startswith("BEGIN") for x in sent), sent
         assert s.held == [("g2", paid.id)] and s.addressed == [1]
         records = await store.audit_records(app)
@@ -513,3 +526,96 @@ async def test_each_path_says_which_emitted_events_a_settlement_stored(
         alone = Settlement("done", 1, [joined])  # one event: the lean path's fast path
         assert await store.settle_delivery(app, "g1", placed.id, alone)
         assert (alone.stored, alone.addressed) == ([False], [0])
+
+
+@pytest.mark.parametrize("hop", [True, False], ids=["hop", "settle_one"])
+async def test_a_hop_through_the_lean_path_notifies_and_writes_as_before(
+    url: str, monkeypatch: pytest.MonkeyPatch, hop: bool
+) -> None:
+    """The hops of a chain through cantata_settle_hop and cantata_settle_one (migration
+    0042: the one event's statements taken apart) write, answer and notify as
+    migration 0026's cantata_settle_one did: no notice when the only delivery it
+    stored is held for the worker that settles; a notice when a delivery is left
+    pending, one was there before (not held), a wait matches the event, the settlement
+    is a retry or a dead letter; none for an event stored before or a settlement done
+    with nothing emitted; a dead letter's delivery settled done drops its dead
+    letter."""
+    monkeypatch.setattr(postgres_event_writes, "HOP", hop)
+    app = f"hop-notice-{new_id()[-8:]}"
+    async with opened(url) as store:
+        await store.declare(app, [
+            Declaration("handler", "a", "hop.a"), Declaration("handler", "b", "hop.b"),
+            Declaration("handler", "c1", "hop.c"), Declaration("trigger", "c2", "hop.c"),
+            Declaration("handler", "wg", "hop.w"), Declaration("wait", "w", "hop.w"),
+            Declaration("handler", "star", "star.*"),
+        ])
+        base, _, query = url.partition("?")
+        schema = dict(kv.split("=", 1) for kv in query.split("&"))["schema"]
+        c = await asyncpg.connect(base, server_settings={"search_path": schema})
+        notices: list[str] = []
+        channel = await c.fetchval("SELECT cantata_channel()")
+        await c.add_listener(channel, lambda *a: notices.append(a[3]))
+        at = "2026-12-06T00:00:00Z"
+        e = {n: Event(t, n, id=f"hn-{n}", time=at) for n, t in [
+            ("e0", "hop.a"), ("e1", "hop.b"), ("e2", "hop.c"), ("e3", "hop.w"),
+            ("e4", "star.x"), ("e5", "hop.b"), ("e6", "hop.a"), ("e7", "hop.a")]}
+        w = postgres_event_writes
+
+        async def call(many: Any, arg: Any) -> tuple[Any, bool]:
+            (out,) = await w.write(c, [(many, arg)], {app: KEY})
+            await asyncio.sleep(0.05)  # the commit's notice, to this connection too
+            heard = bool(notices)
+            notices.clear()
+            return out, heard
+
+        async def settle(group: str, event_id: str, s: Settlement) -> tuple[Any, ...]:
+            settled, heard = await call(w.settle_many, (app, group, event_id, s))
+            return settled, s.held, s.addressed, heard
+
+        def done(*events: Event[Any], hold: list[tuple[str, str]] | None = None) -> Settlement:
+            return Settlement("done", 1, events=list(events), hold_for="w1" if hold else None,
+                              hold=hold or [])
+
+        store.set_audit_key(app, KEY)
+        got = [await call(w.append_held_many, (app, [e["e0"]], "w1", [("a", "hn-e0")]))]
+        got.append(await settle("a", "hn-e0", done(e["e1"], hold=[("b", "hn-e1")])))
+        got.append(await settle("b", "hn-e1", done(e["e2"], hold=[("c1", "hn-e2")])))
+        got.append(await settle("c1", "hn-e2", done(e["e3"], hold=[("wg", "hn-e3")])))
+        got.append(await settle("wg", "hn-e3", done(e["e1"], hold=[("b", "hn-e1")])))
+        got.append(await settle("c2", "hn-e2", done(e["e4"])))
+        got.append(await settle("b", "hn-e5", Settlement("retry", 1, error="x", retry_at=5.0)))
+        got.append(await settle("star", "hn-e4", done(e["e5"], hold=[("b", "hn-e5")])))
+        got.append(await settle("b", "hn-e5", Settlement("dead", 2, error="boom",
+                                                          dead_letter_id="hn-dl")))
+        got.append(await settle("b", "hn-e5", done()))
+        got.append(await settle("b", "hn-e5", done()))  # done already: nothing written
+        got.append(await call(w.append_held_many, (app, [e["e6"]], "w1", [("a", "hn-e6")])))
+        got.append(await call(w.append_many, (app, [e["e7"]])))
+        await c.close()
+        assert got == [
+            (([1], [("a", "hn-e0")]), False),
+            (True, [("b", "hn-e1")], [1], False),  # held, nothing else
+            (True, [("c1", "hn-e2")], [2], True),  # c2's delivery pending
+            (True, [("wg", "hn-e3")], [1], True),  # a wait matches hop.w
+            (True, [], [0], False),  # e1 stored before
+            (True, [], [1], True),  # no hold: star's delivery pending
+            (True, [], [], True),  # a retry (of a delivery created for it)
+            (True, [], [1], True),  # b's delivery of e5 was there before: not held
+            (True, [], [], True),  # a dead letter
+            (True, [], [], False),  # done, nothing emitted; its dead letter dropped
+            (False, [], [], False),
+            (([1], [("a", "hn-e6")]), False),
+            ([1], True),
+        ]
+        rows = {(r[0], r[1]): tuple(r)[2:] for r in await store._db.fetch(
+            "SELECT grp, event_id, status, attempts, owner, fence FROM deliveries "
+            "WHERE app=$1", app)}
+        assert rows == {
+            ("a", "hn-e0"): ("done", 1, None, 1), ("b", "hn-e1"): ("done", 1, None, 1),
+            ("c1", "hn-e2"): ("done", 1, None, 1), ("c2", "hn-e2"): ("done", 1, None, 0),
+            ("wg", "hn-e3"): ("done", 1, None, 1), ("star", "hn-e4"): ("done", 1, None, 0),
+            ("b", "hn-e5"): ("done", 1, None, 0), ("a", "hn-e6"): ("pending", 1, "w1", 1),
+            ("a", "hn-e7"): ("pending", 0, None, 0),
+        }
+        assert await store._db.fetch("SELECT id FROM dead_letters WHERE app=$1", app) == []
+        assert (await store.verify_audit(app, key=KEY)).ok

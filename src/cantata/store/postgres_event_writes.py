@@ -655,6 +655,13 @@ async def claim_statement(c: Conn, calls: list[Claim]) -> list[list[Delivery]]:
 # bench/pg_breakdown.py's A/B and the tests that compare the two).
 LEAN = True
 _SETTLE_ONE = f"SELECT * FROM cantata_settle_one({', '.join(f'${i}' for i in range(1, 31))})"
+# Whether a lean batch of at most one event and at most one delivery of it to hold
+# takes cantata_settle_hop (migration 0042: the same parameters as scalars, no arrays
+# to decode or subscript) instead of cantata_settle_one (False: for the tests and
+# bench/pg_breakdown.py's A/B).
+HOP = True
+_SETTLE_HOP = f"SELECT * FROM cantata_settle_hop({', '.join(f'${i}' for i in range(1, 31))})"
+_NO_EVENT = (None,) * 10  # cantata_settle_hop's event columns: no event
 _NO_SETTLEMENT = (None,) * 12  # an append's s_grp .. s_rest (s_now apart)
 
 
@@ -667,8 +674,9 @@ def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
 async def _write_lean(
     c: Conn, many: Any, arg: Any, keys: Mapping[str, audit.AuditKey]
 ) -> list[Any]:
-    """:func:`write` for a batch :func:`lean` takes: one call of ``cantata_settle_one``
-    with the results :func:`statement` gives that batch."""
+    """:func:`write` for a batch :func:`lean` takes: one call of ``cantata_settle_hop``
+    (at most one event, at most one delivery of it to hold: :data:`HOP`) or of
+    ``cantata_settle_one``, with the results :func:`statement` gives that batch."""
     now = time.time()
     events: Sequence[Event[Any]]
     hold_for: str | None
@@ -692,12 +700,20 @@ async def _write_lean(
         hold_for, hold = (arg[2], arg[3]) if many is append_held_many else (None, [])
         head = (app, *_NO_SETTLEMENT[:7], now, *_NO_SETTLEMENT[7:])
     key = keys.get(app)
-    rows = await c.fetch(
-        _SETTLE_ONE, *head, *_columns([_event_row(0, ev)[1:] for ev in events], 10),
-        hold_for if hold else None, [g for g, _ in hold], [e for _, e in hold],
-        None if key is None else key.inner, None if key is None else key.outer,
-        audit.GENESIS_HASH,
-    )
+    pads = (None if key is None else key.inner, None if key is None else key.outer)
+    if HOP and len(events) <= 1 and (not hold or (
+            len(hold) == 1 and len(events) == 1 and hold[0][1] == events[0].id)):
+        rows = await c.fetch(
+            _SETTLE_HOP, *head, *(_event_row(0, events[0])[1:] if events else _NO_EVENT),
+            hold_for if hold else None, *(hold[0] if hold else (None, None)), *pads,
+            audit.GENESIS_HASH,
+        )
+    else:
+        rows = await c.fetch(
+            _SETTLE_ONE, *head, *_columns([_event_row(0, ev)[1:] for ev in events], 10),
+            hold_for if hold else None, [g for g, _ in hold], [e for _, e in hold], *pads,
+            audit.GENESIS_HASH,
+        )
     settled = False
     fanned: dict[str, int] = {}  # events inserted: how many groups each went to
     held: list[tuple[str, str]] = []

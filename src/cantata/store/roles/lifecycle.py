@@ -114,8 +114,9 @@ class StoreLifecycle(Protocol):
         consumers look for deliveries to claim when they hear it. A backend may leave
         ``events`` out for a settlement, or an append that held deliveries for its
         worker, that nobody else can need to hear of (PostgreSQL's
-        ``cantata_settle_one``: no delivery pending, no wait declared for its events'
-        types); the process that wrote them learns of its events in process.
+        ``cantata_settle_one`` and ``cantata_settle_hop``: no delivery pending, no wait
+        declared for its events' types); the process that wrote them learns of its
+        events in process.
         ``slots`` is called when a slot is released, when a waiter for one
         withdraws, and when a worker is removed (its slots are free; see
         :data:`SLOTS`); ``schedules`` when a schedule is created,
