@@ -33,9 +33,22 @@ def commands() -> Iterator[tuple[list[str], Any]]:
             stack.extend(([*path, name], sub) for name, sub in cmd.commands.items())
 
 
+#: The tests of this module run in one xdist worker, so that each command's help is
+#: drawn once (``help_of``), not once per test (Rich takes a few CPU-seconds for all).
+pytestmark = pytest.mark.xdist_group("cli-help")
+
+#: ``cantata ... --help``'s output by command words, drawn under the ``wide`` settings
+#: (the same for every test of this module).
+_HELP: dict[tuple[str, ...], str] = {}
+
+
 def help_of(capsys: pytest.CaptureFixture[str], path: list[str]) -> str:
-    assert main([*path, "--help"]) == 0, path
-    return capsys.readouterr().out
+    key = tuple(path)
+    if key not in _HELP:
+        capsys.readouterr()
+        assert main([*path, "--help"]) == 0, path
+        _HELP[key] = capsys.readouterr().out
+    return _HELP[key]
 
 
 def paragraphs(cmd: Any) -> list[str]:

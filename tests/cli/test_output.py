@@ -30,7 +30,9 @@ async def echo(ctx, x):
 async def two(ctx, a, b=0):
     return [a, b]
 
-@app.on("note.sent", group="[red]notes[/red]")
+# (one attempt: the dead letter at once, not after the four backoffs of 7.5 s that a
+# handler's default retry waits; what is printed of it is what these tests check)
+@app.on("note.sent", group="[red]notes[/red]", retry=cantata.Retry(max_attempts=1))
 async def note(event) -> None:
     raise ValueError("[bold]no[/bold] template for [/]")
 """

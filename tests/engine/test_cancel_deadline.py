@@ -327,7 +327,10 @@ async def _cut_attempts(app: App, run_id: str, step: str) -> list[tuple[str | No
 @pytest.mark.parametrize("workflow", ["last_step_slow", "sync_last_step_slow", "slow_then_ship"])
 async def test_deadline_cuts_the_step_in_flight(store_url: str, workflow: str) -> None:
     calls: list[str] = []
-    app = slow_shop(store_url, calls)
+    # The step runs 1.6 s, past the 0.5 s deadline and past the 1.5 s within which the
+    # run must have ended (so it ended by the cut, not by the step's return): a thread
+    # cannot be cut, and the app's close waits for the rest of pack_sync's sleep.
+    app = slow_shop(store_url, calls, seconds=1.6)
     step = "pack_sync" if workflow.startswith("sync") else "pack"
     async with app:
         t0 = time.monotonic()
