@@ -277,3 +277,50 @@ async def test_a_worker_of_this_release_marks_its_heartbeat(sqlite_url: str) -> 
         (me,) = await app.store.workers(app.name)
         assert gate.marked(me.info)
         assert app.name in app.store.lean_apps
+
+
+async def test_a_heartbeat_back_from_an_outage_records_its_return_before_the_gates_read(
+    sqlite_url: str,
+) -> None:
+    """The heartbeat that gets through after a store outage ends the lapse (the worker
+    reaches the store again: its hold sure, its runs resumed) before the gate's read of
+    the ``workers`` rows, not one read later (engine/ownership.py, ``beat``); the read
+    still comes on that heartbeat when due, and a failed read still closes the gate.
+    Before the fix the read came first: it saw the worker still lapsed."""
+    app = make_app(sqlite_url, "lean")
+
+    @app.workflow
+    async def nothing(ctx: WorkflowContext) -> None:
+        return None
+
+    async with app:
+        store, own = app.store, app.engine.ownership
+        real_beat, real_workers = store.heartbeat, store.workers
+        seen: list[tuple[bool, bool, bool]] = []  # (lapsed, in doubt, healthy) at each read
+        fail_read = False
+
+        async def away(*args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("the store is away")
+
+        async def workers(*args: Any, **kwargs: Any) -> Any:
+            task = asyncio.current_task()
+            if task is not None and task.get_name() == "cantata-heartbeat":
+                seen.append((own.lapsed, own.in_doubt(), own._healthy.is_set()))
+                if fail_read:
+                    raise ConnectionError("the store is away again")
+            return await real_workers(*args, **kwargs)
+
+        store.workers = workers  # type: ignore[method-assign]
+        try:
+            for failing in (False, True):
+                fail_read = failing
+                store.heartbeat = away  # type: ignore[method-assign]
+                await eventually(lambda: own.lapsed, timeout=10)
+                seen.clear()
+                own._gate_beats = 1  # the gate is looked at on the next heartbeat through
+                store.heartbeat = real_beat  # type: ignore[method-assign]
+                await eventually(lambda: bool(seen), timeout=10)
+                assert seen[0] == (False, False, True), seen  # the lapse over, then the read
+                assert (app.name in store.lean_apps) is not failing
+        finally:
+            store.heartbeat, store.workers = real_beat, real_workers  # type: ignore[method-assign]

@@ -16,8 +16,10 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
   other began is not counted: the store took that worker for gone then, as it takes
   a paused one (docs/leases.md); the count of those is ``info["reruns_after_lapse"]``.
   Nor is one whose body its own worker's guard stopped, recording at the stop that
-  its hold was in doubt (CPU starvation past 3/4 of the lease), before the other
-  began: ``info["reruns_after_own_stop"]``;
+  its hold was in doubt (CPU starvation past 3/4 of the lease) or, a handler's, that
+  a pause of the whole process had been noticed since it began (its next wake-up
+  came after the heartbeat got through again), before the other began:
+  ``info["reruns_after_own_stop"]``;
 - ``steps_after_result``: a step executed again after its result was recorded;
 - ``handlers_after_settled``: a handler executed again after its delivery was settled
   (stored ``done``), whatever befell the worker that settled it: a kill excuses a
@@ -120,7 +122,7 @@ class Execution:
     cut: bool = False  # cancelled in the middle (a stop): not a death, not a failure
     effect: str | None = None
     lapsed: bool = False  # its worker's hold had lapsed at its first line (fault_app.lapsed)
-    fenced: bool = False  # cut by its own worker's guard, the hold in doubt (stopped_in_doubt)
+    fenced: bool = False  # cut by its own worker's guard (fault_app.stopped_in_doubt)
 
 
 def ledger_records(path: Path) -> list[dict[str, Any]]:
@@ -301,11 +303,12 @@ def stopped_itself(earlier: Execution, later: Execution) -> bool:
     """True if ``earlier`` was stopped by its own worker's guard for a hold in doubt
     (the worker recorded so at the stop: ``fault_app.stopped_in_doubt``) before
     ``later`` began. Its worker knew it might have lost the run or delivery (a
-    whole-process stall, CPU starvation past 3/4 of the lease) and the body went no
-    further: ``later`` is the documented re-run (the stopped attempt started again,
-    not counted, or the takeover by another worker), not two live workers. A body the
-    guard failed to stop ends past ``later``'s begin and counts, as does any earlier
-    execution of the call that was not so stopped."""
+    whole-process stall, CPU starvation past 3/4 of the lease; for a handler, such a
+    stall noticed since the body began, even once the heartbeat got through again)
+    and the body went no further: ``later`` is the documented re-run (the stopped
+    attempt started again, not counted, or the takeover by another worker), not two
+    live workers. A body the guard failed to stop ends past ``later``'s begin and
+    counts, as does any earlier execution of the call that was not so stopped."""
     return (earlier.cut and earlier.fenced and earlier.ended is not None
             and earlier.ended <= later.began)
 

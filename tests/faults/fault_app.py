@@ -25,7 +25,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import cantata
@@ -112,14 +112,29 @@ def lapsed(app: App, *, handler: bool = False) -> dict[str, bool]:
     return {"lapsed": True} if fenced else {}
 
 
-def stopped_in_doubt(app: App, *, handler: bool = False) -> dict[str, bool]:
-    """``{"fenced": True}`` at a body's stop when its worker's own guard stops it: the
+def stopped_in_doubt(app: App, *, guard: Callable[[], bool] | None = None) -> dict[str, bool]:
+    """``{"fenced": True}`` at a body's stop when its worker's own guard stops it, as
+    the guard judges it at the stop, with no ``await`` between: a step's when the
     worker's hold is in doubt (no heartbeat through for 3/4 of the lease, or a pause;
-    docs/leases.md), as the guard judges it at the stop, with no ``await`` between.
-    The worker knew then that another one may take the run or delivery over, and the
-    body made no progress past the stop: the counters do not take a later execution
-    for a live double of it (``twice_live``)."""
-    return {"fenced": True} if lapsed(app, handler=handler) else {}
+    docs/leases.md); a handler's by its ``guard`` (:func:`handler_guard`, made as the
+    body began), which also stops a body begun before a pause of the whole process the
+    worker noticed, even once its heartbeat got through again (the body's next wake-up
+    may come only after it). The worker knew then that another one may take the run
+    or delivery over, and the body made no progress past the stop: the counters do not
+    take a later execution for a live double of it (``twice_live``)."""
+    fenced = guard() if guard is not None else lapsed(app)
+    return {"fenced": True} if fenced else {}
+
+
+def handler_guard(app: App) -> Callable[[], bool]:
+    """The guard of a handler body beginning now, as the consumer makes it
+    (``pauses.handler_fence``): true once the body must not be resumed."""
+    engine = app._engine
+    if engine is None:
+        return lambda: False
+    from cantata.engine.pauses import handler_fence
+
+    return handler_fence(engine)
 
 
 def build(env: Mapping[str, str] | None = None) -> App:
@@ -255,6 +270,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
 
     async def handle(event: Event[Any], ctx: HandlerContext, emits: str) -> None:
         where = {"what": "handler", "run": event.id, "key": ctx.group, "attempt": ctx.attempt}
+        guard = handler_guard(app)
         record(k="begin", **where, **lapsed(app, handler=True))
         try:
             await asyncio.sleep(handler_seconds)
@@ -273,7 +289,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
             record(k="fail", **where)
             raise
         except BaseException:
-            record(k="cut", **where, **stopped_in_doubt(app, handler=True))
+            record(k="cut", **where, **stopped_in_doubt(app, guard=guard))
             raise
         record(k="end", **where)
 

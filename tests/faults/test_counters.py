@@ -200,6 +200,39 @@ async def test_a_step_its_worker_stopped_for_a_stall_past_its_fence_is_not_a_liv
     assert_zero(counts)
 
 
+async def test_a_handler_its_worker_stopped_after_a_stall_past_its_fence_is_not_a_live_double(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A lone worker stalled behind the harness's back (as CPU starvation stalls it: no
+    pause the harness did) past 3/4 of its lease while a handler's body sleeps: it
+    notices the pause on resuming and its heartbeat gets through at once, and only
+    then does the body wake, to be stopped by its guard (a body begun before a pause
+    is not resumed after it, docs/leases.md); the event, handed back, is handled again
+    by the same worker a lease later. The documented re-run, not two live workers:
+    counted as ``steps_twice_live=1`` ("cut short by a stop", the same pid twice),
+    because the worker's mark at the stop asked only whether its hold was in doubt
+    then, and the heartbeat had settled that (the starved worker's signature in
+    test_a_worker_starved_past_its_lease_is_counted_once_its_lapse_is_known under
+    load)."""
+    c = cluster(f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=2.0, FAULT_HANDLER_SECONDS=4.0)
+    c.start_workers(1)
+    await c.ready()
+    async with c.client():
+        await c.submit(0, 1)
+        stalled = await c.busy_worker("handler")
+        await c.stop(stalled)  # (outside a write of its own: see Cluster.stop)
+        try:
+            await asyncio.sleep(0.8 * c.lease)
+        finally:
+            c.resume(stalled)  # not recorded: the harness knows nothing
+        counts = await c.recover(time.monotonic(), budget=30)
+    print(f"\na handler stopped by its own worker's guard after a stall: {counts}")
+    cut = [e for e in read_ledger(c.ledger) if e.what == "handler" and e.cut]
+    assert cut, f"the stall cut no handler (the scenario did not happen): {counts}"
+    assert counts.info["reruns_after_own_stop"] >= 1, counts
+    assert_zero(counts)
+
+
 def _ex(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
     return Execution("step", "run-1", "reserve#1", pid, 1, began, ended, **kw)
 

@@ -39,8 +39,8 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
             x.pending_attempts = []
         x.flush_at_yield = False  # (this commit takes what a step's end deferred)
         every = write.attempts
-        if every and (x.rowless or x.run.app in x.engine.lean_apps):
-            write.attempts = lean_attempts(x, write)
+        if every:
+            lean_write(x, write)
         if x.flush_scheduled and not x.create_pending:  # (this commit takes it all)
             unschedule(x)
         if x.pending_status is not None and write.status is None:
@@ -125,6 +125,15 @@ def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
             rowless.discard(key)
         kept.append(a)
     return kept
+
+
+def lean_write(x: RunExecution, write: RunWrite) -> None:
+    """Leave out of ``write`` the attempt rows :func:`lean_attempts` leaves out, when it
+    may leave any out: the gate of the run's app is open, or a row was left out before
+    (written whole now if the gate closed since). For every checkpoint (:func:`commit`)
+    and a transactional step's commit (engine/transaction.py)."""
+    if x.rowless or x.run.app in x.engine.lean_apps:
+        write.attempts = lean_attempts(x, write)
 
 
 def expect_creation(x: RunExecution) -> None:

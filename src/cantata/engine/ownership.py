@@ -268,12 +268,6 @@ class Ownership:
         await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(),
                                      versioning.worker_info(engine), lease=engine.lease)
         self.store_away = False
-        # The gate of the lean writes: on the first heartbeat, then once a lease
-        # (engine/gate.py).
-        self._gate_beats -= 1
-        if self._gate_beats <= 0:
-            self._gate_beats = gate.GATE_EVERY
-            await gate.look(engine)
         if (self.lapsed or sent - self.beat_at > engine.lease
                 or wall - self.beat_wall > engine.lease):
             self.lapsed = False
@@ -288,6 +282,13 @@ class Ownership:
         self.beat_at, self.beat_wall = sent, wall
         self._beaten.set()
         self.quiet.recovered("heartbeat", "worker %s: heartbeat works again", engine.worker_id)
+        # The gate of the lean writes: on the first heartbeat, then once a lease
+        # (engine/gate.py); after the bookkeeping above, so that its read does not
+        # hold back the end of a lapse (a worker back from an outage)
+        self._gate_beats -= 1
+        if self._gate_beats <= 0:
+            self._gate_beats = gate.GATE_EVERY
+            await gate.look(engine)
 
     def _watch(self) -> None:
         """A timer every few milliseconds: after a pause of the whole process it is due

@@ -15,7 +15,7 @@ from cantata.model.records import ENTRY_COMPLETED, Attempt, HistoryEntry, RunWri
 from cantata.store.tx import Tx
 
 from .branches import marked
-from .checkpoint import lean_attempts
+from .checkpoint import lean_write
 from .heartbeat import Beat
 from .invoke import invoke_step
 from .signals import _StoreFailed
@@ -76,8 +76,7 @@ async def run_transactional(
         committed[:] = [entry]
         ended[:] = [(tx, value)]
         write = RunWrite(entries=[entry], attempts=[done], events=list(tx.events))
-        if x.rowless or run.app in engine.lean_apps:  # (as checkpoint.commit)
-            write.attempts = lean_attempts(x, write)
+        lean_write(x, write)
         return write, value
 
     def settle() -> None:
