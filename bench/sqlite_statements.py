@@ -1,6 +1,7 @@
 """What a SQLite write transaction's statements cost, counted under callgrind.
 
     python -m bench.sqlite_statements checkpoint K [--no-attempts] [--lean]
+    python -m bench.sqlite_statements create K [--no-attempts] [--lean]
     python -m bench.sqlite_statements bind ints|nones K
     python -m bench.sqlite_statements cursor connection|cursor K
     python -m bench.sqlite_statements head none|audit_head|both|row|both-upsert|row-upsert K
@@ -8,11 +9,15 @@
 ``checkpoint``: ``K`` middle checkpoints of one run (two history rows, the step that
 ended and the next begun, their two attempts, one audit record), each its own write
 transaction straight on the store's connection: ``BEGIN IMMEDIATE``, the fenced
-checkpoint (``SQLiteRuns._commit_fenced``), ``TxConnection.before_commit``, ``COMMIT``,
+checkpoint (``SQLiteRuns._commit_fenced``), ``TxConnection.commit_write`` (its
+``before_commit``, then ``COMMIT``),
 with no event loop in between (``--lean``: the app's gate open, ``store.lean_apps``, so
 that the audit head's ``audit_head`` row is not written: docs/performance.md, round
 twenty-six (audit head)). It prints the statements of one (counted with a trace
 callback over the first ten, which are outside nothing else) and the CPU time of each.
+``create``: ``K`` runs created the same way, each with its first checkpoint (the first
+step begun, its attempt) in its write transaction (``SQLiteRuns._create``), as a worker
+starting a run it executes at once writes it.
 ``bind``: ``K`` INSERTs of ten parameters, all ``1`` or all ``None``, into a table in
 memory. ``cursor``: ``K`` UPDATEs of one row by its key, by ``Connection.execute`` (a
 cursor made for each) or by one cursor's ``execute``. ``head``: ``K`` write transactions
@@ -84,12 +89,41 @@ def checkpoint(k: int, attempts: bool, lean: bool = False) -> str:
         conn.begin_write()
         if not store._commit_fenced(conn, run.app, run.run_id, 1, w):
             raise RuntimeError("the fence did not hold")
-        conn.before_commit()
-        conn.execute("COMMIT")
+        conn.commit_write()
     spent = (time.thread_time() - began) / k * 1e6
     conn.set_trace_callback(None)
     asyncio.run(store.close())
     return (f"{len(statements) / 10:.1f} statements a checkpoint, {spent:.1f} µs of CPU each "
+            f"(not a count: run under callgrind)")
+
+
+def create(k: int, attempts: bool, lean: bool = False) -> str:
+    folder = tempfile.mkdtemp(prefix="cantata-statements-")
+    store = SQLiteStore(f"{folder}/s.db")
+    if lean:
+        store.lean_apps.add("stmts")
+    asyncio.run(store.open())
+    conn = store._t._conn
+    assert conn is not None
+    at = time.time()
+    runs = [new_run("stmts", status=RunStatus.RUNNING, owner="w1", fence=1)
+            for _ in range(k)]  # (made before: not the store's work)
+    firsts = [RunWrite(
+        entries=[HistoryEntry("s1#1", EntryKind.STEP, "s1", EntryStatus.RUNNING, 1,
+                              attempts=1, started_at=at)],
+        attempts=[Attempt("s1#1", 1, at)] if attempts else [],
+    ) for _ in range(k)]
+    statements: list[str] = []
+    began = time.thread_time()
+    for n, (run, first) in enumerate(zip(runs, firsts, strict=True)):
+        conn.set_trace_callback(statements.append if n < 10 else None)
+        conn.begin_write()
+        store._create(conn, run, first)
+        conn.commit_write()
+    spent = (time.thread_time() - began) / k * 1e6
+    conn.set_trace_callback(None)
+    asyncio.run(store.close())
+    return (f"{len(statements) / 10:.1f} statements a creation, {spent:.1f} µs of CPU each "
             f"(not a count: run under callgrind)")
 
 
@@ -147,6 +181,10 @@ def main() -> None:
     p.add_argument("k", type=int)
     p.add_argument("--no-attempts", action="store_true")
     p.add_argument("--lean", action="store_true")
+    p = sub.add_parser("create")
+    p.add_argument("k", type=int)
+    p.add_argument("--no-attempts", action="store_true")
+    p.add_argument("--lean", action="store_true")
     p = sub.add_parser("bind")
     p.add_argument("kind", choices=["ints", "nones"])
     p.add_argument("k", type=int)
@@ -160,6 +198,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "checkpoint":
         print(checkpoint(args.k, not args.no_attempts, args.lean))
+    elif args.what == "create":
+        print(create(args.k, not args.no_attempts, args.lean))
     elif args.what == "bind":
         print(bind(args.kind, args.k))
     elif args.what == "head":

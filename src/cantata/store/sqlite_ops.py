@@ -226,7 +226,7 @@ def upsert_attempts(
     c: sqlite3.Connection, app: str, run_id: str, attempts: Sequence[Attempt]
 ) -> None:
     if attempts:
-        c.executemany(
+        (c.dml if isinstance(c, TxConnection) else c).executemany(
             _UPSERT_ATTEMPTS,
             [
                 (app, run_id, a.key, a.attempt, a.started_at, a.ended_at, text(a.error_type),
@@ -258,12 +258,16 @@ def audit_append(c: sqlite3.Connection, app: str, entry: audit.Entry) -> None:
 
     On a :class:`TxConnection` the chain head advances in the transaction's state and
     its rows are written once before COMMIT (:meth:`TxConnection.before_commit`); on a
-    plain connection, here.
+    plain connection, here. The first append of an app in a write transaction takes the
+    head this connection committed last when no other connection has committed since
+    (:meth:`TxConnection.committed_head`), else reads it (:func:`audit_head`).
     """
     actor, action, target, data = entry
     tx = c if isinstance(c, TxConnection) else None
     heads = None if tx is None else tx.audit_heads
     cached = None if heads is None else heads.get(app)
+    if cached is None and tx is not None:  # (the first append of the app in this tx)
+        cached = tx.committed_head(app)
     if cached is not None:
         head: tuple[int, str] | None = (cached[0], cached[2])
     else:

@@ -84,6 +84,14 @@ class TxConnection(sqlite3.Connection):
     other connection (or process) can change it, so every append after the first
     skips that read. A declaration written on this connection drops its app's entry.
 
+    ``known_heads`` holds the head of each app's chain as this connection last committed
+    it (:meth:`commit_write`), and :meth:`committed_head` hands it to the first append of
+    a later write transaction instead of the head's read, while no other connection (or
+    process) has committed since: ``PRAGMA data_version``, read once a write transaction,
+    changes when one has (docs/performance.md, "Round twenty-seven (saga, SQLite
+    statements)"). Inside ``BEGIN IMMEDIATE`` nobody else can commit, so what it says
+    holds until COMMIT.
+
     ``was`` holds the arguments of the last call of the SQL function ``cantata_was``
     (which returns 1): an UPDATE whose WHERE ends in ``AND cantata_was(col, ...)`` on
     one row hands back the values the row had before it (RETURNING gives only the new
@@ -96,10 +104,18 @@ class TxConnection(sqlite3.Connection):
         self.audit_heads: dict[str, tuple[int, str, str]] = {}
         self.decl_versions: dict[str, str] = {}
         self.was: tuple[Any, ...] = ()
+        # The heads this connection committed (see the class's docstring), the
+        # data_version they are valid at, whether this write transaction read it, and
+        # the heads its before_commit wrote (commit_write keeps them once COMMIT returns).
+        self.known_heads: dict[str, tuple[int, str, str]] = {}
+        self._known_version = -1
+        self._version_read = False
+        self._committing: dict[str, tuple[int, str, str]] = {}
         # The cursor of the write path's statements that return no rows (BEGIN, a
-        # checkpoint's writes, the audit append, COMMIT): Connection.execute makes a
-        # cursor for each statement (~1,400 instructions). Such a statement is done
-        # (and reset) when execute returns, so the cursor holds nothing between them.
+        # checkpoint's writes, the audit append, COMMIT; and PRAGMA data_version, whose
+        # one row fetchone takes, resetting it): Connection.execute makes a cursor for
+        # each statement (~1,400 instructions). Such a statement is done (and reset)
+        # when execute returns, so the cursor holds nothing between them.
         self.dml = self.cursor()
         self.create_function("cantata_was", -1, self._capture)
         # app -> the key of its audit chain (shared with the store, which sets them)
@@ -114,19 +130,46 @@ class TxConnection(sqlite3.Connection):
     def begin_write(self) -> None:
         self.audit_heads = {}
         self.decl_versions = {}
+        self._version_read = False
         self.dml.execute("BEGIN IMMEDIATE")
+
+    def committed_head(self, app: str) -> tuple[int, str, str] | None:
+        """``app``'s chain head as this connection committed it last, if no other
+        connection has committed since (else ``None``: read the head). Only inside a
+        write transaction, where no one else can commit until this one does."""
+        if not self._version_read:
+            if not self.in_transaction:
+                return None
+            self._version_read = True
+            version = self.dml.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._known_version:  # another connection committed
+                self.known_heads = {}
+                self._known_version = version
+        return self.known_heads.get(app)
 
     def before_commit(self) -> None:
         heads = self.audit_heads
         if heads:
-            execute, lean = self.dml.execute, self.lean_apps
+            execute, lean, known = self.dml.execute, self.lean_apps, self.known_heads
             for app, (seq, prev_hash, hash_) in heads.items():
                 # (seq bound as an integer: the TEXT column stores it as text)
                 execute(UPSERT_HEAD_ROW, (app + HEAD_MARK, seq, prev_hash, hash_))
                 if app not in lean:  # a process of an older release may read it
                     execute(UPSERT_HEAD, (app, seq, prev_hash, hash_))
+                # (known again only once COMMIT has returned: commit_write)
+                known.pop(app, None)
             self.audit_heads = {}
+        self._committing = heads
         self.decl_versions = {}
+
+    def commit_write(self) -> None:
+        """:meth:`before_commit`, ``COMMIT``, and then the heads it wrote known
+        (:meth:`committed_head`). A COMMIT that raises leaves them unknown."""
+        self.before_commit()
+        self.dml.execute("COMMIT")
+        if self._committing:
+            self.known_heads.update(self._committing)
+            self._committing = {}
 
 
 #: The mark that makes the key of an app's audit head row: ``(app + HEAD_MARK, 0)``,
@@ -400,8 +443,7 @@ class ConnectionThread:
                     return channels
                 conn.begin_write()
                 self._run_isolated(conn, writes)
-            conn.before_commit()
-            conn.dml.execute("COMMIT")
+            conn.commit_write()
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

@@ -123,8 +123,7 @@ async def run_transaction(
                         f"run {run_id} was taken over by another worker (fence {fence} is "
                         "stale); its transactional step is rolled back"
                     )
-                c.before_commit()
-                c.execute("COMMIT")
+                c.commit_write()
 
             await commit_through(tx, lane.call(finish))
         except BaseException:
