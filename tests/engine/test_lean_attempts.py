@@ -277,3 +277,37 @@ async def test_a_worker_of_this_release_marks_its_heartbeat(sqlite_url: str) -> 
         (me,) = await app.store.workers(app.name)
         assert gate.marked(me.info)
         assert app.name in app.store.lean_apps
+
+
+def test_says_first_attempt_is_first_attempt_compared() -> None:
+    """``records.says_first_attempt(entry, a)`` (what ``checkpoint.lean_attempts`` asks,
+    without making an attempt to compare) is ``first_attempt(entry) == a`` for every
+    combination of the fields either looks at."""
+    import itertools
+
+    from cantata.model.records import (
+        Attempt,
+        EntryKind,
+        EntryStatus,
+        HistoryEntry,
+        first_attempt,
+        says_first_attempt,
+    )
+
+    entries = [
+        HistoryEntry("s#1", EntryKind.STEP, "s", status, attempts=n, started_at=start,
+                     ended_at=end, error_type=etype)
+        for status, n, start, end, etype in itertools.product(
+            list(EntryStatus), (0, 1, 2), (None, 1.0), (None, 2.0, 3.0), (None, "Boom"))
+    ]
+    attempts = [
+        Attempt(key, number, start, end, etype, err)
+        for key, number, start, end, etype, err in itertools.product(
+            ("s#1", "s#2"), (1, 2), (1.0, 1.5), (None, 2.0), (None, "Boom"), (None, "x"))
+    ]
+    said = 0
+    for e in entries:
+        for a in attempts:
+            assert says_first_attempt(e, a) == (first_attempt(e) == a), (e, a)
+            said += says_first_attempt(e, a)
+    assert said > 0

@@ -8,7 +8,7 @@ from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cantata.errors import LeaseLost, StoreError
-from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite, first_attempt
+from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite, says_first_attempt
 from cantata.store.faults import WAITED_OUT, wait_out
 
 from .creation import create_once
@@ -118,7 +118,7 @@ def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
             if entries is None:
                 entries = {e.key: e for e in write.entries}
             entry = entries.get(key)
-            if entry is not None and first_attempt(entry) == a:
+            if entry is not None and says_first_attempt(entry, a):
                 rowless.add(key)
                 continue
         if rowless:

@@ -459,6 +459,7 @@ class Engine:
             execution.expect_creation()
 
         def done(t: asyncio.Task[Any], run_id: str = run.run_id) -> None:
+            execution.on_end = None
             self._tasks.discard(t)
             self.quiesce.set()
             # The execution and its task refer to each other: let go of that now, so that
@@ -488,6 +489,12 @@ class Engine:
                 # error): the store decides whether it is still ours to resume.
                 self.ownership.repair_soon()
 
+        # Run by the task's own coroutine as its last act (RunExecution.execute), which
+        # takes this callback back first: the caller of result() is woken in the pass
+        # the run ends in, not one later, and no loop callback is made for it. Left as
+        # the task's done callback for a task that never got there (cancelled before its
+        # first step, or while it waited for a stale execution).
+        execution.on_end = done
         task.add_done_callback(done)
         return execution
 
