@@ -82,3 +82,30 @@ async def test_a_run_task_cancelled_before_its_first_step_still_ends_in_the_engi
         await eventually(ended_in_engine, timeout=10)
         assert x.on_end is None
         assert await h.result(timeout=20) == 5
+
+
+async def test_a_new_run_whose_code_yields_before_its_first_write_is_stored(
+    store_url: str,
+) -> None:
+    """A run started here is stored with its first commit; if its code first awaits
+    something else (an event of the process), the run is stored when its task yields
+    (checkpoint.expect_creation, through FlushAtYield): ``start()`` returns meanwhile."""
+    app = make_app(store_url)
+    release = asyncio.Event()
+
+    @app.step
+    async def reserve(n: int) -> int:
+        return n + 1
+
+    @app.workflow
+    async def order(ctx: WorkflowContext, n: int) -> int:
+        await release.wait()  # no write before this
+        return int(await ctx.run(reserve, n))
+
+    async with app:
+        try:
+            h = await asyncio.wait_for(app.start(order, 4), timeout=5)
+            assert (await app.store.get_run(app.name, h.run_id)) is not None
+        finally:
+            release.set()
+        assert await h.result(timeout=10) == 5

@@ -136,8 +136,15 @@ def expect_creation(x: RunExecution) -> None:
     """
     x.created = asyncio.get_running_loop().create_future()
     x.create_pending = True
-    x.flush_scheduled = True
-    flush_later(x)
+    if x.engine.hooks:  # its task may yield before FlushAtYield (the trace's parent)
+        x.flush_scheduled = True
+        flush_later(x)
+    else:
+        # Looked at when the run's task first yields or ends (FlushAtYield), as a step's
+        # deferred end: its first commit, usually in its first pass, takes it, and no
+        # loop callback is made for it. A task that never runs its code (cancelled
+        # before its first step) has it flushed by the engine's end of it (launch).
+        x.flush_at_yield = True
 
 
 async def store_first(x: RunExecution) -> None:

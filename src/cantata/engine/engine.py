@@ -23,7 +23,7 @@ from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.base import CANCEL, EVENTS, RUNNABLE, RUNS, TASKS, Store
 from cantata.store.roles.lifecycle import idle_wait
 
-from . import gcpolicy
+from . import checkpoint, gcpolicy
 from .branches import RunTask
 from .clock import Clock
 from .creation import create_once
@@ -461,6 +461,11 @@ class Engine:
         def done(t: asyncio.Task[Any], run_id: str = run.run_id) -> None:
             execution.on_end = None
             self._tasks.discard(t)
+            if execution.create_pending and not execution.flush_scheduled:
+                # Its task never got to its code (checkpoint.expect_creation): stored
+                # now all the same (what the creator is waiting for).
+                execution.flush_scheduled = True
+                checkpoint.flush_later(execution)
             self.quiesce.set()
             # The execution and its task refer to each other: let go of that now, so that
             # the run's state is freed by reference counting, not left for the garbage
