@@ -50,7 +50,14 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
             x.create_pending = False
             await create(x, write)
         else:
-            await commit_run(x, write, every)
+            # Committed (fenced) without a coroutine of its own around the store's call
+            # (every checkpoint of every run: docs/performance.md, round twenty-seven);
+            # a store error goes to commit_failed
+            run = x.run
+            try:
+                await x.engine.store.commit_run(run.app, run.run_id, run.fence, write)
+            except StoreError as exc:
+                await commit_failed(x, write, every, exc)
     finally:
         lock.release()
     if write.status is not None:
@@ -59,36 +66,36 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
         x.engine.events_appended(write.events)
 
 
-async def commit_run(
-    x: RunExecution, write: RunWrite, every: list[Attempt] | None = None
+async def commit_failed(
+    x: RunExecution, write: RunWrite, every: list[Attempt] | None, exc: StoreError
 ) -> None:
-    """Commit ``write`` (fenced), waiting out an outage. ``every``: the attempts it
-    ended or began, those whose rows :func:`lean_attempts` left out too (not charged
-    when the run is resumed here if it fails); ``write.attempts`` if not given."""
+    """A checkpoint's write (``write``, fenced) failed with ``exc``. An outage is not the
+    run's failure: the write waits and is tried again (fenced, so it is refused if
+    another worker took the run meanwhile); a long outage ends this execution through
+    the engine's self-fencing. A lost lease lets the run go (``_Abandon``); another
+    store error is ``_StoreFailed``. ``every``: the attempts the write ended or began,
+    those whose rows :func:`lean_attempts` left out too (not charged when the run is
+    resumed here); ``write.attempts`` if ``None``."""
     engine, run = x.engine, x.run
-    # An outage is not the run's failure: the checkpoint waits and is retried
-    # (fenced, so it is refused if another worker took the run meanwhile). A long
-    # outage ends this execution through the engine's self-fencing.
     try:
-        try:  # the usual case first, without the retry loop's layers
-            await engine.store.commit_run(run.app, run.run_id, run.fence, write)
-        except WAITED_OUT:
-            await wait_out(
-                lambda: engine.store.commit_run(run.app, run.run_id, run.fence, write),
-                quiet=engine.quiet,
-                key="commit",
-                what="checkpointing runs",
-                give_up=lambda: not engine.waits_out_outages(),
-                max_delay=engine.lease / 4,
-            )
+        if not isinstance(exc, WAITED_OUT):
+            raise exc
+        await wait_out(
+            lambda: engine.store.commit_run(run.app, run.run_id, run.fence, write),
+            quiet=engine.quiet,
+            key="commit",
+            what="checkpointing runs",
+            give_up=lambda: not engine.waits_out_outages(),
+            max_delay=engine.lease / 4,
+        )
     except LeaseLost:
         log.warning("run %s was taken over by another worker; letting it go", x.run.run_id)
         x.lost = True
         raise _Abandon() from None
-    except StoreError as exc:
+    except StoreError as failed:
         # not charged when the run is resumed here
         x.uncommitted.extend(write.attempts if every is None else every)
-        raise _StoreFailed(exc) from exc
+        raise _StoreFailed(failed) from failed
 
 
 def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
@@ -136,7 +143,7 @@ def expect_creation(x: RunExecution) -> None:
     """
     x.created = asyncio.get_running_loop().create_future()
     x.create_pending = True
-    if x.engine.hooks:  # its task may yield before FlushAtYield (the trace's parent)
+    if x.engine.hooks.hooks:  # its task may yield before FlushAtYield (the trace's parent)
         x.flush_scheduled = True
         flush_later(x)
     else:

@@ -438,7 +438,7 @@ class RunExecution:
         if after is not None:
             await asyncio.wait([after])
         try:
-            if self.engine.hooks:
+            if self.engine.hooks.hooks:  # (the list: Hooks.__bool__ is a Python call)
                 with self.engine.hooks.run(self.run, await self._parent_traceparent()):
                     await checkpoint.FlushAtYield(self, self._execute_run())
             else:
@@ -655,8 +655,11 @@ class RunExecution:
     async def _open_steps_ended(self) -> None:
         api = self.api
         while api.open_steps:
-            api.steps_settled.clear()
-            await api.steps_settled.wait()
+            settled = api.steps_settled
+            if settled is None:  # (made when first waited for)
+                settled = api.steps_settled = asyncio.Event()
+            settled.clear()
+            await settled.wait()
 
     async def _unwind(self, final: RunStatus, error: str) -> None:
         """Run registered compensations in reverse order, then end the run."""
@@ -746,5 +749,5 @@ class RunExecution:
             log.info("run %s of %s ended %s: %s", self.run.run_id, self.wdef.name, status, error)
         runs = self.engine.metrics.runs
         runs[name] = runs.get(name, 0) + 1
-        if self.engine.hooks:
+        if self.engine.hooks.hooks:
             self.engine.hooks.notify("run_finished", self.run, name, error)

@@ -467,7 +467,7 @@ async def execute_fenced(
     def stalled(seconds: float) -> None:
         x.stalled[(key, attempt)] = max(seconds, x.stalled.get((key, attempt), 0.0))
 
-    plain = not engine.hooks and sdef.concurrency is None and sdef.rate is None
+    plain = not engine.hooks.hooks and sdef.concurrency is None and sdef.rate is None
     coro = (invoke(x, sdef, args, key, attempt, scoped=True) if plain  # execute_body, bare
             else execute_body(x, sdef, args, key, attempt, kind, stamped))
     # Awaited here, not as a task of its own (issue 19: a task per step cost ~5 % of a
