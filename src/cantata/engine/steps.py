@@ -30,7 +30,7 @@ from cantata.model.records import (
 from .branches import branch_stopped, marked
 from .checkpoint import defer_one
 from .heartbeat import Beat, beat_for, first_beat
-from .invoke import invoke_step
+from .invoke import invoke_step, scoped_step
 from .ownership import FENCE_AT
 from .parking import parking_for
 from .pauses import PAUSED, StepStalled, await_excuses
@@ -582,6 +582,8 @@ async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, atte
             from .transaction import run_transactional
 
             value = await run_transactional(x, sdef, args, key, attempt, beat)
+        elif scoped and sdef.timeout is None:  # (the usual: no coroutine around the body)
+            value = await scoped_step(sdef, args, run.run_id, key, attempt, beat)
         else:
             value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
                                       scoped=scoped)
