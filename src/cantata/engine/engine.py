@@ -272,8 +272,10 @@ class Engine:
             nothing was started). A creation whose answer was lost is found out by the
             run's id (:func:`~cantata.engine.creation.create_once`).
         """
-        check_key("idempotency_key", idempotency_key, KEY_ADVICE, empty=False)
-        check_correlation_id(correlation_id)
+        if idempotency_key is not None:  # (None passes both checks: no call on every start)
+            check_key("idempotency_key", idempotency_key, KEY_ADVICE, empty=False)
+        if correlation_id is not None:
+            check_correlation_id(correlation_id)
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )

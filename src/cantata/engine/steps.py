@@ -97,8 +97,11 @@ async def call_step(
     clock = x.engine.clock
     # in progress when the run was last left (a crash, a stop): it goes on even if its
     # branch is to begin nothing new (it had begun)
-    resuming = path and in_flight(x, key)
-    write, last, n, number, lost = prior_attempts(x, key)
+    if key in x.attempts:  # attempts recorded before this execution (it resumed the run)
+        resuming = path and in_flight(x, key)
+        write, last, n, number, lost = prior_attempts(x, key)
+    else:  # (the usual: what in_flight and prior_attempts give then, without the calls)
+        resuming, write, last, n, number, lost = False, RunWrite(), None, 0, 0, []
     retry = sdef.retry
     while True:
         if n >= retry.max_attempts and last is not None:
