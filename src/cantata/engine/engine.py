@@ -27,6 +27,7 @@ from . import checkpoint, gcpolicy
 from .branches import RunTask
 from .clock import Clock
 from .creation import create_once
+from .deadlines import WaitDeadlines
 from .hooks import Hooks
 from .metrics import Metrics
 from .ownership import Ownership, wait_event
@@ -142,6 +143,7 @@ class Engine:
         # re-take, an outage, a self-fence): not attempts, this worker is alive.
         self._cut_short: dict[str, set[tuple[str, int]]] = {}
         self._completions: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
+        self.result_deadlines = WaitDeadlines()  # the timeouts of those waits (handle.py)
         # run id -> (when, final record) of runs that ended here lately, oldest first:
         # a result() asked for after the end needs no read (see completion)
         self._ended: OrderedDict[str, tuple[float, RunRecord]] = OrderedDict()
