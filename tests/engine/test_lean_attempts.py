@@ -311,3 +311,48 @@ def test_says_first_attempt_is_first_attempt_compared() -> None:
             assert says_first_attempt(e, a) == (first_attempt(e) == a), (e, a)
             said += says_first_attempt(e, a)
     assert said > 0
+
+
+def test_lean_attempts_leaves_out_what_says_first_attempt_says() -> None:
+    """``checkpoint.lean_attempts`` (its own inline copy of the rule) leaves an attempt
+    of a step whose row was left out so far out again exactly when
+    ``records.says_first_attempt`` of the entry in the same write says it, and keeps
+    it (its row written, the step no longer rowless) otherwise."""
+    import itertools
+    from types import SimpleNamespace
+
+    from cantata.engine.checkpoint import lean_attempts
+    from cantata.model.records import (
+        Attempt,
+        EntryKind,
+        EntryStatus,
+        HistoryEntry,
+        RunWrite,
+        says_first_attempt,
+    )
+
+    entries = [
+        HistoryEntry("s#1", EntryKind.STEP, "s", status, attempts=n, started_at=start,
+                     ended_at=end, error_type=etype)
+        for status, n, start, end, etype in itertools.product(
+            list(EntryStatus), (1, 2), (None, 1.0), (None, 2.0, 3.0), (None, "Boom"))
+    ]
+    attempts = [
+        Attempt("s#1", number, start, end, etype, err)
+        for number, start, end, etype, err in itertools.product(
+            (1, 2), (1.0, 1.5), (None, 2.0), (None, "Boom"), (None, "x"))
+    ]
+    left_out = 0
+    for e in entries:
+        for a in attempts:
+            other = HistoryEntry("t#1", EntryKind.STEP, "t", EntryStatus.RUNNING,
+                                 attempts=1, started_at=5.0)
+            x = SimpleNamespace(run=SimpleNamespace(app="shop"),
+                                engine=SimpleNamespace(lean_apps={"shop"}),
+                                rowless={"s#1"}, attempts={}, mine={})
+            kept = lean_attempts(x, RunWrite(entries=[other, e], attempts=[a]))  # type: ignore[arg-type]
+            said = says_first_attempt(e, a)
+            assert (kept == []) == said, (e, a)
+            assert ("s#1" in x.rowless) == said, (e, a)
+            left_out += said
+    assert left_out > 0
