@@ -477,8 +477,10 @@ class App(RouterFacade):
                 f"no workflow named {name!r} in app {self.name!r} (known: {known}); "
                 "register it with @app.workflow in a service of this app"
             )
-        check_seconds("deadline", deadline)
-        check_given_key(idempotency_key)
+        if deadline is not None:  # (None passes both checks: no call on every start)
+            check_seconds("deadline", deadline)
+        if idempotency_key is not None:
+            check_given_key(idempotency_key)
         if (queue is None and priority == 0 and partition is None and wdef is not None
                 and wdef.queue is None and type(priority) is int):
             entry = None  # no queue: what entry_for says, without its checks' coroutine

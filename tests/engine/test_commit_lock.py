@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from cantata.engine.checkpoint import CommitLock
 
 
@@ -42,3 +44,29 @@ async def test_take_now_leaves_the_lock_to_a_waiter_first() -> None:
     assert order == ["waiter"]
     assert lock.take_now()
     lock.release()
+
+
+async def test_release_frees_a_lock_nobody_waits_for_and_wakes_a_waiter() -> None:
+    """``release`` without waiters frees the lock without asyncio's wake-up call (round
+    twenty-seven); with a waiter, or unheld, it is ``asyncio.Lock.release``: the waiter
+    takes the lock, and an unheld lock's release is an error."""
+    lock = CommitLock()
+    with pytest.raises(RuntimeError):
+        lock.release()
+    assert lock.take_now()
+    lock.release()
+    assert not lock.locked()
+    assert lock.take_now()
+    got: list[str] = []
+
+    async def waiter() -> None:
+        await lock.acquire()
+        got.append("waiter")
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0)
+    lock.release()  # a waiter: woken, and it takes the lock
+    await asyncio.wait_for(task, timeout=1)
+    assert got == ["waiter"] and lock.locked()
+    lock.release()
+    assert not lock.locked()

@@ -230,7 +230,7 @@ async def run_step(
         return value
     finally:
         del open_steps[key]
-        if not open_steps:
+        if not open_steps and api.steps_settled is not None:  # (None: nobody waited)
             api.steps_settled.set()
 
 

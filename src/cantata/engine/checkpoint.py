@@ -8,7 +8,14 @@ from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cantata.errors import LeaseLost, StoreError
-from cantata.model.records import Attempt, HistoryEntry, RunRecord, RunWrite, first_attempt
+from cantata.model.records import (
+    ENTRY_COMPLETED,
+    ENTRY_RUNNING,
+    Attempt,
+    HistoryEntry,
+    RunRecord,
+    RunWrite,
+)
 from cantata.store.faults import WAITED_OUT, wait_out
 
 from .creation import create_once
@@ -50,7 +57,14 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
             x.create_pending = False
             await create(x, write)
         else:
-            await commit_run(x, write, every)
+            # Committed (fenced) without a coroutine of its own around the store's call
+            # (every checkpoint of every run: docs/performance.md, round twenty-seven);
+            # a store error goes to commit_failed
+            run = x.run
+            try:
+                await x.engine.store.commit_run(run.app, run.run_id, run.fence, write)
+            except StoreError as exc:
+                await commit_failed(x, write, every, exc)
     finally:
         lock.release()
     if write.status is not None:
@@ -59,36 +73,36 @@ async def commit(x: RunExecution, write: RunWrite) -> None:
         x.engine.events_appended(write.events)
 
 
-async def commit_run(
-    x: RunExecution, write: RunWrite, every: list[Attempt] | None = None
+async def commit_failed(
+    x: RunExecution, write: RunWrite, every: list[Attempt] | None, exc: StoreError
 ) -> None:
-    """Commit ``write`` (fenced), waiting out an outage. ``every``: the attempts it
-    ended or began, those whose rows :func:`lean_attempts` left out too (not charged
-    when the run is resumed here if it fails); ``write.attempts`` if not given."""
+    """A checkpoint's write (``write``, fenced) failed with ``exc``. An outage is not the
+    run's failure: the write waits and is tried again (fenced, so it is refused if
+    another worker took the run meanwhile); a long outage ends this execution through
+    the engine's self-fencing. A lost lease lets the run go (``_Abandon``); another
+    store error is ``_StoreFailed``. ``every``: the attempts the write ended or began,
+    those whose rows :func:`lean_attempts` left out too (not charged when the run is
+    resumed here); ``write.attempts`` if ``None``."""
     engine, run = x.engine, x.run
-    # An outage is not the run's failure: the checkpoint waits and is retried
-    # (fenced, so it is refused if another worker took the run meanwhile). A long
-    # outage ends this execution through the engine's self-fencing.
     try:
-        try:  # the usual case first, without the retry loop's layers
-            await engine.store.commit_run(run.app, run.run_id, run.fence, write)
-        except WAITED_OUT:
-            await wait_out(
-                lambda: engine.store.commit_run(run.app, run.run_id, run.fence, write),
-                quiet=engine.quiet,
-                key="commit",
-                what="checkpointing runs",
-                give_up=lambda: not engine.waits_out_outages(),
-                max_delay=engine.lease / 4,
-            )
+        if not isinstance(exc, WAITED_OUT):
+            raise exc
+        await wait_out(
+            lambda: engine.store.commit_run(run.app, run.run_id, run.fence, write),
+            quiet=engine.quiet,
+            key="commit",
+            what="checkpointing runs",
+            give_up=lambda: not engine.waits_out_outages(),
+            max_delay=engine.lease / 4,
+        )
     except LeaseLost:
         log.warning("run %s was taken over by another worker; letting it go", x.run.run_id)
         x.lost = True
         raise _Abandon() from None
-    except StoreError as exc:
+    except StoreError as failed:
         # not charged when the run is resumed here
         x.uncommitted.extend(write.attempts if every is None else every)
-        raise _StoreFailed(exc) from exc
+        raise _StoreFailed(failed) from failed
 
 
 def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
@@ -108,17 +122,24 @@ def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
     engine/transaction.py.)"""
     lean = x.run.app in x.engine.lean_apps
     rowless = x.rowless
-    entries: dict[str, HistoryEntry] | None = None
+    entries = write.entries
     kept: list[Attempt] = []
     for a in write.attempts:
         key = a.key
-        if lean and a.attempt == 1 and a.error_type is None and (
+        if lean and a.attempt == 1 and a.error_type is None and a.error is None and (
                 key in rowless or (a.ended_at is None and key not in x.attempts
                                    and (key, 1) not in x.mine)):
-            if entries is None:
-                entries = {e.key: e for e in write.entries}
-            entry = entries.get(key)
-            if entry is not None and first_attempt(entry) == a:
+            entry = None
+            for e in entries:  # (one or two: the last of the key, as a dict of them)
+                if e.key == key:
+                    entry = e
+            # records.says_first_attempt(entry, a), inline for what is known here (the
+            # attempt is a first one without an error, of the entry's key): every
+            # commit of a step asks it (tests/engine/test_lean_attempts.py compares)
+            if (entry is not None and entry.attempts == 1 and entry.error_type is None
+                    and entry.started_at is not None and a.started_at == entry.started_at
+                    and (a.ended_at == entry.ended_at if entry.status == ENTRY_COMPLETED
+                         else entry.status == ENTRY_RUNNING and a.ended_at is None)):
                 rowless.add(key)
                 continue
         if rowless:
@@ -145,8 +166,15 @@ def expect_creation(x: RunExecution) -> None:
     """
     x.created = asyncio.get_running_loop().create_future()
     x.create_pending = True
-    x.flush_scheduled = True
-    flush_later(x)
+    if x.engine.hooks.hooks:  # its task may yield before FlushAtYield (the trace's parent)
+        x.flush_scheduled = True
+        flush_later(x)
+    else:
+        # Looked at when the run's task first yields or ends (FlushAtYield), as a step's
+        # deferred end: its first commit, usually in its first pass, takes it, and no
+        # loop callback is made for it. A task that never runs its code (cancelled
+        # before its first step) has it flushed by the engine's end of it (launch).
+        x.flush_at_yield = True
 
 
 async def store_first(x: RunExecution) -> None:
@@ -293,6 +321,15 @@ class CommitLock(asyncio.Lock):
             return False
         self._locked = True  # (as acquire() takes a free lock)
         return True
+
+    def release(self) -> None:
+        """``asyncio.Lock.release``: with nobody waiting, the lock is freed without its
+        call to wake the first waiter (every checkpoint, docs/performance.md, round
+        twenty-seven); else as asyncio does it."""
+        if self._locked and not self._waiters:
+            self._locked = False
+            return
+        super().release()
 
 
 def flush_later(x: RunExecution) -> None:

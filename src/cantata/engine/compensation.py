@@ -50,7 +50,9 @@ class ApiState:
     # TaskGroup, several): the run's end waits for them, so a step that completes
     # meanwhile is recorded first, and compensated if the run unwinds (branches.py)
     open_steps: dict[str, OpenStep] = field(default_factory=dict)
-    steps_settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when none
+    # set when none is in progress; made by the first wait for it (RunExecution.
+    # _open_steps_ended), an event fewer a run
+    steps_settled: asyncio.Event | None = None
     # The completion rank (end, seq) of each registered compensation's step, in the
     # order of ``compensations`` (see register); a saga's registrations come last.
     compensation_ranks: list[tuple[float, int]] = field(default_factory=list)

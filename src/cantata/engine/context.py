@@ -170,8 +170,13 @@ class WorkflowContext:
         """
         steps = self._x.engine.router.steps
         try:
-            # The usual case without a coroutine: a function of this app's router.
-            sdef = steps.get(step_name(step)) or await self._step_def(step, "step")
+            # The usual case without a coroutine: a function of this app's router (its
+            # name read here, as step_name does, without the call).
+            name = step if isinstance(step, str) else getattr(step, STEP_ATTR, None)
+            sdef = None if name is None else steps.get(
+                name if isinstance(name, str) else name.name)
+            if sdef is None:
+                sdef = await self._step_def(step, "step")
             comp = (
                 None if compensate is None
                 else steps.get(step_name(compensate))

@@ -23,10 +23,11 @@ from cantata.quietlog import QuietLog, outage_interval, reason
 from cantata.store.base import CANCEL, EVENTS, RUNNABLE, RUNS, TASKS, Store
 from cantata.store.roles.lifecycle import idle_wait
 
-from . import gcpolicy
+from . import checkpoint, gcpolicy
 from .branches import RunTask
 from .clock import Clock
 from .creation import create_once
+from .deadlines import WaitDeadlines
 from .hooks import Hooks
 from .metrics import Metrics
 from .ownership import Ownership, wait_event
@@ -142,6 +143,7 @@ class Engine:
         # re-take, an outage, a self-fence): not attempts, this worker is alive.
         self._cut_short: dict[str, set[tuple[str, int]]] = {}
         self._completions: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
+        self.result_deadlines = WaitDeadlines()  # the timeouts of those waits (handle.py)
         # run id -> (when, final record) of runs that ended here lately, oldest first:
         # a result() asked for after the end needs no read (see completion)
         self._ended: OrderedDict[str, tuple[float, RunRecord]] = OrderedDict()
@@ -272,8 +274,10 @@ class Engine:
             nothing was started). A creation whose answer was lost is found out by the
             run's id (:func:`~cantata.engine.creation.create_once`).
         """
-        check_key("idempotency_key", idempotency_key, KEY_ADVICE, empty=False)
-        check_correlation_id(correlation_id)
+        if idempotency_key is not None:  # (None passes both checks: no call on every start)
+            check_key("idempotency_key", idempotency_key, KEY_ADVICE, empty=False)
+        if correlation_id is not None:
+            check_correlation_id(correlation_id)
         args_json = codec.dumps(
             list(args), f"arguments of workflow {workflow}", limit=self.max_payload
         )
@@ -459,7 +463,13 @@ class Engine:
             execution.expect_creation()
 
         def done(t: asyncio.Task[Any], run_id: str = run.run_id) -> None:
+            execution.on_end = None
             self._tasks.discard(t)
+            if execution.create_pending and not execution.flush_scheduled:
+                # Its task never got to its code (checkpoint.expect_creation): stored
+                # now all the same (what the creator is waiting for).
+                execution.flush_scheduled = True
+                checkpoint.flush_later(execution)
             self.quiesce.set()
             # The execution and its task refer to each other: let go of that now, so that
             # the run's state is freed by reference counting, not left for the garbage
@@ -488,6 +498,12 @@ class Engine:
                 # error): the store decides whether it is still ours to resume.
                 self.ownership.repair_soon()
 
+        # Run by the task's own coroutine as its last act (RunExecution.execute), which
+        # takes this callback back first: the caller of result() is woken in the pass
+        # the run ends in, not one later, and no loop callback is made for it. Left as
+        # the task's done callback for a task that never got there (cancelled before its
+        # first step, or while it waited for a stale execution).
+        execution.on_end = done
         task.add_done_callback(done)
         return execution
 

@@ -129,14 +129,19 @@ class RunHandle:
             if local is not None:  # executing in this process: wait for it, no polling
                 if not local.done():
                     # This caller's own future (see Engine.completion): awaited directly;
-                    # past the timeout it ends with None, as a run let go does.
-                    timer = (None if deadline is None else loop.call_at(
-                        deadline, _give_up, local))
+                    # past the timeout it ends with None, as a run let go does (the
+                    # engine's one timer for every such wait: engine/deadlines.py).
+                    deadlines = self._engine.result_deadlines
+                    timer = None
+                    if deadline is not None and not deadlines.add(local, deadline, loop):
+                        timer = loop.call_at(deadline, _give_up, local)
                     try:
                         await local
                     finally:
                         if timer is not None:
                             timer.cancel()
+                        elif deadline is not None:
+                            deadlines.discard(local)
                 ended = local.result()
                 if ended is not None:  # the run as its final commit stored it
                     return self._outcome(ended)

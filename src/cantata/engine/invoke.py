@@ -4,6 +4,7 @@ heartbeats."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 from cantata.declare.defs import StepDef
@@ -63,3 +64,20 @@ async def invoke_step(
         if not scoped:
             _beat.reset(beat_token)
             _step_info.reset(token)
+
+
+def scoped_step(
+    sdef: StepDef, args: list[Any], run_id: str, key: str, attempt: int, beat: Beat
+) -> Coroutine[Any, Any, Any]:
+    """:func:`invoke_step` with ``scoped=True`` for a step without a ``timeout``, as the
+    body to await itself, not a coroutine around it (a coroutine fewer on every
+    attempt of a plain step: docs/performance.md, round twenty-seven): the step's
+    variables are set now, in the caller's context (the body's own, which ends with
+    the attempt), and its arguments restored (their error raised here)."""
+    _step_info.set((run_id, sdef.name, key, attempt, beat.previous))  # (StepInfo's)
+    _beat.set(beat)
+    call_args = sdef.sig.restore_args(args, f"step {sdef.name}")
+    coro = sdef.fn(*call_args) if sdef.is_async else asyncio.to_thread(sdef.fn, *call_args)
+    if sdef.heartbeat_timeout is not None:
+        coro = watched(coro, beat, sdef.heartbeat_timeout)
+    return coro

@@ -58,7 +58,7 @@ class Save(Enum):
 # class's attribute (``EntryStatus.RUNNING``) goes through ``EnumType.__getattr__``'s
 # slow attribute hook, ~0.23 µs against ~0.01 µs for a global (docs/performance.md,
 # round twenty-five).
-_NOW, _SOON, _WITH_NEXT = Save.NOW, Save.SOON, Save.WITH_NEXT
+_NOW, _SOON, _WITH_NEXT, _NOT_YET = Save.NOW, Save.SOON, Save.WITH_NEXT, Save.NOT_YET
 
 
 @dataclass(slots=True)
@@ -174,7 +174,8 @@ class Journal:
         self.history[call.key] = entry
         self.consumed.add(call.key)
         call.entry = entry
-        self._save(entry, save)
+        if save is not _NOT_YET:  # (a step's: committed by its caller, no call here)
+            self._save(entry, save)
         return entry
 
     async def begin(

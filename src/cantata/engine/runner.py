@@ -166,6 +166,9 @@ class RunExecution:
         self.cancel_waiters: set[asyncio.Future[None]] = set()
         self.letting_go = False  # the worker stops this execution: nothing is waited for
         self.code_ended = False  # the workflow's code returned or raised: no new call
+        # What the engine does once the run's task ends (Engine.launch's ``done``): run
+        # by execute() as its last act (and taken off the task's done callbacks).
+        self.on_end: Callable[[asyncio.Task[Any]], None] | None = None
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -435,7 +438,7 @@ class RunExecution:
         if after is not None:
             await asyncio.wait([after])
         try:
-            if self.engine.hooks:
+            if self.engine.hooks.hooks:  # (the list: Hooks.__bool__ is a Python call)
                 with self.engine.hooks.run(self.run, await self._parent_traceparent()):
                     await checkpoint.FlushAtYield(self, self._execute_run())
             else:
@@ -459,6 +462,9 @@ class RunExecution:
                 pass
         except Exception:
             log.exception("run %s: internal error; it will be retried", self.run.run_id)
+        except GeneratorExit:  # (a task destroyed pending: it never ends, as before)
+            self.on_end = None
+            raise
         finally:
             # Steps cut short here by this live worker do not count as attempts when
             # it resumes the run (see steps.prior_attempts); nor do those that ended
@@ -487,6 +493,12 @@ class RunExecution:
                     f"run {self.run.run_id} of {self.wdef.name} was not stored: the worker "
                     "stopped executing it first; start it again"
                 ))
+            # Last: nothing after this in the task (it ends on return), so what the
+            # engine does at its end is done now, in this pass (Engine.launch).
+            on_end, task = self.on_end, self.task
+            if on_end is not None and task is not None:
+                task.remove_done_callback(on_end)
+                on_end(task)
 
     async def _parent_traceparent(self) -> str | None:
         """The traceparent of the event that started this run (to join its trace)."""
@@ -643,8 +655,11 @@ class RunExecution:
     async def _open_steps_ended(self) -> None:
         api = self.api
         while api.open_steps:
-            api.steps_settled.clear()
-            await api.steps_settled.wait()
+            settled = api.steps_settled
+            if settled is None:  # (made when first waited for)
+                settled = api.steps_settled = asyncio.Event()
+            settled.clear()
+            await settled.wait()
 
     async def _unwind(self, final: RunStatus, error: str) -> None:
         """Run registered compensations in reverse order, then end the run."""
@@ -734,5 +749,5 @@ class RunExecution:
             log.info("run %s of %s ended %s: %s", self.run.run_id, self.wdef.name, status, error)
         runs = self.engine.metrics.runs
         runs[name] = runs.get(name, 0) + 1
-        if self.engine.hooks:
+        if self.engine.hooks.hooks:
             self.engine.hooks.notify("run_finished", self.run, name, error)

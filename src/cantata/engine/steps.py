@@ -30,7 +30,7 @@ from cantata.model.records import (
 from .branches import branch_stopped, marked
 from .checkpoint import defer_one
 from .heartbeat import Beat, beat_for, first_beat
-from .invoke import invoke_step
+from .invoke import invoke_step, scoped_step
 from .ownership import FENCE_AT
 from .parking import parking_for
 from .pauses import PAUSED, StepStalled, await_excuses
@@ -97,8 +97,11 @@ async def call_step(
     clock = x.engine.clock
     # in progress when the run was last left (a crash, a stop): it goes on even if its
     # branch is to begin nothing new (it had begun)
-    resuming = path and in_flight(x, key)
-    write, last, n, number, lost = prior_attempts(x, key)
+    if key in x.attempts:  # attempts recorded before this execution (it resumed the run)
+        resuming = path and in_flight(x, key)
+        write, last, n, number, lost = prior_attempts(x, key)
+    else:  # (the usual: what in_flight and prior_attempts give then, without the calls)
+        resuming, write, last, n, number, lost = False, RunWrite(), None, 0, 0, []
     retry = sdef.retry
     while True:
         if n >= retry.max_attempts and last is not None:
@@ -467,7 +470,7 @@ async def execute_fenced(
     def stalled(seconds: float) -> None:
         x.stalled[(key, attempt)] = max(seconds, x.stalled.get((key, attempt), 0.0))
 
-    plain = not engine.hooks and sdef.concurrency is None and sdef.rate is None
+    plain = not engine.hooks.hooks and sdef.concurrency is None and sdef.rate is None
     coro = (invoke(x, sdef, args, key, attempt, scoped=True) if plain  # execute_body, bare
             else execute_body(x, sdef, args, key, attempt, kind, stamped))
     # Awaited here, not as a task of its own (issue 19: a task per step cost ~5 % of a
@@ -582,6 +585,8 @@ async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, atte
             from .transaction import run_transactional
 
             value = await run_transactional(x, sdef, args, key, attempt, beat)
+        elif scoped and sdef.timeout is None:  # (the usual: no coroutine around the body)
+            value = await scoped_step(sdef, args, run.run_id, key, attempt, beat)
         else:
             value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
                                       scoped=scoped)

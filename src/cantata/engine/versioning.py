@@ -95,10 +95,15 @@ def shape(value: Any) -> str:
 
 
 _SCALARS = {type(None): "null", bool: "bool", int: "number", float: "number", str: "str"}
+_ONE_SCALAR = {t: f"[{name}]" for t, name in _SCALARS.items()}  # args_shape of one
 
 
 def args_shape(args: Sequence[Any]) -> str:
     """:func:`shape` of a call's argument list (a hash when long)."""
+    if len(args) == 1:  # (the usual: one plain scalar, without the set and its sort)
+        one = _ONE_SCALAR.get(type(args[0]))
+        if one is not None:
+            return one
     names = set()
     for a in args:  # decoded JSON: the usual plain scalars, without a call per value
         name = _SCALARS.get(type(a))
