@@ -97,7 +97,7 @@ NATS_URL = os.environ.get("CANTATA_TEST_NATS", "nats://127.0.0.1:4222")
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist (``pytest -n 4 --dist loadgroup``), the fault suite's tests
+    """With pytest-xdist (``pytest -n 6 --dist loadgroup``), the fault suite's tests
     (kills, pauses, outages, private servers) run one after another in one worker,
     beside the other tests: side by side they would load the machine for each other and
     stretch the timing they measure."""
