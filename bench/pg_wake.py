@@ -3,10 +3,10 @@ round twenty-seven (saga, PostgreSQL)).
 
     python -m bench.pg_wake [--n 400] [--rounds 2] [--gap-us 500] [--spin-us 0]
 
-On one connection, interleaved in rounds: ``SELECT 1``, a one-row ``INSERT`` committed
-with ``synchronous_commit`` on (its WAL flushed before the answer) and the same
-``INSERT`` with it off for the transaction (no flush waited for), each paced three
-ways:
+On one connection, interleaved in rounds: ``SELECT 1``, a one-row ``INSERT`` into a
+table of its own committed with ``synchronous_commit`` on (its WAL flushed before the
+answer) and the same ``INSERT`` with it off for the connection meanwhile (no flush
+waited for), each one statement, paced three ways:
 
 - ``back-to-back``: the next call sent as soon as the last one is answered;
 - ``idle gap``: ``asyncio.sleep(gap)`` before each call, the process asleep meanwhile
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import selectors
 import statistics
 import time
@@ -36,10 +37,10 @@ from typing import Any
 
 from bench.common import PG_URL
 
-CALLS = {
-    "SELECT 1": ("SELECT 1", False),
-    "INSERT, flushed": ("INSERT INTO bench_wake (v) VALUES (1)", False),
-    "INSERT, not flushed": ("INSERT INTO bench_wake (v) VALUES (1)", True),
+CALLS = {  # the statement, and synchronous_commit for the connection meanwhile
+    "SELECT 1": ("SELECT 1", "on"),
+    "INSERT, flushed": ("INSERT INTO bench_wake (v) VALUES (1)", "on"),
+    "INSERT, not flushed": ("INSERT INTO bench_wake (v) VALUES (1)", "off"),
 }
 PACINGS = ("back-to-back", "idle gap", "busy gap")
 
@@ -71,10 +72,15 @@ async def measure(n: int, rounds: int, gap: float) -> dict[tuple[str, str], list
 
     conn = await asyncpg.connect(PG_URL)
     times: dict[tuple[str, str], list[float]] = {}
+    # a table of its own (not TEMP: a temporary table's rows are not WAL-logged, so
+    # its commits flush nothing), dropped at the end
+    table = f"bench_wake_{os.getpid()}"
     try:
-        await conn.execute("CREATE TEMP TABLE bench_wake (v int)")
+        await conn.execute(f"CREATE TABLE {table} (v int)")
         for _ in range(rounds):
-            for name, (sql, unflushed) in CALLS.items():
+            for name, (sql, sync) in CALLS.items():
+                await conn.execute(f"SET synchronous_commit = {sync}")
+                sql = sql.replace("bench_wake", table)
                 for pacing in PACINGS:
                     got = times.setdefault((name, pacing), [])
                     for _ in range(n):
@@ -85,14 +91,11 @@ async def measure(n: int, rounds: int, gap: float) -> dict[tuple[str, str], list
                             while time.perf_counter() < end:
                                 pass
                         started = time.perf_counter()
-                        if unflushed:
-                            async with conn.transaction():
-                                await conn.execute("SET LOCAL synchronous_commit = off")
-                                await conn.execute(sql)
-                        else:
-                            await conn.execute(sql)
+                        await conn.execute(sql)
                         got.append(time.perf_counter() - started)
     finally:
+        await conn.execute("RESET synchronous_commit")
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await conn.close()
     return times
 
