@@ -63,6 +63,16 @@ def broker_of(app: App) -> str:
     return app._broker_spec if isinstance(app._broker_spec, str) else "embedded"
 
 
+async def serving(log: Path, n: int = 1) -> None:
+    """Until ``n`` workers logging to ``log`` have started (their banner, printed once
+    ``async with app`` is in): a worker serves its handlers before its start's last
+    write (the app's full declarations, app_runtime.serve), so a handler can begin
+    while that write is still on its way; a store stalled or cut then fails the start
+    itself (exit 1), not the stop these tests are about."""
+    await eventually(lambda: log.exists() and log.read_text().count("serving app") >= n,
+                     60, "the worker serving")
+
+
 async def exited(proc: subprocess.Popen[bytes], within: float) -> int | None:
     """The exit code, if ``proc`` ends within ``within`` seconds."""
     end = time.monotonic() + within
@@ -127,6 +137,7 @@ async def test_a_drained_step_is_committed_through_a_store_outage_during_the_sto
                              lease=60, grace=30, grace_flag=True)
         procs = [first]
         try:
+            await serving(log)
             async with client.client():
                 h = await client.start("chain", {"id": 1, "seconds": 2.0, "steps": "ab"})
                 await eventually(lambda: marks(tmp_path, "start"), 60, "the first step start")
@@ -166,6 +177,7 @@ async def test_a_drained_step_whose_result_cannot_be_stored_is_not_a_clean_stop(
         first = start_worker(proxy.url(distributed_url), tmp_path, log, broker=broker_url,
                              lease=60, grace=2, grace_flag=True)
         try:
+            await serving(log)
             async with client.client():
                 await client.start("chain", {"id": 2, "seconds": 1.0, "steps": "ab"})
                 await eventually(lambda: marks(tmp_path, "start"), 60, "the first step start")
@@ -203,6 +215,7 @@ async def test_a_handler_whose_outcome_cannot_be_stored_is_not_said_cut_by_the_g
         worker = start_worker(proxy.url(distributed_url), tmp_path, log, broker=broker_url,
                               lease=60, grace=3, grace_flag=True)
         try:
+            await serving(log)
             async with client.client():
                 await client.publish("job.requested", {"id": 4, "seconds": 1.0})
                 await eventually(lambda: marks(tmp_path, "hstart"), 60, "the handler start")
