@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -70,10 +69,13 @@ async def test_sqlite_reads_the_keys_and_their_heads_by_index(tmp_path: Path) ->
     assert not any(p.startswith("SCAN") and "queue_runs" in p for p in keys_plan + heads_plan)
 
 
-async def _median_claim_of_b(path: Path, backlog: int) -> float:
+async def _fastest_claim_of_b(path: Path, backlog: int) -> float:
     """Seconds a claim takes that finds key B's run queued behind ``backlog`` runs of key
-    A, A at its limit (the median of 9, each in a store of its own: a copy of one store
-    made once, its backlog inserted once rather than nine times)."""
+    A, A at its limit (the fastest of 9, each in a store of its own: a copy of one store
+    made once, its backlog inserted once rather than nine times). The fastest, not the
+    median: on a loaded machine (the suite's six processes on two cores) a median caught
+    other work (12.9 ms against 2.6 once), while the walk past the backlog this guards
+    against costs every claim ~2 ms per 1,000 runs, ~100 ms at 50,000."""
     made = path.with_name(f"{path.stem}-{backlog}.db")
     store = SQLiteStore(str(made))
     await store.open()
@@ -106,7 +108,7 @@ async def _median_claim_of_b(path: Path, backlog: int) -> float:
             assert [r.run_id for r in claim.runs] == [run.run_id]
         finally:
             await store.close()
-    return statistics.median(took)
+    return min(took)
 
 
 @pytest.mark.slow
@@ -114,8 +116,8 @@ async def test_sqlite_a_claim_past_a_long_backlog_costs_what_one_past_a_page_doe
     tmp_path: Path,
 ) -> None:
     # (a claim that walked past the held-back runs took ~2 ms per 1,000 of them here)
-    short = await _median_claim_of_b(tmp_path / "c", 600)
-    long = await _median_claim_of_b(tmp_path / "c", 50_000)
+    short = await _fastest_claim_of_b(tmp_path / "c", 600)
+    long = await _fastest_claim_of_b(tmp_path / "c", 50_000)
     assert long < 3 * short + 0.005, f"{long * 1e3:.2f} ms vs {short * 1e3:.2f} ms"
 
 
