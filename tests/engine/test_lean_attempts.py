@@ -326,44 +326,11 @@ async def test_a_heartbeat_back_from_an_outage_records_its_return_before_the_gat
             store.heartbeat, store.workers = real_beat, real_workers  # type: ignore[method-assign]
 
 
-def test_says_first_attempt_is_first_attempt_compared() -> None:
-    """``records.says_first_attempt(entry, a)`` (what ``checkpoint.lean_attempts`` asks,
-    without making an attempt to compare) is ``first_attempt(entry) == a`` for every
-    combination of the fields either looks at."""
-    import itertools
-
-    from cantata.model.records import (
-        Attempt,
-        EntryKind,
-        EntryStatus,
-        HistoryEntry,
-        first_attempt,
-        says_first_attempt,
-    )
-
-    entries = [
-        HistoryEntry("s#1", EntryKind.STEP, "s", status, attempts=n, started_at=start,
-                     ended_at=end, error_type=etype)
-        for status, n, start, end, etype in itertools.product(
-            list(EntryStatus), (0, 1, 2), (None, 1.0), (None, 2.0, 3.0), (None, "Boom"))
-    ]
-    attempts = [
-        Attempt(key, number, start, end, etype, err)
-        for key, number, start, end, etype, err in itertools.product(
-            ("s#1", "s#2"), (1, 2), (1.0, 1.5), (None, 2.0), (None, "Boom"), (None, "x"))
-    ]
-    said = 0
-    for e in entries:
-        for a in attempts:
-            assert says_first_attempt(e, a) == (first_attempt(e) == a), (e, a)
-            said += says_first_attempt(e, a)
-    assert said > 0
-
-
-def test_lean_attempts_leaves_out_what_says_first_attempt_says() -> None:
+def test_lean_attempts_leaves_out_what_the_entry_says_alone() -> None:
     """``checkpoint.lean_attempts`` (its own inline copy of the rule) leaves an attempt
     of a step whose row was left out so far out again exactly when
-    ``records.says_first_attempt`` of the entry in the same write says it, and keeps
+    the entry in the same write says that very attempt (``first_attempt(entry) == a``,
+    what the readers synthesize for a missing row), and keeps
     it (its row written, the step no longer rowless) otherwise."""
     import itertools
     from types import SimpleNamespace
@@ -375,7 +342,7 @@ def test_lean_attempts_leaves_out_what_says_first_attempt_says() -> None:
         EntryStatus,
         HistoryEntry,
         RunWrite,
-        says_first_attempt,
+        first_attempt,
     )
 
     entries = [
@@ -398,7 +365,7 @@ def test_lean_attempts_leaves_out_what_says_first_attempt_says() -> None:
                                 engine=SimpleNamespace(lean_apps={"shop"}),
                                 rowless={"s#1"}, attempts={}, mine={})
             kept = lean_attempts(x, RunWrite(entries=[other, e], attempts=[a]))  # type: ignore[arg-type]
-            said = says_first_attempt(e, a)
+            said = first_attempt(e) == a
             assert (kept == []) == said, (e, a)
             assert ("s#1" in x.rowless) == said, (e, a)
             left_out += said

@@ -133,9 +133,10 @@ def lean_attempts(x: RunExecution, write: RunWrite) -> list[Attempt]:
             for e in entries:  # (one or two: the last of the key, as a dict of them)
                 if e.key == key:
                     entry = e
-            # records.says_first_attempt(entry, a), inline for what is known here (the
-            # attempt is a first one without an error, of the entry's key): every
-            # commit of a step asks it (tests/engine/test_lean_attempts.py compares)
+            # first_attempt(entry) == a (model.records), inline for what is known here
+            # (the attempt is a first one without an error, of the entry's key), without
+            # making an attempt to compare: every commit of a step asks it
+            # (tests/engine/test_lean_attempts.py compares the two)
             if (entry is not None and entry.attempts == 1 and entry.error_type is None
                     and entry.started_at is not None and a.started_at == entry.started_at
                     and (a.ended_at == entry.ended_at if entry.status == ENTRY_COMPLETED

@@ -310,22 +310,6 @@ def first_attempt(entry: HistoryEntry) -> Attempt | None:
     return Attempt(entry.key, 1, entry.started_at, ended)
 
 
-def says_first_attempt(entry: HistoryEntry, a: Attempt) -> bool:
-    """``first_attempt(entry) == a``, without making that attempt and comparing the two
-    dataclasses field by field through their tuples: every commit of a step asks it
-    (``engine.checkpoint.lean_attempts``; docs/performance.md, round twenty-seven)."""
-    if (a.attempt != 1 or entry.attempts != 1 or a.error_type is not None
-            or a.error is not None or entry.error_type is not None or a.key != entry.key):
-        return False
-    started = entry.started_at
-    if started is None or a.started_at != started:
-        return False
-    status = entry.status
-    if status == ENTRY_COMPLETED:
-        return a.ended_at == entry.ended_at
-    return status == ENTRY_RUNNING and a.ended_at is None
-
-
 @dataclass(frozen=True, slots=True)
 class Declaration:
     """Something an app declares when it opens: a workflow, a handler group or a trigger."""
