@@ -32,8 +32,7 @@ import time
 from typing import Any
 
 _FUNCTIONS = ("cantata_checkpoint_one", "cantata_create_first", "cantata_create_one",
-              "cantata_checkpoint_rows", "cantata_create_rows", "cantata_checkpoint_plain",
-              "cantata_create_plain")
+              "cantata_checkpoint_rows", "cantata_create_rows")
 _SERVER = "SELECT extract(epoch FROM clock_timestamp() - statement_timestamp())::float8, "
 
 

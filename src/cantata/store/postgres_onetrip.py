@@ -22,11 +22,7 @@ without the batch's arrays to unnest, join and materialize on the server. A new 
 with its first checkpoint goes through ``cantata_create_rows`` (migrations 0019,
 0037): the run inserted in its checkpointed state, both records spelled here. Their
 history entries and attempts go as one text per row (a ``cantata_history_row`` or
-``cantata_attempt_row`` literal, :func:`_record`), not one array per column. A
-checkpoint of at most two history entries (a step's end and the next one's start) and
-a creation of at most one go through ``cantata_checkpoint_plain`` and
-``cantata_create_plain`` instead (migration 0043): each entry as scalar parameters,
-inserted by its values, no array for the server to build and unnest.
+``cantata_attempt_row`` literal, :func:`_record`), not one array per column.
 """
 
 from __future__ import annotations
@@ -293,11 +289,9 @@ FOLD_FIRST = True
 
 
 def _create_first_args(
-    now: float, run: RunRecord, w: RunWrite, keys: Mapping[str, audit.AuditKey],
-    plain: tuple[tuple[Any, ...], list[str]] | None = None,
+    now: float, run: RunRecord, w: RunWrite, keys: Mapping[str, audit.AuditKey]
 ) -> tuple[Any, ...]:
-    """cantata_create_rows' parameters (cantata_create_plain's with ``plain``, its
-    entries from :func:`_plain_entries`): ``run`` with ``w`` applied as the checkpoint
+    """cantata_create_rows' parameters: ``run`` with ``w`` applied as the checkpoint
     statement would (each value ``w`` leaves ``None`` kept, the owner let go on
     release, ``updated_at`` now), its run.created record, ``w``'s history entries and
     attempts, and ``w``'s record as the new row would give it (the fence holds; the
@@ -323,30 +317,21 @@ def _create_first_args(
         text = audit.canonical(data)
         record = (actor, action, text, audit.tail(now, actor, action, target, text))
     key = keys.get(run.app)
-    rows = _rows(call) if plain is None else (*plain[0], plain[1])
     return (
-        *values, *_created(now, run), *rows, *record,
+        *values, *_created(now, run), *_rows(call), *record,
         _notice(run.app, w),
         None if key is None else key.inner, None if key is None else key.outer,
         audit.GENESIS_HASH,
     )
 
 
-def _entries(
-    call: writes.Checkpoint,
-) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """A checkpoint's history entries and attempts without their app and run id, one
-    row per key (merged as :func:`postgres_writes.merged` merges them)."""
-    history = merged_rows(writes.history_rows([call]), 15, writes.HISTORY_KEPT, 3)
-    attempts = merged_rows(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, 4)
-    return history, attempts
-
-
 def _rows(call: writes.Checkpoint) -> tuple[list[str], list[str]]:
     """A checkpoint's history entries and attempts as the lean functions take them:
     one text per row, a ``cantata_history_row`` or ``cantata_attempt_row`` literal
-    (migration 0037)."""
-    history, attempts = _entries(call)
+    (migration 0037), one row per key (merged as :func:`postgres_writes.merged`
+    merges them)."""
+    history = merged_rows(writes.history_rows([call]), 15, writes.HISTORY_KEPT, 3)
+    attempts = merged_rows(writes.attempt_rows([call]), 8, writes.ATTEMPT_KEPT, 4)
     return [_record(row) for row in history], [_record(row) for row in attempts]
 
 
@@ -372,30 +357,6 @@ def _record(row: tuple[Any, ...]) -> str:
     ]) + ")"
 
 
-# A checkpoint of at most two history entries and a creation of at most one through
-# cantata_checkpoint_plain and cantata_create_plain (migration 0043: the entries as
-# scalar parameters, inserted by their VALUES; the other functions for more entries).
-# False: cantata_checkpoint_rows and cantata_create_rows always (bench/pg_breakdown.py).
-PLAIN = True
-_WIDTH = 13  # a history entry's columns without its app and run id
-_NO_ENTRY = (None,) * _WIDTH
-_CHECKPOINT_PLAIN = f"SELECT cantata_checkpoint_plain({_params(1, 9 + 2 * _WIDTH + 12)})"
-_CREATE_PLAIN = f"SELECT cantata_create_plain({_params(1, 27 + _WIDTH + 9)})"
-
-
-def _plain_entries(
-    call: writes.Checkpoint, most: int
-) -> tuple[tuple[Any, ...], list[str]] | None:
-    """A checkpoint's history entries as ``most`` entries' scalar parameters (those it
-    has not, NULLs) and its attempts' texts, or ``None`` when it has more entries."""
-    history, attempts = _entries(call)
-    if len(history) > most:
-        return None
-    scalars = [v for row in history for v in row]
-    scalars.extend(_NO_ENTRY * (most - len(history)))
-    return tuple(scalars), [_record(row) for row in attempts]
-
-
 def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
     """Whether an :func:`eligible` batch takes the lean path: one share, a checkpoint or
     a run creation (with its first checkpoint or none)."""
@@ -403,16 +364,12 @@ def lean(shares: Sequence[tuple[Any, Any]]) -> bool:
 
 
 def _checkpoint_args(
-    now: float, call: writes.Checkpoint, keys: Mapping[str, audit.AuditKey],
-    plain: tuple[tuple[Any, ...], list[str]] | None = None,
+    now: float, call: writes.Checkpoint, keys: Mapping[str, audit.AuditKey]
 ) -> tuple[Any, ...]:
-    """cantata_checkpoint_rows' parameters, or cantata_checkpoint_plain's with
-    ``plain`` (:func:`_plain_entries`)."""
     app, run_id, _, w = call
     key = keys.get(app)
-    rows = _rows(call) if plain is None else (*plain[0], plain[1])
     return (
-        *writes.run_args(0, call)[:8], now, *rows,
+        *writes.run_args(0, call)[:8], now, *_rows(call),
         audit.canonical(now), *_checkpointed(run_id, w, app),
         None if key is None else key.inner, None if key is None else key.outer,
         audit.GENESIS_HASH,
@@ -425,20 +382,12 @@ async def _write_lean(
     """:func:`write` for a batch :func:`lean` takes: one call with scalar parameters."""
     now = time.time()
     if many is writes.commit_runs:
-        plain = _plain_entries(arg, 2) if PLAIN else None
-        if plain is None:
-            rows = await c.fetch(_CHECKPOINT_ONE, *_checkpoint_args(now, arg, keys))
-        else:
-            args = _checkpoint_args(now, arg, keys, plain)
-            rows = await c.fetch(_CHECKPOINT_PLAIN, *args)
+        rows = await c.fetch(_CHECKPOINT_ONE, *_checkpoint_args(now, arg, keys))
         _, run_id, fence, _ = arg
         return [None if rows[0][-1] else writes.lease_lost(run_id, fence)]
     run, first = arg
     if first is not None and FOLD_FIRST:
-        call = (run.app, run.run_id, run.fence, first)
-        plain = _plain_entries(call, 1) if PLAIN else None
-        sql = _CREATE_FIRST if plain is None else _CREATE_PLAIN
-        rows = await c.fetch(sql, *_create_first_args(now, run, first, keys, plain))
+        rows = await c.fetch(_CREATE_FIRST, *_create_first_args(now, run, first, keys))
         return [(run, True) if rows[0][-1] else await writes.existing_run(c, run)]
     key = keys.get(run.app)
     created = (
