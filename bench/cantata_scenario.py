@@ -183,6 +183,27 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
             "outcomes": count_outcomes(outs), "expected": expected_outcomes(orders)}
 
 
+# The chain's orders awaited by number: their terminal events resolve these, through the
+# ``Ends`` hook or, with ``--end handler``, the driver's own handlers (``add_end_handlers``).
+ENDED: dict[int, asyncio.Future[None]] = {}
+
+
+def add_end_handlers(app: Any) -> None:
+    """``--end handler``: the driver sees an order's end as a user of the public API
+    would, with a handler of a group of its own for each terminal event (one more
+    delivery and settlement per order than the hook, which sees the terminal event as its
+    emitter's settlement commits it)."""
+    from bench.cantata_app import TERMINAL
+
+    async def end(event: Any) -> None:
+        fut = ENDED.get(event.data.get("order"))
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    for t in TERMINAL:
+        app.on(t, group="driver")(end)
+
+
 async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
     from bench.cantata_app import HANDLERS_PER_ORDER, TERMINAL, terminal_type
     from cantata import Hook
@@ -196,7 +217,7 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
                                       limit=50)
         return any(e.data.get("order") == order for e in evs)
 
-    ended: dict[int, asyncio.Future[None]] = {}
+    ended = ENDED
     terminal = set(TERMINAL)
 
     class Ends(Hook):
@@ -210,7 +231,7 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
                     if fut is not None and not fut.done():
                         fut.set_result(None)
 
-    if a.workers is None:
+    if a.workers is None and a.end == "hook":
         app.add_hook(Ends())
 
     async def one(order: int) -> None:
@@ -252,7 +273,7 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
     orders = list(range(1, a.n + 1))
     if a.workload == "throughput":
         base = app.metrics.handled
-        target = base + HANDLERS_PER_ORDER * a.n
+        target = base + (HANDLERS_PER_ORDER + (a.end == "handler")) * a.n
         since = time.time()
         # the warm-up's terminal events, counted before the orders go out: the workers
         # may end some of them while the rest are still being published
@@ -354,6 +375,8 @@ async def main_async(a: argparse.Namespace) -> None:
     # A client of worker processes looks for its runs' ends often (its own poll).
     app = make_app(a.kind, store, broker, name,
                    poll_interval=0.005 if a.processes else 0.2)
+    if a.kind == "chain" and a.end == "handler":
+        add_end_handlers(app)
     try:
         try:
             await app.open(serve=not a.processes)
@@ -402,6 +425,9 @@ def main() -> None:
     ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     ap.add_argument("--broker", choices=["embedded", "nats"], default="embedded")
     ap.add_argument("--n", type=int, default=None)
+    ap.add_argument("--end", choices=["hook", "handler"], default="hook",
+                    help="chain: see an order's end through a hook on its terminal event's "
+                         "settlement (default), or a handler of the driver's own group")
     ap.add_argument("--processes", type=int, default=0,
                     help="serve with `cantata worker --processes N` in other processes "
                          "(0: this process serves, as before)")
