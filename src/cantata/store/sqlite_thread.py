@@ -16,10 +16,10 @@ such as a worker's pollers make now and then), the batch runs as soon as the thr
 lets go of it (the thread tells the loop; half a millisecond later at the latest).
 When another connection holds the database's write lock, the thread runs the batch:
 the inline ``BEGIN IMMEDIATE`` waits for no one (the connection's busy timeout is 0
-unless the thread runs a batch), the thread may wait the full busy timeout. While the thread has writes of
-the home loop unanswered, later writes wait on the loop until they are answered
-(so writes stay in the order they were made, and the next batch runs inline
-again). Reads go to the thread, so that a long query never blocks the loop; a lookup
+unless the thread runs a batch), the thread may wait the full busy timeout. While the
+thread has writes of the home loop unanswered, later writes wait on the loop until they
+are answered (so writes stay in the order they were made, and the next batch runs
+inline again). Reads go to the thread, so that a long query never blocks the loop; a lookup
 of a row by its key (:meth:`ConnectionThread.lookup`) runs on the loop's thread when
 the connection is free.
 """
