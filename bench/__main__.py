@@ -131,6 +131,34 @@ def machine_busy(interval: float = 0.5) -> float:
     return round(1 - (i2 - i1) / max(t2 - t1, 1), 3)
 
 
+def machine_counters() -> tuple[list[int], int | None]:
+    """The CPU times of ``/proc/stat`` (all CPUs) and the CPU pressure's total stall
+    (``/proc/pressure/cpu``, "some": µs during which a runnable task waited for a CPU)."""
+    with open("/proc/stat") as f:
+        cpu = [int(v) for v in f.readline().split()[1:]]
+    try:
+        with open("/proc/pressure/cpu") as f:
+            stall: int | None = int(f.readline().rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        stall = None
+    return cpu, stall
+
+
+def machine_during(before: tuple[list[int], int | None], wall: float) -> dict[str, Any]:
+    """What the machine did while one measurement ran (its process included), the same
+    for every system: the CPUs' busy share, the share the hypervisor gave to others
+    (steal), and the share of the time some runnable task waited for a CPU (a slow
+    latency round on a contended machine shows here; on an idle one it does not)."""
+    after = machine_counters()
+    d = [b - a for a, b in zip(before[0], after[0], strict=True)]
+    total = max(sum(d), 1)
+    out: dict[str, Any] = {"busy": round(1 - (d[3] + d[4]) / total, 3),
+                           "steal": round(d[7] / total, 3) if len(d) > 7 else None}
+    if before[1] is not None and after[1] is not None and wall > 0:
+        out["cpu_pressure"] = round((after[1] - before[1]) / 1e6 / wall, 3)
+    return out
+
+
 def settle() -> dict[str, Any]:
     """Start every measurement from the same state of the disk and of PostgreSQL, whatever
     ran before it: the page cache's dirty data written out (``sync``), then a PostgreSQL
@@ -195,6 +223,7 @@ def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below:
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{sc.key}-{workload}.log"
     t0 = time.perf_counter()
+    counters = machine_counters()
     try:
         p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=timeout)
@@ -204,6 +233,7 @@ def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below:
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         rc = None
     row["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    row["machine_during"] = machine_during(counters, time.perf_counter() - t0)
     log.write_text(f"$ {' '.join(argv)}\n# exit {rc}\n--- stdout\n{out}\n--- stderr\n{err}")
     results = [json.loads(line[len(RESULT_PREFIX):]) for line in out.splitlines()
                if line.startswith(RESULT_PREFIX)]
@@ -277,6 +307,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             if (r.get("machine_busy_before") or 0) > 0.25:
                 notes.append(f"machine {r['machine_busy_before']:.0%} busy with other work "
                              "at start")
+            pressure = (r.get("machine_during") or {}).get("cpu_pressure") or 0
+            if pressure > 0.2:
+                notes.append(f"tasks waited for a CPU {pressure:.0%} of the time")
             note = "; ".join(x for x in notes if x)
         elif r.get("reference"):
             note = f"reference, not measured in this run ({r['reason']})"
@@ -490,6 +523,8 @@ def medians(all_rows: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]
         row["rounds"] = [r.get("result") or {"status": r["status"], "reason": r.get("reason")}
                          for r in same]
         row["machine_busy_before"] = max((r.get("machine_busy_before") or 0) for r in same)
+        during = [r.get("machine_during") or {} for r in same]  # the most contended round's
+        row["machine_during"] = max(during, key=lambda m: m.get("cpu_pressure") or 0)
         row["src_states"] = sorted({r["src"] for r in same if r.get("src")})
         if not ok:
             out.append(row)
