@@ -2,7 +2,7 @@
 latency run's window.
 
     python -m bench.latency_order order --store sqlite|postgres [--rounds 3] [--n 300]
-    python -m bench.latency_order window --store sqlite|postgres [--n 300]
+    python -m bench.latency_order window --store sqlite|postgres [--n 300] [--no-replan]
 
 ``order``: the saga's latency (``bench.cantata_scenario saga latency``) measured alone,
 right after the saga's throughput run of 2,000 on the same store (what a sitting of
@@ -17,9 +17,13 @@ CPU while others ran (``run_delay_ms``: the machine's other work).
 counted. SQLite: the reads the store's connection thread ran and the writes made on the
 loop, by caller; the loop's flushes that found the connection in the thread's hands and
 how long their writes waited; the sagas during which the WAL file grew. PostgreSQL: the
-pool's ``DISCARD PLANS`` among the measured sagas, and the server's WAL counters over
-the window (``pg_stat_wal``: the whole server's, so use a private one through
-``BENCH_POSTGRES``). See docs/performance.md ("latency swings").
+pool's ``DISCARD PLANS`` among the measured sagas, the server's WAL counters over the
+window (``pg_stat_wal``) and, where the server has ``pg_stat_statements`` (preloaded,
+``track = all``, ``track_planning = on``, the extension made), its statements' calls,
+plannings and planning and execution time over the window (it resets them): the whole
+server's, so use a private one through ``BENCH_POSTGRES``. ``--no-replan`` turns the
+pool's ``DISCARD PLANS`` off for the run (``postgres_pool._REPLAN_FIRST`` out of
+reach). See docs/performance.md ("latency swings").
 """
 
 from __future__ import annotations
@@ -187,15 +191,28 @@ def _sqlite_counts(w: Window) -> Any:
     return report
 
 
+def _psql(sql: str) -> str:
+    return subprocess.run(["psql", common.PG_URL, "-Atc", sql], capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+
+
 def _pg_stat_wal() -> list[int]:
-    out = subprocess.run(["psql", common.PG_URL, "-Atc",
-                          "SELECT wal_records, wal_fpi, wal_bytes, wal_sync FROM pg_stat_wal"],
-                         capture_output=True, text=True, timeout=60).stdout.strip()
+    out = _psql("SELECT wal_records, wal_fpi, wal_bytes, wal_sync FROM pg_stat_wal")
     return [int(x) for x in out.split("|")] if out else []
 
 
-def _postgres_counts(w: Window) -> Any:
+_PLANNING = ("SELECT sum(calls), sum(plans), round(sum(total_plan_time)::numeric, 1), "
+             "round(sum(total_exec_time)::numeric, 1) FROM pg_stat_statements "
+             "WHERE query NOT LIKE '%pg_stat_statements%'")
+
+
+def _postgres_counts(w: Window, replan: bool) -> Any:
     from asyncpg.connection import Connection
+
+    if not replan:
+        import cantata.store.postgres_pool as pool
+
+        pool._REPLAN_FIRST = 1e9
 
     discards: list[float] = []
     execute = Connection.execute
@@ -207,10 +224,15 @@ def _postgres_counts(w: Window) -> Any:
 
     Connection.execute = noted_execute  # type: ignore[method-assign]
     stats: list[list[int]] = []
+    planning: list[str] = []
     reading = common.cpu_seconds
 
     def marked() -> float:
         stats.append(_pg_stat_wal())
+        if len(stats) == 1:
+            _psql("SELECT pg_stat_statements_reset()")
+        else:
+            planning.append(_psql(_PLANNING))
         return reading()
 
     common.cpu_seconds = marked
@@ -230,6 +252,11 @@ def _postgres_counts(w: Window) -> Any:
             d = [b - a for a, b in zip(stats[0], stats[1], strict=True)]
             print(f"server WAL over the window: {d[0]} records, {d[1]} full-page images, "
                   f"{d[2]} bytes, {d[3]} syncs", file=sys.stderr)
+        if planning and planning[0]:
+            calls, plans, plan_ms, exec_ms = planning[0].split("|")
+            print(f"server statements over the window (pg_stat_statements): {calls} calls, "
+                  f"{plans} plannings, {plan_ms} ms planning, {exec_ms} ms executing"
+                  f"{'' if replan else ' (no DISCARD PLANS)'}", file=sys.stderr)
 
     return report
 
@@ -237,7 +264,7 @@ def _postgres_counts(w: Window) -> Any:
 def window(a: argparse.Namespace) -> None:
     w = Window()
     w.install()  # (before the counters: they wrap what it installed)
-    report = _sqlite_counts(w) if a.store == "sqlite" else _postgres_counts(w)
+    report = _sqlite_counts(w) if a.store == "sqlite" else _postgres_counts(w, a.replan)
     sys.argv = ["bench.cantata_scenario", "saga", "latency", "--store", a.store,
                 "--broker", "embedded", "--n", str(a.n)]
     runpy.run_module("bench.cantata_scenario", run_name="__main__")
@@ -252,6 +279,8 @@ def main() -> None:
     ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--no-replan", dest="replan", action="store_false",
+                    help="window, PostgreSQL: no DISCARD PLANS during the run")
     a = ap.parse_args()
     order(a) if a.what == "order" else window(a)
 
