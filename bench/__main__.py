@@ -29,6 +29,7 @@ from typing import Any
 from bench.common import (
     LATENCY_N,
     PG_DURABILITY,
+    PG_URL,
     RESULT_PREFIX,
     SQLITE_DURABILITY,
     THROUGHPUT_N,
@@ -130,6 +131,59 @@ def machine_busy(interval: float = 0.5) -> float:
     return round(1 - (i2 - i1) / max(t2 - t1, 1), 3)
 
 
+def machine_counters() -> tuple[list[int], int | None]:
+    """The CPU times of ``/proc/stat`` (all CPUs) and the CPU pressure's total stall
+    (``/proc/pressure/cpu``, "some": µs during which a runnable task waited for a CPU)."""
+    with open("/proc/stat") as f:
+        cpu = [int(v) for v in f.readline().split()[1:]]
+    try:
+        with open("/proc/pressure/cpu") as f:
+            stall: int | None = int(f.readline().rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        stall = None
+    return cpu, stall
+
+
+def machine_during(before: tuple[list[int], int | None], wall: float) -> dict[str, Any]:
+    """What the machine did while one measurement ran (its process included), the same
+    for every system: the CPUs' busy share, the share the hypervisor gave to others
+    (steal), and the share of the time some runnable task waited for a CPU (a slow
+    latency round on a contended machine shows here; on an idle one it does not)."""
+    after = machine_counters()
+    d = [b - a for a, b in zip(before[0], after[0], strict=True)]
+    total = max(sum(d), 1)
+    out: dict[str, Any] = {"busy": round(1 - (d[3] + d[4]) / total, 3),
+                           "steal": round(d[7] / total, 3) if len(d) > 7 else None}
+    if before[1] is not None and after[1] is not None and wall > 0:
+        out["cpu_pressure"] = round((after[1] - before[1]) / 1e6 / wall, 3)
+    return out
+
+
+def settle() -> dict[str, Any]:
+    """Start every measurement from the same state of the disk and of PostgreSQL, whatever
+    ran before it: the page cache's dirty data written out (``sync``), then a PostgreSQL
+    ``CHECKPOINT`` (the pages the previous scenario left dirty flushed, its WAL behind
+    the checkpoint).
+
+    Without it the treatment was uneven: the DBOS peer's teardown (``DROP DATABASE``)
+    makes the server checkpoint at once, so every DBOS measurement began just after a
+    checkpoint, while a Cantata scenario (its schema dropped) left its WAL and dirty
+    pages to whatever came next: to the timed checkpoint, which may run during a later
+    measurement (docs/performance.md, "latency swings"). Returns the seconds each took
+    (``None``: the server could not be asked; the measurement goes on)."""
+    t0 = time.perf_counter()
+    os.sync()
+    t1 = time.perf_counter()
+    try:
+        p = subprocess.run(["psql", PG_URL, "-Atqc", "CHECKPOINT"], capture_output=True,
+                           text=True, timeout=120)
+        ok = p.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    t2 = time.perf_counter()
+    return {"sync_s": round(t1 - t0, 3), "pg_checkpoint_s": round(t2 - t1, 3) if ok else None}
+
+
 def src_fingerprint() -> str:
     """A hash of Cantata's source as it is now (the tree may change between measurements)."""
     import hashlib
@@ -142,7 +196,7 @@ def src_fingerprint() -> str:
 
 
 def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below: float = 0.25,
-            quiet_wait: float = 0.0) -> dict[str, Any]:
+            quiet_wait: float = 0.0, settle_first: bool = True) -> dict[str, Any]:
     row: dict[str, Any] = {"key": sc.key, "label": sc.label, "system": sc.system,
                            "kind": sc.kind, "workload": workload, "n": n}
     if sc.note:
@@ -153,6 +207,8 @@ def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below:
                    reason=f"{PEERS_PY.relative_to(ROOT)} missing: run bash bench/peers/setup.sh")
         return row
     argv = [python, "-m", *[x.replace("{workload}", workload) for x in sc.argv], "--n", str(n)]
+    if settle_first:  # the same for every system, before the wait for a quiet machine
+        row["settled"] = settle()
     busy, waited = machine_busy(), 0.0
     while busy > quiet_below and waited < quiet_wait:  # let other work on the machine end
         time.sleep(1.0)
@@ -167,6 +223,7 @@ def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below:
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{sc.key}-{workload}.log"
     t0 = time.perf_counter()
+    counters = machine_counters()
     try:
         p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=timeout)
@@ -176,6 +233,7 @@ def run_one(sc: Scenario, workload: str, n: int, timeout: float, *, quiet_below:
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         rc = None
     row["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    row["machine_during"] = machine_during(counters, time.perf_counter() - t0)
     log.write_text(f"$ {' '.join(argv)}\n# exit {rc}\n--- stdout\n{out}\n--- stderr\n{err}")
     results = [json.loads(line[len(RESULT_PREFIX):]) for line in out.splitlines()
                if line.startswith(RESULT_PREFIX)]
@@ -249,6 +307,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             if (r.get("machine_busy_before") or 0) > 0.25:
                 notes.append(f"machine {r['machine_busy_before']:.0%} busy with other work "
                              "at start")
+            pressure = (r.get("machine_during") or {}).get("cpu_pressure") or 0
+            if pressure > 0.2:
+                notes.append(f"tasks waited for a CPU {pressure:.0%} of the time")
             note = "; ".join(x for x in notes if x)
         elif r.get("reference"):
             note = f"reference, not measured in this run ({r['reason']})"
@@ -387,7 +448,10 @@ def markdown(ctx: dict[str, Any], rows: list[dict[str, Any]], a: argparse.Namesp
         f"Durability: SQLite = {SQLITE_DURABILITY}; PostgreSQL = {PG_DURABILITY}; "
         "NATS JetStream file store (nats-server default: fsync every 2 min). "
         "Celery + Redis is not durable. Each figure is one run in its own process(es), "
-        "fresh database each time; throughput = N orders submitted at once until all "
+        "fresh database each time"
+        + ("" if not a.settle else ", the disk synced and PostgreSQL checkpointed before "
+           "each")
+        + "; throughput = N orders submitted at once until all "
         "finished; latency = orders one after another (after 20 warm-up orders).",
         "",
         "Ratios (Cantata rows, against the peers that run the same shape: the saga against "
@@ -423,13 +487,13 @@ def measure(sc: Scenario, workload: str, a: argparse.Namespace) -> dict[str, Any
     print(f"[{time.strftime('%H:%M:%S')}] {sc.key} {workload} n={n} ...",
           end=" ", flush=True, file=sys.stderr)
     row = run_one(sc, workload, n, a.timeout, quiet_below=a.quiet_below,
-                  quiet_wait=a.quiet_wait)
+                  quiet_wait=a.quiet_wait, settle_first=a.settle)
     if sc.peer and row["status"] != "ok" and "failed" in row.get("reason", ""):
         # A peer that broke once (not one that cannot run here) gets one more go;
         # Cantata gets none: its failures are findings.
         first = row
         row = run_one(sc, workload, n, a.timeout, quiet_below=a.quiet_below,
-                      quiet_wait=a.quiet_wait)
+                      quiet_wait=a.quiet_wait, settle_first=a.settle)
         row["earlier_attempt"] = {k: first.get(k) for k in ("status", "reason")}
     if row["status"] != "ok" and sc.key in REFERENCE:
         row["reference"] = REFERENCE[sc.key].get(workload)
@@ -459,6 +523,8 @@ def medians(all_rows: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]
         row["rounds"] = [r.get("result") or {"status": r["status"], "reason": r.get("reason")}
                          for r in same]
         row["machine_busy_before"] = max((r.get("machine_busy_before") or 0) for r in same)
+        during = [r.get("machine_during") or {} for r in same]  # the most contended round's
+        row["machine_during"] = max(during, key=lambda m: m.get("cpu_pressure") or 0)
         row["src_states"] = sorted({r["src"] for r in same if r.get("src")})
         if not ok:
             out.append(row)
@@ -497,6 +563,9 @@ def main() -> None:
                     help="before each measurement, wait up to this many seconds for the "
                          "machine's other CPU use to drop below --quiet-below")
     ap.add_argument("--quiet-below", type=float, default=0.25)
+    ap.add_argument("--no-settle", dest="settle", action="store_false",
+                    help="do not sync the disk and CHECKPOINT PostgreSQL before each "
+                         "measurement (by default every system starts from that same state)")
     ap.add_argument("--processes", type=int, default=0, metavar="N",
                     help="Cantata's saga and chain scenarios: serve with `cantata worker "
                          "--processes N` while the scenario's process submits (default 0: "

@@ -57,6 +57,8 @@ from bench.common import (
     latency_summary,
     max_rss_mb,
     now,
+    sched_since,
+    sched_waits,
     throughput_summary,
     unavailable,
 )
@@ -172,6 +174,7 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
                 **_worker_cpu(a, wcpu0, wall), **share,
                 "outcomes": got, "expected": expected_outcomes(orders)}
     lat, outs = [], []
+    waits = sched_waits()
     cpu0, t_all = cpu_seconds(), now()
     for o in orders:
         t0 = now()
@@ -179,7 +182,7 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
         lat.append(now() - t0)
     wall = now() - t_all
     cpu = cpu_seconds() - cpu0
-    return {**latency_summary(lat), "cpu_util": round(cpu / wall, 3),
+    return {**latency_summary(lat), "cpu_util": round(cpu / wall, 3), **sched_since(waits),
             "outcomes": count_outcomes(outs), "expected": expected_outcomes(orders)}
 
 

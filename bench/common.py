@@ -95,6 +95,8 @@ def latency_summary(lat_s: Sequence[float]) -> dict[str, Any]:
         "p99_ms": round(pct(ms, 99), 3),
         "mean_ms": round(statistics.mean(ms), 3),
         "max_ms": round(max(ms), 3),
+        # the series in order, to tell drift, periodic spikes and two modes apart
+        "series_ms": [round(x, 3) for x in ms],
     }
 
 
@@ -115,6 +117,30 @@ def cpu_seconds() -> float:
     """CPU time (user + system) of this process, all threads."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def sched_waits() -> dict[str, float]:
+    """What this process (all threads) waited for a CPU so far: ``run_delay_ms``, the time
+    its threads were ready to run while others ran (``/proc/self/task/*/schedstat``: what
+    other work on the machine costs a measurement), and its context switches, voluntary
+    (blocked: a commit, an answer) and involuntary (preempted). Differences of two
+    readings tell a slow run on a contended machine from a slow run on an idle one."""
+    delay = 0
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                delay += int(f.read().split()[1])
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"run_delay_ms": delay / 1e6, "nvcsw": float(r.ru_nvcsw),
+            "nivcsw": float(r.ru_nivcsw)}
+
+
+def sched_since(before: dict[str, float]) -> dict[str, float]:
+    """:func:`sched_waits` since ``before`` (the figures a result reports)."""
+    now_ = sched_waits()
+    return {k: round(now_[k] - before[k], 3) for k in now_}
 
 
 def rss_mb() -> float:

@@ -214,3 +214,34 @@ async def test_a_lookup_never_sees_a_write_the_thread_has_not_committed(
     assert isinstance(box.get("error"), ValueError)
     assert where and where[0] != threading.get_ident()  # answered by the thread
     assert await thread.lookup(count_of("kdoomed", [])) == 0
+
+
+async def test_a_write_behind_a_read_in_the_thread_runs_once_the_read_lets_go(
+    monkeypatch: pytest.MonkeyPatch, home: tuple[ConnectionThread, list[set[str]]],
+) -> None:
+    """A write of the home loop that finds the connection in the thread's hands (a
+    poller's read) runs on the loop as soon as the read ends: the thread tells the loop,
+    the write does not sit out a timer (docs/performance.md, "latency swings"). The
+    timer is pushed out of reach here, so only the thread's word can run the write."""
+    monkeypatch.setattr(sqlite_thread, "_RETRY_S", 3600.0)
+    thread, commits = home
+    await thread.write(meta("k0", []))  # the schema exists
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_read(c: sqlite3.Connection) -> int:
+        inside.set()
+        release.wait(10)
+        return int(c.execute("SELECT count(*) FROM cantata_meta").fetchone()[0])
+
+    read = thread.read(slow_read)
+    assert await asyncio.to_thread(inside.wait, 10)
+    seen: list[tuple[str, int]] = []
+    write = thread.write(meta("k1", seen), "c1")
+    await asyncio.sleep(0.05)
+    assert not write.done() and seen == []  # the connection is the read's
+    release.set()
+    assert await asyncio.wait_for(write, 30) == "k1"
+    assert await read >= 1
+    assert seen == [("k1", threading.get_ident())]  # on the loop's thread, as usual
+    assert commits[-1] == {"c1"}
+    assert await keys(thread) == ["k0", "k1"]

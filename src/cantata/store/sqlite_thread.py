@@ -11,14 +11,15 @@ Writes of the store's own event loop (``home``) skip the thread when they can: t
 writes made in one turn of the loop are gathered and run as one batch on the
 loop's thread at the start of the next turn (one group commit, as the thread's),
 with no hand-off to the thread and back (two thread wake-ups per commit) and no GIL
-passed between two busy threads. When the thread holds the connection (a read),
-the batch tries again half a millisecond later. When another connection holds the
-database's write lock, the thread runs the batch: the inline ``BEGIN IMMEDIATE``
-waits for no one (the connection's busy timeout is 0 unless the thread runs a
-batch), the thread may wait the full busy timeout. While the thread has writes of
-the home loop unanswered, later writes wait on the loop until they are answered
-(so writes stay in the order they were made, and the next batch runs inline
-again). Reads go to the thread, so that a long query never blocks the loop; a lookup
+passed between two busy threads. When the thread holds the connection (a read,
+such as a worker's pollers make now and then), the batch runs as soon as the thread
+lets go of it (the thread tells the loop; half a millisecond later at the latest).
+When another connection holds the database's write lock, the thread runs the batch:
+the inline ``BEGIN IMMEDIATE`` waits for no one (the connection's busy timeout is 0
+unless the thread runs a batch), the thread may wait the full busy timeout. While the
+thread has writes of the home loop unanswered, later writes wait on the loop until they
+are answered (so writes stay in the order they were made, and the next batch runs
+inline again). Reads go to the thread, so that a long query never blocks the loop; a lookup
 of a row by its key (:meth:`ConnectionThread.lookup`) runs on the loop's thread when
 the connection is free.
 """
@@ -233,6 +234,9 @@ class ConnectionThread:
         self._lock = threading.Lock()  # held by whoever runs SQL on the connection
         self._pending: list[_Item] = []  # the home loop's writes of this turn
         self._flush_due = False  # a _flush is scheduled on the home loop
+        # The _flush scheduled because the thread held the connection: the thread runs it
+        # sooner, once it lets go (_deliver), or it runs _RETRY_S later.
+        self._retry: asyncio.TimerHandle | None = None
         self._handed = 0  # home-loop writes handed to the thread and not yet answered
         self._busy_ms = 0  # the connection's busy timeout while the thread runs a batch
 
@@ -320,13 +324,16 @@ class ConnectionThread:
         (behind them, in their order) and :meth:`_resolve` flushes them once the last
         is answered: the thread does not keep every write for itself once it has one."""
         self._flush_due = False
+        self._retry = None
         if self._handed or not self._pending:
             return
         conn = self._conn
         if conn is not None and not self._lock.acquire(blocking=False):
             # The thread runs a read (or another loop's batch): a moment, not a wait.
+            # It calls _flush_after_thread once it lets go of the connection; this timer
+            # is for the case it looked just before the flag was set.
             self._flush_due = True
-            asyncio.get_running_loop().call_later(_RETRY_S, self._flush)
+            self._retry = asyncio.get_running_loop().call_later(_RETRY_S, self._flush)
             return
         # At most MAX_BATCH in one transaction, as the thread's: the rest is the next
         # turn's (the loop is not held for one huge commit; the order is kept).
@@ -348,6 +355,14 @@ class ConnectionThread:
                     asyncio.get_running_loop().call_soon(self._flush)
                 return
         self._hand_over(batch)
+
+    def _flush_after_thread(self) -> None:
+        """On the home loop: the thread let go of the connection, and a flush waits for
+        it (a saga's checkpoint behind a poller's read): run it now, not at its timer."""
+        retry, self._retry = self._retry, None
+        if retry is not None:
+            retry.cancel()
+            self._flush()
 
     def _hand_over(self, items: list[_Item]) -> None:
         for item in items:
@@ -410,8 +425,12 @@ class ConnectionThread:
                             channels = self._run_batch(conn, batch)
                         finally:
                             conn.execute("PRAGMA busy_timeout = 0")
-                # Answered once the connection is free: the loop may write inline at once.
+                # Answered once the connection is free: the loop may write inline at once,
+                # and a write of the loop that found the connection taken runs now.
                 self._deliver(batch, channels)
+                if self._retry is not None and self._home is not None:
+                    with contextlib.suppress(RuntimeError):  # (the loop is closed)
+                        self._home.call_soon_threadsafe(self._flush_after_thread)
                 if stop is not None:
                     stop.done.set()
                     return
