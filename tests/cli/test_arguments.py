@@ -254,3 +254,15 @@ async def test_store_help_and_errors_say_the_apps_own_store_comes_before_the_env
         assert "$CANTATA_STORE" in help_text, (command, help_text)
         assert ("the app's own store" in help_text or "its own store" in help_text), (
             command, help_text)
+
+
+@pytest.mark.parametrize("spec", ["argsapp:nothere", "argsapp:app.nothere"])
+async def test_an_app_spec_naming_no_attribute_says_what_to_give(
+    project: Path, capsys: pytest.CaptureFixture[str], spec: str
+) -> None:
+    code, out, err = await cli(capsys, "start", spec, "echo", "--input", "1")
+    assert (code, out) == (1, "") and one_line(err), err
+    attr = spec.split(":")[1]
+    assert err.startswith(f"cantata: error: module 'argsapp' has no attribute {attr!r}: ")
+    # what to do: name the App the module holds
+    assert "APP is module:attribute naming the cantata.App (here: argsapp:app)" in err, err

@@ -86,7 +86,13 @@ def load_app(spec: str) -> App:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}")
+            apps = sorted(f"{module_name}:{name}" for name, value in vars(module).items()
+                          if isinstance(value, App))
+            here = f"here: {', '.join(apps)}" if apps else "for example 'shop.app:app'"
+            raise ConfigurationError(
+                f"module {module_name!r} has no attribute {attr!r}: APP is module:attribute "
+                f"naming the cantata.App ({here})"
+            )
         obj = getattr(obj, part)
     if callable(obj) and not isinstance(obj, App):
         obj = obj()
