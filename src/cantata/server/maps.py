@@ -65,9 +65,9 @@ async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut
             if not await app.engine.knows_workflow(workflow) and source is None:
                 declared = {d.name for d in await store.declarations(app.name)
                             if d.kind == "workflow"}
-                known = ", ".join(sorted(declared | set(app.workflows))) or "none"
+                names = ", ".join(sorted(declared | set(app.workflows))) or "none"
                 raise UnknownWorkflow(f"no workflow named {workflow!r} in app {app.name!r} "
-                                      f"(known: {known}); GET /api/workflows lists them")
+                                      f"(known: {names}); GET /api/workflows lists them")
             raise GraphUnavailable(
                 f"the steps of workflow {workflow!r} are not known here: serve the console "
                 "with the app's code (cantata serve module:app), or run the workflow once")
