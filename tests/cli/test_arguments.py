@@ -254,3 +254,58 @@ async def test_store_help_and_errors_say_the_apps_own_store_comes_before_the_env
         assert "$CANTATA_STORE" in help_text, (command, help_text)
         assert ("the app's own store" in help_text or "its own store" in help_text), (
             command, help_text)
+
+
+@pytest.mark.parametrize("spec", ["argsapp:nothere", "argsapp:app.nothere"])
+async def test_an_app_spec_naming_no_attribute_says_what_to_give(
+    project: Path, capsys: pytest.CaptureFixture[str], spec: str
+) -> None:
+    code, out, err = await cli(capsys, "start", spec, "echo", "--input", "1")
+    assert (code, out) == (1, "") and one_line(err), err
+    attr = spec.split(":")[1]
+    assert err.startswith(f"cantata: error: module 'argsapp' has no attribute {attr!r}: ")
+    # what to do: name the App the module holds
+    assert "APP is module:attribute naming the cantata.App (here: argsapp:app)" in err, err
+
+
+@pytest.mark.parametrize(("source", "said"), [
+    ("import not_installed_dependency_of_cantata_tests\n",
+     "cantata: error: module 'brokenapp' was found, but importing it failed: No module named "
+     "'not_installed_dependency_of_cantata_tests': install what it imports, in the "
+     "environment cantata runs in\n"),
+    ("raise RuntimeError('no config file')\n",
+     "cantata: error: module 'brokenapp' was found, but importing it failed: RuntimeError: "
+     "no config file (rerun with --debug for the traceback)\n"),
+    ("def app():\n    raise ValueError('no config file')\n",
+     "cantata: error: brokenapp:app is a factory, and calling it failed: ValueError: "
+     "no config file (rerun with --debug for the traceback)\n"),
+])
+async def test_an_app_module_that_fails_to_load_is_told_apart_from_a_missing_one(
+    project: Path, capsys: pytest.CaptureFixture[str], source: str, said: str
+) -> None:
+    (project / "brokenapp.py").write_text(source)
+    try:
+        code, out, err = await cli(capsys, "start", "brokenapp:app", "echo", "--input", "1")
+    finally:
+        sys.modules.pop("brokenapp", None)
+    assert (code, out, err) == (1, "", said)
+    code, out, err = await cli(capsys, "start", "nosuchappmodule:app", "echo", "--input", "1")
+    assert (code, out) == (1, "") and err == (
+        "cantata: error: cannot import module 'nosuchappmodule' (No module named "
+        "'nosuchappmodule'); run from the folder that holds it or install it\n")
+
+
+@pytest.mark.parametrize("command", [["runs"], ["dlq", "list"], ["token", "list"], ["serve"]])
+async def test_an_empty_app_option_is_refused_as_an_empty_store_is(
+    project: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    async with the_app().client():
+        pass
+    with socket.socket() as taken:  # were --app taken, serving would stop here
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = ["--port", str(taken.getsockname()[1])] if command == ["serve"] else []
+        code, out, err = await cli(capsys, *command, *port, "--app", "")
+    assert (code, out) == (1, "") and one_line(err), err
+    assert err == ("cantata: error: --app is empty: give the app's name or its "
+                   "module:attribute, or leave --app out when the store holds one app\n")

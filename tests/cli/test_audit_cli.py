@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
@@ -99,3 +100,25 @@ def test_the_app_may_come_from_the_environment(
     monkeypatch.setenv("CANTATA_STORE", url)
     code, out, _ = cli(capsys, "audit", "verify")
     assert code == 0 and out.strip() == "audit log of app billing: 6 records, chain intact"
+
+
+def test_verify_json_is_the_apis_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.db"
+    url = populate(path, "shop")
+    code, out, err = cli(capsys, "audit", "verify", "--store", url, "--json")
+    assert (code, err) == (0, "")
+    # field for field GET /api/audit/verify's answer
+    assert json.loads(out) == {"ok": True, "records": 6, "first_bad_seq": None, "reason": None}
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("DROP TRIGGER audit_no_update")
+        conn.execute("UPDATE audit SET actor='nobody' WHERE app='shop' AND seq=4")
+    finally:
+        conn.close()
+    code, out, err = cli(capsys, "audit", "verify", "--store", url, "--json")
+    report = json.loads(out)  # the report still goes to stdout, for the script to read
+    assert code == 1 and (report["ok"], report["first_bad_seq"], report["records"]) == (
+        False, 4, 3)
+    assert "record #4 was changed" in report["reason"]
+    assert err.startswith("cantata: error: audit log of app shop: TAMPERED at record #4")
+    assert err.count("\n") == 1 and "Traceback" not in err

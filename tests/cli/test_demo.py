@@ -23,10 +23,13 @@ def test_the_demo_prints_commands_that_work(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "compensation steps, in reverse" in done.stdout
     hints = re.findall(r"(cantata (?:trace|runs) .*)", done.stdout)
-    assert [h.split()[1] for h in hints] == ["trace", "runs"], done.stdout
+    # the compensated saga, the compensated event flow, all runs: each a command
+    assert [h.split()[1] for h in hints] == ["trace", "trace", "runs"], done.stdout
     for hint in hints:
         ran = cantata(*hint.split()[1:], cwd=tmp_path)
         assert ran.returncode == 0, (hint, ran.stderr)
+    flow = cantata(*hints[1].split()[1:], cwd=tmp_path).stdout
+    assert "payment.failed" in flow and "order.cancelled" in flow, flow
 
 
 def test_a_memory_demo_prints_no_command_that_cannot_work(tmp_path: Path) -> None:

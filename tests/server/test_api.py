@@ -423,6 +423,11 @@ async def test_an_unknown_workflow_lists_what_get_workflows_lists(
             r = await c.post("/api/workflows/nope/runs", headers=h, json={"input": 1})
             assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_workflow"
             assert f"(known: {', '.join(listed)})" in r.json()["error"]["message"]
+            r = await c.get("/api/maps/workflows/nope", headers=h)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_workflow"
+            assert r.json()["error"]["message"] == (
+                f"no workflow named 'nope' in app 'shop' (known: {', '.join(listed)}); "
+                "GET /api/workflows lists them")
     await bare.close()
 
 

@@ -12,11 +12,12 @@ import typer
 
 from cantata.errors import CantataError, ConfigurationError
 from cantata.model.records import AuditReport
+from cantata.server.models import verify_out
 from cantata.store import audit as chain
 from cantata.store.base import Store
 
-from .common import client_app, print_line, run, say
-from .runs import AppOpt, StoreOpt
+from .common import client_app, print_json, print_line, run, say
+from .runs import AppOpt, JsonOpt, StoreOpt
 
 T = TypeVar("T")
 
@@ -67,13 +68,17 @@ def _with_store(
     return run(go)
 
 
-def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None) -> None:
+def verify(
+    app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Recompute the audit log's hash chain; exit 1 if a record was tampered with.
 
     With $CANTATA_AUDIT_KEY the chain must be keyed with it (after a rotation, its
     older records with $CANTATA_AUDIT_PREVIOUS_KEYS, in order); with --head FILE the
     record that head names must still be there. Without --app (and $CANTATA_APP),
-    the store's only app is verified.
+    the store's only app is verified. --json prints the report as GET /api/audit/verify
+    answers it (a broken chain still exits 1).
     """
     key = env_audit_key(required=head_file is not None)
     doc = None
@@ -91,6 +96,8 @@ def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None
         return name, await s.verify_audit(name, key=key, head=exported)
 
     name, report = _with_store(app, store, go)
+    if as_json:
+        print_json(verify_out(report))
     if not report.ok:
         if report.wrong_key:
             raise AuditTampered(f"audit log of app {name} cannot be verified: {report.reason}")
@@ -101,7 +108,8 @@ def verify(app: AppOpt = None, store: StoreOpt = None, head_file: HeadOpt = None
         )
     keyed = " (keyed)" if key is not None else ""
     anchored = f", holds the head exported in {head_file}" if head_file is not None else ""
-    say(f"audit log of app {name}: {report.records} records, chain intact{keyed}{anchored}")
+    if not as_json:
+        say(f"audit log of app {name}: {report.records} records, chain intact{keyed}{anchored}")
 
 
 def head(app: AppOpt = None, store: StoreOpt = None) -> None:

@@ -23,6 +23,7 @@ from cantata.app import DEFAULT_STORE, App
 from cantata.broker import binding
 from cantata.broker.factory import broker_from_url
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound
+from cantata.model import secrets
 from cantata.model.checks import check_run_id
 from cantata.model.records import RunRecord, utc_datetime
 from cantata.store.base import Store
@@ -76,25 +77,49 @@ def load_app(spec: str) -> App:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
+    found = f"module {module_name!r} was found, but importing it failed"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and missing != module_name and not module_name.startswith(missing + "."):
+            # the module is there: something it imports is not
+            raise ConfigurationError(
+                f"{found}: {exc}: install what it imports, in the environment cantata runs in"
+            ) from exc
         raise ConfigurationError(
             f"cannot import module {module_name!r} ({exc}); run from the folder that holds it "
             "or install it"
         ) from None
+    except Exception as exc:  # the user's module raised while it was imported
+        raise ConfigurationError(f"{found}: {_failure(exc)}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}")
+            apps = sorted(f"{module_name}:{name}" for name, value in vars(module).items()
+                          if isinstance(value, App))
+            here = f"here: {', '.join(apps)}" if apps else "for example 'shop.app:app'"
+            raise ConfigurationError(
+                f"module {module_name!r} has no attribute {attr!r}: APP is module:attribute "
+                f"naming the cantata.App ({here})"
+            )
         obj = getattr(obj, part)
     if callable(obj) and not isinstance(obj, App):
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as exc:  # the user's factory raised
+            raise ConfigurationError(
+                f"{spec} is a factory, and calling it failed: {_failure(exc)}") from exc
     if not isinstance(obj, App):
         raise ConfigurationError(
             f"{spec!r} is a {type(obj).__name__}, not a cantata.App"
         )
     return obj
+
+
+def _failure(exc: Exception) -> str:
+    """An exception the user's code raised, in one line, with where to see more."""
+    return f"{type(exc).__name__}: {secrets.mask(str(exc))} (rerun with --debug for the traceback)"
 
 
 def store_url(store: str | None) -> str:
@@ -135,6 +160,21 @@ def use_existing_store(app: App, store: str | None) -> None:
         app.configure(store=existing_store(url))
 
 
+def app_option(app: str | None) -> str | None:
+    """``--app``, else ``$CANTATA_APP`` (``None``: neither); an empty ``--app`` is an
+    error, as an empty ``--store`` is, not the store's only app.
+
+    Raises:
+        ConfigurationError: ``--app`` is empty.
+    """
+    if app is not None and not app.strip():
+        raise ConfigurationError(
+            "--app is empty: give the app's name or its module:attribute, or leave --app "
+            "out when the store holds one app"
+        )
+    return app or os.environ.get("CANTATA_APP")
+
+
 def client_app(app: str | None, store: str | None, broker: str | None = None) -> App:
     """The app a query command works on.
 
@@ -145,7 +185,7 @@ def client_app(app: str | None, store: str | None, broker: str | None = None) ->
     store's only app. ``broker`` (``--broker``) overrides the app's own broker (else
     ``$CANTATA_BROKER``, else ``embedded``).
     """
-    spec = app or os.environ.get("CANTATA_APP")
+    spec = app_option(app)
     if broker is not None and not broker.strip():
         raise ConfigurationError(
             "--broker is empty: give a broker URL such as embedded or nats://host:4222"

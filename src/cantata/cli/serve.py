@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import os
 import re
 import socket
 import sys
@@ -26,6 +25,7 @@ from .audit import env_audit_key
 from .common import (
     BROKER_HELP,
     STORE_HELP,
+    app_option,
     console,
     err_console,
     existing_store,
@@ -74,7 +74,7 @@ def _app_to_serve(spec: str | None, app_name: str | None, store: str | None
     if spec and app_name and app_name != spec and ":" not in spec:
         raise ConfigurationError(f"APP {spec} and --app {app_name} differ: give one of them")
     given = app_name
-    spec = spec or app_name or os.environ.get("CANTATA_APP")
+    spec = spec or app_option(app_name)
     if spec and ":" in spec:
         loaded = load_app(spec)
         if given is not None and given not in (spec, loaded.name):
@@ -191,7 +191,7 @@ def _token_store(store: str | None, app: str | None) -> tuple[Store, AuditKey | 
     new one)."""
     if store:
         return existing_store(store_url(store)), env_audit_key()
-    app = app or os.environ.get("CANTATA_APP")  # as every command that takes --app
+    app = app_option(app)  # as every command that takes --app
     if app and ":" in app:
         the_app = load_app(app)
         spec = the_app._store_spec

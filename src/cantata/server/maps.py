@@ -63,7 +63,11 @@ async def workflow_map(app: App, workflow: str, run: RunRecord | None) -> MapOut
         items = items_from_history(entries)
         if not items and run is None:
             if not await app.engine.knows_workflow(workflow) and source is None:
-                raise UnknownWorkflow(f"no workflow named {workflow!r} in app {app.name!r}")
+                declared = {d.name for d in await store.declarations(app.name)
+                            if d.kind == "workflow"}
+                names = ", ".join(sorted(declared | set(app.workflows))) or "none"
+                raise UnknownWorkflow(f"no workflow named {workflow!r} in app {app.name!r} "
+                                      f"(known: {names}); GET /api/workflows lists them")
             raise GraphUnavailable(
                 f"the steps of workflow {workflow!r} are not known here: serve the console "
                 "with the app's code (cantata serve module:app), or run the workflow once")
