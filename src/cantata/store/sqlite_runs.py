@@ -200,7 +200,8 @@ class SQLiteRuns(SQLiteCore):
         # first checkpoint ends it or lets it go; one this worker runs at once is not.
         channels = (_RUNS_ONLY if first is None else
                     _channels(first, run.owner is None or _wakes_runs(first)))
-        return await self._t.write(lambda c: self._create(c, run, first, actor), *channels)
+        return await (self._thread or self._t).write(
+            lambda c: self._create(c, run, first, actor), *channels)
 
     def _create(
         self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None,
@@ -367,7 +368,8 @@ class SQLiteRuns(SQLiteCore):
             if not self._commit_fenced(cast(TxConnection, c), app, run_id, fence, write):
                 raise _lost(run_id, fence)
 
-        await self._t.write(op, *_channels(write, _wakes_runs(write)))
+        # (the open thread read without the ``_t`` property's call: every checkpoint)
+        await (self._thread or self._t).write(op, *_channels(write, _wakes_runs(write)))
 
     def _commit_fenced(
         self, c: TxConnection, app: str, run_id: str, fence: int, write: RunWrite
