@@ -154,7 +154,7 @@ async def call_step(
         x.mine[(key, number)] = attempt
         try:
             value = await execute_fenced(x, sdef, args, key, number, kind, stamped)
-            result = codec.dumps(value, f"result of step {sdef.name}", limit=x.engine.max_payload)
+            result = codec.dumps(value, sdef.result_what, limit=x.engine.max_payload)
         except _Fenced:
             # Stopped because this worker's hold lapsed (a store outage, a pause): not
             # an attempt. Once the store answers, the same attempt starts again, after
