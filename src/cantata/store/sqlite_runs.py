@@ -83,6 +83,7 @@ _STATUS, _RESULT, _ERROR, _UPDATED_AT, _OWNER, _FLAGGED = (
 _TOUCH_RUN = "UPDATE runs SET updated_at=?"
 # The fence, and (TxConnection.was) the owner, status and correlation id the row had.
 _FENCED = " WHERE app=? AND run_id=? AND fence=? AND cantata_was(owner, status, correlation_id)"
+_TOUCH_FENCED = _TOUCH_RUN + _FENCED  # (made once: every step's checkpoint)
 
 
 def _dml(c: sqlite3.Connection) -> sqlite3.Connection | sqlite3.Cursor:
@@ -381,11 +382,11 @@ class SQLiteRuns(SQLiteCore):
         record needs, as the row had it: TxConnection.was (a RETURNING clause would
         give the new row, and costs SQLite twice the UPDATE)."""
         if _touch_only(write):  # a step's checkpoint (the usual one)
-            sql, params = _TOUCH_RUN, [time.time()]
+            ran = c.dml.execute(_TOUCH_FENCED, (time.time(), app, run_id, fence))
         else:
             sets, params = _run_sets(write)
-            sql = f"UPDATE runs SET {sets}"
-        if c.dml.execute(sql + _FENCED, (*params, app, run_id, fence)).rowcount != 1:
+            ran = c.dml.execute(f"UPDATE runs SET {sets}{_FENCED}", (*params, app, run_id, fence))
+        if ran.rowcount != 1:
             return False
         owner, status, correlation_id = c.was
         self._apply(c, app, run_id, write, owner, status, correlation_id)
@@ -410,8 +411,8 @@ class SQLiteRuns(SQLiteCore):
                 _UPSERT_HISTORY,
                 [
                     (app, run_id, e.key, str(e.kind), e.name, str(e.status), e.seq, e.result,
-                     e.error, ops.text(e.error_type), e.attempts, e.started_at, e.ended_at,
-                     e.wake_at, e.detail)
+                     e.error, None if e.error_type is None else str(e.error_type),  # (ops.text)
+                     e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
                     for e in write.entries
                 ],
             )
