@@ -92,7 +92,7 @@ async def call_step(
     if entry is None:  # committed with its first attempt
         shape = _shape_detail(args_shape(args)) if path else None
         entry = x.journal.record(call, ENTRY_RUNNING, detail=shape)
-    if x.engine.is_remote(sdef):
+    if sdef.service is not None and x.engine.is_remote(sdef):  # (no service: local)
         return await call_remote(x, sdef, args, entry)
     clock = x.engine.clock
     # in progress when the run was last left (a crash, a stop): it goes on even if its
@@ -115,7 +115,10 @@ async def call_step(
             return await step_failed(x, entry, write, last, n)
         if x.engine.draining:  # (park_if_stopping's own test: no coroutine otherwise)
             await x.park_if_stopping()
-        if path and stops(x, key, resuming):
+        # (stops' usual answer, False, without its call: no interrupt, and the step's
+        # branch not cancelled)
+        if path and (x.interrupt.done() or ((step := x.api.open_steps.get(key)) is not None
+                                            and step.cancelled)) and stops(x, key, resuming):
             return await step_stopped(x, entry, write, last, n)
         if entry.wake_at is not None:  # the backoff after a failed attempt
             await backoff(x, entry.wake_at, path, key)
@@ -136,7 +139,11 @@ async def call_step(
         n += 1
         number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
-        attempt = Attempt(key, number, begun_at(x, key, number, now))
+        # (begun_at's answer without its call when it is ``now``: no attempt of this
+        # number began in this execution, and the run had no attempts of the step)
+        earlier = x.mine.get((key, number))
+        attempt = Attempt(key, number, earlier.started_at if earlier is not None
+                          else begun_at(x, key, number, now) if key in x.attempts else now)
         entry.attempts, entry.status = n, ENTRY_RUNNING
         entry.started_at = entry.started_at or now
         entry.wake_at = None  # its backoff is over
