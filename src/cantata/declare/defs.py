@@ -84,6 +84,13 @@ class WorkflowDef:
     spec: Any = None  # a Saga's map, when the workflow was generated from one
     cleanup_timeout: float = 60.0  # seconds a cancelled run may spend cleaning up
     queue: str | None = None  # runs wait in this queue (@app.workflow(queue=...))
+    # What errors name, made once (as StepDef's): "workflow X", "result of workflow X".
+    what: str = field(init=False, repr=False, compare=False)
+    result_what: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "what", f"workflow {self.name}")
+        object.__setattr__(self, "result_what", f"result of workflow {self.name}")
 
 
 @dataclass(frozen=True, slots=True)
