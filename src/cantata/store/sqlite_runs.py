@@ -369,8 +369,13 @@ class SQLiteRuns(SQLiteCore):
             if not self._commit_fenced(cast(TxConnection, c), app, run_id, fence, write):
                 raise _lost(run_id, fence)
 
-        # (the open thread read without the ``_t`` property's call: every checkpoint)
-        await (self._thread or self._t).write(op, *_channels(write, _wakes_runs(write)))
+        # (the open thread read without the ``_t`` property's call, and a step's
+        # checkpoint's channels, none, without _channels' and _wakes_runs' calls:
+        # every checkpoint)
+        if (write.events or write.tasks or write.release or write.status is not None):
+            await (self._thread or self._t).write(op, *_channels(write, _wakes_runs(write)))
+        else:
+            await (self._thread or self._t).write(op)
 
     def _commit_fenced(
         self, c: TxConnection, app: str, run_id: str, fence: int, write: RunWrite
