@@ -31,7 +31,7 @@ from cantata.model.records import (
 )
 
 from .branches import branch_stopped, marked
-from .checkpoint import commit, defer_one
+from .checkpoint import defer_one
 from .heartbeat import Beat, beat_for, first_beat
 from .invoke import invoke_step, scoped_step
 from .ownership import FENCE_AT
@@ -164,7 +164,7 @@ async def call_step(
         write.attempts.append(attempt)
         write.entries.append(entry)
         try:
-            await commit(x, write)  # (x.commit's coroutine, without its call)
+            await x.commit(write)
         except BaseException:
             if limited:  # the attempt never began
                 await release_step_slot(x, sdef, key)
