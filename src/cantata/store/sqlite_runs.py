@@ -412,7 +412,8 @@ class SQLiteRuns(SQLiteCore):
         if write.entries:
             # Enum members bound as plain str (exact types bind without sqlite3's
             # adapter lookup, which costs more than the rest of the row).
-            _dml(c).executemany(
+            # (_dml's test, inline: every checkpoint)
+            (c.dml if isinstance(c, TxConnection) else c).executemany(
                 _UPSERT_HISTORY,
                 [
                     (app, run_id, e.key, str(e.kind), e.name, str(e.status), e.seq, e.result,
@@ -422,7 +423,8 @@ class SQLiteRuns(SQLiteCore):
                 ],
             )
             ops.index_attributes(c, app, run_id, write.entries)
-        ops.upsert_attempts(c, app, run_id, write.attempts)
+        if write.attempts:  # (none, the usual with the attempts gate open: no call)
+            ops.upsert_attempts(c, app, run_id, write.attempts)
         if write.events:
             self._append(c, app, write.events)
         if write.tasks:
