@@ -22,7 +22,9 @@ the machine's load) makes a run. Compare medians of several runs all the same.
 Callgrind's collection is switched through its client requests, in a small C library
 compiled here with ``gcc`` (``valgrind/callgrind.h``). Without valgrind the requests do
 nothing and the runs just run. Read the total with ``callgrind_annotate F | head``,
-divide by ``--n``.
+divide by ``--n``. Without valgrind, ``--profile F`` (cProfile) and ``--opcodes F``
+(bytecodes and calls per Python function and saga, a ``sys.settrace`` counter) count
+the same windows.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from typing import Any
@@ -137,16 +140,75 @@ class _Profiled:
             self.prof.disable()
 
 
+class _Opcodes:
+    """A ``sys.settrace`` opcode counter in the same windows (``--opcodes F``): the
+    bytecodes and calls (a coroutine's resumptions count as calls) per Python function
+    and per saga, on the loop's thread, the dataclasses' generated ``__init__``s named
+    by their class."""
+
+    def __init__(self) -> None:
+        import collections
+        import threading
+
+        self.on = False
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._thread = threading.get_ident()
+
+    def _trace(self, frame: Any, event: str, arg: Any) -> Any:
+        import threading
+
+        if threading.get_ident() != self._thread:
+            return None
+        frame.f_trace_opcodes, frame.f_trace_lines = True, False
+        code = frame.f_code
+        key = f"{code.co_filename}:{code.co_firstlineno}({code.co_name})"
+        if code.co_filename == "<string>":  # a dataclass's __init__: name its class
+            key += f"[{type(frame.f_locals.get('self')).__name__}]"
+        if event == "call":
+            self.calls[key] += 1
+        ops = self.ops
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                ops[key] += 1
+            return local
+
+        return local
+
+    def cg_on(self) -> None:
+        if not self.on:
+            self.on = True
+            sys.settrace(self._trace)
+
+    def cg_off(self) -> None:
+        if self.on:
+            self.on = False
+            sys.settrace(None)
+
+    def write(self, path: str, n: int) -> None:
+        with open(path, "w") as f:
+            f.write(f"bytecodes a saga {sum(self.ops.values()) / n:.1f}, "
+                    f"calls a saga {sum(self.calls.values()) / n:.1f}\n")
+            f.write("bytecodes  calls  function (a saga)\n")
+            for key, count in self.ops.most_common():
+                f.write(f"{count / n:9.1f} {self.calls[key] / n:6.2f}  {key}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     ap.add_argument("--profile", metavar="FILE",
                     help="no callgrind: cProfile the same windows, stats written to FILE")
+    ap.add_argument("--opcodes", metavar="FILE",
+                    help="no callgrind: bytecodes and calls per function and saga, "
+                         "counted in the same windows, written to FILE")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="cantata-engine-instr-")
     try:
-        cg = _Profiled() if a.profile else _library(tmp)
+        cg: Any = (_Profiled() if a.profile else _Opcodes() if a.opcodes
+                   else _library(tmp))
         _pause_in_transactions(cg)
         if a.store == "sqlite":
             store = f"sqlite:///{tmp}/b.db"
@@ -157,6 +219,8 @@ def main() -> None:
         asyncio.run(_runs(store, a.n, cg))
         if a.profile:
             cg.prof.dump_stats(a.profile)
+        if a.opcodes:
+            cg.write(a.opcodes, a.n)
         print(f"{a.n} sagas measured")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,8 +13,10 @@ import pytest
 
 import cantata
 from cantata import WorkflowContext
+from cantata.engine.steps import _ONE_SCALAR_DETAIL, _shape_detail
 from cantata.engine.versioning import args_shape, shape
 from cantata.errors import StepFailed
+from cantata.model import codec
 
 from .helpers import make_app
 
@@ -27,6 +29,19 @@ def test_args_shape_of_one_argument_is_the_general_one() -> None:
         assert args_shape([v]) == shape([v]), v
     for a, b in itertools.product(values[:9], repeat=2):  # (two: the general path)
         assert args_shape([a, b]) == args_shape([b, a])
+
+
+def test_a_step_of_one_scalar_records_the_detail_of_the_general_path() -> None:
+    """steps.call_step takes the entry's detail of one plain scalar argument from a table
+    (round twenty-eight): it is what the general path (args_shape, then the detail's
+    JSON) gives for every value, and the general path is taken for the rest."""
+    values: list[Any] = [None, True, False, 0, -3, 2**70, 1.5, -0.0, "", "x", [1], {"a": 1}]
+    for v in values:
+        detail = _ONE_SCALAR_DETAIL.get(type(v))
+        if detail is not None:
+            assert detail == codec.dumps({"shape": shape([v])}), v
+            assert detail == _shape_detail(args_shape([v])), v
+    assert set(_ONE_SCALAR_DETAIL) == {type(None), bool, int, float, str}
 
 
 def test_args_shape_of_one_scalar_names_its_kind() -> None:

@@ -13,7 +13,7 @@ import inspect
 import re
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cantata.errors import RegistrationError, UnknownStep
@@ -61,6 +61,16 @@ class StepDef:
     transactional: bool = False  # @app.transaction: called with a cantata.Tx first
     concurrency: int | None = None  # calls in progress across the cluster at most
     rate: Rate | None = None  # calls begun per window across the cluster at most
+    # What errors name, made once, not on every call (docs/performance.md, round
+    # twenty-eight (engine CPU)): "arguments of step X", "result of step X", "step X".
+    args_what: str = field(init=False, repr=False, compare=False)
+    result_what: str = field(init=False, repr=False, compare=False)
+    what: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args_what", f"arguments of step {self.name}")
+        object.__setattr__(self, "result_what", f"result of step {self.name}")
+        object.__setattr__(self, "what", f"step {self.name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +84,13 @@ class WorkflowDef:
     spec: Any = None  # a Saga's map, when the workflow was generated from one
     cleanup_timeout: float = 60.0  # seconds a cancelled run may spend cleaning up
     queue: str | None = None  # runs wait in this queue (@app.workflow(queue=...))
+    # What errors name, made once (as StepDef's): "workflow X", "result of workflow X".
+    what: str = field(init=False, repr=False, compare=False)
+    result_what: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "what", f"workflow {self.name}")
+        object.__setattr__(self, "result_what", f"result of workflow {self.name}")
 
 
 @dataclass(frozen=True, slots=True)

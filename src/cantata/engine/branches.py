@@ -60,7 +60,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cantata.errors import StepFailed, StoreError
 from cantata.fencing import in_body
-from cantata.model.records import RunWrite, branch_cancelled, mark_branch_cancelled
+from cantata.model.records import (
+    BRANCH_CANCELLED,
+    RunWrite,
+    branch_cancelled,
+    mark_branch_cancelled,
+)
 
 from .compensation import register
 from .journal import FINAL
@@ -217,7 +222,12 @@ async def run_step(
                 x.inline_step = None
                 assert isinstance(task, RunTask)
                 task.held = 0  # (dropped when something else ended the step)
-        if _was_cancelled(x, key):  # a replay: the branch was cancelled here
+        # A replay: history says the workflow's code cancelled this step's branch here
+        # (records.branch_cancelled; its usual False without its call: an entry whose
+        # detail cannot hold the mark)
+        entry = x.journal.history.get(key)
+        if (entry is not None and entry.detail is not None
+                and BRANCH_CANCELLED in entry.detail and branch_cancelled(entry)):
             await _replayed_cancel(x, key)
         if failure is not None:
             api.failed_steps += 1  # the workflow may catch it: see compensation.warn_unrun
@@ -285,12 +295,6 @@ async def _record_cancel(x: RunExecution, step: OpenStep, inline: bool) -> None:
         await x.commit(write)
     else:  # a further cancel of the branch must not cut the write
         await _outlast(x, asyncio.ensure_future(x.commit(write)), step)
-
-
-def _was_cancelled(x: RunExecution, key: str) -> bool:
-    """History says the workflow's code cancelled this step's branch while it ran."""
-    entry = x.journal.history.get(key)
-    return entry is not None and branch_cancelled(entry)
 
 
 async def _replayed_cancel(x: RunExecution, key: str) -> NoReturn:

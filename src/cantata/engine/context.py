@@ -185,13 +185,12 @@ class WorkflowContext:
         except StoreError as exc:  # a remote step's declaration read: see _outage_resumes
             raise _StoreFailed(exc) from exc
         x = self._x
-        plain = codec.plain_args(args, f"arguments of step {sdef.name}",
-                                 limit=x.engine.max_payload)
+        plain = codec.plain_args(args, sdef.args_what, limit=x.engine.max_payload)
         key = x.journal.next_key(sdef.name)
         value = await x.run_step(sdef, plain, key, comp)
         if sdef.sig.plain_result:
             return value
-        return codec.restore(value, sdef.sig.result, f"result of step {sdef.name}")
+        return codec.restore(value, sdef.sig.result, sdef.result_what)
 
     @_outage_resumes
     async def compensate(self) -> int:

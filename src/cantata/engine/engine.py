@@ -482,12 +482,13 @@ class Engine:
                 self.slot_freed()
             self._runs_pulse.set()
             waiters = self._completions.pop(run_id, None)
+            final = execution.run.status.is_final  # (a property: asked once)
             if waiters is not None:
-                ended = execution.run if execution.run.status.is_final else None
+                ended = execution.run if final else None
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(ended)
-            if execution.run.status.is_final:
+            if final:
                 self._cut_short.pop(run_id, None)
             if execution.run.status is _COMPLETED:
                 self._ended[run_id] = (time.monotonic(), execution.run)

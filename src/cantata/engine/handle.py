@@ -14,7 +14,7 @@ from cantata.errors import (
     WorkflowFailed,
 )
 from cantata.model import codec
-from cantata.model.checks import actor_or, check_run_id, check_seconds
+from cantata.model.checks import MAX_SECONDS, actor_or, check_run_id, check_seconds
 from cantata.model.records import RunRecord
 from cantata.model.status import RunStatus
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 _COMPLETED = RunStatus.COMPLETED
+_SECONDS = (int, float)  # a timeout of these types in range needs no check_seconds
 _ERRORS = {
     RunStatus.FAILED: WorkflowFailed,
     RunStatus.COMPENSATED: WorkflowCompensated,
@@ -121,17 +122,20 @@ class RunHandle:
             ResultTimeout: ``timeout`` seconds passed first (the run goes on).
             ConfigurationError: ``timeout`` is not a number of seconds >= 0.
         """
-        check_seconds("result timeout", timeout, zero=True)
+        if timeout is not None and not (type(timeout) in _SECONDS
+                                        and 0 <= timeout <= MAX_SECONDS):
+            check_seconds("result timeout", timeout, zero=True)  # (raises, or a float)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            local = self._engine.completion(self.run_id)
+            engine = self._engine  # (a property and the app's: read once a turn)
+            local = engine.completion(self.run_id)
             if local is not None:  # executing in this process: wait for it, no polling
                 if not local.done():
                     # This caller's own future (see Engine.completion): awaited directly;
                     # past the timeout it ends with None, as a run let go does (the
                     # engine's one timer for every such wait: engine/deadlines.py).
-                    deadlines = self._engine.result_deadlines
+                    deadlines = engine.result_deadlines
                     timer = None
                     if deadline is not None and not deadlines.add(local, deadline, loop):
                         timer = loop.call_at(deadline, _give_up, local)
@@ -144,7 +148,7 @@ class RunHandle:
                             deadlines.discard(local)
                 ended = local.result()
                 if ended is not None:  # the run as its final commit stored it
-                    return self._outcome(ended)
+                    return self._outcome(ended, engine)
             run = await self._get()
             if run.status.is_final:
                 return self._outcome(run)
@@ -166,10 +170,10 @@ class RunHandle:
             else:
                 await engine.wait_runs_changed(wait)
 
-    def _outcome(self, run: RunRecord) -> Any:
+    def _outcome(self, run: RunRecord, engine: Engine | None = None) -> Any:
         if run.status == _COMPLETED:  # (a global: see engine/steps.py on enum attributes)
             value = codec.loads(run.result)
-            wdef = self._engine.router.workflows.get(run.workflow)
+            wdef = (engine or self._engine).router.workflows.get(run.workflow)
             if wdef is not None:
                 value = codec.restore(value, wdef.sig.result, f"result of {run.workflow}")
             return value

@@ -46,7 +46,7 @@ async def invoke_step(
     token = _step_info.set((run_id, sdef.name, key, attempt, beat.previous))  # (StepInfo's)
     beat_token = _beat.set(beat)
     try:
-        call_args = (*leading, *sdef.sig.restore_args(args, f"step {sdef.name}"))
+        call_args = (*leading, *sdef.sig.restore_args(args, sdef.what))
         coro = sdef.fn(*call_args) if sdef.is_async else asyncio.to_thread(sdef.fn, *call_args)
         if sdef.heartbeat_timeout is not None:
             coro = watched(coro, beat, sdef.heartbeat_timeout)
@@ -76,7 +76,8 @@ def scoped_step(
     the attempt), and its arguments restored (their error raised here)."""
     _step_info.set((run_id, sdef.name, key, attempt, beat.previous))  # (StepInfo's)
     _beat.set(beat)
-    call_args = sdef.sig.restore_args(args, f"step {sdef.name}")
+    sig = sdef.sig  # (plain: restore_args' own first test, without its call)
+    call_args = list(args) if sig.plain else sig.restore_args(args, sdef.what)
     coro = sdef.fn(*call_args) if sdef.is_async else asyncio.to_thread(sdef.fn, *call_args)
     if sdef.heartbeat_timeout is not None:
         coro = watched(coro, beat, sdef.heartbeat_timeout)

@@ -143,7 +143,12 @@ class Ownership:
     def in_doubt(self) -> bool:
         """True when a body must not go on: this worker heartbeats (it serves, or it
         drains in a graceful stop) and its hold may have lapsed (:meth:`expired`)."""
-        return self._heartbeat is not None and self.expired()
+        if self._heartbeat is None:
+            return False
+        # (expired(), inline: every resumption of every step's body asks this)
+        fence = self.engine.lease * FENCE_AT
+        return (time.monotonic() - self.beat_at > fence
+                or self._wall() - self.beat_wall > fence)
 
     def process_paused(self) -> bool:
         """True when the whole process stood still for :meth:`pause_bar` or more since

@@ -537,7 +537,8 @@ class RunExecution:
 
     async def _execute_run(self) -> None:
         run = self.run
-        await self.load()
+        if not self.fresh:  # (load's own first test: no coroutine for a new run)
+            await self.load()
         if run.cancel_requested:
             self.request_interrupt(Cancelled())
         if run.deadline_at is not None:
@@ -559,7 +560,7 @@ class RunExecution:
             sig = self.wdef.sig
             if run.idempotency_key and run.idempotency_key.startswith("schedule:"):
                 sig = tick_signature(sig)  # whichever way the schedule was made
-            args = sig.restore_args(codec.loads(run.args), f"workflow {self.wdef.name}")
+            args = sig.restore_args(codec.loads(run.args), self.wdef.what)
             try:
                 value = await self.wdef.fn(ctx, *args)
             except BaseExceptionGroup as group:  # a TaskGroup's: act on an engine signal
@@ -576,9 +577,7 @@ class RunExecution:
                 self.check_interrupt()
             await self._settle_returned()
             self.journal.check_all_replayed()
-            result = codec.dumps(
-                value, f"result of workflow {self.wdef.name}", limit=self.engine.max_payload
-            )
+            result = codec.dumps(value, self.wdef.result_what, limit=self.engine.max_payload)
             if self.api.cancel_delivered:  # it caught Cancelled, cleaned up and returned
                 raise Cancelled()
         except (_Abandon, asyncio.CancelledError):
@@ -629,7 +628,9 @@ class RunExecution:
         if not self.interrupt.done():
             self.interrupt.set_result(_BranchStopped("returned"))
         self.wakeup.set()
-        await self._replay_branches()
+        journal = self.journal
+        if len(journal.consumed) < len(journal.history):  # (its loop's test: else no
+            await self._replay_branches()                  # coroutine, as for a new run)
         api = self.api
         if api.open_steps:
             log.warning(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from cantata.declare.defs import StepDef
 from cantata.errors import DeadlineExceeded, StepFailed
@@ -64,6 +67,13 @@ def _shape_detail(text: str) -> str:
     return detail
 
 
+# The detail of a call of one plain scalar argument, by its type: _shape_detail of its
+# args_shape (tests/engine/test_step_shortcuts.py compares them).
+_ONE_SCALAR_DETAIL = {t: _shape_detail(args_shape([v]))
+                      for t, v in ((type(None), None), (bool, True), (int, 1), (float, 1.5),
+                                   (str, "s"))}
+
+
 async def call_step(
     x: RunExecution,
     sdef: StepDef,
@@ -90,9 +100,13 @@ async def call_step(
             x.check_interrupt()  # as when it was withdrawn: for this cancel or deadline
         raise StepFailed(sdef.name, entry.error_type or etype, emsg, entry.attempts)
     if entry is None:  # committed with its first attempt
-        shape = _shape_detail(args_shape(args)) if path else None
+        shape = None
+        if path:  # (one plain scalar, the usual: its detail from a table, no calls)
+            shape = _ONE_SCALAR_DETAIL.get(type(args[0])) if len(args) == 1 else None
+            if shape is None:
+                shape = _shape_detail(args_shape(args))
         entry = x.journal.record(call, ENTRY_RUNNING, detail=shape)
-    if x.engine.is_remote(sdef):
+    if sdef.service is not None and x.engine.is_remote(sdef):  # (no service: local)
         return await call_remote(x, sdef, args, entry)
     clock = x.engine.clock
     # in progress when the run was last left (a crash, a stop): it goes on even if its
@@ -115,7 +129,10 @@ async def call_step(
             return await step_failed(x, entry, write, last, n)
         if x.engine.draining:  # (park_if_stopping's own test: no coroutine otherwise)
             await x.park_if_stopping()
-        if path and stops(x, key, resuming):
+        # (stops' usual answer, False, without its call: no interrupt, and the step's
+        # branch not cancelled)
+        if path and (x.interrupt.done() or ((step := x.api.open_steps.get(key)) is not None
+                                            and step.cancelled)) and stops(x, key, resuming):
             return await step_stopped(x, entry, write, last, n)
         if entry.wake_at is not None:  # the backoff after a failed attempt
             await backoff(x, entry.wake_at, path, key)
@@ -136,7 +153,11 @@ async def call_step(
         n += 1
         number += 1  # not n: an excused attempt may lie between counted ones
         now = clock.now()
-        attempt = Attempt(key, number, begun_at(x, key, number, now))
+        # (begun_at's answer without its call when it is ``now``: no attempt of this
+        # number began in this execution, and the run had no attempts of the step)
+        earlier = x.mine.get((key, number))
+        attempt = Attempt(key, number, earlier.started_at if earlier is not None
+                          else begun_at(x, key, number, now) if key in x.attempts else now)
         entry.attempts, entry.status = n, ENTRY_RUNNING
         entry.started_at = entry.started_at or now
         entry.wake_at = None  # its backoff is over
@@ -154,7 +175,7 @@ async def call_step(
         x.mine[(key, number)] = attempt
         try:
             value = await execute_fenced(x, sdef, args, key, number, kind, stamped)
-            result = codec.dumps(value, f"result of step {sdef.name}", limit=x.engine.max_payload)
+            result = codec.dumps(value, sdef.result_what, limit=x.engine.max_payload)
         except _Fenced:
             # Stopped because this worker's hold lapsed (a store outage, a pause): not
             # an attempt. Once the store answers, the same attempt starts again, after
@@ -204,7 +225,7 @@ async def call_step(
         entry.status, entry.result, entry.ended_at = ENTRY_COMPLETED, result, attempt.ended_at
         entry.error = entry.error_type = None
         defer_one(x, entry, attempt)
-        return codec.loads(result)
+        return orjson.loads(result)  # (codec.loads without its call: dumps' own text)
 
 
 async def backoff(x: RunExecution, due: float, path: bool, key: str) -> None:
@@ -577,8 +598,11 @@ async def invoke(x: RunExecution, sdef: StepDef, args: list[Any], key: str, atte
     the body ended: see :func:`~cantata.engine.invoke.invoke_step`)."""
     run = x.run
     if beat is None:  # (a first attempt's without the coroutine of beat_of: no read)
-        beat = (first_beat(x.engine.store, run.app, run.run_id, sdef.name, key, attempt)
-                if attempt == 1 else await beat_of(x, sdef, key, attempt))
+        if attempt == 1:  # (first_beat's, inline: one call fewer on every step)
+            beat = Beat((sdef.name, run.run_id), key, attempt, None, functools.partial(
+                x.engine.store.record_step_heartbeat, run.app, run.run_id))
+        else:
+            beat = await beat_of(x, sdef, key, attempt)
     failed = True
     try:
         if sdef.transactional:

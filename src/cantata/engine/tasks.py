@@ -254,7 +254,7 @@ class TaskServer:
             value = await invoke_step(
                 sdef, codec.loads(rec.args), rec.run_id, rec.key, number, beat=beat
             )
-            result = codec.dumps(value, f"result of step {sdef.name}", limit=engine.max_payload)
+            result = codec.dumps(value, sdef.result_what, limit=engine.max_payload)
         except asyncio.CancelledError:
             if self._cutting:
                 await self._interrupted(rec, attempt, n - 1, beat)

@@ -56,7 +56,7 @@ async def run_transactional(
         try:
             value = await invoke_step(sdef, args, run.run_id, key, attempt, beat=beat,
                                       leading=(tx,))
-            result = codec.dumps(value, f"result of step {sdef.name}")
+            result = codec.dumps(value, sdef.result_what)
         except Exception as exc:
             failed.append(exc)
             raise

@@ -501,7 +501,8 @@ def new_id() -> str:
         rand = int.from_bytes(_random[at:at + 8], "big")
     value = (stamp >> 12 & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (stamp & 0xFFF) << 64
     value |= 0b10 << 62 | rand & 0x3FFF_FFFF_FFFF_FFFF
-    return f"{value:032x}"
+    # (f"{value:032x}" as bytes' hex: a third of its cost, the same 32 digits)
+    return value.to_bytes(16, "big").hex()
 
 
 _last_stamp = 0  # the (milliseconds << 12 | fraction) of the last id this process made

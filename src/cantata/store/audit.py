@@ -305,11 +305,20 @@ def checkpoint_entry(
     status_changed = write.status is not None and str(write.status) != old_status
     if status_changed:
         data["status"] = str(write.status)
-    completed = [e.key for e in write.entries if e.status == ENTRY_COMPLETED]
-    failed = [e.key for e in write.entries if e.status == ENTRY_FAILED]
-    if completed:
-        data["completed"] = completed
-    if failed:
+    # (one pass over the entries, not a list comprehension each: every checkpoint)
+    completed: list[str] | None = None
+    failed: list[str] | None = None
+    for e in write.entries:
+        status = e.status
+        if status == ENTRY_COMPLETED:
+            if completed is None:
+                completed = data["completed"] = []
+            completed.append(e.key)
+        elif status == ENTRY_FAILED:
+            if failed is None:
+                failed = []
+            failed.append(e.key)
+    if failed is not None:  # (after "completed", as the keys were written before)
         data["failed"] = failed
     if write.tasks:
         data["tasks"] = [t.key for t in write.tasks]

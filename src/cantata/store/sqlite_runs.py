@@ -83,6 +83,7 @@ _STATUS, _RESULT, _ERROR, _UPDATED_AT, _OWNER, _FLAGGED = (
 _TOUCH_RUN = "UPDATE runs SET updated_at=?"
 # The fence, and (TxConnection.was) the owner, status and correlation id the row had.
 _FENCED = " WHERE app=? AND run_id=? AND fence=? AND cantata_was(owner, status, correlation_id)"
+_TOUCH_FENCED = _TOUCH_RUN + _FENCED  # (made once: every step's checkpoint)
 
 
 def _dml(c: sqlite3.Connection) -> sqlite3.Connection | sqlite3.Cursor:
@@ -200,7 +201,8 @@ class SQLiteRuns(SQLiteCore):
         # first checkpoint ends it or lets it go; one this worker runs at once is not.
         channels = (_RUNS_ONLY if first is None else
                     _channels(first, run.owner is None or _wakes_runs(first)))
-        return await self._t.write(lambda c: self._create(c, run, first, actor), *channels)
+        return await (self._thread or self._t).write(
+            lambda c: self._create(c, run, first, actor), *channels)
 
     def _create(
         self, c: sqlite3.Connection, run: RunRecord, first: RunWrite | None,
@@ -367,7 +369,13 @@ class SQLiteRuns(SQLiteCore):
             if not self._commit_fenced(cast(TxConnection, c), app, run_id, fence, write):
                 raise _lost(run_id, fence)
 
-        await self._t.write(op, *_channels(write, _wakes_runs(write)))
+        # (the open thread read without the ``_t`` property's call, and a step's
+        # checkpoint's channels, none, without _channels' and _wakes_runs' calls:
+        # every checkpoint)
+        if (write.events or write.tasks or write.release or write.status is not None):
+            await (self._thread or self._t).write(op, *_channels(write, _wakes_runs(write)))
+        else:
+            await (self._thread or self._t).write(op)
 
     def _commit_fenced(
         self, c: TxConnection, app: str, run_id: str, fence: int, write: RunWrite
@@ -379,11 +387,11 @@ class SQLiteRuns(SQLiteCore):
         record needs, as the row had it: TxConnection.was (a RETURNING clause would
         give the new row, and costs SQLite twice the UPDATE)."""
         if _touch_only(write):  # a step's checkpoint (the usual one)
-            sql, params = _TOUCH_RUN, [time.time()]
+            ran = c.dml.execute(_TOUCH_FENCED, (time.time(), app, run_id, fence))
         else:
             sets, params = _run_sets(write)
-            sql = f"UPDATE runs SET {sets}"
-        if c.dml.execute(sql + _FENCED, (*params, app, run_id, fence)).rowcount != 1:
+            ran = c.dml.execute(f"UPDATE runs SET {sets}{_FENCED}", (*params, app, run_id, fence))
+        if ran.rowcount != 1:
             return False
         owner, status, correlation_id = c.was
         self._apply(c, app, run_id, write, owner, status, correlation_id)
@@ -404,17 +412,19 @@ class SQLiteRuns(SQLiteCore):
         if write.entries:
             # Enum members bound as plain str (exact types bind without sqlite3's
             # adapter lookup, which costs more than the rest of the row).
-            _dml(c).executemany(
+            # (_dml's test, inline: every checkpoint)
+            (c.dml if isinstance(c, TxConnection) else c).executemany(
                 _UPSERT_HISTORY,
                 [
                     (app, run_id, e.key, str(e.kind), e.name, str(e.status), e.seq, e.result,
-                     e.error, ops.text(e.error_type), e.attempts, e.started_at, e.ended_at,
-                     e.wake_at, e.detail)
+                     e.error, None if e.error_type is None else str(e.error_type),  # (ops.text)
+                     e.attempts, e.started_at, e.ended_at, e.wake_at, e.detail)
                     for e in write.entries
                 ],
             )
             ops.index_attributes(c, app, run_id, write.entries)
-        ops.upsert_attempts(c, app, run_id, write.attempts)
+        if write.attempts:  # (none, the usual with the attempts gate open: no call)
+            ops.upsert_attempts(c, app, run_id, write.attempts)
         if write.events:
             self._append(c, app, write.events)
         if write.tasks:

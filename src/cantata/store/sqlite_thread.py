@@ -295,7 +295,19 @@ class ConnectionThread:
 
     def write(self, fn: Callable[[sqlite3.Connection], T], *channels: str) -> asyncio.Future[T]:
         """Run ``fn`` in the next group-committed transaction."""
-        return self._submit(fn, True, channels)
+        # (_submit's write, inline: every write of every run, docs/performance.md, round
+        # twenty-eight (engine CPU))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        item = _Item(fn, fut, True, channels)
+        if loop is not self._home:
+            self._queue.put(item)
+        else:
+            self._pending.append(item)
+            if not self._flush_due and not self._handed:  # else: once they are answered
+                self._flush_due = True
+                loop.call_soon(self._flush)
+        return fut
 
     def _fault(self, exc: BaseException) -> BaseException:
         if isinstance(exc, sqlite3.Error):
@@ -381,7 +393,9 @@ class ConnectionThread:
                 return False
             begun = False  # _run_writes tries again and gives its error to every write
         channels = self._run_writes(conn, batch, begun=begun)
-        self._translate_errors(batch)
+        for item in batch:  # (_translate_errors, inline)
+            if item.error is not None:
+                item.error = self._fault(item.error)
         self._resolve(batch, channels)
         return True
 
