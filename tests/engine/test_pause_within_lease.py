@@ -1,0 +1,145 @@
+"""A pause of the whole process past the fence (3/4 of the lease) but within the lease
+(docs/leases.md, "Paused"): the heartbeat sent after it proves the worker's hold never
+lapsed (the store found its expiry not passed at the renewal, by its own clock too), so
+a handler body in progress goes on, once: it is not stopped and run again. A pause
+past the lease still stops it.
+
+The pauses are real: this process is stopped (SIGSTOP, a child sends SIGCONT), right
+after a heartbeat got through, so the worker's pause-clock thread and its monotonic
+clock see the pause as they would a VM stall or CPU starvation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+import cantata
+from cantata import App, Retry
+from cantata.engine.ownership import FENCE_AT
+
+from .helpers import eventually, make_app
+from .test_outage_pause import stop_this_process
+
+# A lease long enough that a pause past its fence (3.75 s) leaves the heartbeat after it
+# a second to get through within the lease, on a loaded machine too.
+LEASE = 5.0
+WITHIN = 0.8 * LEASE  # past the fence, within the lease
+PAST = LEASE + 1.0
+
+
+async def just_after_a_heartbeat(app: App) -> None:
+    """Return as soon as the worker's next heartbeat has got through."""
+    ownership = app.engine.ownership
+    before = ownership.beat_at
+    deadline = time.monotonic() + 3 * LEASE
+    while ownership.beat_at == before:
+        assert time.monotonic() < deadline, "no heartbeat got through"
+        await asyncio.sleep(0.002)
+
+
+async def handler_across_a_pause(store: str, seconds: float) -> tuple[list[str], int]:
+    """A handler body waits while this process is stopped for ``seconds``, from just
+    after a heartbeat; it is woken as the process resumes. Returns what its bodies did,
+    and the pauses the worker counted as possibly lapsed (``Ownership.pauses``)."""
+    app = make_app(store, lease=LEASE)
+    began, gate = asyncio.Event(), asyncio.Event()
+    outcomes: list[str] = []
+
+    @app.on("order.placed", group="billing")
+    async def bill(event: cantata.Event[dict[str, int]]) -> None:
+        began.set()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            outcomes.append("stopped")
+            raise
+        outcomes.append("billed")  # the side effect
+
+    async with app:
+        await app.publish("order.placed", {"id": 1})
+        await asyncio.wait_for(began.wait(), 20)
+        await just_after_a_heartbeat(app)
+        stop_this_process(seconds)  # (no await: the loop stands still too)
+        gate.set()  # the body's wake-up, queued as the process resumes
+        await eventually(lambda: "billed" in outcomes, 30, "the event handled")
+        pauses = app.engine.ownership.pauses
+    return outcomes, pauses
+
+
+@pytest.mark.slow
+async def test_a_pause_within_the_lease_lets_the_handler_go_on(shared_store: str) -> None:
+    """Stopped for 0.8 of the lease: past the fence, so the body's guard holds it at its
+    wake-up, until the heartbeat sent after the pause answers; that heartbeat proves
+    the hold never lapsed, and the body goes on, once (before: it was stopped, its
+    event handed back, and the same worker ran it again)."""
+    assert LEASE * FENCE_AT < WITHIN < LEASE
+    outcomes, pauses = await handler_across_a_pause(shared_store, WITHIN)
+    assert outcomes == ["billed"], outcomes
+    assert pauses == 0
+
+
+@pytest.mark.slow
+async def test_a_pause_past_the_lease_still_stops_the_handler(shared_store: str) -> None:
+    """Stopped for longer than the lease: the hold lapsed (another worker could have
+    taken the delivery), the heartbeat after the pause proves nothing, and the body is
+    stopped, its event handed back and handled again."""
+    outcomes, pauses = await handler_across_a_pause(shared_store, PAST)
+    assert outcomes == ["stopped", "billed"], outcomes
+    assert pauses == 1
+
+
+async def step_across_a_pause(store: str, seconds: float) -> tuple[list[tuple[int, str]], Any]:
+    """A step body waits while this process is stopped for ``seconds``, from just after
+    a heartbeat; it is woken as the process resumes. Returns what its bodies did (by
+    attempt), and the run's attempts as the store has them."""
+    app = make_app(store, lease=LEASE)
+    began, gate = asyncio.Event(), asyncio.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    @app.step(retry=Retry(max_attempts=1))
+    async def pay() -> str:
+        attempt = cantata.step_info().attempt
+        began.set()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            outcomes.append((attempt, "stopped"))
+            raise
+        outcomes.append((attempt, "charged"))  # the side effect
+        return "paid"
+
+    @app.workflow
+    async def checkout(ctx: cantata.WorkflowContext) -> str:
+        return str(await ctx.run(pay))
+
+    async with app:
+        handle = await app.start(checkout)
+        await asyncio.wait_for(began.wait(), 20)
+        await just_after_a_heartbeat(app)
+        stop_this_process(seconds)  # (no await: the loop stands still too)
+        gate.set()  # the body's wake-up, queued as the process resumes
+        assert await handle.result(timeout=30) == "paid"
+        attempts = await app.store.load_attempts(app.name, handle.run_id)
+    return outcomes, [(a.attempt, a.error_type) for a in attempts]
+
+
+@pytest.mark.slow
+async def test_a_pause_within_the_lease_lets_the_step_go_on(shared_store: str) -> None:
+    """The same for a step body: held at its wake-up until the heartbeat after the
+    pause answers, then let go on, once (before: stopped at once, and begun again as
+    the same attempt once the run proved still this worker's: the body twice)."""
+    outcomes, attempts = await step_across_a_pause(shared_store, WITHIN)
+    assert outcomes == [(1, "charged")], outcomes
+    assert attempts == [(1, None)]
+
+
+@pytest.mark.slow
+async def test_a_pause_past_the_lease_still_stops_the_step(shared_store: str) -> None:
+    """Past the lease: stopped, and begun again as the same attempt (not counted)."""
+    outcomes, attempts = await step_across_a_pause(shared_store, PAST)
+    assert outcomes == [(1, "stopped"), (1, "charged")], outcomes
+    assert attempts == [(1, None)]
