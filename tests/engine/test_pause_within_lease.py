@@ -20,6 +20,7 @@ import pytest
 import cantata
 from cantata import App, Retry
 from cantata.engine.ownership import FENCE_AT
+from cantata.fencing import GuardedBody, InlineBody
 
 from .helpers import eventually, make_app
 from .test_outage_pause import stop_this_process
@@ -143,3 +144,51 @@ async def test_a_pause_past_the_lease_still_stops_the_step(shared_store: str) ->
     outcomes, attempts = await step_across_a_pause(shared_store, PAST)
     assert outcomes == [(1, "stopped"), (1, "charged")], outcomes
     assert attempts == [(1, None)]
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["InlineBody", "GuardedBody"])
+@pytest.mark.parametrize("held", [True, False], ids=["held", "lapsed"])
+async def test_a_guard_holds_a_body_until_its_verdict(inline: bool, held: bool) -> None:
+    """A guard that answers with a future (a verdict still to come) holds the body: its
+    wake-up waits, neither resumed nor stopped, until the future is done; then the guard
+    is asked again, and the body goes on (the hold never lapsed) or is stopped."""
+    loop = asyncio.get_running_loop()
+    verdict: asyncio.Future[bool] = loop.create_future()
+    gate = asyncio.Event()
+    done: list[str] = []
+
+    def fenced() -> bool | asyncio.Future[bool]:
+        if not gate.is_set():
+            return False  # (until the body waits: its first resumption goes on)
+        return verdict if not verdict.done() else not verdict.result()
+
+    async def body() -> str:
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            done.append("stopped")
+            raise
+        done.append("went on")
+        return "ok"
+
+    async def run() -> str:
+        if inline:
+            me = asyncio.current_task()
+            assert me is not None
+            return await InlineBody(body(), fenced, lambda _: None, 10.0, me, in_body=False)
+        return await asyncio.ensure_future(GuardedBody(body(), fenced, lambda _: None, 10.0))
+
+    task = asyncio.ensure_future(run())
+    await asyncio.sleep(0.01)
+    gate.set()  # the body's wake-up, while the verdict is pending
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert done == [] and not task.done(), "the body was not held"
+    verdict.set_result(held)
+    if held:
+        assert await task == "ok"
+        assert done == ["went on"]
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert done == ["stopped"]

@@ -397,8 +397,9 @@ class Ownership:
         self._pause_seen = True
         self._beat_now.set()
         if not self.process_paused():
-            log.warning("worker %s did not heartbeat for %.1f s, past 3/4 of its lease: "
-                        "stopping its step bodies until it knows which runs it still owns",
+            log.warning("worker %s: its event loop was held for %.1f s (by a step body's "
+                        "own code?) and its hold may have lapsed: stopping its step bodies "
+                        "until it knows which runs it still owns",
                         self.engine.worker_id, seconds)
             self.engine.fence_self()
         elif self._verdict is None:
