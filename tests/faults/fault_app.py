@@ -117,14 +117,15 @@ def lapsed(app: App, *, handler: bool = False) -> dict[str, bool]:
 
 def stopped_in_doubt(app: App, *, guard: Fence | None = None) -> dict[str, bool]:
     """``{"fenced": True}`` at a body's stop when its worker's own guard stops it, as
-    the guard judges it at the stop, with no ``await`` between: a step's when the
-    worker's hold is in doubt (no heartbeat through for 3/4 of the lease, or a pause;
-    docs/leases.md); a handler's by its ``guard`` (:func:`handler_guard`, made as the
-    body began), which also stops a body begun before a pause of the whole process the
-    worker noticed, even once its heartbeat got through again (the body's next wake-up
-    may come only after it). The worker knew then that another one may take the run
-    or delivery over, and the body made no progress past the stop: the counters do not
-    take a later execution for a live double of it (``twice_live``)."""
+    the guard judges it at the stop, with no ``await`` between, by ``guard`` (made as
+    the body began: :func:`step_guard`, :func:`handler_guard`; none: whether the
+    worker's hold is in doubt, no heartbeat through for 3/4 of the lease, or a pause;
+    docs/leases.md). Both also count a body begun before a pause of the whole process
+    that the worker judged as possibly lapsing its hold, though its heartbeat got
+    through again (the body is stopped only once that heartbeat has answered). The
+    worker knew then that another one may take the run or delivery over, and the body
+    made no progress past the stop: the counters do not take a later execution for a
+    live double of it (``twice_live``)."""
     # (a guard's pending verdict, the heartbeat after a pause not answered yet: the
     # body was not stopped by its guard then)
     fenced = guard() is True if guard is not None else lapsed(app)
