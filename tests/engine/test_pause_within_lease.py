@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ import cantata
 from cantata import App, Retry
 from cantata.engine.ownership import FENCE_AT
 from cantata.fencing import GuardedBody, InlineBody
+from tests.helpers import with_schema
 
 from .helpers import eventually, make_app
 from .test_outage_pause import stop_this_process
@@ -71,14 +73,24 @@ async def handler_across_a_pause(store: str, seconds: float) -> tuple[list[str],
     return outcomes, pauses
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def embedded_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store whose deliveries the embedded broker hands out (held by each worker's
+    lease in the store alone): a SQLite file, or a PostgreSQL schema of this test's."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shop.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return with_schema(url, request.getfixturevalue("pooled_schema"))
+
+
 @pytest.mark.slow
-async def test_a_pause_within_the_lease_lets_the_handler_go_on(shared_store: str) -> None:
+async def test_a_pause_within_the_lease_lets_the_handler_go_on(embedded_store: str) -> None:
     """Stopped for 0.8 of the lease: past the fence, so the body's guard holds it at its
     wake-up, until the heartbeat sent after the pause answers; that heartbeat proves
     the hold never lapsed, and the body goes on, once (before: it was stopped, its
     event handed back, and the same worker ran it again)."""
     assert LEASE * FENCE_AT < WITHIN < LEASE
-    outcomes, pauses = await handler_across_a_pause(shared_store, WITHIN)
+    outcomes, pauses = await handler_across_a_pause(embedded_store, WITHIN)
     assert outcomes == ["billed"], outcomes
     assert pauses == 0
 
@@ -91,6 +103,21 @@ async def test_a_pause_past_the_lease_still_stops_the_handler(shared_store: str)
     outcomes, pauses = await handler_across_a_pause(shared_store, PAST)
     assert outcomes == ["stopped", "billed"], outcomes
     assert pauses == 1
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.nats
+async def test_a_pause_within_the_lease_still_stops_a_nats_handler(distributed_url: str) -> None:
+    """A NATS message is not held by the worker's lease alone: NATS delivers it again
+    once its ack wait (the lease) has passed since the last "in progress" the worker
+    sent, whatever the store says, and a paused worker sent none. The heartbeat after
+    the pause proves the store's hold (no pause counted as lapsed), but the handler body
+    is stopped all the same and its event handled again. (Let go on, it ran beside
+    another worker's copy in the fault suite: tests/faults/test_pause.py.)"""
+    outcomes, pauses = await handler_across_a_pause(distributed_url, WITHIN)
+    assert outcomes == ["stopped", "billed"], outcomes
+    assert pauses == 0
 
 
 async def step_across_a_pause(store: str, seconds: float) -> tuple[list[tuple[int, str]], Any]:

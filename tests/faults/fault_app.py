@@ -152,9 +152,12 @@ def handler_guard(app: App) -> Fence:
     engine = app._engine
     if engine is None:
         return lambda: False
+    from cantata.broker.embedded import EmbeddedBroker
     from cantata.engine.pauses import handler_fence
 
-    return handler_fence(engine)
+    # (as the consumer makes it for this app's deliveries: the embedded broker's are
+    # held by the worker's lease alone, NATS messages are not)
+    return handler_fence(engine, isinstance(app._broker, EmbeddedBroker))
 
 
 def build(env: Mapping[str, str] | None = None) -> App:

@@ -215,14 +215,17 @@ async def test_a_paused_worker_leaves_the_new_owner_its_slot_postgres(
                                              FAULT_SINGLE_SECONDS=3.0))
 
 
-async def handlers_across_a_pause_within_the_lease(c: Cluster) -> None:
+async def handlers_across_a_pause_within_the_lease(c: Cluster, *, go_on: bool = True) -> None:
     """A worker with handlers in progress is paused past the fence (3/4 of the lease)
     but within the lease, from just after one of its heartbeats got through. Its hold
     never lapsed, and the heartbeat it sends on resuming proves so (the store found its
-    expiry not passed at the renewal): its handler bodies go on, each once. Before,
-    each was stopped by its own guard, its event handed back and run again
-    (``reruns_after_own_stop``): user code run twice although nobody else could have
-    run it. Every count at zero, and no handler of the paused worker cut."""
+    expiry not passed at the renewal): with the embedded broker (deliveries held by the
+    worker's lease alone) its handler bodies go on, each once. Before, each was stopped
+    by its own guard, its event handed back and run again (``reruns_after_own_stop``):
+    user code run twice although nobody else could have run it. Every count at zero,
+    and no handler of the paused worker cut. With NATS (``go_on=False``), which
+    delivers a message again once its ack wait has passed since the worker's last "in
+    progress", whatever the store says, they are still stopped: every count at zero."""
     c.start_workers(2)
     await c.ready()
     async with c.client():
@@ -261,7 +264,10 @@ async def handlers_across_a_pause_within_the_lease(c: Cluster) -> None:
     print(f"\nhandlers across a pause within the lease on {c.store.split(':')[0]}: {counts}")
     assert victim.proc.poll() is None, "the paused worker died"
     assert spanned, "the pause held no handler: the scenario proves nothing"
-    assert not cut and counts.info["reruns_after_own_stop"] == 0, (cut, counts)
+    if go_on:
+        assert not cut and counts.info["reruns_after_own_stop"] == 0, (cut, counts)
+    else:
+        assert cut, counts
     assert_zero(counts)
 
 
@@ -272,8 +278,19 @@ async def test_handlers_go_on_after_a_pause_within_the_lease_sqlite(
         f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=5.0, FAULT_HANDLER_SECONDS=3.0))
 
 
-async def test_handlers_go_on_after_a_pause_within_the_lease_postgres_nats(
-    cluster: Callable[..., Cluster], postgres_store: str, private_nats: PrivateNats
+async def test_handlers_go_on_after_a_pause_within_the_lease_postgres(
+    cluster: Callable[..., Cluster], postgres_store: str
 ) -> None:
     await handlers_across_a_pause_within_the_lease(cluster(
-        postgres_store, private_nats.url, FAULT_LEASE=5.0, FAULT_HANDLER_SECONDS=3.0))
+        postgres_store, FAULT_LEASE=5.0, FAULT_HANDLER_SECONDS=3.0))
+
+
+async def test_nats_handlers_stop_after_a_pause_within_the_lease_postgres_nats(
+    cluster: Callable[..., Cluster], postgres_store: str, private_nats: PrivateNats
+) -> None:
+    """Let go on (as the first version of the rule did), the paused worker's handlers
+    ran beside the copies NATS had delivered again to the other worker at the end of
+    their ack wait: each handler twice at once."""
+    await handlers_across_a_pause_within_the_lease(cluster(
+        postgres_store, private_nats.url, FAULT_LEASE=5.0, FAULT_HANDLER_SECONDS=3.0),
+        go_on=False)

@@ -72,13 +72,15 @@ class ConsumerHost(Protocol):
         """True if this process runs the handler (or starts the trigger's workflow)."""
         ...
 
-    def pause_fence(self) -> Fence:
+    def pause_fence(self, held_by_lease: bool) -> Fence:
         """The guard of a handler body beginning now: true once this worker's hold may
         have lapsed by a pause of the whole process (SIGSTOP, a VM paused), or once a
-        pause past the fence was noticed since that the heartbeat after it did not
-        prove harmless: the body is then not resumed (:func:`cantata.fencing.guarded`,
-        docs/leases.md). Until that heartbeat answers, the pending verdict: the body is
-        held meanwhile."""
+        pause past the fence was noticed since: the body is then not resumed
+        (:func:`cantata.fencing.guarded`, docs/leases.md). For a delivery
+        ``held_by_lease`` (held for this worker by its lease in the store alone: the
+        embedded broker's), only a pause that the heartbeat after it did not prove
+        harmless; until that heartbeat answers, the pending verdict: the body is held
+        meanwhile."""
         ...
 
     def stray(self, group: str, event: Event[Any]) -> str | None:

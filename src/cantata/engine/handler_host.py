@@ -81,8 +81,8 @@ class EngineHost:
     def stray(self, group: str, event: Event[Any]) -> str | None:
         return stray_event(self.router, group, event)
 
-    def pause_fence(self) -> Fence:
-        return handler_fence(self._engine)
+    def pause_fence(self, held_by_lease: bool) -> Fence:
+        return handler_fence(self._engine, held_by_lease)
 
     def signature_problem(self, event: Event[Any], *, required: bool) -> Exception | None:
         return self._engine.signer.problem(event, required=required)

@@ -22,7 +22,9 @@ The rules, with the reasons (docs/leases.md):
   until the heartbeat it sends at once answers: if the store found its expiry not
   passed at that renewal (by the store's own clock too) and the answer came within
   the lease of its last heartbeat before the pause, its hold never lapsed and they
-  go on; otherwise they are stopped (:meth:`Ownership.pause_verdict`). It then checks
+  go on (but the handlers of NATS messages, which NATS may have delivered again:
+  pauses.handler_fence); otherwise they are stopped (:meth:`Ownership.pause_verdict`).
+  It then checks
   which runs it still owns, and stops the executions of the others. While the store
   is away (its heartbeat failing), only a stall past the fence in one go is such a
   pause (:meth:`Ownership.pause_bar`): the outage put
@@ -102,6 +104,10 @@ class Ownership:
         # lapsed (not proven held, see pause_verdict): a handler begun before one is not
         # resumed after it (pauses.handler_fence), even once the heartbeat got through.
         self.pauses = 0
+        # Pauses of the whole process past the fence noticed so far, proven harmless
+        # later or not: a handler of a delivery its lease alone does not hold (a NATS
+        # message) is not resumed after one (pauses.handler_fence).
+        self.noticed = 0
         # The verdict on the pause noticed last, until the heartbeat sent after it tells
         # whether the hold never lapsed (pause_verdict); and beat_at, beat_wall then
         self._verdict: asyncio.Future[bool] | None = None
@@ -223,7 +229,8 @@ class Ownership:
         if held:
             log.warning("worker %s: its heartbeat after the pause got through within its "
                         "lease, the store's clock agreeing: its hold never lapsed, and its "
-                        "step and handler bodies go on", self.engine.worker_id)
+                        "step bodies and the handlers of deliveries its lease alone holds "
+                        "go on", self.engine.worker_id)
         else:
             log.warning("worker %s: its hold may have lapsed during the pause (its heartbeat "
                         "after it failed, or came past its lease): stopping its step and "
@@ -402,7 +409,9 @@ class Ownership:
                         "until it knows which runs it still owns",
                         self.engine.worker_id, seconds)
             self.engine.fence_self()
-        elif self._verdict is None:
+            return
+        self.noticed += 1
+        if self._verdict is None:
             log.warning("worker %s was paused for %.1f s, past 3/4 of its lease (or its wall "
                         "clock was set ahead): holding its step and handler bodies until its "
                         "next heartbeat tells whether its hold lapsed", self.engine.worker_id,

@@ -153,20 +153,32 @@ def handler_fenced(engine: Engine) -> bool:
     return ownership.in_doubt() and ownership.process_paused()
 
 
-def handler_fence(engine: Engine) -> Fence:
+def handler_fence(engine: Engine, held_by_lease: bool = False) -> Fence:
     """The guard of a handler body beginning now: true once it must not be resumed,
     or once this worker noticed a pause past the fence since it began that its next
     heartbeat did not prove harmless (``Ownership.pauses``). The body of a paused VM
     may resume only after its worker's first heartbeat got through (its timers stood
     still with its monotonic clock), when its delivery may be another worker's by now.
 
-    A pause is judged by the heartbeat sent after it (``Ownership.pause_verdict``):
-    until its answer the guard returns the pending verdict, and the body is held, not
-    resumed (:class:`~cantata.fencing.InlineBody`); it goes on if that heartbeat
-    proves the hold never lapsed (the store found the worker's expiry not passed at
-    the renewal, by its own clock too), and is stopped otherwise: refused, lapsed, or
-    not known (docs/leases.md)."""
+    For a delivery ``held_by_lease`` (held for this worker by its lease in the store
+    alone: the embedded broker's), a pause is judged by the heartbeat sent after it
+    (``Ownership.pause_verdict``): until its answer the guard returns the pending
+    verdict, and the body is held, not resumed (:class:`~cantata.fencing.InlineBody`);
+    it goes on if that heartbeat proves the hold never lapsed (the store found the
+    worker's expiry not passed at the renewal, by its own clock too), and is stopped
+    otherwise: refused, lapsed, or not known (docs/leases.md). Any other delivery (a
+    NATS message: NATS delivers it again once its ack wait has passed since the last
+    "in progress" this worker sent, whatever the store says, and a paused worker sent
+    none) is stopped after every pause past the fence noticed since it began
+    (``Ownership.noticed``), proven harmless to the store or not."""
     ownership = engine.ownership
+    if not held_by_lease:
+        noticed = ownership.noticed
+
+        def unproven() -> bool:
+            return ownership.noticed != noticed or handler_fenced(engine)
+
+        return unproven
     began = ownership.pauses
 
     def fenced() -> bool | asyncio.Future[bool]:
