@@ -225,7 +225,12 @@ async def handlers_across_a_pause_within_the_lease(c: Cluster, *, go_on: bool = 
     user code run twice although nobody else could have run it. Every count at zero,
     and no handler of the paused worker cut. With NATS (``go_on=False``), which
     delivers a message again once its ack wait has passed since the worker's last "in
-    progress", whatever the store says, they are still stopped: every count at zero."""
+    progress", whatever the store says, they are still stopped, and every count is zero
+    but ``steps_twice_live``: NATS may have delivered them again to the other worker
+    during the pause already (the ack wait is the lease, the last "in progress" up to
+    a third of it older than the pause), which then began them while the paused
+    worker's bodies stood still (stopped on resuming): a gap of NATS's hold that
+    predates the rule (docs/leases.md, "With NATS")."""
     c.start_workers(2)
     await c.ready()
     async with c.client():
@@ -266,9 +271,11 @@ async def handlers_across_a_pause_within_the_lease(c: Cluster, *, go_on: bool = 
     assert spanned, "the pause held no handler: the scenario proves nothing"
     if go_on:
         assert not cut and counts.info["reruns_after_own_stop"] == 0, (cut, counts)
+        assert_zero(counts)
     else:
-        assert cut, counts
-    assert_zero(counts)
+        assert len(cut) == len(spanned), counts
+        bad = {k: v for k, v in counts.zeros().items() if v and k != "steps_twice_live"}
+        assert not bad, counts
 
 
 async def test_handlers_go_on_after_a_pause_within_the_lease_sqlite(
@@ -289,8 +296,8 @@ async def test_nats_handlers_stop_after_a_pause_within_the_lease_postgres_nats(
     cluster: Callable[..., Cluster], postgres_store: str, private_nats: PrivateNats
 ) -> None:
     """Let go on (as the first version of the rule did), the paused worker's handlers
-    ran beside the copies NATS had delivered again to the other worker at the end of
-    their ack wait: each handler twice at once."""
+    ran on to their end beside the copies NATS had delivered again to the other worker
+    at the end of their ack wait (none of them cut)."""
     await handlers_across_a_pause_within_the_lease(cluster(
         postgres_store, private_nats.url, FAULT_LEASE=5.0, FAULT_HANDLER_SECONDS=3.0),
         go_on=False)
