@@ -7,7 +7,9 @@ rules are in docs/leases.md ("Paused past the lease") and :mod:`cantata.engine.p
   body and throws ``CancelledError`` into it instead when the worker's hold may have
   lapsed (by ``time.monotonic()``, which keeps counting through SIGSTOP, or by the wall
   clock, which jumps ahead when a paused VM resumes), before any other code of the
-  process runs.
+  process runs. A ``fenced()`` that returns a future instead (a verdict on the hold
+  still to come: the heartbeat after a pause) holds the body, not resumed, until that
+  future is done, then asks again (:data:`Fence`).
 - :class:`InlineBody` is the same guard for a body awaited in the awaiting task itself
   (a workflow's step, a handler's body: no task of its own to create, schedule and
   wake on every step or delivery).
@@ -26,6 +28,12 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+#: A body's guard: ``True`` once the body must not be resumed, ``False`` while it may
+#: go on, or a future while that is not known yet (the heartbeat sent after a pause of
+#: the worker has not answered, docs/leases.md): the body is held until the future is
+#: done, and the guard asked again.
+Fence = Callable[[], "bool | asyncio.Future[bool]"]
 
 def in_body() -> bool:
     """True in the context an :class:`InlineBody` runs a step's body in (and so in what
@@ -111,12 +119,12 @@ def pause_clock() -> PauseClock:
 class _Guard:
     """What both guards hold: the body, when it may not go on, whom to tell of a held loop."""
 
-    __slots__ = ("_coro", "_fenced", "_stall", "_stalled", "thrown")
+    __slots__ = ("_coro", "_fenced", "_held_value", "_stall", "_stalled", "thrown")
 
     def __init__(
         self,
         coro: Coroutine[Any, Any, Any],
-        fenced: Callable[[], bool],
+        fenced: Fence,
         stalled: Callable[[float], None],
         stall: float,
     ) -> None:
@@ -125,8 +133,25 @@ class _Guard:
         self._stalled = stalled
         self._stall = stall
         self.thrown = False  # the guard threw CancelledError into the body
+        self._held_value: Any = _NOT_HELD  # GuardedBody: the value held for a verdict
         if _clock is None:
             pause_clock()
+
+
+_NOT_HELD: Any = object()
+
+
+def _waiter(verdict: asyncio.Future[Any]) -> asyncio.Future[None]:
+    """A future done once ``verdict`` is: what a held body's task waits on, so that a
+    cancel of that task cancels this future, not the verdict other bodies wait for."""
+    waiter = verdict.get_loop().create_future()
+
+    def done(_: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    verdict.add_done_callback(done)
+    return waiter
 
 
 class GuardedBody(_Guard, Coroutine[Any, Any, T]):
@@ -145,9 +170,19 @@ class GuardedBody(_Guard, Coroutine[Any, Any, T]):
     # The hot path (every resumption of every step body): no closure, no allocation
     # but the monotonic readings; the pause clock is asked only after a long one.
     def send(self, value: Any) -> Any:
+        if self._held_value is not _NOT_HELD:  # (resumed after a verdict it waited for)
+            value, self._held_value = self._held_value, _NOT_HELD
+        stop = False if self.thrown else self._fenced()
+        if stop and stop is not True:
+            # A verdict on the hold is due: wait for it, the body not resumed (its
+            # task waits on the future this yields, as on the body's own).
+            self._held_value = value
+            waiter = _waiter(stop)
+            waiter._asyncio_future_blocking = True
+            return waiter
         began = _monotonic()
         try:
-            if not self.thrown and self._fenced():
+            if stop:
                 self.thrown = True
                 return self._coro.throw(asyncio.CancelledError())
             return self._coro.send(value)
@@ -157,6 +192,7 @@ class GuardedBody(_Guard, Coroutine[Any, Any, T]):
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         exc = typ if val is None else val
+        self._held_value = _NOT_HELD  # (a cancel while held: passed on to the body)
         began = _monotonic()
         try:
             return self._coro.throw(exc)
@@ -205,7 +241,7 @@ class InlineBody(_Guard, Generic[T]):
     def __init__(
         self,
         coro: Coroutine[Any, Any, T],
-        fenced: Callable[[], bool],
+        fenced: Fence,
         stalled: Callable[[float], None],
         stall: float,
         task: asyncio.Task[Any],
@@ -243,17 +279,30 @@ class InlineBody(_Guard, Generic[T]):
         exc: BaseException | None = None
         try:
             while True:
+                stop = exc is None and not self.thrown and not self.ended and fenced()
+                if stop and stop is not True:
+                    # A verdict on the hold is due (the heartbeat after a pause): the
+                    # body is held, not resumed, until it comes; then asked again. A
+                    # cancel of the task meanwhile is passed on to the body.
+                    try:
+                        yield from _waiter(stop)
+                    except GeneratorExit:
+                        coro.close()
+                        raise
+                    except BaseException as thrown:
+                        exc = thrown
+                    continue
                 began = monotonic()
                 try:
                     if exc is not None:
                         yielded = run(throw, exc)
-                    elif not self.thrown and not self.ended and fenced():
+                    elif stop:
                         self.thrown = True
                         yielded = run(throw, asyncio.CancelledError())
                     else:
                         yielded = run(send, value)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
+                except StopIteration as returned:
+                    return returned.value  # type: ignore[no-any-return]
                 finally:
                     if monotonic() - began > stall:
                         _report_held(began, stall, self._stalled)
@@ -279,7 +328,7 @@ class BodyFenced(BaseException):
     """Internal: a handler body was stopped because its worker's hold may have lapsed."""
 
 
-async def guarded(coro: Coroutine[Any, Any, T], fenced: Callable[[], bool], stall: float) -> T:
+async def guarded(coro: Coroutine[Any, Any, T], fenced: Fence, stall: float) -> T:
     """Await a handler's body, guarded as a :class:`GuardedBody` task would be, in the
     awaiting task itself (:class:`InlineBody`: no task to create, schedule and wake per
     delivery), in a copy of the context as a task would run it. Raises

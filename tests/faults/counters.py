@@ -16,10 +16,11 @@ Cantata recorded; the :class:`FaultLog` holds what the harness did to the worker
   other began is not counted: the store took that worker for gone then, as it takes
   a paused one (docs/leases.md); the count of those is ``info["reruns_after_lapse"]``.
   Nor is one whose body its own worker's guard stopped, recording at the stop that
-  its hold was in doubt (CPU starvation past 3/4 of the lease) or, a handler's, that
-  a pause of the whole process had been noticed since it began (its next wake-up
-  came after the heartbeat got through again), before the other began:
-  ``info["reruns_after_own_stop"]``;
+  its hold was in doubt (CPU starvation past 3/4 of the lease) or that a pause of the
+  whole process since it began had been judged as possibly lapsing the hold (the
+  heartbeat after it did not prove otherwise; the body is stopped once that heartbeat
+  has answered), before the other began: ``info["reruns_after_own_stop"]``. A pause
+  the heartbeat after it proves harmless stops no body (docs/leases.md);
 - ``steps_after_result``: a step executed again after its result was recorded;
 - ``handlers_after_settled``: a handler executed again after its delivery was settled
   (stored ``done``), whatever befell the worker that settled it: a kill excuses a

@@ -25,11 +25,14 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import cantata
 from cantata import App, Event, HandlerContext, Retry, WorkflowContext
+
+if TYPE_CHECKING:
+    from cantata.fencing import Fence
 
 STEPS = ("reserve", "charge", "ship")
 # The steps of each workflow, in order (what a completed run's result lists).
@@ -112,29 +115,49 @@ def lapsed(app: App, *, handler: bool = False) -> dict[str, bool]:
     return {"lapsed": True} if fenced else {}
 
 
-def stopped_in_doubt(app: App, *, guard: Callable[[], bool] | None = None) -> dict[str, bool]:
+def stopped_in_doubt(app: App, *, guard: Fence | None = None) -> dict[str, bool]:
     """``{"fenced": True}`` at a body's stop when its worker's own guard stops it, as
-    the guard judges it at the stop, with no ``await`` between: a step's when the
-    worker's hold is in doubt (no heartbeat through for 3/4 of the lease, or a pause;
-    docs/leases.md); a handler's by its ``guard`` (:func:`handler_guard`, made as the
-    body began), which also stops a body begun before a pause of the whole process the
-    worker noticed, even once its heartbeat got through again (the body's next wake-up
-    may come only after it). The worker knew then that another one may take the run
-    or delivery over, and the body made no progress past the stop: the counters do not
-    take a later execution for a live double of it (``twice_live``)."""
-    fenced = guard() if guard is not None else lapsed(app)
+    the guard judges it at the stop, with no ``await`` between, by ``guard`` (made as
+    the body began: :func:`step_guard`, :func:`handler_guard`; none: whether the
+    worker's hold is in doubt, no heartbeat through for 3/4 of the lease, or a pause;
+    docs/leases.md). Both also count a body begun before a pause of the whole process
+    that the worker judged as possibly lapsing its hold, though its heartbeat got
+    through again (the body is stopped only once that heartbeat has answered). The
+    worker knew then that another one may take the run or delivery over, and the body
+    made no progress past the stop: the counters do not take a later execution for a
+    live double of it (``twice_live``)."""
+    # (a guard's pending verdict, the heartbeat after a pause not answered yet: the
+    # body was not stopped by its guard then)
+    fenced = guard() is True if guard is not None else lapsed(app)
     return {"fenced": True} if fenced else {}
 
 
-def handler_guard(app: App) -> Callable[[], bool]:
+def step_guard(app: App) -> Fence:
+    """As a step body's guard judges at its stop (made as the body began): true while
+    its worker's hold is in doubt, or once a pause of the whole process since the body
+    began was judged as possibly lapsed (``Ownership.pauses``). The body is stopped by
+    that verdict, given once the heartbeat after the pause got through: the hold is no
+    longer in doubt when the body's stop is recorded (docs/leases.md)."""
+    engine = app._engine
+    if engine is None:
+        return lambda: False
+    ownership = engine.ownership
+    began = ownership.pauses
+    return lambda: ownership.in_doubt() or ownership.pauses != began
+
+
+def handler_guard(app: App) -> Fence:
     """The guard of a handler body beginning now, as the consumer makes it
     (``pauses.handler_fence``): true once the body must not be resumed."""
     engine = app._engine
     if engine is None:
         return lambda: False
+    from cantata.broker.embedded import EmbeddedBroker
     from cantata.engine.pauses import handler_fence
 
-    return handler_fence(engine)
+    # (as the consumer makes it for this app's deliveries: the embedded broker's are
+    # held by the worker's lease alone, NATS messages are not)
+    return handler_fence(engine, isinstance(app._broker, EmbeddedBroker))
 
 
 def build(env: Mapping[str, str] | None = None) -> App:
@@ -163,6 +186,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
     async def work(step: str, order: dict[str, Any], seconds: float) -> str:
         info = cantata.step_info()
         where = {"what": "step", "run": info.run_id, "key": info.key, "attempt": info.attempt}
+        guard = step_guard(app)
         record(k="begin", **where, **lapsed(app))
         try:
             await asyncio.sleep(seconds)
@@ -178,7 +202,7 @@ def build(env: Mapping[str, str] | None = None) -> App:
             raise
         except BaseException:
             # cancelled: the worker stopped in the middle (its guard, its hold in doubt?)
-            record(k="cut", **where, **stopped_in_doubt(app))
+            record(k="cut", **where, **stopped_in_doubt(app, guard=guard))
             raise
         record(k="end", **where)
         return f"{step}:{order['id']}"

@@ -213,3 +213,91 @@ async def test_a_paused_worker_leaves_the_new_owner_its_slot_postgres(
 ) -> None:
     await slot_kept_by_the_new_owner(cluster(postgres_store, FAULT_LEASE=1.5,
                                              FAULT_SINGLE_SECONDS=3.0))
+
+
+async def handlers_across_a_pause_within_the_lease(c: Cluster, *, go_on: bool = True) -> None:
+    """A worker with handlers in progress is paused past the fence (3/4 of the lease)
+    but within the lease, from just after one of its heartbeats got through. Its hold
+    never lapsed, and the heartbeat it sends on resuming proves so (the store found its
+    expiry not passed at the renewal): with the embedded broker (deliveries held by the
+    worker's lease alone) its handler bodies go on, each once. Before, each was stopped
+    by its own guard, its event handed back and run again (``reruns_after_own_stop``):
+    user code run twice although nobody else could have run it. Every count at zero,
+    and no handler of the paused worker cut. With NATS (``go_on=False``), which
+    delivers a message again once its ack wait has passed since the worker's last "in
+    progress", whatever the store says, they are still stopped, and every count is zero
+    but ``steps_twice_live``: NATS may have delivered them again to the other worker
+    during the pause already (the ack wait is the lease, the last "in progress" up to
+    a third of it older than the pause), which then began them while the paused
+    worker's bodies stood still (stopped on resuming): a gap of NATS's hold that
+    predates the rule (docs/leases.md, "With NATS")."""
+    c.start_workers(2)
+    await c.ready()
+    async with c.client():
+        await c.submit(0, scaled(6))
+        victim = await c.busy_worker("handler")
+        worker_id = await worker_of(c, victim.pid)
+
+        async def heartbeat_at() -> float:
+            for info in await c.app.store.workers(c.app.name):
+                if info.worker_id == worker_id:
+                    return info.heartbeat_at
+            raise AssertionError(f"no worker row for {worker_id}")
+
+        before = beat = await heartbeat_at()
+        while beat == before:  # just after its next heartbeat
+            await asyncio.sleep(0.005)
+            beat = await heartbeat_at()
+        # Not while that heartbeat's answer is on its way: a pause then is judged against
+        # the heartbeat before (the one in flight may have been written only after the
+        # hold had lapsed, its answer lost to its timeout), a lease ago by the time the
+        # next one gets through: not proven, the bodies stopped (docs/leases.md).
+        await asyncio.sleep(0.2)
+        stopped = await c.stop(victim)
+        try:
+            # Past the fence, within the lease, counted from that heartbeat.
+            await asyncio.sleep(max(0.0, beat + 0.8 * c.lease - time.time()))
+        finally:
+            c.resume(victim, stopped=stopped)
+        resumed = time.monotonic()
+        counts = await c.recover(resumed, budget=within(4 * c.lease + 10))
+    spanned = [e for e in read_ledger(c.ledger) if e.pid == victim.pid
+               and e.what == "handler" and e.began < stopped
+               and (e.ended is None or e.ended > stopped)]
+    cut = [e for e in spanned if e.cut]
+    counts.info["handlers_paused"] = len(spanned)
+    print(f"\nhandlers across a pause within the lease on {c.store.split(':')[0]}: {counts}")
+    assert victim.proc.poll() is None, "the paused worker died"
+    assert spanned, "the pause held no handler: the scenario proves nothing"
+    if go_on:
+        assert not cut and counts.info["reruns_after_own_stop"] == 0, (cut, counts)
+        assert_zero(counts)
+    else:
+        assert len(cut) == len(spanned), counts
+        bad = {k: v for k, v in counts.zeros().items() if v and k != "steps_twice_live"}
+        assert not bad, counts
+
+
+async def test_handlers_go_on_after_a_pause_within_the_lease_sqlite(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    await handlers_across_a_pause_within_the_lease(cluster(
+        f"sqlite:///{tmp_path}/store.db", FAULT_LEASE=5.0, FAULT_HANDLER_SECONDS=3.0))
+
+
+async def test_handlers_go_on_after_a_pause_within_the_lease_postgres(
+    cluster: Callable[..., Cluster], postgres_store: str
+) -> None:
+    await handlers_across_a_pause_within_the_lease(cluster(
+        postgres_store, FAULT_LEASE=5.0, FAULT_HANDLER_SECONDS=3.0))
+
+
+async def test_nats_handlers_stop_after_a_pause_within_the_lease_postgres_nats(
+    cluster: Callable[..., Cluster], postgres_store: str, private_nats: PrivateNats
+) -> None:
+    """Let go on (as the first version of the rule did), the paused worker's handlers
+    ran on to their end beside the copies NATS had delivered again to the other worker
+    at the end of their ack wait (none of them cut)."""
+    await handlers_across_a_pause_within_the_lease(cluster(
+        postgres_store, private_nats.url, FAULT_LEASE=5.0, FAULT_HANDLER_SECONDS=3.0),
+        go_on=False)

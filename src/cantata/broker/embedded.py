@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cantata.broker.base import BrokerStore, Clock, Handler
 from cantata.errors import BrokerError, LeaseLost, StoreError, error_text
@@ -26,6 +26,12 @@ quiet = QuietLog(log, every=30.0)  # storage faults: one line now and then, no t
 @dataclass(slots=True)
 class EmbeddedMessage:
     """A delivery claimed from the store's delivery rows."""
+
+    # Held for its worker by that worker's lease in the store alone: no other worker
+    # claims it before the worker's expiry has passed (cantata.engine.pauses,
+    # handler_fence). A NATS message is not: NATS delivers it again once its ack wait
+    # has passed since the last "in progress", whatever the store says.
+    held_by_lease: ClassVar[bool] = True
 
     store: BrokerStore
     app: str

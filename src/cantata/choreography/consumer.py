@@ -249,7 +249,8 @@ class Consumer:
             try:
                 # Guarded: never resumed past a pause of this worker longer than the
                 # fence, when another worker may have the delivery (docs/leases.md).
-                fenced, stall = self.host.pause_fence(), self.host.lease * 0.75
+                fenced = self.host.pause_fence(getattr(msg, "held_by_lease", False))
+                stall = self.host.lease * 0.75
                 if hdef.is_async:
                     body = hdef.fn(event, ctx) if hdef.wants_ctx else hdef.fn(event)
                     await guarded(body, fenced, stall)

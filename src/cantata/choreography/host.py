@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from cantata.declare.defs import HandlerDef, TriggerDef
 from cantata.declare.router import Router
+from cantata.fencing import Fence
 from cantata.model.event import Event
 from cantata.quietlog import QuietLog
 
@@ -71,11 +72,15 @@ class ConsumerHost(Protocol):
         """True if this process runs the handler (or starts the trigger's workflow)."""
         ...
 
-    def pause_fence(self) -> Callable[[], bool]:
+    def pause_fence(self, held_by_lease: bool) -> Fence:
         """The guard of a handler body beginning now: true once this worker's hold may
         have lapsed by a pause of the whole process (SIGSTOP, a VM paused), or once a
         pause past the fence was noticed since: the body is then not resumed
-        (:func:`cantata.fencing.guarded`, docs/leases.md)."""
+        (:func:`cantata.fencing.guarded`, docs/leases.md). For a delivery
+        ``held_by_lease`` (held for this worker by its lease in the store alone: the
+        embedded broker's), only a pause that the heartbeat after it did not prove
+        harmless; until that heartbeat answers, the pending verdict: the body is held
+        meanwhile."""
         ...
 
     def stray(self, group: str, event: Event[Any]) -> str | None:

@@ -11,6 +11,7 @@ from cantata.choreography.orphans import report_orphans
 from cantata.declare.defs import HandlerDef, TriggerDef
 from cantata.declare.router import Router
 from cantata.errors import IdempotencyConflict
+from cantata.fencing import Fence
 from cantata.flow.limits import release_handler_slot, take_handler_slot
 from cantata.flow.queues import default_entry
 from cantata.model.event import Event
@@ -80,8 +81,8 @@ class EngineHost:
     def stray(self, group: str, event: Event[Any]) -> str | None:
         return stray_event(self.router, group, event)
 
-    def pause_fence(self) -> Callable[[], bool]:
-        return handler_fence(self._engine)
+    def pause_fence(self, held_by_lease: bool) -> Fence:
+        return handler_fence(self._engine, held_by_lease)
 
     def signature_problem(self, event: Event[Any], *, required: bool) -> Exception | None:
         return self._engine.signer.problem(event, required=required)

@@ -17,11 +17,17 @@ The rules, with the reasons (docs/leases.md):
   its wall clock jumps ahead when it resumes). Its hold may have lapsed once either
   says more than ``FENCE_AT`` of the lease has passed since its last heartbeat.
 - A worker that was paused (SIGSTOP, a VM stall: its own loop woke far too late, or
-  its wall clock ran far ahead of its monotonic clock) stops its step bodies at once
-  and begins no handler body, nor goes on with one begun before the pause;
-  it heartbeats at once, checks which runs it still owns, and stops the executions
-  of the others. While the store is away (its heartbeat failing), only a stall past
-  the fence in one go is such a pause (:meth:`Ownership.pause_bar`): the outage put
+  its wall clock ran far ahead of its monotonic clock) past the fence holds its step
+  bodies and begins no handler body, nor goes on with one begun before the pause,
+  until the heartbeat it sends at once answers: if the store found its expiry not
+  passed at that renewal (by the store's own clock too) and the answer came within
+  the lease of its last heartbeat before the pause, its hold never lapsed and they
+  go on (but the handlers of NATS messages, which NATS may have delivered again:
+  pauses.handler_fence); otherwise they are stopped (:meth:`Ownership.pause_verdict`).
+  It then checks
+  which runs it still owns, and stops the executions of the others. While the store
+  is away (its heartbeat failing), only a stall past the fence in one go is such a
+  pause (:meth:`Ownership.pause_bar`): the outage put
   the hold in doubt already, and its rules hold.
 - A worker whose heartbeat lapsed takes no other worker's runs for one lease after
   it reaches the store again: in a store outage every worker lapsed at once, and the
@@ -94,10 +100,18 @@ class Ownership:
         # the store judges it by (the same reading, as near as two clocks can be read)
         self.beat_at = time.monotonic()
         self.beat_wall = self._wall()
-        # Pauses of the whole process past the fence noticed so far: a handler begun
-        # before one is not resumed after it (pauses.handler_fence), even once the
-        # heartbeat got through.
+        # Pauses of the whole process past the fence noticed so far whose hold may have
+        # lapsed (not proven held, see pause_verdict): a handler begun before one is not
+        # resumed after it (pauses.handler_fence), even once the heartbeat got through.
         self.pauses = 0
+        # Pauses of the whole process past the fence noticed so far, proven harmless
+        # later or not: a handler of a delivery its lease alone does not hold (a NATS
+        # message) is not resumed after one (pauses.handler_fence).
+        self.noticed = 0
+        # The verdict on the pause noticed last, until the heartbeat sent after it tells
+        # whether the hold never lapsed (pause_verdict); and beat_at, beat_wall then
+        self._verdict: asyncio.Future[bool] | None = None
+        self._anchor = (0.0, 0.0)
         self._noticed_at = float("nan")  # beat_wall when the last pause was noticed
         self._pause_seen = False  # the heartbeat loop reconciles after its next beat
         self._beat_now = asyncio.Event()  # a pause was noticed: heartbeat at once
@@ -150,6 +164,19 @@ class Ownership:
         return (time.monotonic() - self.beat_at > fence
                 or self._wall() - self.beat_wall > fence)
 
+    def step_fenced(self) -> bool | asyncio.Future[bool]:
+        """The guard of step bodies (:class:`~cantata.fencing.InlineBody`): true when a
+        body must not go on, :meth:`in_doubt`; but while a pause of the whole process
+        past the fence awaits its verdict (:meth:`pause_verdict`), that verdict: the
+        body is held until it comes, goes on if the hold never lapsed, and is stopped
+        otherwise (:meth:`_judge` stops every step body then, ``Engine.fence_self``)."""
+        if self._heartbeat is None or not self.expired():
+            return False
+        verdict = self._verdict
+        if verdict is None and self.process_paused():
+            verdict = self.pause_verdict()
+        return True if verdict is None else verdict
+
     def process_paused(self) -> bool:
         """True when the whole process stood still for :meth:`pause_bar` or more since
         the last heartbeat that got through (in one stall while the store is away), not
@@ -184,6 +211,47 @@ class Ownership:
         handlers running on through the outage, and the worker ran them again.) A stall
         past the fence is a pause as ever: the store may have come back meanwhile."""
         return self.engine.lease * (FENCE_AT if self.store_away else 0.25)
+
+    def pause_verdict(self) -> asyncio.Future[bool] | None:
+        """The verdict pending on a pause of the whole process past the fence (noticed
+        now if the watchdog has not yet): it comes with the answer of the first
+        heartbeat sent after the pause was noticed, ``True`` when that heartbeat proves
+        this worker's hold never lapsed (:meth:`_judge`), ``False`` otherwise. ``None``:
+        no verdict is pending (none was due, or it came: ``False`` then, while the hold
+        is still in doubt). A handler body's guard holds the body until it comes
+        (:func:`cantata.engine.pauses.handler_fence`)."""
+        if self._verdict is None and self._heartbeat is not None:
+            self._paused(self.stood_still())  # (no-op if noticed already)
+        return self._verdict
+
+    def _judge(self, verdict: asyncio.Future[bool] | None, held: bool) -> None:
+        """Give ``verdict`` (pending on a pause): ``held``, the hold proven never to have
+        lapsed, or not; the latter counts the pause in :attr:`pauses` first."""
+        if verdict is None or verdict.done():
+            return
+        if self._verdict is verdict:
+            self._verdict = None
+        if held:
+            log.warning("worker %s: its heartbeat after the pause got through within its "
+                        "lease, the store's clock agreeing: its hold never lapsed, and its "
+                        "step bodies and the handlers of deliveries its lease alone holds "
+                        "go on", self.engine.worker_id)
+        else:
+            log.warning("worker %s: its hold may have lapsed during the pause (its heartbeat "
+                        "after it failed, or came past its lease): stopping its step and "
+                        "handler bodies until it knows which runs it still owns",
+                        self.engine.worker_id)
+            self.pauses += 1
+            self.engine.fence_self()
+        verdict.set_result(held)
+
+    def _held_since_anchor(self) -> bool:
+        """True while less than a lease has passed, by monotonic time and by the wall
+        clock, since the last heartbeat that had got through when the pause being
+        judged was noticed: the expiry it recorded has not passed here."""
+        at, wall = self._anchor
+        lease = self.engine.lease
+        return time.monotonic() - at <= lease and self._wall() - wall <= lease
 
     def may_take_over(self) -> bool:
         """True when silent workers' runs may be claimed (see the module docstring)."""
@@ -244,6 +312,7 @@ class Ownership:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
             self._heartbeat = None
+        self._judge(self._verdict, False)  # (no heartbeat is left to give it)
 
     async def regained(self) -> None:
         """Return once this worker's hold is sure again: its heartbeat gets through
@@ -270,8 +339,19 @@ class Ownership:
             # stall is logged, not the time since the last heartbeat, which an outage
             # before the stall lengthens.)
             self._paused(self.stood_still())
-        await engine.store.heartbeat(engine.app, engine.worker_id, engine.clock.now(),
-                                     versioning.worker_info(engine), lease=engine.lease)
+        # A pause noticed before this heartbeat is sent is judged by its answer: the
+        # hold never lapsed if the store found this worker's expiry not passed at the
+        # renewal, by its own clock and this one's stamp, and the answer came within the
+        # lease of the last heartbeat before the pause, by both clocks here.
+        verdict = self._verdict
+        try:
+            held = await engine.store.heartbeat(
+                engine.app, engine.worker_id, engine.clock.now(),
+                versioning.worker_info(engine), lease=engine.lease)
+        except BaseException:
+            self._judge(verdict, False)  # (not known: not proven)
+            raise
+        self._judge(verdict, held is True and self._held_since_anchor())
         self.store_away = False
         if (self.lapsed or sent - self.beat_at > engine.lease
                 or wall - self.beat_wall > engine.lease):
@@ -298,10 +378,12 @@ class Ownership:
     def _watch(self) -> None:
         """A timer every few milliseconds: after a pause of the whole process it is due
         at once, and runs in the loop's first pass, before any task resumes. If the
-        hold may have lapsed meanwhile, the step bodies are cancelled right there, so a
-        body that was waiting does not go on to its side effect in a run another
-        worker may own by now. Each starts again only once its fenced start checkpoint
-        proves the run is still this worker's (not counted as an attempt).
+        hold may have lapsed meanwhile, the step bodies are held (their guards) until
+        the heartbeat sent at once judges the pause, and cancelled then unless it proves
+        the hold never lapsed (:meth:`_paused`), so a body that was waiting does not go
+        on to its side effect in a run another worker may own by now. Each starts again
+        only once its fenced start checkpoint proves the run is still this worker's (not
+        counted as an attempt).
         A paused VM's monotonic clock stands still, so the timer is not late by it when
         the VM resumes: the wall clock, which jumped ahead, tells (due within one tick;
         until then the bodies' guards stop them, :meth:`expired`)."""
@@ -316,19 +398,34 @@ class Ownership:
 
     def _paused(self, seconds: float) -> None:
         """This worker was paused past the fence (or its wall clock set ahead that far,
-        which looks the same): stop its step bodies, let no handler body begun before
-        go on, heartbeat at once and then check which runs it still owns."""
+        which looks the same): heartbeat at once and then check which runs it still
+        owns. Its step bodies, and the handler bodies begun before, are held until that
+        heartbeat's answer judges the pause (:meth:`_judge`: stopped unless it proves
+        the hold never lapsed). Only the step bodies, stopped at once, when the whole
+        process did not stand still (a body held the loop: handlers go on then)."""
         if self.beat_wall == self._noticed_at:
             return  # noticed already, since the same last heartbeat
         self._noticed_at = self.beat_wall
-        log.warning("worker %s was paused for %.1f s, past its lease (or its wall clock was "
-                    "set ahead): stopping its step and handler bodies until it knows which "
-                    "runs it still owns", self.engine.worker_id, seconds)
-        if self.process_paused():  # (not a body holding the loop: handlers go on then)
-            self.pauses += 1
         self._pause_seen = True
         self._beat_now.set()
-        self.engine.fence_self()
+        if not self.process_paused():
+            log.warning("worker %s: its event loop was held for %.1f s (by a step body's "
+                        "own code?) and its hold may have lapsed: stopping its step bodies "
+                        "until it knows which runs it still owns",
+                        self.engine.worker_id, seconds)
+            self.engine.fence_self()
+            return
+        self.noticed += 1
+        if self._verdict is None:
+            log.warning("worker %s was paused for %.1f s, past 3/4 of its lease (or its wall "
+                        "clock was set ahead): holding its step and handler bodies until its "
+                        "next heartbeat tells whether its hold lapsed", self.engine.worker_id,
+                        seconds)
+            # Judged by the next heartbeat (pause_verdict): the step and handler bodies
+            # are held by their guards meanwhile, and stopped if it does not prove the
+            # hold never lapsed (_judge).
+            self._verdict = asyncio.get_running_loop().create_future()
+            self._anchor = (self.beat_at, self.beat_wall)
 
     async def _heartbeat_loop(self) -> None:
         engine = self.engine

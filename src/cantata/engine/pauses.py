@@ -11,7 +11,9 @@ The rules, with the reasons (docs/leases.md, "Paused past the lease"):
   monotonic clock having stood still), it throws
   ``CancelledError`` into the body instead of resuming it. So a body never goes on
   past a pause longer than that, before any other code of the process runs: another
-  worker may own the run by now. Only a pause inside the body's own synchronous code
+  worker may own the run by now. Unless the heartbeat sent after a pause of the whole
+  process proves the hold never lapsed (``Ownership.pause_verdict``): until its answer
+  the body is held, and it goes on if so. Only a pause inside the body's own synchronous code
   (between two awaits, or in a thread) lets it finish late.
 - **Excuses.** A pause is not a death. At takeover time a paused worker looks dead,
   so the new owner records the attempt it was in as ``WorkerLost``; the paused
@@ -38,7 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cantata.errors import CantataError
-from cantata.fencing import GuardedBody, PauseClock
+from cantata.fencing import Fence, GuardedBody, PauseClock
 from cantata.model.records import Attempt
 from cantata.quietlog import reason
 
@@ -151,17 +153,41 @@ def handler_fenced(engine: Engine) -> bool:
     return ownership.in_doubt() and ownership.process_paused()
 
 
-def handler_fence(engine: Engine) -> Callable[[], bool]:
+def handler_fence(engine: Engine, held_by_lease: bool = False) -> Fence:
     """The guard of a handler body beginning now: true once it must not be resumed,
-    :func:`handler_fenced`, or once this worker noticed a pause past the fence since
-    it began (``Ownership.pauses``). The body of a paused VM may resume only after its
-    worker's first heartbeat got through (its timers stood still with its monotonic
-    clock), when its delivery may be another worker's by now."""
+    or once this worker noticed a pause past the fence since it began that its next
+    heartbeat did not prove harmless (``Ownership.pauses``). The body of a paused VM
+    may resume only after its worker's first heartbeat got through (its timers stood
+    still with its monotonic clock), when its delivery may be another worker's by now.
+
+    For a delivery ``held_by_lease`` (held for this worker by its lease in the store
+    alone: the embedded broker's), a pause is judged by the heartbeat sent after it
+    (``Ownership.pause_verdict``): until its answer the guard returns the pending
+    verdict, and the body is held, not resumed (:class:`~cantata.fencing.InlineBody`);
+    it goes on if that heartbeat proves the hold never lapsed (the store found the
+    worker's expiry not passed at the renewal, by its own clock too), and is stopped
+    otherwise: refused, lapsed, or not known (docs/leases.md). Any other delivery (a
+    NATS message: NATS delivers it again once its ack wait has passed since the last
+    "in progress" this worker sent, whatever the store says, and a paused worker sent
+    none) is stopped after every pause past the fence noticed since it began
+    (``Ownership.noticed``), proven harmless to the store or not."""
     ownership = engine.ownership
+    if not held_by_lease:
+        noticed = ownership.noticed
+
+        def unproven() -> bool:
+            return ownership.noticed != noticed or handler_fenced(engine)
+
+        return unproven
     began = ownership.pauses
 
-    def fenced() -> bool:
-        return ownership.pauses != began or handler_fenced(engine)
+    def fenced() -> bool | asyncio.Future[bool]:
+        if ownership.pauses != began:
+            return True
+        if not handler_fenced(engine):
+            return False
+        verdict = ownership.pause_verdict()
+        return True if verdict is None else verdict
 
     return fenced
 

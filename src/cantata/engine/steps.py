@@ -486,7 +486,8 @@ async def execute_fenced(
     else is passed on."""
     engine = x.engine
 
-    fenced = engine.ownership.in_doubt  # (serving, or draining in a graceful stop)
+    # (serving, or draining in a graceful stop; held while a pause awaits its verdict)
+    fenced = engine.ownership.step_fenced
 
     def stalled(seconds: float) -> None:
         x.stalled[(key, attempt)] = max(seconds, x.stalled.get((key, attempt), 0.0))

@@ -193,7 +193,7 @@ class StoreBase:
         self._schema_said = True
         return upgraded_under(self._schema_where(), found, known)
 
-    async def _beat(self, write: Callable[[], Awaitable[object]]) -> None:
+    async def _beat(self, write: Callable[[], Awaitable[R]]) -> R:
         """A heartbeat's ``write``, with a look at the schema version every
         :data:`SCHEMA_CHECK_EVERY` heartbeats (before the write) and after a write that
         failed other than by an outage: raises :class:`StoreUpgraded` once, without
@@ -208,7 +208,7 @@ class StoreBase:
                 if newer is not None:
                     raise newer
         try:
-            await write()
+            return await write()
         except (StoreUnavailable, OSError, TimeoutError):
             raise  # an outage: the version cannot be read either
         except Exception:

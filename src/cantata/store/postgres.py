@@ -110,14 +110,27 @@ class PostgresStore(
 
     async def heartbeat(
         self, app: str, worker_id: str, now: float, info: str | None, *, lease: float
-    ) -> None:
+    ) -> bool:
         seconds = worker_lease(lease)
-        await self._beat(lambda: self._db.execute(
-            "INSERT INTO workers (app, worker_id, started_at, heartbeat_at, info, lease) "
-            "VALUES ($1,$2,$3,$3,$4,$5) ON CONFLICT (app, worker_id) DO UPDATE SET "
-            "heartbeat_at=excluded.heartbeat_at, info=excluded.info, lease=excluded.lease",
-            app, worker_id, now, info, seconds,
-        ))
+
+        async def write() -> bool:
+            # Held: the row's expiry (as this statement's snapshot has it, before the
+            # upsert) not passed at this renewal, by ``now`` nor by the server's own
+            # clock (WorkerStore.heartbeat).
+            row = await self._db.fetchrow(
+                "WITH old AS (SELECT expires_at FROM workers WHERE app=$1 AND worker_id=$2), "
+                "beat AS (INSERT INTO workers (app, worker_id, started_at, heartbeat_at, info, "
+                "lease) VALUES ($1,$2,$3,$3,$4,$5) ON CONFLICT (app, worker_id) DO UPDATE SET "
+                "heartbeat_at=excluded.heartbeat_at, info=excluded.info, "
+                "lease=excluded.lease RETURNING 1) "
+                "SELECT COALESCE((SELECT expires_at FROM old) >= GREATEST($3::float8, "
+                "extract(epoch FROM clock_timestamp())::float8), false), "
+                "(SELECT count(*) FROM beat)",
+                app, worker_id, now, info, seconds,
+            )
+            return row is not None and bool(row[0])
+
+        return await self._beat(write)
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
         async with self._db.tx() as c:

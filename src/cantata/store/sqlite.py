@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 
 from cantata.model.records import (
@@ -95,16 +96,25 @@ class SQLiteStore(
 
     async def heartbeat(
         self, app: str, worker_id: str, now: float, info: str | None, *, lease: float
-    ) -> None:
+    ) -> bool:
         seconds = worker_lease(lease)
-        await self._beat(lambda: self._t.write(
-            lambda c: c.execute(
+
+        def op(c: sqlite3.Connection) -> bool:
+            # Held: the row's expiry not passed at this renewal, by ``now`` nor by the
+            # clock the file's other processes read, inside the write lock that orders
+            # this renewal with their claims (WorkerStore.heartbeat).
+            row = c.execute("SELECT expires_at FROM workers WHERE app=? AND worker_id=?",
+                            (app, worker_id)).fetchone()
+            held = row is not None and row[0] >= max(now, time.time())
+            c.execute(
                 "INSERT INTO workers (app, worker_id, started_at, heartbeat_at, info, lease) "
                 "VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
                 "heartbeat_at=excluded.heartbeat_at, info=excluded.info, lease=excluded.lease",
                 (app, worker_id, now, now, info, seconds),
             )
-        ))
+            return held
+
+        return await self._beat(lambda: self._t.write(op))
 
     async def remove_worker(self, app: str, worker_id: str) -> None:
         def op(c: sqlite3.Connection) -> None:

@@ -156,12 +156,22 @@ class WorkerStore(Protocol):
 
     async def heartbeat(
         self, app: str, worker_id: str, now: float, info: str | None, *, lease: float
-    ) -> None:
+    ) -> bool | None:
         """Record that ``worker_id`` is alive at ``now`` and stays so for ``lease``
         seconds: its expiry is ``now + lease``. Other workers take its runs, slots,
         deliveries and tasks only once their ``stale_before`` (their current time) is
         past that expiry, whatever their own lease (see the module docs of
         :mod:`cantata.store.roles`).
+
+        Returns whether the hold this renews was still **held** at the renewal: the
+        worker's row was there and its expiry had not passed, by ``now`` nor by the
+        store's own clock (the database server's; for a file, the clock of the host
+        whose processes share it), judged in the renewal's own write (``True``); or not
+        (``False``: no row, as at a worker's first heartbeat or after
+        :meth:`remove_worker`, or an expiry passed). A worker paused past 3/4 of its
+        lease lets the handler and step bodies it held go on only on ``True``
+        (docs/leases.md, "Paused"). ``None``: this store cannot tell (taken as not
+        held).
 
         A backend that records a schema version also reads it, cheaply, every few
         heartbeats (``SCHEMA_CHECK_EVERY`` below) and after a

@@ -47,6 +47,28 @@ class LeasesContract(StoreFixtures):
         [short] = [w for w in await store.workers(self.app) if w.worker_id == "short"]
         assert (short.heartbeat_at, short.expires_at) == (t0 + 1, t0 + 1 + LONG)
 
+    async def test_a_heartbeat_says_whether_the_hold_it_renews_was_still_held(
+        self, store: Store
+    ) -> None:
+        """``True`` only when the worker's row was there and its expiry had not passed
+        at the renewal, by the renewal's own time and by the store's clock: what lets a
+        worker paused past 3/4 of its lease keep its bodies going (docs/leases.md)."""
+        t0 = time.time()
+        assert await store.heartbeat(self.app, "w", t0, None, lease=SHORT) is False  # new
+        assert await store.heartbeat(self.app, "w", t0 + 1, None, lease=SHORT) is True
+        # Its own time past the expiry (t0 + 1 + SHORT): lapsed.
+        assert await store.heartbeat(self.app, "w", t0 + 4, None, lease=SHORT) is False
+        # Its own time within the expiry, but not the store's clock: lapsed.
+        past = time.time() - 3 * SHORT
+        await store.heartbeat(self.app, "w", past, None, lease=SHORT)
+        assert await store.heartbeat(self.app, "w", past + 1, None, lease=SHORT) is False
+        # Removed meanwhile (its work released): not held, though the time is within.
+        now = time.time()
+        await store.heartbeat(self.app, "w", now, None, lease=LONG)
+        await store.remove_worker(self.app, "w")
+        assert await store.heartbeat(self.app, "w", now + 1, None, lease=LONG) is False
+        assert await store.heartbeat(self.app, "w", now + 2, None, lease=LONG) is True
+
     async def test_a_heartbeat_refuses_a_lease_that_is_not_seconds(self, store: Store) -> None:
         for bad in (0, -1.0, float("nan"), float("inf")):
             with pytest.raises(ConfigurationError, match="lease of a worker's heartbeat"):
