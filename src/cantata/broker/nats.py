@@ -139,7 +139,7 @@ class NatsBroker:
         url: ``nats://[user:password@]host:port``.
         ack_wait: seconds a delivered message may stay unsettled before NATS redelivers
             it: a message whose worker died is handled elsewhere after this long. A
-            live worker tells NATS it is still working every third of it, however
+            live worker tells NATS it is still working every eighth of it, however
             long its handler runs. Default: the app's lease (see :meth:`adopt_timing`).
         fetch_timeout: seconds each pull waits for messages; also bounds how long
             ``stop()`` takes.

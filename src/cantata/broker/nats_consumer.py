@@ -57,6 +57,11 @@ _MAX_INVALID_TEXT = 64 * 1024
 # fault (which is waited out) is given up: NATS stops delivering it (docs/deploy.md).
 GIVE_UP_AFTER = 5
 _CRASHES_KEPT = 1024  # messages whose failures a subscription counts
+# The share of ack_wait after which a running handler's message is told "in progress"
+# again (Subscription._keep_alive): well under the quarter of the lease that lies past
+# the pause fence (3/4), so that NATS never hands a paused worker's message to another
+# worker before its own guard stops the body.
+KEEP_ALIVE_SHARE = 1 / 8
 # Seconds past ``fetch_timeout`` a stopping subscription waits for its pull loops while
 # the server answers (a consumer's check, an unsubscribe), before it cancels them
 STOP_PULL_EXTRA = 5.0
@@ -308,7 +313,7 @@ class NatsSubscription:
         self._capacity = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
-        # messages whose handler is running: told "in progress" every third of ack_wait
+        # messages whose handler is running: told "in progress" every eighth of ack_wait
         self._held: dict[int, Msg] = {}
         self._keeper = asyncio.create_task(self._keep_alive(), name=f"cantata-nats:{group}:wip")
         # "stream:sequence" -> failures of that message here (see _failed)
@@ -628,9 +633,17 @@ class NatsSubscription:
     async def _keep_alive(self) -> None:
         """Tell NATS the handlers still running are working, so a handler longer than
         ``ack_wait`` is not delivered again elsewhere while it runs (only a dead
-        worker's messages are)."""
+        worker's messages are).
+
+        Every eighth of ``ack_wait`` (the lease): NATS delivers a message again once
+        ``ack_wait`` has passed since its last "in progress", so a pause of this whole
+        process (SIGSTOP, a VM stall) of ``ack_wait`` less this period lets another
+        worker begin it. At an eighth that is 7/8 of the lease, past the fence (3/4) at
+        which the paused worker's own guard stops the body as it resumes
+        (:func:`cantata.engine.pauses.handler_fence`): the two never run side by side.
+        (At a third, a pause between 2/3 and 3/4 of the lease let them, docs/leases.md.)"""
         while True:
-            await asyncio.sleep(max(0.2, self.broker.ack_wait / 3))
+            await asyncio.sleep(max(0.1, self.broker.ack_wait * KEEP_ALIVE_SHARE))
             for m in list(self._held.values()):
                 with contextlib.suppress(Exception):  # settled meanwhile, or reconnecting
                     await m.in_progress()
