@@ -427,6 +427,62 @@ class Signature:
             out.append(restore(value, ann, f"{what} argument {i + 1}"))
         return out
 
+    def check_args(self, args: Sequence[Any], what: str, names: Sequence[str] = (),
+                   limit: int | None = None) -> None:
+        """Raise what the worker's :meth:`restore_args` would for ``args`` (Python
+        values, as JSON turns them first), in one line naming the argument (``names``:
+        the parameters') and each field that does not fit. Nothing is done for a
+        ``plain`` signature (no parameter needs restoring).
+
+        Raises:
+            SerializationError: an argument is not JSON-serialisable or does not match
+                its declared type.
+        """
+        if self.plain:
+            return
+        decoded = orjson.loads(dumps(list(args), f"arguments of {what}", limit=limit))
+        for i, value in enumerate(decoded):
+            ann = self.params[i] if i < len(self.params) else self.varargs
+            if not _needs_restoring(ann):
+                continue
+            try:
+                validate(ann, value)
+            except pydantic.ValidationError as exc:
+                name = f" ({names[i]})" if i < len(names) else ""
+                raise SerializationError(
+                    f"{what} argument {i + 1}{name} does not match its declared type "
+                    f"{type_name(ann)}: {one_line(exc)}; pass a value of that type "
+                    "(nothing was started)") from None
+            except (TypeError, pydantic.PydanticSchemaGenerationError):
+                continue  # (as restore: a type pydantic cannot check is passed as it is)
+
+
+def type_name(annotation: Any) -> str:
+    """How a type is named in a message: ``Order``, ``list[Order]``."""
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def one_line(exc: pydantic.ValidationError, shown: int = 3) -> str:
+    """A validation error's problems in one line: each field's dotted path, pydantic's
+    message and the value given (the first ``shown`` of them, then how many more)."""
+    parts = []
+    errors = exc.errors(include_url=False)
+    for error in errors[:shown]:
+        where = ".".join(str(p) for p in error.get("loc", ())) or "the value"
+        got = "" if error.get("type") == "missing" else \
+            f" (got {_brief_repr(error.get('input'))})"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}{got}")
+    if len(errors) > shown:
+        parts.append(f"and {len(errors) - shown} more")
+    return "; ".join(parts)
+
+
+def _brief_repr(value: Any, most: int = 60) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= most else text[:most - 3] + "..."
+
 
 def signature_of(fn: Callable[..., Any], skip: int = 0) -> Signature:
     """Read the parameter and return annotations of ``fn``, skipping ``skip`` leading params."""
