@@ -508,6 +508,22 @@ class App(RouterFacade):
         declared = await self.engine.store.declarations(self.name)
         return sorted({d.name for d in declared if d.kind == "workflow"} | set(self.workflows))
 
+    async def _group_names(self) -> list[str]:
+        """The handler groups (and ``start_on`` triggers' groups) this process's code has
+        and those any service of the app declared in the store."""
+        declared = await self.engine.store.declarations(self.name)
+        return sorted({d.name for d in declared if d.kind in ("handler", "trigger")}
+                      | {h.group for h in self.handlers})
+
+    async def _unknown_group(self, group: str) -> str | None:
+        """Why ``group`` names no group of this app (naming the known ones), for a filter
+        that found nothing; ``None`` when it is one (a group without dead letters)."""
+        known = await self._group_names()
+        if group in known:
+            return None
+        return (f"no handler group {group!r} in app {self.name!r} "
+                f"(known: {', '.join(known) or 'none'})")
+
     def asgi(self, *, stream_interval: float = 0.5) -> Any:
         """The operator console (HTTP API and dashboard) as an ASGI application, to mount
         in your own (docs/console.md). It opens this app as a client on first use.

@@ -527,6 +527,23 @@ async def test_arguments_that_do_not_fit_a_loaded_workflows_types_are_refused(
             assert await app.get_handle(r.json()["run_id"]).result(timeout=10) == 4
 
 
+async def test_dead_letters_of_a_group_the_app_never_had_is_a_404_naming_the_known_ones(
+        shop: Shop) -> None:
+    """As `cantata dlq list --group nope`: a group no code has and no service declared
+    is a typo, a 404 naming the known groups, not an empty list; a known group without
+    letters is an empty list."""
+    r = await shop.get("/api/dead-letters", params={"group": "nope"})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["code"] == "unknown_group" and error["field"] == "group", error
+    groups = sorted(g["group"] for g in (await shop.get("/api/groups")).json() if g["kind"])
+    assert "emails" in groups
+    assert error["message"] == (f"no handler group 'nope' in app {shop.app.name!r} (known: "
+                                f"{', '.join(groups)}); GET /api/groups lists them"), error
+    r = await shop.get("/api/dead-letters", params={"group": "emails"})
+    assert (r.status_code, r.json()) == (200, [])
+
+
 async def test_publishing_a_type_nothing_listens_to_says_it_is_an_orphan(shop: Shop) -> None:
     typo = await shop.post("/api/events", json={"type": "order.plcaed", "data": {}})
     assert typo.status_code == 201 and typo.json()["orphan"] is True
