@@ -187,6 +187,12 @@ def actor_or(actor: str | None, default: str) -> str:
 SHOWN = 40  # characters of a given text quoted back in a message
 
 
+def article(word: str) -> str:
+    """``a`` or ``an`` before ``word`` as a message writes it (by its first letter:
+    "an order.placed event", "a refund.issued event")."""
+    return "an" if word[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+
+
 def brief(text: str) -> str:
     """``text`` quoted for a message, cut to its first :data:`SHOWN` characters when
     longer (a value of any size is refused in a message of a few lines)."""

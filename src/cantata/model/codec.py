@@ -108,6 +108,14 @@ def key_clash(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _agree(what: str, verb: str) -> str:
+    """``verb`` (``is``, ``has``, ``holds``) agreeing with ``what``: the plural for the
+    "arguments of ..." or "results of ..." of a call."""
+    if not what.startswith(("arguments ", "results ")):
+        return verb
+    return {"is": "are", "has": "have"}.get(verb, verb.removesuffix("s"))
+
+
 def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
     """Encode ``value`` as JSON text.
 
@@ -126,19 +134,19 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
             data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
             clash = key_clash(value)
             if clash is not None:
-                raise SerializationError(f"{what} {clash}") from None
+                raise SerializationError(f"{what} {_agree(what, 'has')}{clash[3:]}") from None
     except (TypeError, orjson.JSONEncodeError) as exc:
         if isinstance(exc.__cause__, UnicodeDecodeError):  # a model's bytes field
             raise SerializationError(
-                f"{what} holds bytes that are not UTF-8 text in a pydantic model, which "
-                "writes bytes as UTF-8 text unless told otherwise: give the model "
+                f"{what} {_agree(what, 'holds')} bytes that are not UTF-8 text in a pydantic "
+                "model, which writes bytes as UTF-8 text unless told otherwise: give the model "
                 "model_config = ConfigDict(ser_json_bytes='base64', "
                 "val_json_bytes='base64'), or pass a dataclass (its bytes are kept as "
                 "base64)"
             ) from None
         raise SerializationError(
-            f"{what} is not JSON-serialisable ({exc}); pass plain JSON values (dict, list, "
-            "str, int, float, bool, None), pydantic models or dataclasses"
+            f"{what} {_agree(what, 'is')} not JSON-serialisable ({exc}); pass plain JSON "
+            "values (dict, list, str, int, float, bool, None), pydantic models or dataclasses"
         ) from None
     # NaN and infinities come out as null: look for them only when a null was written.
     # (find, not ``in``: bytes' ``in`` first tries its operand as an int and makes, then
@@ -147,19 +155,20 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
         where = nonfinite_path(value)
         if where is not None:
             raise SerializationError(
-                f"{what} holds a NaN or infinite number at {where}; JSON has neither: "
-                "send None or a string such as 'NaN' instead"
+                f"{what} {_agree(what, 'holds')} a NaN or infinite number at {where}; JSON "
+                "has neither: send None or a string such as 'NaN' instead"
             )
     if limit is not None and len(data) > limit:
         raise PayloadTooLarge(
-            f"{what} is {len(data)} bytes of JSON, over the app's max_payload of {limit} "
-            "bytes: pass a reference to data stored elsewhere, raise App(max_payload=...), "
-            "or set App(offload_above=...) to keep large payloads in the store"
+            f"{what} {_agree(what, 'is')} {len(data)} bytes of JSON, over the app's "
+            f"max_payload of {limit} bytes: pass a reference to data stored elsewhere, "
+            "raise App(max_payload=...), or set App(offload_above=...) to keep large "
+            "payloads in the store"
         )
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(
-            f"{what} is {len(data)} bytes of JSON, over the store's {MAX_PAYLOAD_BYTES} byte "
-            "limit: store large payloads elsewhere and pass a reference"
+            f"{what} {_agree(what, 'is')} {len(data)} bytes of JSON, over the store's "
+            f"{MAX_PAYLOAD_BYTES} byte limit: store large payloads elsewhere and pass a reference"
         )
     return data.decode()
 
