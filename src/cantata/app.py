@@ -23,7 +23,7 @@ from cantata.broker.base import Broker
 from cantata.choreography.orphans import find_orphans, report_orphans
 from cantata.choreography.publish import new_event, repeated
 from cantata.choreography.redrive import redrive
-from cantata.declare.defs import workflow_name
+from cantata.declare.defs import Parameters, workflow_name
 from cantata.declare.router import Router
 from cantata.engine.clock import Clock, SystemClock
 from cantata.engine.engine import Engine
@@ -435,7 +435,9 @@ class App(RouterFacade):
                 500 characters (the store indexes it); ``idempotency_key``,
                 ``correlation_id``, ``partition`` or ``actor`` holds a NUL character or
                 a lone surrogate (no store keeps it as given).
-            SerializationError: an argument is not JSON-serialisable (nothing is stored).
+            SerializationError: an argument is not JSON-serialisable, or (when this
+                process has the workflow's code) does not match its parameter's declared
+                type, as the worker would restore it (nothing is stored).
             IdempotencyConflict: the key was used with other arguments.
             StoreUnavailable: the store could not store the run. When its answer to the
                 run's creation was lost (the run may be stored), start finds out by the
@@ -477,6 +479,12 @@ class App(RouterFacade):
                 f"no workflow named {name!r} in app {self.name!r} (known: {known}); "
                 "register it with @app.workflow in a service of this app"
             )
+        if wdef is not None and not wdef.sig.plain:
+            # Its code is here and a parameter is typed (a model, a dataclass, a date):
+            # arguments the worker would refuse are refused before the run is written.
+            takes = Parameters.of(wdef)
+            if takes is not None:
+                takes.check_types(wdef, args, engine.max_payload)
         if deadline is not None:  # (None passes both checks: no call on every start)
             check_seconds("deadline", deadline)
         if idempotency_key is not None:
@@ -499,6 +507,22 @@ class App(RouterFacade):
         declared in the store (what the console's ``GET /api/workflows`` lists)."""
         declared = await self.engine.store.declarations(self.name)
         return sorted({d.name for d in declared if d.kind == "workflow"} | set(self.workflows))
+
+    async def _group_names(self) -> list[str]:
+        """The handler groups (and ``start_on`` triggers' groups) this process's code has
+        and those any service of the app declared in the store."""
+        declared = await self.engine.store.declarations(self.name)
+        return sorted({d.name for d in declared if d.kind in ("handler", "trigger")}
+                      | {h.group for h in self.handlers})
+
+    async def _unknown_group(self, group: str) -> str | None:
+        """Why ``group`` names no group of this app (naming the known ones), for a filter
+        that found nothing; ``None`` when it is one (a group without dead letters)."""
+        known = await self._group_names()
+        if group in known:
+            return None
+        return (f"no handler group {group!r} in app {self.name!r} "
+                f"(known: {', '.join(known) or 'none'})")
 
     def asgi(self, *, stream_interval: float = 0.5) -> Any:
         """The operator console (HTTP API and dashboard) as an ASGI application, to mount

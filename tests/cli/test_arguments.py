@@ -21,8 +21,16 @@ from tests.helpers import with_schema
 
 APP = """
 import cantata
+import pydantic
 
 app = cantata.App("args", poll_interval=0.05)
+
+class Order(pydantic.BaseModel):
+    id: int
+
+@app.workflow
+async def typed(ctx, order: Order):
+    return order.id
 
 @app.workflow
 async def echo(ctx, x):
@@ -110,6 +118,26 @@ async def test_start_refuses_arguments_the_workflow_cannot_take_as_the_api_does(
     for command in (["some", "--args", "[1, 2, 3, 4]"], ["some", "--input", "1"]):
         code, out, err = await cli(capsys, "start", "argsapp:app", *command)
         assert code == 0, err
+
+
+async def test_start_refuses_arguments_that_do_not_fit_the_declared_type(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An argument that is not the workflow's declared pydantic model is refused in one
+    line naming the workflow, the argument and the field, before anything is stored
+    (not written, then failed by the worker)."""
+    async with the_app().client():
+        pass
+    code, out, err = await cli(capsys, "start", "argsapp:app", "typed", "--input",
+                               '{"id": "bad"}')
+    assert code == 1 and out == "" and one_line(err), err
+    assert err.startswith("cantata: error: workflow 'typed' argument 1 (order) does not "
+                          "match its declared type Order: id: Input should be a valid "
+                          "integer"), err
+    assert await stored() == ([], [])
+    code, out, err = await cli(capsys, "start", "argsapp:app", "typed", "--input",
+                               '{"id": 3}')
+    assert code == 0, err
 
 
 async def test_start_refuses_an_idempotency_key_longer_than_the_store_indexes(

@@ -88,6 +88,22 @@ async def test_a_group_no_code_declares_is_an_error_not_an_empty_answer(
     assert (code, json.loads(out)) == (0, []), err  # a known group without letters
 
 
+async def test_a_type_no_event_can_have_is_refused_as_the_api_refuses_it(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--type 'bad type'`` is no event type (the API answers 400 invalid_input): one
+    line and exit 1, not an empty table or "redelivering 0 dead letter(s)"."""
+    import lettersapp
+
+    async with lettersapp.app:
+        pass
+    for command in (["dlq", "list"], ["dlq", "replay", "--all"]):
+        code, out, err = await cli(capsys, *command, "--type", "bad type")
+        assert code == 1 and out == "", (command, out)
+        assert err == ("cantata: error: --type 'bad type' is no event type: use 1-200 "
+                       "letters, digits, '_', '.', ':' or '-' (such as order.placed)\n"), err
+
+
 async def test_a_workflow_the_app_never_had_is_an_error_not_an_empty_answer(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

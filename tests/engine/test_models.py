@@ -7,7 +7,13 @@ import datetime as dt
 import pydantic
 import pytest
 
-from cantata import App, IdempotencyConflict, WorkflowContext, WorkflowFailed
+from cantata import (
+    App,
+    IdempotencyConflict,
+    SerializationError,
+    WorkflowContext,
+    WorkflowFailed,
+)
 
 from .helpers import make_app
 
@@ -79,10 +85,41 @@ async def test_plain_dict_argument_is_validated_into_the_model(store_url: str) -
     async with app:
         h = await app.start("checkout", {"id": 1, "items": [], "placed_at": "2024-01-01T00:00:00Z"})
         assert await h.result(timeout=5) == Receipt(order_id=1, total=0.0)
-        bad = await app.start("strict", {"id": "not a number"})
-        with pytest.raises(WorkflowFailed, match="SerializationError"):
-            await bad.result(timeout=5)
     assert isinstance(seen[0], Order)
+
+
+async def test_arguments_that_do_not_fit_the_declared_type_are_refused_at_start(
+        store_url: str) -> None:
+    """A process with the workflow's code validates the arguments as the worker would
+    restore them, before the run is written: one line naming the workflow, the argument
+    and its fields. A process without the code starts by name and the worker refuses."""
+    seen: list[object] = []
+    app = shop(store_url, seen)
+    async with app:
+        for workflow in ("strict", strict_fn(app)):
+            with pytest.raises(SerializationError) as info:
+                await app.start(workflow, {"id": "not a number", "items": []})
+            message = str(info.value)
+            assert "\n" not in message, message
+            assert message.startswith(
+                "workflow 'strict' argument 1 (order) does not match its declared type "
+                "Order: id: Input should be a valid integer"), message
+            assert "(got 'not a number')" in message and "placed_at: Field required" in message
+            assert message.endswith("(nothing was started)"), message
+        assert await app.find_runs() == []
+        if store_url.startswith("memory"):  # (a memory store is no other process's)
+            return
+        bare = App(app.name, store=store_url)  # a client without the code: the worker checks
+        async with bare.client():
+            bad = await bare.start("strict", {"id": "not a number"})
+        await bare.close()
+        with pytest.raises(WorkflowFailed, match="SerializationError"):
+            await app.get_handle(bad.run_id).result(timeout=5)
+    assert seen == []
+
+
+def strict_fn(app: App) -> object:
+    return app.workflows["strict"].fn
 
 
 async def test_child_workflow_result_is_restored_by_type_hint(store_url: str) -> None:

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -235,26 +236,31 @@ async def test_an_input_over_max_payload_is_refused_when_the_schedule_is_made() 
         assert [s.name for s in await app.schedules.list()] == ["small"]
 
 
+async def _tick(ctx: Any, tick: Any) -> None:
+    return None
+
+
 def test_bad_schedules_name_the_value() -> None:
+    """(Unnamed, each is checked when applied: its error names the schedule.)"""
     app = App("sched")
     with pytest.raises(ConfigurationError, match=r"invalid cron expression '61 \* \* \* \*'"):
-        app.schedule("61 * * * *")
+        app.schedule("61 * * * *")(_tick)
     with pytest.raises(ConfigurationError, match="unknown time zone 'Mars/Base'"):
-        app.schedule("* * * * *", timezone="Mars/Base")
+        app.schedule("* * * * *", timezone="Mars/Base")(_tick)
     with pytest.raises(ConfigurationError, match="overlap='sometimes'"):
-        app.schedule(every=5, overlap="sometimes")
+        app.schedule(every=5, overlap="sometimes")(_tick)
     with pytest.raises(ConfigurationError, match="catch_up='most'"):
-        app.schedule(every=5, catch_up="most")
+        app.schedule(every=5, catch_up="most")(_tick)
     with pytest.raises(ConfigurationError, match="catch_up_limit=0"):
-        app.schedule(every=5, catch_up_limit=0)
+        app.schedule(every=5, catch_up_limit=0)(_tick)
     with pytest.raises(ConfigurationError, match="every=-1"):
-        app.schedule(every=-1)
+        app.schedule(every=-1)(_tick)
     with pytest.raises(ConfigurationError, match=(
         r"every=1e\+16 must be seconds > 0, at most 3155760000 seconds \(100 years\)"
     )):
-        app.schedule(every=1e16)
+        app.schedule(every=1e16)(_tick)
     with pytest.raises(ConfigurationError, match="one of them"):
-        app.schedule("* * * * *", every=5)
+        app.schedule("* * * * *", every=5)(_tick)
 
 
 async def test_a_triggered_runs_handle_outlives_the_block_it_was_made_in(
@@ -414,12 +420,32 @@ async def test_bad_schedule_arguments_raise_cantata_errors() -> None:
         assert await app.schedules.list() == []
 
 
+def test_a_bad_schedule_is_named_by_its_workflow_or_name() -> None:
+    """Not "schedule '(schedule)'": the name the schedule has, its workflow's or the
+    name given, above or below @app.workflow."""
+    app = App("sched")
+    with pytest.raises(ConfigurationError,
+                       match=r"^schedule 'nightly': invalid cron expression 'not a cron'"):
+        @app.schedule("not a cron")
+        @app.workflow
+        async def nightly(ctx: Any, tick: Any) -> None:
+            return None
+    with pytest.raises(ConfigurationError,
+                       match=r"^schedule 'hourly': invalid cron expression 'not a cron'"):
+        @app.workflow
+        @app.schedule("not a cron")
+        async def hourly(ctx: Any, tick: Any) -> None:
+            return None
+    with pytest.raises(ConfigurationError, match=r"^schedule 'reports': every=-1"):
+        app.schedule(every=-1, name="reports")
+
+
 def test_cron_must_have_five_fields() -> None:
     app = App("sched")
     for cron in ("0 * * * * *", "* * * * * */15", "* * * *", "@daily"):
         with pytest.raises(ConfigurationError,
                            match=rf"invalid cron expression '{re.escape(cron)}'.*five"):
-            app.schedule(cron)
+            app.schedule(cron)(_tick)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

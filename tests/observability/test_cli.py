@@ -79,6 +79,7 @@ def test_trace_of_an_unknown_id_is_one_clear_line(
     assert code == 1 and out == ""
     assert err.startswith("cantata: error: no business transaction 'nope' in app 'shop'")
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.endswith("(check the id, --app and --store)\n"), err  # the command's options
 
 
 def test_stalled_lists_every_reason_with_group_and_step(

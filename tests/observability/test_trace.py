@@ -241,6 +241,10 @@ async def test_an_unknown_id_is_a_clear_error(reader: App) -> None:
         await build_trace(reader.store, reader.name, "no-such-id")
     assert isinstance(info.value, CantataError)
     assert "'no-such-id'" in str(info.value) and "'shop'" in str(info.value)
+    # a library caller is told of the library, not of the CLI's options
+    assert "--" not in str(info.value), info.value
+    assert str(info.value).endswith("(check the id, and the app's name and store it was "
+                                    "recorded in)"), info.value
 
 
 async def test_a_transaction_joined_under_a_foreign_id() -> None:

@@ -36,8 +36,12 @@ def app_with_flow(store: str, **kw: Any) -> App:
 async def test_an_oversize_argument_is_refused_before_anything_is_stored(store_url: str) -> None:
     app = app_with_flow(store_url)
     async with app.client():
-        with pytest.raises(PayloadTooLarge, match=r"arguments of workflow flow is \d+ bytes.*4096"):
+        with pytest.raises(PayloadTooLarge,
+                           match=r"arguments of workflow flow are \d+ bytes.*4096"):
             await app.start("flow", BIG)
+        with pytest.raises(SerializationError,
+                           match=r"^arguments of workflow flow are not JSON-serialisable"):
+            await app.start("flow", object())
         assert await app.list_runs() == []
         with pytest.raises(PayloadTooLarge, match=r"data of event order.placed is 5\d\d\d bytes"):
             await app.publish("order.placed", {"blob": BIG})

@@ -141,6 +141,10 @@ async def test_a_used_id_is_a_duplicate_or_refused(store_url: str) -> None:
         assert again.id == first.id and again.data == first.data
         with pytest.raises(DuplicateEventId, match=r"pay-1.*other content"):
             await app.publish("payment.charged", {"amount": 0}, id="pay-1")
+        await app.publish("order.placed", {"n": 1}, id="ord-1")
+        with pytest.raises(DuplicateEventId, match=r"'ord-1' was already used by an "
+                                                   r"order\.placed event"):
+            await app.publish("order.placed", {"n": 2}, id="ord-1")
         await eventually(lambda: seen, what="handled")
         assert seen == [{"amount": 99}]
 

@@ -9,11 +9,18 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+import pydantic
 import pytest
 
 from cantata import App, ConfigurationError
 from tests.helpers import eventually
 from tests.server.conftest import Shop
+
+
+class Order(pydantic.BaseModel):
+    """A typed workflow argument (module level: the annotation is resolved here)."""
+
+    id: int
 
 
 async def finished(shop: Shop, run_id: str) -> dict[str, Any]:
@@ -482,6 +489,59 @@ async def test_arguments_that_do_not_fit_a_loaded_workflow_are_refused(
             r = await c.post("/api/workflows/add/runs", headers=h, json={})
             assert r.status_code == 201, r.text
         await bare.close()
+
+
+async def test_arguments_that_do_not_fit_a_loaded_workflows_types_are_refused(
+        store_url: str) -> None:
+    """A workflow whose code the console has takes a pydantic model: an input that is
+    not one is a 400 invalid_input naming the workflow, the argument and the field, in
+    one line (no run is written), as the worker would have failed the run."""
+    import httpx
+
+    from tests.server.conftest import make_tokens
+
+    app = App("typed", store=store_url, broker="embedded", poll_interval=0.05)
+
+    @app.workflow
+    async def wf(ctx: Any, order: Order) -> int:
+        return order.id
+
+    async with app:
+        tokens, _ = await make_tokens(app)
+        h = {"Authorization": f"Bearer {tokens['operator']}"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.asgi()),
+                                     base_url="http://c") as c:
+            for body, field in [({"input": {"id": "bad"}}, "input"),
+                                ({"args": [{"id": "bad"}]}, "args")]:
+                r = await c.post("/api/workflows/wf/runs", headers=h, json=body)
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert error["code"] == "invalid_input" and error["field"] == field, error
+                assert "\n" not in error["message"], error
+                assert error["message"].startswith(
+                    "workflow 'wf' argument 1 (order) does not match its declared type "
+                    "Order: id: Input should be a valid integer"), error
+            assert await app.find_runs() == []
+            r = await c.post("/api/workflows/wf/runs", headers=h, json={"input": {"id": 4}})
+            assert r.status_code == 201, r.text
+            assert await app.get_handle(r.json()["run_id"]).result(timeout=10) == 4
+
+
+async def test_dead_letters_of_a_group_the_app_never_had_is_a_404_naming_the_known_ones(
+        shop: Shop) -> None:
+    """As `cantata dlq list --group nope`: a group no code has and no service declared
+    is a typo, a 404 naming the known groups, not an empty list; a known group without
+    letters is an empty list."""
+    r = await shop.get("/api/dead-letters", params={"group": "nope"})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["code"] == "unknown_group" and error["field"] == "group", error
+    groups = sorted(g["group"] for g in (await shop.get("/api/groups")).json() if g["kind"])
+    assert "emails" in groups
+    assert error["message"] == (f"no handler group 'nope' in app {shop.app.name!r} (known: "
+                                f"{', '.join(groups)}); GET /api/groups lists them"), error
+    r = await shop.get("/api/dead-letters", params={"group": "emails"})
+    assert (r.status_code, r.json()) == (200, [])
 
 
 async def test_publishing_a_type_nothing_listens_to_says_it_is_an_orphan(shop: Shop) -> None:

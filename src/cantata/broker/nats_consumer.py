@@ -34,7 +34,7 @@ from cantata.broker.nats_publish import ack_all
 from cantata.broker.nats_pull import direct, fetch, indirect, usable
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.graceful import finish_unless
-from cantata.model.checks import check_text
+from cantata.model.checks import article, check_text
 from cantata.model.codec import new_id
 from cantata.model.event import BOUNDED_ATTRIBUTES, Event, check_length, is_claim
 from cantata.model.records import DELIVERY_DEAD, DELIVERY_PENDING, DeliveryOutcome
@@ -107,8 +107,8 @@ def same_event(stored: Event[Any], message: Event[Any]) -> bool:
 def clash(stored: Event[Any], message: Event[Any]) -> str:
     """The dead letter's error for a message reusing ``stored``'s id with other content."""
     return (
-        f"DuplicateEventId: event id {stored.id} is already used by a {stored.type} event "
-        f"(data {stored.data!r:.200}); this {message.type} message (data "
+        f"DuplicateEventId: event id {stored.id} is already used by {article(stored.type)} "
+        f"{stored.type} event (data {stored.data!r:.200}); this {message.type} message (data "
         f"{message.data!r:.200}) was refused: the stored event stays"
     )
 

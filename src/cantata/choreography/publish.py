@@ -8,6 +8,7 @@ from typing import Any
 
 from cantata.errors import DuplicateEventId
 from cantata.model import codec
+from cantata.model.checks import article
 from cantata.model.codec import new_id
 from cantata.model.event import Event, check_publish
 
@@ -54,8 +55,9 @@ def repeated(earlier: Event[Any], event: Event[Any]) -> Event[Any]:
     """
     if not earlier.same_content(event):
         raise DuplicateEventId(
-            f"event id {event.id!r} was already used by a {earlier.type} event "
-            f"published at {earlier.time} with other content (data {earlier.data!r}); "
+            f"event id {event.id!r} was already used by {article(earlier.type)} "
+            f"{earlier.type} event published at {earlier.time} with other content (data "
+            f"{earlier.data!r}); "
             f"this {event.type} event (data {event.data!r}) was refused: use a new id"
         )
     return dataclasses.replace(earlier, duplicate=True)

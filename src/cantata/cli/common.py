@@ -427,14 +427,17 @@ async def check_known(app: App, kind: str, name: str, option: str) -> None:
     Raises:
         ConfigurationError: naming the known ones, and ``option``.
     """
-    kinds = ("handler", "trigger") if kind == "handler" else (kind,)
-    known = {d.name for d in await app.store.declarations(app.name) if d.kind in kinds}
-    known |= set(app.workflows) if kind == "workflow" else {h.group for h in app.handlers}
+    if kind == "handler":  # (as GET /api/dead-letters?group= answers it)
+        problem = await app._unknown_group(name)
+        if problem is not None:
+            raise ConfigurationError(f"{problem}: check {option}")
+        return
+    known = {d.name for d in await app.store.declarations(app.name) if d.kind == kind}
+    known |= set(app.workflows)
     if name in known:
         return
-    what = "workflow" if kind == "workflow" else "handler group"
     raise ConfigurationError(
-        f"no {what} {name!r} in app {app.name!r} (known: {', '.join(sorted(known)) or 'none'}"
+        f"no workflow {name!r} in app {app.name!r} (known: {', '.join(sorted(known)) or 'none'}"
         f"): check {option}"
     )
 

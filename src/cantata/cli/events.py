@@ -8,6 +8,7 @@ import typer
 from rich.text import Text
 
 from cantata.errors import ConfigurationError
+from cantata.model.checks import check_type_filter
 from cantata.server.models import dead_letter_out
 
 from .common import (
@@ -93,6 +94,7 @@ def dlq_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List dead letters, oldest first."""
+    check_type_filter("--type", type)  # as GET /api/dead-letters?type= refuses it
     the_app = client_app(app, store)
 
     async def go() -> None:
@@ -136,6 +138,7 @@ def dlq_replay(
         raise ConfigurationError("give either a dead letter ID or --all (with --group/--type)")
     if dead_letter_id is not None and (group or type):
         raise ConfigurationError("--group and --type go with --all")
+    check_type_filter("--type", type)
     the_app = client_app(app, store, broker)
     check_broker(the_app)  # before any letter leaves the list
 

@@ -16,6 +16,7 @@ from cantata.app import App
 from cantata.errors import AmbiguousRunId, ConfigurationError, RunNotFound, StoreUnavailable
 from cantata.model.records import utc_datetime
 from cantata.model.status import RunStatus
+from cantata.observability.assemble import TRACE_ADVICE
 from cantata.observability.asyncapi import asyncapi_document
 from cantata.observability.eventmap import choreography_mermaid
 from cantata.observability.graph import code_mermaid, workflow_mermaid
@@ -91,8 +92,9 @@ async def _trace_of(app: App, ref: str | None, key: str | None, limit: int) -> T
                 rec = await resolve_run(app, ref)
             except AmbiguousRunId:
                 raise
-            except RunNotFound:
-                raise exc from None
+            except RunNotFound:  # the library's advice in the command's own terms
+                raise TraceNotFound(str(exc).replace(
+                    TRACE_ADVICE, "check the id, --app and --store")) from None
     else:
         rec = await resolve_run(app, ref, key)
     return await build_trace(app.store, app.name, rec.correlation_id, limit=limit)

@@ -116,6 +116,11 @@ class Parameters:
                    tuple(p.name for p in positional if p.default is p.empty),
                    any(p.kind is p.VAR_POSITIONAL for p in declared))
 
+    def check_types(self, wdef: WorkflowDef, args: Any, limit: int | None = None) -> None:
+        """Refuse ``args`` that do not match ``wdef``'s declared parameter types, as
+        its worker would (:meth:`Signature.check_args`), naming the parameter."""
+        wdef.sig.check_args(args, f"workflow {self.workflow!r}", self.positional, limit)
+
     def problem(self, given: int) -> str | None:
         """Why the workflow cannot be called with ``given`` arguments (one missing, too
         many), naming it and its parameters; ``None`` when they fit."""

@@ -29,15 +29,21 @@ def schedule_decorator(
     catch_up_limit: int | None,
     name: str | None,
 ) -> Callable[[F], F]:
-    """The decorator of ``Router.schedule``; the options are checked at once."""
+    """The decorator of ``Router.schedule``; the options are checked at once when the
+    schedule is named, else when the decorator is applied (an error names the schedule
+    by its workflow, as it will be named)."""
     options: dict[str, Any] = {
         "cron": cron, "every": every, "timezone": timezone, "overlap": overlap,
         "catch_up": catch_up, "catch_up_limit": catch_up_limit,
     }
-    ScheduleSpec(name or "(schedule)", "(workflow)", **options)  # validate now
+    if name is not None:
+        ScheduleSpec(name, "(workflow)", **options)  # validate now, naming it
 
     def register(f: F) -> F:
         wdef = getattr(f, WORKFLOW_ATTR, None)
+        if name is None:  # named after its workflow: validated once that is known
+            label = wdef.name if wdef is not None else getattr(f, "__name__", "(schedule)")
+            ScheduleSpec(label, "(workflow)", **options)
         if wdef is not None:
             _bind(router, wdef, name, options)
         else:  # below @app.workflow: bound when that registers the function

@@ -5,6 +5,7 @@ words wherever the option is taken."""
 from __future__ import annotations
 
 import math
+import re
 from numbers import Real
 from typing import TypeGuard
 
@@ -26,6 +27,26 @@ def check_number(
 
 #: The longest duration taken, in seconds: 100 years (of 365.25 days). A wake time,
 #: timeout or deadline further away has no date (past year 9999) to show or store.
+# A workflow, group or step name, or an event type, as a filter names it (the HTTP
+# API's query parameters and the CLI's options check it alike).
+NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def check_type_filter(option: str, value: str | None) -> str | None:
+    """An event type given to filter by (``None`` passes): what ``GET /api/dead-letters?
+    type=`` takes, refused alike (no event type holds a space).
+
+    Raises:
+        ConfigurationError: naming ``option`` and what an event type is made of.
+    """
+    if value is None or _NAME_RE.fullmatch(value):
+        return value
+    raise ConfigurationError(
+        f"{option} {brief(value)} is no event type: use 1-200 letters, digits, '_', '.', "
+        "':' or '-' (such as order.placed)")
+
+
 MAX_SECONDS = 3_155_760_000
 LONGEST = f"{MAX_SECONDS} seconds (100 years)"
 
@@ -164,6 +185,12 @@ def actor_or(actor: str | None, default: str) -> str:
 
 
 SHOWN = 40  # characters of a given text quoted back in a message
+
+
+def article(word: str) -> str:
+    """``a`` or ``an`` before ``word`` as a message writes it (by its first letter:
+    "an order.placed event", "a refund.issued event")."""
+    return "an" if word[:1].lower() in ("a", "e", "i", "o", "u") else "a"
 
 
 def brief(text: str) -> str:

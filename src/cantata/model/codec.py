@@ -108,6 +108,14 @@ def key_clash(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _agree(what: str, verb: str) -> str:
+    """``verb`` (``is``, ``has``, ``holds``) agreeing with ``what``: the plural for the
+    "arguments of ..." or "results of ..." of a call."""
+    if not what.startswith(("arguments ", "results ")):
+        return verb
+    return {"is": "are", "has": "have"}.get(verb, verb.removesuffix("s"))
+
+
 def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
     """Encode ``value`` as JSON text.
 
@@ -126,19 +134,19 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
             data = orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
             clash = key_clash(value)
             if clash is not None:
-                raise SerializationError(f"{what} {clash}") from None
+                raise SerializationError(f"{what} {_agree(what, 'has')}{clash[3:]}") from None
     except (TypeError, orjson.JSONEncodeError) as exc:
         if isinstance(exc.__cause__, UnicodeDecodeError):  # a model's bytes field
             raise SerializationError(
-                f"{what} holds bytes that are not UTF-8 text in a pydantic model, which "
-                "writes bytes as UTF-8 text unless told otherwise: give the model "
+                f"{what} {_agree(what, 'holds')} bytes that are not UTF-8 text in a pydantic "
+                "model, which writes bytes as UTF-8 text unless told otherwise: give the model "
                 "model_config = ConfigDict(ser_json_bytes='base64', "
                 "val_json_bytes='base64'), or pass a dataclass (its bytes are kept as "
                 "base64)"
             ) from None
         raise SerializationError(
-            f"{what} is not JSON-serialisable ({exc}); pass plain JSON values (dict, list, "
-            "str, int, float, bool, None), pydantic models or dataclasses"
+            f"{what} {_agree(what, 'is')} not JSON-serialisable ({exc}); pass plain JSON "
+            "values (dict, list, str, int, float, bool, None), pydantic models or dataclasses"
         ) from None
     # NaN and infinities come out as null: look for them only when a null was written.
     # (find, not ``in``: bytes' ``in`` first tries its operand as an int and makes, then
@@ -147,19 +155,20 @@ def dumps(value: Any, what: str = "value", *, limit: int | None = None) -> str:
         where = nonfinite_path(value)
         if where is not None:
             raise SerializationError(
-                f"{what} holds a NaN or infinite number at {where}; JSON has neither: "
-                "send None or a string such as 'NaN' instead"
+                f"{what} {_agree(what, 'holds')} a NaN or infinite number at {where}; JSON "
+                "has neither: send None or a string such as 'NaN' instead"
             )
     if limit is not None and len(data) > limit:
         raise PayloadTooLarge(
-            f"{what} is {len(data)} bytes of JSON, over the app's max_payload of {limit} "
-            "bytes: pass a reference to data stored elsewhere, raise App(max_payload=...), "
-            "or set App(offload_above=...) to keep large payloads in the store"
+            f"{what} {_agree(what, 'is')} {len(data)} bytes of JSON, over the app's "
+            f"max_payload of {limit} bytes: pass a reference to data stored elsewhere, "
+            "raise App(max_payload=...), or set App(offload_above=...) to keep large "
+            "payloads in the store"
         )
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(
-            f"{what} is {len(data)} bytes of JSON, over the store's {MAX_PAYLOAD_BYTES} byte "
-            "limit: store large payloads elsewhere and pass a reference"
+            f"{what} {_agree(what, 'is')} {len(data)} bytes of JSON, over the store's "
+            f"{MAX_PAYLOAD_BYTES} byte limit: store large payloads elsewhere and pass a reference"
         )
     return data.decode()
 
@@ -426,6 +435,62 @@ class Signature:
             ann = self.params[i] if i < len(self.params) else self.varargs
             out.append(restore(value, ann, f"{what} argument {i + 1}"))
         return out
+
+    def check_args(self, args: Sequence[Any], what: str, names: Sequence[str] = (),
+                   limit: int | None = None) -> None:
+        """Raise what the worker's :meth:`restore_args` would for ``args`` (Python
+        values, as JSON turns them first), in one line naming the argument (``names``:
+        the parameters') and each field that does not fit. Nothing is done for a
+        ``plain`` signature (no parameter needs restoring).
+
+        Raises:
+            SerializationError: an argument is not JSON-serialisable or does not match
+                its declared type.
+        """
+        if self.plain:
+            return
+        decoded = orjson.loads(dumps(list(args), f"arguments of {what}", limit=limit))
+        for i, value in enumerate(decoded):
+            ann = self.params[i] if i < len(self.params) else self.varargs
+            if not _needs_restoring(ann):
+                continue
+            try:
+                validate(ann, value)
+            except pydantic.ValidationError as exc:
+                name = f" ({names[i]})" if i < len(names) else ""
+                raise SerializationError(
+                    f"{what} argument {i + 1}{name} does not match its declared type "
+                    f"{type_name(ann)}: {one_line(exc)}; pass a value of that type "
+                    "(nothing was started)") from None
+            except (TypeError, pydantic.PydanticSchemaGenerationError):
+                continue  # (as restore: a type pydantic cannot check is passed as it is)
+
+
+def type_name(annotation: Any) -> str:
+    """How a type is named in a message: ``Order``, ``list[Order]``."""
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def one_line(exc: pydantic.ValidationError, shown: int = 3) -> str:
+    """A validation error's problems in one line: each field's dotted path, pydantic's
+    message and the value given (the first ``shown`` of them, then how many more)."""
+    parts = []
+    errors = exc.errors(include_url=False)
+    for error in errors[:shown]:
+        where = ".".join(str(p) for p in error.get("loc", ())) or "the value"
+        got = "" if error.get("type") == "missing" else \
+            f" (got {_brief_repr(error.get('input'))})"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}{got}")
+    if len(errors) > shown:
+        parts.append(f"and {len(errors) - shown} more")
+    return "; ".join(parts)
+
+
+def _brief_repr(value: Any, most: int = 60) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def signature_of(fn: Callable[..., Any], skip: int = 0) -> Signature:

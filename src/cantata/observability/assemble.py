@@ -197,8 +197,13 @@ async def load_records(
             return other, records
     raise TraceNotFound(
         f"no business transaction {correlation_id!r} in app {app!r}: no run or event has that "
-        f"id or correlation id in store {store.url} (check the id, --app and --store)"
+        f"id or correlation id in store {store.url} ({TRACE_ADVICE})"
     )
+
+
+# What a library caller is told to check when no transaction has the id (the CLI
+# names its own options instead: ``cantata trace``).
+TRACE_ADVICE = "check the id, and the app's name and store it was recorded in"
 
 
 def records_truncated(records: TraceRecords, limit: int) -> bool:

@@ -15,7 +15,7 @@ from cantata.observability.trace import build_trace
 from cantata.server import params
 from cantata.server.auth import Principal
 from cantata.server.deps import ERRORS, Operator, Viewer, known_query
-from cantata.server.errors import caused_by
+from cantata.server.errors import ApiError, caused_by
 from cantata.server.maps import events_map, workflow_map
 from cantata.server.models import (
     DeadLetterOut,
@@ -79,13 +79,20 @@ async def dead_letters(
     group: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
     type: Annotated[str | None, Query(pattern=params.NAME_PATTERN)] = None,
 ) -> list[DeadLetterOut]:
-    """Dead letters (deliveries that failed for good), by group and event type."""
+    """Dead letters (deliveries that failed for good), by group and event type. A
+    `group` no code has and no service of the app declared is a 404 (`unknown_group`)
+    naming the known ones, as `cantata dlq list --group` refuses it."""
     console = console_of(request)
     params.name("group", group)
     params.ident("type", type)
     app = await console.open()
     found = await app.store.dead_letters(app.name, limit=MAX_DEAD_LETTERS, group=group,
                                          type=type)
+    if not found and group is not None:  # a typo, not an empty list: as `cantata dlq list`
+        problem = await app._unknown_group(group)
+        if problem is not None:
+            raise ApiError(404, "unknown_group",
+                           console.redact(f"{problem}; GET /api/groups lists them"), "group")
     return [dead_letter_out(d) for d in found]
 
 

@@ -14,7 +14,7 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from cantata.errors import CantataError, ConfigurationError, InvalidEvent, UnknownAttribute
 from cantata.model.attributes import index_value, parse_attr
-from cantata.model.checks import brief, check_text
+from cantata.model.checks import NAME_PATTERN, brief, check_text
 from cantata.model.codec import nonfinite_path
 from cantata.model.event import check_publish
 from cantata.model.idempotency import check_correlation_id, check_given_key
@@ -25,7 +25,6 @@ from cantata.server.errors import ApiError, bad_input
 # a caller chose (idempotency keys, correlation ids, event ids) are any text: see key(),
 # start_keys() and event_attributes().
 ID_PATTERN = r"^[\x21-\x7e]{1,200}$"
-NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 _ID_RE = re.compile(ID_PATTERN)
 _NAME_RE = re.compile(NAME_PATTERN)
 # Keys a caller chose (idempotency keys, correlation ids): any text, bounded. App.start

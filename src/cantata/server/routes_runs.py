@@ -16,6 +16,7 @@ from cantata.errors import (
     PayloadTooLarge,
     RunNotFound,
     RunNotRetryable,
+    SerializationError,
     StepNotInHistory,
     UnknownAttribute,
 )
@@ -232,7 +233,8 @@ async def start_run(
     `idempotency_key` already used with the same arguments answers its run with 200 and
     `created: false` (nothing is started). When the workflow's code is loaded in this
     process, arguments it cannot be called with (one missing, too many) are refused
-    with 422 instead."""
+    with 422 instead, and arguments that do not match a parameter's declared type (a
+    pydantic model, a dataclass, a date) with 400 `invalid_input`, naming the field."""
     console = console_of(request)
     params.name("name", name)
     if "input" in body.model_fields_set and body.args is not None:
@@ -262,6 +264,8 @@ async def start_run(
         raise caused_by("idempotency_key", exc) from None
     except PayloadTooLarge as exc:
         raise caused_by(sent or "input", exc) from None
+    except SerializationError as exc:  # not the declared type of a loaded workflow's
+        raise bad_input(sent or "input", console.redact(str(exc))) from None
     if not created:  # the key's run: nothing was started, and the log says so
         response.status_code = 200
         await app.store.record_action(app.name, who.actor, "run.start_repeated",
