@@ -100,8 +100,9 @@ class Engine:
         self.poll_interval = poll_interval
         self.wait_poll_interval = max(poll_interval, 0.5)
         self.services = services
-        # The handler groups this worker's consumer serves, once it has started (its
-        # heartbeat records them: observability/stall_hints.py); None until then.
+        # The handler groups this worker's consumer serves, set before its first
+        # heartbeat (which records them: observability/stall_hints.py); None for a
+        # client.
         self.handler_groups: list[str] | None = None
         self.metrics = Metrics()
         self.hooks = hooks if hooks is not None else Hooks()
@@ -571,14 +572,20 @@ class Engine:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def start_serving(self) -> None:
-        """Heartbeat, then claim and execute runs until :meth:`stop`."""
+    async def start_serving(
+        self, before_claiming: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Heartbeat, then claim and execute runs until :meth:`stop`.
+
+        ``before_claiming``: awaited once this worker's first heartbeat is in (its row
+        says what it serves) and before it claims anything (Ownership.start).
+        """
         if self.serving:
             return
         self.draining = False
         gcpolicy.tune()  # once per process: fewer garbage collections (gcpolicy.py)
         self.ownership = Ownership(self)
-        await self.ownership.start()
+        await self.ownership.start(before_claiming)
         self.serving = True
         self._loops = [asyncio.create_task(self._watch_loop(), name="cantata-watch")]
         from .tasks import TaskServer

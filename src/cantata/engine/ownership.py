@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import StoreUpgraded
@@ -189,7 +190,10 @@ class Ownership:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, before_claiming: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Heartbeat, then claim. ``before_claiming`` is awaited once the first heartbeat
+        is in and the heartbeat goes on, before anything is claimed (an error it raises
+        is the start's: the engine's stop ends the heartbeat)."""
         self._stopped = False
         # The hold begins here, not when the engine was made (a client that starts to
         # serve later has not lapsed, nor been paused).
@@ -198,6 +202,8 @@ class Ownership:
         self._watch_every = min(0.05, self.engine.lease / 20)
         self._watchdog = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="cantata-heartbeat")
+        if before_claiming is not None:
+            await before_claiming()
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="cantata-claim"),
             asyncio.create_task(self._repair_loop(), name="cantata-reconcile"),
