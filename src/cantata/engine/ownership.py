@@ -395,32 +395,34 @@ class Ownership:
             # (a run of its own that ends or waits wakes this loop: Engine.slot_freed)
             limit = engine.claim_limit(CLAIM_BATCH)
             capped = limit < CLAIM_BATCH
-            if workflows and limit and not self.expired():
-                # Owners past their own expiry are gone (each is judged by its own
-                # lease); while this worker's own hold is in doubt, only runs nobody owns.
-                stale_before = engine.clock.now() if self.may_take_over() else 0.0
-                looked = engine.clock.now()
-                try:
-                    claimed = await versioning.claim(
-                        engine, workflows, stale_before=stale_before, limit=limit
-                    )
-                except Exception as exc:
-                    looked = None
-                    self.quiet.warning(
-                        "claim", "worker %s: claiming runs failed (%s); retrying",
-                        engine.worker_id, reason(exc),
-                    )
-                    self.repair_soon()  # the claim may have been applied, its answer lost
-                else:
-                    self.quiet.recovered("claim", "worker %s: claiming runs works again",
-                                         engine.worker_id)
-            # Held back by the bound: as full as its room (more may be claimable); a
-            # claim that found less than its room took all there was.
-            engine.claims_held = capped and len(claimed) == limit
-            loaded = await self._histories(claimed)
-            for run in claimed:
-                log.info("resuming run %s of %s", run.run_id, run.workflow)
-                engine.launch(run, history=loaded.get(run.run_id))
+            with engine.claiming_up_to(limit):
+                if workflows and limit and not self.expired():
+                    # Owners past their own expiry are gone (each is judged by its own
+                    # lease); while this worker's own hold is in doubt, only runs nobody
+                    # owns.
+                    stale_before = engine.clock.now() if self.may_take_over() else 0.0
+                    looked = engine.clock.now()
+                    try:
+                        claimed = await versioning.claim(
+                            engine, workflows, stale_before=stale_before, limit=limit
+                        )
+                    except Exception as exc:
+                        looked = None
+                        self.quiet.warning(
+                            "claim", "worker %s: claiming runs failed (%s); retrying",
+                            engine.worker_id, reason(exc),
+                        )
+                        self.repair_soon()  # the claim may have been applied, its answer lost
+                    else:
+                        self.quiet.recovered("claim", "worker %s: claiming runs works again",
+                                             engine.worker_id)
+                # Held back by the bound: as full as its room (more may be claimable); a
+                # claim that found less than its room took all there was.
+                engine.claims_held = capped and len(claimed) == limit
+                loaded = await self._histories(claimed)
+                for run in claimed:
+                    log.info("resuming run %s of %s", run.run_id, run.workflow)
+                    engine.launch(run, history=loaded.get(run.run_id))
             if claimed and len(claimed) == limit:
                 continue  # more may be claimable (the bound: none, unless a slot freed)
             # While the store hears other processes, new work wakes this loop: it looks
