@@ -100,7 +100,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """With pytest-xdist (``pytest -n 6 --dist loadgroup``), the fault suite's tests
     (kills, pauses, outages, private servers) run one after another in one worker,
     beside the other tests: side by side they would load the machine for each other and
-    stretch the timing they measure."""
+    stretch the timing they measure. (At ``-n 6`` the group ends well before the run:
+    a run is bound by the sum of all tests' times, so splitting it gains nothing;
+    docs/performance.md, round twenty-eight (suite time).)"""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:

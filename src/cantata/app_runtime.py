@@ -130,7 +130,27 @@ class Runtime:
             )
         await declare_version(engine)  # before claiming: its place among deployed versions
         await declare_schedules(engine, app.router)  # (before the scheduler starts)
-        await engine.start_serving()
+        consumer = Consumer(
+            EngineHost(engine), self.broker, on_emitted=self.emitted,
+            concurrency=app.concurrency,
+        )
+        # The groups it serves are in this worker's first heartbeat (versioning.
+        # worker_info), and the app's full declarations, with the broker this worker
+        # takes the app's events through (an operator's redelivery must use it too),
+        # are written once that heartbeat is in and before anything is claimed or
+        # subscribed: a start that fails at this write has served nothing. After the
+        # heartbeat, because a retire of a group racing this start must either see this
+        # worker serving the group or be followed by this write (observability/groups.py
+        # retire). No broker's subscribe declares (docs/architecture.md), so nothing
+        # written later replaces these rows.
+        engine.handler_groups = sorted(consumer.groups())
+        declarations = [*declaration_records(app.router, workflow_shape),
+                        Binding.of(self.broker).declaration()]
+
+        async def declare() -> None:
+            await self.store.declare(app.name, declarations)
+
+        await engine.start_serving(before_claiming=declare)
         # App(lease=..., poll_interval=...) governs deliveries as well as runs, and the
         # engine's one heartbeat keeps both this worker's runs and its deliveries.
         self.broker.adopt_timing(lease=engine.lease, poll_interval=engine.poll_interval,
@@ -138,12 +158,8 @@ class Runtime:
                                  clock=engine.clock)
         engine.claimer_wakers.append(self.broker.wake)  # (the embedded broker's claims)
         engine.ownership.hold()  # released once the consumer has drained (close)
-        self.consumer = Consumer(
-            EngineHost(engine), self.broker, on_emitted=self.emitted,
-            concurrency=app.concurrency,
-        )
-        engine.handler_groups = sorted(self.consumer.groups())
-        await self.consumer.start()
+        self.consumer = consumer
+        await consumer.start()
         keep = getattr(self.broker, "keep_outside", None)
         if keep is not None:
             # Events another system puts on the broker reach a wait only once stored: a
@@ -157,11 +173,6 @@ class Runtime:
 
             await keep_for_waits(sorted({t for wf, t in app.router.waits if engine.serves(wf)}))
             engine.waits_reached = keep_for_waits
-        # A broker may declare the groups it subscribes bare (NatsBroker does):
-        # record the full declarations last; with them, the broker this worker takes
-        # the app's events through (an operator's redelivery must use it too).
-        await self.store.declare(app.name, [*declaration_records(app.router, workflow_shape),
-                                            Binding.of(self.broker).declaration()])
 
     def emitted(self, events: Sequence[Event[Any]]) -> None:
         """Events were committed here: wake what waits for them, hand them to this

@@ -24,6 +24,7 @@ from cantata.broker.nats import (
 )
 from cantata.errors import BrokerError, ConfigurationError
 from cantata.model.event import Event
+from cantata.model.records import Declaration
 from cantata.store.factory import store_from_url
 from tests.broker.nats_support import Server, app_name, nats_broker, streams_removed
 
@@ -190,6 +191,8 @@ async def test_pull_loops_survive_a_server_restart(own_server: Callable[..., Ser
             await asyncio.sleep(0.02)
 
     try:
+        # (the app declares a group before it subscribes: docs/architecture.md)
+        await store.declare("shop", [Declaration("handler", "billing", "order.*")])
         await broker.subscribe("shop", "billing", ["order.*"], handle, worker_id="w1")
         first = Event(type="order.placed", data={"n": 1})
         await publish(first)

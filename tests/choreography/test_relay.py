@@ -18,6 +18,7 @@ from cantata.choreography.relay import OutboxRelay, relay_once
 from cantata.errors import BrokerError
 from cantata.model.codec import new_id
 from cantata.model.event import Event
+from cantata.model.records import Declaration
 from cantata.store.base import Store
 from cantata.store.factory import store_from_url
 from tests.helpers import eventually, with_schema
@@ -521,6 +522,8 @@ async def test_committed_events_reach_nats_subscribers_through_the_relay(
 ) -> None:
     broker, app = nats_broker
     billing, shipping = Counter(), Counter()
+    await store.declare(app, [Declaration("handler", "billing", "order.placed"),
+                              Declaration("handler", "shipping", "order.*")])
     await broker.subscribe(app, "billing", ["order.placed"], billing, worker_id="w1")
     await broker.subscribe(app, "shipping", ["order.*"], shipping, worker_id="w1")
     relay = OutboxRelay(store, broker, app, poll_interval=0.05)
@@ -542,6 +545,7 @@ async def test_relay_restarted_after_a_crash_before_marking_does_not_double_hand
 ) -> None:
     broker, app = nats_broker
     billing = Counter()
+    await store.declare(app, [Declaration("handler", "billing", "order.placed")])
     await broker.subscribe(app, "billing", ["order.placed"], billing, worker_id="w1")
     sent = events(3)
     ids = [e.id for e in sent]

@@ -65,10 +65,10 @@ def broker_of(app: App) -> str:
 
 async def serving(log: Path, n: int = 1) -> None:
     """Until ``n`` workers logging to ``log`` have started (their banner, printed once
-    ``async with app`` is in): a worker serves its handlers before its start's last
-    write (the app's full declarations, app_runtime.serve), so a handler can begin
-    while that write is still on its way; a store stalled or cut then fails the start
-    itself (exit 1), not the stop these tests are about."""
+    ``async with app`` is in): these tests are about the stop, and a store stalled or
+    cut during the start fails the start itself (exit 1). (A worker's start writes
+    everything before it serves, app_runtime.serve, so a step or handler that has begun
+    already says as much; the banner is the worker's own word for it.)"""
     await eventually(lambda: log.exists() and log.read_text().count("serving app") >= n,
                      60, "the worker serving")
 

@@ -65,7 +65,8 @@ async def test_a_live_worker_that_does_not_say_what_it_serves_blocks_the_retire(
     try:
         await store.declare(APP, [Declaration("handler", "ledger", "order.placed")])
         await store.append_events(APP, [ev("order.placed")])
-        # a worker whose consumer has not started yet (or of an older release)
+        # a worker of an older release (one that named its groups once its consumer had
+        # started, or never)
         await store.heartbeat(APP, "starting", time.time(),
                               codec.dumps({"version": "v1", "workflows": []}), lease=10)
         with pytest.raises(GroupInUse, match="starting do not say which groups"):

@@ -76,7 +76,6 @@ from cantata.model.event import (
     claim_stub,
     matches,
 )
-from cantata.model.records import Declaration
 from cantata.quietlog import QuietLog, outage_interval
 from cantata.store.factory import mask_url
 
@@ -899,6 +898,13 @@ class NatsBroker:
     ) -> NatsSubscription:
         """Deliver ``group``'s events to ``handler`` from one durable consumer per pattern.
 
+        The group must be declared in the store (the store addresses each new event to
+        the groups declared then: an event it did not address to the group is skipped,
+        nats_consumer) and ``worker_id`` kept alive by its heartbeat: the app does both
+        before it subscribes (docs/architecture.md). Nothing is written here: a
+        declaration written at subscription would be bare (no service, no handler's
+        detail), replacing the app's full one.
+
         Raises:
             ConfigurationError: the group name or a pattern cannot be used on this server
                 (checked before anything is created).
@@ -906,7 +912,6 @@ class NatsBroker:
         names = self.names(app)
         self.limits.check_subscription(names, group, patterns)
         unique = list(dict.fromkeys(check_pattern(p) for p in patterns))
-        await self.store.declare(app, [Declaration("handler", group, p) for p in unique])
         consumers = [
             (names.consumer(group, p), names.event(p), False) for p in unique
         ] + [(names.consumer(group, None), names.replay(group), True)]

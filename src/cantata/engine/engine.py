@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.declare.defs import StepDef, remote_step_def
@@ -100,8 +101,9 @@ class Engine:
         self.poll_interval = poll_interval
         self.wait_poll_interval = max(poll_interval, 0.5)
         self.services = services
-        # The handler groups this worker's consumer serves, once it has started (its
-        # heartbeat records them: observability/stall_hints.py); None until then.
+        # The handler groups this worker's consumer serves, set before its first
+        # heartbeat (which records them: observability/stall_hints.py); None for a
+        # client.
         self.handler_groups: list[str] | None = None
         self.metrics = Metrics()
         self.hooks = hooks if hooks is not None else Hooks()
@@ -188,6 +190,7 @@ class Engine:
         # ``queue_held``: the bound held back the claim loop (or a start past it was
         # left to it) / the queues' admissions, so a slot that frees wakes it at once.
         self.max_runs = max_runs
+        self.claiming = 0  # room kept for claims under way (claiming_up_to)
         self.waiting_runs = 0
         self.claims_held = False
         self.queue_held = False
@@ -402,7 +405,18 @@ class Engine:
         if self.max_runs is None:
             return None
         busy = len(self.executions) - self.waiting_runs
-        return max(0, self.max_runs - max(0, busy))
+        return max(0, self.max_runs - max(0, busy) - self.claiming)
+
+    @contextlib.contextmanager
+    def claiming_up_to(self, limit: int) -> Iterator[None]:
+        """Keep ``limit`` of the room (:meth:`room`) for a claim under way until the runs
+        it took are launched: a start in this process meanwhile (``start``, ``local``)
+        must not take the same room, or both would run here past ``max_runs``."""
+        self.claiming += limit
+        try:
+            yield
+        finally:
+            self.claiming -= limit
 
     def claim_limit(self, most: int) -> int:
         """How many runs a claim of at most ``most`` may take now: ``most``, or less
@@ -572,14 +586,20 @@ class Engine:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def start_serving(self) -> None:
-        """Heartbeat, then claim and execute runs until :meth:`stop`."""
+    async def start_serving(
+        self, before_claiming: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Heartbeat, then claim and execute runs until :meth:`stop`.
+
+        ``before_claiming``: awaited once this worker's first heartbeat is in (its row
+        says what it serves) and before it claims anything (Ownership.start).
+        """
         if self.serving:
             return
         self.draining = False
         gcpolicy.tune()  # once per process: fewer garbage collections (gcpolicy.py)
         self.ownership = Ownership(self)
-        await self.ownership.start()
+        await self.ownership.start(before_claiming)
         self.serving = True
         self._loops = [asyncio.create_task(self._watch_loop(), name="cantata-watch")]
         from .tasks import TaskServer

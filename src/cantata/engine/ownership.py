@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cantata.errors import StoreUpgraded
@@ -262,7 +263,10 @@ class Ownership:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, before_claiming: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Heartbeat, then claim. ``before_claiming`` is awaited once the first heartbeat
+        is in and the heartbeat goes on, before anything is claimed (an error it raises
+        is the start's: the engine's stop ends the heartbeat)."""
         self._stopped = False
         # The hold begins here, not when the engine was made (a client that starts to
         # serve later has not lapsed, nor been paused).
@@ -271,6 +275,8 @@ class Ownership:
         self._watch_every = min(0.05, self.engine.lease / 20)
         self._watchdog = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="cantata-heartbeat")
+        if before_claiming is not None:
+            await before_claiming()
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="cantata-claim"),
             asyncio.create_task(self._repair_loop(), name="cantata-reconcile"),
@@ -491,32 +497,34 @@ class Ownership:
             # (a run of its own that ends or waits wakes this loop: Engine.slot_freed)
             limit = engine.claim_limit(CLAIM_BATCH)
             capped = limit < CLAIM_BATCH
-            if workflows and limit and not self.expired():
-                # Owners past their own expiry are gone (each is judged by its own
-                # lease); while this worker's own hold is in doubt, only runs nobody owns.
-                stale_before = engine.clock.now() if self.may_take_over() else 0.0
-                looked = engine.clock.now()
-                try:
-                    claimed = await versioning.claim(
-                        engine, workflows, stale_before=stale_before, limit=limit
-                    )
-                except Exception as exc:
-                    looked = None
-                    self.quiet.warning(
-                        "claim", "worker %s: claiming runs failed (%s); retrying",
-                        engine.worker_id, reason(exc),
-                    )
-                    self.repair_soon()  # the claim may have been applied, its answer lost
-                else:
-                    self.quiet.recovered("claim", "worker %s: claiming runs works again",
-                                         engine.worker_id)
-            # Held back by the bound: as full as its room (more may be claimable); a
-            # claim that found less than its room took all there was.
-            engine.claims_held = capped and len(claimed) == limit
-            loaded = await self._histories(claimed)
-            for run in claimed:
-                log.info("resuming run %s of %s", run.run_id, run.workflow)
-                engine.launch(run, history=loaded.get(run.run_id))
+            with engine.claiming_up_to(limit):
+                if workflows and limit and not self.expired():
+                    # Owners past their own expiry are gone (each is judged by its own
+                    # lease); while this worker's own hold is in doubt, only runs nobody
+                    # owns.
+                    stale_before = engine.clock.now() if self.may_take_over() else 0.0
+                    looked = engine.clock.now()
+                    try:
+                        claimed = await versioning.claim(
+                            engine, workflows, stale_before=stale_before, limit=limit
+                        )
+                    except Exception as exc:
+                        looked = None
+                        self.quiet.warning(
+                            "claim", "worker %s: claiming runs failed (%s); retrying",
+                            engine.worker_id, reason(exc),
+                        )
+                        self.repair_soon()  # the claim may have been applied, its answer lost
+                    else:
+                        self.quiet.recovered("claim", "worker %s: claiming runs works again",
+                                             engine.worker_id)
+                # Held back by the bound: as full as its room (more may be claimable); a
+                # claim that found less than its room took all there was.
+                engine.claims_held = capped and len(claimed) == limit
+                loaded = await self._histories(claimed)
+                for run in claimed:
+                    log.info("resuming run %s of %s", run.run_id, run.workflow)
+                    engine.launch(run, history=loaded.get(run.run_id))
             if claimed and len(claimed) == limit:
                 continue  # more may be claimable (the bound: none, unless a slot freed)
             # While the store hears other processes, new work wakes this loop: it looks

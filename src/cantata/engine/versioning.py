@@ -171,9 +171,9 @@ async def versions(store: Store, app: str) -> dict[str, float]:
 
 def worker_info(engine: Engine) -> str:
     """What a worker's heartbeat records of it: the runs it may take (its version, and
-    the workflows it serves), the handler groups it serves (once its consumer has
-    started) and the hop groups of the sagas in its code, which ``cantata stalled``
-    reads to say why no live worker takes a run or an event
+    the workflows it serves), the handler groups it serves (from its first heartbeat
+    on: app_runtime.serve) and the hop groups of the sagas in its code, which ``cantata
+    stalled`` reads to say why no live worker takes a run or an event
     (observability/stall_hints.py, observability/saga_hints.py), and the mark of this
     release's lean writes, which the gate looks for in every worker's (engine/gate.py)."""
     info: dict[str, Any] = {"version": engine.version, "any_version": engine.any_version,

@@ -26,8 +26,8 @@ from .stall_hints import LiveWorker, live_workers
 class GroupInfo:
     """One group as ``cantata groups`` shows it: its :class:`GroupStats` and the live
     workers that serve it now (``served_by``, worker ids; ``served`` is ``None`` when a
-    live worker does not say which groups it serves, an older release or one whose
-    consumer has not started yet)."""
+    live worker does not say which groups it serves: one of an older release, or of
+    one that named them only once its consumer had started)."""
 
     stats: GroupStats
     served_by: tuple[str, ...]
@@ -56,7 +56,8 @@ async def retire(store: Store, app: str, group: str, *, now: float, actor: str) 
     stay; audited as ``group.retired`` by ``actor`` (see ``Store.retire_group``).
 
     A worker that starts serving the group while the retire runs wins: it declares the
-    group again when it opens (and once more when its consumer has started), and the
+    group when it opens, and once more once its first heartbeat (which names the groups
+    it serves) is in, before it serves anything (app_runtime.serve); and the
     deliveries it holds are left to it. If one is live once the retire has committed,
     the declarations removed are written back, so the group keeps getting the events
     stored from then on.
