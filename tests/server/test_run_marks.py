@@ -32,7 +32,10 @@ def with_split(app: App) -> App:
     @app.step(retry=ONCE)
     async def pack(order: dict[str, Any]) -> str:
         began.set()
-        await asyncio.sleep(0.3)  # ends as it will: the branch's cancel waits for it
+        # Ends as it will: the branch's cancel waits for it. Long enough for the label's
+        # failure to be committed and its branch cancelled first under a loaded suite
+        # (0.3 s was not once, on SQLite at six test processes: pack ended unmarked).
+        await asyncio.sleep(2.0)
         return "packed"
 
     @app.step(retry=ONCE)
