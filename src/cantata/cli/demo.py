@@ -102,7 +102,7 @@ def demo(
                       "--store sqlite:///demo.db to look at its runs and traces afterwards.")
         return
     if orchestrated.examples:
-        say(f"\nA compensated saga:       cantata trace {orchestrated.examples[0]} "
+        say(f"\nA compensated saga:        cantata trace {orchestrated.examples[0]} "
             f"--app orders --store {store}")
     if choreographed.examples:
         say(f"A compensated event flow:  cantata trace {choreographed.examples[0]} "
