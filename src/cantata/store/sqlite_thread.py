@@ -265,7 +265,7 @@ class ConnectionThread:
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``fn`` outside any write transaction."""
-        return self._submit(fn, False, ())
+        return self._submit(fn)
 
     def lookup(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """:meth:`read` of a few rows by key: run at once on the home loop's thread when
@@ -276,17 +276,17 @@ class ConnectionThread:
         conn = self._conn
         if (loop is not self._home or conn is None
                 or not self._lock.acquire(blocking=False)):
-            return self._submit(fn, False, ())
+            return self._submit(fn)
         fut: asyncio.Future[T] = loop.create_future()
         try:
             if conn.in_transaction:  # (never between the loop's batches: be safe)
-                return self._submit(fn, False, ())
+                return self._submit(fn)
             fut.set_result(fn(conn))
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorcode", None) not in _LOCKED:
                 fut.set_exception(self._fault(exc))
             else:  # (a WAL being recovered by another process): the thread may wait
-                return self._submit(fn, False, ())
+                return self._submit(fn)
         except Exception as exc:
             fut.set_exception(self._fault(exc))
         finally:
@@ -295,7 +295,7 @@ class ConnectionThread:
 
     def write(self, fn: Callable[[sqlite3.Connection], T], *channels: str) -> asyncio.Future[T]:
         """Run ``fn`` in the next group-committed transaction."""
-        # (_submit's write, inline: every write of every run, docs/performance.md, round
+        # (no helper call: every write of every run, docs/performance.md, round
         # twenty-eight (engine CPU))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
@@ -314,18 +314,11 @@ class ConnectionThread:
             return self._translate(exc) or exc
         return exc
 
-    def _submit(self, fn: Op, write: bool, channels: tuple[str, ...]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        item = _Item(fn, fut, write, channels)
-        if loop is not self._home or not write:
-            self._queue.put(item)  # (reads keep no order with writes: see _run_batch)
-        else:
-            self._pending.append(item)
-            if not self._flush_due and not self._handed:  # else: once they are answered
-                self._flush_due = True
-                loop.call_soon(self._flush)
-        return fut
+    def _submit(self, fn: Op) -> asyncio.Future[Any]:
+        """A read handed to the thread (writes: :meth:`write`)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Item(fn, fut, False, ()))  # (reads keep no order with writes:
+        return fut                                   # see _run_batch)
 
     # -- inline writes, on the home loop -------------------------------------
 
