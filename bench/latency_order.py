@@ -136,12 +136,18 @@ def _sqlite_counts(w: Window) -> Any:
     writes: collections.Counter[str] = collections.Counter()
     waits: list[float] = []
     began: dict[int, float] = {}
-    submit, flush = st.ConnectionThread._submit, st.ConnectionThread._flush
+    submit, write, flush = (st.ConnectionThread._submit, st.ConnectionThread.write,
+                            st.ConnectionThread._flush)
 
-    def counted_submit(self: Any, fn: Any, write: bool, channels: Any) -> Any:
+    def counted_submit(self: Any, fn: Any) -> Any:  # (reads handed to the thread)
         if w.on:
-            (writes if write else reads)[getattr(fn, "__qualname__", repr(fn))] += 1
-        return submit(self, fn, write, channels)
+            reads[getattr(fn, "__qualname__", repr(fn))] += 1
+        return submit(self, fn)
+
+    def counted_write(self: Any, fn: Any, *channels: str) -> Any:
+        if w.on:
+            writes[getattr(fn, "__qualname__", repr(fn))] += 1
+        return write(self, fn, *channels)
 
     def timed_flush(self: Any) -> None:
         flush(self)
@@ -153,6 +159,7 @@ def _sqlite_counts(w: Window) -> Any:
             waits.append((time.perf_counter() - began.pop(id(self))) * 1e6)
 
     st.ConnectionThread._submit = counted_submit  # type: ignore[method-assign]
+    st.ConnectionThread.write = counted_write  # type: ignore[method-assign]
     st.ConnectionThread._flush = timed_flush  # type: ignore[method-assign]
     folders: list[str] = []
     mkdtemp = tempfile.mkdtemp

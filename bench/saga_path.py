@@ -87,14 +87,13 @@ class Stamper:
 
             setattr(cls, name, wrapped)
 
-        submit = ConnectionThread._submit
+        write = ConnectionThread.write
 
-        def submitted(self: ConnectionThread, fn: Any, write: bool, channels: Any) -> Any:
-            if write:
-                mark("submit")
-            return submit(self, fn, write, channels)
+        def submitted(self: ConnectionThread, fn: Any, *channels: str) -> Any:
+            mark("submit")
+            return write(self, fn, *channels)
 
-        ConnectionThread._submit = submitted  # type: ignore[method-assign]
+        ConnectionThread.write = submitted  # type: ignore[method-assign]
         around(ConnectionThread, "_flush", "flush", None)
         around(ConnectionThread, "_run_writes", None, "committed")
         around(ConnectionThread, "_resolve", None, "resolved")
