@@ -95,9 +95,16 @@ class PauseClock:
         return max(self._within(began, ended), default=0.0)
 
     def _within(self, began: float, ended: float) -> list[float]:
+        # The last tick is read before the gaps are copied, and a gap starting at it is
+        # taken as the ongoing one, so that the thread noting that gap at any point in
+        # between (it appends the gap, then moves ``_last``) counts it once: never
+        # lost, never twice. Read the other way round, a check just after a stall could
+        # count it twice and the next one not at all, and a handler's guard stopped a
+        # body for a pause its next check did not see.
+        last = self._last
         gaps = list(self._gaps)
-        now, last = time.monotonic(), self._last
-        if now - last > 4 * self._every:
+        now = time.monotonic()
+        if now - last > 4 * self._every and not (gaps and gaps[-1][0] == last):
             gaps.append((last, now))
         return [max(0.0, min(e, ended) - max(s, began)) for s, e in gaps]
 
