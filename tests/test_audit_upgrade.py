@@ -1065,6 +1065,21 @@ def test_postgres_older_short_lease_worker_leaves_upgraded_long_lease_worker_alo
         old.wait_serving()
         new = setup.worker(NEW_SRC, "new", "new", UPG_LEASE="30")
         new.wait_serving()
+        # The upgraded worker must hold runs for the older one to take: the older one
+        # stopped (SIGSTOP) while the runs are started, until the upgraded one has begun
+        # their steps. (Left to both, the older one claimed every run once, and nothing
+        # ran twice: an XPASS of nothing.)
+        old.proc.send_signal(signal.SIGSTOP)
+        try:
+            setup.client(NEW_SRC, "new", "start", "0", "4", timeout=30)
+            until = time.monotonic() + 15
+            while not any(r["release"] == "new" and r["kind"] == "begin"
+                          and r["step"] == "work" for r in setup.rows()):
+                if time.monotonic() > until:
+                    raise RuntimeError(f"the upgraded worker began no step:\n{new.text()}")
+                time.sleep(0.05)
+        finally:
+            old.proc.send_signal(signal.SIGCONT)
         done = results(setup.client(NEW_SRC, "new", "finish", "0", "4", "20", timeout=35))
         assert all(v[0] == "done" for v in done.values()), done
         rows = setup.rows()
