@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -177,3 +178,40 @@ async def test_a_removed_group_is_listed_and_retired_once_no_live_worker_serves_
     assert json.loads(retired[0].data)["ended"] == 2
     code, out, err = await cli(capsys, "audit", "verify")
     assert code == 0 and "chain intact" in out, err
+
+
+async def test_groups_list_is_groups_as_dlq_list_is_the_dead_letters(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cantata groups list` lists what `cantata groups` lists, with the same options
+    (`--json`, `--app`, `--store`), as `dlq list`, `schedules list` and `token list` do;
+    `cantata groups` alone still lists them."""
+    v1 = importlib.import_module("groupsv1").app
+    async with v1:
+        await eventually(lambda: sorted(v1.engine.handler_groups) == ["ledger", "mailer"],
+                         timeout=10)
+    store = os.environ["CANTATA_STORE"]
+    for options in ([], ["--json"], ["--app", "groupshop", "--store", store, "--json"]):
+        code, alone, err = await cli(capsys, "groups", *options)
+        assert code == 0, err
+        code, out, err = await cli(capsys, "groups", "list", *options)
+        assert code == 0, err
+        assert out == alone, options
+        assert "ledger" in out and "mailer" in out
+    code, out, err = await cli(capsys, "groups", "list", "--json")
+    assert code == 0, err
+    assert sorted(g["group"] for g in json.loads(out)) == ["ledger", "mailer"]
+    code, out, err = await cli(capsys, "groups", "--help")
+    assert code == 0 and "list" in out and "retire" in out, err
+    code, out, err = await cli(capsys, "groups", "list", "--help")
+    assert code == 0 and "--json" in out and "--app" in out, err
+    # an option before the subcommand would be ignored (another store, or no JSON): refused
+    for before, sub in ((["--json"], ["list"]), (["--store", store], ["retire", "ledger", "-y"])):
+        code, out, err = await cli(capsys, "groups", *before, *sub)
+        assert (code, out) == (1, ""), err
+        assert err == (f"cantata: error: {before[0]} before `{sub[0]}` would be ignored: give "
+                       f"the options of `cantata groups {sub[0]}` after it (see cantata "
+                       f"groups {sub[0]} --help)\n"), err
+    code, out, err = await cli(capsys, "groups", "list", "--json")
+    assert code == 0, err
+    assert sorted(g["group"] for g in json.loads(out)) == ["ledger", "mailer"]  # (kept)

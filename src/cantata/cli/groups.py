@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from cantata.errors import ConfigurationError
 from cantata.observability.groups import GroupInfo
 from cantata.observability.timeline import fmt_seconds
 from cantata.server.models import group_out
@@ -18,17 +19,45 @@ from .runs import AppOpt, JsonOpt, StoreOpt
 
 def register(cli: typer.Typer) -> None:
     groups = typer.Typer(
-        help="Handler groups and start_on triggers: list them (what they are declared "
-        "for, their backlog, who serves them), retire one no code serves any more.",
+        help="Handler groups and start_on triggers: list them (`cantata groups` or "
+        "`cantata groups list`: what they are declared for, their backlog, who serves "
+        "them), retire one no code serves any more.",
         invoke_without_command=True,
     )
-    groups.callback()(list_groups)
+    groups.callback()(groups_alone)
+    groups.command("list")(list_groups)
     groups.command("retire")(retire)
     cli.add_typer(groups, name="groups")
 
 
-def list_groups(
+def groups_alone(
     ctx: typer.Context,
+    app: AppOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List every declared handler group and trigger (as `cantata groups list`)."""
+    if ctx.invoked_subcommand is None:
+        list_groups(app, store, as_json)
+        return
+    given = [option for param, option in (("app", "--app"), ("store", "--store"),
+                                          ("as_json", "--json")) if _typed(ctx, param)]
+    if given:  # (they would be ignored: the subcommand takes its own)
+        sub = ctx.invoked_subcommand
+        raise ConfigurationError(
+            f"{' and '.join(given)} before `{sub}` would be ignored: give the options of "
+            f"`cantata groups {sub}` after it (see cantata groups {sub} --help)"
+        )
+
+
+def _typed(ctx: typer.Context, param: str) -> bool:
+    """Whether ``param`` was given on the command line. (Typer has its own copy of
+    click's ``ParameterSource``: the member is told by its name, as main.py tells
+    Typer's exceptions.)"""
+    return getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE"
+
+
+def list_groups(
     app: AppOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
@@ -36,8 +65,6 @@ def list_groups(
     """List every declared handler group and trigger: the event types it is declared
     for, its pending deliveries (how many, the oldest's age, in progress), its dead
     letters, and whether a live worker serves it now."""
-    if ctx.invoked_subcommand is not None:
-        return
     the_app = client_app(app, store)
 
     async def go() -> tuple[list[GroupInfo], float]:

@@ -18,6 +18,8 @@ from cantata.model.attributes import parse_attr
 from cantata.model.records import ENTRY_FAILED, RunRecord, branch_cancelled
 from cantata.model.status import call_status
 from cantata.observability.timeline import BRANCH_CANCELLED
+from cantata.server import params
+from cantata.server.errors import ApiError
 from cantata.server.flow_out import run_queue
 from cantata.server.models import run_detail, run_out, steps_out
 
@@ -89,8 +91,8 @@ def register(cli: typer.Typer) -> None:
 
     cli.command("start")(start)
     runs = typer.Typer(
-        help="List runs (filtered by status, workflow, attributes, key, version); re-pin "
-        "the live runs of a version to older code, for a rollback.",
+        help="List runs (filtered by status, workflow, attributes, key, version, creation "
+        "time); re-pin the live runs of a version to older code, for a rollback.",
         invoke_without_command=True,
     )
     runs.callback()(list_runs)
@@ -149,6 +151,24 @@ def start(
     run(go)
 
 
+TIME_FORMATS = ("an RFC 3339 time with its zone (2026-01-31T12:00:00Z, "
+                "2026-01-31T13:00:00+01:00) or POSIX seconds (1769860800)")
+
+
+def time_option(option: str, value: str | None) -> float | None:
+    """``--since``/``--until`` read as ``GET /api/runs`` reads its ``since``/``until``
+    (:func:`cantata.server.params.timestamp`): POSIX seconds, or an RFC 3339 time a run
+    is shown at meaning that run and the later (since) / earlier (until) ones.
+
+    Raises:
+        ConfigurationError: naming the option, the value and the formats it takes.
+    """
+    try:
+        return params.timestamp(option.removeprefix("--"), value)
+    except ApiError:
+        raise ConfigurationError(f"{option} {value!r} is invalid: give {TIME_FORMATS}") from None
+
+
 KeyOpt = Annotated[
     str | None, typer.Option("--key", help="Find the run by its idempotency key instead.")
 ]
@@ -179,15 +199,25 @@ def list_runs(
         str | None, typer.Option("--version", help="Only the runs pinned to this code "
                                  "version (the version column).")
     ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only the runs created at or after this "
+                                 f"time: {TIME_FORMATS} (as GET /api/runs?since=).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Only the runs created before this time "
+                                 "(same formats; as GET /api/runs?until=).")
+    ] = None,
     limit: Annotated[
         int, typer.Option("--limit", min=1, max=10_000, help="At most this many (the newest).")
     ] = 50,
     as_json: JsonOpt = False,
 ) -> None:
-    """List runs, newest first (filtered by status, workflow, attributes, key, version)."""
+    """List runs, newest first (filtered by status, workflow, attributes, key, version,
+    creation time)."""
     if ctx.invoked_subcommand is not None:
         return
     wanted = dict(parse_attr(a) for a in attr or [])
+    created_since, created_until = time_option("--since", since), time_option("--until", until)
     the_app = client_app(app, store)
 
     async def go() -> None:
@@ -195,6 +225,7 @@ def list_runs(
             found = await find_records(
                 the_app.engine, idempotency_key=key, attributes=wanted or None,
                 workflow=workflow, status=status, limit=limit, version=version,
+                since=created_since, until=created_until,
             )
             if not found and workflow is not None and not await find_records(
                 the_app.engine, workflow=workflow, limit=1

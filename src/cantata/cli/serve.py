@@ -29,9 +29,11 @@ from .common import (
     console,
     err_console,
     existing_store,
+    iso,
     known_app,
     load_app,
     operator,
+    print_json,
     run,
     store_apps,
     store_url,
@@ -268,7 +270,13 @@ def token_create(
 
 
 @token_cli.command("list")
-def token_list(store: StoreOpt = None, app: AppOpt = None) -> None:
+def token_list(
+    store: StoreOpt = None,
+    app: AppOpt = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON instead of a table: a list of {name, role, created_at, "
+        "status, revoked_at}, times RFC 3339 UTC.")] = False,
+) -> None:
     """List tokens: name, role, created, revoked (never the tokens themselves)."""
     the_store, _ = _token_store(store, app)
 
@@ -280,6 +288,9 @@ def token_list(store: StoreOpt = None, app: AppOpt = None) -> None:
             await the_store.close()
 
     tokens = run(go)
+    if as_json:
+        print_json([token_out(t) for t in tokens])
+        return
     table = Table(title="API tokens")
     for col in ("name", "role", "created", "status"):
         table.add_column(col)
@@ -291,6 +302,14 @@ def token_list(store: StoreOpt = None, app: AppOpt = None) -> None:
         status = "active" if t.revoked_at is None else f"revoked {when(t.revoked_at)}"
         table.add_row(Text(t.name), str(t.role), when(t.created_at), status)
     console.print(table)
+
+
+def token_out(t: TokenRecord) -> dict[str, str | None]:
+    """A token as ``cantata token list --json`` prints it: what the table shows, times
+    RFC 3339 UTC as the API prints them; never its hash (nor the secret, not stored)."""
+    return {"name": t.name, "role": str(t.role), "created_at": iso(t.created_at),
+            "status": "active" if t.revoked_at is None else "revoked",
+            "revoked_at": iso(t.revoked_at)}
 
 
 @token_cli.command("revoke")

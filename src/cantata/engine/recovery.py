@@ -22,6 +22,7 @@ from cantata.errors import (
     UnknownAttribute,
 )
 from cantata.model import codec
+from cantata.model.access import RunQuery
 from cantata.model.attributes import check_name, index_value
 from cantata.model.checks import actor_or, check_run_id, check_text
 from cantata.model.flow import QueueEntry
@@ -172,8 +173,14 @@ async def find_records(
     status: RunStatus | str | None = None,
     limit: int = 100,
     version: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
 ) -> list[tuple[RunRecord, dict[str, str]]]:
     """Stored runs matching every filter, newest first, with their search attributes.
+
+    ``since``/``until`` (POSIX seconds) bound the runs' creation time, inclusive /
+    exclusive: the runs are then read by the console's query, as ``GET /api/runs``
+    reads them with its ``since``/``until`` (``cantata runs --since/--until``).
 
     Raises:
         ConfigurationError: an unknown status or a limit below 1, or a key or workflow
@@ -189,10 +196,17 @@ async def find_records(
             check_text(f"find_runs({what}=...)", text, hint="no run has one; check the filter")
     wanted = {check_name(name): index_value(name, value)
               for name, value in (attributes or {}).items()}
-    runs = await engine.store.find_runs(
-        engine.app, idempotency_key=idempotency_key, attributes=wanted or None,
-        workflow=workflow, status=st, limit=limit, version=version,
-    )
+    if since is None and until is None:
+        runs = await engine.store.find_runs(
+            engine.app, idempotency_key=idempotency_key, attributes=wanted or None,
+            workflow=workflow, status=st, limit=limit, version=version,
+        )
+    else:  # a window of creation times: the API's query, its bounds (created_at)
+        runs = await engine.store.query_runs(engine.app, RunQuery(
+            workflow=workflow, status=st, since=since, until=until,
+            idempotency_key=idempotency_key, version=version,
+            attributes=tuple(wanted.items()), limit=limit,
+        ))
     if wanted and not runs:  # nothing found: say so if a name is unknown (a typo)
         await check_attribute_names(engine.store, engine.app, wanted)
     attrs = await engine.store.run_attributes(engine.app, [r.run_id for r in runs])
