@@ -284,6 +284,12 @@ def count_transactions(store: PostgresStore) -> list[int]:
     return sizes
 
 
+def first_alone(store: PostgresStore, app: str) -> Any:
+    """A write that goes first, alone: an idle store's writer sends its first write at
+    once (postgres_batch._started), so the writes gathered after it go together."""
+    return store.append_events(app, [ev()])
+
+
 @pytest.mark.parametrize("writers", [1, 2])
 async def test_writes_one_after_another_never_wait_for_a_writer(
     pg_session_url: str, writers: int
@@ -304,6 +310,30 @@ async def test_writes_one_after_another_never_wait_for_a_writer(
         assert len(await store.list_runs(app, status=RunStatus.COMPLETED, limit=100)) == (
             15 * writers
         )
+
+
+async def test_a_write_sent_at_once_stands_when_its_caller_is_cancelled(
+    pg_session_url: str,
+) -> None:
+    """An idle store's writer sends a write in its caller's turn; the rest of the
+    write is the writer's own, in a task of its own: a cancel of the caller then stops
+    the caller's wait, never the write (as for a write a writer took from the queue;
+    one cancelled before a writer took it is not written)."""
+    app = f"app-{new_id()[-8:]}"
+    async with opened(pg_session_url) as store:
+        for _ in range(10):
+            event = ev()
+            caller = asyncio.ensure_future(store.append_events(app, [event]))
+            await asyncio.sleep(0)  # the caller's turn: the write is sent
+            caller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await caller
+            for _ in range(100):
+                if await store.get_event(app, event.id) is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert await store.get_event(app, event.id) == event
+        assert (await store.verify_audit(app)).ok
 
 
 async def test_concurrent_writes_share_transactions_and_all_land(pg_session_url: str) -> None:
@@ -341,7 +371,8 @@ async def test_an_sql_error_fails_only_its_own_call(pg_session_url: str) -> None
         b, _ = await store.create_run(new_run(app))
         sizes = count_transactions(store)
         done = ev()
-        results = await asyncio.gather(
+        first, *results = await asyncio.gather(
+            first_alone(store, app),
             store.commit_run(app, a.run_id, 0, RunWrite(status=RunStatus.COMPLETED)),
             store.create_run(new_run(app, run_id=taken.run_id)),  # primary key violation
             store.commit_run(app, b.run_id, 0, RunWrite(  # in the same grouped statement
@@ -350,11 +381,12 @@ async def test_an_sql_error_fails_only_its_own_call(pg_session_url: str) -> None
             store.commit_run(app, a.run_id, 5, RunWrite(status=RunStatus.FAILED)),  # refused
             return_exceptions=True,
         )
+        assert first == [0]
         assert results[0] is None and results[3] == [0]
         assert isinstance(results[1], asyncpg.UniqueViolationError)
         assert isinstance(results[2], SerializationError)
         assert isinstance(results[4], LeaseLost)
-        assert sizes[0] == 5 and len(sizes) > 1
+        assert sizes[:2] == [1, 5] and len(sizes) > 2
         got_a, got_b = [await store.get_run(app, r.run_id) for r in (a, b)]
         assert got_a is not None and got_a.status == RunStatus.COMPLETED
         assert got_b is not None and got_b.status == RunStatus.PENDING
@@ -378,13 +410,14 @@ async def test_keys_named_twice_end_as_if_written_in_turn(pg_session_url: str) -
         ]
         sizes = count_transactions(store)
         await asyncio.gather(
+            first_alone(store, app),
             store.commit_run(app, run.run_id, 0, RunWrite(
                 entries=[entry("b#1", 2, ENTRY_RUNNING)], status=RunStatus.RUNNING)),
             store.commit_run(app, run.run_id, 0, RunWrite(
                 entries=[entry("b#1", 7, result='"y"')], status=RunStatus.COMPLETED,
                 release=True)),
         )
-        assert sizes == [2]
+        assert sizes == [1, 2]
         history = await store.load_history(app, run.run_id)
         assert [(e.key, e.seq, e.status) for e in history] == [
             ("a#1", 1, ENTRY_COMPLETED), ("b#1", 2, ENTRY_COMPLETED)
@@ -550,7 +583,8 @@ async def test_checkpoints_of_many_runs_in_one_statement(pg_session_url: str) ->
     async with opened(pg_session_url, writers=1) as store:
         runs = [(await store.create_run(new_run(app)))[0] for _ in range(4)]
         sizes = count_transactions(store)
-        results = await asyncio.gather(
+        _, *results = await asyncio.gather(
+            first_alone(store, app),
             *(store.commit_run(app, r.run_id, 5 if n == 2 else 0, RunWrite(
                 entries=[entry("a#1", 1, ENTRY_RUNNING), entry("a#1", 9, result=f'"{n}"')],
                 attempts=[Attempt("a#1", 1, 1.0), Attempt("a#1", 1, 7.0, 2.0)],
@@ -558,7 +592,7 @@ async def test_checkpoints_of_many_runs_in_one_statement(pg_session_url: str) ->
             )) for n, r in enumerate(runs)),
             return_exceptions=True,
         )
-        assert sizes[0] == 4
+        assert sizes[:2] == [1, 4]
         assert [type(x).__name__ for x in results] == ["NoneType"] * 2 + ["LeaseLost", "NoneType"]
         for n, r in enumerate(runs):
             got = await store.get_run(app, r.run_id)

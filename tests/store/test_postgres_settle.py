@@ -43,6 +43,19 @@ async def store(request: pytest.FixtureRequest, url: str) -> AsyncIterator[Postg
         yield s
 
 
+async def together(store: PostgresStore, *calls: Any, **kw: Any) -> list[Any]:
+    """``asyncio.gather(*calls)`` with the store's writer as if a transaction were in
+    flight: the calls' writes wait for its next turn and go in one batch, as writes
+    that come together do (an idle store's writer sends a first write at once, alone:
+    ``postgres_batch._started``)."""
+    writer = store._w
+    writer._draining += 1
+    try:
+        return list(await asyncio.gather(*calls, **kw))
+    finally:
+        writer._draining -= 1
+
+
 def declarations() -> list[Declaration]:
     return [
         Declaration("handler", "g1", "order.*"),
@@ -72,7 +85,8 @@ async def test_settlements_store_outcomes_events_holds_and_audit(store: Postgres
         "done", 1, events=[paid, other, deeper, paid], hold_for="w1",
         hold=[("g2", paid.id), ("g1", deeper.id), ("t1", other.id)],
     )
-    results = await asyncio.gather(
+    results = await together(
+        store,
         store.settle_delivery(app, "g1", first.id, done),
         store.settle_delivery(app, "g1", first.id, Settlement("done", 1)),  # done already
         store.settle_delivery(app, "gX", first.id, Settlement("dead", 2, error="boom")),
@@ -175,7 +189,8 @@ async def test_settlements_and_claims_of_one_batch_go_together(store: PostgresSt
     await store.claim_deliveries(app, "w1", ["g1"], now=now, stale_before=now, limit=1)
     sent = statements(store)
     emitted = Event("pay.done", {"i": 1})
-    settled, claimed = await asyncio.gather(
+    settled, claimed = await together(
+        store,
         store.settle_delivery(app, "g1", first.id, Settlement("done", 1, events=[emitted])),
         store.claim_deliveries(app, "w2", ["g2"], now=now, stale_before=now, limit=5),
     )
@@ -208,7 +223,8 @@ async def test_claims_with_settlements_judge_each_holder_by_its_own_lease(
 
     async def batched(event: Event[Any], at: float) -> list[str]:
         sent = statements(store)
-        settled, claimed = await asyncio.gather(
+        settled, claimed = await together(
+            store,
             store.settle_delivery(app, "g1", event.id, Settlement("done", 1)),
             store.claim_deliveries(app, "short", ["g2"], now=at, stale_before=at, limit=5),
         )
@@ -228,7 +244,8 @@ async def test_appends_go_with_settlements_and_count_their_groups(store: Postgre
     await store.append_events(app, [first])
     sent = statements(store)
     emitted, published, again = Event("pay.done", 1), Event("x.a.y", 2), Event("no.body", 3)
-    settled, counts, counts_again, stored = await asyncio.gather(
+    settled, counts, counts_again, stored = await together(
+        store,
         store.settle_delivery(app, "g1", first.id, Settlement("done", 1, events=[emitted])),
         store.append_events(app, [published, again, published, Event("order.new", 4)]),
         store.append_events(app, [published, again]),
@@ -278,7 +295,8 @@ async def test_an_append_holds_the_deliveries_it_created_in_one_round_trip(
     assert await store.append_events(app, [before]) == [1]
     sent = statements(store)
     hold = [("g1", before.id), ("g1", placed.id), ("g4", placed.id), ("g2", placed.id)]
-    (counts, held), (counts2, held2) = await asyncio.gather(
+    (counts, held), (counts2, held2) = await together(
+        store,
         store.append_held(app, [before, placed], hold_for="w1", hold=hold),
         store.append_held(app, [paid], hold_for="w2", hold=[("g2", paid.id)]),
     )
