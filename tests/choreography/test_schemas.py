@@ -135,3 +135,37 @@ async def test_an_unresolvable_event_model_is_not_silently_ignored(store_url: st
             await app.publish("order.placed", {"order_id": "7"})
             await eventually(lambda: got)
         assert got == [LocalOrder(order_id=7)]
+
+
+async def test_event_data_that_does_not_fit_a_started_workflows_type_goes_to_the_dlq_at_once(
+    store_url: str,
+) -> None:
+    """A ``start_on`` trigger whose workflow takes a model: data that is not one is
+    dead-lettered with the validation reason in its first attempt (it cannot get
+    better), no run is written (not one that fails in its first line), and later
+    events start their runs."""
+    app = make_app(store_url)
+
+    @app.workflow
+    async def fulfil(ctx: cantata.WorkflowContext, order: OrderPlaced) -> int:
+        return order.quantity
+
+    app.start_on("order.placed", fulfil)
+    async with app:
+        bad = await app.publish("order.placed", {"order_id": 1, "quantity": "lots"})
+        [dl] = await eventually(app.dead_letters, what="the bad event to be dead-lettered")
+        await app.publish("order.placed", {"order_id": 2, "quantity": 3})
+        [run] = await eventually(lambda: app.find_runs(workflow="fulfil"))
+        assert await app.get_handle(run.run_id).result(timeout=10) == 3
+        await asyncio.sleep(SETTLE)
+        assert len(await app.dead_letters()) == 1
+        assert len(await app.find_runs(workflow="fulfil")) == 1
+
+    assert dl.event.id == bad.id
+    assert dl.group == "start:fulfil"
+    assert dl.attempts == 1  # no retries
+    assert dl.error.startswith("ValidationError: field 'quantity': Input should be a valid "
+                               "integer"), dl.error
+    assert "order_id" not in dl.error  # only the bad field is named
+    assert "workflow 'fulfil' argument 1 (order), declared OrderPlaced" in dl.error, dl.error
+    assert "\n" not in dl.error

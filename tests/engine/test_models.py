@@ -14,8 +14,9 @@ from cantata import (
     WorkflowContext,
     WorkflowFailed,
 )
+from cantata.engine.replaycheck import check_replay
 
-from .helpers import make_app
+from .helpers import eventually, make_app
 
 
 class Order(pydantic.BaseModel):
@@ -129,3 +130,104 @@ async def test_child_workflow_result_is_restored_by_type_hint(store_url: str) ->
         h = await app.start("via_child", ORDER)
         assert await h.result(timeout=5) == Receipt(order_id=7, total=19.0)
     assert isinstance(seen[-1], Receipt), type(seen[-1])
+
+
+def with_callers(app: App) -> App:
+    """``shop`` plus parents that start ``strict`` (which takes an ``Order``) with what
+    they are given, by ``ctx.call`` or ``ctx.start_child``."""
+
+    @app.workflow
+    async def caller(ctx: WorkflowContext, how: str, order: dict[str, object]) -> list[str]:
+        said = []
+        start = ctx.call if how == "call" else ctx.start_child
+        try:
+            await start("strict", order)
+        except SerializationError as exc:  # the parent may catch it and go on
+            said.append(str(exc))
+        await ctx.call("strict", ORDER)
+        return said
+
+    @app.workflow
+    async def uncaught(ctx: WorkflowContext, order: dict[str, object]) -> None:
+        await ctx.start_child("strict", order)
+
+    return app
+
+
+async def test_a_child_whose_arguments_do_not_fit_its_types_is_refused_in_the_parent(
+        store_url: str) -> None:
+    """``ctx.call`` and ``ctx.start_child`` check the child's declared types as a start
+    does, before anything is recorded: one SerializationError line naming the call, the
+    parent's run, the child workflow, the argument and the field. The parent may catch
+    it; uncaught, it fails the parent (once: a workflow's error, not a step's retry)."""
+    seen: list[object] = []
+    app = with_callers(shop(store_url, seen))
+    async with app:
+        for how in ("call", "start_child"):
+            h = await app.start("caller", how, {"id": "bad", "items": []})
+            [message] = await h.result(timeout=10)
+            assert "\n" not in message, message
+            assert message.startswith(
+                f"ctx.{how} in run {h.run_id} of caller: workflow 'strict' argument 1 "
+                "(order) does not match its declared type Order: id: Input should be a "
+                "valid integer"), message
+            assert "placed_at: Field required" in message, message
+            assert message.endswith("(nothing was started)"), message
+            # nothing recorded for the refused call: only the good child's entry
+            kids = await app.store.child_runs(app.name, h.run_id)
+            assert len(kids) == 1, kids
+            children = [e for e in await app.store.load_history(app.name, h.run_id)
+                        if e.kind == "child"]
+            assert len(children) == 1, children
+        bad = await app.start("uncaught", {"id": 1, "items": "pen"})
+        with pytest.raises(WorkflowFailed, match=r"SerializationError: ctx\.start_child in "
+                           r"run \S+ of uncaught: workflow 'strict' argument 1 \(order\) "
+                           r"does not match its declared type Order: items: Input should "
+                           r"be a valid list"):
+            await bad.result(timeout=10)
+        assert await app.store.child_runs(app.name, bad.run_id) == []
+        assert len(await app.find_runs(workflow="strict")) == 2  # the two good children
+
+
+async def test_a_refused_child_is_refused_again_when_its_parent_replays(
+        sqlite_url: str) -> None:
+    """The refusal takes no place in history, so a replay of the parent (here in a
+    worker that took the run over after a restart, and in check-replay) meets it at the
+    same call and takes the same path: the same message caught, one child, no
+    divergence from the calls recorded after it."""
+
+    def build() -> App:
+        app = shop(sqlite_url, [])
+
+        @app.workflow
+        async def patient(ctx: WorkflowContext, order: dict[str, object]) -> str:
+            try:
+                await ctx.start_child("strict", order)
+                said = "started"
+            except SerializationError as exc:
+                said = str(exc)
+            await ctx.set_value("said", said)  # a call recorded after it, final
+            await ctx.wait_for_event("go", timeout=60)
+            await ctx.call("strict", ORDER)
+            return said
+
+        return app
+
+    first = build()
+    async with first:
+        h = await first.start("patient", {"id": "bad", "items": [], "placed_at": "x"})
+
+        async def waiting() -> bool:
+            history = await first.store.load_history(first.name, h.run_id)
+            return any(e.kind == "wait" for e in history)
+
+        await eventually(waiting, what="the parent to wait for its event")
+        assert await check_replay(first) == []  # the code replays the run as it ran
+    second = build()
+    async with second:
+        await second.publish("go", {})
+        said = await second.get_handle(h.run_id).result(timeout=10)
+        kids = await second.store.child_runs(second.name, h.run_id)
+    assert said.startswith(f"ctx.start_child in run {h.run_id} of patient: workflow "
+                           "'strict' argument 1 (order)"), said
+    assert len(kids) == 1 and kids[0].status.is_final, kids

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 
 from cantata import App
@@ -16,6 +17,7 @@ from cantata.errors import (
     ConfigurationError,
     PayloadTooLarge,
     ScheduleExists,
+    SerializationError,
     UnknownSchedule,
 )
 from cantata.flow.schedules import ScheduleSpec, tick_key
@@ -383,7 +385,7 @@ async def test_a_code_schedule_no_code_declares_stops_ticking(tmp_path: Path) ->
 
 
 async def test_bad_schedule_arguments_raise_cantata_errors() -> None:
-    from cantata.errors import RegistrationError, SerializationError
+    from cantata.errors import RegistrationError
 
     app = App("sched")
 
@@ -493,3 +495,38 @@ async def test_schedule_operations_are_audited_with_their_actor(
     # the triggered run is the operator's too, as a run app.start(actor=...) creates
     assert [r.actor for r in records if (r.action, r.target) == ("run.created", run_id)] == [
         "token:bob"]
+
+
+class Feed(pydantic.BaseModel):
+    """What a scheduled workflow takes as its input (module level: resolved here)."""
+
+    source: str
+    limit: int
+
+
+async def test_an_input_that_does_not_fit_the_workflows_type_is_refused_when_made(
+        tmp_path: Path) -> None:
+    """Each tick's run takes the input as its second argument: an input that is not the
+    declared type would fail every run in its first line, so the schedule is refused
+    when it is made, in one line naming it, the workflow, the argument and the field."""
+    app = App("sched")
+
+    @app.workflow
+    async def pull(ctx: object, tick: dt.datetime, feed: Feed) -> int:
+        return feed.limit
+
+    async with environment(app, store=f"sqlite:///{tmp_path}/sched.db"):
+        with pytest.raises(SerializationError) as info:
+            await app.schedules.create("p", None, pull, every=60,
+                                       input={"source": "erp", "limit": "many"})
+        message = str(info.value)
+        assert "\n" not in message, message
+        assert message.startswith(
+            "schedule 'p': workflow 'pull' argument 2 (feed) does not match its declared "
+            "type Feed: limit: Input should be a valid integer"), message
+        assert message.endswith("(the schedule was not made)"), message
+        assert await app.schedules.list() == []
+        await app.schedules.create("p", None, pull, every=60, input={"source": "erp",
+                                                                     "limit": 5})
+        handle = await app.schedules.trigger("p")
+        assert await handle.result(timeout=10) == 5

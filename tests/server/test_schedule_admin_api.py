@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pydantic
 import pytest
 
 from cantata import App
@@ -21,13 +22,25 @@ from tests.server.test_api import audit_records
 from tests.server.test_flow_api import YEARLY, by_name, parse, with_flow
 
 
+class Note(pydantic.BaseModel):
+    """A typed schedule input (module level: the annotation is resolved here)."""
+
+    text: str
+    times: int
+
+
 def with_reminder(app: App) -> App:
-    """The shop's flow plus a workflow a schedule with an input can start."""
+    """The shop's flow plus workflows a schedule with an input can start (one takes a
+    plain dict, one a model)."""
     with_flow(app)
 
     @app.workflow
     async def remind(ctx: Any, tick: dt.datetime, note: dict[str, Any]) -> dict[str, Any]:
         return {"tick": tick.isoformat(), **note}
+
+    @app.workflow
+    async def nag(ctx: Any, tick: dt.datetime, note: Note) -> int:
+        return note.times
 
     return app
 
@@ -194,6 +207,30 @@ async def test_a_bad_body_is_a_400_naming_its_field_and_makes_nothing(shop: Shop
     listed = {s["name"] for s in (await shop.get("/api/schedules")).json()}
     assert listed == {"yearly_report"}
     assert await schedule_records(shop) == []
+
+
+async def test_an_input_that_does_not_fit_the_workflows_type_is_a_400_naming_it(
+    shop: Shop,
+) -> None:
+    """Each tick's run would fail in its first line: the schedule is refused with 400
+    `invalid_input` on `input`, one line naming the workflow, the argument and the
+    field, and nothing is made or audited."""
+    r = await shop.post("/api/schedules", json={
+        "name": "nag", "workflow": "nag", "every": 60,
+        "input": {"text": "water the plants", "times": "often"}})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_input", "input"), error
+    assert "\n" not in error["message"], error
+    assert error["message"].startswith(
+        "schedule 'nag': workflow 'nag' argument 2 (note) does not match its declared "
+        "type Note: times: Input should be a valid integer"), error
+    assert "nag" not in by_name((await shop.get("/api/schedules")).json())
+    assert await schedule_records(shop) == []
+    r = await shop.post("/api/schedules", json={
+        "name": "nag", "workflow": "nag", "every": 60,
+        "input": {"text": "water the plants", "times": 2}})
+    assert r.status_code == 201, r.text
 
 
 async def test_viewers_may_not_create_or_delete_and_no_token_is_a_401(shop: Shop) -> None:

@@ -9,10 +9,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 import pydantic
 
 from cantata.broker.base import Broker, BrokerMessage, Subscription, stored_emitted
-from cantata.errors import WorkerLost, error_text
+from cantata.declare.defs import Parameters
+from cantata.errors import CantataError, WorkerLost, error_text
 from cantata.fencing import BodyFenced, guarded
 from cantata.graceful import wait_or_force
 from cantata.model import codec
@@ -175,6 +177,12 @@ class Consumer:
             await self._dead(group, msg, event, error_text(refused))
             return
         if trigger is not None:
+            misfit = self._misfit(trigger, event)
+            if misfit is not None:  # (data that cannot get better: not retried)
+                log.warning("dead-lettering event %s for group %s: %s", event.id, group,
+                            misfit)
+                await self._dead(group, msg, event, misfit)
+                return
             await self._start_run(trigger, msg, event)
             return
         assert hdef is not None
@@ -189,6 +197,27 @@ class Consumer:
         hooks = self.host.hooks
         if hooks:
             hooks.notify("handler_finished", group, event, 0.0, DeliveryOutcome.DEAD, error)
+
+    def _misfit(self, trigger: TriggerDef, event: Event[Any]) -> str | None:
+        """Why ``event``'s data cannot be the argument of the run ``trigger`` starts (its
+        workflow's code is here and declares a type the data does not match, as the
+        run's worker would restore it), as a typed handler's bad data is named;
+        ``None`` when it fits, or nothing is declared to check it against."""
+        wdef = self.host.router.workflows.get(trigger.workflow)
+        if wdef is None or wdef.sig.plain:
+            return None
+        try:  # (as the run's arguments are stored: bytes as their base64 text)
+            args = orjson.loads(codec.dumps([event.data], "event data"))
+        except CantataError:  # (the run's creation says why, as before)
+            return None
+        found = wdef.sig.mismatch(args)
+        if found is None:
+            return None
+        i, declared, exc = found
+        takes = Parameters.of(wdef) or Parameters(wdef.name, (), (), True)
+        return (f"{validation_text(exc)} (event data as workflow {wdef.name!r} "
+                f"{takes.argument(i)}, declared {codec.type_name(declared)}: no run was "
+                "started)")
 
     async def _start_run(self, trigger: TriggerDef, msg: BrokerMessage, event: Event[Any]) -> None:
         """A workflow trigger's delivery: the run started (once: keyed by the event),

@@ -116,10 +116,18 @@ class Parameters:
                    tuple(p.name for p in positional if p.default is p.empty),
                    any(p.kind is p.VAR_POSITIONAL for p in declared))
 
-    def check_types(self, wdef: WorkflowDef, args: Any, limit: int | None = None) -> None:
+    def check_types(self, wdef: WorkflowDef, args: Any, limit: int | None = None, *,
+                    where: str = "", outcome: str = "nothing was started") -> None:
         """Refuse ``args`` that do not match ``wdef``'s declared parameter types, as
-        its worker would (:meth:`Signature.check_args`), naming the parameter."""
-        wdef.sig.check_args(args, f"workflow {self.workflow!r}", self.positional, limit)
+        its worker would (:meth:`Signature.check_args`), naming the parameter (after
+        ``where``, the call that gave them, and ending with ``outcome``)."""
+        wdef.sig.check_args(args, f"workflow {self.workflow!r}", self.positional, limit,
+                            where=where, outcome=outcome)
+
+    def argument(self, i: int) -> str:
+        """How argument ``i`` (from 0) is named: ``argument 1 (order)``."""
+        name = f" ({self.positional[i]})" if i < len(self.positional) else ""
+        return f"argument {i + 1}{name}"
 
     def problem(self, given: int) -> str | None:
         """Why the workflow cannot be called with ``given`` arguments (one missing, too
@@ -134,6 +142,24 @@ class Parameters:
             return None
         names = ", ".join(self.positional) or "none"
         return f"workflow {self.workflow!r} {problem} (its parameters: {names})"
+
+
+def check_arguments(wdef: WorkflowDef, args: Any, limit: int | None = None, *,
+                    where: str = "", outcome: str = "nothing was started") -> None:
+    """Refuse ``args`` that do not match ``wdef``'s declared parameter types (a child's
+    start, a schedule's input): :meth:`Parameters.check_types`, also when the
+    parameters' names cannot be read. Nothing is done for a plain signature.
+
+    Raises:
+        SerializationError: an argument is not JSON-serialisable or not its type.
+        PayloadTooLarge: the arguments are over ``limit`` bytes as JSON.
+    """
+    if wdef.sig.plain:
+        return
+    takes = Parameters.of(wdef)
+    if takes is None:
+        takes = Parameters(wdef.name, (), (), True)
+    takes.check_types(wdef, args, limit, where=where, outcome=outcome)
 
 
 @dataclass(frozen=True, slots=True)

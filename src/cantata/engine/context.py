@@ -17,6 +17,7 @@ from cantata.declare.defs import (
     STANDALONE_ATTR,
     STEP_ATTR,
     StepDef,
+    check_arguments,
     step_name,
     workflow_name,
 )
@@ -446,7 +447,17 @@ class WorkflowContext:
         engine = x.engine
         name = workflow_name(workflow)
         j = x.journal
-        call = await j.replay_or_begin(EntryKind.CHILD, name, base=f"child:{name}")
+        base = f"child:{name}"
+        child_def = engine.router.workflows.get(name)
+        if child_def is not None and not child_def.sig.plain and not j.next_recorded(base):
+            # Its code is here and a parameter is typed: arguments its worker would
+            # refuse raise here, in the parent, before the call takes a place in history
+            # (a caught refusal leaves the run's calls as if it had not been made, and a
+            # replay meets it again). A call recorded already replays as it was.
+            check_arguments(child_def, args, engine.max_payload, where=(
+                f"ctx.{'call' if wait else 'start_child'} in run {x.run.run_id} of "
+                f"{x.wdef.name}: "))
+        call = await j.replay_or_begin(EntryKind.CHILD, name, base=base)
         entry = call.entry
         if entry is not None and call.replayed:
             info = codec.loads(entry.detail)

@@ -106,6 +106,11 @@ class Journal:
         self.counters[base] = n
         return f"{base}#{n}"
 
+    def next_recorded(self, base: str) -> bool:
+        """Whether the next call of ``base`` (the key :meth:`next_key` gives next) is in
+        history, without taking its key."""
+        return f"{base}#{self.counters.get(base, 0) + 1}" in self.history
+
     def lookup(
         self, kind: EntryKind, name: str, *, base: str | None = None, key: str | None = None
     ) -> Call:

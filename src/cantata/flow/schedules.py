@@ -329,10 +329,13 @@ class Schedules:
             ConfigurationError: a bad cron, time zone, policy or limit (named).
             PayloadTooLarge: ``input`` and a tick, each run's arguments, are over the
                 app's ``max_payload``.
+            SerializationError: ``input`` is not JSON-serialisable, or (when this
+                process has the workflow's code) does not match the declared type of
+                its parameter after the tick, as each run's worker would restore it.
             UnknownWorkflow: no service of this app declares ``workflow``.
             ScheduleExists: ``replace=False`` and the name is taken.
         """
-        from cantata.declare.defs import workflow_name
+        from cantata.declare.defs import check_arguments, workflow_name
         from cantata.declare.schedules import check_takes_tick
         from cantata.errors import UnknownWorkflow
 
@@ -350,6 +353,9 @@ class Schedules:
         wdef = engine.router.workflows.get(wf)
         if wdef is not None:  # (one of another service's: its own code is not here)
             check_takes_tick(wdef, spec.has_input, ConfigurationError, f"schedule {name!r}")
+            if spec.has_input:  # an input each tick's run would refuse in its first line
+                check_arguments(wdef, spec.args(engine.clock.now()), where=f"schedule "
+                                f"{name!r}: ", outcome="the schedule was not made")
         if not await engine.store.put_schedule(
             engine.app, new_row(spec, "api", engine.clock.now()), actor=_who(engine, actor),
             replace=replace,

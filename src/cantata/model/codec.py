@@ -437,11 +437,13 @@ class Signature:
         return out
 
     def check_args(self, args: Sequence[Any], what: str, names: Sequence[str] = (),
-                   limit: int | None = None) -> None:
+                   limit: int | None = None, *, where: str = "",
+                   outcome: str = "nothing was started") -> None:
         """Raise what the worker's :meth:`restore_args` would for ``args`` (Python
         values, as JSON turns them first), in one line naming the argument (``names``:
-        the parameters') and each field that does not fit. Nothing is done for a
-        ``plain`` signature (no parameter needs restoring).
+        the parameters') and each field that does not fit, after ``where`` (the call
+        that gave them, if not a start) and ending with ``outcome``. Nothing is done for
+        a ``plain`` signature (no parameter needs restoring).
 
         Raises:
             SerializationError: an argument is not JSON-serialisable or does not match
@@ -450,6 +452,19 @@ class Signature:
         if self.plain:
             return
         decoded = orjson.loads(dumps(list(args), f"arguments of {what}", limit=limit))
+        found = self.mismatch(decoded)
+        if found is not None:
+            i, ann, exc = found
+            name = f" ({names[i]})" if i < len(names) else ""
+            raise SerializationError(
+                f"{where}{what} argument {i + 1}{name} does not match its declared type "
+                f"{type_name(ann)}: {one_line(exc)}; pass a value of that type "
+                f"({outcome})")
+
+    def mismatch(self, decoded: Sequence[Any]) -> tuple[int, Any, pydantic.ValidationError] | None:
+        """The first of ``decoded`` (arguments as JSON gives them back) that
+        :meth:`restore_args` would refuse: its index, its declared type and pydantic's
+        error; ``None`` when they all fit."""
         for i, value in enumerate(decoded):
             ann = self.params[i] if i < len(self.params) else self.varargs
             if not _needs_restoring(ann):
@@ -457,13 +472,10 @@ class Signature:
             try:
                 validate(ann, value)
             except pydantic.ValidationError as exc:
-                name = f" ({names[i]})" if i < len(names) else ""
-                raise SerializationError(
-                    f"{what} argument {i + 1}{name} does not match its declared type "
-                    f"{type_name(ann)}: {one_line(exc)}; pass a value of that type "
-                    "(nothing was started)") from None
+                return i, ann, exc
             except (TypeError, pydantic.PydanticSchemaGenerationError):
                 continue  # (as restore: a type pydantic cannot check is passed as it is)
+        return None
 
 
 def type_name(annotation: Any) -> str:

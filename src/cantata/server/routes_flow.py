@@ -129,7 +129,9 @@ async def create(
     replaced; delete that one first or choose another name. A bad cron expression,
     interval, time zone, policy or limit, an unknown workflow, or a workflow that
     cannot take the tick (and the input) is a 400 naming the field, by the library's
-    own checks. Audited as `schedule.created` by the token."""
+    own checks, as is an input that does not match the declared type of a loaded
+    workflow's parameter (400 `invalid_input`, naming its fields). Audited as
+    `schedule.created` by the token."""
     console = console_of(request)
     params.finite("input", body.input)
     spec = _spec(body)
@@ -144,6 +146,8 @@ async def create(
         raise await _exists(app, spec.name) from None
     except PayloadTooLarge as exc:  # (each tick's run takes the input as its argument)
         raise caused_by("input", exc) from None
+    except SerializationError as exc:  # not the declared type of a loaded workflow's input
+        raise bad_input("input", console.redact(str(exc))) from None
     except UnknownWorkflow as exc:  # (a 400: the body's field, not the path, is wrong)
         raise ApiError(400, exc.code, console.redact(f"{exc}; GET /api/workflows lists "
                                                      "them"), "workflow") from None
