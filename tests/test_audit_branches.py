@@ -73,8 +73,13 @@ class KillingStore:
         return False
 
     async def commit_run(self, app: str, run_id: str, fence: int, write: RunWrite) -> None:
+        # Matched as written, before the await: the engine may mark an entry it wrote
+        # already (a branch cancelled while its step ran, engine/branches.py) and write
+        # it again; the object the first write held then says so too, though that write
+        # sent it unmarked.
+        matches = self._matches(write)
         await self._inner.commit_run(app, run_id, fence, write)
-        if self._matches(write):
+        if matches:
             os.kill(os.getpid(), signal.SIGKILL)
 
     async def run_transaction(self, app: str, run_id: str, fence: int, body: Any) -> Any:
