@@ -4,6 +4,7 @@ command line run as a user types it (``main``, off the event loop)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -27,6 +28,19 @@ def project_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str,
     (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
     yield tmp_path
     sys.modules.pop(module, None)
+
+
+def store_of(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The body of a ``store`` fixture parametrized ``sqlite`` / ``postgres`` over a
+    ``project`` (:func:`project_with`): $CANTATA_STORE, the project's SQLite file or a
+    PostgreSQL schema of its own (``pooled_schema``, tests/conftest.py)."""
+    if request.param == "postgres":
+        from tests.helpers import with_schema
+
+        base: str = request.getfixturevalue("postgres_url")
+        schema: str = request.getfixturevalue("pooled_schema")
+        monkeypatch.setenv("CANTATA_STORE", with_schema(base, schema))
+    return os.environ["CANTATA_STORE"]
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

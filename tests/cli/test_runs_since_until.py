@@ -10,7 +10,6 @@ import datetime as dt
 import importlib
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import pytest
 import cantata
 from cantata.model.access import Role
 from cantata.server.auth import create_token
-from tests.cli.project import cli, project_with
-from tests.helpers import with_schema
+from tests.cli.project import cli, project_with, store_of
 
 APP = """
 import cantata
@@ -46,12 +44,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request: pytest.FixtureRequest, project: Path,
           monkeypatch: pytest.MonkeyPatch) -> str:
-    """$CANTATA_STORE: the project's SQLite file, or a PostgreSQL schema of its own."""
-    if request.param == "postgres":
-        base: str = request.getfixturevalue("postgres_url")
-        schema: str = request.getfixturevalue("pooled_schema")  # (tests/conftest.py)
-        monkeypatch.setenv("CANTATA_STORE", with_schema(base, schema))
-    return os.environ["CANTATA_STORE"]
+    return store_of(request, monkeypatch)
 
 
 def one_line(err: str) -> bool:

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import cantata
-from tests.cli.project import cli, project_with
-from tests.helpers import with_schema
+from tests.cli.project import cli, project_with, store_of
 
 APP = """
 import cantata
@@ -31,12 +29,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request: pytest.FixtureRequest, project: Path,
           monkeypatch: pytest.MonkeyPatch) -> str:
-    """$CANTATA_STORE: the project's SQLite file, or a PostgreSQL schema of its own."""
-    if request.param == "postgres":
-        base: str = request.getfixturevalue("postgres_url")
-        schema: str = request.getfixturevalue("pooled_schema")  # (tests/conftest.py)
-        monkeypatch.setenv("CANTATA_STORE", with_schema(base, schema))
-    return os.environ["CANTATA_STORE"]
+    return store_of(request, monkeypatch)
 
 
 def rfc3339(ts: float) -> str:
