@@ -244,6 +244,13 @@ async def test_runs_repin_moves_a_newer_versions_runs_to_the_old_code(
     assert f"1 live run(s) of version v-new would move to version {old}, 1 left (dry run" \
         in out
     assert "1 run(s) of version v-new were left where they are" in err
+    # an option of `cantata runs` before `repin` would be ignored (repin takes its own):
+    # refused, nothing moved
+    code, out, err = await cli(capsys, "runs", "--json", "repin", "--from-version", "v-new",
+                               "--app", "shopmod:app")
+    assert (code, out) == (1, ""), err
+    assert err == ("cantata: error: --json before `repin` would be ignored: give the options "
+                   "of `cantata runs repin` after it (see cantata runs repin --help)\n"), err
     code, out, err = await cli(capsys, "runs", "--version", "v-new", "--json")
     assert len(json.loads(out)) == 2  # nothing changed
     code, out, err = await cli(capsys, "runs", "repin", "--from-version", "v-new",

@@ -233,6 +233,22 @@ def check_broker(app: App, *, publishing: bool = False) -> None:
     run(go)
 
 
+def refuse_options_before(ctx: Any, group: str) -> None:
+    """Refuse the options of ``cantata GROUP`` typed before its subcommand: the
+    subcommand takes its own, so they would be ignored (another store, no JSON). One
+    line names them and says where they go. (Typer has its own copy of click's
+    ``ParameterSource``: the member is told by its name, as main.py tells Typer's
+    exceptions.)"""
+    given = [param.opts[0] for param in ctx.command.params
+             if getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"]
+    if given:
+        sub = ctx.invoked_subcommand
+        raise ConfigurationError(
+            f"{' and '.join(given)} before `{sub}` would be ignored: give the options of "
+            f"`cantata {group} {sub}` after it (see cantata {group} {sub} --help)"
+        )
+
+
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine function to completion."""
 

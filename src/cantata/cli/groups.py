@@ -8,12 +8,20 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from cantata.errors import ConfigurationError
 from cantata.observability.groups import GroupInfo
 from cantata.observability.timeline import fmt_seconds
 from cantata.server.models import group_out
 
-from .common import client_app, operator, print_json, run, say, show, table
+from .common import (
+    client_app,
+    operator,
+    print_json,
+    refuse_options_before,
+    run,
+    say,
+    show,
+    table,
+)
 from .runs import AppOpt, JsonOpt, StoreOpt
 
 
@@ -40,21 +48,7 @@ def groups_alone(
     if ctx.invoked_subcommand is None:
         list_groups(app, store, as_json)
         return
-    given = [option for param, option in (("app", "--app"), ("store", "--store"),
-                                          ("as_json", "--json")) if _typed(ctx, param)]
-    if given:  # (they would be ignored: the subcommand takes its own)
-        sub = ctx.invoked_subcommand
-        raise ConfigurationError(
-            f"{' and '.join(given)} before `{sub}` would be ignored: give the options of "
-            f"`cantata groups {sub}` after it (see cantata groups {sub} --help)"
-        )
-
-
-def _typed(ctx: typer.Context, param: str) -> bool:
-    """Whether ``param`` was given on the command line. (Typer has its own copy of
-    click's ``ParameterSource``: the member is told by its name, as main.py tells
-    Typer's exceptions.)"""
-    return getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE"
+    refuse_options_before(ctx, "groups")
 
 
 def list_groups(

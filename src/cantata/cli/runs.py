@@ -37,6 +37,7 @@ from .common import (
     parse_json,
     print_json,
     print_line,
+    refuse_options_before,
     resolve_run,
     run,
     show,
@@ -215,6 +216,7 @@ def list_runs(
     """List runs, newest first (filtered by status, workflow, attributes, key, version,
     creation time)."""
     if ctx.invoked_subcommand is not None:
+        refuse_options_before(ctx, "runs")  # (they would be ignored: repin takes its own)
         return
     wanted = dict(parse_attr(a) for a in attr or [])
     created_since, created_until = time_option("--since", since), time_option("--until", until)
