@@ -23,7 +23,7 @@ from cantata.broker.base import Broker
 from cantata.choreography.orphans import find_orphans, report_orphans
 from cantata.choreography.publish import new_event, repeated
 from cantata.choreography.redrive import redrive
-from cantata.declare.defs import Parameters, workflow_name
+from cantata.declare.defs import check_arguments, workflow_name
 from cantata.declare.router import Router
 from cantata.engine.clock import Clock, SystemClock
 from cantata.engine.engine import Engine
@@ -482,9 +482,7 @@ class App(RouterFacade):
         if wdef is not None and not wdef.sig.plain:
             # Its code is here and a parameter is typed (a model, a dataclass, a date):
             # arguments the worker would refuse are refused before the run is written.
-            takes = Parameters.of(wdef)
-            if takes is not None:
-                takes.check_types(wdef, args, engine.max_payload)
+            check_arguments(wdef, args, engine.max_payload)
         if deadline is not None:  # (None passes both checks: no call on every start)
             check_seconds("deadline", deadline)
         if idempotency_key is not None:

@@ -214,10 +214,9 @@ class Consumer:
         if found is None:
             return None
         i, declared, exc = found
-        takes = Parameters.of(wdef) or Parameters(wdef.name, (), (), True)
         return (f"{validation_text(exc)} (event data as workflow {wdef.name!r} "
-                f"{takes.argument(i)}, declared {codec.type_name(declared)}: no run was "
-                "started)")
+                f"{Parameters.named(wdef).argument(i)}, declared "
+                f"{codec.type_name(declared)}: no run was started)")
 
     async def _start_run(self, trigger: TriggerDef, msg: BrokerMessage, event: Event[Any]) -> None:
         """A workflow trigger's delivery: the run started (once: keyed by the event),

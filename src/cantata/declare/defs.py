@@ -116,6 +116,12 @@ class Parameters:
                    tuple(p.name for p in positional if p.default is p.empty),
                    any(p.kind is p.VAR_POSITIONAL for p in declared))
 
+    @classmethod
+    def named(cls, wdef: WorkflowDef) -> Parameters:
+        """:meth:`of`, or parameters without names when the signature cannot be read
+        (a message then says ``argument 1``, not ``argument 1 (order)``)."""
+        return cls.of(wdef) or cls(wdef.name, (), (), True)
+
     def check_types(self, wdef: WorkflowDef, args: Any, limit: int | None = None, *,
                     where: str = "", outcome: str = "nothing was started") -> None:
         """Refuse ``args`` that do not match ``wdef``'s declared parameter types, as
@@ -154,12 +160,8 @@ def check_arguments(wdef: WorkflowDef, args: Any, limit: int | None = None, *,
         SerializationError: an argument is not JSON-serialisable or not its type.
         PayloadTooLarge: the arguments are over ``limit`` bytes as JSON.
     """
-    if wdef.sig.plain:
-        return
-    takes = Parameters.of(wdef)
-    if takes is None:
-        takes = Parameters(wdef.name, (), (), True)
-    takes.check_types(wdef, args, limit, where=where, outcome=outcome)
+    if not wdef.sig.plain:
+        Parameters.named(wdef).check_types(wdef, args, limit, where=where, outcome=outcome)
 
 
 @dataclass(frozen=True, slots=True)
