@@ -448,12 +448,11 @@ async def check_known(app: App, kind: str, name: str, option: str) -> None:
         if problem is not None:
             raise ConfigurationError(f"{problem}: check {option}")
         return
-    known = {d.name for d in await app.store.declarations(app.name) if d.kind == kind}
-    known |= set(app.workflows)
+    known = await app._workflow_names()
     if name in known:
         return
     raise ConfigurationError(
-        f"no workflow {name!r} in app {app.name!r} (known: {', '.join(sorted(known)) or 'none'}"
+        f"no workflow {name!r} in app {app.name!r} (known: {', '.join(known) or 'none'}"
         f"): check {option}"
     )
 
