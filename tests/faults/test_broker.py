@@ -13,6 +13,7 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -125,7 +126,7 @@ async def test_a_group_name_too_long_for_the_broker_is_refused_clearly(
     except CantataError as exc:
         assert len(str(exc)) < 2000
         return
-    before = await connections(postgres_store)
+    since = await server_now(postgres_store)
     try:
         async with asyncio.timeout(20):
             async with app:
@@ -134,7 +135,7 @@ async def test_a_group_name_too_long_for_the_broker_is_refused_clearly(
         assert len(str(exc)) < 2000, "the error repeats the whole name"
         # An app that failed to open holds no connection to its store.
         await asyncio.sleep(0.5)
-        assert await connections(postgres_store) == before, "the failed open left connections"
+        assert await connections(postgres_store, since) == 0, "the failed open left connections"
     # Accepted: it must then work (covered by the delivery tests); reaching here in time
     # shows the worker did not hang at start-up.
 
@@ -163,15 +164,29 @@ async def test_a_second_store_with_the_same_app_name_on_one_nats_is_refused(
     assert "Traceback" not in out and "prefix" in out, out[-1500:]
 
 
-async def connections(url: str) -> int:
-    """Client connections to the (private) PostgreSQL server, other than this one."""
+async def server_now(url: str) -> datetime:
+    """The (private) PostgreSQL server's clock."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url.split("?")[0])
+    try:
+        now: datetime = await conn.fetchval("SELECT clock_timestamp()")
+        return now
+    finally:
+        await conn.close()
+
+
+async def connections(url: str, since: datetime) -> int:
+    """Client connections to the (private) PostgreSQL server opened since `since`, other
+    than this one. The server is the session's: an earlier test's connection may still be
+    closing, so only the ones this test opened are counted."""
     import asyncpg
 
     conn = await asyncpg.connect(url.split("?")[0])
     try:
         n: int = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND pid <> pg_backend_pid()")
+            "AND pid <> pg_backend_pid() AND backend_start >= $1", since)
         return n
     finally:
         await conn.close()
