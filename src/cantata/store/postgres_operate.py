@@ -186,7 +186,7 @@ class PostgresOperate(PostgresCore):
                     f" AND run_id IN (SELECT run_id FROM run_attributes WHERE app=$1 "
                     f"AND name={arg(name)} AND value={arg(value)})"
                 )
-            sql += f' ORDER BY created_at DESC, run_id COLLATE "C" LIMIT {arg(limit)}'
+            sql += f' ORDER BY created_at DESC, run_id COLLATE "C" DESC LIMIT {arg(limit)}'
             return [run_row(r) for r in await c.fetch(sql, *params)]
 
     async def run_attributes(self, app: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:

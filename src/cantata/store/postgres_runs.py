@@ -77,7 +77,7 @@ class PostgresRuns(PostgresCore):
         rows = await self._db.fetch(
             f"SELECT {RUN_COLS} FROM runs WHERE app=$1 AND ($2::text IS NULL OR status=$2) "
             "AND ($3::text IS NULL OR workflow=$3) "
-            'ORDER BY created_at DESC, run_id COLLATE "C" LIMIT $4',
+            'ORDER BY created_at DESC, run_id COLLATE "C" DESC LIMIT $4',
             app, None if status is None else str(status), workflow, limit,
         )
         return [run_row(r) for r in rows]

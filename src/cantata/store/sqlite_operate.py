@@ -143,7 +143,7 @@ class SQLiteOperate(SQLiteCore):
                     "run_attributes_value WHERE app=? AND name=? AND value=?)"
                 )
                 params += [app, name, value]
-            sql += " ORDER BY created_at DESC, run_id LIMIT ?"
+            sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
             params.append(limit)
             return [run_row(r) for r in c.execute(sql, params).fetchall()]
 

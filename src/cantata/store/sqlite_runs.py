@@ -270,7 +270,7 @@ class SQLiteRuns(SQLiteCore):
         if workflow is not None:
             sql += " AND workflow=?"
             params.append(workflow)
-        sql += " ORDER BY created_at DESC, run_id LIMIT ?"
+        sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
         params.append(limit)
         rows = await self._t.read(lambda c: c.execute(sql, params).fetchall())
         return [run_row(r) for r in rows]

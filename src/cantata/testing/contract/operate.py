@@ -18,6 +18,7 @@ from cantata.errors import (
     StepNotInHistory,
 )
 from cantata.model import codec
+from cantata.model.access import RunQuery
 from cantata.model.records import (
     ATTRS,
     COMPENSATION,
@@ -97,6 +98,23 @@ class OperateContract(StoreFixtures):
         assert await store.run_attributes(self.app, [a.run_id, b.run_id, "nope"]) == {
             a.run_id: {"customer_id": "42", "tier": "gold"}, b.run_id: {"customer_id": "42"},
         }
+
+    async def test_runs_created_at_one_instant_come_in_the_consoles_order(
+        self, store: Store
+    ) -> None:
+        """Newest first, and runs sharing a creation time by id, descending: the order of
+        the console's pages (``query_runs``), so ``cantata runs`` and ``GET /api/runs``
+        list the same runs in the same order."""
+        first, _ = await store.create_run(new_run(self.app))
+        same = []
+        for _ in range(4):
+            run = new_run(self.app)
+            run.created_at = first.created_at
+            same.append((await store.create_run(run))[0])
+        want = [r.run_id for r in sorted([first, *same], key=lambda r: r.run_id, reverse=True)]
+        assert [r.run_id for r in await store.find_runs(self.app)] == want
+        assert [r.run_id for r in await store.list_runs(self.app)] == want
+        assert [r.run_id for r in await store.query_runs(self.app, RunQuery())] == want
 
     async def test_a_later_set_attributes_wins(self, store: Store) -> None:
         run = await self._run(store, attrs("set_attributes#1", 1, stage="new", n="1"))
