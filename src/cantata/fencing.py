@@ -72,6 +72,13 @@ class PauseClock:
         self._every = every
         self._last = time.monotonic()
         self._gaps: deque[tuple[float, float]] = deque(maxlen=64)
+        # A tick (its reading of the time, the gap, the last tick moved) and a reading
+        # are atomic to each other. Without it, a tick whose thread lost the GIL between
+        # reading the time and noting the gap made a reading just then count the gap as
+        # ongoing up to the reading's time, and the next one, the gap noted, count it
+        # shorter: the guard of a handler stopped its body for a pause that the check at
+        # its stop, a moment later, found shorter than the bar (docs/leases.md).
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="cantata-pause-clock", daemon=True)
         self._thread.start()
 
@@ -79,6 +86,10 @@ class PauseClock:
         never = threading.Event()
         while True:
             never.wait(self._every)
+            self._tick()
+
+    def _tick(self) -> None:
+        with self._lock:
             now = time.monotonic()
             if now - self._last > 4 * self._every:
                 self._gaps.append((self._last, now))
@@ -95,16 +106,15 @@ class PauseClock:
         return max(self._within(began, ended), default=0.0)
 
     def _within(self, began: float, ended: float) -> list[float]:
-        # The last tick is read before the gaps are copied, and a gap starting at it is
-        # taken as the ongoing one, so that the thread noting that gap at any point in
-        # between (it appends the gap, then moves ``_last``) counts it once: never
-        # lost, never twice. Read the other way round, a check just after a stall could
-        # count it twice and the next one not at all, and a handler's guard stopped a
-        # body for a pause its next check did not see.
-        last = self._last
-        gaps = list(self._gaps)
-        now = time.monotonic()
-        if now - last > 4 * self._every and not (gaps and gaps[-1][0] == last):
+        # Under the tick's lock (a reading sees a tick whole or not at all; the time is
+        # read after the last tick's), so that each stall counts once and a later
+        # reading never finds less stood still than an earlier one: a gap the thread
+        # has not noted yet is the ongoing one, up to now.
+        with self._lock:
+            last = self._last
+            gaps = list(self._gaps)
+            now = time.monotonic()
+        if now - last > 4 * self._every:
             gaps.append((last, now))
         return [max(0.0, min(e, ended) - max(s, began)) for s, e in gaps]
 
