@@ -32,10 +32,14 @@ async def test_runs_waiting_for_a_steps_slot_say_so(store_url: str) -> None:
         first = await app.start(pile, 0)
         await eventually(lambda: _holds(app), timeout=10)
         waiting = [await app.start(pile, i) for i in (1, 2)]
-        expected = {h.run_id: f"waiting for a slot of step 'fragile' behind {ahead} run(s)"
-                    for ahead, h in enumerate(waiting)}
-        await eventually(lambda: _details(app, expected), timeout=5,
-                         what="each waiting run's stall says it waits for a slot")
+        # Each says so, one behind the other: in the order they asked for the slot,
+        # which two runs started at once may take in either order.
+        seen: list[dict[str, str | None]] = []
+        try:
+            await eventually(lambda: _details(app, [h.run_id for h in waiting], seen),
+                             timeout=15, what="each waiting run's stall says it waits for a slot")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the runs' stalls said {seen}") from None
         stalls = {s.correlation_id: s for s in await app.stalled(older_than=0)}
         for h in waiting:
             assert stalls[h.run_id].reason == "pending_step"
@@ -52,6 +56,8 @@ async def _holds(app: App) -> bool:
     return await app.store.slots_held(app.name, "step:fragile") == 1
 
 
-async def _details(app: App, expected: dict[str, str]) -> bool:
+async def _details(app: App, run_ids: list[str], seen: list[dict[str, str | None]]) -> bool:
     found = {s.correlation_id: s.node.detail for s in await app.stalled(older_than=0)}
-    return all(found.get(run_id) == detail for run_id, detail in expected.items())
+    seen[:] = [{run_id: found.get(run_id) for run_id in run_ids}]
+    return sorted(found.get(run_id) or "" for run_id in run_ids) == [
+        f"waiting for a slot of step 'fragile' behind {ahead} run(s)" for ahead in (0, 1)]
