@@ -166,28 +166,27 @@ async def test_a_second_store_with_the_same_app_name_on_one_nats_is_refused(
 
 async def server_now(url: str) -> datetime:
     """The (private) PostgreSQL server's clock."""
-    import asyncpg
-
-    conn = await asyncpg.connect(url.split("?")[0])
-    try:
-        now: datetime = await conn.fetchval("SELECT clock_timestamp()")
-        return now
-    finally:
-        await conn.close()
+    now: datetime = await _fetchval(url, "SELECT clock_timestamp()")
+    return now
 
 
 async def connections(url: str, since: datetime) -> int:
     """Client connections to the (private) PostgreSQL server opened since `since`, other
     than this one. The server is the session's: an earlier test's connection may still be
     closing, so only the ones this test opened are counted."""
+    n: int = await _fetchval(
+        url, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+        "AND pid <> pg_backend_pid() AND backend_start >= $1", since)
+    return n
+
+
+async def _fetchval(url: str, sql: str, *args: Any) -> Any:
+    """One value read on a connection of its own to the store's server."""
     import asyncpg
 
     conn = await asyncpg.connect(url.split("?")[0])
     try:
-        n: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND pid <> pg_backend_pid() AND backend_start >= $1", since)
-        return n
+        return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
 

@@ -34,7 +34,7 @@ async def test_runs_waiting_for_a_steps_slot_say_so(store_url: str) -> None:
         waiting = [await app.start(pile, i) for i in (1, 2)]
         # Each says so, one behind the other: in the order they asked for the slot,
         # which two runs started at once may take in either order.
-        seen: list[dict[str, str | None]] = []
+        seen: dict[str, str | None] = {}
         try:
             await eventually(lambda: _details(app, [h.run_id for h in waiting], seen),
                              timeout=15, what="each waiting run's stall says it waits for a slot")
@@ -56,8 +56,8 @@ async def _holds(app: App) -> bool:
     return await app.store.slots_held(app.name, "step:fragile") == 1
 
 
-async def _details(app: App, run_ids: list[str], seen: list[dict[str, str | None]]) -> bool:
+async def _details(app: App, run_ids: list[str], seen: dict[str, str | None]) -> bool:
     found = {s.correlation_id: s.node.detail for s in await app.stalled(older_than=0)}
-    seen[:] = [{run_id: found.get(run_id) for run_id in run_ids}]
-    return sorted(found.get(run_id) or "" for run_id in run_ids) == [
+    seen.update((run_id, found.get(run_id)) for run_id in run_ids)
+    return sorted(seen[run_id] or "" for run_id in run_ids) == [
         f"waiting for a slot of step 'fragile' behind {ahead} run(s)" for ahead in (0, 1)]
