@@ -127,20 +127,54 @@ async def test_a_schedule_made_by_another_process_ticks_on_time(worker_url: str)
         assert 0 <= ran - tick < 1.5, (tick, ran)
 
 
+def _watched(app: App, seen: list[tuple[float, str]]) -> None:
+    """Note in ``seen`` (monotonic time, what) each change ``app``'s store hears and
+    each of its claims of runs (begun, and what it took): what a failure shows."""
+    store: Any = app.store
+    store.add_listener(lambda channel: seen.append((time.monotonic(), f"heard {channel}")))
+    claim = store.claim_runs
+
+    async def claim_runs(*args: Any, **kwargs: Any) -> Any:
+        seen.append((time.monotonic(), "claim begun"))
+        try:
+            claimed = await claim(*args, **kwargs)
+        except BaseException as exc:
+            seen.append((time.monotonic(), f"claim failed: {exc!r}"))
+            raise
+        seen.append((time.monotonic(), f"claim took {len(claimed)}"))
+        return claimed
+
+    store.claim_runs = claim_runs
+
+
 async def test_work_started_by_another_process_is_taken_at_once(worker_url: str) -> None:
     picked: dict[int, float] = {}
-    async with idle_app(worker_url, picked):
+    seen: list[tuple[float, str]] = []
+    worker = idle_app(worker_url, picked)
+    async with worker:
+        _watched(worker, seen)
         client = idle_app(worker_url, {})
         await client.open(serve=False)
         try:
             for n in range(4):
                 await asyncio.sleep(1.5)  # the worker's loops idle in their long waits
                 started = time.monotonic()
+                listening = worker.store.listening
                 await client.start("note", n)
+                committed = time.monotonic()
                 await eventually(lambda n=n: n in picked, timeout=10)
                 # woken by the notification (plus the claim's 50 ms to coalesce a
                 # burst), not by the next safety-net look, seconds later
-                assert picked[n] - started < 0.5, picked[n] - started
+                took = picked[n] - started
+                assert took < 0.5, (
+                    f"run {n} taken {took:.3f} s after its start (committed after "
+                    f"{committed - started:.3f} s; the worker listening: {listening}); "
+                    "what the worker's store heard and claimed since, in seconds from "
+                    "the start: " + ", ".join(
+                        f"{at - started:+.3f} {what}" for at, what in seen
+                        if at >= started - 0.5
+                    )
+                )
         finally:
             await client.close()
 
