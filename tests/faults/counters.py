@@ -124,6 +124,7 @@ class Execution:
     effect: str | None = None
     lapsed: bool = False  # its worker's hold had lapsed at its first line (fault_app.lapsed)
     fenced: bool = False  # cut by its own worker's guard (fault_app.stopped_in_doubt)
+    why: str = ""  # what its worker's state said at a cut (fault_app.cut_why)
 
 
 def ledger_records(path: Path) -> list[dict[str, Any]]:
@@ -164,6 +165,7 @@ def read_ledger(path: Path) -> list[Execution]:
         elif rec["k"] == "cut":
             ex_found.cut = True
             ex_found.fenced = rec.get("fenced", False)
+            ex_found.why = rec.get("why", "")
             ex_found.ended = rec["t"]
     executions.sort(key=lambda e: e.began)
     return executions
@@ -292,7 +294,8 @@ def twice_live(
                 count += 1
                 first = live[0]
                 overlap = first.ended is None or first.ended > later.began
-                how = " (at once)" if overlap else " (cut short by a stop)" if first.cut else ""
+                how = " (at once)" if overlap else (
+                    f" (cut short by a stop: {first.why or 'no reading'})" if first.cut else "")
                 details.append(
                     f"{call[0]} {call[2]} of {call[1][-8:]} ran in pid {later.pid} after "
                     f"pid {first.pid}{how}, neither killed{log.about(first.pid, later.began)}"

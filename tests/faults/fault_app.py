@@ -132,6 +132,25 @@ def stopped_in_doubt(app: App, *, guard: Fence | None = None) -> dict[str, bool]
     return {"fenced": True} if fenced else {}
 
 
+def cut_why(app: App, exc: BaseException) -> dict[str, str]:
+    """``{"why": ...}``: what the worker's state said when a body was cut (the error
+    thrown in, whether its task was being cancelled, the hold's readings): shown with a
+    cut that a later execution is counted against (``counters.twice_live``)."""
+    engine = app._engine
+    task = asyncio.current_task()
+    said = [type(exc).__name__, f"cancelling={task.cancelling() if task else None}"]
+    try:
+        if engine is not None:
+            own = engine.ownership
+            said += [f"in_doubt={own.in_doubt()}", f"stood_still={own.stood_still():.3f}",
+                     f"pause_bar={own.pause_bar():.3f}", f"store_away={own.store_away}",
+                     f"noticed={own.noticed}", f"pauses={own.pauses}",
+                     f"since_beat={time.monotonic() - own.beat_at:.3f}"]
+    except Exception as failed:  # (a reading must not change how the body ends)
+        said.append(f"unreadable: {failed!r}")
+    return {"why": " ".join(said)}
+
+
 def step_guard(app: App) -> Fence:
     """As a step body's guard judges at its stop (made as the body began): true while
     its worker's hold is in doubt, or once a pause of the whole process since the body
@@ -200,9 +219,9 @@ def build(env: Mapping[str, str] | None = None) -> App:
         except Exception:
             record(k="fail", **where)
             raise
-        except BaseException:
+        except BaseException as exc:
             # cancelled: the worker stopped in the middle (its guard, its hold in doubt?)
-            record(k="cut", **where, **stopped_in_doubt(app, guard=guard))
+            record(k="cut", **where, **stopped_in_doubt(app, guard=guard), **cut_why(app, exc))
             raise
         record(k="end", **where)
         return f"{step}:{order['id']}"
@@ -312,8 +331,8 @@ def build(env: Mapping[str, str] | None = None) -> App:
         except Exception:
             record(k="fail", **where)
             raise
-        except BaseException:
-            record(k="cut", **where, **stopped_in_doubt(app, guard=guard))
+        except BaseException as exc:
+            record(k="cut", **where, **stopped_in_doubt(app, guard=guard), **cut_why(app, exc))
             raise
         record(k="end", **where)
 

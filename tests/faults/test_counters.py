@@ -282,6 +282,19 @@ def test_a_step_its_own_worker_stopped_for_a_hold_in_doubt_is_not_a_live_double(
     assert twice_live(again, log)[0] == 1
 
 
+def test_an_unmarked_stop_counted_says_what_its_worker_read_at_the_cut() -> None:
+    """A cut that a later execution is counted against shows what its worker's state
+    said at the cut (``fault_app.cut_why``), so that a failure explains itself; one
+    recorded without it says so."""
+    log = FaultLog(lease=1.5)
+    why = "CancelledError cancelling=0 in_doubt=True stood_still=0.412 pause_bar=0.500"
+    cut = Execution("step", "run-1", "reserve#1", 1, 1, 10.0, 11.2, cut=True, why=why)
+    count, _, details = twice_live([cut, _ex(1, 12.0, 12.3)], log)
+    assert count == 1 and f"(cut short by a stop: {why})" in details[0], details
+    bare = [_ex(1, 10.0, 11.2, cut=True), _ex(1, 12.0, 12.3)]
+    assert "(cut short by a stop: no reading)" in twice_live(bare, log)[2][0]
+
+
 def _handler(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
     return Execution("handler", "event-1", "inventory", pid, 1, began, ended, **kw)
 
