@@ -192,8 +192,13 @@ class Ownership:
         through, as :meth:`process_paused` judges it: the wall clock's lead over the
         monotonic one, or the pause clock's stalls (summed; the longest one alone
         while the store is away)."""
+        # The wall clock first: a reader held between the two readings (its thread
+        # preempted) then reads monotonic time later, and the hold makes the lead
+        # smaller, not larger; read the other way round, it looked like a paused VM
+        # for that one reading (a handler's guard stopped its body on it).
+        wall = self._wall()
         now = time.monotonic()
-        ahead = (self._wall() - self.beat_wall) - (now - self.beat_at)
+        ahead = (wall - self.beat_wall) - (now - self.beat_at)
         if self.store_away:
             return max(ahead, pause_clock().longest(self.beat_at, now))
         return max(ahead, pause_clock().stood_still(self.beat_at, now))
