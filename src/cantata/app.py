@@ -283,11 +283,17 @@ class App(RouterFacade):
                 return
             self._loop = asyncio.get_running_loop()  # from now: other loops are refused
             try:
-                self._runtime = await Runtime.open(self, serve)
+                # (open from the moment its engine exists: steps and handlers this
+                # worker claims while it opens may use the app, app.start, app.publish)
+                await Runtime.open(self, serve, made=self._made)
             except BaseException:
+                self._runtime = None
                 self._loop = None
                 raise
             self._opened = 1
+
+    def _made(self, runtime: Runtime) -> None:
+        self._runtime = runtime
 
     def _lifecycle(self, doing: str) -> asyncio.Lock:
         """The lock that takes this app's opens and closes one at a time, bound to the

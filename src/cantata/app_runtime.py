@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cantata.broker.base import Broker
@@ -40,10 +40,15 @@ class Runtime:
         self.relay: OutboxRelay | None = None
 
     @classmethod
-    async def open(cls, app: App, serve: bool) -> Runtime:
+    async def open(
+        cls, app: App, serve: bool, made: Callable[[Runtime], None]
+    ) -> Runtime:
         """Open store and broker, record the declarations; with ``serve`` run a worker.
 
-        Nothing half-open is left behind when this fails: pools, connections, loops.
+        ``made`` is given the runtime as soon as its engine exists, before anything is
+        claimed (what this worker runs while it opens can reach the app: ``app.start``,
+        ``app.publish``). Nothing half-open is left behind when this fails: pools,
+        connections, loops.
         """
         from cantata.broker.factory import broker_from_url
         from cantata.store.factory import store_from_url
@@ -78,6 +83,7 @@ class Runtime:
             park_after=app.park_after, hot_runs=app.hot_runs, max_runs=app.max_runs,
         )
         runtime = cls(store, broker, engine)
+        made(runtime)
         try:
             await runtime._start(app, serve)
         except BaseException:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from typing import Any
 
 import pytest
 
-from cantata import App, ConfigurationError, RunStatus, WorkflowContext
+from cantata import App, ConfigurationError, Event, HandlerContext, RunStatus, WorkflowContext
+from cantata.broker.embedded import EmbeddedBroker
 
 from .helpers import make_app
 
@@ -82,3 +86,56 @@ async def test_a_close_while_opening_leaves_the_app_closed(sqlite_url: str) -> N
 
     await asyncio.gather(*(enter_leave(d / 100) for d in (0, 0, 1, 2, 0, 3)))
     _assert_closed(app)
+
+
+class _SlowToSubscribe(EmbeddedBroker):
+    """An embedded broker whose subscribe (a step of the worker's open that comes after
+    its first claims) waits until ``body_done`` is set, or 5 s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body_done = asyncio.Event()
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.body_done.wait(), 5)
+        return await super().subscribe(*args, **kwargs)
+
+
+async def test_a_body_run_while_its_worker_opens_can_use_the_app(sqlite_url: str) -> None:
+    """A run the worker claims while ``async with app:`` is still opening (its store and
+    engine ready, its subscriptions not yet) runs steps that may use the app: starting a
+    run or publishing from a step must not fail with "app is not open"."""
+    broker = _SlowToSubscribe()
+    app = make_app(sqlite_url, broker=broker)
+    used: list[str] = []
+
+    @app.workflow
+    async def child(ctx: WorkflowContext) -> str:
+        return "child"
+
+    @app.step
+    async def start_child() -> str:
+        try:
+            handle = await app.start(child, idempotency_key="child-1")
+            await app.publish("parent.noted", {"child": handle.run_id})
+            used.append(handle.run_id)
+        finally:
+            broker.body_done.set()
+        return handle.run_id
+
+    @app.workflow
+    async def parent(ctx: WorkflowContext) -> str:
+        return await ctx.run(start_child)
+
+    @app.on("parent.noted", group="notes")
+    async def noted(event: Event[Any], ctx: HandlerContext) -> None: ...
+
+    async with app.client():
+        started = await app.start(parent)
+    opening = time.monotonic()
+    async with app:
+        assert used, "the step ran before the worker's open returned, and failed"
+        assert time.monotonic() - opening < 4, "the open did not wait for the step"
+        child_id = await started.result(timeout=5)
+        assert await app.get_handle(child_id).result(timeout=5) == "child"
