@@ -42,7 +42,7 @@ class Runtime:
     @classmethod
     async def open(
         cls, app: App, serve: bool, made: Callable[[Runtime], None]
-    ) -> Runtime:
+    ) -> None:
         """Open store and broker, record the declarations; with ``serve`` run a worker.
 
         ``made`` is given the runtime as soon as its engine exists, before anything is
@@ -90,7 +90,6 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await runtime.close(0.0, asyncio.Event())
             raise
-        return runtime
 
     async def _start(self, app: App, serve: bool) -> None:
         engine, store, broker = self.engine, self.store, self.broker
