@@ -7,7 +7,9 @@ Screenshots go to docs/img/ for docs/console.md (CANTATA_SCREENSHOTS=1)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -364,6 +366,32 @@ def test_a_partitioned_queues_figures_are_not_read_against_its_limits(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+class Traffic:
+    """The page's requests to the schedules API, sent and answered, in seconds from
+    when it began to be watched: what a missed notice shows (the click's POST never
+    sent, or sent and not answered in time; CI once missed one for 15 s)."""
+
+    def __init__(self, page: Any) -> None:
+        self.began = time.monotonic()
+        self.seen: list[str] = []
+        page.on("request", lambda r: self._note("sent", r))
+        page.on("requestfinished", lambda r: self._note("answered", r))
+        page.on("requestfailed", lambda r: self._note(f"failed ({r.failure})", r))
+
+    def _note(self, what: str, request: Any) -> None:
+        if "/api/schedules" in request.url:
+            at = time.monotonic() - self.began
+            self.seen.append(f"{at:+.2f} s {what} {request.method} {request.url}")
+
+    @contextlib.contextmanager
+    def said(self) -> Iterator[None]:
+        try:
+            yield
+        except AssertionError as failed:
+            raise AssertionError(
+                f"{failed}\nthe page's schedules requests: {self.seen}") from None
+
+
 def test_names_with_spaces_at_their_ends_or_doubled_are_shown_exactly(
     browser: Browser, unserved: ServerThread, img: Any
 ) -> None:
@@ -375,13 +403,17 @@ def test_names_with_spaces_at_their_ends_or_doubled_are_shown_exactly(
     assert name.inner_text() == SPACED
     # outlined, its exact text in a tooltip
     expect(name.locator("[title]")).to_have_attribute("title", 'Exact name: "  spaced  name "')
+    traffic = Traffic(page)
     row(page, SPACED).get_by_role("button", name="Pause").click()
     done = page.get_by_role("status").filter(has_text="Paused")
     # (the action's POST and the page's read after it: seconds on a loaded machine)
-    expect(done).to_be_visible(timeout=15_000)
+    with traffic.said():
+        expect(done).to_be_visible(timeout=15_000)
     assert done.inner_text() == f"Paused {SPACED}."
     row(page, SPACED).get_by_role("button", name="Resume").click()
-    expect(page.get_by_role("status").filter(has_text="Resumed")).to_be_visible(timeout=15_000)
+    with traffic.said():
+        expect(page.get_by_role("status").filter(has_text="Resumed")).to_be_visible(
+            timeout=15_000)
     for width in (1360, 390):  # on a phone too (the rows are blocks there)
         page.set_viewport_size({"width": width, "height": 844})
         assert row(page, SPACED).locator("td.name strong").inner_text() == SPACED
