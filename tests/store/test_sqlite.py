@@ -194,6 +194,66 @@ async def test_processes_opening_one_new_file_at_once(tmp_path: Path) -> None:
         await store.close()
 
 
+SLOW_CREATOR = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from cantata.store import sqlite_open
+    from cantata.store.sqlite import SQLiteStore
+    from cantata.testing.contract.support import new_run
+
+    set_up = sqlite_open._set_up
+
+    def stalled(*args, **kwargs):  # a creator the machine holds up for seconds
+        sqlite_open._set_up = set_up
+        time.sleep(2.5)
+        return set_up(*args, **kwargs)
+
+    sqlite_open._set_up = stalled
+
+    async def main(path):
+        store = SQLiteStore(path)
+        await store.open()
+        await store.create_run(new_run("shop"))
+        await store.close()
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.slow
+async def test_a_store_being_created_is_never_seen_empty_by_another_process(
+    tmp_path: Path,
+) -> None:
+    """A process creating a new store that is held up between the file's creation and
+    its first page (a loaded machine) does not make another process opening the same
+    path refuse it as an emptied store: the store appears whole or not at all."""
+    path = tmp_path / "race.db"
+    slow = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SLOW_CREATOR, str(path),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    # the slow creator has begun (its file, or its draft, exists) and is held up
+    deadline = time.monotonic() + 30
+    while not any(n.startswith((".race.db.", "race.db")) for n in os.listdir(tmp_path)):
+        assert time.monotonic() < deadline, "the slow creator never began"
+        await asyncio.sleep(0.02)
+    quick = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OPENER, str(path), "0",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    for proc in (quick, slow):
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no draft left
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        assert len(await store.list_runs("shop")) == 2
+    finally:
+        await store.close()
+
+
 async def test_a_failing_write_in_a_group_commit_undoes_only_itself(tmp_path: Path) -> None:
     """Writes queued together share one transaction; one that fails (after writing) is
     undone alone, the others commit, and the audit chain they extend stays whole."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from cantata.errors import (
+    CantataError,
     ConfigurationError,
     StoreCorrupt,
     StoreFull,
@@ -74,6 +75,8 @@ def connect(path: str, url: str, synchronous: str, *, create: bool = True,
     """
     if path != ":memory:":
         check_file(path, url, create)
+        if not os.path.exists(path):
+            _create_whole(path, url, synchronous, busy_ms)
     new = path != ":memory:" and not os.path.exists(path)
     try:
         return _connect(path, url, synchronous, busy_ms)
@@ -118,6 +121,32 @@ def _connect(path: str, url: str, synchronous: str, busy_ms: int) -> TxConnectio
         conn.close()
         raise
     return conn
+
+
+def _create_whole(path: str, url: str, synchronous: str, busy_ms: int) -> None:
+    """Create a new store at ``path`` whole, or leave it to be created in place.
+
+    The store is made and migrated under a name of its own in the same folder, then
+    linked to ``path`` (a hard link: it fails if ``path`` appeared meanwhile, where a
+    rename would replace it), so another process opening ``path`` never meets the empty
+    file that SQLite leaves while it creates one (which :func:`check_file` waits for only
+    a moment, then refuses as a truncated store). Whoever links first wins; the others
+    drop their copy and open that one. Where this cannot be done (no hard links, or the
+    copy fails), nothing is left behind and the caller creates ``path`` in place, as
+    before, and reports its errors."""
+    folder, name = os.path.split(os.path.abspath(path))
+    draft = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.new")
+    try:
+        try:
+            _connect(draft, url, synchronous, busy_ms).close()  # (its WAL merged on close)
+        except (CantataError, sqlite3.Error, OSError):
+            return
+        with contextlib.suppress(OSError):  # FileExistsError: another process was first
+            os.link(draft, path)
+    finally:
+        for side in (draft, f"{draft}-wal", f"{draft}-shm"):
+            with contextlib.suppress(OSError):
+                os.remove(side)
 
 
 def _remove_empty(path: str) -> None:
