@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 from cantata import App
@@ -59,11 +61,41 @@ def rehashed_plain(rows: list[Any], changed: int = 2,
     recomputed with plain SHA-256; ``(actor, prev_hash, hash, seq)`` of each, for an
     ``UPDATE audit SET actor=?, prev_hash=?, hash=? WHERE ... AND seq=?``."""
     prev, out = audit.GENESIS_HASH, []
-    for seq, time, who, action, target, data in rows:
+    for seq, at, who, action, target, data in rows:
         who = actor if seq == changed else who
         h = hashlib.sha256(
-            f"{prev}[{seq},{audit.tail(time, who, action, target, data)}".encode("ascii")
+            f"{prev}[{seq},{audit.tail(at, who, action, target, data)}".encode("ascii")
         ).hexdigest()
         out.append((who, prev, h, seq))
         prev = h
     return out
+
+
+def recorded(
+    call: Callable[..., Any], seen: list[tuple[float, str]], what: str,
+    told: Callable[[Any, dict[str, Any]], str],
+) -> Callable[..., Any]:
+    """``call`` (a coroutine function, or an unbound method: ``self`` is passed through),
+    noting in ``seen`` (monotonic time, what) each call's begin (``what`` begun), then
+    ``told(answer, kwargs)`` or the error it raised. What a timing test's failure shows."""
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append((time.monotonic(), f"{what} begun"))
+        try:
+            answer = await call(*args, **kwargs)
+        except BaseException as exc:
+            seen.append((time.monotonic(), f"{what} failed: {exc!r}"))
+            raise
+        seen.append((time.monotonic(), told(answer, kwargs)))
+        return answer
+
+    return recording
+
+
+def watch_claims(
+    store: Any, method: str, seen: list[tuple[float, str]],
+    took: Callable[[Any, dict[str, Any]], str],
+) -> None:
+    """Note in ``seen`` each call of the store's claim ``method`` (:func:`recorded`, an
+    instance attribute put over it)."""
+    setattr(store, method, recorded(getattr(store, method), seen, "claim", took))

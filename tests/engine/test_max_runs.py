@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cantata import App, ConfigurationError, WorkflowContext
+from tests.helpers import eventually, watch_claims
 
 from .helpers import make_app
 
@@ -197,6 +198,7 @@ async def test_a_queue_admits_no_more_than_max_runs(shared_store: str) -> None:
     once begin K at a time on a worker of max_runs=K, each as a run before it ends."""
     k, gauge = 3, Gauge()
     async with build(shared_store, gauge, max_runs=k, poll_interval=1.0) as app:
+        claims = _watch_queue_claims(app)
         await asyncio.sleep(0.2)
         started = time.monotonic()
         handles = await asyncio.gather(
@@ -205,7 +207,52 @@ async def test_a_queue_admits_no_more_than_max_runs(shared_store: str) -> None:
         took = time.monotonic() - started
     assert sorted(results) == list(range(3 * k))
     assert gauge.peak <= k, f"{gauge.peak} runs in progress at once, max_runs={k}"
-    assert took < 4.0, f"3 rounds of 0.05 s steps took {took:.2f} s"
+    assert took < 4.0, (
+        f"3 rounds of 0.05 s steps took {took:.2f} s; the queue's claims, in seconds "
+        "from the first start: " + ", ".join(
+            f"{at - started:+.2f} {what}" for at, what in claims if at >= started - 0.5))
+
+
+async def test_room_kept_by_a_claim_that_took_less_lets_a_held_queue_begin_at_once(
+    shared_store: str,
+) -> None:
+    """max_runs=1 and a poll interval of 1 s (the queue loop's own look: 5 s). The claim
+    loop's claim of runs (slowed to 0.6 s here, as a loaded store's) keeps the one slot
+    while it runs; a run queued meanwhile finds no room, and its queue waits. The claim
+    takes nothing: the slot it kept frees, and the queued run begins then, not at the
+    queue loop's next look (CI: one such miss made 3 rounds of 0.05 s steps 5.6 s)."""
+    gauge = Gauge()
+    async with build(shared_store, gauge, max_runs=1, poll_interval=1.0) as app:
+        await asyncio.sleep(0.2)
+        store: Any = app.store
+        claim = store.claim_runs
+        claiming: list[float] = []
+
+        async def slow_claim_runs(*args: Any, **kwargs: Any) -> Any:
+            claiming.append(time.monotonic())
+            await asyncio.sleep(0.6)
+            return await claim(*args, **kwargs)
+
+        store.claim_runs = slow_claim_runs
+        app._engine.ownership.claim_now()  # type: ignore[union-attr]
+        await eventually(lambda: claiming, timeout=5)
+        started = time.monotonic()
+        handle = await app.start("short", 1, queue="q")
+        assert await handle.result(timeout=30) == 1
+        took = time.monotonic() - started
+        store.claim_runs = claim
+    assert took < 2.0, (
+        f"a run queued while a claim kept the only slot took {took:.2f} s (the claim "
+        f"began {started - claiming[0]:.2f} s before the start)")
+
+
+def _watch_queue_claims(app: App) -> list[tuple[float, str]]:
+    """Each claim of queued runs ``app``'s store makes (monotonic time, what): begun,
+    and how many it took of how many it could (what a failure shows)."""
+    claims: list[tuple[float, str]] = []
+    watch_claims(app.store, "claim_queued_runs", claims,
+                 lambda done, kw: f"took {len(done.runs)} of {kw.get('limit')}")
+    return claims
 
 
 async def test_runs_waiting_for_a_steps_slot_count(shared_store: str) -> None:

@@ -410,13 +410,18 @@ class Engine:
     @contextlib.contextmanager
     def claiming_up_to(self, limit: int) -> Iterator[None]:
         """Keep ``limit`` of the room (:meth:`room`) for a claim under way until the runs
-        it took are launched: a start in this process meanwhile (``start``, ``local``)
-        must not take the same room, or both would run here past ``max_runs``."""
+        it took are launched: a start in this process meanwhile (``start``, ``local``),
+        or the other claim loop (runs, queued runs), must not take the same room, or
+        both would run here past ``max_runs``. Room it kept and did not fill frees a
+        slot for a loop the room held back meanwhile (:meth:`slot_freed`), which no
+        run's end would wake (it waited ~5 s for its own next look)."""
         self.claiming += limit
         try:
             yield
         finally:
             self.claiming -= limit
+            if limit and (self.claims_held or self.queue_held) and self.room():
+                self.slot_freed()
 
     def claim_limit(self, most: int) -> int:
         """How many runs a claim of at most ``most`` may take now: ``most``, or less

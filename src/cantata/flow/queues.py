@@ -192,6 +192,7 @@ class QueueLoop:
         self._listed_at: float | None = None
         self._list_every = 0.0  # seconds the list is kept while the store listens
         self._heard = False  # the pass was woken by a change heard (or a run queued)
+        self._in_doubt = False  # the last pass was skipped: this worker's hold is in doubt
         self._pruned_at: float | None = None  # (the app's clock)
         # a store outage fails every claim: one line per max(10 s, lease), docs/leases.md
         self.quiet = QuietLog(log, every=outage_interval(engine.lease))
@@ -213,6 +214,14 @@ class QueueLoop:
                 # claim lists the queues again (so its success means the store answers)
                 self._listed_at = None
                 await asyncio.sleep(engine.poll_interval * 5)
+                continue
+            if self._in_doubt:
+                # Skipped while the heartbeat is late: looked at again every poll interval
+                # until it gets through, with what woke this pass still to be claimed. Not
+                # the safety net's wait: the news of runs queued meanwhile was spent here.
+                if self._heard:
+                    self.wakeup.set()
+                await asyncio.sleep(engine.poll_interval)
                 continue
             if self._listed_at is not None:  # (the store answered: not a claim skipped)
                 self.quiet.recovered("claim", "claiming queued runs works again")
@@ -264,7 +273,8 @@ class QueueLoop:
         """One claim per queue; returns when a rate limit lets the next run begin."""
         engine = self.engine
         ownership = getattr(engine, "ownership", None)
-        if ownership is not None and ownership.expired():
+        self._in_doubt = ownership is not None and ownership.expired()
+        if self._in_doubt:
             return None  # this worker's hold is in doubt: it takes on nothing new
         now = engine.clock.now()
         # Listed again every few poll intervals (queues other processes declared), or
@@ -302,17 +312,20 @@ class QueueLoop:
                 if not limit:
                     engine.queue_held = self._waiting = True
                     return retry_at
-                claim = await engine.store.claim_queued_runs(
-                    engine.app, engine.worker_id, name, workflows, now=engine.clock.now(),
-                    limit=limit, exclude_versions=newer, only_versions=known,
-                    pin_version=engine.version,  # the code that begins it (versioning.claim)
-                    keep_versions_of=sagas,  # but a saga's run keeps its version (the same)
-                    replay_checked=checked,
-                )
-                for run in claim.runs:
-                    # A run started here never began: no history to load. A retried run
-                    # (epoch > 0) or a fork (caused by its source run) has one.
-                    engine.launch(run, fresh=run.epoch == 0 and run.causation_id is None)
+                # (the room kept until the runs it takes are launched: Engine.claiming_up_to)
+                with engine.claiming_up_to(limit):
+                    claim = await engine.store.claim_queued_runs(
+                        engine.app, engine.worker_id, name, workflows,
+                        now=engine.clock.now(), limit=limit, exclude_versions=newer,
+                        only_versions=known,
+                        pin_version=engine.version,  # the code that begins it (versioning.claim)
+                        keep_versions_of=sagas,  # but a saga's run keeps its version (the same)
+                        replay_checked=checked,
+                    )
+                    for run in claim.runs:
+                        # A run started here never began: no history to load. A retried run
+                        # (epoch > 0) or a fork (caused by its source run) has one.
+                        engine.launch(run, fresh=run.epoch == 0 and run.causation_id is None)
                 self._waiting = self._waiting or claim.waiting
                 if claim.retry_at is not None:
                     retry_at = claim.retry_at if retry_at is None else min(retry_at,
