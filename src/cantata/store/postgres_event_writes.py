@@ -453,9 +453,13 @@ async def withdraw_tasks(
     return sorted(r[0] for r in rows)
 
 
+# (each by its key whatever the statistics: postgres_ops.key_in)
+_EVENTS_ASKED = ops.key_in("events", "x.app=$1", "id", "$2")
+
+
 async def mark_published(c: Conn, b: Batch, app: str, event_ids: Sequence[str]) -> None:
     await c.execute(
-        "UPDATE events SET published=true WHERE app=$1 AND id = ANY($2::text[])",
+        f"UPDATE events SET published=true WHERE app=$1 AND {_EVENTS_ASKED}",
         app, list(event_ids),
     )
 
@@ -467,7 +471,7 @@ async def append_external(
     counts = await append(c, b, app, events)
     await c.execute(
         "UPDATE events SET published=true, external=true "
-        "WHERE app=$1 AND id = ANY($2::text[]) AND NOT published",
+        f"WHERE app=$1 AND {_EVENTS_ASKED} AND NOT published",
         app, [e.id for e in events],
     )
     return counts

@@ -32,6 +32,9 @@ from cantata.store.postgres_ops import (
 )
 from cantata.store.roles.events import AFTER_SKEW
 
+# (each by its key, whatever the statistics: postgres_ops.each_by_key)
+_STATES_BY_KEY = ops.each_by_key("deliveries", "d", "x.app=$1 AND x.grp=$2", "event_id", "$3")
+
 
 class PostgresEvents(PostgresCore):
     """The events, deliveries and outbox roles of :class:`~cantata.store.postgres.PostgresStore`."""
@@ -153,9 +156,8 @@ class PostgresEvents(PostgresCore):
         if not event_ids:
             return {}
         rows = await self._db.fetch(
-            "SELECT event_id, status, attempts FROM deliveries WHERE app=$1 AND grp=$2 "
-            "AND event_id = ANY($3::text[])",
-            app, group, list(event_ids),
+            f"SELECT d.event_id, d.status, d.attempts FROM {_STATES_BY_KEY}",
+            app, group, list(dict.fromkeys(event_ids)),
         )
         return {r[0]: (r[1], r[2]) for r in rows}
 

@@ -37,7 +37,14 @@ from cantata.store import audit
 from cantata.store.base import SCHEDULES, SLOTS
 from cantata.store.postgres_batch import Batch, Refused
 from cantata.store.postgres_core import PostgresCore
-from cantata.store.postgres_ops import LIVE_SQL, RUN_COLS, audit_append, run_row, unindexed
+from cantata.store.postgres_ops import (
+    LIVE_SQL,
+    RUN_COLS,
+    audit_append,
+    key_in,
+    run_row,
+    unindexed,
+)
 from cantata.store.postgres_parking import UNPARK
 from cantata.store.postgres_writes import create_runs_by, pin_version_sql
 
@@ -63,9 +70,11 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 # pruner's NOT EXISTS, the joins of the figures and the place in a queue): else
 # runs_live, whose predicate it implies, can be read instead of the key, every parked
 # run filtered out once per queue row (20,000 parked: 22-26 ms against 0.05-0.14).
-_PENDING = unindexed("r.status='pending'")
+PENDING = unindexed("r.status='pending'")
+# The runs a claim admits, each by its key whatever the statistics (postgres_ops.key_in)
+_ADMITTED = key_in("runs", "x.app=$1", "run_id", "$3")
 _LIVE = unindexed(f"r.status IN {LIVE_SQL}")
-_MAY_BEGIN = f"{_PENDING} AND NOT r.cancel_requested"
+_MAY_BEGIN = f"{PENDING} AND NOT r.cancel_requested"
 # A run ``r`` with recorded history: a retried run's, or a fork's (a run queued by a
 # start has none until it begins).
 HAS_HISTORY = "EXISTS (SELECT 1 FROM history h WHERE h.app=r.app AND h.run_id=r.run_id)"
@@ -330,7 +339,7 @@ class PostgresFlow(PostgresCore):
                     rows = await c.fetch(
                         "UPDATE runs r SET owner=$2, fence=r.fence+1, "
                         f"{pin_version_sql('$4', '$5')}, {UNPARK} WHERE "
-                        f"r.app=$1 AND r.run_id = ANY($3::text[]) AND {_PENDING} "
+                        f"r.app=$1 AND r.{_ADMITTED} AND {PENDING} "
                         f"AND NOT r.cancel_requested AND r.owner IS NULL{unchecked} "
                         f"RETURNING {_R_COLS}",
                         app, worker_id, admit, pin_version, list(keep_versions_of),
@@ -426,7 +435,7 @@ class PostgresFlow(PostgresCore):
                 "SELECT q.queue, q.partition_key, q.priority, q.seq, coalesce(u.priorities, "
                 "false) FROM queue_runs q JOIN runs r ON r.app=q.app AND r.run_id=q.run_id "
                 "LEFT JOIN queues u ON u.app=q.app AND u.name=q.queue "
-                f"WHERE q.app=$1 AND q.run_id=$2 AND q.began_at IS NULL AND {_PENDING}",
+                f"WHERE q.app=$1 AND q.run_id=$2 AND q.began_at IS NULL AND {PENDING}",
                 app, run_id,
             )
             if row is None:

@@ -10,8 +10,10 @@ from typing import Any
 from cantata.model.event import Event
 from cantata.store import postgres_event_writes as event_writes
 from cantata.store.postgres_core import PostgresCore
-from cantata.store.postgres_ops import E_EVENT_COLS, event_row
+from cantata.store.postgres_ops import E_EVENT_COLS, each_by_key, event_row
 from cantata.store.roles.events import DeliveryHold
+
+_HOLDS_BY_KEY = each_by_key("deliveries", "d", "x.app=$1 AND x.grp=$2", "event_id", "$3")
 
 
 class PostgresHolds(PostgresCore):
@@ -50,12 +52,13 @@ class PostgresHolds(PostgresCore):
     ) -> dict[str, DeliveryHold]:
         if not event_ids:
             return {}
+        # (a copy's batch, on the NATS consumers' path: each by its key, ops.each_by_key)
         rows = await self._db.fetch(
             "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
             f"w.expires_at >= $4 THEN d.owner END, e.id IS NOT NULL, d.error, {E_EVENT_COLS} "
-            "FROM deliveries d LEFT JOIN workers w ON w.app=d.app AND w.worker_id=d.owner "
-            "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id "
-            "WHERE d.app=$1 AND d.grp=$2 AND d.event_id = ANY($3::text[])",
+            f"FROM {_HOLDS_BY_KEY} "
+            "LEFT JOIN workers w ON w.app=d.app AND w.worker_id=d.owner "
+            "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id",
             app, group, list(dict.fromkeys(event_ids)), stale_before,
         )
         return {r[0]: DeliveryHold(r[1], r[2], r[3], r[4],

@@ -36,7 +36,7 @@ from cantata.store.common import (
     superseded_with_first_attempts,
 )
 from cantata.store.postgres_core import PostgresCore
-from cantata.store.postgres_flow import HAS_HISTORY
+from cantata.store.postgres_flow import HAS_HISTORY, PENDING
 from cantata.store.postgres_ops import (
     ATTEMPT_COLS,
     EVENT_COLS,
@@ -96,12 +96,17 @@ async def queued_foreign_runs(
     c: Conn, app: str, workflows: Sequence[str], versions: Sequence[str], limit: int
 ) -> list[RunRecord]:
     """Runs waiting in a queue that may begin, with history, pinned to a version not in
-    ``versions`` (``Store.foreign_runs(queued=True)``), first queued first."""
+    ``versions`` (``Store.foreign_runs(queued=True)``), first queued first.
+
+    Each queued run's run by its key whatever the statistics: planned without them,
+    the status's equality made ``runs_status_newest`` look like one row, and each queued
+    run was joined to every pending run of the app through it (docs/performance.md,
+    "Queued runs and deliveries, planned without statistics")."""
     rows = await c.fetch(
         f"SELECT {_R_RUN_COLS} FROM queue_runs q JOIN runs r ON r.app=q.app "
         "AND r.run_id=q.run_id WHERE q.app=$1 AND q.began_at IS NULL "
-        "AND q.workflow = ANY($2::text[]) AND r.status='pending' AND NOT r.cancel_requested "
-        "AND r.owner IS NULL AND r.version IS NOT NULL "
+        f"AND q.workflow = ANY($2::text[]) AND {PENDING} "
+        "AND NOT r.cancel_requested AND r.owner IS NULL AND r.version IS NOT NULL "
         f"AND NOT (r.version = ANY($3::text[])) AND {HAS_HISTORY} "
         'ORDER BY q.seq, q.run_id COLLATE "C" LIMIT $4',
         app, list(workflows), list(versions), limit,

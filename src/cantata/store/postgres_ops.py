@@ -60,6 +60,30 @@ def unindexed(cond: str) -> str:
     (half the rows), so an ordered read of the index left stops at its LIMIT."""
     return f"coalesce({cond}, false)"
 
+
+def each_by_key(table: str, alias: str, where: str, key: str, ids: str) -> str:
+    """A ``FROM`` item: the rows of ``table`` (as ``alias``; ``x`` in ``where``) whose
+    ``key`` is one of the text array ``ids`` (each at most once), each looked up on its
+    own by the table's key whatever the statistics.
+
+    Written as ``AND key = ANY(ids)`` beside ``app=$1``, a statement planned without
+    statistics (a table never analyzed: a new store's, until autovacuum's ANALYZE) read
+    the app's whole key range and filtered it: ``app=$1`` priced at the default
+    selectivity looks like a few rows, fewer than one descent per id. The ``LIMIT`` keeps
+    each id's read a lookup of its own, never merged into one scan (docs/performance.md,
+    "Queued runs and deliveries, planned without statistics")."""
+    return (f"unnest({ids}::text[]) AS k(id) CROSS JOIN LATERAL (SELECT * FROM {table} x "
+            f"WHERE {where} AND x.{key}=k.id LIMIT 1) {alias}")
+
+
+def key_in(table: str, where: str, key: str, ids: str) -> str:
+    """``key IN (...)``: the condition of an ``UPDATE`` of the rows of ``table`` whose
+    ``key`` is one of ``ids``, found as :func:`each_by_key` finds them (an ``UPDATE``'s
+    own rows cannot be read by a ``LATERAL`` of its ``FROM``); each row then by its key
+    (a nested loop on the primary key), not the app's range filtered."""
+    return f"{key} IN (SELECT b.{key} FROM {each_by_key(table, 'b', where, key, ids)})"
+
+
 # Column lists in the field order of the records they make (rows unpack into them).
 RUN_COLS = (
     "run_id, app, workflow, status, args, created_at, updated_at, correlation_id, "

@@ -32,6 +32,9 @@ from cantata.store.postgres_ops import (
     run_row,
 )
 
+# (each by its key, whatever the statistics: postgres_ops.each_by_key)
+_RUNS_BY_KEY = ops.each_by_key("runs", "r", "x.app=$1", "run_id", "$2")
+
 # The oldest live run: the smallest created_at of each live status, each the first
 # entry of its (app, status) range of the index runs_status_newest (app, status,
 # created_at): one list of the three statuses would read every live run's entry.
@@ -166,9 +169,8 @@ class PostgresRuns(PostgresCore):
         if not run_ids:
             return []
         rows = await self._db.fetch(
-            "SELECT run_id FROM runs WHERE app=$1 AND cancel_requested "
-            "AND run_id = ANY($2::text[])",
-            app, list(run_ids),
+            f"SELECT r.run_id FROM {_RUNS_BY_KEY} WHERE r.cancel_requested",
+            app, list(dict.fromkeys(run_ids)),
         )
         return [r[0] for r in rows]
 
