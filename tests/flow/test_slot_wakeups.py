@@ -35,6 +35,7 @@ class Asks:
 
     def __init__(self, *apps: App) -> None:
         self.times: list[float] = []
+        self.answered = 0  # requests the store has answered (a waiter: registered)
         for app in apps:
             self._wrap(app.store)
 
@@ -43,7 +44,10 @@ class Asks:
 
         async def counted(*args: Any, **kw: Any) -> Any:
             self.times.append(time.monotonic())
-            return await acquire(*args, **kw)
+            try:
+                return await acquire(*args, **kw)
+            finally:
+                self.answered += 1
 
         store.acquire_slot = counted
 
@@ -179,11 +183,13 @@ async def test_a_run_whose_remote_step_waits_for_a_slot_ends_promptly(
         holder = await orders.start(place, "holder")
         await until(lambda: calls == ["holder"])
         asks = Asks(inventory)
-        ahead = [await orders.start(place, f"ahead-{i}") for i in range(2)]
-        await until(lambda: len(asks.times) >= 2)  # their tasks wait for the slot
+        ahead: list[cantata.RunHandle] = []
+        for i in range(2):  # one after the other: each waits behind the one before
+            ahead.append(await orders.start(place, f"ahead-{i}"))
+            await until(lambda: asks.answered >= len(ahead))  # its task waits in line
         deadline = 2.5 if stop == "deadline" else None
         doomed = await orders.start(place, "doomed", deadline=deadline)
-        await until(lambda: len(asks.times) >= 3)  # its task waits too, third in line
+        await until(lambda: asks.answered >= 3)  # its task waits too, third in line
         if stop == "cancel":
             await asyncio.sleep(0.3)
             stopped = time.monotonic()
