@@ -555,23 +555,52 @@ def roll(
         client.kill()
         out, err = client.communicate()
     done = results(subprocess.CompletedProcess(client.args, client.returncode, out, err))
-    return Rolled(setup, old, new, done, handled_rows(setup), joined)
+    return Rolled(setup, old, new, done, handled_rows(setup, old), joined)
 
 
-def handled_rows(setup: Setup, timeout: float = 20) -> list[dict[str, Any]]:
+def _unsettled(setup: Setup, old: Worker, rows: list[dict[str, Any]]) -> set[int]:
+    """Jobs whose ``limited`` step ended and whose event is neither handled nor
+    dead-lettered as cut short by the older worker's stops (see
+    :func:`check_finished_once`)."""
+    ended = {r["i"] for r in rows if r["kind"] == "end" and r["step"] == "limited"}
+    missing = ended - {r["i"] for r in rows if r["kind"] == "handled"}
+    return missing - set(dead_lettered_by_older(setup, old)) if missing else missing
+
+
+def handled_rows(setup: Setup, old: Worker, timeout: float = 45) -> list[dict[str, Any]]:
     """The ledger once the event of every job whose ``limited`` step ended has been
-    handled, or after ``timeout`` (``check_finished_once`` then says which were not):
-    a handler runs after the run that emitted its event, on its own time, so a run's
-    result comes before its event's handling, by seconds on a loaded machine."""
+    handled (or, on SQLite, dead-lettered as the older worker's stops cut it short), or
+    after ``timeout`` (``check_finished_once`` then says which were not): a handler runs
+    after the run that emitted its event, on its own time, so a run's result comes
+    before its event's handling, by seconds on a loaded machine; an event the older
+    worker keeps taking and handing back is dead-lettered only after its attempts'
+    backoff."""
     until = time.monotonic() + timeout
     while True:
         rows = setup.rows()
-        ended = {r["i"] for r in rows if r["kind"] == "end" and r["step"] == "limited"}
-        if ended <= {r["i"] for r in rows if r["kind"] == "handled"}:
+        if not _unsettled(setup, old, rows) or time.monotonic() > until:
             return rows
-        if time.monotonic() > until:
-            return rows
-        time.sleep(0.1)
+        time.sleep(0.2)
+
+
+def _deliveries(store: str) -> dict[int, list[tuple[Any, ...]]]:
+    """On SQLite: job -> its ``job.done`` event's deliveries as they are now, each
+    ``(group, status, attempts, owner, error, next_at, updated_at)`` (none: an event no
+    group took yet); empty on PostgreSQL."""
+    if not store.startswith("sqlite:///"):
+        return {}
+    conn = sqlite3.connect(store[len("sqlite:///"):], timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT e.data, d.grp, d.status, d.attempts, d.owner, d.error, d.next_at,"
+            " d.updated_at FROM events e LEFT JOIN deliveries d ON d.event_id = e.id"
+            " WHERE e.type = 'job.done'").fetchall()
+    finally:
+        conn.close()
+    out: dict[int, list[tuple[Any, ...]]] = {}
+    for data, *delivery in rows:
+        out.setdefault(int(json.loads(data)["i"]), []).append(tuple(delivery))
+    return out
 
 
 def check_finished_once(r: Rolled) -> None:
@@ -586,39 +615,33 @@ def check_finished_once(r: Rolled) -> None:
     # Every job's event handled, but for those the older worker left open on a SQLite
     # file dead-lettered (docs/deploy.md, "Upgrading Cantata"): its release claims them
     # on, and once its pause clock saw a stall past its fence it hands each back
-    # unhandled, takes it again (usually first) when due, and dead-letters it after its
-    # attempts.
+    # unhandled, takes it again (usually first) when due, and after the group's attempts
+    # the delivery is dead-lettered as cut short (by it, or by this release's worker).
     missing = ended - handled
-    excused = dead_lettered_by_older(r) if missing else {}
-    assert missing <= set(excused), (
-        f"job events not handled: {sorted(missing - set(excused))} (dead-lettered by the "
-        f"older worker: {excused})\nold:\n{r.old.text()}\nnew:\n{r.new.text()}"
+    excused = dead_lettered_by_older(r.setup, r.old) if missing else {}
+    unsettled = missing - set(excused)
+    assert not unsettled, (
+        f"job events not handled: {sorted(unsettled)} (dead-lettered as cut short: "
+        f"{excused}; their deliveries now, job: [(group, status, attempts, owner, error, "
+        f"next_at, updated_at)]: "
+        f"{ {i: d for i, d in _deliveries(r.setup.store).items() if i in unsettled} }, "
+        f"at {time.time():.3f})"
+        f"\nold:\n{r.old.text()}\nnew:\n{r.new.text()}"
     )
 
 
-def dead_lettered_by_older(r: Rolled) -> dict[int, str]:
-    """On SQLite: job -> the error with which the older worker dead-lettered its event's
-    delivery as cut short (the store's audit record names the worker that did)."""
-    if not r.setup.store.startswith("sqlite:///"):
+def dead_lettered_by_older(setup: Setup, old: Worker) -> dict[int, str]:
+    """On SQLite: job -> the error with which its event's delivery was dead-lettered as
+    cut short by a worker crash, the attempts that the older worker took and handed back
+    unhandled (docs/deploy.md, "Upgrading Cantata"). Either worker may write the dead
+    letter: the older one when its last attempt is cut, or this release's worker when it
+    takes over a delivery whose attempts the older one used up (the older worker's own
+    audited writes fail once this release stops writing ``audit_head`` for it). ``old``
+    must be serving: before its banner nothing of it can have been cut."""
+    if "serving app" not in old.text():
         return {}
-    banner = re.search(r"cantata worker (\S+) serving app", r.old.text())
-    if banner is None:
-        return {}
-    conn = sqlite3.connect(r.setup.store[len("sqlite:///"):], timeout=30)
-    try:
-        rows = conn.execute(
-            "SELECT e.data, a.data FROM audit a JOIN events e ON a.target = 'audit:' || e.id"
-            " WHERE a.action = 'delivery.dead' AND a.actor = ? AND e.type = 'job.done'",
-            (f"worker:{banner.group(1)}",),
-        ).fetchall()
-    finally:
-        conn.close()
-    out: dict[int, str] = {}
-    for data, detail in rows:
-        error = str(json.loads(detail).get("error", ""))
-        if "cut short" in error:
-            out[int(json.loads(data)["i"])] = error
-    return out
+    return {i: str(d[4]) for i, ds in _deliveries(setup.store).items() for d in ds
+            if d[1] == "dead" and "cut short" in str(d[4]) and "worker crash" in str(d[4])}
 
 
 # A heartbeat that timed out once and then got through: the store was slow for a moment

@@ -346,7 +346,7 @@ class Cluster:
         counts.workers_crashed = len(crashed)
         counts.details.extend(f"worker {pid} exited by itself" for pid in crashed)
         counts.details.extend(details)
-        counts.steps_finished_late, late = finished_late(executions)
+        counts.steps_finished_late, late = finished_late(executions, self.faults)
         counts.details.extend(late)
         await count_runs(self.app, self.runs, executions, self.faults, counts)
         await count_settled(self.app, executions, counts)

@@ -259,6 +259,28 @@ def test_a_body_that_passed_its_guard_before_a_pause_is_not_a_live_double() -> N
         assert twice_live(begun_before_pauses(late, log), log)[0] == 1
 
 
+def test_a_pause_between_a_bodys_effect_and_its_end_line_is_not_finishing_late() -> None:
+    """Worker 2 wrote reserve#1's effect at 8.3 and was paused from 8.31 to 12.8 before
+    its next line (no ``await`` between them: no guard can act); worker 1 began the step
+    at 10.0, and worker 2's end line came at 12.81. Its body made its effect before the
+    pause: not a body that went on. An effect written after the resume, an end line long
+    after it, or another worker beginning before the effect, still count."""
+    log = FaultLog(paused={2: [(8.31, 12.8)]}, lease=1.5)
+
+    def paused_body(effect_at: float, ended: float) -> list[Execution]:
+        body = _ex(2, 8.0, ended)
+        body.effect_at = effect_at
+        return [body, _ex(1, 10.0, 10.3)]
+
+    assert finished_late(paused_body(8.3, 12.81), log)[0] == 0
+    assert finished_late(paused_body(8.3, 12.81))[0] == 1  # (without the harness's log)
+    for effect_at, ended in ((12.805, 12.81), (8.3, 15.0)):
+        assert finished_late(paused_body(effect_at, ended), log)[0] == 1
+    early = paused_body(8.3, 12.81)
+    early[1].began = 8.2  # the other began before the effect: the body went on past it
+    assert finished_late(early, log)[0] == 1
+
+
 def test_a_step_its_own_worker_stopped_for_a_hold_in_doubt_is_not_a_live_double() -> None:
     """Worker 1 began reserve#1 at 10.0; starved of CPU, its heartbeat held back past
     3/4 of the lease, its guard stopped the body at 11.2, and the worker recorded at

@@ -11,11 +11,13 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from cantata import App
 from cantata.model.access import Role
 from cantata.server.auth import create_token
-from tests.helpers import eventually
+from cantata.server.state import Console
+from tests.helpers import eventually, recorded
 from tests.server.conftest import ServerThread
 from tests.server.shop import make_shop
 
@@ -93,10 +95,24 @@ async def test_the_stream_needs_a_token(store_url: str) -> None:
             assert r.status_code == 401
 
 
-async def test_revoking_a_token_ends_its_open_stream_while_changes_flow(store_url: str) -> None:
+def _watch_rechecks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, str]]:
+    """Each check the console makes that an open stream's token is still valid, begun
+    and answered (monotonic time, what): what a failure shows. The console runs in a
+    thread of this process, on a loop whose clock is the same monotonic one."""
+    checks: list[tuple[float, str]] = []
+    monkeypatch.setattr(Console, "still_allowed", recorded(
+        Console.still_allowed, checks, "check",
+        lambda allowed, _: "allowed" if allowed else "refused"))
+    return checks
+
+
+async def test_revoking_a_token_ends_its_open_stream_while_changes_flow(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The token is checked again on the open stream, not only when it is quiet (every
     15 s without a change): after `cantata token revoke`, the stream ends within
     seconds although changes keep coming."""
+    checks = _watch_rechecks(monkeypatch)
     console_app = App("shop", store=store_url)
     with ServerThread(console_app, serve=False) as server:
         shop = make_shop(store_url, state={"emails_broken": False})
@@ -124,7 +140,10 @@ async def test_revoking_a_token_ends_its_open_stream_while_changes_flow(store_ur
                     await asyncio.sleep(0.2)
                 assert task.done(), (
                     f"the revoked token's stream is still open {loop.time() - revoked:.1f} s "
-                    f"after the revoke, {n} orders placed since")
+                    f"after the revoke, {n} orders placed since; the console's checks of "
+                    "the token, in seconds from the revoke: " + (", ".join(
+                        f"{at - revoked:+.2f} {what}" for at, what in checks
+                        if at >= revoked - 3) or "none"))
                 await task  # ended cleanly, by the server
                 # and it cannot be opened again
                 async with httpx.AsyncClient() as client:

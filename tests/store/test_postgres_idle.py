@@ -19,10 +19,16 @@ import pytest
 import cantata
 from cantata import App, Event, HandlerContext
 from cantata.testing.wait import eventually
-from tests.helpers import with_schema
+from tests.helpers import watch_claims, with_schema
 from tests.stall_proxy import stall_proxy
 
 pytestmark = pytest.mark.postgres
+
+# Seconds from a start's commit to its run taken that count as "at once": woken by the
+# notification, a claim's round trips and its 50 ms to coalesce a burst take far less on
+# a quiet machine (tens of ms), but a loaded CI machine was seen holding one claim 0.45 s.
+# A deaf listener shows as the safety-net look instead, 4 s at the soonest (SAFETY_NET).
+AT_ONCE = 2.0
 
 _SENT = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
 
@@ -132,19 +138,7 @@ def _watched(app: App, seen: list[tuple[float, str]]) -> None:
     each of its claims of runs (begun, and what it took): what a failure shows."""
     store: Any = app.store
     store.add_listener(lambda channel: seen.append((time.monotonic(), f"heard {channel}")))
-    claim = store.claim_runs
-
-    async def claim_runs(*args: Any, **kwargs: Any) -> Any:
-        seen.append((time.monotonic(), "claim begun"))
-        try:
-            claimed = await claim(*args, **kwargs)
-        except BaseException as exc:
-            seen.append((time.monotonic(), f"claim failed: {exc!r}"))
-            raise
-        seen.append((time.monotonic(), f"claim took {len(claimed)}"))
-        return claimed
-
-    store.claim_runs = claim_runs
+    watch_claims(store, "claim_runs", seen, lambda claimed, _: f"claim took {len(claimed)}")
 
 
 async def test_work_started_by_another_process_is_taken_at_once(worker_url: str) -> None:
@@ -168,7 +162,7 @@ async def test_work_started_by_another_process_is_taken_at_once(worker_url: str)
                 # the start's commit (a loaded disk may hold a commit for seconds: its
                 # notification is sent when it commits)
                 took = picked[n] - committed
-                assert took < 0.5, (
+                assert took < AT_ONCE, (
                     f"run {n} taken {took:.3f} s after its start committed (which took "
                     f"{committed - started:.3f} s; the worker listening: {listening}); "
                     "what the worker's store heard and claimed since, in seconds from "
@@ -194,9 +188,11 @@ async def test_a_killed_listener_neither_strands_work_nor_stays_down(
 ) -> None:
     url = with_schema(postgres_url, pooled_schema)
     picked: dict[int, float] = {}
+    seen: list[tuple[float, str]] = []
     admin = await asyncpg.connect(postgres_url)
     try:
         async with idle_app(url, picked) as worker:
+            _watched(worker, seen)
             client = idle_app(url, {})
             await client.open(serve=False)
             try:
@@ -212,14 +208,28 @@ async def test_a_killed_listener_neither_strands_work_nor_stays_down(
                 await eventually(lambda: 1 in picked, timeout=10)
                 assert picked[1] - started < 2.5, picked[1] - started
                 # listening again: new listening connections, and work is taken at once
-                await eventually(lambda: worker.store.listening, timeout=10)
+                # (each store's listener comes back on its own: the client's may come
+                # after the worker's, as it did beside two CPU burners)
+                await eventually(lambda: worker.store.listening and client.store.listening,
+                                 timeout=10)
                 new = await _listen_pids(admin, pooled_schema)
-                assert len(new) == 2 and not set(new) & set(pids)
+                assert len(new) == 2 and not set(new) & set(pids), (pids, new)
                 await asyncio.sleep(1.5)
                 started = time.monotonic()
                 await client.start("note", 2)
+                committed = time.monotonic()
                 await eventually(lambda: 2 in picked, timeout=10)
-                assert picked[2] - started < 0.5, picked[2] - started
+                # counted from the start's commit, as in the test above: a loaded disk
+                # may hold the commit itself for seconds (its notification goes out then)
+                took = picked[2] - committed
+                assert took < AT_ONCE, (
+                    f"run 2 taken {took:.3f} s after its start committed (which took "
+                    f"{committed - started:.3f} s); what the worker's store heard and "
+                    "claimed since, in seconds from the start: " + ", ".join(
+                        f"{at - started:+.3f} {what}" for at, what in seen
+                        if at >= started - 0.5
+                    )
+                )
             finally:
                 await client.close()
     finally:
@@ -260,7 +270,7 @@ async def test_a_listener_cut_off_in_silence_is_found_and_replaced(
                     started = time.monotonic()
                     await client.start("note", n)
                     await eventually(lambda n=n: n in picked, timeout=10)
-                    assert picked[n] - started < 0.5, (n, picked[n] - started)
+                    assert picked[n] - started < AT_ONCE, (n, picked[n] - started)
             finally:
                 await client.close()
     finally:
