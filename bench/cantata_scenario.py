@@ -50,7 +50,9 @@ from bench.common import (
     THROUGHPUT_N,
     WARMUP,
     count_outcomes,
+    cpu_counts,
     cpu_seconds,
+    current_cpu,
     drop_schema,
     emit,
     expected_outcomes,
@@ -173,16 +175,18 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
                 "cpu_s": round(cpu, 3), "cpu_util": round(cpu / wall, 3),
                 **_worker_cpu(a, wcpu0, wall), **share,
                 "outcomes": got, "expected": expected_outcomes(orders)}
-    lat, outs = [], []
+    lat, outs, cpus = [], [], []
     waits = sched_waits()
     cpu0, t_all = cpu_seconds(), now()
     for o in orders:
         t0 = now()
         outs.append(await outcome(await app.start(order_saga, o)))
         lat.append(now() - t0)
+        cpus.append(current_cpu())  # (after the order's time is taken)
     wall = now() - t_all
     cpu = cpu_seconds() - cpu0
     return {**latency_summary(lat), "cpu_util": round(cpu / wall, 3), **sched_since(waits),
+            "cpus": cpu_counts(cpus),
             "outcomes": count_outcomes(outs), "expected": expected_outcomes(orders)}
 
 
@@ -311,15 +315,17 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
                "submit_s": round(t_sub, 3), "cpu_s": round(cpu, 3),
                "cpu_util": round(cpu / wall, 3), **_worker_cpu(a, wcpu0, wall)}
     else:
-        lat = []
+        lat, cpus = [], []
         since = time.time()
         cpu0, t_all = cpu_seconds(), now()
         for o in orders:
             t0 = now()
             await one(o)
             lat.append(now() - t0)
+            cpus.append(current_cpu())  # (after the order's time is taken)
         cpu = cpu_seconds() - cpu0
-        res = {**latency_summary(lat), "cpu_util": round(cpu / (now() - t_all), 3)}
+        res = {**latency_summary(lat), "cpu_util": round(cpu / (now() - t_all), 3),
+               "cpus": cpu_counts(cpus)}
     res["outcomes"] = await outcomes_since(since, orders)
     res["expected"] = expected_outcomes(orders)
     return res

@@ -143,6 +143,50 @@ def sched_since(before: dict[str, float]) -> dict[str, float]:
     return {k: round(now_[k] - before[k], 3) for k in now_}
 
 
+def current_cpu() -> int | None:
+    """The CPU this thread last ran on (Linux: field 39 of ``/proc/thread-self/stat``)."""
+    try:
+        with open("/proc/thread-self/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_counts(cpus: Iterable[int | None]) -> dict[str, int]:
+    """How many orders ended on each CPU (:func:`current_cpu` after each): a latency run's
+    thread asleep in each commit is woken faster on the CPU that takes the disk's
+    interrupts (:func:`disk_interrupt_cpus`; docs/performance.md, "Figures")."""
+    out: dict[str, int] = {}
+    for cpu in cpus:
+        if cpu is not None:
+            out[str(cpu)] = out.get(str(cpu), 0) + 1
+    return dict(sorted(out.items()))
+
+
+def disk_interrupt_cpus(text: str | None = None) -> dict[str, int]:
+    """The block devices' interrupts (virtio, NVMe, SCSI, AHCI) by CPU number, counted
+    since boot (``/proc/interrupts``, or ``text`` in its format); empty where it cannot
+    be read."""
+    if text is None:
+        try:
+            with open("/proc/interrupts") as f:
+                text = f.read()
+        except OSError:
+            return {}
+    lines = text.splitlines()
+    cpus = [c.removeprefix("CPU") for c in lines[0].split()] if lines else []
+    out: dict[str, int] = {}
+    for line in lines[1:]:
+        parts = line.split()
+        name = parts[-1] if parts else ""
+        if not any(k in name for k in ("-req.", "nvme", "ahci", "scsi")):
+            continue
+        for cpu, count in zip(cpus, parts[1:1 + len(cpus)], strict=False):
+            if count.isdigit() and int(count):
+                out[cpu] = out.get(cpu, 0) + int(count)
+    return out
+
+
 def rss_mb() -> float:
     """Current resident set size (VmRSS) in MiB."""
     with open("/proc/self/status") as f:
