@@ -406,22 +406,55 @@ async def count_runs(
     counts.details.extend(charged[:3])
 
 
-async def count_settled(app: App, executions: list[Execution], counts: Counts) -> None:
+async def count_settled(
+    app: App, executions: list[Execution], counts: Counts, log: FaultLog | None = None
+) -> None:
     """Fill ``handlers_after_settled``: a handler execution (its ledger ``run`` is the
     event's id, its ``key`` the group) that began after the store had that delivery
-    settled ``done``."""
+    settled ``done`` (:func:`settled_late`)."""
     handled = [e for e in executions if e.what == "handler"]
     settled: dict[tuple[str, str], float] = {}
     for event_id in dict.fromkeys(e.run for e in handled):
         for d in await app.store.deliveries(app.name, event_id):
             if d.status == DELIVERY_DONE:
                 settled[(event_id, d.group)] = d.updated_at
+    count, starved, details = settled_late(handled, settled, log)
+    counts.handlers_after_settled += count
+    counts.details.extend(details)
+    counts.info["handlers_after_settled_starved"] = len(starved)
+    counts.details.extend(starved[:3])
+
+
+def settled_late(
+    handled: list[Execution], settled: dict[tuple[str, str], float],
+    log: FaultLog | None = None,
+) -> tuple[int, list[str], list[str]]:
+    """The handler executions that began after their delivery was settled ``done``
+    (``settled``: (event id, group) -> the settlement's ``updated_at``): their count and
+    what each was, and apart, those excused by starvation.
+
+    A settlement's ``updated_at`` is its worker's clock when it built the write, before
+    the commit; and a copy of an event on the NATS path is admitted by a read of its
+    delivery (pending, its holder gone), with no claim to order it against the commit.
+    So, with ``log``, a body is excused when its own process recorded a lapse of its
+    hold (its heartbeat through only past the lease: CPU starvation, ``fault_app.
+    record_lapses``) that began no later than the settlement and had not ended when the
+    body began: its read may have come before the commit, however late its body began.
+    A process that was not starved then has no such excuse."""
+    count, details, starved = 0, [], []
     for ex in handled:
         at = settled.get((ex.run, ex.key))
-        if at is not None and ex.began > at + 0.001:
-            counts.handlers_after_settled += 1
-            counts.details.append(f"handler {ex.key} of event {ex.run[-8:]} ran in pid "
-                                  f"{ex.pid} {ex.began - at:.2f} s after it was settled")
+        if at is None or ex.began <= at + 0.001:
+            continue
+        what = (f"handler {ex.key} of event {ex.run[-8:]} ran in pid {ex.pid} "
+                f"{ex.began - at:.2f} s after it was settled")
+        if log is not None and any(last <= at and ex.began <= back
+                                   for last, back in log.lapses.get(ex.pid, ())):
+            starved.append(f"{what}, its process starved from before (a lapse)")
+            continue
+        count += 1
+        details.append(what)
+    return count, details, starved
 
 
 async def count_events(

@@ -349,7 +349,7 @@ class Cluster:
         counts.steps_finished_late, late = finished_late(executions, self.faults)
         counts.details.extend(late)
         await count_runs(self.app, self.runs, executions, self.faults, counts)
-        await count_settled(self.app, executions, counts)
+        await count_settled(self.app, executions, counts, self.faults)
         if self.event_ids:
             await count_events(self.app, self.event_ids, counts, poison=self.poison)
         return counts

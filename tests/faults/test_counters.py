@@ -29,6 +29,7 @@ from .counters import (
     finished_late,
     read_lapses,
     read_ledger,
+    settled_late,
     twice_live,
 )
 from .harness import Cluster, assert_zero, time_limit
@@ -279,6 +280,24 @@ def test_a_pause_between_a_bodys_effect_and_its_end_line_is_not_finishing_late()
     early = paused_body(8.3, 12.81)
     early[1].began = 8.2  # the other began before the effect: the body went on past it
     assert finished_late(early, log)[0] == 1
+
+
+def test_a_handler_begun_after_its_settlement_is_excused_only_by_its_own_starvation() -> None:
+    """The CI failure of test_broker_that_lost_its_data: worker 2 read a copy's delivery
+    pending (its holder's hold lapsed) while worker 1's settlement, built at 23.95, was
+    being committed; worker 2's body began at 24.015, its own heartbeat through at 23.65
+    and next only at 25.93 (a lapse). Excused, and shown apart; without that lapse, or
+    with a lapse that began after the settlement or ended before the body, counted."""
+    settled = {("ev-1", "shipping"): 23.95}
+    body = Execution("handler", "ev-1", "shipping", 2, 2, began=24.015)
+    for lapses, counted in (({2: [(23.65, 25.93)]}, 0), ({}, 1), ({2: [(23.96, 25.93)]}, 1),
+                            ({2: [(23.65, 24.0)]}, 1), ({1: [(23.65, 25.93)]}, 1)):
+        log = FaultLog(lapses=lapses, lease=2.0)
+        count, details, starved = settled_late([body], settled, log)
+        assert (count, len(details), len(starved)) == (counted, counted, 1 - counted), lapses
+    assert settled_late([body], settled)[0] == 1  # (without the harness's log)
+    before = Execution("handler", "ev-1", "shipping", 2, 2, began=23.9)
+    assert settled_late([before], settled)[0] == 0
 
 
 def test_a_step_its_own_worker_stopped_for_a_hold_in_doubt_is_not_a_live_double() -> None:

@@ -18,8 +18,11 @@ from tests.server.test_flow_api import parse
 
 def ledger_worker(store_url: str) -> App:
     """A worker of another service of the shop: its ``ledger`` group reacts to
-    ``order.placed`` (as the shop's ``emails`` does)."""
-    app = make_app(store_url, "shop", broker="embedded")
+    ``order.placed`` (as the shop's ``emails`` does). Its lease is long: "live" is
+    what the tests check, and a 1 s lease lapses on a loaded machine (a heartbeat held
+    back past it: the group then reads as served by nobody); its stop, not its lease,
+    ends its service."""
+    app = make_app(store_url, "shop", broker="embedded", lease=30.0)
 
     @app.on("order.placed", group="ledger")
     async def book(event: Event[Any]) -> None:
