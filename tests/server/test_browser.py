@@ -41,6 +41,12 @@ if not Path(CHROMIUM).exists():
 
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
+# What a page shows after a click (a request, the server's answer, a redraw) may take
+# more than Playwright's default 5 s on a loaded 2-core machine: a clean clone's full run
+# once waited that long for "Published event" with nothing wrong on the page. For every
+# browser module (each imports this one); a passing check waits no longer for it.
+expect.set_options(timeout=15_000)
+
 # One xdist worker runs this module: its server (seeded) and Chromium are module
 # fixtures, made once instead of once per worker that gets one of its tests.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
