@@ -352,7 +352,8 @@ def finished_late(
             if other is not None:
                 count += 1
                 details.append(f"step {key} of {run[-8:]} finished in pid {ex.pid} "
-                               f"{ex.ended - other.began:.2f} s after pid {other.pid} began it")
+                               f"{ex.ended - other.began:.2f} s after pid {other.pid} began it"
+                               + ("" if log is None else log.about(ex.pid, ex.ended)))
     return count, details
 
 

@@ -191,10 +191,16 @@ class Cluster:
 
     def resume(self, worker: Worker, *, stopped: float | None = None) -> None:
         """SIGCONT; a pause that began at ``stopped`` (a :meth:`stop`'s answer) is
-        recorded for the counters (none: a stall behind the harness's back)."""
+        recorded for the counters (none: a stall behind the harness's back). Its end is
+        the time just before the SIGCONT, as its start is just before the SIGSTOP: every
+        line the worker writes after the resume is later (taken after the signal, the
+        harness, starved of CPU, once noted it after the worker's own next line: a body
+        whose effect came before the pause and its end line at the resume then read as
+        going on past it, ``counters.finished_late``)."""
+        resumed = time.time()
         worker.proc.send_signal(signal.SIGCONT)
         if stopped is not None:
-            self.faults.paused.setdefault(worker.pid, []).append((stopped, time.time()))
+            self.faults.paused.setdefault(worker.pid, []).append((stopped, resumed))
 
     async def terminate(self, worker: Worker, *, timeout: float = 60.0) -> float:
         """SIGTERM and wait for the process to exit; returns how long it took."""
