@@ -33,10 +33,12 @@ def test_the_plugin_counts_a_childs_cpu_to_its_test(tmp_path: Path) -> None:
         [sys.executable, "-m", "pytest", "-p", "bench.suite_cpu", "-p", "no:cacheprovider",
          "-n", "0", "-q", "-p", "no:randomly", str(tmp_path / "test_burns.py")],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "CPU_PLUG_OUT": str(out),
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+             "CPU_PLUG_OUT": str(out),
              "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
-    )
+    )  # (without this xdist worker's variables: the run below is one process, "main")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert [p.name for p in out.iterdir()] == ["main.json"]
     notes = {test.split("::")[1]: (wall, own, kids)
              for test, wall, own, kids in json.loads((out / "main.json").read_text())}
     burned, waited = notes["test_burns_in_a_child"], notes["test_waits"]
