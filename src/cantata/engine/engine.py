@@ -680,6 +680,11 @@ class Engine:
         # reads where the log ends, from which the next look takes what was stored
         # (engine/parking.py, wake_for_events)
         self._watch_wakeup.set()
+        try:
+            await self.hot.begin()  # (where the first look goes on from)
+        except Exception as exc:
+            self.quiet.warning("events", "looking for awaited events failed (%s); "
+                               "retrying", reason(exc))
         while True:
             await wait_event(self._watch_wakeup, idle_wait(self.store, self.poll_interval))
             self._watch_wakeup.clear()

@@ -20,7 +20,9 @@ The wake-ups, and why none is lost:
   process, or another process's event is heard (PostgreSQL): one look at a time, one
   more right after it for what came during it, the woken runs claimed at once. An
   event stored before the run was parked is found by the look made right after the
-  park commit (:func:`evict`), which wakes the run again if it matches.
+  park commit (:func:`evict`), which wakes the run again if it matches. One stored
+  while no worker looked (every one stopped) is found by the next worker's first
+  look, which goes on from where the looks had got to (``Store.waits_looked``).
 - a child's end: the child's final checkpoint wakes its parent in the same
   transaction (``RunWrite.wake``); a child that ended before the park is found by
   the same look.
@@ -87,8 +89,12 @@ class HotRuns:
         # A clock that skips time (cantata.testing) only moves for waits in memory.
         self.enabled = park_after is not None and isinstance(engine.clock, SystemClock)
         self._idle: dict[str, RunExecution] = {}  # insertion order: oldest first
-        self.checked_at = 0.0  # wall time of the last look for parked waits' events
+        # Wall time of the last look for parked waits' events (before the first: this
+        # worker's start, unless the store's mark is earlier; wake_for_events).
+        self.checked_at = time.time()
         self.position: int | None = None  # where the log ended when that look began
+        self._marked: int | None = None  # the position last marked in the store
+        self._marked_at = 0.0  # (monotonic) when
         # event type -> {id: when first seen} of the events the last looks saw
         self.seen: dict[str, dict[str, float]] = {}
         # The event types (or patterns) parked runs wait for, as far as this worker
@@ -96,6 +102,43 @@ class HotRuns:
         # of such a type committed here makes the watch loop look at once (wanted).
         self.waited: set[str] = set()
         self._parked_since: set[str] | None = None  # types parked here during a look
+
+    async def begin(self) -> None:
+        """Where this worker's first look goes on from: the store's mark of where the
+        looks had got to (``Store.waits_looked``). In a store no worker has marked, the
+        log's end now, marked at once: a worker that parks runs and stops before its
+        first look leaves the next one a place to go on from. The watch loop calls it
+        as it starts; the first look does, if that failed."""
+        engine = self.engine
+        store, app = engine.store, engine.app
+        mark = await store.waits_looked(app)
+        if mark is None:
+            at = time.time()
+            reached = await store.log_position(app)
+            await store.mark_waits_looked(app, reached, at)
+            mark = await store.waits_looked(app)  # (a peer's, if it marked further first)
+            if mark is None:
+                mark = (reached, at)
+        self.position, self.checked_at = mark[0], min(mark[1], self.checked_at)
+
+    async def mark(self, position: int, at: float) -> None:
+        """Mark in the store where the looks have got to (``Store.mark_waits_looked``),
+        at most once a poll interval: a worker that starts later goes on from there.
+        Failing, it says so once and marks again at the next look."""
+        engine = self.engine
+        tick = time.monotonic()
+        if (self._marked is not None and position <= self._marked) or (
+            tick - self._marked_at < engine.poll_interval
+        ):
+            return
+        try:
+            await engine.store.mark_waits_looked(engine.app, position, at)
+        except StoreError as exc:
+            engine.quiet.warning("wait-looks", "could not mark where the looks for parked "
+                                 "waits' events got to (%s); marking again at the next "
+                                 "look", reason(exc))
+            return
+        self._marked, self._marked_at = position, tick
 
     def reading(self) -> None:
         """A look begins to read the parked waits: note the runs parked from now on."""
@@ -214,17 +257,25 @@ async def wake_for_events(engine: Engine) -> int:
     read may come before it in the log); the ids the looks of that second saw are
     left out, so that looks made one right after another (the watch loop looks at
     once for an event committed here) read each event once.
+
+    A worker's first look goes on from where the looks of every worker of the app had
+    got to (``Store.waits_looked``, marked at most once a poll interval), or, in a
+    store no look has marked yet, from this worker's start: an event stored while no
+    worker looked (all of them stopped) or in a new worker's first poll interval wakes
+    the waits it matches all the same (:meth:`HotRuns.begin`). A look that fails
+    moves nothing on: the next one reads what it would have read.
     """
-    hot = engine.hot
+    hot, store, app = engine.hot, engine.store, engine.app
     now = time.time()
-    since = (hot.checked_at or now) - 1.0  # margin: late commits
-    hot.checked_at = now
+    if hot.position is None:
+        await hot.begin()
+    since = hot.checked_at - 1.0  # margin: late commits
     position = hot.position
-    hot.position = await engine.store.log_position(engine.app)  # before the look
+    reached = await store.log_position(app)  # before the look
     hot.reading()
     waits: list[str] | None = None
     try:
-        waits = await engine.store.parked_waits(engine.app)
+        waits = await store.parked_waits(app)
     finally:
         hot.read(None if waits is None else {rules.split_waits_for(w)[0] for w in waits})
     by_type: dict[str, list[str]] = {}
@@ -232,12 +283,13 @@ async def wake_for_events(engine: Engine) -> int:
         event_type, _ = rules.split_waits_for(waits_for)
         by_type.setdefault(event_type, []).append(waits_for)
     woken = 0
+    seen_now: dict[str, dict[str, float]] = {}
     for event_type, kinds in by_type.items():
         seen = hot.seen.get(event_type, {})
         limit = 1000
         while True:  # all of them: one not read now would be behind the next look
-            events = await engine.store.find_events(
-                engine.app, event_type, since=since, exclude=sorted(seen), limit=limit,
+            events = await store.find_events(
+                app, event_type, since=since, exclude=sorted(seen), limit=limit,
                 position=position,
             )
             if len(events) < limit:
@@ -250,7 +302,7 @@ async def wake_for_events(engine: Engine) -> int:
         # again what the one before it saw).
         kept = {i: at for i, at in seen.items() if at >= now - 1.5}
         kept.update((e.id, now) for e in events)
-        hot.seen[event_type] = kept
+        seen_now[event_type] = kept
         datas = [e.data for e in events if engine.signer.accepts(e)]
         if not datas:
             continue
@@ -258,8 +310,9 @@ async def wake_for_events(engine: Engine) -> int:
             _, keys = rules.split_waits_for(waits_for)
             found = rules.candidates(keys, datas)
             if found:
-                woken += await engine.store.wake_waiting(engine.app, waits_for, found)
-    for event_type in list(hot.seen):
-        if event_type not in by_type:
-            del hot.seen[event_type]
+                woken += await store.wake_waiting(app, waits_for, found)
+    # Done: the next look goes on from here.
+    hot.seen = seen_now
+    hot.checked_at, hot.position = now, reached
+    await hot.mark(reached, now)
     return woken

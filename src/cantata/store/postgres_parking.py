@@ -90,6 +90,20 @@ class PostgresParking:
         )
         return [str(r[0]) for r in rows]
 
+    async def waits_looked(self, app: str) -> tuple[int, float] | None:
+        row = await self._db.fetchrow(
+            "SELECT position, looked_at FROM wait_looks WHERE app=$1", app
+        )
+        return None if row is None else (int(row[0]), float(row[1]))
+
+    async def mark_waits_looked(self, app: str, position: int, at: float) -> None:
+        await self._db.execute(
+            "INSERT INTO wait_looks (app, position, looked_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (app) DO UPDATE SET position=excluded.position, "
+            "looked_at=excluded.looked_at WHERE excluded.position > wait_looks.position",
+            app, position, at,
+        )
+
     async def parked_runs(self, app: str, run_ids: Sequence[str], *, now: float) -> set[str]:
         if not run_ids:
             return set()

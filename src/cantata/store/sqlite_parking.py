@@ -105,6 +105,20 @@ class SQLiteParking:
         ).fetchall())
         return [str(r[0]) for r in rows]
 
+    async def waits_looked(self, app: str) -> tuple[int, float] | None:
+        row = await self._t.read(lambda c: c.execute(
+            "SELECT position, looked_at FROM wait_looks WHERE app=?", (app,)
+        ).fetchone())
+        return None if row is None else (int(row[0]), float(row[1]))
+
+    async def mark_waits_looked(self, app: str, position: int, at: float) -> None:
+        await self._t.write(lambda c: c.execute(
+            "INSERT INTO wait_looks (app, position, looked_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (app) DO UPDATE SET position=excluded.position, "
+            "looked_at=excluded.looked_at WHERE excluded.position > wait_looks.position",
+            (app, position, at),
+        ))
+
     async def parked_runs(self, app: str, run_ids: Sequence[str], *, now: float) -> set[str]:
         ids = list(run_ids)
 

@@ -42,6 +42,17 @@ class ParkingStore(Protocol):
     async def parked_waits(self, app: str) -> list[str]:
         """The distinct ``waits_for`` of runs parked in an event wait."""
 
+    async def waits_looked(self, app: str) -> tuple[int, float] | None:
+        """Where the looks for parked waits' events have got to (:meth:`mark_waits_looked`):
+        the log position (:meth:`EventStore.log_position`) and the time, by the clock of
+        the worker that marked it; ``None`` before any mark."""
+
+    async def mark_waits_looked(self, app: str, position: int, at: float) -> None:
+        """Mark that the events stored up to ``position`` in the log were looked at for
+        the parked waits of ``app`` (a look that began at ``position`` at time ``at``
+        has ended). The mark only moves forward: a lower ``position`` leaves it as it
+        is. Not audited, and no listener hears it."""
+
     async def parked_runs(self, app: str, run_ids: Sequence[str], *, now: float) -> set[str]:
         """Those of ``run_ids`` that are parked and not due at ``now`` (neither woken nor
         past their ``wake_at``): the others, live and unowned, are claimable now.

@@ -150,3 +150,20 @@ class ParkingContract(StoreFixtures):
         assert await store.parked_runs(self.app, ids, now=now + 61) == {waiting}
         assert await store.parked_runs(self.app + "-b", ids, now=now) == set()
         assert await store.parked_runs(self.app, [], now=now) == set()
+
+    async def test_the_mark_of_the_looks_for_parked_waits_only_moves_forward(
+        self, store: Store
+    ) -> None:
+        other = self.app + "-b"
+        assert await store.waits_looked(self.app) is None
+        await store.mark_waits_looked(self.app, 10, 1000.5)
+        assert await store.waits_looked(self.app) == (10, 1000.5)
+        await store.mark_waits_looked(self.app, 9, 2000.0)  # a look that began earlier
+        await store.mark_waits_looked(self.app, 10, 2000.0)
+        assert await store.waits_looked(self.app) == (10, 1000.5)
+        await store.mark_waits_looked(self.app, 12, 1999.25)
+        assert await store.waits_looked(self.app) == (12, 1999.25)
+        assert await store.waits_looked(other) is None  # one mark per app
+        await store.mark_waits_looked(other, 3, 5.0)
+        assert await store.waits_looked(other) == (3, 5.0)
+        assert await store.waits_looked(self.app) == (12, 1999.25)
