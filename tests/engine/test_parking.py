@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from cantata import (
     App,
     RunStatus,
+    StoreUnavailable,
     WaitTimeout,
     WorkflowCancelled,
     WorkflowContext,
@@ -77,6 +79,11 @@ def build(store: str, name: str = "parks", **kw: Any) -> App:
     async def until(ctx: WorkflowContext, due: float) -> float:
         await ctx.sleep(max(0.0, due - ctx.now().timestamp()))
         return ctx.now().timestamp() - due  # how late it woke
+
+    @app.workflow
+    async def held(ctx: WorkflowContext, i: int) -> Any:
+        ev = await ctx.wait_for_event("batch.held", match={"i": i})  # (no timeout)
+        return ev.data["i"]
 
     @app.workflow
     async def released(ctx: WorkflowContext, i: int) -> float:
@@ -255,17 +262,38 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-async def _park_and_release(app: App, publisher: App, n: int = 50) -> list[float]:
+async def _park_and_release(app: App, publisher: App, n: int = 25) -> list[float]:
     """Park ``n`` runs of ``released`` in ``app``, publish their events through
-    ``publisher`` one every 40 ms (for two of the apps' poll intervals of 1 s); how
-    late each run resumed, in order."""
+    ``publisher`` one every 120 ms (3 s, within one of the apps' poll intervals of
+    5 s); how late each run resumed, in order."""
     handles = [await app.start("released", i) for i in range(n)]
     for h in handles:
         await eventually(lambda h=h: parked(app, h.run_id), timeout=10)
     for i in range(n):
         await publisher.publish("batch.released", {"i": i, "sent": time.time()})
-        await asyncio.sleep(0.04)
+        await asyncio.sleep(0.12)
     return sorted([await h.result(timeout=30) for h in handles])
+
+
+async def _judge_release_rounds(release: Callable[[], Awaitable[list[float]]]) -> None:
+    """Prompt wake-ups: the median run resumed within 0.6 s of its event, the last
+    within 1.5 s, in the best of up to three rounds of :func:`_park_and_release`.
+
+    A watch loop that waits for its poll interval (5 s) makes every round late: the
+    median at least 1.5 s (an event waits for the next look, 0-5 s on, and the stream
+    lasts 3 s), the last at least 2 s, and an event missed by a look under way waits
+    up to 5 s. A loaded machine makes a round late now and then: on an idle one the
+    median is 5-20 ms and the last 15-60 ms; in a full CI run beside a busy shared
+    PostgreSQL, resumes came 100-300 ms apart when 50 events came 40 ms apart (the
+    runs queued for the worker, p50 0.27-0.44 s)."""
+    rounds: list[list[float]] = []
+    while len(rounds) < 3 and not (rounds and _prompt(rounds[-1])):
+        rounds.append(await release())
+    assert _prompt(rounds[-1]), [[round(x * 1000, 1) for x in late] for late in rounds]
+
+
+def _prompt(late: list[float]) -> bool:
+    return _median(late) < 0.6 and late[-1] < 1.5
 
 
 async def test_parked_waits_wake_promptly_under_a_steady_stream_of_events(
@@ -274,14 +302,11 @@ async def test_parked_waits_wake_promptly_under_a_steady_stream_of_events(
     """An event published in this process makes the watch loop look for the parked
     waits it matches at once (and once more right after a look under way), and the
     runs it woke are claimed at once: each resumes within a few ms of its event (a
-    few tens on a loaded machine), not at the loop's next poll_interval (1 s here; it
-    did: p50 0.5 s, max 1 s: the look waited for the poll interval and the claim for
-    its 50 ms pause)."""
-    async with build(store_url, poll_interval=1.0) as app:
-        late = await _park_and_release(app, app)
-    ms = [round(x * 1000, 1) for x in late]
-    assert late[len(late) // 2] < 0.25, ms
-    assert late[-1] < 0.9, ms
+    few tens on a loaded machine), not at the loop's next poll_interval (it did: p50
+    half the poll interval, max all of it: the look waited for the poll interval and
+    the claim for its 50 ms pause)."""
+    async with build(store_url, poll_interval=5.0) as app:
+        await _judge_release_rounds(lambda: _park_and_release(app, app))
 
 
 @pytest.mark.postgres
@@ -290,19 +315,75 @@ async def test_parked_waits_wake_promptly_for_another_processs_events(
 ) -> None:
     """On PostgreSQL an event committed by another process is heard by notification:
     while runs are parked in event waits, the watch loop looks at once, not at most
-    once a poll_interval (1 s here; it did: p50 0.5 s, max 1 s, under a steady
-    stream)."""
+    once a poll_interval (it did: p50 half the poll interval, max all of it, under a
+    steady stream)."""
     url = with_schema(postgres_url, pooled_schema)
-    client = build(url, poll_interval=1.0)
+    client = build(url, poll_interval=5.0)
     await client.open(serve=False)
     try:
-        async with build(url, poll_interval=1.0) as app:
-            late = await _park_and_release(app, client)
+        async with build(url, poll_interval=5.0) as app:
+            await _judge_release_rounds(lambda: _park_and_release(app, client))
     finally:
         await client.close()
-    ms = [round(x * 1000, 1) for x in late]
-    assert late[len(late) // 2] < 0.25, ms
-    assert late[-1] < 0.9, ms
+
+
+async def test_an_event_stored_while_no_worker_looked_wakes_its_parked_wait(
+    shared_store: str,
+) -> None:
+    """Runs wait (parked) for events, with no timeout, and every worker stops; a client
+    stores their events meanwhile. Once a worker starts again they resume: its first
+    look goes on from where the looks had got to (Store.waits_looked), not from a
+    second before it (they never woke: an event stored more than a second before a
+    worker's first look woke no parked wait)."""
+    async with build(shared_store, poll_interval=0.3) as app:
+        handles = [await app.start("held", i) for i in range(3)]
+        for h in handles:
+            await eventually(lambda h=h: parked(app, h.run_id), timeout=10)
+    async with build(shared_store).client() as client:
+        for i in range(3):
+            await client.publish("batch.held", {"i": i})
+        await asyncio.sleep(1.5)
+        async with build(shared_store, poll_interval=0.3) as app:
+            assert [await app.get_handle(h.run_id).result(timeout=10)
+                    for h in handles] == [0, 1, 2]
+
+
+async def test_another_processs_event_in_a_workers_first_poll_interval_wakes_a_wait(
+    sqlite_url: str,
+) -> None:
+    """On SQLite a worker does not hear another process's events: it finds them at its
+    looks, one a poll interval (2.5 s here). An event stored in its first poll interval
+    wakes the wait parked meanwhile at its first look (it never did: that look read
+    from a second before it)."""
+    async with build(sqlite_url, poll_interval=2.5) as app:
+        handle = await app.start("held", 7)
+        await eventually(lambda: parked(app, handle.run_id), timeout=10)
+        async with build(sqlite_url).client() as client:
+            await client.publish("batch.held", {"i": 7})
+        assert await handle.result(timeout=10) == 7
+
+
+async def test_looks_that_fail_lose_no_event_for_parked_waits(sqlite_url: str) -> None:
+    """The store fails every look for parked waits' events for 2 s, as another process
+    stores the event a parked run waits for: the first look that gets through finds it
+    (it did not: a failed look had moved the next one's start past the event)."""
+    async with build(sqlite_url, poll_interval=0.2) as app:
+        handle = await app.start("held", 8)
+        await eventually(lambda: parked(app, handle.run_id), timeout=10)
+        store: Any = app.store
+        find_events, down_until, failed = store.find_events, time.time() + 2.0, []
+
+        async def flaky(*args: Any, **kw: Any) -> Any:
+            if time.time() < down_until:
+                failed.append(time.time())
+                raise StoreUnavailable("the test's store is down for 2 s")
+            return await find_events(*args, **kw)
+
+        store.find_events = flaky
+        async with build(sqlite_url).client() as client:
+            await client.publish("batch.held", {"i": 8})
+        assert await handle.result(timeout=10) == 8
+        assert max(failed) - min(failed) > 1.5  # (looks failed all along)
 
 
 class ClockBehind:
