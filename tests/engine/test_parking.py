@@ -348,6 +348,30 @@ async def test_an_event_stored_while_no_worker_looked_wakes_its_parked_wait(
                     for h in handles] == [0, 1, 2]
 
 
+async def test_the_looks_mark_where_they_got_to_once_a_second(sqlite_url: str) -> None:
+    """A serving worker marks where its looks got to in the log as it starts and then
+    at most once a second (``Store.waits_looked``): a worker that starts later reads
+    again only what came since, not all that came since the first worker started."""
+    async with build(sqlite_url, poll_interval=0.1) as app:
+        store: Any = app.store
+        await eventually(lambda: store.waits_looked(app.name), timeout=5)
+        await asyncio.sleep(0.5)  # its first look (0.1 s after its start) marked too
+        started = await store.waits_looked(app.name)
+        for i in range(5):
+            await app.publish("batch.other", {"i": i})
+        end = await store.log_position(app.name)
+        assert end > started[0]
+        reached = await eventually(
+            lambda: _marked_past(store, app.name, end - 1), timeout=5
+        )
+        assert reached[1] - started[1] >= 1.0  # (no sooner than a second on)
+
+
+async def _marked_past(store: Any, app: str, position: int) -> tuple[int, float] | None:
+    mark = await store.waits_looked(app)
+    return mark if mark is not None and mark[0] > position else None
+
+
 async def test_another_processs_event_in_a_workers_first_poll_interval_wakes_a_wait(
     sqlite_url: str,
 ) -> None:

@@ -123,12 +123,14 @@ class HotRuns:
 
     async def mark(self, position: int, at: float) -> None:
         """Mark in the store where the looks have got to (``Store.mark_waits_looked``),
-        at most once a poll interval: a worker that starts later goes on from there.
-        Failing, it says so once and marks again at the next look."""
+        at most once a poll interval, and a second (a write of the store's: workers
+        that poll every 20 ms would write 50 a second each): a worker that starts
+        later goes on from there, reading again what the looks since read. Failing,
+        it says so once and marks again at the next look."""
         engine = self.engine
         tick = time.monotonic()
         if (self._marked is not None and position <= self._marked) or (
-            tick - self._marked_at < engine.poll_interval
+            tick - self._marked_at < max(engine.poll_interval, 1.0)
         ):
             return
         try:
@@ -259,11 +261,11 @@ async def wake_for_events(engine: Engine) -> int:
     once for an event committed here) read each event once.
 
     A worker's first look goes on from where the looks of every worker of the app had
-    got to (``Store.waits_looked``, marked at most once a poll interval), or, in a
-    store no look has marked yet, from this worker's start: an event stored while no
-    worker looked (all of them stopped) or in a new worker's first poll interval wakes
-    the waits it matches all the same (:meth:`HotRuns.begin`). A look that fails
-    moves nothing on: the next one reads what it would have read.
+    got to (``Store.waits_looked``, marked at most once a poll interval or a second),
+    or, in a store no look has marked yet, from this worker's start: an event stored
+    while no worker looked (all of them stopped) or in a new worker's first poll
+    interval wakes the waits it matches all the same (:meth:`HotRuns.begin`). A look
+    that fails moves nothing on: the next one reads what it would have read.
     """
     hot, store, app = engine.hot, engine.store, engine.app
     now = time.time()
