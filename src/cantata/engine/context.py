@@ -396,7 +396,7 @@ class WorkflowContext:
                 events = await engine.store.find_events(
                     x.run.app, type, since=x.run.created_at, after=trigger,
                     exclude=sorted(taken if trigger is None else taken | {trigger}),
-                    limit=limit,
+                    limit=limit, match=match,
                 )
                 for ev in events:
                     # Taken here, before any await: a concurrent wait of the run

@@ -7,6 +7,7 @@ import binascii
 import datetime as dt
 import re
 import time as _time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -389,3 +390,25 @@ class Event(Generic[T]):
             return dt.datetime.fromisoformat(self.time.replace("Z", "+00:00")).timestamp()
         except ValueError:
             return 0.0
+
+
+_INT64 = 2**63
+
+
+def match_filter(match: Mapping[str, Any] | None) -> list[tuple[str, str | int]]:
+    """The ``(JSON path, value)`` pairs of a wait's ``match`` that a store may compare in
+    its query (``$."a"."b"`` for the dotted key ``a.b``): a string, or an integer (not a
+    bool) of at most 64 bits, under a key none of whose parts holds a ``"``. An event
+    whose data holds another value there cannot match (``ctx.wait_for_event`` compares
+    the values as Python does); the other pairs (floats, bools, ``None``, lists,
+    mappings) are left to the caller, which checks every event the store returns."""
+    out: list[tuple[str, str | int]] = []
+    for key, value in (match or {}).items():
+        parts = key.split(".")
+        if any('"' in part for part in parts):
+            continue
+        if isinstance(value, str) or (
+            type(value) is int and -_INT64 <= value < _INT64
+        ):
+            out.append(("$" + "".join(f'."{part}"' for part in parts), value))
+    return out

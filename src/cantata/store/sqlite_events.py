@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from cantata.errors import ConfigurationError, DeadLetterNotFound
 from cantata.model import codec
-from cantata.model.event import Event, like_pattern, matches
+from cantata.model.event import Event, like_pattern, match_filter, matches
 from cantata.model.records import (
     DELIVERY_DEAD,
     DELIVERY_DONE,
@@ -101,10 +101,17 @@ class SQLiteEvents(SQLiteCore):
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int,
         after: str | None = None, position: int | None = None,
+        match: Mapping[str, Any] | None = None,
     ) -> list[Event[Any]]:
         if position is not None and after is not None:
             raise ConfigurationError("find_events takes after= or position=, not both")
         skip = list(exclude)
+        # A wait's match compared in the query (data that is not JSON matches nothing).
+        keyed = match_filter(match)
+        by_value = "".join(
+            " AND CASE WHEN json_valid(data) THEN json_extract(data, ?) END = ?" for _ in keyed
+        )
+        values = tuple(v for pair in keyed for v in pair)
         wildcard = "*" in event_type
         bound: tuple[Any, ...] = (since,)
         if after is None:
@@ -122,15 +129,16 @@ class SQLiteEvents(SQLiteCore):
             f"SELECT {EVENT_COLS}, seq FROM events WHERE app=? AND "
             + ("type LIKE ? ESCAPE '\\'" if wildcard else "type=?")
             + (f" AND id NOT IN ({','.join('?' * len(skip))})" if skip else "")
+            + by_value
         )
         wanted = like_pattern(event_type) if wildcard else event_type
         sql = of_type + stored
-        params: tuple[Any, ...] = (app, wanted, *skip, *bound)
+        params: tuple[Any, ...] = (app, wanted, *skip, *values, *bound)
         if position is not None:
             # Those stored after ``position`` by the clocks too early for ``since``
             # (a range of seq, the rowid), whatever the clocks.
             sql += f" UNION ALL {of_type} AND seq>? AND stored_at<?"
-            params += (app, wanted, *skip, position, since)
+            params += (app, wanted, *skip, *values, position, since)
         rows = await self._t.read(
             lambda c: c.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         )

@@ -6,7 +6,7 @@ them; :class:`OutboxStore` is the outbox an external broker relays from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -141,6 +141,7 @@ class EventStore(Protocol):
     async def find_events(
         self, app: str, event_type: str, *, since: float, exclude: Sequence[str], limit: int,
         after: str | None = None, position: int | None = None,
+        match: Mapping[str, Any] | None = None,
     ) -> list[Event[Any]]:
         """Events of ``event_type`` stored at or after ``since``, oldest first.
 
@@ -153,6 +154,10 @@ class EventStore(Protocol):
         stored adds nothing.
         ``position``: a :meth:`log_position` read earlier; the events stored after it
         count too, whatever their ``stored_at`` (not given with ``after``).
+        ``match``: a wait's match (``ctx.wait_for_event``); a store may leave out the
+        events that cannot match it (:func:`cantata.model.event.match_filter`), in its
+        query, so a wait behind many events of its type reads only its candidates. The
+        caller checks every event returned.
         """
 
     async def log_position(self, app: str) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cantata.engine.context import match_data
 from cantata.errors import ConfigurationError, DeadLetterNotFound
 from cantata.model.records import (
     DELIVERY_DEAD,
@@ -92,6 +93,38 @@ class EventsContract(StoreFixtures):
         assert await ids(limit=2) == [a.id, b.id]
         assert await ids(since=time.time() + 60) == []
         assert await store.find_events(self.app + "-b", "t.a", since=0, exclude=[], limit=9) == []
+
+    async def test_find_events_by_match_leaves_out_no_event_that_matches(
+        self, store: Store
+    ) -> None:
+        """``match`` may leave out events that cannot match (SQLite does, in its query),
+        never one that does, as ``ctx.wait_for_event`` compares the values."""
+        datas: list[Any] = [
+            {"order": 7}, {"order": 7.0}, {"order": True}, {"order": "7"}, {"order": 8},
+            {"order": None}, {"order": 0.1}, {"order": [7]}, {"order": {"id": 7}},
+            {"order": {"id": 7, "x": "é \" ' ."}, "n": 2**62}, {"o.d": 7}, {'k"q': "v"},
+            {"order": "x'); DROP TABLE events; --"}, {}, [7], "text", None, b"\x00\xff",
+            {"order": 2**62, "big": 2**63 - 1},
+        ]
+        events = [ev("t.m", data) for data in datas]
+        await store.append_events(self.app, events)
+        matches: list[dict[str, Any]] = [
+            {}, {"order": 7}, {"order": 7.0}, {"order": True}, {"order": "7"},
+            {"order": None}, {"order": 0.1}, {"order": [7]}, {"order": {"id": 7}},
+            {"order.id": 7}, {"order.id": 7, "n": 2**70}, {"order.x": "é \" ' ."},
+            {"o.d": 7}, {'k"q': "v"}, {"order": "x'); DROP TABLE events; --"},
+            {"order": 2**62}, {"big": 2**63 - 1}, {"big": 2**63}, {"order": 7, "missing": 1},
+            {"order": 9},
+        ]
+        for match in matches:
+            found = await store.find_events(self.app, "t.m", since=0, exclude=[],
+                                            limit=100, match=match)
+            assert [e.id for e in found] == sorted(
+                {e.id for e in found}, key=[x.id for x in events].index
+            )  # oldest first, each once
+            assert {e.id for e in found} >= {
+                e.id for e in events if match_data(e.data, match)
+            }, match
 
     async def test_find_events_after_an_event_follows_the_log_not_the_clocks(
         self, store: Store, monkeypatch: pytest.MonkeyPatch
