@@ -32,7 +32,7 @@ from cantata.flow.queues import check_call, default_entry
 from cantata.model import codec
 from cantata.model.attributes import index_attributes
 from cantata.model.checks import check_seconds
-from cantata.model.event import Event, check_publish, check_type
+from cantata.model.event import Event, check_publish, check_type, match_data
 from cantata.model.idempotency import trigger_event
 from cantata.model.records import UNADDRESSED, EntryKind, EntryStatus, RunWrite
 from cantata.model.status import RunStatus
@@ -47,23 +47,6 @@ from .signals import _StoreFailed
 if TYPE_CHECKING:
     from .engine import Engine
     from .runtime import WorkflowRuntime
-
-
-def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
-    """True if every ``key: value`` of ``match`` equals the event data's (dotted keys nest)."""
-    if not match:
-        return True
-    if not isinstance(data, Mapping):
-        return False
-    for key, expected in match.items():
-        value: Any = data
-        for part in key.split("."):
-            if not isinstance(value, Mapping) or part not in value:
-                return False
-            value = value[part]
-        if value != expected:
-            return False
-    return True
 
 
 P = ParamSpec("P")

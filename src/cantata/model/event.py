@@ -392,6 +392,23 @@ class Event(Generic[T]):
             return 0.0
 
 
+def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
+    """True if every ``key: value`` of ``match`` equals the event data's (dotted keys nest)."""
+    if not match:
+        return True
+    if not isinstance(data, Mapping):
+        return False
+    for key, expected in match.items():
+        value: Any = data
+        for part in key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                return False
+            value = value[part]
+        if value != expected:
+            return False
+    return True
+
+
 _INT64 = 2**63
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from cantata.engine.context import match_data
 from cantata.errors import ConfigurationError, DeadLetterNotFound
+from cantata.model.event import match_data
 from cantata.model.records import (
     DELIVERY_DEAD,
     DELIVERY_DONE,
