@@ -144,7 +144,7 @@ def cut_why(app: App, exc: BaseException) -> dict[str, str]:
             own = engine.ownership
             said += [f"in_doubt={own.in_doubt()}", f"stood_still={own.stood_still():.3f}",
                      f"pause_bar={own.pause_bar():.3f}", f"store_away={own.store_away}",
-                     f"noticed={own.noticed}", f"pauses={own.pauses}",
+                     f"noticed={own.noticed}", f"pauses={own.pauses}", f"fences={engine.fences}",
                      f"since_beat={time.monotonic() - own.beat_at:.3f}"]
     except Exception as failed:  # (a reading must not change how the body ends)
         said.append(f"unreadable: {failed!r}")
@@ -153,16 +153,19 @@ def cut_why(app: App, exc: BaseException) -> dict[str, str]:
 
 def step_guard(app: App) -> Fence:
     """As a step body's guard judges at its stop (made as the body began): true while
-    its worker's hold is in doubt, or once a pause of the whole process since the body
-    began was judged as possibly lapsed (``Ownership.pauses``). The body is stopped by
-    that verdict, given once the heartbeat after the pause got through: the hold is no
-    longer in doubt when the body's stop is recorded (docs/leases.md)."""
+    its worker's hold is in doubt, or once its worker stopped its step bodies itself
+    since the body began (``Engine.fences``): a pause of the whole process judged as
+    possibly lapsed, its event loop held past the fence (a body's own code, or CPU
+    starvation), its store away past the fence. The body is stopped by that verdict,
+    which may come once the hold is no longer in doubt (the heartbeat after the pause
+    got through, the loop runs again) when the body's stop is recorded
+    (docs/leases.md)."""
     engine = app._engine
     if engine is None:
         return lambda: False
     ownership = engine.ownership
-    began = ownership.pauses
-    return lambda: ownership.in_doubt() or ownership.pauses != began
+    began = engine.fences
+    return lambda: ownership.in_doubt() or engine.fences != began
 
 
 def handler_guard(app: App) -> Fence:

@@ -144,6 +144,9 @@ class Engine:
         # run id -> (step key, attempt) this worker started but cut short itself (a
         # re-take, an outage, a self-fence): not attempts, this worker is alive.
         self._cut_short: dict[str, set[tuple[str, int]]] = {}
+        # Times this worker stopped its step bodies itself (fence_self): a body cut so
+        # was stopped by its own worker, for a hold in doubt, not by a stop or a cancel
+        self.fences = 0
         self._completions: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
         self.result_deadlines = WaitDeadlines()  # the timeouts of those waits (handle.py)
         # run id -> (when, final record) of runs that ended here lately, oldest first:
@@ -545,6 +548,7 @@ class Engine:
         start again (not counted) once a fenced checkpoint proves the run is still
         owned here (see :mod:`cantata.engine.ownership`).
         """
+        self.fences += 1
         for execution in list(self.executions.values()):
             for body in list(execution.bodies):
                 body.cancel()
