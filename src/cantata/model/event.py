@@ -7,7 +7,7 @@ import binascii
 import datetime as dt
 import re
 import time as _time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -410,22 +410,32 @@ def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
 
 
 _INT64 = 2**63
+_ESCAPED = re.compile(r'["\\\x00-\x1f]')
 
 
-def match_filter(match: Mapping[str, Any] | None) -> list[tuple[str, str | int]]:
-    """The ``(JSON path, value)`` pairs of a wait's ``match`` that a store may compare in
-    its query (``$."a"."b"`` for the dotted key ``a.b``): a string, or an integer (not a
-    bool) of at most 64 bits, under a key none of whose parts holds a ``"``. An event
-    whose data holds another value there cannot match (``ctx.wait_for_event`` compares
-    the values as Python does); the other pairs (floats, bools, ``None``, lists,
-    mappings) are left to the caller, which checks every event the store returns."""
-    out: list[tuple[str, str | int]] = []
+def match_filter(match: Mapping[str, Any] | None) -> list[tuple[tuple[str, ...], str | int]]:
+    """The ``(key parts, value)`` pairs of a wait's ``match`` that a store may compare in
+    its query (``("a", "b")`` for the dotted key ``a.b``): a string without a NUL
+    (neither store's JSON functions give one back), or an integer (not a bool) of at
+    most 64 bits, under a key none of whose parts holds a character that
+    JSON text escapes (``"``, ``\\``, a control character: SQLite finds a key by its
+    text as written, escapes and all). An event whose data holds another value there
+    cannot match (``ctx.wait_for_event`` compares the values as Python does); the other
+    pairs (floats, bools, ``None``, lists, mappings) are left to the caller, which
+    checks every event the store returns. A store may compare fewer (PostgreSQL:
+    :func:`cantata.store.postgres_events.may_match`)."""
+    out: list[tuple[tuple[str, ...], str | int]] = []
     for key, value in (match or {}).items():
-        parts = key.split(".")
-        if any('"' in part for part in parts):
+        parts = tuple(key.split("."))
+        if any(_ESCAPED.search(part) for part in parts):
             continue
-        if isinstance(value, str) or (
+        if (isinstance(value, str) and "\x00" not in value) or (
             type(value) is int and -_INT64 <= value < _INT64
         ):
-            out.append(("$" + "".join(f'."{part}"' for part in parts), value))
+            out.append((parts, value))
     return out
+
+
+def json_path(parts: Sequence[str]) -> str:
+    """SQLite's JSON path of a key's parts: ``$."a"."b"`` (no part holds a ``"``)."""
+    return "$" + "".join(f'."{part}"' for part in parts)

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cantata.errors import ConfigurationError, DeadLetterNotFound
-from cantata.model.event import Event, like_pattern, matches
+from cantata.model import codec
+from cantata.model.event import Event, like_pattern, match_filter, matches
 from cantata.model.records import (
     DeadLetter,
     Delivery,
@@ -68,25 +69,29 @@ class PostgresEvents(PostgresCore):
         after: str | None = None, position: int | None = None,
         match: Mapping[str, Any] | None = None,
     ) -> list[Event[Any]]:
-        # (``match`` not compared here yet: a cast of each row's text to jsonb fails
-        # the whole query on one that is not JSON; the caller checks every event)
+        if position is not None and after is not None:
+            raise ConfigurationError("find_events takes after= or position=, not both")
         wildcard = "*" in event_type
+        args: list[Any] = [
+            app, like_pattern(event_type) if wildcard else event_type, since, list(exclude),
+            limit,
+        ]
         of_type = (
             f"SELECT {EVENT_COLS}, seq FROM events WHERE app=$1 AND "
             + ("type LIKE $2 ESCAPE '\\'" if wildcard else "type=$2")
             + " AND NOT (id = ANY($4::text[]))"
         )
+        paths, wants = may_match(match)
+        if paths:
+            # A wait's match compared in the server (migration 0044); the caller checks
+            # every event returned, as Python compares.
+            of_type += " AND cantata_may_match(data, $6::text[], $7::jsonb)"
+            args += [paths, wants]
         sql = of_type + " AND stored_at>=$3"
-        args: list[Any] = [
-            app, like_pattern(event_type) if wildcard else event_type, since, list(exclude),
-            limit,
-        ]
-        if position is not None and after is not None:
-            raise ConfigurationError("find_events takes after= or position=, not both")
         if position is not None:
             # Those stored after ``position`` by the clocks too early for ``since``: a
             # range of the seq index (what was stored since), whatever the clocks.
-            sql = f"{sql} UNION ALL {of_type} AND seq>$6 AND stored_at<$3"
+            sql = f"{sql} UNION ALL {of_type} AND seq>${len(args) + 1} AND stored_at<$3"
             args.append(position)
         place = None if after is None else await self._event_place(app, after)
         if place is not None:
@@ -94,8 +99,10 @@ class PostgresEvents(PostgresCore):
             # whatever their clocks), looked for from AFTER_SKEW before it by the
             # clocks: the scan stays a range of the (app, type, stored_at) index.
             seq, stored_at = place
-            sql = of_type + " AND stored_at>=$3 AND (stored_at>=$6 OR seq>$7)"
-            args[2:] = [min(since, stored_at - AFTER_SKEW), list(exclude), limit, since, seq]
+            n = len(args)
+            sql = of_type + f" AND stored_at>=$3 AND (stored_at>=${n + 1} OR seq>${n + 2})"
+            args[2] = min(since, stored_at - AFTER_SKEW)
+            args += [since, seq]
         rows = await self._db.fetch(sql + " ORDER BY seq LIMIT $5", *args)
         found = [event_row(r) for r in rows]
         return [e for e in found if matches(event_type, e.type)] if wildcard else found
@@ -245,3 +252,25 @@ class PostgresEvents(PostgresCore):
         return await self._w.run(
             lambda c, b: event_writes.redrive_events(c, b, app, stored_before, limit)
         )
+
+
+def may_match(match: Mapping[str, Any] | None) -> tuple[list[str], str]:
+    """What ``cantata_may_match`` (migration 0044) compares of a wait's ``match``: each
+    key's parts joined by U+001F (which no part holds: ``match_filter`` leaves control
+    characters out), and the JSON array of the values. Of
+    :func:`~cantata.model.event.match_filter`'s pairs, the strings, and the integers
+    below 2**53 in size: an integer-valued float equal to one of those is that very
+    integer, so a JSON number written as an integer and compared exactly in the server
+    leaves out no event Python would match."""
+    paths: list[str] = []
+    values: list[str | int] = []
+    for parts, value in match_filter(match):
+        if isinstance(value, int) and not -_FLOAT_EXACT < value < _FLOAT_EXACT:
+            continue
+        paths.append(SEPARATOR.join(parts))
+        values.append(value)
+    return paths, codec.dumps(values)
+
+
+SEPARATOR = "\x1f"
+_FLOAT_EXACT = 2**53

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from cantata.errors import ConfigurationError, DeadLetterNotFound
 from cantata.model import codec
-from cantata.model.event import Event, like_pattern, match_filter, matches
+from cantata.model.event import Event, json_path, like_pattern, match_filter, matches
 from cantata.model.records import (
     DELIVERY_DEAD,
     DELIVERY_DONE,
@@ -111,7 +111,7 @@ class SQLiteEvents(SQLiteCore):
         by_value = "".join(
             " AND CASE WHEN json_valid(data) THEN json_extract(data, ?) END = ?" for _ in keyed
         )
-        values = tuple(v for pair in keyed for v in pair)
+        values = tuple(v for parts, want in keyed for v in (json_path(parts), want))
         wildcard = "*" in event_type
         bound: tuple[Any, ...] = (since,)
         if after is None:
