@@ -38,6 +38,7 @@ from cantata.model.records import UNADDRESSED, EntryKind, EntryStatus, RunWrite
 from cantata.model.status import RunStatus
 
 from . import versioning
+from .event_waits import Wants
 from .heartbeat import workflow_run
 from .journal import Save
 from .parking import parking_for
@@ -393,9 +394,9 @@ class WorkflowContext:
                     return False
                 limit *= 4
 
-        # No polling per wait: the engine looks for new events of each waited type
-        # once per interval and wakes the waits of that type (10,000 waits stay cheap).
-        await j.await_final(entry, look, watch=Watch("event", type), poll=False,
+        # No polling per wait: news of events wakes only the waits one of them may
+        # match (engine/event_waits.py), each of which then looks for itself.
+        await j.await_final(entry, look, watch=Watch("event", type, Wants(match)), poll=False,
                             park=parking_for(entry.wake_at, type, match))
         if not found:
             error = f"no {type} event matching {dict(match or {})} within {timeout} s"

@@ -29,6 +29,7 @@ from .branches import RunTask
 from .clock import Clock
 from .creation import create_once
 from .deadlines import WaitDeadlines
+from .event_waits import EventWaits, Wants
 from .hooks import Hooks
 from .metrics import Metrics
 from .ownership import Ownership, wait_event
@@ -152,10 +153,8 @@ class Engine:
         # run id -> (when, final record) of runs that ended here lately, oldest first:
         # a result() asked for after the end needs no read (see completion)
         self._ended: OrderedDict[str, tuple[float, RunRecord]] = OrderedDict()
-        self._type_checked: dict[str, float] = {}
-        self._type_seen: dict[str, set[str]] = {}
         self._runs_pulse = asyncio.Event()
-        self._waiters: dict[str, set[RunExecution]] = {}
+        self.event_waits = EventWaits()  # runs here waiting for events, by type
         self._run_waiters: dict[str, set[RunExecution]] = {}
         self._declared_waits: set[tuple[str, str]] = set()
         # Told the types runs reach waits of (the App has a broker keep the events from
@@ -686,6 +685,7 @@ class Engine:
         self._watch_wakeup.set()
         try:
             await self.hot.begin()  # (where the first look goes on from)
+            await self.event_waits.begin(self)  # (and the first poll of waits here)
         except Exception as exc:
             self.quiet.warning("events", "looking for awaited events failed (%s); "
                                "retrying", reason(exc))
@@ -695,9 +695,10 @@ class Engine:
             if not now.is_set():
                 # (no more often than before: a busy store notifies at every commit)
                 await wait_event(now, max(0.0, last + self.poll_interval - time.monotonic()))
-            # The look for parked waits goes at once for an event they may wait for
-            # (look_for_parked), the rest only at the poll_interval cadence. One asked
-            # for during this look is made right after it (the flag is cleared first).
+            # The looks for the waits of parked runs and of runs here go at once for
+            # an event they may wait for (look_for_parked, news of events), the rest
+            # only at the poll_interval cadence. One asked for during this look is made
+            # right after it (the flag is cleared first).
             urgent = now.is_set()
             now.clear()
             due = not urgent or time.monotonic() >= last + self.poll_interval
@@ -706,8 +707,7 @@ class Engine:
             else:  # the rest at its time, as if this look had not been asked for
                 self._watch_wakeup.set()
             try:
-                if due:
-                    await self._poll_waited_types()
+                await self.event_waits.poll(self)  # the waits of runs here
                 if await wake_for_events(self):  # the waits of parked runs
                     self.ownership.claim_now()  # the woken runs: claimed at once
             except Exception as exc:
@@ -725,21 +725,6 @@ class Engine:
                 except Exception as exc:
                     self.quiet.warning("cancellations", "checking cancellations failed "
                                        "(%s); retrying", reason(exc))
-
-    async def _poll_waited_types(self) -> None:
-        """One query per awaited event type: wake that type's waits if something arrived."""
-        now = time.time()
-        for event_type, group in list(self._waiters.items()):
-            since = self._type_checked.get(event_type, now) - 1.0  # margin: late commits
-            events = await self.store.find_events(
-                self.app, event_type, since=since,
-                exclude=sorted(self._type_seen.get(event_type, ())), limit=100,
-            )
-            self._type_checked[event_type] = now
-            if events:
-                self._type_seen[event_type] = {e.id for e in events}
-                for execution in list(group):
-                    execution.wakeup.set()
 
     async def _check_cancellations_heard(self) -> None:
         """:meth:`check_cancellations` for a ``cancel`` heard. The store also calls every
@@ -782,12 +767,11 @@ class Engine:
         elif channel == EVENTS:
             self._watch_wakeup.set()
             # Another process's event (a store that hears them, PostgreSQL, says not
-            # which type): looked for at once while parked runs wait for events.
-            if self._hears_others and self.hot.waited:
+            # which type): looked for at once while parked runs wait for events. And
+            # while runs here wait for events: the watch loop reads the new ones and
+            # wakes the waits they may satisfy (not each wait to read them itself).
+            if (self._hears_others and self.hot.waited) or self.event_waits:
                 self._watch_now.set()
-            for group in self._waiters.values():
-                for execution in group:
-                    execution.wakeup.set()
 
     async def wait_launched(self, run_id: str, timeout: float) -> None:
         """Return when this process begins executing ``run_id`` (a run waiting in a
@@ -811,15 +795,11 @@ class Engine:
 
     # -- waiters --------------------------------------------------------------------------
 
-    def add_waiter(self, event_type: str, execution: RunExecution) -> None:
-        self._waiters.setdefault(event_type, set()).add(execution)
+    def add_waiter(self, event_type: str, execution: RunExecution, wants: Wants) -> None:
+        self.event_waits.add(event_type, execution, wants)
 
-    def remove_waiter(self, event_type: str, execution: RunExecution) -> None:
-        group = self._waiters.get(event_type)
-        if group is not None:
-            group.discard(execution)
-            if not group:
-                del self._waiters[event_type]
+    def remove_waiter(self, event_type: str, execution: RunExecution, wants: Wants) -> None:
+        self.event_waits.remove(event_type, execution, wants)
 
     def add_run_waiter(self, run_id: str, execution: RunExecution) -> None:
         self._run_waiters.setdefault(run_id, set()).add(execution)
@@ -834,12 +814,10 @@ class Engine:
     def events_appended(self, events: Sequence[Event[Any]]) -> None:
         """Wake the waits of this process that may match ``events``, and look at once
         for the parked waits they may match."""
+        self.event_waits.wake_for(events)
         hot = self.hot
-        for ev in events:
-            for execution in self._waiters.get(ev.type, ()):
-                execution.wakeup.set()
-            if hot.waited and hot.wanted(ev.type):
-                self.look_for_parked()
+        if hot.waited and any(hot.wanted(ev.type) for ev in events):
+            self.look_for_parked()
 
     def look_for_parked(self) -> None:
         """Have the watch loop look for the events parked runs wait for now, or right

@@ -294,14 +294,14 @@ class RunExecution:
             return
         engine, on_event = self.engine, watch.on == "event"
         if on_event:
-            engine.add_waiter(watch.name, self)
+            engine.add_waiter(watch.name, self, watch.wants)
         else:
             engine.add_run_waiter(watch.name, self)
         try:
             yield
         finally:
             if on_event:
-                engine.remove_waiter(watch.name, self)
+                engine.remove_waiter(watch.name, self, watch.wants)
             else:
                 engine.remove_run_waiter(watch.name, self)
 

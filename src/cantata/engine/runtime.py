@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 from cantata.model.parking import Parking
 from cantata.model.records import EntryKind, HistoryEntry, RunRecord, RunWrite
 
+from .event_waits import Wants
+
 if TYPE_CHECKING:
     from cantata.declare.defs import StepDef, WorkflowDef
 
@@ -29,10 +31,12 @@ Interrupt = Literal["raise", "return", "ignore"]
 
 
 class Watch(NamedTuple):
-    """What wakes a waiting run on news: events of a type, or a run or task that ends."""
+    """What wakes a waiting run on news: events of a type (those it ``wants``), or a
+    run or task that ends."""
 
     on: Literal["event", "run"]
     name: str  # the event type, or the run id / task id
+    wants: Wants = Wants()  # (events) which of them may end the wait
 
 
 class JournalRuntime(Protocol):

@@ -40,6 +40,7 @@ from cantata.model.event import Event
 from cantata.model.records import EntryKind, EntryStatus
 from cantata.model.status import RunStatus
 
+from ..event_waits import Wants
 from ..invoke import invoke_step
 from ..runtime import Watch
 from ..signals import CompensatedElsewhere, _DeadlinePassed
@@ -153,7 +154,8 @@ async def wait_finished(saga: Saga, ctx: WorkflowContext) -> dict[str, Any]:
             found.append(ev)
         return ev is not None
 
-    await j.await_final(entry, look, watch=Watch("event", finished), poll=False)
+    await j.await_final(entry, look, watch=Watch("event", finished, Wants(event_id=wanted)),
+                        poll=False)
     j.consumed_events.add(wanted)
     await j.settle(entry, EntryStatus.COMPLETED, result=found[0].to_json().decode())
     return dict(found[0].data)
