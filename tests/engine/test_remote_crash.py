@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -60,11 +59,16 @@ async def test_killed_payments_worker_and_stopped_shipping_service(
             procs[0].wait()
             procs.append(worker("payments", store, tmp_path))  # a fresh payments worker
             await eventually(lambda: (tmp_path / "charge-2").exists(), timeout=20)
-            # shipping is down: the run waits on its task, reported as a stall
-            await asyncio.sleep(1.0)
+            # shipping is down: the run waits on its task, reported as a stall once
+            # the task is half a second old (the charge's end and the shipping task's
+            # creation come first: a loaded machine took more than the second this
+            # test once slept)
+            async def stalled() -> list[tuple[str, str | None]]:
+                stalls = await app.stalled(older_than=0.5)
+                return [(s.reason, s.node.group) for s in stalls]
+
+            assert await eventually(stalled, timeout=20) == [("pending_step", "shipping")]
             assert await handle.status() == "running"
-            stalls = await app.stalled(older_than=0.5)
-            assert [(s.reason, s.node.group) for s in stalls] == [("pending_step", "shipping")]
             procs.append(worker("shipping", store, tmp_path))
             result = await handle.result(timeout=30)
             attempts = await app.store.load_attempts(app.name, handle.run_id)
