@@ -23,6 +23,7 @@ from cantata import (
     WorkflowContext,
     WorkflowFailed,
 )
+from cantata.store.factory import store_from_url
 from tests.helpers import with_schema
 
 from .helpers import eventually, make_app
@@ -346,6 +347,67 @@ async def test_an_event_stored_while_no_worker_looked_wakes_its_parked_wait(
         async with build(shared_store, poll_interval=0.3) as app:
             assert [await app.get_handle(h.run_id).result(timeout=10)
                     for h in handles] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("deleted", [False, True], ids=["paged", "page-end-deleted"])
+async def test_a_backlog_stored_while_no_worker_looked_is_read_a_page_at_a_time(
+    shared_store: str, monkeypatch: pytest.MonkeyPatch, deleted: bool
+) -> None:
+    """A worker's first look after a long stop reads the events stored meanwhile a page
+    at a time (``parking.LOOK_PAGE``, made 10 here), each page after the last event of
+    the one before in the log's order, and wakes every parked wait one of them matches,
+    in whichever page: not in reads that grow and start again from the beginning
+    until one holds them all (a backlog of 100,000 events was read whole, and its ids
+    then sent back with every look for a second and a half).
+
+    ``page-end-deleted``: the last event of a page is deleted before the next page is
+    read (retention), so that nothing can be found after it: the look reads them all
+    again, at once, and still wakes every wait."""
+    from cantata.engine import parking
+
+    monkeypatch.setattr(parking, "LOOK_PAGE", 10)
+    async with build(shared_store, poll_interval=0.3) as app:
+        handles = [await app.start("held", i) for i in range(4)]
+        for h in handles:
+            await eventually(lambda h=h: parked(app, h.run_id), timeout=10)
+    async with build(shared_store).client() as client:
+        for i in range(4):  # each run's event amid 9 others, in pages 1 to 4
+            for n in range(10):
+                await client.publish("batch.held", {"i": i if n == 4 else 100 + 10 * i + n})
+        await asyncio.sleep(1.5)  # (older than the second a look reads again by the clock)
+    app = build(shared_store, poll_interval=0.3)
+    kind: Any = type(store_from_url(shared_store))
+    find_events = kind.find_events
+    reads: list[dict[str, Any]] = []
+
+    async def recorded(store: Any, *args: Any, **kw: Any) -> Any:
+        if args[1] == "batch.held":
+            reads.append(dict(kw))
+            if deleted and kw.get("after") and not any(r.get("deleted") for r in reads):
+                reads[-1]["deleted"] = True
+                await _delete_event(store, app.name, kw["after"])
+        return await find_events(store, *args, **kw)
+
+    monkeypatch.setattr(kind, "find_events", recorded)
+    async with app:
+        assert [await app.get_handle(h.run_id).result(timeout=20)
+                for h in handles] == [0, 1, 2, 3]
+    looks = [r for r in reads if r.get("position") is not None or r.get("after")]
+    if not deleted:
+        assert all(r["limit"] == 10 for r in looks), looks
+        assert sum(1 for r in looks if r.get("after")) >= 4, looks
+    else:
+        assert any(r["limit"] > 10 for r in looks), looks  # the read of them all
+
+
+async def _delete_event(store: Any, app: str, event_id: str) -> None:
+    """Delete one event as retention would (its row alone; none of these is delivered
+    to a group)."""
+    if hasattr(store, "_t"):  # SQLite
+        await store._t.write(lambda c: c.execute(
+            "DELETE FROM events WHERE app=? AND id=?", (app, event_id)))
+    else:
+        await store._db.execute("DELETE FROM events WHERE app=$1 AND id=$2", app, event_id)
 
 
 async def test_the_looks_mark_where_they_got_to_once_a_second(sqlite_url: str) -> None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from cantata.errors import LeaseLost, StoreError
 from cantata.model import parking as rules
-from cantata.model.event import matches
+from cantata.model.event import Event, matches
 from cantata.model.parking import FOREVER, Parking
 from cantata.model.records import RunWrite
 from cantata.quietlog import reason
@@ -247,6 +247,23 @@ async def evict(
     raise Evicted()
 
 
+#: The events of a type one read of a look for parked waits' events takes at most.
+LOOK_PAGE = 1000
+
+
+async def _wake_for(engine: Engine, kinds: list[str], events: list[Event[Any]]) -> int:
+    """Wake the parked waits of ``kinds`` (one event type's) that ``events`` match."""
+    datas = [e.data for e in events if engine.signer.accepts(e)]
+    woken = 0
+    if datas:
+        for waits_for in kinds:
+            _, keys = rules.split_waits_for(waits_for)
+            found = rules.candidates(keys, datas)
+            if found:
+                woken += await engine.store.wake_waiting(engine.app, waits_for, found)
+    return woken
+
+
 async def wake_for_events(engine: Engine) -> int:
     """Wake the parked waits that the events stored since the last look match; returns
     how many runs it woke.
@@ -288,31 +305,47 @@ async def wake_for_events(engine: Engine) -> int:
     seen_now: dict[str, dict[str, float]] = {}
     for event_type, kinds in by_type.items():
         seen = hot.seen.get(event_type, {})
-        limit = 1000
-        while True:  # all of them: one not read now would be behind the next look
-            events = await store.find_events(
-                app, event_type, since=since, exclude=sorted(seen), limit=limit,
-                position=position,
-            )
-            if len(events) < limit:
-                break
-            limit *= 4
         # What the next look could read again (stored from ``now`` less a second on):
         # what this one read, and what earlier ones first saw from 1.5 s ago on (half a
         # second more for the commits that ended as a look read, and writers whose
         # clocks are ahead; one left out earlier is read again, as every look once read
-        # again what the one before it saw).
+        # again what the one before it saw). Reading one again only wakes its runs
+        # again, which are awake already.
         kept = {i: at for i, at in seen.items() if at >= now - 1.5}
-        kept.update((e.id, now) for e in events)
+        events = await store.find_events(
+            app, event_type, since=since, exclude=sorted(seen), limit=LOOK_PAGE,
+            position=position,
+        )
+        while True:  # all of them, a page at a time: one not read now would be behind
+            # the next look (a first look after a long stop reads a backlog)
+            woken += await _wake_for(engine, kinds, events)
+            if len(kept) < LOOK_PAGE:
+                kept.update((e.id, now) for e in events)
+            if len(events) < LOOK_PAGE:
+                break
+            # The next page: after the last event read, in the log's order (a range of
+            # the log, whatever the clocks: find_events' ``after``).
+            last = events[-1].id
+            events = await store.find_events(
+                app, event_type, since=float("inf"), exclude=[], limit=LOOK_PAGE,
+                after=last,
+            )
+            if not events and await store.get_event(app, last) is None:
+                # That event was deleted meanwhile (retention), and what follows it
+                # cannot be found by it: read all of them again, at once (what was
+                # read already wakes nothing more).
+                limit = LOOK_PAGE * 4
+                while True:
+                    events = await store.find_events(
+                        app, event_type, since=since, exclude=[], limit=limit,
+                        position=position,
+                    )
+                    if len(events) < limit:
+                        break
+                    limit *= 4
+                woken += await _wake_for(engine, kinds, events)
+                break
         seen_now[event_type] = kept
-        datas = [e.data for e in events if engine.signer.accepts(e)]
-        if not datas:
-            continue
-        for waits_for in kinds:
-            _, keys = rules.split_waits_for(waits_for)
-            found = rules.candidates(keys, datas)
-            if found:
-                woken += await store.wake_waiting(app, waits_for, found)
     # Done: the next look goes on from here.
     hot.seen = seen_now
     hot.checked_at, hot.position = now, reached
