@@ -44,17 +44,17 @@ async def test_a_match_reads_only_the_events_that_may_match(store: Store) -> Non
                                       match=match)
         return [e.data for e in got]
 
-    # (PostgreSQL leaves a float there to Python: a float is equal to an int as Python
-    # compares them, not as the server's numeric does, 1.00000000000000000001 to 1)
-    float5 = [{"order": 5.0}] if isinstance(store, PostgresStore) else []
-    assert await found({"order": 1234}) == [{"order": 1234, "who": "c2", "at": {"desk": 1}},
-                                            *float5]
+    assert await found({"order": 1234}) == [{"order": 1234, "who": "c2", "at": {"desk": 1}}]
     assert await found({"order": 1234, "who": "c3"}) == []
     assert len(await found({"who": "c3"}, limit=1000)) == 286
     assert len(await found({"who": "c3", "at.desk": 2}, limit=1000)) == 95
     # an int equal to a float (and 1 to True) is Python's match too
     assert await found({"order": 5}) == [{"order": 5, "who": "c5", "at": {"desk": 2}},
                                          {"order": 5.0}]
+    # (PostgreSQL leaves a float there to Python, where the digits of the int wanted do
+    # not rule it out first: a float is equal to an int as Python compares them, not as
+    # the server's numeric does, 1.00000000000000000001 to 1)
+    float5 = [{"order": 5.0}] if isinstance(store, PostgresStore) else []
     assert await found({"order": 1}) == [{"order": 1, "who": "c1", "at": {"desk": 1}},
                                          *float5, {"order": True}]
     # not compared in the query: every event of the type comes back, oldest first

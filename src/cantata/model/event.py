@@ -439,3 +439,31 @@ def match_filter(match: Mapping[str, Any] | None) -> list[tuple[tuple[str, ...],
 def json_path(parts: Sequence[str]) -> str:
     """SQLite's JSON path of a key's parts: ``$."a"."b"`` (no part holds a ``"``)."""
     return "$" + "".join(f'."{part}"' for part in parts)
+
+
+#: Integers below this in size are written as their digits whatever their type: a
+#: float equal to one is written by the codec (orjson) as those digits and ``.0``, not
+#: with an exponent (which it uses from 1e16 on).
+_DIGITS_EXACT = 2**53
+
+
+def match_needles(match: Mapping[str, Any] | None) -> list[str]:
+    """Text that an event's stored data must hold for it to match ``match``, a cheap
+    test a store may make before it parses the data (``"key":"value"``, ``"key":42``).
+
+    The data of every event is written by the codec (``codec.dumps_event_data``:
+    orjson, compact, escaping only ``"``, ``\\`` and control characters), so a string
+    value under its innermost key appears as the codec writes it, and an integer as
+    its digits (a float equal to it too, followed by ``.0``), from :func:`match_filter`'s
+    pairs: not ``0`` and ``1``, which ``false`` and ``true`` equal, nor integers of
+    2**53 and more in size."""
+    needles: list[str] = []
+    for parts, value in match_filter(match):
+        if isinstance(value, str):
+            written = orjson.dumps(value).decode()
+        elif value not in (0, 1) and -_DIGITS_EXACT < value < _DIGITS_EXACT:
+            written = str(value)
+        else:
+            continue
+        needles.append(f'"{parts[-1]}":{written}')
+    return needles

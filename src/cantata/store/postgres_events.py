@@ -10,7 +10,7 @@ from typing import Any
 
 from cantata.errors import ConfigurationError, DeadLetterNotFound
 from cantata.model import codec
-from cantata.model.event import Event, like_pattern, match_filter, matches
+from cantata.model.event import Event, like_pattern, match_filter, match_needles, matches
 from cantata.model.records import (
     DeadLetter,
     Delivery,
@@ -83,10 +83,13 @@ class PostgresEvents(PostgresCore):
         )
         paths, wants = may_match(match)
         if paths:
-            # A wait's match compared in the server (migration 0044); the caller checks
-            # every event returned, as Python compares.
+            # A wait's match compared in the server (migration 0044), after the text
+            # the data must hold (strpos is far cheaper than parsing the JSON); the
+            # caller checks every event returned, as Python compares.
+            needles = match_needles(match)
+            of_type += "".join(f" AND strpos(data, ${8 + i}) > 0" for i in range(len(needles)))
             of_type += " AND cantata_may_match(data, $6::text[], $7::jsonb)"
-            args += [paths, wants]
+            args += [paths, wants, *needles]
         sql = of_type + " AND stored_at>=$3"
         if position is not None:
             # Those stored after ``position`` by the clocks too early for ``since``: a

@@ -108,6 +108,8 @@ class EventsContract(StoreFixtures):
             {"order": 2**62, "big": 2**63 - 1}, {"order": 1}, {"order": False},
             {"order": 7, "note": "a\x00b"}, {"order": 2**53, "n": 2.0**53},
             {"k\x1fy": "v", "order": 1.5}, {"b\\s": "v", "t\tab": 3},
+            {"order": 1e15, "deep": {"order": "x"}}, {"order": -12.0, "who": "caf\u00e9"},
+            {"big": 1e16},
         ]
         events = [ev("t.m", data) for data in datas]
         await store.append_events(self.app, events)
@@ -119,7 +121,9 @@ class EventsContract(StoreFixtures):
             {"order": 2**62}, {"big": 2**63 - 1}, {"big": 2**63}, {"order": 7, "missing": 1},
             {"order": 9}, {"order": 1}, {"order": 0}, {"order": False}, {"n": 2**53},
             {"order": 2**53}, {"k\x1fy": "v"}, {"order": 1.5}, {"order": 7, "note": "a\x00b"},
-            {"b\\s": "v"}, {"t\tab": 3},
+            {"b\\s": "v"}, {"t\tab": 3}, {"order": 10**15}, {"deep.order": "x"},
+            {"order": -12}, {"who": "caf\u00e9"}, {"order": "x"},
+            {"big": 10**16},
         ]
         for match in matches:
             found = await store.find_events(self.app, "t.m", since=0, exclude=[],
