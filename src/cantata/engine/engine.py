@@ -767,10 +767,11 @@ class Engine:
         elif channel == EVENTS:
             self._watch_wakeup.set()
             # Another process's event (a store that hears them, PostgreSQL, says not
-            # which type): looked for at once while parked runs wait for events. And
-            # while runs here wait for events: the watch loop reads the new ones and
-            # wakes the waits they may satisfy (not each wait to read them itself).
-            if (self._hears_others and self.hot.waited) or self.event_waits:
+            # which type): looked for at once while runs wait for events, parked or
+            # here (the watch loop reads the new ones and wakes the waits they may
+            # satisfy, not each wait to read them itself). This process's own events
+            # woke their waits already (events_appended).
+            if self._hears_others and (self.hot.waited or self.event_waits):
                 self._watch_now.set()
 
     async def wait_launched(self, run_id: str, timeout: float) -> None:

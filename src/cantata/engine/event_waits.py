@@ -13,8 +13,8 @@ that one of the new events may satisfy:
   (``Engine.events_appended``);
 - an event another process committed (or one this process committed by a path that
   does not tell the engine): the watch loop reads the new events of each waited type
-  (:meth:`EventWaits.poll`), at once when the store says events were committed, and
-  every ``poll_interval`` anyway.
+  (:meth:`EventWaits.poll`), at once when a store that hears other processes
+  (PostgreSQL) says events were committed, and every ``poll_interval`` anyway.
 
 A filter only narrows whom news wakes: a woken wait still looks for itself (its
 ``look``, in the log's order, with every check), and a read that may have left
