@@ -60,6 +60,29 @@ def test_news_wakes_exactly_the_waits_an_event_matches(
     for w, match in zip(waiting, matches, strict=True):
         assert w.wakeup.is_set() == any(match_data(e.data, match) for e in events), (
             match, datas)
+    for w, match in zip(waiting, matches, strict=True):
+        waits.remove("t", w, Wants(match))  # type: ignore[arg-type]
+    assert not waits and waits.waiting("t") == 0
+
+
+def test_two_waits_of_one_run_for_the_same_event_are_both_registered() -> None:
+    """A run waits twice for the same match (asyncio.gather): one wait ending leaves
+    the other registered, woken by its event."""
+    waits, run = EventWaits(), _Waiting()
+    for _ in range(2):
+        waits.add("t", run, Wants({"k": [1]}))  # type: ignore[arg-type]
+        waits.add("t", run, Wants({"k": 1}))  # type: ignore[arg-type]
+    waits.remove("t", run, Wants({"k": [1]}))  # type: ignore[arg-type]
+    waits.remove("t", run, Wants({"k": 1}))  # type: ignore[arg-type]
+    assert waits.waiting("t") == 1
+    waits.wake("t", [Event(type="t", data={"k": 1.0})])
+    assert run.wakeup.is_set()
+    run.wakeup.clear()
+    waits.wake("t", [Event(type="t", data={"k": [1]})])
+    assert run.wakeup.is_set()
+    waits.remove("t", run, Wants({"k": [1]}))  # type: ignore[arg-type]
+    waits.remove("t", run, Wants({"k": 1}))  # type: ignore[arg-type]
+    assert not waits
 
 
 def test_a_wait_by_event_id_or_for_any_event_and_news_without_events() -> None:
@@ -109,7 +132,7 @@ async def _wait_in_memory(app: App, n: int) -> list[Any]:
     handles = [await app.start("waits_for", i) for i in range(n)]
     # every run in its wait (its first look made), none parked (park_after 60 s)
     deadline = time.monotonic() + 20
-    while len(app.engine.event_waits._by_type.get("order.paid", {})) < n:
+    while app.engine.event_waits.waiting("order.paid") < n:
         assert time.monotonic() < deadline, "the runs never all waited"
         await asyncio.sleep(0.05)
     return handles

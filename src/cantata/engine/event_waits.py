@@ -48,11 +48,61 @@ class Wants:
 PAGE = 1000
 
 
+class _OfType:
+    """The waits for one event type, indexed by what they want (kept as waits come and
+    go, so that news costs a lookup per event, not a comparison per wait): each index
+    counts an execution's registrations (two waits of a run may want the same)."""
+
+    __slots__ = ("any", "by_id", "compared", "executions", "keyed")
+
+    def __init__(self) -> None:
+        self.executions: dict[RunExecution, int] = {}
+        self.any: dict[RunExecution, int] = {}
+        self.by_id: dict[str, dict[RunExecution, int]] = {}
+        # the match's keys -> their values -> the executions that want them
+        self.keyed: dict[tuple[str, ...], dict[tuple[Any, ...], dict[RunExecution, int]]] = {}
+        self.compared: list[tuple[RunExecution, Mapping[str, Any]]] = []  # not hashable
+
+    def change(self, execution: RunExecution, wants: Wants, by: int) -> None:
+        _count(self.executions, execution, by)
+        if wants.event_id is not None:
+            _count(self.by_id, wants.event_id, by, execution)
+        elif not wants.match:
+            _count(self.any, execution, by)
+        else:
+            values = tuple(wants.match.values())
+            if _hashable(values):
+                keys = tuple(wants.match)
+                by_value = self.keyed.setdefault(keys, {})
+                _count(by_value, values, by, execution)
+                if not by_value:
+                    del self.keyed[keys]
+            elif by > 0:
+                self.compared.append((execution, wants.match))
+            else:
+                self.compared.remove((execution, wants.match))
+
+    def wake(self, events: Sequence[Event[Any]]) -> None:
+        woken: set[RunExecution] = set(self.any)
+        for ev in events:
+            woken.update(self.by_id.get(ev.id, ()))
+        for keys, by_value in self.keyed.items():
+            for ev in events:
+                found = _values(ev.data, keys)
+                if found is not None:
+                    woken.update(by_value.get(found, ()))
+        for execution, match in self.compared:
+            if execution not in woken and any(match_data(ev.data, match) for ev in events):
+                woken.add(execution)
+        for execution in woken:
+            execution.wakeup.set()
+
+
 class EventWaits:
     """The in-memory waits of one engine, by event type, and where its polls got to."""
 
     def __init__(self) -> None:
-        self._by_type: dict[str, dict[RunExecution, list[Wants]]] = {}
+        self._by_type: dict[str, _OfType] = {}
         self._checked: dict[str, float] = {}  # when each type's last poll began
         self._seen: dict[str, set[str]] = {}  # the ids it read (read again: overlap)
         self._position: int | None = None  # the log position read as the last poll began
@@ -60,63 +110,32 @@ class EventWaits:
     def __bool__(self) -> bool:
         return bool(self._by_type)
 
+    def waiting(self, event_type: str) -> int:
+        """How many runs here wait for events of ``event_type``."""
+        of_type = self._by_type.get(event_type)
+        return 0 if of_type is None else len(of_type.executions)
+
     def add(self, event_type: str, execution: RunExecution, wants: Wants) -> None:
-        self._by_type.setdefault(event_type, {}).setdefault(execution, []).append(wants)
+        self._by_type.setdefault(event_type, _OfType()).change(execution, wants, 1)
 
     def remove(self, event_type: str, execution: RunExecution, wants: Wants) -> None:
-        group = self._by_type.get(event_type)
-        if group is None:
-            return
-        filters = group.get(execution)
-        if filters is not None:
-            filters.remove(wants)  # (one registration of it: two waits may share one)
-            if not filters:
-                del group[execution]
-        if not group:
-            del self._by_type[event_type]
+        of_type = self._by_type.get(event_type)
+        if of_type is not None:
+            of_type.change(execution, wants, -1)
+            if not of_type.executions:
+                del self._by_type[event_type]
 
     def wake(self, event_type: str, events: Sequence[Event[Any]] | None) -> None:
         """Wake the waits of ``event_type`` that one of ``events`` may satisfy; with
-        ``None`` (news whose events are not known), every wait of the type.
-
-        The waits are indexed by their match's keys and values first, so that many
-        waits for their own keyed event cost a lookup per event, not a comparison per
-        wait and event (a value that is not hashable is compared one by one)."""
-        group = self._by_type.get(event_type)
-        if not group:
+        ``None`` (news whose events are not known), every wait of the type."""
+        of_type = self._by_type.get(event_type)
+        if of_type is None:
             return
         if events is None:
-            for execution in group:
+            for execution in of_type.executions:
                 execution.wakeup.set()
-            return
-        if not events:
-            return
-        ids = {e.id for e in events}
-        keyed: dict[tuple[str, ...], dict[tuple[Any, ...], list[RunExecution]]] = {}
-        compared: list[tuple[RunExecution, Mapping[str, Any]]] = []
-        for execution, wants in group.items():
-            for want in wants:
-                if want.event_id is not None:
-                    if want.event_id in ids:
-                        execution.wakeup.set()
-                elif not want.match:
-                    execution.wakeup.set()
-                else:
-                    values = tuple(want.match.values())
-                    if _hashable(values):
-                        by_value = keyed.setdefault(tuple(want.match), {})
-                        by_value.setdefault(values, []).append(execution)
-                    else:
-                        compared.append((execution, want.match))
-        for keys, by_value in keyed.items():
-            for ev in events:
-                found = _values(ev.data, keys)
-                if found is not None:
-                    for execution in by_value.get(found, ()):
-                        execution.wakeup.set()
-        for execution, match in compared:
-            if any(match_data(ev.data, match) for ev in events):
-                execution.wakeup.set()
+        elif events:
+            of_type.wake(events)
 
     def wake_for(self, events: Sequence[Event[Any]]) -> None:
         """:meth:`wake` for events of any types (committed in this process)."""
@@ -187,3 +206,20 @@ def _hashable(values: tuple[Any, ...]) -> bool:
     except TypeError:  # (a list or a mapping in it)
         return False
     return True
+
+
+def _count(counts: dict[Any, Any], key: Any, by: int, execution: RunExecution | None = None,
+           ) -> None:
+    """Add ``by`` to ``counts[key]`` (with ``execution``: to ``counts[key][execution]``),
+    dropping what comes to zero."""
+    if execution is not None:
+        inner = counts.setdefault(key, {})
+        _count(inner, execution, by)
+        if not inner:
+            del counts[key]
+        return
+    n = counts.get(key, 0) + by
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
