@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,29 @@ def test_an_app_creates_its_store(tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert (tmp_path / "new.db").stat().st_size > 0
+
+
+def test_drafts_left_by_a_killed_creator_are_swept(tmp_path: Path) -> None:
+    """A process killed while it created the store leaves its draft (``.new.db.PID.
+    X.new`` and its WAL): the next creation in that folder removes those of processes
+    that no longer exist, and leaves a live process's, its creation under way."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)
+    left = [tmp_path / f".new.db.{dead}.0a1b2c3d.new{side}" for side in ("", "-wal", "-shm")]
+    live = tmp_path / f".new.db.{os.getpid()}.0a1b2c3d.new"
+    other = tmp_path / f".other.db.{dead}.0a1b2c3d.new"
+    for path in (*left, live, other):
+        path.write_bytes(b"draft")
+
+    async def go() -> None:
+        async with App("shop", store=f"sqlite:///{tmp_path}/new.db").client():
+            pass
+
+    asyncio.run(go())
+    assert (tmp_path / "new.db").stat().st_size > 0
+    assert not any(path.exists() for path in left)
+    assert live.exists() and other.exists()
 
 
 @pytest.mark.parametrize("store, message", [

@@ -135,6 +135,7 @@ def _create_whole(path: str, url: str, synchronous: str, busy_ms: int) -> None:
     copy fails), nothing is left behind and the caller creates ``path`` in place, as
     before, and reports its errors."""
     folder, name = os.path.split(os.path.abspath(path))
+    _sweep_drafts(folder, name)
     draft = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.new")
     try:
         try:
@@ -147,6 +148,38 @@ def _create_whole(path: str, url: str, synchronous: str, busy_ms: int) -> None:
         for side in (draft, f"{draft}-wal", f"{draft}-shm"):
             with contextlib.suppress(OSError):
                 os.remove(side)
+
+
+def _sweep_drafts(folder: str, name: str) -> None:
+    """Remove the drafts of ``name`` (:func:`_create_whole`) that processes which no
+    longer exist left (killed while they created the store): those of a live process
+    are its own, under way. (Not on Windows, where no signal only asks whether a
+    process lives.)"""
+    if os.name == "nt":
+        return
+    prefix = f".{name}."
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(prefix) or ".new" not in entry[len(prefix):]:
+            continue
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, entry))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (PermissionError: another user's process)
+        return True
+    return True
 
 
 def _remove_empty(path: str) -> None:
