@@ -300,6 +300,30 @@ def test_a_handler_begun_after_its_settlement_is_excused_only_by_its_own_starvat
     assert settled_late([before], settled)[0] == 0
 
 
+def test_a_handler_begun_after_a_settlement_its_starved_settler_built_is_excused() -> None:
+    """The CI failure of test_broker_that_lost_its_data at 07:44: worker 1 handled the
+    event from 22.6 to 23.6, its heartbeat through at 21.9 and next only at 24.36 (a
+    lapse: starved); worker 2 read the copy's delivery pending (its holder's hold
+    lapsed) and began the body at 24.29; worker 1's settlement says 24.23, when it was
+    built, and was committed as late as 24.36. Excused, shown apart; with worker 1's
+    lapse over before worker 2's body began, or no run of the handler in worker 1 (the
+    lapse of a process that did not settle it), counted."""
+    settled = {("ev-1", "shipping"): 24.23}
+    first = Execution("handler", "ev-1", "shipping", 1, 1, began=22.6, ended=23.6)
+    body = Execution("handler", "ev-1", "shipping", 2, 2, began=24.29)
+    for handled, lapses, counted in (
+        ([first, body], {1: [(21.9, 24.36)]}, 0),
+        ([first, body], {1: [(21.9, 24.25)]}, 1),
+        ([first, body], {1: [(24.24, 26.0)]}, 1),
+        ([body], {1: [(21.9, 24.36)]}, 1),
+        ([first, body], {}, 1),
+    ):
+        log = FaultLog(lapses=lapses, lease=2.0)
+        count, details, starved = settled_late(handled, settled, log)
+        assert (count, len(details), len(starved)) == (counted, counted, 1 - counted), (
+            handled, lapses)
+
+
 def test_a_step_its_own_worker_stopped_for_a_hold_in_doubt_is_not_a_live_double() -> None:
     """Worker 1 began reserve#1 at 10.0; starved of CPU, its heartbeat held back past
     3/4 of the lease, its guard stopped the body at 11.2, and the worker recorded at
