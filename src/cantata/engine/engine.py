@@ -707,8 +707,10 @@ class Engine:
             else:  # the rest at its time, as if this look had not been asked for
                 self._watch_wakeup.set()
             try:
-                await self.event_waits.poll(self)  # the waits of runs here
-                if await wake_for_events(self):  # the waits of parked runs
+                # Where the log ends before the looks: each goes on from there next.
+                reached = await self.store.log_position(self.app)
+                await self.event_waits.poll(self, reached)  # the waits of runs here
+                if await wake_for_events(self, reached):  # the waits of parked runs
                     self.ownership.claim_now()  # the woken runs: claimed at once
             except Exception as exc:
                 self.quiet.warning("events", "looking for awaited events failed (%s); "

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cantata.model.event import Event, match_data
+from cantata.model.event import MISSING, Event, match_data, value_at
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -155,18 +155,20 @@ class EventWaits:
         if self._position is None:
             self._position = await engine.store.log_position(engine.app)
 
-    async def poll(self, engine: Engine) -> None:
+    async def poll(self, engine: Engine, reached: int) -> None:
         """Read the events of each waited type stored since the last poll and wake the
         waits they may satisfy. "Since" is the log's order (what was stored after the
         position read as the last poll began, whatever the writer's clock), and what
         was stored in the last second by this worker's clock (a write under way as
-        the position was read may come before it in the log)."""
+        the position was read may come before it in the log). ``reached``: the log's
+        position read before this poll (the watch loop's, shared with the look for
+        parked waits), where the next one goes on from."""
         if not self._by_type:
+            self._position = reached
             return
         store, app = engine.store, engine.app
         now = time.time()
         position = self._position
-        reached = await store.log_position(app)  # before the reads
         for event_type in list(self._by_type):
             since = self._checked.get(event_type, now) - 1.0
             events = await store.find_events(
@@ -188,16 +190,8 @@ def _values(data: Any, keys: tuple[str, ...]) -> tuple[Any, ...] | None:
     """The values of ``data`` under ``keys`` (dotted keys nest), as
     :func:`~cantata.model.event.match_data` walks them; ``None`` if one is missing, or
     one is a list or a mapping (equal to no hashable value a wait wants)."""
-    values = []
-    for key in keys:
-        value: Any = data
-        for part in key.split("."):
-            if not isinstance(value, Mapping) or part not in value:
-                return None
-            value = value[part]
-        values.append(value)
-    found = tuple(values)
-    return found if _hashable(found) else None
+    found = tuple(value_at(data, key) for key in keys)
+    return None if any(v is MISSING for v in found) or not _hashable(found) else found
 
 
 def _hashable(values: tuple[Any, ...]) -> bool:

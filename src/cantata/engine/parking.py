@@ -264,7 +264,7 @@ async def _wake_for(engine: Engine, kinds: list[str], events: list[Event[Any]]) 
     return woken
 
 
-async def wake_for_events(engine: Engine) -> int:
+async def wake_for_events(engine: Engine, reached: int | None = None) -> int:
     """Wake the parked waits that the events stored since the last look match; returns
     how many runs it woke.
 
@@ -290,7 +290,8 @@ async def wake_for_events(engine: Engine) -> int:
         await hot.begin()
     since = hot.checked_at - 1.0  # margin: late commits
     position = hot.position
-    reached = await store.log_position(app)  # before the look
+    if reached is None:  # (the log position before the look: the watch loop's)
+        reached = await store.log_position(app)
     hot.reading()
     waits: list[str] | None = None
     try:

@@ -392,6 +392,20 @@ class Event(Generic[T]):
             return 0.0
 
 
+#: What :func:`value_at` gives for a key the data does not hold.
+MISSING: Any = object()
+
+
+def value_at(data: Any, key: str) -> Any:
+    """The value of ``data`` under ``key`` (dotted keys nest), or :data:`MISSING`."""
+    value: Any = data
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
 def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
     """True if every ``key: value`` of ``match`` equals the event data's (dotted keys nest)."""
     if not match:
@@ -399,12 +413,8 @@ def match_data(data: Any, match: Mapping[str, Any] | None) -> bool:
     if not isinstance(data, Mapping):
         return False
     for key, expected in match.items():
-        value: Any = data
-        for part in key.split("."):
-            if not isinstance(value, Mapping) or part not in value:
-                return False
-            value = value[part]
-        if value != expected:
+        value = value_at(data, key)
+        if value is MISSING or value != expected:
             return False
     return True
 
