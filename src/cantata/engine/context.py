@@ -32,12 +32,12 @@ from cantata.flow.queues import check_call, default_entry
 from cantata.model import codec
 from cantata.model.attributes import index_attributes
 from cantata.model.checks import check_seconds
-from cantata.model.event import Event, check_publish, check_type, match_data
+from cantata.model.event import Event, check_publish, check_type
 from cantata.model.idempotency import trigger_event
 from cantata.model.records import UNADDRESSED, EntryKind, EntryStatus, RunWrite
 from cantata.model.status import RunStatus
 
-from . import versioning
+from . import versioning, wait_look
 from .event_waits import Wants
 from .heartbeat import workflow_run
 from .journal import Save
@@ -372,27 +372,7 @@ class WorkflowContext:
         trigger = trigger_event(x.run)
 
         async def look() -> bool:
-            # Page through (doubling) until a match or the end: a match may sit behind
-            # many non-matching events of the same type.
-            limit = 200
-            while True:
-                taken = j.consumed_events
-                events = await engine.store.find_events(
-                    x.run.app, type, since=x.run.created_at, after=trigger,
-                    exclude=sorted(taken if trigger is None else taken | {trigger}),
-                    limit=limit, match=match,
-                )
-                for ev in events:
-                    # Taken here, before any await: a concurrent wait of the run
-                    # (asyncio.gather) that read the same events skips it.
-                    if ev.id not in taken and ev.id != trigger \
-                            and match_data(ev.data, match) and engine.signer.accepts(ev):
-                        taken.add(ev.id)
-                        found.append(ev)
-                        return True
-                if len(events) < limit:
-                    return False
-                limit *= 4
+            return await wait_look.look(engine, j, x.run, type, match, trigger, found)
 
         # No polling per wait: news of events wakes only the waits one of them may
         # match (engine/event_waits.py), each of which then looks for itself.

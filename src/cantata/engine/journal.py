@@ -31,9 +31,11 @@ from cantata.model.parking import Parking
 from cantata.model.records import EntryKind, EntryStatus, HistoryEntry, RunWrite, TaskRecord
 
 from .signals import _StoreFailed
+from .wait_look import recorded_floors
 
 if TYPE_CHECKING:
     from .runtime import Interrupt, JournalRuntime, Watch
+    from .wait_look import Floor
 
 FINAL = (EntryStatus.COMPLETED, EntryStatus.FAILED)
 # Recorded values and markers: not calls of the workflow's code path, so a new call
@@ -87,17 +89,24 @@ class Journal:
         self.history: dict[str, HistoryEntry] = {}
         self.consumed: set[str] = set()  # keys replayed or recorded by this execution
         self.consumed_events: set[str] = set()  # ids of events a wait of the run took
+        # where the next wait of a kind reads from (engine/wait_look.py)
+        self.wait_floors: dict[tuple[str, str], Floor] = {}
         self.counters: dict[str, int] = {}
         self.next_seq = 1
         self.divergence: NonDeterminismError | None = None
 
     def load(self, entries: Iterable[HistoryEntry]) -> None:
         """Take the stored history (before the workflow runs)."""
+        waits = []
         for e in entries:
             self.history[e.key] = e
             self.next_seq = max(self.next_seq, e.seq + 1)
-            if e.kind == EntryKind.WAIT and e.status == EntryStatus.COMPLETED and e.result:
-                self.consumed_events.add(str(codec.loads(e.result).get("id")))
+            if e.kind == EntryKind.WAIT:
+                waits.append(e)
+                if e.status == EntryStatus.COMPLETED and e.result:
+                    self.consumed_events.add(str(codec.loads(e.result).get("id")))
+        if waits:
+            self.wait_floors = recorded_floors(waits)
 
     # -- the sequence ------------------------------------------------------------------
 

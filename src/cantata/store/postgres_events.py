@@ -77,9 +77,11 @@ class PostgresEvents(PostgresCore):
             limit,
         ]
         of_type = (
-            f"SELECT {EVENT_COLS}, seq FROM events WHERE app=$1 AND "
+            f"SELECT {EVENT_COLS}, seq, stored_at FROM events WHERE app=$1 AND "
             + ("type LIKE $2 ESCAPE '\\'" if wildcard else "type=$2")
-            + " AND NOT (id = ANY($4::text[]))"
+            # (a hashed subplan: ``NOT (id = ANY($4))`` compares each row with every
+            # id, and a long-lived run's waits leave out thousands)
+            + " AND id NOT IN (SELECT unnest($4::text[]))"
         )
         paths, wants = may_match(match)
         if paths:
@@ -107,6 +109,11 @@ class PostgresEvents(PostgresCore):
             args[2] = min(since, stored_at - AFTER_SKEW)
             args += [since, seq]
         rows = await self._db.fetch(sql + " ORDER BY seq LIMIT $5", *args)
+        if rows:
+            # The first is the one a wait takes, most often: the next wait of its kind
+            # reads after it (engine/wait_look.py), without asking where it is.
+            first = rows[0]
+            self._remember_place(app, first["id"], int(first["seq"]), float(first["stored_at"]))
         found = [event_row(r) for r in rows]
         return [e for e in found if matches(event_type, e.type)] if wildcard else found
 
@@ -126,9 +133,16 @@ class PostgresEvents(PostgresCore):
             )
             if row is None:
                 return None
-            if len(places) >= 10_000:
-                places.clear()
-            place = places[(app, event_id)] = (int(row["seq"]), float(row["stored_at"]))
+            place = self._remember_place(app, event_id, int(row["seq"]),
+                                         float(row["stored_at"]))
+        return place
+
+    def _remember_place(self, app: str, event_id: str, seq: int, stored_at: float
+                        ) -> tuple[int, float]:
+        places = self._event_places
+        if len(places) >= 10_000:
+            places.clear()
+        place = places[(app, event_id)] = (seq, stored_at)
         return place
 
     async def claim_deliveries(
