@@ -252,6 +252,11 @@ class App(RouterFacade):
         return self._runtime.engine
 
     @property
+    def is_open(self) -> bool:
+        """Whether the app is open (as a worker or as a client)."""
+        return self._runtime is not None
+
+    @property
     def _engine(self) -> Engine | None:
         return self._runtime.engine if self._runtime is not None else None
 

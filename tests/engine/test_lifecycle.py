@@ -27,6 +27,7 @@ def _echo_app(url: str) -> App:
 
 def _assert_closed(app: App) -> None:
     """The app is closed, and nothing of it runs on (no worker, relay or heartbeat)."""
+    assert not app.is_open
     with pytest.raises(ConfigurationError, match="is not open"):
         app.store  # noqa: B018
     assert asyncio.all_tasks() == {asyncio.current_task()}
@@ -40,6 +41,7 @@ async def test_concurrent_client_blocks_share_one_runtime(sqlite_url: str) -> No
 
     async def one(n: int) -> str:
         async with app.client():
+            assert app.is_open
             engines.add(id(app.store))
             handle = await app.start("echo", n)
             await asyncio.sleep(0.01)  # the blocks overlap

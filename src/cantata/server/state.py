@@ -30,7 +30,7 @@ class Console:
 
     def __init__(self, app: App, *, stream_interval: float = 0.5) -> None:
         self.app = app
-        spec = app._store_spec
+        spec = app.backends[0]
         url = spec if isinstance(spec, str) else str(getattr(spec, "url", ""))
         self.store_url = mask_url(url)
         password = urlsplit(url).password if "://" in url else None
@@ -43,9 +43,9 @@ class Console:
 
     async def open(self) -> App:
         """The app, opened as a client if nobody opened it yet (a mounted console)."""
-        if self.app._engine is None:
+        if not self.app.is_open:
             async with self._lock:
-                if self.app._engine is None:
+                if not self.app.is_open:
                     await self.app.open(serve=False)
                     self._opened_here = True
         return self.app
