@@ -1,11 +1,15 @@
 """Statements a store runs, explained as they run: what each read of each table, for
-the tests that check a statement reads by key whatever the table's statistics."""
+the tests that check a statement reads by key whatever the table's statistics.
+
+:class:`Explained` wraps a store's pool (its statements run as they do);
+:class:`Explaining` one connection a test hands a store function; :func:`read` and
+:func:`rows_read` count what a plan read."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from cantata import App
@@ -89,3 +93,56 @@ def rows_read(plan: dict[str, Any], relation: str) -> int:
             rows += (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
                      + node.get("Rows Removed by Index Recheck", 0)) * node.get("Actual Loops", 1)
     return rows
+
+
+class Explaining:
+    """A connection on which each fetch is run as ``EXPLAIN ANALYZE`` in a transaction
+    rolled back at once, its plan kept (``plans``); then, with ``run``, run for its
+    rows, else it answers none (the statement's effects are rolled back with it)."""
+
+    def __init__(self, conn: Conn, *, run: bool = False) -> None:
+        self.conn = conn
+        self.run = run
+        self.plans: list[dict[str, Any]] = []
+
+    async def _explain(self, sql: str, args: Sequence[Any]) -> None:
+        tx = self.conn.transaction()
+        await tx.start()
+        try:
+            plan = await self.conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+        finally:
+            await tx.rollback()
+        self.plans.append(json.loads(plan)[0]["Plan"])
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        await self._explain(sql, args)
+        return list(await self.conn.fetch(sql, *args)) if self.run else []
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        await self._explain(sql, args)
+        return await self.conn.fetchrow(sql, *args) if self.run else None
+
+
+def read(plan: dict[str, Any], relation: str = "runs") -> tuple[int, int, set[str]]:
+    """Rows of ``relation`` a plan read (returned by its scans or filtered out by them,
+    a bitmap index scan's counted with its heap's), of which filtered out, and the
+    indexes it read them by (``"(seq scan)"`` for a sequential scan)."""
+    rows = removed = 0
+    indexes: set[str] = set()
+    nodes = [(plan, "")]
+    while nodes:
+        node, parent = nodes.pop()
+        table = node.get("Relation Name", parent)  # a bitmap index scan: its heap's
+        nodes += [(child, table) for child in node.get("Plans", [])]
+        if table != relation:
+            continue
+        loops = node.get("Actual Loops", 1)
+        gone = (node.get("Rows Removed by Filter", 0)
+                + node.get("Rows Removed by Index Recheck", 0)) * loops
+        rows += node.get("Actual Rows", 0) * loops + gone
+        removed += gone
+        if "Index Name" in node:
+            indexes.add(node["Index Name"])
+        elif node.get("Node Type") == "Seq Scan":
+            indexes.add("(seq scan)")
+    return rows, removed, indexes

@@ -16,7 +16,7 @@ from cantata import App
 from cantata.model.access import RunQuery
 from cantata.store import postgres_console, sqlite_console
 from tests.helpers import with_schema
-from tests.store.test_postgres_parked_plans import Explaining, read
+from tests.store.plan_watch import Explaining, read
 
 
 async def test_sqlite_counts_what_needs_attention_by_indexes(tmp_path: Path) -> None:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,60 +24,13 @@ from cantata import App, WorkflowContext
 from cantata.store import postgres_parking, postgres_writes
 from cantata.store.postgres_batch import Batch
 from cantata.store.postgres_operate import foreign_runs
-from cantata.store.postgres_pool import Conn
 from cantata.store.postgres_trace import STALE_CORRELATIONS
 from tests.helpers import eventually, with_schema
+from tests.store.plan_watch import Explaining, read
 
 pytestmark = pytest.mark.postgres
 
 PARKED = 3000  # the old plans filtered out every one of them at this size already
-
-
-class Explaining:
-    """A connection on which each statement is run as ``EXPLAIN ANALYZE`` in a
-    transaction rolled back at once: its plan is kept, and it answers no rows."""
-
-    def __init__(self, conn: Conn) -> None:
-        self.conn = conn
-        self.plans: list[dict[str, Any]] = []
-
-    async def _explain(self, sql: str, args: Sequence[Any]) -> None:
-        tx = self.conn.transaction()
-        await tx.start()
-        try:
-            plan = await self.conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
-        finally:
-            await tx.rollback()
-        self.plans.append(json.loads(plan)[0]["Plan"])
-
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        await self._explain(sql, args)
-        return []
-
-    async def fetchrow(self, sql: str, *args: Any) -> None:
-        await self._explain(sql, args)
-
-
-def read(plan: dict[str, Any]) -> tuple[int, int, set[str]]:
-    """Rows of ``runs`` a plan read (returned by its scans or filtered out by them),
-    of which filtered out, and the indexes of ``runs`` it used."""
-    rows = removed = 0
-    indexes: set[str] = set()
-    nodes = [(plan, "")]
-    while nodes:
-        node, parent = nodes.pop()
-        relation = node.get("Relation Name", parent)  # a bitmap index scan: its heap's
-        nodes += [(child, relation) for child in node.get("Plans", [])]
-        if relation != "runs":
-            continue
-        loops = node.get("Actual Loops", 1)
-        gone = (node.get("Rows Removed by Filter", 0)
-                + node.get("Rows Removed by Index Recheck", 0)) * loops
-        rows += node.get("Actual Rows", 0) * loops + gone
-        removed += gone
-        if "Index Name" in node:
-            indexes.add(node["Index Name"])
-    return rows, removed, indexes
 
 
 def build(url: str) -> App:

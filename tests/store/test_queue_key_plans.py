@@ -20,6 +20,7 @@ from cantata.store import postgres_flow, sqlite_flow
 from cantata.store.sqlite import SQLiteStore
 from cantata.testing.contract.support import new_run
 from tests.helpers import with_schema
+from tests.store.plan_watch import Explaining, read
 
 APP = "shop"
 BACKLOG = 20_000
@@ -131,46 +132,6 @@ async def test_sqlite_a_claim_past_a_long_backlog_costs_what_one_past_a_page_doe
 # -- PostgreSQL ---------------------------------------------------------------------------
 
 
-class Explaining:
-    """A connection on which each fetch is first run as ``EXPLAIN ANALYZE`` (rolled
-    back), its plan kept, then run for its rows."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.plans: list[dict[str, Any]] = []
-
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        tx = self.conn.transaction()
-        await tx.start()
-        try:
-            plan = await self.conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
-        finally:
-            await tx.rollback()
-        self.plans.append(json.loads(plan)[0]["Plan"])
-        return list(await self.conn.fetch(sql, *args))
-
-
-def queue_rows_read(plan: dict[str, Any]) -> tuple[int, set[str]]:
-    """Rows of ``queue_runs`` a plan read (returned by its scans or filtered out) and
-    the indexes (or a sequential scan) it read them by."""
-    rows, used = 0, set()
-    nodes = [(plan, "")]
-    while nodes:
-        node, parent = nodes.pop()
-        relation = node.get("Relation Name", parent)
-        nodes += [(child, relation) for child in node.get("Plans", [])]
-        if relation != "queue_runs":
-            continue
-        loops = node.get("Actual Loops", 1)
-        rows += (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
-                 + node.get("Rows Removed by Index Recheck", 0)) * loops
-        if "Index Name" in node:
-            used.add(node["Index Name"])
-        elif node.get("Node Type") == "Seq Scan":
-            used.add("(seq scan)")
-    return rows, used
-
-
 @pytest.mark.postgres
 async def test_postgres_reads_the_keys_and_their_heads_by_index_with_or_without_statistics(
     postgres_url: str, pooled_schema: str
@@ -184,7 +145,7 @@ async def test_postgres_reads_the_keys_and_their_heads_by_index_with_or_without_
             await conn.copy_records_to_table("queue_runs", records=backlog_rows(BACKLOG),
                                              columns=_COLS.split(", "),
                                              schema_name=pooled_schema)
-            c = Explaining(conn)
+            c = Explaining(conn, run=True)
             for analyzed in (False, True):
                 if analyzed:
                     await conn.execute("ANALYZE queue_runs")
@@ -194,7 +155,7 @@ async def test_postgres_reads_the_keys_and_their_heads_by_index_with_or_without_
                                       APP, "q", ["wf"], ["B"], 1)
                 assert [tuple(r) for r in heads] == [("b", "B")]
     for plan in c.plans:
-        rows, used = queue_rows_read(plan)
+        rows, _, used = read(plan, "queue_runs")
         # A few index entries per key (the 20,000 runs of A are not read): by an index
         # of the waiting runs by key (either serves the skip scan of the keys).
         assert rows <= 10 and used and used <= BY_KEY, (rows, used)

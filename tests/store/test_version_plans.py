@@ -17,7 +17,7 @@ from cantata import App
 from cantata.model.access import RunQuery
 from cantata.store import postgres_console, sqlite_console
 from tests.helpers import with_schema
-from tests.store.test_postgres_parked_plans import Explaining, read
+from tests.store.plan_watch import Explaining, read
 
 # (prefix, version, runs, age in seconds): an old version's few runs behind many newer ones
 RUNS = [("old-", "v-old", 20, 7200), ("new-", "v-new", 3000, 60), ("any-", None, 500, 30)]
