@@ -252,3 +252,34 @@ async def test_a_floors_margin_never_reaches_before_the_run_began(store_url: str
         for n in (1, 2):
             await app.publish("s.a", {"k": 1, "n": n})
         assert await handle.result(timeout=30) == [1, 2]
+
+
+async def test_a_forked_runs_waits_take_no_event_from_before_it_began(
+    sqlite_url: str
+) -> None:
+    """A fork copies the source's recorded waits, but it began later: its next wait of
+    a kind takes an event published since the fork began, not one between the
+    source's wait and the fork (a copied floor is no floor of the fork's)."""
+    app = make_app(sqlite_url, "floors")
+
+    @app.step
+    async def mark(n: int) -> int:
+        return n
+
+    @app.workflow
+    async def twice(ctx: WorkflowContext) -> list[int]:
+        first = await ctx.wait_for_event("f.a", match={"k": 1})
+        await ctx.run(mark, 0)
+        second = await ctx.wait_for_event("f.a", match={"k": 1}, timeout=20)
+        return [int(first.data["n"]), int(second.data["n"])]
+
+    async with app:
+        source = await app.start(twice)
+        for n in (0, 1):
+            await app.publish("f.a", {"k": 1, "n": n})
+        assert await source.result(timeout=30) == [0, 1]
+        await app.publish("f.a", {"k": 1, "n": 2})  # (before the fork)
+        forked = await app.fork(source.run_id, from_step="mark#1")
+        await asyncio.sleep(0.3)
+        await app.publish("f.a", {"k": 1, "n": 3})
+        assert await forked.result(timeout=30) == [0, 3]

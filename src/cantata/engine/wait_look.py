@@ -16,7 +16,8 @@ in the log may be committed after that look read), never from before the run beg
 
 A run resumed from its history (a parked run woken, a run taken over) finds its
 floors there (:func:`recorded_floors`): the event each kind's last completed wait
-took, from the moment that wait began (before its looks). Only if no wait of the run
+took, from the moment that wait began (before its looks), if it began after the run
+did (a fork's history begins with its source's waits). Only if no wait of the run
 left unfinished in its history had begun by the moment that one ended: a wait may
 take an event in memory and its run stop before that is recorded, and the event is
 free again for the resumed run; such a wait's begin is stored no later than any
@@ -101,8 +102,12 @@ async def look(
     kind = kind_of(event_type, match)
     floor = j.wait_floors.get(kind)
     began = time.time()
-    if floor is not None and floor.began > began:
-        floor = None  # (a recorded wait's begin by a clock ahead of this one's)
+    if floor is not None and not run.created_at <= floor.began <= began:
+        # A floor is one of this run's waits since it began: a fork's copied waits
+        # are its source's, before the fork began (what follows them in the log may
+        # precede the fork); a recorded begin by a clock ahead of this one's proves
+        # nothing.
+        floor = None
     limit = FIRST_PAGE
     while True:
         taken = j.consumed_events
