@@ -107,8 +107,7 @@ async def in_memory(store: str, name: str, runs: int, rate: float) -> dict[str, 
 
 async def loop(store: str, name: str, waits: int, gap: float) -> dict[str, Any]:
     app = App(name, store=store)
-    done = {"n": 0}
-    halfway = asyncio.Event()
+    halfway, first = asyncio.Event(), waits // 2 if gap else 0
 
     @app.workflow
     async def entity(ctx: cantata.WorkflowContext, n: int) -> int:
@@ -116,8 +115,7 @@ async def loop(store: str, name: str, waits: int, gap: float) -> dict[str, Any]:
         for _ in range(n):
             event = await ctx.wait_for_event("t.tick", match={"who": "a"})
             total += int(event.data["v"])
-            done["n"] = total
-            if total >= done.get("first", waits):
+            if total >= first:
                 halfway.set()
         return total
 
@@ -130,11 +128,9 @@ async def loop(store: str, name: str, waits: int, gap: float) -> dict[str, Any]:
     async with app:
         handle = await app.start(entity, waits)
         began = time.perf_counter()
-        first = waits // 2 if gap else 0
         if first:
             # Half of them, then a pause: the second half's waits are those of a run
             # older than a minute (a floor's margin), behind the first half's events.
-            done["first"] = first
             await send(first)
             await halfway.wait()
             out["first_half_seconds"] = round(time.perf_counter() - began, 2)

@@ -178,9 +178,16 @@ def _wait(seq: int, status: EntryStatus, started: float, ended: float | None,
                            else {"type": "t.a", "match": match or {}, "timeout": None}))
 
 
+def _recorded_floors(waits: list[HistoryEntry]) -> dict[tuple[str, str], Any]:
+    """:func:`wait_look.recorded_floors` given the ids the waits took, as the journal
+    reads them."""
+    took = {w.key: codec.loads(w.result)["id"] for w in waits if w.result}
+    return wait_look.recorded_floors(waits, took)
+
+
 def test_recorded_floors_are_the_last_completed_wait_of_each_kind() -> None:
     done = EntryStatus.COMPLETED
-    floors = wait_look.recorded_floors([
+    floors = _recorded_floors([
         _wait(1, done, 10.0, 11.0, "e1", {"k": 1}),
         _wait(2, done, 12.0, 13.0, "e2", {"k": 1}),
         _wait(3, done, 14.0, 15.0, "e3"),
@@ -197,7 +204,7 @@ def test_no_recorded_floor_where_an_unfinished_wait_began_before_it_ended() -> N
     """That wait may have taken an event in memory (not recorded) which the floor's
     wait then passed over: free again after the resume, it must still be found."""
     done = EntryStatus.COMPLETED
-    floors = wait_look.recorded_floors([
+    floors = _recorded_floors([
         _wait(1, done, 10.0, 11.0, "e1"),
         _wait(2, EntryStatus.WAITING, 12.0, None, match={"k": 2}),  # (began before 3 ended)
         _wait(3, done, 12.5, 14.0, "e3", {"k": 1}),
@@ -208,7 +215,7 @@ def test_no_recorded_floor_where_an_unfinished_wait_began_before_it_ended() -> N
 
 def test_a_choreographed_sagas_wait_gives_no_floor() -> None:
     """It takes its event by id, not the first of a match in the log."""
-    floors = wait_look.recorded_floors([_wait(
+    floors = _recorded_floors([_wait(
         1, EntryStatus.COMPLETED, 10.0, 11.0, "e1",
         detail={"type": "t.a", "match": {"run_id": "r"}})])
     assert floors == {}

@@ -97,16 +97,19 @@ class Journal:
 
     def load(self, entries: Iterable[HistoryEntry]) -> None:
         """Take the stored history (before the workflow runs)."""
-        waits = []
+        waits, took = [], {}
         for e in entries:
             self.history[e.key] = e
             self.next_seq = max(self.next_seq, e.seq + 1)
             if e.kind == EntryKind.WAIT:
                 waits.append(e)
                 if e.status == EntryStatus.COMPLETED and e.result:
-                    self.consumed_events.add(str(codec.loads(e.result).get("id")))
+                    event_id = codec.loads(e.result).get("id")
+                    self.consumed_events.add(str(event_id))
+                    if isinstance(event_id, str):
+                        took[e.key] = event_id
         if waits:
-            self.wait_floors = recorded_floors(waits)
+            self.wait_floors = recorded_floors(waits, took)
 
     # -- the sequence ------------------------------------------------------------------
 

@@ -70,13 +70,17 @@ class Floor:
         self.checked = False
 
 
-def recorded_floors(waits: list[HistoryEntry]) -> dict[tuple[str, str], Floor]:
-    """The floors a run's recorded waits (``kind == WAIT``, in history's order) give."""
+def recorded_floors(
+    waits: list[HistoryEntry], took: Mapping[str, str]
+) -> dict[tuple[str, str], Floor]:
+    """The floors a run's recorded waits (``kind == WAIT``, in history's order) give;
+    ``took``: the id of the event each completed one took, by its key."""
     open_since = min((w.started_at or 0.0 for w in waits if w.status != EntryStatus.COMPLETED
                       and w.status != EntryStatus.FAILED), default=None)
     floors: dict[tuple[str, str], Floor] = {}
     for w in waits:
-        if w.status != EntryStatus.COMPLETED or not w.result or not w.detail \
+        event_id = took.get(w.key)
+        if w.status != EntryStatus.COMPLETED or event_id is None or not w.detail \
                 or w.started_at is None or w.ended_at is None:
             continue
         if open_since is not None and open_since <= w.ended_at:
@@ -84,10 +88,7 @@ def recorded_floors(waits: list[HistoryEntry]) -> dict[tuple[str, str], Floor]:
         detail = codec.loads(w.detail)
         # (``ctx.wait_for_event``'s: a choreographed saga's wait takes its event by
         # id, not the first of a match in the log, and records no timeout)
-        if not isinstance(detail, dict) or "timeout" not in detail:
-            continue
-        event_id = codec.loads(w.result).get("id")
-        if isinstance(event_id, str):
+        if isinstance(detail, dict) and "timeout" in detail:
             floors[kind_of(str(detail.get("type")), detail.get("match"))] = Floor(
                 event_id, w.started_at)
     return floors
