@@ -27,6 +27,7 @@ from cantata.store import migrations
 from cantata.store.common import NEW_STORE_HINT, newer_schema
 from cantata.store.faults import sqlite_fault
 from cantata.store.sqlite_thread import TxConnection
+from cantata.store.sqlite_wal import wal_has_header
 
 SCHEMA_VERSION = migrations.latest("sqlite")
 STORE_MARK = "cantata-store"
@@ -79,11 +80,14 @@ def connect(path: str, url: str, synchronous: str, *, create: bool = True,
             _create_whole(path, url, synchronous, busy_ms)
     new = path != ":memory:" and not os.path.exists(path)
     try:
-        return _connect(path, url, synchronous, busy_ms)
+        conn = _connect(path, url, synchronous, busy_ms)
     except BaseException:
         if new:
             _remove_empty(path)  # a failed creation must not leave an "emptied" store
         raise
+    if path != ":memory:" and synchronous in ("FULL", "EXTRA"):
+        conn.wal_to_lengthen = f"{path}-wal"  # (at its first write: sqlite_wal.py)
+    return conn
 
 
 def _connect(path: str, url: str, synchronous: str, busy_ms: int) -> TxConnection:
@@ -205,8 +209,7 @@ def check_file(path: str, url: str, create: bool) -> None:
     # A process creating the file right now leaves it empty for a moment.
     deadline = time.monotonic() + _EMPTY_GRACE
     while os.path.getsize(path) == 0:
-        wal = f"{path}-wal"
-        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        if wal_has_header(f"{path}-wal"):
             return  # its content is still in the write-ahead log
         if time.monotonic() > deadline:
             raise StoreCorrupt(

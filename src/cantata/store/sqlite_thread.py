@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cantata.store.sqlite_wal import lengthen_wal
+
 T = TypeVar("T")
 
 Op = Callable[[sqlite3.Connection], Any]
@@ -123,6 +125,8 @@ class TxConnection(sqlite3.Connection):
         self.audit_keys: dict[str, AuditKey] = {}
         # the store's StoreBase.lean_apps (shared: the engine's gate adds and discards)
         self.lean_apps: set[str] = set()
+        # the write-ahead log to lengthen at the first write (sqlite_wal.py), if any
+        self.wal_to_lengthen: str | None = None
 
     def _capture(self, *values: Any) -> int:
         self.was = values
@@ -133,6 +137,9 @@ class TxConnection(sqlite3.Connection):
         self.decl_versions = {}
         self._version_read = False
         self.dml.execute("BEGIN IMMEDIATE")
+        if self.wal_to_lengthen is not None:  # (once: its first write)
+            wal, self.wal_to_lengthen = self.wal_to_lengthen, None
+            lengthen_wal(self, wal)
 
     def committed_head(self, app: str) -> tuple[int, str, str] | None:
         """``app``'s chain head as this connection committed it last, if no other
