@@ -500,7 +500,7 @@ def markdown(ctx: dict[str, Any], rows: list[dict[str, Any]], a: argparse.Namesp
     if len(states) > 1:
         lines += [f"Note: src/ changed during the run: the Cantata figures ran on {len(states)} "
                   f"states of the code ({', '.join(states)}; `src` in the JSON).", ""]
-    busy = [r.get("machine_busy_before") for r in rows if r.get("machine_busy_before")]
+    busy: list[float] = [r["machine_busy_before"] for r in rows if r.get("machine_busy_before")]
     if busy and max(busy) > 0.15:
         lines += [f"Note: other work used up to {max(busy):.0%} of the machine's CPUs just "
                   "before some measurements (`machine_busy_before` in the JSON); those "

@@ -50,7 +50,7 @@ async def measure(url: str, reads: int) -> list[str]:
             APP, failed_since=hour_ago))
         lines.append(f"attention_counts: p50 {p50:.3f} ms, p90 {p90:.3f} ms ({got})")
         if any(f.name == "failed_since" for f in dataclasses.fields(RunQuery)):
-            q = RunQuery(failed_since=hour_ago, limit=51)  # type: ignore[call-arg]
+            q = RunQuery(failed_since=hour_ago, limit=51)
             p50, p90, got = await timed(reads, lambda: store.query_runs(APP, q))
             lines.append(f"query_runs(failed_since=an hour ago): p50 {p50:.3f} ms, "
                          f"p90 {p90:.3f} ms ({len(got)} runs)")

@@ -161,7 +161,7 @@ async def _saga(app: Any, a: argparse.Namespace) -> dict[str, Any]:
             before = expected_outcomes(WARMUP)
 
             async def all_ended() -> bool:
-                return sum((await _ended_runs(app)).values()) >= len(WARMUP) + a.n
+                return bool(sum((await _ended_runs(app)).values()) >= len(WARMUP) + a.n)
 
             await _until(all_ended, "not every run ended")
             ended = await _ended_runs(app)
@@ -296,7 +296,7 @@ async def _chain(app: Any, a: argparse.Namespace) -> dict[str, Any]:
         deadline = t0 + RESULT_TIMEOUT
         if a.workers is not None:  # the handlers run in the workers: count in the store
             async def all_ended() -> bool:
-                return await _terminal_count(a, app.name) >= warm + a.n
+                return bool(await _terminal_count(a, app.name) >= warm + a.n)
 
             await _until(all_ended, "not every order reached its terminal event")
             target = app.metrics.handled  # nothing to wait for here

@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from bench.common import BENCH_PREFIX, NATS_URL, PG_URL
@@ -42,6 +43,11 @@ T: dict[str, dict[str, float]] = defaultdict(dict)  # event id -> stage -> time
 
 def _mark(event_id: str, stage: str) -> None:
     T[event_id].setdefault(stage, time.perf_counter())
+
+
+def _mark_all(events: Iterable[Any], stage: str) -> None:
+    for e in events:
+        _mark(e.id, stage)
 
 
 def _wrap(obj: Any, name: str, before: Any = None, after: Any = None) -> None:
@@ -64,12 +70,12 @@ def instrument(app: Any) -> None:
 
     store = app.store
     _wrap(store, "append_events",
-          before=lambda _app, evs: [_mark(e.id, "commit_start") for e in evs],
-          after=lambda _o, _app, evs: [_mark(e.id, "committed") for e in evs])
+          before=lambda _app, evs: _mark_all(evs, "commit_start"),
+          after=lambda _o, _app, evs: _mark_all(evs, "committed"))
 
     _wrap(store, "append_held",  # (NATS: a published event this worker handles itself)
-          before=lambda _app, evs, **k: [_mark(e.id, "commit_start") for e in evs],
-          after=lambda _o, _app, evs, **k: [_mark(e.id, "committed") for e in evs])
+          before=lambda _app, evs, **k: _mark_all(evs, "commit_start"),
+          after=lambda _o, _app, evs, **k: _mark_all(evs, "committed"))
 
     def settle_before(_app: str, _g: str, eid: str, s: Any) -> None:
         _mark(eid, "settle_start")
@@ -85,8 +91,8 @@ def instrument(app: Any) -> None:
     broker = app._broker
     if broker.relays_outbox:
         _wrap(broker, "publish",
-              before=lambda _app, evs, **k: [_mark(e.id, "publish_start") for e in evs],
-              after=lambda _o, _app, evs, **k: [_mark(e.id, "published") for e in evs])
+              before=lambda _app, evs, **k: _mark_all(evs, "publish_start"),
+              after=lambda _o, _app, evs, **k: _mark_all(evs, "published"))
         init = nats_consumer.NatsMessage.__init__
 
         def msg_init(self: Any, *a: Any, **k: Any) -> None:
@@ -97,7 +103,7 @@ def instrument(app: Any) -> None:
         nats_consumer.NatsMessage.__init__ = msg_init  # type: ignore[method-assign]
     else:
         _wrap(store, "claim_deliveries",
-              after=lambda out, *a, **k: [_mark(d.event.id, "received") for d in out])
+              after=lambda out, *a, **k: _mark_all((d.event for d in out), "received"))
     run = consumer.Consumer._invoke
 
     async def invoke(self: Any, hdef: Any, msg: Any, event: Any, ctx: Any, retry: Any) -> Any:

@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -118,7 +120,11 @@ class Served:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.proc.terminate()
-        _, err = self.proc.communicate(30)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
         raise RuntimeError(f"cantata serve did not start: {err[-2000:]}")
 
     def __exit__(self, *exc: object) -> None:
@@ -195,12 +201,12 @@ async def overview_parts(url: str, reads: int = 40) -> list[str]:
             for _ in range(5):
                 assert (await c.get("/api/overview")).status_code == 200
             for _ in range(reads):
-                steps = [lambda: c.get("/api/overview"),
-                         lambda: app.store.count_runs(APP),
-                         lambda: find_stalls(app.store, APP, older_than=300,
-                                             now=time.time(), limit=100),
-                         lambda: app.store.attention_counts(APP,
-                                                            failed_since=time.time() - 3600)]
+                steps: list[Callable[[], Awaitable[object]]] = [
+                    lambda: c.get("/api/overview"),
+                    lambda: app.store.count_runs(APP),
+                    lambda: find_stalls(app.store, APP, older_than=300, now=time.time(),
+                                        limit=100),
+                    lambda: app.store.attention_counts(APP, failed_since=time.time() - 3600)]
                 for took, step in zip(parts.values(), steps, strict=True):
                     t = time.perf_counter()
                     await step()
@@ -267,11 +273,12 @@ async def sse_capacity(url: str, base: str, token: str, sizes: list[int]) -> lis
 
 # What a busy app records for each run, in order (the audit log the stream follows):
 # its creation, its start, three steps ending, two handlers handling its events, its end.
-RUN_LIFE = [("run.created", {"workflow": "place_order"}), ("run.status", {"status": "running"}),
-            ("run.checkpoint", {"completed": ["reserve#1"], "failed": []}),
-            ("delivery.done", {}), ("run.checkpoint", {"completed": ["charge#1"], "failed": []}),
-            ("delivery.done", {}), ("run.checkpoint", {"completed": ["ship#1"], "failed": []}),
-            ("run.status", {"status": "completed"})]
+RUN_LIFE: list[tuple[str, dict[str, Any]]] = [
+    ("run.created", {"workflow": "place_order"}), ("run.status", {"status": "running"}),
+    ("run.checkpoint", {"completed": ["reserve#1"], "failed": []}),
+    ("delivery.done", {}), ("run.checkpoint", {"completed": ["charge#1"], "failed": []}),
+    ("delivery.done", {}), ("run.checkpoint", {"completed": ["ship#1"], "failed": []}),
+    ("run.status", {"status": "completed"})]
 # The streams measured: every kind (the default, what every page asked for before
 # ?kinds=), and what the runs table and the overview ask for now.
 STREAMS = {"every kind (default)": None, "runs table (run,step)": "run,step",
@@ -330,8 +337,8 @@ async def stream_traffic(url: str, served: Served, token: str, rate: float, seco
             await asyncio.sleep(1.0)  # (the last changes reach the clients)
             took = time.monotonic() - t0
             cpu = cpu_seconds(served.proc.pid) - cpu0
-            for t in tasks:
-                t.cancel()
+            for task in tasks:
+                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         await store.close()

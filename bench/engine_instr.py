@@ -213,7 +213,7 @@ def main() -> None:
         if a.store == "sqlite":
             store = f"sqlite:///{tmp}/b.db"
         else:
-            from bench.cantata_scenario import PG_URL
+            from bench.common import PG_URL
             sep = "&" if "?" in PG_URL else "?"
             store = f"{PG_URL}{sep}schema=bench_ei_{uuid.uuid4().hex[:8]}"
         asyncio.run(_runs(store, a.n, cg))

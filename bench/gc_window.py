@@ -65,8 +65,8 @@ def main() -> None:
             getattr(o, "__qualname__", None) or getattr(getattr(o, "f_code", None),
                                                         "co_qualname", "?")
             for o in garbage if type(o).__name__ in ("function", "coroutine", "frame"))
-        for name, n in named.most_common(15):
-            print(f"  {n:8d}   {name}", file=sys.stderr)
+        for qualname, n in named.most_common(15):
+            print(f"  {n:8d}   {qualname}", file=sys.stderr)
 
     reading = common.cpu_seconds
 

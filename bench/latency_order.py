@@ -165,7 +165,7 @@ def _sqlite_counts(w: Window) -> Any:
     mkdtemp = tempfile.mkdtemp
 
     def noted_mkdtemp(*args: Any, **kw: Any) -> str:
-        folder = mkdtemp(*args, **kw)
+        folder: str = mkdtemp(*args, **kw)
         folders.append(folder)
         return folder
 

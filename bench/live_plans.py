@@ -23,7 +23,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from bench.common import PG_URL
 
@@ -91,10 +91,12 @@ async def statements(c: Explaining) -> list[tuple[str, int]]:
     from cantata.store.postgres_console import runs_sql
     from cantata.store.postgres_operate import foreign_runs
     from cantata.store.postgres_ops import LIVE_SQL
+    from cantata.store.postgres_pool import Conn
     from cantata.store.postgres_runs import _OLDEST_LIVE
     from cantata.store.postgres_trace import STALE_CORRELATIONS
 
     wf = ["saga", "sleeper", "waiter"]
+    conn = cast(Conn, c)  # the store's functions call only what ``c`` has
     out: list[tuple[str, int]] = []
 
     async def one(label: str, call: Awaitable[Any]) -> None:
@@ -103,9 +105,9 @@ async def statements(c: Explaining) -> list[tuple[str, int]]:
         out.append((label, len(c.plans) - n))
 
     await one("claim_runs (pick, due)",
-              postgres_writes.claim_runs(c, Batch(), "a", "w2", wf, NOW, 10, now=NOW))
+              postgres_writes.claim_runs(conn, Batch(), "a", "w2", wf, NOW, 10, now=NOW))
     await one("foreign_runs (version check)",
-              foreign_runs(c, "a", "w2", wf, ["v-other"], NOW, 10, now=NOW))
+              foreign_runs(conn, "a", "w2", wf, ["v-other"], NOW, 10, now=NOW))
     await one("stale_correlations", c.fetch(STALE_CORRELATIONS, "a", NOW - 300, 100, NOW))
     await one("owned_runs", c.fetch(
         f"SELECT run_id, fence FROM runs WHERE app=$1 AND owner=$2 AND status IN {LIVE_SQL}",

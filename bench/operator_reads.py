@@ -112,11 +112,13 @@ async def main(args: argparse.Namespace) -> None:
                     async def get(path: str) -> str:
                         r = await http.get(path, headers=head)
                         r.raise_for_status()
-                        body = r.json() if "json" in r.headers["content-type"] else r.text
-                        n = len(body if isinstance(body, list) else
-                                body.get("stalled", body.get("runs", [])) if
-                                isinstance(body, dict) else body.splitlines())
-                        return f"{r.status_code}, {n} items"
+                        body: Any = (r.json() if "json" in r.headers["content-type"]
+                                     else r.text)
+                        if isinstance(body, dict):
+                            body = body.get("stalled", body.get("runs", []))
+                        elif not isinstance(body, list):
+                            body = body.splitlines()
+                        return f"{r.status_code}, {len(body)} items"
 
                     async def stalled() -> str:
                         got = await reader.stalled(older_than=args.older_than)

@@ -67,12 +67,13 @@ import runpy
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from cantata.store import postgres_batch, postgres_event_writes, postgres_onetrip, postgres_pool
+from cantata.store.postgres_pool import Conn
 
 _TIMED = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
-total: collections.Counter[str] = collections.Counter()
+total: dict[str, float] = collections.defaultdict(float)
 count: collections.Counter[str] = collections.Counter()
 phases: dict[str, list[float]] = collections.defaultdict(list)
 _at: dict[str, float] = {}  # the latest of each moment (the latency workload: one at a time)
@@ -112,6 +113,12 @@ class _Timed:
         return timed
 
 
+def _as_conn(c: object) -> Conn:
+    """``c`` (one of this module's wrappers, or a bare asyncpg connection) where the store's
+    writers take a pool's connection: they call only methods it has."""
+    return cast(Conn, c)
+
+
 # The CPU time (in clock ticks, fractional from schedstat) of the server processes behind the
 # writer's connections, when each was first and last seen: what the writes cost the
 # server whatever else keeps the machine busy (it must run on this machine). Read
@@ -145,13 +152,15 @@ def _server_cpu(pid: int) -> None:
 def _install() -> None:
     transaction = postgres_batch.BatchWriter._transaction
 
-    async def timed_transaction(self: Any, c: Any, todo: Any, grouped: bool, *rest: Any) -> Any:
+    async def timed_transaction(self: postgres_batch.BatchWriter, c: Conn,
+                                todo: list[postgres_batch._Item], grouped: bool,
+                                apart: bool = False) -> postgres_batch._Failed | None:
         pid = c.get_server_pid()
         if pid not in _cpu_first:
             _server_cpu(pid)
         started = time.perf_counter()
         try:
-            return await transaction(self, _Timed(c), todo, grouped, *rest)
+            return await transaction(self, _as_conn(_Timed(c)), todo, grouped, apart)
         finally:
             total["whole transaction"] += time.perf_counter() - started
             count["whole transaction"] += 1
@@ -251,14 +260,14 @@ def _install_phases() -> None:
 
     writer.run_many = timed_run_many  # type: ignore[method-assign]
     writer._apply = timed_apply  # type: ignore[method-assign]
-    postgres_pool.PgPool.conn = timed_conn  # type: ignore[method-assign,assignment]
+    postgres_pool.PgPool.conn = timed_conn  # type: ignore[method-assign]
     postgres_onetrip.write = timed(postgres_onetrip.write)
     postgres_event_writes.write = timed(postgres_event_writes.write)
 
 
 def report() -> str:
     lines = [f"{'total s':>8} {'count':>6} {'mean ms':>8}  statement"]
-    for kind, seconds in total.most_common():
+    for kind, seconds in sorted(total.items(), key=lambda kv: kv[1], reverse=True):
         lines.append(f"{seconds:8.3f} {count[kind]:6d} {1e3 * seconds / count[kind]:8.3f}  {kind}")
     lines.append(f"\n{'p50 ms':>8} {'count':>6} {'mean ms':>8}  phase of a write")
     for name, values in phases.items():
@@ -300,6 +309,7 @@ async def _functions(n: int) -> None:
     from cantata.model.records import (
         ENTRY_COMPLETED,
         ENTRY_RUNNING,
+        STEP,
         Attempt,
         HistoryEntry,
         RunWrite,
@@ -324,13 +334,14 @@ async def _functions(n: int) -> None:
         await conn.execute("SET track_functions = 'pl'")
         for i, run in enumerate(runs):
             w = RunWrite(
-                entries=[HistoryEntry("a#1", "step", "a", ENTRY_COMPLETED, 1, result="1"),
-                         HistoryEntry("b#1", "step", "b", ENTRY_RUNNING, 2)],
+                entries=[HistoryEntry("a#1", STEP, "a", ENTRY_COMPLETED, 1, result="1"),
+                         HistoryEntry("b#1", STEP, "b", ENTRY_RUNNING, 2)],
                 attempts=[Attempt("a#1", 1, 1.0, 2.0)],
             )
             postgres_onetrip.LEAN = i % 2 == 1
             share = (commit_runs, (app, run.run_id, 1, w))
-            (done,) = await postgres_onetrip.write(_Statement(conn, i % 2), [share], keys)
+            (done,) = await postgres_onetrip.write(_as_conn(_Statement(conn, i % 2)),
+                                                  [share], keys)
             assert done is None
         await conn.close()
         conn = await asyncpg.connect(PG_URL)
@@ -388,7 +399,8 @@ async def _settle(n: int) -> None:
             share = (postgres_event_writes.settle_many, (app, "h0", event.id, s))
             _cpu_first.clear()
             _server_cpu(pid)
-            (done,) = await postgres_event_writes.write(_Statement(conn, lean), [share], keys)
+            (done,) = await postgres_event_writes.write(_as_conn(_Statement(conn, lean)),
+                                                       [share], keys)
             _server_cpu(pid)
             cpu[lean] += _cpu_last[pid] - _cpu_first[pid]
             assert done and s.held == [("h1", emitted.id)]
@@ -424,6 +436,7 @@ async def _commit(n: int) -> None:
     from cantata.model.records import (
         ENTRY_COMPLETED,
         ENTRY_RUNNING,
+        STEP,
         Attempt,
         HistoryEntry,
         RunWrite,
@@ -463,7 +476,7 @@ async def _commit(n: int) -> None:
         pid = conn.get_server_pid()
         times: dict[str, list[float]] = collections.defaultdict(list)
         cpu: dict[str, float] = collections.defaultdict(float)
-        client: collections.Counter[str] = collections.Counter()
+        client: dict[str, float] = collections.defaultdict(float)
 
         async def timed(name: str, call: Any) -> Any:
             _cpu_first.clear()
@@ -485,13 +498,13 @@ async def _commit(n: int) -> None:
             sync = "on" if i % 2 == 0 else "off"
             await conn.execute(f"SET synchronous_commit = {sync}")
             w = RunWrite(
-                entries=[HistoryEntry("a#1", "step", "a", ENTRY_COMPLETED, 1, result="1"),
-                         HistoryEntry("b#1", "step", "b", ENTRY_RUNNING, 2)],
+                entries=[HistoryEntry("a#1", STEP, "a", ENTRY_COMPLETED, 1, result="1"),
+                         HistoryEntry("b#1", STEP, "b", ENTRY_RUNNING, 2)],
                 attempts=[Attempt("a#1", 1, 1.0, 2.0)],
             )
             share = (commit_runs, (app, run.run_id, 1, w))
             (done,) = await timed(f"checkpoint, sync {sync}",
-                                  postgres_onetrip.write(conn, [share], keys))
+                                  postgres_onetrip.write(_as_conn(conn), [share], keys))
             assert done is None
             await timed(f"checkpoint, one array per column (0032), sync {sync}",
                         by_columns((app, older[i].run_id, 1, w)))

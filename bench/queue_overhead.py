@@ -72,10 +72,10 @@ async def main_async(a: argparse.Namespace) -> None:
     queued: list[float] = []
     for r in range(a.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
-        for q in order:
-            rate = await one(a.store, a.n, q)
-            (queued if q else plain).append(rate)
-            print(f"round {r + 1}: {'queue   ' if q else 'no queue'} {rate:8.1f} runs/s",
+        for queue in order:
+            rate = await one(a.store, a.n, queue)
+            (queued if queue else plain).append(rate)
+            print(f"round {r + 1}: {'queue   ' if queue else 'no queue'} {rate:8.1f} runs/s",
                   flush=True)
     p, q = statistics.median(plain), statistics.median(queued)
     print(f"{a.store}, n={a.n}, {a.rounds} rounds: no queue {p:.1f} runs/s, queue {q:.1f} "

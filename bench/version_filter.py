@@ -126,7 +126,9 @@ async def postgres_reads(index: str) -> list[str]:
                 try:
                     if not kept:
                         await conn.execute(f"DROP INDEX {name}")
-                    times, rows, used = [], 0, []
+                    times: list[float] = []
+                    used: list[str] = []
+                    rows = 0
                     for _ in range(5):
                         plan = await conn.fetchval(
                             f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *params)
@@ -175,12 +177,12 @@ async def main(args: argparse.Namespace) -> None:
         import asyncpg
 
         await build_postgres(args.runs, SCHEMA)
-        conn = await asyncpg.connect(PG_URL, server_settings={"search_path": SCHEMA})
+        pg = await asyncpg.connect(PG_URL, server_settings={"search_path": SCHEMA})
         try:
-            await conn.execute(PG_PIN)
-            await conn.execute(RARE)
+            await pg.execute(PG_PIN)
+            await pg.execute(RARE)
         finally:
-            await conn.close()
+            await pg.close()
         try:
             print(f"== PostgreSQL, {args.runs} runs")
             for line in await postgres_reads(args.pg_index):
