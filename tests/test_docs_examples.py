@@ -45,7 +45,7 @@ import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import pytest
 import typer
@@ -191,7 +191,8 @@ def has_attribute(cls: type, name: str) -> bool:
 class Checker:
     block: Block
     problems: list[str] = field(default_factory=list)
-    env: dict[str, Any] = field(default_factory=dict)  # name -> module, class or ("of", T)
+    # name -> ("value", obj) for a module, class or function; ("of", T) for an instance
+    env: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def problem(self, node: ast.AST, text: str) -> None:
         line = self.block.line + getattr(node, "lineno", 1) - 1
@@ -387,9 +388,9 @@ class Checker:
         if isinstance(stmt, ast.Try):
             self.visit(stmt.body, context)
             for handler in stmt.handlers:
-                t = self.expr(handler.type) if handler.type is not None else None
-                if handler.name and t and t[0] == "value" and isinstance(t[1], type):
-                    self.env[handler.name] = ("of", t[1])
+                caught = self.expr(handler.type) if handler.type is not None else None
+                if handler.name and caught and caught[0] == "value" and isinstance(caught[1], type):
+                    self.env[handler.name] = ("of", caught[1])
                 self.visit(handler.body, context)
             self.visit(stmt.orelse, context)
             self.visit(stmt.finalbody, context)
@@ -454,14 +455,15 @@ class Checker:
         if isinstance(call, ast.Call):
             f = self.kind(call.func)
             if f and f[0] == "method":
-                return _element(_hints(getattr(f[1], f[2])).get("return"))
+                elem: type | None = _element(_hints(getattr(f[1], f[2])).get("return"))
+                return elem
         return None
 
     def entered(self, node: ast.expr, k: tuple[Any, ...] | None) -> type | None:
         if k and k[0] == "of" and k[1] is not None:
             enter = getattr(k[1], "__enter__", None) or getattr(k[1], "__aenter__", None)
             if enter is not None:
-                t = _as_type(_hints(enter).get("return"))
+                t: type | None = _as_type(_hints(enter).get("return"))
                 return t or k[1]
         return None
 
@@ -877,6 +879,12 @@ def _is_group(cmd: Any) -> bool:
     return hasattr(cmd, "commands")
 
 
+class _UsageProblem(Protocol):
+    """What click's usage errors (``UsageError`` and its kinds) have, in Typer's copy."""
+
+    def format_message(self) -> str: ...
+
+
 ROOT_COMMAND = _root()
 # What a placeholder stands for, where an option's type needs a real value.
 PLACEHOLDER_VALUES = {
@@ -980,7 +988,8 @@ def _check_variant(args: list[str]) -> list[str]:
             "BadOptionUsage",
             "BadArgumentUsage",
         ):
-            problems.append(f"`{' '.join(path)} {' '.join(rest)}`: {exc.format_message()}")
+            message = cast(_UsageProblem, exc).format_message()
+            problems.append(f"`{' '.join(path)} {' '.join(rest)}`: {message}")
         else:
             raise
     return problems

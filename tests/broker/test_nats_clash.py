@@ -220,7 +220,8 @@ async def test_the_relays_copies_of_events_handed_off_here_are_acked_unread(
 
             async def copies_acked() -> bool:
                 info = await js.consumer_info(names.stream, names.consumer("mail", "invoice.sent"))
-                return info.delivered.stream_seq == 20 and info.num_ack_pending == 0
+                done: bool = info.delivered.stream_seq == 20 and info.num_ack_pending == 0
+                return done
 
             await eventually(copies_acked, what="the relay's 20 copies acked")
         finally:

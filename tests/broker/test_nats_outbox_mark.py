@@ -22,7 +22,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
+from nats.js.api import RawStreamMsg
 
 from cantata import App, Event, WorkflowContext
 from cantata.broker.nats import NatsBroker
@@ -54,9 +54,9 @@ def waiting_app(name: str, store: Any, broker: NatsBroker) -> App:
     return app
 
 
-async def last_copy(nc: Client, names: Names, event_id: str) -> Msg:
+async def last_copy(nc: Client, names: Names, event_id: str) -> RawStreamMsg:
     """The relay's message of ``event_id`` on its type's subject (once it is there)."""
-    async def relayed() -> Msg | None:
+    async def relayed() -> RawStreamMsg | None:
         try:
             last = await nc.jetstream().get_last_msg(names.stream,
                                                      names.event("invoice.approved"))
@@ -64,13 +64,14 @@ async def last_copy(nc: Client, names: Names, event_id: str) -> Msg:
             return None
         return last if event_id.encode() in (last.data or b"") else None
 
-    found: Msg = await eventually(relayed, what=f"the relay's copy of {event_id}")
+    found: RawStreamMsg = await eventually(relayed, what=f"the relay's copy of {event_id}")
     return found
 
 
-async def copy_to(nc: Client, names: Names, msg: Msg, **headers: str) -> None:
+async def copy_to(nc: Client, names: Names, msg: RawStreamMsg, **headers: str) -> None:
     """What a bridge does: the message with its headers, onto another app's subject."""
     kept = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+    assert msg.data is not None
     await nc.jetstream().publish(names.event("invoice.approved"), msg.data,
                                  stream=names.stream, headers={**kept, **headers})
 
@@ -177,13 +178,15 @@ async def test_the_relays_own_copies_carry_its_mark_and_are_acked_unread(
         async def acked() -> bool:
             info = await tool.jetstream().consumer_info(
                 names.stream, names.outside("invoice.approved"))
-            return info.delivered.stream_seq == 5 and info.num_ack_pending == 0
+            done: bool = info.delivered.stream_seq == 5 and info.num_ack_pending == 0
+            return done
 
         await eventually(acked, what="the relay's 5 copies acked")
         assert [i for i in store.looked_up if i in {e.id for e in sent}] == []
 
         # an old relay's copy of one of them, as an upgrade may leave in flight
         legacy = {k: v for k, v in (copy.headers or {}).items() if k != "Nats-Msg-Id"}
+        assert copy.data is not None
         with caplog.at_level(logging.WARNING, logger="cantata"):
             await tool.jetstream().publish(
                 names.event("invoice.approved"), copy.data, stream=names.stream,
@@ -197,7 +200,8 @@ async def test_the_relays_own_copies_carry_its_mark_and_are_acked_unread(
             async def legacy_acked() -> bool:
                 info = await tool.jetstream().consumer_info(
                     names.stream, names.outside("invoice.approved"))
-                return info.delivered.stream_seq == 6 and info.num_ack_pending == 0
+                done: bool = info.delivered.stream_seq == 6 and info.num_ack_pending == 0
+                return done
 
             await eventually(legacy_acked, what="the old relay's copy acked")
         found = await store.find_events(name, "invoice.approved", since=0.0, exclude=[],

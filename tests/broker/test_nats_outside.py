@@ -109,7 +109,7 @@ async def test_an_outside_event_with_text_no_store_keeps_is_dead_lettered(
 
     async with streams_removed(nats_url, name), app:
         names = broker.names(name)
-        bad = [Event(type="order.placed", data={}, id="a\x00b"),
+        bad: list[Event[dict[str, Any]]] = [Event(type="order.placed", data={}, id="a\x00b"),
                Event(type="order.placed", data={}, subject="s\x00"),
                Event(type="order.placed", data={}, source="\ud800")]
         good = Event(type="order.placed", data={"ok": True})
@@ -160,7 +160,7 @@ async def test_an_outside_event_with_an_attribute_too_long_to_index_is_dead_lett
     long = secrets.token_hex(5000)  # 10,000 characters that do not compress
     async with streams_removed(nats_url, name), app:
         names = broker.names(name)
-        bad = [Event(type="order.placed", data={}, id=long),
+        bad: list[Event[dict[str, Any]]] = [Event(type="order.placed", data={}, id=long),
                Event(type=f"order.{long}", data={}),
                Event(type="order.placed", data={}, correlation_id=long)]
         good = Event(type="order.placed", data={"ok": True})
@@ -224,6 +224,7 @@ async def test_a_message_the_store_cannot_keep_is_given_up_quietly(
         nc = await nats.connect(nats_url)
         try:
             js = nc.jetstream()
+            e: Event[Any]
             for e in (Event(type="order.placed", data={}, id="poison-1"),
                       Event(type="invoice.approved", data={}, id="poison-2"),
                       Event(type="order.placed", data={"ok": True}, id="good-1")):

@@ -200,7 +200,8 @@ async def test_outside_events_have_their_id_as_correlation_id(
         assert [c.kind for c in root.children] == ["run"]
         joined = await app.trace("tx-7")
         assert (joined.kind, joined.name) == ("event", "order.placed")
-        assert (await app.store.get_event(name, "ext-order-2")).correlation_id == "tx-7"
+        stored = await app.store.get_event(name, "ext-order-2")
+        assert stored is not None and stored.correlation_id == "tx-7"
 
 
 async def test_the_consumer_keeping_events_for_waits_starts_at_the_oldest_live_run(

@@ -274,7 +274,9 @@ async def test_a_stream_owner_recorded_without_a_location_gets_one(
             await js.update_stream(config)
             async with shop(name, f"sqlite:///{tmp_path}/prod.db", nats_url, []):
                 pass
-            described = json.loads((await js.stream_info(names.stream)).config.description)
+            info = await js.stream_info(names.stream)
+            assert info.config.description is not None
+            described = json.loads(info.config.description)
         finally:
             await nc.close()
         assert f"path:{tmp_path}/prod.db" in described["location"]

@@ -10,6 +10,7 @@ import time
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from cantata.broker.nats_publish import ack_all
@@ -55,7 +56,7 @@ async def test_ack_all_acks_each_message_so_none_comes_again(
     psub = await bind_pull(js, name)
     for i in range(20):
         await js.publish(f"{name}.x", b"%d" % i)
-    first: dict[bytes, nats.aio.msg.Msg] = {}  # (a slow machine may see one twice)
+    first: dict[bytes, Msg] = {}  # (a slow machine may see one twice)
     while len(first) < 20:
         for m in await fetch(psub, 20, 1.0):
             first.setdefault(m.data, m)

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cantata
 from cantata import App, HandlerContext, Retry
@@ -30,7 +31,7 @@ def build_app(
     *,
     hang: bool,
     max_attempts: int = 5,
-    on_reserved: Callable[[cantata.Event], None] | None = None,
+    on_reserved: Callable[[cantata.Event[Any]], None] | None = None,
 ) -> App:
     """The same app in the killed worker and in the fresh one (``hang=False``)."""
     app = App("shop", store=f"sqlite:///{db}", lease=1.0, poll_interval=0.05)
@@ -39,7 +40,7 @@ def build_app(
         "order.placed", group="inventory",
         retry=Retry(max_attempts=max_attempts, initial_interval=0.01),
     )
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {"order_id": event.data["order_id"],
                                               "pid": os.getpid()})
         mark(markers / f"in-handler-{os.getpid()}", event.id)
@@ -47,7 +48,7 @@ def build_app(
             await asyncio.sleep(3600)
 
     @app.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event) -> None:
+    async def charge(event: cantata.Event[Any]) -> None:
         if on_reserved is not None:
             on_reserved(event)
 

@@ -30,17 +30,17 @@ def mark(path: Path, text: str) -> None:
 
 def build_app(
     store: str, broker: str, markers: Path, *, hang: bool,
-    on_charge: Callable[[cantata.Event], None] | None = None,
+    on_charge: Callable[[cantata.Event[Any]], None] | None = None,
 ) -> App:
     """The same app in the killed worker and in the fresh one (``hang=False``)."""
     app = App("shop", store=store, broker=broker, lease=1.0, poll_interval=0.05)
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {"order_id": event.data["order_id"]})
 
     @app.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def charge(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         if on_charge is not None:
             on_charge(event)
         await ctx.emit("payment.charged", {"order_id": event.data["order_id"],

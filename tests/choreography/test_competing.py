@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 import cantata
 from cantata import App, HandlerContext, WorkflowContext
@@ -16,7 +17,7 @@ def worker(sqlite_url: str, name: str, handled: list[tuple[str, str]]) -> App:
     app = make_app(sqlite_url, concurrency=2)  # small, so one worker cannot grab everything
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         handled.append((name, event.id))
         await asyncio.sleep(0.02)
         await ctx.emit("inventory.reserved", {"order": event.data["n"]})
@@ -51,7 +52,7 @@ async def test_other_groups_still_get_every_event_with_competing_workers(
     a, b = worker(sqlite_url, "a", handled), worker(sqlite_url, "b", handled)
 
     @b.on("order.*", group="audit")
-    async def audit(event: cantata.Event) -> None:
+    async def audit(event: cantata.Event[Any]) -> None:
         audited.append(event.id)
 
     async with a, b:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 
@@ -75,8 +76,14 @@ class Worker:
         self.log.close()
 
 
+class Spawn(Protocol):
+    """What the ``spawn`` fixture gives: a worker started with the test's store."""
+
+    def __call__(self, max_attempts: int = 5) -> Worker: ...
+
+
 @pytest.fixture
-def spawn(markers: Path, db: str, tmp_path: Path) -> Iterator[type[Worker]]:
+def spawn(markers: Path, db: str, tmp_path: Path) -> Iterator[Spawn]:
     started: list[Worker] = []
 
     class Spawned(Worker):
@@ -89,14 +96,14 @@ def spawn(markers: Path, db: str, tmp_path: Path) -> Iterator[type[Worker]]:
         w.close()
 
 
-async def publish_order(db: str, markers: Path) -> cantata.Event:
+async def publish_order(db: str, markers: Path) -> cantata.Event[Any]:
     api = build_app(db, markers, hang=False)
     async with api.client():
         return await api.publish("order.placed", {"order_id": 42})
 
 
 async def test_a_handler_killed_mid_way_is_handled_by_a_fresh_worker_exactly_once(
-    db: str, markers: Path, spawn: type[Worker]
+    db: str, markers: Path, spawn: Spawn
 ) -> None:
     doomed = spawn()
     await doomed.wait_for("ready")
@@ -105,7 +112,7 @@ async def test_a_handler_killed_mid_way_is_handled_by_a_fresh_worker_exactly_onc
     doomed.kill()  # after its emit, before its completion: nothing was committed
     assert doomed.proc.returncode == -signal.SIGKILL
 
-    reserved: list[cantata.Event] = []
+    reserved: list[cantata.Event[Any]] = []
     fresh = build_app(db, markers, hang=False, on_reserved=reserved.append)
     killed_at = time.monotonic()
     async with fresh:
@@ -126,7 +133,7 @@ async def test_a_handler_killed_mid_way_is_handled_by_a_fresh_worker_exactly_onc
 
 
 async def test_a_handler_that_keeps_killing_its_worker_is_dead_lettered(
-    db: str, markers: Path, spawn: type[Worker]
+    db: str, markers: Path, spawn: Spawn
 ) -> None:
     doomed = spawn(max_attempts=1)
     await doomed.wait_for("ready")
@@ -134,7 +141,7 @@ async def test_a_handler_that_keeps_killing_its_worker_is_dead_lettered(
     await doomed.wait_for(f"in-handler-{doomed.proc.pid}")
     doomed.kill()
 
-    reserved: list[cantata.Event] = []
+    reserved: list[cantata.Event[Any]] = []
     fresh = build_app(db, markers, hang=False, max_attempts=1, on_reserved=reserved.append)
     async with fresh:
         [dl] = await eventually(fresh.dead_letters, timeout=30, what="a WorkerLost dead letter")

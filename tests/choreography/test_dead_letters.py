@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ async def test_a_handler_that_always_fails_is_retried_then_dead_lettered(store_u
     calls: list[str] = []
 
     @app.on("order.placed", group="billing", retry=FAST)
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         calls.append(event.id)
         raise RuntimeError(f"card declined for {event.data['order_id']}")
 
@@ -50,7 +51,7 @@ async def test_non_retryable_errors_dead_letter_at_once(store_url: str) -> None:
     retry = Retry(max_attempts=5, initial_interval=0.01, non_retryable=(KeyError,))
 
     @app.on("order.placed", group="billing", retry=retry)
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         calls.append(1)
         raise KeyError("customer")
 
@@ -70,7 +71,7 @@ async def test_a_failure_recovers_within_its_retries(store_url: str) -> None:
     done: list[int] = []
 
     @app.on("order.placed", group="billing", retry=FAST)
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         calls.append(1)
         if len(calls) < FAST.max_attempts:
             raise ConnectionError("gateway timeout")
@@ -88,11 +89,11 @@ async def test_replay_redelivers_to_that_group_only(store_url: str) -> None:
     app = make_app(store_url)
     fixed = False
     seen: Counter[str] = Counter()
-    billing_events: list[cantata.Event] = []
-    receipts: list[cantata.Event] = []
+    billing_events: list[cantata.Event[Any]] = []
+    receipts: list[cantata.Event[Any]] = []
 
     @app.on("order.placed", group="billing", retry=FAST)
-    async def bill(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def bill(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         seen["billing"] += 1
         billing_events.append(event)
         if not fixed:
@@ -100,15 +101,15 @@ async def test_replay_redelivers_to_that_group_only(store_url: str) -> None:
         await ctx.emit("billing.receipt", {"order_id": event.data["order_id"]})
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None:
+    async def reserve(event: cantata.Event[Any]) -> None:
         seen["inventory"] += 1
 
     @app.on("order.*", group="audit")
-    async def audit(event: cantata.Event) -> None:
+    async def audit(event: cantata.Event[Any]) -> None:
         seen["audit"] += 1
 
     @app.on("billing.receipt", group="mail")
-    async def mail(event: cantata.Event) -> None:
+    async def mail(event: cantata.Event[Any]) -> None:
         receipts.append(event)
 
     async with app:
@@ -141,7 +142,7 @@ async def test_a_replayed_dead_letter_comes_back_if_it_fails_again(store_url: st
     calls: list[int] = []
 
     @app.on("order.placed", group="billing", retry=FAST)
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         calls.append(1)
         raise RuntimeError(f"still broken ({len(calls)})")
 
@@ -177,11 +178,11 @@ async def test_each_group_dead_letters_separately(store_url: str) -> None:
     app = make_app(store_url)
 
     @app.on("order.placed", group="billing", retry=Retry(max_attempts=1))
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         raise RuntimeError("billing broke")
 
     @app.on("order.placed", group="shipping", retry=Retry(max_attempts=2, initial_interval=0.01))
-    async def ship(event: cantata.Event) -> None:
+    async def ship(event: cantata.Event[Any]) -> None:
         raise TimeoutError("carrier api")
 
     async with app:
@@ -210,11 +211,11 @@ async def test_dead_letters_filtered_by_group_and_type_before_the_limit(store_ur
     app = make_app(store_url)
 
     @app.on("order.*", group="billing", retry=Retry(max_attempts=1))
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         raise RuntimeError("billing broke")
 
     @app.on("order.refunded", group="shipping", retry=Retry(max_attempts=1))
-    async def ship(event: cantata.Event) -> None:
+    async def ship(event: cantata.Event[Any]) -> None:
         raise RuntimeError("shipping broke")
 
     async with app:

@@ -4,6 +4,8 @@ subscribe writes one (docs/architecture.md): a row it wrote bare would replace t
 
 from __future__ import annotations
 
+from typing import Any
+
 import cantata
 from cantata import Router
 from cantata.declare.records import declaration_records
@@ -15,11 +17,11 @@ async def test_a_serving_worker_keeps_its_handlers_full_declarations(store_url: 
     router = Router(service="billing")
 
     @router.on("order.placed", group="invoicing", emits=["invoice.sent"])
-    async def invoice(event: cantata.Event) -> None:
+    async def invoice(event: cantata.Event[Any]) -> None:
         pass
 
     @app.on("order.*", group="audit")
-    async def audit(event: cantata.Event) -> None:
+    async def audit(event: cantata.Event[Any]) -> None:
         pass
 
     app.include(router)

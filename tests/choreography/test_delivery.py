@@ -18,22 +18,22 @@ async def test_chain_across_groups_with_a_wildcard_listener(store_url: str) -> N
     seen: Counter[tuple[str, str]] = Counter()
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         seen["inventory", event.type] += 1
         await ctx.emit("inventory.reserved", {"order_id": event.data["order_id"]})
 
     @app.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def charge(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         seen["payment", event.type] += 1
         await ctx.emit("payment.charged", {"order_id": event.data["order_id"]})
 
     @app.on("payment.charged", group="shipping")
-    async def ship(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def ship(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         seen["shipping", event.type] += 1
         await ctx.emit("order.shipped", {"order_id": event.data["order_id"]})
 
     @app.on("order.*", group="audit")
-    async def audit(event: cantata.Event) -> None:  # a handler may omit ctx
+    async def audit(event: cantata.Event[Any]) -> None:  # a handler may omit ctx
         seen["audit", event.type] += 1
 
     async with app:
@@ -56,7 +56,7 @@ async def test_every_group_gets_every_matching_event_once(store_url: str) -> Non
     got: dict[str, list[str]] = {"a": [], "b": [], "c": []}
 
     def recorder(group: str) -> Any:
-        async def handle(event: cantata.Event) -> None:
+        async def handle(event: cantata.Event[Any]) -> None:
             got[group].append(event.id)
 
         return handle
@@ -79,10 +79,10 @@ async def test_exact_type_beats_wildcard_within_a_group(store_url: str, exact_fi
     app = make_app(store_url)
     calls: list[tuple[str, str]] = []
 
-    async def exact(event: cantata.Event) -> None:
+    async def exact(event: cantata.Event[Any]) -> None:
         calls.append(("exact", event.type))
 
-    async def wildcard(event: cantata.Event) -> None:
+    async def wildcard(event: cantata.Event[Any]) -> None:
         calls.append(("wildcard", event.type))
 
     if exact_first:
@@ -106,11 +106,11 @@ async def test_wildcard_matches_exactly_one_token(store_url: str) -> None:
     seen: list[str] = []
 
     @app.on("order.*", group="audit")
-    async def audit(event: cantata.Event) -> None:
+    async def audit(event: cantata.Event[Any]) -> None:
         seen.append(event.type)
 
     @app.on("order.line.added", group="lines")
-    async def lines(event: cantata.Event) -> None:
+    async def lines(event: cantata.Event[Any]) -> None:
         seen.append("lines:" + event.type)
 
     async with app:
@@ -136,20 +136,20 @@ async def test_published_event_starts_its_own_correlation(store_url: str) -> Non
 
 async def test_handler_emits_carry_correlation_and_causation(store_url: str) -> None:
     app = make_app(store_url)
-    received: dict[str, cantata.Event] = {}
+    received: dict[str, cantata.Event[Any]] = {}
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         received[event.type] = event
         await ctx.emit("inventory.reserved", {"order_id": event.data["order_id"]})
 
     @app.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def charge(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         received[event.type] = event
         await ctx.emit("payment.charged", {"order_id": event.data["order_id"]})
 
     @app.on("payment.charged", group="shipping")
-    async def ship(event: cantata.Event) -> None:
+    async def ship(event: cantata.Event[Any]) -> None:
         received[event.type] = event
 
     async with app:
@@ -169,15 +169,15 @@ async def test_handler_emits_carry_correlation_and_causation(store_url: str) -> 
 
 async def test_handler_emit_keeps_subject_unless_given(store_url: str) -> None:
     app = make_app(store_url)
-    got: dict[str, cantata.Event] = {}
+    got: dict[str, cantata.Event[Any]] = {}
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {})
         await ctx.emit("inventory.audited", {}, subject="audit-1")
 
     @app.on("inventory.*", group="sink")
-    async def sink(event: cantata.Event) -> None:
+    async def sink(event: cantata.Event[Any]) -> None:
         got[event.type] = event
 
     async with app:
@@ -193,7 +193,7 @@ async def test_sync_handler_runs_too(store_url: str) -> None:
     seen: list[Any] = []
 
     @app.on("order.placed", group="legacy")
-    def legacy(event: cantata.Event) -> None:  # blocking code runs in a thread
+    def legacy(event: cantata.Event[Any]) -> None:  # blocking code runs in a thread
         seen.append(event.data)
 
     async with app:
@@ -234,7 +234,7 @@ async def test_event_types_starting_with_replay_are_reserved(store_url: str) -> 
         app.start_on("_replay.billing", "some_workflow")
 
     @app.on("*.billing", group="ops")  # a wildcard first token is fine
-    async def ops(event: cantata.Event) -> None: ...
+    async def ops(event: cantata.Event[Any]) -> None: ...
 
     async with app.client():
         with pytest.raises(cantata.InvalidEvent, match="'_replay' is reserved"):

@@ -71,7 +71,7 @@ async def test_a_handed_off_event_is_handled_once_and_the_broker_copy_changes_no
     backends: tuple[str, str], markers: Path
 ) -> None:
     store, broker = backends
-    charged: list[cantata.Event] = []
+    charged: list[cantata.Event[Any]] = []
     app = build_app(store, broker, markers, hang=False, on_charge=charged.append)
     async with app:
         spy_on_hand_off(app, markers)
@@ -98,11 +98,11 @@ async def test_a_published_event_is_held_and_handed_off_to_its_first_group(
 ) -> None:
     store, broker = backends
     app = make_app(store, broker=broker)
-    reserved: list[cantata.Event] = []
+    reserved: list[cantata.Event[Any]] = []
     handed: list[tuple[str, str]] = []
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None:
+    async def reserve(event: cantata.Event[Any]) -> None:
         reserved.append(event)
 
     async with app:
@@ -136,12 +136,12 @@ async def test_a_failed_hand_off_is_retried_after_its_delay_not_by_the_broker_co
     calls: list[float] = []
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: cantata.HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {})
 
     @app.on("inventory.reserved", group="payment",
             retry=Retry(max_attempts=3, initial_interval=0.8, backoff=1.0))
-    async def charge(event: cantata.Event) -> None:
+    async def charge(event: cantata.Event[Any]) -> None:
         calls.append(time.monotonic())
         if len(calls) == 1:
             raise RuntimeError("gateway down")
@@ -168,11 +168,11 @@ async def test_a_broker_copy_that_comes_before_the_hand_off_starts_is_the_first_
     attempts: list[int] = []
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: cantata.HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {})
 
     @app.on("inventory.reserved", group="payment", retry=Retry(max_attempts=1))
-    async def charge(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+    async def charge(event: cantata.Event[Any], ctx: cantata.HandlerContext) -> None:
         attempts.append(ctx.attempt)
 
     async with app:
@@ -249,7 +249,7 @@ async def test_a_worker_killed_between_the_hand_off_and_its_commit_gets_it_again
     assert (markers / "handed-off").exists(), "charge did not start from the hand-off"
     worker.kill()  # after the hand-off, before charge's commit: nothing was committed
 
-    charged: list[cantata.Event] = []
+    charged: list[cantata.Event[Any]] = []
     fresh = build_app(store, broker, markers, hang=False, on_charge=charged.append)
     async with fresh:
         await eventually(lambda: charged, timeout=30, what="the event delivered again")
@@ -289,8 +289,8 @@ async def test_deliveries_held_by_a_settlement_that_seemed_to_fail_are_not_stran
 ) -> None:
     url, broker = backends
     store = LostAfterCommit(store_from_url(url))
-    charged: list[cantata.Event] = []
-    app = cantata.App("shop", store=store, broker=broker,  # type: ignore[arg-type]
+    charged: list[cantata.Event[Any]] = []
+    app = cantata.App("shop", store=store, broker=broker,
                       lease=30.0, poll_interval=0.05)
     app.include(_router(charged))
     async with app:
@@ -304,15 +304,15 @@ async def test_deliveries_held_by_a_settlement_that_seemed_to_fail_are_not_stran
     assert [e.data["order_id"] for e in logged] == [3]
 
 
-def _router(charged: list[cantata.Event]) -> cantata.Router:
+def _router(charged: list[cantata.Event[Any]]) -> cantata.Router:
     router = cantata.Router()
 
     @router.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: cantata.HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {"order_id": event.data["order_id"]})
 
     @router.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+    async def charge(event: cantata.Event[Any], ctx: cantata.HandlerContext) -> None:
         charged.append(event)
         await ctx.emit("payment.charged", {"order_id": event.data["order_id"]})
 
@@ -339,7 +339,7 @@ def _counting_claims(app: cantata.App) -> list[str]:
         claims.extend(groups)
         return await real(app_name, worker_id, groups, **kw)
 
-    store.claim_deliveries = claim  # type: ignore[method-assign]
+    store.claim_deliveries = claim  # type: ignore[method-assign, assignment]
     return claims
 
 
@@ -351,15 +351,15 @@ async def test_a_chain_handed_off_in_the_process_makes_no_claim(tmp_path: Path) 
     shipped: list[float] = []
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: cantata.HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {})
 
     @app.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+    async def charge(event: cantata.Event[Any], ctx: cantata.HandlerContext) -> None:
         await ctx.emit("payment.charged", {})
 
     @app.on("payment.charged", group="shipping")
-    async def ship(event: cantata.Event) -> None:
+    async def ship(event: cantata.Event[Any]) -> None:
         shipped.append(time.monotonic())
 
     async with app:
@@ -385,12 +385,12 @@ async def test_deliveries_not_held_here_still_wake_the_consumers(tmp_path: Path)
     gate = asyncio.Event()
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None:
+    async def reserve(event: cantata.Event[Any]) -> None:
         await gate.wait()
         seen.append(event.type)
 
     @app.on("invoice.sent", group="billing")
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         seen.append(event.type)
 
     @app.workflow

@@ -12,10 +12,10 @@ from cantata import App, HandlerContext, WaitTimeout, WorkflowContext, WorkflowF
 from tests.choreography.helpers import SETTLE, eventually, make_app
 
 
-def order_app(store: str) -> tuple[App, list[cantata.Event]]:
+def order_app(store: str) -> tuple[App, list[cantata.Event[Any]]]:
     """order.placed starts ``fulfil``, which asks payments for a charge and waits for it."""
     app = make_app(store)
-    requests: list[cantata.Event] = []
+    requests: list[cantata.Event[Any]] = []
 
     @app.workflow
     async def fulfil(ctx: WorkflowContext, order: dict[str, Any]) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def order_app(store: str) -> tuple[App, list[cantata.Event]]:
         }
 
     @app.on("payment.requested", group="payments")
-    async def capture(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def capture(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         requests.append(event)
         await ctx.emit(
             "payment.captured",
@@ -43,7 +43,8 @@ def order_app(store: str) -> tuple[App, list[cantata.Event]]:
 
 
 async def only_run(app: App, workflow: str = "fulfil") -> cantata.RunInfo:
-    runs = await eventually(lambda: app.list_runs(workflow=workflow), what="a run to start")
+    runs: list[cantata.RunInfo] = await eventually(lambda: app.list_runs(workflow=workflow),
+                                                  what="a run to start")
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -228,10 +229,10 @@ async def test_a_workflow_can_catch_wait_timeout(store_url: str) -> None:
             return "escalated"
         return "approved"
 
-    escalations: list[cantata.Event] = []
+    escalations: list[cantata.Event[Any]] = []
 
     @app.on("invoice.escalated", group="managers")
-    async def escalate(event: cantata.Event) -> None:
+    async def escalate(event: cantata.Event[Any]) -> None:
         escalations.append(event)
 
     async with app:

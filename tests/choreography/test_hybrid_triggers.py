@@ -90,7 +90,7 @@ def fanout_app(store: str, services: list[str] | None = None) -> App:
     app = make_app(store, services=services)
 
     @app.on("order.placed", group="inventory", emits=["stock.reserved"])
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         await ctx.emit("stock.reserved", {"order_id": event.data["order_id"]})
 
     @app.workflow(service="orders")

@@ -18,7 +18,7 @@ async def test_an_event_nobody_consumes_is_counted_and_logged(
     app = make_app(store_url)
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None: ...
+    async def reserve(event: cantata.Event[Any]) -> None: ...
 
     async with app:
         with caplog.at_level(logging.WARNING, logger="cantata"):
@@ -35,10 +35,10 @@ async def test_consumed_types_are_not_orphans(store_url: str) -> None:
     app = make_app(store_url)
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None: ...
+    async def reserve(event: cantata.Event[Any]) -> None: ...
 
     @app.on("payment.*", group="audit")
-    async def audit(event: cantata.Event) -> None: ...
+    async def audit(event: cantata.Event[Any]) -> None: ...
 
     @app.workflow
     async def fulfil(ctx: cantata.WorkflowContext, order: dict[str, int]) -> None: ...
@@ -56,7 +56,7 @@ async def test_a_handler_declared_by_another_service_counts(sqlite_url: str) -> 
     inventory = make_app(sqlite_url)
 
     @inventory.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None: ...
+    async def reserve(event: cantata.Event[Any]) -> None: ...
 
     api = make_app(sqlite_url)  # same system, no handlers of its own
     async with inventory, api.client():
@@ -93,13 +93,13 @@ async def test_a_handler_emitting_a_type_nobody_consumes_is_an_orphan(
     done: list[int] = []
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: cantata.HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: cantata.HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {})  # nobody listens: lost in silence
         await ctx.emit("order.audited", {})  # the audit group listens
         done.append(1)
 
     @app.on("order.*", group="audit")
-    async def audit(event: cantata.Event) -> None: ...
+    async def audit(event: cantata.Event[Any]) -> None: ...
 
     async with app:
         with caplog.at_level(logging.WARNING, logger="cantata"):
@@ -136,7 +136,7 @@ async def test_orphans_reported_at_once_read_the_declarations_once(store_url: st
     app = make_app(store_url)
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None: ...
+    async def reserve(event: cantata.Event[Any]) -> None: ...
 
     async with app:
         store = app.store
@@ -148,7 +148,7 @@ async def test_orphans_reported_at_once_read_the_declarations_once(store_url: st
             reads += 1
             return await read(name)
 
-        store.declarations = counted  # type: ignore[method-assign]
+        store.declarations = counted  # type: ignore[method-assign, assignment]
         # (a burst: each check finds the brief cache empty while the first read runs)
         await asyncio.gather(*(app.publish("order.refunded", {"n": n}) for n in range(20)))
         assert app.metrics.orphans == {"order.refunded": 20}

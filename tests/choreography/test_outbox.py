@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import cantata
 from cantata import HandlerContext, Retry
@@ -11,17 +12,17 @@ from tests.choreography.helpers import FAST, SETTLE, events_of_type, eventually,
 
 async def test_emits_of_a_failed_attempt_are_never_seen(store_url: str) -> None:
     app = make_app(store_url)
-    downstream: list[cantata.Event] = []
+    downstream: list[cantata.Event[Any]] = []
     attempts: list[int] = []
 
     @app.on("order.placed", group="inventory", retry=Retry(max_attempts=1))
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         attempts.append(1)
         await ctx.emit("inventory.reserved", {"order_id": event.data["order_id"]})
         raise RuntimeError("stock service down")
 
     @app.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event) -> None:
+    async def charge(event: cantata.Event[Any]) -> None:
         downstream.append(event)
 
     async with app:
@@ -36,11 +37,11 @@ async def test_emits_of_a_failed_attempt_are_never_seen(store_url: str) -> None:
 
 async def test_only_the_successful_attempts_emits_are_delivered_once(store_url: str) -> None:
     app = make_app(store_url)
-    downstream: list[cantata.Event] = []
+    downstream: list[cantata.Event[Any]] = []
     emitted_ids: list[str] = []
 
     @app.on("order.placed", group="inventory", retry=Retry(max_attempts=5, initial_interval=0.01))
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         attempt = len(emitted_ids) + 1
         sent = await ctx.emit("inventory.reserved", {"attempt": attempt})
         emitted_ids.append(sent.id)
@@ -48,7 +49,7 @@ async def test_only_the_successful_attempts_emits_are_delivered_once(store_url: 
             raise RuntimeError(f"flaky #{attempt}")
 
     @app.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event) -> None:
+    async def charge(event: cantata.Event[Any]) -> None:
         downstream.append(event)
 
     async with app:
@@ -70,12 +71,12 @@ async def test_emits_wait_for_the_handler_to_finish(store_url: str) -> None:
     downstream: list[str] = []
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         await ctx.emit("inventory.reserved", {})
         await release.wait()  # the emit is buffered while the handler is still running
 
     @app.on("inventory.reserved", group="payment")
-    async def charge(event: cantata.Event) -> None:
+    async def charge(event: cantata.Event[Any]) -> None:
         downstream.append(event.type)
 
     async with app:
@@ -93,14 +94,14 @@ async def test_emits_of_an_eventually_dead_lettered_handler_never_leak(store_url
     calls: list[int] = []
 
     @app.on("order.placed", group="inventory", retry=FAST)
-    async def reserve(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         calls.append(1)
         await ctx.emit("inventory.reserved", {"n": len(calls)})
         await ctx.emit("inventory.audited", {"n": len(calls)})
         raise ValueError("always")
 
     @app.on("inventory.*", group="payment")
-    async def charge(event: cantata.Event) -> None:
+    async def charge(event: cantata.Event[Any]) -> None:
         downstream.append(event.type)
 
     async with app:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import cantata
 from cantata import App, RegistrationError, Router
 
 
-async def one(event: cantata.Event) -> None: ...
+async def one(event: cantata.Event[Any]) -> None: ...
 
 
-async def two(event: cantata.Event) -> None: ...
+async def two(event: cantata.Event[Any]) -> None: ...
 
 
 def test_two_exact_handlers_for_one_type_in_one_group() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 
@@ -94,7 +94,7 @@ async def test_an_untyped_handler_gets_plain_data(store_url: str) -> None:
     got: list[object] = []
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None:
+    async def reserve(event: cantata.Event[Any]) -> None:
         got.append(event.data)
 
     async with app:

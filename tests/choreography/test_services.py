@@ -19,11 +19,11 @@ def shop(url: str, ran: list[str], services: list[str] | None) -> cantata.App:
     app = make_app(url, services=services)
 
     @app.on("order.placed", group="inventory")
-    async def reserve(event: cantata.Event) -> None:
+    async def reserve(event: cantata.Event[Any]) -> None:
         ran.append("inventory")
 
     @app.on("order.placed", group="billing")
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         ran.append("billing")
 
     return app
@@ -60,11 +60,11 @@ async def test_a_routers_service_serves_its_handlers_whatever_their_group(
     router = Router(service="warehouse")
 
     @router.on("order.placed", group="stock-keeping")
-    async def keep(event: cantata.Event) -> None:
+    async def keep(event: cantata.Event[Any]) -> None:
         ran.append("stock-keeping")
 
     @app.on("order.placed", group="billing")
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         ran.append("billing")
 
     app.include(router)

@@ -60,7 +60,7 @@ async def test_the_worker_row_is_kept_by_one_heartbeat(sqlite_url: str) -> None:
             beats.append(worker_id)
             return await real(app_name, worker_id, *args, **kw)
 
-        app.store.heartbeat = counted  # type: ignore[method-assign]
+        app.store.heartbeat = counted  # type: ignore[method-assign, assignment]
         await asyncio.sleep(3.0)
         me = app.engine.worker_id
         app.store.heartbeat = real  # type: ignore[method-assign]

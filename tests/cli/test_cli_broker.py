@@ -47,7 +47,7 @@ def worker(store: str, broker: str, calls: list[Any], broken: dict[str, bool]) -
 
     @app.on("order.placed", group="inventory",
             retry=cantata.Retry(max_attempts=1))
-    async def reserve(event: cantata.Event) -> None:
+    async def reserve(event: cantata.Event[Any]) -> None:
         calls.append(event.data)
         if broken["yes"]:
             raise RuntimeError("stock service down")

@@ -5,6 +5,7 @@ letters are found however many older ones other groups have."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from cantata import App
 from tests.cli.project import cli, project_with
 
 APP = """
@@ -46,7 +48,7 @@ async def letters(app: Any, n: int) -> None:
 async def test_dlq_list_filters_before_the_limit(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import lettersapp
+    lettersapp = importlib.import_module("lettersapp")
 
     app = lettersapp.app
     async with app:
@@ -75,7 +77,7 @@ async def test_dlq_list_filters_before_the_limit(
 async def test_a_group_no_code_declares_is_an_error_not_an_empty_answer(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import lettersapp
+    lettersapp = importlib.import_module("lettersapp")
 
     async with lettersapp.app:
         pass  # declares billing and shipping
@@ -93,7 +95,7 @@ async def test_a_type_no_event_can_have_is_refused_as_the_api_refuses_it(
 ) -> None:
     """``--type 'bad type'`` is no event type (the API answers 400 invalid_input): one
     line and exit 1, not an empty table or "redelivering 0 dead letter(s)"."""
-    import lettersapp
+    lettersapp = importlib.import_module("lettersapp")
 
     async with lettersapp.app:
         pass
@@ -107,9 +109,9 @@ async def test_a_type_no_event_can_have_is_refused_as_the_api_refuses_it(
 async def test_a_workflow_the_app_never_had_is_an_error_not_an_empty_answer(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import lettersapp
+    lettersapp = importlib.import_module("lettersapp")
 
-    app = lettersapp.app
+    app: App = lettersapp.app
 
     @app.workflow
     async def settle(ctx: Any) -> None:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         app = cantata.App("shop", store=store)
 
         @app.on("order.placed", group="inventory")
-        async def reserve(event: cantata.Event) -> None: ...
+        async def reserve(event: cantata.Event[Any]) -> None: ...
 
         async with app:
             pass

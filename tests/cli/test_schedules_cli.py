@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_a_deleted_code_schedule_stays_deleted_until_a_worker_opens_the_app(
         return [s["name"] for s in json.loads(capsys.readouterr().out)]
 
     def a_worker_opens() -> None:
-        import nightmod
+        nightmod = importlib.import_module("nightmod")
 
         async def serve() -> None:
             nightmod.app.configure(store=url)

@@ -7,6 +7,7 @@ It ignored ``$CANTATA_APP``: with it set (and no ``--app``) a token went to
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -44,7 +45,7 @@ async def tokens(url: str) -> list[str]:
 async def test_token_commands_use_the_store_of_cantata_app(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tokshop
+    tokshop = importlib.import_module("tokshop")
 
     async with tokshop.app.client():
         pass  # its store exists

@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import cantata
 from cantata import App, Event, HandlerContext, Retry
@@ -20,23 +21,23 @@ def mark(kind: str, key: str) -> None:
 
 
 @app.step(retry=Retry(max_attempts=5, initial_interval=0.05))
-def work(order: dict, step: str) -> str:
+def work(order: dict[str, Any], step: str) -> str:
     time.sleep(0.05)  # long enough for a worker to be killed in the middle of some
     mark("step", f"{order['id']}.{step}")
     return f"{step}:{order['id']}"
 
 
 @app.workflow
-async def saga(ctx: cantata.WorkflowContext, order: dict) -> list[str]:
+async def saga(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> list[str]:
     return [await ctx.run(work, order, step) for step in ("a", "b", "c")]
 
 
 @app.on("order.placed", group="inventory")
-async def reserve(event: Event, ctx: HandlerContext) -> None:
+async def reserve(event: Event[Any], ctx: HandlerContext) -> None:
     await asyncio.sleep(0.02)
     await ctx.emit("stock.reserved", event.data)
 
 
 @app.on("stock.reserved", group="shipping")
-async def ship(event: Event, ctx: HandlerContext) -> None:
+async def ship(event: Event[Any], ctx: HandlerContext) -> None:
     await ctx.emit("order.shipped", event.data)

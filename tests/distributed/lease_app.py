@@ -10,6 +10,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import cantata
 from cantata import App, Event, Retry
@@ -36,7 +37,7 @@ def mark(kind: str, key: str) -> None:
 
 
 @app.step(retry=Retry(max_attempts=3, initial_interval=0.05))
-async def work(order: dict, step: str) -> str:
+async def work(order: dict[str, Any], step: str) -> str:
     key = f"{order['id']}.{step}"
     mark("start", key)
     # (``seconds`` for every step, or ``seconds_<step>`` for that one)
@@ -46,7 +47,7 @@ async def work(order: dict, step: str) -> str:
 
 
 @app.workflow
-async def chain(ctx: cantata.WorkflowContext, order: dict) -> list[str]:
+async def chain(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> list[str]:
     return [await ctx.run(work, order, step) for step in order.get("steps", "abc")]
 
 
@@ -60,7 +61,7 @@ async def napper(ctx: cantata.WorkflowContext, seconds: float) -> None:
 
 
 @app.on("job.requested", group="jobs")
-async def job(event: Event) -> None:
+async def job(event: Event[Any]) -> None:
     mark("hstart", str(event.data["id"]))
     await asyncio.sleep(event.data["seconds"])
     mark("hend", str(event.data["id"]))

@@ -15,6 +15,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import cantata
 from cantata import App, Event, Retry
@@ -30,7 +31,7 @@ def mark(kind: str, key: str) -> None:
 
 
 @app.step(retry=Retry(max_attempts=3, initial_interval=0.05))
-async def work(order: dict, step: str) -> str:
+async def work(order: dict[str, Any], step: str) -> str:
     key = f"{order['id']}.{step}"
     mark("start", key)
     await asyncio.sleep(order.get("seconds", 0.3))
@@ -39,7 +40,7 @@ async def work(order: dict, step: str) -> str:
 
 
 @app.workflow(queue="burst")
-async def chain(ctx: cantata.WorkflowContext, order: dict) -> list[str]:
+async def chain(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> list[str]:
     return [await ctx.run(work, order, step) for step in order.get("steps", "abc")]
 
 
@@ -59,9 +60,10 @@ async def wait_gate(run: int) -> int:
 
 @app.workflow
 async def gated(ctx: cantata.WorkflowContext, run: int) -> int:
-    return await ctx.run(wait_gate, run)
+    result: int = await ctx.run(wait_gate, run)
+    return result
 
 
 @app.on("gate.requested", group="gates")
-async def gate_job(event: Event) -> None:
+async def gate_job(event: Event[Any]) -> None:
     await gate("h", str(event.data["id"]))

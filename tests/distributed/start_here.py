@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from typing import TYPE_CHECKING, Any
 
-from lease_app import app, chain
+if TYPE_CHECKING:
+    from tests.distributed.lease_app import app, chain
+else:
+    from lease_app import app, chain  # (run as a script: its own directory on sys.path)
 
 
-async def main(store: str, order: dict) -> None:
+async def main(store: str, order: dict[str, Any]) -> None:
     app.configure(store=store, broker="embedded")
     async with app:
         await app.start(chain, order)

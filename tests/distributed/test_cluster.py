@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
@@ -77,7 +77,10 @@ async def test_cluster_survives_sigkill_of_a_worker_and_a_database_restart(
     # (broker_url: a new store each time, so a name space of its own on the server too)
     monkeypatch.setenv("CANTATA_BROKER", broker_url)
     monkeypatch.syspath_prepend(str(HERE))
-    import cluster_app
+    if TYPE_CHECKING:
+        from tests.distributed import cluster_app
+    else:
+        import cluster_app  # as its workers import it (HERE on sys.path)
 
     client = cluster_app.app
     client._store_spec, client._broker_spec = distributed_url, broker_url
@@ -104,7 +107,7 @@ async def test_cluster_survives_sigkill_of_a_worker_and_a_database_restart(
                         break
                     except cantata.StoreError:
                         await asyncio.sleep(1)
-            shipped: list[cantata.Event] = []
+            shipped: list[cantata.Event[Any]] = []
             for _ in range(600):
                 shipped = await client.store.find_events(
                     client.name, "order.shipped", since=0, exclude=(), limit=1000)

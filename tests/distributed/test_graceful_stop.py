@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,7 +31,10 @@ pytestmark = pytest.mark.slow
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[App]:
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
-    import lease_app
+    if TYPE_CHECKING:
+        from tests.distributed import lease_app
+    else:
+        import lease_app  # as its workers import it (HERE on sys.path)
 
     app: App = lease_app.app
     app.configure(store=f"sqlite:///{tmp_path}/leases.db", broker="embedded")

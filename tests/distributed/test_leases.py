@@ -17,10 +17,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from cantata import App
+from cantata import App, RunHandle
 
 from .procs import HERE, PrivatePostgres, marks, pg_bin, run_twice, start_worker, stop
 
@@ -31,7 +32,10 @@ pytestmark = pytest.mark.slow
 def lease_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[App]:
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
-    import lease_app
+    if TYPE_CHECKING:
+        from tests.distributed import lease_app
+    else:
+        import lease_app  # as its workers import it (HERE on sys.path)
 
     app: App = lease_app.app
     yield app
@@ -82,7 +86,7 @@ async def test_workers_paused_past_their_lease_leave_no_run_stuck(
             while log.read_text(errors="replace").count("serving app") < 2:
                 assert time.monotonic() < end, "the workers printed no banners within 60 s"
                 await asyncio.sleep(0.1)
-            handles = []
+            handles: list[RunHandle] = []
             # A few at a time, so that both workers claim some: at least 12, and more
             # while one worker runs them all (a worker starved of CPU loses each claim).
             end = time.monotonic() + 60

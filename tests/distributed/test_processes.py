@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -99,7 +100,10 @@ def end(proc: subprocess.Popen[bytes], pids: list[int]) -> None:
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[App]:
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
-    import share_app
+    if TYPE_CHECKING:
+        from tests.distributed import share_app
+    else:
+        import share_app  # as its workers import it (HERE on sys.path)
 
     app: App = share_app.app
     app.configure(store=f"sqlite:///{tmp_path}/share.db", broker="embedded")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -28,7 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[App]:
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
-    import lease_app
+    if TYPE_CHECKING:
+        from tests.distributed import lease_app
+    else:
+        import lease_app  # as its workers import it (HERE on sys.path)
 
     yield lease_app.app
     sys.modules.pop("lease_app", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import cantata
 from cantata import App, Retry
@@ -14,14 +15,14 @@ MARKS = Path(os.environ.get("CANTATA_TEST_MARKS", "/tmp"))
 
 
 @app.workflow(service="orders")
-async def checkout(ctx: cantata.WorkflowContext, order: dict) -> dict:
+async def checkout(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> dict[str, Any]:
     charge = await ctx.run("payments.charge", order, compensate="payments.refund")
     shipment = await ctx.run("shipping.ship", order)
     return {"charge": charge, "shipment": shipment}
 
 
 @app.step(service="payments", retry=Retry(max_attempts=3, initial_interval=0.05))
-def charge(order: dict) -> str:
+def charge(order: dict[str, Any]) -> str:
     info = cantata.step_info()
     mark = MARKS / f"charge-{info.attempt}"
     # written whole or not at all: the test kills this process once the mark exists
@@ -33,11 +34,11 @@ def charge(order: dict) -> str:
 
 
 @app.step(service="payments")
-def refund(order: dict) -> None:
+def refund(order: dict[str, Any]) -> None:
     (MARKS / "refund").write_text("1")
 
 
 @app.step(service="shipping")
-def ship(order: dict) -> str:
+def ship(order: dict[str, Any]) -> str:
     (MARKS / "ship").write_text("1")
     return "shipped"

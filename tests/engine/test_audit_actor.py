@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import cantata
 from cantata import Retry
@@ -18,7 +19,7 @@ async def test_cancel_and_replay_are_audited_with_their_actor() -> None:
         await ctx.sleep(3600)
 
     @app.on("order.placed", group="billing", retry=Retry(max_attempts=1))
-    async def bill(event: cantata.Event) -> None:
+    async def bill(event: cantata.Event[Any]) -> None:
         raise RuntimeError("billing down")
 
     async with app:

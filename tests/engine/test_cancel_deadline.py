@@ -277,7 +277,7 @@ async def test_deadline_must_be_positive(store_url: str) -> None:
             with pytest.raises(ConfigurationError, match=(
                 rf"deadline must be a number of seconds > 0, got {deadline!r}"
             )):
-                await app.start("bare", deadline=deadline)
+                await app.start("bare", deadline=deadline)  # type: ignore[arg-type]  # on purpose
         assert await app.list_runs() == []
 
 
@@ -300,12 +300,14 @@ def slow_shop(url: str, calls: list[str], seconds: float = 3.0) -> App:
     @app.workflow
     async def last_step_slow(ctx: WorkflowContext, n: int) -> int:
         await ctx.run("reserve", n, compensate="release")
-        return await ctx.run(pack, n)
+        result: int = await ctx.run(pack, n)
+        return result
 
     @app.workflow
     async def sync_last_step_slow(ctx: WorkflowContext, n: int) -> int:
         await ctx.run("reserve", n, compensate="release")
-        return await ctx.run(pack_sync, n)
+        result: int = await ctx.run(pack_sync, n)
+        return result
 
     @app.workflow
     async def slow_then_ship(ctx: WorkflowContext, n: int) -> None:
@@ -384,7 +386,8 @@ async def test_a_workflow_returning_past_its_deadline_does_not_complete(store_ur
 
     @app.workflow
     async def wf(ctx: WorkflowContext) -> str:
-        return await ctx.run(stubborn)
+        result: str = await ctx.run(stubborn)
+        return result
 
     async with app:
         h = await app.start(wf, deadline=0.3)

@@ -27,7 +27,8 @@ def build(url: str, name: str) -> App:
 
     @app.workflow
     async def short(ctx: WorkflowContext, n: int) -> int:
-        return await ctx.run(echo, n)
+        result: int = await ctx.run(echo, n)
+        return result
 
     return app
 

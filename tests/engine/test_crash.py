@@ -281,7 +281,7 @@ async def test_store_outage_mid_run_is_retried_not_failed(sqlite_url: str, fail_
 
     @app.workflow
     async def order(ctx: WorkflowContext, n: int) -> int:
-        a = await ctx.run(reserve, n, compensate=release)
+        a: int = await ctx.run(reserve, n, compensate=release)
         return a + int(await ctx.run(charge, n))
 
     async with app:

@@ -31,7 +31,7 @@ def test_run_status_is_a_str_enum() -> None:
     assert [str(s) for s in RunStatus] == [
         "pending", "running", "compensating", "completed", "compensated", "failed", "cancelled",
     ]
-    assert RunStatus.COMPLETED == "completed"
+    assert RunStatus.COMPLETED == "completed"  # type: ignore[comparison-overlap]  # on purpose
     assert f"{RunStatus.FAILED}" == "failed"
     assert {s for s in RunStatus if s.is_final} == {
         RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.FAILED, RunStatus.CANCELLED,
@@ -209,6 +209,7 @@ async def test_a_run_that_ended_here_answers_result_without_a_read(store_url: st
     async with app:
         handles = await asyncio.gather(*(app.start(double, n) for n in range(5)))
         await asyncio.gather(*(h.result(timeout=5) for h in handles))
+        assert app._engine is not None
         store = app._engine.store
         reads: list[str] = []
         get_run = store.get_run
@@ -217,7 +218,7 @@ async def test_a_run_that_ended_here_answers_result_without_a_read(store_url: st
             reads.append(run_id)
             return await get_run(app_name, run_id)
 
-        store.get_run = counted  # type: ignore[method-assign]
+        store.get_run = counted  # type: ignore[method-assign, assignment]
         assert [await h.result(timeout=5) for h in handles] == [0, 2, 4, 6, 8]
         assert reads == []
         assert await app.get_handle(handles[0].run_id).status() == RunStatus.COMPLETED

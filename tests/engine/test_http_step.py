@@ -63,7 +63,7 @@ def _app(server: _Server, **kw: Any) -> tuple[App, Any]:
     )
 
     @app.workflow
-    async def pay(ctx: cantata.WorkflowContext, order: dict) -> Any:
+    async def pay(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> Any:
         return await ctx.run(charge, order)
 
     return app, pay

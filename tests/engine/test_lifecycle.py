@@ -128,7 +128,8 @@ async def test_a_body_run_while_its_worker_opens_can_use_the_app(sqlite_url: str
 
     @app.workflow
     async def parent(ctx: WorkflowContext) -> str:
-        return await ctx.run(start_child)
+        result: str = await ctx.run(start_child)
+        return result
 
     @app.on("parent.noted", group="notes")
     async def noted(event: Event[Any], ctx: HandlerContext) -> None: ...

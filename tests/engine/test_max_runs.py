@@ -53,11 +53,13 @@ def build(url: str, gauge: Gauge, ran: list[int] | None = None, *, step_s: float
 
     @app.workflow
     async def short(ctx: WorkflowContext, n: int) -> int:
-        return await ctx.run(work, n)
+        result: int = await ctx.run(work, n)
+        return result
 
     @app.workflow
     async def through_narrow(ctx: WorkflowContext, n: int) -> int:
-        return await ctx.run(narrow, n)
+        result: int = await ctx.run(narrow, n)
+        return result
 
     @app.workflow
     async def sleeper(ctx: WorkflowContext, seconds: float) -> str:
@@ -67,7 +69,8 @@ def build(url: str, gauge: Gauge, ran: list[int] | None = None, *, step_s: float
     @app.workflow
     async def nap(ctx: WorkflowContext, n: int) -> int:
         await ctx.sleep(0.5)
-        return await ctx.run(work, n)
+        result: int = await ctx.run(work, n)
+        return result
 
     @app.workflow
     async def parent(ctx: WorkflowContext, n: int) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from typing import Any
 
 import pydantic
 import pytest
@@ -41,13 +43,13 @@ def shop(url: str, seen: list[object]) -> App:
     @app.workflow
     async def checkout(ctx: WorkflowContext, order: Order) -> Receipt:
         seen.append(order)
-        receipt = await ctx.run(charge, order)
+        receipt: Receipt = await ctx.run(charge, order)
         seen.append(receipt)
         return receipt
 
     @app.workflow
     async def via_child(ctx: WorkflowContext, order: Order) -> Receipt:
-        receipt = await ctx.call(checkout, order)
+        receipt: Receipt = await ctx.call(checkout, order)
         seen.append(receipt)
         return receipt
 
@@ -119,7 +121,7 @@ async def test_arguments_that_do_not_fit_the_declared_type_are_refused_at_start(
     assert seen == []
 
 
-def strict_fn(app: App) -> object:
+def strict_fn(app: App) -> Callable[..., Any]:
     return app.workflows["strict"].fn
 
 

@@ -181,7 +181,7 @@ def test_a_forked_child_makes_ids_of_its_own(monkeypatch: pytest.MonkeyPatch) ->
 
     from cantata.model import codec
 
-    monkeypatch.setattr(codec.time, "time_ns", lambda: 1_800_000_000_123_456_789)
+    monkeypatch.setattr("cantata.model.codec.time.time_ns", lambda: 1_800_000_000_123_456_789)
     codec.new_id()  # a block read ahead, mostly unused
     read, write = os.pipe()
     pid = os.fork()
@@ -210,7 +210,7 @@ def test_ids_made_by_one_process_strictly_increase_even_when_the_clock_stands_st
     from cantata.model import codec
 
     frozen = [1_800_000_000_123_456_789]
-    monkeypatch.setattr(codec.time, "time_ns", lambda: frozen[0])
+    monkeypatch.setattr("cantata.model.codec.time.time_ns", lambda: frozen[0])
     ids = [codec.new_id() for _ in range(5000)]
     frozen[0] -= 10_000_000  # a step back of 10 ms
     ids += [codec.new_id() for _ in range(100)]

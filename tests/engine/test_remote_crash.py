@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -45,7 +46,10 @@ async def test_killed_payments_worker_and_stopped_shipping_service(
     store = f"sqlite:///{tmp_path}/shop.db"
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
-    import remote_app
+    if TYPE_CHECKING:
+        from tests.engine import remote_app
+    else:
+        import remote_app  # as its workers import it (HERE on sys.path)
 
     app = remote_app.app
     app._store_spec = store
@@ -91,7 +95,10 @@ async def test_attempts_cut_short_by_kill_count_once_each_with_their_real_starts
     store = f"sqlite:///{tmp_path}/shop.db"
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setenv("CANTATA_TEST_MARKS", str(tmp_path))
-    import remote_app
+    if TYPE_CHECKING:
+        from tests.engine import remote_app
+    else:
+        import remote_app  # as its workers import it (HERE on sys.path)
 
     app = remote_app.app
     app._store_spec = store

@@ -23,7 +23,7 @@ def orders_app(url: str) -> App:
     app = make_app(url, services=["orders"])
 
     @app.workflow(service="orders")
-    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+    async def place_order(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> Any:
         reserved = await ctx.run("inventory.reserve", order, compensate="inventory.release")
         charged = await ctx.run(app.remote_step("payments.charge"), order)
         return {"reserved": reserved, "charged": charged}
@@ -35,7 +35,7 @@ def inventory_app(url: str, log: list[Any]) -> App:
     app = make_app(url, services=["inventory"])
 
     @app.step(service="inventory")
-    async def reserve(order: dict) -> dict:
+    async def reserve(order: dict[str, Any]) -> dict[str, Any]:
         info = cantata.step_info()
         log.append(("reserve", info.attempt, info.idempotency_key))
         if order.get("flaky") and info.attempt == 1:
@@ -43,7 +43,7 @@ def inventory_app(url: str, log: list[Any]) -> App:
         return {"sku": order["sku"]}
 
     @app.step(service="inventory")
-    def release(order: dict) -> None:
+    def release(order: dict[str, Any]) -> None:
         log.append(("release",))
 
     return app
@@ -54,7 +54,7 @@ def payments_app(url: str, log: list[Any]) -> App:
 
     @app.step(service="payments", retry=Retry(max_attempts=2, initial_interval=0.01,
                                               non_retryable=(ValueError,)))
-    async def charge(order: dict) -> str:
+    async def charge(order: dict[str, Any]) -> str:
         log.append(("charge", cantata.step_info().attempt))
         if order.get("decline"):
             raise ValueError("card declined")
@@ -138,7 +138,7 @@ async def test_a_stub_can_wait_for_a_service_that_never_started(url: str) -> Non
         warehouse = make_app(url, services=["warehouse"])
 
         @warehouse.step(service="warehouse", name="pick")
-        async def pick_impl(order: dict) -> str:
+        async def pick_impl(order: dict[str, Any]) -> str:
             return "picked"
 
         async with warehouse:
@@ -226,13 +226,13 @@ async def test_a_remote_step_in_progress_at_cancel_ends_and_is_compensated(url: 
     inventory = make_app(url, services=["inventory"])
 
     @inventory.step(service="inventory")
-    async def reserve(order: dict) -> dict:
+    async def reserve(order: dict[str, Any]) -> dict[str, Any]:
         log.append("reserve")
         await go.wait()
         return {"sku": order["sku"]}
 
     @inventory.step(service="inventory")
-    def release(order: dict) -> None:
+    def release(order: dict[str, Any]) -> None:
         log.append("release")
 
     async with payments_app(url, log).client():  # declared, never served here
@@ -262,7 +262,7 @@ async def test_a_remote_step_that_completes_in_a_parallel_branch_after_a_failure
     orders = make_app(url, services=["orders"])
 
     @orders.workflow(service="orders")
-    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+    async def place_order(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> Any:
         return await asyncio.gather(
             ctx.run("inventory.reserve", order, compensate="inventory.release"),
             ctx.run(orders.remote_step("payments.charge"), order))
@@ -270,13 +270,13 @@ async def test_a_remote_step_that_completes_in_a_parallel_branch_after_a_failure
     inventory = make_app(url, services=["inventory"])
 
     @inventory.step(service="inventory")
-    async def reserve(order: dict) -> dict:
+    async def reserve(order: dict[str, Any]) -> dict[str, Any]:
         log.append(("reserve",))
         await go.wait()
         return {"sku": order["sku"]}
 
     @inventory.step(service="inventory")
-    def release(order: dict) -> None:
+    def release(order: dict[str, Any]) -> None:
         log.append(("release",))
 
     async with inventory, payments_app(url, log), orders:
@@ -303,7 +303,7 @@ async def test_a_parallel_branch_whose_service_is_down_is_withdrawn_when_the_run
     orders = make_app(url, services=["orders"])
 
     @orders.workflow(service="orders")
-    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+    async def place_order(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> Any:
         return await asyncio.gather(
             ctx.run("inventory.reserve", order, compensate="inventory.release"),
             ctx.run(orders.remote_step("payments.charge"), order))
@@ -334,13 +334,13 @@ async def test_the_task_of_an_ended_run_left_by_its_worker_is_withdrawn(url: str
     orders = make_app(url, services=["orders"])
 
     @orders.workflow(service="orders")
-    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+    async def place_order(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> Any:
         return await ctx.run("inventory.reserve", order)
 
     stuck = make_app(url, services=["inventory"])
 
     @stuck.step(service="inventory")
-    async def reserve(order: dict) -> dict:
+    async def reserve(order: dict[str, Any]) -> dict[str, Any]:
         log.append("stuck reserve")
         await asyncio.Event().wait()  # until its worker goes
         return {}
@@ -386,7 +386,7 @@ async def test_a_remote_step_cut_by_a_graceful_stop_is_interrupted_not_an_attemp
     first = make_app(url, services=["inventory"])
 
     @first.step(service="inventory", retry=once)
-    async def reserve(order: dict) -> dict:
+    async def reserve(order: dict[str, Any]) -> dict[str, Any]:
         log.append(("first", cantata.step_info().attempt))
         await asyncio.Event().wait()  # longer than the stop's grace
         return {}
@@ -394,12 +394,12 @@ async def test_a_remote_step_cut_by_a_graceful_stop_is_interrupted_not_an_attemp
     second = make_app(url, services=["inventory"])
 
     @second.step(service="inventory", retry=once, name="reserve")
-    async def reserve_again(order: dict) -> dict:
+    async def reserve_again(order: dict[str, Any]) -> dict[str, Any]:
         log.append(("second", cantata.step_info().attempt))
         return {"sku": order["sku"]}
 
     @second.step(service="inventory")
-    def release(order: dict) -> None: ...
+    def release(order: dict[str, Any]) -> None: ...
 
     async with payments_app(url, log).client(), second.client():  # declare their steps
         pass
@@ -439,7 +439,7 @@ async def test_a_remote_step_held_in_a_branch_a_taskgroup_cancels_is_awaited_and
     orders = make_app(url, services=["orders"])
 
     @orders.workflow(service="orders")
-    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+    async def place_order(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> Any:
         async with asyncio.TaskGroup() as group:
             group.create_task(
                 ctx.run("inventory.reserve", order, compensate="inventory.release"))
@@ -448,13 +448,13 @@ async def test_a_remote_step_held_in_a_branch_a_taskgroup_cancels_is_awaited_and
     inventory = make_app(url, services=["inventory"])
 
     @inventory.step(service="inventory")
-    async def reserve(order: dict) -> dict:
+    async def reserve(order: dict[str, Any]) -> dict[str, Any]:
         log.append(("reserve",))
         await go.wait()
         return {"sku": order["sku"]}
 
     @inventory.step(service="inventory")
-    def release(order: dict) -> None:
+    def release(order: dict[str, Any]) -> None:
         log.append(("release",))
 
     async with inventory, payments_app(url, log), orders:
@@ -482,7 +482,7 @@ async def test_a_remote_step_no_worker_holds_in_a_cancelled_taskgroup_branch_is_
     orders = make_app(url, services=["orders"])
 
     @orders.workflow(service="orders")
-    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+    async def place_order(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> Any:
         async with asyncio.TaskGroup() as group:
             group.create_task(
                 ctx.run("inventory.reserve", order, compensate="inventory.release"))
@@ -535,7 +535,7 @@ async def test_a_remote_steps_outcome_in_a_cancelled_branch_is_committed_with_th
     orders = make_app(watch, services=["orders"])  # type: ignore[arg-type]
 
     @orders.workflow(service="orders")
-    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> Any:
+    async def place_order(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> Any:
         async with asyncio.TaskGroup() as group:
             group.create_task(
                 ctx.run("inventory.reserve", order, compensate="inventory.release"))
@@ -544,13 +544,13 @@ async def test_a_remote_steps_outcome_in_a_cancelled_branch_is_committed_with_th
     inventory = make_app(url, services=["inventory"])
 
     @inventory.step(service="inventory")
-    async def reserve(order: dict) -> dict:
+    async def reserve(order: dict[str, Any]) -> dict[str, Any]:
         log.append(("reserve",))
         await go.wait()
         return {"sku": order["sku"]}
 
     @inventory.step(service="inventory")
-    def release(order: dict) -> None:
+    def release(order: dict[str, Any]) -> None:
         log.append(("release",))
 
     async with contextlib.AsyncExitStack() as stack:
@@ -578,7 +578,7 @@ async def test_a_worker_without_the_step_leaves_its_task_to_one_that_has_it(url:
     old = make_app(url, services=["inventory"])  # an older inventory: release only
 
     @old.step(service="inventory")
-    def release(order: dict) -> None:
+    def release(order: dict[str, Any]) -> None:
         log.append(("old release",))
 
     async with old, orders:
@@ -738,8 +738,8 @@ async def test_a_cancel_or_deadline_ends_a_run_whose_remote_step_waits_for_a_slo
     async with inventory, orders:
         holder = await orders.start(place, "holder")
         await eventually(lambda: "reserve holder" in calls)
-        doomed = await orders.start(place, "doomed",
-                                    **({"deadline": 0.5} if stop == "deadline" else {}))
+        deadline: dict[str, Any] = {"deadline": 0.5} if stop == "deadline" else {}
+        doomed = await orders.start(place, "doomed", **deadline)
         await eventually(lambda: "book doomed" in calls)
         await asyncio.sleep(0.3)  # its task was claimed and waits for the slot
         if stop == "cancel":

@@ -5,6 +5,7 @@ came in or ended."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,10 @@ async def test_each_wait_ends_at_its_own_deadline() -> None:
     waits = {name: loop.create_future() for name in ("late", "early", "middle", "left",
                                                       "answered")}
     for name, fut in waits.items():
-        fut.add_done_callback(lambda f, name=name: ended.setdefault(name, loop.time()))
+        def at_end(f: asyncio.Future[Any], name: str = name) -> None:
+            ended.setdefault(name, loop.time())
+
+        fut.add_done_callback(at_end)
     at = {"late": 0.30, "early": 0.05, "middle": 0.15, "left": 0.10, "answered": 0.12}
     for name in ("late", "early", "middle", "left", "answered"):  # (not in time order)
         assert deadlines.add(waits[name], start + at[name], loop)

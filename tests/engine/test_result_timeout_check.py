@@ -42,6 +42,6 @@ async def test_result_takes_and_refuses_the_timeouts_check_seconds_does(sqlite_u
         for timeout in TIMEOUTS:
             if _check_refuses(timeout):
                 with pytest.raises(ConfigurationError, match="result timeout must be"):
-                    await h.result(timeout=timeout)  # type: ignore[arg-type]
+                    await h.result(timeout=timeout)
             else:
-                assert await h.result(timeout=timeout) == 7  # type: ignore[arg-type]
+                assert await h.result(timeout=timeout) == 7

@@ -244,11 +244,12 @@ def test_max_interval_caps_the_delay_jitter_included() -> None:
 def test_retry_intervals_longer_than_100_years_are_refused_naming_the_limit() -> None:
     for option in ("initial_interval", "max_interval"):
         for value in (1e16, math.inf):
+            options: dict[str, Any] = {option: value}
             with pytest.raises(cantata.ConfigurationError, match=(
                 rf"Retry {option} must be at most 3155760000 seconds \(100 years\), "
                 rf"got {re.escape(repr(value))}"
             )):
-                Retry(**{option: value})
+                Retry(**options)
 
 
 async def test_step_timeout_counts_as_a_failed_attempt_and_is_retried(store_url: str) -> None:
@@ -366,16 +367,16 @@ def test_a_retry_that_is_not_a_policy_is_refused_where_it_is_declared() -> None:
 
     attempts = r"retry=Retry\(max_attempts=3\)"
     for declare in (
-        lambda: app.step(retry=3)(charge),  # type: ignore[arg-type]
-        lambda: app.step(retry=3),  # type: ignore[arg-type]  # before it decorates anything
-        lambda: app.transaction(retry=3)(book),  # type: ignore[arg-type]
+        lambda: app.step(retry=3)(charge),  # type: ignore[call-overload]
+        lambda: app.step(retry=3),  # type: ignore[call-overload]  # before it decorates anything
+        lambda: app.transaction(retry=3)(book),  # type: ignore[call-overload]
         lambda: app.on("order.paid", group="mail", retry=3)(on_paid),  # type: ignore[arg-type]
         lambda: cantata.http_step("POST", "http://127.0.0.1:1/x", retry=3),  # type: ignore[arg-type]
     ):
         with pytest.raises(cantata.RegistrationError, match=rf"retry=3 .*{attempts}"):
             declare()
     with pytest.raises(cantata.RegistrationError, match=r"retry='fast' needs a cantata\.Retry"):
-        app.step(retry="fast")(charge)  # type: ignore[arg-type]
+        app.step(retry="fast")(charge)  # type: ignore[call-overload]
     assert "charge" not in app.steps
 
 
@@ -390,7 +391,7 @@ def test_retry_options_of_the_wrong_type_name_the_option() -> None:
         ({"jitter": float("nan")}, r"jitter must be a number, got nan"),
     ):
         with pytest.raises(cantata.ConfigurationError, match=match):
-            Retry(**kwargs)  # type: ignore[arg-type]
+            Retry(**kwargs)
 
 
 def test_seconds_options_of_the_wrong_type_are_refused_naming_the_option() -> None:
@@ -412,7 +413,7 @@ def test_seconds_options_of_the_wrong_type_are_refused_naming_the_option() -> No
         with pytest.raises(cantata.RegistrationError, match=(
             rf"cleanup_timeout must be a number of seconds > 0, got {value!r}"
         )):
-            app.workflow(cleanup_timeout=value)(flow)
+            app.workflow(cleanup_timeout=value)(flow)  # type: ignore[call-overload]  # on purpose
     with pytest.raises(cantata.RegistrationError, match=(
         r"Step\(charge\) timeout must be a number of seconds > 0, got 'x'"
     )):

@@ -10,25 +10,26 @@ from hypothesis import strategies as st
 
 import cantata
 from cantata import App, Retry, Saga, Step
+from cantata.engine.saga import Mode
 
 from .helpers import make_app
 
-MODES = ("orchestrated", "choreographed")
+MODES: tuple[Mode, ...] = ("orchestrated", "choreographed")
 
 
-def build(mode: str, calls: list[tuple[Any, ...]], fail_at: str | None = None,
+def build(mode: Mode, calls: list[tuple[Any, ...]], fail_at: str | None = None,
           steps: int = 3) -> App:
     app = make_app("memory://", name=f"saga-{mode}")
 
     def make(name: str) -> tuple[Any, Any]:
-        async def action(order: dict) -> str:
+        async def action(order: dict[str, Any]) -> str:
             info = cantata.step_info()
             calls.append((name, info.attempt, info.idempotency_key.split(":", 1)[1]))
             if name == fail_at:
                 raise ValueError(f"{name} refused")
             return name.upper()
 
-        async def undo(order: dict) -> None:
+        async def undo(order: dict[str, Any]) -> None:
             calls.append((f"undo-{name}",))
 
         action.__name__, undo.__name__ = name, f"undo_{name}"
@@ -41,7 +42,7 @@ def build(mode: str, calls: list[tuple[Any, ...]], fail_at: str | None = None,
     return app
 
 
-async def outcome(app: App, data: dict) -> tuple[str, Any]:
+async def outcome(app: App, data: dict[str, Any]) -> tuple[str, Any]:
     async with app:
         handle = await app.start("order", data)
         try:
@@ -51,7 +52,7 @@ async def outcome(app: App, data: dict) -> tuple[str, Any]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_success_returns_every_step_result(mode: str) -> None:
+async def test_success_returns_every_step_result(mode: Mode) -> None:
     calls: list[tuple[Any, ...]] = []
     status, result = await outcome(build(mode, calls), {"id": 1})
     assert (status, result) == ("completed", {"s1": "S1", "s2": "S2", "s3": "S3"})
@@ -73,7 +74,7 @@ async def test_both_modes_fail_and_compensate_identically() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_first_step_failing_ends_failed_with_nothing_to_undo(mode: str) -> None:
+async def test_first_step_failing_ends_failed_with_nothing_to_undo(mode: Mode) -> None:
     calls: list[tuple[Any, ...]] = []
     status, error = await outcome(build(mode, calls, fail_at="s1"), {"id": 3})
     assert status == "failed" and "s1 refused" in error
@@ -81,7 +82,7 @@ async def test_first_step_failing_ends_failed_with_nothing_to_undo(mode: str) ->
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_choreographed_run_shares_the_trace(mode: str) -> None:
+async def test_choreographed_run_shares_the_trace(mode: Mode) -> None:
     calls: list[tuple[Any, ...]] = []
     app = build(mode, calls, fail_at="s2")
     async with app:
@@ -98,7 +99,7 @@ def test_saga_needs_steps_and_a_known_mode() -> None:
     app = App("x", store="memory://")
 
     @app.step
-    async def a(x: dict) -> None: ...
+    async def a(x: dict[str, Any]) -> None: ...
 
     with pytest.raises(cantata.ConfigurationError, match="mode"):
         Saga("s", Step(a), mode="sideways")  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -65,6 +66,7 @@ async def test_a_plain_step_sees_its_own_step_and_leaves_the_workflow_outside_it
         seen.append((info.step, info.key, info.attempt, n))
         return n + 1
 
+    bump: Callable[[int], Any]  # a sync or an async step
     if sync:
         @app.step
         def bump(n: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ async def test_a_stop_names_the_runs_in_a_step_and_handlers_cut_by_the_grace(
         await ctx.wait_for_event("never.comes", timeout=60)
 
     @app.on("job.go", group="jobs")
-    async def job(event: Event, ctx: object) -> None:
+    async def job(event: Event[Any], ctx: object) -> None:
         in_handler.set()
         await asyncio.sleep(30)
 

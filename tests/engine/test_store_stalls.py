@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
@@ -32,6 +33,8 @@ from cantata.store.postgres import PostgresStore
 from cantata.store.sqlite import SQLiteStore
 from tests.helpers import eventually, with_schema
 from tests.stall_proxy import stall_proxy
+
+T = TypeVar("T")
 
 STALL = 2.5  # seconds: longer than the store's timeout (1 s)
 
@@ -207,7 +210,8 @@ class FailsOnce(SQLiteStore):
     def arm(self, method: str, after: bool = False) -> None:
         self.armed[method] = after
 
-    async def _once(self, method: str, call: Any, *, any_task: bool = False) -> Any:
+    async def _once(self, method: str, call: Coroutine[Any, Any, T], *,
+                    any_task: bool = False) -> T:
         if method not in self.armed or not (
                 any_task or isinstance(asyncio.current_task(), RunTask)):
             return await call

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 import pytest
 
@@ -15,25 +16,25 @@ def build(ledger: list[str], idempotent_release: bool) -> App:
     app = App("t")
 
     @app.step
-    async def reserve(order: dict) -> str:
+    async def reserve(order: dict[str, Any]) -> str:
         key = cantata.step_info().idempotency_key.split(":", 1)[1]  # run id varies per run
         if key not in ledger:  # idempotent: keyed by the step's idempotency key
             ledger.append(key)
         return "r"
 
     @app.step
-    async def release(order: dict) -> None:
+    async def release(order: dict[str, Any]) -> None:
         if not idempotent_release or "release" not in ledger:
             ledger.append("release")
 
     @app.step(retry=Retry(max_attempts=2, initial_interval=1, non_retryable=(ValueError,)))
-    async def charge(order: dict) -> str:
+    async def charge(order: dict[str, Any]) -> str:
         if order["fail"]:
             raise ValueError("declined")
         return "c"
 
     @app.workflow
-    async def place(ctx: cantata.WorkflowContext, order: dict) -> dict:
+    async def place(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> dict[str, Any]:
         await ctx.run(reserve, order, compensate=release)
         await ctx.sleep(3600)
         await ctx.run(charge, order)
@@ -59,7 +60,7 @@ async def test_a_handlers_hours_of_retry_backoff_pass_at_once() -> None:
 
     @app.on("thing.happened", group="g",
             retry=Retry(max_attempts=4, initial_interval=3600, max_interval=86400, jitter=0.0))
-    async def flaky(event: cantata.Event) -> None:
+    async def flaky(event: cantata.Event[Any]) -> None:
         seen.append(app.clock.now())
         raise RuntimeError("downstream unavailable")
 
@@ -111,13 +112,14 @@ async def test_a_simulated_crash_is_a_kill_the_cut_attempt_counts() -> None:
     charges: list[int] = []
 
     @app.step(retry=Retry(max_attempts=1))
-    async def charge(order: dict) -> str:
+    async def charge(order: dict[str, Any]) -> str:
         charges.append(order["id"])
         return "charged"
 
     @app.workflow
-    async def pay(ctx: cantata.WorkflowContext, order: dict) -> str:
-        return await ctx.run(charge, order)
+    async def pay(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> str:
+        result: str = await ctx.run(charge, order)
+        return result
 
     report = await testing.crash_test(app, pay, {"id": 1},
                                       effects=lambda: list(charges), reset=charges.clear)

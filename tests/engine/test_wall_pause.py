@@ -17,6 +17,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import cantata
 from cantata import App, Retry
@@ -149,7 +150,7 @@ async def test_a_paused_vms_step_body_stops_and_the_new_owner_runs_it_once(
     assert bodies.stopped == ["A"]
 
 
-def a_handler_app(url: str, clock: WallClock, bodies: Bodies, **kw: float) -> Callable[[str], App]:
+def a_handler_app(url: str, clock: WallClock, bodies: Bodies, **kw: Any) -> Callable[[str], App]:
     def build(name: str) -> App:
         app = make_app(url, clock=clock, lease=LEASE, **kw)
 

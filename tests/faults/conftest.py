@@ -126,7 +126,10 @@ async def _consumers(url: str) -> str:
             st = stream.state
             lines.append(f"stream {stream.config.name}: {st.messages} messages, "
                          f"seq {st.first_seq}..{st.last_seq}")
+            assert stream.config.name is not None  # (the server's streams are named)
             for ci in await js.consumers_info(stream.config.name):
+                # (a consumer the server describes has both sequences)
+                assert ci.delivered is not None and ci.ack_floor is not None
                 lines.append(
                     f"  consumer {ci.name}: pending {ci.num_pending}, ack pending "
                     f"{ci.num_ack_pending}, redelivered {ci.num_redelivered}, waiting "

@@ -132,7 +132,7 @@ def stopped_in_doubt(app: App, *, guard: Fence | None = None) -> dict[str, bool]
     return {"fenced": True} if fenced else {}
 
 
-def cut_why(app: App, exc: BaseException) -> dict[str, str]:
+def cut_why(app: App, exc: BaseException) -> dict[str, Any]:
     """``{"why": ...}``: what the worker's state said when a body was cut (the error
     thrown in, whether its task was being cancelled, the hold's readings): shown with a
     cut that a later execution is counted against (``counters.twice_live``)."""
@@ -207,7 +207,8 @@ def build(env: Mapping[str, str] | None = None) -> App:
 
     async def work(step: str, order: dict[str, Any], seconds: float) -> str:
         info = cantata.step_info()
-        where = {"what": "step", "run": info.run_id, "key": info.key, "attempt": info.attempt}
+        where: dict[str, Any] = {"what": "step", "run": info.run_id, "key": info.key,
+                                 "attempt": info.attempt}
         guard = step_guard(app)
         record(k="begin", **where, **lapsed(app))
         try:
@@ -251,8 +252,8 @@ def build(env: Mapping[str, str] | None = None) -> App:
             # Blocks the event loop (and so the heartbeat) past the lease: another worker
             # takes the run over while this one still lives and finishes the step.
             info = cantata.step_info()
-            where = {"what": "step", "run": info.run_id, "key": info.key,
-                     "attempt": info.attempt}
+            where: dict[str, Any] = {"what": "step", "run": info.run_id, "key": info.key,
+                                     "attempt": info.attempt}
             record(k="begin", **where)
             time.sleep(app.lease * 3)  # noqa: ASYNC251 - the defect on purpose
             record(k="effect", effect=info.idempotency_key, **where)
@@ -306,7 +307,8 @@ def build(env: Mapping[str, str] | None = None) -> App:
 
     @app.workflow
     async def kills_its_worker(ctx: WorkflowContext, order: dict[str, Any]) -> str:
-        return await ctx.run(crash, order)
+        result: str = await ctx.run(crash, order)
+        return result
 
     @app.workflow
     async def waits_forever(ctx: WorkflowContext, order: dict[str, Any]) -> str:
@@ -315,7 +317,8 @@ def build(env: Mapping[str, str] | None = None) -> App:
         return str(event.id)
 
     async def handle(event: Event[Any], ctx: HandlerContext, emits: str) -> None:
-        where = {"what": "handler", "run": event.id, "key": ctx.group, "attempt": ctx.attempt}
+        where: dict[str, Any] = {"what": "handler", "run": event.id, "key": ctx.group,
+                                 "attempt": ctx.attempt}
         guard = handler_guard(app)
         record(k="begin", **where, **lapsed(app, handler=True))
         try:

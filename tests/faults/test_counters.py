@@ -19,6 +19,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -237,7 +238,16 @@ async def test_a_handler_its_worker_stopped_after_a_stall_past_its_fence_is_not_
     assert_zero(counts)
 
 
-def _ex(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
+class _Marks(TypedDict, total=False):
+    """The flags of an :class:`Execution` the tests set."""
+
+    failed: bool
+    cut: bool
+    lapsed: bool
+    fenced: bool
+
+
+def _ex(pid: int, began: float, ended: float | None, **kw: Unpack[_Marks]) -> Execution:
     return Execution("step", "run-1", "reserve#1", pid, 1, began, ended, **kw)
 
 
@@ -360,7 +370,7 @@ def test_an_unmarked_stop_counted_says_what_its_worker_read_at_the_cut() -> None
     assert "(cut short by a stop: no reading)" in twice_live(bare, log)[2][0]
 
 
-def _handler(pid: int, began: float, ended: float | None, **kw: bool) -> Execution:
+def _handler(pid: int, began: float, ended: float | None, **kw: Unpack[_Marks]) -> Execution:
     return Execution("handler", "event-1", "inventory", pid, 1, began, ended, **kw)
 
 

@@ -354,7 +354,7 @@ async def test_one_keys_backlog_past_a_claims_page_does_not_starve_another_key(
     monkeypatch.setattr(postgres_flow, "CANDIDATES", 4)
     app = App("flow", store=store_url, poll_interval=0.05)
     app.queue("q", **({"concurrency": 1} if limit == "concurrency"
-                      else {"rate": Rate(1, per=60)}))  # type: ignore[arg-type]
+                      else {"rate": Rate(1, per=60)}))
     gate, begun = asyncio.Event(), []
 
     @app.step

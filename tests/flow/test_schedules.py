@@ -20,7 +20,7 @@ from cantata.errors import (
     SerializationError,
     UnknownSchedule,
 )
-from cantata.flow.schedules import ScheduleSpec, tick_key
+from cantata.model.schedule import ScheduleSpec, tick_key
 from cantata.testing import SkipClock, environment
 from tests.flow.helpers import ManualClock, until
 

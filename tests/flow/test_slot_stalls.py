@@ -26,7 +26,8 @@ async def test_runs_waiting_for_a_steps_slot_say_so(store_url: str) -> None:
 
     @app.workflow
     async def pile(ctx: WorkflowContext, i: int) -> int:
-        return await ctx.run(fragile, i)
+        result: int = await ctx.run(fragile, i)
+        return result
 
     async with app:
         first = await app.start(pile, 0)

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cantata import App
+from tests.helpers import make_app
 
-from .scenarios import Scenario, make_app, populate
+from .scenarios import Scenario, populate
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def shop_app(store: str) -> App:
     async def place_order(ctx: WorkflowContext, order: dict[str, Any]) -> dict[str, Any]:
         await ctx.run(reserve, order, compensate=release)
         await ctx.run(charge, order, compensate=refund)
-        shipment = await ctx.run(ship, order)
+        shipment: dict[str, Any] = await ctx.run(ship, order)
         await ctx.emit("order.shipped", {"order_id": order["id"], **shipment})
         return shipment
 
@@ -84,17 +84,17 @@ def shop_app(store: str) -> App:
         return "invoiced"
 
     @app.on("order.placed", group="inventory", emits=["inventory.reserved"])
-    async def reserve_stock(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def reserve_stock(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         await ctx.emit("inventory.reserved", dict(event.data))
 
     @app.on("inventory.reserved", group="payment", retry=FAST, emits=["payment.charged"])
-    async def take_payment(event: cantata.Event, ctx: HandlerContext) -> None:
+    async def take_payment(event: cantata.Event[Any], ctx: HandlerContext) -> None:
         if event.data.get("card") == "bad":
             raise RuntimeError(f"card of order {event.data['order_id']} declined")
         await ctx.emit("payment.charged", {"order_id": event.data["order_id"]})
 
     @app.on("order.shipped", group="notifications")
-    async def notify(event: cantata.Event) -> None:
+    async def notify(event: cantata.Event[Any]) -> None:
         return None
 
     app.start_on("order.approved", place_order)
@@ -106,7 +106,7 @@ def absent_service(store: str) -> App:
     app = make_app(store)
 
     @app.on("order.placed", group="audit")
-    async def audit(event: cantata.Event) -> None:  # pragma: no cover - never runs
+    async def audit(event: cantata.Event[Any]) -> None:  # pragma: no cover - never runs
         return None
 
     @app.workflow

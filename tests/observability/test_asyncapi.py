@@ -11,8 +11,9 @@ import pytest
 from cantata import Event, HandlerContext
 from cantata.errors import ConfigurationError
 from cantata.observability.asyncapi import asyncapi_document
+from tests.helpers import make_app
 
-from .scenarios import make_app, shop_app
+from .scenarios import shop_app
 
 
 class Line(pydantic.BaseModel):
@@ -32,7 +33,7 @@ def typed_app() -> Any:
     async def bill(event: Event[OrderPlaced], ctx: HandlerContext) -> None: ...
 
     @app.on("order.*", group="analytics")
-    async def count(event: Event) -> None: ...
+    async def count(event: Event[Any]) -> None: ...
 
     return app
 
@@ -164,16 +165,16 @@ def test_a_wildcard_and_a_type_spelled_like_its_key_are_two_channels() -> None:
     app = make_app("memory://")
 
     @app.on("order.*", group="audit")
-    async def audit(event: Event) -> None: ...
+    async def audit(event: Event[Any]) -> None: ...
 
     @app.on("order._any_", group="weird")
-    async def weird(event: Event) -> None: ...
+    async def weird(event: Event[Any]) -> None: ...
 
     @app.on("*.placed", group="audit2")
-    async def placed(event: Event) -> None: ...
+    async def placed(event: Event[Any]) -> None: ...
 
     @app.on("_any_.placed", group="weird2")
-    async def odd(event: Event) -> None: ...
+    async def odd(event: Event[Any]) -> None: ...
 
     doc = asyncapi_document(app)
     channels, ops = doc["channels"], doc["operations"]

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -16,8 +17,7 @@ from cantata.observability.bound import MAX_DEPTH
 from cantata.observability.stalled import stalls_of
 from cantata.observability.trace import MAX_NODES, TraceNode, build_trace, render_timeline
 from cantata.store.base import Settlement
-
-from .scenarios import make_app
+from tests.helpers import make_app
 
 APP = "shop"
 
@@ -50,7 +50,8 @@ async def test_ten_thousand_events_are_summarised(tmp_path: Path) -> None:
             handler("fanout", "bulk.start", "fan_out", ["bulk.item"]),
             handler("sink", "bulk.item", "sink", []),
         ])
-        root_event = Event(type="bulk.start", data={}, source=f"cantata/{APP}")
+        root_event: Event[dict[str, Any]] = Event(type="bulk.start", data={},
+                                                  source=f"cantata/{APP}")
         root_event = dataclasses.replace(root_event, correlation_id=root_event.id)
         await store.append_events(APP, [root_event])
         items = [
@@ -117,10 +118,10 @@ async def test_a_very_deep_causal_chain_is_cut_not_crashed() -> None:
 async def test_records_that_cause_each_other_do_not_loop() -> None:
     app = make_app("memory://")
     async with app.client():
-        a = Event(type="x.a", data={}, id="a", source=f"cantata/{APP}", correlation_id="loop",
-                  causation_id="b")
-        b = Event(type="x.b", data={}, id="b", source=f"cantata/{APP}", correlation_id="loop",
-                  causation_id="a")
+        a: Event[dict[str, Any]] = Event(type="x.a", data={}, id="a", source=f"cantata/{APP}",
+                                         correlation_id="loop", causation_id="b")
+        b: Event[dict[str, Any]] = Event(type="x.b", data={}, id="b", source=f"cantata/{APP}",
+                                         correlation_id="loop", causation_id="a")
         await app.store.append_events(APP, [a, b])
         root = await build_trace(app.store, APP, "loop")
     assert sorted(n.ref or "" for n in root.walk()) == ["a", "b"]

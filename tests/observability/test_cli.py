@@ -7,6 +7,7 @@ import io
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -15,9 +16,9 @@ import cantata
 from cantata import Event, Retry
 from cantata.cli import common
 from cantata.cli.main import main
-from tests.helpers import with_schema
+from tests.helpers import eventually, make_app, with_schema
 
-from .scenarios import Scenario, eventually, make_app
+from .scenarios import Scenario
 
 APP = "tests.observability.scenarios:example"
 
@@ -208,7 +209,7 @@ def test_user_data_is_not_read_as_markup(
         app = make_app(url)
 
         @app.on("odd.event", group="[bold]grp[/]", retry=Retry(max_attempts=1))
-        async def fail(event: Event) -> None:
+        async def fail(event: Event[Any]) -> None:
             raise KeyError("[red]not markup[/red]")
 
         async with app:

@@ -17,13 +17,14 @@ from cantata.observability.graph import (
     workflow_items,
     workflow_mermaid,
 )
+from tests.helpers import make_app
 
-from .scenarios import Scenario, make_app, shop_app
+from .scenarios import Scenario, shop_app
 
 
 async def test_a_plain_workflow_is_drawn_from_its_source_with_compensations() -> None:
     app = shop_app("memory://")
-    text = await workflow_mermaid(app, app.name, "place_order", None)
+    text = await workflow_mermaid(app.router, app.name, "place_order", None)
 
     assert text.startswith("flowchart TD\n")
     assert "from code (static analysis)" in text
@@ -51,13 +52,13 @@ async def test_waits_emits_sleeps_and_branches_are_read_from_code() -> None:
         for _ in range(3):
             await ctx.wait_for_event("invoice.approved", match={"id": order["id"]})
 
-    items = workflow_items(app, "follow_up")
+    items = workflow_items(app.router, "follow_up")
     assert items is not None
     assert [(i.kind, i.name, i.note) for i in items[0]] == [
         ("emit", "invoice.requested", ""), ("sleep", "sleep 60 s", ""),
         ("step", "remind", "if"), ("wait", "invoice.approved", "loop"),
     ]
-    text = await workflow_mermaid(app, app.name, "follow_up", None)
+    text = await workflow_mermaid(app.router, app.name, "follow_up", None)
     assert 'n3["remind (if)"]' in text and "n2 -.-> n3" in text
     assert 'n4{{"wait for invoice.approved (loop)"}}' in text
 
@@ -67,7 +68,7 @@ async def test_a_declarative_saga_is_drawn_from_its_map() -> None:
     steps = app.steps
     app.include(Saga("checkout", Step(steps["reserve"].fn, compensate=steps["release"].fn),
                      Step(steps["charge"].fn, compensate="refund"), Step(steps["ship"].fn)))
-    text = await workflow_mermaid(app, app.name, "checkout", None)
+    text = await workflow_mermaid(app.router, app.name, "checkout", None)
     assert "declared saga" in text
     assert 'n1["reserve"]' in text and 'c2[/"↩ refund"/]' in text
     assert 'n3 -.->|"fails"| c2' in text
@@ -84,7 +85,7 @@ async def test_dynamic_workflows_fall_back_to_the_latest_recorded_run(
     app = make_app(scenario.copy(tmp_path))
     app.workflow(name="place_order")(dynamic)  # same name as the recorded runs
     async with app.client():
-        text = await workflow_mermaid(app, app.name, "place_order", app.store)
+        text = await workflow_mermaid(app.router, app.name, "place_order", app.store)
     assert "from the history of run" in text
     assert '["reserve"]' in text and '["ship"]' in text
 
@@ -98,14 +99,14 @@ async def test_unknown_and_undrawable_workflows_are_clear_errors() -> None:
             await ctx.run(name, {})
 
     with pytest.raises(UnknownWorkflow, match="no workflow named 'nope'"):
-        await workflow_mermaid(app, app.name, "nope", None)
+        await workflow_mermaid(app.router, app.name, "nope", None)
     with pytest.raises(GraphUnavailable, match="no recorded run"):
-        await workflow_mermaid(app, app.name, "dynamic", None)
+        await workflow_mermaid(app.router, app.name, "dynamic", None)
 
 
 async def test_the_choreography_map_from_code() -> None:
     app = shop_app("memory://")
-    text = await choreography_mermaid(app, app.name, None)
+    text = await choreography_mermaid(app.router, app.name, None)
     assert text.startswith("flowchart LR\n")
     nodes = {line.split("(", 1)[0].split("[", 1)[0].strip(): line for line in text.splitlines()}
     def id_of(label: str) -> str:
@@ -129,7 +130,7 @@ async def test_the_choreography_map_marks_declared_but_unseen_and_seen_but_undec
     app = shop_app(scenario.copy(tmp_path))
 
     @app.on("payment.charged", group="ledger", emits=["ledger.booked"])
-    async def book(event: cantata.Event) -> None: ...
+    async def book(event: cantata.Event[Any]) -> None: ...
 
     # take_payment in the store emitted payment.charged; pretend the code forgot to say so
     app.handlers[:] = [
@@ -137,7 +138,7 @@ async def test_the_choreography_map_marks_declared_but_unseen_and_seen_but_undec
         for h in app.handlers
     ]
     async with app.client():
-        text = await choreography_mermaid(app, app.name, app.store)
+        text = await choreography_mermaid(app.router, app.name, app.store)
 
     lines = text.splitlines()
     def id_of(label: str) -> str:
@@ -158,7 +159,7 @@ async def test_handlers_typed_with_a_context_are_mapped() -> None:
     app: App = make_app("memory://")
 
     @app.on("a.b", group="g", emits=["c.d"])
-    async def h(event: cantata.Event, ctx: HandlerContext) -> None: ...
+    async def h(event: cantata.Event[Any], ctx: HandlerContext) -> None: ...
 
-    text = await choreography_mermaid(app, app.name, None)
+    text = await choreography_mermaid(app.router, app.name, None)
     assert '"g: h"' in text

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from opentelemetry.sdk.trace import TracerProvider
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanContext, SpanKind
 from prometheus_client import generate_latest
 from pydantic import BaseModel
 
@@ -16,35 +18,41 @@ from cantata.observability.otel import OpenTelemetryHook
 from tests.helpers import eventually
 
 
+def parent(span: ReadableSpan) -> SpanContext:
+    """The context of ``span``'s parent (the span has one)."""
+    assert span.parent is not None, span.name
+    return span.parent
+
+
 def build(hook: cantata.engine.hooks.Hook) -> tuple[App, list[str]]:
     app = App("traced", store="memory://", poll_interval=0.05)
     app.add_hook(hook)
     seen: list[str] = []
 
     @app.step
-    async def reserve(order: dict) -> str:
+    async def reserve(order: dict[str, Any]) -> str:
         return "ok"
 
     @app.step(retry=Retry(max_attempts=2, initial_interval=0.01))
-    async def flaky(order: dict) -> str:
+    async def flaky(order: dict[str, Any]) -> str:
         if cantata.step_info().attempt == 1:
             raise ConnectionError("blip")
         return "ok"
 
     @app.workflow
-    async def place_order(ctx: cantata.WorkflowContext, order: dict) -> str:
+    async def place_order(ctx: cantata.WorkflowContext, order: dict[str, Any]) -> str:
         await ctx.run(reserve, order)
         await ctx.run(flaky, order)
         await ctx.emit("order.placed", order)
         return "done"
 
     @app.on("order.placed", group="shipping")
-    async def ship(event: Event, ctx: cantata.HandlerContext) -> None:
+    async def ship(event: Event[Any], ctx: cantata.HandlerContext) -> None:
         seen.append(event.id)
         await ctx.emit("shipment.created", event.data)
 
     @app.on("shipment.created", group="notifications")
-    async def notify(event: Event) -> None:
+    async def notify(event: Event[Any]) -> None:
         seen.append(event.id)
 
     return app, seen
@@ -67,12 +75,13 @@ async def test_one_trace_spans_workflow_event_and_handlers_of_other_groups() -> 
             "process shipment.created"} <= set(by_name)
     assert len({s.context.trace_id for s in spans}) == 1, [s.name for s in spans]
     run_span = by_name["workflow place_order"]
-    assert by_name["step reserve"].parent.span_id == run_span.context.span_id
+    assert parent(by_name["step reserve"]).span_id == run_span.context.span_id
     handler = by_name["process order.placed"]
     assert handler.kind == SpanKind.CONSUMER
+    assert handler.attributes is not None
     assert handler.attributes["messaging.consumer.group.name"] == "shipping"
     assert handler.attributes["messaging.destination.name"] == "order.placed"
-    assert by_name["process shipment.created"].parent.span_id == handler.context.span_id
+    assert parent(by_name["process shipment.created"]).span_id == handler.context.span_id
     assert len([s for s in spans if s.name == "step flaky"]) == 2  # one span per attempt
 
 
@@ -88,7 +97,7 @@ async def test_publish_span_is_the_parent_of_the_handler() -> None:
     spans = {s.name: s for s in exporter.get_finished_spans()}
     publish = spans["publish order.placed"]
     assert publish.kind == SpanKind.PRODUCER
-    assert spans["process order.placed"].parent.span_id == publish.context.span_id
+    assert parent(spans["process order.placed"]).span_id == publish.context.span_id
 
 
 async def test_prometheus_metrics() -> None:
@@ -143,7 +152,7 @@ async def test_a_workflow_trigger_is_a_consumer_span_and_a_handler_of_its_group(
     done: list[int] = []
 
     @app.workflow
-    async def fulfil(ctx: cantata.WorkflowContext, data: dict) -> None:
+    async def fulfil(ctx: cantata.WorkflowContext, data: dict[str, Any]) -> None:
         done.append(data["id"])
 
     app.start_on("order.accepted", fulfil)
@@ -178,7 +187,7 @@ async def _join_counted_once(broker: str) -> None:
     app.add_hook(hook)
     handled: list[str] = []
 
-    async def join(event: Event, ctx: cantata.HandlerContext) -> None:
+    async def join(event: Event[Any], ctx: cantata.HandlerContext) -> None:
         handled.append(ctx.group)
         await emit(ctx, "order.joined", {"run_id": "r1"}, cause=event)
 
@@ -186,7 +195,7 @@ async def _join_counted_once(broker: str) -> None:
     app.on("order.placed", group="right")(join)
 
     @app.on("order.joined", group="ship")
-    async def ship(event: Event) -> None:
+    async def ship(event: Event[Any]) -> None:
         handled.append("ship")
 
     async with app:

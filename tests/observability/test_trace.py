@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import io
 import time
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -21,9 +22,9 @@ from cantata.observability.trace import (
     build_trace,
     render_timeline,
 )
-from tests.helpers import eventually
+from tests.helpers import eventually, make_app
 
-from .scenarios import Scenario, make_app, shop_app
+from .scenarios import Scenario, shop_app
 
 
 def kinds_of(node: TraceNode) -> list[tuple[str, str, str]]:
@@ -146,7 +147,7 @@ async def test_a_replayed_dead_letter_keeps_its_episode_in_the_trace() -> None:
 
     @app.on("payment.due", group="billing",
             retry=Retry(max_attempts=3, initial_interval=0.01, max_interval=0.01))
-    async def charge(event: Event) -> None:
+    async def charge(event: Event[Any]) -> None:
         if down:
             raise RuntimeError(down[0].split(": ", 1)[1])
 
@@ -264,7 +265,7 @@ async def test_trace_on_memory_store_and_render_is_plain_text() -> None:
     app = make_app("memory://")
 
     @app.on("ping", group="pong", emits=["pong"])
-    async def pong(event: Event, ctx: HandlerContext) -> None:
+    async def pong(event: Event[Any], ctx: HandlerContext) -> None:
         await ctx.emit("pong", {})
 
     async with app:

@@ -165,11 +165,11 @@ def _billing(url: str, *, audit: bool) -> App:
     app = make_app(url)
 
     @app.on("order.placed", group="billing")
-    async def bill(event: Event, ctx: object) -> None: ...
+    async def bill(event: Event[Any], ctx: object) -> None: ...
 
     if audit:
         @app.on("order.placed", group="audit")
-        async def keep(event: Event, ctx: object) -> None: ...
+        async def keep(event: Event[Any], ctx: object) -> None: ...
 
     return app
 

@@ -461,7 +461,8 @@ def stamped(url: str, version: str, *, bug: bool = False, **kw: Any) -> App:
 
     @app.workflow
     async def flow(ctx: WorkflowContext) -> str:
-        return await ctx.run(b)
+        result: str = await ctx.run(b)
+        return result
 
     return app
 

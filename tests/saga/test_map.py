@@ -38,7 +38,7 @@ CHOREOGRAPHED = shop("choreographed")
 
 
 async def test_the_map_is_the_same_in_both_modes_with_branches_and_compensations() -> None:
-    maps = [await workflow_mermaid(app, "shop", "order", None)
+    maps = [await workflow_mermaid(app.router, "shop", "order", None)
             for app in (ORCHESTRATED, CHOREOGRAPHED)]
     assert maps[0] == maps[1]
     text = maps[0]
@@ -72,7 +72,7 @@ async def test_a_parallel_stage_without_compensations_maps_to_the_ones_before() 
     app.include(Saga("order", Step(s["reserve"], compensate=s["release"]),
                      Parallel(Step(s["stock"]), Step(s["fraud"]), name="checks"),
                      Step(s["charge"])))
-    text = await workflow_mermaid(app, "shop", "order", None)
+    text = await workflow_mermaid(app.router, "shop", "order", None)
     # a failed branch undoes what came before the stage: reserve's release
     for line in ('j2 -.->|"a branch failed"| c1', "c1 -.-> undone"):
         assert f"    {line}\n" in text, (line, text)

@@ -10,11 +10,12 @@ import pytest
 
 import cantata
 from cantata import App, RunStatus
+from cantata.engine.saga import Mode
 from tests.engine.helpers import make_app
 
 from .flows import SHAPES, build, expected_undo, step_names
 
-MODES = ("orchestrated", "choreographed")
+MODES: tuple[Mode, ...] = ("orchestrated", "choreographed")
 
 
 async def run_all(store_url: str, shape: str, mode: str) -> dict[str, Any]:
@@ -120,7 +121,7 @@ async def run_one(app: App, data: dict[str, Any]) -> tuple[str, Any]:
             return exc.status, exc.error
 
 
-async def trace_of_failed_undo(mode: str) -> tuple[Any, ...]:
+async def trace_of_failed_undo(mode: Mode) -> tuple[Any, ...]:
     """A saga whose step fails and whose compensation fails too: what the trace and
     the stalls show of its steps."""
     app = App(f"undo-fails-{mode}", store="memory://", poll_interval=0.02)

@@ -17,7 +17,7 @@ import nats
 import orjson
 import pytest
 
-from cantata import Event, HandlerContext
+from cantata import App, Event, HandlerContext
 from cantata.observability.asyncapi import asyncapi_document
 from tests.broker.nats_support import app_name, streams_removed
 from tests.choreography.helpers import eventually, make_app
@@ -65,7 +65,7 @@ def parse(parser: Path, doc: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     return result
 
 
-def shop(store: str, broker: str, name: str = "shop") -> Any:
+def shop(store: str, broker: str, name: str = "shop") -> App:
     app = make_app(store, name=name, broker=broker)
 
     @app.on("order.placed", group="billing", emits=["invoice.created"])

@@ -104,7 +104,8 @@ async def populate(url: str, runs: int = 3, key: str | None = KEY) -> None:
 
     @app.workflow
     async def order(ctx: Any, x: int) -> int:
-        return await ctx.run(pay, x)
+        result: int = await ctx.run(pay, x)
+        return result
 
     async with app:
         for i in range(runs):

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -29,6 +29,7 @@ from cantata.cli.main import main
 from cantata.model.records import AuditReport, RunWrite
 from cantata.model.status import RunStatus
 from cantata.store import audit
+from cantata.store.common import StoreBase
 from cantata.store.sqlite import SQLiteStore
 from cantata.store.sqlite_ops import AUDIT_COLS
 from cantata.testing.contract.support import new_run
@@ -200,7 +201,8 @@ def _saga_app(url: str) -> cantata.App:
 
     @app.workflow
     async def saga(ctx: cantata.WorkflowContext, n: int) -> int:
-        return await ctx.run(two, await ctx.run(one, n))
+        result: int = await ctx.run(two, await ctx.run(one, n))
+        return result
 
     return app
 
@@ -217,7 +219,7 @@ async def test_a_sagas_commits_with_the_gate_open_write_no_audit_head_page(
     app = _saga_app(f"sqlite:///{path}")
     commits: list[list[int]] = []
     async with app:
-        app.store.lean_apps.add(APP)
+        cast(StoreBase, app.store).lean_apps.add(APP)
         for i in range(50):
             before = mx_frame(path)
             assert await (await app.start("saga", i)).result(timeout=30) == i + 3

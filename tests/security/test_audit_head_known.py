@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -63,6 +63,11 @@ def conn_of(store: SQLiteStore) -> TxConnection:
     conn = store._t._conn
     assert conn is not None
     return conn
+
+
+def on_tx(fn: Callable[[TxConnection], None]) -> Callable[[sqlite3.Connection], None]:
+    """``fn`` as the store's thread calls it: with its connection, a TxConnection."""
+    return lambda c: fn(cast(TxConnection, c))
 
 
 async def one_chain(store: SQLiteStore) -> int:
@@ -191,7 +196,7 @@ async def test_a_commit_that_raises_leaves_the_head_unknown(store: SQLiteStore) 
         assert APP not in c.known_heads
         c.execute("ROLLBACK")
 
-    await store._t.read(failing)
+    await store._t.read(on_tx(failing))
     await busy(store, 1)
     assert APP in conn.known_heads
 
@@ -202,7 +207,7 @@ async def test_a_commit_that_raises_leaves_the_head_unknown(store: SQLiteStore) 
         c.execute("COMMIT")
         assert APP not in c.known_heads
 
-    await store._t.read(commit_by_hand)
+    await store._t.read(on_tx(commit_by_hand))
     await busy(store, 1)
     assert APP in conn.known_heads
     assert await one_chain(store) == 3 + 1 + 1 + 3 + 3

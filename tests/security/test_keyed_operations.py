@@ -5,6 +5,7 @@ on each store."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 
@@ -27,10 +28,11 @@ async def test_operator_actions_keep_a_keyed_chain_intact(store_url: str) -> Non
 
     @app.workflow
     async def pay(ctx: WorkflowContext, n: int) -> int:
-        return await ctx.run(charge, n)
+        result: int = await ctx.run(charge, n)
+        return result
 
     @app.on("order.placed", group="ledger", retry=Retry(max_attempts=1))
-    async def book(event: Event) -> None:
+    async def book(event: Event[Any]) -> None:
         raise RuntimeError("ledger down")
 
     @app.workflow
@@ -46,7 +48,8 @@ async def test_operator_actions_keep_a_keyed_chain_intact(store_url: str) -> Non
 
         @app.workflow
         async def noted(ctx: WorkflowContext, n: int) -> int:
-            return await ctx.run(note, n)
+            result: int = await ctx.run(note, n)
+            return result
 
     async with app:
         h = await app.start(pay, 1)

@@ -64,7 +64,7 @@ async def test_a_wildcard_handler_is_seen_in_the_map(sqlite_url: str, published:
         if published:
             await app.publish("shipment.created", {"id": 3})
             await eventually(lambda: seen, what="told")
-        text = await choreography_mermaid(app, app.name, app.store)
+        text = await choreography_mermaid(app.router, app.name, app.store)
     ids = {line.split("(")[0].split("[")[0].strip(): line for line in text.splitlines()
            if '"shipment.*"' in line or '"notifications: tell"' in line}
     event_id = next(k for k, v in ids.items() if "shipment.*" in v)

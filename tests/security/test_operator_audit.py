@@ -4,6 +4,8 @@ record the start writes anyway; without an actor nothing more is written than be
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import cantata
@@ -27,7 +29,7 @@ def shop(store_url: str) -> App:
         return n
 
     @app.on("order.placed", group="ledger")
-    async def book(event: cantata.Event) -> None:
+    async def book(event: cantata.Event[Any]) -> None:
         pass
 
     return app

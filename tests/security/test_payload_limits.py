@@ -28,7 +28,8 @@ def app_with_flow(store: str, **kw: Any) -> App:
 
     @app.workflow
     async def flow(ctx: Any, n: int) -> str:
-        return await ctx.run(produce, n)
+        result: str = await ctx.run(produce, n)
+        return result
 
     return app
 

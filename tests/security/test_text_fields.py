@@ -48,12 +48,14 @@ async def test_start_and_publish_refuse_it_naming_the_field(
 
     async with app:
         for field in ("idempotency_key", "correlation_id"):
+            given: dict[str, Any] = {field: bad}
             with pytest.raises(ConfigurationError, match=refusal(field, bad, what)):
-                await app.start(echo, 1, **{field: bad})
+                await app.start(echo, 1, **given)
         for field in ("id", "subject", "source", "correlation_id"):
+            given = {field: bad}
             with pytest.raises(InvalidEvent, match=refusal(f"event attribute {field!r}", bad,
                                                            what)):
-                await app.publish("order.placed", {"n": 1}, **{field: bad})
+                await app.publish("order.placed", {"n": 1}, **given)
         assert await app.list_runs() == []
         ok = await app.start(echo, 1, idempotency_key="order-1", correlation_id="tx-1")
         assert await ok.result(timeout=10) == 1
@@ -82,9 +84,10 @@ async def test_ids_too_long_to_index_are_refused_and_the_longest_kept(store_url:
     wide = "".join(chr(0x1F600 + secrets.randbelow(0x40)) for _ in range(MAX_ATTRIBUTE))
     async with app:
         for field in ("correlation_id", "idempotency_key"):
+            given: dict[str, Any] = {field: long}
             with pytest.raises(ConfigurationError,
                                match=rf"{field} is 10000 characters long .*at most 500"):
-                await app.start(echo, 1, **{field: long})
+                await app.start(echo, 1, **given)
         with pytest.raises(ConfigurationError,
                            match=r"idempotency_key is 10000000 characters long .*at most 500"):
             await app.start(echo, 1, idempotency_key="x" * 10_000_000)
@@ -92,9 +95,10 @@ async def test_ids_too_long_to_index_are_refused_and_the_longest_kept(store_url:
                            match=r"partition is 10000 characters long .*at most 500"):
             await app.start(queued, 1, partition=long)
         for field in ("id", "correlation_id"):
+            given = {field: long}
             with pytest.raises(InvalidEvent,
                                match=rf"'{field}' is 10000 characters long .*at most 500"):
-                await app.publish("order.placed", {"n": 1}, **{field: long})
+                await app.publish("order.placed", {"n": 1}, **given)
         with pytest.raises(InvalidEvent, match=r"'type' is 10006 characters long"):
             await app.publish(f"order.{long}", {"n": 1})
         assert await app.list_runs() == []

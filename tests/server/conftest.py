@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ class ServerThread:
         # ("SystemError: AST constructor recursion depth mismatch").
         gc.collect()
 
-    def run(self, coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    def run(self, coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """Run ``coro_fn()`` in the server's loop and return its result."""
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro_fn(), self.loop).result(30)

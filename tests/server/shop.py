@@ -16,7 +16,7 @@ def make_shop(store: str, *, name: str = "shop", state: dict[str, Any] | None = 
     """A shop app on ``store`` (its events on ``broker``); ``state["emails_broken"]``
     makes the email handler fail, ``state["billing_down"]`` the invoice's ``bill`` step
     (``state["billing_gate"]``, a ``threading.Event``: it waits until that is set)."""
-    flags = state if state is not None else {"emails_broken": False}
+    flags: dict[str, Any] = state if state is not None else {"emails_broken": False}
     app = App(name, store=store, broker=broker, poll_interval=0.05, lease=5.0,
               audit_key=audit_key)
 

@@ -766,8 +766,9 @@ async def test_a_start_takes_exactly_the_keys_app_start_takes(shop: Shop) -> Non
     for field, value in (("idempotency_key", "a\x00b"), ("correlation_id", "a\x00b"),
                          ("idempotency_key", "x" * 501), ("correlation_id", "x" * 501),
                          ("idempotency_key", ""), ("idempotency_key", "a\ud800b")):
+        given: dict[str, Any] = {field: value}
         with contextlib.suppress(ConfigurationError):  # (what app.start does with it)
-            await shop.app.start("place_order", {"id": "K-2"}, **{field: value})
+            await shop.app.start("place_order", {"id": "K-2"}, **given)
             raise AssertionError(f"app.start took {field}={value[:20]!r}")
         body = json.dumps({"input": {"id": "K-2"}, field: value})  # (a lone surrogate too)
         r = await shop.client.post(start, content=body, headers={

@@ -161,9 +161,9 @@ async def test_dashboard_pages_need_a_session_and_the_cookie_needs_the_csrf_head
     cookie = ok.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and viewer not in ok.headers[
         "location"]
-    page = await c.get("/runs")
-    assert page.status_code == 200 and "<h1>Runs</h1>" in page.text
-    assert viewer not in page.text
+    runs = await c.get("/runs")
+    assert runs.status_code == 200 and "<h1>Runs</h1>" in runs.text
+    assert viewer not in runs.text
     assert (await c.get("/api/session")).json()["role"] == "viewer"
     c.cookies.clear()
     # an open redirect is refused: after login only paths of this site

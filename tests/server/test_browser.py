@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import os
 import re
 import threading
@@ -216,7 +217,7 @@ def test_a_dead_letter_made_before_the_live_feed_connects_is_shown(
         state["emails_broken"] = False
         page.unroute("**/api/stream*")
         for letter in server.run(server.app.dead_letters):  # as the replay test expects
-            server.run(lambda letter=letter: server.app.replay(letter.id))
+            server.run(functools.partial(server.app.replay, letter.id))
     page.close()
 
 
@@ -293,7 +294,7 @@ def test_revoking_the_token_logs_an_open_page_out(
     for i in range(20):  # changes keep flowing on the stream
         if "/login" in page.url:
             break
-        server.run(lambda i=i: server.app.start("place_order", {"id": f"X-{i}"}))
+        server.run(functools.partial(server.app.start, "place_order", {"id": f"X-{i}"}))
         page.wait_for_timeout(500)
     expect(page).to_have_url(re.compile(r"/login\?next=(/|%2F)runs$"), timeout=5_000)
     expect(page.get_by_role("heading", name="Log in")).to_be_visible()
@@ -647,10 +648,10 @@ def test_discard_a_dead_letter(browser: Browser, server: ServerThread, img: Path
 def test_find_runs_by_search_attribute(
     browser: Browser, server: ServerThread, img: Path
 ) -> None:
-    ids = [server.run(lambda o=o, c=c: server.app.start("invoice", {"id": o, "customer": c}))
+    ids = [server.run(functools.partial(server.app.start, "invoice", {"id": o, "customer": c}))
            for o, c in [("AT-1", "initech"), ("AT-2", "umbrella"), ("AT-3", "initech")]]
     for handle in ids:
-        server.run(lambda handle=handle: handle.result(10))
+        server.run(functools.partial(handle.result, 10))
     page = login(browser, server, "viewer", img)
     page.goto(f"{server.url}/runs")
     page.get_by_label("Attribute").fill("customer=initech")

@@ -225,7 +225,8 @@ async def test_queues_show_limits_depth_in_progress_and_the_oldest_wait(shop: Sh
     async def settled() -> bool:
         [got] = (await shop.get("/api/queues")).json()
         seen.update(got)
-        return got["in_progress"] == 1 and got["waiting"] == 2
+        done: bool = got["in_progress"] == 1 and got["waiting"] == 2
+        return done
 
     await eventually(settled, timeout=15)
     assert seen["began_recently"] == 1
@@ -256,7 +257,8 @@ async def test_a_queued_runs_page_says_its_queue_its_place_and_the_queues_limits
             r = await shop.get(f"/api/runs/{run_id}")
             assert r.status_code == 200, r.text
             seen[run_id] = r.json()["queue"]
-        return seen[ids[0]]["state"] == "running"
+        running: bool = seen[ids[0]]["state"] == "running"
+        return running
 
     await eventually(settled, timeout=15)
     assert seen[ids[0]] == {"name": "fragile", "partition": None, "priority": 0,
@@ -278,7 +280,8 @@ async def test_a_queued_runs_page_says_its_queue_its_place_and_the_queues_limits
 
 
 async def _ended(shop: Shop, run_id: str) -> bool:
-    return (await shop.get(f"/api/runs/{run_id}")).json()["status"] == "cancelled"
+    cancelled: bool = (await shop.get(f"/api/runs/{run_id}")).json()["status"] == "cancelled"
+    return cancelled
 
 
 async def test_a_partitioned_runs_place_counts_its_partition_only(store_url: str) -> None:

@@ -11,13 +11,14 @@ import httpx
 import pytest
 
 from cantata import Saga, Step, WorkflowCompensated
+from cantata.engine.saga import Mode
 from tests.helpers import make_app
 from tests.server.conftest import make_tokens
 
 
 @pytest.mark.parametrize("mode", ["choreographed", "orchestrated"])
 async def test_a_saga_runs_steps_are_coloured_by_what_they_did(
-    store_url: str, mode: str
+    store_url: str, mode: Mode
 ) -> None:
     app = make_app(store_url, "post")
 

@@ -59,7 +59,7 @@ async def test_a_look_that_finds_nothing_new_reads_the_store_once(store_url: str
         reads = Reads(app.store)
 
         async def store_of() -> Store:
-            return reads  # type: ignore[return-value]
+            return reads
 
         feed = ChangeFeed(store_of, "shop", interval=0.02)
         async with feed.subscribe() as queue:
@@ -86,7 +86,7 @@ async def test_a_forged_record_swapped_for_a_genuine_one_mid_read_is_not_streame
         reads = Reads(app.store)
 
         async def store_of() -> Store:
-            return reads  # type: ignore[return-value]
+            return reads
 
         feed = ChangeFeed(store_of, "shop", interval=0.02)
         async with feed.subscribe() as queue:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cantata.model.records import AuditRecord
+from cantata.model.records import AuditRecord, AuditReport
 from cantata.store import audit
 
 
@@ -14,7 +14,7 @@ def chain(n: int) -> list[AuditRecord]:
     return records
 
 
-async def verify(records: list[AuditRecord], recorded: int, now: int) -> audit.AuditReport:
+async def verify(records: list[AuditRecord], recorded: int, now: int) -> AuditReport:
     """Verify with the head at ``recorded`` when first read, at ``now`` when read again."""
 
     async def fetch(after: int) -> list[AuditRecord]:
@@ -39,7 +39,7 @@ async def test_a_record_still_past_the_head_is_reported() -> None:
 
 
 async def test_records_appended_while_verifying_are_not_tampering() -> None:
-    assert await verify(chain(5), recorded=3, now=5) == audit.AuditReport(True, 3)
+    assert await verify(chain(5), recorded=3, now=5) == AuditReport(True, 3)
 
 
 async def test_only_the_records_past_the_moved_head_are_reported() -> None:

@@ -67,14 +67,14 @@ async def dead_stays_dead(store: Store) -> None:
         "retry", 2, error="E: late", retry_at=time.time()))
     assert not await store.settle_delivery(APP, "g", a.id, Settlement(
         "dead", 3, error="E: late", dead_letter_id=new_id()))
-    late = await asyncio.gather(
+    late = list(await asyncio.gather(  # (gather gives a list, typed as a tuple)
         store.settle_delivery(APP, "g", a.id, Settlement(
             "retry", 2, error="E: late", retry_at=time.time())),
         store.settle_delivery(APP, "g", b.id, Settlement(
             "dead", 3, error="E: late", dead_letter_id=new_id())),
         store.settle_delivery(APP, "g", c.id, Settlement(
             "retry", 1, error="E: c", retry_at=time.time())),
-    )
+    ))
     assert late == [False, False, True]
     for x in (a, b):
         [row] = await store.deliveries(APP, x.id)

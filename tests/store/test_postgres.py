@@ -13,7 +13,7 @@ import json
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -280,11 +280,11 @@ def count_transactions(store: PostgresStore) -> list[int]:
         sizes.append(len(todo))
         return await run(c, todo, *rest)
 
-    writer._transaction = counted  # type: ignore[method-assign]
+    writer._transaction = counted  # type: ignore[method-assign, assignment]
     return sizes
 
 
-def first_alone(store: PostgresStore, app: str) -> Any:
+def first_alone(store: PostgresStore, app: str) -> Coroutine[Any, Any, list[int]]:
     """A write that goes first, alone: an idle store's writer sends its first write at
     once (postgres_batch._started), so the writes gathered after it go together."""
     return store.append_events(app, [ev()])

@@ -6,16 +6,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from cantata.errors import IdempotencyConflict, LeaseLost
 from cantata.model.codec import new_id
-from cantata.model.records import ENTRY_COMPLETED, ENTRY_RUNNING, Attempt, AuditReport, RunWrite
+from cantata.model.records import (
+    ENTRY_COMPLETED,
+    ENTRY_FAILED,
+    ENTRY_RUNNING,
+    Attempt,
+    AuditReport,
+    RunWrite,
+)
 from cantata.model.status import RunStatus
 from cantata.store import audit, postgres_onetrip
 from cantata.store.postgres import PostgresStore
+from cantata.store.postgres_pool import Conn
 from cantata.testing.contract.support import entry, ev, new_run
 from tests.helpers import with_schema
 from tests.schema_pool import SchemaPool
@@ -73,9 +81,9 @@ def statements(store: PostgresStore) -> list[str]:
             return counted
 
     async def wrapped(c: Any, todo: list[Any], *rest: Any) -> Any:
-        return await run(Counted(c), todo, *rest)
+        return await run(cast(Conn, Counted(c)), todo, *rest)  # (a stand-in connection)
 
-    writer._transaction = wrapped  # type: ignore[method-assign]
+    writer._transaction = wrapped  # type: ignore[method-assign, assignment]
     return sent
 
 
@@ -397,7 +405,7 @@ FIRSTS = {
     "attempts-only": RunWrite(attempts=[Attempt("a#1", 1, 1.0, None)]),
     "ends-at-once": step_done("a#1", 1, status=RunStatus.COMPLETED, result='"r"',
                               flagged=True, release=True),
-    "fails-at-once": RunWrite(entries=[entry("a#1", 1, "failed", error="e")],
+    "fails-at-once": RunWrite(entries=[entry("a#1", 1, ENTRY_FAILED, error="e")],
                               status=RunStatus.FAILED, error="boom", release=True),
 }
 

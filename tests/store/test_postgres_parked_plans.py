@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -24,6 +24,7 @@ from cantata import App, WorkflowContext
 from cantata.store import postgres_parking, postgres_writes
 from cantata.store.postgres_batch import Batch
 from cantata.store.postgres_operate import foreign_runs
+from cantata.store.postgres_pool import Conn
 from cantata.store.postgres_trace import STALE_CORRELATIONS
 from tests.helpers import eventually, with_schema
 from tests.store.plan_watch import Explaining, read
@@ -82,10 +83,11 @@ async def test_the_per_pass_statements_read_no_parked_run_without_statistics(
         workflows = ["long_sleep"]
         # the claim (no run due), the version check of parked runs that are due,
         # the next wake-up
+        # (Explaining stands in for the store's connection)
         await postgres_writes.claim_runs(
-            c, Batch(), app.name, "explainer", workflows, now, 10, now=now
+            cast(Conn, c), Batch(), app.name, "explainer", workflows, now, 10, now=now
         )
-        await foreign_runs(c, app.name, "explainer", workflows, ["v-other"], now, 10,
+        await foreign_runs(cast(Conn, c), app.name, "explainer", workflows, ["v-other"], now, 10,
                            now=now)
         await c.fetchrow(postgres_parking.NEXT_WAKE, app.name, now, workflows)
     claim, version_check, next_wake = (read(p) for p in c.plans)
@@ -144,7 +146,8 @@ async def test_the_claim_reads_no_parked_or_ended_run_once_analyzed(
             await conn.execute("ANALYZE runs")
             c = Explaining(conn)
             await postgres_writes.claim_runs(
-                c, Batch(), "parks", "explainer", ["long_sleep", "saga"], now, 10, now=now
+                cast(Conn, c), Batch(), "parks", "explainer", ["long_sleep", "saga"], now, 10,
+                now=now,
             )
     rows, _, indexes = read(c.plans[0])
     # (a few rows per claimed run: the pick, the lock, the update by key; none of the

@@ -48,7 +48,8 @@ class Ears:
     def __init__(self, *stores: PostgresStore) -> None:
         self.heard: dict[int, list[str]] = {}
         for store in stores:
-            self.heard[id(store)] = heard = []
+            heard: list[str] = []
+            self.heard[id(store)] = heard
             store.add_listener(heard.append)
         self.appends = 0
 

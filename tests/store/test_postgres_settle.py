@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -18,6 +18,7 @@ from cantata.model.records import Declaration
 from cantata.store import audit, postgres_event_writes
 from cantata.store.base import Settlement
 from cantata.store.postgres import PostgresStore
+from cantata.store.postgres_pool import Conn
 from tests.helpers import with_schema
 from tests.schema_pool import SchemaPool
 from tests.store.test_postgres import opened
@@ -580,7 +581,7 @@ async def test_a_hop_through_the_lean_path_notifies_and_writes_as_before(
         w = postgres_event_writes
 
         async def call(many: Any, arg: Any) -> tuple[Any, bool]:
-            (out,) = await w.write(c, [(many, arg)], {app: KEY})
+            (out,) = await w.write(cast(Conn, c), [(many, arg)], {app: KEY})
             await asyncio.sleep(0.05)  # the commit's notice, to this connection too
             heard = bool(notices)
             notices.clear()

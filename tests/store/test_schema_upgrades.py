@@ -31,9 +31,9 @@ import pytest
 
 import cantata
 from cantata import Event, Rate, Retry, StoreCorrupt, StoreUpgraded, WorkflowContext
-from cantata.store.common import SCHEMA_CHECK_EVERY
 from cantata.store.factory import store_from_url
 from cantata.store.postgres_pool import SCHEMA_VERSION as PG_SCHEMA
+from cantata.store.roles.lifecycle import SCHEMA_CHECK_EVERY
 from cantata.store.sqlite_open import SCHEMA_VERSION as SQLITE_SCHEMA
 from tests.helpers import drop_schema, eventually, make_app, with_schema
 
@@ -180,7 +180,7 @@ def busy_app(url: str) -> tuple[cantata.App, Any]:
 
     @app.workflow(queue="q")
     async def job(ctx: WorkflowContext, i: int) -> int:
-        n = await ctx.run(plain, i)
+        n: int = await ctx.run(plain, i)
         await ctx.run(limited, n)
         await ctx.emit("job.done", {"i": i})
         return n
@@ -296,7 +296,8 @@ async def test_a_worker_on_an_upgraded_store_stops_and_says_so(
     @app.workflow
     async def job(ctx: WorkflowContext, i: int) -> int:
         await ctx.run(slow, i)
-        return await ctx.run(slow, i + 100)
+        result: int = await ctx.run(slow, i + 100)
+        return result
 
     caplog.set_level(logging.INFO, "cantata")
     serving = asyncio.create_task(app.run_worker())

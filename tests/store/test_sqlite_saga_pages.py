@@ -40,7 +40,8 @@ def _saga_app(url: str) -> App:
 
     @app.workflow
     async def saga(ctx: cantata.WorkflowContext, n: int) -> int:
-        return await ctx.run(three, await ctx.run(two, await ctx.run(one, n)))
+        result: int = await ctx.run(three, await ctx.run(two, await ctx.run(one, n)))
+        return result
 
     return app
 

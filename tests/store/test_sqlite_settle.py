@@ -82,7 +82,7 @@ async def test_settlements_store_outcomes_events_holds_and_audit(store: SQLiteSt
         "done", 1, events=[paid, other, deeper, paid], hold_for="w1",
         hold=[("g2", paid.id), ("g1", deeper.id), ("t1", other.id), ("g2", paid.id)],
     )
-    results = await asyncio.gather(
+    results = list(await asyncio.gather(  # (gather gives a list, typed as a tuple)
         store.settle_delivery(app, "g1", first.id, done),
         store.settle_delivery(app, "g1", first.id, Settlement("done", 1)),  # done already
         store.settle_delivery(app, "gX", first.id, Settlement("dead", 2, error="boom")),
@@ -90,7 +90,7 @@ async def test_settlements_store_outcomes_events_holds_and_audit(store: SQLiteSt
             app, "gY", first.id, Settlement("retry", 2, error="later", retry_at=now + 5)
         ),
         store.settle_delivery(app, "gZ", first.id, Settlement("dead", 3, error="")),
-    )
+    ))
     assert results == [True, False, True, True, True]
     assert done.held == [("g2", paid.id), ("t1", other.id)]  # in hold order, each once
     assert done.addressed == [2, 1, 1, 0]  # groups per emitted event (0: repeated)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+import types
+from typing import Any, cast
 
 import pytest
 
@@ -12,6 +13,12 @@ import cantata
 from cantata import App, RunStatus, WorkflowCancelled, WorkflowContext
 
 from .helpers import eventually, history_keys, make_app
+
+
+def coro_name(task: asyncio.Task[Any]) -> str:
+    """The qualified name of the coroutine ``task`` runs."""
+    coro = cast("types.CoroutineType[Any, Any, Any]", task.get_coro())
+    return coro.__qualname__
 
 
 def cleanup_app(store_url: str, log: list[str], *, cleanup_timeout: float = 60.0) -> App:
@@ -84,7 +91,7 @@ async def test_a_cancelled_run_that_ended_leaves_no_cleanup_timer_behind(
 
         def timers() -> list[str]:
             return [repr(t) for t in app.engine.background()
-                    if t.get_coro().__qualname__ == "_close_after"]
+                    if coro_name(t) == "_close_after"]
 
         async def none_left() -> bool:
             return not timers()

@@ -125,7 +125,7 @@ async def test_heartbeats_are_written_throttled_and_kept_for_the_next_attempt(
             writes.append(args)
             await record(*args)
 
-        store.record_step_heartbeat = counted  # type: ignore[method-assign]
+        store.record_step_heartbeat = counted  # type: ignore[method-assign, assignment]
         handle = await app.start(wf)
         assert await handle.result(timeout=15) == 1999  # the last details reached attempt 2
         kept = await store.last_step_heartbeat(app.name, handle.run_id, "busy#1")

@@ -27,8 +27,9 @@ def _fresh_app(store_url: str) -> App:
     from tests.wfapi import log_app
 
     module = importlib.reload(log_app)  # a new App for this test's store
-    module.app.configure(store=store_url)
-    return module.app
+    app: App = module.app
+    app.configure(store=store_url)
+    return app
 
 
 async def test_records_logged_in_a_step_or_handler_carry_their_context(

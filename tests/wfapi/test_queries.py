@@ -105,10 +105,10 @@ def test_a_query_without_its_workflow_says_how_to_name_it() -> None:
     def stage(state: RunState) -> Any:
         return state.values.get("stage")
 
-    for bare, register in ((True, lambda: app.query(stage)),  # type: ignore[call-arg]
-                           (False, lambda: app.query()(stage)),  # type: ignore[call-arg]
-                           (True, lambda: router.query(stage)),  # type: ignore[call-arg]
-                           (False, lambda: router.query()(stage))):  # type: ignore[call-arg]
+    for bare, register in ((True, lambda: app.query(stage)),
+                           (False, lambda: app.query()(stage)),
+                           (True, lambda: router.query(stage)),
+                           (False, lambda: router.query()(stage))):
         with pytest.raises(cantata.RegistrationError, match=(
             r"@app.query needs the workflow it answers for: "
             r"@app.query\(workflow=place_order\)"
