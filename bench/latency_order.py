@@ -46,7 +46,8 @@ import bench.common as common
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _scenario(workload: str, store: str, n: int) -> dict[str, Any] | None:
+def scenario(workload: str, store: str, n: int) -> dict[str, Any] | None:
+    """``bench.cantata_scenario saga WORKLOAD`` in its own process: its result."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
     p = subprocess.run([sys.executable, "-m", "bench.cantata_scenario", "saga", workload,
                         "--store", store, "--broker", "embedded", "--n", str(n)],
@@ -77,12 +78,12 @@ def order(a: argparse.Namespace) -> None:
     for rnd in range(1, a.rounds + 1):
         for mode in ("alone", "after", "settled"):
             if mode != "alone":
-                _scenario("throughput", a.store, 2000)
+                scenario("throughput", a.store, 2000)
             if mode == "settled":
                 settle()
             load = os.getloadavg()[0]
             stamp = time.strftime("%H:%M:%S")
-            res = _scenario("latency", a.store, a.n)
+            res = scenario("latency", a.store, a.n)
             if res is not None:
                 print(f"round {rnd} {mode:8} {stamp} load {load:5.2f}  {describe(res)}",
                       flush=True)
