@@ -21,7 +21,7 @@ PACKAGE = SRC / "cantata"
 # Bottom up. A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("cantata.errors", "cantata.model", "cantata.quietlog", "cantata.graceful",
-               "cantata.fencing", "cantata.plugins")),
+               "cantata.fencing", "cantata.cancel_safe", "cantata.plugins")),
     ("declarations", ("cantata.declare",)),
     ("protocols", ("cantata.store.base", "cantata.store.tx", "cantata.store.faults",
                    "cantata.store.roles", "cantata.store.audit",

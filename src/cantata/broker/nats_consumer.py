@@ -32,6 +32,7 @@ from cantata.broker.nats_local import LocalMessage, settle_done
 from cantata.broker.nats_names import Names, digest
 from cantata.broker.nats_publish import ack_all
 from cantata.broker.nats_pull import direct, fetch, indirect, usable
+from cantata.cancel_safe import wait_event
 from cantata.errors import InvalidEvent, StoreError, error_text
 from cantata.graceful import finish_unless
 from cantata.model.checks import article, check_text
@@ -378,8 +379,7 @@ class NatsSubscription:
                         await self._unbind(psub)  # bind again, recreating what is gone
                         psub = None
                         self.broker._forget_stream(self.app)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), min(2.0, 0.1 * failures))
+                    await wait_event(self._stopping, min(2.0, 0.1 * failures))
                 finally:
                     self._busy -= want - len(msgs)
                 settled: list[Msg] = []

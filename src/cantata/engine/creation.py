@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+from cantata.cancel_safe import wait_event
 from cantata.errors import IdempotencyConflict, StoreUnavailable
 from cantata.model.records import RunRecord
 from cantata.quietlog import reason
@@ -127,11 +128,8 @@ async def _find_out(
     refused: Exception | None = None  # a retry's own error, the run not found stored
     closing = engine.closing
     while time.monotonic() < until:
-        try:
-            await asyncio.wait_for(closing.wait(), delay)
+        if await wait_event(closing, delay):
             return _Closed(lost)
-        except TimeoutError:
-            pass
         delay = min(delay * 2, max(engine.lease / 4, 0.05))
         try:
             stored = await _unless_closing(closing, engine.store.get_run(run.app, run.run_id))

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cantata.cancel_safe import wait_event
 from cantata.declare.defs import StepDef, remote_step_def
 from cantata.declare.router import Router
 from cantata.errors import Cancelled, StoreUpgraded
@@ -32,7 +33,7 @@ from .deadlines import WaitDeadlines
 from .event_waits import EventWaits, Wants
 from .hooks import Hooks
 from .metrics import Metrics
-from .ownership import Ownership, wait_event
+from .ownership import Ownership
 from .parking import HotRuns, wake_for_events
 from .runner import RunExecution
 from .shutdown import drain

@@ -49,6 +49,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from cantata.cancel_safe import wait_event
 from cantata.errors import StoreUpgraded
 from cantata.fencing import pause_clock
 from cantata.model.records import Attempt, HistoryEntry, RunRecord
@@ -65,29 +66,6 @@ log = logging.getLogger("cantata.worker")
 
 FENCE_AT = 0.75  # of the lease: silent this long, a worker stops its own executions
 CLAIM_BATCH = 100  # runs one claim takes at most
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Wait until ``event`` is set or ``timeout`` seconds pass.
-
-    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives
-    just as the event is set, so a loop using it could not be stopped. Nor
-    ``asyncio.timeout``: it ends the wait by cancelling the waiting task, and a run's
-    task takes a cancel while one of its steps is in progress for its workflow code's
-    own (engine/branches.py, ``RunTask``). A step stopped by a pause waits here for its
-    worker's next heartbeat (:meth:`Ownership.regained`); when that heartbeat took more
-    than one wait, the timeout's cancel made the run's task end cancelled, and the run,
-    still this worker's, was launched anew with the cut attempt charged ``WorkerLost``.
-    ``asyncio.wait`` times out without cancelling anyone; a cancel of the waiting task
-    still ends the wait at once.
-    """
-    if event.is_set():
-        return
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait((waiter,), timeout=timeout)
-    finally:
-        waiter.cancel()
 
 
 class Ownership:

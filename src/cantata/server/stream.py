@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from cantata.cancel_safe import get_within, wait_event
 from cantata.model import codec
 from cantata.model.records import AuditRecord, to_datetime
 from cantata.store.base import Store
@@ -237,8 +238,9 @@ class ChangeFeed:
             gathered = min(GATHER, self.interval) if changes else 0.0
             if gathered:  # (a change said meanwhile sets the wake: it is read right after)
                 await asyncio.sleep(gathered)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval - gathered)
+            # (not asyncio.wait_for: on 3.11 a cancel of this task, as the last client
+            # leaves, could be lost just as the wake is set: cancel_safe.py)
+            await wait_event(self._wake, self.interval - gathered)
 
     async def _workers(self, store: Store) -> None:
         """Publish a ``worker`` change for each worker that came up or went (stopped, or
@@ -311,11 +313,7 @@ async def frames(
         checked = sent = loop.time()
         while True:
             wait = max(0.0, min(checked + recheck, sent + keepalive) - loop.time())
-            try:
-                change: Change | None = await asyncio.wait_for(queue.get(), wait)
-                came = True
-            except TimeoutError:
-                change, came = None, False
+            came, change = await get_within(queue, wait)
             now = loop.time()
             if now - checked >= recheck:
                 if not await still_allowed():

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from cantata.cancel_safe import wait_event
 from cantata.errors import ConfigurationError, StoreCorrupt, StoreUnavailable
 from cantata.store import migrations
 from cantata.store import postgres_session as session
@@ -462,8 +463,7 @@ class PgPool:
         self._closing = True
         if self._inflight:
             self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), 30)
+            await wait_event(self._idle, 30)
         await self.listener.close()
         await self._let_go_kept()
         if self._pool is not None:

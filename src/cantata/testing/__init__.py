@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cantata.app import App
+from cantata.cancel_safe import wait_event
 from cantata.errors import LeaseLost, WorkflowError
 from cantata.model.records import RunRecord, RunWrite
 from cantata.store.base import Settlement, Store
@@ -337,8 +338,7 @@ async def crash_test(
                                 store.creations)
                     if time.monotonic() > deadline:
                         raise AssertionError(f"run {handle.run_id} did not end in {timeout} s")
-                    with contextlib.suppress(TimeoutError):  # a crash is handled at once
-                        await asyncio.wait_for(store.crashed.wait(), 0.005)
+                    await wait_event(store.crashed, 0.005)  # a crash is handled at once
                 # A crashed process drains nothing: a step waiting on the dead store
                 # (a choreographed step's reply that can no longer be recorded) must
                 # not hold this stop for the grace period.
