@@ -95,7 +95,8 @@ async def test_get_within_times_out_and_loses_no_item() -> None:
     # an item put as a wait times out (in the same turn) stays in the queue
     for _ in range(20):
         loop.call_later(0.005, queue.put_nowait, 3)
-        came, item = await get_within(queue, 0.005)
+        got = await get_within(queue, 0.005)
+        came, item = got
         if not came:
             assert queue.get_nowait() == 3
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from cantata import App
 from cantata.server.stream import ChangeFeed
@@ -43,7 +44,7 @@ async def test_the_last_client_leaving_stops_the_feed_whenever_a_change_comes(
                 assert feed.clients == 0 and feed._task is None
 
 
-async def _stop(leaving: asyncio.Future[object], feed: ChangeFeed) -> None:
+async def _stop(leaving: asyncio.Future[Any], feed: ChangeFeed) -> None:
     """End a feed whose loop lost its cancel (so that the failing test ends)."""
     for _ in range(100):
         if leaving.done():
