@@ -46,7 +46,7 @@ task they run in), and it is passed on, so that the timeout ends as its code exp
 step's branch. Held back, it would have stopped the step, raised ``CancelledError`` in
 the workflow's code and marked the step cancelled in history for a store that was
 only slow. The engine's code still prefers ``asyncio.wait(..., timeout=...)``, which
-cancels no one (``ownership.wait_event``; the store's connects,
+cancels no one (``cancel_safe.wait_event``; the store's connects,
 ``store/postgres_pool.py``'s ``connect_apart``).
 """
 
