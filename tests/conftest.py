@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import tempfile
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 import _pytest.assertion.rewrite
 import pytest
+import pytest_timeout  # type: ignore[import-untyped]
 from hypothesis import HealthCheck, settings
 
 from tests.helpers import drop_schema, with_schema
@@ -50,6 +52,41 @@ if sys.dont_write_bytecode and not os.environ.get("PYTHONPYCACHEPREFIX"):
 # says nothing about the property). Tests that set their own settings keep them.
 settings.register_profile("cantata", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("cantata")
+
+
+def _dump_tasks(terminal: Any) -> None:
+    """The asyncio tasks of the loop the timed-out test runs, each at the await it is
+    suspended in: pytest-timeout shows the threads' stacks alone, and a hung async test's
+    own thread is then just the loop's ``select``, which says nothing of what it awaits.
+    (pytest-timeout's SIGALRM handler runs in that thread, inside the loop's pass.)"""
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return
+    for task in sorted(asyncio.all_tasks(loop), key=lambda t: t.get_name()):
+        terminal.sep("~", title=f"Task {task.get_name()}")
+        frames = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # down the chain of awaits (Task.get_stack: its top)
+            frame = (getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+                     or getattr(awaited, "ag_frame", None))
+            if frame is not None:
+                frames.append(traceback.FrameSummary(
+                    frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+            awaited = (getattr(awaited, "cr_await", None)
+                       or getattr(awaited, "gi_yieldfrom", None)
+                       or getattr(awaited, "ag_await", None))
+        terminal.write("".join(traceback.format_list(frames)) if frames else f"{task!r}\n")
+
+
+def _with_tasks(dump: Callable[[Any], None]) -> Callable[[Any], None]:
+    def dump_stacks(terminal: Any) -> None:
+        dump(terminal)
+        with contextlib.suppress(Exception):  # (a diagnosis must not hide the timeout)
+            _dump_tasks(terminal)
+    return dump_stacks
+
+
+pytest_timeout.dump_stacks = _with_tasks(pytest_timeout.dump_stacks)
 
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored() -> Iterator[None]:
