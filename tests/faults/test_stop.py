@@ -52,17 +52,22 @@ async def test_sigterm_lets_steps_in_progress_finish(
 async def test_rolling_restarts_during_long_steps(
     cluster: Callable[..., Cluster], postgres_store: str, private_nats: PrivateNats
 ) -> None:
-    """Three restarts, one worker at a time, all during the same long steps: no step runs
-    again, no attempt is charged, every run completes."""
+    """Three restarts, one worker at a time, during long steps: no step runs again, no
+    attempt is charged, every run completes. As a rolling restart does, each next stop
+    waits until the worker started in place of the last one serves: a SIGTERM to a
+    process still starting up (before it handles signals) ends it with the signal, and
+    a loaded machine took the stops to workers that had not come up yet."""
     c = cluster(postgres_store, private_nats.url, FAULT_LONG_SECONDS=3.0,
                 FAULT_HANDLER_SECONDS=1.0)
     c.start_workers(3)
     async with c.client():
+        await c.ready()
         await c.submit(scaled(9), scaled(9), workflow="long_run")
         await c.wait_ledger(lambda ex: sum(e.ended is None for e in ex) >= 3, timeout=30)
         for _ in range(3):
             await c.terminate(c.busiest())
             c.start_worker()
+            await c.ready()
         counts = await c.recover(time.monotonic(), budget=within(20))
     print(f"\nrolling restarts: {counts}")
     assert all(w.proc.returncode == 0 for w in c.exited), c.logs()
