@@ -40,27 +40,38 @@ async def swallowed(wait: Callable[[], Awaitable[Any]], answer: Callable[[], Non
     return True
 
 
-async def event_probe(wait: Callable[[asyncio.Event], Awaitable[Any]]) -> list[tuple[int, int]]:
+Setup = Callable[[], tuple[Callable[[], Awaitable[Any]], Callable[[], None]]]
+
+
+async def lost_cancels(setup: Setup) -> list[tuple[int, int]]:
+    """The turns (:data:`TURNS`) at which a cancel was lost; ``setup`` makes a fresh
+    wait and what answers it for each."""
     lost = []
     for before, after in TURNS:
-        event = asyncio.Event()
-        if await swallowed(lambda event=event: wait(event), event.set, before, after):  # type: ignore[misc]
+        wait, answer = setup()
+        if await swallowed(wait, answer, before, after):
             lost.append((before, after))
     return lost
 
 
+def on_event(wait: Callable[[asyncio.Event], Awaitable[Any]]) -> Setup:
+    def setup() -> tuple[Callable[[], Awaitable[Any]], Callable[[], None]]:
+        event = asyncio.Event()
+        return (lambda: wait(event)), event.set
+    return setup
+
+
+def on_queue() -> tuple[Callable[[], Awaitable[Any]], Callable[[], None]]:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    return (lambda: get_within(queue, 10)), (lambda: queue.put_nowait("x"))
+
+
 async def test_a_cancel_always_ends_wait_event() -> None:
-    assert await event_probe(lambda e: wait_event(e, 10)) == []
+    assert await lost_cancels(on_event(lambda e: wait_event(e, 10))) == []
 
 
 async def test_a_cancel_always_ends_get_within() -> None:
-    lost = []
-    for before, after in TURNS:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        if await swallowed(lambda queue=queue: get_within(queue, 10),  # type: ignore[misc]
-                           lambda queue=queue: queue.put_nowait("x"), before, after):  # type: ignore[misc]
-            lost.append((before, after))
-    assert lost == []
+    assert await lost_cancels(on_queue) == []
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="asyncio.wait_for mended in 3.12")
@@ -70,7 +81,7 @@ async def test_the_probe_finds_asyncio_wait_for_losing_a_cancel_on_3_11() -> Non
     async def stdlib(event: asyncio.Event) -> None:
         await asyncio.wait_for(event.wait(), 10)
 
-    assert await event_probe(stdlib) != []
+    assert await lost_cancels(on_event(stdlib)) != []
 
 
 async def test_wait_event_says_whether_it_was_set() -> None:
