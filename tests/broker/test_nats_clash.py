@@ -194,6 +194,14 @@ class ReadsCounted(SQLiteStore):
         self.looked_up[group] = self.looked_up.get(group, 0) + len(event_ids)
         return await super().delivery_holds(app, group, event_ids, stale_before=stale_before)
 
+    async def take_deliveries(
+        self, app: str, group: str, event_ids: Sequence[str], worker_id: str, *,
+        stale_before: float,
+    ) -> dict[str, DeliveryHold]:
+        self.looked_up[group] = self.looked_up.get(group, 0) + len(event_ids)
+        return await super().take_deliveries(app, group, event_ids, worker_id,
+                                             stale_before=stale_before)
+
 
 async def test_the_relays_copies_of_events_handed_off_here_are_acked_unread(
     nats_url: str, tmp_path: Path

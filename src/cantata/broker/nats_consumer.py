@@ -8,7 +8,9 @@ app's subjects) is stored when it arrives, as external, with its id as its
 correlation id when it carries none (docs/guide.md), unless it came on another type's
 subject (:func:`misrouted`): that one is dead-lettered as a stand-in, not stored.
 Settling writes the store first, then acks, so a lost ack only causes a redelivery the
-store recognises.
+store recognises. A copy runs only once its delivery is taken for this worker in the
+store (:meth:`~cantata.store.roles.EventStore.take_deliveries`): two copies of one
+event never run in two live workers at once (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -160,6 +162,11 @@ class NatsMessage:
         self.attempt = attempt
         self.delivered = attempt  # JetStream's count of deliveries of this message
         self.settled = False
+        # The store holds the delivery for this worker (taken for this copy, or held by
+        # an earlier attempt here), and the store has recorded no outcome of this copy
+        # yet: let go of, should the copy end unsettled (NatsSubscription._let_go).
+        self.took = False
+        self.recorded = False
         self.stored_emitted: list[Event[Any]] | None = None  # what complete() stored
         self._msg = msg
         self._store = store
@@ -186,6 +193,7 @@ class NatsMessage:
         done, self.stored_emitted = await settle_done(
             self._store, self.sub, self._app, self.group, self.event.id, self.attempt, emitted
         )
+        self.recorded = True
         await self._ack("ack")
         return done
 
@@ -198,6 +206,7 @@ class NatsMessage:
                     DeliveryOutcome.RETRY, self.attempt, error=error, retry_at=time.time() + delay
                 ),
             )
+            self.recorded = True
             if not recorded:  # handled meanwhile by another delivery: nothing to retry
                 await self._ack("ack")
                 return
@@ -215,6 +224,7 @@ class NatsMessage:
     async def dead(self, error: str) -> None:
         self.settled = True
         recorded = await self._dead_letter(self.event or self._stand_in(self.error), error)
+        self.recorded = self.event is not None
         await self._ack("term" if recorded is not False else "ack")
 
     async def refuse(self, error: str) -> None:
@@ -443,6 +453,7 @@ class NatsSubscription:
 
     async def _handle(self, m: Msg, replay: bool) -> None:
         key: tuple[str, str, str] | None = None  # set while this call holds the event
+        msg: NatsMessage | None = None
         try:
             if self._done_already(m, replay):  # (settled meanwhile)
                 await m.ack()
@@ -509,9 +520,32 @@ class NatsSubscription:
         finally:
             self._held.pop(id(m), None)
             if key is not None:
+                if msg is not None and msg.took and not msg.recorded:
+                    await self._let_go(key[2])  # (before another copy here may take it)
                 self.broker._handling.release(key)
             self._busy -= 1
             self._capacity.set()
+
+    async def _let_go(self, event_id: str) -> None:
+        """Let go of this worker's hold on the group's delivery of ``event_id``: a copy
+        (or hand-off) that held it ended without recording an outcome (handed back to
+        NATS unrun, or its settlement failed). Else a copy of it at another worker
+        would wait for this worker's death. Waits out a store outage; a stop gives up
+        (the worker's end frees its holds)."""
+        if not self.worker_id:  # (read only: it took nothing)
+            return
+        try:
+            await wait_out(
+                lambda: self.broker.store.release_delivery(self.app, self.group, event_id,
+                                                           self.worker_id),
+                quiet=quiet, key=f"settle:{self.group}",
+                what=f"group {self.group} letting go of a delivery",
+                give_up=self._stopping.is_set, max_delay=max(0.05, self.broker.lease / 4),
+            )
+        except Exception as exc:
+            quiet.warning(f"settle:{self.group}", "group %s could not let go of its hold "
+                          "on event %s (%s); it ends with this worker's lease", self.group,
+                          event_id, error_text(exc))
 
     async def _failed(
         self, m: Msg, exc: Exception, what: str, *, hand_back: bool = True
@@ -613,6 +647,8 @@ class NatsSubscription:
                 with contextlib.suppress(Exception):  # else the broker's copy retries it
                     await msg.retry(error_text(exc), 1.0)
         finally:
+            if not msg.recorded:
+                await self._let_go(key[2])
             self.broker._handling.release(key, fut)
             self._busy -= 1
             self._capacity.set()
@@ -650,9 +686,11 @@ class NatsSubscription:
 
     async def _addressed(self, msg: NatsMessage, event: Event[Any], m: Msg) -> bool:
         """Whether the store addressed ``event`` to this group and it is this worker's to
-        handle now; sets ``msg.attempt``. A delivery another live worker holds (a hand-off
-        in progress there) is waited for, kept alive, and then acked once settled; one
-        whose retry is not due yet is handed back to NATS until then (``msg.settled``).
+        handle now: its delivery taken for this worker (:meth:`_take`, ``msg.took``);
+        sets ``msg.attempt``. A delivery another live worker holds (another copy or a
+        hand-off running there) is waited for, kept alive, and then acked once settled;
+        one whose retry is not due yet is handed back to NATS until then
+        (``msg.settled``).
 
         The stored event is the truth, and is what the handler gets (``msg.event``): a
         message reusing its id with other content is dead-lettered (as a stand-in
@@ -662,6 +700,7 @@ class NatsSubscription:
         that is not a valid event (``msg.event`` ``None``), to be dead-lettered as a
         stand-in, and is not stored (the groups of its type would never get it)."""
         state = await self._delivery_state(event.id)
+        msg.took = self._mine(state)
         if state is not None and state.event is not None:
             stored = state.event
         else:
@@ -670,9 +709,12 @@ class NatsSubscription:
                 msg.event, msg.error = None, wrong
                 return True
             state, stored = await self._keep(event)
+            msg.took = msg.took or self._mine(state)
         wait = 0.005
         while (state is not None and state.status == DELIVERY_PENDING
-               and state.holder is not None and state.holder != self.worker_id):
+               and not self._mine(state)):
+            # Another live worker holds it (a copy it runs, a hand-off there), or took it
+            # as this one looked: waited for, then acked once settled.
             if self._stopping.is_set():  # hand it back: the holder may still need it
                 msg.settled = True
                 await msg._ack("nak")
@@ -681,6 +723,7 @@ class NatsSubscription:
             await asyncio.sleep(wait)
             wait = min(wait * 2, 0.5, self.broker.ack_wait / 4)
             state = await self._delivery_state(event.id)
+            msg.took = self._mine(state)
         if not same_event(stored, event):
             # Another system reused the id (or forged the event): the stored one stays.
             await msg.refuse(clash(stored, event))
@@ -751,9 +794,7 @@ class NatsSubscription:
         stored = await store.get_event(self.app, event.id)
         if stored is None:
             await store.append_external(self.app, [event])
-        holds = await store.delivery_holds(self.app, self.group, [event.id],
-                                           stale_before=self.broker.stale_before())
-        state = holds.get(event.id)
+        state = (await self._take([event.id])).get(event.id)
         if state is not None and state.event is not None:
             return state, state.event
         if stored is None:
@@ -762,6 +803,24 @@ class NatsSubscription:
             raise StoreError(f"event {event.id} of app {self.app!r} was stored but cannot "
                              "be read back")
         return state, stored
+
+    def _take(self, event_ids: list[str]) -> Awaitable[dict[str, DeliveryHold]]:
+        """This group's deliveries of ``event_ids``, each pending one that no other live
+        worker holds taken for this worker (one statement for the batch): so that two
+        copies of one event never run in two live workers at once (docs/guarantees.md).
+        Without a worker id (a subscription made outside a worker), read only."""
+        store, stale = self.broker.store, self.broker.stale_before()
+        if not self.worker_id:
+            return store.delivery_holds(self.app, self.group, event_ids, stale_before=stale)
+        return store.take_deliveries(self.app, self.group, event_ids, self.worker_id,
+                                     stale_before=stale)
+
+    def _mine(self, state: DeliveryHold | None) -> bool:
+        """Whether ``state`` is a pending delivery this worker holds (:meth:`_take`);
+        without a worker id, one that no live worker holds."""
+        if state is None or state.status != DELIVERY_PENDING:
+            return False
+        return state.holder == self.worker_id if self.worker_id else state.holder is None
 
     def _delivery_state(self, event_id: str) -> asyncio.Future[DeliveryHold | None]:
         """This group's delivery of ``event_id`` in the store, looked up together with
@@ -783,9 +842,7 @@ class NatsSubscription:
         self, lookups: dict[str, list[asyncio.Future[DeliveryHold | None]]]
     ) -> None:
         try:
-            states = await self.broker.store.delivery_holds(
-                self.app, self.group, list(lookups), stale_before=self.broker.stale_before()
-            )
+            states = await self._take(list(lookups))
         except Exception as exc:
             for futs in lookups.values():
                 for f in futs:

@@ -58,6 +58,7 @@ class LocalMessage:
         self.error: str | None = None
         self.attempt = 1
         self.settled = False
+        self.recorded = False  # the store has this hand-off's outcome (else let go of)
         self._broker = broker
         self._app = app
         self._event = event
@@ -81,6 +82,7 @@ class LocalMessage:
             self._broker.store, self.sub, self._app, self.group, self._event.id,
             self.attempt, emitted,
         )
+        self.recorded = True
         self._broker._handling.settled((self._app, self.group, self._event.id))
         return done
 
@@ -91,6 +93,7 @@ class LocalMessage:
             self._app, self.group, self._event.id,
             Settlement(DeliveryOutcome.RETRY, self.attempt, error=error, retry_at=retry_at),
         )
+        self.recorded = True
         if recorded:  # the broker's copy is handed back to NATS until then
             self._broker._deferred[(self._app, self.group, self._event.id)] = retry_at
 
@@ -100,6 +103,7 @@ class LocalMessage:
             self._app, self.group, self._event.id,
             Settlement(DeliveryOutcome.DEAD, self.attempt, error=error, dead_letter_id=new_id()),
         )
+        self.recorded = True
         self._broker._handling.settled((self._app, self.group, self._event.id))
 
     async def extend(self) -> None:

@@ -1,6 +1,7 @@
 """The PostgreSQL store, who holds a delivery (:meth:`~cantata.store.roles.EventStore.
-delivery_holds`): what the NATS broker reads before it runs a copy of an event that
-another worker may hold (docs/performance.md)."""
+delivery_holds`, :meth:`~cantata.store.roles.EventStore.take_deliveries`): what the NATS
+broker reads, and takes, before it runs a copy of an event that another worker may
+hold (docs/guarantees.md)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,34 @@ from typing import Any
 from cantata.model.event import Event
 from cantata.store import postgres_event_writes as event_writes
 from cantata.store.postgres_core import PostgresCore
-from cantata.store.postgres_ops import E_EVENT_COLS, each_by_key, event_row
+from cantata.store.postgres_ops import E_EVENT_COLS, each_by_key, event_row, key_in
 from cantata.store.roles.events import DeliveryHold
 
-_HOLDS_BY_KEY = each_by_key("deliveries", "d", "x.app=$1 AND x.grp=$2", "event_id", "$3")
+_GROUP = "x.app=$1 AND x.grp=$2"
+_HOLDS_BY_KEY = each_by_key("deliveries", "d", _GROUP, "event_id", "$3")
+_HOLDS = (
+    "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN {mine} THEN $5 WHEN "
+    f"w.expires_at >= $4 THEN d.owner END, e.id IS NOT NULL, d.error, {E_EVENT_COLS} "
+    f"FROM {_HOLDS_BY_KEY} "
+    "LEFT JOIN workers w ON w.app=d.app AND w.worker_id=d.owner "
+    "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id"
+)
+# Taken: pending, its owner none or presumed dead (one that owns it already is left
+# unwritten). Not durable (synchronous_commit off for this transaction alone: a take a
+# server crash loses is one its holder lost with it), so it waits for no WAL flush. The
+# read beside it sees the rows as they were before (a statement's snapshot): ``mine``
+# reports the taken ones, and those this worker owned already, as held by it; one that
+# another worker took meanwhile (the UPDATE waited for it, then left it) reads as it
+# was, which the caller takes for not held by it, and looks again.
+_TAKE = (
+    "WITH quick AS (SELECT set_config('synchronous_commit', 'off', true)), "
+    "taken AS (UPDATE deliveries t SET owner=$5 FROM quick "
+    f"WHERE t.app=$1 AND t.grp=$2 AND t.{key_in('deliveries', _GROUP, 'event_id', '$3')} "
+    "AND t.status='pending' AND (t.owner IS NULL OR (t.owner<>$5 AND NOT EXISTS ("
+    " SELECT 1 FROM workers w WHERE w.app=t.app AND w.worker_id=t.owner"
+    " AND w.expires_at >= $4))) RETURNING t.event_id) "
+    + _HOLDS.format(mine="d.owner=$5 OR d.event_id IN (SELECT event_id FROM taken)")
+)
 
 
 class PostgresHolds(PostgresCore):
@@ -53,13 +78,32 @@ class PostgresHolds(PostgresCore):
         if not event_ids:
             return {}
         # (a copy's batch, on the NATS consumers' path: each by its key, ops.each_by_key)
-        rows = await self._db.fetch(
-            "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
-            f"w.expires_at >= $4 THEN d.owner END, e.id IS NOT NULL, d.error, {E_EVENT_COLS} "
-            f"FROM {_HOLDS_BY_KEY} "
-            "LEFT JOIN workers w ON w.app=d.app AND w.worker_id=d.owner "
-            "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id",
-            app, group, list(dict.fromkeys(event_ids)), stale_before,
+        rows = await self._db.fetch(_HOLDS.format(mine="false"), app, group,
+                                    list(dict.fromkeys(event_ids)), stale_before, None)
+        return _by_id(rows)
+
+    async def take_deliveries(
+        self, app: str, group: str, event_ids: Sequence[str], worker_id: str, *,
+        stale_before: float,
+    ) -> dict[str, DeliveryHold]:
+        if not event_ids:
+            return {}
+        rows = await self._db.fetch(_TAKE, app, group, list(dict.fromkeys(event_ids)),
+                                    stale_before, worker_id)
+        return _by_id(rows)
+
+    async def release_delivery(
+        self, app: str, group: str, event_id: str, worker_id: str
+    ) -> bool:
+        done = await self._db.execute(
+            "WITH quick AS (SELECT set_config('synchronous_commit', 'off', true)) "
+            "UPDATE deliveries d SET owner=NULL FROM quick WHERE d.app=$1 AND d.grp=$2 "
+            "AND d.event_id=$3 AND d.owner=$4 AND d.status='pending'",
+            app, group, event_id, worker_id,
         )
-        return {r[0]: DeliveryHold(r[1], r[2], r[3], r[4],
-                                   event_row(tuple(r)[7:]) if r[5] else None, r[6]) for r in rows}
+        return done == "UPDATE 1"
+
+
+def _by_id(rows: Sequence[Any]) -> dict[str, DeliveryHold]:
+    return {r[0]: DeliveryHold(r[1], r[2], r[3], r[4],
+                               event_row(tuple(r)[7:]) if r[5] else None, r[6]) for r in rows}

@@ -39,6 +39,7 @@ from cantata.store.sqlite_console import SQLiteConsole
 from cantata.store.sqlite_core import declarations_changed
 from cantata.store.sqlite_events import SQLiteEvents
 from cantata.store.sqlite_flow import SQLiteFlow
+from cantata.store.sqlite_holds import SQLiteHolds
 from cantata.store.sqlite_operate import SQLiteOperate
 from cantata.store.sqlite_parking import SQLiteParking
 from cantata.store.sqlite_runs import SQLiteRuns
@@ -50,6 +51,7 @@ from cantata.store.tx import T, TxBody
 class SQLiteStore(
     SQLiteRuns,
     SQLiteEvents,
+    SQLiteHolds,
     SQLiteTasks,
     SQLiteTrace,
     SQLiteOperate,

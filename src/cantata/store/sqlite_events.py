@@ -33,7 +33,7 @@ from cantata.store.base import (
     EVENTS,
     Settlement,
 )
-from cantata.store.roles.events import AFTER_SKEW, DeliveryHold
+from cantata.store.roles.events import AFTER_SKEW
 from cantata.store.sqlite_core import Hold, SQLiteCore
 from cantata.store.sqlite_ops import (
     E_EVENT_COLS,
@@ -298,33 +298,6 @@ class SQLiteEvents(SQLiteCore):
                     (app, group, *chunk),
                 ):
                     out[event_id] = (status, attempts)
-            return out
-
-        return await self._t.read(op) if ids else {}
-
-    async def delivery_holds(
-        self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
-    ) -> dict[str, DeliveryHold]:
-        ids = list(dict.fromkeys(event_ids))
-
-        def op(c: sqlite3.Connection) -> dict[str, DeliveryHold]:
-            out: dict[str, DeliveryHold] = {}
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                for row in c.execute(
-                    "SELECT d.event_id, d.status, d.attempts, d.next_at, CASE WHEN "
-                    "w.expires_at >= ? THEN d.owner END, e.id IS NOT NULL, d.error, "
-                    f"{E_EVENT_COLS} "
-                    "FROM deliveries d LEFT JOIN workers w"
-                    " ON w.app=d.app AND w.worker_id=d.owner"
-                    " LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id"
-                    " WHERE d.app=? AND d.grp=? "
-                    f"AND d.event_id IN ({','.join('?' * len(chunk))})",
-                    (stale_before, app, group, *chunk),
-                ):
-                    out[row[0]] = DeliveryHold(row[1], row[2], row[3], row[4],
-                                               event_row(tuple(row)[7:]) if row[5] else None,
-                                               row[6])
             return out
 
         return await self._t.read(op) if ids else {}

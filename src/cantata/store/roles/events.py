@@ -221,6 +221,31 @@ class EventStore(Protocol):
         runs a copy of an event another worker may hold, and to check that the copy
         carries the stored content (docs/performance.md)."""
 
+    async def take_deliveries(
+        self, app: str, group: str, event_ids: Sequence[str], worker_id: str, *,
+        stale_before: float,
+    ) -> dict[str, DeliveryHold]:
+        """:meth:`delivery_holds`, each pending delivery that no live worker holds (its
+        owner none, ``worker_id`` itself, or one whose expiry is before ``stale_before``)
+        taken for ``worker_id`` first, in one statement per delivery: reported with
+        ``worker_id`` as its holder. Of two workers taking one delivery at once, one
+        gets it; the other sees it held. Attempts and due time are left as they are.
+
+        A NATS consumer takes a copy's delivery before it runs the copy, so that two
+        copies of one event (a re-drive after the broker lost its data, an outside
+        event published twice) never run in two live workers at once
+        (docs/guarantees.md). The holder lets go by settling the delivery, or by
+        :meth:`release_delivery`, or by its death (the lease). A take need not be
+        durable: one a store crash loses is one its holder lost by the same crash."""
+
+    async def release_delivery(
+        self, app: str, group: str, event_id: str, worker_id: str
+    ) -> bool:
+        """Let go of ``worker_id``'s hold on ``group``'s pending delivery of ``event_id``
+        without settling it (a copy handed back to the broker unrun, or one whose run
+        ended before its settlement was recorded). ``False`` when ``worker_id`` did not
+        hold it (settled, or taken over after its lease). Need not be durable."""
+
     async def dead_letters(
         self, app: str, *, limit: int = 100, group: str | None = None,
         type: str | None = None,

@@ -263,6 +263,84 @@ class EventsContract(StoreFixtures):
                                                                  now + 50)
         assert await store.delivery_holds(self.app, "g", [], stale_before=0) == {}
 
+    async def test_a_delivery_is_taken_by_one_live_worker_until_it_lets_go(
+        self, store: Store
+    ) -> None:
+        await self.handlers(store, ("g", "order.*"))
+        free, done, later = ev("order.placed"), ev("order.placed"), ev("order.paid")
+        await store.append_events(self.app, [free, done, later])
+        now = time.time()
+        for worker in ("w1", "w2"):
+            await store.heartbeat(self.app, worker, now, None, lease=LEASE)
+        assert await store.settle_delivery(self.app, "g", done.id, Settlement("done", 1))
+        assert await store.settle_delivery(
+            self.app, "g", later.id, Settlement("retry", 2, error="E: x", retry_at=now + 50)
+        )
+
+        async def take(worker: str, *ids: str, at: float = now) -> dict[str, str | None]:
+            got = await store.take_deliveries(self.app, "g", list(ids), worker,
+                                              stale_before=at)
+            return {k: h.holder for k, h in got.items()}
+
+        ids = (free.id, done.id, later.id, "never-stored")
+        assert await take("w1", *ids) == {free.id: "w1", done.id: None, later.id: "w1"}
+        # attempts, due time, status and the stored event as they were
+        [h] = (await store.take_deliveries(self.app, "g", [later.id], "w1",
+                                           stale_before=now)).values()
+        assert (h.status, h.attempts, h.next_at, h.error) == (DELIVERY_PENDING, 2,
+                                                               now + 50, "E: x")
+        assert h.event is not None and h.event.same_content(later)
+        # held: another live worker is told so, and gets nothing
+        assert await take("w2", free.id, later.id) == {free.id: "w1", later.id: "w1"}
+        assert not await store.release_delivery(self.app, "g", free.id, "w2")
+        reads = await store.delivery_holds(self.app, "g", [free.id], stale_before=now)
+        assert reads[free.id].holder == "w1"
+        # let go unsettled: the next worker takes it
+        assert await store.release_delivery(self.app, "g", free.id, "w1")
+        assert not await store.release_delivery(self.app, "g", free.id, "w1")
+        assert await take("w2", free.id) == {free.id: "w2"}
+        # taken over once its holder is presumed dead (its expiry before stale_before)
+        assert await take("w1", free.id, at=now + LEASE) == {free.id: "w2"}
+        assert await take("w1", free.id, at=now + LEASE + 1) == {free.id: "w1"}
+        assert not await store.release_delivery(self.app, "g", free.id, "w2")
+        # a settlement lets go: retried, it is free again; done, nobody takes it
+        assert await store.settle_delivery(
+            self.app, "g", free.id, Settlement("retry", 1, error="E: y", retry_at=now)
+        )
+        assert await take("w2", free.id) == {free.id: "w2"}
+        assert await store.settle_delivery(self.app, "g", free.id, Settlement("done", 2))
+        assert await take("w1", free.id) == {free.id: None}
+        assert not await store.release_delivery(self.app, "g", free.id, "w2")
+        assert await store.take_deliveries(self.app, "g", [], "w1", stale_before=now) == {}
+
+    async def test_of_workers_taking_one_delivery_at_once_one_gets_it(
+        self, store: Store, peer: Store
+    ) -> None:
+        await self.handlers(store, ("g", "order.*"))
+        events = [ev("order.placed") for _ in range(20)]
+        await store.append_events(self.app, events)
+        ids = [e.id for e in events]
+        workers = [f"w{n}" for n in range(6)]
+        now = time.time()
+        for worker in workers:
+            await store.heartbeat(self.app, worker, now, None, lease=LEASE)
+
+        async def take(worker: str, on: Store) -> dict[str, str | None]:
+            got = await on.take_deliveries(self.app, "g", ids, worker, stale_before=now)
+            return {k: h.holder for k, h in got.items()}
+
+        seen = await asyncio.gather(
+            *(take(w, store if n % 2 else peer) for n, w in enumerate(workers))
+        )
+        holders = {k: h.holder for k, h in (await store.delivery_holds(
+            self.app, "g", ids, stale_before=now)).items()}
+        assert set(holders) == set(ids) and None not in holders.values()
+        for worker, got in zip(workers, seen, strict=True):
+            # each worker was told it holds exactly the deliveries it does
+            assert {k for k, v in got.items() if v == worker} == {
+                k for k, v in holders.items() if v == worker
+            }
+
     async def test_a_settlements_hold_takes_only_deliveries_it_created(
         self, store: Store
     ) -> None:
