@@ -458,10 +458,10 @@ _EVENTS_ASKED = ops.key_in("events", "x.app=$1", "id", "$2")
 
 
 async def mark_published(c: Conn, b: Batch, app: str, event_ids: Sequence[str]) -> None:
-    await c.execute(
+    await ops.planned_now(c, ops.GENERIC_PLANS, lambda: c.execute(
         f"UPDATE events SET published=true WHERE app=$1 AND {_EVENTS_ASKED}",
         app, list(event_ids),
-    )
+    ))
 
 
 async def append_external(
@@ -469,11 +469,11 @@ async def append_external(
 ) -> list[int]:
     """Store events that came from the broker, marked published and external."""
     counts = await append(c, b, app, events)
-    await c.execute(
+    await ops.planned_now(c, ops.GENERIC_PLANS, lambda: c.execute(
         "UPDATE events SET published=true, external=true "
         f"WHERE app=$1 AND {_EVENTS_ASKED} AND NOT published",
         app, [e.id for e in events],
-    )
+    ))
     return counts
 
 

@@ -40,8 +40,10 @@ from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
     LIVE_SQL,
     RUN_COLS,
+    SESSION_PLANS,
     audit_append,
     key_in,
+    planned_now,
     run_row,
     unindexed,
 )
@@ -336,7 +338,7 @@ class PostgresFlow(PostgresCore):
 
             async def admit_all(plan: Admissions) -> None:
                 while admit := plan.next():
-                    rows = await c.fetch(
+                    rows = await planned_now(c, SESSION_PLANS, lambda: c.fetch(
                         "UPDATE runs r SET owner=$2, fence=r.fence+1, "
                         f"{pin_version_sql('$4', '$5')}, {UNPARK} WHERE "
                         f"r.app=$1 AND r.{_ADMITTED} AND {PENDING} "
@@ -344,7 +346,7 @@ class PostgresFlow(PostgresCore):
                         f"RETURNING {_R_COLS}",
                         app, worker_id, admit, pin_version, list(keep_versions_of),
                         *unchecked_params,
-                    )
+                    ))
                     began = [r[0] for r in rows]
                     tried = admit
                     if unchecked and len(began) < len(admit):

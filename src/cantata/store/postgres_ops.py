@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -41,6 +41,8 @@ from cantata.store.common import ENDED_RUN_ERROR
 from cantata.store.postgres_pool import Conn, Row
 
 LIVE_SQL = "('pending', 'running', 'compensating')"
+
+T = TypeVar("T")
 
 
 def unindexed(cond: str) -> str:
@@ -80,8 +82,39 @@ def key_in(table: str, where: str, key: str, ids: str) -> str:
     """``key IN (...)``: the condition of an ``UPDATE`` of the rows of ``table`` whose
     ``key`` is one of ``ids``, found as :func:`each_by_key` finds them (an ``UPDATE``'s
     own rows cannot be read by a ``LATERAL`` of its ``FROM``); each row then by its key
-    (a nested loop on the primary key), not the app's range filtered."""
+    (a nested loop on the primary key), not the app's range filtered.
+
+    Run it through :func:`planned_now` only: planned while the table is tiny (a new
+    store's first calls), the plan scans the app's rows and looks every id up again
+    for each of them, and a cached plan is kept as the table grows."""
     return f"{key} IN (SELECT b.{key} FROM {each_by_key(table, 'b', where, key, ids)})"
+
+
+# The plan cache mode a transaction of the batch writer runs in (postgres_batch._BEGIN),
+# and the one of any other transaction (the session's own).
+GENERIC_PLANS, SESSION_PLANS = "force_generic_plan", "DEFAULT"
+
+
+async def planned_now(
+    c: Any, restore: str | None, statement: Callable[[], Awaitable[T]]
+) -> T:
+    """Run ``statement`` (one using :func:`key_in`) on ``c``, inside a transaction,
+    planned for its tables as they are now, then set the plan cache mode back to
+    ``restore`` (:data:`GENERIC_PLANS`, :data:`SESSION_PLANS`; ``None``: the
+    transaction ends with the statement).
+
+    A prepared statement's generic plan is made once (at once in the batch writer, after
+    five runs elsewhere) and kept until the table is analyzed: where autovacuum is off,
+    for ever. Made while a new store's table held a few rows, ``key_in``'s plan scanned
+    the app's rows and, for each, looked every id up again by a scan of the app's rows:
+    a relay's ``mark_published`` of 500 ids ran for hours on 8,000 events, a CPU each
+    (docs/performance.md, "Plans made on a tiny table"). Planned at each run, it is a
+    nested loop on the key once the table has grown, and cheap while it is tiny."""
+    await c.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    out = await statement()
+    if restore is not None:
+        await c.execute(f"SET LOCAL plan_cache_mode = {restore}")
+    return out
 
 
 # Column lists in the field order of the records they make (rows unpack into them).
