@@ -16,6 +16,17 @@ from nats.js import JetStreamContext
 from tests.broker.nats_support import Server
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A store URL of each kind: a SQLite file, a PostgreSQL schema of the pool."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/a.db"
+        return
+    url = request.getfixturevalue("postgres_url")
+    schema = request.getfixturevalue("pooled_schema")
+    yield f"{url}?schema={schema}"
+
+
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     binary = shutil.which("nats-server")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,6 @@ from tests.broker.nats_support import app_name, nats_broker, streams_removed
 from tests.choreography.helpers import eventually
 
 pytestmark = pytest.mark.nats
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/a.db"
-        return
-    url = request.getfixturevalue("postgres_url")
-    schema = request.getfixturevalue("pooled_schema")
-    yield f"{url}?schema={schema}"
 
 
 async def test_a_forged_copy_first_is_dead_lettered_and_the_stored_event_handled(

@@ -11,10 +11,10 @@ what it took, so a copy at another worker is not left waiting for this one's dea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import nats
@@ -30,17 +30,7 @@ from tests.choreography.helpers import eventually
 
 pytestmark = pytest.mark.nats
 
-RUNS_FOR = 1.0  # seconds the handler runs
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/a.db"
-        return
-    url = request.getfixturevalue("postgres_url")
-    schema = request.getfixturevalue("pooled_schema")
-    yield f"{url}?schema={schema}"
+RUNS_AT_MOST = 30.0  # seconds the first handler waits for the other worker's look
 
 
 class Spied:
@@ -49,21 +39,25 @@ class Spied:
     def __init__(self, url: str) -> None:
         self.store = store_from_url(url)
         self.took: list[tuple[str, str | None]] = []
+        self.looked = asyncio.Event()
         take = self.store.take_deliveries
 
         async def noted(app: str, group: str, event_ids: Sequence[str], worker_id: str, *,
                         stale_before: float) -> dict[str, DeliveryHold]:
             got = await take(app, group, event_ids, worker_id, stale_before=stale_before)
             self.took += [(k, h.holder) for k, h in got.items()]
+            if got:
+                self.looked.set()
             return got
 
         self.store.take_deliveries = noted  # type: ignore[method-assign]
 
 
 def worker(name: str, store: Store, nats_url: str, runs: list[tuple[str, str]],
-           label: str) -> App:
-    """A worker of app ``name`` whose billing handler runs for :data:`RUNS_FOR`, one
-    event at a time, noting (``label``, "start" or "end") in ``runs``."""
+           label: str, until: asyncio.Event | None = None) -> App:
+    """A worker of app ``name`` whose billing handler runs until ``until`` is set (at
+    most :data:`RUNS_AT_MOST` s), one event at a time, noting (``label``, "start" or
+    "end") in ``runs``."""
     # (one message at a time: a worker running one fetches no other)
     app = App(name, store=store, broker=nats_broker(nats_url), poll_interval=0.05,
               concurrency=1)
@@ -71,7 +65,8 @@ def worker(name: str, store: Store, nats_url: str, runs: list[tuple[str, str]],
     @app.on("order.placed", group="billing")
     async def bill(event: Event[Any]) -> None:
         runs.append((label, "start"))
-        await asyncio.sleep(RUNS_FOR)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for((until or asyncio.Event()).wait(), RUNS_AT_MOST)
         runs.append((label, "end"))
 
     return app
@@ -95,7 +90,8 @@ async def test_a_second_copy_at_another_worker_waits_for_the_first(
     name = app_name("copies")
     runs: list[tuple[str, str]] = []
     spy_a, spy_b = Spied(store), Spied(store)
-    a = worker(name, spy_a.store, nats_url, runs, "a")
+    # a runs the first copy until b has looked at the second (however slow b's start)
+    a = worker(name, spy_a.store, nats_url, runs, "a", until=spy_b.looked)
     b = worker(name, spy_b.store, nats_url, runs, "b")
     event = Event(type="order.placed", data={"order": 1}, correlation_id="order-1")
     async with streams_removed(nats_url, name), a:
@@ -112,7 +108,7 @@ async def test_a_second_copy_at_another_worker_waits_for_the_first(
                 return any(r.group == "billing" and r.status == DELIVERY_DONE for r in rows)
 
             await eventually(settled, what="the delivery done", timeout=15)
-            await asyncio.sleep(RUNS_FOR + 1.0)  # room for a second run, if one began
+            await asyncio.sleep(1.0)  # room for a second run, if one began
             holder = a.engine.worker_id
     # b never ran it: it found the delivery held by a
     assert runs == [("a", "start"), ("a", "end")], runs

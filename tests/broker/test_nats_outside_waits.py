@@ -34,16 +34,6 @@ pytestmark = pytest.mark.nats
 Publish = Callable[..., Awaitable[None]]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/a.db"
-        return
-    url = request.getfixturevalue("postgres_url")
-    schema = request.getfixturevalue("pooled_schema")
-    yield f"{url}?schema={schema}"
-
-
 @pytest.fixture
 async def outside(nats_url: str) -> AsyncIterator[Client]:
     """A NATS client of another system (not Cantata)."""

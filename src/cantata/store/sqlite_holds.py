@@ -41,25 +41,29 @@ class SQLiteHolds(SQLiteCore):
     async def delivery_holds(
         self, app: str, group: str, event_ids: Sequence[str], *, stale_before: float
     ) -> dict[str, DeliveryHold]:
-        ids = list(dict.fromkeys(event_ids))
-        if not ids:
-            return {}
-        return await self._t.read(
-            lambda c: _holds(c, app, group, ids, None, stale_before, take=False)
-        )
+        return await self._holds(app, group, event_ids, None, stale_before)
 
     async def take_deliveries(
         self, app: str, group: str, event_ids: Sequence[str], worker_id: str, *,
         stale_before: float,
     ) -> dict[str, DeliveryHold]:
+        return await self._holds(app, group, event_ids, worker_id, stale_before)
+
+    async def _holds(
+        self, app: str, group: str, event_ids: Sequence[str], taker: str | None,
+        stale_before: float,
+    ) -> dict[str, DeliveryHold]:
+        """The holds of ``event_ids``, each free one taken for ``taker`` first (in the
+        write lock: no other connection takes one between the UPDATE and the read of
+        what it left); a read alone without one."""
         ids = list(dict.fromkeys(event_ids))
         if not ids:
             return {}
-        # (in the write lock: no other connection takes one between the UPDATE and the
-        # read of what it left)
+        if taker is None:
+            return await self._t.read(
+                lambda c: _holds(c, app, group, ids, None, stale_before, take=False))
         return await self._t.write(
-            lambda c: _holds(c, app, group, ids, worker_id, stale_before, take=True)
-        )
+            lambda c: _holds(c, app, group, ids, taker, stale_before, take=True))
 
     async def release_delivery(
         self, app: str, group: str, event_id: str, worker_id: str
