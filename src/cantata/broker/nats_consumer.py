@@ -306,7 +306,7 @@ class NatsSubscription:
         consumers: list[tuple[str, str, bool]],  # (durable, filter subject, is_replay)
         patterns: Sequence[str] = (),
         *,
-        worker_id: str = "",
+        worker_id: str,
         start_at: StartAt | None = None,
     ) -> None:
         self.broker = broker
@@ -532,8 +532,6 @@ class NatsSubscription:
         NATS unrun, or its settlement failed). Else a copy of it at another worker
         would wait for this worker's death. Waits out a store outage; a stop gives up
         (the worker's end frees its holds)."""
-        if not self.worker_id:  # (read only: it took nothing)
-            return
         try:
             await wait_out(
                 lambda: self.broker.store.release_delivery(self.app, self.group, event_id,
@@ -807,20 +805,15 @@ class NatsSubscription:
     def _take(self, event_ids: list[str]) -> Awaitable[dict[str, DeliveryHold]]:
         """This group's deliveries of ``event_ids``, each pending one that no other live
         worker holds taken for this worker (one statement for the batch): so that two
-        copies of one event never run in two live workers at once (docs/guarantees.md).
-        Without a worker id (a subscription made outside a worker), read only."""
-        store, stale = self.broker.store, self.broker.stale_before()
-        if not self.worker_id:
-            return store.delivery_holds(self.app, self.group, event_ids, stale_before=stale)
-        return store.take_deliveries(self.app, self.group, event_ids, self.worker_id,
-                                     stale_before=stale)
+        copies of one event never run in two live workers at once (docs/guarantees.md)."""
+        return self.broker.store.take_deliveries(
+            self.app, self.group, event_ids, self.worker_id,
+            stale_before=self.broker.stale_before())
 
     def _mine(self, state: DeliveryHold | None) -> bool:
-        """Whether ``state`` is a pending delivery this worker holds (:meth:`_take`);
-        without a worker id, one that no live worker holds."""
-        if state is None or state.status != DELIVERY_PENDING:
-            return False
-        return state.holder == self.worker_id if self.worker_id else state.holder is None
+        """Whether ``state`` is a pending delivery this worker holds (:meth:`_take`)."""
+        return (state is not None and state.status == DELIVERY_PENDING
+                and state.holder == self.worker_id)
 
     def _delivery_state(self, event_id: str) -> asyncio.Future[DeliveryHold | None]:
         """This group's delivery of ``event_id`` in the store, looked up together with

@@ -12,10 +12,10 @@ from cantata.model.event import Event
 from cantata.store import postgres_event_writes as event_writes
 from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
+    CUSTOM_PLANS,
     E_EVENT_COLS,
     each_by_key,
     event_row,
-    planned_now,
 )
 from cantata.store.roles.events import DeliveryHold
 
@@ -99,10 +99,10 @@ class PostgresHolds(PostgresCore):
         ids = list(dict.fromkeys(event_ids))
         async with self._db.tx() as c:
             # Not durable (a take a server crash loses is one its holder lost with it):
-            # its commit waits for no WAL flush.
-            await c.execute("SET LOCAL synchronous_commit = off")
-            rows = await planned_now(c, None, lambda: c.fetch(
-                _TAKE, app, group, ids, stale_before, worker_id))
+            # its commit waits for no WAL flush. Planned at each run, as planned_now
+            # plans, set with it in one round trip.
+            await c.execute(f"SET LOCAL synchronous_commit = off; {CUSTOM_PLANS}")
+            rows = await c.fetch(_TAKE, app, group, ids, stale_before, worker_id)
         return _by_id(rows)
 
     async def release_delivery(

@@ -93,15 +93,16 @@ def key_in(table: str, where: str, key: str, ids: str) -> str:
 # The plan cache mode a transaction of the batch writer runs in (postgres_batch._BEGIN),
 # and the one of any other transaction (the session's own).
 GENERIC_PLANS, SESSION_PLANS = "force_generic_plan", "DEFAULT"
+# What makes the statements after it in the transaction planned at each run
+CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 
 
 async def planned_now(
-    c: Any, restore: str | None, statement: Callable[[], Awaitable[T]]
+    c: Conn, restore: str, statement: Callable[[], Awaitable[T]]
 ) -> T:
     """Run ``statement`` (one using :func:`key_in`) on ``c``, inside a transaction,
     planned for its tables as they are now, then set the plan cache mode back to
-    ``restore`` (:data:`GENERIC_PLANS`, :data:`SESSION_PLANS`; ``None``: the
-    transaction ends with the statement).
+    ``restore`` (:data:`GENERIC_PLANS`, :data:`SESSION_PLANS`).
 
     A prepared statement's generic plan is made once (at once in the batch writer, after
     five runs elsewhere) and kept until the table is analyzed: where autovacuum is off,
@@ -110,10 +111,9 @@ async def planned_now(
     a relay's ``mark_published`` of 500 ids ran for hours on 8,000 events, a CPU each
     (docs/performance.md, "Plans made on a tiny table"). Planned at each run, it is a
     nested loop on the key once the table has grown, and cheap while it is tiny."""
-    await c.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    await c.execute(CUSTOM_PLANS)
     out = await statement()
-    if restore is not None:
-        await c.execute(f"SET LOCAL plan_cache_mode = {restore}")
+    await c.execute(f"SET LOCAL plan_cache_mode = {restore}")
     return out
 
 

@@ -60,10 +60,8 @@ class SQLiteHolds(SQLiteCore):
         if not ids:
             return {}
         if taker is None:
-            return await self._t.read(
-                lambda c: _holds(c, app, group, ids, None, stale_before, take=False))
-        return await self._t.write(
-            lambda c: _holds(c, app, group, ids, taker, stale_before, take=True))
+            return await self._t.read(lambda c: _holds(c, app, group, ids, None, stale_before))
+        return await self._t.write(lambda c: _holds(c, app, group, ids, taker, stale_before))
 
     async def release_delivery(
         self, app: str, group: str, event_id: str, worker_id: str
@@ -79,8 +77,9 @@ class SQLiteHolds(SQLiteCore):
 
 def _holds(
     c: sqlite3.Connection, app: str, group: str, ids: list[str], me: str | None,
-    stale_before: float, *, take: bool,
+    stale_before: float,
 ) -> dict[str, DeliveryHold]:
+    """The holds of ``ids``, each free one taken for ``me`` first (``None``: read only)."""
     out: dict[str, DeliveryHold] = {}
     for i in range(0, len(ids), _CHUNK):
         chunk = ids[i : i + _CHUNK]
@@ -88,7 +87,7 @@ def _holds(
         params = {"app": app, "grp": group, "me": me, "stale": stale_before,
                   **{f"i{n}": v for n, v in enumerate(chunk)}}
         ids_sql = ",".join(f":i{n}" for n in range(len(chunk)))
-        if take:
+        if me is not None:
             c.execute(_TAKE.format(ids=ids_sql), params)
         for row in c.execute(_HOLDS.format(ids=ids_sql), params):
             out[row[0]] = DeliveryHold(row[1], row[2], row[3], row[4],
