@@ -453,13 +453,16 @@ async def withdraw_tasks(
     return sorted(r[0] for r in rows)
 
 
-# (each by its key whatever the statistics: postgres_ops.key_in)
-_EVENTS_ASKED = ops.key_in("events", "x.app=$1", "id", "$2")
+# The events asked for, each by its key whatever the statistics, then updated by its
+# ctid (postgres_ops.by_ctid). A row another transaction updated meanwhile is skipped:
+# by a relay or a redrive of its own, or a copy of the same outside event stored at
+# once elsewhere. An event left unmarked is published again (at least once), never lost.
+_EVENTS_ASKED = ops.by_ctid("events", "x.app=$1", "id", "$2")
 
 
 async def mark_published(c: Conn, b: Batch, app: str, event_ids: Sequence[str]) -> None:
     await ops.planned_now(c, ops.GENERIC_PLANS, lambda: c.execute(
-        f"UPDATE events SET published=true WHERE app=$1 AND {_EVENTS_ASKED}",
+        f"UPDATE events t SET published=true FROM {_EVENTS_ASKED} WHERE t.ctid=found.at",
         app, list(event_ids),
     ))
 
@@ -470,8 +473,8 @@ async def append_external(
     """Store events that came from the broker, marked published and external."""
     counts = await append(c, b, app, events)
     await ops.planned_now(c, ops.GENERIC_PLANS, lambda: c.execute(
-        "UPDATE events SET published=true, external=true "
-        f"WHERE app=$1 AND {_EVENTS_ASKED} AND NOT published",
+        f"UPDATE events t SET published=true, external=true FROM {_EVENTS_ASKED} "
+        "WHERE t.ctid=found.at AND NOT t.published",
         app, [e.id for e in events],
     ))
     return counts

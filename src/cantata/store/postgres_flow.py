@@ -42,7 +42,8 @@ from cantata.store.postgres_ops import (
     RUN_COLS,
     SESSION_PLANS,
     audit_append,
-    key_in,
+    by_ctid,
+    each_by_key,
     planned_now,
     run_row,
     unindexed,
@@ -73,8 +74,11 @@ _WAITING = "FROM queue_runs q WHERE q.app=$1 AND q.queue=$2 AND q.began_at IS NU
 # runs_live, whose predicate it implies, can be read instead of the key, every parked
 # run filtered out once per queue row (20,000 parked: 22-26 ms against 0.05-0.14).
 PENDING = unindexed("r.status='pending'")
-# The runs a claim admits, each by its key whatever the statistics (postgres_ops.key_in)
-_ADMITTED = key_in("runs", "x.app=$1", "run_id", "$3")
+# The runs a claim admits, each by its key whatever the statistics, then updated by its
+# ctid (postgres_ops.by_ctid): one another transaction updated meanwhile is left alone,
+# and the claim looks at it again (admit_all).
+_ADMITTED = by_ctid("runs", "x.app=$1", "run_id", "$3")
+_RUNS_ASKED = each_by_key("runs", "r", "x.app=$1", "run_id", "$2")
 _LIVE = unindexed(f"r.status IN {LIVE_SQL}")
 _MAY_BEGIN = f"{PENDING} AND NOT r.cancel_requested"
 # A run ``r`` with recorded history: a retried run's, or a fork's (a run queued by a
@@ -340,8 +344,8 @@ class PostgresFlow(PostgresCore):
                 while admit := plan.next():
                     rows = await planned_now(c, SESSION_PLANS, lambda: c.fetch(
                         "UPDATE runs r SET owner=$2, fence=r.fence+1, "
-                        f"{pin_version_sql('$4', '$5')}, {UNPARK} WHERE "
-                        f"r.app=$1 AND r.{_ADMITTED} AND {PENDING} "
+                        f"{pin_version_sql('$4', '$5')}, {UNPARK} FROM {_ADMITTED} "
+                        f"WHERE r.ctid=found.at AND {PENDING} "
                         f"AND NOT r.cancel_requested AND r.owner IS NULL{unchecked} "
                         f"RETURNING {_R_COLS}",
                         app, worker_id, admit, pin_version, list(keep_versions_of),
@@ -349,11 +353,13 @@ class PostgresFlow(PostgresCore):
                     ))
                     began = [r[0] for r in rows]
                     tried = admit
-                    if unchecked and len(began) < len(admit):
-                        # not checked yet: it keeps its place (not begun, not dropped)
+                    if len(began) < len(admit):
+                        # One that may still begin keeps its place (not begun, not
+                        # dropped): not checked yet, or updated by another transaction
+                        # meanwhile (left alone by the ctid, _ADMITTED).
                         held = {r[0] for r in await c.fetch(
-                            f"SELECT r.run_id FROM runs r WHERE r.app=$1 AND r.run_id = "
-                            f"ANY($2::text[]) AND {_MAY_BEGIN} AND r.owner IS NULL",
+                            f"SELECT r.run_id FROM {_RUNS_ASKED} WHERE {_MAY_BEGIN} "
+                            "AND r.owner IS NULL",
                             app, [i for i in admit if i not in set(began)],
                         )}
                         tried = [i for i in admit if i not in held]

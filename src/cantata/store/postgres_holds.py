@@ -14,6 +14,7 @@ from cantata.store.postgres_core import PostgresCore
 from cantata.store.postgres_ops import (
     CUSTOM_PLANS,
     E_EVENT_COLS,
+    by_ctid,
     each_by_key,
     event_row,
 )
@@ -29,8 +30,8 @@ _HOLDS = (
     "LEFT JOIN events e ON e.app=d.app AND e.id=d.event_id"
 )
 # Taken: pending, its owner none or presumed dead (one that owns it already is left
-# unwritten). Each row is found by its key from the ids (each_by_key, whose LATERAL
-# keeps the ids outside), then updated by its ctid: the plain ``event_id IN (...)`` let
+# unwritten). Each row is found by its key from the ids, then updated by its ctid
+# (postgres_ops.by_ctid): the plain ``event_id IN (...)`` let
 # the planner, trusting no statistics, scan the group's deliveries and look every id up
 # again for each one (7.8 s for 500 ids among 6,000 deliveries). A row another worker
 # updated meanwhile (took it) has another ctid by then: left alone. The read beside it
@@ -39,9 +40,8 @@ _HOLDS = (
 # worker took meanwhile reads as it was, which the caller takes for not held by it, and
 # looks again.
 _TAKE = (
-    "WITH taken AS (UPDATE deliveries t SET owner=$5 FROM unnest($3::text[]) AS k(id) "
-    "CROSS JOIN LATERAL (SELECT x.ctid AS at FROM deliveries x WHERE x.app=$1 AND "
-    "x.grp=$2 AND x.event_id=k.id LIMIT 1) s WHERE t.ctid = s.at "
+    "WITH taken AS (UPDATE deliveries t SET owner=$5 FROM "
+    f"{by_ctid('deliveries', _GROUP, 'event_id', '$3')} WHERE t.ctid = found.at "
     "AND t.status='pending' AND (t.owner IS NULL OR (t.owner<>$5 AND NOT EXISTS ("
     " SELECT 1 FROM workers w WHERE w.app=t.app AND w.worker_id=t.owner"
     " AND w.expires_at >= $4))) RETURNING t.event_id) "

@@ -78,16 +78,25 @@ def each_by_key(table: str, alias: str, where: str, key: str, ids: str) -> str:
             f"WHERE {where} AND x.{key}=k.id LIMIT 1) {alias}")
 
 
-def key_in(table: str, where: str, key: str, ids: str) -> str:
-    """``key IN (...)``: the condition of an ``UPDATE`` of the rows of ``table`` whose
-    ``key`` is one of ``ids``, found as :func:`each_by_key` finds them (an ``UPDATE``'s
-    own rows cannot be read by a ``LATERAL`` of its ``FROM``); each row then by its key
-    (a nested loop on the primary key), not the app's range filtered.
+def by_ctid(table: str, where: str, key: str, ids: str) -> str:
+    """``FROM`` items for an ``UPDATE`` of the rows of ``table`` whose ``key`` is one of
+    the text array ``ids``: each row found by its key as :func:`each_by_key` finds it
+    (``where`` on ``x``), its ``ctid`` as ``found.at``; the ``UPDATE`` takes the row
+    whose ``ctid = found.at`` (a TID scan per id).
 
-    Run it through :func:`planned_now` only: planned while the table is tiny (a new
-    store's first calls), the plan scans the app's rows and looks every id up again
-    for each of them, and a cached plan is kept as the table grows."""
-    return f"{key} IN (SELECT b.{key} FROM {each_by_key(table, 'b', where, key, ids)})"
+    ``key IN (SELECT ... each_by_key)``, the shape before, let a plan made while the table
+    held a few hundred rows read the app's rows and look every id up again for each:
+    0.2-1.1 s a call of 20 ids on 250-500 events even planned at each run, and for hours
+    from a cached plan (docs/performance.md, "Plans made on a tiny table"). Run it
+    through :func:`planned_now`: a plan made for a tiny table may hash the table's rows
+    instead of one TID scan per id.
+
+    A row that another transaction updated after this statement's snapshot has another
+    ``ctid`` by then and is left alone (where ``key IN`` re-checked its new version): the
+    caller must take a row it asked for and did not get as possibly skipped, not as
+    refused."""
+    return (f"unnest({ids}::text[]) AS wanted(id) CROSS JOIN LATERAL (SELECT x.ctid AS at "
+            f"FROM {table} x WHERE {where} AND x.{key}=wanted.id LIMIT 1) found")
 
 
 # The plan cache mode a transaction of the batch writer runs in (postgres_batch._BEGIN),
@@ -100,17 +109,17 @@ CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 async def planned_now(
     c: Conn, restore: str, statement: Callable[[], Awaitable[T]]
 ) -> T:
-    """Run ``statement`` (one using :func:`key_in`) on ``c``, inside a transaction,
+    """Run ``statement`` (one using :func:`by_ctid`) on ``c``, inside a transaction,
     planned for its tables as they are now, then set the plan cache mode back to
     ``restore`` (:data:`GENERIC_PLANS`, :data:`SESSION_PLANS`).
 
     A prepared statement's generic plan is made once (at once in the batch writer, after
     five runs elsewhere) and kept until the table is analyzed: where autovacuum is off,
-    for ever. Made while a new store's table held a few rows, ``key_in``'s plan scanned
-    the app's rows and, for each, looked every id up again by a scan of the app's rows:
-    a relay's ``mark_published`` of 500 ids ran for hours on 8,000 events, a CPU each
-    (docs/performance.md, "Plans made on a tiny table"). Planned at each run, it is a
-    nested loop on the key once the table has grown, and cheap while it is tiny."""
+    for ever. Made while a new store's table held a few rows, the plan of the shape before
+    :func:`by_ctid` scanned the app's rows and, for each, looked every id up again by a
+    scan of the app's rows: a relay's ``mark_published`` of 500 ids ran for hours on
+    8,000 events, a CPU each (docs/performance.md, "Plans made on a tiny table").
+    Planned at each run, a :func:`by_ctid` write is a TID scan per id."""
     await c.execute(CUSTOM_PLANS)
     out = await statement()
     await c.execute(f"SET LOCAL plan_cache_mode = {restore}")
