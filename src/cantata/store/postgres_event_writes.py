@@ -461,9 +461,13 @@ _EVENTS_ASKED = ops.by_ctid("events", "x.app=$1", "id", "$2")
 
 
 async def mark_published(c: Conn, b: Batch, app: str, event_ids: Sequence[str]) -> None:
+    # In key order: the relays of two processes mark many of the same events (each
+    # publishes what the other offered and has not marked yet), and two marks that
+    # locked the rows in their own orders deadlocked (PostgreSQL ended one after its
+    # 1 s deadlock_timeout; docs/performance.md, "The by-key writes without IN").
     await ops.planned_now(c, ops.GENERIC_PLANS, lambda: c.execute(
         f"UPDATE events t SET published=true FROM {_EVENTS_ASKED} WHERE t.ctid=found.at",
-        app, list(event_ids),
+        app, sorted(set(event_ids)),
     ))
 
 

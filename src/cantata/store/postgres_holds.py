@@ -96,7 +96,7 @@ class PostgresHolds(PostgresCore):
     ) -> dict[str, DeliveryHold]:
         if not event_ids:
             return {}
-        ids = list(dict.fromkeys(event_ids))
+        ids = sorted(set(event_ids))  # (in key order: two takes never deadlock)
         async with self._db.tx() as c:
             # Not durable (a take a server crash loses is one its holder lost with it):
             # its commit waits for no WAL flush. Planned at each run, as planned_now
