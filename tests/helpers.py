@@ -6,6 +6,7 @@ it too); the folders' own ``helpers.py`` add only what is theirs.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import time
@@ -99,3 +100,16 @@ def watch_claims(
     """Note in ``seen`` each call of the store's claim ``method`` (:func:`recorded`, an
     instance attribute put over it)."""
     setattr(store, method, recorded(getattr(store, method), seen, "claim", took))
+
+
+async def lock_waits(conn: Any, n: int, statement: str = "%") -> None:
+    """Until ``n`` other backends of ``conn``'s database wait on a lock in a statement
+    ``LIKE statement``; fails after 10 s. ``conn`` (asyncpg) may be in a transaction: its
+    view of the server's activity is taken afresh at each look."""
+    deadline = time.monotonic() + 10
+    while await conn.fetchval(
+        "SELECT count(*) FROM (SELECT pg_stat_clear_snapshot()) fresh, pg_stat_activity "
+        "WHERE datname=current_database() AND wait_event_type='Lock' "
+        "AND pid<>pg_backend_pid() AND query LIKE $1", statement) < n:
+        assert time.monotonic() < deadline, f"{n} statement(s) never waited on a lock"
+        await asyncio.sleep(0.01)

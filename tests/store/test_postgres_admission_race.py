@@ -19,7 +19,7 @@ import pytest
 from cantata import App
 from cantata.model.flow import QueueEntry, QueueSpec
 from cantata.testing.contract.support import new_run
-from tests.helpers import with_schema
+from tests.helpers import lock_waits, with_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -45,13 +45,7 @@ async def test_a_run_updated_while_its_claim_admits_it_is_admitted_by_the_next(
                                     "AND run_id=$2", APP, run.run_id)
                 claim = asyncio.ensure_future(store.claim_queued_runs(
                     APP, "w1", "q", ["wf"], now=time.time(), limit=10))
-                deadline = time.monotonic() + 10
-                while not await other.fetchval(
-                        "SELECT count(*) FROM (SELECT pg_stat_clear_snapshot()) fresh, "
-                        "pg_stat_activity WHERE datname=current_database() AND "
-                        "wait_event_type='Lock' AND query LIKE 'UPDATE runs r SET owner%'"):
-                    assert time.monotonic() < deadline, "the admission never waited"
-                    await asyncio.sleep(0.01)
+                await lock_waits(other, 1, "UPDATE runs r SET owner%")
             first = await claim
         finally:
             await other.close()

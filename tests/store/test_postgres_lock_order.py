@@ -25,7 +25,7 @@ import pytest
 
 from cantata import App, Event
 from cantata.model.records import Declaration
-from tests.helpers import with_schema
+from tests.helpers import lock_waits, with_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -40,18 +40,6 @@ CALLS: dict[str, tuple[str, Call]] = {
                         lambda store, ids, who: store.take_deliveries(
                             APP, "billing", ids, who, stale_before=0.0)),
 }
-
-
-async def waiting_on_locks(conn: asyncpg.Connection, n: int) -> None:
-    """Until ``n`` other backends of this database wait on a lock (``conn`` is in a
-    transaction: its view of the activity is taken afresh each time)."""
-    deadline = time.monotonic() + 10
-    while await conn.fetchval(
-        "SELECT count(*) FROM (SELECT pg_stat_clear_snapshot()) fresh, pg_stat_activity "
-        "WHERE datname=current_database() AND wait_event_type='Lock' "
-        "AND pid<>pg_backend_pid()") < n:
-        assert time.monotonic() < deadline, "the two calls never waited on the held row"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
@@ -74,7 +62,7 @@ async def test_two_writes_of_the_same_rows_in_opposite_orders_do_not_deadlock(
                 assert len(held) == 1
                 calls = [asyncio.ensure_future(call(a.store, ids, "w1")),
                          asyncio.ensure_future(call(b.store, ids[::-1], "w2"))]
-                await waiting_on_locks(holder, 2)
+                await lock_waits(holder, 2)
                 started = time.monotonic()
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             took = time.monotonic() - started

@@ -354,13 +354,14 @@ class PostgresFlow(PostgresCore):
                     began = [r[0] for r in rows]
                     tried = admit
                     if len(began) < len(admit):
+                        began_ids = set(began)
                         # One that may still begin keeps its place (not begun, not
                         # dropped): not checked yet, or updated by another transaction
                         # meanwhile (left alone by the ctid, _ADMITTED).
                         held = {r[0] for r in await c.fetch(
                             f"SELECT r.run_id FROM {_RUNS_ASKED} WHERE {_MAY_BEGIN} "
                             "AND r.owner IS NULL",
-                            app, [i for i in admit if i not in set(began)],
+                            app, [i for i in admit if i not in began_ids],
                         )}
                         tried = [i for i in admit if i not in held]
                     # A run cancelled while it waited (ended by claim_runs) never begins:

@@ -31,9 +31,9 @@ _HOLDS = (
 )
 # Taken: pending, its owner none or presumed dead (one that owns it already is left
 # unwritten). Each row is found by its key from the ids, then updated by its ctid
-# (postgres_ops.by_ctid): the plain ``event_id IN (...)`` let
-# the planner, trusting no statistics, scan the group's deliveries and look every id up
-# again for each one (7.8 s for 500 ids among 6,000 deliveries). A row another worker
+# (postgres_ops.by_ctid): the plain ``event_id IN (...)`` let the planner, trusting no
+# statistics, scan the group's deliveries and look every id up again for each one
+# (7.8 s for 500 ids among 6,000 deliveries). A row another worker
 # updated meanwhile (took it) has another ctid by then: left alone. The read beside it
 # sees the rows as they were before (a statement's snapshot): ``mine`` reports the
 # taken ones, and those this worker owned already, as held by it; one that another

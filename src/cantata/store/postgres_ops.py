@@ -63,10 +63,12 @@ def unindexed(cond: str) -> str:
     return f"coalesce({cond}, false)"
 
 
-def each_by_key(table: str, alias: str, where: str, key: str, ids: str) -> str:
-    """A ``FROM`` item: the rows of ``table`` (as ``alias``; ``x`` in ``where``) whose
-    ``key`` is one of the text array ``ids`` (each at most once), each looked up on its
-    own by the table's key whatever the statistics.
+def each_by_key(
+    table: str, alias: str, where: str, key: str, ids: str, cols: str = "*"
+) -> str:
+    """A ``FROM`` item: the rows of ``table`` (as ``alias``; ``x`` in ``where``, its
+    columns ``cols``) whose ``key`` is one of the text array ``ids`` (each at most once),
+    each looked up on its own by the table's key whatever the statistics.
 
     Written as ``AND key = ANY(ids)`` beside ``app=$1``, a statement planned without
     statistics (a table never analyzed: a new store's, until autovacuum's ANALYZE) read
@@ -74,8 +76,8 @@ def each_by_key(table: str, alias: str, where: str, key: str, ids: str) -> str:
     selectivity looks like a few rows, fewer than one descent per id. The ``LIMIT`` keeps
     each id's read a lookup of its own, never merged into one scan (docs/performance.md,
     "Queued runs and deliveries, planned without statistics")."""
-    return (f"unnest({ids}::text[]) AS k(id) CROSS JOIN LATERAL (SELECT * FROM {table} x "
-            f"WHERE {where} AND x.{key}=k.id LIMIT 1) {alias}")
+    return (f"unnest({ids}::text[]) AS k(id) CROSS JOIN LATERAL (SELECT {cols} FROM {table} "
+            f"x WHERE {where} AND x.{key}=k.id LIMIT 1) {alias}")
 
 
 def by_ctid(table: str, where: str, key: str, ids: str) -> str:
@@ -95,8 +97,7 @@ def by_ctid(table: str, where: str, key: str, ids: str) -> str:
     ``ctid`` by then and is left alone (where ``key IN`` re-checked its new version): the
     caller must take a row it asked for and did not get as possibly skipped, not as
     refused."""
-    return (f"unnest({ids}::text[]) AS wanted(id) CROSS JOIN LATERAL (SELECT x.ctid AS at "
-            f"FROM {table} x WHERE {where} AND x.{key}=wanted.id LIMIT 1) found")
+    return each_by_key(table, "found", where, key, ids, cols="x.ctid AS at")
 
 
 # The plan cache mode a transaction of the batch writer runs in (postgres_batch._BEGIN),
