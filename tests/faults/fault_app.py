@@ -25,7 +25,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import cantata
@@ -33,6 +33,7 @@ from cantata import App, Event, HandlerContext, Retry, WorkflowContext
 
 if TYPE_CHECKING:
     from cantata.fencing import Fence
+    from cantata.store.roles.events import DeliveryHold
 
 STEPS = ("reserve", "charge", "ship")
 # The steps of each workflow, in order (what a completed run's result lists).
@@ -93,8 +94,33 @@ def record_lapses() -> None:
     Ownership.beat = recording_beat  # type: ignore[method-assign]
 
 
+def record_takes() -> None:
+    """Write a ``take`` line to the ledger each time a NATS consumer of this worker asks
+    the store for its deliveries of some events (``NatsSubscription._take``: a read of
+    each delivery, pending and held by no live worker, that takes it), at the moment it
+    asks: no later than the read that admits a copy. The counters compare that moment,
+    not the body's start, with when another worker's settlement may have been committed
+    (:func:`counters.settled_late`): a body may begin a few milliseconds after the read
+    that let it in."""
+    from cantata.broker.nats_consumer import NatsSubscription
+
+    if getattr(NatsSubscription._take, "_fault_ledger", False):
+        return
+    take = NatsSubscription._take
+
+    def recording_take(
+        self: NatsSubscription, event_ids: list[str]
+    ) -> Awaitable[dict[str, DeliveryHold]]:
+        record(k="take", group=self.group, ids=list(event_ids), at=time.time(), sync=False)
+        return take(self, event_ids)
+
+    recording_take._fault_ledger = True  # type: ignore[attr-defined]
+    NatsSubscription._take = recording_take  # type: ignore[method-assign]
+
+
 if os.environ.get("FAULT_LEDGER"):  # (a worker of the suite, not the test's client)
     record_lapses()
+    record_takes()
 
 
 def lapsed(app: App, *, handler: bool = False) -> dict[str, bool]:

@@ -334,6 +334,38 @@ def test_a_handler_begun_after_a_settlement_its_starved_settler_built_is_excused
             handled, lapses)
 
 
+def test_a_handler_let_in_during_its_settlers_lapse_is_excused_however_late_it_began(
+    tmp_path: Path,
+) -> None:
+    """The CI failure of test_broker_that_lost_its_data at 2026-12-07 22:30: worker 1's
+    heartbeat got through at 0.72 and next only at 3.04 (starved), its settlement built
+    at 2.9; worker 2 took the copy's delivery at 3.0 (pending, its holder's hold
+    lapsed) and began the body at 3.05, after the lapse. The take, read from the
+    ledger's ``take`` line, excuses it; a take after the lapse, or none (the body's
+    start then stands for it), is counted."""
+    settled = {("ev-1", "shipping"): 2.9}
+    first = Execution("handler", "ev-1", "shipping", 1, 1, began=2.5, ended=2.8)
+    log = FaultLog(lapses={1: [(0.72, 3.04)]}, lease=2.0)
+    for taken, counted in ((3.0, 0), (3.045, 1), (None, 1)):
+        body = Execution("handler", "ev-1", "shipping", 2, 2, began=3.05, taken=taken)
+        count, details, starved = settled_late([first, body], settled, log)
+        assert (count, len(details), len(starved)) == (counted, counted, 1 - counted), taken
+    # The ledger's take lines: each handler body gets its process's last take of its
+    # delivery before it (not another process's, not another group's, not a later one).
+    ledger = tmp_path / "ledger"
+    lines = [{"k": "take", "group": "shipping", "ids": ["ev-1", "ev-2"], "at": 3.0, "pid": 2},
+             {"k": "take", "group": "inventory", "ids": ["ev-1"], "at": 3.01, "pid": 2},
+             {"k": "take", "group": "shipping", "ids": ["ev-1"], "at": 3.02, "pid": 1},
+             {"k": "begin", "what": "handler", "run": "ev-1", "key": "shipping", "pid": 2,
+              "attempt": 2, "t": 3.05},
+             {"k": "take", "group": "shipping", "ids": ["ev-1"], "at": 3.2, "pid": 2},
+             {"k": "begin", "what": "step", "run": "ev-1", "key": "shipping", "pid": 2,
+              "attempt": 1, "t": 3.3}]
+    ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    body, step = read_ledger(ledger)
+    assert (body.taken, step.taken) == (3.0, None)
+
+
 def test_a_step_its_own_worker_stopped_for_a_hold_in_doubt_is_not_a_live_double() -> None:
     """Worker 1 began reserve#1 at 10.0; starved of CPU, its heartbeat held back past
     3/4 of the lease, its guard stopped the body at 11.2, and the worker recorded at
