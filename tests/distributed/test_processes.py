@@ -323,6 +323,36 @@ async def test_sigterm_to_every_process_of_the_group_still_drains(
     assert "second signal: releasing" not in output(tmp_path)
 
 
+async def test_a_stop_while_the_first_child_starts_is_a_clean_stop(
+    client: App, tmp_path: Path
+) -> None:
+    """A service manager's stop (SIGTERM to every process) that comes while the first
+    child is still starting, before its signal handlers exist: the child dies of it,
+    holding nothing, and the supervisor says a clean stop (0), neither a crash nor a
+    restart."""
+    store, _ = urls(client)
+    sup = start(store, tmp_path, "--processes", "2")
+    pids: list[int] = []
+    try:
+        spawned = Path(f"/proc/{sup.pid}/task/{sup.pid}/children")
+        found: list[int] = []
+
+        def first_child() -> bool:
+            found.extend(int(p) for p in spawned.read_text().split())
+            return bool(found)
+
+        await until(first_child, 30, "the first child's start")
+        pids = found
+        for pid in (*pids, sup.pid):  # (the child first: the harder order)
+            os.kill(pid, signal.SIGTERM)
+        code = await exited(sup, 20)
+    finally:
+        end(sup, pids)
+    assert code == 0, output(tmp_path)
+    assert "serving app" not in output(tmp_path)  # it did die while starting
+    assert "restarting" not in output(tmp_path) and "killed by" not in output(tmp_path)
+
+
 async def test_sigkill_to_the_supervisor_leaves_no_child_alive(
     client: App, tmp_path: Path
 ) -> None:

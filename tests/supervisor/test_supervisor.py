@@ -19,12 +19,16 @@ from cantata.supervisor import Supervisor, WorkerCrashLoop, describe
 from cantata.supervisor.parent import STORE_UPGRADED, worst
 
 # argv: mode, parent pid, ready fd, marks folder. "serve" says it is ready (as worker
-# "worker-<its pid>"), then exits 0 at SIGTERM (leaving a mark); "crash" exits 3 before
+# "worker-<its pid>"), then exits 0 at SIGTERM (leaving a mark); "slow" leaves a
+# "starting" mark and sleeps 30 s with SIGTERM's default action; "crash" exits 3 before
 # it says anything; "upgraded" exits 4 (STORE_UPGRADED) at start-up; "serve-upgraded"
 # serves, then exits 4 (a worker whose store a newer Cantata upgraded).
 CHILD = textwrap.dedent("""
     import os, signal, sys, time
     mode, parent, fd, marks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if mode == "slow":  # a long start-up (imports, say) before its handlers exist
+        open(os.path.join(marks, f"starting-{os.getpid()}"), "w").close()
+        time.sleep(30)
     if mode == "crash":
         sys.exit(3)
     if mode == "upgraded":
@@ -172,6 +176,44 @@ async def test_a_failure_to_say_a_worker_gone_is_logged_and_changes_nothing(
             "worker processes take over what it held when its lease runs out") in caplog.text
     sup.stop()
     assert await asyncio.wait_for(running, 20) == 0
+
+
+async def test_a_child_a_stop_ends_while_it_starts_stopped_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGTERM that kills a child before it installed its handlers (it held nothing)
+    is a clean stop: the supervisor's own stop, and a service manager's SIGTERM that
+    reaches the child before the supervisor has handled its own. Without a stop, the
+    same death before the child served still ends the supervisor as a crash."""
+    caplog.set_level(logging.INFO, "cantata.supervisor")
+
+    def starting() -> list[int]:
+        return [int(n.split("-")[1]) for n in os.listdir(tmp_path) if n.startswith("starting-")]
+
+    for how in ("supervisor", "manager"):
+        for mark in os.listdir(tmp_path):
+            os.unlink(tmp_path / mark)
+        sup = Supervisor(Commands(tmp_path, "slow"), 2)
+        running = asyncio.create_task(sup.run())
+        await until(starting, 20, "the first child starting")
+        (child,) = starting()
+        if how == "manager":  # the child first, the supervisor a moment later
+            os.kill(child, signal.SIGTERM)
+            await until(lambda pid=child: not alive(pid), 20, "the child's end")
+            await asyncio.sleep(0.05)
+        sup.stop()
+        assert await asyncio.wait_for(running, 20) == 0, how
+        assert not alive(child)
+    assert "restarting" not in caplog.text and "killed by" not in caplog.text
+
+    sup = Supervisor(Commands(tmp_path, "slow"), 1)
+    for mark in os.listdir(tmp_path):
+        os.unlink(tmp_path / mark)
+    running = asyncio.create_task(sup.run())
+    await until(starting, 20, "the child starting")
+    os.kill(starting()[0], signal.SIGTERM)  # nobody stops the supervisor
+    with pytest.raises(WorkerCrashLoop, match="was killed by SIGTERM before it served"):
+        await asyncio.wait_for(running, 20)
 
 
 async def test_a_child_that_never_serves_at_the_first_start_ends_the_supervisor(

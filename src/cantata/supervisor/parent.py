@@ -18,7 +18,9 @@ terminal reaches the supervisor only, which forwards exactly one SIGTERM), and:
   that signal as "force", not a second SIGTERM: a service manager that signals every
   process of the group (systemd's default ``KillMode=control-group``) then sends each
   child one SIGTERM itself while the supervisor forwards another, and that must drain,
-  not force.
+  not force. A child that SIGTERM ends while it is still starting (its handlers not yet
+  installed: it holds nothing) stopped cleanly, also when the service manager's SIGTERM
+  reached it before the supervisor's own was handled (:data:`SIGNAL_GRACE`).
 
 Whenever a child that served has ended, crashed or stopped, the supervisor hands the
 worker id it reported (on its ready pipe) to ``on_gone``: ``cantata worker`` tells the
@@ -50,6 +52,10 @@ from cantata.quietlog import reason
 log = logging.getLogger("cantata.supervisor")
 
 FORCE_SIGNAL = signal.SIGUSR2  # a supervised child: stop at once
+# How long a child ended by SIGTERM as it started waits for the supervisor's own signal
+# before it counts as a crash (the service manager's SIGTERM reaches both at once).
+SIGNAL_GRACE = 0.5
+
 Command = Callable[[int, int], list[str]]
 """(the supervisor's pid, the fd of the ready pipe) -> a child's argv."""
 Gone = Callable[[str], Awaitable[None]]
@@ -220,6 +226,8 @@ class Supervisor:
                 self._served(slot, child.pid)
             code = await child.wait()
             self._children.pop(slot, None)
+            if code == -signal.SIGTERM and not ready:
+                code = await self._starting_child_stopped(code)
             # The process has ended (waitpid said so): its worker can no longer run,
             # heartbeat or commit anything, so what it still held may go at once. (Not
             # once a child was told that a newer Cantata upgraded the store: the
@@ -258,6 +266,21 @@ class Supervisor:
             if delay and await self._either(self._stopping, timeout=delay):
                 break
         return code
+
+    async def _starting_child_stopped(self, code: int) -> int:
+        """The exit code of a child that SIGTERM ended before it served: 0 when that was
+        a stop, else ``code``.
+
+        A child installs its signal handlers before it opens the store; one that a
+        SIGTERM ended by default was still starting and held nothing, so this stop
+        was as clean as a drain. A service manager signals every process of the
+        service at once, so the child may be gone before this supervisor has handled
+        its own SIGTERM: that one gets a moment before the child's end counts as a
+        crash."""
+        assert self._stopping is not None
+        if not self._stopping.is_set():
+            await self._either(self._stopping, timeout=SIGNAL_GRACE)
+        return 0 if self._stopping.is_set() else code
 
     def _gone_worker(self, pid: int, code: int, worker_id: str) -> None:
         """Hand the worker id of child ``pid``, which ended with ``code``, to
