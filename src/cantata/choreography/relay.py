@@ -197,7 +197,8 @@ class OutboxRelay:
             ended = await finish_unless({task}, timeout, self._broker_gone)
             if not ended and not self._broker_gone():
                 raise TimeoutError
-            await asyncio.wait_for(self._mark(force=True), timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for: a cancel is never lost)
+                await self._mark(force=True)
             if ended and not self._failing and not self._broker_gone():
                 drain = asyncio.ensure_future(self._drain())
                 if not await finish_unless({drain}, timeout, self._broker_gone):

@@ -469,7 +469,8 @@ class PgPool:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
-                await asyncio.wait_for(pool.close(), 10)
+                async with asyncio.timeout(10):  # (not wait_for: a cancel is never lost)
+                    await pool.close()
             except (TimeoutError, *CONN_ERRORS):
                 pool.terminate()
 
