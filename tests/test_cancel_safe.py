@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import cantata
 from cantata.cancel_safe import get_within, wait_event
 
 # (loop turns before the wait is answered, loop turns between the answer and the cancel)
@@ -112,3 +114,23 @@ async def test_get_within_times_out_and_loses_no_item() -> None:
             assert queue.get_nowait() == 3
         else:
             assert item == 3 and queue.empty()
+
+
+async def test_a_cancel_always_ends_a_wait_under_asyncio_timeout() -> None:
+    """The shape of the library's one-shot waits with a deadline (the relay's last
+    marks at stop, the PostgreSQL pool's close): ``asyncio.timeout`` around the await."""
+    async def timed(event: asyncio.Event) -> None:
+        async with asyncio.timeout(10):
+            await event.wait()
+
+    assert await lost_cancels(on_event(timed)) == []
+
+
+def test_the_library_calls_no_asyncio_wait_for() -> None:
+    """Every wait of the library with a timeout is one of the above, never 3.11's
+    ``asyncio.wait_for`` (its lost cancels are this module's reason)."""
+    src = Path(cantata.__file__).parent
+    found = [f"{path.relative_to(src)}:{n}" for path in sorted(src.rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if "asyncio.wait_for(" in line]
+    assert found == [], found
